@@ -1,0 +1,50 @@
+# Two commands: `make demo` and `make test`. Everything the project needs is installed here.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEVSTAMP := $(VENV)/.installed-dev
+APT_PKGS := dataset-fashion-mnist
+
+.PHONY: demo test test-all lint sysdeps venv dev clean
+
+sysdeps:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  echo "installing Debian packages: $(APT_PKGS)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y --no-install-recommends $(APT_PKGS) >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y --no-install-recommends $(APT_PKGS); } || \
+	  echo "warning: could not install $(APT_PKGS); Fashion-MNIST training will not work"; \
+	fi
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): $(VPY) pyproject.toml
+	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -e .
+	@touch $@
+
+$(DEVSTAMP): $(STAMP) pyproject.toml
+	$(VPY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: sysdeps $(STAMP)
+dev: sysdeps $(DEVSTAMP)
+
+demo: venv
+	$(VENV)/bin/sdengine demo
+
+test: dev
+	$(VPY) -m pytest -q -x --durations=15
+
+test-all: dev
+	$(VPY) -m pytest -q -m "" --durations=25
+
+lint: dev
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache
