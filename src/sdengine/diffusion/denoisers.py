@@ -1,0 +1,172 @@
+"""What the network predicts, what it is trained against, and how it becomes an x0-denoiser.
+
+A network is trained in the VP scaling (``x_t = sqrt(a) x0 + sqrt(1-a) eps``) to predict one of
+
+* ``epsilon``       the noise ``eps`` (Ho et al. 2020),
+* ``v_prediction``  ``v = sqrt(a) eps - sqrt(1-a) x0`` (Salimans & Ho 2022, "Progressive Distillation"),
+* ``sample``        ``x0`` itself.
+
+Samplers (``samplers.py``) only ever see a :class:`Denoiser`: ``denoiser(x, sigma, **cond) -> x0`` in the
+VE scaling ``x = x0 + sigma * eps`` (Karras et al. 2022, section 2 / table 1). The wrapper applies
+``c_in = 1 / sqrt(sigma^2 + 1)`` (which turns VE back into VP), gives the network a timestep, and
+turns its output into x0 with ``c_skip`` / ``c_out``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sdengine.diffusion.schedules import NoiseSchedule
+
+Prediction = Literal["epsilon", "v_prediction", "sample"]
+PREDICTIONS: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
+TimestepMode = Literal["interpolated", "rounded"]
+
+
+def _check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction type {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+
+
+def _per_row(values: Tensor, like: Tensor) -> Tensor:
+    """Broadcast a scalar or (B,) tensor against ``like`` of shape (B, ...)."""
+    values = torch.as_tensor(values, device=like.device, dtype=like.dtype)
+    if values.ndim == 0:
+        return values
+    return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training targets and loss
+# ---------------------------------------------------------------------------------------------------
+
+
+def prediction_target(prediction: str, x0: Tensor, noise: Tensor, alphas_cumprod_t: Tensor) -> Tensor:
+    """The regression target for ``q_sample(x0, t, noise)``; ``alphas_cumprod_t`` is scalar or (B,)."""
+    _check_prediction(prediction)
+    if prediction == "epsilon":
+        return noise
+    if prediction == "sample":
+        return x0
+    a = _per_row(alphas_cumprod_t, x0)
+    return a.sqrt() * noise - (1 - a).sqrt() * x0  # v (Salimans & Ho 2022, section 4)
+
+
+def min_snr_weights(alphas_cumprod_t: Tensor, gamma: float, prediction: str = "epsilon") -> Tensor:
+    """Per-sample loss weights ``min(SNR, gamma) / SNR`` expressed for the given prediction type
+    (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 8)."""
+    _check_prediction(prediction)
+    snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction == "epsilon":
+        return clipped / snr  # eps-MSE is SNR-weighted x0-MSE, so divide SNR out
+    if prediction == "v_prediction":
+        return clipped / (snr + 1)  # v-MSE is (SNR + 1)-weighted x0-MSE
+    return clipped
+
+
+def diffusion_loss(
+    model_output: Tensor,
+    target: Tensor,
+    *,
+    alphas_cumprod_t: Tensor | None = None,
+    prediction: str = "epsilon",
+    min_snr_gamma: float | None = None,
+) -> Tensor:
+    """Mean squared error (Ho 2020, eq. 14 "L_simple"), optionally min-SNR-gamma weighted per sample."""
+    _check_prediction(prediction)
+    if min_snr_gamma is None:
+        return F.mse_loss(model_output.float(), target.float())
+    if alphas_cumprod_t is None:
+        raise ValueError("min_snr_gamma needs alphas_cumprod_t (the (B,) alphas_cumprod of each sample)")
+    per_sample = F.mse_loss(model_output.float(), target.float(), reduction="none")
+    per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
+    w = min_snr_weights(alphas_cumprod_t.to(per_sample), float(min_snr_gamma), prediction)
+    return (per_sample * w).mean()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Denoiser: network -> x0 in the VE view
+# ---------------------------------------------------------------------------------------------------
+
+
+def vp_scalings(sigma: Tensor, prediction: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(c_skip, c_out, c_in)`` with ``x0 = c_skip x + c_out F(c_in x)`` for a VP-trained network
+    (Karras 2022, table 1, "VP" column, with the v-parameterisation of Salimans & Ho 2022)."""
+    _check_prediction(prediction)
+    c_in = 1 / (sigma**2 + 1) ** 0.5
+    if prediction == "epsilon":
+        return torch.ones_like(sigma), -sigma, c_in
+    if prediction == "v_prediction":
+        return 1 / (sigma**2 + 1), -sigma * c_in, c_in
+    return torch.zeros_like(sigma), torch.ones_like(sigma), c_in
+
+
+class Denoiser:
+    """``denoiser(x, sigma, **cond) -> x0`` for ``x = x0 + sigma * eps``; wraps ``model(x_vp, t, **cond)``.
+
+    Timesteps given to the model: by default ``schedule.sigma_to_t(sigma)`` (fractional, log-sigma
+    interpolation), as diffusers' Euler/Heun/LMS/KDPM2 schedulers do; ``timestep_mode="rounded"`` rounds
+    to an integer as DPM-Solver/UniPC do for Karras-type sigmas. :meth:`with_timesteps` pins the exact
+    timestep a diffusers scheduler would pass for given sigmas (its integer grid), so no interpolation
+    round trip changes the time embedding.
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Tensor],
+        schedule: NoiseSchedule,
+        prediction: str = "epsilon",
+        *,
+        timestep_mode: TimestepMode = "interpolated",
+    ) -> None:
+        _check_prediction(prediction)
+        if timestep_mode not in ("interpolated", "rounded"):
+            raise ValueError(f"unknown timestep_mode {timestep_mode!r}; valid: interpolated, rounded")
+        self.model = model
+        self.schedule = schedule
+        self.prediction = prediction
+        self.timestep_mode = timestep_mode
+        self._table_sigmas: Tensor | None = None
+        self._table_timesteps: Tensor | None = None
+
+    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> Denoiser:
+        """A copy that gives the model ``timesteps[i]`` whenever it is called at ``sigmas[i]``."""
+        if sigmas.shape != timesteps.shape:
+            raise ValueError("sigmas and timesteps must have the same shape")
+        other = Denoiser(self.model, self.schedule, self.prediction, timestep_mode=self.timestep_mode)
+        other._table_sigmas = sigmas.detach().to(torch.float32).cpu()
+        other._table_timesteps = timesteps.detach().to(torch.float32).cpu()
+        return other
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """Training-timestep units for ``sigma`` (any shape), float32 on sigma's device."""
+        s = sigma.detach().to(torch.float32).cpu()
+        t = self.schedule.sigma_to_t(s)
+        if self.timestep_mode == "rounded":
+            t = t.round()
+        if self._table_sigmas is not None and self._table_timesteps is not None:
+            # Exact (relative 1e-6) table hits take the pinned timestep; anything else interpolates.
+            close = (s.reshape(-1, 1) - self._table_sigmas[None]).abs() <= 1e-6 * self._table_sigmas.abs()[
+                None
+            ].clamp(min=1e-12)
+            hit = close.any(dim=1)
+            if hit.any():
+                idx = close.float().argmax(dim=1)
+                flat = t.reshape(-1).clone()
+                flat[hit] = self._table_timesteps[idx[hit]]
+                t = flat.reshape(s.shape)
+        return t.to(sigma.device)
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        c_skip, c_out, c_in = (_per_row(c, x) for c in vp_scalings(sigma, self.prediction))
+        out = self.model(x * c_in, self.timestep(sigma), **cond)
+        return c_skip * x + c_out * out.to(x.dtype)
