@@ -1,0 +1,224 @@
+"""The ``sdengine`` command line. User mistakes end as one line on stderr and a non-zero exit code."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake in the command's input: shown as one line, no traceback."""
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA device is available")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------- train
+def cmd_train_ddpm(a: argparse.Namespace) -> int:
+    from .train.ddpm import DDPMSpec, train_ddpm
+    from .train.loop import TrainConfig
+
+    spec = DDPMSpec(
+        data=a.data,
+        class_conditional=a.class_conditional,
+        image_size=a.size,
+        channels=a.channels,
+        prediction=a.prediction,
+        beta_schedule=a.beta_schedule,
+        min_snr_gamma=a.min_snr_gamma,
+    )
+    cfg = TrainConfig(
+        steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        warmup_steps=a.warmup,
+        grad_clip=a.grad_clip,
+        ema_decay=a.ema_decay,
+        mixed_precision=a.mixed_precision,
+        seed=a.seed,
+        sample_every=a.sample_every,
+        checkpoint_every=a.checkpoint_every,
+    )
+    _, model = train_ddpm(spec, cfg, a.out, device=_device(a.device), resume=a.resume)
+    print(f"model written to {Path(a.out) / 'model'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- sample
+def cmd_sample(a: argparse.Namespace) -> int:
+    from .ddpm import PixelDDPM
+    from .imageio import make_grid, save_image_atomic
+
+    m = PixelDDPM.load(a.checkpoint, device=_device(a.device))
+    t = time.perf_counter()
+    if m.num_classes:
+        if a.label is not None:
+            labels = [a.label] * a.n
+        else:
+            labels = [i % m.num_classes for i in range(a.n)]
+            labels.sort()
+        imgs = m.generate(
+            labels, sampler=a.sampler, steps=a.steps, seed=a.seed, guidance_scale=a.cfg, eta=a.eta, schedule=a.schedule
+        )
+    else:
+        imgs = m.generate(None, n=a.n, sampler=a.sampler, steps=a.steps, seed=a.seed, eta=a.eta, schedule=a.schedule)
+    ncols = a.cols or max(1, int(round(a.n**0.5)))
+    save_image_atomic(make_grid(imgs, ncols, scale=2), a.out)
+    print(f"{a.n} samples ({a.sampler}, {a.steps} steps) in {time.perf_counter() - t:.1f} s -> {a.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- eval
+def cmd_eval_ddpm(a: argparse.Namespace) -> int:
+    from .evaluation import evaluate_ddpm
+
+    res = evaluate_ddpm(
+        a.checkpoint,
+        n=a.n,
+        sampler=a.sampler,
+        steps=a.steps,
+        seed=a.seed,
+        guidance_scale=a.cfg,
+        device=_device(a.device),
+        schedule=a.schedule,
+    )
+    print(
+        f"{a.checkpoint}: {res['sampler']} {res['steps']} steps, n={res['n']}: "
+        f"FD-FMNIST {res['fd']:.3f}  class accuracy {100 * res['accuracy']:.1f}%  ({res['seconds']:.1f} s)"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- demo
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .ddpm import PixelDDPM
+    from .imageio import make_grid, save_image_atomic
+
+    out = Path(a.out)
+    t = time.perf_counter()
+    m = PixelDDPM.load("fashion-mnist", device=_device(a.device))
+    per = 10
+    labels = [c for c in range(m.num_classes) for _ in range(per)]
+    imgs = m.generate(labels, sampler=a.sampler, steps=a.steps, seed=a.seed, guidance_scale=a.cfg)
+    path = save_image_atomic(make_grid(imgs, per, row_labels=m.class_names, scale=3), out / "fashion_mnist_grid.png")
+    print(
+        f"demo: {len(labels)} class-conditional Fashion-MNIST samples ({a.sampler}, {a.steps} steps, "
+        f"cfg {a.cfg}) in {time.perf_counter() - t:.1f} s -> {path}"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdengine", description="Diffusion image generation from scratch.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="generate a sample grid with the built-in model")
+    d.add_argument("--out", default="outputs")
+    d.add_argument("--sampler", default="dpmpp_2m")
+    d.add_argument("--steps", type=int, default=20)
+    d.add_argument("--cfg", type=float, default=DEMO_CFG)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="auto")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train a model")
+    tsub = t.add_subparsers(dest="what", required=True)
+    td = tsub.add_parser("ddpm", help="a pixel-space DDPM (Fashion-MNIST or a folder of images)")
+    td.add_argument("--data", default="fashion-mnist", help="fashion-mnist, or a folder of images")
+    td.add_argument("--class-conditional", action="store_true")
+    td.add_argument("--steps", type=int, default=20_000)
+    td.add_argument("--batch-size", type=int, default=128)
+    td.add_argument("--lr", type=float, default=2e-4)
+    td.add_argument("--warmup", type=int, default=500)
+    td.add_argument("--grad-clip", type=float, default=1.0)
+    td.add_argument("--ema-decay", type=float, default=0.999)
+    td.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto")
+    td.add_argument("--prediction", choices=["epsilon", "v_prediction", "sample"], default="epsilon")
+    td.add_argument("--beta-schedule", choices=["linear", "scaled_linear", "squaredcos_cap_v2"], default="linear")
+    td.add_argument("--min-snr-gamma", type=float, default=None)
+    td.add_argument("--size", type=int, default=32)
+    td.add_argument("--channels", type=int, choices=[1, 3], default=1)
+    td.add_argument("--seed", type=int, default=0)
+    td.add_argument("--sample-every", type=int, default=2000)
+    td.add_argument("--checkpoint-every", type=int, default=1000)
+    td.add_argument("--out", default="runs/ddpm")
+    td.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    td.add_argument("--device", default="auto")
+    td.set_defaults(func=cmd_train_ddpm)
+
+    s = sub.add_parser("sample", help="sample a grid from a pixel DDPM (checkpoint, model folder or built-in)")
+    s.add_argument("checkpoint")
+    s.add_argument("--sampler", default="ddim")
+    s.add_argument("--schedule", default="normal")
+    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--cols", type=int, default=0)
+    s.add_argument("--label", type=int, default=None, help="class index for every sample")
+    s.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance over classes")
+    s.add_argument("--eta", type=float, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="outputs/grid.png")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("eval", help="measure a model")
+    esub = e.add_subparsers(dest="what", required=True)
+    ed = esub.add_parser("ddpm", help="FD-FMNIST and class accuracy of a Fashion-MNIST DDPM")
+    ed.add_argument("checkpoint")
+    ed.add_argument("--n", type=int, default=1000)
+    ed.add_argument("--sampler", default="ddim")
+    ed.add_argument("--schedule", default="normal")
+    ed.add_argument("--steps", type=int, default=50)
+    ed.add_argument("--cfg", type=float, default=1.0)
+    ed.add_argument("--seed", type=int, default=0)
+    ed.add_argument("--device", default="auto")
+    ed.set_defaults(func=cmd_eval_ddpm)
+    return p
+
+
+DEMO_CFG = 1.0
+
+
+def _domain_errors() -> tuple[type[Exception], ...]:
+    """Errors that describe bad input or a failed run, not a bug: shown as one line."""
+    from .train.checkpoint import CheckpointError
+    from .train.loop import TrainingDiverged
+
+    return (CheckpointError, TrainingDiverged)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = os.environ.get("SDENGINE_DEBUG") == "1"
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (UserError, ValueError, OSError, *_domain_errors()) as e:
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"sdengine: error: {msg}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""``sdengine train ddpm``: a pixel-space DDPM trained from scratch (Ho et al. 2020).
+
+Each step draws a batch x0, a timestep t ~ U{0..T-1} per image and noise eps, forms
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (the closed-form forward process), and regresses the
+U-Net's output on the prediction target (eps, v or x0). With class conditioning, 10% of labels are
+replaced by a "no class" index so the same network also learns the unconditional model that
+classifier-free guidance needs (Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..ddpm import PixelDDPM, config_to_dict
+from ..diffusion.denoisers import diffusion_loss, prediction_target
+from ..diffusion.schedules import NoiseSchedule, q_sample
+from ..imageio import make_grid, save_image_atomic
+from ..models.unet import UNet, UNetConfig
+from .loop import TrainConfig, TrainResult, data_indices, train
+
+
+@dataclass
+class DDPMSpec:
+    """What to train, besides the optimisation settings in :class:`TrainConfig`."""
+
+    data: str = "fashion-mnist"  # or a folder of images
+    class_conditional: bool = False
+    image_size: int = 32
+    channels: int = 1
+    prediction: str = "epsilon"
+    beta_schedule: str = "linear"
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    min_snr_gamma: float | None = None
+    label_dropout: float = 0.1
+    unet: UNetConfig | None = None  # default: the FASHION_MNIST preset, adapted to channels/classes
+
+
+def load_training_data(spec: DDPMSpec) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None, int]:
+    """Images in [-1, 1] as one tensor, labels (or None), class names, and the crop to undo padding."""
+    if spec.data == "fashion-mnist":
+        from ..data.fashion_mnist import FashionMNIST
+
+        ds = FashionMNIST("train")
+        if spec.image_size != 32 or spec.channels != 1:
+            raise ValueError("fashion-mnist is 1-channel 32x32 (28x28 padded): use --size 32 --channels 1")
+        return ds.images, ds.labels, ds.class_names, 2
+    if spec.class_conditional:
+        raise ValueError("--class-conditional needs labelled data (fashion-mnist); a folder has no classes")
+    from ..data.folders import ImageFolder
+
+    ds = ImageFolder(spec.data, size=spec.image_size, channels=spec.channels)
+    images = torch.stack([ds[i][0] if isinstance(ds[i], tuple) else ds[i] for i in range(len(ds))])
+    return images, None, None, 0
+
+
+def default_unet_config(spec: DDPMSpec, num_classes: int) -> UNetConfig:
+    from ..models.unet import FASHION_MNIST
+
+    base = spec.unet or FASHION_MNIST
+    return dataclasses.replace(
+        base,
+        in_channels=spec.channels,
+        out_channels=spec.channels,
+        sample_size=spec.image_size,
+        num_class_embeds=(num_classes + 1) if spec.class_conditional else None,
+    )
+
+
+def train_ddpm(
+    spec: DDPMSpec,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+    data: tuple[torch.Tensor, torch.Tensor | None, list[str] | None, int] | None = None,
+) -> tuple[TrainResult, PixelDDPM]:
+    """Train and export the EMA model to ``out_dir/model`` (a folder ``PixelDDPM.load`` reads)."""
+    device = torch.device(device)
+    images, labels, class_names, crop = data if data is not None else load_training_data(spec)
+    if spec.class_conditional and labels is None:
+        raise ValueError("class-conditional training needs labels")
+    num_classes = len(class_names) if (spec.class_conditional and class_names) else 0
+    ucfg = default_unet_config(spec, num_classes)
+    torch.manual_seed(cfg.seed)  # the initial weights
+    model = UNet(ucfg)
+    schedule_config: dict[str, Any] = {
+        "num_train_timesteps": spec.num_train_timesteps,
+        "beta_schedule": spec.beta_schedule,
+        "beta_start": spec.beta_start,
+        "beta_end": spec.beta_end,
+        "prediction_type": spec.prediction,
+        "timestep_spacing": "leading",
+        "steps_offset": 0,
+    }
+    schedule = NoiseSchedule.from_config(**schedule_config)
+    acp = schedule.alphas_cumprod.to(device)
+    images = images.to(device)
+    labels_d = labels.to(device) if labels is not None else None
+    n = images.shape[0]
+    null_class = num_classes if spec.class_conditional else None
+
+    def loss_fn(m: nn.Module, step: int, g: torch.Generator) -> torch.Tensor:
+        idx = data_indices(step, cfg.batch_size, n, cfg.seed).to(device)
+        x0 = images[idx]  # (B, C, H, W)
+        b = x0.shape[0]
+        t = torch.randint(0, spec.num_train_timesteps, (b,), generator=g, device=device)
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        x_t = q_sample(x0, t, noise, acp)
+        cond: dict[str, torch.Tensor] = {}
+        if labels_d is not None and null_class is not None:
+            y = labels_d[idx]
+            drop = torch.rand((b,), generator=g, device=device) < spec.label_dropout
+            cond["class_labels"] = torch.where(drop, torch.full_like(y, null_class), y)
+        out = m(x_t, t, **cond)
+        target = prediction_target(spec.prediction, x0, noise, acp[t])
+        return diffusion_loss(
+            out.float(), target, alphas_cumprod_t=acp[t], prediction=spec.prediction, min_snr_gamma=spec.min_snr_gamma
+        )
+
+    def wrap(m: nn.Module) -> PixelDDPM:
+        return PixelDDPM(
+            unet=m,  # type: ignore[arg-type]
+            schedule_config=schedule_config,
+            prediction=spec.prediction,
+            image_size=spec.image_size,
+            channels=spec.channels,
+            class_names=class_names if spec.class_conditional else None,
+            crop=crop,
+        )
+
+    def sample_fn(ema_model: nn.Module, step: int, path: Path) -> None:
+        was_training = ema_model.training
+        ema_model.eval()
+        pm = wrap(ema_model)
+        if pm.num_classes:
+            per = 8
+            labs = [c for c in range(pm.num_classes) for _ in range(per)]
+            imgs = pm.generate(labs, sampler="ddim", steps=50, seed=0)
+            grid = make_grid(imgs, per, row_labels=pm.class_names, scale=2)
+        else:
+            imgs = pm.generate(None, n=64, sampler="ddim", steps=50, seed=0)
+            grid = make_grid(imgs, 8, scale=2)
+        save_image_atomic(grid, path)
+        save_image_atomic(grid, path.with_name("samples_latest.png"))
+        ema_model.train(was_training)
+
+    meta = wrap(model).meta()
+    meta["spec"] = {k: v for k, v in dataclasses.asdict(spec).items() if k != "unet"}
+    meta["unet"] = config_to_dict(ucfg)
+    result = train(
+        model, loss_fn, cfg, out_dir, device=device, resume=resume, sample_fn=sample_fn, progress=progress, meta=meta
+    )
+    # Export the EMA weights as a model folder.
+    from .checkpoint import load_checkpoint
+
+    state = load_checkpoint(result.checkpoint)
+    export = UNet(ucfg)
+    export.load_state_dict(state["ema"]["model"])
+    export.eval().requires_grad_(False)
+    pm = wrap(export)
+    pm.save(Path(out_dir) / "model")
+    return result, pm

@@ -1,0 +1,304 @@
+"""The training loop every sdengine trainer shares.
+
+What it does, in order, each step: draw the step's randomness from a generator seeded by
+``(seed, step)`` (so a resumed run draws exactly what an uninterrupted one would), compute the loss
+(under bf16 autocast where the device supports it), back-propagate, clip the gradient norm, take an
+AdamW step with linear warm-up, and update the EMA weights. It stops with a clear message when the
+loss stops being finite, leaving the last good checkpoint as it was.
+
+A trainer plugs in by giving a ``loss_fn(step, generator) -> scalar tensor`` and, optionally, a
+``sample_fn(ema_model, step, path)`` that writes a sample grid.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+
+MixedPrecision = Literal["auto", "no", "bf16"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10_000
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: MixedPrecision = "auto"
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 1000
+    checkpoint_every: int = 1000
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema decay must be in [0, 1), got {self.ema_decay}")
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (and a copy of its buffers).
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` so early averages are not dominated by
+    the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.num_updates = 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        ema_params = list(self.model.parameters())
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        for eb, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            eb.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "num_updates": self.num_updates, "model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay = float(state["decay"])
+        self.num_updates = int(state["num_updates"])
+        self.model.load_state_dict(state["model"])
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``cfg.lr``, then constant."""
+    if cfg.warmup_steps <= 0:
+        return cfg.lr
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator for one training step: a pure function of (seed, step)."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1))
+    return g
+
+
+def autocast_dtype(mode: MixedPrecision, device: torch.device) -> torch.dtype | None:
+    if mode == "no":
+        return None
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if mode == "bf16":
+        raise ValueError(f"bf16 mixed precision is not supported on {device}")
+    return None  # "auto" on CPU: fp32 is both faster and exact there
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float]
+    out_dir: Path
+    checkpoint: Path
+
+
+def _plot_losses(losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    xs = list(range(1, len(losses) + 1))
+    ax.plot(xs, losses, lw=0.6, alpha=0.35, color="tab:blue", label="loss")
+    k = max(1, len(losses) // 50)
+    if len(losses) > k:
+        smooth = [
+            sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))
+        ]
+        ax.plot(xs, smooth, lw=1.5, color="tab:blue", label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def train(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, int, torch.Generator], torch.Tensor],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+    sample_fn: Callable[[nn.Module, int, Path], None] | None = None,
+    progress: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` for ``cfg.steps`` optimizer steps, writing checkpoints under ``out_dir``.
+
+    ``loss_fn(model, step, generator)`` returns the scalar loss for that step; all randomness must
+    come from ``generator`` (and from the data order, which the trainer derives from ``step``).
+    With ``resume=True`` the run continues from ``out_dir/checkpoint.pt`` and reproduces, bit for bit
+    on the same device, what an uninterrupted run would have done.
+    """
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    # Read the checkpoint before touching anything in out_dir, so a bad --resume changes nothing.
+    state = load_checkpoint(ckpt_path) if resume else None
+    if state is not None:
+        saved_seed = state["train_config"].get("seed")
+        if saved_seed != cfg.seed:
+            raise CheckpointError(f"checkpoint {ckpt_path} was trained with seed {saved_seed}, not {cfg.seed}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    model = model.to(device)
+    model.train()
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=cfg.betas,
+        fused=device.type == "cuda",
+    )
+    ema = EMA(model, cfg.ema_decay)
+    losses: list[float] = []
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        losses = list(state["losses"])
+        start = int(state["step"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        if start >= cfg.steps:
+            return TrainResult(start, losses, out_dir, ckpt_path)
+
+    amp = autocast_dtype(cfg.mixed_precision, device)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(
+            ckpt_path,
+            {
+                "step": step,
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(),
+                "losses": losses,
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "train_config": _plain(asdict(cfg)),
+                "meta": _plain(meta or {}),
+            },
+        )
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    step = start
+    try:
+        for step in range(start, cfg.steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            g = step_generator(cfg.seed, step, device)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = loss_fn(model, step, g)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                where = f"; the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else ""
+                raise TrainingDiverged(f"loss became {value} at step {step}: training stopped{where}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            ema.update(model)
+            losses.append(value)
+            done = step + 1
+            if bar is not None:
+                bar.update(1)
+                if done % max(1, cfg.log_every) == 0 or done == cfg.steps:
+                    recent = losses[-cfg.log_every :]
+                    bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr_at(step, cfg):.1e}")
+            if cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done != cfg.steps:
+                checkpoint(done)
+            if cfg.sample_every > 0 and done % cfg.sample_every == 0 or done == cfg.steps:
+                _plot_losses(losses, out_dir / "loss.png")
+                if sample_fn is not None:
+                    sample_fn(ema.model, done, out_dir / f"samples_{done:07d}.png")
+        step = cfg.steps
+        checkpoint(step)
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - t0
+    if progress:
+        print(f"trained {step - start} steps in {elapsed:.1f} s; checkpoint {ckpt_path}")
+    return TrainResult(step, losses, out_dir, ckpt_path)
+
+
+def _plain(obj: Any) -> Any:
+    """Make a config JSON-like (tuples to lists, paths to str) so it loads with weights_only."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_777 + epoch))
+
+
+def data_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """Indices of the examples in batch ``step``: epochs of seeded permutations, stateless.
+
+    Being a pure function of the step is what lets a resumed run see the same batches.
+    """
+    first = step * batch_size
+    out: list[int] = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(first + len(out), n)
+        perm = _epoch_permutation(seed, epoch, n)
+        take = min(batch_size - len(out), n - offset)
+        out.extend(perm[offset : offset + take].tolist())
+    return torch.tensor(out, dtype=torch.long)
