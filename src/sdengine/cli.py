@@ -54,6 +54,7 @@ def cmd_train_ddpm(a: argparse.Namespace) -> int:
         seed=a.seed,
         sample_every=a.sample_every,
         checkpoint_every=a.checkpoint_every,
+        max_seconds=None if a.max_minutes is None else 60 * a.max_minutes,
     )
     _, model = train_ddpm(spec, cfg, a.out, device=_device(a.device), resume=a.resume)
     print(f"model written to {Path(a.out) / 'model'}")
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--checkpoint-every", type=int, default=1000)
     td.add_argument("--out", default="runs/ddpm")
     td.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    td.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
     td.add_argument("--device", default="auto")
     td.set_defaults(func=cmd_train_ddpm)
 

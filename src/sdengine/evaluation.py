@@ -30,11 +30,11 @@ def score_images(
 ) -> tuple[float, float]:
     """(FD-FMNIST, class accuracy) of images ``(N, 1, 28, 28)`` in ``[0, 1]`` asked to show ``labels``."""
     from .metrics.classifier import features, load_classifier, predict
-    from .metrics.frechet import frechet_distance
+    from .metrics.frechet import frechet_distance_features
 
     clf = load_classifier().to(device)
     x = images01 * 2 - 1
-    fd = frechet_distance(features(x, clf).double().numpy(), ref_features.double().numpy())
+    fd = frechet_distance_features(features(x, clf), ref_features)
     acc = (predict(x, clf) == labels.cpu()).float().mean().item()
     return float(fd), float(acc)
 

@@ -48,6 +48,10 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = 1000
     checkpoint_every: int = 1000
+    # Stop early, at a step boundary, once this much wall-clock time has passed (None: no limit). The
+    # schedule (warm-up, then constant) does not depend on the total, so a run stopped at step k equals
+    # a run with ``steps=k``.
+    max_seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -231,7 +235,7 @@ def train(
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
-    step = start
+    step = done = start
     try:
         for step in range(start, cfg.steps):
             for group in opt.param_groups:
@@ -258,11 +262,16 @@ def train(
                     bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr_at(step, cfg):.1e}")
             if cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done != cfg.steps:
                 checkpoint(done)
-            if cfg.sample_every > 0 and done % cfg.sample_every == 0 or done == cfg.steps:
+            out_of_time = cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds
+            if cfg.sample_every > 0 and done % cfg.sample_every == 0 or done == cfg.steps or out_of_time:
                 _plot_losses(losses, out_dir / "loss.png")
                 if sample_fn is not None:
                     sample_fn(ema.model, done, out_dir / f"samples_{done:07d}.png")
-        step = cfg.steps
+            if out_of_time:
+                if progress:
+                    print(f"time limit of {cfg.max_seconds:.0f} s reached at step {done}")
+                break
+        step = done
         checkpoint(step)
     finally:
         if bar is not None:
