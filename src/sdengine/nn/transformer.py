@@ -1,0 +1,128 @@
+"""The transformer used inside Stable Diffusion's U-Net (Rombach et al. 2022, "SpatialTransformer").
+
+Names follow diffusers' ``Transformer2DModel`` / ``BasicTransformerBlock`` / ``FeedForward`` / ``GEGLU``.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sdengine.nn.attention import Attention
+
+
+class GEGLU(nn.Module):
+    """x -> a * GELU(b) where [a, b] = Linear(x) (Shazeer 2020); names ``proj``."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU -> dropout -> Linear, inner width ``mult * dim`` (keys ``net.0.proj``, ``net.2``)."""
+
+    def __init__(self, dim: int, *, mult: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.ModuleList([GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention to the text states, GEGLU feed-forward."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        *,
+        cross_attention_dim: int | None,
+        dropout: float = 0.0,
+        upcast_attention: bool = False,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, head_dim, dropout=dropout, upcast=upcast_attention)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(
+            dim, heads, head_dim, cross_attention_dim=cross_attention_dim, dropout=dropout, upcast=upcast_attention
+        )
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, dropout=dropout)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        # x: (B, L, C); context: (B, S, D). Without context attn2 attends to x itself, as diffusers does.
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.ff(self.norm3(x))
+        return x  # (B, L, C)
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm -> proj_in -> transformer blocks over the H*W tokens -> proj_out, plus a residual.
+
+    SD1 projects with 1x1 convolutions, SD2 with linear layers (``use_linear_projection``); the two are the
+    same map but store weights of different shapes, so the checkpoint decides.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        *,
+        cross_attention_dim: int | None,
+        num_layers: int = 1,
+        norm_groups: int = 32,
+        use_linear_projection: bool = False,
+        upcast_attention: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        head_dim = channels // heads
+        inner = heads * head_dim
+        self.use_linear_projection = use_linear_projection
+        self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6)
+        self.proj_in: nn.Module
+        self.proj_out: nn.Module
+        if use_linear_projection:
+            self.proj_in = nn.Linear(channels, inner)
+        else:
+            self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(
+                inner,
+                heads,
+                head_dim,
+                cross_attention_dim=cross_attention_dim,
+                dropout=dropout,
+                upcast_attention=upcast_attention,
+            )
+            for _ in range(num_layers)
+        )
+        self.proj_out = nn.Linear(inner, channels) if use_linear_projection else nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if self.use_linear_projection:
+            h = self.proj_in(h.permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, HW, inner)
+        else:
+            h = self.proj_in(h)  # (B, inner, H, W)
+            h = h.permute(0, 2, 3, 1).reshape(B, H * W, h.shape[1])  # (B, HW, inner)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.use_linear_projection:
+            h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+        else:
+            h = self.proj_out(h.reshape(B, H, W, -1).permute(0, 3, 1, 2))  # (B, C, H, W)
+        return h + x
