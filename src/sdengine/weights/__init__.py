@@ -1,1 +1,39 @@
+"""Weight files: safe reading/writing (io), LDM <-> diffusers name tables (keymaps), architecture detection
+(detect), and loading/conversion of whole checkpoints (loading)."""
 
+from .detect import UnsupportedModelError, read_prediction_type
+from .io import (
+    CorruptFileError,
+    UnsafeCheckpointError,
+    WeightsError,
+    load_file,
+    load_safetensors,
+    save_safetensors,
+)
+from .loading import (
+    LoadedCheckpoint,
+    MissingVAEError,
+    build_on_meta,
+    convert,
+    load_checkpoint,
+    load_into,
+    load_vae,
+)
+
+__all__ = [
+    "CorruptFileError",
+    "LoadedCheckpoint",
+    "MissingVAEError",
+    "UnsafeCheckpointError",
+    "UnsupportedModelError",
+    "WeightsError",
+    "build_on_meta",
+    "convert",
+    "load_checkpoint",
+    "load_file",
+    "load_into",
+    "load_safetensors",
+    "load_vae",
+    "read_prediction_type",
+    "save_safetensors",
+]

@@ -1,0 +1,337 @@
+"""Which network is this? Read the architecture off tensor shapes (ComfyUI-style) and synthesise diffusers configs.
+
+Single-file LDM checkpoints carry no config. What the shapes tell us:
+- UNet: conv_in's input channels (4 normal, 9 inpainting), the cross-attention context width (768: SD1 with
+  OpenAI CLIP ViT-L, 1024: SD2 with OpenCLIP ViT-H), the number of levels/blocks, where attention sits, and
+  whether SpatialTransformer projections are 1x1 convs (SD1) or Linear (SD2).
+- What shapes cannot tell: attention heads (SD1 uses 8 heads, SD2 64-channel heads) and whether SD2 predicts
+  epsilon (512 "base") or v (768): the caller may pass `prediction_type`; we default like diffusers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .io import WeightsError
+from .keymaps import UNetLayout, VAELayout
+
+log = logging.getLogger(__name__)
+
+Family = Literal["sd1", "sd2", "custom"]
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+# global_step of SD 2.0/2.1 "base" (512, epsilon) checkpoints, the one hint such files carry (as in diffusers).
+_SD2_BASE_GLOBAL_STEP = 875000
+
+
+class UnsupportedModelError(WeightsError):
+    """The file holds a network sdengine does not implement (SDXL, SD3, Flux, an upscaler, ...)."""
+
+
+def _ints(pattern: str, keys: list[str]) -> set[int]:
+    rx = re.compile(pattern)
+    return {int(m.group(1)) for k in keys if (m := rx.match(k))}
+
+
+# ------------------------------------------------------------------------------------------ refuse early
+
+
+def check_supported(sd: Mapping[str, torch.Tensor]) -> None:
+    """Raise UnsupportedModelError naming what the file looks like when it is not an SD1/SD2 checkpoint."""
+    keys = list(sd)
+    label = sd.get("model.diffusion_model.label_emb.0.0.weight")
+    if label is not None and label.ndim == 2 and label.shape[1] == 2816:
+        raise UnsupportedModelError("found 2816-wide label_emb: looks like SDXL, not supported")
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise UnsupportedModelError("found conditioner.embedders.*: looks like SDXL, not supported")
+    if any("joint_blocks." in k for k in keys[:2000]):
+        raise UnsupportedModelError("found joint_blocks.*: looks like SD3 (MMDiT), not supported")
+    if any("double_blocks." in k for k in keys[:2000]):
+        raise UnsupportedModelError("found double_blocks.*: looks like Flux, not supported")
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k for k in keys):
+        raise UnsupportedModelError("found lora_* keys: this is a LoRA, load it with loras=[(path, weight)]")
+    if any(k.startswith("control_model.") for k in keys):
+        raise UnsupportedModelError("found control_model.*: this is a ControlNet, load it with controlnets=")
+    if "model.diffusion_model.label_emb.weight" in sd:
+        raise UnsupportedModelError(
+            "found label_emb.weight (noise-level classes): looks like the SD x4 upscaler, not supported"
+        )
+    conv_in = sd.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is None:
+        if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
+            raise WeightsError(
+                "found diffusers UNet names (down_blocks.*) in a single file: load the diffusers folder instead"
+            )
+        prefixes = sorted({k.split(".")[0] for k in keys})[:8]
+        raise UnsupportedModelError(
+            f"no model.diffusion_model.* UNet weights found (top-level names: {prefixes}): "
+            "not a Stable Diffusion 1.x/2.x checkpoint"
+        )
+    if conv_in.shape[1] not in (4, 9):
+        kind = {8: "instruct-pix2pix", 7: "the SD x4 upscaler"}.get(int(conv_in.shape[1]), "an unknown model")
+        raise UnsupportedModelError(
+            f"found a UNet with {conv_in.shape[1]} input channels: looks like {kind}, not supported "
+            "(SD takes 4, inpainting 9)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- UNet
+
+
+def unet_layout_from_ldm(unet: Mapping[str, torch.Tensor]) -> UNetLayout:
+    """Read the block layout from LDM UNet keys (without `model.diffusion_model.`)."""
+    keys = list(unet)
+    inputs = _ints(r"^input_blocks\.(\d+)\.", keys)
+    downs = sorted(_ints(r"^input_blocks\.(\d+)\.0\.op\.weight$", keys))
+    num_levels = len(downs) + 1
+    n_in = len(inputs) - 1  # minus conv_in
+    lpb, rem = divmod(n_in - len(downs), num_levels)
+    if rem or lpb < 1:
+        raise WeightsError(f"cannot read the UNet layout: {n_in} input blocks with {len(downs)} downsamplers")
+    down_attn = tuple(f"input_blocks.{1 + lv * (lpb + 1)}.1.norm.weight" in unet for lv in range(num_levels))
+    up_attn = tuple(f"output_blocks.{lv * (lpb + 1)}.1.norm.weight" in unet for lv in range(num_levels))
+    mid_attn = "middle_block.1.norm.weight" in unet
+    return UNetLayout(num_levels, lpb, down_attn, up_attn, mid_attn)
+
+
+def unet_layout_from_diffusers(unet: Mapping[str, torch.Tensor]) -> UNetLayout:
+    keys = list(unet)
+    levels = _ints(r"^down_blocks\.(\d+)\.", keys)
+    num_levels = len(levels)
+    lpb = len(_ints(r"^down_blocks\.0\.resnets\.(\d+)\.", keys))
+    down = tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in keys) for i in range(num_levels))
+    up = tuple(any(k.startswith(f"up_blocks.{i}.attentions.") for k in keys) for i in range(num_levels))
+    mid = any(k.startswith("mid_block.attentions.") for k in keys)
+    return UNetLayout(num_levels, lpb, down, up, mid)
+
+
+def unet_config_from_ldm(
+    unet: Mapping[str, torch.Tensor], *, family: Family, sample_size: int, upcast_attention: bool = False
+) -> dict[str, Any]:
+    """A diffusers UNet2DConditionModel config for these LDM UNet weights."""
+    layout = unet_layout_from_ldm(unet)
+    lpb = layout.layers_per_block
+    conv_in = unet["input_blocks.0.0.weight"]
+    channels = [int(unet[f"input_blocks.{1 + lv * (lpb + 1)}.0.out_layers.3.weight"].shape[0])
+                for lv in range(layout.num_levels)]
+    first_attn = next((f"input_blocks.{1 + lv * (lpb + 1)}.1" for lv in range(layout.num_levels)
+                       if layout.down_attention[lv]), "middle_block.1")
+    depth = len(_ints(rf"^{re.escape(first_attn)}\.transformer_blocks\.(\d+)\.", list(unet))) or 1
+    to_k = unet.get(f"{first_attn}.transformer_blocks.0.attn2.to_k.weight")
+    context_dim = int(to_k.shape[1]) if to_k is not None else None
+    proj_in = unet.get(f"{first_attn}.proj_in.weight")
+    linear_proj = proj_in is not None and proj_in.ndim == 2
+    # SD1 configs fix the number of heads (8); SD2 fixes the head width (64 channels). diffusers calls both
+    # "attention_head_dim" and, for SD2, stores the per-level head counts.
+    head_width_64 = family == "sd2" or (family == "custom" and linear_proj and all(c % 64 == 0 for c in channels))
+    heads: int | list[int] = [c // 64 for c in channels] if head_width_64 else 8
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": sample_size,
+        "in_channels": int(conv_in.shape[1]),
+        "out_channels": int(unet["out.2.weight"].shape[0]),
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in layout.down_attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in layout.up_attention],
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if layout.mid_attention else None,
+        "block_out_channels": channels,
+        "layers_per_block": lpb,
+        "cross_attention_dim": context_dim,
+        "attention_head_dim": heads,
+        "use_linear_projection": linear_proj,
+        "transformer_layers_per_block": depth,
+        "upcast_attention": upcast_attention,
+        "norm_num_groups": 32,
+        "norm_eps": 1e-5,
+        "act_fn": "silu",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "center_input_sample": False,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+
+
+def vae_layout_from_ldm(vae: Mapping[str, torch.Tensor]) -> VAELayout:
+    keys = list(vae)
+    levels = _ints(r"^encoder\.down\.(\d+)\.", keys)
+    lpb = len(_ints(r"^encoder\.down\.0\.block\.(\d+)\.", keys))
+    if not levels or not lpb:
+        raise WeightsError("cannot read the VAE layout: no encoder.down.N.block.M weights")
+    return VAELayout(len(levels), lpb)
+
+
+def vae_layout_from_diffusers(vae: Mapping[str, torch.Tensor]) -> VAELayout:
+    keys = list(vae)
+    levels = _ints(r"^encoder\.down_blocks\.(\d+)\.", keys)
+    lpb = len(_ints(r"^encoder\.down_blocks\.0\.resnets\.(\d+)\.", keys))
+    return VAELayout(len(levels), lpb)
+
+
+def vae_config_from_ldm(vae: Mapping[str, torch.Tensor], *, sample_size: int = 512) -> dict[str, Any]:
+    layout = vae_layout_from_ldm(vae)
+    channels = [int(vae[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in range(layout.num_levels)]
+    return {
+        "_class_name": "AutoencoderKL",
+        "in_channels": int(vae["encoder.conv_in.weight"].shape[1]),
+        "out_channels": int(vae["decoder.conv_out.weight"].shape[0]),
+        "down_block_types": ["DownEncoderBlock2D"] * layout.num_levels,
+        "up_block_types": ["UpDecoderBlock2D"] * layout.num_levels,
+        "block_out_channels": channels,
+        "layers_per_block": layout.layers_per_block,
+        "latent_channels": int(vae["post_quant_conv.weight"].shape[0]),
+        "norm_num_groups": 32,
+        "act_fn": "silu",
+        "sample_size": sample_size,
+        "scaling_factor": 0.18215,  # LDM's scale_factor for the SD1/SD2 VAE
+    }
+
+
+# --------------------------------------------------------------------------------------- text encoders
+
+
+def clip_config_from_weights(te: Mapping[str, torch.Tensor], *, family: Family) -> dict[str, Any]:
+    """transformers CLIPTextConfig (as a dict) for CLIPTextModel-named weights."""
+    tok = te["embeddings.token_embedding.weight"]
+    hidden = int(tok.shape[1])
+    layers = len(_ints(r"^encoder\.layers\.(\d+)\.", list(te)))
+    openclip = family == "sd2"
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": int(tok.shape[0]),
+        "hidden_size": hidden,
+        "intermediate_size": int(te["encoder.layers.0.mlp.fc1.weight"].shape[0]),
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, hidden // 64),  # CLIP text towers use 64-wide heads
+        "max_position_embeddings": int(te["embeddings.position_embedding.weight"].shape[0]),
+        "hidden_act": "gelu" if openclip else "quick_gelu",  # OpenCLIP ViT-H uses exact GELU
+        "layer_norm_eps": 1e-5,
+        "projection_dim": 512 if openclip else 768,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+        "attention_dropout": 0.0,
+        "dropout": 0.0,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+    }
+
+
+def openclip_num_blocks(te: Mapping[str, torch.Tensor]) -> int:
+    return len(_ints(r"^transformer\.resblocks\.(\d+)\.", list(te)))
+
+
+# ------------------------------------------------------------------------------------------ scheduler
+
+
+def scheduler_config(family: Family, prediction_type: str) -> dict[str, Any]:
+    """The scheduler config diffusers folders of that family ship (SD1: PNDM, SD2: DDIM), same betas."""
+    return {
+        "_class_name": "DDIMScheduler" if family == "sd2" else "PNDMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "trained_betas": None,
+        "prediction_type": prediction_type,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "clip_sample": False,
+        "timestep_spacing": "leading",
+    }
+
+
+def read_prediction_type(folder: str | Path) -> str:
+    """prediction_type of a diffusers folder, from scheduler/scheduler_config.json (default epsilon)."""
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return "epsilon"
+    return str(json.loads(path.read_text()).get("prediction_type", "epsilon"))
+
+
+# --------------------------------------------------------------------------------------- whole file
+
+
+@dataclass
+class Detected:
+    """What a single-file checkpoint holds, and diffusers-style configs for its parts."""
+
+    family: Family
+    inpainting: bool
+    text_encoder_kind: Literal["clip", "openclip"] | None
+    prediction_type: str
+    unet_config: dict[str, Any]
+    vae_config: dict[str, Any] | None
+    text_encoder_config: dict[str, Any] | None
+    scheduler_config: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def description(self) -> str:
+        name = {"sd1": "SD 1.x", "sd2": "SD 2.x", "custom": "custom SD-like"}[self.family]
+        return f"{name}{' inpainting' if self.inpainting else ''} ({self.prediction_type})"
+
+
+def detect_ldm(
+    unet: Mapping[str, torch.Tensor],
+    vae: Mapping[str, torch.Tensor] | None,
+    text_encoder: Mapping[str, torch.Tensor] | None,
+    text_encoder_kind: Literal["clip", "openclip"] | None,
+    *,
+    prediction_type: str | None = None,
+    info: Mapping[str, Any] | None = None,
+) -> Detected:
+    """Detect the architecture from LDM UNet/VAE weights (LDM names, prefixes removed) and the text encoder
+    (already in CLIPTextModel names). `info` holds file-level hints (a .ckpt's global_step)."""
+    conv_in = unet["input_blocks.0.0.weight"]
+    inpainting = int(conv_in.shape[1]) == 9
+    layout = unet_layout_from_ldm(unet)
+    first_attn = next((f"input_blocks.{1 + lv * (layout.layers_per_block + 1)}.1"
+                       for lv in range(layout.num_levels) if layout.down_attention[lv]), "middle_block.1")
+    to_k = unet.get(f"{first_attn}.transformer_blocks.0.attn2.to_k.weight")
+    context = int(to_k.shape[1]) if to_k is not None else 0
+    family: Family = {768: "sd1", 1024: "sd2"}.get(context, "custom")  # type: ignore[assignment]
+    notes: list[str] = []
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise WeightsError(f"unknown prediction_type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
+    if prediction_type is None:
+        if family == "sd2" and not inpainting:
+            step = (info or {}).get("global_step")
+            if step == _SD2_BASE_GLOBAL_STEP:
+                prediction_type = "epsilon"
+                notes.append("global_step 875000: SD 2.x base (epsilon)")
+            else:
+                # SD2 single files do not say; like diffusers, assume the 768 v-prediction model.
+                prediction_type = "v_prediction"
+                notes.append("SD 2.x file does not state its prediction type: assuming v_prediction "
+                             "(768 model); pass prediction_type='epsilon' for 512 'base' models")
+                log.info(notes[-1])
+        else:
+            prediction_type = "epsilon"
+    v768 = family == "sd2" and prediction_type == "v_prediction"
+    sample = 96 if v768 else 64
+    te_family: Family = "sd2" if text_encoder_kind == "openclip" else "sd1"
+    return Detected(
+        family=family,
+        inpainting=inpainting,
+        text_encoder_kind=text_encoder_kind if text_encoder else None,
+        prediction_type=prediction_type,
+        unet_config=unet_config_from_ldm(unet, family=family, sample_size=sample, upcast_attention=v768),
+        vae_config=vae_config_from_ldm(vae, sample_size=sample * 8) if vae else None,
+        text_encoder_config=clip_config_from_weights(text_encoder, family=te_family) if text_encoder else None,
+        scheduler_config=scheduler_config(family, prediction_type),
+        notes=notes,
+    )

@@ -1,0 +1,296 @@
+"""Reading and writing weight files without running code and without copying tensors twice.
+
+- `.safetensors` is parsed here (8-byte header length, JSON header, raw bytes) and its tensors are views into
+  one private memory map of the file: nothing is read until a tensor is touched, and `load_state_dict(...,
+  assign=True)` can adopt those views as parameters with no copy at all.
+- `.ckpt` / `.pt` / `.pth` / `.bin` go only through `torch.load(weights_only=True)`, which refuses any pickle
+  that names a global outside torch's allow-list. We refuse with `UnsafeCheckpointError` rather than retry
+  with more permissions: a checkpoint that needs arbitrary globals can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import struct
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+# safetensors dtype names <-> torch dtypes (the format's own spelling).
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_TORCH_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+# A header bigger than this is not a real safetensors file (the format caps it at 100 MB).
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class WeightsError(ValueError):
+    """A weight file or state dict that sdengine cannot use; the message is meant for the user as is."""
+
+
+class CorruptFileError(WeightsError):
+    """A truncated or malformed weight file."""
+
+
+class UnsafeCheckpointError(WeightsError):
+    """A pickle checkpoint that needs more than plain tensors/containers to load (it could run code)."""
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """'fp16' / 'bf16' / 'fp32' (or a torch dtype, or None) -> torch dtype or None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise WeightsError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16") from None
+
+
+# --------------------------------------------------------------------------------------------- safetensors
+
+
+def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str], int]:
+    """Return (tensor entries, __metadata__, offset of the data section); validates the layout."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptFileError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise CorruptFileError(
+                f"{path}: corrupt or truncated safetensors file (header claims {n} bytes, file has {size})"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    data_len = size - data_start
+    end_max = 0
+    for name, entry in header.items():
+        try:
+            dtype = _ST_DTYPES[entry["dtype"]]
+            shape = [int(s) for s in entry["shape"]]
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CorruptFileError(f"{path}: corrupt safetensors entry for {name!r}: {entry!r}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes or begin < 0:
+            raise CorruptFileError(
+                f"{path}: corrupt safetensors entry {name!r}: shape {shape} {entry['dtype']} needs {nbytes} "
+                f"bytes, offsets give {end - begin}"
+            )
+        if end > data_len:
+            raise CorruptFileError(
+                f"{path}: truncated safetensors file: tensor {name!r} ends at byte {data_start + end}, "
+                f"file has {size} bytes"
+            )
+        end_max = max(end_max, end)
+    return header, dict(metadata), data_start
+
+
+def load_safetensors(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> StateDict:
+    """Map a .safetensors file and return its tensors as zero-copy views (copy-on-write, file untouched)."""
+    path = Path(path)
+    header, _, data_start = read_safetensors_header(path)
+    size = path.stat().st_size
+    if size == 0 or not header:
+        return {}
+    # shared=False maps the file MAP_PRIVATE: pages are read lazily, writes to a tensor never reach the file.
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    raw = torch.empty(0, dtype=torch.uint8)
+    raw.set_(storage, 0, (size,))
+    out: StateDict = {}
+    for name, entry in header.items():
+        dtype = _ST_DTYPES[entry["dtype"]]
+        shape = [int(s) for s in entry["shape"]]
+        begin, end = (data_start + int(o) for o in entry["data_offsets"])
+        chunk = raw[begin:end]
+        if begin % dtype.itemsize:
+            # Files written by other tools may not align tensors; a view needs alignment, so copy this one.
+            chunk = chunk.clone()
+        t = chunk.view(dtype).reshape(shape) if dtype != torch.bool else chunk.view(torch.bool).reshape(shape)
+        out[name] = t if torch.device(device).type == "cpu" else t.to(device)
+    return out
+
+
+def safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The `__metadata__` string map of a .safetensors file."""
+    return read_safetensors_header(path)[1]
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> None:
+    """Write a .safetensors file, streaming one tensor at a time (never the whole file in memory).
+
+    `dtype` converts floating-point tensors (fp32/fp16/bf16); integer/bool tensors keep theirs. Tensors are
+    written in (itemsize desc, name) order so that every tensor is aligned to its element size.
+    """
+    target = parse_dtype(dtype)
+    path = Path(path)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+
+    def out_dtype(t: torch.Tensor) -> torch.dtype:
+        return target if (target is not None and t.is_floating_point()) else t.dtype
+
+    for name, t in tensors.items():
+        if out_dtype(t) not in _TORCH_TO_ST:
+            raise WeightsError(f"cannot write tensor {name!r}: dtype {t.dtype} has no safetensors code")
+    order = sorted(tensors, key=lambda k: (-out_dtype(tensors[k]).itemsize, k))
+    header: dict[str, Any] = {"__metadata__": meta} if meta else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        dt = out_dtype(t)
+        nbytes = t.numel() * dt.itemsize
+        header[name] = {"dtype": _TORCH_TO_ST[dt], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)  # pad so the data section starts 8-aligned
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in order:
+            t = tensors[name].detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            t = t.to(out_dtype(t)).contiguous()
+            if t.numel():
+                # numpy has no bfloat16/float8: write the same bytes through an integer view of equal width.
+                b = t.reshape(-1).view(torch.uint8) if t.dtype != torch.bool else t.to(torch.uint8).reshape(-1)
+                f.write(memoryview(b.numpy()))
+    os.replace(tmp, path)  # a crash mid-write never leaves a half file under the real name
+
+
+# ------------------------------------------------------------------------------------------------ pickles
+
+# PyTorch-Lightning checkpoints (e.g. the original SD 1.x .ckpt files) pickle callback objects next to the
+# weights. Stand-ins with no behaviour let weights_only=True read them without importing lightning.
+class _InertObject:
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["_state"] = state
+
+
+_LIGHTNING_STANDINS = [
+    (type("ModelCheckpoint", (_InertObject,), {}), "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+]
+
+_GLOBAL_RE = re.compile(r"(?:Unsupported global|GLOBAL)[:\s]+([\w.]+)")
+
+
+def _refuse(path: Path, err: Exception) -> UnsafeCheckpointError:
+    found = _GLOBAL_RE.findall(str(err))
+    what = f"it needs {found[0]!r}, which weights_only loading does not allow" if found else str(err).split("\n")[0]
+    return UnsafeCheckpointError(
+        f"{path}: refusing to load this pickle checkpoint: {what}. A checkpoint that needs more than tensors "
+        "could run code when loaded; convert it with a tool you trust to .safetensors."
+    )
+
+
+def load_pickle_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """torch.load(weights_only=True), memory-mapped where the file format allows it."""
+    path = Path(path)
+    mmap_ok = zipfile.is_zipfile(path)  # mmap needs the zip (torch>=1.6) format
+    try:
+        with torch.serialization.safe_globals(_LIGHTNING_STANDINS):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_ok)
+    except pickle.UnpicklingError as e:
+        raise _refuse(path, e) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CorruptFileError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path}: checkpoint holds a {type(obj).__name__}, not a state dict")
+    return dict(obj)
+
+
+def unwrap_state_dict(obj: Mapping[str, Any], path: str | os.PathLike[str] = "<checkpoint>") -> StateDict:
+    """Lightning/LDM `.ckpt` files nest the weights under 'state_dict' (some tools under 'model'/'module')."""
+    for key in ("state_dict", "model", "module"):
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return dict(inner)
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise WeightsError(f"{path}: no tensors found (top-level keys: {sorted(obj)[:8]})")
+    return tensors
+
+
+def load_file(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, Any]]:
+    """Load any supported weight file -> (flat state dict, extra info).
+
+    Extra info holds the safetensors `__metadata__` or, for pickles, the scalar top-level fields such as
+    `global_step` (used as a hint for SD2's prediction type).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return load_safetensors(path), dict(safetensors_metadata(path))
+    if suffix in PICKLE_SUFFIXES:
+        obj = load_pickle_checkpoint(path)
+        info = {k: v for k, v in obj.items() if isinstance(v, int | float | str)}
+        return unwrap_state_dict(obj, path), info
+    raise WeightsError(f"{path}: unsupported weight file type {suffix!r} (use .safetensors, .ckpt, .pt, .bin)")
+
+
+def convert_dtype(sd: Mapping[str, torch.Tensor], dtype: str | torch.dtype | None) -> StateDict:
+    """Cast floating tensors to `dtype` (None: unchanged); integer buffers keep their type."""
+    target = parse_dtype(dtype)
+    if target is None:
+        return dict(sd)
+    return {k: (v.to(target) if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def total_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,501 @@
+"""From a path to renamed state dicts + configs per component, and into models; `convert` between layouts.
+
+Two sources:
+- a diffusers folder (`model_index.json`; `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`): its
+  weights already carry our names, its configs are read as they are;
+- a single LDM file (`.safetensors`, or `.ckpt`/`.pt` through the weights-only loader): split by prefix,
+  renamed through `keymaps`, configs synthesised from the shapes (`detect`), unless the file carries configs
+  in its metadata (files written by `convert`) or a `config=` diffusers folder is given.
+
+Strictness (SPEC 7): keys that real checkpoints carry but inference ignores are skipped and logged at DEBUG;
+any other key that matches no table is an error naming the first few; missing/mis-shaped parameters are
+errors from `load_into` when a model is built.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from . import keymaps as km
+from .detect import (
+    Detected,
+    check_supported,
+    clip_config_from_weights,
+    detect_ldm,
+    openclip_num_blocks,
+    unet_layout_from_diffusers,
+    vae_config_from_ldm,
+    vae_layout_from_diffusers,
+    vae_layout_from_ldm,
+)
+from .io import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    StateDict,
+    WeightsError,
+    convert_dtype,
+    load_file,
+    save_safetensors,
+)
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+WEIGHT_FILE_STEMS = ("diffusion_pytorch_model", "model")
+CONFIG_METADATA_KEY = "sdengine.configs"  # JSON {unet, vae, text_encoder, scheduler} in files we write
+DIFFUSERS_VERSION = "0.42.1"  # the diffusers release our configs are written for and tested against
+
+
+class MissingVAEError(WeightsError):
+    pass
+
+
+def _name_some(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(keys[:n])
+    return f"{shown}{f', ... ({len(keys)} in all)' if len(keys) > n else f' ({len(keys)} in all)'}"
+
+
+@dataclass
+class LoadedCheckpoint:
+    """Weights in sdengine (diffusers/transformers) names plus diffusers-style configs, per component."""
+
+    source: Path
+    layout: Literal["diffusers", "single_file"]
+    state_dicts: dict[str, StateDict]  # "unet", "vae", "text_encoder"
+    configs: dict[str, dict[str, Any]]  # the same names plus "scheduler"
+    prediction_type: str
+    family: str = "custom"
+    inpainting: bool = False
+    tokenizer_dir: Path | None = None
+    skipped: list[str] = field(default_factory=list)  # known-unused keys that were dropped
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for sd in self.state_dicts.values() for t in sd.values())
+
+
+# ------------------------------------------------------------------------------------------ text encoder
+
+
+def _clean_text_encoder(sd: Mapping[str, torch.Tensor], skipped: list[str]) -> StateDict:
+    out: StateDict = {}
+    for k, v in km.normalize_clip_keys(sd).items():
+        if km.is_known_unused(k):
+            skipped.append(k)
+        else:
+            out[k] = v
+    return out
+
+
+def text_encoder_kind(config: Mapping[str, Any]) -> Literal["clip", "openclip"]:
+    """OpenAI CLIP (SD1) uses quick_gelu; OpenCLIP ViT-H (SD2) exact gelu: that decides the LDM layout."""
+    return "openclip" if config.get("hidden_act") == "gelu" else "clip"
+
+
+# --------------------------------------------------------------------------------------- diffusers folder
+
+
+def _find_weights(folder: Path) -> list[Path]:
+    for stem in WEIGHT_FILE_STEMS:
+        for suffix in (".safetensors", ".bin"):
+            for variant in ("", ".fp16"):
+                f = folder / f"{stem}{variant}{suffix}"
+                if f.is_file():
+                    return [f]
+                index = folder / f"{stem}{variant}{suffix}.index.json"
+                if index.is_file():  # sharded weights
+                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                    return [folder / s for s in shards]
+    raise WeightsError(
+        f"{folder}: no weights found (expected diffusion_pytorch_model.safetensors or model.safetensors)"
+    )
+
+
+def _load_component_folder(folder: Path) -> tuple[StateDict, dict[str, Any]]:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise WeightsError(f"{folder}: missing config.json")
+    sd: StateDict = {}
+    for f in _find_weights(folder):
+        sd.update(load_file(f)[0])
+    return sd, json.loads(cfg_path.read_text())
+
+
+def load_diffusers_folder(
+    folder: str | Path, *, vae: str | Path | None = None, prediction_type: str | None = None
+) -> LoadedCheckpoint:
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise WeightsError(f"{folder}: not a diffusers folder (no model_index.json)")
+    sds: dict[str, StateDict] = {}
+    cfgs: dict[str, dict[str, Any]] = {}
+    skipped: list[str] = []
+    for comp in COMPONENTS:
+        if comp == "vae" and vae is not None:
+            continue
+        sub = folder / comp
+        if not sub.is_dir():
+            raise WeightsError(f"{folder}: missing the {comp}/ subfolder")
+        sds[comp], cfgs[comp] = _load_component_folder(sub)
+    if vae is not None:
+        sds["vae"], cfgs["vae"] = load_vae(vae)
+    sds["text_encoder"] = _clean_text_encoder(sds["text_encoder"], skipped)
+    sched = folder / "scheduler" / "scheduler_config.json"
+    cfgs["scheduler"] = json.loads(sched.read_text()) if sched.is_file() else {}
+    pred = prediction_type or cfgs["scheduler"].get("prediction_type", "epsilon")
+    cfgs["scheduler"]["prediction_type"] = pred
+    cross = cfgs["unet"].get("cross_attention_dim")
+    tok = folder / "tokenizer"
+    return LoadedCheckpoint(
+        source=folder,
+        layout="diffusers",
+        state_dicts=sds,
+        configs=cfgs,
+        prediction_type=pred,
+        family={768: "sd1", 1024: "sd2"}.get(cross, "custom"),  # type: ignore[arg-type]
+        inpainting=cfgs["unet"].get("in_channels") == 9,
+        tokenizer_dir=tok if tok.is_dir() else None,
+        skipped=skipped,
+    )
+
+
+# -------------------------------------------------------------------------------------------- single file
+
+
+def _ldm_vae_to_diffusers(vae: Mapping[str, torch.Tensor], where: str) -> StateDict:
+    renamed, unknown = km.vae_ldm_to_diffusers(vae, vae_layout_from_ldm(vae))
+    if unknown:
+        raise WeightsError(f"{where}: unexpected VAE keys: {_name_some(unknown)}")
+    return renamed
+
+
+def load_vae(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
+    """A VAE on its own: an LDM-layout file (with or without `first_stage_model.`), a diffusers-layout file,
+    or a diffusers folder / its `vae/` subfolder. Returns (diffusers-named state dict, config)."""
+    path = Path(path)
+    if path.is_dir():
+        sub = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        return _load_component_folder(sub)
+    sd, _ = load_file(path)
+    sd = {k.removeprefix(km.VAE_PREFIX): v for k, v in sd.items() if not km.is_known_unused(k)}
+    if "encoder.down.0.block.0.conv1.weight" in sd:
+        return _ldm_vae_to_diffusers(sd, str(path)), vae_config_from_ldm(sd)
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in sd:
+        ldm, _ = km.vae_diffusers_to_ldm(sd, vae_layout_from_diffusers(sd))
+        return sd, vae_config_from_ldm(ldm)
+    raise WeightsError(f"{path}: not a VAE (no encoder.down.* or encoder.down_blocks.* weights)")
+
+
+def _configs_from_folder(folder: Path) -> dict[str, dict[str, Any]]:
+    cfgs = {c: json.loads((folder / c / "config.json").read_text()) for c in COMPONENTS
+            if (folder / c / "config.json").is_file()}
+    sched = folder / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        cfgs["scheduler"] = json.loads(sched.read_text())
+    return cfgs
+
+
+def ldm_to_components(
+    sd: Mapping[str, torch.Tensor],
+    *,
+    info: Mapping[str, Any] | None = None,
+    prediction_type: str | None = None,
+    configs: Mapping[str, Mapping[str, Any]] | None = None,
+    where: str = "<checkpoint>",
+) -> tuple[dict[str, StateDict], Detected, list[str]]:
+    """Flat LDM state dict -> ({unet, vae?, text_encoder?} in our names, detection, skipped keys)."""
+    check_supported(sd)
+    parts, skipped, unknown = km.split_ldm(sd)
+    if unknown:
+        raise WeightsError(f"{where}: unexpected keys (not SD1/SD2 LDM names): {_name_some(unknown)}")
+    out: dict[str, StateDict] = {}
+    if parts["clip"] and parts["openclip"]:
+        raise WeightsError(f"{where}: holds both a CLIP and an OpenCLIP text encoder; not an SD1/SD2 checkpoint")
+
+    te_kind: Literal["clip", "openclip"] | None = None
+    te_cfg = (configs or {}).get("text_encoder")
+    if parts["clip"]:
+        te_kind = "clip"
+        te, bad = km.clip_ldm_to_diffusers(parts["clip"])
+        out["text_encoder"] = _clean_text_encoder(te, skipped)
+    elif parts["openclip"]:
+        te_kind = "openclip"
+        n_file = openclip_num_blocks(parts["openclip"])
+        # SD2 reads the penultimate layer: the file's last block is unused unless a config says otherwise.
+        n_used = int(te_cfg["num_hidden_layers"]) if te_cfg else max(n_file - 1, 1)
+        te, bad = km.openclip_ldm_to_diffusers(parts["openclip"], num_layers=n_used)
+        if bad:
+            named = [km.OPENCLIP_PREFIX + k for k in bad]
+            raise WeightsError(f"{where}: unexpected text-encoder keys: {_name_some(named)}")
+        skipped += [km.OPENCLIP_PREFIX + k for k in parts["openclip"]
+                    if k.startswith("transformer.resblocks.") and int(k.split(".")[2]) >= n_used]
+        out["text_encoder"] = te
+
+    unet_layout = km.UNetLayout.from_config(configs["unet"]) if configs and "unet" in configs else None
+    det = detect_ldm(parts["unet"], parts["vae"] or None, out.get("text_encoder"), te_kind,
+                     prediction_type=prediction_type, info=info)
+    unet, bad = km.unet_ldm_to_diffusers(parts["unet"], unet_layout or _layout_of(det.unet_config))
+    if bad:
+        raise WeightsError(f"{where}: unexpected UNet keys: {_name_some([km.UNET_PREFIX + k for k in bad])}")
+    out["unet"] = unet
+    if parts["vae"]:
+        out["vae"] = _ldm_vae_to_diffusers(parts["vae"], where)
+    return out, det, skipped
+
+
+def _layout_of(unet_config: Mapping[str, Any]) -> km.UNetLayout:
+    return km.UNetLayout.from_config(unet_config)
+
+
+def load_single_file(
+    path: str | Path,
+    *,
+    vae: str | Path | None = None,
+    prediction_type: str | None = None,
+    config: str | Path | None = None,
+) -> LoadedCheckpoint:
+    """An LDM single file -> LoadedCheckpoint. `config`: a diffusers folder whose configs (and tokenizer)
+    to use instead of synthesised ones, like diffusers' `from_single_file(config=...)`."""
+    path = Path(path)
+    sd, info = load_file(path)
+    cfg_src: dict[str, dict[str, Any]] = {}
+    if CONFIG_METADATA_KEY in info:  # written by our convert: exact configs
+        cfg_src = json.loads(info[CONFIG_METADATA_KEY])
+    if config is not None:
+        cfg_src = _configs_from_folder(Path(config))
+    comps, det, skipped = ldm_to_components(
+        sd, info=info, prediction_type=prediction_type, configs=cfg_src or None, where=str(path)
+    )
+    cfgs: dict[str, dict[str, Any]] = {
+        "unet": det.unet_config,
+        "scheduler": det.scheduler_config,
+    }
+    if det.vae_config:
+        cfgs["vae"] = det.vae_config
+    if det.text_encoder_config:
+        cfgs["text_encoder"] = det.text_encoder_config
+    for k, v in cfg_src.items():
+        cfgs[k] = dict(v)
+    pred = prediction_type or cfgs["scheduler"].get("prediction_type", det.prediction_type)
+    cfgs["scheduler"]["prediction_type"] = pred
+    if vae is not None:
+        if "vae" in comps:
+            skipped += [f"{km.VAE_PREFIX}* (replaced by vae={vae})"]
+        comps["vae"], cfgs["vae"] = load_vae(vae)
+    if "vae" not in comps:
+        raise MissingVAEError(
+            f"{path}: this checkpoint has no VAE (no first_stage_model.* weights); pass vae=PATH "
+            "(a VAE .safetensors or a diffusers folder)"
+        )
+    if "text_encoder" not in comps:
+        raise WeightsError(f"{path}: this checkpoint has no text encoder (no cond_stage_model.* weights)")
+    if skipped:
+        log.debug("%s: skipped %d known-unused keys: %s", path, len(skipped), ", ".join(skipped))
+    tok = Path(config) / "tokenizer" if config is not None else None
+    return LoadedCheckpoint(
+        source=path,
+        layout="single_file",
+        state_dicts=comps,
+        configs=cfgs,
+        prediction_type=pred,
+        family=det.family,
+        inpainting=det.inpainting,
+        tokenizer_dir=tok if tok is not None and tok.is_dir() else None,
+        skipped=skipped,
+        notes=det.notes,
+    )
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    vae: str | Path | None = None,
+    prediction_type: str | None = None,
+    config: str | Path | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> LoadedCheckpoint:
+    """Diffusers folder or single file -> LoadedCheckpoint (state dicts in our names + configs).
+
+    `dtype` ('fp16'/'bf16'/'fp32') casts floating tensors (a copy); None keeps the file's dtype (zero-copy
+    for safetensors)."""
+    path = Path(path)
+    if path.is_dir():
+        ckpt = load_diffusers_folder(path, vae=vae, prediction_type=prediction_type)
+    elif path.suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+        ckpt = load_single_file(path, vae=vae, prediction_type=prediction_type, config=config)
+    elif not path.exists():
+        raise WeightsError(f"{path}: no such file or folder")
+    else:
+        raise WeightsError(f"{path}: expected a diffusers folder or a .safetensors/.ckpt file")
+    if dtype is not None:
+        ckpt.state_dicts = {k: convert_dtype(v, dtype) for k, v in ckpt.state_dicts.items()}
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------- into models
+
+
+def load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, name: str = "model") -> torch.nn.Module:
+    """Strict, shape-checked `load_state_dict(assign=True)`: the tensors become the parameters (no copy, so a
+    model built on the meta device ends up backed by the file's memory map)."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing:
+        raise WeightsError(f"{name}: missing keys: {_name_some(missing)}")
+    if unexpected:
+        raise WeightsError(f"{name}: unexpected keys: {_name_some(unexpected)}")
+    wrong = [f"{k} (file {tuple(sd[k].shape)}, model {tuple(v.shape)})"
+             for k, v in expected.items() if tuple(sd[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise WeightsError(f"{name}: wrong tensor shapes: {_name_some(wrong, 3)}")
+    module.load_state_dict(dict(sd), strict=True, assign=True)
+    return module
+
+
+def build_on_meta(factory: Callable[[], torch.nn.Module], sd: Mapping[str, torch.Tensor], *, name: str = "model",
+                  dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Construct with no memory/initialisation cost (meta device), then adopt the weights."""
+    with torch.device("meta"):
+        module = factory()
+    if dtype is not None:
+        sd = convert_dtype(sd, dtype)
+    load_into(module, sd, name=name)
+    # Non-persistent buffers (not in any file) are still on meta: models recompute those in their own code.
+    return module.eval()
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def components_to_ldm(ckpt: LoadedCheckpoint) -> StateDict:
+    """Our names -> one flat LDM state dict (what A1111/ComfyUI/diffusers' from_single_file read)."""
+    out: StateDict = {}
+    unet_cfg = ckpt.configs.get("unet")
+    layout = km.UNetLayout.from_config(unet_cfg) if unet_cfg else unet_layout_from_diffusers(ckpt.state_dicts["unet"])
+    unet, bad = km.unet_diffusers_to_ldm(ckpt.state_dicts["unet"], layout)
+    if bad:
+        raise WeightsError(f"{ckpt.source}: UNet keys with no LDM name: {_name_some(bad)}")
+    out.update({km.UNET_PREFIX + k: v for k, v in unet.items()})
+    vae_sd = ckpt.state_dicts["vae"]
+    vae, bad = km.vae_diffusers_to_ldm(vae_sd, vae_layout_from_diffusers(vae_sd))
+    if bad:
+        raise WeightsError(f"{ckpt.source}: VAE keys with no LDM name: {_name_some(bad)}")
+    out.update({km.VAE_PREFIX + k: v for k, v in vae.items()})
+    te_sd = ckpt.state_dicts["text_encoder"]
+    if text_encoder_kind(ckpt.configs.get("text_encoder", {})) == "openclip":
+        te, bad = km.openclip_diffusers_to_ldm(te_sd)
+        prefix = km.OPENCLIP_PREFIX
+    else:
+        te, bad = km.clip_diffusers_to_ldm(te_sd)
+        prefix = km.CLIP_PREFIX
+    if bad:
+        raise WeightsError(f"{ckpt.source}: text-encoder keys with no LDM name: {_name_some(bad)}")
+    out.update({prefix + k: v for k, v in te.items()})
+    return out
+
+
+def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_diffusers_folder(ckpt: LoadedCheckpoint, dst: str | Path, *, dtype: str | torch.dtype | None = None,
+                          tokenizer_dir: str | Path | None = None) -> Path:
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    cfgs = ckpt.configs
+    sched_cls = cfgs["scheduler"].get("_class_name", "PNDMScheduler")
+    for comp, cls, lib, fname in (("unet", "UNet2DConditionModel", "diffusers", "diffusion_pytorch_model"),
+                                   ("vae", "AutoencoderKL", "diffusers", "diffusion_pytorch_model"),
+                                   ("text_encoder", "CLIPTextModel", "transformers", "model")):
+        cfg = dict(cfgs[comp])
+        if lib == "diffusers":
+            cfg.setdefault("_class_name", cls)
+            cfg.setdefault("_diffusers_version", DIFFUSERS_VERSION)
+        sd = ckpt.state_dicts[comp]
+        if comp == "text_encoder":
+            sd = {f"text_model.{k}": v for k, v in sd.items()}  # the spelling files on the Hub use
+        _write_json(dst / comp / "config.json", cfg)
+        save_safetensors(sd, dst / comp / f"{fname}.safetensors", metadata={"format": "pt"}, dtype=dtype)
+    _write_json(dst / "scheduler" / "scheduler_config.json",
+                {"_diffusers_version": DIFFUSERS_VERSION, **cfgs["scheduler"], "_class_name": sched_cls})
+    tok_src = Path(tokenizer_dir) if tokenizer_dir else ckpt.tokenizer_dir
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionInpaintPipeline" if ckpt.inpainting else "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"] if tok_src else [None, None],
+        "scheduler": ["diffusers", sched_cls],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    if tok_src and Path(tok_src).resolve() != (dst / "tokenizer").resolve():
+        shutil.copytree(tok_src, dst / "tokenizer", dirs_exist_ok=True)
+    _write_json(dst / "model_index.json", index)
+    return dst
+
+
+def save_single_file(ckpt: LoadedCheckpoint, dst: str | Path, *, dtype: str | torch.dtype | None = None) -> Path:
+    dst = Path(dst)
+    if dst.suffix.lower() != ".safetensors":
+        raise WeightsError(f"{dst}: sdengine writes single files as .safetensors only")
+    cfgs = {k: v for k, v in ckpt.configs.items() if k in (*COMPONENTS, "scheduler")}
+    meta = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(cfgs, sort_keys=True),
+            "sdengine.prediction_type": ckpt.prediction_type}
+    save_safetensors(components_to_ldm(ckpt), dst, metadata=meta, dtype=dtype)
+    return dst
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    vae: str | Path | None = None,
+    prediction_type: str | None = None,
+    config: str | Path | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
+    """`sdengine convert SRC DST`: a `.safetensors` DST gets one LDM single file, any other DST a diffusers
+    folder. SRC is either form (a `.ckpt` is read weights-only). `dtype` fp32/fp16/bf16 converts on write."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise WeightsError(f"{dst}: refusing to convert a checkpoint onto itself")
+    ckpt = load_checkpoint(src, vae=vae, prediction_type=prediction_type, config=config)
+    if dst.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return save_single_file(ckpt, dst, dtype=dtype)
+    if dst.suffix.lower() in PICKLE_SUFFIXES:
+        raise WeightsError(f"{dst}: sdengine does not write pickle checkpoints; use .safetensors")
+    return save_diffusers_folder(ckpt, dst, dtype=dtype, tokenizer_dir=tokenizer_dir)
+
+
+__all__ = [
+    "LoadedCheckpoint",
+    "MissingVAEError",
+    "build_on_meta",
+    "clip_config_from_weights",
+    "components_to_ldm",
+    "convert",
+    "ldm_to_components",
+    "load_checkpoint",
+    "load_diffusers_folder",
+    "load_into",
+    "load_single_file",
+    "load_vae",
+    "save_diffusers_folder",
+    "save_single_file",
+]
