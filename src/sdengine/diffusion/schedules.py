@@ -216,3 +216,185 @@ def config_get(config: Mapping[str, Any] | None, key: str, default: Any) -> Any:
         return default
     value = config.get(key, default)
     return default if value is None else value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling grids: which sigmas a sampler visits, and which timestep the network sees at each
+# ---------------------------------------------------------------------------------------------------
+#
+# The `normal` schedule is "the model's own timestep spacing", and the diffusers schedulers do not agree
+# on what that means, so each sampler names one of these rules (the facts below were read off diffusers
+# 0.42; the code is ours):
+#   "discrete"  DDPM / DDIM / PNDM: integer timesteps, linspace rounded, sigma looked up exactly.
+#   "k"         Euler / Heun / LMS / KDPM2 / DPM-Solver-SDE: float timesteps (linspace not rounded),
+#               sigma by *linear* interpolation in sigma; Karras/exponential end points are those of
+#               that interpolated grid, not of the training schedule.
+#   "multistep" DPM-Solver++ / UniPC: N+1 points of which the last is dropped (so DPM++ leading gives
+#               901, 811, ..., 91 for 10 steps, SPEC 9), integer timesteps; Karras/exponential span the
+#               whole training range and the network gets a rounded (Karras) or truncated (exponential)
+#               timestep.
+#   "lcm"       LCM: a grid of `original_inference_steps` (50) skipped timesteps (Luo et al. 2023).
+
+SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
+SCHEDULES: tuple[str, ...] = ("normal", "karras", "exponential", "sgm_uniform")
+SPACING_RULES: tuple[str, ...] = ("discrete", "k", "multistep", "lcm")
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingGrid:
+    """What a sampler walks: ``sigmas`` (N+1, last is where it ends), the timestep the network sees at
+    each of ``sigmas[:-1]``, and, for DDIM/PNDM only, ``targets``: the sigma each step lands on when it
+    is not the next grid point (diffusers steps those from t to t - T // N whatever the next t is)."""
+
+    sigmas: Tensor  # (N+1,) float32, decreasing
+    timesteps: Tensor  # (N,) float32
+    targets: Tensor | None = None  # (N,) float32 or None (= sigmas[1:])
+
+    @property
+    def steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+
+def spaced_timesteps(
+    spacing: str, steps: int, num_train_timesteps: int, steps_offset: int = 0, *, rule: str = "discrete"
+) -> Tensor:
+    """Descending timesteps of the `normal` schedule, float64 (fractional only for rule "k" linspace)."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep_spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+    T, n = num_train_timesteps, steps
+    # The multistep solvers space N+1 points and drop the final one (t = 0) for leading / linspace.
+    m = n + 1 if rule == "multistep" else n
+    if spacing == "linspace":
+        ts = torch.linspace(0, T - 1, m, dtype=torch.float64)
+        if rule == "k":
+            ts = ts.to(torch.float32).to(torch.float64)  # float32 linspace, not rounded
+        else:
+            ts = ts.round()
+        ts = ts.flip(0)
+    elif spacing == "leading":
+        ratio = T // m
+        ts = (torch.arange(m, dtype=torch.float64) * ratio).flip(0) + steps_offset
+    else:  # trailing: always n points from T downwards
+        ts = (torch.arange(T, 0, -T / n, dtype=torch.float64)).round() - 1
+    if rule == "multistep" and spacing != "trailing":
+        ts = ts[:-1]
+    return ts
+
+
+def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """np.interp for increasing ``xp`` (float64)."""
+    x = x.clamp(xp[0], xp[-1])
+    idx = torch.searchsorted(xp, x, right=True).clamp(1, xp.shape[0] - 1)
+    x0, x1 = xp[idx - 1], xp[idx]
+    w = (x - x0) / (x1 - x0)
+    return fp[idx - 1] + w * (fp[idx] - fp[idx - 1])
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """Karras et al. 2022, eq. 5: ``(max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho``, float64."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """Sigmas evenly spaced in log-sigma (k-diffusion's get_sigmas_exponential), float64."""
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+
+
+def sgm_uniform_sigmas(n: int, log_sigmas: Tensor) -> tuple[Tensor, Tensor]:
+    """Timesteps evenly spaced from T-1 to 0 (n+1 points, the last dropped) and their sigmas, as the
+    Stability "sgm" samplers and ComfyUI's sgm_uniform do; float64 (sigmas, timesteps)."""
+    ts = torch.linspace(log_sigmas.shape[0] - 1, 0, n + 1, dtype=torch.float64)[:-1]
+    return t_to_sigma(ts, log_sigmas.to(torch.float64)), ts
+
+
+def sampling_grid(
+    schedule: str,
+    steps: int,
+    noise_schedule: NoiseSchedule,
+    *,
+    rule: str,
+    config: Mapping[str, Any] | None = None,
+    round_karras_timesteps: bool = False,
+    strength: float = 1.0,
+) -> SamplingGrid:
+    """The sigmas (ending at 0, or at sigma_min where DDIM/PNDM's ``set_alpha_to_one`` is false) and
+    model timesteps for ``steps`` steps of ``schedule`` under a diffusers spacing ``rule`` and the
+    scheduler ``config`` keys ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``,
+    ``original_inference_steps``. ``strength`` only matters for LCM, whose grid depends on it."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if rule not in SPACING_RULES:
+        raise ValueError(f"unknown spacing rule {rule!r}; valid: {', '.join(SPACING_RULES)}")
+    T = noise_schedule.num_train_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be between 1 and {T} (the training timesteps), got {steps}")
+    spacing = config_get(config, "timestep_spacing", "leading" if rule in ("discrete", "lcm") else "linspace")
+    offset = int(config_get(config, "steps_offset", 0))
+    train_sigmas = noise_schedule.sigmas.to(torch.float64)  # from float32, as diffusers
+    # log taken in float32 like diffusers (np.log of a float32 array); it decides where a truncated
+    # timestep falls (998.99998 -> 998).
+    log_sigmas = noise_schedule.sigmas.log().to(torch.float64)
+    grid_t = torch.arange(T, dtype=torch.float64)
+    final = torch.zeros(1, dtype=torch.float64)
+    targets = None
+
+    if schedule == "sgm_uniform":
+        sig, ts = sgm_uniform_sigmas(steps, log_sigmas)
+    elif rule == "lcm":
+        if schedule != "normal":
+            raise ValueError(f"the lcm grid has no {schedule!r} form")
+        original = int(config_get(config, "original_inference_steps", 50))
+        k = T // original
+        origin = torch.arange(1, int(original * strength) + 1, dtype=torch.float64) * k - 1
+        if steps > origin.shape[0]:
+            raise ValueError(f"lcm can run at most {origin.shape[0]} steps here, got {steps}")
+        idx = torch.linspace(0, origin.shape[0], steps + 1, dtype=torch.float64)[:-1].floor().long()
+        ts = origin.flip(0)[idx]
+        sig = train_sigmas[ts.long()]
+    elif schedule == "normal":
+        ts = spaced_timesteps(spacing, steps, T, offset, rule=rule)
+        if ts.min() < 0 or ts.max() > T - 1:
+            raise ValueError(f"timestep_spacing {spacing!r} with steps_offset {offset} leaves 0..{T - 1}")
+        sig = _interp(ts, grid_t, train_sigmas)
+        if rule == "discrete":
+            # DDIM / PNDM land on t - T // N, and the last step on alphas_cumprod = 1 (sigma 0) or, when
+            # set_alpha_to_one is false (SD 1.x configs), on alphas_cumprod[0].
+            prev = ts - T // steps
+            alpha_one = bool(config_get(config, "set_alpha_to_one", True))
+            last = 0.0 if alpha_one else float(train_sigmas[0])
+            tgt = torch.where(prev >= 0, train_sigmas[prev.clamp(min=0).long()], torch.full_like(prev, last))
+            final = tgt[-1:].clone()
+            targets = tgt
+    else:
+        if rule in ("k",):
+            # diffusers' Euler-family: the end points of the spaced grid, not of the training schedule.
+            base = _interp(spaced_timesteps(spacing, steps, T, offset, rule=rule), grid_t, train_sigmas)
+            lo, hi = float(base[-1]), float(base[0])
+        else:
+            lo, hi = float(train_sigmas[0]), float(train_sigmas[-1])
+        if schedule == "karras":
+            sig = karras_sigmas(steps, lo, hi)
+        else:
+            sig = exponential_sigmas(steps, lo, hi)
+        ts = sigma_to_t(sig, log_sigmas)
+        if rule == "multistep":
+            # DPM-Solver/UniPC hand the network an int64 timestep: rounded for Karras, truncated otherwise.
+            ts = ts.round() if (schedule == "karras" and round_karras_timesteps) else ts.floor()
+        elif schedule == "karras" and round_karras_timesteps:
+            ts = ts.round()
+    sigmas = torch.cat([sig, final]).to(torch.float32)
+    if targets is not None:
+        targets = targets.to(torch.float32)
+        if torch.equal(targets, sigmas[1:]):
+            targets = None
+    return SamplingGrid(sigmas=sigmas, timesteps=ts.to(torch.float32), targets=targets)
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """Index of the first step img2img runs: diffusers' ``t_start = steps - min(int(steps * strength),
+    steps)`` so that exactly ``int(steps * strength)`` steps run (SDEdit, Meng et al. 2022)."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    return max(steps - min(int(steps * strength), steps), 0)
