@@ -154,3 +154,10 @@ def test_flip_uses_explicit_generator(folder: Path) -> None:
     assert a == b  # same seed, same flips
     assert 5 < sum(a) < 35  # both outcomes occur
     assert draws(2) != a
+
+
+def test_stack_all(folder: Path) -> None:
+    ds = ImageFolder(folder, size=8, channels=1, flip_p=1.0, generator=torch.Generator().manual_seed(0))
+    x = ds.stack()
+    assert x.shape == (4, 1, 8, 8)
+    torch.testing.assert_close(x[2], ImageFolder(folder, size=8, channels=1)[2]["image"])  # not flipped

@@ -189,3 +189,7 @@ class ImageFolder(Dataset[ImageItem]):
         if self.flip_p > 0 and torch.rand((), generator=self.generator).item() < self.flip_p:
             x = x.flip(-1)
         return {"image": x, "caption": self.captions[i], "path": str(self.paths[i])}
+
+    def stack(self) -> torch.Tensor:
+        """All images as one ``(N, C, size, size)`` tensor, un-augmented (small datasets only)."""
+        return torch.stack([self._load(i) for i in range(len(self))])
