@@ -134,6 +134,8 @@ class Denoiser:
         self.timestep_mode = timestep_mode
         self._table_sigmas: Tensor | None = None
         self._table_timesteps: Tensor | None = None
+        # the denoiser samplers use at off-grid sigmas (midpoints): never pinned
+        self.off_grid: Denoiser = self
 
     def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> Denoiser:
         """A copy that gives the model ``timesteps[i]`` whenever it is called at ``sigmas[i]``."""
@@ -142,6 +144,7 @@ class Denoiser:
         other = Denoiser(self.model, self.schedule, self.prediction, timestep_mode=self.timestep_mode)
         other._table_sigmas = sigmas.detach().to(torch.float32).cpu()
         other._table_timesteps = timesteps.detach().to(torch.float32).cpu()
+        other.off_grid = self.off_grid
         return other
 
     def timestep(self, sigma: Tensor) -> Tensor:

@@ -1,0 +1,689 @@
+"""Samplers: pure functions over an x0-denoiser, k-diffusion style (Karras et al. 2022 notation).
+
+Every sampler has the same signature::
+
+    sample_<name>(denoiser, x, sigmas, *, generators=None, callback=None, extra_args=None, **options) -> x
+
+* ``denoiser(x, sigma, **extra_args) -> x0`` with ``x = x0 + sigma * eps`` (VE scaling; see denoisers.py);
+  ``sigma`` is passed as a (B,) tensor.
+* ``x`` is the starting sample *in VE scaling* (noise * sigma-ish); ``sigmas`` is a decreasing (N+1,)
+  tensor, ``sigmas[-1]`` the level the last step lands on (normally 0). The result is VE at that level.
+* ``generators``: one CPU ``torch.Generator`` per batch row. Ancestral/SDE samplers draw each step's
+  noise per row, in step order, as ``randn((1, C, H, W), generator=generators[row])``, so a row never
+  depends on the rest of its batch (SPEC section 5). Deterministic samplers ignore it.
+* ``callback(step, sigma, x, denoised)`` runs after each step with the new ``x`` and the step's x0
+  estimate. Returning ``False`` (or raising :class:`SamplingInterrupted` itself) stops sampling: the
+  sampler raises :class:`SamplingInterrupted`, which carries the step, ``x`` and ``denoised``.
+
+Scalar coefficients are computed in Python floats (float64) once per step, so each step costs a handful
+of tensor operations; the per-step work of the samplers themselves is what benchmarks/ measures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Denoise = Callable[..., Tensor]
+Callback = Callable[[int, float, Tensor, Tensor], "bool | None"]
+
+
+class SamplingInterrupted(Exception):
+    """Raised when a callback stops sampling; ``x`` is the sample after ``step``, ``denoised`` its x0."""
+
+    def __init__(self, step: int, x: Tensor, denoised: Tensor) -> None:
+        super().__init__(f"sampling stopped by the callback after step {step}")
+        self.step = step
+        self.x = x
+        self.denoised = denoised
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Loop:
+    """The bits every sampler shares: float sigmas, the (B,) sigma tensors, noise, callbacks."""
+
+    def __init__(
+        self,
+        denoiser: Denoise,
+        x: Tensor,
+        sigmas: Tensor,
+        generators: Sequence[torch.Generator] | None,
+        callback: Callback | None,
+        extra_args: dict[str, Any] | None,
+    ) -> None:
+        if sigmas.ndim != 1 or sigmas.shape[0] < 2:
+            raise ValueError("sigmas must be a 1-D tensor of at least 2 values (start ... end)")
+        if generators is not None and len(generators) != x.shape[0]:
+            raise ValueError(f"need one generator per batch row: {x.shape[0]} rows, {len(generators)} generators")
+        self.denoiser = denoiser
+        # Calls at sigmas that are not grid points (midpoints) go to `off_grid` when the denoiser pins
+        # grid timesteps (Denoiser.with_timesteps): a midpoint may coincide with a grid sigma (DPM2 a's
+        # always does) yet diffusers hands the network the interpolated timestep there.
+        self.off_grid = getattr(denoiser, "off_grid", denoiser)
+        self.s = [float(v) for v in sigmas.detach().cpu()]
+        self.n = len(self.s) - 1
+        self.batch = x.shape[0]
+        self.generators = generators
+        self.callback = callback
+        self.extra = extra_args or {}
+        self.device, self.dtype = x.device, x.dtype
+
+    def model(self, x: Tensor, sigma: float, *, on_grid: bool = True) -> Tensor:
+        s_in = torch.full((self.batch,), sigma, device=self.device, dtype=torch.float32)
+        return (self.denoiser if on_grid else self.off_grid)(x, s_in, **self.extra)
+
+    def noise(self, x: Tensor) -> Tensor:
+        """Standard normal noise, each row from its own generator (shape (1, C, H, W) per draw)."""
+        if self.generators is None:
+            raise ValueError("this sampler draws noise each step: pass generators=[torch.Generator(), ...]")
+        row_shape = (1, *x.shape[1:])
+        rows = [torch.randn(row_shape, generator=g, dtype=torch.float32) for g in self.generators]
+        return torch.cat(rows).to(device=self.device, dtype=self.dtype)
+
+    def done(self, i: int, x: Tensor, denoised: Tensor) -> None:
+        if self.callback is not None and self.callback(i, self.s[i], x, denoised) is False:
+            raise SamplingInterrupted(i, x, denoised)
+
+
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """Split a step into a deterministic part down to ``sigma_down`` and fresh noise ``sigma_up``, so the
+    marginal at ``sigma_to`` is right (Song et al. 2021 DDIM eq. 16 with eta, in VE form; k-diffusion)."""
+    if not eta or sigma_to == 0.0:
+        return sigma_to, 0.0
+    up = min(sigma_to, eta * math.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
+    return math.sqrt(max(sigma_to**2 - up**2, 0.0)), up
+
+
+def _euler_to(x: Tensor, denoised: Tensor, sigma: float, sigma_to: float) -> Tensor:
+    """``x + (x - denoised) / sigma * (sigma_to - sigma)``, written as one lerp."""
+    return torch.lerp(denoised, x, sigma_to / sigma)
+
+
+# ---------------------------------------------------------------------------------------------------
+# First-order and ancestral
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_euler(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+) -> Tensor:
+    """Euler method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    for i in range(loop.n):
+        denoised = loop.model(x, loop.s[i])
+        x = _euler_to(x, denoised, loop.s[i], loop.s[i + 1])
+        loop.done(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_a(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+) -> Tensor:
+    """Ancestral Euler: an Euler step to sigma_down plus fresh noise of size sigma_up (k-diffusion)."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma)
+        down, up = ancestral_step(sigma, sigma_next, eta)
+        x = _euler_to(x, denoised, sigma, down)
+        if sigma_next > 0:
+            x = x + loop.noise(x) * up
+        loop.done(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 0.0,
+    targets: Tensor | None = None,
+) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12) in VE form: ``x' = x0 + sqrt(tau^2 - s_up^2) eps + s_up z``, which
+    at eta=0 is an Euler step and at eta=1 the DDPM posterior sample.
+
+    ``targets[i]`` is the sigma step i lands on when it differs from ``sigmas[i+1]`` (diffusers' DDIM
+    steps from t to t - T//N); the VP sample is then carried over unchanged to the next grid point,
+    exactly as diffusers does, which in VE means rescaling by ``sqrt(1 + s_next^2) / sqrt(1 + tau^2)``.
+    """
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    tau = loop.s[1:] if targets is None else [float(v) for v in targets.detach().cpu()]
+    for i in range(loop.n):
+        sigma, to = loop.s[i], tau[i]
+        denoised = loop.model(x, sigma)
+        up = eta * math.sqrt(to**2 * (sigma**2 - to**2) / sigma**2) if to > 0 else 0.0
+        down = math.sqrt(max(to**2 - up**2, 0.0))
+        x = _euler_to(x, denoised, sigma, down)
+        if up > 0:
+            x = x + loop.noise(x) * up
+        if i + 1 < loop.n and to != loop.s[i + 1]:
+            x = x * math.sqrt((1 + loop.s[i + 1] ** 2) / (1 + to**2))
+        loop.done(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    clip_denoised: float | None = None,
+) -> Tensor:
+    """Ancestral sampling from the DDPM posterior q(x_{t'} | x_t, x0) (Ho et al. 2020, Algorithm 2,
+    eqs. 6-7, variance beta-tilde), stepping between the grid's timesteps; ``clip_denoised`` clamps x0
+    first as the original pixel-space DDPM does."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    for i in range(loop.n):
+        sigma, to = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma)
+        if clip_denoised is not None:
+            denoised = denoised.clamp(-clip_denoised, clip_denoised)
+        # Posterior of a DDPM step == DDIM with eta = 1 (Song 2021, section 4.1), in VE form.
+        down, up = ancestral_step(sigma, to, 1.0)
+        x = _euler_to(x, denoised, sigma, down)
+        if up > 0:
+            x = x + loop.noise(x) * up
+        loop.done(i, x, denoised)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# Second order (two model calls per step)
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_heun(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+) -> Tensor:
+    """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1); Euler on the last step to sigma 0."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma)
+        x_euler = _euler_to(x, denoised, sigma, sigma_next)
+        if sigma_next == 0:
+            x = x_euler
+        else:
+            denoised_2 = loop.model(x_euler, sigma_next)
+            d = (x - denoised) / sigma
+            d_2 = (x_euler - denoised_2) / sigma_next
+            x = x + (d + d_2) * ((sigma_next - sigma) / 2)
+        loop.done(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm2(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+) -> Tensor:
+    """DPM-Solver-2 (Lu et al. 2022, "DPM-Solver", Algorithm 1) as k-diffusion's midpoint method with
+    the midpoint at the geometric mean of the two sigmas; Euler on the last step to sigma 0."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma)
+        if sigma_next == 0:
+            x = _euler_to(x, denoised, sigma, sigma_next)
+        else:
+            sigma_mid = _log_midpoint(sigma, sigma_next)
+            x_2 = _euler_to(x, denoised, sigma, sigma_mid)
+            denoised_2 = loop.model(x_2, sigma_mid, on_grid=False)
+            x = x + (x_2 - denoised_2) * ((sigma_next - sigma) / sigma_mid)
+        loop.done(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm2_a(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+) -> Tensor:
+    """Ancestral DPM-Solver-2 (Lu et al. 2022; k-diffusion): midpoint step to sigma_down, then noise."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma)
+        down, up = ancestral_step(sigma, sigma_next, eta)
+        if down == 0:
+            x = _euler_to(x, denoised, sigma, down)
+        else:
+            sigma_mid = _log_midpoint(sigma, down)
+            x_2 = _euler_to(x, denoised, sigma, sigma_mid)
+            denoised_2 = loop.model(x_2, sigma_mid, on_grid=False)
+            x = x + (x_2 - denoised_2) * ((down - sigma) / sigma_mid)
+            x = x + loop.noise(x) * up
+        loop.done(i, x, denoised)
+    return x
+
+
+def _log_midpoint(a: float, b: float) -> float:
+    """exp(lerp(log a, log b, 1/2)) in float32, the value diffusers' KDPM2 tables hold."""
+    t = torch.tensor([a, b], dtype=torch.float32).log()
+    return float(torch.lerp(t[0], t[1], 0.5).exp())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Linear multistep
+# ---------------------------------------------------------------------------------------------------
+
+
+def lms_coefficient(sigmas: Sequence[float], order: int, i: int, j: int) -> float:
+    """Integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial of node sigma_{i-j} on the
+    nodes sigma_i ... sigma_{i-order+1} (Adams-Bashforth on a non-uniform grid; k-diffusion's LMS).
+    Computed exactly as a polynomial integral rather than by quadrature."""
+    poly = np.polynomial.Polynomial([1.0])
+    for k in range(order):
+        if k != j:
+            poly = poly * np.polynomial.Polynomial([-sigmas[i - k], 1.0]) / (sigmas[i - j] - sigmas[i - k])
+    antideriv = poly.integ()
+    return float(antideriv(sigmas[i + 1]) - antideriv(sigmas[i]))
+
+
+@torch.no_grad()
+def sample_lms(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    order: int = 4,
+) -> Tensor:
+    """Linear multistep (Adams-Bashforth, up to ``order``) on dx/dsigma = (x - x0) / sigma (Karras 2022
+    / k-diffusion's LMS; Liu et al. 2022 discuss multistep methods for diffusion ODEs)."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    ds: list[Tensor] = []
+    for i in range(loop.n):
+        sigma = loop.s[i]
+        denoised = loop.model(x, sigma)
+        ds.append((x - denoised) / sigma)
+        if len(ds) > order:
+            ds.pop(0)
+        cur = min(i + 1, order)
+        for j, d in enumerate(reversed(ds)):
+            x = x + lms_coefficient(loop.s, cur, i, j) * d
+        loop.done(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_plms(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    targets: Tensor | None = None,
+    prediction: str = "epsilon",
+) -> Tensor:
+    """Pseudo linear multistep (Liu et al. 2022, "PNDM", eq. 12 with the DDIM transfer eq. 11): an
+    improved-Euler first step, then Adams-Bashforth 2/3/4. ``targets`` as in :func:`sample_ddim`.
+    In VE the transfer with noise estimate e is simply ``x + (sigma_to - sigma) e``. The multistep
+    combination is taken over the network's raw outputs, as diffusers' PNDMScheduler does, so for a
+    ``v_prediction`` network the v's are combined and then turned into eps at the current point."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    tau = loop.s[1:] if targets is None else [float(v) for v in targets.detach().cpu()]
+    use_v = prediction == "v_prediction"
+
+    def carry(x: Tensor, i: int) -> Tensor:  # keep the VP sample when landing off-grid (diffusers)
+        if i + 1 < loop.n and tau[i] != loop.s[i + 1]:
+            return x * math.sqrt((1 + loop.s[i + 1] ** 2) / (1 + tau[i] ** 2))
+        return x
+
+    def raw(x: Tensor, denoised: Tensor, sigma: float) -> Tensor:
+        e = (x - denoised) / sigma
+        return (e - denoised * sigma) / math.sqrt(1 + sigma**2) if use_v else e
+
+    def to_eps(out: Tensor, x: Tensor, sigma: float) -> Tensor:
+        if not use_v:
+            return out
+        c = math.sqrt(1 + sigma**2)
+        return (out + x * (sigma / c)) / c  # eps = sqrt(a) v + sqrt(1 - a) x_VP
+
+    outs: list[Tensor] = []
+    for i in range(loop.n):
+        sigma, to = loop.s[i], tau[i]
+        denoised = loop.model(x, sigma)
+        out = raw(x, denoised, sigma)
+        if i == 0:
+            x_pred = carry(x + to_eps(out, x, sigma) * (to - sigma), i)
+            if loop.n == 1:
+                x = x_pred
+            else:
+                # second call at the next grid point, then step again from x with the mean output
+                out_2 = raw(x_pred, loop.model(x_pred, loop.s[1]), loop.s[1])
+                x = carry(x + to_eps((out + out_2) / 2, x, sigma) * (to - sigma), i)
+            outs.append(out)
+        else:
+            outs.append(out)
+            outs = outs[-4:]
+            if len(outs) == 2:
+                out = (3 * outs[-1] - outs[-2]) / 2
+            elif len(outs) == 3:
+                out = (23 * outs[-1] - 16 * outs[-2] + 5 * outs[-3]) / 12
+            else:
+                out = (55 * outs[-1] - 59 * outs[-2] + 37 * outs[-3] - 9 * outs[-4]) / 24
+            x = carry(x + to_eps(out, x, sigma) * (to - sigma), i)
+        loop.done(i, x, denoised)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# DPM-Solver++ family (Lu et al. 2022, "DPM-Solver++"), in lambda = -log sigma
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep 2nd order in x0, first order on the
+    first step and on the step to sigma 0."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    old: Tensor | None = None
+    h_last = 0.0
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            if old is None:
+                d = denoised
+            else:
+                r = h_last / h
+                d = denoised * (1 + 1 / (2 * r)) - old * (1 / (2 * r))
+            x = torch.lerp(d, x, sigma_next / sigma)  # (s'/s) x - expm1(-h) d, since expm1(-h) = s'/s - 1
+            h_last = h
+        old = denoised
+        loop.done(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+) -> Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, section 5 / appendix, midpoint form as in k-diffusion and
+    diffusers' "sde-dpmsolver++")."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    old: Tensor | None = None
+    h_last = 0.0
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            eta_h = eta * h
+            coef = -math.expm1(-h - eta_h)
+            x = x * (sigma_next / sigma * math.exp(-eta_h)) + denoised * coef
+            if old is not None:
+                r = h_last / h
+                x = x + (denoised - old) * (0.5 * coef / r)
+            if eta:
+                x = x + loop.noise(x) * (sigma_next * math.sqrt(-math.expm1(-2 * eta_h)))
+            h_last = h
+        old = denoised
+        loop.done(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+) -> Tensor:
+    """DPM-Solver++ SDE, 2nd-order singlestep with the midpoint at r = 1/2 in lambda (Lu et al. 2022;
+    k-diffusion's sample_dpmpp_sde). Noise comes from the row generators, not a Brownian tree."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma)
+        if sigma_next == 0:
+            x = _euler_to(x, denoised, sigma, sigma_next)
+        else:
+            t, t_next = -math.log(sigma), -math.log(sigma_next)
+            sigma_mid = math.exp(-(t + (t_next - t) / 2))
+            down, up = ancestral_step(sigma, sigma_mid, eta)
+            x_2 = torch.lerp(denoised, x, down / sigma)
+            if up > 0:
+                x_2 = x_2 + loop.noise(x) * up
+            denoised_2 = loop.model(x_2, sigma_mid, on_grid=False)
+            down, up = ancestral_step(sigma, sigma_next, eta)
+            x = torch.lerp(denoised_2, x, down / sigma)
+            if up > 0:
+                x = x + loop.noise(x) * up
+        loop.done(i, x, denoised)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# UniPC (Zhao et al. 2023)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _unipc_coefficients(rks: list[float], h: float, order: int) -> tuple[float, list[float], list[float]]:
+    """B(h) and the right-hand sides b_k of UniPC's linear systems (Zhao 2023, Algorithm 2/3, bh2 with
+    data prediction): returns (B_h, R rows flattened per order, b)."""
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    factorial = 1
+    b_h = math.expm1(hh)  # "bh2"
+    b = []
+    for k in range(1, order + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    return b_h, rks, b
+
+
+@torch.no_grad()
+def sample_unipc(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    order: int = 2,
+    corrector: bool = True,
+) -> Tensor:
+    """UniPC (Zhao et al. 2023, "UniPC", Algorithms 2-3): UniP-``order`` predictor in x0 (B(h) = e^h - 1,
+    "bh2") with the UniC corrector reusing each new model call; lower orders at the start and end."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    lam = [(-math.log(s) if s > 0 else math.inf) for s in loop.s]
+    ms: list[Tensor] = []  # x0 estimates, newest last
+    x_last: Tensor | None = None
+    order_last = 1
+    for i in range(loop.n):
+        denoised = loop.model(x, loop.s[i])
+        if corrector and x_last is not None:
+            # UniC: re-solve the last step [s_{i-1} -> s_i] with the new model value included.
+            x = _unipc_update(x_last, ms, lam, i - 1, order_last, model_t=denoised, sigmas=loop.s)
+        ms.append(denoised)
+        ms = ms[-order:]
+        cur = min(order, loop.n - i, i + 1)
+        x_last = x
+        if loop.s[i + 1] == 0:
+            x = denoised
+        else:
+            x = _unipc_update(x, ms, lam, i, cur, model_t=None, sigmas=loop.s)
+        order_last = cur
+        loop.done(i, x, denoised)
+    return x
+
+
+def _unipc_update(
+    x: Tensor,
+    ms: list[Tensor],
+    lam: list[float],
+    i: int,
+    order: int,
+    *,
+    model_t: Tensor | None,
+    sigmas: list[float],
+) -> Tensor:
+    """One UniP (model_t None) or UniC step from grid point i to i+1 in VE scaling; ``ms[-1]`` is the
+    x0 estimate at point i and ``ms[-1-k]`` the one at point i-k."""
+    m0 = ms[-1]
+    h = lam[i + 1] - lam[i]
+    rks = [(lam[i - k] - lam[i]) / h for k in range(1, order)]
+    d1s = [(ms[-1 - k] - m0) / rks[k - 1] for k in range(1, order)]
+    b_h, _, b = _unipc_coefficients(rks, h, order)
+    rk_all = [*rks, 1.0]
+    x_t = torch.lerp(m0, x, sigmas[i + 1] / sigmas[i])  # (s_t/s_0) x - expm1(-h) m0
+    if model_t is None:
+        if order == 1:
+            return x_t
+        if order == 2:
+            rhos = [0.5]
+        else:
+            r_mat = torch.tensor([[rk ** (p - 1) for rk in rk_all[:-1]] for p in range(1, order)], dtype=torch.float64)
+            rhos = torch.linalg.solve(r_mat, torch.tensor(b[:-1], dtype=torch.float64)).tolist()
+        res = sum(r * d for r, d in zip(rhos, d1s, strict=True))
+        return x_t - b_h * res
+    if order == 1:
+        rhos_c = [0.5]
+    else:
+        r_mat = torch.tensor([[rk ** (p - 1) for rk in rk_all] for p in range(1, order + 1)], dtype=torch.float64)
+        rhos_c = torch.linalg.solve(r_mat, torch.tensor(b, dtype=torch.float64)).tolist()
+    corr = (model_t - m0) * rhos_c[-1]
+    for r, d in zip(rhos_c[:-1], d1s, strict=True):
+        corr = corr + d * r
+    return x_t - b_h * corr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Latent consistency models (Luo et al. 2023)
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_lcm(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    timesteps: Tensor | None = None,
+    timestep_scaling: float = 10.0,
+    sigma_data: float = 0.5,
+) -> Tensor:
+    """Multistep consistency sampling (Luo et al. 2023, "Latent Consistency Models", Algorithm 1): jump to
+    x0, re-noise to the next sigma with fresh noise. With ``timesteps``, the consistency boundary condition
+    ``f = c_skip(t) x_t + c_out(t) x0`` of LCM's parameterisation (eq. 5, t scaled by ``timestep_scaling``)
+    is applied as diffusers' LCMScheduler does."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    ts = None if timesteps is None else [float(t) for t in timesteps.detach().cpu()]
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma)
+        if ts is not None:
+            st = ts[i] * timestep_scaling
+            c_skip = sigma_data**2 / (st**2 + sigma_data**2)
+            c_out = st / math.sqrt(st**2 + sigma_data**2)
+            denoised = denoised * c_out + x * (c_skip / math.sqrt(1 + sigma**2))  # x_t in VP scaling
+        x = denoised
+        if sigma_next > 0:
+            x = x + loop.noise(x) * sigma_next
+        loop.done(i, x, denoised)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "euler_a": sample_euler_a,
+    "heun": sample_heun,
+    "dpm2": sample_dpm2,
+    "dpm2_a": sample_dpm2_a,
+    "lms": sample_lms,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_sde": sample_dpmpp_sde,
+    "unipc": sample_unipc,
+    "lcm": sample_lcm,
+    "plms": sample_plms,
+}

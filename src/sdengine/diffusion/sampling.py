@@ -1,0 +1,311 @@
+"""The one place that turns "a sampler name, a schedule and a step count" into samples.
+
+``SAMPLERS`` is the single table: our name, the A1111 name it answers to, the sampler function, which
+diffusers spacing rule its `normal` schedule follows, which schedules it accepts, and the diffusers
+scheduler class + config that gives the same numbers (the parity tests build that scheduler from
+:func:`diffusers_equivalent`). ``A1111_NAMES`` maps A1111's combined names ("DPM++ 2M Karras",
+"Euler a") to (sampler, schedule).
+
+``sample(denoiser, noise, *, sampler, steps, ...)`` is the entry point the pipeline and the CLI use:
+
+* ``denoiser``: ``denoiser(x, sigma, **extra_args) -> x0`` (denoisers.Denoiser or a wrapper of one).
+  Its ``.schedule`` (a NoiseSchedule) is used unless ``noise_schedule`` is given; if it has
+  ``with_timesteps`` the network is handed exactly the timesteps the diffusers scheduler would pass.
+* ``noise``: (B, C, H, W) standard normal, row i drawn first from ``generators[i]`` (SPEC section 5).
+* ``scheduler_config``: the model's diffusers scheduler config (any class); the keys that the sampler's
+  diffusers class would take from it (timestep_spacing, steps_offset, set_alpha_to_one, betas, ...)
+  override that class's defaults, as ``SomeScheduler.from_config(model_config)`` does.
+* img2img: ``init_latent`` (B, C, H, W) and ``strength`` in (0, 1]: runs the last ``int(steps *
+  strength)`` steps from ``init_latent + sigma_start * noise``, the steps diffusers runs.
+* Returns the final latent in the network's (VP) scaling: x0 when the last sigma is 0 (every sampler
+  except DDIM/PLMS with ``set_alpha_to_one=False``, which end at alphas_cumprod[0] as diffusers does).
+* ``callback(step, sigma, x, denoised)``; returning False raises samplers.SamplingInterrupted.
+
+All input errors are a one-line ``ValueError`` raised before any model call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sdengine.diffusion import samplers as S
+from sdengine.diffusion.schedules import (
+    SCHEDULES,
+    NoiseSchedule,
+    SamplingGrid,
+    config_get,
+    img2img_start,
+    sampling_grid,
+)
+
+ALL_SCHEDULES = SCHEDULES  # normal, karras, exponential, sgm_uniform
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One row of the sampler table."""
+
+    name: str
+    a1111: str
+    fn: Callable[..., Tensor]
+    rule: str  # which diffusers spacing rule `normal` follows (schedules.SPACING_RULES)
+    diffusers_class: str
+    diffusers_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # diffusers class defaults that differ from the rule's defaults and that the grid reads
+    class_defaults: Mapping[str, Any] = field(default_factory=dict)
+    schedules: tuple[str, ...] = ALL_SCHEDULES
+    stochastic: bool = False  # draws noise each step: needs generators
+    vp_init: bool = False  # diffusers' init_noise_sigma is 1 in VP (else the Euler-family rule)
+    round_karras_timesteps: bool = False
+    parity_schedules: tuple[str, ...] = ("normal", "karras", "exponential")  # what diffusers offers
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    spec.name: spec
+    for spec in (
+        SamplerSpec(
+            "ddpm", "DDPM", S.sample_ddpm, "discrete", "DDPMScheduler",
+            class_defaults={"clip_sample": True}, stochastic=True, vp_init=True, parity_schedules=("normal",),
+        ),
+        SamplerSpec(
+            "ddim", "DDIM", S.sample_ddim, "discrete", "DDIMScheduler", {"clip_sample": False},
+            class_defaults={"set_alpha_to_one": True}, vp_init=True, parity_schedules=("normal",),
+        ),
+        SamplerSpec("euler", "Euler", S.sample_euler, "k", "EulerDiscreteScheduler"),
+        SamplerSpec(
+            "euler_a", "Euler a", S.sample_euler_a, "k", "EulerAncestralDiscreteScheduler",
+            stochastic=True, parity_schedules=("normal",),
+        ),
+        SamplerSpec("heun", "Heun", S.sample_heun, "k", "HeunDiscreteScheduler"),
+        SamplerSpec(
+            "dpm2", "DPM2", S.sample_dpm2, "k", "KDPM2DiscreteScheduler", round_karras_timesteps=True
+        ),
+        SamplerSpec(
+            "dpm2_a", "DPM2 a", S.sample_dpm2_a, "k", "KDPM2AncestralDiscreteScheduler",
+            stochastic=True, round_karras_timesteps=True,
+        ),
+        SamplerSpec("lms", "LMS", S.sample_lms, "k", "LMSDiscreteScheduler"),
+        SamplerSpec(
+            "dpmpp_2m", "DPM++ 2M", S.sample_dpmpp_2m, "multistep", "DPMSolverMultistepScheduler",
+            {"algorithm_type": "dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero"},
+            vp_init=True, round_karras_timesteps=True,
+        ),
+        SamplerSpec(
+            "dpmpp_2m_sde", "DPM++ 2M SDE", S.sample_dpmpp_2m_sde, "multistep",
+            "DPMSolverMultistepScheduler",
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero"},
+            stochastic=True, vp_init=True, round_karras_timesteps=True,
+        ),
+        SamplerSpec(
+            "dpmpp_sde", "DPM++ SDE", S.sample_dpmpp_sde, "k", "DPMSolverSDEScheduler", stochastic=True
+        ),
+        SamplerSpec(
+            "unipc", "UniPC", S.sample_unipc, "multistep", "UniPCMultistepScheduler",
+            {"solver_order": 2, "solver_type": "bh2", "predict_x0": True, "final_sigmas_type": "zero"},
+            vp_init=True, round_karras_timesteps=True,
+        ),
+        SamplerSpec(
+            "lcm", "LCM", S.sample_lcm, "lcm", "LCMScheduler", {"clip_sample": False},
+            schedules=("normal", "sgm_uniform"), stochastic=True, vp_init=True, parity_schedules=("normal",),
+        ),
+        SamplerSpec(
+            "plms", "PLMS", S.sample_plms, "discrete", "PNDMScheduler", {"skip_prk_steps": True},
+            class_defaults={"set_alpha_to_one": False}, schedules=("normal",), vp_init=True,
+            parity_schedules=("normal",),
+        ),
+    )
+}
+
+SCHEDULE_A1111: dict[str, str] = {
+    "normal": "Normal",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform",
+}
+
+# A1111's combined names ("DPM++ 2M Karras"), its separate "Schedule type" names, and ours.
+A1111_NAMES: dict[str, tuple[str, str | None]] = {}
+for _spec in SAMPLERS.values():
+    A1111_NAMES[_spec.a1111] = (_spec.name, None)
+    for _sched in _spec.schedules:
+        if _sched != "normal":
+            A1111_NAMES[f"{_spec.a1111} {SCHEDULE_A1111[_sched]}"] = (_spec.name, _sched)
+del _spec, _sched
+
+
+def resolve(sampler: str, schedule: str | None = None) -> tuple[str, str]:
+    """(our sampler name, our schedule name) from ours or A1111's ("DPM++ 2M Karras", "Euler a",
+    schedule "Karras" / "Automatic"); raises a one-line ValueError listing valid names."""
+    name, implied = sampler, None
+    if sampler not in SAMPLERS:
+        if sampler in A1111_NAMES:
+            name, implied = A1111_NAMES[sampler]
+        else:
+            valid = ", ".join([*SAMPLERS, *sorted(A1111_NAMES)])
+            raise ValueError(f"unknown sampler {sampler!r}; valid: {valid}")
+    sched = schedule
+    if sched is not None and sched not in SCHEDULES:
+        by_a1111 = {v.lower(): k for k, v in SCHEDULE_A1111.items()} | {"automatic": "normal"}
+        if sched.lower() in by_a1111:
+            sched = by_a1111[sched.lower()]
+        else:
+            valid = ", ".join([*SCHEDULES, *SCHEDULE_A1111.values(), "Automatic"])
+            raise ValueError(f"unknown schedule {schedule!r}; valid: {valid}")
+    if implied is not None and sched not in (None, "normal", implied):
+        raise ValueError(f"sampler {sampler!r} already names schedule {implied!r}, got schedule {schedule!r}")
+    sched = implied or sched or "normal"
+    spec = SAMPLERS[name]
+    if sched not in spec.schedules:
+        raise ValueError(f"sampler {name!r} cannot use schedule {sched!r}; it supports: {', '.join(spec.schedules)}")
+    return name, sched
+
+
+def effective_config(sampler: str, scheduler_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The model's scheduler config as the sampler's diffusers class would see it after from_config."""
+    spec = SAMPLERS[sampler]
+    cfg = dict(spec.class_defaults)
+    cfg.update({k: v for k, v in (scheduler_config or {}).items() if not k.startswith("_") and v is not None})
+    if sampler == "ddpm":
+        cfg["set_alpha_to_one"] = True  # DDPM's last step always ends at alphas_cumprod = 1
+    return cfg
+
+
+def diffusers_equivalent(
+    sampler: str, schedule: str = "normal", scheduler_config: Mapping[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """(diffusers scheduler class name, config kwargs) that give the same trajectory as ours, for the
+    parity tests and for users who compare. Raises ValueError where diffusers has no such option."""
+    name, sched = resolve(sampler, schedule)
+    spec = SAMPLERS[name]
+    if sched not in spec.parity_schedules:
+        raise ValueError(f"diffusers' {spec.diffusers_class} has no {sched!r} schedule")
+    cfg = effective_config(name, scheduler_config)
+    keep = (
+        "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+        "timestep_spacing", "steps_offset", "rescale_betas_zero_snr", "set_alpha_to_one", "clip_sample",
+        "clip_sample_range", "original_inference_steps", "timestep_scaling",
+    )
+    kwargs = {k: cfg[k] for k in keep if k in cfg}
+    kwargs.update(spec.diffusers_kwargs)
+    if sched == "karras":
+        kwargs["use_karras_sigmas"] = True
+    elif sched == "exponential":
+        kwargs["use_exponential_sigmas"] = True
+    return spec.diffusers_class, kwargs
+
+
+def make_grid(
+    sampler: str,
+    steps: int,
+    noise_schedule: NoiseSchedule,
+    schedule: str = "normal",
+    scheduler_config: Mapping[str, Any] | None = None,
+    strength: float = 1.0,
+) -> SamplingGrid:
+    """The sigma/timestep grid ``sampler`` walks for ``steps`` steps of ``schedule``."""
+    name, sched = resolve(sampler, schedule)
+    spec = SAMPLERS[name]
+    return sampling_grid(
+        sched,
+        steps,
+        noise_schedule,
+        rule=spec.rule,
+        config=effective_config(name, scheduler_config),
+        round_karras_timesteps=spec.round_karras_timesteps and _rounds_karras(name, scheduler_config),
+        strength=strength if spec.rule == "lcm" else 1.0,
+    )
+
+
+def _rounds_karras(sampler: str, scheduler_config: Mapping[str, Any] | None) -> bool:
+    # DPM-Solver++ keeps fractional (then int-truncated) Karras timesteps for squaredcos_cap_v2 only.
+    if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
+        return config_get(scheduler_config, "beta_schedule", "linear") != "squaredcos_cap_v2"
+    return True
+
+
+def init_noise_scale(sampler: str, grid: SamplingGrid, scheduler_config: Mapping[str, Any] | None) -> float:
+    """VE standard deviation of the starting sample, as the diffusers scheduler's init_noise_sigma."""
+    spec = SAMPLERS[sampler]
+    s0 = float(grid.sigmas.max())
+    if spec.vp_init:
+        return math.sqrt(1 + float(grid.sigmas[0]) ** 2)  # x_VP = noise
+    default = "leading" if spec.rule in ("discrete", "lcm") else "linspace"
+    spacing = config_get(effective_config(sampler, scheduler_config), "timestep_spacing", default)
+    return s0 if spacing in ("linspace", "trailing") else math.sqrt(s0**2 + 1)
+
+
+def sample(
+    denoiser: Callable[..., Tensor],
+    noise: Tensor,
+    *,
+    sampler: str,
+    steps: int,
+    schedule: str = "normal",
+    scheduler_config: Mapping[str, Any] | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+    callback: S.Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    init_latent: Tensor | None = None,
+    strength: float = 1.0,
+    start_step: int | None = None,
+    noise_schedule: NoiseSchedule | None = None,
+    sampler_options: Mapping[str, Any] | None = None,
+) -> Tensor:
+    """Run ``sampler`` for ``steps`` steps from unit ``noise`` (txt2img) or from ``init_latent`` noised to
+    ``strength`` (img2img); returns the final latent (x0). See the module docstring."""
+    name, sched = resolve(sampler, schedule)
+    spec = SAMPLERS[name]
+    ns = noise_schedule if noise_schedule is not None else getattr(denoiser, "schedule", None)
+    if not isinstance(ns, NoiseSchedule):
+        raise ValueError("sample() needs noise_schedule= or a denoiser with a .schedule NoiseSchedule")
+    if not isinstance(steps, int) or not 1 <= steps <= ns.num_train_timesteps:
+        raise ValueError(f"steps must be an integer between 1 and {ns.num_train_timesteps}, got {steps!r}")
+    if not 0.0 < float(strength) <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if noise.ndim < 2:
+        raise ValueError(f"noise must be batched (B, ...), got shape {tuple(noise.shape)}")
+    if init_latent is not None and init_latent.shape != noise.shape:
+        raise ValueError(f"init_latent shape {tuple(init_latent.shape)} != noise shape {tuple(noise.shape)}")
+    if spec.stochastic and generators is None:
+        raise ValueError(f"sampler {name!r} draws noise each step: pass one torch.Generator per batch row")
+    if generators is not None and len(generators) != noise.shape[0]:
+        raise ValueError(f"need one generator per batch row: {noise.shape[0]} rows, {len(generators)} generators")
+    options = dict(sampler_options or {})
+
+    grid = make_grid(name, steps, ns, sched, scheduler_config, strength if init_latent is not None else 1.0)
+    if start_step is None:
+        start_step = img2img_start(steps, strength) if init_latent is not None else 0
+    if not 0 <= start_step < grid.steps:
+        raise ValueError(f"start_step must be in [0, {grid.steps}), got {start_step}")
+
+    if hasattr(denoiser, "with_timesteps"):
+        denoiser = denoiser.with_timesteps(grid.sigmas[:-1], grid.timesteps)
+
+    sigmas = grid.sigmas[start_step:]
+    if init_latent is None and start_step == 0:
+        x = noise * init_noise_scale(name, grid, scheduler_config)
+    else:
+        base = init_latent if init_latent is not None else torch.zeros_like(noise)
+        x = base + noise * float(sigmas[0])
+    if grid.targets is not None and spec.fn in (S.sample_ddim, S.sample_plms):
+        options.setdefault("targets", grid.targets[start_step:])
+    if name == "plms":
+        options.setdefault("prediction", getattr(denoiser, "prediction", "epsilon"))
+    if name == "lcm":
+        options.setdefault("timesteps", grid.timesteps[start_step:])
+        options.setdefault("timestep_scaling", float(config_get(scheduler_config, "timestep_scaling", 10.0)))
+    if name == "ddpm" and bool(config_get(effective_config(name, scheduler_config), "clip_sample", False)):
+        range_ = float(config_get(scheduler_config, "clip_sample_range", 1.0))
+        options.setdefault("clip_denoised", range_)
+    x = spec.fn(
+        denoiser, x, sigmas.to(noise.device), generators=generators, callback=callback, extra_args=extra_args,
+        **options,
+    )
+    # Back to the network's (VP) scaling of the level we stopped at: identity when it is 0.
+    return x / math.sqrt(1 + float(sigmas[-1]) ** 2)
