@@ -160,6 +160,14 @@ def test_load_from_plain_files(hf_dir, tok):
 # ---------------------------------------------------------------- parity with transformers
 
 
+def test_transformers_fast_and_slow_are_one_class():
+    # In transformers 5 the Python ("slow") CLIP tokenizer is gone: CLIPTokenizerFast is an alias of
+    # the tokenizers-backed CLIPTokenizer, the oracle here. OpenAI's original Python BPE is checked
+    # separately (test_matches_openai_bpe_algorithm_on_clean_text).
+    transformers = pytest.importorskip("transformers")
+    assert transformers.CLIPTokenizerFast is transformers.CLIPTokenizer
+
+
 def test_known_ids(tok):
     # Ids of the real CLIP ViT-L/14 tokenizer (openai/clip-vit-large-patch14).
     assert tok.encode("a photo of a cat") == [320, 1125, 539, 320, 2368]
