@@ -14,9 +14,8 @@ from __future__ import annotations
 import sys
 import types
 
-import torch
-
 import diffusers  # noqa: E402
+import torch
 
 
 def _load_dpmsolver_sde():

@@ -1,0 +1,183 @@
+"""Samplers against diffusers' schedulers: single steps, whole trajectories (parity), and bad inputs.
+
+The parity harness (tests/_sampler_parity.py) explains how both loops get the same network and the
+same step noise. Fast subset here: every sampler on an SD-1.x config (leading spacing, steps_offset 1,
+set_alpha_to_one False), epsilon and v_prediction, with each schedule diffusers offers for it, at 6
+steps on (2, 3, 4, 4). The spacing x prediction matrix is in test_samplers_slow.py (@slow).
+"""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from _sampler_parity import SD_CONFIG, TinyNet, gens, ours, start_noise, theirs
+from sdengine.diffusion import samplers as S
+from sdengine.diffusion import sampling
+from sdengine.diffusion.denoisers import Denoiser
+from sdengine.diffusion.schedules import NoiseSchedule, img2img_start
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+TOL = 1e-4  # max abs, fp32; observed <= 5e-5 on outputs of magnitude up to ~85 (see the report)
+
+CASES = [
+    (name, sched)
+    for name, spec in sampling.SAMPLERS.items()
+    for sched in spec.parity_schedules
+]
+
+
+@pytest.mark.parametrize("sampler,schedule", CASES)
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_trajectory_matches_diffusers(sampler, schedule, prediction):
+    net, noise = TinyNet(), start_noise()
+    a = ours(sampler, schedule, 6, SD_CONFIG, prediction, net, noise)
+    b = theirs(sampler, schedule, 6, SD_CONFIG, prediction, net, noise)
+    assert (a - b).abs().max().item() < TOL
+
+
+def test_ddim_with_eta_matches_diffusers():
+    net, noise = TinyNet(), start_noise()
+    a = ours("ddim", "normal", 6, SD_CONFIG, "epsilon", net, noise, eta=0.7)
+    b = theirs("ddim", "normal", 6, SD_CONFIG, "epsilon", net, noise, eta=0.7)
+    assert (a - b).abs().max().item() < TOL
+    c = ours("ddim", "normal", 6, SD_CONFIG, "epsilon", net, noise)
+    assert (a - c).abs().max().item() > 1e-2  # eta really adds noise
+
+
+# --------------------------------------------------------------------------------------------------
+# Single steps: one DDPM and one DDIM step from the same model output and noise
+# --------------------------------------------------------------------------------------------------
+
+
+def _one_step_setup(prediction):
+    ns = NoiseSchedule.from_config(**SD_CONFIG)
+    g = torch.Generator().manual_seed(5)
+    x_vp = torch.randn(2, 3, 4, 4, generator=g)
+    out = torch.randn(2, 3, 4, 4, generator=g)
+    return ns, x_vp, out
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_one_ddpm_step_matches_diffusers(prediction):
+    ns, x_vp, out = _one_step_setup(prediction)
+    ref = DDPMScheduler.from_config({**SD_CONFIG, "prediction_type": prediction})
+    ref.set_timesteps(10)
+    t, t_prev = int(ref.timesteps[2]), int(ref.timesteps[3])
+    expected = ref.step(out, t, x_vp, generator=gens()).prev_sample
+    den = Denoiser(lambda x, tt: out, ns, prediction)
+    s, s_prev = float(ns.sigmas[t]), float(ns.sigmas[t_prev])
+    got = S.sample_ddpm(den, x_vp * (1 + s**2) ** 0.5, torch.tensor([s, s_prev]), generators=gens())
+    torch.testing.assert_close(got / (1 + s_prev**2) ** 0.5, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_one_ddim_step_matches_diffusers(eta, prediction):
+    ns, x_vp, out = _one_step_setup(prediction)
+    ref = DDIMScheduler.from_config({**SD_CONFIG, "prediction_type": prediction})
+    ref.set_timesteps(10)
+    t = int(ref.timesteps[4])
+    # diffusers draws (1, C, H, W) per row from a list of generators, exactly as we do
+    expected = ref.step(out, t, x_vp, eta=eta, generator=gens()).prev_sample
+    den = Denoiser(lambda x, tt: out, ns, prediction)
+    s, s_prev = float(ns.sigmas[t]), float(ns.sigmas[t - 100])
+    got = S.sample_ddim(den, x_vp * (1 + s**2) ** 0.5, torch.tensor([s, s_prev]), eta=eta, generators=gens())
+    torch.testing.assert_close(got / (1 + s_prev**2) ** 0.5, expected, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeds, callbacks, img2img
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m_sde", "dpmpp_sde", "ddpm", "lcm", "dpm2_a"])
+def test_a_row_does_not_depend_on_its_batch(sampler):
+    ns = NoiseSchedule.from_config(**SD_CONFIG)
+    den = Denoiser(TinyNet(), ns)
+    noise = start_noise()
+    both = sampling.sample(den, noise, sampler=sampler, steps=4, scheduler_config=SD_CONFIG, generators=gens())
+    second = sampling.sample(
+        den, noise[1:], sampler=sampler, steps=4, scheduler_config=SD_CONFIG,
+        generators=[torch.Generator().manual_seed(1234 + 1)],
+    )
+    torch.testing.assert_close(both[1:], second, atol=1e-5, rtol=1e-5)
+
+
+def test_callback_sees_every_step_and_can_stop():
+    ns = NoiseSchedule.from_config(**SD_CONFIG)
+    den = Denoiser(TinyNet(), ns)
+    seen = []
+    sampling.sample(den, start_noise(), sampler="heun", steps=5, scheduler_config=SD_CONFIG,
+                    callback=lambda i, s, x, d: seen.append((i, s)))
+    assert [i for i, _ in seen] == [0, 1, 2, 3, 4]
+    assert all(a[1] > b[1] for a, b in zip(seen, seen[1:], strict=False))
+    with pytest.raises(S.SamplingInterrupted) as info:
+        sampling.sample(den, start_noise(), sampler="euler", steps=5, scheduler_config=SD_CONFIG,
+                        callback=lambda i, s, x, d: i < 2)
+    assert info.value.step == 2 and info.value.denoised.shape == (2, 3, 4, 4)
+
+
+def test_img2img_runs_the_steps_diffusers_runs():
+    assert img2img_start(10, 0.75) == 3 and img2img_start(10, 1.0) == 0 and img2img_start(4, 0.3) == 3
+    ns = NoiseSchedule.from_config(**SD_CONFIG)
+    calls = []
+    den = Denoiser(lambda x, t: (calls.append(float(t[0])), x * 0)[1], ns)
+    init = torch.zeros(2, 3, 4, 4)
+    sampling.sample(den, start_noise(), sampler="euler", steps=10, scheduler_config=SD_CONFIG,
+                    init_latent=init, strength=0.75)
+    ref = DDIMScheduler.from_config(SD_CONFIG)
+    ref.set_timesteps(10)
+    assert calls == [float(t) for t in ref.timesteps[3:]]  # 7 steps from t=601
+
+
+# --------------------------------------------------------------------------------------------------
+# Names and validation
+# --------------------------------------------------------------------------------------------------
+
+
+def test_name_table_resolves_a1111_names():
+    assert sampling.resolve("DPM++ 2M Karras") == ("dpmpp_2m", "karras")
+    assert sampling.resolve("Euler a") == ("euler_a", "normal")
+    assert sampling.resolve("DPM++ 2M", "Karras") == ("dpmpp_2m", "karras")
+    assert sampling.resolve("euler", "Automatic") == ("euler", "normal")
+    assert sampling.resolve("lcm", "sgm_uniform") == ("lcm", "sgm_uniform")
+    assert sampling.diffusers_equivalent("plms")[0] == "PNDMScheduler"
+    assert sampling.diffusers_equivalent("dpmpp_2m_sde")[1]["algorithm_type"] == "sde-dpmsolver++"
+
+
+def _call(**kw):
+    ns = NoiseSchedule.from_config(**SD_CONFIG)
+    args = dict(sampler="euler", steps=4, scheduler_config=SD_CONFIG, generators=gens())
+    args.update(kw)
+    calls = []
+    den = Denoiser(lambda x, t: (calls.append(1), x)[1], ns)
+    noise = args.pop("noise", start_noise())
+    try:
+        sampling.sample(den, noise, **args)
+    finally:
+        assert not calls, "validation must happen before any model call"
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"sampler": "euler_b"}, "unknown sampler 'euler_b'; valid: ddpm, ddim, euler"),
+        ({"schedule": "cosine"}, "unknown schedule 'cosine'; valid: normal, karras"),
+        ({"steps": 0}, "steps must be an integer between 1 and 1000"),
+        ({"steps": 1001}, "steps must be an integer between 1 and 1000"),
+        ({"strength": 0.0, "init_latent": torch.zeros(2, 3, 4, 4)}, r"strength must be in \(0, 1\]"),
+        ({"strength": 1.5, "init_latent": torch.zeros(2, 3, 4, 4)}, r"strength must be in \(0, 1\]"),
+        ({"sampler": "lcm", "schedule": "karras"}, "sampler 'lcm' cannot use schedule 'karras'"),
+        ({"sampler": "plms", "schedule": "exponential"}, "sampler 'plms' cannot use schedule 'exponential'"),
+        ({"sampler": "DPM++ 2M Karras", "schedule": "exponential"}, "already names schedule 'karras'"),
+        ({"sampler": "euler_a", "generators": None}, "draws noise each step"),
+        ({"generators": [torch.Generator()]}, "one generator per batch row"),
+        ({"init_latent": torch.zeros(1, 3, 4, 4)}, "init_latent shape"),
+        ({"scheduler_config": {**SD_CONFIG, "timestep_spacing": "uniform"}}, "unknown timestep_spacing"),
+    ],
+)
+def test_bad_input_is_a_one_line_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message) as info:
+        _call(**kwargs)
+    assert "\n" not in str(info.value)
