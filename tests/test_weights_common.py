@@ -95,7 +95,7 @@ def write_byte_tokenizer(dst: Path) -> Path:
     (dst / "merges.txt").write_text("#version: 0.2\n")
     from transformers import CLIPTokenizer
 
-    CLIPTokenizer(str(dst / "vocab.json"), str(dst / "merges.txt")).save_pretrained(dst)
+    CLIPTokenizer(str(dst / "vocab.json"), str(dst / "merges.txt"), model_max_length=77).save_pretrained(dst)
     return dst
 
 

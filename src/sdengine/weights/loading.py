@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -363,15 +364,36 @@ def load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, name: 
     return module
 
 
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create every nn.Parameter on the meta device while the module is built (accelerate's trick).
+
+    Unlike `with torch.device("meta")`, buffers stay real: non-persistent buffers (position ids, frequency
+    tables) are in no file, so they must be computed by the constructor. Initialisers then run on meta
+    tensors, which costs nothing, so building a 1B-parameter model takes milliseconds and no memory."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            kind = type(module._parameters[name])
+            module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
 def build_on_meta(factory: Callable[[], torch.nn.Module], sd: Mapping[str, torch.Tensor], *, name: str = "model",
                   dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Construct with no memory/initialisation cost (meta device), then adopt the weights."""
-    with torch.device("meta"):
+    """Construct with no memory/initialisation cost (parameters on meta), then adopt the weights (no copy)."""
+    with parameters_on_meta():
         module = factory()
     if dtype is not None:
         sd = convert_dtype(sd, dtype)
     load_into(module, sd, name=name)
-    # Non-persistent buffers (not in any file) are still on meta: models recompute those in their own code.
     return module.eval()
 
 
