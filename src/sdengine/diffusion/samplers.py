@@ -370,6 +370,7 @@ def sample_plms(
     extra_args: dict[str, Any] | None = None,
     targets: Tensor | None = None,
     prediction: str = "epsilon",
+    corrector_from: float | None = None,
 ) -> Tensor:
     """Pseudo linear multistep (Liu et al. 2022, "PNDM", eq. 12 with the DDIM transfer eq. 11): an
     improved-Euler first step, then Adams-Bashforth 2/3/4. ``targets`` as in :func:`sample_ddim`.
@@ -405,9 +406,14 @@ def sample_plms(
             if loop.n == 1:
                 x = x_pred
             else:
-                # second call at the next grid point, then step again from x with the mean output
+                # Second call at the next grid point, then redo the step from x with the mean output,
+                # landing exactly on that grid point. diffusers takes this step from t_1 + T // N
+                # (`corrector_from`), which is t_0 only for leading spacing: x is read there unchanged in
+                # VP scaling.
                 out_2 = raw(x_pred, loop.model(x_pred, loop.s[1]), loop.s[1])
-                x = carry(x + to_eps((out + out_2) / 2, x, sigma) * (to - sigma), i)
+                src = sigma if corrector_from is None else corrector_from
+                x_src = x * math.sqrt((1 + src**2) / (1 + sigma**2))
+                x = x_src + to_eps((out + out_2) / 2, x_src, src) * (loop.s[1] - src)
             outs.append(out)
         else:
             outs.append(out)

@@ -211,7 +211,7 @@ def make_grid(
     """The sigma/timestep grid ``sampler`` walks for ``steps`` steps of ``schedule``."""
     name, sched = resolve(sampler, schedule)
     spec = SAMPLERS[name]
-    return sampling_grid(
+    grid = sampling_grid(
         sched,
         steps,
         noise_schedule,
@@ -220,6 +220,12 @@ def make_grid(
         round_karras_timesteps=spec.round_karras_timesteps and _rounds_karras(name, scheduler_config),
         strength=strength if spec.rule == "lcm" else 1.0,
     )
+    if name == "ddpm":
+        # DDPM steps to the next timestep of its list and from the last one to alphas_cumprod = 1.
+        sigmas = grid.sigmas.clone()
+        sigmas[-1] = 0.0
+        grid = SamplingGrid(sigmas=sigmas, timesteps=grid.timesteps, targets=None)
+    return grid
 
 
 def _rounds_karras(sampler: str, scheduler_config: Mapping[str, Any] | None) -> bool:
@@ -297,6 +303,10 @@ def sample(
         options.setdefault("targets", grid.targets[start_step:])
     if name == "plms":
         options.setdefault("prediction", getattr(denoiser, "prediction", "epsilon"))
+        if grid.steps > 1 and start_step == 0:
+            # PNDM redoes its first step from t_1 + T // N (== t_0 only for leading spacing)
+            t_src = min(int(grid.timesteps[1]) + ns.num_train_timesteps // steps, ns.num_train_timesteps - 1)
+            options.setdefault("corrector_from", float(ns.sigmas[t_src]))
     if name == "lcm":
         options.setdefault("timesteps", grid.timesteps[start_step:])
         options.setdefault("timestep_scaling", float(config_get(scheduler_config, "timestep_scaling", 10.0)))
