@@ -21,7 +21,7 @@ from sdengine.weights import (
     save_safetensors,
 )
 from sdengine.weights.loading import LoadedCheckpoint, components_to_ldm
-from test_weights_common import assert_same_tensors, randomize, tiny_clip, tiny_pipeline, tiny_unet, tiny_vae
+from test_weights_common import assert_same_tensors, randomize, state, tiny_clip, tiny_pipeline, tiny_unet, tiny_vae
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 
@@ -58,7 +58,7 @@ def test_our_single_file_loads_in_diffusers_from_single_file(made):
     other = _pipeline_class(kind).from_single_file(str(single), config=str(tmp / "folder"), local_files_only=True,
                                                    safety_checker=None)
     for comp in COMPONENTS:
-        assert_same_tensors(getattr(other, comp).state_dict(), getattr(pipe, comp).state_dict())
+        assert_same_tensors(state(getattr(other, comp)), state(getattr(pipe, comp)))
     assert other.scheduler.config.prediction_type == pipe.scheduler.config.prediction_type
     np.testing.assert_allclose(_run(other, kind), _run(pipe, kind), rtol=0, atol=1e-5)
 
@@ -70,7 +70,7 @@ def test_single_file_to_folder_loads_in_diffusers_from_pretrained(made):
     assert index["_class_name"] == _pipeline_class(kind).__name__
     other = _pipeline_class(kind).from_pretrained(folder, local_files_only=True)
     for comp in COMPONENTS:
-        assert_same_tensors(getattr(other, comp).state_dict(), getattr(pipe, comp).state_dict())
+        assert_same_tensors(state(getattr(other, comp)), state(getattr(pipe, comp)))
         if comp != "text_encoder":
             _assert_config_superset(dict(getattr(other, comp).config), dict(getattr(pipe, comp).config))
     assert type(other.scheduler) is type(pipe.scheduler)
@@ -83,7 +83,7 @@ def test_folder_and_single_file_give_the_same_state_dicts(made):
     b = load_checkpoint(single)
     assert a.layout == "diffusers" and b.layout == "single_file"
     for comp in COMPONENTS:
-        assert_same_tensors(a.state_dicts[comp], getattr(pipe, comp).state_dict())
+        assert_same_tensors(a.state_dicts[comp], state(getattr(pipe, comp)))
         assert_same_tensors(b.state_dicts[comp], a.state_dicts[comp])
     assert a.prediction_type == b.prediction_type == pipe.scheduler.config.prediction_type
     assert a.inpainting == b.inpainting == (kind == "inpaint")
@@ -113,7 +113,7 @@ def test_fp16_convert(made):
     half = convert(tmp / "folder", tmp / "half.safetensors", dtype="fp16")
     ck = load_checkpoint(half)
     for comp in COMPONENTS:
-        ref = {k: v.half() for k, v in getattr(pipe, comp).state_dict().items()}
+        ref = {k: v.half() for k, v in state(getattr(pipe, comp)).items()}
         assert_same_tensors(ck.state_dicts[comp], ref)
 
 
@@ -123,7 +123,7 @@ def test_fp16_convert(made):
 def _ldm_without_metadata(tmp, unet, vae, te, scheduler_pred="epsilon"):
     ck = LoadedCheckpoint(source=tmp, layout="diffusers",
                           state_dicts={"unet": unet.state_dict(), "vae": vae.state_dict(),
-                                       "text_encoder": te.state_dict()},
+                                       "text_encoder": state(te)},
                           configs={"unet": dict(unet.config), "vae": dict(vae.config),
                                    "text_encoder": te.config.to_dict(), "scheduler": {}},
                           prediction_type=scheduler_pred)
@@ -147,7 +147,8 @@ def _check_synthesised(ck, unet, vae, te):
     u = build_on_meta(lambda: UNet2DConditionModel.from_config(ck.configs["unet"]), ck.state_dicts["unet"])
     v = build_on_meta(lambda: AutoencoderKL.from_config(ck.configs["vae"]), ck.state_dicts["vae"])
     cfg = CLIPTextConfig(**{k: v for k, v in ck.configs["text_encoder"].items() if k != "architectures"})
-    t = build_on_meta(lambda: CLIPTextModel(cfg), ck.state_dicts["text_encoder"])
+    te_sd = {k.removeprefix("text_model."): v for k, v in ck.state_dicts["text_encoder"].items()}
+    t = build_on_meta(lambda: CLIPTextModel(cfg), te_sd)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 500, (1, 7), generator=g)
     x = torch.randn(1, unet.config.in_channels, 8, 8, generator=g)

@@ -12,7 +12,7 @@ from sdengine.weights.detect import (
     vae_layout_from_diffusers,
     vae_layout_from_ldm,
 )
-from test_weights_common import assert_same_tensors, randomize, tiny_clip, tiny_unet, tiny_vae
+from test_weights_common import assert_same_tensors, randomize, state, tiny_clip, tiny_unet, tiny_vae
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "inpaint"])
@@ -80,7 +80,7 @@ def test_vae_round_trip_and_diffusers_oracle(levels, lpb):
 def test_clip_sd1_round_trip_and_oracle():
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 
-    sd = tiny_clip().state_dict()
+    sd = state(tiny_clip())
     ldm, bad = km.clip_diffusers_to_ldm(sd)
     assert not bad and all(k.startswith("text_model.") for k in ldm)
     back, _ = km.clip_ldm_to_diffusers(ldm)
@@ -96,7 +96,7 @@ def test_openclip_split_and_fuse_round_trip_and_oracle():
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
     model = randomize(tiny_clip("sd2"))
-    sd = model.state_dict()
+    sd = state(model)
     ldm, bad = km.openclip_diffusers_to_ldm(sd)
     assert not bad
     d = model.config.hidden_size

@@ -123,6 +123,14 @@ def tiny_pipeline(kind: str = "sd1", tmp: Path | None = None):
     return pipe
 
 
+def state(module: torch.nn.Module) -> dict:
+    """A module's state dict in sdengine's names: transformers 5's CLIPTextModel drops `text_model.`."""
+    sd = module.state_dict()
+    if type(module).__name__ == "CLIPTextModel" and not any(k.startswith("text_model.") for k in sd):
+        sd = {f"text_model.{k}": v for k, v in sd.items()}
+    return sd
+
+
 def assert_same_tensors(a: dict, b: dict) -> None:
     assert set(a) == set(b), (sorted(set(a) - set(b))[:5], sorted(set(b) - set(a))[:5])
     for k in a:

@@ -203,19 +203,19 @@ def vae_config_from_ldm(vae: Mapping[str, torch.Tensor], *, sample_size: int = 5
 
 def clip_config_from_weights(te: Mapping[str, torch.Tensor], *, family: Family) -> dict[str, Any]:
     """transformers CLIPTextConfig (as a dict) for CLIPTextModel-named weights."""
-    tok = te["embeddings.token_embedding.weight"]
+    tok = te["text_model.embeddings.token_embedding.weight"]
     hidden = int(tok.shape[1])
-    layers = len(_ints(r"^encoder\.layers\.(\d+)\.", list(te)))
+    layers = len(_ints(r"^text_model\.encoder\.layers\.(\d+)\.", list(te)))
     openclip = family == "sd2"
     return {
         "architectures": ["CLIPTextModel"],
         "model_type": "clip_text_model",
         "vocab_size": int(tok.shape[0]),
         "hidden_size": hidden,
-        "intermediate_size": int(te["encoder.layers.0.mlp.fc1.weight"].shape[0]),
+        "intermediate_size": int(te["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
         "num_hidden_layers": layers,
         "num_attention_heads": max(1, hidden // 64),  # CLIP text towers use 64-wide heads
-        "max_position_embeddings": int(te["embeddings.position_embedding.weight"].shape[0]),
+        "max_position_embeddings": int(te["text_model.embeddings.position_embedding.weight"].shape[0]),
         "hidden_act": "gelu" if openclip else "quick_gelu",  # OpenCLIP ViT-H uses exact GELU
         "layer_norm_eps": 1e-5,
         "projection_dim": 512 if openclip else 768,

@@ -280,21 +280,24 @@ def vae_diffusers_to_ldm(sd: Mapping[str, torch.Tensor], layout: VAELayout) -> t
 # --------------------------------------------------------------------------------------- text encoders
 
 
+TEXT_MODEL = "text_model."
+
+
 def normalize_clip_keys(sd: Mapping[str, torch.Tensor]) -> StateDict:
-    """transformers files on the Hub say `text_model.embeddings...`; CLIPTextModel (transformers>=5.6) has no
-    `text_model.` level. Our canonical names are the latter; position_ids buffers are dropped by the caller."""
-    return {k.removeprefix("text_model."): v for k, v in sd.items()}
+    """Canonical text-encoder names are transformers 4.x's `text_model.*` (every SD 1.x/2.x `text_encoder/`
+    folder, and sdengine's CLIPTextModel). transformers >= 5 writes them without `text_model.`, and very old
+    SD1 checkpoints lack it too: add it where missing."""
+    return {k if k.startswith(TEXT_MODEL) else TEXT_MODEL + k: v for k, v in sd.items()}
 
 
 def clip_ldm_to_diffusers(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
-    """SD1 text encoder keys without `cond_stage_model.transformer.` -> CLIPTextModel names.
-
-    Very old checkpoints (transformers < 4.19 era) lack the `text_model.` level; both spellings work."""
+    """SD1 text encoder keys without `cond_stage_model.transformer.` -> CLIPTextModel names (the LDM file
+    nests transformers' own module, so this is the identity apart from old files lacking `text_model.`)."""
     return normalize_clip_keys(sd), []
 
 
 def clip_diffusers_to_ldm(sd: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
-    return {f"text_model.{k}": v for k, v in normalize_clip_keys(sd).items()}, []
+    return normalize_clip_keys(sd), []
 
 
 def openclip_ldm_to_diffusers(
@@ -310,7 +313,7 @@ def openclip_ldm_to_diffusers(
     unknown: list[str] = []
     for key, t in sd.items():
         if key in OPENCLIP_TOP:
-            out[OPENCLIP_TOP[key]] = t
+            out[TEXT_MODEL + OPENCLIP_TOP[key]] = t
             continue
         m = _OPENCLIP_FUSED_RE.match(key)
         if m:
@@ -319,14 +322,14 @@ def openclip_ldm_to_diffusers(
                 continue
             q, k, v = t.chunk(3, dim=0)  # views: fused (3D, ...) = [q; k; v]
             for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-                out[f"encoder.layers.{layer}.self_attn.{name}.{kind}"] = part
+                out[f"{TEXT_MODEL}encoder.layers.{layer}.self_attn.{name}.{kind}"] = part
             continue
         m = _OPENCLIP_BLOCK_RE.match(key)
         if m and m.group(2) in OPENCLIP_BLOCK:
             layer = int(m.group(1))
             if num_layers is not None and layer >= num_layers:
                 continue
-            out[f"encoder.layers.{layer}.{OPENCLIP_BLOCK[m.group(2)]}.{m.group(3)}"] = t
+            out[f"{TEXT_MODEL}encoder.layers.{layer}.{OPENCLIP_BLOCK[m.group(2)]}.{m.group(3)}"] = t
             continue
         unknown.append(key)
     return out, unknown
@@ -341,7 +344,7 @@ def openclip_diffusers_to_ldm(
     more block than the text encoder uses (it reads the penultimate layer), and tools that load the original
     OpenCLIP architecture (A1111, ComfyUI, our own loader) expect that layout.
     """
-    sd = normalize_clip_keys(sd)
+    sd = {k.removeprefix(TEXT_MODEL): v for k, v in sd.items()}
     top_rev = {v: k for k, v in OPENCLIP_TOP.items()}
     block_rev = {v: k for k, v in OPENCLIP_BLOCK.items()}
     out: StateDict = {}
@@ -360,10 +363,10 @@ def openclip_diffusers_to_ldm(
             if module in block_rev:
                 out[f"transformer.resblocks.{layer}.{block_rev[module]}.{kind}"] = t
                 continue
-        unknown.append(key)
+        unknown.append(TEXT_MODEL + key)
     for (layer, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
-            unknown += [f"encoder.layers.{layer}.self_attn.{p}_proj.{kind}" for p in parts]
+            unknown += [f"{TEXT_MODEL}encoder.layers.{layer}.self_attn.{p}_proj.{kind}" for p in parts]
             continue
         out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
     if pad_unused_last_block and qkv:

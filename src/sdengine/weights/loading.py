@@ -446,8 +446,6 @@ def save_diffusers_folder(ckpt: LoadedCheckpoint, dst: str | Path, *, dtype: str
             cfg.setdefault("_class_name", cls)
             cfg.setdefault("_diffusers_version", DIFFUSERS_VERSION)
         sd = ckpt.state_dicts[comp]
-        if comp == "text_encoder":
-            sd = {f"text_model.{k}": v for k, v in sd.items()}  # the spelling files on the Hub use
         _write_json(dst / comp / "config.json", cfg)
         save_safetensors(sd, dst / comp / f"{fname}.safetensors", metadata={"format": "pt"}, dtype=dtype)
     _write_json(dst / "scheduler" / "scheduler_config.json",
