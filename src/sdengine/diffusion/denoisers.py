@@ -14,6 +14,8 @@ turns its output into x0 with ``c_skip`` / ``c_out``.
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -136,6 +138,8 @@ class Denoiser:
         self._table_timesteps: Tensor | None = None
         # the denoiser samplers use at off-grid sigmas (midpoints): never pinned
         self.off_grid: Denoiser = self
+        self._cache: dict[float, float] = {}  # pinned sigma -> timestep
+        self._log_sigmas: list[float] | None = None
 
     def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> Denoiser:
         """A copy that gives the model ``timesteps[i]`` whenever it is called at ``sigmas[i]``."""
@@ -145,7 +149,24 @@ class Denoiser:
         other._table_sigmas = sigmas.detach().to(torch.float32).cpu()
         other._table_timesteps = timesteps.detach().to(torch.float32).cpu()
         other.off_grid = self.off_grid
+        other._cache = {float(a): float(b) for a, b in zip(other._table_sigmas, other._table_timesteps, strict=True)}
         return other
+
+    def _scalar_timestep(self, sigma: float) -> float:
+        """Timestep for one sigma value: the pinned table first (exact float32 keys), else the same
+        log-sigma interpolation as :meth:`timestep`, done on Python floats with a bisection."""
+        t = self._cache.get(sigma)
+        if t is None:
+            if self._log_sigmas is None:
+                self._log_sigmas = self.schedule.log_sigmas.tolist()
+            ls = self._log_sigmas
+            log_sigma = math.log(max(sigma, 1e-10))
+            low = min(max(bisect.bisect_right(ls, log_sigma) - 1, 0), len(ls) - 2)
+            w = min(max((ls[low] - log_sigma) / (ls[low] - ls[low + 1]), 0.0), 1.0)
+            t = (1 - w) * low + w * (low + 1)
+            if self.timestep_mode == "rounded":
+                t = float(round(t))
+        return t
 
     def timestep(self, sigma: Tensor) -> Tensor:
         """Training-timestep units for ``sigma`` (any shape), float32 on sigma's device."""
@@ -167,7 +188,20 @@ class Denoiser:
         return t.to(sigma.device)
 
     def __call__(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        flat = sigma.reshape(-1)
+        first = float(flat[0])
+        if flat.shape[0] == 1 or bool((flat == first).all()):
+            # One noise level for the whole batch (every sampler step): scalar coefficients, cached t.
+            t = torch.full((x.shape[0],), self._scalar_timestep(first), device=x.device)
+            c = (first**2 + 1) ** 0.5
+            out = self.model(x * (1 / c), t, **cond).to(x.dtype)
+            if self.prediction == "epsilon":
+                return torch.add(x, out, alpha=-first)
+            if self.prediction == "v_prediction":
+                return torch.add(x * (1 / c**2), out, alpha=-first / c)
+            return out
+        sigma = sigma.to(x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         c_skip, c_out, c_in = (_per_row(c, x) for c in vp_scalings(sigma, self.prediction))
