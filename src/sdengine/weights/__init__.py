@@ -13,6 +13,7 @@ from .io import (
 from .loading import (
     LoadedCheckpoint,
     MissingVAEError,
+    build_models,
     build_on_meta,
     convert,
     load_checkpoint,
@@ -27,6 +28,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "UnsupportedModelError",
     "WeightsError",
+    "build_models",
     "build_on_meta",
     "convert",
     "load_checkpoint",

@@ -506,6 +506,7 @@ def convert(
 __all__ = [
     "LoadedCheckpoint",
     "MissingVAEError",
+    "build_models",
     "build_on_meta",
     "clip_config_from_weights",
     "components_to_ldm",
@@ -519,3 +520,55 @@ __all__ = [
     "save_diffusers_folder",
     "save_single_file",
 ]
+
+
+# ------------------------------------------------------------------------------------- sdengine's models
+
+
+def build_models(
+    ckpt: LoadedCheckpoint,
+    *,
+    components: tuple[str, ...] = COMPONENTS,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> dict[str, torch.nn.Module]:
+    """sdengine models for the checkpoint's components, built on meta and loaded strictly (zero-copy when no
+    dtype/device change is asked for). A component whose model class has not been written yet is skipped
+    with a log line."""
+    from .io import parse_dtype
+
+    target = parse_dtype(dtype)
+    out: dict[str, torch.nn.Module] = {}
+    for comp in components:
+        factory = _model_factory(comp, ckpt.configs[comp])
+        if factory is None:
+            log.info("no sdengine model class for %s yet: not built", comp)
+            continue
+        model = build_on_meta(factory, ckpt.state_dicts[comp], name=comp, dtype=target)
+        out[comp] = model.to(device) if device is not None else model
+    return out
+
+
+def _model_factory(comp: str, config: Mapping[str, Any]) -> Callable[[], torch.nn.Module] | None:
+    if comp == "unet":
+        from sdengine.models.unet import UNet, UNetConfig
+
+        ucfg = UNetConfig.from_diffusers(config)
+        return lambda: UNet(ucfg)
+    if comp == "text_encoder":
+        from sdengine.models.clip_text import CLIPTextConfig, CLIPTextModel
+
+        tcfg = CLIPTextConfig.from_transformers(config)
+        return lambda: CLIPTextModel(tcfg)
+    if comp == "vae":
+        try:
+            from sdengine.models import vae as vae_module
+        except ImportError:
+            return None
+        cls = getattr(vae_module, "AutoencoderKL", None) or getattr(vae_module, "VAE", None)
+        cfg_cls = getattr(vae_module, "VAEConfig", None) or getattr(vae_module, "AutoencoderKLConfig", None)
+        if cls is None or cfg_cls is None or not hasattr(cfg_cls, "from_diffusers"):
+            return None
+        vcfg = cfg_cls.from_diffusers(config)
+        return lambda: cls(vcfg)
+    raise WeightsError(f"unknown component {comp!r}")
