@@ -78,3 +78,23 @@ def test_sigma_t_round_trip_and_log_interpolation():
     # out of range clamps to the ends
     assert sched.sigma_to_t(torch.tensor(1e-9)).item() == 0.0
     assert sched.sigma_to_t(torch.tensor(1e9)).item() == 999.0
+
+
+def test_normal_schedule_follows_each_schedulers_own_spacing_rule():
+    """SPEC 9: with leading spacing and steps_offset 1, DPM++ gives 901, 811, ..., 91 for 10 steps while
+    DDIM and Euler give 901, 801, ..., 1; trailing gives 999 ... 99 for all of them."""
+    from sdengine.diffusion.sampling import make_grid
+
+    ns = S.NoiseSchedule.from_config(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sd = {"timestep_spacing": "leading", "steps_offset": 1}
+    assert make_grid("dpmpp_2m", 10, ns, "normal", sd).timesteps.tolist() == list(range(901, 90, -90))
+    for name in ("ddim", "euler", "plms"):
+        assert make_grid(name, 10, ns, "normal", sd).timesteps.tolist() == list(range(901, 0, -100))
+    trailing = {"timestep_spacing": "trailing"}
+    for name in ("ddim", "euler", "dpmpp_2m", "unipc"):
+        assert make_grid(name, 10, ns, "normal", trailing).timesteps.tolist() == list(range(999, 0, -100))
+    # karras: the Euler family spans its spaced grid, DPM-Solver the whole training range
+    assert make_grid("euler", 10, ns, "karras", sd).sigmas[0] < ns.sigma_max - 1
+    assert abs(float(make_grid("dpmpp_2m", 10, ns, "karras", sd).sigmas[0]) - ns.sigma_max) < 1e-4
+    with pytest.raises(ValueError, match="unknown timestep_spacing"):
+        make_grid("euler", 10, ns, "normal", {"timestep_spacing": "even"})
