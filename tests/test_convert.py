@@ -26,7 +26,8 @@ from test_weights_common import assert_same_tensors, randomize, state, tiny_clip
 COMPONENTS = ("unet", "vae", "text_encoder")
 
 
-@pytest.fixture(scope="module", params=["sd1", "sd2", "inpaint"])
+# inpainting differs from SD1 only in conv_in's width (covered fast by the key-map tests): its pipeline runs are slow
+@pytest.fixture(scope="module", params=["sd1", "sd2", pytest.param("inpaint", marks=pytest.mark.slow)])
 def made(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     pipe = tiny_pipeline(request.param, tmp)
@@ -317,3 +318,14 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "d")
     with pytest.raises(WeightsError, match="onto itself"):
         convert(tmp_path / "d", tmp_path / "d")
+
+
+def test_single_file_to_folder_writes_clip_tokenizer(made):
+    from transformers import CLIPTokenizer
+
+    kind, pipe, tmp, single = made
+    folder = convert(single, tmp / "with_tok")
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    assert len(tok) == 49408 and tok.model_max_length == 77
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert json.loads((folder / "model_index.json").read_text())["tokenizer"] == ["transformers", "CLIPTokenizer"]

@@ -10,7 +10,7 @@ from sdengine.weights.loading import LoadedCheckpoint, components_to_ldm
 from test_weights_common import randomize, state, tiny_clip, tiny_unet, tiny_vae
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sd2", "inpaint"])
+@pytest.mark.parametrize("kind", ["sd1", "sd2", pytest.param("inpaint", marks=pytest.mark.slow)])
 def test_single_file_into_sdengine_models(tmp_path, kind):
     unet = randomize(tiny_unet(kind), 1).eval()
     vae = randomize(tiny_vae(), 2)

@@ -465,8 +465,31 @@ def save_diffusers_folder(ckpt: LoadedCheckpoint, dst: str | Path, *, dtype: str
     }
     if tok_src and Path(tok_src).resolve() != (dst / "tokenizer").resolve():
         shutil.copytree(tok_src, dst / "tokenizer", dirs_exist_ok=True)
+    elif not tok_src and _write_clip_tokenizer(dst / "tokenizer", pad="!" if ckpt.family == "sd2" else None):
+        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
     _write_json(dst / "model_index.json", index)
     return dst
+
+
+def _write_clip_tokenizer(dst: Path, *, pad: str | None = None) -> bool:
+    """Single files carry no tokenizer; SD1 and SD2 both use OpenAI CLIP's BPE vocabulary, which sdengine
+    ships, so write it as a transformers CLIPTokenizer folder (SD2's pads with "!", SD1's with EOS)."""
+    import gzip
+
+    assets = Path(__file__).resolve().parent.parent / "assets" / "clip"
+    if not (assets / "vocab.json.gz").is_file() or not (assets / "merges.txt.gz").is_file():
+        return False
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        (dst / name).write_bytes(gzip.decompress((assets / f"{name}.gz").read_bytes()))
+    eos = "<|endoftext|>"
+    _write_json(dst / "tokenizer_config.json", {
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, "errors": "replace",
+        "add_prefix_space": False, "bos_token": "<|startoftext|>", "eos_token": eos, "unk_token": eos,
+        "pad_token": pad or eos})
+    _write_json(dst / "special_tokens_map.json", {"bos_token": "<|startoftext|>", "eos_token": eos,
+                                                  "unk_token": eos, "pad_token": pad or eos})
+    return True
 
 
 def save_single_file(ckpt: LoadedCheckpoint, dst: str | Path, *, dtype: str | torch.dtype | None = None) -> Path:
