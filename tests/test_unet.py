@@ -121,3 +121,20 @@ def test_from_diffusers_rejects_unsupported_options_by_name() -> None:
         UNetConfig.from_diffusers(bad)
     with pytest.raises(ValueError, match="unknown U-Net config options: frobnicate"):
         UNetConfig.from_diffusers({**TINY_PIXEL.to_diffusers(), "frobnicate": 1})
+
+
+def test_training_gradients_match_diffusers() -> None:
+    cfg = dataclasses.replace(TINY_PIXEL, num_class_embeds=3)
+    ref, ours = _pair(cfg)
+    ref.train()
+    ours.train()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    target = torch.randn(2, 3, 16, 16, generator=g)
+    t, y = torch.tensor([5, 600]), torch.tensor([2, 0])
+    torch.nn.functional.mse_loss(ref(x, t, class_labels=y).sample, target).backward()
+    torch.nn.functional.mse_loss(ours(x, t, class_labels=y), target).backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    for name, p in ours.named_parameters():
+        assert p.grad is not None, name
+        assert _max_err(p.grad, ref_grads[name]) < 1e-5, name

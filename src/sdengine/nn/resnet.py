@@ -55,19 +55,20 @@ class ResnetBlock2D(nn.Module):
         t = None
         if self.time_emb_proj is not None and temb is not None:
             t = self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, Cout or 2*Cout, 1, 1)
+        # In-place adds below are safe for autograd: convolution backward needs the conv's input and
+        # weight, never its output, so the output buffer can be reused (one allocation less each).
         if self.time_embedding_norm == "scale_shift":
             if t is None:
                 raise ValueError("a scale_shift ResnetBlock2D needs a timestep embedding")
             scale, shift = t.chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
         else:
-            h = self.norm2(h if t is None else h + t)
+            h = self.norm2(h if t is None else h.add_(t))
         h = self.conv2(self.dropout(F.silu(h)))  # (B, Cout, H, W)
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        out = skip + h
+        h = h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
         if self.output_scale_factor != 1.0:
-            out = out / self.output_scale_factor
-        return out
+            h = h.div_(self.output_scale_factor)
+        return h
 
 
 class Downsample2D(nn.Module):
