@@ -24,7 +24,8 @@ def test_single_file_into_sdengine_models(tmp_path, kind):
 
     path = save_single_file(ck, tmp_path / "m.safetensors")
     loaded = load_checkpoint(path)
-    models = build_models(loaded, components=("unet", "text_encoder"))
+    models = build_models(loaded)
+    assert set(models) == {"unet", "vae", "text_encoder"}
     # every parameter is a view of the file's memory map: nothing was copied
     assert all(p.device.type == "cpu" for m in models.values() for p in m.parameters())
     g = torch.Generator().manual_seed(0)
@@ -38,6 +39,9 @@ def test_single_file_into_sdengine_models(tmp_path, kind):
         out = models["unet"](x, t, encoder_hidden_states=h_ref)
         out = out.sample if hasattr(out, "sample") else out
         torch.testing.assert_close(out, unet(x, t, h_ref).sample, rtol=1e-4, atol=1e-5)
+        img = torch.randn(1, 3, 16, 16, generator=g)
+        ref = vae.decode(vae.encode(img).latent_dist.mode()).sample
+        torch.testing.assert_close(models["vae"](img), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_plain_ldm_file_sdengine_unet_config(tmp_path):
