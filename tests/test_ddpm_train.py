@@ -1,0 +1,129 @@
+"""The pixel DDPM end to end on tiny settings: train, resume exactly, export, load, sample; CLI errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from sdengine.cli import main
+from sdengine.ddpm import PixelDDPM
+from sdengine.models.unet import TINY_PIXEL
+from sdengine.train.checkpoint import load_checkpoint
+from sdengine.train.ddpm import DDPMSpec, train_ddpm
+from sdengine.train.loop import TrainConfig
+
+TINY = dataclasses.replace(TINY_PIXEL, block_out_channels=(16, 32), num_heads=(1, 2))
+
+
+def toy_data(n: int = 48) -> tuple[torch.Tensor, torch.Tensor, list[str], int]:
+    """Two classes of 16x16 images: a bright square on the left, or on the right."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % 2
+    x = -torch.ones(n, 1, 16, 16)
+    for i in range(n):
+        c = 2 if labels[i] == 0 else 9
+        x[i, :, 5:11, c : c + 5] = 1.0
+    x += 0.05 * torch.randn(x.shape, generator=g)
+    return x.clamp(-1, 1), labels, ["left", "right"], 0
+
+
+def spec() -> DDPMSpec:
+    return DDPMSpec(data="toy", class_conditional=True, image_size=16, channels=1, unet=TINY)
+
+
+def cfg(steps: int, **kw: object) -> TrainConfig:
+    base = dict(steps=steps, batch_size=16, lr=2e-3, warmup_steps=5, sample_every=0, checkpoint_every=0, seed=1)
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddpm")
+    result, model = train_ddpm(spec(), cfg(80), out, data=toy_data(), progress=False)
+    return out, result, model
+
+
+def test_loss_falls_and_artifacts_written(trained):
+    out, result, _ = trained
+    first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+    for name in ("checkpoint.pt", "loss.png", "samples_latest.png", "model/config.json", "model/unet.safetensors"):
+        assert (out / name).is_file(), name
+
+
+def test_exported_model_loads_and_matches_checkpoint_ema(trained):
+    out, _, _ = trained
+    folder = PixelDDPM.load(out / "model")
+    ckpt = PixelDDPM.load(out / "checkpoint.pt")
+    assert folder.class_names == ["left", "right"] and folder.null_class == 2
+    for k, v in ckpt.unet.state_dict().items():
+        # the folder holds the EMA weights in fp16
+        assert torch.allclose(folder.unet.state_dict()[k], v.half().float()), k
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sampling_is_seeded_per_image(trained, sampler):
+    _, _, model = trained
+    steps = 20
+    a = model.generate([0, 1, 1], sampler=sampler, steps=steps, seed=5)
+    b = model.generate([1], sampler=sampler, steps=steps, seed=6)  # image 1 of the batch, alone
+    assert a.shape == (3, 1, 16, 16) and 0 <= a.min() and a.max() <= 1
+    assert torch.allclose(a[1:2], b, atol=1e-5)
+    assert not torch.allclose(a[1], a[2])  # different seeds, different images
+
+
+def test_twenty_steps_equal_ten_plus_resume_plus_ten(tmp_path):
+    data = toy_data()
+    a, _ = train_ddpm(spec(), cfg(20), tmp_path / "a", data=data, progress=False)
+    train_ddpm(spec(), cfg(10), tmp_path / "b", data=data, progress=False)
+    b, _ = train_ddpm(spec(), cfg(20), tmp_path / "b", data=data, progress=False, resume=True)
+    assert a.losses == b.losses
+    sa, sb = load_checkpoint(a.checkpoint), load_checkpoint(b.checkpoint)
+    for part in ("model",):
+        for k, v in sa[part].items():
+            assert torch.equal(v, sb[part][k]), k
+    for k, v in sa["ema"]["model"].items():
+        assert torch.equal(v, sb["ema"]["model"][k]), k
+    for k, v in sa["optimizer"]["state"].items():
+        assert torch.equal(v["exp_avg"], sb["optimizer"]["state"][k]["exp_avg"])
+
+
+def test_cli_missing_dataset_names_apt_package(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SDENGINE_FASHION_MNIST", str(tmp_path / "nowhere"))
+    rc = main(["train", "ddpm", "--class-conditional", "--steps", "1", "--out", str(tmp_path / "o"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "dataset-fashion-mnist" in err
+
+
+def test_cli_resume_missing_checkpoint(tmp_path, capsys):
+    rc = main(["train", "ddpm", "--data", str(tmp_path), "--resume", "--out", str(tmp_path / "run"), "--steps", "2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "no checkpoint to resume from" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_empty_folder_is_named(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc = main(["train", "ddpm", "--data", str(empty), "--out", str(tmp_path / "run"), "--steps", "2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and str(empty) in err
+
+
+def test_cli_corrupt_image_is_named(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    rc = main(["train", "ddpm", "--data", str(folder), "--out", str(tmp_path / "run"), "--steps", "2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "bad.png" in err
+
+
+def test_cli_sample_unknown_model(tmp_path, capsys):
+    rc = main(["sample", str(tmp_path / "missing"), "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "no model at" in err and "fashion-mnist" in err
