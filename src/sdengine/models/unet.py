@@ -15,7 +15,7 @@ load with ``load_state_dict(strict=True)``. Build big models without paying for 
 
 Speed notes (benchmarks/ddpm_train.py, FASHION_MNIST training on CPU): convolutions are about 75% of the
 time. ``model.to(memory_format=torch.channels_last)`` with channels-last inputs gains a few percent here
-(and costs diffusers' UNet2DModel, which copies back to NCHW); ``torch.autocast("cpu", torch.bfloat16)``
+(diffusers' UNet2DModel got slower with it); ``torch.autocast("cpu", torch.bfloat16)``
 gave 1.6x on an AVX512-BF16 CPU; on a shared machine one torch thread beats two that wait for each other.
 """
 
