@@ -1,0 +1,368 @@
+"""Generation parameters in A1111's ``parameters`` infotext: write, read, store in PNGs, replay.
+
+The format (what AUTOMATIC1111's webui writes into the PNG ``parameters`` text chunk, and what
+ComfyUI, InvokeAI, civitai, ... read)::
+
+    a red apple, (detailed:1.2)
+    second line of the prompt
+    Negative prompt: blurry
+    Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, ...
+
+The prompt (any number of lines), then ``Negative prompt: ...`` (omitted when empty; may run over
+several lines), then one line of ``Key: value`` fields joined by ``", "``. A value that contains a
+comma, a colon or a newline is written as a JSON string (A1111's ``quote``).
+
+Reading follows A1111's ``parse_generation_parameters``: the text is stripped and split into lines;
+the last line is the field line only if A1111's field regex finds at least 3 fields in it (else it is
+part of the prompt); every other line is stripped; lines from the first one starting with
+``Negative prompt:`` on belong to the negative prompt. Field values in double quotes are JSON-decoded.
+
+Differences from A1111, on purpose:
+
+* :func:`format_parameters` also quotes a value that starts with ``"`` or has leading/trailing
+  spaces (A1111 writes those bare, and then reads them back changed); A1111 reads ours correctly.
+* :func:`parse_parameters` returns the fields as written (``"Size": "512x512"``, no defaults filled
+  in), where A1111's dict splits ``Size-1``/``Size-2`` and adds defaults (``Clip skip: 1``,
+  ``Schedule type: Automatic``, ...); :func:`to_generate_kwargs` applies the defaults that matter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+from sdengine import __version__
+from sdengine.diffusion.sampling import SAMPLERS, SCHEDULE_A1111, resolve
+
+log = logging.getLogger(__name__)
+
+VERSION = f"sdengine {__version__}"
+PARAMETERS_KEY = "parameters"  # the PNG text chunk A1111 writes and reads
+
+# A1111's field regex: a key (word chars, spaces, '-', '/'), ": ", then a JSON string or anything
+# up to the next comma.
+_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_RE_KEY = re.compile(r"\w[\w \-/]+")
+_RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+# Our parameter names -> A1111's field names, in the order A1111's create_infotext writes them.
+# "prompt" and "negative_prompt" are the text lines, "width"/"height" make "Size".
+FIELD_ORDER: tuple[tuple[str, str], ...] = (
+    ("steps", "Steps"),
+    ("sampler", "Sampler"),
+    ("schedule", "Schedule type"),
+    ("cfg_scale", "CFG scale"),
+    ("seed", "Seed"),
+    ("size", "Size"),
+    ("model_hash", "Model hash"),
+    ("model", "Model"),
+    ("strength", "Denoising strength"),
+    ("clip_skip", "Clip skip"),
+    ("lora_hashes", "Lora hashes"),
+)
+KNOWN_KEYS = frozenset({"prompt", "negative_prompt", "width", "height", "version"} | {k for k, _ in FIELD_ORDER})
+
+# Fields that describe the run but do not change the image; to_generate_kwargs skips them quietly.
+_DESCRIPTIVE_FIELDS = frozenset(
+    {"Model hash", "Model", "Lora hashes", "Version", "VAE hash", "VAE", "TI hashes", "User", "Hashes"}
+)
+
+
+class MetadataError(ValueError):
+    """Infotext or PNG metadata that cannot be read or written."""
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+
+def quote(value: object) -> str:
+    """A1111's ``quote``: JSON-encode a value containing ``,`` ``:`` or a newline (else it would end
+    its field early); also one that starts with ``"`` or has outer spaces (see the module notes)."""
+    text = str(value)
+    if any(c in text for c in ",:\n") or text.startswith('"') or text != text.strip():
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _number(value: float | int) -> str:
+    """Whole floats without ".0" (A1111 shows "CFG scale: 7"), others with Python's shortest repr."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def format_lora_hashes(hashes: Mapping[str, str] | Sequence[tuple[str, str]]) -> str:
+    """A1111's "Lora hashes" value: ``"name: hash, name2: hash2"``; ``:`` and ``,`` are removed
+    from names, as A1111 does, so that the value splits back unambiguously."""
+    items = hashes.items() if isinstance(hashes, Mapping) else hashes
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in items)
+
+
+def parse_lora_hashes(value: str) -> dict[str, str]:
+    """``"name: hash, name2: hash2"`` -> ``{name: hash}``."""
+    out = {}
+    for item in value.split(","):
+        name, sep, h = item.rpartition(":")
+        if sep:
+            out[name.strip()] = h.strip()
+    return out
+
+
+def format_parameters(params: Mapping[str, Any]) -> str:
+    """The A1111 infotext of ``params``.
+
+    Keys (all optional except ``prompt``; ``None`` values are left out):
+
+    ``prompt``, ``negative_prompt`` (left out when empty), ``steps``, ``sampler`` (ours, e.g.
+    ``"dpmpp_2m"``, or A1111's, e.g. ``"DPM++ 2M Karras"``; written as A1111's display name),
+    ``schedule`` (ours or A1111's; written as "Schedule type"), ``cfg_scale``, ``seed``, ``width``
+    and ``height`` (together: "Size: WxH"), ``model_hash`` (:func:`model_hash`), ``model`` (a name),
+    ``strength`` ("Denoising strength", for img2img/inpainting), ``clip_skip`` (written only when > 1,
+    as A1111 does), ``lora_hashes`` (``{name: lora_hash(file)}`` or a list of pairs), ``version``
+    (default ``"sdengine X.Y.Z"``).
+
+    Keys in A1111's spelling (starting with an upper-case letter, e.g. ``"Hires upscale"``) are
+    written as given, after the known fields and before "Version". Any other key is a
+    ``MetadataError``, so that a misspelt name is not dropped silently. An unknown sampler or
+    schedule is an error too.
+    """
+    if "prompt" not in params:
+        raise MetadataError("format_parameters needs a 'prompt'")
+    unknown = [k for k in params if k not in KNOWN_KEYS and not k[:1].isupper()]
+    if unknown:
+        raise MetadataError(f"unknown parameter names {unknown}; known: {sorted(KNOWN_KEYS)} or A1111 field names")
+
+    values: dict[str, Any] = {k: v for k, v in params.items() if v is not None}
+    if values.get("sampler") is not None:
+        name, sched = resolve(str(values["sampler"]), values.get("schedule"))
+        values["sampler"] = SAMPLERS[name].a1111
+        # A combined A1111 name ("DPM++ 2M Karras") implies its schedule; write it separately as
+        # A1111 >= 1.9 does. A plain sampler with no schedule given writes none.
+        if values.get("schedule") is not None or sched != "normal":
+            values["schedule"] = SCHEDULE_A1111[sched]
+    elif values.get("schedule") is not None:
+        _, sched = resolve("euler", values["schedule"])  # any sampler that takes every schedule
+        values["schedule"] = SCHEDULE_A1111[sched]
+    if ("width" in values) != ("height" in values):
+        raise MetadataError("width and height go together (A1111's 'Size: WxH')")
+    if "width" in values:
+        values["size"] = f"{int(values['width'])}x{int(values['height'])}"
+    if "clip_skip" in values and int(values["clip_skip"]) <= 1:
+        del values["clip_skip"]  # A1111 writes Clip skip only when it is not the default
+    if "lora_hashes" in values:
+        if not isinstance(values["lora_hashes"], str):
+            values["lora_hashes"] = format_lora_hashes(values["lora_hashes"])
+        if not values["lora_hashes"]:
+            del values["lora_hashes"]
+
+    fields: list[tuple[str, Any]] = [(a1111, values[ours]) for ours, a1111 in FIELD_ORDER if ours in values]
+    fields += [(k, v) for k, v in values.items() if k[:1].isupper()]
+    fields.append(("Version", values.get("version", VERSION)))
+
+    parts = []
+    for key, value in fields:
+        if not _RE_KEY.fullmatch(key):
+            raise MetadataError(f"field name {key!r} cannot be read back (A1111 allows letters, digits, ' ', '-', '/')")
+        text = _number(value) if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+        parts.append(f"{key}: {quote(text)}")
+
+    negative = str(values.get("negative_prompt", ""))
+    negative_line = f"\nNegative prompt: {negative}" if negative else ""
+    return f"{values['prompt']}{negative_line}\n{', '.join(parts)}".strip()
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def _unquote(text: str) -> str:
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return str(json.loads(text))
+    except ValueError:
+        return text
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """Read an A1111 infotext: ``{"Prompt": ..., "Negative prompt": ..., "Steps": "25", ...}``.
+
+    Every field of the last line is kept, in order, with its value as a string (JSON strings
+    decoded), including fields sdengine does not use ("Hires upscale", "ADetailer model", ...).
+    "Prompt" and "Negative prompt" are always present (possibly empty).
+    """
+    *lines, last = text.strip().split("\n")
+    if len(_RE_PARAM.findall(last)) < 3:
+        # A1111's rule: fewer than 3 fields means the last line is part of the prompt.
+        lines.append(last)
+        last = ""
+
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    in_negative = False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:") :].strip()
+        target = negative_lines if in_negative else prompt_lines
+        # A1111 joins with "\n" only after the first non-empty text (so leading empty lines vanish).
+        if target or line:
+            target.append(line)
+
+    res: dict[str, str] = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
+    for key, value in _RE_PARAM.findall(last):
+        res[key] = _unquote(value)
+    return res
+
+
+def _parse_int(parsed: Mapping[str, str], key: str) -> int:
+    try:
+        return int(parsed[key])
+    except ValueError:
+        raise MetadataError(f"{key}: {parsed[key]!r} is not an integer") from None
+
+
+def _parse_float(parsed: Mapping[str, str], key: str) -> float:
+    try:
+        return float(parsed[key])
+    except ValueError:
+        raise MetadataError(f"{key}: {parsed[key]!r} is not a number") from None
+
+
+def to_generate_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
+    """The pipeline's arguments from :func:`parse_parameters`' result.
+
+    Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
+    names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip`` that the text
+    has (``clip_skip`` defaults to 1, as in A1111, where a missing "Clip skip" means 1). LoRAs stay
+    in the prompt as ``<lora:...>`` tags (:func:`sdengine.prompts.extract_lora_tags`). An unknown
+    sampler or schedule is a ``ValueError`` listing valid names. Fields that would change the image
+    but that sdengine does not reproduce ("Hires upscale", "Variation seed", ...) are logged as a
+    warning.
+    """
+    kwargs: dict[str, Any] = {
+        "prompt": parsed.get("Prompt", ""),
+        "negative_prompt": parsed.get("Negative prompt", ""),
+    }
+    if "Steps" in parsed:
+        kwargs["steps"] = _parse_int(parsed, "Steps")
+    if "Sampler" in parsed:
+        try:
+            kwargs["sampler"], kwargs["schedule"] = resolve(parsed["Sampler"], parsed.get("Schedule type"))
+        except ValueError as e:
+            raise MetadataError(f"cannot regenerate from this infotext: {e}") from None
+    elif "Schedule type" in parsed:
+        _, kwargs["schedule"] = resolve("euler", parsed["Schedule type"])
+    if "CFG scale" in parsed:
+        kwargs["cfg_scale"] = _parse_float(parsed, "CFG scale")
+    if "Seed" in parsed:
+        kwargs["seed"] = _parse_int(parsed, "Seed")
+    if "Size" in parsed:
+        m = _RE_SIZE.match(parsed["Size"])
+        if m is None:
+            raise MetadataError(f"Size: {parsed['Size']!r} is not WIDTHxHEIGHT")
+        kwargs["width"], kwargs["height"] = int(m.group(1)), int(m.group(2))
+    if "Denoising strength" in parsed:
+        kwargs["strength"] = _parse_float(parsed, "Denoising strength")
+    kwargs["clip_skip"] = _parse_int(parsed, "Clip skip") if "Clip skip" in parsed else 1
+
+    used = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size"}
+    used |= {"Denoising strength", "Clip skip"}
+    ignored = [k for k in parsed if k not in used and k not in _DESCRIPTIVE_FIELDS]
+    if ignored:
+        log.warning("infotext fields not reproduced by sdengine (the image may differ): %s", ", ".join(ignored))
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------- files
+
+
+def save_png(image: Image.Image, path: str | Path, parameters_text: str) -> Path:
+    """Write ``image`` as a PNG with ``parameters_text`` in a ``parameters`` text chunk (``tEXt``
+    when the text is Latin-1, else ``iTXt``, as Pillow and A1111 do). Written under a temporary
+    name in the same folder and renamed, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_KEY, parameters_text)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_png_parameters(path: str | Path) -> str | None:
+    """The ``parameters`` text of a PNG (``None`` when it has none); a ``MetadataError`` naming the
+    file when it is missing or not an image Pillow can read."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()  # text chunks after the image data are only read with the pixels
+            text = img.info.get(PARAMETERS_KEY)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise MetadataError(f"cannot read image metadata from {path}: {e}") from e
+    return None if text is None else str(text)
+
+
+# ---------------------------------------------------------------------------------------- hashes
+
+_BLOCK = 1 << 20
+
+
+def _sha256(path: str | Path, offset: int = 0) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for block in iter(lambda: f.read(_BLOCK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_hash(path: str | Path) -> str:
+    """A1111's "Model hash": the first 10 hex digits of the file's SHA-256 (read in 1 MiB blocks)."""
+    return _sha256(path)[:10]
+
+
+def lora_hash(path: str | Path) -> str:
+    """A1111's "Lora hashes" entry: 12 hex digits of SHA-256; for ``.safetensors`` of the file after
+    its header (kohya's "addnet" hash, which A1111 uses so that editing metadata keeps the hash)."""
+    path = Path(path)
+    offset = 0
+    if path.suffix.lower() == ".safetensors":
+        with open(path, "rb") as f:
+            header = f.read(8)
+        if len(header) < 8:
+            raise MetadataError(f"{path} is too short to be a safetensors file")
+        offset = 8 + int.from_bytes(header, "little")
+    return _sha256(path, offset)[:12]
+
+
+__all__ = [
+    "PARAMETERS_KEY",
+    "VERSION",
+    "MetadataError",
+    "format_lora_hashes",
+    "format_parameters",
+    "lora_hash",
+    "model_hash",
+    "parse_lora_hashes",
+    "parse_parameters",
+    "quote",
+    "read_png_parameters",
+    "save_png",
+    "to_generate_kwargs",
+]

@@ -1,0 +1,279 @@
+"""Prompts: A1111's attention syntax, ``<lora:...>`` tags, and long-prompt text conditioning.
+
+Data flows one way: ``prompt`` -> :func:`extract_lora_tags` (tags out) -> :func:`parse_prompt_attention`
+(weighted text pieces) -> tokens per piece -> :func:`sdengine.text.chunk_tokens` (75-token chunks, BREAK,
+comma backtracking) -> the CLIP text encoder, one chunk at a time -> A1111's emphasis ("Original") ->
+chunks concatenated along the sequence: ``(1, 77 * k, D)``.
+
+The rules are those of AUTOMATIC1111's stable-diffusion-webui (``modules/prompt_parser.py``,
+``modules/sd_hijack_clip.py``, ``modules/sd_emphasis.py``, ``extensions-builtin/Lora``), reimplemented:
+
+* ``(text)`` multiplies the weight of ``text`` by 1.1, ``[text]`` divides it by 1.1, ``(text:1.3)``
+  multiplies it by 1.3; brackets nest and multiply. ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are literal
+  characters. A bracket that is never closed applies from where it opened to the end of the prompt; a
+  closing bracket with no opener is literal text. ``BREAK`` (a whole word, upper case) ends the
+  current 75-token chunk.
+* A1111 tokenises each weighted piece on its own (so a weight boundary is also a BPE boundary), which
+  is done here too.
+* Emphasis: each token's hidden state is multiplied by its weight, then the chunk's states are
+  rescaled so that their mean equals the mean before weighting. A1111 does this per chunk (it encodes
+  chunk ``i`` of every prompt of a batch in one call), so the "whole tensor" of the rule is one
+  ``(1, 77, D)`` chunk here as there.
+* cond/uncond of different lengths: the shorter is padded with the encoding of the empty prompt, as
+  A1111's "pad prompt/negative prompt" option does.
+
+Differences from A1111, on purpose:
+
+* A weight that is not a number, e.g. ``(a:1.2.3)``, makes A1111 fail with Python's ``float`` error;
+  here it is a ``ValueError`` that names the piece.
+* Extra-network tags other than ``<lora:...>``/``<lyco:...>`` (``<hypernet:...>``, ...) are stripped by
+  A1111 (with a warning when unknown); sdengine does not have them, so they are an error rather than
+  silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from sdengine.text.clip_tokenizer import CLIPTokenizer, TokenChunk, chunk_tokens
+
+ROUND_MULTIPLIER = 1.1  # A1111: "(text)" and "((text))" = 1.1 and 1.21
+SQUARE_MULTIPLIER = 1 / 1.1  # A1111: "[text]"
+BREAK_PIECE: tuple[str, float] = ("BREAK", -1.0)  # how A1111's parser marks BREAK in its output
+
+# A1111's tokens of the attention syntax, in priority order: escapes, a lone backslash, openers, a
+# weight-and-close ":1.3)", closers, a run of plain text, a stray colon.
+_RE_ATTENTION = re.compile(
+    r"""
+    \\\(|\\\)|\\\[|\\]|\\\\|\\|
+    \(|\[|
+    :\s*([+-]?[.\d]+)\s*\)|
+    \)|]|
+    [^\\()\[\]:]+|
+    :
+    """,
+    re.X,
+)
+_RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+# A1111's extra-network tag: <kind:arg1:arg2...>
+_RE_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+_LORA_KINDS = ("lora", "lyco")  # A1111's built-in Lora extension answers to both
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+    """A1111's ``parse_prompt_attention``: ``text`` -> ``[(piece, weight), ...]``.
+
+    Neighbouring pieces of equal weight are merged; an empty prompt gives ``[("", 1.0)]``; ``BREAK``
+    appears as its own piece ``("BREAK", -1.0)``.
+
+    >>> parse_prompt_attention("an (important) word")
+    [('an ', 1.0), ('important', 1.1), (' word', 1.0)]
+    """
+    res: list[list] = []  # [piece, weight] pairs, mutable while brackets close
+    round_open: list[int] = []  # index in `res` where each open "(" started
+    square_open: list[int] = []
+
+    def multiply_range(start: int, multiplier: float) -> None:
+        # Same order of float multiplications as A1111, so weights match it bit for bit.
+        for p in range(start, len(res)):
+            res[p][1] *= multiplier
+
+    for m in _RE_ATTENTION.finditer(text):
+        tok, weight = m.group(0), m.group(1)
+        if tok.startswith("\\"):
+            res.append([tok[1:], 1.0])  # escape; a lone backslash becomes "" (A1111 drops it)
+        elif tok == "(":
+            round_open.append(len(res))
+        elif tok == "[":
+            square_open.append(len(res))
+        elif weight is not None and round_open:
+            try:
+                value = float(weight)
+            except ValueError:
+                raise ValueError(f"prompt weight {weight!r} in {tok!r} is not a number") from None
+            multiply_range(round_open.pop(), value)
+        elif tok == ")" and round_open:
+            multiply_range(round_open.pop(), ROUND_MULTIPLIER)
+        elif tok == "]" and square_open:
+            multiply_range(square_open.pop(), SQUARE_MULTIPLIER)
+        else:
+            # Plain text (including an unmatched closer or ":1.3)" with no opener): split at BREAK.
+            for i, part in enumerate(_RE_BREAK.split(tok)):
+                if i > 0:
+                    res.append(list(BREAK_PIECE))
+                res.append([part, 1.0])
+
+    # Unclosed brackets act as if closed at the end of the prompt.
+    for pos in round_open:
+        multiply_range(pos, ROUND_MULTIPLIER)
+    for pos in square_open:
+        multiply_range(pos, SQUARE_MULTIPLIER)
+
+    if not res:
+        res = [["", 1.0]]
+
+    merged: list[list] = [res[0]]
+    for piece, w in res[1:]:
+        if merged[-1][1] == w:
+            merged[-1][0] += piece
+        else:
+            merged.append([piece, w])
+    return [(str(p), float(w)) for p, w in merged]
+
+
+def _is_break(piece: tuple[str, float]) -> bool:
+    # A1111's test in tokenize_line; a "(BREAK:-1)" in a prompt is therefore a BREAK there too.
+    return piece[0] == "BREAK" and piece[1] == -1
+
+
+def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """Remove ``<lora:NAME>`` / ``<lora:NAME:WEIGHT>`` tags: ``(prompt without them, [(NAME, WEIGHT)])``.
+
+    Follows A1111's extra-network syntax (``<\\w+:args>``, args split at ``:``): WEIGHT defaults to
+    1.0; ``<lora:NAME:W:W>`` (A1111's text-encoder and U-Net multipliers) is accepted when both are
+    equal, since sdengine applies one weight per LoRA; different values, or A1111's named forms
+    (``te=``, ``unet=``, ``dyn=``), are a ``ValueError``. ``<lyco:...>`` is A1111's alias of ``lora``.
+    Other tags (``<hypernet:...>``) are a ``ValueError``: sdengine cannot apply them and does not
+    drop them silently. Tags are replaced by nothing, as in A1111 (surrounding spaces and commas
+    stay). The list keeps the order and repetitions of the prompt.
+    """
+    loras: list[tuple[str, float]] = []
+
+    def found(m: re.Match[str]) -> str:
+        kind, args = m.group(1), m.group(2)
+        if kind.lower() not in _LORA_KINDS:
+            raise ValueError(f"unsupported extra network tag {m.group(0)!r}: only <lora:NAME:WEIGHT> is supported")
+        items = args.split(":")
+        name = items[0].strip()
+        if not name:
+            raise ValueError(f"LoRA tag {m.group(0)!r} has no name")
+        if any("=" in item for item in items[1:]):
+            raise ValueError(f"LoRA tag {m.group(0)!r}: named multipliers (te=, unet=, dyn=) are not supported")
+        try:
+            weights = [float(item) for item in items[1:]]
+        except ValueError:
+            raise ValueError(f"LoRA tag {m.group(0)!r}: weight is not a number") from None
+        if len(weights) > 2:
+            raise ValueError(f"LoRA tag {m.group(0)!r}: expected <lora:NAME[:WEIGHT[:UNET_WEIGHT]]>")
+        if len(weights) == 2 and weights[0] != weights[1]:
+            raise ValueError(
+                f"LoRA tag {m.group(0)!r}: separate text-encoder/U-Net weights are not supported; use one weight"
+            )
+        loras.append((name, weights[0] if weights else 1.0))
+        return ""
+
+    return _RE_EXTRA_NETWORK.sub(found, prompt), loras
+
+
+def prompt_chunks(tokenizer: CLIPTokenizer, prompt: str, *, pad_token_id: int) -> list[TokenChunk]:
+    """The 77-position chunks of ``prompt`` (ids and per-token weights), as A1111's ``tokenize_line``.
+
+    LoRA tags are removed first (see :func:`extract_lora_tags`), as A1111 does before tokenising.
+    """
+    text, _ = extract_lora_tags(prompt)
+    parsed = parse_prompt_attention(text)
+    token_lists = tokenizer.encode_batch([piece for piece, _ in parsed])
+    pieces: list[tuple[Sequence[int], float] | None] = [
+        None if _is_break(p) else (ids, p[1]) for p, ids in zip(parsed, token_lists, strict=True)
+    ]
+    return chunk_tokens(pieces, pad_token_id=pad_token_id, comma_token_id=tokenizer.comma_token_id)
+
+
+def apply_emphasis(states: Tensor, weights: Tensor) -> Tensor:
+    """A1111's "Original" emphasis on ``states`` (B, T, D) with ``weights`` (B, T).
+
+    Each token's state is scaled by its weight, then the whole of ``states`` is rescaled so that its
+    mean equals the mean before weighting (A1111: "restoring original mean is likely not correct, but
+    it seems to work well to prevent artifacts"). The means are taken in float32 so that fp16 runs
+    do not lose the ratio to rounding.
+    """
+    original_mean = states.float().mean()
+    weighted = states * weights.to(states.dtype).unsqueeze(-1)
+    new_mean = weighted.float().mean()
+    return weighted * (original_mean / new_mean).to(states.dtype)
+
+
+def encode_chunks(text_encoder: nn.Module, chunks: Sequence[TokenChunk], *, clip_skip: int = 1) -> Tensor:
+    """Encode ``chunks`` independently (each its own 77-token CLIP context), apply emphasis per chunk,
+    and concatenate: ``(1, 77 * len(chunks), D)``."""
+    param = next(iter(text_encoder.parameters()))
+    ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=param.device)  # (k, 77)
+    states = text_encoder(ids, clip_skip=clip_skip).last_hidden_state  # (k, 77, D)
+    out = []
+    for i, chunk in enumerate(chunks):
+        z = states[i : i + 1]  # (1, 77, D)
+        if any(w != 1.0 for w in chunk.weights):
+            # Skipped for all-1 weights so that plain prompts are bit-identical to the encoder output.
+            w = torch.tensor([chunk.weights], dtype=torch.float32, device=z.device)
+            z = apply_emphasis(z, w)
+        out.append(z)
+    return torch.cat(out, dim=1)  # (1, 77 * k, D)
+
+
+def encode_prompt(
+    text_encoder: nn.Module,
+    tokenizer: CLIPTokenizer,
+    prompt: str,
+    *,
+    clip_skip: int = 1,
+    pad_token_id: int,
+) -> Tensor:
+    """Text conditioning of ``prompt`` as A1111 computes it: ``(1, 77 * k, D)``, k >= 1 chunks.
+
+    ``clip_skip`` in A1111's numbering (1 = last layer). ``pad_token_id``: ``SD1_PAD_TOKEN_ID`` for
+    SD 1.x, ``SD2_PAD_TOKEN_ID`` for SD 2.x. Never truncates: a long prompt gives more chunks. LoRA
+    tags in ``prompt`` are ignored here (they are removed before tokenising); get them with
+    :func:`extract_lora_tags`. For a plain prompt of at most 75 tokens the result equals diffusers'
+    ``StableDiffusionPipeline.encode_prompt`` (with its ``clip_skip = ours - 1``).
+    """
+    return encode_chunks(text_encoder, prompt_chunks(tokenizer, prompt, pad_token_id=pad_token_id), clip_skip=clip_skip)
+
+
+def pad_to_length(cond: Tensor, length: int, empty: Tensor) -> Tensor:
+    """Append copies of ``empty`` (1, 77, D) to ``cond`` (B, 77 * k, D) until it is ``length`` long."""
+    missing = length - cond.shape[1]
+    if missing < 0 or missing % empty.shape[1]:
+        raise ValueError(f"cannot pad a sequence of {cond.shape[1]} to {length} with chunks of {empty.shape[1]}")
+    repeats = missing // empty.shape[1]
+    if repeats == 0:
+        return cond
+    return torch.cat([cond, empty.expand(cond.shape[0], -1, -1).repeat(1, repeats, 1)], dim=1)
+
+
+def encode_prompt_pair(
+    text_encoder: nn.Module,
+    tokenizer: CLIPTokenizer,
+    prompt: str,
+    negative: str,
+    *,
+    clip_skip: int = 1,
+    pad_token_id: int,
+) -> tuple[Tensor, Tensor]:
+    """``(cond, uncond)``, each ``(1, 77 * k, D)`` with the same k: the shorter one is padded with
+    the encoding of the empty prompt, as A1111's "pad prompt/negative prompt" does, so that both go
+    through the U-Net in one batch."""
+    cond = encode_prompt(text_encoder, tokenizer, prompt, clip_skip=clip_skip, pad_token_id=pad_token_id)
+    uncond = encode_prompt(text_encoder, tokenizer, negative, clip_skip=clip_skip, pad_token_id=pad_token_id)
+    if cond.shape[1] != uncond.shape[1]:
+        empty = encode_prompt(text_encoder, tokenizer, "", clip_skip=clip_skip, pad_token_id=pad_token_id)
+        length = max(cond.shape[1], uncond.shape[1])
+        cond, uncond = pad_to_length(cond, length, empty), pad_to_length(uncond, length, empty)
+    return cond, uncond
+
+
+__all__ = [
+    "BREAK_PIECE",
+    "apply_emphasis",
+    "encode_chunks",
+    "encode_prompt",
+    "encode_prompt_pair",
+    "extract_lora_tags",
+    "pad_to_length",
+    "parse_prompt_attention",
+    "prompt_chunks",
+]
