@@ -6,11 +6,13 @@ that use the same shipped weights; they are not comparable to published FIDs.
 
 Shipped weights: ``sdengine/assets/fmnist_classifier/model.safetensors`` (fp16, ~0.6 MB) with
 ``config.json`` beside it recording the architecture, the training command and the test accuracy.
-They were trained on CPU with one thread by::
+They were trained on CPU with one thread (torch 2.13) by::
 
     python -m sdengine.metrics.classifier --out src/sdengine/assets/fmnist_classifier --epochs 8 --seed 0
 
-(see ``config.json`` -> ``test_accuracy`` for the exact number, 10k test images; it is >= 92%).
+Test accuracy on the 10,000 test images: 93.07% (fp16 weights as shipped; recorded in
+``config.json``). Training took 38 min wall-clock on a shared, heavily loaded 2-core machine (about
+2.5 min per epoch on an idle core).
 
 Input convention is the diffusion models' one: float ``(N, 1, 32, 32)`` in ``[-1, 1]``, background
 -1, the 28x28 image centred with 2 px padding (``(N, 1, 28, 28)`` is accepted and padded).
