@@ -233,7 +233,8 @@ def check_compatible(cn: ControlNetConfig, base: UNetConfig, *, name: str = "Con
         )
     fields = ("block_out_channels", "layers_per_block", "attention", "mid_block", "transformer_layers_per_block",
               "use_linear_projection", "flip_sin_to_cos", "freq_shift")
-    diffs = [f"{f} {getattr(u, f)!r} vs model {getattr(base, f)!r}" for f in fields if getattr(u, f) != getattr(base, f)]
+    diffs = [f"{f} {getattr(u, f)!r} vs model {getattr(base, f)!r}"
+             for f in fields if getattr(u, f) != getattr(base, f)]
     if diffs:
         raise ControlNetError(f"{name} does not fit this model's U-Net: " + "; ".join(diffs))
 

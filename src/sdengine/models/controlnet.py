@@ -85,7 +85,11 @@ class ControlNetConfig:
     ) -> ControlNetConfig:
         # The ControlNet always takes the 4-channel latent, even next to a 9-channel inpainting U-Net
         # (diffusers feeds it the latent before the mask and masked image are concatenated).
-        base = dataclasses.replace(unet, in_channels=min(unet.in_channels, 4), out_channels=4, dropout=0.0)
+        # sample_size and dropout are not ControlNet options (diffusers' ControlNetModel has neither).
+        base = dataclasses.replace(
+            unet, in_channels=min(unet.in_channels, 4), out_channels=4, dropout=0.0,
+            sample_size=UNetConfig.sample_size,
+        )
         return cls(
             base,
             conditioning_channels=conditioning_channels,
@@ -323,7 +327,9 @@ def _from_diffusers(config: dict[str, Any]) -> ControlNetConfig:
         raise ValueError(str(e).replace("U-Net config", "ControlNet config")) from None
     emb = own["conditioning_embedding_out_channels"]
     if emb is None:
-        raise ValueError("ControlNet config options not supported by sdengine: conditioning_embedding_out_channels=None")
+        raise ValueError(
+            "ControlNet config options not supported by sdengine: conditioning_embedding_out_channels=None"
+        )
     order = own["controlnet_conditioning_channel_order"]
     if order not in ("rgb", "bgr"):
         raise ValueError(f"ControlNet config options not supported by sdengine: channel order {order!r}")
