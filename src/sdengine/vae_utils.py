@@ -1,0 +1,232 @@
+"""The VAE around the sampler: images <-> latents safely, in tiles when large, and a cheap latent preview.
+
+* :func:`encode` / :func:`decode` take and give the *diffusion model's* latents (scaled by the VAE's
+  ``scaling_factor``) and images in ``[-1, 1]``; they tile automatically above a size, or when asked.
+* fp16 safety: SD's VAE can overflow in float16 (NaN/inf in the decoded image, Stable Diffusion's "black
+  images"). :func:`decode` checks the result and decodes again in float32 with a warning; the caller keeps
+  the returned flag so that later images go straight to float32 (A1111's automatic "--no-half-vae").
+* Tiling: the latent is cut into overlapping tiles, each tile is decoded on its own and the overlaps are
+  blended with linear ramps. GroupNorm statistics are per tile, so the result is not bit-equal to an
+  untiled decode; the tests state the measured difference (see tests/test_pipeline_vae.py).
+* :func:`latent_preview`: a fixed linear map from SD's 4 latent channels to RGB (the "cheap approximation"
+  of A1111's live preview), no network call, so it can run after every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sdengine.models.vae import AutoencoderKL, DiagonalGaussian
+
+log = logging.getLogger(__name__)
+
+# Tiles in latent units: 64 latents = 512 pixels for SD, the size the VAE was trained on; 16 of overlap.
+TILE_LATENT = 64
+OVERLAP_LATENT = 16
+# Tile automatically when an image has more latent positions than this (SD: above 1024x1024 pixels).
+AUTO_TILE_LATENT_AREA = 128 * 128
+
+# A1111's cheap latent -> RGB approximation for SD 1.x/2.x latents (modules/sd_samplers_common.py):
+# rgb = latent @ coefs, roughly in [-1, 1].
+_SD_LATENT_RGB = torch.tensor(
+    [
+        [0.298, 0.207, 0.208],
+        [0.187, 0.286, 0.173],
+        [-0.158, 0.189, 0.264],
+        [-0.184, -0.271, -0.473],
+    ]
+)
+
+
+def downscale_factor(vae: AutoencoderKL) -> int:
+    return vae.config.downscale_factor
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins covering ``size`` with tiles of ``tile`` overlapping by at least ``overlap``."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride))
+    starts.append(size - tile)  # the last tile ends at the border
+    return starts
+
+
+def _ramp(n: int, overlap: int, lead: bool, trail: bool, device: torch.device) -> Tensor:
+    """1-D blend weights over a tile of length ``n``: linear ramps over ``overlap`` where a neighbour is."""
+    w = torch.ones(n, device=device)
+    if overlap > 0:
+        r = (torch.arange(overlap, device=device, dtype=torch.float32) + 0.5) / overlap
+        if lead:
+            w[:overlap] = torch.minimum(w[:overlap], r)
+        if trail:
+            w[-overlap:] = torch.minimum(w[-overlap:], r.flip(0))
+    return w
+
+
+def _tiled(fn, x: Tensor, scale: float, tile: int, overlap: int, out_channels: int) -> Tensor:
+    """Apply ``fn`` (a map that resizes by ``scale``) over overlapping tiles of ``x`` and blend the results."""
+    _, _, h, w = x.shape
+    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+    out: Tensor | None = None
+    weight: Tensor | None = None
+    for y in ys:
+        for x0 in xs:
+            th, tw = min(tile, h), min(tile, w)
+            piece = fn(x[:, :, y : y + th, x0 : x0 + tw]).float()  # (B, C', th*s, tw*s)
+            if out is None:
+                out = torch.zeros(x.shape[0], out_channels, round(h * scale), round(w * scale), device=piece.device)
+                weight = torch.zeros(1, 1, out.shape[2], out.shape[3], device=piece.device)
+            oh, ow = piece.shape[2], piece.shape[3]
+            ov = round(overlap * scale)
+            wy = _ramp(oh, ov, y > 0, y + th < h, piece.device)
+            wx = _ramp(ow, ov, x0 > 0, x0 + tw < w, piece.device)
+            wt = (wy[:, None] * wx[None, :])[None, None]
+            oy, ox = round(y * scale), round(x0 * scale)
+            out[:, :, oy : oy + oh, ox : ox + ow] += piece * wt
+            weight[:, :, oy : oy + oh, ox : ox + ow] += wt  # type: ignore[index]
+    assert out is not None and weight is not None
+    return out / weight
+
+
+def _should_tile(latent_h: int, latent_w: int, tiled: bool | None) -> bool:
+    if tiled is not None:
+        return tiled and (latent_h > TILE_LATENT or latent_w > TILE_LATENT)
+    return latent_h * latent_w > AUTO_TILE_LATENT_AREA
+
+
+def encode_moments(vae: AutoencoderKL, images: Tensor, *, tiled: bool | None = None) -> DiagonalGaussian:
+    """The posterior q(z | x) for images in [-1, 1] (B, 3, H, W), in the VAE's own (unscaled) latents."""
+    f = downscale_factor(vae)
+    dtype = next(vae.parameters()).dtype
+    x = images.to(dtype)
+    if not _should_tile(x.shape[2] // f, x.shape[3] // f, tiled):
+        return vae.encode(x)
+
+    def moments(tile: Tensor) -> Tensor:
+        post = vae.encode(tile)
+        return torch.cat([post.mean, post.logvar], dim=1)
+
+    c = 2 * vae.config.latent_channels
+    m = _tiled(moments, x, 1 / f, TILE_LATENT * f, OVERLAP_LATENT * f, c)
+    return DiagonalGaussian(m.to(dtype))
+
+
+def encode(
+    vae: AutoencoderKL,
+    images: Tensor,
+    generators: Sequence[torch.Generator] | None,
+    *,
+    tiled: bool | None = None,
+) -> Tensor:
+    """Images in [-1, 1] -> the diffusion model's latents, one posterior sample per row drawn from
+    ``generators[row]`` (diffusers' ``latent_dist.sample(generator)``); the mode when no generators."""
+    post = encode_moments(vae, images, tiled=tiled)
+    z = post.sample(list(generators)) if generators is not None else post.mode()
+    return vae.scale_latents(z.float())
+
+
+def _decode_raw(vae: AutoencoderKL, latents: Tensor, tiled: bool | None) -> Tensor:
+    dtype = next(vae.parameters()).dtype
+    z = vae.unscale_latents(latents.float()).to(dtype)
+    if not _should_tile(z.shape[2], z.shape[3], tiled):
+        return vae.decode(z).float()
+    f = downscale_factor(vae)
+    return _tiled(vae.decode, z, f, TILE_LATENT, OVERLAP_LATENT, vae.config.out_channels)
+
+
+def decode(
+    vae: AutoencoderKL, latents: Tensor, *, tiled: bool | None = None, upcast: bool = False, warn: bool = True
+) -> tuple[Tensor, bool]:
+    """The diffusion model's latents (B, C, h, w) -> float32 images in [-1, 1]-ish (B, 3, H, W).
+
+    Returns ``(images, upcast_needed)``: when a half-precision VAE gives NaN/inf, the decode is redone in
+    float32 (with a RuntimeWarning unless ``warn`` is False) and the flag is True; pass ``upcast=True``
+    afterwards to skip the half try.
+    """
+    dtype = next(vae.parameters()).dtype
+    half = dtype in (torch.float16, torch.bfloat16)
+    if half and not upcast:
+        img = _decode_raw(vae, latents, tiled)
+        if bool(torch.isfinite(img).all()):
+            return img, False
+        if warn:
+            warnings.warn(
+                f"the VAE decode in {str(dtype).removeprefix('torch.')} gave NaN/inf values; decoding again in float32",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    if not half:
+        return _decode_raw(vae, latents, tiled), False
+    # Upcast in place and back: fp16 -> fp32 -> fp16 is exact, and no second copy of the weights is kept.
+    vae.float()
+    try:
+        img = _decode_raw(vae, latents, tiled)
+    finally:
+        vae.to(dtype)
+    return img, True
+
+
+def to_unit(images: Tensor) -> Tensor:
+    """VAE output in [-1, 1] -> [0, 1], clamped (diffusers' ``denormalize``)."""
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def latent_preview(latents: Tensor) -> np.ndarray:
+    """(B, C, h, w) latents -> uint8 (B, h, w, 3) RGB at latent resolution, without the VAE.
+
+    4-channel (SD) latents use A1111's fixed linear approximation; other latents show their channel
+    mean in grey. Meant for progress previews, not for output."""
+    z = latents.detach().float().cpu()
+    if z.shape[1] == 4:
+        rgb = torch.einsum("bchw,cr->bhwr", z, _SD_LATENT_RGB)
+    else:
+        rgb = z.mean(dim=1)[..., None].expand(*z.shape[:1], *z.shape[2:], 3)
+    return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory estimate (refuse before allocating)
+# ---------------------------------------------------------------------------------------------------
+
+
+def vae_decode_bytes(vae: AutoencoderKL, height: int, width: int, *, tiled: bool, bytes_per: int) -> int:
+    """Rough peak activation memory of decoding one image: the widest full-size feature maps of the
+    decoder (an up-sampled map of the previous level's width, its conv output, a norm temporary)."""
+    chans = list(reversed(vae.config.block_out_channels))  # decoder order: deepest level first
+    f = vae.config.downscale_factor
+    if tiled:
+        height, width = min(height, TILE_LATENT * f), min(width, TILE_LATENT * f)
+    peak = 0
+    for i, c in enumerate(chans):
+        scale = 2 ** (len(chans) - 1 - i)  # level i runs at H / scale
+        area = (height // scale) * (width // scale)
+        prev = chans[i - 1] if i > 0 else c
+        peak = max(peak, area * (2 * max(c, prev) + c))
+    return peak * bytes_per
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None when it cannot be told)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
