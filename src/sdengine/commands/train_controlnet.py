@@ -1,0 +1,86 @@
+"""``sdengine train controlnet --model M --data DIR --condition canny``: a ControlNet for a frozen SD model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _options(pairs: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--condition-option {pair!r}: expected NAME=NUMBER, e.g. low=50")
+    return out
+
+
+def run(a: argparse.Namespace) -> int:
+    from ..control import PREPROCESSORS, _option_names
+    from ..train.controlnet import ControlNetTrainSpec, train_controlnet
+    from ..train.loop import TrainConfig
+
+    opts = _options(a.condition_option or [])
+    if a.condition in PREPROCESSORS:
+        unknown = sorted(set(opts) - _option_names(a.condition))
+        if unknown:
+            valid = ", ".join(sorted(_option_names(a.condition))) or "none"
+            raise ValueError(f"--condition-option {', '.join(unknown)}: not options of {a.condition!r} ({valid})")
+    spec = ControlNetTrainSpec(
+        model=a.model, data=a.data, condition=a.condition, condition_dir=a.condition_dir, condition_options=opts,
+        resolution=a.resolution, empty_prompt_p=a.empty_prompt_p, controlnet_init=a.init,
+    )
+    cfg = TrainConfig(
+        steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup, grad_clip=a.grad_clip,
+        ema_decay=a.ema_decay, mixed_precision=a.mixed_precision, seed=a.seed, sample_every=0,
+        checkpoint_every=a.checkpoint_every,
+        max_seconds=a.max_minutes * 60 if a.max_minutes is not None else None,
+    )
+    device = a.device
+    if device == "auto":
+        from ..pipeline import resolve_device
+
+        device = resolve_device("auto")
+    result, folder = train_controlnet(spec, cfg, a.out, device=device, resume=a.resume)
+    first, last = result.losses[:10], result.losses[-10:]
+    if first and last:
+        print(f"loss {sum(first) / len(first):.4f} (first 10 steps) -> {sum(last) / len(last):.4f} (last 10)")
+    print(f"ControlNet written to {folder} (diffusers layout); use it with --control TYPE:IMAGE --controlnet {folder}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction | None = None) -> None:
+    if train is None:
+        return
+    p = train.add_parser(
+        "controlnet",
+        help="train a ControlNet for a frozen Stable Diffusion model",
+        description="The base model stays frozen; the ControlNet starts as a copy of its U-Net encoder "
+        "(zero convolutions at zero) and learns to follow control maps made from the training images.",
+    )
+    p.add_argument("--model", required=True, help="base model: diffusers folder, single file or built-in name")
+    p.add_argument("--data", required=True, help="folder of training images (+ NAME.txt captions)")
+    p.add_argument("--condition", default="canny", help="preprocessor for the control maps (canny, softedge, ...)")
+    p.add_argument("--condition-dir", default=None, help="ready-made control maps (same relative paths)")
+    p.add_argument("--condition-option", action="append", metavar="NAME=VALUE",
+                   help="preprocessor option, e.g. low=50 (repeatable)")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--empty-prompt-p", type=float, default=0.05, help="fraction of captions dropped")
+    p.add_argument("--init", default=None, help="continue from this ControlNet instead of the U-Net copy")
+    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema-decay", type=float, default=0.0, help="0: export the trained weights themselves")
+    p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
+    p.add_argument("--out", default="runs/controlnet")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run)

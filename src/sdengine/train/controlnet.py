@@ -1,0 +1,195 @@
+"""``sdengine train controlnet``: teach a ControlNet to steer a frozen Stable Diffusion model.
+
+The recipe of the paper (Zhang et al. 2023, section 3.3) and of diffusers' ``train_controlnet.py``: the base
+model (U-Net, VAE, text encoder) is locked; a ControlNet starts as a copy of the U-Net's encoder
+(:meth:`ControlNet.from_unet`, zero convolutions at zero, so step 0 reproduces the base model exactly);
+each step noises a training image's latent to a random timestep and regresses the U-Net's prediction,
+with the ControlNet's residuals added, on the usual target (eps or v). Only the ControlNet learns.
+
+Data: a folder of images, captioned kohya-style (``cat.png`` + ``cat.txt``; missing captions are empty
+prompts). The control map of each image is made by a preprocessor (``condition``: canny, softedge, ...)
+or read from ``condition_dir`` (the same relative paths), so one photo folder is enough for edge models.
+Latents, text states and control maps are computed once up front (small sets; the base is frozen).
+A fraction ``empty_prompt_p`` of captions is replaced by the empty prompt, which teaches the ControlNet
+to work without text (guess mode) and with classifier-free guidance.
+
+Mixed precision, EMA, gradient clipping, checkpoints and exact resume come from the shared loop
+(``train.loop``). The result is written as a diffusers ControlNet folder (``OUT/controlnet``:
+``config.json`` + ``diffusion_pytorch_model.safetensors``) that ``load_controlnet`` and diffusers read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from ..control import PREPROCESSORS, ControlNetError, load_control_image, preprocess, save_controlnet
+from ..diffusion.denoisers import diffusion_loss, prediction_target
+from ..diffusion.schedules import q_sample
+from ..models.controlnet import ControlNet
+from .loop import TrainConfig, TrainResult, data_indices, train
+
+
+@dataclass
+class ControlNetTrainSpec:
+    """What to train, besides the optimisation settings in :class:`TrainConfig`."""
+
+    model: str  # the base: a diffusers folder, a single file, or a built-in name
+    data: str  # folder of training images (+ .txt captions)
+    condition: str = "canny"  # preprocessor making the control map from each image
+    condition_dir: str | None = None  # or: ready-made control maps with the same relative paths
+    condition_options: dict[str, float] = field(default_factory=dict)
+    resolution: int = 512
+    empty_prompt_p: float = 0.05
+    controlnet_init: str | None = None  # continue from an existing ControlNet instead of from_unet
+
+    def __post_init__(self) -> None:
+        if self.condition not in PREPROCESSORS:
+            raise ControlNetError(f"unknown condition {self.condition!r}; valid: {', '.join(PREPROCESSORS)}")
+        if not 0.0 <= self.empty_prompt_p <= 1.0:
+            raise ValueError(f"empty_prompt_p must be in [0, 1], got {self.empty_prompt_p}")
+
+
+@dataclass
+class PreparedData:
+    latent_mean: Tensor  # (N, 4, h, w) scaled latents of the posterior mean
+    latent_std: Tensor  # (N, 4, h, w)
+    text: Tensor  # (N, L, D) text states of the captions
+    empty_text: Tensor  # (1, L, D) of the empty prompt
+    control: Tensor  # (N, 3, H, W) in [0, 1]
+    paths: list[str]
+
+
+def _control_map(spec: ControlNetTrainSpec, path: Path, root: Path, size: int) -> Image.Image:
+    from ..data.folders import resize_center_crop
+
+    if spec.condition_dir is not None:
+        rel = path.relative_to(root)
+        cands = [Path(spec.condition_dir) / rel] + [
+            (Path(spec.condition_dir) / rel).with_suffix(s) for s in (".png", ".jpg", ".jpeg", ".webp")
+        ]
+        found = next((c for c in cands if c.is_file()), None)
+        if found is None:
+            raise ControlNetError(f"no control map for {path} under {spec.condition_dir} (expected {cands[0]})")
+        img = load_control_image(found)
+    else:
+        img = load_control_image(path)
+    img = resize_center_crop(img, size)  # the same crop as the training image
+    opts = {k: v for k, v in spec.condition_options.items()}
+    return preprocess(spec.condition, img, **opts) if spec.condition_dir is None else img
+
+
+@torch.no_grad()
+def prepare_data(spec: ControlNetTrainSpec, pipe: Any, device: torch.device) -> PreparedData:
+    """Encode every image (VAE posterior), caption (text encoder) and control map once."""
+    from ..data.folders import ImageFolder
+
+    ds = ImageFolder(spec.data, size=spec.resolution, channels=3)
+    means, stds, texts, controls = [], [], [], []
+    vae = pipe.vae
+    for i in range(len(ds)):
+        item = ds[i]
+        x = item["image"][None].to(device=device, dtype=next(vae.parameters()).dtype)  # (1, 3, S, S) in [-1, 1]
+        post = vae.encode(x)
+        means.append(vae.scale_latents(post.mean.float()).cpu())
+        stds.append((post.std.float() * vae.config.scaling_factor).cpu())
+        texts.append(pipe.encode_prompt(item["caption"], "", 1)[0].float().cpu())
+        cmap = _control_map(spec, Path(item["path"]), Path(spec.data), spec.resolution)
+        controls.append(torch.from_numpy(np.asarray(cmap, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    lengths = {t.shape[1] for t in texts}
+    if len(lengths) > 1:  # long captions give more 77-token chunks: pad all to the longest
+        from ..prompts import pad_to_length
+
+        empty77 = pipe.encode_prompt("", "", 1)[0].float().cpu()
+        n = max(lengths)
+        texts = [pad_to_length(t, n, empty77) for t in texts]
+    empty = pipe.encode_prompt("", "", 1)[0].float().cpu()
+    if empty.shape[1] < texts[0].shape[1]:
+        from ..prompts import pad_to_length
+
+        empty = pad_to_length(empty, texts[0].shape[1], empty[:, :77])
+    return PreparedData(torch.cat(means), torch.cat(stds), torch.cat(texts), empty, torch.stack(controls),
+                        [str(p) for p in ds.paths])
+
+
+def train_controlnet(
+    spec: ControlNetTrainSpec,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[TrainResult, Path]:
+    """Train; returns the loop's result and the exported diffusers ControlNet folder (``OUT/controlnet``)."""
+    from .. import load_pipeline
+
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    if resume:  # fail on a bad checkpoint before loading models
+        from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+        load_checkpoint(out_dir / CHECKPOINT_NAME)
+    pipe = load_pipeline(spec.model, device=device, dtype="fp32")
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
+        raise ControlNetError(f"{spec.model}: a ControlNet needs a Stable Diffusion model (U-Net + VAE + text)")
+    unet = pipe.unet.requires_grad_(False).eval()
+    factor = pipe.vae_scale_factor
+    if spec.resolution % factor:
+        raise ValueError(f"resolution {spec.resolution} must be a multiple of the VAE factor {factor}")
+    data = prepare_data(spec, pipe, device)
+
+    torch.manual_seed(cfg.seed)  # the hint encoder's random initialisation
+    if spec.controlnet_init is not None:
+        from ..control import load_controlnet
+
+        loaded = load_controlnet(spec.controlnet_init, base=unet.config)
+        net = ControlNet(loaded.config)  # trainable fp32 parameters in ordinary memory (not the file's map)
+        net.load_state_dict(loaded.state_dict())
+    else:
+        levels = max(1, int(round(np.log2(factor)))) + 1  # the hint encoder must downsample by the VAE factor
+        widths = (16, 32, 96, 256)[-levels:] if levels <= 4 else (16,) * (levels - 4) + (16, 32, 96, 256)
+        net = ControlNet.from_unet(unet, conditioning_embedding_out_channels=tuple(widths))
+    net.requires_grad_(True)
+
+    schedule = pipe.noise_schedule
+    acp = schedule.alphas_cumprod.to(device)
+    prediction = pipe.prediction_type
+    T = schedule.num_train_timesteps
+    mean, std = data.latent_mean.to(device), data.latent_std.to(device)
+    text, empty = data.text.to(device), data.empty_text.to(device)
+    control = data.control.to(device)
+    n = mean.shape[0]
+
+    def loss_fn(m: nn.Module, step: int, g: torch.Generator) -> Tensor:
+        idx = data_indices(step, cfg.batch_size, n, cfg.seed).to(device)
+        b = idx.shape[0]
+        eps_latent = torch.randn(mean[idx].shape, generator=g, device=device)
+        x0 = mean[idx] + std[idx] * eps_latent  # a fresh posterior sample each step, as diffusers does
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        t = torch.randint(0, T, (b,), generator=g, device=device)
+        drop = (torch.rand((b,), generator=g, device=device) < spec.empty_prompt_p)[:, None, None]
+        ctx = torch.where(drop, empty.expand(b, -1, -1), text[idx])
+        x_t = q_sample(x0, t, noise, acp)
+        down, mid = m(x_t, t, control[idx], encoder_hidden_states=ctx)
+        out = unet(x_t, t, encoder_hidden_states=ctx, down_block_additional_residuals=down,
+                   mid_block_additional_residual=mid)
+        return diffusion_loss(out.float(), prediction_target(prediction, x0, noise, acp[t]), prediction=prediction)
+
+    meta = {"kind": "controlnet", "base": str(spec.model), "condition": spec.condition,
+            "controlnet_config": net.config.to_diffusers(), "images": len(data.paths)}
+    result = train(net, loss_fn, cfg, out_dir, device=device, resume=resume, progress=progress, meta=meta)
+
+    from .checkpoint import load_checkpoint
+
+    state = load_checkpoint(result.checkpoint)
+    export = ControlNet(net.config)
+    export.load_state_dict(state["ema"]["model"])  # with ema_decay 0 (the default here) the raw weights
+    folder = save_controlnet(export.eval(), out_dir / "controlnet")
+    return result, folder

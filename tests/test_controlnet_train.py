@@ -1,0 +1,96 @@
+"""``sdengine train controlnet``: a short run on a small folder lowers the loss (measured on fixed draws), the
+exported diffusers-layout ControlNet loads back, and the pipeline generates with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("diffusers")
+_models = pytest.importorskip("_pipeline_models", reason="tests/_pipeline_models.py (the pipeline tests) not here")
+pipeline = pytest.importorskip("sdengine.pipeline", reason="sdengine.pipeline has not landed yet")
+
+
+def _shapes_folder(root: Path, n: int = 4, size: int = 32) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for i in range(n):
+        a = np.full((size, size, 3), 30, np.uint8)
+        x0, y0 = rng.integers(2, size // 2, 2)
+        w, h = rng.integers(size // 4, size // 2, 2)
+        a[y0 : y0 + h, x0 : x0 + w] = rng.integers(120, 255, 3)
+        Image.fromarray(a).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"a square number {i}")
+    return root
+
+
+def _fixed_loss(net, unet, data, schedule, prediction: str, seed: int = 123, draws: int = 4) -> float:
+    """Mean loss over fixed (latent sample, t, noise) draws: comparable before and after training."""
+    from sdengine.diffusion.denoisers import diffusion_loss, prediction_target
+    from sdengine.diffusion.schedules import q_sample
+
+    g = torch.Generator().manual_seed(seed)
+    acp = schedule.alphas_cumprod
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(draws):
+            x0 = data.latent_mean + data.latent_std * torch.randn(data.latent_mean.shape, generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=g)
+            x_t = q_sample(x0, t, noise, acp)
+            kw = {}
+            if net is not None:
+                down, mid = net(x_t, t, data.control, encoder_hidden_states=data.text)
+                kw = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            out = unet(x_t, t, encoder_hidden_states=data.text, **kw)
+            total += diffusion_loss(out, prediction_target(prediction, x0, noise, acp[t]), prediction=prediction).item()
+    return total / draws
+
+
+def test_short_training_run_lowers_the_loss_and_generates(tmp_path) -> None:
+    from sdengine.cli import main
+    from sdengine.control import load_controlnet, preprocess
+    from sdengine.train.controlnet import ControlNetTrainSpec, prepare_data
+
+    sd = _models.make_sd_folder(tmp_path / "sd", size="tiny")
+    data_dir = _shapes_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["train", "controlnet", "--model", str(sd), "--data", str(data_dir), "--condition", "canny",
+            "--condition-option", "low=50", "--resolution", "32", "--batch-size", "4", "--lr", "2e-3",
+            "--warmup", "1", "--out", str(out), "--device", "cpu", "--checkpoint-every", "20",
+            "--empty-prompt-p", "0"]
+    assert main([*args, "--steps", "20"]) == 0
+    assert (out / "checkpoint.pt").is_file()
+    assert main([*args, "--steps", "40", "--resume"]) == 0  # continues from the shared loop's checkpoint
+    folder = out / "controlnet"
+    assert (folder / "config.json").is_file() and (folder / "diffusion_pytorch_model.safetensors").is_file()
+
+    pipe = pipeline.load_pipeline(sd, device="cpu")
+    net = load_controlnet(folder, base=pipe.unet.config)
+    spec = ControlNetTrainSpec(model=str(sd), data=str(data_dir), condition="canny", resolution=32,
+                               condition_options={"low": 50})
+    data = prepare_data(spec, pipe, torch.device("cpu"))
+    before = _fixed_loss(None, pipe.unet, data, pipe.noise_schedule, pipe.prediction_type)
+    after = _fixed_loss(net, pipe.unet, data, pipe.noise_schedule, pipe.prediction_type)
+    assert after < 0.9 * before, (before, after)
+
+    control = preprocess("canny", data_dir / "img0.png", low=50)
+    kw = dict(steps=3, sampler="euler", schedule="normal", width=32, height=32, seed=1, progress=False)
+    with_cn = pipe("a square number 0", controlnets=[(folder, control, 1.0)], **kw)
+    plain = pipe("a square number 0", **kw)
+    assert with_cn.arrays.shape == plain.arrays.shape == (1, 32, 32, 3)
+    assert np.abs(with_cn.arrays - plain.arrays).mean() > 1e-4
+
+
+def test_bad_training_input_is_one_line(tmp_path, capsys) -> None:
+    from sdengine.cli import main
+
+    rc = main(["train", "controlnet", "--model", str(tmp_path / "nope"), "--data", str(tmp_path),
+               "--condition", "depth"])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "depth" in err and "valid" in err and len(err.strip().splitlines()) == 1
