@@ -636,6 +636,22 @@ class LoRAHandle:
         return f"LoRAHandle({', '.join(f'{a.name}:{a.weight:g}' for a in self.loras)}; {state})"
 
 
+def patch_layers(layers: Iterable[tuple[nn.Module, LoRALayer]], name: str = "lora") -> LoRAHandle:
+    """Hook ready-made :class:`LoRALayer` objects (e.g. trainable ones) onto their base layers; the handle removes
+    them. This is how training attaches its layers, so trained and loaded LoRAs run the very same code."""
+    handle = LoRAHandle()
+    applied: list[LoRALayer] = []
+    for module, layer in layers:
+        patch = handle._patches.get(id(module))
+        if patch is None:
+            patch = handle._patches[id(module)] = _Patch(module)
+        patch.layers.append(layer)
+        applied.append(layer)
+    report = LoRAReport(name, None, "kohya", 1.0, [], [], ranks=sorted({la.rank for la in applied}))
+    handle.loras.append(AppliedLoRA(name, 1.0, applied, report))
+    return handle
+
+
 def check_weight(weight: float, name: str = "LoRA") -> float:
     try:
         w = float(weight)
@@ -789,5 +805,6 @@ __all__ = [
     "load_lora",
     "lora_targets",
     "match_lora",
+    "patch_layers",
     "resolve_lora",
 ]

@@ -1,0 +1,85 @@
+"""``sdengine train lora --model M --data DIR``: a kohya-format LoRA trained on captioned images (see train/lora.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def run(a: argparse.Namespace) -> int:
+    from ..cli import _device
+    from ..train.loop import TrainConfig
+    from ..train.lora import LoRASpec, train_lora
+
+    spec = LoRASpec(
+        model=a.model,
+        data=a.data,
+        rank=a.rank,
+        alpha=a.alpha,
+        conv_rank=a.conv_rank,
+        conv_alpha=a.conv_alpha,
+        targets=tuple(dict.fromkeys(a.target or ["attention"])),
+        train_text_encoder=a.train_text_encoder,
+        resolution=a.resolution,
+        gradient_checkpointing=a.gradient_checkpointing,
+        min_snr_gamma=a.min_snr_gamma,
+        output_name=a.name or Path(a.out).name or "lora",
+        save_dtype=a.save_dtype,
+        use_ema=a.ema,
+    )
+    cfg = TrainConfig(
+        steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        warmup_steps=a.warmup,
+        grad_clip=a.grad_clip,
+        ema_decay=a.ema_decay,
+        mixed_precision=a.mixed_precision,
+        seed=a.seed,
+        sample_every=0,
+        checkpoint_every=a.checkpoint_every,
+        max_seconds=None if a.max_minutes is None else 60 * a.max_minutes,
+    )
+    _, path = train_lora(spec, cfg, a.out, device=_device(a.device), resume=a.resume)
+    print(f"LoRA written to {path}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction | None = None) -> None:
+    if train is None:
+        return
+    p = train.add_parser(
+        "lora",
+        help="train a LoRA for an SD model on a folder of captioned images",
+        description="Images with a .txt caption beside each (kohya convention). Writes OUT/NAME.safetensors in "
+        "kohya format with ss_* metadata; A1111, ComfyUI, diffusers and 'sdengine generate --lora' load it.",
+    )
+    p.add_argument("--model", required=True, help="a diffusers folder, an SD .safetensors/.ckpt file, or built-in name")
+    p.add_argument("--data", required=True, help="folder of images with .txt captions")
+    p.add_argument("--out", default="runs/lora", help="output folder (checkpoints, loss plot, the LoRA file)")
+    p.add_argument("--name", default=None, help="file name of the LoRA (default: the output folder's name)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=None, help="scale = alpha / rank (default alpha = rank)")
+    p.add_argument("--target", action="append", choices=["attention", "proj", "ff", "conv"],
+                   help="layers to adapt; repeat for several (default: attention)")
+    p.add_argument("--conv-rank", type=int, default=None, help="rank of 3x3 convolutions with --target conv")
+    p.add_argument("--conv-alpha", type=float, default=None)
+    p.add_argument("--train-text-encoder", action="store_true", help="also adapt the text encoder's attention")
+    p.add_argument("--resolution", type=int, default=None, help="training size in pixels (default: the model's)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, about 30%% slower")
+    p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto")
+    p.add_argument("--min-snr-gamma", type=float, default=None)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema", action="store_true", help="write the EMA of the weights instead of the last ones")
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--save-dtype", choices=["fp32", "fp16", "bf16"], default="fp16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run)
