@@ -74,7 +74,7 @@ def main() -> None:
             max_seconds=a.train_minutes * 60,
         )
         t = time.perf_counter()
-        res, model = train_ddpm(spec, cfg, run_dir, device=dev, progress=True)
+        res, model = train_ddpm(spec, cfg, run_dir, device=dev, progress=False)
         train_s = time.perf_counter() - t
         results["train"] = {
             "steps": res.step,

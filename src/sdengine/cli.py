@@ -114,7 +114,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     out = Path(a.out)
     t = time.perf_counter()
     m = PixelDDPM.load("fashion-mnist", device=_device(a.device))
-    per = 10
+    per = a.per_class
     labels = [c for c in range(m.num_classes) for _ in range(per)]
     imgs = m.generate(labels, sampler=a.sampler, steps=a.steps, seed=a.seed, guidance_scale=a.cfg)
     path = save_image_atomic(make_grid(imgs, per, row_labels=m.class_names, scale=3), out / "fashion_mnist_grid.png")
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=20)
     d.add_argument("--cfg", type=float, default=DEMO_CFG)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--per-class", type=int, default=8)
     d.add_argument("--device", default="auto")
     d.set_defaults(func=cmd_demo)
 
@@ -212,7 +213,7 @@ def _register_command_modules(sub: argparse._SubParsersAction, train: argparse._
         mod.register(sub, train)
 
 
-DEMO_CFG = 1.0
+DEMO_CFG = 2.0
 
 
 def _domain_errors() -> tuple[type[Exception], ...]:
