@@ -631,13 +631,14 @@ def build_controlled_unet(
         name = f"ControlNet {k + 1}" if not isinstance(model, str | Path) else f"ControlNet {Path(model).name}"
         check_unit_settings(float(scale), float(start), float(end), name=name)
         if isinstance(model, ControlNet):
+            # A model the caller owns (maybe one being trained): moved if it must be, otherwise left alone.
             net = model
             if isinstance(base_cfg, UNetConfig):
                 check_compatible(net.config, base_cfg, name=name)
         else:
             net = load_controlnet(model, base=base_cfg if isinstance(base_cfg, UNetConfig) else None)
+            net.eval().requires_grad_(False)
         net = net.to(device=device, dtype=torch_dtype) if torch_dtype is not None else net.to(device)
-        net.eval().requires_grad_(False)
         img = control_image_tensor(image, width, height)
         if img.shape[1] != net.config.conditioning_channels:
             if net.config.conditioning_channels == 1:
