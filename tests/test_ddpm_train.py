@@ -127,3 +127,18 @@ def test_cli_sample_unknown_model(tmp_path, capsys):
     rc = main(["sample", str(tmp_path / "missing"), "--out", str(tmp_path / "g.png")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "no model at" in err and "fashion-mnist" in err
+
+
+def test_unconditional_training_on_a_folder(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        img = Image.new("RGB", (20, 24), (40 * i, 255 - 40 * i, 128))
+        img.save(folder / f"{i}.png")
+    s = DDPMSpec(data=str(folder), image_size=16, channels=3, unet=dataclasses.replace(TINY, in_channels=3))
+    result, model = train_ddpm(s, cfg(4, batch_size=4), tmp_path / "run", progress=False)
+    assert result.step == 4 and model.class_names is None and model.channels == 3
+    imgs = PixelDDPM.load(tmp_path / "run" / "model").generate(None, n=2, sampler="ddim", steps=2, seed=0)
+    assert imgs.shape == (2, 3, 16, 16)

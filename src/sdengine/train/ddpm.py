@@ -57,7 +57,7 @@ def load_training_data(spec: DDPMSpec) -> tuple[torch.Tensor, torch.Tensor | Non
     from ..data.folders import ImageFolder
 
     ds = ImageFolder(spec.data, size=spec.image_size, channels=spec.channels)  # type: ignore[arg-type]
-    images = torch.stack([ds[i]["image"] for i in range(len(ds))])  # (N, C, H, W) in [-1, 1]
+    images = ds.stack()  # (N, C, H, W) in [-1, 1]
     return images, None, None, 0
 
 
@@ -149,10 +149,10 @@ def train_ddpm(
         if pm.num_classes:
             per = 8
             labs = [c for c in range(pm.num_classes) for _ in range(per)]
-            imgs = pm.generate(labs, sampler="ddim", steps=50, seed=0)
+            imgs = pm.generate(labs, sampler="dpmpp_2m", steps=20, seed=0)
             grid = make_grid(imgs, per, row_labels=pm.class_names, scale=2)
         else:
-            imgs = pm.generate(None, n=64, sampler="ddim", steps=50, seed=0)
+            imgs = pm.generate(None, n=64, sampler="dpmpp_2m", steps=20, seed=0)
             grid = make_grid(imgs, 8, scale=2)
         save_image_atomic(grid, path)
         save_image_atomic(grid, path.with_name("samples_latest.png"))
