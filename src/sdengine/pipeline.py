@@ -741,8 +741,14 @@ class Pipeline:
         loras: list[tuple[Any, float]], lora_dir: str | Path | None, controlnets: Sequence[ControlUnit] | None,
         mask_blur: float,
     ) -> dict[str, Any]:
+        # LoRAs passed as arguments are written as <lora:NAME:W> tags, as A1111 keeps them, so that the
+        # infotext alone says which ones were used (regenerate with the same lora_dir).
+        tags = "".join(
+            f" <lora:{Path(src).stem}:{w:g}>" for src, w in loras[: len(loras) - _n_tag_loras(prompt)]
+            if isinstance(src, str | Path)
+        )
         params: dict[str, Any] = {
-            "prompt": prompt,
+            "prompt": prompt + tags,
             "negative_prompt": negative_prompt,
             "steps": steps,
             "sampler": p.sampler,
@@ -772,6 +778,12 @@ class Pipeline:
                     f"Model: {label}, Weight: {unit[2]:g}, Guidance Start: {unit[3]:g}, Guidance End: {unit[4]:g}"
                 )
         return params
+
+
+def _n_tag_loras(prompt: str) -> int:
+    from sdengine.prompts import extract_lora_tags
+
+    return len(extract_lora_tags(prompt)[1])
 
 
 def _is_number(v: Any) -> bool:

@@ -95,18 +95,22 @@ def _tiled(fn, x: Tensor, scale: float, tile: int, overlap: int, out_channels: i
     return out / weight
 
 
-def _should_tile(latent_h: int, latent_w: int, tiled: bool | None) -> bool:
+def _should_tile(latent_h: int, latent_w: int, tiled: bool | None, tile: int) -> bool:
     if tiled is not None:
-        return tiled and (latent_h > TILE_LATENT or latent_w > TILE_LATENT)
+        return tiled and (latent_h > tile or latent_w > tile)
     return latent_h * latent_w > AUTO_TILE_LATENT_AREA
 
 
-def encode_moments(vae: AutoencoderKL, images: Tensor, *, tiled: bool | None = None) -> DiagonalGaussian:
-    """The posterior q(z | x) for images in [-1, 1] (B, 3, H, W), in the VAE's own (unscaled) latents."""
+def encode_moments(
+    vae: AutoencoderKL, images: Tensor, *, tiled: bool | None = None, tile: int = TILE_LATENT,
+    overlap: int = OVERLAP_LATENT,
+) -> DiagonalGaussian:
+    """The posterior q(z | x) for images in [-1, 1] (B, 3, H, W), in the VAE's own (unscaled) latents.
+    Tiled: mean and log-variance blended over image tiles of ``tile`` latents overlapping by ``overlap``."""
     f = downscale_factor(vae)
     dtype = next(vae.parameters()).dtype
     x = images.to(dtype)
-    if not _should_tile(x.shape[2] // f, x.shape[3] // f, tiled):
+    if not _should_tile(x.shape[2] // f, x.shape[3] // f, tiled, tile):
         return vae.encode(x)
 
     def moments(tile: Tensor) -> Tensor:
@@ -114,7 +118,7 @@ def encode_moments(vae: AutoencoderKL, images: Tensor, *, tiled: bool | None = N
         return torch.cat([post.mean, post.logvar], dim=1)
 
     c = 2 * vae.config.latent_channels
-    m = _tiled(moments, x, 1 / f, TILE_LATENT * f, OVERLAP_LATENT * f, c)
+    m = _tiled(moments, x, 1 / f, tile * f, overlap * f, c)
     return DiagonalGaussian(m.to(dtype))
 
 
@@ -127,22 +131,29 @@ def encode(
 ) -> Tensor:
     """Images in [-1, 1] -> the diffusion model's latents, one posterior sample per row drawn from
     ``generators[row]`` (diffusers' ``latent_dist.sample(generator)``); the mode when no generators."""
-    post = encode_moments(vae, images, tiled=tiled)
+    post = encode_moments(vae, images, tiled=tiled)  # default tiles
     z = post.sample(list(generators)) if generators is not None else post.mode()
     return vae.scale_latents(z.float())
 
 
-def _decode_raw(vae: AutoencoderKL, latents: Tensor, tiled: bool | None) -> Tensor:
+def _decode_raw(vae: AutoencoderKL, latents: Tensor, tiled: bool | None, tile: int, overlap: int) -> Tensor:
     dtype = next(vae.parameters()).dtype
     z = vae.unscale_latents(latents.float()).to(dtype)
-    if not _should_tile(z.shape[2], z.shape[3], tiled):
+    if not _should_tile(z.shape[2], z.shape[3], tiled, tile):
         return vae.decode(z).float()
     f = downscale_factor(vae)
-    return _tiled(vae.decode, z, f, TILE_LATENT, OVERLAP_LATENT, vae.config.out_channels)
+    return _tiled(vae.decode, z, f, tile, overlap, vae.config.out_channels)
 
 
 def decode(
-    vae: AutoencoderKL, latents: Tensor, *, tiled: bool | None = None, upcast: bool = False, warn: bool = True
+    vae: AutoencoderKL,
+    latents: Tensor,
+    *,
+    tiled: bool | None = None,
+    upcast: bool = False,
+    warn: bool = True,
+    tile: int = TILE_LATENT,
+    overlap: int = OVERLAP_LATENT,
 ) -> tuple[Tensor, bool]:
     """The diffusion model's latents (B, C, h, w) -> float32 images in [-1, 1]-ish (B, 3, H, W).
 
@@ -153,7 +164,7 @@ def decode(
     dtype = next(vae.parameters()).dtype
     half = dtype in (torch.float16, torch.bfloat16)
     if half and not upcast:
-        img = _decode_raw(vae, latents, tiled)
+        img = _decode_raw(vae, latents, tiled, tile, overlap)
         if bool(torch.isfinite(img).all()):
             return img, False
         if warn:
@@ -163,11 +174,11 @@ def decode(
                 stacklevel=2,
             )
     if not half:
-        return _decode_raw(vae, latents, tiled), False
+        return _decode_raw(vae, latents, tiled, tile, overlap), False
     # Upcast in place and back: fp16 -> fp32 -> fp16 is exact, and no second copy of the weights is kept.
     vae.float()
     try:
-        img = _decode_raw(vae, latents, tiled)
+        img = _decode_raw(vae, latents, tiled, tile, overlap)
     finally:
         vae.to(dtype)
     return img, True

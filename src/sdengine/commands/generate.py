@@ -1,0 +1,192 @@
+"""``sdengine generate PROMPT``: text-to-image, img2img and inpainting from the command line (SPEC section 3).
+
+Every image is written as a PNG carrying its A1111 ``parameters`` text (SPEC section 5) under ``--out``, named
+``NNNNN-SEED.png`` like A1111's outputs. ``--from-png FILE`` reads such a text and generates the same image
+again (same model, same device); flags given next to it override what the PNG says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "negative_prompt": "", "steps": 25, "sampler": "dpmpp_2m", "schedule": "karras", "cfg_scale": 7.5,
+    "seed": -1, "batch_size": 1, "strength": 0.75, "clip_skip": 1,
+}
+_NUMBER = re.compile(r"^-?\d+(\.\d*)?$")
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    """``FILE[:WEIGHT]``; a trailing ``:number`` is the weight (so ``C:\\x.safetensors`` still works)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head and _NUMBER.match(tail):
+        return head, float(tail)
+    return text, 1.0
+
+
+def _next_index(out: Path) -> int:
+    used = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"^(\d{5})-", p.name))]
+    return max(used, default=-1) + 1
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at the time (so redirections after set-up are followed)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
+def _setup_logging() -> None:
+    """Warnings of the pipeline (a resized mask, a float32 VAE fallback) as 'sdengine: WARNING: ...' lines."""
+    logger = logging.getLogger("sdengine")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        h = _StderrHandler()
+        h.setFormatter(logging.Formatter("sdengine: %(levelname)s: %(message)s"))
+        logger.addHandler(h)
+        if logger.level == logging.NOTSET or logger.level > logging.WARNING:
+            logger.setLevel(logging.WARNING)
+
+
+def _from_png(path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    from ..metadata import MetadataError, parse_parameters, read_png_parameters, to_generate_kwargs
+
+    text = read_png_parameters(path)
+    if text is None:
+        raise MetadataError(f"{path} has no 'parameters' text: it was not written by sdengine or A1111")
+    parsed = parse_parameters(text)
+    return to_generate_kwargs(parsed), parsed
+
+
+def _model_from_png(parsed: dict[str, str]) -> str | None:
+    from ..pipeline import BUILTIN_PIXEL, BUILTIN_SD
+
+    name = parsed.get("Model")
+    if name and (name in BUILTIN_SD or name in BUILTIN_PIXEL or Path(name).exists()):
+        return name
+    return None
+
+
+def run(a: argparse.Namespace) -> int:
+    from ..metadata import save_png
+    from ..pipeline import GenerationError, load_pipeline
+
+    _setup_logging()
+    kwargs: dict[str, Any] = dict(DEFAULTS)
+    model = a.model
+    if a.from_png:
+        png_kwargs, parsed = _from_png(a.from_png)
+        kwargs.update(png_kwargs)
+        if model is None:
+            model = _model_from_png(parsed)
+            if model is None and parsed.get("Model"):
+                raise GenerationError(
+                    f"{a.from_png} was made with model {parsed['Model']!r}, which is not a built-in name or a path "
+                    "here: give --model"
+                )
+        if "strength" in png_kwargs and a.init_image is None:
+            raise GenerationError(
+                f"{a.from_png} is an img2img/inpainting image (Denoising strength {png_kwargs['strength']}): give "
+                "the same --init-image (and --mask)"
+            )
+    elif a.prompt is None:
+        raise GenerationError("give a PROMPT (or --from-png FILE)")
+    model = model or "emoji"
+
+    explicit = {
+        "prompt": a.prompt, "negative_prompt": a.negative, "steps": a.steps, "sampler": a.sampler,
+        "schedule": a.schedule, "cfg_scale": a.cfg, "seed": a.seed, "width": a.width, "height": a.height,
+        "batch_size": a.batch, "strength": a.strength, "clip_skip": a.clip_skip,
+        "guidance_rescale": a.guidance_rescale, "mask_blur": a.mask_blur,
+    }
+    kwargs.update({k: v for k, v in explicit.items() if v is not None})
+    if a.init_image is not None:
+        kwargs["init_image"] = a.init_image
+    else:
+        kwargs.pop("strength", None)
+    if a.mask is not None:
+        kwargs["mask"] = a.mask
+    if a.lora:
+        kwargs["loras"] = [_lora_arg(x) for x in a.lora]
+    if a.lora_dir:
+        kwargs["lora_dir"] = a.lora_dir
+    if a.vae_tiling is not None:
+        kwargs["vae_tiling"] = a.vae_tiling
+    if a.control or a.controlnet:
+        from ..control import control_units_from_cli
+
+        kwargs["controlnets"] = control_units_from_cli(a.control or [], a.controlnet or [])
+    if a.no_progress:
+        kwargs["progress"] = False
+
+    t0 = time.perf_counter()
+    pipe = load_pipeline(model, device=a.device, dtype=a.dtype, vae=a.vae, prediction_type=a.prediction_type)
+    t1 = time.perf_counter()
+    prompt = kwargs.pop("prompt", "")
+    result = pipe(prompt, **kwargs)
+    t2 = time.perf_counter()
+
+    out = Path(a.out)
+    index = _next_index(out) if out.is_dir() else 0
+    for i, (image, text) in enumerate(zip(result.images, result.infotexts, strict=True)):
+        path = save_png(image, out / f"{index + i:05d}-{result.seeds[i]}.png", text)
+        print(path)
+    print(
+        f"{len(result.images)} image(s) in {t2 - t1:.1f} s (model loaded in {t1 - t0:.1f} s), seed {result.seeds[0]}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction | None = None) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="text-to-image, img2img and inpainting; PNGs with A1111 parameters",
+        description="Generate images with a Stable Diffusion model (diffusers folder, .safetensors/.ckpt file or "
+        "a built-in name). Each PNG carries its parameters in A1111's format; --from-png makes it again.",
+    )
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (A1111 syntax: (word:1.2), [word], BREAK, "
+                   "<lora:NAME:W>)")
+    p.add_argument("--model", default=None, help="model folder, file or built-in name (default: emoji)")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 25)")
+    p.add_argument("--sampler", default=None, help="sampler, ours or A1111's name (default dpmpp_2m)")
+    p.add_argument("--schedule", default=None, help="normal, karras, exponential, sgm_uniform (default karras)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image; -1 = random (default)")
+    p.add_argument("--width", type=int, default=None, help="default: the model's training size")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help="images, seeds SEED, SEED+1, ... (default 1)")
+    p.add_argument("--init-image", default=None, help="img2img / inpainting source image")
+    p.add_argument("--strength", type=float, default=None, help="img2img denoising strength in (0, 1] (0.75)")
+    p.add_argument("--mask", default=None, help="inpainting mask, white = repaint")
+    p.add_argument("--mask-blur", type=float, default=None, help="mask blur in pixels (default 0)")
+    p.add_argument("--control", action="append", default=None, metavar="TYPE:IMAGE[:WEIGHT[:START:END]]",
+                   help="a ControlNet input (repeatable; pairs with --controlnet in order)")
+    p.add_argument("--controlnet", action="append", default=None, metavar="MODEL", help="a ControlNet model")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]", help="a LoRA (repeatable)")
+    p.add_argument("--lora-dir", default=None, help="where <lora:NAME> tags are looked up")
+    p.add_argument("--clip-skip", type=int, default=None, help="A1111's clip skip (1 = last layer)")
+    p.add_argument("--guidance-rescale", type=float, default=None, help="CFG rescale phi in [0, 1]")
+    p.add_argument("--vae", default=None, help="another VAE (file or folder)")
+    p.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode/encode the VAE in tiles (default: automatic for large images)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="default fp16 on cuda/mps, fp32 on cpu")
+    p.add_argument("--out", default="outputs", help="output folder (default outputs)")
+    p.add_argument("--from-png", default=None, metavar="FILE", help="regenerate the image whose parameters FILE "
+                   "carries (flags given here override them)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)

@@ -1,0 +1,143 @@
+"""``sdengine generate``: PNGs with A1111 parameters, ``--from-png`` regenerates pixel for pixel, errors are one
+line."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("diffusers")
+
+from _pipeline_models import make_sd_folder, mask_picture, picture  # noqa: E402
+from sdengine.cli import main  # noqa: E402
+
+# A1111's own reader (modules/infotext_utils.py, parse_generation_parameters), as another tool would run it.
+_A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def a1111_parse(text: str) -> dict[str, str]:
+    res: dict[str, str] = {}
+    prompt, negative, done_prompt = "", "", False
+    *lines, last = text.strip().split("\n")
+    if len(_A1111_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done_prompt = True
+            line = line[16:].strip()
+        if done_prompt:
+            negative += ("" if negative == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    res["Prompt"], res["Negative prompt"] = prompt, negative
+    for k, v in _A1111_PARAM.findall(last):
+        if v[:1] == '"' and v[-1:] == '"':
+            import json
+
+            v = json.loads(v)
+        res[k] = v
+    return res
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("cli") / "tiny-sd", size="tiny", kind="sd1")
+
+
+def _generate(*args: str) -> int:
+    return main(["generate", *args, "--no-progress"])
+
+
+def test_generate_writes_pngs_with_a1111_parameters(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = _generate("a red (apple:1.2), on a table", "--model", str(model), "--negative", "blurry", "--steps", "3",
+                   "--sampler", "euler_a", "--seed", "5", "--width", "32", "--height", "32", "--batch", "2",
+                   "--cfg", "6", "--out", str(out))
+    assert rc == 0
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["00000-5.png", "00001-6.png"]
+    assert capsys.readouterr().out.split() == [str(f) for f in files]
+    with Image.open(files[1]) as im:
+        text = im.info["parameters"]
+        assert im.size == (32, 32)
+    p = a1111_parse(text)
+    assert p["Prompt"] == "a red (apple:1.2), on a table" and p["Negative prompt"] == "blurry"
+    assert (p["Steps"], p["Sampler"], p["CFG scale"], p["Seed"], p["Size"]) == ("3", "Euler a", "6", "6", "32x32")
+    assert p["Model"] == "tiny-sd" and len(p["Model hash"]) == 10 and p["Version"].startswith("sdengine ")
+
+    # the next run numbers on
+    assert _generate("x", "--model", str(model), "--steps", "1", "--seed", "9", "--width", "32", "--height", "32",
+                     "--out", str(out)) == 0
+    assert (out / "00002-9.png").is_file()
+
+
+def test_from_png_reproduces_pixel_for_pixel(model, tmp_path):
+    out = tmp_path / "a"
+    assert _generate("a blue (bird:1.3) BREAK sky", "--model", str(model), "--negative", "ugly", "--steps", "4",
+                     "--sampler", "DPM++ 2M", "--schedule", "karras", "--seed", "11", "--batch", "2", "--width",
+                     "32", "--height", "40", "--clip-skip", "2", "--out", str(out)) == 0
+    second = out / "00001-12.png"
+    again = tmp_path / "b"
+    assert _generate("--from-png", str(second), "--model", str(model), "--out", str(again)) == 0
+    made = again / "00000-12.png"
+    a, b = np.asarray(Image.open(second)), np.asarray(Image.open(made))
+    assert a.shape == (40, 32, 3)
+    np.testing.assert_array_equal(a, b)
+    assert Image.open(second).info["parameters"] == Image.open(made).info["parameters"]
+
+
+def test_from_png_img2img_and_inpaint_need_the_init_image(model, tmp_path):
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    picture(32, 32).save(init)
+    mask_picture(32, 32).save(mask)
+    out = tmp_path / "a"
+    assert _generate("a cat", "--model", str(model), "--steps", "6", "--sampler", "euler", "--seed", "3",
+                     "--init-image", str(init), "--mask", str(mask), "--strength", "0.5", "--out", str(out)) == 0
+    png = out / "00000-3.png"
+    assert "Denoising strength: 0.5" in Image.open(png).info["parameters"]
+    assert _generate("--from-png", str(png), "--model", str(model), "--out", str(tmp_path / "b")) == 2
+    assert _generate("--from-png", str(png), "--model", str(model), "--init-image", str(init), "--mask", str(mask),
+                     "--out", str(tmp_path / "c")) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(tmp_path / "c" / "00000-3.png")))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--width", "100"], "width 100 is not a multiple of 8; the nearest valid width is 96"),
+        (["--strength", "1.5", "--init-image", "{init}"], "strength must be in (0, 1]"),
+        (["--cfg", "-2"], "cfg_scale must be a number >= 0"),
+        (["--init-image", "{missing}"], "init image not found"),
+        (["--sampler", "DPM++ 9M"], "unknown sampler 'DPM++ 9M'"),
+    ],
+)
+def test_user_errors_are_one_line(model, tmp_path, capsys, args, message):
+    picture(32, 32).save(tmp_path / "init.png")
+    args = [a.format(init=tmp_path / "init.png", missing=tmp_path / "missing.png") for a in args]
+    rc = _generate("x", "--model", str(model), "--steps", "4", "--width", "32", "--height", "32", *args,
+                   "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("sdengine: error: ") and message in err[0], err
+
+
+def test_from_png_without_parameters_and_missing_prompt(model, tmp_path, capsys):
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    assert _generate("--from-png", str(plain), "--model", str(model)) == 2
+    assert "has no 'parameters' text" in capsys.readouterr().err
+    assert _generate("--model", str(model)) == 2
+    assert "give a PROMPT" in capsys.readouterr().err
+
+
+def test_mask_resize_is_said_on_stderr(model, tmp_path, capsys):
+    picture(32, 32).save(tmp_path / "init.png")
+    mask_picture(20, 24).save(tmp_path / "mask.png")
+    assert _generate("x", "--model", str(model), "--steps", "2", "--sampler", "euler", "--init-image",
+                     str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"), "--out",
+                     str(tmp_path / "o")) == 0
+    assert "sdengine: WARNING: mask 20x24 resized to 32x32" in capsys.readouterr().err
