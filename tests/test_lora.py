@@ -70,7 +70,7 @@ _BASE: dict = {}
 def fresh_models():
     """sdengine models on the same random weights as `diffusers_models()` (built once, copied per test)."""
     if not _BASE:
-        _BASE["models"] = fresh_models()
+        _BASE["models"] = sdengine_models(*diffusers_models())
     return copy.deepcopy(_BASE["models"])
 
 
