@@ -73,12 +73,15 @@ def main() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
-    for name, row in out["table"].items():
+    styles = ["-", "--", ":"]
+    for i, (name, row) in enumerate(out["table"].items()):
         xs = sorted(row)
-        axes[0].plot(xs, [row[s]["fd"] for s in xs], marker="o", ms=3, label=name)
-        axes[1].plot(xs, [100 * row[s]["accuracy"] for s in xs], marker="o", ms=3, label=name)
+        kw = {"marker": "o", "ms": 3, "label": name, "ls": styles[(i // 10) % 3], "color": f"C{i % 10}"}
+        axes[0].plot(xs, [row[s]["fd"] for s in xs], **kw)
+        axes[1].plot(xs, [100 * row[s]["accuracy"] for s in xs], **kw)
     if ref_fd is not None:
         axes[0].axhline(ref_fd, color="k", ls="--", lw=1, label="ddpm 1000 steps")
         axes[1].axhline(100 * out["main"]["ddpm_1000_cfg1"]["accuracy"], color="k", ls="--", lw=1)
@@ -86,6 +89,7 @@ def main() -> None:
     axes[1].set(xscale="log", xlabel="steps", ylabel="class accuracy % (cfg 1)")
     for ax in axes:
         ax.set_xticks([5, 10, 20, 50], labels=["5", "10", "20", "50"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle("Fashion-MNIST DDPM: quality per step, 1000 class-conditional samples per point")
