@@ -109,7 +109,7 @@ def test_from_png_img2img_and_inpaint_need_the_init_image(model, tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--width", "100"], "width 100 is not a multiple of 8; the nearest valid width is 96"),
+        (["--width", "100"], "width 100 is not a multiple of 8; the nearest valid width is 104"),
         (["--strength", "1.5", "--init-image", "{init}"], "strength must be in (0, 1]"),
         (["--cfg", "-2"], "cfg_scale must be a number >= 0"),
         (["--init-image", "{missing}"], "init image not found"),

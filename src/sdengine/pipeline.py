@@ -407,7 +407,7 @@ class Pipeline:
             raise GenerationError(f"{what} must be positive, got {value}")
         if value % m:
             lo, hi = max(m, value // m * m), value // m * m + m
-            near = lo if value - lo <= hi - value else hi
+            near = lo if value - lo < hi - value else hi  # ties round up
             raise GenerationError(f"{what} {value} is not a multiple of {m}; the nearest valid {what} is {near}")
         return value
 
