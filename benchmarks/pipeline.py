@@ -43,12 +43,14 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=7.5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="sdengine's dtype (diffusers stays fp32; bf16 is NOT a like-for-like comparison)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model) if args.model else make_sd_folder(Path(tmp) / "medium-sd1", size="medium")
-        ours = sdengine.load_pipeline(folder, device="cpu", dtype="fp32")
+        ours = sdengine.load_pipeline(folder, device="cpu", dtype=args.dtype)
         theirs = diffusers_pipeline(folder)
         theirs.scheduler = diffusers_scheduler(folder, args.sampler)
 
@@ -56,13 +58,14 @@ def main() -> None:
             return ours(PROMPT, NEGATIVE, steps=args.steps, sampler=args.sampler, schedule="normal",
                         cfg_scale=args.cfg, seed=0, width=args.size, height=args.size, progress=False).arrays
 
-        def run_theirs() -> np.ndarray:
+        def run_theirs(output_type: str = "pil") -> np.ndarray:
+            # PIL images in the timed runs: sdengine's call makes them too
             out = theirs(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=args.cfg,
                          width=args.size, height=args.size, generator=torch.Generator("cpu").manual_seed(0),
-                         output_type="pil")
-            return np.stack([np.asarray(im, dtype=np.float32) / 255 for im in out.images])  # PIL, as ours makes
+                         output_type=output_type)
+            return out.images
 
-        a, b = run_ours(), run_theirs()  # warm-up (allocator, kernels, lazy imports)
+        a, b = run_ours(), run_theirs("np")  # warm-up (allocator, kernels, lazy imports) and the agreement check
         times: dict[str, list[float]] = {"sdengine": [], "diffusers": []}
         for _ in range(args.repeats):
             for name, fn in (("sdengine", run_ours), ("diffusers", run_theirs)):
@@ -71,7 +74,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
 
     print(f"medium SD1 (random weights), {args.size}x{args.size}, {args.steps} steps {args.sampler}, cfg {args.cfg}, "
-          f"fp32 CPU, {args.threads} thread(s), {args.repeats} interleaved repeats")
+          f"CPU, sdengine {args.dtype} / diffusers fp32, {args.threads} thread(s), {args.repeats} interleaved repeats")
     for name, ts in times.items():
         print(f"  {name:10s} best {min(ts):7.3f} s   median {statistics.median(ts):7.3f} s")
     print(f"  ratio sdengine / diffusers: best {min(times['sdengine']) / min(times['diffusers']):.2f}x, "

@@ -378,7 +378,7 @@ class Pipeline:
                 )
                 f = candidates[0] if candidates else None  # type: ignore[assignment]
             if f is not None and f.is_file():
-                self._model_hash = model_hash(f)
+                self._model_hash = _cached_hash(f, model_hash)
         return self._model_hash
 
     # -- text -----------------------------------------------------------------------------------------
@@ -778,6 +778,32 @@ class Pipeline:
                     f"Model: {label}, Weight: {unit[2]:g}, Guidance Start: {unit[3]:g}, Guidance End: {unit[4]:g}"
                 )
         return params
+
+
+def _cached_hash(f: Path, compute: Callable[[Path], str]) -> str:
+    """``compute(f)``, remembered in ~/.cache/sdengine/model_hashes.json by path, size and mtime: hashing a
+    multi-GB checkpoint takes seconds, and A1111 caches it the same way."""
+    import json
+    import os
+
+    st = f.stat()
+    key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdengine" / "model_hashes.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), str):
+        return known[key]
+    h = compute(f)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**(known if isinstance(known, dict) else {}), key: h}))
+        tmp.replace(cache)
+    except OSError:
+        pass  # a read-only home only costs the next run a re-hash
+    return h
 
 
 def _n_tag_loras(prompt: str) -> int:
