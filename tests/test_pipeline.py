@@ -464,3 +464,10 @@ def test_pixel_ddpm_folder_takes_a_class_name(tmp_path):
         pipe("bird", steps=1)
     with pytest.raises(GenerationError, match="pixel DDPM: it does not take init_image"):
         pipe("cat", steps=1, init_image=picture(16, 16))
+
+
+def test_progress_bar_shows_steps_rate_and_eta(sd1, capsys):
+    _, pipe = sd1
+    _ours(pipe, "euler", steps=3, progress=True)
+    err = capsys.readouterr().err
+    assert "sampling" in err and "/3 [" in err and "step/s" in err and "<" in err  # n/total [elapsed<ETA, rate]

@@ -305,6 +305,7 @@ class _Prepared:
     mask: np.ndarray | None  # float32 (H, W) in [0, 1], white = repaint
     tiled: bool | None
     notes: list[str]
+    mask_blur: float = 0.0
 
 
 class Pipeline:
@@ -517,7 +518,7 @@ class Pipeline:
             mask_arr = np.asarray(m, dtype=np.float32) / 255.0
             if mask_blur > 0:
                 mask_arr = _blur_mask(mask_arr, float(mask_blur))
-        return _Prepared(width, height, name, sched, seeds, init, mask_arr, tiled, notes)
+        return _Prepared(width, height, name, sched, seeds, init, mask_arr, tiled, notes, float(mask_blur))
 
     # -- the call -------------------------------------------------------------------------------------
 
@@ -647,10 +648,12 @@ class Pipeline:
 
         if mask_full is not None:
             assert p.init is not None
+            # diffusers binarises the mask at 0.5 and shrinks it with nearest; a blurred mask (mask_blur > 0,
+            # A1111's soft edge) is kept soft and area-averaged instead, so that the blend fades.
             binary = (mask_full >= 0.5).float()
-            soft = p.mask is not None and np.any((p.mask > 0) & (p.mask < 1)) and binary.ne(mask_full).any()
             latent_mask = (
-                F.interpolate(mask_full, size=(h, w), mode="area") if soft else F.interpolate(binary, size=(h, w))
+                F.interpolate(mask_full, size=(h, w), mode="area") if p.mask_blur > 0 else
+                F.interpolate(binary, size=(h, w))
             )
             masked = _image_tensor(p.init).to(dev) * (binary < 0.5)
             post = vae_utils.encode_moments(self.vae, masked, tiled=p.tiled)  # type: ignore[arg-type]
