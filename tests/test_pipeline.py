@@ -431,7 +431,7 @@ def test_device_and_dtype_defaults():
     with pytest.raises(GenerationError, match="unknown dtype"):
         resolve_dtype("fp8", dev)
     if not torch.cuda.is_available():
-        with pytest.raises(GenerationError, match="no CUDA device"):
+        with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda")
 
 

@@ -16,23 +16,15 @@ class UserError(Exception):
 
 
 def _device(name: str) -> str:
-    import torch
+    from .devices import resolve_device
 
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA device is available")
-    return name
+    return str(resolve_device(name))
 
 
 # ---------------------------------------------------------------------------------------------- train
 def cmd_train_ddpm(a: argparse.Namespace) -> int:
+    from .commands.common import device, train_config
     from .train.ddpm import DDPMSpec, train_ddpm
-    from .train.loop import TrainConfig
 
     spec = DDPMSpec(
         data=a.data,
@@ -43,20 +35,8 @@ def cmd_train_ddpm(a: argparse.Namespace) -> int:
         beta_schedule=a.beta_schedule,
         min_snr_gamma=a.min_snr_gamma,
     )
-    cfg = TrainConfig(
-        steps=a.steps,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        warmup_steps=a.warmup,
-        grad_clip=a.grad_clip,
-        ema_decay=a.ema_decay,
-        mixed_precision=a.mixed_precision,
-        seed=a.seed,
-        sample_every=a.sample_every,
-        checkpoint_every=a.checkpoint_every,
-        max_seconds=None if a.max_minutes is None else 60 * a.max_minutes,
-    )
-    _, model = train_ddpm(spec, cfg, a.out, device=_device(a.device), resume=a.resume)
+    cfg = train_config(a, sample_every=a.sample_every)
+    _, model = train_ddpm(spec, cfg, a.out, device=device(a), resume=a.resume)
     print(f"model written to {Path(a.out) / 'model'}")
     return 0
 
@@ -127,6 +107,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
+    from .commands.common import add_train_args
+
     p = argparse.ArgumentParser(prog="sdengine", description="Diffusion image generation from scratch.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -145,25 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     td = tsub.add_parser("ddpm", help="a pixel-space DDPM (Fashion-MNIST or a folder of images)")
     td.add_argument("--data", default="fashion-mnist", help="fashion-mnist, or a folder of images")
     td.add_argument("--class-conditional", action="store_true")
-    td.add_argument("--steps", type=int, default=20_000)
-    td.add_argument("--batch-size", type=int, default=128)
-    td.add_argument("--lr", type=float, default=2e-4)
-    td.add_argument("--warmup", type=int, default=500)
-    td.add_argument("--grad-clip", type=float, default=1.0)
-    td.add_argument("--ema-decay", type=float, default=0.999)
-    td.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto")
+    add_train_args(
+        td, out="runs/ddpm", steps=20_000, batch_size=128, lr=2e-4, warmup=500, ema_decay=0.999, checkpoint_every=1000
+    )
     td.add_argument("--prediction", choices=["epsilon", "v_prediction", "sample"], default="epsilon")
     td.add_argument("--beta-schedule", choices=["linear", "scaled_linear", "squaredcos_cap_v2"], default="linear")
     td.add_argument("--min-snr-gamma", type=float, default=None)
     td.add_argument("--size", type=int, default=32)
     td.add_argument("--channels", type=int, choices=[1, 3], default=1)
-    td.add_argument("--seed", type=int, default=0)
     td.add_argument("--sample-every", type=int, default=2000)
-    td.add_argument("--checkpoint-every", type=int, default=1000)
-    td.add_argument("--out", default="runs/ddpm")
-    td.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    td.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
-    td.add_argument("--device", default="auto")
     td.set_defaults(func=cmd_train_ddpm)
 
     s = sub.add_parser("sample", help="sample a grid from a pixel DDPM (checkpoint, model folder or built-in)")

@@ -48,6 +48,7 @@ from PIL import Image
 from torch import Tensor
 
 from sdengine import vae_utils
+from sdengine.devices import resolve_device
 from sdengine.diffusion import sampling
 from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser
@@ -118,30 +119,6 @@ class GenerationResult:
 # ---------------------------------------------------------------------------------------------------
 # Devices and dtypes
 # ---------------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto``: cuda, then mps, then cpu. A named device that is not there is an error."""
-    if isinstance(device, torch.device):
-        return device
-    name = device.lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise GenerationError(f"device {device!r} was asked for, but no CUDA device is available")
-    if name == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise GenerationError("device 'mps' was asked for, but MPS is not available")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise GenerationError(f"unknown device {device!r}; use auto, cpu, cuda or mps") from None
 
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,

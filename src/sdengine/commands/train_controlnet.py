@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_train_args
+
 
 def _options(pairs: list[str]) -> dict[str, float]:
     out: dict[str, float] = {}
@@ -21,7 +23,7 @@ def _options(pairs: list[str]) -> dict[str, float]:
 def run(a: argparse.Namespace) -> int:
     from ..control import PREPROCESSORS, _option_names
     from ..train.controlnet import ControlNetTrainSpec, train_controlnet
-    from ..train.loop import TrainConfig
+    from .common import device, train_config
 
     opts = _options(a.condition_option or [])
     if a.condition in PREPROCESSORS:
@@ -33,18 +35,8 @@ def run(a: argparse.Namespace) -> int:
         model=a.model, data=a.data, condition=a.condition, condition_dir=a.condition_dir, condition_options=opts,
         resolution=a.resolution, empty_prompt_p=a.empty_prompt_p, controlnet_init=a.init,
     )
-    cfg = TrainConfig(
-        steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup, grad_clip=a.grad_clip,
-        ema_decay=a.ema_decay, mixed_precision=a.mixed_precision, seed=a.seed, sample_every=0,
-        checkpoint_every=a.checkpoint_every,
-        max_seconds=a.max_minutes * 60 if a.max_minutes is not None else None,
-    )
-    device = a.device
-    if device == "auto":
-        from ..pipeline import resolve_device
-
-        device = resolve_device("auto")
-    result, folder = train_controlnet(spec, cfg, a.out, device=device, resume=a.resume)
+    cfg = train_config(a, sample_every=0)
+    result, folder = train_controlnet(spec, cfg, a.out, device=device(a), resume=a.resume)
     first, last = result.losses[:10], result.losses[-10:]
     if first and last:
         print(f"loss {sum(first) / len(first):.4f} (first 10 steps) -> {sum(last) / len(last):.4f} (last 10)")
@@ -70,17 +62,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--empty-prompt-p", type=float, default=0.05, help="fraction of captions dropped")
     p.add_argument("--init", default=None, help="continue from this ControlNet instead of the U-Net copy")
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--ema-decay", type=float, default=0.0, help="0: export the trained weights themselves")
-    p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
-    p.add_argument("--out", default="runs/controlnet")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--device", default="auto")
+    add_train_args(
+        p, out="runs/controlnet", steps=5000, batch_size=4, lr=1e-5, warmup=100, ema_decay=0.0, checkpoint_every=500,
+        ema_help="0: export the trained weights themselves",
+    )
     p.set_defaults(func=run)

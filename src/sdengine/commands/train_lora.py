@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .common import add_train_args
+
 
 def run(a: argparse.Namespace) -> int:
-    from ..cli import _device
-    from ..train.loop import TrainConfig
     from ..train.lora import LoRASpec, train_lora
+    from .common import device, train_config
 
     spec = LoRASpec(
         model=a.model,
@@ -27,20 +28,8 @@ def run(a: argparse.Namespace) -> int:
         save_dtype=a.save_dtype,
         use_ema=a.ema,
     )
-    cfg = TrainConfig(
-        steps=a.steps,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        warmup_steps=a.warmup,
-        grad_clip=a.grad_clip,
-        ema_decay=a.ema_decay,
-        mixed_precision=a.mixed_precision,
-        seed=a.seed,
-        sample_every=0,
-        checkpoint_every=a.checkpoint_every,
-        max_seconds=None if a.max_minutes is None else 60 * a.max_minutes,
-    )
-    _, path = train_lora(spec, cfg, a.out, device=_device(a.device), resume=a.resume)
+    cfg = train_config(a, sample_every=0)
+    _, path = train_lora(spec, cfg, a.out, device=device(a), resume=a.resume)
     print(f"LoRA written to {path}")
     return 0
 
@@ -56,7 +45,6 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     p.add_argument("--model", required=True, help="a diffusers folder, an SD .safetensors/.ckpt file, or built-in name")
     p.add_argument("--data", required=True, help="folder of images with .txt captions")
-    p.add_argument("--out", default="runs/lora", help="output folder (checkpoints, loss plot, the LoRA file)")
     p.add_argument("--name", default=None, help="file name of the LoRA (default: the output folder's name)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=None, help="scale = alpha / rank (default alpha = rank)")
@@ -67,19 +55,11 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--train-text-encoder", action="store_true", help="also adapt the text encoder's attention")
     p.add_argument("--resolution", type=int, default=None, help="training size in pixels (default: the model's)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, about 30%% slower")
-    p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto")
     p.add_argument("--min-snr-gamma", type=float, default=None)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--ema", action="store_true", help="write the EMA of the weights instead of the last ones")
-    p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--save-dtype", choices=["fp32", "fp16", "bf16"], default="fp16")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
-    p.add_argument("--device", default="auto")
+    add_train_args(
+        p, out="runs/lora", steps=1000, batch_size=1, lr=1e-4, warmup=0, ema_decay=0.999, checkpoint_every=500,
+        ema_help="used with --ema",
+    )
     p.set_defaults(func=run)

@@ -1,0 +1,59 @@
+"""Flags every ``sdengine train ...`` command shares, and the :class:`TrainConfig` they make."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_train_args(
+    p: argparse.ArgumentParser,
+    *,
+    out: str,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup: int,
+    ema_decay: float,
+    checkpoint_every: int,
+    ema_help: str | None = None,
+) -> None:
+    """The optimisation, checkpoint and device flags (defaults differ per trainer)."""
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=warmup, help="linear learning-rate warm-up steps")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema-decay", type=float, default=ema_decay, help=ema_help)
+    p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
+    p.add_argument("--out", default=out)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+
+
+def train_config(a: argparse.Namespace, **fixed: Any) -> Any:
+    """A TrainConfig from the flags of :func:`add_train_args`; ``fixed`` sets the rest (e.g. sample_every)."""
+    from ..train.loop import TrainConfig
+
+    return TrainConfig(
+        steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        warmup_steps=a.warmup,
+        grad_clip=a.grad_clip,
+        ema_decay=a.ema_decay,
+        mixed_precision=a.mixed_precision,
+        seed=a.seed,
+        checkpoint_every=a.checkpoint_every,
+        max_seconds=None if a.max_minutes is None else 60 * a.max_minutes,
+        **fixed,
+    )
+
+
+def device(a: argparse.Namespace) -> str:
+    from ..devices import resolve_device
+
+    return str(resolve_device(a.device))
