@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdengine.models.unet import SD15, SD21, DownBlock, MidBlock, UNet, UNetConfig
+from sdengine.models.unet import SD15, SD21, MidBlock, UNet, UNetConfig, down_blocks
 from sdengine.nn.embeddings import TimestepEmbedding, timestep_embedding
 
 ChannelOrder = Literal["rgb", "bgr"]
@@ -153,17 +153,7 @@ class ControlNet(nn.Module):
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             chs[0], config.conditioning_channels, config.conditioning_embedding_out_channels
         )
-        self.down_blocks = nn.ModuleList(
-            DownBlock(
-                chs[max(i - 1, 0)],
-                chs[i],
-                attention=ucfg.attention[i],
-                heads=ucfg.num_heads[i],
-                add_downsample=i < n - 1,
-                cfg=ucfg,
-            )
-            for i in range(n)
-        )
+        self.down_blocks = down_blocks(ucfg)  # the U-Net's encoder, same names, same shapes
         # One zero conv per U-Net skip connection: conv_in's output, each resnet(+attention) output and
         # each downsampler output, in the order the U-Net stacks them.
         zero_convs = [_zero(nn.Conv2d(chs[0], chs[0], 1))]

@@ -256,6 +256,24 @@ class UpBlock(nn.Module):
 # The model
 
 
+def down_blocks(cfg: UNetConfig) -> nn.ModuleList:
+    """The encoder half: one DownBlock per level, halving the size after every level but the last.
+    The ControlNet builds its copy of the encoder with this same function."""
+    chs = cfg.block_out_channels
+    n = len(chs)
+    return nn.ModuleList(
+        DownBlock(
+            chs[max(i - 1, 0)],
+            chs[i],
+            attention=cfg.attention[i],
+            heads=cfg.num_heads[i],
+            add_downsample=i < n - 1,
+            cfg=cfg,
+        )
+        for i in range(n)
+    )
+
+
 class UNet(nn.Module):
     """``unet(x, t, *, class_labels, encoder_hidden_states, <ControlNet residuals>) -> prediction``."""
 
@@ -270,17 +288,7 @@ class UNet(nn.Module):
         if cfg.num_class_embeds is not None:
             self.class_embedding = nn.Embedding(cfg.num_class_embeds, cfg.time_embed_dim)
 
-        self.down_blocks = nn.ModuleList(
-            DownBlock(
-                chs[max(i - 1, 0)],
-                chs[i],
-                attention=cfg.attention[i],
-                heads=cfg.num_heads[i],
-                add_downsample=i < n - 1,
-                cfg=cfg,
-            )
-            for i in range(n)
-        )
+        self.down_blocks = down_blocks(cfg)
         self.mid_block = None
         if cfg.mid_block:
             self.mid_block = MidBlock(chs[-1], attention=cfg.mid_attention, heads=cfg.num_heads[-1], cfg=cfg)
