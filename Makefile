@@ -4,17 +4,22 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
-APT_PKGS := dataset-fashion-mnist
+# Debian packages, each with a file that shows it is there: Fashion-MNIST (DDPM training and the
+# classifier), Noto Color Emoji and Unicode's emoji-test.txt (the emoji dataset).
+APT_PKGS := dataset-fashion-mnist fonts-noto-color-emoji unicode-data
+APT_FILES := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \
+	/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/unicode/emoji/emoji-test.txt
 
 .PHONY: demo test test-all lint sysdeps venv dev clean
 
 sysdeps:
-	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	@missing=0; for f in $(APT_FILES); do [ -e "$$f" ] || missing=1; done; \
+	if [ $$missing = 1 ]; then \
 	  echo "installing Debian packages: $(APT_PKGS)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get install -y --no-install-recommends $(APT_PKGS) >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y --no-install-recommends $(APT_PKGS); } || \
-	  echo "warning: could not install $(APT_PKGS); Fashion-MNIST training will not work"; \
+	  echo "warning: could not install $(APT_PKGS); the tests that need them will fail"; \
 	fi
 
 $(VPY):
