@@ -51,3 +51,17 @@ def test_sample_cli_writes_grid(tmp_path, capsys):
     )
     assert rc == 0 and out.is_file()
     assert "4 samples" in capsys.readouterr().out
+
+
+def test_generate_cli_with_the_builtin_ddpm_and_from_png(tmp_path, capsys):
+    """`sdengine generate` takes a class name as the prompt of the pixel model, and the PNG it writes
+    carries A1111 parameters from which --from-png makes the same bytes again."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    argv = ["generate", "Sneaker", "--model", "fashion-mnist", "--steps", "6", "--cfg", "2", "--seed", "3"]
+    assert main([*argv, "--out", str(a), "--no-progress"]) == 0
+    (first,) = sorted(a.glob("*.png"))
+    assert main(["generate", "--from-png", str(first), "--out", str(b), "--no-progress"]) == 0
+    (again,) = sorted(b.glob("*.png"))
+    assert first.read_bytes() == again.read_bytes()
+    assert main(["generate", "Spaceship", "--model", "fashion-mnist", "--out", str(a), "--no-progress"]) == 2
+    assert "unknown class" in capsys.readouterr().err

@@ -974,7 +974,13 @@ class PixelPipeline:
         progress: bool = True,
         **unsupported: Any,
     ) -> GenerationResult:
-        given = [k for k, v in unsupported.items() if v is not None and v is not False and v != [] and v != ()]
+        # Settings left at the SD pipeline's neutral values (the CLI always passes them) mean "not used".
+        neutral = {"clip_skip": 1, "guidance_rescale": 0.0, "mask_blur": 0}
+        given = [
+            k
+            for k, v in unsupported.items()
+            if v is not None and v is not False and v != [] and v != () and not (k in neutral and v == neutral[k])
+        ]
         if given:
             raise GenerationError(f"{self.name} is a pixel DDPM: it does not take {', '.join(sorted(given))}")
         size = self.model.image_size - 2 * self.model.crop
