@@ -65,3 +65,29 @@ def test_generate_cli_with_the_builtin_ddpm_and_from_png(tmp_path, capsys):
     assert first.read_bytes() == again.read_bytes()
     assert main(["generate", "Spaceship", "--model", "fashion-mnist", "--out", str(a), "--no-progress"]) == 2
     assert "unknown class" in capsys.readouterr().err
+
+
+def test_eval_cli_prints_fd_and_accuracy(capsys):
+    rc = main(
+        [
+            "eval",
+            "ddpm",
+            "fashion-mnist",
+            "--n",
+            "20",
+            "--sampler",
+            "dpmpp_2m",
+            "--schedule",
+            "karras",
+            "--steps",
+            "8",
+            "--cfg",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0 and "FD-FMNIST" in out and "class accuracy" in out
+    acc = float(out.split("class accuracy")[1].split("%")[0])
+    assert acc >= 70.0, out  # 20 samples at 8 steps with guidance 2: the shipped model is far above chance
