@@ -56,3 +56,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise CheckpointError(f"{path} is not an sdengine training checkpoint")
     return state
+
+
+def check_resumable(out_dir: str | Path) -> None:
+    """Raise ``CheckpointError`` unless ``out_dir`` holds a readable checkpoint. Trainers call this before
+    their slow set-up (data, models), so a bad ``--resume`` fails at once and changes nothing."""
+    load_checkpoint(Path(out_dir) / CHECKPOINT_NAME)

@@ -33,6 +33,7 @@ from ..control import PREPROCESSORS, ControlNetError, load_control_image, prepro
 from ..diffusion.denoisers import diffusion_loss, prediction_target
 from ..diffusion.schedules import q_sample
 from ..models.controlnet import ControlNet
+from .checkpoint import check_resumable
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 
@@ -133,9 +134,7 @@ def train_controlnet(
     device = torch.device(device)
     out_dir = Path(out_dir)
     if resume:  # fail on a bad checkpoint before loading models
-        from .checkpoint import CHECKPOINT_NAME, load_checkpoint
-
-        load_checkpoint(out_dir / CHECKPOINT_NAME)
+        check_resumable(out_dir)
     pipe = load_pipeline(spec.model, device=device, dtype="fp32")
     if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
         raise ControlNetError(f"{spec.model}: a ControlNet needs a Stable Diffusion model (U-Net + VAE + text)")

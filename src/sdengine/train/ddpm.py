@@ -22,6 +22,7 @@ from ..diffusion.denoisers import diffusion_loss, prediction_target
 from ..diffusion.schedules import NoiseSchedule, q_sample
 from ..imageio import make_grid, save_image_atomic
 from ..models.unet import UNet, UNetConfig
+from .checkpoint import check_resumable
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 
@@ -87,9 +88,7 @@ def train_ddpm(
     """Train and export the EMA model to ``out_dir/model`` (a folder ``PixelDDPM.load`` reads)."""
     device = torch.device(device)
     if resume:  # fail on a bad checkpoint before the (slow) data loading
-        from .checkpoint import CHECKPOINT_NAME, load_checkpoint
-
-        load_checkpoint(Path(out_dir) / CHECKPOINT_NAME)
+        check_resumable(out_dir)
     images, labels, class_names, crop = data if data is not None else load_training_data(spec)
     if spec.class_conditional and labels is None:
         raise ValueError("class-conditional training needs labels")

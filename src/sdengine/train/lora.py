@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..weights.lora import LoRALayer, kohya_name, lora_targets, patch_layers
+from .checkpoint import check_resumable
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 TargetKind = Literal["attention", "proj", "ff", "conv"]
@@ -288,9 +289,7 @@ def train_lora(
     device = torch.device(device)
     out_dir = Path(out_dir)
     if resume:  # fail on a bad checkpoint before loading the model
-        from .checkpoint import CHECKPOINT_NAME, load_checkpoint
-
-        load_checkpoint(out_dir / CHECKPOINT_NAME)
+        check_resumable(out_dir)
     started = time.time()
     base_dtype = "bf16" if cfg.mixed_precision == "bf16" else "fp32"  # frozen weights may be half; LoRA stays fp32
     pipe = load_pipeline(spec.model, device=device, dtype=base_dtype)
