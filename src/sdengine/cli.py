@@ -166,11 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--device", default="auto")
     ed.set_defaults(func=cmd_eval_ddpm)
 
-    _register_command_modules(sub, tsub)
+    _register_command_modules(sub, tsub, esub)
     return p
 
 
-def _register_command_modules(sub: argparse._SubParsersAction, train: argparse._SubParsersAction) -> None:
+def _register_command_modules(
+    sub: argparse._SubParsersAction, train: argparse._SubParsersAction, evaluate: argparse._SubParsersAction
+) -> None:
+    """Each module's ``register(sub, train)``, and ``register_eval(evaluate)`` where it has one."""
     import importlib
 
     from .commands import COMMAND_MODULES
@@ -182,7 +185,10 @@ def _register_command_modules(sub: argparse._SubParsersAction, train: argparse._
             if e.name and e.name.startswith(f"{__package__}.commands.{name}"):
                 continue  # not written yet
             raise
-        mod.register(sub, train)
+        if hasattr(mod, "register"):
+            mod.register(sub, train)
+        if hasattr(mod, "register_eval"):
+            mod.register_eval(evaluate)
 
 
 DEMO_CFG = 2.0

@@ -294,6 +294,23 @@ class MiniLMTextEncoder:
         return out.last_hidden_state, mask
 
     @torch.no_grad()
+    def context(self, texts: str | Sequence[str], length: int) -> torch.Tensor:
+        """Cross-attention context of the emoji model: token states ``(B, length, 384)``.
+
+        Each text is truncated to ``length`` ids (``[SEP]`` kept) and padded with ``[PAD]`` to exactly
+        ``length``; the pad positions keep BERT's states (computed under the attention mask), as SD keeps
+        CLIP's states of its padding, so every prompt gives the same shape and batches with any other."""
+        batch = self.tokenizer(texts, max_length=length)
+        pad = length - batch.input_ids.shape[1]
+        ids, mask = batch.input_ids, batch.attention_mask
+        if pad > 0:
+            ids = torch.nn.functional.pad(ids, (0, pad), value=self.tokenizer.pad_token_id)
+            mask = torch.nn.functional.pad(mask, (0, pad), value=0)
+        dev = self.device
+        out = self.model(ids.to(dev), mask.to(dev), torch.zeros_like(ids).to(dev))
+        return out.last_hidden_state
+
+    @torch.no_grad()
     def sentence_vectors(self, texts: str | Sequence[str]) -> torch.Tensor:
         """(B, 384) L2-normalised sentence embeddings, as sentence-transformers computes them."""
         hidden, mask = self.encode(texts)
