@@ -1,0 +1,46 @@
+"""``sdengine train emoji``: the built-in emoji model from nothing (see train/emoji.py for the stages)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def run(a: argparse.Namespace) -> int:
+    from ..devices import resolve_device
+    from ..train.emoji import EmojiRecipe, train_emoji
+
+    recipe = EmojiRecipe(seed=a.seed, mixed_precision=a.mixed_precision, vae_steps=a.vae_steps,
+                         unet_steps=a.unet_steps, unet_batch=a.batch_size, unet_lr=a.lr)
+    summary = train_emoji(a.out, recipe, device=resolve_device(a.device), export_to=a.export,
+                          max_minutes_vae=a.max_minutes_vae, max_minutes_unet=a.max_minutes_unet)
+    print(json.dumps(summary, indent=2))
+    print(f"model written to {summary['export']}; load it with load_pipeline('{summary['export']}')")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction | None = None) -> None:
+    if train is None:
+        return
+    from ..train.emoji import EmojiRecipe
+
+    r = EmojiRecipe()
+    p = train.add_parser(
+        "emoji",
+        help="train the built-in emoji text-to-image model (VAE, then U-Net) from the Noto emoji renders",
+        description="Stages: VAE (OUT/vae), MiniLM caption states (OUT/text_states.pt), U-Net (OUT/unet), export "
+        "(OUT/model, or --export). Rerunning continues each stage from its checkpoint. The defaults reproduce "
+        "the shipped model (docs/models/emoji.md).",
+    )
+    p.add_argument("--out", default="runs/emoji")
+    p.add_argument("--export", default=None, help="folder to write the model to (default OUT/model)")
+    p.add_argument("--vae-steps", type=int, default=r.vae_steps)
+    p.add_argument("--unet-steps", type=int, default=r.unet_steps)
+    p.add_argument("--batch-size", type=int, default=r.unet_batch, help="U-Net batch size")
+    p.add_argument("--lr", type=float, default=r.unet_lr, help="U-Net learning rate")
+    p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default=r.mixed_precision)
+    p.add_argument("--seed", type=int, default=r.seed)
+    p.add_argument("--max-minutes-vae", type=float, default=None, help="stop the VAE stage (and save) after this")
+    p.add_argument("--max-minutes-unet", type=float, default=None, help="stop the U-Net stage after this")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    p.set_defaults(func=run)
