@@ -10,6 +10,14 @@ def run(a: argparse.Namespace) -> int:
     from ..devices import resolve_device
     from ..train.emoji import EmojiRecipe, train_emoji
 
+    if a.write_folders:
+        from ..data.emoji import EmojiDataset
+        from ..train.emoji import write_caption_folders
+
+        counts = write_caption_folders(EmojiDataset(), a.write_folders)
+        for part, n in counts.items():
+            print(f"{n} captioned renders in {a.write_folders}/{part}")
+        return 0
     recipe = EmojiRecipe(seed=a.seed, mixed_precision=a.mixed_precision, vae_steps=a.vae_steps,
                          unet_steps=a.unet_steps, unet_batch=a.batch_size, unet_lr=a.lr)
     summary = train_emoji(a.out, recipe, device=resolve_device(a.device), export_to=a.export,
@@ -42,5 +50,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--seed", type=int, default=r.seed)
     p.add_argument("--max-minutes-vae", type=float, default=None, help="stop the VAE stage (and save) after this")
     p.add_argument("--max-minutes-unet", type=float, default=None, help="stop the U-Net stage after this")
+    p.add_argument("--write-folders", default=None, metavar="DIR",
+                   help="only write the renders as caption folders DIR/base and DIR/food-fruit (for 'sdengine train "
+                   "controlnet' and 'sdengine train lora') and stop")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     p.set_defaults(func=run)

@@ -402,6 +402,26 @@ def train_emoji(
     return summary
 
 
+def write_caption_folders(
+    ds: EmojiDataset, dst: str | Path, held_out: str | None = HELD_OUT_SUBGROUP
+) -> dict[str, int]:
+    """Renders as PNG + ``.txt`` caption folders (kohya convention) for ``sdengine train controlnet|lora``:
+    ``dst/base`` (what the base model saw) and ``dst/<held_out>`` (the LoRA's subgroup)."""
+    from PIL import Image
+
+    dst = Path(dst)
+    counts: dict[str, int] = {}
+    for i, e in enumerate(ds.entries):
+        part = held_out if (held_out is not None and e.subgroup == held_out) else "base"
+        folder = dst / part
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{i:04d}_" + "-".join(f"{ord(c):x}" for c in e.char)
+        Image.fromarray(ds.pixels[i]).save(folder / f"{stem}.png")
+        (folder / f"{stem}.txt").write_text(ds.captions[i] + "\n", encoding="utf-8")
+        counts[part] = counts.get(part, 0) + 1
+    return counts
+
+
 def _secs(minutes: float | None) -> float | None:
     return None if minutes is None else 60.0 * minutes
 
@@ -410,6 +430,7 @@ __all__ = [
     "EmojiRecipe",
     "prepare_text_states",
     "train_emoji",
+    "write_caption_folders",
     "EMOJI_UNET",
     "EMOJI_VAE",
     "HELD_OUT_SUBGROUP",
