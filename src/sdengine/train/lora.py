@@ -211,6 +211,12 @@ class LoRAData:
     captions: list[str]
 
 
+def _uses_clip(pipe: Any) -> bool:
+    from ..text.clip_tokenizer import CLIPTokenizer
+
+    return isinstance(getattr(pipe, "tokenizer", None), CLIPTokenizer)
+
+
 @torch.no_grad()
 def prepare_data(pipe: Any, spec: LoRASpec, resolution: int, device: torch.device) -> LoRAData:
     from ..data.folders import ImageFolder, ImageFolderError
@@ -223,6 +229,13 @@ def prepare_data(pipe: Any, spec: LoRASpec, resolution: int, device: torch.devic
         raise LoRATrainingError(str(e)) from None
     images = ds.stack().to(device=device, dtype=next(pipe.vae.parameters()).dtype)  # (N, 3, H, W) in [-1, 1]
     latents = torch.cat([encode(pipe.vae, images[i : i + 8], None, tiled=False) for i in range(0, len(ds), 8)])
+    if not _uses_clip(pipe):
+        # Another text encoder (the emoji model's MiniLM): the pipeline's own prompt encoding, frozen.
+        if spec.train_text_encoder:
+            raise LoRATrainingError("--train-text-encoder needs a CLIP text encoder; this model's is frozen MiniLM")
+        states = torch.cat([pipe.encode_prompt(c, "", 1)[0].float() for c in ds.captions]).to(device)
+        return LoRAData(latents.float(), torch.zeros((len(ds), 0), dtype=torch.long, device=device), states,
+                        ds.captions)
     ids = []
     for caption in ds.captions:
         # One 77-token window per caption (kohya's default): training uses the first chunk, emphasis ignored.
@@ -302,7 +315,7 @@ def train_lora(
     n = data.latents.shape[0]
 
     g = torch.Generator().manual_seed(cfg.seed)
-    network, chosen = LoRANetwork.create(pipe.unet, pipe.text_encoder, spec, g)
+    network, chosen = LoRANetwork.create(pipe.unet, pipe.text_encoder if _uses_clip(pipe) else None, spec, g)
     handle = patch_layers([(module, network.layers[key]) for key, module in chosen], spec.output_name)  # type: ignore[misc]
     acp = pipe.noise_schedule.alphas_cumprod.to(device)
     T = pipe.noise_schedule.num_train_timesteps
