@@ -88,20 +88,10 @@ def cmd_eval_ddpm(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- demo
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .ddpm import PixelDDPM
-    from .imageio import make_grid, save_image_atomic
+    from .demo import run_demo
 
-    out = Path(a.out)
-    t = time.perf_counter()
-    m = PixelDDPM.load("fashion-mnist", device=_device(a.device))
-    per = a.per_class
-    labels = [c for c in range(m.num_classes) for _ in range(per)]
-    imgs = m.generate(labels, sampler=a.sampler, steps=a.steps, seed=a.seed, guidance_scale=a.cfg)
-    path = save_image_atomic(make_grid(imgs, per, row_labels=m.class_names, scale=3), out / "fashion_mnist_grid.png")
-    print(
-        f"demo: {len(labels)} class-conditional Fashion-MNIST samples ({a.sampler}, {a.steps} steps, "
-        f"cfg {a.cfg}) in {time.perf_counter() - t:.1f} s -> {path}"
-    )
+    run_demo(a.out, device=a.device, steps=a.steps, sampler=a.sampler, cfg=a.cfg, seed=a.seed,
+             progress=not a.no_progress)
     return 0
 
 
@@ -112,14 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdengine", description="Diffusion image generation from scratch.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="generate a sample grid with the built-in model")
-    d.add_argument("--out", default="outputs")
+    d = sub.add_parser("demo", help="emoji text-to-image, img2img, ControlNet and LoRA pictures (built-in model)")
+    d.add_argument("--out", default="outputs", help="output folder (default outputs)")
     d.add_argument("--sampler", default="dpmpp_2m")
     d.add_argument("--steps", type=int, default=20)
-    d.add_argument("--cfg", type=float, default=DEMO_CFG)
+    d.add_argument("--cfg", type=float, default=None, help="guidance scale (default 5 for emoji, 2 for the "
+                   "Fashion-MNIST fallback)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--per-class", type=int, default=8)
     d.add_argument("--device", default="auto")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train a model")
