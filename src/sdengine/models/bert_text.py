@@ -311,6 +311,22 @@ class MiniLMTextEncoder:
         return out.last_hidden_state
 
     @torch.no_grad()
+    def context_of_ids(self, ids: Sequence[int], length: int) -> torch.Tensor:
+        """:meth:`context` of one row of ids that the caller tokenised itself (``[CLS] ... [SEP]``, at most
+        ``length``): ``(1, length, 384)``, padded exactly as :meth:`context` pads, so that the ids of a
+        text give the same states as the text. The pipeline uses it for A1111 emphasis, where each
+        weighted piece of a prompt is tokenised on its own."""
+        if not 0 < len(ids) <= length:
+            raise ValueError(f"expected 1..{length} ids, got {len(ids)}")
+        row = torch.full((1, length), self.tokenizer.pad_token_id, dtype=torch.long)
+        row[0, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        mask = torch.zeros((1, length), dtype=torch.long)
+        mask[0, : len(ids)] = 1
+        dev = self.device
+        out = self.model(row.to(dev), mask.to(dev), torch.zeros_like(row).to(dev))
+        return out.last_hidden_state
+
+    @torch.no_grad()
     def sentence_vectors(self, texts: str | Sequence[str]) -> torch.Tensor:
         """(B, 384) L2-normalised sentence embeddings, as sentence-transformers computes them."""
         hidden, mask = self.encode(texts)

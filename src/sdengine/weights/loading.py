@@ -78,6 +78,9 @@ class LoadedCheckpoint:
     tokenizer_dir: Path | None = None
     skipped: list[str] = field(default_factory=list)  # known-unused keys that were dropped
     notes: list[str] = field(default_factory=list)
+    # "clip" (weights in state_dicts["text_encoder"]) or "minilm": sdengine's own folders (the built-in emoji
+    # model) whose text encoder is all-MiniLM-L6-v2 by reference; only its config is here, no weights.
+    text_encoder_type: Literal["clip", "minilm"] = "clip"
 
     @property
     def nbytes(self) -> int:
@@ -125,24 +128,57 @@ def _load_component_folder(folder: Path) -> tuple[StateDict, dict[str, Any]]:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise WeightsError(f"{folder}: missing config.json")
+    cfg = _read_json(cfg_path, "config")
     sd: StateDict = {}
     for f in _find_weights(folder):
         sd.update(load_file(f)[0])
-    return sd, json.loads(cfg_path.read_text())
+    return sd, cfg
+
+
+MINILM_TEXT_ENCODER = ["sdengine", "MiniLMTextEncoder"]  # model_index.json entry of the emoji format
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise WeightsError(f"{path}: cannot read the {what} ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: the {what} is not a JSON object")
+    return obj
+
+
+def _minilm_config(folder: Path) -> dict[str, Any]:
+    """``text_encoder/config.json`` of an emoji-format folder: the MiniLM reference (package, context length)."""
+    cfg_path = folder / "text_encoder" / "config.json"
+    if not cfg_path.is_file():
+        raise WeightsError(f"{folder}: missing text_encoder/config.json (the MiniLM text encoder's settings)")
+    cfg = _read_json(cfg_path, "text encoder config")
+    if cfg.get("model_type") != "bert" or not isinstance(cfg.get("context_length"), int) or cfg["context_length"] < 2:
+        raise WeightsError(f"{cfg_path}: expected a MiniLM config (model_type bert, integer context_length >= 2)")
+    return cfg
 
 
 def load_diffusers_folder(
     folder: str | Path, *, vae: str | Path | None = None, prediction_type: str | None = None
 ) -> LoadedCheckpoint:
+    """A diffusers folder -> LoadedCheckpoint. sdengine's own format (``model_index.json`` names
+    ``"text_encoder": ["sdengine", "MiniLMTextEncoder"]``, the emoji model) carries no text-encoder weights:
+    they come from the all-MiniLM-L6-v2 pip package, so only the config is read and ``text_encoder_type`` is
+    "minilm"."""
     folder = Path(folder)
     index = folder / "model_index.json"
     if not index.is_file():
         raise WeightsError(f"{folder}: not a diffusers folder (no model_index.json)")
+    minilm = list(_read_json(index, "model_index.json").get("text_encoder") or []) == MINILM_TEXT_ENCODER
     sds: dict[str, StateDict] = {}
     cfgs: dict[str, dict[str, Any]] = {}
     skipped: list[str] = []
     for comp in COMPONENTS:
         if comp == "vae" and vae is not None:
+            continue
+        if comp == "text_encoder" and minilm:
+            cfgs[comp] = _minilm_config(folder)
             continue
         sub = folder / comp
         if not sub.is_dir():
@@ -150,9 +186,10 @@ def load_diffusers_folder(
         sds[comp], cfgs[comp] = _load_component_folder(sub)
     if vae is not None:
         sds["vae"], cfgs["vae"] = load_vae(vae)
-    sds["text_encoder"] = _clean_text_encoder(sds["text_encoder"], skipped)
+    if not minilm:
+        sds["text_encoder"] = _clean_text_encoder(sds["text_encoder"], skipped)
     sched = folder / "scheduler" / "scheduler_config.json"
-    cfgs["scheduler"] = json.loads(sched.read_text()) if sched.is_file() else {}
+    cfgs["scheduler"] = _read_json(sched, "scheduler config") if sched.is_file() else {}
     pred = prediction_type or cfgs["scheduler"].get("prediction_type", "epsilon")
     cfgs["scheduler"]["prediction_type"] = pred
     cross = cfgs["unet"].get("cross_attention_dim")
@@ -163,10 +200,11 @@ def load_diffusers_folder(
         state_dicts=sds,
         configs=cfgs,
         prediction_type=pred,
-        family={768: "sd1", 1024: "sd2"}.get(cross, "custom"),  # type: ignore[arg-type]
+        family="custom" if minilm else {768: "sd1", 1024: "sd2"}.get(cross, "custom"),  # type: ignore[arg-type]
         inpainting=cfgs["unet"].get("in_channels") == 9,
         tokenizer_dir=tok if tok.is_dir() else None,
         skipped=skipped,
+        text_encoder_type="minilm" if minilm else "clip",
     )
 
 
@@ -402,6 +440,11 @@ def build_on_meta(factory: Callable[[], torch.nn.Module], sd: Mapping[str, torch
 
 def components_to_ldm(ckpt: LoadedCheckpoint) -> StateDict:
     """Our names -> one flat LDM state dict (what A1111/ComfyUI/diffusers' from_single_file read)."""
+    if ckpt.text_encoder_type != "clip":
+        raise WeightsError(
+            f"{ckpt.source}: its text encoder is {ckpt.text_encoder_type} (by reference, no weights here); "
+            "only CLIP-based SD models can be written as an LDM file or a diffusers folder"
+        )
     out: StateDict = {}
     unet_cfg = ckpt.configs.get("unet")
     layout = km.UNetLayout.from_config(unet_cfg) if unet_cfg else unet_layout_from_diffusers(ckpt.state_dicts["unet"])
@@ -435,6 +478,11 @@ def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
 def save_diffusers_folder(ckpt: LoadedCheckpoint, dst: str | Path, *, dtype: str | torch.dtype | None = None,
                           tokenizer_dir: str | Path | None = None) -> Path:
     dst = Path(dst)
+    if ckpt.text_encoder_type != "clip":
+        raise WeightsError(
+            f"{ckpt.source}: its text encoder is {ckpt.text_encoder_type} (by reference, no weights here); "
+            "copy the folder instead of converting it"
+        )
     dst.mkdir(parents=True, exist_ok=True)
     cfgs = ckpt.configs
     sched_cls = cfgs["scheduler"].get("_class_name", "PNDMScheduler")
@@ -563,6 +611,9 @@ def build_models(
     target = parse_dtype(dtype)
     out: dict[str, torch.nn.Module] = {}
     for comp in components:
+        if comp not in ckpt.state_dicts:  # a text encoder by reference (MiniLM): the caller loads it
+            log.info("%s: no %s weights in the checkpoint: not built", ckpt.source, comp)
+            continue
         factory = _model_factory(comp, ckpt.configs[comp])
         if factory is None:
             log.info("no sdengine model class for %s yet: not built", comp)
