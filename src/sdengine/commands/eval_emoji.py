@@ -1,0 +1,107 @@
+"""``sdengine eval emoji``: prompt adherence, Frechet distance, guidance sweep, ControlNet and LoRA checks of the
+emoji model, scored by the emoji recogniser (see :mod:`sdengine.eval_emoji`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def _positive(what: str, v: int | None, minimum: int = 1) -> None:
+    if v is not None and v < minimum:
+        raise ValueError(f"--{what} must be at least {minimum}, got {v}")
+
+
+def _load_recogniser(device: str, path: str | None):
+    try:
+        from ..metrics.emoji_recogniser import load_emoji_recogniser  # type: ignore[import-not-found]
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("sdengine.metrics.emoji_recogniser"):
+            raise ValueError("the emoji recogniser (sdengine.metrics.emoji_recogniser) is not installed yet") from None
+        raise
+    if path is not None and not Path(path).exists():
+        raise FileNotFoundError(f"recogniser not found: {path}")
+    return load_emoji_recogniser(device=device, path=path)
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def run(a: argparse.Namespace) -> int:
+    from ..devices import resolve_device
+    from ..eval_emoji import evaluate_emoji, format_report
+    from ..pipeline import load_pipeline
+
+    _positive("n", a.n, 2)
+    _positive("paraphrase-n", a.paraphrase_n)
+    _positive("steps", a.steps)
+    _positive("sweep-n", a.sweep_n)
+    _positive("batch-size", a.batch_size)
+    _positive("control-n", a.control_n)
+    if not math.isfinite(a.cfg) or a.cfg < 0:
+        raise ValueError(f"--cfg must be a number >= 0, got {a.cfg}")
+    for what, p in (("--controlnet", a.controlnet), ("--lora", a.lora)):
+        if p is not None and not Path(p).exists():
+            raise FileNotFoundError(f"{what}: not found: {p}")
+    if a.json is not None and Path(a.json).is_dir():
+        raise IsADirectoryError(f"--json {a.json} is a folder; give a file name")
+
+    device = str(resolve_device(a.device))
+    pipe = load_pipeline(a.model, device=device)
+    recogniser = _load_recogniser(device, a.recogniser)
+    res = evaluate_emoji(
+        pipe, recogniser, n=a.n, cfg=a.cfg, steps=a.steps, sampler=a.sampler, seed=a.seed, batch_size=a.batch_size,
+        cfg_sweep=None if a.no_sweep else tuple(a.cfg_sweep), sweep_n=a.sweep_n, paraphrase_n=a.paraphrase_n,
+        controlnet=a.controlnet, control_n=a.control_n, lora=a.lora, lora_weight=a.lora_weight, progress=not a.quiet,
+    )
+    print(format_report(res))
+    if a.json is not None:
+        out = Path(a.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(_jsonable(res), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(out)
+        print(f"results written to {out}")
+    return 0
+
+
+def register_eval(evaluate: argparse._SubParsersAction) -> None:
+    from ..eval_emoji import DEFAULT_CFG, DEFAULT_CFG_SWEEP
+
+    p = evaluate.add_parser(
+        "emoji",
+        help="prompt adherence, FD, guidance sweep (and ControlNet / LoRA) of the emoji model",
+        description="Generates images from the canonical captions and hand-written paraphrases and scores them "
+        "with the emoji recogniser: top-1/top-5, Frechet distance in recogniser features against the renders, "
+        "top-1/top-5 over guidance scales; with --controlnet the edge F1 with and without it, with --lora the "
+        "held-out subgroup without and with it. Prints a markdown table.",
+    )
+    p.add_argument("--model", default="emoji", help="built-in name, diffusers folder or file (default: emoji)")
+    p.add_argument("--n", type=int, default=None, help="caption images: an evenly spaced subset (default: all)")
+    p.add_argument("--paraphrase-n", type=int, default=None, help="paraphrases: an evenly spaced subset")
+    p.add_argument("--cfg", type=float, default=DEFAULT_CFG, help=f"guidance scale (default {DEFAULT_CFG:g})")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cfg-sweep", type=float, nargs="+", default=list(DEFAULT_CFG_SWEEP), metavar="CFG")
+    p.add_argument("--sweep-n", type=int, default=200, help="captions per guidance scale in the sweep")
+    p.add_argument("--no-sweep", action="store_true", help="skip the guidance sweep")
+    p.add_argument("--controlnet", default=None, metavar="PATH", help="a canny ControlNet to measure edge F1")
+    p.add_argument("--control-n", type=int, default=64, help="renders used for the ControlNet check")
+    p.add_argument("--lora", default=None, metavar="PATH", help="a LoRA for the held-out subgroup")
+    p.add_argument("--lora-weight", type=float, default=1.0)
+    p.add_argument("--recogniser", default=None, metavar="PATH", help="recogniser weights (default: the shipped)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)

@@ -1,0 +1,616 @@
+"""How well the ``emoji`` model follows its prompts, measured with the emoji recogniser.
+
+:func:`evaluate_emoji` generates images and scores them with a recogniser (a classifier over the emoji chars,
+``sdengine.metrics.emoji_recogniser``):
+
+a. **prompt adherence**: recogniser top-1 / top-5 on images generated from every base-model emoji's canonical
+   caption (all but the held-out subgroup; ``n`` takes an evenly spaced subset) and from the hand-written
+   paraphrases (:mod:`sdengine.data.emoji_paraphrases`). An image counts as correct at k when the
+   recogniser's k best classes contain the emoji the prompt asks for;
+b. **Frechet distance** between the recogniser features of those caption images and of the real renders of
+   all base-model emoji (:mod:`sdengine.metrics.frechet`);
+c. **guidance sweep**: top-1 / top-5 on a fixed, evenly spaced subset (``sweep_n``) of the captions at each
+   scale of ``cfg_sweep``;
+d. **ControlNet** (given one): for an evenly spaced subset of renders, the Canny edges of the render are the
+   control; the caption is generated with and without the ControlNet, and the report gives the mean F1
+   between the control edges and the Canny edges of the generated image, with a 1-pixel tolerance (an edge
+   pixel counts as matched when the other map has an edge within its 3x3 neighbourhood); the pixel-exact F1
+   is reported beside it;
+e. **LoRA** (given one): top-1 / top-5 on the held-out subgroup's canonical captions and on the fruit
+   paraphrases, without and with the LoRA.
+
+Reproducibility: every image has its own seed. A caption image of dataset entry ``j`` uses ``seed + j`` (so the
+same emoji gets the same noise in every section and at every guidance scale), paraphrase ``k`` uses
+``seed + k``. Images are generated in batches of different prompts (:func:`generate_batch`), and a row does not
+depend on its batch: row ``i`` equals ``pipe(prompts[i], seed=seeds[i])`` of the ordinary pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_CFG",
+    "DEFAULT_CFG_SWEEP",
+    "edge_f1",
+    "evaluate_emoji",
+    "evenly_spaced",
+    "format_report",
+    "generate_batch",
+    "topk_hits",
+]
+
+DEFAULT_CFG = 5.0
+DEFAULT_CFG_SWEEP = (1.0, 3.0, 5.0, 7.5)
+RECOGNISER_SIZE = 64  # the recogniser reads 64x64 images, as the renders are
+EDGE_TOLERANCE_PX = 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small pure pieces
+# ---------------------------------------------------------------------------------------------------
+
+
+def evenly_spaced(total: int, n: int | None) -> list[int]:
+    """``n`` indices spread evenly over ``range(total)`` (first and last included); all when ``n`` is None or
+    at least ``total``."""
+    if n is None or n >= total:
+        return list(range(total))
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if n == 1:
+        return [0]
+    return sorted({int(round(i * (total - 1) / (n - 1))) for i in range(n)})
+
+
+def topk_hits(logits: Tensor, targets: Tensor, k: int) -> Tensor:
+    """Bool ``(B,)``: whether each row's ``k`` largest logits contain its target class. ``k`` larger than the
+    number of classes counts every class."""
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (B, classes), got {tuple(logits.shape)}")
+    targets = torch.as_tensor(targets, device=logits.device).long().reshape(-1)
+    if targets.shape[0] != logits.shape[0]:
+        raise ValueError(f"{logits.shape[0]} rows of logits but {targets.shape[0]} targets")
+    k = max(1, min(int(k), logits.shape[1]))
+    top = logits.topk(k, dim=1).indices
+    return (top == targets[:, None]).any(dim=1)
+
+
+def _dilate(edges: np.ndarray, px: int) -> np.ndarray:
+    if px <= 0:
+        return edges
+    import cv2
+
+    kernel = np.ones((2 * px + 1, 2 * px + 1), np.uint8)
+    return cv2.dilate(edges.astype(np.uint8), kernel) > 0
+
+
+def edge_f1(reference: np.ndarray, generated: np.ndarray, tolerance: int = EDGE_TOLERANCE_PX) -> float:
+    """F1 between two edge maps (H, W) (anything > 0 is an edge; an RGB map is read from its first channel).
+
+    Precision: the fraction of ``generated`` edge pixels that have a ``reference`` edge within ``tolerance``
+    pixels (a (2t+1)^2 square); recall: the same the other way round. ``tolerance=0`` is pixel-exact. Two
+    empty maps agree (1.0); one empty map against a non-empty one scores 0.
+    """
+    ref = np.asarray(reference)
+    gen = np.asarray(generated)
+    ref = ref[..., 0] if ref.ndim == 3 else ref
+    gen = gen[..., 0] if gen.ndim == 3 else gen
+    if ref.shape != gen.shape:
+        raise ValueError(f"edge maps differ in size: {ref.shape} vs {gen.shape}")
+    ref, gen = ref > 0, gen > 0
+    n_ref, n_gen = int(ref.sum()), int(gen.sum())
+    if n_ref == 0 and n_gen == 0:
+        return 1.0
+    if n_ref == 0 or n_gen == 0:
+        return 0.0
+    precision = float((gen & _dilate(ref, tolerance)).sum()) / n_gen
+    recall = float((ref & _dilate(gen, tolerance)).sum()) / n_ref
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def _canny_array(rgb_uint8: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) uint8 edges (0/255), with sdengine.control's canny (100/200)."""
+    from PIL import Image
+
+    from sdengine.control import canny
+
+    return np.asarray(canny(Image.fromarray(rgb_uint8)))[..., 0]
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    return (np.clip(a, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def _resize_uint8(a: np.ndarray, size: int) -> np.ndarray:
+    if a.shape[0] == size and a.shape[1] == size:
+        return a
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.LANCZOS))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batched generation
+# ---------------------------------------------------------------------------------------------------
+
+
+def generate_batch(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    steps: int,
+    sampler: str,
+    cfg_scale: float,
+    schedule: str | None = "karras",
+    controlnet: Any = None,
+    control_images: Tensor | None = None,
+    control_scale: float = 1.0,
+) -> np.ndarray:
+    """Images for several prompts in one batch: float32 ``(B, H, W, 3)`` in [0, 1] at the model's own size.
+
+    Row ``i`` is what ``pipe(prompts[i], seed=seeds[i], ...)`` makes (txt2img: its own generator, its own text
+    states; the VAE decodes one row at a time). ``controlnet``: a loaded ControlNet with ``control_images``
+    ``(B, 3, H, W)`` in [0, 1], one per row. An object that is not an sdengine :class:`Pipeline` is called once
+    per prompt instead.
+    """
+    from sdengine.pipeline import Pipeline
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if not isinstance(pipe, Pipeline):
+        return _generate_one_by_one(pipe, prompts, seeds, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                                    schedule=schedule, controlnet=controlnet, control_images=control_images,
+                                    control_scale=control_scale)
+    with torch.inference_mode():
+        return _generate_rows(pipe, prompts, seeds, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                              schedule=schedule, controlnet=controlnet, control_images=control_images,
+                              control_scale=control_scale)
+
+
+def _generate_one_by_one(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, sampler: str,
+                         cfg_scale: float, schedule: str | None, controlnet: Any, control_images: Tensor | None,
+                         control_scale: float) -> np.ndarray:
+    out = []
+    for i, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
+        kw: dict[str, Any] = {}
+        if controlnet is not None:
+            assert control_images is not None
+            kw["controlnets"] = [(controlnet, control_images[i : i + 1], control_scale)]
+        r = pipe(p, steps=steps, sampler=sampler, schedule=schedule, cfg_scale=cfg_scale, seed=int(s),
+                 batch_size=1, progress=False, **kw)
+        out.append(np.asarray(r.arrays, dtype=np.float32))
+    return np.concatenate(out)
+
+
+def _generate_rows(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, sampler: str,
+                   cfg_scale: float, schedule: str | None, controlnet: Any, control_images: Tensor | None,
+                   control_scale: float) -> np.ndarray:
+    from sdengine import vae_utils
+    from sdengine.diffusion import sampling
+    from sdengine.diffusion.denoisers import Denoiser
+    from sdengine.diffusion.guidance import CFGDenoiser
+    from sdengine.pipeline import GenerationError, _NetCall
+
+    try:
+        name, sched = sampling.resolve(sampler, schedule)
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
+    pairs = [pipe.encode_prompt(p, "") for p in prompts]
+    # Rows must share the text length to be batched (long CLIP prompts take several 77-token chunks).
+    groups: dict[int, list[int]] = {}
+    for i, (c, _) in enumerate(pairs):
+        groups.setdefault(int(c.shape[1]), []).append(i)
+    size = pipe.default_size
+    out = np.zeros((len(prompts), size, size, 3), np.float32)
+    for rows in groups.values():
+        cond = torch.cat([pairs[i][0] for i in rows])
+        uncond = torch.cat([pairs[i][1] for i in rows])
+        imgs = None if control_images is None else control_images[rows]
+        x = _sample(pipe, cond, uncond, [int(seeds[i]) for i in rows], steps=steps, sampler=name, schedule=sched,
+                    cfg_scale=cfg_scale, controlnet=controlnet, control_images=imgs, control_scale=control_scale,
+                    size=size, denoiser_cls=Denoiser, cfg_cls=CFGDenoiser, netcall_cls=_NetCall)
+        for j, i in enumerate(rows):
+            img, upcast = vae_utils.decode(pipe.vae, x[j : j + 1], upcast=pipe.vae_upcast, warn=False)
+            pipe.vae_upcast = pipe.vae_upcast or upcast
+            out[i] = vae_utils.to_unit(img)[0].permute(1, 2, 0).float().cpu().numpy()
+    return out
+
+
+def _sample(pipe: Any, cond: Tensor, uncond: Tensor, seeds: list[int], *, steps: int, sampler: str, schedule: str,
+            cfg_scale: float, controlnet: Any, control_images: Tensor | None, control_scale: float, size: int,
+            denoiser_cls: Any, cfg_cls: Any, netcall_cls: Any) -> Tensor:
+    from sdengine.diffusion import sampling
+
+    dev = pipe.device
+    b = len(seeds)
+    h = w = size // pipe.vae_scale_factor
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    noise = torch.cat([torch.randn((1, pipe.latent_channels, h, w), generator=g) for g in gens]).to(dev)
+    grid = sampling.make_grid(sampler, steps, pipe.noise_schedule, schedule, pipe.scheduler_config, 1.0)
+    net: Any = pipe.unet
+    if controlnet is not None:
+        from sdengine.control import build_controlled_unet
+
+        assert control_images is not None and control_images.shape[0] == b
+        net = build_controlled_unet(net, [(controlnet, control_images, control_scale, 0.0, 1.0)], width=size,
+                                    height=size, grid=grid, device=dev, dtype=pipe.dtype, batch_size=b)
+    den: Any = denoiser_cls(netcall_cls(net, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
+    den = cfg_cls(den, cfg_scale, {"encoder_hidden_states": uncond})
+    return sampling.sample(
+        den, noise, sampler=sampler, steps=steps, schedule=schedule, scheduler_config=pipe.scheduler_config,
+        generators=gens, extra_args={"encoder_hidden_states": cond}, noise_schedule=pipe.noise_schedule,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The recogniser
+# ---------------------------------------------------------------------------------------------------
+
+
+def _recogniser_device(recogniser: Any) -> torch.device:
+    p = next(iter(recogniser.parameters()), None) if hasattr(recogniser, "parameters") else None
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _class_index(recogniser: Any) -> Callable[[str], int | None]:
+    """char -> class index of the recogniser, or None for a char it does not know."""
+    fn = getattr(recogniser, "class_index", None)
+    if fn is None and hasattr(recogniser, "chars"):
+        table = {c: i for i, c in enumerate(recogniser.chars)}
+        return table.get
+    if fn is None:
+        from sdengine.metrics import emoji_recogniser as er  # type: ignore[attr-defined]
+
+        fn = er.class_index
+
+    def lookup(char: str) -> int | None:
+        try:
+            i = fn(char)
+        except (KeyError, ValueError):
+            return None
+        return None if i is None or int(i) < 0 else int(i)
+
+    return lookup
+
+
+def _to_recogniser_input(arrays: np.ndarray) -> Tensor:
+    """(B, H, W, 3) in [0, 1] -> (B, 3, 64, 64) in [-1, 1] (bilinear, antialiased, when the size differs)."""
+    x = torch.from_numpy(np.ascontiguousarray(arrays, dtype=np.float32)).permute(0, 3, 1, 2) * 2.0 - 1.0
+    if tuple(x.shape[-2:]) != (RECOGNISER_SIZE, RECOGNISER_SIZE):
+        x = F.interpolate(x, size=(RECOGNISER_SIZE, RECOGNISER_SIZE), mode="bilinear", antialias=True,
+                          align_corners=False)
+    return x
+
+
+def _recognise(recogniser: Any, x: Tensor, want_features: bool, batch: int = 256) -> tuple[Tensor, Tensor | None]:
+    dev = _recogniser_device(recogniser)
+    logits, feats = [], []
+    with torch.inference_mode():
+        for i in range(0, x.shape[0], batch):
+            xb = x[i : i + batch].to(dev)
+            logits.append(recogniser(xb).float().cpu())
+            if want_features:
+                feats.append(recogniser.features(xb).float().cpu())
+    return torch.cat(logits), (torch.cat(feats) if want_features else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The evaluation
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Runner:
+    """Generates and scores (prompt, char, seed) items in batches; remembers scored items by (prompt, seed, cfg,
+    lora) so that the guidance sweep reuses the main run's images."""
+
+    def __init__(self, pipe: Any, recogniser: Any, *, steps: int, sampler: str, batch_size: int, progress: bool):
+        self.pipe = pipe
+        self.recogniser = recogniser
+        self.steps = steps
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.progress = progress
+        self.index = _class_index(recogniser)
+        self.cache: dict[tuple[str, int, float, str], tuple[bool, bool]] = {}
+        self.images_generated = 0
+        self.generation_s = 0.0
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], cfg: float, desc: str, **control: Any
+                 ) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        out = []
+        starts = range(0, len(prompts), self.batch_size)
+        for s in tqdm(starts, desc=desc, unit="batch", disable=not self.progress, leave=False):
+            sl = slice(s, s + self.batch_size)
+            kw = dict(control)
+            if kw.get("control_images") is not None:
+                kw["control_images"] = kw["control_images"][sl]
+            t = time.perf_counter()
+            out.append(generate_batch(self.pipe, prompts[sl], seeds[sl], steps=self.steps, sampler=self.sampler,
+                                      cfg_scale=cfg, **kw))
+            self.generation_s += time.perf_counter() - t
+            self.images_generated += len(prompts[sl])
+        if not out:
+            return np.zeros((0, 1, 1, 3), np.float32)
+        return np.concatenate(out)
+
+    def adherence(self, items: Sequence[tuple[str, str, int]], cfg: float, desc: str, *, lora: str = "",
+                  features: bool = False) -> tuple[dict[str, Any], Tensor | None, list[bool]]:
+        """Top-1/top-5 of ``(prompt, char, seed)`` items at ``cfg``; the hit list (top-1) per item; recogniser
+        features of the generated images when asked (then nothing comes from the cache)."""
+        known = [(p, c, s, self.index(c)) for p, c, s in items]
+        scored = [(p, c, s, t) for p, c, s, t in known if t is not None]
+        todo = [it for it in scored if features or (it[0], it[2], cfg, lora) not in self.cache]
+        feats = None
+        if todo:
+            arrays = self.generate([p for p, _, _, _ in todo], [s for _, _, s, _ in todo], cfg, desc)
+            logits, feats = _recognise(self.recogniser, _to_recogniser_input(arrays), features)
+            targets = torch.tensor([t for _, _, _, t in todo])
+            h1, h5 = topk_hits(logits, targets, 1), topk_hits(logits, targets, 5)
+            for (p, _, s, _), a, b in zip(todo, h1.tolist(), h5.tolist(), strict=True):
+                self.cache[(p, s, cfg, lora)] = (a, b)
+        hits = [self.cache[(p, s, cfg, lora)] for p, _, s, _ in scored]
+        n = len(hits)
+        res = {
+            "n": n,
+            "top1": sum(a for a, _ in hits) / n if n else math.nan,
+            "top5": sum(b for _, b in hits) / n if n else math.nan,
+            "unknown_to_recogniser": len(known) - n,
+        }
+        per_item = [self.cache[(p, s, cfg, lora)][0] if t is not None else False for p, _, s, t in known]
+        return res, feats, per_item
+
+
+def evaluate_emoji(
+    pipe: Any,
+    recogniser: Any,
+    *,
+    n: int | None = None,
+    cfg: float = DEFAULT_CFG,
+    steps: int = 20,
+    sampler: str = "dpmpp_2m",
+    seed: int = 0,
+    batch_size: int = 64,
+    cfg_sweep: Sequence[float] | None = DEFAULT_CFG_SWEEP,
+    sweep_n: int = 200,
+    paraphrase_n: int | None = None,
+    controlnet: Any = None,
+    control_n: int = 64,
+    lora: str | Path | None = None,
+    lora_weight: float = 1.0,
+    progress: bool = True,
+    dataset: Any = None,
+) -> dict[str, Any]:
+    """Measure the emoji model ``pipe`` with ``recogniser`` (see the module docstring); a JSON-able dict.
+
+    ``n``: caption images (an evenly spaced subset of the base-model emoji; None = all of them);
+    ``paraphrase_n`` the same for the paraphrases. ``cfg``: the
+    guidance scale of sections a, b, d and e. ``cfg_sweep`` None or empty skips section c. ``controlnet``: a
+    ControlNet path (or loaded model) for section d on ``control_n`` renders; ``lora``: a LoRA file for
+    section e at ``lora_weight``. ``dataset``: an :class:`~sdengine.data.emoji.EmojiDataset` (default: load it).
+    """
+    from sdengine.data.emoji import EmojiDataset
+    from sdengine.data.emoji_paraphrases import FRUIT_PARAPHRASES, PARAPHRASES
+    from sdengine.metrics.frechet import frechet_distance_features
+    from sdengine.train.emoji import HELD_OUT_SUBGROUP
+
+    for what, v in (("steps", steps), ("batch_size", batch_size), ("sweep_n", sweep_n), ("control_n", control_n)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{what} must be a positive integer, got {v!r}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
+        raise ValueError(f"n must be an integer >= 2 (the Frechet distance needs two images), got {n!r}")
+    if paraphrase_n is not None and (isinstance(paraphrase_n, bool) or not isinstance(paraphrase_n, int)
+                                     or paraphrase_n < 1):
+        raise ValueError(f"paraphrase_n must be a positive integer, got {paraphrase_n!r}")
+    for c in (cfg, *(cfg_sweep or ())):
+        if not isinstance(c, int | float) or isinstance(c, bool) or not math.isfinite(c) or c < 0:
+            raise ValueError(f"guidance scales must be numbers >= 0, got {c!r}")
+    if lora is not None and not Path(lora).is_file():
+        raise FileNotFoundError(f"LoRA file not found: {lora}")
+
+    t_all = time.perf_counter()
+    ds = dataset if dataset is not None else EmojiDataset()
+    entries = ds.entries
+    base = [j for j, e in enumerate(entries) if e.subgroup != HELD_OUT_SUBGROUP]
+    held = [j for j, e in enumerate(entries) if e.subgroup == HELD_OUT_SUBGROUP]
+    chosen = [base[i] for i in evenly_spaced(len(base), n)]
+    run = _Runner(pipe, recogniser, steps=steps, sampler=sampler, batch_size=batch_size, progress=progress)
+    cfg = float(cfg)
+    timings: dict[str, float] = {}
+
+    def caption_items(idx: Sequence[int]) -> list[tuple[str, str, int]]:
+        return [(ds.captions[j], entries[j].char, seed + j) for j in idx]
+
+    # (a) captions, with features for (b)
+    t = time.perf_counter()
+    captions, gen_feats, per_item = run.adherence(caption_items(chosen), cfg, "captions", features=True)
+    by_group: dict[str, list[bool]] = {}
+    for j, hit in zip(chosen, per_item, strict=True):
+        by_group.setdefault(entries[j].group, []).append(hit)
+    captions["by_group_top1"] = {g: {"n": len(h), "top1": sum(h) / len(h)} for g, h in sorted(by_group.items())}
+    timings["captions_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    para_items = [(PARAPHRASES[k][0], PARAPHRASES[k][1], seed + k) for k in evenly_spaced(len(PARAPHRASES),
+                                                                                         paraphrase_n)]
+    paraphrases, _, _ = run.adherence(para_items, cfg, "paraphrases")
+    timings["paraphrases_s"] = time.perf_counter() - t
+
+    # (b) Frechet distance in recogniser features: generated captions vs the real renders of the base emoji
+    t = time.perf_counter()
+    real = ds.images[base]
+    if tuple(real.shape[-2:]) != (RECOGNISER_SIZE, RECOGNISER_SIZE):
+        real = F.interpolate(real, size=(RECOGNISER_SIZE, RECOGNISER_SIZE), mode="bilinear", antialias=True)
+    _, real_feats = _recognise(recogniser, real, True)
+    assert real_feats is not None
+    fd: dict[str, Any] = {"n_generated": 0, "n_real": int(real_feats.shape[0]), "dims": int(real_feats.shape[1])}
+    if gen_feats is not None and gen_feats.shape[0] >= 2:
+        fd["n_generated"] = int(gen_feats.shape[0])
+        fd["value"] = frechet_distance_features(gen_feats, real_feats)
+    else:
+        fd["value"] = math.nan
+    timings["fd_s"] = time.perf_counter() - t
+
+    # (c) guidance sweep on a fixed subset
+    sweep: list[dict[str, Any]] | None = None
+    if cfg_sweep:
+        t = time.perf_counter()
+        sweep_idx = [base[i] for i in evenly_spaced(len(base), sweep_n)]
+        sweep = []
+        for c in cfg_sweep:
+            res, _, _ = run.adherence(caption_items(sweep_idx), float(c), f"cfg {c:g}")
+            sweep.append({"cfg": float(c), **res})
+        timings["cfg_sweep_s"] = time.perf_counter() - t
+
+    # (d) ControlNet: canny edges of the render as control
+    control_res = None
+    if controlnet is not None:
+        t = time.perf_counter()
+        control_res = _control_section(run, pipe, ds, base, controlnet, control_n, cfg, seed)
+        timings["controlnet_s"] = time.perf_counter() - t
+
+    # (e) LoRA on the held-out subgroup
+    lora_res = None
+    if lora is not None:
+        t = time.perf_counter()
+        lora_res = _lora_section(run, pipe, caption_items(held),
+                                 [(p, c, seed + k) for k, (p, c) in enumerate(FRUIT_PARAPHRASES)],
+                                 cfg, Path(lora), float(lora_weight))
+        timings["lora_s"] = time.perf_counter() - t
+
+    timings["generation_s"] = run.generation_s
+    timings["total_s"] = time.perf_counter() - t_all
+    return {
+        "model": str(getattr(pipe, "name", type(pipe).__name__)),
+        "settings": {
+            "n": len(chosen), "paraphrases": len(para_items), "base_emoji": len(base),
+            "held_out_subgroup": HELD_OUT_SUBGROUP, "cfg": cfg,
+            "steps": steps, "sampler": sampler, "seed": seed, "batch_size": batch_size,
+            "cfg_sweep": [float(c) for c in cfg_sweep or ()], "sweep_n": sweep_n if cfg_sweep else 0,
+            "image_size": int(getattr(pipe, "default_size", 0) or 0), "recogniser_size": RECOGNISER_SIZE,
+            "device": str(getattr(pipe, "device", "")),
+        },
+        "captions": captions,
+        "paraphrases": paraphrases,
+        "fd": fd,
+        "cfg_sweep": sweep,
+        "controlnet": control_res,
+        "lora": lora_res,
+        "images_generated": run.images_generated,
+        "timings": timings,
+    }
+
+
+def _control_section(run: _Runner, pipe: Any, ds: Any, base: list[int], controlnet: Any, control_n: int,
+                     cfg: float, seed: int) -> dict[str, Any]:
+    from sdengine.control import load_controlnet
+    from sdengine.models.controlnet import ControlNet
+
+    label = str(controlnet) if isinstance(controlnet, str | Path) else type(controlnet).__name__
+    if isinstance(controlnet, str | Path):
+        from sdengine.models.unet import UNetConfig
+
+        cfg_base = getattr(pipe.unet, "config", None)
+        net = load_controlnet(controlnet, base=cfg_base if isinstance(cfg_base, UNetConfig) else None)
+        net = net.eval().requires_grad_(False)
+    elif isinstance(controlnet, ControlNet):
+        net = controlnet
+    else:
+        raise ValueError(f"controlnet must be a path or a ControlNet, got {type(controlnet).__name__}")
+    size = int(getattr(pipe, "default_size", RECOGNISER_SIZE))
+    idx = [base[i] for i in evenly_spaced(len(base), control_n)]
+    edges = np.stack([_canny_array(_resize_uint8(ds.pixels[j], size)) for j in idx])  # (N, H, W) 0/255
+    control = torch.from_numpy(edges).float().div(255.0)[:, None].expand(-1, 3, -1, -1).contiguous()
+    prompts = [ds.captions[j] for j in idx]
+    seeds = [seed + j for j in idx]
+    out: dict[str, Any] = {"controlnet": label, "n": len(idx), "tolerance_px": EDGE_TOLERANCE_PX,
+                           "control_edge_fraction": float((edges > 0).mean())}
+    for key, kw in (("without", {}), ("with", {"controlnet": net, "control_images": control})):
+        arrays = run.generate(prompts, seeds, cfg, f"controlnet {key}", **kw)
+        gen_edges = [_canny_array(_to_uint8(a)) for a in arrays]
+        out[f"f1_{key}"] = float(np.mean([edge_f1(e, g) for e, g in zip(edges, gen_edges, strict=True)]))
+        out[f"f1_exact_{key}"] = float(np.mean([edge_f1(e, g, 0) for e, g in zip(edges, gen_edges, strict=True)]))
+    return out
+
+
+def _lora_section(run: _Runner, pipe: Any, captions: list[tuple[str, str, int]],
+                  paraphrases: list[tuple[str, str, int]], cfg: float, lora: Path, weight: float) -> dict[str, Any]:
+    from sdengine.pipeline import Pipeline
+
+    out: dict[str, Any] = {"lora": str(lora), "weight": weight}
+    for key in ("without", "with"):
+        handle = None
+        tag = ""
+        if key == "with":
+            tag = f"{lora}:{weight:g}"
+            if isinstance(pipe, Pipeline):
+                from sdengine.weights.lora import apply_loras
+
+                handle = apply_loras(pipe.unet, pipe.text_encoder, [(str(lora), weight)])
+            else:
+                raise ValueError("the LoRA section needs an sdengine Pipeline")
+        try:
+            out[f"captions_{key}"], _, _ = run.adherence(captions, cfg, f"lora {key}: captions", lora=tag)
+            out[f"paraphrases_{key}"], _, _ = run.adherence(paraphrases, cfg, f"lora {key}: paraphrases", lora=tag)
+        finally:
+            if handle is not None:
+                handle.remove()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * float(v):.1f}%"
+
+
+def format_report(res: dict[str, Any]) -> str:
+    """The result of :func:`evaluate_emoji` as a markdown table (and a line of settings)."""
+    s = res["settings"]
+    lines = [
+        f"**{res['model']}**: {s['sampler']}, {s['steps']} steps, cfg {s['cfg']:g}, seed {s['seed']}, "
+        f"{s['image_size']}x{s['image_size']} px; {res['images_generated']} images in "
+        f"{res['timings']['total_s']:.1f} s",
+        "",
+        "| measure | n | top-1 | top-5 / value |",
+        "|---|---:|---:|---:|",
+    ]
+
+    def row(name: str, r: dict[str, Any]) -> None:
+        lines.append(f"| {name} | {r['n']} | {_pct(r['top1'])} | {_pct(r['top5'])} |")
+
+    row("canonical captions (base emoji)", res["captions"])
+    row("paraphrases", res["paraphrases"])
+    fd = res["fd"]
+    value = "n/a" if math.isnan(fd["value"]) else f"{fd['value']:.3f}"
+    lines.append(f"| Frechet distance, recogniser features (vs {fd['n_real']} renders) | {fd['n_generated']} | "
+                 f"| {value} |")
+    for r in res.get("cfg_sweep") or []:
+        row(f"captions at cfg {r['cfg']:g}", r)
+    c = res.get("controlnet")
+    if c:
+        lines.append(f"| edge F1 (±{c['tolerance_px']} px) without ControlNet | {c['n']} | | {c['f1_without']:.3f} |")
+        lines.append(f"| edge F1 (±{c['tolerance_px']} px) with ControlNet | {c['n']} | | {c['f1_with']:.3f} |")
+        lines.append(f"| edge F1 (exact) without / with ControlNet | {c['n']} | | "
+                     f"{c['f1_exact_without']:.3f} / {c['f1_exact_with']:.3f} |")
+    lo = res.get("lora")
+    if lo:
+        for part, label in (("captions", "held-out captions"), ("paraphrases", "fruit paraphrases")):
+            row(f"{label} without LoRA", lo[f"{part}_without"])
+            row(f"{label} with LoRA (weight {lo['weight']:g})", lo[f"{part}_with"])
+    return "\n".join(lines)

@@ -1,0 +1,235 @@
+"""sdengine eval emoji: the paraphrases, the metric pieces, evaluate_emoji end to end on a tiny random model with a
+tiny random recogniser stand-in, and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from sdengine.data.emoji import CAPTION_TEMPLATES, EmojiDataset, make_caption  # noqa: E402
+from sdengine.data.emoji_paraphrases import FRUIT_PARAPHRASES, PARAPHRASES  # noqa: E402
+from sdengine.eval_emoji import (  # noqa: E402
+    edge_f1,
+    evaluate_emoji,
+    evenly_spaced,
+    format_report,
+    generate_batch,
+    topk_hits,
+)
+from sdengine.train.emoji import HELD_OUT_SUBGROUP  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return EmojiDataset()
+
+
+# ---------------------------------------------------------------------------------------------- paraphrases
+
+
+def test_paraphrases_are_valid_and_not_captions(dataset):
+    by_char = {e.char: e for e in dataset.entries}
+    captions = {make_caption(e, template=k).lower() for e in dataset.entries for k in range(len(CAPTION_TEMPLATES))}
+    assert len(PARAPHRASES) >= 100
+    assert 8 <= len(FRUIT_PARAPHRASES) <= 20
+    for table, fruit in ((PARAPHRASES, False), (FRUIT_PARAPHRASES, True)):
+        prompts = [p.lower() for p, _ in table]
+        assert len(set(prompts)) == len(prompts), "duplicate prompts"
+        for prompt, char in table:
+            assert char in by_char, f"{prompt!r}: {char!r} is not in the dataset"
+            assert prompt.strip() and prompt == prompt.strip()
+            assert prompt.lower() not in captions, f"{prompt!r} is a caption"
+            assert (by_char[char].subgroup == HELD_OUT_SUBGROUP) == fruit, prompt
+    # Spread over many groups.
+    assert len({by_char[c].group for _, c in PARAPHRASES}) >= 8
+    assert len({p.lower() for p, _ in PARAPHRASES} & {p.lower() for p, _ in FRUIT_PARAPHRASES}) == 0
+
+
+# ---------------------------------------------------------------------------------------------- metric pieces
+
+
+def test_edge_f1():
+    a = np.zeros((16, 16), np.uint8)
+    a[4, 2:12] = 255
+    assert edge_f1(a, a) == 1.0
+    assert edge_f1(a, a, tolerance=0) == 1.0
+    far = np.zeros_like(a)
+    far[12, 2:12] = 255
+    assert edge_f1(a, far) == 0.0
+    assert edge_f1(a, far, tolerance=0) == 0.0
+    # One pixel off: a miss when exact, a match within the 1-pixel tolerance.
+    near = np.zeros_like(a)
+    near[5, 2:12] = 255
+    assert edge_f1(a, near, tolerance=0) == 0.0
+    assert edge_f1(a, near) == 1.0
+    # Half the edge found: precision 1, recall 0.5.
+    half = np.zeros_like(a)
+    half[4, 2:7] = 255
+    assert edge_f1(a, half, tolerance=0) == pytest.approx(2 * 0.5 / 1.5)
+    assert edge_f1(np.zeros_like(a), np.zeros_like(a)) == 1.0
+    assert edge_f1(a, np.zeros_like(a)) == 0.0
+    assert edge_f1(np.stack([a] * 3, -1), a) == 1.0  # RGB maps read from one channel
+    with pytest.raises(ValueError, match="size"):
+        edge_f1(a, a[:8])
+
+
+def test_topk_hits_and_evenly_spaced():
+    logits = torch.tensor([[0.1, 0.9, 0.3, 0.0], [0.5, 0.1, 0.2, 0.4], [0.0, 0.1, 0.2, 0.3]])
+    targets = torch.tensor([1, 3, 0])
+    assert topk_hits(logits, targets, 1).tolist() == [True, False, False]
+    assert topk_hits(logits, targets, 2).tolist() == [True, True, False]
+    assert topk_hits(logits, targets, 4).tolist() == [True, True, True]
+    assert topk_hits(logits, targets, 99).tolist() == [True, True, True]
+    with pytest.raises(ValueError):
+        topk_hits(logits, targets[:2], 1)
+    assert evenly_spaced(10, None) == list(range(10))
+    assert evenly_spaced(10, 50) == list(range(10))
+    assert evenly_spaced(10, 3) == [0, 4, 9] or evenly_spaced(10, 3) == [0, 5, 9]
+    assert evenly_spaced(1879, 200)[0] == 0 and evenly_spaced(1879, 200)[-1] == 1878
+    assert len(evenly_spaced(1879, 200)) == 200
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+class StandInRecogniser(nn.Module):
+    """The emoji recogniser's interface with tiny random weights: forward -> logits over ``chars``, features."""
+
+    def __init__(self, chars: list[str], dims: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.chars = list(chars)
+        self._index = {c: i for i, c in enumerate(self.chars)}
+        self.body = nn.Sequential(nn.Conv2d(3, dims, 4, stride=4), nn.GELU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                                  nn.Linear(4 * dims, dims))
+        self.head = nn.Linear(dims, len(self.chars))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1:] == (3, 64, 64) and float(x.min()) >= -1.0 - 1e-5 and float(x.max()) <= 1.0 + 1e-5
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def class_index(self, char: str) -> int:
+        return self._index[char]
+
+
+def _tiny_pipeline():
+    """A random pipeline in the tiny emoji model's shape (tests/_emoji_models.py: 16x16 images, 2x VAE), with a
+    tiny CLIP text encoder in place of MiniLM (evaluate_emoji only needs the ordinary Pipeline)."""
+    from _emoji_models import TINY_EMOJI_UNET, TINY_EMOJI_VAE
+    from sdengine.models.clip_text import CLIPTextConfig, CLIPTextModel
+    from sdengine.models.unet import UNet
+    from sdengine.models.vae import AutoencoderKL
+    from sdengine.pipeline import Pipeline
+    from sdengine.text.clip_tokenizer import CLIPTokenizer
+    from sdengine.train.emoji import SCHEDULER_CONFIG
+
+    torch.manual_seed(0)
+    text_cfg = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    unet = UNet(dataclasses.replace(TINY_EMOJI_UNET, cross_attention_dim=32))
+    with torch.no_grad():  # zero-initialised output layers would make every image the same
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return Pipeline(
+        unet=unet, vae=AutoencoderKL(TINY_EMOJI_VAE), text_encoder=CLIPTextModel(text_cfg),
+        tokenizer=CLIPTokenizer.load(), scheduler_config=SCHEDULER_CONFIG, prediction_type="epsilon",
+        pad_token_id=49407, device=torch.device("cpu"), dtype=torch.float32, name="tiny-emoji",
+    )
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return _tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def recogniser(dataset):
+    return StandInRecogniser([e.char for e in dataset.entries]).eval()
+
+
+def test_generate_batch_rows_equal_single_calls(pipe):
+    prompts = ["red heart", "a little red sports car", "a pink tulip"]
+    seeds = [5, 6, 7]
+    batch = generate_batch(pipe, prompts, seeds, steps=3, sampler="dpmpp_2m", cfg_scale=3.0)
+    assert batch.shape == (3, 16, 16, 3) and batch.dtype == np.float32
+    for i, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
+        one = pipe(p, steps=3, sampler="dpmpp_2m", cfg_scale=3.0, seed=s, progress=False).arrays[0]
+        np.testing.assert_allclose(batch[i], one, atol=2e-5)
+    assert not np.allclose(batch[0], batch[1])
+
+
+def test_evaluate_emoji_tiny(pipe, recogniser, dataset, tmp_path):
+    from sdengine.models.controlnet import ControlNet
+
+    cn = ControlNet.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    kw = dict(n=6, steps=2, seed=3, batch_size=4, cfg_sweep=(1, 5), sweep_n=3, paraphrase_n=5, control_n=2,
+              controlnet=cn, progress=False, dataset=dataset)
+    res = evaluate_emoji(pipe, recogniser, **kw)
+    assert set(res) >= {"model", "settings", "captions", "paraphrases", "fd", "cfg_sweep", "controlnet", "lora",
+                        "images_generated", "timings"}
+    assert res["captions"]["n"] == 6 and res["paraphrases"]["n"] == 5
+    for r in (res["captions"], res["paraphrases"], *res["cfg_sweep"]):
+        assert 0.0 <= r["top1"] <= r["top5"] <= 1.0
+    assert [r["cfg"] for r in res["cfg_sweep"]] == [1.0, 5.0] and all(r["n"] == 3 for r in res["cfg_sweep"])
+    base = sum(e.subgroup != HELD_OUT_SUBGROUP for e in dataset.entries)
+    assert res["settings"]["base_emoji"] == base and res["fd"]["n_real"] == base
+    assert res["fd"]["n_generated"] == 6 and res["fd"]["value"] >= 0
+    c = res["controlnet"]
+    assert c["n"] == 2 and 0.0 <= c["f1_with"] <= 1.0 and 0.0 <= c["f1_exact_without"] <= 1.0
+    assert res["lora"] is None
+    # captions 6 + paraphrases 5 + sweep (cfg 1: 3 new; cfg 5 = the main scale: the captions of the main run
+    # reused) + ControlNet 2 x 2
+    reused = len(set(evenly_spaced(base, 3)) & set(evenly_spaced(base, 6)))
+    assert reused >= 2
+    assert res["images_generated"] == 6 + 5 + 3 + (3 - reused) + 4
+    json.dumps(res)  # JSON-able
+    report = format_report(res)
+    assert "| canonical captions" in report and "cfg 1" in report and "ControlNet" in report
+
+    again = evaluate_emoji(pipe, recogniser, **kw)
+    strip = lambda r: {k: v for k, v in r.items() if k != "timings"}  # noqa: E731
+    assert strip(again) == strip(res)
+
+
+def test_evaluate_emoji_bad_inputs(pipe, recogniser, dataset):
+    with pytest.raises(ValueError, match="steps"):
+        evaluate_emoji(pipe, recogniser, steps=0, dataset=dataset)
+    with pytest.raises(ValueError, match="n must be"):
+        evaluate_emoji(pipe, recogniser, n=1, dataset=dataset)
+    with pytest.raises(ValueError, match="guidance"):
+        evaluate_emoji(pipe, recogniser, cfg=-1, dataset=dataset)
+    with pytest.raises(FileNotFoundError, match="LoRA"):
+        evaluate_emoji(pipe, recogniser, lora="/nonexistent/x.safetensors", dataset=dataset)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_missing_model_is_one_line(capsys, tmp_path):
+    from sdengine.cli import main
+
+    rc = main(["eval", "emoji", "--model", str(tmp_path / "nothing"), "--n", "4"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("sdengine: error:") and "nothing" in err
+
+
+def test_cli_bad_numbers_are_one_line(capsys):
+    from sdengine.cli import main
+
+    for args, word in ((["--n", "1"], "--n"), (["--steps", "0"], "--steps"), (["--cfg", "-2"], "--cfg"),
+                       (["--lora", "/nonexistent/l.safetensors"], "--lora")):
+        rc = main(["eval", "emoji", *args])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and word in err, (args, err)
