@@ -233,3 +233,73 @@ def test_cli_bad_numbers_are_one_line(capsys):
         rc = main(["eval", "emoji", *args])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and word in err, (args, err)
+
+
+def _random_lora(unet: nn.Module, path: Path, r: int = 2) -> Path:
+    """A kohya-format LoRA with random down and up matrices on the U-Net's attention projections."""
+    from safetensors.torch import save_file
+
+    from sdengine.weights.lora import kohya_name, lora_targets
+
+    g = torch.Generator().manual_seed(1)
+    sd = {}
+    for name, m in lora_targets(unet):
+        if isinstance(m, nn.Linear) and name.endswith(("to_q", "to_k", "to_v")):
+            k = kohya_name("unet", name)
+            sd[f"{k}.lora_down.weight"] = torch.randn(r, m.in_features, generator=g) * 0.5
+            sd[f"{k}.lora_up.weight"] = torch.randn(m.out_features, r, generator=g) * 0.5
+            sd[f"{k}.alpha"] = torch.tensor(float(r))
+    assert sd
+    save_file(sd, str(path))
+    return path
+
+
+def test_controlnet_rows_and_lora_section(pipe, recogniser, dataset, tmp_path):
+    from sdengine.models.controlnet import ControlNet
+
+    cn = ControlNet.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    with torch.no_grad():  # non-zero zero-convs, so that the control image changes the output
+        for p in cn.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    control = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompts, seeds = ["red heart", "a pink tulip"], [1, 2]
+    batch = generate_batch(pipe, prompts, seeds, steps=2, sampler="dpmpp_2m", cfg_scale=3.0, controlnet=cn,
+                           control_images=control)
+    plain = generate_batch(pipe, prompts, seeds, steps=2, sampler="dpmpp_2m", cfg_scale=3.0)
+    assert not np.allclose(batch, plain, atol=1e-4)
+    for i in range(2):
+        one = pipe(prompts[i], steps=2, sampler="dpmpp_2m", cfg_scale=3.0, seed=seeds[i], progress=False,
+                   controlnets=[(cn, control[i : i + 1], 1.0)]).arrays[0]
+        np.testing.assert_allclose(batch[i], one, atol=2e-5)
+
+    lora = _random_lora(pipe.unet, tmp_path / "fruit.safetensors")
+    before = [p.clone() for p in pipe.unet.parameters()]
+    res = evaluate_emoji(pipe, recogniser, n=2, steps=2, batch_size=16, cfg_sweep=None, paraphrase_n=2, lora=lora,
+                         progress=False, dataset=dataset)
+    lo = res["lora"]
+    held = sum(e.subgroup == HELD_OUT_SUBGROUP for e in dataset.entries)
+    assert lo["captions_without"]["n"] == lo["captions_with"]["n"] == held
+    assert lo["paraphrases_without"]["n"] == lo["paraphrases_with"]["n"] == len(FRUIT_PARAPHRASES)
+    assert res["cfg_sweep"] is None and res["settings"]["sweep_n"] == 0
+    assert res["images_generated"] == 2 + 2 + 2 * (held + len(FRUIT_PARAPHRASES))
+    assert all(torch.equal(a, b) for a, b in zip(before, pipe.unet.parameters(), strict=True))  # LoRA removed
+    assert "with LoRA" in format_report(res)
+
+
+def test_cli_prints_report_and_writes_json(monkeypatch, capsys, tmp_path, pipe, recogniser):
+    import types
+
+    import sdengine.pipeline
+    from sdengine.cli import main
+
+    fake = types.ModuleType("sdengine.metrics.emoji_recogniser")
+    fake.load_emoji_recogniser = lambda device=None, path=None: recogniser
+    monkeypatch.setitem(sys.modules, "sdengine.metrics.emoji_recogniser", fake)
+    monkeypatch.setattr(sdengine.pipeline, "load_pipeline", lambda name, device="auto": pipe)
+    out = tmp_path / "res" / "emoji.json"
+    rc = main(["eval", "emoji", "--n", "2", "--paraphrase-n", "2", "--steps", "1", "--no-sweep", "--device", "cpu",
+               "--quiet", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "| canonical captions" in text and str(out) in text
+    res = json.loads(out.read_text())
+    assert res["captions"]["n"] == 2 and res["settings"]["steps"] == 1 and res["cfg_sweep"] is None
