@@ -186,8 +186,6 @@ def _emoji(
     res: DemoResult, *, model: str | Path, device: str, steps: int, sampler: str, cfg: float, seed: int,
     progress: bool, controlnet: Path, lora: Path, echo: Callable[[str], Any],
 ) -> None:
-    import torch
-
     from .control import canny
     from .metadata import save_png
     from .pipeline import load_pipeline
@@ -196,7 +194,6 @@ def _emoji(
     t = time.perf_counter()
     pipe = load_pipeline(model, device=device)
     res.timings["load"] = time.perf_counter() - t
-    torch.manual_seed(seed)  # nothing should draw from the global generator; this keeps it so if one does
     common = {"steps": steps, "sampler": sampler, "cfg_scale": cfg, "seed": seed, "progress": progress}
 
     def write(img: Image.Image, name: str, what: str, text: str | None = None) -> Path:
