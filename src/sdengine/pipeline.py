@@ -611,11 +611,8 @@ class Pipeline:
                 from sdengine.weights.lora import apply_loras
             except ImportError:
                 raise GenerationError("LoRA support is not installed yet") from None
-            if self.text_kind == "minilm":
-                self._check_unet_only_loras(lora_list, lora_dir or self.lora_dir)
-                handle = apply_loras(self.unet, None, lora_list, lora_dir or self.lora_dir)
-            else:
-                handle = apply_loras(self.unet, self.text_encoder, lora_list, lora_dir or self.lora_dir)
+            # MiniLM is not an nn.Module: apply_loras refuses LoRAs with text-encoder layers for it.
+            handle = apply_loras(self.unet, self.text_encoder, lora_list, lora_dir or self.lora_dir)
         try:
             with torch.inference_mode():
                 images = self._generate(
@@ -769,20 +766,6 @@ class Pipeline:
                                "(and will be from now on)")
             out.append(vae_utils.to_unit(img))
         return torch.cat(out)
-
-    def _check_unet_only_loras(self, loras: list[tuple[Any, float]], lora_dir: str | Path | None) -> None:
-        """LoRAs cannot adapt the MiniLM text encoder: a file with text-encoder layers is an error, not a
-        LoRA applied by half (its text-encoder layers were trained for CLIP, not MiniLM)."""
-        from sdengine.weights.lora import LoRAFile, load_lora, resolve_lora
-
-        for src, _ in loras:
-            lf = src if isinstance(src, LoRAFile) else load_lora(resolve_lora(src, lora_dir))
-            te = sorted(k for k in lf.layers if k.startswith(("lora_te", "text_encoder.")))
-            if te:
-                raise GenerationError(
-                    f"LoRA {lf.name} adapts a text encoder ({len(te)} layers, e.g. {te[0]}), but {self.name}'s text "
-                    "encoder is MiniLM, which LoRAs cannot change: use a LoRA trained on the U-Net only"
-                )
 
     # -- parameters -----------------------------------------------------------------------------------
 

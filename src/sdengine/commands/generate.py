@@ -3,6 +3,9 @@
 Every image is written as a PNG carrying its A1111 ``parameters`` text (SPEC section 5) under ``--out``, named
 ``NNNNN-SEED.png`` like A1111's outputs. ``--from-png FILE`` reads such a text and generates the same image
 again (same model, same device); flags given next to it override what the PNG says.
+
+The model defaults to the built-in ``emoji`` (MiniLM text encoder, 64x64); width and height are left to the
+pipeline's ``default_size`` (the model's training size) unless given, so no size is forced here.
 """
 
 from __future__ import annotations
@@ -164,7 +167,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--schedule", default=None, help="normal, karras, exponential, sgm_uniform (default karras)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; -1 = random (default)")
-    p.add_argument("--width", type=int, default=None, help="default: the model's training size")
+    p.add_argument("--width", type=int, default=None,
+                   help="default: the model's training size (emoji 64, SD 1.x 512, SD 2.x-v 768)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--batch", type=int, default=None, help="images, seeds SEED, SEED+1, ... (default 1)")
     p.add_argument("--init-image", default=None, help="img2img / inpainting source image")
@@ -176,7 +180,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--controlnet", action="append", default=None, metavar="MODEL", help="a ControlNet model")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]", help="a LoRA (repeatable)")
     p.add_argument("--lora-dir", default=None, help="where <lora:NAME> tags are looked up")
-    p.add_argument("--clip-skip", type=int, default=None, help="A1111's clip skip (1 = last layer)")
+    p.add_argument("--clip-skip", type=int, default=None,
+                   help="A1111's clip skip (1 = last layer); CLIP models only (emoji's MiniLM takes 1)")
     p.add_argument("--guidance-rescale", type=float, default=None, help="CFG rescale phi in [0, 1]")
     p.add_argument("--vae", default=None, help="another VAE (file or folder)")
     p.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,

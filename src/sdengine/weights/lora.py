@@ -299,7 +299,12 @@ def _unet_ldm_names(unet: nn.Module) -> dict[str, str]:
 class ModelIndex:
     """Every name a LoRA file may use for each adaptable layer of (unet, text_encoder)."""
 
-    def __init__(self, unet: nn.Module | None, text_encoder: nn.Module | None) -> None:
+    def __init__(self, unet: nn.Module | None, text_encoder: Any) -> None:
+        # A text encoder that is not a torch module (the emoji model's MiniLMTextEncoder wrapper) has no
+        # layers a LoRA may adapt: remembered by name, so that a LoRA with text-encoder layers is refused.
+        self.fixed_text_encoder: str | None = None
+        if text_encoder is not None and not isinstance(text_encoder, nn.Module):
+            self.fixed_text_encoder, text_encoder = type(text_encoder).__name__, None
         self.unet, self.text_encoder = unet, text_encoder
         self.aliases: dict[str, Target] = {}
         if unet is not None:
@@ -516,6 +521,12 @@ def match_lora(lf: LoRAFile, index: ModelIndex) -> tuple[dict[str, tuple[Target,
                                                          list[str]]:
     """File layers -> (model layer, down, up) plus the unmatched names; errors for another architecture."""
     where = str(lf.path) if lf.path is not None else lf.name
+    te_keys = sorted(k for k in lf.layers if k.startswith(("lora_te", "text_encoder.")))
+    if te_keys and index.fixed_text_encoder is not None:
+        raise LoRAError(
+            f"{where}: adapts a text encoder ({len(te_keys)} layers, e.g. {te_keys[0]}), but this model's text "
+            f"encoder ({index.fixed_text_encoder}) cannot be adapted by a LoRA: use one trained on the U-Net only"
+        )
     matched: dict[str, tuple[Target, torch.Tensor, torch.Tensor]] = {}
     unmatched: list[str] = []
     wrong: list[str] = []
@@ -726,13 +737,16 @@ LoRASpec = tuple["str | os.PathLike[str] | LoRAFile", float]
 
 def apply_loras(
     unet: nn.Module | None,
-    text_encoder: nn.Module | None,
+    text_encoder: Any,
     loras: Sequence[LoRASpec] | Sequence[str | os.PathLike[str] | LoRAFile],
     lora_dir: str | os.PathLike[str] | None = None,
     *,
     fuse: bool = False,
 ) -> LoRAHandle:
     """Apply LoRAs to ``unet`` / ``text_encoder`` (either may be None) without touching their weights.
+
+    A ``text_encoder`` that is not an ``nn.Module`` (MiniLM, held by the emoji pipeline) cannot be adapted: a LoRA
+    with text-encoder layers is then a :class:`LoRAError` rather than half applied.
 
     ``loras``: ``(path_or_name_or_LoRAFile, weight)`` pairs (a bare path means weight 1); names are looked up in
     ``lora_dir``. Returns a :class:`LoRAHandle`: ``.reports`` says what matched, ``.set_weight(i, w)`` changes a
