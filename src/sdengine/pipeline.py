@@ -3,6 +3,7 @@
 Data flows one way (ARCHITECTURE.md)::
 
     prompt --prompts.encode_prompt_pair--> cond / uncond text states (A1111 weights, 75-token chunks)
+           [emoji-format models: prompts.encode_prompt_minilm -> one 32-token MiniLM context each]
     seed S+i --Generator--> [posterior sample of the init image] -> noise          (SPEC section 5)
     noise --sampling.sample(sampler, steps, schedule, init_latent, strength)--> latent
               ^  denoiser = [inpaint blend] o CFGDenoiser o Denoiser o U-Net [+ ControlNets] [+ LoRAs]
