@@ -303,3 +303,29 @@ def test_cli_prints_report_and_writes_json(monkeypatch, capsys, tmp_path, pipe, 
     assert rc == 0 and "| canonical captions" in text and str(out) in text
     res = json.loads(out.read_text())
     assert res["captions"]["n"] == 2 and res["settings"]["steps"] == 1 and res["cfg_sweep"] is None
+
+
+def test_evaluate_emoji_on_the_emoji_folder_with_the_real_recogniser_class(dataset, tmp_path):
+    """The tiny emoji-format folder through load_pipeline (MiniLM text encoder) and sdengine's EmojiRecogniser
+    (random weights, small widths)."""
+    from _emoji_models import make_tiny_emoji_folder
+    from sdengine.metrics.emoji_recogniser import EmojiRecogniser, RecogniserConfig
+    from sdengine.pipeline import load_pipeline
+
+    pipe = load_pipeline(make_tiny_emoji_folder(tmp_path / "tiny"), device="cpu")
+    torch.manual_seed(0)
+    chars = [e.char for e in dataset.entries]
+    rec = EmojiRecogniser(RecogniserConfig(channels=(8, 8, 16, 16), num_classes=len(chars)), classes=chars).eval()
+    kw = dict(n=3, steps=1, batch_size=32, cfg_sweep=None, paraphrase_n=3, progress=False,
+              dataset=dataset)
+    prompts, seeds = ["red heart", "a pink tulip"], [4, 9]
+    batch = generate_batch(pipe, prompts, seeds, steps=2, sampler="dpmpp_2m", cfg_scale=5.0)
+    for i in range(2):
+        one = pipe(prompts[i], steps=2, sampler="dpmpp_2m", cfg_scale=5.0, seed=seeds[i], progress=False).arrays[0]
+        np.testing.assert_allclose(batch[i], one, atol=2e-5)
+    lora = _random_lora(pipe.unet, tmp_path / "fruit.safetensors")
+    res = evaluate_emoji(pipe, rec, lora=lora, **kw)
+    assert res["lora"]["captions_with"]["n"] == sum(e.subgroup == HELD_OUT_SUBGROUP for e in dataset.entries)
+    assert res["captions"]["n"] == 3 and res["paraphrases"]["n"] == 3 and res["fd"]["dims"] == 16
+    assert res["captions"]["unknown_to_recogniser"] == 0
+    assert res["settings"]["image_size"] == 16

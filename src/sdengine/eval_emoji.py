@@ -266,13 +266,12 @@ def _recogniser_device(recogniser: Any) -> torch.device:
 def _class_index(recogniser: Any) -> Callable[[str], int | None]:
     """char -> class index of the recogniser, or None for a char it does not know."""
     fn = getattr(recogniser, "class_index", None)
-    if fn is None and hasattr(recogniser, "chars"):
-        table = {c: i for i, c in enumerate(recogniser.chars)}
-        return table.get
     if fn is None:
-        from sdengine.metrics import emoji_recogniser as er  # type: ignore[attr-defined]
-
-        fn = er.class_index
+        chars = getattr(recogniser, "classes", None) or getattr(recogniser, "chars", None)
+        if not chars:
+            raise ValueError("the recogniser has no class_index(char) and no list of its classes")
+        table = {c: i for i, c in enumerate(chars)}
+        return table.get
 
     def lookup(char: str) -> int | None:
         try:
@@ -558,7 +557,14 @@ def _lora_section(run: _Runner, pipe: Any, captions: list[tuple[str, str, int]],
             if isinstance(pipe, Pipeline):
                 from sdengine.weights.lora import apply_loras
 
-                handle = apply_loras(pipe.unet, pipe.text_encoder, [(str(lora), weight)])
+                loras = [(str(lora), weight)]
+                if getattr(pipe, "text_kind", None) == "minilm":  # U-Net-only LoRAs, as the pipeline applies them
+                    check = getattr(pipe, "_check_unet_only_loras", None)
+                    if check is not None:
+                        check(loras, None)
+                    handle = apply_loras(pipe.unet, None, loras)
+                else:
+                    handle = apply_loras(pipe.unet, pipe.text_encoder, loras)
             else:
                 raise ValueError("the LoRA section needs an sdengine Pipeline")
         try:
