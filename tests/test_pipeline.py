@@ -413,7 +413,10 @@ def test_mask_blur_softens_the_blend(sd1):
 # ------------------------------------------------------------------------------------------ loading
 
 
-def test_builtin_names(tmp_path):
+def test_builtin_names(tmp_path, monkeypatch):
+    import sdengine.pipeline as pipeline_module
+
+    monkeypatch.setitem(pipeline_module.BUILTIN_SD, "emoji", tmp_path / "not-shipped")
     with pytest.raises(GenerationError, match="'emoji' has not been trained yet.*sdengine train emoji"):
         sdengine.load_pipeline("emoji")
     with pytest.raises(GenerationError, match="no model at"):
