@@ -14,11 +14,16 @@ Classes are identified by the emoji *character*: ``config.json`` stores the orde
 
 Shipped weights: ``sdengine/assets/emoji_recogniser/model.safetensors`` (fp16) with ``config.json``
 beside it recording the architecture, the classes, the training command and facts, and the clean and
-augmented accuracies on the renders. They were trained on CPU with one thread by::
+augmented accuracies on the renders. They (1.71M parameters, 3.4 MB) were trained on CPU with one
+thread (torch 2.13, bf16 autocast) in 580 s wall-clock on a shared, loaded 2-core machine by::
 
-    python -m sdengine.metrics.emoji_recogniser train --out src/sdengine/assets/emoji_recogniser
+    python -m sdengine.metrics.emoji_recogniser train --out src/sdengine/assets/emoji_recogniser \
+        --steps 1400 --seed 0 --clean-fraction 0.3
 
-and ``python -m sdengine.metrics.emoji_recogniser score`` prints the accuracies of the shipped weights.
+``python -m sdengine.metrics.emoji_recogniser score`` prints the accuracies of the shipped weights on
+the 1,899 renders: clean top-1 98.84% / top-5 100%; one augmented copy (seed 1234, not a training
+seed) top-1 97.10% / top-5 99.95% (seed 7: 97.16% / 100%). The 22 clean misses are near-identical
+pairs (10 country flags, gendered person / fantasy-person variants, geometric shapes of one colour).
 
 Input convention is the diffusion models' one: float ``(B, 3, H, W)`` in ``[-1, 1]`` on a white
 (+1) background; images that are not 64x64 are resized to 64x64 (bilinear, antialiased) inside.
@@ -59,7 +64,7 @@ DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "emoji
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 SCORE_SEED = 1234  # the augmented copy of the renders that `score` reports (not a training seed)
-CLEAN_FRACTION = 0.2  # share of each training batch left un-augmented
+CLEAN_FRACTION = 0.3  # share of each training batch left un-augmented
 
 
 @dataclass(frozen=True)
@@ -312,7 +317,7 @@ def _log(msg: str) -> None:
 def train_emoji_recogniser(
     dataset: _EmojiLike,
     *,
-    steps: int = 1200,
+    steps: int = 1400,
     batch_size: int = 128,
     lr: float = 3e-3,
     seed: int = 0,
@@ -405,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train on the emoji renders and write the weights (CPU)")
     t.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS_DIR)
-    t.add_argument("--steps", type=int, default=1200)
+    t.add_argument("--steps", type=int, default=1400)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--seed", type=int, default=0)
