@@ -182,9 +182,6 @@ def _register_command_modules(
             mod.register_eval(evaluate)
 
 
-DEMO_CFG = 2.0
-
-
 def _domain_errors() -> tuple[type[Exception], ...]:
     """Errors that describe bad input or a failed run, not a bug: shown as one line."""
     from .train.checkpoint import CheckpointError
