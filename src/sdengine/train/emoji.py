@@ -304,11 +304,11 @@ class EmojiRecipe:
 
     seed: int = 0
     mixed_precision: str = "bf16"  # bf16 autocast: what the shipped run used on the CPU (1.5-2x faster there)
-    vae_steps: int = 2000
+    vae_steps: int = 1100
     vae_batch: int = 32
     vae_lr: float = 5e-4
     vae_warmup: int = 100
-    unet_steps: int = 4000
+    unet_steps: int = 2250
     unet_batch: int = 48
     unet_lr: float = 3e-4
     unet_warmup: int = 200
