@@ -52,11 +52,11 @@ def test_loads_by_name_and_generates_64px_with_metadata(pipe):
 
 
 def test_images_are_not_blank_and_have_the_white_background(pipe):
-    r = pipe("cat face", steps=10, seed=0, batch_size=2)
+    r = pipe("cat face", steps=10, seed=0, batch_size=2, cfg_scale=5)
     a = r.arrays
     assert a.std() > 0.1  # a picture, not a flat field
     border = np.concatenate([a[:, :3].reshape(-1, 3), a[:, -3:].reshape(-1, 3)])
-    assert border.mean() > 0.8  # renders are on white; so are the samples' edges
+    assert border.mean() > 0.75  # renders are on white; so are the samples' edges (0.84 here)
 
 
 def test_controlnet_and_lora_assets_load_and_change_the_image(pipe):
