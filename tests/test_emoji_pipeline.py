@@ -134,7 +134,9 @@ def test_batch_of_two_equals_each_image_alone(pipe):
     both = pipe("a green leaf", seed=10, batch_size=2, **FAST)
     one = pipe("a green leaf", seed=11, **FAST)
     assert both.seeds == [10, 11]
-    assert np.array_equal(np.asarray(both.images[1]), np.asarray(one.images[0]))
+    # Equal up to float rounding: batched matmuls may sum in another order with several threads (as the SD
+    # pipeline's batch test allows, 1e-5).
+    np.testing.assert_allclose(both.arrays[1], one.arrays[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
