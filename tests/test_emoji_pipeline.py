@@ -104,6 +104,37 @@ def test_emphasis_weights_the_token_states_and_restores_the_mean(pipe):
     assert not torch.equal(low, z) and torch.allclose(low.mean(), z.mean(), atol=1e-6)
 
 
+def test_pooled_vector_is_the_plain_prompts_sentence_vector(pipe):
+    enc = pipe.text_encoder
+    assert pipe.pooled_dim == 384
+    cond, uncond = pipe.encode_pooled("a (red:1.3) apple <lora:x:1>", "blurry")
+    assert cond.shape == uncond.shape == (1, 384)
+    # Emphasis and LoRA tags are markup: the vector is the plain text's, as training computed it.
+    assert torch.equal(cond, enc.sentence_vectors(["a red apple "]).to(pipe.dtype))
+    assert torch.equal(uncond, enc.sentence_vectors(["blurry"]).to(pipe.dtype))
+    assert torch.allclose(cond.norm(), torch.tensor(1.0), atol=1e-5)  # L2-normalised, sentence-transformers' way
+    assert torch.equal(pipe.unet_text_kwargs(["a red apple ", "blurry"])["class_labels"], torch.cat([cond, uncond]))
+
+
+def test_pooled_vector_reaches_the_unet(pipe, monkeypatch):
+    """Same token states, different sentence vector: a different picture (the U-Net reads both)."""
+    base = pipe("a red apple", seed=2, **FAST).arrays
+    real = pipe.encode_pooled
+    monkeypatch.setattr(pipe, "encode_pooled", lambda p, n: (real(p, n)[0].flip(-1), real(p, n)[1]))
+    swapped = pipe("a red apple", seed=2, **FAST).arrays
+    assert np.abs(swapped - base).max() > 1e-3
+
+
+def test_evaluator_batches_equal_single_calls_with_the_pooled_vector(pipe):
+    from sdengine.eval_emoji import generate_batch
+
+    prompts, seeds = ["red heart", "a pink tulip"], [5, 6]
+    batch = generate_batch(pipe, prompts, seeds, steps=3, sampler="dpmpp_2m", cfg_scale=3.0)
+    for i, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
+        one = pipe(p, steps=3, sampler="dpmpp_2m", cfg_scale=3.0, seed=s, progress=False).arrays[0]
+        np.testing.assert_allclose(batch[i], one, atol=2e-5)
+
+
 def test_long_prompt_is_truncated_with_a_note(pipe):
     long = " ".join(["a very shiny red apple on a wooden table"] * 6)
     assert len(pipe.text_encoder.tokenizer.encode(long)) > 32
@@ -172,6 +203,27 @@ def test_controlnet_unit_runs_and_acts(pipe):
     assert "ControlNet 0: " in ctl.infotexts[0]
     off = pipe("a heart", seed=1, controlnets=[(net, hint, 0.0)], **FAST).arrays
     np.testing.assert_allclose(off, plain, atol=1e-5)
+
+
+def test_controlnet_with_and_without_the_pooled_projection(pipe):
+    """from_unet copies the pooled projection (the ControlNet reads the vector too); a ControlNet made
+    without one works beside the pooled U-Net and is simply not given the vector."""
+    import dataclasses
+
+    net = ControlNet.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32))
+    assert net.class_embedding is not None
+    assert torch.equal(net.class_embedding.linear_1.weight, pipe.unet.class_embedding.linear_1.weight)
+    cfg = dataclasses.replace(net.config, unet=dataclasses.replace(net.config.unet,
+                                                                   projection_class_embeddings_input_dim=None))
+    plain_net = ControlNet(cfg).to(pipe.dtype)
+    assert plain_net.class_embedding is None
+    with torch.no_grad():
+        for block in [*plain_net.controlnet_down_blocks, plain_net.controlnet_mid_block]:
+            block.weight.normal_(0, 0.05)
+    hint = _picture(seed=6)
+    plain = pipe("a heart", seed=1, **FAST).arrays
+    ctl = pipe("a heart", seed=1, controlnets=[(plain_net, hint, 1.0)], **FAST).arrays
+    assert np.isfinite(ctl).all() and not np.array_equal(ctl, plain)
 
 
 def _unet_lora(pipe: Pipeline, path, *, with_te: bool = False):
@@ -285,3 +337,55 @@ def test_convert_refuses_a_minilm_folder(folder, tmp_path):
 
     with pytest.raises(WeightsError, match="MiniLM|minilm"):
         convert(folder, tmp_path / "x.safetensors")
+
+
+# ------------------------------------------------------------------------------------- training on it
+
+
+def _caption_folder(dst, n: int = 4, size: int = 16):
+    dst.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        _picture(size, seed=10 + i).save(dst / f"img{i}.png")
+        (dst / f"img{i}.txt").write_text(["a red apple", "a green pear", "a yellow banana", "a purple grape"][i % 4])
+    return dst
+
+
+def test_lora_training_feeds_the_pooled_vector(folder, tmp_path):
+    from sdengine.train.loop import TrainConfig
+    from sdengine.train.lora import LoRASpec, prepare_data, train_lora
+
+    data_dir = _caption_folder(tmp_path / "data")
+    spec = LoRASpec(model=str(folder), data=str(data_dir), rank=2, targets=("attention",), resolution=16,
+                    output_name="fruit")
+    p = load_pipeline(folder, device="cpu")
+    data = prepare_data(p, spec, 16, torch.device("cpu"))
+    vec = data.unet_kwargs["class_labels"]
+    assert vec.shape == (4, 384)
+    assert torch.allclose(vec[1], p.text_encoder.sentence_vectors(["a green pear"])[0], atol=1e-6)
+    cfg = TrainConfig(steps=3, batch_size=2, lr=1e-2, warmup_steps=0, checkpoint_every=0, sample_every=0)
+    result, path = train_lora(spec, cfg, tmp_path / "run", progress=False)
+    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
+    plain = p("a red apple", seed=4, **FAST).arrays
+    with_lora = p("a red apple", seed=4, loras=[(path, 1.0)], **FAST).arrays
+    assert np.abs(with_lora - plain).max() > 1e-4
+
+
+def test_controlnet_training_reads_the_pooled_vector(folder, tmp_path):
+    from sdengine.control import load_controlnet
+    from sdengine.train.controlnet import ControlNetTrainSpec, prepare_data, train_controlnet
+    from sdengine.train.loop import TrainConfig
+
+    data_dir = _caption_folder(tmp_path / "data")
+    spec = ControlNetTrainSpec(model=str(folder), data=str(data_dir), condition="canny", resolution=16)
+    p = load_pipeline(folder, device="cpu")
+    data = prepare_data(spec, p, torch.device("cpu"))
+    assert data.pooled is not None and data.pooled.shape == (4, 384) and data.empty_pooled.shape == (1, 384)
+    assert torch.allclose(data.empty_pooled[0], p.text_encoder.sentence_vectors([""])[0], atol=1e-6)
+    cfg = TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup_steps=0, checkpoint_every=0, sample_every=0)
+    result, out = train_controlnet(spec, cfg, tmp_path / "run", progress=False)
+    assert all(np.isfinite(result.losses))
+    net = load_controlnet(out, base=p.unet.config)
+    assert net.class_embedding is not None  # copied from the U-Net's pooled projection, and trained with it
+    hint = _picture(seed=3)
+    r = p("a red apple", seed=1, controlnets=[(out, hint, 1.0)], **FAST)
+    assert np.isfinite(r.arrays).all()

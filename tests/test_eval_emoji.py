@@ -137,7 +137,8 @@ def _tiny_pipeline():
 
     torch.manual_seed(0)
     text_cfg = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    unet = UNet(dataclasses.replace(TINY_EMOJI_UNET, cross_attention_dim=32))
+    unet = UNet(dataclasses.replace(TINY_EMOJI_UNET, cross_attention_dim=32,
+                                    projection_class_embeddings_input_dim=None))
     with torch.no_grad():  # zero-initialised output layers would make every image the same
         for p in unet.parameters():
             p.add_(torch.randn_like(p) * 0.02)

@@ -10,11 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from _emoji_models import TINY_EMOJI_UNET, TINY_EMOJI_VAE
+from sdengine.models.unet import UNet
+from sdengine.train.checkpoint import load_checkpoint
 from sdengine.train.emoji import (
     HELD_OUT_SUBGROUP,
     TEXT_LENGTH,
     EmojiRecipe,
     EmojiTrainSpec,
+    checkpoint_has_pooled,
     latent_scaling,
     train_emoji,
     training_indices,
@@ -73,3 +76,53 @@ def test_train_emoji_toy_run_exports_a_loadable_folder_and_resumes(tmp_path, sma
     # Asking for more U-Net steps continues from the checkpoint.
     more = train_emoji(tmp_path / "run", EmojiRecipe(**{**recipe.__dict__, "unet_steps": 10}), **kw)
     assert more["unet"]["steps"] == 10
+
+
+def test_pooled_phase_starts_from_the_token_only_model_exactly(tmp_path, small_dataset):
+    """unet_pooled_from: the U-Net learns from token states alone, then gets the zero-initialised pooled
+    projection; at the switch the upgraded model computes what the token-only one did, and training
+    goes on from the same optimizer moments."""
+    import dataclasses
+
+    recipe = EmojiRecipe(vae_steps=4, vae_batch=8, unet_steps=4, unet_batch=8, vae_warmup=2, unet_warmup=2,
+                         mixed_precision="no", spec=EmojiTrainSpec(vae_crop=8), unet_pooled_from=4)
+    kw = dict(device="cpu", progress=False, dataset=small_dataset, unet_config=TINY_EMOJI_UNET,
+              vae_config=TINY_EMOJI_VAE)
+    ckpt = tmp_path / "run" / "unet" / "checkpoint.pt"
+    train_emoji(tmp_path / "run", recipe, **kw)  # the recipe ends at the switch: token-only model
+    assert not checkpoint_has_pooled(ckpt)
+    before = load_checkpoint(ckpt)
+    tokens_only = dataclasses.replace(TINY_EMOJI_UNET, projection_class_embeddings_input_dim=None)
+    old = UNet(tokens_only).eval()
+    old.load_state_dict(before["model"])
+
+    more = dataclasses.replace(recipe, unet_steps=6)
+    summary = train_emoji(tmp_path / "run", more, **kw)
+    assert summary["unet"]["steps"] == 6 and checkpoint_has_pooled(ckpt)
+    after = load_checkpoint(ckpt)
+    assert torch.count_nonzero(after["model"]["class_embedding.linear_2.weight"]) > 0  # zero at the switch, then learnt
+    assert (tmp_path / "run" / "text_pooled.pt").is_file()
+    # Every old parameter kept its optimizer moments' shape and went on training.
+    assert len(after["optimizer"]["state"]) == len(list(UNet(TINY_EMOJI_UNET).parameters()))
+
+    # The upgrade alone (rebuilt here from the step-4 checkpoint) is exact.
+    from sdengine.train.checkpoint import save_checkpoint
+    from sdengine.train.emoji import add_pooled_projection
+
+    path = tmp_path / "copy.pt"
+    save_checkpoint(path, before)
+    add_pooled_projection(path, tokens_only, TINY_EMOJI_UNET, seed=0)
+    up = load_checkpoint(path)
+    new = UNet(TINY_EMOJI_UNET).eval()
+    new.load_state_dict(up["model"])
+    g = torch.Generator().manual_seed(0)
+    x, ctx, vec = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 384, generator=g), torch.randn(2, 384)
+    with torch.no_grad():
+        assert torch.equal(new(x, 300, encoder_hidden_states=ctx, class_labels=vec),
+                           old(x, 300, encoder_hidden_states=ctx))
+    assert torch.count_nonzero(new.class_embedding.linear_1.weight) > 0
+    opt = torch.optim.AdamW([{"params": [p for p in new.parameters() if p.ndim >= 2]},
+                             {"params": [p for p in new.parameters() if p.ndim < 2]}])
+    opt.load_state_dict(up["optimizer"])  # the loop's grouping: loads without a size mismatch
+    with pytest.raises(ValueError, match="token-states-only"):
+        add_pooled_projection(path, tokens_only, TINY_EMOJI_UNET, seed=0)  # already upgraded

@@ -55,20 +55,49 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
         (TINY_SD2, 16),
         (dataclasses.replace(TINY_SD, in_channels=9), 16),
         (dataclasses.replace(TINY_SD, num_class_embeds=4), 16),
+        (dataclasses.replace(TINY_SD, projection_class_embeddings_input_dim=6), 16),  # the emoji model's pooled text
         (TINY_THREE_LEVELS, 18),  # 18 -> 9 -> 5: up-sampling must follow the skip sizes
     ],
-    ids=["sd1", "sd2_linear_proj_head_dims", "inpaint_9ch", "class_embeds", "three_levels_odd_size"],
+    ids=["sd1", "sd2_linear_proj_head_dims", "inpaint_9ch", "class_embeds", "projection_class_embedding",
+         "three_levels_odd_size"],
 )
 def test_unet2d_condition_parity(cfg: UNetConfig, size: int) -> None:
     ref, ours = _pair(cfg)
     x, ctx = _inputs(cfg, size)
     t = torch.tensor([999, 1])
     kw = {"class_labels": torch.tensor([0, 3])} if cfg.num_class_embeds else {}
+    if cfg.projection_class_embeddings_input_dim:
+        kw = {"class_labels": torch.randn(2, cfg.projection_class_embeddings_input_dim,
+                                          generator=torch.Generator().manual_seed(3))}
     with torch.no_grad():
         want = ref(x, t, encoder_hidden_states=ctx, **kw).sample
         got = ours(x, t, encoder_hidden_states=ctx, **kw)
     assert got.shape == want.shape == (2, cfg.out_channels, size, size)
     assert _err(got, want) < TOL
+    if kw:  # the class input matters, and a U-Net with class conditioning needs it
+        with torch.no_grad():
+            other = ours(x, t, encoder_hidden_states=ctx, class_labels=kw["class_labels"].flip(0))
+        assert _err(got, other) > 1e-3
+        with pytest.raises(ValueError, match="class-conditional"):
+            ours(x, t, encoder_hidden_states=ctx)
+
+
+def test_projection_class_embedding_round_trips_and_rejects_bad_input() -> None:
+    cfg = dataclasses.replace(TINY_SD, projection_class_embeddings_input_dim=6)
+    d = cfg.to_diffusers()
+    assert d["class_embed_type"] == "projection" and d["projection_class_embeddings_input_dim"] == 6
+    assert UNetConfig.from_diffusers(d) == cfg
+    with pytest.raises(ValueError, match="class_embed_type"):
+        UNetConfig.from_diffusers({**d, "projection_class_embeddings_input_dim": None})
+    with pytest.raises(ValueError, match="exclude each other"):
+        dataclasses.replace(cfg, num_class_embeds=3)
+    ours = UNet(cfg).eval()
+    x, ctx = _inputs(cfg)
+    with pytest.raises(ValueError, match=r"must be \(2, 6\) vectors"):
+        ours(x, 10, encoder_hidden_states=ctx, class_labels=torch.randn(2, 5))
+    plain = UNet(TINY_SD).eval()
+    with pytest.raises(ValueError, match="without class conditioning"):
+        plain(x, 10, encoder_hidden_states=ctx, class_labels=torch.randn(2, 6))
 
 
 def test_controlnet_residuals_parity() -> None:

@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument("--paraphrases", type=int, default=40)
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--out", type=Path, default=Path("outputs/peek.png"))
+    ap.add_argument("--checkpoint", type=Path, default=None, help="a U-Net checkpoint (default RUN/unet/checkpoint.pt)")
     a = ap.parse_args()
 
     from sdengine.data.emoji import EmojiDataset
@@ -30,7 +31,9 @@ def main() -> None:
     from sdengine.models.vae import AutoencoderKL
     from sdengine.pipeline import load_pipeline
     from sdengine.train.checkpoint import load_checkpoint
-    from sdengine.train.emoji import EMOJI_UNET, EMOJI_VAE, encode_latents, export_folder, latent_scaling, with_scaling
+    from sdengine.train.emoji import (
+        EMOJI_UNET, EMOJI_UNET_TOKENS_ONLY, EMOJI_VAE, encode_latents, export_folder, latent_scaling, with_scaling,
+    )
 
     ds = EmojiDataset()
     vae = AutoencoderKL(EMOJI_VAE)
@@ -38,8 +41,9 @@ def main() -> None:
     vae.eval()
     mean, _ = encode_latents(vae, ds.images)
     vae = with_scaling(vae, latent_scaling(mean))
-    state = load_checkpoint(a.run / "unet" / "checkpoint.pt")
-    unet = UNet(EMOJI_UNET)
+    state = load_checkpoint(a.checkpoint or a.run / "unet" / "checkpoint.pt")
+    pooled = "class_embedding.linear_1.weight" in state["ema"]["model"]
+    unet = UNet(EMOJI_UNET if pooled else EMOJI_UNET_TOKENS_ONLY)
     unet.load_state_dict(state["ema"]["model"])
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_folder(vae, unet.eval(), Path(tmp) / "m")

@@ -564,7 +564,8 @@ class ControlledUNet:
                 img = img.repeat(rows // img.shape[0], 1, 1, 1) if rows % img.shape[0] == 0 else img[:1].expand(
                     rows, -1, -1, -1)
             extra = {}
-            if "class_labels" in kw and kw["class_labels"] is not None:
+            # A ControlNet trained without the U-Net's class (pooled text) embedding does not read it.
+            if kw.get("class_labels") is not None and getattr(net, "class_embedding", None) is not None:
                 extra["class_labels"] = kw["class_labels"][:rows]
             d, m = net(xi.to(net.dtype), tt, img, encoder_hidden_states=ctx.to(net.dtype), scale=unit.scale,
                        guess_mode=self.guess_mode, **extra)

@@ -207,6 +207,7 @@ def _generate_rows(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, s
     except ValueError as e:
         raise GenerationError(str(e)) from None
     pairs = [pipe.encode_prompt(p, "") for p in prompts]
+    pooled = [pipe.encode_pooled(p, "") if hasattr(pipe, "encode_pooled") else None for p in prompts]
     # Rows must share the text length to be batched (long CLIP prompts take several 77-token chunks).
     groups: dict[int, list[int]] = {}
     for i, (c, _) in enumerate(pairs):
@@ -216,10 +217,13 @@ def _generate_rows(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, s
     for rows in groups.values():
         cond = torch.cat([pairs[i][0] for i in rows])
         uncond = torch.cat([pairs[i][1] for i in rows])
+        pool = None
+        if pooled[rows[0]] is not None:
+            pool = (torch.cat([pooled[i][0] for i in rows]), torch.cat([pooled[i][1] for i in rows]))  # type: ignore[index]
         imgs = None if control_images is None else control_images[rows]
         x = _sample(pipe, cond, uncond, [int(seeds[i]) for i in rows], steps=steps, sampler=name, schedule=sched,
                     cfg_scale=cfg_scale, controlnet=controlnet, control_images=imgs, control_scale=control_scale,
-                    size=size, denoiser_cls=Denoiser, cfg_cls=CFGDenoiser, netcall_cls=_NetCall)
+                    size=size, denoiser_cls=Denoiser, cfg_cls=CFGDenoiser, netcall_cls=_NetCall, pooled=pool)
         for j, i in enumerate(rows):
             img, upcast = vae_utils.decode(pipe.vae, x[j : j + 1], upcast=pipe.vae_upcast, warn=False)
             pipe.vae_upcast = pipe.vae_upcast or upcast
@@ -229,7 +233,7 @@ def _generate_rows(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, s
 
 def _sample(pipe: Any, cond: Tensor, uncond: Tensor, seeds: list[int], *, steps: int, sampler: str, schedule: str,
             cfg_scale: float, controlnet: Any, control_images: Tensor | None, control_scale: float, size: int,
-            denoiser_cls: Any, cfg_cls: Any, netcall_cls: Any) -> Tensor:
+            denoiser_cls: Any, cfg_cls: Any, netcall_cls: Any, pooled: tuple[Tensor, Tensor] | None = None) -> Tensor:
     from sdengine.diffusion import sampling
 
     dev = pipe.device
@@ -246,10 +250,13 @@ def _sample(pipe: Any, cond: Tensor, uncond: Tensor, seeds: list[int], *, steps:
         net = build_controlled_unet(net, [(controlnet, control_images, control_scale, 0.0, 1.0)], width=size,
                                     height=size, grid=grid, device=dev, dtype=pipe.dtype, batch_size=b)
     den: Any = denoiser_cls(netcall_cls(net, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
-    den = cfg_cls(den, cfg_scale, {"encoder_hidden_states": uncond})
+    uncond_args, extra_args = {"encoder_hidden_states": uncond}, {"encoder_hidden_states": cond}
+    if pooled is not None:  # as Pipeline does for a U-Net that adds the pooled text vector
+        extra_args["class_labels"], uncond_args["class_labels"] = pooled
+    den = cfg_cls(den, cfg_scale, uncond_args)
     return sampling.sample(
         den, noise, sampler=sampler, steps=steps, schedule=schedule, scheduler_config=pipe.scheduler_config,
-        generators=gens, extra_args={"encoder_hidden_states": cond}, noise_schedule=pipe.noise_schedule,
+        generators=gens, extra_args=extra_args, noise_schedule=pipe.noise_schedule,
     )
 
 

@@ -428,6 +428,35 @@ class Pipeline:
             out.append(z.to(self.dtype))
         return out[0], out[1]
 
+    @property
+    def pooled_dim(self) -> int | None:
+        """Size of the pooled text vector the U-Net adds to its timestep embedding (None: it has none)."""
+        return getattr(getattr(self.unet, "config", None), "projection_class_embeddings_input_dim", None)
+
+    def encode_pooled(self, prompt: str, negative_prompt: str) -> tuple[Tensor, Tensor] | None:
+        """(cond, uncond) pooled text vectors, each (1, D), for a U-Net with a projection class embedding
+        (the emoji model: MiniLM's sentence vector, see :func:`sdengine.prompts.pooled_prompt_minilm`);
+        None for a U-Net without one (SD 1.x / 2.x)."""
+        if self.pooled_dim is None:
+            return None
+        if self.context_length is None:
+            raise GenerationError(f"{self.name}: a pooled text embedding is only supported with a MiniLM text encoder")
+        from sdengine.prompts import pooled_prompt_minilm
+
+        vecs = [pooled_prompt_minilm(self.text_encoder, t).to(self.device, self.dtype)
+                for t in (prompt, negative_prompt)]
+        return vecs[0], vecs[1]
+
+    def unet_text_kwargs(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """What a trainer passes to the U-Net besides ``encoder_hidden_states`` for these captions:
+        ``{"class_labels": (N, D) pooled vectors}`` for a U-Net that reads them, else nothing."""
+        if self.pooled_dim is None:
+            return {}
+        from sdengine.prompts import pooled_prompt_minilm
+
+        return {"class_labels": torch.cat([pooled_prompt_minilm(self.text_encoder, p) for p in prompts])
+                .to(self.device, self.dtype)}
+
     # -- checks ---------------------------------------------------------------------------------------
 
     def _check_size(self, what: str, value: Any) -> int:
@@ -721,11 +750,16 @@ class Pipeline:
                 dtype=self.dtype, batch_size=b, start_step=start,
             )
         den: Any = Denoiser(_NetCall(net, self.dtype, extra), self.noise_schedule, self.prediction_type)
-        den = CFGDenoiser(den, cfg_scale, {"encoder_hidden_states": uncond}, rescale=guidance_rescale)
+        uncond_args = {"encoder_hidden_states": uncond}
+        extra_args = {"encoder_hidden_states": cond.expand(b, -1, -1)}
+        pooled = self.encode_pooled(prompt, negative_prompt)
+        if pooled is not None:  # the emoji U-Net's pooled text vector, added to its timestep embedding
+            uncond_args["class_labels"] = pooled[1]
+            extra_args["class_labels"] = pooled[0].expand(b, -1)
+        den = CFGDenoiser(den, cfg_scale, uncond_args, rescale=guidance_rescale)
         if blend_mask is not None:
             assert init_latent is not None
             den = InpaintBlend(den, init_latent, noise, blend_mask)
-        extra_args = {"encoder_hidden_states": cond.expand(b, -1, -1)}
 
         run_steps = grid.steps - start
         from tqdm.auto import tqdm

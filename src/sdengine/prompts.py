@@ -278,6 +278,18 @@ def encode_prompt_minilm(encoder: Any, prompt: str, length: int) -> tuple[Tensor
     return z, tokens, had_break
 
 
+def pooled_prompt_minilm(encoder: Any, prompt: str) -> Tensor:
+    """The sentence vector ``(1, D)`` of a prompt for a MiniLM model whose U-Net adds a pooled text
+    embedding to its timestep embedding (the built-in ``emoji``): ``encoder.sentence_vectors`` of the
+    prompt's plain text, which is what training used for each caption. LoRA tags are removed, A1111
+    emphasis markup is removed and its weights are not applied (they act on the token states of
+    :func:`encode_prompt_minilm`), ``BREAK`` is read as a space."""
+    text, _ = extract_lora_tags(prompt)
+    parsed = parse_prompt_attention(text)
+    plain = "".join(" " if _is_break(p) else p[0] for p in parsed)
+    return encoder.sentence_vectors([plain])
+
+
 def pad_to_length(cond: Tensor, length: int, empty: Tensor) -> Tensor:
     """Append copies of ``empty`` (1, 77, D) to ``cond`` (B, 77 * k, D) until it is ``length`` long."""
     missing = length - cond.shape[1]

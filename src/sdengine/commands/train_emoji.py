@@ -19,7 +19,8 @@ def run(a: argparse.Namespace) -> int:
             print(f"{n} captioned renders in {a.write_folders}/{part}")
         return 0
     recipe = EmojiRecipe(seed=a.seed, mixed_precision=a.mixed_precision, vae_steps=a.vae_steps,
-                         unet_steps=a.unet_steps, unet_batch=a.batch_size, unet_lr=a.lr)
+                         unet_steps=a.unet_steps, unet_batch=a.batch_size, unet_lr=a.lr,
+                         unet_pooled_from=a.pooled_from)
     summary = train_emoji(a.out, recipe, device=resolve_device(a.device), export_to=a.export,
                           max_minutes_vae=a.max_minutes_vae, max_minutes_unet=a.max_minutes_unet)
     print(json.dumps(summary, indent=2))
@@ -36,7 +37,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p = train.add_parser(
         "emoji",
         help="train the built-in emoji text-to-image model (VAE, then U-Net) from the Noto emoji renders",
-        description="Stages: VAE (OUT/vae), MiniLM caption states (OUT/text_states.pt), U-Net (OUT/unet), export "
+        description="Stages: VAE (OUT/vae), MiniLM caption states and sentence vectors (OUT/text_states.pt, "
+        "OUT/text_pooled.pt), U-Net (OUT/unet), export "
         "(OUT/model, or --export). Rerunning continues each stage from its checkpoint. The defaults reproduce "
         "the shipped model (docs/models/emoji.md).",
     )
@@ -46,6 +48,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--unet-steps", type=int, default=r.unet_steps)
     p.add_argument("--batch-size", type=int, default=r.unet_batch, help="U-Net batch size")
     p.add_argument("--lr", type=float, default=r.unet_lr, help="U-Net learning rate")
+    p.add_argument("--pooled-from", type=int, default=r.unet_pooled_from, metavar="STEP",
+                   help="train the U-Net on the token states alone up to STEP, then add the pooled sentence "
+                   "vector (zero-initialised) and go on; 0: the pooled vector from the start")
     p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default=r.mixed_precision)
     p.add_argument("--seed", type=int, default=r.seed)
     p.add_argument("--max-minutes-vae", type=float, default=None, help="stop the VAE stage (and save) after this")

@@ -28,7 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdengine.models.unet import SD15, SD21, MidBlock, UNet, UNetConfig, down_blocks
+from sdengine.models.unet import (
+    SD15,
+    SD21,
+    MidBlock,
+    UNet,
+    UNetConfig,
+    add_class_embedding,
+    down_blocks,
+    make_class_embedding,
+)
 from sdengine.nn.embeddings import TimestepEmbedding, timestep_embedding
 
 ChannelOrder = Literal["rgb", "bgr"]
@@ -147,9 +156,7 @@ class ControlNet(nn.Module):
         n = len(chs)
         self.conv_in = nn.Conv2d(ucfg.in_channels, chs[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chs[0], ucfg.time_embed_dim)
-        self.class_embedding = None
-        if ucfg.num_class_embeds is not None:
-            self.class_embedding = nn.Embedding(ucfg.num_class_embeds, ucfg.time_embed_dim)
+        self.class_embedding = make_class_embedding(ucfg)
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             chs[0], config.conditioning_channels, config.conditioning_embedding_out_channels
         )
@@ -220,11 +227,7 @@ class ControlNet(nn.Module):
             t, ucfg.block_out_channels[0], flip_sin_to_cos=ucfg.flip_sin_to_cos, freq_shift=ucfg.freq_shift
         )  # (B, C0) float32
         emb = self.time_embedding(feats.to(self.dtype))  # (B, T)
-        if self.class_embedding is not None:
-            if class_labels is None:
-                raise ValueError("this ControlNet is class-conditional: pass class_labels")
-            emb = emb + self.class_embedding(class_labels.to(x.device).long()).to(emb.dtype)
-        return emb
+        return add_class_embedding(self.class_embedding, ucfg, emb, class_labels, "ControlNet")
 
     def forward(
         self,

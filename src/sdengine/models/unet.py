@@ -66,8 +66,12 @@ class UNetConfig:
     use_linear_projection: bool = False
     transformer_layers_per_block: int = 1
     upcast_attention: bool = False
-    # class conditioning: an embedding table added to the timestep embedding
+    # class conditioning, added to the timestep embedding: an embedding table of ``num_class_embeds``
+    # labels, or (``projection_class_embeddings_input_dim``, diffusers' class_embed_type="projection") a
+    # Linear-SiLU-Linear of a float vector per row, e.g. a pooled sentence embedding (Imagen's and
+    # SDXL's "pooled text embedding added to the timestep embedding"). At most one of the two.
     num_class_embeds: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
     # details that real checkpoints vary
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
@@ -88,6 +92,8 @@ class UNetConfig:
                 f"attention ({len(self.attention)}) and num_heads ({len(self.num_heads)}) need one entry per level "
                 f"of block_out_channels ({n})"
             )
+        if self.num_class_embeds is not None and self.projection_class_embeddings_input_dim is not None:
+            raise ValueError("num_class_embeds and projection_class_embeddings_input_dim exclude each other")
         kinds = set(self.attention) | ({self.mid_attention} if self.mid_block else set())
         if not kinds <= {"none", "self", "cross"}:
             raise ValueError(f"attention kinds must be 'none', 'self' or 'cross', got {sorted(kinds)}")
@@ -274,6 +280,36 @@ def down_blocks(cfg: UNetConfig) -> nn.ModuleList:
     )
 
 
+def make_class_embedding(cfg: UNetConfig) -> nn.Module | None:
+    """The class embedding a config asks for (``class_embedding`` in diffusers' names), or None."""
+    if cfg.num_class_embeds is not None:
+        return nn.Embedding(cfg.num_class_embeds, cfg.time_embed_dim)
+    if cfg.projection_class_embeddings_input_dim is not None:
+        return TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
+    return None
+
+
+def add_class_embedding(
+    module: nn.Module | None, cfg: UNetConfig, emb: Tensor, class_labels: Tensor | None, what: str
+) -> Tensor:
+    """``emb`` (B, T) plus the class embedding of ``class_labels``: (B,) integer labels for a table,
+    (B, projection_class_embeddings_input_dim) vectors for a projection."""
+    if module is None:
+        if class_labels is not None:
+            raise ValueError(f"class_labels given to a {what} without class conditioning")
+        return emb
+    if class_labels is None:
+        raise ValueError(f"this {what} is class-conditional: pass class_labels")
+    labels = class_labels.to(emb.device)
+    if cfg.projection_class_embeddings_input_dim is not None:
+        d = cfg.projection_class_embeddings_input_dim
+        if labels.ndim != 2 or labels.shape != (emb.shape[0], d):
+            raise ValueError(f"class_labels of this {what} must be ({emb.shape[0]}, {d}) vectors, "
+                             f"got {tuple(labels.shape)}")
+        return emb + module(labels.to(emb.dtype)).to(emb.dtype)
+    return emb + module(labels.long()).to(emb.dtype)
+
+
 class UNet(nn.Module):
     """``unet(x, t, *, class_labels, encoder_hidden_states, <ControlNet residuals>) -> prediction``."""
 
@@ -284,9 +320,7 @@ class UNet(nn.Module):
         n = len(chs)
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chs[0], cfg.time_embed_dim)
-        self.class_embedding = None
-        if cfg.num_class_embeds is not None:
-            self.class_embedding = nn.Embedding(cfg.num_class_embeds, cfg.time_embed_dim)
+        self.class_embedding = make_class_embedding(cfg)
 
         self.down_blocks = down_blocks(cfg)
         self.mid_block = None
@@ -325,13 +359,7 @@ class UNet(nn.Module):
             freq_shift=self.config.freq_shift,
         )  # (B, C0) float32
         emb = self.time_embedding(feats.to(self.dtype))  # (B, T)
-        if self.class_embedding is not None:
-            if class_labels is None:
-                raise ValueError("this U-Net is class-conditional: pass class_labels")
-            emb = emb + self.class_embedding(class_labels.to(x.device).long()).to(emb.dtype)
-        elif class_labels is not None:
-            raise ValueError("class_labels given to a U-Net without class conditioning (num_class_embeds=None)")
-        return emb
+        return add_class_embedding(self.class_embedding, self.config, emb, class_labels, "U-Net")
 
     def forward(
         self,
@@ -418,10 +446,10 @@ _PIXEL_FIXED = {
 _CONDITIONAL_FIXED = {
     "act_fn": ("silu", "swish"), "reverse_transformer_layers_per_block": (None,), "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,), "num_attention_heads": (None,), "dual_cross_attention": (False,),
-    "class_embed_type": (None,), "addition_embed_type": (None,), "addition_time_embed_dim": (None,),
+    "class_embed_type": (None, "projection"), "addition_embed_type": (None,), "addition_time_embed_dim": (None,),
     "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1.0, 1), "time_embedding_type": ("positional",),
     "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
-    "conv_in_kernel": (3,), "conv_out_kernel": (3,), "projection_class_embeddings_input_dim": (None,),
+    "conv_in_kernel": (3,), "conv_out_kernel": (3,),
     "attention_type": ("default",), "class_embeddings_concat": (False,),
     "mid_block_only_cross_attention": (None, False), "cross_attention_norm": (None,),
 }
@@ -508,6 +536,10 @@ def _from_diffusers(cls: type[UNetConfig], config: dict[str, Any]) -> UNetConfig
         attn_groups = c["attn_norm_num_groups"]
         if mid_type and mid_attention == "self" and attn_groups is None and c["resnet_time_scale_shift"] != "default":
             problems.append("a middle attention without GroupNorm (resnet_time_scale_shift='scale_shift')")
+    proj_dim = c.get("projection_class_embeddings_input_dim")
+    if (c.get("class_embed_type") == "projection") != (proj_dim is not None):
+        problems.append(f"class_embed_type={c.get('class_embed_type')!r} with "
+                        f"projection_class_embeddings_input_dim={proj_dim!r}")
     if c["resnet_time_scale_shift"] not in ("default", "scale_shift"):
         problems.append(f"resnet_time_scale_shift={c['resnet_time_scale_shift']!r}")
     if problems:
@@ -531,6 +563,7 @@ def _from_diffusers(cls: type[UNetConfig], config: dict[str, Any]) -> UNetConfig
         transformer_layers_per_block=t_layers,
         upcast_attention=bool(c.get("upcast_attention", False)),
         num_class_embeds=c["num_class_embeds"],
+        projection_class_embeddings_input_dim=proj_dim if c.get("class_embed_type") == "projection" else None,
         norm_num_groups=c["norm_num_groups"],
         norm_eps=c["norm_eps"],
         attn_norm_num_groups=attn_groups,
@@ -570,6 +603,8 @@ def _to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
     else:
         head_dim = None
     if not cfg.is_conditional:
+        if cfg.projection_class_embeddings_input_dim is not None:
+            raise ValueError("diffusers' UNet2DModel has no projection class embedding")
         kind = {"none": "", "self": "Attn"}
         return {
             "_class_name": "UNet2DModel", **common,
@@ -590,6 +625,8 @@ def _to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
         "attention_head_dim": list(cfg.num_heads), "cross_attention_dim": cfg.cross_attention_dim,
         "use_linear_projection": cfg.use_linear_projection, "upcast_attention": cfg.upcast_attention,
         "transformer_layers_per_block": cfg.transformer_layers_per_block,
+        "class_embed_type": "projection" if cfg.projection_class_embeddings_input_dim is not None else None,
+        "projection_class_embeddings_input_dim": cfg.projection_class_embeddings_input_dim,
     }
 
 

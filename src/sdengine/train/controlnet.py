@@ -65,6 +65,8 @@ class PreparedData:
     empty_text: Tensor  # (1, L, D) of the empty prompt
     control: Tensor  # (N, 3, H, W) in [0, 1]
     paths: list[str]
+    pooled: Tensor | None = None  # (N, D) pooled text vectors, for a U-Net that reads them (emoji)
+    empty_pooled: Tensor | None = None  # (1, D)
 
 
 def _control_map(spec: ControlNetTrainSpec, path: Path, root: Path, size: int) -> Image.Image:
@@ -115,8 +117,12 @@ def prepare_data(spec: ControlNetTrainSpec, pipe: Any, device: torch.device) -> 
         from ..prompts import pad_to_length
 
         empty = pad_to_length(empty, texts[0].shape[1], empty[:, :77])
+    pooled = empty_pooled = None
+    if getattr(pipe, "pooled_dim", None) is not None:
+        pooled = pipe.unet_text_kwargs([ds[i]["caption"] for i in range(len(ds))])["class_labels"].float().cpu()
+        empty_pooled = pipe.unet_text_kwargs([""])["class_labels"].float().cpu()
     return PreparedData(torch.cat(means), torch.cat(stds), torch.cat(texts), empty, torch.stack(controls),
-                        [str(p) for p in ds.paths])
+                        [str(p) for p in ds.paths], pooled, empty_pooled)
 
 
 def train_controlnet(
@@ -164,6 +170,8 @@ def train_controlnet(
     mean, std = data.latent_mean.to(device), data.latent_std.to(device)
     text, empty = data.text.to(device), data.empty_text.to(device)
     control = data.control.to(device)
+    pooled = data.pooled.to(device) if data.pooled is not None else None
+    empty_pooled = data.empty_pooled.to(device) if data.empty_pooled is not None else None
     n = mean.shape[0]
 
     def loss_fn(m: nn.Module, step: int, g: torch.Generator) -> Tensor:
@@ -176,9 +184,13 @@ def train_controlnet(
         drop = (torch.rand((b,), generator=g, device=device) < spec.empty_prompt_p)[:, None, None]
         ctx = torch.where(drop, empty.expand(b, -1, -1), text[idx])
         x_t = q_sample(x0, t, noise, acp)
-        down, mid = m(x_t, t, control[idx], encoder_hidden_states=ctx)
+        extra: dict[str, Tensor] = {}
+        if pooled is not None and empty_pooled is not None:  # dropped with the caption
+            extra["class_labels"] = torch.where(drop[:, :, 0], empty_pooled.expand(b, -1), pooled[idx])
+        net_extra = extra if getattr(m, "class_embedding", None) is not None else {}
+        down, mid = m(x_t, t, control[idx], encoder_hidden_states=ctx, **net_extra)
         out = unet(x_t, t, encoder_hidden_states=ctx, down_block_additional_residuals=down,
-                   mid_block_additional_residual=mid)
+                   mid_block_additional_residual=mid, **extra)
         return diffusion_loss(out.float(), prediction_target(prediction, x0, noise, acp[t]), prediction=prediction)
 
     meta = {"kind": "controlnet", "base": str(spec.model), "condition": spec.condition,

@@ -18,6 +18,7 @@ step k equals a run asked for k steps (the shipped model's step counts are in it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,7 @@ from ..diffusion.denoisers import diffusion_loss
 from ..diffusion.schedules import NoiseSchedule, q_sample
 from ..models.unet import UNet, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 HELD_OUT_SUBGROUP = "food-fruit"  # left out of the base model; the demonstration LoRA teaches it
@@ -61,7 +62,13 @@ EMOJI_UNET = UNetConfig(
     num_heads=(2, 4, 8),
     cross_attention_dim=384,
     norm_num_groups=32,
+    # MiniLM's sentence vector of the caption, added to the timestep embedding (Imagen's and SDXL's pooled
+    # text embedding): a global, per-caption signal at every resnet, beside the token states that
+    # cross-attention reads. diffusers' class_embed_type="projection".
+    projection_class_embeddings_input_dim=384,
 )
+# The U-Net without the pooled vector: what the recipe trains for its first ``unet_pooled_from`` steps.
+EMOJI_UNET_TOKENS_ONLY = dataclasses.replace(EMOJI_UNET, projection_class_embeddings_input_dim=None)
 
 # Stable Diffusion's training schedule (scaled-linear betas, 1000 steps, epsilon).
 SCHEDULER_CONFIG: dict[str, Any] = {
@@ -176,6 +183,20 @@ def caption_states(ds: EmojiDataset, encoder: Any, batch: int = 256) -> tuple[Te
     return out, empty
 
 
+@torch.no_grad()
+def caption_pooled(ds: EmojiDataset, encoder: Any, batch: int = 256) -> tuple[Tensor, Tensor]:
+    """(T, N, 384) float32 sentence vectors of every template of every emoji, and (384,) of the empty
+    prompt: what :func:`sdengine.prompts.pooled_prompt_minilm` gives at generation time."""
+    from ..data.emoji import make_caption
+
+    out = torch.empty((len(CAPTION_TEMPLATES), len(ds), 384), dtype=torch.float32)
+    for t in range(len(CAPTION_TEMPLATES)):
+        caps = [make_caption(e, template=t) for e in ds.entries]
+        for i in range(0, len(caps), batch):
+            out[t, i : i + batch] = encoder.sentence_vectors(caps[i : i + batch]).float().cpu()
+    return out, encoder.sentence_vectors([""])[0].float().cpu()
+
+
 # ---------------------------------------------------------------------------------------------------
 # stage 3: U-Net
 
@@ -183,14 +204,21 @@ def caption_states(ds: EmojiDataset, encoder: Any, batch: int = 256) -> tuple[Te
 def train_unet(
     latents: tuple[Tensor, Tensor], states: Tensor, empty: Tensor, keep: list[int], spec: EmojiTrainSpec,
     cfg: TrainConfig, out_dir: Path, *, device: torch.device, resume: bool = False, progress: bool = True,
-    unet_config: UNetConfig = EMOJI_UNET,
+    unet_config: UNetConfig = EMOJI_UNET, pooled: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[TrainResult, UNet]:
-    """Text-conditional latent diffusion on the ``keep`` emoji. ``latents``: scaled (mean, std)."""
+    """Text-conditional latent diffusion on the ``keep`` emoji. ``latents``: scaled (mean, std);
+    ``pooled``: (T, N, D) caption sentence vectors and (D,) of the empty prompt, for a U-Net with
+    ``projection_class_embeddings_input_dim`` (dropped together with the token states)."""
+    uses_pooled = unet_config.projection_class_embeddings_input_dim is not None
+    if uses_pooled and pooled is None:
+        raise ValueError("this U-Net config adds a pooled text vector: pass pooled=(vectors, empty)")
     sel = torch.tensor(keep, dtype=torch.long)
     mean = latents[0][sel].to(device)
     std = latents[1][sel].to(device)
     st = states[:, sel].to(device)  # (T, n, L, D) fp16
     null = empty.to(device)
+    pv = pooled[0][:, sel].to(device) if uses_pooled and pooled is not None else None  # (T, n, D)
+    pnull = pooled[1].to(device) if uses_pooled and pooled is not None else None
     n, n_templates = mean.shape[0], st.shape[0]
     schedule = NoiseSchedule.from_config(**SCHEDULER_CONFIG)
     acp = schedule.alphas_cumprod.to(device)
@@ -206,9 +234,12 @@ def train_unet(
         ctx = st[tmpl, idx].float()
         drop = torch.rand((b,), generator=g, device=device) < spec.caption_dropout
         ctx = torch.where(drop[:, None, None], null.float().expand_as(ctx), ctx)
+        extra = {}
+        if pv is not None and pnull is not None:
+            extra["class_labels"] = torch.where(drop[:, None], pnull.expand(b, -1), pv[tmpl, idx])
         t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=g, device=device)
         noise = torch.randn(z0.shape, generator=g, device=device)
-        out = m(q_sample(z0, t, noise, acp), t, encoder_hidden_states=ctx)
+        out = m(q_sample(z0, t, noise, acp), t, encoder_hidden_states=ctx, **extra)
         out = out.sample if hasattr(out, "sample") else out
         return diffusion_loss(out.float(), noise, alphas_cumprod_t=acp[t], prediction="epsilon",
                               min_snr_gamma=spec.min_snr_gamma)
@@ -218,6 +249,49 @@ def train_unet(
     export = UNet(unet_config)
     export.load_state_dict(load_checkpoint(result.checkpoint)["ema"]["model"])
     return result, export.eval().requires_grad_(False)
+
+
+def _optimizer_order(model: nn.Module) -> list[str]:
+    """Parameter names in the order the training loop hands them to AdamW (matrices, then the rest)."""
+    named = list(model.named_parameters())
+    return [n for n, p in named if p.ndim >= 2] + [n for n, p in named if p.ndim < 2]
+
+
+def add_pooled_projection(path: Path, tokens_only: UNetConfig, pooled: UNetConfig, seed: int) -> None:
+    """Upgrade a U-Net training checkpoint of ``tokens_only`` to ``pooled`` (the same U-Net plus the
+    pooled-text projection) in place, so that training continues from it: the projection's first layer
+    is initialised from ``seed``, its last layer is zero (the upgraded model computes exactly what the
+    checkpoint did), model, EMA and AdamW state keep every other parameter's values and moments."""
+    state = load_checkpoint(path)
+    old = UNet(tokens_only)
+    torch.manual_seed(seed + 1)
+    new = UNet(pooled)
+    assert new.class_embedding is not None
+    nn.init.zeros_(new.class_embedding.linear_2.weight)  # type: ignore[union-attr]
+    nn.init.zeros_(new.class_embedding.linear_2.bias)  # type: ignore[union-attr]
+    fresh = new.state_dict()
+    missing = set(old.state_dict()) - set(state["model"])
+    if missing or set(state["model"]) - set(old.state_dict()):
+        raise ValueError(f"{path} is not a checkpoint of the token-states-only U-Net")
+
+    def merged(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: sd[k] if k in sd else v.clone() for k, v in fresh.items()}
+
+    state["model"] = merged(state["model"])
+    state["ema"]["model"] = merged(state["ema"]["model"])
+    old_index = {n: i for i, n in enumerate(_optimizer_order(old))}
+    new_order = _optimizer_order(new)
+    opt = state["optimizer"]
+    opt["state"] = {j: opt["state"][old_index[n]] for j, n in enumerate(new_order)
+                    if n in old_index and old_index[n] in opt["state"]}
+    n_matrices = sum(1 for p in new.parameters() if p.ndim >= 2)
+    opt["param_groups"][0]["params"] = list(range(n_matrices))
+    opt["param_groups"][1]["params"] = list(range(n_matrices, len(new_order)))
+    save_checkpoint(path, state)
+
+
+def checkpoint_has_pooled(path: Path) -> bool:
+    return path.is_file() and "class_embedding.linear_1.weight" in load_checkpoint(path)["model"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,6 +386,10 @@ class EmojiRecipe:
     unet_batch: int = 48
     unet_lr: float = 3e-4
     unet_warmup: int = 200
+    # The shipped U-Net learnt from the token states alone for this many steps, then got the pooled
+    # sentence vector (zero-initialised, see add_pooled_projection) and went on to unet_steps. 0: the
+    # pooled vector from step 0.
+    unet_pooled_from: int = 0
     ema_decay: float = 0.999
     spec: EmojiTrainSpec = field(default_factory=EmojiTrainSpec)
 
@@ -350,6 +428,28 @@ def prepare_text_states(ds: EmojiDataset, path: Path, device: torch.device) -> t
     return states, empty
 
 
+def prepare_pooled(ds: EmojiDataset, path: Path, device: torch.device) -> tuple[Tensor, Tensor]:
+    """MiniLM sentence vectors of every caption, cached in ``path`` (keyed by the captions)."""
+    import hashlib
+
+    from ..data.emoji import make_caption
+    from ..models.bert_text import MiniLMTextEncoder
+
+    key = hashlib.sha256("\n".join(
+        make_caption(e, template=t) for t in range(len(CAPTION_TEMPLATES)) for e in ds.entries
+    ).encode()).hexdigest()[:16] + "-pooled"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved.get("key") == key:
+            return saved["pooled"], saved["empty"]
+    enc = MiniLMTextEncoder.load(device=device)
+    pooled, empty = caption_pooled(ds, enc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "pooled": pooled, "empty": empty}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return pooled, empty
+
+
 def train_emoji(
     out_dir: str | Path,
     recipe: EmojiRecipe | None = None,
@@ -385,12 +485,35 @@ def train_emoji(
     t1 = time.perf_counter()
     states, empty = prepare_text_states(ds, out / "text_states.pt", device)
     summary["text_seconds"] = round(time.perf_counter() - t1, 1)
+    pooled = None
+    if unet_config.projection_class_embeddings_input_dim is not None:
+        pooled = prepare_pooled(ds, out / "text_pooled.pt", device)
     keep = training_indices(ds, recipe.spec.held_out)
     t2 = time.perf_counter()
-    ures, unet = train_unet((mean * scaling, std * scaling), states, empty, keep, recipe.spec,
-                            recipe.unet_config(_secs(max_minutes_unet)), out / "unet", device=device,
-                            resume=(out / "unet" / "checkpoint.pt").is_file(), progress=progress,
-                            unet_config=unet_config)
+    ckpt = out / "unet" / "checkpoint.pt"
+    lat = (mean * scaling, std * scaling)
+    budget = _secs(max_minutes_unet)
+    first = recipe.unet_pooled_from
+    if pooled is not None and first > 0 and not checkpoint_has_pooled(ckpt):
+        # Phase 1: the token states only, to step ``unet_pooled_from``; then add the pooled projection.
+        tokens_only = dataclasses.replace(unet_config, projection_class_embeddings_input_dim=None)
+        cfg1 = dataclasses.replace(recipe.unet_config(budget), steps=min(first, recipe.unet_steps))
+        ures, unet = train_unet(lat, states, empty, keep, recipe.spec, cfg1, out / "unet", device=device,
+                                resume=ckpt.is_file(), progress=progress, unet_config=tokens_only)
+        if ures.step >= first and recipe.unet_steps > first:
+            add_pooled_projection(ckpt, tokens_only, unet_config, recipe.seed)
+            if budget is not None:
+                budget = max(1.0, budget - (time.perf_counter() - t2))
+        else:
+            pooled = None  # stopped (or the recipe ends) before the pooled phase: export what there is
+    if pooled is not None:
+        ures, unet = train_unet(lat, states, empty, keep, recipe.spec, recipe.unet_config(budget), out / "unet",
+                                device=device, resume=ckpt.is_file(), progress=progress,
+                                unet_config=unet_config, pooled=pooled)
+    elif unet_config.projection_class_embeddings_input_dim is None:
+        ures, unet = train_unet(lat, states, empty, keep, recipe.spec, recipe.unet_config(budget), out / "unet",
+                                device=device, resume=ckpt.is_file(), progress=progress,
+                                unet_config=unet_config)
     summary["unet"] = {"steps": ures.step, "images": len(keep), "seconds": round(time.perf_counter() - t2, 1),
                        "final_loss": round(sum(ures.losses[-100:]) / max(1, len(ures.losses[-100:])), 5)}
     extra = {"held_out_subgroup": recipe.spec.held_out, "vae_steps": vres.step, "unet_steps": ures.step,
@@ -427,7 +550,12 @@ def _secs(minutes: float | None) -> float | None:
 
 
 __all__ = [
+    "EMOJI_UNET_TOKENS_ONLY",
     "EmojiRecipe",
+    "add_pooled_projection",
+    "caption_pooled",
+    "checkpoint_has_pooled",
+    "prepare_pooled",
     "prepare_text_states",
     "train_emoji",
     "write_caption_folders",

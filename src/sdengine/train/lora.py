@@ -209,6 +209,8 @@ class LoRAData:
     token_ids: torch.Tensor  # (N, 77)
     states: torch.Tensor | None  # (N, 77, D) text states when the text encoder is frozen
     captions: list[str]
+    # Other U-Net inputs per caption, e.g. {"class_labels": (N, D)} pooled text vectors (the emoji model)
+    unet_kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _uses_clip(pipe: Any) -> bool:
@@ -234,8 +236,9 @@ def prepare_data(pipe: Any, spec: LoRASpec, resolution: int, device: torch.devic
         if spec.train_text_encoder:
             raise LoRATrainingError("--train-text-encoder needs a CLIP text encoder; this model's is frozen MiniLM")
         states = torch.cat([pipe.encode_prompt(c, "", 1)[0].float() for c in ds.captions]).to(device)
+        extra = {k: v.float().to(device) for k, v in pipe.unet_text_kwargs(ds.captions).items()}
         return LoRAData(latents.float(), torch.zeros((len(ds), 0), dtype=torch.long, device=device), states,
-                        ds.captions)
+                        ds.captions, extra)
     ids = []
     for caption in ds.captions:
         # One 77-token window per caption (kohya's default): training uses the first chunk, emphasis ignored.
@@ -332,7 +335,8 @@ def train_lora(
         t = torch.randint(0, T, (b,), generator=gen, device=device)
         noise = torch.randn(z0.shape, generator=gen, device=device)
         x_t = q_sample(z0, t, noise, acp)
-        out = pipe.unet(x_t.to(pipe.dtype), t, encoder_hidden_states=ctx.to(pipe.dtype))
+        extra = {k: v[idx].to(pipe.dtype) for k, v in data.unet_kwargs.items()}
+        out = pipe.unet(x_t.to(pipe.dtype), t, encoder_hidden_states=ctx.to(pipe.dtype), **extra)
         target = prediction_target(prediction, z0, noise, acp[t])
         return diffusion_loss(out.float(), target, alphas_cumprod_t=acp[t], prediction=prediction,
                               min_snr_gamma=spec.min_snr_gamma)
