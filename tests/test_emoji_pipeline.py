@@ -224,6 +224,13 @@ def test_controlnet_with_and_without_the_pooled_projection(pipe):
     plain = pipe("a heart", seed=1, **FAST).arrays
     ctl = pipe("a heart", seed=1, controlnets=[(plain_net, hint, 1.0)], **FAST).arrays
     assert np.isfinite(ctl).all() and not np.array_equal(ctl, plain)
+    # A ControlNet that reads the pooled vector does not fit a U-Net without one: refused by name.
+    from sdengine.control import ControlNetError, check_compatible
+
+    tokens_only = dataclasses.replace(pipe.unet.config, projection_class_embeddings_input_dim=None)
+    with pytest.raises(ControlNetError, match="pooled text vector of 384 vs model None"):
+        check_compatible(net.config, tokens_only)
+    check_compatible(plain_net.config, pipe.unet.config)  # the other way round is fine
 
 
 def _unet_lora(pipe: Pipeline, path, *, with_te: bool = False):

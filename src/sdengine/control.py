@@ -235,6 +235,11 @@ def check_compatible(cn: ControlNetConfig, base: UNetConfig, *, name: str = "Con
               "use_linear_projection", "flip_sin_to_cos", "freq_shift")
     diffs = [f"{f} {getattr(u, f)!r} vs model {getattr(base, f)!r}"
              for f in fields if getattr(u, f) != getattr(base, f)]
+    if u.projection_class_embeddings_input_dim is not None and (
+        u.projection_class_embeddings_input_dim != base.projection_class_embeddings_input_dim
+    ):
+        diffs.append(f"pooled text vector of {u.projection_class_embeddings_input_dim} "
+                     f"vs model {base.projection_class_embeddings_input_dim}")
     if diffs:
         raise ControlNetError(f"{name} does not fit this model's U-Net: " + "; ".join(diffs))
 
