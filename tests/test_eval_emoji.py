@@ -188,12 +188,13 @@ def test_evaluate_emoji_tiny(pipe, recogniser, dataset, tmp_path):
     assert res["fd"]["n_generated"] == 6 and res["fd"]["value"] >= 0
     c = res["controlnet"]
     assert c["n"] == 2 and 0.0 <= c["f1_with"] <= 1.0 and 0.0 <= c["f1_exact_without"] <= 1.0
+    assert 0.0 <= c["f1_empty_with"] <= 1.0 and 0.0 <= c["f1_exact_empty_without"] <= 1.0
     assert res["lora"] is None
     # captions 6 + paraphrases 5 + sweep (cfg 1: 3 new; cfg 5 = the main scale: the captions of the main run
-    # reused) + ControlNet 2 x 2
+    # reused) + ControlNet 2 x 2 with the captions and 2 x 2 with the empty prompt
     reused = len(set(evenly_spaced(base, 3)) & set(evenly_spaced(base, 6)))
     assert reused >= 2
-    assert res["images_generated"] == 6 + 5 + 3 + (3 - reused) + 4
+    assert res["images_generated"] == 6 + 5 + 3 + (3 - reused) + 4 + 4
     json.dumps(res)  # JSON-able
     report = format_report(res)
     assert "| canonical captions" in report and "cfg 1" in report and "ControlNet" in report

@@ -51,7 +51,7 @@ def test_latent_scaling_makes_unit_spread():
 
 def test_train_emoji_toy_run_exports_a_loadable_folder_and_resumes(tmp_path, small_dataset):
     recipe = EmojiRecipe(vae_steps=6, vae_batch=8, unet_steps=8, unet_batch=8, vae_warmup=2, unet_warmup=2,
-                         mixed_precision="no", spec=EmojiTrainSpec(vae_crop=8))
+                         mixed_precision="no", spec=EmojiTrainSpec(vae_crop=8), unet_pooled_from=0)
     kw = dict(device="cpu", progress=False, dataset=small_dataset, unet_config=TINY_EMOJI_UNET,
               vae_config=TINY_EMOJI_VAE)
     summary = train_emoji(tmp_path / "run", recipe, **kw)
@@ -68,6 +68,7 @@ def test_train_emoji_toy_run_exports_a_loadable_folder_and_resumes(tmp_path, sma
 
     unet_sd = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(v.dtype == torch.float16 for v in unet_sd.values())
+    assert "class_embedding.linear_1.weight" in unet_sd  # the pooled sentence vector from step 0
     # Rerunning with the same recipe trains nothing more and exports the same weights.
     again = train_emoji(tmp_path / "run", recipe, **kw)
     assert again["unet"]["steps"] == 8

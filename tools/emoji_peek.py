@@ -32,7 +32,13 @@ def main() -> None:
     from sdengine.pipeline import load_pipeline
     from sdengine.train.checkpoint import load_checkpoint
     from sdengine.train.emoji import (
-        EMOJI_UNET, EMOJI_UNET_TOKENS_ONLY, EMOJI_VAE, encode_latents, export_folder, latent_scaling, with_scaling,
+        EMOJI_UNET,
+        EMOJI_UNET_TOKENS_ONLY,
+        EMOJI_VAE,
+        encode_latents,
+        export_folder,
+        latent_scaling,
+        with_scaling,
     )
 
     ds = EmojiDataset()

@@ -12,7 +12,8 @@ b. **Frechet distance** between the recogniser features of those caption images 
 c. **guidance sweep**: top-1 / top-5 on a fixed, evenly spaced subset (``sweep_n``) of the captions at each
    scale of ``cfg_sweep``;
 d. **ControlNet** (given one): for an evenly spaced subset of renders, the Canny edges of the render are the
-   control; the caption is generated with and without the ControlNet, and the report gives the mean F1
+   control; the caption, and then the empty prompt (where only the ControlNet can give the structure), is
+   generated with and without the ControlNet, and the report gives the mean F1
    between the control edges and the Canny edges of the generated image, with a 1-pixel tolerance (an edge
    pixel counts as matched when the other map has an edge within its 3x3 neighbourhood); the pixel-exact F1
    is reported beside it;
@@ -539,15 +540,18 @@ def _control_section(run: _Runner, pipe: Any, ds: Any, base: list[int], controln
     idx = [base[i] for i in evenly_spaced(len(base), control_n)]
     edges = np.stack([_canny_array(_resize_uint8(ds.pixels[j], size)) for j in idx])  # (N, H, W) 0/255
     control = torch.from_numpy(edges).float().div(255.0)[:, None].expand(-1, 3, -1, -1).contiguous()
-    prompts = [ds.captions[j] for j in idx]
     seeds = [seed + j for j in idx]
     out: dict[str, Any] = {"controlnet": label, "n": len(idx), "tolerance_px": EDGE_TOLERANCE_PX,
                            "control_edge_fraction": float((edges > 0).mean())}
-    for key, kw in (("without", {}), ("with", {"controlnet": net, "control_images": control})):
-        arrays = run.generate(prompts, seeds, cfg, f"controlnet {key}", **kw)
-        gen_edges = [_canny_array(_to_uint8(a)) for a in arrays]
-        out[f"f1_{key}"] = float(np.mean([edge_f1(e, g) for e, g in zip(edges, gen_edges, strict=True)]))
-        out[f"f1_exact_{key}"] = float(np.mean([edge_f1(e, g, 0) for e, g in zip(edges, gen_edges, strict=True)]))
+    # With the caption as the prompt a model that follows its prompt already draws the control's edges;
+    # with the empty prompt the structure can only come from the ControlNet.
+    for mode, prompts in (("", [ds.captions[j] for j in idx]), ("empty_", [""] * len(idx))):
+        for key, kw in (("without", {}), ("with", {"controlnet": net, "control_images": control})):
+            arrays = run.generate(prompts, seeds, cfg, f"controlnet {key} ({mode or 'caption_'}prompt)", **kw)
+            gen_edges = [_canny_array(_to_uint8(a)) for a in arrays]
+            pairs = list(zip(edges, gen_edges, strict=True))
+            out[f"f1_{mode}{key}"] = float(np.mean([edge_f1(e, g) for e, g in pairs]))
+            out[f"f1_exact_{mode}{key}"] = float(np.mean([edge_f1(e, g, 0) for e, g in pairs]))
     return out
 
 
@@ -621,6 +625,11 @@ def format_report(res: dict[str, Any]) -> str:
         lines.append(f"| edge F1 (±{c['tolerance_px']} px) with ControlNet | {c['n']} | | {c['f1_with']:.3f} |")
         lines.append(f"| edge F1 (exact) without / with ControlNet | {c['n']} | | "
                      f"{c['f1_exact_without']:.3f} / {c['f1_exact_with']:.3f} |")
+        if "f1_empty_with" in c:
+            lines.append(f"| empty prompt: edge F1 (±{c['tolerance_px']} px) without / with ControlNet | {c['n']} | | "
+                         f"{c['f1_empty_without']:.3f} / {c['f1_empty_with']:.3f} |")
+            lines.append(f"| empty prompt: edge F1 (exact) without / with ControlNet | {c['n']} | | "
+                         f"{c['f1_exact_empty_without']:.3f} / {c['f1_exact_empty_with']:.3f} |")
     lo = res.get("lora")
     if lo:
         for part, label in (("captions", "held-out captions"), ("paraphrases", "fruit paraphrases")):

@@ -382,14 +382,14 @@ class EmojiRecipe:
     vae_batch: int = 32
     vae_lr: float = 5e-4
     vae_warmup: int = 100
-    unet_steps: int = 2250
+    unet_steps: int = 6850
     unet_batch: int = 48
     unet_lr: float = 3e-4
     unet_warmup: int = 200
     # The shipped U-Net learnt from the token states alone for this many steps, then got the pooled
     # sentence vector (zero-initialised, see add_pooled_projection) and went on to unet_steps. 0: the
     # pooled vector from step 0.
-    unet_pooled_from: int = 0
+    unet_pooled_from: int = 2500
     ema_decay: float = 0.999
     spec: EmojiTrainSpec = field(default_factory=EmojiTrainSpec)
 
