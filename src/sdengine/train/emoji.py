@@ -406,8 +406,10 @@ class EmojiRecipe:
                            max_seconds=max_seconds)  # type: ignore[arg-type]
 
 
-def prepare_text_states(ds: EmojiDataset, path: Path, device: torch.device) -> tuple[Tensor, Tensor]:
-    """MiniLM states of every caption, cached in ``path`` (keyed by the captions themselves)."""
+def _cached_caption_tensors(ds: EmojiDataset, path: Path, device: torch.device, suffix: str, name: str,
+                            compute: Any) -> tuple[Tensor, Tensor]:
+    """``compute(ds, encoder) -> (tensor, empty)``, cached in ``path`` under ``name`` and keyed by the
+    captions themselves (plus ``suffix``), so a change of captions recomputes it."""
     import hashlib
 
     from ..data.emoji import make_caption
@@ -415,39 +417,26 @@ def prepare_text_states(ds: EmojiDataset, path: Path, device: torch.device) -> t
 
     key = hashlib.sha256("\n".join(
         make_caption(e, template=t) for t in range(len(CAPTION_TEMPLATES)) for e in ds.entries
-    ).encode()).hexdigest()[:16] + f"-{TEXT_LENGTH}"
+    ).encode()).hexdigest()[:16] + suffix
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         if saved.get("key") == key:
-            return saved["states"], saved["empty"]
-    enc = MiniLMTextEncoder.load(device=device)
-    states, empty = caption_states(ds, enc)
+            return saved[name], saved["empty"]
+    values, empty = compute(ds, MiniLMTextEncoder.load(device=device))
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": key, "states": states, "empty": empty}, path.with_suffix(".tmp"))
+    torch.save({"key": key, name: values, "empty": empty}, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
-    return states, empty
+    return values, empty
+
+
+def prepare_text_states(ds: EmojiDataset, path: Path, device: torch.device) -> tuple[Tensor, Tensor]:
+    """MiniLM states of every caption, cached in ``path`` (keyed by the captions themselves)."""
+    return _cached_caption_tensors(ds, path, device, f"-{TEXT_LENGTH}", "states", caption_states)
 
 
 def prepare_pooled(ds: EmojiDataset, path: Path, device: torch.device) -> tuple[Tensor, Tensor]:
     """MiniLM sentence vectors of every caption, cached in ``path`` (keyed by the captions)."""
-    import hashlib
-
-    from ..data.emoji import make_caption
-    from ..models.bert_text import MiniLMTextEncoder
-
-    key = hashlib.sha256("\n".join(
-        make_caption(e, template=t) for t in range(len(CAPTION_TEMPLATES)) for e in ds.entries
-    ).encode()).hexdigest()[:16] + "-pooled"
-    if path.is_file():
-        saved = torch.load(path, weights_only=True)
-        if saved.get("key") == key:
-            return saved["pooled"], saved["empty"]
-    enc = MiniLMTextEncoder.load(device=device)
-    pooled, empty = caption_pooled(ds, enc)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": key, "pooled": pooled, "empty": empty}, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
-    return pooled, empty
+    return _cached_caption_tensors(ds, path, device, "-pooled", "pooled", caption_pooled)
 
 
 def train_emoji(
