@@ -439,23 +439,20 @@ class Pipeline:
         None for a U-Net without one (SD 1.x / 2.x)."""
         if self.pooled_dim is None:
             return None
+        vecs = self._pooled([prompt, negative_prompt])
+        return vecs[:1], vecs[1:]
+
+    def _pooled(self, texts: Sequence[str]) -> Tensor:
         if self.context_length is None:
             raise GenerationError(f"{self.name}: a pooled text embedding is only supported with a MiniLM text encoder")
         from sdengine.prompts import pooled_prompt_minilm
 
-        vecs = [pooled_prompt_minilm(self.text_encoder, t).to(self.device, self.dtype)
-                for t in (prompt, negative_prompt)]
-        return vecs[0], vecs[1]
+        return torch.cat([pooled_prompt_minilm(self.text_encoder, t) for t in texts]).to(self.device, self.dtype)
 
     def unet_text_kwargs(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         """What a trainer passes to the U-Net besides ``encoder_hidden_states`` for these captions:
         ``{"class_labels": (N, D) pooled vectors}`` for a U-Net that reads them, else nothing."""
-        if self.pooled_dim is None:
-            return {}
-        from sdengine.prompts import pooled_prompt_minilm
-
-        return {"class_labels": torch.cat([pooled_prompt_minilm(self.text_encoder, p) for p in prompts])
-                .to(self.device, self.dtype)}
+        return {} if self.pooled_dim is None else {"class_labels": self._pooled(prompts)}
 
     # -- checks ---------------------------------------------------------------------------------------
 
