@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from sdengine.errors import SdengineError
 from sdengine.models.controlnet import ControlNet, ControlNetConfig
 from sdengine.models.unet import UNetConfig
 from sdengine.weights import controlnet_keys as ck
@@ -54,7 +55,7 @@ WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 
 
-class ControlNetError(ValueError):
+class ControlNetError(SdengineError, ValueError):
     """A user-facing ControlNet problem (bad file, wrong base model, bad settings); one clear line."""
 
 

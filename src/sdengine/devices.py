@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from sdengine.errors import SdengineError
 
-class DeviceError(ValueError):
+
+class DeviceError(SdengineError, ValueError):
     """A device that was asked for is not there."""
 
 

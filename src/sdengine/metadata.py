@@ -42,6 +42,7 @@ from PIL import Image, PngImagePlugin
 
 from sdengine import __version__
 from sdengine.diffusion.sampling import SAMPLERS, SCHEDULE_A1111, resolve
+from sdengine.errors import SdengineError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ _DESCRIPTIVE_FIELDS = frozenset(
 )
 
 
-class MetadataError(ValueError):
+class MetadataError(SdengineError, ValueError):
     """Infotext or PNG metadata that cannot be read or written."""
 
 

@@ -55,6 +55,7 @@ from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.diffusion.samplers import SamplingInterrupted
 from sdengine.diffusion.schedules import NoiseSchedule, img2img_start
+from sdengine.errors import SdengineError
 from sdengine.text.clip_tokenizer import EOS_TOKEN_ID, SD2_PAD_TOKEN_ID, CLIPTokenizer
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,11 @@ ControlUnit = tuple[Any, ...]  # (model_or_path, image, scale[, start, end])
 LoRAInput = tuple[Any, float] | str | Path
 
 
-class GenerationError(ValueError):
+class GenerationError(SdengineError, ValueError):
     """A request the pipeline cannot run (bad size, strength, image, ...): one clear line."""
 
 
-class Cancelled(Exception):
+class Cancelled(SdengineError):
     """Raised when the step callback returns False. ``step`` steps of ``steps`` had run; ``preview`` is the
     cheap RGB preview (uint8 (B, h, w, 3)) of the last x0 estimate."""
 

@@ -31,6 +31,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
+from sdengine.errors import SdengineError
+
 __all__ = [
     "CAPTION_TEMPLATES",
     "DEFAULT_EMOJI_TEST",
@@ -72,7 +74,7 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
 )
 
 
-class EmojiDataError(RuntimeError):
+class EmojiDataError(SdengineError, RuntimeError):
     """A source of the emoji data set is missing or unreadable."""
 
 

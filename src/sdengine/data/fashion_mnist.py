@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from sdengine.errors import SdengineError
+
 __all__ = [
     "APT_PACKAGE",
     "CLASS_NAMES",
@@ -67,7 +69,7 @@ _IDX_DTYPES: dict[int, np.dtype] = {
 }
 
 
-class IDXError(ValueError):
+class IDXError(SdengineError, ValueError):
     """A file that is not a well-formed IDX file (bad magic, wrong size, truncated gzip...)."""
 
 

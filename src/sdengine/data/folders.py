@@ -16,6 +16,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from sdengine.errors import SdengineError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFolder",
@@ -33,7 +35,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", 
 Channels = Literal[1, 3]
 
 
-class ImageFolderError(ValueError):
+class ImageFolderError(SdengineError, ValueError):
     """A folder without images, or an image file that cannot be decoded (the message names it)."""
 
 

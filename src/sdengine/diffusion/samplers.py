@@ -29,11 +29,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sdengine.errors import SdengineError
+
 Denoise = Callable[..., Tensor]
 Callback = Callable[[int, float, Tensor, Tensor], "bool | None"]
 
 
-class SamplingInterrupted(Exception):
+class SamplingInterrupted(SdengineError):
     """Raised when a callback stops sampling; ``x`` is the sample after ``step``, ``denoised`` its x0."""
 
     def __init__(self, step: int, x: Tensor, denoised: Tensor) -> None:

@@ -14,12 +14,14 @@ from typing import Any
 
 import torch
 
+from sdengine.errors import SdengineError
+
 CHECKPOINT_NAME = "checkpoint.pt"
 _FORMAT = "sdengine-train-checkpoint"
 _VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SdengineError, RuntimeError):
     """A checkpoint is missing, unreadable or not one of ours."""
 
 

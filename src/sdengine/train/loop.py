@@ -24,12 +24,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from sdengine.errors import SdengineError
+
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 
 MixedPrecision = Literal["auto", "no", "bf16"]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(SdengineError, RuntimeError):
     """The loss became NaN or infinite."""
 
 

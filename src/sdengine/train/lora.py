@@ -30,6 +30,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from sdengine.errors import SdengineError
+
 from ..weights.lora import LoRALayer, kohya_name, lora_targets, patch_layers
 from .checkpoint import check_resumable
 from .loop import TrainConfig, TrainResult, data_indices, train
@@ -51,7 +53,7 @@ TEXT_TARGETS: dict[TargetKind, re.Pattern[str]] = {
 }
 
 
-class LoRATrainingError(ValueError):
+class LoRATrainingError(SdengineError, ValueError):
     """A user mistake in the training inputs (message meant for one line on stderr)."""
 
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from sdengine.errors import SdengineError
+
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
@@ -62,7 +64,7 @@ DTYPES: dict[str, torch.dtype] = {
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class WeightsError(ValueError):
+class WeightsError(SdengineError, ValueError):
     """A weight file or state dict that sdengine cannot use; the message is meant for the user as is."""
 
 

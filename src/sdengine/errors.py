@@ -1,0 +1,17 @@
+"""The errors sdengine raises on purpose.
+
+Every error the package raises for a bad input, a bad file or a stopped job derives from
+:class:`SdengineError`. The CLI prints these (and ``OSError``) as one line; anything else is a bug and
+keeps its traceback. Most classes also derive from ``ValueError`` so that ``except ValueError`` code
+written against earlier releases keeps working.
+"""
+
+from __future__ import annotations
+
+
+class SdengineError(Exception):
+    """Base of every error sdengine raises on purpose (a user mistake, a bad file, a refused request)."""
+
+
+class UsageError(SdengineError, ValueError):
+    """A value the caller gave is not usable (wrong type, out of range, unknown name)."""

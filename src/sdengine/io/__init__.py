@@ -1,0 +1,1 @@
+"""Cross-cutting input/output helpers: paths inside configured folders, atomic writes, images."""

@@ -1,0 +1,66 @@
+"""Names that must stay inside a configured folder (LoRA names, model names, uploads, image names).
+
+A name that comes from outside (a prompt's ``<lora:NAME:W>`` tag, a PNG's parameters, an HTTP request)
+may only ever select a file *inside* its folder. The rule: reject absolute names, drive letters,
+backslashes, NUL bytes and ``..`` segments outright (after percent-decoding, so that ``%2e%2e%2f``
+is seen too), then resolve with ``realpath`` and require the result to lie under the folder's own
+realpath (so a symlink that points out is refused as well).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import unquote
+
+from sdengine.errors import SdengineError
+
+
+class UnsafePathError(SdengineError, ValueError):
+    """A name that would select a file outside its configured folder."""
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Return ``name`` (with forward slashes) if it is a plain relative name; else raise UnsafePathError."""
+    if not isinstance(name, str) or not name:
+        raise UnsafePathError(f"{what}: expected a non-empty name, got {name!r}")
+    decoded = name
+    for _ in range(3):  # %252e%252e -> %2e%2e -> ..
+        nxt = unquote(decoded)
+        if nxt == decoded:
+            break
+        decoded = nxt
+    for candidate in (name, decoded):
+        if "\x00" in candidate or "\\" in candidate:
+            raise UnsafePathError(f"{what} {name!r}: backslashes and NUL bytes are not allowed")
+        if candidate.startswith("/") or (len(candidate) > 1 and candidate[1] == ":"):
+            raise UnsafePathError(f"{what} {name!r}: absolute paths are not allowed, give a name inside the folder")
+        if any(part == ".." for part in candidate.split("/")):
+            raise UnsafePathError(f"{what} {name!r}: '..' is not allowed, give a name inside the folder")
+    return name
+
+
+def resolve_inside(root: str | os.PathLike[str], name: str, what: str = "name",
+                   suffixes: Iterable[str] = ("",)) -> Path:
+    """The existing file ``root/name[+suffix]``, guaranteed (by realpath) to lie inside ``root``.
+
+    ``suffixes`` are tried in order (``""`` = the name as given). Raises UnsafePathError for a name that
+    escapes and FileNotFoundError (naming the folder, not the outside path) for one that is not there.
+    """
+    check_name(name, what)
+    base = Path(os.path.realpath(root))
+    for suffix in suffixes:
+        target = Path(os.path.realpath(base / (name + suffix)))
+        if not is_inside(base, target):
+            raise UnsafePathError(f"{what} {name!r} resolves outside {root} (a symlink out of the folder?)")
+        if target.exists():
+            return target
+    raise FileNotFoundError(f"{what} {name!r} not found in {root}")
+
+
+def is_inside(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` (after realpath) is ``root`` or lies under it (after realpath)."""
+    base = os.path.realpath(root)
+    target = os.path.realpath(path)
+    return target == base or target.startswith(base.rstrip(os.sep) + os.sep)
