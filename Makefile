@@ -36,7 +36,7 @@ $(STAMP): $(VPY) pyproject.toml
 	@touch $@
 
 $(DEVSTAMP): $(STAMP) pyproject.toml
-	$(VPY) -m pip install -q -e '.[dev]'
+	$(VPY) -m pip install -q -e '.[dev,server]'
 	@touch $@
 
 venv: sysdeps $(STAMP)
