@@ -83,5 +83,5 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 120.0) -> dict[
     raise TimeoutError(f"job {job_id} did not finish in {timeout} s")
 
 
-def test_config(tmp: Path, **kw: Any) -> ServerConfig:
+def server_config(tmp: Path, **kw: Any) -> ServerConfig:
     return ServerConfig(outputs_dir=tmp / "outputs", **kw)
