@@ -122,6 +122,7 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
 
     a1111.install(app, services)
     openai_images.install(app, services)
+    app.include_router(__import__("sdengine.server.comfy", fromlist=["router"]).router)  # ComfyUI API (comfy/)
     return app
 
 

@@ -320,7 +320,11 @@ class Worker(threading.Thread):
                 continue
             self.current = job
             try:
-                self.run_job(job)
+                run_on = getattr(job, "run_on", None)  # a job that runs itself here (a ComfyUI graph)
+                if run_on is not None:
+                    run_on(self)
+                else:
+                    self.run_job(job)
             except BaseException as e:  # noqa: BLE001 - a job never takes the worker down
                 log.exception("job %s failed", job.id)
                 self.manager.finish(job, FAILED, f"internal error: {type(e).__name__}: {e}")

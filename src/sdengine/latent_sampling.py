@@ -1,0 +1,295 @@
+"""Sampling from latents and conditioning that the caller already holds (what a node graph needs).
+
+The pipeline's ``__call__`` goes from a prompt to pixels in one call. A node graph (the ComfyUI API in
+:mod:`sdengine.server.comfy`) holds the pieces separately: text conditioning from one node, a latent from
+another (empty, VAE-encoded, upscaled, or the output of an earlier sampler), a noise mask, ControlNet hints
+and LoRAs. :func:`sample_latents` runs the engine's own samplers (:func:`sdengine.diffusion.sampling.sample`
+with the same Denoiser / CFGDenoiser / InpaintBlend / ControlNet wrappers the pipeline builds) on them.
+
+Two seed rules (``seed_rule``):
+
+* ``"comfyui"``: ComfyUI's. ONE noise tensor for the whole batch, ``torch.randn(latent.shape)`` from
+  ``torch.manual_seed(seed)`` on the CPU; ``denoise`` < 1 runs the last ``steps`` steps of a schedule of
+  ``int(steps / denoise)`` steps; a VAE-encoded latent is the posterior mean.
+* ``"sdengine"``: the pipeline's. Row ``i`` owns ``Generator().manual_seed(seed + i)``; a VAE-encoded latent
+  is a posterior sample drawn from that generator BEFORE the noise; ``denoise`` is the img2img strength
+  (the last ``int(steps * denoise)`` of ``steps`` steps run). With it a graph gives exactly the pipeline's
+  images for the same seed.
+
+For one image from an empty latent both rules draw the same noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sdengine.diffusion import sampling
+from sdengine.diffusion.denoisers import Denoiser
+from sdengine.diffusion.guidance import CFGDenoiser
+from sdengine.diffusion.samplers import SamplingInterrupted
+from sdengine.diffusion.schedules import img2img_start
+from sdengine.errors import SdengineError
+
+SEED_RULES = ("comfyui", "sdengine")
+
+
+class LatentSamplingError(SdengineError, ValueError):
+    """A sampling request that cannot run (bad shapes, steps, seed rule)."""
+
+
+class SamplingStopped(SdengineError):
+    """The step callback returned False after ``step`` steps; ``denoised`` is the last x0 estimate."""
+
+    def __init__(self, step: int, steps: int, denoised: Tensor) -> None:
+        super().__init__(f"sampling stopped after step {step} of {steps}")
+        self.step = step
+        self.steps = steps
+        self.denoised = denoised
+
+
+@dataclass(frozen=True)
+class ControlHint:
+    """One ControlNet applied while sampling: ``(model, image, strength, start, end)`` as
+    :func:`sdengine.control.build_controlled_unet` takes it; ``image`` (1, 3, H, W) in [0, 1]."""
+
+    model: Any
+    image: Tensor
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclass(frozen=True)
+class TextCondition:
+    """One conditioning entry: the text context (1, L, D), the pooled vector (1, D) for U-Nets that read
+    one (the emoji model), and the ControlNets attached to it."""
+
+    context: Tensor
+    pooled: Tensor | None = None
+    controls: tuple[ControlHint, ...] = field(default_factory=tuple)
+
+
+def encode_text(pipe: Any, text: str, clip_skip: int = 1, notes: list[str] | None = None) -> TextCondition:
+    """One prompt's conditioning, exactly as the pipeline encodes its prompt (and its negative prompt)."""
+    context, _ = pipe.encode_prompt(text, "", clip_skip, notes)
+    pooled = pipe.encode_pooled(text, "")
+    return TextCondition(context, None if pooled is None else pooled[0])
+
+
+@dataclass
+class StepReport:
+    step: int  # 1-based, steps finished in this run
+    steps: int
+    denoised: Tensor
+
+
+class _UNetCall:
+    """The U-Net as the Denoiser calls it: float32 in and out around a model in ``dtype``."""
+
+    def __init__(self, net: Callable[..., Tensor], dtype: torch.dtype) -> None:
+        self.net = net
+        self.dtype = dtype
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        cond = {k: v.to(self.dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in cond.items()}
+        return self.net(x.to(self.dtype), t, **cond).float()
+
+
+class _MeanOfGuided:
+    """Several positive conditionings (ComfyUI's ConditioningCombine): the mean of their guided
+    predictions, which is CFG of the mean of their conditional predictions against one negative."""
+
+    def __init__(self, parts: list[tuple[CFGDenoiser, dict[str, Tensor]]]) -> None:
+        self.parts = parts
+        self.schedule = parts[0][0].schedule
+        self.prediction = parts[0][0].prediction
+
+    @property
+    def off_grid(self) -> _MeanOfGuided:
+        return _MeanOfGuided([(d.off_grid, a) for d, a in self.parts])
+
+    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> _MeanOfGuided:
+        return _MeanOfGuided([(d.with_timesteps(sigmas, timesteps), a) for d, a in self.parts])
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, **_: Any) -> Tensor:
+        outs = [d(x.clone() if k < len(self.parts) - 1 else x, sigma, **a) for k, (d, a) in enumerate(self.parts)]
+        return torch.stack(outs).mean(0)
+
+
+def _match_length(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Contexts of different token lengths (CLIP's 77-token chunks) repeated to a common length."""
+    if a.shape[1] == b.shape[1]:
+        return a, b
+    n = math.lcm(a.shape[1], b.shape[1])
+    return a.repeat(1, n // a.shape[1], 1), b.repeat(1, n // b.shape[1], 1)
+
+
+def make_noise(shape: Sequence[int], seed: int, seed_rule: str) -> Tensor:
+    """The initial noise of ``shape`` (B, C, h, w) on the CPU under ``seed_rule`` (see the module docstring)."""
+    if seed_rule == "comfyui":
+        return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(seed))
+    return torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator("cpu").manual_seed(seed + i))
+                      for i in range(shape[0])])
+
+
+def sample_latents(
+    pipe: Any,
+    positive: Sequence[TextCondition],
+    negative: Sequence[TextCondition],
+    latent: Tensor,
+    *,
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler: str = "euler",
+    schedule: str = "normal",
+    denoise: float = 1.0,
+    seed_rule: str = "comfyui",
+    posterior: tuple[Tensor, Tensor] | None = None,
+    noise_mask: Tensor | None = None,
+    loras: Sequence[tuple[Any, float]] = (),
+    add_noise: bool = True,
+    start_at_step: int = 0,
+    end_at_step: int | None = None,
+    leftover_noise: bool = False,
+    callback: Callable[[StepReport], bool | None] | None = None,
+) -> Tensor:
+    """Sample from ``latent`` (B, C, h, w) in the model's scaled latent space; returns the new latent.
+
+    ``positive`` / ``negative``: conditioning entries (several positives are averaged as ComfyUI's
+    ConditioningCombine; the first negative is used). ``posterior``: (mean, std) of a VAE encoding, drawn
+    per row under the ``sdengine`` rule. ``noise_mask`` (1 or B, 1, H, W), 1 = repaint: the known region
+    is kept on the init latent's noising path, as the pipeline's inpainting. ``loras``: (path, weight)
+    applied to the U-Net for this call only. ``start_at_step`` / ``end_at_step`` / ``add_noise`` /
+    ``leftover_noise``: KSamplerAdvanced's window of a ``steps``-step schedule. ``callback`` returning
+    False raises :class:`SamplingStopped`.
+    """
+    if seed_rule not in SEED_RULES:
+        raise LatentSamplingError(f"unknown seed rule {seed_rule!r}; use one of {', '.join(SEED_RULES)}")
+    if not positive or not negative:
+        raise LatentSamplingError("sampling needs positive and negative conditioning")
+    if getattr(pipe, "inpainting", False):
+        raise LatentSamplingError(f"{pipe.name}: 9-channel inpainting U-Nets are not supported here; use an "
+                                  "ordinary model with a noise mask")
+    if latent.ndim != 4 or latent.shape[1] != pipe.latent_channels:
+        raise LatentSamplingError(f"latent of shape {tuple(latent.shape)} does not fit {pipe.name} "
+                                  f"({pipe.latent_channels} channels)")
+    if not 0.0 < denoise <= 1.0:
+        raise LatentSamplingError(f"denoise must be in (0, 1], got {denoise}")
+    dev = pipe.device
+    b, _, h, w = latent.shape
+    f = pipe.vae_scale_factor
+    name, sched = sampling.resolve(sampler, schedule)
+    latent = latent.float().to(dev)
+
+    # Noise and the starting latent under the seed rule.
+    gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(b)]
+    if seed_rule == "sdengine" and posterior is not None:
+        mean, std = (t.float().to(dev) for t in posterior)
+        rows = []
+        for i, g in enumerate(gens):
+            m, s = mean[i % mean.shape[0]][None], std[i % std.shape[0]][None]
+            eps = torch.randn(m.shape, generator=g, dtype=m.dtype)
+            rows.append(m + s * eps.to(dev))
+        latent = pipe.vae.scale_latents(torch.cat(rows))
+    if seed_rule == "sdengine":
+        noise = torch.cat([torch.randn((1, *latent.shape[1:]), generator=g) for g in gens]).to(dev)
+    else:
+        noise = make_noise(latent.shape, seed, "comfyui").to(dev)
+    if not add_noise:
+        noise = torch.zeros_like(noise)
+
+    empty = posterior is None and not bool(latent.abs().amax() > 0)
+    blend = None
+    if noise_mask is not None:
+        m = noise_mask.float().to(dev)
+        if m.ndim == 3:
+            m = m[:, None]
+        binary = (m >= 0.5).float()
+        blend = F.interpolate(binary, size=(h, w)).expand(b, -1, -1, -1) if binary.shape[0] in (1, b) else None
+        if blend is None:
+            raise LatentSamplingError(f"noise mask batch {m.shape[0]} does not fit the latent batch {b}")
+
+    # Which steps of which grid run.
+    if start_at_step or end_at_step is not None:
+        total, start = steps, start_at_step
+        end = steps if end_at_step is None else min(end_at_step, steps)
+        if not 0 <= start < end:
+            raise LatentSamplingError(f"start_at_step {start_at_step} must be below end_at_step {end}")
+        strength = 1.0
+        from_init = start > 0 or not empty
+    elif seed_rule == "sdengine" and not empty:
+        pure = blend is not None and denoise >= 1.0  # inpainting at strength 1 starts from pure noise
+        total, start, end, strength = steps, 0 if pure else img2img_start(steps, denoise), steps, denoise
+        from_init = not pure
+    else:
+        total = steps if denoise >= 1.0 else int(steps / denoise)
+        start, end, strength = total - steps, total, 1.0
+        from_init = not empty or start > 0
+    grid = sampling.make_grid(name, total, pipe.noise_schedule, sched, pipe.scheduler_config, strength)
+
+    net: Any = pipe.unet
+    controls = [c for cond in (*positive, *negative) for c in cond.controls]
+    handle = None
+    if loras:
+        from sdengine.weights.lora import apply_loras
+
+        handle = apply_loras(pipe.unet, None, list(loras))
+    try:
+        if controls:
+            from sdengine.control import build_controlled_unet
+
+            units = [(c.model, c.image, c.strength, c.start, c.end) for c in dict.fromkeys(controls)]
+            net = build_controlled_unet(net, units, width=w * f, height=h * f, grid=grid, device=dev,
+                                        dtype=pipe.dtype, batch_size=b, start_step=start)
+        den = Denoiser(_UNetCall(net, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
+        neg = negative[0]
+        parts = []
+        for pos in positive:
+            c, u = _match_length(pos.context.to(dev), neg.context.to(dev))
+            uncond_args: dict[str, Tensor] = {"encoder_hidden_states": u}
+            extra: dict[str, Tensor] = {"encoder_hidden_states": c.expand(b, -1, -1)}
+            if pos.pooled is not None and neg.pooled is not None:
+                uncond_args["class_labels"] = neg.pooled.to(dev)
+                extra["class_labels"] = pos.pooled.to(dev).expand(b, -1)
+            parts.append((CFGDenoiser(den, cfg, uncond_args), extra))
+        guided: Any = parts[0][0] if len(parts) == 1 else _MeanOfGuided(parts)
+        extra_args = parts[0][1] if len(parts) == 1 else {}
+        if blend is not None:
+            from sdengine.pipeline import InpaintBlend
+
+            guided = InpaintBlend(guided, latent, noise, blend)
+        run_steps = end - start
+
+        def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool | None:
+            ok = callback(StepReport(i + 1, run_steps, denoised)) if callback is not None else None
+            if i + 1 == run_steps and end < total and ok is not False:
+                return False  # KSamplerAdvanced's end_at_step: stop here
+            return ok
+
+        try:
+            with torch.inference_mode():
+                x = sampling.sample(
+                    guided, noise, sampler=name, steps=total, schedule=sched, scheduler_config=pipe.scheduler_config,
+                    generators=gens, callback=on_step, extra_args=extra_args,
+                    init_latent=latent if from_init else None, strength=strength,
+                    start_step=start if from_init else None, noise_schedule=pipe.noise_schedule,
+                )
+        except SamplingInterrupted as e:
+            if e.step + 1 != run_steps or end >= total:
+                raise SamplingStopped(e.step + 1, run_steps, e.denoised) from None
+            # Stopped at end_at_step: the noisy sample (ComfyUI's leftover noise) or its x0 estimate.
+            x = e.x if leftover_noise else e.denoised
+    finally:
+        if handle is not None:
+            handle.remove()
+    if blend is not None:
+        x = (1 - blend) * latent + blend * x
+    return x.float()

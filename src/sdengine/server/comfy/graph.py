@@ -1,0 +1,315 @@
+"""A ComfyUI API-format prompt: validation (ComfyUI's error shape), order, and execution with a cache.
+
+A prompt is ``{node_id: {"class_type": str, "inputs": {name: value | [node_id, output_index]}}}``.
+:func:`validate` checks every node the output nodes depend on (unknown class, missing input, wrong value
+type or range, value not in a list, dangling link, link of the wrong type, cycle) and answers ComfyUI's
+``{"error": {...}, "node_errors": {id: {"errors": [...], "dependent_outputs": [...], "class_type": ...}}}``.
+:class:`Executor` runs the nodes in topological order; a node whose class and inputs (recursively) are
+those of a node of the previous prompt is not run again, its outputs are reused (ComfyUI's
+``execution_cached``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdengine.errors import SdengineError
+from sdengine.server.comfy.nodes import NODES, Input, NodeDef, NodeError, RunContext, choices_of
+
+Prompt = dict[str, dict[str, Any]]
+
+
+class PromptInvalid(SdengineError, ValueError):
+    """A prompt that failed validation; ``body`` is ComfyUI's 400 answer."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__(body["error"]["message"])
+        self.body = body
+
+
+class NodeFailed(SdengineError):
+    """A node raised while running: names the node."""
+
+    def __init__(self, node_id: str, class_type: str, exc: BaseException) -> None:
+        super().__init__(f"node {node_id} ({class_type}): {exc}")
+        self.node_id = node_id
+        self.class_type = class_type
+        self.exc = exc
+
+
+class Interrupted(SdengineError):
+    def __init__(self, node_id: str | None, class_type: str | None) -> None:
+        super().__init__("interrupted")
+        self.node_id = node_id
+        self.class_type = class_type
+
+
+def is_link(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 2 and isinstance(v[0], str | int) and isinstance(v[1], int) \
+        and not isinstance(v[1], bool)
+
+
+def _err(kind: str, message: str, details: str = "", **extra: Any) -> dict[str, Any]:
+    return {"type": kind, "message": message, "details": details, "extra_info": extra}
+
+
+def _convert(inp: Input, value: Any, env: Any) -> tuple[Any, dict[str, Any] | None]:
+    """A literal input value converted as ComfyUI does, or an error entry."""
+    name = inp.name
+    try:
+        if inp.type == "INT":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        elif inp.type == "FLOAT":
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError
+        elif inp.type == "STRING":
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                raise ValueError
+            value = str(value)
+        elif inp.type == "BOOLEAN":
+            if not isinstance(value, bool):
+                raise ValueError
+    except (ValueError, TypeError, OverflowError):
+        return None, _err("invalid_input_type", f"Failed to convert an input value to a {inp.type} value",
+                          f"{name}, {value!r}", input_name=name, received_value=repr(value)[:200])
+    if inp.type in ("INT", "FLOAT"):
+        if inp.min is not None and value < inp.min:
+            return None, _err("value_smaller_than_min", f"Value {value} smaller than min of {inp.min}",
+                              f"{name}", input_name=name, received_value=value)
+        if inp.max is not None and value > inp.max:
+            return None, _err("value_bigger_than_max", f"Value {value} bigger than max of {inp.max}",
+                              f"{name}", input_name=name, received_value=value)
+    if inp.type == "COMBO":
+        choices = choices_of(inp, env)
+        if not isinstance(value, str) or value not in choices:
+            shown = ", ".join(choices[:20]) + (", ..." if len(choices) > 20 else "")
+            return None, _err("value_not_in_list", "Value not in list", f"{name}: '{value}' not in [{shown}]",
+                              input_name=name, received_value=repr(value)[:200])
+    return value, None
+
+
+def output_nodes(prompt: Prompt) -> list[str]:
+    return [i for i, n in prompt.items() if isinstance(n, dict) and n.get("class_type") in NODES
+            and NODES[n["class_type"]].output_node]
+
+
+def validate(prompt: Any, env: Any) -> tuple[Prompt, list[str]]:
+    """(the prompt with literal inputs converted, the output node ids to run); PromptInvalid if broken."""
+    def fail(error: dict[str, Any], node_errors: dict[str, Any] | None = None) -> PromptInvalid:
+        return PromptInvalid({"error": error, "node_errors": node_errors or {}})
+
+    if not isinstance(prompt, dict) or not prompt:
+        raise fail(_err("invalid_prompt", "The prompt must be an object of nodes: {id: {class_type, inputs}}"))
+    node_errors: dict[str, Any] = {}
+    for nid, node in prompt.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+            raise fail(_err("invalid_prompt", f"Cannot execute because node {nid} has no class_type.",
+                            f"Node ID '#{nid}'"),
+                       {str(nid): {"errors": [_err("invalid_prompt", "Node has no class_type")],
+                                   "dependent_outputs": [], "class_type": None}})
+        if node["class_type"] not in NODES:
+            ct = node["class_type"]
+            raise fail(_err("invalid_prompt", f"Cannot execute because node {ct} does not exist.",
+                            f"Node ID '#{nid}'"),
+                       {str(nid): {"errors": [_err("missing_node_type", f"Node '{ct}' not found",
+                                                   f"Node ID '#{nid}'", class_type=ct)],
+                                   "dependent_outputs": [], "class_type": ct}})
+        if not isinstance(node.get("inputs", {}), dict):
+            raise fail(_err("invalid_prompt", f"Node {nid}: inputs must be an object", f"Node ID '#{nid}'"))
+    outputs = output_nodes(prompt)
+    if not outputs:
+        raise fail(_err("prompt_no_outputs", "Prompt has no outputs", "add a SaveImage or PreviewImage node"))
+
+    # Every node the outputs depend on, each checked once; links to absent nodes and cycles found here.
+    converted: Prompt = {}
+    dependents: dict[str, set[str]] = {}
+    visiting: list[str] = []
+    done: set[str] = set()
+
+    def add(nid: str, kind: str, message: str, details: str, **extra: Any) -> None:
+        entry = node_errors.setdefault(nid, {"errors": [], "dependent_outputs": [],
+                                             "class_type": prompt[nid]["class_type"]})
+        entry["errors"].append(_err(kind, message, details, **extra))
+
+    def visit(nid: str, out: str) -> None:
+        dependents.setdefault(nid, set()).add(out)
+        if nid in done:
+            for n2 in converted.get(nid, {}).get("_links", []):
+                visit(n2, out)
+            return
+        if nid in visiting:
+            cycle = visiting[visiting.index(nid):] + [nid]
+            add(nid, "dependency_cycle", "Dependency cycle detected", " -> ".join(f"#{c}" for c in cycle))
+            return
+        visiting.append(nid)
+        node = prompt[nid]
+        ndef: NodeDef = NODES[node["class_type"]]
+        inputs = node.get("inputs", {})
+        values: dict[str, Any] = {}
+        links: list[str] = []
+        for inp in ndef.inputs:
+            if inp.name not in inputs:
+                if not inp.optional:
+                    add(nid, "required_input_missing", "Required input is missing", inp.name, input_name=inp.name)
+                continue
+            v = inputs[inp.name]
+            if is_link(v):
+                src = str(v[0])
+                if src not in prompt:
+                    add(nid, "invalid_link", "Input links to a node that is not in the prompt",
+                        f"{inp.name} -> node '{src}'", input_name=inp.name, linked_node=src)
+                    continue
+                src_def = NODES.get(prompt[src].get("class_type"))
+                if src_def is None:
+                    continue
+                if not 0 <= v[1] < len(src_def.outputs):
+                    add(nid, "invalid_link", "Input links to an output the node does not have",
+                        f"{inp.name} -> node '{src}' output {v[1]} ({src_def.name} has {len(src_def.outputs)})",
+                        input_name=inp.name, linked_node=src)
+                    continue
+                got = src_def.outputs[v[1]]
+                want = inp.type if inp.is_link_type else inp.type
+                if got != want:
+                    add(nid, "return_type_mismatch", "Return type mismatch between linked nodes",
+                        f"{inp.name}, received_type({got}) mismatch input_type({want})", input_name=inp.name,
+                        received_type=got, linked_node=src)
+                    continue
+                values[inp.name] = [src, v[1]]
+                links.append(src)
+                visit(src, out)
+            elif inp.is_link_type:
+                add(nid, "invalid_input_type", f"Input must be a link to a {inp.type} output",
+                    f"{inp.name}, got {repr(v)[:100]}", input_name=inp.name)
+            else:
+                value, error = _convert(inp, v, env)
+                if error is not None:
+                    node_errors.setdefault(nid, {"errors": [], "dependent_outputs": [],
+                                                 "class_type": node["class_type"]})["errors"].append(error)
+                else:
+                    values[inp.name] = value
+        visiting.pop()
+        done.add(nid)
+        converted[nid] = {"class_type": node["class_type"], "inputs": values, "_links": links}
+
+    for out in outputs:
+        visit(out, out)
+    if node_errors:
+        for nid, entry in node_errors.items():
+            entry["dependent_outputs"] = sorted(dependents.get(nid, ()))
+        raise fail(_err("prompt_outputs_failed_validation", "Prompt outputs failed validation"), node_errors)
+    return converted, outputs
+
+
+def topological_order(graph: Prompt) -> list[str]:
+    """Kahn's order, ties broken by node id (numbers numerically), so that runs are reproducible."""
+    def key(n: str) -> tuple[int, Any]:
+        return (0, int(n)) if n.isdigit() else (1, n)
+
+    indeg = {n: len(set(graph[n]["_links"])) for n in graph}
+    users: dict[str, list[str]] = {n: [] for n in graph}
+    for n in graph:
+        for src in set(graph[n]["_links"]):
+            users[src].append(n)
+    ready = sorted([n for n, d in indeg.items() if d == 0], key=key)
+    order = []
+    while ready:
+        n = ready.pop(0)
+        order.append(n)
+        for u in users[n]:
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                ready.append(u)
+                ready.sort(key=key)
+    return order
+
+
+@dataclass
+class CacheEntry:
+    signature: str
+    outputs: tuple[Any, ...]
+    ui: dict[str, Any] | None
+
+
+@dataclass
+class Executor:
+    """Runs validated prompts; keeps the outputs of the last prompt's nodes for the next (one per app)."""
+
+    cache: dict[str, CacheEntry] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.cache = {}
+
+    @staticmethod
+    def signatures(graph: Prompt) -> dict[str, str]:
+        sig: dict[str, str] = {}
+        for nid in topological_order(graph):
+            node = graph[nid]
+            parts = {k: (["link", sig[str(v[0])], v[1]] if isinstance(v, list) else v)
+                     for k, v in sorted(node["inputs"].items())}
+            text = json.dumps([node["class_type"], parts], sort_keys=True, default=str)
+            sig[nid] = hashlib.sha256(text.encode()).hexdigest()
+        return sig
+
+    def run(self, graph: Prompt, ctx: RunContext, *, cancelled: Callable[[], bool],
+            event: Callable[[str, dict[str, Any]], None]) -> dict[str, dict[str, Any]]:
+        """Run ``graph``; ``event(name, data)`` for executing / executed / execution_cached. Returns the
+        output nodes' UI outputs ``{node_id: {"images": [...]}}``. Raises NodeFailed or Interrupted."""
+        order = topological_order(graph)
+        sig = self.signatures(graph)
+        values: dict[str, tuple[Any, ...]] = {}
+        cached = [n for n in order if n in self.cache and self.cache[n].signature == sig[n]]
+        event("execution_cached", {"nodes": cached})
+        ui_outputs: dict[str, dict[str, Any]] = {}
+        new_cache: dict[str, CacheEntry] = {}
+        for nid in order:
+            node = graph[nid]
+            ct = node["class_type"]
+            if nid in cached:
+                entry = self.cache[nid]
+                values[nid] = entry.outputs
+                new_cache[nid] = entry
+                if entry.ui is not None:
+                    ui_outputs[nid] = entry.ui
+                continue
+            if cancelled():
+                raise Interrupted(nid, ct)
+            event("executing", {"node": nid, "display_node": nid})
+            kwargs = {k: (values[str(v[0])][v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()}
+            ctx.current_node = nid
+            try:
+                result = NODES[ct].fn(ctx, **kwargs)
+            except Interrupted:
+                raise
+            except Exception as e:  # noqa: BLE001 - every failure is reported with its node
+                from sdengine.latent_sampling import SamplingStopped
+
+                if isinstance(e, SamplingStopped) or cancelled():
+                    raise Interrupted(nid, ct) from None
+                if not isinstance(e, SdengineError | ValueError | OSError | RuntimeError | KeyError | TypeError):
+                    raise
+                self.cache = new_cache | {k: v for k, v in self.cache.items() if k not in new_cache}
+                raise NodeFailed(nid, ct, e) from e
+            ui = None
+            if isinstance(result, dict):
+                ui = result.get("ui")
+                result = tuple(result.get("result", ()))
+            values[nid] = tuple(result)
+            new_cache[nid] = CacheEntry(sig[nid], values[nid], ui)
+            if ui is not None:
+                ui_outputs[nid] = ui
+                event("executed", {"node": nid, "display_node": nid, "output": ui})
+        self.cache = new_cache
+        return ui_outputs
+
+
+__all__ = ["Executor", "Interrupted", "NodeError", "NodeFailed", "PromptInvalid", "topological_order", "validate"]

@@ -1,0 +1,687 @@
+"""The ComfyUI nodes sdengine runs: their inputs (for validation and ``/object_info``) and what they do.
+
+Each node is a :class:`NodeDef`: typed inputs (with defaults, ranges and choices as ComfyUI describes
+them), output types, and a function ``fn(ctx, **inputs) -> tuple`` (or ``{"result": tuple, "ui": {...}}``
+for output nodes). Every function maps onto the engine's own public functions: the pipeline's text
+encoding, :func:`sdengine.latent_sampling.sample_latents` (the engine's samplers), :mod:`sdengine.vae_utils`,
+:mod:`sdengine.control` and LoRA application. Values passed between nodes:
+
+* MODEL / CLIP / VAE: handles naming the loaded checkpoint (plus LoRAs and clip skip), never a copy of it;
+* CONDITIONING: a list of :class:`sdengine.latent_sampling.TextCondition`;
+* LATENT: ``{"samples": (B, C, h, w) | None, "size": (B, H, W), "posterior": (mean, std) | None,
+  "noise_mask": (B, 1, H, W) | None}``; ``samples`` None is an empty latent, made once the model (and so its
+  VAE factor) is known;
+* IMAGE: float (B, H, W, 3) in [0, 1] on the CPU; MASK: float (B, H, W), 1 = repaint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
+
+from sdengine.errors import SdengineError
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+# ComfyUI's sampler and scheduler names -> sdengine's (only those the engine has).
+SAMPLER_NAMES = {
+    "euler": "euler", "euler_ancestral": "euler_a", "heun": "heun", "dpm_2": "dpm2",
+    "dpm_2_ancestral": "dpm2_a", "lms": "lms", "dpmpp_sde": "dpmpp_sde", "dpmpp_2m": "dpmpp_2m",
+    "dpmpp_2m_sde": "dpmpp_2m_sde", "ddpm": "ddpm", "lcm": "lcm", "ddim": "ddim", "uni_pc": "unipc",
+}
+SCHEDULER_NAMES = {"normal": "normal", "karras": "karras", "exponential": "exponential",
+                   "sgm_uniform": "sgm_uniform"}
+UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")
+
+
+class NodeError(SdengineError, ValueError):
+    """A node that cannot run with its inputs (a clear line; the executor adds the node's id and type)."""
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input as ``/object_info`` describes it. ``type``: a value type (INT, FLOAT, STRING, BOOLEAN),
+    a link type (MODEL, LATENT, ...) or COMBO with ``choices`` (a tuple or a function of the environment)."""
+
+    name: str
+    type: str
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] | Callable[[Any], list[str]] | None = None
+    multiline: bool = False
+    optional: bool = False
+    tooltip: str = ""
+
+    @property
+    def is_link_type(self) -> bool:
+        return self.type not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+@dataclass(frozen=True)
+class NodeDef:
+    name: str
+    display_name: str
+    category: str
+    inputs: tuple[Input, ...]
+    outputs: tuple[str, ...]
+    fn: Callable[..., Any]
+    output_names: tuple[str, ...] = ()
+    output_node: bool = False
+    description: str = ""
+
+    def input(self, name: str) -> Input | None:
+        return next((i for i in self.inputs if i.name == name), None)
+
+
+# ------------------------------------------------------------------------------------------ value types
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    ref: str  # what the worker loads (catalog reference)
+    loras: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class ClipHandle:
+    ref: str
+    clip_skip: int = 1  # A1111 count: 1 = last layer (ComfyUI's stop_at_clip_layer -1)
+    loras: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class VaeHandle:
+    ref: str
+
+
+@dataclass
+class Outputs:
+    """Where nodes read and write files (``/view`` types)."""
+
+    output: Path
+    input: Path
+    temp: Path
+
+    def root(self, kind: str) -> Path:
+        if kind not in ("output", "input", "temp"):
+            raise NodeError(f"folder type must be output, input or temp, got {kind!r}")
+        return {"output": self.output, "input": self.input, "temp": self.temp}[kind]
+
+
+@dataclass
+class RunContext:
+    """What node functions may use while a prompt runs (made by the executor)."""
+
+    pipeline: Callable[[str], Any]  # model reference -> the loaded pipeline on this worker
+    catalog: Any
+    folders: Outputs
+    seed_rule: str = "comfyui"
+    progress: Callable[[int, int, torch.Tensor], bool] | None = None  # (step, steps, denoised) -> go on?
+    prompt: dict[str, Any] = field(default_factory=dict)
+    extra_pnginfo: dict[str, Any] = field(default_factory=dict)
+    max_pixels: int = 4096 * 4096
+    save_lock: Any = None
+    current_node: str | None = None
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def input_files(env: Any) -> list[str]:
+    """Image files in the input folder (subfolders as ``sub/name``), what LoadImage offers."""
+    root = Path(env.folders.input)
+    if not root.is_dir():
+        return []
+    base = root.resolve()
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.resolve().is_relative_to(base):
+            out.append(p.relative_to(root).as_posix())
+    return out
+
+
+def _models(env: Any) -> list[str]:
+    return [e.name for e in env.catalog.models()]
+
+
+def _loras(env: Any) -> list[str]:
+    return [e.name for e in env.catalog.loras()]
+
+
+def _controlnets(env: Any) -> list[str]:
+    return [e.name for e in env.catalog.controlnets()]
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(a)[None]
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    # Rounded to 8 bits as the pipeline does, so that a graph's PNG equals the native API's.
+    a = (images.float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(x) for x in a]
+
+
+def latent_samples(latent: dict[str, Any], pipe: Any) -> torch.Tensor:
+    """The latent tensor; an empty latent is made now, in the model's channels and VAE factor."""
+    if latent.get("samples") is not None:
+        return latent["samples"]
+    b, h, w = latent["size"]
+    f = pipe.vae_scale_factor
+    if h % f or w % f:
+        raise NodeError(f"an empty latent of {w}x{h} is not a multiple of {pipe.name}'s VAE factor {f}")
+    return torch.zeros(b, pipe.latent_channels, h // f, w // f)
+
+
+def _load_input_image(ctx: RunContext, name: str) -> Image.Image:
+    from sdengine.io.paths import UnsafePathError, resolve_inside
+    from sdengine.server.security import decode_image
+
+    try:
+        path = resolve_inside(ctx.folders.input, name, "image")
+    except UnsafePathError as e:
+        raise NodeError(str(e)) from None
+    except FileNotFoundError:
+        raise NodeError(f"image {name!r} is not in the input folder (upload it with POST /upload/image)") from None
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise NodeError(f"image {name!r}: only PNG, JPEG and WebP files are read")
+    return ImageOps.exif_transpose(decode_image(path.read_bytes(), f"image {name!r}", ctx.max_pixels))
+
+
+# -------------------------------------------------------------------------------------------- loaders
+
+
+def checkpoint_loader(ctx: RunContext, ckpt_name: str) -> tuple[Any, ...]:
+    ref = ctx.catalog.resolve_model(ckpt_name)
+    ctx.pipeline(ref)  # load now, so that a broken model fails at this node
+    return ModelHandle(ref), ClipHandle(ref), VaeHandle(ref)
+
+
+def lora_loader(ctx: RunContext, model: ModelHandle, clip: ClipHandle, lora_name: str, strength_model: float,
+                strength_clip: float) -> tuple[Any, ...]:
+    path = str(ctx.catalog.resolve_lora(lora_name))
+    if strength_model:
+        model = replace(model, loras=(*model.loras, (path, float(strength_model))))
+    if strength_clip:
+        clip = replace(clip, loras=(*clip.loras, (path, float(strength_clip))))
+    return model, clip
+
+
+def lora_loader_model_only(ctx: RunContext, model: ModelHandle, lora_name: str, strength_model: float) -> tuple[Any]:
+    return lora_loader(ctx, model, ClipHandle(model.ref), lora_name, strength_model, 0.0)[:1]
+
+
+def controlnet_loader(ctx: RunContext, control_net_name: str) -> tuple[Any]:
+    return (str(ctx.catalog.resolve_controlnet(control_net_name)),)
+
+
+# ---------------------------------------------------------------------------------------- conditioning
+
+
+def clip_text_encode(ctx: RunContext, text: str, clip: ClipHandle) -> tuple[Any]:
+    from sdengine.latent_sampling import encode_text
+
+    pipe = ctx.pipeline(clip.ref)
+    handle = None
+    if clip.loras and isinstance(pipe.text_encoder, torch.nn.Module):
+        from sdengine.weights.lora import apply_loras
+
+        handle = apply_loras(None, pipe.text_encoder, list(clip.loras))
+    try:
+        with torch.inference_mode():
+            return ([encode_text(pipe, text, clip.clip_skip)],)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def clip_set_last_layer(ctx: RunContext, clip: ClipHandle, stop_at_clip_layer: int) -> tuple[Any]:
+    return (replace(clip, clip_skip=-int(stop_at_clip_layer)),)
+
+
+def conditioning_combine(ctx: RunContext, conditioning_1: list[Any], conditioning_2: list[Any]) -> tuple[Any]:
+    return ([*conditioning_1, *conditioning_2],)
+
+
+def _hint_image(image: torch.Tensor) -> torch.Tensor:
+    return image[:1].permute(0, 3, 1, 2).contiguous().float()
+
+
+def controlnet_apply(ctx: RunContext, conditioning: list[Any], control_net: str, image: torch.Tensor,
+                     strength: float) -> tuple[Any]:
+    from sdengine.latent_sampling import ControlHint
+
+    if strength == 0:
+        return (conditioning,)
+    hint = ControlHint(control_net, _hint_image(image), float(strength))
+    return ([replace(c, controls=(*c.controls, hint)) for c in conditioning],)
+
+
+def controlnet_apply_advanced(ctx: RunContext, positive: list[Any], negative: list[Any], control_net: str,
+                              image: torch.Tensor, strength: float, start_percent: float,
+                              end_percent: float) -> tuple[Any, ...]:
+    from sdengine.latent_sampling import ControlHint
+
+    if strength == 0:
+        return positive, negative
+    if not start_percent < end_percent:
+        raise NodeError(f"start_percent ({start_percent}) must be below end_percent ({end_percent})")
+    hint = ControlHint(control_net, _hint_image(image), float(strength), float(start_percent), float(end_percent))
+    return ([replace(c, controls=(*c.controls, hint)) for c in positive],
+            [replace(c, controls=(*c.controls, hint)) for c in negative])
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+
+def _sample(ctx: RunContext, model: ModelHandle, seed: int, steps: int, cfg: float, sampler_name: str,
+            scheduler: str, positive: list[Any], negative: list[Any], latent_image: dict[str, Any],
+            denoise: float = 1.0, **window: Any) -> tuple[Any]:
+    from sdengine.latent_sampling import sample_latents
+
+    pipe = ctx.pipeline(model.ref)
+    samples = latent_samples(latent_image, pipe)
+
+    def report(r: Any) -> bool:
+        return ctx.progress(r.step, r.steps, r.denoised) if ctx.progress is not None else True
+
+    out = sample_latents(
+        pipe, positive, negative, samples, seed=int(seed), steps=int(steps), cfg=float(cfg),
+        sampler=SAMPLER_NAMES[sampler_name], schedule=SCHEDULER_NAMES[scheduler], denoise=float(denoise),
+        seed_rule=ctx.seed_rule, posterior=latent_image.get("posterior"),
+        noise_mask=latent_image.get("noise_mask"), loras=model.loras, callback=report, **window,
+    )
+    return ({"samples": out.cpu(), "size": (out.shape[0], out.shape[2] * pipe.vae_scale_factor,
+                                            out.shape[3] * pipe.vae_scale_factor),
+             "posterior": None, "noise_mask": latent_image.get("noise_mask")},)
+
+
+def ksampler(ctx: RunContext, **kw: Any) -> tuple[Any]:
+    return _sample(ctx, **kw)
+
+
+def ksampler_advanced(ctx: RunContext, add_noise: str, noise_seed: int, start_at_step: int, end_at_step: int,
+                      return_with_leftover_noise: str, **kw: Any) -> tuple[Any]:
+    return _sample(ctx, seed=noise_seed, add_noise=add_noise == "enable", start_at_step=int(start_at_step),
+                   end_at_step=int(end_at_step) if end_at_step < kw["steps"] else None,
+                   leftover_noise=return_with_leftover_noise == "enable", **kw)
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+
+
+def vae_decode(ctx: RunContext, samples: dict[str, Any], vae: VaeHandle) -> tuple[Any]:
+    from sdengine import vae_utils
+
+    pipe = ctx.pipeline(vae.ref)
+    z = latent_samples(samples, pipe).to(pipe.device)
+    out = []
+    with torch.inference_mode():
+        for i in range(z.shape[0]):  # one row at a time, as the pipeline: pixels never depend on the batch
+            img, _ = vae_utils.decode(pipe.vae, z[i : i + 1], upcast=pipe.vae_upcast, warn=False)
+            out.append(vae_utils.to_unit(img).float().cpu())
+    return (torch.cat(out).permute(0, 2, 3, 1).contiguous(),)
+
+
+def _encode(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle) -> dict[str, Any]:
+    from sdengine import vae_utils
+
+    pipe = ctx.pipeline(vae.ref)
+    f = pipe.vae_scale_factor
+    b, h, w, _ = pixels.shape
+    h8, w8 = h // f * f, w // f * f
+    if h8 == 0 or w8 == 0:
+        raise NodeError(f"an image of {w}x{h} is smaller than the VAE factor {f}")
+    if (h8, w8) != (h, w):  # ComfyUI crops to the VAE factor, centred
+        y, x = (h % f) // 2, (w % f) // 2
+        pixels = pixels[:, y : y + h8, x : x + w8]
+    x = pixels.permute(0, 3, 1, 2).float().to(pipe.device) * 2.0 - 1.0
+    with torch.inference_mode():
+        post = vae_utils.encode_moments(pipe.vae, x)
+        mean, std = post.mean.float(), post.std.float()
+        samples = pipe.vae.scale_latents(mean)
+    return {"samples": samples.cpu(), "size": (b, h8, w8), "posterior": (mean.cpu(), std.cpu()), "noise_mask": None}
+
+
+def vae_encode(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle) -> tuple[Any]:
+    return (_encode(ctx, pixels, vae),)
+
+
+def _mask4(mask: torch.Tensor) -> torch.Tensor:
+    m = mask.float()
+    return m[None, None] if m.ndim == 2 else m[:, None] if m.ndim == 3 else m
+
+
+def vae_encode_for_inpaint(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle, mask: torch.Tensor,
+                           grow_mask_by: int) -> tuple[Any]:
+    b, h, w, _ = pixels.shape
+    m = F.interpolate(_mask4(mask), size=(h, w), mode="bilinear")
+    if grow_mask_by > 0:
+        k = 2 * int(grow_mask_by) + 1  # ComfyUI grows the mask by a square kernel of this radius
+        m = F.max_pool2d(m, k, stride=1, padding=int(grow_mask_by))
+    hard = (m.round() > 0).float()
+    grey = pixels * (1 - hard[:, 0, :, :, None]) + 0.5 * hard[:, 0, :, :, None]
+    latent = _encode(ctx, grey, vae)
+    latent["noise_mask"] = m
+    return (latent,)
+
+
+def set_latent_noise_mask(ctx: RunContext, samples: dict[str, Any], mask: torch.Tensor) -> tuple[Any]:
+    return ({**samples, "noise_mask": _mask4(mask)},)
+
+
+def empty_latent(ctx: RunContext, width: int, height: int, batch_size: int) -> tuple[Any]:
+    return ({"samples": None, "size": (int(batch_size), int(height), int(width)), "posterior": None,
+             "noise_mask": None},)
+
+
+def _target_size(w0: int, h0: int, width: int, height: int) -> tuple[int, int]:
+    if width == 0 and height == 0:
+        return w0, h0
+    if width == 0:
+        return max(1, round(w0 * height / h0)), height
+    if height == 0:
+        return width, max(1, round(h0 * width / w0))
+    return width, height
+
+
+def _resize_nchw(x: torch.Tensor, w: int, h: int, method: str, crop: str = "disabled") -> torch.Tensor:
+    if crop == "center":
+        ow, oh = x.shape[3], x.shape[2]
+        old_aspect, new_aspect = ow / oh, w / h
+        if old_aspect > new_aspect:
+            cw = round(oh * new_aspect)
+            x = x[:, :, :, (ow - cw) // 2 : (ow - cw) // 2 + cw]
+        elif old_aspect < new_aspect:
+            ch = round(ow / new_aspect)
+            x = x[:, :, (oh - ch) // 2 : (oh - ch) // 2 + ch]
+    if method == "nearest-exact":
+        return F.interpolate(x, size=(h, w), mode="nearest-exact")
+    if method == "area":
+        return F.interpolate(x, size=(h, w), mode="area")
+    return F.interpolate(x, size=(h, w), mode=method, align_corners=False)
+
+
+def _upscale_latent(samples: dict[str, Any], method: str, w: int, h: int, crop: str) -> dict[str, Any]:
+    b, h0, w0 = samples["size"]
+    if samples.get("samples") is None:
+        return {**samples, "size": (b, h, w)}
+    z = samples["samples"]
+    f = h0 // z.shape[2]
+    if h % f or w % f:
+        raise NodeError(f"{w}x{h} is not a multiple of the latent factor {f}")
+    z = _resize_nchw(z.float(), w // f, h // f, method, crop)
+    return {"samples": z, "size": (b, h, w), "posterior": None, "noise_mask": samples.get("noise_mask")}
+
+
+def latent_upscale(ctx: RunContext, samples: dict[str, Any], upscale_method: str, width: int, height: int,
+                   crop: str) -> tuple[Any]:
+    _, h0, w0 = samples["size"]
+    w, h = _target_size(w0, h0, int(width), int(height))
+    return (_upscale_latent(samples, upscale_method, w, h, crop),)
+
+
+def latent_upscale_by(ctx: RunContext, samples: dict[str, Any], upscale_method: str, scale_by: float) -> tuple[Any]:
+    b, h0, w0 = samples["size"]
+    f = 8 if samples.get("samples") is None else h0 // samples["samples"].shape[2]
+    w, h = max(f, round(w0 * scale_by / f) * f), max(f, round(h0 * scale_by / f) * f)
+    return (_upscale_latent(samples, upscale_method, w, h, "disabled"),)
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def image_scale(ctx: RunContext, image: torch.Tensor, upscale_method: str, width: int, height: int,
+                crop: str) -> tuple[Any]:
+    _, h0, w0, _ = image.shape
+    w, h = _target_size(w0, h0, int(width), int(height))
+    if upscale_method == "lanczos":
+        out = [image_to_tensor(p.resize((w, h), Image.Resampling.LANCZOS))
+               for p in tensor_to_pil(image)] if crop == "disabled" else None
+        if out is not None:
+            return (torch.cat(out),)
+        upscale_method = "bicubic"
+    x = _resize_nchw(image.permute(0, 3, 1, 2).float(), w, h, upscale_method, crop)
+    return (x.clamp(0, 1).permute(0, 2, 3, 1).contiguous(),)
+
+
+def canny_node(ctx: RunContext, image: torch.Tensor, low_threshold: float, high_threshold: float) -> tuple[Any]:
+    from sdengine.control import ControlNetError, canny
+
+    try:
+        out = [image_to_tensor(canny(p, low_threshold * 255, high_threshold * 255)) for p in tensor_to_pil(image)]
+    except ControlNetError as e:
+        raise NodeError(str(e)) from None
+    return (torch.cat(out),)
+
+
+def load_image(ctx: RunContext, image: str) -> tuple[Any, ...]:
+    img = _load_input_image(ctx, image)
+    rgb = image_to_tensor(img)
+    if "A" in img.getbands():
+        alpha = torch.from_numpy(np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0)
+        mask = 1.0 - alpha  # ComfyUI: transparent = repaint
+    else:
+        mask = torch.zeros(img.height, img.width)
+    return rgb, mask[None]
+
+
+def load_image_mask(ctx: RunContext, image: str, channel: str) -> tuple[Any]:
+    img = _load_input_image(ctx, image)
+    band = {"alpha": "A", "red": "R", "green": "G", "blue": "B"}[channel]
+    if band == "A" and "A" not in img.getbands():
+        return (torch.zeros(1, img.height, img.width),)
+    src = img.convert("RGBA")
+    m = torch.from_numpy(np.asarray(src.getchannel(band), dtype=np.float32) / 255.0)
+    if band == "A":
+        m = 1.0 - m
+    return (m[None],)
+
+
+def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict[str, Any]:
+    from sdengine.io.paths import check_name, is_inside
+
+    prefix = prefix.strip() or "ComfyUI"
+    sub, _, stem = prefix.replace("\\", "/").rpartition("/")
+    root = ctx.folders.root(kind)
+    try:
+        if sub:
+            check_name(sub, "filename_prefix")
+        check_name(stem, "filename_prefix")
+    except ValueError as e:
+        raise NodeError(str(e)) from None
+    folder = root / sub
+    root.mkdir(parents=True, exist_ok=True)
+    if not is_inside(root, folder) or stem.startswith("."):
+        raise NodeError(f"filename_prefix {prefix!r} leaves the {kind} folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    if ctx.prompt:
+        info.add_text("prompt", json.dumps(ctx.prompt))
+    for k, v in ctx.extra_pnginfo.items():
+        info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
+    results = []
+    with ctx.save_lock:
+        used = [int(p.name[len(stem) + 1 :].split("_")[0]) for p in folder.glob(f"{stem}_*_.png")
+                if p.name[len(stem) + 1 :].split("_")[0].isdigit()]
+        counter = max(used, default=0) + 1
+        for img in tensor_to_pil(images):
+            name = f"{stem}_{counter:05d}_.png"
+            img.save(folder / name, pnginfo=info, compress_level=4)
+            results.append({"filename": name, "subfolder": sub, "type": kind})
+            counter += 1
+    return {"ui": {"images": results}, "result": ()}
+
+
+def save_image(ctx: RunContext, images: torch.Tensor, filename_prefix: str) -> dict[str, Any]:
+    return _save(ctx, images, filename_prefix, "output")
+
+
+def preview_image(ctx: RunContext, images: torch.Tensor) -> dict[str, Any]:
+    return _save(ctx, images, "ComfyUI_temp", "temp")
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+def _int(name: str, default: int, lo: int, hi: int, step: int = 1) -> Input:
+    return Input(name, "INT", default, lo, hi, step)
+
+
+def _float(name: str, default: float, lo: float, hi: float, step: float = 0.01) -> Input:
+    return Input(name, "FLOAT", default, lo, hi, step)
+
+
+def _combo(name: str, choices: Any, default: Any = None) -> Input:
+    return Input(name, "COMBO", default, choices=choices)
+
+
+SIDE_MAX = 16384
+
+
+def _sampler_inputs(seed_name: str) -> tuple[Input, ...]:
+    return (
+        Input("model", "MODEL"),
+        _int(seed_name, 0, 0, MAX_SEED),
+        _int("steps", 20, 1, 10000),
+        _float("cfg", 8.0, 0.0, 100.0, 0.1),
+        _combo("sampler_name", tuple(SAMPLER_NAMES)),
+        _combo("scheduler", tuple(SCHEDULER_NAMES)),
+        Input("positive", "CONDITIONING"),
+        Input("negative", "CONDITIONING"),
+        Input("latent_image", "LATENT"),
+    )
+
+
+NODES: dict[str, NodeDef] = {n.name: n for n in (
+    NodeDef("CheckpointLoaderSimple", "Load Checkpoint", "loaders", (_combo("ckpt_name", _models),),
+            ("MODEL", "CLIP", "VAE"), checkpoint_loader, description="A model from the models folder (or built in)."),
+    NodeDef("CLIPTextEncode", "CLIP Text Encode (Prompt)", "conditioning",
+            (Input("text", "STRING", "", multiline=True), Input("clip", "CLIP")), ("CONDITIONING",),
+            clip_text_encode, description="The prompt's conditioning, as the pipeline encodes it."),
+    NodeDef("CLIPSetLastLayer", "CLIP Set Last Layer", "conditioning",
+            (Input("clip", "CLIP"), _int("stop_at_clip_layer", -1, -24, -1)), ("CLIP",), clip_set_last_layer),
+    NodeDef("ConditioningCombine", "Conditioning (Combine)", "conditioning",
+            (Input("conditioning_1", "CONDITIONING"), Input("conditioning_2", "CONDITIONING")), ("CONDITIONING",),
+            conditioning_combine),
+    NodeDef("EmptyLatentImage", "Empty Latent Image", "latent",
+            (_int("width", 512, 16, SIDE_MAX, 8), _int("height", 512, 16, SIDE_MAX, 8), _int("batch_size", 1, 1, 4096)),
+            ("LATENT",), empty_latent),
+    NodeDef("KSampler", "KSampler", "sampling", (*_sampler_inputs("seed"), _float("denoise", 1.0, 0.0, 1.0)),
+            ("LATENT",), ksampler, description="Samples with the engine's samplers (see docs/comfyui.md for seeds)."),
+    NodeDef("KSamplerAdvanced", "KSampler (Advanced)", "sampling",
+            (_combo("add_noise", ("enable", "disable")), *_sampler_inputs("noise_seed"),
+             _int("start_at_step", 0, 0, 10000), _int("end_at_step", 10000, 0, 10000),
+             _combo("return_with_leftover_noise", ("disable", "enable"))),
+            ("LATENT",), ksampler_advanced),
+    NodeDef("VAEDecode", "VAE Decode", "latent", (Input("samples", "LATENT"), Input("vae", "VAE")), ("IMAGE",),
+            vae_decode),
+    NodeDef("VAEEncode", "VAE Encode", "latent", (Input("pixels", "IMAGE"), Input("vae", "VAE")), ("LATENT",),
+            vae_encode),
+    NodeDef("VAEEncodeForInpaint", "VAE Encode (for Inpainting)", "latent/inpaint",
+            (Input("pixels", "IMAGE"), Input("vae", "VAE"), Input("mask", "MASK"), _int("grow_mask_by", 6, 0, 64)),
+            ("LATENT",), vae_encode_for_inpaint),
+    NodeDef("SetLatentNoiseMask", "Set Latent Noise Mask", "latent/inpaint",
+            (Input("samples", "LATENT"), Input("mask", "MASK")), ("LATENT",), set_latent_noise_mask),
+    NodeDef("LatentUpscale", "Upscale Latent", "latent",
+            (Input("samples", "LATENT"), _combo("upscale_method", UPSCALE_METHODS), _int("width", 512, 0, SIDE_MAX, 8),
+             _int("height", 512, 0, SIDE_MAX, 8), _combo("crop", ("disabled", "center"))),
+            ("LATENT",), latent_upscale),
+    NodeDef("LatentUpscaleBy", "Upscale Latent By", "latent",
+            (Input("samples", "LATENT"), _combo("upscale_method", UPSCALE_METHODS), _float("scale_by", 1.5, 0.01, 8.0)),
+            ("LATENT",), latent_upscale_by),
+    NodeDef("LoadImage", "Load Image", "image", (_combo("image", input_files),), ("IMAGE", "MASK"), load_image,
+            description="An image from the input folder (POST /upload/image); MASK = 1 - alpha."),
+    NodeDef("LoadImageMask", "Load Image (as Mask)", "mask",
+            (_combo("image", input_files), _combo("channel", ("alpha", "red", "green", "blue"))), ("MASK",),
+            load_image_mask),
+    NodeDef("ImageScale", "Upscale Image", "image/upscaling",
+            (Input("image", "IMAGE"), _combo("upscale_method", (*UPSCALE_METHODS, "lanczos")),
+             _int("width", 512, 0, SIDE_MAX, 1), _int("height", 512, 0, SIDE_MAX, 1),
+             _combo("crop", ("disabled", "center"))), ("IMAGE",), image_scale),
+    NodeDef("Canny", "Canny", "image/preprocessors",
+            (Input("image", "IMAGE"), _float("low_threshold", 0.4, 0.01, 0.99),
+             _float("high_threshold", 0.8, 0.01, 0.99)),
+            ("IMAGE",), canny_node),
+    NodeDef("SaveImage", "Save Image", "image",
+            (Input("images", "IMAGE"), Input("filename_prefix", "STRING", "ComfyUI")),
+            (), save_image, output_node=True, description="PNGs in the outputs folder, with the prompt as text."),
+    NodeDef("PreviewImage", "Preview Image", "image", (Input("images", "IMAGE"),), (), preview_image, output_node=True),
+    NodeDef("LoraLoader", "Load LoRA", "loaders",
+            (Input("model", "MODEL"), Input("clip", "CLIP"), _combo("lora_name", _loras),
+             _float("strength_model", 1.0, -100.0, 100.0), _float("strength_clip", 1.0, -100.0, 100.0)),
+            ("MODEL", "CLIP"), lora_loader),
+    NodeDef("LoraLoaderModelOnly", "LoraLoaderModelOnly", "loaders",
+            (Input("model", "MODEL"), _combo("lora_name", _loras), _float("strength_model", 1.0, -100.0, 100.0)),
+            ("MODEL",), lora_loader_model_only),
+    NodeDef("ControlNetLoader", "Load ControlNet Model", "loaders", (_combo("control_net_name", _controlnets),),
+            ("CONTROL_NET",), controlnet_loader),
+    NodeDef("ControlNetApply", "Apply ControlNet (OLD)", "conditioning/controlnet",
+            (Input("conditioning", "CONDITIONING"), Input("control_net", "CONTROL_NET"), Input("image", "IMAGE"),
+             _float("strength", 1.0, 0.0, 10.0)), ("CONDITIONING",), controlnet_apply),
+    NodeDef("ControlNetApplyAdvanced", "Apply ControlNet", "conditioning/controlnet",
+            (Input("positive", "CONDITIONING"), Input("negative", "CONDITIONING"), Input("control_net", "CONTROL_NET"),
+             Input("image", "IMAGE"), _float("strength", 1.0, 0.0, 10.0), _float("start_percent", 0.0, 0.0, 1.0, 0.001),
+             _float("end_percent", 1.0, 0.0, 1.0, 0.001)),
+            ("CONDITIONING", "CONDITIONING"), controlnet_apply_advanced, output_names=("positive", "negative")),
+)}
+
+
+def choices_of(inp: Input, env: Any) -> list[str]:
+    c = inp.choices
+    if c is None:
+        return []
+    return list(c(env)) if callable(c) else list(c)
+
+
+def object_info(node: NodeDef, env: Any) -> dict[str, Any]:
+    """One node as ComfyUI's ``/object_info`` describes it."""
+    required: dict[str, Any] = {}
+    optional: dict[str, Any] = {}
+    for i in node.inputs:
+        opts: dict[str, Any] = {}
+        if i.type == "COMBO":
+            choices = choices_of(i, env)
+            spec: list[Any] = [choices]
+            if i.default is not None:
+                opts["default"] = i.default
+        else:
+            spec = [i.type]
+            for k in ("default", "min", "max", "step"):
+                v = getattr(i, k)
+                if v is not None:
+                    opts[k] = v
+            if i.multiline:
+                opts["multiline"] = True
+        if i.tooltip:
+            opts["tooltip"] = i.tooltip
+        if opts:
+            spec.append(opts)
+        (optional if i.optional else required)[i.name] = spec
+    return {
+        "input": {"required": required, **({"optional": optional} if optional else {})},
+        "input_order": {"required": [i.name for i in node.inputs if not i.optional],
+                        **({"optional": [i.name for i in node.inputs if i.optional]} if optional else {})},
+        "output": list(node.outputs),
+        "output_is_list": [False] * len(node.outputs),
+        "output_name": list(node.output_names or node.outputs),
+        "name": node.name,
+        "display_name": node.display_name,
+        "description": node.description,
+        "python_module": "nodes",
+        "category": node.category,
+        "output_node": node.output_node,
+    }

@@ -1,0 +1,557 @@
+"""ComfyUI's HTTP routes and websocket on sdengine's server (each path plain and under ``/api``).
+
+Prompts are jobs of the server's one queue (:class:`ComfyJob`), run by its workers, cancelled by its
+cancel; the security middleware applies to every HTTP route here, and the websocket checks the same
+rules itself (the middleware only sees HTTP). Events go to the websocket of the prompt's ``client_id``
+(to every socket when it has none), in ComfyUI's JSON shapes; previews are binary frames in ComfyUI's
+framing: ``>I`` event 1 (PREVIEW_IMAGE), ``>I`` image type (2 = PNG), then the image bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import threading
+import time
+import traceback
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, JSONResponse
+from PIL import Image
+
+from sdengine.server.comfy.graph import Executor, Interrupted, NodeFailed, PromptInvalid, validate
+from sdengine.server.comfy.nodes import IMAGE_SUFFIXES, NODES, Outputs, RunContext, object_info
+from sdengine.server.errors import BadRequest, NotFound
+from sdengine.server.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Job, JobImage, png_bytes
+from sdengine.server.requests import Generation
+
+PREVIEW_IMAGE = 1  # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE
+PNG_TYPE = 2
+MAX_HISTORY = 200
+MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+
+router = APIRouter(tags=["comfyui"])
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+@dataclass
+class ComfyState:
+    """One per app: the executor's cache, the history, the prompt counter and the websockets."""
+
+    folders: Outputs
+    executor: Executor = field(default_factory=Executor)
+    history: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
+    number: int = 0
+    sockets: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    run_lock: threading.Lock = field(default_factory=threading.Lock)  # one graph at a time (one cache)
+    save_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def send(self, event: str | int, data: Any, sid: str | None) -> None:
+        """Queue a JSON event (or binary frame when ``event`` is an int) for ``sid``'s socket(s); thread-safe."""
+        msg = json.dumps({"type": event, "data": data}) if isinstance(event, str) else \
+            struct.pack(">I", event) + data
+        with self.lock:
+            targets = [self.sockets[sid]] if sid is not None and sid in self.sockets else \
+                ([] if sid is not None else list(self.sockets.values()))
+        for loop, q in targets:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, msg)
+            except RuntimeError:  # that socket's loop is closed
+                pass
+
+
+def state(app: FastAPI) -> ComfyState:
+    st = getattr(app.state, "comfy", None)
+    if st is None:
+        out = Path(app.state.services.config.outputs_dir)
+        extra = app.state.services.config.extra
+        st = ComfyState(Outputs(out, Path(str(extra.get("comfy_input_dir", out / "input"))), out / "temp"))
+        app.state.comfy = st
+    return st
+
+
+class Env:
+    """What validation and /object_info read: the catalog and the folders."""
+
+    def __init__(self, services: Any, st: ComfyState) -> None:
+        self.catalog = services.catalog
+        self.folders = st.folders
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+
+class ComfyJob(Job):
+    """A prompt in the server's queue; a worker calls :meth:`run_on` instead of its pipeline call."""
+
+    def __init__(self, *, services: Any, st: ComfyState, graph: dict[str, Any], outputs: list[str],
+                 prompt: dict[str, Any], prompt_id: str, number: int, client_id: str | None,
+                 extra_data: dict[str, Any], seed_rule: str) -> None:
+        steps = sum(int(n["inputs"].get("steps", 0)) for n in graph.values() if "steps" in n["inputs"]) or 1
+        generation = Generation(model=services.config.model, model_name=str(services.options.get(
+            "sd_model_checkpoint")), kwargs={"steps": steps, "batch_size": 1, "seed": 0})
+        super().__init__(generation, protocol="comfyui", save=True, id=prompt_id)
+        self.services = services
+        self.st = st
+        self.graph = graph
+        self.outputs = outputs
+        self.prompt = prompt
+        self.number = number
+        self.client_id = client_id
+        self.extra_data = extra_data
+        self.seed_rule = seed_rule
+        self.messages: list[list[Any]] = []
+
+    def queue_item(self) -> list[Any]:
+        return [self.number, self.id, self.prompt, self.extra_data, self.outputs]
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        data = {**data, "prompt_id": self.id}
+        if name in ("execution_start", "execution_cached", "execution_success", "execution_error",
+                    "execution_interrupted"):
+            data["timestamp"] = int(time.time() * 1000)
+            self.messages.append([name, data])
+        self.st.send(name, data, self.client_id)
+
+    def run_on(self, worker: Any) -> None:
+        m = worker.manager
+        self.device = worker.device
+        st, services = self.st, self.services
+        preview_every = m.preview_every
+
+        def progress(step: int, steps: int, denoised: Any) -> bool:
+            self.step, self.steps = step, steps
+            node = ctx.current_node
+            self.st.send("progress", {"value": step, "max": steps, "prompt_id": self.id, "node": node},
+                         self.client_id)
+            if step % preview_every == 0 or step == steps:
+                try:
+                    from sdengine import vae_utils
+
+                    png = png_bytes(Image.fromarray(vae_utils.latent_preview(denoised[:1])[0]))
+                    self.preview_png, self.preview_step = png, step
+                    st.send(PREVIEW_IMAGE, struct.pack(">I", PNG_TYPE) + png, self.client_id)
+                except Exception:  # noqa: BLE001 - a preview is optional
+                    pass
+            self.changed()
+            return not self.cancel.is_set()
+
+        ctx = RunContext(pipeline=worker.pipeline, catalog=services.catalog, folders=st.folders,
+                         seed_rule=self.seed_rule, progress=progress, prompt=self.prompt,
+                         extra_pnginfo=dict(self.extra_data.get("extra_pnginfo") or {}),
+                         max_pixels=services.config.max_image_pixels, save_lock=st.save_lock)
+        self.event("execution_start", {})
+        status, outputs = "success", {}
+        with st.run_lock:
+            try:
+                outputs = st.executor.run(self.graph, ctx, cancelled=self.cancel.is_set, event=self.event)
+            except Interrupted as e:
+                status = "interrupted"
+                self.event("execution_interrupted", {"node_id": e.node_id, "node_type": e.class_type, "executed": []})
+                m.finish(self, CANCELLED, f"interrupted at node {e.node_id} ({e.class_type})")
+            except NodeFailed as e:
+                status = "error"
+                self.event("execution_error", {
+                    "node_id": e.node_id, "node_type": e.class_type, "executed": [],
+                    "exception_message": str(e.exc), "exception_type": type(e.exc).__name__,
+                    "traceback": traceback.format_exception_only(type(e.exc), e.exc),
+                    "current_inputs": {}, "current_outputs": {}})
+                m.finish(self, FAILED, str(e))
+        for node_out in outputs.values():
+            for im in node_out.get("images", []):
+                if im["type"] == "output" and not im["subfolder"]:
+                    self.images.append(JobImage(Image.new("RGB", (1, 1)), 0, "", im["filename"]))
+        self.record(status, outputs)
+        if status == "success":
+            self.event("execution_success", {})
+            m.finish(self, DONE)
+        self.st.send("executing", {"node": None, "display_node": None, "prompt_id": self.id}, self.client_id)
+        send_status(st, services)
+
+    def record(self, status: str, outputs: dict[str, Any]) -> None:
+        st = self.st
+        with st.lock:
+            st.history[self.id] = {
+                "prompt": self.queue_item(),
+                "outputs": outputs,
+                "status": {"status_str": status, "completed": status == "success", "messages": self.messages},
+                "meta": {nid: {"node_id": nid, "display_node": nid, "parent_node": None, "real_node_id": nid}
+                         for nid in outputs},
+            }
+            while len(st.history) > MAX_HISTORY:
+                st.history.popitem(last=False)
+
+
+def comfy_jobs(services: Any) -> list[ComfyJob]:
+    return [j for j in services.manager.jobs() if isinstance(j, ComfyJob)]
+
+
+def queue_remaining(services: Any) -> int:
+    return sum(1 for j in comfy_jobs(services) if j.state in (QUEUED, RUNNING))
+
+
+def send_status(st: ComfyState, services: Any, sid: str | None = None) -> None:
+    data: dict[str, Any] = {"status": {"exec_info": {"queue_remaining": queue_remaining(services)}}}
+    if sid is not None:
+        data["sid"] = sid
+    st.send("status", data, sid)
+
+
+# ------------------------------------------------------------------------------------------------ routes
+
+
+def _both(path: str) -> list[str]:
+    return [path, "/api" + path]
+
+
+def _route(method: str, path: str, **kw: Any) -> Any:
+    def deco(fn: Any) -> Any:
+        for p in _both(path):
+            router.add_api_route(p, fn, methods=[method], include_in_schema=p == path, **kw)
+        return fn
+
+    return deco
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()  # ComfyUI's clients post JSON without a JSON content type
+    try:
+        return json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body must be JSON") from None
+
+
+@_route("POST", "/prompt")
+async def post_prompt(request: Request) -> Any:
+    """Queue an API-format workflow: ``{prompt, client_id, extra_data}`` -> ``{prompt_id, number, node_errors}``,
+    or 400 ``{error, node_errors}`` naming the node and input that is wrong."""
+    services = request.app.state.services
+    st = state(request.app)
+    body = await _json_body(request)
+    if not isinstance(body, dict) or "prompt" not in body:
+        return JSONResponse({"error": {"type": "no_prompt", "message": "No prompt provided", "details": "",
+                                       "extra_info": {}}, "node_errors": {}}, status_code=400)
+    prompt = body["prompt"]
+    try:
+        graph, outputs = await asyncio.to_thread(validate, prompt, Env(services, st))
+    except PromptInvalid as e:
+        return JSONResponse(e.body, status_code=400)
+    extra = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else {}
+    seed_rule = str((extra.get("sdengine") or {}).get("seed_rule", "comfyui")) if isinstance(
+        extra.get("sdengine"), dict) else "comfyui"
+    if seed_rule not in ("comfyui", "sdengine"):
+        raise BadRequest(f"extra_data.sdengine.seed_rule must be 'comfyui' or 'sdengine', got {seed_rule!r}")
+    client_id = body.get("client_id") if isinstance(body.get("client_id"), str) else None
+    prompt_id = body.get("prompt_id") if isinstance(body.get("prompt_id"), str) else str(uuid.uuid4())
+    if len(prompt_id) > 100 or prompt_id in st.history:
+        raise BadRequest("prompt_id must be new and at most 100 characters")
+    with st.lock:
+        number = st.number
+        st.number += 1
+    job = ComfyJob(services=services, st=st, graph=graph, outputs=outputs, prompt=prompt, prompt_id=prompt_id,
+                   number=number, client_id=client_id, extra_data=extra, seed_rule=seed_rule)
+    services.manager.submit(job)
+    send_status(st, services)
+    return {"prompt_id": prompt_id, "number": number, "node_errors": {}}
+
+
+@_route("GET", "/prompt")
+def get_prompt_status(request: Request) -> Any:
+    return {"exec_info": {"queue_remaining": queue_remaining(request.app.state.services)}}
+
+
+@_route("GET", "/queue")
+def get_queue(request: Request) -> Any:
+    jobs = comfy_jobs(request.app.state.services)
+    return {"queue_running": [j.queue_item() for j in jobs if j.state == RUNNING],
+            "queue_pending": [j.queue_item() for j in jobs if j.state == QUEUED]}
+
+
+@_route("POST", "/queue")
+async def post_queue(request: Request) -> Any:
+    """``{"clear": true}`` removes every pending prompt; ``{"delete": [prompt_id, ...]}`` those named."""
+    services = request.app.state.services
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise BadRequest("send {clear: true} or {delete: [prompt ids]}")
+    pending = [j for j in comfy_jobs(services) if j.state == QUEUED]
+    if body.get("clear"):
+        for j in pending:
+            services.manager.cancel(j)
+    delete = body.get("delete")
+    if delete is not None:
+        if not isinstance(delete, list) or not all(isinstance(d, str) for d in delete):
+            raise BadRequest("delete must be a list of prompt ids")
+        for j in pending:
+            if j.id in delete:
+                services.manager.cancel(j)
+    send_status(state(request.app), services)
+    return {}
+
+
+@_route("POST", "/interrupt")
+async def interrupt(request: Request) -> Any:
+    """Stop the running prompt (``{"prompt_id": ...}``: only that one) within one sampler step."""
+    services = request.app.state.services
+    body = await _json_body(request)
+    pid = body.get("prompt_id") if isinstance(body, dict) else None
+    for j in comfy_jobs(services):
+        if j.state == RUNNING and (pid is None or j.id == pid):
+            services.manager.cancel(j)
+    return {}
+
+
+@_route("GET", "/history")
+def get_history(request: Request, max_items: int | None = None) -> Any:
+    st = state(request.app)
+    with st.lock:
+        items = list(st.history.items())
+    if max_items is not None:
+        items = items[-max(0, max_items):] if max_items > 0 else []
+    return dict(items)
+
+
+@_route("GET", "/history/{prompt_id}")
+def get_history_one(request: Request, prompt_id: str) -> Any:
+    st = state(request.app)
+    with st.lock:
+        item = st.history.get(prompt_id)
+    return {prompt_id: item} if item is not None else {}
+
+
+@_route("POST", "/history")
+async def post_history(request: Request) -> Any:
+    st = state(request.app)
+    body = await _json_body(request)
+    with st.lock:
+        if isinstance(body, dict) and body.get("clear"):
+            st.history.clear()
+        for pid in (body.get("delete") or []) if isinstance(body, dict) else []:
+            st.history.pop(str(pid), None)
+    return {}
+
+
+@_route("GET", "/view")
+def view(request: Request, filename: str, subfolder: str = "", type: str = "output") -> Any:  # noqa: A002
+    """A file of the output, input or temp folder: realpath-contained, image types only, nosniff."""
+    from sdengine.io.paths import UnsafePathError, resolve_inside
+
+    st = state(request.app)
+    if type not in ("output", "input", "temp"):
+        raise BadRequest("type must be output, input or temp")
+    suffix = Path(filename).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES or not filename or filename.startswith("."):
+        raise BadRequest(f"{filename!r}: only PNG, JPEG and WebP files are served")
+    name = f"{subfolder.strip('/')}/{filename}" if subfolder else filename
+    try:
+        path = resolve_inside(st.folders.root(type), name, "file")
+    except UnsafePathError as e:
+        raise BadRequest(str(e)) from None
+    if not path.is_file():
+        raise NotFound(f"{name!r} is not a file")
+    return FileResponse(path, media_type=MEDIA_TYPES[suffix],
+                        headers={"X-Content-Type-Options": "nosniff", "Content-Disposition": "inline"})
+
+
+@_route("POST", "/upload/image")
+async def upload_image(request: Request) -> Any:
+    """Multipart ``image`` (+ ``subfolder``, ``type`` input|temp, ``overwrite``) into the input folder;
+    the pixel limit is checked from the header before decoding."""
+    from sdengine.io.paths import check_name, is_inside
+    from sdengine.server.security import decode_image
+
+    services = request.app.state.services
+    st = state(request.app)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise BadRequest("send multipart/form-data with the file in the field 'image'")
+    form = await request.form(max_files=1, max_fields=8)
+    part = form.get("image")
+    if part is None or isinstance(part, str):
+        raise BadRequest("send the image in the multipart file field 'image'")
+    data = await part.read()
+    await asyncio.to_thread(decode_image, data, "image", services.config.max_image_pixels)
+    kind = str(form.get("type") or "input")
+    if kind not in ("input", "temp"):
+        raise BadRequest("type must be input or temp")
+    subfolder = str(form.get("subfolder") or "").strip("/")
+    overwrite = str(form.get("overwrite") or "").lower() in ("true", "1")
+    filename = Path(str(part.filename or "image.png")).name
+    try:
+        check_name(filename, "filename")
+        if subfolder:
+            check_name(subfolder, "subfolder")
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    if Path(filename).suffix.lower() not in IMAGE_SUFFIXES or filename.startswith("."):
+        raise BadRequest(f"{filename!r}: only .png, .jpg, .jpeg and .webp names are stored")
+    root = st.folders.root(kind)
+    folder = root / subfolder
+    root.mkdir(parents=True, exist_ok=True)
+    if not is_inside(root, folder):
+        raise BadRequest(f"subfolder {subfolder!r} leaves the {kind} folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    with st.save_lock:
+        target = folder / filename
+        k = 1
+        while target.exists() and not overwrite:
+            target = folder / f"{Path(filename).stem} ({k}){Path(filename).suffix}"
+            k += 1
+        if not is_inside(root, target.parent) or target.is_symlink():
+            raise BadRequest(f"{filename!r} resolves outside the {kind} folder")
+        target.write_bytes(data)
+    return {"name": target.name, "subfolder": subfolder, "type": kind}
+
+
+@_route("GET", "/object_info")
+def get_object_info(request: Request) -> Any:
+    env = Env(request.app.state.services, state(request.app))
+    return {name: object_info(node, env) for name, node in NODES.items()}
+
+
+@_route("GET", "/object_info/{node_class}")
+def get_object_info_one(request: Request, node_class: str) -> Any:
+    if node_class not in NODES:
+        return {}
+    env = Env(request.app.state.services, state(request.app))
+    return {node_class: object_info(NODES[node_class], env)}
+
+
+@_route("GET", "/system_stats")
+def system_stats(request: Request) -> Any:
+    import platform
+    import sys
+
+    import psutil
+    import torch
+
+    from sdengine import __version__
+
+    devices = []
+    for w in request.app.state.services.manager.workers:
+        dev = torch.device(w.device)
+        entry: dict[str, Any] = {"name": str(dev), "type": dev.type, "index": dev.index}
+        if dev.type == "cuda":
+            free, total = torch.cuda.mem_get_info(dev)
+            entry.update(vram_total=total, vram_free=free, torch_vram_total=torch.cuda.memory_reserved(dev),
+                         torch_vram_free=torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+        else:
+            vm = psutil.virtual_memory()
+            entry.update(vram_total=vm.total, vram_free=vm.available, torch_vram_total=0, torch_vram_free=0)
+        devices.append(entry)
+    vm = psutil.virtual_memory()
+    return {"system": {"os": platform.system().lower(), "ram_total": vm.total, "ram_free": vm.available,
+                       "comfyui_version": f"sdengine-{__version__}", "python_version": sys.version,
+                       "pytorch_version": torch.__version__, "embedded_python": False, "argv": []},
+            "devices": devices}
+
+
+@_route("POST", "/free")
+async def free(request: Request) -> Any:
+    """``{"unload_models": true}`` unloads idle workers' models; ``{"free_memory": true}`` drops the cache."""
+    services = request.app.state.services
+    st = state(request.app)
+    body = await _json_body(request)
+    if isinstance(body, dict) and (body.get("free_memory") or body.get("unload_models")):
+        with st.run_lock:
+            st.executor.clear()
+    if isinstance(body, dict) and body.get("unload_models"):
+        for w in services.manager.workers:
+            if w.current is None:
+                w.pipe, w.model = None, None
+    return {}
+
+
+@_route("GET", "/embeddings")
+def embeddings() -> Any:
+    return []
+
+
+@_route("GET", "/extensions")
+def extensions() -> Any:
+    return []
+
+
+# ------------------------------------------------------------------------------------------ websocket
+
+
+def _ws_refusal(ws: WebSocket) -> str | None:
+    """The middleware's rules for a websocket handshake: Host, Origin (cross-site websocket hijacking)
+    and the API key (header, or ``?token=`` since browsers cannot set headers on websockets)."""
+    from sdengine.server.security import is_loopback, key_matches, origin_allowed
+
+    services = ws.app.state.services
+    config = services.config
+    headers = {k.lower(): v for k, v in ws.headers.items()}
+    host = headers.get("host", "")
+    hostname = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+    if config.api_key is None and is_loopback(config.host) and host and not is_loopback(hostname):
+        return "host"
+    origin = headers.get("origin")
+    if origin is not None and not origin_allowed(origin, host, tuple(o.rstrip("/") for o in config.cors_origins)):
+        return "origin"
+    if config.api_key is not None:
+        token = ws.query_params.get("token")
+        if token is not None:
+            headers["authorization"] = f"Bearer {token}"
+        if not key_matches(headers, config.api_key):
+            return "key"
+    return None
+
+
+async def websocket_endpoint(ws: WebSocket) -> None:
+    if _ws_refusal(ws) is not None:
+        await ws.close(code=1008)
+        return
+    await ws.accept()
+    st = state(ws.app)
+    services = ws.app.state.services
+    sid = ws.query_params.get("clientId") or uuid.uuid4().hex
+    q: asyncio.Queue[Any] = asyncio.Queue(maxsize=10000)
+    with st.lock:
+        st.sockets[sid] = (asyncio.get_running_loop(), q)
+    send_status(st, services, sid)
+
+    async def pump() -> None:
+        while True:
+            msg = await q.get()
+            if isinstance(msg, bytes | bytearray):
+                await ws.send_bytes(bytes(msg))
+            else:
+                await ws.send_text(msg)
+
+    async def drain() -> None:
+        while True:
+            msg = await ws.receive()
+            if msg.get("type") == "websocket.disconnect":
+                return
+
+    tasks = [asyncio.create_task(pump()), asyncio.create_task(drain())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        for t in tasks:
+            t.cancel()
+        with st.lock:
+            if st.sockets.get(sid, (None, q))[1] is q:
+                del st.sockets[sid]
+
+
+for _p in _both("/ws"):
+    router.add_api_websocket_route(_p, websocket_endpoint)
+
+
+def install(app: FastAPI) -> None:
+    """Create the per-app state now (folders from the config)."""
+    state(app)
+

@@ -1,0 +1,355 @@
+"""ComfyUI API-format workflows on a live ``sdengine serve`` (127.0.0.1, the emoji model, 64x64, few steps).
+
+ComfyUI's own example clients (script_examples/basic_api_example.py and websockets_api_example.py,
+their functions as they are, pointed at the test server) run the default workflow; hand-written API-format
+workflows give the native API's images for the same settings; broken workflows give ComfyUI's error shape
+naming the node. Seed mapping: native ``seed`` S = KSampler ``seed`` S (one image); img2img and inpainting
+also set ``extra_data.sdengine.seed_rule = "sdengine"`` (the pipeline's draw order, see docs/comfyui.md).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import urllib.parse
+import urllib.request
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+import websocket  # websocket-client, what ComfyUI's example uses
+from PIL import Image, ImageDraw
+
+from _live_server import live_server, server_config, wait_job
+
+STEPS = 4
+SEED = 11
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("comfy")
+    with live_server(server_config(tmp, max_queue=8)) as s:
+        yield s
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def wait_history(client: httpx.Client, prompt_id: str, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = client.get(f"/history/{prompt_id}").json()
+        if prompt_id in h:
+            return h[prompt_id]
+        time.sleep(0.05)
+    raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+
+def native_image(client: httpx.Client, **body) -> np.ndarray:
+    r = client.post("/v1/jobs", json={"width": 64, "height": 64, "steps": STEPS, "seed": SEED, **body})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"])
+    assert job["state"] == "done", job
+    return np.asarray(Image.open(io.BytesIO(client.get(job["images"][0]["url"]).content)).convert("RGB"))
+
+
+def comfy_image(client: httpx.Client, prompt: dict, **extra) -> np.ndarray:
+    r = client.post("/prompt", json={"prompt": prompt, **extra})
+    assert r.status_code == 200, r.text
+    h = wait_history(client, r.json()["prompt_id"])
+    assert h["status"]["status_str"] == "success", h["status"]
+    (out,) = [o for o in h["outputs"].values() if "images" in o]
+    im = out["images"][0]
+    v = client.get("/view", params={"filename": im["filename"], "subfolder": im["subfolder"], "type": im["type"]})
+    assert v.status_code == 200 and v.headers["x-content-type-options"] == "nosniff"
+    return np.asarray(Image.open(io.BytesIO(v.content)).convert("RGB"))
+
+
+def txt2img_graph(prompt="a red apple", negative="", sampler="dpmpp_2m", scheduler="karras", cfg=5.0,
+                  latent=("5", 0), model=("4", 0), clip=("4", 1), denoise=1.0) -> dict:
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "emoji"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": list(clip)}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": list(clip)}},
+        "3": {"class_type": "KSampler", "inputs": {
+            "seed": SEED, "steps": STEPS, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
+            "denoise": denoise, "model": list(model), "positive": ["6", 0], "negative": ["7", 0],
+            "latent_image": list(latent)}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "test", "images": ["8", 0]}},
+    }
+
+
+def upload(client: httpx.Client, im: Image.Image, name: str) -> tuple[str, str]:
+    """(native upload id, ComfyUI input file name)"""
+    data = png_bytes(im)
+    native = client.post("/v1/uploads", files={"file": (name, data, "image/png")})
+    comfy = client.post("/upload/image", files={"image": (name, data, "image/png")}, data={"overwrite": "true"})
+    assert native.status_code == 201 and comfy.status_code == 200, (native.text, comfy.text)
+    assert comfy.json()["type"] == "input"
+    return native.json()["id"], comfy.json()["name"]
+
+
+def picture() -> Image.Image:
+    im = Image.new("RGB", (64, 64), (240, 230, 200))
+    d = ImageDraw.Draw(im)
+    d.ellipse((12, 12, 52, 52), fill=(200, 30, 30), outline=(20, 20, 20), width=3)
+    return im
+
+
+# ------------------------------------------------------------------------------- ComfyUI's example clients
+
+
+def test_comfyui_example_clients_run_the_default_workflow(server, client):
+    server_address = f"127.0.0.1:{server.port}"
+    client_id = str(uuid.uuid4())
+
+    # ---- websockets_api_example.py, its functions as they are
+    def queue_prompt(prompt):
+        p = {"prompt": prompt, "client_id": client_id}
+        data = json.dumps(p).encode('utf-8')
+        req = urllib.request.Request("http://{}/prompt".format(server_address), data=data)  # noqa: UP032
+        return json.loads(urllib.request.urlopen(req).read())
+
+    def get_image(filename, subfolder, folder_type):
+        data = {"filename": filename, "subfolder": subfolder, "type": folder_type}
+        url_values = urllib.parse.urlencode(data)
+        with urllib.request.urlopen("http://{}/view?{}".format(server_address, url_values)) as response:  # noqa: UP032
+            return response.read()
+
+    def get_history(prompt_id):
+        with urllib.request.urlopen("http://{}/history/{}".format(server_address, prompt_id)) as response:  # noqa: UP032
+            return json.loads(response.read())
+
+    events: list[str] = []
+    previews: list[bytes] = []
+
+    def get_images(ws, prompt):
+        prompt_id = queue_prompt(prompt)['prompt_id']
+        output_images = {}
+        while True:
+            out = ws.recv()
+            if isinstance(out, str):
+                message = json.loads(out)
+                events.append(message['type'])
+                if message['type'] == 'executing':
+                    data = message['data']
+                    if data['node'] is None and data['prompt_id'] == prompt_id:
+                        break  # Execution is done
+            else:
+                previews.append(out)
+                continue  # previews are binary data
+
+        history = get_history(prompt_id)[prompt_id]
+        for node_id in history['outputs']:
+            node_output = history['outputs'][node_id]
+            if 'images' in node_output:
+                images_output = []
+                for image in node_output['images']:
+                    image_data = get_image(image['filename'], image['subfolder'], image['type'])
+                    images_output.append(image_data)
+            output_images[node_id] = images_output
+        return output_images
+
+    default_workflow = txt2img_graph(prompt="masterpiece best quality girl", negative="bad hands",
+                                     sampler="euler", scheduler="normal", cfg=8)
+    default_workflow["3"]["inputs"]["seed"] = 8566257
+    prompt = json.loads(json.dumps(default_workflow))
+    prompt["6"]["inputs"]["text"] = "masterpiece best quality man"
+    prompt["3"]["inputs"]["seed"] = 5
+
+    ws = websocket.WebSocket()
+    ws.connect("ws://{}/ws?clientId={}".format(server_address, client_id), timeout=120)  # noqa: UP032
+    try:
+        images = get_images(ws, prompt)
+    finally:
+        ws.close()
+    (node_images,) = images.values()
+    im = Image.open(io.BytesIO(node_images[0]))
+    assert im.size == (64, 64) and im.format == "PNG"
+    assert np.asarray(im).std() > 5  # a picture, not a flat image
+    for kind in ("status", "execution_start", "execution_cached", "executing", "progress", "executed",
+                 "execution_success"):
+        assert kind in events, (kind, events)
+    # binary previews in ComfyUI's framing: >I event 1 (PREVIEW_IMAGE), >I image type 2 (PNG), the PNG
+    assert previews and all(p[:8] == b"\x00\x00\x00\x01\x00\x00\x00\x02" and p[8:12] == b"\x89PNG" for p in previews)
+
+    # ---- basic_api_example.py: queue_prompt as it is (no client id, fire and forget)
+    def basic_queue_prompt(prompt):
+        p = {"prompt": prompt}
+        data = json.dumps(p).encode('utf-8')
+        req = urllib.request.Request("http://{}/prompt".format(server_address), data=data)  # noqa: UP032
+        urllib.request.urlopen(req)
+
+    prompt["3"]["inputs"]["seed"] = 6
+    before = set(client.get("/history").json())
+    basic_queue_prompt(prompt)
+    deadline = time.monotonic() + 120
+    while not set(client.get("/history").json()) - before:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (pid,) = set(client.get("/history").json()) - before
+    h = client.get(f"/history/{pid}").json()[pid]
+    assert h["status"]["status_str"] == "success"
+    # only the sampler (new seed) and what follows it ran again; loader and text came from the cache
+    (cached,) = [m[1]["nodes"] for m in h["status"]["messages"] if m[0] == "execution_cached"]
+    assert set(cached) == {"4", "5", "6", "7"}
+
+
+# ------------------------------------------------------------------------------ same images as the native API
+
+
+def test_txt2img_lora_equal_native(client):
+    a = comfy_image(client, txt2img_graph())
+    b = native_image(client, prompt="a red apple", sampler="dpmpp_2m", schedule="karras", cfg_scale=5.0)
+    assert np.array_equal(a, b)
+    g = txt2img_graph(prompt="a fruit", model=("10", 0), clip=("10", 1))
+    g["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": "emoji-fruit",
+                                                      "strength_model": 0.8, "strength_clip": 0.8}}
+    a = comfy_image(client, g)
+    b = native_image(client, prompt="a fruit", cfg_scale=5.0, loras=[{"name": "emoji-fruit", "weight": 0.8}])
+    c = native_image(client, prompt="a fruit", cfg_scale=5.0)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_img2img_and_inpainting_equal_native(client):
+    init_id, init_name = upload(client, picture(), "init.png")
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((16, 16, 48, 48), fill=255)
+    mask_id, mask_name = upload(client, mask.convert("RGB"), "mask.png")
+    g = txt2img_graph(prompt="a red apple", latent=("11", 0), denoise=0.6)
+    g["10"] = {"class_type": "LoadImage", "inputs": {"image": init_name}}
+    g["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    rule = {"extra_data": {"sdengine": {"seed_rule": "sdengine"}}}
+    a = comfy_image(client, g, **rule)
+    b = native_image(client, prompt="a red apple", cfg_scale=5.0, init_image=init_id, strength=0.6)
+    assert np.array_equal(a, b)
+    g["12"] = {"class_type": "LoadImageMask", "inputs": {"image": mask_name, "channel": "red"}}
+    g["13"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["11", 0], "mask": ["12", 0]}}
+    g["3"]["inputs"].update(latent_image=["13", 0], denoise=0.8)
+    a = comfy_image(client, g, **rule)
+    b = native_image(client, prompt="a red apple", cfg_scale=5.0, init_image=init_id, mask=mask_id, strength=0.8)
+    assert np.array_equal(a, b)
+    outside = np.asarray(mask) < 128
+    assert np.abs(a[outside].astype(int) - np.asarray(picture())[outside]).mean() < 40  # known region kept
+
+
+def test_controlnet_equal_native(client):
+    init_id, init_name = upload(client, picture(), "control.png")
+    g = txt2img_graph(prompt="an apple")
+    g["10"] = {"class_type": "LoadImage", "inputs": {"image": init_name}}
+    g["11"] = {"class_type": "Canny", "inputs": {"image": ["10", 0], "low_threshold": 0.4, "high_threshold": 0.8}}
+    g["12"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "emoji-controlnet-canny"}}
+    g["13"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": ["6", 0], "negative": ["7", 0], "control_net": ["12", 0], "image": ["11", 0],
+        "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
+    g["3"]["inputs"].update(positive=["13", 0], negative=["13", 1])
+    a = comfy_image(client, g)
+    b = native_image(client, prompt="an apple", cfg_scale=5.0, controlnets=[
+        {"model": "emoji-controlnet-canny", "image": init_id, "preprocessor": "canny", "low": 102, "high": 204}])
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, native_image(client, prompt="an apple", cfg_scale=5.0))
+
+
+# ------------------------------------------------------------------------------------- broken workflows
+
+
+@pytest.mark.parametrize("break_it, node, kind", [
+    (lambda g: g["3"].update(class_type="NoSuchNode"), "3", "missing_node_type"),
+    (lambda g: g["3"]["inputs"].pop("seed"), "3", "required_input_missing"),
+    (lambda g: g["3"]["inputs"].update(steps="many"), "3", "invalid_input_type"),
+    (lambda g: g["3"]["inputs"].update(cfg=1000), "3", "value_bigger_than_max"),
+    (lambda g: g["3"]["inputs"].update(sampler_name="nope"), "3", "value_not_in_list"),
+    (lambda g: g["8"]["inputs"].update(samples=["99", 0]), "8", "invalid_link"),
+    (lambda g: g["8"]["inputs"].update(samples=["4", 0]), "8", "return_type_mismatch"),
+    (lambda g: g["4"]["inputs"].update(ckpt_name="../etc/passwd"), "4", "value_not_in_list"),
+    (lambda g: (g["6"]["inputs"].update(clip=["20", 0]),
+                g.update({"20": {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["21", 0],
+                                                                           "stop_at_clip_layer": -1}},
+                          "21": {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["20", 0],
+                                                                           "stop_at_clip_layer": -1}}})),
+     "20", "dependency_cycle"),
+])
+def test_broken_workflows_name_the_node(client, break_it, node, kind):
+    g = txt2img_graph()
+    break_it(g)
+    r = client.post("/prompt", json={"prompt": g})
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert {"type", "message", "details", "extra_info"} <= set(body["error"])
+    errors = body["node_errors"][node]
+    assert errors["class_type"] == g[node]["class_type"]
+    assert kind in [e["type"] for e in errors["errors"]], errors
+
+
+def test_failures_at_run_time_and_interrupt_name_the_node(client, server):
+    g = txt2img_graph()
+    g["5"]["inputs"].update(width=60, height=60)  # not a multiple of the emoji VAE's factor... 60 % 4 == 0
+    g["5"]["inputs"].update(width=66)  # 66 is not a multiple of 4: fails in KSampler at run time
+    r = client.post("/prompt", json={"prompt": g})
+    assert r.status_code == 200
+    h = wait_history(client, r.json()["prompt_id"])
+    assert h["status"]["status_str"] == "error"
+    (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
+    assert err["node_id"] == "3" and err["node_type"] == "KSampler" and "66" in err["exception_message"]
+    # server still serves; a long prompt is interrupted within a step
+    g = txt2img_graph()
+    g["3"]["inputs"].update(steps=200, seed=99)
+    pid = client.post("/prompt", json={"prompt": g}).json()["prompt_id"]
+    deadline = time.monotonic() + 60
+    while not client.get("/queue").json()["queue_running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert client.post("/interrupt", json={"prompt_id": pid}).status_code == 200
+    h = wait_history(client, pid, timeout=60)
+    assert h["status"]["status_str"] == "interrupted"
+    assert any(m[0] == "execution_interrupted" and m[1]["node_id"] == "3" for m in h["status"]["messages"])
+
+
+# ----------------------------------------------------------------------------------- the other routes
+
+
+def test_routes_view_upload_queue_object_info(client, server):
+    info = client.get("/object_info").json()
+    assert "dpmpp_2m" in info["KSampler"]["input"]["required"]["sampler_name"][0]
+    assert "karras" in info["KSampler"]["input"]["required"]["scheduler"][0]
+    assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == ["emoji"]
+    assert info["KSampler"]["input"]["required"]["seed"][1]["max"] == 0xFFFFFFFFFFFFFFFF
+    assert client.get("/api/object_info/KSampler").json()["KSampler"]["output"] == ["LATENT"]
+    assert client.get("/object_info/Nope").json() == {}
+    q = client.get("/api/queue").json()
+    assert q == {"queue_running": [], "queue_pending": []}
+    assert client.post("/queue", json={"clear": True}).status_code == 200
+    assert client.get("/system_stats").json()["devices"][0]["type"] == "cpu"
+    assert client.post("/free", json={"free_memory": True}).status_code == 200
+    # /view: contained, images only, nosniff
+    for params in ({"filename": "../../etc/passwd.png"}, {"filename": "x.png", "subfolder": "../.."},
+                   {"filename": "/etc/hosts.png"}, {"filename": "a.txt"}, {"filename": "x.png", "type": "other"}):
+        assert client.get("/view", params=params).status_code in (400, 404), params
+    # /upload/image: a bomb is refused before decoding, a traversal name is refused
+    big = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(big, format="PNG")
+    r = client.post("/upload/image", files={"image": ("big.png", big.getvalue(), "image/png")})
+    assert r.status_code == 413
+    r = client.post("/upload/image", files={"image": ("ok.png", png_bytes(picture()), "image/png")},
+                    data={"subfolder": "../x"})
+    assert r.status_code == 400
+    # a foreign page cannot queue prompts nor open the websocket
+    r = client.post("/prompt", json={"prompt": txt2img_graph()}, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403
+    with pytest.raises(websocket.WebSocketException):
+        websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId=x", origin="http://evil.example",
+                                    timeout=10)
