@@ -348,10 +348,16 @@ def _encode(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle) -> dict[str, 
     if (h8, w8) != (h, w):  # ComfyUI crops to the VAE factor, centred
         y, x = (h % f) // 2, (w % f) // 2
         pixels = pixels[:, y : y + h8, x : x + w8]
-    x = pixels.permute(0, 3, 1, 2).float().to(pipe.device) * 2.0 - 1.0
+    means, stds = [], []
     with torch.inference_mode():
-        post = vae_utils.encode_moments(pipe.vae, x)
-        mean, std = post.mean.float(), post.std.float()
+        for i in range(b):
+            # One row at a time, laid out as the pipeline lays out its init image (the convolution's
+            # rounding depends on the memory layout), so that img2img gives the pipeline's latents.
+            x = pixels[i].float().contiguous().permute(2, 0, 1)[None].to(pipe.device) * 2.0 - 1.0
+            post = vae_utils.encode_moments(pipe.vae, x)
+            means.append(post.mean.float())
+            stds.append(post.std.float())
+        mean, std = torch.cat(means), torch.cat(stds)
         samples = pipe.vae.scale_latents(mean)
     return {"samples": samples.cpu(), "size": (b, h8, w8), "posterior": (mean.cpu(), std.cpu()), "noise_mask": None}
 
