@@ -105,7 +105,8 @@ def test_unknown_and_unimplemented_fields_are_reported(api):
 
 def test_progress_and_interrupt(api):
     out: dict = {}
-    t = threading.Thread(target=lambda: out.update(r=api.txt2img(prompt="a tree", seed=2, **{**COMMON, "steps": 150})))
+    body = {"prompt": "a tree", "seed": 2, "force_task_id": "task-7", **COMMON, "steps": 150}
+    t = threading.Thread(target=lambda: out.update(r=api.custom_post("txt2img", body, baseurl=True)))
     t.start()
     deadline = time.monotonic() + 120
     while True:
@@ -115,6 +116,10 @@ def test_progress_and_interrupt(api):
         assert time.monotonic() < deadline and t.is_alive()
         time.sleep(0.05)
     assert 0 < p["progress"] < 1 and p["state"]["job_count"] >= 1 and p["state"]["sampling_steps"] == 150
+    ip = api.session.post(f"{api.baseurl.removesuffix('/sdapi/v1')}/internal/progress",
+                          json={"id_task": "task-7", "id_live_preview": -1, "live_preview": True}).json()
+    assert ip["active"] and not ip["completed"] and 0 < ip["progress"] < 1
+    assert ip["live_preview"] is None or ip["live_preview"].startswith("data:image/png;base64,")
     t0 = time.monotonic()
     assert api.interrupt()["interrupted"]
     t.join(60)

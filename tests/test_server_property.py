@@ -97,3 +97,33 @@ def test_no_500_for_any_path_or_raw_upload(server):
 
     with client:
         check()
+
+
+@pytest.fixture(scope="module")
+def running_server(tmp_path_factory):
+    with live_server(server_config(tmp_path_factory.mktemp("prop-run"))) as s:
+        yield s
+
+
+def test_generated_requests_that_run_get_an_image_or_a_400(running_server):
+    """Small requests that reach the worker: every sampler/schedule pairing, sizes, guidance; never a 500."""
+    from sdengine.diffusion import sampling
+
+    names = sorted(sampling.A1111_NAMES) + sorted(sampling.SAMPLERS)
+    client = httpx.Client(base_url=running_server.url, timeout=120)
+
+    @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.fixed_dictionaries({
+        "prompt": st.text(max_size=20), "steps": st.integers(1, 2), "width": st.sampled_from([8, 16, 20]),
+        "height": st.sampled_from([8, 16]), "sampler_name": st.sampled_from(names),
+        "scheduler": st.sampled_from(["automatic", "Karras", "normal", "exponential", "sgm_uniform", "Uniform"]),
+        "cfg_scale": st.floats(0, 30), "seed": st.integers(-1, 2**32), "batch_size": st.integers(1, 2),
+    }))
+    def check(body):
+        r = client.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code in (200, 400), (body, r.status_code, r.text[:300])
+        if r.status_code == 200:
+            assert len(r.json()["images"]) == body["batch_size"]
+
+    with client:
+        check()
