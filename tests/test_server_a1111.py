@@ -147,7 +147,7 @@ def test_model_names_and_set_model(api):
 
 def test_skip_with_a_json_body_moves_to_the_next_batch(api):
     out: dict = {}
-    body = {"prompt": "a cloud", "seed": 40, "n_iter": 2, "force_task_id": "task-skip", "steps": 20, "width": 16,
+    body = {"prompt": "a cloud", "seed": 40, "n_iter": 2, "force_task_id": "task-skip", "steps": 40, "width": 16,
             "height": 16, "cfg_scale": 7.0}
     t = threading.Thread(target=lambda: out.update(r=api.custom_post("txt2img", body, baseurl=True)))
     t.start()
