@@ -8,3 +8,4 @@ error classes) and become one line on stderr.
 
 # Modules listed here are optional: one that does not exist yet (a feature still being built) is skipped.
 COMMAND_MODULES = ["convert", "generate", "serve", "bench", "train_lora", "train_controlnet", "train_emoji", "eval_emoji"]
+COMMAND_MODULES += ["list", "pnginfo", "xyz"]  # everyday commands (sdengine list / pnginfo / xyz)
