@@ -233,8 +233,9 @@ def test_xyz_cli_errors_are_one_line(tmp_path, capsys):
         (["--x", "colour=red"], "unknown axis 'colour'; valid: steps, sampler"),
         (["--x", "prompt=pear,fig"], "'pear' (the first value, the text to replace) is not in the prompt"),
         (["--x", "steps=2", "--y", "steps=3"], "axis steps is given twice"),
+        (["--x", "steps=2", "--out", str(tmp_path / "grid.png")], "names an image; it is the folder"),
     ]:
-        rc = main(["xyz", "a red apple", *args, "--out", str(tmp_path), "--no-progress"])
+        rc = main(["xyz", "a red apple", "--out", str(tmp_path), *args, "--no-progress"])
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1 and message in err, err
     assert not any(tmp_path.iterdir())  # nothing generated or written

@@ -383,9 +383,11 @@ class XYZResult:
 
 
 def run_xyz(pipe: Callable[..., Any], prompt: str, base: Mapping[str, Any], x: Axis, y: Axis | None = None,
-            z: Axis | None = None, *, on_cell: Callable[[int, int, Cell], None] | None = None) -> XYZResult:
+            z: Axis | None = None, *, on_cell: Callable[[int, int, Cell], None] | None = None,
+            on_result: Callable[[int, Cell, Any], None] | None = None) -> XYZResult:
     """Generate every cell of the plot with ``pipe`` (a :class:`sdengine.pipeline.Pipeline`; one image per
-    cell) and draw the grid. ``on_cell(done, total, cell)`` is called before each generation."""
+    cell) and draw the grid. ``on_cell(done, total, cell)`` is called before each generation and
+    ``on_result(i, cell, result)`` after it (to save each image as soon as it exists)."""
     cells = plan_cells(prompt, {**base, "batch_size": 1}, x, y, z)
     results = []
     for i, cell in enumerate(cells):
@@ -393,6 +395,8 @@ def run_xyz(pipe: Callable[..., Any], prompt: str, base: Mapping[str, Any], x: A
             on_cell(i, len(cells), cell)
         kw = dict(cell.kwargs)
         results.append(pipe(kw.pop("prompt"), **kw))
+        if on_result is not None:
+            on_result(i, cell, results[-1])
     n_rows = len(y.values) if y else 1
     n_z = len(z.values) if z else 1
     images = [[[None] * len(x.values) for _ in range(n_rows)] for _ in range(n_z)]

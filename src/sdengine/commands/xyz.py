@@ -13,7 +13,14 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from ..pipeline import GenerationResult
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _NUMBER = re.compile(r"^-?\d+(\.\d*)?$")
 
 
@@ -39,6 +46,8 @@ def run(a: argparse.Namespace) -> int:
     from ..metadata import save_png
     from ..pipeline import load_pipeline
 
+    if Path(a.out).suffix.lower() in IMAGE_SUFFIXES:
+        raise UsageError(f"--out {a.out!r} names an image; it is the folder the cells and the grid are written to")
     x = parse_axis(a.x)
     y = parse_axis(a.y) if a.y else None
     z = parse_axis(a.z) if a.z else None
@@ -66,13 +75,15 @@ def run(a: argparse.Namespace) -> int:
         if not a.no_progress:
             print(f"cell {i + 1}/{n}", file=sys.stderr)
 
-    res = run_xyz(pipe, a.prompt, base, x, y, z, on_cell=on_cell)
-    t2 = time.perf_counter()
-
     out = Path(a.out)
     index = next_index(out) if out.is_dir() else 0
-    for k, r in enumerate(res.results):
-        print(save_png(r.images[0], out / f"{index + k:05d}-{r.seeds[0]}.png", r.infotexts[0]))
+
+    def on_result(i: int, cell: object, r: GenerationResult) -> None:
+        # each image is saved as soon as it exists: an interrupted plot keeps what it made
+        print(save_png(r.images[0], out / f"{index + i:05d}-{r.seeds[0]}.png", r.infotexts[0]), flush=True)
+
+    res = run_xyz(pipe, a.prompt, base, x, y, z, on_cell=on_cell, on_result=on_result)
+    t2 = time.perf_counter()
     # The grid is not one generation, so it carries no 'parameters' (--from-png would make one cell of it);
     # it records the plot instead.
     info = PngImagePlugin.PngInfo()
