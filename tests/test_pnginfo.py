@@ -150,3 +150,24 @@ def test_missing_or_broken_file_is_one_line(tmp_path, capsys, content):
     assert _pnginfo(str(f)) == 2
     err = capsys.readouterr().err
     assert err.startswith("sdengine: error:") and err.count("\n") == 1 and "x.png" in err
+
+
+def test_plain_pnginfo_needs_no_torch(tmp_path):
+    """Printing the text reads the file only (no sampler table, no torch): the command answers at once."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    f = tmp_path / "a.png"
+    _a1111_png(f, A1111_TEXT)
+    code = (
+        "import argparse, sys\nfrom sdengine.commands import pnginfo\np = argparse.ArgumentParser()\n"
+        "pnginfo.register(p.add_subparsers())\n"
+        f"a = p.parse_args(['pnginfo', {str(f)!r}])\nassert a.func(a) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == A1111_TEXT + "\n"
