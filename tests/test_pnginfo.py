@@ -136,6 +136,14 @@ def test_image_without_parameters_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "carries no generation parameters" in err and "plain.png" in err
+    comfy = tmp_path / "comfy.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", '{"3": {"class_type": "KSampler"}}')
+    info.add_text("workflow", "{}")
+    Image.new("RGB", (4, 4)).save(comfy, pnginfo=info)
+    assert _pnginfo(str(comfy)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "carries no generation parameters" in err and "other text: prompt, workflow" in err
     jpg = tmp_path / "plain.jpg"
     Image.new("RGB", (8, 8)).save(jpg)
     assert _pnginfo(str(jpg), "--json") == 2

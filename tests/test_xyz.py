@@ -191,6 +191,8 @@ def test_xyz_cli_grid_cells_equal_single_generations(emoji, tmp_path, capsys):
     grid = np.asarray(Image.open(grid_path).convert("RGB"))
     assert json.loads(Image.open(grid_path).info["sdengine-xyz"])["axes"] == ["steps", "sampler", "cfg"]
     assert read_image_parameters(grid_path) is None  # the grid is not one generation
+    assert main(["pnginfo", grid_path]) == 2
+    assert "is an sdengine X/Y/Z grid" in capsys.readouterr().err
 
     # cells are written z, then row, then column; each PNG is its cell of the grid
     x, y, z = Axis("steps", (2, 3)), Axis("sampler", ("euler", "lcm")), Axis("cfg", (3.0, 6.0))

@@ -76,11 +76,23 @@ def read_image_parameters(path: str | Path) -> str | None:
     return text if text.strip() else None
 
 
+def image_text_keys(path: str | Path) -> list[str]:
+    """The names of the text entries an image carries (PNG tEXt/iTXt/zTXt keys, e.g. ComfyUI's ``prompt``
+    and ``workflow``), for messages that say what a file has instead of parameters."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return [k for k, v in img.info.items() if isinstance(v, str)]
+    except (OSError, SyntaxError, ValueError):
+        return []
+
+
 __all__ = [
     "EXIF_IFD",
     "USER_COMMENT",
     "ImageInfoError",
     "decode_user_comment",
     "encode_user_comment",
+    "image_text_keys",
     "read_image_parameters",
 ]

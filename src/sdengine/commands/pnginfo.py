@@ -12,13 +12,18 @@ import json
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..image_info import ImageInfoError, read_image_parameters
+    from ..image_info import ImageInfoError, image_text_keys, read_image_parameters
 
     text = read_image_parameters(a.file)
     if text is None:
+        keys = image_text_keys(a.file)
+        if "sdengine-xyz" in keys:
+            raise ImageInfoError(f"{a.file} is an sdengine X/Y/Z grid: its cells (the NNNNN-SEED.png files written "
+                                 "with it) carry the parameters")
+        has = f"; it has other text: {', '.join(keys)}" if keys else ""
         raise ImageInfoError(
             f"{a.file} carries no generation parameters (no PNG 'parameters' text, no EXIF UserComment): it was "
-            "not written by sdengine or A1111, or its metadata was stripped"
+            f"not written by sdengine or A1111, or its metadata was stripped{has}"
         )
     if a.json:
         from ..metadata import parse_parameters  # torch comes with it (sampler table): only for --json
