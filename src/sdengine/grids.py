@@ -247,9 +247,14 @@ class GridLayout:
     boxes: dict[tuple[int, int, int], tuple[int, int, int, int]]
 
 
+def label_size(cell_w: int, cell_h: int) -> int:
+    """The label font size for cells of this size: about (w + h) / 25 pixels as A1111 has it, at least 10."""
+    return max(10, (cell_w + cell_h) // 25)
+
+
 def label_font(cell_w: int, cell_h: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """Pillow's default font, sized to the cells (A1111 uses about (w + h) / 25 pixels; at least 10)."""
-    return ImageFont.load_default(size=max(10, (cell_w + cell_h) // 25))
+    """Pillow's default font at :func:`label_size`."""
+    return ImageFont.load_default(size=label_size(cell_w, cell_h))
 
 
 def _text_w(font: Any, text: str) -> int:
@@ -306,7 +311,9 @@ def draw_xyz_grid(images: Sequence[Sequence[Sequence[Image.Image]]], col_labels:
 
     col_lines = [_wrap(font, t, cell_w) for t in col_labels] if col_labels else []
     header_h = max(len(ls) for ls in col_lines) * line_h + pad if col_lines else 0
-    row_text_w = min(max(_text_w(font, t) for t in row_labels), 2 * cell_w) if row_labels else 0
+    # at most twice the cell width (long prompt S/R texts wrap), but room for a short label next to tiny images
+    row_cap = max(2 * cell_w, 12 * label_size(cell_w, cell_h))
+    row_text_w = min(max(_text_w(font, t) for t in row_labels), row_cap) if row_labels else 0
     row_lines = [_wrap(font, t, row_text_w) for t in row_labels] if row_labels else []
     row_w = row_text_w + 2 * pad if row_labels else 0
     body_w = n_cols * cell_w + (n_cols - 1) * gap
@@ -424,6 +431,7 @@ __all__ = [
     "default_schedule",
     "draw_xyz_grid",
     "label_font",
+    "label_size",
     "parse_axis",
     "plan_cells",
     "run_xyz",
