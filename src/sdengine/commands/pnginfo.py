@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "pnginfo",
         help="print the generation parameters of an sdengine/A1111 image (PNG, JPEG, WebP)",
         description="Print the A1111 'parameters' text of an image: the PNG text chunk, or the EXIF UserComment "
-        "of a JPEG/WebP. 'sdengine generate --from-png FILE' makes the image again.",
+        "of a JPEG/WebP. 'sdengine generate --from-png FILE.png' makes a PNG's image again.",
     )
     p.add_argument("file", help="the image")
     p.add_argument("--json", action="store_true", help="print JSON with the text and its parsed fields")
