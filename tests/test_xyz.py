@@ -64,6 +64,7 @@ def test_parse_axis(spec, name, values):
         ("sampler=euler,dpmpp_9x", "unknown sampler 'dpmpp_9x'; valid: ddpm"),
         ("schedule=cosine", "unknown schedule 'cosine'"),
         ("steps=1-100000", "at most"),
+        ("cfg=1-9 [0]", "asks for 0 values"),
     ],
 )
 def test_bad_axes_are_one_line_usage_errors(spec, message):

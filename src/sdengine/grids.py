@@ -78,8 +78,8 @@ def _range(name: str, item: str, kind: type) -> list[Any] | None:
     step_text, count_text = m.group(3), m.group(4)
     if count_text is not None:
         count = int(count_text)
-        if count < 1:
-            raise UsageError(f"axis {name}: {item!r} asks for {count} values")
+        if not 1 <= count <= MAX_CELLS:
+            raise UsageError(f"axis {name}: {item!r} asks for {count} values (1 to {MAX_CELLS})")
         if count == 1:
             return [start]
         vals = [start + (end - start) * k / (count - 1) for k in range(count)]

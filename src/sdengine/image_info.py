@@ -61,7 +61,8 @@ def read_image_parameters(path: str | Path) -> str | None:
     path = Path(path)
     try:
         with Image.open(path) as img:
-            img.load()  # PNG text chunks after the image data are only read with the pixels
+            if img.format == "PNG":
+                img.load()  # PNG text chunks after the image data are only read with the pixels
             text = img.info.get(PARAMETERS_KEY)
             if text is not None:
                 return str(text)
@@ -81,7 +82,8 @@ def image_text_keys(path: str | Path) -> list[str]:
     and ``workflow``), for messages that say what a file has instead of parameters."""
     try:
         with Image.open(path) as img:
-            img.load()
+            if img.format == "PNG":
+                img.load()
             return [k for k, v in img.info.items() if isinstance(v, str)]
     except (OSError, SyntaxError, ValueError):
         return []
