@@ -37,6 +37,8 @@ from .detect import (
     vae_layout_from_diffusers,
     vae_layout_from_ldm,
 )
+from sdengine.io.paths import UnsafePathError, resolve_inside
+
 from .io import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
@@ -48,6 +50,12 @@ from .io import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__
+
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 WEIGHT_FILE_STEMS = ("diffusion_pytorch_model", "model")
@@ -117,11 +125,27 @@ def _find_weights(folder: Path) -> list[Path]:
                     return [f]
                 index = folder / f"{stem}{variant}{suffix}.index.json"
                 if index.is_file():  # sharded weights
-                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                    return [folder / s for s in shards]
+                    return _shards_of(index)
     raise WeightsError(
         f"{folder}: no weights found (expected diffusion_pytorch_model.safetensors or model.safetensors)"
     )
+
+
+def _shards_of(index: Path) -> list[Path]:
+    """The shard files a `*.index.json` names, each resolved (realpath) inside the index's own folder: an
+    index is data from outside, so `../x`, `/abs/x` or a symlink out of the folder is refused, never read."""
+    weight_map = _read_json(index, "shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightsError(f"{index}: the shard index needs a 'weight_map' object of tensor name -> file name")
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        try:
+            shards.append(resolve_inside(index.parent, name, "shard"))
+        except UnsafePathError as e:
+            raise WeightsError(f"{index}: {e}") from None
+        except FileNotFoundError:
+            raise WeightsError(f"{index}: shard {name!r} not found in {index.parent}") from None
+    return shards
 
 
 def _load_component_folder(folder: Path) -> tuple[StateDict, dict[str, Any]]:
@@ -141,8 +165,8 @@ MINILM_TEXT_ENCODER = ["sdengine", "MiniLMTextEncoder"]  # model_index.json entr
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise WeightsError(f"{path}: cannot read the {what} ({type(e).__name__}: {e})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise WeightsError(f"{path}: cannot read the {what} ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: the {what} is not a JSON object")
     return obj
@@ -236,11 +260,22 @@ def load_vae(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
 
 
 def _configs_from_folder(folder: Path) -> dict[str, dict[str, Any]]:
-    cfgs = {c: json.loads((folder / c / "config.json").read_text()) for c in COMPONENTS
+    cfgs = {c: _read_json(folder / c / "config.json", f"{c} config") for c in COMPONENTS
             if (folder / c / "config.json").is_file()}
     sched = folder / "scheduler" / "scheduler_config.json"
     if sched.is_file():
-        cfgs["scheduler"] = json.loads(sched.read_text())
+        cfgs["scheduler"] = _read_json(sched, "scheduler config")
+    return cfgs
+
+
+def _configs_from_metadata(path: Path, text: str) -> dict[str, dict[str, Any]]:
+    """The component configs our `convert` writes into a single file's metadata (any other writer's too)."""
+    try:
+        cfgs = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise WeightsError(f"{path}: metadata {CONFIG_METADATA_KEY!r} is not valid JSON ({_first_line(e)})") from None
+    if not isinstance(cfgs, dict) or not all(isinstance(v, dict) for v in cfgs.values()):
+        raise WeightsError(f"{path}: metadata {CONFIG_METADATA_KEY!r} is not an object of component configs")
     return cfgs
 
 
@@ -309,7 +344,7 @@ def load_single_file(
     sd, info = load_file(path)
     cfg_src: dict[str, dict[str, Any]] = {}
     if CONFIG_METADATA_KEY in info:  # written by our convert: exact configs
-        cfg_src = json.loads(info[CONFIG_METADATA_KEY])
+        cfg_src = _configs_from_metadata(path, info[CONFIG_METADATA_KEY])
     if config is not None:
         cfg_src = _configs_from_folder(Path(config))
     comps, det, skipped = ldm_to_components(
