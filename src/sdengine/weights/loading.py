@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import torch
 
+from sdengine.io.paths import UnsafePathError, resolve_inside
+
 from . import keymaps as km
 from .detect import (
     Detected,
@@ -37,8 +39,6 @@ from .detect import (
     vae_layout_from_diffusers,
     vae_layout_from_ldm,
 )
-from sdengine.io.paths import UnsafePathError, resolve_inside
-
 from .io import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
