@@ -193,15 +193,76 @@ def _unquote(text: str) -> str:
         return text
 
 
+# Pieces of _RE_PARAM, each matched at one position (no search, no backtracking across pieces).
+_RE_SPACE = re.compile(r"\s*")
+_RE_KEY_RUN = re.compile(r"[\w \-/]*")
+_RE_QUOTED_BODY = re.compile(r'(?:\\.|[^\\"])*')
+_RE_BARE = re.compile(r"[^,]*")
+
+
+def parse_fields(line: str) -> list[tuple[str, str]]:
+    """``_RE_PARAM.findall(line)`` (A1111's field regex: the same pairs on every input) in linear time.
+
+    The regex itself is quadratic: where no field starts, ``findall`` retries at the next character
+    and rescans the whole run of key characters (a 200 KB word took minutes), and every unterminated
+    quoted value rescans to the end of the line. Here a failed key skips its whole run (every start
+    inside it fails the same way: the run ends on the same non-``:`` character), and the end of a
+    quoted value is remembered (a later value starting inside an already scanned body lines up with
+    the same escapes, so it ends at the same quote).
+    """
+    out: list[tuple[str, str]] = []
+    n, pos = len(line), 0
+    scan_from, quote_end = n + 1, -1  # last body scan: its start (none yet) and its closing quote (-1: none)
+    while pos < n:
+        k = _RE_SPACE.match(line, pos).end()
+        if k >= n:
+            break
+        if not (line[k].isalnum() or line[k] == "_"):  # a key starts with a word character (\w)
+            pos = k + 1
+            continue
+        e = _RE_KEY_RUN.match(line, k + 1).end()
+        if e - k < 2 or e >= n or line[e] != ":":
+            pos = e if e > k + 1 else k + 1
+            continue
+        v = _RE_SPACE.match(line, e + 1).end()
+        value_end = -1
+        if v < n and line[v] == '"':
+            b = v + 1
+            if not (scan_from < b and (quote_end == -1 or b <= quote_end)):
+                scan_from = b
+                m = _RE_QUOTED_BODY.match(line, b).end()
+                quote_end = m if m < n and line[m] == '"' else -1
+            if quote_end > b and (quote_end + 1 == n or line[quote_end + 1] == ","):
+                value_end = quote_end + 1
+        if value_end < 0:
+            value_end = _RE_BARE.match(line, v).end()
+        out.append((line[k:e], line[v:value_end]))
+        pos = value_end + 1 if value_end < n else n  # past the comma
+    return out
+
+
+# Far above any real infotext (A1111 prompts are a few KB; Pillow caps a PNG text chunk near 1 MB), and
+# small enough that a crafted text cannot make reading it slow.
+MAX_INFOTEXT_CHARS = 1_000_000
+
+
 def parse_parameters(text: str) -> dict[str, str]:
     """Read an A1111 infotext: ``{"Prompt": ..., "Negative prompt": ..., "Steps": "25", ...}``.
 
     Every field of the last line is kept, in order, with its value as a string (JSON strings
     decoded), including fields sdengine does not use ("Hires upscale", "ADetailer model", ...).
-    "Prompt" and "Negative prompt" are always present (possibly empty).
+    "Prompt" and "Negative prompt" are always present (possibly empty). Linear in the text's length;
+    a text over ``MAX_INFOTEXT_CHARS`` is a ``MetadataError``.
     """
+    if not isinstance(text, str):
+        raise MetadataError(f"infotext must be text (str), got {type(text).__name__}")
+    if len(text) > MAX_INFOTEXT_CHARS:
+        raise MetadataError(
+            f"infotext of {len(text):,} characters is over the limit of {MAX_INFOTEXT_CHARS:,}; not a generation's "
+            "parameters"
+        )
     *lines, last = text.strip().split("\n")
-    if len(_RE_PARAM.findall(last)) < 3:
+    if len(parse_fields(last)) < 3:
         # A1111's rule: fewer than 3 fields means the last line is part of the prompt.
         lines.append(last)
         last = ""
@@ -220,7 +281,7 @@ def parse_parameters(text: str) -> dict[str, str]:
             target.append(line)
 
     res: dict[str, str] = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
-    for key, value in _RE_PARAM.findall(last):
+    for key, value in parse_fields(last):
         res[key] = _unquote(value)
     return res
 
@@ -353,6 +414,7 @@ def lora_hash(path: str | Path) -> str:
 
 
 __all__ = [
+    "MAX_INFOTEXT_CHARS",
     "PARAMETERS_KEY",
     "VERSION",
     "MetadataError",
@@ -360,6 +422,7 @@ __all__ = [
     "format_parameters",
     "lora_hash",
     "model_hash",
+    "parse_fields",
     "parse_lora_hashes",
     "parse_parameters",
     "quote",
