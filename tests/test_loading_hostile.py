@@ -32,8 +32,12 @@ def _outside(root):
 def test_shard_index_cannot_leave_the_folder(tmp_path, monkeypatch, how):
     outside = _outside(tmp_path)
     sub = _vae_folder(tmp_path)
-    name = {"dotdot": "../../outside.safetensors", "absolute": str(outside), "symlink": "link.safetensors",
-            "encoded": "..%2f..%2foutside.safetensors"}[how]
+    name = {
+        "dotdot": "../../outside.safetensors",
+        "absolute": str(outside),
+        "symlink": "link.safetensors",
+        "encoded": "..%2f..%2foutside.safetensors",
+    }[how]
     if how == "symlink":
         os.symlink(outside, sub / "link.safetensors")
     (sub / INDEX).write_text(json.dumps({"weight_map": {"encoder.conv_in.weight": name}}))
@@ -46,13 +50,16 @@ def test_shard_index_cannot_leave_the_folder(tmp_path, monkeypatch, how):
     assert read == []  # refused before any shard was opened
 
 
-@pytest.mark.parametrize("text,match", [
-    ("{not json", "cannot read"),
-    ('{"weight_map": ["a.safetensors"]}', "weight_map"),
-    ('{"metadata": {}}', "weight_map"),
-    ('{"weight_map": {"a": 5}}', "weight_map"),
-    ("[1, 2]", "JSON object"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("{not json", "cannot read"),
+        ('{"weight_map": ["a.safetensors"]}', "weight_map"),
+        ('{"metadata": {}}', "weight_map"),
+        ('{"weight_map": {"a": 5}}', "weight_map"),
+        ("[1, 2]", "JSON object"),
+    ],
+)
 def test_bad_shard_index_names_the_file(tmp_path, text, match):
     sub = _vae_folder(tmp_path)
     (sub / INDEX).write_text(text)

@@ -25,14 +25,17 @@ def _timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
-@pytest.mark.parametrize("last", [
-    "a" * 200_000,  # one word: the regex rescans it from every start
-    "ab cd-ef/gh " * 17_000,
-    "k: " + '"' + "\\a" * 100_000,  # an unterminated quoted value
-    'k: "x, ' * 30_000,  # quoted values that each run to the end
-    "," * 200_000,
-    " " * 100_000 + "x",
-])
+@pytest.mark.parametrize(
+    "last",
+    [
+        "a" * 200_000,  # one word: the regex rescans it from every start
+        "ab cd-ef/gh " * 17_000,
+        "k: " + '"' + "\\a" * 100_000,  # an unterminated quoted value
+        'k: "x, ' * 30_000,  # quoted values that each run to the end
+        "," * 200_000,
+        " " * 100_000 + "x",
+    ],
+)
 def test_200kb_last_line_parses_in_linear_time(last):
     text = "a prompt\n" + last
     parsed, seconds = _timed(parse_parameters, text)

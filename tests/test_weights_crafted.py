@@ -34,8 +34,7 @@ F32x4 = {"dtype": "F32", "shape": [4]}
 # (case name, header, data bytes, message pattern); each is a file the safetensors library refuses too.
 CRAFTED = [
     ("overlap", {"a": {**F32x4, "data_offsets": [0, 16]}, "b": {**F32x4, "data_offsets": [8, 24]}}, 24, "overlap"),
-    ("same-bytes", {"a": {**F32x4, "data_offsets": [0, 16]}, "b": {**F32x4, "data_offsets": [0, 16]}}, 16,
-     "overlap"),
+    ("same-bytes", {"a": {**F32x4, "data_offsets": [0, 16]}, "b": {**F32x4, "data_offsets": [0, 16]}}, 16, "overlap"),
     ("hole", {"a": {**F32x4, "data_offsets": [0, 16]}, "b": {**F32x4, "data_offsets": [32, 48]}}, 48, "gap|hole"),
     ("tail", {"a": {**F32x4, "data_offsets": [0, 16]}}, 20, "after the last"),
     ("past-end", {"a": {**F32x4, "data_offsets": [16, 32]}}, 16, "truncated|past|ends"),
@@ -75,8 +74,11 @@ def test_deeply_nested_header_refused(tmp_path, raw):
     _refused(p, "corrupt")
 
 
-@pytest.mark.parametrize("raw,match", [(b"", "corrupt"), (b"\xff\xfe{}", "corrupt"), (b'{"a": NaN}', "corrupt|entry")],
-                         ids=["empty-header", "not-utf8", "nan"])
+@pytest.mark.parametrize(
+    "raw,match",
+    [(b"", "corrupt"), (b"\xff\xfe{}", "corrupt"), (b'{"a": NaN}', "corrupt|entry")],
+    ids=["empty-header", "not-utf8", "nan"],
+)
 def test_bad_json_header_names_the_file(tmp_path, raw, match):
     p = _write(tmp_path / "badjson.safetensors", None, raw_header=raw)
     _refused(p, match)
@@ -93,8 +95,10 @@ def test_unaligned_tensors_load_with_the_right_values(tmp_path):
     # A 3-byte tensor first puts the float32 one at an odd offset: valid (the library reads it), so read it.
     p = tmp_path / "odd.safetensors"
     sd = {"a": torch.tensor([1, 2, 3], dtype=torch.uint8), "b": torch.tensor([1.5, -2.0])}
-    header = {"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
-              "b": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]}}
+    header = {
+        "a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]},
+    }
     _write(p, header, sd["a"].numpy().tobytes() + sd["b"].numpy().tobytes())
     ref = st.load_file(p)
     got = io.load_safetensors(p)
@@ -104,8 +108,10 @@ def test_unaligned_tensors_load_with_the_right_values(tmp_path):
 
 def test_header_padding_and_empty_tensors_still_load(tmp_path):
     p = tmp_path / "pad.safetensors"
-    header = {"e": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]},
-              "a": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]}}
+    header = {
+        "e": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]},
+        "a": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]},
+    }
     raw = json.dumps(header).encode() + b"    "
     _write(p, None, torch.tensor([1.0, 2.0]).half().numpy().tobytes(), raw_header=raw)
     assert st.load_file(p)["a"].tolist() == [1.0, 2.0]
@@ -116,8 +122,11 @@ def test_header_padding_and_empty_tensors_still_load(tmp_path):
 # ------------------------------------------------------------------------------------------- pickles
 
 
-@pytest.mark.parametrize("data", [b"", b"\x80", b"garbage", b"PK\x03\x04" + b"\0" * 30, pickle.dumps([1, 2])[:3]],
-                         ids=["zero-bytes", "one-byte", "garbage", "broken-zip", "truncated-pickle"])
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x80", b"garbage", b"PK\x03\x04" + b"\0" * 30, pickle.dumps([1, 2])[:3]],
+    ids=["zero-bytes", "one-byte", "garbage", "broken-zip", "truncated-pickle"],
+)
 @pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin"])
 def test_broken_pickle_files_give_one_named_line(tmp_path, data, suffix):
     p = tmp_path / f"broken{suffix}"
@@ -135,8 +144,12 @@ class _Payload:
 
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_refusing_a_raw_pickle_never_suggests_weights_only_false(tmp_path, protocol):
-    for i, write in enumerate((lambda p: torch.save({"x": _Payload()}, p),
-                               lambda p: p.write_bytes(pickle.dumps({"x": _Payload()}, protocol=protocol)))):
+    for i, write in enumerate(
+        (
+            lambda p: torch.save({"x": _Payload()}, p),
+            lambda p: p.write_bytes(pickle.dumps({"x": _Payload()}, protocol=protocol)),
+        )
+    ):
         p = tmp_path / f"raw{i}.pt"
         write(p)
         with pytest.raises(io.UnsafeCheckpointError) as e:

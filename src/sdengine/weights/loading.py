@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 
 from sdengine.io.paths import UnsafePathError, resolve_inside
+from sdengine.models.config_checks import ConfigError, check_config
 
 from . import keymaps as km
 from .detect import (
@@ -58,6 +59,8 @@ def _first_line(err: BaseException) -> str:
 
 
 COMPONENTS = ("unet", "vae", "text_encoder")
+# Which bounds (sdengine.models.config_checks) a component's config is checked against.
+COMPONENT_KINDS = {"unet": "unet", "vae": "vae", "text_encoder": "clip_text", "scheduler": "scheduler"}
 WEIGHT_FILE_STEMS = ("diffusion_pytorch_model", "model")
 CONFIG_METADATA_KEY = "sdengine.configs"  # JSON {unet, vae, text_encoder, scheduler} in files we write
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release our configs are written for and tested against
@@ -148,11 +151,20 @@ def _shards_of(index: Path) -> list[Path]:
     return shards
 
 
-def _load_component_folder(folder: Path) -> tuple[StateDict, dict[str, Any]]:
+def _check_config(where: Path | str, kind: str, cfg: Mapping[str, Any]) -> None:
+    """Bounds on every number of a component config, before its weights are read or a model is built."""
+    try:
+        check_config(kind, cfg)
+    except ConfigError as e:
+        raise WeightsError(f"{where}: {e}") from None
+
+
+def _load_component_folder(folder: Path, kind: str) -> tuple[StateDict, dict[str, Any]]:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise WeightsError(f"{folder}: missing config.json")
     cfg = _read_json(cfg_path, "config")
+    _check_config(cfg_path, kind, cfg)
     sd: StateDict = {}
     for f in _find_weights(folder):
         sd.update(load_file(f)[0])
@@ -178,6 +190,7 @@ def _minilm_config(folder: Path) -> dict[str, Any]:
     if not cfg_path.is_file():
         raise WeightsError(f"{folder}: missing text_encoder/config.json (the MiniLM text encoder's settings)")
     cfg = _read_json(cfg_path, "text encoder config")
+    _check_config(cfg_path, "minilm", cfg)
     if cfg.get("model_type") != "bert" or not isinstance(cfg.get("context_length"), int) or cfg["context_length"] < 2:
         raise WeightsError(f"{cfg_path}: expected a MiniLM config (model_type bert, integer context_length >= 2)")
     return cfg
@@ -195,6 +208,16 @@ def load_diffusers_folder(
     if not index.is_file():
         raise WeightsError(f"{folder}: not a diffusers folder (no model_index.json)")
     minilm = list(_read_json(index, "model_index.json").get("text_encoder") or []) == MINILM_TEXT_ENCODER
+    # Every config is checked before any weights are read: a crafted number fails fast, whatever its file.
+    sched = folder / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        _check_config(sched, "scheduler", _read_json(sched, "scheduler config"))
+    for comp in COMPONENTS:
+        cfg_path = folder / comp / "config.json"
+        if comp == "text_encoder" and minilm:
+            _minilm_config(folder)
+        elif cfg_path.is_file() and not (comp == "vae" and vae is not None):
+            _check_config(cfg_path, COMPONENT_KINDS[comp], _read_json(cfg_path, f"{comp} config"))
     sds: dict[str, StateDict] = {}
     cfgs: dict[str, dict[str, Any]] = {}
     skipped: list[str] = []
@@ -207,12 +230,11 @@ def load_diffusers_folder(
         sub = folder / comp
         if not sub.is_dir():
             raise WeightsError(f"{folder}: missing the {comp}/ subfolder")
-        sds[comp], cfgs[comp] = _load_component_folder(sub)
+        sds[comp], cfgs[comp] = _load_component_folder(sub, COMPONENT_KINDS[comp])
     if vae is not None:
         sds["vae"], cfgs["vae"] = load_vae(vae)
     if not minilm:
         sds["text_encoder"] = _clean_text_encoder(sds["text_encoder"], skipped)
-    sched = folder / "scheduler" / "scheduler_config.json"
     cfgs["scheduler"] = _read_json(sched, "scheduler config") if sched.is_file() else {}
     pred = prediction_type or cfgs["scheduler"].get("prediction_type", "epsilon")
     cfgs["scheduler"]["prediction_type"] = pred
@@ -248,7 +270,7 @@ def load_vae(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         sub = path / "vae" if (path / "vae" / "config.json").is_file() else path
-        return _load_component_folder(sub)
+        return _load_component_folder(sub, "vae")
     sd, _ = load_file(path)
     sd = {k.removeprefix(km.VAE_PREFIX): v for k, v in sd.items() if not km.is_known_unused(k)}
     if "encoder.down.0.block.0.conv1.weight" in sd:
@@ -360,6 +382,9 @@ def load_single_file(
         cfgs["text_encoder"] = det.text_encoder_config
     for k, v in cfg_src.items():
         cfgs[k] = dict(v)
+    for comp, cfg in cfgs.items():
+        if comp in COMPONENT_KINDS:
+            _check_config(config if config is not None else path, COMPONENT_KINDS[comp], cfg)
     pred = prediction_type or cfgs["scheduler"].get("prediction_type", det.prediction_type)
     cfgs["scheduler"]["prediction_type"] = pred
     if vae is not None:
