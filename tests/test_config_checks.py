@@ -9,6 +9,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from sdengine.diffusion.schedules import NoiseSchedule
 from sdengine.errors import SdengineError
@@ -234,3 +235,17 @@ def test_loader_refuses_a_crafted_scheduler_config(tmp_path):
     root = _folder(tmp_path, UNET, minilm_ctx=8, scheduler={"num_train_timesteps": 100_000_000})
     with pytest.raises(WeightsError, match=r"scheduler_config\.json.*num_train_timesteps"):
         ld.load_checkpoint(root)
+
+
+def test_single_file_with_crafted_config_metadata_is_refused_before_mapping(tmp_path):
+    from sdengine.weights.io import save_safetensors
+
+    p = tmp_path / "m.safetensors"
+    cfgs = {"unet": {**UNET, "layers_per_block": 1_000_000}, "scheduler": {}}
+    save_safetensors(
+        {"model.diffusion_model.out.2.weight": torch.ones(1)}, p, metadata={ld.CONFIG_METADATA_KEY: json.dumps(cfgs)}
+    )
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsError, match=r"m\.safetensors.*layers_per_block"):
+        ld.load_single_file(p)
+    assert time.perf_counter() - t0 < 2.0

@@ -369,6 +369,9 @@ def load_single_file(
         cfg_src = _configs_from_metadata(path, info[CONFIG_METADATA_KEY])
     if config is not None:
         cfg_src = _configs_from_folder(Path(config))
+    for comp, cfg in cfg_src.items():  # before the configs steer any key mapping
+        if comp in COMPONENT_KINDS:
+            _check_config(config if config is not None else path, COMPONENT_KINDS[comp], cfg)
     comps, det, skipped = ldm_to_components(
         sd, info=info, prediction_type=prediction_type, configs=cfg_src or None, where=str(path)
     )
