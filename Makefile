@@ -56,3 +56,9 @@ lint: dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The property tests of the parsers that read outside data, with many more inputs than `make test` runs.
+.PHONY: fuzz
+fuzz: dev
+	SDENGINE_FUZZ_EXAMPLES=$${SDENGINE_FUZZ_EXAMPLES:-5000} $(VPY) -m pytest -q -p no:cacheprovider \
+		--hypothesis-show-statistics tests/test_fuzz_parsers.py tests/test_metadata_hostile.py

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from sdengine.models.config_checks import check_config
+
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 BETA_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
@@ -127,6 +129,7 @@ class NoiseSchedule:
     def from_config(cls, **config: Any) -> NoiseSchedule:
         """Build from diffusers scheduler-config keys (``num_train_timesteps``, ``beta_start``, ``beta_end``,
         ``beta_schedule``, ``trained_betas``, ``rescale_betas_zero_snr``); other keys are ignored here."""
+        check_config("scheduler", config)  # num_train_timesteps=1e8 would allocate GBs of tables
         trained = config.get("trained_betas")
         zero_snr = bool(config.get("rescale_betas_zero_snr", False))
         if trained is not None:
