@@ -206,11 +206,11 @@ def test_kohya_ldm_names_load_like_diffusers_names(loras, tmp_path):
     the LDM spelling is cross-checked against diffusers' own sgm -> diffusers block mapper."""
     from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
 
-    from sdengine.weights.lora import _unet_ldm_names
+    from sdengine.weights.lora import unet_ldm_names
 
     ref_unet, ref_te = diffusers_models()
     ours_unet, ours_te = sdengine_models(ref_unet, ref_te)
-    ldm = _unet_ldm_names(ours_unet)
+    ldm = unet_ldm_names(ours_unet)
     sd = LoRAFile.load(loras[0]["kohya"]).layers
     renamed = {}
     for key, w in sd.items():

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sdengine.io.paths import ExternalName
 from sdengine.text.clip_tokenizer import CLIPTokenizer, TokenChunk, chunk_tokens
 
 ROUND_MULTIPLIER = 1.1  # A1111: "(text)" and "((text))" = 1.1 and 1.21
@@ -141,7 +142,8 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     (``te=``, ``unet=``, ``dyn=``), are a ``ValueError``. ``<lyco:...>`` is A1111's alias of ``lora``.
     Other tags (``<hypernet:...>``) are a ``ValueError``: sdengine cannot apply them and does not
     drop them silently. Tags are replaced by nothing, as in A1111 (surrounding spaces and commas
-    stay). The list keeps the order and repetitions of the prompt.
+    stay). The list keeps the order and repetitions of the prompt. Names are
+    :class:`~sdengine.io.paths.ExternalName`: a LoRA folder lookup never lets them out of the folder.
     """
     loras: list[tuple[str, float]] = []
 
@@ -165,7 +167,8 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
             raise ValueError(
                 f"LoRA tag {m.group(0)!r}: separate text-encoder/U-Net weights are not supported; use one weight"
             )
-        loras.append((name, weights[0] if weights else 1.0))
+        # Marked as coming from outside: it may only select a file inside the LoRA folder, never a path.
+        loras.append((ExternalName(name), weights[0] if weights else 1.0))
         return ""
 
     return _RE_EXTRA_NETWORK.sub(found, prompt), loras
