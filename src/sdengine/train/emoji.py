@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..data.emoji import CAPTION_TEMPLATES, EmojiDataset
 from ..diffusion.loss import DiffusionLoss
 from ..diffusion.schedules import NoiseSchedule
-from ..io.atomic import atomic_dir, atomic_write
+from ..io.atomic import atomic_dir, atomic_write, write_text_atomic
 from ..models.unet import UNet, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -506,7 +506,7 @@ def train_emoji(
     dst = Path(export_to) if export_to is not None else out / "model"
     export_folder(vae, unet, dst, extra=extra)
     summary["export"] = str(dst)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
