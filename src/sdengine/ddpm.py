@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from .diffusion.denoisers import Denoiser
 from .diffusion.guidance import CFGDenoiser
 from .diffusion.schedules import NoiseSchedule
+from .io.atomic import write_bytes_atomic, write_text_atomic
 from .models.unet import UNet, UNetConfig
 
 ASSETS = Path(__file__).parent / "assets"
@@ -100,8 +102,8 @@ class PixelDDPM:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.unet.state_dict().items()}
-        save_file(sd, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        (folder / CONFIG_NAME).write_text(json.dumps(self.meta(), indent=2) + "\n")
+        write_bytes_atomic(folder / WEIGHTS_NAME, save_safetensors_bytes(sd, metadata={"format": "pt"}))
+        write_text_atomic(folder / CONFIG_NAME, json.dumps(self.meta(), indent=2) + "\n")
         return folder
 
     @classmethod

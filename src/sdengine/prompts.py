@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from sdengine.errors import SdengineError
+from sdengine.io.paths import ExternalName
 from sdengine.text.clip_tokenizer import CLIPTokenizer, TokenChunk, chunk_tokens
 
 
@@ -154,7 +155,8 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     (``te=``, ``unet=``, ``dyn=``), are a ``ValueError``. ``<lyco:...>`` is A1111's alias of ``lora``.
     Other tags (``<hypernet:...>``) are a ``ValueError``: sdengine cannot apply them and does not
     drop them silently. Tags are replaced by nothing, as in A1111 (surrounding spaces and commas
-    stay). The list keeps the order and repetitions of the prompt.
+    stay). The list keeps the order and repetitions of the prompt. Names are
+    :class:`~sdengine.io.paths.ExternalName`: a LoRA folder lookup never lets them out of the folder.
     """
     loras: list[tuple[str, float]] = []
 
@@ -178,7 +180,8 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
             raise PromptError(
                 f"LoRA tag {m.group(0)!r}: separate text-encoder/U-Net weights are not supported; use one weight"
             )
-        loras.append((name, weights[0] if weights else 1.0))
+        # Marked as coming from outside: it may only select a file inside the LoRA folder, never a path.
+        loras.append((ExternalName(name), weights[0] if weights else 1.0))
         return ""
 
     # A tag ends with ">": nothing after the last one can match, and scanning that tail from every "<" is

@@ -2,13 +2,12 @@
 
 A checkpoint is one ``torch.save`` file holding plain tensors, numbers, strings, lists and dicts only,
 so it loads with ``weights_only=True`` (no code can run on load). It is first written under a
-temporary name in the same folder and then renamed over the old one: a crash mid-write leaves the
-previous checkpoint untouched, and a ``*.tmp`` file is never picked up on resume.
+temporary name in the same folder and then renamed over the old one (``sdengine.io.atomic``): a crash
+mid-write leaves the previous checkpoint untouched, and a ``*.tmp`` file is never picked up on resume.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from sdengine.errors import SdengineError, UsageError
+from sdengine.io.atomic import atomic_write
 from sdengine.io.paths import check_name
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -31,18 +31,9 @@ class CheckpointError(SdengineError, RuntimeError):
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     payload = {"format": _FORMAT, "version": _VERSION, **state}
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as f:
+        torch.save(payload, f)
     return path
 
 
