@@ -15,11 +15,9 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-sdengine = pytest.importorskip("sdengine")
-_models = pytest.importorskip("_pipeline_models", reason="tests/_pipeline_models.py not here")
-if not hasattr(sdengine, "load_pipeline"):
-    pytest.skip("sdengine.load_pipeline has not landed yet", allow_module_level=True)
 
+import _pipeline_models as _models  # noqa: E402
+import sdengine  # noqa: E402
 from sdengine import control as C  # noqa: E402
 
 TOL = 1e-3
@@ -36,9 +34,9 @@ def _controlnet(unet, seed: int):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_sd1_folder):
     root = tmp_path_factory.mktemp("cn")
-    folder = _models.make_sd_folder(root / "model", size="tiny", kind="sd1")
+    folder = tiny_sd1_folder
     unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
     nets = [_controlnet(unet, 100 + k) for k in range(2)]
     paths = []

@@ -440,19 +440,13 @@ def test_names_resolve_in_lora_dir_and_missing_name_lists_it(loras, tmp_path):
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-def test_end_to_end_images_two_loras_match_diffusers_set_adapters(tmp_path, relaxed_peft_check):
+def test_end_to_end_images_two_loras_match_diffusers_set_adapters(tmp_path, relaxed_peft_check, tiny_sd1_folder):
     """Images from sdengine's pipeline with two LoRAs (0.8 PEFT, 0.5 kohya) equal diffusers' pipeline with
     load_lora_weights + set_adapters (1e-3 mean abs), and weight 0 gives the base image."""
     import sdengine
+    from _pipeline_models import diffusers_pipeline, diffusers_scheduler
 
-    if not hasattr(sdengine, "load_pipeline"):
-        pytest.skip("sdengine.load_pipeline has not landed yet; LoRA parity is shown per model above")
-    try:
-        from _pipeline_models import diffusers_pipeline, diffusers_scheduler, make_sd_folder
-    except ImportError:
-        pytest.skip("tests/_pipeline_models.py (the pipeline tests' model builder) is not there yet")
-
-    folder = make_sd_folder(tmp_path / "sd", size="tiny", kind="sd1")
+    folder = tiny_sd1_folder
     pipe = diffusers_pipeline(folder)
     pipe.scheduler = diffusers_scheduler(folder, "euler")
     a = make_lora(tmp_path, 20, models=(pipe.unet, pipe.text_encoder))

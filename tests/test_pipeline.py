@@ -23,7 +23,6 @@ import sdengine  # noqa: E402
 from _pipeline_models import (  # noqa: E402
     diffusers_pipeline,
     diffusers_scheduler,
-    make_sd_folder,
     mask_picture,
     picture,
 )
@@ -42,8 +41,8 @@ IMG2IMG = [n for n in DETERMINISTIC if n not in ("plms", "lms")]  # see the modu
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    folder = make_sd_folder(tmp_path_factory.mktemp("sd1") / "model", size="tiny", kind="sd1")
+def sd1(tiny_sd1_folder):
+    folder = tiny_sd1_folder
     return folder, sdengine.load_pipeline(folder, device="cpu")
 
 
@@ -130,8 +129,8 @@ def test_img2img_multistep_at_full_strength_matches_diffusers(sd1, ref_img2img, 
 
 
 @pytest.fixture(scope="module")
-def inpaint9(tmp_path_factory):
-    folder = make_sd_folder(tmp_path_factory.mktemp("inpaint") / "model", size="tiny", kind="inpaint")
+def inpaint9(tiny_inpaint_folder):
+    folder = tiny_inpaint_folder
     return folder, sdengine.load_pipeline(folder, device="cpu"), diffusers_pipeline(folder, "inpaint")
 
 
@@ -165,8 +164,8 @@ def test_inpaint_blended_4_channel_matches_diffusers(sd1, ref_inpaint4, sampler,
 
 
 @pytest.fixture(scope="module")
-def sd2(tmp_path_factory):
-    folder = make_sd_folder(tmp_path_factory.mktemp("sd2") / "model", size="tiny", kind="sd2")
+def sd2(tiny_sd2_folder):
+    folder = tiny_sd2_folder
     return folder, sdengine.load_pipeline(folder, device="cpu")
 
 

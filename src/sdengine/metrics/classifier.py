@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +110,7 @@ def _load_from_dir(directory: Path) -> FashionClassifier:
     weights, cfg_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"classifier weights not found: {weights}")
-    cfg_fields = {}
+    cfg_fields: dict[str, Any] = {}
     if cfg_path.is_file():
         raw = json.loads(cfg_path.read_text())["model"]
         cfg_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}

@@ -414,10 +414,10 @@ def parameters_on_meta() -> Iterator[None]:
     def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
         original(module, name, param)
         if param is not None and param.device.type != "meta":
-            kind = type(module._parameters[name])
+            kind = type(param)  # the class registered just now (Parameter or a subclass)
             module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
 
-    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+    torch.nn.Module.register_parameter = register  # type: ignore[method-assign, assignment]
     try:
         yield
     finally:
