@@ -1,11 +1,11 @@
 """End-to-end ControlNet: sdengine's pipeline with ``controlnets=[...]`` against diffusers'
 StableDiffusionControlNet(Img2Img|Inpaint)Pipeline on the same tiny random weights, fp32 CPU, batch 1
-(mean absolute difference on 0..1 pixels < 1e-3, the issue's bar); an original-layout file and the diffusers
-folder of the same weights give the same image.
+(mean absolute difference on 0..1 pixels < 1e-3, the bar of docs/CONTRACTS.md, Test oracles); an
+original-layout file and the diffusers folder of the same weights give the same image.
 
-SPEC 9: DDIM built from an SD 1.5 scheduler config defaults to clip_sample=True and diffusers' ControlNet
-pipeline (unlike its SD pipelines) does not turn it off; the scheduler handed to diffusers here is the one
-sdengine's sampler table names (clip_sample=False), so like is compared with like.
+docs/CONTRACTS.md, Test oracles: DDIM built from an SD 1.5 scheduler config defaults to clip_sample=True and
+diffusers' ControlNet pipeline (unlike its SD pipelines) does not turn it off; the scheduler handed to diffusers
+here is the one sdengine's sampler table names (clip_sample=False), so like is compared with like.
 """
 
 from __future__ import annotations

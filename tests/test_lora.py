@@ -1,10 +1,11 @@
 """LoRA loading: parity with diffusers' load_lora_weights (PEFT and kohya files), stacking, fuse/unfuse, reports and
 bad input. Tiny random SD1-shaped models; diffusers/transformers/peft are the oracles.
 
-Version note (SPEC 9): transformers >= 5.24 asks for peft >= 0.22 before it loads a text-encoder LoRA while the
-newest peft here is 0.21.2. The `relaxed_peft_check` fixture lowers transformers' MIN_PEFT_VERSION to the installed
-peft for the tests that load a text-encoder LoRA into transformers' CLIPTextModel (nothing else is changed; with
-transformers 5.23 the check already passes and the fixture does nothing).
+Version note (docs/CONTRACTS.md, Test oracles): transformers >= 5.24 asks for peft >= 0.22 before it loads a
+text-encoder LoRA while the newest peft here is 0.21.2. The `relaxed_peft_check` fixture lowers transformers'
+MIN_PEFT_VERSION to the installed peft for the tests that load a text-encoder LoRA into transformers'
+CLIPTextModel (nothing else is changed; with transformers 5.23 the check already passes and the fixture does
+nothing).
 """
 
 from __future__ import annotations

@@ -27,15 +27,6 @@ from sdengine.metrics.frechet import class_accuracy, fd_fmnist, frechet_distance
 needs_data = pytest.mark.skipif(not DEFAULT_ROOT.is_dir(), reason="dataset-fashion-mnist not installed")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Intra-op threads on a shared, loaded 2-core machine spin and slow everything down.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def test_head() -> FashionMNIST:
     return FashionMNIST("test", limit=2000)

@@ -8,7 +8,7 @@ Known differences from diffusers, on purpose (so those combinations are not comp
   sliced; its LMS takes the Lagrange coefficient of the full-history order for the first derivative. sdengine
   runs the same multistep rules from the start point (as k-diffusion does); at strength 1 both agree.
 * DPM++ SDE: diffusers draws its noise from a torchsde Brownian tree; the test hands it per-step draws from
-  the same generator, which is sdengine's seed contract (SPEC section 5).
+  the same generator, which is sdengine's seed contract (docs/CONTRACTS.md, Seeds).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from _pipeline_models import (  # noqa: E402
 from sdengine.diffusion.sampling import SAMPLERS  # noqa: E402
 from sdengine.pipeline import Cancelled, GenerationError, Pipeline, StepInfo  # noqa: E402
 
-TOL = 1e-3  # mean absolute difference on 0..1 pixels (the issue's bar); seen: ~2e-7
+TOL = 1e-3  # mean absolute difference on 0..1 pixels (docs/CONTRACTS.md, Test oracles); seen: ~2e-7
 SIZE = 32  # tiny VAE: 2x, so a 16x16 latent
 STEPS = 6
 PROMPT, NEGATIVE = "a red apple on a table", "blurry, dark"

@@ -85,8 +85,9 @@ _OPENCLIP_FUSED_RE = re.compile(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_
 _HF_LAYER_RE = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 # ------------------------------------------------------------------------------------ known-unused keys
-# Keys real checkpoints carry that mean nothing to inference (SPEC 7): the DDPM schedule buffers of the
-# training wrapper, the EMA copy, transformers' position_ids buffer, and OpenCLIP parts CLIPTextModel lacks.
+# Keys real checkpoints carry that mean nothing to inference (docs/CONTRACTS.md, Model files): the DDPM
+# schedule buffers of the training wrapper, the EMA copy, transformers' position_ids buffer, and OpenCLIP
+# parts CLIPTextModel lacks.
 KNOWN_UNUSED = [
     re.compile(r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_\w+|log_one_minus_\w+|posterior_\w+)$"),
     re.compile(r"^(logvar|lvlb_weights)$"),

@@ -7,9 +7,9 @@ Two sources:
   renamed through `keymaps`, configs synthesised from the shapes (`detect`), unless the file carries configs
   in its metadata (files written by `convert`) or a `config=` diffusers folder is given.
 
-Strictness (SPEC 7): keys that real checkpoints carry but inference ignores are skipped and logged at DEBUG;
-any other key that matches no table is an error naming the first few; missing/mis-shaped parameters are
-errors from `load_into` when a model is built.
+Strictness (docs/CONTRACTS.md, Model files): keys that real checkpoints carry but inference ignores are
+skipped and logged at DEBUG; any other key that matches no table is an error naming the first few;
+missing/mis-shaped parameters are errors from `load_into` when a model is built.
 """
 
 from __future__ import annotations
