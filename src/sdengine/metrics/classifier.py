@@ -165,7 +165,7 @@ def evaluate(model: FashionClassifier, images: torch.Tensor, labels: torch.Tenso
     return (predict(images, model) == torch.as_tensor(labels)).float().mean().item()
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
     """Random shifts of up to ``max_shift`` px (filled with background) and horizontal flips."""
     b, _, h, w = x.shape
     xp = F.pad(x, (max_shift,) * 4, value=-1.0)  # (B, 1, H + 2s, W + 2s)
@@ -219,7 +219,7 @@ def train_classifier(
         total, n = 0.0, 0
         for i in range(0, len(train), batch_size):
             idx = perm[i : i + batch_size]
-            x = _augment(train.images[idx], gen)
+            x = augment(train.images[idx], gen)
             loss = F.cross_entropy(model(x), train.labels[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -513,13 +513,13 @@ def save_diffusers_folder(ckpt: LoadedCheckpoint, dst: str | Path, *, dtype: str
     }
     if tok_src and Path(tok_src).resolve() != (dst / "tokenizer").resolve():
         shutil.copytree(tok_src, dst / "tokenizer", dirs_exist_ok=True)
-    elif not tok_src and _write_clip_tokenizer(dst / "tokenizer", pad="!" if ckpt.family == "sd2" else None):
+    elif not tok_src and write_clip_tokenizer(dst / "tokenizer", pad="!" if ckpt.family == "sd2" else None):
         index["tokenizer"] = ["transformers", "CLIPTokenizer"]
     _write_json(dst / "model_index.json", index)
     return dst
 
 
-def _write_clip_tokenizer(dst: Path, *, pad: str | None = None) -> bool:
+def write_clip_tokenizer(dst: Path, *, pad: str | None = None) -> bool:
     """Single files carry no tokenizer; SD1 and SD2 both use OpenAI CLIP's BPE vocabulary, which sdengine
     ships, so write it as a transformers CLIPTokenizer folder (SD2's pads with "!", SD1's with EOS)."""
     import gzip
