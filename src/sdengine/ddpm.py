@@ -42,7 +42,8 @@ def unet_config_from_dict(d: dict[str, Any]) -> UNetConfig:
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise ValueError(f"unknown U-Net config keys: {', '.join(unknown)}")
-    return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return UNetConfig(**values)
 
 
 def resolve_ddpm_path(name_or_path: str | Path) -> Path:

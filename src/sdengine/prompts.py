@@ -290,10 +290,10 @@ def encode_prompt_minilm(encoder: Any, prompt: str, length: int) -> tuple[Tensor
     keep = length - 2
     row = [tok.cls_token_id, *ids[:keep], tok.sep_token_id]
     z = encoder.context_of_ids(row, length)
-    w = torch.ones((1, length), dtype=torch.float32, device=z.device)
-    w[0, 1 : len(row) - 1] = torch.tensor(weights[:keep], dtype=torch.float32)
-    if bool((w != 1.0).any()):
-        z = apply_emphasis(z, w)
+    row_weights = torch.ones((1, length), dtype=torch.float32, device=z.device)
+    row_weights[0, 1 : len(row) - 1] = torch.tensor(weights[:keep], dtype=torch.float32)
+    if bool((row_weights != 1.0).any()):
+        z = apply_emphasis(z, row_weights)
     return z, tokens, had_break
 
 

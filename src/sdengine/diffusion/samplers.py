@@ -10,7 +10,7 @@ Every sampler has the same signature::
   tensor, ``sigmas[-1]`` the level the last step lands on (normally 0). The result is VE at that level.
 * ``generators``: one CPU ``torch.Generator`` per batch row. Ancestral/SDE samplers draw each step's
   noise per row, in step order, as ``randn((1, C, H, W), generator=generators[row])``, so a row never
-  depends on the rest of its batch (SPEC section 5). Deterministic samplers ignore it.
+  depends on the rest of its batch (docs/CONTRACTS.md, Seeds). Deterministic samplers ignore it.
 * ``callback(step, sigma, x, denoised)`` runs after each step with the new ``x`` and the step's x0
   estimate. Returning ``False`` (or raising :class:`SamplingInterrupted` itself) stops sampling: the
   sampler raises :class:`SamplingInterrupted`, which carries the step, ``x`` and ``denoised``.

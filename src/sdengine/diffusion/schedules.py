@@ -233,9 +233,9 @@ def config_get(config: Mapping[str, Any] | None, key: str, default: Any) -> Any:
 #               sigma by *linear* interpolation in sigma; Karras/exponential end points are those of
 #               that interpolated grid, not of the training schedule.
 #   "multistep" DPM-Solver++ / UniPC: N+1 points of which the last is dropped (so DPM++ leading gives
-#               901, 811, ..., 91 for 10 steps, SPEC 9), integer timesteps; Karras/exponential span the
-#               whole training range and the network gets a rounded (Karras) or truncated (exponential)
-#               timestep.
+#               901, 811, ..., 91 for 10 steps: docs/CONTRACTS.md, Test oracles), integer timesteps;
+#               Karras/exponential span the whole training range and the network gets a rounded (Karras)
+#               or truncated (exponential) timestep.
 #   "lcm"       LCM: a grid of `original_inference_steps` (50) skipped timesteps (Luo et al. 2023).
 
 SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")

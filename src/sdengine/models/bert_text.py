@@ -305,7 +305,8 @@ class MiniLMTextEncoder:
         CLIP's states of its padding, so every prompt gives the same shape and batches with any other."""
         batch = self.tokenizer(texts, max_length=length)
         pad = length - batch.input_ids.shape[1]
-        ids, mask = batch.input_ids, batch.attention_mask
+        ids: torch.Tensor = batch.input_ids
+        mask: torch.Tensor = batch.attention_mask
         if pad > 0:
             ids = torch.nn.functional.pad(ids, (0, pad), value=self.tokenizer.pad_token_id)
             mask = torch.nn.functional.pad(mask, (0, pad), value=0)

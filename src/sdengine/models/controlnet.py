@@ -204,8 +204,8 @@ class ControlNet(nn.Module):
         if load_weights:
             if unet.config.in_channels != cfg.unet.in_channels:
                 # Inpainting U-Net: keep the weights of the 4 latent channels only.
-                net.conv_in.weight.data.copy_(unet.conv_in.weight.data[:, : cfg.unet.in_channels])
-                net.conv_in.bias.data.copy_(unet.conv_in.bias.data)
+                keep = cfg.unet.in_channels
+                net.conv_in.load_state_dict({"weight": unet.conv_in.weight[:, :keep], "bias": unet.conv_in.bias})
             else:
                 net.conv_in.load_state_dict(unet.conv_in.state_dict())
             net.time_embedding.load_state_dict(unet.time_embedding.state_dict())

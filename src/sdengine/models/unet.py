@@ -494,7 +494,8 @@ def _from_diffusers(cls: type[UNetConfig], config: dict[str, Any]) -> UNetConfig
     down = [b[7:] if b.startswith("UNetRes") else b for b in down]
     up = [b[7:] if b.startswith("UNetRes") else b for b in up]
     attn_kind = "CrossAttn" if conditional else "Attn"
-    down_kinds = {"DownBlock2D": "none", f"{attn_kind}DownBlock2D": "cross" if conditional else "self"}
+    level_kind: AttentionKind = "cross" if conditional else "self"
+    down_kinds: dict[str, AttentionKind] = {"DownBlock2D": "none", f"{attn_kind}DownBlock2D": level_kind}
     up_kinds = {"UpBlock2D": "none", f"{attn_kind}UpBlock2D": "cross" if conditional else "self"}
     bad = [b for b in down if b not in down_kinds] + [b for b in up if b not in up_kinds]
     if bad:

@@ -7,9 +7,9 @@ Two sources:
   renamed through `keymaps`, configs synthesised from the shapes (`detect`), unless the file carries configs
   in its metadata (files written by `convert`) or a `config=` diffusers folder is given.
 
-Strictness (SPEC 7): keys that real checkpoints carry but inference ignores are skipped and logged at DEBUG;
-any other key that matches no table is an error naming the first few; missing/mis-shaped parameters are
-errors from `load_into` when a model is built.
+Strictness (docs/CONTRACTS.md, Model files): keys that real checkpoints carry but inference ignores are
+skipped and logged at DEBUG; any other key that matches no table is an error naming the first few;
+missing/mis-shaped parameters are errors from `load_into` when a model is built.
 """
 
 from __future__ import annotations
@@ -477,10 +477,10 @@ def parameters_on_meta() -> Iterator[None]:
     def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
         original(module, name, param)
         if param is not None and param.device.type != "meta":
-            kind = type(module._parameters[name])
+            kind = type(param)  # the class registered just now (Parameter or a subclass)
             module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
 
-    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+    torch.nn.Module.register_parameter = register  # type: ignore[method-assign, assignment]
     try:
         yield
     finally:
@@ -576,13 +576,13 @@ def save_diffusers_folder(ckpt: LoadedCheckpoint, dst: str | Path, *, dtype: str
     }
     if tok_src and Path(tok_src).resolve() != (dst / "tokenizer").resolve():
         shutil.copytree(tok_src, dst / "tokenizer", dirs_exist_ok=True)
-    elif not tok_src and _write_clip_tokenizer(dst / "tokenizer", pad="!" if ckpt.family == "sd2" else None):
+    elif not tok_src and write_clip_tokenizer(dst / "tokenizer", pad="!" if ckpt.family == "sd2" else None):
         index["tokenizer"] = ["transformers", "CLIPTokenizer"]
     _write_json(dst / "model_index.json", index)
     return dst
 
 
-def _write_clip_tokenizer(dst: Path, *, pad: str | None = None) -> bool:
+def write_clip_tokenizer(dst: Path, *, pad: str | None = None) -> bool:
     """Single files carry no tokenizer; SD1 and SD2 both use OpenAI CLIP's BPE vocabulary, which sdengine
     ships, so write it as a transformers CLIPTokenizer folder (SD2's pads with "!", SD1's with EOS)."""
     import gzip
