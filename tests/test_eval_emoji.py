@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from sdengine.data.emoji import CAPTION_TEMPLATES, EmojiDataset, make_caption  # noqa: E402
 from sdengine.data.emoji_paraphrases import FRUIT_PARAPHRASES, PARAPHRASES  # noqa: E402
-from sdengine.eval_emoji import (  # noqa: E402
+from sdengine.eval.emoji import (  # noqa: E402
     edge_f1,
     evaluate_emoji,
     evenly_spaced,
