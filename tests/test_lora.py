@@ -528,9 +528,11 @@ def test_end_to_end_images_two_loras_match_diffusers_set_adapters(tmp_path, rela
     zero = ours(prompt="a red apple", loras=[(a["peft"], 0.0)], **kw).arrays
     assert abs(zero - base).max() == 0.0
     # A prompt tag cannot reach a file outside the LoRA folder, although ../kohya20.safetensors exists.
-    assert (folder / f"../{a['kohya'].name}").is_file()
+    inner = tmp_path / "loras"
+    inner.mkdir()
+    assert (inner / f"../{a['kohya'].name}").is_file()
     with pytest.raises(UnsafeLoRANameError):
-        ours(prompt=f"a red apple <lora:../{a['kohya'].stem}:1>", lora_dir=folder, **kw)
+        ours(prompt=f"a red apple <lora:../{a['kohya'].stem}:1>", lora_dir=inner, **kw)
     got = ours(prompt="a red apple", loras=[(a["peft"], 0.8), (b["kohya"], 0.5)], **kw).arrays
     pipe.load_lora_weights(str(a["peft"]), adapter_name="a")
     pipe.load_lora_weights(str(b["kohya"]), adapter_name="b")
