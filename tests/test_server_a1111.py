@@ -105,7 +105,8 @@ def test_unknown_and_unimplemented_fields_are_reported(api):
 
 def test_progress_and_interrupt(api):
     out: dict = {}
-    t = threading.Thread(target=lambda: out.update(r=api.txt2img(prompt="a tree", seed=2, **{**COMMON, "steps": 150})))
+    body = {"prompt": "a tree", "seed": 2, "force_task_id": "task-7", **COMMON, "steps": 150}
+    t = threading.Thread(target=lambda: out.update(r=api.custom_post("txt2img", body, baseurl=True)))
     t.start()
     deadline = time.monotonic() + 120
     while True:
@@ -115,6 +116,10 @@ def test_progress_and_interrupt(api):
         assert time.monotonic() < deadline and t.is_alive()
         time.sleep(0.05)
     assert 0 < p["progress"] < 1 and p["state"]["job_count"] >= 1 and p["state"]["sampling_steps"] == 150
+    ip = api.session.post(f"{api.baseurl.removesuffix('/sdapi/v1')}/internal/progress",
+                          json={"id_task": "task-7", "id_live_preview": -1, "live_preview": True}).json()
+    assert ip["active"] and not ip["completed"] and 0 < ip["progress"] < 1
+    assert ip["live_preview"] is None or ip["live_preview"].startswith("data:image/png;base64,")
     t0 = time.monotonic()
     assert api.interrupt()["interrupted"]
     t.join(60)
@@ -138,3 +143,20 @@ def test_model_names_and_set_model(api):
                  "memory", "options", "sd-models"):
         assert api.session.get(f"{api.baseurl}/{name}").status_code == 200, name
     assert "DPM++ 2M" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()
+
+
+def test_skip_with_a_json_body_moves_to_the_next_batch(api):
+    out: dict = {}
+    body = {"prompt": "a cloud", "seed": 40, "n_iter": 2, "force_task_id": "task-skip", "steps": 40, "width": 16,
+            "height": 16, "cfg_scale": 7.0}
+    t = threading.Thread(target=lambda: out.update(r=api.custom_post("txt2img", body, baseurl=True)))
+    t.start()
+    deadline = time.monotonic() + 120
+    while api.get_progress()["state"]["sampling_step"] < 2:
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.05)
+    r = api.session.post(f"{api.baseurl}/skip", json={"id_task": "task-skip"})
+    assert r.json() == {"skipped": ["task-skip"]}
+    t.join(120)
+    assert not t.is_alive()
+    assert out["r"].info["all_seeds"] == [41] and len(out["r"].images) == 1  # the first batch (seed 40) skipped

@@ -189,3 +189,15 @@ def png_b64(im: Image.Image) -> str:
     import base64
 
     return base64.b64encode(png_of(im)).decode()
+
+
+def test_saved_png_parameters_regenerate_the_image(client, server):
+    """What --from-png reads from a saved output gives the same image again."""
+    from sdengine.metadata import parse_parameters, read_png_parameters, to_generate_kwargs
+
+    j = run(client, {**BASE, "prompt": "a blue heart", "seed": 21, "sampler": "euler_a", "schedule": "normal"})
+    path = Path(server.services.config.outputs_dir) / j["images"][0]["name"]
+    kwargs = to_generate_kwargs(parse_parameters(read_png_parameters(path)))
+    prompt = kwargs.pop("prompt")
+    again = emoji()(prompt, progress=False, **kwargs)
+    np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(again.images[0]))
