@@ -309,7 +309,7 @@ def test_failures_at_run_time_and_interrupt_name_the_node(client, server):
     assert err["node_id"] == "3" and err["node_type"] == "KSampler" and "66" in err["exception_message"]
     # server still serves; a long prompt is interrupted within a step
     g = txt2img_graph()
-    g["3"]["inputs"].update(steps=200, seed=99)
+    g["3"]["inputs"].update(steps=150, seed=99)
     pid = client.post("/prompt", json={"prompt": g}).json()["prompt_id"]
     deadline = time.monotonic() + 120
     while not client.get("/queue").json()["queue_running"]:

@@ -118,11 +118,11 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
                        loopback_only_hosts=config.api_key is None and is_loopback(config.host))
     _install_error_handlers(app)
     _native_routes(app, services)
-    from sdengine.server import a1111, openai_images
+    from sdengine.server import a1111, comfy, openai_images
 
     a1111.install(app, services)
     openai_images.install(app, services)
-    app.include_router(__import__("sdengine.server.comfy", fromlist=["router"]).router)  # ComfyUI API (comfy/)
+    app.include_router(comfy.router)  # ComfyUI API-format workflows (server/comfy/)
     return app
 
 

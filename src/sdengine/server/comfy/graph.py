@@ -295,8 +295,6 @@ class Executor:
 
                 if isinstance(e, SamplingStopped) or cancelled():
                     raise Interrupted(nid, ct) from None
-                if not isinstance(e, SdengineError | ValueError | OSError | RuntimeError | KeyError | TypeError):
-                    raise
                 self.cache = new_cache | {k: v for k, v in self.cache.items() if k not in new_cache}
                 raise NodeFailed(nid, ct, e) from e
             ui = None

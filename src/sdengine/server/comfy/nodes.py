@@ -134,6 +134,15 @@ class RunContext:
     max_pixels: int = 4096 * 4096
     save_lock: Any = None
     current_node: str | None = None
+    max_steps: int = 150  # the server's limits (ServerConfig), checked when the node runs
+    max_side: int = 2048
+    max_batch: int = 8
+
+    def check_size(self, width: int, height: int, batch: int = 1) -> None:
+        if max(width, height) > self.max_side:
+            raise NodeError(f"{width}x{height} is over the server's limit of {self.max_side} pixels a side")
+        if batch > self.max_batch:
+            raise NodeError(f"batch_size {batch} is over the server's limit of {self.max_batch}")
 
 
 # -------------------------------------------------------------------------------------------- helpers
@@ -292,6 +301,8 @@ def _sample(ctx: RunContext, model: ModelHandle, seed: int, steps: int, cfg: flo
             denoise: float = 1.0, **window: Any) -> tuple[Any]:
     from sdengine.latent_sampling import sample_latents
 
+    if steps > ctx.max_steps:
+        raise NodeError(f"steps {steps} is over the server's limit of {ctx.max_steps}")
     pipe = ctx.pipeline(model.ref)
     samples = latent_samples(latent_image, pipe)
 
@@ -390,6 +401,7 @@ def set_latent_noise_mask(ctx: RunContext, samples: dict[str, Any], mask: torch.
 
 
 def empty_latent(ctx: RunContext, width: int, height: int, batch_size: int) -> tuple[Any]:
+    ctx.check_size(width, height, batch_size)
     return ({"samples": None, "size": (int(batch_size), int(height), int(width)), "posterior": None,
              "noise_mask": None},)
 
@@ -437,6 +449,7 @@ def latent_upscale(ctx: RunContext, samples: dict[str, Any], upscale_method: str
                    crop: str) -> tuple[Any]:
     _, h0, w0 = samples["size"]
     w, h = _target_size(w0, h0, int(width), int(height))
+    ctx.check_size(w, h)
     return (_upscale_latent(samples, upscale_method, w, h, crop),)
 
 
@@ -444,6 +457,7 @@ def latent_upscale_by(ctx: RunContext, samples: dict[str, Any], upscale_method: 
     b, h0, w0 = samples["size"]
     f = 8 if samples.get("samples") is None else h0 // samples["samples"].shape[2]
     w, h = max(f, round(w0 * scale_by / f) * f), max(f, round(h0 * scale_by / f) * f)
+    ctx.check_size(w, h)
     return (_upscale_latent(samples, upscale_method, w, h, "disabled"),)
 
 
@@ -454,6 +468,7 @@ def image_scale(ctx: RunContext, image: torch.Tensor, upscale_method: str, width
                 crop: str) -> tuple[Any]:
     _, h0, w0, _ = image.shape
     w, h = _target_size(w0, h0, int(width), int(height))
+    ctx.check_size(w, h)
     if upscale_method == "lanczos":
         out = [image_to_tensor(p.resize((w, h), Image.Resampling.LANCZOS))
                for p in tensor_to_pil(image)] if crop == "disabled" else None

@@ -148,24 +148,19 @@ class ComfyJob(Job):
         ctx = RunContext(pipeline=worker.pipeline, catalog=services.catalog, folders=st.folders,
                          seed_rule=self.seed_rule, progress=progress, prompt=self.prompt,
                          extra_pnginfo=dict(self.extra_data.get("extra_pnginfo") or {}),
-                         max_pixels=services.config.max_image_pixels, save_lock=st.save_lock)
+                         max_pixels=services.config.max_image_pixels, save_lock=st.save_lock,
+                         max_steps=services.config.max_steps, max_side=services.config.max_side,
+                         max_batch=services.config.max_batch)
         self.event("execution_start", {})
         status, outputs = "success", {}
         with st.run_lock:
             try:
                 outputs = st.executor.run(self.graph, ctx, cancelled=self.cancel.is_set, event=self.event)
-            except Interrupted as e:
-                status = "interrupted"
-                self.event("execution_interrupted", {"node_id": e.node_id, "node_type": e.class_type, "executed": []})
-                m.finish(self, CANCELLED, f"interrupted at node {e.node_id} ({e.class_type})")
-            except NodeFailed as e:
-                status = "error"
-                self.event("execution_error", {
-                    "node_id": e.node_id, "node_type": e.class_type, "executed": [],
-                    "exception_message": str(e.exc), "exception_type": type(e.exc).__name__,
-                    "traceback": traceback.format_exception_only(type(e.exc), e.exc),
-                    "current_inputs": {}, "current_outputs": {}})
-                m.finish(self, FAILED, str(e))
+            except Exception as e:  # noqa: BLE001 - every failure ends the prompt with its events
+                if not isinstance(e, Interrupted | NodeFailed):
+                    nid = str(ctx.current_node)
+                    e = NodeFailed(nid, str(self.graph.get(nid, {}).get("class_type")), e)
+                status = self._failed(e)
         for node_out in outputs.values():
             for im in node_out.get("images", []):
                 if im["type"] == "output" and not im["subfolder"]:
@@ -176,6 +171,20 @@ class ComfyJob(Job):
             m.finish(self, DONE)
         self.st.send("executing", {"node": None, "display_node": None, "prompt_id": self.id}, self.client_id)
         send_status(st, services)
+
+    def _failed(self, e: Interrupted | NodeFailed) -> str:
+        m = self.services.manager
+        if isinstance(e, Interrupted):
+            self.event("execution_interrupted", {"node_id": e.node_id, "node_type": e.class_type, "executed": []})
+            m.finish(self, CANCELLED, f"interrupted at node {e.node_id} ({e.class_type})")
+            return "interrupted"
+        self.event("execution_error", {
+            "node_id": e.node_id, "node_type": e.class_type, "executed": [],
+            "exception_message": str(e.exc), "exception_type": type(e.exc).__name__,
+            "traceback": traceback.format_exception_only(type(e.exc), e.exc),
+            "current_inputs": {}, "current_outputs": {}})
+        m.finish(self, FAILED, str(e))
+        return "error"
 
     def record(self, status: str, outputs: dict[str, Any]) -> None:
         st = self.st
