@@ -54,7 +54,7 @@ class SamplingStopped(SdengineError):
         self.denoised = denoised
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ControlHint:
     """One ControlNet applied while sampling: ``(model, image, strength, start, end)`` as
     :func:`sdengine.control.build_controlled_unet` takes it; ``image`` (1, 3, H, W) in [0, 1]."""
@@ -68,19 +68,17 @@ class ControlHint:
 
 @dataclass(frozen=True)
 class TextCondition:
-    """One conditioning entry: the text context (1, L, D), the pooled vector (1, D) for U-Nets that read
-    one (the emoji model), and the ControlNets attached to it."""
+    """One conditioning entry: the pipeline conditioner's tensors for one prompt (``crossattn`` (1, L, D),
+    ``vector`` (1, D) for U-Nets that read a pooled vector), and the ControlNets attached to it."""
 
-    context: Tensor
-    pooled: Tensor | None = None
+    cond: dict[str, Tensor]
     controls: tuple[ControlHint, ...] = field(default_factory=tuple)
 
 
-def encode_text(pipe: Any, text: str, clip_skip: int = 1, notes: list[str] | None = None) -> TextCondition:
-    """One prompt's conditioning, exactly as the pipeline encodes its prompt (and its negative prompt)."""
-    context, _ = pipe.encode_prompt(text, "", clip_skip, notes)
-    pooled = pipe.encode_pooled(text, "")
-    return TextCondition(context, None if pooled is None else pooled[0])
+def encode_text(pipe: Any, text: str, clip_skip: int = 1) -> TextCondition:
+    """One prompt's conditioning, exactly as the pipeline's conditioner encodes a prompt."""
+    cond, _ = pipe.conditioner.pair(text, "", clip_skip=clip_skip)
+    return TextCondition(dict(cond))
 
 
 @dataclass
@@ -88,18 +86,6 @@ class StepReport:
     step: int  # 1-based, steps finished in this run
     steps: int
     denoised: Tensor
-
-
-class _UNetCall:
-    """The U-Net as the Denoiser calls it: float32 in and out around a model in ``dtype``."""
-
-    def __init__(self, net: Callable[..., Tensor], dtype: torch.dtype) -> None:
-        self.net = net
-        self.dtype = dtype
-
-    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        cond = {k: v.to(self.dtype) if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in cond.items()}
-        return self.net(x.to(self.dtype), t, **cond).float()
 
 
 class _MeanOfGuided:
@@ -110,6 +96,7 @@ class _MeanOfGuided:
         self.parts = parts
         self.schedule = parts[0][0].schedule
         self.prediction = parts[0][0].prediction
+        self.takes_step = bool(getattr(parts[0][0], "takes_step", False))
 
     @property
     def off_grid(self) -> _MeanOfGuided:
@@ -118,8 +105,9 @@ class _MeanOfGuided:
     def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> _MeanOfGuided:
         return _MeanOfGuided([(d.with_timesteps(sigmas, timesteps), a) for d, a in self.parts])
 
-    def __call__(self, x: Tensor, sigma: Tensor | float, **_: Any) -> Tensor:
-        outs = [d(x.clone() if k < len(self.parts) - 1 else x, sigma, **a) for k, (d, a) in enumerate(self.parts)]
+    def __call__(self, x: Tensor, sigma: Tensor | float, **kw: Any) -> Tensor:
+        step = {"step": kw["step"]} if "step" in kw else {}
+        outs = [d(x, sigma, **a, **step) for d, a in self.parts]
         return torch.stack(outs).mean(0)
 
 
@@ -244,28 +232,32 @@ def sample_latents(
         handle = apply_loras(pipe.unet, None, list(loras))
     try:
         if controls:
-            from sdengine.control import build_controlled_unet
+            from sdengine.pipeline.control import build_controlled_unet
 
             units = [(c.model, c.image, c.strength, c.start, c.end) for c in dict.fromkeys(controls)]
             net = build_controlled_unet(net, units, width=w * f, height=h * f, grid=grid, device=dev,
-                                        dtype=pipe.dtype, batch_size=b, start_step=start)
-        den = Denoiser(_UNetCall(net, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
-        neg = negative[0]
+                                        dtype=pipe.dtype, start_step=start)
+        from sdengine.pipeline.unet_adapter import UNetAdapter
+
+        den = Denoiser(UNetAdapter(net, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
+        neg = negative[0].cond
         parts = []
-        for pos in positive:
-            c, u = _match_length(pos.context.to(dev), neg.context.to(dev))
-            uncond_args: dict[str, Tensor] = {"encoder_hidden_states": u}
-            extra: dict[str, Tensor] = {"encoder_hidden_states": c.expand(b, -1, -1)}
-            if pos.pooled is not None and neg.pooled is not None:
-                uncond_args["class_labels"] = neg.pooled.to(dev)
-                extra["class_labels"] = pos.pooled.to(dev).expand(b, -1)
+        for pos_entry in positive:
+            pos = pos_entry.cond
+            c, u = _match_length(pos["crossattn"].to(dev), neg["crossattn"].to(dev))
+            uncond_args: dict[str, Tensor] = {"crossattn": u}
+            extra: dict[str, Tensor] = {"crossattn": c.expand(b, -1, -1)}
+            if "vector" in pos and "vector" in neg:
+                uncond_args["vector"] = neg["vector"].to(dev)
+                extra["vector"] = pos["vector"].to(dev).expand(b, -1)
             parts.append((CFGDenoiser(den, cfg, uncond_args), extra))
         guided: Any = parts[0][0] if len(parts) == 1 else _MeanOfGuided(parts)
         extra_args = parts[0][1] if len(parts) == 1 else {}
+        inpaint = None
         if blend is not None:
-            from sdengine.pipeline import InpaintBlend
+            from sdengine.pipeline.latents import InpaintBlend
 
-            guided = InpaintBlend(guided, latent, noise, blend)
+            guided = inpaint = InpaintBlend(guided, latent, noise, blend)
         run_steps = end - start
 
         def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool | None:
@@ -290,6 +282,6 @@ def sample_latents(
     finally:
         if handle is not None:
             handle.remove()
-    if blend is not None:
-        x = (1 - blend) * latent + blend * x
+    if inpaint is not None:
+        x = inpaint.finish(x)
     return x.float()
