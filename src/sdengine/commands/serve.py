@@ -42,8 +42,15 @@ def run(a: argparse.Namespace) -> int:
         devices=tuple(a.device.split(",")),
         dtype=a.dtype,
     )
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        from ..errors import UsageError
 
+        raise UsageError(
+            f"sdengine serve needs the server extra ({e.name} is missing): pip install 'sdengine[server]'"
+        ) from None
     from ..server.app import create_app
 
     app = create_app(config)
