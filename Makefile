@@ -38,7 +38,7 @@ $(STAMP): $(VPY) pyproject.toml
 
 # The tests train and plot, so they need the `train` extra besides the oracles of `dev`.
 $(DEVSTAMP): $(STAMP) pyproject.toml
-	$(VPY) -m pip install -q -e '.[dev,train]'
+	$(VPY) -m pip install -q -e '.[dev,train,server]'
 	@touch $@
 
 venv: sysdeps $(STAMP)

@@ -1,0 +1,95 @@
+"""``sdengine serve``: the HTTP server (native job API, AUTOMATIC1111 ``/sdapi/v1``, OpenAI Images).
+
+The bind rule is checked before anything heavy is imported: a host other than loopback needs ``--api-key``
+(or ``--insecure-no-auth``). See docs/server.md for the routes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def run(a: argparse.Namespace) -> int:
+    from ..server.config import ServerConfig
+    from ..server.errors import ServerConfigError
+    from ..server.security import check_bind
+
+    api_key = a.api_key if a.api_key is not None else os.environ.get("SDENGINE_API_KEY") or None
+    check_bind(a.host, api_key, a.insecure_no_auth)
+    for flag, d in (
+        ("--models-dir", a.models_dir),
+        ("--loras-dir", a.loras_dir),
+        ("--controlnets-dir", a.controlnets_dir),
+    ):
+        if d is not None and not Path(d).is_dir():
+            raise ServerConfigError(f"{flag} {d}: not a folder")
+    config = ServerConfig(
+        model=a.model,
+        host=a.host,
+        port=a.port,
+        models_dir=Path(a.models_dir) if a.models_dir else None,
+        loras_dir=Path(a.loras_dir) if a.loras_dir else None,
+        controlnets_dir=Path(a.controlnets_dir) if a.controlnets_dir else None,
+        outputs_dir=Path(a.outputs_dir),
+        api_key=api_key,
+        insecure_no_auth=a.insecure_no_auth,
+        cors_origins=tuple(o.strip() for o in (a.cors_origins or "").split(",") if o.strip()),
+        max_queue=a.max_queue,
+        max_body_bytes=int(a.max_body_mb * 1024 * 1024),
+        max_image_pixels=a.max_image_pixels,
+        devices=tuple(a.device.split(",")),
+        dtype=a.dtype,
+    )
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        from ..errors import UsageError
+
+        raise UsageError(
+            f"sdengine serve needs the server extra ({e.name} is missing): pip install 'sdengine[server]'"
+        ) from None
+    from ..server.app import create_app
+
+    app = create_app(config)
+    print(f"sdengine serving {config.model} on http://{a.host}:{a.port} (docs: /docs, API: /openapi.json)", flush=True)
+    # Open event streams would hold a shutdown forever: after 10 s they are closed (running jobs are cancelled).
+    uvicorn.run(
+        app,
+        host=a.host,
+        port=a.port,
+        log_level=a.log_level,
+        access_log=a.log_level == "debug",
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction | None = None) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="HTTP server: native job API, AUTOMATIC1111 /sdapi/v1 and OpenAI Images routes",
+        description="Serve generation over HTTP with a job queue (one worker per device). Binds 127.0.0.1; any "
+        "other host needs --api-key (or --insecure-no-auth).",
+    )
+    p.add_argument("--model", default="emoji", help="default model: a built-in name, a name in --models-dir, or a path")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--models-dir", default=None, help="folder of models requests may name")
+    p.add_argument("--loras-dir", default=None, help="folder of LoRAs requests may name")
+    p.add_argument("--controlnets-dir", default=None, help="folder of ControlNets requests may name")
+    p.add_argument("--outputs-dir", default="outputs", help="where images are saved (and served from)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $SDENGINE_API_KEY)")
+    p.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback host without a key")
+    p.add_argument("--cors-origins", default=None, help="comma-separated browser origins allowed to call the API")
+    p.add_argument("--max-queue", type=int, default=64, help="jobs waiting before new ones get 429")
+    p.add_argument("--max-body-mb", type=float, default=50.0, help="request body limit in MB (413 above)")
+    p.add_argument(
+        "--max-image-pixels", type=int, default=4096 * 4096, help="largest uploaded image, checked before decoding"
+    )
+    p.add_argument("--device", default="auto", help="auto (each GPU, else cpu), or comma-separated devices")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)

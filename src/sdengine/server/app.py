@@ -1,0 +1,405 @@
+"""The FastAPI app: the native ``/v1`` API here, the AUTOMATIC1111 and OpenAI routes from their modules.
+
+``create_app(config)`` builds one server: catalog (names -> files), upload store, job manager with one
+worker per device, the security middleware, and the routes. ``loader`` (model reference, device) ->
+pipeline can be replaced (tests, benchmarks); the default is :func:`sdengine.pipeline.load_pipeline`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+
+from sdengine.errors import SdengineError
+from sdengine.server.catalog import Catalog
+from sdengine.server.config import ServerConfig
+from sdengine.server.errors import BadRequest, QueueFull, status_of
+from sdengine.server.jobs import FINISHED, Job, JobManager, Loader
+from sdengine.server.requests import ControlRequest, Generation, build_generation
+from sdengine.server.schemas import JobRequest
+from sdengine.server.security import SecurityMiddleware, is_loopback
+from sdengine.server.uploads import UploadStore
+
+log = logging.getLogger(__name__)
+
+SSE_KEEPALIVE_S = 15.0
+
+
+@dataclass
+class Services:
+    """What every route needs; one per app (``app.state.services``)."""
+
+    config: ServerConfig
+    catalog: Catalog
+    uploads: UploadStore
+    manager: JobManager
+    options: dict[str, Any]  # A1111 options (sd_model_checkpoint, CLIP_stop_at_last_layers)
+
+    def build(self, **fields: Any) -> Generation:
+        return build_generation(
+            self.config,
+            self.catalog,
+            self.uploads,
+            default_model=str(self.options.get("sd_model_checkpoint") or self.config.model),
+            **fields,
+        )
+
+    def submit(self, generation: Generation, **job_fields: Any) -> tuple[Job, int]:
+        job = Job(generation, **job_fields)
+        return job, self.manager.submit(job)
+
+
+def resolve_devices(names: tuple[str, ...]) -> list[str]:
+    """``auto`` -> every visible CUDA GPU (one worker each), else the CPU; other names as given."""
+    import torch
+
+    out: list[str] = []
+    for n in names:
+        if n == "auto":
+            if torch.cuda.is_available():
+                out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+            else:
+                out.append("cpu")
+        else:
+            from sdengine.devices import resolve_device
+
+            out.append(str(resolve_device(n)))
+    return out or ["cpu"]
+
+
+def default_loader(dtype: str | None) -> Loader:
+    def load(ref: str, device: str) -> Any:
+        from sdengine.pipeline import load_pipeline
+
+        return load_pipeline(ref, device=device, dtype=dtype)
+
+    return load
+
+
+def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: bool = True) -> FastAPI:
+    """The server for ``config``. ``preload``: each worker loads the default model at start."""
+    catalog = Catalog(config.models_dir, config.loras_dir, config.controlnets_dir, config.model)
+    config.model = catalog.startup_name
+    manager = JobManager(
+        loader=loader or default_loader(config.dtype),
+        devices=resolve_devices(config.devices),
+        outputs_dir=config.outputs_dir,
+        max_queue=config.max_queue,
+        keep_jobs=config.keep_jobs,
+        preview_every=config.preview_every,
+    )
+    services = Services(
+        config,
+        catalog,
+        UploadStore(config.max_image_pixels),
+        manager,
+        {"sd_model_checkpoint": catalog.startup_name, "CLIP_stop_at_last_layers": 1},
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if preload:
+            for w in manager.workers:
+                w.preload = catalog.resolve_model(config.model)
+        manager.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(manager.stop)
+
+    app = FastAPI(
+        title="sdengine",
+        version=_version(),
+        lifespan=lifespan,
+        description="Native job API, AUTOMATIC1111 /sdapi/v1 and OpenAI Images routes over one queue.",
+    )
+    app.state.services = services
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"]
+        )
+    app.add_middleware(
+        SecurityMiddleware,
+        api_key=config.api_key,
+        cors_origins=config.cors_origins,
+        max_body_bytes=config.max_body_bytes,
+        loopback_only_hosts=config.api_key is None and is_loopback(config.host),
+    )
+    _install_error_handlers(app)
+    _native_routes(app, services)
+    from sdengine.server import a1111, openai_images
+
+    a1111.install(app, services)
+    openai_images.install(app, services)
+    return app
+
+
+def _version() -> str:
+    from sdengine import __version__
+
+    return str(__version__)
+
+
+def error_body(message: str, kind: str) -> dict[str, Any]:
+    """One error shape that A1111 clients (``detail``) and OpenAI clients (``error.message``) both read."""
+    return {"detail": message, "error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(SdengineError)
+    async def sdengine_error(request: Request, exc: SdengineError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else None
+        return JSONResponse(error_body(str(exc), type(exc).__name__), status_code=status_of(exc), headers=headers)
+
+    @app.exception_handler(FileNotFoundError)
+    async def not_found(request: Request, exc: FileNotFoundError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "NotFound"), status_code=404)
+
+
+# ------------------------------------------------------------------------------------------------ native
+
+
+def image_url(name: str) -> str:
+    return f"/v1/images/{name}"
+
+
+def job_json(job: Job, services: Services) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "state": job.state,
+        "position": services.manager.position(job),
+        "step": job.step,
+        "steps": job.steps,
+        "progress": round(job.progress, 4),
+        "eta": None if job.eta is None else round(job.eta, 2),
+        "error": job.error,
+        "model": job.generation.model_name,
+        "created": job.created,
+        "started": job.started,
+        "finished": job.finished,
+        "images": [
+            {"name": im.name, "url": image_url(im.name) if im.name else None, "seed": im.seed, "infotext": im.infotext}
+            for im in job.images
+        ],
+        "infotexts": [im.infotext for im in job.images],
+        "notes": job.notes,
+    }
+
+
+def progress_json(job: Job, services: Services) -> dict[str, Any]:
+    out = {k: v for k, v in job_json(job, services).items() if k not in ("images", "infotexts")}
+    if job.state in FINISHED:
+        out = job_json(job, services)
+    return out
+
+
+def preview_data_url(job: Job) -> str | None:
+    if job.preview_png is None:
+        return None
+    return "data:image/png;base64," + base64.b64encode(job.preview_png).decode()
+
+
+def _native_routes(app: FastAPI, services: Services) -> None:
+    config, catalog, manager = services.config, services.catalog, services.manager
+
+    @app.get("/healthz", tags=["native"])
+    def healthz() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "version": _version(),
+            "model": services.options.get("sd_model_checkpoint"),
+            "queued": manager.queued_count(),
+            "running": len(manager.running()),
+            "completed": manager.completed,
+            "workers": [
+                {
+                    "device": w.device,
+                    "model": catalog.model_name_of(w.model) if w.model else None,
+                    "busy": w.current is not None,
+                }
+                for w in manager.workers
+            ],
+        }
+
+    @app.post("/v1/jobs", status_code=202, tags=["native"])
+    def create_job(req: JobRequest) -> dict[str, Any]:
+        """Queue a generation; answers at once with the job id and its place in the queue (0 = next)."""
+        fields = req.model_dump(exclude={"controlnets", "loras"})
+        fields["controlnets"] = [
+            ControlRequest(
+                c.model,
+                c.image,
+                c.weight,
+                c.start,
+                c.end,
+                c.preprocessor,
+                {k: v for k, v in (("low", c.low), ("high", c.high)) if v is not None},
+            )
+            for c in req.controlnets
+        ]
+        fields["loras"] = [(lo.name, lo.weight) for lo in req.loras]
+        job, position = services.submit(services.build(**fields), protocol="native", save=True)
+        return {
+            "id": job.id,
+            "position": position,
+            "state": job.state,
+            "url": f"/v1/jobs/{job.id}",
+            "events": f"/v1/jobs/{job.id}/events",
+        }
+
+    @app.get("/v1/jobs", tags=["native"])
+    def list_jobs() -> dict[str, Any]:
+        jobs = manager.jobs()[-100:]
+        return {"jobs": [progress_json(j, services) for j in reversed(jobs)], "queued": manager.queued_count()}
+
+    @app.get("/v1/jobs/{job_id}", tags=["native"])
+    def get_job(job_id: str) -> dict[str, Any]:
+        return job_json(manager.get(job_id), services)
+
+    @app.delete("/v1/jobs/{job_id}", tags=["native"])
+    async def cancel_job(job_id: str) -> dict[str, Any]:
+        """Cancel: a queued job leaves the queue; a running one stops after its current sampler step (the
+        answer waits for that, at most 60 s)."""
+        job = manager.get(job_id)
+        if job.state not in FINISHED:
+            manager.cancel(job)
+            await job.wait_finished(timeout=60.0)
+        return job_json(job, services)
+
+    @app.get("/v1/jobs/{job_id}/preview", tags=["native"])
+    def job_preview(job_id: str) -> Any:
+        job = manager.get(job_id)
+        if job.preview_png is None:
+            raise BadRequest("no preview yet")
+        from fastapi.responses import Response
+
+        return Response(
+            job.preview_png,
+            media_type="image/png",
+            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
+        )
+
+    @app.get("/v1/jobs/{job_id}/events", tags=["native"])
+    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+        """Server-Sent Events: ``progress`` (state, step/steps, eta, a ``preview`` data URL every few steps),
+        then one final ``done``, ``failed`` or ``cancelled`` event with the whole job, then the end."""
+        job = manager.get(job_id)
+
+        async def stream() -> AsyncIterator[str]:
+            ev = job.subscribe()
+            sent_version = -1
+            sent_preview = -1
+            try:
+                while True:
+                    ev.clear()
+                    version = job.version
+                    if version != sent_version:
+                        sent_version = version
+                        final = job.state in FINISHED
+                        data = progress_json(job, services)
+                        if job.preview_png is not None and job.preview_step != sent_preview and not final:
+                            sent_preview = job.preview_step
+                            data["preview"] = preview_data_url(job)
+                        name = job.state if final else "progress"
+                        yield f"event: {name}\nid: {version}\ndata: {json.dumps(data)}\n\n"
+                        if final:
+                            return
+                    if await request.is_disconnected():
+                        return
+                    try:
+                        await asyncio.wait_for(ev.wait(), SSE_KEEPALIVE_S)
+                    except TimeoutError:
+                        yield ": keep-alive\n\n"
+            finally:
+                job.unsubscribe(ev)
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
+
+    @app.post("/v1/uploads", status_code=201, tags=["native"])
+    async def upload(request: Request) -> dict[str, Any]:
+        """An init image, mask or control image: multipart field ``file`` (or ``image``), or the raw image as
+        the body with an ``image/*`` content type. Answers ``{id, width, height}``; use the id in a job."""
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form(max_files=1, max_fields=4)
+            part = form.get("file") or form.get("image")
+            if part is None or isinstance(part, str):
+                raise BadRequest("send the image as the multipart file field 'file'")
+            data = await part.read()
+        elif ctype.startswith("image/") or ctype == "application/octet-stream":
+            data = await request.body()
+        else:
+            raise BadRequest("send multipart/form-data with a 'file' field, or the image with an image/* type")
+        upload_id, image = await asyncio.to_thread(services.uploads.add, data, "upload")
+        return {"id": upload_id, "width": image.width, "height": image.height}
+
+    @app.get("/v1/images/{name:path}", tags=["native"])
+    def get_image(name: str) -> FileResponse:
+        """A generated image: only PNG files directly in the outputs folder."""
+        from sdengine.io.paths import UnsafePathError, resolve_inside
+
+        if "/" in name or name.startswith(".") or not name.lower().endswith(".png"):
+            raise BadRequest(f"image {name!r}: only names of PNG files in the outputs folder are served")
+        try:
+            path = resolve_inside(config.outputs_dir, name, "image")
+        except UnsafePathError as e:
+            raise BadRequest(str(e)) from None
+        return FileResponse(path, media_type="image/png", headers={"X-Content-Type-Options": "nosniff"})
+
+    @app.get("/v1/samplers", tags=["native"])
+    def samplers() -> dict[str, Any]:
+        from sdengine.diffusion import sampling
+
+        return {
+            "samplers": [
+                {"name": s.name, "a1111": s.a1111, "schedules": list(s.schedules)} for s in sampling.SAMPLERS.values()
+            ],
+            "schedules": list(sampling.ALL_SCHEDULES),
+        }
+
+    @app.get("/v1/loras", tags=["native"])
+    def loras() -> dict[str, Any]:
+        return {"loras": [{"name": e.name, "builtin": e.builtin} for e in catalog.loras()]}
+
+    @app.get("/v1/controlnets", tags=["native"])
+    def controlnets() -> dict[str, Any]:
+        from sdengine.control import PREPROCESSORS
+
+        return {
+            "controlnets": [{"name": e.name, "builtin": e.builtin} for e in catalog.controlnets()],
+            "preprocessors": list(PREPROCESSORS),
+        }
+
+    @app.get("/v1/models", tags=["native", "openai"])
+    def models() -> dict[str, Any]:
+        """The models jobs may name (OpenAI's list shape; ``current`` marks the default)."""
+        now = int(time.time())
+        current = services.options.get("sd_model_checkpoint")
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": e.name,
+                    "object": "model",
+                    "created": now,
+                    "owned_by": "sdengine",
+                    "builtin": e.builtin,
+                    "current": e.name == current,
+                }
+                for e in catalog.models()
+            ],
+        }

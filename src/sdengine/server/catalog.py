@@ -1,0 +1,181 @@
+"""Names a request may use for models, LoRAs and ControlNets, and the files they select.
+
+A name is a built-in (``emoji``, the LoRA ``emoji-fruit``, the ControlNet ``emoji-controlnet-canny``) or a
+file/folder inside the configured folder, resolved with :func:`sdengine.io.paths.resolve_inside` (no ``..``,
+absolute paths, symlinks out or percent-encoded variants). Model files load only through safetensors: a
+pickle checkpoint (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) is refused by name, before its file is opened.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdengine.io.paths import UnsafePathError, resolve_inside
+from sdengine.server.errors import BadRequest
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUILTIN_MODELS = {"emoji": "emoji"}  # name -> what load_pipeline takes
+BUILTIN_LORAS = {p.stem: p for p in sorted((ASSETS / "loras").glob("*.safetensors"))}
+BUILTIN_CONTROLNETS = {"emoji-controlnet-canny": ASSETS / "models" / "emoji-controlnet-canny"}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+_HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")  # A1111 titles: "name [hash]"
+
+
+def strip_title(name: str) -> str:
+    """A1111 writes models as ``name.safetensors [abcdef1234]``: the name without the hash."""
+    return _HASH_SUFFIX.sub("", name.strip())
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str  # what requests use
+    ref: str  # what the loader takes: a built-in name or an absolute path
+    builtin: bool
+
+
+class Catalog:
+    """Lists and resolves names inside the configured folders (each may be None: built-ins only)."""
+
+    def __init__(
+        self,
+        models_dir: Path | None,
+        loras_dir: Path | None,
+        controlnets_dir: Path | None,
+        startup_model: str = "emoji",
+    ) -> None:
+        self.models_dir = models_dir
+        self.loras_dir = loras_dir
+        self.controlnets_dir = controlnets_dir
+        self.extra_models: dict[str, str] = {}
+        if startup_model not in BUILTIN_MODELS and not self._in_models_dir(startup_model):
+            # The operator's own --model path (trusted: it came from the command line, not a request).
+            p = Path(startup_model).expanduser().resolve()
+            if p.suffix.lower() in PICKLE_SUFFIXES:
+                raise BadRequest(
+                    f"model {startup_model!r}: pickle checkpoints are not loaded; convert it to "
+                    ".safetensors (sdengine convert)"
+                )
+            if not p.exists():
+                raise BadRequest(f"model {startup_model!r} is not a built-in name, a name in --models-dir or a path")
+            self.extra_models[p.name.removesuffix(".safetensors")] = str(p)
+        self.startup_name = self.model_name_of(startup_model)
+
+    # -- models -----------------------------------------------------------------------------------------
+
+    def _in_models_dir(self, name: str) -> bool:
+        try:
+            self._resolve_in_models_dir(name)
+            return True
+        except (BadRequest, UnsafePathError, FileNotFoundError):
+            return False
+
+    def _resolve_in_models_dir(self, name: str) -> Path:
+        if self.models_dir is None:
+            raise FileNotFoundError(name)
+        if name.lower().endswith(PICKLE_SUFFIXES):
+            raise BadRequest(
+                f"model {name!r}: pickle checkpoints are not loaded by the server; convert it to "
+                ".safetensors (sdengine convert)"
+            )
+        path = resolve_inside(self.models_dir, name, "model", suffixes=("", ".safetensors"))
+        if path.is_dir() and not (path / "model_index.json").is_file():
+            raise BadRequest(f"model {name!r}: a folder without model_index.json is not a model")
+        if path.is_file() and path.suffix.lower() != ".safetensors":
+            raise BadRequest(f"model {name!r}: only .safetensors files and diffusers folders are loaded")
+        return path
+
+    def models(self) -> list[Entry]:
+        out = [Entry(n, r, True) for n, r in BUILTIN_MODELS.items()]
+        out += [Entry(n, r, False) for n, r in self.extra_models.items()]
+        if self.models_dir is not None and self.models_dir.is_dir():
+            for p in sorted(self.models_dir.iterdir()):
+                if p.name.startswith("."):
+                    continue
+                if (p.is_dir() and (p / "model_index.json").is_file()) or (
+                    p.is_file() and p.suffix.lower() == ".safetensors"
+                ):
+                    out.append(Entry(p.name, str(p.resolve()), False))
+        return out
+
+    def resolve_model(self, name: str) -> str:
+        """A model name (A1111 ``name [hash]`` titles too) -> the loader's reference; BadRequest if unknown."""
+        name = strip_title(name)
+        if name in BUILTIN_MODELS:
+            return BUILTIN_MODELS[name]
+        if name in self.extra_models:
+            return self.extra_models[name]
+        try:
+            return str(self._resolve_in_models_dir(name))
+        except UnsafePathError as e:
+            raise BadRequest(str(e)) from None
+        except FileNotFoundError:
+            have = ", ".join(e.name for e in self.models())
+            raise BadRequest(f"unknown model {name!r}; available: {have}") from None
+
+    def model_name_of(self, ref_or_name: str) -> str:
+        """The name listed for a reference (the inverse of :meth:`resolve_model`)."""
+        for e in self.models():
+            if ref_or_name in (e.name, e.ref):
+                return e.name
+        return Path(ref_or_name).name
+
+    # -- LoRAs and ControlNets -----------------------------------------------------------------------------
+
+    def loras(self) -> list[Entry]:
+        out = [Entry(n, str(p), True) for n, p in BUILTIN_LORAS.items()]
+        if self.loras_dir is not None and self.loras_dir.is_dir():
+            root = self.loras_dir.resolve()
+            for p in sorted(self.loras_dir.rglob("*.safetensors")):
+                if p.resolve().is_relative_to(root):
+                    out.append(Entry(p.relative_to(self.loras_dir).with_suffix("").as_posix(), str(p.resolve()), False))
+        return out
+
+    def resolve_lora(self, name: str) -> Path:
+        name = name.strip()
+        if self.loras_dir is not None:
+            try:
+                return self._safetensors_inside(self.loras_dir, name, "LoRA")
+            except FileNotFoundError:
+                pass
+        if name in BUILTIN_LORAS:
+            return BUILTIN_LORAS[name]
+        have = ", ".join(e.name for e in self.loras())
+        raise BadRequest(f"unknown LoRA {name!r}; available: {have}")
+
+    def controlnets(self) -> list[Entry]:
+        out = [Entry(n, str(p), True) for n, p in BUILTIN_CONTROLNETS.items()]
+        if self.controlnets_dir is not None and self.controlnets_dir.is_dir():
+            for p in sorted(self.controlnets_dir.iterdir()):
+                if p.name.startswith("."):
+                    continue
+                if (p.is_dir() and (p / "config.json").is_file()) or (p.is_file() and p.suffix == ".safetensors"):
+                    out.append(Entry(p.name.removesuffix(".safetensors"), str(p.resolve()), False))
+        return out
+
+    def resolve_controlnet(self, name: str) -> Path:
+        name = strip_title(name)
+        if name in BUILTIN_CONTROLNETS:
+            return BUILTIN_CONTROLNETS[name]
+        if self.controlnets_dir is not None:
+            try:
+                return self._safetensors_inside(self.controlnets_dir, name, "ControlNet", folders=True)
+            except FileNotFoundError:
+                pass
+        have = ", ".join(e.name for e in self.controlnets())
+        raise BadRequest(f"unknown ControlNet {name!r}; available: {have}")
+
+    @staticmethod
+    def _safetensors_inside(root: Path, name: str, what: str, folders: bool = False) -> Path:
+        if name.lower().endswith(PICKLE_SUFFIXES):
+            raise BadRequest(f"{what} {name!r}: pickle files are not loaded by the server; use .safetensors")
+        try:
+            path = resolve_inside(root, name, what, suffixes=(".safetensors", ""))
+        except UnsafePathError as e:
+            raise BadRequest(str(e)) from None
+        if path.is_dir() and not folders:
+            raise FileNotFoundError(name)
+        if path.is_file() and path.suffix.lower() != ".safetensors":
+            raise BadRequest(f"{what} {name!r}: only .safetensors files are loaded")
+        return path

@@ -1,0 +1,37 @@
+"""The settings of one server: folders, limits, the API key, the devices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``sdengine serve`` takes on its command line (see docs/server.md)."""
+
+    model: str = "emoji"  # the model jobs use unless they name one
+    host: str = "127.0.0.1"
+    port: int = 7860
+    models_dir: Path | None = None
+    loras_dir: Path | None = None
+    controlnets_dir: Path | None = None
+    outputs_dir: Path = Path("outputs")
+    api_key: str | None = None
+    insecure_no_auth: bool = False
+    cors_origins: tuple[str, ...] = ()
+    max_queue: int = 64  # jobs waiting (running ones not counted); one more is a 429
+    max_body_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096  # of any uploaded image, checked from its header before decoding
+    max_side: int = 2048  # width / height of a generated image
+    max_batch: int = 8
+    max_steps: int = 150
+    devices: tuple[str, ...] = ("auto",)  # "auto": every CUDA GPU, else the CPU; or names like "cuda:1"
+    dtype: str | None = None
+    preview_every: int = 2  # a preview image in the events every this many steps
+    keep_jobs: int = 256  # finished jobs remembered for GET /v1/jobs/{id}
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def auth_required(self) -> bool:
+        return self.api_key is not None

@@ -1,0 +1,60 @@
+"""Errors a request can cause, each with the HTTP status it is answered with."""
+
+from __future__ import annotations
+
+from sdengine.errors import SdengineError
+
+
+class ServerError(SdengineError):
+    """Base of the server's own refusals; ``status`` is the HTTP status code."""
+
+    status = 400
+
+
+class BadRequest(ServerError, ValueError):
+    """A request the server cannot run (bad field, unknown name, unreadable image)."""
+
+    status = 400
+
+
+class Unauthorized(ServerError):
+    status = 401
+
+
+class Forbidden(ServerError):
+    """A browser request from a foreign page (Origin), or a Host header that is not this server's."""
+
+    status = 403
+
+
+class NotFound(ServerError, LookupError):
+    status = 404
+
+
+class PayloadTooLarge(ServerError, ValueError):
+    """A body over the byte limit, or an image over the pixel limit (found before decoding)."""
+
+    status = 413
+
+
+class QueueFull(ServerError):
+    """The job queue holds its maximum; the client should retry after ``retry_after`` seconds."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ServerConfigError(SdengineError, ValueError):
+    """A server setting that is refused at start (a public bind without a key, a missing folder)."""
+
+
+def status_of(exc: BaseException) -> int:
+    """The HTTP status for an error raised while handling a request (400 for sdengine's input errors)."""
+    if isinstance(exc, ServerError):
+        return exc.status
+    if isinstance(exc, FileNotFoundError):
+        return 404
+    return 400

@@ -1,0 +1,228 @@
+"""Every protocol's request becomes ONE dict of the pipeline's keyword arguments, here.
+
+The dict's keys are the fields of :class:`sdengine.pipeline.GenerationRequest` (``GenerationRequest(**kwargs)`` is
+built and validated here; the worker calls ``pipe(**kwargs)``). ``build_generation`` is the only place that turns
+request fields into what ``Pipeline.__call__`` takes (the names are the pipeline's: prompt, negative_prompt, steps,
+sampler, schedule, cfg_scale, seed, width, height, batch_size, init_image, strength, mask, mask_blur, controlnets,
+loras, clip_skip). The native, AUTOMATIC1111 and OpenAI routes each map their own field names onto its arguments.
+It checks limits, draws the seed for -1, resolves every LoRA (argument or ``<lora:NAME:W>`` prompt tag) and
+ControlNet name inside its folder, decodes images (limits before decoding) and runs ControlNet preprocessors, so
+that a job that reaches the queue only fails for reasons found while generating.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, ImageOps
+
+from sdengine.diffusion import sampling
+from sdengine.server.catalog import Catalog
+from sdengine.server.config import ServerConfig
+from sdengine.server.errors import BadRequest
+from sdengine.server.uploads import UploadStore
+
+ImageRef = str | Image.Image  # an upload id, base64, or an image already decoded by the route
+
+MAX_SEED = 2**53 - 1  # exact in JavaScript numbers, so the web page can show and send it back
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    """One ControlNet unit as a route received it."""
+
+    model: str
+    image: ImageRef
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocessor: str = "none"
+    options: dict[str, float] = field(default_factory=dict)  # preprocessor options (canny: low, high)
+
+
+@dataclass
+class Generation:
+    """What the queue runs: the pipeline call (``kwargs``), the model, and ``n_iter`` repeats (A1111)."""
+
+    model: str  # the loader's reference (built-in name or path)
+    model_name: str  # as listed
+    kwargs: dict[str, Any]
+    n_iter: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return int(self.kwargs["batch_size"]) * self.n_iter
+
+
+def _finite(value: Any, what: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadRequest(f"{what} must be a number, got {value!r}")
+    if not lo <= value <= hi:
+        raise BadRequest(f"{what} must be in [{lo:g}, {hi:g}], got {value!r}")
+    return float(value)
+
+
+def _integer(value: Any, what: str, lo: int, hi: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{what} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise BadRequest(f"{what} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def build_generation(
+    config: ServerConfig,
+    catalog: Catalog,
+    uploads: UploadStore,
+    *,
+    model: str | None,
+    prompt: str,
+    negative_prompt: str = "",
+    steps: int = 25,
+    sampler: str = "dpmpp_2m",
+    schedule: str | None = "karras",
+    cfg_scale: float = 7.5,
+    seed: int | None = -1,
+    width: int | None = None,
+    height: int | None = None,
+    batch_size: int = 1,
+    init_image: ImageRef | None = None,
+    strength: float = 0.75,
+    mask: ImageRef | None = None,
+    mask_blur: float = 0,
+    controlnets: Sequence[ControlRequest] = (),
+    loras: Sequence[tuple[str, float]] = (),
+    clip_skip: int = 1,
+    guess_mode: bool = False,
+    n_iter: int = 1,
+    default_model: str | None = None,
+) -> Generation:
+    """The pipeline call for one request; a BadRequest (one line) for anything that cannot run."""
+    from sdengine.prompts import extract_lora_tags
+
+    if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+        raise BadRequest("prompt and negative_prompt must be strings")
+    steps = _integer(steps, "steps", 1, config.max_steps)
+    batch_size = _integer(batch_size, "batch_size", 1, config.max_batch)
+    n_iter = _integer(n_iter, "n_iter", 1, 100)
+    if batch_size * n_iter > 4 * config.max_batch:
+        raise BadRequest(
+            f"batch_size x n_iter = {batch_size * n_iter} images, over the limit of {4 * config.max_batch}"
+        )
+    cfg_scale = _finite(cfg_scale, "cfg_scale", 0.0, 100.0)
+    strength = _finite(strength, "strength", 0.0, 1.0)
+    mask_blur = _finite(mask_blur, "mask_blur", 0.0, 256.0)
+    clip_skip = _integer(clip_skip, "clip_skip", 1, 24)
+    for what, v in (("width", width), ("height", height)):
+        if v is not None:
+            _integer(v, what, 8, config.max_side)
+    if seed is None or seed == -1:
+        seed = secrets.randbelow(2**32)
+    seed = _integer(seed, "seed", 0, MAX_SEED)
+    if not isinstance(sampler, str) or not (schedule is None or isinstance(schedule, str)):
+        raise BadRequest("sampler and schedule must be names")
+    try:
+        sampler, schedule = sampling.resolve(sampler, schedule)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+
+    # LoRAs: the request's and the prompt's <lora:NAME:W> tags, every name resolved inside the LoRA folder
+    # here (the pipeline would otherwise also accept a path), and the tags taken out of the prompt.
+    try:
+        clean_prompt, tags = extract_lora_tags(prompt)
+        _, negative_tags = extract_lora_tags(negative_prompt)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    if negative_tags:
+        raise BadRequest("<lora:...> tags belong in the prompt, not the negative prompt")
+    lora_list = []
+    for name, weight in [*loras, *tags]:
+        if not isinstance(name, str):
+            raise BadRequest(f"a LoRA is named by a string, got {name!r}")
+        lora_list.append((str(catalog.resolve_lora(name)), _finite(weight, f"LoRA {name} weight", -10.0, 10.0)))
+    if len(lora_list) > 16:
+        raise BadRequest("at most 16 LoRAs per request")
+
+    def image(ref: ImageRef | None, what: str) -> Image.Image | None:
+        if ref is None:
+            return None
+        if isinstance(ref, Image.Image):
+            return ref
+        return uploads.image(ref, what)
+
+    init = image(init_image, "init_image")
+    mask_img = image(mask, "mask")
+    if mask_img is not None and init is None:
+        raise BadRequest("a mask needs an init image to inpaint")
+    if init is not None and strength <= 0:
+        raise BadRequest("strength must be > 0 for img2img")
+
+    units = []
+    if len(controlnets) > 4:
+        raise BadRequest("at most 4 ControlNet units per request")
+    for k, unit in enumerate(controlnets):
+        path = catalog.resolve_controlnet(unit.model)
+        control = image(unit.image, f"ControlNet unit {k} image")
+        assert control is not None
+        control = _preprocess(unit.preprocessor, ImageOps.exif_transpose(control).convert("RGB"), unit.options, k)
+        units.append(
+            (
+                str(path),
+                control,
+                _finite(unit.weight, f"ControlNet unit {k} weight", 0.0, 2.0),
+                _finite(unit.start, f"ControlNet unit {k} start", 0.0, 1.0),
+                _finite(unit.end, f"ControlNet unit {k} end", 0.0, 1.0),
+            )
+        )
+
+    chosen = model if model else (default_model or config.model)
+    ref = catalog.resolve_model(chosen)
+    kwargs: dict[str, Any] = {
+        "prompt": clean_prompt,
+        "negative_prompt": negative_prompt,
+        "steps": steps,
+        "sampler": sampler,
+        "schedule": schedule,
+        "cfg_scale": cfg_scale,
+        "seed": seed,
+        "width": width,
+        "height": height,
+        "batch_size": batch_size,
+        "init_image": init,
+        "strength": strength,
+        "mask": mask_img,
+        "mask_blur": mask_blur,
+        "controlnets": units or None,
+        "loras": lora_list or None,
+        "clip_skip": clip_skip,
+    }
+    if guess_mode:
+        kwargs["guess_mode"] = True
+    # The pipeline's own request object checks what it can without the model (GenerationError -> 400), so
+    # that such a mistake is answered now instead of failing the job later.
+    from sdengine.pipeline import GenerationRequest
+
+    GenerationRequest(**kwargs).validate()
+    return Generation(model=ref, model_name=catalog.model_name_of(ref), kwargs=kwargs, n_iter=n_iter)
+
+
+def _preprocess(kind: str, img: Image.Image, options: dict[str, float], k: int) -> Image.Image:
+    from sdengine.control import PREPROCESSORS, ControlNetError, preprocess
+
+    kind = (kind or "none").strip().lower()
+    if kind not in PREPROCESSORS:
+        raise BadRequest(f"ControlNet unit {k}: unknown preprocessor {kind!r}; available: {', '.join(PREPROCESSORS)}")
+    import inspect
+
+    accepted = set(list(inspect.signature(PREPROCESSORS[kind]).parameters)[1:])
+    try:
+        return preprocess(kind, img, **{n: float(v) for n, v in options.items() if n in accepted})
+    except (ControlNetError, ValueError) as e:
+        raise BadRequest(f"ControlNet unit {k}: {e}") from None

@@ -1,0 +1,49 @@
+"""The native API's request bodies (pydantic): field names are the pipeline's keyword names."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SIDE = Field(None, ge=8, le=8192, description="pixels; a multiple of the model's size step (emoji: 8)")
+
+
+class LoRASpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, max_length=512, description="a name from GET /v1/loras")
+    weight: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False)
+
+
+class ControlNetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1, max_length=512, description="a name from GET /v1/controlnets")
+    image: str = Field(..., min_length=1, description="an upload id (POST /v1/uploads) or a base64 image")
+    weight: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    start: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
+    end: float = Field(1.0, ge=0, le=1, allow_inf_nan=False)
+    preprocessor: str = Field("none", max_length=64, description="none, canny, scribble, threshold, softedge, invert")
+    low: float | None = Field(None, ge=0, le=255, allow_inf_nan=False, description="canny low threshold")
+    high: float | None = Field(None, ge=0, le=255, allow_inf_nan=False, description="canny high threshold")
+
+
+class JobRequest(BaseModel):
+    """POST /v1/jobs. Images are upload ids (from POST /v1/uploads) or base64 (data URLs too)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, max_length=512, description="a name from GET /v1/models (default: the server's)")
+    prompt: str = Field("", max_length=20000)
+    negative_prompt: str = Field("", max_length=20000)
+    steps: int = Field(25, ge=1, le=1000)
+    sampler: str = Field("dpmpp_2m", max_length=64)
+    schedule: str | None = Field("karras", max_length=64)
+    cfg_scale: float = Field(7.5, ge=0, le=100, allow_inf_nan=False)
+    seed: int = Field(-1, ge=-1, le=2**53 - 1, description="-1: random")
+    width: int | None = SIDE
+    height: int | None = SIDE
+    batch_size: int = Field(1, ge=1, le=64)
+    init_image: str | None = None
+    strength: float = Field(0.75, gt=0, le=1, allow_inf_nan=False)
+    mask: str | None = Field(None, description="white = repaint")
+    mask_blur: float = Field(0, ge=0, le=256, allow_inf_nan=False)
+    controlnets: list[ControlNetSpec] = Field(default_factory=list, max_length=8)
+    loras: list[LoRASpec] = Field(default_factory=list, max_length=32)
+    clip_skip: int = Field(1, ge=1, le=24)

@@ -1,0 +1,233 @@
+"""The server's safety rules, each in one place.
+
+* Bind: a loopback host is the default; any other host needs an API key (or an explicit
+  ``--insecure-no-auth``), checked before anything is loaded (:func:`check_bind`).
+* API key: ``Authorization: Bearer KEY`` (what the ``openai`` client sends) or HTTP Basic with the key as
+  password (what ``webuiapi``'s ``set_auth`` sends), compared in constant time.
+* Browsers: a state-changing request (POST, PUT, PATCH, DELETE) that carries an ``Origin`` other than the
+  server's own - ``Origin: null`` included - is refused unless listed in ``cors_origins`` (CSRF). Without a
+  key, the ``Host`` header must name a loopback host too, so that a DNS-rebinding page (whose Origin and
+  Host agree) is refused as well.
+* Body: over ``max_body_bytes`` is a 413, from ``Content-Length`` or while the body streams in.
+* Images: the format (PNG, JPEG, WebP) and the size are read from the header, and an image over
+  ``max_image_pixels`` is refused before any pixel is decoded (decompression bombs). URLs are never fetched.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import io
+import ipaddress
+import json
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from PIL import Image
+
+from sdengine.server.errors import BadRequest, PayloadTooLarge, ServerConfigError
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+PUBLIC_PATHS = frozenset({"/healthz"})  # answered without a key (load balancers' health checks)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    h = host.strip().lower()
+    if h in LOOPBACK_NAMES or h.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
+    """Refuse to serve on a non-loopback host without a key, unless explicitly told to."""
+    if api_key is not None and not api_key:
+        raise ServerConfigError("--api-key must not be empty")
+    if not is_loopback(host) and api_key is None and not insecure_no_auth:
+        raise ServerConfigError(
+            f"refusing to listen on {host} without --api-key: anyone who can reach it could use it "
+            "(give --api-key KEY, or --insecure-no-auth if the network is trusted)"
+        )
+
+
+def key_matches(headers: MutableMapping[str, str], api_key: str) -> bool:
+    """Bearer KEY, or Basic auth whose password is KEY; constant-time compare."""
+    auth = headers.get("authorization", "")
+    scheme, _, value = auth.partition(" ")
+    given = ""
+    if scheme.lower() == "bearer":
+        given = value.strip()
+    elif scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            given = ""
+    elif "x-api-key" in headers:
+        given = headers["x-api-key"]
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), api_key.encode("utf-8"))
+
+
+def _host_name(host_header: str) -> str:
+    """``example.com:7860`` -> ``example.com``; ``[::1]:7860`` -> ``::1``."""
+    h = host_header.strip()
+    if h.startswith("["):
+        return h[1:].split("]", 1)[0]
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+def origin_allowed(origin: str, host_header: str, allowed: tuple[str, ...]) -> bool:
+    """The server's own origin (same host:port as the Host header) or one listed; never ``null``."""
+    o = origin.strip().rstrip("/")
+    if o in allowed or "*" in allowed and o != "null":
+        return True
+    if o == "null" or not host_header:
+        return False
+    return o.lower() in (f"http://{host_header.lower()}", f"https://{host_header.lower()}")
+
+
+class SecurityMiddleware:
+    """Pure ASGI middleware applying the rules of this module to every HTTP request."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        api_key: str | None,
+        cors_origins: tuple[str, ...],
+        max_body_bytes: int,
+        loopback_only_hosts: bool,
+    ) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.cors_origins = tuple(o.rstrip("/") for o in cors_origins)
+        self.max_body_bytes = max_body_bytes
+        self.loopback_only_hosts = loopback_only_hosts
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[Any]],
+        send: Callable[[Any], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        method = scope.get("method", "GET").upper()
+        path = scope.get("path", "")
+        host = headers.get("host", "")
+        problem = self._refusal(method, path, headers, host)
+        if problem is not None:
+            status, message = problem
+            await _send_json(send, status, message, www_auth=status == 401)
+            return
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body_bytes
+            except ValueError:
+                too_big = False
+            if too_big:
+                await _send_json(send, 413, f"request body over the limit of {self.max_body_bytes} bytes")
+                return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message.get("type") == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise PayloadTooLarge(f"request body over the limit of {self.max_body_bytes} bytes")
+            return message
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            if message.get("type") == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except PayloadTooLarge as e:
+            if not started:
+                await _send_json(send, 413, str(e))
+
+    def _refusal(self, method: str, path: str, headers: dict[str, str], host: str) -> tuple[int, str] | None:
+        if self.loopback_only_hosts and host and not is_loopback(_host_name(host)):
+            return 403, (
+                f"Host {host!r} is not this server's (it listens on loopback only); a page on another "
+                "site cannot use it"
+            )
+        origin = headers.get("origin")
+        if method in STATE_CHANGING and origin is not None and not origin_allowed(origin, host, self.cors_origins):
+            return 403, (
+                f"requests from the page at Origin {origin!r} are refused (not this server's; see --cors-origins)"
+            )
+        if self.api_key is not None and path not in PUBLIC_PATHS and method != "OPTIONS":
+            if not key_matches(headers, self.api_key):
+                return 401, "missing or wrong API key (send 'Authorization: Bearer KEY')"
+        return None
+
+
+async def _send_json(
+    send: Callable[[Any], Awaitable[None]], status: int, message: str, *, www_auth: bool = False
+) -> None:
+    body = json.dumps({"detail": message, "error": {"message": message, "type": _TYPES.get(status, "error")}})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if www_auth:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body.encode()})
+
+
+_TYPES = {401: "authentication_error", 403: "permission_error", 413: "request_too_large"}
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+_DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
+
+
+def decode_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
+    """Bytes of a PNG/JPEG/WebP -> a loaded PIL image; refused (413) before decoding when the header's
+    width x height is over ``max_pixels``, and 400 when it is not an image of those formats."""
+    try:
+        im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
+    except Image.DecompressionBombError as e:  # Pillow's own (higher) limit, also found from the header
+        raise PayloadTooLarge(f"{what}: {e}; over the limit of {max_pixels} pixels, refused before decoding") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for garbage
+        raise BadRequest(f"{what}: not a PNG, JPEG or WebP image ({type(e).__name__})") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise PayloadTooLarge(
+            f"{what} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}; refused before decoding"
+        )
+    try:
+        im.load()
+    except Exception as e:  # noqa: BLE001
+        raise BadRequest(f"{what}: the image data cannot be decoded ({type(e).__name__}: {e})") from None
+    return im
+
+
+def decode_base64_image(text: str, what: str, max_pixels: int) -> Image.Image:
+    """A base64 image (optionally a ``data:image/...;base64,`` URL); http(s) URLs are refused, never fetched."""
+    s = text.strip()
+    if re.match(r"^[a-z][a-z0-9+.-]*://", s, re.IGNORECASE):
+        raise BadRequest(f"{what}: image URLs are not fetched; send the image as base64 or upload it")
+    s = _DATA_URL.sub("", s, count=1)
+    try:
+        data = base64.b64decode(s + "=" * (-len(s) % 4), validate=False)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{what}: not valid base64") from None
+    if not data:
+        raise BadRequest(f"{what}: empty image")
+    return decode_image(data, what, max_pixels)

@@ -1,0 +1,213 @@
+"""The native job API of ``sdengine serve`` against a live server on 127.0.0.1 (the emoji model, 64x64)."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from _live_server import live_server, server_config, shared_loader, wait_job
+
+BASE = {"prompt": "a red apple", "steps": 3, "width": 64, "height": 64, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("native")
+    with live_server(server_config(tmp, max_queue=4)) as s:
+        yield s
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def emoji():
+    return shared_loader("emoji", "cpu")
+
+
+def png_of(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def fetch_image(client: httpx.Client, url: str) -> tuple[Image.Image, httpx.Response]:
+    r = client.get(url)
+    assert r.status_code == 200, r.text
+    im = Image.open(io.BytesIO(r.content))
+    im.load()
+    return im, r
+
+
+def run(client: httpx.Client, body: dict) -> dict:
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    return wait_job(client, r.json()["id"])
+
+
+def test_lists_health_and_openapi(client):
+    h = client.get("/healthz").json()
+    assert h["status"] == "ok" and h["workers"][0]["device"] == "cpu"
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["emoji"]
+    assert "emoji-fruit" in [x["name"] for x in client.get("/v1/loras").json()["loras"]]
+    cn = client.get("/v1/controlnets").json()
+    assert "emoji-controlnet-canny" in [x["name"] for x in cn["controlnets"]] and "canny" in cn["preprocessors"]
+    s = client.get("/v1/samplers").json()
+    assert any(x["name"] == "dpmpp_2m" and x["a1111"] == "DPM++ 2M" for x in s["samplers"])
+    spec = client.get("/openapi.json").json()
+    for route in (
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/events",
+        "/v1/uploads",
+        "/sdapi/v1/txt2img",
+        "/v1/images/generations",
+    ):
+        assert route in spec["paths"], route
+
+
+def test_job_image_equals_python_api_and_is_saved_with_parameters(client, server):
+    j = run(client, BASE)
+    assert j["state"] == "done", j
+    assert j["step"] == j["steps"] == 3 and len(j["images"]) == 1
+    im, r = fetch_image(client, j["images"][0]["url"])
+    assert r.headers["content-type"] == "image/png" and r.headers["x-content-type-options"] == "nosniff"
+    assert im.info["parameters"] == j["infotexts"][0]
+    assert "Seed: 7" in j["infotexts"][0] and "Steps: 3" in j["infotexts"][0]
+    ref = emoji()(progress=False, **BASE)
+    assert ref.infotexts[0] == j["infotexts"][0]
+    np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(ref.images[0]))
+    saved = Path(server.services.config.outputs_dir) / j["images"][0]["name"]
+    assert saved.is_file()
+
+
+def test_events_stream_progress_previews_and_the_result(client):
+    jid = client.post("/v1/jobs", json={**BASE, "steps": 4, "seed": 11}).json()["id"]
+    events = []
+    with client.stream("GET", f"/v1/jobs/{jid}/events") as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+                if name in ("done", "failed", "cancelled"):
+                    break
+    assert events[-1][0] == "done" and len(events[-1][1]["images"]) == 1
+    steps = [d["step"] for n, d in events if n == "progress" and d["state"] == "running"]
+    assert steps == sorted(steps) and max(steps) >= 3
+    previews = [d["preview"] for n, d in events if "preview" in d]
+    assert previews and previews[0].startswith("data:image/png;base64,")
+
+
+def test_cancel_running_job_stops_within_a_step_and_the_next_job_runs(client):
+    long = client.post("/v1/jobs", json={**BASE, "steps": 150, "seed": 1}).json()["id"]
+    nxt = client.post("/v1/jobs", json={**BASE, "seed": 2}).json()
+    queued = client.post("/v1/jobs", json={**BASE, "seed": 3}).json()
+    assert nxt["position"] == 0 and queued["position"] == 1
+    # Cancelling a queued job touches only that job.
+    c = client.delete(f"/v1/jobs/{queued['id']}").json()
+    assert c["state"] == "cancelled"
+    deadline = time.monotonic() + 120
+    while client.get(f"/v1/jobs/{long}").json()["step"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    j = client.delete(f"/v1/jobs/{long}").json()
+    took = time.monotonic() - t0
+    assert j["state"] == "cancelled" and 2 <= j["step"] < 150, j
+    per_step = (j["finished"] - j["started"]) / j["step"]
+    assert took < 2 * per_step + 2.0, (took, per_step)
+    after = wait_job(client, nxt["id"])
+    assert after["state"] == "done" and "Seed: 2" in after["infotexts"][0]
+
+
+def test_upload_img2img_and_inpaint_equal_python_api(client):
+    init = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (64, 1, 3)))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    up = client.post("/v1/uploads", files={"file": ("init.png", png_of(init), "image/png")})
+    assert up.status_code == 201 and up.json()["width"] == 64
+    mid = client.post("/v1/uploads", content=png_of(mask), headers={"content-type": "image/png"}).json()["id"]
+    body = {**BASE, "steps": 4, "init_image": up.json()["id"], "strength": 0.5, "mask": mid, "mask_blur": 2}
+    j = run(client, body)
+    assert j["state"] == "done", j
+    im, _ = fetch_image(client, j["images"][0]["url"])
+    ref = emoji()(progress=False, **{**body, "init_image": init, "mask": mask})
+    np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(ref.images[0]))
+    assert "Denoising strength: 0.5" in j["infotexts"][0]
+
+
+def test_a_late_failure_fails_alone(client):
+    bad = run(client, {**BASE, "width": 60})  # not a multiple of 8: found by the pipeline, not the schema
+    assert bad["state"] == "failed" and "multiple of 8" in bad["error"]
+    good = run(client, {**BASE, "seed": 5})
+    assert good["state"] == "done"
+
+
+def test_bad_requests_are_400_or_422_with_one_line(client):
+    r = client.post("/v1/jobs", json={**BASE, "sampler": "nope"})
+    assert r.status_code == 400 and "unknown sampler" in r.json()["detail"]
+    assert client.post("/v1/jobs", json={**BASE, "steps": 0}).status_code == 422
+    assert client.post("/v1/jobs", json={**BASE, "loras": [{"name": "missing"}]}).status_code == 400
+    r = client.post("/v1/jobs", json={**BASE, "init_image": "https://example.com/x.png"})
+    assert r.status_code == 400 and "not fetched" in r.json()["detail"]
+    assert client.get("/v1/jobs/doesnotexist").status_code == 404
+
+
+def test_loras_are_removed_after_each_job(client):
+    plain = {**BASE, "prompt": "a green apple", "seed": 3}
+    first = run(client, plain)
+    with_lora = run(client, {**plain, "loras": [{"name": "emoji-fruit", "weight": 1.0}]})
+    tagged = run(client, {**plain, "prompt": "a green apple <lora:emoji-fruit:0.5>"})
+    again = run(client, plain)
+    assert all(j["state"] == "done" for j in (first, with_lora, tagged, again))
+    a = np.asarray(fetch_image(client, first["images"][0]["url"])[0])
+    b = np.asarray(fetch_image(client, with_lora["images"][0]["url"])[0])
+    c = np.asarray(fetch_image(client, tagged["images"][0]["url"])[0])
+    d = np.asarray(fetch_image(client, again["images"][0]["url"])[0])
+    assert not np.array_equal(a, b) and not np.array_equal(b, c)
+    np.testing.assert_array_equal(a, d)
+    assert "<lora:emoji-fruit:0.5>" in tagged["infotexts"][0]
+
+
+def test_controlnet_unit_by_name_with_a_preprocessor(client):
+    src = Image.new("RGB", (64, 64), "white")
+    src.paste((0, 0, 0), (20, 20, 44, 44))
+    body = {
+        **BASE,
+        "controlnets": [
+            {"model": "emoji-controlnet-canny", "image": png_b64(src), "preprocessor": "canny", "weight": 1.0}
+        ],
+    }
+    j = run(client, body)
+    assert j["state"] == "done", j
+    assert "ControlNet 0: " in j["infotexts"][0] and "emoji-controlnet-canny" in j["infotexts"][0]
+
+
+def png_b64(im: Image.Image) -> str:
+    import base64
+
+    return base64.b64encode(png_of(im)).decode()
+
+
+def test_saved_png_parameters_regenerate_the_image(client, server):
+    """What --from-png reads from a saved output gives the same image again."""
+    from sdengine.metadata import parse_parameters, read_png_parameters, to_generate_kwargs
+
+    j = run(client, {**BASE, "prompt": "a blue heart", "seed": 21, "sampler": "euler_a", "schedule": "normal"})
+    path = Path(server.services.config.outputs_dir) / j["images"][0]["name"]
+    kwargs = to_generate_kwargs(parse_parameters(read_png_parameters(path)))
+    prompt = kwargs.pop("prompt")
+    again = emoji()(prompt, progress=False, **kwargs)
+    np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(again.images[0]))
