@@ -64,8 +64,14 @@ def test_lists_health_and_openapi(client):
     s = client.get("/v1/samplers").json()
     assert any(x["name"] == "dpmpp_2m" and x["a1111"] == "DPM++ 2M" for x in s["samplers"])
     spec = client.get("/openapi.json").json()
-    for route in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/uploads", "/sdapi/v1/txt2img",
-                  "/v1/images/generations"):
+    for route in (
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/events",
+        "/v1/uploads",
+        "/sdapi/v1/txt2img",
+        "/v1/images/generations",
+    ):
         assert route in spec["paths"], route
 
 
@@ -178,8 +184,12 @@ def test_loras_are_removed_after_each_job(client):
 def test_controlnet_unit_by_name_with_a_preprocessor(client):
     src = Image.new("RGB", (64, 64), "white")
     src.paste((0, 0, 0), (20, 20, 44, 44))
-    body = {**BASE, "controlnets": [{"model": "emoji-controlnet-canny", "image": png_b64(src),
-                                     "preprocessor": "canny", "weight": 1.0}]}
+    body = {
+        **BASE,
+        "controlnets": [
+            {"model": "emoji-controlnet-canny", "image": png_b64(src), "preprocessor": "canny", "weight": 1.0}
+        ],
+    }
     j = run(client, body)
     assert j["state"] == "done", j
     assert "ControlNet 0: " in j["infotexts"][0] and "emoji-controlnet-canny" in j["infotexts"][0]
