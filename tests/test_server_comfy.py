@@ -355,3 +355,76 @@ def test_routes_view_upload_queue_object_info(client, server):
     with pytest.raises(websocket.WebSocketException):
         websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId=x", origin="http://evil.example",
                                     timeout=10)
+
+
+def test_advanced_sampler_upscales_and_the_other_nodes(client):
+    def images_of(g: dict) -> dict[str, list[np.ndarray]]:
+        r = client.post("/prompt", json={"prompt": g})
+        assert r.status_code == 200, r.text
+        h = wait_history(client, r.json()["prompt_id"])
+        assert h["status"]["status_str"] == "success", h["status"]
+        out = {}
+        for nid, o in h["outputs"].items():
+            out[nid] = [np.asarray(Image.open(io.BytesIO(client.get("/view", params=im).content)).convert("RGB"))
+                        for im in o["images"]]
+        return out
+
+    def adv(latent, start, end, add_noise="enable", leftover="disable"):
+        return {"class_type": "KSamplerAdvanced", "inputs": {
+            "add_noise": add_noise, "noise_seed": SEED, "steps": STEPS, "cfg": 5.0, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["6", 0], "negative": ["7", 0], "latent_image": list(latent),
+            "model": ["4", 0], "start_at_step": start, "end_at_step": end, "return_with_leftover_noise": leftover}}
+
+    g = txt2img_graph(sampler="euler", scheduler="normal")
+    g["20"] = adv(("5", 0), 0, 10000)  # the whole run: KSampler's image
+    g["21"] = {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["4", 2]}}
+    g["22"] = {"class_type": "PreviewImage", "inputs": {"images": ["21", 0]}}
+    g["30"] = adv(("5", 0), 0, 2, leftover="enable")  # the same run in two halves
+    g["31"] = adv(("30", 0), 2, 10000, add_noise="disable")
+    g["32"] = {"class_type": "VAEDecode", "inputs": {"samples": ["31", 0], "vae": ["4", 2]}}
+    g["33"] = {"class_type": "SaveImage", "inputs": {"images": ["32", 0], "filename_prefix": "halves/x"}}
+    out = images_of(g)
+    full, whole, halves = out["9"][0], out["22"][0], out["33"][0]
+    assert np.array_equal(full, whole)
+    assert np.abs(full.astype(int) - halves).max() <= 2
+
+    # hires fix: upscale the latent, sample again at denoise 0.5; inpaint-encode; combine; clip layer; LoRA only
+    g = txt2img_graph(clip=("40", 0), model=("41", 0))
+    g["40"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["4", 1], "stop_at_clip_layer": -1}}
+    g["41"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["4", 0], "lora_name": "emoji-fruit",
+                                                               "strength_model": 0.5}}
+    g["42"] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0], "upscale_method": "bilinear",
+                                                           "scale_by": 1.5}}
+    g["43"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0], "conditioning_2": ["7", 0]}}
+    g["44"] = {"class_type": "KSampler", "inputs": {**g["3"]["inputs"], "latent_image": ["42", 0], "denoise": 0.5,
+                                                    "positive": ["43", 0]}}
+    g["45"] = {"class_type": "VAEDecode", "inputs": {"samples": ["44", 0], "vae": ["4", 2]}}
+    g["46"] = {"class_type": "ImageScale", "inputs": {"image": ["45", 0], "upscale_method": "lanczos", "width": 48,
+                                                      "height": 0, "crop": "disabled"}}
+    g["47"] = {"class_type": "SaveImage", "inputs": {"images": ["46", 0], "filename_prefix": "hires"}}
+    g["48"] = {"class_type": "VAEEncodeForInpaint", "inputs": {"pixels": ["8", 0], "vae": ["4", 2],
+                                                               "mask": ["49", 0], "grow_mask_by": 2}}
+    g["49"] = {"class_type": "LoadImageMask", "inputs": {"image": upload(client, picture(), "m.png")[1],
+                                                         "channel": "red"}}
+    g["50"] = {"class_type": "KSampler", "inputs": {**g["3"]["inputs"], "latent_image": ["48", 0]}}
+    g["51"] = {"class_type": "VAEDecode", "inputs": {"samples": ["50", 0], "vae": ["4", 2]}}
+    g["52"] = {"class_type": "SaveImage", "inputs": {"images": ["51", 0], "filename_prefix": "inpaint"}}
+    g["53"] = {"class_type": "PreviewImage", "inputs": {"images": ["45", 0]}}
+    out = images_of(g)
+    assert out["9"][0].shape == (64, 64, 3)
+    assert out["53"][0].shape == (96, 96, 3)  # the 1.5x latent
+    assert out["47"][0].shape == (48, 48, 3)  # scaled to width 48, height by the aspect
+    assert out["52"][0].shape == (64, 64, 3) and not np.array_equal(out["52"][0], out["9"][0])
+
+
+def test_websocket_needs_the_api_key(tmp_path):
+    with live_server(server_config(tmp_path, api_key="s3cret")) as s:
+        url = f"ws://127.0.0.1:{s.port}/ws?clientId=abc"
+        with pytest.raises(websocket.WebSocketException):
+            websocket.create_connection(url, timeout=10)
+        for ws in (websocket.create_connection(url + "&token=s3cret", timeout=10),
+                   websocket.create_connection(url, header=["Authorization: Bearer s3cret"], timeout=10)):
+            first = json.loads(ws.recv())
+            ws.close()
+            assert first["type"] == "status" and first["data"]["sid"] == "abc"
+        assert httpx.post(f"{s.url}/prompt", json={"prompt": {}}).status_code == 401
