@@ -77,17 +77,37 @@ def comfy_image(client: httpx.Client, prompt: dict, **extra) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(v.content)).convert("RGB"))
 
 
-def txt2img_graph(prompt="a red apple", negative="", sampler="dpmpp_2m", scheduler="karras", cfg=5.0,
-                  latent=("5", 0), model=("4", 0), clip=("4", 1), denoise=1.0) -> dict:
+def txt2img_graph(
+    prompt="a red apple",
+    negative="",
+    sampler="dpmpp_2m",
+    scheduler="karras",
+    cfg=5.0,
+    latent=("5", 0),
+    model=("4", 0),
+    clip=("4", 1),
+    denoise=1.0,
+) -> dict:
     return {
         "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "emoji"}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": list(clip)}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": list(clip)}},
-        "3": {"class_type": "KSampler", "inputs": {
-            "seed": SEED, "steps": STEPS, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
-            "denoise": denoise, "model": list(model), "positive": ["6", 0], "negative": ["7", 0],
-            "latent_image": list(latent)}},
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "seed": SEED,
+                "steps": STEPS,
+                "cfg": cfg,
+                "sampler_name": sampler,
+                "scheduler": scheduler,
+                "denoise": denoise,
+                "model": list(model),
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": list(latent),
+            },
+        },
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
         "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "test", "images": ["8", 0]}},
     }
@@ -120,7 +140,7 @@ def test_comfyui_example_clients_run_the_default_workflow(server, client):
     # ---- websockets_api_example.py, its functions as they are
     def queue_prompt(prompt):
         p = {"prompt": prompt, "client_id": client_id}
-        data = json.dumps(p).encode('utf-8')
+        data = json.dumps(p).encode("utf-8")
         req = urllib.request.Request("http://{}/prompt".format(server_address), data=data)  # noqa: UP032
         return json.loads(urllib.request.urlopen(req).read())
 
@@ -138,34 +158,35 @@ def test_comfyui_example_clients_run_the_default_workflow(server, client):
     previews: list[bytes] = []
 
     def get_images(ws, prompt):
-        prompt_id = queue_prompt(prompt)['prompt_id']
+        prompt_id = queue_prompt(prompt)["prompt_id"]
         output_images = {}
         while True:
             out = ws.recv()
             if isinstance(out, str):
                 message = json.loads(out)
-                events.append(message['type'])
-                if message['type'] == 'executing':
-                    data = message['data']
-                    if data['node'] is None and data['prompt_id'] == prompt_id:
+                events.append(message["type"])
+                if message["type"] == "executing":
+                    data = message["data"]
+                    if data["node"] is None and data["prompt_id"] == prompt_id:
                         break  # Execution is done
             else:
                 previews.append(out)
                 continue  # previews are binary data
 
         history = get_history(prompt_id)[prompt_id]
-        for node_id in history['outputs']:
-            node_output = history['outputs'][node_id]
-            if 'images' in node_output:
+        for node_id in history["outputs"]:
+            node_output = history["outputs"][node_id]
+            if "images" in node_output:
                 images_output = []
-                for image in node_output['images']:
-                    image_data = get_image(image['filename'], image['subfolder'], image['type'])
+                for image in node_output["images"]:
+                    image_data = get_image(image["filename"], image["subfolder"], image["type"])
                     images_output.append(image_data)
             output_images[node_id] = images_output
         return output_images
 
-    default_workflow = txt2img_graph(prompt="masterpiece best quality girl", negative="bad hands",
-                                     sampler="euler", scheduler="normal", cfg=8)
+    default_workflow = txt2img_graph(
+        prompt="masterpiece best quality girl", negative="bad hands", sampler="euler", scheduler="normal", cfg=8
+    )
     default_workflow["3"]["inputs"]["seed"] = 8566257
     prompt = json.loads(json.dumps(default_workflow))
     prompt["6"]["inputs"]["text"] = "masterpiece best quality man"
@@ -181,8 +202,15 @@ def test_comfyui_example_clients_run_the_default_workflow(server, client):
     im = Image.open(io.BytesIO(node_images[0]))
     assert im.size == (64, 64) and im.format == "PNG"
     assert np.asarray(im).std() > 5  # a picture, not a flat image
-    for kind in ("status", "execution_start", "execution_cached", "executing", "progress", "executed",
-                 "execution_success"):
+    for kind in (
+        "status",
+        "execution_start",
+        "execution_cached",
+        "executing",
+        "progress",
+        "executed",
+        "execution_success",
+    ):
         assert kind in events, (kind, events)
     # binary previews in ComfyUI's framing: >I event 1 (PREVIEW_IMAGE), >I image type 2 (PNG), the PNG
     assert previews and all(p[:8] == b"\x00\x00\x00\x01\x00\x00\x00\x02" and p[8:12] == b"\x89PNG" for p in previews)
@@ -190,7 +218,7 @@ def test_comfyui_example_clients_run_the_default_workflow(server, client):
     # ---- basic_api_example.py: queue_prompt as it is (no client id, fire and forget)
     def basic_queue_prompt(prompt):
         p = {"prompt": prompt}
-        data = json.dumps(p).encode('utf-8')
+        data = json.dumps(p).encode("utf-8")
         req = urllib.request.Request("http://{}/prompt".format(server_address), data=data)  # noqa: UP032
         urllib.request.urlopen(req)
 
@@ -222,8 +250,16 @@ def plain(server) -> np.ndarray:
 def test_txt2img_lora_equal_native(client, plain):
     assert np.array_equal(comfy_image(client, txt2img_graph()), plain)
     g = txt2img_graph(model=("10", 0), clip=("10", 1))
-    g["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": "emoji-fruit",
-                                                      "strength_model": 0.8, "strength_clip": 0.8}}
+    g["10"] = {
+        "class_type": "LoraLoader",
+        "inputs": {
+            "model": ["4", 0],
+            "clip": ["4", 1],
+            "lora_name": "emoji-fruit",
+            "strength_model": 0.8,
+            "strength_clip": 0.8,
+        },
+    }
     a = comfy_image(client, g)
     b = native_image(client, prompt="a red apple", cfg_scale=5.0, loras=[{"name": "emoji-fruit", "weight": 0.8}])
     assert np.array_equal(a, b) and not np.array_equal(a, plain)
@@ -257,35 +293,66 @@ def test_controlnet_equal_native(client, plain):
     g["10"] = {"class_type": "LoadImage", "inputs": {"image": init_name}}
     g["11"] = {"class_type": "Canny", "inputs": {"image": ["10", 0], "low_threshold": 0.4, "high_threshold": 0.8}}
     g["12"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "emoji-controlnet-canny"}}
-    g["13"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
-        "positive": ["6", 0], "negative": ["7", 0], "control_net": ["12", 0], "image": ["11", 0],
-        "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
+    g["13"] = {
+        "class_type": "ControlNetApplyAdvanced",
+        "inputs": {
+            "positive": ["6", 0],
+            "negative": ["7", 0],
+            "control_net": ["12", 0],
+            "image": ["11", 0],
+            "strength": 1.0,
+            "start_percent": 0.0,
+            "end_percent": 1.0,
+        },
+    }
     g["3"]["inputs"].update(positive=["13", 0], negative=["13", 1])
     a = comfy_image(client, g)
-    b = native_image(client, prompt="a red apple", cfg_scale=5.0, controlnets=[
-        {"model": "emoji-controlnet-canny", "image": init_id, "preprocessor": "canny", "low": 102, "high": 204}])
+    b = native_image(
+        client,
+        prompt="a red apple",
+        cfg_scale=5.0,
+        controlnets=[
+            {"model": "emoji-controlnet-canny", "image": init_id, "preprocessor": "canny", "low": 102, "high": 204}
+        ],
+    )
     assert np.array_equal(a, b) and not np.array_equal(a, plain)
 
 
 # ------------------------------------------------------------------------------------- broken workflows
 
 
-@pytest.mark.parametrize("break_it, node, kind", [
-    (lambda g: g["3"].update(class_type="NoSuchNode"), "3", "missing_node_type"),
-    (lambda g: g["3"]["inputs"].pop("seed"), "3", "required_input_missing"),
-    (lambda g: g["3"]["inputs"].update(steps="many"), "3", "invalid_input_type"),
-    (lambda g: g["3"]["inputs"].update(cfg=1000), "3", "value_bigger_than_max"),
-    (lambda g: g["3"]["inputs"].update(sampler_name="nope"), "3", "value_not_in_list"),
-    (lambda g: g["8"]["inputs"].update(samples=["99", 0]), "8", "invalid_link"),
-    (lambda g: g["8"]["inputs"].update(samples=["4", 0]), "8", "return_type_mismatch"),
-    (lambda g: g["4"]["inputs"].update(ckpt_name="../etc/passwd"), "4", "value_not_in_list"),
-    (lambda g: (g["6"]["inputs"].update(clip=["20", 0]),
-                g.update({"20": {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["21", 0],
-                                                                           "stop_at_clip_layer": -1}},
-                          "21": {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["20", 0],
-                                                                           "stop_at_clip_layer": -1}}})),
-     "20", "dependency_cycle"),
-])
+@pytest.mark.parametrize(
+    "break_it, node, kind",
+    [
+        (lambda g: g["3"].update(class_type="NoSuchNode"), "3", "missing_node_type"),
+        (lambda g: g["3"]["inputs"].pop("seed"), "3", "required_input_missing"),
+        (lambda g: g["3"]["inputs"].update(steps="many"), "3", "invalid_input_type"),
+        (lambda g: g["3"]["inputs"].update(cfg=1000), "3", "value_bigger_than_max"),
+        (lambda g: g["3"]["inputs"].update(sampler_name="nope"), "3", "value_not_in_list"),
+        (lambda g: g["8"]["inputs"].update(samples=["99", 0]), "8", "invalid_link"),
+        (lambda g: g["8"]["inputs"].update(samples=["4", 0]), "8", "return_type_mismatch"),
+        (lambda g: g["4"]["inputs"].update(ckpt_name="../etc/passwd"), "4", "value_not_in_list"),
+        (
+            lambda g: (
+                g["6"]["inputs"].update(clip=["20", 0]),
+                g.update(
+                    {
+                        "20": {
+                            "class_type": "CLIPSetLastLayer",
+                            "inputs": {"clip": ["21", 0], "stop_at_clip_layer": -1},
+                        },
+                        "21": {
+                            "class_type": "CLIPSetLastLayer",
+                            "inputs": {"clip": ["20", 0], "stop_at_clip_layer": -1},
+                        },
+                    }
+                ),
+            ),
+            "20",
+            "dependency_cycle",
+        ),
+    ],
+)
 def test_broken_workflows_name_the_node(client, break_it, node, kind):
     g = txt2img_graph()
     break_it(g)
@@ -338,23 +405,30 @@ def test_routes_view_upload_queue_object_info(client, server):
     assert client.get("/system_stats").json()["devices"][0]["type"] == "cpu"
     assert client.post("/free", json={"free_memory": True}).status_code == 200
     # /view: contained, images only, nosniff
-    for params in ({"filename": "../../etc/passwd.png"}, {"filename": "x.png", "subfolder": "../.."},
-                   {"filename": "/etc/hosts.png"}, {"filename": "a.txt"}, {"filename": "x.png", "type": "other"}):
+    for params in (
+        {"filename": "../../etc/passwd.png"},
+        {"filename": "x.png", "subfolder": "../.."},
+        {"filename": "/etc/hosts.png"},
+        {"filename": "a.txt"},
+        {"filename": "x.png", "type": "other"},
+    ):
         assert client.get("/view", params=params).status_code in (400, 404), params
     # /upload/image: a bomb is refused before decoding, a traversal name is refused
     big = io.BytesIO()
     Image.new("1", (20000, 20000)).save(big, format="PNG")
     r = client.post("/upload/image", files={"image": ("big.png", big.getvalue(), "image/png")})
     assert r.status_code == 413
-    r = client.post("/upload/image", files={"image": ("ok.png", png_bytes(picture()), "image/png")},
-                    data={"subfolder": "../x"})
+    r = client.post(
+        "/upload/image", files={"image": ("ok.png", png_bytes(picture()), "image/png")}, data={"subfolder": "../x"}
+    )
     assert r.status_code == 400
     # a foreign page cannot queue prompts nor open the websocket
     r = client.post("/prompt", json={"prompt": txt2img_graph()}, headers={"Origin": "http://evil.example"})
     assert r.status_code == 403
     with pytest.raises(websocket.WebSocketException):
-        websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId=x", origin="http://evil.example",
-                                    timeout=10)
+        websocket.create_connection(
+            f"ws://127.0.0.1:{server.port}/ws?clientId=x", origin="http://evil.example", timeout=10
+        )
 
 
 def test_advanced_sampler_upscales_and_the_other_nodes(client):
@@ -365,15 +439,31 @@ def test_advanced_sampler_upscales_and_the_other_nodes(client):
         assert h["status"]["status_str"] == "success", h["status"]
         out = {}
         for nid, o in h["outputs"].items():
-            out[nid] = [np.asarray(Image.open(io.BytesIO(client.get("/view", params=im).content)).convert("RGB"))
-                        for im in o["images"]]
+            out[nid] = [
+                np.asarray(Image.open(io.BytesIO(client.get("/view", params=im).content)).convert("RGB"))
+                for im in o["images"]
+            ]
         return out
 
     def adv(latent, start, end, add_noise="enable", leftover="disable"):
-        return {"class_type": "KSamplerAdvanced", "inputs": {
-            "add_noise": add_noise, "noise_seed": SEED, "steps": STEPS, "cfg": 5.0, "sampler_name": "euler",
-            "scheduler": "normal", "positive": ["6", 0], "negative": ["7", 0], "latent_image": list(latent),
-            "model": ["4", 0], "start_at_step": start, "end_at_step": end, "return_with_leftover_noise": leftover}}
+        return {
+            "class_type": "KSamplerAdvanced",
+            "inputs": {
+                "add_noise": add_noise,
+                "noise_seed": SEED,
+                "steps": STEPS,
+                "cfg": 5.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": list(latent),
+                "model": ["4", 0],
+                "start_at_step": start,
+                "end_at_step": end,
+                "return_with_leftover_noise": leftover,
+            },
+        }
 
     g = txt2img_graph(sampler="euler", scheduler="normal")
     g["20"] = adv(("5", 0), 0, 10000)  # the whole run: KSampler's image
@@ -391,21 +481,33 @@ def test_advanced_sampler_upscales_and_the_other_nodes(client):
     # hires fix: upscale the latent, sample again at denoise 0.5; inpaint-encode; combine; clip layer; LoRA only
     g = txt2img_graph(clip=("40", 0), model=("41", 0))
     g["40"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["4", 1], "stop_at_clip_layer": -1}}
-    g["41"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["4", 0], "lora_name": "emoji-fruit",
-                                                               "strength_model": 0.5}}
-    g["42"] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0], "upscale_method": "bilinear",
-                                                           "scale_by": 1.5}}
+    g["41"] = {
+        "class_type": "LoraLoaderModelOnly",
+        "inputs": {"model": ["4", 0], "lora_name": "emoji-fruit", "strength_model": 0.5},
+    }
+    g["42"] = {
+        "class_type": "LatentUpscaleBy",
+        "inputs": {"samples": ["3", 0], "upscale_method": "bilinear", "scale_by": 1.5},
+    }
     g["43"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0], "conditioning_2": ["7", 0]}}
-    g["44"] = {"class_type": "KSampler", "inputs": {**g["3"]["inputs"], "latent_image": ["42", 0], "denoise": 0.5,
-                                                    "positive": ["43", 0]}}
+    g["44"] = {
+        "class_type": "KSampler",
+        "inputs": {**g["3"]["inputs"], "latent_image": ["42", 0], "denoise": 0.5, "positive": ["43", 0]},
+    }
     g["45"] = {"class_type": "VAEDecode", "inputs": {"samples": ["44", 0], "vae": ["4", 2]}}
-    g["46"] = {"class_type": "ImageScale", "inputs": {"image": ["45", 0], "upscale_method": "lanczos", "width": 48,
-                                                      "height": 0, "crop": "disabled"}}
+    g["46"] = {
+        "class_type": "ImageScale",
+        "inputs": {"image": ["45", 0], "upscale_method": "lanczos", "width": 48, "height": 0, "crop": "disabled"},
+    }
     g["47"] = {"class_type": "SaveImage", "inputs": {"images": ["46", 0], "filename_prefix": "hires"}}
-    g["48"] = {"class_type": "VAEEncodeForInpaint", "inputs": {"pixels": ["8", 0], "vae": ["4", 2],
-                                                               "mask": ["49", 0], "grow_mask_by": 2}}
-    g["49"] = {"class_type": "LoadImageMask", "inputs": {"image": upload(client, picture(), "m.png")[1],
-                                                         "channel": "red"}}
+    g["48"] = {
+        "class_type": "VAEEncodeForInpaint",
+        "inputs": {"pixels": ["8", 0], "vae": ["4", 2], "mask": ["49", 0], "grow_mask_by": 2},
+    }
+    g["49"] = {
+        "class_type": "LoadImageMask",
+        "inputs": {"image": upload(client, picture(), "m.png")[1], "channel": "red"},
+    }
     g["50"] = {"class_type": "KSampler", "inputs": {**g["3"]["inputs"], "latent_image": ["48", 0]}}
     g["51"] = {"class_type": "VAEDecode", "inputs": {"samples": ["50", 0], "vae": ["4", 2]}}
     g["52"] = {"class_type": "SaveImage", "inputs": {"images": ["51", 0], "filename_prefix": "inpaint"}}
@@ -422,8 +524,10 @@ def test_websocket_needs_the_api_key(tmp_path):
         url = f"ws://127.0.0.1:{s.port}/ws?clientId=abc"
         with pytest.raises(websocket.WebSocketException):
             websocket.create_connection(url, timeout=10)
-        for ws in (websocket.create_connection(url + "&token=s3cret", timeout=10),
-                   websocket.create_connection(url, header=["Authorization: Bearer s3cret"], timeout=10)):
+        for ws in (
+            websocket.create_connection(url + "&token=s3cret", timeout=10),
+            websocket.create_connection(url, header=["Authorization: Bearer s3cret"], timeout=10),
+        ):
             first = json.loads(ws.recv())
             ws.close()
             assert first["type"] == "status" and first["data"]["sid"] == "abc"

@@ -123,8 +123,9 @@ def make_noise(shape: Sequence[int], seed: int, seed_rule: str) -> Tensor:
     """The initial noise of ``shape`` (B, C, h, w) on the CPU under ``seed_rule`` (see the module docstring)."""
     if seed_rule == "comfyui":
         return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(seed))
-    return torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator("cpu").manual_seed(seed + i))
-                      for i in range(shape[0])])
+    return torch.cat(
+        [torch.randn((1, *shape[1:]), generator=torch.Generator("cpu").manual_seed(seed + i)) for i in range(shape[0])]
+    )
 
 
 def sample_latents(
@@ -164,11 +165,13 @@ def sample_latents(
     if not positive or not negative:
         raise LatentSamplingError("sampling needs positive and negative conditioning")
     if getattr(pipe, "inpainting", False):
-        raise LatentSamplingError(f"{pipe.name}: 9-channel inpainting U-Nets are not supported here; use an "
-                                  "ordinary model with a noise mask")
+        raise LatentSamplingError(
+            f"{pipe.name}: 9-channel inpainting U-Nets are not supported here; use an ordinary model with a noise mask"
+        )
     if latent.ndim != 4 or latent.shape[1] != pipe.latent_channels:
-        raise LatentSamplingError(f"latent of shape {tuple(latent.shape)} does not fit {pipe.name} "
-                                  f"({pipe.latent_channels} channels)")
+        raise LatentSamplingError(
+            f"latent of shape {tuple(latent.shape)} does not fit {pipe.name} ({pipe.latent_channels} channels)"
+        )
     if not 0.0 < denoise <= 1.0:
         raise LatentSamplingError(f"denoise must be in (0, 1], got {denoise}")
     dev = pipe.device
@@ -235,8 +238,9 @@ def sample_latents(
             from sdengine.pipeline.control import build_controlled_unet
 
             units = [(c.model, c.image, c.strength, c.start, c.end) for c in dict.fromkeys(controls)]
-            net = build_controlled_unet(net, units, width=w * f, height=h * f, grid=grid, device=dev,
-                                        dtype=pipe.dtype, start_step=start)
+            net = build_controlled_unet(
+                net, units, width=w * f, height=h * f, grid=grid, device=dev, dtype=pipe.dtype, start_step=start
+            )
         from sdengine.pipeline.unet_adapter import UNetAdapter
 
         den = Denoiser(UNetAdapter(net, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
@@ -269,10 +273,19 @@ def sample_latents(
         try:
             with torch.inference_mode():
                 x = sampling.sample(
-                    guided, noise, sampler=name, steps=total, schedule=sched, scheduler_config=pipe.scheduler_config,
-                    generators=gens, callback=on_step, extra_args=extra_args,
-                    init_latent=latent if from_init else None, strength=strength,
-                    start_step=start if from_init else None, noise_schedule=pipe.noise_schedule,
+                    guided,
+                    noise,
+                    sampler=name,
+                    steps=total,
+                    schedule=sched,
+                    scheduler_config=pipe.scheduler_config,
+                    generators=gens,
+                    callback=on_step,
+                    extra_args=extra_args,
+                    init_latent=latent if from_init else None,
+                    strength=strength,
+                    start_step=start if from_init else None,
+                    noise_schedule=pipe.noise_schedule,
                 )
         except SamplingInterrupted as e:
             if e.step + 1 != run_steps or end >= total:

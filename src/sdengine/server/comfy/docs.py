@@ -38,8 +38,9 @@ def _spec(spec: list[Any]) -> tuple[str, str]:
         return "choice", shown + (f" (default `{opts['default']}`)" if "default" in opts else "")
     parts = []
     if "default" in opts:
-        parts.append(f"default `{opts['default']!r}`" if isinstance(opts["default"], str) else
-                     f"default {opts['default']}")
+        parts.append(
+            f"default `{opts['default']!r}`" if isinstance(opts["default"], str) else f"default {opts['default']}"
+        )
     if "min" in opts or "max" in opts:
         parts.append(f"{opts.get('min', '')} .. {opts.get('max', '')}")
     if opts.get("multiline"):
@@ -66,8 +67,13 @@ def render_nodes(info: dict[str, Any]) -> str:
             for iname, spec in node["input"].get(group, {}).items():
                 kind, rest = _spec(spec)
                 out.append(f"| `{iname}`{' (optional)' if group == 'optional' else ''} | {kind} | {rest} |")
-        outs = ", ".join(f"{t}" + (f" (`{n}`)" if n != t else "") for t, n in zip(node["output"], node["output_name"],
-                                                                                strict=True)) or "none"
+        outs = (
+            ", ".join(
+                f"{t}" + (f" (`{n}`)" if n != t else "")
+                for t, n in zip(node["output"], node["output_name"], strict=True)
+            )
+            or "none"
+        )
         out.append("")
         out.append(f"Outputs: {outs}.")
         out.append("")

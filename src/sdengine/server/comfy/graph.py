@@ -50,8 +50,13 @@ class Interrupted(SdengineError):
 
 
 def is_link(v: Any) -> bool:
-    return isinstance(v, list) and len(v) == 2 and isinstance(v[0], str | int) and isinstance(v[1], int) \
+    return (
+        isinstance(v, list)
+        and len(v) == 2
+        and isinstance(v[0], str | int)
+        and isinstance(v[1], int)
         and not isinstance(v[1], bool)
+    )
 
 
 def _err(kind: str, message: str, details: str = "", **extra: Any) -> dict[str, Any]:
@@ -80,31 +85,55 @@ def _convert(inp: Input, value: Any, env: Any) -> tuple[Any, dict[str, Any] | No
             if not isinstance(value, bool):
                 raise ValueError
     except (ValueError, TypeError, OverflowError):
-        return None, _err("invalid_input_type", f"Failed to convert an input value to a {inp.type} value",
-                          f"{name}, {value!r}", input_name=name, received_value=repr(value)[:200])
+        return None, _err(
+            "invalid_input_type",
+            f"Failed to convert an input value to a {inp.type} value",
+            f"{name}, {value!r}",
+            input_name=name,
+            received_value=repr(value)[:200],
+        )
     if inp.type in ("INT", "FLOAT"):
         if inp.min is not None and value < inp.min:
-            return None, _err("value_smaller_than_min", f"Value {value} smaller than min of {inp.min}",
-                              f"{name}", input_name=name, received_value=value)
+            return None, _err(
+                "value_smaller_than_min",
+                f"Value {value} smaller than min of {inp.min}",
+                f"{name}",
+                input_name=name,
+                received_value=value,
+            )
         if inp.max is not None and value > inp.max:
-            return None, _err("value_bigger_than_max", f"Value {value} bigger than max of {inp.max}",
-                              f"{name}", input_name=name, received_value=value)
+            return None, _err(
+                "value_bigger_than_max",
+                f"Value {value} bigger than max of {inp.max}",
+                f"{name}",
+                input_name=name,
+                received_value=value,
+            )
     if inp.type == "COMBO":
         choices = choices_of(inp, env)
         if not isinstance(value, str) or value not in choices:
             shown = ", ".join(choices[:20]) + (", ..." if len(choices) > 20 else "")
-            return None, _err("value_not_in_list", "Value not in list", f"{name}: '{value}' not in [{shown}]",
-                              input_name=name, received_value=repr(value)[:200])
+            return None, _err(
+                "value_not_in_list",
+                "Value not in list",
+                f"{name}: '{value}' not in [{shown}]",
+                input_name=name,
+                received_value=repr(value)[:200],
+            )
     return value, None
 
 
 def output_nodes(prompt: Prompt) -> list[str]:
-    return [i for i, n in prompt.items() if isinstance(n, dict) and n.get("class_type") in NODES
-            and NODES[n["class_type"]].output_node]
+    return [
+        i
+        for i, n in prompt.items()
+        if isinstance(n, dict) and n.get("class_type") in NODES and NODES[n["class_type"]].output_node
+    ]
 
 
 def validate(prompt: Any, env: Any) -> tuple[Prompt, list[str]]:
     """(the prompt with literal inputs converted, the output node ids to run); PromptInvalid if broken."""
+
     def fail(error: dict[str, Any], node_errors: dict[str, Any] | None = None) -> PromptInvalid:
         return PromptInvalid({"error": error, "node_errors": node_errors or {}})
 
@@ -113,17 +142,30 @@ def validate(prompt: Any, env: Any) -> tuple[Prompt, list[str]]:
     node_errors: dict[str, Any] = {}
     for nid, node in prompt.items():
         if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
-            raise fail(_err("invalid_prompt", f"Cannot execute because node {nid} has no class_type.",
-                            f"Node ID '#{nid}'"),
-                       {str(nid): {"errors": [_err("invalid_prompt", "Node has no class_type")],
-                                   "dependent_outputs": [], "class_type": None}})
+            raise fail(
+                _err("invalid_prompt", f"Cannot execute because node {nid} has no class_type.", f"Node ID '#{nid}'"),
+                {
+                    str(nid): {
+                        "errors": [_err("invalid_prompt", "Node has no class_type")],
+                        "dependent_outputs": [],
+                        "class_type": None,
+                    }
+                },
+            )
         if node["class_type"] not in NODES:
             ct = node["class_type"]
-            raise fail(_err("invalid_prompt", f"Cannot execute because node {ct} does not exist.",
-                            f"Node ID '#{nid}'"),
-                       {str(nid): {"errors": [_err("missing_node_type", f"Node '{ct}' not found",
-                                                   f"Node ID '#{nid}'", class_type=ct)],
-                                   "dependent_outputs": [], "class_type": ct}})
+            raise fail(
+                _err("invalid_prompt", f"Cannot execute because node {ct} does not exist.", f"Node ID '#{nid}'"),
+                {
+                    str(nid): {
+                        "errors": [
+                            _err("missing_node_type", f"Node '{ct}' not found", f"Node ID '#{nid}'", class_type=ct)
+                        ],
+                        "dependent_outputs": [],
+                        "class_type": ct,
+                    }
+                },
+            )
         if not isinstance(node.get("inputs", {}), dict):
             raise fail(_err("invalid_prompt", f"Node {nid}: inputs must be an object", f"Node ID '#{nid}'"))
     outputs = output_nodes(prompt)
@@ -137,8 +179,9 @@ def validate(prompt: Any, env: Any) -> tuple[Prompt, list[str]]:
     done: set[str] = set()
 
     def add(nid: str, kind: str, message: str, details: str, **extra: Any) -> None:
-        entry = node_errors.setdefault(nid, {"errors": [], "dependent_outputs": [],
-                                             "class_type": prompt[nid]["class_type"]})
+        entry = node_errors.setdefault(
+            nid, {"errors": [], "dependent_outputs": [], "class_type": prompt[nid]["class_type"]}
+        )
         entry["errors"].append(_err(kind, message, details, **extra))
 
     def visit(nid: str, out: str) -> None:
@@ -148,7 +191,7 @@ def validate(prompt: Any, env: Any) -> tuple[Prompt, list[str]]:
                 visit(n2, out)
             return
         if nid in visiting:
-            cycle = visiting[visiting.index(nid):] + [nid]
+            cycle = visiting[visiting.index(nid) :] + [nid]
             add(nid, "dependency_cycle", "Dependency cycle detected", " -> ".join(f"#{c}" for c in cycle))
             return
         visiting.append(nid)
@@ -166,35 +209,58 @@ def validate(prompt: Any, env: Any) -> tuple[Prompt, list[str]]:
             if is_link(v):
                 src = str(v[0])
                 if src not in prompt:
-                    add(nid, "invalid_link", "Input links to a node that is not in the prompt",
-                        f"{inp.name} -> node '{src}'", input_name=inp.name, linked_node=src)
+                    add(
+                        nid,
+                        "invalid_link",
+                        "Input links to a node that is not in the prompt",
+                        f"{inp.name} -> node '{src}'",
+                        input_name=inp.name,
+                        linked_node=src,
+                    )
                     continue
                 src_def = NODES.get(prompt[src].get("class_type"))
                 if src_def is None:
                     continue
                 if not 0 <= v[1] < len(src_def.outputs):
-                    add(nid, "invalid_link", "Input links to an output the node does not have",
+                    add(
+                        nid,
+                        "invalid_link",
+                        "Input links to an output the node does not have",
                         f"{inp.name} -> node '{src}' output {v[1]} ({src_def.name} has {len(src_def.outputs)})",
-                        input_name=inp.name, linked_node=src)
+                        input_name=inp.name,
+                        linked_node=src,
+                    )
                     continue
                 got = src_def.outputs[v[1]]
                 want = inp.type if inp.is_link_type else inp.type
                 if got != want:
-                    add(nid, "return_type_mismatch", "Return type mismatch between linked nodes",
-                        f"{inp.name}, received_type({got}) mismatch input_type({want})", input_name=inp.name,
-                        received_type=got, linked_node=src)
+                    add(
+                        nid,
+                        "return_type_mismatch",
+                        "Return type mismatch between linked nodes",
+                        f"{inp.name}, received_type({got}) mismatch input_type({want})",
+                        input_name=inp.name,
+                        received_type=got,
+                        linked_node=src,
+                    )
                     continue
                 values[inp.name] = [src, v[1]]
                 links.append(src)
                 visit(src, out)
             elif inp.is_link_type:
-                add(nid, "invalid_input_type", f"Input must be a link to a {inp.type} output",
-                    f"{inp.name}, got {repr(v)[:100]}", input_name=inp.name)
+                add(
+                    nid,
+                    "invalid_input_type",
+                    f"Input must be a link to a {inp.type} output",
+                    f"{inp.name}, got {repr(v)[:100]}",
+                    input_name=inp.name,
+                )
             else:
                 value, error = _convert(inp, v, env)
                 if error is not None:
-                    node_errors.setdefault(nid, {"errors": [], "dependent_outputs": [],
-                                                 "class_type": node["class_type"]})["errors"].append(error)
+                    node_errors.setdefault(
+                        nid, {"errors": [], "dependent_outputs": [], "class_type": node["class_type"]}
+                    )["errors"].append(error)
                 else:
                     values[inp.name] = value
         visiting.pop()
@@ -212,6 +278,7 @@ def validate(prompt: Any, env: Any) -> tuple[Prompt, list[str]]:
 
 def topological_order(graph: Prompt) -> list[str]:
     """Kahn's order, ties broken by node id (numbers numerically), so that runs are reproducible."""
+
     def key(n: str) -> tuple[int, Any]:
         return (0, int(n)) if n.isdigit() else (1, n)
 
@@ -254,14 +321,22 @@ class Executor:
         sig: dict[str, str] = {}
         for nid in topological_order(graph):
             node = graph[nid]
-            parts = {k: (["link", sig[str(v[0])], v[1]] if isinstance(v, list) else v)
-                     for k, v in sorted(node["inputs"].items())}
+            parts = {
+                k: (["link", sig[str(v[0])], v[1]] if isinstance(v, list) else v)
+                for k, v in sorted(node["inputs"].items())
+            }
             text = json.dumps([node["class_type"], parts], sort_keys=True, default=str)
             sig[nid] = hashlib.sha256(text.encode()).hexdigest()
         return sig
 
-    def run(self, graph: Prompt, ctx: RunContext, *, cancelled: Callable[[], bool],
-            event: Callable[[str, dict[str, Any]], None]) -> dict[str, dict[str, Any]]:
+    def run(
+        self,
+        graph: Prompt,
+        ctx: RunContext,
+        *,
+        cancelled: Callable[[], bool],
+        event: Callable[[str, dict[str, Any]], None],
+    ) -> dict[str, dict[str, Any]]:
         """Run ``graph``; ``event(name, data)`` for executing / executed / execution_cached. Returns the
         output nodes' UI outputs ``{node_id: {"images": [...]}}``. Raises NodeFailed or Interrupted."""
         order = topological_order(graph)

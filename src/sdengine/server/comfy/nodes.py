@@ -35,12 +35,21 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 # ComfyUI's sampler and scheduler names -> sdengine's (only those the engine has).
 SAMPLER_NAMES = {
-    "euler": "euler", "euler_ancestral": "euler_a", "heun": "heun", "dpm_2": "dpm2",
-    "dpm_2_ancestral": "dpm2_a", "lms": "lms", "dpmpp_sde": "dpmpp_sde", "dpmpp_2m": "dpmpp_2m",
-    "dpmpp_2m_sde": "dpmpp_2m_sde", "ddpm": "ddpm", "lcm": "lcm", "ddim": "ddim", "uni_pc": "unipc",
+    "euler": "euler",
+    "euler_ancestral": "euler_a",
+    "heun": "heun",
+    "dpm_2": "dpm2",
+    "dpm_2_ancestral": "dpm2_a",
+    "lms": "lms",
+    "dpmpp_sde": "dpmpp_sde",
+    "dpmpp_2m": "dpmpp_2m",
+    "dpmpp_2m_sde": "dpmpp_2m_sde",
+    "ddpm": "ddpm",
+    "lcm": "lcm",
+    "ddim": "ddim",
+    "uni_pc": "unipc",
 }
-SCHEDULER_NAMES = {"normal": "normal", "karras": "karras", "exponential": "exponential",
-                   "sgm_uniform": "sgm_uniform"}
+SCHEDULER_NAMES = {"normal": "normal", "karras": "karras", "exponential": "exponential", "sgm_uniform": "sgm_uniform"}
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")
 
 
@@ -219,8 +228,9 @@ def checkpoint_loader(ctx: RunContext, ckpt_name: str) -> tuple[Any, ...]:
     return ModelHandle(ref), ClipHandle(ref), VaeHandle(ref)
 
 
-def lora_loader(ctx: RunContext, model: ModelHandle, clip: ClipHandle, lora_name: str, strength_model: float,
-                strength_clip: float) -> tuple[Any, ...]:
+def lora_loader(
+    ctx: RunContext, model: ModelHandle, clip: ClipHandle, lora_name: str, strength_model: float, strength_clip: float
+) -> tuple[Any, ...]:
     path = str(ctx.catalog.resolve_lora(lora_name))
     if strength_model:
         model = replace(model, loras=(*model.loras, (path, float(strength_model))))
@@ -269,8 +279,9 @@ def _hint_image(image: torch.Tensor) -> torch.Tensor:
     return image[:1].permute(0, 3, 1, 2).contiguous().float()
 
 
-def controlnet_apply(ctx: RunContext, conditioning: list[Any], control_net: str, image: torch.Tensor,
-                     strength: float) -> tuple[Any]:
+def controlnet_apply(
+    ctx: RunContext, conditioning: list[Any], control_net: str, image: torch.Tensor, strength: float
+) -> tuple[Any]:
     from sdengine.latent_sampling import ControlHint
 
     if strength == 0:
@@ -279,9 +290,16 @@ def controlnet_apply(ctx: RunContext, conditioning: list[Any], control_net: str,
     return ([replace(c, controls=(*c.controls, hint)) for c in conditioning],)
 
 
-def controlnet_apply_advanced(ctx: RunContext, positive: list[Any], negative: list[Any], control_net: str,
-                              image: torch.Tensor, strength: float, start_percent: float,
-                              end_percent: float) -> tuple[Any, ...]:
+def controlnet_apply_advanced(
+    ctx: RunContext,
+    positive: list[Any],
+    negative: list[Any],
+    control_net: str,
+    image: torch.Tensor,
+    strength: float,
+    start_percent: float,
+    end_percent: float,
+) -> tuple[Any, ...]:
     from sdengine.latent_sampling import ControlHint
 
     if strength == 0:
@@ -289,16 +307,29 @@ def controlnet_apply_advanced(ctx: RunContext, positive: list[Any], negative: li
     if not start_percent < end_percent:
         raise NodeError(f"start_percent ({start_percent}) must be below end_percent ({end_percent})")
     hint = ControlHint(control_net, _hint_image(image), float(strength), float(start_percent), float(end_percent))
-    return ([replace(c, controls=(*c.controls, hint)) for c in positive],
-            [replace(c, controls=(*c.controls, hint)) for c in negative])
+    return (
+        [replace(c, controls=(*c.controls, hint)) for c in positive],
+        [replace(c, controls=(*c.controls, hint)) for c in negative],
+    )
 
 
 # ------------------------------------------------------------------------------------------- sampling
 
 
-def _sample(ctx: RunContext, model: ModelHandle, seed: int, steps: int, cfg: float, sampler_name: str,
-            scheduler: str, positive: list[Any], negative: list[Any], latent_image: dict[str, Any],
-            denoise: float = 1.0, **window: Any) -> tuple[Any]:
+def _sample(
+    ctx: RunContext,
+    model: ModelHandle,
+    seed: int,
+    steps: int,
+    cfg: float,
+    sampler_name: str,
+    scheduler: str,
+    positive: list[Any],
+    negative: list[Any],
+    latent_image: dict[str, Any],
+    denoise: float = 1.0,
+    **window: Any,
+) -> tuple[Any]:
     from sdengine.latent_sampling import sample_latents
 
     if steps > ctx.max_steps:
@@ -310,25 +341,55 @@ def _sample(ctx: RunContext, model: ModelHandle, seed: int, steps: int, cfg: flo
         return ctx.progress(r.step, r.steps, r.denoised) if ctx.progress is not None else True
 
     out = sample_latents(
-        pipe, positive, negative, samples, seed=int(seed), steps=int(steps), cfg=float(cfg),
-        sampler=SAMPLER_NAMES[sampler_name], schedule=SCHEDULER_NAMES[scheduler], denoise=float(denoise),
-        seed_rule=ctx.seed_rule, posterior=latent_image.get("posterior"),
-        noise_mask=latent_image.get("noise_mask"), loras=model.loras, callback=report, **window,
+        pipe,
+        positive,
+        negative,
+        samples,
+        seed=int(seed),
+        steps=int(steps),
+        cfg=float(cfg),
+        sampler=SAMPLER_NAMES[sampler_name],
+        schedule=SCHEDULER_NAMES[scheduler],
+        denoise=float(denoise),
+        seed_rule=ctx.seed_rule,
+        posterior=latent_image.get("posterior"),
+        noise_mask=latent_image.get("noise_mask"),
+        loras=model.loras,
+        callback=report,
+        **window,
     )
-    return ({"samples": out.cpu(), "size": (out.shape[0], out.shape[2] * pipe.vae_scale_factor,
-                                            out.shape[3] * pipe.vae_scale_factor),
-             "posterior": None, "noise_mask": latent_image.get("noise_mask")},)
+    return (
+        {
+            "samples": out.cpu(),
+            "size": (out.shape[0], out.shape[2] * pipe.vae_scale_factor, out.shape[3] * pipe.vae_scale_factor),
+            "posterior": None,
+            "noise_mask": latent_image.get("noise_mask"),
+        },
+    )
 
 
 def ksampler(ctx: RunContext, **kw: Any) -> tuple[Any]:
     return _sample(ctx, **kw)
 
 
-def ksampler_advanced(ctx: RunContext, add_noise: str, noise_seed: int, start_at_step: int, end_at_step: int,
-                      return_with_leftover_noise: str, **kw: Any) -> tuple[Any]:
-    return _sample(ctx, seed=noise_seed, add_noise=add_noise == "enable", start_at_step=int(start_at_step),
-                   end_at_step=int(end_at_step) if end_at_step < kw["steps"] else None,
-                   leftover_noise=return_with_leftover_noise == "enable", **kw)
+def ksampler_advanced(
+    ctx: RunContext,
+    add_noise: str,
+    noise_seed: int,
+    start_at_step: int,
+    end_at_step: int,
+    return_with_leftover_noise: str,
+    **kw: Any,
+) -> tuple[Any]:
+    return _sample(
+        ctx,
+        seed=noise_seed,
+        add_noise=add_noise == "enable",
+        start_at_step=int(start_at_step),
+        end_at_step=int(end_at_step) if end_at_step < kw["steps"] else None,
+        leftover_noise=return_with_leftover_noise == "enable",
+        **kw,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ VAE
@@ -382,8 +443,9 @@ def _mask4(mask: torch.Tensor) -> torch.Tensor:
     return m[None, None] if m.ndim == 2 else m[:, None] if m.ndim == 3 else m
 
 
-def vae_encode_for_inpaint(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle, mask: torch.Tensor,
-                           grow_mask_by: int) -> tuple[Any]:
+def vae_encode_for_inpaint(
+    ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle, mask: torch.Tensor, grow_mask_by: int
+) -> tuple[Any]:
     b, h, w, _ = pixels.shape
     m = F.interpolate(_mask4(mask), size=(h, w), mode="bilinear")
     if grow_mask_by > 0:
@@ -402,8 +464,9 @@ def set_latent_noise_mask(ctx: RunContext, samples: dict[str, Any], mask: torch.
 
 def empty_latent(ctx: RunContext, width: int, height: int, batch_size: int) -> tuple[Any]:
     ctx.check_size(width, height, batch_size)
-    return ({"samples": None, "size": (int(batch_size), int(height), int(width)), "posterior": None,
-             "noise_mask": None},)
+    return (
+        {"samples": None, "size": (int(batch_size), int(height), int(width)), "posterior": None, "noise_mask": None},
+    )
 
 
 def _target_size(w0: int, h0: int, width: int, height: int) -> tuple[int, int]:
@@ -445,8 +508,9 @@ def _upscale_latent(samples: dict[str, Any], method: str, w: int, h: int, crop: 
     return {"samples": z, "size": (b, h, w), "posterior": None, "noise_mask": samples.get("noise_mask")}
 
 
-def latent_upscale(ctx: RunContext, samples: dict[str, Any], upscale_method: str, width: int, height: int,
-                   crop: str) -> tuple[Any]:
+def latent_upscale(
+    ctx: RunContext, samples: dict[str, Any], upscale_method: str, width: int, height: int, crop: str
+) -> tuple[Any]:
     _, h0, w0 = samples["size"]
     w, h = _target_size(w0, h0, int(width), int(height))
     ctx.check_size(w, h)
@@ -464,14 +528,18 @@ def latent_upscale_by(ctx: RunContext, samples: dict[str, Any], upscale_method: 
 # ---------------------------------------------------------------------------------------------- images
 
 
-def image_scale(ctx: RunContext, image: torch.Tensor, upscale_method: str, width: int, height: int,
-                crop: str) -> tuple[Any]:
+def image_scale(
+    ctx: RunContext, image: torch.Tensor, upscale_method: str, width: int, height: int, crop: str
+) -> tuple[Any]:
     _, h0, w0, _ = image.shape
     w, h = _target_size(w0, h0, int(width), int(height))
     ctx.check_size(w, h)
     if upscale_method == "lanczos":
-        out = [image_to_tensor(p.resize((w, h), Image.Resampling.LANCZOS))
-               for p in tensor_to_pil(image)] if crop == "disabled" else None
+        out = (
+            [image_to_tensor(p.resize((w, h), Image.Resampling.LANCZOS)) for p in tensor_to_pil(image)]
+            if crop == "disabled"
+            else None
+        )
         if out is not None:
             return (torch.cat(out),)
         upscale_method = "bicubic"
@@ -536,8 +604,11 @@ def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict
         info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
     results = []
     with ctx.save_lock:
-        used = [int(p.name[len(stem) + 1 :].split("_")[0]) for p in folder.glob(f"{stem}_*_.png")
-                if p.name[len(stem) + 1 :].split("_")[0].isdigit()]
+        used = [
+            int(p.name[len(stem) + 1 :].split("_")[0])
+            for p in folder.glob(f"{stem}_*_.png")
+            if p.name[len(stem) + 1 :].split("_")[0].isdigit()
+        ]
         counter = max(used, default=0) + 1
         for img in tensor_to_pil(images):
             name = f"{stem}_{counter:05d}_.png"
@@ -587,78 +658,246 @@ def _sampler_inputs(seed_name: str) -> tuple[Input, ...]:
     )
 
 
-NODES: dict[str, NodeDef] = {n.name: n for n in (
-    NodeDef("CheckpointLoaderSimple", "Load Checkpoint", "loaders", (_combo("ckpt_name", _models),),
-            ("MODEL", "CLIP", "VAE"), checkpoint_loader, description="A model from the models folder (or built in)."),
-    NodeDef("CLIPTextEncode", "CLIP Text Encode (Prompt)", "conditioning",
-            (Input("text", "STRING", "", multiline=True), Input("clip", "CLIP")), ("CONDITIONING",),
-            clip_text_encode, description="The prompt's conditioning, as the pipeline encodes it."),
-    NodeDef("CLIPSetLastLayer", "CLIP Set Last Layer", "conditioning",
-            (Input("clip", "CLIP"), _int("stop_at_clip_layer", -1, -24, -1)), ("CLIP",), clip_set_last_layer),
-    NodeDef("ConditioningCombine", "Conditioning (Combine)", "conditioning",
-            (Input("conditioning_1", "CONDITIONING"), Input("conditioning_2", "CONDITIONING")), ("CONDITIONING",),
-            conditioning_combine),
-    NodeDef("EmptyLatentImage", "Empty Latent Image", "latent",
+NODES: dict[str, NodeDef] = {
+    n.name: n
+    for n in (
+        NodeDef(
+            "CheckpointLoaderSimple",
+            "Load Checkpoint",
+            "loaders",
+            (_combo("ckpt_name", _models),),
+            ("MODEL", "CLIP", "VAE"),
+            checkpoint_loader,
+            description="A model from the models folder (or built in).",
+        ),
+        NodeDef(
+            "CLIPTextEncode",
+            "CLIP Text Encode (Prompt)",
+            "conditioning",
+            (Input("text", "STRING", "", multiline=True), Input("clip", "CLIP")),
+            ("CONDITIONING",),
+            clip_text_encode,
+            description="The prompt's conditioning, as the pipeline encodes it.",
+        ),
+        NodeDef(
+            "CLIPSetLastLayer",
+            "CLIP Set Last Layer",
+            "conditioning",
+            (Input("clip", "CLIP"), _int("stop_at_clip_layer", -1, -24, -1)),
+            ("CLIP",),
+            clip_set_last_layer,
+        ),
+        NodeDef(
+            "ConditioningCombine",
+            "Conditioning (Combine)",
+            "conditioning",
+            (Input("conditioning_1", "CONDITIONING"), Input("conditioning_2", "CONDITIONING")),
+            ("CONDITIONING",),
+            conditioning_combine,
+        ),
+        NodeDef(
+            "EmptyLatentImage",
+            "Empty Latent Image",
+            "latent",
             (_int("width", 512, 16, SIDE_MAX, 8), _int("height", 512, 16, SIDE_MAX, 8), _int("batch_size", 1, 1, 4096)),
-            ("LATENT",), empty_latent),
-    NodeDef("KSampler", "KSampler", "sampling", (*_sampler_inputs("seed"), _float("denoise", 1.0, 0.0, 1.0)),
-            ("LATENT",), ksampler, description="Samples with the engine's samplers (see docs/comfyui.md for seeds)."),
-    NodeDef("KSamplerAdvanced", "KSampler (Advanced)", "sampling",
-            (_combo("add_noise", ("enable", "disable")), *_sampler_inputs("noise_seed"),
-             _int("start_at_step", 0, 0, 10000), _int("end_at_step", 10000, 0, 10000),
-             _combo("return_with_leftover_noise", ("disable", "enable"))),
-            ("LATENT",), ksampler_advanced),
-    NodeDef("VAEDecode", "VAE Decode", "latent", (Input("samples", "LATENT"), Input("vae", "VAE")), ("IMAGE",),
-            vae_decode),
-    NodeDef("VAEEncode", "VAE Encode", "latent", (Input("pixels", "IMAGE"), Input("vae", "VAE")), ("LATENT",),
-            vae_encode),
-    NodeDef("VAEEncodeForInpaint", "VAE Encode (for Inpainting)", "latent/inpaint",
+            ("LATENT",),
+            empty_latent,
+        ),
+        NodeDef(
+            "KSampler",
+            "KSampler",
+            "sampling",
+            (*_sampler_inputs("seed"), _float("denoise", 1.0, 0.0, 1.0)),
+            ("LATENT",),
+            ksampler,
+            description="Samples with the engine's samplers (see docs/comfyui.md for seeds).",
+        ),
+        NodeDef(
+            "KSamplerAdvanced",
+            "KSampler (Advanced)",
+            "sampling",
+            (
+                _combo("add_noise", ("enable", "disable")),
+                *_sampler_inputs("noise_seed"),
+                _int("start_at_step", 0, 0, 10000),
+                _int("end_at_step", 10000, 0, 10000),
+                _combo("return_with_leftover_noise", ("disable", "enable")),
+            ),
+            ("LATENT",),
+            ksampler_advanced,
+        ),
+        NodeDef(
+            "VAEDecode",
+            "VAE Decode",
+            "latent",
+            (Input("samples", "LATENT"), Input("vae", "VAE")),
+            ("IMAGE",),
+            vae_decode,
+        ),
+        NodeDef(
+            "VAEEncode",
+            "VAE Encode",
+            "latent",
+            (Input("pixels", "IMAGE"), Input("vae", "VAE")),
+            ("LATENT",),
+            vae_encode,
+        ),
+        NodeDef(
+            "VAEEncodeForInpaint",
+            "VAE Encode (for Inpainting)",
+            "latent/inpaint",
             (Input("pixels", "IMAGE"), Input("vae", "VAE"), Input("mask", "MASK"), _int("grow_mask_by", 6, 0, 64)),
-            ("LATENT",), vae_encode_for_inpaint),
-    NodeDef("SetLatentNoiseMask", "Set Latent Noise Mask", "latent/inpaint",
-            (Input("samples", "LATENT"), Input("mask", "MASK")), ("LATENT",), set_latent_noise_mask),
-    NodeDef("LatentUpscale", "Upscale Latent", "latent",
-            (Input("samples", "LATENT"), _combo("upscale_method", UPSCALE_METHODS), _int("width", 512, 0, SIDE_MAX, 8),
-             _int("height", 512, 0, SIDE_MAX, 8), _combo("crop", ("disabled", "center"))),
-            ("LATENT",), latent_upscale),
-    NodeDef("LatentUpscaleBy", "Upscale Latent By", "latent",
+            ("LATENT",),
+            vae_encode_for_inpaint,
+        ),
+        NodeDef(
+            "SetLatentNoiseMask",
+            "Set Latent Noise Mask",
+            "latent/inpaint",
+            (Input("samples", "LATENT"), Input("mask", "MASK")),
+            ("LATENT",),
+            set_latent_noise_mask,
+        ),
+        NodeDef(
+            "LatentUpscale",
+            "Upscale Latent",
+            "latent",
+            (
+                Input("samples", "LATENT"),
+                _combo("upscale_method", UPSCALE_METHODS),
+                _int("width", 512, 0, SIDE_MAX, 8),
+                _int("height", 512, 0, SIDE_MAX, 8),
+                _combo("crop", ("disabled", "center")),
+            ),
+            ("LATENT",),
+            latent_upscale,
+        ),
+        NodeDef(
+            "LatentUpscaleBy",
+            "Upscale Latent By",
+            "latent",
             (Input("samples", "LATENT"), _combo("upscale_method", UPSCALE_METHODS), _float("scale_by", 1.5, 0.01, 8.0)),
-            ("LATENT",), latent_upscale_by),
-    NodeDef("LoadImage", "Load Image", "image", (_combo("image", input_files),), ("IMAGE", "MASK"), load_image,
-            description="An image from the input folder (POST /upload/image); MASK = 1 - alpha."),
-    NodeDef("LoadImageMask", "Load Image (as Mask)", "mask",
-            (_combo("image", input_files), _combo("channel", ("alpha", "red", "green", "blue"))), ("MASK",),
-            load_image_mask),
-    NodeDef("ImageScale", "Upscale Image", "image/upscaling",
-            (Input("image", "IMAGE"), _combo("upscale_method", (*UPSCALE_METHODS, "lanczos")),
-             _int("width", 512, 0, SIDE_MAX, 1), _int("height", 512, 0, SIDE_MAX, 1),
-             _combo("crop", ("disabled", "center"))), ("IMAGE",), image_scale),
-    NodeDef("Canny", "Canny", "image/preprocessors",
-            (Input("image", "IMAGE"), _float("low_threshold", 0.4, 0.01, 0.99),
-             _float("high_threshold", 0.8, 0.01, 0.99)),
-            ("IMAGE",), canny_node),
-    NodeDef("SaveImage", "Save Image", "image",
+            ("LATENT",),
+            latent_upscale_by,
+        ),
+        NodeDef(
+            "LoadImage",
+            "Load Image",
+            "image",
+            (_combo("image", input_files),),
+            ("IMAGE", "MASK"),
+            load_image,
+            description="An image from the input folder (POST /upload/image); MASK = 1 - alpha.",
+        ),
+        NodeDef(
+            "LoadImageMask",
+            "Load Image (as Mask)",
+            "mask",
+            (_combo("image", input_files), _combo("channel", ("alpha", "red", "green", "blue"))),
+            ("MASK",),
+            load_image_mask,
+        ),
+        NodeDef(
+            "ImageScale",
+            "Upscale Image",
+            "image/upscaling",
+            (
+                Input("image", "IMAGE"),
+                _combo("upscale_method", (*UPSCALE_METHODS, "lanczos")),
+                _int("width", 512, 0, SIDE_MAX, 1),
+                _int("height", 512, 0, SIDE_MAX, 1),
+                _combo("crop", ("disabled", "center")),
+            ),
+            ("IMAGE",),
+            image_scale,
+        ),
+        NodeDef(
+            "Canny",
+            "Canny",
+            "image/preprocessors",
+            (
+                Input("image", "IMAGE"),
+                _float("low_threshold", 0.4, 0.01, 0.99),
+                _float("high_threshold", 0.8, 0.01, 0.99),
+            ),
+            ("IMAGE",),
+            canny_node,
+        ),
+        NodeDef(
+            "SaveImage",
+            "Save Image",
+            "image",
             (Input("images", "IMAGE"), Input("filename_prefix", "STRING", "ComfyUI")),
-            (), save_image, output_node=True, description="PNGs in the outputs folder, with the prompt as text."),
-    NodeDef("PreviewImage", "Preview Image", "image", (Input("images", "IMAGE"),), (), preview_image, output_node=True),
-    NodeDef("LoraLoader", "Load LoRA", "loaders",
-            (Input("model", "MODEL"), Input("clip", "CLIP"), _combo("lora_name", _loras),
-             _float("strength_model", 1.0, -100.0, 100.0), _float("strength_clip", 1.0, -100.0, 100.0)),
-            ("MODEL", "CLIP"), lora_loader),
-    NodeDef("LoraLoaderModelOnly", "LoraLoaderModelOnly", "loaders",
+            (),
+            save_image,
+            output_node=True,
+            description="PNGs in the outputs folder, with the prompt as text.",
+        ),
+        NodeDef(
+            "PreviewImage", "Preview Image", "image", (Input("images", "IMAGE"),), (), preview_image, output_node=True
+        ),
+        NodeDef(
+            "LoraLoader",
+            "Load LoRA",
+            "loaders",
+            (
+                Input("model", "MODEL"),
+                Input("clip", "CLIP"),
+                _combo("lora_name", _loras),
+                _float("strength_model", 1.0, -100.0, 100.0),
+                _float("strength_clip", 1.0, -100.0, 100.0),
+            ),
+            ("MODEL", "CLIP"),
+            lora_loader,
+        ),
+        NodeDef(
+            "LoraLoaderModelOnly",
+            "LoraLoaderModelOnly",
+            "loaders",
             (Input("model", "MODEL"), _combo("lora_name", _loras), _float("strength_model", 1.0, -100.0, 100.0)),
-            ("MODEL",), lora_loader_model_only),
-    NodeDef("ControlNetLoader", "Load ControlNet Model", "loaders", (_combo("control_net_name", _controlnets),),
-            ("CONTROL_NET",), controlnet_loader),
-    NodeDef("ControlNetApply", "Apply ControlNet (OLD)", "conditioning/controlnet",
-            (Input("conditioning", "CONDITIONING"), Input("control_net", "CONTROL_NET"), Input("image", "IMAGE"),
-             _float("strength", 1.0, 0.0, 10.0)), ("CONDITIONING",), controlnet_apply),
-    NodeDef("ControlNetApplyAdvanced", "Apply ControlNet", "conditioning/controlnet",
-            (Input("positive", "CONDITIONING"), Input("negative", "CONDITIONING"), Input("control_net", "CONTROL_NET"),
-             Input("image", "IMAGE"), _float("strength", 1.0, 0.0, 10.0), _float("start_percent", 0.0, 0.0, 1.0, 0.001),
-             _float("end_percent", 1.0, 0.0, 1.0, 0.001)),
-            ("CONDITIONING", "CONDITIONING"), controlnet_apply_advanced, output_names=("positive", "negative")),
-)}
+            ("MODEL",),
+            lora_loader_model_only,
+        ),
+        NodeDef(
+            "ControlNetLoader",
+            "Load ControlNet Model",
+            "loaders",
+            (_combo("control_net_name", _controlnets),),
+            ("CONTROL_NET",),
+            controlnet_loader,
+        ),
+        NodeDef(
+            "ControlNetApply",
+            "Apply ControlNet (OLD)",
+            "conditioning/controlnet",
+            (
+                Input("conditioning", "CONDITIONING"),
+                Input("control_net", "CONTROL_NET"),
+                Input("image", "IMAGE"),
+                _float("strength", 1.0, 0.0, 10.0),
+            ),
+            ("CONDITIONING",),
+            controlnet_apply,
+        ),
+        NodeDef(
+            "ControlNetApplyAdvanced",
+            "Apply ControlNet",
+            "conditioning/controlnet",
+            (
+                Input("positive", "CONDITIONING"),
+                Input("negative", "CONDITIONING"),
+                Input("control_net", "CONTROL_NET"),
+                Input("image", "IMAGE"),
+                _float("strength", 1.0, 0.0, 10.0),
+                _float("start_percent", 0.0, 0.0, 1.0, 0.001),
+                _float("end_percent", 1.0, 0.0, 1.0, 0.001),
+            ),
+            ("CONDITIONING", "CONDITIONING"),
+            controlnet_apply_advanced,
+            output_names=("positive", "negative"),
+        ),
+    )
+}
 
 
 def choices_of(inp: Input, env: Any) -> list[str]:
@@ -694,8 +933,10 @@ def object_info(node: NodeDef, env: Any) -> dict[str, Any]:
         (optional if i.optional else required)[i.name] = spec
     return {
         "input": {"required": required, **({"optional": optional} if optional else {})},
-        "input_order": {"required": [i.name for i in node.inputs if not i.optional],
-                        **({"optional": [i.name for i in node.inputs if i.optional]} if optional else {})},
+        "input_order": {
+            "required": [i.name for i in node.inputs if not i.optional],
+            **({"optional": [i.name for i in node.inputs if i.optional]} if optional else {}),
+        },
         "output": list(node.outputs),
         "output_is_list": [False] * len(node.outputs),
         "output_name": list(node.output_names or node.outputs),

@@ -57,11 +57,13 @@ class ComfyState:
 
     def send(self, event: str | int, data: Any, sid: str | None) -> None:
         """Queue a JSON event (or binary frame when ``event`` is an int) for ``sid``'s socket(s); thread-safe."""
-        msg = json.dumps({"type": event, "data": data}) if isinstance(event, str) else \
-            struct.pack(">I", event) + data
+        msg = json.dumps({"type": event, "data": data}) if isinstance(event, str) else struct.pack(">I", event) + data
         with self.lock:
-            targets = [self.sockets[sid]] if sid is not None and sid in self.sockets else \
-                ([] if sid is not None else list(self.sockets.values()))
+            targets = (
+                [self.sockets[sid]]
+                if sid is not None and sid in self.sockets
+                else ([] if sid is not None else list(self.sockets.values()))
+            )
         for loop, q in targets:
             try:
                 loop.call_soon_threadsafe(q.put_nowait, msg)
@@ -93,12 +95,26 @@ class Env:
 class ComfyJob(Job):
     """A prompt in the server's queue; a worker calls :meth:`run_on` instead of its pipeline call."""
 
-    def __init__(self, *, services: Any, st: ComfyState, graph: dict[str, Any], outputs: list[str],
-                 prompt: dict[str, Any], prompt_id: str, number: int, client_id: str | None,
-                 extra_data: dict[str, Any], seed_rule: str) -> None:
+    def __init__(
+        self,
+        *,
+        services: Any,
+        st: ComfyState,
+        graph: dict[str, Any],
+        outputs: list[str],
+        prompt: dict[str, Any],
+        prompt_id: str,
+        number: int,
+        client_id: str | None,
+        extra_data: dict[str, Any],
+        seed_rule: str,
+    ) -> None:
         steps = sum(int(n["inputs"].get("steps", 0)) for n in graph.values() if "steps" in n["inputs"]) or 1
-        generation = Generation(model=services.config.model, model_name=str(services.options.get(
-            "sd_model_checkpoint")), kwargs={"steps": steps, "batch_size": 1, "seed": 0})
+        generation = Generation(
+            model=services.config.model,
+            model_name=str(services.options.get("sd_model_checkpoint")),
+            kwargs={"steps": steps, "batch_size": 1, "seed": 0},
+        )
         super().__init__(generation, protocol="comfyui", save=True, id=prompt_id)
         self.services = services
         self.st = st
@@ -116,8 +132,13 @@ class ComfyJob(Job):
 
     def event(self, name: str, data: dict[str, Any]) -> None:
         data = {**data, "prompt_id": self.id}
-        if name in ("execution_start", "execution_cached", "execution_success", "execution_error",
-                    "execution_interrupted"):
+        if name in (
+            "execution_start",
+            "execution_cached",
+            "execution_success",
+            "execution_error",
+            "execution_interrupted",
+        ):
             data["timestamp"] = int(time.time() * 1000)
             self.messages.append([name, data])
         self.st.send(name, data, self.client_id)
@@ -131,8 +152,7 @@ class ComfyJob(Job):
         def progress(step: int, steps: int, denoised: Any) -> bool:
             self.step, self.steps = step, steps
             node = ctx.current_node
-            self.st.send("progress", {"value": step, "max": steps, "prompt_id": self.id, "node": node},
-                         self.client_id)
+            self.st.send("progress", {"value": step, "max": steps, "prompt_id": self.id, "node": node}, self.client_id)
             if step % preview_every == 0 or step == steps:
                 try:
                     from sdengine import vae_utils
@@ -145,12 +165,20 @@ class ComfyJob(Job):
             self.changed()
             return not self.cancel.is_set()
 
-        ctx = RunContext(pipeline=worker.pipeline, catalog=services.catalog, folders=st.folders,
-                         seed_rule=self.seed_rule, progress=progress, prompt=self.prompt,
-                         extra_pnginfo=dict(self.extra_data.get("extra_pnginfo") or {}),
-                         max_pixels=services.config.max_image_pixels, save_lock=st.save_lock,
-                         max_steps=services.config.max_steps, max_side=services.config.max_side,
-                         max_batch=services.config.max_batch)
+        ctx = RunContext(
+            pipeline=worker.pipeline,
+            catalog=services.catalog,
+            folders=st.folders,
+            seed_rule=self.seed_rule,
+            progress=progress,
+            prompt=self.prompt,
+            extra_pnginfo=dict(self.extra_data.get("extra_pnginfo") or {}),
+            max_pixels=services.config.max_image_pixels,
+            save_lock=st.save_lock,
+            max_steps=services.config.max_steps,
+            max_side=services.config.max_side,
+            max_batch=services.config.max_batch,
+        )
         self.event("execution_start", {})
         status, outputs = "success", {}
         with st.run_lock:
@@ -178,11 +206,19 @@ class ComfyJob(Job):
             self.event("execution_interrupted", {"node_id": e.node_id, "node_type": e.class_type, "executed": []})
             m.finish(self, CANCELLED, f"interrupted at node {e.node_id} ({e.class_type})")
             return "interrupted"
-        self.event("execution_error", {
-            "node_id": e.node_id, "node_type": e.class_type, "executed": [],
-            "exception_message": str(e.exc), "exception_type": type(e.exc).__name__,
-            "traceback": traceback.format_exception_only(type(e.exc), e.exc),
-            "current_inputs": {}, "current_outputs": {}})
+        self.event(
+            "execution_error",
+            {
+                "node_id": e.node_id,
+                "node_type": e.class_type,
+                "executed": [],
+                "exception_message": str(e.exc),
+                "exception_type": type(e.exc).__name__,
+                "traceback": traceback.format_exception_only(type(e.exc), e.exc),
+                "current_inputs": {},
+                "current_outputs": {},
+            },
+        )
         m.finish(self, FAILED, str(e))
         return "error"
 
@@ -193,8 +229,10 @@ class ComfyJob(Job):
                 "prompt": self.queue_item(),
                 "outputs": outputs,
                 "status": {"status_str": status, "completed": status == "success", "messages": self.messages},
-                "meta": {nid: {"node_id": nid, "display_node": nid, "parent_node": None, "real_node_id": nid}
-                         for nid in outputs},
+                "meta": {
+                    nid: {"node_id": nid, "display_node": nid, "parent_node": None, "real_node_id": nid}
+                    for nid in outputs
+                },
             }
             while len(st.history) > MAX_HISTORY:
                 st.history.popitem(last=False)
@@ -247,27 +285,44 @@ async def post_prompt(request: Request) -> Any:
     st = state(request.app)
     body = await _json_body(request)
     if not isinstance(body, dict) or "prompt" not in body:
-        return JSONResponse({"error": {"type": "no_prompt", "message": "No prompt provided", "details": "",
-                                       "extra_info": {}}, "node_errors": {}}, status_code=400)
+        return JSONResponse(
+            {
+                "error": {"type": "no_prompt", "message": "No prompt provided", "details": "", "extra_info": {}},
+                "node_errors": {},
+            },
+            status_code=400,
+        )
     prompt = body["prompt"]
     try:
         graph, outputs = await asyncio.to_thread(validate, prompt, Env(services, st))
     except PromptInvalid as e:
         return JSONResponse(e.body, status_code=400)
-    extra = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else {}
-    seed_rule = str((extra.get("sdengine") or {}).get("seed_rule", "comfyui")) if isinstance(
-        extra.get("sdengine"), dict) else "comfyui"
+    raw_extra = body.get("extra_data")
+    extra: dict[str, Any] = raw_extra if isinstance(raw_extra, dict) else {}
+    options = extra.get("sdengine")
+    seed_rule = str(options.get("seed_rule", "comfyui")) if isinstance(options, dict) else "comfyui"
     if seed_rule not in ("comfyui", "sdengine"):
         raise BadRequest(f"extra_data.sdengine.seed_rule must be 'comfyui' or 'sdengine', got {seed_rule!r}")
-    client_id = body.get("client_id") if isinstance(body.get("client_id"), str) else None
-    prompt_id = body.get("prompt_id") if isinstance(body.get("prompt_id"), str) else str(uuid.uuid4())
+    raw_client, raw_id = body.get("client_id"), body.get("prompt_id")
+    client_id = raw_client if isinstance(raw_client, str) else None
+    prompt_id: str = raw_id if isinstance(raw_id, str) else str(uuid.uuid4())
     if len(prompt_id) > 100 or prompt_id in st.history:
         raise BadRequest("prompt_id must be new and at most 100 characters")
     with st.lock:
         number = st.number
         st.number += 1
-    job = ComfyJob(services=services, st=st, graph=graph, outputs=outputs, prompt=prompt, prompt_id=prompt_id,
-                   number=number, client_id=client_id, extra_data=extra, seed_rule=seed_rule)
+    job = ComfyJob(
+        services=services,
+        st=st,
+        graph=graph,
+        outputs=outputs,
+        prompt=prompt,
+        prompt_id=prompt_id,
+        number=number,
+        client_id=client_id,
+        extra_data=extra,
+        seed_rule=seed_rule,
+    )
     services.manager.submit(job)
     send_status(st, services)
     return {"prompt_id": prompt_id, "number": number, "node_errors": {}}
@@ -281,8 +336,10 @@ def get_prompt_status(request: Request) -> Any:
 @_route("GET", "/queue")
 def get_queue(request: Request) -> Any:
     jobs = comfy_jobs(request.app.state.services)
-    return {"queue_running": [j.queue_item() for j in jobs if j.state == RUNNING],
-            "queue_pending": [j.queue_item() for j in jobs if j.state == QUEUED]}
+    return {
+        "queue_running": [j.queue_item() for j in jobs if j.state == RUNNING],
+        "queue_pending": [j.queue_item() for j in jobs if j.state == QUEUED],
+    }
 
 
 @_route("POST", "/queue")
@@ -325,7 +382,7 @@ def get_history(request: Request, max_items: int | None = None) -> Any:
     with st.lock:
         items = list(st.history.items())
     if max_items is not None:
-        items = items[-max(0, max_items):] if max_items > 0 else []
+        items = items[-max(0, max_items) :] if max_items > 0 else []
     return dict(items)
 
 
@@ -367,8 +424,11 @@ def view(request: Request, filename: str, subfolder: str = "", type: str = "outp
         raise BadRequest(str(e)) from None
     if not path.is_file():
         raise NotFound(f"{name!r} is not a file")
-    return FileResponse(path, media_type=MEDIA_TYPES[suffix],
-                        headers={"X-Content-Type-Options": "nosniff", "Content-Disposition": "inline"})
+    return FileResponse(
+        path,
+        media_type=MEDIA_TYPES[suffix],
+        headers={"X-Content-Type-Options": "nosniff", "Content-Disposition": "inline"},
+    )
 
 
 @_route("POST", "/upload/image")
@@ -439,7 +499,7 @@ def system_stats(request: Request) -> Any:
     import platform
     import sys
 
-    import psutil
+    import psutil  # type: ignore[import-untyped]
     import torch
 
     from sdengine import __version__
@@ -450,17 +510,30 @@ def system_stats(request: Request) -> Any:
         entry: dict[str, Any] = {"name": str(dev), "type": dev.type, "index": dev.index}
         if dev.type == "cuda":
             free, total = torch.cuda.mem_get_info(dev)
-            entry.update(vram_total=total, vram_free=free, torch_vram_total=torch.cuda.memory_reserved(dev),
-                         torch_vram_free=torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+            entry.update(
+                vram_total=total,
+                vram_free=free,
+                torch_vram_total=torch.cuda.memory_reserved(dev),
+                torch_vram_free=torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev),
+            )
         else:
             vm = psutil.virtual_memory()
             entry.update(vram_total=vm.total, vram_free=vm.available, torch_vram_total=0, torch_vram_free=0)
         devices.append(entry)
     vm = psutil.virtual_memory()
-    return {"system": {"os": platform.system().lower(), "ram_total": vm.total, "ram_free": vm.available,
-                       "comfyui_version": f"sdengine-{__version__}", "python_version": sys.version,
-                       "pytorch_version": torch.__version__, "embedded_python": False, "argv": []},
-            "devices": devices}
+    return {
+        "system": {
+            "os": platform.system().lower(),
+            "ram_total": vm.total,
+            "ram_free": vm.available,
+            "comfyui_version": f"sdengine-{__version__}",
+            "python_version": sys.version,
+            "pytorch_version": torch.__version__,
+            "embedded_python": False,
+            "argv": [],
+        },
+        "devices": devices,
+    }
 
 
 @_route("POST", "/free")
@@ -563,4 +636,3 @@ for _p in _both("/ws"):
 def install(app: FastAPI) -> None:
     """Create the per-app state now (folders from the config)."""
     state(app)
-
