@@ -1,10 +1,11 @@
 """LoRA loading: parity with diffusers' load_lora_weights (PEFT and kohya files), stacking, fuse/unfuse, reports and
 bad input. Tiny random SD1-shaped models; diffusers/transformers/peft are the oracles.
 
-Version note (SPEC 9): transformers >= 5.24 asks for peft >= 0.22 before it loads a text-encoder LoRA while the
-newest peft here is 0.21.2. The `relaxed_peft_check` fixture lowers transformers' MIN_PEFT_VERSION to the installed
-peft for the tests that load a text-encoder LoRA into transformers' CLIPTextModel (nothing else is changed; with
-transformers 5.23 the check already passes and the fixture does nothing).
+Version note (docs/CONTRACTS.md, Test oracles): transformers >= 5.24 asks for peft >= 0.22 before it loads a
+text-encoder LoRA while the newest peft here is 0.21.2. The `relaxed_peft_check` fixture lowers transformers'
+MIN_PEFT_VERSION to the installed peft for the tests that load a text-encoder LoRA into transformers'
+CLIPTextModel (nothing else is changed; with transformers 5.23 the check already passes and the fixture does
+nothing).
 """
 
 from __future__ import annotations
@@ -506,14 +507,14 @@ def test_prompt_tag_inside_the_dir_works_and_caller_paths_stay_allowed(loras, tm
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-def test_end_to_end_images_two_loras_match_diffusers_set_adapters(tmp_path, relaxed_peft_check):
+def test_end_to_end_images_two_loras_match_diffusers_set_adapters(tmp_path, relaxed_peft_check, tiny_sd1_folder):
     """Images from sdengine's pipeline with two LoRAs (0.8 PEFT, 0.5 kohya) equal diffusers' pipeline with
     load_lora_weights + set_adapters (1e-3 mean abs), and weight 0 gives the base image."""
     import sdengine
-    from _pipeline_models import diffusers_pipeline, diffusers_scheduler, make_sd_folder
+    from _pipeline_models import diffusers_pipeline, diffusers_scheduler
     from sdengine.weights.lora import UnsafeLoRANameError
 
-    folder = make_sd_folder(tmp_path / "sd", size="tiny", kind="sd1")
+    folder = tiny_sd1_folder
     pipe = diffusers_pipeline(folder)
     pipe.scheduler = diffusers_scheduler(folder, "euler")
     a = make_lora(tmp_path, 20, models=(pipe.unet, pipe.text_encoder))
@@ -525,9 +526,11 @@ def test_end_to_end_images_two_loras_match_diffusers_set_adapters(tmp_path, rela
     zero = ours(prompt="a red apple", loras=[(a["peft"], 0.0)], **kw).arrays
     assert abs(zero - base).max() == 0.0
     # A prompt tag cannot reach a file outside the LoRA folder, although ../kohya20.safetensors exists.
-    assert (folder / f"../{a['kohya'].name}").is_file()
+    inner = tmp_path / "loras"
+    inner.mkdir()
+    assert (inner / f"../{a['kohya'].name}").is_file()
     with pytest.raises(UnsafeLoRANameError):
-        ours(prompt=f"a red apple <lora:../{a['kohya'].stem}:1>", lora_dir=folder, **kw)
+        ours(prompt=f"a red apple <lora:../{a['kohya'].stem}:1>", lora_dir=inner, **kw)
     got = ours(prompt="a red apple", loras=[(a["peft"], 0.8), (b["kohya"], 0.5)], **kw).arrays
     pipe.load_lora_weights(str(a["peft"]), adapter_name="a")
     pipe.load_lora_weights(str(b["kohya"]), adapter_name="b")

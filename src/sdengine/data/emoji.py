@@ -1,6 +1,6 @@
 """Noto Color Emoji rendered at 64x64 with captions: the training data of the built-in `emoji` model.
 
-Sources (all offline, SPEC.md section 8):
+Sources (all offline: Debian packages that the Makefile installs, and PyPI ``emoji`` of the ``train`` extra):
 
 - glyphs: Debian ``fonts-noto-color-emoji`` (``NotoColorEmoji.ttf``, a CBDT bitmap font: only
   size 109 loads), drawn by Pillow with ``embedded_color=True``;
