@@ -249,8 +249,7 @@ def test_kohya_ldm_names_load_like_diffusers_names(loras, tmp_path):
 
 
 def test_fuse_unfuse_restores_base_and_weight_zero_is_base(loras):
-    ref_unet, ref_te = diffusers_models()
-    unet, te = sdengine_models(ref_unet, ref_te)
+    unet, te = fresh_models()
     before = {k: v.clone() for k, v in {**unet.state_dict(), **te.state_dict()}.items()}
     ptrs = {k: v.data_ptr() for k, v in {**unet.state_dict(), **te.state_dict()}.items()}
     base = run_ours(unet, te)
@@ -274,8 +273,7 @@ def test_fuse_unfuse_restores_base_and_weight_zero_is_base(loras):
 
 
 def test_set_weight_equals_fresh_apply(loras):
-    ref_unet, ref_te = diffusers_models()
-    unet, te = sdengine_models(ref_unet, ref_te)
+    unet, te = fresh_models()
     with apply_loras(unet, te, [(loras[0]["peft"], 0.3)]):
         fresh = run_ours(unet, te)
     with apply_loras(unet, te, [(loras[0]["peft"], 1.0)]) as h:

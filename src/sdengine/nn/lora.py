@@ -59,7 +59,7 @@ class LoRALayer(nn.Module):
         *,
         scale: float,
         multiplier: float = 1.0,
-        conv: dict[str, tuple[int, int]] | None = None,
+        conv: dict[str, tuple[int, ...]] | None = None,
         trainable: bool = False,
     ) -> None:
         super().__init__()
@@ -74,14 +74,15 @@ class LoRALayer(nn.Module):
         return int(self.down.shape[0])
 
     @staticmethod
-    def geometry(module: nn.Module) -> dict[str, tuple[int, int]] | None:
+    def geometry(module: nn.Module) -> dict[str, tuple[int, ...]] | None:
         if isinstance(module, nn.Conv2d):
-            if isinstance(module.padding, str):
-                raise LoRAError(f"convolutions with padding={module.padding!r} are not supported")
+            padding = module.padding
+            if isinstance(padding, str):
+                raise LoRAError(f"convolutions with padding={padding!r} are not supported")
             return {
-                "stride": tuple(module.stride),
-                "padding": tuple(module.padding),  # type: ignore[dict-item]
-                "dilation": tuple(module.dilation),
+                "stride": tuple(int(v) for v in module.stride),
+                "padding": tuple(int(v) for v in padding),
+                "dilation": tuple(int(v) for v in module.dilation),
             }
         return None
 
@@ -95,7 +96,8 @@ class LoRALayer(nn.Module):
         if self.conv is None:
             h = F.linear(F.linear(x, down), up)  # (..., out)
         else:
-            h = F.conv2d(F.conv2d(x, down, None, **self.conv), up)  # (B, out, H', W')
+            c = self.conv
+            h = F.conv2d(F.conv2d(x, down, None, c["stride"], c["padding"], c["dilation"]), up)  # (B, out, H', W')
         return h * m
 
     def delta_weight(self) -> torch.Tensor:
@@ -133,6 +135,7 @@ class _Patch:
         if self.original is not None:
             return
         w = self.module.weight
+        assert isinstance(w, torch.Tensor)
         delta = sum((layer.delta_weight() for layer in self.layers), torch.zeros((), dtype=torch.float32))
         self.original = w.data
         self.fused = (self.original.float() + delta.to(self.original.device)).to(self.original.dtype)
@@ -143,7 +146,8 @@ class _Patch:
         if self.original is None:
             return
         w = self.module.weight
-        if w.data.data_ptr() != self.fused.data_ptr():  # type: ignore[union-attr]
+        assert isinstance(w, torch.Tensor) and self.fused is not None
+        if w.data.data_ptr() != self.fused.data_ptr():
             raise LoRAError("unfuse in the reverse order of fuse (another LoRA was fused on top of this one)")
         w.data = self.original  # the very tensor it had: restored bit for bit
         self.original = self.fused = None

@@ -31,10 +31,17 @@ def renamed_fields(**old_to_new: str) -> Callable[[T], T]:
 
         cls.__init__ = __init__  # type: ignore[misc]
         for old, new in old_to_new.items():
-            setattr(cls, old, property(lambda self, _new=new: getattr(self, _new), doc=f"old name of {new}"))
+            setattr(cls, old, property(_reader(new), doc=f"old name of {new}"))
         return cls
 
     return wrap
+
+
+def _reader(name: str) -> Callable[[Any], Any]:
+    def read(self: Any) -> Any:
+        return getattr(self, name)
+
+    return read
 
 
 __all__ = ["renamed_fields"]
