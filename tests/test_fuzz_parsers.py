@@ -2,7 +2,7 @@
 path and the prompt parser. Whatever the input: a result, or one line of a named sdengine error; never
 another exception, a hang or an allocation the file cannot back.
 
-Bounded in `make test` (a few seconds each); `SDENGINE_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz_parsers.py
+Bounded in `make test` (100 inputs, a few seconds each); `SDENGINE_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz_parsers.py
 tests/test_metadata_hostile.py` runs the longer sweep (`make fuzz`). The infotext parser's properties live
 in test_metadata_hostile.py.
 """
@@ -25,7 +25,7 @@ from sdengine.errors import SdengineError
 from sdengine.prompts import MAX_BRACKET_DEPTH, extract_lora_tags, parse_prompt_attention
 from sdengine.weights import io
 
-EXAMPLES = int(os.environ.get("SDENGINE_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("SDENGINE_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
