@@ -2,9 +2,8 @@
 path and the prompt parser. Whatever the input: a result, or one line of a named sdengine error; never
 another exception, a hang or an allocation the file cannot back.
 
-Bounded in `make test` (100 inputs, a few seconds each); `SDENGINE_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz_parsers.py
-tests/test_metadata_hostile.py` runs the longer sweep (`make fuzz`). The infotext parser's properties live
-in test_metadata_hostile.py.
+Bounded in `make test` (100 inputs, a few seconds each); `make fuzz` (SDENGINE_FUZZ_EXAMPLES=5000) runs the
+longer sweep. The infotext and PNG parsers' properties live in test_metadata_hostile.py.
 """
 
 from __future__ import annotations
