@@ -11,6 +11,7 @@ from __future__ import annotations
 import io as pyio
 import json
 import os
+import re
 import struct
 import time
 
@@ -259,3 +260,14 @@ def test_prompt_errors_are_named():
     for bad in ("(a:1.2.3)", "<hypernet:x>", "<lora::1>", "<lora:a:x>"):
         with pytest.raises(SdengineError):
             parse_prompt_attention(bad) if "(" in bad else extract_lora_tags(bad)
+
+
+def test_legacy_ckpt_with_a_mismatched_storage_key(tmp_path):
+    # Found by test_mutated_ckpt_files: torch's legacy reader fails with a bare AssertionError here.
+    blob = VALID_CKPT[True]
+    key = re.search(rb"X(....)(\d{6,})", blob).group(2)
+    at = blob.rfind(key)
+    p = tmp_path / "legacy.ckpt"
+    p.write_bytes(blob[:at] + b"\0" + blob[at + 1 :])
+    with pytest.raises(io.CorruptFileError, match=r"legacy\.ckpt: cannot read checkpoint"):
+        io.load_file(p)

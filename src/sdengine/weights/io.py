@@ -327,8 +327,10 @@ def load_pickle_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         raise _refuse(path, e) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, KeyError, IndexError,
-            AttributeError, struct.error, UnicodeDecodeError, OverflowError, MemoryError, RecursionError) as e:
-        # A crafted or broken file can trip any of these inside torch's reader; none of them is a bug here.
+            AttributeError, AssertionError, struct.error, UnicodeDecodeError, OverflowError, MemoryError,
+            RecursionError) as e:
+        # A crafted or broken file can trip any of these inside torch's reader (even an assert in its legacy
+        # format reader); none of them is a bug here.
         raise CorruptFileError(f"{path}: cannot read checkpoint ({_first_line(e)})") from None
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path}: checkpoint holds a {type(obj).__name__}, not a state dict")
