@@ -18,7 +18,7 @@ from sdengine.metadata import MAX_INFOTEXT_CHARS, MetadataError, parse_fields, p
 
 # A1111's field regex, as its parse_generation_parameters uses it: the reference for parse_fields.
 A1111_FIELD_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-EXAMPLES = int(os.environ.get("SDENGINE_FUZZ_EXAMPLES", "300"))
+EXAMPLES = int(os.environ.get("SDENGINE_FUZZ_EXAMPLES", "100"))
 FIELDS = "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512"
 
 

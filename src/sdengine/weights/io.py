@@ -195,11 +195,14 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any
 
 def load_safetensors(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> StateDict:
     """Map a .safetensors file and return its tensors as zero-copy views (copy-on-write, file untouched)."""
-    path = Path(path)
-    header, _, data_start = read_safetensors_header(path)
+    return _load_safetensors(Path(path), device)[0]
+
+
+def _load_safetensors(path: Path, device: str | torch.device) -> tuple[StateDict, dict[str, str]]:
+    header, metadata, data_start = read_safetensors_header(path)  # parsed and validated once
     size = path.stat().st_size
     if size == 0 or not header:
-        return {}
+        return {}, metadata
     # shared=False maps the file MAP_PRIVATE: pages are read lazily, writes to a tensor never reach the file.
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
     raw = torch.empty(0, dtype=torch.uint8)
@@ -215,7 +218,7 @@ def load_safetensors(path: str | os.PathLike[str], *, device: str | torch.device
             chunk = chunk.clone()
         t = chunk.view(dtype).reshape(shape) if dtype != torch.bool else chunk.view(torch.bool).reshape(shape)
         out[name] = t if torch.device(device).type == "cpu" else t.to(device)
-    return out
+    return out, metadata
 
 
 def safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -324,8 +327,10 @@ def load_pickle_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         raise _refuse(path, e) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, KeyError, IndexError,
-            AttributeError, struct.error, UnicodeDecodeError, OverflowError, MemoryError, RecursionError) as e:
-        # A crafted or broken file can trip any of these inside torch's reader; none of them is a bug here.
+            AttributeError, AssertionError, struct.error, UnicodeDecodeError, OverflowError, MemoryError,
+            RecursionError) as e:
+        # A crafted or broken file can trip any of these inside torch's reader (even an assert in its legacy
+        # format reader); none of them is a bug here.
         raise CorruptFileError(f"{path}: cannot read checkpoint ({_first_line(e)})") from None
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path}: checkpoint holds a {type(obj).__name__}, not a state dict")
@@ -355,7 +360,7 @@ def load_file(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, Any]]:
         raise WeightsError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        return load_safetensors(path), dict(safetensors_metadata(path))
+        return _load_safetensors(path, "cpu")
     if suffix in PICKLE_SUFFIXES:
         obj = load_pickle_checkpoint(path)
         info = {k: v for k, v in obj.items() if isinstance(v, int | float | str)}
