@@ -118,10 +118,11 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
                        loopback_only_hosts=config.api_key is None and is_loopback(config.host))
     _install_error_handlers(app)
     _native_routes(app, services)
-    from sdengine.server import a1111, openai_images
+    from sdengine.server import a1111, openai_images, page_api
 
     a1111.install(app, services)
     openai_images.install(app, services)
+    page_api.install(app, services)  # the web page at / and its routes
     return app
 
 
