@@ -533,12 +533,12 @@ async function generate() {
     showProgress({ state: "queued", position: created.position });
     const job = await followJob(created.id);
     if (job.state === "done") {
+      if (job.images.length) state.lastSeed = job.images[0].seed;
+      await showResults(job.images.map((im) => ({ ...im, parameters: im.infotext })));
+      $("live-preview").hidden = true;
+      $("progress").value = $("progress").max;
       $("progress-text").textContent = `Done: ${job.images.length} image(s) in ` +
         `${(job.finished - job.started).toFixed(1)} s`;
-      $("progress").value = $("progress").max;
-      if (job.images.length) state.lastSeed = job.images[0].seed;
-      $("live-preview").hidden = true;
-      await showResults(job.images.map((im) => ({ ...im, parameters: im.infotext })));
       loadGallery(0);
     } else if (job.state === "cancelled") {
       $("progress-text").textContent = `Cancelled${job.step ? ` after step ${job.step} of ${job.steps}` : ""}`;
