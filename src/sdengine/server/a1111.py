@@ -1,9 +1,497 @@
-"""(being written)"""
+"""AUTOMATIC1111's ``/sdapi/v1`` API (and the sd-webui-controlnet extension's units), over the same queue.
+
+Requests use A1111's field names and defaults; each is mapped onto :func:`~sdengine.server.requests.
+build_generation`. What sdengine cannot do is never silently dropped: fields that would change the image
+but are not implemented (``enable_hr``, ``restore_faces``, ``subseed_strength``, a ControlNet unit's
+``pixel_perfect``, ...) and fields A1111 does not have are listed in ``info["ignored"]`` of the response.
+
+``interrupt`` and ``skip`` without a body act on the running jobs that came through this API (never on a
+native or OpenAI job); with ``{"id_task": ID}`` on that job only. An interrupted call answers with the
+images finished so far, or the last cheap preview of the interrupted image, as A1111 answers with its
+current image.
+"""
 
 from __future__ import annotations
 
+import base64
+import io
+import json
+from datetime import datetime
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field
 
-def install(app: Any, services: Any) -> None:
-    return None
+from sdengine.server.errors import BadRequest
+from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job
+from sdengine.server.requests import ControlRequest
+
+A1111_VERSION = "v1.10.1"  # the A1111 API whose shapes this follows
+
+# Fields that do nothing at these values (A1111's own defaults or neutral settings): not reported.
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "styles": ([], None), "subseed": (-1, 0, None), "subseed_strength": (0, 0.0, None),
+    "seed_resize_from_h": (-1, 0, None), "seed_resize_from_w": (-1, 0, None), "restore_faces": (False, None),
+    "tiling": (False, None), "do_not_save_samples": (False, True, None), "do_not_save_grid": (False, True, None),
+    "s_churn": (0, 0.0, None), "s_tmax": (0, 0.0, None), "s_tmin": (0, 0.0, None), "s_noise": (1, 1.0, None),
+    "override_settings_restore_afterwards": (True, False, None), "script_args": ([], None),
+    "script_name": (None, ""), "enable_hr": (False, None), "firstphase_width": (0, None),
+    "firstphase_height": (0, None), "image_cfg_scale": None, "initial_noise_multiplier": (1, 1.0, None),
+    "inpaint_full_res_padding": None, "inpaint_full_res": (False, 0, None), "refiner_checkpoint": (None, ""),
+    "refiner_switch_at": (None, 0), "disable_extra_networks": (False, None), "comments": (None, {}),
+    "sampler_index": None, "include_init_images": None, "eta": (None, 1, 1.0), "resize_mode": (0, None),
+    "inpainting_fill": (1, None), "latent_mask": (None,), "infotext": (None, ""), "firstpass_image": (None,),
+    "force_task_id": None, "send_images": None, "save_images": None, "denoising_strength": None,
+    "mask_round": None, "n_iter": None, "batch_size": None,
+}
+HR_FIELDS = ("hr_", "firstphase_")  # hires-fix settings: matter only with enable_hr
+USED = {"prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
+        "steps", "cfg_scale", "width", "height", "override_settings", "alwayson_scripts", "init_images", "mask",
+        "mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_mask_invert", "model"}
+CONTROL_MODES = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet is more important"}
+RESIZE_MODES = {0: "Just Resize", 1: "Crop and Resize", 2: "Resize and Fill"}
+MODULES = {"none": "none", "canny": "canny", "invert": "invert", "invert (from white bg & black line)": "invert",
+           "threshold": "threshold", "scribble": "scribble", "softedge": "softedge", "softedge_sobel": "softedge"}
+
+
+class Txt2ImgRequest(BaseModel):
+    """A1111's StableDiffusionTxt2ImgProcessingAPI (the fields sdengine reads; every other field is accepted
+    and listed as ignored in the response's info)."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = None
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    eta: float | None = None
+    denoising_strength: float | None = None
+    override_settings: dict[str, Any] | None = None
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    force_task_id: str | None = None
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    init_images: list[str] | None = None
+    mask: str | None = None
+    mask_blur: float | None = None
+    inpainting_mask_invert: int = 0
+    inpainting_fill: int = 0
+    resize_mode: int = 0
+    include_init_images: bool = False
+
+
+class InterruptRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id_task: str | None = None
+
+
+class ProgressRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id_task: str | None = None
+    id_live_preview: int = -1
+    live_preview: bool = True
+
+
+class PngInfoRequest(BaseModel):
+    image: str = ""
+
+
+def _b64_png(image: Image.Image, text: str | None = None) -> str:
+    """PNG as base64, with the infotext in its ``parameters`` chunk (as A1111's API returns images)."""
+    from PIL import PngImagePlugin
+
+    info = None
+    if text:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", text)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _ignored(body: dict[str, Any]) -> list[str]:
+    out = []
+    hr = bool(body.get("enable_hr"))
+    for k, v in body.items():
+        if k in USED:
+            continue
+        if k.startswith(HR_FIELDS) and not hr:
+            continue
+        if k in NEUTRAL and (NEUTRAL[k] is None or v in NEUTRAL[k]):
+            continue
+        out.append(k)
+    return out
+
+
+def _unit_control(value: Any, names: dict[Any, str], what: str) -> str:
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, int) and value in names:
+        return names[value]
+    if isinstance(value, str):
+        for n in names.values():
+            if value.strip().lower() == n.lower():
+                return n
+    raise BadRequest(f"{what} {value!r}; use one of {', '.join(names.values())} (or 0..{len(names) - 1})")
+
+
+def control_units(args: Any, init: str | None, ignored: list[str]) -> tuple[list[ControlRequest], bool]:
+    """sd-webui-controlnet's ``alwayson_scripts.controlnet.args`` -> units (and guess mode)."""
+    if args is None:
+        return [], False
+    if not isinstance(args, list):
+        raise BadRequest("alwayson_scripts.controlnet.args must be a list of units")
+    units: list[ControlRequest] = []
+    guess = False
+    for k, u in enumerate(args):
+        if not isinstance(u, dict):
+            ignored.append(f"controlnet.args[{k}]")
+            continue
+        if not u.get("enabled", True):
+            continue
+        image = u.get("image", u.get("input_image"))
+        if isinstance(image, dict):
+            if image.get("mask"):
+                ignored.append(f"controlnet.args[{k}].image.mask")
+            image = image.get("image")
+        if not image:
+            if init is None:
+                raise BadRequest(f"ControlNet unit {k}: no image (txt2img units need one)")
+            image = init  # A1111's extension uses the img2img init image then
+        if not isinstance(image, str):
+            raise BadRequest(f"ControlNet unit {k}: image must be a base64 string")
+        model = u.get("model")
+        if not isinstance(model, str) or model.strip() in ("", "None", "none"):
+            raise BadRequest(f"ControlNet unit {k}: choose a model (GET /controlnet/model_list)")
+        module = str(u.get("module") or "none").strip().lower()
+        if module not in MODULES:
+            raise BadRequest(f"ControlNet unit {k}: module {module!r} is not available; "
+                             f"available: {', '.join(MODULES)}")
+        mode = _unit_control(u.get("control_mode", 0), CONTROL_MODES, f"ControlNet unit {k}: control_mode")
+        if mode == CONTROL_MODES[2]:
+            guess = True  # the extension's "ControlNet is more important" is the ControlNet paper's guess mode
+        elif mode == CONTROL_MODES[1]:
+            ignored.append(f"controlnet.args[{k}].control_mode")
+        resize = _unit_control(u.get("resize_mode", 0), RESIZE_MODES, f"ControlNet unit {k}: resize_mode")
+        if resize != RESIZE_MODES[0]:
+            ignored.append(f"controlnet.args[{k}].resize_mode")  # the map is resized to the image size
+        if u.get("pixel_perfect"):
+            ignored.append(f"controlnet.args[{k}].pixel_perfect")
+        options = {}
+        if MODULES[module] == "canny":
+            options = {"low": _num(u.get("threshold_a", 100), "threshold_a"),
+                       "high": _num(u.get("threshold_b", 200), "threshold_b")}
+        elif MODULES[module] in ("threshold", "scribble") and u.get("threshold_a") not in (None, -1):
+            options = {"threshold": _num(u.get("threshold_a"), "threshold_a")}
+        units.append(ControlRequest(
+            model=model, image=image, weight=_num(u.get("weight", 1.0), "weight"),
+            start=_num(u.get("guidance_start", 0.0), "guidance_start"),
+            end=_num(u.get("guidance_end", 1.0), "guidance_end"), preprocessor=MODULES[module], options=options,
+        ))
+    return units, guess
+
+
+def _num(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise BadRequest(f"ControlNet {what} must be a number, got {v!r}")
+    return float(v)
+
+
+def install(app: FastAPI, services: Any) -> None:
+    manager, catalog, options = services.manager, services.catalog, services.options
+
+    def generation_fields(req: Txt2ImgRequest, body: dict[str, Any], ignored: list[str],
+                          init: str | None) -> dict[str, Any]:
+        over = dict(req.override_settings or {})
+        clip_skip = over.pop("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
+        model = over.pop("sd_model_checkpoint", None)
+        ignored.extend(f"override_settings.{k}" for k in over)
+        scripts = {str(k).lower(): v for k, v in (req.alwayson_scripts or {}).items()}
+        cn = scripts.pop("controlnet", None)
+        ignored.extend(f"alwayson_scripts.{k}" for k in scripts)
+        args = cn.get("args") if isinstance(cn, dict) else None
+        units, guess = control_units(args, init, ignored)
+        return dict(
+            model=model, prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps,
+            sampler=req.sampler_name or req.sampler_index or "Euler", schedule=req.scheduler,
+            cfg_scale=req.cfg_scale, seed=req.seed, width=req.width, height=req.height, batch_size=req.batch_size,
+            n_iter=req.n_iter, clip_skip=clip_skip, controlnets=units, guess_mode=guess,
+        )
+
+    async def run(req: Txt2ImgRequest, fields: dict[str, Any], ignored: list[str]) -> JSONResponse:
+        generation = await run_in_threadpool(lambda: services.build(**fields))
+        job, _ = services.submit(generation, protocol="a1111", save=req.save_images, task_id=req.force_task_id)
+        await job.wait_finished()
+        return _response(job, req, ignored)
+
+    def _response(job: Job, req: Txt2ImgRequest, ignored: list[str]) -> JSONResponse:
+        if job.state == FAILED:
+            status = 500 if (job.error or "").startswith("internal error") else 400
+            msg = job.error or "failed"
+            return JSONResponse({"error": "GenerationError", "detail": msg, "body": "", "errors": msg},
+                                status_code=status)
+        images = [im.image for im in job.images]
+        interrupted = job.state == CANCELLED
+        if interrupted and not images and job.preview_png is not None:
+            w, h = job.generation.kwargs["width"] or 512, job.generation.kwargs["height"] or 512
+            images = [Image.open(io.BytesIO(job.preview_png)).convert("RGB").resize((w, h), Image.Resampling.NEAREST)]
+        kw = job.generation.kwargs
+        seeds = [im.seed for im in job.images] or [int(kw["seed"])]
+        texts = [im.infotext for im in job.images]
+        info = {
+            "prompt": req.prompt, "all_prompts": [req.prompt] * len(seeds), "negative_prompt": req.negative_prompt,
+            "all_negative_prompts": [req.negative_prompt] * len(seeds), "seed": seeds[0], "all_seeds": seeds,
+            "subseed": seeds[0], "all_subseeds": seeds, "subseed_strength": 0, "width": kw["width"],
+            "height": kw["height"], "sampler_name": req.sampler_name or req.sampler_index or "Euler",
+            "cfg_scale": kw["cfg_scale"], "steps": kw["steps"], "batch_size": kw["batch_size"],
+            "restore_faces": False, "face_restoration_model": None, "sd_model_name": job.generation.model_name,
+            "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1,
+            "seed_resize_from_h": -1, "denoising_strength": kw["strength"] if kw["init_image"] is not None else None,
+            "extra_generation_params": {"Schedule type": kw["schedule"]}, "index_of_first_image": 0,
+            "infotexts": texts, "styles": [], "job_timestamp": datetime.fromtimestamp(job.created).strftime(
+                "%Y%m%d%H%M%S"), "clip_skip": kw["clip_skip"], "is_using_inpainting_conditioning": False,
+            "version": f"sdengine {_version()}", "id_task": job.task_id, "ignored": ignored,
+            "interrupted": interrupted, "notes": job.notes,
+        }
+        for im in job.images:
+            if im.name:
+                info.setdefault("files", []).append(im.name)
+        params = {k: v for k, v in req.model_dump().items() if k not in ("init_images", "mask")}
+        labels: list[str | None] = [*texts, *[None] * (len(images) - len(texts))]
+        return JSONResponse({"images": [_b64_png(i, t) for i, t in zip(images, labels, strict=True)]
+                             if req.send_images else [],
+                             "parameters": params, "info": json.dumps(info)})
+
+    @app.post("/sdapi/v1/txt2img", tags=["a1111"])
+    async def txt2img(req: Txt2ImgRequest) -> JSONResponse:
+        body = req.model_dump(exclude_unset=True)
+        ignored = _ignored(body)
+        return await run(req, generation_fields(req, body, ignored, None), ignored)
+
+    @app.post("/sdapi/v1/img2img", tags=["a1111"])
+    async def img2img(req: Img2ImgRequest) -> JSONResponse:
+        body = req.model_dump(exclude_unset=True)
+        ignored = _ignored(body)
+        if not req.init_images:
+            raise BadRequest("img2img needs init_images (one base64 image)")
+        if len(req.init_images) > 1:
+            ignored.append("init_images[1:]")
+        if req.inpainting_fill != 1 and req.mask:
+            ignored.append("inpainting_fill")  # sdengine inpaints from the original image ("original")
+        fields = generation_fields(req, body, ignored, req.init_images[0])
+        mask: Any = req.mask
+        if mask and req.inpainting_mask_invert:
+            decoded = await run_in_threadpool(services.uploads.image, mask, "mask")
+            mask = ImageOps.invert(decoded.convert("L"))
+        blur = req.mask_blur if req.mask_blur is not None else 4
+        fields.update(init_image=req.init_images[0], mask=mask or None, mask_blur=float(blur) if mask else 0.0,
+                      strength=0.75 if req.denoising_strength is None else req.denoising_strength)
+        return await run(req, fields, ignored)
+
+    def current() -> Job | None:
+        running = manager.running()
+        a1111 = [j for j in running if j.protocol == "a1111"]
+        return (a1111 or running or [None])[0]
+
+    @app.get("/sdapi/v1/progress", tags=["a1111"])
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        job = current()
+        count = len(manager.running()) + manager.queued_count()
+        state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+                 "job_count": count, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+        if job is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None,
+                    "current_task": None}
+        state.update(job=f"task({job.task_id})", interrupted=job.cancel.is_set(), skipped=job.skip.is_set(),
+                     job_timestamp=datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
+                     sampling_step=job.step, sampling_steps=job.steps)
+        image = None
+        if not skip_current_image and job.preview_png is not None:
+            image = base64.b64encode(job.preview_png).decode()
+        return {"progress": round(job.progress, 4), "eta_relative": job.eta or 0.0, "state": state,
+                "current_image": image, "textinfo": f"step {job.step} of {job.steps}", "current_task": job.task_id}
+
+    @app.post("/internal/progress", tags=["a1111"])
+    def internal_progress(req: ProgressRequest) -> dict[str, Any]:
+        job = manager.by_task_id(req.id_task) if req.id_task else None
+        if job is None:
+            return {"active": False, "queued": False, "completed": False, "progress": None, "eta": None,
+                    "live_preview": None, "id_live_preview": -1, "textinfo": "unknown task"}
+        preview = None
+        if req.live_preview and job.preview_png is not None and job.preview_step != req.id_live_preview:
+            preview = "data:image/png;base64," + base64.b64encode(job.preview_png).decode()
+        return {"active": job.state == "running", "queued": job.state == "queued",
+                "completed": job.state in (DONE, FAILED, CANCELLED), "progress": round(job.progress, 4),
+                "eta": job.eta, "live_preview": preview, "id_live_preview": job.preview_step,
+                "textinfo": job.error or f"step {job.step} of {job.steps}"}
+
+    async def targets(request: Request) -> list[Job]:
+        body: dict[str, Any] = {}
+        raw = await request.body()
+        if raw.strip():
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                raise BadRequest("the body must be JSON ({} or {\"id_task\": ...})") from None
+            body = parsed if isinstance(parsed, dict) else {}
+        task = body.get("id_task")
+        if task:
+            job = manager.by_task_id(str(task))
+            return [job] if job is not None and job.state in ("queued", "running") else []
+        return [j for j in manager.running() if j.protocol == "a1111"]
+
+    @app.post("/sdapi/v1/interrupt", tags=["a1111"])
+    async def interrupt(request: Request) -> dict[str, Any]:
+        jobs = await targets(request)
+        for j in jobs:
+            manager.cancel(j)
+        return {"interrupted": [j.task_id for j in jobs]}
+
+    @app.post("/sdapi/v1/skip", tags=["a1111"])
+    async def skip(request: Request) -> dict[str, Any]:
+        jobs = await targets(request)
+        for j in jobs:
+            j.skip.set()
+        return {"skipped": [j.task_id for j in jobs]}
+
+    @app.post("/sdapi/v1/png-info", tags=["a1111"])
+    def png_info(req: PngInfoRequest) -> dict[str, Any]:
+        from sdengine.metadata import parse_parameters
+
+        if not req.image:
+            raise BadRequest("send the image as base64 in 'image'")
+        im = services.uploads.image(req.image, "image")
+        items = {k: v for k, v in im.info.items() if isinstance(v, str)}
+        text = items.get("parameters", "")
+        try:
+            parsed = parse_parameters(text) if text else {}
+        except ValueError:
+            parsed = {}
+        return {"info": text, "items": items, "parameters": parsed}
+
+    @app.get("/sdapi/v1/sd-models", tags=["a1111"])
+    def sd_models() -> list[dict[str, Any]]:
+        return [{"title": e.name, "model_name": e.name, "hash": None, "sha256": None, "filename": e.name,
+                 "config": None} for e in catalog.models()]
+
+    @app.post("/sdapi/v1/refresh-checkpoints", tags=["a1111"])
+    def refresh_checkpoints() -> dict[str, Any]:
+        return {}
+
+    @app.get("/sdapi/v1/samplers", tags=["a1111"])
+    def samplers() -> list[dict[str, Any]]:
+        from sdengine.diffusion import sampling
+
+        return [{"name": s.a1111, "aliases": [s.name], "options": {}} for s in sampling.SAMPLERS.values()]
+
+    @app.get("/sdapi/v1/schedulers", tags=["a1111"])
+    def schedulers() -> list[dict[str, Any]]:
+        from sdengine.diffusion import sampling
+
+        out = [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
+                "need_inner_model": False}]
+        out += [{"name": k, "label": v, "aliases": None, "default_rho": -1, "need_inner_model": False}
+                for k, v in sampling.SCHEDULE_A1111.items()]
+        return out
+
+    @app.get("/sdapi/v1/loras", tags=["a1111"])
+    def loras() -> list[dict[str, Any]]:
+        return [{"name": e.name, "alias": e.name, "path": e.name, "metadata": {}} for e in catalog.loras()]
+
+    @app.post("/sdapi/v1/refresh-loras", tags=["a1111"])
+    def refresh_loras() -> dict[str, Any]:
+        return {}
+
+    for path in ("sd-vae", "upscalers", "latent-upscale-modes", "hypernetworks", "face-restorers",
+                 "realesrgan-models", "prompt-styles", "sd-modules"):
+        app.add_api_route(f"/sdapi/v1/{path}", _empty_list, methods=["GET"], tags=["a1111"],
+                          name=f"a1111_{path.replace('-', '_')}")
+
+    @app.get("/sdapi/v1/embeddings", tags=["a1111"])
+    def embeddings() -> dict[str, Any]:
+        return {"loaded": {}, "skipped": {}}
+
+    @app.get("/sdapi/v1/scripts", tags=["a1111"])
+    def scripts() -> dict[str, Any]:
+        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+
+    @app.get("/sdapi/v1/cmd-flags", tags=["a1111"])
+    def cmd_flags() -> dict[str, Any]:
+        c = services.config
+        return {"api": True, "nowebui": True, "listen": c.host not in ("127.0.0.1", "localhost"), "port": c.port,
+                "api_auth": c.api_key is not None, "device": ",".join(w.device for w in manager.workers)}
+
+    @app.get("/sdapi/v1/memory", tags=["a1111"])
+    def memory() -> dict[str, Any]:
+        import psutil
+        import torch
+
+        vm = psutil.virtual_memory()
+        ram = {"free": vm.available, "used": vm.total - vm.available, "total": vm.total}
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            cuda: dict[str, Any] = {"system": {"free": free, "used": total - free, "total": total}}
+        else:
+            cuda = {"error": "no CUDA device"}
+        return {"ram": ram, "cuda": cuda}
+
+    @app.get("/sdapi/v1/options", tags=["a1111"])
+    def get_options() -> dict[str, Any]:
+        return {**options, "sd_checkpoint_hash": None, "samples_format": "png", "samples_save": True}
+
+    @app.post("/sdapi/v1/options", tags=["a1111"])
+    def set_options(body: dict[str, Any]) -> dict[str, Any]:
+        """``sd_model_checkpoint`` switches the model of later jobs (loaded by each worker before its next job);
+        ``CLIP_stop_at_last_layers`` sets their clip skip. Other options are listed as ignored."""
+        applied, ignored = [], []
+        for k, v in body.items():
+            if k == "sd_model_checkpoint":
+                if not isinstance(v, str):
+                    raise BadRequest("sd_model_checkpoint must be a model name")
+                catalog.resolve_model(v)  # refuses unknown and unsafe names
+                options[k] = catalog.model_name_of(catalog.resolve_model(v))
+                applied.append(k)
+            elif k == "CLIP_stop_at_last_layers":
+                if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 24:
+                    raise BadRequest("CLIP_stop_at_last_layers must be an integer in 1..24")
+                options[k] = v
+                applied.append(k)
+            else:
+                ignored.append(k)
+        return {"applied": applied, "ignored": ignored}
+
+    @app.get("/controlnet/version", tags=["a1111"])
+    def cn_version() -> dict[str, Any]:
+        return {"version": 2}
+
+    @app.get("/controlnet/model_list", tags=["a1111"])
+    def cn_models() -> dict[str, Any]:
+        return {"model_list": [e.name for e in catalog.controlnets()]}
+
+    @app.get("/controlnet/module_list", tags=["a1111"])
+    def cn_modules() -> dict[str, Any]:
+        return {"module_list": list(MODULES), "module_detail": {}}
+
+
+
+def _empty_list() -> list[Any]:
+    return []
+
+
+def _version() -> str:
+    from sdengine import __version__
+
+    return str(__version__)

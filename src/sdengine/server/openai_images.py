@@ -1,9 +1,220 @@
-"""(being written)"""
+"""OpenAI's Images API (``/v1/images/generations``, ``/edits``, ``/variations``) over the same queue.
+
+What the ``openai`` client sends maps onto the pipeline this way:
+
+* ``n`` -> ``batch_size``; ``size`` ``"WxH"`` (``"auto"``/absent: the model's own size, for edits the input
+  image's size rounded down to a multiple of 8); ``response_format`` ``b64_json`` or ``url`` (the PNG in
+  the outputs folder, at ``/v1/images/NAME``); ``output_format`` png, jpeg or webp for ``b64_json``;
+  ``quality``, ``style``, ``user``, ``background``, ``moderation`` are accepted and have no effect.
+* ``edits``: every ``image`` (``image`` or ``image[]``) is edited, ``n`` results each, in order. ``mask``
+  follows OpenAI: fully transparent pixels (alpha 0) are the part to repaint; without a mask, an image's
+  own transparency is its mask; with neither, the whole image is redrawn (img2img, strength 0.75).
+* ``variations``: img2img of the image with an empty prompt (strength 0.75).
+* sdengine extensions (ignored by OpenAI, sent with the client's ``extra_body``): ``seed``, ``steps``,
+  ``negative_prompt``, ``cfg_scale``, ``sampler``, ``schedule``, ``strength``.
+"""
 
 from __future__ import annotations
 
+import base64
+import io
+import re
+import time
 from typing import Any
 
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 
-def install(app: Any, services: Any) -> None:
-    return None
+from sdengine.server.errors import BadRequest
+from sdengine.server.jobs import DONE, FAILED, Job
+from sdengine.server.security import decode_image
+
+OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image")  # names apps hard-code: the server's current model answers
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+class GenerationsRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    prompt: str = Field(..., max_length=32000)
+    model: str | None = None
+    n: int | None = Field(1, ge=1, le=64)
+    size: str | None = None
+    response_format: str | None = "b64_json"
+    output_format: str | None = "png"
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    negative_prompt: str | None = None
+    cfg_scale: float | None = None
+    sampler: str | None = None
+    schedule: str | None = None
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size in (None, "", "auto"):
+        return None, None
+    m = _SIZE.match(size.strip())
+    if not m:
+        raise BadRequest(f"size must be 'WIDTHxHEIGHT' or 'auto', got {size!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def encode(image: Image.Image, fmt: str) -> str:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format=FORMATS[fmt])
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def openai_mask(mask: Image.Image) -> Image.Image:
+    """OpenAI's mask (alpha 0 = edit) -> sdengine's (white = repaint)."""
+    if mask.mode not in ("RGBA", "LA") and "transparency" not in mask.info:
+        raise BadRequest("mask must be a PNG with an alpha channel: transparent pixels mark what to edit")
+    alpha = np.asarray(mask.convert("RGBA"))[..., 3]
+    return Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), "L")
+
+
+def has_transparency(image: Image.Image) -> bool:
+    if image.mode not in ("RGBA", "LA") and "transparency" not in image.info:
+        return False
+    return bool((np.asarray(image.convert("RGBA"))[..., 3] == 0).any())
+
+
+def install(app: FastAPI, services: Any) -> None:
+    config, catalog = services.config, services.catalog
+
+    def model_name(name: str | None) -> str | None:
+        if not name or name.lower().startswith(OPENAI_MODEL_PREFIXES):
+            return None  # the server's current model
+        catalog.resolve_model(name)  # unknown or unsafe names: 400 here
+        return name
+
+    def check_formats(response_format: str | None, output_format: str | None) -> tuple[str, str]:
+        rf = response_format or "b64_json"
+        of = (output_format or "png").lower()
+        if rf not in ("b64_json", "url"):
+            raise BadRequest(f"response_format must be b64_json or url, got {rf!r}")
+        if of not in FORMATS:
+            raise BadRequest(f"output_format must be png, jpeg or webp, got {of!r}")
+        return rf, of
+
+    async def run_all(request: Request, fields_list: list[dict[str, Any]], rf: str, of: str, prompt: str,
+                      size: str | None) -> JSONResponse:
+        gens = [await run_in_threadpool(lambda f=f: services.build(**f)) for f in fields_list]
+        jobs: list[Job] = []
+        try:
+            for g in gens:
+                jobs.append(services.submit(g, protocol="openai", save=rf == "url")[0])
+        except Exception:
+            for j in jobs:  # all or nothing: a 429 on the second image leaves no orphan job behind
+                services.manager.cancel(j)
+            raise
+        for j in jobs:
+            await j.wait_finished()
+        failed = [j for j in jobs if j.state != DONE]
+        if failed:
+            j = failed[0]
+            status = 500 if j.state == FAILED and (j.error or "").startswith("internal error") else 400
+            from sdengine.server.app import error_body
+
+            return JSONResponse(error_body(j.error or j.state, "image_generation_error"), status_code=status)
+        base = str(request.base_url).rstrip("/")
+        data = []
+        for j in jobs:
+            for im in j.images:
+                item: dict[str, Any] = {"revised_prompt": prompt}
+                if rf == "url":
+                    item["url"] = f"{base}/v1/images/{im.name}"
+                else:
+                    item["b64_json"] = encode(im.image, of)
+                data.append(item)
+        first = jobs[0].images[0].image if jobs and jobs[0].images else None
+        return JSONResponse({"created": int(time.time()), "data": data, "output_format": of,
+                             "size": f"{first.width}x{first.height}" if first else size})
+
+    def common(req: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k in ("seed", "steps", "negative_prompt", "cfg_scale", "sampler", "schedule"):
+            if req.get(k) is not None:
+                out[k] = req[k]
+        return out
+
+    @app.post("/v1/images/generations", tags=["openai"])
+    async def generations(req: GenerationsRequest, request: Request) -> JSONResponse:
+        rf, of = check_formats(req.response_format, req.output_format)
+        w, h = parse_size(req.size)
+        fields = dict(model=model_name(req.model), prompt=req.prompt, width=w, height=h, batch_size=req.n or 1,
+                      **common(req.model_dump()))
+        return await run_all(request, [fields], rf, of, req.prompt, req.size)
+
+    async def form_of(request: Request) -> tuple[dict[str, str], dict[str, list[bytes]]]:
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise BadRequest("send multipart/form-data (image, mask, prompt, ...)")
+        form = await request.form(max_files=16, max_fields=64, max_part_size=config.max_body_bytes)
+        fields: dict[str, str] = {}
+        files: dict[str, list[bytes]] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, str):
+                fields[key] = value
+            else:
+                files.setdefault(key.removesuffix("[]"), []).append(await value.read())
+        return fields, files
+
+    def number(fields: dict[str, str], key: str, kind: type, default: Any) -> Any:
+        if key not in fields or fields[key] == "":
+            return default
+        try:
+            return kind(fields[key])
+        except ValueError:
+            raise BadRequest(f"{key} must be a number, got {fields[key]!r}") from None
+
+    def edit_fields(fields: dict[str, str], image: Image.Image, mask: Image.Image | None, prompt: str) -> dict:
+        w, h = parse_size(fields.get("size"))
+        if w is None:
+            w, h = max(8, image.width // 8 * 8), max(8, image.height // 8 * 8)
+        if mask is None and has_transparency(image):
+            mask = openai_mask(image)
+        out = dict(
+            model=model_name(fields.get("model")), prompt=prompt, width=w, height=h,
+            batch_size=number(fields, "n", int, 1), init_image=image.convert("RGB"), mask=mask,
+            strength=number(fields, "strength", float, 1.0 if mask is not None else 0.75),
+            **common({"seed": number(fields, "seed", int, None), "steps": number(fields, "steps", int, None),
+                      "cfg_scale": number(fields, "cfg_scale", float, None),
+                      "negative_prompt": fields.get("negative_prompt"), "sampler": fields.get("sampler"),
+                      "schedule": fields.get("schedule")}),
+        )
+        return out
+
+    @app.post("/v1/images/edits", tags=["openai"])
+    async def edits(request: Request) -> JSONResponse:
+        """multipart: ``image`` or ``image[]`` (one or more), optional ``mask`` (alpha 0 = edit), ``prompt``."""
+        fields, files = await form_of(request)
+        rf, of = check_formats(fields.get("response_format"), fields.get("output_format"))
+        prompt = fields.get("prompt", "")
+        if not files.get("image"):
+            raise BadRequest("send at least one image (field 'image' or 'image[]')")
+        images = [await run_in_threadpool(decode_image, d, f"image {i}", config.max_image_pixels)
+                  for i, d in enumerate(files["image"])]
+        mask = None
+        if files.get("mask"):
+            mask = openai_mask(await run_in_threadpool(decode_image, files["mask"][0], "mask", config.max_image_pixels))
+        fl = [edit_fields(fields, im, mask, prompt) for im in images]
+        return await run_all(request, fl, rf, of, prompt, fields.get("size"))
+
+    @app.post("/v1/images/variations", tags=["openai"])
+    async def variations(request: Request) -> JSONResponse:
+        fields, files = await form_of(request)
+        rf, of = check_formats(fields.get("response_format"), fields.get("output_format"))
+        if not files.get("image"):
+            raise BadRequest("send the image (field 'image')")
+        image = await run_in_threadpool(decode_image, files["image"][0], "image", config.max_image_pixels)
+        f = edit_fields(fields, image, None, fields.get("prompt", ""))
+        f["mask"] = None
+        f["strength"] = number(fields, "strength", float, 0.75)
+        return await run_all(request, [f], rf, of, f["prompt"], fields.get("size"))

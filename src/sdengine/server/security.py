@@ -190,6 +190,8 @@ def decode_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
     width x height is over ``max_pixels``, and 400 when it is not an image of those formats."""
     try:
         im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
+    except Image.DecompressionBombError as e:  # Pillow's own (higher) limit, also found from the header
+        raise PayloadTooLarge(f"{what}: {e}; over the limit of {max_pixels} pixels, refused before decoding") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds for garbage
         raise BadRequest(f"{what}: not a PNG, JPEG or WebP image ({type(e).__name__})") from None
     w, h = im.size

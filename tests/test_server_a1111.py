@@ -1,0 +1,140 @@
+"""The real ``webuiapi`` client against a live ``sdengine serve`` (emoji model, 64x64): the images equal the
+same request through the Python API."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import webuiapi
+from PIL import Image, ImageOps
+
+from _emoji_models import make_tiny_emoji_folder
+from _live_server import live_server, server_config, shared_loader
+from sdengine.server.catalog import BUILTIN_CONTROLNETS
+
+COMMON = {"steps": 3, "width": 64, "height": 64, "cfg_scale": 7.0}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("a1111")
+    make_tiny_emoji_folder(tmp / "models" / "tiny")
+    with live_server(server_config(tmp, models_dir=tmp / "models")) as s:
+        yield s
+
+
+@pytest.fixture()
+def api(server):
+    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="DPM++ 2M", scheduler="Karras")
+
+
+def emoji():
+    return shared_loader("emoji", "cpu")
+
+
+def arr(im: Image.Image) -> np.ndarray:
+    return np.asarray(im.convert("RGB"))
+
+
+def gradient() -> Image.Image:
+    x = np.linspace(0, 255, 64, dtype=np.uint8)
+    return Image.fromarray(np.stack([np.tile(x, (64, 1)), np.tile(x[:, None], (1, 64)),
+                                     np.full((64, 64), 128, np.uint8)], -1))
+
+
+def test_txt2img_equals_python_api_and_info_is_a1111s(api):
+    r = api.txt2img(prompt="a red apple", seed=5, n_iter=2, **COMMON)
+    # n_iter=2 is two calls of batch_size 1 (seeds 5 and 6), as A1111 runs it
+    refs = [emoji()("a red apple", seed=s, sampler="dpmpp_2m", schedule="karras", progress=False, **COMMON)
+            for s in (5, 6)]
+    assert len(r.images) == 2
+    for got, want in zip(r.images, refs, strict=True):
+        np.testing.assert_array_equal(arr(got), arr(want.images[0]))
+    assert r.info["all_seeds"] == [5, 6] and r.info["seed"] == 5
+    ref = refs[0]
+    assert r.info["infotexts"] == [x.infotexts[0] for x in refs] and r.images[0].info["parameters"] == ref.infotexts[0]
+    assert r.info["ignored"] == [] and r.parameters["prompt"] == "a red apple"
+    assert api.png_info(r.images[0]).info == ref.infotexts[0]
+
+
+def test_img2img_and_inpainting_equal_python_api(api):
+    init = gradient()
+    r = api.img2img(images=[init], prompt="a blue ball", seed=3, denoising_strength=0.5, **COMMON)
+    ref = emoji()("a blue ball", seed=3, init_image=init, strength=0.5, sampler="dpmpp_2m", schedule="karras",
+                  progress=False, **COMMON)
+    np.testing.assert_array_equal(arr(r.image), arr(ref.images[0]))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 40, 56))
+    for invert in (0, 1):
+        r = api.img2img(images=[init], mask_image=mask, prompt="a blue ball", seed=3, denoising_strength=0.8,
+                        mask_blur=2, inpainting_fill=1, inpainting_mask_invert=invert, **COMMON)
+        m = ImageOps.invert(mask) if invert else mask
+        ref = emoji()("a blue ball", seed=3, init_image=init, mask=m, mask_blur=2, strength=0.8, sampler="dpmpp_2m",
+                      schedule="karras", progress=False, **COMMON)
+        np.testing.assert_array_equal(arr(r.image), arr(ref.images[0]))
+        assert "inpainting_fill" not in r.info["ignored"]
+
+
+def test_controlnet_unit_and_empty_args(api):
+    from sdengine.control import canny
+
+    control = canny(gradient().convert("RGB"))
+    assert "emoji-controlnet-canny" in api.controlnet_model_list() and "canny" in api.controlnet_module_list()
+    unit = webuiapi.ControlNetUnit(image=control, module="none", model="emoji-controlnet-canny", weight=0.8,
+                                   resize_mode="Just Resize", guidance_end=0.7)
+    # alwayson_scripts={} given: webuiapi adds the units to its mutable default dict otherwise (its bug)
+    r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **COMMON)
+    path = BUILTIN_CONTROLNETS["emoji-controlnet-canny"]
+    ref = emoji()("a star", seed=9, controlnets=[(path, control, 0.8, 0.0, 0.7)], sampler="dpmpp_2m",
+                  schedule="karras", progress=False, **COMMON)
+    np.testing.assert_array_equal(arr(r.image), arr(ref.images[0]))
+    plain = api.txt2img(prompt="a star", seed=9, alwayson_scripts={"ControlNet": {"args": []}}, **COMMON)
+    ref = emoji()("a star", seed=9, sampler="dpmpp_2m", schedule="karras", progress=False, **COMMON)
+    np.testing.assert_array_equal(arr(plain.image), arr(ref.images[0]))
+
+
+def test_unknown_and_unimplemented_fields_are_reported(api):
+    r = api.txt2img(prompt="a cat", seed=1, restore_faces=True, override_settings={"sd_vae": "x"}, **COMMON)
+    assert "restore_faces" in r.info["ignored"] and "override_settings.sd_vae" in r.info["ignored"]
+    r = api.custom_post("txt2img", {"prompt": "a cat", "seed": 1, "frobnicate": 3, **COMMON}, baseurl=True)
+    assert r.info["ignored"] == ["frobnicate"]
+
+
+def test_progress_and_interrupt(api):
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(r=api.txt2img(prompt="a tree", seed=2, **{**COMMON, "steps": 150})))
+    t.start()
+    deadline = time.monotonic() + 120
+    while True:
+        p = api.get_progress()
+        if p["state"]["sampling_step"] >= 2:
+            break
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.05)
+    assert 0 < p["progress"] < 1 and p["state"]["job_count"] >= 1 and p["state"]["sampling_steps"] == 150
+    t0 = time.monotonic()
+    assert api.interrupt()["interrupted"]
+    t.join(60)
+    assert not t.is_alive() and time.monotonic() - t0 < 30
+    assert out["r"].info["interrupted"] is True and out["r"].image.size == (64, 64)
+    assert api.get_progress()["state"]["job_count"] == 0
+    assert len(api.txt2img(prompt="a tree", seed=2, **COMMON).images) == 1  # the next job runs
+
+
+def test_model_names_and_set_model(api):
+    assert api.util_get_model_names() == ["emoji", "tiny"]
+    api.util_set_model("tiny")
+    try:
+        assert api.util_get_current_model() == "tiny"
+        r = api.txt2img(prompt="a cat", seed=1, steps=2, width=16, height=16)
+        assert r.info["sd_model_name"] == "tiny" and r.image.size == (16, 16)
+    finally:
+        api.util_set_model("emoji")
+    assert api.util_get_current_model() == "emoji"
+    for name in ("samplers", "schedulers", "loras", "sd-vae", "upscalers", "embeddings", "scripts", "cmd-flags",
+                 "memory", "options", "sd-models"):
+        assert api.session.get(f"{api.baseurl}/{name}").status_code == 200, name
+    assert "DPM++ 2M" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()

@@ -1,0 +1,95 @@
+"""The real ``openai`` client (``base_url`` at a live ``sdengine serve``): generations and edits."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from _live_server import live_server, server_config, shared_loader
+
+FAST = {"seed": 4, "steps": 3}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("openai")
+    with live_server(server_config(tmp, api_key="sk-test-key")) as s:
+        yield s
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-test-key", max_retries=0, timeout=120)
+
+
+def emoji():
+    return shared_loader("emoji", "cpu")
+
+
+def b64_image(s: str) -> Image.Image:
+    im = Image.open(io.BytesIO(base64.b64decode(s)))
+    im.load()
+    return im
+
+
+def png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_generate_n2_b64_and_url(client, server):
+    r = client.images.generate(prompt="a red apple", n=2, size="64x64", response_format="b64_json",
+                               extra_body=FAST)
+    ref = emoji()("a red apple", batch_size=2, width=64, height=64, progress=False, **FAST)
+    assert len(r.data) == 2 and r.data[0].revised_prompt == "a red apple"
+    for d, want in zip(r.data, ref.images, strict=True):
+        np.testing.assert_array_equal(np.asarray(b64_image(d.b64_json).convert("RGB")), np.asarray(want))
+    u = client.images.generate(prompt="a red apple", n=2, size="64x64", response_format="url", extra_body=FAST)
+    assert len(u.data) == 2
+    got = httpx.get(u.data[1].url, headers={"Authorization": "Bearer sk-test-key"})
+    assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(got.content)).convert("RGB")),
+                                  np.asarray(ref.images[1]))
+    j = client.images.generate(prompt="a red apple", size="64x64", output_format="jpeg", extra_body=FAST)
+    assert b64_image(j.data[0].b64_json).format == "JPEG"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        client.images.generate(prompt="x", size="big")
+
+
+def test_edit_with_mask_and_with_a_list_of_images(client):
+    init = Image.new("RGB", (64, 64), (250, 200, 40))
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 16, 48, 48))  # transparent = edit
+    r = client.images.edit(image=("init.png", png(init), "image/png"), mask=("mask.png", png(mask), "image/png"),
+                           prompt="a star", response_format="b64_json", extra_body=FAST)
+    white = Image.new("L", (64, 64), 0)
+    white.paste(255, (16, 16, 48, 48))
+    ref = emoji()("a star", init_image=init, mask=white, strength=1.0, width=64, height=64, progress=False, **FAST)
+    got = np.asarray(b64_image(r.data[0].b64_json).convert("RGB"))
+    np.testing.assert_array_equal(got, np.asarray(ref.images[0]))
+    assert (got[:8, :8] != got[24:40, 24:40].mean((0, 1)).astype(np.uint8)).any()
+    other = Image.new("RGB", (64, 64), (30, 60, 200))
+    r2 = client.images.edit(image=[("a.png", png(init), "image/png"), ("b.png", png(other), "image/png")],
+                            prompt="a star", response_format="b64_json", extra_body={**FAST, "strength": 0.5})
+    assert len(r2.data) == 2
+    refs = [emoji()("a star", init_image=im, strength=0.5, width=64, height=64, progress=False, **FAST)
+            for im in (init, other)]
+    for d, want in zip(r2.data, refs, strict=True):
+        np.testing.assert_array_equal(np.asarray(b64_image(d.b64_json).convert("RGB")), np.asarray(want.images[0]))
+
+
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
+def test_models_list_and_variations(client):
+    assert [m.id for m in client.models.list()] == ["emoji"]
+    v = client.images.create_variation(image=("x.png", png(Image.new("RGB", (64, 64), "red")), "image/png"),
+                                       n=1, response_format="b64_json", extra_body=FAST)
+    assert b64_image(v.data[0].b64_json).size == (64, 64)

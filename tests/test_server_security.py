@@ -1,0 +1,186 @@
+"""``sdengine serve``'s safety rules: bind, key, Origin/Host, traversal, pixel and body limits, pickles."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import pytest
+
+from _live_server import free_port, live_server, server_config
+
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+JOB = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 1}
+
+
+def serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "sdengine.cli", "serve", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_non_loopback_bind_without_key_refuses_to_start(capsys):
+    from sdengine.cli import main
+
+    for host in ("0.0.0.0", "192.168.1.20", "::"):
+        assert main(["serve", "--host", host, "--port", str(free_port())]) == 2
+        assert f"refusing to listen on {host} without --api-key" in capsys.readouterr().err
+    assert main(["serve", "--host", "0.0.0.0", "--api-key", "", "--port", str(free_port())]) == 2
+    assert "must not be empty" in capsys.readouterr().err
+
+
+def test_a_subprocess_refuses_too():
+    r = serve("--host", "0.0.0.0", "--port", str(free_port()))
+    assert r.returncode == 2 and "refusing to listen on 0.0.0.0 without --api-key" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_serve_starts_on_loopback_and_answers(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.Popen([sys.executable, "-m", "sdengine.cli", "serve", "--port", str(port), "--outputs-dir",
+                          str(tmp_path), "--log-level", "warning"], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert p.poll() is None, p.stderr.read().decode() if p.stderr else ""
+            try:
+                h = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert h.json()["status"] == "ok" and h.json()["model"] == "emoji"
+    finally:
+        p.terminate()
+        p.wait(30)
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("keyed")
+    with live_server(server_config(tmp, api_key="s3cret", cors_origins=("http://app.example",))) as s:
+        yield s
+
+
+def test_api_key_bearer_basic_and_health(keyed):
+    u = keyed.url
+    assert httpx.get(f"{u}/v1/models").status_code == 401
+    r = httpx.get(f"{u}/v1/models", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{u}/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert httpx.get(f"{u}/sdapi/v1/sd-models", auth=("anyone", "s3cret")).status_code == 200
+    assert httpx.post(f"{u}/sdapi/v1/interrupt", auth=("anyone", "wrong")).status_code == 401
+    assert httpx.get(f"{u}/healthz").status_code == 200
+
+
+def test_foreign_origin_and_null_refused_on_state_changing_routes(keyed):
+    h = {"Authorization": "Bearer s3cret"}
+    with httpx.Client(base_url=keyed.url, headers=h) as c:
+        for origin in ("http://evil.example", "null", f"http://localhost:{keyed.port}.evil.example"):
+            for method, path in (("POST", "/v1/jobs"), ("POST", "/sdapi/v1/txt2img"), ("POST", "/sdapi/v1/options"),
+                                 ("POST", "/v1/uploads"), ("DELETE", "/v1/jobs/x"), ("POST", "/v1/images/generations")):
+                r = c.request(method, path, json={}, headers={"Origin": origin})
+                assert r.status_code == 403, (origin, path, r.status_code)
+        # The server's own origin and the --cors-origins one pass the Origin rule (then fail validation or 404).
+        assert c.post("/sdapi/v1/options", json={}, headers={"Origin": keyed.url}).status_code == 200
+        r = c.post("/sdapi/v1/options", json={}, headers={"Origin": "http://app.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+        assert c.get("/v1/models", headers={"Origin": "http://evil.example"}).headers.get(
+            "access-control-allow-origin") is None
+
+
+@pytest.fixture(scope="module")
+def open_server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("open")
+    (tmp / "models").mkdir()
+    (tmp / "models" / "evil.ckpt").write_bytes(b"\x80\x04not really a pickle")
+    (tmp / "loras").mkdir()
+    (tmp / "secret.safetensors").write_bytes(b"{}")
+    (tmp / "loras" / "out.safetensors").symlink_to(tmp / "secret.safetensors")
+    (tmp / "outputs").mkdir()
+    (tmp / "secret.png").write_bytes(b"\x89PNG secret")
+    (tmp / "outputs" / "link.png").symlink_to(tmp / "secret.png")
+    cfg = server_config(tmp, models_dir=tmp / "models", loras_dir=tmp / "loras", max_body_bytes=1 << 20,
+                        max_queue=0)
+    with live_server(cfg) as s:
+        yield s
+
+
+def test_dns_rebinding_host_refused(open_server):
+    r = httpx.get(f"{open_server.url}/v1/models", headers={"Host": f"evil.example:{open_server.port}"})
+    assert r.status_code == 403 and "Host" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("name", ["../secret.png", "..%2Fsecret.png", "%2e%2e%2fsecret.png", "..%252fsecret.png",
+                                  "%2Fetc%2Fpasswd", "link.png", "..\\secret.png"])
+def test_image_names_cannot_leave_the_outputs_folder(open_server, name):
+    r = httpx.get(f"{open_server.url}/v1/images/{name}")
+    assert r.status_code in (400, 404) and b"PNG secret" not in r.content
+
+
+@pytest.mark.parametrize("field,value", [
+    ("model", "../models/evil"), ("model", "/etc/passwd"), ("model", "%2e%2e/secret"), ("model", "evil.ckpt"),
+    ("loras", [{"name": "../secret"}]), ("loras", [{"name": "/tmp/x"}]), ("loras", [{"name": "out"}]),
+    ("loras", [{"name": "..%2fsecret"}]), ("prompt", "a cat <lora:../secret:1>"), ("prompt", "<lora:/etc/x:1>"),
+    ("controlnets", [{"model": "../../x", "image": "iVBORw0KGgo="}]),
+])
+def test_traversal_and_pickle_names_refused(open_server, field, value):
+    r = httpx.post(f"{open_server.url}/v1/jobs", json={**JOB, field: value})
+    assert r.status_code == 400, r.text
+    if value == "evil.ckpt":
+        assert "pickle" in r.json()["detail"]
+
+
+def test_pickle_checkpoint_refused_by_a1111_options(open_server):
+    r = httpx.post(f"{open_server.url}/sdapi/v1/options", json={"sd_model_checkpoint": "evil.ckpt"})
+    assert r.status_code == 400 and "pickle" in r.json()["detail"]
+
+
+def huge_png(w: int, h: int) -> bytes:
+    """A PNG whose header says w x h (the pixel data is a few rows: it must be refused before decoding)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * (w + 1) * 4))
+            + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_refused_before_decoding(open_server):
+    data = huge_png(20000, 20000)
+    t0 = time.monotonic()
+    r = httpx.post(f"{open_server.url}/v1/uploads", files={"file": ("bomb.png", data, "image/png")})
+    assert r.status_code == 413 and "before decoding" in r.json()["detail"], r.text
+    assert "400000000 pixels" in r.json()["detail"] or "20000x20000" in r.json()["detail"]
+    r = httpx.post(f"{open_server.url}/v1/uploads", files={"file": ("big.png", huge_png(5000, 4000), "image/png")})
+    assert r.status_code == 413 and "5000x4000" in r.json()["detail"] and "before decoding" in r.json()["detail"]
+    assert time.monotonic() - t0 < 5
+    import base64
+
+    r = httpx.post(f"{open_server.url}/v1/jobs", json={**JOB, "init_image": base64.b64encode(data).decode()})
+    assert r.status_code == 413
+
+
+def test_oversize_body_413(open_server):
+    big = b"x" * (2 << 20)
+    r = httpx.post(f"{open_server.url}/v1/uploads", content=big, headers={"content-type": "image/png"})
+    assert r.status_code == 413
+
+    def chunks():
+        for _ in range(4):
+            yield b"y" * (512 << 10)
+
+    r = httpx.post(f"{open_server.url}/v1/uploads", content=chunks(), headers={"content-type": "image/png"})
+    assert r.status_code == 413
+
+
+def test_full_queue_is_429_with_retry_after(open_server):
+    r = httpx.post(f"{open_server.url}/v1/jobs", json=JOB)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
