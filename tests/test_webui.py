@@ -139,6 +139,23 @@ def test_txt2img_shows_the_apis_image_with_its_parameters_and_remembers_settings
     shot.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+    # The result's actions: reuse its parameters, send it to inpaint (the image under the mask canvas), download.
+    page.fill("#prompt", "something else")
+    page.fill("#steps", "30")
+    page.click("#results button:text('Reuse parameters')")
+    assert page.input_value("#prompt") == "a red apple" and page.input_value("#steps") == "8"
+    page.click("#results button:text('Send to inpaint')")
+    page.wait_for_selector("#mask-canvas", state="visible")
+    assert page.input_value("#mode") == "inpaint"
+    assert page.eval_on_selector("#mask-canvas", "c => [c.width, c.height]") == [64, 64]
+    np.testing.assert_array_equal(shown_image(page, "#init-preview"), expected)
+    assert page.get_attribute("#results a:text('Download')", "download").endswith(".png")
+    page.select_option("#mode", "txt2img")
+    # A gallery item reopens with its parameters.
+    page.evaluate("document.querySelector('#results').replaceChildren()")
+    page.click("#gallery button")
+    page.wait_for_selector("#results pre.parameters")
+    assert page.text_content("#results pre.parameters") == infotext
     # "Reuse the last seed" puts the result's seed back; the settings survive a reload (local storage).
     page.click("#seed-random")
     assert page.input_value("#seed") == "-1"
@@ -168,6 +185,13 @@ def test_errors_are_shown_next_to_their_field_and_the_input_is_kept(page):
     page.click("#generate")
     page.wait_for_function("document.querySelector('#err-steps').textContent.length > 0")
     assert "Steps" in page.text_content("#err-steps") and page.text_content("#err-width") == ""
+    # A LoRA the server does not have, named by a prompt tag: shown at the LoRA list.
+    page.fill("#steps", "3")
+    page.fill("#prompt", "a green apple <lora:no-such-lora:0.5>")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-loras').textContent.length > 0")
+    assert "unknown LoRA 'no-such-lora'" in page.text_content("#err-loras")
+    assert page.is_visible("#err-loras")  # its section was opened
 
 
 def test_cancel_stops_a_long_job_and_the_page_says_so(page, client):
