@@ -11,7 +11,7 @@ const SETTINGS_KEY = "sdengine.settings.v1";
 const API_KEY = "sdengine.apiKey";
 const GALLERY_PAGE = 12;
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
-  "height", "batch_size", "mode", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
+  "height", "batch_size", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
   "cn-weight", "cn-start", "cn-end"];
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform" };
@@ -19,7 +19,7 @@ const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras
   "sgm uniform": "sgm_uniform" };
 
 const state = {
-  samplers: [], sizes: {}, loras: [], lastSeed: null, jobId: null, running: false,
+  samplers: [], sizes: {}, loras: [], model: null, lastSeed: null, jobId: null, running: false,
   initBlob: null, controlBlob: null, galleryOffset: 0, galleryTotal: 0, resultUrls: [], galleryUrls: [],
 };
 
@@ -359,6 +359,7 @@ function setInitImage(blob, mode) {
   img.onload = () => {
     painter.reset(img.naturalWidth, img.naturalHeight);
     $("init-stage").hidden = false;
+    $("init-stage").scrollIntoView({ block: "nearest" });
   };
   img.src = url;
   $("img2img-section").open = true;
@@ -699,17 +700,15 @@ function install() {
   $("cancel").addEventListener("click", cancel);
   $("sampler").addEventListener("change", fillSchedules);
   for (const id of ["width", "height"]) $(id).addEventListener("change", () => snap($(id)));
-  let previousModel = null;
-  $("model").addEventListener("focus", () => { previousModel = $("model").value; });
   $("model").addEventListener("change", () => {
     // Follow the new model's default size unless the user chose another size.
-    const before = sizeOf(previousModel);
+    const before = sizeOf(state.model);
     const after = sizeOf($("model").value);
     if ($("width").valueAsNumber === before.width && $("height").valueAsNumber === before.height) {
       $("width").value = after.width;
       $("height").value = after.height;
     }
-    previousModel = $("model").value;
+    state.model = $("model").value;
   });
   $("seed-random").addEventListener("click", () => { $("seed").value = "-1"; saveSettings(); });
   $("seed-reuse").addEventListener("click", () => {
@@ -736,6 +735,7 @@ async function start() {
   try {
     await loadPickers();
     restoreSettings();
+    state.model = $("model").value;
     updateMode();
     document.body.dataset.ready = "true";
   } catch (e) {
