@@ -396,3 +396,17 @@ def test_with_an_api_key_the_page_asks_once_and_sends_it(browser, tmp_path):
         pg.wait_for_selector("body[data-ready=true]")
         assert not pg.is_visible("#key-dialog")
         ctx.close()
+
+
+def test_a_full_queue_is_said_in_words_and_the_input_kept(browser, tmp_path):
+    with live_server(server_config(tmp_path, max_queue=0)) as s:  # every job is refused with a 429
+        ctx = browser.new_context()
+        pg = ctx.new_page()
+        pg.set_default_timeout(WAIT_MS)
+        open_page(pg, s.url)
+        pg.fill("#prompt", "a cat face")
+        pg.click("#generate")
+        pg.wait_for_function("document.querySelector('#err-general').textContent.length > 0")
+        assert pg.text_content("#err-general").startswith("The server's queue is full; try again in ")
+        assert pg.input_value("#prompt") == "a cat face" and pg.is_enabled("#generate")
+        ctx.close()
