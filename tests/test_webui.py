@@ -365,6 +365,8 @@ def test_every_control_has_a_label_and_the_page_fits_a_phone(page, browser, serv
         pg = ctx.new_page()
         open_page(pg, server.url)
         assert pg.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
+        top = pg.evaluate("(id) => document.getElementById(id).getBoundingClientRect().top", "output")
+        assert top < pg.evaluate("document.getElementById('h-settings').getBoundingClientRect().top")  # result first
         bg = pg.evaluate("getComputedStyle(document.body).backgroundColor")
         assert bg == ("rgb(246, 247, 249)" if scheme == "light" else "rgb(18, 20, 24)")
         ctx.close()
