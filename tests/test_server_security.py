@@ -35,6 +35,7 @@ def test_non_loopback_bind_without_key_refuses_to_start(capsys):
     assert "must not be empty" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_subprocess_refuses_too():
     r = serve("--host", "0.0.0.0", "--port", str(free_port()))
     assert r.returncode == 2 and "refusing to listen on 0.0.0.0 without --api-key" in r.stderr

@@ -38,7 +38,9 @@ def run(a: argparse.Namespace) -> int:
 
     app = create_app(config)
     print(f"sdengine serving {config.model} on http://{a.host}:{a.port} (docs: /docs, API: /openapi.json)", flush=True)
-    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=a.log_level == "debug")
+    # Open event streams would hold a shutdown forever: after 10 s they are closed (running jobs are cancelled).
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=a.log_level == "debug",
+                timeout_graceful_shutdown=10)
     return 0
 
 

@@ -243,7 +243,7 @@ def install(app: FastAPI, services: Any) -> None:
             msg = job.error or "failed"
             return JSONResponse({"error": "GenerationError", "detail": msg, "body": "", "errors": msg},
                                 status_code=status)
-        images = [im.image for im in job.images]
+        images = [im.image for im in job.images if im.image is not None]
         interrupted = job.state == CANCELLED
         if interrupted and not images and job.preview_png is not None:
             w, h = job.generation.kwargs["width"] or 512, job.generation.kwargs["height"] or 512
@@ -270,7 +270,7 @@ def install(app: FastAPI, services: Any) -> None:
             if im.name:
                 info.setdefault("files", []).append(im.name)
         params = {k: v for k, v in req.model_dump().items() if k not in ("init_images", "mask")}
-        labels: list[str | None] = [*texts, *[None] * (len(images) - len(texts))]
+        labels: list[str | None] = [*texts, *[None] * (len(images) - len(texts))][: len(images)]
         return JSONResponse({"images": [_b64_png(i, t) for i, t in zip(images, labels, strict=True)]
                              if req.send_images else [],
                              "parameters": params, "info": json.dumps(info)})

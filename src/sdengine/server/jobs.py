@@ -40,9 +40,12 @@ FINISHED = frozenset({DONE, FAILED, CANCELLED})
 Loader = Callable[[str, str], Any]  # (model reference, device) -> a pipeline
 
 
+KEEP_IMAGES = 32  # finished jobs whose images stay in memory (older ones keep names, seeds and infotexts)
+
+
 @dataclass
 class JobImage:
-    image: Image.Image
+    image: Image.Image | None  # released for older finished jobs (see KEEP_IMAGES)
     seed: int
     infotext: str
     name: str | None = None  # file name in the outputs folder when saved
@@ -195,6 +198,12 @@ class JobManager:
             return len(self._queue) - 1
 
     def _forget_old(self) -> None:
+        """Drop the oldest finished jobs beyond ``keep_jobs`` and the images of all but the newest finished
+        ones (the routes that answer with images read them as soon as the job finishes)."""
+        finished = [j for j in self._jobs.values() if j.state in FINISHED]
+        for j in finished[:-KEEP_IMAGES]:
+            for im in j.images:
+                im.image = None
         while len(self._jobs) > self.keep_jobs + self.max_queue:
             for jid, j in self._jobs.items():
                 if j.state in FINISHED:

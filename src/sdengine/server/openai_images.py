@@ -131,10 +131,10 @@ def install(app: FastAPI, services: Any) -> None:
                 item: dict[str, Any] = {"revised_prompt": prompt}
                 if rf == "url":
                     item["url"] = f"{base}/v1/images/{im.name}"
-                else:
+                elif im.image is not None:
                     item["b64_json"] = encode(im.image, of)
                 data.append(item)
-        first = jobs[0].images[0].image if jobs and jobs[0].images else None
+        first = jobs[0].images[0].image if jobs and jobs[0].images and jobs[0].images[0].image else None
         return JSONResponse({"created": int(time.time()), "data": data, "output_format": of,
                              "size": f"{first.width}x{first.height}" if first else size})
 
