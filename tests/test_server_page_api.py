@@ -93,3 +93,16 @@ def test_gallery_lists_outputs_newest_first_paged_with_parameters(client, server
     assert [i["name"] for i in rest["items"]] == [names[2], names[1], names[0]]
     assert client.get("/v1/gallery", params={"limit": 0}).status_code == 422
     assert client.get("/v1/gallery", params={"offset": -1}).status_code == 422
+
+
+def test_with_a_key_only_the_page_is_public(tmp_path):
+    with live_server(server_config(tmp_path, api_key="k3y")) as s:
+        assert httpx.get(s.url + "/").status_code == 200
+        assert httpx.get(s.url + "/static/app.js").status_code == 200
+        assert httpx.head(s.url + "/static/style.css").status_code == 200
+        for method, path in (("POST", "/"), ("POST", "/static/app.js"), ("GET", "/v1/sizes"), ("GET", "/v1/gallery"),
+                             ("POST", "/v1/controlnets/preprocess"), ("GET", "/staticx"), ("GET", "/v1/models")):
+            assert httpx.request(method, s.url + path).status_code == 401, (method, path)
+        assert httpx.get(s.url + "/v1/sizes", headers={"Authorization": "Bearer k3y"}).status_code == 200
+    with live_server(server_config(tmp_path)) as s:  # no key: the page still refuses a foreign Host (rebinding)
+        assert httpx.get(s.url + "/", headers={"Host": "evil.example:80"}).status_code == 403

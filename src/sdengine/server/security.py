@@ -159,8 +159,8 @@ class SecurityMiddleware:
         if method in STATE_CHANGING and origin is not None and not origin_allowed(origin, host, self.cors_origins):
             return 403, (f"requests from the page at Origin {origin!r} are refused (not this server's; see "
                           "--cors-origins)")
-        public = path in PUBLIC_PATHS or (method in ("GET", "HEAD") and (path == PUBLIC_PAGE[0]
-                                                                       or path.startswith(PUBLIC_PAGE[1])))
+        public = path in PUBLIC_PATHS or (method in ("GET", "HEAD") and (
+            path == PUBLIC_PAGE[0] or (path.startswith(PUBLIC_PAGE[1]) and ".." not in path)))
         if self.api_key is not None and not public and method != "OPTIONS":
             if not key_matches(headers, self.api_key):
                 return 401, "missing or wrong API key (send 'Authorization: Bearer KEY')"
