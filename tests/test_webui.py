@@ -324,13 +324,13 @@ def test_dropping_a_png_fills_the_form(page):
     drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "star.png")
     page.wait_for_function("document.querySelector('#prompt').value === 'a yellow star'")
     got = {k: page.input_value(f"#{k}") for k in ("negative_prompt", "steps", "sampler", "schedule", "cfg_scale",
-                                                  "seed", "width", "height")}
+                                                  "seed", "width", "height", "clip_skip")}
     assert got == {"negative_prompt": "blurry", "steps": "17", "sampler": "euler_a", "schedule": "karras",
-                   "cfg_scale": "5.5", "seed": "1234", "width": "64", "height": "48"}
+                   "cfg_scale": "5.5", "seed": "1234", "width": "64", "height": "48", "clip_skip": "1"}
     # As AUTOMATIC1111 writes it for a non-Latin-1 prompt: a compressed iTXt chunk, a combined sampler name.
     a1111 = ("🍎 apple, <lora:emoji-fruit:0.7>\nsecond line\nNegative prompt: ugly, \"bad\"\n"
              "Steps: 9, Sampler: DPM++ 2M Karras, CFG scale: 4, Seed: 99, Size: 64x64, "
-             "Model hash: abcdef1234, Model: emoji, Denoising strength: 0.35, Version: v1.10.1")
+             "Model hash: abcdef1234, Model: emoji, Denoising strength: 0.35, Clip skip: 2, Version: v1.10.1")
     info = PngImagePlugin.PngInfo()
     info.add_itxt("parameters", a1111, zip=True)
     drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "a1111.png", target="#h-settings")
@@ -339,6 +339,7 @@ def test_dropping_a_png_fills_the_form(page):
     assert page.input_value("#negative_prompt") == 'ugly, "bad"'
     assert (page.input_value("#sampler"), page.input_value("#schedule")) == ("dpmpp_2m", "karras")
     assert page.input_value("#steps") == "9" and page.input_value("#strength") == "0.35"
+    assert page.input_value("#clip_skip") == "2"
     # A PNG without parameters is named, and the form is left as it was.
     drop_file(page, png_bytes(Image.new("RGB", (8, 8))), "plain.png")
     page.wait_for_function("document.querySelector('#err-general').textContent.includes('plain.png')")

@@ -11,7 +11,7 @@ const SETTINGS_KEY = "sdengine.settings.v1";
 const API_KEY = "sdengine.apiKey";
 const GALLERY_PAGE = 12;
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
-  "height", "batch_size", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
+  "height", "batch_size", "clip_skip", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
   "cn-weight", "cn-start", "cn-end"];
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform" };
@@ -129,6 +129,7 @@ const ERROR_FIELDS = [
   [/cfg/i, "cfg_scale"],
   [/\bseed\b/i, "seed"],
   [/batch/i, "batch_size"],
+  [/clip_skip|clip skip/i, "clip_skip"],
   [/\bmodel\b/i, "model"],
   [/negative_prompt/i, "negative_prompt"],
   [/\bprompt\b/i, "prompt"],
@@ -328,6 +329,7 @@ function applyInfotext(text) {
   if (size) { put("width", size[1]); put("height", size[2]); }
   if (f["Denoising strength"]) put("strength", parseFloat(f["Denoising strength"]));
   if (f["Mask blur"]) put("mask_blur", parseFloat(f["Mask blur"]));
+  put("clip_skip", f["Clip skip"] ? parseInt(f["Clip skip"], 10) : 1); // A1111 writes it only when > 1
   if (f.Model) put("model", f.Model);
   saveSettings();
   return set;
@@ -422,6 +424,7 @@ async function buildRequest() {
     width: number("width", "Width", true),
     height: number("height", "Height", true),
     batch_size: number("batch_size", "Batch size", true),
+    clip_skip: number("clip_skip", "Clip skip", true),
   };
   const mode = $("mode").value;
   if (mode !== "txt2img") {
