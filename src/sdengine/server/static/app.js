@@ -319,7 +319,8 @@ function applyInfotext(text) {
     const s = samplerFromA1111(f.Sampler);
     if (s) {
       put("sampler", s.sampler);
-      if (s.schedule) put("schedule", s.schedule);
+      // As sdengine reads it (--from-png): a sampler without a schedule type means the model's own spacing.
+      put("schedule", s.schedule || "normal");
     }
   }
   if (f["Schedule type"]) put("schedule", A1111_SCHEDULES[f["Schedule type"].toLowerCase()]);
