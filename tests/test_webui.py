@@ -344,6 +344,13 @@ def test_dropping_a_png_fills_the_form(page):
     drop_file(page, png_bytes(Image.new("RGB", (8, 8))), "plain.png")
     page.wait_for_function("document.querySelector('#err-general').textContent.includes('plain.png')")
     assert page.input_value("#seed") == "99"
+    # An older A1111 infotext: a plain sampler name and no schedule type is the model's own spacing.
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat face\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64")
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "old.png")
+    page.wait_for_function("document.querySelector('#seed').value === '5'")
+    assert (page.input_value("#sampler"), page.input_value("#schedule")) == ("euler", "normal")
+    assert page.input_value("#negative_prompt") == "" and page.input_value("#clip_skip") == "1"
 
 
 UNLABELLED = """() => [...document.querySelectorAll(
