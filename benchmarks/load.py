@@ -7,6 +7,15 @@ parameters; fp16 by default = 2.1 GB, fp32 = 4.3 GB) and the same weights as one
 `sdengine.weights.convert`. Then each case runs in its own subprocess and reports wall time, peak RSS right
 after loading, and RSS after every weight has been read once (a checksum over all parameters), against the
 size of the weights. Page cache is warm (the files were just written or read), as on a second run.
+
+    python benchmarks/load.py --readers [--dir /tmp/sdengine-bench] [--repeats 5]
+
+compares the two ways to read one .safetensors file, each in its own subprocess, alternated, median of
+--repeats runs: sdengine's own reader (`weights.io.load_safetensors`: header validated in Python, tensors
+are views into one private memory map) against the safetensors library (`safe_open(...).get_tensor` for
+every name, and `safetensors.torch.load_file`). The file is a random SD 1.5 U-Net state dict in fp16
+(1.7 GB, written once with the library's own writer). "open" = every tensor object exists, "ready" =
+open plus one read of every 4 KiB page of every tensor (so lazily mapped pages are paid for too).
 """
 
 from __future__ import annotations
@@ -161,13 +170,106 @@ def run_case(case: str, folder: Path, single: Path, dtype: str) -> dict:
             "baseline_gb": base / GB, "checksum": checksum, "note": note}
 
 
+# ------------------------------------------------------------------------------------ safetensors readers
+
+READERS = ("sdengine", "safe_open", "load_file")
+
+
+def ensure_unet_file(root: Path) -> Path:
+    """A random SD 1.5 U-Net state dict, fp16, written once by the safetensors library (as files in the wild)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdengine.models.unet import SD15, UNet
+    from sdengine.weights.loading import parameters_on_meta
+
+    path = root / "sd15-unet-random-fp16.safetensors"
+    if path.is_file():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    with parameters_on_meta():
+        shapes = {k: v.shape for k, v in UNet(SD15).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    sd = {k: (torch.randn(shape, generator=g) * 0.02).half() for k, shape in shapes.items()}
+    save_file(sd, str(path), metadata={"format": "pt"})
+    return path
+
+
+def run_reader(case: str, path: Path) -> dict:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from sdengine.weights.io import load_safetensors
+
+    torch.set_num_threads(1)
+    base = _rss_now()
+    t0 = time.perf_counter()  # imports are done: only the reading is timed
+    if case == "sdengine":
+        sd = load_safetensors(path)
+    elif case == "safe_open":
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    else:
+        sd = load_file(str(path))
+    t_open = time.perf_counter() - t0
+    total = 0.0
+    for t in sd.values():
+        flat = t.reshape(-1)
+        total += float(flat[:: max(4096 // t.element_size(), 1)].float().sum())  # one element per 4 KiB page
+    t_ready = time.perf_counter() - t0
+    nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+    return {"case": case, "open_s": t_open, "ready_s": t_ready, "rss_gb": (_rss_now() - base) / GB,
+            "gb": nbytes / GB, "n": len(sd), "checksum": total}
+
+
+def reader_benchmark(root: Path, repeats: int) -> None:
+    import statistics
+
+    path = ensure_unet_file(root)
+    with open(path, "rb") as f:  # warm the page cache once, so every case reads from memory
+        while f.read(1 << 24):
+            pass
+    print(f"file: {path} ({path.stat().st_size / GB:.2f} GB), {repeats} runs per reader, alternated")
+    runs: dict[str, list[dict]] = {c: [] for c in READERS}
+    for _ in range(repeats):
+        for case in READERS:
+            cmd = [sys.executable, __file__, "--reader-case", case, "--dir", str(root)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode:
+                raise SystemExit(f"{case}: failed\n{res.stderr[-2000:]}")
+            runs[case].append(json.loads(res.stdout.strip().splitlines()[-1]))
+    sums = {c: runs[c][0]["checksum"] for c in READERS}
+    if len({round(v, 3) for v in sums.values()}) != 1:
+        raise SystemExit(f"readers disagree on the data: {sums}")
+    med = {c: {k: statistics.median(r[k] for r in runs[c]) for k in ("open_s", "ready_s", "rss_gb")}
+           for c in READERS}
+    ref = med["safe_open"]
+    print(f"\n{'reader':10} {'open s':>8} {'ready s':>8} {'RSS GB':>7} {'open vs safe_open':>18} "
+          f"{'ready vs safe_open':>19}")
+    for c in READERS:
+        m = med[c]
+        print(f"{c:10} {m['open_s']:8.3f} {m['ready_s']:8.3f} {m['rss_gb']:7.2f} {m['open_s'] / ref['open_s']:17.2f}x "
+              f"{m['ready_s'] / ref['ready_s']:18.2f}x")
+    print("\nratios < 1: faster than safetensors.safe_open measured in the same run (median of the runs)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/sdengine-bench"))
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "fp32", "bf16"))
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     ap.add_argument("--case", help=argparse.SUPPRESS)  # child process mode
+    ap.add_argument("--readers", action="store_true", help="compare safetensors readers (see above)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--reader-case", choices=READERS, help=argparse.SUPPRESS)  # child process mode
     args = ap.parse_args()
+    if args.reader_case:
+        print(json.dumps(run_reader(args.reader_case, args.dir / "sd15-unet-random-fp16.safetensors")))
+        return
+    if args.readers:
+        reader_benchmark(args.dir, args.repeats)
+        return
     folder, single = args.dir / f"sd15-random-{args.dtype}", args.dir / f"sd15-random-{args.dtype}.safetensors"
     if args.case:
         print(json.dumps(run_case(args.case, folder, single, args.dtype)))

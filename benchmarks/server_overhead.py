@@ -41,9 +41,19 @@ from sdengine.server.requests import build_generation
 class TrivialPipeline:
     """The pipeline's call signature, no model: one step callback, one flat image per row."""
 
-    def __call__(self, prompt: str = "", negative_prompt: str = "", *, seed: int = 0, batch_size: int = 1,
-                 width: int | None = None, height: int | None = None, steps: int = 1, callback: Any = None,
-                 **_: Any) -> GenerationResult:
+    def __call__(
+        self,
+        prompt: str = "",
+        negative_prompt: str = "",
+        *,
+        seed: int = 0,
+        batch_size: int = 1,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 1,
+        callback: Any = None,
+        **_: Any,
+    ) -> GenerationResult:
         import torch
 
         w, h = width or 64, height or 64
@@ -89,8 +99,9 @@ def main() -> None:
         pipe = TrivialPipeline()
 
         def direct() -> None:
-            g = build_generation(config, services.catalog, services.uploads, model=None, **{
-                k: v for k, v in BODY.items()})
+            g = build_generation(
+                config, services.catalog, services.uploads, model=None, **{k: v for k, v in BODY.items()}
+            )
             result = pipe(**g.kwargs, callback=lambda info: True, progress=False)
             buf = io.BytesIO()
             result.images[0].save(buf, format="PNG")
@@ -100,8 +111,7 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                               access_log=False))
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         deadline = time.monotonic() + 30
@@ -110,6 +120,7 @@ def main() -> None:
             time.sleep(0.01)
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+
                 def a1111() -> None:
                     r = c.post("/sdapi/v1/txt2img", json={**BODY, "sampler_name": "DPM++ 2M"})
                     assert r.status_code == 200 and r.json()["images"]
@@ -128,16 +139,24 @@ def main() -> None:
         finally:
             server.should_exit = True
             thread.join(30)
-    print(f"requests: {a.n} each, one at a time, loopback, trivial 64x64 model; wall = median, CPU = mean of "
-          "this process (client + server)")
-    rows = [("direct (build + call + PNG)", t_direct), ("HTTP floor GET /healthz", t_floor),
-            ("A1111 POST /sdapi/v1/txt2img", t_a1111), ("native POST /v1/jobs + SSE events", t_native)]
+    print(
+        f"requests: {a.n} each, one at a time, loopback, trivial 64x64 model; wall = median, CPU = mean of "
+        "this process (client + server)"
+    )
+    rows = [
+        ("direct (build + call + PNG)", t_direct),
+        ("HTTP floor GET /healthz", t_floor),
+        ("A1111 POST /sdapi/v1/txt2img", t_a1111),
+        ("native POST /v1/jobs + SSE events", t_native),
+    ]
     for name, (wall, cpu) in rows:
         print(f"{name:36s} wall {wall:7.2f} ms   CPU {cpu:6.2f} ms")
     for name, (wall, cpu), floors in (("A1111", t_a1111, 1), ("native", t_native, 2)):
-        print(f"{name} overhead over direct: wall {wall - t_direct[0]:6.2f} ms, CPU {cpu - t_direct[1]:6.2f} ms; "
-              f"beyond {floors} HTTP floor(s): wall {wall - floors * t_floor[0] - t_direct[0]:6.2f} ms, "
-              f"CPU {cpu - floors * t_floor[1] - t_direct[1]:6.2f} ms")
+        print(
+            f"{name} overhead over direct: wall {wall - t_direct[0]:6.2f} ms, CPU {cpu - t_direct[1]:6.2f} ms; "
+            f"beyond {floors} HTTP floor(s): wall {wall - floors * t_floor[0] - t_direct[0]:6.2f} ms, "
+            f"CPU {cpu - floors * t_floor[1] - t_direct[1]:6.2f} ms"
+        )
     import os
 
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")

@@ -51,13 +51,15 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(config: ServerConfig, *, loader: Any = shared_loader,
-                start_timeout: float = 60.0) -> Iterator[LiveServer]:
+def live_server(
+    config: ServerConfig, *, loader: Any = shared_loader, start_timeout: float = 60.0
+) -> Iterator[LiveServer]:
     port = free_port()
     config = replace(config, host="127.0.0.1", port=port)
     app = create_app(config, loader=loader, preload=False)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout

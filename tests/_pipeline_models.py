@@ -69,7 +69,7 @@ def make_sd_folder(dst: Path, *, size: str = "tiny", kind: str = "sd1", seed: in
     from transformers import CLIPTextConfig as HFConfig
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from sdengine.weights.loading import _write_clip_tokenizer
+    from sdengine.weights.loading import write_clip_tokenizer
 
     ucfg, vcfg, tcfg = configs(size, "sd1" if kind == "inpaint4" else kind)
     torch.manual_seed(seed)
@@ -80,7 +80,7 @@ def make_sd_folder(dst: Path, *, size: str = "tiny", kind: str = "sd1", seed: in
     d.pop("_class_name")
     vae = _perturb(AutoencoderKL(**d), seed + 2)
     text_encoder = _perturb(CLIPTextModel(HFConfig(**tcfg.to_transformers())).eval(), seed + 3)
-    _write_clip_tokenizer(dst / "tokenizer", pad="!" if kind == "sd2" else None)
+    write_clip_tokenizer(dst / "tokenizer", pad="!" if kind == "sd2" else None)
     tokenizer = CLIPTokenizer.from_pretrained(dst / "tokenizer")
     if kind == "sd2":
         scheduler = DDIMScheduler(**SD2_SCHEDULER)

@@ -14,8 +14,11 @@ import torch
 from PIL import Image
 
 from sdengine import control as C
+from sdengine.commands import generate as G
+from sdengine.diffusion.samplers import SamplerStep
 from sdengine.models.controlnet import SD15_CONTROLNET, SD21_CONTROLNET, ControlNet, ControlNetConfig
 from sdengine.models.unet import TINY_SD, UNet, UNetConfig
+from sdengine.pipeline import control as PC
 from sdengine.weights import controlnet_keys as ck
 from sdengine.weights.io import save_safetensors
 
@@ -144,13 +147,13 @@ def test_fresh_controlnet_leaves_the_output_exactly_unchanged() -> None:
     img = torch.rand(1, 3, 16, 16)
     grid = torch.tensor([999.0, 500.0, 1.0])
     for guess in (False, True):
-        m = C.build_controlled_unet(unet, [(nets[0], img, 1.0, 0.0, 1.0), (nets[1], img, 0.5, 0.0, 0.6)],
-                                    width=16, height=16, grid=grid, guess_mode=guess, batch_size=1)
+        m = PC.build_controlled_unet(unet, [(nets[0], img, 1.0, 0.0, 1.0), (nets[1], img, 0.5, 0.0, 0.6)],
+                                    width=16, height=16, grid=grid, guess_mode=guess)
         x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 32)
-        for t in grid:
+        for i, t in enumerate(grid):
             with torch.no_grad():
                 a = unet(x, t.expand(2), encoder_hidden_states=ctx)
-                b = m(x, t.expand(2), encoder_hidden_states=ctx)
+                b = m(x, t.expand(2), encoder_hidden_states=ctx, step=i)
             assert torch.equal(a, b)
 
 
@@ -158,7 +161,7 @@ def test_fresh_controlnet_leaves_the_output_exactly_unchanged() -> None:
 
 
 def _original(sd: dict, cfg: ControlNetConfig) -> dict:
-    from sdengine.control import _layout
+    from sdengine.control import controlnet_layout as _layout
 
     out, bad = ck.controlnet_diffusers_to_original(sd, _layout(cfg), len(cfg.conditioning_embedding_out_channels))
     assert not bad
@@ -189,7 +192,7 @@ def test_original_names_match_diffusers_converter(which: str) -> None:
     assert set(converted) == set(want)
     for k, v in want.items():
         assert converted[k] is original_value(original, v), k
-    back, bad = ck.controlnet_original_to_diffusers(ck.strip_prefix(original), C._layout(cfg),
+    back, bad = ck.controlnet_original_to_diffusers(ck.strip_prefix(original), C.controlnet_layout(cfg),
                                                     len(cfg.conditioning_embedding_out_channels))
     assert not bad and set(back) == set(want)
 
@@ -258,7 +261,7 @@ def test_sd1_and_sd2_architectures_read_off_full_size_shapes() -> None:
         with torch.device("meta"):
             net = ControlNet(cfg)
         original = ck.strip_prefix(_original(net.state_dict(), cfg))
-        got = C._config_from_weights(original, base=None)
+        got = C.config_from_weights(original, base=None)
         assert got.unet.num_heads == cfg.unet.num_heads
         assert dataclasses.replace(got, unet=dataclasses.replace(got.unet, upcast_attention=False)) == \
             dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, upcast_attention=False))
@@ -271,13 +274,13 @@ def test_controlnet_for_another_base_is_refused(tmp_path) -> None:
     other = dataclasses.replace(TINY_SD, block_out_channels=(32, 32))
     with pytest.raises(C.ControlNetError, match="block_out_channels"):
         C.check_compatible(_tiny_net(TINY_SD).config, other)
-    sd15 = C._family(768)
-    assert sd15 == "SD 1.x" and C._family(1024) == "SD 2.x"
+    sd15 = C.family(768)
+    assert sd15 == "SD 1.x" and C.family(1024) == "SD 2.x"
     with pytest.raises(C.ControlNetError, match="is for SD 2.x .* but the model is SD 1.x"):
         C.check_compatible(SD21_CONTROLNET, SD15_CONTROLNET.unet)
     unet = UNet(TINY_SD)
     with pytest.raises(C.ControlNetError, match="cross-attention width"):
-        C.build_controlled_unet(unet, [(_tiny_net(TINY_SD2), np.zeros((16, 16, 3), np.uint8), 1.0, 0.0, 1.0)],
+        PC.build_controlled_unet(unet, [(_tiny_net(TINY_SD2), np.zeros((16, 16, 3), np.uint8), 1.0, 0.0, 1.0)],
                                 width=16, height=16, grid=torch.tensor([500.0]))
 
 
@@ -371,7 +374,7 @@ def test_sampling_parity_with_controlnet_pipeline(sampler, n_nets, scales, start
     ns = NoiseSchedule.from_config(**SCHED)
     grid = sampling.make_grid(sampler, steps, ns, "normal", SCHED)
     units = [(o, im, s, a, b) for o, im, s, a, b in zip(ours, images, scales, starts, ends, strict=True)]
-    model = C.build_controlled_unet(unet, units, width=16, height=16, grid=grid, guess_mode=guess, batch_size=1)
+    model = PC.build_controlled_unet(unet, units, width=16, height=16, grid=grid, guess_mode=guess)
     den = CFGDenoiser(Denoiser(model, ns, "epsilon"), cfg_scale, {"encoder_hidden_states": neg})
     gens = [torch.Generator().manual_seed(seed)]
     noise = torch.randn((1, 4, 8, 8), generator=gens[0])
@@ -390,19 +393,26 @@ def test_sampling_parity_with_controlnet_pipeline(sampler, n_nets, scales, start
     assert (base - want).abs().max().item() > 100 * max(err, 1e-6)
 
 
-def test_step_keep_and_step_index_follow_diffusers() -> None:
+def test_step_keep_and_the_sampler_step_follow_diffusers() -> None:
     n = 10
     for s, e in ((0.0, 1.0), (0.2, 0.5), (0.33, 0.9)):
         want = [1.0 - float(i / n < s or (i + 1) / n > e) for i in range(n)]
-        assert [float(k) for k in C.step_keep(n, s, e)] == want
+        assert [float(k) for k in PC.step_keep(n, s, e)] == want
     unet = UNet(TINY_SD)
     net = _tiny_net()
     ts = torch.tensor([981.0, 801.0, 601.0, 401.0, 201.0, 1.0])
-    m = C.build_controlled_unet(unet, [(net, torch.rand(1, 3, 16, 16), 1.0, 0.0, 0.5)], width=16, height=16,
+    m = PC.build_controlled_unet(unet, [(net, torch.rand(1, 3, 16, 16), 1.0, 0.0, 0.5)], width=16, height=16,
                                 grid=ts, start_step=2)  # img2img: 4 steps run
-    assert [m.step_index(t) for t in ts[2:]] == [0, 1, 2, 3]
-    assert m.step_index(torch.tensor(500.0)) == 0  # a midpoint belongs to the step it starts from
     assert m.units[0].keep == [True, True, False, False]
+    # The step comes from the sampler loop, never from the timestep: the same t at steps 1 and 2 is
+    # controlled at step 1 only.
+    x, ctx, t = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 32), torch.tensor([500.0])
+    with torch.no_grad():
+        plain = unet(x, t, encoder_hidden_states=ctx)
+        assert not torch.equal(m(x, t, encoder_hidden_states=ctx, step=SamplerStep(1)), plain)
+        assert torch.equal(m(x, t, encoder_hidden_states=ctx, step=SamplerStep(2)), plain)
+    with pytest.raises(C.ControlNetError, match="needs the sampler's step"):
+        m(x, t, encoder_hidden_states=ctx)
 
 
 def test_inpainting_unet_gets_the_latent_channels_only() -> None:
@@ -412,7 +422,7 @@ def test_inpainting_unet_gets_the_latent_channels_only() -> None:
     assert net.config.unet.in_channels == 4
     assert torch.equal(net.conv_in.weight, unet9.conv_in.weight[:, :4])
     _perturb(net, 4)
-    m = C.build_controlled_unet(unet9, [(net, torch.rand(1, 3, 16, 16), 1.0, 0.0, 1.0)], width=16, height=16,
+    m = PC.build_controlled_unet(unet9, [(net, torch.rand(1, 3, 16, 16), 1.0, 0.0, 1.0)], width=16, height=16,
                                 grid=torch.tensor([500.0]))
     x = torch.randn(1, 9, 8, 8)
     ctx = torch.randn(1, 3, 32)
@@ -420,7 +430,7 @@ def test_inpainting_unet_gets_the_latent_channels_only() -> None:
         down, mid = net(x[:, :4], torch.tensor([500.0]), m.units[0].image, encoder_hidden_states=ctx)
         want = unet9(x, torch.tensor([500.0]), encoder_hidden_states=ctx, down_block_additional_residuals=down,
                      mid_block_additional_residual=mid)
-        got = m(x, torch.tensor([500.0]), encoder_hidden_states=ctx)
+        got = m(x, torch.tensor([500.0]), encoder_hidden_states=ctx, step=0)
     assert torch.equal(got, want)
 
 
@@ -461,9 +471,9 @@ def test_grayscale_and_rgba_control_images_are_converted(tmp_path) -> None:
     Image.fromarray(rgba, "RGBA").save(path)
     out = np.asarray(C.load_control_image(path))
     assert out[0, 0].tolist() == [255] * 3 and out[0, 11].tolist() == [0] * 3  # transparent -> black
-    t = C.control_image_tensor(path, width=8, height=6)
+    t = PC.control_image_tensor(path, width=8, height=6)
     assert t.shape == (1, 3, 6, 8) and 0 <= t.min() and t.max() <= 1
-    t2 = C.control_image_tensor(torch.rand(1, 1, 5, 5), width=8, height=8)
+    t2 = PC.control_image_tensor(torch.rand(1, 1, 5, 5), width=8, height=8)
     assert t2.shape == (1, 3, 8, 8)
 
 
@@ -473,7 +483,7 @@ def test_grayscale_and_rgba_control_images_are_converted(tmp_path) -> None:
 def test_unreadable_control_image_is_named(tmp_path) -> None:
     bad = tmp_path / "edges.png"
     bad.write_bytes(b"not an image")
-    with pytest.raises(C.ControlNetError, match=r"edges\.png cannot be read"):
+    with pytest.raises(C.ControlNetError, match=r"cannot read the control image .*edges\.png"):
         C.preprocess("canny", bad)
     with pytest.raises(C.ControlNetError, match=r"not found: .*nope\.png"):
         C.load_control_image(tmp_path / "nope.png")
@@ -481,41 +491,42 @@ def test_unreadable_control_image_is_named(tmp_path) -> None:
 
 def test_unknown_control_type_lists_the_valid_ones() -> None:
     with pytest.raises(C.ControlNetError, match="unknown control type 'edgez'; valid types: canny, scribble"):
-        C.parse_control_spec("edgez:x.png")
+        G.parse_control_spec("edgez:x.png")
     with pytest.raises(C.ControlNetError, match="'depth' needs a model .* use type 'none'"):
         C.preprocess("depth", _photo())
 
 
 def test_weight_outside_0_2_is_warned_and_start_end_checked() -> None:
     with pytest.warns(UserWarning, match=r"weight 2.5 is outside the usual range \[0, 2\]"):
-        assert C.parse_control_spec("canny:e.png:2.5") == ("canny", "e.png", 2.5)
+        assert G.parse_control_spec("canny:e.png:2.5") == ("canny", "e.png", 2.5)
     with pytest.warns(UserWarning, match="weight -0.5"):
-        C.check_unit_settings(-0.5, 0.0, 1.0)
+        PC.check_unit_settings(-0.5, 0.0, 1.0)
     with pytest.raises(C.ControlNetError, match=r"start \(0.6\) must be less than end \(0.6\)"):
-        C.parse_control_spec_full("canny:e.png:1:0.6:0.6")
+        G.parse_control_spec_full("canny:e.png:1:0.6:0.6")
     with pytest.raises(C.ControlNetError, match="start"):
-        C.build_controlled_unet(UNet(TINY_SD), [(_tiny_net(), _photo(16), 1.0, 0.8, 0.2)], width=16, height=16,
+        PC.build_controlled_unet(UNet(TINY_SD), [(_tiny_net(), _photo(16), 1.0, 0.8, 0.2)], width=16, height=16,
                                 grid=torch.tensor([500.0]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        C.check_unit_settings(2.0, 0.0, 1.0)  # the edges of the range are fine
+        PC.check_unit_settings(2.0, 0.0, 1.0)  # the edges of the range are fine
 
 
 def test_parse_control_spec_forms() -> None:
-    assert C.parse_control_spec("canny:edges.png:0.8") == ("canny", "edges.png", 0.8)
-    assert C.parse_control_spec("none:depth.png") == ("none", "depth.png", 1.0)
-    assert C.parse_control_spec(r"scribble:C:\img\a.png:1.2") == ("scribble", r"C:\img\a.png", 1.2)
-    assert C.parse_control_spec_full("canny:e.png:0.5:0.1:0.9") == C.ControlSpec("canny", "e.png", 0.5, 0.1, 0.9)
+    assert G.parse_control_spec("canny:edges.png:0.8") == ("canny", "edges.png", 0.8)
+    assert G.parse_control_spec("none:depth.png") == ("none", "depth.png", 1.0)
+    assert G.parse_control_spec(r"scribble:C:\img\a.png:1.2") == ("scribble", r"C:\img\a.png", 1.2)
+    want = ("canny", PC.ControlUnit(None, "e.png", 0.5, 0.1, 0.9))
+    assert G.parse_control_spec_full("canny:e.png:0.5:0.1:0.9") == want
     with pytest.raises(C.ControlNetError, match="expected TYPE:IMAGE"):
-        C.parse_control_spec("canny")
+        G.parse_control_spec("canny")
     with pytest.raises(C.ControlNetError, match="--controlnet"):
-        C.control_units_from_cli(["canny:a.png"], [])
+        G.control_units_from_cli(["canny:a.png"], [])
 
 
 def test_control_units_from_cli(tmp_path) -> None:
     path = tmp_path / "photo.png"
     _photo().save(path)
-    units = C.control_units_from_cli([f"canny:{path}:0.7"], ["cn-folder"], low=50, high=100)
+    units = G.control_units_from_cli([f"canny:{path}:0.7"], ["cn-folder"], low=50, high=100)
     (model, image, weight, start, end), = units
     assert model == "cn-folder" and weight == 0.7 and (start, end) == (0.0, 1.0)
     assert set(np.unique(np.asarray(image))) == {0, 255}

@@ -1,11 +1,11 @@
 """End-to-end ControlNet: sdengine's pipeline with ``controlnets=[...]`` against diffusers'
 StableDiffusionControlNet(Img2Img|Inpaint)Pipeline on the same tiny random weights, fp32 CPU, batch 1
-(mean absolute difference on 0..1 pixels < 1e-3, the issue's bar); an original-layout file and the diffusers
-folder of the same weights give the same image.
+(mean absolute difference on 0..1 pixels < 1e-3, the bar of docs/CONTRACTS.md, Test oracles); an
+original-layout file and the diffusers folder of the same weights give the same image.
 
-SPEC 9: DDIM built from an SD 1.5 scheduler config defaults to clip_sample=True and diffusers' ControlNet
-pipeline (unlike its SD pipelines) does not turn it off; the scheduler handed to diffusers here is the one
-sdengine's sampler table names (clip_sample=False), so like is compared with like.
+docs/CONTRACTS.md, Test oracles: DDIM built from an SD 1.5 scheduler config defaults to clip_sample=True and
+diffusers' ControlNet pipeline (unlike its SD pipelines) does not turn it off; the scheduler handed to diffusers
+here is the one sdengine's sampler table names (clip_sample=False), so like is compared with like.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-sdengine = pytest.importorskip("sdengine")
-_models = pytest.importorskip("_pipeline_models", reason="tests/_pipeline_models.py not here")
-if not hasattr(sdengine, "load_pipeline"):
-    pytest.skip("sdengine.load_pipeline has not landed yet", allow_module_level=True)
 
+import _pipeline_models as _models  # noqa: E402
+import sdengine  # noqa: E402
 from sdengine import control as C  # noqa: E402
 
 TOL = 1e-3
@@ -36,9 +34,9 @@ def _controlnet(unet, seed: int):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_sd1_folder):
     root = tmp_path_factory.mktemp("cn")
-    folder = _models.make_sd_folder(root / "model", size="tiny", kind="sd1")
+    folder = tiny_sd1_folder
     unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
     nets = [_controlnet(unet, 100 + k) for k in range(2)]
     paths = []

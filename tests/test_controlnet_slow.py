@@ -44,8 +44,8 @@ def test_medium_residuals_parity(sd2: bool) -> None:
 
 
 def test_medium_two_controlnets_image_parity(tmp_path) -> None:
-    sdengine = pytest.importorskip("sdengine")
-    models = pytest.importorskip("_pipeline_models")
+    import _pipeline_models as models
+    import sdengine
     from sdengine import control as C
 
     folder = models.make_sd_folder(tmp_path / "model", size="medium", kind="sd1")

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 pytest.importorskip("diffusers")
-_models = pytest.importorskip("_pipeline_models", reason="tests/_pipeline_models.py (the pipeline tests) not here")
-pipeline = pytest.importorskip("sdengine.pipeline", reason="sdengine.pipeline has not landed yet")
+
+from sdengine import pipeline  # noqa: E402
 
 
 def _shapes_folder(root: Path, n: int = 4, size: int = 32) -> Path:
@@ -51,12 +51,12 @@ def _fixed_loss(net, unet, data, schedule, prediction: str, seed: int = 123, dra
     return total / draws
 
 
-def test_short_training_run_lowers_the_loss_and_generates(tmp_path) -> None:
+def test_short_training_run_lowers_the_loss_and_generates(tmp_path, tiny_sd1_folder) -> None:
     from sdengine.cli import main
     from sdengine.control import load_controlnet, preprocess
     from sdengine.train.controlnet import ControlNetTrainSpec, prepare_data
 
-    sd = _models.make_sd_folder(tmp_path / "sd", size="tiny")
+    sd = tiny_sd1_folder
     data_dir = _shapes_folder(tmp_path / "data")
     out = tmp_path / "run"
     args = ["train", "controlnet", "--model", str(sd), "--data", str(data_dir), "--condition", "canny",

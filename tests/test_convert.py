@@ -1,4 +1,5 @@
-"""convert/load_checkpoint on tiny random pipelines, with diffusers' own loaders as the oracle (SPEC 7, 9)."""
+"""convert/load_checkpoint on tiny random pipelines, with diffusers' own loaders as the oracle
+(docs/CONTRACTS.md, Model files and Test oracles)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from _emoji_models import TINY_EMOJI_UNET, make_tiny_emoji_folder
+from _emoji_models import TINY_EMOJI_UNET
 from sdengine import demo
 from sdengine.cli import main
 from sdengine.metadata import read_png_parameters
@@ -53,9 +53,9 @@ def _tiny_lora(dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, tiny_emoji_folder):
     root = tmp_path_factory.mktemp("demo_assets")
-    model = make_tiny_emoji_folder(root / "emoji")
+    model = tiny_emoji_folder
     return {
         "model": model,
         "controlnet": _tiny_controlnet(root / "emoji-controlnet-canny"),

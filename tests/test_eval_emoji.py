@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from sdengine.data.emoji import CAPTION_TEMPLATES, EmojiDataset, make_caption  # noqa: E402
 from sdengine.data.emoji_paraphrases import FRUIT_PARAPHRASES, PARAPHRASES  # noqa: E402
-from sdengine.eval_emoji import (  # noqa: E402
+from sdengine.eval.emoji import (  # noqa: E402
     edge_f1,
     evaluate_emoji,
     evenly_spaced,
@@ -307,14 +307,13 @@ def test_cli_prints_report_and_writes_json(monkeypatch, capsys, tmp_path, pipe, 
     assert res["captions"]["n"] == 2 and res["settings"]["steps"] == 1 and res["cfg_sweep"] is None
 
 
-def test_evaluate_emoji_on_the_emoji_folder_with_the_real_recogniser_class(dataset, tmp_path):
+def test_evaluate_emoji_on_the_emoji_folder_with_the_real_recogniser_class(dataset, tmp_path, tiny_emoji_folder):
     """The tiny emoji-format folder through load_pipeline (MiniLM text encoder) and sdengine's EmojiRecogniser
     (random weights, small widths)."""
-    from _emoji_models import make_tiny_emoji_folder
     from sdengine.metrics.emoji_recogniser import EmojiRecogniser, RecogniserConfig
     from sdengine.pipeline import load_pipeline
 
-    pipe = load_pipeline(make_tiny_emoji_folder(tmp_path / "tiny"), device="cpu")
+    pipe = load_pipeline(tiny_emoji_folder, device="cpu")
     torch.manual_seed(0)
     chars = [e.char for e in dataset.entries]
     rec = EmojiRecogniser(RecogniserConfig(channels=(8, 8, 16, 16), num_classes=len(chars)), classes=chars).eval()

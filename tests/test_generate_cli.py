@@ -11,7 +11,7 @@ from PIL import Image
 
 pytest.importorskip("diffusers")
 
-from _pipeline_models import make_sd_folder, mask_picture, picture  # noqa: E402
+from _pipeline_models import mask_picture, picture  # noqa: E402
 from sdengine.cli import main  # noqa: E402
 
 # A1111's own reader (modules/infotext_utils.py, parse_generation_parameters), as another tool would run it.
@@ -45,8 +45,8 @@ def a1111_parse(text: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("cli") / "tiny-sd", size="tiny", kind="sd1")
+def model(tiny_sd1_folder):
+    return tiny_sd1_folder
 
 
 def _generate(*args: str) -> int:

@@ -1,10 +1,11 @@
 """LoRA loading: parity with diffusers' load_lora_weights (PEFT and kohya files), stacking, fuse/unfuse, reports and
 bad input. Tiny random SD1-shaped models; diffusers/transformers/peft are the oracles.
 
-Version note (SPEC 9): transformers >= 5.24 asks for peft >= 0.22 before it loads a text-encoder LoRA while the
-newest peft here is 0.21.2. The `relaxed_peft_check` fixture lowers transformers' MIN_PEFT_VERSION to the installed
-peft for the tests that load a text-encoder LoRA into transformers' CLIPTextModel (nothing else is changed; with
-transformers 5.23 the check already passes and the fixture does nothing).
+Version note (docs/CONTRACTS.md, Test oracles): transformers >= 5.24 asks for peft >= 0.22 before it loads a
+text-encoder LoRA while the newest peft here is 0.21.2. The `relaxed_peft_check` fixture lowers transformers'
+MIN_PEFT_VERSION to the installed peft for the tests that load a text-encoder LoRA into transformers'
+CLIPTextModel (nothing else is changed; with transformers 5.23 the check already passes and the fixture does
+nothing).
 """
 
 from __future__ import annotations
@@ -206,11 +207,11 @@ def test_kohya_ldm_names_load_like_diffusers_names(loras, tmp_path):
     the LDM spelling is cross-checked against diffusers' own sgm -> diffusers block mapper."""
     from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
 
-    from sdengine.weights.lora import _unet_ldm_names
+    from sdengine.weights.lora import unet_ldm_names
 
     ref_unet, ref_te = diffusers_models()
     ours_unet, ours_te = sdengine_models(ref_unet, ref_te)
-    ldm = _unet_ldm_names(ours_unet)
+    ldm = unet_ldm_names(ours_unet)
     sd = LoRAFile.load(loras[0]["kohya"]).layers
     renamed = {}
     for key, w in sd.items():
@@ -437,22 +438,85 @@ def test_names_resolve_in_lora_dir_and_missing_name_lists_it(loras, tmp_path):
         assert h.reports[0].name == "inky" and h.reports[0].complete
 
 
+def _escape_setup(loras, tmp_path):
+    """tmp/loras/{inside,link->outside}.safetensors, tmp/loras/sub -> tmp/outside, tmp/outside/secret.safetensors."""
+    d, out = tmp_path / "loras", tmp_path / "outside"
+    d.mkdir()
+    out.mkdir()
+    (d / "inside.safetensors").write_bytes(Path(loras[0]["kohya"]).read_bytes())
+    secret = out / "secret.safetensors"
+    secret.write_bytes(Path(loras[1]["kohya"]).read_bytes())
+    (d / "link.safetensors").symlink_to(secret)
+    (d / "sub").symlink_to(out, target_is_directory=True)
+    return d, secret
+
+
+ESCAPES = [
+    "../outside/secret",
+    "../outside/secret.safetensors",
+    "sub/../../outside/secret",
+    "%2e%2e/outside/secret",
+    "%2E%2E%2Foutside%2Fsecret",
+    "%252e%252e%252foutside%252fsecret",
+    "link",
+    "sub/secret",
+    "{abs}",
+    "{abs_stem}",
+]
+
+
+@pytest.mark.parametrize("name", ESCAPES)
+def test_prompt_tag_cannot_select_a_file_outside_the_lora_dir(loras, tmp_path, monkeypatch, name):
+    """A `<lora:NAME:W>` name only ever selects a file inside the LoRA folder: `..`, absolute names,
+    percent-encoded escapes and symlinks out are refused, even where the file exists relative to the
+    working directory (as the old path-first lookup would have taken it)."""
+    from sdengine.io.paths import UnsafePathError
+    from sdengine.prompts import extract_lora_tags
+    from sdengine.weights.lora import UnsafeLoRANameError
+
+    d, secret = _escape_setup(loras, tmp_path)
+    monkeypatch.chdir(d)  # "../outside/secret.safetensors" exists from here
+    name = name.format(abs=secret, abs_stem=secret.with_suffix(""))
+    text, tags = extract_lora_tags(f"a cat <lora:{name}:0.7>")
+    assert text == "a cat " and len(tags) == 1
+    with pytest.raises(UnsafeLoRANameError) as err:
+        apply_loras(None, None, tags, lora_dir=d)
+    assert isinstance(err.value, LoRAError) and isinstance(err.value, UnsafePathError)
+    with pytest.raises(UnsafeLoRANameError):
+        resolve_lora(tags[0][0], d)
+
+
+def test_prompt_tag_inside_the_dir_works_and_caller_paths_stay_allowed(loras, tmp_path):
+    from sdengine.prompts import extract_lora_tags
+
+    d, secret = _escape_setup(loras, tmp_path)
+    _, tags = extract_lora_tags("a cat <lora:inside:0.5>")
+    unet, te = fresh_models()
+    with apply_loras(unet, te, tags, lora_dir=d) as h:
+        assert h.reports[0].name == "inside" and h.reports[0].weight == 0.5 and h.reports[0].complete
+    # The Python caller's own path is not a name from a prompt: a file outside the folder is fine.
+    with apply_loras(unet, te, [(str(secret), 0.5)], lora_dir=d) as h:
+        assert h.reports[0].path == str(secret)
+    assert resolve_lora(secret, d) == secret
+    # A tag name with no folder to look it up in is an error, not a path.
+    (outside_tag, _), = extract_lora_tags(f"<lora:{secret}>")[1]
+    with pytest.raises(LoRAError, match="no LoRA folder was given"):
+        resolve_lora(outside_tag)
+    # The listing offers only what a name can select: the symlink out of the folder is left out.
+    assert list_lora_dir(d) == ["inside"]
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-def test_end_to_end_images_two_loras_match_diffusers_set_adapters(tmp_path, relaxed_peft_check):
+def test_end_to_end_images_two_loras_match_diffusers_set_adapters(tmp_path, relaxed_peft_check, tiny_sd1_folder):
     """Images from sdengine's pipeline with two LoRAs (0.8 PEFT, 0.5 kohya) equal diffusers' pipeline with
     load_lora_weights + set_adapters (1e-3 mean abs), and weight 0 gives the base image."""
     import sdengine
+    from _pipeline_models import diffusers_pipeline, diffusers_scheduler
+    from sdengine.weights.lora import UnsafeLoRANameError
 
-    if not hasattr(sdengine, "load_pipeline"):
-        pytest.skip("sdengine.load_pipeline has not landed yet; LoRA parity is shown per model above")
-    try:
-        from _pipeline_models import diffusers_pipeline, diffusers_scheduler, make_sd_folder
-    except ImportError:
-        pytest.skip("tests/_pipeline_models.py (the pipeline tests' model builder) is not there yet")
-
-    folder = make_sd_folder(tmp_path / "sd", size="tiny", kind="sd1")
+    folder = tiny_sd1_folder
     pipe = diffusers_pipeline(folder)
     pipe.scheduler = diffusers_scheduler(folder, "euler")
     a = make_lora(tmp_path, 20, models=(pipe.unet, pipe.text_encoder))
@@ -463,6 +527,12 @@ def test_end_to_end_images_two_loras_match_diffusers_set_adapters(tmp_path, rela
     base = ours(prompt="a red apple", **kw).arrays
     zero = ours(prompt="a red apple", loras=[(a["peft"], 0.0)], **kw).arrays
     assert abs(zero - base).max() == 0.0
+    # A prompt tag cannot reach a file outside the LoRA folder, although ../kohya20.safetensors exists.
+    inner = tmp_path / "loras"
+    inner.mkdir()
+    assert (inner / f"../{a['kohya'].name}").is_file()
+    with pytest.raises(UnsafeLoRANameError):
+        ours(prompt=f"a red apple <lora:../{a['kohya'].stem}:1>", lora_dir=inner, **kw)
     got = ours(prompt="a red apple", loras=[(a["peft"], 0.8), (b["kohya"], 0.5)], **kw).arrays
     pipe.load_lora_weights(str(a["peft"]), adapter_name="a")
     pipe.load_lora_weights(str(b["kohya"]), adapter_name="b")

@@ -27,12 +27,12 @@ def tiny_sd_folder(dst: Path) -> Path:
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from sdengine.weights.loading import _write_clip_tokenizer
+    from sdengine.weights.loading import write_clip_tokenizer
 
     unet, vae = randomize(tiny_unet("sd1"), 10), randomize(tiny_vae(), 11)
     te = randomize(tiny_clip("sd1", vocab_size=49408, bos_token_id=49406, eos_token_id=49407,
                              pad_token_id=49407), 12)
-    _write_clip_tokenizer(dst / "tokenizer")
+    write_clip_tokenizer(dst / "tokenizer")
     sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
                           steps_offset=1, skip_prk_steps=True)
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=te, scheduler=sched,

@@ -15,7 +15,7 @@ from sdengine.metrics.classifier import (
     DEFAULT_WEIGHTS_DIR,
     WEIGHTS_NAME,
     FashionClassifier,
-    _augment,
+    augment,
     features,
     load_classifier,
     predict,
@@ -25,15 +25,6 @@ from sdengine.metrics.classifier import (
 from sdengine.metrics.frechet import class_accuracy, fd_fmnist, frechet_distance_features
 
 needs_data = pytest.mark.skipif(not DEFAULT_ROOT.is_dir(), reason="dataset-fashion-mnist not installed")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Intra-op threads on a shared, loaded 2-core machine spin and slow everything down.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +93,12 @@ def test_augment_shifts_and_flips_keep_content() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.full((64, 1, 32, 32), -1.0)
     x[:, :, 10:20, 8:14] = 1.0  # a 10x6 block, away from the borders
-    y = _augment(x, g)
+    y = augment(x, g)
     assert y.shape == x.shape
     assert ((y == 1.0).sum(dim=(1, 2, 3)) == 60).all()  # shifted/flipped, never cropped
     assert set(y.unique().tolist()) == {-1.0, 1.0}
     assert not torch.equal(y, x)
-    torch.testing.assert_close(_augment(x, torch.Generator().manual_seed(0)), y)
+    torch.testing.assert_close(augment(x, torch.Generator().manual_seed(0)), y)
 
 
 def test_model_size_under_1mb_fp16() -> None:

@@ -8,7 +8,7 @@ Known differences from diffusers, on purpose (so those combinations are not comp
   sliced; its LMS takes the Lagrange coefficient of the full-history order for the first derivative. sdengine
   runs the same multistep rules from the start point (as k-diffusion does); at strength 1 both agree.
 * DPM++ SDE: diffusers draws its noise from a torchsde Brownian tree; the test hands it per-step draws from
-  the same generator, which is sdengine's seed contract (SPEC section 5).
+  the same generator, which is sdengine's seed contract (docs/CONTRACTS.md, Seeds).
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ import sdengine  # noqa: E402
 from _pipeline_models import (  # noqa: E402
     diffusers_pipeline,
     diffusers_scheduler,
-    make_sd_folder,
     mask_picture,
     picture,
 )
 from sdengine.diffusion.sampling import SAMPLERS  # noqa: E402
 from sdengine.pipeline import Cancelled, GenerationError, Pipeline, StepInfo  # noqa: E402
 
-TOL = 1e-3  # mean absolute difference on 0..1 pixels (the issue's bar); seen: ~2e-7
+TOL = 1e-3  # mean absolute difference on 0..1 pixels (docs/CONTRACTS.md, Test oracles); seen: ~2e-7
 SIZE = 32  # tiny VAE: 2x, so a 16x16 latent
 STEPS = 6
 PROMPT, NEGATIVE = "a red apple on a table", "blurry, dark"
@@ -42,8 +41,8 @@ IMG2IMG = [n for n in DETERMINISTIC if n not in ("plms", "lms")]  # see the modu
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    folder = make_sd_folder(tmp_path_factory.mktemp("sd1") / "model", size="tiny", kind="sd1")
+def sd1(tiny_sd1_folder):
+    folder = tiny_sd1_folder
     return folder, sdengine.load_pipeline(folder, device="cpu")
 
 
@@ -130,8 +129,8 @@ def test_img2img_multistep_at_full_strength_matches_diffusers(sd1, ref_img2img, 
 
 
 @pytest.fixture(scope="module")
-def inpaint9(tmp_path_factory):
-    folder = make_sd_folder(tmp_path_factory.mktemp("inpaint") / "model", size="tiny", kind="inpaint")
+def inpaint9(tiny_inpaint_folder):
+    folder = tiny_inpaint_folder
     return folder, sdengine.load_pipeline(folder, device="cpu"), diffusers_pipeline(folder, "inpaint")
 
 
@@ -165,8 +164,8 @@ def test_inpaint_blended_4_channel_matches_diffusers(sd1, ref_inpaint4, sampler,
 
 
 @pytest.fixture(scope="module")
-def sd2(tmp_path_factory):
-    folder = make_sd_folder(tmp_path_factory.mktemp("sd2") / "model", size="tiny", kind="sd2")
+def sd2(tiny_sd2_folder):
+    folder = tiny_sd2_folder
     return folder, sdengine.load_pipeline(folder, device="cpu")
 
 

@@ -34,9 +34,9 @@ def _smooth_latent(h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_tiles_cover_and_blend():
-    assert vu._tile_starts(10, 16, 4) == [0]
-    assert vu._tile_starts(40, 16, 4) == [0, 12, 24]
-    w = vu._ramp(16, 4, True, False, torch.device("cpu"))
+    assert vu.tile_starts(10, 16, 4) == [0]
+    assert vu.tile_starts(40, 16, 4) == [0, 12, 24]
+    w = vu.blend_ramp(16, 4, True, False, torch.device("cpu"))
     assert w[0] < w[3] < 1 and bool((w[4:] == 1).all())
 
 

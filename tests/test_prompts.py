@@ -352,7 +352,7 @@ def test_emphasis_is_per_chunk(sd1, tok):
 
 def a1111_tokenize_line(tok: CLIPTokenizer, line: str, pad: int, backtrack: int = 20) -> list[list[int]]:
     """A transcription of A1111's FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line (no textual
-    inversion), with process_tokens' SD2 padding: the oracle for long prompts (SPEC 9)."""
+    inversion), with process_tokens' SD2 padding: the oracle for long prompts (docs/CONTRACTS.md, Test oracles)."""
     parsed = parse_prompt_attention(line)
     tokenized = [tok.encode(text) for text, _ in parsed]
     chunks: list[list[int]] = []

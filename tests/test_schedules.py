@@ -81,8 +81,8 @@ def test_sigma_t_round_trip_and_log_interpolation():
 
 
 def test_normal_schedule_follows_each_schedulers_own_spacing_rule():
-    """SPEC 9: with leading spacing and steps_offset 1, DPM++ gives 901, 811, ..., 91 for 10 steps while
-    DDIM and Euler give 901, 801, ..., 1; trailing gives 999 ... 99 for all of them."""
+    """docs/CONTRACTS.md, Test oracles: with leading spacing and steps_offset 1, DPM++ gives 901, 811, ..., 91
+    for 10 steps while DDIM and Euler give 901, 801, ..., 1; trailing gives 999 ... 99 for all of them."""
     from sdengine.diffusion.sampling import make_grid
 
     ns = S.NoiseSchedule.from_config(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)

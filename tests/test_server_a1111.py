@@ -41,15 +41,17 @@ def arr(im: Image.Image) -> np.ndarray:
 
 def gradient() -> Image.Image:
     x = np.linspace(0, 255, 64, dtype=np.uint8)
-    return Image.fromarray(np.stack([np.tile(x, (64, 1)), np.tile(x[:, None], (1, 64)),
-                                     np.full((64, 64), 128, np.uint8)], -1))
+    return Image.fromarray(
+        np.stack([np.tile(x, (64, 1)), np.tile(x[:, None], (1, 64)), np.full((64, 64), 128, np.uint8)], -1)
+    )
 
 
 def test_txt2img_equals_python_api_and_info_is_a1111s(api):
     r = api.txt2img(prompt="a red apple", seed=5, n_iter=2, **COMMON)
     # n_iter=2 is two calls of batch_size 1 (seeds 5 and 6), as A1111 runs it
-    refs = [emoji()("a red apple", seed=s, sampler="dpmpp_2m", schedule="karras", progress=False, **COMMON)
-            for s in (5, 6)]
+    refs = [
+        emoji()("a red apple", seed=s, sampler="dpmpp_2m", schedule="karras", progress=False, **COMMON) for s in (5, 6)
+    ]
     assert len(r.images) == 2
     for got, want in zip(r.images, refs, strict=True):
         np.testing.assert_array_equal(arr(got), arr(want.images[0]))
@@ -63,17 +65,44 @@ def test_txt2img_equals_python_api_and_info_is_a1111s(api):
 def test_img2img_and_inpainting_equal_python_api(api):
     init = gradient()
     r = api.img2img(images=[init], prompt="a blue ball", seed=3, denoising_strength=0.5, **COMMON)
-    ref = emoji()("a blue ball", seed=3, init_image=init, strength=0.5, sampler="dpmpp_2m", schedule="karras",
-                  progress=False, **COMMON)
+    ref = emoji()(
+        "a blue ball",
+        seed=3,
+        init_image=init,
+        strength=0.5,
+        sampler="dpmpp_2m",
+        schedule="karras",
+        progress=False,
+        **COMMON,
+    )
     np.testing.assert_array_equal(arr(r.image), arr(ref.images[0]))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (8, 8, 40, 56))
     for invert in (0, 1):
-        r = api.img2img(images=[init], mask_image=mask, prompt="a blue ball", seed=3, denoising_strength=0.8,
-                        mask_blur=2, inpainting_fill=1, inpainting_mask_invert=invert, **COMMON)
+        r = api.img2img(
+            images=[init],
+            mask_image=mask,
+            prompt="a blue ball",
+            seed=3,
+            denoising_strength=0.8,
+            mask_blur=2,
+            inpainting_fill=1,
+            inpainting_mask_invert=invert,
+            **COMMON,
+        )
         m = ImageOps.invert(mask) if invert else mask
-        ref = emoji()("a blue ball", seed=3, init_image=init, mask=m, mask_blur=2, strength=0.8, sampler="dpmpp_2m",
-                      schedule="karras", progress=False, **COMMON)
+        ref = emoji()(
+            "a blue ball",
+            seed=3,
+            init_image=init,
+            mask=m,
+            mask_blur=2,
+            strength=0.8,
+            sampler="dpmpp_2m",
+            schedule="karras",
+            progress=False,
+            **COMMON,
+        )
         np.testing.assert_array_equal(arr(r.image), arr(ref.images[0]))
         assert "inpainting_fill" not in r.info["ignored"]
 
@@ -83,13 +112,26 @@ def test_controlnet_unit_and_empty_args(api):
 
     control = canny(gradient().convert("RGB"))
     assert "emoji-controlnet-canny" in api.controlnet_model_list() and "canny" in api.controlnet_module_list()
-    unit = webuiapi.ControlNetUnit(image=control, module="none", model="emoji-controlnet-canny", weight=0.8,
-                                   resize_mode="Just Resize", guidance_end=0.7)
+    unit = webuiapi.ControlNetUnit(
+        image=control,
+        module="none",
+        model="emoji-controlnet-canny",
+        weight=0.8,
+        resize_mode="Just Resize",
+        guidance_end=0.7,
+    )
     # alwayson_scripts={} given: webuiapi adds the units to its mutable default dict otherwise (its bug)
     r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **COMMON)
     path = BUILTIN_CONTROLNETS["emoji-controlnet-canny"]
-    ref = emoji()("a star", seed=9, controlnets=[(path, control, 0.8, 0.0, 0.7)], sampler="dpmpp_2m",
-                  schedule="karras", progress=False, **COMMON)
+    ref = emoji()(
+        "a star",
+        seed=9,
+        controlnets=[(path, control, 0.8, 0.0, 0.7)],
+        sampler="dpmpp_2m",
+        schedule="karras",
+        progress=False,
+        **COMMON,
+    )
     np.testing.assert_array_equal(arr(r.image), arr(ref.images[0]))
     plain = api.txt2img(prompt="a star", seed=9, alwayson_scripts={"ControlNet": {"args": []}}, **COMMON)
     ref = emoji()("a star", seed=9, sampler="dpmpp_2m", schedule="karras", progress=False, **COMMON)
@@ -105,7 +147,8 @@ def test_unknown_and_unimplemented_fields_are_reported(api):
 
 def test_progress_and_interrupt(api):
     out: dict = {}
-    t = threading.Thread(target=lambda: out.update(r=api.txt2img(prompt="a tree", seed=2, **{**COMMON, "steps": 150})))
+    body = {"prompt": "a tree", "seed": 2, "force_task_id": "task-7", **COMMON, "steps": 150}
+    t = threading.Thread(target=lambda: out.update(r=api.custom_post("txt2img", body, baseurl=True)))
     t.start()
     deadline = time.monotonic() + 120
     while True:
@@ -115,6 +158,12 @@ def test_progress_and_interrupt(api):
         assert time.monotonic() < deadline and t.is_alive()
         time.sleep(0.05)
     assert 0 < p["progress"] < 1 and p["state"]["job_count"] >= 1 and p["state"]["sampling_steps"] == 150
+    ip = api.session.post(
+        f"{api.baseurl.removesuffix('/sdapi/v1')}/internal/progress",
+        json={"id_task": "task-7", "id_live_preview": -1, "live_preview": True},
+    ).json()
+    assert ip["active"] and not ip["completed"] and 0 < ip["progress"] < 1
+    assert ip["live_preview"] is None or ip["live_preview"].startswith("data:image/png;base64,")
     t0 = time.monotonic()
     assert api.interrupt()["interrupted"]
     t.join(60)
@@ -134,7 +183,43 @@ def test_model_names_and_set_model(api):
     finally:
         api.util_set_model("emoji")
     assert api.util_get_current_model() == "emoji"
-    for name in ("samplers", "schedulers", "loras", "sd-vae", "upscalers", "embeddings", "scripts", "cmd-flags",
-                 "memory", "options", "sd-models"):
+    for name in (
+        "samplers",
+        "schedulers",
+        "loras",
+        "sd-vae",
+        "upscalers",
+        "embeddings",
+        "scripts",
+        "cmd-flags",
+        "memory",
+        "options",
+        "sd-models",
+    ):
         assert api.session.get(f"{api.baseurl}/{name}").status_code == 200, name
     assert "DPM++ 2M" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()
+
+
+def test_skip_with_a_json_body_moves_to_the_next_batch(api):
+    out: dict = {}
+    body = {
+        "prompt": "a cloud",
+        "seed": 40,
+        "n_iter": 2,
+        "force_task_id": "task-skip",
+        "steps": 40,
+        "width": 16,
+        "height": 16,
+        "cfg_scale": 7.0,
+    }
+    t = threading.Thread(target=lambda: out.update(r=api.custom_post("txt2img", body, baseurl=True)))
+    t.start()
+    deadline = time.monotonic() + 120
+    while api.get_progress()["state"]["sampling_step"] < 2:
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.05)
+    r = api.session.post(f"{api.baseurl}/skip", json={"id_task": "task-skip"})
+    assert r.json() == {"skipped": ["task-skip"]}
+    t.join(120)
+    assert not t.is_alive()
+    assert out["r"].info["all_seeds"] == [41] and len(out["r"].images) == 1  # the first batch (seed 40) skipped

@@ -64,8 +64,14 @@ def test_lists_health_and_openapi(client):
     s = client.get("/v1/samplers").json()
     assert any(x["name"] == "dpmpp_2m" and x["a1111"] == "DPM++ 2M" for x in s["samplers"])
     spec = client.get("/openapi.json").json()
-    for route in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/uploads", "/sdapi/v1/txt2img",
-                  "/v1/images/generations"):
+    for route in (
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/events",
+        "/v1/uploads",
+        "/sdapi/v1/txt2img",
+        "/v1/images/generations",
+    ):
         assert route in spec["paths"], route
 
 
@@ -178,8 +184,12 @@ def test_loras_are_removed_after_each_job(client):
 def test_controlnet_unit_by_name_with_a_preprocessor(client):
     src = Image.new("RGB", (64, 64), "white")
     src.paste((0, 0, 0), (20, 20, 44, 44))
-    body = {**BASE, "controlnets": [{"model": "emoji-controlnet-canny", "image": png_b64(src),
-                                     "preprocessor": "canny", "weight": 1.0}]}
+    body = {
+        **BASE,
+        "controlnets": [
+            {"model": "emoji-controlnet-canny", "image": png_b64(src), "preprocessor": "canny", "weight": 1.0}
+        ],
+    }
     j = run(client, body)
     assert j["state"] == "done", j
     assert "ControlNet 0: " in j["infotexts"][0] and "emoji-controlnet-canny" in j["infotexts"][0]
@@ -189,3 +199,15 @@ def png_b64(im: Image.Image) -> str:
     import base64
 
     return base64.b64encode(png_of(im)).decode()
+
+
+def test_saved_png_parameters_regenerate_the_image(client, server):
+    """What --from-png reads from a saved output gives the same image again."""
+    from sdengine.metadata import parse_parameters, read_png_parameters, to_generate_kwargs
+
+    j = run(client, {**BASE, "prompt": "a blue heart", "seed": 21, "sampler": "euler_a", "schedule": "normal"})
+    path = Path(server.services.config.outputs_dir) / j["images"][0]["name"]
+    kwargs = to_generate_kwargs(parse_parameters(read_png_parameters(path)))
+    prompt = kwargs.pop("prompt")
+    again = emoji()(prompt, progress=False, **kwargs)
+    np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(again.images[0]))

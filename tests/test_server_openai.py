@@ -45,8 +45,7 @@ def png(im: Image.Image) -> bytes:
 
 
 def test_generate_n2_b64_and_url(client, server):
-    r = client.images.generate(prompt="a red apple", n=2, size="64x64", response_format="b64_json",
-                               extra_body=FAST)
+    r = client.images.generate(prompt="a red apple", n=2, size="64x64", response_format="b64_json", extra_body=FAST)
     ref = emoji()("a red apple", batch_size=2, width=64, height=64, progress=False, **FAST)
     assert len(r.data) == 2 and r.data[0].revised_prompt == "a red apple"
     for d, want in zip(r.data, ref.images, strict=True):
@@ -55,8 +54,9 @@ def test_generate_n2_b64_and_url(client, server):
     assert len(u.data) == 2
     got = httpx.get(u.data[1].url, headers={"Authorization": "Bearer sk-test-key"})
     assert got.status_code == 200 and got.headers["content-type"] == "image/png"
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(got.content)).convert("RGB")),
-                                  np.asarray(ref.images[1]))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(got.content)).convert("RGB")), np.asarray(ref.images[1])
+    )
     j = client.images.generate(prompt="a red apple", size="64x64", output_format="jpeg", extra_body=FAST)
     assert b64_image(j.data[0].b64_json).format == "JPEG"
     with pytest.raises(openai.AuthenticationError):
@@ -69,8 +69,13 @@ def test_edit_with_mask_and_with_a_list_of_images(client):
     init = Image.new("RGB", (64, 64), (250, 200, 40))
     mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
     mask.paste((0, 0, 0, 0), (16, 16, 48, 48))  # transparent = edit
-    r = client.images.edit(image=("init.png", png(init), "image/png"), mask=("mask.png", png(mask), "image/png"),
-                           prompt="a star", response_format="b64_json", extra_body=FAST)
+    r = client.images.edit(
+        image=("init.png", png(init), "image/png"),
+        mask=("mask.png", png(mask), "image/png"),
+        prompt="a star",
+        response_format="b64_json",
+        extra_body=FAST,
+    )
     white = Image.new("L", (64, 64), 0)
     white.paste(255, (16, 16, 48, 48))
     ref = emoji()("a star", init_image=init, mask=white, strength=1.0, width=64, height=64, progress=False, **FAST)
@@ -78,11 +83,17 @@ def test_edit_with_mask_and_with_a_list_of_images(client):
     np.testing.assert_array_equal(got, np.asarray(ref.images[0]))
     assert (got[:8, :8] != got[24:40, 24:40].mean((0, 1)).astype(np.uint8)).any()
     other = Image.new("RGB", (64, 64), (30, 60, 200))
-    r2 = client.images.edit(image=[("a.png", png(init), "image/png"), ("b.png", png(other), "image/png")],
-                            prompt="a star", response_format="b64_json", extra_body={**FAST, "strength": 0.5})
+    r2 = client.images.edit(
+        image=[("a.png", png(init), "image/png"), ("b.png", png(other), "image/png")],
+        prompt="a star",
+        response_format="b64_json",
+        extra_body={**FAST, "strength": 0.5},
+    )
     assert len(r2.data) == 2
-    refs = [emoji()("a star", init_image=im, strength=0.5, width=64, height=64, progress=False, **FAST)
-            for im in (init, other)]
+    refs = [
+        emoji()("a star", init_image=im, strength=0.5, width=64, height=64, progress=False, **FAST)
+        for im in (init, other)
+    ]
     for d, want in zip(r2.data, refs, strict=True):
         np.testing.assert_array_equal(np.asarray(b64_image(d.b64_json).convert("RGB")), np.asarray(want.images[0]))
 
@@ -90,6 +101,10 @@ def test_edit_with_mask_and_with_a_list_of_images(client):
 @pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
 def test_models_list_and_variations(client):
     assert [m.id for m in client.models.list()] == ["emoji"]
-    v = client.images.create_variation(image=("x.png", png(Image.new("RGB", (64, 64), "red")), "image/png"),
-                                       n=1, response_format="b64_json", extra_body=FAST)
+    v = client.images.create_variation(
+        image=("x.png", png(Image.new("RGB", (64, 64), "red")), "image/png"),
+        n=1,
+        response_format="b64_json",
+        extra_body=FAST,
+    )
     assert b64_image(v.data[0].b64_json).size == (64, 64)

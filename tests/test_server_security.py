@@ -21,8 +21,9 @@ JOB = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 1}
 
 def serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "sdengine.cli", "serve", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "sdengine.cli", "serve", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_non_loopback_bind_without_key_refuses_to_start(capsys):
@@ -45,9 +46,23 @@ def test_a_subprocess_refuses_too():
 def test_cli_serve_starts_on_loopback_and_answers(tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    p = subprocess.Popen([sys.executable, "-m", "sdengine.cli", "serve", "--port", str(port), "--outputs-dir",
-                          str(tmp_path), "--log-level", "warning"], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sdengine.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--outputs-dir",
+            str(tmp_path),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -86,16 +101,24 @@ def test_foreign_origin_and_null_refused_on_state_changing_routes(keyed):
     h = {"Authorization": "Bearer s3cret"}
     with httpx.Client(base_url=keyed.url, headers=h) as c:
         for origin in ("http://evil.example", "null", f"http://localhost:{keyed.port}.evil.example"):
-            for method, path in (("POST", "/v1/jobs"), ("POST", "/sdapi/v1/txt2img"), ("POST", "/sdapi/v1/options"),
-                                 ("POST", "/v1/uploads"), ("DELETE", "/v1/jobs/x"), ("POST", "/v1/images/generations")):
+            for method, path in (
+                ("POST", "/v1/jobs"),
+                ("POST", "/sdapi/v1/txt2img"),
+                ("POST", "/sdapi/v1/options"),
+                ("POST", "/v1/uploads"),
+                ("DELETE", "/v1/jobs/x"),
+                ("POST", "/v1/images/generations"),
+            ):
                 r = c.request(method, path, json={}, headers={"Origin": origin})
                 assert r.status_code == 403, (origin, path, r.status_code)
         # The server's own origin and the --cors-origins one pass the Origin rule (then fail validation or 404).
         assert c.post("/sdapi/v1/options", json={}, headers={"Origin": keyed.url}).status_code == 200
         r = c.post("/sdapi/v1/options", json={}, headers={"Origin": "http://app.example"})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
-        assert c.get("/v1/models", headers={"Origin": "http://evil.example"}).headers.get(
-            "access-control-allow-origin") is None
+        assert (
+            c.get("/v1/models", headers={"Origin": "http://evil.example"}).headers.get("access-control-allow-origin")
+            is None
+        )
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +132,7 @@ def open_server(tmp_path_factory):
     (tmp / "outputs").mkdir()
     (tmp / "secret.png").write_bytes(b"\x89PNG secret")
     (tmp / "outputs" / "link.png").symlink_to(tmp / "secret.png")
-    cfg = server_config(tmp, models_dir=tmp / "models", loras_dir=tmp / "loras", max_body_bytes=1 << 20,
-                        max_queue=0)
+    cfg = server_config(tmp, models_dir=tmp / "models", loras_dir=tmp / "loras", max_body_bytes=1 << 20, max_queue=0)
     with live_server(cfg) as s:
         yield s
 
@@ -120,19 +142,39 @@ def test_dns_rebinding_host_refused(open_server):
     assert r.status_code == 403 and "Host" in r.json()["detail"]
 
 
-@pytest.mark.parametrize("name", ["../secret.png", "..%2Fsecret.png", "%2e%2e%2fsecret.png", "..%252fsecret.png",
-                                  "%2Fetc%2Fpasswd", "link.png", "..\\secret.png"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../secret.png",
+        "..%2Fsecret.png",
+        "%2e%2e%2fsecret.png",
+        "..%252fsecret.png",
+        "%2Fetc%2Fpasswd",
+        "link.png",
+        "..\\secret.png",
+    ],
+)
 def test_image_names_cannot_leave_the_outputs_folder(open_server, name):
     r = httpx.get(f"{open_server.url}/v1/images/{name}")
     assert r.status_code in (400, 404) and b"PNG secret" not in r.content
 
 
-@pytest.mark.parametrize("field,value", [
-    ("model", "../models/evil"), ("model", "/etc/passwd"), ("model", "%2e%2e/secret"), ("model", "evil.ckpt"),
-    ("loras", [{"name": "../secret"}]), ("loras", [{"name": "/tmp/x"}]), ("loras", [{"name": "out"}]),
-    ("loras", [{"name": "..%2fsecret"}]), ("prompt", "a cat <lora:../secret:1>"), ("prompt", "<lora:/etc/x:1>"),
-    ("controlnets", [{"model": "../../x", "image": "iVBORw0KGgo="}]),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("model", "../models/evil"),
+        ("model", "/etc/passwd"),
+        ("model", "%2e%2e/secret"),
+        ("model", "evil.ckpt"),
+        ("loras", [{"name": "../secret"}]),
+        ("loras", [{"name": "/tmp/x"}]),
+        ("loras", [{"name": "out"}]),
+        ("loras", [{"name": "..%2fsecret"}]),
+        ("prompt", "a cat <lora:../secret:1>"),
+        ("prompt", "<lora:/etc/x:1>"),
+        ("controlnets", [{"model": "../../x", "image": "iVBORw0KGgo="}]),
+    ],
+)
 def test_traversal_and_pickle_names_refused(open_server, field, value):
     r = httpx.post(f"{open_server.url}/v1/jobs", json={**JOB, field: value})
     assert r.status_code == 400, r.text
@@ -147,11 +189,17 @@ def test_pickle_checkpoint_refused_by_a1111_options(open_server):
 
 def huge_png(w: int, h: int) -> bytes:
     """A PNG whose header says w x h (the pixel data is a few rows: it must be refused before decoding)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * (w + 1) * 4))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * (w + 1) * 4))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_refused_before_decoding(open_server):

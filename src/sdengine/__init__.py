@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from sdengine.pipeline import Cancelled, GenerationResult, Pipeline, load_pipeline
+    from sdengine.pipeline import Cancelled, GenerationRequest, GenerationResult, Pipeline, load_pipeline
 
-__all__ = ["Cancelled", "GenerationResult", "Pipeline", "__version__", "load_pipeline"]
+__all__ = ["Cancelled", "GenerationRequest", "GenerationResult", "Pipeline", "__version__", "load_pipeline"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import sdengine` stays cheap (no torch) until the pipeline is used.
-    if name in ("load_pipeline", "Pipeline", "GenerationResult", "Cancelled"):
+    if name in ("load_pipeline", "Pipeline", "GenerationRequest", "GenerationResult", "Cancelled"):
         from sdengine import pipeline
 
         return getattr(pipeline, name)

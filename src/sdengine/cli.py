@@ -8,10 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import SdengineError, UsageError
+
 EXIT_USER_ERROR = 2
 
 
-class UserError(Exception):
+class UserError(UsageError):
     """A mistake in the command's input: shown as one line, no traceback."""
 
 
@@ -44,7 +46,7 @@ def cmd_train_ddpm(a: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- sample
 def cmd_sample(a: argparse.Namespace) -> int:
     from .ddpm import PixelDDPM
-    from .imageio import make_grid, save_image_atomic
+    from .io.images import make_grid, save_image_atomic
 
     m = PixelDDPM.load(a.checkpoint, device=_device(a.device))
     t = time.perf_counter()
@@ -170,25 +172,11 @@ def _register_command_modules(
     from .commands import COMMAND_MODULES
 
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f".commands.{name}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith(f"{__package__}.commands.{name}"):
-                continue  # not written yet
-            raise
+        mod = importlib.import_module(f".commands.{name}", __package__)
         if hasattr(mod, "register"):
             mod.register(sub, train)
         if hasattr(mod, "register_eval"):
             mod.register_eval(evaluate)
-
-
-def _domain_errors() -> tuple[type[Exception], ...]:
-    """Errors that describe bad input or a failed run, not a bug: shown as one line."""
-    from .train.checkpoint import CheckpointError
-    from .train.loop import TrainingDiverged
-    from .weights import WeightsError
-
-    return (CheckpointError, TrainingDiverged, WeightsError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, OSError, *_domain_errors()) as e:
+    except (SdengineError, OSError) as e:  # a user mistake, a bad file, a refused run; anything else is a bug
         if debug:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from .diffusion.denoisers import Denoiser
 from .diffusion.guidance import CFGDenoiser
+from .diffusion.samplers import row_noise
 from .diffusion.schedules import NoiseSchedule
+from .io.atomic import write_bytes_atomic, write_text_atomic
 from .models.unet import UNet, UNetConfig
 
 ASSETS = Path(__file__).parent / "assets"
@@ -40,7 +43,8 @@ def unet_config_from_dict(d: dict[str, Any]) -> UNetConfig:
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise ValueError(f"unknown U-Net config keys: {', '.join(unknown)}")
-    return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return UNetConfig(**values)
 
 
 def resolve_ddpm_path(name_or_path: str | Path) -> Path:
@@ -100,8 +104,8 @@ class PixelDDPM:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.unet.state_dict().items()}
-        save_file(sd, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        (folder / CONFIG_NAME).write_text(json.dumps(self.meta(), indent=2) + "\n")
+        write_bytes_atomic(folder / WEIGHTS_NAME, save_safetensors_bytes(sd, metadata={"format": "pt"}))
+        write_text_atomic(folder / CONFIG_NAME, json.dumps(self.meta(), indent=2) + "\n")
         return folder
 
     @classmethod
@@ -158,12 +162,14 @@ class PixelDDPM:
         steps: int = 50,
         schedule: str = "normal",
         seed: int = 0,
+        seeds: Sequence[int] | None = None,
         guidance_scale: float = 1.0,
         eta: float | None = None,
         callback: Callable[..., Any] | None = None,
         batch_size: int = 256,
     ) -> torch.Tensor:
-        """Images ``(N, C, H, W)`` in ``[0, 1]``; sample ``i`` draws its noise from seed ``seed + i``."""
+        """Images ``(N, C, H, W)`` in ``[0, 1]``; sample ``i`` draws its noise from seed ``seed + i`` (or
+        ``seeds[i]``), with the same per-row draw as the Stable Diffusion pipeline (samplers.row_noise)."""
         from .diffusion.sampling import sample
 
         if labels is not None:
@@ -172,16 +178,22 @@ class PixelDDPM:
             if bad:
                 raise ValueError(f"class labels must be in 0..{self.num_classes - 1}, got {bad[:5]}")
             n = len(labels)
+        if seeds is not None:
+            seeds = [int(v) for v in seeds]
+            if n is not None and n != len(seeds):
+                raise ValueError(f"{n} images but {len(seeds)} seeds")
+            n = len(seeds)
         if n is None or n < 1:
             raise ValueError("give class labels or a positive number of images")
+        row_seeds = seeds if seeds is not None else [seed + i for i in range(n)]
         device = next(self.unet.parameters()).device
         den = self.denoiser(guidance_scale)
         shape = (1, self.channels, self.image_size, self.image_size)
         out = []
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
-            gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(lo, hi)]
-            noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(device)
+            gens = [torch.Generator("cpu").manual_seed(s) for s in row_seeds[lo:hi]]
+            noise = row_noise(gens, shape[1:]).to(device)
             extra: dict[str, Any] = {}
             if labels is not None:
                 extra["class_labels"] = torch.tensor(labels[lo:hi], device=device)

@@ -264,7 +264,7 @@ def _skip(res: DemoResult, echo: Callable[[str], Any], name: str, missing: Path,
 
 
 def _save(img: Image.Image, path: Path) -> Path:
-    from .imageio import save_image_atomic
+    from .io.images import save_image_atomic
 
     return save_image_atomic(img, path)
 
@@ -275,7 +275,7 @@ def _fashion_mnist(
     """The class-conditional Fashion-MNIST grid of the built-in pixel DDPM (the demo before the emoji model)."""
     from .ddpm import PixelDDPM
     from .devices import resolve_device
-    from .imageio import make_grid, save_image_atomic
+    from .io.images import make_grid, save_image_atomic
 
     t = time.perf_counter()
     m = PixelDDPM.load("fashion-mnist", device=str(resolve_device(device)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sdengine.errors import SdengineError
+from sdengine.errors import GenerationError, SdengineError
 
 
 class DeviceError(SdengineError, ValueError):
@@ -31,3 +31,27 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda or mps") from None
+
+
+class DtypeError(GenerationError):
+    """A dtype name sdengine does not know (a GenerationError: load_pipeline and generate report it)."""
+
+
+# THE table of dtype names a user may give (CLI --dtype, load_pipeline(dtype=...), trainers).
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None: float16 on CUDA and MPS (what their kernels are fast at), float32 on the CPU."""
+    if dtype is None:
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise DtypeError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16") from None

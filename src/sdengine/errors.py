@@ -15,3 +15,11 @@ class SdengineError(Exception):
 
 class UsageError(SdengineError, ValueError):
     """A value the caller gave is not usable (wrong type, out of range, unknown name)."""
+
+
+class GenerationError(UsageError):
+    """A generation request that cannot run (bad size, strength, image, prompt, ...): one clear line."""
+
+
+class ControlNetError(UsageError):
+    """A user-facing ControlNet problem (bad file, wrong base model, bad settings); one clear line."""

@@ -33,7 +33,9 @@ import json
 import logging
 import os
 import re
+import struct
 import tempfile
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -193,15 +195,76 @@ def _unquote(text: str) -> str:
         return text
 
 
+# Pieces of _RE_PARAM, each matched at one position (no search, no backtracking across pieces).
+_RE_SPACE = re.compile(r"\s*")
+_RE_KEY_RUN = re.compile(r"[\w \-/]*")
+_RE_QUOTED_BODY = re.compile(r'(?:\\.|[^\\"])*')
+_RE_BARE = re.compile(r"[^,]*")
+
+
+def parse_fields(line: str) -> list[tuple[str, str]]:
+    """``_RE_PARAM.findall(line)`` (A1111's field regex: the same pairs on every input) in linear time.
+
+    The regex itself is quadratic: where no field starts, ``findall`` retries at the next character
+    and rescans the whole run of key characters (a 200 KB word took minutes), and every unterminated
+    quoted value rescans to the end of the line. Here a failed key skips its whole run (every start
+    inside it fails the same way: the run ends on the same non-``:`` character), and the end of a
+    quoted value is remembered (a later value starting inside an already scanned body lines up with
+    the same escapes, so it ends at the same quote).
+    """
+    out: list[tuple[str, str]] = []
+    n, pos = len(line), 0
+    scan_from, quote_end = n + 1, -1  # last body scan: its start (none yet) and its closing quote (-1: none)
+    while pos < n:
+        k = _RE_SPACE.match(line, pos).end()
+        if k >= n:
+            break
+        if not (line[k].isalnum() or line[k] == "_"):  # a key starts with a word character (\w)
+            pos = k + 1
+            continue
+        e = _RE_KEY_RUN.match(line, k + 1).end()
+        if e - k < 2 or e >= n or line[e] != ":":
+            pos = e if e > k + 1 else k + 1
+            continue
+        v = _RE_SPACE.match(line, e + 1).end()
+        value_end = -1
+        if v < n and line[v] == '"':
+            b = v + 1
+            if not (scan_from < b and (quote_end == -1 or b <= quote_end)):
+                scan_from = b
+                m = _RE_QUOTED_BODY.match(line, b).end()
+                quote_end = m if m < n and line[m] == '"' else -1
+            if quote_end > b and (quote_end + 1 == n or line[quote_end + 1] == ","):
+                value_end = quote_end + 1
+        if value_end < 0:
+            value_end = _RE_BARE.match(line, v).end()
+        out.append((line[k:e], line[v:value_end]))
+        pos = value_end + 1 if value_end < n else n  # past the comma
+    return out
+
+
+# Far above any real infotext (A1111 prompts are a few KB; Pillow caps a PNG text chunk near 1 MB), and
+# small enough that a crafted text cannot make reading it slow.
+MAX_INFOTEXT_CHARS = 1_000_000
+
+
 def parse_parameters(text: str) -> dict[str, str]:
     """Read an A1111 infotext: ``{"Prompt": ..., "Negative prompt": ..., "Steps": "25", ...}``.
 
     Every field of the last line is kept, in order, with its value as a string (JSON strings
     decoded), including fields sdengine does not use ("Hires upscale", "ADetailer model", ...).
-    "Prompt" and "Negative prompt" are always present (possibly empty).
+    "Prompt" and "Negative prompt" are always present (possibly empty). Linear in the text's length;
+    a text over ``MAX_INFOTEXT_CHARS`` is a ``MetadataError``.
     """
+    if not isinstance(text, str):
+        raise MetadataError(f"infotext must be text (str), got {type(text).__name__}")
+    if len(text) > MAX_INFOTEXT_CHARS:
+        raise MetadataError(
+            f"infotext of {len(text):,} characters is over the limit of {MAX_INFOTEXT_CHARS:,}; not a generation's "
+            "parameters"
+        )
     *lines, last = text.strip().split("\n")
-    if len(_RE_PARAM.findall(last)) < 3:
+    if len(parse_fields(last)) < 3:
         # A1111's rule: fewer than 3 fields means the last line is part of the prompt.
         lines.append(last)
         last = ""
@@ -220,7 +283,7 @@ def parse_parameters(text: str) -> dict[str, str]:
             target.append(line)
 
     res: dict[str, str] = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
-    for key, value in _RE_PARAM.findall(last):
+    for key, value in parse_fields(last):
         res[key] = _unquote(value)
     return res
 
@@ -306,14 +369,87 @@ def save_png(image: Image.Image, path: str | Path, parameters_text: str) -> Path
     return path
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def _inflate(path: Path, data: bytes) -> bytes:
+    """zlib data of a text chunk, refused past the infotext limit (a few KB can inflate to GBs)."""
+    limit = 4 * MAX_INFOTEXT_CHARS  # bytes: UTF-8 needs at most 4 per character
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, limit + 1)
+    except zlib.error as e:
+        raise MetadataError(f"cannot read image metadata from {path}: broken compressed text ({e})") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise MetadataError(
+            f"cannot read image metadata from {path}: compressed text is over the limit of {limit:,} bytes"
+        )
+    return out
+
+
+def _png_text(path: Path, kind: bytes, data: bytes) -> tuple[str, str | None]:
+    """(keyword, text) of a tEXt / zTXt / iTXt chunk (text None when undecodable, as Pillow skips it)."""
+    key, _, rest = data.partition(b"\0")
+    keyword = key.decode("latin-1")
+    if kind == b"tEXt":
+        return keyword, rest.decode("latin-1")
+    if kind == b"zTXt":
+        return keyword, _inflate(path, rest[1:]).decode("latin-1")
+    if len(rest) < 2:
+        return keyword, None
+    compressed, body = rest[0], rest[2:]
+    _lang, _, body = body.partition(b"\0")
+    _translated, _, body = body.partition(b"\0")
+    raw = _inflate(path, body) if compressed else body
+    try:
+        return keyword, raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return keyword, None
+
+
+def _read_png_text(path: Path, f: Any) -> str | None:
+    """The ``parameters`` text of a PNG from its chunks alone: the pixels (IDAT) are skipped, never
+    decoded, so a 20000x20000 image costs nothing. The last ``parameters`` chunk wins, as in Pillow."""
+    size = path.stat().st_size
+    found: str | None = None
+    while True:
+        head = f.read(8)
+        if len(head) < 8:
+            raise MetadataError(f"cannot read image metadata from {path}: truncated PNG (no IEND chunk)")
+        length, kind = struct.unpack(">I4s", head)
+        if length > 2**31 - 1 or f.tell() + length + 4 > size:
+            raise MetadataError(f"cannot read image metadata from {path}: broken PNG chunk {kind!r} ({length} bytes)")
+        if kind == b"IEND":
+            return found
+        if kind not in _PNG_TEXT_CHUNKS:
+            f.seek(length + 4, os.SEEK_CUR)  # data and CRC
+            continue
+        data = f.read(length)
+        (crc,) = struct.unpack(">I", f.read(4))
+        if zlib.crc32(kind + data) & 0xFFFFFFFF != crc:
+            raise MetadataError(f"cannot read image metadata from {path}: bad checksum in a {kind.decode()} chunk")
+        keyword, text = _png_text(path, kind, data)
+        if keyword == PARAMETERS_KEY and text is not None:
+            found = text
+
+
 def read_png_parameters(path: str | Path) -> str | None:
     """The ``parameters`` text of a PNG (``None`` when it has none); a ``MetadataError`` naming the
-    file when it is missing or not an image Pillow can read."""
+    file when it is missing or not an image that can be read. PNGs are read chunk by chunk (no
+    pixel is decoded, whatever the image size); other formats through Pillow's header."""
     path = Path(path)
     try:
+        with open(path, "rb") as f:
+            if f.read(8) == _PNG_SIGNATURE:
+                return _read_png_text(path, f)
+    except OSError as e:
+        raise MetadataError(f"cannot read image metadata from {path}: {e}") from e
+    try:
         with Image.open(path) as img:
-            img.load()  # text chunks after the image data are only read with the pixels
             text = img.info.get(PARAMETERS_KEY)
+    except Image.DecompressionBombError as e:
+        raise MetadataError(f"cannot read image metadata from {path}: image too large ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise MetadataError(f"cannot read image metadata from {path}: {e}") from e
     return None if text is None else str(text)
@@ -353,6 +489,7 @@ def lora_hash(path: str | Path) -> str:
 
 
 __all__ = [
+    "MAX_INFOTEXT_CHARS",
     "PARAMETERS_KEY",
     "VERSION",
     "MetadataError",
@@ -360,6 +497,7 @@ __all__ = [
     "format_parameters",
     "lora_hash",
     "model_hash",
+    "parse_fields",
     "parse_lora_hashes",
     "parse_parameters",
     "quote",

@@ -40,7 +40,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sdengine.errors import SdengineError
+from sdengine.io.paths import ExternalName
 from sdengine.text.clip_tokenizer import CLIPTokenizer, TokenChunk, chunk_tokens
+
+
+class PromptError(SdengineError, ValueError):
+    """A prompt sdengine cannot read: a bad weight, an unsupported tag, brackets nested too deep."""
+
+
+# Each piece's weight is multiplied once per bracket around it (in A1111's order, for bit-exact weights),
+# so the work is pieces x depth: "(a" * 10000 took 14 s. Real prompts nest a few levels; 1.1 ** 100 is
+# already a weight of 13,780.
+MAX_BRACKET_DEPTH = 100
 
 ROUND_MULTIPLIER = 1.1  # A1111: "(text)" and "((text))" = 1.1 and 1.21
 SQUARE_MULTIPLIER = 1 / 1.1  # A1111: "[text]"
@@ -88,15 +100,17 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         tok, weight = m.group(0), m.group(1)
         if tok.startswith("\\"):
             res.append([tok[1:], 1.0])  # escape; a lone backslash becomes "" (A1111 drops it)
-        elif tok == "(":
-            round_open.append(len(res))
-        elif tok == "[":
-            square_open.append(len(res))
+        elif tok in ("(", "["):
+            if len(round_open) + len(square_open) >= MAX_BRACKET_DEPTH:
+                raise PromptError(
+                    f"prompt brackets nested more than {MAX_BRACKET_DEPTH} deep (at character {m.start()})"
+                )
+            (round_open if tok == "(" else square_open).append(len(res))
         elif weight is not None and round_open:
             try:
                 value = float(weight)
             except ValueError:
-                raise ValueError(f"prompt weight {weight!r} in {tok!r} is not a number") from None
+                raise PromptError(f"prompt weight {weight!r} in {tok!r} is not a number") from None
             multiply_range(round_open.pop(), value)
         elif tok == ")" and round_open:
             multiply_range(round_open.pop(), ROUND_MULTIPLIER)
@@ -141,34 +155,39 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     (``te=``, ``unet=``, ``dyn=``), are a ``ValueError``. ``<lyco:...>`` is A1111's alias of ``lora``.
     Other tags (``<hypernet:...>``) are a ``ValueError``: sdengine cannot apply them and does not
     drop them silently. Tags are replaced by nothing, as in A1111 (surrounding spaces and commas
-    stay). The list keeps the order and repetitions of the prompt.
+    stay). The list keeps the order and repetitions of the prompt. Names are
+    :class:`~sdengine.io.paths.ExternalName`: a LoRA folder lookup never lets them out of the folder.
     """
     loras: list[tuple[str, float]] = []
 
     def found(m: re.Match[str]) -> str:
         kind, args = m.group(1), m.group(2)
         if kind.lower() not in _LORA_KINDS:
-            raise ValueError(f"unsupported extra network tag {m.group(0)!r}: only <lora:NAME:WEIGHT> is supported")
+            raise PromptError(f"unsupported extra network tag {m.group(0)!r}: only <lora:NAME:WEIGHT> is supported")
         items = args.split(":")
         name = items[0].strip()
         if not name:
-            raise ValueError(f"LoRA tag {m.group(0)!r} has no name")
+            raise PromptError(f"LoRA tag {m.group(0)!r} has no name")
         if any("=" in item for item in items[1:]):
-            raise ValueError(f"LoRA tag {m.group(0)!r}: named multipliers (te=, unet=, dyn=) are not supported")
+            raise PromptError(f"LoRA tag {m.group(0)!r}: named multipliers (te=, unet=, dyn=) are not supported")
         try:
             weights = [float(item) for item in items[1:]]
         except ValueError:
-            raise ValueError(f"LoRA tag {m.group(0)!r}: weight is not a number") from None
+            raise PromptError(f"LoRA tag {m.group(0)!r}: weight is not a number") from None
         if len(weights) > 2:
-            raise ValueError(f"LoRA tag {m.group(0)!r}: expected <lora:NAME[:WEIGHT[:UNET_WEIGHT]]>")
+            raise PromptError(f"LoRA tag {m.group(0)!r}: expected <lora:NAME[:WEIGHT[:UNET_WEIGHT]]>")
         if len(weights) == 2 and weights[0] != weights[1]:
-            raise ValueError(
+            raise PromptError(
                 f"LoRA tag {m.group(0)!r}: separate text-encoder/U-Net weights are not supported; use one weight"
             )
-        loras.append((name, weights[0] if weights else 1.0))
+        # Marked as coming from outside: it may only select a file inside the LoRA folder, never a path.
+        loras.append((ExternalName(name), weights[0] if weights else 1.0))
         return ""
 
-    return _RE_EXTRA_NETWORK.sub(found, prompt), loras
+    # A tag ends with ">": nothing after the last one can match, and scanning that tail from every "<" is
+    # what made "<lora:" * 10000 quadratic. Same result, linear time.
+    end = prompt.rfind(">") + 1
+    return _RE_EXTRA_NETWORK.sub(found, prompt[:end]) + prompt[end:], loras
 
 
 def prompt_chunks(tokenizer: CLIPTokenizer, prompt: str, *, pad_token_id: int) -> list[TokenChunk]:
@@ -271,10 +290,10 @@ def encode_prompt_minilm(encoder: Any, prompt: str, length: int) -> tuple[Tensor
     keep = length - 2
     row = [tok.cls_token_id, *ids[:keep], tok.sep_token_id]
     z = encoder.context_of_ids(row, length)
-    w = torch.ones((1, length), dtype=torch.float32, device=z.device)
-    w[0, 1 : len(row) - 1] = torch.tensor(weights[:keep], dtype=torch.float32)
-    if bool((w != 1.0).any()):
-        z = apply_emphasis(z, w)
+    row_weights = torch.ones((1, length), dtype=torch.float32, device=z.device)
+    row_weights[0, 1 : len(row) - 1] = torch.tensor(weights[:keep], dtype=torch.float32)
+    if bool((row_weights != 1.0).any()):
+        z = apply_emphasis(z, row_weights)
     return z, tokens, had_break
 
 

@@ -48,7 +48,7 @@ def downscale_factor(vae: AutoencoderKL) -> int:
     return vae.config.downscale_factor
 
 
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     """Tile origins covering ``size`` with tiles of ``tile`` overlapping by at least ``overlap``."""
     if size <= tile:
         return [0]
@@ -58,7 +58,7 @@ def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return starts
 
 
-def _ramp(n: int, overlap: int, lead: bool, trail: bool, device: torch.device) -> Tensor:
+def blend_ramp(n: int, overlap: int, lead: bool, trail: bool, device: torch.device) -> Tensor:
     """1-D blend weights over a tile of length ``n``: linear ramps over ``overlap`` where a neighbour is."""
     w = torch.ones(n, device=device)
     if overlap > 0:
@@ -73,7 +73,7 @@ def _ramp(n: int, overlap: int, lead: bool, trail: bool, device: torch.device) -
 def _tiled(fn, x: Tensor, scale: float, tile: int, overlap: int, out_channels: int) -> Tensor:
     """Apply ``fn`` (a map that resizes by ``scale``) over overlapping tiles of ``x`` and blend the results."""
     _, _, h, w = x.shape
-    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
     out: Tensor | None = None
     weight: Tensor | None = None
     for y in ys:
@@ -85,8 +85,8 @@ def _tiled(fn, x: Tensor, scale: float, tile: int, overlap: int, out_channels: i
                 weight = torch.zeros(1, 1, out.shape[2], out.shape[3], device=piece.device)
             oh, ow = piece.shape[2], piece.shape[3]
             ov = round(overlap * scale)
-            wy = _ramp(oh, ov, y > 0, y + th < h, piece.device)
-            wx = _ramp(ow, ov, x0 > 0, x0 + tw < w, piece.device)
+            wy = blend_ramp(oh, ov, y > 0, y + th < h, piece.device)
+            wx = blend_ramp(ow, ov, x0 > 0, x0 + tw < w, piece.device)
             wt = (wy[:, None] * wx[None, :])[None, None]
             oy, ox = round(y * scale), round(x0 * scale)
             out[:, :, oy : oy + oh, ox : ox + ow] += piece * wt

@@ -1,5 +1,5 @@
 """``sdengine eval emoji``: prompt adherence, Frechet distance, guidance sweep, ControlNet and LoRA checks of the
-emoji model, scored by the emoji recogniser (see :mod:`sdengine.eval_emoji`)."""
+emoji model, scored by the emoji recogniser (see :mod:`sdengine.eval.emoji`)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,17 @@ import json
 import math
 from pathlib import Path
 
+from ..errors import UsageError
+
 
 def _positive(what: str, v: int | None, minimum: int = 1) -> None:
     if v is not None and v < minimum:
-        raise ValueError(f"--{what} must be at least {minimum}, got {v}")
+        raise UsageError(f"--{what} must be at least {minimum}, got {v}")
 
 
 def _load_recogniser(device: str, path: str | None):
-    try:
-        from ..metrics.emoji_recogniser import load_emoji_recogniser  # type: ignore[import-not-found]
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("sdengine.metrics.emoji_recogniser"):
-            raise ValueError("the emoji recogniser (sdengine.metrics.emoji_recogniser) is not installed yet") from None
-        raise
+    from ..metrics.emoji_recogniser import load_emoji_recogniser
+
     if path is not None and not Path(path).exists():
         raise FileNotFoundError(f"recogniser not found: {path}")
     return load_emoji_recogniser(device=device, path=path)
@@ -38,7 +36,7 @@ def _jsonable(x):
 
 def run(a: argparse.Namespace) -> int:
     from ..devices import resolve_device
-    from ..eval_emoji import evaluate_emoji, format_report
+    from ..eval.emoji import evaluate_emoji, format_report
     from ..pipeline import load_pipeline
 
     _positive("n", a.n, 2)
@@ -48,7 +46,7 @@ def run(a: argparse.Namespace) -> int:
     _positive("batch-size", a.batch_size)
     _positive("control-n", a.control_n)
     if not math.isfinite(a.cfg) or a.cfg < 0:
-        raise ValueError(f"--cfg must be a number >= 0, got {a.cfg}")
+        raise UsageError(f"--cfg must be a number >= 0, got {a.cfg}")
     for what, p in (("--controlnet", a.controlnet), ("--lora", a.lora)):
         if p is not None and not Path(p).exists():
             raise FileNotFoundError(f"{what}: not found: {p}")
@@ -75,7 +73,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def register_eval(evaluate: argparse._SubParsersAction) -> None:
-    from ..eval_emoji import DEFAULT_CFG, DEFAULT_CFG_SWEEP
+    from ..eval.emoji import DEFAULT_CFG, DEFAULT_CFG_SWEEP
 
     p = evaluate.add_parser(
         "emoji",

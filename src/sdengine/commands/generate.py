@@ -11,18 +11,84 @@ pipeline's ``default_size`` (the model's training size) unless given, so no size
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DEFAULTS: dict[str, Any] = {
-    "negative_prompt": "", "steps": 25, "sampler": "dpmpp_2m", "schedule": "karras", "cfg_scale": 7.5,
-    "seed": -1, "batch_size": 1, "strength": 0.75, "clip_skip": 1,
-}
+from ..errors import ControlNetError, GenerationError, UsageError
+from ..pipeline.control import ControlUnit
+from ..pipeline.request import GenerationRequest
+
+_REQUEST_DEFAULTS = GenerationRequest.defaults()
+DEFAULTS: dict[str, Any] = {k: _REQUEST_DEFAULTS[k] for k in (
+    "negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "batch_size", "strength", "clip_skip")}
+DEFAULTS["seed"] = -1  # random, written as a number in the help
 _NUMBER = re.compile(r"^-?\d+(\.\d*)?$")
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_control_spec_full(text: str) -> tuple[str, ControlUnit]:
+    """``--control TYPE:IMAGE[:WEIGHT[:START:END]]`` -> (preprocessor type, ControlUnit without a model).
+    Trailing numbers are options, everything between the type and them is the image path (so
+    ``C:\\x.png`` and names with colons still work)."""
+    from ..control import PREPROCESSORS, unknown_type_message
+    from ..pipeline.control import check_unit_settings
+
+    kind, sep, rest = text.partition(":")
+    kind = kind.strip().lower()
+    if not sep or not rest:
+        raise ControlNetError(f"--control {text!r}: expected TYPE:IMAGE[:WEIGHT[:START:END]], e.g. canny:edges.png:0.8")
+    if kind not in PREPROCESSORS:
+        raise ControlNetError(unknown_type_message(kind))
+    parts = rest.split(":")
+    numbers: list[float] = []
+    while len(parts) > 1 and len(numbers) < 3 and (v := _number(parts[-1])) is not None:
+        numbers.insert(0, v)
+        parts.pop()
+    image = ":".join(parts)
+    if not image:
+        raise ControlNetError(f"--control {text!r}: no image given")
+    if len(numbers) == 2:  # WEIGHT:START without END is ambiguous: refuse.
+        raise ControlNetError(f"--control {text!r}: give WEIGHT, or WEIGHT:START:END")
+    weight = numbers[0] if numbers else 1.0
+    start, end = (numbers[1], numbers[2]) if len(numbers) == 3 else (0.0, 1.0)
+    check_unit_settings(weight, start, end, name=f"--control {text}")
+    return kind, ControlUnit(None, image, weight, start, end)
+
+
+def parse_control_spec(text: str) -> tuple[str, str, float]:
+    """``TYPE:IMAGE[:WEIGHT]`` -> (type, image path, weight); unknown types list the valid ones, a weight
+    outside [0, 2] is warned about."""
+    kind, unit = parse_control_spec_full(text)
+    return kind, unit.image, unit.scale
+
+
+def control_units_from_cli(controls: Sequence[str], controlnets: Sequence[str], **preprocess_options: float
+                           ) -> list[ControlUnit]:
+    """Pair repeated ``--control`` and ``--controlnet`` flags in order -> ControlUnits, each image read
+    (named if unreadable) and preprocessed by its type."""
+    from ..control import option_names, preprocess
+
+    if len(controls) != len(controlnets):
+        raise ControlNetError(f"{len(controls)} --control but {len(controlnets)} --controlnet: give one "
+                              "--controlnet MODEL per --control TYPE:IMAGE")
+    out = []
+    for text, path in zip(controls, controlnets, strict=True):
+        kind, unit = parse_control_spec_full(text)
+        options = {k: v for k, v in preprocess_options.items() if k in option_names(kind)}
+        out.append(dataclasses.replace(unit, model=path, image=preprocess(kind, unit.image, **options)))
+    return out
 
 
 def _lora_arg(text: str) -> tuple[str, float]:
@@ -82,7 +148,7 @@ def _model_from_png(parsed: dict[str, str]) -> str | None:
 
 def run(a: argparse.Namespace) -> int:
     from ..metadata import save_png
-    from ..pipeline import GenerationError, load_pipeline
+    from ..pipeline import load_pipeline
 
     _setup_logging()
     kwargs: dict[str, Any] = dict(DEFAULTS)
@@ -103,7 +169,7 @@ def run(a: argparse.Namespace) -> int:
                 "the same --init-image (and --mask)"
             )
     elif a.prompt is None:
-        raise GenerationError("give a PROMPT (or --from-png FILE)")
+        raise UsageError("give a PROMPT (or --from-png FILE)")
     model = model or "emoji"
 
     explicit = {
@@ -126,8 +192,6 @@ def run(a: argparse.Namespace) -> int:
     if a.vae_tiling is not None:
         kwargs["vae_tiling"] = a.vae_tiling
     if a.control or a.controlnet:
-        from ..control import control_units_from_cli
-
         kwargs["controlnets"] = control_units_from_cli(a.control or [], a.controlnet or [])
     if a.no_progress:
         kwargs["progress"] = False
@@ -136,7 +200,7 @@ def run(a: argparse.Namespace) -> int:
     pipe = load_pipeline(model, device=a.device, dtype=a.dtype, vae=a.vae, prediction_type=a.prediction_type)
     t1 = time.perf_counter()
     prompt = kwargs.pop("prompt", "")
-    result = pipe(prompt, **kwargs)
+    result = pipe(GenerationRequest(prompt=prompt, **kwargs))
     t2 = time.perf_counter()
 
     out = Path(a.out)
@@ -162,17 +226,21 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
                    "<lora:NAME:W>)")
     p.add_argument("--model", default=None, help="model folder, file or built-in name (default: emoji)")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 25)")
-    p.add_argument("--sampler", default=None, help="sampler, ours or A1111's name (default dpmpp_2m)")
-    p.add_argument("--schedule", default=None, help="normal, karras, exponential, sgm_uniform (default karras)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {DEFAULTS['steps']})")
+    p.add_argument("--sampler", default=None,
+                   help=f"sampler, ours or A1111's name (default {DEFAULTS['sampler']})")
+    p.add_argument("--schedule", default=None,
+                   help=f"normal, karras, exponential, sgm_uniform (default {DEFAULTS['schedule']})")
+    p.add_argument("--cfg", type=float, default=None,
+                   help=f"classifier-free guidance scale (default {DEFAULTS['cfg_scale']:g})")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; -1 = random (default)")
     p.add_argument("--width", type=int, default=None,
                    help="default: the model's training size (emoji 64, SD 1.x 512, SD 2.x-v 768)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--batch", type=int, default=None, help="images, seeds SEED, SEED+1, ... (default 1)")
     p.add_argument("--init-image", default=None, help="img2img / inpainting source image")
-    p.add_argument("--strength", type=float, default=None, help="img2img denoising strength in (0, 1] (0.75)")
+    p.add_argument("--strength", type=float, default=None,
+                   help=f"img2img denoising strength in (0, 1] ({DEFAULTS['strength']:g})")
     p.add_argument("--mask", default=None, help="inpainting mask, white = repaint")
     p.add_argument("--mask-blur", type=float, default=None, help="mask blur in pixels (default 0)")
     p.add_argument("--control", action="append", default=None, metavar="TYPE:IMAGE[:WEIGHT[:START:END]]",

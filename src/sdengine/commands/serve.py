@@ -18,29 +18,52 @@ def run(a: argparse.Namespace) -> int:
 
     api_key = a.api_key if a.api_key is not None else os.environ.get("SDENGINE_API_KEY") or None
     check_bind(a.host, api_key, a.insecure_no_auth)
-    for flag, d in (("--models-dir", a.models_dir), ("--loras-dir", a.loras_dir),
-                    ("--controlnets-dir", a.controlnets_dir)):
+    for flag, d in (
+        ("--models-dir", a.models_dir),
+        ("--loras-dir", a.loras_dir),
+        ("--controlnets-dir", a.controlnets_dir),
+    ):
         if d is not None and not Path(d).is_dir():
             raise ServerConfigError(f"{flag} {d}: not a folder")
     config = ServerConfig(
-        model=a.model, host=a.host, port=a.port,
+        model=a.model,
+        host=a.host,
+        port=a.port,
         models_dir=Path(a.models_dir) if a.models_dir else None,
         loras_dir=Path(a.loras_dir) if a.loras_dir else None,
         controlnets_dir=Path(a.controlnets_dir) if a.controlnets_dir else None,
-        outputs_dir=Path(a.outputs_dir), api_key=api_key, insecure_no_auth=a.insecure_no_auth,
+        outputs_dir=Path(a.outputs_dir),
+        api_key=api_key,
+        insecure_no_auth=a.insecure_no_auth,
         cors_origins=tuple(o.strip() for o in (a.cors_origins or "").split(",") if o.strip()),
-        max_queue=a.max_queue, max_body_bytes=int(a.max_body_mb * 1024 * 1024),
-        max_image_pixels=a.max_image_pixels, devices=tuple(a.device.split(",")), dtype=a.dtype,
+        max_queue=a.max_queue,
+        max_body_bytes=int(a.max_body_mb * 1024 * 1024),
+        max_image_pixels=a.max_image_pixels,
+        devices=tuple(a.device.split(",")),
+        dtype=a.dtype,
     )
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        from ..errors import UsageError
 
+        raise UsageError(
+            f"sdengine serve needs the server extra ({e.name} is missing): pip install 'sdengine[server]'"
+        ) from None
     from ..server.app import create_app
 
     app = create_app(config)
     print(f"sdengine serving {config.model} on http://{a.host}:{a.port} (docs: /docs, API: /openapi.json)", flush=True)
     # Open event streams would hold a shutdown forever: after 10 s they are closed (running jobs are cancelled).
-    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=a.log_level == "debug",
-                timeout_graceful_shutdown=10)
+    uvicorn.run(
+        app,
+        host=a.host,
+        port=a.port,
+        log_level=a.log_level,
+        access_log=a.log_level == "debug",
+        timeout_graceful_shutdown=10,
+    )
     return 0
 
 
@@ -63,8 +86,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--cors-origins", default=None, help="comma-separated browser origins allowed to call the API")
     p.add_argument("--max-queue", type=int, default=64, help="jobs waiting before new ones get 429")
     p.add_argument("--max-body-mb", type=float, default=50.0, help="request body limit in MB (413 above)")
-    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
-                   help="largest uploaded image, checked before decoding")
+    p.add_argument(
+        "--max-image-pixels", type=int, default=4096 * 4096, help="largest uploaded image, checked before decoding"
+    )
     p.add_argument("--device", default="auto", help="auto (each GPU, else cpu), or comma-separated devices")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

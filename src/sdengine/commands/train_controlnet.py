@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UsageError
 from .common import add_train_args
 
 
@@ -16,21 +17,21 @@ def _options(pairs: list[str]) -> dict[str, float]:
         except ValueError:
             sep = ""
         if not sep:
-            raise ValueError(f"--condition-option {pair!r}: expected NAME=NUMBER, e.g. low=50")
+            raise UsageError(f"--condition-option {pair!r}: expected NAME=NUMBER, e.g. low=50")
     return out
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..control import PREPROCESSORS, _option_names
+    from ..control import PREPROCESSORS, option_names
     from ..train.controlnet import ControlNetTrainSpec, train_controlnet
     from .common import device, train_config
 
     opts = _options(a.condition_option or [])
     if a.condition in PREPROCESSORS:
-        unknown = sorted(set(opts) - _option_names(a.condition))
+        unknown = sorted(set(opts) - option_names(a.condition))
         if unknown:
-            valid = ", ".join(sorted(_option_names(a.condition))) or "none"
-            raise ValueError(f"--condition-option {', '.join(unknown)}: not options of {a.condition!r} ({valid})")
+            valid = ", ".join(sorted(option_names(a.condition))) or "none"
+            raise UsageError(f"--condition-option {', '.join(unknown)}: not options of {a.condition!r} ({valid})")
     spec = ControlNetTrainSpec(
         model=a.model, data=a.data, condition=a.condition, condition_dir=a.condition_dir, condition_options=opts,
         resolution=a.resolution, empty_prompt_p=a.empty_prompt_p, controlnet_init=a.init,

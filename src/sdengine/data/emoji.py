@@ -1,6 +1,6 @@
 """Noto Color Emoji rendered at 64x64 with captions: the training data of the built-in `emoji` model.
 
-Sources (all offline, SPEC.md section 8):
+Sources (all offline: Debian packages that the Makefile installs, and PyPI ``emoji`` of the ``train`` extra):
 
 - glyphs: Debian ``fonts-noto-color-emoji`` (``NotoColorEmoji.ttf``, a CBDT bitmap font: only
   size 109 loads), drawn by Pillow with ``embedded_color=True``;
@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
 from sdengine.errors import SdengineError
+from sdengine.io.atomic import atomic_write
 
 __all__ = [
     "CAPTION_TEMPLATES",
@@ -349,18 +350,16 @@ class EmojiDataset(Dataset):
 
     @staticmethod
     def _save(path: Path, entries: list[EmojiEntry], pixels: np.ndarray) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-        np.savez_compressed(
-            tmp,
-            pixels=pixels,
-            chars=np.array([e.char for e in entries]),
-            names=np.array([e.name for e in entries]),
-            groups=np.array([e.group for e in entries]),
-            subgroups=np.array([e.subgroup for e in entries]),
-            inferred=np.array([e.group_inferred for e in entries], dtype=bool),
-        )
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            np.savez_compressed(
+                f,
+                pixels=pixels,
+                chars=np.array([e.char for e in entries]),
+                names=np.array([e.name for e in entries]),
+                groups=np.array([e.group for e in entries]),
+                subgroups=np.array([e.subgroup for e in entries]),
+                inferred=np.array([e.group_inferred for e in entries], dtype=bool),
+            )
 
     @staticmethod
     def _load(path: Path) -> tuple[list[EmojiEntry], np.ndarray]:

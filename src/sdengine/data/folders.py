@@ -109,9 +109,8 @@ def load_image(
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            im = _to_mode(im, channels, background)
+        with Image.open(path) as raw:
+            im = _to_mode(ImageOps.exif_transpose(raw), channels, background)
     except Exception as e:
         raise ImageFolderError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     if size is not None:

@@ -141,6 +141,16 @@ class Denoiser:
         self._cache: dict[float, float] = {}  # pinned sigma -> timestep
         self._log_sigmas: list[float] | None = None
 
+    @property
+    def takes_row_kinds(self) -> bool:
+        """Whether the model wants CFG's ``row_kinds`` tags (cond/uncond per row) among its keywords."""
+        return bool(getattr(self.model, "takes_row_kinds", False))
+
+    @property
+    def takes_step(self) -> bool:
+        """Whether the model wants the sampler's ``step`` (see samplers.SamplerStep) among its keywords."""
+        return bool(getattr(self.model, "takes_step", False))
+
     def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> Denoiser:
         """A copy that gives the model ``timesteps[i]`` whenever it is called at ``sigmas[i]``."""
         if sigmas.shape != timesteps.shape:

@@ -20,6 +20,9 @@ from .denoisers import vp_scalings
 
 
 class CFGDenoiser:
+    """See the module docstring. An inner denoiser with ``takes_row_kinds = True`` is also handed
+    ``row_kinds``: a tuple with "cond" or "uncond" for every row of the batch it gets."""
+
     def __init__(self, inner: Any, scale: float, uncond: Mapping[str, Tensor], rescale: float = 0.0) -> None:
         if scale < 0:
             raise ValueError(f"guidance scale must be >= 0, got {scale}")
@@ -29,6 +32,10 @@ class CFGDenoiser:
         self.scale = float(scale)
         self.uncond = dict(uncond)
         self.rescale = float(rescale)
+
+    @property
+    def takes_row_kinds(self) -> bool:
+        return False  # the tags are made here; a wrapper around this one sees one kind of row
 
     # The sampling entry point reads these from the denoiser it is given.
     @property
@@ -45,12 +52,19 @@ class CFGDenoiser:
         inner_off = getattr(self.inner, "off_grid", self.inner)
         return self if inner_off is self.inner else CFGDenoiser(inner_off, self.scale, self.uncond, self.rescale)
 
+    @property
+    def takes_step(self) -> bool:
+        return bool(getattr(self.inner, "takes_step", False))
+
     def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> CFGDenoiser:
         inner = self.inner.with_timesteps(sigmas, timesteps) if hasattr(self.inner, "with_timesteps") else self.inner
         return CFGDenoiser(inner, self.scale, self.uncond, self.rescale)
 
     def __call__(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
+        tags = getattr(self.inner, "takes_row_kinds", False)
         if self.scale == 1.0:
+            if tags:
+                cond["row_kinds"] = ("cond",) * x.shape[0]
             return self.inner(x, sigma, **cond)
         b = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
@@ -66,6 +80,8 @@ class CFGDenoiser:
                 both[k] = torch.cat([v, v])
             else:
                 both[k] = v
+        if tags:  # which rows are conditional: ControlNet's guess mode leaves the unconditional ones alone
+            both["row_kinds"] = ("cond",) * b + ("uncond",) * b
         out = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)
         x0_c, x0_u = out.chunk(2)
         guided = x0_u + self.scale * (x0_c - x0_u)

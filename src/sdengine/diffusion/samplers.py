@@ -5,12 +5,13 @@ Every sampler has the same signature::
     sample_<name>(denoiser, x, sigmas, *, generators=None, callback=None, extra_args=None, **options) -> x
 
 * ``denoiser(x, sigma, **extra_args) -> x0`` with ``x = x0 + sigma * eps`` (VE scaling; see denoisers.py);
-  ``sigma`` is passed as a (B,) tensor.
+  ``sigma`` is passed as a (B,) tensor. A denoiser with ``takes_step = True`` also gets
+  ``step=SamplerStep(index, first)``: which grid step the call belongs to, given by the loop.
 * ``x`` is the starting sample *in VE scaling* (noise * sigma-ish); ``sigmas`` is a decreasing (N+1,)
   tensor, ``sigmas[-1]`` the level the last step lands on (normally 0). The result is VE at that level.
 * ``generators``: one CPU ``torch.Generator`` per batch row. Ancestral/SDE samplers draw each step's
   noise per row, in step order, as ``randn((1, C, H, W), generator=generators[row])``, so a row never
-  depends on the rest of its batch (SPEC section 5). Deterministic samplers ignore it.
+  depends on the rest of its batch (docs/CONTRACTS.md, Seeds). Deterministic samplers ignore it.
 * ``callback(step, sigma, x, denoised)`` runs after each step with the new ``x`` and the step's x0
   estimate. Returning ``False`` (or raising :class:`SamplingInterrupted` itself) stops sampling: the
   sampler raises :class:`SamplingInterrupted`, which carries the step, ``x`` and ``denoised``.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,16 @@ from sdengine.errors import SdengineError
 
 Denoise = Callable[..., Tensor]
 Callback = Callable[[int, float, Tensor, Tensor], "bool | None"]
+
+
+@dataclass(frozen=True)
+class SamplerStep:
+    """Where a denoiser call sits in the run: ``index`` is the 0-based step of the sampler's grid the call
+    belongs to (a second-order sampler's midpoint call counts with the step it starts from, a call at the
+    next grid point with that point), ``first`` marks the run's very first model call."""
+
+    index: int
+    first: bool = False
 
 
 class SamplingInterrupted(SdengineError):
@@ -48,6 +60,13 @@ class SamplingInterrupted(SdengineError):
 # ---------------------------------------------------------------------------------------------------
 # Shared helpers
 # ---------------------------------------------------------------------------------------------------
+
+
+def row_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -> Tensor:
+    """THE per-row noise draw: ``randn((1, *shape), generator=g)`` for each row's generator, float32 on the
+    CPU, stacked. Start noise, per-step noise of the ancestral/SDE samplers and every caller use it, so a
+    row's numbers never depend on its batch."""
+    return torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
 
 
 class _Loop:
@@ -78,18 +97,25 @@ class _Loop:
         self.callback = callback
         self.extra = extra_args or {}
         self.device, self.dtype = x.device, x.dtype
+        self.takes_step = bool(getattr(denoiser, "takes_step", False))
+        self.calls = 0  # model calls so far in this run (the first one is marked in SamplerStep)
 
-    def model(self, x: Tensor, sigma: float, *, on_grid: bool = True) -> Tensor:
+    def model(self, x: Tensor, sigma: float, *, step: int, on_grid: bool = True) -> Tensor:
+        """The denoiser at ``sigma`` during step ``step`` (0-based, the grid point the call belongs to).
+        A denoiser with ``takes_step = True`` is also handed ``step=SamplerStep(...)``, so that wrappers
+        that act per step (ControlNet start/end, inpaint blending) read it instead of inferring it."""
         s_in = torch.full((self.batch,), sigma, device=self.device, dtype=torch.float32)
-        return (self.denoiser if on_grid else self.off_grid)(x, s_in, **self.extra)
+        den = self.denoiser if on_grid else self.off_grid
+        if self.takes_step:
+            first, self.calls = self.calls == 0, self.calls + 1
+            return den(x, s_in, step=SamplerStep(step, first), **self.extra)
+        return den(x, s_in, **self.extra)
 
     def noise(self, x: Tensor) -> Tensor:
         """Standard normal noise, each row from its own generator (shape (1, C, H, W) per draw)."""
         if self.generators is None:
             raise ValueError("this sampler draws noise each step: pass generators=[torch.Generator(), ...]")
-        row_shape = (1, *x.shape[1:])
-        rows = [torch.randn(row_shape, generator=g, dtype=torch.float32) for g in self.generators]
-        return torch.cat(rows).to(device=self.device, dtype=self.dtype)
+        return row_noise(self.generators, tuple(x.shape[1:])).to(device=self.device, dtype=self.dtype)
 
     def done(self, i: int, x: Tensor, denoised: Tensor) -> None:
         if self.callback is not None and self.callback(i, self.s[i], x, denoised) is False:
@@ -128,7 +154,7 @@ def sample_euler(
     """Euler method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     for i in range(loop.n):
-        denoised = loop.model(x, loop.s[i])
+        denoised = loop.model(x, loop.s[i], step=i)
         x = _euler_to(x, denoised, loop.s[i], loop.s[i + 1])
         loop.done(i, x, denoised)
     return x
@@ -149,7 +175,7 @@ def sample_euler_a(
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     for i in range(loop.n):
         sigma, sigma_next = loop.s[i], loop.s[i + 1]
-        denoised = loop.model(x, sigma)
+        denoised = loop.model(x, sigma, step=i)
         down, up = ancestral_step(sigma, sigma_next, eta)
         x = _euler_to(x, denoised, sigma, down)
         if sigma_next > 0:
@@ -181,7 +207,7 @@ def sample_ddim(
     tau = loop.s[1:] if targets is None else [float(v) for v in targets.detach().cpu()]
     for i in range(loop.n):
         sigma, to = loop.s[i], tau[i]
-        denoised = loop.model(x, sigma)
+        denoised = loop.model(x, sigma, step=i)
         up = eta * math.sqrt(to**2 * (sigma**2 - to**2) / sigma**2) if to > 0 else 0.0
         down = math.sqrt(max(to**2 - up**2, 0.0))
         x = _euler_to(x, denoised, sigma, down)
@@ -210,7 +236,7 @@ def sample_ddpm(
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     for i in range(loop.n):
         sigma, to = loop.s[i], loop.s[i + 1]
-        denoised = loop.model(x, sigma)
+        denoised = loop.model(x, sigma, step=i)
         if clip_denoised is not None:
             denoised = denoised.clamp(-clip_denoised, clip_denoised)
         # Posterior of a DDPM step == DDIM with eta = 1 (Song 2021, section 4.1), in VE form.
@@ -241,12 +267,12 @@ def sample_heun(
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     for i in range(loop.n):
         sigma, sigma_next = loop.s[i], loop.s[i + 1]
-        denoised = loop.model(x, sigma)
+        denoised = loop.model(x, sigma, step=i)
         x_euler = _euler_to(x, denoised, sigma, sigma_next)
         if sigma_next == 0:
             x = x_euler
         else:
-            denoised_2 = loop.model(x_euler, sigma_next)
+            denoised_2 = loop.model(x_euler, sigma_next, step=i + 1)  # grid point i + 1
             d = (x - denoised) / sigma
             d_2 = (x_euler - denoised_2) / sigma_next
             x = x + (d + d_2) * ((sigma_next - sigma) / 2)
@@ -269,13 +295,13 @@ def sample_dpm2(
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     for i in range(loop.n):
         sigma, sigma_next = loop.s[i], loop.s[i + 1]
-        denoised = loop.model(x, sigma)
+        denoised = loop.model(x, sigma, step=i)
         if sigma_next == 0:
             x = _euler_to(x, denoised, sigma, sigma_next)
         else:
             sigma_mid = _log_midpoint(sigma, sigma_next)
             x_2 = _euler_to(x, denoised, sigma, sigma_mid)
-            denoised_2 = loop.model(x_2, sigma_mid, on_grid=False)
+            denoised_2 = loop.model(x_2, sigma_mid, step=i, on_grid=False)
             x = x + (x_2 - denoised_2) * ((sigma_next - sigma) / sigma_mid)
         loop.done(i, x, denoised)
     return x
@@ -296,14 +322,14 @@ def sample_dpm2_a(
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     for i in range(loop.n):
         sigma, sigma_next = loop.s[i], loop.s[i + 1]
-        denoised = loop.model(x, sigma)
+        denoised = loop.model(x, sigma, step=i)
         down, up = ancestral_step(sigma, sigma_next, eta)
         if down == 0:
             x = _euler_to(x, denoised, sigma, down)
         else:
             sigma_mid = _log_midpoint(sigma, down)
             x_2 = _euler_to(x, denoised, sigma, sigma_mid)
-            denoised_2 = loop.model(x_2, sigma_mid, on_grid=False)
+            denoised_2 = loop.model(x_2, sigma_mid, step=i, on_grid=False)
             x = x + (x_2 - denoised_2) * ((down - sigma) / sigma_mid)
             x = x + loop.noise(x) * up
         loop.done(i, x, denoised)
@@ -350,7 +376,7 @@ def sample_lms(
     ds: list[Tensor] = []
     for i in range(loop.n):
         sigma = loop.s[i]
-        denoised = loop.model(x, sigma)
+        denoised = loop.model(x, sigma, step=i)
         ds.append((x - denoised) / sigma)
         if len(ds) > order:
             ds.pop(0)
@@ -401,7 +427,7 @@ def sample_plms(
     outs: list[Tensor] = []
     for i in range(loop.n):
         sigma, to = loop.s[i], tau[i]
-        denoised = loop.model(x, sigma)
+        denoised = loop.model(x, sigma, step=i)
         out = raw(x, denoised, sigma)
         if i == 0:
             x_pred = carry(x + to_eps(out, x, sigma) * (to - sigma), i)
@@ -412,7 +438,7 @@ def sample_plms(
                 # landing exactly on that grid point. diffusers takes this step from t_1 + T // N
                 # (`corrector_from`), which is t_0 only for leading spacing: x is read there unchanged in
                 # VP scaling.
-                out_2 = raw(x_pred, loop.model(x_pred, loop.s[1]), loop.s[1])
+                out_2 = raw(x_pred, loop.model(x_pred, loop.s[1], step=1), loop.s[1])
                 src = sigma if corrector_from is None else corrector_from
                 x_src = x * math.sqrt((1 + src**2) / (1 + sigma**2))
                 x = x_src + to_eps((out + out_2) / 2, x_src, src) * (loop.s[1] - src)
@@ -453,7 +479,7 @@ def sample_dpmpp_2m(
     h_last = 0.0
     for i in range(loop.n):
         sigma, sigma_next = loop.s[i], loop.s[i + 1]
-        denoised = loop.model(x, sigma)
+        denoised = loop.model(x, sigma, step=i)
         if sigma_next == 0:
             x = denoised
         else:
@@ -488,7 +514,7 @@ def sample_dpmpp_2m_sde(
     h_last = 0.0
     for i in range(loop.n):
         sigma, sigma_next = loop.s[i], loop.s[i + 1]
-        denoised = loop.model(x, sigma)
+        denoised = loop.model(x, sigma, step=i)
         if sigma_next == 0:
             x = denoised
         else:
@@ -523,7 +549,7 @@ def sample_dpmpp_sde(
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     for i in range(loop.n):
         sigma, sigma_next = loop.s[i], loop.s[i + 1]
-        denoised = loop.model(x, sigma)
+        denoised = loop.model(x, sigma, step=i)
         if sigma_next == 0:
             x = _euler_to(x, denoised, sigma, sigma_next)
         else:
@@ -533,7 +559,7 @@ def sample_dpmpp_sde(
             x_2 = torch.lerp(denoised, x, down / sigma)
             if up > 0:
                 x_2 = x_2 + loop.noise(x) * up
-            denoised_2 = loop.model(x_2, sigma_mid, on_grid=False)
+            denoised_2 = loop.model(x_2, sigma_mid, step=i, on_grid=False)
             down, up = ancestral_step(sigma, sigma_next, eta)
             x = torch.lerp(denoised_2, x, down / sigma)
             if up > 0:
@@ -583,7 +609,7 @@ def sample_unipc(
     x_last: Tensor | None = None
     order_last = 1
     for i in range(loop.n):
-        denoised = loop.model(x, loop.s[i])
+        denoised = loop.model(x, loop.s[i], step=i)
         if corrector and x_last is not None:
             # UniC: re-solve the last step [s_{i-1} -> s_i] with the new model value included.
             x = _unipc_update(x_last, ms, lam, i - 1, order_last, model_t=denoised, sigmas=loop.s)
@@ -666,7 +692,7 @@ def sample_lcm(
     ts = None if timesteps is None else [float(t) for t in timesteps.detach().cpu()]
     for i in range(loop.n):
         sigma, sigma_next = loop.s[i], loop.s[i + 1]
-        denoised = loop.model(x, sigma)
+        denoised = loop.model(x, sigma, step=i)
         if ts is not None:
             st = ts[i] * timestep_scaling
             c_skip = sigma_data**2 / (st**2 + sigma_data**2)

@@ -11,7 +11,7 @@ scheduler class + config that gives the same numbers (the parity tests build tha
 * ``denoiser``: ``denoiser(x, sigma, **extra_args) -> x0`` (denoisers.Denoiser or a wrapper of one).
   Its ``.schedule`` (a NoiseSchedule) is used unless ``noise_schedule`` is given; if it has
   ``with_timesteps`` the network is handed exactly the timesteps the diffusers scheduler would pass.
-* ``noise``: (B, C, H, W) standard normal, row i drawn first from ``generators[i]`` (SPEC section 5).
+* ``noise``: (B, C, H, W) standard normal, row i drawn first from ``generators[i]`` (docs/CONTRACTS.md, Seeds).
 * ``scheduler_config``: the model's diffusers scheduler config (any class); the keys that the sampler's
   diffusers class would take from it (timestep_spacing, steps_offset, set_alpha_to_one, betas, ...)
   override that class's defaults, as ``SomeScheduler.from_config(model_config)`` does.

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from sdengine.models.config_checks import check_config
+
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 BETA_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
@@ -127,6 +129,7 @@ class NoiseSchedule:
     def from_config(cls, **config: Any) -> NoiseSchedule:
         """Build from diffusers scheduler-config keys (``num_train_timesteps``, ``beta_start``, ``beta_end``,
         ``beta_schedule``, ``trained_betas``, ``rescale_betas_zero_snr``); other keys are ignored here."""
+        check_config("scheduler", config)  # num_train_timesteps=1e8 would allocate GBs of tables
         trained = config.get("trained_betas")
         zero_snr = bool(config.get("rescale_betas_zero_snr", False))
         if trained is not None:
@@ -230,9 +233,9 @@ def config_get(config: Mapping[str, Any] | None, key: str, default: Any) -> Any:
 #               sigma by *linear* interpolation in sigma; Karras/exponential end points are those of
 #               that interpolated grid, not of the training schedule.
 #   "multistep" DPM-Solver++ / UniPC: N+1 points of which the last is dropped (so DPM++ leading gives
-#               901, 811, ..., 91 for 10 steps, SPEC 9), integer timesteps; Karras/exponential span the
-#               whole training range and the network gets a rounded (Karras) or truncated (exponential)
-#               timestep.
+#               901, 811, ..., 91 for 10 steps: docs/CONTRACTS.md, Test oracles), integer timesteps;
+#               Karras/exponential span the whole training range and the network gets a rounded (Karras)
+#               or truncated (exponential) timestep.
 #   "lcm"       LCM: a grid of `original_inference_steps` (50) skipped timesteps (Luo et al. 2023).
 
 SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")

@@ -21,6 +21,14 @@ class UnsafePathError(SdengineError, ValueError):
     """A name that would select a file outside its configured folder."""
 
 
+class ExternalName(str):
+    """A name that came from outside the Python caller (a prompt's ``<lora:NAME>`` tag, a PNG's parameters, an
+    HTTP field). Functions that accept either a path or a name look an ``ExternalName`` up only inside their
+    folder (:func:`resolve_inside`), never as a path of its own; a plain ``str`` from the caller may be a path."""
+
+    __slots__ = ()
+
+
 def check_name(name: str, what: str = "name") -> str:
     """Return ``name`` (with forward slashes) if it is a plain relative name; else raise UnsafePathError."""
     if not isinstance(name, str) or not name:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +110,7 @@ def _load_from_dir(directory: Path) -> FashionClassifier:
     weights, cfg_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"classifier weights not found: {weights}")
-    cfg_fields = {}
+    cfg_fields: dict[str, Any] = {}
     if cfg_path.is_file():
         raw = json.loads(cfg_path.read_text())["model"]
         cfg_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
@@ -164,7 +165,7 @@ def evaluate(model: FashionClassifier, images: torch.Tensor, labels: torch.Tenso
     return (predict(images, model) == torch.as_tensor(labels)).float().mean().item()
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
     """Random shifts of up to ``max_shift`` px (filled with background) and horizontal flips."""
     b, _, h, w = x.shape
     xp = F.pad(x, (max_shift,) * 4, value=-1.0)  # (B, 1, H + 2s, W + 2s)
@@ -218,7 +219,7 @@ def train_classifier(
         total, n = 0.0, 0
         for i in range(0, len(train), batch_size):
             idx = perm[i : i + batch_size]
-            x = _augment(train.images[idx], gen)
+            x = augment(train.images[idx], gen)
             loss = F.cross_entropy(model(x), train.labels[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -294,7 +294,8 @@ def load_emoji_recogniser(device: str | torch.device | None = None, path: str | 
             "train them with `python -m sdengine.metrics.emoji_recogniser train`)"
         )
     meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-    cfg = RecogniserConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()})
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()}
+    cfg = RecogniserConfig(**fields)
     model = EmojiRecogniser(cfg, classes=meta.get("classes") or None)
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in load_file(weights).items()}
     model.load_state_dict(state, strict=True)
@@ -306,8 +307,12 @@ def load_emoji_recogniser(device: str | torch.device | None = None, path: str | 
 
 
 class _EmojiLike(Protocol):
-    images: torch.Tensor  # (N, 3, 64, 64) in [-1, 1]
-    entries: Sequence[Any]  # each with a .char
+    # Read-only members (properties), so that a dataset holding a list of entries matches Sequence[Any].
+    @property
+    def images(self) -> torch.Tensor: ...  # (N, 3, 64, 64) in [-1, 1]
+
+    @property
+    def entries(self) -> Sequence[Any]: ...  # each with a .char
 
 
 def _log(msg: str) -> None:

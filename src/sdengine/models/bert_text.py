@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdengine.models.config_checks import ConfigError, check_config
 from sdengine.text.bert_tokenizer import MINILM_MAX_LENGTH, BertTokenizer, find_minilm_files
 
 
@@ -39,10 +40,11 @@ class BertConfig:
     hidden_act: Literal["gelu"] = "gelu"
 
     def __post_init__(self) -> None:
+        check_config("bert", self)  # every number bounded before anything reads it
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads")
+            raise ConfigError(f"hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads")
         if self.hidden_act != "gelu":
-            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (only exact gelu)")
+            raise ConfigError(f"unsupported hidden_act {self.hidden_act!r} (only exact gelu)")
 
     @property
     def head_dim(self) -> int:
@@ -51,8 +53,9 @@ class BertConfig:
     @classmethod
     def from_transformers(cls, config: Mapping[str, Any]) -> BertConfig:
         """From a transformers ``BertConfig`` dict (a model folder's ``config.json``)."""
+        check_config("bert", config)  # before int() could coerce 1.5 or "12"
         if config.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError("only absolute position embeddings are supported")
+            raise ConfigError("only absolute position embeddings are supported")
         return cls(
             vocab_size=int(config.get("vocab_size", 30522)),
             hidden_size=int(config.get("hidden_size", 768)),
@@ -302,7 +305,8 @@ class MiniLMTextEncoder:
         CLIP's states of its padding, so every prompt gives the same shape and batches with any other."""
         batch = self.tokenizer(texts, max_length=length)
         pad = length - batch.input_ids.shape[1]
-        ids, mask = batch.input_ids, batch.attention_mask
+        ids: torch.Tensor = batch.input_ids
+        mask: torch.Tensor = batch.attention_mask
         if pad > 0:
             ids = torch.nn.functional.pad(ids, (0, pad), value=self.tokenizer.pad_token_id)
             mask = torch.nn.functional.pad(mask, (0, pad), value=0)

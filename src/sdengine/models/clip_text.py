@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdengine.models.config_checks import ConfigError, check_config
+
 Activation = Literal["quick_gelu", "gelu"]
 PooledRule = Literal["argmax", "first_eos"]
 
@@ -49,12 +51,13 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
 
     def __post_init__(self) -> None:
+        check_config("clip_text", self)  # every number bounded before anything reads it
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads")
+            raise ConfigError(f"hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads")
         if self.hidden_act not in ("quick_gelu", "gelu"):
-            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (quick_gelu or gelu)")
+            raise ConfigError(f"unsupported hidden_act {self.hidden_act!r} (quick_gelu or gelu)")
         if self.pooled_rule not in ("argmax", "first_eos"):
-            raise ValueError(f"unknown pooled_rule {self.pooled_rule!r}")
+            raise ConfigError(f"unknown pooled_rule {self.pooled_rule!r}")
 
     @property
     def head_dim(self) -> int:
@@ -66,6 +69,7 @@ class CLIPTextConfig:
         ``CLIPConfig`` dict (its ``text_config`` is used). Missing keys take transformers' defaults."""
         if "text_config" in config and isinstance(config["text_config"], Mapping):
             config = config["text_config"]
+        check_config("clip_text", config)  # before int() could coerce 1.5 or "77"
         act = config.get("hidden_act", "quick_gelu")  # anything but quick_gelu/gelu is refused below
         eos = int(config.get("eos_token_id", 49407))
         return cls(

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdengine.models.config_checks import ConfigError, check_config
 from sdengine.models.unet import (
     SD15,
     SD21,
@@ -63,12 +64,13 @@ class ControlNetConfig:
     channel_order: ChannelOrder = "rgb"
 
     def __post_init__(self) -> None:
+        check_config("controlnet", self)  # its own numbers; the U-Net config checked itself
         if not self.unet.is_conditional:
-            raise ValueError("a ControlNet copies a text-conditioned (cross-attention) U-Net")
+            raise ConfigError("a ControlNet copies a text-conditioned (cross-attention) U-Net")
         if self.channel_order not in ("rgb", "bgr"):
-            raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {self.channel_order!r}")
+            raise ConfigError(f"channel_order must be 'rgb' or 'bgr', got {self.channel_order!r}")
         if len(self.conditioning_embedding_out_channels) < 1:
-            raise ValueError("conditioning_embedding_out_channels needs at least one level")
+            raise ConfigError("conditioning_embedding_out_channels needs at least one level")
 
     @property
     def downscale(self) -> int:
@@ -202,8 +204,8 @@ class ControlNet(nn.Module):
         if load_weights:
             if unet.config.in_channels != cfg.unet.in_channels:
                 # Inpainting U-Net: keep the weights of the 4 latent channels only.
-                net.conv_in.weight.data.copy_(unet.conv_in.weight.data[:, : cfg.unet.in_channels])
-                net.conv_in.bias.data.copy_(unet.conv_in.bias.data)
+                keep = cfg.unet.in_channels
+                net.conv_in.load_state_dict({"weight": unet.conv_in.weight[:, :keep], "bias": unet.conv_in.bias})
             else:
                 net.conv_in.load_state_dict(unet.conv_in.state_dict())
             net.time_embedding.load_state_dict(unet.time_embedding.state_dict())
@@ -300,12 +302,13 @@ _UNET_DEFAULTS_FOR_CONTROLNET: dict[str, Any] = {"mid_block_type": "UNetMidBlock
 
 
 def _from_diffusers(config: dict[str, Any]) -> ControlNetConfig:
+    check_config("controlnet", config)  # before any number is used
     name = config.get("_class_name")
     if name not in (None, "ControlNetModel"):
-        raise ValueError(f"not a ControlNet config sdengine can build: _class_name={name!r}")
+        raise ConfigError(f"not a ControlNet config sdengine can build: _class_name={name!r}")
     unknown = sorted(set(config) - _CONTROLNET_KEYS - _IGNORED)
     if unknown:
-        raise ValueError(f"unknown ControlNet config options: {', '.join(unknown)}")
+        raise ConfigError(f"unknown ControlNet config options: {', '.join(unknown)}")
     own = {k: config.pop(k, v) for k, v in _CONTROLNET_ONLY.items()}
     unet_cfg = {k: v for k, v in config.items() if k not in _IGNORED}
     unet_cfg = {**_UNET_DEFAULTS_FOR_CONTROLNET, **unet_cfg}
@@ -317,15 +320,15 @@ def _from_diffusers(config: dict[str, Any]) -> ControlNetConfig:
     try:
         ucfg = UNetConfig.from_diffusers(unet_cfg)
     except ValueError as e:
-        raise ValueError(str(e).replace("U-Net config", "ControlNet config")) from None
+        raise ConfigError(str(e).replace("U-Net config", "ControlNet config")) from None
     emb = own["conditioning_embedding_out_channels"]
     if emb is None:
-        raise ValueError(
+        raise ConfigError(
             "ControlNet config options not supported by sdengine: conditioning_embedding_out_channels=None"
         )
     order = own["controlnet_conditioning_channel_order"]
     if order not in ("rgb", "bgr"):
-        raise ValueError(f"ControlNet config options not supported by sdengine: channel order {order!r}")
+        raise ConfigError(f"ControlNet config options not supported by sdengine: channel order {order!r}")
     return ControlNetConfig(
         unet=ucfg,
         conditioning_channels=int(own["conditioning_channels"]),

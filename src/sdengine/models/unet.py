@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdengine.models.config_checks import ConfigError, check_config
 from sdengine.nn.attention import SpatialSelfAttention
 from sdengine.nn.embeddings import TimestepEmbedding, timestep_embedding
 from sdengine.nn.resnet import Downsample2D, ResnetBlock2D, TimeEmbeddingNorm, Upsample2D
@@ -86,24 +87,25 @@ class UNetConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        check_config("unet", self)  # every number bounded before anything reads it
         n = len(self.block_out_channels)
         if len(self.attention) != n or len(self.num_heads) != n:
-            raise ValueError(
+            raise ConfigError(
                 f"attention ({len(self.attention)}) and num_heads ({len(self.num_heads)}) need one entry per level "
                 f"of block_out_channels ({n})"
             )
         if self.num_class_embeds is not None and self.projection_class_embeddings_input_dim is not None:
-            raise ValueError("num_class_embeds and projection_class_embeddings_input_dim exclude each other")
+            raise ConfigError("num_class_embeds and projection_class_embeddings_input_dim exclude each other")
         kinds = set(self.attention) | ({self.mid_attention} if self.mid_block else set())
         if not kinds <= {"none", "self", "cross"}:
-            raise ValueError(f"attention kinds must be 'none', 'self' or 'cross', got {sorted(kinds)}")
+            raise ConfigError(f"attention kinds must be 'none', 'self' or 'cross', got {sorted(kinds)}")
         if "cross" in kinds and self.cross_attention_dim is None:
-            raise ValueError("cross-attention levels need cross_attention_dim")
+            raise ConfigError("cross-attention levels need cross_attention_dim")
         for ch, kind, heads in zip(self.block_out_channels, self.attention, self.num_heads, strict=True):
             if ch % self.norm_num_groups:  # checked here so the error names the config, not a GroupNorm
-                raise ValueError(f"norm_num_groups={self.norm_num_groups} does not divide {ch} channels")
+                raise ConfigError(f"norm_num_groups={self.norm_num_groups} does not divide {ch} channels")
             if kind != "none" and (heads < 1 or ch % heads):
-                raise ValueError(f"{heads} heads do not divide {ch} channels")
+                raise ConfigError(f"{heads} heads do not divide {ch} channels")
 
     @property
     def time_embed_dim(self) -> int:
@@ -468,6 +470,7 @@ def _uniform(name: str, value: Any, n: int, problems: list[str]) -> Any:
 
 
 def _from_diffusers(cls: type[UNetConfig], config: dict[str, Any]) -> UNetConfig:
+    check_config("unet", config)  # before any number is used: no allocation, loop or division on bad input
     name = config.get("_class_name")
     if name is None:
         conditional = "cross_attention_dim" in config or any(
@@ -476,12 +479,12 @@ def _from_diffusers(cls: type[UNetConfig], config: dict[str, Any]) -> UNetConfig
     elif name in ("UNet2DModel", "UNet2DConditionModel"):
         conditional = name == "UNet2DConditionModel"
     else:
-        raise ValueError(f"not a U-Net config sdengine can build: _class_name={name!r}")
+        raise ConfigError(f"not a U-Net config sdengine can build: _class_name={name!r}")
     defaults, fixed = (_CONDITIONAL_DEFAULTS, _CONDITIONAL_FIXED) if conditional else (_PIXEL_DEFAULTS, _PIXEL_FIXED)
 
     unknown = sorted(set(config) - set(defaults) - _IGNORED)
     if unknown:
-        raise ValueError(f"unknown U-Net config options: {', '.join(unknown)}")
+        raise ConfigError(f"unknown U-Net config options: {', '.join(unknown)}")
     c = {**defaults, **config}
     problems = [f"{k}={c[k]!r}" for k, ok in fixed.items() if ok is not None and c[k] not in ok]
 
@@ -491,13 +494,14 @@ def _from_diffusers(cls: type[UNetConfig], config: dict[str, Any]) -> UNetConfig
     down = [b[7:] if b.startswith("UNetRes") else b for b in down]
     up = [b[7:] if b.startswith("UNetRes") else b for b in up]
     attn_kind = "CrossAttn" if conditional else "Attn"
-    down_kinds = {"DownBlock2D": "none", f"{attn_kind}DownBlock2D": "cross" if conditional else "self"}
+    level_kind: AttentionKind = "cross" if conditional else "self"
+    down_kinds: dict[str, AttentionKind] = {"DownBlock2D": "none", f"{attn_kind}DownBlock2D": level_kind}
     up_kinds = {"UpBlock2D": "none", f"{attn_kind}UpBlock2D": "cross" if conditional else "self"}
     bad = [b for b in down if b not in down_kinds] + [b for b in up if b not in up_kinds]
     if bad:
         problems.append(f"block types {bad}")
     if len(down) != n or len(up) != n:
-        raise ValueError(f"{n} block_out_channels but {len(down)} down and {len(up)} up block types")
+        raise ConfigError(f"{n} block_out_channels but {len(down)} down and {len(up)} up block types")
     attention = tuple(down_kinds.get(b, "none") for b in down)
     if tuple(up_kinds.get(b, "none") for b in reversed(up)) != attention:
         problems.append(f"up_block_types {up} that do not mirror down_block_types {down}")
@@ -543,7 +547,7 @@ def _from_diffusers(cls: type[UNetConfig], config: dict[str, Any]) -> UNetConfig
     if c["resnet_time_scale_shift"] not in ("default", "scale_shift"):
         problems.append(f"resnet_time_scale_shift={c['resnet_time_scale_shift']!r}")
     if problems:
-        raise ValueError("U-Net config options not supported by sdengine: " + "; ".join(problems))
+        raise ConfigError("U-Net config options not supported by sdengine: " + "; ".join(problems))
 
     sample_size = c["sample_size"]
     if isinstance(sample_size, (list, tuple)):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdengine.models.config_checks import ConfigError, check_config
 from sdengine.nn.attention import SpatialSelfAttention
 from sdengine.nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -44,6 +45,12 @@ class VAEConfig:
     # SD's VAE overflows in fp16 at large sizes: pipelines should decode it in float32 when this is set.
     force_upcast: bool = True
 
+    def __post_init__(self) -> None:
+        check_config("vae", self)  # every number bounded before anything reads it
+        if any(ch % self.norm_num_groups for ch in self.block_out_channels):
+            raise ConfigError(f"VAE config: norm_num_groups={self.norm_num_groups} does not divide every level's "
+                              f"channels {list(self.block_out_channels)}")
+
     @property
     def downscale_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
@@ -51,10 +58,11 @@ class VAEConfig:
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> VAEConfig:
         """Map a diffusers ``AutoencoderKL`` ``config.json``; refuses options it does not implement, by name."""
+        check_config("vae", config)  # before any number is used
         c = dict(config)
         name = c.pop("_class_name", "AutoencoderKL")
         if name != "AutoencoderKL":
-            raise ValueError(f"not an AutoencoderKL config: _class_name={name!r}")
+            raise ConfigError(f"not an AutoencoderKL config: _class_name={name!r}")
         for k in ("_diffusers_version", "_name_or_path", "_use_default_values"):
             c.pop(k, None)
         problems = []
@@ -75,7 +83,7 @@ class VAEConfig:
         if unknown:
             problems.append("unknown options " + ", ".join(unknown))
         if problems:
-            raise ValueError("VAE config options not supported by sdengine: " + "; ".join(problems))
+            raise ConfigError("VAE config options not supported by sdengine: " + "; ".join(problems))
         # Fill in diffusers' own defaults (they differ from SD's) for keys the file leaves out.
         defaults = {"block_out_channels": (64,), "layers_per_block": 1, "sample_size": 32}
         c = {**defaults, **c}

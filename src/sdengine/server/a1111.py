@@ -32,29 +32,86 @@ from sdengine.server.requests import ControlRequest
 A1111_VERSION = "v1.10.1"  # the A1111 API whose shapes this follows
 
 # Fields that do nothing at these values (A1111's own defaults or neutral settings): not reported.
-NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "styles": ([], None), "subseed": (-1, 0, None), "subseed_strength": (0, 0.0, None),
-    "seed_resize_from_h": (-1, 0, None), "seed_resize_from_w": (-1, 0, None), "restore_faces": (False, None),
-    "tiling": (False, None), "do_not_save_samples": (False, True, None), "do_not_save_grid": (False, True, None),
-    "s_churn": (0, 0.0, None), "s_tmax": (0, 0.0, None), "s_tmin": (0, 0.0, None), "s_noise": (1, 1.0, None),
-    "override_settings_restore_afterwards": (True, False, None), "script_args": ([], None),
-    "script_name": (None, ""), "enable_hr": (False, None), "firstphase_width": (0, None),
-    "firstphase_height": (0, None), "image_cfg_scale": None, "initial_noise_multiplier": (1, 1.0, None),
-    "inpaint_full_res_padding": None, "inpaint_full_res": (False, 0, None), "refiner_checkpoint": (None, ""),
-    "refiner_switch_at": (None, 0), "disable_extra_networks": (False, None), "comments": (None, {}),
-    "sampler_index": None, "include_init_images": None, "eta": (None, 1, 1.0), "resize_mode": (0, None),
-    "inpainting_fill": (1, None), "latent_mask": (None,), "infotext": (None, ""), "firstpass_image": (None,),
-    "force_task_id": None, "send_images": None, "save_images": None, "denoising_strength": None,
-    "mask_round": None, "n_iter": None, "batch_size": None,
+NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
+    "styles": ([], None),
+    "subseed": (-1, 0, None),
+    "subseed_strength": (0, 0.0, None),
+    "seed_resize_from_h": (-1, 0, None),
+    "seed_resize_from_w": (-1, 0, None),
+    "restore_faces": (False, None),
+    "tiling": (False, None),
+    "do_not_save_samples": (False, True, None),
+    "do_not_save_grid": (False, True, None),
+    "s_churn": (0, 0.0, None),
+    "s_tmax": (0, 0.0, None),
+    "s_tmin": (0, 0.0, None),
+    "s_noise": (1, 1.0, None),
+    "override_settings_restore_afterwards": (True, False, None),
+    "script_args": ([], None),
+    "script_name": (None, ""),
+    "enable_hr": (False, None),
+    "firstphase_width": (0, None),
+    "firstphase_height": (0, None),
+    "image_cfg_scale": None,
+    "initial_noise_multiplier": (1, 1.0, None),
+    "inpaint_full_res_padding": None,
+    "inpaint_full_res": (False, 0, None),
+    "refiner_checkpoint": (None, ""),
+    "refiner_switch_at": (None, 0),
+    "disable_extra_networks": (False, None),
+    "comments": (None, {}),
+    "sampler_index": None,
+    "include_init_images": None,
+    "eta": (None, 1, 1.0),
+    "resize_mode": (0, None),
+    "inpainting_fill": (1, None),
+    "latent_mask": (None,),
+    "infotext": (None, ""),
+    "firstpass_image": (None,),
+    "force_task_id": None,
+    "send_images": None,
+    "save_images": None,
+    "denoising_strength": None,
+    "mask_round": None,
+    "n_iter": None,
+    "batch_size": None,
 }
 HR_FIELDS = ("hr_", "firstphase_")  # hires-fix settings: matter only with enable_hr
-USED = {"prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
-        "steps", "cfg_scale", "width", "height", "override_settings", "alwayson_scripts", "init_images", "mask",
-        "mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_mask_invert", "model"}
+USED = {
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "sampler_name",
+    "sampler_index",
+    "scheduler",
+    "batch_size",
+    "n_iter",
+    "steps",
+    "cfg_scale",
+    "width",
+    "height",
+    "override_settings",
+    "alwayson_scripts",
+    "init_images",
+    "mask",
+    "mask_blur",
+    "mask_blur_x",
+    "mask_blur_y",
+    "inpainting_mask_invert",
+    "model",
+}
 CONTROL_MODES = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet is more important"}
 RESIZE_MODES = {0: "Just Resize", 1: "Crop and Resize", 2: "Resize and Fill"}
-MODULES = {"none": "none", "canny": "canny", "invert": "invert", "invert (from white bg & black line)": "invert",
-           "threshold": "threshold", "scribble": "scribble", "softedge": "softedge", "softedge_sobel": "softedge"}
+MODULES = {
+    "none": "none",
+    "canny": "canny",
+    "invert": "invert",
+    "invert (from white bg & black line)": "invert",
+    "threshold": "threshold",
+    "scribble": "scribble",
+    "softedge": "softedge",
+    "softedge_sobel": "softedge",
+}
 
 
 class Txt2ImgRequest(BaseModel):
@@ -130,8 +187,10 @@ def _ignored(body: dict[str, Any]) -> list[str]:
             continue
         if k.startswith(HR_FIELDS) and not hr:
             continue
-        if k in NEUTRAL and (NEUTRAL[k] is None or v in NEUTRAL[k]):
-            continue
+        if k in NEUTRAL:
+            neutral = NEUTRAL[k]
+            if neutral is None or v in neutral:
+                continue
         out.append(k)
     return out
 
@@ -178,8 +237,9 @@ def control_units(args: Any, init: str | None, ignored: list[str]) -> tuple[list
             raise BadRequest(f"ControlNet unit {k}: choose a model (GET /controlnet/model_list)")
         module = str(u.get("module") or "none").strip().lower()
         if module not in MODULES:
-            raise BadRequest(f"ControlNet unit {k}: module {module!r} is not available; "
-                             f"available: {', '.join(MODULES)}")
+            raise BadRequest(
+                f"ControlNet unit {k}: module {module!r} is not available; available: {', '.join(MODULES)}"
+            )
         mode = _unit_control(u.get("control_mode", 0), CONTROL_MODES, f"ControlNet unit {k}: control_mode")
         if mode == CONTROL_MODES[2]:
             guess = True  # the extension's "ControlNet is more important" is the ControlNet paper's guess mode
@@ -192,15 +252,23 @@ def control_units(args: Any, init: str | None, ignored: list[str]) -> tuple[list
             ignored.append(f"controlnet.args[{k}].pixel_perfect")
         options = {}
         if MODULES[module] == "canny":
-            options = {"low": _num(u.get("threshold_a", 100), "threshold_a"),
-                       "high": _num(u.get("threshold_b", 200), "threshold_b")}
+            options = {
+                "low": _num(u.get("threshold_a", 100), "threshold_a"),
+                "high": _num(u.get("threshold_b", 200), "threshold_b"),
+            }
         elif MODULES[module] in ("threshold", "scribble") and u.get("threshold_a") not in (None, -1):
             options = {"threshold": _num(u.get("threshold_a"), "threshold_a")}
-        units.append(ControlRequest(
-            model=model, image=image, weight=_num(u.get("weight", 1.0), "weight"),
-            start=_num(u.get("guidance_start", 0.0), "guidance_start"),
-            end=_num(u.get("guidance_end", 1.0), "guidance_end"), preprocessor=MODULES[module], options=options,
-        ))
+        units.append(
+            ControlRequest(
+                model=model,
+                image=image,
+                weight=_num(u.get("weight", 1.0), "weight"),
+                start=_num(u.get("guidance_start", 0.0), "guidance_start"),
+                end=_num(u.get("guidance_end", 1.0), "guidance_end"),
+                preprocessor=MODULES[module],
+                options=options,
+            )
+        )
     return units, guess
 
 
@@ -213,8 +281,9 @@ def _num(v: Any, what: str) -> float:
 def install(app: FastAPI, services: Any) -> None:
     manager, catalog, options = services.manager, services.catalog, services.options
 
-    def generation_fields(req: Txt2ImgRequest, body: dict[str, Any], ignored: list[str],
-                          init: str | None) -> dict[str, Any]:
+    def generation_fields(
+        req: Txt2ImgRequest, body: dict[str, Any], ignored: list[str], init: str | None
+    ) -> dict[str, Any]:
         over = dict(req.override_settings or {})
         clip_skip = over.pop("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
         model = over.pop("sd_model_checkpoint", None)
@@ -225,10 +294,21 @@ def install(app: FastAPI, services: Any) -> None:
         args = cn.get("args") if isinstance(cn, dict) else None
         units, guess = control_units(args, init, ignored)
         return dict(
-            model=model, prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps,
-            sampler=req.sampler_name or req.sampler_index or "Euler", schedule=req.scheduler,
-            cfg_scale=req.cfg_scale, seed=req.seed, width=req.width, height=req.height, batch_size=req.batch_size,
-            n_iter=req.n_iter, clip_skip=clip_skip, controlnets=units, guess_mode=guess,
+            model=model,
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt,
+            steps=req.steps,
+            sampler=req.sampler_name or req.sampler_index or "Euler",
+            schedule=req.scheduler,
+            cfg_scale=req.cfg_scale,
+            seed=req.seed,
+            width=req.width,
+            height=req.height,
+            batch_size=req.batch_size,
+            n_iter=req.n_iter,
+            clip_skip=clip_skip,
+            controlnets=units,
+            guess_mode=guess,
         )
 
     async def run(req: Txt2ImgRequest, fields: dict[str, Any], ignored: list[str]) -> JSONResponse:
@@ -241,8 +321,9 @@ def install(app: FastAPI, services: Any) -> None:
         if job.state == FAILED:
             status = 500 if (job.error or "").startswith("internal error") else 400
             msg = job.error or "failed"
-            return JSONResponse({"error": "GenerationError", "detail": msg, "body": "", "errors": msg},
-                                status_code=status)
+            return JSONResponse(
+                {"error": "GenerationError", "detail": msg, "body": "", "errors": msg}, status_code=status
+            )
         images = [im.image for im in job.images if im.image is not None]
         interrupted = job.state == CANCELLED
         if interrupted and not images and job.preview_png is not None:
@@ -252,28 +333,55 @@ def install(app: FastAPI, services: Any) -> None:
         seeds = [im.seed for im in job.images] or [int(kw["seed"])]
         texts = [im.infotext for im in job.images]
         info = {
-            "prompt": req.prompt, "all_prompts": [req.prompt] * len(seeds), "negative_prompt": req.negative_prompt,
-            "all_negative_prompts": [req.negative_prompt] * len(seeds), "seed": seeds[0], "all_seeds": seeds,
-            "subseed": seeds[0], "all_subseeds": seeds, "subseed_strength": 0, "width": kw["width"],
-            "height": kw["height"], "sampler_name": req.sampler_name or req.sampler_index or "Euler",
-            "cfg_scale": kw["cfg_scale"], "steps": kw["steps"], "batch_size": kw["batch_size"],
-            "restore_faces": False, "face_restoration_model": None, "sd_model_name": job.generation.model_name,
-            "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1,
-            "seed_resize_from_h": -1, "denoising_strength": kw["strength"] if kw["init_image"] is not None else None,
-            "extra_generation_params": {"Schedule type": kw["schedule"]}, "index_of_first_image": 0,
-            "infotexts": texts, "styles": [], "job_timestamp": datetime.fromtimestamp(job.created).strftime(
-                "%Y%m%d%H%M%S"), "clip_skip": kw["clip_skip"], "is_using_inpainting_conditioning": False,
-            "version": f"sdengine {_version()}", "id_task": job.task_id, "ignored": ignored,
-            "interrupted": interrupted, "notes": job.notes,
+            "prompt": req.prompt,
+            "all_prompts": [req.prompt] * len(seeds),
+            "negative_prompt": req.negative_prompt,
+            "all_negative_prompts": [req.negative_prompt] * len(seeds),
+            "seed": seeds[0],
+            "all_seeds": seeds,
+            "subseed": seeds[0],
+            "all_subseeds": seeds,
+            "subseed_strength": 0,
+            "width": kw["width"],
+            "height": kw["height"],
+            "sampler_name": req.sampler_name or req.sampler_index or "Euler",
+            "cfg_scale": kw["cfg_scale"],
+            "steps": kw["steps"],
+            "batch_size": kw["batch_size"],
+            "restore_faces": False,
+            "face_restoration_model": None,
+            "sd_model_name": job.generation.model_name,
+            "sd_model_hash": None,
+            "sd_vae_name": None,
+            "sd_vae_hash": None,
+            "seed_resize_from_w": -1,
+            "seed_resize_from_h": -1,
+            "denoising_strength": kw["strength"] if kw["init_image"] is not None else None,
+            "extra_generation_params": {"Schedule type": kw["schedule"]},
+            "index_of_first_image": 0,
+            "infotexts": texts,
+            "styles": [],
+            "job_timestamp": datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
+            "clip_skip": kw["clip_skip"],
+            "is_using_inpainting_conditioning": False,
+            "version": f"sdengine {_version()}",
+            "id_task": job.task_id,
+            "ignored": ignored,
+            "interrupted": interrupted,
+            "notes": job.notes,
         }
         for im in job.images:
             if im.name:
                 info.setdefault("files", []).append(im.name)
         params = {k: v for k, v in req.model_dump().items() if k not in ("init_images", "mask")}
         labels: list[str | None] = [*texts, *[None] * (len(images) - len(texts))][: len(images)]
-        return JSONResponse({"images": [_b64_png(i, t) for i, t in zip(images, labels, strict=True)]
-                             if req.send_images else [],
-                             "parameters": params, "info": json.dumps(info)})
+        return JSONResponse(
+            {
+                "images": [_b64_png(i, t) for i, t in zip(images, labels, strict=True)] if req.send_images else [],
+                "parameters": params,
+                "info": json.dumps(info),
+            }
+        )
 
     @app.post("/sdapi/v1/txt2img", tags=["a1111"])
     async def txt2img(req: Txt2ImgRequest) -> JSONResponse:
@@ -297,8 +405,12 @@ def install(app: FastAPI, services: Any) -> None:
             decoded = await run_in_threadpool(services.uploads.image, mask, "mask")
             mask = ImageOps.invert(decoded.convert("L"))
         blur = req.mask_blur if req.mask_blur is not None else 4
-        fields.update(init_image=req.init_images[0], mask=mask or None, mask_blur=float(blur) if mask else 0.0,
-                      strength=0.75 if req.denoising_strength is None else req.denoising_strength)
+        fields.update(
+            init_image=req.init_images[0],
+            mask=mask or None,
+            mask_blur=float(blur) if mask else 0.0,
+            strength=0.75 if req.denoising_strength is None else req.denoising_strength,
+        )
         return await run(req, fields, ignored)
 
     def current() -> Job | None:
@@ -310,33 +422,73 @@ def install(app: FastAPI, services: Any) -> None:
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
         job = current()
         count = len(manager.running()) + manager.queued_count()
-        state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
-                 "job_count": count, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+        state = {
+            "skipped": False,
+            "interrupted": False,
+            "stopping_generation": False,
+            "job": "",
+            "job_count": count,
+            "job_timestamp": "0",
+            "job_no": 0,
+            "sampling_step": 0,
+            "sampling_steps": 0,
+        }
         if job is None:
-            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None,
-                    "current_task": None}
-        state.update(job=f"task({job.task_id})", interrupted=job.cancel.is_set(), skipped=job.skip.is_set(),
-                     job_timestamp=datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
-                     sampling_step=job.step, sampling_steps=job.steps)
+            return {
+                "progress": 0.0,
+                "eta_relative": 0.0,
+                "state": state,
+                "current_image": None,
+                "textinfo": None,
+                "current_task": None,
+            }
+        state.update(
+            job=f"task({job.task_id})",
+            interrupted=job.cancel.is_set(),
+            skipped=job.skip.is_set(),
+            job_timestamp=datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
+            sampling_step=job.step,
+            sampling_steps=job.steps,
+        )
         image = None
         if not skip_current_image and job.preview_png is not None:
             image = base64.b64encode(job.preview_png).decode()
-        return {"progress": round(job.progress, 4), "eta_relative": job.eta or 0.0, "state": state,
-                "current_image": image, "textinfo": f"step {job.step} of {job.steps}", "current_task": job.task_id}
+        return {
+            "progress": round(job.progress, 4),
+            "eta_relative": job.eta or 0.0,
+            "state": state,
+            "current_image": image,
+            "textinfo": f"step {job.step} of {job.steps}",
+            "current_task": job.task_id,
+        }
 
     @app.post("/internal/progress", tags=["a1111"])
     def internal_progress(req: ProgressRequest) -> dict[str, Any]:
         job = manager.by_task_id(req.id_task) if req.id_task else None
         if job is None:
-            return {"active": False, "queued": False, "completed": False, "progress": None, "eta": None,
-                    "live_preview": None, "id_live_preview": -1, "textinfo": "unknown task"}
+            return {
+                "active": False,
+                "queued": False,
+                "completed": False,
+                "progress": None,
+                "eta": None,
+                "live_preview": None,
+                "id_live_preview": -1,
+                "textinfo": "unknown task",
+            }
         preview = None
         if req.live_preview and job.preview_png is not None and job.preview_step != req.id_live_preview:
             preview = "data:image/png;base64," + base64.b64encode(job.preview_png).decode()
-        return {"active": job.state == "running", "queued": job.state == "queued",
-                "completed": job.state in (DONE, FAILED, CANCELLED), "progress": round(job.progress, 4),
-                "eta": job.eta, "live_preview": preview, "id_live_preview": job.preview_step,
-                "textinfo": job.error or f"step {job.step} of {job.steps}"}
+        return {
+            "active": job.state == "running",
+            "queued": job.state == "queued",
+            "completed": job.state in (DONE, FAILED, CANCELLED),
+            "progress": round(job.progress, 4),
+            "eta": job.eta,
+            "live_preview": preview,
+            "id_live_preview": job.preview_step,
+            "textinfo": job.error or f"step {job.step} of {job.steps}",
+        }
 
     async def targets(request: Request) -> list[Job]:
         body: dict[str, Any] = {}
@@ -345,7 +497,7 @@ def install(app: FastAPI, services: Any) -> None:
             try:
                 parsed = json.loads(raw)
             except ValueError:
-                raise BadRequest("the body must be JSON ({} or {\"id_task\": ...})") from None
+                raise BadRequest('the body must be JSON ({} or {"id_task": ...})') from None
             body = parsed if isinstance(parsed, dict) else {}
         task = body.get("id_task")
         if task:
@@ -384,8 +536,10 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.get("/sdapi/v1/sd-models", tags=["a1111"])
     def sd_models() -> list[dict[str, Any]]:
-        return [{"title": e.name, "model_name": e.name, "hash": None, "sha256": None, "filename": e.name,
-                 "config": None} for e in catalog.models()]
+        return [
+            {"title": e.name, "model_name": e.name, "hash": None, "sha256": None, "filename": e.name, "config": None}
+            for e in catalog.models()
+        ]
 
     @app.post("/sdapi/v1/refresh-checkpoints", tags=["a1111"])
     def refresh_checkpoints() -> dict[str, Any]:
@@ -401,10 +555,13 @@ def install(app: FastAPI, services: Any) -> None:
     def schedulers() -> list[dict[str, Any]]:
         from sdengine.diffusion import sampling
 
-        out = [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
-                "need_inner_model": False}]
-        out += [{"name": k, "label": v, "aliases": None, "default_rho": -1, "need_inner_model": False}
-                for k, v in sampling.SCHEDULE_A1111.items()]
+        out = [
+            {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}
+        ]
+        out += [
+            {"name": k, "label": v, "aliases": None, "default_rho": -1, "need_inner_model": False}
+            for k, v in sampling.SCHEDULE_A1111.items()
+        ]
         return out
 
     @app.get("/sdapi/v1/loras", tags=["a1111"])
@@ -415,10 +572,19 @@ def install(app: FastAPI, services: Any) -> None:
     def refresh_loras() -> dict[str, Any]:
         return {}
 
-    for path in ("sd-vae", "upscalers", "latent-upscale-modes", "hypernetworks", "face-restorers",
-                 "realesrgan-models", "prompt-styles", "sd-modules"):
-        app.add_api_route(f"/sdapi/v1/{path}", _empty_list, methods=["GET"], tags=["a1111"],
-                          name=f"a1111_{path.replace('-', '_')}")
+    for path in (
+        "sd-vae",
+        "upscalers",
+        "latent-upscale-modes",
+        "hypernetworks",
+        "face-restorers",
+        "realesrgan-models",
+        "prompt-styles",
+        "sd-modules",
+    ):
+        app.add_api_route(
+            f"/sdapi/v1/{path}", _empty_list, methods=["GET"], tags=["a1111"], name=f"a1111_{path.replace('-', '_')}"
+        )
 
     @app.get("/sdapi/v1/embeddings", tags=["a1111"])
     def embeddings() -> dict[str, Any]:
@@ -431,12 +597,18 @@ def install(app: FastAPI, services: Any) -> None:
     @app.get("/sdapi/v1/cmd-flags", tags=["a1111"])
     def cmd_flags() -> dict[str, Any]:
         c = services.config
-        return {"api": True, "nowebui": True, "listen": c.host not in ("127.0.0.1", "localhost"), "port": c.port,
-                "api_auth": c.api_key is not None, "device": ",".join(w.device for w in manager.workers)}
+        return {
+            "api": True,
+            "nowebui": True,
+            "listen": c.host not in ("127.0.0.1", "localhost"),
+            "port": c.port,
+            "api_auth": c.api_key is not None,
+            "device": ",".join(w.device for w in manager.workers),
+        }
 
     @app.get("/sdapi/v1/memory", tags=["a1111"])
     def memory() -> dict[str, Any]:
-        import psutil
+        import psutil  # type: ignore[import-untyped]
         import torch
 
         vm = psutil.virtual_memory()
@@ -484,7 +656,6 @@ def install(app: FastAPI, services: Any) -> None:
     @app.get("/controlnet/module_list", tags=["a1111"])
     def cn_modules() -> dict[str, Any]:
         return {"module_list": list(MODULES), "module_detail": {}}
-
 
 
 def _empty_list() -> list[Any]:

@@ -46,9 +46,13 @@ class Services:
     options: dict[str, Any]  # A1111 options (sd_model_checkpoint, CLIP_stop_at_last_layers)
 
     def build(self, **fields: Any) -> Generation:
-        return build_generation(self.config, self.catalog, self.uploads,
-                                default_model=str(self.options.get("sd_model_checkpoint") or self.config.model),
-                                **fields)
+        return build_generation(
+            self.config,
+            self.catalog,
+            self.uploads,
+            default_model=str(self.options.get("sd_model_checkpoint") or self.config.model),
+            **fields,
+        )
 
     def submit(self, generation: Generation, **job_fields: Any) -> tuple[Job, int]:
         job = Job(generation, **job_fields)
@@ -87,12 +91,20 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
     catalog = Catalog(config.models_dir, config.loras_dir, config.controlnets_dir, config.model)
     config.model = catalog.startup_name
     manager = JobManager(
-        loader=loader or default_loader(config.dtype), devices=resolve_devices(config.devices),
-        outputs_dir=config.outputs_dir, max_queue=config.max_queue, keep_jobs=config.keep_jobs,
+        loader=loader or default_loader(config.dtype),
+        devices=resolve_devices(config.devices),
+        outputs_dir=config.outputs_dir,
+        max_queue=config.max_queue,
+        keep_jobs=config.keep_jobs,
         preview_every=config.preview_every,
     )
-    services = Services(config, catalog, UploadStore(config.max_image_pixels), manager,
-                        {"sd_model_checkpoint": catalog.startup_name, "CLIP_stop_at_last_layers": 1})
+    services = Services(
+        config,
+        catalog,
+        UploadStore(config.max_image_pixels),
+        manager,
+        {"sd_model_checkpoint": catalog.startup_name, "CLIP_stop_at_last_layers": 1},
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -105,17 +117,26 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         finally:
             await asyncio.to_thread(manager.stop)
 
-    app = FastAPI(title="sdengine", version=_version(), lifespan=lifespan,
-                  description="Native job API, AUTOMATIC1111 /sdapi/v1 and OpenAI Images routes over one queue.")
+    app = FastAPI(
+        title="sdengine",
+        version=_version(),
+        lifespan=lifespan,
+        description="Native job API, AUTOMATIC1111 /sdapi/v1 and OpenAI Images routes over one queue.",
+    )
     app.state.services = services
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"])
-    app.add_middleware(SecurityMiddleware, api_key=config.api_key, cors_origins=config.cors_origins,
-                       max_body_bytes=config.max_body_bytes,
-                       loopback_only_hosts=config.api_key is None and is_loopback(config.host))
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"]
+        )
+    app.add_middleware(
+        SecurityMiddleware,
+        api_key=config.api_key,
+        cors_origins=config.cors_origins,
+        max_body_bytes=config.max_body_bytes,
+        loopback_only_hosts=config.api_key is None and is_loopback(config.host),
+    )
     _install_error_handlers(app)
     _native_routes(app, services)
     from sdengine.server import a1111, openai_images, page_api
@@ -169,8 +190,10 @@ def job_json(job: Job, services: Services) -> dict[str, Any]:
         "created": job.created,
         "started": job.started,
         "finished": job.finished,
-        "images": [{"name": im.name, "url": image_url(im.name) if im.name else None, "seed": im.seed,
-                    "infotext": im.infotext} for im in job.images],
+        "images": [
+            {"name": im.name, "url": image_url(im.name) if im.name else None, "seed": im.seed, "infotext": im.infotext}
+            for im in job.images
+        ],
         "infotexts": [im.infotext for im in job.images],
         "notes": job.notes,
     }
@@ -201,8 +224,14 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             "queued": manager.queued_count(),
             "running": len(manager.running()),
             "completed": manager.completed,
-            "workers": [{"device": w.device, "model": catalog.model_name_of(w.model) if w.model else None,
-                         "busy": w.current is not None} for w in manager.workers],
+            "workers": [
+                {
+                    "device": w.device,
+                    "model": catalog.model_name_of(w.model) if w.model else None,
+                    "busy": w.current is not None,
+                }
+                for w in manager.workers
+            ],
         }
 
     @app.post("/v1/jobs", status_code=202, tags=["native"])
@@ -210,14 +239,26 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         """Queue a generation; answers at once with the job id and its place in the queue (0 = next)."""
         fields = req.model_dump(exclude={"controlnets", "loras"})
         fields["controlnets"] = [
-            ControlRequest(c.model, c.image, c.weight, c.start, c.end, c.preprocessor,
-                           {k: v for k, v in (("low", c.low), ("high", c.high)) if v is not None})
+            ControlRequest(
+                c.model,
+                c.image,
+                c.weight,
+                c.start,
+                c.end,
+                c.preprocessor,
+                {k: v for k, v in (("low", c.low), ("high", c.high)) if v is not None},
+            )
             for c in req.controlnets
         ]
         fields["loras"] = [(lo.name, lo.weight) for lo in req.loras]
         job, position = services.submit(services.build(**fields), protocol="native", save=True)
-        return {"id": job.id, "position": position, "state": job.state, "url": f"/v1/jobs/{job.id}",
-                "events": f"/v1/jobs/{job.id}/events"}
+        return {
+            "id": job.id,
+            "position": position,
+            "state": job.state,
+            "url": f"/v1/jobs/{job.id}",
+            "events": f"/v1/jobs/{job.id}/events",
+        }
 
     @app.get("/v1/jobs", tags=["native"])
     def list_jobs() -> dict[str, Any]:
@@ -245,8 +286,11 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             raise BadRequest("no preview yet")
         from fastapi.responses import Response
 
-        return Response(job.preview_png, media_type="image/png", headers={"X-Content-Type-Options": "nosniff",
-                                                                        "Cache-Control": "no-store"})
+        return Response(
+            job.preview_png,
+            media_type="image/png",
+            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
+        )
 
     @app.get("/v1/jobs/{job_id}/events", tags=["native"])
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
@@ -282,8 +326,9 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             finally:
                 job.unsubscribe(ev)
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
 
     @app.post("/v1/uploads", status_code=201, tags=["native"])
     async def upload(request: Request) -> dict[str, Any]:
@@ -321,8 +366,9 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         from sdengine.diffusion import sampling
 
         return {
-            "samplers": [{"name": s.name, "a1111": s.a1111, "schedules": list(s.schedules)}
-                         for s in sampling.SAMPLERS.values()],
+            "samplers": [
+                {"name": s.name, "a1111": s.a1111, "schedules": list(s.schedules)} for s in sampling.SAMPLERS.values()
+            ],
             "schedules": list(sampling.ALL_SCHEDULES),
         }
 
@@ -334,15 +380,27 @@ def _native_routes(app: FastAPI, services: Services) -> None:
     def controlnets() -> dict[str, Any]:
         from sdengine.control import PREPROCESSORS
 
-        return {"controlnets": [{"name": e.name, "builtin": e.builtin} for e in catalog.controlnets()],
-                "preprocessors": list(PREPROCESSORS)}
+        return {
+            "controlnets": [{"name": e.name, "builtin": e.builtin} for e in catalog.controlnets()],
+            "preprocessors": list(PREPROCESSORS),
+        }
 
     @app.get("/v1/models", tags=["native", "openai"])
     def models() -> dict[str, Any]:
         """The models jobs may name (OpenAI's list shape; ``current`` marks the default)."""
         now = int(time.time())
         current = services.options.get("sd_model_checkpoint")
-        return {"object": "list", "data": [
-            {"id": e.name, "object": "model", "created": now, "owned_by": "sdengine", "builtin": e.builtin,
-             "current": e.name == current} for e in catalog.models()]}
-
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": e.name,
+                    "object": "model",
+                    "created": now,
+                    "owned_by": "sdengine",
+                    "builtin": e.builtin,
+                    "current": e.name == current,
+                }
+                for e in catalog.models()
+            ],
+        }

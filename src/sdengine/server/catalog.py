@@ -38,8 +38,13 @@ class Entry:
 class Catalog:
     """Lists and resolves names inside the configured folders (each may be None: built-ins only)."""
 
-    def __init__(self, models_dir: Path | None, loras_dir: Path | None, controlnets_dir: Path | None,
-                 startup_model: str = "emoji") -> None:
+    def __init__(
+        self,
+        models_dir: Path | None,
+        loras_dir: Path | None,
+        controlnets_dir: Path | None,
+        startup_model: str = "emoji",
+    ) -> None:
         self.models_dir = models_dir
         self.loras_dir = loras_dir
         self.controlnets_dir = controlnets_dir
@@ -48,8 +53,10 @@ class Catalog:
             # The operator's own --model path (trusted: it came from the command line, not a request).
             p = Path(startup_model).expanduser().resolve()
             if p.suffix.lower() in PICKLE_SUFFIXES:
-                raise BadRequest(f"model {startup_model!r}: pickle checkpoints are not loaded; convert it to "
-                                 ".safetensors (sdengine convert)")
+                raise BadRequest(
+                    f"model {startup_model!r}: pickle checkpoints are not loaded; convert it to "
+                    ".safetensors (sdengine convert)"
+                )
             if not p.exists():
                 raise BadRequest(f"model {startup_model!r} is not a built-in name, a name in --models-dir or a path")
             self.extra_models[p.name.removesuffix(".safetensors")] = str(p)
@@ -68,8 +75,10 @@ class Catalog:
         if self.models_dir is None:
             raise FileNotFoundError(name)
         if name.lower().endswith(PICKLE_SUFFIXES):
-            raise BadRequest(f"model {name!r}: pickle checkpoints are not loaded by the server; convert it to "
-                             ".safetensors (sdengine convert)")
+            raise BadRequest(
+                f"model {name!r}: pickle checkpoints are not loaded by the server; convert it to "
+                ".safetensors (sdengine convert)"
+            )
         path = resolve_inside(self.models_dir, name, "model", suffixes=("", ".safetensors"))
         if path.is_dir() and not (path / "model_index.json").is_file():
             raise BadRequest(f"model {name!r}: a folder without model_index.json is not a model")

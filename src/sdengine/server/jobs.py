@@ -142,8 +142,16 @@ class Job:
 class JobManager:
     """The queue, the job table and the workers."""
 
-    def __init__(self, *, loader: Loader, devices: list[str], outputs_dir: Path, max_queue: int,
-                 keep_jobs: int = 256, preview_every: int = 2) -> None:
+    def __init__(
+        self,
+        *,
+        loader: Loader,
+        devices: list[str],
+        outputs_dir: Path,
+        max_queue: int,
+        keep_jobs: int = 256,
+        preview_every: int = 2,
+    ) -> None:
         self.loader = loader
         self.outputs_dir = Path(outputs_dir)
         self.max_queue = max_queue
@@ -189,8 +197,10 @@ class JobManager:
                 raise QueueFull("the server is stopping", retry_after=30)
             if len(self._queue) >= self.max_queue:
                 busy = max(1, len(self.workers))
-                raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting); retry later",
-                                retry_after=max(1, len(self._queue) // busy))
+                raise QueueFull(
+                    f"the queue is full ({self.max_queue} jobs waiting); retry later",
+                    retry_after=max(1, len(self._queue) // busy),
+                )
             self._queue.append(job)
             self._jobs[job.id] = job
             self._forget_old()
@@ -287,8 +297,11 @@ class JobManager:
 
         with self._out_lock:
             if self._next_index is None:
-                used = [int(m.group(1)) for p in self.outputs_dir.glob("*.png")
-                        if (m := re.match(r"^(\d{5,})-", p.name))] if self.outputs_dir.is_dir() else []
+                used = (
+                    [int(m.group(1)) for p in self.outputs_dir.glob("*.png") if (m := re.match(r"^(\d{5,})-", p.name))]
+                    if self.outputs_dir.is_dir()
+                    else []
+                )
                 self._next_index = max(used, default=-1) + 1
             index = self._next_index
             self._next_index += 1

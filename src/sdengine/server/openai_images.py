@@ -17,6 +17,7 @@ What the ``openai`` client sends maps onto the pipeline this way:
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import re
 import time
@@ -104,9 +105,10 @@ def install(app: FastAPI, services: Any) -> None:
             raise BadRequest(f"output_format must be png, jpeg or webp, got {of!r}")
         return rf, of
 
-    async def run_all(request: Request, fields_list: list[dict[str, Any]], rf: str, of: str, prompt: str,
-                      size: str | None) -> JSONResponse:
-        gens = [await run_in_threadpool(lambda f=f: services.build(**f)) for f in fields_list]
+    async def run_all(
+        request: Request, fields_list: list[dict[str, Any]], rf: str, of: str, prompt: str, size: str | None
+    ) -> JSONResponse:
+        gens = [await run_in_threadpool(functools.partial(services.build, **f)) for f in fields_list]
         jobs: list[Job] = []
         try:
             for g in gens:
@@ -135,8 +137,14 @@ def install(app: FastAPI, services: Any) -> None:
                     item["b64_json"] = encode(im.image, of)
                 data.append(item)
         first = jobs[0].images[0].image if jobs and jobs[0].images and jobs[0].images[0].image else None
-        return JSONResponse({"created": int(time.time()), "data": data, "output_format": of,
-                             "size": f"{first.width}x{first.height}" if first else size})
+        return JSONResponse(
+            {
+                "created": int(time.time()),
+                "data": data,
+                "output_format": of,
+                "size": f"{first.width}x{first.height}" if first else size,
+            }
+        )
 
     def common(req: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -149,8 +157,14 @@ def install(app: FastAPI, services: Any) -> None:
     async def generations(req: GenerationsRequest, request: Request) -> JSONResponse:
         rf, of = check_formats(req.response_format, req.output_format)
         w, h = parse_size(req.size)
-        fields = dict(model=model_name(req.model), prompt=req.prompt, width=w, height=h, batch_size=req.n or 1,
-                      **common(req.model_dump()))
+        fields = dict(
+            model=model_name(req.model),
+            prompt=req.prompt,
+            width=w,
+            height=h,
+            batch_size=req.n or 1,
+            **common(req.model_dump()),
+        )
         return await run_all(request, [fields], rf, of, req.prompt, req.size)
 
     async def form_of(request: Request) -> tuple[dict[str, str], dict[str, list[bytes]]]:
@@ -181,13 +195,24 @@ def install(app: FastAPI, services: Any) -> None:
         if mask is None and has_transparency(image):
             mask = openai_mask(image)
         out = dict(
-            model=model_name(fields.get("model")), prompt=prompt, width=w, height=h,
-            batch_size=number(fields, "n", int, 1), init_image=image.convert("RGB"), mask=mask,
+            model=model_name(fields.get("model")),
+            prompt=prompt,
+            width=w,
+            height=h,
+            batch_size=number(fields, "n", int, 1),
+            init_image=image.convert("RGB"),
+            mask=mask,
             strength=number(fields, "strength", float, 1.0 if mask is not None else 0.75),
-            **common({"seed": number(fields, "seed", int, None), "steps": number(fields, "steps", int, None),
-                      "cfg_scale": number(fields, "cfg_scale", float, None),
-                      "negative_prompt": fields.get("negative_prompt"), "sampler": fields.get("sampler"),
-                      "schedule": fields.get("schedule")}),
+            **common(
+                {
+                    "seed": number(fields, "seed", int, None),
+                    "steps": number(fields, "steps", int, None),
+                    "cfg_scale": number(fields, "cfg_scale", float, None),
+                    "negative_prompt": fields.get("negative_prompt"),
+                    "sampler": fields.get("sampler"),
+                    "schedule": fields.get("schedule"),
+                }
+            ),
         )
         return out
 
@@ -199,8 +224,10 @@ def install(app: FastAPI, services: Any) -> None:
         prompt = fields.get("prompt", "")
         if not files.get("image"):
             raise BadRequest("send at least one image (field 'image' or 'image[]')")
-        images = [await run_in_threadpool(decode_image, d, f"image {i}", config.max_image_pixels)
-                  for i, d in enumerate(files["image"])]
+        images = [
+            await run_in_threadpool(decode_image, d, f"image {i}", config.max_image_pixels)
+            for i, d in enumerate(files["image"])
+        ]
         mask = None
         if files.get("mask"):
             mask = openai_mask(await run_in_threadpool(decode_image, files["mask"][0], "mask", config.max_image_pixels))

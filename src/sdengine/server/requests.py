@@ -1,12 +1,13 @@
 """Every protocol's request becomes ONE dict of the pipeline's keyword arguments, here.
 
-``build_generation`` is the only place that turns request fields into what ``Pipeline.__call__`` takes
-(the names are the pipeline's: prompt, negative_prompt, steps, sampler, schedule, cfg_scale, seed, width,
-height, batch_size, init_image, strength, mask, mask_blur, controlnets, loras, clip_skip). The native,
-AUTOMATIC1111 and OpenAI routes each map their own field names onto its arguments. It checks limits,
-draws the seed for -1, resolves every LoRA (argument or ``<lora:NAME:W>`` prompt tag) and ControlNet name
-inside its folder, decodes images (limits before decoding) and runs ControlNet preprocessors, so that a
-job that reaches the queue only fails for reasons found while generating.
+The dict's keys are the fields of :class:`sdengine.pipeline.GenerationRequest` (``GenerationRequest(**kwargs)`` is
+built and validated here; the worker calls ``pipe(**kwargs)``). ``build_generation`` is the only place that turns
+request fields into what ``Pipeline.__call__`` takes (the names are the pipeline's: prompt, negative_prompt, steps,
+sampler, schedule, cfg_scale, seed, width, height, batch_size, init_image, strength, mask, mask_blur, controlnets,
+loras, clip_skip). The native, AUTOMATIC1111 and OpenAI routes each map their own field names onto its arguments.
+It checks limits, draws the seed for -1, resolves every LoRA (argument or ``<lora:NAME:W>`` prompt tag) and
+ControlNet name inside its folder, decodes images (limits before decoding) and runs ControlNet preprocessors, so
+that a job that reaches the queue only fails for reasons found while generating.
 """
 
 from __future__ import annotations
@@ -112,8 +113,9 @@ def build_generation(
     batch_size = _integer(batch_size, "batch_size", 1, config.max_batch)
     n_iter = _integer(n_iter, "n_iter", 1, 100)
     if batch_size * n_iter > 4 * config.max_batch:
-        raise BadRequest(f"batch_size x n_iter = {batch_size * n_iter} images, over the limit of "
-                         f"{4 * config.max_batch}")
+        raise BadRequest(
+            f"batch_size x n_iter = {batch_size * n_iter} images, over the limit of {4 * config.max_batch}"
+        )
     cfg_scale = _finite(cfg_scale, "cfg_scale", 0.0, 100.0)
     strength = _finite(strength, "strength", 0.0, 1.0)
     mask_blur = _finite(mask_blur, "mask_blur", 0.0, 256.0)
@@ -170,9 +172,15 @@ def build_generation(
         control = image(unit.image, f"ControlNet unit {k} image")
         assert control is not None
         control = _preprocess(unit.preprocessor, ImageOps.exif_transpose(control).convert("RGB"), unit.options, k)
-        units.append((str(path), control, _finite(unit.weight, f"ControlNet unit {k} weight", 0.0, 2.0),
-                      _finite(unit.start, f"ControlNet unit {k} start", 0.0, 1.0),
-                      _finite(unit.end, f"ControlNet unit {k} end", 0.0, 1.0)))
+        units.append(
+            (
+                str(path),
+                control,
+                _finite(unit.weight, f"ControlNet unit {k} weight", 0.0, 2.0),
+                _finite(unit.start, f"ControlNet unit {k} start", 0.0, 1.0),
+                _finite(unit.end, f"ControlNet unit {k} end", 0.0, 1.0),
+            )
+        )
 
     chosen = model if model else (default_model or config.model)
     ref = catalog.resolve_model(chosen)
@@ -197,6 +205,11 @@ def build_generation(
     }
     if guess_mode:
         kwargs["guess_mode"] = True
+    # The pipeline's own request object checks what it can without the model (GenerationError -> 400), so
+    # that such a mistake is answered now instead of failing the job later.
+    from sdengine.pipeline import GenerationRequest
+
+    GenerationRequest(**kwargs).validate()
     return Generation(model=ref, model_name=catalog.model_name_of(ref), kwargs=kwargs, n_iter=n_iter)
 
 

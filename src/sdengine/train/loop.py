@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from sdengine.errors import SdengineError
+from sdengine.io.atomic import atomic_write, remove_stale_temp_files
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 
@@ -154,10 +155,11 @@ def _plot_losses(losses: list[float], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
 
 
 def train(
@@ -189,6 +191,8 @@ def train(
         if saved_seed != cfg.seed:
             raise CheckpointError(f"checkpoint {ckpt_path} was trained with seed {saved_seed}, not {cfg.seed}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Temporary files of a run that was killed mid-write (they are never read; this only tidies up).
+    remove_stale_temp_files(out_dir, recursive=True)
 
     model = model.to(device)
     model.train()

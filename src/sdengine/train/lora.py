@@ -299,8 +299,7 @@ def train_lora(
     progress: bool = True,
 ) -> tuple[TrainResult, Path]:
     """Train and write ``out_dir/<output_name>.safetensors`` (kohya format) -> (loop result, file path)."""
-    from ..diffusion.denoisers import diffusion_loss, prediction_target
-    from ..diffusion.schedules import q_sample
+    from ..diffusion.loss import DiffusionLoss
     from ..pipeline import load_pipeline
     from ..weights.io import save_safetensors
 
@@ -322,26 +321,19 @@ def train_lora(
     g = torch.Generator().manual_seed(cfg.seed)
     network, chosen = LoRANetwork.create(pipe.unet, pipe.text_encoder if _uses_clip(pipe) else None, spec, g)
     handle = patch_layers([(module, network.layers[key]) for key, module in chosen], spec.output_name)  # type: ignore[misc]
-    acp = pipe.noise_schedule.alphas_cumprod.to(device)
-    T = pipe.noise_schedule.num_train_timesteps
-    prediction = pipe.prediction_type
+    loss = DiffusionLoss(pipe.noise_schedule.alphas_cumprod.to(device), pipe.prediction_type, spec.min_snr_gamma)
 
     def loss_fn(m: nn.Module, step: int, gen: torch.Generator) -> torch.Tensor:
         idx = data_indices(step, cfg.batch_size, n, cfg.seed).to(device)
         z0 = data.latents[idx]  # (B, C, h, w)
-        b = z0.shape[0]
         if data.states is not None:
             ctx = data.states[idx]  # (B, 77, D)
         else:
             ctx = pipe.text_encoder(data.token_ids[idx]).last_hidden_state  # (B, 77, D), through the TE LoRA
-        t = torch.randint(0, T, (b,), generator=gen, device=device)
-        noise = torch.randn(z0.shape, generator=gen, device=device)
-        x_t = q_sample(z0, t, noise, acp)
+        t, noise, x_t = loss.draw(z0, gen)
         extra = {k: v[idx].to(pipe.dtype) for k, v in data.unet_kwargs.items()}
         out = pipe.unet(x_t.to(pipe.dtype), t, encoder_hidden_states=ctx.to(pipe.dtype), **extra)
-        target = prediction_target(prediction, z0, noise, acp[t])
-        return diffusion_loss(out.float(), target, alphas_cumprod_t=acp[t], prediction=prediction,
-                              min_snr_gamma=spec.min_snr_gamma)
+        return loss(out, z0, noise, t)
 
     meta = {"kind": "lora", "model": spec.model, "rank": spec.rank, "alpha": spec.effective_alpha,
             "targets": list(spec.targets), "train_text_encoder": spec.train_text_encoder}

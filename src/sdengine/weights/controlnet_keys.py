@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .keymaps import ModuleTable, StateDict, UNetLayout, _rename, unet_module_table
+from .keymaps import ModuleTable, StateDict, UNetLayout, rename_keys, unet_module_table
 
 CONTROL_PREFIX = "control_model."
 
@@ -53,11 +53,11 @@ def controlnet_original_to_diffusers(
     sd: Mapping[str, torch.Tensor], layout: UNetLayout, hint_levels: int
 ) -> tuple[StateDict, list[str]]:
     """Original names (prefix removed) -> diffusers ControlNetModel names (+ keys that matched no row)."""
-    return _rename(sd, controlnet_module_table(layout, hint_levels), to_diffusers=True)
+    return rename_keys(sd, controlnet_module_table(layout, hint_levels), to_diffusers=True)
 
 
 def controlnet_diffusers_to_original(
     sd: Mapping[str, torch.Tensor], layout: UNetLayout, hint_levels: int
 ) -> tuple[StateDict, list[str]]:
     """diffusers ControlNetModel names -> original names, without the ``control_model.`` prefix."""
-    return _rename(sd, controlnet_module_table(layout, hint_levels), to_diffusers=False)
+    return rename_keys(sd, controlnet_module_table(layout, hint_levels), to_diffusers=False)

@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -89,8 +90,55 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 # --------------------------------------------------------------------------------------------- safetensors
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise CorruptFileError(f"duplicate name {dup!r}")
+    return dict(pairs)
+
+
+def _plain_int(x: object) -> bool:
+    return type(x) is int  # JSON true/false are bools, and bool is an int subclass: refuse those
+
+
+def _check_entry(path: Path, name: str, entry: object) -> tuple[torch.dtype, list[int], int, int]:
+    """(dtype, shape, begin, end) of one header entry, or CorruptFileError: nothing is trusted or coerced."""
+    if not isinstance(entry, dict):
+        raise CorruptFileError(f"{path}: corrupt safetensors entry for {name!r}: not a JSON object")
+    dtype = _ST_DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+    if dtype is None:
+        raise CorruptFileError(f"{path}: safetensors entry {name!r} has an unknown dtype {entry.get('dtype')!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(_plain_int(s) and s >= 0 for s in shape):
+        raise CorruptFileError(
+            f"{path}: safetensors entry {name!r} has a bad shape {str(shape)[:80]} (non-negative integers expected)"
+        )
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_plain_int(o) for o in offsets)):
+        raise CorruptFileError(
+            f"{path}: safetensors entry {name!r} has bad data_offsets {str(offsets)[:80]} (two integers expected)"
+        )
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        raise CorruptFileError(f"{path}: safetensors entry {name!r} has bad data_offsets [{begin}, {end}]")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes:
+        raise CorruptFileError(
+            f"{path}: corrupt safetensors entry {name!r}: shape {str(shape)[:80]} {entry['dtype']} needs {nbytes} "
+            f"bytes, offsets give {end - begin}"
+        )
+    return dtype, shape, begin, end
+
+
 def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str], int]:
-    """Return (tensor entries, __metadata__, offset of the data section); validates the layout."""
+    """Return (tensor entries, __metadata__, offset of the data section); validates the layout.
+
+    A file is accepted only if the safetensors library would accept it too: a JSON object of entries with
+    a known dtype, a shape of non-negative integers whose byte count equals its offsets' span, and spans
+    that tile the data section exactly (no overlap, no hole, nothing past the end or after the last
+    tensor), with `__metadata__` a map of strings. Nothing is allocated from a claimed size before it has
+    been checked against the file's real size.
+    """
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -104,34 +152,44 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any
             )
         raw = f.read(n)
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except CorruptFileError as e:
+        raise CorruptFileError(f"{path}: corrupt safetensors header ({e})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptFileError(f"{path}: corrupt safetensors header ({e})") from None
+    except RecursionError:
+        raise CorruptFileError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise CorruptFileError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptFileError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
     data_start = 8 + n
     data_len = size - data_start
-    end_max = 0
+    spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
-        try:
-            dtype = _ST_DTYPES[entry["dtype"]]
-            shape = [int(s) for s in entry["shape"]]
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CorruptFileError(f"{path}: corrupt safetensors entry for {name!r}: {entry!r}") from None
-        nbytes = math.prod(shape) * dtype.itemsize
-        if end - begin != nbytes or begin < 0:
-            raise CorruptFileError(
-                f"{path}: corrupt safetensors entry {name!r}: shape {shape} {entry['dtype']} needs {nbytes} "
-                f"bytes, offsets give {end - begin}"
-            )
+        _, _, begin, end = _check_entry(path, name, entry)
         if end > data_len:
             raise CorruptFileError(
                 f"{path}: truncated safetensors file: tensor {name!r} ends at byte {data_start + end}, "
                 f"file has {size} bytes"
             )
-        end_max = max(end_max, end)
+        spans.append((begin, end, name))
+    # The spans must tile [0, data_len): an overlap lets two tensors alias the same bytes, a hole or a tail
+    # hides data nobody reads (the library refuses both, as polyglot-file defences).
+    pos, prev = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < pos:
+            raise CorruptFileError(f"{path}: corrupt safetensors file: tensors {prev!r} and {name!r} overlap")
+        if begin > pos:
+            raise CorruptFileError(
+                f"{path}: corrupt safetensors file: a hole of {begin - pos} bytes before tensor {name!r}"
+            )
+        pos, prev = end, name
+    if pos != data_len:
+        raise CorruptFileError(f"{path}: corrupt safetensors file: {data_len - pos} bytes after the last tensor")
     return header, dict(metadata), data_start
 
 
@@ -227,29 +285,48 @@ _LIGHTNING_STANDINS = [
     (type("ModelCheckpoint", (_InertObject,), {}), "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
 ]
 
-_GLOBAL_RE = re.compile(r"(?:Unsupported global|GLOBAL)[:\s]+([\w.]+)")
+_GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_OPCODE_RE = re.compile(r"Unsupported operand (\d+)")
 
 
 def _refuse(path: Path, err: Exception) -> UnsafeCheckpointError:
-    found = _GLOBAL_RE.findall(str(err))
-    what = f"it needs {found[0]!r}, which weights_only loading does not allow" if found else str(err).split("\n")[0]
+    # torch's own text advises retrying with the restriction switched off: never pass that on. Only the
+    # global's name or the opcode is taken from it.
+    text = str(err)
+    glob, opcode = _GLOBAL_RE.search(text), _OPCODE_RE.search(text)
+    if glob:
+        what = f"it needs the global {glob.group(1)!r}, which a weights-only load does not allow"
+    elif opcode:
+        what = f"pickle opcode {int(opcode.group(1))} is not allowed in a weights-only load (not a plain tensor file)"
+    else:
+        what = "the weights-only unpickler refused it"
     return UnsafeCheckpointError(
         f"{path}: refusing to load this pickle checkpoint: {what}. A checkpoint that needs more than tensors "
         "could run code when loaded; convert it with a tool you trust to .safetensors."
     )
 
 
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(err).__name__
+
+
 def load_pickle_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """torch.load(weights_only=True), memory-mapped where the file format allows it."""
     path = Path(path)
+    if path.stat().st_size == 0:
+        raise CorruptFileError(f"{path}: empty file (0 bytes), not a checkpoint")
     mmap_ok = zipfile.is_zipfile(path)  # mmap needs the zip (torch>=1.6) format
     try:
-        with torch.serialization.safe_globals(_LIGHTNING_STANDINS):
+        with torch.serialization.safe_globals(_LIGHTNING_STANDINS), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's note on pickle protocols: not for users
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_ok)
     except pickle.UnpicklingError as e:
         raise _refuse(path, e) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CorruptFileError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, KeyError, IndexError,
+            AttributeError, struct.error, UnicodeDecodeError, OverflowError, MemoryError, RecursionError) as e:
+        # A crafted or broken file can trip any of these inside torch's reader; none of them is a bug here.
+        raise CorruptFileError(f"{path}: cannot read checkpoint ({_first_line(e)})") from None
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path}: checkpoint holds a {type(obj).__name__}, not a state dict")
     return dict(obj)

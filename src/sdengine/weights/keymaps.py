@@ -85,8 +85,9 @@ _OPENCLIP_FUSED_RE = re.compile(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_
 _HF_LAYER_RE = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 # ------------------------------------------------------------------------------------ known-unused keys
-# Keys real checkpoints carry that mean nothing to inference (SPEC 7): the DDPM schedule buffers of the
-# training wrapper, the EMA copy, transformers' position_ids buffer, and OpenCLIP parts CLIPTextModel lacks.
+# Keys real checkpoints carry that mean nothing to inference (docs/CONTRACTS.md, Model files): the DDPM
+# schedule buffers of the training wrapper, the EMA copy, transformers' position_ids buffer, and OpenCLIP
+# parts CLIPTextModel lacks.
 KNOWN_UNUSED = [
     re.compile(r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_\w+|log_one_minus_\w+|posterior_\w+)$"),
     re.compile(r"^(logvar|lvlb_weights)$"),
@@ -226,7 +227,7 @@ def _vae_linear_to_attn(key: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _rename(
+def rename_keys(
     sd: Mapping[str, torch.Tensor], table: ModuleTable, *, to_diffusers: bool, reshape: Reshape | None = None
 ) -> tuple[StateDict, list[str]]:
     """Rename keys through a module table; returns (renamed, keys that matched no entry)."""
@@ -261,20 +262,20 @@ def _rename(
 
 def unet_ldm_to_diffusers(sd: Mapping[str, torch.Tensor], layout: UNetLayout) -> tuple[StateDict, list[str]]:
     """UNet keys without the `model.diffusion_model.` prefix -> diffusers names (+ unmatched keys)."""
-    return _rename(sd, unet_module_table(layout), to_diffusers=True)
+    return rename_keys(sd, unet_module_table(layout), to_diffusers=True)
 
 
 def unet_diffusers_to_ldm(sd: Mapping[str, torch.Tensor], layout: UNetLayout) -> tuple[StateDict, list[str]]:
-    return _rename(sd, unet_module_table(layout), to_diffusers=False)
+    return rename_keys(sd, unet_module_table(layout), to_diffusers=False)
 
 
 def vae_ldm_to_diffusers(sd: Mapping[str, torch.Tensor], layout: VAELayout) -> tuple[StateDict, list[str]]:
     """VAE keys without the `first_stage_model.` prefix -> diffusers AutoencoderKL names (+ unmatched)."""
-    return _rename(sd, vae_module_table(layout), to_diffusers=True, reshape=_vae_attn_to_linear)
+    return rename_keys(sd, vae_module_table(layout), to_diffusers=True, reshape=_vae_attn_to_linear)
 
 
 def vae_diffusers_to_ldm(sd: Mapping[str, torch.Tensor], layout: VAELayout) -> tuple[StateDict, list[str]]:
-    return _rename(sd, vae_module_table(layout), to_diffusers=False, reshape=_vae_linear_to_attn)
+    return rename_keys(sd, vae_module_table(layout), to_diffusers=False, reshape=_vae_linear_to_attn)
 
 
 # --------------------------------------------------------------------------------------- text encoders

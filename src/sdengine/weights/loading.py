@@ -7,9 +7,9 @@ Two sources:
   renamed through `keymaps`, configs synthesised from the shapes (`detect`), unless the file carries configs
   in its metadata (files written by `convert`) or a `config=` diffusers folder is given.
 
-Strictness (SPEC 7): keys that real checkpoints carry but inference ignores are skipped and logged at DEBUG;
-any other key that matches no table is an error naming the first few; missing/mis-shaped parameters are
-errors from `load_into` when a model is built.
+Strictness (docs/CONTRACTS.md, Model files): keys that real checkpoints carry but inference ignores are
+skipped and logged at DEBUG; any other key that matches no table is an error naming the first few;
+missing/mis-shaped parameters are errors from `load_into` when a model is built.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from sdengine.io.paths import UnsafePathError, resolve_inside
+from sdengine.models.config_checks import ConfigError, check_config
 
 from . import keymaps as km
 from .detect import (
@@ -49,7 +52,15 @@ from .io import (
 
 log = logging.getLogger(__name__)
 
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__
+
+
 COMPONENTS = ("unet", "vae", "text_encoder")
+# Which bounds (sdengine.models.config_checks) a component's config is checked against.
+COMPONENT_KINDS = {"unet": "unet", "vae": "vae", "text_encoder": "clip_text", "scheduler": "scheduler"}
 WEIGHT_FILE_STEMS = ("diffusion_pytorch_model", "model")
 CONFIG_METADATA_KEY = "sdengine.configs"  # JSON {unet, vae, text_encoder, scheduler} in files we write
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release our configs are written for and tested against
@@ -117,18 +128,43 @@ def _find_weights(folder: Path) -> list[Path]:
                     return [f]
                 index = folder / f"{stem}{variant}{suffix}.index.json"
                 if index.is_file():  # sharded weights
-                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                    return [folder / s for s in shards]
+                    return _shards_of(index)
     raise WeightsError(
         f"{folder}: no weights found (expected diffusion_pytorch_model.safetensors or model.safetensors)"
     )
 
 
-def _load_component_folder(folder: Path) -> tuple[StateDict, dict[str, Any]]:
+def _shards_of(index: Path) -> list[Path]:
+    """The shard files a `*.index.json` names, each resolved (realpath) inside the index's own folder: an
+    index is data from outside, so `../x`, `/abs/x` or a symlink out of the folder is refused, never read."""
+    weight_map = _read_json(index, "shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightsError(f"{index}: the shard index needs a 'weight_map' object of tensor name -> file name")
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        try:
+            shards.append(resolve_inside(index.parent, name, "shard"))
+        except UnsafePathError as e:
+            raise WeightsError(f"{index}: {e}") from None
+        except FileNotFoundError:
+            raise WeightsError(f"{index}: shard {name!r} not found in {index.parent}") from None
+    return shards
+
+
+def _check_config(where: Path | str, kind: str, cfg: Mapping[str, Any]) -> None:
+    """Bounds on every number of a component config, before its weights are read or a model is built."""
+    try:
+        check_config(kind, cfg)
+    except ConfigError as e:
+        raise WeightsError(f"{where}: {e}") from None
+
+
+def _load_component_folder(folder: Path, kind: str) -> tuple[StateDict, dict[str, Any]]:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise WeightsError(f"{folder}: missing config.json")
     cfg = _read_json(cfg_path, "config")
+    _check_config(cfg_path, kind, cfg)
     sd: StateDict = {}
     for f in _find_weights(folder):
         sd.update(load_file(f)[0])
@@ -141,8 +177,8 @@ MINILM_TEXT_ENCODER = ["sdengine", "MiniLMTextEncoder"]  # model_index.json entr
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise WeightsError(f"{path}: cannot read the {what} ({type(e).__name__}: {e})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise WeightsError(f"{path}: cannot read the {what} ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: the {what} is not a JSON object")
     return obj
@@ -154,6 +190,7 @@ def _minilm_config(folder: Path) -> dict[str, Any]:
     if not cfg_path.is_file():
         raise WeightsError(f"{folder}: missing text_encoder/config.json (the MiniLM text encoder's settings)")
     cfg = _read_json(cfg_path, "text encoder config")
+    _check_config(cfg_path, "minilm", cfg)
     if cfg.get("model_type") != "bert" or not isinstance(cfg.get("context_length"), int) or cfg["context_length"] < 2:
         raise WeightsError(f"{cfg_path}: expected a MiniLM config (model_type bert, integer context_length >= 2)")
     return cfg
@@ -171,6 +208,16 @@ def load_diffusers_folder(
     if not index.is_file():
         raise WeightsError(f"{folder}: not a diffusers folder (no model_index.json)")
     minilm = list(_read_json(index, "model_index.json").get("text_encoder") or []) == MINILM_TEXT_ENCODER
+    # Every config is checked before any weights are read: a crafted number fails fast, whatever its file.
+    sched = folder / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        _check_config(sched, "scheduler", _read_json(sched, "scheduler config"))
+    for comp in COMPONENTS:
+        cfg_path = folder / comp / "config.json"
+        if comp == "text_encoder" and minilm:
+            _minilm_config(folder)
+        elif cfg_path.is_file() and not (comp == "vae" and vae is not None):
+            _check_config(cfg_path, COMPONENT_KINDS[comp], _read_json(cfg_path, f"{comp} config"))
     sds: dict[str, StateDict] = {}
     cfgs: dict[str, dict[str, Any]] = {}
     skipped: list[str] = []
@@ -183,12 +230,11 @@ def load_diffusers_folder(
         sub = folder / comp
         if not sub.is_dir():
             raise WeightsError(f"{folder}: missing the {comp}/ subfolder")
-        sds[comp], cfgs[comp] = _load_component_folder(sub)
+        sds[comp], cfgs[comp] = _load_component_folder(sub, COMPONENT_KINDS[comp])
     if vae is not None:
         sds["vae"], cfgs["vae"] = load_vae(vae)
     if not minilm:
         sds["text_encoder"] = _clean_text_encoder(sds["text_encoder"], skipped)
-    sched = folder / "scheduler" / "scheduler_config.json"
     cfgs["scheduler"] = _read_json(sched, "scheduler config") if sched.is_file() else {}
     pred = prediction_type or cfgs["scheduler"].get("prediction_type", "epsilon")
     cfgs["scheduler"]["prediction_type"] = pred
@@ -224,7 +270,7 @@ def load_vae(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         sub = path / "vae" if (path / "vae" / "config.json").is_file() else path
-        return _load_component_folder(sub)
+        return _load_component_folder(sub, "vae")
     sd, _ = load_file(path)
     sd = {k.removeprefix(km.VAE_PREFIX): v for k, v in sd.items() if not km.is_known_unused(k)}
     if "encoder.down.0.block.0.conv1.weight" in sd:
@@ -236,11 +282,22 @@ def load_vae(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
 
 
 def _configs_from_folder(folder: Path) -> dict[str, dict[str, Any]]:
-    cfgs = {c: json.loads((folder / c / "config.json").read_text()) for c in COMPONENTS
+    cfgs = {c: _read_json(folder / c / "config.json", f"{c} config") for c in COMPONENTS
             if (folder / c / "config.json").is_file()}
     sched = folder / "scheduler" / "scheduler_config.json"
     if sched.is_file():
-        cfgs["scheduler"] = json.loads(sched.read_text())
+        cfgs["scheduler"] = _read_json(sched, "scheduler config")
+    return cfgs
+
+
+def _configs_from_metadata(path: Path, text: str) -> dict[str, dict[str, Any]]:
+    """The component configs our `convert` writes into a single file's metadata (any other writer's too)."""
+    try:
+        cfgs = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise WeightsError(f"{path}: metadata {CONFIG_METADATA_KEY!r} is not valid JSON ({_first_line(e)})") from None
+    if not isinstance(cfgs, dict) or not all(isinstance(v, dict) for v in cfgs.values()):
+        raise WeightsError(f"{path}: metadata {CONFIG_METADATA_KEY!r} is not an object of component configs")
     return cfgs
 
 
@@ -309,9 +366,12 @@ def load_single_file(
     sd, info = load_file(path)
     cfg_src: dict[str, dict[str, Any]] = {}
     if CONFIG_METADATA_KEY in info:  # written by our convert: exact configs
-        cfg_src = json.loads(info[CONFIG_METADATA_KEY])
+        cfg_src = _configs_from_metadata(path, info[CONFIG_METADATA_KEY])
     if config is not None:
         cfg_src = _configs_from_folder(Path(config))
+    for comp, cfg in cfg_src.items():  # before the configs steer any key mapping
+        if comp in COMPONENT_KINDS:
+            _check_config(config if config is not None else path, COMPONENT_KINDS[comp], cfg)
     comps, det, skipped = ldm_to_components(
         sd, info=info, prediction_type=prediction_type, configs=cfg_src or None, where=str(path)
     )
@@ -325,6 +385,9 @@ def load_single_file(
         cfgs["text_encoder"] = det.text_encoder_config
     for k, v in cfg_src.items():
         cfgs[k] = dict(v)
+    for comp, cfg in cfgs.items():
+        if comp in COMPONENT_KINDS:
+            _check_config(config if config is not None else path, COMPONENT_KINDS[comp], cfg)
     pred = prediction_type or cfgs["scheduler"].get("prediction_type", det.prediction_type)
     cfgs["scheduler"]["prediction_type"] = pred
     if vae is not None:
@@ -414,10 +477,10 @@ def parameters_on_meta() -> Iterator[None]:
     def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
         original(module, name, param)
         if param is not None and param.device.type != "meta":
-            kind = type(module._parameters[name])
+            kind = type(param)  # the class registered just now (Parameter or a subclass)
             module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
 
-    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+    torch.nn.Module.register_parameter = register  # type: ignore[method-assign, assignment]
     try:
         yield
     finally:
@@ -513,13 +576,13 @@ def save_diffusers_folder(ckpt: LoadedCheckpoint, dst: str | Path, *, dtype: str
     }
     if tok_src and Path(tok_src).resolve() != (dst / "tokenizer").resolve():
         shutil.copytree(tok_src, dst / "tokenizer", dirs_exist_ok=True)
-    elif not tok_src and _write_clip_tokenizer(dst / "tokenizer", pad="!" if ckpt.family == "sd2" else None):
+    elif not tok_src and write_clip_tokenizer(dst / "tokenizer", pad="!" if ckpt.family == "sd2" else None):
         index["tokenizer"] = ["transformers", "CLIPTokenizer"]
     _write_json(dst / "model_index.json", index)
     return dst
 
 
-def _write_clip_tokenizer(dst: Path, *, pad: str | None = None) -> bool:
+def write_clip_tokenizer(dst: Path, *, pad: str | None = None) -> bool:
     """Single files carry no tokenizer; SD1 and SD2 both use OpenAI CLIP's BPE vocabulary, which sdengine
     ships, so write it as a transformers CLIPTokenizer folder (SD2's pads with "!", SD1's with EOS)."""
     import gzip

@@ -22,8 +22,9 @@ e. **LoRA** (given one): top-1 / top-5 on the held-out subgroup's canonical capt
 
 Reproducibility: every image has its own seed. A caption image of dataset entry ``j`` uses ``seed + j`` (so the
 same emoji gets the same noise in every section and at every guidance scale), paraphrase ``k`` uses
-``seed + k``. Images are generated in batches of different prompts (:func:`generate_batch`), and a row does not
-depend on its batch: row ``i`` equals ``pipe(prompts[i], seed=seeds[i])`` of the ordinary pipeline.
+``seed + k``. Images are generated in batches of different prompts (:func:`generate_batch`,
+one call of the pipeline's batched core), and a row does not depend on its batch: row ``i`` equals
+``pipe(prompts[i], seed=seeds[i])`` of the ordinary pipeline.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from sdengine.errors import UsageError
+from sdengine.io.images import to_uint8
+from sdengine.pipeline.control import ControlUnit
 
 __all__ = [
     "DEFAULT_CFG",
@@ -67,7 +72,7 @@ def evenly_spaced(total: int, n: int | None) -> list[int]:
     if n is None or n >= total:
         return list(range(total))
     if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+        raise UsageError(f"n must be at least 1, got {n}")
     if n == 1:
         return [0]
     return sorted({int(round(i * (total - 1) / (n - 1))) for i in range(n)})
@@ -128,10 +133,6 @@ def _canny_array(rgb_uint8: np.ndarray) -> np.ndarray:
     return np.asarray(canny(Image.fromarray(rgb_uint8)))[..., 0]
 
 
-def _to_uint8(a: np.ndarray) -> np.ndarray:
-    return (np.clip(a, 0.0, 1.0) * 255).round().astype(np.uint8)
-
-
 def _resize_uint8(a: np.ndarray, size: int) -> np.ndarray:
     if a.shape[0] == size and a.shape[1] == size:
         return a
@@ -157,108 +158,25 @@ def generate_batch(
     controlnet: Any = None,
     control_images: Tensor | None = None,
     control_scale: float = 1.0,
+    loras: Sequence[tuple[Any, float]] | None = None,
 ) -> np.ndarray:
     """Images for several prompts in one batch: float32 ``(B, H, W, 3)`` in [0, 1] at the model's own size.
 
-    Row ``i`` is what ``pipe(prompts[i], seed=seeds[i], ...)`` makes (txt2img: its own generator, its own text
-    states; the VAE decodes one row at a time). ``controlnet``: a loaded ControlNet with ``control_images``
-    ``(B, 3, H, W)`` in [0, 1], one per row. An object that is not an sdengine :class:`Pipeline` is called once
-    per prompt instead.
-    """
-    from sdengine.pipeline import Pipeline
-
+    One call of the pipeline's batched core (``pipe(prompts, seed=seeds, ...)``): row ``i`` is what
+    ``pipe(prompts[i], seed=seeds[i], ...)`` makes. ``controlnet``: a loaded ControlNet with ``control_images``
+    ``(B, 3, H, W)`` in [0, 1], one per row."""
     if len(prompts) != len(seeds):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    if not isinstance(pipe, Pipeline):
-        return _generate_one_by_one(pipe, prompts, seeds, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                                    schedule=schedule, controlnet=controlnet, control_images=control_images,
-                                    control_scale=control_scale)
-    with torch.inference_mode():
-        return _generate_rows(pipe, prompts, seeds, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                              schedule=schedule, controlnet=controlnet, control_images=control_images,
-                              control_scale=control_scale)
-
-
-def _generate_one_by_one(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, sampler: str,
-                         cfg_scale: float, schedule: str | None, controlnet: Any, control_images: Tensor | None,
-                         control_scale: float) -> np.ndarray:
-    out = []
-    for i, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
-        kw: dict[str, Any] = {}
-        if controlnet is not None:
-            assert control_images is not None
-            kw["controlnets"] = [(controlnet, control_images[i : i + 1], control_scale)]
-        r = pipe(p, steps=steps, sampler=sampler, schedule=schedule, cfg_scale=cfg_scale, seed=int(s),
-                 batch_size=1, progress=False, **kw)
-        out.append(np.asarray(r.arrays, dtype=np.float32))
-    return np.concatenate(out)
-
-
-def _generate_rows(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, sampler: str,
-                   cfg_scale: float, schedule: str | None, controlnet: Any, control_images: Tensor | None,
-                   control_scale: float) -> np.ndarray:
-    from sdengine import vae_utils
-    from sdengine.diffusion import sampling
-    from sdengine.diffusion.denoisers import Denoiser
-    from sdengine.diffusion.guidance import CFGDenoiser
-    from sdengine.pipeline import GenerationError, _NetCall
-
-    try:
-        name, sched = sampling.resolve(sampler, schedule)
-    except ValueError as e:
-        raise GenerationError(str(e)) from None
-    pairs = [pipe.encode_prompt(p, "") for p in prompts]
-    pooled = [pipe.encode_pooled(p, "") if hasattr(pipe, "encode_pooled") else None for p in prompts]
-    # Rows must share the text length to be batched (long CLIP prompts take several 77-token chunks).
-    groups: dict[int, list[int]] = {}
-    for i, (c, _) in enumerate(pairs):
-        groups.setdefault(int(c.shape[1]), []).append(i)
-    size = pipe.default_size
-    out = np.zeros((len(prompts), size, size, 3), np.float32)
-    for rows in groups.values():
-        cond = torch.cat([pairs[i][0] for i in rows])
-        uncond = torch.cat([pairs[i][1] for i in rows])
-        pool = None
-        if pooled[rows[0]] is not None:
-            pool = (torch.cat([pooled[i][0] for i in rows]), torch.cat([pooled[i][1] for i in rows]))  # type: ignore[index]
-        imgs = None if control_images is None else control_images[rows]
-        x = _sample(pipe, cond, uncond, [int(seeds[i]) for i in rows], steps=steps, sampler=name, schedule=sched,
-                    cfg_scale=cfg_scale, controlnet=controlnet, control_images=imgs, control_scale=control_scale,
-                    size=size, denoiser_cls=Denoiser, cfg_cls=CFGDenoiser, netcall_cls=_NetCall, pooled=pool)
-        for j, i in enumerate(rows):
-            img, upcast = vae_utils.decode(pipe.vae, x[j : j + 1], upcast=pipe.vae_upcast, warn=False)
-            pipe.vae_upcast = pipe.vae_upcast or upcast
-            out[i] = vae_utils.to_unit(img)[0].permute(1, 2, 0).float().cpu().numpy()
-    return out
-
-
-def _sample(pipe: Any, cond: Tensor, uncond: Tensor, seeds: list[int], *, steps: int, sampler: str, schedule: str,
-            cfg_scale: float, controlnet: Any, control_images: Tensor | None, control_scale: float, size: int,
-            denoiser_cls: Any, cfg_cls: Any, netcall_cls: Any, pooled: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    from sdengine.diffusion import sampling
-
-    dev = pipe.device
-    b = len(seeds)
-    h = w = size // pipe.vae_scale_factor
-    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    noise = torch.cat([torch.randn((1, pipe.latent_channels, h, w), generator=g) for g in gens]).to(dev)
-    grid = sampling.make_grid(sampler, steps, pipe.noise_schedule, schedule, pipe.scheduler_config, 1.0)
-    net: Any = pipe.unet
+        raise UsageError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    kw: dict[str, Any] = {}
     if controlnet is not None:
-        from sdengine.control import build_controlled_unet
-
-        assert control_images is not None and control_images.shape[0] == b
-        net = build_controlled_unet(net, [(controlnet, control_images, control_scale, 0.0, 1.0)], width=size,
-                                    height=size, grid=grid, device=dev, dtype=pipe.dtype, batch_size=b)
-    den: Any = denoiser_cls(netcall_cls(net, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
-    uncond_args, extra_args = {"encoder_hidden_states": uncond}, {"encoder_hidden_states": cond}
-    if pooled is not None:  # as Pipeline does for a U-Net that adds the pooled text vector
-        extra_args["class_labels"], uncond_args["class_labels"] = pooled
-    den = cfg_cls(den, cfg_scale, uncond_args)
-    return sampling.sample(
-        den, noise, sampler=sampler, steps=steps, schedule=schedule, scheduler_config=pipe.scheduler_config,
-        generators=gens, extra_args=extra_args, noise_schedule=pipe.noise_schedule,
-    )
+        if control_images is None or control_images.shape[0] != len(prompts):
+            raise UsageError("a ControlNet needs one control image per prompt")
+        kw["controlnets"] = [ControlUnit(controlnet, control_images, control_scale)]
+    if loras:
+        kw["loras"] = list(loras)
+    r = pipe(list(prompts), seed=[int(s) for s in seeds], steps=steps, sampler=sampler, schedule=schedule,
+             cfg_scale=cfg_scale, progress=False, **kw)
+    return np.asarray(r.arrays, dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,7 +195,7 @@ def _class_index(recogniser: Any) -> Callable[[str], int | None]:
     if fn is None:
         chars = getattr(recogniser, "classes", None) or getattr(recogniser, "chars", None)
         if not chars:
-            raise ValueError("the recogniser has no class_index(char) and no list of its classes")
+            raise UsageError("the recogniser has no class_index(char) and no list of its classes")
         table = {c: i for i, c in enumerate(chars)}
         return table.get
 
@@ -354,7 +272,8 @@ class _Runner:
         return np.concatenate(out)
 
     def adherence(self, items: Sequence[tuple[str, str, int]], cfg: float, desc: str, *, lora: str = "",
-                  features: bool = False) -> tuple[dict[str, Any], Tensor | None, list[bool]]:
+                  loras: Sequence[tuple[Any, float]] | None = None, features: bool = False
+                  ) -> tuple[dict[str, Any], Tensor | None, list[bool]]:
         """Top-1/top-5 of ``(prompt, char, seed)`` items at ``cfg``; the hit list (top-1) per item; recogniser
         features of the generated images when asked (then nothing comes from the cache)."""
         known = [(p, c, s, self.index(c)) for p, c, s in items]
@@ -362,7 +281,8 @@ class _Runner:
         todo = [it for it in scored if features or (it[0], it[2], cfg, lora) not in self.cache]
         feats = None
         if todo:
-            arrays = self.generate([p for p, _, _, _ in todo], [s for _, _, s, _ in todo], cfg, desc)
+            arrays = self.generate([p for p, _, _, _ in todo], [s for _, _, s, _ in todo], cfg, desc,
+                                   **({"loras": loras} if loras else {}))
             logits, feats = _recognise(self.recogniser, _to_recogniser_input(arrays), features)
             targets = torch.tensor([t for _, _, _, t in todo])
             h1, h5 = topk_hits(logits, targets, 1), topk_hits(logits, targets, 5)
@@ -415,15 +335,15 @@ def evaluate_emoji(
 
     for what, v in (("steps", steps), ("batch_size", batch_size), ("sweep_n", sweep_n), ("control_n", control_n)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{what} must be a positive integer, got {v!r}")
+            raise UsageError(f"{what} must be a positive integer, got {v!r}")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
-        raise ValueError(f"n must be an integer >= 2 (the Frechet distance needs two images), got {n!r}")
+        raise UsageError(f"n must be an integer >= 2 (the Frechet distance needs two images), got {n!r}")
     if paraphrase_n is not None and (isinstance(paraphrase_n, bool) or not isinstance(paraphrase_n, int)
                                      or paraphrase_n < 1):
-        raise ValueError(f"paraphrase_n must be a positive integer, got {paraphrase_n!r}")
+        raise UsageError(f"paraphrase_n must be a positive integer, got {paraphrase_n!r}")
     for c in (cfg, *(cfg_sweep or ())):
         if not isinstance(c, int | float) or isinstance(c, bool) or not math.isfinite(c) or c < 0:
-            raise ValueError(f"guidance scales must be numbers >= 0, got {c!r}")
+            raise UsageError(f"guidance scales must be numbers >= 0, got {c!r}")
     if lora is not None and not Path(lora).is_file():
         raise FileNotFoundError(f"LoRA file not found: {lora}")
 
@@ -535,7 +455,7 @@ def _control_section(run: _Runner, pipe: Any, ds: Any, base: list[int], controln
     elif isinstance(controlnet, ControlNet):
         net = controlnet
     else:
-        raise ValueError(f"controlnet must be a path or a ControlNet, got {type(controlnet).__name__}")
+        raise UsageError(f"controlnet must be a path or a ControlNet, got {type(controlnet).__name__}")
     size = int(getattr(pipe, "default_size", RECOGNISER_SIZE))
     idx = [base[i] for i in evenly_spaced(len(base), control_n)]
     edges = np.stack([_canny_array(_resize_uint8(ds.pixels[j], size)) for j in idx])  # (N, H, W) 0/255
@@ -548,7 +468,7 @@ def _control_section(run: _Runner, pipe: Any, ds: Any, base: list[int], controln
     for mode, prompts in (("", [ds.captions[j] for j in idx]), ("empty_", [""] * len(idx))):
         for key, kw in (("without", {}), ("with", {"controlnet": net, "control_images": control})):
             arrays = run.generate(prompts, seeds, cfg, f"controlnet {key} ({mode or 'caption_'}prompt)", **kw)
-            gen_edges = [_canny_array(_to_uint8(a)) for a in arrays]
+            gen_edges = [_canny_array(to_uint8(a)) for a in arrays]
             pairs = list(zip(edges, gen_edges, strict=True))
             out[f"f1_{mode}{key}"] = float(np.mean([edge_f1(e, g) for e, g in pairs]))
             out[f"f1_exact_{mode}{key}"] = float(np.mean([edge_f1(e, g, 0) for e, g in pairs]))
@@ -557,33 +477,12 @@ def _control_section(run: _Runner, pipe: Any, ds: Any, base: list[int], controln
 
 def _lora_section(run: _Runner, pipe: Any, captions: list[tuple[str, str, int]],
                   paraphrases: list[tuple[str, str, int]], cfg: float, lora: Path, weight: float) -> dict[str, Any]:
-    from sdengine.pipeline import Pipeline
-
     out: dict[str, Any] = {"lora": str(lora), "weight": weight}
-    for key in ("without", "with"):
-        handle = None
-        tag = ""
-        if key == "with":
-            tag = f"{lora}:{weight:g}"
-            if isinstance(pipe, Pipeline):
-                from sdengine.weights.lora import apply_loras
-
-                loras = [(str(lora), weight)]
-                if getattr(pipe, "text_kind", None) == "minilm":  # U-Net-only LoRAs, as the pipeline applies them
-                    check = getattr(pipe, "_check_unet_only_loras", None)
-                    if check is not None:
-                        check(loras, None)
-                    handle = apply_loras(pipe.unet, None, loras)
-                else:
-                    handle = apply_loras(pipe.unet, pipe.text_encoder, loras)
-            else:
-                raise ValueError("the LoRA section needs an sdengine Pipeline")
-        try:
-            out[f"captions_{key}"], _, _ = run.adherence(captions, cfg, f"lora {key}: captions", lora=tag)
-            out[f"paraphrases_{key}"], _, _ = run.adherence(paraphrases, cfg, f"lora {key}: paraphrases", lora=tag)
-        finally:
-            if handle is not None:
-                handle.remove()
+    for key, loras in (("without", None), ("with", [(str(lora), weight)])):
+        tag = f"{lora}:{weight:g}" if loras else ""
+        out[f"captions_{key}"], _, _ = run.adherence(captions, cfg, f"lora {key}: captions", lora=tag, loras=loras)
+        out[f"paraphrases_{key}"], _, _ = run.adherence(paraphrases, cfg, f"lora {key}: paraphrases", lora=tag,
+                                                        loras=loras)
     return out
 
 

@@ -1,0 +1,125 @@
+"""What a user can pick by name: the built-in models, ControlNets and LoRAs shipped in ``sdengine/assets``,
+and the model, LoRA, ControlNet and embedding files in folders the user names.
+
+Only the file system is read (no torch, no weights loaded), so listing is instant. A shipped folder is
+classified by its config: ``model_index.json`` is a Stable Diffusion pipeline, a ``config.json`` whose
+``_class_name`` is ``ControlNetModel`` is a ControlNet, ``"format": "sdengine-pixel-ddpm"`` is a pixel DDPM.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sdengine.errors import UsageError
+
+ASSETS = Path(__file__).parent / "assets"
+KINDS = ("models", "loras", "controlnets", "embeddings")
+
+# Weight files each kind can be given as (a folder is also accepted for models and ControlNets).
+WEIGHT_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "models": (".safetensors", ".ckpt"),
+    "loras": (".safetensors", ".pt", ".ckpt"),
+    "controlnets": (".safetensors", ".pth", ".ckpt"),
+    "embeddings": (".safetensors", ".pt", ".bin"),
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One item of a listing: its name (what the user types), its kind and where it is."""
+
+    name: str
+    kind: str  # models, loras, controlnets, embeddings
+    source: str  # "built-in" or the folder it was found in
+    path: str
+    detail: str = ""  # what it is: "Stable Diffusion (diffusers folder)", "pixel DDPM", a file size, ...
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _classify_folder(folder: Path) -> tuple[str, str] | None:
+    """(kind, detail) of a model folder, or None when it is not one sdengine reads."""
+    if (folder / "model_index.json").is_file():
+        index = _read_json(folder / "model_index.json")
+        text = index.get("text_encoder", [None, None])
+        encoder = text[1] if isinstance(text, list) and len(text) == 2 else None
+        return "models", f"Stable Diffusion (diffusers folder{', text encoder ' + encoder if encoder else ''})"
+    config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    if config.get("_class_name") == "ControlNetModel":
+        return "controlnets", "ControlNet (diffusers folder)"
+    if config.get("format") == "sdengine-pixel-ddpm":
+        classes = config.get("class_names") or []
+        return "models", "pixel DDPM" + (f" ({len(classes)} classes)" if classes else "")
+    return None
+
+
+def builtin_entries() -> list[Entry]:
+    """Everything shipped in the package, by the name that selects it."""
+    out: list[Entry] = []
+    models = ASSETS / "models"
+    if models.is_dir():
+        for folder in sorted(p for p in models.iterdir() if p.is_dir()):
+            found = _classify_folder(folder)
+            if found is not None:
+                out.append(Entry(folder.name, found[0], "built-in", str(folder), found[1]))
+    loras = ASSETS / "loras"
+    if loras.is_dir():
+        for f in sorted(loras.glob("*.safetensors")):
+            out.append(Entry(f.stem, "loras", "built-in", str(f), "LoRA (safetensors)"))
+    return out
+
+
+def _size(path: Path) -> str:
+    n = path.stat().st_size
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""  # not reached
+
+
+def folder_entries(kind: str, folder: str | Path) -> list[Entry]:
+    """The files (and, for models and ControlNets, model folders) of ``kind`` directly in ``folder``.
+
+    A missing folder is a :class:`UsageError` (a typo should not look like "nothing there")."""
+    if kind not in KINDS:
+        raise UsageError(f"unknown kind {kind!r}; valid: {', '.join(KINDS)}")
+    root = Path(folder)
+    if not root.is_dir():
+        raise UsageError(f"{kind} folder {str(folder)!r} does not exist or is not a folder")
+    out: list[Entry] = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES[kind]:
+            out.append(Entry(p.stem, kind, str(root), str(p), f"{p.suffix.lower()[1:]} file, {_size(p)}"))
+        elif p.is_dir() and kind in ("models", "controlnets"):
+            found = _classify_folder(p)
+            if found is not None and found[0] == kind:
+                out.append(Entry(p.name, kind, str(root), str(p), found[1]))
+    return out
+
+
+def list_entries(kind: str, folder: str | Path | None = None) -> list[Entry]:
+    """Built-in items of ``kind`` first, then those in ``folder`` (when given)."""
+    if kind not in KINDS:
+        raise UsageError(f"unknown kind {kind!r}; valid: {', '.join(KINDS)}")
+    entries = [e for e in builtin_entries() if e.kind == kind]
+    if folder is not None:
+        entries += folder_entries(kind, folder)
+    return entries
+
+
+__all__ = ["ASSETS", "KINDS", "WEIGHT_SUFFIXES", "Entry", "builtin_entries", "folder_entries", "list_entries"]

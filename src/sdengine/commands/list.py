@@ -1,0 +1,93 @@
+"""``sdengine list models|samplers|schedules|loras|controlnets|embeddings``: what can be picked by name.
+
+Models, LoRAs and ControlNets: the built-in ones (shipped in the package), then the files in ``--models-dir``,
+``--loras-dir``, ``--controlnets-dir``. Samplers and schedules come from the sampler table
+(:mod:`sdengine.diffusion.sampling`), with the names A1111 uses for them. ``--json`` prints a JSON list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+WHAT = ("models", "samplers", "schedules", "loras", "controlnets", "embeddings")
+EMBEDDINGS_NOTE = "textual-inversion embeddings cannot be loaded by sdengine yet; this only lists the files"
+
+
+def sampler_rows() -> list[dict[str, Any]]:
+    """One row per sampler: our name, A1111's, the schedules it takes and the combined A1111 names
+    ("DPM++ 2M Karras") that select it with a schedule."""
+    from ..diffusion.sampling import A1111_NAMES, SAMPLERS
+
+    rows = []
+    for name, spec in SAMPLERS.items():
+        combined = [k for k, (s, sched) in A1111_NAMES.items() if s == name and sched is not None]
+        rows.append({"name": name, "a1111": spec.a1111, "schedules": list(spec.schedules),
+                     "stochastic": spec.stochastic, "a1111_with_schedule": combined})
+    return rows
+
+
+def schedule_rows() -> list[dict[str, Any]]:
+    from ..diffusion.sampling import ALL_SCHEDULES, SCHEDULE_A1111
+
+    return [{"name": s, "a1111": SCHEDULE_A1111.get(s, s)} for s in ALL_SCHEDULES]
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def run(a: argparse.Namespace) -> int:
+    from ..catalog import list_entries
+
+    what = a.what
+    note = ""
+    if what == "samplers":
+        rows = sampler_rows()
+        text_rows = [["NAME", "A1111 NAME", "SCHEDULES", "NOISE"]] + [
+            [r["name"], r["a1111"], ", ".join(r["schedules"]), "stochastic" if r["stochastic"] else "deterministic"]
+            for r in rows
+        ]
+        note = ("--sampler takes either name; A1111's combined names (e.g. 'DPM++ 2M Karras', 'Euler a') "
+                "select a sampler with its schedule")
+    elif what == "schedules":
+        rows = schedule_rows()
+        text_rows = [["NAME", "A1111 NAME"]] + [[r["name"], r["a1111"]] for r in rows]
+        note = "normal = the model's own timestep spacing ('Automatic' in A1111)"
+    else:
+        folder = {"models": a.models_dir, "loras": a.loras_dir, "controlnets": a.controlnets_dir,
+                  "embeddings": a.embeddings_dir}[what]
+        entries = list_entries(what, folder)
+        rows = [e.as_dict() for e in entries]
+        text_rows = [["NAME", "SOURCE", "WHAT", "PATH"]] + [[e.name, e.source, e.detail, e.path] for e in entries]
+        if what == "embeddings":
+            note = EMBEDDINGS_NOTE if entries or folder else f"no embeddings (give --embeddings-dir); {EMBEDDINGS_NOTE}"
+        elif not entries:
+            note = f"no {what} found"
+    if a.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        if len(text_rows) > 1:
+            print(_table(text_rows))
+    if note and not (a.json and what in ("samplers", "schedules")):
+        print(note, file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction | None = None) -> None:
+    p = sub.add_parser(
+        "list",
+        help="list models, samplers, schedules, LoRAs, ControlNets or embeddings",
+        description="List what can be picked by name: built-in models, ControlNets and LoRAs (shipped with "
+        "sdengine), the files in the folders given, and the samplers and schedules with their A1111 names.",
+    )
+    p.add_argument("what", choices=WHAT, help="what to list")
+    p.add_argument("--models-dir", default=None, metavar="DIR", help="also list the models in DIR")
+    p.add_argument("--loras-dir", default=None, metavar="DIR", help="also list the LoRAs in DIR")
+    p.add_argument("--controlnets-dir", default=None, metavar="DIR", help="also list the ControlNets in DIR")
+    p.add_argument("--embeddings-dir", default=None, metavar="DIR", help="list the embedding files in DIR")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=run)

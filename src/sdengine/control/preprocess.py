@@ -1,0 +1,138 @@
+"""ControlNet preprocessors: turn a photo into the map a ControlNet was trained on, with OpenCV/NumPy only.
+
+Available: ``canny`` (Canny edges, ``low``/``high`` thresholds), ``scribble`` (dark strokes on a light
+background -> white strokes on black), ``threshold`` (binarise at ``threshold``), ``softedge`` (Sobel
+gradient magnitude of a blurred image, a model-free stand-in for HED/PiDiNet soft edges), ``invert``
+(black-on-white line art -> white-on-black) and ``none`` (a map you prepared yourself: a depth map, a pose
+drawing, a segmentation, a tile). The usual preprocessors listed in :data:`NEEDS_A_MODEL` (depth, openpose,
+normal, HED, MLSD, lineart, segmentation) run neural networks whose weights cannot be had here: make those
+maps with another tool and pass them with ``none``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+from sdengine.errors import ControlNetError
+from sdengine.io.images import ImageInput, load_image
+
+ImageLike = ImageInput
+
+
+def load_control_image(image: ImageLike) -> Image.Image:
+    """Any supported input -> an RGB PIL image. Grayscale becomes RGB; transparency is composited onto
+    black, which is "nothing here" for every control map (edges, scribbles and poses are drawn on black).
+    A path that cannot be read raises ControlNetError naming it."""
+    return load_image(image, "control image", mode="RGB", background=(0, 0, 0), error=ControlNetError)
+
+
+def _gray(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("L"), dtype=np.uint8)  # (H, W)
+
+
+def _rgb(a: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.repeat(a[:, :, None], 3, axis=2).astype(np.uint8))
+
+
+def canny(img: Image.Image, low: float = 100, high: float = 200) -> Image.Image:
+    """Canny edges (Canny 1986) as white lines on black; ``low``/``high`` are the hysteresis thresholds
+    (100/200 as in the ControlNet examples)."""
+    import cv2
+
+    if not 0 <= low <= high:
+        raise ControlNetError(f"canny thresholds must satisfy 0 <= low <= high, got low={low}, high={high}")
+    return _rgb(cv2.Canny(np.asarray(img.convert("RGB")), float(low), float(high)))
+
+
+def threshold(img: Image.Image, threshold: float = 127) -> Image.Image:
+    """Binarise: pixels brighter than ``threshold`` (0..255) become white, the rest black."""
+    g = _gray(img)
+    return _rgb(np.where(g > threshold, 255, 0))
+
+
+def scribble(img: Image.Image, threshold: float = 127) -> Image.Image:
+    """A hand drawing -> white strokes on black, what the scribble ControlNets take. Strokes are whatever
+    differs from the background: dark strokes on a light page are inverted, light on dark kept."""
+    g = _gray(img)
+    if np.median(g) > 127:  # a light page
+        g = 255 - g
+    return _rgb(np.where(g > 255 - threshold, 255, 0))
+
+
+def softedge(img: Image.Image, blur: float = 1.5) -> Image.Image:
+    """Soft edges: Sobel gradient magnitude of the Gaussian-blurred image, scaled to 0..255 (a model-free
+    stand-in for HED/PiDiNet, which are networks)."""
+    import cv2
+
+    g = _gray(img).astype(np.float32) / 255.0
+    if blur > 0:
+        g = np.asarray(cv2.GaussianBlur(g, (0, 0), blur), dtype=np.float32)
+    gx = cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3)
+    mag = np.sqrt(gx * gx + gy * gy)
+    peak = float(mag.max())
+    if peak > 0:
+        mag = mag / peak
+    return _rgb(np.round(mag * 255.0))
+
+
+def invert(img: Image.Image) -> Image.Image:
+    """255 - pixel: black-on-white line art becomes the white-on-black the line-art ControlNets expect."""
+    return Image.fromarray(255 - np.asarray(img.convert("RGB"), dtype=np.uint8))
+
+
+def identity(img: Image.Image) -> Image.Image:
+    return img
+
+
+PREPROCESSORS: dict[str, Callable[..., Image.Image]] = {
+    "canny": canny,
+    "scribble": scribble,
+    "threshold": threshold,
+    "softedge": softedge,
+    "invert": invert,
+    "none": identity,
+}
+
+# Usual ControlNet preprocessors that are neural networks (weights not available offline here).
+NEEDS_A_MODEL: dict[str, str] = {
+    "depth": "MiDaS / ZoeDepth / Depth Anything depth estimation",
+    "openpose": "OpenPose body/hand/face keypoint networks",
+    "normal": "BAE / NormalBae normal estimation",
+    "hed": "HED edge network (softedge uses Sobel instead)",
+    "pidinet": "PiDiNet edge network (softedge uses Sobel instead)",
+    "mlsd": "M-LSD line-segment network",
+    "lineart": "the lineart / lineart_anime networks (use invert on drawn line art)",
+    "seg": "UperNet / OneFormer semantic segmentation",
+}
+
+
+
+def preprocess(kind: str, image: ImageLike, **options: float) -> Image.Image:
+    """The control map for ``image`` (RGB PIL) by preprocessor ``kind`` (see :data:`PREPROCESSORS`)."""
+    if kind not in PREPROCESSORS:
+        raise ControlNetError(unknown_type_message(kind))
+    return PREPROCESSORS[kind](load_control_image(image), **options)
+
+
+def unknown_type_message(kind: str) -> str:
+    """The one-line error for a control type that is not in :data:`PREPROCESSORS`."""
+    valid = ", ".join(PREPROCESSORS)
+    if kind in NEEDS_A_MODEL:
+        return (f"control type {kind!r} needs a model that is not available here ({NEEDS_A_MODEL[kind]}): "
+                f"make the map with another tool and use type 'none'; valid types: {valid}")
+    return f"unknown control type {kind!r}; valid types: {valid}"
+
+
+
+def option_names(kind: str) -> set[str]:
+    """The options (keyword names) preprocessor ``kind`` takes, e.g. {"low", "high"} for canny."""
+    return set(list(inspect.signature(PREPROCESSORS[kind]).parameters)[1:])
+
+
+__all__ = ["NEEDS_A_MODEL", "PREPROCESSORS", "canny", "identity", "invert", "load_control_image", "option_names",
+           "preprocess", "scribble", "softedge", "threshold", "unknown_type_message"]

@@ -1,0 +1,301 @@
+"""The LoRA runtime: a low-rank term hooked onto a model's Linear/Conv2d layers, stacked, fused and removed.
+
+A LoRA for a layer with weight W (out, in) holds a ``down`` matrix A (r, in) and an ``up`` matrix B (out, r); the
+layer then computes ``W x + m * s * B A x`` with the user's weight m and the file's scale s (alpha / r).
+Convolutions (LoCon) use a down convolution with the layer's own kernel, stride and padding and a 1x1 up
+convolution, which composes to one convolution with kernel ``B @ A``.
+
+Two ways to apply it, both reversible exactly:
+- patched (default): a forward hook adds the low-rank term to the layer's output; the base weights are never
+  touched, and changing a LoRA's weight between generations changes one number (no reload);
+- fused (``handle.fuse()``): the layer's weight tensor is swapped for ``W + sum m s B A``; ``unfuse`` swaps the
+  original tensor object back, so the base weights are restored bit for bit.
+
+This module knows nothing of files or key names (that is ``sdengine.weights.lora_file`` / ``lora_keys``); training
+attaches its trainable layers through :func:`patch_layers`, so trained and loaded LoRAs run the very same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdengine.errors import SdengineError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_WARN_LIMIT = 4.0  # |weight| above this is almost always a typo (A1111 users type 0.8, not 8)
+
+
+class LoRAError(SdengineError, ValueError):
+    """A LoRA that cannot be used (bad file, no matching layer, bad weight, wrong unfuse order); one line."""
+
+
+class LoRAWeightWarning(UserWarning):
+    """A LoRA weight outside [-4, 4]."""
+
+
+# --------------------------------------------------------------------------------------------- the layer
+
+
+class LoRALayer(nn.Module):
+    """The low-rank term of one layer: ``multiplier * scale * up(down(x))``, with the layer's conv geometry.
+
+    Used for files (frozen tensors) and for training (``down``/``up`` trainable, ``up`` starting at zero so
+    training starts from the base model exactly)."""
+
+    def __init__(
+        self,
+        down: torch.Tensor,
+        up: torch.Tensor,
+        *,
+        scale: float,
+        multiplier: float = 1.0,
+        conv: dict[str, tuple[int, int]] | None = None,
+        trainable: bool = False,
+    ) -> None:
+        super().__init__()
+        self.down = nn.Parameter(down, requires_grad=trainable)  # (r, in) or (r, in, kh, kw)
+        self.up = nn.Parameter(up, requires_grad=trainable)  # (out, r) or (out, r, 1, 1)
+        self.scale = float(scale)
+        self.multiplier = float(multiplier)
+        self.conv = conv  # stride/padding/dilation of the base convolution (None: Linear)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @staticmethod
+    def geometry(module: nn.Module) -> dict[str, tuple[int, int]] | None:
+        if isinstance(module, nn.Conv2d):
+            if isinstance(module.padding, str):
+                raise LoRAError(f"convolutions with padding={module.padding!r} are not supported")
+            return {
+                "stride": tuple(module.stride),
+                "padding": tuple(module.padding),  # type: ignore[dict-item]
+                "dilation": tuple(module.dilation),
+            }
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        m = self.multiplier * self.scale
+        if m == 0.0:
+            return None
+        down, up = self.down, self.up
+        if x.dtype != down.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(down.dtype)
+        if self.conv is None:
+            h = F.linear(F.linear(x, down), up)  # (..., out)
+        else:
+            h = F.conv2d(F.conv2d(x, down, None, **self.conv), up)  # (B, out, H', W')
+        return h * m
+
+    def delta_weight(self) -> torch.Tensor:
+        """``multiplier * scale * up @ down`` in float32, in the base weight's shape."""
+        down, up = self.down.detach().float(), self.up.detach().float()
+        if down.ndim == 2:
+            d = up @ down  # (out, in)
+        else:
+            d = torch.einsum("or,rihw->oihw", up.flatten(1), down)  # 1x1 after kxk = one kxk conv
+        return d * (self.multiplier * self.scale)
+
+
+class _Patch:
+    """The forward hook on one base layer: adds each LoRA's term to the output."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.layers: list[LoRALayer] = []
+        self.enabled = True
+        self.hook = module.register_forward_hook(self)
+        self.original: torch.Tensor | None = None  # the base weight tensor while fused
+        self.fused: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return output
+        x = args[0]
+        for layer in self.layers:
+            d = layer(x)
+            if d is not None:
+                output = output + d.to(output.dtype)
+        return output
+
+    def fuse(self) -> None:
+        if self.original is not None:
+            return
+        w = self.module.weight
+        delta = sum((layer.delta_weight() for layer in self.layers), torch.zeros((), dtype=torch.float32))
+        self.original = w.data
+        self.fused = (self.original.float() + delta.to(self.original.device)).to(self.original.dtype)
+        w.data = self.fused
+        self.enabled = False
+
+    def unfuse(self) -> None:
+        if self.original is None:
+            return
+        w = self.module.weight
+        if w.data.data_ptr() != self.fused.data_ptr():  # type: ignore[union-attr]
+            raise LoRAError("unfuse in the reverse order of fuse (another LoRA was fused on top of this one)")
+        w.data = self.original  # the very tensor it had: restored bit for bit
+        self.original = self.fused = None
+        self.enabled = True
+
+    def remove(self) -> None:
+        self.unfuse()
+        self.hook.remove()
+
+
+# ---------------------------------------------------------------------------------------------- handles
+
+
+@dataclass
+class AppliedLoRA:
+    """One LoRA in a handle: its layers and, for a file, the report of what it matched (any object with a
+    ``weight`` attribute, kept in step with the weight)."""
+
+    name: str
+    weight: float
+    layers: list[LoRALayer]
+    report: Any = None
+
+
+class LoRAHandle:
+    """LoRAs applied to a model. ``set_weight`` changes one at the next forward (no reload); ``fuse`` folds them
+    into the weights; ``remove`` (or leaving a ``with`` block) restores the model exactly."""
+
+    def __init__(self) -> None:
+        self.loras: list[AppliedLoRA] = []
+        self._patches: dict[int, _Patch] = {}
+        self.fused = False
+        self.removed = False
+
+    @property
+    def reports(self) -> list[Any]:
+        return [a.report for a in self.loras if a.report is not None]
+
+    @property
+    def weights(self) -> list[float]:
+        return [a.weight for a in self.loras]
+
+    def _find(self, which: int | str) -> AppliedLoRA:
+        if isinstance(which, int):
+            return self.loras[which]
+        hits = [a for a in self.loras if a.name == which]
+        if not hits:
+            raise KeyError(f"no LoRA named {which!r} here (have {', '.join(a.name for a in self.loras)})")
+        return hits[0]
+
+    def set_weight(self, which: int | str, weight: float) -> None:
+        """Change one LoRA's weight (by position or name): takes effect at the next forward."""
+        a = self._find(which)
+        a.weight = check_weight(weight, a.name)
+        if a.report is not None:
+            a.report.weight = a.weight
+        for layer in a.layers:
+            layer.multiplier = a.weight
+        if self.fused:  # recompute the fused weights from the originals: still exact on unfuse
+            self.unfuse()
+            self.fuse()
+
+    def set_weights(self, weights: Sequence[float] | Mapping[str, float]) -> None:
+        items = weights.items() if isinstance(weights, Mapping) else enumerate(weights)
+        if not isinstance(weights, Mapping) and len(weights) != len(self.loras):
+            raise LoRAError(f"{len(weights)} weights for {len(self.loras)} LoRAs")
+        for which, w in items:
+            self.set_weight(which, w)
+
+    def attach(
+        self, name: str, weight: float, layers: Iterable[tuple[nn.Module, LoRALayer]], report: Any = None
+    ) -> AppliedLoRA:
+        """Hook ``layers`` (base module, LoRA layer) under one LoRA ``name``; several LoRAs on one module stack."""
+        if self.removed:
+            raise LoRAError("this LoRA handle was removed")
+        if self.fused:  # the new layers would be left out of the fused weights
+            raise LoRAError("unfuse before attaching more LoRAs")
+        applied: list[LoRALayer] = []
+        for module, layer in layers:
+            patch = self._patches.get(id(module))
+            if patch is None:
+                patch = self._patches[id(module)] = _Patch(module)
+            patch.layers.append(layer)
+            applied.append(layer)
+        entry = AppliedLoRA(name, weight, applied, report)
+        self.loras.append(entry)
+        return entry
+
+    def fuse(self) -> None:
+        """Fold every LoRA into the base weights (faster forwards; the originals are kept for unfuse)."""
+        if self.removed:
+            raise LoRAError("this LoRA handle was removed")
+        for p in self._patches.values():
+            p.fuse()
+        self.fused = True
+
+    def unfuse(self) -> None:
+        for p in reversed(list(self._patches.values())):
+            p.unfuse()
+        self.fused = False
+
+    def remove(self) -> None:
+        """Unfuse and unhook: the model is as it was before ``apply_loras``. Safe to call twice."""
+        if self.removed:
+            return
+        for p in reversed(list(self._patches.values())):
+            p.remove()
+        self._patches.clear()
+        self.fused = False
+        self.removed = True
+
+    def __enter__(self) -> LoRAHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else ("fused" if self.fused else "patched")
+        return f"LoRAHandle({', '.join(f'{a.name}:{a.weight:g}' for a in self.loras)}; {state})"
+
+
+def patch_layers(layers: Iterable[tuple[nn.Module, LoRALayer]], name: str = "lora") -> LoRAHandle:
+    """Hook ready-made :class:`LoRALayer` objects (e.g. trainable ones) onto their base layers; the handle removes
+    them. This is how training attaches its layers, so trained and loaded LoRAs run the very same code."""
+    handle = LoRAHandle()
+    handle.attach(name, 1.0, layers)
+    return handle
+
+
+def check_weight(weight: float, name: str = "LoRA") -> float:
+    """``weight`` as a finite float (else LoRAError); a LoRAWeightWarning when it is outside [-4, 4]."""
+    try:
+        w = float(weight)
+    except (TypeError, ValueError):
+        raise LoRAError(f"{name}: weight {weight!r} is not a number") from None
+    if not math.isfinite(w):
+        raise LoRAError(f"{name}: weight {weight!r} is not finite")
+    if abs(w) > WEIGHT_WARN_LIMIT:
+        msg = f"{name}: weight {w:g} is outside [-{WEIGHT_WARN_LIMIT:g}, {WEIGHT_WARN_LIMIT:g}]; images may break down"
+        log.warning(msg)
+        warnings.warn(msg, LoRAWeightWarning, stacklevel=3)
+    return w
+
+
+__all__ = [
+    "WEIGHT_WARN_LIMIT",
+    "AppliedLoRA",
+    "LoRAError",
+    "LoRAHandle",
+    "LoRALayer",
+    "LoRAWeightWarning",
+    "check_weight",
+    "patch_layers",
+]

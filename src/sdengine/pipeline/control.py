@@ -1,0 +1,285 @@
+"""The controlled U-Net: ControlNets attached to the U-Net for one generation run.
+
+A :class:`ControlUnit` says which ControlNet, which control map(s), how strong and over which fraction of the
+steps. :func:`build_controlled_unet` loads and checks the units and returns a :class:`ControlledUNet`, a
+callable used in place of the U-Net: at each call it runs every ControlNet that is active at the sampler's
+step (diffusers' ``controlnet_keep`` rule over the steps that run), sums their residuals (each times its
+scale) and runs the U-Net with them.
+
+The step comes from the sampler loop (``step=SamplerStep``, see sdengine.diffusion.samplers): nothing is
+inferred from the timestep. In guess mode the ControlNets see the conditional rows only, found by the
+``row_kinds`` tags classifier-free guidance hands down; the unconditional rows get no residuals, as in
+diffusers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from sdengine.control.files import check_compatible, load_controlnet
+from sdengine.control.preprocess import ImageLike, load_control_image
+from sdengine.diffusion.samplers import SamplerStep
+from sdengine.errors import ControlNetError
+from sdengine.models.controlnet import ControlNet
+from sdengine.models.unet import UNetConfig
+from sdengine.weights.io import parse_dtype
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet of a request. ``model``: a :class:`ControlNet` or anything ``load_controlnet`` reads;
+    ``image``: a control map (PIL, array, path or (1, 3, H, W) tensor in [0, 1]) used for every row, or a
+    list / (N, 3, H, W) tensor with one map per row of the batch; ``scale``: the conditioning scale;
+    ``start``/``end``: the fractions of the steps it acts on."""
+
+    model: Any
+    image: Any
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    @classmethod
+    def coerce(cls, u: Any) -> ControlUnit:
+        """A ControlUnit, or the tuple form users pass: ``(model_or_path, image[, scale[, start, end]])``."""
+        if isinstance(u, ControlUnit):
+            return u
+        if isinstance(u, dict):
+            try:
+                return cls(**u)
+            except TypeError as e:
+                raise ControlNetError(f"bad ControlNet unit {sorted(u)}: {e}") from None
+        if not isinstance(u, tuple | list) or len(u) not in (2, 3, 5):
+            raise ControlNetError("each ControlNet is (model_or_path, image[, scale[, start, end]])")
+        scale = float(u[2]) if len(u) >= 3 else 1.0
+        start, end = (float(u[3]), float(u[4])) if len(u) == 5 else (0.0, 1.0)
+        return cls(u[0], u[1], scale, start, end)
+
+    def __iter__(self) -> Iterator[Any]:  # unpacks like the tuple form: model, image, scale, start, end
+        return iter((self.model, self.image, self.scale, self.start, self.end))
+
+    @property
+    def label(self) -> str:
+        return Path(self.model).stem if isinstance(self.model, str | Path) else type(self.model).__name__
+
+    def infotext(self) -> str:
+        return (f"Model: {self.label}, Weight: {self.scale:g}, Guidance Start: {self.start:g}, "
+                f"Guidance End: {self.end:g}")
+
+
+def check_unit_settings(scale: float, start: float, end: float, *, name: str = "ControlNet") -> None:
+    """start/end must satisfy 0 <= start < end <= 1 (error); a scale outside [0, 2] is warned about."""
+    if not (math.isfinite(start) and math.isfinite(end)) or start < 0 or end > 1:
+        raise ControlNetError(f"{name}: start and end are fractions of the steps in [0, 1], got {start}, {end}")
+    if start >= end:
+        raise ControlNetError(f"{name}: start ({start}) must be less than end ({end})")
+    if not math.isfinite(scale):
+        raise ControlNetError(f"{name}: weight must be a number, got {scale}")
+    if not 0.0 <= scale <= 2.0:
+        msg = f"{name}: weight {scale} is outside the usual range [0, 2]"
+        warnings.warn(msg, stacklevel=3)
+        log.warning(msg)
+
+
+def _one_image_tensor(image: ImageLike, width: int, height: int) -> Tensor:
+    if isinstance(image, Tensor) and image.ndim in (3, 4) and image.is_floating_point():
+        t = image.detach().float()
+        t = t[None] if t.ndim == 3 else t
+        if t.shape[1] == 1:
+            t = t.expand(-1, 3, -1, -1)
+        elif t.shape[1] == 4:
+            t = t[:, :3] * t[:, 3:]  # onto black
+        if t.shape[1] != 3:
+            raise ControlNetError(f"control image tensor must have 1, 3 or 4 channels, got {tuple(t.shape)}")
+        if tuple(t.shape[-2:]) != (height, width):
+            t = torch.nn.functional.interpolate(t, size=(height, width), mode="bilinear", antialias=True)
+        return t.clamp(0, 1)
+    img = load_control_image(image)
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.LANCZOS)
+    arr = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
+    return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
+
+
+def control_image_tensor(image: ImageLike | Sequence[ImageLike], width: int, height: int) -> Tensor:
+    """(N, 3, height, width) float32 in [0, 1]: RGB-converted and resized (Lanczos) to the output size, as
+    diffusers' control image processor does (``VaeImageProcessor(do_normalize=False)``). A list gives one
+    row per map; a (N, C, H, W) tensor keeps its N rows."""
+    if isinstance(image, list | tuple):
+        if not image:
+            raise ControlNetError("an empty list of control images")
+        return torch.cat([_one_image_tensor(i, width, height) for i in image])
+    return _one_image_tensor(image, width, height)  # type: ignore[arg-type]
+
+
+def step_keep(steps: int, start: float, end: float) -> list[bool]:
+    """diffusers' ``controlnet_keep``: step i (of ``steps``) is controlled unless i/steps < start or
+    (i+1)/steps > end."""
+    return [not (i / steps < start or (i + 1) / steps > end) for i in range(steps)]
+
+
+@dataclass
+class PreparedUnit:
+    """A loaded unit: the ControlNet on the run's device, its map(s), scale and per-step on/off list."""
+
+    net: ControlNet
+    image: Tensor  # (N, 3, H, W) on the device, the ControlNet's dtype
+    scale: float
+    keep: list[bool]  # per step index of the run
+
+
+def _step_index(step: SamplerStep | int | None) -> int:
+    if step is None:
+        raise ControlNetError("the controlled U-Net needs the sampler's step (step=SamplerStep(...)); call it "
+                              "through sdengine.diffusion.sampling.sample")
+    return step.index if isinstance(step, SamplerStep) else int(step)
+
+
+def _module_dtype(m: torch.nn.Module, default: torch.dtype) -> torch.dtype:
+    p = next(m.parameters(), None)
+    return p.dtype if p is not None else default
+
+
+class ControlledUNet:
+    """``model(x, t, *, encoder_hidden_states, step, row_kinds=None, **kw)``: the U-Net with the active
+    ControlNets' residuals. ``step`` (a SamplerStep or int) is the run's step index; ``row_kinds`` the
+    cond/uncond tag of each row (absent: every row conditional)."""
+
+    takes_step = True
+    takes_row_kinds = True
+
+    def __init__(self, unet: Any, units: list[PreparedUnit], *, guess_mode: bool = False) -> None:
+        self.unet = unet
+        self.units = units
+        self.guess_mode = guess_mode
+
+    def __getattr__(self, name: str) -> Any:  # config, dtype, ... of the wrapped U-Net
+        if name == "unet":
+            raise AttributeError(name)
+        return getattr(self.unet, name)
+
+    def residuals(self, x: Tensor, t: Tensor | float, encoder_hidden_states: Tensor, *, step: int,
+                  row_kinds: Sequence[str] | None = None, class_labels: Tensor | None = None
+                  ) -> tuple[list[Tensor] | None, Tensor | None]:
+        b = x.shape[0]
+        rows: Tensor | None = None  # the conditional rows, when guess mode leaves the others alone
+        if self.guess_mode and row_kinds is not None and any(k != "cond" for k in row_kinds):
+            rows = torch.tensor([i for i, k in enumerate(row_kinds) if k == "cond"], device=x.device)
+        n = b if rows is None else int(rows.shape[0])
+        down: list[Tensor] | None = None
+        mid: Tensor | None = None
+        for unit in self.units:
+            if not unit.keep[min(step, len(unit.keep) - 1)]:
+                continue
+            net = unit.net
+            xi = x[:, : net.config.unet.in_channels]  # the latent only, without inpainting's extra channels
+            ctx = encoder_hidden_states
+            tt = torch.as_tensor(t, device=x.device)
+            labels = class_labels if class_labels is not None and getattr(net, "class_embedding", None) is not None \
+                else None  # a ControlNet trained without the pooled text embedding does not read it
+            if rows is not None:
+                xi, ctx = xi[rows], ctx[rows]
+                tt = tt[rows] if tt.ndim == 1 and tt.shape[0] == b else tt
+                labels = labels[rows] if labels is not None else None
+            img = unit.image
+            if img.shape[0] != n:
+                img = img.repeat(n // img.shape[0], 1, 1, 1) if n % img.shape[0] == 0 else img[:1].expand(
+                    n, -1, -1, -1)
+            extra = {"class_labels": labels} if labels is not None else {}
+            d, m = net(xi.to(net.dtype), tt, img, encoder_hidden_states=ctx.to(net.dtype), scale=unit.scale,
+                       guess_mode=self.guess_mode, **extra)
+            if rows is not None:  # no control on the unconditional rows
+                d = [_scatter(r, rows, b) for r in d]
+                m = _scatter(m, rows, b)
+            if down is None or mid is None:
+                down, mid = d, m
+            else:
+                down = [a + r for a, r in zip(down, d, strict=True)]
+                mid = mid + m
+        return down, mid
+
+    def __call__(self, x: Tensor, t: Tensor | float, *, encoder_hidden_states: Tensor,
+                 step: SamplerStep | int | None = None, row_kinds: Sequence[str] | None = None, **kw: Any) -> Tensor:
+        down, mid = self.residuals(x, t, encoder_hidden_states, step=_step_index(step), row_kinds=row_kinds,
+                                   class_labels=kw.get("class_labels"))
+        if down is not None and mid is not None:
+            dt = x.dtype if not isinstance(self.unet, torch.nn.Module) else _module_dtype(self.unet, x.dtype)
+            kw["down_block_additional_residuals"] = [r.to(dt) for r in down]
+            kw["mid_block_additional_residual"] = mid.to(dt)
+        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states, **kw)
+
+
+def _scatter(r: Tensor, rows: Tensor, b: int) -> Tensor:
+    out = torch.zeros((b, *r.shape[1:]), dtype=r.dtype, device=r.device)
+    out[rows] = r
+    return out
+
+
+def build_controlled_unet(
+    unet: Any,
+    units: Sequence[ControlUnit | tuple[Any, ...]],
+    *,
+    width: int,
+    height: int,
+    grid: Any,
+    guess_mode: bool = False,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    start_step: int = 0,
+) -> ControlledUNet:
+    """The U-Net callable with ControlNets attached, for the Denoiser to use in place of the U-Net.
+
+    ``units``: :class:`ControlUnit` (or its tuple form); each map is resized to ``width`` x ``height``.
+    ``grid``: the sampling grid (``.timesteps``) of this run; ``start_step``: the first step that runs
+    (img2img), so that the fractions count the steps that actually run, as diffusers does.
+    """
+    torch_dtype = parse_dtype(dtype) if dtype is not None else None
+    if device is None:
+        device = next(unet.parameters()).device if isinstance(unet, torch.nn.Module) else "cpu"
+    base_cfg = getattr(unet, "config", None)
+    timesteps = torch.as_tensor(getattr(grid, "timesteps", grid)).reshape(-1)[start_step:]
+    steps = int(timesteps.shape[0])
+    if steps < 1:
+        raise ControlNetError(f"no steps to control (grid of {timesteps.shape[0] + start_step}, start {start_step})")
+    prepared: list[PreparedUnit] = []
+    for k, raw in enumerate(units):
+        if isinstance(raw, tuple | list) and len(raw) != 5:
+            raise ControlNetError(f"ControlNet unit {k} must be (model_or_path, image, scale, start, end)")
+        unit = ControlUnit.coerce(raw)
+        model = unit.model
+        name = f"ControlNet {k + 1}" if not isinstance(model, str | Path) else f"ControlNet {Path(model).name}"
+        check_unit_settings(float(unit.scale), float(unit.start), float(unit.end), name=name)
+        if isinstance(model, ControlNet):
+            # A model the caller owns (maybe one being trained): moved if it must be, otherwise left alone.
+            net = model
+            if isinstance(base_cfg, UNetConfig):
+                check_compatible(net.config, base_cfg, name=name)
+        else:
+            net = load_controlnet(model, base=base_cfg if isinstance(base_cfg, UNetConfig) else None)
+            net.eval().requires_grad_(False)
+        net = net.to(device=device, dtype=torch_dtype) if torch_dtype is not None else net.to(device)
+        img = control_image_tensor(unit.image, width, height)
+        if img.shape[1] != net.config.conditioning_channels:
+            if net.config.conditioning_channels == 1:
+                img = img.mean(dim=1, keepdim=True)
+            else:
+                raise ControlNetError(f"{name} takes {net.config.conditioning_channels}-channel control images")
+        prepared.append(PreparedUnit(net, img.to(device=device, dtype=net.dtype), float(unit.scale),
+                                     step_keep(steps, float(unit.start), float(unit.end))))
+    return ControlledUNet(unet, prepared, guess_mode=guess_mode)
+
+
+__all__ = ["ControlUnit", "ControlledUNet", "PreparedUnit", "build_controlled_unet", "check_unit_settings",
+           "control_image_tensor", "step_keep"]

@@ -1,0 +1,446 @@
+"""The Stable Diffusion pipeline: one batched core for text-to-image, img2img and inpainting.
+
+Data flows one way::
+
+    GenerationRequest --validate--> rows (prompt_i, negative_i, seed_i)
+    prompts --conditioner.pair--> cond / uncond conditioning dicts (crossattn [, vector])
+    seed_i --Generator--> [init posterior] -> noise -> [masked-image posterior]      (latents.start_latents)
+    noise --sampling.sample(sampler, steps, schedule, init_latent, strength)--> latent
+              ^ denoiser = [InpaintBlend] o CFGDenoiser o Denoiser o UNetAdapter o U-Net [+ ControlNets]
+    latent --vae_utils.decode (one row at a time, fp16 NaN fallback, tiles)--> image in [0, 1]
+
+Rows whose text states differ in length (CLIP prompts of more than 75 tokens take more chunks) run as
+separate sub-batches, so every row equals the same row generated alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from sdengine import vae_utils
+from sdengine.diffusion import sampling
+from sdengine.diffusion.denoisers import Denoiser
+from sdengine.diffusion.guidance import CFGDenoiser
+from sdengine.diffusion.samplers import SamplingInterrupted
+from sdengine.diffusion.schedules import NoiseSchedule, img2img_start
+from sdengine.errors import GenerationError
+from sdengine.io.images import load_image, to_uint8
+from sdengine.pipeline.control import ControlUnit, build_controlled_unet
+from sdengine.pipeline.infotext import cached_hash, call_parameters, format_infotext, weights_file
+from sdengine.pipeline.latents import InpaintBlend, blur_mask, start_latents
+from sdengine.pipeline.request import GenerationRequest
+from sdengine.pipeline.result import Cancelled, GenerationResult, StepInfo
+from sdengine.pipeline.unet_adapter import UNetAdapter
+from sdengine.text.conditioners import Conditioning, TextConditioner, cat_conditioning, make_conditioner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """A validated request with the model-dependent facts settled, before any model runs."""
+
+    request: GenerationRequest
+    width: int
+    height: int
+    sampler: str
+    schedule: str
+    prompts: list[str]
+    negatives: list[str]
+    seeds: list[int]
+    init: Image.Image | None
+    mask: np.ndarray | None  # float32 (H, W) in [0, 1], white = repaint
+    tiled: bool | None
+    notes: list[str]
+
+
+def _note(notes: list[str], text: str) -> None:
+    notes.append(text)
+    log.warning(text)
+
+
+class Pipeline:
+    """Stable Diffusion 1.x/2.x (and inpainting) text-to-image, img2img and inpainting. Build it with
+    :func:`sdengine.pipeline.load_pipeline`; call it with a :class:`GenerationRequest` or its fields as
+    keywords (``pipe("a cat", steps=20)``, ``pipe(["a", "b"], seed=[1, 2])``, ``pipe(request)``).
+
+    Two text sides, decided once by :func:`sdengine.text.conditioners.make_conditioner`: CLIP (SD;
+    ``text_encoder`` a CLIPTextModel, ``tokenizer`` a CLIPTokenizer) or, with ``context_length`` set,
+    all-MiniLM-L6-v2 (the built-in ``emoji`` model). Everything after the conditioning dict is shared.
+    """
+
+    def __init__(
+        self,
+        *,
+        unet: torch.nn.Module,
+        vae: torch.nn.Module,
+        text_encoder: Any,
+        tokenizer: Any,
+        scheduler_config: Mapping[str, Any],
+        prediction_type: str,
+        pad_token_id: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        name: str = "model",
+        source: Path | None = None,
+        lora_dir: str | Path | None = None,
+        context_length: int | None = None,
+    ) -> None:
+        # Any: the configs (unet.config, vae.config) are sdengine dataclasses the type checker cannot see.
+        self.unet: Any = unet.eval().requires_grad_(False)
+        self.vae: Any = vae.eval().requires_grad_(False)
+        if isinstance(text_encoder, torch.nn.Module):
+            text_encoder = text_encoder.eval().requires_grad_(False)
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.context_length = context_length  # MiniLM's fixed context (emoji: 32); None = CLIP chunks
+        self.scheduler_config = dict(scheduler_config)
+        self.prediction_type = prediction_type
+        self.pad_token_id = pad_token_id
+        self.device = device
+        self.dtype = dtype
+        self.name = name
+        self.source = source
+        self.lora_dir = lora_dir
+        self.noise_schedule = NoiseSchedule.from_config(**self.scheduler_config)
+        self.vae_upcast = False  # set once a half-precision decode gave NaN: later decodes go to fp32
+        self.conditioner: TextConditioner = make_conditioner(
+            text_encoder, tokenizer, unet_config=getattr(unet, "config", None), context_length=context_length,
+            pad_token_id=pad_token_id, dtype=dtype, device=device, name=name,
+        )
+        self._model_hash: str | None = None
+
+    # -- facts about the model ------------------------------------------------------------------------
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.downscale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def inpainting(self) -> bool:
+        return self.unet.config.in_channels == 2 * self.latent_channels + 1
+
+    @property
+    def default_size(self) -> int:
+        """The training resolution: U-Net sample size x VAE factor (512 for SD 1.x, 768 for SD 2.x-v)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        return max(8, self.vae_scale_factor)
+
+    @property
+    def text_kind(self) -> str:
+        """"clip" (SD's chunked CLIP conditioning) or "minilm" (one fixed-length MiniLM context)."""
+        return self.conditioner.kind
+
+    @property
+    def pooled_dim(self) -> int | None:
+        """Size of the pooled text vector the U-Net adds to its timestep embedding (None: it has none)."""
+        return getattr(getattr(self.unet, "config", None), "projection_class_embeddings_input_dim", None)
+
+    def model_hash(self) -> str | None:
+        """A1111's "Model hash" (SHA-256, 10 hex digits) of the weights file; computed once."""
+        if self._model_hash is None:
+            f = weights_file(self.source)
+            if f is not None:
+                from sdengine.metadata import model_hash
+
+                self._model_hash = cached_hash(f, model_hash)
+        return self._model_hash
+
+    # -- text (the conditioner's, kept here for callers that hold a pipeline) ---------------------------
+
+    def encode_prompt(self, prompt: str, negative_prompt: str, clip_skip: int = 1,
+                      notes: list[str] | None = None) -> tuple[Tensor, Tensor]:
+        """(cond, uncond) token states in the U-Net's dtype: the conditioner's ``crossattn``."""
+        cond, uncond = self.conditioner.pair(prompt, negative_prompt, clip_skip=clip_skip,
+                                             note=(lambda t: _note(notes, t)) if notes is not None else _silent)
+        return cond["crossattn"], uncond["crossattn"]
+
+    def encode_pooled(self, prompt: str, negative_prompt: str) -> tuple[Tensor, Tensor] | None:
+        """(cond, uncond) pooled text vectors, each (1, D), for a U-Net that reads one; else None."""
+        if self.pooled_dim is None:
+            return None
+        cond, uncond = self.conditioner.pair(prompt, negative_prompt)
+        return cond["vector"], uncond["vector"]
+
+    def unet_text_kwargs(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """What a trainer passes to the U-Net besides ``encoder_hidden_states`` for these captions:
+        ``{"class_labels": (N, D) pooled vectors}`` for a U-Net that reads them, else nothing."""
+        if self.pooled_dim is None:
+            return {}
+        return {"class_labels": self.conditioner(prompts)["vector"]}
+
+    # -- checks ---------------------------------------------------------------------------------------
+
+    def _check_size(self, what: str, value: Any) -> int:
+        m = self.size_multiple
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise GenerationError(f"{what} must be an integer number of pixels, got {value!r}")
+        value = int(value)
+        if value <= 0:
+            raise GenerationError(f"{what} must be positive, got {value}")
+        if value % m:
+            lo, hi = max(m, value // m * m), value // m * m + m
+            near = lo if value - lo < hi - value else hi  # ties round up
+            raise GenerationError(f"{what} {value} is not a multiple of {m}; the nearest valid {what} is {near}")
+        return value
+
+    def estimate_memory(self, width: int, height: int, batch_size: int, *, cfg: bool, tiled: bool) -> int:
+        """Rough peak activation bytes of one call (the U-Net's widest level for the whole CFG batch, or
+        the VAE decode of one image, whichever is larger). Errs high; used to refuse before allocating."""
+        f = self.vae_scale_factor
+        h, w = height // f, width // f
+        bytes_per = torch.finfo(self.dtype).bits // 8
+        rows = batch_size * (2 if cfg else 1)
+        c0 = int(self.unet.config.block_out_channels[0])
+        # The first level keeps (layers + 1) skips and a few temporaries of c0 x h x w per row; the
+        # attention runs through SDPA (fused kernels, no heads x N x N matrix), counted as one more map.
+        unet = rows * c0 * h * w * bytes_per * 16
+        vae = vae_utils.vae_decode_bytes(self.vae, height, width, tiled=tiled, bytes_per=bytes_per)
+        images = batch_size * 3 * height * width * 4 * 3  # float images, arrays and uint8 copies
+        return max(unet, vae) + images
+
+    def _check_memory(self, width: int, height: int, batch_size: int, cfg: bool, tiled: bool | None,
+                      notes: list[str]) -> bool | None:
+        avail = vae_utils.available_memory(self.device)
+        if avail is None:
+            return tiled
+        budget = int(avail * 0.9)
+        need = self.estimate_memory(width, height, batch_size, cfg=cfg, tiled=bool(tiled))
+        if need <= budget:
+            return tiled
+        if tiled is None:  # would tiling the VAE make it fit?
+            need_tiled = self.estimate_memory(width, height, batch_size, cfg=cfg, tiled=True)
+            if need_tiled <= budget:
+                _note(notes, f"{width}x{height}: decoding the VAE in tiles to fit in memory")
+                return True
+            need = need_tiled
+        gib = 1024**3
+        raise GenerationError(
+            f"{width}x{height} x {batch_size} needs about {need / gib:.1f} GiB on {self.device.type}, only "
+            f"{avail / gib:.1f} GiB is free: use a smaller size or batch"
+        )
+
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        """Validate ``request`` against this model and read its images (no model runs)."""
+        r = request
+        notes: list[str] = []
+        width = self._check_size("width", self.default_size if r.width is None else r.width)
+        height = self._check_size("height", self.default_size if r.height is None else r.height)
+        r.validate()
+        if int(r.steps) > self.noise_schedule.num_train_timesteps:
+            raise GenerationError(f"steps must be at most {self.noise_schedule.num_train_timesteps}, got {r.steps}")
+        name, sched = sampling.resolve(r.sampler, r.schedule)
+        seeds = r.seeds()
+        tiled = self._check_memory(width, height, len(seeds), float(r.cfg_scale) != 1.0, r.vae_tiling, notes)
+        init = mask = None
+        if r.init_image is not None:
+            init = load_image(r.init_image, "init image", mode="RGB", error=GenerationError)
+            if init.size != (width, height):
+                log.info("init image %dx%d resized to %dx%d", *init.size, width, height)
+                init = init.resize((width, height), Image.Resampling.LANCZOS)
+        if r.mask is not None:
+            m = load_image(r.mask, "mask", mode="L", error=GenerationError)
+            if m.size != (width, height):
+                _note(notes, f"mask {m.size[0]}x{m.size[1]} resized to {width}x{height} (the image size)")
+                m = m.resize((width, height), Image.Resampling.LANCZOS)
+            mask = np.asarray(m, dtype=np.float32) / 255.0
+            if r.mask_blur > 0:
+                mask = blur_mask(mask, float(r.mask_blur))
+        return Prepared(r, width, height, name, sched, r.prompts(), r.negative_prompts(), seeds, init, mask, tiled,
+                        notes)
+
+    # -- the call -------------------------------------------------------------------------------------
+
+    def __call__(self, prompt: Any = "", negative_prompt: Any = None, **kwargs: Any) -> GenerationResult:
+        """Generate the request's images: ``pipe(request)``, ``pipe(request, steps=10)`` (fields replaced)
+        or ``pipe(prompt_or_prompts, negative_prompt, **fields)``; see :class:`GenerationRequest`."""
+        request = as_request(prompt, negative_prompt, kwargs)
+        p = self.prepare(request)
+        from sdengine.prompts import extract_lora_tags
+
+        tag_lists = [extract_lora_tags(t)[1] for t in p.prompts]
+        if any(t != tag_lists[0] for t in tag_lists):
+            raise GenerationError("every prompt of a batch must name the same <lora:...> tags (the LoRAs are "
+                                  "applied to the model once per call)")
+        lora_list: list[tuple[Any, float]] = [
+            (item, 1.0) if not isinstance(item, tuple) else (item[0], float(item[1])) for item in (request.loras or [])
+        ]
+        lora_list += tag_lists[0]
+        lora_dir = request.lora_dir or self.lora_dir
+        handle = None
+        if lora_list:
+            from sdengine.weights.lora import apply_loras
+
+            # MiniLM is not an nn.Module: apply_loras refuses LoRAs with text-encoder layers for it.
+            handle = apply_loras(self.unet, self.text_encoder, lora_list, lora_dir)
+        try:
+            with torch.inference_mode():
+                images = self.generate(p)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+        arrays = images.permute(0, 2, 3, 1).float().cpu().numpy()  # (N, H, W, 3)
+        pil = [Image.fromarray(a) for a in to_uint8(arrays)]
+        units = request.control_units()
+        rows = []
+        for prompt_i, negative_i, seed in zip(p.prompts, p.negatives, p.seeds, strict=True):
+            rows.append(call_parameters(
+                prompt=prompt_i, negative_prompt=negative_i, steps=int(request.steps), sampler=p.sampler,
+                schedule=p.schedule, cfg_scale=float(request.cfg_scale), seed=seed, width=p.width, height=p.height,
+                model=self.name, model_hash=self.model_hash(),
+                strength=float(request.strength) if p.init is not None else None, clip_skip=request.clip_skip,
+                guidance_rescale=float(request.guidance_rescale), loras=lora_list, n_tag_loras=len(tag_lists[0]),
+                lora_dir=lora_dir, controlnets=units,
+                mask_blur=float(request.mask_blur) if p.mask is not None else None,
+            ))
+        infotexts = [format_infotext(r) for r in rows]
+        per_row = [{"prompt": r["prompt"], "negative_prompt": r["negative_prompt"], "seed": r["seed"]} for r in rows]
+        return GenerationResult(pil, arrays, rows[0], p.seeds, infotexts, p.notes, per_row)
+
+    def generate(self, p: Prepared) -> Tensor:
+        """(N, 3, H, W) images in [0, 1] for a prepared request; rows with text states of different lengths
+        run as separate sub-batches."""
+        r = p.request
+        note = lambda t: _note(p.notes, t)  # noqa: E731
+        pairs: dict[tuple[str, str], tuple[Conditioning, Conditioning]] = {}
+        for key in zip(p.prompts, p.negatives, strict=True):
+            if key not in pairs:
+                pairs[key] = self.conditioner.pair(key[0], key[1], clip_skip=r.clip_skip, note=note)
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(zip(p.prompts, p.negatives, strict=True)):
+            groups.setdefault(int(pairs[key][0]["crossattn"].shape[1]), []).append(i)
+        out: list[Tensor | None] = [None] * len(p.seeds)
+        for rows in groups.values():
+            keys = [(p.prompts[i], p.negatives[i]) for i in rows]
+            cond = cat_conditioning([pairs[k][0] for k in keys])
+            uncond = cat_conditioning([pairs[k][1] for k in keys])
+            images = self._generate_rows(p, rows, cond, uncond)
+            for j, i in enumerate(rows):
+                out[i] = images[j : j + 1]
+        return torch.cat([t for t in out if t is not None])
+
+    def _generate_rows(self, p: Prepared, rows: list[int], cond: Conditioning, uncond: Conditioning) -> Tensor:
+        r = p.request
+        dev = self.device
+        steps, strength, cfg_scale = int(r.steps), float(r.strength), float(r.cfg_scale)
+        gens = [torch.Generator("cpu").manual_seed(p.seeds[i]) for i in rows]
+        start = start_latents(
+            self.vae, generators=gens, latent_channels=self.latent_channels, width=p.width, height=p.height,
+            scale_factor=self.vae_scale_factor, init=p.init, mask=p.mask, mask_blur=float(r.mask_blur),
+            strength=strength, nine_channels=self.inpainting, tiled=p.tiled, device=dev,
+        )
+        if start.concat is not None:
+            cond = {**cond, "concat": start.concat}
+        grid = sampling.make_grid(p.sampler, steps, self.noise_schedule, p.schedule, self.scheduler_config,
+                                  strength if start.init_latent is not None else 1.0)
+        first = img2img_start(steps, strength) if start.from_init else 0
+        net: Any = self.unet
+        units = r.control_units()
+        if units:
+            units = [_rows_of(u, rows, len(p.seeds)) for u in units]
+            net = build_controlled_unet(net, units, width=p.width, height=p.height, grid=grid,
+                                        guess_mode=r.guess_mode, device=dev, dtype=self.dtype, start_step=first)
+        den: Any = Denoiser(UNetAdapter(net, self.dtype), self.noise_schedule, self.prediction_type)
+        den = CFGDenoiser(den, cfg_scale, uncond, rescale=float(r.guidance_rescale))
+        blend = None
+        if start.blend_mask is not None:
+            assert start.init_latent is not None
+            den = blend = InpaintBlend(den, start.init_latent, start.noise, start.blend_mask)
+
+        run_steps = grid.steps - first
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=run_steps, disable=not r.progress, unit="step", desc="sampling", leave=False)
+        callback = r.callback
+
+        def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool | None:
+            bar.update(1)
+            if callback is not None:
+                return callback(StepInfo(i + 1, run_steps, float(sigma), x, denoised))
+            return None
+
+        try:
+            x = sampling.sample(
+                den, start.noise, sampler=p.sampler, steps=steps, schedule=p.schedule,
+                scheduler_config=self.scheduler_config, generators=gens, callback=on_step, extra_args=cond,
+                init_latent=start.init_latent if start.from_init else None,
+                strength=strength if start.from_init else 1.0, start_step=first if start.from_init else None,
+                noise_schedule=self.noise_schedule, sampler_options=dict(r.sampler_options or {}) or None,
+            )
+        except SamplingInterrupted as e:
+            raise Cancelled(e.step + 1, run_steps, vae_utils.latent_preview(e.denoised)) from None
+        finally:
+            bar.close()
+        if blend is not None:
+            x = blend.finish(x)
+
+        # Decode one image at a time: the VAE's activations at full size dominate memory, and a row's
+        # pixels then never depend on the batch.
+        out = []
+        for i in range(len(rows)):
+            img, upcast = vae_utils.decode(
+                self.vae, x[i : i + 1], tiled=p.tiled, upcast=self.vae_upcast, warn=False
+            )
+            if upcast and not self.vae_upcast:
+                self.vae_upcast = True
+                _note(p.notes, "the VAE decode in half precision gave NaN/inf; decoded again in float32 "
+                               "(and will be from now on)")
+            out.append(vae_utils.to_unit(img))
+        return torch.cat(out)
+
+
+def _silent(_: str) -> None:
+    return None
+
+
+def _rows_of(unit: ControlUnit, rows: list[int], n: int) -> ControlUnit:
+    """The unit with its per-row maps cut to ``rows`` (a single map is shared by every row)."""
+    image = unit.image
+    if isinstance(image, list | tuple):
+        if len(image) != n:
+            raise GenerationError(f"a ControlNet has {len(image)} control images for {n} rows")
+        return ControlUnit(unit.model, [image[i] for i in rows], unit.scale, unit.start, unit.end)
+    if isinstance(image, Tensor) and image.ndim == 4 and image.shape[0] > 1:
+        if image.shape[0] != n:
+            raise GenerationError(f"a ControlNet has {image.shape[0]} control images for {n} rows")
+        return ControlUnit(unit.model, image[rows], unit.scale, unit.start, unit.end)
+    return unit
+
+
+def as_request(prompt: Any, negative_prompt: Any, kwargs: Mapping[str, Any]) -> GenerationRequest:
+    """The request of a call ``pipe(prompt_or_request, negative_prompt, **fields)``."""
+    unknown = sorted(set(kwargs) - set(GenerationRequest.field_names()))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+    if isinstance(prompt, GenerationRequest):
+        changes = dict(kwargs)
+        if negative_prompt is not None:
+            changes["negative_prompt"] = negative_prompt
+        return prompt.replace(**changes) if changes else prompt
+    fields = dict(kwargs)
+    fields["prompt"] = "" if prompt is None else prompt
+    if negative_prompt is not None:
+        fields["negative_prompt"] = negative_prompt
+    elif fields.get("negative_prompt") is None:
+        fields["negative_prompt"] = ""
+    return GenerationRequest(**fields)
+
+
+__all__ = ["Pipeline", "Prepared", "as_request"]

@@ -1,0 +1,108 @@
+"""The settings of a call as A1111 writes them (``parameters`` text), and the model/LoRA hashes in it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sdengine.pipeline.control import ControlUnit
+
+
+def format_infotext(params: Mapping[str, Any]) -> str:
+    """A1111 ``parameters`` text of a result's parameters (see sdengine.metadata)."""
+    from sdengine.metadata import format_parameters
+
+    return format_parameters({k: v for k, v in params.items() if v is not None})
+
+
+def hash_cache_file() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdengine" / "model_hashes.json"
+
+
+def cached_hash(f: Path, compute: Callable[[Path], str]) -> str:
+    """``compute(f)``, remembered in ~/.cache/sdengine/model_hashes.json by path, size and mtime: hashing a
+    multi-GB checkpoint takes seconds, and A1111 caches it the same way."""
+    st = f.stat()
+    key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    cache = hash_cache_file()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), str):
+        return known[key]
+    h = compute(f)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".model_hashes.", suffix=".tmp", dir=cache.parent)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(json.dumps({**(known if isinstance(known, dict) else {}), key: h}))
+            os.replace(tmp, cache)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:
+        pass  # a read-only home only costs the next run a re-hash
+    return h
+
+
+def weights_file(source: Path | None) -> Path | None:
+    """The file whose hash is the model's: the file itself, or a folder's U-Net weights."""
+    if source is None:
+        return None
+    if source.is_dir():
+        candidates = sorted((source / "unet").glob("diffusion_pytorch_model*.safetensors")) + sorted(
+            (source / "unet").glob("diffusion_pytorch_model*.bin"))
+        return candidates[0] if candidates else None
+    return source if source.is_file() else None
+
+
+def lora_hashes(loras: Sequence[tuple[Any, float]], lora_dir: str | Path | None) -> dict[str, str]:
+    from sdengine.metadata import lora_hash
+    from sdengine.weights.lora import resolve_lora
+
+    out: dict[str, str] = {}
+    for src, _ in loras:
+        if isinstance(src, str | Path):
+            try:
+                path = resolve_lora(src, lora_dir)
+            except Exception:  # noqa: BLE001 - the LoRA itself loaded; a hash is descriptive only
+                continue
+            out[Path(path).stem] = lora_hash(path)
+    return out
+
+
+def call_parameters(
+    *, prompt: str, negative_prompt: str, steps: int, sampler: str, schedule: str, cfg_scale: float, seed: int,
+    width: int, height: int, model: str, model_hash: str | None, strength: float | None, clip_skip: int,
+    guidance_rescale: float, loras: Sequence[tuple[Any, float]], n_tag_loras: int, lora_dir: str | Path | None,
+    controlnets: Sequence[ControlUnit], mask_blur: float | None,
+) -> dict[str, Any]:
+    """The parameters dict of one image (sdengine.metadata writes it as A1111 text). LoRAs passed as
+    arguments are written as <lora:NAME:W> tags, as A1111 keeps them, so that the infotext alone says which
+    ones were used (regenerate with the same lora_dir)."""
+    tags = "".join(f" <lora:{Path(src).stem}:{w:g}>" for src, w in loras[: len(loras) - n_tag_loras]
+                   if isinstance(src, str | Path))
+    params: dict[str, Any] = {
+        "prompt": prompt + tags, "negative_prompt": negative_prompt, "steps": steps, "sampler": sampler,
+        "schedule": schedule, "cfg_scale": cfg_scale, "seed": seed, "width": width, "height": height,
+        "model": model, "model_hash": model_hash, "strength": strength, "clip_skip": clip_skip,
+    }
+    hashes = lora_hashes(loras, lora_dir) if loras else {}
+    if hashes:
+        params["lora_hashes"] = hashes
+    if guidance_rescale:
+        params["CFG Rescale phi"] = guidance_rescale  # the name A1111's CFG-rescale extension writes
+    if mask_blur:
+        params["Mask blur"] = mask_blur
+    for k, unit in enumerate(controlnets):
+        params[f"ControlNet {k}"] = unit.infotext()
+    return params
+
+
+__all__ = ["cached_hash", "call_parameters", "format_infotext", "hash_cache_file", "lora_hashes", "weights_file"]

@@ -1,0 +1,163 @@
+"""Where sampling starts: noise, the init latent, and the inpainting inputs, drawn in diffusers' order.
+
+* txt2img: latent = ``randn((1, C, h, w), generator)`` per row (scaled by the sampler's initial sigma).
+* img2img (``StableDiffusionImg2ImgPipeline``): the init image is VAE-encoded and a posterior sample is drawn
+  from the row's generator FIRST, then the noise.
+* inpainting (``StableDiffusionInpaintPipeline``): the mask is binarised at 0.5 (white = repaint), the masked
+  image is ``image * (mask < 0.5)``; generator order per row: [init posterior when strength < 1 or the U-Net
+  has 4 channels], noise, masked-image posterior. A 9-channel U-Net gets ``[mask, masked-image latent]`` as
+  the ``"concat"`` conditioning; a 4-channel one gets the known region blended back (:class:`InpaintBlend`).
+  With strength 1 the start is pure noise, as there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from sdengine import vae_utils
+from sdengine.diffusion.samplers import SamplerStep, row_noise
+from sdengine.diffusion.schedules import NoiseSchedule
+from sdengine.io.images import image_tensor
+
+
+def blur_mask(m: np.ndarray, blur: float) -> np.ndarray:
+    """A1111's mask blur: a Gaussian of sigma ``blur`` with kernel 2 * int(2.5 * blur + 0.5) + 1, per axis."""
+    import cv2
+
+    k = 2 * int(2.5 * blur + 0.5) + 1
+    m = cv2.GaussianBlur(m, (k, 1), blur)
+    return cv2.GaussianBlur(m, (1, k), blur)
+
+
+def posterior_rows(post: Any, generators: Sequence[torch.Generator]) -> Tensor:
+    """One sample per row from a batch-1 posterior, each from its row's generator (latent_dist.sample)."""
+    rows = []
+    for g in generators:
+        eps = torch.randn(post.mean.shape, generator=g, dtype=post.mean.dtype)
+        rows.append(post.mean + post.std * eps.to(post.mean.device))
+    return torch.cat(rows)
+
+
+@dataclass
+class StartLatents:
+    noise: Tensor  # (B, C, h, w) unit noise, row i from generator i
+    init_latent: Tensor | None  # (B, C, h, w) the scaled init latent (img2img / 4-channel inpainting)
+    from_init: bool  # whether sampling starts from init_latent (False: pure noise)
+    blend_mask: Tensor | None  # (1, 1, h, w) for 4-channel inpainting: 1 = repaint
+    concat: Tensor | None  # (B, 5, h, w) mask + masked-image latent for a 9-channel U-Net
+
+
+def start_latents(
+    vae: Any,
+    *,
+    generators: Sequence[torch.Generator],
+    latent_channels: int,
+    width: int,
+    height: int,
+    scale_factor: int,
+    init: Image.Image | None,
+    mask: np.ndarray | None,
+    mask_blur: float,
+    strength: float,
+    nine_channels: bool,
+    tiled: bool | None,
+    device: torch.device,
+) -> StartLatents:
+    """Every random draw of the rows, in diffusers' order (see the module docstring)."""
+    b = len(generators)
+    h, w = height // scale_factor, width // scale_factor
+    init_latent = blend = concat = None
+    mask_full = None
+    if init is not None:
+        img = image_tensor(init).to(device)
+        if mask is not None or nine_channels:
+            # A 9-channel model without a mask repaints everything (A1111's img2img on inpaint models).
+            m = mask if mask is not None else np.ones((height, width), np.float32)
+            mask_full = torch.from_numpy(m)[None, None].to(device)
+        if mask_full is None or strength < 1.0 or not nine_channels:
+            post = vae_utils.encode_moments(vae, img, tiled=tiled)
+            init_latent = vae.scale_latents(posterior_rows(post, generators).float())
+    noise = row_noise(generators, (latent_channels, h, w)).to(device)
+
+    if mask_full is not None:
+        assert init is not None
+        # diffusers binarises the mask at 0.5 and shrinks it with nearest; a blurred mask (mask_blur > 0,
+        # A1111's soft edge) is kept soft and area-averaged instead, so that the blend fades.
+        binary = (mask_full >= 0.5).float()
+        latent_mask = (F.interpolate(mask_full, size=(h, w), mode="area") if mask_blur > 0 else
+                       F.interpolate(binary, size=(h, w)))
+        masked = image_tensor(init).to(device) * (binary < 0.5)
+        post = vae_utils.encode_moments(vae, masked, tiled=tiled)
+        masked_latent = posterior_rows(post, generators)  # drawn even for 4 channels (diffusers' order)
+        if nine_channels:
+            masked_latent = vae.scale_latents(masked_latent.float())
+            concat = torch.cat([latent_mask.expand(b, -1, -1, -1), masked_latent], dim=1)
+        else:
+            blend = latent_mask
+    elif nine_channels:
+        # txt2img on an inpainting model: everything masked, a grey (zero) masked image (A1111's way); the
+        # posterior mode, so that no random number is drawn beyond the initial noise.
+        grey = torch.zeros(1, 3, height, width, device=device)
+        z = vae_utils.encode_moments(vae, grey, tiled=tiled).mode()
+        masked_latent = vae.scale_latents(z.float())
+        concat = torch.cat([torch.ones(1, 1, h, w, device=device), masked_latent], dim=1).expand(b, -1, -1, -1)
+    # Inpainting at strength 1 starts from pure noise (diffusers' is_strength_max); img2img does not.
+    from_init = init_latent is not None and not (mask_full is not None and strength >= 1.0)
+    return StartLatents(noise, init_latent, from_init, blend, concat)
+
+
+class InpaintBlend:
+    """Keeps the known region (``mask == 0``) on the init image's noising path, as diffusers' inpaint pipeline
+    does for 4-channel U-Nets: after every sampler step it sets ``x = (1 - m) * (init + sigma * noise) +
+    m * x``. Here that happens where the next step reads ``x``: in place, on the sampler's own tensor, before
+    each denoiser call except the run's first (diffusers does not blend the starting sample), which the
+    sampler loop marks (``step.first``). The final blend with the clean init latent is the pipeline's."""
+
+    takes_step = True
+
+    def __init__(self, inner: Any, init: Tensor, noise: Tensor, mask: Tensor) -> None:
+        self.inner = inner
+        self.init = init
+        self.noise = noise
+        self.keep = 1.0 - mask  # 1 where the init image stays
+        self.mask = mask
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.inner.schedule
+
+    @property
+    def prediction(self) -> str:
+        return self.inner.prediction
+
+    @property
+    def off_grid(self) -> InpaintBlend:
+        return InpaintBlend(getattr(self.inner, "off_grid", self.inner), self.init, self.noise, self.mask)
+
+    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> InpaintBlend:
+        inner = self.inner.with_timesteps(sigmas, timesteps) if hasattr(self.inner, "with_timesteps") else self.inner
+        return InpaintBlend(inner, self.init, self.noise, self.mask)
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, *, step: SamplerStep, **cond: Any) -> Tensor:
+        if not step.first:
+            s = float(torch.as_tensor(sigma).reshape(-1)[0])
+            known = self.init + self.noise * s
+            x.mul_(self.mask).add_(known * self.keep)
+        if getattr(self.inner, "takes_step", False):
+            cond["step"] = step
+        return self.inner(x, sigma, **cond)
+
+    def finish(self, x: Tensor) -> Tensor:
+        """The final blend: the known region from the clean init latent."""
+        return (1 - self.mask) * self.init + self.mask * x
+
+
+__all__ = ["InpaintBlend", "StartLatents", "blur_mask", "posterior_rows", "start_latents"]

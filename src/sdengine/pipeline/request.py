@@ -1,0 +1,209 @@
+"""One generation request: every setting of a call, its default written once, and one ``validate()``.
+
+The CLI, the Python API (``pipe(**kwargs)`` or ``pipe(request)``) and a server all build a
+:class:`GenerationRequest`. Field names are the keyword names of ``Pipeline.__call__``.
+
+Batches: ``prompt`` may be a list (one row each), ``negative_prompt`` and ``seed`` too (one per row). A
+single prompt with ``batch_size`` N makes N rows with seeds ``seed, seed + 1, ...``. Row ``i`` owns the
+generator ``torch.Generator("cpu").manual_seed(seed_i)`` for every random draw it needs, so an image does
+not depend on the batch it was made in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdengine.diffusion import sampling
+from sdengine.diffusion.schedules import img2img_start
+from sdengine.errors import GenerationError
+from sdengine.io.images import ImageInput
+from sdengine.pipeline.control import ControlUnit
+from sdengine.pipeline.result import StepCallback
+
+LoRAInput = tuple[Any, float] | str | Path
+TextOrList = str | Sequence[str]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float | np.number) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one call generates from. ``schedule`` None or "normal" is the model's own timestep
+    spacing; ``seed`` None or -1 draws one; ``width``/``height`` None is the model's training size;
+    ``mask``: white = repaint (read as grayscale); ``mask_blur``: Gaussian sigma in pixels (A1111's), 0 =
+    diffusers' hard mask; ``controlnets``: :class:`ControlUnit` or ``(model_or_path, image, scale[, start,
+    end])``; ``loras``: ``(path_or_name, weight)`` (``<lora:NAME:W>`` tags in the prompt are added, names
+    looked up in ``lora_dir``); ``clip_skip`` counts as A1111 (1 = last layer); ``callback(StepInfo)``
+    runs after every step, returning False cancels; ``vae_tiling`` None = automatic."""
+
+    prompt: TextOrList = ""
+    negative_prompt: TextOrList = ""
+    steps: int = 25
+    sampler: str = "dpmpp_2m"
+    schedule: str | None = "karras"
+    cfg_scale: float = 7.5
+    seed: int | Sequence[int] | None = None
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+    init_image: ImageInput | None = None
+    strength: float = 0.75
+    mask: ImageInput | None = None
+    mask_blur: float = 0
+    controlnets: Sequence[ControlUnit | tuple[Any, ...]] | None = None
+    guess_mode: bool = False
+    loras: Sequence[LoRAInput] | None = None
+    lora_dir: str | Path | None = None
+    clip_skip: int = 1
+    guidance_rescale: float = 0.0
+    callback: StepCallback | None = None
+    progress: bool = True
+    vae_tiling: bool | None = None
+    sampler_options: Mapping[str, Any] | None = None
+
+    # -- building ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default (the one place they are written)."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GenerationRequest:
+        """A request from a JSON-like dict (unknown keys are an error naming them; lists stay lists,
+        ControlNet units may be dicts ``{"model", "image", "scale", "start", "end"}`` or lists)."""
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise GenerationError(f"unknown generation settings: {', '.join(unknown)}; valid: "
+                                  f"{', '.join(cls.field_names())}")
+        kw = dict(data)
+        if kw.get("controlnets") is not None:
+            kw["controlnets"] = tuple(ControlUnit.coerce(u) for u in kw["controlnets"])
+        if kw.get("loras") is not None:
+            kw["loras"] = tuple(tuple(x) if isinstance(x, list) else x for x in kw["loras"])
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict (images stay PIL / array / path values; the callback is left out)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "callback"}
+        if self.controlnets is not None:
+            out["controlnets"] = [dataclasses.asdict(ControlUnit.coerce(u)) for u in self.controlnets]
+        return out
+
+    def replace(self, **changes: Any) -> GenerationRequest:
+        return dataclasses.replace(self, **changes)
+
+    # -- rows ---------------------------------------------------------------------------------------------
+
+    @property
+    def n_rows(self) -> int:
+        """Images this request makes: the length of the list fields, else ``batch_size``."""
+        lengths = {len(v) for v in (self.prompt, self.negative_prompt, self.seed) if isinstance(v, list | tuple)}
+        return lengths.pop() if len(lengths) == 1 else int(self.batch_size)
+
+    def prompts(self) -> list[str]:
+        return _per_row(self.prompt, self.n_rows)
+
+    def negative_prompts(self) -> list[str]:
+        return _per_row(self.negative_prompt, self.n_rows)
+
+    def seeds(self) -> list[int]:
+        """One seed per row; a random one is drawn for None / -1 (call once and keep the answer)."""
+        if _is_list(self.seed):
+            return [int(s) for s in self.seed]  # type: ignore[union-attr]
+        seed = self.seed
+        if seed is None or int(seed) == -1:  # type: ignore[arg-type]
+            seed = secrets.randbelow(2**32)
+        return [int(seed) + i for i in range(self.n_rows)]  # type: ignore[arg-type]
+
+    def control_units(self) -> list[ControlUnit]:
+        return [ControlUnit.coerce(u) for u in (self.controlnets or [])]
+
+    # -- checks ---------------------------------------------------------------------------------------
+
+    def validate(self) -> GenerationRequest:
+        """Raise a one-line GenerationError for the first setting that cannot run; return self. Checks that
+        need the model (size multiple, step limit, memory) are the pipeline's."""
+        steps, batch = self.steps, self.batch_size
+        if not _is_int(steps) or steps < 1:
+            raise GenerationError(f"steps must be a positive integer, got {steps!r}")
+        if not _is_int(batch) or batch < 1:
+            raise GenerationError(f"batch_size must be a positive integer, got {batch!r}")
+        lists = {name: len(v) for name, v in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt),
+                                              ("seed", self.seed)) if isinstance(v, list | tuple)}
+        for name, v in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt)):
+            items = v if _is_list(v) else [v]
+            if any(x is not None and not isinstance(x, str) for x in items):  # type: ignore[union-attr]
+                raise GenerationError(f"{name} must be a string or a list of strings")
+        if any(n == 0 for n in lists.values()):
+            raise GenerationError(f"empty list for {', '.join(k for k, n in lists.items() if n == 0)}")
+        if len(set(lists.values())) > 1:
+            raise GenerationError("one value per row: " + ", ".join(f"{k} has {n}" for k, n in lists.items()))
+        if lists and batch != 1 and batch != next(iter(lists.values())):
+            n = next(iter(lists.values()))
+            raise GenerationError(f"batch_size {batch} does not match the {n} rows of the lists given")
+        if _is_list(self.seed):
+            bad = [s for s in self.seed if not _is_int(s) or s < 0]  # type: ignore[union-attr]
+            if bad:
+                raise GenerationError(f"seeds in a list must be integers >= 0, got {bad[0]!r}")
+        elif self.seed is not None:
+            try:
+                seed = int(self.seed)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise GenerationError(
+                    f"seed must be an integer (or -1 / None for a random one), got {self.seed!r}") from None
+            if seed < 0 and seed != -1:
+                raise GenerationError(f"seed must be >= 0 (or -1 / None for a random one), got {seed}")
+        cfg, rescale, strength, blur = self.cfg_scale, self.guidance_rescale, self.strength, self.mask_blur
+        if not _is_number(cfg) or not math.isfinite(cfg) or cfg < 0:
+            raise GenerationError(f"cfg_scale must be a number >= 0, got {cfg!r}")
+        if not _is_number(rescale) or not 0.0 <= rescale <= 1.0:
+            raise GenerationError(f"guidance_rescale must be in [0, 1], got {rescale!r}")
+        if not _is_number(strength) or not 0.0 < strength <= 1.0:
+            raise GenerationError(f"strength must be in (0, 1], got {strength!r}")
+        if not _is_number(blur) or blur < 0:
+            raise GenerationError(f"mask_blur must be >= 0 pixels, got {blur!r}")
+        try:
+            sampling.resolve(self.sampler, self.schedule)
+        except ValueError as e:
+            raise GenerationError(str(e)) from None
+        if self.init_image is not None and img2img_start(int(steps), float(strength)) >= int(steps):
+            raise GenerationError(
+                f"strength {strength} with {steps} steps runs no step (int(steps * strength) = 0): "
+                "raise steps or strength"
+            )
+        if self.mask is not None and self.init_image is None:
+            raise GenerationError("a mask needs an init_image to inpaint")
+        self.control_units()  # the tuple forms parse
+        return self
+
+
+def _is_list(v: Any) -> bool:
+    return isinstance(v, list | tuple)
+
+
+def _per_row(v: TextOrList | None, n: int) -> list[str]:
+    if _is_list(v):
+        return ["" if x is None else str(x) for x in v]  # type: ignore[union-attr]
+    return ["" if v is None else str(v)] * n
+
+
+__all__ = ["GenerationRequest", "LoRAInput"]

@@ -1,0 +1,64 @@
+"""What a generation call gives back and what its step callback sees."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torch import Tensor
+
+from sdengine import vae_utils
+from sdengine.errors import SdengineError
+
+
+class Cancelled(SdengineError):
+    """Raised when the step callback returns False. ``step`` steps of ``steps`` had run; ``preview`` is the
+    cheap RGB preview (uint8 (B, h, w, 3)) of the last x0 estimate."""
+
+    def __init__(self, step: int, steps: int, preview: np.ndarray | None = None) -> None:
+        super().__init__(f"generation cancelled after step {step} of {steps}")
+        self.step = step
+        self.steps = steps
+        self.preview = preview
+
+
+@dataclass
+class StepInfo:
+    """What the step callback sees after each sampler step."""
+
+    step: int  # 1-based count of finished steps in this run
+    steps: int  # steps this run takes (fewer than asked for with img2img)
+    sigma: float  # the noise level the step started from
+    latents: Tensor  # (B, C, h, w) the sample after the step (the sampler's VE scaling)
+    denoised: Tensor  # (B, C, h, w) the step's estimate of the final latent
+
+    def preview(self) -> np.ndarray:
+        """uint8 (B, h, w, 3): a cheap RGB approximation of ``denoised`` (no VAE call)."""
+        return vae_utils.latent_preview(self.denoised)
+
+    def preview_images(self) -> list[Image.Image]:
+        return [Image.fromarray(a) for a in self.preview()]
+
+
+StepCallback = Callable[[StepInfo], "bool | None"]
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    arrays: np.ndarray  # float32 (N, H, W, 3) in [0, 1], before 8-bit quantisation
+    parameters: dict[str, Any]  # the settings of the call (prompt and seed = the first image's)
+    seeds: list[int]
+    infotexts: list[str]  # A1111 "parameters" text of each image (its own prompt and seed)
+    notes: list[str] = field(default_factory=list)  # warnings given during the call (resized mask, ...)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # per image: prompt, negative_prompt, seed
+
+    def image_parameters(self, i: int) -> dict[str, Any]:
+        row = self.rows[i] if self.rows else {"seed": self.seeds[i]}
+        return {**self.parameters, **row}
+
+
+__all__ = ["Cancelled", "GenerationResult", "StepCallback", "StepInfo"]

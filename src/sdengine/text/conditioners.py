@@ -1,0 +1,187 @@
+"""What conditions the U-Net, in one shape for every text-encoder family.
+
+A conditioner turns prompts into a :data:`Conditioning` dict (the idea of sgm's conditioner):
+
+* ``"crossattn"``: ``(B, T, C)`` token states the U-Net attends to (``encoder_hidden_states``);
+* ``"vector"``: ``(B, D)`` a pooled text vector the U-Net adds to its timestep embedding
+  (``class_labels``), only for a U-Net that has such a projection (the emoji model);
+* ``"concat"``: ``(B, C, h, w)`` channels appended to the latent (an inpainting U-Net's mask and masked
+  image); not text, so the pipeline adds it (see ``sdengine.pipeline.latents``).
+
+One adapter (``sdengine.pipeline.unet_adapter.UNetAdapter``) maps the dict onto the network's arguments,
+and classifier-free guidance concatenates the cond and uncond dicts key by key. Which family a model has
+is decided once, here (:func:`make_conditioner`); nothing downstream asks "CLIP or MiniLM".
+
+The API a trainer uses: ``conditioner(captions) -> Conditioning`` (plain captions, one row each) and
+``conditioner.empty(n)`` (the empty prompt, the unconditional rows of condition dropout). Generation uses
+:meth:`TextConditioner.pair`, which also reads A1111 emphasis and pads cond and uncond to one length.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from sdengine.errors import GenerationError
+
+log = logging.getLogger(__name__)
+
+Conditioning = dict[str, Tensor]
+Note = Callable[[str], None]
+
+
+def _ignore(_: str) -> None:
+    return None
+
+
+def cat_conditioning(parts: Sequence[Conditioning]) -> Conditioning:
+    """Rows of several conditionings stacked, key by key (every part must have the same keys)."""
+    keys = set(parts[0])
+    if any(set(p) != keys for p in parts):
+        raise GenerationError("conditionings with different keys cannot be batched")
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+class TextConditioner(Protocol):
+    kind: str  # "clip" or "minilm"
+
+    def pair(self, prompt: str, negative: str, *, clip_skip: int = 1, note: Note = _ignore
+             ) -> tuple[Conditioning, Conditioning]: ...
+
+    def __call__(self, prompts: Sequence[str]) -> Conditioning: ...
+
+    def empty(self, n: int = 1) -> Conditioning: ...
+
+
+class CLIPConditioner:
+    """SD 1.x / 2.x: CLIP token states, A1111 emphasis, 75-token chunks, clip skip (sdengine.prompts)."""
+
+    kind = "clip"
+
+    def __init__(self, text_encoder: Any, tokenizer: Any, *, pad_token_id: int, dtype: torch.dtype,
+                 name: str = "model") -> None:
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.pad_token_id = pad_token_id
+        self.dtype = dtype
+        self.name = name
+
+    def check_clip_skip(self, clip_skip: Any) -> None:
+        n_layers = self.text_encoder.config.num_hidden_layers
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= n_layers:
+            raise GenerationError(f"clip_skip must be an integer in 1..{n_layers}, got {clip_skip!r}")
+
+    def pair(self, prompt: str, negative: str, *, clip_skip: int = 1, note: Note = _ignore
+             ) -> tuple[Conditioning, Conditioning]:
+        """(cond, uncond), each ``{"crossattn": (1, 77 * k, D)}`` with the same k."""
+        from sdengine.prompts import encode_prompt_pair
+
+        self.check_clip_skip(clip_skip)
+        cond, uncond = encode_prompt_pair(self.text_encoder, self.tokenizer, prompt, negative, clip_skip=clip_skip,
+                                          pad_token_id=self.pad_token_id)
+        return {"crossattn": cond.to(self.dtype)}, {"crossattn": uncond.to(self.dtype)}
+
+    def __call__(self, prompts: Sequence[str], *, clip_skip: int = 1) -> Conditioning:
+        """One row per prompt; prompts of more than one chunk are padded with the empty prompt's chunk to
+        the longest (as A1111 pads a batch)."""
+        from sdengine.prompts import encode_prompt, pad_to_length
+
+        self.check_clip_skip(clip_skip)
+        rows = [encode_prompt(self.text_encoder, self.tokenizer, p, clip_skip=clip_skip,
+                              pad_token_id=self.pad_token_id) for p in prompts]
+        length = max(r.shape[1] for r in rows)
+        if any(r.shape[1] != length for r in rows):
+            empty = self.empty(1, clip_skip=clip_skip)["crossattn"]
+            rows = [pad_to_length(r, length, empty) for r in rows]
+        return {"crossattn": torch.cat(rows).to(self.dtype)}
+
+    def empty(self, n: int = 1, *, clip_skip: int = 1) -> Conditioning:
+        from sdengine.prompts import encode_prompt
+
+        z = encode_prompt(self.text_encoder, self.tokenizer, "", clip_skip=clip_skip, pad_token_id=self.pad_token_id)
+        return {"crossattn": z.to(self.dtype).expand(n, -1, -1)}
+
+
+class MiniLMConditioner:
+    """all-MiniLM-L6-v2 (the built-in emoji model): one fixed ``context_length``-token context (what the
+    model was trained on, see :func:`sdengine.prompts.encode_prompt_minilm`), and with ``pooled`` the
+    sentence vector as ``"vector"``. clip_skip must be 1: MiniLM has no CLIP layers to skip."""
+
+    kind = "minilm"
+
+    def __init__(self, encoder: Any, context_length: int, *, pooled: bool, dtype: torch.dtype,
+                 device: torch.device, name: str = "model") -> None:
+        self.encoder = encoder
+        self.context_length = int(context_length)
+        self.pooled = pooled
+        self.dtype = dtype
+        self.device = device
+        self.name = name
+
+    def check_clip_skip(self, clip_skip: Any) -> None:
+        if clip_skip != 1 or isinstance(clip_skip, bool):
+            raise GenerationError(
+                f"clip_skip {clip_skip!r} does not apply to {self.name}: its text encoder is MiniLM, not CLIP (use 1)"
+            )
+
+    def context(self, text: str, what: str = "prompt", note: Note = _ignore) -> Tensor:
+        """(1, context_length, D) of one prompt, with emphasis; truncation and BREAK reported to ``note``."""
+        from sdengine.prompts import encode_prompt_minilm
+
+        length = self.context_length
+        try:
+            z, tokens, had_break = encode_prompt_minilm(self.encoder, text, length)
+        except ValueError as e:
+            raise GenerationError(f"{what}: {e}") from None
+        if tokens > length:
+            note(f"the {what} is {tokens} tokens long; {self.name} reads only the first {length} "
+                 f"(with [CLS] and [SEP]), the rest was ignored")
+        if had_break:
+            note(f"BREAK in the {what} was read as a space: {self.name} has one {length}-token context")
+        return z.to(self.dtype)
+
+    def vectors(self, texts: Sequence[str]) -> Tensor:
+        """(N, D) pooled sentence vectors (see :func:`sdengine.prompts.pooled_prompt_minilm`)."""
+        from sdengine.prompts import pooled_prompt_minilm
+
+        return torch.cat([pooled_prompt_minilm(self.encoder, t) for t in texts]).to(self.device, self.dtype)
+
+    def pair(self, prompt: str, negative: str, *, clip_skip: int = 1, note: Note = _ignore
+             ) -> tuple[Conditioning, Conditioning]:
+        self.check_clip_skip(clip_skip)
+        cond = {"crossattn": self.context(prompt, "prompt", note)}
+        uncond = {"crossattn": self.context(negative, "negative prompt", note)}
+        if self.pooled:
+            vecs = self.vectors([prompt, negative])
+            cond["vector"], uncond["vector"] = vecs[:1], vecs[1:]
+        return cond, uncond
+
+    def __call__(self, prompts: Sequence[str]) -> Conditioning:
+        out = {"crossattn": torch.cat([self.context(p) for p in prompts])}
+        if self.pooled:
+            out["vector"] = self.vectors(prompts)
+        return out
+
+    def empty(self, n: int = 1) -> Conditioning:
+        one = self([""])
+        return {k: v.expand(n, *v.shape[1:]) for k, v in one.items()}
+
+
+def make_conditioner(text_encoder: Any, tokenizer: Any, *, unet_config: Any, context_length: int | None,
+                     pad_token_id: int, dtype: torch.dtype, device: torch.device, name: str) -> TextConditioner:
+    """The conditioner of a model: MiniLM when the folder gives a fixed ``context_length`` (the emoji
+    format), else CLIP. A U-Net with a pooled-text projection needs MiniLM's sentence vector."""
+    pooled = getattr(unet_config, "projection_class_embeddings_input_dim", None) is not None
+    if context_length is not None:
+        return MiniLMConditioner(text_encoder, context_length, pooled=pooled, dtype=dtype, device=device, name=name)
+    if pooled:
+        raise GenerationError(f"{name}: a pooled text embedding is only supported with a MiniLM text encoder")
+    return CLIPConditioner(text_encoder, tokenizer, pad_token_id=pad_token_id, dtype=dtype, name=name)
+
+
+__all__ = ["CLIPConditioner", "Conditioning", "MiniLMConditioner", "TextConditioner", "cat_conditioning",
+           "make_conditioner"]

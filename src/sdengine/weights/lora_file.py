@@ -1,0 +1,310 @@
+"""LoRA files: reading kohya/A1111 and diffusers/PEFT LoRA files, their alpha, and finding them by name.
+
+A file stores, per adapted layer, a ``down`` matrix (r, in) or convolution (r, in, kh, kw), an ``up`` matrix
+(out, r) or 1x1 convolution, and a scale s = alpha / r (kohya's ``.alpha`` tensor; PEFT's ``lora_alpha``, in the
+``lora_adapter_metadata`` JSON that diffusers writes; alpha = r, so s = 1, when a file has none). Layer names are
+kept as the file spells them: kohya ``lora_unet_`` / ``lora_te_`` (``lora_te1_`` in SDXL files) + the module name
+with underscores; PEFT/diffusers the dotted module name behind ``unet.`` / ``text_encoder.``, with ``lora_A`` /
+``lora_B`` (older diffusers: ``lora.down`` / ``lora.up``, ``lora_linear_layer.*``, ``processor.to_q_lora.*``).
+Matching those names to a model's layers is :mod:`sdengine.weights.lora_keys`.
+
+Names from outside the Python caller (``<lora:NAME:W>`` tags in a prompt, marked as
+:class:`~sdengine.io.paths.ExternalName`) only ever select a file inside the LoRA folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..io.paths import ExternalName, UnsafePathError, is_inside, resolve_inside
+from ..nn.lora import LoRAError
+from .io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightsError, load_file
+
+log = logging.getLogger(__name__)
+
+LoRAFormat = Literal["kohya", "peft"]
+LORA_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+
+
+class LoRAFileError(LoRAError, WeightsError):
+    """A LoRA file that cannot be used with this model, or a LoRA name that finds no file; one line."""
+
+
+class UnsafeLoRANameError(LoRAFileError, UnsafePathError):
+    """A LoRA name that would select a file outside the LoRA folder."""
+
+
+# -------------------------------------------------------------------------------------------- file names
+
+
+# kohya/A1111: `<layer>.lora_down.weight`, `<layer>.lora_up.weight`, `<layer>.alpha`; layer names have no dots.
+_KOHYA_RE = re.compile(
+    r"^(?P<layer>lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
+)
+# PEFT / diffusers: `<module path>.lora_A[.<adapter>].weight`, older `lora.down.weight`, `lora_linear_layer.down...`
+_PEFT_RE = re.compile(
+    r"^(?P<layer>.+?)\.(?:(?P<ab>lora_A|lora_B)(?:\.(?!weight$)[^.]+)?\.weight"
+    r"|(?:lora|lora_linear_layer)\.(?P<du>down|up)\.weight|(?P<alpha>alpha))$"
+)
+# diffusers' attention-processor files: `...attn1.processor.to_q_lora.down.weight`
+_ATTN_PROC_RE = re.compile(r"^(?P<layer>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<du>down|up)\.weight$")
+# Adapters sdengine does not implement: named in the error instead of silently skipped.
+_UNSUPPORTED = [
+    (re.compile(r"\.dora_scale$|\.lora_magnitude_vector"), "DoRA (weight-decomposed LoRA)"),
+    (re.compile(r"\.hada_(w|t)\d"), "LyCORIS LoHa"),
+    (re.compile(r"\.lokr_(w|t)\d"), "LyCORIS LoKr"),
+    (re.compile(r"\.lora_mid\.weight$"), "LyCORIS LoCon with a Tucker (lora_mid) core"),
+    (re.compile(r"\.(diff|diff_b)$"), "full weight differences (diff)"),
+]
+# Names that give away another architecture.
+
+
+@dataclass
+class LoRALayerWeights:
+    """One adapted layer as stored in a file (tensors as read: no copy)."""
+
+    key: str  # the file's name for the layer (kohya layer name, or PEFT module path with its prefix)
+    down: torch.Tensor  # (r, in) or (r, in, kh, kw)
+    up: torch.Tensor  # (out, r) or (out, r, 1, 1)
+    alpha: float | None = None  # None: alpha = rank
+    rslora: bool = False  # PEFT's rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        alpha = float(self.rank) if self.alpha is None else self.alpha
+        return alpha / math.sqrt(self.rank) if self.rslora else alpha / self.rank
+
+
+@dataclass
+class LoRAFile:
+    """A parsed LoRA file: its layers by the file's names, plus what could not be read as LoRA layers."""
+
+    name: str
+    format: LoRAFormat
+    layers: dict[str, LoRALayerWeights]
+    unknown: list[str] = field(default_factory=list)  # keys of no LoRA layout sdengine knows
+    unsupported: dict[str, list[str]] = field(default_factory=dict)  # adapter kind -> keys
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LoRAFile:
+        """Read a .safetensors (or weights-only .ckpt/.pt/.bin) LoRA file."""
+        path = Path(path)
+        sd, info = load_file(path)  # corrupt files raise CorruptFileError (one line) here
+        meta = {k: v for k, v in info.items() if isinstance(v, str)}
+        return cls.from_state_dict(sd, meta, name=path.stem, path=path)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        sd: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        name: str = "lora",
+        path: Path | None = None,
+    ) -> LoRAFile:
+        metadata = dict(metadata or {})
+        where = str(path) if path is not None else name
+        if not sd:
+            raise LoRAFileError(f"{where}: holds no tensors, not a LoRA")
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        unknown: list[str] = []
+        unsupported: dict[str, list[str]] = {}
+        kohya = peft = 0
+        for key, t in sd.items():
+            kind = next((label for rx, label in _UNSUPPORTED if rx.search(key)), None)
+            if kind is not None:
+                unsupported.setdefault(kind, []).append(key)
+                continue
+            m = _KOHYA_RE.match(key)
+            if m:
+                kohya += 1
+                part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m["part"]]
+                parts.setdefault(m["layer"], {})[part] = t
+                continue
+            m = _ATTN_PROC_RE.match(key)
+            if m:
+                peft += 1
+                proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
+                parts.setdefault(f"{m['layer']}.{proj}", {})[m["du"]] = t
+                continue
+            m = _PEFT_RE.match(key)
+            if m and not key.startswith("lora_"):
+                peft += 1
+                part = {"lora_A": "down", "lora_B": "up"}.get(m["ab"] or "", m["du"] or "alpha")
+                parts.setdefault(m["layer"], {})[part] = t
+                continue
+            unknown.append(key)
+        fmt: LoRAFormat = "kohya" if kohya >= peft else "peft"
+        peft_cfg = _peft_metadata(metadata)
+        layers: dict[str, LoRALayerWeights] = {}
+        for layer, p in parts.items():
+            if "down" not in p or "up" not in p:
+                unknown += [f"{layer} (has {'/'.join(sorted(p))} but no {'up' if 'down' in p else 'down'})"]
+                continue
+            down, up = p["down"], p["up"]
+            for part_name, tensor in (("down", down), ("up", up)):
+                if not tensor.is_floating_point():
+                    raise LoRAFileError(f"{where}: {layer} {part_name} has dtype {tensor.dtype}, not floating point")
+            bad = [
+                n
+                for n, tensor in (("down", down), ("up", up), ("alpha", p.get("alpha")))
+                if tensor is not None and not bool(torch.isfinite(tensor.float()).all())
+            ]
+            if bad:
+                raise LoRAFileError(f"{where}: refused: NaN or inf values in {layer} ({', '.join(bad)})")
+            if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
+                raise LoRAFileError(
+                    f"{where}: {layer}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a LoRA pair"
+                )
+            alpha = float(p["alpha"].float().item()) if "alpha" in p else None
+            rslora = False
+            if alpha is None and peft_cfg:
+                alpha, rslora = _peft_alpha(peft_cfg, layer)
+            layers[layer] = LoRALayerWeights(layer, down, up, alpha, rslora)
+        if not layers and not unsupported:
+            shown = ", ".join(unknown[:3])
+            raise LoRAFileError(
+                f"{where}: no LoRA layers found (keys like {shown}); not a kohya or diffusers/PEFT LoRA"
+            )
+        return cls(name, fmt, layers, unknown, unsupported, metadata, path)
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({w.rank for w in self.layers.values()})
+
+
+def _peft_metadata(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """diffusers writes each component's PEFT LoraConfig as JSON keys `<component>.<field>`."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError:
+        log.warning("ignoring unreadable lora_adapter_metadata")
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        comp, _, fld = key.partition(".")
+        out.setdefault(comp, {})[fld] = value
+    return out
+
+
+def _peft_alpha(cfg: Mapping[str, Mapping[str, Any]], layer: str) -> tuple[float | None, bool]:
+    comp, _, module = layer.partition(".")
+    c = cfg.get(comp) or (next(iter(cfg.values())) if len(cfg) == 1 else None)
+    if c is None:
+        return None, False
+    alpha = c.get("lora_alpha")
+    # PEFT matches pattern keys against the end of the module name (alpha_pattern overrides lora_alpha).
+    for pattern, value in (c.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+            alpha = value
+            break
+    return (None if alpha is None else float(alpha)), bool(c.get("use_rslora", False))
+
+
+# ------------------------------------------------------------------------------------ finding the files
+
+
+def list_lora_dir(lora_dir: str | os.PathLike[str]) -> list[str]:
+    """LoRA names in a folder (file stems, relative to it, any depth), as `<lora:NAME>` would use them.
+
+    Files that are symlinks to somewhere outside the folder are left out: a name could not select them."""
+    root = Path(lora_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in _lora_files(root))
+
+
+def _lora_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.suffix.lower() in LORA_SUFFIXES and p.is_file() and is_inside(root, p)]
+
+
+def resolve_lora(name: str | os.PathLike[str], lora_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The file for a LoRA given by path or by name (looked up in ``lora_dir``, with or without suffix, at any
+    depth, case-insensitively by stem).
+
+    A name from outside the Python caller (an :class:`~sdengine.io.paths.ExternalName`, which is what
+    ``<lora:NAME>`` tags give) is only ever looked up inside ``lora_dir``: ``..``, absolute names, percent-encoded
+    escapes and symlinks that lead out of the folder are an :class:`UnsafeLoRANameError`. A plain ``str`` or
+    ``Path`` given by the caller that names an existing file is used as it is.
+    """
+    external = isinstance(name, ExternalName)
+    if not external and Path(name).is_file():
+        return Path(name)
+    if lora_dir is None:
+        if external:
+            raise LoRAFileError(f"LoRA {str(name)!r}: no LoRA folder was given to look the name up in")
+        raise LoRAFileError(f"LoRA file {str(name)!r} does not exist (and no LoRA folder was given to look it up in)")
+    root = Path(lora_dir)
+    if not root.is_dir():
+        raise LoRAFileError(f"LoRA folder {root} does not exist")
+    text = os.fspath(name)
+    real_root = Path(os.path.realpath(root))
+    for suffix in ("", *LORA_SUFFIXES):
+        try:
+            target = resolve_inside(root, text, "LoRA", (suffix,))
+        except UnsafePathError as e:
+            raise UnsafeLoRANameError(str(e)) from None
+        except FileNotFoundError:
+            continue
+        if target.is_file():
+            return root / target.relative_to(real_root)
+    stem = Path(text).name.lower()
+    hits = sorted(q for q in _lora_files(root) if q.stem.lower() == stem)
+    if hits:
+        return hits[0]
+    have = list_lora_dir(root)
+    listing = (", ".join(have[:20]) + (f", ... ({len(have)} in all)" if len(have) > 20 else "")) or "nothing"
+    raise LoRAFileError(f"LoRA {text!r} not found in {root}; it holds: {listing}")
+
+
+_CACHE: OrderedDict[tuple[str, int, int], LoRAFile] = OrderedDict()
+_CACHE_SIZE = 8
+
+
+def load_lora(path: str | os.PathLike[str]) -> LoRAFile:
+    """`LoRAFile.load` with a small cache keyed by (path, mtime, size): a LoRA used for every generation is parsed
+    once (its tensors are memory-mapped, so the cache costs address space, not RAM)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_mtime_ns, st.st_size)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    lf = LoRAFile.load(p)
+    _CACHE[key] = lf
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return lf
+
+
+__all__ = [
+    "LORA_SUFFIXES",
+    "LoRAFile",
+    "LoRAFileError",
+    "LoRAFormat",
+    "LoRALayerWeights",
+    "UnsafeLoRANameError",
+    "list_lora_dir",
+    "load_lora",
+    "resolve_lora",
+]

@@ -1,0 +1,263 @@
+"""LoRA key matching: which of a model's layers each name in a LoRA file adapts, and the report of what matched.
+
+How a file's names find the model's layers (facts from kohya-ss/sd-scripts and diffusers'
+``loaders/lora_conversion_utils.py``): kohya names a layer ``lora_unet_`` / ``lora_te_`` (``lora_te1_`` in SDXL
+files) plus the module's full name with dots turned into underscores, where the U-Net name is diffusers' for SD1/SD2
+files and the original LDM one (``input_blocks_1_1_...``) in SDXL-style files. Rather than guess where the dots
+were, sdengine builds that alias for every Linear/Conv2d of the model (both U-Net spellings, through the LDM table
+in ``keymaps``) and looks names up exactly. PEFT/diffusers files use the dotted module name behind ``unet.`` or
+``text_encoder.``.
+
+Every file gets a :class:`LoRAReport` of matched and unmatched names. No match at all, a layer whose shape differs
+from the model's, or names of another architecture (SDXL's second text encoder, DiT blocks) are errors naming the
+mismatch; a partial match is logged as a warning and listed in the report.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from . import keymaps as km
+from .lora_file import LoRAFile, LoRAFileError, LoRAFormat, LoRALayerWeights
+
+Component = Literal["unet", "text_encoder"]
+
+# Names that give away another architecture.
+_ARCH_HINTS = [
+    (re.compile(r"^lora_te2_|^text_encoder_2\."), "SDXL (it carries a second text encoder, lora_te2_/text_encoder_2)"),
+    (re.compile(r"label_emb|add_embedding"), "SDXL (it carries the added-conditioning embedding)"),
+    (
+        re.compile(r"^lora_transformer_|^transformer\.|^diffusion_model\.|double_blocks|single_blocks|joint_blocks"),
+        "a diffusion transformer (SD3/Flux-style)",
+    ),
+]
+# Cross-attention width (attn2.to_k input) -> family: the one shape that tells SD1, SD2 and SDXL apart.
+_CONTEXT_WIDTH = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+_CROSS_KV_RE = re.compile(r"attn2[._]to_[kv]$")
+
+
+@dataclass(frozen=True)
+class Target:
+    component: Component
+    name: str  # module name inside the component, e.g. down_blocks.0.attentions.0.proj_in
+    module: nn.Module
+
+
+def lora_targets(module: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """Layers a LoRA can adapt: every Linear and Conv2d."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear | nn.Conv2d):
+            yield name, m
+
+
+def kohya_name(component: Component, module_name: str) -> str:
+    """kohya's layer name: component prefix + the module's dotted name with underscores (what its trainer writes)."""
+    prefix = "lora_unet_" if component == "unet" else "lora_te_"
+    return prefix + module_name.replace(".", "_")
+
+
+def unet_ldm_names(unet: nn.Module) -> dict[str, str]:
+    """diffusers module name -> LDM module name, for a U-Net that has the SD layout (else empty)."""
+    cfg = getattr(unet, "config", None)
+    attention = getattr(cfg, "attention", None)
+    if cfg is None or attention is None or "self" in attention or not getattr(cfg, "mid_block", False):
+        return {}
+    has = tuple(a != "none" for a in attention)
+    layout = km.UNetLayout(len(attention), cfg.layers_per_block, has, tuple(reversed(has)), cfg.mid_attention != "none")
+    prefixes = {diff: (ldm, kind) for ldm, diff, kind in km.unet_module_table(layout)}
+    out: dict[str, str] = {}
+    for name, _ in lora_targets(unet):
+        parts = name.split(".")
+        for n in range(len(parts), 0, -1):  # longest prefix wins
+            hit = prefixes.get(".".join(parts[:n]))
+            if hit is None:
+                continue
+            ldm, kind = hit
+            rest = ".".join(parts[n:])
+            table = km.SUFFIX_TABLES[kind]
+            if table is None:
+                out[name] = f"{ldm}.{rest}" if rest else ldm
+            else:
+                rev = {v: k for k, v in table.items()}
+                if rest in rev:
+                    out[name] = f"{ldm}.{rev[rest]}"
+            break
+    return out
+
+
+class ModelIndex:
+    """Every name a LoRA file may use for each adaptable layer of (unet, text_encoder)."""
+
+    def __init__(self, unet: nn.Module | None, text_encoder: Any) -> None:
+        # A text encoder that is not a torch module (the emoji model's MiniLMTextEncoder wrapper) has no
+        # layers a LoRA may adapt: remembered by name, so that a LoRA with text-encoder layers is refused.
+        self.fixed_text_encoder: str | None = None
+        if text_encoder is not None and not isinstance(text_encoder, nn.Module):
+            self.fixed_text_encoder, text_encoder = type(text_encoder).__name__, None
+        self.unet, self.text_encoder = unet, text_encoder
+        self.aliases: dict[str, Target] = {}
+        if unet is not None:
+            ldm = unet_ldm_names(unet)
+            for name, m in lora_targets(unet):
+                t = Target("unet", name, m)
+                for alias in (kohya_name("unet", name), f"unet.{name}", name):
+                    self.aliases.setdefault(alias, t)
+                if name in ldm:
+                    self.aliases.setdefault("lora_unet_" + ldm[name].replace(".", "_"), t)
+        if text_encoder is not None:
+            for name, m in lora_targets(text_encoder):
+                t = Target("text_encoder", name, m)
+                short = name.removeprefix(km.TEXT_MODEL)  # transformers >= 5 drops `text_model.`
+                for alias in (
+                    kohya_name("text_encoder", name),
+                    "lora_te1_" + name.replace(".", "_"),
+                    f"text_encoder.{name}",
+                    f"text_encoder.{short}",
+                    name,
+                ):
+                    self.aliases.setdefault(alias, t)
+
+    def family(self) -> str:
+        cfg = getattr(self.unet, "config", None)
+        width = getattr(cfg, "cross_attention_dim", None)
+        if width in (768, 1024):
+            return _CONTEXT_WIDTH[width]
+        return f"a custom model (cross-attention width {width})" if width else "this model"
+
+
+def _lora_family(lf: LoRAFile) -> str | None:
+    for key in list(lf.layers) + lf.unknown + [k for ks in lf.unsupported.values() for k in ks]:
+        for rx, label in _ARCH_HINTS:
+            if rx.search(key):
+                return label
+    for key, w in lf.layers.items():
+        if _CROSS_KV_RE.search(key.removesuffix(".weight")):
+            width = int(w.down.shape[1])
+            return _CONTEXT_WIDTH.get(width, f"a model with cross-attention width {width}")
+    return None
+
+
+def _fit(w: LoRALayerWeights, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """The pair reshaped for the module, or a description of why it does not fit.
+
+    SD1 stores proj_in/proj_out as 1x1 convolutions and SD2 as Linear layers: a LoRA trained on one layout holds
+    (r, in, 1, 1) or (r, in) for the same map, so spatial singleton dims are added or dropped as the module needs.
+    """
+    down, up = w.down, w.up
+    if isinstance(module, nn.Linear):
+        if down.ndim == 4 and down.shape[2:] == (1, 1) and up.shape[2:] == (1, 1):
+            down, up = down.flatten(1), up.flatten(1)
+        if down.ndim != 2:
+            return f"a {tuple(down.shape[2:])} convolution LoRA on a Linear layer"
+        want_in, want_out = module.in_features, module.out_features
+    else:
+        assert isinstance(module, nn.Conv2d)
+        if module.groups != 1:
+            return "a grouped convolution"
+        if down.ndim == 2:
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        if tuple(down.shape[2:]) != tuple(module.kernel_size) or tuple(up.shape[2:]) != (1, 1):
+            return f"kernel {tuple(down.shape[2:])}/{tuple(up.shape[2:])}, layer has {tuple(module.kernel_size)}"
+        want_in, want_out = module.in_channels, module.out_channels
+    if down.shape[1] != want_in or up.shape[0] != want_out:
+        return f"LoRA maps {down.shape[1]} -> {up.shape[0]}, layer {want_in} -> {want_out}"
+    return down, up
+
+
+@dataclass
+class LoRAReport:
+    """What one file did to the model."""
+
+    name: str
+    path: str | None
+    format: LoRAFormat
+    weight: float
+    matched: list[str]  # "unet:<module>" / "text_encoder:<module>"
+    unmatched: list[str]  # the file's layer names (and unknown keys) that found no layer
+    unsupported: dict[str, list[str]] = field(default_factory=dict)
+    ranks: list[int] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.unmatched and not self.unsupported
+
+    def summary(self) -> str:
+        comps = sorted({m.split(":")[0] for m in self.matched})
+        s = (
+            f"LoRA {self.name} ({self.format}, rank {'/'.join(map(str, self.ranks)) or '?'}, weight {self.weight:g}): "
+            f"{len(self.matched)} layers matched ({', '.join(comps)})"
+        )
+        if self.unmatched:
+            s += f", {len(self.unmatched)} unmatched: {_some(self.unmatched)}"
+        for kind, keys in self.unsupported.items():
+            s += f"; {len(keys)} keys of an unsupported kind ({kind}) skipped"
+        return s
+
+
+def _some(items: Sequence[str], n: int = 4) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+# --------------------------------------------------------------------------------------------- matching
+
+
+def match_lora(
+    lf: LoRAFile, index: ModelIndex
+) -> tuple[dict[str, tuple[Target, torch.Tensor, torch.Tensor]], list[str]]:
+    """File layers -> (model layer, down, up) plus the unmatched names; errors for another architecture."""
+    where = str(lf.path) if lf.path is not None else lf.name
+    te_keys = sorted(k for k in lf.layers if k.startswith(("lora_te", "text_encoder.")))
+    if te_keys and index.fixed_text_encoder is not None:
+        raise LoRAFileError(
+            f"{where}: adapts a text encoder ({len(te_keys)} layers, e.g. {te_keys[0]}), but this model's text "
+            f"encoder ({index.fixed_text_encoder}) cannot be adapted by a LoRA: use one trained on the U-Net only"
+        )
+    matched: dict[str, tuple[Target, torch.Tensor, torch.Tensor]] = {}
+    unmatched: list[str] = []
+    wrong: list[str] = []
+    for key, w in lf.layers.items():
+        target = index.aliases.get(key)
+        if target is None:
+            unmatched.append(key)
+            continue
+        fit = _fit(w, target.module)
+        if isinstance(fit, str):
+            wrong.append(f"{target.component}.{target.name} ({fit})")
+            continue
+        matched[key] = (target, *fit)
+    family = _lora_family(lf)
+    model = index.family()
+    hint = f"; it looks like a LoRA for {family}, the model is {model}" if family and family != model else ""
+    if wrong:
+        raise LoRAFileError(f"{where}: shapes do not match this model: {_some(wrong, 2)}{hint}")
+    if family and family != model and family in {label for _, label in _ARCH_HINTS}:
+        raise LoRAFileError(f"{where}: a LoRA for {family}; the model is {model}")
+    if not matched:
+        if lf.unsupported and not lf.layers:
+            raise LoRAFileError(f"{where}: {', '.join(lf.unsupported)} adapters are not supported")
+        missing_te = index.text_encoder is None and any(k.startswith(("lora_te", "text_encoder.")) for k in lf.layers)
+        why = hint or ("; it adapts the text encoder, and none was given" if missing_te else "")
+        raise LoRAFileError(
+            f"{where}: none of its {len(lf.layers)} layers match this model's layer names "
+            f"(e.g. {_some(sorted(lf.layers), 2)}){why}"
+        )
+    return matched, unmatched + lf.unknown
+
+
+__all__ = [
+    "Component",
+    "LoRAReport",
+    "ModelIndex",
+    "Target",
+    "kohya_name",
+    "lora_targets",
+    "match_lora",
+    "unet_ldm_names",
+]

