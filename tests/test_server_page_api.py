@@ -38,8 +38,12 @@ def test_the_page_and_its_files_are_served(client):
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert '<script type="module" src="/static/app.js">' in r.text
-    for name, kind in (("app.js", "javascript"), ("pnginfo.js", "javascript"), ("mask.js", "javascript"),
-                       ("style.css", "text/css")):
+    for name, kind in (
+        ("app.js", "javascript"),
+        ("pnginfo.js", "javascript"),
+        ("mask.js", "javascript"),
+        ("style.css", "text/css"),
+    ):
         f = client.get(f"/static/{name}")
         assert f.status_code == 200 and kind in f.headers["content-type"], name
     assert client.get("/static/../page_api.py").status_code == 404
@@ -58,8 +62,10 @@ def test_controlnet_preprocess_equals_the_python_preprocessor(client):
     src = Image.new("RGB", (64, 48), "white")
     src.paste((0, 0, 0), (10, 10, 30, 40))
     up = client.post("/v1/uploads", content=png(src), headers={"content-type": "image/png"}).json()["id"]
-    for body, kind, options in (({"preprocessor": "canny", "low": 50, "high": 150}, "canny", {"low": 50, "high": 150}),
-                                ({"preprocessor": "invert"}, "invert", {})):
+    for body, kind, options in (
+        ({"preprocessor": "canny", "low": 50, "high": 150}, "canny", {"low": 50, "high": 150}),
+        ({"preprocessor": "invert"}, "invert", {}),
+    ):
         r = client.post("/v1/controlnets/preprocess", json={"image": up, **body})
         assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
         got = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
@@ -78,8 +84,9 @@ def test_gallery_lists_outputs_newest_first_paged_with_parameters(client, server
     out = server.services.config.outputs_dir
     names = [f"{k:05d}-{k}.png" for k in range(5)]
     for k, name in enumerate(names):
-        save_png(Image.new("RGB", (16, 8), (k * 40, 0, 0)), out / name, f"prompt {k}\nSteps: {k + 1}, Seed: {k}, "
-                 "Size: 16x8")
+        save_png(
+            Image.new("RGB", (16, 8), (k * 40, 0, 0)), out / name, f"prompt {k}\nSteps: {k + 1}, Seed: {k}, Size: 16x8"
+        )
         os.utime(out / name, ns=(10**18 + k * 10**9, 10**18 + k * 10**9))
     (out / "notes.txt").write_text("not an image")
     (out / ".hidden.png").write_bytes(png(Image.new("RGB", (4, 4))))
@@ -100,8 +107,15 @@ def test_with_a_key_only_the_page_is_public(tmp_path):
         assert httpx.get(s.url + "/").status_code == 200
         assert httpx.get(s.url + "/static/app.js").status_code == 200
         assert httpx.head(s.url + "/static/style.css").status_code == 200
-        for method, path in (("POST", "/"), ("POST", "/static/app.js"), ("GET", "/v1/sizes"), ("GET", "/v1/gallery"),
-                             ("POST", "/v1/controlnets/preprocess"), ("GET", "/staticx"), ("GET", "/v1/models")):
+        for method, path in (
+            ("POST", "/"),
+            ("POST", "/static/app.js"),
+            ("GET", "/v1/sizes"),
+            ("GET", "/v1/gallery"),
+            ("POST", "/v1/controlnets/preprocess"),
+            ("GET", "/staticx"),
+            ("GET", "/v1/models"),
+        ):
             assert httpx.request(method, s.url + path).status_code == 401, (method, path)
         assert httpx.get(s.url + "/v1/sizes", headers={"Authorization": "Bearer k3y"}).status_code == 200
     with live_server(server_config(tmp_path)) as s:  # no key: the page still refuses a foreign Host (rebinding)

@@ -23,8 +23,16 @@ from PIL import Image, PngImagePlugin
 from _live_server import live_server, server_config, wait_job
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 PROMPT = "smiling face with sunglasses"
 WAIT_MS = 180_000  # one bounded wait for a job on a busy 2-core machine (a 64x64 job takes ~1 s when idle)
 
@@ -79,10 +87,13 @@ def png_bytes(im: Image.Image, pnginfo: PngImagePlugin.PngInfo | None = None) ->
 
 def shown_image(pg, selector: str) -> np.ndarray:
     """The pixels of the image an <img> shows (its loaded source, fetched inside the page)."""
-    b64 = pg.eval_on_selector(selector, """async (img) => {
+    b64 = pg.eval_on_selector(
+        selector,
+        """async (img) => {
         if (!img.complete || !img.naturalWidth) await new Promise((ok) => img.addEventListener('load', ok));
         const buf = new Uint8Array(await (await fetch(img.src)).arrayBuffer());
-        let s = ''; for (const b of buf) s += String.fromCharCode(b); return btoa(s); }""")
+        let s = ''; for (const b of buf) s += String.fromCharCode(b); return btoa(s); }""",
+    )
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
@@ -102,14 +113,17 @@ def upload(client: httpx.Client, data: bytes) -> str:
 
 
 def shown_errors(pg) -> dict[str, str]:
-    return pg.evaluate("Object.fromEntries([...document.querySelectorAll('.err')].filter((e) => e.textContent)"
-                       ".map((e) => [e.id, e.textContent]))")
+    return pg.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('.err')].filter((e) => e.textContent)"
+        ".map((e) => [e.id, e.textContent]))"
+    )
 
 
 def wait_result(pg) -> str:
     """Wait (bounded) until the job is finished; the parameters shown under the result image."""
-    pg.wait_for_function("/^(Done|Failed|Cancelled|Not started)/.test("
-                         "document.querySelector('#progress-text').textContent)")
+    pg.wait_for_function(
+        "/^(Done|Failed|Cancelled|Not started)/.test(document.querySelector('#progress-text').textContent)"
+    )
     state = pg.text_content("#progress-text")
     assert state.startswith("Done"), (state, shown_errors(pg))
     return pg.text_content("#results pre.parameters")
@@ -127,8 +141,16 @@ def test_txt2img_shows_the_apis_image_with_its_parameters_and_remembers_settings
     assert params.startswith(PROMPT + "\n") and "Steps: 12" in params and "Seed: 7" in params
     assert "Size: 64x64" in params and "CFG scale: 5" in params and "Sampler: DPM++ 2M" in params
     shown = shown_image(page, "#results img")
-    body = {"prompt": PROMPT, "steps": 12, "cfg_scale": 5, "seed": 7, "width": 64, "height": 64,
-            "sampler": "dpmpp_2m", "schedule": "karras"}
+    body = {
+        "prompt": PROMPT,
+        "steps": 12,
+        "cfg_scale": 5,
+        "seed": 7,
+        "width": 64,
+        "height": 64,
+        "sampler": "dpmpp_2m",
+        "schedule": "karras",
+    }
     expected, infotext = api_image(client, body)
     assert shown.shape == (64, 64, 3)
     np.testing.assert_array_equal(shown, expected)
@@ -200,8 +222,10 @@ def test_cancel_stops_a_long_job_and_the_page_says_so(page, client):
     page.fill("#steps", "150")
     page.click("#generate")
     # The progress bar shows step/steps and the ETA, and a preview arrives from the event stream.
-    page.wait_for_function(r"/^Step ([2-9]|\d\d+) \/ 150 · ETA [\d.]+ s$/.test("
-                           "document.querySelector('#progress-text').textContent)")
+    page.wait_for_function(
+        r"/^Step ([2-9]|\d\d+) \/ 150 · ETA [\d.]+ s$/.test("
+        "document.querySelector('#progress-text').textContent)"
+    )
     page.wait_for_selector("#live-preview[src^='data:image/png']", state="visible")
     assert int(page.get_attribute("#progress", "max")) == 150
     t0 = time.monotonic()
@@ -246,26 +270,41 @@ def test_inpainting_with_a_mask_painted_by_mouse(page, client, tmp_path):
     page.click("#generate")
     params = wait_result(page)
     assert "Denoising strength: 0.8" in params and "Seed: 5" in params
-    uploads = [base64.b64decode(b) for b in page.evaluate("""() => Promise.all(window.uploaded.map(async (b) => {
+    uploads = [
+        base64.b64decode(b)
+        for b in page.evaluate("""() => Promise.all(window.uploaded.map(async (b) => {
         const buf = new Uint8Array(await b.arrayBuffer()); let s = '';
-        for (const x of buf) s += String.fromCharCode(x); return btoa(s); }))""")]
+        for (const x of buf) s += String.fromCharCode(x); return btoa(s); }))""")
+    ]
     assert len(uploads) == 2  # the init image, then the painted mask
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(uploads[0])).convert("RGB")), np.asarray(init))
     mask = np.asarray(Image.open(io.BytesIO(uploads[1])).convert("L"))
     assert mask.shape == (64, 64)
     assert mask[32, 20:44].min() > 200 and mask[:20].max() == 0 and mask[44:].max() == 0  # painted: the stroke only
     assert mask[32, :8].max() == 0 and mask[32, 58:].max() == 0
-    body = {"prompt": "a red apple", "steps": 4, "seed": 5, "width": 64, "height": 64, "cfg_scale": 7,
-            "strength": 0.8, "mask_blur": 0, "init_image": upload(client, uploads[0]),
-            "mask": upload(client, uploads[1])}
+    body = {
+        "prompt": "a red apple",
+        "steps": 4,
+        "seed": 5,
+        "width": 64,
+        "height": 64,
+        "cfg_scale": 7,
+        "strength": 0.8,
+        "mask_blur": 0,
+        "init_image": upload(client, uploads[0]),
+        "mask": upload(client, uploads[1]),
+    }
     expected, infotext = api_image(client, body)
     np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
     assert params == infotext
     # Invert and clear act on the painted mask.
     page.click("#mask-invert")
-    painted = page.eval_on_selector("#mask-canvas", """c => { const d = c.getContext('2d')
+    painted = page.eval_on_selector(
+        "#mask-canvas",
+        """c => { const d = c.getContext('2d')
         .getImageData(0, 0, c.width, c.height).data; let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 127;
-        return n; }""")
+        return n; }""",
+    )
     assert painted > 64 * 64 - 64 * 12
     page.click("#mask-clear")
     page.click("#generate")
@@ -295,42 +334,93 @@ def test_controlnet_preview_and_run(page, client, tmp_path):
     page.click("#generate")
     params = wait_result(page)
     assert "ControlNet 0: " in params and "emoji-controlnet-canny" in params
-    body = {"prompt": "a smiling face", "steps": 3, "seed": 3, "width": 64, "height": 64, "cfg_scale": 7,
-            "controlnets": [{"model": "emoji-controlnet-canny", "image": upload(client, path.read_bytes()),
-                             "preprocessor": "canny", "low": 100, "high": 200, "weight": 0.8}]}
+    body = {
+        "prompt": "a smiling face",
+        "steps": 3,
+        "seed": 3,
+        "width": 64,
+        "height": 64,
+        "cfg_scale": 7,
+        "controlnets": [
+            {
+                "model": "emoji-controlnet-canny",
+                "image": upload(client, path.read_bytes()),
+                "preprocessor": "canny",
+                "low": 100,
+                "high": 200,
+                "weight": 0.8,
+            }
+        ],
+    }
     expected, infotext = api_image(client, body)
     np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
     assert params == infotext
 
 
 def drop_file(pg, data: bytes, name: str, target: str = "#results") -> None:
-    pg.eval_on_selector(target, """(el, [b64, name]) => {
+    pg.eval_on_selector(
+        target,
+        """(el, [b64, name]) => {
         const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
         const dt = new DataTransfer();
         dt.items.add(new File([bytes], name, { type: 'image/png' }));
         el.dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true })); }""",
-                        [base64.b64encode(data).decode(), name])
+        [base64.b64encode(data).decode(), name],
+    )
 
 
 def test_dropping_a_png_fills_the_form(page):
     from sdengine.metadata import format_parameters
 
     # Made by sdengine: a tEXt chunk.
-    text = format_parameters({"prompt": "a yellow star", "negative_prompt": "blurry", "steps": 17,
-                              "sampler": "euler_a", "schedule": "karras", "cfg_scale": 5.5, "seed": 1234,
-                              "width": 64, "height": 48})
+    text = format_parameters(
+        {
+            "prompt": "a yellow star",
+            "negative_prompt": "blurry",
+            "steps": 17,
+            "sampler": "euler_a",
+            "schedule": "karras",
+            "cfg_scale": 5.5,
+            "seed": 1234,
+            "width": 64,
+            "height": 48,
+        }
+    )
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", text)
     drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "star.png")
     page.wait_for_function("document.querySelector('#prompt').value === 'a yellow star'")
-    got = {k: page.input_value(f"#{k}") for k in ("negative_prompt", "steps", "sampler", "schedule", "cfg_scale",
-                                                  "seed", "width", "height", "clip_skip")}
-    assert got == {"negative_prompt": "blurry", "steps": "17", "sampler": "euler_a", "schedule": "karras",
-                   "cfg_scale": "5.5", "seed": "1234", "width": "64", "height": "48", "clip_skip": "1"}
+    got = {
+        k: page.input_value(f"#{k}")
+        for k in (
+            "negative_prompt",
+            "steps",
+            "sampler",
+            "schedule",
+            "cfg_scale",
+            "seed",
+            "width",
+            "height",
+            "clip_skip",
+        )
+    }
+    assert got == {
+        "negative_prompt": "blurry",
+        "steps": "17",
+        "sampler": "euler_a",
+        "schedule": "karras",
+        "cfg_scale": "5.5",
+        "seed": "1234",
+        "width": "64",
+        "height": "48",
+        "clip_skip": "1",
+    }
     # As AUTOMATIC1111 writes it for a non-Latin-1 prompt: a compressed iTXt chunk, a combined sampler name.
-    a1111 = ("🍎 apple, <lora:emoji-fruit:0.7>\nsecond line\nNegative prompt: ugly, \"bad\"\n"
-             "Steps: 9, Sampler: DPM++ 2M Karras, CFG scale: 4, Seed: 99, Size: 64x64, "
-             "Model hash: abcdef1234, Model: emoji, Denoising strength: 0.35, Clip skip: 2, Version: v1.10.1")
+    a1111 = (
+        '🍎 apple, <lora:emoji-fruit:0.7>\nsecond line\nNegative prompt: ugly, "bad"\n'
+        "Steps: 9, Sampler: DPM++ 2M Karras, CFG scale: 4, Seed: 99, Size: 64x64, "
+        "Model hash: abcdef1234, Model: emoji, Denoising strength: 0.35, Clip skip: 2, Version: v1.10.1"
+    )
     info = PngImagePlugin.PngInfo()
     info.add_itxt("parameters", a1111, zip=True)
     drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "a1111.png", target="#h-settings")

@@ -113,8 +113,11 @@ def install(app: FastAPI, services: Services) -> None:
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
-                            headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+        return FileResponse(
+            STATIC_DIR / "index.html",
+            media_type="text/html",
+            headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+        )
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -124,23 +127,28 @@ def install(app: FastAPI, services: Services) -> None:
         loaded = {w.model: w.pipe for w in manager.workers if w.model is not None and w.pipe is not None}
         return {"models": {e.name: model_size(e.ref, loaded.get(e.ref)) for e in catalog.models()}}
 
-    @app.post("/v1/controlnets/preprocess", tags=["page"], response_class=Response,
-              responses={200: {"content": {"image/png": {}}}})
+    @app.post(
+        "/v1/controlnets/preprocess",
+        tags=["page"],
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
     async def controlnet_preprocess(req: PreprocessRequest) -> Response:
         """The control image a ControlNet unit with this preprocessor would get, as a PNG."""
         data = await asyncio.to_thread(preprocess_image, services, req)
-        return Response(data, media_type="image/png", headers={"X-Content-Type-Options": "nosniff",
-                                                               "Cache-Control": "no-store"})
+        return Response(
+            data, media_type="image/png", headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+        )
 
     @app.get("/v1/gallery", tags=["page"])
-    def gallery(offset: int = Query(0, ge=0, le=10_000_000),
-                limit: int = Query(24, ge=1, le=GALLERY_MAX_PAGE)) -> dict[str, Any]:
+    def gallery(
+        offset: int = Query(0, ge=0, le=10_000_000), limit: int = Query(24, ge=1, le=GALLERY_MAX_PAGE)
+    ) -> dict[str, Any]:
         """Images of the outputs folder, newest first: ``{total, offset, items: [{name, url, width, height,
         parameters}]}``."""
         files = gallery_files(Path(config.outputs_dir))
         items = []
-        for p in files[offset:offset + limit]:
+        for p in files[offset : offset + limit]:
             text, w, h = png_parameters(p)
-            items.append({"name": p.name, "url": f"/v1/images/{p.name}", "width": w, "height": h,
-                          "parameters": text})
+            items.append({"name": p.name, "url": f"/v1/images/{p.name}", "width": w, "height": h, "parameters": text})
         return {"total": len(files), "offset": offset, "limit": limit, "items": items}
