@@ -139,11 +139,12 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
     )
     _install_error_handlers(app)
     _native_routes(app, services)
-    from sdengine.server import a1111, comfy, openai_images
+    from sdengine.server import a1111, comfy, openai_images, page_api
 
     a1111.install(app, services)
     openai_images.install(app, services)
     app.include_router(comfy.router)  # ComfyUI API-format workflows (server/comfy/)
+    page_api.install(app, services)  # the web page at / and its routes
     return app
 
 

@@ -32,6 +32,7 @@ from sdengine.server.errors import BadRequest, PayloadTooLarge, ServerConfigErro
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 PUBLIC_PATHS = frozenset({"/healthz"})  # answered without a key (load balancers' health checks)
+PUBLIC_PAGE = ("/", "/static/")  # the web page: no secret in it; it asks for the key itself
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
@@ -172,7 +173,11 @@ class SecurityMiddleware:
             return 403, (
                 f"requests from the page at Origin {origin!r} are refused (not this server's; see --cors-origins)"
             )
-        if self.api_key is not None and path not in PUBLIC_PATHS and method != "OPTIONS":
+        public = path in PUBLIC_PATHS or (
+            method in ("GET", "HEAD")
+            and (path == PUBLIC_PAGE[0] or (path.startswith(PUBLIC_PAGE[1]) and ".." not in path))
+        )
+        if self.api_key is not None and not public and method != "OPTIONS":
             if not key_matches(headers, self.api_key):
                 return 401, "missing or wrong API key (send 'Authorization: Bearer KEY')"
         return None

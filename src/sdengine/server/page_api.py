@@ -1,0 +1,154 @@
+"""The web page at ``/`` and the few routes it needs beyond the native job API.
+
+* ``GET /`` and ``/static/...``: the page (plain HTML/CSS/JavaScript from ``static/``, no build step).
+  Public even with ``--api-key`` (the page holds no secret; it asks for the key and sends it as a bearer
+  header on every API call).
+* ``GET /v1/sizes``: each model's default size and the multiple its width/height must be, so that the
+  page can fill and snap the size fields before a job is sent.
+* ``POST /v1/controlnets/preprocess``: the control map a ControlNet unit would get (an upload id or a
+  base64 image, a preprocessor and its options) as a PNG, to look at before generating.
+* ``GET /v1/gallery``: the PNGs of the outputs folder, newest first, paged, each with its ``parameters``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import io
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Query
+from fastapi.responses import FileResponse, Response
+from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdengine.server.errors import BadRequest
+
+if TYPE_CHECKING:
+    from sdengine.server.app import Services
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+DEFAULT_SIZE, DEFAULT_MULTIPLE = 512, 8  # a single-file checkpoint's size is only known once loaded
+GALLERY_MAX_PAGE = 100
+
+
+class PreprocessRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(..., min_length=1, description="an upload id (POST /v1/uploads) or a base64 image")
+    preprocessor: str = Field("none", max_length=64)
+    low: float | None = Field(None, ge=0, le=255, allow_inf_nan=False, description="canny low threshold")
+    high: float | None = Field(None, ge=0, le=255, allow_inf_nan=False, description="canny high threshold")
+
+
+def model_size(ref: str, loaded: Any | None = None) -> dict[str, int]:
+    """Default side and size multiple of a model: from its loaded pipeline when a worker holds it, else
+    from a diffusers folder's configs (U-Net sample size x the VAE's downscale factor)."""
+    if loaded is not None:
+        side, multiple = int(loaded.default_size), int(loaded.size_multiple)
+        return {"width": side, "height": side, "multiple": multiple}
+    from sdengine.pipeline import BUILTIN_SD
+
+    folder = BUILTIN_SD.get(ref, Path(ref))
+    try:
+        unet = json.loads((Path(folder) / "unet" / "config.json").read_text())
+        vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        side = int(unet["sample_size"]) * factor
+        return {"width": side, "height": side, "multiple": max(8, factor)}
+    except (OSError, KeyError, TypeError, ValueError):
+        return {"width": DEFAULT_SIZE, "height": DEFAULT_SIZE, "multiple": DEFAULT_MULTIPLE}
+
+
+def gallery_files(outputs_dir: Path) -> list[Path]:
+    """PNG files directly in the outputs folder (what GET /v1/images serves), newest first."""
+    if not outputs_dir.is_dir():
+        return []
+    files = []
+    with os.scandir(outputs_dir) as it:
+        for e in it:
+            if e.name.startswith(".") or not e.name.lower().endswith(".png") or not e.is_file(follow_symlinks=False):
+                continue
+            files.append((e.stat().st_mtime_ns, e.name))
+    files.sort(reverse=True)  # newest first; equal times: the higher file number first
+    return [outputs_dir / name for _, name in files]
+
+
+def png_parameters(path: Path) -> tuple[str | None, int, int]:
+    """The ``parameters`` text and size of a PNG, without decoding its pixels (text after the image
+    data is not seen; sdengine and A1111 write it before)."""
+    try:
+        with Image.open(path) as im:
+            text = im.info.get("parameters")
+            return (None if text is None else str(text)), im.width, im.height
+    except (OSError, SyntaxError, ValueError):
+        return None, 0, 0
+
+
+def preprocess_image(services: Services, req: PreprocessRequest) -> bytes:
+    from sdengine.control import PREPROCESSORS, ControlNetError, preprocess
+
+    kind = (req.preprocessor or "none").strip().lower()
+    if kind not in PREPROCESSORS:
+        raise BadRequest(f"unknown preprocessor {req.preprocessor!r}; available: {', '.join(PREPROCESSORS)}")
+    img = ImageOps.exif_transpose(services.uploads.image(req.image, "control image")).convert("RGB")
+    accepted = set(list(inspect.signature(PREPROCESSORS[kind]).parameters)[1:])
+    options = {n: float(v) for n, v in (("low", req.low), ("high", req.high)) if v is not None and n in accepted}
+    try:
+        out = preprocess(kind, img, **options)
+    except (ControlNetError, ValueError) as e:
+        raise BadRequest(f"preprocessor {kind}: {e}") from None
+    buf = io.BytesIO()
+    out.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def install(app: FastAPI, services: Services) -> None:
+    """Add the page and its routes to ``app``."""
+    from fastapi.staticfiles import StaticFiles
+
+    config, catalog, manager = services.config, services.catalog, services.manager
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(
+            STATIC_DIR / "index.html",
+            media_type="text/html",
+            headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+        )
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/v1/sizes", tags=["page"])
+    def sizes() -> dict[str, Any]:
+        """Per model: ``{width, height, multiple}`` (default size; width and height must be multiples)."""
+        loaded = {w.model: w.pipe for w in manager.workers if w.model is not None and w.pipe is not None}
+        return {"models": {e.name: model_size(e.ref, loaded.get(e.ref)) for e in catalog.models()}}
+
+    @app.post(
+        "/v1/controlnets/preprocess",
+        tags=["page"],
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
+    async def controlnet_preprocess(req: PreprocessRequest) -> Response:
+        """The control image a ControlNet unit with this preprocessor would get, as a PNG."""
+        data = await asyncio.to_thread(preprocess_image, services, req)
+        return Response(
+            data, media_type="image/png", headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+        )
+
+    @app.get("/v1/gallery", tags=["page"])
+    def gallery(
+        offset: int = Query(0, ge=0, le=10_000_000), limit: int = Query(24, ge=1, le=GALLERY_MAX_PAGE)
+    ) -> dict[str, Any]:
+        """Images of the outputs folder, newest first: ``{total, offset, items: [{name, url, width, height,
+        parameters}]}``."""
+        files = gallery_files(Path(config.outputs_dir))
+        items = []
+        for p in files[offset : offset + limit]:
+            text, w, h = png_parameters(p)
+            items.append({"name": p.name, "url": f"/v1/images/{p.name}", "width": w, "height": h, "parameters": text})
+        return {"total": len(files), "offset": offset, "limit": limit, "items": items}

@@ -1,0 +1,751 @@
+// sdengine's web page: a form over the server's native job API (/v1/jobs, its event stream, /v1/uploads,
+// /v1/images, the name lists), nothing else. Every request goes through api(), which adds the API key as a
+// bearer header when the server asks for one; the event stream is read with fetch (EventSource cannot send
+// headers) and images are fetched as blobs for the same reason.
+
+import { MaskPainter } from "./mask.js";
+import { parseInfotext, pngTextChunks } from "./pnginfo.js";
+
+const $ = (id) => document.getElementById(id);
+const SETTINGS_KEY = "sdengine.settings.v1";
+const API_KEY = "sdengine.apiKey";
+const GALLERY_PAGE = 12;
+const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
+  "height", "batch_size", "clip_skip", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
+  "cn-weight", "cn-start", "cn-end"];
+const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
+  sgm_uniform: "SGM Uniform" };
+const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras", exponential: "exponential",
+  "sgm uniform": "sgm_uniform" };
+
+const state = {
+  samplers: [], sizes: {}, loras: [], model: null, lastSeed: null, jobId: null, running: false,
+  initBlob: null, controlBlob: null, galleryOffset: 0, galleryTotal: 0, resultUrls: [], galleryUrls: [],
+};
+
+// ------------------------------------------------------------------------------------------ the API
+
+class ApiError extends Error {
+  constructor(status, message, field = null) {
+    super(message);
+    this.status = status;
+    this.field = field;
+  }
+}
+
+function authHeaders() {
+  const key = localStorage.getItem(API_KEY);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+let keyPrompt = null; // one dialog for all the requests that met a 401 at the same time
+
+function askForKey(message) {
+  if (!keyPrompt) {
+    keyPrompt = new Promise((resolve) => {
+      const dialog = $("key-dialog");
+      $("err-key").textContent = message || "";
+      $("key-input").value = "";
+      $("key-form").onsubmit = () => {
+        localStorage.setItem(API_KEY, $("key-input").value.trim());
+        $("key-button").hidden = false;
+        keyPrompt = null;
+        resolve();
+      };
+      dialog.showModal();
+      $("key-input").focus();
+    });
+  }
+  return keyPrompt;
+}
+
+async function errorOf(response) {
+  let body = null;
+  try { body = await response.json(); } catch (e) { /* not JSON */ }
+  if (body && Array.isArray(body.detail) && body.detail.length) {
+    // FastAPI's 422: [{loc: ["body", "width"], msg}]; the field is the first name after "body".
+    const d = body.detail[0];
+    const loc = (d.loc || []).filter((x) => x !== "body");
+    const name = loc.length ? String(loc[0]) : null;
+    return new ApiError(response.status, `${loc.join(".") || "request"}: ${d.msg}`, name);
+  }
+  let message = (body && (typeof body.detail === "string" ? body.detail : body.error?.message)) ||
+    `${response.status} ${response.statusText}`;
+  if (response.status === 429) {
+    const after = response.headers.get("Retry-After");
+    message = `The server's queue is full; try again${after ? ` in ${after} s` : " later"}. (${message})`;
+    return new ApiError(429, message, "general");
+  }
+  return new ApiError(response.status, message);
+}
+
+async function api(path, options = {}) {
+  for (let attempt = 0; attempt < 4; attempt++) {
+    let response;
+    try {
+      response = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...authHeaders() } });
+    } catch (e) {
+      throw new ApiError(0, `cannot reach the server (${e.message})`, "general");
+    }
+    if (response.status === 401) {
+      await askForKey(attempt ? "That key was refused; try again." : "");
+      continue;
+    }
+    if (!response.ok) throw await errorOf(response);
+    return response;
+  }
+  throw new ApiError(401, "the server refused the API key", "general");
+}
+
+const getJSON = async (path) => (await api(path)).json();
+
+async function upload(blob, what) {
+  if (!blob) throw new ApiError(400, `${what}: pick an image first`, what === "mask" ? "mask" : what);
+  const r = await api("/v1/uploads", { method: "POST", headers: { "Content-Type": blob.type || "image/png" },
+    body: blob });
+  return (await r.json()).id;
+}
+
+/** An image URL of the API as a blob (sent with the key), and an object URL for <img>. */
+async function fetchImage(url) {
+  const blob = await (await api(url)).blob();
+  return { blob, objectUrl: URL.createObjectURL(blob) };
+}
+
+// -------------------------------------------------------------------------------------- errors
+
+const ERROR_FIELDS = [
+  [/controlnet|preprocessor|control image/i, "controlnet"],
+  [/\blora\b|<lora/i, "loras"],
+  [/init[_ ]image|img2img/i, "init_image"],
+  [/\bmask_blur\b/i, "mask_blur"],
+  [/\bmask\b/i, "mask"],
+  [/strength/i, "strength"],
+  [/\bwidth\b/i, "width"],
+  [/\bheight\b|\bsize\b/i, "height"],
+  [/\bsampler\b/i, "sampler"],
+  [/\bschedule\b/i, "schedule"],
+  [/\bsteps\b/i, "steps"],
+  [/cfg/i, "cfg_scale"],
+  [/\bseed\b/i, "seed"],
+  [/batch/i, "batch_size"],
+  [/clip_skip|clip skip/i, "clip_skip"],
+  [/\bmodel\b/i, "model"],
+  [/negative_prompt/i, "negative_prompt"],
+  [/\bprompt\b/i, "prompt"],
+];
+const FIELD_ALIASES = { controlnets: "controlnet", loras: "loras", init_image: "init_image", mask: "mask" };
+
+function fieldOf(message, hint) {
+  if (hint && $(`err-${FIELD_ALIASES[hint] || hint}`)) return FIELD_ALIASES[hint] || hint;
+  for (const [re, field] of ERROR_FIELDS) if (re.test(message)) return field;
+  return "general";
+}
+
+function clearErrors() {
+  for (const el of document.querySelectorAll(".err")) el.textContent = "";
+  for (const el of document.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
+}
+
+function showError(field, message) {
+  const box = $(`err-${field}`) || $("err-general");
+  box.textContent = message;
+  const input = $(field);
+  if (input) {
+    input.setAttribute("aria-invalid", "true");
+    input.setAttribute("aria-describedby", box.id);
+  }
+  const section = box.closest("details");
+  if (section) section.open = true;
+  box.scrollIntoView({ block: "nearest" });
+}
+
+function showApiError(e) {
+  const message = e instanceof Error ? e.message : String(e);
+  showError(fieldOf(message, e.field), message);
+}
+
+// ------------------------------------------------------------------------------------ pickers
+
+function option(select, value, label) {
+  const o = document.createElement("option");
+  o.value = value;
+  o.textContent = label ?? value;
+  select.append(o);
+}
+
+function fillSchedules() {
+  const select = $("schedule");
+  const keep = select.value;
+  const spec = state.samplers.find((s) => s.name === $("sampler").value);
+  select.replaceChildren();
+  for (const s of spec ? spec.schedules : ["normal"]) option(select, s, SCHEDULE_LABELS[s] || s);
+  if ([...select.options].some((o) => o.value === keep)) select.value = keep;
+  else if ([...select.options].some((o) => o.value === "karras")) select.value = "karras";
+}
+
+function sizeOf(model) {
+  return state.sizes[model] || { width: 512, height: 512, multiple: 8 };
+}
+
+function snap(input) {
+  const m = sizeOf($("model").value).multiple;
+  const v = input.valueAsNumber;
+  if (Number.isFinite(v) && v > 0) input.value = String(Math.max(m, Math.round(v / m) * m));
+}
+
+function renderLoras() {
+  const list = $("lora-list");
+  list.replaceChildren();
+  if (!state.loras.length) list.textContent = "No LoRAs on this server.";
+  state.loras.forEach((l, i) => {
+    const row = document.createElement("div");
+    row.className = "lora";
+    const use = document.createElement("label");
+    use.className = "inline";
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.id = `lora-use-${i}`;
+    use.append(box, ` ${l.name}`);
+    const weightLabel = document.createElement("label");
+    weightLabel.htmlFor = `lora-weight-${i}`;
+    weightLabel.className = "visually-hidden";
+    weightLabel.textContent = `Weight of ${l.name}`;
+    const weight = document.createElement("input");
+    Object.assign(weight, { type: "number", id: `lora-weight-${i}`, min: "-10", max: "10", step: "0.05", value: "1" });
+    const cell = document.createElement("span");
+    cell.append(weightLabel, weight);
+    row.append(use, cell);
+    list.append(row);
+  });
+}
+
+async function loadPickers() {
+  const [models, samplers, loras, controlnets, sizes] = await Promise.all([
+    getJSON("/v1/models"), getJSON("/v1/samplers"), getJSON("/v1/loras"), getJSON("/v1/controlnets"),
+    getJSON("/v1/sizes"),
+  ]);
+  state.sizes = sizes.models;
+  const model = $("model");
+  model.replaceChildren();
+  for (const m of models.data) option(model, m.id);
+  const current = models.data.find((m) => m.current);
+  if (current) model.value = current.id;
+  state.samplers = samplers.samplers;
+  const sampler = $("sampler");
+  sampler.replaceChildren();
+  for (const s of state.samplers) option(sampler, s.name, s.a1111);
+  sampler.value = state.samplers.some((s) => s.name === "dpmpp_2m") ? "dpmpp_2m" : state.samplers[0]?.name;
+  fillSchedules();
+  const size = sizeOf(model.value);
+  $("width").value = size.width;
+  $("height").value = size.height;
+  state.loras = loras.loras;
+  renderLoras();
+  const cn = $("cn-model");
+  cn.replaceChildren();
+  for (const c of controlnets.controlnets) option(cn, c.name);
+  const pre = $("cn-pre");
+  pre.replaceChildren();
+  for (const p of controlnets.preprocessors) option(pre, p);
+  if (controlnets.preprocessors.includes("canny")) pre.value = "canny";
+}
+
+// ----------------------------------------------------------------------------------- settings
+
+function saveSettings() {
+  const s = {};
+  for (const id of FIELDS) s[id] = $(id).value;
+  s.cnEnabled = $("cn-enabled").checked;
+  s.loras = Object.fromEntries(state.loras.map((l, i) => [l.name,
+    { use: $(`lora-use-${i}`).checked, weight: $(`lora-weight-${i}`).value }]));
+  try { localStorage.setItem(SETTINGS_KEY, JSON.stringify(s)); } catch (e) { /* storage full or off */ }
+}
+
+function setValue(id, value) {
+  const el = $(id);
+  if (value === undefined || value === null) return false;
+  if (el.tagName === "SELECT") {
+    if (![...el.options].some((o) => o.value === String(value))) return false;
+    el.value = String(value);
+    if (id === "sampler") fillSchedules();
+    return true;
+  }
+  el.value = String(value);
+  return true;
+}
+
+function restoreSettings() {
+  let s;
+  try { s = JSON.parse(localStorage.getItem(SETTINGS_KEY) || "null"); } catch (e) { s = null; }
+  if (!s) return;
+  // The sampler first: it decides which schedules there are.
+  for (const id of ["sampler", ...FIELDS.filter((f) => f !== "sampler")]) setValue(id, s[id]);
+  $("cn-enabled").checked = !!s.cnEnabled;
+  state.loras.forEach((l, i) => {
+    const saved = s.loras?.[l.name];
+    if (saved) {
+      $(`lora-use-${i}`).checked = !!saved.use;
+      $(`lora-weight-${i}`).value = saved.weight;
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------ infotext -> form
+
+function samplerFromA1111(name) {
+  const exact = state.samplers.find((s) => s.a1111 === name || s.name === name);
+  if (exact) return { sampler: exact.name, schedule: null };
+  for (const [label, schedule] of Object.entries(A1111_SCHEDULES)) {
+    const suffix = ` ${label}`;
+    if (name.toLowerCase().endsWith(suffix)) {
+      const base = state.samplers.find((s) => s.a1111 === name.slice(0, -suffix.length));
+      if (base) return { sampler: base.name, schedule };
+    }
+  }
+  return null;
+}
+
+/** Fill the form from an A1111/sdengine infotext; the names of the fields that were set. */
+function applyInfotext(text) {
+  const p = parseInfotext(text);
+  const f = p.fields;
+  const set = [];
+  const put = (id, value) => { if (setValue(id, value)) set.push(id); };
+  put("prompt", p.prompt);
+  put("negative_prompt", p.negative_prompt);
+  if (f.Steps) put("steps", parseInt(f.Steps, 10));
+  if (f.Sampler) {
+    const s = samplerFromA1111(f.Sampler);
+    if (s) {
+      put("sampler", s.sampler);
+      // As sdengine reads it (--from-png): a sampler without a schedule type means the model's own spacing.
+      put("schedule", s.schedule || "normal");
+    }
+  }
+  if (f["Schedule type"]) put("schedule", A1111_SCHEDULES[f["Schedule type"].toLowerCase()]);
+  if (f["CFG scale"]) put("cfg_scale", parseFloat(f["CFG scale"]));
+  if (f.Seed) put("seed", f.Seed);
+  const size = /^(\d+)x(\d+)$/.exec(f.Size || "");
+  if (size) { put("width", size[1]); put("height", size[2]); }
+  if (f["Denoising strength"]) put("strength", parseFloat(f["Denoising strength"]));
+  if (f["Mask blur"]) put("mask_blur", parseFloat(f["Mask blur"]));
+  put("clip_skip", f["Clip skip"] ? parseInt(f["Clip skip"], 10) : 1); // A1111 writes it only when > 1
+  if (f.Model) put("model", f.Model);
+  saveSettings();
+  return set;
+}
+
+// --------------------------------------------------------------------------------- images in
+
+let painter;
+
+function setMode(mode) {
+  $("mode").value = mode;
+  updateMode();
+}
+
+function updateMode() {
+  const mode = $("mode").value;
+  const inpaint = mode === "inpaint";
+  $("mask-tools").hidden = !inpaint;
+  $("mask_blur").closest(".field").hidden = !inpaint;
+  $("mask-canvas").hidden = !inpaint;
+  $("strength").closest(".field").hidden = mode === "txt2img";
+}
+
+function setInitImage(blob, mode) {
+  state.initBlob = blob;
+  URL.revokeObjectURL($("init-preview").src);
+  const url = URL.createObjectURL(blob);
+  const img = $("init-preview");
+  img.onload = () => {
+    painter.reset(img.naturalWidth, img.naturalHeight);
+    $("init-stage").hidden = false;
+    $("init-stage").scrollIntoView({ block: "nearest" });
+  };
+  img.src = url;
+  $("img2img-section").open = true;
+  if (mode || $("mode").value === "txt2img") setMode(mode || "img2img");
+}
+
+function setControlImage(blob) {
+  state.controlBlob = blob;
+  URL.revokeObjectURL($("cn-source").src);
+  const url = URL.createObjectURL(blob);
+  $("cn-source").src = url;
+  $("cn-source").hidden = false;
+  $("cn-preview").hidden = true;
+  $("cn-enabled").checked = true;
+  $("controlnet-section").open = true;
+}
+
+function cnOptions() {
+  const unit = { preprocessor: $("cn-pre").value };
+  if (unit.preprocessor === "canny") {
+    unit.low = $("cn-low").valueAsNumber;
+    unit.high = $("cn-high").valueAsNumber;
+  }
+  return unit;
+}
+
+async function previewControl() {
+  $("err-controlnet").textContent = "";
+  try {
+    const image = await upload(state.controlBlob, "controlnet");
+    const r = await api("/v1/controlnets/preprocess", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ image, ...cnOptions() }) });
+    URL.revokeObjectURL($("cn-preview").src);
+    $("cn-preview").src = URL.createObjectURL(await r.blob());
+    $("cn-preview").hidden = false;
+  } catch (e) {
+    showError("controlnet", e.message);
+  }
+}
+
+// --------------------------------------------------------------------------------- the request
+
+function number(id, label, integer) {
+  const v = $(id).valueAsNumber;
+  if (!Number.isFinite(v)) throw new ApiError(400, `${label}: enter a number`, id);
+  if (integer && !Number.isInteger(v)) throw new ApiError(400, `${label}: enter a whole number`, id);
+  return v;
+}
+
+async function buildRequest() {
+  const body = {
+    prompt: $("prompt").value,
+    negative_prompt: $("negative_prompt").value,
+    model: $("model").value || null,
+    sampler: $("sampler").value,
+    schedule: $("schedule").value,
+    steps: number("steps", "Steps", true),
+    cfg_scale: number("cfg_scale", "Guidance", false),
+    seed: number("seed", "Seed", true),
+    width: number("width", "Width", true),
+    height: number("height", "Height", true),
+    batch_size: number("batch_size", "Batch size", true),
+    clip_skip: number("clip_skip", "Clip skip", true),
+  };
+  const mode = $("mode").value;
+  if (mode !== "txt2img") {
+    if (!state.initBlob) throw new ApiError(400, "pick or drop an init image, or choose text to image", "init_image");
+    body.strength = number("strength", "Strength", false);
+    body.init_image = await upload(state.initBlob, "init_image");
+    if (mode === "inpaint") {
+      if (!painter.painted) throw new ApiError(400, "paint the area to repaint on the image first", "mask");
+      body.mask = await upload(await painter.toBlob(), "mask");
+      body.mask_blur = number("mask_blur", "Mask blur", false);
+    }
+  }
+  if ($("cn-enabled").checked) {
+    if (!$("cn-model").value) throw new ApiError(400, "this server has no ControlNet", "controlnet");
+    if (!state.controlBlob) throw new ApiError(400, "ControlNet: pick or drop a control image", "controlnet");
+    body.controlnets = [{
+      model: $("cn-model").value, image: await upload(state.controlBlob, "controlnet"), ...cnOptions(),
+      weight: number("cn-weight", "ControlNet weight", false), start: number("cn-start", "ControlNet start", false),
+      end: number("cn-end", "ControlNet end", false),
+    }];
+  }
+  body.loras = state.loras.flatMap((l, i) => ($(`lora-use-${i}`).checked
+    ? [{ name: l.name, weight: number(`lora-weight-${i}`, `LoRA ${l.name} weight`, false) }] : []));
+  return body;
+}
+
+// ---------------------------------------------------------------------------------- the job
+
+function setRunning(running) {
+  state.running = running;
+  $("generate").disabled = running;
+  $("cancel").disabled = !running;
+}
+
+function showProgress(job) {
+  const bar = $("progress");
+  const text = $("progress-text");
+  if (job.state === "queued") {
+    bar.removeAttribute("value");
+    text.textContent = job.position ? `Queued: ${job.position} job(s) before this one` : "Queued: next";
+    return;
+  }
+  bar.max = Math.max(1, job.steps);
+  bar.value = job.step;
+  if (job.state === "running") {
+    const eta = job.eta === null || job.eta === undefined ? "" : ` · ETA ${job.eta.toFixed(1)} s`;
+    text.textContent = `Step ${job.step} / ${job.steps}${eta}`;
+  }
+  if (job.preview) {
+    $("live-preview").src = job.preview;
+    $("live-preview").hidden = false;
+  }
+}
+
+/** Follow a job through its event stream (fetch, so the key header goes along); the finished job. */
+async function followJob(id) {
+  try {
+    const r = await api(`/v1/jobs/${id}/events`, { headers: { Accept: "text/event-stream" } });
+    const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value.replace(/\r\n/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        let name = "message";
+        let data = "";
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event:")) name = line.slice(6).trim();
+          else if (line.startsWith("data:")) data += line.slice(5).trim();
+        }
+        if (!data) continue;
+        const job = JSON.parse(data);
+        showProgress(job);
+        if (["done", "failed", "cancelled"].includes(name)) {
+          reader.cancel().catch(() => {});
+          return job;
+        }
+      }
+    }
+  } catch (e) {
+    if (e instanceof ApiError && e.status !== 0) throw e;
+  }
+  // The stream ended early (a proxy, a network blip): ask for the job until it is finished.
+  for (let i = 0; i < 36000; i++) {
+    const job = await getJSON(`/v1/jobs/${id}`);
+    showProgress(job);
+    if (["done", "failed", "cancelled"].includes(job.state)) return job;
+    await new Promise((resolve) => setTimeout(resolve, 500));
+  }
+  throw new ApiError(0, "lost track of the job", "general");
+}
+
+async function generate() {
+  if (state.running) return;
+  clearErrors();
+  for (const id of ["width", "height"]) snap($(id));
+  saveSettings();
+  setRunning(true);
+  $("progress-text").textContent = "Sending…";
+  $("live-preview").hidden = true;
+  try {
+    const body = await buildRequest();
+    const created = await (await api("/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body) })).json();
+    state.jobId = created.id;
+    showProgress({ state: "queued", position: created.position });
+    const job = await followJob(created.id);
+    if (job.state === "done") {
+      if (job.images.length) state.lastSeed = job.images[0].seed;
+      await showResults(job.images.map((im) => ({ ...im, parameters: im.infotext })));
+      $("live-preview").hidden = true;
+      $("progress").value = $("progress").max;
+      $("progress-text").textContent = `Done: ${job.images.length} image(s) in ` +
+        `${(job.finished - job.started).toFixed(1)} s`;
+      loadGallery(0);
+    } else if (job.state === "cancelled") {
+      $("progress-text").textContent = `Cancelled${job.step ? ` after step ${job.step} of ${job.steps}` : ""}`;
+    } else {
+      $("progress-text").textContent = "Failed";
+      showError(fieldOf(job.error || ""), job.error || "the job failed");
+    }
+  } catch (e) {
+    $("progress-text").textContent = "Not started";
+    showApiError(e);
+  } finally {
+    state.jobId = null;
+    setRunning(false);
+  }
+}
+
+async function cancel() {
+  if (!state.jobId) return;
+  $("cancel").disabled = true;
+  $("progress-text").textContent = "Cancelling…";
+  try {
+    await api(`/v1/jobs/${state.jobId}`, { method: "DELETE" });
+  } catch (e) {
+    showApiError(e);
+  }
+}
+
+// ---------------------------------------------------------------------------------- results
+
+function button(label, onClick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+async function showResults(items) {
+  const box = $("results");
+  const loaded = await Promise.all(items.map((item) => fetchImage(item.url)));
+  box.replaceChildren();
+  for (const u of state.resultUrls.splice(0)) URL.revokeObjectURL(u);
+  items.forEach((item, k) => {
+    const { blob, objectUrl } = loaded[k];
+    state.resultUrls.push(objectUrl);
+    const fig = document.createElement("figure");
+    fig.className = "result";
+    const img = document.createElement("img");
+    img.alt = `generated image ${item.name || ""}`.trim();
+    img.src = objectUrl;
+    const pre = document.createElement("pre");
+    pre.className = "parameters";
+    pre.textContent = item.parameters || "(no parameters in this image)";
+    const actions = document.createElement("div");
+    actions.className = "row";
+    actions.append(
+      button("Send to img2img", () => { setInitImage(blob, "img2img"); $("img2img-section").scrollIntoView(); }),
+      button("Send to inpaint", () => { setInitImage(blob, "inpaint"); $("img2img-section").scrollIntoView(); }),
+      button("Reuse parameters", () => { if (item.parameters) applyInfotext(item.parameters); }),
+    );
+    const a = document.createElement("a");
+    a.className = "button";
+    a.href = objectUrl;
+    a.download = item.name || "sdengine.png";
+    a.textContent = "Download";
+    actions.append(a);
+    fig.append(img, pre, actions);
+    box.append(fig);
+  });
+}
+
+async function loadGallery(offset) {
+  try {
+    const page = await getJSON(`/v1/gallery?offset=${offset}&limit=${GALLERY_PAGE}`);
+    state.galleryOffset = page.offset;
+    state.galleryTotal = page.total;
+    const box = $("gallery");
+    box.replaceChildren();
+    for (const u of state.galleryUrls.splice(0)) URL.revokeObjectURL(u);
+    for (const item of page.items) {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.setAttribute("aria-label", `Open ${item.name}`);
+      b.title = item.parameters || item.name;
+      const img = document.createElement("img");
+      img.alt = item.name;
+      b.append(img);
+      b.addEventListener("click", () => showResults([item]));
+      box.append(b);
+      fetchImage(item.url).then(({ objectUrl }) => {
+        state.galleryUrls.push(objectUrl);
+        img.src = objectUrl;
+      }).catch(() => { img.alt = `${item.name} (cannot be loaded)`; });
+    }
+    const last = Math.min(page.total, offset + page.items.length);
+    $("gallery-page").textContent = page.total ? `${offset + 1}–${last} of ${page.total}` : "no images yet";
+    $("gallery-prev").disabled = offset === 0;
+    $("gallery-next").disabled = last >= page.total;
+  } catch (e) {
+    $("gallery-page").textContent = `gallery: ${e.message}`;
+  }
+}
+
+// ------------------------------------------------------------------------------------ dropping
+
+async function readDroppedPng(file) {
+  const chunks = await pngTextChunks(await file.arrayBuffer());
+  const text = chunks && (chunks.parameters ?? chunks.Parameters);
+  if (!text) {
+    showError("general", `${file.name}: no generation parameters in this image (only PNGs made by sdengine or ` +
+      "AUTOMATIC1111 carry them)");
+    return;
+  }
+  clearErrors();
+  const set = applyInfotext(text);
+  $("server-status").textContent = `Read ${set.length} settings from ${file.name}`;
+}
+
+function installDrop() {
+  let depth = 0;
+  const overlay = $("drop-overlay");
+  const hasFiles = (e) => [...(e.dataTransfer?.types || [])].includes("Files");
+  document.addEventListener("dragenter", (e) => { if (hasFiles(e)) { depth++; overlay.hidden = false; } });
+  document.addEventListener("dragleave", () => { depth = Math.max(0, depth - 1); if (!depth) overlay.hidden = true; });
+  document.addEventListener("dragover", (e) => { if (hasFiles(e)) e.preventDefault(); });
+  document.addEventListener("drop", (e) => {
+    depth = 0;
+    overlay.hidden = true;
+    const file = e.dataTransfer?.files?.[0];
+    if (!file) return;
+    e.preventDefault();
+    if (e.target.closest?.("#init-drop, #init-stage")) setInitImage(file);
+    else if (e.target.closest?.("#cn-drop")) setControlImage(file);
+    else readDroppedPng(file);
+  });
+}
+
+// ------------------------------------------------------------------------------------- start
+
+async function status() {
+  try {
+    const h = await (await fetch("/healthz")).json();
+    const devices = h.workers.map((w) => w.device).join(", ");
+    $("server-status").textContent = `sdengine ${h.version} · ${h.model} on ${devices} · ` +
+      `${h.running} running, ${h.queued} queued`;
+  } catch (e) {
+    $("server-status").textContent = "server not reachable";
+  }
+}
+
+function install() {
+  painter = new MaskPainter($("mask-canvas"), { brush: $("brush"), erase: $("erase") });
+  $("gen-form").addEventListener("submit", (e) => { e.preventDefault(); generate(); });
+  $("gen-form").addEventListener("change", saveSettings);
+  document.addEventListener("keydown", (e) => {
+    if ((e.ctrlKey || e.metaKey) && e.key === "Enter") { e.preventDefault(); generate(); }
+  });
+  $("cancel").addEventListener("click", cancel);
+  $("sampler").addEventListener("change", fillSchedules);
+  for (const id of ["width", "height"]) $(id).addEventListener("change", () => snap($(id)));
+  $("model").addEventListener("change", () => {
+    // Follow the new model's default size unless the user chose another size.
+    const before = sizeOf(state.model);
+    const after = sizeOf($("model").value);
+    if ($("width").valueAsNumber === before.width && $("height").valueAsNumber === before.height) {
+      $("width").value = after.width;
+      $("height").value = after.height;
+    }
+    state.model = $("model").value;
+  });
+  $("seed-random").addEventListener("click", () => { $("seed").value = "-1"; saveSettings(); });
+  $("seed-reuse").addEventListener("click", () => {
+    if (state.lastSeed !== null) { $("seed").value = String(state.lastSeed); saveSettings(); }
+  });
+  $("mode").addEventListener("change", updateMode);
+  $("init-file").addEventListener("change", (e) => { if (e.target.files[0]) setInitImage(e.target.files[0]); });
+  $("cn-file").addEventListener("change", (e) => { if (e.target.files[0]) setControlImage(e.target.files[0]); });
+  $("cn-preview-button").addEventListener("click", previewControl);
+  $("mask-invert").addEventListener("click", () => painter.invert());
+  $("mask-clear").addEventListener("click", () => painter.clear());
+  $("gallery-prev").addEventListener("click", () => loadGallery(Math.max(0, state.galleryOffset - GALLERY_PAGE)));
+  $("gallery-next").addEventListener("click", () => loadGallery(state.galleryOffset + GALLERY_PAGE));
+  $("gallery-refresh").addEventListener("click", () => loadGallery(state.galleryOffset));
+  $("key-button").hidden = !localStorage.getItem(API_KEY);
+  $("key-button").addEventListener("click", () => askForKey(""));
+  installDrop();
+  updateMode();
+}
+
+async function start() {
+  install();
+  status();
+  try {
+    await loadPickers();
+    restoreSettings();
+    state.model = $("model").value;
+    updateMode();
+    document.body.dataset.ready = "true";
+  } catch (e) {
+    showApiError(e);
+  }
+  loadGallery(0);
+}
+
+start();

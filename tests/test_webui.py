@@ -1,0 +1,512 @@
+"""The web page at ``/`` in a real headless Chromium (Debian's ``chromium``, driven by Playwright; no browser
+download), against a live ``sdengine serve`` app on 127.0.0.1 with the emoji model at 64x64.
+
+Every test asserts on what the page shows: the image it displays has the pixels of the API's result for
+the same request and seed, the parameters it prints are the job's, errors appear next to their field.
+Set ``SDENGINE_WEBUI_SCREENSHOT=docs/results/webui.png`` to keep the screenshot the first test takes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from _live_server import live_server, server_config, wait_job
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PROMPT = "smiling face with sunglasses"
+WAIT_MS = 180_000  # one bounded wait for a job on a busy 2-core machine (a 64x64 job takes ~1 s when idle)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("webui")
+    with live_server(server_config(tmp, max_queue=4)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: install Debian's chromium package (make sysdeps)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+        yield b
+        b.close()
+
+
+@pytest.fixture()
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.set_default_timeout(WAIT_MS)
+    open_page(pg, server.url)
+    yield pg
+    context.close()
+    assert not errors, errors  # no uncaught JavaScript error on the page
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def open_page(pg, url: str) -> None:
+    pg.goto(url + "/")
+    pg.wait_for_selector("body[data-ready=true]")
+
+
+def png_bytes(im: Image.Image, pnginfo: PngImagePlugin.PngInfo | None = None) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", pnginfo=pnginfo)
+    return buf.getvalue()
+
+
+def shown_image(pg, selector: str) -> np.ndarray:
+    """The pixels of the image an <img> shows (its loaded source, fetched inside the page)."""
+    b64 = pg.eval_on_selector(
+        selector,
+        """async (img) => {
+        if (!img.complete || !img.naturalWidth) await new Promise((ok) => img.addEventListener('load', ok));
+        const buf = new Uint8Array(await (await fetch(img.src)).arrayBuffer());
+        let s = ''; for (const b of buf) s += String.fromCharCode(b); return btoa(s); }""",
+    )
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def api_image(client: httpx.Client, body: dict) -> tuple[np.ndarray, str]:
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    j = wait_job(client, r.json()["id"], timeout=WAIT_MS / 1000)
+    assert j["state"] == "done", j
+    im = Image.open(io.BytesIO(client.get(j["images"][0]["url"]).content)).convert("RGB")
+    return np.asarray(im), j["infotexts"][0]
+
+
+def upload(client: httpx.Client, data: bytes) -> str:
+    r = client.post("/v1/uploads", content=data, headers={"content-type": "image/png"})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def shown_errors(pg) -> dict[str, str]:
+    return pg.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('.err')].filter((e) => e.textContent)"
+        ".map((e) => [e.id, e.textContent]))"
+    )
+
+
+def wait_result(pg) -> str:
+    """Wait (bounded) until the job is finished; the parameters shown under the result image."""
+    pg.wait_for_function(
+        "/^(Done|Failed|Cancelled|Not started)/.test(document.querySelector('#progress-text').textContent)"
+    )
+    state = pg.text_content("#progress-text")
+    assert state.startswith("Done"), (state, shown_errors(pg))
+    return pg.text_content("#results pre.parameters")
+
+
+def test_txt2img_shows_the_apis_image_with_its_parameters_and_remembers_settings(page, client, server, tmp_path):
+    page.fill("#prompt", PROMPT)
+    page.fill("#steps", "12")
+    page.fill("#cfg_scale", "5")
+    page.fill("#seed", "7")
+    assert page.input_value("#width") == "64" and page.input_value("#height") == "64"  # the model's size
+    page.focus("#prompt")
+    page.keyboard.press("Control+Enter")  # generates, as the Generate button does
+    params = wait_result(page)
+    assert params.startswith(PROMPT + "\n") and "Steps: 12" in params and "Seed: 7" in params
+    assert "Size: 64x64" in params and "CFG scale: 5" in params and "Sampler: DPM++ 2M" in params
+    shown = shown_image(page, "#results img")
+    body = {
+        "prompt": PROMPT,
+        "steps": 12,
+        "cfg_scale": 5,
+        "seed": 7,
+        "width": 64,
+        "height": 64,
+        "sampler": "dpmpp_2m",
+        "schedule": "karras",
+    }
+    expected, infotext = api_image(client, body)
+    assert shown.shape == (64, 64, 3)
+    np.testing.assert_array_equal(shown, expected)
+    assert params == infotext
+    # The gallery lists the outputs folder, newest first, and reopens an item with its parameters.
+    page.wait_for_selector("#gallery button img[src^=blob]")
+    assert re.match(r"1–\d+ of \d+", page.text_content("#gallery-page"))
+    shot = Path(os.environ.get("SDENGINE_WEBUI_SCREENSHOT") or tmp_path / "webui.png")
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    # The result's actions: reuse its parameters, send it to inpaint (the image under the mask canvas), download.
+    page.fill("#prompt", "something else")
+    page.fill("#steps", "30")
+    page.click("#results button:text('Reuse parameters')")
+    assert page.input_value("#prompt") == PROMPT and page.input_value("#steps") == "12"
+    page.click("#results button:text('Send to inpaint')")
+    page.wait_for_selector("#mask-canvas", state="visible")
+    assert page.input_value("#mode") == "inpaint"
+    assert page.eval_on_selector("#mask-canvas", "c => [c.width, c.height]") == [64, 64]
+    np.testing.assert_array_equal(shown_image(page, "#init-preview"), expected)
+    assert page.get_attribute("#results a:text('Download')", "download").endswith(".png")
+    page.select_option("#mode", "txt2img")
+    # A gallery item reopens with its parameters.
+    page.evaluate("document.querySelector('#results').replaceChildren()")
+    page.click("#gallery button")
+    page.wait_for_selector("#results pre.parameters")
+    assert page.text_content("#results pre.parameters") == infotext
+    # "Reuse the last seed" puts the result's seed back; the settings survive a reload (local storage).
+    page.click("#seed-random")
+    assert page.input_value("#seed") == "-1"
+    page.click("#seed-reuse")
+    assert page.input_value("#seed") == "7"
+    open_page(page, server.url)
+    assert page.input_value("#prompt") == PROMPT and page.input_value("#steps") == "12"
+    assert page.input_value("#cfg_scale") == "5"
+
+
+def test_errors_are_shown_next_to_their_field_and_the_input_is_kept(page):
+    page.fill("#prompt", "a green apple")
+    page.fill("#width", "60")
+    page.press("#width", "Tab")
+    assert page.input_value("#width") == "64"  # snapped to the model's multiple of 8
+    page.fill("#width", "4096")  # a multiple of 8, but over the server's limit
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-width').textContent.length > 0")
+    message = page.text_content("#err-width")
+    assert "width" in message and "2048" in message and "Traceback" not in message
+    assert page.get_attribute("#width", "aria-invalid") == "true"
+    assert page.input_value("#prompt") == "a green apple" and page.input_value("#width") == "4096"
+    assert page.is_enabled("#generate")
+    # A field the browser cannot read as a number is named before anything is sent.
+    page.fill("#width", "64")
+    page.fill("#steps", "")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-steps').textContent.length > 0")
+    assert "Steps" in page.text_content("#err-steps") and page.text_content("#err-width") == ""
+    # A LoRA the server does not have, named by a prompt tag: shown at the LoRA list.
+    page.fill("#steps", "3")
+    page.fill("#prompt", "a green apple <lora:no-such-lora:0.5>")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-loras').textContent.length > 0")
+    assert "unknown LoRA 'no-such-lora'" in page.text_content("#err-loras")
+    assert page.is_visible("#err-loras")  # its section was opened
+
+
+def test_cancel_stops_a_long_job_and_the_page_says_so(page, client):
+    page.fill("#prompt", "a cat face")
+    page.fill("#steps", "150")
+    page.click("#generate")
+    # The progress bar shows step/steps and the ETA, and a preview arrives from the event stream.
+    page.wait_for_function(
+        r"/^Step ([2-9]|\d\d+) \/ 150 · ETA [\d.]+ s$/.test("
+        "document.querySelector('#progress-text').textContent)"
+    )
+    page.wait_for_selector("#live-preview[src^='data:image/png']", state="visible")
+    assert int(page.get_attribute("#progress", "max")) == 150
+    t0 = time.monotonic()
+    page.click("#cancel")
+    page.wait_for_function("document.querySelector('#progress-text').textContent.startsWith('Cancelled')")
+    took = time.monotonic() - t0
+    text = page.text_content("#progress-text")
+    step = int(re.search(r"after step (\d+) of 150", text).group(1))
+    assert 2 <= step < 150, text
+    job = client.get("/v1/jobs").json()["jobs"][0]
+    assert job["state"] == "cancelled" and job["step"] == step
+    assert took < 2 * (job["finished"] - job["started"]) / step + 10.0  # within about one step
+    assert page.is_enabled("#generate") and not page.is_enabled("#cancel")
+
+
+def test_inpainting_with_a_mask_painted_by_mouse(page, client, tmp_path):
+    init = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (64, 1, 3)))
+    init_path = tmp_path / "init.png"
+    init.save(init_path)
+    # Keep what the page uploads (its fetch bodies), to check the painted mask and to replay the request.
+    page.evaluate("""() => { window.uploaded = []; const f = window.fetch;
+        window.fetch = (url, opts) => { if (String(url).endsWith('/v1/uploads')) window.uploaded.push(opts.body);
+                                        return f(url, opts); }; }""")
+    page.click("#img2img-section summary")
+    page.set_input_files("#init-file", str(init_path))
+    page.select_option("#mode", "inpaint")
+    page.wait_for_selector("#mask-canvas", state="visible")
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "4")
+    page.fill("#seed", "5")
+    page.fill("#strength", "0.8")
+    page.fill("#mask_blur", "0")
+    page.eval_on_selector("#brush", "el => { el.value = '30'; }")  # a range input: set, not typed
+    page.locator("#mask-canvas").scroll_into_view_if_needed()
+    box = page.locator("#mask-canvas").bounding_box()
+    y = box["y"] + box["height"] / 2  # one horizontal stroke across the middle
+    page.mouse.move(box["x"] + box["width"] * 0.2, y)
+    page.mouse.down()
+    for k in range(1, 11):
+        page.mouse.move(box["x"] + box["width"] * (0.2 + 0.06 * k), y)
+    page.mouse.up()
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Denoising strength: 0.8" in params and "Seed: 5" in params
+    uploads = [
+        base64.b64decode(b)
+        for b in page.evaluate("""() => Promise.all(window.uploaded.map(async (b) => {
+        const buf = new Uint8Array(await b.arrayBuffer()); let s = '';
+        for (const x of buf) s += String.fromCharCode(x); return btoa(s); }))""")
+    ]
+    assert len(uploads) == 2  # the init image, then the painted mask
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(uploads[0])).convert("RGB")), np.asarray(init))
+    mask = np.asarray(Image.open(io.BytesIO(uploads[1])).convert("L"))
+    assert mask.shape == (64, 64)
+    assert mask[32, 20:44].min() > 200 and mask[:20].max() == 0 and mask[44:].max() == 0  # painted: the stroke only
+    assert mask[32, :8].max() == 0 and mask[32, 58:].max() == 0
+    body = {
+        "prompt": "a red apple",
+        "steps": 4,
+        "seed": 5,
+        "width": 64,
+        "height": 64,
+        "cfg_scale": 7,
+        "strength": 0.8,
+        "mask_blur": 0,
+        "init_image": upload(client, uploads[0]),
+        "mask": upload(client, uploads[1]),
+    }
+    expected, infotext = api_image(client, body)
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == infotext
+    # Invert and clear act on the painted mask.
+    page.click("#mask-invert")
+    painted = page.eval_on_selector(
+        "#mask-canvas",
+        """c => { const d = c.getContext('2d')
+        .getImageData(0, 0, c.width, c.height).data; let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 127;
+        return n; }""",
+    )
+    assert painted > 64 * 64 - 64 * 12
+    page.click("#mask-clear")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-mask').textContent.length > 0")
+
+
+def test_controlnet_preview_and_run(page, client, tmp_path):
+    from sdengine.control import preprocess
+
+    src = Image.new("RGB", (64, 64), "white")
+    src.paste((0, 0, 0), (20, 20, 44, 44))
+    path = tmp_path / "control.png"
+    src.save(path)
+    page.click("#controlnet-section summary")
+    page.set_input_files("#cn-file", str(path))
+    assert page.is_checked("#cn-enabled")
+    page.select_option("#cn-model", "emoji-controlnet-canny")
+    page.select_option("#cn-pre", "canny")
+    page.click("#cn-preview-button")
+    page.wait_for_selector("#cn-preview[src^=blob]", state="visible")
+    edges = np.asarray(preprocess("canny", src, low=100, high=200).convert("RGB"))
+    np.testing.assert_array_equal(shown_image(page, "#cn-preview"), edges)
+    page.fill("#prompt", "a smiling face")
+    page.fill("#steps", "3")
+    page.fill("#seed", "3")
+    page.fill("#cn-weight", "0.8")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "ControlNet 0: " in params and "emoji-controlnet-canny" in params
+    body = {
+        "prompt": "a smiling face",
+        "steps": 3,
+        "seed": 3,
+        "width": 64,
+        "height": 64,
+        "cfg_scale": 7,
+        "controlnets": [
+            {
+                "model": "emoji-controlnet-canny",
+                "image": upload(client, path.read_bytes()),
+                "preprocessor": "canny",
+                "low": 100,
+                "high": 200,
+                "weight": 0.8,
+            }
+        ],
+    }
+    expected, infotext = api_image(client, body)
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == infotext
+
+
+def drop_file(pg, data: bytes, name: str, target: str = "#results") -> None:
+    pg.eval_on_selector(
+        target,
+        """(el, [b64, name]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, { type: 'image/png' }));
+        el.dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true })); }""",
+        [base64.b64encode(data).decode(), name],
+    )
+
+
+def test_dropping_a_png_fills_the_form(page):
+    from sdengine.metadata import format_parameters
+
+    # Made by sdengine: a tEXt chunk.
+    text = format_parameters(
+        {
+            "prompt": "a yellow star",
+            "negative_prompt": "blurry",
+            "steps": 17,
+            "sampler": "euler_a",
+            "schedule": "karras",
+            "cfg_scale": 5.5,
+            "seed": 1234,
+            "width": 64,
+            "height": 48,
+        }
+    )
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "star.png")
+    page.wait_for_function("document.querySelector('#prompt').value === 'a yellow star'")
+    got = {
+        k: page.input_value(f"#{k}")
+        for k in (
+            "negative_prompt",
+            "steps",
+            "sampler",
+            "schedule",
+            "cfg_scale",
+            "seed",
+            "width",
+            "height",
+            "clip_skip",
+        )
+    }
+    assert got == {
+        "negative_prompt": "blurry",
+        "steps": "17",
+        "sampler": "euler_a",
+        "schedule": "karras",
+        "cfg_scale": "5.5",
+        "seed": "1234",
+        "width": "64",
+        "height": "48",
+        "clip_skip": "1",
+    }
+    # As AUTOMATIC1111 writes it for a non-Latin-1 prompt: a compressed iTXt chunk, a combined sampler name.
+    a1111 = (
+        '🍎 apple, <lora:emoji-fruit:0.7>\nsecond line\nNegative prompt: ugly, "bad"\n'
+        "Steps: 9, Sampler: DPM++ 2M Karras, CFG scale: 4, Seed: 99, Size: 64x64, "
+        "Model hash: abcdef1234, Model: emoji, Denoising strength: 0.35, Clip skip: 2, Version: v1.10.1"
+    )
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("parameters", a1111, zip=True)
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "a1111.png", target="#h-settings")
+    page.wait_for_function("document.querySelector('#seed').value === '99'")
+    assert page.input_value("#prompt") == "🍎 apple, <lora:emoji-fruit:0.7>\nsecond line"
+    assert page.input_value("#negative_prompt") == 'ugly, "bad"'
+    assert (page.input_value("#sampler"), page.input_value("#schedule")) == ("dpmpp_2m", "karras")
+    assert page.input_value("#steps") == "9" and page.input_value("#strength") == "0.35"
+    assert page.input_value("#clip_skip") == "2"
+    # A PNG without parameters is named, and the form is left as it was.
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8))), "plain.png")
+    page.wait_for_function("document.querySelector('#err-general').textContent.includes('plain.png')")
+    assert page.input_value("#seed") == "99"
+    # An older A1111 infotext: a plain sampler name and no schedule type is the model's own spacing.
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat face\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64")
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "old.png")
+    page.wait_for_function("document.querySelector('#seed').value === '5'")
+    assert (page.input_value("#sampler"), page.input_value("#schedule")) == ("euler", "normal")
+    assert page.input_value("#negative_prompt") == "" and page.input_value("#clip_skip") == "1"
+
+
+UNLABELLED = """() => [...document.querySelectorAll(
+            'input, select, textarea, button, progress, canvas, img')].filter((el) => {
+        if (el.tagName === 'IMG') return !el.hasAttribute('alt');
+        if (el.getAttribute('aria-label') || el.getAttribute('aria-labelledby')) return false;
+        if (el.labels && el.labels.length && [...el.labels].some((l) => l.textContent.trim())) return false;
+        if (el.tagName === 'BUTTON' && el.textContent.trim()) return false;
+        return true; }).map((el) => el.outerHTML.slice(0, 80))"""
+
+
+def test_every_control_has_a_label_and_the_page_fits_a_phone(page, browser, server):
+    unlabelled = page.evaluate(UNLABELLED)
+    assert unlabelled == []
+    assert page.locator("#lora-list input").count() >= 2  # the LoRA rows were checked too
+    page.evaluate("document.body.append(document.createElement('input'))")  # the check sees a bare input
+    assert page.evaluate(UNLABELLED) == ["<input>"]
+    for scheme in ("light", "dark"):
+        ctx = browser.new_context(viewport={"width": 390, "height": 844}, color_scheme=scheme)
+        pg = ctx.new_page()
+        open_page(pg, server.url)
+        assert pg.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
+        top = pg.evaluate("(id) => document.getElementById(id).getBoundingClientRect().top", "output")
+        assert top < pg.evaluate("document.getElementById('h-settings').getBoundingClientRect().top")  # result first
+        bg = pg.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert bg == ("rgb(246, 247, 249)" if scheme == "light" else "rgb(18, 20, 24)")
+        ctx.close()
+
+
+def test_with_an_api_key_the_page_asks_once_and_sends_it(browser, tmp_path):
+    with live_server(server_config(tmp_path, api_key="s3cret-key")) as s:
+        assert httpx.get(s.url + "/").status_code == 200  # the page itself is public...
+        assert httpx.get(s.url + "/static/app.js").status_code == 200
+        assert httpx.get(s.url + "/v1/models").status_code == 401  # ...the API is not
+        assert httpx.post(s.url + "/static/app.js").status_code == 401
+        ctx = browser.new_context()
+        pg = ctx.new_page()
+        pg.set_default_timeout(WAIT_MS)
+        pg.goto(s.url + "/")
+        pg.wait_for_selector("#key-dialog[open]")
+        pg.fill("#key-input", "wrong")
+        pg.click("#key-ok")
+        pg.wait_for_function("document.querySelector('#err-key').textContent.includes('refused')")
+        pg.fill("#key-input", "s3cret-key")
+        pg.click("#key-ok")
+        pg.wait_for_selector("body[data-ready=true]")
+        assert pg.input_value("#model") == "emoji"
+        pg.fill("#prompt", "a red apple")
+        pg.fill("#steps", "2")
+        pg.click("#generate")
+        assert "Steps: 2" in wait_result(pg)  # the event stream and the image came with the key
+        pg.reload()  # asked once: the key is remembered
+        pg.wait_for_selector("body[data-ready=true]")
+        assert not pg.is_visible("#key-dialog")
+        ctx.close()
+
+
+def test_a_full_queue_is_said_in_words_and_the_input_kept(browser, tmp_path):
+    with live_server(server_config(tmp_path, max_queue=0)) as s:  # every job is refused with a 429
+        ctx = browser.new_context()
+        pg = ctx.new_page()
+        pg.set_default_timeout(WAIT_MS)
+        open_page(pg, s.url)
+        pg.fill("#prompt", "a cat face")
+        pg.click("#generate")
+        pg.wait_for_function("document.querySelector('#err-general').textContent.length > 0")
+        assert pg.text_content("#err-general").startswith("The server's queue is full; try again in ")
+        assert pg.input_value("#prompt") == "a cat face" and pg.is_enabled("#generate")
+        ctx.close()
