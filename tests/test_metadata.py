@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import stat
 import zlib
 from pathlib import Path
 
@@ -380,6 +382,18 @@ def test_save_png_failure_leaves_nothing(tmp_path):
     with pytest.raises(OSError):
         save_png(Image.new("CMYK", (2, 2)), tmp_path / "x.png", "p")  # PNG cannot hold CMYK
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_save_png_mode_follows_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        out = save_png(Image.new("RGB", (2, 2)), tmp_path / "x.png", "p")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+    assert read_png_parameters(out) == "p"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
 
 
 # ------------------------------------------------------------------------------ hashes

@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import struct
-import tempfile
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,6 +44,7 @@ from PIL import Image, PngImagePlugin
 from sdengine import __version__
 from sdengine.diffusion.sampling import SAMPLERS, SCHEDULE_A1111, resolve
 from sdengine.errors import SdengineError
+from sdengine.io.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -353,19 +353,13 @@ def to_generate_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
 def save_png(image: Image.Image, path: str | Path, parameters_text: str) -> Path:
     """Write ``image`` as a PNG with ``parameters_text`` in a ``parameters`` text chunk (``tEXt``
     when the text is Latin-1, else ``iTXt``, as Pillow and A1111 do). Written under a temporary
-    name in the same folder and renamed, so a reader never sees half a file."""
+    name in the same folder and renamed (:func:`sdengine.io.atomic.atomic_write`), so a reader never sees
+    half a file; the file's mode follows the umask."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, parameters_text)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:  # the mode follows the umask, like every other output
+        image.save(f, format="PNG", pnginfo=info)
     return path
 
 
