@@ -104,6 +104,33 @@ def _next_index(out: Path) -> int:
     return max(used, default=-1) + 1
 
 
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _output_target(out: str, batch_size: int) -> tuple[Path, bool]:
+    """(path, is_file) for ``--out``, checked before any work: a path ending in ``.png`` is the one image's
+    file (so ``--out ghost.png`` does not make a folder of that name), anything else a folder. Refused: another
+    image suffix (only PNG carries the parameters), a file name for a batch, and a path under (or at, for a
+    folder) an existing file."""
+    path = Path(out)
+    suffix = path.suffix.lower()
+    is_file = suffix in _IMAGE_SUFFIXES and not path.is_dir()
+    if is_file and suffix != ".png":
+        raise UsageError(f"--out {out}: sdengine writes PNG files (they carry the parameters); name it .png")
+    if is_file and batch_size != 1:
+        raise UsageError(
+            f"--out {out} names one file but --batch {batch_size} makes {batch_size} images: give a folder"
+        )
+    if not is_file and path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out}: {path} is a file, not a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out {out}: {parent} is a file, not a folder")
+            break
+    return path, is_file
+
+
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever sys.stderr is at the time (so redirections after set-up are followed)."""
 
@@ -196,6 +223,7 @@ def run(a: argparse.Namespace) -> int:
     if a.no_progress:
         kwargs["progress"] = False
 
+    out, out_is_file = _output_target(a.out, int(kwargs.get("batch_size", 1)))
     t0 = time.perf_counter()
     pipe = load_pipeline(model, device=a.device, dtype=a.dtype, vae=a.vae, prediction_type=a.prediction_type)
     t1 = time.perf_counter()
@@ -203,10 +231,9 @@ def run(a: argparse.Namespace) -> int:
     result = pipe(GenerationRequest(prompt=prompt, **kwargs))
     t2 = time.perf_counter()
 
-    out = Path(a.out)
     index = _next_index(out) if out.is_dir() else 0
     for i, (image, text) in enumerate(zip(result.images, result.infotexts, strict=True)):
-        path = save_png(image, out / f"{index + i:05d}-{result.seeds[i]}.png", text)
+        path = save_png(image, out if out_is_file else out / f"{index + i:05d}-{result.seeds[i]}.png", text)
         print(path)
     print(
         f"{len(result.images)} image(s) in {t2 - t1:.1f} s (model loaded in {t1 - t0:.1f} s), seed {result.seeds[0]}",
@@ -258,7 +285,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="default fp16 on cuda/mps, fp32 on cpu")
-    p.add_argument("--out", default="outputs", help="output folder (default outputs)")
+    p.add_argument("--out", default="outputs",
+                   help="output folder, or the file for one image when it ends in .png (default outputs)")
     p.add_argument("--from-png", default=None, metavar="FILE", help="regenerate the image whose parameters FILE "
                    "carries (flags given here override them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
