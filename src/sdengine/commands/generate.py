@@ -257,7 +257,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--sampler", default=None,
                    help=f"sampler, ours or A1111's name (default {DEFAULTS['sampler']})")
     p.add_argument("--schedule", default=None,
-                   help=f"normal, karras, exponential, sgm_uniform (default {DEFAULTS['schedule']})")
+                   help="normal, karras, exponential, sgm_uniform (default auto: the one the sampler's name says, "
+                   "else karras where the sampler takes it, else the sampler's own)")
     p.add_argument("--cfg", type=float, default=None,
                    help=f"classifier-free guidance scale (default {DEFAULTS['cfg_scale']:g})")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; -1 = random (default)")
