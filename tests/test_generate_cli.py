@@ -173,3 +173,21 @@ def test_out_is_checked_before_generating(model, tmp_path, capsys, monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker.txt"]
+
+
+def test_from_png_reads_back_mask_blur_and_cfg_rescale(model, tmp_path, capsys):
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    picture(32, 32).save(init)
+    mask_picture(32, 32).save(mask)
+    png = tmp_path / "a.png"
+    assert _generate("a cat", "--model", str(model), "--steps", "4", "--sampler", "euler", "--seed", "3",
+                     "--init-image", str(init), "--mask", str(mask), "--strength", "0.6", "--mask-blur", "3",
+                     "--guidance-rescale", "0.5", "--out", str(png)) == 0
+    assert "Mask blur: 3" in Image.open(png).info["parameters"]
+    capsys.readouterr()
+    again = tmp_path / "b.png"
+    assert _generate("--from-png", str(png), "--model", str(model), "--init-image", str(init), "--mask", str(mask),
+                     "--out", str(again)) == 0
+    assert "not reproduced" not in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(again)))
+    assert Image.open(png).info["parameters"] == Image.open(again).info["parameters"]

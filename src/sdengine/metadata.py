@@ -306,8 +306,9 @@ def to_generate_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     """The pipeline's arguments from :func:`parse_parameters`' result.
 
     Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
-    names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip`` that the text
-    has (``clip_skip`` defaults to 1, as in A1111, where a missing "Clip skip" means 1). LoRAs stay
+    names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
+    ``guidance_rescale`` ("CFG Rescale phi") that the text has (``clip_skip`` defaults to 1, as in A1111,
+    where a missing "Clip skip" means 1). LoRAs stay
     in the prompt as ``<lora:...>`` tags (:func:`sdengine.prompts.extract_lora_tags`). An unknown
     sampler or schedule is a ``ValueError`` listing valid names. Fields that would change the image
     but that sdengine does not reproduce ("Hires upscale", "Variation seed", ...) are logged as a
@@ -338,9 +339,13 @@ def to_generate_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     if "Denoising strength" in parsed:
         kwargs["strength"] = _parse_float(parsed, "Denoising strength")
     kwargs["clip_skip"] = _parse_int(parsed, "Clip skip") if "Clip skip" in parsed else 1
+    if "Mask blur" in parsed:
+        kwargs["mask_blur"] = _parse_float(parsed, "Mask blur")
+    if "CFG Rescale phi" in parsed:
+        kwargs["guidance_rescale"] = _parse_float(parsed, "CFG Rescale phi")
 
     used = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size"}
-    used |= {"Denoising strength", "Clip skip"}
+    used |= {"Denoising strength", "Clip skip", "Mask blur", "CFG Rescale phi"}
     ignored = [k for k in parsed if k not in used and k not in _DESCRIPTIVE_FIELDS]
     if ignored:
         log.warning("infotext fields not reproduced by sdengine (the image may differ): %s", ", ".join(ignored))
