@@ -560,7 +560,7 @@ def test_two_handles_stack_and_remove_separately(loras):
 def test_shipped_lora_resolves_by_name_without_a_folder(tmp_path, monkeypatch):
     from sdengine.catalog import ASSETS
     from sdengine.io.paths import ExternalName
-    from sdengine.weights.lora import UnsafeLoRANameError, resolve_lora
+    from sdengine.weights.lora import LoRAFileError, UnsafeLoRANameError, resolve_lora
 
     monkeypatch.chdir(tmp_path)  # not from the repository root
     shipped = ASSETS / "loras" / "emoji-fruit.safetensors"
@@ -571,6 +571,9 @@ def test_shipped_lora_resolves_by_name_without_a_folder(tmp_path, monkeypatch):
     save_safetensors({"x": torch.zeros(1)}, tmp_path / "mine" / "emoji-fruit.safetensors")
     assert resolve_lora(ExternalName("emoji-fruit"), tmp_path / "mine") == tmp_path / "mine" / "emoji-fruit.safetensors"
     # names from prompts still never leave a folder, shipped one included
-    for bad in ("../loras/emoji-fruit", "/etc/passwd", "..%2femoji-fruit"):
-        with pytest.raises(UnsafeLoRANameError):
+    for bad in ("../loras/emoji-fruit", str(shipped), "..%2femoji-fruit", "loras/emoji-fruit"):
+        with pytest.raises(LoRAFileError, match="no LoRA folder"):
             resolve_lora(ExternalName(bad))
+        if bad != "loras/emoji-fruit":
+            with pytest.raises(UnsafeLoRANameError):
+                resolve_lora(ExternalName(bad), tmp_path / "mine")

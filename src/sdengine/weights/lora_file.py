@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from ..catalog import builtin_path
-from ..io.paths import ExternalName, UnsafePathError, check_name, is_inside, resolve_inside
+from ..io.paths import ExternalName, UnsafePathError, is_inside, resolve_inside
 from ..nn.lora import LoRAError
 from .io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightsError, load_file
 
@@ -251,12 +251,8 @@ def resolve_lora(name: str | os.PathLike[str], lora_dir: str | os.PathLike[str] 
     external = isinstance(name, ExternalName)
     if not external and Path(name).is_file():
         return Path(name)
-    if external:
-        try:
-            check_name(os.fspath(name), "LoRA")
-        except UnsafePathError as e:
-            raise UnsafeLoRANameError(str(e)) from None
-    shipped = builtin_path("loras", os.fspath(name))  # a LoRA shipped with sdengine, by its name
+    # a LoRA shipped with sdengine, by its exact catalog name (plain names only: nothing outside the assets)
+    shipped = builtin_path("loras", os.fspath(name))
     if lora_dir is None:
         if shipped is not None:
             return shipped
