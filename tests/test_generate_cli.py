@@ -191,3 +191,12 @@ def test_from_png_reads_back_mask_blur_and_cfg_rescale(model, tmp_path, capsys):
     assert "not reproduced" not in capsys.readouterr().err
     np.testing.assert_array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(again)))
     assert Image.open(png).info["parameters"] == Image.open(again).info["parameters"]
+
+
+def test_help_defaults_are_the_requests():
+    from sdengine.commands.generate import HELP_DEFAULTS, request_defaults
+    from sdengine.pipeline import GenerationRequest
+
+    want = GenerationRequest.defaults()
+    assert HELP_DEFAULTS == {k: want[k] for k in HELP_DEFAULTS}
+    assert request_defaults()["schedule"] == want["schedule"] and request_defaults()["seed"] == -1

@@ -18,16 +18,27 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ControlNetError, GenerationError, UsageError
-from ..pipeline.control import ControlUnit
-from ..pipeline.request import GenerationRequest
 
-_REQUEST_DEFAULTS = GenerationRequest.defaults()
-DEFAULTS: dict[str, Any] = {k: _REQUEST_DEFAULTS[k] for k in (
-    "negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "batch_size", "strength", "clip_skip")}
-DEFAULTS["seed"] = -1  # random, written as a number in the help
+if TYPE_CHECKING:
+    from ..pipeline.control import ControlUnit
+
+# GenerationRequest's defaults as --help shows them; a literal copy because importing the pipeline imports torch
+# and --help must not (tests/test_generate_cli.py checks that the two agree).
+HELP_DEFAULTS: dict[str, Any] = {"steps": 25, "sampler": "dpmpp_2m", "cfg_scale": 7.5, "strength": 0.75}
+
+
+def request_defaults() -> dict[str, Any]:
+    """The defaults a generate run starts from: GenerationRequest's, with seed -1 (random)."""
+    from ..pipeline.request import GenerationRequest
+
+    defaults = GenerationRequest.defaults()
+    out = {k: defaults[k] for k in (
+        "negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "batch_size", "strength", "clip_skip")}
+    out["seed"] = -1
+    return out
 _NUMBER = re.compile(r"^-?\d+(\.\d*)?$")
 
 
@@ -64,6 +75,8 @@ def parse_control_spec_full(text: str) -> tuple[str, ControlUnit]:
     weight = numbers[0] if numbers else 1.0
     start, end = (numbers[1], numbers[2]) if len(numbers) == 3 else (0.0, 1.0)
     check_unit_settings(weight, start, end, name=f"--control {text}")
+    from ..pipeline.control import ControlUnit
+
     return kind, ControlUnit(None, image, weight, start, end)
 
 
@@ -176,9 +189,10 @@ def _model_from_png(parsed: dict[str, str]) -> str | None:
 def run(a: argparse.Namespace) -> int:
     from ..metadata import save_png
     from ..pipeline import load_pipeline
+    from ..pipeline.request import GenerationRequest
 
     _setup_logging()
-    kwargs: dict[str, Any] = dict(DEFAULTS)
+    kwargs: dict[str, Any] = request_defaults()
     model = a.model
     if a.from_png:
         png_kwargs, parsed = _from_png(a.from_png)
@@ -253,14 +267,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
                    "<lora:NAME:W>)")
     p.add_argument("--model", default=None, help="model folder, file or built-in name (default: emoji)")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {DEFAULTS['steps']})")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {HELP_DEFAULTS['steps']})")
     p.add_argument("--sampler", default=None,
-                   help=f"sampler, ours or A1111's name (default {DEFAULTS['sampler']})")
+                   help=f"sampler, ours or A1111's name (default {HELP_DEFAULTS['sampler']})")
     p.add_argument("--schedule", default=None,
                    help="normal, karras, exponential, sgm_uniform (default auto: the one the sampler's name says, "
                    "else karras where the sampler takes it, else the sampler's own)")
     p.add_argument("--cfg", type=float, default=None,
-                   help=f"classifier-free guidance scale (default {DEFAULTS['cfg_scale']:g})")
+                   help=f"classifier-free guidance scale (default {HELP_DEFAULTS['cfg_scale']:g})")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; -1 = random (default)")
     p.add_argument("--width", type=int, default=None,
                    help="default: the model's training size (emoji 64, SD 1.x 512, SD 2.x-v 768)")
@@ -268,7 +282,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--batch", type=int, default=None, help="images, seeds SEED, SEED+1, ... (default 1)")
     p.add_argument("--init-image", default=None, help="img2img / inpainting source image")
     p.add_argument("--strength", type=float, default=None,
-                   help=f"img2img denoising strength in (0, 1] ({DEFAULTS['strength']:g})")
+                   help=f"img2img denoising strength in (0, 1] ({HELP_DEFAULTS['strength']:g})")
     p.add_argument("--mask", default=None, help="inpainting mask, white = repaint")
     p.add_argument("--mask-blur", type=float, default=None, help="mask blur in pixels (default 0)")
     p.add_argument("--control", action="append", default=None, metavar="TYPE:IMAGE[:WEIGHT[:START:END]]",
