@@ -154,8 +154,6 @@ def test_listing_files_needs_no_torch(tmp_path):
     assert r.stdout.strip().endswith("no torch") and "emoji-fruit" in r.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="commands/train_emoji.py and commands/eval_emoji.py import torch-heavy "
-                   "modules in register() for their defaults")
 def test_help_does_not_import_torch():
     import subprocess
     import sys

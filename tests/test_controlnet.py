@@ -530,3 +530,15 @@ def test_control_units_from_cli(tmp_path) -> None:
     (model, image, weight, start, end), = units
     assert model == "cn-folder" and weight == 0.7 and (start, end) == (0.0, 1.0)
     assert set(np.unique(np.asarray(image))) == {0, 255}
+
+
+def test_shipped_controlnet_reads_by_name(tmp_path, monkeypatch):
+    from sdengine.catalog import ASSETS
+    from sdengine.control.files import read_controlnet
+
+    monkeypatch.chdir(tmp_path)  # not from the repository root
+    loaded = read_controlnet("emoji-controlnet-canny")
+    assert loaded.source == ASSETS / "models" / "emoji-controlnet-canny"
+    assert loaded.layout == "diffusers" and loaded.state_dict
+    with pytest.raises(Exception, match="ControlNet not found"):
+        read_controlnet("emoji-controlnet-nothing")

@@ -330,3 +330,26 @@ def test_single_file_to_folder_writes_clip_tokenizer(made):
     assert len(tok) == 49408 and tok.model_max_length == 77
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert json.loads((folder / "model_index.json").read_text())["tokenizer"] == ["transformers", "CLIPTokenizer"]
+
+
+def test_cli_convert_creates_missing_parent_folders(made, tmp_path):
+    from sdengine.cli import main
+
+    _, _, tmp, single = made
+    dst = tmp_path / "out" / "dir" / "model.safetensors"
+    assert main(["convert", str(tmp / "folder"), str(dst)]) == 0
+    a, b = load_checkpoint(dst), load_checkpoint(single)
+    for comp in COMPONENTS:
+        assert_same_tensors(a.state_dicts[comp], b.state_dicts[comp])
+
+
+@pytest.mark.parametrize("name,why", [("emoji", "MiniLM"), ("fashion-mnist", "pixel DDPM")])
+def test_cli_convert_of_a_builtin_says_why_not(tmp_path, capsys, name, why, monkeypatch):
+    from sdengine.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the name is no file here
+    assert main(["convert", name, str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"built-in model {name!r}" in err[0] and why in err[0], err
+    assert "no such file" not in err[0]
+    assert list(tmp_path.iterdir()) == []

@@ -141,3 +141,62 @@ def test_mask_resize_is_said_on_stderr(model, tmp_path, capsys):
                      str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"), "--out",
                      str(tmp_path / "o")) == 0
     assert "sdengine: WARNING: mask 20x24 resized to 32x32" in capsys.readouterr().err
+
+
+def test_out_with_an_image_suffix_is_the_file(model, tmp_path, capsys):
+    ghost = tmp_path / "sub" / "ghost.png"
+    assert _generate("x", "--model", str(model), "--steps", "1", "--seed", "4", "--width", "32", "--height", "32",
+                     "--out", str(ghost)) == 0
+    assert ghost.is_file() and capsys.readouterr().out.split() == [str(ghost)]
+    with Image.open(ghost) as im:
+        assert "Seed: 4" in im.info["parameters"]
+
+
+@pytest.mark.parametrize(
+    "out,extra,message",
+    [
+        ("ghost.png", ["--batch", "2"], "names one file but --batch 2 makes 2 images"),
+        ("ghost.jpg", [], "sdengine writes PNG files"),
+        ("blocker.txt/sub", [], "blocker.txt is a file"),
+        ("blocker.txt", [], "blocker.txt is a file"),
+    ],
+)
+def test_out_is_checked_before_generating(model, tmp_path, capsys, monkeypatch, out, extra, message):
+    import sdengine.pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(sdengine.pipeline, "load_pipeline", refuse)
+    (tmp_path / "blocker.txt").write_text("x")
+    rc = _generate("x", "--model", str(model), "--steps", "1", *extra, "--out", str(tmp_path / out))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker.txt"]
+
+
+def test_from_png_reads_back_mask_blur_and_cfg_rescale(model, tmp_path, capsys):
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    picture(32, 32).save(init)
+    mask_picture(32, 32).save(mask)
+    png = tmp_path / "a.png"
+    assert _generate("a cat", "--model", str(model), "--steps", "4", "--sampler", "euler", "--seed", "3",
+                     "--init-image", str(init), "--mask", str(mask), "--strength", "0.6", "--mask-blur", "3",
+                     "--guidance-rescale", "0.5", "--out", str(png)) == 0
+    assert "Mask blur: 3" in Image.open(png).info["parameters"]
+    capsys.readouterr()
+    again = tmp_path / "b.png"
+    assert _generate("--from-png", str(png), "--model", str(model), "--init-image", str(init), "--mask", str(mask),
+                     "--out", str(again)) == 0
+    assert "not reproduced" not in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(again)))
+    assert Image.open(png).info["parameters"] == Image.open(again).info["parameters"]
+
+
+def test_help_defaults_are_the_requests():
+    from sdengine.commands.generate import HELP_DEFAULTS, request_defaults
+    from sdengine.pipeline import GenerationRequest
+
+    want = GenerationRequest.defaults()
+    assert HELP_DEFAULTS == {k: want[k] for k in HELP_DEFAULTS}
+    assert request_defaults()["schedule"] == want["schedule"] and request_defaults()["seed"] == -1

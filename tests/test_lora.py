@@ -553,3 +553,25 @@ def test_two_handles_stack_and_remove_separately(loras):
     assert torch.equal(run_ours(unet, te)[0], one[0])
     h1.remove()
     assert torch.equal(run_ours(unet, te)[0], base[0])
+
+
+def test_shipped_lora_resolves_by_name_without_a_folder(tmp_path, monkeypatch):
+    from sdengine.catalog import ASSETS
+    from sdengine.io.paths import ExternalName
+    from sdengine.weights.lora import LoRAFileError, UnsafeLoRANameError, resolve_lora
+
+    monkeypatch.chdir(tmp_path)  # not from the repository root
+    shipped = ASSETS / "loras" / "emoji-fruit.safetensors"
+    assert resolve_lora("emoji-fruit") == shipped  # --lora emoji-fruit
+    assert resolve_lora(ExternalName("emoji-fruit")) == shipped  # <lora:emoji-fruit:1>, no --lora-dir
+    (tmp_path / "mine").mkdir()
+    assert resolve_lora(ExternalName("emoji-fruit"), tmp_path / "mine") == shipped  # the folder lacks it
+    save_safetensors({"x": torch.zeros(1)}, tmp_path / "mine" / "emoji-fruit.safetensors")
+    assert resolve_lora(ExternalName("emoji-fruit"), tmp_path / "mine") == tmp_path / "mine" / "emoji-fruit.safetensors"
+    # names from prompts still never leave a folder, shipped one included
+    for bad in ("../loras/emoji-fruit", str(shipped), "..%2femoji-fruit", "loras/emoji-fruit"):
+        with pytest.raises(LoRAFileError, match="no LoRA folder"):
+            resolve_lora(ExternalName(bad))
+        if bad != "loras/emoji-fruit":
+            with pytest.raises(UnsafeLoRANameError):
+                resolve_lora(ExternalName(bad), tmp_path / "mine")

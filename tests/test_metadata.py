@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import stat
 import zlib
 from pathlib import Path
 
@@ -204,6 +206,22 @@ def test_to_generate_kwargs_a1111_full(caplog):
     assert "Model" not in record.getMessage()
 
 
+def test_every_field_sdengine_writes_is_read_back(caplog):
+    text = format_parameters({
+        "prompt": "a cat", "negative_prompt": "dog", "steps": 6, "sampler": "euler", "schedule": "normal",
+        "cfg_scale": 5.0, "seed": 3, "width": 32, "height": 40, "model": "tiny", "model_hash": "0123456789",
+        "strength": 0.5, "clip_skip": 2, "lora_hashes": {"fruit": "abcdef012345"}, "CFG Rescale phi": 0.7,
+        "Mask blur": 4.0,
+    })
+    with caplog.at_level(logging.WARNING, logger="sdengine.metadata"):
+        kwargs = to_generate_kwargs(parse_parameters(text))
+    assert caplog.records == [], [r.getMessage() for r in caplog.records]
+    assert kwargs["mask_blur"] == 4.0 and kwargs["guidance_rescale"] == 0.7
+    assert (kwargs["strength"], kwargs["clip_skip"], kwargs["width"], kwargs["height"]) == (0.5, 2, 32, 40)
+    with pytest.raises(MetadataError, match="Mask blur: 'x' is not a number"):
+        to_generate_kwargs(parse_parameters(text.replace("Mask blur: 4", "Mask blur: x")))
+
+
 def test_parse_a1111_old_format():
     p = parse_parameters(A1111_OLD)
     assert p["Prompt"].startswith("girl with an artist's beret") and p["Prompt"].endswith("((film grain))")
@@ -380,6 +398,18 @@ def test_save_png_failure_leaves_nothing(tmp_path):
     with pytest.raises(OSError):
         save_png(Image.new("CMYK", (2, 2)), tmp_path / "x.png", "p")  # PNG cannot hold CMYK
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_save_png_mode_follows_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        out = save_png(Image.new("RGB", (2, 2)), tmp_path / "x.png", "p")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+    assert read_png_parameters(out) == "p"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
 
 
 # ------------------------------------------------------------------------------ hashes

@@ -473,3 +473,25 @@ def test_progress_bar_shows_steps_rate_and_eta(sd1, capsys):
     _ours(pipe, "euler", steps=3, progress=True)
     err = capsys.readouterr().err
     assert "sampling" in err and "/3 [" in err and "step/s" in err and "<" in err  # n/total [elapsed<ETA, rate]
+
+
+def test_result_save_writes_pngs_with_their_parameters(tmp_path):
+    from PIL import Image
+
+    from sdengine import GenerationResult
+    from sdengine.metadata import read_png_parameters
+
+    texts = [f"a cat\nSteps: 2, Sampler: Euler, Seed: {s}, Size: 8x8" for s in (5, 6)]
+    images = [Image.new("RGB", (8, 8), (i * 50, 0, 0)) for i in range(2)]
+    result = GenerationResult(images, np.zeros((2, 8, 8, 3), np.float32), {"prompt": "a cat"}, [5, 6], texts)
+    paths = result.save(tmp_path / "out")
+    assert [p.name for p in paths] == ["00000-5.png", "00001-6.png"]
+    assert [read_png_parameters(p) for p in paths] == texts
+    assert [p.name for p in result.save(tmp_path / "out")] == ["00002-5.png", "00003-6.png"]  # numbering goes on
+    assert "parameters" in (GenerationResult.save.__doc__ or "")
+
+
+def test_package_exports_its_public_names():
+    assert {"load_pipeline", "GenerationRequest", "GenerationResult", "Pipeline", "Cancelled"} <= set(sdengine.__all__)
+    for name in sdengine.__all__:
+        assert getattr(sdengine, name) is not None, name

@@ -146,6 +146,24 @@ def test_name_table_resolves_a1111_names():
     assert sampling.diffusers_equivalent("dpmpp_2m_sde")[1]["algorithm_type"] == "sde-dpmsolver++"
 
 
+def test_default_schedule_fits_the_sampler_and_an_explicit_one_wins_or_is_refused():
+    from sdengine.pipeline import GenerationRequest
+
+    default = GenerationRequest.defaults()["schedule"]
+    # no schedule chosen: karras where the sampler takes it, else the sampler's own; an A1111 name's own
+    assert sampling.resolve("dpmpp_2m", default) == ("dpmpp_2m", "karras")
+    assert sampling.resolve("lcm", default) == ("lcm", "normal")
+    assert sampling.resolve("plms", default) == ("plms", "normal")
+    assert sampling.resolve("DPM++ 2M Karras", default) == ("dpmpp_2m", "karras")
+    GenerationRequest(sampler="lcm").validate()  # was: "cannot use schedule 'karras'" though none was chosen
+    # an explicit choice is used, or refused with the reason
+    assert sampling.resolve("lcm", "sgm_uniform") == ("lcm", "sgm_uniform")
+    with pytest.raises(ValueError, match="sampler 'DPM\\+\\+ 2M Karras' already names schedule 'karras'"):
+        sampling.resolve("DPM++ 2M Karras", "normal")
+    with pytest.raises(ValueError, match="cannot use schedule 'karras'"):
+        sampling.resolve("lcm", "karras")
+
+
 def _call(**kw):
     ns = NoiseSchedule.from_config(**SD_CONFIG)
     args = dict(sampler="euler", steps=4, scheduler_config=SD_CONFIG, generators=gens())

@@ -81,6 +81,12 @@ def builtin_entries() -> list[Entry]:
     return out
 
 
+def builtin_path(kind: str, name: str) -> Path | None:
+    """The shipped file or folder of ``kind`` called exactly ``name``, or None. Only the catalog's own names
+    match, so a name from a prompt can select nothing outside the shipped assets."""
+    return next((Path(e.path) for e in builtin_entries() if e.kind == kind and e.name == name), None)
+
+
 def _size(path: Path) -> str:
     n = path.stat().st_size
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -122,4 +128,6 @@ def list_entries(kind: str, folder: str | Path | None = None) -> list[Entry]:
     return entries
 
 
-__all__ = ["ASSETS", "KINDS", "WEIGHT_SUFFIXES", "Entry", "builtin_entries", "folder_entries", "list_entries"]
+__all__ = [
+    "ASSETS", "KINDS", "WEIGHT_SUFFIXES", "Entry", "builtin_entries", "builtin_path", "folder_entries", "list_entries",
+]

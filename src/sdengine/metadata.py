@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import struct
-import tempfile
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,6 +44,7 @@ from PIL import Image, PngImagePlugin
 from sdengine import __version__
 from sdengine.diffusion.sampling import SAMPLERS, SCHEDULE_A1111, resolve
 from sdengine.errors import SdengineError
+from sdengine.io.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +306,9 @@ def to_generate_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     """The pipeline's arguments from :func:`parse_parameters`' result.
 
     Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
-    names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip`` that the text
-    has (``clip_skip`` defaults to 1, as in A1111, where a missing "Clip skip" means 1). LoRAs stay
+    names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
+    ``guidance_rescale`` ("CFG Rescale phi") that the text has (``clip_skip`` defaults to 1, as in A1111,
+    where a missing "Clip skip" means 1). LoRAs stay
     in the prompt as ``<lora:...>`` tags (:func:`sdengine.prompts.extract_lora_tags`). An unknown
     sampler or schedule is a ``ValueError`` listing valid names. Fields that would change the image
     but that sdengine does not reproduce ("Hires upscale", "Variation seed", ...) are logged as a
@@ -338,9 +339,13 @@ def to_generate_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     if "Denoising strength" in parsed:
         kwargs["strength"] = _parse_float(parsed, "Denoising strength")
     kwargs["clip_skip"] = _parse_int(parsed, "Clip skip") if "Clip skip" in parsed else 1
+    if "Mask blur" in parsed:
+        kwargs["mask_blur"] = _parse_float(parsed, "Mask blur")
+    if "CFG Rescale phi" in parsed:
+        kwargs["guidance_rescale"] = _parse_float(parsed, "CFG Rescale phi")
 
     used = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size"}
-    used |= {"Denoising strength", "Clip skip"}
+    used |= {"Denoising strength", "Clip skip", "Mask blur", "CFG Rescale phi"}
     ignored = [k for k in parsed if k not in used and k not in _DESCRIPTIVE_FIELDS]
     if ignored:
         log.warning("infotext fields not reproduced by sdengine (the image may differ): %s", ", ".join(ignored))
@@ -353,19 +358,13 @@ def to_generate_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
 def save_png(image: Image.Image, path: str | Path, parameters_text: str) -> Path:
     """Write ``image`` as a PNG with ``parameters_text`` in a ``parameters`` text chunk (``tEXt``
     when the text is Latin-1, else ``iTXt``, as Pillow and A1111 do). Written under a temporary
-    name in the same folder and renamed, so a reader never sees half a file."""
+    name in the same folder and renamed (:func:`sdengine.io.atomic.atomic_write`), so a reader never sees
+    half a file; the file's mode follows the umask."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, parameters_text)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:  # the mode follows the umask, like every other output
+        image.save(f, format="PNG", pnginfo=info)
     return path
 
 

@@ -4,13 +4,34 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
+
+from ..catalog import builtin_entries
+from ..errors import SdengineError, UsageError
 
 
 def run(a: argparse.Namespace) -> int:
     from ..weights import convert
 
+    src = a.src
+    builtin = None
+    if not Path(src).exists():  # a built-in name: say why it cannot be converted rather than "no such file"
+        builtin = next((e for e in builtin_entries() if e.kind == "models" and e.name == src), None)
+    if builtin is not None:
+        if builtin.detail.startswith("pixel DDPM"):
+            raise UsageError(
+                f"built-in model {src!r} is a pixel DDPM ({builtin.detail}), not a Stable Diffusion model: "
+                "there is no LDM file or diffusers pipeline to convert it to"
+            )
+        src = builtin.path
     t = time.perf_counter()
-    dst = convert(a.src, a.dst, dtype=a.dtype, vae=a.vae, prediction_type=a.prediction_type, config=a.config)
+    try:
+        dst = convert(src, a.dst, dtype=a.dtype, vae=a.vae, prediction_type=a.prediction_type, config=a.config)
+    except SdengineError as e:
+        if builtin is None:
+            raise
+        reason = str(e).removeprefix(f"{builtin.path}: ")
+        raise UsageError(f"built-in model {a.src!r} ({builtin.detail}) cannot be converted: {reason}") from None
     print(f"converted {a.src} -> {dst} in {time.perf_counter() - t:.1f} s")
     return 0
 
@@ -22,7 +43,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         description="A DST ending in .safetensors gets one LDM-layout file; any other DST a diffusers folder.",
     )
     p.add_argument("src", help="a diffusers folder, or a .safetensors/.ckpt single file")
-    p.add_argument("dst")
+    p.add_argument("dst", help="the output file or folder (missing parent folders are made)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="cast the weights")
     p.add_argument("--vae", default=None, help="a VAE to use when SRC has none")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None)

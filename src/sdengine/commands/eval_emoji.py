@@ -73,7 +73,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def register_eval(evaluate: argparse._SubParsersAction) -> None:
-    from ..eval.emoji import DEFAULT_CFG, DEFAULT_CFG_SWEEP
+    from ..eval.emoji_defaults import DEFAULT_CFG, DEFAULT_CFG_SWEEP  # torch-free: --help stays fast
 
     p = evaluate.add_parser(
         "emoji",

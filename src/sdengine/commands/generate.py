@@ -18,16 +18,27 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ControlNetError, GenerationError, UsageError
-from ..pipeline.control import ControlUnit
-from ..pipeline.request import GenerationRequest
 
-_REQUEST_DEFAULTS = GenerationRequest.defaults()
-DEFAULTS: dict[str, Any] = {k: _REQUEST_DEFAULTS[k] for k in (
-    "negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "batch_size", "strength", "clip_skip")}
-DEFAULTS["seed"] = -1  # random, written as a number in the help
+if TYPE_CHECKING:
+    from ..pipeline.control import ControlUnit
+
+# GenerationRequest's defaults as --help shows them; a literal copy because importing the pipeline imports torch
+# and --help must not (tests/test_generate_cli.py checks that the two agree).
+HELP_DEFAULTS: dict[str, Any] = {"steps": 25, "sampler": "dpmpp_2m", "cfg_scale": 7.5, "strength": 0.75}
+
+
+def request_defaults() -> dict[str, Any]:
+    """The defaults a generate run starts from: GenerationRequest's, with seed -1 (random)."""
+    from ..pipeline.request import GenerationRequest
+
+    defaults = GenerationRequest.defaults()
+    out = {k: defaults[k] for k in (
+        "negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "batch_size", "strength", "clip_skip")}
+    out["seed"] = -1
+    return out
 _NUMBER = re.compile(r"^-?\d+(\.\d*)?$")
 
 
@@ -64,6 +75,8 @@ def parse_control_spec_full(text: str) -> tuple[str, ControlUnit]:
     weight = numbers[0] if numbers else 1.0
     start, end = (numbers[1], numbers[2]) if len(numbers) == 3 else (0.0, 1.0)
     check_unit_settings(weight, start, end, name=f"--control {text}")
+    from ..pipeline.control import ControlUnit
+
     return kind, ControlUnit(None, image, weight, start, end)
 
 
@@ -102,6 +115,33 @@ def _lora_arg(text: str) -> tuple[str, float]:
 def _next_index(out: Path) -> int:
     used = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"^(\d{5})-", p.name))]
     return max(used, default=-1) + 1
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _output_target(out: str, batch_size: int) -> tuple[Path, bool]:
+    """(path, is_file) for ``--out``, checked before any work: a path ending in ``.png`` is the one image's
+    file (so ``--out ghost.png`` does not make a folder of that name), anything else a folder. Refused: another
+    image suffix (only PNG carries the parameters), a file name for a batch, and a path under (or at, for a
+    folder) an existing file."""
+    path = Path(out)
+    suffix = path.suffix.lower()
+    is_file = suffix in _IMAGE_SUFFIXES and not path.is_dir()
+    if is_file and suffix != ".png":
+        raise UsageError(f"--out {out}: sdengine writes PNG files (they carry the parameters); name it .png")
+    if is_file and batch_size != 1:
+        raise UsageError(
+            f"--out {out} names one file but --batch {batch_size} makes {batch_size} images: give a folder"
+        )
+    if not is_file and path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out}: {path} is a file, not a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out {out}: {parent} is a file, not a folder")
+            break
+    return path, is_file
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -149,9 +189,10 @@ def _model_from_png(parsed: dict[str, str]) -> str | None:
 def run(a: argparse.Namespace) -> int:
     from ..metadata import save_png
     from ..pipeline import load_pipeline
+    from ..pipeline.request import GenerationRequest
 
     _setup_logging()
-    kwargs: dict[str, Any] = dict(DEFAULTS)
+    kwargs: dict[str, Any] = request_defaults()
     model = a.model
     if a.from_png:
         png_kwargs, parsed = _from_png(a.from_png)
@@ -196,6 +237,7 @@ def run(a: argparse.Namespace) -> int:
     if a.no_progress:
         kwargs["progress"] = False
 
+    out, out_is_file = _output_target(a.out, int(kwargs.get("batch_size", 1)))
     t0 = time.perf_counter()
     pipe = load_pipeline(model, device=a.device, dtype=a.dtype, vae=a.vae, prediction_type=a.prediction_type)
     t1 = time.perf_counter()
@@ -203,10 +245,9 @@ def run(a: argparse.Namespace) -> int:
     result = pipe(GenerationRequest(prompt=prompt, **kwargs))
     t2 = time.perf_counter()
 
-    out = Path(a.out)
     index = _next_index(out) if out.is_dir() else 0
     for i, (image, text) in enumerate(zip(result.images, result.infotexts, strict=True)):
-        path = save_png(image, out / f"{index + i:05d}-{result.seeds[i]}.png", text)
+        path = save_png(image, out if out_is_file else out / f"{index + i:05d}-{result.seeds[i]}.png", text)
         print(path)
     print(
         f"{len(result.images)} image(s) in {t2 - t1:.1f} s (model loaded in {t1 - t0:.1f} s), seed {result.seeds[0]}",
@@ -226,13 +267,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
                    "<lora:NAME:W>)")
     p.add_argument("--model", default=None, help="model folder, file or built-in name (default: emoji)")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {DEFAULTS['steps']})")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {HELP_DEFAULTS['steps']})")
     p.add_argument("--sampler", default=None,
-                   help=f"sampler, ours or A1111's name (default {DEFAULTS['sampler']})")
+                   help=f"sampler, ours or A1111's name (default {HELP_DEFAULTS['sampler']})")
     p.add_argument("--schedule", default=None,
-                   help=f"normal, karras, exponential, sgm_uniform (default {DEFAULTS['schedule']})")
+                   help="normal, karras, exponential, sgm_uniform (default auto: the one the sampler's name says, "
+                   "else karras where the sampler takes it, else the sampler's own)")
     p.add_argument("--cfg", type=float, default=None,
-                   help=f"classifier-free guidance scale (default {DEFAULTS['cfg_scale']:g})")
+                   help=f"classifier-free guidance scale (default {HELP_DEFAULTS['cfg_scale']:g})")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; -1 = random (default)")
     p.add_argument("--width", type=int, default=None,
                    help="default: the model's training size (emoji 64, SD 1.x 512, SD 2.x-v 768)")
@@ -240,7 +282,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--batch", type=int, default=None, help="images, seeds SEED, SEED+1, ... (default 1)")
     p.add_argument("--init-image", default=None, help="img2img / inpainting source image")
     p.add_argument("--strength", type=float, default=None,
-                   help=f"img2img denoising strength in (0, 1] ({DEFAULTS['strength']:g})")
+                   help=f"img2img denoising strength in (0, 1] ({HELP_DEFAULTS['strength']:g})")
     p.add_argument("--mask", default=None, help="inpainting mask, white = repaint")
     p.add_argument("--mask-blur", type=float, default=None, help="mask blur in pixels (default 0)")
     p.add_argument("--control", action="append", default=None, metavar="TYPE:IMAGE[:WEIGHT[:START:END]]",
@@ -258,7 +300,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="default fp16 on cuda/mps, fp32 on cpu")
-    p.add_argument("--out", default="outputs", help="output folder (default outputs)")
+    p.add_argument("--out", default="outputs",
+                   help="output folder, or the file for one image when it ends in .png (default outputs)")
     p.add_argument("--from-png", default=None, metavar="FILE", help="regenerate the image whose parameters FILE "
                    "carries (flags given here override them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -31,9 +31,7 @@ def run(a: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction | None = None) -> None:
     if train is None:
         return
-    from ..train.emoji import EmojiRecipe
-
-    r = EmojiRecipe()
+    from ..train import emoji_defaults as r  # torch-free: --help stays fast
     p = train.add_parser(
         "emoji",
         help="train the built-in emoji text-to-image model (VAE, then U-Net) from the Noto emoji renders",
@@ -44,15 +42,15 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     p.add_argument("--out", default="runs/emoji")
     p.add_argument("--export", default=None, help="folder to write the model to (default OUT/model)")
-    p.add_argument("--vae-steps", type=int, default=r.vae_steps)
-    p.add_argument("--unet-steps", type=int, default=r.unet_steps)
-    p.add_argument("--batch-size", type=int, default=r.unet_batch, help="U-Net batch size")
-    p.add_argument("--lr", type=float, default=r.unet_lr, help="U-Net learning rate")
-    p.add_argument("--pooled-from", type=int, default=r.unet_pooled_from, metavar="STEP",
+    p.add_argument("--vae-steps", type=int, default=r.VAE_STEPS)
+    p.add_argument("--unet-steps", type=int, default=r.UNET_STEPS)
+    p.add_argument("--batch-size", type=int, default=r.UNET_BATCH, help="U-Net batch size")
+    p.add_argument("--lr", type=float, default=r.UNET_LR, help="U-Net learning rate")
+    p.add_argument("--pooled-from", type=int, default=r.UNET_POOLED_FROM, metavar="STEP",
                    help="train the U-Net on the token states alone up to STEP, then add the pooled sentence "
                    "vector (zero-initialised) and go on; 0: the pooled vector from the start")
-    p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default=r.mixed_precision)
-    p.add_argument("--seed", type=int, default=r.seed)
+    p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default=r.MIXED_PRECISION)
+    p.add_argument("--seed", type=int, default=r.SEED)
     p.add_argument("--max-minutes-vae", type=float, default=None, help="stop the VAE stage (and save) after this")
     p.add_argument("--max-minutes-unet", type=float, default=None, help="stop the U-Net stage after this")
     p.add_argument("--write-folders", default=None, metavar="DIR",

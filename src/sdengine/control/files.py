@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sdengine.catalog import builtin_path
 from sdengine.errors import ControlNetError
 from sdengine.models.controlnet import ControlNet, ControlNetConfig
 from sdengine.models.unet import UNetConfig
@@ -147,7 +148,10 @@ class LoadedControlNet:
 
 
 def read_controlnet(path: str | Path, *, base: UNetConfig | None = None) -> LoadedControlNet:
-    """Read a ControlNet from disk into diffusers names + config, without building the model."""
+    """Read a ControlNet from disk into diffusers names + config, without building the model. A name that is
+    no path but a shipped ControlNet's (``emoji-controlnet-canny``) reads the shipped one."""
+    if not Path(path).exists() and isinstance(path, str):
+        path = builtin_path("controlnets", path) or path
     path = Path(path)
     if path.is_dir():
         cfg_path = path / "config.json"

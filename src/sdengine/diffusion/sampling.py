@@ -139,9 +139,16 @@ for _spec in SAMPLERS.values():
 del _spec, _sched
 
 
+AUTO_SCHEDULE = "auto"  # no schedule chosen: the one the sampler names, else karras where it fits, else its own
+
+
 def resolve(sampler: str, schedule: str | None = None) -> tuple[str, str]:
     """(our sampler name, our schedule name) from ours or A1111's ("DPM++ 2M Karras", "Euler a",
-    schedule "Karras" / "Automatic"); raises a one-line ValueError listing valid names."""
+    schedule "Karras" / "Automatic"); raises a one-line ValueError listing valid names.
+
+    ``schedule`` None (or A1111's "Automatic") is the model's own spacing ("normal") unless the sampler's
+    name implies one; ``"auto"`` (what a user who chose none gets) is the implied one, else karras where the
+    sampler takes it, else the sampler's first. An explicit schedule that contradicts the name is refused."""
     name, implied = sampler, None
     if sampler not in SAMPLERS:
         if sampler in A1111_NAMES:
@@ -149,18 +156,25 @@ def resolve(sampler: str, schedule: str | None = None) -> tuple[str, str]:
         else:
             valid = ", ".join([*SAMPLERS, *sorted(A1111_NAMES)])
             raise ValueError(f"unknown sampler {sampler!r}; valid: {valid}")
+    spec = SAMPLERS[name]
     sched = schedule
-    if sched is not None and sched not in SCHEDULES:
-        by_a1111 = {v.lower(): k for k, v in SCHEDULE_A1111.items()} | {"automatic": "normal"}
-        if sched.lower() in by_a1111:
+    if sched == AUTO_SCHEDULE:
+        sched = implied or ("karras" if "karras" in spec.schedules else spec.schedules[0])
+    elif sched is not None and sched not in SCHEDULES:
+        by_a1111 = {v.lower(): k for k, v in SCHEDULE_A1111.items()}
+        if sched.lower() == "automatic":
+            sched = None
+        elif sched.lower() in by_a1111:
             sched = by_a1111[sched.lower()]
         else:
-            valid = ", ".join([*SCHEDULES, *SCHEDULE_A1111.values(), "Automatic"])
+            valid = ", ".join([*SCHEDULES, *SCHEDULE_A1111.values(), "Automatic", AUTO_SCHEDULE])
             raise ValueError(f"unknown schedule {schedule!r}; valid: {valid}")
-    if implied is not None and sched not in (None, "normal", implied):
-        raise ValueError(f"sampler {sampler!r} already names schedule {implied!r}, got schedule {schedule!r}")
+    if implied is not None and sched not in (None, implied):
+        raise ValueError(
+            f"sampler {sampler!r} already names schedule {implied!r}, got schedule {schedule!r}: give sampler "
+            f"{spec.a1111!r} (or {name!r}) with that schedule, or no schedule"
+        )
     sched = implied or sched or "normal"
-    spec = SAMPLERS[name]
     if sched not in spec.schedules:
         raise ValueError(f"sampler {name!r} cannot use schedule {sched!r}; it supports: {', '.join(spec.schedules)}")
     return name, sched

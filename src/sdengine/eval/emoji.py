@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdengine.errors import UsageError
+from sdengine.eval import emoji_defaults
 from sdengine.io.images import to_uint8
 from sdengine.pipeline.control import ControlUnit
 
@@ -55,8 +56,7 @@ __all__ = [
     "topk_hits",
 ]
 
-DEFAULT_CFG = 5.0
-DEFAULT_CFG_SWEEP = (1.0, 3.0, 5.0, 7.5)
+DEFAULT_CFG, DEFAULT_CFG_SWEEP = emoji_defaults.DEFAULT_CFG, emoji_defaults.DEFAULT_CFG_SWEEP
 RECOGNISER_SIZE = 64  # the recogniser reads 64x64 images, as the renders are
 EDGE_TOLERANCE_PX = 1
 

@@ -42,8 +42,9 @@ def _is_int(v: Any) -> bool:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Everything one call generates from. ``schedule`` None or "normal" is the model's own timestep
-    spacing; ``seed`` None or -1 draws one; ``width``/``height`` None is the model's training size;
+    """Everything one call generates from. ``schedule`` "auto" (default) fits the sampler (karras where it
+    takes it, else its own), None or "normal" is the model's own timestep spacing; ``seed`` None or -1 draws
+    one; ``width``/``height`` None is the model's training size;
     ``mask``: white = repaint (read as grayscale); ``mask_blur``: Gaussian sigma in pixels (A1111's), 0 =
     diffusers' hard mask; ``controlnets``: :class:`ControlUnit` or ``(model_or_path, image, scale[, start,
     end])``; ``loras``: ``(path_or_name, weight)`` (``<lora:NAME:W>`` tags in the prompt are added, names
@@ -54,7 +55,7 @@ class GenerationRequest:
     negative_prompt: TextOrList = ""
     steps: int = 25
     sampler: str = "dpmpp_2m"
-    schedule: str | None = "karras"
+    schedule: str | None = sampling.AUTO_SCHEDULE
     cfg_scale: float = 7.5
     seed: int | Sequence[int] | None = None
     width: int | None = None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +61,20 @@ class GenerationResult:
     def image_parameters(self, i: int) -> dict[str, Any]:
         row = self.rows[i] if self.rows else {"seed": self.seeds[i]}
         return {**self.parameters, **row}
+
+    def save(self, folder: str | Path) -> list[Path]:
+        """Write every image to ``folder`` (made if missing) as ``NNNNN-SEED.png``, numbered on after the files
+        already there, each with its A1111 ``parameters`` text (its own prompt and seed), as ``sdengine
+        generate`` writes them: ``sdengine generate --from-png`` and A1111's PNG Info read them back. (A plain
+        ``result.images[i].save(...)`` writes the pixels without the parameters.) Returns the paths written."""
+        from sdengine.metadata import save_png
+
+        out = Path(folder)
+        used = [int(m.group(1)) for p in (out.glob("*.png") if out.is_dir() else [])
+                if (m := re.match(r"^(\d{5})-", p.name))]
+        start = max(used, default=-1) + 1
+        return [save_png(image, out / f"{start + i:05d}-{seed}.png", text)
+                for i, (image, seed, text) in enumerate(zip(self.images, self.seeds, self.infotexts, strict=True))]
 
 
 __all__ = ["Cancelled", "GenerationResult", "StepCallback", "StepInfo"]

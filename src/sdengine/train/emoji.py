@@ -33,6 +33,7 @@ from ..diffusion.schedules import NoiseSchedule
 from ..io.atomic import atomic_dir, atomic_write, write_text_atomic
 from ..models.unet import UNet, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
+from . import emoji_defaults as D
 from .checkpoint import load_checkpoint, save_checkpoint
 from .compat import renamed_fields
 from .loop import TrainConfig, TrainResult, data_indices, train
@@ -373,20 +374,20 @@ class EmojiRecipe:
     the step counts each stage reached). A stage whose checkpoint already holds its steps is skipped, so
     rerunning the command continues where it stopped."""
 
-    seed: int = 0
-    mixed_precision: str = "bf16"  # bf16 autocast: what the shipped run used on the CPU (1.5-2x faster there)
-    vae_steps: int = 1100
+    seed: int = D.SEED
+    mixed_precision: str = D.MIXED_PRECISION  # bf16 autocast: what the shipped run used on the CPU
+    vae_steps: int = D.VAE_STEPS
     vae_batch: int = 32
     vae_lr: float = 5e-4
     vae_warmup: int = 100
-    unet_steps: int = 6850
-    unet_batch: int = 48
-    unet_lr: float = 3e-4
+    unet_steps: int = D.UNET_STEPS
+    unet_batch: int = D.UNET_BATCH
+    unet_lr: float = D.UNET_LR
     unet_warmup: int = 200
     # The shipped U-Net learnt from the token states alone for this many steps, then got the pooled
     # sentence vector (zero-initialised, see add_pooled_projection) and went on to unet_steps. 0: the
     # pooled vector from step 0.
-    unet_pooled_from: int = 2500
+    unet_pooled_from: int = D.UNET_POOLED_FROM
     ema_decay: float = 0.999
     spec: EmojiTrainSpec = field(default_factory=EmojiTrainSpec)
 

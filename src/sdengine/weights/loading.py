@@ -630,10 +630,11 @@ def convert(
     if src.resolve() == dst.resolve():
         raise WeightsError(f"{dst}: refusing to convert a checkpoint onto itself")
     ckpt = load_checkpoint(src, vae=vae, prediction_type=prediction_type, config=config)
-    if dst.suffix.lower() in SAFETENSORS_SUFFIXES:
-        return save_single_file(ckpt, dst, dtype=dtype)
     if dst.suffix.lower() in PICKLE_SUFFIXES:
         raise WeightsError(f"{dst}: sdengine does not write pickle checkpoints; use .safetensors")
+    dst.parent.mkdir(parents=True, exist_ok=True)  # `convert SRC out/new/model.safetensors` makes out/new
+    if dst.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return save_single_file(ckpt, dst, dtype=dtype)
     return save_diffusers_folder(ckpt, dst, dtype=dtype, tokenizer_dir=tokenizer_dir)
 
 

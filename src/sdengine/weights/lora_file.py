@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..catalog import builtin_path
 from ..io.paths import ExternalName, UnsafePathError, is_inside, resolve_inside
 from ..nn.lora import LoRAError
 from .io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightsError, load_file
@@ -250,7 +251,11 @@ def resolve_lora(name: str | os.PathLike[str], lora_dir: str | os.PathLike[str] 
     external = isinstance(name, ExternalName)
     if not external and Path(name).is_file():
         return Path(name)
+    # a LoRA shipped with sdengine, by its exact catalog name (plain names only: nothing outside the assets)
+    shipped = builtin_path("loras", os.fspath(name))
     if lora_dir is None:
+        if shipped is not None:
+            return shipped
         if external:
             raise LoRAFileError(f"LoRA {str(name)!r}: no LoRA folder was given to look the name up in")
         raise LoRAFileError(f"LoRA file {str(name)!r} does not exist (and no LoRA folder was given to look it up in)")
@@ -272,6 +277,8 @@ def resolve_lora(name: str | os.PathLike[str], lora_dir: str | os.PathLike[str] 
     hits = sorted(q for q in _lora_files(root) if q.stem.lower() == stem)
     if hits:
         return hits[0]
+    if shipped is not None:  # the user's folder first, then the shipped ones
+        return shipped
     have = list_lora_dir(root)
     listing = (", ".join(have[:20]) + (f", ... ({len(have)} in all)" if len(have) > 20 else "")) or "nothing"
     raise LoRAFileError(f"LoRA {text!r} not found in {root}; it holds: {listing}")
