@@ -40,7 +40,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sdengine.errors import UsageError
 from sdengine.text.clip_tokenizer import CLIPTokenizer, TokenChunk, chunk_tokens
 
 ROUND_MULTIPLIER = 1.1  # A1111: "(text)" and "((text))" = 1.1 and 1.21
@@ -97,7 +96,7 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
             try:
                 value = float(weight)
             except ValueError:
-                raise UsageError(f"prompt weight {weight!r} in {tok!r} is not a number") from None
+                raise ValueError(f"prompt weight {weight!r} in {tok!r} is not a number") from None
             multiply_range(round_open.pop(), value)
         elif tok == ")" and round_open:
             multiply_range(round_open.pop(), ROUND_MULTIPLIER)
@@ -149,21 +148,21 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     def found(m: re.Match[str]) -> str:
         kind, args = m.group(1), m.group(2)
         if kind.lower() not in _LORA_KINDS:
-            raise UsageError(f"unsupported extra network tag {m.group(0)!r}: only <lora:NAME:WEIGHT> is supported")
+            raise ValueError(f"unsupported extra network tag {m.group(0)!r}: only <lora:NAME:WEIGHT> is supported")
         items = args.split(":")
         name = items[0].strip()
         if not name:
-            raise UsageError(f"LoRA tag {m.group(0)!r} has no name")
+            raise ValueError(f"LoRA tag {m.group(0)!r} has no name")
         if any("=" in item for item in items[1:]):
-            raise UsageError(f"LoRA tag {m.group(0)!r}: named multipliers (te=, unet=, dyn=) are not supported")
+            raise ValueError(f"LoRA tag {m.group(0)!r}: named multipliers (te=, unet=, dyn=) are not supported")
         try:
             weights = [float(item) for item in items[1:]]
         except ValueError:
-            raise UsageError(f"LoRA tag {m.group(0)!r}: weight is not a number") from None
+            raise ValueError(f"LoRA tag {m.group(0)!r}: weight is not a number") from None
         if len(weights) > 2:
-            raise UsageError(f"LoRA tag {m.group(0)!r}: expected <lora:NAME[:WEIGHT[:UNET_WEIGHT]]>")
+            raise ValueError(f"LoRA tag {m.group(0)!r}: expected <lora:NAME[:WEIGHT[:UNET_WEIGHT]]>")
         if len(weights) == 2 and weights[0] != weights[1]:
-            raise UsageError(
+            raise ValueError(
                 f"LoRA tag {m.group(0)!r}: separate text-encoder/U-Net weights are not supported; use one weight"
             )
         loras.append((name, weights[0] if weights else 1.0))
@@ -295,7 +294,7 @@ def pad_to_length(cond: Tensor, length: int, empty: Tensor) -> Tensor:
     """Append copies of ``empty`` (1, 77, D) to ``cond`` (B, 77 * k, D) until it is ``length`` long."""
     missing = length - cond.shape[1]
     if missing < 0 or missing % empty.shape[1]:
-        raise UsageError(f"cannot pad a sequence of {cond.shape[1]} to {length} with chunks of {empty.shape[1]}")
+        raise ValueError(f"cannot pad a sequence of {cond.shape[1]} to {length} with chunks of {empty.shape[1]}")
     repeats = missing // empty.shape[1]
     if repeats == 0:
         return cond

@@ -13,11 +13,10 @@ from typing import Literal, TypedDict
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from sdengine.errors import SdengineError
-from sdengine.io.images import load_image as read_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -79,6 +78,15 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def _to_mode(img: Image.Image, channels: Channels, background: tuple[int, int, int]) -> Image.Image:
+    # Transparent pixels often hold black RGB; composite on a background instead of dropping alpha.
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (*background, 255))
+        img = Image.alpha_composite(bg, rgba)
+    return img.convert("RGB" if channels == 3 else "L")
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL ``L``/``RGB`` image -> float32 ``(C, H, W)`` in ``[-1, 1]``."""
     arr = np.asarray(img, dtype=np.uint8)
@@ -100,9 +108,12 @@ def load_image(
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    # The package's one image reader (EXIF orientation, 16-bit scaling, alpha onto the background).
-    im = read_image(Path(path), "image", mode="RGB" if channels == 3 else "L", background=background,
-                    error=ImageFolderError)
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im = _to_mode(im, channels, background)
+    except Exception as e:
+        raise ImageFolderError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     if size is not None:
         im = resize_center_crop(im, size)
     return pil_to_tensor(im)
