@@ -24,6 +24,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from sdengine.errors import UsageError
+
 from .pipeline import ASSETS, BUILTIN_SD
 
 CONTROLNET_ASSET = ASSETS / "models" / "emoji-controlnet-canny"
@@ -95,9 +97,9 @@ def captioned_grid(
     """Tile images (all of the first one's size, upscaled ``scale``x nearest) into ``ncols`` columns with each
     caption centred under its cell (wrapped to the cell width)."""
     if not images:
-        raise ValueError("no images to put in a grid")
+        raise UsageError("no images to put in a grid")
     if len(captions) != len(images):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        raise UsageError(f"{len(images)} images but {len(captions)} captions")
     w, h = images[0].size[0] * scale, images[0].size[1] * scale
     font = _font(font_size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))

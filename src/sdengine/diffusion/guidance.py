@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sdengine.errors import UsageError
+
 from .denoisers import vp_scalings
 
 
@@ -25,9 +27,9 @@ class CFGDenoiser:
 
     def __init__(self, inner: Any, scale: float, uncond: Mapping[str, Tensor], rescale: float = 0.0) -> None:
         if scale < 0:
-            raise ValueError(f"guidance scale must be >= 0, got {scale}")
+            raise UsageError(f"guidance scale must be >= 0, got {scale}")
         if not 0.0 <= rescale <= 1.0:
-            raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
+            raise UsageError(f"guidance rescale must be in [0, 1], got {rescale}")
         self.inner = inner
         self.scale = float(scale)
         self.uncond = dict(uncond)

@@ -82,10 +82,10 @@ def topk_hits(logits: Tensor, targets: Tensor, k: int) -> Tensor:
     """Bool ``(B,)``: whether each row's ``k`` largest logits contain its target class. ``k`` larger than the
     number of classes counts every class."""
     if logits.ndim != 2:
-        raise ValueError(f"logits must be (B, classes), got {tuple(logits.shape)}")
+        raise UsageError(f"logits must be (B, classes), got {tuple(logits.shape)}")
     targets = torch.as_tensor(targets, device=logits.device).long().reshape(-1)
     if targets.shape[0] != logits.shape[0]:
-        raise ValueError(f"{logits.shape[0]} rows of logits but {targets.shape[0]} targets")
+        raise UsageError(f"{logits.shape[0]} rows of logits but {targets.shape[0]} targets")
     k = max(1, min(int(k), logits.shape[1]))
     top = logits.topk(k, dim=1).indices
     return (top == targets[:, None]).any(dim=1)
@@ -112,7 +112,7 @@ def edge_f1(reference: np.ndarray, generated: np.ndarray, tolerance: int = EDGE_
     ref = ref[..., 0] if ref.ndim == 3 else ref
     gen = gen[..., 0] if gen.ndim == 3 else gen
     if ref.shape != gen.shape:
-        raise ValueError(f"edge maps differ in size: {ref.shape} vs {gen.shape}")
+        raise UsageError(f"edge maps differ in size: {ref.shape} vs {gen.shape}")
     ref, gen = ref > 0, gen > 0
     n_ref, n_gen = int(ref.sum()), int(gen.sum())
     if n_ref == 0 and n_gen == 0:

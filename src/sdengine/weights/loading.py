@@ -699,14 +699,8 @@ def _model_factory(comp: str, config: Mapping[str, Any]) -> Callable[[], torch.n
         tcfg = CLIPTextConfig.from_transformers(config)
         return lambda: CLIPTextModel(tcfg)
     if comp == "vae":
-        try:
-            from sdengine.models import vae as vae_module
-        except ImportError:
-            return None
-        cls = getattr(vae_module, "AutoencoderKL", None) or getattr(vae_module, "VAE", None)
-        cfg_cls = getattr(vae_module, "VAEConfig", None) or getattr(vae_module, "AutoencoderKLConfig", None)
-        if cls is None or cfg_cls is None or not hasattr(cfg_cls, "from_diffusers"):
-            return None
-        vcfg = cfg_cls.from_diffusers(config)
-        return lambda: cls(vcfg)
+        from sdengine.models.vae import AutoencoderKL, VAEConfig
+
+        vcfg = VAEConfig.from_diffusers(config)
+        return lambda: AutoencoderKL(vcfg)
     raise WeightsError(f"unknown component {comp!r}")
