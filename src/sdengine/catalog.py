@@ -129,5 +129,12 @@ def list_entries(kind: str, folder: str | Path | None = None) -> list[Entry]:
 
 
 __all__ = [
-    "ASSETS", "KINDS", "WEIGHT_SUFFIXES", "Entry", "builtin_entries", "builtin_path", "folder_entries", "list_entries",
+    "ASSETS",
+    "KINDS",
+    "WEIGHT_SUFFIXES",
+    "Entry",
+    "builtin_entries",
+    "builtin_path",
+    "folder_entries",
+    "list_entries",
 ]
