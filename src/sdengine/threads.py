@@ -91,6 +91,11 @@ def busy_elsewhere(samples: int = 5, interval: float = 0.01) -> int:
         return 0
 
 
+def threads_for(cpus: int, busy: int) -> int:
+    """The automatic choice: one thread per CPU that nothing else is running on, at least 1."""
+    return max(1, min(cpus, cpus - busy))
+
+
 def choose_threads(requested: int | None = None) -> tuple[int, str, int]:
     """(threads, source, busy CPUs): ``requested``, else ``SDENGINE_THREADS``, else usable CPUs minus busy."""
     cpus = usable_cpus()
@@ -108,7 +113,7 @@ def choose_threads(requested: int | None = None) -> tuple[int, str, int]:
             raise UsageError(f"{THREADS_ENV} must be a positive integer, got {env!r}")
         return n, THREADS_ENV, 0
     busy = busy_elsewhere()
-    return max(1, min(cpus, cpus - busy)), "auto", busy
+    return threads_for(cpus, busy), "auto", busy
 
 
 def configure_threads(requested: int | None = None) -> ThreadSettings:
