@@ -80,7 +80,8 @@ class _Loop:
         self.device, self.dtype = x.device, x.dtype
 
     def model(self, x: Tensor, sigma: float, *, on_grid: bool = True) -> Tensor:
-        s_in = torch.full((self.batch,), sigma, device=self.device, dtype=torch.float32)
+        # On the CPU whatever the device: denoisers read it back as a Python float (no device sync per step).
+        s_in = torch.full((self.batch,), sigma, dtype=torch.float32)
         return (self.denoiser if on_grid else self.off_grid)(x, s_in, **self.extra)
 
     def noise(self, x: Tensor) -> Tensor:
