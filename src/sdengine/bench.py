@@ -204,12 +204,19 @@ def interleaved(engines: dict[str, Engine], repeats: int) -> tuple[dict[str, Eng
         t0 = time.perf_counter()
         images[name] = fn()
         results[name] = EngineTimes(name, time.perf_counter() - t0)
-    for _ in range(repeats):
+        _progress(f"{name}: warm-up {results[name].warmup_s:.2f} s")
+    for r in range(repeats):
         for name, fn in engines.items():
             t0 = time.perf_counter()
             fn()
             results[name].times_s.append(time.perf_counter() - t0)
+            _progress(f"{name}: repeat {r + 1}/{repeats} {results[name].times_s[-1]:.2f} s")
     return results, images
+
+
+def _progress(line: str) -> None:
+    # stderr, as each call ends: a long bench on a busy machine shows where it is
+    print(f"[bench] {line}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,18 +306,22 @@ def busy_process() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def under_load(folder: Path, spec: GenSpec, repeats: int, threads: int | None) -> list[LoadResult]:
+def under_load(folder: Path, spec: GenSpec, repeats: int, threads: int | None,
+               compare: str | None = None) -> list[LoadResult]:
     """Generation time (median of ``repeats`` per child) idle and beside one busy process, interleaved,
-    for sdengine's start-up thread choice and for torch's defaults (OMP_WAIT_POLICY unset, all CPUs)."""
+    for sdengine's start-up thread choice and for torch's defaults (OMP_WAIT_POLICY unset, all CPUs);
+    with ``compare``, diffusers with torch's defaults too (what its users get)."""
     base_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     settings = [
-        ("sdengine start-up choice", {"sdengine_threads": True, "threads": threads}),
-        ("torch defaults", {"sdengine_threads": False}),
+        ("sdengine, start-up choice", "sdengine", {"sdengine_threads": True, "threads": threads}),
+        ("sdengine, torch defaults", "sdengine", {"sdengine_threads": False}),
     ]
+    if compare == "diffusers":
+        settings.append(("diffusers, torch defaults", "diffusers", {"sdengine_threads": False}))
     out = []
-    for label, extra in settings:
+    for label, engine, extra in settings:
         res = LoadResult(label)
-        job = {"engine": "sdengine", "folder": str(folder), "spec": dataclasses.asdict(spec), "repeats": repeats,
+        job = {"engine": engine, "folder": str(folder), "spec": dataclasses.asdict(spec), "repeats": repeats,
                **extra}
         for _ in range(2):  # idle, loaded, idle, loaded
             r = run_worker(job, env=base_env)
@@ -473,7 +484,7 @@ def run_bench(
     if measure_options_of:
         report.options = measure_options(folder, spec, measure_options_of, repeats)
     if load_test:
-        report.under_load = under_load(folder, spec, max(1, repeats // 2), threads)
+        report.under_load = under_load(folder, spec, max(1, repeats // 2), threads, compare)
     return report
 
 
