@@ -353,6 +353,8 @@ class OptionResult:
     first_call_s: float  # includes compilation for `compile`
     mean_abs: float
     max_abs: float
+    eager_times_s: list[float] = field(default_factory=list)
+    option_times_s: list[float] = field(default_factory=list)
 
     @property
     def speedup(self) -> float:
@@ -439,7 +441,7 @@ def measure_options(folder: Path, spec: GenSpec, options: tuple[str, ...], repea
         times, images = interleaved({"eager": eager, opt: fast}, repeats)
         diff = np.abs(images[opt].astype(np.float64) - images["eager"].astype(np.float64))
         out.append(OptionResult(opt, times["eager"].median_s, times[opt].median_s, times[opt].warmup_s,
-                                float(diff.mean()), float(diff.max())))
+                                float(diff.mean()), float(diff.max()), times["eager"].times_s, times[opt].times_s))
     return out
 
 
