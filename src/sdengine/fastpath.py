@@ -1,16 +1,18 @@
 """Optional speed-ups applied to a loaded pipeline's networks, each one measured on its own by ``sdengine bench``.
 
 An option is on by default (``DEFAULT_OPTIONS``) only when the bench showed it faster than fp32 eager AND the
-image within ``TOLERANCE`` of fp32 eager's. On the 2-core AVX2 CPU of docs/performance.md neither option won,
-so the default is the plain fp32 eager path (which already runs under ``torch.inference_mode``, with SDPA
-for every attention and the sampler's per-step coefficients in Python floats):
+image within ``TOLERANCE`` of fp32 eager's. On the 2-core AVX2 CPU of docs/performance.md neither option was
+shown faster, so the default is the plain fp32 eager path (which already runs under ``torch.inference_mode``,
+with SDPA for every attention and the sampler's per-step coefficients in Python floats):
 
-* ``channels_last``: convolution weights (and so activations) in NHWC. oneDNN picks its blocked layout
-  either way on x86; measured within noise of NCHW, so kept off.
+* ``channels_last``: convolution weights (and so activations) in NHWC. oneDNN reorders to its blocked
+  layout either way on x86; U-Net-alone and single-convolution timings were within noise of NCHW (or
+  slower), so it stays off.
 * ``compile``: ``torch.compile`` (inductor, C++ backend on the CPU) of the U-Net and of the VAE decoder, in
   place (``nn.Module.compile``), so everything that reads ``pipe.unet.config`` keeps working. Its generated
-  code is cached in ``TORCHINDUCTOR_CACHE_DIR`` (set to ``compile_cache_dir()`` unless the user chose one),
-  which later processes reuse. The first call compiles; that time is reported by the bench separately.
+  code is cached in ``TORCHINDUCTOR_CACHE_DIR`` (set to :func:`compile_cache_dir` unless the user chose one),
+  which later processes reuse. The first call compiles (minutes on 2 cores: 563 s for the medium U-Net),
+  and the compiled U-Net was no faster than eager there (0.97x the time), so it stays off.
 
 Everything here is device-agnostic: the same calls work on a CUDA pipeline.
 """
