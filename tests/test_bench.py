@@ -50,7 +50,8 @@ def test_bench_command_against_diffusers(tiny_folder, tmp_path, capsys, keep_thr
     assert rc == 0
     assert torch.get_num_threads() == 1  # the global option reached torch
     r = json.loads(out.read_text())
-    assert r["spec"] == {"size": 32, "steps": 4, "batch": 1, "sampler": "dpmpp_2m", "cfg": 7.5, "seed": 0}
+    assert r["spec"] == {"size": 32, "steps": 4, "batch": 1, "sampler": "dpmpp_2m", "cfg": 7.5, "seed": 0,
+                         "device": "cpu"}
     assert r["threads"] == "1 torch thread(s)" and r["repeats"] == 2
     assert set(r["engines"]) == {"sdengine", "diffusers"}
     for e in r["engines"].values():

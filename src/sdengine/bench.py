@@ -134,6 +134,7 @@ class GenSpec:
     sampler: str = "dpmpp_2m"
     cfg: float = 7.5
     seed: int = 0
+    device: str = "cpu"  # any torch device; the seeds' generators stay on the CPU for both engines
 
     @property
     def seeds(self) -> list[int]:
@@ -144,11 +145,11 @@ Engine = Callable[[], np.ndarray]  # one timed generation -> (N, H, W, 3) float 
 
 
 def sdengine_engine(folder: Path, spec: GenSpec, options: tuple[str, ...] = ()) -> tuple[Engine, list[str]]:
-    """sdengine's pipeline for ``folder``, fp32 on the CPU, with fast-path ``options`` applied."""
+    """sdengine's pipeline for ``folder``, fp32 on ``spec.device``, with fast-path ``options`` applied."""
     import sdengine
     from sdengine.fastpath import apply_fast_path
 
-    pipe = sdengine.load_pipeline(folder, device="cpu", dtype="fp32")
+    pipe = sdengine.load_pipeline(folder, device=spec.device, dtype="fp32")
     notes = apply_fast_path(pipe, options)
 
     def run() -> np.ndarray:
@@ -395,7 +396,8 @@ class BenchReport:
     def table(self) -> str:
         s = self.spec
         lines = [
-            f"{self.model}: {s.size}x{s.size}, batch {s.batch}, {s.steps} steps {s.sampler}, cfg {s.cfg}, fp32 CPU",
+            f"{self.model}: {s.size}x{s.size}, batch {s.batch}, {s.steps} steps {s.sampler}, cfg {s.cfg}, "
+            f"fp32 {s.device}",
             f"threads: {self.threads}; {self.repeats} interleaved repeats; load at start: {self.load}",
             f"{'engine':12s} {'warm-up s':>10s} {'median s':>10s} {'best s':>10s} {'peak RSS MiB':>13s}",
         ]

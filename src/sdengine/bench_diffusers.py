@@ -36,7 +36,7 @@ def scheduler_for(folder: Path, sampler: str) -> Any:
 
 
 def engine(folder: Path, spec: Any, prompt: str, negative: str) -> Callable[[], np.ndarray]:
-    """A function that generates ``spec``'s images with diffusers, fp32 on the CPU, eager: (N, H, W, 3) in 0..1.
+    """A function that generates ``spec``'s images with diffusers, fp32 on ``spec.device``, eager: (N, H, W, 3) in 0..1.
 
     Timed calls make PIL images, as sdengine's call does; the arrays are read back from them only for the
     first call (the warm-up), whose float output is used for the agreement check.
@@ -44,6 +44,7 @@ def engine(folder: Path, spec: Any, prompt: str, negative: str) -> Callable[[], 
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(spec.device)
     pipe.scheduler = scheduler_for(folder, spec.sampler)
     calls = 0
 

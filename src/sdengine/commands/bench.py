@@ -32,7 +32,8 @@ def run(a: argparse.Namespace) -> int:
                 raise BenchError("--size is needed with --model")
             unet, vae, _ = preset_configs(a.random)
             size = unet.sample_size * vae.downscale_factor
-        spec = GenSpec(size=size, steps=a.steps, batch=a.batch, sampler=a.sampler, cfg=a.cfg, seed=a.seed)
+        spec = GenSpec(size=size, steps=a.steps, batch=a.batch, sampler=a.sampler, cfg=a.cfg, seed=a.seed,
+                       device=a.device)
         report = run_bench(
             folder, spec, model=name, compare=None if a.compare == "none" else a.compare, repeats=a.repeats,
             options=options, measure_options_of=measure, memory=not a.no_memory, load_test=a.under_load,
@@ -64,6 +65,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--cfg", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device for both engines (peak RSS is host memory)")
     p.add_argument("--compare", choices=["diffusers", "none"], default="diffusers")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per engine after the warm-up")
     # default=SUPPRESS: `sdengine --threads N bench` (the global option) is not overwritten by this one
