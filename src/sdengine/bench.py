@@ -19,7 +19,7 @@ What is measured, and how (docs/performance.md has the results and the commands)
   competing busy process, with sdengine's start-up thread choice (:mod:`sdengine.threads`) and with
   torch's defaults, to show why the choice is made.
 
-diffusers is a development extra (a test oracle): it is imported only by :mod:`sdengine.bench_diffusers`,
+diffusers is a development extra (a test oracle): it is imported only by ``benchmarks/peer_diffusers.py``,
 which only the comparison path here imports, lazily.
 """
 
@@ -160,12 +160,23 @@ def sdengine_engine(folder: Path, spec: GenSpec, options: tuple[str, ...] = ()) 
 
 
 def diffusers_engine(folder: Path, spec: GenSpec) -> Engine:
-    """diffusers' StableDiffusionPipeline for ``folder`` (fp32, CPU, eager): the comparison."""
+    """diffusers' StableDiffusionPipeline for ``folder`` (fp32, CPU, eager): the comparison.
+
+    diffusers is a test oracle, never a dependency of the package: the peer engine lives in the repository's
+    ``benchmarks/peer_diffusers.py`` and is loaded from there by path (a source checkout with the dev extras)."""
+    import importlib.util
+
+    peer = Path(__file__).resolve().parents[2] / "benchmarks" / "peer_diffusers.py"
+    if not peer.is_file():
+        raise BenchError(f"--compare diffusers needs a source checkout of sdengine ({peer} not found)")
+    module_spec = importlib.util.spec_from_file_location("sdengine_bench_peer_diffusers", peer)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
     try:
-        from sdengine import bench_diffusers
+        module_spec.loader.exec_module(module)
     except ImportError as e:
-        raise BenchError(f"--compare diffusers needs the dev extras (pip install 'sdengine[dev]'): {e}") from None
-    return bench_diffusers.engine(folder, spec, PROMPT, NEGATIVE)
+        raise BenchError(f"--compare diffusers needs the dev extras (pip install -e '.[dev]'): {e}") from None
+    return module.engine(folder, spec, PROMPT, NEGATIVE)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The comparison engine of ``sdengine bench --compare diffusers``: diffusers' StableDiffusionPipeline.
 
 diffusers is a development extra, used as a test oracle and as the peer in benchmarks; sdengine itself never
-needs it. Only :func:`sdengine.bench.diffusers_engine` imports this module, lazily, so that nothing else in the
-package pays for (or depends on) diffusers.
+needs it. It lives outside the package: :func:`sdengine.bench.diffusers_engine` loads it by path, so the package never
+imports diffusers.
 """
 
 from __future__ import annotations
