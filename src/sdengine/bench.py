@@ -324,7 +324,7 @@ def under_load(folder: Path, spec: GenSpec, repeats: int, threads: int | None,
     for sdengine's start-up thread choice and for torch's defaults (OMP_WAIT_POLICY unset, all CPUs);
     with ``compare``, diffusers with torch's defaults too (what its users get)."""
     base_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    settings = [
+    settings: list[tuple[str, str, dict[str, Any]]] = [
         ("sdengine, start-up choice", "sdengine", {"sdengine_threads": True, "threads": threads}),
         ("sdengine, torch defaults", "sdengine", {"sdengine_threads": False}),
     ]
