@@ -553,3 +553,57 @@ def test_two_handles_stack_and_remove_separately(loras):
     assert torch.equal(run_ours(unet, te)[0], one[0])
     h1.remove()
     assert torch.equal(run_ours(unet, te)[0], base[0])
+
+
+# ------------------------------------------------------------------------------ absurd files and weights
+
+_LAYER = "lora_unet_down_blocks_0_attentions_0_proj_in"
+
+
+def _pair(rank: int = 4, down: float = 1.0, up: float = 1.0, alpha: float = 1.0) -> dict[str, torch.Tensor]:
+    return {f"{_LAYER}.lora_down.weight": torch.full((rank, 32), down),
+            f"{_LAYER}.lora_up.weight": torch.full((32, rank), up), f"{_LAYER}.alpha": torch.tensor(alpha)}
+
+
+def test_rank_zero_lora_is_a_named_error(tmp_path):
+    path = tmp_path / "r0.safetensors"
+    save_safetensors(_pair(rank=0), path)
+    with pytest.raises(LoRAError, match=rf"r0\.safetensors: {_LAYER} has rank 0") as e:
+        LoRAFile.load(path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw,part", [({"down": 1e30}, "down"), ({"up": -1e30}, "up"), ({"alpha": 1e30}, "alpha"),
+                                     ({"up": 2e4}, "up"), ({"alpha": -1e5}, "alpha")])
+def test_absurd_lora_magnitudes_are_refused(tmp_path, kw, part):
+    path = tmp_path / "huge.safetensors"
+    save_safetensors(_pair(**kw), path)
+    with pytest.raises(LoRAError, match=rf"huge\.safetensors: {_LAYER} {part} .*over 1e\+04") as e:
+        LoRAFile.load(path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("alpha", ['"inf"', "1e400", '"eight"', "true", "1e30", "[1]"])
+def test_peft_lora_alpha_must_be_a_sane_number(alpha):
+    sd = {"unet.down.proj_in.lora_A.weight": torch.ones(4, 32), "unet.down.proj_in.lora_B.weight": torch.ones(32, 4)}
+    meta = {"lora_adapter_metadata": '{"unet.lora_alpha": ' + alpha + "}"}
+    with pytest.raises(LoRAError, match=r"peft\.safetensors: unet\.down\.proj_in: lora_alpha .* is not") as e:
+        LoRAFile.from_state_dict(sd, meta, name="peft", path=Path("peft.safetensors"))
+    assert "\n" not in str(e.value)
+
+
+def test_ordinary_lora_values_still_load():
+    lf = LoRAFile.from_state_dict(_pair(down=0.5, up=-3.0, alpha=128.0), name="ok")
+    assert lf.layers[_LAYER].scale == 32.0
+    sd = {"unet.m.lora_A.weight": torch.ones(4, 32), "unet.m.lora_B.weight": torch.ones(32, 4)}
+    lf = LoRAFile.from_state_dict(sd, {"lora_adapter_metadata": '{"unet.lora_alpha": 8}'}, name="p")
+    assert lf.layers["unet.m"].scale == 2.0
+
+
+@pytest.mark.parametrize("weight", [1e30, -101.0, 1e3])
+def test_lora_weight_over_the_hard_bound_is_an_error(loras, weight):
+    unet, te = fresh_models()
+    with pytest.raises(LoRAError, match=r"weight .* is outside \[-100, 100\]") as e:
+        apply_loras(unet, te, [(loras[0]["kohya"], weight)])
+    assert "\n" not in str(e.value)
+    assert all(not m._forward_hooks for m in unet.modules())

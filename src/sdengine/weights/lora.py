@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..nn.lora import (
+    WEIGHT_LIMIT,
     WEIGHT_WARN_LIMIT,
     AppliedLoRA,
     LoRAError,
@@ -118,6 +119,7 @@ def _attach_all(handle: LoRAHandle, prepared: Sequence[tuple[LoRAFile, float, di
 
 __all__ = [
     "LORA_SUFFIXES",
+    "WEIGHT_LIMIT",
     "WEIGHT_WARN_LIMIT",
     "AppliedLoRA",
     "Component",
