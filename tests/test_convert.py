@@ -330,3 +330,38 @@ def test_single_file_to_folder_writes_clip_tokenizer(made):
     assert len(tok) == 49408 and tok.model_max_length == 77
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert json.loads((folder / "model_index.json").read_text())["tokenizer"] == ["transformers", "CLIPTokenizer"]
+
+
+def test_convert_to_folder_failing_midway_leaves_no_half_folder(made, tmp_path, monkeypatch):
+    import sdengine.weights.loading as loading
+
+    kind, pipe, tmp, single = made
+    real, calls = loading.save_safetensors, []
+
+    def disk_full(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:  # the U-Net is written, then the disk fills up on the VAE
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "save_safetensors", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        convert(single, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no `out`, no temporary folder
+    # over an existing model folder: it stays exactly as it was
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model_index.json").write_text("{}")
+    calls.clear()
+    with pytest.raises(OSError, match="No space left"):
+        convert(single, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model_index.json"]
+
+
+def test_convert_refuses_to_replace_a_folder_that_is_not_a_model(made, tmp_path):
+    kind, pipe, tmp, single = made
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(WeightsError, match=r"mine.* not a diffusers model folder") as e:
+        convert(single, tmp_path / "mine")
+    assert "\n" not in str(e.value) and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
