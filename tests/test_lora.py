@@ -607,3 +607,28 @@ def test_lora_weight_over_the_hard_bound_is_an_error(loras, weight):
         apply_loras(unet, te, [(loras[0]["kohya"], weight)])
     assert "\n" not in str(e.value)
     assert all(not m._forward_hooks for m in unet.modules())
+
+
+@pytest.mark.parametrize("entry", [("x",), (), ("x", 1.0, 2.0), ["x"], 3, None])
+def test_malformed_lora_entry_is_a_usage_error(entry):
+    from sdengine.errors import UsageError
+    from sdengine.weights.lora import lora_entry
+
+    unet, te = fresh_models()
+    with pytest.raises(UsageError, match=r"loras: each entry is .*\(path_or_name, weight\)") as e:
+        apply_loras(unet, te, [entry])
+    assert "\n" not in str(e.value)
+    with pytest.raises(UsageError):
+        lora_entry(entry)
+
+
+def test_lora_entry_accepts_the_documented_forms(tmp_path):
+    from sdengine.weights.lora import lora_entry
+
+    lf = LoRAFile.from_state_dict(_pair(), name="ok")
+    assert lora_entry("a.safetensors") == ("a.safetensors", 1.0)
+    assert lora_entry(tmp_path) == (tmp_path, 1.0)
+    assert lora_entry(("a", 0.5)) == ("a", 0.5) and lora_entry(["a", 2]) == ("a", 2.0)
+    assert lora_entry(lf) == (lf, 1.0) and lora_entry((lf, "0.25")) == (lf, 0.25)
+    with pytest.raises(LoRAError, match="weight 'abc' is not a number"):
+        lora_entry(("a", "abc"))
