@@ -632,3 +632,10 @@ def test_lora_entry_accepts_the_documented_forms(tmp_path):
     assert lora_entry(lf) == (lf, 1.0) and lora_entry((lf, "0.25")) == (lf, 0.25)
     with pytest.raises(LoRAError, match="weight 'abc' is not a number"):
         lora_entry(("a", "abc"))
+
+
+def test_alpha_with_several_values_is_refused():
+    sd = _pair()
+    sd[f"{_LAYER}.alpha"] = torch.ones(3)
+    with pytest.raises(LoRAError, match=rf"x\.safetensors: {_LAYER} alpha has 3 values, not one"):
+        LoRAFile.from_state_dict(sd, path=Path("x.safetensors"))

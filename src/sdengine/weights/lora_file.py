@@ -181,9 +181,9 @@ class LoRAFile:
                 raise LoRAFileError(f"{where}: {layer} has rank 0 (down {tuple(down.shape)}), not a LoRA layer")
             if "alpha" in p and p["alpha"].numel() != 1:
                 raise LoRAFileError(f"{where}: {layer} alpha has {p['alpha'].numel()} values, not one")
-            for part_name, tensor in (("down", down), ("up", up), ("alpha", p.get("alpha"))):
-                if tensor is not None and tensor.numel():
-                    big = float(tensor.detach().float().abs().max())
+            for part_name, values in (("down", down), ("up", up), ("alpha", p.get("alpha"))):
+                if values is not None and values.numel():
+                    big = float(values.detach().float().abs().max())
                     if big > MAGNITUDE_LIMIT:
                         raise LoRAFileError(
                             f"{where}: {layer} {part_name} has |values| up to {big:.3g}, over {MAGNITUDE_LIMIT:.0e}; "
