@@ -639,3 +639,16 @@ def test_alpha_with_several_values_is_refused():
     sd[f"{_LAYER}.alpha"] = torch.ones(3)
     with pytest.raises(LoRAError, match=rf"x\.safetensors: {_LAYER} alpha has 3 values, not one"):
         LoRAFile.from_state_dict(sd, path=Path("x.safetensors"))
+
+
+def test_api_lora_weight_over_the_bound_is_refused(tiny_sd1_folder, tmp_path):
+    """The Python API: ``loras=[(path, 1e30)]`` is a one-line LoRAError, not a black image."""
+    import sdengine
+
+    path = tmp_path / "l.safetensors"
+    save_safetensors(_pair(), path)
+    pipe = sdengine.load_pipeline(str(tiny_sd1_folder))
+    kw = dict(width=32, height=32, seed=1, steps=2, sampler="euler", progress=False)
+    with pytest.raises(LoRAError, match=r"l: weight 1e\+30 is outside \[-100, 100\]") as e:
+        pipe(prompt="a red apple", loras=[(path, 1e30)], **kw)
+    assert "\n" not in str(e.value)
