@@ -38,7 +38,7 @@ def cmd_train_ddpm(a: argparse.Namespace) -> int:
         min_snr_gamma=a.min_snr_gamma,
     )
     cfg = train_config(a, sample_every=a.sample_every)
-    _, model = train_ddpm(spec, cfg, a.out, device=device(a), resume=a.resume)
+    _, model = train_ddpm(spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite)
     print(f"model written to {Path(a.out) / 'model'}")
     return 0
 
