@@ -674,3 +674,14 @@ def test_api_lora_weight_over_the_bound_is_refused(tiny_sd1_folder, tmp_path):
     with pytest.raises(LoRAError, match=r"l: weight 1e\+30 is outside \[-100, 100\]") as e:
         pipe(prompt="a red apple", loras=[(path, 1e30)], **kw)
     assert "\n" not in str(e.value)
+
+
+def test_pipeline_lora_entry_without_weight_is_a_usage_error():
+    """``pipe(..., loras=[('x',)])`` is a one-line UsageError, not an IndexError (the API's loras go through
+    ``lora_entry``)."""
+    import sdengine
+    from sdengine.errors import UsageError
+
+    pipe = sdengine.load_pipeline("emoji")
+    with pytest.raises(UsageError, match="loras: each entry"):
+        pipe("a cat", loras=[("x",)], steps=1, progress=False)
