@@ -132,7 +132,7 @@ class PixelDDPM:
             sd = load_file(str(path / WEIGHTS_NAME))
             unet.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
         else:
-            from .train.checkpoint import load_checkpoint
+            from .io.checkpoint import load_checkpoint
 
             state = load_checkpoint(path)
             meta = state.get("meta") or {}
