@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "devices": 0,
     "io": 0,
     "imageio": 0,  # becomes io/images
+    "threads": 0,  # the thread count and OpenMP wait policy chosen at start-up
     "catalog": 0,  # the built-in models, LoRAs and ControlNets by name (reads the file system only)
     # 1: the building blocks: networks, samplers, text, weight files, data, metrics
     "nn": 1,
@@ -52,12 +53,14 @@ LAYERS: dict[str, int] = {
     "image_info": 1,  # the parameters text of PNG/JPEG/WebP files, without torch
     # 2: the generation core
     "pipeline": 2,
+    "fastpath": 2,  # optional speed options applied to a loaded pipeline (channels_last, compile)
     "latent_sampling": 2,  # sampling from latents and conditioning the caller holds (ComfyUI's nodes)
     # 3: what runs the core: trainers and evaluations
     "train": 3,
     "eval": 3,
     "eval_emoji": 3,  # becomes eval/emoji
     "evaluation": 3,
+    "bench": 3,  # sdengine bench: timing and memory against a peer engine
     "grids": 3,  # X/Y/Z plots and batch grids over the pipeline
     # 4: the front ends
     "demo": 4,

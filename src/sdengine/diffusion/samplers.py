@@ -104,7 +104,8 @@ class _Loop:
         """The denoiser at ``sigma`` during step ``step`` (0-based, the grid point the call belongs to).
         A denoiser with ``takes_step = True`` is also handed ``step=SamplerStep(...)``, so that wrappers
         that act per step (ControlNet start/end, inpaint blending) read it instead of inferring it."""
-        s_in = torch.full((self.batch,), sigma, device=self.device, dtype=torch.float32)
+        # On the CPU whatever the device: denoisers read it back as a Python float (no device sync per step).
+        s_in = torch.full((self.batch,), sigma, dtype=torch.float32)
         den = self.denoiser if on_grid else self.off_grid
         if self.takes_step:
             first, self.calls = self.calls == 0, self.calls + 1
