@@ -76,9 +76,6 @@ ORACLES = ("diffusers", "transformers", "peft", "accelerate")
 # nothing new goes in it.
 KNOWN: frozenset[str] = frozenset(
     {
-        # b. the pixel DDPM loader reads a training checkpoint through train/checkpoint: that reader has to move
-        #    below the pipeline (train/ is being rewritten for the shared DiffusionLoss)
-        "layer: sdengine.ddpm (1) imports sdengine.train.checkpoint (3)",
         # d. docstrings of modules being split or rewritten (pipeline.py -> pipeline/, commands/generate.py)
         "ref: src/sdengine/commands/generate.py points outside the repository",
     }

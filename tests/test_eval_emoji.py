@@ -305,6 +305,7 @@ def test_cli_prints_report_and_writes_json(monkeypatch, capsys, tmp_path, pipe, 
     assert rc == 0 and "| canonical captions" in text and str(out) in text
     res = json.loads(out.read_text())
     assert res["captions"]["n"] == 2 and res["settings"]["steps"] == 1 and res["cfg_sweep"] is None
+    assert [p.name for p in out.parent.iterdir()] == ["emoji.json"]  # written atomically, no temporary file left
 
 
 def test_evaluate_emoji_on_the_emoji_folder_with_the_real_recogniser_class(dataset, tmp_path, tiny_emoji_folder):

@@ -3,6 +3,9 @@ atomic saves."""
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
@@ -74,3 +77,15 @@ def test_save_image_atomic_leaves_no_temporary_file(tmp_path):
     assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["out.png"]
     with Image.open(path) as im:
         assert im.getpixel((1, 1)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_image_mode_follows_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = save_image_atomic(Image.new("RGB", (2, 2), "blue"), tmp_path / "out.jpg", quality=90)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    with Image.open(path) as im:
+        assert im.format == "JPEG"  # the format follows the final name, not the temporary one

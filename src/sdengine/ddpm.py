@@ -24,7 +24,9 @@ from .diffusion.denoisers import Denoiser
 from .diffusion.guidance import CFGDenoiser
 from .diffusion.samplers import row_noise
 from .diffusion.schedules import NoiseSchedule
+from .errors import UsageError
 from .io.atomic import write_bytes_atomic, write_text_atomic
+from .io.checkpoint import load_checkpoint
 from .models.unet import UNet, UNetConfig
 
 ASSETS = Path(__file__).parent / "assets"
@@ -42,7 +44,7 @@ def unet_config_from_dict(d: dict[str, Any]) -> UNetConfig:
     fields = {f.name: f for f in dataclasses.fields(UNetConfig)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise ValueError(f"unknown U-Net config keys: {', '.join(unknown)}")
+        raise UsageError(f"unknown U-Net config keys: {', '.join(unknown)}")
     values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
     return UNetConfig(**values)
 
@@ -127,17 +129,15 @@ class PixelDDPM:
         if path.is_dir() and (path / CONFIG_NAME).is_file():
             meta = json.loads((path / CONFIG_NAME).read_text())
             if meta.get("format") != "sdengine-pixel-ddpm":
-                raise ValueError(f"{path} is not a pixel DDPM model folder")
+                raise UsageError(f"{path} is not a pixel DDPM model folder")
             unet = UNet(unet_config_from_dict(meta["unet"]))
             sd = load_file(str(path / WEIGHTS_NAME))
             unet.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
         else:
-            from .train.checkpoint import load_checkpoint
-
             state = load_checkpoint(path)
             meta = state.get("meta") or {}
             if meta.get("format") != "sdengine-pixel-ddpm":
-                raise ValueError(f"{path} is not a pixel DDPM training checkpoint")
+                raise UsageError(f"{path} is not a pixel DDPM training checkpoint")
             unet = UNet(unet_config_from_dict(meta["unet"]))
             unet.load_state_dict(state["ema"]["model"] if use_ema else state["model"], strict=True)
         unet.eval().requires_grad_(False).to(device)
@@ -176,15 +176,15 @@ class PixelDDPM:
             labels = list(labels)
             bad = [c for c in labels if not 0 <= c < self.num_classes]
             if bad:
-                raise ValueError(f"class labels must be in 0..{self.num_classes - 1}, got {bad[:5]}")
+                raise UsageError(f"class labels must be in 0..{self.num_classes - 1}, got {bad[:5]}")
             n = len(labels)
         if seeds is not None:
             seeds = [int(v) for v in seeds]
             if n is not None and n != len(seeds):
-                raise ValueError(f"{n} images but {len(seeds)} seeds")
+                raise UsageError(f"{n} images but {len(seeds)} seeds")
             n = len(seeds)
         if n is None or n < 1:
-            raise ValueError("give class labels or a positive number of images")
+            raise UsageError("give class labels or a positive number of images")
         row_seeds = seeds if seeds is not None else [seed + i for i in range(n)]
         device = next(self.unet.parameters()).device
         den = self.denoiser(guidance_scale)

@@ -63,11 +63,9 @@ def run(a: argparse.Namespace) -> int:
     )
     print(format_report(res))
     if a.json is not None:
-        out = Path(a.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(_jsonable(res), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(out)
+        from ..io.atomic import write_text_atomic
+
+        out = write_text_atomic(Path(a.json), json.dumps(_jsonable(res), indent=2, ensure_ascii=False) + "\n")
         print(f"results written to {out}")
     return 0
 

@@ -13,10 +13,11 @@ from typing import Literal, TypedDict
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
-from sdengine.errors import SdengineError
+from sdengine.errors import SdengineError, UsageError
+from sdengine.io.images import load_image as read_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -78,15 +79,6 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def _to_mode(img: Image.Image, channels: Channels, background: tuple[int, int, int]) -> Image.Image:
-    # Transparent pixels often hold black RGB; composite on a background instead of dropping alpha.
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (*background, 255))
-        img = Image.alpha_composite(bg, rgba)
-    return img.convert("RGB" if channels == 3 else "L")
-
-
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL ``L``/``RGB`` image -> float32 ``(C, H, W)`` in ``[-1, 1]``."""
     arr = np.asarray(img, dtype=np.uint8)
@@ -107,12 +99,11 @@ def load_image(
     EXIF orientation is applied (phone photos). Decode errors are re-raised naming the file.
     """
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    try:
-        with Image.open(path) as raw:
-            im = _to_mode(ImageOps.exif_transpose(raw), channels, background)
-    except Exception as e:
-        raise ImageFolderError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+        raise UsageError(f"channels must be 1 or 3, got {channels}")
+    # The one reader (sdengine.io.images): EXIF, 16-bit scaling, alpha composited on ``background`` (transparent
+    # pixels often hold black RGB); its errors name the file, raised as ImageFolderError.
+    im = read_image(Path(path), "image", mode="RGB" if channels == 3 else "L", background=background,
+                    error=ImageFolderError)
     if size is not None:
         im = resize_center_crop(im, size)
     return pil_to_tensor(im)
@@ -152,7 +143,7 @@ class ImageFolder(Dataset[ImageItem]):
         background: tuple[int, int, int] = (255, 255, 255),
     ) -> None:
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
+            raise UsageError(f"channels must be 1 or 3, got {channels}")
         if size < 1:
             raise ValueError(f"size must be positive, got {size}")
         if not 0.0 <= flip_p <= 1.0:

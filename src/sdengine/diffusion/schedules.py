@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from sdengine.errors import UsageError
 from sdengine.models.config_checks import check_config
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
@@ -46,7 +47,7 @@ def make_betas(
     """Beta schedule of the forward process: linear (Ho 2020), scaled_linear (LDM / Stable Diffusion),
     squaredcos_cap_v2 (Nichol & Dhariwal 2021, "Improved DDPM", eq. 17 with betas capped at 0.999)."""
     if num_train_timesteps < 1:
-        raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+        raise UsageError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
     n = num_train_timesteps
     if kind == "linear":
         # float32 linspace, as the reference checkpoints were trained with it.
@@ -61,7 +62,7 @@ def make_betas(
 
         betas = [min(1.0 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)]
         return torch.tensor(betas, dtype=torch.float32)
-    raise ValueError(f"unknown beta schedule {kind!r}; valid: {', '.join(BETA_SCHEDULES)}")
+    raise UsageError(f"unknown beta schedule {kind!r}; valid: {', '.join(BETA_SCHEDULES)}")
 
 
 def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
@@ -207,7 +208,7 @@ def q_sample(x0: Tensor, t: Tensor, noise: Tensor, alphas_cumprod: Tensor) -> Te
     """Sample ``q(x_t | x0) = N(sqrt(a_t) x0, (1 - a_t) I)`` for a (B,) batch of integer timesteps
     (Ho 2020, eq. 4), in the VP scaling the network is trained on."""
     if t.ndim != 1 or t.shape[0] != x0.shape[0]:
-        raise ValueError(f"t must have shape ({x0.shape[0]},), got {tuple(t.shape)}")
+        raise UsageError(f"t must have shape ({x0.shape[0]},), got {tuple(t.shape)}")
     a = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device).long()]
     a = _per_row(a, x0)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -263,7 +264,7 @@ def spaced_timesteps(
 ) -> Tensor:
     """Descending timesteps of the `normal` schedule, float64 (fractional only for rule "k" linspace)."""
     if spacing not in SPACINGS:
-        raise ValueError(f"unknown timestep_spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+        raise UsageError(f"unknown timestep_spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
     T, n = num_train_timesteps, steps
     # The multistep solvers space N+1 points and drop the final one (t = 0) for leading / linspace.
     m = n + 1 if rule == "multistep" else n
@@ -327,12 +328,12 @@ def sampling_grid(
     scheduler ``config`` keys ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``,
     ``original_inference_steps``. ``strength`` only matters for LCM, whose grid depends on it."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+        raise UsageError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     if rule not in SPACING_RULES:
-        raise ValueError(f"unknown spacing rule {rule!r}; valid: {', '.join(SPACING_RULES)}")
+        raise UsageError(f"unknown spacing rule {rule!r}; valid: {', '.join(SPACING_RULES)}")
     T = noise_schedule.num_train_timesteps
     if not 1 <= steps <= T:
-        raise ValueError(f"steps must be between 1 and {T} (the training timesteps), got {steps}")
+        raise UsageError(f"steps must be between 1 and {T} (the training timesteps), got {steps}")
     spacing = config_get(config, "timestep_spacing", "leading" if rule in ("discrete", "lcm") else "linspace")
     offset = int(config_get(config, "steps_offset", 0))
     train_sigmas = noise_schedule.sigmas.to(torch.float64)  # from float32, as diffusers
@@ -347,19 +348,19 @@ def sampling_grid(
         sig, ts = sgm_uniform_sigmas(steps, log_sigmas)
     elif rule == "lcm":
         if schedule != "normal":
-            raise ValueError(f"the lcm grid has no {schedule!r} form")
+            raise UsageError(f"the lcm grid has no {schedule!r} form")
         original = int(config_get(config, "original_inference_steps", 50))
         k = T // original
         origin = torch.arange(1, int(original * strength) + 1, dtype=torch.float64) * k - 1
         if steps > origin.shape[0]:
-            raise ValueError(f"lcm can run at most {origin.shape[0]} steps here, got {steps}")
+            raise UsageError(f"lcm can run at most {origin.shape[0]} steps here, got {steps}")
         idx = torch.linspace(0, origin.shape[0], steps + 1, dtype=torch.float64)[:-1].floor().long()
         ts = origin.flip(0)[idx]
         sig = train_sigmas[ts.long()]
     elif schedule == "normal":
         ts = spaced_timesteps(spacing, steps, T, offset, rule=rule)
         if ts.min() < 0 or ts.max() > T - 1:
-            raise ValueError(f"timestep_spacing {spacing!r} with steps_offset {offset} leaves 0..{T - 1}")
+            raise UsageError(f"timestep_spacing {spacing!r} with steps_offset {offset} leaves 0..{T - 1}")
         sig = _interp(ts, grid_t, train_sigmas)
         if rule == "discrete":
             # DDIM / PNDM land on t - T // N, and the last step on alphas_cumprod = 1 (sigma 0) or, when
@@ -399,5 +400,5 @@ def img2img_start(steps: int, strength: float) -> int:
     """Index of the first step img2img runs: diffusers' ``t_start = steps - min(int(steps * strength),
     steps)`` so that exactly ``int(steps * strength)`` steps run (SDEdit, Meng et al. 2022)."""
     if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
+        raise UsageError(f"strength must be in (0, 1], got {strength}")
     return max(steps - min(int(steps * strength), steps), 0)

@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch import Tensor
 
 from sdengine.errors import UsageError
+from sdengine.io.atomic import atomic_write
 
 ImageInput = Image.Image | np.ndarray | Tensor | str | Path
 
@@ -92,21 +91,13 @@ def make_grid(
 
 
 def save_image_atomic(img: Image.Image, path: str | Path, **kwargs: object) -> Path:
-    """Save under a unique temporary name in the same folder, fsync, then rename: readers never see half
-    a file and concurrent writers never share a temporary file."""
+    """Save through :func:`sdengine.io.atomic.atomic_write`: readers never see half a file, concurrent
+    writers never share a temporary file, and the file gets the mode a plain ``open`` would (the umask)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fmt = kwargs.pop("format", None) or Image.registered_extensions().get(path.suffix.lower())
-            img.save(f, format=str(fmt) if fmt else None, **kwargs)  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # The format comes from the final name: the temporary name ends in ``.tmp``, which PIL cannot map.
+    fmt = kwargs.pop("format", None) or Image.registered_extensions().get(path.suffix.lower())
+    with atomic_write(path) as f:
+        img.save(f, format=str(fmt) if fmt else None, **kwargs)  # type: ignore[arg-type]
     return path
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sdengine.io.atomic import write_text_atomic
 from sdengine.pipeline.control import ControlUnit
 
 
@@ -37,15 +37,7 @@ def cached_hash(f: Path, compute: Callable[[Path], str]) -> str:
         return known[key]
     h = compute(f)
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".model_hashes.", suffix=".tmp", dir=cache.parent)
-        try:
-            with os.fdopen(fd, "w") as out:
-                out.write(json.dumps({**(known if isinstance(known, dict) else {}), key: h}))
-            os.replace(tmp, cache)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(cache, json.dumps({**(known if isinstance(known, dict) else {}), key: h}))
     except OSError:
         pass  # a read-only home only costs the next run a re-hash
     return h

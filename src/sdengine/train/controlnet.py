@@ -90,11 +90,12 @@ def _control_map(spec: ControlNetTrainSpec, path: Path, root: Path, size: int) -
 
 @torch.no_grad()
 def prepare_data(spec: ControlNetTrainSpec, pipe: Any, device: torch.device) -> PreparedData:
-    """Encode every image (VAE posterior), caption (text encoder) and control map once."""
+    """Encode every image (VAE posterior), caption (the pipeline's conditioner) and control map once."""
     from ..data.folders import ImageFolder
+    from ..prompts import pad_to_length
 
     ds = ImageFolder(spec.data, size=spec.resolution, channels=3)
-    means, stds, texts, controls = [], [], [], []
+    means, stds, captions, controls = [], [], [], []
     vae = pipe.vae
     for i in range(len(ds)):
         item = ds[i]
@@ -102,26 +103,20 @@ def prepare_data(spec: ControlNetTrainSpec, pipe: Any, device: torch.device) -> 
         post = vae.encode(x)
         means.append(vae.scale_latents(post.mean.float()).cpu())
         stds.append((post.std.float() * vae.config.scaling_factor).cpu())
-        texts.append(pipe.encode_prompt(item["caption"], "", 1)[0].float().cpu())
+        captions.append(item["caption"])
         cmap = _control_map(spec, Path(item["path"]), Path(spec.data), spec.resolution)
         controls.append(torch.from_numpy(np.asarray(cmap, dtype=np.float32) / 255.0).permute(2, 0, 1))
-    lengths = {t.shape[1] for t in texts}
-    if len(lengths) > 1:  # long captions give more 77-token chunks: pad all to the longest
-        from ..prompts import pad_to_length
-
-        empty77 = pipe.encode_prompt("", "", 1)[0].float().cpu()
-        n = max(lengths)
-        texts = [pad_to_length(t, n, empty77) for t in texts]
-    empty = pipe.encode_prompt("", "", 1)[0].float().cpu()
-    if empty.shape[1] < texts[0].shape[1]:
-        from ..prompts import pad_to_length
-
-        empty = pad_to_length(empty, texts[0].shape[1], empty[:, :77])
+    # One row per caption; long CLIP captions give more 77-token chunks and the conditioner pads every row to
+    # the longest with the empty prompt's chunk. The empty prompt (condition dropout) is padded the same way.
+    cond, uncond = pipe.conditioner(captions), pipe.conditioner.empty(1)
+    texts = cond["crossattn"].float().cpu()
+    empty = uncond["crossattn"].float().cpu()
+    if empty.shape[1] < texts.shape[1]:
+        empty = pad_to_length(empty, texts.shape[1], empty[:, :77])
     pooled = empty_pooled = None
-    if getattr(pipe, "pooled_dim", None) is not None:
-        pooled = pipe.unet_text_kwargs([ds[i]["caption"] for i in range(len(ds))])["class_labels"].float().cpu()
-        empty_pooled = pipe.unet_text_kwargs([""])["class_labels"].float().cpu()
-    return PreparedData(torch.cat(means), torch.cat(stds), torch.cat(texts), empty, torch.stack(controls),
+    if "vector" in cond:  # a U-Net with a pooled-text projection (the emoji model)
+        pooled, empty_pooled = cond["vector"].float().cpu(), uncond["vector"].float().cpu()
+    return PreparedData(torch.cat(means), torch.cat(stds), texts, empty, torch.stack(controls),
                         [str(p) for p in ds.paths], pooled, empty_pooled)
 
 

@@ -216,9 +216,7 @@ class LoRAData:
 
 
 def _uses_clip(pipe: Any) -> bool:
-    from ..text.clip_tokenizer import CLIPTokenizer
-
-    return isinstance(getattr(pipe, "tokenizer", None), CLIPTokenizer)
+    return pipe.conditioner.kind == "clip"  # decided once, by the pipeline's conditioner
 
 
 @torch.no_grad()
@@ -234,13 +232,18 @@ def prepare_data(pipe: Any, spec: LoRASpec, resolution: int, device: torch.devic
     images = ds.stack().to(device=device, dtype=next(pipe.vae.parameters()).dtype)  # (N, 3, H, W) in [-1, 1]
     latents = torch.cat([encode(pipe.vae, images[i : i + 8], None, tiled=False) for i in range(0, len(ds), 8)])
     if not _uses_clip(pipe):
-        # Another text encoder (the emoji model's MiniLM): the pipeline's own prompt encoding, frozen.
+        # Another text encoder (the emoji model's MiniLM): the pipeline's conditioner, frozen (the same
+        # conditioning generation uses: token states, and the pooled vector for a U-Net that reads one).
         if spec.train_text_encoder:
             raise LoRATrainingError("--train-text-encoder needs a CLIP text encoder; this model's is frozen MiniLM")
-        states = torch.cat([pipe.encode_prompt(c, "", 1)[0].float() for c in ds.captions]).to(device)
-        extra = {k: v.float().to(device) for k, v in pipe.unet_text_kwargs(ds.captions).items()}
+        cond = pipe.conditioner(ds.captions)
+        states = cond["crossattn"].float().to(device)
+        extra = {"class_labels": cond["vector"].float().to(device)} if "vector" in cond else {}
         return LoRAData(latents.float(), torch.zeros((len(ds), 0), dtype=torch.long, device=device), states,
                         ds.captions, extra)
+    # CLIP keeps its own token-id path: with --train-text-encoder the encoder runs inside the training step, so
+    # the data holds token ids, not states; and one 77-token window per caption without emphasis is what
+    # kohya trains on (the conditioner would read emphasis and encode every chunk).
     ids = []
     for caption in ds.captions:
         # One 77-token window per caption (kohya's default): training uses the first chunk, emphasis ignored.

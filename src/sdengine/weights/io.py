@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from sdengine.devices import DTYPES  # the one table of dtype names a user may give
 from sdengine.errors import SdengineError
 from sdengine.io.atomic import atomic_write
 
@@ -51,16 +52,6 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 _TORCH_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
-
-DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
 
 # A header bigger than this is not a real safetensors file (the format caps it at 100 MB).
 _MAX_HEADER = 100 * 1024 * 1024
