@@ -202,6 +202,13 @@ _RE_QUOTED_BODY = re.compile(r'(?:\\.|[^\\"])*')
 _RE_BARE = re.compile(r"[^,]*")
 
 
+
+def _match_end(rx: re.Pattern[str], line: str, pos: int) -> int:
+    """End of ``rx`` matched at ``pos``: the patterns used here match the empty string, so they always match."""
+    m = rx.match(line, pos)
+    assert m is not None
+    return m.end()
+
 def parse_fields(line: str) -> list[tuple[str, str]]:
     """``_RE_PARAM.findall(line)`` (A1111's field regex: the same pairs on every input) in linear time.
 
@@ -216,28 +223,28 @@ def parse_fields(line: str) -> list[tuple[str, str]]:
     n, pos = len(line), 0
     scan_from, quote_end = n + 1, -1  # last body scan: its start (none yet) and its closing quote (-1: none)
     while pos < n:
-        k = _RE_SPACE.match(line, pos).end()
+        k = _match_end(_RE_SPACE, line, pos)
         if k >= n:
             break
         if not (line[k].isalnum() or line[k] == "_"):  # a key starts with a word character (\w)
             pos = k + 1
             continue
-        e = _RE_KEY_RUN.match(line, k + 1).end()
+        e = _match_end(_RE_KEY_RUN, line, k + 1)
         if e - k < 2 or e >= n or line[e] != ":":
             pos = e if e > k + 1 else k + 1
             continue
-        v = _RE_SPACE.match(line, e + 1).end()
+        v = _match_end(_RE_SPACE, line, e + 1)
         value_end = -1
         if v < n and line[v] == '"':
             b = v + 1
             if not (scan_from < b and (quote_end == -1 or b <= quote_end)):
                 scan_from = b
-                m = _RE_QUOTED_BODY.match(line, b).end()
+                m = _match_end(_RE_QUOTED_BODY, line, b)
                 quote_end = m if m < n and line[m] == '"' else -1
             if quote_end > b and (quote_end + 1 == n or line[quote_end + 1] == ","):
                 value_end = quote_end + 1
         if value_end < 0:
-            value_end = _RE_BARE.match(line, v).end()
+            value_end = _match_end(_RE_BARE, line, v)
         out.append((line[k:e], line[v:value_end]))
         pos = value_end + 1 if value_end < n else n  # past the comma
     return out

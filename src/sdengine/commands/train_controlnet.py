@@ -34,7 +34,7 @@ def run(a: argparse.Namespace) -> int:
             raise UsageError(f"--condition-option {', '.join(unknown)}: not options of {a.condition!r} ({valid})")
     spec = ControlNetTrainSpec(
         model=a.model, data=a.data, condition=a.condition, condition_dir=a.condition_dir, condition_options=opts,
-        resolution=a.resolution, empty_prompt_p=a.empty_prompt_p, controlnet_init=a.init,
+        resolution=a.resolution, cond_dropout=a.empty_prompt_p, controlnet_init=a.init,
     )
     cfg = train_config(a, sample_every=0)
     result, folder = train_controlnet(spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite)
