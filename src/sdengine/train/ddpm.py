@@ -60,8 +60,8 @@ def load_training_data(spec: DDPMSpec) -> tuple[torch.Tensor, torch.Tensor | Non
         raise ValueError("--class-conditional needs labelled data (fashion-mnist); a folder has no classes")
     from ..data.folders import ImageFolder
 
-    ds = ImageFolder(spec.data, size=spec.image_size, channels=spec.channels)  # type: ignore[arg-type]
-    images = ds.stack()  # (N, C, H, W) in [-1, 1]
+    folder = ImageFolder(spec.data, size=spec.image_size, channels=spec.channels)  # type: ignore[arg-type]
+    images = folder.stack()  # (N, C, H, W) in [-1, 1]
     return images, None, None, 0
 
 

@@ -268,8 +268,8 @@ def add_pooled_projection(path: Path, tokens_only: UNetConfig, pooled: UNetConfi
     torch.manual_seed(seed + 1)
     new = UNet(pooled)
     assert new.class_embedding is not None
-    nn.init.zeros_(new.class_embedding.linear_2.weight)  # type: ignore[union-attr]
-    nn.init.zeros_(new.class_embedding.linear_2.bias)  # type: ignore[union-attr]
+    nn.init.zeros_(new.class_embedding.linear_2.weight)  # type: ignore[union-attr,arg-type]
+    nn.init.zeros_(new.class_embedding.linear_2.bias)  # type: ignore[union-attr,arg-type]
     fresh = new.state_dict()
     missing = set(old.state_dict()) - set(state["model"])
     if missing or set(state["model"]) - set(old.state_dict()):
@@ -391,17 +391,21 @@ class EmojiRecipe:
     ema_decay: float = 0.999
     spec: EmojiTrainSpec = field(default_factory=EmojiTrainSpec)
 
+    def precision(self) -> Any:
+        """``mixed_precision`` as TrainConfig takes it (checked there: "auto", "no" or "bf16")."""
+        return self.mixed_precision
+
     def vae_config(self, max_seconds: float | None = None) -> TrainConfig:
         return TrainConfig(steps=self.vae_steps, batch_size=self.vae_batch, lr=self.vae_lr,
                            warmup_steps=self.vae_warmup, ema_decay=self.ema_decay, seed=self.seed,
-                           mixed_precision=self.mixed_precision, sample_every=0, checkpoint_every=500,
-                           max_seconds=max_seconds)  # type: ignore[arg-type]
+                           mixed_precision=self.precision(), sample_every=0, checkpoint_every=500,
+                           max_seconds=max_seconds)
 
     def unet_config(self, max_seconds: float | None = None) -> TrainConfig:
         return TrainConfig(steps=self.unet_steps, batch_size=self.unet_batch, lr=self.unet_lr,
                            warmup_steps=self.unet_warmup, ema_decay=self.ema_decay, seed=self.seed,
-                           mixed_precision=self.mixed_precision, sample_every=1000, checkpoint_every=250,
-                           max_seconds=max_seconds)  # type: ignore[arg-type]
+                           mixed_precision=self.precision(), sample_every=1000, checkpoint_every=250,
+                           max_seconds=max_seconds)
 
 
 def _cached_caption_tensors(ds: EmojiDataset, path: Path, device: torch.device, suffix: str, name: str,

@@ -84,7 +84,7 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        ema_params = list(self.model.parameters())
+        ema_params: list[torch.Tensor] = list(self.model.parameters())
         params = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - d)
         for eb, b in zip(self.model.buffers(), model.buffers(), strict=True):
@@ -196,7 +196,8 @@ def train(
 
     model = model.to(device)
     model.train()
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         (decay if p.ndim >= 2 else no_decay).append(p)
     opt = torch.optim.AdamW(

@@ -98,7 +98,8 @@ def _check_entry(path: Path, name: str, entry: object) -> tuple[torch.dtype, lis
     """(dtype, shape, begin, end) of one header entry, or CorruptFileError: nothing is trusted or coerced."""
     if not isinstance(entry, dict):
         raise CorruptFileError(f"{path}: corrupt safetensors entry for {name!r}: not a JSON object")
-    dtype = _ST_DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+    dtype_name = entry.get("dtype")
+    dtype = _ST_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
         raise CorruptFileError(f"{path}: safetensors entry {name!r} has an unknown dtype {entry.get('dtype')!r}")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
@@ -198,7 +199,7 @@ def _load_safetensors(path: Path, device: str | torch.device) -> tuple[StateDict
     # shared=False maps the file MAP_PRIVATE: pages are read lazily, writes to a tensor never reach the file.
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
     raw = torch.empty(0, dtype=torch.uint8)
-    raw.set_(storage, 0, (size,))
+    raw.set_(storage, 0, (size,))  # type: ignore[call-overload]
     out: StateDict = {}
     for name, entry in header.items():
         dtype = _ST_DTYPES[entry["dtype"]]
@@ -264,7 +265,7 @@ def save_safetensors(
             if t.numel():
                 # numpy has no bfloat16/float8: write the same bytes through an integer view of equal width.
                 b = t.reshape(-1).view(torch.uint8) if t.dtype != torch.bool else t.to(torch.uint8).reshape(-1)
-                f.write(memoryview(b.numpy()))
+                f.write(memoryview(b.numpy()))  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------ pickles
@@ -313,7 +314,7 @@ def load_pickle_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CorruptFileError(f"{path}: empty file (0 bytes), not a checkpoint")
     mmap_ok = zipfile.is_zipfile(path)  # mmap needs the zip (torch>=1.6) format
     try:
-        with torch.serialization.safe_globals(_LIGHTNING_STANDINS), warnings.catch_warnings():
+        with torch.serialization.safe_globals(_LIGHTNING_STANDINS), warnings.catch_warnings():  # type: ignore[arg-type]
             warnings.simplefilter("ignore", UserWarning)  # torch's note on pickle protocols: not for users
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_ok)
     except pickle.UnpicklingError as e:
