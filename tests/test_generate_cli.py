@@ -200,3 +200,24 @@ def test_help_defaults_are_the_requests():
     want = GenerationRequest.defaults()
     assert HELP_DEFAULTS == {k: want[k] for k in HELP_DEFAULTS}
     assert request_defaults()["schedule"] == want["schedule"] and request_defaults()["seed"] == -1
+
+
+def test_grid_writes_the_batch_as_one_picture(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _generate("a cat", "--model", str(model), "--steps", "2", "--seed", "3", "--width", "32", "--height",
+                     "32", "--batch", "3", "--grid", "--out", str(out)) == 0
+    printed = capsys.readouterr().out.split()
+    grid = out / "grid-00000.png"
+    assert printed[-1] == str(grid)
+    with Image.open(grid) as im:
+        g = np.asarray(im.convert("RGB"))
+        text = im.info["parameters"]
+    assert g.shape == (64, 64, 3)  # 3 images -> 2 columns, 2 rows of 32 px
+    for i, name in enumerate(["00000-3.png", "00001-4.png", "00002-5.png"]):
+        cell = g[(i // 2) * 32:(i // 2 + 1) * 32, (i % 2) * 32:(i % 2 + 1) * 32]
+        np.testing.assert_array_equal(cell, np.asarray(Image.open(out / name).convert("RGB")))
+    assert not g[32:, 32:].any()  # the empty place is black
+    assert text == Image.open(out / "00000-3.png").info["parameters"]
+    # a one-file --out has no room for a grid
+    assert _generate("a cat", "--model", str(model), "--grid", "--out", str(tmp_path / "one.png")) == 2
+    assert "--grid" in capsys.readouterr().err

@@ -238,6 +238,8 @@ def run(a: argparse.Namespace) -> int:
         kwargs["progress"] = False
 
     out, out_is_file = _output_target(a.out, int(kwargs.get("batch_size", 1)))
+    if a.grid and out_is_file:
+        raise UsageError(f"--grid writes the batch and its grid into a folder: --out {a.out} names one file")
     t0 = time.perf_counter()
     pipe = load_pipeline(model, device=a.device, dtype=a.dtype, vae=a.vae, prediction_type=a.prediction_type)
     t1 = time.perf_counter()
@@ -249,6 +251,13 @@ def run(a: argparse.Namespace) -> int:
     for i, (image, text) in enumerate(zip(result.images, result.infotexts, strict=True)):
         path = save_png(image, out if out_is_file else out / f"{index + i:05d}-{result.seeds[i]}.png", text)
         print(path)
+    if a.grid:
+        from ..grids import batch_grid
+
+        # numbered like the batch's first image, so grid and images of one run share a number; the grid
+        # carries the first image's parameters (as A1111's batch grid does).
+        grid_path = save_png(batch_grid(result.images), out / f"grid-{index:05d}.png", result.infotexts[0])
+        print(grid_path)
     print(
         f"{len(result.images)} image(s) in {t2 - t1:.1f} s (model loaded in {t1 - t0:.1f} s), seed {result.seeds[0]}",
         file=sys.stderr,
@@ -304,5 +313,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
                    help="output folder, or the file for one image when it ends in .png (default outputs)")
     p.add_argument("--from-png", default=None, metavar="FILE", help="regenerate the image whose parameters FILE "
                    "carries (flags given here override them)")
+    p.add_argument("--grid", action="store_true", help="also write the batch as one picture grid-NNNNN.png "
+                   "(ceil(sqrt(n)) columns) carrying the first image's parameters")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
