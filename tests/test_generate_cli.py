@@ -221,3 +221,65 @@ def test_grid_writes_the_batch_as_one_picture(model, tmp_path, capsys):
     # a one-file --out has no room for a grid
     assert _generate("a cat", "--model", str(model), "--grid", "--out", str(tmp_path / "one.png")) == 2
     assert "--grid" in capsys.readouterr().err
+
+
+def _controlnet_png(tmp_path):
+    edges = tmp_path / "edges.png"
+    picture(64, 64).save(edges)
+    out = tmp_path / "cn"
+    assert _generate("a smiling face", "--steps", "2", "--seed", "4", "--control", f"canny:{edges}:0.8",
+                     "--controlnet", "emoji-controlnet-canny", "--out", str(out)) == 0
+    return edges, out / "00000-4.png"
+
+
+def test_from_png_of_a_controlnet_image_reuses_the_controlnet_by_name(tmp_path, capsys):
+    edges, made = _controlnet_png(tmp_path)
+    text = Image.open(made).info["parameters"]
+    assert "ControlNet 0" in text and "emoji-controlnet-canny" in text
+    capsys.readouterr()
+    # without the control image: refused in one line (as an img2img PNG without its init image)
+    assert _generate("--from-png", str(made), "--out", str(tmp_path / "x")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "emoji-controlnet-canny" in err[0] and "--control" in err[0], err
+    assert not (tmp_path / "x").exists()
+    # with it: the ControlNet is found by name, the recorded weight 0.8 is used, the image is the same
+    again = tmp_path / "again"
+    assert _generate("--from-png", str(made), "--control", f"canny:{edges}", "--out", str(again)) == 0
+    assert "not reproduced" not in capsys.readouterr().err
+    redo = again / "00000-4.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(redo)))
+    assert Image.open(redo).info["parameters"] == text
+
+
+def test_from_png_controlnet_by_folder_and_hash(tmp_path, capsys):
+    import shutil
+
+    from sdengine.catalog import builtin_path
+    from sdengine.metadata import model_hash
+
+    edges, made = _controlnet_png(tmp_path)
+    text = Image.open(made).info["parameters"]
+    # an A1111-style record: a name that is not built-in, with a hash in brackets, found in --controlnets-dir
+    folder = tmp_path / "cns"
+    shutil.copytree(builtin_path("controlnets", "emoji-controlnet-canny"), folder / "mycanny")
+    weights = sorted((folder / "mycanny").glob("**/diffusion_pytorch_model*.safetensors"))[0]
+    good = model_hash(weights)[:8]
+    for digest, ok in ((good, True), ("0123abcd" if good != "0123abcd" else "ffffffff", False)):
+        png = tmp_path / f"a1111-{ok}.png"
+        from sdengine.metadata import save_png
+
+        save_png(Image.open(made), png, text.replace("Model: emoji-controlnet-canny", f"Model: mycanny [{digest}]"))
+        capsys.readouterr()
+        rc = _generate("--from-png", str(png), "--control", f"canny:{edges}", "--controlnets-dir", str(folder),
+                       "--out", str(tmp_path / f"o-{ok}"))
+        err = capsys.readouterr().err
+        if ok:
+            assert rc == 0, err
+            np.testing.assert_array_equal(np.asarray(Image.open(made)),
+                                          np.asarray(Image.open(tmp_path / "o-True" / "00000-4.png")))
+        else:
+            assert rc == 2 and "hash" in err and "mycanny" in err, err
+    # a name found nowhere
+    assert _generate("--from-png", str(tmp_path / "a1111-True.png"), "--control", f"canny:{edges}",
+                     "--out", str(tmp_path / "o3")) == 2
+    assert "'mycanny', which is not built-in" in capsys.readouterr().err

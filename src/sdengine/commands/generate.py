@@ -186,6 +186,64 @@ def _model_from_png(parsed: dict[str, str]) -> str | None:
     return None
 
 
+def _spec_has_numbers(text: str) -> bool:
+    """Whether a ``--control TYPE:IMAGE[:WEIGHT...]`` spec gives its own weight (else the PNG's is used)."""
+    _, _, rest = text.partition(":")
+    parts = rest.split(":")
+    return len(parts) > 1 and _number(parts[-1]) is not None
+
+
+def _recorded_controlnet_path(name: str, digest: str | None, controlnets_dir: str | None, png: str) -> str:
+    """The ControlNet a PNG names: a built-in name, else ``NAME`` (folder) or ``NAME.safetensors`` in
+    ``--controlnets-dir``; where the PNG records a hash, the file found must have it."""
+    from ..catalog import builtin_path
+    from ..metadata import model_hash
+
+    path = builtin_path("controlnets", name)
+    if path is None and controlnets_dir is not None:
+        folder = Path(controlnets_dir)
+        # only a plain name is looked up, so a crafted PNG cannot point outside the folder
+        if Path(name).name == name and name not in ("", ".", ".."):
+            path = next((p for p in (folder / name, folder / f"{name}.safetensors") if p.exists()), None)
+    if path is None:
+        where = f"built-in or in --controlnets-dir {controlnets_dir}" if controlnets_dir else "built-in (give "\
+            "--controlnets-dir FOLDER or --controlnet MODEL)"
+        raise ControlNetError(f"{png} was made with ControlNet {name!r}, which is not {where}")
+    if digest is not None:
+        # a file is hashed itself, a diffusers folder by its weights file (as A1111 hashes the file it loads)
+        files = [path] if path.is_file() else sorted(path.glob("**/diffusion_pytorch_model*.safetensors"))
+        weights = files[0] if files else None
+        found = model_hash(weights) if weights is not None else ""
+        n = min(len(digest), len(found))
+        if not n or found[:n] != digest[:n]:
+            raise ControlNetError(f"{png} was made with ControlNet {name!r} [{digest}], but {path} has hash "
+                                  f"[{found[:len(digest)] or 'unknown'}]: give the same ControlNet with --controlnet")
+    return str(path)
+
+
+def _controlnets_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list[ControlUnit]:
+    """A ControlNet PNG is made again only with its control images (``--control``, one per recorded ControlNet,
+    in order); the models are the ones it names, unless ``--controlnet`` gives others. Weight, start and end
+    are the recorded ones unless the ``--control`` spec gives them."""
+    from ..metadata import recorded_controlnets
+
+    recorded = recorded_controlnets(parsed)
+    if not recorded:
+        return control_units_from_cli(a.control or [], a.controlnet or []) if (a.control or a.controlnet) else []
+    names = ", ".join(r.name for r in recorded)
+    if not a.control:
+        raise ControlNetError(f"{a.from_png} was made with ControlNet {names}: give its control image with "
+                              "--control TYPE:IMAGE (one per ControlNet, in order)")
+    if len(a.control) != len(recorded):
+        raise ControlNetError(f"{a.from_png} records {len(recorded)} ControlNet(s) ({names}) but {len(a.control)} "
+                              "--control were given")
+    models = a.controlnet or [_recorded_controlnet_path(r.name, r.hash, a.controlnets_dir, a.from_png)
+                              for r in recorded]
+    units = control_units_from_cli(a.control, models)
+    return [u if _spec_has_numbers(text) else dataclasses.replace(u, scale=r.weight, start=r.start, end=r.end)
+            for u, r, text in zip(units, recorded, a.control, strict=True)]
+
+
 def run(a: argparse.Namespace) -> int:
     from ..metadata import save_png
     from ..pipeline import load_pipeline
@@ -232,7 +290,11 @@ def run(a: argparse.Namespace) -> int:
         kwargs["lora_dir"] = a.lora_dir
     if a.vae_tiling is not None:
         kwargs["vae_tiling"] = a.vae_tiling
-    if a.control or a.controlnet:
+    if a.from_png:
+        units = _controlnets_from_png(a, parsed)
+        if units:
+            kwargs["controlnets"] = units
+    elif a.control or a.controlnet:
         kwargs["controlnets"] = control_units_from_cli(a.control or [], a.controlnet or [])
     if a.no_progress:
         kwargs["progress"] = False
@@ -297,6 +359,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--control", action="append", default=None, metavar="TYPE:IMAGE[:WEIGHT[:START:END]]",
                    help="a ControlNet input (repeatable; pairs with --controlnet in order)")
     p.add_argument("--controlnet", action="append", default=None, metavar="MODEL", help="a ControlNet model")
+    p.add_argument("--controlnets-dir", default=None, metavar="FOLDER",
+                   help="where --from-png looks up the ControlNet a PNG names (built-in names need none)")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]", help="a LoRA (repeatable)")
     p.add_argument("--lora-dir", default=None, help="where <lora:NAME> tags are looked up")
     p.add_argument("--clip-skip", type=int, default=None,
