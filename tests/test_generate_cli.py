@@ -283,3 +283,18 @@ def test_from_png_controlnet_by_folder_and_hash(tmp_path, capsys):
     assert _generate("--from-png", str(tmp_path / "a1111-True.png"), "--control", f"canny:{edges}",
                      "--out", str(tmp_path / "o3")) == 2
     assert "'mycanny', which is not built-in" in capsys.readouterr().err
+
+
+def test_resize_mode_and_size_notes_on_stderr(model, tmp_path, capsys):
+    init = tmp_path / "init.png"
+    picture(96, 64).save(init)
+    assert _generate("x", "--model", str(model), "--steps", "2", "--seed", "1", "--init-image", str(init),
+                     "--strength", "0.5", "--resize-mode", "crop and resize", "--out", str(tmp_path / "o")) == 0
+    err = capsys.readouterr().err
+    assert "init image 96x64 fitted to 32x32 (crop and resize)" in err
+    assert _generate("x", "--model", str(model), "--steps", "1", "--width", "64", "--height", "64",
+                     "--out", str(tmp_path / "o")) == 0
+    assert "64x64 is not the model's training size 32x32" in capsys.readouterr().err
+    assert _generate("x", "--model", str(model), "--steps", "2", "--init-image", str(init), "--resize-mode", "zoom",
+                     "--out", str(tmp_path / "o")) == 2
+    assert "unknown resize mode 'zoom'" in capsys.readouterr().err

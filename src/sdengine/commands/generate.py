@@ -275,7 +275,7 @@ def run(a: argparse.Namespace) -> int:
         "prompt": a.prompt, "negative_prompt": a.negative, "steps": a.steps, "sampler": a.sampler,
         "schedule": a.schedule, "cfg_scale": a.cfg, "seed": a.seed, "width": a.width, "height": a.height,
         "batch_size": a.batch, "strength": a.strength, "clip_skip": a.clip_skip,
-        "guidance_rescale": a.guidance_rescale, "mask_blur": a.mask_blur,
+        "guidance_rescale": a.guidance_rescale, "mask_blur": a.mask_blur, "resize_mode": a.resize_mode,
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
     if a.init_image is not None:
@@ -356,6 +356,10 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
                    help=f"img2img denoising strength in (0, 1] ({HELP_DEFAULTS['strength']:g})")
     p.add_argument("--mask", default=None, help="inpainting mask, white = repaint")
     p.add_argument("--mask-blur", type=float, default=None, help="mask blur in pixels (default 0)")
+    p.add_argument("--resize-mode", default=None, metavar="MODE",
+                   help="how an init or control image of another size is fitted: 'just resize' (default, "
+                   "stretches), 'crop and resize' (fills, cuts the overhang), 'resize and fill' (fits, repeats the "
+                   "edges); or A1111's 0, 1, 2")
     p.add_argument("--control", action="append", default=None, metavar="TYPE:IMAGE[:WEIGHT[:START:END]]",
                    help="a ControlNet input (repeatable; pairs with --controlnet in order)")
     p.add_argument("--controlnet", action="append", default=None, metavar="MODEL", help="a ControlNet model")

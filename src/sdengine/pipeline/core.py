@@ -34,6 +34,7 @@ from sdengine.diffusion.samplers import SamplingInterrupted
 from sdengine.diffusion.schedules import NoiseSchedule, img2img_start
 from sdengine.errors import GenerationError
 from sdengine.io.images import load_image, to_uint8
+from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.pipeline.control import ControlUnit, build_controlled_unet
 from sdengine.pipeline.infotext import cached_hash, call_parameters, format_infotext, weights_file
 from sdengine.pipeline.latents import InpaintBlend, blur_mask, start_latents
@@ -252,8 +253,9 @@ class Pipeline:
         if r.init_image is not None:
             init = load_image(r.init_image, "init image", mode="RGB", error=GenerationError)
             if init.size != (width, height):
-                log.info("init image %dx%d resized to %dx%d", *init.size, width, height)
-                init = init.resize((width, height), Image.Resampling.LANCZOS)
+                mode = resize_mode_name(r.resize_mode)
+                _note(notes, f"init image {init.size[0]}x{init.size[1]} fitted to {width}x{height} ({mode})")
+                init = resize_image(init, width, height, mode)
         if r.mask is not None:
             m = load_image(r.mask, "mask", mode="L", error=GenerationError)
             if m.size != (width, height):
@@ -262,6 +264,10 @@ class Pipeline:
             mask = np.asarray(m, dtype=np.float32) / 255.0
             if r.mask_blur > 0:
                 mask = blur_mask(mask, float(r.mask_blur))
+        if (width, height) != (self.default_size, self.default_size):
+            # larger sizes tend to repeat the subject (the model never saw them); say so rather than stay silent
+            _note(notes, f"{width}x{height} is not the model's training size {self.default_size}x"
+                  f"{self.default_size}: subjects may repeat or be cut off")
         return Prepared(r, width, height, name, sched, r.prompts(), r.negative_prompts(), seeds, init, mask, tiled,
                         notes)
 
@@ -356,7 +362,8 @@ class Pipeline:
         if units:
             units = [_rows_of(u, rows, len(p.seeds)) for u in units]
             net = build_controlled_unet(net, units, width=p.width, height=p.height, grid=grid,
-                                        guess_mode=r.guess_mode, device=dev, dtype=self.dtype, start_step=first)
+                                        guess_mode=r.guess_mode, device=dev, dtype=self.dtype, start_step=first,
+                                        resize_mode=resize_mode_name(r.resize_mode))
         den: Any = Denoiser(UNetAdapter(net, self.dtype), self.noise_schedule, self.prediction_type)
         den = CFGDenoiser(den, cfg_scale, uncond, rescale=float(r.guidance_rescale))
         blend = None

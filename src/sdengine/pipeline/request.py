@@ -75,6 +75,7 @@ class GenerationRequest:
     progress: bool = True
     vae_tiling: bool | None = None
     sampler_options: Mapping[str, Any] | None = None
+    resize_mode: str | int = "just resize"  # init and control images of another size: sdengine.io.resize
 
     # -- building ---------------------------------------------------------------------------------------
 
@@ -194,6 +195,9 @@ class GenerationRequest:
         if self.mask is not None and self.init_image is None:
             raise GenerationError("a mask needs an init_image to inpaint")
         self.control_units()  # the tuple forms parse
+        from sdengine.io.resize import resize_mode_name
+
+        resize_mode_name(self.resize_mode)
         return self
 
 
