@@ -308,11 +308,12 @@ def to_generate_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
 
     Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
-    ``guidance_rescale`` ("CFG Rescale phi") that the text has (``clip_skip`` defaults to 1, as in A1111,
+    ``guidance_rescale`` ("CFG Rescale phi"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
+    seed strength") that the text has (``clip_skip`` defaults to 1, as in A1111,
     where a missing "Clip skip" means 1). LoRAs stay
     in the prompt as ``<lora:...>`` tags (:func:`sdengine.prompts.extract_lora_tags`). An unknown
     sampler or schedule is a ``ValueError`` listing valid names. Fields that would change the image
-    but that sdengine does not reproduce ("Hires upscale", "Variation seed", ...) are logged as a
+    but that sdengine does not reproduce ("Hires upscale", "Seed resize from", ...) are logged as a
     warning.
     """
     kwargs: dict[str, Any] = {
@@ -344,9 +345,15 @@ def to_generate_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
         kwargs["mask_blur"] = _parse_float(parsed, "Mask blur")
     if "CFG Rescale phi" in parsed:
         kwargs["guidance_rescale"] = _parse_float(parsed, "CFG Rescale phi")
+    if "Variation seed" in parsed:
+        kwargs["subseed"] = _parse_int(parsed, "Variation seed")
+        # A1111 writes the strength only when it is not 0; a missing one is 0 (the seed's image)
+        kwargs["subseed_strength"] = (_parse_float(parsed, "Variation seed strength")
+                                      if "Variation seed strength" in parsed else 0.0)
 
     used = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size"}
-    used |= {"Denoising strength", "Clip skip", "Mask blur", "CFG Rescale phi"}
+    used |= {"Denoising strength", "Clip skip", "Mask blur", "CFG Rescale phi", "Variation seed",
+             "Variation seed strength"}
     # "ControlNet N" fields are the caller's: they need the control image (see recorded_controlnets)
     ignored = [k for k in parsed if k not in used and k not in _DESCRIPTIVE_FIELDS and not _RE_CONTROLNET.match(k)]
     if ignored:

@@ -276,6 +276,7 @@ def run(a: argparse.Namespace) -> int:
         "schedule": a.schedule, "cfg_scale": a.cfg, "seed": a.seed, "width": a.width, "height": a.height,
         "batch_size": a.batch, "strength": a.strength, "clip_skip": a.clip_skip,
         "guidance_rescale": a.guidance_rescale, "mask_blur": a.mask_blur, "resize_mode": a.resize_mode,
+        "subseed": a.subseed, "subseed_strength": a.subseed_strength,
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
     if a.init_image is not None:
@@ -347,6 +348,10 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--cfg", type=float, default=None,
                    help=f"classifier-free guidance scale (default {HELP_DEFAULTS['cfg_scale']:g})")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; -1 = random (default)")
+    p.add_argument("--subseed", type=int, default=None, metavar="N",
+                   help="variation seed (A1111's): image i mixes seed+i's noise with N+i's; -1 = random")
+    p.add_argument("--subseed-strength", type=float, default=None, metavar="S",
+                   help="how far towards the variation seed's image, in [0, 1] (default 0: none)")
     p.add_argument("--width", type=int, default=None,
                    help="default: the model's training size (emoji 64, SD 1.x 512, SD 2.x-v 768)")
     p.add_argument("--height", type=int, default=None)

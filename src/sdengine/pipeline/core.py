@@ -32,6 +32,7 @@ from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.diffusion.samplers import SamplingInterrupted
 from sdengine.diffusion.schedules import NoiseSchedule, img2img_start
+from sdengine.diffusion.variation import variation_noise
 from sdengine.errors import GenerationError
 from sdengine.io.images import load_image, to_uint8
 from sdengine.io.resize import resize_image, resize_mode_name
@@ -62,6 +63,7 @@ class Prepared:
     mask: np.ndarray | None  # float32 (H, W) in [0, 1], white = repaint
     tiled: bool | None
     notes: list[str]
+    subseeds: list[int] | None = None  # variation seeds per row (None: no variation)
 
 
 def _note(notes: list[str], text: str) -> None:
@@ -269,7 +271,7 @@ class Pipeline:
             _note(notes, f"{width}x{height} is not the model's training size {self.default_size}x"
                   f"{self.default_size}: subjects may repeat or be cut off")
         return Prepared(r, width, height, name, sched, r.prompts(), r.negative_prompts(), seeds, init, mask, tiled,
-                        notes)
+                        notes, r.subseeds())
 
     # -- the call -------------------------------------------------------------------------------------
 
@@ -316,6 +318,10 @@ class Pipeline:
                 lora_dir=lora_dir, controlnets=units,
                 mask_blur=float(request.mask_blur) if p.mask is not None else None,
             ))
+        for i, row in enumerate(rows):
+            if p.subseeds is not None:  # A1111's names, read back by sdengine.metadata.to_generate_kwargs
+                row.update({"Variation seed": p.subseeds[i],
+                            "Variation seed strength": float(request.subseed_strength)})
         infotexts = [format_infotext(r) for r in rows]
         per_row = [{"prompt": r["prompt"], "negative_prompt": r["negative_prompt"], "seed": r["seed"]} for r in rows]
         return GenerationResult(pil, arrays, rows[0], p.seeds, infotexts, p.notes, per_row)
@@ -352,6 +358,8 @@ class Pipeline:
             scale_factor=self.vae_scale_factor, init=p.init, mask=p.mask, mask_blur=float(r.mask_blur),
             strength=strength, nine_channels=self.inpainting, tiled=p.tiled, device=dev,
         )
+        if p.subseeds is not None:
+            start.noise = variation_noise(start.noise, [p.subseeds[i] for i in rows], float(r.subseed_strength))
         if start.concat is not None:
             cond = {**cond, "concat": start.concat}
         grid = sampling.make_grid(p.sampler, steps, self.noise_schedule, p.schedule, self.scheduler_config,
