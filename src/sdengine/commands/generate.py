@@ -300,14 +300,32 @@ def run(a: argparse.Namespace) -> int:
     if a.no_progress:
         kwargs["progress"] = False
 
-    out, out_is_file = _output_target(a.out, int(kwargs.get("batch_size", 1)))
+    sides = None
+    if a.outpaint is not None:
+        from ..outpaint import parse_sides
+
+        sides = parse_sides(a.outpaint)
+        if a.init_image is None or a.mask is not None or a.width is not None or a.height is not None:
+            raise UsageError("--outpaint extends --init-image (the size follows from it): give --init-image, "
+                             "and no --mask, --width or --height")
+        if a.strength is None:
+            kwargs["strength"] = 1.0  # the new area starts from the stretched edges: repaint it fully
+        out, out_is_file = _output_target(a.out, int(kwargs.get("batch_size", 1)))
     if a.grid and out_is_file:
         raise UsageError(f"--grid writes the batch and its grid into a folder: --out {a.out} names one file")
     t0 = time.perf_counter()
     pipe = load_pipeline(model, device=a.device, dtype=a.dtype, vae=a.vae, prediction_type=a.prediction_type)
     t1 = time.perf_counter()
     prompt = kwargs.pop("prompt", "")
-    result = pipe(GenerationRequest(prompt=prompt, **kwargs))
+    if sides is not None:
+        from ..outpaint import outpaint
+
+        image = kwargs.pop("init_image")
+        for key in ("width", "height", "mask"):  # the canvas decides them (a --from-png may carry a size)
+            kwargs.pop(key, None)
+        result = outpaint(pipe, prompt, image, *sides, **kwargs)
+    else:
+        result = pipe(GenerationRequest(prompt=prompt, **kwargs))
     t2 = time.perf_counter()
 
     index = _next_index(out) if out.is_dir() else 0
@@ -365,6 +383,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
                    help="how an init or control image of another size is fitted: 'just resize' (default, "
                    "stretches), 'crop and resize' (fills, cuts the overhang), 'resize and fill' (fits, repeats the "
                    "edges); or A1111's 0, 1, 2")
+    p.add_argument("--outpaint", default=None, metavar="L,R,T,B",
+                   help="extend --init-image by these pixels left, right, top, bottom (one number: all sides) "
+                   "and fill the new area; the new size must be a multiple of 8")
     p.add_argument("--control", action="append", default=None, metavar="TYPE:IMAGE[:WEIGHT[:START:END]]",
                    help="a ControlNet input (repeatable; pairs with --controlnet in order)")
     p.add_argument("--controlnet", action="append", default=None, metavar="MODEL", help="a ControlNet model")
