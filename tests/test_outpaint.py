@@ -84,3 +84,15 @@ def test_cli_outpaint(tiny_sd1_folder, tmp_path, capsys):
     assert main(["generate", "x", "--model", str(tiny_sd1_folder), "--outpaint", "8", "--out", str(out),
                  "--no-progress"]) == 2
     assert "--outpaint extends --init-image" in capsys.readouterr().err
+
+
+def test_from_png_of_an_outpainted_image(tiny_sd1_folder, tmp_path):
+    from sdengine.cli import main
+
+    init = tmp_path / "init.png"
+    _picture(24, 24).save(init)
+    common = ["--model", str(tiny_sd1_folder), "--init-image", str(init), "--outpaint", "8,0,0,8", "--no-progress"]
+    assert main(["generate", "a wall", "--steps", "2", "--seed", "3", "--out", str(tmp_path / "a"), *common]) == 0
+    made = tmp_path / "a" / "00000-3.png"
+    assert main(["generate", "--from-png", str(made), "--out", str(tmp_path / "b"), *common]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(tmp_path / "b" / "00000-3.png")))
