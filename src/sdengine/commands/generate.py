@@ -310,7 +310,7 @@ def run(a: argparse.Namespace) -> int:
                              "and no --mask, --width or --height")
         if a.strength is None:
             kwargs["strength"] = 1.0  # the new area starts from the stretched edges: repaint it fully
-        out, out_is_file = _output_target(a.out, int(kwargs.get("batch_size", 1)))
+    out, out_is_file = _output_target(a.out, int(kwargs.get("batch_size", 1)))
     if a.grid and out_is_file:
         raise UsageError(f"--grid writes the batch and its grid into a folder: --out {a.out} names one file")
     t0 = time.perf_counter()
