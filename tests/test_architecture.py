@@ -35,6 +35,8 @@ LAYERS: dict[str, int] = {
     "devices": 0,
     "io": 0,
     "imageio": 0,  # becomes io/images
+    "threads": 0,  # the thread count and OpenMP wait policy chosen at start-up
+    "catalog": 0,  # the built-in models, LoRAs and ControlNets by name (reads the file system only)
     # 1: the building blocks: networks, samplers, text, weight files, data, metrics
     "nn": 1,
     "models": 1,
@@ -48,13 +50,18 @@ LAYERS: dict[str, int] = {
     "ddpm": 1,
     "data": 1,
     "metrics": 1,
+    "image_info": 1,  # the parameters text of PNG/JPEG/WebP files, without torch
     # 2: the generation core
     "pipeline": 2,
+    "fastpath": 2,  # optional speed options applied to a loaded pipeline (channels_last, compile)
+    "latent_sampling": 2,  # sampling from latents and conditioning the caller holds (ComfyUI's nodes)
     # 3: what runs the core: trainers and evaluations
     "train": 3,
     "eval": 3,
     "eval_emoji": 3,  # becomes eval/emoji
     "evaluation": 3,
+    "bench": 3,  # sdengine bench: timing and memory against a peer engine
+    "grids": 3,  # X/Y/Z plots and batch grids over the pipeline
     # 4: the front ends
     "demo": 4,
     "commands": 4,
@@ -69,19 +76,10 @@ ORACLES = ("diffusers", "transformers", "peft", "accelerate")
 # nothing new goes in it.
 KNOWN: frozenset[str] = frozenset(
     {
-        # a. private names across modules: the control split (control/ + pipeline/control), eval/emoji, the LoRA split
-        "private: sdengine.control uses sdengine.weights.detect._ints",
-        "private: sdengine.eval_emoji uses sdengine.pipeline._NetCall",
-        "private: sdengine.commands.train_controlnet uses sdengine.control._option_names",
-        "private: tests/test_controlnet.py uses sdengine.control._config_from_weights",
-        "private: tests/test_controlnet.py uses sdengine.control._family",
-        "private: tests/test_controlnet.py uses sdengine.control._layout",
-        "private: tests/test_lora.py uses sdengine.weights.lora._unet_ldm_names",
         # b. the pixel DDPM loader reads a training checkpoint through train/checkpoint: that reader has to move
         #    below the pipeline (train/ is being rewritten for the shared DiffusionLoss)
         "layer: sdengine.ddpm (1) imports sdengine.train.checkpoint (3)",
         # d. docstrings of modules being split or rewritten (pipeline.py -> pipeline/, commands/generate.py)
-        "ref: src/sdengine/pipeline.py points outside the repository",
         "ref: src/sdengine/commands/generate.py points outside the repository",
     }
 )

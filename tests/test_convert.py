@@ -353,3 +353,38 @@ def test_cli_convert_of_a_builtin_says_why_not(tmp_path, capsys, name, why, monk
     assert len(err) == 1 and f"built-in model {name!r}" in err[0] and why in err[0], err
     assert "no such file" not in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_to_folder_failing_midway_leaves_no_half_folder(made, tmp_path, monkeypatch):
+    import sdengine.weights.loading as loading
+
+    kind, pipe, tmp, single = made
+    real, calls = loading.save_safetensors, []
+
+    def disk_full(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:  # the U-Net is written, then the disk fills up on the VAE
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "save_safetensors", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        convert(single, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no `out`, no temporary folder
+    # over an existing model folder: it stays exactly as it was
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model_index.json").write_text("{}")
+    calls.clear()
+    with pytest.raises(OSError, match="No space left"):
+        convert(single, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model_index.json"]
+
+
+def test_convert_refuses_to_replace_a_folder_that_is_not_a_model(made, tmp_path):
+    kind, pipe, tmp, single = made
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(WeightsError, match=r"mine.* not a diffusers model folder") as e:
+        convert(single, tmp_path / "mine")
+    assert "\n" not in str(e.value) and (tmp_path / "mine" / "notes.txt").read_text() == "keep"

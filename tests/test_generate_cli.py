@@ -298,3 +298,22 @@ def test_resize_mode_and_size_notes_on_stderr(model, tmp_path, capsys):
     assert _generate("x", "--model", str(model), "--steps", "2", "--init-image", str(init), "--resize-mode", "zoom",
                      "--out", str(tmp_path / "o")) == 2
     assert "unknown resize mode 'zoom'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["--lora", "tag"])
+@pytest.mark.parametrize("weight", ["1e30", "-1e30", "500", "inf"])
+def test_absurd_lora_weight_is_one_line_before_generating(model, tmp_path, capsys, how, weight):
+    import torch
+
+    from sdengine.weights import save_safetensors
+
+    layer = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_safetensors({f"{layer}.lora_down.weight": torch.ones(2, 32), f"{layer}.lora_up.weight": torch.ones(32, 2),
+                      f"{layer}.alpha": torch.tensor(2.0)}, tmp_path / "styl.safetensors")
+    extra = (["x", "--lora", f"{tmp_path / 'styl.safetensors'}:{weight}"] if how == "--lora"
+             else [f"x <lora:styl:{weight}>", "--lora-dir", str(tmp_path)])
+    rc = _generate(*extra, "--model", str(model), "--steps", "2", "--width", "32", "--height", "32",
+                   "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and re.search(r"styl: weight .*(outside \[-100, 100\]|not finite)", err[0]), err
+    assert not list((tmp_path / "o").glob("*.png")) if (tmp_path / "o").exists() else True

@@ -575,3 +575,113 @@ def test_shipped_lora_resolves_by_name_without_a_folder(tmp_path, monkeypatch):
         if bad != "loras/emoji-fruit":
             with pytest.raises(UnsafeLoRANameError):
                 resolve_lora(ExternalName(bad), tmp_path / "mine")
+
+
+# ------------------------------------------------------------------------------ absurd files and weights
+
+_LAYER = "lora_unet_down_blocks_0_attentions_0_proj_in"
+
+
+def _pair(rank: int = 4, down: float = 1.0, up: float = 1.0, alpha: float = 1.0) -> dict[str, torch.Tensor]:
+    return {f"{_LAYER}.lora_down.weight": torch.full((rank, 32), down),
+            f"{_LAYER}.lora_up.weight": torch.full((32, rank), up), f"{_LAYER}.alpha": torch.tensor(alpha)}
+
+
+def test_rank_zero_lora_is_a_named_error(tmp_path):
+    path = tmp_path / "r0.safetensors"
+    save_safetensors(_pair(rank=0), path)
+    with pytest.raises(LoRAError, match=rf"r0\.safetensors: {_LAYER} has rank 0") as e:
+        LoRAFile.load(path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw,part", [({"down": 1e30}, "down"), ({"up": -1e30}, "up"), ({"alpha": 1e30}, "alpha"),
+                                     ({"up": 2e4}, "up"), ({"alpha": -1e5}, "alpha")])
+def test_absurd_lora_magnitudes_are_refused(tmp_path, kw, part):
+    path = tmp_path / "huge.safetensors"
+    save_safetensors(_pair(**kw), path)
+    with pytest.raises(LoRAError, match=rf"huge\.safetensors: {_LAYER} {part} .*over 1e\+04") as e:
+        LoRAFile.load(path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("alpha", ['"inf"', "1e400", '"eight"', "true", "1e30", "[1]"])
+def test_peft_lora_alpha_must_be_a_sane_number(alpha):
+    sd = {"unet.down.proj_in.lora_A.weight": torch.ones(4, 32), "unet.down.proj_in.lora_B.weight": torch.ones(32, 4)}
+    meta = {"lora_adapter_metadata": '{"unet.lora_alpha": ' + alpha + "}"}
+    with pytest.raises(LoRAError, match=r"peft\.safetensors: unet\.down\.proj_in: lora_alpha .* is not") as e:
+        LoRAFile.from_state_dict(sd, meta, name="peft", path=Path("peft.safetensors"))
+    assert "\n" not in str(e.value)
+
+
+def test_ordinary_lora_values_still_load():
+    lf = LoRAFile.from_state_dict(_pair(down=0.5, up=-3.0, alpha=128.0), name="ok")
+    assert lf.layers[_LAYER].scale == 32.0
+    sd = {"unet.m.lora_A.weight": torch.ones(4, 32), "unet.m.lora_B.weight": torch.ones(32, 4)}
+    lf = LoRAFile.from_state_dict(sd, {"lora_adapter_metadata": '{"unet.lora_alpha": 8}'}, name="p")
+    assert lf.layers["unet.m"].scale == 2.0
+
+
+@pytest.mark.parametrize("weight", [1e30, -101.0, 1e3])
+def test_lora_weight_over_the_hard_bound_is_an_error(loras, weight):
+    unet, te = fresh_models()
+    with pytest.raises(LoRAError, match=r"weight .* is outside \[-100, 100\]") as e:
+        apply_loras(unet, te, [(loras[0]["kohya"], weight)])
+    assert "\n" not in str(e.value)
+    assert all(not m._forward_hooks for m in unet.modules())
+
+
+@pytest.mark.parametrize("entry", [("x",), (), ("x", 1.0, 2.0), ["x"], 3, None])
+def test_malformed_lora_entry_is_a_usage_error(entry):
+    from sdengine.errors import UsageError
+    from sdengine.weights.lora import lora_entry
+
+    unet, te = fresh_models()
+    with pytest.raises(UsageError, match=r"loras: each entry is .*\(path_or_name, weight\)") as e:
+        apply_loras(unet, te, [entry])
+    assert "\n" not in str(e.value)
+    with pytest.raises(UsageError):
+        lora_entry(entry)
+
+
+def test_lora_entry_accepts_the_documented_forms(tmp_path):
+    from sdengine.weights.lora import lora_entry
+
+    lf = LoRAFile.from_state_dict(_pair(), name="ok")
+    assert lora_entry("a.safetensors") == ("a.safetensors", 1.0)
+    assert lora_entry(tmp_path) == (tmp_path, 1.0)
+    assert lora_entry(("a", 0.5)) == ("a", 0.5) and lora_entry(["a", 2]) == ("a", 2.0)
+    assert lora_entry(lf) == (lf, 1.0) and lora_entry((lf, "0.25")) == (lf, 0.25)
+    with pytest.raises(LoRAError, match="weight 'abc' is not a number"):
+        lora_entry(("a", "abc"))
+
+
+def test_alpha_with_several_values_is_refused():
+    sd = _pair()
+    sd[f"{_LAYER}.alpha"] = torch.ones(3)
+    with pytest.raises(LoRAError, match=rf"x\.safetensors: {_LAYER} alpha has 3 values, not one"):
+        LoRAFile.from_state_dict(sd, path=Path("x.safetensors"))
+
+
+def test_api_lora_weight_over_the_bound_is_refused(tiny_sd1_folder, tmp_path):
+    """The Python API: ``loras=[(path, 1e30)]`` is a one-line LoRAError, not a black image."""
+    import sdengine
+
+    path = tmp_path / "l.safetensors"
+    save_safetensors(_pair(), path)
+    pipe = sdengine.load_pipeline(str(tiny_sd1_folder))
+    kw = dict(width=32, height=32, seed=1, steps=2, sampler="euler", progress=False)
+    with pytest.raises(LoRAError, match=r"l: weight 1e\+30 is outside \[-100, 100\]") as e:
+        pipe(prompt="a red apple", loras=[(path, 1e30)], **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_pipeline_lora_entry_without_weight_is_a_usage_error():
+    """``pipe(..., loras=[('x',)])`` is a one-line UsageError, not an IndexError (the API's loras go through
+    ``lora_entry``)."""
+    import sdengine
+    from sdengine.errors import UsageError
+
+    pipe = sdengine.load_pipeline("emoji")
+    with pytest.raises(UsageError, match="loras: each entry"):
+        pipe("a cat", loras=[("x",)], steps=1, progress=False)

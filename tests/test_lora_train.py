@@ -209,3 +209,22 @@ def test_bad_training_inputs_are_one_line(setup, tmp_path, capsys):
         assert rc == 2 and len(err.splitlines()) == 1 and re.search(pattern, err), (extra, err)
     rc = main(["train", "lora", "--model", str(tmp_path / "nomodel"), "--data", str(data_dir), "--device", "cpu"])
     assert rc == 2 and "no model at" in capsys.readouterr().err
+
+
+def test_same_train_command_twice_is_refused_unless_overwrite(setup, tmp_path, capsys):
+    model, data_dir, _ = setup
+    out = tmp_path / "run"
+    args = ["train", "lora", "--model", str(model), "--data", str(data_dir), "--out", str(out), "--name", "sks",
+            "--steps", "2", "--checkpoint-every", "1", "--resolution", "32", "--device", "cpu"]
+    assert main(args) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert "sks.safetensors" in before and "checkpoint.pt" in before
+    rc = main(args)  # the same command again, no --resume: the first run must survive
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and re.search(r"--resume.*--overwrite", err), err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert main([*args, "--overwrite"]) == 0
+    assert (out / "sks.safetensors").is_file()
+    assert main([*args, "--overwrite", "--resume"]) == 2
+    assert "exclude each other" in capsys.readouterr().err

@@ -45,8 +45,10 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def pipe():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the pins were recorded single-threaded; thread count changes float sums
-    return load_pipeline("emoji", device="cpu")
+    yield load_pipeline("emoji", device="cpu")
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -193,3 +193,17 @@ def test_unsupported_suffix_and_missing_file(tmp_path):
     p.write_bytes(b"x")
     with pytest.raises(io.WeightsError, match="unsupported weight file type"):
         io.load_file(p)
+
+
+def test_save_safetensors_error_mid_write_leaves_no_partial_or_temp_file(tmp_path):
+    from sdengine.weights import save_safetensors
+
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(b"previous")
+    # "a" is written first, then reading the meta tensor "b" fails: an error in the middle of the data section
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        save_safetensors({"a": torch.ones(1000), "b": torch.empty(4, device="meta")}, path)
+    assert path.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+    save_safetensors({"a": torch.ones(3)}, tmp_path / "new" / "x.safetensors")  # writes into a new folder too
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["x.safetensors"]

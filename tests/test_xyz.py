@@ -242,3 +242,17 @@ def test_xyz_cli_errors_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1 and message in err, err
     assert not any(tmp_path.iterdir())  # nothing generated or written
+
+
+@pytest.mark.parametrize("weight", ["1e30", "inf"])
+def test_xyz_absurd_lora_weight_is_one_line(tmp_path, capsys, weight):
+    from pathlib import Path
+
+    import sdengine
+
+    lora = Path(sdengine.__file__).parent / "assets" / "loras" / "emoji-fruit.safetensors"
+    rc = main(["xyz", "a red apple", "--model", "emoji", "--x", "steps=2", "--lora", f"{lora}:{weight}",
+               "--out", str(tmp_path / "o"), "--no-progress", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "emoji-fruit: weight" in err, err
+    assert not list(tmp_path.rglob("*.png"))

@@ -24,8 +24,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=None, help="a U-Net checkpoint (default RUN/unet/checkpoint.pt)")
     a = ap.parse_args()
 
-    from sdengine.data.emoji import EmojiDataset
     from sdengine.eval_emoji import evaluate_emoji, format_report
+
+    from sdengine.data.emoji import EmojiDataset
     from sdengine.metrics.emoji_recogniser import load_emoji_recogniser
     from sdengine.models.unet import UNet
     from sdengine.models.vae import AutoencoderKL
@@ -54,8 +55,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_folder(vae, unet.eval(), Path(tmp) / "m")
         pipe = load_pipeline(folder, device="cpu")
-        res = evaluate_emoji(pipe, load_emoji_recogniser(), n=a.n, cfg=a.cfg, cfg_sweep=(), paraphrase_n=a.paraphrases,
-                             progress=False)
+        res = evaluate_emoji(
+            pipe, load_emoji_recogniser(), n=a.n, cfg=a.cfg, cfg_sweep=(), paraphrase_n=a.paraphrases, progress=False
+        )
         print(f"step {state['step']}")
         print(format_report(res))
         prompts = ["grinning face", "red heart", "pizza", "rocket", "cat face", "sun", "soccer ball", "rainbow"]

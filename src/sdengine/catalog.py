@@ -88,7 +88,7 @@ def builtin_path(kind: str, name: str) -> Path | None:
 
 
 def _size(path: Path) -> str:
-    n = path.stat().st_size
+    n = float(path.stat().st_size)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -129,5 +129,12 @@ def list_entries(kind: str, folder: str | Path | None = None) -> list[Entry]:
 
 
 __all__ = [
-    "ASSETS", "KINDS", "WEIGHT_SUFFIXES", "Entry", "builtin_entries", "builtin_path", "folder_entries", "list_entries",
+    "ASSETS",
+    "KINDS",
+    "WEIGHT_SUFFIXES",
+    "Entry",
+    "builtin_entries",
+    "builtin_path",
+    "folder_entries",
+    "list_entries",
 ]

@@ -38,7 +38,7 @@ def cmd_train_ddpm(a: argparse.Namespace) -> int:
         min_snr_gamma=a.min_snr_gamma,
     )
     cfg = train_config(a, sample_every=a.sample_every)
-    _, model = train_ddpm(spec, cfg, a.out, device=device(a), resume=a.resume)
+    _, model = train_ddpm(spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite)
     print(f"model written to {Path(a.out) / 'model'}")
     return 0
 
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands.common import add_train_args
 
     p = argparse.ArgumentParser(prog="sdengine", description="Diffusion image generation from scratch.")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: free CPUs, see sdengine.threads)")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="emoji text-to-image, img2img, ControlNet and LoRA pictures (built-in model)")
@@ -180,9 +181,13 @@ def _register_command_modules(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .threads import configure_threads, prepare_environment
+
+    prepare_environment()  # before torch is imported: OpenMP reads its wait policy once
     args = build_parser().parse_args(argv)
     debug = os.environ.get("SDENGINE_DEBUG") == "1"
     try:
+        configure_threads(getattr(args, "threads", None))
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -24,6 +24,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from sdengine.errors import UsageError
+
 from .pipeline import ASSETS, BUILTIN_SD
 
 CONTROLNET_ASSET = ASSETS / "models" / "emoji-controlnet-canny"
@@ -31,10 +33,22 @@ LORA_ASSET = ASSETS / "loras" / "emoji-fruit.safetensors"
 
 # Emoji names as the model's captions spell them (emoji-test.txt / the `emoji` package), no fruit (held out).
 GRID_PROMPTS: tuple[str, ...] = (
-    "grinning face", "smiling face with sunglasses", "ghost", "cat face",
-    "panda", "unicorn", "pizza", "doughnut",
-    "rocket", "automobile", "sun behind cloud", "rainbow",
-    "soccer ball", "guitar", "red heart", "crown",
+    "grinning face",
+    "smiling face with sunglasses",
+    "ghost",
+    "cat face",
+    "panda",
+    "unicorn",
+    "pizza",
+    "doughnut",
+    "rocket",
+    "automobile",
+    "sun behind cloud",
+    "rainbow",
+    "soccer ball",
+    "guitar",
+    "red heart",
+    "crown",
 )
 GRID_COLUMNS = 4
 SCALE = 3  # nearest-neighbour upscaling of the 64x64 images in the comparison pictures
@@ -89,15 +103,20 @@ def _wrap(text: str, width: int, draw: ImageDraw.ImageDraw, font: Any) -> list[s
 
 
 def captioned_grid(
-    images: Sequence[Image.Image], captions: Sequence[str], ncols: int, *, scale: int = SCALE, pad: int = 6,
+    images: Sequence[Image.Image],
+    captions: Sequence[str],
+    ncols: int,
+    *,
+    scale: int = SCALE,
+    pad: int = 6,
     font_size: int = 12,
 ) -> Image.Image:
     """Tile images (all of the first one's size, upscaled ``scale``x nearest) into ``ncols`` columns with each
     caption centred under its cell (wrapped to the cell width)."""
     if not images:
-        raise ValueError("no images to put in a grid")
+        raise UsageError("no images to put in a grid")
     if len(captions) != len(images):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        raise UsageError(f"{len(images)} images but {len(captions)} captions")
     w, h = images[0].size[0] * scale, images[0].size[1] * scale
     font = _font(font_size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -171,20 +190,47 @@ def run_demo(
         where = BUILTIN_SD.get(str(model), Path(model))
         echo(f"demo: the emoji model is not at {where} (not trained yet?): Fashion-MNIST grid instead")
         res.fallback = True
-        _fashion_mnist(res, device=device, steps=steps, sampler=sampler, cfg=FMNIST_CFG if cfg is None else cfg,
-                       seed=seed, echo=echo)
+        _fashion_mnist(
+            res,
+            device=device,
+            steps=steps,
+            sampler=sampler,
+            cfg=FMNIST_CFG if cfg is None else cfg,
+            seed=seed,
+            echo=echo,
+        )
     else:
-        _emoji(res, model=model, device=device, steps=steps, sampler=sampler, cfg=EMOJI_CFG if cfg is None else cfg,
-               seed=seed, progress=progress, controlnet=Path(controlnet or CONTROLNET_ASSET),
-               lora=Path(lora or LORA_ASSET), echo=echo)
+        _emoji(
+            res,
+            model=model,
+            device=device,
+            steps=steps,
+            sampler=sampler,
+            cfg=EMOJI_CFG if cfg is None else cfg,
+            seed=seed,
+            progress=progress,
+            controlnet=Path(controlnet or CONTROLNET_ASSET),
+            lora=Path(lora or LORA_ASSET),
+            echo=echo,
+        )
     res.total_seconds = time.perf_counter() - t0
     echo(f"demo: {len(res.files)} files in {res.total_seconds:.1f} s")
     return res
 
 
 def _emoji(
-    res: DemoResult, *, model: str | Path, device: str, steps: int, sampler: str, cfg: float, seed: int,
-    progress: bool, controlnet: Path, lora: Path, echo: Callable[[str], Any],
+    res: DemoResult,
+    *,
+    model: str | Path,
+    device: str,
+    steps: int,
+    sampler: str,
+    cfg: float,
+    seed: int,
+    progress: bool,
+    controlnet: Path,
+    lora: Path,
+    echo: Callable[[str], Any],
 ) -> None:
     from .control import canny
     from .metadata import save_png
@@ -213,8 +259,11 @@ def _emoji(
         img, text = gen(prompt)
         tiles.append(img)
         write(img, f"emoji/{slug(prompt)}.png", repr(prompt), text)
-    write(captioned_grid(tiles, list(GRID_PROMPTS), GRID_COLUMNS), "emoji_grid.png",
-          f"{len(tiles)} prompts, {steps} steps {sampler}, cfg {cfg:g}, seed {seed}")
+    write(
+        captioned_grid(tiles, list(GRID_PROMPTS), GRID_COLUMNS),
+        "emoji_grid.png",
+        f"{len(tiles)} prompts, {steps} steps {sampler}, cfg {cfg:g}, seed {seed}",
+    )
     res.timings["grid"] = time.perf_counter() - t
     size = tiles[0].size
 
@@ -225,8 +274,11 @@ def _emoji(
     init = init.convert("RGB").resize(size, Image.Resampling.LANCZOS)
     img, text = gen(IMG2IMG_PROMPT, init_image=init, strength=IMG2IMG_STRENGTH)
     write(img, "img2img_result.png", f"img2img {init_name!r} -> {IMG2IMG_PROMPT!r}", text)
-    write(captioned_grid([init, img], [f"init: {init_name}", f"{IMG2IMG_PROMPT} (strength {IMG2IMG_STRENGTH:g})"],
-                         2), "img2img.png", "init | result")
+    write(
+        captioned_grid([init, img], [f"init: {init_name}", f"{IMG2IMG_PROMPT} (strength {IMG2IMG_STRENGTH:g})"], 2),
+        "img2img.png",
+        "init | result",
+    )
     res.timings["img2img"] = time.perf_counter() - t
 
     # 3. ControlNet
@@ -239,8 +291,11 @@ def _emoji(
         plain, _ = gen(CONTROL_PROMPT)
         img, text = gen(CONTROL_PROMPT, controlnets=[(controlnet, edges, 1.0)])
         write(img, "controlnet_result.png", f"{CONTROL_PROMPT!r} with the canny ControlNet", text)
-        write(captioned_grid([edges, plain, img], ["canny edges", "without ControlNet", "with ControlNet"], 3),
-              "controlnet.png", "control | without | with")
+        write(
+            captioned_grid([edges, plain, img], ["canny edges", "without ControlNet", "with ControlNet"], 3),
+            "controlnet.png",
+            "control | without | with",
+        )
         res.timings["controlnet"] = time.perf_counter() - t
 
     # 4. LoRA
@@ -252,8 +307,11 @@ def _emoji(
         tag = f"<lora:{lora.stem}:1>"
         img, text = gen(f"{LORA_PROMPT} {tag}", lora_dir=lora.parent)
         write(img, "lora_result.png", f"{LORA_PROMPT!r} with {tag}", text)
-        write(captioned_grid([plain, img], [LORA_PROMPT, f"{LORA_PROMPT} + {lora.stem} LoRA"], 2), "lora.png",
-              "without | with the LoRA")
+        write(
+            captioned_grid([plain, img], [LORA_PROMPT, f"{LORA_PROMPT} + {lora.stem} LoRA"], 2),
+            "lora.png",
+            "without | with the LoRA",
+        )
         res.timings["lora"] = time.perf_counter() - t
 
 
@@ -270,7 +328,14 @@ def _save(img: Image.Image, path: Path) -> Path:
 
 
 def _fashion_mnist(
-    res: DemoResult, *, device: str, steps: int, sampler: str, cfg: float, seed: int, echo: Callable[[str], Any],
+    res: DemoResult,
+    *,
+    device: str,
+    steps: int,
+    sampler: str,
+    cfg: float,
+    seed: int,
+    echo: Callable[[str], Any],
 ) -> None:
     """The class-conditional Fashion-MNIST grid of the built-in pixel DDPM (the demo before the emoji model)."""
     from .ddpm import PixelDDPM
@@ -282,8 +347,9 @@ def _fashion_mnist(
     per = FMNIST_PER_CLASS
     labels = [c for c in range(m.num_classes) for _ in range(per)]
     imgs = m.generate(labels, sampler=sampler, steps=steps, seed=seed, guidance_scale=cfg)
-    path = save_image_atomic(make_grid(imgs, per, row_labels=m.class_names, scale=3),
-                             res.out_dir / "fashion_mnist_grid.png")
+    path = save_image_atomic(
+        make_grid(imgs, per, row_labels=m.class_names, scale=3), res.out_dir / "fashion_mnist_grid.png"
+    )
     res.files.append(path)
     res.timings["fashion_mnist"] = time.perf_counter() - t
     echo(f"  {path}  {len(labels)} class-conditional Fashion-MNIST samples ({sampler}, {steps} steps, cfg {cfg:g})")

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from sdengine.errors import UsageError
+
 from .ddpm import PixelDDPM
 
 
@@ -55,9 +57,9 @@ def evaluate_ddpm(
     """Sample ``n`` class-conditional images (labels cycle 0..9) and score them."""
     m = model if isinstance(model, PixelDDPM) else PixelDDPM.load(model, device=device)
     if not m.num_classes:
-        raise ValueError("eval ddpm needs a class-conditional Fashion-MNIST model")
+        raise UsageError("eval ddpm needs a class-conditional Fashion-MNIST model")
     if n < 2:
-        raise ValueError("n must be at least 2 to fit a Gaussian")
+        raise UsageError("n must be at least 2 to fit a Gaussian")
     labels = torch.arange(n) % m.num_classes
     t = time.perf_counter()
     imgs = m.generate(

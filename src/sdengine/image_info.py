@@ -84,7 +84,7 @@ def image_text_keys(path: str | Path) -> list[str]:
         with Image.open(path) as img:
             if img.format == "PNG":
                 img.load()
-            return [k for k, v in img.info.items() if isinstance(v, str)]
+            return [str(k) for k, v in img.info.items() if isinstance(v, str)]
     except (OSError, SyntaxError, ValueError):
         return []
 

@@ -105,10 +105,16 @@ def control_units_from_cli(controls: Sequence[str], controlnets: Sequence[str], 
 
 
 def _lora_arg(text: str) -> tuple[str, float]:
-    """``FILE[:WEIGHT]``; a trailing ``:number`` is the weight (so ``C:\\x.safetensors`` still works)."""
+    """``FILE[:WEIGHT]``; a trailing ``:number`` is the weight (so ``C:\\x.safetensors`` still works).
+
+    Any float spelling is a weight (``1e30``, ``inf``), never part of the file name: the LoRA code then refuses an
+    absurd weight by name instead of saying that a file ``F:1e30`` does not exist."""
     head, sep, tail = text.rpartition(":")
-    if sep and head and _NUMBER.match(tail):
-        return head, float(tail)
+    if sep and head and not Path(text).is_file():
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
     return text, 1.0
 
 

@@ -38,7 +38,7 @@ def run(a: argparse.Namespace) -> int:
         resolution=a.resolution, empty_prompt_p=a.empty_prompt_p, controlnet_init=a.init,
     )
     cfg = train_config(a, sample_every=0)
-    result, folder = train_controlnet(spec, cfg, a.out, device=device(a), resume=a.resume)
+    result, folder = train_controlnet(spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite)
     first, last = result.losses[:10], result.losses[-10:]
     if first and last:
         print(f"loss {sum(first) / len(first):.4f} (first 10 steps) -> {sum(last) / len(last):.4f} (last 10)")

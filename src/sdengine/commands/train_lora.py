@@ -30,7 +30,7 @@ def run(a: argparse.Namespace) -> int:
         use_ema=a.ema,
     )
     cfg = train_config(a, sample_every=0)
-    _, path = train_lora(spec, cfg, a.out, device=device(a), resume=a.resume)
+    _, path = train_lora(spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite)
     print(f"LoRA written to {path}")
     return 0
 

@@ -21,13 +21,17 @@ if TYPE_CHECKING:
     from ..pipeline import GenerationResult
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-_NUMBER = re.compile(r"^-?\d+(\.\d*)?$")
 
 
 def _lora(text: str) -> tuple[str, float]:
+    """``FILE[:WEIGHT]`` as ``generate --lora`` reads it: any float spelling after the last ``:`` is the weight
+    (``1e30`` and ``inf`` are then refused by the LoRA code by name), unless the whole text names a file."""
     head, sep, tail = text.rpartition(":")
-    if sep and head and _NUMBER.match(tail):
-        return head, float(tail)
+    if sep and head and not Path(text).is_file():
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
     return text, 1.0
 
 

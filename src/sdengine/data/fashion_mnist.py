@@ -106,9 +106,7 @@ def read_idx(path: str | os.PathLike[str], expect_ndim: int | None = None) -> np
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     got = len(raw) - header_len
     if got != expected:
-        raise IDXError(
-            f"{path}: payload is {got} bytes but header shape {shape} x {dtype.itemsize} B needs {expected}"
-        )
+        raise IDXError(f"{path}: payload is {got} bytes but header shape {shape} x {dtype.itemsize} B needs {expected}")
     data = np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(shape)
     # Native byte order and a writable copy, so torch.from_numpy works without warnings.
     return data.astype(dtype.newbyteorder("="), copy=True)

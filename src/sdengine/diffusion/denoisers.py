@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdengine.diffusion.schedules import NoiseSchedule
+from sdengine.errors import UsageError
 
 Prediction = Literal["epsilon", "v_prediction", "sample"]
 PREDICTIONS: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
@@ -32,7 +33,7 @@ TimestepMode = Literal["interpolated", "rounded"]
 
 def _check_prediction(prediction: str) -> None:
     if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction type {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        raise UsageError(f"unknown prediction type {prediction!r}; valid: {', '.join(PREDICTIONS)}")
 
 
 def _per_row(values: Tensor, like: Tensor) -> Tensor:
@@ -85,7 +86,7 @@ def diffusion_loss(
     if min_snr_gamma is None:
         return F.mse_loss(model_output.float(), target.float())
     if alphas_cumprod_t is None:
-        raise ValueError("min_snr_gamma needs alphas_cumprod_t (the (B,) alphas_cumprod of each sample)")
+        raise UsageError("min_snr_gamma needs alphas_cumprod_t (the (B,) alphas_cumprod of each sample)")
     per_sample = F.mse_loss(model_output.float(), target.float(), reduction="none")
     per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
     w = min_snr_weights(alphas_cumprod_t.to(per_sample), float(min_snr_gamma), prediction)
@@ -129,7 +130,7 @@ class Denoiser:
     ) -> None:
         _check_prediction(prediction)
         if timestep_mode not in ("interpolated", "rounded"):
-            raise ValueError(f"unknown timestep_mode {timestep_mode!r}; valid: interpolated, rounded")
+            raise UsageError(f"unknown timestep_mode {timestep_mode!r}; valid: interpolated, rounded")
         self.model = model
         self.schedule = schedule
         self.prediction = prediction
@@ -154,7 +155,7 @@ class Denoiser:
     def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> Denoiser:
         """A copy that gives the model ``timesteps[i]`` whenever it is called at ``sigmas[i]``."""
         if sigmas.shape != timesteps.shape:
-            raise ValueError("sigmas and timesteps must have the same shape")
+            raise UsageError("sigmas and timesteps must have the same shape")
         other = Denoiser(self.model, self.schedule, self.prediction, timestep_mode=self.timestep_mode)
         other._table_sigmas = sigmas.detach().to(torch.float32).cpu()
         other._table_timesteps = timesteps.detach().to(torch.float32).cpu()

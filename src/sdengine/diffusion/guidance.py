@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sdengine.errors import UsageError
+
 from .denoisers import vp_scalings
 
 
@@ -25,9 +27,9 @@ class CFGDenoiser:
 
     def __init__(self, inner: Any, scale: float, uncond: Mapping[str, Tensor], rescale: float = 0.0) -> None:
         if scale < 0:
-            raise ValueError(f"guidance scale must be >= 0, got {scale}")
+            raise UsageError(f"guidance scale must be >= 0, got {scale}")
         if not 0.0 <= rescale <= 1.0:
-            raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
+            raise UsageError(f"guidance rescale must be in [0, 1], got {rescale}")
         self.inner = inner
         self.scale = float(scale)
         self.uncond = dict(uncond)
@@ -67,7 +69,7 @@ class CFGDenoiser:
                 cond["row_kinds"] = ("cond",) * x.shape[0]
             return self.inner(x, sigma, **cond)
         b = x.shape[0]
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)  # kept where it is (the CPU): no device sync
         sigma = sigma.reshape(-1).expand(b) if sigma.numel() == 1 else sigma
         both: dict[str, Any] = {}
         for k, v in cond.items():
@@ -92,7 +94,7 @@ class CFGDenoiser:
     def _rescale(self, x: Tensor, sigma: Tensor, x0_c: Tensor, x0_g: Tensor) -> Tensor:
         # The std matching acts on the network's own output (eps or v), as diffusers applies it; x0 is
         # affine in that output, x0 = c_skip x + c_out F, so go there and back.
-        c_skip, c_out, _ = vp_scalings(sigma, self.prediction)
+        c_skip, c_out, _ = vp_scalings(sigma.to(x.device), self.prediction)
         shape = (-1,) + (1,) * (x.ndim - 1)
         c_skip, c_out = c_skip.reshape(shape), c_out.reshape(shape)
         f_c, f_g = (x0_c - c_skip * x) / c_out, (x0_g - c_skip * x) / c_out

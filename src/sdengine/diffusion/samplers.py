@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sdengine.errors import SdengineError
+from sdengine.errors import SdengineError, UsageError
 
 Denoise = Callable[..., Tensor]
 Callback = Callable[[int, float, Tensor, Tensor], "bool | None"]
@@ -82,9 +82,9 @@ class _Loop:
         extra_args: dict[str, Any] | None,
     ) -> None:
         if sigmas.ndim != 1 or sigmas.shape[0] < 2:
-            raise ValueError("sigmas must be a 1-D tensor of at least 2 values (start ... end)")
+            raise UsageError("sigmas must be a 1-D tensor of at least 2 values (start ... end)")
         if generators is not None and len(generators) != x.shape[0]:
-            raise ValueError(f"need one generator per batch row: {x.shape[0]} rows, {len(generators)} generators")
+            raise UsageError(f"need one generator per batch row: {x.shape[0]} rows, {len(generators)} generators")
         self.denoiser = denoiser
         # Calls at sigmas that are not grid points (midpoints) go to `off_grid` when the denoiser pins
         # grid timesteps (Denoiser.with_timesteps): a midpoint may coincide with a grid sigma (DPM2 a's
@@ -104,7 +104,8 @@ class _Loop:
         """The denoiser at ``sigma`` during step ``step`` (0-based, the grid point the call belongs to).
         A denoiser with ``takes_step = True`` is also handed ``step=SamplerStep(...)``, so that wrappers
         that act per step (ControlNet start/end, inpaint blending) read it instead of inferring it."""
-        s_in = torch.full((self.batch,), sigma, device=self.device, dtype=torch.float32)
+        # On the CPU whatever the device: denoisers read it back as a Python float (no device sync per step).
+        s_in = torch.full((self.batch,), sigma, dtype=torch.float32)
         den = self.denoiser if on_grid else self.off_grid
         if self.takes_step:
             first, self.calls = self.calls == 0, self.calls + 1
@@ -114,7 +115,7 @@ class _Loop:
     def noise(self, x: Tensor) -> Tensor:
         """Standard normal noise, each row from its own generator (shape (1, C, H, W) per draw)."""
         if self.generators is None:
-            raise ValueError("this sampler draws noise each step: pass generators=[torch.Generator(), ...]")
+            raise UsageError("this sampler draws noise each step: pass generators=[torch.Generator(), ...]")
         return row_noise(self.generators, tuple(x.shape[1:])).to(device=self.device, dtype=self.dtype)
 
     def done(self, i: int, x: Tensor, denoised: Tensor) -> None:

@@ -43,6 +43,7 @@ from sdengine.diffusion.schedules import (
     img2img_start,
     sampling_grid,
 )
+from sdengine.errors import UsageError
 
 ALL_SCHEDULES = SCHEDULES  # normal, karras, exponential, sgm_uniform
 
@@ -155,7 +156,7 @@ def resolve(sampler: str, schedule: str | None = None) -> tuple[str, str]:
             name, implied = A1111_NAMES[sampler]
         else:
             valid = ", ".join([*SAMPLERS, *sorted(A1111_NAMES)])
-            raise ValueError(f"unknown sampler {sampler!r}; valid: {valid}")
+            raise UsageError(f"unknown sampler {sampler!r}; valid: {valid}")
     spec = SAMPLERS[name]
     sched = schedule
     if sched == AUTO_SCHEDULE:
@@ -168,15 +169,15 @@ def resolve(sampler: str, schedule: str | None = None) -> tuple[str, str]:
             sched = by_a1111[sched.lower()]
         else:
             valid = ", ".join([*SCHEDULES, *SCHEDULE_A1111.values(), "Automatic", AUTO_SCHEDULE])
-            raise ValueError(f"unknown schedule {schedule!r}; valid: {valid}")
+            raise UsageError(f"unknown schedule {schedule!r}; valid: {valid}")
     if implied is not None and sched not in (None, implied):
-        raise ValueError(
+        raise UsageError(
             f"sampler {sampler!r} already names schedule {implied!r}, got schedule {schedule!r}: give sampler "
             f"{spec.a1111!r} (or {name!r}) with that schedule, or no schedule"
         )
     sched = implied or sched or "normal"
     if sched not in spec.schedules:
-        raise ValueError(f"sampler {name!r} cannot use schedule {sched!r}; it supports: {', '.join(spec.schedules)}")
+        raise UsageError(f"sampler {name!r} cannot use schedule {sched!r}; it supports: {', '.join(spec.schedules)}")
     return name, sched
 
 
@@ -198,7 +199,7 @@ def diffusers_equivalent(
     name, sched = resolve(sampler, schedule)
     spec = SAMPLERS[name]
     if sched not in spec.parity_schedules:
-        raise ValueError(f"diffusers' {spec.diffusers_class} has no {sched!r} schedule")
+        raise UsageError(f"diffusers' {spec.diffusers_class} has no {sched!r} schedule")
     cfg = effective_config(name, scheduler_config)
     keep = (
         "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
@@ -283,26 +284,26 @@ def sample(
     spec = SAMPLERS[name]
     ns = noise_schedule if noise_schedule is not None else getattr(denoiser, "schedule", None)
     if not isinstance(ns, NoiseSchedule):
-        raise ValueError("sample() needs noise_schedule= or a denoiser with a .schedule NoiseSchedule")
+        raise UsageError("sample() needs noise_schedule= or a denoiser with a .schedule NoiseSchedule")
     if not isinstance(steps, int) or not 1 <= steps <= ns.num_train_timesteps:
-        raise ValueError(f"steps must be an integer between 1 and {ns.num_train_timesteps}, got {steps!r}")
+        raise UsageError(f"steps must be an integer between 1 and {ns.num_train_timesteps}, got {steps!r}")
     if not 0.0 < float(strength) <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
+        raise UsageError(f"strength must be in (0, 1], got {strength}")
     if noise.ndim < 2:
-        raise ValueError(f"noise must be batched (B, ...), got shape {tuple(noise.shape)}")
+        raise UsageError(f"noise must be batched (B, ...), got shape {tuple(noise.shape)}")
     if init_latent is not None and init_latent.shape != noise.shape:
-        raise ValueError(f"init_latent shape {tuple(init_latent.shape)} != noise shape {tuple(noise.shape)}")
+        raise UsageError(f"init_latent shape {tuple(init_latent.shape)} != noise shape {tuple(noise.shape)}")
     if spec.stochastic and generators is None:
-        raise ValueError(f"sampler {name!r} draws noise each step: pass one torch.Generator per batch row")
+        raise UsageError(f"sampler {name!r} draws noise each step: pass one torch.Generator per batch row")
     if generators is not None and len(generators) != noise.shape[0]:
-        raise ValueError(f"need one generator per batch row: {noise.shape[0]} rows, {len(generators)} generators")
+        raise UsageError(f"need one generator per batch row: {noise.shape[0]} rows, {len(generators)} generators")
     options = dict(sampler_options or {})
 
     grid = make_grid(name, steps, ns, sched, scheduler_config, strength if init_latent is not None else 1.0)
     if start_step is None:
         start_step = img2img_start(steps, strength) if init_latent is not None else 0
     if not 0 <= start_step < grid.steps:
-        raise ValueError(f"start_step must be in [0, {grid.steps}), got {start_step}")
+        raise UsageError(f"start_step must be in [0, {grid.steps}), got {start_step}")
 
     if hasattr(denoiser, "with_timesteps"):
         denoiser = denoiser.with_timesteps(grid.sigmas[:-1], grid.timesteps)

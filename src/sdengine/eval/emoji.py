@@ -82,10 +82,10 @@ def topk_hits(logits: Tensor, targets: Tensor, k: int) -> Tensor:
     """Bool ``(B,)``: whether each row's ``k`` largest logits contain its target class. ``k`` larger than the
     number of classes counts every class."""
     if logits.ndim != 2:
-        raise ValueError(f"logits must be (B, classes), got {tuple(logits.shape)}")
+        raise UsageError(f"logits must be (B, classes), got {tuple(logits.shape)}")
     targets = torch.as_tensor(targets, device=logits.device).long().reshape(-1)
     if targets.shape[0] != logits.shape[0]:
-        raise ValueError(f"{logits.shape[0]} rows of logits but {targets.shape[0]} targets")
+        raise UsageError(f"{logits.shape[0]} rows of logits but {targets.shape[0]} targets")
     k = max(1, min(int(k), logits.shape[1]))
     top = logits.topk(k, dim=1).indices
     return (top == targets[:, None]).any(dim=1)
@@ -112,7 +112,7 @@ def edge_f1(reference: np.ndarray, generated: np.ndarray, tolerance: int = EDGE_
     ref = ref[..., 0] if ref.ndim == 3 else ref
     gen = gen[..., 0] if gen.ndim == 3 else gen
     if ref.shape != gen.shape:
-        raise ValueError(f"edge maps differ in size: {ref.shape} vs {gen.shape}")
+        raise UsageError(f"edge maps differ in size: {ref.shape} vs {gen.shape}")
     ref, gen = ref > 0, gen > 0
     n_ref, n_gen = int(ref.sum()), int(gen.sum())
     if n_ref == 0 and n_gen == 0:
@@ -174,8 +174,16 @@ def generate_batch(
         kw["controlnets"] = [ControlUnit(controlnet, control_images, control_scale)]
     if loras:
         kw["loras"] = list(loras)
-    r = pipe(list(prompts), seed=[int(s) for s in seeds], steps=steps, sampler=sampler, schedule=schedule,
-             cfg_scale=cfg_scale, progress=False, **kw)
+    r = pipe(
+        list(prompts),
+        seed=[int(s) for s in seeds],
+        steps=steps,
+        sampler=sampler,
+        schedule=schedule,
+        cfg_scale=cfg_scale,
+        progress=False,
+        **kw,
+    )
     return np.asarray(r.arrays, dtype=np.float32)
 
 
@@ -213,8 +221,9 @@ def _to_recogniser_input(arrays: np.ndarray) -> Tensor:
     """(B, H, W, 3) in [0, 1] -> (B, 3, 64, 64) in [-1, 1] (bilinear, antialiased, when the size differs)."""
     x = torch.from_numpy(np.ascontiguousarray(arrays, dtype=np.float32)).permute(0, 3, 1, 2) * 2.0 - 1.0
     if tuple(x.shape[-2:]) != (RECOGNISER_SIZE, RECOGNISER_SIZE):
-        x = F.interpolate(x, size=(RECOGNISER_SIZE, RECOGNISER_SIZE), mode="bilinear", antialias=True,
-                          align_corners=False)
+        x = F.interpolate(
+            x, size=(RECOGNISER_SIZE, RECOGNISER_SIZE), mode="bilinear", antialias=True, align_corners=False
+        )
     return x
 
 
@@ -251,8 +260,9 @@ class _Runner:
         self.images_generated = 0
         self.generation_s = 0.0
 
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], cfg: float, desc: str, **control: Any
-                 ) -> np.ndarray:
+    def generate(
+        self, prompts: Sequence[str], seeds: Sequence[int], cfg: float, desc: str, **control: Any
+    ) -> np.ndarray:
         from tqdm.auto import tqdm
 
         out = []
@@ -263,17 +273,27 @@ class _Runner:
             if kw.get("control_images") is not None:
                 kw["control_images"] = kw["control_images"][sl]
             t = time.perf_counter()
-            out.append(generate_batch(self.pipe, prompts[sl], seeds[sl], steps=self.steps, sampler=self.sampler,
-                                      cfg_scale=cfg, **kw))
+            out.append(
+                generate_batch(
+                    self.pipe, prompts[sl], seeds[sl], steps=self.steps, sampler=self.sampler, cfg_scale=cfg, **kw
+                )
+            )
             self.generation_s += time.perf_counter() - t
             self.images_generated += len(prompts[sl])
         if not out:
             return np.zeros((0, 1, 1, 3), np.float32)
         return np.concatenate(out)
 
-    def adherence(self, items: Sequence[tuple[str, str, int]], cfg: float, desc: str, *, lora: str = "",
-                  loras: Sequence[tuple[Any, float]] | None = None, features: bool = False
-                  ) -> tuple[dict[str, Any], Tensor | None, list[bool]]:
+    def adherence(
+        self,
+        items: Sequence[tuple[str, str, int]],
+        cfg: float,
+        desc: str,
+        *,
+        lora: str = "",
+        loras: Sequence[tuple[Any, float]] | None = None,
+        features: bool = False,
+    ) -> tuple[dict[str, Any], Tensor | None, list[bool]]:
         """Top-1/top-5 of ``(prompt, char, seed)`` items at ``cfg``; the hit list (top-1) per item; recogniser
         features of the generated images when asked (then nothing comes from the cache)."""
         known = [(p, c, s, self.index(c)) for p, c, s in items]
@@ -281,8 +301,9 @@ class _Runner:
         todo = [it for it in scored if features or (it[0], it[2], cfg, lora) not in self.cache]
         feats = None
         if todo:
-            arrays = self.generate([p for p, _, _, _ in todo], [s for _, _, s, _ in todo], cfg, desc,
-                                   **({"loras": loras} if loras else {}))
+            arrays = self.generate(
+                [p for p, _, _, _ in todo], [s for _, _, s, _ in todo], cfg, desc, **({"loras": loras} if loras else {})
+            )
             logits, feats = _recognise(self.recogniser, _to_recogniser_input(arrays), features)
             targets = torch.tensor([t for _, _, _, t in todo])
             h1, h5 = topk_hits(logits, targets, 1), topk_hits(logits, targets, 5)
@@ -338,8 +359,9 @@ def evaluate_emoji(
             raise UsageError(f"{what} must be a positive integer, got {v!r}")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
         raise UsageError(f"n must be an integer >= 2 (the Frechet distance needs two images), got {n!r}")
-    if paraphrase_n is not None and (isinstance(paraphrase_n, bool) or not isinstance(paraphrase_n, int)
-                                     or paraphrase_n < 1):
+    if paraphrase_n is not None and (
+        isinstance(paraphrase_n, bool) or not isinstance(paraphrase_n, int) or paraphrase_n < 1
+    ):
         raise UsageError(f"paraphrase_n must be a positive integer, got {paraphrase_n!r}")
     for c in (cfg, *(cfg_sweep or ())):
         if not isinstance(c, int | float) or isinstance(c, bool) or not math.isfinite(c) or c < 0:
@@ -370,8 +392,9 @@ def evaluate_emoji(
     timings["captions_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    para_items = [(PARAPHRASES[k][0], PARAPHRASES[k][1], seed + k) for k in evenly_spaced(len(PARAPHRASES),
-                                                                                         paraphrase_n)]
+    para_items = [
+        (PARAPHRASES[k][0], PARAPHRASES[k][1], seed + k) for k in evenly_spaced(len(PARAPHRASES), paraphrase_n)
+    ]
     paraphrases, _, _ = run.adherence(para_items, cfg, "paraphrases")
     timings["paraphrases_s"] = time.perf_counter() - t
 
@@ -412,9 +435,15 @@ def evaluate_emoji(
     lora_res = None
     if lora is not None:
         t = time.perf_counter()
-        lora_res = _lora_section(run, pipe, caption_items(held),
-                                 [(p, c, seed + k) for k, (p, c) in enumerate(FRUIT_PARAPHRASES)],
-                                 cfg, Path(lora), float(lora_weight))
+        lora_res = _lora_section(
+            run,
+            pipe,
+            caption_items(held),
+            [(p, c, seed + k) for k, (p, c) in enumerate(FRUIT_PARAPHRASES)],
+            cfg,
+            Path(lora),
+            float(lora_weight),
+        )
         timings["lora_s"] = time.perf_counter() - t
 
     timings["generation_s"] = run.generation_s
@@ -422,11 +451,19 @@ def evaluate_emoji(
     return {
         "model": str(getattr(pipe, "name", type(pipe).__name__)),
         "settings": {
-            "n": len(chosen), "paraphrases": len(para_items), "base_emoji": len(base),
-            "held_out_subgroup": HELD_OUT_SUBGROUP, "cfg": cfg,
-            "steps": steps, "sampler": sampler, "seed": seed, "batch_size": batch_size,
-            "cfg_sweep": [float(c) for c in cfg_sweep or ()], "sweep_n": sweep_n if cfg_sweep else 0,
-            "image_size": int(getattr(pipe, "default_size", 0) or 0), "recogniser_size": RECOGNISER_SIZE,
+            "n": len(chosen),
+            "paraphrases": len(para_items),
+            "base_emoji": len(base),
+            "held_out_subgroup": HELD_OUT_SUBGROUP,
+            "cfg": cfg,
+            "steps": steps,
+            "sampler": sampler,
+            "seed": seed,
+            "batch_size": batch_size,
+            "cfg_sweep": [float(c) for c in cfg_sweep or ()],
+            "sweep_n": sweep_n if cfg_sweep else 0,
+            "image_size": int(getattr(pipe, "default_size", 0) or 0),
+            "recogniser_size": RECOGNISER_SIZE,
             "device": str(getattr(pipe, "device", "")),
         },
         "captions": captions,
@@ -440,8 +477,9 @@ def evaluate_emoji(
     }
 
 
-def _control_section(run: _Runner, pipe: Any, ds: Any, base: list[int], controlnet: Any, control_n: int,
-                     cfg: float, seed: int) -> dict[str, Any]:
+def _control_section(
+    run: _Runner, pipe: Any, ds: Any, base: list[int], controlnet: Any, control_n: int, cfg: float, seed: int
+) -> dict[str, Any]:
     from sdengine.control import load_controlnet
     from sdengine.models.controlnet import ControlNet
 
@@ -461,8 +499,12 @@ def _control_section(run: _Runner, pipe: Any, ds: Any, base: list[int], controln
     edges = np.stack([_canny_array(_resize_uint8(ds.pixels[j], size)) for j in idx])  # (N, H, W) 0/255
     control = torch.from_numpy(edges).float().div(255.0)[:, None].expand(-1, 3, -1, -1).contiguous()
     seeds = [seed + j for j in idx]
-    out: dict[str, Any] = {"controlnet": label, "n": len(idx), "tolerance_px": EDGE_TOLERANCE_PX,
-                           "control_edge_fraction": float((edges > 0).mean())}
+    out: dict[str, Any] = {
+        "controlnet": label,
+        "n": len(idx),
+        "tolerance_px": EDGE_TOLERANCE_PX,
+        "control_edge_fraction": float((edges > 0).mean()),
+    }
     # With the caption as the prompt a model that follows its prompt already draws the control's edges;
     # with the empty prompt the structure can only come from the ControlNet.
     for mode, prompts in (("", [ds.captions[j] for j in idx]), ("empty_", [""] * len(idx))):
@@ -475,14 +517,22 @@ def _control_section(run: _Runner, pipe: Any, ds: Any, base: list[int], controln
     return out
 
 
-def _lora_section(run: _Runner, pipe: Any, captions: list[tuple[str, str, int]],
-                  paraphrases: list[tuple[str, str, int]], cfg: float, lora: Path, weight: float) -> dict[str, Any]:
+def _lora_section(
+    run: _Runner,
+    pipe: Any,
+    captions: list[tuple[str, str, int]],
+    paraphrases: list[tuple[str, str, int]],
+    cfg: float,
+    lora: Path,
+    weight: float,
+) -> dict[str, Any]:
     out: dict[str, Any] = {"lora": str(lora), "weight": weight}
     for key, loras in (("without", None), ("with", [(str(lora), weight)])):
         tag = f"{lora}:{weight:g}" if loras else ""
         out[f"captions_{key}"], _, _ = run.adherence(captions, cfg, f"lora {key}: captions", lora=tag, loras=loras)
-        out[f"paraphrases_{key}"], _, _ = run.adherence(paraphrases, cfg, f"lora {key}: paraphrases", lora=tag,
-                                                        loras=loras)
+        out[f"paraphrases_{key}"], _, _ = run.adherence(
+            paraphrases, cfg, f"lora {key}: paraphrases", lora=tag, loras=loras
+        )
     return out
 
 
@@ -514,21 +564,28 @@ def format_report(res: dict[str, Any]) -> str:
     row("paraphrases", res["paraphrases"])
     fd = res["fd"]
     value = "n/a" if math.isnan(fd["value"]) else f"{fd['value']:.3f}"
-    lines.append(f"| Frechet distance, recogniser features (vs {fd['n_real']} renders) | {fd['n_generated']} | "
-                 f"| {value} |")
+    lines.append(
+        f"| Frechet distance, recogniser features (vs {fd['n_real']} renders) | {fd['n_generated']} | | {value} |"
+    )
     for r in res.get("cfg_sweep") or []:
         row(f"captions at cfg {r['cfg']:g}", r)
     c = res.get("controlnet")
     if c:
         lines.append(f"| edge F1 (±{c['tolerance_px']} px) without ControlNet | {c['n']} | | {c['f1_without']:.3f} |")
         lines.append(f"| edge F1 (±{c['tolerance_px']} px) with ControlNet | {c['n']} | | {c['f1_with']:.3f} |")
-        lines.append(f"| edge F1 (exact) without / with ControlNet | {c['n']} | | "
-                     f"{c['f1_exact_without']:.3f} / {c['f1_exact_with']:.3f} |")
+        lines.append(
+            f"| edge F1 (exact) without / with ControlNet | {c['n']} | | "
+            f"{c['f1_exact_without']:.3f} / {c['f1_exact_with']:.3f} |"
+        )
         if "f1_empty_with" in c:
-            lines.append(f"| empty prompt: edge F1 (±{c['tolerance_px']} px) without / with ControlNet | {c['n']} | | "
-                         f"{c['f1_empty_without']:.3f} / {c['f1_empty_with']:.3f} |")
-            lines.append(f"| empty prompt: edge F1 (exact) without / with ControlNet | {c['n']} | | "
-                         f"{c['f1_exact_empty_without']:.3f} / {c['f1_exact_empty_with']:.3f} |")
+            lines.append(
+                f"| empty prompt: edge F1 (±{c['tolerance_px']} px) without / with ControlNet | {c['n']} | | "
+                f"{c['f1_empty_without']:.3f} / {c['f1_empty_with']:.3f} |"
+            )
+            lines.append(
+                f"| empty prompt: edge F1 (exact) without / with ControlNet | {c['n']} | | "
+                f"{c['f1_exact_empty_without']:.3f} / {c['f1_exact_empty_with']:.3f} |"
+            )
     lo = res.get("lora")
     if lo:
         for part, label in (("captions", "held-out captions"), ("paraphrases", "fruit paraphrases")):

@@ -49,8 +49,9 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
-def resolve_inside(root: str | os.PathLike[str], name: str, what: str = "name",
-                   suffixes: Iterable[str] = ("",)) -> Path:
+def resolve_inside(
+    root: str | os.PathLike[str], name: str, what: str = "name", suffixes: Iterable[str] = ("",)
+) -> Path:
     """The existing file ``root/name[+suffix]``, guaranteed (by realpath) to lie inside ``root``.
 
     ``suffixes`` are tried in order (``""`` = the name as given). Raises UnsafePathError for a name that

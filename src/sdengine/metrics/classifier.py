@@ -142,18 +142,14 @@ def _batched(
     return torch.cat(outs) if outs else torch.empty(0)
 
 
-def features(
-    images: torch.Tensor, model: FashionClassifier | None = None, batch_size: int = 500
-) -> torch.Tensor:
+def features(images: torch.Tensor, model: FashionClassifier | None = None, batch_size: int = 500) -> torch.Tensor:
     """128-d penultimate features ``(N, 128)`` float32 on CPU, of images in ``[-1, 1]``."""
     model = model if model is not None else load_classifier()
     device = next(model.parameters()).device
     return _batched(model.eval().features, images, batch_size, device)
 
 
-def predict(
-    images: torch.Tensor, model: FashionClassifier | None = None, batch_size: int = 500
-) -> torch.Tensor:
+def predict(images: torch.Tensor, model: FashionClassifier | None = None, batch_size: int = 500) -> torch.Tensor:
     """Predicted class ids ``(N,)`` int64 (see ``data.fashion_mnist.CLASS_NAMES``)."""
     model = model if model is not None else load_classifier()
     device = next(model.parameters()).device

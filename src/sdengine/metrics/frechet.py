@@ -68,9 +68,7 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or cov1.shape != (d, d) or cov2.shape != (d, d):
-        raise ValueError(
-            f"shape mismatch: mu1 {mu1.shape}, cov1 {cov1.shape}, mu2 {mu2.shape}, cov2 {cov2.shape}"
-        )
+        raise ValueError(f"shape mismatch: mu1 {mu1.shape}, cov1 {cov1.shape}, mu2 {mu2.shape}, cov2 {cov2.shape}")
     s1 = sqrt_psd(cov1)
     m = s1 @ cov2 @ s1
     eig = np.linalg.eigvalsh((m + m.T) / 2)
@@ -81,9 +79,7 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     return float(max(fd, 0.0))
 
 
-def frechet_distance_features(
-    features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor
-) -> float:
+def frechet_distance_features(features_a: np.ndarray | torch.Tensor, features_b: np.ndarray | torch.Tensor) -> float:
     """FD between two feature sets ``(Na, D)`` and ``(Nb, D)`` (Gaussian fit to each)."""
     mu_a, cov_a = feature_stats(_as_2d_float64(features_a, "features_a"))
     mu_b, cov_b = feature_stats(_as_2d_float64(features_b, "features_b"))
@@ -92,9 +88,7 @@ def frechet_distance_features(
     return frechet_distance(mu_a, cov_a, mu_b, cov_b)
 
 
-def fd_fmnist(
-    images_a: torch.Tensor, images_b: torch.Tensor, model: FashionClassifier | None = None
-) -> float:
+def fd_fmnist(images_a: torch.Tensor, images_b: torch.Tensor, model: FashionClassifier | None = None) -> float:
     """FD_fmnist: FD of the shipped Fashion-MNIST classifier's 128-d features.
 
     Images are float ``(N, 1, 32, 32)`` (or 28x28) in ``[-1, 1]``. Use a few thousand images per set:
@@ -103,9 +97,7 @@ def fd_fmnist(
     return frechet_distance_features(features(images_a, model), features(images_b, model))
 
 
-def class_accuracy(
-    images: torch.Tensor, labels: torch.Tensor, model: FashionClassifier | None = None
-) -> float:
+def class_accuracy(images: torch.Tensor, labels: torch.Tensor, model: FashionClassifier | None = None) -> float:
     """Fraction of images the shipped classifier assigns to ``labels`` (class-conditional check)."""
     labels = torch.as_tensor(labels).long().cpu()
     pred = predict(images, model)

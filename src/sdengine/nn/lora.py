@@ -33,6 +33,8 @@ from sdengine.errors import SdengineError
 log = logging.getLogger(__name__)
 
 WEIGHT_WARN_LIMIT = 4.0  # |weight| above this is almost always a typo (A1111 users type 0.8, not 8)
+# |weight| above this is an error: no LoRA means anything at 100x, and 1e30 turns every image black (non-finite).
+WEIGHT_LIMIT = 100.0
 
 
 class LoRAError(SdengineError, ValueError):
@@ -279,13 +281,15 @@ def patch_layers(layers: Iterable[tuple[nn.Module, LoRALayer]], name: str = "lor
 
 
 def check_weight(weight: float, name: str = "LoRA") -> float:
-    """``weight`` as a finite float (else LoRAError); a LoRAWeightWarning when it is outside [-4, 4]."""
+    """``weight`` as a finite float within [-100, 100] (else LoRAError); a LoRAWeightWarning outside [-4, 4]."""
     try:
         w = float(weight)
     except (TypeError, ValueError):
         raise LoRAError(f"{name}: weight {weight!r} is not a number") from None
     if not math.isfinite(w):
         raise LoRAError(f"{name}: weight {weight!r} is not finite")
+    if abs(w) > WEIGHT_LIMIT:
+        raise LoRAError(f"{name}: weight {w:g} is outside [-{WEIGHT_LIMIT:g}, {WEIGHT_LIMIT:g}]")
     if abs(w) > WEIGHT_WARN_LIMIT:
         msg = f"{name}: weight {w:g} is outside [-{WEIGHT_WARN_LIMIT:g}, {WEIGHT_WARN_LIMIT:g}]; images may break down"
         log.warning(msg)
@@ -294,6 +298,7 @@ def check_weight(weight: float, name: str = "LoRA") -> float:
 
 
 __all__ = [
+    "WEIGHT_LIMIT",
     "WEIGHT_WARN_LIMIT",
     "AppliedLoRA",
     "LoRAError",

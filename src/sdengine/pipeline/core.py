@@ -286,9 +286,9 @@ class Pipeline:
         if any(t != tag_lists[0] for t in tag_lists):
             raise GenerationError("every prompt of a batch must name the same <lora:...> tags (the LoRAs are "
                                   "applied to the model once per call)")
-        lora_list: list[tuple[Any, float]] = [
-            (item, 1.0) if not isinstance(item, tuple) else (item[0], float(item[1])) for item in (request.loras or [])
-        ]
+        from sdengine.weights.lora import lora_entry
+
+        lora_list: list[tuple[Any, float]] = [lora_entry(item) for item in (request.loras or [])]
         lora_list += tag_lists[0]
         lora_dir = request.lora_dir or self.lora_dir
         handle = None

@@ -109,7 +109,8 @@ class GenerationRequest:
         """The fields as a dict (images stay PIL / array / path values; the callback is left out)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "callback"}
         if self.controlnets is not None:
-            out["controlnets"] = [dataclasses.asdict(ControlUnit.coerce(u)) for u in self.controlnets]
+            out["controlnets"] = [{"model": u.model, "image": u.image, "scale": u.scale, "start": u.start, "end": u.end}
+                                  for u in self.control_units()]  # the same image objects, not copies
         return out
 
     def replace(self, **changes: Any) -> GenerationRequest:

@@ -43,9 +43,7 @@ def find_minilm_files(root: str | Path | None = None) -> MiniLMFiles:
         # find_spec locates the package without importing it (its __init__ is not needed).
         spec = importlib.util.find_spec(MINILM_PACKAGE)
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(
-                f"all-MiniLM-L6-v2 is not installed; install it with: {MINILM_PIP}"
-            )
+            raise FileNotFoundError(f"all-MiniLM-L6-v2 is not installed; install it with: {MINILM_PIP}")
         root = Path(next(iter(spec.submodule_search_locations))) / "model"
     root = Path(root)
     files = MiniLMFiles(

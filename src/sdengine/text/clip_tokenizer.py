@@ -46,9 +46,7 @@ CHUNK_LENGTH = CONTEXT_LENGTH - 2  # A1111: 75 prompt tokens per chunk, plus BOS
 COMMA_BACKTRACK = 20  # A1111's default `comma_padding_backtrack`
 
 # OpenAI CLIP's pre-tokenizer pattern; the special tokens come first so that they are kept whole.
-CLIP_SPLIT_PATTERN = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-)
+CLIP_SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
 def _asset(name: str) -> Path:

@@ -49,8 +49,9 @@ def cat_conditioning(parts: Sequence[Conditioning]) -> Conditioning:
 class TextConditioner(Protocol):
     kind: str  # "clip" or "minilm"
 
-    def pair(self, prompt: str, negative: str, *, clip_skip: int = 1, note: Note = _ignore
-             ) -> tuple[Conditioning, Conditioning]: ...
+    def pair(
+        self, prompt: str, negative: str, *, clip_skip: int = 1, note: Note = _ignore
+    ) -> tuple[Conditioning, Conditioning]: ...
 
     def __call__(self, prompts: Sequence[str]) -> Conditioning: ...
 
@@ -62,8 +63,9 @@ class CLIPConditioner:
 
     kind = "clip"
 
-    def __init__(self, text_encoder: Any, tokenizer: Any, *, pad_token_id: int, dtype: torch.dtype,
-                 name: str = "model") -> None:
+    def __init__(
+        self, text_encoder: Any, tokenizer: Any, *, pad_token_id: int, dtype: torch.dtype, name: str = "model"
+    ) -> None:
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.pad_token_id = pad_token_id
@@ -75,14 +77,16 @@ class CLIPConditioner:
         if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= n_layers:
             raise GenerationError(f"clip_skip must be an integer in 1..{n_layers}, got {clip_skip!r}")
 
-    def pair(self, prompt: str, negative: str, *, clip_skip: int = 1, note: Note = _ignore
-             ) -> tuple[Conditioning, Conditioning]:
+    def pair(
+        self, prompt: str, negative: str, *, clip_skip: int = 1, note: Note = _ignore
+    ) -> tuple[Conditioning, Conditioning]:
         """(cond, uncond), each ``{"crossattn": (1, 77 * k, D)}`` with the same k."""
         from sdengine.prompts import encode_prompt_pair
 
         self.check_clip_skip(clip_skip)
-        cond, uncond = encode_prompt_pair(self.text_encoder, self.tokenizer, prompt, negative, clip_skip=clip_skip,
-                                          pad_token_id=self.pad_token_id)
+        cond, uncond = encode_prompt_pair(
+            self.text_encoder, self.tokenizer, prompt, negative, clip_skip=clip_skip, pad_token_id=self.pad_token_id
+        )
         return {"crossattn": cond.to(self.dtype)}, {"crossattn": uncond.to(self.dtype)}
 
     def __call__(self, prompts: Sequence[str], *, clip_skip: int = 1) -> Conditioning:
@@ -91,8 +95,10 @@ class CLIPConditioner:
         from sdengine.prompts import encode_prompt, pad_to_length
 
         self.check_clip_skip(clip_skip)
-        rows = [encode_prompt(self.text_encoder, self.tokenizer, p, clip_skip=clip_skip,
-                              pad_token_id=self.pad_token_id) for p in prompts]
+        rows = [
+            encode_prompt(self.text_encoder, self.tokenizer, p, clip_skip=clip_skip, pad_token_id=self.pad_token_id)
+            for p in prompts
+        ]
         length = max(r.shape[1] for r in rows)
         if any(r.shape[1] != length for r in rows):
             empty = self.empty(1, clip_skip=clip_skip)["crossattn"]
@@ -113,8 +119,16 @@ class MiniLMConditioner:
 
     kind = "minilm"
 
-    def __init__(self, encoder: Any, context_length: int, *, pooled: bool, dtype: torch.dtype,
-                 device: torch.device, name: str = "model") -> None:
+    def __init__(
+        self,
+        encoder: Any,
+        context_length: int,
+        *,
+        pooled: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        name: str = "model",
+    ) -> None:
         self.encoder = encoder
         self.context_length = int(context_length)
         self.pooled = pooled
@@ -138,8 +152,10 @@ class MiniLMConditioner:
         except ValueError as e:
             raise GenerationError(f"{what}: {e}") from None
         if tokens > length:
-            note(f"the {what} is {tokens} tokens long; {self.name} reads only the first {length} "
-                 f"(with [CLS] and [SEP]), the rest was ignored")
+            note(
+                f"the {what} is {tokens} tokens long; {self.name} reads only the first {length} "
+                f"(with [CLS] and [SEP]), the rest was ignored"
+            )
         if had_break:
             note(f"BREAK in the {what} was read as a space: {self.name} has one {length}-token context")
         return z.to(self.dtype)
@@ -150,8 +166,9 @@ class MiniLMConditioner:
 
         return torch.cat([pooled_prompt_minilm(self.encoder, t) for t in texts]).to(self.device, self.dtype)
 
-    def pair(self, prompt: str, negative: str, *, clip_skip: int = 1, note: Note = _ignore
-             ) -> tuple[Conditioning, Conditioning]:
+    def pair(
+        self, prompt: str, negative: str, *, clip_skip: int = 1, note: Note = _ignore
+    ) -> tuple[Conditioning, Conditioning]:
         self.check_clip_skip(clip_skip)
         cond = {"crossattn": self.context(prompt, "prompt", note)}
         uncond = {"crossattn": self.context(negative, "negative prompt", note)}
@@ -171,8 +188,17 @@ class MiniLMConditioner:
         return {k: v.expand(n, *v.shape[1:]) for k, v in one.items()}
 
 
-def make_conditioner(text_encoder: Any, tokenizer: Any, *, unet_config: Any, context_length: int | None,
-                     pad_token_id: int, dtype: torch.dtype, device: torch.device, name: str) -> TextConditioner:
+def make_conditioner(
+    text_encoder: Any,
+    tokenizer: Any,
+    *,
+    unet_config: Any,
+    context_length: int | None,
+    pad_token_id: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    name: str,
+) -> TextConditioner:
     """The conditioner of a model: MiniLM when the folder gives a fixed ``context_length`` (the emoji
     format), else CLIP. A U-Net with a pooled-text projection needs MiniLM's sentence vector."""
     pooled = getattr(unet_config, "projection_class_embeddings_input_dim", None) is not None
@@ -183,5 +209,11 @@ def make_conditioner(text_encoder: Any, tokenizer: Any, *, unet_config: Any, con
     return CLIPConditioner(text_encoder, tokenizer, pad_token_id=pad_token_id, dtype=dtype, name=name)
 
 
-__all__ = ["CLIPConditioner", "Conditioning", "MiniLMConditioner", "TextConditioner", "cat_conditioning",
-           "make_conditioner"]
+__all__ = [
+    "CLIPConditioner",
+    "Conditioning",
+    "MiniLMConditioner",
+    "TextConditioner",
+    "cat_conditioning",
+    "make_conditioner",
+]

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..control import PREPROCESSORS, ControlNetError, load_control_image, preprocess, save_controlnet
 from ..diffusion.loss import DiffusionLoss, check_cond_dropout
 from ..models.controlnet import ControlNet
-from .checkpoint import check_resumable
+from .checkpoint import ensure_new_run
 from .compat import renamed_fields
 from .loop import TrainConfig, TrainResult, data_indices, train
 
@@ -133,15 +133,18 @@ def train_controlnet(
     *,
     device: str | torch.device = "cpu",
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> tuple[TrainResult, Path]:
-    """Train; returns the loop's result and the exported diffusers ControlNet folder (``OUT/controlnet``)."""
+    """Train; returns the loop's result and the exported diffusers ControlNet folder (``OUT/controlnet``).
+
+    A folder that already holds a run is refused unless ``resume`` or ``overwrite`` (see ``ensure_new_run``)."""
     from .. import load_pipeline
 
     device = torch.device(device)
     out_dir = Path(out_dir)
-    if resume:  # fail on a bad checkpoint before loading models
-        check_resumable(out_dir)
+    # Before loading models: a bad --resume, or a finished run that would be overwritten, fails at once.
+    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["controlnet"])
     pipe = load_pipeline(spec.model, device=device, dtype="fp32")
     if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
         raise ControlNetError(f"{spec.model}: a ControlNet needs a Stable Diffusion model (U-Net + VAE + text)")

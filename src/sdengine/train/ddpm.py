@@ -23,7 +23,7 @@ from ..diffusion.loss import DiffusionLoss
 from ..diffusion.schedules import NoiseSchedule
 from ..imageio import make_grid, save_image_atomic
 from ..models.unet import UNet, UNetConfig
-from .checkpoint import check_resumable
+from .checkpoint import ensure_new_run
 from .compat import renamed_fields
 from .loop import TrainConfig, TrainResult, data_indices, train
 
@@ -85,13 +85,14 @@ def train_ddpm(
     *,
     device: str | torch.device = "cpu",
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     data: tuple[torch.Tensor, torch.Tensor | None, list[str] | None, int] | None = None,
 ) -> tuple[TrainResult, PixelDDPM]:
     """Train and export the EMA model to ``out_dir/model`` (a folder ``PixelDDPM.load`` reads)."""
     device = torch.device(device)
-    if resume:  # fail on a bad checkpoint before the (slow) data loading
-        check_resumable(out_dir)
+    # Before the (slow) data loading: a bad --resume, or a finished run that would be overwritten, fails at once.
+    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["model"])
     images, labels, class_names, crop = data if data is not None else load_training_data(spec)
     if spec.class_conditional and labels is None:
         raise ValueError("class-conditional training needs labels")

@@ -33,7 +33,7 @@ from torch import nn
 from sdengine.errors import SdengineError
 
 from ..weights.lora import LoRALayer, kohya_name, lora_targets, patch_layers
-from .checkpoint import check_resumable
+from .checkpoint import ensure_new_run
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 TargetKind = Literal["attention", "proj", "ff", "conv"]
@@ -296,17 +296,20 @@ def train_lora(
     *,
     device: str | torch.device = "cpu",
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> tuple[TrainResult, Path]:
-    """Train and write ``out_dir/<output_name>.safetensors`` (kohya format) -> (loop result, file path)."""
+    """Train and write ``out_dir/<output_name>.safetensors`` (kohya format) -> (loop result, file path).
+
+    A folder that already holds a run is refused unless ``resume`` or ``overwrite`` (see ``ensure_new_run``)."""
     from ..diffusion.loss import DiffusionLoss
     from ..pipeline import load_pipeline
     from ..weights.io import save_safetensors
 
     device = torch.device(device)
     out_dir = Path(out_dir)
-    if resume:  # fail on a bad checkpoint before loading the model
-        check_resumable(out_dir)
+    # Before loading the model: a bad --resume, or a finished run that would be overwritten, fails at once.
+    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=[f"{spec.output_name}.safetensors"])
     started = time.time()
     base_dtype = "bf16" if cfg.mixed_precision == "bf16" else "fp32"  # frozen weights may be half; LoRA stays fp32
     pipe = load_pipeline(spec.model, device=device, dtype=base_dtype)

@@ -31,13 +31,15 @@ def controlnet_module_table(layout: UNetLayout, hint_levels: int) -> ModuleTable
     ``hint_levels``: entries of ``conditioning_embedding_out_channels`` (4 in every released ControlNet).
     """
     encoder_rows = [
-        row for row in unet_module_table(layout)
+        row
+        for row in unet_module_table(layout)
         if not row[0].startswith(("output_blocks.", "out."))  # a ControlNet has no decoder half
     ]
     n_blocks = 2 * (hint_levels - 1)  # a same-size conv and a stride-2 conv per level after the first
     hint_rows = [("input_hint_block.0", "controlnet_cond_embedding.conv_in", "plain")]
-    hint_rows += [(f"input_hint_block.{2 * (k + 1)}", f"controlnet_cond_embedding.blocks.{k}", "plain")
-                  for k in range(n_blocks)]
+    hint_rows += [
+        (f"input_hint_block.{2 * (k + 1)}", f"controlnet_cond_embedding.blocks.{k}", "plain") for k in range(n_blocks)
+    ]
     hint_rows.append((f"input_hint_block.{2 * (n_blocks + 1)}", "controlnet_cond_embedding.conv_out", "plain"))
     n_skips = 1 + layout.num_levels * layout.layers_per_block + (layout.num_levels - 1)
     zero_rows = [(f"zero_convs.{i}.0", f"controlnet_down_blocks.{i}", "plain") for i in range(n_skips)]

@@ -121,10 +121,14 @@ def unet_config_from_ldm(
     layout = unet_layout_from_ldm(unet)
     lpb = layout.layers_per_block
     conv_in = unet["input_blocks.0.0.weight"]
-    channels = [int(unet[f"input_blocks.{1 + lv * (lpb + 1)}.0.out_layers.3.weight"].shape[0])
-                for lv in range(layout.num_levels)]
-    first_attn = next((f"input_blocks.{1 + lv * (lpb + 1)}.1" for lv in range(layout.num_levels)
-                       if layout.down_attention[lv]), "middle_block.1")
+    channels = [
+        int(unet[f"input_blocks.{1 + lv * (lpb + 1)}.0.out_layers.3.weight"].shape[0])
+        for lv in range(layout.num_levels)
+    ]
+    first_attn = next(
+        (f"input_blocks.{1 + lv * (lpb + 1)}.1" for lv in range(layout.num_levels) if layout.down_attention[lv]),
+        "middle_block.1",
+    )
     depth = len(_ints(rf"^{re.escape(first_attn)}\.transformer_blocks\.(\d+)\.", list(unet))) or 1
     to_k = unet.get(f"{first_attn}.transformer_blocks.0.attn2.to_k.weight")
     context_dim = int(to_k.shape[1]) if to_k is not None else None
@@ -299,8 +303,14 @@ def detect_ldm(
     conv_in = unet["input_blocks.0.0.weight"]
     inpainting = int(conv_in.shape[1]) == 9
     layout = unet_layout_from_ldm(unet)
-    first_attn = next((f"input_blocks.{1 + lv * (layout.layers_per_block + 1)}.1"
-                       for lv in range(layout.num_levels) if layout.down_attention[lv]), "middle_block.1")
+    first_attn = next(
+        (
+            f"input_blocks.{1 + lv * (layout.layers_per_block + 1)}.1"
+            for lv in range(layout.num_levels)
+            if layout.down_attention[lv]
+        ),
+        "middle_block.1",
+    )
     to_k = unet.get(f"{first_attn}.transformer_blocks.0.attn2.to_k.weight")
     context = int(to_k.shape[1]) if to_k is not None else 0
     family: Family = {768: "sd1", 1024: "sd2"}.get(context, "custom")  # type: ignore[assignment]
@@ -316,8 +326,10 @@ def detect_ldm(
             else:
                 # SD2 single files do not say; like diffusers, assume the 768 v-prediction model.
                 prediction_type = "v_prediction"
-                notes.append("SD 2.x file does not state its prediction type: assuming v_prediction "
-                             "(768 model); pass prediction_type='epsilon' for 512 'base' models")
+                notes.append(
+                    "SD 2.x file does not state its prediction type: assuming v_prediction "
+                    "(768 model); pass prediction_type='epsilon' for 512 'base' models"
+                )
                 log.info(notes[-1])
         else:
             prediction_type = "epsilon"

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from sdengine.errors import SdengineError
+from sdengine.io.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +260,9 @@ def save_safetensors(
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)  # pad so the data section starts 8-aligned
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    # A temporary file unique to this write, removed on any error: concurrent writers never collide and a
+    # failed write leaves neither a half file under the real name nor a temporary file.
+    with atomic_write(path) as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name in order:
@@ -272,7 +274,6 @@ def save_safetensors(
                 # numpy has no bfloat16/float8: write the same bytes through an integer view of equal width.
                 b = t.reshape(-1).view(torch.uint8) if t.dtype != torch.bool else t.to(torch.uint8).reshape(-1)
                 f.write(memoryview(b.numpy()))
-    os.replace(tmp, path)  # a crash mid-write never leaves a half file under the real name
 
 
 # ------------------------------------------------------------------------------------------------ pickles

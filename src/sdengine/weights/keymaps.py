@@ -402,7 +402,7 @@ def split_ldm(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, StateDict], lis
             continue
         for name, prefix in COMPONENT_PREFIXES.items():
             if key.startswith(prefix):
-                parts[name][key[len(prefix):]] = t
+                parts[name][key[len(prefix) :]] = t
                 break
         else:
             unknown.append(key)

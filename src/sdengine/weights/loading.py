@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 
+from sdengine.io.atomic import atomic_dir
 from sdengine.io.paths import UnsafePathError, resolve_inside
 from sdengine.models.config_checks import ConfigError, check_config
 
@@ -540,13 +541,26 @@ def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
 
 def save_diffusers_folder(ckpt: LoadedCheckpoint, dst: str | Path, *, dtype: str | torch.dtype | None = None,
                           tokenizer_dir: str | Path | None = None) -> Path:
+    """Write ``dst`` as a diffusers folder, as a whole or not at all: it is filled under a temporary name and
+    renamed into place, so an error (a full disk) leaves no half folder and an older ``dst`` untouched. An
+    existing ``dst`` is replaced only when it is a model folder (has ``model_index.json``) or empty."""
     dst = Path(dst)
     if ckpt.text_encoder_type != "clip":
         raise WeightsError(
             f"{ckpt.source}: its text encoder is {ckpt.text_encoder_type} (by reference, no weights here); "
             "copy the folder instead of converting it"
         )
-    dst.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and not dst.is_dir():
+        raise WeightsError(f"{dst}: exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not (dst / "model_index.json").is_file():
+        raise WeightsError(f"{dst}: exists and is not a diffusers model folder; refusing to replace it")
+    with atomic_dir(dst) as tmp:
+        _fill_diffusers_folder(ckpt, tmp, dtype=dtype, tokenizer_dir=tokenizer_dir)
+    return dst
+
+
+def _fill_diffusers_folder(ckpt: LoadedCheckpoint, dst: Path, *, dtype: str | torch.dtype | None,
+                           tokenizer_dir: str | Path | None) -> None:
     cfgs = ckpt.configs
     sched_cls = cfgs["scheduler"].get("_class_name", "PNDMScheduler")
     for comp, cls, lib, fname in (("unet", "UNet2DConditionModel", "diffusers", "diffusion_pytorch_model"),
@@ -579,7 +593,6 @@ def save_diffusers_folder(ckpt: LoadedCheckpoint, dst: str | Path, *, dtype: str
     elif not tok_src and write_clip_tokenizer(dst / "tokenizer", pad="!" if ckpt.family == "sd2" else None):
         index["tokenizer"] = ["transformers", "CLIPTokenizer"]
     _write_json(dst / "model_index.json", index)
-    return dst
 
 
 def write_clip_tokenizer(dst: Path, *, pad: str | None = None) -> bool:
@@ -699,14 +712,8 @@ def _model_factory(comp: str, config: Mapping[str, Any]) -> Callable[[], torch.n
         tcfg = CLIPTextConfig.from_transformers(config)
         return lambda: CLIPTextModel(tcfg)
     if comp == "vae":
-        try:
-            from sdengine.models import vae as vae_module
-        except ImportError:
-            return None
-        cls = getattr(vae_module, "AutoencoderKL", None) or getattr(vae_module, "VAE", None)
-        cfg_cls = getattr(vae_module, "VAEConfig", None) or getattr(vae_module, "AutoencoderKLConfig", None)
-        if cls is None or cfg_cls is None or not hasattr(cfg_cls, "from_diffusers"):
-            return None
-        vcfg = cfg_cls.from_diffusers(config)
-        return lambda: cls(vcfg)
+        from sdengine.models.vae import AutoencoderKL, VAEConfig
+
+        vcfg = VAEConfig.from_diffusers(config)
+        return lambda: AutoencoderKL(vcfg)
     raise WeightsError(f"unknown component {comp!r}")

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..nn.lora import (
+    WEIGHT_LIMIT,
     WEIGHT_WARN_LIMIT,
     AppliedLoRA,
     LoRAError,
@@ -45,6 +47,23 @@ log = logging.getLogger(__name__)
 LoRASpec = tuple["str | os.PathLike[str] | LoRAFile", float]
 
 
+def lora_entry(item: object) -> tuple[str | os.PathLike[str] | LoRAFile, float]:
+    """One entry of a ``loras`` list as ``(source, weight)``: a path, name or :class:`LoRAFile` alone (weight 1), or
+    a ``(source, weight)`` pair (tuple or list). Anything else is a one-line :class:`UsageError`, not an
+    ``IndexError`` deep inside; a weight that is not a number is a :class:`LoRAError`."""
+    if isinstance(item, str | os.PathLike | LoRAFile):
+        return item, 1.0
+    if isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str | os.PathLike | LoRAFile):
+        src, weight = item
+        try:  # bounds are checked once the file's name is known (check_weight in apply_loras)
+            return src, float(weight)
+        except (TypeError, ValueError):
+            raise LoRAError(f"{getattr(src, 'name', None) or src}: weight {weight!r} is not a number") from None
+    shown = repr(item)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    raise UsageError(f"loras: each entry is a path or name, or a (path_or_name, weight) pair; got {shown}")
+
+
 def apply_loras(
     unet: nn.Module | None,
     text_encoder: Any,
@@ -66,7 +85,7 @@ def apply_loras(
     index = ModelIndex(unet, text_encoder)
     prepared: list[tuple[LoRAFile, float, dict[str, tuple[Target, torch.Tensor, torch.Tensor]], list[str]]] = []
     for item in loras:
-        src, weight = item if isinstance(item, tuple) else (item, 1.0)
+        src, weight = lora_entry(item)
         if isinstance(src, LoRAFile):
             lf = src
         else:
@@ -118,6 +137,7 @@ def _attach_all(handle: LoRAHandle, prepared: Sequence[tuple[LoRAFile, float, di
 
 __all__ = [
     "LORA_SUFFIXES",
+    "WEIGHT_LIMIT",
     "WEIGHT_WARN_LIMIT",
     "AppliedLoRA",
     "Component",
@@ -137,6 +157,7 @@ __all__ = [
     "apply_loras",
     "check_weight",
     "kohya_name",
+    "lora_entry",
     "list_lora_dir",
     "load_lora",
     "lora_targets",

@@ -70,6 +70,10 @@ _UNSUPPORTED = [
 ]
 # Names that give away another architecture.
 
+# Trained LoRA values are of order 1 (alpha up to the rank, a few hundred at most). A file with |values| above this
+# is broken or hostile: at weight 1 it would turn every image non-finite (black) without any warning.
+MAGNITUDE_LIMIT = 1e4
+
 
 @dataclass
 class LoRALayerWeights:
@@ -174,10 +178,22 @@ class LoRAFile:
                 raise LoRAFileError(
                     f"{where}: {layer}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a LoRA pair"
                 )
+            if down.shape[0] == 0:  # the scale alpha / rank would divide by zero
+                raise LoRAFileError(f"{where}: {layer} has rank 0 (down {tuple(down.shape)}), not a LoRA layer")
+            if "alpha" in p and p["alpha"].numel() != 1:
+                raise LoRAFileError(f"{where}: {layer} alpha has {p['alpha'].numel()} values, not one")
+            for part_name, values in (("down", down), ("up", up), ("alpha", p.get("alpha"))):
+                if values is not None and values.numel():
+                    big = float(values.detach().float().abs().max())
+                    if big > MAGNITUDE_LIMIT:
+                        raise LoRAFileError(
+                            f"{where}: {layer} {part_name} has |values| up to {big:.3g}, over {MAGNITUDE_LIMIT:.0e}; "
+                            "refused (a broken or hostile file)"
+                        )
             alpha = float(p["alpha"].float().item()) if "alpha" in p else None
             rslora = False
             if alpha is None and peft_cfg:
-                alpha, rslora = _peft_alpha(peft_cfg, layer)
+                alpha, rslora = _peft_alpha(peft_cfg, layer, where)
             layers[layer] = LoRALayerWeights(layer, down, up, alpha, rslora)
         if not layers and not unsupported:
             shown = ", ".join(unknown[:3])
@@ -208,7 +224,7 @@ def _peft_metadata(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _peft_alpha(cfg: Mapping[str, Mapping[str, Any]], layer: str) -> tuple[float | None, bool]:
+def _peft_alpha(cfg: Mapping[str, Mapping[str, Any]], layer: str, where: str) -> tuple[float | None, bool]:
     comp, _, module = layer.partition(".")
     c = cfg.get(comp) or (next(iter(cfg.values())) if len(cfg) == 1 else None)
     if c is None:
@@ -219,7 +235,16 @@ def _peft_alpha(cfg: Mapping[str, Mapping[str, Any]], layer: str) -> tuple[float
         if re.fullmatch(rf"(.*\.)?{pattern}", module):
             alpha = value
             break
-    return (None if alpha is None else float(alpha)), bool(c.get("use_rslora", False))
+    if alpha is None:
+        return None, bool(c.get("use_rslora", False))
+    # JSON gives any type here (a string, true, 1e400 read as inf): only a finite, sane number is a PEFT alpha.
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) \
+            or abs(alpha) > MAGNITUDE_LIMIT:
+        raise LoRAFileError(
+            f"{where}: {layer}: lora_alpha {alpha!r} in lora_adapter_metadata is not a finite number "
+            f"within [-{MAGNITUDE_LIMIT:.0e}, {MAGNITUDE_LIMIT:.0e}]"
+        )
+    return float(alpha), bool(c.get("use_rslora", False))
 
 
 # ------------------------------------------------------------------------------------ finding the files
@@ -306,6 +331,7 @@ def load_lora(path: str | os.PathLike[str]) -> LoRAFile:
 
 __all__ = [
     "LORA_SUFFIXES",
+    "MAGNITUDE_LIMIT",
     "LoRAFile",
     "LoRAFileError",
     "LoRAFormat",

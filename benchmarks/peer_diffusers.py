@@ -1,0 +1,62 @@
+"""The comparison engine of ``sdengine bench --compare diffusers``: diffusers' StableDiffusionPipeline.
+
+diffusers is a development extra, used as a test oracle and as the peer in benchmarks; sdengine itself never
+needs it. It lives outside the package: :func:`sdengine.bench.diffusers_engine` loads it by path, so the package never
+imports diffusers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline  # noqa: F401  (fails early, with ImportError, when not installed)
+
+for _name in ("diffusers", "transformers"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+def scheduler_for(folder: Path, sampler: str) -> Any:
+    """The diffusers scheduler sdengine's sampler table names for ``sampler``, from the folder's own config."""
+    import diffusers
+
+    from sdengine.diffusion import sampling
+
+    config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
+    cls_name, kwargs = sampling.diffusers_equivalent(sampler, "normal", config)
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None:
+        raise ValueError(f"diffusers has no {cls_name} for sampler {sampler!r}")
+    return cls.from_config(kwargs)
+
+
+def engine(folder: Path, spec: Any, prompt: str, negative: str) -> Callable[[], np.ndarray]:
+    """A function that generates ``spec``'s images with diffusers, fp32 on ``spec.device``, eager: (N, H, W, 3) in 0..1.
+
+    Timed calls make PIL images, as sdengine's call does; the arrays are read back from them only for the
+    first call (the warm-up), whose float output is used for the agreement check.
+    """
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(spec.device)
+    pipe.scheduler = scheduler_for(folder, spec.sampler)
+    calls = 0
+
+    def run() -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        gens = [torch.Generator("cpu").manual_seed(s) for s in spec.seeds]
+        out = pipe(prompt, negative_prompt=negative, num_inference_steps=spec.steps, guidance_scale=spec.cfg,
+                   width=spec.size, height=spec.size, num_images_per_prompt=spec.batch, generator=gens,
+                   output_type="np" if calls == 1 else "pil")
+        if calls == 1:
+            return np.asarray(out.images, dtype=np.float32)
+        return np.stack([np.asarray(im, dtype=np.float32) / 255 for im in out.images])
+
+    return run

@@ -1,0 +1,73 @@
+"""Optional speed-ups applied to a loaded pipeline's networks, each one measured on its own by ``sdengine bench``.
+
+An option is on by default (``DEFAULT_OPTIONS``) only when the bench showed it faster than fp32 eager AND the
+image within ``TOLERANCE`` of fp32 eager's. On the 2-core AVX2 CPU of docs/performance.md neither option was
+shown faster, so the default is the plain fp32 eager path (which already runs under ``torch.inference_mode``,
+with SDPA for every attention and the sampler's per-step coefficients in Python floats):
+
+* ``channels_last``: convolution weights (and so activations) in NHWC. oneDNN reorders to its blocked
+  layout either way on x86; U-Net-alone and single-convolution timings were within noise of NCHW (or
+  slower), so it stays off.
+* ``compile``: ``torch.compile`` (inductor, C++ backend on the CPU) of the U-Net and of the VAE decoder, in
+  place (``nn.Module.compile``), so everything that reads ``pipe.unet.config`` keeps working. Its generated
+  code is cached in ``TORCHINDUCTOR_CACHE_DIR`` (set to :func:`compile_cache_dir` unless the user chose one),
+  which later processes reuse. The first call compiles (minutes on 2 cores: 563 s for the medium U-Net),
+  and the compiled U-Net was no faster than eager there (0.97x the time), so it stays off.
+
+Everything here is device-agnostic: the same calls work on a CUDA pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from sdengine.errors import UsageError
+
+OPTIONS: tuple[str, ...] = ("channels_last", "compile")
+DEFAULT_OPTIONS: frozenset[str] = frozenset()  # measured, see the module docstring
+# Mean absolute difference on 0..1 pixels an option may add to the fp32 eager image.
+TOLERANCE = 2e-3
+
+
+def parse_options(spec: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``"channels_last,compile"`` (or a list) -> validated option names, in the order of ``OPTIONS``."""
+    if spec is None:
+        return ()
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    unknown = [n for n in names if n not in OPTIONS]
+    if unknown:
+        raise UsageError(f"unknown fast-path option(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
+    return tuple(o for o in OPTIONS if o in names)
+
+
+def compile_cache_dir() -> Path:
+    """Where inductor keeps compiled code across processes: ``$TORCHINDUCTOR_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/sdengine/inductor`` (``~/.cache/sdengine/inductor``)."""
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "sdengine" / "inductor"
+
+
+def apply_fast_path(pipe: Any, options: Iterable[str]) -> list[str]:
+    """Apply ``options`` to ``pipe.unet`` and ``pipe.vae`` in place; returns one line per option applied."""
+    import torch
+
+    done = []
+    for name in parse_options(list(options)):
+        if name == "channels_last":
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+            done.append("channels_last: U-Net and VAE weights in NHWC")
+        elif name == "compile":
+            cache = compile_cache_dir()
+            cache.mkdir(parents=True, exist_ok=True)
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+            pipe.unet.compile()
+            pipe.vae.decoder.compile()
+            done.append(f"compile: U-Net and VAE decoder through inductor, cache {cache}")
+    return done

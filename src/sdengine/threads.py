@@ -1,0 +1,128 @@
+"""How many CPU threads torch uses, and how its OpenMP threads wait, chosen once at start-up.
+
+Why: torch's OpenMP threads meet at a barrier after every parallel operator. With GNU OpenMP's default
+wait policy a thread that arrives first spins for a while; when another process keeps a core busy, the
+thread it waits for is descheduled and the spinning one burns the time slice the late one needs. On a
+2-core machine with one competing busy process that made a generation 10-20x slower than with one
+thread (the output was identical). Two measures, both cheap:
+
+* ``OMP_WAIT_POLICY=PASSIVE`` (unless the user set it): waiting threads sleep instead of spinning. The
+  OpenMP runtime reads it once, when torch is first imported, so :func:`prepare_environment` must run
+  before that (the CLI calls it first thing).
+* the thread count: the CPUs this process may run on (``os.sched_getaffinity``) minus those other
+  processes keep busy right now (the kernel's count of runnable tasks, sampled a few times), at least 1.
+
+``--threads N`` (or ``SDENGINE_THREADS``) overrides the count. Library users who never go through the CLI
+keep torch's defaults unless they call :func:`configure_threads` themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+from sdengine.errors import UsageError
+
+WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+THREADS_ENV = "SDENGINE_THREADS"
+
+
+@dataclass(frozen=True)
+class ThreadSettings:
+    """What :func:`configure_threads` chose, and why (printed by ``sdengine bench``)."""
+
+    threads: int
+    cpus: int  # CPUs this process may use
+    busy_elsewhere: int  # CPUs other processes kept busy when the choice was made
+    wait_policy: str  # the OMP_WAIT_POLICY in effect ("default" when unset)
+    source: str  # "--threads", "SDENGINE_THREADS" or "auto"
+
+    def describe(self) -> str:
+        return (f"{self.threads} thread(s) ({self.source}; {self.cpus} CPU(s) usable, {self.busy_elsewhere} busy "
+                f"elsewhere), OpenMP wait policy {self.wait_policy}")
+
+
+def prepare_environment() -> bool:
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless already set. True when it can still take effect (torch not
+    imported yet); the value is kept either way, so child processes get it."""
+    os.environ.setdefault(WAIT_POLICY_ENV, "PASSIVE")
+    return "torch" not in sys.modules
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; cgroup CPU quotas are not read)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _running_tasks() -> int | None:
+    """The kernel's count of runnable tasks right now (``procs_running`` in /proc/stat), this one included."""
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("procs_running"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def busy_elsewhere(samples: int = 5, interval: float = 0.01) -> int:
+    """How many CPUs other processes keep busy: the median of a few samples of runnable tasks, minus this
+    one. Falls back to the 1-minute load average where /proc is not there."""
+    counts = []
+    for i in range(samples):
+        n = _running_tasks()
+        if n is None:
+            break
+        counts.append(n - 1)
+        if i + 1 < samples:
+            time.sleep(interval)
+    if counts:
+        return max(0, int(statistics.median(counts)))
+    try:
+        return max(0, round(os.getloadavg()[0]))
+    except (AttributeError, OSError):
+        return 0
+
+
+def threads_for(cpus: int, busy: int) -> int:
+    """The automatic choice: one thread per CPU that nothing else is running on, at least 1."""
+    return max(1, min(cpus, cpus - busy))
+
+
+def choose_threads(requested: int | None = None) -> tuple[int, str, int]:
+    """(threads, source, busy CPUs): ``requested``, else ``SDENGINE_THREADS``, else usable CPUs minus busy."""
+    cpus = usable_cpus()
+    if requested is not None:
+        if not isinstance(requested, int) or requested < 1:
+            raise UsageError(f"--threads must be a positive integer, got {requested!r}")
+        return requested, "--threads", 0
+    env = os.environ.get(THREADS_ENV)
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise UsageError(f"{THREADS_ENV} must be a positive integer, got {env!r}")
+        return n, THREADS_ENV, 0
+    busy = busy_elsewhere()
+    return threads_for(cpus, busy), "auto", busy
+
+
+def configure_threads(requested: int | None = None) -> ThreadSettings:
+    """Choose the thread count (see :func:`choose_threads`) and give it to torch."""
+    import torch
+
+    n, source, busy = choose_threads(requested)
+    torch.set_num_threads(n)
+    return ThreadSettings(
+        threads=n, cpus=usable_cpus(), busy_elsewhere=busy,
+        wait_policy=os.environ.get(WAIT_POLICY_ENV, "default"), source=source,
+    )

@@ -1,0 +1,132 @@
+"""`sdengine bench` on the tiny random model, the fast-path options' image tolerance, and the thread choice."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdengine import bench, fastpath, threads
+from sdengine.cli import main
+from sdengine.errors import SdengineError
+
+SRC = str(Path(bench.__file__).resolve().parent.parent)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    return bench.make_random_folder(tmp_path_factory.mktemp("bench") / "tiny", "tiny")
+
+
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_random_folder_is_a_diffusers_folder_and_reused(tiny_folder):
+    index = json.loads((tiny_folder / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert (tiny_folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    stamp = (tiny_folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert bench.make_random_folder(tiny_folder, "tiny") == tiny_folder
+    assert (tiny_folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(SdengineError, match="unknown random model"):
+        bench.preset_configs("huge")
+
+
+def test_bench_command_against_diffusers(tiny_folder, tmp_path, capsys, keep_threads):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "r.json"
+    rc = main(["--threads", "1", "bench", "--model", str(tiny_folder), "--size", "32", "--steps", "4",
+               "--repeats", "2", "--no-memory", "--json", str(out)])
+    assert rc == 0
+    assert torch.get_num_threads() == 1  # the global option reached torch
+    r = json.loads(out.read_text())
+    assert r["spec"] == {"size": 32, "steps": 4, "batch": 1, "sampler": "dpmpp_2m", "cfg": 7.5, "seed": 0,
+                         "device": "cpu"}
+    assert r["threads"] == "1 torch thread(s)" and r["repeats"] == 2
+    assert set(r["engines"]) == {"sdengine", "diffusers"}
+    for e in r["engines"].values():
+        assert len(e["times_s"]) == 2 and all(t > 0 for t in e["times_s"]) and e["warmup_s"] > 0
+        assert e["median_s"] == pytest.approx(float(np.median(e["times_s"])))
+    ratio = r["engines"]["diffusers"]["median_s"] / r["engines"]["sdengine"]["median_s"]
+    assert r["speedup_vs_diffusers"] == pytest.approx(ratio)
+    # same weights, same sampler, fp32: the images agree to float rounding
+    assert 0 <= r["agreement_mean_abs"] < 1e-4
+    table = capsys.readouterr().out
+    assert "speed-up sdengine vs diffusers" in table and "images agree" in table and "warm-up s" in table
+
+
+def test_bench_refuses_bad_arguments(tiny_folder, capsys):
+    assert main(["bench", "--random", "tiny", "--model", str(tiny_folder)]) == 2
+    assert "exactly one of --model" in capsys.readouterr().err
+    assert main(["bench", "--random", "tiny", "--options", "turbo", "--no-memory"]) == 2
+    assert "unknown fast-path option" in capsys.readouterr().err
+    assert main(["--threads", "0", "bench", "--random", "tiny"]) == 2
+    assert "--threads must be a positive integer" in capsys.readouterr().err
+
+
+def test_peak_rss_is_the_childs_own(tiny_folder):
+    """Measured in a fresh process, and not inflated by the parent's memory (ru_maxrss would be)."""
+    ballast = np.ones(700 * 2**20 // 8)  # 700 MiB in this process
+    spec = bench.GenSpec(size=32, steps=2)
+    rss = bench.peak_rss(tiny_folder, spec, "sdengine", 1)
+    assert 50 < rss < 600, rss
+    del ballast
+
+
+@pytest.mark.parametrize("option", [o if o != "compile" else pytest.param(o, marks=pytest.mark.slow)
+                                    for o in fastpath.OPTIONS])
+def test_fast_path_option_keeps_the_image(tiny_folder, option):
+    spec = bench.GenSpec(size=32, steps=4)
+    eager, _ = bench.sdengine_engine(tiny_folder, spec)
+    fast, notes = bench.sdengine_engine(tiny_folder, spec, (option,))
+    assert len(notes) == 1 and notes[0].startswith(option)
+    a, b = eager(), fast()
+    assert a.shape == b.shape == (1, 32, 32, 3)
+    assert bench.mean_abs(a, b) <= fastpath.TOLERANCE
+
+
+def test_fast_path_options_parse():
+    assert fastpath.parse_options("compile, channels_last") == ("channels_last", "compile")
+    assert fastpath.parse_options(None) == ()
+    assert fastpath.DEFAULT_OPTIONS <= set(fastpath.OPTIONS)
+    with pytest.raises(SdengineError, match="unknown fast-path option"):
+        fastpath.parse_options("channels_last,fp8")
+
+
+def test_thread_choice(monkeypatch, keep_threads):
+    assert threads.threads_for(2, 0) == 2
+    assert threads.threads_for(2, 1) == 1
+    assert threads.threads_for(2, 5) == 1  # never fewer than one
+    assert threads.threads_for(8, 3) == 5
+    assert threads.choose_threads(3)[:2] == (3, "--threads")
+    monkeypatch.setenv(threads.THREADS_ENV, "2")
+    assert threads.choose_threads()[:2] == (2, threads.THREADS_ENV)
+    monkeypatch.setenv(threads.THREADS_ENV, "many")
+    with pytest.raises(SdengineError, match=threads.THREADS_ENV):
+        threads.choose_threads()
+    monkeypatch.delenv(threads.THREADS_ENV)
+    n, source, busy = threads.choose_threads()
+    assert source == "auto" and 1 <= n <= threads.usable_cpus() and busy >= 0
+    s = threads.configure_threads(1)
+    assert torch.get_num_threads() == 1 and s.threads == 1 and "1 thread(s)" in s.describe()
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "True PASSIVE"), ("ACTIVE", "True ACTIVE")])
+def test_wait_policy_set_before_torch(preset, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    env["PYTHONPATH"] = SRC
+    code = "import os; from sdengine.threads import prepare_environment as p; print(p(), os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.strip() == expected, out.stderr
