@@ -317,3 +317,11 @@ def test_absurd_lora_weight_is_one_line_before_generating(model, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and re.search(r"styl: weight .*(outside \[-100, 100\]|not finite)", err[0]), err
     assert not list((tmp_path / "o").glob("*.png")) if (tmp_path / "o").exists() else True
+
+
+def test_control_image_of_another_size_is_said(tmp_path, capsys):
+    edges = tmp_path / "edges.png"
+    picture(96, 64).save(edges)
+    assert _generate("a face", "--steps", "1", "--seed", "1", "--control", f"canny:{edges}", "--controlnet",
+                     "emoji-controlnet-canny", "--resize-mode", "fill", "--out", str(tmp_path / "o")) == 0
+    assert "control image 0 96x64 fitted to 64x64 (resize and fill)" in capsys.readouterr().err

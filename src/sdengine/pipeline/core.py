@@ -266,6 +266,11 @@ class Pipeline:
             mask = np.asarray(m, dtype=np.float32) / 255.0
             if r.mask_blur > 0:
                 mask = blur_mask(mask, float(r.mask_blur))
+        for k, unit in enumerate(r.control_units()):
+            size = getattr(unit.image, "size", None)  # a PIL image's (w, h); tensors/arrays/paths are not said
+            if isinstance(size, tuple) and len(size) == 2 and size != (width, height):
+                _note(notes, f"control image {k} {size[0]}x{size[1]} fitted to {width}x{height} "
+                      f"({resize_mode_name(r.resize_mode)})")
         if (width, height) != (self.default_size, self.default_size):
             # larger sizes tend to repeat the subject (the model never saw them); say so rather than stay silent
             _note(notes, f"{width}x{height} is not the model's training size {self.default_size}x"
