@@ -202,6 +202,104 @@ def test_help_defaults_are_the_requests():
     assert request_defaults()["schedule"] == want["schedule"] and request_defaults()["seed"] == -1
 
 
+def test_grid_writes_the_batch_as_one_picture(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _generate("a cat", "--model", str(model), "--steps", "2", "--seed", "3", "--width", "32", "--height",
+                     "32", "--batch", "3", "--grid", "--out", str(out)) == 0
+    printed = capsys.readouterr().out.split()
+    grid = out / "grid-00000.png"
+    assert printed[-1] == str(grid)
+    with Image.open(grid) as im:
+        g = np.asarray(im.convert("RGB"))
+        text = im.info["parameters"]
+    assert g.shape == (64, 64, 3)  # 3 images -> 2 columns, 2 rows of 32 px
+    for i, name in enumerate(["00000-3.png", "00001-4.png", "00002-5.png"]):
+        cell = g[(i // 2) * 32:(i // 2 + 1) * 32, (i % 2) * 32:(i % 2 + 1) * 32]
+        np.testing.assert_array_equal(cell, np.asarray(Image.open(out / name).convert("RGB")))
+    assert not g[32:, 32:].any()  # the empty place is black
+    assert text == Image.open(out / "00000-3.png").info["parameters"]
+    # a one-file --out has no room for a grid
+    assert _generate("a cat", "--model", str(model), "--grid", "--out", str(tmp_path / "one.png")) == 2
+    assert "--grid" in capsys.readouterr().err
+
+
+def _controlnet_png(tmp_path):
+    edges = tmp_path / "edges.png"
+    picture(64, 64).save(edges)
+    out = tmp_path / "cn"
+    assert _generate("a smiling face", "--steps", "2", "--seed", "4", "--control", f"canny:{edges}:0.8",
+                     "--controlnet", "emoji-controlnet-canny", "--out", str(out)) == 0
+    return edges, out / "00000-4.png"
+
+
+def test_from_png_of_a_controlnet_image_reuses_the_controlnet_by_name(tmp_path, capsys):
+    edges, made = _controlnet_png(tmp_path)
+    text = Image.open(made).info["parameters"]
+    assert "ControlNet 0" in text and "emoji-controlnet-canny" in text
+    capsys.readouterr()
+    # without the control image: refused in one line (as an img2img PNG without its init image)
+    assert _generate("--from-png", str(made), "--out", str(tmp_path / "x")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "emoji-controlnet-canny" in err[0] and "--control" in err[0], err
+    assert not (tmp_path / "x").exists()
+    # with it: the ControlNet is found by name, the recorded weight 0.8 is used, the image is the same
+    again = tmp_path / "again"
+    assert _generate("--from-png", str(made), "--control", f"canny:{edges}", "--out", str(again)) == 0
+    assert "not reproduced" not in capsys.readouterr().err
+    redo = again / "00000-4.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(redo)))
+    assert Image.open(redo).info["parameters"] == text
+
+
+def test_from_png_controlnet_by_folder_and_hash(tmp_path, capsys):
+    import shutil
+
+    from sdengine.catalog import builtin_path
+    from sdengine.metadata import model_hash
+
+    edges, made = _controlnet_png(tmp_path)
+    text = Image.open(made).info["parameters"]
+    # an A1111-style record: a name that is not built-in, with a hash in brackets, found in --controlnets-dir
+    folder = tmp_path / "cns"
+    shutil.copytree(builtin_path("controlnets", "emoji-controlnet-canny"), folder / "mycanny")
+    weights = sorted((folder / "mycanny").glob("**/diffusion_pytorch_model*.safetensors"))[0]
+    good = model_hash(weights)[:8]
+    for digest, ok in ((good, True), ("0123abcd" if good != "0123abcd" else "ffffffff", False)):
+        png = tmp_path / f"a1111-{ok}.png"
+        from sdengine.metadata import save_png
+
+        save_png(Image.open(made), png, text.replace("Model: emoji-controlnet-canny", f"Model: mycanny [{digest}]"))
+        capsys.readouterr()
+        rc = _generate("--from-png", str(png), "--control", f"canny:{edges}", "--controlnets-dir", str(folder),
+                       "--out", str(tmp_path / f"o-{ok}"))
+        err = capsys.readouterr().err
+        if ok:
+            assert rc == 0, err
+            np.testing.assert_array_equal(np.asarray(Image.open(made)),
+                                          np.asarray(Image.open(tmp_path / "o-True" / "00000-4.png")))
+        else:
+            assert rc == 2 and "hash" in err and "mycanny" in err, err
+    # a name found nowhere
+    assert _generate("--from-png", str(tmp_path / "a1111-True.png"), "--control", f"canny:{edges}",
+                     "--out", str(tmp_path / "o3")) == 2
+    assert "'mycanny', which is not built-in" in capsys.readouterr().err
+
+
+def test_resize_mode_and_size_notes_on_stderr(model, tmp_path, capsys):
+    init = tmp_path / "init.png"
+    picture(96, 64).save(init)
+    assert _generate("x", "--model", str(model), "--steps", "2", "--seed", "1", "--init-image", str(init),
+                     "--strength", "0.5", "--resize-mode", "crop and resize", "--out", str(tmp_path / "o")) == 0
+    err = capsys.readouterr().err
+    assert "init image 96x64 fitted to 32x32 (crop and resize)" in err
+    assert _generate("x", "--model", str(model), "--steps", "1", "--width", "64", "--height", "64",
+                     "--out", str(tmp_path / "o")) == 0
+    assert "64x64 is not the model's training size 32x32" in capsys.readouterr().err
+    assert _generate("x", "--model", str(model), "--steps", "2", "--init-image", str(init), "--resize-mode", "zoom",
+                     "--out", str(tmp_path / "o")) == 2
+    assert "unknown resize mode 'zoom'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("how", ["--lora", "tag"])
 @pytest.mark.parametrize("weight", ["1e30", "-1e30", "500", "inf"])
 def test_absurd_lora_weight_is_one_line_before_generating(model, tmp_path, capsys, how, weight):
@@ -219,3 +317,11 @@ def test_absurd_lora_weight_is_one_line_before_generating(model, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and re.search(r"styl: weight .*(outside \[-100, 100\]|not finite)", err[0]), err
     assert not list((tmp_path / "o").glob("*.png")) if (tmp_path / "o").exists() else True
+
+
+def test_control_image_of_another_size_is_said(tmp_path, capsys):
+    edges = tmp_path / "edges.png"
+    picture(96, 64).save(edges)
+    assert _generate("a face", "--steps", "1", "--seed", "1", "--control", f"canny:{edges}", "--controlnet",
+                     "emoji-controlnet-canny", "--resize-mode", "fill", "--out", str(tmp_path / "o")) == 0
+    assert "control image 0 96x64 fitted to 64x64 (resize and fill)" in capsys.readouterr().err

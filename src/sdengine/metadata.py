@@ -36,6 +36,7 @@ import re
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -314,11 +315,12 @@ def to_generate_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
 
     Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
-    ``guidance_rescale`` ("CFG Rescale phi") that the text has (``clip_skip`` defaults to 1, as in A1111,
+    ``guidance_rescale`` ("CFG Rescale phi"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
+    seed strength") that the text has (``clip_skip`` defaults to 1, as in A1111,
     where a missing "Clip skip" means 1). LoRAs stay
     in the prompt as ``<lora:...>`` tags (:func:`sdengine.prompts.extract_lora_tags`). An unknown
     sampler or schedule is a ``ValueError`` listing valid names. Fields that would change the image
-    but that sdengine does not reproduce ("Hires upscale", "Variation seed", ...) are logged as a
+    but that sdengine does not reproduce ("Hires upscale", "Seed resize from", ...) are logged as a
     warning.
     """
     kwargs: dict[str, Any] = {
@@ -350,13 +352,61 @@ def to_generate_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
         kwargs["mask_blur"] = _parse_float(parsed, "Mask blur")
     if "CFG Rescale phi" in parsed:
         kwargs["guidance_rescale"] = _parse_float(parsed, "CFG Rescale phi")
+    if "Variation seed" in parsed:
+        kwargs["subseed"] = _parse_int(parsed, "Variation seed")
+        # A1111 writes the strength only when it is not 0; a missing one is 0 (the seed's image)
+        kwargs["subseed_strength"] = (_parse_float(parsed, "Variation seed strength")
+                                      if "Variation seed strength" in parsed else 0.0)
 
     used = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size"}
-    used |= {"Denoising strength", "Clip skip", "Mask blur", "CFG Rescale phi"}
-    ignored = [k for k in parsed if k not in used and k not in _DESCRIPTIVE_FIELDS]
+    used |= {"Denoising strength", "Clip skip", "Mask blur", "CFG Rescale phi", "Variation seed",
+             "Variation seed strength"}
+    # "ControlNet N" fields are the caller's: they need the control image (see recorded_controlnets)
+    ignored = [k for k in parsed if k not in used and k not in _DESCRIPTIVE_FIELDS and not _RE_CONTROLNET.match(k)]
     if ignored:
         log.warning("infotext fields not reproduced by sdengine (the image may differ): %s", ", ".join(ignored))
     return kwargs
+
+
+_RE_CONTROLNET = re.compile(r"^ControlNet(?: (\d+))?$")
+_RE_MODEL_HASH = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{6,64})\]$")
+
+
+@dataclass(frozen=True)
+class RecordedControlNet:
+    """One ``ControlNet N`` field of an infotext: the model's name (A1111 writes ``NAME [HASH]``; the hash is
+    None when absent), its weight and guidance start/end, and the preprocessor (``Module``) where given."""
+
+    name: str
+    hash: str | None
+    weight: float
+    start: float
+    end: float
+    module: str | None
+
+
+def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
+    """The ControlNets an infotext records (sdengine's and A1111's ``ControlNet N: "Model: ..., Weight: ...``
+    fields), in their order. A field without a model, or with a bad number, is a MetadataError."""
+    out: list[tuple[int, RecordedControlNet]] = []
+    for key, value in parsed.items():
+        m = _RE_CONTROLNET.match(key)
+        if m is None:
+            continue
+        fields = dict(parse_fields(value))
+        model = fields.get("Model", "").strip()
+        if not model or model.lower() == "none":
+            raise MetadataError(f"{key}: no model recorded in {value!r}")
+        hm = _RE_MODEL_HASH.match(model)
+        name, digest = (hm.group(1), hm.group(2).lower()) if hm else (model, None)
+        try:
+            weight = float(fields.get("Weight", "1"))
+            start = float(fields.get("Guidance Start", "0"))
+            end = float(fields.get("Guidance End", "1"))
+        except ValueError:
+            raise MetadataError(f"{key}: a weight or guidance value is not a number in {value!r}") from None
+        out.append((int(m.group(1) or 0), RecordedControlNet(name, digest, weight, start, end, fields.get("Module"))))
+    return [r for _, r in sorted(out, key=lambda t: t[0])]
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -510,4 +560,6 @@ __all__ = [
     "read_png_parameters",
     "save_png",
     "to_generate_kwargs",
+    "recorded_controlnets",
+    "RecordedControlNet",
 ]

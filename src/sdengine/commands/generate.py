@@ -192,6 +192,64 @@ def _model_from_png(parsed: dict[str, str]) -> str | None:
     return None
 
 
+def _spec_has_numbers(text: str) -> bool:
+    """Whether a ``--control TYPE:IMAGE[:WEIGHT...]`` spec gives its own weight (else the PNG's is used)."""
+    _, _, rest = text.partition(":")
+    parts = rest.split(":")
+    return len(parts) > 1 and _number(parts[-1]) is not None
+
+
+def _recorded_controlnet_path(name: str, digest: str | None, controlnets_dir: str | None, png: str) -> str:
+    """The ControlNet a PNG names: a built-in name, else ``NAME`` (folder) or ``NAME.safetensors`` in
+    ``--controlnets-dir``; where the PNG records a hash, the file found must have it."""
+    from ..catalog import builtin_path
+    from ..metadata import model_hash
+
+    path = builtin_path("controlnets", name)
+    if path is None and controlnets_dir is not None:
+        folder = Path(controlnets_dir)
+        # only a plain name is looked up, so a crafted PNG cannot point outside the folder
+        if Path(name).name == name and name not in ("", ".", ".."):
+            path = next((p for p in (folder / name, folder / f"{name}.safetensors") if p.exists()), None)
+    if path is None:
+        where = f"built-in or in --controlnets-dir {controlnets_dir}" if controlnets_dir else "built-in (give "\
+            "--controlnets-dir FOLDER or --controlnet MODEL)"
+        raise ControlNetError(f"{png} was made with ControlNet {name!r}, which is not {where}")
+    if digest is not None:
+        # a file is hashed itself, a diffusers folder by its weights file (as A1111 hashes the file it loads)
+        files = [path] if path.is_file() else sorted(path.glob("**/diffusion_pytorch_model*.safetensors"))
+        weights = files[0] if files else None
+        found = model_hash(weights) if weights is not None else ""
+        n = min(len(digest), len(found))
+        if not n or found[:n] != digest[:n]:
+            raise ControlNetError(f"{png} was made with ControlNet {name!r} [{digest}], but {path} has hash "
+                                  f"[{found[:len(digest)] or 'unknown'}]: give the same ControlNet with --controlnet")
+    return str(path)
+
+
+def _controlnets_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list[ControlUnit]:
+    """A ControlNet PNG is made again only with its control images (``--control``, one per recorded ControlNet,
+    in order); the models are the ones it names, unless ``--controlnet`` gives others. Weight, start and end
+    are the recorded ones unless the ``--control`` spec gives them."""
+    from ..metadata import recorded_controlnets
+
+    recorded = recorded_controlnets(parsed)
+    if not recorded:
+        return control_units_from_cli(a.control or [], a.controlnet or []) if (a.control or a.controlnet) else []
+    names = ", ".join(r.name for r in recorded)
+    if not a.control:
+        raise ControlNetError(f"{a.from_png} was made with ControlNet {names}: give its control image with "
+                              "--control TYPE:IMAGE (one per ControlNet, in order)")
+    if len(a.control) != len(recorded):
+        raise ControlNetError(f"{a.from_png} records {len(recorded)} ControlNet(s) ({names}) but {len(a.control)} "
+                              "--control were given")
+    models = a.controlnet or [_recorded_controlnet_path(r.name, r.hash, a.controlnets_dir, a.from_png)
+                              for r in recorded]
+    units = control_units_from_cli(a.control, models)
+    return [u if _spec_has_numbers(text) else dataclasses.replace(u, scale=r.weight, start=r.start, end=r.end)
+            for u, r, text in zip(units, recorded, a.control, strict=True)]
+
+
 def run(a: argparse.Namespace) -> int:
     from ..metadata import save_png
     from ..pipeline import load_pipeline
@@ -223,7 +281,8 @@ def run(a: argparse.Namespace) -> int:
         "prompt": a.prompt, "negative_prompt": a.negative, "steps": a.steps, "sampler": a.sampler,
         "schedule": a.schedule, "cfg_scale": a.cfg, "seed": a.seed, "width": a.width, "height": a.height,
         "batch_size": a.batch, "strength": a.strength, "clip_skip": a.clip_skip,
-        "guidance_rescale": a.guidance_rescale, "mask_blur": a.mask_blur,
+        "guidance_rescale": a.guidance_rescale, "mask_blur": a.mask_blur, "resize_mode": a.resize_mode,
+        "subseed": a.subseed, "subseed_strength": a.subseed_strength,
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
     if a.init_image is not None:
@@ -238,23 +297,54 @@ def run(a: argparse.Namespace) -> int:
         kwargs["lora_dir"] = a.lora_dir
     if a.vae_tiling is not None:
         kwargs["vae_tiling"] = a.vae_tiling
-    if a.control or a.controlnet:
+    if a.from_png:
+        units = _controlnets_from_png(a, parsed)
+        if units:
+            kwargs["controlnets"] = units
+    elif a.control or a.controlnet:
         kwargs["controlnets"] = control_units_from_cli(a.control or [], a.controlnet or [])
     if a.no_progress:
         kwargs["progress"] = False
 
+    sides = None
+    if a.outpaint is not None:
+        from ..outpaint import parse_sides
+
+        sides = parse_sides(a.outpaint)
+        if a.init_image is None or a.mask is not None or a.width is not None or a.height is not None:
+            raise UsageError("--outpaint extends --init-image (the size follows from it): give --init-image, "
+                             "and no --mask, --width or --height")
+        if a.strength is None:
+            kwargs["strength"] = 1.0  # the new area starts from the stretched edges: repaint it fully
     out, out_is_file = _output_target(a.out, int(kwargs.get("batch_size", 1)))
+    if a.grid and out_is_file:
+        raise UsageError(f"--grid writes the batch and its grid into a folder: --out {a.out} names one file")
     t0 = time.perf_counter()
     pipe = load_pipeline(model, device=a.device, dtype=a.dtype, vae=a.vae, prediction_type=a.prediction_type)
     t1 = time.perf_counter()
     prompt = kwargs.pop("prompt", "")
-    result = pipe(GenerationRequest(prompt=prompt, **kwargs))
+    if sides is not None:
+        from ..outpaint import outpaint
+
+        image = kwargs.pop("init_image")
+        for key in ("width", "height", "mask"):  # the canvas decides them (a --from-png may carry a size)
+            kwargs.pop(key, None)
+        result = outpaint(pipe, prompt, image, *sides, **kwargs)
+    else:
+        result = pipe(GenerationRequest(prompt=prompt, **kwargs))
     t2 = time.perf_counter()
 
     index = _next_index(out) if out.is_dir() else 0
     for i, (image, text) in enumerate(zip(result.images, result.infotexts, strict=True)):
         path = save_png(image, out if out_is_file else out / f"{index + i:05d}-{result.seeds[i]}.png", text)
         print(path)
+    if a.grid:
+        from ..grids import batch_grid
+
+        # numbered like the batch's first image, so grid and images of one run share a number; the grid
+        # carries the first image's parameters (as A1111's batch grid does).
+        grid_path = save_png(batch_grid(result.images), out / f"grid-{index:05d}.png", result.infotexts[0])
+        print(grid_path)
     print(
         f"{len(result.images)} image(s) in {t2 - t1:.1f} s (model loaded in {t1 - t0:.1f} s), seed {result.seeds[0]}",
         file=sys.stderr,
@@ -282,6 +372,10 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--cfg", type=float, default=None,
                    help=f"classifier-free guidance scale (default {HELP_DEFAULTS['cfg_scale']:g})")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; -1 = random (default)")
+    p.add_argument("--subseed", type=int, default=None, metavar="N",
+                   help="variation seed (A1111's): image i mixes seed+i's noise with N+i's; -1 = random")
+    p.add_argument("--subseed-strength", type=float, default=None, metavar="S",
+                   help="how far towards the variation seed's image, in [0, 1] (default 0: none)")
     p.add_argument("--width", type=int, default=None,
                    help="default: the model's training size (emoji 64, SD 1.x 512, SD 2.x-v 768)")
     p.add_argument("--height", type=int, default=None)
@@ -291,9 +385,18 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
                    help=f"img2img denoising strength in (0, 1] ({HELP_DEFAULTS['strength']:g})")
     p.add_argument("--mask", default=None, help="inpainting mask, white = repaint")
     p.add_argument("--mask-blur", type=float, default=None, help="mask blur in pixels (default 0)")
+    p.add_argument("--resize-mode", default=None, metavar="MODE",
+                   help="how an init or control image of another size is fitted: 'just resize' (default, "
+                   "stretches), 'crop and resize' (fills, cuts the overhang), 'resize and fill' (fits, repeats the "
+                   "edges); or A1111's 0, 1, 2")
+    p.add_argument("--outpaint", default=None, metavar="L,R,T,B",
+                   help="extend --init-image by these pixels left, right, top, bottom (one number: all sides) "
+                   "and fill the new area; the new size must be a multiple of 8")
     p.add_argument("--control", action="append", default=None, metavar="TYPE:IMAGE[:WEIGHT[:START:END]]",
                    help="a ControlNet input (repeatable; pairs with --controlnet in order)")
     p.add_argument("--controlnet", action="append", default=None, metavar="MODEL", help="a ControlNet model")
+    p.add_argument("--controlnets-dir", default=None, metavar="FOLDER",
+                   help="where --from-png looks up the ControlNet a PNG names (built-in names need none)")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]", help="a LoRA (repeatable)")
     p.add_argument("--lora-dir", default=None, help="where <lora:NAME> tags are looked up")
     p.add_argument("--clip-skip", type=int, default=None,
@@ -310,5 +413,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
                    help="output folder, or the file for one image when it ends in .png (default outputs)")
     p.add_argument("--from-png", default=None, metavar="FILE", help="regenerate the image whose parameters FILE "
                    "carries (flags given here override them)")
+    p.add_argument("--grid", action="store_true", help="also write the batch as one picture grid-NNNNN.png "
+                   "(ceil(sqrt(n)) columns) carrying the first image's parameters")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

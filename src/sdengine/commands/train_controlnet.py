@@ -6,6 +6,7 @@ import argparse
 
 from ..errors import UsageError
 from .common import add_train_args
+from .help_format import DefaultsHelpFormatter
 
 
 def _options(pairs: list[str]) -> dict[str, float]:
@@ -49,7 +50,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     if train is None:
         return
     p = train.add_parser(
-        "controlnet",
+        "controlnet", formatter_class=DefaultsHelpFormatter,
         help="train a ControlNet for a frozen Stable Diffusion model",
         description="The base model stays frozen; the ControlNet starts as a copy of its U-Net encoder "
         "(zero convolutions at zero) and learns to follow control maps made from the training images.",
@@ -60,7 +61,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--condition-dir", default=None, help="ready-made control maps (same relative paths)")
     p.add_argument("--condition-option", action="append", metavar="NAME=VALUE",
                    help="preprocessor option, e.g. low=50 (repeatable)")
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--resolution", type=int, default=None, help="training size in pixels (default: the model's)")
     p.add_argument("--empty-prompt-p", type=float, default=0.05, help="fraction of captions dropped")
     p.add_argument("--init", default=None, help="continue from this ControlNet instead of the U-Net copy")
     add_train_args(

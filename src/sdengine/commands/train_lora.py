@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from .common import add_train_args
+from .help_format import DefaultsHelpFormatter
 
 
 def run(a: argparse.Namespace) -> int:
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     if train is None:
         return
     p = train.add_parser(
-        "lora",
+        "lora", formatter_class=DefaultsHelpFormatter,
         help="train a LoRA for an SD model on a folder of captioned images",
         description="Images with a .txt caption beside each (kohya convention). Writes OUT/NAME.safetensors in "
         "kohya format with ss_* metadata; A1111, ComfyUI, diffusers and 'sdengine generate --lora' load it.",

@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from sdengine.control.files import check_compatible, load_controlnet
 from sdengine.control.preprocess import ImageLike, load_control_image
 from sdengine.diffusion.samplers import SamplerStep
 from sdengine.errors import ControlNetError
+from sdengine.io.resize import resize_image, resize_tensor
 from sdengine.models.controlnet import ControlNet
 from sdengine.models.unet import UNetConfig
 from sdengine.weights.io import parse_dtype
@@ -93,7 +93,7 @@ def check_unit_settings(scale: float, start: float, end: float, *, name: str = "
         log.warning(msg)
 
 
-def _one_image_tensor(image: ImageLike, width: int, height: int) -> Tensor:
+def _one_image_tensor(image: ImageLike, width: int, height: int, resize_mode: str = "just resize") -> Tensor:
     if isinstance(image, Tensor) and image.ndim in (3, 4) and image.is_floating_point():
         t = image.detach().float()
         t = t[None] if t.ndim == 3 else t
@@ -103,25 +103,22 @@ def _one_image_tensor(image: ImageLike, width: int, height: int) -> Tensor:
             t = t[:, :3] * t[:, 3:]  # onto black
         if t.shape[1] != 3:
             raise ControlNetError(f"control image tensor must have 1, 3 or 4 channels, got {tuple(t.shape)}")
-        if tuple(t.shape[-2:]) != (height, width):
-            t = torch.nn.functional.interpolate(t, size=(height, width), mode="bilinear", antialias=True)
-        return t.clamp(0, 1)
-    img = load_control_image(image)
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.Resampling.LANCZOS)
+        return resize_tensor(t, width, height, resize_mode).clamp(0, 1)
+    img = resize_image(load_control_image(image), width, height, resize_mode)
     arr = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
     return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
 
 
-def control_image_tensor(image: ImageLike | Sequence[ImageLike], width: int, height: int) -> Tensor:
+def control_image_tensor(image: ImageLike | Sequence[ImageLike], width: int, height: int,
+                         resize_mode: str = "just resize") -> Tensor:
     """(N, 3, height, width) float32 in [0, 1]: RGB-converted and resized (Lanczos) to the output size, as
     diffusers' control image processor does (``VaeImageProcessor(do_normalize=False)``). A list gives one
     row per map; a (N, C, H, W) tensor keeps its N rows."""
     if isinstance(image, list | tuple):
         if not image:
             raise ControlNetError("an empty list of control images")
-        return torch.cat([_one_image_tensor(i, width, height) for i in image])
-    return _one_image_tensor(image, width, height)  # type: ignore[arg-type]
+        return torch.cat([_one_image_tensor(i, width, height, resize_mode) for i in image])
+    return _one_image_tensor(image, width, height, resize_mode)  # type: ignore[arg-type]
 
 
 def step_keep(steps: int, start: float, end: float) -> list[bool]:
@@ -238,6 +235,7 @@ def build_controlled_unet(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     start_step: int = 0,
+    resize_mode: str = "just resize",
 ) -> ControlledUNet:
     """The U-Net callable with ControlNets attached, for the Denoiser to use in place of the U-Net.
 
@@ -270,7 +268,7 @@ def build_controlled_unet(
             net = load_controlnet(model, base=base_cfg if isinstance(base_cfg, UNetConfig) else None)
             net.eval().requires_grad_(False)
         net = net.to(device=device, dtype=torch_dtype) if torch_dtype is not None else net.to(device)
-        img = control_image_tensor(unit.image, width, height)
+        img = control_image_tensor(unit.image, width, height, resize_mode)
         if img.shape[1] != net.config.conditioning_channels:
             if net.config.conditioning_channels == 1:
                 img = img.mean(dim=1, keepdim=True)

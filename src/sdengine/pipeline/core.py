@@ -32,8 +32,10 @@ from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.diffusion.samplers import SamplingInterrupted
 from sdengine.diffusion.schedules import NoiseSchedule, img2img_start
+from sdengine.diffusion.variation import variation_noise
 from sdengine.errors import GenerationError
 from sdengine.io.images import load_image, to_uint8
+from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.pipeline.control import ControlUnit, build_controlled_unet
 from sdengine.pipeline.infotext import cached_hash, call_parameters, format_infotext, weights_file
 from sdengine.pipeline.latents import InpaintBlend, blur_mask, start_latents
@@ -61,6 +63,7 @@ class Prepared:
     mask: np.ndarray | None  # float32 (H, W) in [0, 1], white = repaint
     tiled: bool | None
     notes: list[str]
+    subseeds: list[int] | None = None  # variation seeds per row (None: no variation)
 
 
 def _note(notes: list[str], text: str) -> None:
@@ -252,8 +255,9 @@ class Pipeline:
         if r.init_image is not None:
             init = load_image(r.init_image, "init image", mode="RGB", error=GenerationError)
             if init.size != (width, height):
-                log.info("init image %dx%d resized to %dx%d", *init.size, width, height)
-                init = init.resize((width, height), Image.Resampling.LANCZOS)
+                mode = resize_mode_name(r.resize_mode)
+                _note(notes, f"init image {init.size[0]}x{init.size[1]} fitted to {width}x{height} ({mode})")
+                init = resize_image(init, width, height, mode)
         if r.mask is not None:
             m = load_image(r.mask, "mask", mode="L", error=GenerationError)
             if m.size != (width, height):
@@ -262,8 +266,17 @@ class Pipeline:
             mask = np.asarray(m, dtype=np.float32) / 255.0
             if r.mask_blur > 0:
                 mask = blur_mask(mask, float(r.mask_blur))
+        for k, unit in enumerate(r.control_units()):
+            size = getattr(unit.image, "size", None)  # a PIL image's (w, h); tensors/arrays/paths are not said
+            if isinstance(size, tuple) and len(size) == 2 and size != (width, height):
+                _note(notes, f"control image {k} {size[0]}x{size[1]} fitted to {width}x{height} "
+                      f"({resize_mode_name(r.resize_mode)})")
+        if (width, height) != (self.default_size, self.default_size):
+            # larger sizes tend to repeat the subject (the model never saw them); say so rather than stay silent
+            _note(notes, f"{width}x{height} is not the model's training size {self.default_size}x"
+                  f"{self.default_size}: subjects may repeat or be cut off")
         return Prepared(r, width, height, name, sched, r.prompts(), r.negative_prompts(), seeds, init, mask, tiled,
-                        notes)
+                        notes, r.subseeds())
 
     # -- the call -------------------------------------------------------------------------------------
 
@@ -310,6 +323,10 @@ class Pipeline:
                 lora_dir=lora_dir, controlnets=units,
                 mask_blur=float(request.mask_blur) if p.mask is not None else None,
             ))
+        for i, row in enumerate(rows):
+            if p.subseeds is not None:  # A1111's names, read back by sdengine.metadata.to_generate_kwargs
+                row.update({"Variation seed": p.subseeds[i],
+                            "Variation seed strength": float(request.subseed_strength)})
         infotexts = [format_infotext(r) for r in rows]
         per_row = [{"prompt": r["prompt"], "negative_prompt": r["negative_prompt"], "seed": r["seed"]} for r in rows]
         return GenerationResult(pil, arrays, rows[0], p.seeds, infotexts, p.notes, per_row)
@@ -346,6 +363,8 @@ class Pipeline:
             scale_factor=self.vae_scale_factor, init=p.init, mask=p.mask, mask_blur=float(r.mask_blur),
             strength=strength, nine_channels=self.inpainting, tiled=p.tiled, device=dev,
         )
+        if p.subseeds is not None:
+            start.noise = variation_noise(start.noise, [p.subseeds[i] for i in rows], float(r.subseed_strength))
         if start.concat is not None:
             cond = {**cond, "concat": start.concat}
         grid = sampling.make_grid(p.sampler, steps, self.noise_schedule, p.schedule, self.scheduler_config,
@@ -356,7 +375,8 @@ class Pipeline:
         if units:
             units = [_rows_of(u, rows, len(p.seeds)) for u in units]
             net = build_controlled_unet(net, units, width=p.width, height=p.height, grid=grid,
-                                        guess_mode=r.guess_mode, device=dev, dtype=self.dtype, start_step=first)
+                                        guess_mode=r.guess_mode, device=dev, dtype=self.dtype, start_step=first,
+                                        resize_mode=resize_mode_name(r.resize_mode))
         den: Any = Denoiser(UNetAdapter(net, self.dtype), self.noise_schedule, self.prediction_type)
         den = CFGDenoiser(den, cfg_scale, uncond, rescale=float(r.guidance_rescale))
         blend = None

@@ -75,6 +75,9 @@ class GenerationRequest:
     progress: bool = True
     vae_tiling: bool | None = None
     sampler_options: Mapping[str, Any] | None = None
+    resize_mode: str | int = "just resize"  # init and control images of another size: sdengine.io.resize
+    subseed: int | None = None  # variation seed (A1111's); None / -1 draws one; row i uses subseed + i
+    subseed_strength: float = 0.0  # 0 = the seed's image, 1 = the variation seed's (slerp of the noise)
 
     # -- building ---------------------------------------------------------------------------------------
 
@@ -136,6 +139,16 @@ class GenerationRequest:
             seed = secrets.randbelow(2**32)
         return [int(seed) + i for i in range(self.n_rows)]  # type: ignore[arg-type]
 
+    def subseeds(self) -> list[int] | None:
+        """One variation seed per row (``subseed + i``), None when ``subseed_strength`` is 0; a random one
+        is drawn for None / -1 (call once and keep the answer)."""
+        if not self.subseed_strength:
+            return None
+        sub = self.subseed
+        if sub is None or int(sub) == -1:
+            sub = secrets.randbelow(2**32)
+        return [int(sub) + i for i in range(self.n_rows)]
+
     def control_units(self) -> list[ControlUnit]:
         return [ControlUnit.coerce(u) for u in (self.controlnets or [])]
 
@@ -195,6 +208,14 @@ class GenerationRequest:
         if self.mask is not None and self.init_image is None:
             raise GenerationError("a mask needs an init_image to inpaint")
         self.control_units()  # the tuple forms parse
+        from sdengine.io.resize import resize_mode_name
+
+        resize_mode_name(self.resize_mode)
+        sub, sub_strength = self.subseed, self.subseed_strength
+        if not _is_number(sub_strength) or not 0.0 <= sub_strength <= 1.0:
+            raise GenerationError(f"subseed_strength must be in [0, 1], got {sub_strength!r}")
+        if sub is not None and (not _is_int(sub) or (sub < 0 and sub != -1)):
+            raise GenerationError(f"subseed must be an integer >= 0 (or -1 / None for a random one), got {sub!r}")
         return self
 
 

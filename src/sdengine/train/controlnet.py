@@ -20,6 +20,7 @@ Mixed precision, EMA, gradient clipping, checkpoints and exact resume come from 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ class ControlNetTrainSpec:
     condition: str = "canny"  # preprocessor making the control map from each image
     condition_dir: str | None = None  # or: ready-made control maps with the same relative paths
     condition_options: dict[str, float] = field(default_factory=dict)
-    resolution: int = 512
+    resolution: int | None = None  # None: the base model's training size
     cond_dropout: float = 0.05  # fraction of captions replaced by the empty prompt
     controlnet_init: str | None = None  # continue from an existing ControlNet instead of from_unet
 
@@ -144,9 +145,16 @@ def train_controlnet(
         raise ControlNetError(f"{spec.model}: a ControlNet needs a Stable Diffusion model (U-Net + VAE + text)")
     unet = pipe.unet.requires_grad_(False).eval()
     factor = pipe.vae_scale_factor
+    if spec.resolution is None:  # the model's own training size, as train lora (512 on a 64-px model is 60x slower)
+        spec = dataclasses.replace(spec, resolution=pipe.default_size)
     if spec.resolution % factor:
         raise ValueError(f"resolution {spec.resolution} must be a multiple of the VAE factor {factor}")
     data = prepare_data(spec, pipe, device)
+    if progress:
+        from .settings import settings_line
+
+        print(settings_line("controlnet", model=spec.model, resolution=spec.resolution, images=len(data.paths),
+                            cfg=cfg, device=device, condition=spec.condition, init=spec.controlnet_init), flush=True)
 
     torch.manual_seed(cfg.seed)  # the hint encoder's random initialisation
     if spec.controlnet_init is not None:

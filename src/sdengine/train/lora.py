@@ -323,6 +323,11 @@ def train_lora(
         raise LoRATrainingError(f"resolution {resolution} is not a multiple of {pipe.size_multiple}")
     data = prepare_data(pipe, spec, resolution, device)
     n = data.latents.shape[0]
+    if progress:
+        from .settings import settings_line
+
+        print(settings_line("lora", model=spec.model, resolution=resolution, images=n, cfg=cfg, device=device,
+                            rank=spec.rank, alpha=spec.alpha, targets=spec.targets), flush=True)
 
     g = torch.Generator().manual_seed(cfg.seed)
     network, chosen = LoRANetwork.create(pipe.unet, pipe.text_encoder if _uses_clip(pipe) else None, spec, g)

@@ -1,0 +1,103 @@
+"""Variation seeds (A1111's subseed / subseed_strength): slerp of the start noise, recorded and read back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdengine.diffusion.variation import slerp, variation_noise
+from sdengine.errors import GenerationError
+from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+FAST = {"steps": 3, "sampler": "euler", "schedule": "normal", "progress": False}
+
+
+def test_slerp_endpoints_and_norm():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    assert torch.equal(slerp(0.0, a, b), a) and torch.equal(slerp(1.0, a, b), b)
+    mid = slerp(0.5, a, b)
+    # on the great circle: the norm stays that of the draws (a straight mix loses ~30% at 0.5)
+    na, nb = a.flatten(1).norm(dim=1), b.flatten(1).norm(dim=1)
+    nm, nlin = mid.flatten(1).norm(dim=1), (0.5 * (a + b)).flatten(1).norm(dim=1)
+    assert (nm >= 0.98 * torch.minimum(na, nb)).all() and (nm <= 1.02 * torch.maximum(na, nb)).all()
+    assert (nlin < 0.8 * torch.minimum(na, nb)).all()
+    # for rows of equal norm, the midpoint is at equal angles from both ends and keeps the norm
+    cos = lambda x, y: torch.nn.functional.cosine_similarity(x.flatten(1), y.flatten(1))  # noqa: E731
+    ua, ub = a / na[:, None, None, None], b / nb[:, None, None, None]
+    um = slerp(0.5, ua, ub)
+    assert torch.allclose(cos(um, ua), cos(um, ub), atol=1e-5)
+    assert torch.allclose(um.flatten(1).norm(dim=1), torch.ones(2), atol=1e-5)
+    # parallel inputs do not divide by zero
+    assert torch.allclose(slerp(0.3, a, a), a, atol=1e-5)
+
+
+def test_variation_noise_rows_use_their_own_subseed():
+    noise = torch.zeros(2, 4, 4, 4)
+    out = variation_noise(noise, [7, 8], 1.0)
+    for i, s in enumerate([7, 8]):
+        want = torch.randn((1, 4, 4, 4), generator=torch.Generator("cpu").manual_seed(s))
+        assert torch.equal(out[i : i + 1], want)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd1_folder):
+    from sdengine.pipeline import load_pipeline
+
+    return load_pipeline(str(tiny_sd1_folder), device="cpu")
+
+
+def test_strength_0_is_the_plain_image_and_1_the_subseeds(pipe):
+    plain = pipe("a cat", seed=5, **FAST)
+    zero = pipe("a cat", seed=5, subseed=9, subseed_strength=0.0, **FAST)
+    np.testing.assert_array_equal(plain.arrays, zero.arrays)
+    assert "Variation seed" not in zero.infotexts[0]
+    one = pipe("a cat", seed=5, subseed=9, subseed_strength=1.0, **FAST)
+    of_subseed = pipe("a cat", seed=9, **FAST)  # a deterministic sampler: only the start noise is random
+    np.testing.assert_array_equal(one.arrays, of_subseed.arrays)
+    half = pipe("a cat", seed=5, subseed=9, subseed_strength=0.5, **FAST)
+    assert np.abs(half.arrays - plain.arrays).mean() > 1e-3 and np.abs(half.arrays - one.arrays).mean() > 1e-3
+    # a batch: row i uses seed + i and subseed + i, as it would alone
+    batch = pipe("a cat", seed=5, subseed=9, subseed_strength=0.5, batch_size=2, **FAST)
+    alone = pipe("a cat", seed=6, subseed=10, subseed_strength=0.5, **FAST)
+    np.testing.assert_allclose(batch.arrays[1], alone.arrays[0], atol=2e-3)
+    p = parse_parameters(batch.infotexts[1])
+    assert (p["Seed"], p["Variation seed"], p["Variation seed strength"]) == ("6", "10", "0.5")
+
+
+def test_infotext_round_trips(pipe):
+    made = pipe("a cat", seed=5, subseed=9, subseed_strength=0.3, **FAST)
+    kwargs = to_generate_kwargs(parse_parameters(made.infotexts[0]))
+    assert (kwargs["subseed"], kwargs["subseed_strength"]) == (9, 0.3)
+    again = pipe(**kwargs, progress=False)
+    np.testing.assert_array_equal(made.arrays, again.arrays)
+    assert again.infotexts[0] == made.infotexts[0]
+    # A1111's own text: a random variation seed drawn is reported
+    drawn = pipe("a cat", seed=5, subseed=-1, subseed_strength=0.2, **FAST)
+    assert int(parse_parameters(drawn.infotexts[0])["Variation seed"]) >= 0
+
+
+@pytest.mark.parametrize("bad,message", [({"subseed_strength": 1.5}, "subseed_strength must be in [0, 1]"),
+                                         ({"subseed": -3, "subseed_strength": 0.5}, "subseed must be an integer")])
+def test_bad_values_are_one_line(pipe, bad, message):
+    with pytest.raises(GenerationError) as e:
+        pipe("a cat", **bad, **FAST)
+    assert message in str(e.value)
+
+
+def test_cli_subseed_and_from_png(tiny_sd1_folder, tmp_path):
+    from sdengine.cli import main
+
+    out = tmp_path / "o"
+    assert main(["generate", "a cat", "--model", str(tiny_sd1_folder), "--steps", "3", "--sampler", "euler",
+                 "--seed", "5", "--subseed", "9", "--subseed-strength", "0.4", "--out", str(out),
+                 "--no-progress"]) == 0
+    made = out / "00000-5.png"
+    text = Image.open(made).info["parameters"]
+    assert "Variation seed: 9, Variation seed strength: 0.4" in text
+    again = tmp_path / "again"
+    assert main(["generate", "--from-png", str(made), "--model", str(tiny_sd1_folder), "--out", str(again),
+                 "--no-progress"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(again / "00000-5.png")))
