@@ -61,7 +61,8 @@ LAYERS: dict[str, int] = {
     "eval_emoji": 3,  # becomes eval/emoji
     "evaluation": 3,
     "bench": 3,  # sdengine bench: timing and memory against a peer engine
-    "grids": 3,  # X/Y/Z plots and batch grids over the pipeline
+    "grids": 3,
+    "outpaint": 3,  # extend the canvas: pad, mask the new area, inpaint, paste the original back  # X/Y/Z plots and batch grids over the pipeline
     # 4: the front ends
     "demo": 4,
     "commands": 4,
