@@ -95,7 +95,9 @@ def prepare_data(spec: ControlNetTrainSpec, pipe: Any, device: torch.device) -> 
     from ..data.folders import ImageFolder
     from ..prompts import pad_to_length
 
-    ds = ImageFolder(spec.data, size=spec.resolution, channels=3)
+    resolution = spec.resolution
+    assert resolution is not None, "train_controlnet fills in the model's size"
+    ds = ImageFolder(spec.data, size=resolution, channels=3)
     means, stds, captions, controls = [], [], [], []
     vae = pipe.vae
     for i in range(len(ds)):
@@ -105,7 +107,7 @@ def prepare_data(spec: ControlNetTrainSpec, pipe: Any, device: torch.device) -> 
         means.append(vae.scale_latents(post.mean.float()).cpu())
         stds.append((post.std.float() * vae.config.scaling_factor).cpu())
         captions.append(item["caption"])
-        cmap = _control_map(spec, Path(item["path"]), Path(spec.data), spec.resolution)
+        cmap = _control_map(spec, Path(item["path"]), Path(spec.data), resolution)
         controls.append(torch.from_numpy(np.asarray(cmap, dtype=np.float32) / 255.0).permute(2, 0, 1))
     # One row per caption; long CLIP captions give more 77-token chunks and the conditioner pads every row to
     # the longest with the empty prompt's chunk. The empty prompt (condition dropout) is padded the same way.
@@ -134,26 +136,27 @@ def train_controlnet(
     """Train; returns the loop's result and the exported diffusers ControlNet folder (``OUT/controlnet``).
 
     A folder that already holds a run is refused unless ``resume`` or ``overwrite`` (see ``ensure_new_run``)."""
-    from .. import load_pipeline
+    from ..pipeline import Pipeline, load_pipeline
 
     device = torch.device(device)
     out_dir = Path(out_dir)
     # Before loading models: a bad --resume, or a finished run that would be overwritten, fails at once.
     ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["controlnet"])
     pipe = load_pipeline(spec.model, device=device, dtype="fp32")
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
+    if not isinstance(pipe, Pipeline):
         raise ControlNetError(f"{spec.model}: a ControlNet needs a Stable Diffusion model (U-Net + VAE + text)")
     unet = pipe.unet.requires_grad_(False).eval()
     factor = pipe.vae_scale_factor
-    if spec.resolution is None:  # the model's own training size, as train lora (512 on a 64-px model is 60x slower)
-        spec = dataclasses.replace(spec, resolution=pipe.default_size)
-    if spec.resolution % factor:
-        raise ValueError(f"resolution {spec.resolution} must be a multiple of the VAE factor {factor}")
+    # The model's own training size unless given, as train lora (512 on a 64-px model is 60x slower).
+    resolution = spec.resolution if spec.resolution is not None else pipe.default_size
+    spec = dataclasses.replace(spec, resolution=resolution)
+    if resolution % factor:
+        raise ControlNetError(f"resolution {resolution} must be a multiple of the VAE factor {factor}")
     data = prepare_data(spec, pipe, device)
     if progress:
         from .settings import settings_line
 
-        print(settings_line("controlnet", model=spec.model, resolution=spec.resolution, images=len(data.paths),
+        print(settings_line("controlnet", model=spec.model, resolution=resolution, images=len(data.paths),
                             cfg=cfg, device=device, condition=spec.condition, init=spec.controlnet_init), flush=True)
 
     torch.manual_seed(cfg.seed)  # the hint encoder's random initialisation

@@ -25,10 +25,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from sdengine.errors import SdengineError
 
@@ -140,7 +140,7 @@ class LoRANetwork(nn.Module):
         layers: dict[str, LoRALayer] = {}
         alphas: dict[str, float] = {}
         for key, module in chosen:
-            w = module.weight
+            w = cast(Tensor, module.weight)
             spatial = isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
             r = spec.effective_conv_rank if spatial else spec.rank
             alpha = spec.effective_conv_alpha if spatial else spec.effective_alpha
@@ -306,7 +306,7 @@ def train_lora(
 
     A folder that already holds a run is refused unless ``resume`` or ``overwrite`` (see ``ensure_new_run``)."""
     from ..diffusion.loss import DiffusionLoss
-    from ..pipeline import load_pipeline
+    from ..pipeline import Pipeline, load_pipeline
     from ..weights.io import save_safetensors
 
     device = torch.device(device)
@@ -316,7 +316,7 @@ def train_lora(
     started = time.time()
     base_dtype = "bf16" if cfg.mixed_precision == "bf16" else "fp32"  # frozen weights may be half; LoRA stays fp32
     pipe = load_pipeline(spec.model, device=device, dtype=base_dtype)
-    if not hasattr(pipe, "vae"):
+    if not isinstance(pipe, Pipeline):
         raise LoRATrainingError(f"{spec.model} is not a text-to-image (latent diffusion) model: no LoRA to train")
     resolution = spec.resolution or pipe.default_size
     if resolution % pipe.size_multiple:
@@ -361,7 +361,7 @@ def train_lora(
 
         export = LoRANetwork(
             {k: LoRALayer(la.down.detach().clone(), la.up.detach().clone(), scale=la.scale, conv=la.conv)
-             for k, la in network.layers.items()}, network.alphas)  # type: ignore[union-attr]
+             for k, la in cast(dict[str, LoRALayer], network.layers).items()}, network.alphas)
         export.load_state_dict(load_checkpoint(result.checkpoint)["ema"]["model"])
     from ..weights.io import parse_dtype
 
@@ -388,7 +388,7 @@ def kohya_metadata(spec: LoRASpec, cfg: TrainConfig, pipe: Any, data: LoRAData, 
     v2 = width == 1024
     base = base_model_file(pipe.source)
     has_conv = any(isinstance(la.conv, dict) and la.down.ndim == 4 and la.down.shape[2:] != (1, 1)
-                   for la in network.layers.values())  # type: ignore[union-attr]
+                   for la in cast(dict[str, LoRALayer], network.layers).values())
     args: dict[str, str] = {}
     if has_conv:
         args = {"conv_dim": str(spec.effective_conv_rank), "conv_alpha": f"{spec.effective_conv_alpha:g}"}
