@@ -87,17 +87,23 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)
 
-    print(f"FASHION_MNIST U-Net, {n_params / 1e6:.2f}M params, batch {B}x{C}x{S}x{S}, class-conditional, "
-          f"fwd+bwd+AdamW, torch {torch.__version__}, {torch.get_num_threads()} threads"
-          + (", channels_last" if args.channels_last else ""))
+    print(
+        f"FASHION_MNIST U-Net, {n_params / 1e6:.2f}M params, batch {B}x{C}x{S}x{S}, class-conditional, "
+        f"fwd+bwd+AdamW, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        + (", channels_last" if args.channels_last else "")
+    )
     med, med_cpu = {}, {}
     for name, ts in times.items():
         med[name], med_cpu[name] = statistics.median(ts), statistics.median(cpu[name])
-        print(f"  {name:9s}: wall median {med[name] * 1e3:8.1f} ms/step = {B / med[name]:6.1f} images/s "
-              f"(min {min(ts) * 1e3:.0f}, max {max(ts) * 1e3:.0f} ms, {len(ts)} steps); "
-              f"CPU median {med_cpu[name] * 1e3:8.1f} ms/step = {B / med_cpu[name]:6.1f} images/CPU-s")
-    print(f"  speed ratio sdengine/diffusers: wall {med['diffusers'] / med['sdengine']:.3f}, "
-          f"CPU {med_cpu['diffusers'] / med_cpu['sdengine']:.3f}  (>1: sdengine faster)")
+        print(
+            f"  {name:9s}: wall median {med[name] * 1e3:8.1f} ms/step = {B / med[name]:6.1f} images/s "
+            f"(min {min(ts) * 1e3:.0f}, max {max(ts) * 1e3:.0f} ms, {len(ts)} steps); "
+            f"CPU median {med_cpu[name] * 1e3:8.1f} ms/step = {B / med_cpu[name]:6.1f} images/CPU-s"
+        )
+    print(
+        f"  speed ratio sdengine/diffusers: wall {med['diffusers'] / med['sdengine']:.3f}, "
+        f"CPU {med_cpu['diffusers'] / med_cpu['sdengine']:.3f}  (>1: sdengine faster)"
+    )
 
 
 if __name__ == "__main__":

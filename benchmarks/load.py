@@ -79,13 +79,26 @@ def ensure_files(root: Path, dtype: str) -> tuple[Path, Path]:
     torch_dtype = parse_dtype(dtype)
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
-    te_cfg = CLIPTextConfig(hidden_act="quick_gelu", projection_dim=768, hidden_size=768, intermediate_size=3072,
-                            num_hidden_layers=12, num_attention_heads=12, bos_token_id=0, eos_token_id=2,
-                            pad_token_id=1)
+    te_cfg = CLIPTextConfig(
+        hidden_act="quick_gelu",
+        projection_dim=768,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
     sd15_unet = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8)
-    sd15_vae = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
-                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                    sample_size=512)
+    sd15_vae = dict(
+        block_out_channels=(128, 256, 512, 512),
+        latent_channels=4,
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=512,
+    )
     parts = {
         "unet": (lambda: UNet2DConditionModel(**sd15_unet, sample_size=64), "diffusion_pytorch_model"),
         "vae": (lambda: AutoencoderKL(**sd15_vae), "diffusion_pytorch_model"),
@@ -94,8 +107,11 @@ def ensure_files(root: Path, dtype: str) -> tuple[Path, Path]:
     for comp, (factory, stem) in parts.items():
         with parameters_on_meta():
             model = factory()  # shapes and config only; values are drawn below
-        sd = {k: (torch.randn(v.shape, generator=g) * 0.02).to(torch_dtype) for k, v in model.state_dict().items()
-              if v.is_floating_point()}
+        sd = {
+            k: (torch.randn(v.shape, generator=g) * 0.02).to(torch_dtype)
+            for k, v in model.state_dict().items()
+            if v.is_floating_point()
+        }
         if comp == "text_encoder":
             sd = {f"text_model.{k}": v for k, v in sd.items()}
             model.config.save_pretrained(folder / comp)
@@ -103,19 +119,38 @@ def ensure_files(root: Path, dtype: str) -> tuple[Path, Path]:
             model.save_config(folder / comp)
         save_safetensors(sd, folder / comp / f"{stem}.safetensors", metadata={"format": "pt"})
         del sd
-    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                  set_alpha_to_one=False, steps_offset=1).save_pretrained(folder / "scheduler")
+    PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    ).save_pretrained(folder / "scheduler")
     _write_tokenizer(folder / "tokenizer")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.42.1",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "PNDMScheduler"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+            },
+            indent=2,
+        )
+    )
     t1 = time.perf_counter()
     convert(folder, single)
-    print(f"created {folder} in {t1 - t0:.1f} s; converted to {single.name} in {time.perf_counter() - t1:.1f} s",
-          flush=True)
+    print(
+        f"created {folder} in {t1 - t0:.1f} s; converted to {single.name} in {time.perf_counter() - t1:.1f} s",
+        flush=True,
+    )
     return folder, single
 
 
@@ -152,11 +187,13 @@ def run_case(case: str, folder: Path, single: Path, dtype: str) -> dict:
         logging.getLogger("transformers").setLevel(logging.ERROR)
         td = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         if case == "diffusers-single":
-            pipe = StableDiffusionPipeline.from_single_file(str(single), config=str(folder), torch_dtype=td,
-                                                            local_files_only=True, safety_checker=None)
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(single), config=str(folder), torch_dtype=td, local_files_only=True, safety_checker=None
+            )
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=td, local_files_only=True,
-                                                           safety_checker=None)
+            pipe = StableDiffusionPipeline.from_pretrained(
+                folder, torch_dtype=td, local_files_only=True, safety_checker=None
+            )
         modules = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
     seconds = time.perf_counter() - t0
     rss_loaded, peak_loaded = _rss_now() - base, _peak_rss()
@@ -165,9 +202,18 @@ def run_case(case: str, folder: Path, single: Path, dtype: str) -> dict:
     with torch.no_grad():
         checksum = float(sum(t.float().sum() for t in tensors))  # reads every weight once
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    return {"case": case, "seconds": seconds, "weights_gb": nbytes / GB, "rss_loaded_gb": rss_loaded / GB,
-            "rss_touched_gb": (_rss_now() - base) / GB, "peak_gb": _peak_rss() / GB, "peak_loaded_gb": peak_loaded / GB,
-            "baseline_gb": base / GB, "checksum": checksum, "note": note}
+    return {
+        "case": case,
+        "seconds": seconds,
+        "weights_gb": nbytes / GB,
+        "rss_loaded_gb": rss_loaded / GB,
+        "rss_touched_gb": (_rss_now() - base) / GB,
+        "peak_gb": _peak_rss() / GB,
+        "peak_loaded_gb": peak_loaded / GB,
+        "baseline_gb": base / GB,
+        "checksum": checksum,
+        "note": note,
+    }
 
 
 # ------------------------------------------------------------------------------------ safetensors readers
@@ -219,8 +265,15 @@ def run_reader(case: str, path: Path) -> dict:
         total += float(flat[:: max(4096 // t.element_size(), 1)].float().sum())  # one element per 4 KiB page
     t_ready = time.perf_counter() - t0
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
-    return {"case": case, "open_s": t_open, "ready_s": t_ready, "rss_gb": (_rss_now() - base) / GB,
-            "gb": nbytes / GB, "n": len(sd), "checksum": total}
+    return {
+        "case": case,
+        "open_s": t_open,
+        "ready_s": t_ready,
+        "rss_gb": (_rss_now() - base) / GB,
+        "gb": nbytes / GB,
+        "n": len(sd),
+        "checksum": total,
+    }
 
 
 def reader_benchmark(root: Path, repeats: int) -> None:
@@ -242,15 +295,18 @@ def reader_benchmark(root: Path, repeats: int) -> None:
     sums = {c: runs[c][0]["checksum"] for c in READERS}
     if len({round(v, 3) for v in sums.values()}) != 1:
         raise SystemExit(f"readers disagree on the data: {sums}")
-    med = {c: {k: statistics.median(r[k] for r in runs[c]) for k in ("open_s", "ready_s", "rss_gb")}
-           for c in READERS}
+    med = {c: {k: statistics.median(r[k] for r in runs[c]) for k in ("open_s", "ready_s", "rss_gb")} for c in READERS}
     ref = med["safe_open"]
-    print(f"\n{'reader':10} {'open s':>8} {'ready s':>8} {'RSS GB':>7} {'open vs safe_open':>18} "
-          f"{'ready vs safe_open':>19}")
+    print(
+        f"\n{'reader':10} {'open s':>8} {'ready s':>8} {'RSS GB':>7} {'open vs safe_open':>18} "
+        f"{'ready vs safe_open':>19}"
+    )
     for c in READERS:
         m = med[c]
-        print(f"{c:10} {m['open_s']:8.3f} {m['ready_s']:8.3f} {m['rss_gb']:7.2f} {m['open_s'] / ref['open_s']:17.2f}x "
-              f"{m['ready_s'] / ref['ready_s']:18.2f}x")
+        print(
+            f"{c:10} {m['open_s']:8.3f} {m['ready_s']:8.3f} {m['rss_gb']:7.2f} {m['open_s'] / ref['open_s']:17.2f}x "
+            f"{m['ready_s'] / ref['ready_s']:18.2f}x"
+        )
     print("\nratios < 1: faster than safetensors.safe_open measured in the same run (median of the runs)")
 
 
@@ -284,12 +340,16 @@ def main() -> None:
             print(f"{case}: failed\n{res.stderr[-2000:]}")
             continue
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    print(f"\n{'case':22} {'load s':>7} {'weights GB':>10} {'RSS loaded':>10} {'RSS touched':>11} {'peak':>6} "
-          f"{'peak/weights':>12}")
+    print(
+        f"\n{'case':22} {'load s':>7} {'weights GB':>10} {'RSS loaded':>10} {'RSS touched':>11} {'peak':>6} "
+        f"{'peak/weights':>12}"
+    )
     for r in rows:
-        print(f"{r['case']:22} {r['seconds']:7.2f} {r['weights_gb']:10.2f} {r['rss_loaded_gb']:10.2f} "
-              f"{r['rss_touched_gb']:11.2f} {r['peak_gb'] - r['baseline_gb']:6.2f} "
-              f"{(r['peak_gb'] - r['baseline_gb']) / r['weights_gb']:12.2f} {r['note']}")
+        print(
+            f"{r['case']:22} {r['seconds']:7.2f} {r['weights_gb']:10.2f} {r['rss_loaded_gb']:10.2f} "
+            f"{r['rss_touched_gb']:11.2f} {r['peak_gb'] - r['baseline_gb']:6.2f} "
+            f"{(r['peak_gb'] - r['baseline_gb']) / r['weights_gb']:12.2f} {r['note']}"
+        )
     print("\nRSS columns are above the interpreter's baseline after imports; 'touched' = after reading every weight.")
 
 

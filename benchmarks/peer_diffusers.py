@@ -41,8 +41,9 @@ def engine(folder: Path, spec: Any, prompt: str, negative: str) -> Callable[[], 
     Timed calls make PIL images, as sdengine's call does; the arrays are read back from them only for the
     first call (the warm-up), whose float output is used for the agreement check.
     """
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
-                                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, local_files_only=True, safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     pipe.to(spec.device)
     pipe.scheduler = scheduler_for(folder, spec.sampler)
@@ -52,9 +53,17 @@ def engine(folder: Path, spec: Any, prompt: str, negative: str) -> Callable[[], 
         nonlocal calls
         calls += 1
         gens = [torch.Generator("cpu").manual_seed(s) for s in spec.seeds]
-        out = pipe(prompt, negative_prompt=negative, num_inference_steps=spec.steps, guidance_scale=spec.cfg,
-                   width=spec.size, height=spec.size, num_images_per_prompt=spec.batch, generator=gens,
-                   output_type="np" if calls == 1 else "pil")
+        out = pipe(
+            prompt,
+            negative_prompt=negative,
+            num_inference_steps=spec.steps,
+            guidance_scale=spec.cfg,
+            width=spec.size,
+            height=spec.size,
+            num_images_per_prompt=spec.batch,
+            generator=gens,
+            output_type="np" if calls == 1 else "pil",
+        )
         if calls == 1:
             return np.asarray(out.images, dtype=np.float32)
         return np.stack([np.asarray(im, dtype=np.float32) / 255 for im in out.images])

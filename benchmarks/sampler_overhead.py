@@ -23,8 +23,13 @@ from sdengine.diffusion.denoisers import Denoiser  # noqa: E402
 from sdengine.diffusion.schedules import NoiseSchedule  # noqa: E402
 
 CONFIG = {
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-    "timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
 }
 
 
@@ -60,7 +65,11 @@ def main() -> None:
 
         def run_ours(den=den, name=name) -> None:
             sampling.sample(
-                den, noise, sampler=name, steps=n, scheduler_config=CONFIG,
+                den,
+                noise,
+                sampler=name,
+                steps=n,
+                scheduler_config=CONFIG,
                 generators=[torch.Generator().manual_seed(0)],
             )
 

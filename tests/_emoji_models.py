@@ -12,10 +12,17 @@ from sdengine.models.vae import AutoencoderKL
 from sdengine.train.emoji import EMOJI_UNET, EMOJI_VAE, export_folder
 
 # 16x16 images, 2x VAE (8x8x4 latents), the real 384-wide MiniLM context.
-TINY_EMOJI_VAE = dataclasses.replace(EMOJI_VAE, block_out_channels=(16, 32), norm_num_groups=8, sample_size=16,
-                                     scaling_factor=0.5)
-TINY_EMOJI_UNET = dataclasses.replace(EMOJI_UNET, sample_size=8, block_out_channels=(32, 64),
-                                      attention=("cross", "cross"), num_heads=(2, 2), norm_num_groups=8)
+TINY_EMOJI_VAE = dataclasses.replace(
+    EMOJI_VAE, block_out_channels=(16, 32), norm_num_groups=8, sample_size=16, scaling_factor=0.5
+)
+TINY_EMOJI_UNET = dataclasses.replace(
+    EMOJI_UNET,
+    sample_size=8,
+    block_out_channels=(32, 64),
+    attention=("cross", "cross"),
+    num_heads=(2, 2),
+    norm_num_groups=8,
+)
 
 
 def make_tiny_emoji_folder(dst: str | Path, seed: int = 0) -> Path:

@@ -25,12 +25,26 @@ for _name in ("diffusers", "transformers"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 SD1_SCHEDULER = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1,
-    skip_prk_steps=True, clip_sample=False, timestep_spacing="leading", num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    set_alpha_to_one=False,
+    steps_offset=1,
+    skip_prk_steps=True,
+    clip_sample=False,
+    timestep_spacing="leading",
+    num_train_timesteps=1000,
 )
 SD2_SCHEDULER = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1,
-    clip_sample=False, prediction_type="v_prediction", timestep_spacing="leading", num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    set_alpha_to_one=False,
+    steps_offset=1,
+    clip_sample=False,
+    prediction_type="v_prediction",
+    timestep_spacing="leading",
+    num_train_timesteps=1000,
 )
 
 
@@ -87,8 +101,16 @@ def make_sd_folder(dst: Path, *, size: str = "tiny", kind: str = "sd1", seed: in
     else:
         scheduler = PNDMScheduler(**{k: v for k, v in SD1_SCHEDULER.items() if k != "clip_sample"})
     cls = _pipeline_class(kind)
-    pipe = cls(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = cls(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(dst)
     return dst
 
@@ -103,8 +125,9 @@ def _pipeline_class(kind: str, img2img: bool = False):
 
 def diffusers_pipeline(folder: Path, kind: str = "sd1", *, img2img: bool = False):
     """diffusers' pipeline for ``folder``, fp32 on the CPU, progress bar off."""
-    pipe = _pipeline_class(kind, img2img).from_pretrained(folder, local_files_only=True, safety_checker=None,
-                                                          requires_safety_checker=False)
+    pipe = _pipeline_class(kind, img2img).from_pretrained(
+        folder, local_files_only=True, safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

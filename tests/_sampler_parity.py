@@ -109,8 +109,14 @@ def ours(sampler, schedule, steps, config, prediction, net, noise, **options):
     ns = NoiseSchedule.from_config(**config)
     den = Denoiser(net, ns, prediction)
     return sampling.sample(
-        den, noise, sampler=sampler, steps=steps, schedule=schedule, scheduler_config=config,
-        generators=gens(noise.shape[0]), sampler_options=options or None,
+        den,
+        noise,
+        sampler=sampler,
+        steps=steps,
+        schedule=schedule,
+        scheduler_config=config,
+        generators=gens(noise.shape[0]),
+        sampler_options=options or None,
     )
 
 
@@ -129,9 +135,12 @@ def theirs(sampler, schedule, steps, config, prediction, net, noise, eta=None):
             return torch.cat([torch.randn((1, *noise.shape[1:]), generator=gi) for gi in g])
 
         sched.noise_sampler = noise_sampler
-    elif cls_name in ("DDPMScheduler", "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-                      "LCMScheduler") or (cls_name == "DPMSolverMultistepScheduler" and "sde" in
-                                          kwargs["algorithm_type"]):
+    elif cls_name in (
+        "DDPMScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
+        "LCMScheduler",
+    ) or (cls_name == "DPMSolverMultistepScheduler" and "sde" in kwargs["algorithm_type"]):
         step_kwargs["generator"] = g
     elif cls_name == "DDIMScheduler" and eta:
         step_kwargs.update(eta=eta, generator=g)

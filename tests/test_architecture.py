@@ -12,7 +12,7 @@ d. every relative link in README.md and docs/**/*.md points at a file that exist
    contract file outside the repository.
 
 Each test collects every violation and reports them all at once. :data:`KNOWN` lists the violations that exist
-today and are being removed by the refactor in flight (the ``pipeline/`` package, the LoRA and control splits);
+would list violations tolerated for a while (it is empty);
 an entry that no longer occurs is reported too, so the list can only shrink. Nothing new goes in it.
 """
 
@@ -34,7 +34,7 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "devices": 0,
     "io": 0,
-    "imageio": 0,  # becomes io/images
+    "imageio": 0,  # a re-export of io/images for old imports
     "threads": 0,  # the thread count and OpenMP wait policy chosen at start-up
     "catalog": 0,  # the built-in models, LoRAs and ControlNets by name (reads the file system only)
     # 1: the building blocks: networks, samplers, text, weight files, data, metrics
@@ -58,11 +58,10 @@ LAYERS: dict[str, int] = {
     # 3: what runs the core: trainers and evaluations
     "train": 3,
     "eval": 3,
-    "eval_emoji": 3,  # becomes eval/emoji
     "evaluation": 3,
     "bench": 3,  # sdengine bench: timing and memory against a peer engine
-    "grids": 3,
-    "outpaint": 3,  # extend the canvas: pad, mask the new area, inpaint, paste the original back  # X/Y/Z plots and batch grids over the pipeline
+    "grids": 3,  # X/Y/Z plots and batch grids over the pipeline
+    "outpaint": 3,  # extend the canvas: pad, mask the new area, inpaint, paste the original back
     # 4: the front ends
     "demo": 4,
     "commands": 4,
@@ -73,14 +72,8 @@ LAYERS: dict[str, int] = {
 
 ORACLES = ("diffusers", "transformers", "peft", "accelerate")
 
-# Violations that exist now, each owned by work in flight. The lead empties this list as the branches land;
-# nothing new goes in it.
-KNOWN: frozenset[str] = frozenset(
-    {
-        # d. docstrings of modules being split or rewritten (pipeline.py -> pipeline/, commands/generate.py)
-        "ref: src/sdengine/commands/generate.py points outside the repository",
-    }
-)
+# Known violations (none today). Nothing new goes in it: fix the code instead.
+KNOWN: frozenset[str] = frozenset({})
 
 
 # ----------------------------------------------------------------------------------------------- the parser

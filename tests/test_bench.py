@@ -45,13 +45,36 @@ def test_random_folder_is_a_diffusers_folder_and_reused(tiny_folder):
 def test_bench_command_against_diffusers(tiny_folder, tmp_path, capsys, keep_threads):
     pytest.importorskip("diffusers")
     out = tmp_path / "r.json"
-    rc = main(["--threads", "1", "bench", "--model", str(tiny_folder), "--size", "32", "--steps", "4",
-               "--repeats", "2", "--no-memory", "--json", str(out)])
+    rc = main(
+        [
+            "--threads",
+            "1",
+            "bench",
+            "--model",
+            str(tiny_folder),
+            "--size",
+            "32",
+            "--steps",
+            "4",
+            "--repeats",
+            "2",
+            "--no-memory",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     assert torch.get_num_threads() == 1  # the global option reached torch
     r = json.loads(out.read_text())
-    assert r["spec"] == {"size": 32, "steps": 4, "batch": 1, "sampler": "dpmpp_2m", "cfg": 7.5, "seed": 0,
-                         "device": "cpu"}
+    assert r["spec"] == {
+        "size": 32,
+        "steps": 4,
+        "batch": 1,
+        "sampler": "dpmpp_2m",
+        "cfg": 7.5,
+        "seed": 0,
+        "device": "cpu",
+    }
     assert r["threads"] == "1 torch thread(s)" and r["repeats"] == 2
     assert set(r["engines"]) == {"sdengine", "diffusers"}
     for e in r["engines"].values():
@@ -83,8 +106,9 @@ def test_peak_rss_is_the_childs_own(tiny_folder):
     del ballast
 
 
-@pytest.mark.parametrize("option", [o if o != "compile" else pytest.param(o, marks=pytest.mark.slow)
-                                    for o in fastpath.OPTIONS])
+@pytest.mark.parametrize(
+    "option", [o if o != "compile" else pytest.param(o, marks=pytest.mark.slow) for o in fastpath.OPTIONS]
+)
 def test_fast_path_option_keeps_the_image(tiny_folder, option):
     spec = bench.GenSpec(size=32, steps=4)
     eager, _ = bench.sdengine_engine(tiny_folder, spec)

@@ -145,11 +145,20 @@ def test_listing_files_needs_no_torch(tmp_path):
     import subprocess
     import sys
 
-    argvs = [["list", "models"], ["list", "loras", "--loras-dir", str(tmp_path)], ["list", "controlnets"],
-             ["list", "embeddings"]]
+    argvs = [
+        ["list", "models"],
+        ["list", "loras", "--loras-dir", str(tmp_path)],
+        ["list", "controlnets"],
+        ["list", "embeddings"],
+    ]
     src = str(Path(__file__).resolve().parents[1] / "src")
-    r = subprocess.run([sys.executable, "-c", _NO_TORCH.format(argvs=argvs)], capture_output=True, text=True,
-                       timeout=120, env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH.format(argvs=argvs)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("no torch") and "emoji-fruit" in r.stdout
 
@@ -158,9 +167,16 @@ def test_help_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom sdengine.cli import build_parser\nbuild_parser()\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    code = (
+        "import sys\nfrom sdengine.cli import build_parser\nbuild_parser()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
     src = str(Path(__file__).resolve().parents[1] / "src")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr[-500:]

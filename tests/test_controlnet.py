@@ -30,12 +30,20 @@ TOL = 1e-4
 HINT = (8, 16)  # 2 hint levels: control images 2x the latent size (the tiny VAE's factor)
 
 TINY_SD2 = dataclasses.replace(
-    TINY_SD, num_heads=(2, 4), cross_attention_dim=24, use_linear_projection=True, upcast_attention=True,
+    TINY_SD,
+    num_heads=(2, 4),
+    cross_attention_dim=24,
+    use_linear_projection=True,
+    upcast_attention=True,
     attention=("cross", "cross"),
 )
 TINY_THREE = dataclasses.replace(
-    TINY_SD, block_out_channels=(32, 32, 64), attention=("cross", "cross", "none"), num_heads=(2, 4, 4),
-    transformer_layers_per_block=2, layers_per_block=2,
+    TINY_SD,
+    block_out_channels=(32, 32, 64),
+    attention=("cross", "cross", "none"),
+    num_heads=(2, 4, 4),
+    transformer_layers_per_block=2,
+    layers_per_block=2,
 )
 
 
@@ -71,8 +79,16 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
         (ControlNetConfig.from_unet(TINY_SD2, conditioning_embedding_out_channels=HINT), 8, {}),
         (ControlNetConfig.from_unet(TINY_THREE, conditioning_embedding_out_channels=(8, 16, 16)), 9, {}),
         (ControlNetConfig.from_unet(TINY_SD, conditioning_embedding_out_channels=HINT), 8, {"guess_mode": True}),
-        (dataclasses.replace(ControlNetConfig.from_unet(TINY_SD, conditioning_embedding_out_channels=HINT),
-                             global_pool_conditions=True, channel_order="bgr", conditioning_channels=1), 8, {}),
+        (
+            dataclasses.replace(
+                ControlNetConfig.from_unet(TINY_SD, conditioning_embedding_out_channels=HINT),
+                global_pool_conditions=True,
+                channel_order="bgr",
+                conditioning_channels=1,
+            ),
+            8,
+            {},
+        ),
     ],
     ids=["sd1", "sd2_linear_proj", "three_levels_odd_size", "guess_mode", "global_pool_bgr_1ch"],
 )
@@ -85,8 +101,9 @@ def test_residuals_parity_with_diffusers(cfg: ControlNetConfig, size: int, opts:
     img = torch.rand(2, cfg.conditioning_channels, img_size, img_size, generator=g)
     t = torch.tensor([981, 21])
     with torch.no_grad():
-        want, want_mid = ref(x, t, encoder_hidden_states=ctx, controlnet_cond=img, conditioning_scale=0.7,
-                             return_dict=False, **opts)
+        want, want_mid = ref(
+            x, t, encoder_hidden_states=ctx, controlnet_cond=img, conditioning_scale=0.7, return_dict=False, **opts
+        )
         got, got_mid = ours(x, t, img, encoder_hidden_states=ctx, scale=0.7, **opts)
     assert len(got) == len(want) == ours.num_residuals
     assert max(_err(a, b) for a, b in zip(got, want, strict=True)) < TOL
@@ -111,8 +128,11 @@ def test_from_unet_copies_the_encoder_like_diffusers() -> None:
         if k.startswith("controlnet_cond_embedding.") and not k.startswith("controlnet_cond_embedding.conv_out"):
             continue  # random initialisation on both sides
         assert torch.equal(v, got[k]), k
-    zero = [k for k in got if k.startswith(("controlnet_down_blocks", "controlnet_mid_block",
-                                            "controlnet_cond_embedding.conv_out"))]
+    zero = [
+        k
+        for k in got
+        if k.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out"))
+    ]
     assert zero and all(not got[k].any() for k in zero)
 
 
@@ -122,13 +142,26 @@ def test_config_round_trip_and_published_sd_configs() -> None:
     d15 = SD15_CONTROLNET.to_diffusers()  # lllyasviel/control_v11p_sd15_canny config.json values
     assert d15["cross_attention_dim"] == 768 and d15["attention_head_dim"] == [8, 8, 8, 8]
     assert d15["block_out_channels"] == [320, 640, 1280, 1280] and d15["conditioning_embedding_out_channels"] == [
-        16, 32, 96, 256]
+        16,
+        32,
+        96,
+        256,
+    ]
     published_sd21 = {  # thibaud/controlnet-sd21-canny-diffusers config.json (fields that matter)
-        "_class_name": "ControlNetModel", "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640,
-        1280, 1280], "cross_attention_dim": 1024, "use_linear_projection": True, "conditioning_channels": 3,
-        "controlnet_conditioning_channel_order": "rgb", "global_pool_conditions": False, "layers_per_block": 2,
+        "_class_name": "ControlNetModel",
+        "attention_head_dim": [5, 10, 20, 20],
+        "block_out_channels": [320, 640, 1280, 1280],
+        "cross_attention_dim": 1024,
+        "use_linear_projection": True,
+        "conditioning_channels": 3,
+        "controlnet_conditioning_channel_order": "rgb",
+        "global_pool_conditions": False,
+        "layers_per_block": 2,
         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "upcast_attention": False, "num_class_embeds": None, "class_embed_type": None, "in_channels": 4,
+        "upcast_attention": False,
+        "num_class_embeds": None,
+        "class_embed_type": None,
+        "in_channels": 4,
     }
     cfg = ControlNetConfig.from_diffusers(published_sd21)
     assert cfg.unet.num_heads == SD21_CONTROLNET.unet.num_heads and cfg.unet.cross_attention_dim == 1024
@@ -147,8 +180,14 @@ def test_fresh_controlnet_leaves_the_output_exactly_unchanged() -> None:
     img = torch.rand(1, 3, 16, 16)
     grid = torch.tensor([999.0, 500.0, 1.0])
     for guess in (False, True):
-        m = PC.build_controlled_unet(unet, [(nets[0], img, 1.0, 0.0, 1.0), (nets[1], img, 0.5, 0.0, 0.6)],
-                                    width=16, height=16, grid=grid, guess_mode=guess)
+        m = PC.build_controlled_unet(
+            unet,
+            [(nets[0], img, 1.0, 0.0, 1.0), (nets[1], img, 0.5, 0.0, 0.6)],
+            width=16,
+            height=16,
+            grid=grid,
+            guess_mode=guess,
+        )
         x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 32)
         for i, t in enumerate(grid):
             with torch.no_grad():
@@ -185,15 +224,20 @@ def test_original_names_match_diffusers_converter(which: str) -> None:
     want = ref.state_dict()
     original = _original(want, cfg)
     # the published files' names (lllyasviel/ControlNet-v1-1 control_v11p_sd15_canny.pth)
-    for name in ("control_model.input_hint_block.14.weight", "control_model.zero_convs.0.0.weight",
-                 "control_model.middle_block_out.0.bias", "control_model.time_embed.0.weight"):
+    for name in (
+        "control_model.input_hint_block.14.weight",
+        "control_model.zero_convs.0.0.weight",
+        "control_model.middle_block_out.0.bias",
+        "control_model.time_embed.0.weight",
+    ):
         assert name in original or which == "tiny_three"
     converted = convert_controlnet_checkpoint(original, dict(ref.config))
     assert set(converted) == set(want)
     for k, v in want.items():
         assert converted[k] is original_value(original, v), k
-    back, bad = ck.controlnet_original_to_diffusers(ck.strip_prefix(original), C.controlnet_layout(cfg),
-                                                    len(cfg.conditioning_embedding_out_channels))
+    back, bad = ck.controlnet_original_to_diffusers(
+        ck.strip_prefix(original), C.controlnet_layout(cfg), len(cfg.conditioning_embedding_out_channels)
+    )
     assert not bad and set(back) == set(want)
 
 
@@ -263,8 +307,9 @@ def test_sd1_and_sd2_architectures_read_off_full_size_shapes() -> None:
         original = ck.strip_prefix(_original(net.state_dict(), cfg))
         got = C.config_from_weights(original, base=None)
         assert got.unet.num_heads == cfg.unet.num_heads
-        assert dataclasses.replace(got, unet=dataclasses.replace(got.unet, upcast_attention=False)) == \
-            dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, upcast_attention=False))
+        assert dataclasses.replace(
+            got, unet=dataclasses.replace(got.unet, upcast_attention=False)
+        ) == dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, upcast_attention=False))
 
 
 def test_controlnet_for_another_base_is_refused(tmp_path) -> None:
@@ -280,8 +325,13 @@ def test_controlnet_for_another_base_is_refused(tmp_path) -> None:
         C.check_compatible(SD21_CONTROLNET, SD15_CONTROLNET.unet)
     unet = UNet(TINY_SD)
     with pytest.raises(C.ControlNetError, match="cross-attention width"):
-        PC.build_controlled_unet(unet, [(_tiny_net(TINY_SD2), np.zeros((16, 16, 3), np.uint8), 1.0, 0.0, 1.0)],
-                                width=16, height=16, grid=torch.tensor([500.0]))
+        PC.build_controlled_unet(
+            unet,
+            [(_tiny_net(TINY_SD2), np.zeros((16, 16, 3), np.uint8), 1.0, 0.0, 1.0)],
+            width=16,
+            height=16,
+            grid=torch.tensor([500.0]),
+        )
 
 
 def test_files_that_are_not_controlnets_are_named(tmp_path) -> None:
@@ -303,20 +353,48 @@ def _diffusers_pipe(unet_ref, controlnets):
     from diffusers import AutoencoderKL, StableDiffusionControlNetPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                        layers_per_block=1, sample_size=16)
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                      num_hidden_layers=1, vocab_size=100, max_position_embeddings=8))
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
+    )
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=1,
+            vocab_size=100,
+            max_position_embeddings=8,
+        )
+    )
     return StableDiffusionControlNetPipeline(
-        vae=vae, text_encoder=te, tokenizer=None, unet=unet_ref, scheduler=diffusers.DDIMScheduler(),
-        controlnet=controlnets if len(controlnets) > 1 else controlnets[0], safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=te,
+        tokenizer=None,
+        unet=unet_ref,
+        scheduler=diffusers.DDIMScheduler(),
+        controlnet=controlnets if len(controlnets) > 1 else controlnets[0],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
-SCHED = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-         "steps_offset": 1, "timestep_spacing": "leading", "set_alpha_to_one": False, "clip_sample": False}
+SCHED = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+}
 
 
 @pytest.mark.parametrize(
@@ -364,12 +442,21 @@ def test_sampling_parity_with_controlnet_pipeline(sampler, n_nets, scales, start
     pipe.set_progress_bar_config(disable=True)
     multi = n_nets > 1
     with torch.no_grad():
-        want = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, image=images if multi else images[0],
-                    height=16, width=16, num_inference_steps=steps, guidance_scale=cfg_scale,
-                    generator=torch.Generator().manual_seed(seed), output_type="latent",
-                    controlnet_conditioning_scale=scales if multi else scales[0],
-                    control_guidance_start=starts if multi else starts[0],
-                    control_guidance_end=ends if multi else ends[0], guess_mode=guess).images
+        want = pipe(
+            prompt_embeds=pos,
+            negative_prompt_embeds=neg,
+            image=images if multi else images[0],
+            height=16,
+            width=16,
+            num_inference_steps=steps,
+            guidance_scale=cfg_scale,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+            controlnet_conditioning_scale=scales if multi else scales[0],
+            control_guidance_start=starts if multi else starts[0],
+            control_guidance_end=ends if multi else ends[0],
+            guess_mode=guess,
+        ).images
 
     ns = NoiseSchedule.from_config(**SCHED)
     grid = sampling.make_grid(sampler, steps, ns, "normal", SCHED)
@@ -379,17 +466,30 @@ def test_sampling_parity_with_controlnet_pipeline(sampler, n_nets, scales, start
     gens = [torch.Generator().manual_seed(seed)]
     noise = torch.randn((1, 4, 8, 8), generator=gens[0])
     with torch.no_grad():
-        got = sampling.sample(den, noise, sampler=sampler, steps=steps, scheduler_config=SCHED, generators=gens,
-                              extra_args={"encoder_hidden_states": pos})
+        got = sampling.sample(
+            den,
+            noise,
+            sampler=sampler,
+            steps=steps,
+            scheduler_config=SCHED,
+            generators=gens,
+            extra_args={"encoder_hidden_states": pos},
+        )
     assert got.shape == want.shape
     err = (got - want).abs().max().item()
     assert err < 1e-3, err
     # and the ControlNets matter: without them the result moves
     plain = CFGDenoiser(Denoiser(unet, ns, "epsilon"), cfg_scale, {"encoder_hidden_states": neg})
     with torch.no_grad():
-        base = sampling.sample(plain, noise, sampler=sampler, steps=steps, scheduler_config=SCHED,
-                               generators=[torch.Generator().manual_seed(seed)],
-                               extra_args={"encoder_hidden_states": pos})
+        base = sampling.sample(
+            plain,
+            noise,
+            sampler=sampler,
+            steps=steps,
+            scheduler_config=SCHED,
+            generators=[torch.Generator().manual_seed(seed)],
+            extra_args={"encoder_hidden_states": pos},
+        )
     assert (base - want).abs().max().item() > 100 * max(err, 1e-6)
 
 
@@ -401,8 +501,9 @@ def test_step_keep_and_the_sampler_step_follow_diffusers() -> None:
     unet = UNet(TINY_SD)
     net = _tiny_net()
     ts = torch.tensor([981.0, 801.0, 601.0, 401.0, 201.0, 1.0])
-    m = PC.build_controlled_unet(unet, [(net, torch.rand(1, 3, 16, 16), 1.0, 0.0, 0.5)], width=16, height=16,
-                                grid=ts, start_step=2)  # img2img: 4 steps run
+    m = PC.build_controlled_unet(
+        unet, [(net, torch.rand(1, 3, 16, 16), 1.0, 0.0, 0.5)], width=16, height=16, grid=ts, start_step=2
+    )  # img2img: 4 steps run
     assert m.units[0].keep == [True, True, False, False]
     # The step comes from the sampler loop, never from the timestep: the same t at steps 1 and 2 is
     # controlled at step 1 only.
@@ -422,14 +523,20 @@ def test_inpainting_unet_gets_the_latent_channels_only() -> None:
     assert net.config.unet.in_channels == 4
     assert torch.equal(net.conv_in.weight, unet9.conv_in.weight[:, :4])
     _perturb(net, 4)
-    m = PC.build_controlled_unet(unet9, [(net, torch.rand(1, 3, 16, 16), 1.0, 0.0, 1.0)], width=16, height=16,
-                                grid=torch.tensor([500.0]))
+    m = PC.build_controlled_unet(
+        unet9, [(net, torch.rand(1, 3, 16, 16), 1.0, 0.0, 1.0)], width=16, height=16, grid=torch.tensor([500.0])
+    )
     x = torch.randn(1, 9, 8, 8)
     ctx = torch.randn(1, 3, 32)
     with torch.no_grad():
         down, mid = net(x[:, :4], torch.tensor([500.0]), m.units[0].image, encoder_hidden_states=ctx)
-        want = unet9(x, torch.tensor([500.0]), encoder_hidden_states=ctx, down_block_additional_residuals=down,
-                     mid_block_additional_residual=mid)
+        want = unet9(
+            x,
+            torch.tensor([500.0]),
+            encoder_hidden_states=ctx,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        )
         got = m(x, torch.tensor([500.0]), encoder_hidden_states=ctx, step=0)
     assert torch.equal(got, want)
 
@@ -504,8 +611,9 @@ def test_weight_outside_0_2_is_warned_and_start_end_checked() -> None:
     with pytest.raises(C.ControlNetError, match=r"start \(0.6\) must be less than end \(0.6\)"):
         G.parse_control_spec_full("canny:e.png:1:0.6:0.6")
     with pytest.raises(C.ControlNetError, match="start"):
-        PC.build_controlled_unet(UNet(TINY_SD), [(_tiny_net(), _photo(16), 1.0, 0.8, 0.2)], width=16, height=16,
-                                grid=torch.tensor([500.0]))
+        PC.build_controlled_unet(
+            UNet(TINY_SD), [(_tiny_net(), _photo(16), 1.0, 0.8, 0.2)], width=16, height=16, grid=torch.tensor([500.0])
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         PC.check_unit_settings(2.0, 0.0, 1.0)  # the edges of the range are fine
@@ -527,7 +635,7 @@ def test_control_units_from_cli(tmp_path) -> None:
     path = tmp_path / "photo.png"
     _photo().save(path)
     units = G.control_units_from_cli([f"canny:{path}:0.7"], ["cn-folder"], low=50, high=100)
-    (model, image, weight, start, end), = units
+    ((model, image, weight, start, end),) = units
     assert model == "cn-folder" and weight == 0.7 and (start, end) == (0.0, 1.0)
     assert set(np.unique(np.asarray(image))) == {0, 255}
 

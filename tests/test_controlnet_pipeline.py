@@ -57,28 +57,66 @@ def _mad(a: np.ndarray, b: np.ndarray) -> float:
 
 def _ref(cls_name: str, folder, nets):
     cls = getattr(diffusers, cls_name)
-    ref = cls.from_pretrained(folder, controlnet=nets if len(nets) > 1 else nets[0], local_files_only=True,
-                              safety_checker=None, requires_safety_checker=False)
+    ref = cls.from_pretrained(
+        folder,
+        controlnet=nets if len(nets) > 1 else nets[0],
+        local_files_only=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
     ref.set_progress_bar_config(disable=True)
     return ref
 
 
-def _pair(setup, sampler: str, n: int, scales, starts, ends, *, guess: bool = False, cls_name: str =
-          "StableDiffusionControlNetPipeline", ours_kw=None, theirs_kw=None, cfg: float = 7.5):
+def _pair(
+    setup,
+    sampler: str,
+    n: int,
+    scales,
+    starts,
+    ends,
+    *,
+    guess: bool = False,
+    cls_name: str = "StableDiffusionControlNetPipeline",
+    ours_kw=None,
+    theirs_kw=None,
+    cfg: float = 7.5,
+):
     folder, pipe, nets, paths, maps = setup
     units = [(paths[k], maps[k], scales[k], starts[k], ends[k]) for k in range(n)]
-    ours = pipe(PROMPT, NEGATIVE, steps=STEPS, sampler=sampler, schedule="normal", cfg_scale=cfg, seed=SEED,
-                width=SIZE, height=SIZE, progress=False, controlnets=units, guess_mode=guess,
-                **(ours_kw or {})).arrays
+    ours = pipe(
+        PROMPT,
+        NEGATIVE,
+        steps=STEPS,
+        sampler=sampler,
+        schedule="normal",
+        cfg_scale=cfg,
+        seed=SEED,
+        width=SIZE,
+        height=SIZE,
+        progress=False,
+        controlnets=units,
+        guess_mode=guess,
+        **(ours_kw or {}),
+    ).arrays
     ref = _ref(cls_name, folder, nets[:n])
     ref.scheduler = _models.diffusers_scheduler(folder, sampler)
     one = n == 1
-    theirs = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=cfg,
-                 generator=torch.Generator("cpu").manual_seed(SEED), output_type="np", height=SIZE, width=SIZE,
-                 controlnet_conditioning_scale=scales[0] if one else list(scales[:n]),
-                 control_guidance_start=starts[0] if one else list(starts[:n]),
-                 control_guidance_end=ends[0] if one else list(ends[:n]), guess_mode=guess,
-                 **(theirs_kw or {"image": maps[0] if one else maps[:n]})).images
+    theirs = ref(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=STEPS,
+        guidance_scale=cfg,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type="np",
+        height=SIZE,
+        width=SIZE,
+        controlnet_conditioning_scale=scales[0] if one else list(scales[:n]),
+        control_guidance_start=starts[0] if one else list(starts[:n]),
+        control_guidance_end=ends[0] if one else list(ends[:n]),
+        guess_mode=guess,
+        **(theirs_kw or {"image": maps[0] if one else maps[:n]}),
+    ).images
     return ours, theirs
 
 
@@ -106,25 +144,40 @@ def test_guess_mode_matches_diffusers(setup):
 def test_img2img_with_controlnet_matches_diffusers(setup):
     init = _models.picture(SIZE, SIZE, seed=2)
     maps = setup[4]
-    ours, theirs = _pair(setup, "dpmpp_2m", 1, [1.0], [0.1], [0.9], cls_name="StableDiffusionControlNetImg2ImgPipeline",
-                         ours_kw={"init_image": init, "strength": 0.7},
-                         theirs_kw={"image": init, "control_image": maps[0], "strength": 0.7})
+    ours, theirs = _pair(
+        setup,
+        "dpmpp_2m",
+        1,
+        [1.0],
+        [0.1],
+        [0.9],
+        cls_name="StableDiffusionControlNetImg2ImgPipeline",
+        ours_kw={"init_image": init, "strength": 0.7},
+        theirs_kw={"image": init, "control_image": maps[0], "strength": 0.7},
+    )
     assert _mad(ours, theirs) < TOL
 
 
 def test_inpainting_with_controlnet_matches_diffusers(setup):
     img, mask = _models.picture(SIZE, SIZE, seed=4), _models.mask_picture(SIZE, SIZE)
     maps = setup[4]
-    ours, theirs = _pair(setup, "euler", 1, [0.9], [0.0], [1.0], cls_name="StableDiffusionControlNetInpaintPipeline",
-                         ours_kw={"init_image": img, "mask": mask, "strength": 1.0},
-                         theirs_kw={"image": img, "mask_image": mask, "control_image": maps[0], "strength": 1.0})
+    ours, theirs = _pair(
+        setup,
+        "euler",
+        1,
+        [0.9],
+        [0.0],
+        [1.0],
+        cls_name="StableDiffusionControlNetInpaintPipeline",
+        ours_kw={"init_image": img, "mask": mask, "strength": 1.0},
+        theirs_kw={"image": img, "mask_image": mask, "control_image": maps[0], "strength": 1.0},
+    )
     assert _mad(ours, theirs) < TOL
 
 
 def test_original_layout_file_gives_the_same_image_as_the_diffusers_folder(setup, tmp_path):
     folder, pipe, nets, paths, maps = setup
-    original = C.save_controlnet(C.load_controlnet(paths[0]), tmp_path / "control_tiny.safetensors",
-                                 layout="original")
+    original = C.save_controlnet(C.load_controlnet(paths[0]), tmp_path / "control_tiny.safetensors", layout="original")
     from safetensors.torch import load_file, save_file
 
     published_like = tmp_path / "control_published.safetensors"  # no sdengine metadata: shapes + base only

@@ -35,8 +35,14 @@ def test_medium_residuals_parity(sd2: bool) -> None:
     ctx = torch.randn(2, 77, 128, generator=g)
     img = torch.rand(2, 3, 256, 256, generator=g)
     with torch.no_grad():
-        want, want_mid = ref(x, torch.tensor([999, 500]), encoder_hidden_states=ctx, controlnet_cond=img,
-                             conditioning_scale=0.9, return_dict=False)
+        want, want_mid = ref(
+            x,
+            torch.tensor([999, 500]),
+            encoder_hidden_states=ctx,
+            controlnet_cond=img,
+            conditioning_scale=0.9,
+            return_dict=False,
+        )
         got, got_mid = ours(x, torch.tensor([999, 500]), img, encoder_hidden_states=ctx, scale=0.9)
     assert len(got) == 12
     assert max((a - b).abs().max().item() for a, b in zip(got, want, strict=True)) < 1e-4
@@ -58,19 +64,42 @@ def test_medium_two_controlnets_image_parity(tmp_path) -> None:
         nets.append(net.eval())
         paths.append(tmp_path / f"cn{k}")
     size, steps, seed = 64, 8, 5
-    maps = [C.preprocess("canny", models.picture(size, size, seed=1), low=30, high=90),
-            C.preprocess("softedge", models.picture(size, size, seed=2))]
+    maps = [
+        C.preprocess("canny", models.picture(size, size, seed=1), low=30, high=90),
+        C.preprocess("softedge", models.picture(size, size, seed=2)),
+    ]
     scales, starts, ends = [1.0, 0.6], [0.0, 0.25], [0.75, 1.0]
     pipe = sdengine.load_pipeline(folder, device="cpu")
-    ours = pipe("a cat", "blurry", steps=steps, sampler="dpmpp_2m", schedule="normal", cfg_scale=6.0, seed=seed,
-                width=size, height=size, progress=False,
-                controlnets=[(paths[k], maps[k], scales[k], starts[k], ends[k]) for k in range(2)]).arrays
+    ours = pipe(
+        "a cat",
+        "blurry",
+        steps=steps,
+        sampler="dpmpp_2m",
+        schedule="normal",
+        cfg_scale=6.0,
+        seed=seed,
+        width=size,
+        height=size,
+        progress=False,
+        controlnets=[(paths[k], maps[k], scales[k], starts[k], ends[k]) for k in range(2)],
+    ).arrays
     ref = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
-        folder, controlnet=nets, local_files_only=True, safety_checker=None, requires_safety_checker=False)
+        folder, controlnet=nets, local_files_only=True, safety_checker=None, requires_safety_checker=False
+    )
     ref.set_progress_bar_config(disable=True)
     ref.scheduler = models.diffusers_scheduler(folder, "dpmpp_2m")
-    theirs = ref("a cat", negative_prompt="blurry", num_inference_steps=steps, guidance_scale=6.0,
-                 generator=torch.Generator("cpu").manual_seed(seed), output_type="np", height=size, width=size,
-                 image=maps, controlnet_conditioning_scale=scales, control_guidance_start=starts,
-                 control_guidance_end=ends).images
+    theirs = ref(
+        "a cat",
+        negative_prompt="blurry",
+        num_inference_steps=steps,
+        guidance_scale=6.0,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+        height=size,
+        width=size,
+        image=maps,
+        controlnet_conditioning_scale=scales,
+        control_guidance_start=starts,
+        control_guidance_end=ends,
+    ).images
     assert float(np.abs(ours - theirs).mean()) < 1e-3

@@ -59,10 +59,34 @@ def test_short_training_run_lowers_the_loss_and_generates(tmp_path, tiny_sd1_fol
     sd = tiny_sd1_folder
     data_dir = _shapes_folder(tmp_path / "data")
     out = tmp_path / "run"
-    args = ["train", "controlnet", "--model", str(sd), "--data", str(data_dir), "--condition", "canny",
-            "--condition-option", "low=50", "--resolution", "32", "--batch-size", "4", "--lr", "2e-3",
-            "--warmup", "1", "--out", str(out), "--device", "cpu", "--checkpoint-every", "20",
-            "--empty-prompt-p", "0"]
+    args = [
+        "train",
+        "controlnet",
+        "--model",
+        str(sd),
+        "--data",
+        str(data_dir),
+        "--condition",
+        "canny",
+        "--condition-option",
+        "low=50",
+        "--resolution",
+        "32",
+        "--batch-size",
+        "4",
+        "--lr",
+        "2e-3",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--checkpoint-every",
+        "20",
+        "--empty-prompt-p",
+        "0",
+    ]
     assert main([*args, "--steps", "20"]) == 0
     assert (out / "checkpoint.pt").is_file()
     assert main([*args, "--steps", "40", "--resume"]) == 0  # continues from the shared loop's checkpoint
@@ -71,8 +95,9 @@ def test_short_training_run_lowers_the_loss_and_generates(tmp_path, tiny_sd1_fol
 
     pipe = pipeline.load_pipeline(sd, device="cpu")
     net = load_controlnet(folder, base=pipe.unet.config)
-    spec = ControlNetTrainSpec(model=str(sd), data=str(data_dir), condition="canny", resolution=32,
-                               condition_options={"low": 50})
+    spec = ControlNetTrainSpec(
+        model=str(sd), data=str(data_dir), condition="canny", resolution=32, condition_options={"low": 50}
+    )
     data = prepare_data(spec, pipe, torch.device("cpu"))
     before = _fixed_loss(None, pipe.unet, data, pipe.noise_schedule, pipe.prediction_type)
     after = _fixed_loss(net, pipe.unet, data, pipe.noise_schedule, pipe.prediction_type)
@@ -89,8 +114,9 @@ def test_short_training_run_lowers_the_loss_and_generates(tmp_path, tiny_sd1_fol
 def test_bad_training_input_is_one_line(tmp_path, capsys) -> None:
     from sdengine.cli import main
 
-    rc = main(["train", "controlnet", "--model", str(tmp_path / "nope"), "--data", str(tmp_path),
-               "--condition", "depth"])
+    rc = main(
+        ["train", "controlnet", "--model", str(tmp_path / "nope"), "--data", str(tmp_path), "--condition", "depth"]
+    )
     assert rc != 0
     err = capsys.readouterr().err
     assert "depth" in err and "valid" in err and len(err.strip().splitlines()) == 1

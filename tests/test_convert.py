@@ -57,8 +57,9 @@ def _pipeline_class(kind):
 
 def test_our_single_file_loads_in_diffusers_from_single_file(made):
     kind, pipe, tmp, single = made
-    other = _pipeline_class(kind).from_single_file(str(single), config=str(tmp / "folder"), local_files_only=True,
-                                                   safety_checker=None)
+    other = _pipeline_class(kind).from_single_file(
+        str(single), config=str(tmp / "folder"), local_files_only=True, safety_checker=None
+    )
     for comp in COMPONENTS:
         assert_same_tensors(state(getattr(other, comp)), state(getattr(pipe, comp)))
     assert other.scheduler.config.prediction_type == pipe.scheduler.config.prediction_type
@@ -97,8 +98,9 @@ def test_build_on_meta_and_forward(made):
 
     kind, pipe, tmp, single = made
     ck = load_checkpoint(single)
-    unet = build_on_meta(lambda: UNet2DConditionModel.from_config(ck.configs["unet"]), ck.state_dicts["unet"],
-                         name="unet")
+    unet = build_on_meta(
+        lambda: UNet2DConditionModel.from_config(ck.configs["unet"]), ck.state_dicts["unet"], name="unet"
+    )
     vae = build_on_meta(lambda: AutoencoderKL.from_config(ck.configs["vae"]), ck.state_dicts["vae"], name="vae")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, unet.config.in_channels, 8, 8, generator=g)
@@ -123,12 +125,18 @@ def test_fp16_convert(made):
 
 
 def _ldm_without_metadata(tmp, unet, vae, te, scheduler_pred="epsilon"):
-    ck = LoadedCheckpoint(source=tmp, layout="diffusers",
-                          state_dicts={"unet": unet.state_dict(), "vae": vae.state_dict(),
-                                       "text_encoder": state(te)},
-                          configs={"unet": dict(unet.config), "vae": dict(vae.config),
-                                   "text_encoder": te.config.to_dict(), "scheduler": {}},
-                          prediction_type=scheduler_pred)
+    ck = LoadedCheckpoint(
+        source=tmp,
+        layout="diffusers",
+        state_dicts={"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": state(te)},
+        configs={
+            "unet": dict(unet.config),
+            "vae": dict(vae.config),
+            "text_encoder": te.config.to_dict(),
+            "scheduler": {},
+        },
+        prediction_type=scheduler_pred,
+    )
     return components_to_ldm(ck)
 
 
@@ -136,12 +144,22 @@ def _check_synthesised(ck, unet, vae, te):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    for key in ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
-                "up_block_types", "cross_attention_dim", "attention_head_dim", "use_linear_projection",
-                "norm_num_groups"):
+    for key in (
+        "in_channels",
+        "out_channels",
+        "block_out_channels",
+        "layers_per_block",
+        "down_block_types",
+        "up_block_types",
+        "cross_attention_dim",
+        "attention_head_dim",
+        "use_linear_projection",
+        "norm_num_groups",
+    ):
         got, want = ck.configs["unet"][key], unet.config[key]
         assert (list(got) if isinstance(got, list | tuple) else got) == (
-            list(want) if isinstance(want, list | tuple) else want), key
+            list(want) if isinstance(want, list | tuple) else want
+        ), key
     for key in ("block_out_channels", "latent_channels", "layers_per_block", "norm_num_groups"):
         assert list(np.atleast_1d(ck.configs["vae"][key])) == list(np.atleast_1d(vae.config[key])), key
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "hidden_act", "vocab_size"):
@@ -159,8 +177,12 @@ def _check_synthesised(ck, unet, vae, te):
         torch.testing.assert_close(t(ids).last_hidden_state, h, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(u(x, 3, h).sample, unet(x, 3, h).sample, rtol=1e-5, atol=1e-5)
         img = torch.randn(1, 3, 16, 16, generator=g)
-        torch.testing.assert_close(v.decode(v.encode(img).latent_dist.mode()).sample,
-                                   vae.decode(vae.encode(img).latent_dist.mode()).sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            v.decode(v.encode(img).latent_dist.mode()).sample,
+            vae.decode(vae.encode(img).latent_dist.mode()).sample,
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def _sd_shaped(kind):
@@ -169,8 +191,13 @@ def _sd_shaped(kind):
         unet = tiny_unet("sd1", cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
         te = tiny_clip("sd1", hidden_size=768, num_attention_heads=12, intermediate_size=64, num_hidden_layers=1)
     else:
-        unet = tiny_unet("sd2", block_out_channels=(64, 128, 128), cross_attention_dim=1024,
-                         attention_head_dim=(1, 2, 2), norm_num_groups=32)
+        unet = tiny_unet(
+            "sd2",
+            block_out_channels=(64, 128, 128),
+            cross_attention_dim=1024,
+            attention_head_dim=(1, 2, 2),
+            norm_num_groups=32,
+        )
         te = tiny_clip("sd2", hidden_size=1024, num_attention_heads=16, intermediate_size=64, num_hidden_layers=2)
     vae = tiny_vae(block_out_channels=(32, 64), norm_num_groups=32)
     return randomize(unet, 1), randomize(vae, 2), randomize(te, 3)
@@ -229,8 +256,14 @@ def sd1_ldm(tmp_path_factory):
 def test_known_unused_keys_are_skipped_and_logged(sd1_ldm, caplog):
     tmp, ldm, _ = sd1_ldm
     extra = dict(ldm)
-    for k in ("betas", "alphas_cumprod", "sqrt_alphas_cumprod", "posterior_variance", "model_ema.decay",
-              "cond_stage_model.transformer.text_model.embeddings.position_ids"):
+    for k in (
+        "betas",
+        "alphas_cumprod",
+        "sqrt_alphas_cumprod",
+        "posterior_variance",
+        "model_ema.decay",
+        "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    ):
         extra[k] = torch.zeros(3)
     c = tmp / "real.ckpt"
     torch.save({"state_dict": extra, "global_step": 1}, c)
@@ -285,8 +318,10 @@ def test_missing_vae_needs_vae_path(sd1_ldm):
         load_checkpoint(p)
     # an LDM-layout VAE file (no prefix, as vae-ft-mse files ship), and a diffusers VAE folder
     vae_file = tmp / "vae.safetensors"
-    save_safetensors({k.removeprefix("first_stage_model."): v for k, v in ldm.items()
-                      if k.startswith("first_stage_model.")}, vae_file)
+    save_safetensors(
+        {k.removeprefix("first_stage_model."): v for k, v in ldm.items() if k.startswith("first_stage_model.")},
+        vae_file,
+    )
     vae.save_pretrained(tmp / "vae_folder")
     for src in (vae_file, tmp / "vae_folder"):
         ck = load_checkpoint(p, vae=src)
@@ -294,16 +329,24 @@ def test_missing_vae_needs_vae_path(sd1_ldm):
         assert ck.configs["vae"]["latent_channels"] == 4
 
 
-@pytest.mark.parametrize("keys,msg", [
-    ({"model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
-      "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}, "2816-wide label_emb: looks like SDXL"),
-    ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (4,)}, "SDXL"),
-    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 4)}, "LoRA"),
-    ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4, 4)}, "SD3"),
-    ({"model.diffusion_model.input_blocks.0.0.weight": (320, 7, 3, 3)}, "7 input channels"),
-    ({"transformer.h.0.attn.weight": (4, 4)}, r"no model\.diffusion_model\.\* UNet weights found.*transformer"),
-    ({"down_blocks.0.resnets.0.conv1.weight": (4, 4)}, "diffusers UNet names"),
-])
+@pytest.mark.parametrize(
+    "keys,msg",
+    [
+        (
+            {
+                "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+                "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+            },
+            "2816-wide label_emb: looks like SDXL",
+        ),
+        ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (4,)}, "SDXL"),
+        ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 4)}, "LoRA"),
+        ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4, 4)}, "SD3"),
+        ({"model.diffusion_model.input_blocks.0.0.weight": (320, 7, 3, 3)}, "7 input channels"),
+        ({"transformer.h.0.attn.weight": (4, 4)}, r"no model\.diffusion_model\.\* UNet weights found.*transformer"),
+        ({"down_blocks.0.resnets.0.conv1.weight": (4, 4)}, "diffusers UNet names"),
+    ],
+)
 def test_unknown_architectures(tmp_path, keys, msg):
     p = tmp_path / "x.safetensors"
     save_safetensors({k: torch.zeros(s) for k, s in keys.items()}, p)

@@ -67,8 +67,16 @@ def assets(tmp_path_factory, tiny_emoji_folder):
 def full_run(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_out")
     lines: list[str] = []
-    res = demo.run_demo(out, model=assets["model"], device="cpu", steps=2, progress=False,
-                        controlnet=assets["controlnet"], lora=assets["lora"], echo=lines.append)
+    res = demo.run_demo(
+        out,
+        model=assets["model"],
+        device="cpu",
+        steps=2,
+        progress=False,
+        controlnet=assets["controlnet"],
+        lora=assets["lora"],
+        echo=lines.append,
+    )
     return out, res, lines
 
 
@@ -129,8 +137,16 @@ def test_controlnet_and_lora_change_the_image(full_run):
 def test_missing_controlnet_and_lora_are_skipped(assets, tmp_path):
     lines: list[str] = []
     missing_cn, missing_lora = tmp_path / "no-controlnet", tmp_path / "no-lora.safetensors"
-    res = demo.run_demo(tmp_path / "out", model=assets["model"], device="cpu", steps=2, progress=False,
-                        controlnet=missing_cn, lora=missing_lora, echo=lines.append)
+    res = demo.run_demo(
+        tmp_path / "out",
+        model=assets["model"],
+        device="cpu",
+        steps=2,
+        progress=False,
+        controlnet=missing_cn,
+        lora=missing_lora,
+        echo=lines.append,
+    )
     assert (tmp_path / "out" / "emoji_grid.png").is_file() and (tmp_path / "out" / "img2img.png").is_file()
     assert not (tmp_path / "out" / "controlnet.png").exists() and not (tmp_path / "out" / "lora.png").exists()
     assert f"demo: skipping controlnet.png: the ControlNet {missing_cn} is missing" in lines
@@ -140,8 +156,9 @@ def test_missing_controlnet_and_lora_are_skipped(assets, tmp_path):
 
 def test_fashion_mnist_fallback(tmp_path):
     lines: list[str] = []
-    res = demo.run_demo(tmp_path, model=tmp_path / "no-such-model", device="cpu", steps=2, progress=False,
-                        echo=lines.append)
+    res = demo.run_demo(
+        tmp_path, model=tmp_path / "no-such-model", device="cpu", steps=2, progress=False, echo=lines.append
+    )
     assert res.fallback and res.files == [tmp_path / "fashion_mnist_grid.png"]
     assert lines[0].startswith("demo: the emoji model is not at") and "Fashion-MNIST grid instead" in lines[0]
     with Image.open(tmp_path / "fashion_mnist_grid.png") as im:

@@ -87,8 +87,13 @@ def test_emphasis_weights_the_token_states_and_restores_the_mean(pipe):
     enc = pipe.text_encoder
     tok = enc.tokenizer
     cond, _ = pipe.encode_prompt("a (red:1.3) apple", "")
-    ids = [tok.cls_token_id, *tok.encode("a ", False), *tok.encode("red", False), *tok.encode(" apple", False),
-           tok.sep_token_id]
+    ids = [
+        tok.cls_token_id,
+        *tok.encode("a ", False),
+        *tok.encode("red", False),
+        *tok.encode(" apple", False),
+        tok.sep_token_id,
+    ]
     z = enc.context_of_ids(ids, 32)
     assert torch.equal(z, enc.context(["a red apple"], 32))  # piecewise ids = whole-text ids here
     w = torch.ones(1, 32)
@@ -119,8 +124,9 @@ def test_pooled_vector_reaches_the_unet(pipe, monkeypatch):
     """Same token states, different sentence vector: a different picture (the U-Net reads both)."""
     base = pipe("a red apple", seed=2, **FAST).arrays
     real = pipe.conditioner.vectors  # [prompt, negative] -> their sentence vectors; flip the prompt's
-    monkeypatch.setattr(pipe.conditioner, "vectors", lambda texts: torch.cat([real(texts)[:1].flip(-1),
-                                                                              real(texts)[1:]]))
+    monkeypatch.setattr(
+        pipe.conditioner, "vectors", lambda texts: torch.cat([real(texts)[:1].flip(-1), real(texts)[1:]])
+    )
     swapped = pipe("a red apple", seed=2, **FAST).arrays
     assert np.abs(swapped - base).max() > 1e-3
 
@@ -213,8 +219,9 @@ def test_controlnet_with_and_without_the_pooled_projection(pipe):
     net = ControlNet.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32))
     assert net.class_embedding is not None
     assert torch.equal(net.class_embedding.linear_1.weight, pipe.unet.class_embedding.linear_1.weight)
-    cfg = dataclasses.replace(net.config, unet=dataclasses.replace(net.config.unet,
-                                                                   projection_class_embeddings_input_dim=None))
+    cfg = dataclasses.replace(
+        net.config, unet=dataclasses.replace(net.config.unet, projection_class_embeddings_input_dim=None)
+    )
     plain_net = ControlNet(cfg).to(pipe.dtype)
     assert plain_net.class_embedding is None
     with torch.no_grad():
@@ -281,8 +288,21 @@ def test_cli_generate_and_from_png(folder, tmp_path, capsys):
     from sdengine.metadata import read_png_parameters
 
     out = tmp_path / "out"
-    rc = main(["generate", "a red apple", "--model", str(folder), "--steps", "3", "--seed", "5", "--out", str(out),
-               "--no-progress"])
+    rc = main(
+        [
+            "generate",
+            "a red apple",
+            "--model",
+            str(folder),
+            "--steps",
+            "3",
+            "--seed",
+            "5",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     png = sorted(out.glob("*.png"))
     assert len(png) == 1 and png[0].name == "00000-5.png"
@@ -291,12 +311,14 @@ def test_cli_generate_and_from_png(folder, tmp_path, capsys):
     text = read_png_parameters(png[0])
     assert "Model: tiny-emoji" in text and "Size: 16x16" in text
     again = tmp_path / "again"
-    assert main(["generate", "--from-png", str(png[0]), "--model", str(folder), "--out", str(again),
-                 "--no-progress"]) == 0
+    assert (
+        main(["generate", "--from-png", str(png[0]), "--model", str(folder), "--out", str(again), "--no-progress"]) == 0
+    )
     assert np.array_equal(np.asarray(Image.open(next(again.glob("*.png")))), np.asarray(img))
     capsys.readouterr()
-    assert main(["generate", "a cat", "--model", str(folder), "--clip-skip", "2", "--out", str(out),
-                 "--no-progress"]) != 0
+    assert (
+        main(["generate", "a cat", "--model", str(folder), "--clip-skip", "2", "--out", str(out), "--no-progress"]) != 0
+    )
     err = capsys.readouterr().err.strip()
     assert "clip_skip 2" in err and "\n" not in err
 
@@ -362,8 +384,9 @@ def test_lora_training_feeds_the_pooled_vector(folder, tmp_path):
     from sdengine.train.lora import LoRASpec, prepare_data, train_lora
 
     data_dir = _caption_folder(tmp_path / "data")
-    spec = LoRASpec(model=str(folder), data=str(data_dir), rank=2, targets=("attention",), resolution=16,
-                    output_name="fruit")
+    spec = LoRASpec(
+        model=str(folder), data=str(data_dir), rank=2, targets=("attention",), resolution=16, output_name="fruit"
+    )
     p = load_pipeline(folder, device="cpu")
     data = prepare_data(p, spec, 16, torch.device("cpu"))
     vec = data.unet_kwargs["class_labels"]

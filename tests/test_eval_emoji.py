@@ -109,8 +109,9 @@ class StandInRecogniser(nn.Module):
         torch.manual_seed(0)
         self.chars = list(chars)
         self._index = {c: i for i, c in enumerate(self.chars)}
-        self.body = nn.Sequential(nn.Conv2d(3, dims, 4, stride=4), nn.GELU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                                  nn.Linear(4 * dims, dims))
+        self.body = nn.Sequential(
+            nn.Conv2d(3, dims, 4, stride=4), nn.GELU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * dims, dims)
+        )
         self.head = nn.Linear(dims, len(self.chars))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,15 +138,23 @@ def _tiny_pipeline():
 
     torch.manual_seed(0)
     text_cfg = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    unet = UNet(dataclasses.replace(TINY_EMOJI_UNET, cross_attention_dim=32,
-                                    projection_class_embeddings_input_dim=None))
+    unet = UNet(
+        dataclasses.replace(TINY_EMOJI_UNET, cross_attention_dim=32, projection_class_embeddings_input_dim=None)
+    )
     with torch.no_grad():  # zero-initialised output layers would make every image the same
         for p in unet.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return Pipeline(
-        unet=unet, vae=AutoencoderKL(TINY_EMOJI_VAE), text_encoder=CLIPTextModel(text_cfg),
-        tokenizer=CLIPTokenizer.load(), scheduler_config=SCHEDULER_CONFIG, prediction_type="epsilon",
-        pad_token_id=49407, device=torch.device("cpu"), dtype=torch.float32, name="tiny-emoji",
+        unet=unet,
+        vae=AutoencoderKL(TINY_EMOJI_VAE),
+        text_encoder=CLIPTextModel(text_cfg),
+        tokenizer=CLIPTokenizer.load(),
+        scheduler_config=SCHEDULER_CONFIG,
+        prediction_type="epsilon",
+        pad_token_id=49407,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        name="tiny-emoji",
     )
 
 
@@ -174,11 +183,32 @@ def test_evaluate_emoji_tiny(pipe, recogniser, dataset, tmp_path):
     from sdengine.models.controlnet import ControlNet
 
     cn = ControlNet.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16)).eval()
-    kw = dict(n=6, steps=2, seed=3, batch_size=4, cfg_sweep=(1, 5), sweep_n=3, paraphrase_n=5, control_n=2,
-              controlnet=cn, progress=False, dataset=dataset)
+    kw = dict(
+        n=6,
+        steps=2,
+        seed=3,
+        batch_size=4,
+        cfg_sweep=(1, 5),
+        sweep_n=3,
+        paraphrase_n=5,
+        control_n=2,
+        controlnet=cn,
+        progress=False,
+        dataset=dataset,
+    )
     res = evaluate_emoji(pipe, recogniser, **kw)
-    assert set(res) >= {"model", "settings", "captions", "paraphrases", "fd", "cfg_sweep", "controlnet", "lora",
-                        "images_generated", "timings"}
+    assert set(res) >= {
+        "model",
+        "settings",
+        "captions",
+        "paraphrases",
+        "fd",
+        "cfg_sweep",
+        "controlnet",
+        "lora",
+        "images_generated",
+        "timings",
+    }
     assert res["captions"]["n"] == 6 and res["paraphrases"]["n"] == 5
     for r in (res["captions"], res["paraphrases"], *res["cfg_sweep"]):
         assert 0.0 <= r["top1"] <= r["top5"] <= 1.0
@@ -230,8 +260,12 @@ def test_cli_missing_model_is_one_line(capsys, tmp_path):
 def test_cli_bad_numbers_are_one_line(capsys):
     from sdengine.cli import main
 
-    for args, word in ((["--n", "1"], "--n"), (["--steps", "0"], "--steps"), (["--cfg", "-2"], "--cfg"),
-                       (["--lora", "/nonexistent/l.safetensors"], "--lora")):
+    for args, word in (
+        (["--n", "1"], "--n"),
+        (["--steps", "0"], "--steps"),
+        (["--cfg", "-2"], "--cfg"),
+        (["--lora", "/nonexistent/l.safetensors"], "--lora"),
+    ):
         rc = main(["eval", "emoji", *args])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and word in err, (args, err)
@@ -265,19 +299,37 @@ def test_controlnet_rows_and_lora_section(pipe, recogniser, dataset, tmp_path):
             p.add_(torch.randn_like(p) * 0.05)
     control = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     prompts, seeds = ["red heart", "a pink tulip"], [1, 2]
-    batch = generate_batch(pipe, prompts, seeds, steps=2, sampler="dpmpp_2m", cfg_scale=3.0, controlnet=cn,
-                           control_images=control)
+    batch = generate_batch(
+        pipe, prompts, seeds, steps=2, sampler="dpmpp_2m", cfg_scale=3.0, controlnet=cn, control_images=control
+    )
     plain = generate_batch(pipe, prompts, seeds, steps=2, sampler="dpmpp_2m", cfg_scale=3.0)
     assert not np.allclose(batch, plain, atol=1e-4)
     for i in range(2):
-        one = pipe(prompts[i], steps=2, sampler="dpmpp_2m", cfg_scale=3.0, seed=seeds[i], progress=False,
-                   controlnets=[(cn, control[i : i + 1], 1.0)]).arrays[0]
+        one = pipe(
+            prompts[i],
+            steps=2,
+            sampler="dpmpp_2m",
+            cfg_scale=3.0,
+            seed=seeds[i],
+            progress=False,
+            controlnets=[(cn, control[i : i + 1], 1.0)],
+        ).arrays[0]
         np.testing.assert_allclose(batch[i], one, atol=2e-5)
 
     lora = _random_lora(pipe.unet, tmp_path / "fruit.safetensors")
     before = [p.clone() for p in pipe.unet.parameters()]
-    res = evaluate_emoji(pipe, recogniser, n=2, steps=2, batch_size=16, cfg_sweep=None, paraphrase_n=2, lora=lora,
-                         progress=False, dataset=dataset)
+    res = evaluate_emoji(
+        pipe,
+        recogniser,
+        n=2,
+        steps=2,
+        batch_size=16,
+        cfg_sweep=None,
+        paraphrase_n=2,
+        lora=lora,
+        progress=False,
+        dataset=dataset,
+    )
     lo = res["lora"]
     held = sum(e.subgroup == HELD_OUT_SUBGROUP for e in dataset.entries)
     assert lo["captions_without"]["n"] == lo["captions_with"]["n"] == held
@@ -299,8 +351,24 @@ def test_cli_prints_report_and_writes_json(monkeypatch, capsys, tmp_path, pipe, 
     monkeypatch.setitem(sys.modules, "sdengine.metrics.emoji_recogniser", fake)
     monkeypatch.setattr(sdengine.pipeline, "load_pipeline", lambda name, device="auto": pipe)
     out = tmp_path / "res" / "emoji.json"
-    rc = main(["eval", "emoji", "--n", "2", "--paraphrase-n", "2", "--steps", "1", "--no-sweep", "--device", "cpu",
-               "--quiet", "--json", str(out)])
+    rc = main(
+        [
+            "eval",
+            "emoji",
+            "--n",
+            "2",
+            "--paraphrase-n",
+            "2",
+            "--steps",
+            "1",
+            "--no-sweep",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--json",
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0 and "| canonical captions" in text and str(out) in text
     res = json.loads(out.read_text())
@@ -318,8 +386,7 @@ def test_evaluate_emoji_on_the_emoji_folder_with_the_real_recogniser_class(datas
     torch.manual_seed(0)
     chars = [e.char for e in dataset.entries]
     rec = EmojiRecogniser(RecogniserConfig(channels=(8, 8, 16, 16), num_classes=len(chars)), classes=chars).eval()
-    kw = dict(n=3, steps=1, batch_size=32, cfg_sweep=None, paraphrase_n=3, progress=False,
-              dataset=dataset)
+    kw = dict(n=3, steps=1, batch_size=32, cfg_sweep=None, paraphrase_n=3, progress=False, dataset=dataset)
     prompts, seeds = ["red heart", "a pink tulip"], [4, 9]
     batch = generate_batch(pipe, prompts, seeds, steps=2, sampler="dpmpp_2m", cfg_scale=5.0)
     for i in range(2):

@@ -55,9 +55,29 @@ def _generate(*args: str) -> int:
 
 def test_generate_writes_pngs_with_a1111_parameters(model, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = _generate("a red (apple:1.2), on a table", "--model", str(model), "--negative", "blurry", "--steps", "3",
-                   "--sampler", "euler_a", "--seed", "5", "--width", "32", "--height", "32", "--batch", "2",
-                   "--cfg", "6", "--out", str(out))
+    rc = _generate(
+        "a red (apple:1.2), on a table",
+        "--model",
+        str(model),
+        "--negative",
+        "blurry",
+        "--steps",
+        "3",
+        "--sampler",
+        "euler_a",
+        "--seed",
+        "5",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--batch",
+        "2",
+        "--cfg",
+        "6",
+        "--out",
+        str(out),
+    )
     assert rc == 0
     files = sorted(out.glob("*.png"))
     assert [f.name for f in files] == ["00000-5.png", "00001-6.png"]
@@ -71,16 +91,57 @@ def test_generate_writes_pngs_with_a1111_parameters(model, tmp_path, capsys):
     assert p["Model"] == "tiny-sd" and len(p["Model hash"]) == 10 and p["Version"].startswith("sdengine ")
 
     # the next run numbers on
-    assert _generate("x", "--model", str(model), "--steps", "1", "--seed", "9", "--width", "32", "--height", "32",
-                     "--out", str(out)) == 0
+    assert (
+        _generate(
+            "x",
+            "--model",
+            str(model),
+            "--steps",
+            "1",
+            "--seed",
+            "9",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     assert (out / "00002-9.png").is_file()
 
 
 def test_from_png_reproduces_pixel_for_pixel(model, tmp_path):
     out = tmp_path / "a"
-    assert _generate("a blue (bird:1.3) BREAK sky", "--model", str(model), "--negative", "ugly", "--steps", "4",
-                     "--sampler", "DPM++ 2M", "--schedule", "karras", "--seed", "11", "--batch", "2", "--width",
-                     "32", "--height", "40", "--clip-skip", "2", "--out", str(out)) == 0
+    assert (
+        _generate(
+            "a blue (bird:1.3) BREAK sky",
+            "--model",
+            str(model),
+            "--negative",
+            "ugly",
+            "--steps",
+            "4",
+            "--sampler",
+            "DPM++ 2M",
+            "--schedule",
+            "karras",
+            "--seed",
+            "11",
+            "--batch",
+            "2",
+            "--width",
+            "32",
+            "--height",
+            "40",
+            "--clip-skip",
+            "2",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     second = out / "00001-12.png"
     again = tmp_path / "b"
     assert _generate("--from-png", str(second), "--model", str(model), "--out", str(again)) == 0
@@ -96,13 +157,46 @@ def test_from_png_img2img_and_inpaint_need_the_init_image(model, tmp_path):
     picture(32, 32).save(init)
     mask_picture(32, 32).save(mask)
     out = tmp_path / "a"
-    assert _generate("a cat", "--model", str(model), "--steps", "6", "--sampler", "euler", "--seed", "3",
-                     "--init-image", str(init), "--mask", str(mask), "--strength", "0.5", "--out", str(out)) == 0
+    assert (
+        _generate(
+            "a cat",
+            "--model",
+            str(model),
+            "--steps",
+            "6",
+            "--sampler",
+            "euler",
+            "--seed",
+            "3",
+            "--init-image",
+            str(init),
+            "--mask",
+            str(mask),
+            "--strength",
+            "0.5",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     png = out / "00000-3.png"
     assert "Denoising strength: 0.5" in Image.open(png).info["parameters"]
     assert _generate("--from-png", str(png), "--model", str(model), "--out", str(tmp_path / "b")) == 2
-    assert _generate("--from-png", str(png), "--model", str(model), "--init-image", str(init), "--mask", str(mask),
-                     "--out", str(tmp_path / "c")) == 0
+    assert (
+        _generate(
+            "--from-png",
+            str(png),
+            "--model",
+            str(model),
+            "--init-image",
+            str(init),
+            "--mask",
+            str(mask),
+            "--out",
+            str(tmp_path / "c"),
+        )
+        == 0
+    )
     np.testing.assert_array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(tmp_path / "c" / "00000-3.png")))
 
 
@@ -119,8 +213,20 @@ def test_from_png_img2img_and_inpaint_need_the_init_image(model, tmp_path):
 def test_user_errors_are_one_line(model, tmp_path, capsys, args, message):
     picture(32, 32).save(tmp_path / "init.png")
     args = [a.format(init=tmp_path / "init.png", missing=tmp_path / "missing.png") for a in args]
-    rc = _generate("x", "--model", str(model), "--steps", "4", "--width", "32", "--height", "32", *args,
-                   "--out", str(tmp_path / "o"))
+    rc = _generate(
+        "x",
+        "--model",
+        str(model),
+        "--steps",
+        "4",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        *args,
+        "--out",
+        str(tmp_path / "o"),
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("sdengine: error: ") and message in err[0], err
 
@@ -137,16 +243,47 @@ def test_from_png_without_parameters_and_missing_prompt(model, tmp_path, capsys)
 def test_mask_resize_is_said_on_stderr(model, tmp_path, capsys):
     picture(32, 32).save(tmp_path / "init.png")
     mask_picture(20, 24).save(tmp_path / "mask.png")
-    assert _generate("x", "--model", str(model), "--steps", "2", "--sampler", "euler", "--init-image",
-                     str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"), "--out",
-                     str(tmp_path / "o")) == 0
+    assert (
+        _generate(
+            "x",
+            "--model",
+            str(model),
+            "--steps",
+            "2",
+            "--sampler",
+            "euler",
+            "--init-image",
+            str(tmp_path / "init.png"),
+            "--mask",
+            str(tmp_path / "mask.png"),
+            "--out",
+            str(tmp_path / "o"),
+        )
+        == 0
+    )
     assert "sdengine: WARNING: mask 20x24 resized to 32x32" in capsys.readouterr().err
 
 
 def test_out_with_an_image_suffix_is_the_file(model, tmp_path, capsys):
     ghost = tmp_path / "sub" / "ghost.png"
-    assert _generate("x", "--model", str(model), "--steps", "1", "--seed", "4", "--width", "32", "--height", "32",
-                     "--out", str(ghost)) == 0
+    assert (
+        _generate(
+            "x",
+            "--model",
+            str(model),
+            "--steps",
+            "1",
+            "--seed",
+            "4",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--out",
+            str(ghost),
+        )
+        == 0
+    )
     assert ghost.is_file() and capsys.readouterr().out.split() == [str(ghost)]
     with Image.open(ghost) as im:
         assert "Seed: 4" in im.info["parameters"]
@@ -180,14 +317,50 @@ def test_from_png_reads_back_mask_blur_and_cfg_rescale(model, tmp_path, capsys):
     picture(32, 32).save(init)
     mask_picture(32, 32).save(mask)
     png = tmp_path / "a.png"
-    assert _generate("a cat", "--model", str(model), "--steps", "4", "--sampler", "euler", "--seed", "3",
-                     "--init-image", str(init), "--mask", str(mask), "--strength", "0.6", "--mask-blur", "3",
-                     "--guidance-rescale", "0.5", "--out", str(png)) == 0
+    assert (
+        _generate(
+            "a cat",
+            "--model",
+            str(model),
+            "--steps",
+            "4",
+            "--sampler",
+            "euler",
+            "--seed",
+            "3",
+            "--init-image",
+            str(init),
+            "--mask",
+            str(mask),
+            "--strength",
+            "0.6",
+            "--mask-blur",
+            "3",
+            "--guidance-rescale",
+            "0.5",
+            "--out",
+            str(png),
+        )
+        == 0
+    )
     assert "Mask blur: 3" in Image.open(png).info["parameters"]
     capsys.readouterr()
     again = tmp_path / "b.png"
-    assert _generate("--from-png", str(png), "--model", str(model), "--init-image", str(init), "--mask", str(mask),
-                     "--out", str(again)) == 0
+    assert (
+        _generate(
+            "--from-png",
+            str(png),
+            "--model",
+            str(model),
+            "--init-image",
+            str(init),
+            "--mask",
+            str(mask),
+            "--out",
+            str(again),
+        )
+        == 0
+    )
     assert "not reproduced" not in capsys.readouterr().err
     np.testing.assert_array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(again)))
     assert Image.open(png).info["parameters"] == Image.open(again).info["parameters"]
@@ -204,8 +377,27 @@ def test_help_defaults_are_the_requests():
 
 def test_grid_writes_the_batch_as_one_picture(model, tmp_path, capsys):
     out = tmp_path / "out"
-    assert _generate("a cat", "--model", str(model), "--steps", "2", "--seed", "3", "--width", "32", "--height",
-                     "32", "--batch", "3", "--grid", "--out", str(out)) == 0
+    assert (
+        _generate(
+            "a cat",
+            "--model",
+            str(model),
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--batch",
+            "3",
+            "--grid",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     printed = capsys.readouterr().out.split()
     grid = out / "grid-00000.png"
     assert printed[-1] == str(grid)
@@ -214,7 +406,7 @@ def test_grid_writes_the_batch_as_one_picture(model, tmp_path, capsys):
         text = im.info["parameters"]
     assert g.shape == (64, 64, 3)  # 3 images -> 2 columns, 2 rows of 32 px
     for i, name in enumerate(["00000-3.png", "00001-4.png", "00002-5.png"]):
-        cell = g[(i // 2) * 32:(i // 2 + 1) * 32, (i % 2) * 32:(i % 2 + 1) * 32]
+        cell = g[(i // 2) * 32 : (i // 2 + 1) * 32, (i % 2) * 32 : (i % 2 + 1) * 32]
         np.testing.assert_array_equal(cell, np.asarray(Image.open(out / name).convert("RGB")))
     assert not g[32:, 32:].any()  # the empty place is black
     assert text == Image.open(out / "00000-3.png").info["parameters"]
@@ -227,8 +419,22 @@ def _controlnet_png(tmp_path):
     edges = tmp_path / "edges.png"
     picture(64, 64).save(edges)
     out = tmp_path / "cn"
-    assert _generate("a smiling face", "--steps", "2", "--seed", "4", "--control", f"canny:{edges}:0.8",
-                     "--controlnet", "emoji-controlnet-canny", "--out", str(out)) == 0
+    assert (
+        _generate(
+            "a smiling face",
+            "--steps",
+            "2",
+            "--seed",
+            "4",
+            "--control",
+            f"canny:{edges}:0.8",
+            "--controlnet",
+            "emoji-controlnet-canny",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     return edges, out / "00000-4.png"
 
 
@@ -270,33 +476,82 @@ def test_from_png_controlnet_by_folder_and_hash(tmp_path, capsys):
 
         save_png(Image.open(made), png, text.replace("Model: emoji-controlnet-canny", f"Model: mycanny [{digest}]"))
         capsys.readouterr()
-        rc = _generate("--from-png", str(png), "--control", f"canny:{edges}", "--controlnets-dir", str(folder),
-                       "--out", str(tmp_path / f"o-{ok}"))
+        rc = _generate(
+            "--from-png",
+            str(png),
+            "--control",
+            f"canny:{edges}",
+            "--controlnets-dir",
+            str(folder),
+            "--out",
+            str(tmp_path / f"o-{ok}"),
+        )
         err = capsys.readouterr().err
         if ok:
             assert rc == 0, err
-            np.testing.assert_array_equal(np.asarray(Image.open(made)),
-                                          np.asarray(Image.open(tmp_path / "o-True" / "00000-4.png")))
+            np.testing.assert_array_equal(
+                np.asarray(Image.open(made)), np.asarray(Image.open(tmp_path / "o-True" / "00000-4.png"))
+            )
         else:
             assert rc == 2 and "hash" in err and "mycanny" in err, err
     # a name found nowhere
-    assert _generate("--from-png", str(tmp_path / "a1111-True.png"), "--control", f"canny:{edges}",
-                     "--out", str(tmp_path / "o3")) == 2
+    assert (
+        _generate(
+            "--from-png", str(tmp_path / "a1111-True.png"), "--control", f"canny:{edges}", "--out", str(tmp_path / "o3")
+        )
+        == 2
+    )
     assert "'mycanny', which is not built-in" in capsys.readouterr().err
 
 
 def test_resize_mode_and_size_notes_on_stderr(model, tmp_path, capsys):
     init = tmp_path / "init.png"
     picture(96, 64).save(init)
-    assert _generate("x", "--model", str(model), "--steps", "2", "--seed", "1", "--init-image", str(init),
-                     "--strength", "0.5", "--resize-mode", "crop and resize", "--out", str(tmp_path / "o")) == 0
+    assert (
+        _generate(
+            "x",
+            "--model",
+            str(model),
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "--init-image",
+            str(init),
+            "--strength",
+            "0.5",
+            "--resize-mode",
+            "crop and resize",
+            "--out",
+            str(tmp_path / "o"),
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "init image 96x64 fitted to 32x32 (crop and resize)" in err
-    assert _generate("x", "--model", str(model), "--steps", "1", "--width", "64", "--height", "64",
-                     "--out", str(tmp_path / "o")) == 0
+    assert (
+        _generate(
+            "x", "--model", str(model), "--steps", "1", "--width", "64", "--height", "64", "--out", str(tmp_path / "o")
+        )
+        == 0
+    )
     assert "64x64 is not the model's training size 32x32" in capsys.readouterr().err
-    assert _generate("x", "--model", str(model), "--steps", "2", "--init-image", str(init), "--resize-mode", "zoom",
-                     "--out", str(tmp_path / "o")) == 2
+    assert (
+        _generate(
+            "x",
+            "--model",
+            str(model),
+            "--steps",
+            "2",
+            "--init-image",
+            str(init),
+            "--resize-mode",
+            "zoom",
+            "--out",
+            str(tmp_path / "o"),
+        )
+        == 2
+    )
     assert "unknown resize mode 'zoom'" in capsys.readouterr().err
 
 
@@ -308,12 +563,22 @@ def test_absurd_lora_weight_is_one_line_before_generating(model, tmp_path, capsy
     from sdengine.weights import save_safetensors
 
     layer = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    save_safetensors({f"{layer}.lora_down.weight": torch.ones(2, 32), f"{layer}.lora_up.weight": torch.ones(32, 2),
-                      f"{layer}.alpha": torch.tensor(2.0)}, tmp_path / "styl.safetensors")
-    extra = (["x", "--lora", f"{tmp_path / 'styl.safetensors'}:{weight}"] if how == "--lora"
-             else [f"x <lora:styl:{weight}>", "--lora-dir", str(tmp_path)])
-    rc = _generate(*extra, "--model", str(model), "--steps", "2", "--width", "32", "--height", "32",
-                   "--out", str(tmp_path / "o"))
+    save_safetensors(
+        {
+            f"{layer}.lora_down.weight": torch.ones(2, 32),
+            f"{layer}.lora_up.weight": torch.ones(32, 2),
+            f"{layer}.alpha": torch.tensor(2.0),
+        },
+        tmp_path / "styl.safetensors",
+    )
+    extra = (
+        ["x", "--lora", f"{tmp_path / 'styl.safetensors'}:{weight}"]
+        if how == "--lora"
+        else [f"x <lora:styl:{weight}>", "--lora-dir", str(tmp_path)]
+    )
+    rc = _generate(
+        *extra, "--model", str(model), "--steps", "2", "--width", "32", "--height", "32", "--out", str(tmp_path / "o")
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and re.search(r"styl: weight .*(outside \[-100, 100\]|not finite)", err[0]), err
     assert not list((tmp_path / "o").glob("*.png")) if (tmp_path / "o").exists() else True
@@ -322,6 +587,22 @@ def test_absurd_lora_weight_is_one_line_before_generating(model, tmp_path, capsy
 def test_control_image_of_another_size_is_said(tmp_path, capsys):
     edges = tmp_path / "edges.png"
     picture(96, 64).save(edges)
-    assert _generate("a face", "--steps", "1", "--seed", "1", "--control", f"canny:{edges}", "--controlnet",
-                     "emoji-controlnet-canny", "--resize-mode", "fill", "--out", str(tmp_path / "o")) == 0
+    assert (
+        _generate(
+            "a face",
+            "--steps",
+            "1",
+            "--seed",
+            "1",
+            "--control",
+            f"canny:{edges}",
+            "--controlnet",
+            "emoji-controlnet-canny",
+            "--resize-mode",
+            "fill",
+            "--out",
+            str(tmp_path / "o"),
+        )
+        == 0
+    )
     assert "control image 0 96x64 fitted to 64x64 (resize and fill)" in capsys.readouterr().err

@@ -24,9 +24,20 @@ def test_names_inside_resolve(tree):
     assert resolve_inside(tree, "sub/b.safetensors") == (tree / "sub" / "b.safetensors").resolve()
 
 
-@pytest.mark.parametrize("name", ["../secret.safetensors", "sub/../../secret.safetensors", "/etc/passwd",
-                                  "%2e%2e/secret.safetensors", "%252e%252e%252fsecret.safetensors",
-                                  "..\\secret.safetensors", "C:secret", "a\x00b", ""])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../secret.safetensors",
+        "sub/../../secret.safetensors",
+        "/etc/passwd",
+        "%2e%2e/secret.safetensors",
+        "%252e%252e%252fsecret.safetensors",
+        "..\\secret.safetensors",
+        "C:secret",
+        "a\x00b",
+        "",
+    ],
+)
 def test_escapes_refused(tree, name):
     with pytest.raises(UnsafePathError) as e:
         resolve_inside(tree, name, "LoRA", suffixes=("", ".safetensors"))

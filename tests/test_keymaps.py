@@ -54,8 +54,14 @@ def test_vae_round_trip_and_diffusers_oracle(levels, lpb):
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     chans = (8, 16, 16, 16)[:levels]
-    vae = randomize(tiny_vae(block_out_channels=chans, down_block_types=("DownEncoderBlock2D",) * levels,
-                             up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=lpb))
+    vae = randomize(
+        tiny_vae(
+            block_out_channels=chans,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            layers_per_block=lpb,
+        )
+    )
     sd = vae.state_dict()
     layout = km.VAELayout.from_config(vae.config)
     assert layout == vae_layout_from_diffusers(sd)
@@ -68,8 +74,9 @@ def test_vae_round_trip_and_diffusers_oracle(levels, lpb):
     assert ldm["decoder.mid.attn_1.norm.weight"].ndim == 1
     # decoder levels are numbered from the lowest resolution in LDM
     assert f"decoder.up.{levels - 1}.block.0.conv1.weight" in ldm
-    assert torch.equal(ldm[f"decoder.up.{levels - 1}.block.0.conv1.weight"],
-                       sd["decoder.up_blocks.0.resnets.0.conv1.weight"])
+    assert torch.equal(
+        ldm[f"decoder.up.{levels - 1}.block.0.conv1.weight"], sd["decoder.up_blocks.0.resnets.0.conv1.weight"]
+    )
     back, bad = km.vae_ldm_to_diffusers(ldm, layout)
     assert not bad
     assert_same_tensors(back, sd)
@@ -117,29 +124,47 @@ def test_openclip_split_and_fuse_round_trip_and_oracle():
     assert_same_tensors(km.normalize_clip_keys(oracle), sd)
 
 
-@pytest.mark.parametrize("key", [
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "posterior_mean_coef1", "posterior_log_variance_clipped",
-    "model_ema.decay", "model_ema.diffusion_modelinput_blocks00weight",
-    "cond_stage_model.transformer.text_model.embeddings.position_ids", "cond_stage_model.model.text_projection",
-    "cond_stage_model.model.logit_scale",
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "posterior_mean_coef1",
+        "posterior_log_variance_clipped",
+        "model_ema.decay",
+        "model_ema.diffusion_modelinput_blocks00weight",
+        "cond_stage_model.transformer.text_model.embeddings.position_ids",
+        "cond_stage_model.model.text_projection",
+        "cond_stage_model.model.logit_scale",
+    ],
+)
 def test_known_unused(key):
     assert km.is_known_unused(key)
 
 
-@pytest.mark.parametrize("key", ["model.diffusion_model.input_blocks.0.0.weight", "foo", "betas2",
-                                 "first_stage_model.encoder.conv_in.weight"])
+@pytest.mark.parametrize(
+    "key",
+    ["model.diffusion_model.input_blocks.0.0.weight", "foo", "betas2", "first_stage_model.encoder.conv_in.weight"],
+)
 def test_not_known_unused(key):
     assert not km.is_known_unused(key)
 
 
 def test_split_ldm_sets_aside_unused_and_unknown():
     t = torch.zeros(1)
-    parts, unused, unknown = km.split_ldm({
-        "model.diffusion_model.out.2.weight": t, "first_stage_model.quant_conv.weight": t,
-        "cond_stage_model.transformer.text_model.final_layer_norm.weight": t, "betas": t, "weird.key": t,
-    })
+    parts, unused, unknown = km.split_ldm(
+        {
+            "model.diffusion_model.out.2.weight": t,
+            "first_stage_model.quant_conv.weight": t,
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight": t,
+            "betas": t,
+            "weird.key": t,
+        }
+    )
     assert set(parts["unet"]) == {"out.2.weight"} and set(parts["vae"]) == {"quant_conv.weight"}
     assert set(parts["clip"]) == {"text_model.final_layer_norm.weight"} and not parts["openclip"]
     assert unused == ["betas"] and unknown == ["weird.key"]

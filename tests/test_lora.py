@@ -89,7 +89,9 @@ def make_lora(tmp: Path, seed: int, *, r: int = 4, alpha: float = 2.0, te_alpha:
     usd, tsd = get_peft_model_state_dict(unet), get_peft_model_state_dict(te)
     folder = tmp / f"peft{seed}"
     StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=usd, text_encoder_lora_layers=tsd,
+        folder,
+        unet_lora_layers=usd,
+        text_encoder_lora_layers=tsd,
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
         text_encoder_lora_adapter_metadata=te.peft_config["default"].to_dict(),
     )
@@ -138,8 +140,12 @@ INPUTS = {}
 def inputs():
     if not INPUTS:
         g = torch.Generator().manual_seed(0)
-        INPUTS.update(x=torch.randn(2, 4, 8, 8, generator=g), t=torch.tensor([10, 500]),
-                      ctx=torch.randn(2, 7, 32, generator=g), ids=torch.randint(0, 500, (2, 9), generator=g))
+        INPUTS.update(
+            x=torch.randn(2, 4, 8, 8, generator=g),
+            t=torch.tensor([10, 500]),
+            ctx=torch.randn(2, 7, 32, generator=g),
+            ids=torch.randint(0, 500, (2, 9), generator=g),
+        )
     return INPUTS
 
 
@@ -287,8 +293,9 @@ def test_scale_is_weight_times_alpha_over_rank(loras):
     lf = LoRAFile.load(loras[0]["kohya"])
     w = next(v for k, v in lf.layers.items() if k.startswith("lora_unet_"))
     assert w.rank == 4 and math.isclose(w.scale, 2.0 / 4)
-    no_alpha = LoRAFile.from_state_dict({"lora_unet_x.lora_down.weight": torch.ones(3, 5),
-                                         "lora_unet_x.lora_up.weight": torch.ones(2, 3)})
+    no_alpha = LoRAFile.from_state_dict(
+        {"lora_unet_x.lora_down.weight": torch.ones(3, 5), "lora_unet_x.lora_up.weight": torch.ones(2, 3)}
+    )
     assert no_alpha.layers["lora_unet_x"].scale == 1.0
     peft = LoRAFile.load(loras[0]["peft"])
     te_layer = next(v for k, v in peft.layers.items() if k.startswith("text_encoder."))
@@ -340,11 +347,14 @@ def _kohya(path: Path, layers: dict[str, tuple[torch.Tensor, torch.Tensor]], **e
 
 def test_sdxl_lora_on_sd1_model_names_the_mismatch(tmp_path):
     unet, te = fresh_models()
-    path = _kohya(tmp_path / "xl.safetensors", {
-        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (torch.ones(4, 2048), torch.ones(640, 4)),
-        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (torch.ones(4, 1280), torch.ones(1280, 4)),
-        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (torch.ones(4, 768), torch.ones(768, 4)),
-    })
+    path = _kohya(
+        tmp_path / "xl.safetensors",
+        {
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (torch.ones(4, 2048), torch.ones(640, 4)),
+            "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (torch.ones(4, 1280), torch.ones(1280, 4)),
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (torch.ones(4, 768), torch.ones(768, 4)),
+        },
+    )
     with pytest.raises(LoRAError, match=r"SDXL.*second text encoder.*model is a custom model"):
         apply_loras(unet, te, [(path, 1.0)])
 
@@ -354,8 +364,11 @@ def test_sd2_lora_on_sd1_shapes_name_the_mismatch(tmp_path):
     unet, te = fresh_models()
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     path = _kohya(tmp_path / "sd2.safetensors", {name: (torch.ones(4, 1024), torch.ones(32, 4))})
-    with pytest.raises(LoRAError, match=r"shapes do not match.*attn2\.to_k \(LoRA maps 1024 -> 32, layer 32 -> 32\)"
-                                        r".*LoRA for SD2\.x"):
+    with pytest.raises(
+        LoRAError,
+        match=r"shapes do not match.*attn2\.to_k \(LoRA maps 1024 -> 32, layer 32 -> 32\)"
+        r".*LoRA for SD2\.x",
+    ):
         apply_loras(unet, te, [(path, 1.0)])
 
 
@@ -497,7 +510,7 @@ def test_prompt_tag_inside_the_dir_works_and_caller_paths_stay_allowed(loras, tm
         assert h.reports[0].path == str(secret)
     assert resolve_lora(secret, d) == secret
     # A tag name with no folder to look it up in is an error, not a path.
-    (outside_tag, _), = extract_lora_tags(f"<lora:{secret}>")[1]
+    ((outside_tag, _),) = extract_lora_tags(f"<lora:{secret}>")[1]
     with pytest.raises(LoRAError, match="no LoRA folder was given"):
         resolve_lora(outside_tag)
     # The listing offers only what a name can select: the symlink out of the folder is left out.
@@ -519,8 +532,7 @@ def test_end_to_end_images_two_loras_match_diffusers_set_adapters(tmp_path, rela
     pipe.scheduler = diffusers_scheduler(folder, "euler")
     a = make_lora(tmp_path, 20, models=(pipe.unet, pipe.text_encoder))
     b = make_lora(tmp_path, 21, r=2, alpha=1.0, te_alpha=3.0, models=(pipe.unet, pipe.text_encoder))
-    kw = dict(width=32, height=32, cfg_scale=7.5, seed=42, steps=4, sampler="euler", schedule="normal",
-              progress=False)
+    kw = dict(width=32, height=32, cfg_scale=7.5, seed=42, steps=4, sampler="euler", schedule="normal", progress=False)
     ours = sdengine.load_pipeline(str(folder))
     base = ours(prompt="a red apple", **kw).arrays
     zero = ours(prompt="a red apple", loras=[(a["peft"], 0.0)], **kw).arrays
@@ -535,8 +547,15 @@ def test_end_to_end_images_two_loras_match_diffusers_set_adapters(tmp_path, rela
     pipe.load_lora_weights(str(a["peft"]), adapter_name="a")
     pipe.load_lora_weights(str(b["kohya"]), adapter_name="b")
     pipe.set_adapters(["a", "b"], adapter_weights=[0.8, 0.5])
-    ref = pipe("a red apple", num_inference_steps=4, guidance_scale=7.5, height=32, width=32, output_type="np",
-               generator=torch.Generator().manual_seed(42)).images
+    ref = pipe(
+        "a red apple",
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(42),
+    ).images
     err = abs(got - ref).mean()
     print(f"end-to-end mean abs error {err:.2e} (LoRA effect {abs(got - base).mean():.2e})")
     assert err < 1e-3 and abs(got - base).mean() > 1e-2
@@ -583,8 +602,11 @@ _LAYER = "lora_unet_down_blocks_0_attentions_0_proj_in"
 
 
 def _pair(rank: int = 4, down: float = 1.0, up: float = 1.0, alpha: float = 1.0) -> dict[str, torch.Tensor]:
-    return {f"{_LAYER}.lora_down.weight": torch.full((rank, 32), down),
-            f"{_LAYER}.lora_up.weight": torch.full((32, rank), up), f"{_LAYER}.alpha": torch.tensor(alpha)}
+    return {
+        f"{_LAYER}.lora_down.weight": torch.full((rank, 32), down),
+        f"{_LAYER}.lora_up.weight": torch.full((32, rank), up),
+        f"{_LAYER}.alpha": torch.tensor(alpha),
+    }
 
 
 def test_rank_zero_lora_is_a_named_error(tmp_path):
@@ -595,8 +617,16 @@ def test_rank_zero_lora_is_a_named_error(tmp_path):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("kw,part", [({"down": 1e30}, "down"), ({"up": -1e30}, "up"), ({"alpha": 1e30}, "alpha"),
-                                     ({"up": 2e4}, "up"), ({"alpha": -1e5}, "alpha")])
+@pytest.mark.parametrize(
+    "kw,part",
+    [
+        ({"down": 1e30}, "down"),
+        ({"up": -1e30}, "up"),
+        ({"alpha": 1e30}, "alpha"),
+        ({"up": 2e4}, "up"),
+        ({"alpha": -1e5}, "alpha"),
+    ],
+)
 def test_absurd_lora_magnitudes_are_refused(tmp_path, kw, part):
     path = tmp_path / "huge.safetensors"
     save_safetensors(_pair(**kw), path)

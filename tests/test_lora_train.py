@@ -30,14 +30,26 @@ def tiny_sd_folder(dst: Path) -> Path:
     from sdengine.weights.loading import write_clip_tokenizer
 
     unet, vae = randomize(tiny_unet("sd1"), 10), randomize(tiny_vae(), 11)
-    te = randomize(tiny_clip("sd1", vocab_size=49408, bos_token_id=49406, eos_token_id=49407,
-                             pad_token_id=49407), 12)
+    te = randomize(tiny_clip("sd1", vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407), 12)
     write_clip_tokenizer(dst / "tokenizer")
-    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
-                          steps_offset=1, skip_prk_steps=True)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=te, scheduler=sched,
-                                   tokenizer=CLIPTokenizer.from_pretrained(dst / "tokenizer"),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sched = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        steps_offset=1,
+        skip_prk_steps=True,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=te,
+        scheduler=sched,
+        tokenizer=CLIPTokenizer.from_pretrained(dst / "tokenizer"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(dst)
     return dst
 
@@ -81,9 +93,40 @@ def fixed_loss(pipe, data, seed: int = 0) -> float:
 def test_train_lora_cli_lowers_loss_size_metadata_and_loads_in_diffusers(setup, capsys):
     model, data_dir, tmp = setup
     out = tmp / "run"
-    rc = main(["train", "lora", "--model", str(model), "--data", str(data_dir), "--out", str(out), "--name", "sks",
-               "--rank", "4", "--alpha", "2", "--target", "attention", "--target", "conv", "--resolution", "32",
-               "--steps", "30", "--batch-size", "4", "--lr", "3e-3", "--device", "cpu", "--checkpoint-every", "0"])
+    rc = main(
+        [
+            "train",
+            "lora",
+            "--model",
+            str(model),
+            "--data",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--name",
+            "sks",
+            "--rank",
+            "4",
+            "--alpha",
+            "2",
+            "--target",
+            "attention",
+            "--target",
+            "conv",
+            "--resolution",
+            "32",
+            "--steps",
+            "30",
+            "--batch-size",
+            "4",
+            "--lr",
+            "3e-3",
+            "--device",
+            "cpu",
+            "--checkpoint-every",
+            "0",
+        ]
+    )
     assert rc == 0
     path = out / "sks.safetensors"
     assert path.is_file() and (out / "checkpoint.pt").is_file()
@@ -95,8 +138,12 @@ def test_train_lora_cli_lowers_loss_size_metadata_and_loads_in_diffusers(setup, 
     from sdengine.train.lora import UNET_TARGETS
 
     pipe = load_pipeline(str(model), device="cpu")
-    adapted = [(n, m) for n, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
-               and (UNET_TARGETS["attention"].search(n) or UNET_TARGETS["conv"].search(n))]
+    adapted = [
+        (n, m)
+        for n, m in pipe.unet.named_modules()
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
+        and (UNET_TARGETS["attention"].search(n) or UNET_TARGETS["conv"].search(n))
+    ]
     assert len(lf.layers) == len(adapted) and all(k.startswith("lora_unet_") for k in lf.layers)
     assert any(w.down.shape[2:] == (3, 3) for w in lf.layers.values())  # LoCon layers among them
 
@@ -159,12 +206,23 @@ def test_text_encoder_conv_and_checkpointing(setup, relaxed_peft_check):  # noqa
     from sdengine.train.lora import LoRASpec, train_lora
 
     model, data_dir, tmp = setup
-    spec = dict(model=str(model), data=str(data_dir), rank=4, alpha=4.0, conv_rank=2, conv_alpha=1.0,
-                targets=("attention", "conv"), train_text_encoder=True, resolution=32, save_dtype="fp32")
+    spec = dict(
+        model=str(model),
+        data=str(data_dir),
+        rank=4,
+        alpha=4.0,
+        conv_rank=2,
+        conv_alpha=1.0,
+        targets=("attention", "conv"),
+        train_text_encoder=True,
+        resolution=32,
+        save_dtype="fp32",
+    )
     cfg = TrainConfig(steps=3, batch_size=2, lr=1e-3, warmup_steps=0, checkpoint_every=0, sample_every=0)
     plain, path = train_lora(LoRASpec(**spec, output_name="plain"), cfg, tmp / "plain", progress=False)
-    ckpt, path2 = train_lora(LoRASpec(**spec, gradient_checkpointing=True, output_name="gc"), cfg, tmp / "gc",
-                             progress=False)
+    ckpt, path2 = train_lora(
+        LoRASpec(**spec, gradient_checkpointing=True, output_name="gc"), cfg, tmp / "gc", progress=False
+    )
     assert np.allclose(plain.losses, ckpt.losses, rtol=1e-5, atol=1e-6), (plain.losses, ckpt.losses)
     a, b = LoRAFile.load(path), LoRAFile.load(path2)
     assert all(torch.allclose(a.layers[k].up, b.layers[k].up, atol=1e-6) for k in a.layers)
@@ -203,8 +261,21 @@ def test_bad_training_inputs_are_one_line(setup, tmp_path, capsys):
         (["--data", str(data_dir), "--resolution", "30"], r"not a multiple of"),
     ]
     for extra, pattern in cases:
-        rc = main(["train", "lora", "--model", str(model), "--out", str(tmp_path / "o"), "--steps", "1",
-                   "--device", "cpu", *extra])
+        rc = main(
+            [
+                "train",
+                "lora",
+                "--model",
+                str(model),
+                "--out",
+                str(tmp_path / "o"),
+                "--steps",
+                "1",
+                "--device",
+                "cpu",
+                *extra,
+            ]
+        )
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and re.search(pattern, err), (extra, err)
     rc = main(["train", "lora", "--model", str(tmp_path / "nomodel"), "--data", str(data_dir), "--device", "cpu"])
@@ -214,8 +285,26 @@ def test_bad_training_inputs_are_one_line(setup, tmp_path, capsys):
 def test_same_train_command_twice_is_refused_unless_overwrite(setup, tmp_path, capsys):
     model, data_dir, _ = setup
     out = tmp_path / "run"
-    args = ["train", "lora", "--model", str(model), "--data", str(data_dir), "--out", str(out), "--name", "sks",
-            "--steps", "2", "--checkpoint-every", "1", "--resolution", "32", "--device", "cpu"]
+    args = [
+        "train",
+        "lora",
+        "--model",
+        str(model),
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--name",
+        "sks",
+        "--steps",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--resolution",
+        "32",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     capsys.readouterr()
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}

@@ -207,12 +207,26 @@ def test_to_generate_kwargs_a1111_full(caplog):
 
 
 def test_every_field_sdengine_writes_is_read_back(caplog):
-    text = format_parameters({
-        "prompt": "a cat", "negative_prompt": "dog", "steps": 6, "sampler": "euler", "schedule": "normal",
-        "cfg_scale": 5.0, "seed": 3, "width": 32, "height": 40, "model": "tiny", "model_hash": "0123456789",
-        "strength": 0.5, "clip_skip": 2, "lora_hashes": {"fruit": "abcdef012345"}, "CFG Rescale phi": 0.7,
-        "Mask blur": 4.0,
-    })
+    text = format_parameters(
+        {
+            "prompt": "a cat",
+            "negative_prompt": "dog",
+            "steps": 6,
+            "sampler": "euler",
+            "schedule": "normal",
+            "cfg_scale": 5.0,
+            "seed": 3,
+            "width": 32,
+            "height": 40,
+            "model": "tiny",
+            "model_hash": "0123456789",
+            "strength": 0.5,
+            "clip_skip": 2,
+            "lora_hashes": {"fruit": "abcdef012345"},
+            "CFG Rescale phi": 0.7,
+            "Mask blur": 4.0,
+        }
+    )
     with caplog.at_level(logging.WARNING, logger="sdengine.metadata"):
         kwargs = to_generate_kwargs(parse_parameters(text))
     assert caplog.records == [], [r.getMessage() for r in caplog.records]

@@ -64,7 +64,13 @@ def test_spatial_transformer_shapes_and_key_names(linear: bool) -> None:
     x = torch.randn(2, 32, 5, 3)
     assert st(x, torch.randn(2, 7, 16)).shape == x.shape
     keys = set(st.state_dict())
-    assert {"norm.weight", "proj_in.weight", "transformer_blocks.0.attn2.to_k.weight",
-            "transformer_blocks.0.ff.net.0.proj.weight", "transformer_blocks.0.ff.net.2.weight",
-            "transformer_blocks.0.norm3.bias", "proj_out.bias"} <= keys
+    assert {
+        "norm.weight",
+        "proj_in.weight",
+        "transformer_blocks.0.attn2.to_k.weight",
+        "transformer_blocks.0.ff.net.0.proj.weight",
+        "transformer_blocks.0.ff.net.2.weight",
+        "transformer_blocks.0.norm3.bias",
+        "proj_out.bias",
+    } <= keys
     assert st.proj_in.weight.ndim == (2 if linear else 4)

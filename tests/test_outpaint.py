@@ -57,8 +57,7 @@ def test_outpaint_with_the_pipeline_keeps_the_original(tiny_sd1_folder):
 
     pipe = load_pipeline(str(tiny_sd1_folder), device="cpu")
     img = _picture(16, 32)
-    res = outpaint(pipe, "a wall", img, left=8, right=8, overlap=4, steps=3, seed=2, sampler="euler",
-                   progress=False)
+    res = outpaint(pipe, "a wall", img, left=8, right=8, overlap=4, steps=3, seed=2, sampler="euler", progress=False)
     out = np.asarray(res.images[0]).astype(int)
     assert out.shape == (32, 32, 3) and res.arrays.shape == (1, 32, 32, 3)
     # outside the overlap the original is kept exactly; inside it (the blended seam) within a blend tolerance
@@ -74,15 +73,37 @@ def test_cli_outpaint(tiny_sd1_folder, tmp_path, capsys):
     init = tmp_path / "init.png"
     _picture(24, 24).save(init)
     out = tmp_path / "o"
-    assert main(["generate", "a wall", "--model", str(tiny_sd1_folder), "--steps", "2", "--seed", "1",
-                 "--init-image", str(init), "--outpaint", "8,0,0,8", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a wall",
+                "--model",
+                str(tiny_sd1_folder),
+                "--steps",
+                "2",
+                "--seed",
+                "1",
+                "--init-image",
+                str(init),
+                "--outpaint",
+                "8,0,0,8",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     made = np.asarray(Image.open(out / "00000-1.png"))
     assert made.shape == (32, 32, 3)
     # the default overlap is 8 px along the extended sides (left, bottom): the rest of the original is kept
     np.testing.assert_array_equal(made[0:16, 16:32], np.asarray(Image.open(init))[0:16, 8:24])
     capsys.readouterr()
-    assert main(["generate", "x", "--model", str(tiny_sd1_folder), "--outpaint", "8", "--out", str(out),
-                 "--no-progress"]) == 2
+    assert (
+        main(["generate", "x", "--model", str(tiny_sd1_folder), "--outpaint", "8", "--out", str(out), "--no-progress"])
+        == 2
+    )
     assert "--outpaint extends --init-image" in capsys.readouterr().err
 
 

@@ -57,8 +57,16 @@ def _mad(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _ours(pipe: Pipeline, sampler: str, **kw):
-    args = dict(steps=STEPS, sampler=sampler, schedule="normal", cfg_scale=7.5, seed=SEED, width=SIZE, height=SIZE,
-                progress=False)
+    args = dict(
+        steps=STEPS,
+        sampler=sampler,
+        schedule="normal",
+        cfg_scale=7.5,
+        seed=SEED,
+        width=SIZE,
+        height=SIZE,
+        progress=False,
+    )
     args.update(kw)
     return pipe(PROMPT, NEGATIVE, **args)
 
@@ -74,8 +82,9 @@ def _theirs(ref, folder, sampler: str, **kw):
             sched.noise_sampler = lambda _s, _t: torch.randn((1, 4, SIZE // 2, SIZE // 2), generator=gen)
 
         sched.set_timesteps = patched
-    args = dict(negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, generator=gen,
-                output_type="np")
+    args = dict(
+        negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, generator=gen, output_type="np"
+    )
     args.update(kw)
     return ref(None if "prompt_embeds" in args else PROMPT, **args).images
 
@@ -198,8 +207,16 @@ def test_clip_skip_matches_diffusers_text_states(sd1, ref_txt2img):
             return getattr(te, "text_model", te).final_layer_norm(hidden)
 
     ours = _ours(pipe, "euler", clip_skip=2).arrays
-    theirs = _theirs(ref_txt2img, folder, "euler", prompt_embeds=states(PROMPT),
-                     negative_prompt_embeds=states(NEGATIVE), negative_prompt=None, width=SIZE, height=SIZE)
+    theirs = _theirs(
+        ref_txt2img,
+        folder,
+        "euler",
+        prompt_embeds=states(PROMPT),
+        negative_prompt_embeds=states(NEGATIVE),
+        negative_prompt=None,
+        width=SIZE,
+        height=SIZE,
+    )
     assert _mad(ours, theirs) < TOL
     assert _mad(ours, _ours(pipe, "euler").arrays) > 1e-3
 
@@ -254,8 +271,9 @@ def test_random_seed_is_recorded(sd1):
 def test_negative_prompt_and_long_prompts(sd1):
     _, pipe = sd1
     base = _ours(pipe, "euler", steps=2).arrays
-    other = pipe(PROMPT, "", steps=2, sampler="euler", cfg_scale=7.5, seed=SEED, width=SIZE, height=SIZE,
-                 progress=False).arrays
+    other = pipe(
+        PROMPT, "", steps=2, sampler="euler", cfg_scale=7.5, seed=SEED, width=SIZE, height=SIZE, progress=False
+    ).arrays
     assert _mad(base, other) > 1e-4
     long = ", ".join(["a red apple"] * 30)  # 119 tokens: two chunks, nothing cut
     cond, uncond = pipe.encode_prompt(long, "")
@@ -284,8 +302,13 @@ def test_result_images_arrays_parameters(sd1):
     assert 0 <= r.arrays.min() and r.arrays.max() <= 1
     np.testing.assert_array_equal(np.asarray(r.images[1]), (r.arrays[1] * 255).round().astype(np.uint8))
     p = r.parameters
-    assert (p["sampler"], p["schedule"], p["steps"], p["cfg_scale"], p["seed"]) == ("dpmpp_2m", "karras", STEPS,
-                                                                                     7.5, 42)
+    assert (p["sampler"], p["schedule"], p["steps"], p["cfg_scale"], p["seed"]) == (
+        "dpmpp_2m",
+        "karras",
+        STEPS,
+        7.5,
+        42,
+    )
     assert (p["width"], p["height"], p["prompt"], p["negative_prompt"]) == (SIZE, SIZE, PROMPT, NEGATIVE)
     assert len(p["model_hash"]) == 10
     assert "Seed: 43," in r.infotexts[1] and "Sampler: DPM++ 2M, Schedule type: Karras" in r.infotexts[0]
@@ -396,8 +419,9 @@ def test_too_large_for_memory_is_refused_before_allocating(sd1, monkeypatch):
     with pytest.raises(GenerationError, match=r"4096x4096 x 1 needs about .* GiB on cpu, only 0.1 GiB is free"):
         pipe("x", width=4096, height=4096, steps=1, progress=False)
     assert not called
-    assert pipe.estimate_memory(512, 512, 1, cfg=True, tiled=False) < pipe.estimate_memory(1024, 1024, 1, cfg=True,
-                                                                                           tiled=False)
+    assert pipe.estimate_memory(512, 512, 1, cfg=True, tiled=False) < pipe.estimate_memory(
+        1024, 1024, 1, cfg=True, tiled=False
+    )
 
 
 def test_mask_blur_softens_the_blend(sd1):
@@ -455,8 +479,14 @@ def test_pixel_ddpm_folder_takes_a_class_name(tmp_path):
 
     cfg = dataclasses.replace(TINY_PIXEL, in_channels=1, out_channels=1, num_class_embeds=3)
     torch.manual_seed(0)
-    PixelDDPM(unet=UNet(cfg), schedule_config={"beta_schedule": "linear"}, prediction="epsilon", image_size=16,
-              channels=1, class_names=["cat", "dog"]).save(tmp_path / "px")
+    PixelDDPM(
+        unet=UNet(cfg),
+        schedule_config={"beta_schedule": "linear"},
+        prediction="epsilon",
+        image_size=16,
+        channels=1,
+        class_names=["cat", "dog"],
+    ).save(tmp_path / "px")
     pipe = sdengine.load_pipeline(tmp_path / "px", device="cpu")
     r = pipe("Dog", steps=2, sampler="ddim", seed=1, batch_size=2, cfg_scale=2.0, progress=False)
     assert r.arrays.shape == (2, 16, 16, 3) and r.seeds == [1, 2] and "Seed: 2" in r.infotexts[1]

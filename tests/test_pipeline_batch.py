@@ -106,8 +106,9 @@ def test_request_and_keywords_are_the_same_call(sd1):
 
 
 def test_request_dict_round_trip_and_defaults():
-    req = GenerationRequest(prompt=["a", "b"], seed=[1, 2], controlnets=[("cn", "edges.png", 0.5)],
-                            loras=[("x.safetensors", 0.7)])
+    req = GenerationRequest(
+        prompt=["a", "b"], seed=[1, 2], controlnets=[("cn", "edges.png", 0.5)], loras=[("x.safetensors", 0.7)]
+    )
     d = req.to_dict()
     assert d["controlnets"] == [{"model": "cn", "image": "edges.png", "scale": 0.5, "start": 0.0, "end": 1.0}]
     back = GenerationRequest.from_dict(d)
@@ -119,15 +120,18 @@ def test_request_dict_round_trip_and_defaults():
         GenerationRequest.from_dict({"stepz": 3})
 
 
-@pytest.mark.parametrize(("kw", "message"), [
-    ({"prompt": ["a", "b"], "seed": [1, 2, 3]}, "one value per row: prompt has 2, seed has 3"),
-    ({"prompt": ["a", "b"], "batch_size": 3}, "batch_size 3 does not match the 2 rows"),
-    ({"prompt": ["a", "b"], "seed": [1, -2]}, "seeds in a list must be integers >= 0"),
-    ({"prompt": []}, "empty list for prompt"),
-    ({"prompt": ["a", 3]}, "prompt must be a string or a list of strings"),
-    ({"steps": 0}, "steps must be a positive integer"),
-    ({"controlnets": [("only-a-model",)]}, r"each ControlNet is \(model_or_path, image"),
-])
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"prompt": ["a", "b"], "seed": [1, 2, 3]}, "one value per row: prompt has 2, seed has 3"),
+        ({"prompt": ["a", "b"], "batch_size": 3}, "batch_size 3 does not match the 2 rows"),
+        ({"prompt": ["a", "b"], "seed": [1, -2]}, "seeds in a list must be integers >= 0"),
+        ({"prompt": []}, "empty list for prompt"),
+        ({"prompt": ["a", 3]}, "prompt must be a string or a list of strings"),
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"controlnets": [("only-a-model",)]}, r"each ControlNet is \(model_or_path, image"),
+    ],
+)
 def test_request_errors_are_one_line(kw, message):
     with pytest.raises(sdengine.errors.SdengineError, match=message):
         GenerationRequest(**kw).validate()

@@ -50,10 +50,28 @@ def _pair(medium, kind, sampler, *, ref_kind=None, img2img=False, ours_kw=None, 
     folder, pipe = medium[kind]
     ref = diffusers_pipeline(folder, ref_kind or kind, img2img=img2img)
     ref.scheduler = diffusers_scheduler(folder, sampler)
-    ours = pipe(PROMPT, NEGATIVE, steps=steps, sampler=sampler, schedule="normal", cfg_scale=7.5, seed=21, width=SIZE,
-                height=SIZE, progress=False, **(ours_kw or {})).arrays
-    theirs = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5,
-                 generator=torch.Generator("cpu").manual_seed(21), output_type="np", **(theirs_kw or {})).images
+    ours = pipe(
+        PROMPT,
+        NEGATIVE,
+        steps=steps,
+        sampler=sampler,
+        schedule="normal",
+        cfg_scale=7.5,
+        seed=21,
+        width=SIZE,
+        height=SIZE,
+        progress=False,
+        **(ours_kw or {}),
+    ).arrays
+    theirs = ref(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        generator=torch.Generator("cpu").manual_seed(21),
+        output_type="np",
+        **(theirs_kw or {}),
+    ).images
     assert ours.std() > 0.02
     return _mad(ours, theirs)
 
@@ -67,8 +85,14 @@ def test_medium_txt2img_matches_diffusers(medium, sampler):
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "heun", "dpm2", "dpmpp_2m", "unipc"])
 def test_medium_img2img_matches_diffusers(medium, sampler, strength):
     init = picture(SIZE, SIZE)
-    err = _pair(medium, "sd1", sampler, img2img=True, ours_kw=dict(init_image=init, strength=strength),
-                theirs_kw=dict(image=init, strength=strength))
+    err = _pair(
+        medium,
+        "sd1",
+        sampler,
+        img2img=True,
+        ours_kw=dict(init_image=init, strength=strength),
+        theirs_kw=dict(image=init, strength=strength),
+    )
     assert err < TOL
 
 

@@ -22,11 +22,11 @@ from sdengine.image_info import (
 # What A1111 1.10 writes for a txt2img image with LoRAs and a hires pass: a two-line prompt, the negative
 # prompt line, then one line of fields; values with ", " or ": " are JSON strings.
 A1111_TEXT = (
-    'masterpiece, a cat <lora:a:0.8>, (sitting:1.2)\n'
+    "masterpiece, a cat <lora:a:0.8>, (sitting:1.2)\n"
     'on a "red" chair\n'
     "Negative prompt: blurry, lowres\n"
     "Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 123, Size: 512x512, Model hash: 6ce0161689, "
-    'Model: v1-5-pruned-emaonly, Denoising strength: 0.7, Hires upscale: 2, Hires upscaler: Latent, '
+    "Model: v1-5-pruned-emaonly, Denoising strength: 0.7, Hires upscale: 2, Hires upscaler: Latent, "
     'Lora hashes: "a: 1234abcd5678, b: 9876fedc5432", ADetailer prompt: "face: smile, eyes", '
     "Version: v1.10.1"
 )
@@ -87,8 +87,19 @@ def test_non_latin1_prompt_in_itxt(tmp_path, capsys):
 def test_sdengine_png_round_trip(tmp_path, capsys):
     from sdengine.metadata import format_parameters, save_png
 
-    text = format_parameters({"prompt": "a, b: c", "negative_prompt": "x", "steps": 3, "sampler": "euler_a",
-                              "cfg_scale": 5.0, "seed": 9, "width": 64, "height": 64, "model": "emoji"})
+    text = format_parameters(
+        {
+            "prompt": "a, b: c",
+            "negative_prompt": "x",
+            "steps": 3,
+            "sampler": "euler_a",
+            "cfg_scale": 5.0,
+            "seed": 9,
+            "width": 64,
+            "height": 64,
+            "model": "emoji",
+        }
+    )
     f = save_png(Image.new("RGB", (4, 4)), tmp_path / "s.png", text)
     assert _pnginfo(str(f), "--json") == 0
     fields = json.loads(capsys.readouterr().out)["fields"]
@@ -120,12 +131,17 @@ def test_user_comment_codes():
 
 def _bare_png(path) -> None:
     """A valid PNG written by hand with no text chunk at all."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     raw = b"".join(b"\x00" + b"\x80\x80\x80" * 2 for _ in range(2))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_image_without_parameters_is_one_line(tmp_path, capsys):
@@ -175,7 +191,12 @@ def test_plain_pnginfo_needs_no_torch(tmp_path):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     src = str(Path(__file__).resolve().parents[1] / "src")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == A1111_TEXT + "\n"

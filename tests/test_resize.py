@@ -16,9 +16,9 @@ def _bands(w: int, h: int) -> Image.Image:
     """A w x h picture: left half red, right half blue, a green top band and a white bottom band (h/10 each)."""
     a = np.zeros((h, w, 3), np.uint8)
     a[:, : w // 2] = (255, 0, 0)
-    a[:, w // 2:] = (0, 0, 255)
+    a[:, w // 2 :] = (0, 0, 255)
     a[: h // 10] = (0, 255, 0)
-    a[-(h // 10):] = (255, 255, 255)
+    a[-(h // 10) :] = (255, 255, 255)
     return Image.fromarray(a)
 
 

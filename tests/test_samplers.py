@@ -20,11 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 
 TOL = 1e-4  # max abs, fp32; observed <= 5e-5 on outputs of magnitude up to ~85 (see the report)
 
-CASES = [
-    (name, sched)
-    for name, spec in sampling.SAMPLERS.items()
-    for sched in spec.parity_schedules
-]
+CASES = [(name, sched) for name, spec in sampling.SAMPLERS.items() for sched in spec.parity_schedules]
 
 
 @pytest.mark.parametrize("sampler,schedule", CASES)
@@ -98,7 +94,11 @@ def test_a_row_does_not_depend_on_its_batch(sampler):
     noise = start_noise()
     both = sampling.sample(den, noise, sampler=sampler, steps=4, scheduler_config=SD_CONFIG, generators=gens())
     second = sampling.sample(
-        den, noise[1:], sampler=sampler, steps=4, scheduler_config=SD_CONFIG,
+        den,
+        noise[1:],
+        sampler=sampler,
+        steps=4,
+        scheduler_config=SD_CONFIG,
         generators=[torch.Generator().manual_seed(1234 + 1)],
     )
     torch.testing.assert_close(both[1:], second, atol=1e-5, rtol=1e-5)
@@ -108,13 +108,20 @@ def test_callback_sees_every_step_and_can_stop():
     ns = NoiseSchedule.from_config(**SD_CONFIG)
     den = Denoiser(TinyNet(), ns)
     seen = []
-    sampling.sample(den, start_noise(), sampler="heun", steps=5, scheduler_config=SD_CONFIG,
-                    callback=lambda i, s, x, d: seen.append((i, s)))
+    sampling.sample(
+        den,
+        start_noise(),
+        sampler="heun",
+        steps=5,
+        scheduler_config=SD_CONFIG,
+        callback=lambda i, s, x, d: seen.append((i, s)),
+    )
     assert [i for i, _ in seen] == [0, 1, 2, 3, 4]
     assert all(a[1] > b[1] for a, b in zip(seen, seen[1:], strict=False))
     with pytest.raises(S.SamplingInterrupted) as info:
-        sampling.sample(den, start_noise(), sampler="euler", steps=5, scheduler_config=SD_CONFIG,
-                        callback=lambda i, s, x, d: i < 2)
+        sampling.sample(
+            den, start_noise(), sampler="euler", steps=5, scheduler_config=SD_CONFIG, callback=lambda i, s, x, d: i < 2
+        )
     assert info.value.step == 2 and info.value.denoised.shape == (2, 3, 4, 4)
 
 
@@ -124,8 +131,9 @@ def test_img2img_runs_the_steps_diffusers_runs():
     calls = []
     den = Denoiser(lambda x, t: (calls.append(float(t[0])), x * 0)[1], ns)
     init = torch.zeros(2, 3, 4, 4)
-    sampling.sample(den, start_noise(), sampler="euler", steps=10, scheduler_config=SD_CONFIG,
-                    init_latent=init, strength=0.75)
+    sampling.sample(
+        den, start_noise(), sampler="euler", steps=10, scheduler_config=SD_CONFIG, init_latent=init, strength=0.75
+    )
     ref = DDIMScheduler.from_config(SD_CONFIG)
     ref.set_timesteps(10)
     assert calls == [float(t) for t in ref.timesteps[3:]]  # 7 steps from t=601

@@ -21,8 +21,13 @@ from sdengine.diffusion.schedules import NoiseSchedule
 
 MU, STD = 0.3, 0.5
 CONFIG = {
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False,
-    "timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "clip_sample": False,
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
 }
 FIRST_ORDER = {"euler", "ddim", "euler_a", "ddpm", "dpmpp_sde"}
 
@@ -44,8 +49,14 @@ def _run(sampler, denoiser, schedule="normal"):
     generators = [torch.Generator().manual_seed(100 + i) for i in range(8)]
     noise = torch.cat([torch.randn((1, 1, 64, 64), generator=g) for g in generators])
     return sampling.sample(
-        denoiser, noise, sampler=sampler, steps=50, schedule=schedule, scheduler_config=CONFIG,
-        generators=generators, noise_schedule=ns,
+        denoiser,
+        noise,
+        sampler=sampler,
+        steps=50,
+        schedule=schedule,
+        scheduler_config=CONFIG,
+        generators=generators,
+        noise_schedule=ns,
     )
 
 

@@ -79,8 +79,14 @@ def test_controlnet_and_lora_assets_load_and_change_the_image(pipe):
 
 # Canonical captions and paraphrases (no caption words) of emoji the shipped model draws well; the exact
 # emoji must be among the recogniser's five best guesses for all but one of each list.
-ADHERENCE = [("grinning face", "\U0001f600"), ("red heart", "\u2764\ufe0f"), ("cat face", "\U0001f431"),
-             ("sun", "\u2600\ufe0f"), ("soccer ball", "\u26bd"), ("rocket", "\U0001f680")]
+ADHERENCE = [
+    ("grinning face", "\U0001f600"),
+    ("red heart", "\u2764\ufe0f"),
+    ("cat face", "\U0001f431"),
+    ("sun", "\u2600\ufe0f"),
+    ("soccer ball", "\u26bd"),
+    ("rocket", "\U0001f680"),
+]
 
 
 def test_shipped_model_draws_what_the_prompt_names(pipe):

@@ -50,10 +50,20 @@ def test_latent_scaling_makes_unit_spread():
 
 
 def test_train_emoji_toy_run_exports_a_loadable_folder_and_resumes(tmp_path, small_dataset):
-    recipe = EmojiRecipe(vae_steps=6, vae_batch=8, unet_steps=8, unet_batch=8, vae_warmup=2, unet_warmup=2,
-                         mixed_precision="no", spec=EmojiTrainSpec(vae_crop=8), unet_pooled_from=0)
-    kw = dict(device="cpu", progress=False, dataset=small_dataset, unet_config=TINY_EMOJI_UNET,
-              vae_config=TINY_EMOJI_VAE)
+    recipe = EmojiRecipe(
+        vae_steps=6,
+        vae_batch=8,
+        unet_steps=8,
+        unet_batch=8,
+        vae_warmup=2,
+        unet_warmup=2,
+        mixed_precision="no",
+        spec=EmojiTrainSpec(vae_crop=8),
+        unet_pooled_from=0,
+    )
+    kw = dict(
+        device="cpu", progress=False, dataset=small_dataset, unet_config=TINY_EMOJI_UNET, vae_config=TINY_EMOJI_VAE
+    )
     summary = train_emoji(tmp_path / "run", recipe, **kw)
     assert summary["vae"]["steps"] == 6 and summary["unet"]["steps"] == 8
     assert summary["unet"]["images"] == len(small_dataset.entries) - 3
@@ -85,10 +95,20 @@ def test_pooled_phase_starts_from_the_token_only_model_exactly(tmp_path, small_d
     goes on from the same optimizer moments."""
     import dataclasses
 
-    recipe = EmojiRecipe(vae_steps=4, vae_batch=8, unet_steps=4, unet_batch=8, vae_warmup=2, unet_warmup=2,
-                         mixed_precision="no", spec=EmojiTrainSpec(vae_crop=8), unet_pooled_from=4)
-    kw = dict(device="cpu", progress=False, dataset=small_dataset, unet_config=TINY_EMOJI_UNET,
-              vae_config=TINY_EMOJI_VAE)
+    recipe = EmojiRecipe(
+        vae_steps=4,
+        vae_batch=8,
+        unet_steps=4,
+        unet_batch=8,
+        vae_warmup=2,
+        unet_warmup=2,
+        mixed_precision="no",
+        spec=EmojiTrainSpec(vae_crop=8),
+        unet_pooled_from=4,
+    )
+    kw = dict(
+        device="cpu", progress=False, dataset=small_dataset, unet_config=TINY_EMOJI_UNET, vae_config=TINY_EMOJI_VAE
+    )
     ckpt = tmp_path / "run" / "unet" / "checkpoint.pt"
     train_emoji(tmp_path / "run", recipe, **kw)  # the recipe ends at the switch: token-only model
     assert not checkpoint_has_pooled(ckpt)
@@ -119,11 +139,16 @@ def test_pooled_phase_starts_from_the_token_only_model_exactly(tmp_path, small_d
     g = torch.Generator().manual_seed(0)
     x, ctx, vec = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 384, generator=g), torch.randn(2, 384)
     with torch.no_grad():
-        assert torch.equal(new(x, 300, encoder_hidden_states=ctx, class_labels=vec),
-                           old(x, 300, encoder_hidden_states=ctx))
+        assert torch.equal(
+            new(x, 300, encoder_hidden_states=ctx, class_labels=vec), old(x, 300, encoder_hidden_states=ctx)
+        )
     assert torch.count_nonzero(new.class_embedding.linear_1.weight) > 0
-    opt = torch.optim.AdamW([{"params": [p for p in new.parameters() if p.ndim >= 2]},
-                             {"params": [p for p in new.parameters() if p.ndim < 2]}])
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in new.parameters() if p.ndim >= 2]},
+            {"params": [p for p in new.parameters() if p.ndim < 2]},
+        ]
+    )
     opt.load_state_dict(up["optimizer"])  # the loop's grouping: loads without a size mismatch
     with pytest.raises(ValueError, match="token-states-only"):
         add_pooled_projection(path, tokens_only, TINY_EMOJI_UNET, seed=0)  # already upgraded

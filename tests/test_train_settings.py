@@ -25,8 +25,26 @@ def _captioned_folder(root: Path, n: int = 2, size: int = 40) -> Path:
 @pytest.mark.parametrize("kind", ["controlnet", "lora"])
 def test_resolution_is_the_models_and_settings_are_printed(kind, tmp_path, tiny_sd1_folder, capsys) -> None:
     data = _captioned_folder(tmp_path / "data")
-    rc = main(["train", kind, "--model", str(tiny_sd1_folder), "--data", str(data), "--steps", "1", "--batch-size",
-               "1", "--out", str(tmp_path / "run"), "--device", "cpu", "--checkpoint-every", "0"])
+    rc = main(
+        [
+            "train",
+            kind,
+            "--model",
+            str(tiny_sd1_folder),
+            "--data",
+            str(data),
+            "--steps",
+            "1",
+            "--batch-size",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+            "--checkpoint-every",
+            "0",
+        ]
+    )
     assert rc == 0
     first = capsys.readouterr().out.splitlines()[0]
     # the tiny model's training size is 32 (train controlnet used 512 whatever the model)
@@ -35,13 +53,19 @@ def test_resolution_is_the_models_and_settings_are_printed(kind, tmp_path, tiny_
 
 
 def test_trainer_help_shows_defaults(capsys) -> None:
-    expected = {"controlnet": ["(default: 0.05)", "--steps STEPS default: 5000", "--lr LR default: 1e-05"],
-                "lora": ["--steps STEPS default: 1000", "--lr LR default: 0.0001", "--rank RANK default: 8"]}
+    expected = {
+        "controlnet": ["(default: 0.05)", "--steps STEPS default: 5000", "--lr LR default: 1e-05"],
+        "lora": ["--steps STEPS default: 1000", "--lr LR default: 0.0001", "--rank RANK default: 8"],
+    }
     for kind, wanted in expected.items():
         with pytest.raises(SystemExit):
             main(["train", kind, "--help"])
         text = " ".join(capsys.readouterr().out.split())
-        for e in [*wanted, "--resolution RESOLUTION training size in pixels (default: the model's)",
-                  "--warmup WARMUP linear learning-rate warm-up steps (default: ", "--seed SEED default: 0"]:
+        for e in [
+            *wanted,
+            "--resolution RESOLUTION training size in pixels (default: the model's)",
+            "--warmup WARMUP linear learning-rate warm-up steps (default: ",
+            "--seed SEED default: 0",
+        ]:
             assert e in text, (kind, e)
         assert "default: None" not in text

@@ -41,8 +41,15 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
         dataclasses.replace(TINY_PIXEL, attention=("none", "none"), mid_attention="none"),
         dataclasses.replace(TINY_PIXEL, mid_block=False, attention=("self", "self"), num_heads=(2, 4)),
         dataclasses.replace(TINY_PIXEL, resnet_time_scale_shift="scale_shift", attn_norm_num_groups=8),
-        dataclasses.replace(TINY_PIXEL, block_out_channels=(32, 32, 64), attention=("self", "none", "self"),
-                            num_heads=(4, 4, 8), downsample_padding=0, freq_shift=1, flip_sin_to_cos=False),
+        dataclasses.replace(
+            TINY_PIXEL,
+            block_out_channels=(32, 32, 64),
+            attention=("self", "none", "self"),
+            num_heads=(4, 4, 8),
+            downsample_padding=0,
+            freq_shift=1,
+            flip_sin_to_cos=False,
+        ),
     ],
     ids=["attn", "class", "no_attn", "no_mid", "scale_shift", "three_levels"],
 )
@@ -102,12 +109,23 @@ def test_from_diffusers_pixel_config_round_trip() -> None:
         assert UNetConfig.from_diffusers(cfg.to_diffusers()) == dataclasses.replace(cfg)
     # A real DDPM config (google/ddpm-cifar10-32), written the way its config.json is.
     ddpm_cifar = {
-        "_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": None,
-        "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
+        "_class_name": "UNet2DModel",
+        "act_fn": "silu",
+        "attention_head_dim": None,
+        "block_out_channels": [128, 256, 256, 256],
+        "center_input_sample": False,
         "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-        "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3,
-        "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32,
-        "out_channels": 3, "sample_size": 32, "time_embedding_type": "positional",
+        "downsample_padding": 0,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "in_channels": 3,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-06,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "sample_size": 32,
+        "time_embedding_type": "positional",
         "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
     }
     cfg = UNetConfig.from_diffusers(ddpm_cifar)

@@ -15,12 +15,20 @@ diffusers = pytest.importorskip("diffusers")
 TOL = 1e-4
 
 TINY_SD2 = dataclasses.replace(
-    TINY_SD, num_heads=(2, 4), cross_attention_dim=24, use_linear_projection=True, upcast_attention=True,
+    TINY_SD,
+    num_heads=(2, 4),
+    cross_attention_dim=24,
+    use_linear_projection=True,
+    upcast_attention=True,
     attention=("cross", "cross"),
 )
 TINY_THREE_LEVELS = dataclasses.replace(
-    TINY_SD, block_out_channels=(32, 32, 64), attention=("cross", "cross", "none"), num_heads=(2, 4, 4),
-    transformer_layers_per_block=2, layers_per_block=2,
+    TINY_SD,
+    block_out_channels=(32, 32, 64),
+    attention=("cross", "cross", "none"),
+    num_heads=(2, 4, 4),
+    transformer_layers_per_block=2,
+    layers_per_block=2,
 )
 
 
@@ -58,8 +66,14 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
         (dataclasses.replace(TINY_SD, projection_class_embeddings_input_dim=6), 16),  # the emoji model's pooled text
         (TINY_THREE_LEVELS, 18),  # 18 -> 9 -> 5: up-sampling must follow the skip sizes
     ],
-    ids=["sd1", "sd2_linear_proj_head_dims", "inpaint_9ch", "class_embeds", "projection_class_embedding",
-         "three_levels_odd_size"],
+    ids=[
+        "sd1",
+        "sd2_linear_proj_head_dims",
+        "inpaint_9ch",
+        "class_embeds",
+        "projection_class_embedding",
+        "three_levels_odd_size",
+    ],
 )
 def test_unet2d_condition_parity(cfg: UNetConfig, size: int) -> None:
     ref, ours = _pair(cfg)
@@ -67,8 +81,11 @@ def test_unet2d_condition_parity(cfg: UNetConfig, size: int) -> None:
     t = torch.tensor([999, 1])
     kw = {"class_labels": torch.tensor([0, 3])} if cfg.num_class_embeds else {}
     if cfg.projection_class_embeddings_input_dim:
-        kw = {"class_labels": torch.randn(2, cfg.projection_class_embeddings_input_dim,
-                                          generator=torch.Generator().manual_seed(3))}
+        kw = {
+            "class_labels": torch.randn(
+                2, cfg.projection_class_embeddings_input_dim, generator=torch.Generator().manual_seed(3)
+            )
+        }
     with torch.no_grad():
         want = ref(x, t, encoder_hidden_states=ctx, **kw).sample
         got = ours(x, t, encoder_hidden_states=ctx, **kw)
@@ -115,10 +132,20 @@ def test_controlnet_residuals_parity() -> None:
         g = torch.Generator().manual_seed(5)
         down_res = [torch.randn(s.shape, generator=g) * 0.5 for s in skips]
         mid_res = torch.randn(h.shape, generator=g) * 0.5
-        want = ref(x, t, encoder_hidden_states=ctx, down_block_additional_residuals=tuple(down_res),
-                   mid_block_additional_residual=mid_res).sample
-        got = ours(x, t, encoder_hidden_states=ctx, down_block_additional_residuals=down_res,
-                   mid_block_additional_residual=mid_res)
+        want = ref(
+            x,
+            t,
+            encoder_hidden_states=ctx,
+            down_block_additional_residuals=tuple(down_res),
+            mid_block_additional_residual=mid_res,
+        ).sample
+        got = ours(
+            x,
+            t,
+            encoder_hidden_states=ctx,
+            down_block_additional_residuals=down_res,
+            mid_block_additional_residual=mid_res,
+        )
         plain = ours(x, t, encoder_hidden_states=ctx)
     assert _err(got, want) < TOL
     assert _err(got, plain) > 1e-3
@@ -153,19 +180,38 @@ def test_from_diffusers_real_sd_configs() -> None:
     # The U-Net config.json of runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1 (abridged
     # to the keys they carry).
     sd15 = {
-        "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu",
-        "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.6.0",
+        "act_fn": "silu",
+        "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "center_input_sample": False,
         "cross_attention_dim": 768,
         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-        "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+        "downsample_padding": 1,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "out_channels": 4,
+        "sample_size": 64,
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     }
     assert UNetConfig.from_diffusers(sd15) == SD15
     assert UNetConfig.from_diffusers({**sd15, "in_channels": 9}) == SD15_INPAINT
-    sd21 = {**sd15, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "sample_size": 96,
-            "use_linear_projection": True, "upcast_attention": True, "dual_cross_attention": False,
-            "num_class_embeds": None}
+    sd21 = {
+        **sd15,
+        "attention_head_dim": [5, 10, 20, 20],
+        "cross_attention_dim": 1024,
+        "sample_size": 96,
+        "use_linear_projection": True,
+        "upcast_attention": True,
+        "dual_cross_attention": False,
+        "num_class_embeds": None,
+    }
     assert UNetConfig.from_diffusers(sd21) == SD21
     for cfg in (SD15, SD21, TINY_SD, TINY_SD2, TINY_THREE_LEVELS, MEDIUM_SD):
         assert UNetConfig.from_diffusers(cfg.to_diffusers()) == cfg

@@ -76,10 +76,17 @@ def test_scaling_round_trip_and_config() -> None:
         assert VAEConfig.from_diffusers(cfg.to_diffusers()) == cfg
     # stabilityai/sd-vae-ft-mse / the SD1.5 vae config.json
     sd_vae = {
-        "_class_name": "AutoencoderKL", "_diffusers_version": "0.4.2", "act_fn": "silu",
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.4.2",
+        "act_fn": "silu",
         "block_out_channels": [128, 256, 512, 512],
-        "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4,
-        "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "in_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "sample_size": 512,
         "up_block_types": ["UpDecoderBlock2D"] * 4,
     }
     assert VAEConfig.from_diffusers(sd_vae) == SD

@@ -79,8 +79,13 @@ def test_infotext_round_trips(pipe):
     assert int(parse_parameters(drawn.infotexts[0])["Variation seed"]) >= 0
 
 
-@pytest.mark.parametrize("bad,message", [({"subseed_strength": 1.5}, "subseed_strength must be in [0, 1]"),
-                                         ({"subseed": -3, "subseed_strength": 0.5}, "subseed must be an integer")])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"subseed_strength": 1.5}, "subseed_strength must be in [0, 1]"),
+        ({"subseed": -3, "subseed_strength": 0.5}, "subseed must be an integer"),
+    ],
+)
 def test_bad_values_are_one_line(pipe, bad, message):
     with pytest.raises(GenerationError) as e:
         pipe("a cat", **bad, **FAST)
@@ -91,13 +96,38 @@ def test_cli_subseed_and_from_png(tiny_sd1_folder, tmp_path):
     from sdengine.cli import main
 
     out = tmp_path / "o"
-    assert main(["generate", "a cat", "--model", str(tiny_sd1_folder), "--steps", "3", "--sampler", "euler",
-                 "--seed", "5", "--subseed", "9", "--subseed-strength", "0.4", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a cat",
+                "--model",
+                str(tiny_sd1_folder),
+                "--steps",
+                "3",
+                "--sampler",
+                "euler",
+                "--seed",
+                "5",
+                "--subseed",
+                "9",
+                "--subseed-strength",
+                "0.4",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     made = out / "00000-5.png"
     text = Image.open(made).info["parameters"]
     assert "Variation seed: 9, Variation seed strength: 0.4" in text
     again = tmp_path / "again"
-    assert main(["generate", "--from-png", str(made), "--model", str(tiny_sd1_folder), "--out", str(again),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            ["generate", "--from-png", str(made), "--model", str(tiny_sd1_folder), "--out", str(again), "--no-progress"]
+        )
+        == 0
+    )
     np.testing.assert_array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(again / "00000-5.png")))

@@ -107,8 +107,9 @@ def tiny_pipeline(kind: str = "sd1", tmp: Path | None = None):
     unet = randomize(tiny_unet(kind), 10)
     vae = randomize(tiny_vae(), 11)
     te = randomize(tiny_clip("sd2" if kind == "sd2" else "sd1"), 12)
-    sched_kw = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
-                    steps_offset=1)
+    sched_kw = dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1
+    )
     if kind == "sd2":
         scheduler = DDIMScheduler(prediction_type="v_prediction", clip_sample=False, **sched_kw)
     else:
@@ -116,8 +117,16 @@ def tiny_pipeline(kind: str = "sd1", tmp: Path | None = None):
     tok_dir = write_byte_tokenizer((tmp or Path("/tmp/sdengine-weights-tests")) / "tok")
     tok = CLIPTokenizer.from_pretrained(tok_dir)
     cls = StableDiffusionInpaintPipeline if kind == "inpaint" else StableDiffusionPipeline
-    pipe = cls(unet=unet, vae=vae, text_encoder=te, tokenizer=tok, scheduler=scheduler, safety_checker=None,
-               feature_extractor=None, requires_safety_checker=False)
+    pipe = cls(
+        unet=unet,
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     if tmp is not None:
         pipe.save_pretrained(tmp / "folder")
     return pipe

@@ -10,17 +10,40 @@ from sdengine.weights import keymaps as km
 from sdengine.weights.loading import LoadedCheckpoint, components_to_ldm, ldm_to_components
 from test_weights_common import state
 
-SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-                 sample_size=64)
-SD21_UNET = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024,
-                 attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, sample_size=96,
-                 upcast_attention=True)
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              hidden_act="quick_gelu", projection_dim=768)
-OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-                  hidden_act="gelu", projection_dim=512)
+SD15_UNET = dict(
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8, sample_size=64
+)
+SD21_UNET = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    cross_attention_dim=1024,
+    attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True,
+    sample_size=96,
+    upcast_attention=True,
+)
+SD_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=4,
+)
+CLIP_L = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+OPENCLIP_H = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    hidden_act="gelu",
+    projection_dim=512,
+)
 
 
 def _meta_models(unet_kw, te_kw, in_channels=4):
@@ -30,8 +53,11 @@ def _meta_models(unet_kw, te_kw, in_channels=4):
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_kw, in_channels=in_channels)
         vae = AutoencoderKL(**SD_VAE, sample_size=unet_kw["sample_size"] * 8)
-        te = CLIPTextModel(CLIPTextConfig(**te_kw, vocab_size=49408, max_position_embeddings=77,
-                                          bos_token_id=0, eos_token_id=2, pad_token_id=1))
+        te = CLIPTextModel(
+            CLIPTextConfig(
+                **te_kw, vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1
+            )
+        )
     return unet, vae, te
 
 
@@ -50,13 +76,21 @@ def test_full_size_names_and_synthesised_configs(name):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     sd2 = name == "sd21"
-    unet, vae, te = _meta_models(SD21_UNET if sd2 else SD15_UNET, OPENCLIP_H if sd2 else CLIP_L,
-                                 in_channels=9 if "inpaint" in name else 4)
-    ck = LoadedCheckpoint(source=None, layout="diffusers",  # type: ignore[arg-type]
-                          state_dicts={"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": state(te)},
-                          configs={"unet": dict(unet.config), "vae": dict(vae.config),
-                                   "text_encoder": te.config.to_dict(), "scheduler": {}},
-                          prediction_type="v_prediction" if sd2 else "epsilon")
+    unet, vae, te = _meta_models(
+        SD21_UNET if sd2 else SD15_UNET, OPENCLIP_H if sd2 else CLIP_L, in_channels=9 if "inpaint" in name else 4
+    )
+    ck = LoadedCheckpoint(
+        source=None,
+        layout="diffusers",  # type: ignore[arg-type]
+        state_dicts={"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": state(te)},
+        configs={
+            "unet": dict(unet.config),
+            "vae": dict(vae.config),
+            "text_encoder": te.config.to_dict(),
+            "scheduler": {},
+        },
+        prediction_type="v_prediction" if sd2 else "epsilon",
+    )
     ldm = components_to_ldm(ck)
     # real SD files: 686 UNet tensors for SD1.5 (in LDM names), 24 OpenCLIP blocks for SD2's 23-layer encoder
     assert sum(k.startswith(km.UNET_PREFIX) for k in ldm) == len(unet.state_dict())

@@ -15,11 +15,18 @@ def test_single_file_into_sdengine_models(tmp_path, kind):
     unet = randomize(tiny_unet(kind), 1).eval()
     vae = randomize(tiny_vae(), 2)
     te = randomize(tiny_clip("sd2" if kind == "sd2" else "sd1"), 3)
-    ck = LoadedCheckpoint(source=tmp_path, layout="diffusers",
-                          state_dicts={"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": state(te)},
-                          configs={"unet": dict(unet.config), "vae": dict(vae.config),
-                                   "text_encoder": te.config.to_dict(), "scheduler": {}},
-                          prediction_type="epsilon")
+    ck = LoadedCheckpoint(
+        source=tmp_path,
+        layout="diffusers",
+        state_dicts={"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": state(te)},
+        configs={
+            "unet": dict(unet.config),
+            "vae": dict(vae.config),
+            "text_encoder": te.config.to_dict(),
+            "scheduler": {},
+        },
+        prediction_type="epsilon",
+    )
     from sdengine.weights.loading import save_single_file
 
     path = save_single_file(ck, tmp_path / "m.safetensors")
@@ -48,13 +55,21 @@ def test_plain_ldm_file_sdengine_unet_config(tmp_path):
     """No metadata: the synthesised SD1-style config is accepted by sdengine's UNetConfig."""
     unet = randomize(tiny_unet("sd1", cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32), 1).eval()
     vae = randomize(tiny_vae(block_out_channels=(32, 64), norm_num_groups=32), 2)
-    te = randomize(tiny_clip("sd1", hidden_size=768, num_attention_heads=12, intermediate_size=64,
-                             num_hidden_layers=1), 3)
-    ck = LoadedCheckpoint(source=tmp_path, layout="diffusers",
-                          state_dicts={"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": state(te)},
-                          configs={"unet": dict(unet.config), "vae": dict(vae.config),
-                                   "text_encoder": te.config.to_dict(), "scheduler": {}},
-                          prediction_type="epsilon")
+    te = randomize(
+        tiny_clip("sd1", hidden_size=768, num_attention_heads=12, intermediate_size=64, num_hidden_layers=1), 3
+    )
+    ck = LoadedCheckpoint(
+        source=tmp_path,
+        layout="diffusers",
+        state_dicts={"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": state(te)},
+        configs={
+            "unet": dict(unet.config),
+            "vae": dict(vae.config),
+            "text_encoder": te.config.to_dict(),
+            "scheduler": {},
+        },
+        prediction_type="epsilon",
+    )
     p = tmp_path / "plain.safetensors"
     save_safetensors(components_to_ldm(ck), p)
     models = build_models(load_checkpoint(p), components=("unet", "text_encoder"))

@@ -106,7 +106,11 @@ def test_default_schedule_fits_each_sampler():
     assert [c.kwargs["schedule"] for c in cells] == ["karras", None, None]
     cells = plan_cells("x", {"seed": 1}, parse_axis("sampler=euler,lcm"), parse_axis("schedule=normal,sgm_uniform"))
     assert [(c.kwargs["sampler"], c.kwargs["schedule"]) for c in cells] == [
-        ("euler", "normal"), ("lcm", "normal"), ("euler", "sgm_uniform"), ("lcm", "sgm_uniform")]
+        ("euler", "normal"),
+        ("lcm", "normal"),
+        ("euler", "sgm_uniform"),
+        ("lcm", "sgm_uniform"),
+    ]
 
 
 # -------------------------------------------------------------------------------------------- grid drawing
@@ -118,8 +122,9 @@ def _solid(i: int, size=(40, 30)) -> Image.Image:
 
 def test_grid_layout_places_every_cell_exactly():
     imgs = [[[_solid(k * 6 + r * 3 + c) for c in range(3)] for r in range(2)] for k in range(2)]
-    grid, layout = draw_xyz_grid(imgs, ["steps: 10", "steps: 20", "steps: 30"], ["sampler: euler", "sampler: lcm"],
-                                 ["cfg: 3", "cfg: 7"])
+    grid, layout = draw_xyz_grid(
+        imgs, ["steps: 10", "steps: 20", "steps: 30"], ["sampler: euler", "sampler: lcm"], ["cfg: 3", "cfg: 7"]
+    )
     assert grid.size == (layout.width, layout.height)
     assert len(layout.boxes) == 12
     for (k, r, c), box in layout.boxes.items():
@@ -183,8 +188,25 @@ def emoji(one_thread):
 
 def test_xyz_cli_grid_cells_equal_single_generations(emoji, tmp_path, capsys):
     out = tmp_path / "plot"
-    rc = main(["xyz", "a red apple", "--x", "steps=2,3", "--y", "sampler=euler,lcm", "--z", "cfg=3,6",
-               "--seed", "11", "--device", "cpu", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "xyz",
+            "a red apple",
+            "--x",
+            "steps=2,3",
+            "--y",
+            "sampler=euler,lcm",
+            "--z",
+            "cfg=3,6",
+            "--seed",
+            "11",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out.split()
     cells, grid_path = printed[:-1], printed[-1]
@@ -197,8 +219,12 @@ def test_xyz_cli_grid_cells_equal_single_generations(emoji, tmp_path, capsys):
 
     # cells are written z, then row, then column; each PNG is its cell of the grid
     x, y, z = Axis("steps", (2, 3)), Axis("sampler", ("euler", "lcm")), Axis("cfg", (3.0, 6.0))
-    layout = draw_xyz_grid([[[Image.new("RGB", (64, 64))] * 2] * 2] * 2, [x.label(v) for v in x.values],
-                           [y.label(v) for v in y.values], [z.label(v) for v in z.values])[1]
+    layout = draw_xyz_grid(
+        [[[Image.new("RGB", (64, 64))] * 2] * 2] * 2,
+        [x.label(v) for v in x.values],
+        [y.label(v) for v in y.values],
+        [z.label(v) for v in z.values],
+    )[1]
     assert grid.shape[:2] == (layout.height, layout.width)
     for i, path in enumerate(cells):
         k, r, c = i // 4, (i // 2) % 2, i % 2
@@ -222,8 +248,7 @@ def test_xyz_cli_grid_cells_equal_single_generations(emoji, tmp_path, capsys):
 
 
 def test_xyz_prompt_search_and_replace_api(emoji):
-    res = run_xyz(emoji, "a red apple", {"steps": 2, "seed": 3, "progress": False},
-                  parse_axis("prompt=apple,banana"))
+    res = run_xyz(emoji, "a red apple", {"steps": 2, "seed": 3, "progress": False}, parse_axis("prompt=apple,banana"))
     assert [c.kwargs["prompt"] for c in res.cells] == ["a red apple", "a red banana"]
     alone = emoji("a red banana", steps=2, seed=3, progress=False)
     assert np.array_equal(np.asarray(res.grid.crop(res.layout.boxes[(0, 0, 1)])), np.asarray(alone.images[0]))
@@ -251,8 +276,23 @@ def test_xyz_absurd_lora_weight_is_one_line(tmp_path, capsys, weight):
     import sdengine
 
     lora = Path(sdengine.__file__).parent / "assets" / "loras" / "emoji-fruit.safetensors"
-    rc = main(["xyz", "a red apple", "--model", "emoji", "--x", "steps=2", "--lora", f"{lora}:{weight}",
-               "--out", str(tmp_path / "o"), "--no-progress", "--device", "cpu"])
+    rc = main(
+        [
+            "xyz",
+            "a red apple",
+            "--model",
+            "emoji",
+            "--x",
+            "steps=2",
+            "--lora",
+            f"{lora}:{weight}",
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "emoji-fruit: weight" in err, err
     assert not list(tmp_path.rglob("*.png"))

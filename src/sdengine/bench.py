@@ -47,9 +47,16 @@ NEGATIVE = "blurry, low quality"
 RANDOM_PRESETS = ("tiny", "medium", "sd15")
 # SD 1.5's scheduler config (the PNDM one its folders ship); the bench's sampler reads its betas and spacing.
 SD1_SCHEDULER: dict[str, Any] = {
-    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "set_alpha_to_one": False, "steps_offset": 1, "skip_prk_steps": True, "timestep_spacing": "leading",
-    "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "skip_prk_steps": True,
+    "timestep_spacing": "leading",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
 }
 
 
@@ -69,12 +76,14 @@ def preset_configs(preset: str) -> tuple[Any, Any, Any]:
     from sdengine.models import clip_text, unet, vae
 
     if preset == "tiny":
-        text = clip_text.CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                        num_attention_heads=4)
+        text = clip_text.CLIPTextConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4
+        )
         u, v = unet.TINY_SD, vae.TINY
     elif preset == "medium":  # the size the pipeline tests use
-        text = clip_text.CLIPTextConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                                        num_attention_heads=4)
+        text = clip_text.CLIPTextConfig(
+            hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4
+        )
         u, v = unet.MEDIUM_SD, vae.MEDIUM
     elif preset == "sd15":  # Stable Diffusion 1.5's real sizes
         text, u, v = clip_text.SD1, unet.SD15, vae.SD
@@ -107,11 +116,17 @@ def make_random_folder(dst: str | Path, preset: str, *, seed: int = 0) -> Path:
             for p in m.parameters():
                 p.add_(torch.randn(p.shape, generator=g), alpha=0.02)
     ckpt = LoadedCheckpoint(
-        source=dst, layout="diffusers",
+        source=dst,
+        layout="diffusers",
         state_dicts={k: {n: t.contiguous() for n, t in m.state_dict().items()} for k, m in models.items()},
-        configs={"unet": ucfg.to_diffusers(), "vae": vcfg.to_diffusers(), "text_encoder": tcfg.to_transformers(),
-                 "scheduler": dict(SD1_SCHEDULER)},
-        prediction_type="epsilon", family="sd1",
+        configs={
+            "unet": ucfg.to_diffusers(),
+            "vae": vcfg.to_diffusers(),
+            "text_encoder": tcfg.to_transformers(),
+            "scheduler": dict(SD1_SCHEDULER),
+        },
+        prediction_type="epsilon",
+        family="sd1",
     )
     tmp = dst.with_name(dst.name + ".partial")
     save_diffusers_folder(ckpt, tmp)
@@ -153,8 +168,19 @@ def sdengine_engine(folder: Path, spec: GenSpec, options: tuple[str, ...] = ()) 
     notes = apply_fast_path(pipe, options)
 
     def run() -> np.ndarray:
-        return pipe(PROMPT, NEGATIVE, steps=spec.steps, sampler=spec.sampler, schedule="normal", cfg_scale=spec.cfg,
-                    seed=spec.seed, width=spec.size, height=spec.size, batch_size=spec.batch, progress=False).arrays
+        return pipe(
+            PROMPT,
+            NEGATIVE,
+            steps=spec.steps,
+            sampler=spec.sampler,
+            schedule="normal",
+            cfg_scale=spec.cfg,
+            seed=spec.seed,
+            width=spec.size,
+            height=spec.size,
+            batch_size=spec.batch,
+            progress=False,
+        ).arrays
 
     return run, notes
 
@@ -246,8 +272,10 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     else:  # torch's own defaults: as many threads as CPUs, OpenMP's default wait policy
         import torch
 
-        settings = f"torch defaults ({torch.get_num_threads()} threads, OMP_WAIT_POLICY " \
-                   f"{os.environ.get('OMP_WAIT_POLICY', 'default')})"
+        settings = (
+            f"torch defaults ({torch.get_num_threads()} threads, OMP_WAIT_POLICY "
+            f"{os.environ.get('OMP_WAIT_POLICY', 'default')})"
+        )
     spec = GenSpec(**job["spec"])
     folder = Path(job["folder"])
     if job["engine"] == "sdengine":
@@ -283,8 +311,13 @@ def run_worker(job: dict[str, Any], *, env: dict[str, str] | None = None, timeou
     child_env = dict(os.environ if env is None else env)
     src = str(Path(__file__).resolve().parent.parent)
     child_env["PYTHONPATH"] = src + (os.pathsep + child_env["PYTHONPATH"] if child_env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "sdengine.bench", json.dumps(job)], capture_output=True, text=True,
-                          env=child_env, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdengine.bench", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        env=child_env,
+        timeout=timeout,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -292,11 +325,16 @@ def run_worker(job: dict[str, Any], *, env: dict[str, str] | None = None, timeou
     return json.loads(lines[-1])
 
 
-def peak_rss(folder: Path, spec: GenSpec, engine: str, threads: int | None,
-             options: tuple[str, ...] = ()) -> float:
+def peak_rss(folder: Path, spec: GenSpec, engine: str, threads: int | None, options: tuple[str, ...] = ()) -> float:
     """Peak RSS (MiB) of loading ``engine`` and generating twice (warm-up + one), in a fresh process."""
-    job = {"engine": engine, "folder": str(folder), "spec": dataclasses.asdict(spec), "repeats": 1,
-           "threads": threads, "options": list(options)}
+    job = {
+        "engine": engine,
+        "folder": str(folder),
+        "spec": dataclasses.asdict(spec),
+        "repeats": 1,
+        "threads": threads,
+        "options": list(options),
+    }
     return float(run_worker(job)["peak_rss_mb"])
 
 
@@ -318,8 +356,9 @@ def busy_process() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def under_load(folder: Path, spec: GenSpec, repeats: int, threads: int | None,
-               compare: str | None = None) -> list[LoadResult]:
+def under_load(
+    folder: Path, spec: GenSpec, repeats: int, threads: int | None, compare: str | None = None
+) -> list[LoadResult]:
     """Generation time (median of ``repeats`` per child) idle and beside one busy process, interleaved,
     for sdengine's start-up thread choice and for torch's defaults (OMP_WAIT_POLICY unset, all CPUs);
     with ``compare``, diffusers with torch's defaults too (what its users get)."""
@@ -333,8 +372,7 @@ def under_load(folder: Path, spec: GenSpec, repeats: int, threads: int | None,
     out = []
     for label, engine, extra in settings:
         res = LoadResult(label)
-        job = {"engine": engine, "folder": str(folder), "spec": dataclasses.asdict(spec), "repeats": repeats,
-               **extra}
+        job = {"engine": engine, "folder": str(folder), "spec": dataclasses.asdict(spec), "repeats": repeats, **extra}
         for _ in range(2):  # idle, loaded, idle, loaded
             r = run_worker(job, env=base_env)
             res.idle_s.append(statistics.median(r["times_s"]))
@@ -394,11 +432,17 @@ class BenchReport:
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "model": self.model, "spec": dataclasses.asdict(self.spec), "threads": self.threads,
-            "repeats": self.repeats, "load": self.load, "agreement_mean_abs": self.agreement,
+            "model": self.model,
+            "spec": dataclasses.asdict(self.spec),
+            "threads": self.threads,
+            "repeats": self.repeats,
+            "load": self.load,
+            "agreement_mean_abs": self.agreement,
             "speedup_vs_diffusers": self.ratio,
-            "engines": {k: {**dataclasses.asdict(v), "median_s": v.median_s, "best_s": v.best_s}
-                        for k, v in self.engines.items()},
+            "engines": {
+                k: {**dataclasses.asdict(v), "median_s": v.median_s, "best_s": v.best_s}
+                for k, v in self.engines.items()
+            },
             "options": [{**dataclasses.asdict(o), "speedup": o.speedup} for o in self.options],
             "under_load": [{**dataclasses.asdict(r), "slowdown": r.slowdown} for r in self.under_load],
         }
@@ -423,15 +467,21 @@ class BenchReport:
             lines.append(line)
             lines.append(f"images agree: mean |difference| {self.agreement:.2e} (0..1 pixels)")
         if self.options:
-            lines.append(f"{'option':14s} {'eager s':>9s} {'option s':>9s} {'speed-up':>9s} {'1st call s':>11s} "
-                         f"{'mean |diff|':>12s} {'max |diff|':>11s}")
+            lines.append(
+                f"{'option':14s} {'eager s':>9s} {'option s':>9s} {'speed-up':>9s} {'1st call s':>11s} "
+                f"{'mean |diff|':>12s} {'max |diff|':>11s}"
+            )
             for o in self.options:
-                lines.append(f"{o.option:14s} {o.eager_s:9.3f} {o.option_s:9.3f} {o.speedup:8.2f}x "
-                             f"{o.first_call_s:11.1f} {o.mean_abs:12.2e} {o.max_abs:11.2e}")
+                lines.append(
+                    f"{o.option:14s} {o.eager_s:9.3f} {o.option_s:9.3f} {o.speedup:8.2f}x "
+                    f"{o.first_call_s:11.1f} {o.mean_abs:12.2e} {o.max_abs:11.2e}"
+                )
         for r in self.under_load:
-            lines.append(f"under load, {r.setting}: idle {statistics.median(r.idle_s):.2f} s, one busy process "
-                         f"{statistics.median(r.loaded_s):.2f} s -> {r.slowdown:.2f}x  "
-                         f"[idle: {r.threads_idle}; loaded: {r.threads_loaded}]")
+            lines.append(
+                f"under load, {r.setting}: idle {statistics.median(r.idle_s):.2f} s, one busy process "
+                f"{statistics.median(r.loaded_s):.2f} s -> {r.slowdown:.2f}x  "
+                f"[idle: {r.threads_idle}; loaded: {r.threads_loaded}]"
+            )
         return "\n".join(lines)
 
 
@@ -453,8 +503,18 @@ def measure_options(folder: Path, spec: GenSpec, options: tuple[str, ...], repea
         fast, _ = sdengine_engine(folder, spec, (opt,))
         times, images = interleaved({"eager": eager, opt: fast}, repeats)
         diff = np.abs(images[opt].astype(np.float64) - images["eager"].astype(np.float64))
-        out.append(OptionResult(opt, times["eager"].median_s, times[opt].median_s, times[opt].warmup_s,
-                                float(diff.mean()), float(diff.max()), times["eager"].times_s, times[opt].times_s))
+        out.append(
+            OptionResult(
+                opt,
+                times["eager"].median_s,
+                times[opt].median_s,
+                times[opt].warmup_s,
+                float(diff.mean()),
+                float(diff.max()),
+                times["eager"].times_s,
+                times[opt].times_s,
+            )
+        )
     return out
 
 
@@ -494,8 +554,9 @@ def run_bench(
         report.agreement = mean_abs(images["sdengine"], images["diffusers"])
     if memory:
         for name in engines:
-            times[name].peak_rss_mb = peak_rss(folder, spec, name, torch.get_num_threads(),
-                                               opts if name == "sdengine" else ())
+            times[name].peak_rss_mb = peak_rss(
+                folder, spec, name, torch.get_num_threads(), opts if name == "sdengine" else ()
+            )
     if measure_options_of:
         report.options = measure_options(folder, spec, measure_options_of, repeats)
     if load_test:

@@ -92,8 +92,9 @@ def cmd_eval_ddpm(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(a.out, device=a.device, steps=a.steps, sampler=a.sampler, cfg=a.cfg, seed=a.seed,
-             progress=not a.no_progress)
+    run_demo(
+        a.out, device=a.device, steps=a.steps, sampler=a.sampler, cfg=a.cfg, seed=a.seed, progress=not a.no_progress
+    )
     return 0
 
 
@@ -109,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="outputs", help="output folder (default outputs)")
     d.add_argument("--sampler", default="dpmpp_2m")
     d.add_argument("--steps", type=int, default=20)
-    d.add_argument("--cfg", type=float, default=None, help="guidance scale (default 5 for emoji, 2 for the "
-                   "Fashion-MNIST fallback)")
+    d.add_argument(
+        "--cfg", type=float, default=None, help="guidance scale (default 5 for emoji, 2 for the Fashion-MNIST fallback)"
+    )
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default="auto")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -39,8 +39,14 @@ AXES: dict[str, tuple[type, str | None]] = {
     "clip_skip": (int, "clip_skip"),
     "prompt": (str, None),
 }
-ALIASES = {"cfg_scale": "cfg", "scheduler": "schedule", "prompt_sr": "prompt", "sr": "prompt",
-           "denoising_strength": "strength", "clipskip": "clip_skip"}
+ALIASES = {
+    "cfg_scale": "cfg",
+    "scheduler": "schedule",
+    "prompt_sr": "prompt",
+    "sr": "prompt",
+    "denoising_strength": "strength",
+    "clipskip": "clip_skip",
+}
 MAX_CELLS = 1000  # a typo in a range ("1-10000") should not start a day-long run
 
 _INT_RANGE = re.compile(r"^([+-]?\d+)\s*-\s*([+-]?\d+)(?:\s*\(\s*([+-]?\d+)\s*\)|\s*\[\s*(\d+)\s*\])?$")
@@ -175,8 +181,9 @@ def default_schedule(sampler: str) -> str | None:
     return "karras" if "karras" in SAMPLERS[name].schedules else None
 
 
-def plan_cells(prompt: str, base: Mapping[str, Any], x: Axis, y: Axis | None = None,
-               z: Axis | None = None) -> list[Cell]:
+def plan_cells(
+    prompt: str, base: Mapping[str, Any], x: Axis, y: Axis | None = None, z: Axis | None = None
+) -> list[Cell]:
     """The cells of a plot, row by row (z, then y, then x), each with the complete pipeline arguments.
 
     ``base``: the pipeline's keyword arguments every cell shares (``negative_prompt``, ``steps``, ...). A
@@ -193,8 +200,10 @@ def plan_cells(prompt: str, base: Mapping[str, Any], x: Axis, y: Axis | None = N
     negative = str(base.get("negative_prompt") or "")
     for a in axes:
         if a.name == "prompt" and a.values[0] not in prompt and a.values[0] not in negative:
-            raise UsageError(f"axis prompt: {a.values[0]!r} (the first value, the text to replace) is not in the "
-                             "prompt or the negative prompt")
+            raise UsageError(
+                f"axis prompt: {a.values[0]!r} (the first value, the text to replace) is not in the "
+                "prompt or the negative prompt"
+            )
         if a.name == "strength" and base.get("init_image") is None:
             raise UsageError("axis strength needs an init image (img2img): give --init-image")
     shared = dict(base)
@@ -283,9 +292,12 @@ def _wrap(font: Any, text: str, width: int) -> list[str]:
     return lines
 
 
-def draw_xyz_grid(images: Sequence[Sequence[Sequence[Image.Image]]], col_labels: Sequence[str] | None = None,
-                  row_labels: Sequence[str] | None = None,
-                  z_labels: Sequence[str] | None = None) -> tuple[Image.Image, GridLayout]:
+def draw_xyz_grid(
+    images: Sequence[Sequence[Sequence[Image.Image]]],
+    col_labels: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    z_labels: Sequence[str] | None = None,
+) -> tuple[Image.Image, GridLayout]:
     """``images[z][row][col]`` (all one size) as one white RGB picture with the labels: columns on top, rows at
     the left, one titled sub-grid per z side by side. Returns the picture and where each cell is."""
     n_z = len(images)
@@ -346,8 +358,9 @@ def draw_xyz_grid(images: Sequence[Sequence[Sequence[Image.Image]]], col_labels:
         for r, lines in enumerate(row_lines):
             y0 = cells_top + r * (cell_h + gap) + (cell_h - len(lines) * line_h) // 2
             for i, line in enumerate(lines):
-                draw.text((left + pad + row_text_w - _text_w(font, line), y0 + i * line_h), line, fill="black",
-                          font=font)
+                draw.text(
+                    (left + pad + row_text_w - _text_w(font, line), y0 + i * line_h), line, fill="black", font=font
+                )
         for r in range(n_rows):
             for c in range(n_cols):
                 x0 = cells_left + c * (cell_w + gap)
@@ -389,9 +402,17 @@ class XYZResult:
     layout: GridLayout
 
 
-def run_xyz(pipe: Callable[..., Any], prompt: str, base: Mapping[str, Any], x: Axis, y: Axis | None = None,
-            z: Axis | None = None, *, on_cell: Callable[[int, int, Cell], None] | None = None,
-            on_result: Callable[[int, Cell, Any], None] | None = None) -> XYZResult:
+def run_xyz(
+    pipe: Callable[..., Any],
+    prompt: str,
+    base: Mapping[str, Any],
+    x: Axis,
+    y: Axis | None = None,
+    z: Axis | None = None,
+    *,
+    on_cell: Callable[[int, int, Cell], None] | None = None,
+    on_result: Callable[[int, Cell, Any], None] | None = None,
+) -> XYZResult:
     """Generate every cell of the plot with ``pipe`` (a :class:`sdengine.pipeline.Pipeline`; one image per
     cell) and draw the grid. ``on_cell(done, total, cell)`` is called before each generation and
     ``on_result(i, cell, result)`` after it (to save each image as soon as it exists)."""

@@ -203,12 +203,12 @@ _RE_QUOTED_BODY = re.compile(r'(?:\\.|[^\\"])*')
 _RE_BARE = re.compile(r"[^,]*")
 
 
-
 def _match_end(rx: re.Pattern[str], line: str, pos: int) -> int:
     """End of ``rx`` matched at ``pos``: the patterns used here match the empty string, so they always match."""
     m = rx.match(line, pos)
     assert m is not None
     return m.end()
+
 
 def parse_fields(line: str) -> list[tuple[str, str]]:
     """``_RE_PARAM.findall(line)`` (A1111's field regex: the same pairs on every input) in linear time.
@@ -355,12 +355,19 @@ def to_generate_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     if "Variation seed" in parsed:
         kwargs["subseed"] = _parse_int(parsed, "Variation seed")
         # A1111 writes the strength only when it is not 0; a missing one is 0 (the seed's image)
-        kwargs["subseed_strength"] = (_parse_float(parsed, "Variation seed strength")
-                                      if "Variation seed strength" in parsed else 0.0)
+        kwargs["subseed_strength"] = (
+            _parse_float(parsed, "Variation seed strength") if "Variation seed strength" in parsed else 0.0
+        )
 
     used = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size"}
-    used |= {"Denoising strength", "Clip skip", "Mask blur", "CFG Rescale phi", "Variation seed",
-             "Variation seed strength"}
+    used |= {
+        "Denoising strength",
+        "Clip skip",
+        "Mask blur",
+        "CFG Rescale phi",
+        "Variation seed",
+        "Variation seed strength",
+    }
     # "ControlNet N" fields are the caller's: they need the control image (see recorded_controlnets)
     ignored = [k for k in parsed if k not in used and k not in _DESCRIPTIVE_FIELDS and not _RE_CONTROLNET.match(k)]
     if ignored:

@@ -51,8 +51,9 @@ def parse_sides(text: str) -> tuple[int, int, int, int]:
     return values[0], values[1], values[2], values[3]
 
 
-def plan_outpaint(image: Any, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0, *,
-                  overlap: int = 8, multiple: int = 8) -> OutpaintPlan:
+def plan_outpaint(
+    image: Any, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0, *, overlap: int = 8, multiple: int = 8
+) -> OutpaintPlan:
     """The canvas and mask for extending ``image`` (PIL, array or path) by the given pixels on each side.
     The new size must be a multiple of ``multiple`` (the model's); ``overlap`` pixels of the original along
     each extended side are repainted too."""
@@ -68,8 +69,10 @@ def plan_outpaint(image: Any, left: int = 0, right: int = 0, top: int = 0, botto
     w, h = img.width + left + right, img.height + top + bottom
     for name, size, extra in (("width", w, "left/right"), ("height", h, "top/bottom")):
         if size % multiple:
-            raise GenerationError(f"outpaint: the new {name} {size} is not a multiple of {multiple}; add "
-                                  f"{multiple - size % multiple} more pixels {extra}")
+            raise GenerationError(
+                f"outpaint: the new {name} {size} is not a multiple of {multiple}; add "
+                f"{multiple - size % multiple} more pixels {extra}"
+            )
     arr = np.asarray(img)
     canvas = np.pad(arr, ((top, bottom), (left, right), (0, 0)), mode="edge")
     mask = np.full((h, w), 255, np.uint8)
@@ -93,8 +96,18 @@ def finish_outpaint(plan: OutpaintPlan, generated: Image.Image) -> Image.Image:
     return Image.fromarray(out)
 
 
-def outpaint(pipe: Any, prompt: Any = "", image: Any = None, left: int = 0, right: int = 0, top: int = 0,
-             bottom: int = 0, *, overlap: int = 8, **kwargs: Any) -> Any:
+def outpaint(
+    pipe: Any,
+    prompt: Any = "",
+    image: Any = None,
+    left: int = 0,
+    right: int = 0,
+    top: int = 0,
+    bottom: int = 0,
+    *,
+    overlap: int = 8,
+    **kwargs: Any,
+) -> Any:
     """Extend ``image`` with ``pipe`` (a :class:`sdengine.pipeline.Pipeline`): inpainting of the padded canvas
     (strength 1 unless given, mask blur 4 unless given), then the original put back outside the overlap.
     Returns the pipeline's GenerationResult with its images and arrays finished."""
@@ -103,8 +116,9 @@ def outpaint(pipe: Any, prompt: Any = "", image: Any = None, left: int = 0, righ
     plan = plan_outpaint(image, left, right, top, bottom, overlap=overlap, multiple=int(pipe.size_multiple))
     kwargs.setdefault("strength", 1.0)
     kwargs.setdefault("mask_blur", 4)
-    result = pipe(prompt, init_image=plan.canvas, mask=plan.mask, width=plan.canvas.width,
-                  height=plan.canvas.height, **kwargs)
+    result = pipe(
+        prompt, init_image=plan.canvas, mask=plan.mask, width=plan.canvas.width, height=plan.canvas.height, **kwargs
+    )
     images = [finish_outpaint(plan, im) for im in result.images]
     arrays = np.stack([np.asarray(im, np.float32) / 255.0 for im in images])
     keep = (np.asarray(plan.mask) != 0)[None, :, :, None]

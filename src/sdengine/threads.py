@@ -41,8 +41,10 @@ class ThreadSettings:
     source: str  # "--threads", "SDENGINE_THREADS" or "auto"
 
     def describe(self) -> str:
-        return (f"{self.threads} thread(s) ({self.source}; {self.cpus} CPU(s) usable, {self.busy_elsewhere} busy "
-                f"elsewhere), OpenMP wait policy {self.wait_policy}")
+        return (
+            f"{self.threads} thread(s) ({self.source}; {self.cpus} CPU(s) usable, {self.busy_elsewhere} busy "
+            f"elsewhere), OpenMP wait policy {self.wait_policy}"
+        )
 
 
 def prepare_environment() -> bool:
@@ -123,6 +125,9 @@ def configure_threads(requested: int | None = None) -> ThreadSettings:
     n, source, busy = choose_threads(requested)
     torch.set_num_threads(n)
     return ThreadSettings(
-        threads=n, cpus=usable_cpus(), busy_elsewhere=busy,
-        wait_policy=os.environ.get(WAIT_POLICY_ENV, "default"), source=source,
+        threads=n,
+        cpus=usable_cpus(),
+        busy_elsewhere=busy,
+        wait_policy=os.environ.get(WAIT_POLICY_ENV, "default"),
+        source=source,
     )

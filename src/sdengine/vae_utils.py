@@ -102,7 +102,11 @@ def _should_tile(latent_h: int, latent_w: int, tiled: bool | None, tile: int) ->
 
 
 def encode_moments(
-    vae: AutoencoderKL, images: Tensor, *, tiled: bool | None = None, tile: int = TILE_LATENT,
+    vae: AutoencoderKL,
+    images: Tensor,
+    *,
+    tiled: bool | None = None,
+    tile: int = TILE_LATENT,
     overlap: int = OVERLAP_LATENT,
 ) -> DiagonalGaussian:
     """The posterior q(z | x) for images in [-1, 1] (B, 3, H, W), in the VAE's own (unscaled) latents.

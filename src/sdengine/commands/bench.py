@@ -32,11 +32,19 @@ def run(a: argparse.Namespace) -> int:
                 raise BenchError("--size is needed with --model")
             unet, vae, _ = preset_configs(a.random)
             size = unet.sample_size * vae.downscale_factor
-        spec = GenSpec(size=size, steps=a.steps, batch=a.batch, sampler=a.sampler, cfg=a.cfg, seed=a.seed,
-                       device=a.device)
+        spec = GenSpec(
+            size=size, steps=a.steps, batch=a.batch, sampler=a.sampler, cfg=a.cfg, seed=a.seed, device=a.device
+        )
         report = run_bench(
-            folder, spec, model=name, compare=None if a.compare == "none" else a.compare, repeats=a.repeats,
-            options=options, measure_options_of=measure, memory=not a.no_memory, load_test=a.under_load,
+            folder,
+            spec,
+            model=name,
+            compare=None if a.compare == "none" else a.compare,
+            repeats=a.repeats,
+            options=options,
+            measure_options_of=measure,
+            memory=not a.no_memory,
+            load_test=a.under_load,
             threads=getattr(a, "threads", None),
         )
     print(report.table())
@@ -56,8 +64,12 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "between the engines, and checks that their images agree. See docs/performance.md.",
     )
     p.add_argument("--model", default=None, help="a diffusers folder")
-    p.add_argument("--random", choices=["tiny", "medium", "sd15"], default=None,
-                   help="random weights of this architecture (sd15: Stable Diffusion 1.5's real sizes)")
+    p.add_argument(
+        "--random",
+        choices=["tiny", "medium", "sd15"],
+        default=None,
+        help="random weights of this architecture (sd15: Stable Diffusion 1.5's real sizes)",
+    )
     p.add_argument("--workdir", default=None, help="keep (and reuse) the random model's folder under here")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's own)")
     p.add_argument("--steps", type=int, default=25)
@@ -70,8 +82,12 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--repeats", type=int, default=3, help="timed calls per engine after the warm-up")
     # default=SUPPRESS: `sdengine --threads N bench` (the global option) is not overwritten by this one
     p.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="CPU threads (as the global option)")
-    p.add_argument("--fast-path", default=None, help="sdengine options for the comparison, comma-separated "
-                   "(channels_last, compile); default: sdengine.fastpath.DEFAULT_OPTIONS")
+    p.add_argument(
+        "--fast-path",
+        default=None,
+        help="sdengine options for the comparison, comma-separated "
+        "(channels_last, compile); default: sdengine.fastpath.DEFAULT_OPTIONS",
+    )
     p.add_argument("--options", default=None, help="fast-path options to time one by one against fp32 eager")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     p.add_argument("--under-load", action="store_true", help="also time it idle and beside one busy process")

@@ -30,8 +30,11 @@ def add_train_args(
     p.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
     p.add_argument("--out", default=out)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="OUT already holds a run: delete its checkpoint and outputs and start again")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="OUT already holds a run: delete its checkpoint and outputs and start again",
+    )
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
 

@@ -57,9 +57,22 @@ def run(a: argparse.Namespace) -> int:
     pipe = load_pipeline(a.model, device=device)
     recogniser = _load_recogniser(device, a.recogniser)
     res = evaluate_emoji(
-        pipe, recogniser, n=a.n, cfg=a.cfg, steps=a.steps, sampler=a.sampler, seed=a.seed, batch_size=a.batch_size,
-        cfg_sweep=None if a.no_sweep else tuple(a.cfg_sweep), sweep_n=a.sweep_n, paraphrase_n=a.paraphrase_n,
-        controlnet=a.controlnet, control_n=a.control_n, lora=a.lora, lora_weight=a.lora_weight, progress=not a.quiet,
+        pipe,
+        recogniser,
+        n=a.n,
+        cfg=a.cfg,
+        steps=a.steps,
+        sampler=a.sampler,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        cfg_sweep=None if a.no_sweep else tuple(a.cfg_sweep),
+        sweep_n=a.sweep_n,
+        paraphrase_n=a.paraphrase_n,
+        controlnet=a.controlnet,
+        control_n=a.control_n,
+        lora=a.lora,
+        lora_weight=a.lora_weight,
+        progress=not a.quiet,
     )
     print(format_report(res))
     if a.json is not None:

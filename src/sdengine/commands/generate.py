@@ -1,6 +1,7 @@
-"""``sdengine generate PROMPT``: text-to-image, img2img and inpainting from the command line (SPEC section 3).
+"""``sdengine generate PROMPT``: text-to-image, img2img and inpainting from the command line
+(docs/CONTRACTS.md, Command line).
 
-Every image is written as a PNG carrying its A1111 ``parameters`` text (SPEC section 5) under ``--out``, named
+Every image is written as a PNG carrying its A1111 ``parameters`` text (docs/CONTRACTS.md, PNG infotext) under ``--out``, named
 ``NNNNN-SEED.png`` like A1111's outputs. ``--from-png FILE`` reads such a text and generates the same image
 again (same model, same device); flags given next to it override what the PNG says.
 
@@ -35,10 +36,14 @@ def request_defaults() -> dict[str, Any]:
     from ..pipeline.request import GenerationRequest
 
     defaults = GenerationRequest.defaults()
-    out = {k: defaults[k] for k in (
-        "negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "batch_size", "strength", "clip_skip")}
+    out = {
+        k: defaults[k]
+        for k in ("negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "batch_size", "strength", "clip_skip")
+    }
     out["seed"] = -1
     return out
+
+
 _NUMBER = re.compile(r"^-?\d+(\.\d*)?$")
 
 
@@ -87,15 +92,18 @@ def parse_control_spec(text: str) -> tuple[str, str, float]:
     return kind, unit.image, unit.scale
 
 
-def control_units_from_cli(controls: Sequence[str], controlnets: Sequence[str], **preprocess_options: float
-                           ) -> list[ControlUnit]:
+def control_units_from_cli(
+    controls: Sequence[str], controlnets: Sequence[str], **preprocess_options: float
+) -> list[ControlUnit]:
     """Pair repeated ``--control`` and ``--controlnet`` flags in order -> ControlUnits, each image read
     (named if unreadable) and preprocessed by its type."""
     from ..control import option_names, preprocess
 
     if len(controls) != len(controlnets):
-        raise ControlNetError(f"{len(controls)} --control but {len(controlnets)} --controlnet: give one "
-                              "--controlnet MODEL per --control TYPE:IMAGE")
+        raise ControlNetError(
+            f"{len(controls)} --control but {len(controlnets)} --controlnet: give one "
+            "--controlnet MODEL per --control TYPE:IMAGE"
+        )
     out = []
     for text, path in zip(controls, controlnets, strict=True):
         kind, unit = parse_control_spec_full(text)
@@ -212,8 +220,11 @@ def _recorded_controlnet_path(name: str, digest: str | None, controlnets_dir: st
         if Path(name).name == name and name not in ("", ".", ".."):
             path = next((p for p in (folder / name, folder / f"{name}.safetensors") if p.exists()), None)
     if path is None:
-        where = f"built-in or in --controlnets-dir {controlnets_dir}" if controlnets_dir else "built-in (give "\
-            "--controlnets-dir FOLDER or --controlnet MODEL)"
+        where = (
+            f"built-in or in --controlnets-dir {controlnets_dir}"
+            if controlnets_dir
+            else "built-in (give --controlnets-dir FOLDER or --controlnet MODEL)"
+        )
         raise ControlNetError(f"{png} was made with ControlNet {name!r}, which is not {where}")
     if digest is not None:
         # a file is hashed itself, a diffusers folder by its weights file (as A1111 hashes the file it loads)
@@ -222,8 +233,10 @@ def _recorded_controlnet_path(name: str, digest: str | None, controlnets_dir: st
         found = model_hash(weights) if weights is not None else ""
         n = min(len(digest), len(found))
         if not n or found[:n] != digest[:n]:
-            raise ControlNetError(f"{png} was made with ControlNet {name!r} [{digest}], but {path} has hash "
-                                  f"[{found[:len(digest)] or 'unknown'}]: give the same ControlNet with --controlnet")
+            raise ControlNetError(
+                f"{png} was made with ControlNet {name!r} [{digest}], but {path} has hash "
+                f"[{found[: len(digest)] or 'unknown'}]: give the same ControlNet with --controlnet"
+            )
     return str(path)
 
 
@@ -238,16 +251,22 @@ def _controlnets_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list
         return control_units_from_cli(a.control or [], a.controlnet or []) if (a.control or a.controlnet) else []
     names = ", ".join(r.name for r in recorded)
     if not a.control:
-        raise ControlNetError(f"{a.from_png} was made with ControlNet {names}: give its control image with "
-                              "--control TYPE:IMAGE (one per ControlNet, in order)")
+        raise ControlNetError(
+            f"{a.from_png} was made with ControlNet {names}: give its control image with "
+            "--control TYPE:IMAGE (one per ControlNet, in order)"
+        )
     if len(a.control) != len(recorded):
-        raise ControlNetError(f"{a.from_png} records {len(recorded)} ControlNet(s) ({names}) but {len(a.control)} "
-                              "--control were given")
-    models = a.controlnet or [_recorded_controlnet_path(r.name, r.hash, a.controlnets_dir, a.from_png)
-                              for r in recorded]
+        raise ControlNetError(
+            f"{a.from_png} records {len(recorded)} ControlNet(s) ({names}) but {len(a.control)} --control were given"
+        )
+    models = a.controlnet or [
+        _recorded_controlnet_path(r.name, r.hash, a.controlnets_dir, a.from_png) for r in recorded
+    ]
     units = control_units_from_cli(a.control, models)
-    return [u if _spec_has_numbers(text) else dataclasses.replace(u, scale=r.weight, start=r.start, end=r.end)
-            for u, r, text in zip(units, recorded, a.control, strict=True)]
+    return [
+        u if _spec_has_numbers(text) else dataclasses.replace(u, scale=r.weight, start=r.start, end=r.end)
+        for u, r, text in zip(units, recorded, a.control, strict=True)
+    ]
 
 
 def run(a: argparse.Namespace) -> int:
@@ -278,11 +297,23 @@ def run(a: argparse.Namespace) -> int:
     model = model or "emoji"
 
     explicit = {
-        "prompt": a.prompt, "negative_prompt": a.negative, "steps": a.steps, "sampler": a.sampler,
-        "schedule": a.schedule, "cfg_scale": a.cfg, "seed": a.seed, "width": a.width, "height": a.height,
-        "batch_size": a.batch, "strength": a.strength, "clip_skip": a.clip_skip,
-        "guidance_rescale": a.guidance_rescale, "mask_blur": a.mask_blur, "resize_mode": a.resize_mode,
-        "subseed": a.subseed, "subseed_strength": a.subseed_strength,
+        "prompt": a.prompt,
+        "negative_prompt": a.negative,
+        "steps": a.steps,
+        "sampler": a.sampler,
+        "schedule": a.schedule,
+        "cfg_scale": a.cfg,
+        "seed": a.seed,
+        "width": a.width,
+        "height": a.height,
+        "batch_size": a.batch,
+        "strength": a.strength,
+        "clip_skip": a.clip_skip,
+        "guidance_rescale": a.guidance_rescale,
+        "mask_blur": a.mask_blur,
+        "resize_mode": a.resize_mode,
+        "subseed": a.subseed,
+        "subseed_strength": a.subseed_strength,
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
     if a.init_image is not None:
@@ -312,8 +343,10 @@ def run(a: argparse.Namespace) -> int:
 
         sides = parse_sides(a.outpaint)
         if a.init_image is None or a.mask is not None or a.width is not None or a.height is not None:
-            raise UsageError("--outpaint extends --init-image (the size follows from it): give --init-image, "
-                             "and no --mask, --width or --height")
+            raise UsageError(
+                "--outpaint extends --init-image (the size follows from it): give --init-image, "
+                "and no --mask, --width or --height"
+            )
         if a.strength is None:
             kwargs["strength"] = 1.0  # the new area starts from the stretched edges: repaint it fully
     out, out_is_file = _output_target(a.out, int(kwargs.get("batch_size", 1)))
@@ -359,61 +392,125 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         description="Generate images with a Stable Diffusion model (diffusers folder, .safetensors/.ckpt file or "
         "a built-in name). Each PNG carries its parameters in A1111's format; --from-png makes it again.",
     )
-    p.add_argument("prompt", nargs="?", default=None, help="the prompt (A1111 syntax: (word:1.2), [word], BREAK, "
-                   "<lora:NAME:W>)")
+    p.add_argument(
+        "prompt", nargs="?", default=None, help="the prompt (A1111 syntax: (word:1.2), [word], BREAK, <lora:NAME:W>)"
+    )
     p.add_argument("--model", default=None, help="model folder, file or built-in name (default: emoji)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {HELP_DEFAULTS['steps']})")
-    p.add_argument("--sampler", default=None,
-                   help=f"sampler, ours or A1111's name (default {HELP_DEFAULTS['sampler']})")
-    p.add_argument("--schedule", default=None,
-                   help="normal, karras, exponential, sgm_uniform (default auto: the one the sampler's name says, "
-                   "else karras where the sampler takes it, else the sampler's own)")
-    p.add_argument("--cfg", type=float, default=None,
-                   help=f"classifier-free guidance scale (default {HELP_DEFAULTS['cfg_scale']:g})")
+    p.add_argument(
+        "--sampler", default=None, help=f"sampler, ours or A1111's name (default {HELP_DEFAULTS['sampler']})"
+    )
+    p.add_argument(
+        "--schedule",
+        default=None,
+        help="normal, karras, exponential, sgm_uniform (default auto: the one the sampler's name says, "
+        "else karras where the sampler takes it, else the sampler's own)",
+    )
+    p.add_argument(
+        "--cfg",
+        type=float,
+        default=None,
+        help=f"classifier-free guidance scale (default {HELP_DEFAULTS['cfg_scale']:g})",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed of the first image; -1 = random (default)")
-    p.add_argument("--subseed", type=int, default=None, metavar="N",
-                   help="variation seed (A1111's): image i mixes seed+i's noise with N+i's; -1 = random")
-    p.add_argument("--subseed-strength", type=float, default=None, metavar="S",
-                   help="how far towards the variation seed's image, in [0, 1] (default 0: none)")
-    p.add_argument("--width", type=int, default=None,
-                   help="default: the model's training size (emoji 64, SD 1.x 512, SD 2.x-v 768)")
+    p.add_argument(
+        "--subseed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="variation seed (A1111's): image i mixes seed+i's noise with N+i's; -1 = random",
+    )
+    p.add_argument(
+        "--subseed-strength",
+        type=float,
+        default=None,
+        metavar="S",
+        help="how far towards the variation seed's image, in [0, 1] (default 0: none)",
+    )
+    p.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="default: the model's training size (emoji 64, SD 1.x 512, SD 2.x-v 768)",
+    )
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--batch", type=int, default=None, help="images, seeds SEED, SEED+1, ... (default 1)")
     p.add_argument("--init-image", default=None, help="img2img / inpainting source image")
-    p.add_argument("--strength", type=float, default=None,
-                   help=f"img2img denoising strength in (0, 1] ({HELP_DEFAULTS['strength']:g})")
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help=f"img2img denoising strength in (0, 1] ({HELP_DEFAULTS['strength']:g})",
+    )
     p.add_argument("--mask", default=None, help="inpainting mask, white = repaint")
     p.add_argument("--mask-blur", type=float, default=None, help="mask blur in pixels (default 0)")
-    p.add_argument("--resize-mode", default=None, metavar="MODE",
-                   help="how an init or control image of another size is fitted: 'just resize' (default, "
-                   "stretches), 'crop and resize' (fills, cuts the overhang), 'resize and fill' (fits, repeats the "
-                   "edges); or A1111's 0, 1, 2")
-    p.add_argument("--outpaint", default=None, metavar="L,R,T,B",
-                   help="extend --init-image by these pixels left, right, top, bottom (one number: all sides) "
-                   "and fill the new area; the new size must be a multiple of 8")
-    p.add_argument("--control", action="append", default=None, metavar="TYPE:IMAGE[:WEIGHT[:START:END]]",
-                   help="a ControlNet input (repeatable; pairs with --controlnet in order)")
+    p.add_argument(
+        "--resize-mode",
+        default=None,
+        metavar="MODE",
+        help="how an init or control image of another size is fitted: 'just resize' (default, "
+        "stretches), 'crop and resize' (fills, cuts the overhang), 'resize and fill' (fits, repeats the "
+        "edges); or A1111's 0, 1, 2",
+    )
+    p.add_argument(
+        "--outpaint",
+        default=None,
+        metavar="L,R,T,B",
+        help="extend --init-image by these pixels left, right, top, bottom (one number: all sides) "
+        "and fill the new area; the new size must be a multiple of 8",
+    )
+    p.add_argument(
+        "--control",
+        action="append",
+        default=None,
+        metavar="TYPE:IMAGE[:WEIGHT[:START:END]]",
+        help="a ControlNet input (repeatable; pairs with --controlnet in order)",
+    )
     p.add_argument("--controlnet", action="append", default=None, metavar="MODEL", help="a ControlNet model")
-    p.add_argument("--controlnets-dir", default=None, metavar="FOLDER",
-                   help="where --from-png looks up the ControlNet a PNG names (built-in names need none)")
+    p.add_argument(
+        "--controlnets-dir",
+        default=None,
+        metavar="FOLDER",
+        help="where --from-png looks up the ControlNet a PNG names (built-in names need none)",
+    )
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]", help="a LoRA (repeatable)")
     p.add_argument("--lora-dir", default=None, help="where <lora:NAME> tags are looked up")
-    p.add_argument("--clip-skip", type=int, default=None,
-                   help="A1111's clip skip (1 = last layer); CLIP models only (emoji's MiniLM takes 1)")
+    p.add_argument(
+        "--clip-skip",
+        type=int,
+        default=None,
+        help="A1111's clip skip (1 = last layer); CLIP models only (emoji's MiniLM takes 1)",
+    )
     p.add_argument("--guidance-rescale", type=float, default=None, help="CFG rescale phi in [0, 1]")
     p.add_argument("--vae", default=None, help="another VAE (file or folder)")
-    p.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode/encode the VAE in tiles (default: automatic for large images)")
+    p.add_argument(
+        "--vae-tiling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode/encode the VAE in tiles (default: automatic for large images)",
+    )
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
-                   help="default fp16 on cuda/mps, fp32 on cpu")
-    p.add_argument("--out", default="outputs",
-                   help="output folder, or the file for one image when it ends in .png (default outputs)")
-    p.add_argument("--from-png", default=None, metavar="FILE", help="regenerate the image whose parameters FILE "
-                   "carries (flags given here override them)")
-    p.add_argument("--grid", action="store_true", help="also write the batch as one picture grid-NNNNN.png "
-                   "(ceil(sqrt(n)) columns) carrying the first image's parameters")
+    p.add_argument(
+        "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default fp16 on cuda/mps, fp32 on cpu"
+    )
+    p.add_argument(
+        "--out",
+        default="outputs",
+        help="output folder, or the file for one image when it ends in .png (default outputs)",
+    )
+    p.add_argument(
+        "--from-png",
+        default=None,
+        metavar="FILE",
+        help="regenerate the image whose parameters FILE carries (flags given here override them)",
+    )
+    p.add_argument(
+        "--grid",
+        action="store_true",
+        help="also write the batch as one picture grid-NNNNN.png "
+        "(ceil(sqrt(n)) columns) carrying the first image's parameters",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -24,8 +24,15 @@ def sampler_rows() -> list[dict[str, Any]]:
     rows = []
     for name, spec in SAMPLERS.items():
         combined = [k for k, (s, sched) in A1111_NAMES.items() if s == name and sched is not None]
-        rows.append({"name": name, "a1111": spec.a1111, "schedules": list(spec.schedules),
-                     "stochastic": spec.stochastic, "a1111_with_schedule": combined})
+        rows.append(
+            {
+                "name": name,
+                "a1111": spec.a1111,
+                "schedules": list(spec.schedules),
+                "stochastic": spec.stochastic,
+                "a1111_with_schedule": combined,
+            }
+        )
     return rows
 
 
@@ -51,15 +58,21 @@ def run(a: argparse.Namespace) -> int:
             [r["name"], r["a1111"], ", ".join(r["schedules"]), "stochastic" if r["stochastic"] else "deterministic"]
             for r in rows
         ]
-        note = ("--sampler takes either name; A1111's combined names (e.g. 'DPM++ 2M Karras', 'Euler a') "
-                "select a sampler with its schedule")
+        note = (
+            "--sampler takes either name; A1111's combined names (e.g. 'DPM++ 2M Karras', 'Euler a') "
+            "select a sampler with its schedule"
+        )
     elif what == "schedules":
         rows = schedule_rows()
         text_rows = [["NAME", "A1111 NAME"]] + [[r["name"], r["a1111"]] for r in rows]
         note = "normal = the model's own timestep spacing ('Automatic' in A1111)"
     else:
-        folder = {"models": a.models_dir, "loras": a.loras_dir, "controlnets": a.controlnets_dir,
-                  "embeddings": a.embeddings_dir}[what]
+        folder = {
+            "models": a.models_dir,
+            "loras": a.loras_dir,
+            "controlnets": a.controlnets_dir,
+            "embeddings": a.embeddings_dir,
+        }[what]
         entries = list_entries(what, folder)
         rows = [e.as_dict() for e in entries]
         text_rows = [["NAME", "SOURCE", "WHAT", "PATH"]] + [[e.name, e.source, e.detail, e.path] for e in entries]

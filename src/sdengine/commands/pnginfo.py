@@ -18,8 +18,10 @@ def run(a: argparse.Namespace) -> int:
     if text is None:
         keys = image_text_keys(a.file)
         if "sdengine-xyz" in keys:
-            raise ImageInfoError(f"{a.file} is an sdengine X/Y/Z grid: its cells (the NNNNN-SEED.png files written "
-                                 "with it) carry the parameters")
+            raise ImageInfoError(
+                f"{a.file} is an sdengine X/Y/Z grid: its cells (the NNNNN-SEED.png files written "
+                "with it) carry the parameters"
+            )
         has = f"; it has other text: {', '.join(keys)}" if keys else ""
         raise ImageInfoError(
             f"{a.file} carries no generation parameters (no PNG 'parameters' text, no EXIF UserComment): it was "
@@ -28,8 +30,13 @@ def run(a: argparse.Namespace) -> int:
     if a.json:
         from ..metadata import parse_parameters  # torch comes with it (sampler table): only for --json
 
-        print(json.dumps({"file": str(a.file), "parameters": text, "fields": parse_parameters(text)}, indent=2,
-                         ensure_ascii=False))
+        print(
+            json.dumps(
+                {"file": str(a.file), "parameters": text, "fields": parse_parameters(text)},
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
     else:
         print(text)
     return 0

@@ -34,8 +34,14 @@ def run(a: argparse.Namespace) -> int:
             valid = ", ".join(sorted(option_names(a.condition))) or "none"
             raise UsageError(f"--condition-option {', '.join(unknown)}: not options of {a.condition!r} ({valid})")
     spec = ControlNetTrainSpec(
-        model=a.model, data=a.data, condition=a.condition, condition_dir=a.condition_dir, condition_options=opts,
-        resolution=a.resolution, cond_dropout=a.empty_prompt_p, controlnet_init=a.init,
+        model=a.model,
+        data=a.data,
+        condition=a.condition,
+        condition_dir=a.condition_dir,
+        condition_options=opts,
+        resolution=a.resolution,
+        cond_dropout=a.empty_prompt_p,
+        controlnet_init=a.init,
     )
     cfg = train_config(a, sample_every=0)
     result, folder = train_controlnet(spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite)
@@ -50,7 +56,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     if train is None:
         return
     p = train.add_parser(
-        "controlnet", formatter_class=DefaultsHelpFormatter,
+        "controlnet",
+        formatter_class=DefaultsHelpFormatter,
         help="train a ControlNet for a frozen Stable Diffusion model",
         description="The base model stays frozen; the ControlNet starts as a copy of its U-Net encoder "
         "(zero convolutions at zero) and learns to follow control maps made from the training images.",
@@ -59,13 +66,24 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--data", required=True, help="folder of training images (+ NAME.txt captions)")
     p.add_argument("--condition", default="canny", help="preprocessor for the control maps (canny, softedge, ...)")
     p.add_argument("--condition-dir", default=None, help="ready-made control maps (same relative paths)")
-    p.add_argument("--condition-option", action="append", metavar="NAME=VALUE",
-                   help="preprocessor option, e.g. low=50 (repeatable)")
+    p.add_argument(
+        "--condition-option",
+        action="append",
+        metavar="NAME=VALUE",
+        help="preprocessor option, e.g. low=50 (repeatable)",
+    )
     p.add_argument("--resolution", type=int, default=None, help="training size in pixels (default: the model's)")
     p.add_argument("--empty-prompt-p", type=float, default=0.05, help="fraction of captions dropped")
     p.add_argument("--init", default=None, help="continue from this ControlNet instead of the U-Net copy")
     add_train_args(
-        p, out="runs/controlnet", steps=5000, batch_size=4, lr=1e-5, warmup=100, ema_decay=0.0, checkpoint_every=500,
+        p,
+        out="runs/controlnet",
+        steps=5000,
+        batch_size=4,
+        lr=1e-5,
+        warmup=100,
+        ema_decay=0.0,
+        checkpoint_every=500,
         ema_help="0: export the trained weights themselves",
     )
     p.set_defaults(func=run)

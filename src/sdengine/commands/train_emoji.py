@@ -18,11 +18,23 @@ def run(a: argparse.Namespace) -> int:
         for part, n in counts.items():
             print(f"{n} captioned renders in {a.write_folders}/{part}")
         return 0
-    recipe = EmojiRecipe(seed=a.seed, mixed_precision=a.mixed_precision, vae_steps=a.vae_steps,
-                         unet_steps=a.unet_steps, unet_batch=a.batch_size, unet_lr=a.lr,
-                         unet_pooled_from=a.pooled_from)
-    summary = train_emoji(a.out, recipe, device=resolve_device(a.device), export_to=a.export,
-                          max_minutes_vae=a.max_minutes_vae, max_minutes_unet=a.max_minutes_unet)
+    recipe = EmojiRecipe(
+        seed=a.seed,
+        mixed_precision=a.mixed_precision,
+        vae_steps=a.vae_steps,
+        unet_steps=a.unet_steps,
+        unet_batch=a.batch_size,
+        unet_lr=a.lr,
+        unet_pooled_from=a.pooled_from,
+    )
+    summary = train_emoji(
+        a.out,
+        recipe,
+        device=resolve_device(a.device),
+        export_to=a.export,
+        max_minutes_vae=a.max_minutes_vae,
+        max_minutes_unet=a.max_minutes_unet,
+    )
     print(json.dumps(summary, indent=2))
     print(f"model written to {summary['export']}; load it with load_pipeline('{summary['export']}')")
     return 0
@@ -32,6 +44,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     if train is None:
         return
     from ..train import emoji_defaults as r  # torch-free: --help stays fast
+
     p = train.add_parser(
         "emoji",
         help="train the built-in emoji text-to-image model (VAE, then U-Net) from the Noto emoji renders",
@@ -46,15 +59,24 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--unet-steps", type=int, default=r.UNET_STEPS)
     p.add_argument("--batch-size", type=int, default=r.UNET_BATCH, help="U-Net batch size")
     p.add_argument("--lr", type=float, default=r.UNET_LR, help="U-Net learning rate")
-    p.add_argument("--pooled-from", type=int, default=r.UNET_POOLED_FROM, metavar="STEP",
-                   help="train the U-Net on the token states alone up to STEP, then add the pooled sentence "
-                   "vector (zero-initialised) and go on; 0: the pooled vector from the start")
+    p.add_argument(
+        "--pooled-from",
+        type=int,
+        default=r.UNET_POOLED_FROM,
+        metavar="STEP",
+        help="train the U-Net on the token states alone up to STEP, then add the pooled sentence "
+        "vector (zero-initialised) and go on; 0: the pooled vector from the start",
+    )
     p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default=r.MIXED_PRECISION)
     p.add_argument("--seed", type=int, default=r.SEED)
     p.add_argument("--max-minutes-vae", type=float, default=None, help="stop the VAE stage (and save) after this")
     p.add_argument("--max-minutes-unet", type=float, default=None, help="stop the U-Net stage after this")
-    p.add_argument("--write-folders", default=None, metavar="DIR",
-                   help="only write the renders as caption folders DIR/base and DIR/food-fruit (for 'sdengine train "
-                   "controlnet' and 'sdengine train lora') and stop")
+    p.add_argument(
+        "--write-folders",
+        default=None,
+        metavar="DIR",
+        help="only write the renders as caption folders DIR/base and DIR/food-fruit (for 'sdengine train "
+        "controlnet' and 'sdengine train lora') and stop",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     p.set_defaults(func=run)

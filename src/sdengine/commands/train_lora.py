@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     if train is None:
         return
     p = train.add_parser(
-        "lora", formatter_class=DefaultsHelpFormatter,
+        "lora",
+        formatter_class=DefaultsHelpFormatter,
         help="train a LoRA for an SD model on a folder of captioned images",
         description="Images with a .txt caption beside each (kohya convention). Writes OUT/NAME.safetensors in "
         "kohya format with ss_* metadata; A1111, ComfyUI, diffusers and 'sdengine generate --lora' load it.",
@@ -49,8 +50,12 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--name", default=None, help="file name of the LoRA (default: the output folder's name)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=None, help="scale = alpha / rank (default alpha = rank)")
-    p.add_argument("--target", action="append", choices=["attention", "proj", "ff", "conv"],
-                   help="layers to adapt; repeat for several (default: attention)")
+    p.add_argument(
+        "--target",
+        action="append",
+        choices=["attention", "proj", "ff", "conv"],
+        help="layers to adapt; repeat for several (default: attention)",
+    )
     p.add_argument("--conv-rank", type=int, default=None, help="rank of 3x3 convolutions with --target conv")
     p.add_argument("--conv-alpha", type=float, default=None)
     p.add_argument("--train-text-encoder", action="store_true", help="also adapt the text encoder's attention")
@@ -60,7 +65,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--ema", action="store_true", help="write the EMA of the weights instead of the last ones")
     p.add_argument("--save-dtype", choices=["fp32", "fp16", "bf16"], default="fp16")
     add_train_args(
-        p, out="runs/lora", steps=1000, batch_size=1, lr=1e-4, warmup=0, ema_decay=0.999, checkpoint_every=500,
+        p,
+        out="runs/lora",
+        steps=1000,
+        batch_size=1,
+        lr=1e-4,
+        warmup=0,
+        ema_decay=0.999,
+        checkpoint_every=500,
         ema_help="used with --ema",
     )
     p.set_defaults(func=run)

@@ -56,9 +56,19 @@ def run(a: argparse.Namespace) -> int:
     y = parse_axis(a.y) if a.y else None
     z = parse_axis(a.z) if a.z else None
     given = {
-        "negative_prompt": a.negative, "steps": a.steps, "sampler": a.sampler, "schedule": a.schedule,
-        "cfg_scale": a.cfg, "seed": a.seed, "width": a.width, "height": a.height, "strength": a.strength,
-        "clip_skip": a.clip_skip, "init_image": a.init_image, "mask": a.mask, "lora_dir": a.lora_dir,
+        "negative_prompt": a.negative,
+        "steps": a.steps,
+        "sampler": a.sampler,
+        "schedule": a.schedule,
+        "cfg_scale": a.cfg,
+        "seed": a.seed,
+        "width": a.width,
+        "height": a.height,
+        "strength": a.strength,
+        "clip_skip": a.clip_skip,
+        "init_image": a.init_image,
+        "mask": a.mask,
+        "lora_dir": a.lora_dir,
     }
     base = {k: v for k, v in given.items() if v is not None}
     if a.lora:
@@ -91,14 +101,21 @@ def run(a: argparse.Namespace) -> int:
     # The grid is not one generation, so it carries no 'parameters' (--from-png would make one cell of it);
     # it records the plot instead.
     info = PngImagePlugin.PngInfo()
-    plot = {"prompt": a.prompt, "model": a.model, **{n: list(ax.values) for n, ax in (("x", x), ("y", y), ("z", z))
-                                                     if ax is not None},
-            "axes": [ax.name for ax in (x, y, z) if ax is not None], "seed": res.cells[0].kwargs.get("seed")}
+    plot = {
+        "prompt": a.prompt,
+        "model": a.model,
+        **{n: list(ax.values) for n, ax in (("x", x), ("y", y), ("z", z)) if ax is not None},
+        "axes": [ax.name for ax in (x, y, z) if ax is not None],
+        "seed": res.cells[0].kwargs.get("seed"),
+    }
     info.add_text("sdengine-xyz", json.dumps(plot, ensure_ascii=False))
     grid_path = save_image_atomic(res.grid, out / f"xyz-{index:05d}.png", pnginfo=info)
     print(grid_path)
-    print(f"{len(res.cells)} cells in {t2 - t1:.1f} s (model loaded in {t1 - t0:.1f} s), seed "
-          f"{res.cells[0].kwargs.get('seed')}, grid {res.grid.width}x{res.grid.height}", file=sys.stderr)
+    print(
+        f"{len(res.cells)} cells in {t2 - t1:.1f} s (model loaded in {t1 - t0:.1f} s), seed "
+        f"{res.cells[0].kwargs.get('seed')}, grid {res.grid.width}x{res.grid.height}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -120,8 +137,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--steps", type=int, default=None, help="steps where not an axis (default 25)")
     p.add_argument("--sampler", default=None, help="sampler where not an axis (default dpmpp_2m)")
-    p.add_argument("--schedule", default=None, help="schedule where not an axis (default: karras where the "
-                   "sampler takes it)")
+    p.add_argument(
+        "--schedule", default=None, help="schedule where not an axis (default: karras where the sampler takes it)"
+    )
     p.add_argument("--cfg", type=float, default=None, help="guidance scale where not an axis (default 7.5)")
     p.add_argument("--seed", type=int, default=None, help="the seed of every cell; -1 or none = one random seed")
     p.add_argument("--width", type=int, default=None, help="default: the model's size")

@@ -22,13 +22,16 @@ from sdengine.weights import controlnet_keys as ck
 from sdengine.weights.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightsError, load_file, parse_dtype
 
 CONFIG_METADATA_KEY = "sdengine.controlnet_config"  # diffusers config JSON in original-layout files we write
-WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
-
+WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+)
 
 
 def family(cross_attention_dim: int | None) -> str:
-    """"SD 1.x" / "SD 2.x" by text width, for messages."""
+    """ "SD 1.x" / "SD 2.x" by text width, for messages."""
     return {768: "SD 1.x", 1024: "SD 2.x"}.get(cross_attention_dim or 0, f"a {cross_attention_dim}-wide text encoder")
 
 
@@ -40,15 +43,26 @@ def check_compatible(cn: ControlNetConfig, base: UNetConfig, *, name: str = "Con
             f"{name} is for {family(u.cross_attention_dim)} (cross-attention width {u.cross_attention_dim}) "
             f"but the model is {family(base.cross_attention_dim)} (width {base.cross_attention_dim})"
         )
-    fields = ("block_out_channels", "layers_per_block", "attention", "mid_block", "transformer_layers_per_block",
-              "use_linear_projection", "flip_sin_to_cos", "freq_shift")
-    diffs = [f"{f} {getattr(u, f)!r} vs model {getattr(base, f)!r}"
-             for f in fields if getattr(u, f) != getattr(base, f)]
+    fields = (
+        "block_out_channels",
+        "layers_per_block",
+        "attention",
+        "mid_block",
+        "transformer_layers_per_block",
+        "use_linear_projection",
+        "flip_sin_to_cos",
+        "freq_shift",
+    )
+    diffs = [
+        f"{f} {getattr(u, f)!r} vs model {getattr(base, f)!r}" for f in fields if getattr(u, f) != getattr(base, f)
+    ]
     if u.projection_class_embeddings_input_dim is not None and (
         u.projection_class_embeddings_input_dim != base.projection_class_embeddings_input_dim
     ):
-        diffs.append(f"pooled text vector of {u.projection_class_embeddings_input_dim} "
-                     f"vs model {base.projection_class_embeddings_input_dim}")
+        diffs.append(
+            f"pooled text vector of {u.projection_class_embeddings_input_dim} "
+            f"vs model {base.projection_class_embeddings_input_dim}"
+        )
     if diffs:
         raise ControlNetError(f"{name} does not fit this model's U-Net: " + "; ".join(diffs))
 
@@ -68,8 +82,6 @@ def _hint_channels(sd: Mapping[str, Tensor], original: bool) -> tuple[int, tuple
     return int(convs[0].shape[1]), tuple(widths)
 
 
-
-
 def _block_indices(prefix: str, keys: list[str]) -> list[int]:
     pat = re.compile(rf"^{re.escape(prefix)}\.transformer_blocks\.(\d+)\.")
     return sorted({int(m.group(1)) for k in keys if (m := pat.match(k))})
@@ -84,10 +96,13 @@ def config_from_weights(sd: Mapping[str, Tensor], *, base: UNetConfig | None) ->
 
     layout = unet_layout_from_ldm(sd)
     lpb = layout.layers_per_block
-    chs = tuple(int(sd[f"input_blocks.{1 + lv * (lpb + 1)}.0.out_layers.3.weight"].shape[0])
-                for lv in range(layout.num_levels))
-    first_attn = next((f"input_blocks.{1 + lv * (lpb + 1)}.1" for lv in range(layout.num_levels)
-                       if layout.down_attention[lv]), "middle_block.1")
+    chs = tuple(
+        int(sd[f"input_blocks.{1 + lv * (lpb + 1)}.0.out_layers.3.weight"].shape[0]) for lv in range(layout.num_levels)
+    )
+    first_attn = next(
+        (f"input_blocks.{1 + lv * (lpb + 1)}.1" for lv in range(layout.num_levels) if layout.down_attention[lv]),
+        "middle_block.1",
+    )
     to_k = sd.get(f"{first_attn}.transformer_blocks.0.attn2.to_k.weight")
     context = int(to_k.shape[1]) if to_k is not None else None
     proj_in = sd.get(f"{first_attn}.proj_in.weight")
@@ -119,15 +134,19 @@ def config_from_weights(sd: Mapping[str, Tensor], *, base: UNetConfig | None) ->
     return ControlNetConfig(ucfg, conditioning_channels=cond_ch, conditioning_embedding_out_channels=hint)
 
 
-
 def controlnet_layout(cfg: ControlNetConfig) -> Any:
     """The original-layout block map (weights.keymaps.UNetLayout) of a ControlNet config."""
     from sdengine.weights.keymaps import UNetLayout
 
     u = cfg.unet
     n = len(u.block_out_channels)
-    return UNetLayout(n, u.layers_per_block, tuple(a != "none" for a in u.attention), (False,) * n,
-                      u.mid_block and u.mid_attention != "none")
+    return UNetLayout(
+        n,
+        u.layers_per_block,
+        tuple(a != "none" for a in u.attention),
+        (False,) * n,
+        u.mid_block and u.mid_attention != "none",
+    )
 
 
 def _find_weights(folder: Path) -> Path:
@@ -177,8 +196,9 @@ def read_controlnet(path: str | Path, *, base: UNetConfig | None = None) -> Load
     return _from_single_file(sd, info, path, base)
 
 
-def _from_single_file(sd: Mapping[str, Tensor], info: Mapping[str, Any], path: Path,
-                      base: UNetConfig | None) -> LoadedControlNet:
+def _from_single_file(
+    sd: Mapping[str, Tensor], info: Mapping[str, Any], path: Path, base: UNetConfig | None
+) -> LoadedControlNet:
     sd = ck.strip_prefix(sd)
     keys = list(sd)
     if "controlnet_cond_embedding.conv_in.weight" in sd:  # diffusers names in one file
@@ -201,12 +221,15 @@ def _from_single_file(sd: Mapping[str, Tensor], info: Mapping[str, Any], path: P
         if any(k.startswith(("lora_", "lora_unet_")) or ".lora_" in k for k in keys):
             raise ControlNetError(f"{path}: this is a LoRA, not a ControlNet")
         prefixes = sorted({k.split(".")[0] for k in keys})[:6]
-        raise ControlNetError(f"{path}: not a ControlNet (no input_hint_block / controlnet_cond_embedding weights; "
-                              f"top-level names: {prefixes})")
+        raise ControlNetError(
+            f"{path}: not a ControlNet (no input_hint_block / controlnet_cond_embedding weights; "
+            f"top-level names: {prefixes})"
+        )
     label = sd.get("label_emb.0.0.weight")
     if label is not None:
-        raise ControlNetError(f"{path}: a ControlNet with label_emb (SDXL-style); only SD 1.x/2.x ControlNets are "
-                              "supported")
+        raise ControlNetError(
+            f"{path}: a ControlNet with label_emb (SDXL-style); only SD 1.x/2.x ControlNets are supported"
+        )
     if CONFIG_METADATA_KEY in info:
         cfg = ControlNetConfig.from_diffusers(json.loads(info[CONFIG_METADATA_KEY]))
     else:
@@ -214,8 +237,9 @@ def _from_single_file(sd: Mapping[str, Tensor], info: Mapping[str, Any], path: P
             cfg = config_from_weights(sd, base=base)
         except (KeyError, WeightsError) as e:
             raise ControlNetError(f"{path}: cannot read the ControlNet architecture ({e})") from None
-    renamed, unknown = ck.controlnet_original_to_diffusers(sd, controlnet_layout(cfg),
-                                                           len(cfg.conditioning_embedding_out_channels))
+    renamed, unknown = ck.controlnet_original_to_diffusers(
+        sd, controlnet_layout(cfg), len(cfg.conditioning_embedding_out_channels)
+    )
     if unknown:
         shown = ", ".join(unknown[:5])
         raise ControlNetError(f"{path}: unexpected ControlNet keys: {shown} ({len(unknown)} in all)")
@@ -240,16 +264,18 @@ def load_controlnet(
         check_compatible(loaded.config, base, name=f"ControlNet {Path(path).name}")
     cfg = loaded.config
     try:
-        net = build_on_meta(lambda: ControlNet(cfg), loaded.state_dict, name=f"ControlNet {path}",
-                            dtype=parse_dtype(dtype))
+        net = build_on_meta(
+            lambda: ControlNet(cfg), loaded.state_dict, name=f"ControlNet {path}", dtype=parse_dtype(dtype)
+        )
     except WeightsError as e:
         raise ControlNetError(str(e)) from None
     assert isinstance(net, ControlNet)
     return net.to(device) if device is not None else net
 
 
-def save_controlnet(net: ControlNet, dst: str | Path, *, layout: str = "diffusers",
-                    dtype: str | torch.dtype | None = None) -> Path:
+def save_controlnet(
+    net: ControlNet, dst: str | Path, *, layout: str = "diffusers", dtype: str | torch.dtype | None = None
+) -> Path:
     """Write ``net`` as a diffusers folder (``layout="diffusers"``: config.json +
     diffusion_pytorch_model.safetensors) or an original-layout ``control_model.*`` ``.safetensors`` file
     (``layout="original"``, the config kept in the file's metadata so it loads back exactly)."""
@@ -268,16 +294,30 @@ def save_controlnet(net: ControlNet, dst: str | Path, *, layout: str = "diffuser
         raise ControlNetError(f"unknown ControlNet layout {layout!r}; valid: diffusers, original")
     if dst.suffix.lower() != ".safetensors":
         raise ControlNetError(f"{dst}: original-layout ControlNets are written as .safetensors")
-    original, bad = ck.controlnet_diffusers_to_original(sd, controlnet_layout(net.config),
-                                                        len(net.config.conditioning_embedding_out_channels))
+    original, bad = ck.controlnet_diffusers_to_original(
+        sd, controlnet_layout(net.config), len(net.config.conditioning_embedding_out_channels)
+    )
     if bad:
         raise ControlNetError(f"ControlNet keys with no original name: {', '.join(bad[:5])}")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors({ck.CONTROL_PREFIX + k: v for k, v in original.items()}, dst,
-                     metadata={"format": "pt", CONFIG_METADATA_KEY: json.dumps(cfg, sort_keys=True)}, dtype=dtype)
+    save_safetensors(
+        {ck.CONTROL_PREFIX + k: v for k, v in original.items()},
+        dst,
+        metadata={"format": "pt", CONFIG_METADATA_KEY: json.dumps(cfg, sort_keys=True)},
+        dtype=dtype,
+    )
     return dst
 
 
-
-__all__ = ["CONFIG_METADATA_KEY", "WEIGHT_NAMES", "LoadedControlNet", "check_compatible", "config_from_weights",
-           "controlnet_layout", "family", "load_controlnet", "read_controlnet", "save_controlnet"]
+__all__ = [
+    "CONFIG_METADATA_KEY",
+    "WEIGHT_NAMES",
+    "LoadedControlNet",
+    "check_compatible",
+    "config_from_weights",
+    "controlnet_layout",
+    "family",
+    "load_controlnet",
+    "read_controlnet",
+    "save_controlnet",
+]

@@ -111,7 +111,6 @@ NEEDS_A_MODEL: dict[str, str] = {
 }
 
 
-
 def preprocess(kind: str, image: ImageLike, **options: float) -> Image.Image:
     """The control map for ``image`` (RGB PIL) by preprocessor ``kind`` (see :data:`PREPROCESSORS`)."""
     if kind not in PREPROCESSORS:
@@ -123,10 +122,11 @@ def unknown_type_message(kind: str) -> str:
     """The one-line error for a control type that is not in :data:`PREPROCESSORS`."""
     valid = ", ".join(PREPROCESSORS)
     if kind in NEEDS_A_MODEL:
-        return (f"control type {kind!r} needs a model that is not available here ({NEEDS_A_MODEL[kind]}): "
-                f"make the map with another tool and use type 'none'; valid types: {valid}")
+        return (
+            f"control type {kind!r} needs a model that is not available here ({NEEDS_A_MODEL[kind]}): "
+            f"make the map with another tool and use type 'none'; valid types: {valid}"
+        )
     return f"unknown control type {kind!r}; valid types: {valid}"
-
 
 
 def option_names(kind: str) -> set[str]:
@@ -134,5 +134,17 @@ def option_names(kind: str) -> set[str]:
     return set(list(inspect.signature(PREPROCESSORS[kind]).parameters)[1:])
 
 
-__all__ = ["NEEDS_A_MODEL", "PREPROCESSORS", "canny", "identity", "invert", "load_control_image", "option_names",
-           "preprocess", "scribble", "softedge", "threshold", "unknown_type_message"]
+__all__ = [
+    "NEEDS_A_MODEL",
+    "PREPROCESSORS",
+    "canny",
+    "identity",
+    "invert",
+    "load_control_image",
+    "option_names",
+    "preprocess",
+    "scribble",
+    "softedge",
+    "threshold",
+    "unknown_type_message",
+]

@@ -102,8 +102,9 @@ def load_image(
         raise UsageError(f"channels must be 1 or 3, got {channels}")
     # The one reader (sdengine.io.images): EXIF, 16-bit scaling, alpha composited on ``background`` (transparent
     # pixels often hold black RGB); its errors name the file, raised as ImageFolderError.
-    im = read_image(Path(path), "image", mode="RGB" if channels == 3 else "L", background=background,
-                    error=ImageFolderError)
+    im = read_image(
+        Path(path), "image", mode="RGB" if channels == 3 else "L", background=background, error=ImageFolderError
+    )
     if size is not None:
         im = resize_center_crop(im, size)
     return pil_to_tensor(im)

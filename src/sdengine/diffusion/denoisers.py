@@ -187,9 +187,9 @@ class Denoiser:
             t = t.round()
         if self._table_sigmas is not None and self._table_timesteps is not None:
             # Exact (relative 1e-6) table hits take the pinned timestep; anything else interpolates.
-            close = (s.reshape(-1, 1) - self._table_sigmas[None]).abs() <= 1e-6 * self._table_sigmas.abs()[
-                None
-            ].clamp(min=1e-12)
+            close = (s.reshape(-1, 1) - self._table_sigmas[None]).abs() <= 1e-6 * self._table_sigmas.abs()[None].clamp(
+                min=1e-12
+            )
             hit = close.any(dim=1)
             if hit.any():
                 idx = close.float().argmax(dim=1)

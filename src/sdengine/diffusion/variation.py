@@ -40,8 +40,12 @@ def variation_noise(noise: Tensor, subseeds: list[int], strength: float) -> Tens
         return noise
     if len(subseeds) != noise.shape[0]:
         raise ValueError(f"{noise.shape[0]} rows of noise but {len(subseeds)} variation seeds")
-    sub = torch.cat([torch.randn((1, *noise.shape[1:]), generator=torch.Generator("cpu").manual_seed(s),
-                                 dtype=torch.float32) for s in subseeds]).to(noise.device)
+    sub = torch.cat(
+        [
+            torch.randn((1, *noise.shape[1:]), generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32)
+            for s in subseeds
+        ]
+    ).to(noise.device)
     return slerp(strength, noise, sub.to(noise.dtype))
 
 

@@ -168,8 +168,9 @@ def load_image(
         raise error(f"{what} must be a path, a PIL image, an array or a tensor, got {type(image).__name__}")
     if image.mode in _SIXTEEN_BIT:
         image = _scale_deep(image)
-    if background is not None and (image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
-            image.mode == "P" and "transparency" in image.info)):
+    if background is not None and (
+        image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info)
+    ):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba)
     if mode is not None and image.mode != mode:
@@ -183,5 +184,13 @@ def image_tensor(img: Image.Image) -> Tensor:
     return torch.from_numpy(a).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
-__all__ = ["ImageError", "ImageInput", "image_tensor", "load_image", "make_grid", "save_image_atomic", "to_pil",
-           "to_uint8"]
+__all__ = [
+    "ImageError",
+    "ImageInput",
+    "image_tensor",
+    "load_image",
+    "make_grid",
+    "save_image_atomic",
+    "to_pil",
+    "to_uint8",
+]

@@ -21,8 +21,16 @@ from PIL import Image
 from sdengine.errors import GenerationError
 
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
-_ALIASES = {"just_resize": 0, "resize": 0, "stretch": 0, "crop_and_resize": 1, "crop": 1,
-            "resize_and_fill": 2, "fill": 2, "pad": 2}
+_ALIASES = {
+    "just_resize": 0,
+    "resize": 0,
+    "stretch": 0,
+    "crop_and_resize": 1,
+    "crop": 1,
+    "resize_and_fill": 2,
+    "fill": 2,
+    "pad": 2,
+}
 
 
 def resize_mode_name(mode: Any) -> str:
@@ -81,7 +89,7 @@ def resize_tensor(t: Any, width: int, height: int, mode: str = "just resize") ->
     if (sw, sh) == (width, height):
         return t
     if x <= 0 and y <= 0:
-        return t[..., -y:-y + height, -x:-x + width]
+        return t[..., -y : -y + height, -x : -x + width]
     left, top = max(x, 0), max(y, 0)
     return F.pad(t, (left, width - sw - left, top, height - sh - top), mode="replicate")
 

@@ -98,7 +98,10 @@ class ControlNetConfig:
         # (diffusers feeds it the latent before the mask and masked image are concatenated).
         # sample_size and dropout are not ControlNet options (diffusers' ControlNetModel has neither).
         base = dataclasses.replace(
-            unet, in_channels=min(unet.in_channels, 4), out_channels=4, dropout=0.0,
+            unet,
+            in_channels=min(unet.in_channels, 4),
+            out_channels=4,
+            dropout=0.0,
             sample_size=UNetConfig.sample_size,
         )
         return cls(
@@ -288,12 +291,34 @@ _CONTROLNET_ONLY = {
     "global_pool_conditions": False,
 }
 _CONTROLNET_KEYS = {
-    "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type", "only_cross_attention",
-    "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn",
-    "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block", "encoder_hid_dim",
-    "encoder_hid_dim_type", "attention_head_dim", "num_attention_heads", "use_linear_projection",
-    "class_embed_type", "addition_embed_type", "addition_time_embed_dim", "num_class_embeds", "upcast_attention",
-    "resnet_time_scale_shift", "projection_class_embeddings_input_dim", "addition_embed_type_num_heads",
+    "in_channels",
+    "flip_sin_to_cos",
+    "freq_shift",
+    "down_block_types",
+    "mid_block_type",
+    "only_cross_attention",
+    "block_out_channels",
+    "layers_per_block",
+    "downsample_padding",
+    "mid_block_scale_factor",
+    "act_fn",
+    "norm_num_groups",
+    "norm_eps",
+    "cross_attention_dim",
+    "transformer_layers_per_block",
+    "encoder_hid_dim",
+    "encoder_hid_dim_type",
+    "attention_head_dim",
+    "num_attention_heads",
+    "use_linear_projection",
+    "class_embed_type",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "num_class_embeds",
+    "upcast_attention",
+    "resnet_time_scale_shift",
+    "projection_class_embeddings_input_dim",
+    "addition_embed_type_num_heads",
     *_CONTROLNET_ONLY,
 }
 _IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "sample_size"}

@@ -306,8 +306,9 @@ def add_class_embedding(
     if cfg.projection_class_embeddings_input_dim is not None:
         d = cfg.projection_class_embeddings_input_dim
         if labels.ndim != 2 or labels.shape != (emb.shape[0], d):
-            raise ValueError(f"class_labels of this {what} must be ({emb.shape[0]}, {d}) vectors, "
-                             f"got {tuple(labels.shape)}")
+            raise ValueError(
+                f"class_labels of this {what} must be ({emb.shape[0]}, {d}) vectors, got {tuple(labels.shape)}"
+            )
         return emb + module(labels.to(emb.dtype)).to(emb.dtype)
     return emb + module(labels.long()).to(emb.dtype)
 
@@ -357,7 +358,9 @@ class UNet(nn.Module):
         elif t.shape != (B,):
             raise ValueError(f"t must be a scalar or have shape ({B},), got {tuple(t.shape)}")
         feats = timestep_embedding(
-            t, self.config.block_out_channels[0], flip_sin_to_cos=self.config.flip_sin_to_cos,
+            t,
+            self.config.block_out_channels[0],
+            flip_sin_to_cos=self.config.flip_sin_to_cos,
             freq_shift=self.config.freq_shift,
         )  # (B, C0) float32
         emb = self.time_embedding(feats.to(self.dtype))  # (B, T)
@@ -410,53 +413,124 @@ class UNet(nn.Module):
 # diffusers config mapping (facts from diffusers 0.42: UNet2DModel / UNet2DConditionModel signatures)
 
 _PIXEL_DEFAULTS: dict[str, Any] = {
-    "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
-    "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0, "flip_sin_to_cos": True,
+    "sample_size": None,
+    "in_channels": 3,
+    "out_channels": 3,
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "freq_shift": 0,
+    "flip_sin_to_cos": True,
     "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
     "mid_block_type": "UNetMidBlock2D",
     "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    "block_out_channels": (224, 448, 672, 896), "layers_per_block": 2, "mid_block_scale_factor": 1,
-    "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "dropout": 0.0,
-    "act_fn": "silu", "attention_head_dim": 8, "norm_num_groups": 32, "attn_norm_num_groups": None,
-    "norm_eps": 1e-5, "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
-    "num_class_embeds": None, "num_train_timesteps": None,
+    "block_out_channels": (224, 448, 672, 896),
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "downsample_padding": 1,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "attn_norm_num_groups": None,
+    "norm_eps": 1e-5,
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "num_train_timesteps": None,
 }
 _CONDITIONAL_DEFAULTS: dict[str, Any] = {
-    "sample_size": None, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
-    "flip_sin_to_cos": True, "freq_shift": 0,
+    "sample_size": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
     "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     "mid_block_type": "UNetMidBlock2DCrossAttn",
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "only_cross_attention": False, "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2,
-    "downsample_padding": 1, "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu",
-    "norm_num_groups": 32, "norm_eps": 1e-5, "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
-    "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "attention_head_dim": 8, "num_attention_heads": None, "dual_cross_attention": False,
-    "use_linear_projection": False, "class_embed_type": None, "addition_embed_type": None,
-    "addition_time_embed_dim": None, "num_class_embeds": None, "upcast_attention": False,
-    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
-    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None, "attention_type": "default", "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None, "cross_attention_norm": None, "addition_embed_type_num_heads": 64,
+    "only_cross_attention": False,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 1280,
+    "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "attention_head_dim": 8,
+    "num_attention_heads": None,
+    "dual_cross_attention": False,
+    "use_linear_projection": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "num_class_embeds": None,
+    "upcast_attention": False,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+    "addition_embed_type_num_heads": 64,
 }
 # Options that only change behaviour away from these values; anything else is refused by name.
 _PIXEL_FIXED = {
-    "time_embedding_type": ("positional",), "downsample_type": ("conv",), "upsample_type": ("conv",),
-    "act_fn": ("silu", "swish"), "class_embed_type": (None,),
+    "time_embedding_type": ("positional",),
+    "downsample_type": ("conv",),
+    "upsample_type": ("conv",),
+    "act_fn": ("silu", "swish"),
+    "class_embed_type": (None,),
 }
 _CONDITIONAL_FIXED = {
-    "act_fn": ("silu", "swish"), "reverse_transformer_layers_per_block": (None,), "encoder_hid_dim": (None,),
-    "encoder_hid_dim_type": (None,), "num_attention_heads": (None,), "dual_cross_attention": (False,),
-    "class_embed_type": (None, "projection"), "addition_embed_type": (None,), "addition_time_embed_dim": (None,),
-    "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1.0, 1), "time_embedding_type": ("positional",),
-    "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
-    "conv_in_kernel": (3,), "conv_out_kernel": (3,),
-    "attention_type": ("default",), "class_embeddings_concat": (False,),
-    "mid_block_only_cross_attention": (None, False), "cross_attention_norm": (None,),
+    "act_fn": ("silu", "swish"),
+    "reverse_transformer_layers_per_block": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "num_attention_heads": (None,),
+    "dual_cross_attention": (False,),
+    "class_embed_type": (None, "projection"),
+    "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0, 1),
+    "time_embedding_type": ("positional",),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "attention_type": ("default",),
+    "class_embeddings_concat": (False,),
+    "mid_block_only_cross_attention": (None, False),
+    "cross_attention_norm": (None,),
 }
-_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "num_train_timesteps",
-            "addition_embed_type_num_heads"}
+_IGNORED = {
+    "_class_name",
+    "_diffusers_version",
+    "_name_or_path",
+    "_use_default_values",
+    "num_train_timesteps",
+    "addition_embed_type_num_heads",
+}
 
 
 def _uniform(name: str, value: Any, n: int, problems: list[str]) -> Any:
@@ -542,8 +616,9 @@ def _from_diffusers(cls: type[UNetConfig], config: dict[str, Any]) -> UNetConfig
             problems.append("a middle attention without GroupNorm (resnet_time_scale_shift='scale_shift')")
     proj_dim = c.get("projection_class_embeddings_input_dim")
     if (c.get("class_embed_type") == "projection") != (proj_dim is not None):
-        problems.append(f"class_embed_type={c.get('class_embed_type')!r} with "
-                        f"projection_class_embeddings_input_dim={proj_dim!r}")
+        problems.append(
+            f"class_embed_type={c.get('class_embed_type')!r} with projection_class_embeddings_input_dim={proj_dim!r}"
+        )
     if c["resnet_time_scale_shift"] not in ("default", "scale_shift"):
         problems.append(f"resnet_time_scale_shift={c['resnet_time_scale_shift']!r}")
     if problems:
@@ -585,13 +660,23 @@ def _from_diffusers(cls: type[UNetConfig], config: dict[str, Any]) -> UNetConfig
 def _to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
     n = len(cfg.block_out_channels)
     common: dict[str, Any] = {
-        "sample_size": cfg.sample_size, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-        "center_input_sample": cfg.center_input_sample, "flip_sin_to_cos": cfg.flip_sin_to_cos,
-        "freq_shift": cfg.freq_shift, "block_out_channels": list(cfg.block_out_channels),
-        "layers_per_block": cfg.layers_per_block, "downsample_padding": cfg.downsample_padding,
-        "mid_block_scale_factor": cfg.mid_block_scale_factor, "dropout": cfg.dropout, "act_fn": "silu",
-        "norm_num_groups": cfg.norm_num_groups, "norm_eps": cfg.norm_eps, "num_class_embeds": cfg.num_class_embeds,
-        "resnet_time_scale_shift": cfg.resnet_time_scale_shift, "time_embedding_dim": cfg.time_embedding_dim,
+        "sample_size": cfg.sample_size,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "center_input_sample": cfg.center_input_sample,
+        "flip_sin_to_cos": cfg.flip_sin_to_cos,
+        "freq_shift": cfg.freq_shift,
+        "block_out_channels": list(cfg.block_out_channels),
+        "layers_per_block": cfg.layers_per_block,
+        "downsample_padding": cfg.downsample_padding,
+        "mid_block_scale_factor": cfg.mid_block_scale_factor,
+        "dropout": cfg.dropout,
+        "act_fn": "silu",
+        "norm_num_groups": cfg.norm_num_groups,
+        "norm_eps": cfg.norm_eps,
+        "num_class_embeds": cfg.num_class_embeds,
+        "resnet_time_scale_shift": cfg.resnet_time_scale_shift,
+        "time_embedding_dim": cfg.time_embedding_dim,
     }
     if "self" in cfg.attention or (cfg.mid_block and cfg.mid_attention == "self"):
         if cfg.is_conditional:
@@ -611,23 +696,28 @@ def _to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
             raise ValueError("diffusers' UNet2DModel has no projection class embedding")
         kind = {"none": "", "self": "Attn"}
         return {
-            "_class_name": "UNet2DModel", **common,
+            "_class_name": "UNet2DModel",
+            **common,
             "down_block_types": [f"{kind[a]}DownBlock2D" for a in cfg.attention],
             "up_block_types": [f"{kind[a]}UpBlock2D" for a in reversed(cfg.attention)],
             "mid_block_type": "UNetMidBlock2D" if cfg.mid_block else None,
-            "add_attention": cfg.mid_attention == "self", "attention_head_dim": head_dim,
+            "add_attention": cfg.mid_attention == "self",
+            "attention_head_dim": head_dim,
             "attn_norm_num_groups": cfg.attn_norm_num_groups,
         }
     if cfg.mid_block and cfg.mid_attention != "cross":
         raise ValueError("diffusers' UNet2DConditionModel always cross-attends in its middle block")
     kind = {"none": "", "cross": "CrossAttn"}
     return {
-        "_class_name": "UNet2DConditionModel", **common,
+        "_class_name": "UNet2DConditionModel",
+        **common,
         "down_block_types": [f"{kind[a]}DownBlock2D" for a in cfg.attention],
         "up_block_types": [f"{kind[a]}UpBlock2D" for a in reversed(cfg.attention)],
         "mid_block_type": "UNetMidBlock2DCrossAttn" if cfg.mid_block else None,
-        "attention_head_dim": list(cfg.num_heads), "cross_attention_dim": cfg.cross_attention_dim,
-        "use_linear_projection": cfg.use_linear_projection, "upcast_attention": cfg.upcast_attention,
+        "attention_head_dim": list(cfg.num_heads),
+        "cross_attention_dim": cfg.cross_attention_dim,
+        "use_linear_projection": cfg.use_linear_projection,
+        "upcast_attention": cfg.upcast_attention,
         "transformer_layers_per_block": cfg.transformer_layers_per_block,
         "class_embed_type": "projection" if cfg.projection_class_embeddings_input_dim is not None else None,
         "projection_class_embeddings_input_dim": cfg.projection_class_embeddings_input_dim,

@@ -48,8 +48,10 @@ class VAEConfig:
     def __post_init__(self) -> None:
         check_config("vae", self)  # every number bounded before anything reads it
         if any(ch % self.norm_num_groups for ch in self.block_out_channels):
-            raise ConfigError(f"VAE config: norm_num_groups={self.norm_num_groups} does not divide every level's "
-                              f"channels {list(self.block_out_channels)}")
+            raise ConfigError(
+                f"VAE config: norm_num_groups={self.norm_num_groups} does not divide every level's "
+                f"channels {list(self.block_out_channels)}"
+            )
 
     @property
     def downscale_factor(self) -> int:
@@ -97,8 +99,11 @@ class VAEConfig:
         d = dataclasses.asdict(self)
         d["block_out_channels"] = list(self.block_out_channels)
         return {
-            "_class_name": "AutoencoderKL", **d, "act_fn": "silu",
-            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "_class_name": "AutoencoderKL",
+            **d,
+            "act_fn": "silu",
+            "down_block_types": ["DownEncoderBlock2D"] * n,
+            "up_block_types": ["UpDecoderBlock2D"] * n,
         }
 
 
@@ -153,9 +158,7 @@ class MidBlock(nn.Module):
     def __init__(self, ch: int, cfg: VAEConfig) -> None:
         super().__init__()
         g = cfg.norm_num_groups
-        self.resnets = nn.ModuleList(
-            [ResnetBlock2D(ch, ch, temb_channels=None, groups=g, eps=1e-6) for _ in range(2)]
-        )
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb_channels=None, groups=g, eps=1e-6) for _ in range(2)])
         self.attentions = None
         if cfg.mid_block_add_attention:
             self.attentions = nn.ModuleList([SpatialSelfAttention(ch, 1, norm_groups=g, eps=1e-6)])
@@ -213,8 +216,7 @@ class Encoder(nn.Module):
         chs = cfg.block_out_channels
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            EncoderBlock(chs[max(i - 1, 0)], chs[i], add_downsample=i < len(chs) - 1, cfg=cfg)
-            for i in range(len(chs))
+            EncoderBlock(chs[max(i - 1, 0)], chs[i], add_downsample=i < len(chs) - 1, cfg=cfg) for i in range(len(chs))
         )
         self.mid_block = MidBlock(chs[-1], cfg)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[-1], eps=1e-6)

@@ -75,8 +75,9 @@ class ControlUnit:
         return Path(self.model).stem if isinstance(self.model, str | Path) else type(self.model).__name__
 
     def infotext(self) -> str:
-        return (f"Model: {self.label}, Weight: {self.scale:g}, Guidance Start: {self.start:g}, "
-                f"Guidance End: {self.end:g}")
+        return (
+            f"Model: {self.label}, Weight: {self.scale:g}, Guidance Start: {self.start:g}, Guidance End: {self.end:g}"
+        )
 
 
 def check_unit_settings(scale: float, start: float, end: float, *, name: str = "ControlNet") -> None:
@@ -109,8 +110,9 @@ def _one_image_tensor(image: ImageLike, width: int, height: int, resize_mode: st
     return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
 
 
-def control_image_tensor(image: ImageLike | Sequence[ImageLike], width: int, height: int,
-                         resize_mode: str = "just resize") -> Tensor:
+def control_image_tensor(
+    image: ImageLike | Sequence[ImageLike], width: int, height: int, resize_mode: str = "just resize"
+) -> Tensor:
     """(N, 3, height, width) float32 in [0, 1]: RGB-converted and resized (Lanczos) to the output size, as
     diffusers' control image processor does (``VaeImageProcessor(do_normalize=False)``). A list gives one
     row per map; a (N, C, H, W) tensor keeps its N rows."""
@@ -139,8 +141,10 @@ class PreparedUnit:
 
 def _step_index(step: SamplerStep | int | None) -> int:
     if step is None:
-        raise ControlNetError("the controlled U-Net needs the sampler's step (step=SamplerStep(...)); call it "
-                              "through sdengine.diffusion.sampling.sample")
+        raise ControlNetError(
+            "the controlled U-Net needs the sampler's step (step=SamplerStep(...)); call it "
+            "through sdengine.diffusion.sampling.sample"
+        )
     return step.index if isinstance(step, SamplerStep) else int(step)
 
 
@@ -167,9 +171,16 @@ class ControlledUNet:
             raise AttributeError(name)
         return getattr(self.unet, name)
 
-    def residuals(self, x: Tensor, t: Tensor | float, encoder_hidden_states: Tensor, *, step: int,
-                  row_kinds: Sequence[str] | None = None, class_labels: Tensor | None = None
-                  ) -> tuple[list[Tensor] | None, Tensor | None]:
+    def residuals(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        encoder_hidden_states: Tensor,
+        *,
+        step: int,
+        row_kinds: Sequence[str] | None = None,
+        class_labels: Tensor | None = None,
+    ) -> tuple[list[Tensor] | None, Tensor | None]:
         b = x.shape[0]
         rows: Tensor | None = None  # the conditional rows, when guess mode leaves the others alone
         if self.guess_mode and row_kinds is not None and any(k != "cond" for k in row_kinds):
@@ -184,19 +195,26 @@ class ControlledUNet:
             xi = x[:, : net.config.unet.in_channels]  # the latent only, without inpainting's extra channels
             ctx = encoder_hidden_states
             tt = torch.as_tensor(t, device=x.device)
-            labels = class_labels if class_labels is not None and getattr(net, "class_embedding", None) is not None \
-                else None  # a ControlNet trained without the pooled text embedding does not read it
+            labels = (
+                class_labels if class_labels is not None and getattr(net, "class_embedding", None) is not None else None
+            )  # a ControlNet trained without the pooled text embedding does not read it
             if rows is not None:
                 xi, ctx = xi[rows], ctx[rows]
                 tt = tt[rows] if tt.ndim == 1 and tt.shape[0] == b else tt
                 labels = labels[rows] if labels is not None else None
             img = unit.image
             if img.shape[0] != n:
-                img = img.repeat(n // img.shape[0], 1, 1, 1) if n % img.shape[0] == 0 else img[:1].expand(
-                    n, -1, -1, -1)
+                img = img.repeat(n // img.shape[0], 1, 1, 1) if n % img.shape[0] == 0 else img[:1].expand(n, -1, -1, -1)
             extra = {"class_labels": labels} if labels is not None else {}
-            d, m = net(xi.to(net.dtype), tt, img, encoder_hidden_states=ctx.to(net.dtype), scale=unit.scale,
-                       guess_mode=self.guess_mode, **extra)
+            d, m = net(
+                xi.to(net.dtype),
+                tt,
+                img,
+                encoder_hidden_states=ctx.to(net.dtype),
+                scale=unit.scale,
+                guess_mode=self.guess_mode,
+                **extra,
+            )
             if rows is not None:  # no control on the unconditional rows
                 d = [_scatter(r, rows, b) for r in d]
                 m = _scatter(m, rows, b)
@@ -207,10 +225,24 @@ class ControlledUNet:
                 mid = mid + m
         return down, mid
 
-    def __call__(self, x: Tensor, t: Tensor | float, *, encoder_hidden_states: Tensor,
-                 step: SamplerStep | int | None = None, row_kinds: Sequence[str] | None = None, **kw: Any) -> Tensor:
-        down, mid = self.residuals(x, t, encoder_hidden_states, step=_step_index(step), row_kinds=row_kinds,
-                                   class_labels=kw.get("class_labels"))
+    def __call__(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        *,
+        encoder_hidden_states: Tensor,
+        step: SamplerStep | int | None = None,
+        row_kinds: Sequence[str] | None = None,
+        **kw: Any,
+    ) -> Tensor:
+        down, mid = self.residuals(
+            x,
+            t,
+            encoder_hidden_states,
+            step=_step_index(step),
+            row_kinds=row_kinds,
+            class_labels=kw.get("class_labels"),
+        )
         if down is not None and mid is not None:
             dt = x.dtype if not isinstance(self.unet, torch.nn.Module) else _module_dtype(self.unet, x.dtype)
             kw["down_block_additional_residuals"] = [r.to(dt) for r in down]
@@ -274,10 +306,23 @@ def build_controlled_unet(
                 img = img.mean(dim=1, keepdim=True)
             else:
                 raise ControlNetError(f"{name} takes {net.config.conditioning_channels}-channel control images")
-        prepared.append(PreparedUnit(net, img.to(device=device, dtype=net.dtype), float(unit.scale),
-                                     step_keep(steps, float(unit.start), float(unit.end))))
+        prepared.append(
+            PreparedUnit(
+                net,
+                img.to(device=device, dtype=net.dtype),
+                float(unit.scale),
+                step_keep(steps, float(unit.start), float(unit.end)),
+            )
+        )
     return ControlledUNet(unet, prepared, guess_mode=guess_mode)
 
 
-__all__ = ["ControlUnit", "ControlledUNet", "PreparedUnit", "build_controlled_unet", "check_unit_settings",
-           "control_image_tensor", "step_keep"]
+__all__ = [
+    "ControlUnit",
+    "ControlledUNet",
+    "PreparedUnit",
+    "build_controlled_unet",
+    "check_unit_settings",
+    "control_image_tensor",
+    "step_keep",
+]

@@ -117,8 +117,14 @@ class Pipeline:
         self.noise_schedule = NoiseSchedule.from_config(**self.scheduler_config)
         self.vae_upcast = False  # set once a half-precision decode gave NaN: later decodes go to fp32
         self.conditioner: TextConditioner = make_conditioner(
-            text_encoder, tokenizer, unet_config=getattr(unet, "config", None), context_length=context_length,
-            pad_token_id=pad_token_id, dtype=dtype, device=device, name=name,
+            text_encoder,
+            tokenizer,
+            unet_config=getattr(unet, "config", None),
+            context_length=context_length,
+            pad_token_id=pad_token_id,
+            dtype=dtype,
+            device=device,
+            name=name,
         )
         self._model_hash: str | None = None
 
@@ -147,7 +153,7 @@ class Pipeline:
 
     @property
     def text_kind(self) -> str:
-        """"clip" (SD's chunked CLIP conditioning) or "minilm" (one fixed-length MiniLM context)."""
+        """ "clip" (SD's chunked CLIP conditioning) or "minilm" (one fixed-length MiniLM context)."""
         return self.conditioner.kind
 
     @property
@@ -167,11 +173,16 @@ class Pipeline:
 
     # -- text (the conditioner's, kept here for callers that hold a pipeline) ---------------------------
 
-    def encode_prompt(self, prompt: str, negative_prompt: str, clip_skip: int = 1,
-                      notes: list[str] | None = None) -> tuple[Tensor, Tensor]:
+    def encode_prompt(
+        self, prompt: str, negative_prompt: str, clip_skip: int = 1, notes: list[str] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(cond, uncond) token states in the U-Net's dtype: the conditioner's ``crossattn``."""
-        cond, uncond = self.conditioner.pair(prompt, negative_prompt, clip_skip=clip_skip,
-                                             note=(lambda t: _note(notes, t)) if notes is not None else _silent)
+        cond, uncond = self.conditioner.pair(
+            prompt,
+            negative_prompt,
+            clip_skip=clip_skip,
+            note=(lambda t: _note(notes, t)) if notes is not None else _silent,
+        )
         return cond["crossattn"], uncond["crossattn"]
 
     def encode_pooled(self, prompt: str, negative_prompt: str) -> tuple[Tensor, Tensor] | None:
@@ -218,8 +229,9 @@ class Pipeline:
         images = batch_size * 3 * height * width * 4 * 3  # float images, arrays and uint8 copies
         return max(unet, vae) + images
 
-    def _check_memory(self, width: int, height: int, batch_size: int, cfg: bool, tiled: bool | None,
-                      notes: list[str]) -> bool | None:
+    def _check_memory(
+        self, width: int, height: int, batch_size: int, cfg: bool, tiled: bool | None, notes: list[str]
+    ) -> bool | None:
         avail = vae_utils.available_memory(self.device)
         if avail is None:
             return tiled
@@ -269,14 +281,33 @@ class Pipeline:
         for k, unit in enumerate(r.control_units()):
             size = getattr(unit.image, "size", None)  # a PIL image's (w, h); tensors/arrays/paths are not said
             if isinstance(size, tuple) and len(size) == 2 and size != (width, height):
-                _note(notes, f"control image {k} {size[0]}x{size[1]} fitted to {width}x{height} "
-                      f"({resize_mode_name(r.resize_mode)})")
+                _note(
+                    notes,
+                    f"control image {k} {size[0]}x{size[1]} fitted to {width}x{height} "
+                    f"({resize_mode_name(r.resize_mode)})",
+                )
         if (width, height) != (self.default_size, self.default_size):
             # larger sizes tend to repeat the subject (the model never saw them); say so rather than stay silent
-            _note(notes, f"{width}x{height} is not the model's training size {self.default_size}x"
-                  f"{self.default_size}: subjects may repeat or be cut off")
-        return Prepared(r, width, height, name, sched, r.prompts(), r.negative_prompts(), seeds, init, mask, tiled,
-                        notes, r.subseeds())
+            _note(
+                notes,
+                f"{width}x{height} is not the model's training size {self.default_size}x"
+                f"{self.default_size}: subjects may repeat or be cut off",
+            )
+        return Prepared(
+            r,
+            width,
+            height,
+            name,
+            sched,
+            r.prompts(),
+            r.negative_prompts(),
+            seeds,
+            init,
+            mask,
+            tiled,
+            notes,
+            r.subseeds(),
+        )
 
     # -- the call -------------------------------------------------------------------------------------
 
@@ -289,8 +320,10 @@ class Pipeline:
 
         tag_lists = [extract_lora_tags(t)[1] for t in p.prompts]
         if any(t != tag_lists[0] for t in tag_lists):
-            raise GenerationError("every prompt of a batch must name the same <lora:...> tags (the LoRAs are "
-                                  "applied to the model once per call)")
+            raise GenerationError(
+                "every prompt of a batch must name the same <lora:...> tags (the LoRAs are "
+                "applied to the model once per call)"
+            )
         from sdengine.weights.lora import lora_entry
 
         lora_list: list[tuple[Any, float]] = [lora_entry(item) for item in (request.loras or [])]
@@ -314,19 +347,34 @@ class Pipeline:
         units = request.control_units()
         rows = []
         for prompt_i, negative_i, seed in zip(p.prompts, p.negatives, p.seeds, strict=True):
-            rows.append(call_parameters(
-                prompt=prompt_i, negative_prompt=negative_i, steps=int(request.steps), sampler=p.sampler,
-                schedule=p.schedule, cfg_scale=float(request.cfg_scale), seed=seed, width=p.width, height=p.height,
-                model=self.name, model_hash=self.model_hash(),
-                strength=float(request.strength) if p.init is not None else None, clip_skip=request.clip_skip,
-                guidance_rescale=float(request.guidance_rescale), loras=lora_list, n_tag_loras=len(tag_lists[0]),
-                lora_dir=lora_dir, controlnets=units,
-                mask_blur=float(request.mask_blur) if p.mask is not None else None,
-            ))
+            rows.append(
+                call_parameters(
+                    prompt=prompt_i,
+                    negative_prompt=negative_i,
+                    steps=int(request.steps),
+                    sampler=p.sampler,
+                    schedule=p.schedule,
+                    cfg_scale=float(request.cfg_scale),
+                    seed=seed,
+                    width=p.width,
+                    height=p.height,
+                    model=self.name,
+                    model_hash=self.model_hash(),
+                    strength=float(request.strength) if p.init is not None else None,
+                    clip_skip=request.clip_skip,
+                    guidance_rescale=float(request.guidance_rescale),
+                    loras=lora_list,
+                    n_tag_loras=len(tag_lists[0]),
+                    lora_dir=lora_dir,
+                    controlnets=units,
+                    mask_blur=float(request.mask_blur) if p.mask is not None else None,
+                )
+            )
         for i, row in enumerate(rows):
             if p.subseeds is not None:  # A1111's names, read back by sdengine.metadata.to_generate_kwargs
-                row.update({"Variation seed": p.subseeds[i],
-                            "Variation seed strength": float(request.subseed_strength)})
+                row.update(
+                    {"Variation seed": p.subseeds[i], "Variation seed strength": float(request.subseed_strength)}
+                )
         infotexts = [format_infotext(r) for r in rows]
         per_row = [{"prompt": r["prompt"], "negative_prompt": r["negative_prompt"], "seed": r["seed"]} for r in rows]
         return GenerationResult(pil, arrays, rows[0], p.seeds, infotexts, p.notes, per_row)
@@ -359,24 +407,49 @@ class Pipeline:
         steps, strength, cfg_scale = int(r.steps), float(r.strength), float(r.cfg_scale)
         gens = [torch.Generator("cpu").manual_seed(p.seeds[i]) for i in rows]
         start = start_latents(
-            self.vae, generators=gens, latent_channels=self.latent_channels, width=p.width, height=p.height,
-            scale_factor=self.vae_scale_factor, init=p.init, mask=p.mask, mask_blur=float(r.mask_blur),
-            strength=strength, nine_channels=self.inpainting, tiled=p.tiled, device=dev,
+            self.vae,
+            generators=gens,
+            latent_channels=self.latent_channels,
+            width=p.width,
+            height=p.height,
+            scale_factor=self.vae_scale_factor,
+            init=p.init,
+            mask=p.mask,
+            mask_blur=float(r.mask_blur),
+            strength=strength,
+            nine_channels=self.inpainting,
+            tiled=p.tiled,
+            device=dev,
         )
         if p.subseeds is not None:
             start.noise = variation_noise(start.noise, [p.subseeds[i] for i in rows], float(r.subseed_strength))
         if start.concat is not None:
             cond = {**cond, "concat": start.concat}
-        grid = sampling.make_grid(p.sampler, steps, self.noise_schedule, p.schedule, self.scheduler_config,
-                                  strength if start.init_latent is not None else 1.0)
+        grid = sampling.make_grid(
+            p.sampler,
+            steps,
+            self.noise_schedule,
+            p.schedule,
+            self.scheduler_config,
+            strength if start.init_latent is not None else 1.0,
+        )
         first = img2img_start(steps, strength) if start.from_init else 0
         net: Any = self.unet
         units = r.control_units()
         if units:
             units = [_rows_of(u, rows, len(p.seeds)) for u in units]
-            net = build_controlled_unet(net, units, width=p.width, height=p.height, grid=grid,
-                                        guess_mode=r.guess_mode, device=dev, dtype=self.dtype, start_step=first,
-                                        resize_mode=resize_mode_name(r.resize_mode))
+            net = build_controlled_unet(
+                net,
+                units,
+                width=p.width,
+                height=p.height,
+                grid=grid,
+                guess_mode=r.guess_mode,
+                device=dev,
+                dtype=self.dtype,
+                start_step=first,
+                resize_mode=resize_mode_name(r.resize_mode),
+            )
         den: Any = Denoiser(UNetAdapter(net, self.dtype), self.noise_schedule, self.prediction_type)
         den = CFGDenoiser(den, cfg_scale, uncond, rescale=float(r.guidance_rescale))
         blend = None
@@ -398,11 +471,20 @@ class Pipeline:
 
         try:
             x = sampling.sample(
-                den, start.noise, sampler=p.sampler, steps=steps, schedule=p.schedule,
-                scheduler_config=self.scheduler_config, generators=gens, callback=on_step, extra_args=cond,
+                den,
+                start.noise,
+                sampler=p.sampler,
+                steps=steps,
+                schedule=p.schedule,
+                scheduler_config=self.scheduler_config,
+                generators=gens,
+                callback=on_step,
+                extra_args=cond,
                 init_latent=start.init_latent if start.from_init else None,
-                strength=strength if start.from_init else 1.0, start_step=first if start.from_init else None,
-                noise_schedule=self.noise_schedule, sampler_options=dict(r.sampler_options or {}) or None,
+                strength=strength if start.from_init else 1.0,
+                start_step=first if start.from_init else None,
+                noise_schedule=self.noise_schedule,
+                sampler_options=dict(r.sampler_options or {}) or None,
             )
         except SamplingInterrupted as e:
             raise Cancelled(e.step + 1, run_steps, vae_utils.latent_preview(e.denoised)) from None
@@ -415,13 +497,13 @@ class Pipeline:
         # pixels then never depend on the batch.
         out = []
         for i in range(len(rows)):
-            img, upcast = vae_utils.decode(
-                self.vae, x[i : i + 1], tiled=p.tiled, upcast=self.vae_upcast, warn=False
-            )
+            img, upcast = vae_utils.decode(self.vae, x[i : i + 1], tiled=p.tiled, upcast=self.vae_upcast, warn=False)
             if upcast and not self.vae_upcast:
                 self.vae_upcast = True
-                _note(p.notes, "the VAE decode in half precision gave NaN/inf; decoded again in float32 "
-                               "(and will be from now on)")
+                _note(
+                    p.notes,
+                    "the VAE decode in half precision gave NaN/inf; decoded again in float32 (and will be from now on)",
+                )
             out.append(vae_utils.to_unit(img))
         return torch.cat(out)
 

@@ -49,7 +49,8 @@ def weights_file(source: Path | None) -> Path | None:
         return None
     if source.is_dir():
         candidates = sorted((source / "unet").glob("diffusion_pytorch_model*.safetensors")) + sorted(
-            (source / "unet").glob("diffusion_pytorch_model*.bin"))
+            (source / "unet").glob("diffusion_pytorch_model*.bin")
+        )
         return candidates[0] if candidates else None
     return source if source.is_file() else None
 
@@ -70,20 +71,47 @@ def lora_hashes(loras: Sequence[tuple[Any, float]], lora_dir: str | Path | None)
 
 
 def call_parameters(
-    *, prompt: str, negative_prompt: str, steps: int, sampler: str, schedule: str, cfg_scale: float, seed: int,
-    width: int, height: int, model: str, model_hash: str | None, strength: float | None, clip_skip: int,
-    guidance_rescale: float, loras: Sequence[tuple[Any, float]], n_tag_loras: int, lora_dir: str | Path | None,
-    controlnets: Sequence[ControlUnit], mask_blur: float | None,
+    *,
+    prompt: str,
+    negative_prompt: str,
+    steps: int,
+    sampler: str,
+    schedule: str,
+    cfg_scale: float,
+    seed: int,
+    width: int,
+    height: int,
+    model: str,
+    model_hash: str | None,
+    strength: float | None,
+    clip_skip: int,
+    guidance_rescale: float,
+    loras: Sequence[tuple[Any, float]],
+    n_tag_loras: int,
+    lora_dir: str | Path | None,
+    controlnets: Sequence[ControlUnit],
+    mask_blur: float | None,
 ) -> dict[str, Any]:
     """The parameters dict of one image (sdengine.metadata writes it as A1111 text). LoRAs passed as
     arguments are written as <lora:NAME:W> tags, as A1111 keeps them, so that the infotext alone says which
     ones were used (regenerate with the same lora_dir)."""
-    tags = "".join(f" <lora:{Path(src).stem}:{w:g}>" for src, w in loras[: len(loras) - n_tag_loras]
-                   if isinstance(src, str | Path))
+    tags = "".join(
+        f" <lora:{Path(src).stem}:{w:g}>" for src, w in loras[: len(loras) - n_tag_loras] if isinstance(src, str | Path)
+    )
     params: dict[str, Any] = {
-        "prompt": prompt + tags, "negative_prompt": negative_prompt, "steps": steps, "sampler": sampler,
-        "schedule": schedule, "cfg_scale": cfg_scale, "seed": seed, "width": width, "height": height,
-        "model": model, "model_hash": model_hash, "strength": strength, "clip_skip": clip_skip,
+        "prompt": prompt + tags,
+        "negative_prompt": negative_prompt,
+        "steps": steps,
+        "sampler": sampler,
+        "schedule": schedule,
+        "cfg_scale": cfg_scale,
+        "seed": seed,
+        "width": width,
+        "height": height,
+        "model": model,
+        "model_hash": model_hash,
+        "strength": strength,
+        "clip_skip": clip_skip,
     }
     hashes = lora_hashes(loras, lora_dir) if loras else {}
     if hashes:

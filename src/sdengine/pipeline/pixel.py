@@ -48,8 +48,20 @@ class PixelPipeline:
 
     # The pixel model's own defaults where they differ from a Stable Diffusion request's.
     DEFAULTS: dict[str, Any] = {"schedule": "normal", "cfg_scale": 1.0}
-    SUPPORTED = ("prompt", "negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "seed", "width", "height",
-                 "batch_size", "callback", "progress")
+    SUPPORTED = (
+        "prompt",
+        "negative_prompt",
+        "steps",
+        "sampler",
+        "schedule",
+        "cfg_scale",
+        "seed",
+        "width",
+        "height",
+        "batch_size",
+        "callback",
+        "progress",
+    )
 
     def __call__(self, prompt: Any = "", negative_prompt: Any = None, **kwargs: Any) -> GenerationResult:
         """Same call as :class:`sdengine.pipeline.Pipeline` (a request, or its fields; lists of class names
@@ -58,9 +70,16 @@ class PixelPipeline:
             kwargs = {**{k: v for k, v in self.DEFAULTS.items() if k not in kwargs}, **kwargs}
         r = as_request(prompt, negative_prompt, kwargs)
         defaults = GenerationRequest.defaults()
-        given = [k for k in GenerationRequest.field_names() if k not in self.SUPPORTED
-                 and (v := getattr(r, k)) is not None and v is not False and v != [] and v != ()
-                 and v != defaults[k]]
+        given = [
+            k
+            for k in GenerationRequest.field_names()
+            if k not in self.SUPPORTED
+            and (v := getattr(r, k)) is not None
+            and v is not False
+            and v != []
+            and v != ()
+            and v != defaults[k]
+        ]
         if given:
             raise GenerationError(f"{self.name} is a pixel DDPM: it does not take {', '.join(sorted(given))}")
         size = self.model.image_size - 2 * self.model.crop
@@ -83,8 +102,14 @@ class PixelPipeline:
 
         try:
             x = self.model.generate(
-                None if labels[0] is None else labels, n=len(seeds), sampler=r.sampler, steps=steps,
-                schedule=r.schedule or "normal", seeds=seeds, guidance_scale=r.cfg_scale, callback=on_step,
+                None if labels[0] is None else labels,
+                n=len(seeds),
+                sampler=r.sampler,
+                steps=steps,
+                schedule=r.schedule or "normal",
+                seeds=seeds,
+                guidance_scale=r.cfg_scale,
+                callback=on_step,
             )
         except SamplingInterrupted as e:
             raise Cancelled(e.step + 1, steps) from None
@@ -93,11 +118,29 @@ class PixelPipeline:
             arr = np.repeat(arr, 3, axis=-1)
         images = [Image.fromarray(a) for a in to_uint8(arr)]
         name, sched = sampling.resolve(r.sampler, r.schedule)
-        rows = [{"prompt": t, "negative_prompt": "", "steps": steps, "sampler": name, "schedule": sched,
-                 "cfg_scale": float(r.cfg_scale), "seed": s, "width": size, "height": size, "model": self.name}
-                for t, s in zip(prompts, seeds, strict=True)]
-        return GenerationResult(images, arr.astype(np.float32), rows[0], seeds, [format_infotext(p) for p in rows],
-                                rows=[{"prompt": p["prompt"], "negative_prompt": "", "seed": p["seed"]} for p in rows])
+        rows = [
+            {
+                "prompt": t,
+                "negative_prompt": "",
+                "steps": steps,
+                "sampler": name,
+                "schedule": sched,
+                "cfg_scale": float(r.cfg_scale),
+                "seed": s,
+                "width": size,
+                "height": size,
+                "model": self.name,
+            }
+            for t, s in zip(prompts, seeds, strict=True)
+        ]
+        return GenerationResult(
+            images,
+            arr.astype(np.float32),
+            rows[0],
+            seeds,
+            [format_infotext(p) for p in rows],
+            rows=[{"prompt": p["prompt"], "negative_prompt": "", "seed": p["seed"]} for p in rows],
+        )
 
 
 __all__ = ["PixelPipeline"]

@@ -96,8 +96,9 @@ class GenerationRequest:
         ControlNet units may be dicts ``{"model", "image", "scale", "start", "end"}`` or lists)."""
         unknown = sorted(set(data) - set(cls.field_names()))
         if unknown:
-            raise GenerationError(f"unknown generation settings: {', '.join(unknown)}; valid: "
-                                  f"{', '.join(cls.field_names())}")
+            raise GenerationError(
+                f"unknown generation settings: {', '.join(unknown)}; valid: {', '.join(cls.field_names())}"
+            )
         kw = dict(data)
         if kw.get("controlnets") is not None:
             kw["controlnets"] = tuple(ControlUnit.coerce(u) for u in kw["controlnets"])
@@ -109,8 +110,10 @@ class GenerationRequest:
         """The fields as a dict (images stay PIL / array / path values; the callback is left out)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "callback"}
         if self.controlnets is not None:
-            out["controlnets"] = [{"model": u.model, "image": u.image, "scale": u.scale, "start": u.start, "end": u.end}
-                                  for u in self.control_units()]  # the same image objects, not copies
+            out["controlnets"] = [
+                {"model": u.model, "image": u.image, "scale": u.scale, "start": u.start, "end": u.end}
+                for u in self.control_units()
+            ]  # the same image objects, not copies
         return out
 
     def replace(self, **changes: Any) -> GenerationRequest:
@@ -162,8 +165,11 @@ class GenerationRequest:
             raise GenerationError(f"steps must be a positive integer, got {steps!r}")
         if not _is_int(batch) or batch < 1:
             raise GenerationError(f"batch_size must be a positive integer, got {batch!r}")
-        lists = {name: len(v) for name, v in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt),
-                                              ("seed", self.seed)) if isinstance(v, list | tuple)}
+        lists = {
+            name: len(v)
+            for name, v in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt), ("seed", self.seed))
+            if isinstance(v, list | tuple)
+        }
         for name, v in (("prompt", self.prompt), ("negative_prompt", self.negative_prompt)):
             items = v if _is_list(v) else [v]
             if any(x is not None and not isinstance(x, str) for x in items):  # type: ignore[union-attr]
@@ -184,7 +190,8 @@ class GenerationRequest:
                 seed = int(self.seed)  # type: ignore[arg-type]
             except (TypeError, ValueError):
                 raise GenerationError(
-                    f"seed must be an integer (or -1 / None for a random one), got {self.seed!r}") from None
+                    f"seed must be an integer (or -1 / None for a random one), got {self.seed!r}"
+                ) from None
             if seed < 0 and seed != -1:
                 raise GenerationError(f"seed must be >= 0 (or -1 / None for a random one), got {seed}")
         cfg, rescale, strength, blur = self.cfg_scale, self.guidance_rescale, self.strength, self.mask_blur

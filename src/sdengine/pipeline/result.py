@@ -70,11 +70,16 @@ class GenerationResult:
         from sdengine.metadata import save_png
 
         out = Path(folder)
-        used = [int(m.group(1)) for p in (out.glob("*.png") if out.is_dir() else [])
-                if (m := re.match(r"^(\d{5})-", p.name))]
+        used = [
+            int(m.group(1))
+            for p in (out.glob("*.png") if out.is_dir() else [])
+            if (m := re.match(r"^(\d{5})-", p.name))
+        ]
         start = max(used, default=-1) + 1
-        return [save_png(image, out / f"{start + i:05d}-{seed}.png", text)
-                for i, (image, seed, text) in enumerate(zip(self.images, self.seeds, self.infotexts, strict=True))]
+        return [
+            save_png(image, out / f"{start + i:05d}-{seed}.png", text)
+            for i, (image, seed, text) in enumerate(zip(self.images, self.seeds, self.infotexts, strict=True))
+        ]
 
 
 __all__ = ["Cancelled", "GenerationResult", "StepCallback", "StepInfo"]

@@ -24,8 +24,17 @@ class UNetAdapter:
         self.takes_step = bool(getattr(net, "takes_step", False))
         self.takes_row_kinds = bool(getattr(net, "takes_row_kinds", False))
 
-    def __call__(self, x: Tensor, t: Tensor, *, crossattn: Tensor, vector: Tensor | None = None,
-                 concat: Tensor | None = None, step: Any = None, row_kinds: Sequence[str] | None = None) -> Tensor:
+    def __call__(
+        self,
+        x: Tensor,
+        t: Tensor,
+        *,
+        crossattn: Tensor,
+        vector: Tensor | None = None,
+        concat: Tensor | None = None,
+        step: Any = None,
+        row_kinds: Sequence[str] | None = None,
+    ) -> Tensor:
         x = x.to(self.dtype)
         if concat is not None:
             x = torch.cat([x, concat.to(self.dtype)], dim=1)

@@ -36,9 +36,7 @@ class RunExistsError(SdengineError, ValueError):
     """The output folder already holds a training run and neither resuming nor overwriting was asked for."""
 
 
-def ensure_new_run(
-    out_dir: str | Path, *, resume: bool, overwrite: bool, outputs: Iterable[str] = ()
-) -> list[Path]:
+def ensure_new_run(out_dir: str | Path, *, resume: bool, overwrite: bool, outputs: Iterable[str] = ()) -> list[Path]:
     """Decide what a trainer may do with ``out_dir`` before its slow set-up; returns the paths removed.
 
     A folder holds a run when it has a ``checkpoint.pt`` or one of ``outputs`` (the names a trainer exports,

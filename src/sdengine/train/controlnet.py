@@ -119,8 +119,16 @@ def prepare_data(spec: ControlNetTrainSpec, pipe: Any, device: torch.device) -> 
     pooled = empty_pooled = None
     if "vector" in cond:  # a U-Net with a pooled-text projection (the emoji model)
         pooled, empty_pooled = cond["vector"].float().cpu(), uncond["vector"].float().cpu()
-    return PreparedData(torch.cat(means), torch.cat(stds), texts, empty, torch.stack(controls),
-                        [str(p) for p in ds.paths], pooled, empty_pooled)
+    return PreparedData(
+        torch.cat(means),
+        torch.cat(stds),
+        texts,
+        empty,
+        torch.stack(controls),
+        [str(p) for p in ds.paths],
+        pooled,
+        empty_pooled,
+    )
 
 
 def train_controlnet(
@@ -156,8 +164,19 @@ def train_controlnet(
     if progress:
         from .settings import settings_line
 
-        print(settings_line("controlnet", model=spec.model, resolution=resolution, images=len(data.paths),
-                            cfg=cfg, device=device, condition=spec.condition, init=spec.controlnet_init), flush=True)
+        print(
+            settings_line(
+                "controlnet",
+                model=spec.model,
+                resolution=resolution,
+                images=len(data.paths),
+                cfg=cfg,
+                device=device,
+                condition=spec.condition,
+                init=spec.controlnet_init,
+            ),
+            flush=True,
+        )
 
     torch.manual_seed(cfg.seed)  # the hint encoder's random initialisation
     if spec.controlnet_init is not None:
@@ -196,12 +215,23 @@ def train_controlnet(
             extra["class_labels"] = loss.drop(pooled[idx], empty_pooled, drop)
         net_extra = extra if getattr(m, "class_embedding", None) is not None else {}
         down, mid = m(x_t, t, control[idx], encoder_hidden_states=ctx, **net_extra)
-        out = unet(x_t, t, encoder_hidden_states=ctx, down_block_additional_residuals=down,
-                   mid_block_additional_residual=mid, **extra)
+        out = unet(
+            x_t,
+            t,
+            encoder_hidden_states=ctx,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            **extra,
+        )
         return loss(out, x0, noise, t)
 
-    meta = {"kind": "controlnet", "base": str(spec.model), "condition": spec.condition,
-            "controlnet_config": net.config.to_diffusers(), "images": len(data.paths)}
+    meta = {
+        "kind": "controlnet",
+        "base": str(spec.model),
+        "condition": spec.condition,
+        "controlnet_config": net.config.to_diffusers(),
+        "images": len(data.paths),
+    }
     result = train(net, loss_fn, cfg, out_dir, device=device, resume=resume, progress=progress, meta=meta)
 
     from .checkpoint import load_checkpoint

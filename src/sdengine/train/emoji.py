@@ -116,8 +116,15 @@ def _augment_flip(x: Tensor, g: torch.Generator) -> Tensor:
 
 
 def train_vae(
-    ds: EmojiDataset, spec: EmojiTrainSpec, cfg: TrainConfig, out_dir: Path, *, device: torch.device,
-    resume: bool = False, progress: bool = True, vae_config: VAEConfig = EMOJI_VAE,
+    ds: EmojiDataset,
+    spec: EmojiTrainSpec,
+    cfg: TrainConfig,
+    out_dir: Path,
+    *,
+    device: torch.device,
+    resume: bool = False,
+    progress: bool = True,
+    vae_config: VAEConfig = EMOJI_VAE,
 ) -> tuple[TrainResult, AutoencoderKL]:
     """Train the autoencoder on every render (the held-out ones too: the VAE is not the concept learner)."""
     images = ds.images.to(device)  # (N, 3, 64, 64) in [-1, 1]
@@ -136,8 +143,16 @@ def train_vae(
         err = rec - x
         return err.abs().mean() + err.pow(2).mean() + spec.kl_weight * post.kl().float().mean()
 
-    result = train(model, loss_fn, cfg, out_dir, device=device, resume=resume, progress=progress,
-                   meta={"stage": "vae", "vae": asdict(vae_config)})
+    result = train(
+        model,
+        loss_fn,
+        cfg,
+        out_dir,
+        device=device,
+        resume=resume,
+        progress=progress,
+        meta={"stage": "vae", "vae": asdict(vae_config)},
+    )
     export = AutoencoderKL(vae_config)
     export.load_state_dict(load_checkpoint(result.checkpoint)["ema"]["model"])
     return result, export.eval().requires_grad_(False)
@@ -205,9 +220,19 @@ def caption_pooled(ds: EmojiDataset, encoder: Any, batch: int = 256) -> tuple[Te
 
 
 def train_unet(
-    latents: tuple[Tensor, Tensor], states: Tensor, empty: Tensor, keep: list[int], spec: EmojiTrainSpec,
-    cfg: TrainConfig, out_dir: Path, *, device: torch.device, resume: bool = False, progress: bool = True,
-    unet_config: UNetConfig = EMOJI_UNET, pooled: tuple[Tensor, Tensor] | None = None,
+    latents: tuple[Tensor, Tensor],
+    states: Tensor,
+    empty: Tensor,
+    keep: list[int],
+    spec: EmojiTrainSpec,
+    cfg: TrainConfig,
+    out_dir: Path,
+    *,
+    device: torch.device,
+    resume: bool = False,
+    progress: bool = True,
+    unet_config: UNetConfig = EMOJI_UNET,
+    pooled: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[TrainResult, UNet]:
     """Text-conditional latent diffusion on the ``keep`` emoji. ``latents``: scaled (mean, std);
     ``pooled``: (T, N, D) caption sentence vectors and (D,) of the empty prompt, for a U-Net with
@@ -245,8 +270,16 @@ def train_unet(
         out = out.sample if hasattr(out, "sample") else out
         return loss(out, z0, noise, t)
 
-    result = train(model, loss_fn, cfg, out_dir, device=device, resume=resume, progress=progress,
-                   meta={"stage": "unet", "spec": asdict(spec)})
+    result = train(
+        model,
+        loss_fn,
+        cfg,
+        out_dir,
+        device=device,
+        resume=resume,
+        progress=progress,
+        meta={"stage": "unet", "spec": asdict(spec)},
+    )
     export = UNet(unet_config)
     export.load_state_dict(load_checkpoint(result.checkpoint)["ema"]["model"])
     return result, export.eval().requires_grad_(False)
@@ -283,8 +316,11 @@ def add_pooled_projection(path: Path, tokens_only: UNetConfig, pooled: UNetConfi
     old_index = {n: i for i, n in enumerate(_optimizer_order(old))}
     new_order = _optimizer_order(new)
     opt = state["optimizer"]
-    opt["state"] = {j: opt["state"][old_index[n]] for j, n in enumerate(new_order)
-                    if n in old_index and old_index[n] in opt["state"]}
+    opt["state"] = {
+        j: opt["state"][old_index[n]]
+        for j, n in enumerate(new_order)
+        if n in old_index and old_index[n] in opt["state"]
+    }
     n_matrices = sum(1 for p in new.parameters() if p.ndim >= 2)
     opt["param_groups"][0]["params"] = list(range(n_matrices))
     opt["param_groups"][1]["params"] = list(range(n_matrices, len(new_order)))
@@ -320,7 +356,11 @@ def text_encoder_config() -> dict[str, Any]:
 
 
 def export_folder(
-    vae: AutoencoderKL, unet: UNet, dst: Path, *, extra: dict[str, Any] | None = None,
+    vae: AutoencoderKL,
+    unet: UNet,
+    dst: Path,
+    *,
+    extra: dict[str, Any] | None = None,
     dtype: torch.dtype = torch.float16,
 ) -> Path:
     """Write the diffusers-style folder (fp16 safetensors) atomically: ``dst`` is replaced as a whole."""
@@ -396,20 +436,37 @@ class EmojiRecipe:
         return self.mixed_precision
 
     def vae_config(self, max_seconds: float | None = None) -> TrainConfig:
-        return TrainConfig(steps=self.vae_steps, batch_size=self.vae_batch, lr=self.vae_lr,
-                           warmup_steps=self.vae_warmup, ema_decay=self.ema_decay, seed=self.seed,
-                           mixed_precision=self.precision(), sample_every=0, checkpoint_every=500,
-                           max_seconds=max_seconds)
+        return TrainConfig(
+            steps=self.vae_steps,
+            batch_size=self.vae_batch,
+            lr=self.vae_lr,
+            warmup_steps=self.vae_warmup,
+            ema_decay=self.ema_decay,
+            seed=self.seed,
+            mixed_precision=self.precision(),
+            sample_every=0,
+            checkpoint_every=500,
+            max_seconds=max_seconds,
+        )
 
     def unet_config(self, max_seconds: float | None = None) -> TrainConfig:
-        return TrainConfig(steps=self.unet_steps, batch_size=self.unet_batch, lr=self.unet_lr,
-                           warmup_steps=self.unet_warmup, ema_decay=self.ema_decay, seed=self.seed,
-                           mixed_precision=self.precision(), sample_every=1000, checkpoint_every=250,
-                           max_seconds=max_seconds)
+        return TrainConfig(
+            steps=self.unet_steps,
+            batch_size=self.unet_batch,
+            lr=self.unet_lr,
+            warmup_steps=self.unet_warmup,
+            ema_decay=self.ema_decay,
+            seed=self.seed,
+            mixed_precision=self.precision(),
+            sample_every=1000,
+            checkpoint_every=250,
+            max_seconds=max_seconds,
+        )
 
 
-def _cached_caption_tensors(ds: EmojiDataset, path: Path, device: torch.device, suffix: str, name: str,
-                            compute: Any) -> tuple[Tensor, Tensor]:
+def _cached_caption_tensors(
+    ds: EmojiDataset, path: Path, device: torch.device, suffix: str, name: str, compute: Any
+) -> tuple[Tensor, Tensor]:
     """``compute(ds, encoder) -> (tensor, empty)``, cached in ``path`` under ``name`` and keyed by the
     captions themselves (plus ``suffix``), so a change of captions recomputes it."""
     import hashlib
@@ -417,9 +474,12 @@ def _cached_caption_tensors(ds: EmojiDataset, path: Path, device: torch.device, 
     from ..data.emoji import make_caption
     from ..models.bert_text import MiniLMTextEncoder
 
-    key = hashlib.sha256("\n".join(
-        make_caption(e, template=t) for t in range(len(CAPTION_TEMPLATES)) for e in ds.entries
-    ).encode()).hexdigest()[:16] + suffix
+    key = (
+        hashlib.sha256(
+            "\n".join(make_caption(e, template=t) for t in range(len(CAPTION_TEMPLATES)) for e in ds.entries).encode()
+        ).hexdigest()[:16]
+        + suffix
+    )
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         if saved.get("key") == key:
@@ -462,12 +522,22 @@ def train_emoji(
     ds = dataset if dataset is not None else EmojiDataset()
     summary: dict[str, Any] = {"recipe": asdict(recipe)}
     t0 = time.perf_counter()
-    vres, vae = train_vae(ds, recipe.spec, recipe.vae_config(_secs(max_minutes_vae)), out / "vae", device=device,
-                          resume=(out / "vae" / "checkpoint.pt").is_file(), progress=progress,
-                          vae_config=vae_config or EMOJI_VAE)
+    vres, vae = train_vae(
+        ds,
+        recipe.spec,
+        recipe.vae_config(_secs(max_minutes_vae)),
+        out / "vae",
+        device=device,
+        resume=(out / "vae" / "checkpoint.pt").is_file(),
+        progress=progress,
+        vae_config=vae_config or EMOJI_VAE,
+    )
     vae = vae.to(device)
-    summary["vae"] = {"steps": vres.step, "psnr_db": round(reconstruction_psnr(vae, ds.images), 2),
-                      "seconds": round(time.perf_counter() - t0, 1)}
+    summary["vae"] = {
+        "steps": vres.step,
+        "psnr_db": round(reconstruction_psnr(vae, ds.images), 2),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     mean, std = encode_latents(vae, ds.images)
     scaling = latent_scaling(mean)
     vae = with_scaling(vae.cpu(), scaling)
@@ -488,8 +558,19 @@ def train_emoji(
         # Phase 1: the token states only, to step ``unet_pooled_from``; then add the pooled projection.
         tokens_only = dataclasses.replace(unet_config, projection_class_embeddings_input_dim=None)
         cfg1 = dataclasses.replace(recipe.unet_config(budget), steps=min(first, recipe.unet_steps))
-        ures, unet = train_unet(lat, states, empty, keep, recipe.spec, cfg1, out / "unet", device=device,
-                                resume=ckpt.is_file(), progress=progress, unet_config=tokens_only)
+        ures, unet = train_unet(
+            lat,
+            states,
+            empty,
+            keep,
+            recipe.spec,
+            cfg1,
+            out / "unet",
+            device=device,
+            resume=ckpt.is_file(),
+            progress=progress,
+            unet_config=tokens_only,
+        )
         if ures.step >= first and recipe.unet_steps > first:
             add_pooled_projection(ckpt, tokens_only, unet_config, recipe.seed)
             if budget is not None:
@@ -497,17 +578,47 @@ def train_emoji(
         else:
             pooled = None  # stopped (or the recipe ends) before the pooled phase: export what there is
     if pooled is not None:
-        ures, unet = train_unet(lat, states, empty, keep, recipe.spec, recipe.unet_config(budget), out / "unet",
-                                device=device, resume=ckpt.is_file(), progress=progress,
-                                unet_config=unet_config, pooled=pooled)
+        ures, unet = train_unet(
+            lat,
+            states,
+            empty,
+            keep,
+            recipe.spec,
+            recipe.unet_config(budget),
+            out / "unet",
+            device=device,
+            resume=ckpt.is_file(),
+            progress=progress,
+            unet_config=unet_config,
+            pooled=pooled,
+        )
     elif unet_config.projection_class_embeddings_input_dim is None:
-        ures, unet = train_unet(lat, states, empty, keep, recipe.spec, recipe.unet_config(budget), out / "unet",
-                                device=device, resume=ckpt.is_file(), progress=progress,
-                                unet_config=unet_config)
-    summary["unet"] = {"steps": ures.step, "images": len(keep), "seconds": round(time.perf_counter() - t2, 1),
-                       "final_loss": round(sum(ures.losses[-100:]) / max(1, len(ures.losses[-100:])), 5)}
-    extra = {"held_out_subgroup": recipe.spec.held_out, "vae_steps": vres.step, "unet_steps": ures.step,
-             "vae_psnr_db": summary["vae"]["psnr_db"], "text_context_length": TEXT_LENGTH}
+        ures, unet = train_unet(
+            lat,
+            states,
+            empty,
+            keep,
+            recipe.spec,
+            recipe.unet_config(budget),
+            out / "unet",
+            device=device,
+            resume=ckpt.is_file(),
+            progress=progress,
+            unet_config=unet_config,
+        )
+    summary["unet"] = {
+        "steps": ures.step,
+        "images": len(keep),
+        "seconds": round(time.perf_counter() - t2, 1),
+        "final_loss": round(sum(ures.losses[-100:]) / max(1, len(ures.losses[-100:])), 5),
+    }
+    extra = {
+        "held_out_subgroup": recipe.spec.held_out,
+        "vae_steps": vres.step,
+        "unet_steps": ures.step,
+        "vae_psnr_db": summary["vae"]["psnr_db"],
+        "text_context_length": TEXT_LENGTH,
+    }
     dst = Path(export_to) if export_to is not None else out / "model"
     export_folder(vae, unet, dst, extra=extra)
     summary["export"] = str(dst)

@@ -47,8 +47,10 @@ UNET_TARGETS: dict[TargetKind, re.Pattern[str]] = {
     "conv": re.compile(r"(resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|(down|up)samplers\.0\.conv)$"),
 }
 TEXT_TARGETS: dict[TargetKind, re.Pattern[str]] = {
-    "attention": re.compile(r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|attention\.(self\.(query|key|value)"
-                            r"|output\.dense))$"),
+    "attention": re.compile(
+        r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|attention\.(self\.(query|key|value)"
+        r"|output\.dense))$"
+    ),
     "ff": re.compile(r"(mlp\.fc[12]|layer\.\d+\.intermediate\.dense|layer\.\d+\.output\.dense)$"),
 }
 
@@ -151,8 +153,9 @@ class LoRANetwork(nn.Module):
                 down = torch.empty(r, w.shape[1])  # (r, in)
                 up = torch.zeros(w.shape[0], r)  # (out, r)
             nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)  # kohya's / nn.Linear's init
-            layers[key] = LoRALayer(down.to(w.device), up.to(w.device), scale=alpha / r,
-                                    conv=LoRALayer.geometry(module), trainable=True)
+            layers[key] = LoRALayer(
+                down.to(w.device), up.to(w.device), scale=alpha / r, conv=LoRALayer.geometry(module), trainable=True
+            )
             alphas[key] = alpha
         return cls(layers, alphas), chosen
 
@@ -239,8 +242,9 @@ def prepare_data(pipe: Any, spec: LoRASpec, resolution: int, device: torch.devic
         cond = pipe.conditioner(ds.captions)
         states = cond["crossattn"].float().to(device)
         extra = {"class_labels": cond["vector"].float().to(device)} if "vector" in cond else {}
-        return LoRAData(latents.float(), torch.zeros((len(ds), 0), dtype=torch.long, device=device), states,
-                        ds.captions, extra)
+        return LoRAData(
+            latents.float(), torch.zeros((len(ds), 0), dtype=torch.long, device=device), states, ds.captions, extra
+        )
     # CLIP keeps its own token-id path: with --train-text-encoder the encoder runs inside the training step, so
     # the data holds token ids, not states; and one 77-token window per caption without emphasis is what
     # kohya trains on (the conditioner would read emphasis and encode every chunk).
@@ -252,8 +256,9 @@ def prepare_data(pipe: Any, spec: LoRASpec, resolution: int, device: torch.devic
     token_ids = torch.tensor(ids, dtype=torch.long, device=device)  # (N, 77)
     states = None
     if not spec.train_text_encoder:
-        states = torch.cat([pipe.text_encoder(token_ids[i : i + 16]).last_hidden_state
-                            for i in range(0, len(ds), 16)])  # (N, 77, D)
+        states = torch.cat(
+            [pipe.text_encoder(token_ids[i : i + 16]).last_hidden_state for i in range(0, len(ds), 16)]
+        )  # (N, 77, D)
     return LoRAData(latents.float(), token_ids, states, ds.captions)
 
 
@@ -282,7 +287,8 @@ def base_model_file(source: Path | None) -> Path | None:
     if source.is_file():
         return source
     found = sorted((source / "unet").glob("diffusion_pytorch_model*.safetensors")) + sorted(
-        (source / "unet").glob("diffusion_pytorch_model*.bin"))
+        (source / "unet").glob("diffusion_pytorch_model*.bin")
+    )
     return found[0] if found else None
 
 
@@ -326,8 +332,20 @@ def train_lora(
     if progress:
         from .settings import settings_line
 
-        print(settings_line("lora", model=spec.model, resolution=resolution, images=n, cfg=cfg, device=device,
-                            rank=spec.rank, alpha=spec.alpha, targets=spec.targets), flush=True)
+        print(
+            settings_line(
+                "lora",
+                model=spec.model,
+                resolution=resolution,
+                images=n,
+                cfg=cfg,
+                device=device,
+                rank=spec.rank,
+                alpha=spec.alpha,
+                targets=spec.targets,
+            ),
+            flush=True,
+        )
 
     g = torch.Generator().manual_seed(cfg.seed)
     network, chosen = LoRANetwork.create(pipe.unet, pipe.text_encoder if _uses_clip(pipe) else None, spec, g)
@@ -346,12 +364,17 @@ def train_lora(
         out = pipe.unet(x_t.to(pipe.dtype), t, encoder_hidden_states=ctx.to(pipe.dtype), **extra)
         return loss(out, z0, noise, t)
 
-    meta = {"kind": "lora", "model": spec.model, "rank": spec.rank, "alpha": spec.effective_alpha,
-            "targets": list(spec.targets), "train_text_encoder": spec.train_text_encoder}
+    meta = {
+        "kind": "lora",
+        "model": spec.model,
+        "rank": spec.rank,
+        "alpha": spec.effective_alpha,
+        "targets": list(spec.targets),
+        "train_text_encoder": spec.train_text_encoder,
+    }
     try:
         with gradient_checkpointing([pipe.unet, pipe.text_encoder], spec.gradient_checkpointing):
-            result = train(network, loss_fn, cfg, out_dir, device=device, resume=resume, progress=progress,
-                           meta=meta)
+            result = train(network, loss_fn, cfg, out_dir, device=device, resume=resume, progress=progress, meta=meta)
     finally:
         handle.remove()
 
@@ -360,8 +383,12 @@ def train_lora(
         from .checkpoint import load_checkpoint
 
         export = LoRANetwork(
-            {k: LoRALayer(la.down.detach().clone(), la.up.detach().clone(), scale=la.scale, conv=la.conv)
-             for k, la in cast(dict[str, LoRALayer], network.layers).items()}, network.alphas)
+            {
+                k: LoRALayer(la.down.detach().clone(), la.up.detach().clone(), scale=la.scale, conv=la.conv)
+                for k, la in cast(dict[str, LoRALayer], network.layers).items()
+            },
+            network.alphas,
+        )
         export.load_state_dict(load_checkpoint(result.checkpoint)["ema"]["model"])
     from ..weights.io import parse_dtype
 
@@ -381,14 +408,24 @@ def train_lora(
     return result, path
 
 
-def kohya_metadata(spec: LoRASpec, cfg: TrainConfig, pipe: Any, data: LoRAData, resolution: int,
-                   result: TrainResult, started: float, network: LoRANetwork) -> dict[str, str]:
+def kohya_metadata(
+    spec: LoRASpec,
+    cfg: TrainConfig,
+    pipe: Any,
+    data: LoRAData,
+    resolution: int,
+    result: TrainResult,
+    started: float,
+    network: LoRANetwork,
+) -> dict[str, str]:
     """kohya-ss/sd-scripts' ``ss_*`` training metadata (the fields A1111's and ComfyUI's LoRA browsers show)."""
     width = getattr(pipe.unet.config, "cross_attention_dim", None)
     v2 = width == 1024
     base = base_model_file(pipe.source)
-    has_conv = any(isinstance(la.conv, dict) and la.down.ndim == 4 and la.down.shape[2:] != (1, 1)
-                   for la in cast(dict[str, LoRALayer], network.layers).values())
+    has_conv = any(
+        isinstance(la.conv, dict) and la.down.ndim == 4 and la.down.shape[2:] != (1, 1)
+        for la in cast(dict[str, LoRALayer], network.layers).values()
+    )
     args: dict[str, str] = {}
     if has_conv:
         args = {"conv_dim": str(spec.effective_conv_rank), "conv_alpha": f"{spec.effective_conv_alpha:g}"}

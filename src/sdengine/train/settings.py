@@ -14,14 +14,21 @@ def _value(v: Any) -> str:
     return str(v)
 
 
-def settings_line(kind: str, *, model: str, resolution: int, images: int, cfg: Any, device: Any,
-                  **extra: Any) -> str:
+def settings_line(kind: str, *, model: str, resolution: int, images: int, cfg: Any, device: Any, **extra: Any) -> str:
     """``train KIND: model M, resolution R, N images, steps S, batch B, lr L, ...`` (``extra`` after the
     shared settings of :class:`sdengine.train.loop.TrainConfig`, None values left out)."""
     items: dict[str, Any] = {
-        "model": model, "resolution": resolution, "images": images, "steps": cfg.steps, "batch": cfg.batch_size,
-        "lr": cfg.lr, "warmup": cfg.warmup_steps, "ema": cfg.ema_decay, "mixed precision": cfg.mixed_precision,
-        "seed": cfg.seed, "device": device,
+        "model": model,
+        "resolution": resolution,
+        "images": images,
+        "steps": cfg.steps,
+        "batch": cfg.batch_size,
+        "lr": cfg.lr,
+        "warmup": cfg.warmup_steps,
+        "ema": cfg.ema_decay,
+        "mixed precision": cfg.mixed_precision,
+        "seed": cfg.seed,
+        "device": device,
     }
     items.update({k.replace("_", " "): v for k, v in extra.items()})
     return f"train {kind}: " + ", ".join(f"{k} {_value(v)}" for k, v in items.items() if v is not None)

@@ -270,6 +270,7 @@ def save_safetensors(
 
 # ------------------------------------------------------------------------------------------------ pickles
 
+
 # PyTorch-Lightning checkpoints (e.g. the original SD 1.x .ckpt files) pickle callback objects next to the
 # weights. Stand-ins with no behaviour let weights_only=True read them without importing lightning.
 class _InertObject:
@@ -319,9 +320,23 @@ def load_pickle_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_ok)
     except pickle.UnpicklingError as e:
         raise _refuse(path, e) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, KeyError, IndexError,
-            AttributeError, AssertionError, struct.error, UnicodeDecodeError, OverflowError, MemoryError,
-            RecursionError) as e:
+    except (
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        AssertionError,
+        struct.error,
+        UnicodeDecodeError,
+        OverflowError,
+        MemoryError,
+        RecursionError,
+    ) as e:
         # A crafted or broken file can trip any of these inside torch's reader (even an assert in its legacy
         # format reader); none of them is a bug here.
         raise CorruptFileError(f"{path}: cannot read checkpoint ({_first_line(e)})") from None

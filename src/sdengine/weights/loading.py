@@ -283,8 +283,11 @@ def load_vae(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
 
 
 def _configs_from_folder(folder: Path) -> dict[str, dict[str, Any]]:
-    cfgs = {c: _read_json(folder / c / "config.json", f"{c} config") for c in COMPONENTS
-            if (folder / c / "config.json").is_file()}
+    cfgs = {
+        c: _read_json(folder / c / "config.json", f"{c} config")
+        for c in COMPONENTS
+        if (folder / c / "config.json").is_file()
+    }
     sched = folder / "scheduler" / "scheduler_config.json"
     if sched.is_file():
         cfgs["scheduler"] = _read_json(sched, "scheduler config")
@@ -334,13 +337,22 @@ def ldm_to_components(
         if bad:
             named = [km.OPENCLIP_PREFIX + k for k in bad]
             raise WeightsError(f"{where}: unexpected text-encoder keys: {_name_some(named)}")
-        skipped += [km.OPENCLIP_PREFIX + k for k in parts["openclip"]
-                    if k.startswith("transformer.resblocks.") and int(k.split(".")[2]) >= n_used]
+        skipped += [
+            km.OPENCLIP_PREFIX + k
+            for k in parts["openclip"]
+            if k.startswith("transformer.resblocks.") and int(k.split(".")[2]) >= n_used
+        ]
         out["text_encoder"] = te
 
     unet_layout = km.UNetLayout.from_config(configs["unet"]) if configs and "unet" in configs else None
-    det = detect_ldm(parts["unet"], parts["vae"] or None, out.get("text_encoder"), te_kind,
-                     prediction_type=prediction_type, info=info)
+    det = detect_ldm(
+        parts["unet"],
+        parts["vae"] or None,
+        out.get("text_encoder"),
+        te_kind,
+        prediction_type=prediction_type,
+        info=info,
+    )
     unet, bad = km.unet_ldm_to_diffusers(parts["unet"], unet_layout or _layout_of(det.unet_config))
     if bad:
         raise WeightsError(f"{where}: unexpected UNet keys: {_name_some([km.UNET_PREFIX + k for k in bad])}")
@@ -458,8 +470,11 @@ def load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, name: 
         raise WeightsError(f"{name}: missing keys: {_name_some(missing)}")
     if unexpected:
         raise WeightsError(f"{name}: unexpected keys: {_name_some(unexpected)}")
-    wrong = [f"{k} (file {tuple(sd[k].shape)}, model {tuple(v.shape)})"
-             for k, v in expected.items() if tuple(sd[k].shape) != tuple(v.shape)]
+    wrong = [
+        f"{k} (file {tuple(sd[k].shape)}, model {tuple(v.shape)})"
+        for k, v in expected.items()
+        if tuple(sd[k].shape) != tuple(v.shape)
+    ]
     if wrong:
         raise WeightsError(f"{name}: wrong tensor shapes: {_name_some(wrong, 3)}")
     module.load_state_dict(dict(sd), strict=True, assign=True)
@@ -488,8 +503,13 @@ def parameters_on_meta() -> Iterator[None]:
         torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def build_on_meta(factory: Callable[[], torch.nn.Module], sd: Mapping[str, torch.Tensor], *, name: str = "model",
-                  dtype: torch.dtype | None = None) -> torch.nn.Module:
+def build_on_meta(
+    factory: Callable[[], torch.nn.Module],
+    sd: Mapping[str, torch.Tensor],
+    *,
+    name: str = "model",
+    dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
     """Construct with no memory/initialisation cost (parameters on meta), then adopt the weights (no copy)."""
     with parameters_on_meta():
         module = factory()
@@ -539,8 +559,13 @@ def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def save_diffusers_folder(ckpt: LoadedCheckpoint, dst: str | Path, *, dtype: str | torch.dtype | None = None,
-                          tokenizer_dir: str | Path | None = None) -> Path:
+def save_diffusers_folder(
+    ckpt: LoadedCheckpoint,
+    dst: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
     """Write ``dst`` as a diffusers folder, as a whole or not at all: it is filled under a temporary name and
     renamed into place, so an error (a full disk) leaves no half folder and an older ``dst`` untouched. An
     existing ``dst`` is replaced only when it is a model folder (has ``model_index.json``) or empty."""
@@ -559,13 +584,16 @@ def save_diffusers_folder(ckpt: LoadedCheckpoint, dst: str | Path, *, dtype: str
     return dst
 
 
-def _fill_diffusers_folder(ckpt: LoadedCheckpoint, dst: Path, *, dtype: str | torch.dtype | None,
-                           tokenizer_dir: str | Path | None) -> None:
+def _fill_diffusers_folder(
+    ckpt: LoadedCheckpoint, dst: Path, *, dtype: str | torch.dtype | None, tokenizer_dir: str | Path | None
+) -> None:
     cfgs = ckpt.configs
     sched_cls = cfgs["scheduler"].get("_class_name", "PNDMScheduler")
-    for comp, cls, lib, fname in (("unet", "UNet2DConditionModel", "diffusers", "diffusion_pytorch_model"),
-                                   ("vae", "AutoencoderKL", "diffusers", "diffusion_pytorch_model"),
-                                   ("text_encoder", "CLIPTextModel", "transformers", "model")):
+    for comp, cls, lib, fname in (
+        ("unet", "UNet2DConditionModel", "diffusers", "diffusion_pytorch_model"),
+        ("vae", "AutoencoderKL", "diffusers", "diffusion_pytorch_model"),
+        ("text_encoder", "CLIPTextModel", "transformers", "model"),
+    ):
         cfg = dict(cfgs[comp])
         if lib == "diffusers":
             cfg.setdefault("_class_name", cls)
@@ -573,8 +601,10 @@ def _fill_diffusers_folder(ckpt: LoadedCheckpoint, dst: Path, *, dtype: str | to
         sd = ckpt.state_dicts[comp]
         _write_json(dst / comp / "config.json", cfg)
         save_safetensors(sd, dst / comp / f"{fname}.safetensors", metadata={"format": "pt"}, dtype=dtype)
-    _write_json(dst / "scheduler" / "scheduler_config.json",
-                {"_diffusers_version": DIFFUSERS_VERSION, **cfgs["scheduler"], "_class_name": sched_cls})
+    _write_json(
+        dst / "scheduler" / "scheduler_config.json",
+        {"_diffusers_version": DIFFUSERS_VERSION, **cfgs["scheduler"], "_class_name": sched_cls},
+    )
     tok_src = Path(tokenizer_dir) if tokenizer_dir else ckpt.tokenizer_dir
     index: dict[str, Any] = {
         "_class_name": "StableDiffusionInpaintPipeline" if ckpt.inpainting else "StableDiffusionPipeline",
@@ -607,12 +637,24 @@ def write_clip_tokenizer(dst: Path, *, pad: str | None = None) -> bool:
     for name in ("vocab.json", "merges.txt"):
         (dst / name).write_bytes(gzip.decompress((assets / f"{name}.gz").read_bytes()))
     eos = "<|endoftext|>"
-    _write_json(dst / "tokenizer_config.json", {
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, "errors": "replace",
-        "add_prefix_space": False, "bos_token": "<|startoftext|>", "eos_token": eos, "unk_token": eos,
-        "pad_token": pad or eos})
-    _write_json(dst / "special_tokens_map.json", {"bos_token": "<|startoftext|>", "eos_token": eos,
-                                                  "unk_token": eos, "pad_token": pad or eos})
+    _write_json(
+        dst / "tokenizer_config.json",
+        {
+            "tokenizer_class": "CLIPTokenizer",
+            "model_max_length": 77,
+            "do_lower_case": True,
+            "errors": "replace",
+            "add_prefix_space": False,
+            "bos_token": "<|startoftext|>",
+            "eos_token": eos,
+            "unk_token": eos,
+            "pad_token": pad or eos,
+        },
+    )
+    _write_json(
+        dst / "special_tokens_map.json",
+        {"bos_token": "<|startoftext|>", "eos_token": eos, "unk_token": eos, "pad_token": pad or eos},
+    )
     return True
 
 
@@ -621,8 +663,11 @@ def save_single_file(ckpt: LoadedCheckpoint, dst: str | Path, *, dtype: str | to
     if dst.suffix.lower() != ".safetensors":
         raise WeightsError(f"{dst}: sdengine writes single files as .safetensors only")
     cfgs = {k: v for k, v in ckpt.configs.items() if k in (*COMPONENTS, "scheduler")}
-    meta = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(cfgs, sort_keys=True),
-            "sdengine.prediction_type": ckpt.prediction_type}
+    meta = {
+        "format": "pt",
+        CONFIG_METADATA_KEY: json.dumps(cfgs, sort_keys=True),
+        "sdengine.prediction_type": ckpt.prediction_type,
+    }
     save_safetensors(components_to_ldm(ckpt), dst, metadata=meta, dtype=dtype)
     return dst
 

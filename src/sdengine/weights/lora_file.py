@@ -238,8 +238,12 @@ def _peft_alpha(cfg: Mapping[str, Mapping[str, Any]], layer: str, where: str) ->
     if alpha is None:
         return None, bool(c.get("use_rslora", False))
     # JSON gives any type here (a string, true, 1e400 read as inf): only a finite, sane number is a PEFT alpha.
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) \
-            or abs(alpha) > MAGNITUDE_LIMIT:
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, int | float)
+        or not math.isfinite(alpha)
+        or abs(alpha) > MAGNITUDE_LIMIT
+    ):
         raise LoRAFileError(
             f"{where}: {layer}: lora_alpha {alpha!r} in lora_adapter_metadata is not a finite number "
             f"within [-{MAGNITUDE_LIMIT:.0e}, {MAGNITUDE_LIMIT:.0e}]"
