@@ -2,8 +2,8 @@
 (docs/CONTRACTS.md, Command line).
 
 Every image is written as a PNG carrying its A1111 ``parameters`` text (docs/CONTRACTS.md, PNG infotext)
-under ``--out``, named ``NNNNN-SEED.png`` like A1111's outputs. ``--from-png FILE`` reads such a text and generates the same image
-again (same model, same device); flags given next to it override what the PNG says.
+under ``--out``, named ``NNNNN-SEED.png`` like A1111's outputs. ``--from-png FILE`` reads such a text and
+generates the same image again (same model, same device); flags given next to it override what the PNG says.
 
 The model defaults to the built-in ``emoji`` (MiniLM text encoder, 64x64); width and height are left to the
 pipeline's ``default_size`` (the model's training size) unless given, so no size is forced here.
