@@ -97,6 +97,8 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         max_queue=config.max_queue,
         keep_jobs=config.keep_jobs,
         preview_every=config.preview_every,
+        max_batch_jobs=config.max_batch_jobs,
+        max_batch_rows=config.max_batch,
     )
     services = Services(
         config,
