@@ -6,7 +6,8 @@ Two live servers on 127.0.0.1 over the same loaded pipeline (the built-in emoji 
 steps, cfg) through ``POST /v1/jobs`` one after the other and times until the last one is done; the servers
 alternate rounds, so that a change of machine load hits both. An idle worker starts the first job as soon as
 it arrives (the server never waits to fill a batch), so the 4 jobs usually run as 1 + 3; the jobs per call
-are printed. Prints the median wall time per round, jobs per second and the ratio.
+are printed. The pipeline's own 4-row call vs 4 single calls (no server) is timed once, as the
+ceiling. Prints the median wall time per round, jobs per second and the ratio.
 
 Run: ``.venv/bin/python benchmarks/server_batching.py [--steps 20] [--rounds 3] [--device cpu]``.
 """
@@ -103,6 +104,18 @@ def main() -> None:
             f"  {label:27s} {m:7.2f} s   {4 / m:6.2f} jobs/s   rounds: {', '.join(f'{t:.2f}' for t in ts)}; "
             f"jobs per call: {groups[n]}"
         )
+    kw = {"steps": a.steps, "width": 64, "height": 64, "cfg_scale": 5.0, "progress": False}
+    t0 = time.perf_counter()
+    pipe(PROMPTS, seed=[1, 2, 3, 4], **kw)
+    t_rows = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for k, p in enumerate(PROMPTS):
+        pipe(p, seed=1 + k, **kw)
+    t_alone = time.perf_counter() - t0
+    print(
+        f"  the pipeline alone, no server: one call of 4 rows {t_rows:.2f} s, 4 calls of 1 row {t_alone:.2f} s "
+        f"({t_alone / t_rows:.2f}x)"
+    )
     print(f"speed-up batched / one by one: {statistics.median(times[1]) / statistics.median(times[4]):.2f}x")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
