@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _live_server import live_server, server_config, shared_loader, wait_job
+from _live_server import free_port, live_server, server_config, shared_loader, wait_job
 from sdengine.server.jobs import Job, batch_key
 from sdengine.server.requests import Generation
 
@@ -231,3 +231,10 @@ def test_batch_key_is_conservative():
         {"vae_tiling": True},
     ):
         assert batch_key(_job(**change)) is None, change
+
+
+def test_max_batch_below_1_is_refused(capsys):
+    from sdengine.cli import main
+
+    assert main(["serve", "--max-batch", "0", "--port", str(free_port())]) == 2
+    assert "--max-batch must be >= 1, got 0" in capsys.readouterr().err
