@@ -6,12 +6,13 @@ Two live servers on 127.0.0.1 over the same loaded pipeline (the built-in emoji 
 steps, cfg) through ``POST /v1/jobs`` one after the other and times until the last one is done; the servers
 alternate rounds, so that a change of machine load hits both. An idle worker starts the first job as soon as
 it arrives (the server never waits to fill a batch), so the 4 jobs usually run as 1 + 3; the jobs per call
-are printed. The pipeline's own 4-row call vs 4 single calls (no server) is timed once, as the ceiling, in a
-thread as the server's worker calls it: on an oversubscribed CPU the same call from the main thread was
-measured 15x slower than from another thread (OpenMP waiting), which would make the ceiling meaningless.
+are printed. With ``--busy`` each round starts with a 1-step job (timed in both), so that the 4 arrive while the
+worker is busy and run as one call. The pipeline's own 4-row call vs 4 single calls (no server) is timed
+once, as the ceiling, in a thread as the server's worker calls it: on an oversubscribed CPU the same call
+from the main thread was measured 15x slower than from another thread (OpenMP waiting).
 Prints the median wall time per round, jobs per second and the ratio.
 
-Run: ``.venv/bin/python benchmarks/server_batching.py [--steps 20] [--rounds 3] [--device cpu]``.
+Run: ``.venv/bin/python benchmarks/server_batching.py [--steps 20] [--rounds 3] [--device cpu] [--busy]``.
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ def start(config: ServerConfig, loader: Any) -> tuple[uvicorn.Server, threading.
     return server, thread, f"http://127.0.0.1:{port}"
 
 
-def one_round(url: str, steps: int, seed0: int, groups: list[list[int]]) -> float:
+def one_round(url: str, steps: int, seed0: int, groups: list[list[int]], busy: bool) -> float:
     with httpx.Client(base_url=url, timeout=600) as c:
         t0 = time.perf_counter()
+        if busy:  # a 1-step job of its own first: the 4 arrive while the worker is busy
+            c.post("/v1/jobs", json={"prompt": "busy", "steps": 1, "seed": 0, "width": 64, "height": 64})
         ids = [
             c.post(
                 "/v1/jobs",
@@ -79,6 +82,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--busy", action="store_true", help="a 1-step job before the 4 in each round (timed too)")
     a = ap.parse_args()
     pipe = load_pipeline("emoji", device=a.device)
     pipe("warm-up", seed=0, steps=2, progress=False)
@@ -93,12 +97,13 @@ def main() -> None:
         try:
             for r in range(a.rounds):
                 for n in times:
-                    times[n].append(one_round(servers[n][2], a.steps, 100 * r, groups[n]))
+                    times[n].append(one_round(servers[n][2], a.steps, 100 * r, groups[n], a.busy))
         finally:
             for server, thread, _ in servers.values():
                 server.should_exit = True
                 thread.join(30)
-    print(f"4 compatible jobs (emoji 64x64, {a.steps} steps, {a.device}), {a.rounds} rounds, median wall per round:")
+    first = "after a 1-step job, " if a.busy else ""
+    print(f"4 compatible jobs ({first}emoji 64x64, {a.steps} steps, {a.device}), {a.rounds} rounds, median per round:")
     for n, ts in times.items():
         m = statistics.median(ts)
         label = "batched (--max-batch 4)" if n > 1 else "one by one (--max-batch 1)"
