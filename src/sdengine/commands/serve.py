@@ -18,6 +18,8 @@ def run(a: argparse.Namespace) -> int:
 
     api_key = a.api_key if a.api_key is not None else os.environ.get("SDENGINE_API_KEY") or None
     check_bind(a.host, api_key, a.insecure_no_auth)
+    if a.max_batch < 1:
+        raise ServerConfigError(f"--max-batch must be >= 1, got {a.max_batch}")
     for flag, d in (
         ("--models-dir", a.models_dir),
         ("--loras-dir", a.loras_dir),
@@ -37,6 +39,7 @@ def run(a: argparse.Namespace) -> int:
         insecure_no_auth=a.insecure_no_auth,
         cors_origins=tuple(o.strip() for o in (a.cors_origins or "").split(",") if o.strip()),
         max_queue=a.max_queue,
+        max_batch_jobs=a.max_batch,
         max_body_bytes=int(a.max_body_mb * 1024 * 1024),
         max_image_pixels=a.max_image_pixels,
         devices=tuple(a.device.split(",")),
@@ -85,6 +88,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback host without a key")
     p.add_argument("--cors-origins", default=None, help="comma-separated browser origins allowed to call the API")
     p.add_argument("--max-queue", type=int, default=64, help="jobs waiting before new ones get 429")
+    p.add_argument(
+        "--max-batch", type=int, default=4, help="compatible queued jobs run as one batch, at most this many (1 = off)"
+    )
     p.add_argument("--max-body-mb", type=float, default=50.0, help="request body limit in MB (413 above)")
     p.add_argument(
         "--max-image-pixels", type=int, default=4096 * 4096, help="largest uploaded image, checked before decoding"

@@ -24,7 +24,8 @@ class ServerConfig:
     max_body_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096  # of any uploaded image, checked from its header before decoding
     max_side: int = 2048  # width / height of a generated image
-    max_batch: int = 8
+    max_batch: int = 8  # images of one request (batch_size)
+    max_batch_jobs: int = 4  # compatible queued jobs one pipeline call may run together (1 = no batching)
     max_steps: int = 150
     devices: tuple[str, ...] = ("auto",)  # "auto": every CUDA GPU, else the CPU; or names like "cuda:1"
     dtype: str | None = None

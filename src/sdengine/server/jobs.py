@@ -7,6 +7,14 @@ at the end of the current sampler step (the pipeline's step callback returns Fal
 stays on the model after it: the pipeline removes the LoRAs it applied and builds ControlNets per call.
 A job that fails (bad input found late, out of memory, a bug) fails alone; the worker takes the next.
 
+Batching: a worker takes the oldest queued job and, when ``max_batch_jobs`` > 1, the later queued jobs that
+:func:`batch_key` says are compatible with it (up to ``max_batch_jobs`` jobs and ``max_batch_rows`` images), and
+runs them as ONE pipeline call with a prompt, negative prompt and seed per row (each row's image equals the same
+job run alone: the pipeline gives every row its own generator). The result is split back per job. Cancelling
+(or A1111-skipping) one job of a running batch stops the batch at the end of the step; that job ends, the
+others go back to the FRONT of the queue in their order and run again from the start (no image is lost or
+mixed up; they only lose the steps already done).
+
 Threads and the event loop meet in :meth:`Job.subscribe`: each change of a job sets the asyncio events of
 its subscribers through ``loop.call_soon_threadsafe``, so waiting costs no polling.
 """
@@ -139,6 +147,46 @@ class Job:
         return max(0.0, per * (self.steps - self.step))
 
 
+# The pipeline keywords a batchable job may have; any other key (a future feature) makes the job run alone.
+_BATCH_SETTINGS = (
+    "steps",
+    "sampler",
+    "schedule",
+    "cfg_scale",
+    "width",
+    "height",
+    "strength",
+    "mask_blur",
+    "clip_skip",
+    "loras",
+    "guess_mode",
+)
+_PER_ROW = ("prompt", "negative_prompt", "seed", "batch_size")
+_NEVER_BATCHED = ("init_image", "mask", "controlnets")
+
+
+def batch_key(job: Job) -> tuple[Any, ...] | None:
+    """What must be equal for jobs to share one pipeline call; None = this job always runs alone.
+
+    Conservative on purpose: only txt2img jobs of one iteration (``n_iter`` 1), with no init image, mask or
+    ControlNet (their images and units would have to be compared and stacked per row), batch together, and
+    only when the model and every setting that is one per call (size, sampler, schedule, steps, cfg, clip
+    skip, the LoRAs and their weights, ...) are equal. What may differ per row is only the prompt, the
+    negative prompt and the seed (and ``batch_size``: a job's rows stay consecutive). A job that runs itself
+    (a ComfyUI graph, ``run_on``) never batches."""
+    if getattr(job, "run_on", None) is not None:
+        return None
+    g = job.generation
+    kw = g.kwargs
+    if g.n_iter != 1 or any(kw.get(k) is not None for k in _NEVER_BATCHED):
+        return None
+    if set(kw) - set(_BATCH_SETTINGS) - set(_PER_ROW) - set(_NEVER_BATCHED):
+        return None
+    loras = kw.get("loras")
+    lora_key = tuple((str(p), float(w)) for p, w in loras) if loras else ()
+    return (g.model, *(kw.get(k) for k in _BATCH_SETTINGS if k != "loras"), lora_key)
+
+
 class JobManager:
     """The queue, the job table and the workers."""
 
@@ -151,12 +199,16 @@ class JobManager:
         max_queue: int,
         keep_jobs: int = 256,
         preview_every: int = 2,
+        max_batch_jobs: int = 1,
+        max_batch_rows: int = 8,
     ) -> None:
         self.loader = loader
         self.outputs_dir = Path(outputs_dir)
         self.max_queue = max_queue
         self.keep_jobs = keep_jobs
         self.preview_every = max(1, preview_every)
+        self.max_batch_jobs = max(1, max_batch_jobs)
+        self.max_batch_rows = max(1, max_batch_rows)
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
@@ -222,17 +274,57 @@ class JobManager:
             else:
                 return
 
-    def take(self, timeout: float = 0.5) -> Job | None:
+    def take(self, timeout: float = 0.5) -> list[Job]:
+        """The oldest queued job and the later ones compatible with it (see :func:`batch_key`), now running;
+        [] when none came within ``timeout`` seconds or the server is stopping."""
         with self._cond:
             if not self._queue and not self.stopping:
                 self._cond.wait(timeout)
             if self.stopping or not self._queue:
-                return None
-            job = self._queue.popleft()
-            job.state = RUNNING
-            job.started = time.time()
-        job.changed()
-        return job
+                return []
+            first = self._queue.popleft()
+            jobs = [first]
+            key = batch_key(first) if self.max_batch_jobs > 1 else None
+            if key is not None:
+                rows = int(first.generation.kwargs["batch_size"])
+                for j in list(self._queue):
+                    if len(jobs) >= self.max_batch_jobs:
+                        break
+                    n = int(j.generation.kwargs["batch_size"])
+                    if rows + n <= self.max_batch_rows and batch_key(j) == key:
+                        self._queue.remove(j)
+                        jobs.append(j)
+                        rows += n
+            now = time.time()
+            for j in jobs:
+                j.state = RUNNING
+                j.started = now
+        for j in jobs:
+            j.changed()
+        return jobs
+
+    def requeue(self, jobs: list[Job]) -> None:
+        """Put jobs of a stopped batch back at the FRONT of the queue, in their order, to run from the start
+        (a job cancelled meanwhile, or any when the server stops, is finished as cancelled instead)."""
+        gone = []
+        with self._cond:
+            for j in reversed(jobs):
+                if self.stopping or j.cancel.is_set():
+                    gone.append(j)
+                    continue
+                j.state = QUEUED
+                j.started = None
+                j.step = 0
+                j.device = None
+                j.preview_png = None
+                j.preview_step = 0
+                self._queue.appendleft(j)
+            self._cond.notify()
+        for j in gone:
+            self.finish(j, CANCELLED, "cancelled while queued")
+        for j in jobs:
+            if j not in gone:
+                j.changed()
 
     def get(self, job_id: str) -> Job:
         with self._cond:
@@ -326,6 +418,7 @@ class Worker(threading.Thread):
         self.pipe: Any = None
         self.model: str | None = None
         self.current: Job | None = None
+        self.batch: list[Job] = []  # the jobs of the running call (one, or a batch)
         self.preload: str | None = None  # a model to load before the first job (set before start)
 
     def run(self) -> None:
@@ -335,23 +428,29 @@ class Worker(threading.Thread):
             except Exception as e:  # noqa: BLE001 - the first job that needs it reports the error
                 log.warning("could not load %s on %s: %s", self.preload, self.device, e)
         while True:
-            job = self.manager.take()
-            if job is None:
+            jobs = self.manager.take()
+            if not jobs:
                 if self.manager.stopping:
                     return
                 continue
-            self.current = job
+            self.current = jobs[0]
+            self.batch = jobs
             try:
-                run_on = getattr(job, "run_on", None)  # a job that runs itself here (a ComfyUI graph)
-                if run_on is not None:
+                run_on = getattr(jobs[0], "run_on", None)  # a job that runs itself here (a ComfyUI graph)
+                if run_on is not None and len(jobs) == 1:
                     run_on(self)
+                elif len(jobs) == 1:
+                    self.run_job(jobs[0])
                 else:
-                    self.run_job(job)
+                    self.run_batch(jobs)
             except BaseException as e:  # noqa: BLE001 - a job never takes the worker down
-                log.exception("job %s failed", job.id)
-                self.manager.finish(job, FAILED, f"internal error: {type(e).__name__}: {e}")
+                log.exception("job(s) %s failed", ", ".join(j.id for j in jobs))
+                for job in jobs:
+                    if job.state == RUNNING:
+                        self.manager.finish(job, FAILED, f"internal error: {type(e).__name__}: {e}")
             finally:
                 self.current = None
+                self.batch = []
 
     def pipeline(self, model: str) -> Any:
         if self.model != model:
@@ -430,4 +529,103 @@ class Worker(threading.Thread):
         if job.cancel.is_set() and not job.images:
             m.finish(job, CANCELLED, f"cancelled after step {job.step} of {job.steps}")
         else:
+            m.finish(job, DONE)
+
+    def run_batch(self, jobs: list[Job]) -> None:
+        """Compatible jobs (see :func:`batch_key`) as one pipeline call, one row per image, split back per job.
+
+        A cancel or skip of one job stops the call: that job ends (cancelled; a skipped one done without
+        images, as alone), the others are re-queued at the front. A failure the pipeline reports (bad input,
+        out of memory) reruns each job alone, so that it fails alone."""
+        import torch
+
+        from sdengine.pipeline import Cancelled
+
+        m = self.manager
+        for job in [j for j in jobs if j.cancel.is_set()]:
+            m.finish(job, CANCELLED, "cancelled before it started")
+            jobs.remove(job)
+        if len(jobs) <= 1:
+            for job in jobs:
+                self.run_job(job)
+            return
+        for job in jobs:
+            job.device = self.device
+        g0 = jobs[0].generation
+        try:
+            pipe = self.pipeline(g0.model)
+        except (SdengineError, OSError, ValueError) as e:
+            for job in jobs:
+                m.finish(job, FAILED, f"cannot load model {g0.model_name!r}: {e}")
+            return
+        prompts: list[str] = []
+        negatives: list[str] = []
+        seeds: list[int] = []
+        spans: list[tuple[int, int]] = []  # each job's rows
+        for job in jobs:
+            kw = job.generation.kwargs
+            n, seed = int(kw["batch_size"]), int(kw["seed"])
+            spans.append((len(seeds), len(seeds) + n))
+            prompts += [kw["prompt"]] * n
+            negatives += [kw["negative_prompt"]] * n
+            seeds += [seed + r for r in range(n)]  # as the pipeline numbers one job's rows
+        kwargs = dict(g0.kwargs, prompt=prompts, negative_prompt=negatives, seed=seeds, batch_size=len(seeds))
+        first = [True]
+
+        def callback(info: Any) -> bool:
+            stop = any(j.cancel.is_set() or j.skip.is_set() for j in jobs)
+            preview = None
+            if not stop and (info.step % m.preview_every == 0 or info.step == info.steps):
+                try:
+                    preview = info.preview()
+                except Exception:  # noqa: BLE001 - a preview is optional
+                    preview = None
+            for job, (a, _) in zip(jobs, spans, strict=True):
+                if first[0]:
+                    job.steps = info.steps  # img2img would run fewer steps than asked (not batched today)
+                job.step = info.step
+                if preview is not None:
+                    try:
+                        job.preview_png = png_bytes(Image.fromarray(preview[a]))
+                        job.preview_step = job.step
+                    except Exception:  # noqa: BLE001 - a preview is optional
+                        pass
+                if not stop:
+                    job.changed()
+            first[0] = False
+            return not stop
+
+        try:
+            result = pipe(**kwargs, callback=callback, progress=False)
+        except Cancelled as e:
+            keep = []
+            for job, (a, _) in zip(jobs, spans, strict=True):
+                if job.cancel.is_set():
+                    if e.preview is not None:
+                        job.preview_png = png_bytes(Image.fromarray(e.preview[a]))
+                    m.finish(job, CANCELLED, f"cancelled after step {job.step} of {job.steps}")
+                elif job.skip.is_set():
+                    job.skip.clear()
+                    m.finish(job, DONE)  # as alone: a skipped last (only) iteration leaves no image
+                else:
+                    keep.append(job)
+            m.requeue(keep)
+            return
+        except (SdengineError, ValueError, OSError, torch.OutOfMemoryError):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("a batch of %d jobs failed; running them one by one", len(jobs))
+            for job in jobs:
+                job.step = 0
+                self.current = job
+                self.run_job(job)
+            return
+        for job, (a, b) in zip(jobs, spans, strict=True):
+            job.notes.extend(n for n in result.notes if n not in job.notes)
+            for image, seed, text in zip(result.images[a:b], result.seeds[a:b], result.infotexts[a:b], strict=True):
+                ji = JobImage(image, int(seed), text)
+                if job.save:
+                    ji.name = m.save(image, int(seed), text)
+                job.images.append(ji)
+            job.step = job.steps
             m.finish(job, DONE)
