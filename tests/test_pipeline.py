@@ -335,6 +335,19 @@ def test_callback_sees_every_step_with_a_preview(sd1):
     assert seen[-1].preview_images()[0].size == (SIZE // 2, SIZE // 2)
 
 
+def test_step_preview_array_is_named_for_what_it_is(sd1):
+    _, pipe = sd1
+    seen: list[StepInfo] = []
+    _ours(pipe, "euler", callback=seen.append)
+    arr = seen[-1].preview_array()
+    assert isinstance(arr, np.ndarray) and arr.dtype == np.uint8 and arr.shape == (1, SIZE // 2, SIZE // 2, 3)
+    np.testing.assert_array_equal(arr, seen[-1].preview())  # the old name is kept
+    images = seen[-1].preview_images()
+    assert len(images) == 1 and images[0].mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(images[0]), arr[0])
+    assert "preview_images" in (StepInfo.__doc__ or "") and "not an image" in (StepInfo.preview_array.__doc__ or "")
+
+
 def test_img2img_callback_counts_the_steps_that_run(sd1):
     _, pipe = sd1
     seen = []

@@ -29,7 +29,9 @@ class Cancelled(SdengineError):
 
 @dataclass
 class StepInfo:
-    """What the step callback sees after each sampler step."""
+    """What the step callback sees after each sampler step. For a look at the current estimate, call
+    ``info.preview_images()`` (PIL images, one per batch row); ``info.preview_array()`` gives the same pixels as
+    a uint8 array."""
 
     step: int  # 1-based count of finished steps in this run
     steps: int  # steps this run takes (fewer than asked for with img2img)
@@ -37,12 +39,20 @@ class StepInfo:
     latents: Tensor  # (B, C, h, w) the sample after the step (the sampler's VE scaling)
     denoised: Tensor  # (B, C, h, w) the step's estimate of the final latent
 
-    def preview(self) -> np.ndarray:
-        """uint8 (B, h, w, 3): a cheap RGB approximation of ``denoised`` (no VAE call)."""
+    def preview_array(self) -> np.ndarray:
+        """A uint8 NumPy array of shape (B, h, w, 3), not an image: a cheap RGB approximation of ``denoised``
+        (no VAE call), at latent size. Use ``preview_images()`` for PIL images."""
         return vae_utils.latent_preview(self.denoised)
 
+    def preview(self) -> np.ndarray:
+        """The same uint8 (B, h, w, 3) array as ``preview_array()`` (kept for old callers; the new name says
+        what it returns). Use ``preview_images()`` for PIL images."""
+        return self.preview_array()
+
     def preview_images(self) -> list[Image.Image]:
-        return [Image.fromarray(a) for a in self.preview()]
+        """The documented way to see the current estimate: one RGB PIL image per batch row, a cheap
+        approximation of ``denoised`` at latent size (no VAE call)."""
+        return [Image.fromarray(a) for a in self.preview_array()]
 
 
 StepCallback = Callable[[StepInfo], "bool | None"]
