@@ -120,3 +120,28 @@ def test_bad_training_input_is_one_line(tmp_path, capsys) -> None:
     assert rc != 0
     err = capsys.readouterr().err
     assert "depth" in err and "valid" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sample_every_writes_controlled_samples_and_keeps_the_random_stream(tmp_path, tiny_sd1_folder) -> None:
+    from safetensors.torch import load_file
+
+    from sdengine.cli import main
+    from sdengine.metadata import parse_parameters
+
+    data_dir = _shapes_folder(tmp_path / "data")
+    common = ["train", "controlnet", "--model", str(tiny_sd1_folder), "--data", str(data_dir), "--resolution", "32"]
+    common += ["--batch-size", "2", "--lr", "2e-3", "--steps", "4", "--device", "cpu", "--checkpoint-every", "0"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    out = tmp_path / "sampled"
+    assert main([*common, "--out", str(out), "--sample-every", "2"]) == 0
+    files = sorted(p.name for p in (out / "samples").iterdir())
+    assert files == ["step-000002.png", "step-000004.png"]
+    for name in files:
+        with Image.open(out / "samples" / name) as im:
+            assert im.size == (32, 32)
+            params = parse_parameters(im.info["parameters"])
+        assert params["Prompt"] == "a square number 0" and params["Seed"] == "0"
+        assert params["ControlNet 0"].startswith("Model: ")  # made through the ControlNet being trained
+    weights = "controlnet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "plain" / weights), load_file(out / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

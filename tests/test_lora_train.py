@@ -317,3 +317,35 @@ def test_same_train_command_twice_is_refused_unless_overwrite(setup, tmp_path, c
     assert (out / "sks.safetensors").is_file()
     assert main([*args, "--overwrite", "--resume"]) == 2
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_sample_every_writes_pngs_with_parameters_and_keeps_the_random_stream(setup, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from sdengine.metadata import parse_parameters
+
+    model, data_dir, _ = setup
+    common = ["train", "lora", "--model", str(model), "--data", str(data_dir), "--name", "sks", "--steps", "4"]
+    common += ["--resolution", "32", "--lr", "3e-3", "--device", "cpu", "--checkpoint-every", "0"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "samples").exists()
+    out = tmp_path / "sampled"
+    assert main([*common, "--out", str(out), "--sample-every", "2"]) == 0
+    files = sorted(p.name for p in (out / "samples").iterdir())
+    assert files == ["step-000002.png", "step-000004.png"]
+    for name in files:
+        with Image.open(out / "samples" / name) as im:
+            assert im.size == (32, 32)
+            params = parse_parameters(im.info["parameters"])
+        assert params["Prompt"] == "sks square, picture 0" and params["Seed"] == "0"  # the first caption
+    # the sampling draws from its own generator: the trained LoRA is the one made without samples
+    a, b = load_file(tmp_path / "plain" / "sks.safetensors"), load_file(out / "sks.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the samples follow the weights: step 2 and step 4 differ
+    s2, s4 = (np.asarray(Image.open(out / "samples" / n), dtype=np.int16) for n in files)
+    assert np.abs(s2 - s4).max() > 0
+    # --sample-prompt replaces the caption
+    out2 = tmp_path / "prompted"
+    assert main([*common, "--steps", "2", "--out", str(out2), "--sample-every", "2", "--sample-prompt", "a cat"]) == 0
+    with Image.open(out2 / "samples" / "step-000002.png") as im:
+        assert parse_parameters(im.info["parameters"])["Prompt"] == "a cat"

@@ -39,6 +39,20 @@ def add_train_args(
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
 
 
+def add_sample_args(p: argparse.ArgumentParser, *, control: bool = False) -> None:
+    """``--sample-every`` / ``--sample-prompt`` of the LoRA and ControlNet trainers."""
+    what = " with the first training image's control map" if control else ""
+    p.add_argument(
+        "--sample-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help=f"every N steps (and at the end) write OUT/samples/step-NNNNNN.png{what}, made with the current "
+        "weights, with its PNG parameters (0: none)",
+    )
+    p.add_argument("--sample-prompt", default=None, help="prompt of the samples (default: the first training caption)")
+
+
 def train_config(a: argparse.Namespace, **fixed: Any) -> Any:
     """A TrainConfig from the flags of :func:`add_train_args`; ``fixed`` sets the rest (e.g. sample_every)."""
     from ..train.loop import TrainConfig

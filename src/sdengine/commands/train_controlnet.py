@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError
-from .common import add_train_args
+from .common import add_sample_args, add_train_args
 from .help_format import DefaultsHelpFormatter
 
 
@@ -42,8 +42,9 @@ def run(a: argparse.Namespace) -> int:
         resolution=a.resolution,
         cond_dropout=a.empty_prompt_p,
         controlnet_init=a.init,
+        sample_prompt=a.sample_prompt,
     )
-    cfg = train_config(a, sample_every=0)
+    cfg = train_config(a, sample_every=a.sample_every)
     result, folder = train_controlnet(spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite)
     first, last = result.losses[:10], result.losses[-10:]
     if first and last:
@@ -75,6 +76,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--resolution", type=int, default=None, help="training size in pixels (default: the model's)")
     p.add_argument("--empty-prompt-p", type=float, default=0.05, help="fraction of captions dropped")
     p.add_argument("--init", default=None, help="continue from this ControlNet instead of the U-Net copy")
+    add_sample_args(p, control=True)
     add_train_args(
         p,
         out="runs/controlnet",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_train_args
+from .common import add_sample_args, add_train_args
 from .help_format import DefaultsHelpFormatter
 
 
@@ -28,8 +28,9 @@ def run(a: argparse.Namespace) -> int:
         output_name=a.name or Path(a.out).name or "lora",
         save_dtype=a.save_dtype,
         use_ema=a.ema,
+        sample_prompt=a.sample_prompt,
     )
-    cfg = train_config(a, sample_every=0)
+    cfg = train_config(a, sample_every=a.sample_every)
     _, path = train_lora(spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite)
     print(f"LoRA written to {path}")
     return 0
@@ -64,6 +65,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--min-snr-gamma", type=float, default=None)
     p.add_argument("--ema", action="store_true", help="write the EMA of the weights instead of the last ones")
     p.add_argument("--save-dtype", choices=["fp32", "fp16", "bf16"], default="fp16")
+    add_sample_args(p)
     add_train_args(
         p,
         out="runs/lora",

@@ -51,6 +51,7 @@ class ControlNetTrainSpec:
     resolution: int | None = None  # None: the base model's training size
     cond_dropout: float = 0.05  # fraction of captions replaced by the empty prompt
     controlnet_init: str | None = None  # continue from an existing ControlNet instead of from_unet
+    sample_prompt: str | None = None  # prompt of the --sample-every images; None: the first training caption
 
     def __post_init__(self) -> None:
         if self.condition not in PREPROCESSORS:
@@ -68,6 +69,7 @@ class PreparedData:
     paths: list[str]
     pooled: Tensor | None = None  # (N, D) pooled text vectors, for a U-Net that reads them (emoji)
     empty_pooled: Tensor | None = None  # (1, D)
+    captions: list[str] = field(default_factory=list)
 
 
 def _control_map(spec: ControlNetTrainSpec, path: Path, root: Path, size: int) -> Image.Image:
@@ -128,6 +130,7 @@ def prepare_data(spec: ControlNetTrainSpec, pipe: Any, device: torch.device) -> 
         [str(p) for p in ds.paths],
         pooled,
         empty_pooled,
+        captions,
     )
 
 
@@ -149,7 +152,7 @@ def train_controlnet(
     device = torch.device(device)
     out_dir = Path(out_dir)
     # Before loading models: a bad --resume, or a finished run that would be overwritten, fails at once.
-    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["controlnet"])
+    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["controlnet", "samples"])
     pipe = load_pipeline(spec.model, device=device, dtype="fp32")
     if not isinstance(pipe, Pipeline):
         raise ControlNetError(f"{spec.model}: a ControlNet needs a Stable Diffusion model (U-Net + VAE + text)")
@@ -232,7 +235,29 @@ def train_controlnet(
         "controlnet_config": net.config.to_diffusers(),
         "images": len(data.paths),
     }
-    result = train(net, loss_fn, cfg, out_dir, device=device, resume=resume, progress=progress, meta=meta)
+    sample_fn = None
+    if cfg.sample_every > 0:
+        from .samples import write_sample
+
+        prompt = spec.sample_prompt if spec.sample_prompt is not None else (data.captions or [""])[0]
+        hint = Image.fromarray((data.control[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+        def sample_fn(_ema: nn.Module, step: int, _path: Path) -> None:
+            # The trained module itself (the current weights) steers the ordinary pipeline call.
+            write_sample(
+                pipe,
+                prompt,
+                step,
+                out_dir,
+                seed=cfg.seed,
+                size=resolution,
+                modules=[net],
+                controlnets=[(net, hint, 1.0)],
+            )
+
+    result = train(
+        net, loss_fn, cfg, out_dir, device=device, resume=resume, sample_fn=sample_fn, progress=progress, meta=meta
+    )
 
     from .checkpoint import load_checkpoint
 

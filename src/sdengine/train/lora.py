@@ -77,6 +77,7 @@ class LoRASpec:
     output_name: str = "lora"
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
     use_ema: bool = False  # export the EMA weights instead of the last ones
+    sample_prompt: str | None = None  # prompt of the --sample-every images; None: the first training caption
     extra_metadata: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -318,7 +319,7 @@ def train_lora(
     device = torch.device(device)
     out_dir = Path(out_dir)
     # Before loading the model: a bad --resume, or a finished run that would be overwritten, fails at once.
-    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=[f"{spec.output_name}.safetensors"])
+    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=[f"{spec.output_name}.safetensors", "samples"])
     started = time.time()
     base_dtype = "bf16" if cfg.mixed_precision == "bf16" else "fp32"  # frozen weights may be half; LoRA stays fp32
     pipe = load_pipeline(spec.model, device=device, dtype=base_dtype)
@@ -372,9 +373,29 @@ def train_lora(
         "targets": list(spec.targets),
         "train_text_encoder": spec.train_text_encoder,
     }
+    sample_fn = None
+    if cfg.sample_every > 0:
+        from .samples import write_sample
+
+        prompt = spec.sample_prompt if spec.sample_prompt is not None else data.captions[0]
+
+        def sample_fn(_ema: nn.Module, step: int, _path: Path) -> None:
+            # The live LoRA is patched into the pipeline's layers, so the ordinary call uses the current weights.
+            write_sample(pipe, prompt, step, out_dir, seed=cfg.seed, size=resolution, modules=[network])
+
     try:
         with gradient_checkpointing([pipe.unet, pipe.text_encoder], spec.gradient_checkpointing):
-            result = train(network, loss_fn, cfg, out_dir, device=device, resume=resume, progress=progress, meta=meta)
+            result = train(
+                network,
+                loss_fn,
+                cfg,
+                out_dir,
+                device=device,
+                resume=resume,
+                sample_fn=sample_fn,
+                progress=progress,
+                meta=meta,
+            )
     finally:
         handle.remove()
 
