@@ -21,6 +21,7 @@ from sdengine.metadata import (
     MetadataError,
     format_lora_hashes,
     format_parameters,
+    hires_fix_fields,
     lora_hash,
     model_hash,
     parse_lora_hashes,
@@ -457,3 +458,12 @@ def test_lora_hash_skips_safetensors_header(tmp_path):
     tiny.write_bytes(b"abc")
     with pytest.raises(MetadataError, match="too short"):
         lora_hash(tiny)
+
+
+def test_hires_fix_fields_are_found_in_order():
+    assert hires_fix_fields(parse_parameters(A1111_FULL)) == {
+        "Hires upscale": "2",
+        "Hires steps": "15",
+        "Hires upscaler": "R-ESRGAN 4x+ Anime6B",
+    }
+    assert hires_fix_fields(parse_parameters(A1111_OLD)) == {}

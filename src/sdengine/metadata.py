@@ -375,6 +375,14 @@ def to_generate_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     return kwargs
 
 
+def hires_fix_fields(parsed: Mapping[str, str]) -> dict[str, str]:
+    """The fields of A1111's hires fix in :func:`parse_parameters`' result ("Hires upscale", "Hires steps",
+    "Hires upscaler", "Hires resize-1", ...), in order; empty for an image made without it. Such an image is a
+    txt2img pass followed by an upscaled img2img pass, and its "Denoising strength" is that second pass's, not
+    an img2img of a user's picture: sdengine has no hires fix, so a caller cannot regenerate it."""
+    return {k: v for k, v in parsed.items() if k.startswith("Hires ")}
+
+
 _RE_CONTROLNET = re.compile(r"^ControlNet(?: (\d+))?$")
 _RE_MODEL_HASH = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{6,64})\]$")
 

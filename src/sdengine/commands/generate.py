@@ -182,12 +182,27 @@ def _setup_logging() -> None:
 
 
 def _from_png(path: str) -> tuple[dict[str, Any], dict[str, str]]:
-    from ..metadata import MetadataError, parse_parameters, read_png_parameters, to_generate_kwargs
+    from ..metadata import (
+        MetadataError,
+        hires_fix_fields,
+        parse_parameters,
+        read_png_parameters,
+        to_generate_kwargs,
+    )
 
     text = read_png_parameters(path)
     if text is None:
         raise MetadataError(f"{path} has no 'parameters' text: it was not written by sdengine or A1111")
     parsed = parse_parameters(text)
+    hires = hires_fix_fields(parsed)
+    if hires:
+        # Before reading the fields: its "Denoising strength" is the hires pass's, not an img2img's, and the
+        # "not reproduced" warning would only repeat what this error says.
+        shown = ", ".join(f"{k} {v}" for k, v in hires.items())
+        raise GenerationError(
+            f"{path} was made with A1111's hires fix ({shown}), which sdengine does not have: it cannot be "
+            "regenerated (a second, upscaled pass would be missing)"
+        )
     return to_generate_kwargs(parsed), parsed
 
 
