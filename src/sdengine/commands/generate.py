@@ -112,7 +112,7 @@ def control_units_from_cli(
     return out
 
 
-def _lora_arg(text: str) -> tuple[str, float]:
+def lora_arg(text: str) -> tuple[str, float]:
     """``FILE[:WEIGHT]``; a trailing ``:number`` is the weight (so ``C:\\x.safetensors`` still works).
 
     Any float spelling is a weight (``1e30``, ``inf``), never part of the file name: the LoRA code then refuses an
@@ -338,7 +338,7 @@ def run(a: argparse.Namespace) -> int:
     if a.mask is not None:
         kwargs["mask"] = a.mask
     if a.lora:
-        kwargs["loras"] = [_lora_arg(x) for x in a.lora]
+        kwargs["loras"] = [lora_arg(x) for x in a.lora]
     if a.lora_dir:
         kwargs["lora_dir"] = a.lora_dir
     if a.vae_tiling is not None:

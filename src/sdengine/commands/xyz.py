@@ -16,23 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+from .generate import lora_arg
 
 if TYPE_CHECKING:
     from ..pipeline import GenerationResult
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-def _lora(text: str) -> tuple[str, float]:
-    """``FILE[:WEIGHT]`` as ``generate --lora`` reads it: any float spelling after the last ``:`` is the weight
-    (``1e30`` and ``inf`` are then refused by the LoRA code by name), unless the whole text names a file."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head and not Path(text).is_file():
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return text, 1.0
 
 
 def next_index(out: Path) -> int:
@@ -72,7 +61,7 @@ def run(a: argparse.Namespace) -> int:
     }
     base = {k: v for k, v in given.items() if v is not None}
     if a.lora:
-        base["loras"] = [_lora(t) for t in a.lora]
+        base["loras"] = [lora_arg(t) for t in a.lora]
     base["progress"] = not a.no_progress
 
     # Every one-line error (prompt S/R text not found, sampler/schedule mismatch) before the model loads; the
