@@ -283,7 +283,7 @@ def test_references_stay_inside_the_repository():
     in pieces so that this file does not match itself)."""
     contracts = ROOT / "docs" / "CONTRACTS.md"
     sections = set(_headings(contracts))
-    outside = re.compile(r"\b" + "SPEC" + r"(\.md|\s+section|\s+\d)|\.\./" + "shared")
+    outside = re.compile(r"\b" + "SP" + "EC" + r"(\.md|\s+section|\s+\d)|\.\./" + "shared")
     problems = []
     outside_files = set()
     for path in _code_and_docs():
