@@ -577,7 +577,7 @@ def train_emoji(
                 budget = max(1.0, budget - (time.perf_counter() - t2))
         else:
             pooled = None  # stopped (or the recipe ends) before the pooled phase: export what there is
-    if pooled is not None:
+    if pooled is not None or unet_config.projection_class_embeddings_input_dim is None:
         ures, unet = train_unet(
             lat,
             states,
@@ -591,20 +591,6 @@ def train_emoji(
             progress=progress,
             unet_config=unet_config,
             pooled=pooled,
-        )
-    elif unet_config.projection_class_embeddings_input_dim is None:
-        ures, unet = train_unet(
-            lat,
-            states,
-            empty,
-            keep,
-            recipe.spec,
-            recipe.unet_config(budget),
-            out / "unet",
-            device=device,
-            resume=ckpt.is_file(),
-            progress=progress,
-            unet_config=unet_config,
         )
     summary["unet"] = {
         "steps": ures.step,
