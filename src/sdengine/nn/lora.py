@@ -48,7 +48,18 @@ class LoRAWeightWarning(UserWarning):
 # --------------------------------------------------------------------------------------------- the layer
 
 
-class LoRALayer(nn.Module):
+class LayerUpdate(nn.Module):
+    """What a patch adds to one base layer: a term added to its output (``forward``, None when it adds nothing)
+    and the same change as a weight delta (``delta_weight``, float32, for fusing), scaled by ``multiplier``.
+    :class:`LoRALayer` is one; the LyCORIS algorithms (:mod:`sdengine.nn.lycoris`) are others."""
+
+    multiplier: float
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LoRALayer(LayerUpdate):
     """The low-rank term of one layer: ``multiplier * scale * up(down(x))``, with the layer's conv geometry.
 
     Used for files (frozen tensors) and for training (``down``/``up`` trainable, ``up`` starting at zero so
@@ -117,7 +128,7 @@ class _Patch:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.layers: list[LoRALayer] = []
+        self.layers: list[LayerUpdate] = []
         self.enabled = True
         self.hook = module.register_forward_hook(self)
         self.original: torch.Tensor | None = None  # the base weight tensor while fused
@@ -170,7 +181,7 @@ class AppliedLoRA:
 
     name: str
     weight: float
-    layers: list[LoRALayer]
+    layers: list[LayerUpdate]
     report: Any = None
 
 
@@ -220,14 +231,14 @@ class LoRAHandle:
             self.set_weight(which, w)
 
     def attach(
-        self, name: str, weight: float, layers: Iterable[tuple[nn.Module, LoRALayer]], report: Any = None
+        self, name: str, weight: float, layers: Iterable[tuple[nn.Module, LayerUpdate]], report: Any = None
     ) -> AppliedLoRA:
         """Hook ``layers`` (base module, LoRA layer) under one LoRA ``name``; several LoRAs on one module stack."""
         if self.removed:
             raise LoRAError("this LoRA handle was removed")
         if self.fused:  # the new layers would be left out of the fused weights
             raise LoRAError("unfuse before attaching more LoRAs")
-        applied: list[LoRALayer] = []
+        applied: list[LayerUpdate] = []
         for module, layer in layers:
             patch = self._patches.get(id(module))
             if patch is None:
@@ -301,6 +312,7 @@ __all__ = [
     "WEIGHT_LIMIT",
     "WEIGHT_WARN_LIMIT",
     "AppliedLoRA",
+    "LayerUpdate",
     "LoRAError",
     "LoRAHandle",
     "LoRALayer",

@@ -22,6 +22,7 @@ from ..nn.lora import (
     WEIGHT_LIMIT,
     WEIGHT_WARN_LIMIT,
     AppliedLoRA,
+    LayerUpdate,
     LoRAError,
     LoRAHandle,
     LoRALayer,
@@ -29,6 +30,7 @@ from ..nn.lora import (
     check_weight,
     patch_layers,
 )
+from ..nn.lycoris import LycorisLayer, magnitude_on_output
 from .lora_file import (
     LORA_SUFFIXES,
     LoRAFile,
@@ -41,6 +43,7 @@ from .lora_file import (
     resolve_lora,
 )
 from .lora_keys import Component, LoRAReport, ModelIndex, Target, kohya_name, lora_targets, match_lora, unet_ldm_names
+from .lycoris_file import LycorisLayerWeights
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ def apply_loras(
     file is checked before any layer is patched, so an error leaves the model untouched.
     """
     index = ModelIndex(unet, text_encoder)
-    prepared: list[tuple[LoRAFile, float, dict[str, tuple[Target, torch.Tensor, torch.Tensor]], list[str]]] = []
+    prepared: list[tuple[LoRAFile, float, dict[str, Any], list[str], dict[str, Any]]] = []
     for item in loras:
         src, weight = lora_entry(item)
         if isinstance(src, LoRAFile):
@@ -91,8 +94,8 @@ def apply_loras(
         else:
             lf = load_lora(resolve_lora(src, lora_dir))
         w = check_weight(weight, lf.name)
-        matched, unmatched = match_lora(lf, index)
-        prepared.append((lf, w, matched, unmatched))
+        matched, unmatched, lycoris = match_lora(lf, index)
+        prepared.append((lf, w, matched, unmatched, lycoris))
 
     handle = LoRAHandle()
     try:
@@ -105,9 +108,11 @@ def apply_loras(
     return handle
 
 
-def _attach_all(handle: LoRAHandle, prepared: Sequence[tuple[LoRAFile, float, dict[str, Any], list[str]]]) -> None:
-    for lf, w, matched, unmatched in prepared:
-        layers: list[tuple[nn.Module, LoRALayer]] = []
+def _attach_all(
+    handle: LoRAHandle, prepared: Sequence[tuple[LoRAFile, float, dict[str, Any], list[str], dict[str, Any]]]
+) -> None:
+    for lf, w, matched, unmatched, lycoris in prepared:
+        layers: list[tuple[nn.Module, LayerUpdate]] = []
         for key, (target, down, up) in matched.items():
             base = target.module.weight
             layer = LoRALayer(
@@ -118,6 +123,8 @@ def _attach_all(handle: LoRAHandle, prepared: Sequence[tuple[LoRAFile, float, di
                 conv=LoRALayer.geometry(target.module),
             )
             layers.append((target.module, layer))
+        for target, lw in lycoris.values():
+            layers.append((target.module, lycoris_layer(lw, target.module, w)))
         report = LoRAReport(
             name=lf.name,
             path=str(lf.path) if lf.path is not None else None,
@@ -127,12 +134,39 @@ def _attach_all(handle: LoRAHandle, prepared: Sequence[tuple[LoRAFile, float, di
             unmatched=unmatched,
             unsupported=lf.unsupported,
             ranks=lf.ranks,
+            algorithms=lf.algorithms,
         )
         if report.complete:
             log.info(report.summary())
         else:
             log.warning(report.summary())
         handle.attach(lf.name, w, layers, report)
+
+
+def lycoris_layer(lw: LycorisLayerWeights, module: nn.Module, multiplier: float) -> LycorisLayer:
+    """The runtime layer for one LyCORIS (or DoRA) layer of a file on ``module`` (tensors moved to its device and
+    dtype; the math runs in float32 from them)."""
+    base = module.weight
+    assert isinstance(base, torch.Tensor)
+    parts = {
+        k: (v.to(device=base.device, dtype=base.dtype) if v.is_floating_point() else v.to(base.device))
+        for k, v in lw.parts.items()
+    }
+    magnitude, on_output = None, True
+    if lw.magnitude is not None:
+        axis = magnitude_on_output(lw.magnitude, int(base.shape[0]), int(base.shape[1]))
+        on_output = axis is not False
+        magnitude = lw.magnitude.to(device=base.device, dtype=torch.float32)
+    return LycorisLayer(
+        lw.algo,
+        parts,
+        module,
+        scale=lw.scale,
+        multiplier=multiplier,
+        magnitude=magnitude,
+        magnitude_on_output=on_output,
+        conv=LoRALayer.geometry(module),
+    )
 
 
 __all__ = [
@@ -151,6 +185,8 @@ __all__ = [
     "LoRAReport",
     "LoRASpec",
     "LoRAWeightWarning",
+    "LycorisLayer",
+    "LycorisLayerWeights",
     "ModelIndex",
     "Target",
     "UnsafeLoRANameError",
@@ -160,6 +196,7 @@ __all__ = [
     "lora_entry",
     "list_lora_dir",
     "load_lora",
+    "lycoris_layer",
     "lora_targets",
     "match_lora",
     "patch_layers",

@@ -31,6 +31,7 @@ from ..catalog import builtin_path
 from ..io.paths import ExternalName, UnsafePathError, is_inside, resolve_inside
 from ..nn.lora import LoRAError
 from .io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightsError, load_file
+from .lycoris_file import LycorisLayerWeights, split_lycoris
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,12 @@ _PEFT_RE = re.compile(
 )
 # diffusers' attention-processor files: `...attn1.processor.to_q_lora.down.weight`
 _ATTN_PROC_RE = re.compile(r"^(?P<layer>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<du>down|up)\.weight$")
-# Adapters sdengine does not implement: named in the error instead of silently skipped.
+# Adapters sdengine does not implement: named in the error instead of silently skipped. (LoHa, LoKr, (IA)^3,
+# LoCon's Tucker core and DoRA are read by sdengine.weights.lycoris_file.)
 _UNSUPPORTED = [
-    (re.compile(r"\.dora_scale$|\.lora_magnitude_vector"), "DoRA (weight-decomposed LoRA)"),
-    (re.compile(r"\.hada_(w|t)\d"), "LyCORIS LoHa"),
-    (re.compile(r"\.lokr_(w|t)\d"), "LyCORIS LoKr"),
-    (re.compile(r"\.lora_mid\.weight$"), "LyCORIS LoCon with a Tucker (lora_mid) core"),
     (re.compile(r"\.(diff|diff_b)$"), "full weight differences (diff)"),
+    (re.compile(r"\.oft_(blocks|diag)$|\.oft_R\.|\.boft_"), "LyCORIS OFT/BOFT (orthogonal finetuning)"),
+    (re.compile(r"\.(a1|a2|b1|b2)\.weight$"), "LyCORIS GLoRA"),
 ]
 # Names that give away another architecture.
 
@@ -106,6 +106,8 @@ class LoRAFile:
     unsupported: dict[str, list[str]] = field(default_factory=dict)  # adapter kind -> keys
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
+    # LyCORIS layers (LoHa, LoKr, (IA)^3, LoCon-Tucker) and LoRA layers with a DoRA magnitude, by the file's names
+    lycoris: dict[str, LycorisLayerWeights] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LoRAFile:
@@ -132,7 +134,14 @@ class LoRAFile:
         unknown: list[str] = []
         unsupported: dict[str, list[str]] = {}
         kohya = peft = 0
+        lyco = split_lycoris(sd, MAGNITUDE_LIMIT)
+        if lyco.problems:
+            raise LoRAFileError(f"{where}: {lyco.problems[0]}")
+        unknown += lyco.incomplete
+        kohya += len(lyco.layers)
         for key, t in sd.items():
+            if key in lyco.consumed:
+                continue
             kind = next((label for rx, label in _UNSUPPORTED if rx.search(key)), None)
             if kind is not None:
                 unsupported.setdefault(kind, []).append(key)
@@ -195,16 +204,32 @@ class LoRAFile:
             if alpha is None and peft_cfg:
                 alpha, rslora = _peft_alpha(peft_cfg, layer, where)
             layers[layer] = LoRALayerWeights(layer, down, up, alpha, rslora)
-        if not layers and not unsupported:
+        lycoris = dict(lyco.layers)
+        for layer, magnitude in lyco.magnitudes.items():  # DoRA on a plain LoRA layer
+            lw = layers.pop(layer, None)
+            if lw is None:
+                unknown.append(f"{layer} (has a DoRA magnitude but no LoRA layer)")
+                continue
+            factors = {"lora_down": lw.down, "lora_up": lw.up}
+            lycoris[layer] = LycorisLayerWeights(layer, "lora", factors, lw.alpha, magnitude, scale_override=lw.scale)
+        if not layers and not unsupported and not lycoris:
             shown = ", ".join(unknown[:3])
             raise LoRAFileError(
                 f"{where}: no LoRA layers found (keys like {shown}); not a kohya or diffusers/PEFT LoRA"
             )
-        return cls(name, fmt, layers, unknown, unsupported, metadata, path)
+        return cls(name, fmt, layers, unknown, unsupported, metadata, path, lycoris)
 
     @property
     def ranks(self) -> list[int]:
-        return sorted({w.rank for w in self.layers.values()})
+        ranks = {w.rank for w in self.layers.values()}
+        ranks |= {r for w in self.lycoris.values() if (r := w.rank) is not None}
+        return sorted(ranks)
+
+    @property
+    def algorithms(self) -> list[str]:
+        """The kinds of layer in the file: "LoRA", "LoHa", "LoKr", "DoRA", "LoKr+DoRA", "(IA)^3", ..."""
+        kinds = {"LoRA"} if self.layers else set()
+        return sorted(kinds | {w.label for w in self.lycoris.values()})
 
 
 def _peft_metadata(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import keymaps as km
 from .lora_file import LoRAFile, LoRAFileError, LoRAFormat, LoRALayerWeights
+from .lycoris_file import LycorisLayerWeights
 
 Component = Literal["unet", "text_encoder"]
 
@@ -132,7 +133,8 @@ class ModelIndex:
 
 
 def _lora_family(lf: LoRAFile) -> str | None:
-    for key in list(lf.layers) + lf.unknown + [k for ks in lf.unsupported.values() for k in ks]:
+    names = list(lf.layers) + list(lf.lycoris) + lf.unknown + [k for ks in lf.unsupported.values() for k in ks]
+    for key in names:
         for rx, label in _ARCH_HINTS:
             if rx.search(key):
                 return label
@@ -140,7 +142,19 @@ def _lora_family(lf: LoRAFile) -> str | None:
         if _CROSS_KV_RE.search(key.removesuffix(".weight")):
             width = int(w.down.shape[1])
             return _CONTEXT_WIDTH.get(width, f"a model with cross-attention width {width}")
+    for key, lw in lf.lycoris.items():
+        shape = lw.shape()
+        if _CROSS_KV_RE.search(key) and not isinstance(shape, str) and shape[1] > 0:
+            return _CONTEXT_WIDTH.get(shape[1], f"a model with cross-attention width {shape[1]}")
     return None
+
+
+def _fit_lycoris(w: LycorisLayerWeights, module: nn.Module) -> str | None:
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return "a grouped convolution"
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return w.fit(tuple(weight.shape))
 
 
 def _fit(w: LoRALayerWeights, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | str:
@@ -182,6 +196,7 @@ class LoRAReport:
     unmatched: list[str]  # the file's layer names (and unknown keys) that found no layer
     unsupported: dict[str, list[str]] = field(default_factory=dict)
     ranks: list[int] = field(default_factory=list)
+    algorithms: list[str] = field(default_factory=list)  # "LoRA", "LoHa", "LoKr", "DoRA", ... (empty: LoRA)
 
     @property
     def complete(self) -> bool:
@@ -189,8 +204,11 @@ class LoRAReport:
 
     def summary(self) -> str:
         comps = sorted({m.split(":")[0] for m in self.matched})
+        kinds = "/".join(a for a in self.algorithms if a != "LoRA") or "LoRA"
+        kinds = kinds if kinds == "LoRA" or "LoRA" not in self.algorithms else f"LoRA+{kinds}"
+        ranks = "/".join(map(str, self.ranks)) or "?"
         s = (
-            f"LoRA {self.name} ({self.format}, rank {'/'.join(map(str, self.ranks)) or '?'}, weight {self.weight:g}): "
+            f"{kinds} {self.name} ({self.format}, rank {ranks}, weight {self.weight:g}): "
             f"{len(self.matched)} layers matched ({', '.join(comps)})"
         )
         if self.unmatched:
@@ -210,10 +228,13 @@ def _some(items: Sequence[str], n: int = 4) -> str:
 
 def match_lora(
     lf: LoRAFile, index: ModelIndex
-) -> tuple[dict[str, tuple[Target, torch.Tensor, torch.Tensor]], list[str]]:
-    """File layers -> (model layer, down, up) plus the unmatched names; errors for another architecture."""
+) -> tuple[
+    dict[str, tuple[Target, torch.Tensor, torch.Tensor]], list[str], dict[str, tuple[Target, LycorisLayerWeights]]
+]:
+    """File layers -> (model layer, down, up), the unmatched names, and LyCORIS layers -> (model layer, weights);
+    errors for another architecture or a layer whose shape differs."""
     where = str(lf.path) if lf.path is not None else lf.name
-    te_keys = sorted(k for k in lf.layers if k.startswith(("lora_te", "text_encoder.")))
+    te_keys = sorted(k for k in [*lf.layers, *lf.lycoris] if k.startswith(("lora_te", "text_encoder.")))
     if te_keys and index.fixed_text_encoder is not None:
         raise LoRAFileError(
             f"{where}: adapts a text encoder ({len(te_keys)} layers, e.g. {te_keys[0]}), but this model's text "
@@ -232,6 +253,17 @@ def match_lora(
             wrong.append(f"{target.component}.{target.name} ({fit})")
             continue
         matched[key] = (target, *fit)
+    lycoris: dict[str, tuple[Target, LycorisLayerWeights]] = {}
+    for key, lw in lf.lycoris.items():
+        target = index.aliases.get(key)
+        if target is None:
+            unmatched.append(key)
+            continue
+        why = _fit_lycoris(lw, target.module)
+        if why is not None:
+            wrong.append(f"{target.component}.{target.name} ({why})")
+            continue
+        lycoris[key] = (target, lw)
     family = _lora_family(lf)
     model = index.family()
     hint = f"; it looks like a LoRA for {family}, the model is {model}" if family and family != model else ""
@@ -239,16 +271,16 @@ def match_lora(
         raise LoRAFileError(f"{where}: shapes do not match this model: {_some(wrong, 2)}{hint}")
     if family and family != model and family in {label for _, label in _ARCH_HINTS}:
         raise LoRAFileError(f"{where}: a LoRA for {family}; the model is {model}")
-    if not matched:
-        if lf.unsupported and not lf.layers:
+    if not matched and not lycoris:
+        if lf.unsupported and not lf.layers and not lf.lycoris:
             raise LoRAFileError(f"{where}: {', '.join(lf.unsupported)} adapters are not supported")
-        missing_te = index.text_encoder is None and any(k.startswith(("lora_te", "text_encoder.")) for k in lf.layers)
+        names = sorted([*lf.layers, *lf.lycoris])
+        missing_te = index.text_encoder is None and any(k.startswith(("lora_te", "text_encoder.")) for k in names)
         why = hint or ("; it adapts the text encoder, and none was given" if missing_te else "")
         raise LoRAFileError(
-            f"{where}: none of its {len(lf.layers)} layers match this model's layer names "
-            f"(e.g. {_some(sorted(lf.layers), 2)}){why}"
+            f"{where}: none of its {len(names)} layers match this model's layer names (e.g. {_some(names, 2)}){why}"
         )
-    return matched, unmatched + lf.unknown
+    return matched, unmatched + lf.unknown, lycoris
 
 
 __all__ = [

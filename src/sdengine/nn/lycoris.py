@@ -1,0 +1,233 @@
+"""LyCORIS weight updates: LoHa, LoKr, (IA)^3, LoCon's Tucker core and DoRA, as one patched layer kind.
+
+Each algorithm stores factors from which the layer's weight update is rebuilt (W: (out, in) or (out, in, kh, kw)):
+
+- LoHa (Hyeon-Woo et al. 2022): ``dW = (w1a @ w1b) * (w2a @ w2b)``, a Hadamard product of two low-rank products;
+  with Tucker cores ``t1``, ``t2`` (convolutions) each half is ``t x_0 w_a x_1 w_b`` (a 1-mode/2-mode product).
+- LoKr (Yeh et al. 2023): ``dW = kron(w1, w2)``, where either factor may be stored whole or as a low-rank pair
+  (``w1 = w1_a @ w1_b``); a convolution's kernel lives in ``w2`` (whole, flattened into ``w2_b``, or in a
+  Tucker core ``t2``).
+- (IA)^3 (Liu et al. 2022): a learned vector scales the weight per output (or input) channel: ``dW = W * w``.
+- LoRA with a Tucker core (LoCon ``lora_mid``): ``dW = mid x_0 up x_1 down``.
+- DoRA (Liu et al. 2024) on any of these: the updated weight ``W + dW`` is renormalised to the stored magnitude
+  ``m`` per output row (PEFT's ``lora_magnitude_vector``, LyCORIS' ``dora_scale`` shaped (out, 1, ...)) or per
+  input column (older LyCORIS files, ``dora_scale`` shaped (1, in, ...)): ``W' = (W + dW) * m / ||W + dW||``.
+
+The update is scaled by alpha / rank (LoHa, LoKr with a low-rank factor, LoCon) and by the user's multiplier.
+DoRA's update is ``mult * (W' - W)``, the convention of A1111 and ComfyUI (weight 0 is the base model, the
+effect is linear in the weight); at weight 1 it is the same ``W'`` that LyCORIS and PEFT compute.
+
+Unlike a plain LoRA, these updates are not a product of two thin maps, so the layer rebuilds the dense ``dW``
+(from the current base weight, which DoRA and (IA)^3 need) and runs it as one more Linear/Conv2d; ``fuse`` folds
+it into the weight as for LoRA. File layouts and key names are :mod:`sdengine.weights.lycoris_file`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import LayerUpdate, LoRAError
+
+ALGORITHMS = ("loha", "lokr", "ia3", "locon_tucker", "lora")
+
+
+def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """``t`` (r1, r2, *k) with ``wa`` (r1, out) on its first mode and ``wb`` (r2, in) on its second: (out, in, *k)."""
+    return torch.einsum("ij...,io,jn->on...", t, wa, wb)
+
+
+def loha_delta(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """LoHa's unscaled ``dW``: (out, in_flat) without Tucker cores, (out, in, *k) with them."""
+    w1a, w1b, w2a, w2b = (parts[k].float() for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+    if "hada_t1" in parts:  # Tucker: w?a is (r, out), w?b is (r, in), t? is (r, r, *k)
+        return _tucker(parts["hada_t1"].float(), w1a, w1b) * _tucker(parts["hada_t2"].float(), w2a, w2b)
+    return (w1a @ w1b.flatten(1)) * (w2a @ w2b.flatten(1))
+
+
+def lokr_factors(parts: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoKr's two Kronecker factors, rebuilt: w1 (a, c) and w2 (b, d) or (b, d*kh*kw) or (b, d, kh, kw)."""
+    if "lokr_w1" in parts:
+        w1 = parts["lokr_w1"].float()
+    else:
+        w1 = parts["lokr_w1_a"].float() @ parts["lokr_w1_b"].float()
+    if "lokr_w2" in parts:
+        w2 = parts["lokr_w2"].float()
+    elif "lokr_t2" in parts:  # Tucker: w2_a is (r, b), w2_b is (r, d), t2 is (r, r, kh, kw)
+        w2 = _tucker(parts["lokr_t2"].float(), parts["lokr_w2_a"].float(), parts["lokr_w2_b"].float())
+    else:  # w2_a (b, r) @ w2_b (r, d[*kh*kw]); an older layout keeps w2_b as (r, d, kh, kw)
+        w2b = parts["lokr_w2_b"].float()
+        w2 = (parts["lokr_w2_a"].float() @ w2b.flatten(1)).reshape(-1, *w2b.shape[1:])
+    return w1, w2
+
+
+def lokr_delta(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """LoKr's unscaled ``dW = kron(w1, w2)``: (a*b, c*d[*kh*kw]) or (a*b, c*d, kh, kw)."""
+    w1, w2 = lokr_factors(parts)
+    w1 = w1.reshape(*w1.shape, *[1] * (w2.ndim - 2))  # kron over the kernel dims keeps w2's kernel
+    return torch.kron(w1, w2.contiguous())
+
+
+def locon_tucker_delta(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """LoCon with a Tucker core: ``lora_up`` (out, r), ``lora_mid`` (r, r, kh, kw), ``lora_down`` (r, in)."""
+    up, mid, down = (parts[k].float() for k in ("lora_up", "lora_mid", "lora_down"))
+    return _tucker(mid, up.flatten(1).T, down.flatten(1))
+
+
+def lora_delta(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Plain LoRA's unscaled ``up @ down`` (for DoRA on a LoRA): (out, in_flat)."""
+    return parts["lora_up"].float().flatten(1) @ parts["lora_down"].float().flatten(1)
+
+
+def ia3_delta(base: torch.Tensor, vector: torch.Tensor, on_input: bool) -> torch.Tensor:
+    """(IA)^3's ``dW = W * w`` with ``w`` along the output (or input) channels."""
+    v = vector.float().flatten()
+    shape = [1] * base.ndim
+    shape[1 if on_input else 0] = v.numel()
+    return base * v.reshape(shape)
+
+
+def dora_weight(base: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, on_output: bool) -> torch.Tensor:
+    """DoRA's merged weight ``(W + dW) * m / ||W + dW||``, the norm per output row or per input column."""
+    merged = base + delta
+    if on_output:
+        norm = merged.flatten(1).norm(dim=1).reshape(-1, *[1] * (merged.ndim - 1))
+        m = magnitude.float().reshape(norm.shape)
+    else:
+        norm = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (merged.ndim - 2))
+        m = magnitude.float().reshape(norm.shape)
+    # the eps keeps an all-zero row finite (LyCORIS and ComfyUI add the same float32 eps)
+    return merged * (m / (norm + torch.finfo(torch.float32).eps))
+
+
+def magnitude_on_output(magnitude: torch.Tensor, out_features: int, in_features: int) -> bool | None:
+    """Which axis a DoRA magnitude belongs to, from its shape: True (out), False (in), None (fits neither)."""
+    shape = tuple(magnitude.shape)
+    if magnitude.ndim >= 2 and shape[0] == 1 and magnitude.numel() == in_features and shape[1] == in_features:
+        return False
+    if magnitude.numel() == out_features and (magnitude.ndim == 1 or shape[0] == out_features):
+        return True
+    return None
+
+
+def unscaled_delta(algo: str, parts: Mapping[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """The algorithm's ``dW`` (before alpha / rank) in ``base``'s shape, float32."""
+    if algo == "loha":
+        d = loha_delta(parts)
+    elif algo == "lokr":
+        d = lokr_delta(parts)
+    elif algo == "locon_tucker":
+        d = locon_tucker_delta(parts)
+    elif algo == "lora":
+        d = lora_delta(parts)
+    elif algo == "ia3":
+        d = ia3_delta(base, parts["weight"], bool(parts["on_input"].item()))
+    else:
+        raise LoRAError(f"unknown LyCORIS algorithm {algo!r} (known: {', '.join(ALGORITHMS)})")
+    if d.numel() != base.numel():
+        raise LoRAError(f"{algo} update has {tuple(d.shape)}, the layer's weight {tuple(base.shape)}")
+    return d.reshape(base.shape)
+
+
+class LycorisLayer(LayerUpdate):
+    """One layer's LyCORIS update, patched onto (or fused into) its base Linear/Conv2d like a LoRA layer.
+
+    ``forward`` rebuilds ``multiplier * dW`` from the factors and the base weight as it is now, and applies it
+    with the base layer's geometry; ``delta_weight`` is that ``dW`` (float32) for fusing."""
+
+    def __init__(
+        self,
+        algo: str,
+        parts: Mapping[str, torch.Tensor],
+        base: nn.Module,
+        *,
+        scale: float,
+        multiplier: float = 1.0,
+        magnitude: torch.Tensor | None = None,
+        magnitude_on_output: bool = True,
+        conv: dict[str, tuple[int, ...]] | None = None,
+    ) -> None:
+        super().__init__()
+        if algo not in ALGORITHMS:
+            raise LoRAError(f"unknown LyCORIS algorithm {algo!r} (known: {', '.join(ALGORITHMS)})")
+        self.algo = algo
+        self.parts = nn.ParameterDict({k: nn.Parameter(v, requires_grad=False) for k, v in parts.items()})
+        self.magnitude = None if magnitude is None else nn.Parameter(magnitude, requires_grad=False)
+        self.magnitude_on_output = magnitude_on_output
+        self.scale = float(scale)
+        self.multiplier = float(multiplier)
+        self.conv = conv
+        self._base = (base,)  # a tuple: the base layer is read, not registered as a submodule
+
+    def base_weight(self) -> torch.Tensor:
+        w = self._base[0].weight
+        assert isinstance(w, torch.Tensor)
+        return w.detach()
+
+    def delta_weight(self) -> torch.Tensor:
+        """``multiplier * (W' - W)`` in float32, in the base weight's shape."""
+        base = self.base_weight().float()
+        parts = {k: v.detach().to(base.device) for k, v in self.parts.items()}
+        d = unscaled_delta(self.algo, parts, base) * self.scale
+        if self.magnitude is not None:
+            d = dora_weight(base, d, self.magnitude.detach().to(base.device), self.magnitude_on_output) - base
+        return d * self.multiplier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.multiplier == 0.0:
+            return None
+        d = self.delta_weight()
+        dtype = x.dtype if torch.is_floating_point(x) else d.dtype
+        d = d.to(device=x.device, dtype=dtype)
+        if self.conv is None:
+            return F.linear(x, d)
+        c = self.conv
+        return F.conv2d(x, d, None, c["stride"], c["padding"], c["dilation"])
+
+    @property
+    def rank(self) -> int | None:
+        return rank_of(self.algo, dict(self.parts))
+
+
+def rank_of(algo: str, parts: Mapping[str, torch.Tensor]) -> int | None:
+    """The rank that alpha divides (None where the file has no low-rank factor: LoKr with two whole factors,
+    (IA)^3)."""
+    if algo == "loha":
+        return int(parts["hada_w1_b"].shape[0])
+    if algo == "lokr":
+        for k in ("lokr_w1_b", "lokr_w2_b"):
+            if k in parts:
+                return int(parts[k].shape[0])
+        return None
+    if algo in ("lora", "locon_tucker"):
+        return int(parts["lora_down"].shape[0])
+    return None
+
+
+def lycoris_scale(algo: str, parts: Mapping[str, torch.Tensor], alpha: float | None) -> float:
+    """alpha / rank as LyCORIS reads it: no alpha (or 0) means alpha = rank; no rank means scale 1."""
+    rank = rank_of(algo, parts)
+    if rank is None or not alpha or not math.isfinite(alpha):
+        return 1.0
+    return alpha / rank
+
+
+__all__ = [
+    "ALGORITHMS",
+    "LycorisLayer",
+    "dora_weight",
+    "ia3_delta",
+    "locon_tucker_delta",
+    "loha_delta",
+    "lokr_delta",
+    "lokr_factors",
+    "lora_delta",
+    "lycoris_scale",
+    "magnitude_on_output",
+    "rank_of",
+    "unscaled_delta",
+]

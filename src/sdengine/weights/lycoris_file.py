@@ -1,0 +1,261 @@
+"""LyCORIS layers in a LoRA file: LoHa, LoKr, (IA)^3, LoCon with a Tucker core, and DoRA magnitudes.
+
+LyCORIS (and kohya's trainer driving it) names layers as kohya does (``lora_unet_...``, ``lora_te_...``) and
+stores per layer, besides ``<layer>.alpha``:
+
+- LoHa: ``hada_w1_a`` (out, r), ``hada_w1_b`` (r, in*kh*kw), ``hada_w2_a``, ``hada_w2_b``; with Tucker cores
+  ``hada_t1``/``hada_t2`` (r, r, kh, kw) the ``*_a`` are (r, out) and the ``*_b`` (r, in);
+- LoKr: ``lokr_w1`` (a, c) or ``lokr_w1_a`` (a, r) + ``lokr_w1_b`` (r, c); ``lokr_w2`` (b, d[, kh, kw]) or
+  ``lokr_w2_a`` (b, r) + ``lokr_w2_b`` (r, d*kh*kw), or with ``lokr_t2`` (r, r, kh, kw) ``lokr_w2_a`` (r, b) +
+  ``lokr_w2_b`` (r, d); out = a*b, in = c*d;
+- (IA)^3: ``weight`` (the channel vector) and ``on_input`` (0: output channels, 1: input channels);
+- LoCon with a Tucker core: ``lora_down`` (r, in, 1, 1), ``lora_mid`` (r, r, kh, kw), ``lora_up`` (out, r, 1, 1);
+- DoRA on any of them (and on a plain LoRA): ``dora_scale`` (LyCORIS/kohya; (out, 1, ...) or (1, in, ...));
+  PEFT writes ``<module>.lora_magnitude_vector`` (out,) next to ``lora_A``/``lora_B``.
+
+:func:`split_lycoris` takes these keys out of a state dict; the plain LoRA keys stay for
+:mod:`sdengine.weights.lora_file`, which joins DoRA magnitudes to its LoRA layers. The math is
+:mod:`sdengine.nn.lycoris`. Problems come back as text (one line each) for the file reader to raise.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from ..nn.lycoris import lycoris_scale, magnitude_on_output, rank_of
+
+# part name -> algorithm; a layer's algorithm is decided by the parts it has
+_PARTS = {
+    **{p: "loha" for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
+    **{p: "lokr" for p in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
+    "lokr_t1": "lokr",  # written by some trainers, never used in the product (LyCORIS ignores it too)
+}
+_PART_RE = re.compile(r"^(?P<layer>.+)\.(?P<part>" + "|".join(sorted(_PARTS, key=len, reverse=True)) + r")$")
+_MID_RE = re.compile(r"^(?P<layer>.+)\.lora_mid\.weight$")
+_IA3_RE = re.compile(r"^(?P<layer>.+)\.on_input$")
+_DORA_RE = re.compile(r"^(?P<layer>.+)\.(?:dora_scale|lora_magnitude_vector(?:\.(?!weight$)[^.]+)?(?:\.weight)?)$")
+
+LABELS = {
+    "loha": "LoHa",
+    "lokr": "LoKr",
+    "ia3": "(IA)^3",
+    "locon_tucker": "LoCon (Tucker)",
+    "lora": "LoRA",
+}
+# Parts each layout needs (any one set of the alternatives)
+_NEEDS = {
+    "loha": [{"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}],
+    "ia3": [{"weight", "on_input"}],
+    "locon_tucker": [{"lora_down", "lora_mid", "lora_up"}],
+}
+
+
+@dataclass
+class LycorisLayerWeights:
+    """One LyCORIS layer as stored in a file (tensors as read)."""
+
+    key: str  # the file's layer name
+    algo: str  # "loha", "lokr", "ia3", "locon_tucker", or "lora" (a plain LoRA carrying a DoRA magnitude)
+    parts: dict[str, torch.Tensor]
+    alpha: float | None = None
+    magnitude: torch.Tensor | None = None  # DoRA
+    scale_override: float | None = None  # PEFT's alpha (from metadata, maybe rank-stabilised) for DoRA-on-LoRA
+
+    @property
+    def rank(self) -> int | None:
+        return rank_of(self.algo, self.parts)
+
+    @property
+    def scale(self) -> float:
+        if self.scale_override is not None:
+            return self.scale_override
+        return lycoris_scale(self.algo, self.parts, self.alpha)
+
+    @property
+    def label(self) -> str:
+        name = LABELS[self.algo]
+        if self.magnitude is None:
+            return name
+        return "DoRA" if self.algo == "lora" else f"{name}+DoRA"
+
+    def shape(self) -> tuple[int, int, tuple[int, ...]] | str:
+        """(out, in, kernel) of the update, from the factor shapes; a description when they do not fit together."""
+        p = self.parts
+        try:
+            if self.algo == "loha":
+                if "hada_t1" in p:
+                    k = tuple(p["hada_t1"].shape[2:])
+                    return int(p["hada_w1_a"].shape[1]), int(p["hada_w1_b"].shape[1]), k
+                return int(p["hada_w1_a"].shape[0]), int(math.prod(p["hada_w1_b"].shape[1:])), ()
+            if self.algo == "lokr":
+                if "lokr_w1" in p:
+                    a, c = (int(v) for v in p["lokr_w1"].shape[:2])
+                else:
+                    a, c = int(p["lokr_w1_a"].shape[0]), int(p["lokr_w1_b"].shape[1])
+                if "lokr_w2" in p:
+                    w2 = p["lokr_w2"]
+                    b, d, k = int(w2.shape[0]), int(w2.shape[1]), tuple(w2.shape[2:])
+                elif "lokr_t2" in p:
+                    b, d, k = int(p["lokr_w2_a"].shape[1]), int(p["lokr_w2_b"].shape[1]), tuple(p["lokr_t2"].shape[2:])
+                else:
+                    b, d, k = int(p["lokr_w2_a"].shape[0]), int(math.prod(p["lokr_w2_b"].shape[1:])), ()
+                return a * b, c * d, k
+            if self.algo == "ia3":
+                n = int(p["weight"].numel())
+                return (-1, n, ()) if bool(p["on_input"].flatten()[0]) else (n, -1, ())
+            if self.algo == "locon_tucker":
+                return int(p["lora_up"].shape[0]), int(p["lora_down"].shape[1]), tuple(p["lora_mid"].shape[2:])
+            return int(p["lora_up"].shape[0]), int(math.prod(p["lora_down"].shape[1:])), ()
+        except (IndexError, KeyError, RuntimeError, ValueError) as e:
+            return f"factor shapes do not fit together ({e})"
+
+    def fit(self, weight_shape: tuple[int, ...]) -> str | None:
+        """None when this update fits a layer of ``weight_shape`` (out, in[, kh, kw]); else why not."""
+        got = self.shape()
+        if isinstance(got, str):
+            return got
+        out, inn, k = got
+        w_out, w_in, w_k = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
+        if k:  # a kernel of its own (Tucker, whole w2): the same kernel (1x1 fits a Linear too)
+            squeeze = tuple(x for x in k if x != 1), tuple(x for x in w_k if x != 1)
+            if squeeze[0] != squeeze[1]:
+                return f"{self.label} kernel {k}, layer has {w_k or 'none (Linear)'}"
+            want_in = w_in
+        else:  # in * kh * kw flattened
+            want_in = w_in * math.prod(w_k)
+        if out not in (-1, w_out) or inn not in (-1, want_in):
+            shown_in, shown_out = ("?" if inn == -1 else inn), ("?" if out == -1 else out)
+            return f"{self.label} maps {shown_in} -> {shown_out}, layer {want_in} -> {w_out}"
+        if self.magnitude is not None and magnitude_on_output(self.magnitude, w_out, w_in) is None:
+            return f"DoRA magnitude {tuple(self.magnitude.shape)} fits neither {w_out} outputs nor {w_in} inputs"
+        return None
+
+
+@dataclass
+class LycorisSplit:
+    """What :func:`split_lycoris` took out of a state dict."""
+
+    layers: dict[str, LycorisLayerWeights] = field(default_factory=dict)
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA for layers that are plain LoRAs
+    consumed: set[str] = field(default_factory=set)
+    incomplete: list[str] = field(default_factory=list)  # "<layer> (has ... but no ...)"
+    problems: list[str] = field(default_factory=list)  # fatal, one line each
+
+
+def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> LycorisSplit:
+    """Take the LyCORIS layers (and DoRA magnitudes) out of ``sd``; values over ``magnitude_limit`` are problems."""
+    out = LycorisSplit()
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    algos: dict[str, str] = {}
+    for key, t in sd.items():
+        m = _PART_RE.match(key)
+        if m:
+            found.setdefault(m["layer"], {})[m["part"]] = t
+            algos.setdefault(m["layer"], _PARTS[m["part"]])
+            out.consumed.add(key)
+            continue
+        m = _MID_RE.match(key)
+        if m:
+            algos.setdefault(m["layer"], "locon_tucker")
+            found.setdefault(m["layer"], {})["lora_mid"] = t
+            out.consumed.add(key)
+            continue
+        m = _IA3_RE.match(key)
+        if m:
+            algos.setdefault(m["layer"], "ia3")
+            found.setdefault(m["layer"], {})["on_input"] = t
+            out.consumed.add(key)
+    # the keys those layers share with plain LoRA names
+    extra = {
+        "ia3": {"weight": ".weight"},
+        "locon_tucker": {"lora_down": ".lora_down.weight", "lora_up": ".lora_up.weight"},
+    }
+    alphas: dict[str, torch.Tensor] = {}
+    for layer, algo in algos.items():
+        for part, suffix in extra.get(algo, {}).items():
+            if layer + suffix in sd:
+                found[layer][part] = sd[layer + suffix]
+                out.consumed.add(layer + suffix)
+        if layer + ".alpha" in sd:
+            alphas[layer] = sd[layer + ".alpha"]
+            out.consumed.add(layer + ".alpha")
+    magnitudes: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        m = _DORA_RE.match(key)
+        if m:
+            magnitudes[m["layer"]] = t
+            out.consumed.add(key)
+
+    for layer, parts in found.items():
+        algo = algos[layer]
+        missing = _missing(algo, parts)
+        if missing:
+            out.incomplete.append(f"{layer} (has {'/'.join(sorted(parts))} but no {missing})")
+            continue
+        bad = _bad_values(layer, {**parts, **({"alpha": alphas[layer]} if layer in alphas else {})}, magnitude_limit)
+        if bad:
+            out.problems.append(bad)
+            continue
+        alpha = None
+        if layer in alphas:
+            if alphas[layer].numel() != 1:
+                out.problems.append(f"{layer} alpha has {alphas[layer].numel()} values, not one")
+                continue
+            alpha = float(alphas[layer].float().item())
+        w = LycorisLayerWeights(layer, algo, parts, alpha, magnitudes.pop(layer, None))
+        rank = w.rank
+        if rank == 0:
+            out.problems.append(f"{layer} has rank 0, not a {LABELS[algo]} layer")
+            continue
+        shape = w.shape()
+        if isinstance(shape, str):
+            out.problems.append(f"{layer}: {LABELS[algo]} {shape}")
+            continue
+        out.layers[layer] = w
+    for layer, mag in magnitudes.items():
+        bad = _bad_values(layer, {"dora_scale": mag}, magnitude_limit)
+        if bad:
+            out.problems.append(bad)
+            continue
+        out.magnitudes[layer] = mag
+    return out
+
+
+def _missing(algo: str, parts: Mapping[str, torch.Tensor]) -> str:
+    if algo == "lokr":
+        have = set(parts)
+        miss = []
+        if "lokr_w1" not in have and not {"lokr_w1_a", "lokr_w1_b"} <= have:
+            miss.append("lokr_w1 (or lokr_w1_a/lokr_w1_b)")
+        if "lokr_w2" not in have and not {"lokr_w2_a", "lokr_w2_b"} <= have:
+            miss.append("lokr_w2 (or lokr_w2_a/lokr_w2_b)")
+        return ", ".join(miss)
+    need = _NEEDS[algo][0] | ({"hada_t2"} if algo == "loha" and "hada_t1" in parts else set())
+    if algo == "loha" and "hada_t2" in parts:
+        need = need | {"hada_t1"}
+    return ", ".join(sorted(need - set(parts)))
+
+
+def _bad_values(layer: str, parts: Mapping[str, torch.Tensor], limit: float) -> str | None:
+    for name, t in parts.items():
+        if name == "on_input":
+            continue
+        if not t.is_floating_point():
+            return f"{layer} {name} has dtype {t.dtype}, not floating point"
+        if t.numel() and not bool(torch.isfinite(t.float()).all()):
+            return f"refused: NaN or inf values in {layer} ({name})"
+        if t.numel():
+            big = float(t.detach().float().abs().max())
+            if big > limit:
+                return (
+                    f"{layer} {name} has |values| up to {big:.3g}, over {limit:.0e}; refused (a broken or hostile file)"
+                )
+    return None
+
+
+__all__ = ["LABELS", "LycorisLayerWeights", "LycorisSplit", "split_lycoris"]
