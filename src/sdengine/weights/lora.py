@@ -130,7 +130,10 @@ def _attach_all(
             path=str(lf.path) if lf.path is not None else None,
             format=lf.format,
             weight=w,
-            matched=sorted(f"{t.component}:{t.name}" for t, _, _ in matched.values()),
+            matched=sorted(
+                [f"{t.component}:{t.name}" for t, _, _ in matched.values()]
+                + [f"{t.component}:{t.name}" for t, _ in lycoris.values()]
+            ),
             unmatched=unmatched,
             unsupported=lf.unsupported,
             ranks=lf.ranks,

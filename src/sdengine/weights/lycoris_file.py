@@ -121,6 +121,11 @@ class LycorisLayerWeights:
             return got
         out, inn, k = got
         w_out, w_in, w_k = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
+        if self.algo == "ia3":  # one value per channel, whatever the kernel
+            if (out == -1 and inn != w_in) or (inn == -1 and out != w_out):
+                side, n, want = ("input", inn, w_in) if out == -1 else ("output", out, w_out)
+                return f"(IA)^3 scales {n} {side} channels, the layer has {want}"
+            return None
         if k:  # a kernel of its own (Tucker, whole w2): the same kernel (1x1 fits a Linear too)
             squeeze = tuple(x for x in k if x != 1), tuple(x for x in w_k if x != 1)
             if squeeze[0] != squeeze[1]:

@@ -1,0 +1,413 @@
+"""LyCORIS files (LoHa, LoKr, (IA)^3, LoCon with a Tucker core, DoRA): parity with the `lycoris-lora` package and
+PEFT on the tiny SD1 U-Net and text encoder, stacking with LoRAs, fuse/unfuse, and the refusals.
+
+The oracle builds its own modules (LyCORIS' LohaModule, LokrModule, ...) on copies of sdengine's layers, fills them
+with random values, and writes the file from their state dicts under kohya names, as kohya's trainer driving
+LyCORIS does; its patched model gives the reference outputs and its merge the reference weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from sdengine.models.clip_text import CLIPTextConfig, CLIPTextModel
+from sdengine.models.unet import UNet, UNetConfig
+from sdengine.weights import save_safetensors
+from sdengine.weights.lora import LoRAError, LoRAFile, apply_loras, kohya_name
+from test_weights_common import randomize, state, tiny_clip, tiny_unet
+
+pytest.importorskip("lycoris")
+
+from lycoris.modules.ia3 import IA3Module  # noqa: E402
+from lycoris.modules.locon import LoConModule  # noqa: E402
+from lycoris.modules.loha import LohaModule  # noqa: E402
+from lycoris.modules.lokr import LokrModule  # noqa: E402
+
+logging.getLogger("lycoris").setLevel(logging.ERROR)
+
+TOL = 1e-5  # relative to the largest output value
+# U-Net layers: Linear (attention, feed-forward, time embedding), 3x3 convolutions, 1x1 proj_in/shortcut
+UNET_LAYERS = ["attn1.to_q", "attn2.to_k", "attn2.to_v", "ff.net.2", "resnets.0.conv1", "proj_in", "time_emb_proj"]
+TE_LAYERS = ["self_attn.q_proj", "self_attn.out_proj", "mlp.fc1"]
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+_BASE: dict = {}
+
+
+def fresh_models() -> tuple[nn.Module, nn.Module]:
+    """sdengine's tiny SD1 U-Net and CLIP text encoder on fixed random weights (built once, copied per call)."""
+    if not _BASE:
+        unet_ref, te_ref = randomize(tiny_unet("sd1"), 1).eval(), randomize(tiny_clip("sd1"), 2).eval()
+        unet = UNet(UNetConfig.from_diffusers(dict(unet_ref.config)))
+        unet.load_state_dict(unet_ref.state_dict(), strict=True)
+        te = CLIPTextModel.from_state_dict(state(te_ref), CLIPTextConfig.from_transformers(te_ref.config.to_dict()))
+        _BASE["models"] = (unet.eval(), te.eval())
+    return copy.deepcopy(_BASE["models"])
+
+
+def targets(unet: nn.Module, te: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(kohya name, module) of the adapted layers."""
+    out = []
+    for comp, model, suffixes in (("unet", unet, UNET_LAYERS), ("text_encoder", te, TE_LAYERS)):
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear | nn.Conv2d) and any(name.endswith(s) for s in suffixes):
+                out.append((kohya_name(comp, name), m))  # type: ignore[arg-type]
+    assert any(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for _, m in out)
+    return out
+
+
+INPUTS: dict = {}
+
+
+def inputs() -> dict:
+    if not INPUTS:
+        g = torch.Generator().manual_seed(0)
+        INPUTS.update(
+            x=torch.randn(2, 4, 8, 8, generator=g),
+            t=torch.tensor([10, 500]),
+            ctx=torch.randn(2, 7, 32, generator=g),
+            ids=torch.randint(0, 500, (2, 9), generator=g),
+        )
+    return INPUTS
+
+
+@torch.no_grad()
+def run(unet: nn.Module, te: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    i = inputs()
+    return unet(i["x"], i["t"], encoder_hidden_states=i["ctx"]), te(i["ids"]).last_hidden_state
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def oracle(cls, kwargs: dict, *, seed: int, multiplier: float = 1.0, alpha: float = 2.0, rank: int = 4):
+    """LyCORIS modules on a copy of the models with random factors: (file state dict, ref outputs, ref models,
+    modules by kohya name)."""
+    unet, te = fresh_models()
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for name, m in targets(unet, te):
+        mod = cls(name, m, multiplier, rank, alpha, **kwargs)
+        with torch.no_grad():
+            for pname, p in mod.named_parameters():
+                if pname == "dora_scale":  # the magnitude: near the base norms, not equal (else DoRA is a no-op)
+                    p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        mod.apply_to()
+        mods[name] = mod
+    sd = {}
+    for name, mod in mods.items():
+        own = mod.custom_state_dict()
+        own = own if own is not None else {"weight": mod.weight, "on_input": mod.on_input}  # (IA)^3 has none
+        for k, v in own.items():
+            sd[f"{name}.{k}"] = v.detach().clone().contiguous()
+    ref = run(unet, te)
+    return sd, ref, (unet, te), mods
+
+
+CASES = {
+    "loha": (LohaModule, {}),
+    "loha-tucker": (LohaModule, {"use_tucker": True}),
+    "lokr": (LokrModule, {"factor": 4}),
+    "lokr-decompose-both": (LokrModule, {"factor": 4, "decompose_both": True}),
+    "lokr-full": (LokrModule, {"full_matrix": True}),
+    "lokr-tucker": (LokrModule, {"factor": 4, "use_tucker": True}),
+    "locon-tucker": (LoConModule, {"use_tucker": True}),
+    "ia3": (IA3Module, {}),
+    "ia3-on-input": (IA3Module, {"train_on_input": True}),
+}
+DORA_CASES = {
+    "dora-lora": (LoConModule, {"weight_decompose": True}),
+    "dora-loha": (LohaModule, {"weight_decompose": True}),
+    "dora-lokr-in-axis": (LokrModule, {"factor": 4, "weight_decompose": True, "wd_on_out": False}),
+}
+
+
+def keys_of(sd: dict, part: str) -> list[str]:
+    return [k for k in sd if k.endswith("." + part)]
+
+
+# --------------------------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_outputs_equal_lycoris(case):
+    cls, kwargs = CASES[case]
+    sd, ref, _, _ = oracle(cls, kwargs, seed=hash(case) % 1000, multiplier=0.7)
+    base = run(*fresh_models())
+    lf = LoRAFile.from_state_dict(sd, name=case)
+    assert lf.lycoris and not lf.unknown
+    assert not lf.layers or case == "locon-tucker"  # Tucker cores are on 3x3 convolutions only
+    unet, te = fresh_models()
+    with apply_loras(unet, te, [(lf, 0.7)]) as h:
+        assert h.reports[0].complete and len(h.reports[0].matched) == len(lf.lycoris) + len(lf.layers)
+        patched = run(unet, te)
+        h.fuse()
+        fused = run(unet, te)
+    for ours, fz, r, b in zip(patched, fused, ref, base, strict=True):
+        assert rel(r, b) > 1e-3  # the adapter changes the outputs: the comparison means something
+        assert rel(ours, r) <= TOL
+        assert rel(fz, r) <= TOL
+    assert all(torch.equal(a, b) for a, b in zip(run(unet, te), base, strict=True))  # removed: exactly the base
+
+
+@pytest.mark.parametrize("case", ["loha", "lokr-decompose-both", "lokr-tucker", "locon-tucker", "ia3", "dora-loha"])
+def test_fused_weights_equal_lycoris_merge(case):
+    """alpha = rank (scale 1): LyCORIS' merge_to multiplies alpha / rank in twice for LoHa/LoKr, which agrees with
+    its own forward only at scale 1."""
+    cls, kwargs = {**CASES, **DORA_CASES}[case]
+    sd, _, (ref_unet, ref_te), mods = oracle(cls, kwargs, seed=7, alpha=4.0)
+    unet, te = fresh_models()
+    with apply_loras(unet, te, [(LoRAFile.from_state_dict(sd), 1.0)]) as h:
+        h.fuse()
+        ours = {kohya_name("unet", n): m.weight for n, m in unet.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+        ours |= {kohya_name("text_encoder", n): m.weight for n, m in te.named_modules() if isinstance(m, nn.Linear)}
+        for name, mod in mods.items():
+            mod.restore()
+            mod.merge_to(1.0)
+            merged = mod.org_module[0].weight
+            assert rel(ours[name], merged) <= TOL, name
+
+
+@pytest.mark.parametrize("case", list(DORA_CASES))
+def test_dora_outputs_equal_lycoris(case):
+    cls, kwargs = DORA_CASES[case]
+    sd, ref, _, _ = oracle(cls, kwargs, seed=11)
+    assert keys_of(sd, "dora_scale")
+    lf = LoRAFile.from_state_dict(sd)
+    assert "DoRA" in " ".join(lf.algorithms)
+    base = run(*fresh_models())
+    unet, te = fresh_models()
+    with apply_loras(unet, te, [(lf, 1.0)]) as h:
+        patched = run(unet, te)
+        h.fuse()
+        fused = run(unet, te)
+    for ours, fz, r, b in zip(patched, fused, ref, base, strict=True):
+        assert rel(r, b) > 1e-3
+        assert rel(ours, r) <= TOL
+        assert rel(fz, r) <= TOL
+
+
+def test_dora_weight_scales_the_update_linearly():
+    """At weight w the layer is W + w (W_dora - W) (A1111's and ComfyUI's rule): 0 is the base, 1 is LyCORIS'."""
+    sd, _, _, mods = oracle(*DORA_CASES["dora-loha"], seed=3)
+    lf = LoRAFile.from_state_dict(sd)
+    unet, te = fresh_models()
+    base = {id(m): m.weight.detach().clone() for m in unet.modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+    full = {}
+    with apply_loras(unet, te, [(lf, 1.0)], fuse=True):
+        full = {id(m): m.weight.detach().clone() for m in unet.modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+    changed = [k for k in base if not torch.equal(base[k], full[k])]
+    assert changed
+    with apply_loras(unet, te, [(lf, 0.5)], fuse=True):
+        for m in unet.modules():
+            if id(m) in changed:
+                want = base[id(m)] + 0.5 * (full[id(m)] - base[id(m)])
+                assert rel(m.weight, want) <= TOL
+    with apply_loras(unet, te, [(lf, 0.0)]):
+        assert all(torch.equal(a, b) for a, b in zip(run(unet, te), run(*fresh_models()), strict=True))
+
+
+def test_peft_dora_equals_peft(tmp_path, relaxed_peft_check):
+    """A PEFT use_dora LoRA on the tiny diffusers U-Net, saved by diffusers, equals PEFT's own output."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet_ref = randomize(tiny_unet("sd1"), 1).eval()
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, use_dora=True, init_lora_weights=False, target_modules=["to_q", "to_v", "conv1", "ff.net.2"]
+    )
+    unet_ref.add_adapter(cfg)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in unet_ref.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
+            elif "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    i = inputs()
+    with torch.no_grad():
+        ref = unet_ref(i["x"], i["t"], i["ctx"]).sample
+    lora_sd = get_peft_model_state_dict(unet_ref)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=lora_sd, unet_lora_adapter_metadata=cfg.to_dict(), safe_serialization=True
+    )
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    lf = LoRAFile.load(path)
+    assert lf.format == "peft" and lf.algorithms == ["DoRA"]
+    assert any("lora_magnitude_vector" in k for k in __import__("safetensors.torch").torch.load_file(path))
+    unet, te = fresh_models()
+    base = run(unet, te)[0]
+    with apply_loras(unet, None, [(path, 1.0)]) as h:
+        assert h.reports[0].complete
+        ours = unet(i["x"], i["t"], encoder_hidden_states=i["ctx"])
+        h.fuse()
+        fused = unet(i["x"], i["t"], encoder_hidden_states=i["ctx"])
+    assert rel(ref, base) > 1e-3
+    assert rel(ours.detach(), ref) <= TOL
+    assert rel(fused.detach(), ref) <= TOL
+
+
+@pytest.fixture
+def relaxed_peft_check(monkeypatch):
+    import importlib.metadata
+
+    import transformers.integrations.peft as tp
+    from packaging import version
+
+    installed = importlib.metadata.version("peft")
+    if version.parse(installed) < version.parse(tp.MIN_PEFT_VERSION):
+        monkeypatch.setattr(tp, "MIN_PEFT_VERSION", installed)
+
+
+# ------------------------------------------------------------------------------------------ stacking, fusing
+
+
+def test_stacks_with_plain_lora_and_with_each_other():
+    """A LoHa, a LoKr and a plain LoRA (LyCORIS' LoCon) on the same layers: the sum of each one's change."""
+    files, refs = [], []
+    base = run(*fresh_models())
+    for seed, (cls, kwargs) in enumerate([CASES["loha"], CASES["lokr"], (LoConModule, {})]):
+        sd, _, _, _ = oracle(cls, kwargs, seed=20 + seed)
+        files.append(LoRAFile.from_state_dict(sd, name=f"f{seed}"))
+    assert files[2].layers and not files[2].lycoris  # the plain LoRA goes through the LoRA path
+    for lf, w in zip(files, (0.8, 0.5, 1.2), strict=True):
+        unet, te = fresh_models()
+        with apply_loras(unet, te, [(lf, w)]):
+            refs.append(run(unet, te))
+    unet, te = fresh_models()
+    with apply_loras(unet, te, [(files[0], 0.8), (files[1], 0.5), (files[2], 1.2)]) as h:
+        both = run(unet, te)
+        h.fuse()
+        fused = run(unet, te)
+        h.unfuse()
+        h.set_weight(1, 0.0)
+        without = run(unet, te)
+    for k in range(2):
+        want = base[k] + sum(r[k] - base[k] for r in refs)
+        assert rel(both[k], want) <= 1e-4  # the layers' changes add; the network on top is not linear
+        assert rel(fused[k], both[k]) <= TOL
+    unet, te = fresh_models()
+    with apply_loras(unet, te, [(files[0], 0.8), (files[2], 1.2)]):
+        want = run(unet, te)
+    assert all(rel(a, b) <= TOL for a, b in zip(without, want, strict=True))
+
+
+def test_fuse_unfuse_restores_the_weights_bit_for_bit():
+    sd, _, _, _ = oracle(*DORA_CASES["dora-lokr-in-axis"], seed=4)
+    unet, te = fresh_models()
+    before = {k: v.clone() for k, v in {**unet.state_dict(), **te.state_dict()}.items()}
+    h = apply_loras(unet, te, [(LoRAFile.from_state_dict(sd), 1.0)], fuse=True)
+    assert any(not torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    h.set_weight(0, 0.3)  # recomputed from the originals
+    h.unfuse()
+    h.remove()
+    assert all(torch.equal(before[k], v) for k, v in {**unet.state_dict(), **te.state_dict()}.items())
+
+
+# ------------------------------------------------------------------------------------------- file, refusals
+
+
+def test_lycoris_file_loads_by_name_through_the_pipeline_paths(tmp_path, tiny_sd1_folder):
+    """A LoHa file in the LoRA folder works as `<lora:name:w>` in a prompt, like a LoRA."""
+    from sdengine import load_pipeline
+
+    pipe = load_pipeline(tiny_sd1_folder)
+    unet_layer = next(n for n, m in pipe.unet.named_modules() if n.endswith("attn2.to_k"))
+    mod = pipe.unet.get_submodule(unet_layer)
+    name = kohya_name("unet", unet_layer)
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f = mod.weight.shape
+    sd = {
+        f"{name}.hada_w1_a": torch.randn(out_f, 2, generator=g),
+        f"{name}.hada_w1_b": torch.randn(2, in_f, generator=g),
+        f"{name}.hada_w2_a": torch.randn(out_f, 2, generator=g),
+        f"{name}.hada_w2_b": torch.randn(2, in_f, generator=g),
+        f"{name}.alpha": torch.tensor(1.0),
+    }
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    save_safetensors(sd, loras / "myloha.safetensors")
+    kw = dict(steps=2, width=64, height=64, seed=1, lora_dir=loras)
+    plain = pipe("a cat", **kw).images[0]
+    tagged = pipe("a cat <lora:myloha:1>", **kw)
+    assert tagged.images[0].tobytes() != plain.tobytes()
+    assert "myloha" in tagged.parameters
+    again = pipe("a cat", **kw).images[0]
+    assert again.tobytes() == plain.tobytes()
+
+
+def test_lycoris_file_for_another_architecture_is_refused(tmp_path):
+    """A LoHa for a 64-wide cross attention (an SD2-like model) on the 32-wide model: the shape report."""
+    unet, te = fresh_models()
+    name = kohya_name("unet", next(n for n, _ in unet.named_modules() if n.endswith("attn2.to_k")))
+    sd = {
+        f"{name}.hada_w1_a": torch.ones(32, 2),
+        f"{name}.hada_w1_b": torch.ones(2, 64),
+        f"{name}.hada_w2_a": torch.ones(32, 2),
+        f"{name}.hada_w2_b": torch.ones(2, 64),
+    }
+    with pytest.raises(LoRAError, match=r"shapes do not match this model: unet\..*attn2\.to_k \(LoHa maps 64 -> 32"):
+        apply_loras(unet, te, [(LoRAFile.from_state_dict(sd), 1.0)])
+    sdxl = {f"lora_te2_text_model_encoder_layers_0_mlp_fc1.lokr_w1": torch.ones(2, 2), **sd}
+    sdxl = {k: v for k, v in sdxl.items()}
+    with pytest.raises(LoRAError, match="SDXL"):
+        apply_loras(unet, te, [(LoRAFile.from_state_dict(sdxl), 1.0)])
+
+
+def test_unknown_lycoris_keys_are_reported(caplog):
+    sd, _, _, _ = oracle(*CASES["loha"], seed=2)
+    sd["lora_unet_not_a_layer.hada_w1_a"] = torch.ones(4, 2)  # incomplete: no w1_b, w2_*
+    sd["lora_unet_down_blocks_9_x.hada_w1_a"] = torch.ones(4, 2)
+    sd["lora_unet_down_blocks_9_x.hada_w1_b"] = torch.ones(2, 4)
+    sd["lora_unet_down_blocks_9_x.hada_w2_a"] = torch.ones(4, 2)
+    sd["lora_unet_down_blocks_9_x.hada_w2_b"] = torch.ones(2, 4)
+    lf = LoRAFile.from_state_dict(sd)
+    unet, te = fresh_models()
+    with caplog.at_level(logging.WARNING), apply_loras(unet, te, [(lf, 1.0)]) as h:
+        r = h.reports[0]
+        assert not r.complete
+        assert "lora_unet_down_blocks_9_x" in r.unmatched
+        assert any(u.startswith("lora_unet_not_a_layer (has hada_w1_a but no") for u in r.unmatched)
+    assert "LoHa" in caplog.text and "2 unmatched" in caplog.text
+
+
+def test_nothing_matching_is_an_error():
+    sd = {f"lora_unet_nowhere.lokr_w1": torch.ones(2, 2), f"lora_unet_nowhere.lokr_w2": torch.ones(2, 2)}
+    with pytest.raises(LoRAError, match="none of its 1 layers match"):
+        apply_loras(*fresh_models(), [(LoRAFile.from_state_dict(sd), 1.0)])
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"hada_w1_a": torch.full((4, 2), float("nan"))}, "NaN or inf"),
+        ({"hada_w1_a": torch.full((4, 2), 1e6)}, "over 1e"),
+        ({"hada_w1_a": torch.ones(4, 2, dtype=torch.int64)}, "not floating point"),
+        ({"hada_w1_b": torch.ones(0, 4), "hada_w1_a": torch.ones(4, 0)}, "rank 0"),
+        ({"alpha": torch.ones(3)}, "alpha has 3 values"),
+    ],
+)
+def test_bad_values_are_refused(bad, match):
+    sd = {"lora_unet_x.hada_w1_a": torch.ones(4, 2), "lora_unet_x.hada_w1_b": torch.ones(2, 4)}
+    sd |= {"lora_unet_x.hada_w2_a": torch.ones(4, 2), "lora_unet_x.hada_w2_b": torch.ones(2, 4)}
+    sd |= {f"lora_unet_x.{k}": v for k, v in bad.items()}
+    with pytest.raises(LoRAError, match=match):
+        LoRAFile.from_state_dict(sd)
+
+
+def test_metadata_json_is_not_needed():
+    """LyCORIS writes its settings (`ss_network_args`) as metadata; sdengine reads the tensors only."""
+    sd, _, _, _ = oracle(*CASES["lokr"], seed=9)
+    meta = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "lokr", "factor": "4"})}
+    assert LoRAFile.from_state_dict(sd, meta).algorithms == ["LoKr"]
