@@ -413,9 +413,9 @@ def test_corrupt_file_is_one_clear_error(loras, tmp_path):
 
 def test_unsupported_adapter_kinds_are_named(tmp_path):
     unet, te = fresh_models()
-    path = tmp_path / "loha.safetensors"
-    save_safetensors({"lora_unet_x.hada_w1_a": torch.ones(2, 2), "lora_unet_x.hada_w1_b": torch.ones(2, 2)}, path)
-    with pytest.raises(LoRAError, match="LyCORIS LoHa adapters are not supported"):
+    path = tmp_path / "oft.safetensors"  # (LoHa, LoKr and DoRA are read: tests/test_lycoris.py)
+    save_safetensors({"lora_unet_x.oft_blocks": torch.ones(2, 2, 2), "lora_unet_x.alpha": torch.tensor(1.0)}, path)
+    with pytest.raises(LoRAError, match=r"LyCORIS OFT/BOFT \(orthogonal finetuning\) adapters are not supported"):
         apply_loras(unet, te, [(path, 1.0)])
 
 

@@ -104,8 +104,15 @@ def dora_weight(base: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor
     return merged * (m / (norm + torch.finfo(torch.float32).eps))
 
 
-def magnitude_on_output(magnitude: torch.Tensor, out_features: int, in_features: int) -> bool | None:
-    """Which axis a DoRA magnitude belongs to, from its shape: True (out), False (in), None (fits neither)."""
+def magnitude_on_output(
+    magnitude: torch.Tensor, out_features: int, in_features: int, *, peft: bool = False
+) -> bool | None:
+    """Which axis a DoRA magnitude belongs to: True (out), False (in), None (fits neither).
+
+    PEFT's ``lora_magnitude_vector`` is always per output (a convolution's is shaped (1, out, 1, 1)); LyCORIS'
+    ``dora_scale`` tells by its shape, (out, 1, ...) or (1, in, ...)."""
+    if peft:
+        return True if magnitude.numel() == out_features else None
     shape = tuple(magnitude.shape)
     if magnitude.ndim >= 2 and shape[0] == 1 and magnitude.numel() == in_features and shape[1] == in_features:
         return False
@@ -114,8 +121,9 @@ def magnitude_on_output(magnitude: torch.Tensor, out_features: int, in_features:
     return None
 
 
-def unscaled_delta(algo: str, parts: Mapping[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-    """The algorithm's ``dW`` (before alpha / rank) in ``base``'s shape, float32."""
+def unscaled_delta(algo: str, parts: Mapping[str, torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+    """The algorithm's ``dW`` (before alpha / rank), float32, in ``base``'s shape (without a base: as the factors
+    give it, (out, in*kh*kw) or (out, in, kh, kw); (IA)^3 needs the base)."""
     if algo == "loha":
         d = loha_delta(parts)
     elif algo == "lokr":
@@ -124,10 +132,12 @@ def unscaled_delta(algo: str, parts: Mapping[str, torch.Tensor], base: torch.Ten
         d = locon_tucker_delta(parts)
     elif algo == "lora":
         d = lora_delta(parts)
-    elif algo == "ia3":
-        d = ia3_delta(base, parts["weight"], bool(parts["on_input"].item()))
+    elif algo == "ia3" and base is not None:
+        d = ia3_delta(base, parts["weight"], bool(parts["on_input"].flatten()[0]))
     else:
         raise LoRAError(f"unknown LyCORIS algorithm {algo!r} (known: {', '.join(ALGORITHMS)})")
+    if base is None:
+        return d
     if d.numel() != base.numel():
         raise LoRAError(f"{algo} update has {tuple(d.shape)}, the layer's weight {tuple(base.shape)}")
     return d.reshape(base.shape)

@@ -30,7 +30,7 @@ from ..nn.lora import (
     check_weight,
     patch_layers,
 )
-from ..nn.lycoris import LycorisLayer, magnitude_on_output
+from ..nn.lycoris import LycorisLayer
 from .lora_file import (
     LORA_SUFFIXES,
     LoRAFile,
@@ -157,7 +157,7 @@ def lycoris_layer(lw: LycorisLayerWeights, module: nn.Module, multiplier: float)
     }
     magnitude, on_output = None, True
     if lw.magnitude is not None:
-        axis = magnitude_on_output(lw.magnitude, int(base.shape[0]), int(base.shape[1]))
+        axis = lw.magnitude_axis(int(base.shape[0]), int(base.shape[1]))
         on_output = axis is not False
         magnitude = lw.magnitude.to(device=base.device, dtype=torch.float32)
     return LycorisLayer(

@@ -205,13 +205,15 @@ class LoRAFile:
                 alpha, rslora = _peft_alpha(peft_cfg, layer, where)
             layers[layer] = LoRALayerWeights(layer, down, up, alpha, rslora)
         lycoris = dict(lyco.layers)
-        for layer, magnitude in lyco.magnitudes.items():  # DoRA on a plain LoRA layer
+        for layer, (magnitude, peft_magnitude) in lyco.magnitudes.items():  # DoRA on a plain LoRA layer
             lw = layers.pop(layer, None)
             if lw is None:
                 unknown.append(f"{layer} (has a DoRA magnitude but no LoRA layer)")
                 continue
             factors = {"lora_down": lw.down, "lora_up": lw.up}
-            lycoris[layer] = LycorisLayerWeights(layer, "lora", factors, lw.alpha, magnitude, scale_override=lw.scale)
+            lycoris[layer] = LycorisLayerWeights(
+                layer, "lora", factors, lw.alpha, magnitude, peft_magnitude, scale_override=lw.scale
+            )
         if not layers and not unsupported and not lycoris:
             shown = ", ".join(unknown[:3])
             raise LoRAFileError(

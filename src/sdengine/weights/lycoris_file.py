@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..nn.lycoris import lycoris_scale, magnitude_on_output, rank_of
+from ..nn.lycoris import lycoris_scale, magnitude_on_output, rank_of, unscaled_delta
 
 # part name -> algorithm; a layer's algorithm is decided by the parts it has
 _PARTS = {
@@ -38,7 +38,9 @@ _PARTS = {
 _PART_RE = re.compile(r"^(?P<layer>.+)\.(?P<part>" + "|".join(sorted(_PARTS, key=len, reverse=True)) + r")$")
 _MID_RE = re.compile(r"^(?P<layer>.+)\.lora_mid\.weight$")
 _IA3_RE = re.compile(r"^(?P<layer>.+)\.on_input$")
-_DORA_RE = re.compile(r"^(?P<layer>.+)\.(?:dora_scale|lora_magnitude_vector(?:\.(?!weight$)[^.]+)?(?:\.weight)?)$")
+_DORA_RE = re.compile(
+    r"^(?P<layer>.+)\.(?:dora_scale|(?P<peft>lora_magnitude_vector)(?:\.(?!weight$)[^.]+)?(?:\.weight)?)$"
+)
 
 LABELS = {
     "loha": "LoHa",
@@ -64,6 +66,7 @@ class LycorisLayerWeights:
     parts: dict[str, torch.Tensor]
     alpha: float | None = None
     magnitude: torch.Tensor | None = None  # DoRA
+    magnitude_peft: bool = False  # PEFT's lora_magnitude_vector (always per output channel)
     scale_override: float | None = None  # PEFT's alpha (from metadata, maybe rank-stabilised) for DoRA-on-LoRA
 
     @property
@@ -84,35 +87,24 @@ class LycorisLayerWeights:
         return "DoRA" if self.algo == "lora" else f"{name}+DoRA"
 
     def shape(self) -> tuple[int, int, tuple[int, ...]] | str:
-        """(out, in, kernel) of the update, from the factor shapes; a description when they do not fit together."""
+        """(out, in, kernel) of the update (kernel () when ``in`` counts in*kh*kw), or why the factors do not fit
+        together. The update is rebuilt on the meta device: shapes only, no arithmetic."""
         p = self.parts
         try:
-            if self.algo == "loha":
-                if "hada_t1" in p:
-                    k = tuple(p["hada_t1"].shape[2:])
-                    return int(p["hada_w1_a"].shape[1]), int(p["hada_w1_b"].shape[1]), k
-                return int(p["hada_w1_a"].shape[0]), int(math.prod(p["hada_w1_b"].shape[1:])), ()
-            if self.algo == "lokr":
-                if "lokr_w1" in p:
-                    a, c = (int(v) for v in p["lokr_w1"].shape[:2])
-                else:
-                    a, c = int(p["lokr_w1_a"].shape[0]), int(p["lokr_w1_b"].shape[1])
-                if "lokr_w2" in p:
-                    w2 = p["lokr_w2"]
-                    b, d, k = int(w2.shape[0]), int(w2.shape[1]), tuple(w2.shape[2:])
-                elif "lokr_t2" in p:
-                    b, d, k = int(p["lokr_w2_a"].shape[1]), int(p["lokr_w2_b"].shape[1]), tuple(p["lokr_t2"].shape[2:])
-                else:
-                    b, d, k = int(p["lokr_w2_a"].shape[0]), int(math.prod(p["lokr_w2_b"].shape[1:])), ()
-                return a * b, c * d, k
             if self.algo == "ia3":
                 n = int(p["weight"].numel())
                 return (-1, n, ()) if bool(p["on_input"].flatten()[0]) else (n, -1, ())
-            if self.algo == "locon_tucker":
-                return int(p["lora_up"].shape[0]), int(p["lora_down"].shape[1]), tuple(p["lora_mid"].shape[2:])
-            return int(p["lora_up"].shape[0]), int(math.prod(p["lora_down"].shape[1:])), ()
+            meta = {k: torch.empty(v.shape, device="meta") for k, v in p.items()}
+            d = unscaled_delta(self.algo, meta, None)
         except (IndexError, KeyError, RuntimeError, ValueError) as e:
-            return f"factor shapes do not fit together ({e})"
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in p.items())
+            return f"factor shapes {shapes} do not fit together ({first})"
+        if d.ndim < 2:
+            return f"factors give a {d.ndim}-d update"
+        if d.ndim == 2:
+            return int(d.shape[0]), int(d.shape[1]), ()
+        return int(d.shape[0]), int(d.shape[1]), tuple(int(x) for x in d.shape[2:])
 
     def fit(self, weight_shape: tuple[int, ...]) -> str | None:
         """None when this update fits a layer of ``weight_shape`` (out, in[, kh, kw]); else why not."""
@@ -136,9 +128,15 @@ class LycorisLayerWeights:
         if out not in (-1, w_out) or inn not in (-1, want_in):
             shown_in, shown_out = ("?" if inn == -1 else inn), ("?" if out == -1 else out)
             return f"{self.label} maps {shown_in} -> {shown_out}, layer {want_in} -> {w_out}"
-        if self.magnitude is not None and magnitude_on_output(self.magnitude, w_out, w_in) is None:
+        if self.magnitude is not None and self.magnitude_axis(w_out, w_in) is None:
             return f"DoRA magnitude {tuple(self.magnitude.shape)} fits neither {w_out} outputs nor {w_in} inputs"
         return None
+
+    def magnitude_axis(self, out_features: int, in_features: int) -> bool | None:
+        """DoRA: True (per output channel), False (per input channel), None (fits neither, or no DoRA)."""
+        if self.magnitude is None:
+            return None
+        return magnitude_on_output(self.magnitude, out_features, in_features, peft=self.magnitude_peft)
 
 
 @dataclass
@@ -146,7 +144,8 @@ class LycorisSplit:
     """What :func:`split_lycoris` took out of a state dict."""
 
     layers: dict[str, LycorisLayerWeights] = field(default_factory=dict)
-    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA for layers that are plain LoRAs
+    # DoRA for layers that are plain LoRAs: (magnitude, True for PEFT's lora_magnitude_vector)
+    magnitudes: dict[str, tuple[torch.Tensor, bool]] = field(default_factory=dict)
     consumed: set[str] = field(default_factory=set)
     incomplete: list[str] = field(default_factory=list)  # "<layer> (has ... but no ...)"
     problems: list[str] = field(default_factory=list)  # fatal, one line each
@@ -189,11 +188,11 @@ def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> Lyc
         if layer + ".alpha" in sd:
             alphas[layer] = sd[layer + ".alpha"]
             out.consumed.add(layer + ".alpha")
-    magnitudes: dict[str, torch.Tensor] = {}
+    magnitudes: dict[str, tuple[torch.Tensor, bool]] = {}
     for key, t in sd.items():
         m = _DORA_RE.match(key)
         if m:
-            magnitudes[m["layer"]] = t
+            magnitudes[m["layer"]] = (t, m["peft"] is not None)
             out.consumed.add(key)
 
     for layer, parts in found.items():
@@ -212,7 +211,8 @@ def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> Lyc
                 out.problems.append(f"{layer} alpha has {alphas[layer].numel()} values, not one")
                 continue
             alpha = float(alphas[layer].float().item())
-        w = LycorisLayerWeights(layer, algo, parts, alpha, magnitudes.pop(layer, None))
+        mag, peft = magnitudes.pop(layer, (None, False))
+        w = LycorisLayerWeights(layer, algo, parts, alpha, mag, peft)
         rank = w.rank
         if rank == 0:
             out.problems.append(f"{layer} has rank 0, not a {LABELS[algo]} layer")
@@ -222,12 +222,12 @@ def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> Lyc
             out.problems.append(f"{layer}: {LABELS[algo]} {shape}")
             continue
         out.layers[layer] = w
-    for layer, mag in magnitudes.items():
+    for layer, (mag, peft) in magnitudes.items():
         bad = _bad_values(layer, {"dora_scale": mag}, magnitude_limit)
         if bad:
             out.problems.append(bad)
             continue
-        out.magnitudes[layer] = mag
+        out.magnitudes[layer] = (mag, peft)
     return out
 
 
