@@ -5,6 +5,10 @@ The work is split by job: :mod:`sdengine.weights.lora_file` reads files (formats
 :mod:`sdengine.weights.lora_keys` matches a file's names to the model's layers and reports what matched, and
 :mod:`sdengine.nn.lora` is the runtime layer (the patched Linear/Conv, stacking, fuse/unfuse, the handle that
 removes it). This module joins them in :func:`apply_loras` and exports the public names of all three.
+
+LyCORIS files (LoHa, LoKr, (IA)^3, LoCon with a Tucker core, DoRA) take the same path: the file reader hands their
+layers to :mod:`sdengine.weights.lycoris_file`, the matcher checks them against the model, and
+:func:`lycoris_layer` builds the :class:`~sdengine.nn.lycoris.LycorisLayer` that the same handle patches and fuses.
 """
 
 from __future__ import annotations

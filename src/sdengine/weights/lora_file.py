@@ -6,7 +6,9 @@ A file stores, per adapted layer, a ``down`` matrix (r, in) or convolution (r, i
 kept as the file spells them: kohya ``lora_unet_`` / ``lora_te_`` (``lora_te1_`` in SDXL files) + the module name
 with underscores; PEFT/diffusers the dotted module name behind ``unet.`` / ``text_encoder.``, with ``lora_A`` /
 ``lora_B`` (older diffusers: ``lora.down`` / ``lora.up``, ``lora_linear_layer.*``, ``processor.to_q_lora.*``).
-Matching those names to a model's layers is :mod:`sdengine.weights.lora_keys`.
+Matching those names to a model's layers is :mod:`sdengine.weights.lora_keys`. LyCORIS layers (LoHa, LoKr,
+(IA)^3, LoCon with a Tucker core) and DoRA magnitudes in the same files are taken out first by
+:mod:`sdengine.weights.lycoris_file` and kept in :attr:`LoRAFile.lycoris`.
 
 Names from outside the Python caller (``<lora:NAME:W>`` tags in a prompt, marked as
 :class:`~sdengine.io.paths.ExternalName`) only ever select a file inside the LoRA folder.
