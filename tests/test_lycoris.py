@@ -42,15 +42,16 @@ TE_LAYERS = ["self_attn.q_proj", "self_attn.out_proj", "mlp.fc1"]
 _BASE: dict = {}
 
 
-def fresh_models() -> tuple[nn.Module, nn.Module]:
-    """sdengine's tiny SD1 U-Net and CLIP text encoder on fixed random weights (built once, copied per call)."""
-    if not _BASE:
-        unet_ref, te_ref = randomize(tiny_unet("sd1"), 1).eval(), randomize(tiny_clip("sd1"), 2).eval()
+def fresh_models(kind: str = "sd1") -> tuple[nn.Module, nn.Module]:
+    """sdengine's tiny SD1 (or SD2: Linear proj_in/proj_out) U-Net and CLIP text encoder on fixed random weights
+    (built once, copied per call)."""
+    if kind not in _BASE:
+        unet_ref, te_ref = randomize(tiny_unet(kind), 1).eval(), randomize(tiny_clip(kind), 2).eval()
         unet = UNet(UNetConfig.from_diffusers(dict(unet_ref.config)))
         unet.load_state_dict(unet_ref.state_dict(), strict=True)
         te = CLIPTextModel.from_state_dict(state(te_ref), CLIPTextConfig.from_transformers(te_ref.config.to_dict()))
-        _BASE["models"] = (unet.eval(), te.eval())
-    return copy.deepcopy(_BASE["models"])
+        _BASE[kind] = (unet.eval(), te.eval())
+    return copy.deepcopy(_BASE[kind])
 
 
 def targets(unet: nn.Module, te: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -90,10 +91,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def oracle(cls, kwargs: dict, *, seed: int, multiplier: float = 1.0, alpha: float = 2.0, rank: int = 4, on=None):
+def oracle(cls, kwargs: dict, *, seed: int, multiplier=1.0, alpha=2.0, rank=4, on=None, kind="sd1"):
     """LyCORIS modules on a copy of the models (or on the models ``on``) with random factors: (file state dict,
     ref outputs, ref models, modules by kohya name)."""
-    unet, te = fresh_models() if on is None else on
+    unet, te = fresh_models(kind) if on is None else on
     g = torch.Generator().manual_seed(seed)
     mods = {}
     for name, m in targets(unet, te):
@@ -199,6 +200,22 @@ def test_dora_outputs_equal_lycoris(case):
         assert rel(r, b) > 1e-3
         assert rel(ours, r) <= TOL
         assert rel(fz, r) <= TOL
+
+
+@pytest.mark.parametrize("case", ["dora-loha", "lokr-tucker"])
+def test_sd2_layout_equals_lycoris(case):
+    """SD2's U-Net has Linear proj_in/proj_out where SD1 has 1x1 convolutions."""
+    cls, kwargs = {**CASES, **DORA_CASES}[case]
+    sd, ref, (ref_unet, _), _ = oracle(cls, kwargs, seed=5, kind="sd2")
+    assert isinstance(next(m for n, m in ref_unet.named_modules() if n.endswith("proj_in")), nn.Linear)
+    base = run(*fresh_models("sd2"))
+    unet, te = fresh_models("sd2")
+    with apply_loras(unet, te, [(LoRAFile.from_state_dict(sd), 1.0)]) as h:
+        assert h.reports[0].complete and any(m.endswith("proj_in") for m in h.reports[0].matched)
+        ours = run(unet, te)
+    for o, r, b in zip(ours, ref, base, strict=True):
+        assert rel(r, b) > 1e-3
+        assert rel(o, r) <= TOL
 
 
 def test_dora_weight_scales_the_update_linearly():
