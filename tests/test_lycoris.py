@@ -448,3 +448,41 @@ def test_cli_lora_flag_takes_a_lokr_file(tmp_path, tiny_sd1_folder, capsys):
         assert ia.tobytes() != ib.tobytes()
         assert "kron" in ib.info["parameters"] and "<lora:kron:0.8>" in ib.info["parameters"]
     capsys.readouterr()
+
+
+def test_malformed_factor_shapes_give_named_errors():
+    """Random shapes (0-d, empty, mismatched, wrong kernels) for every layout: a LoRAError, never an IndexError or
+    a RuntimeError from deep inside, and never a half-patched model."""
+    import random
+
+    unet, te = fresh_models()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    name = kohya_name("unet", next(n for n, _ in unet.named_modules() if n.endswith("attn2.to_k")))
+    layouts = [
+        ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"],
+        ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"],
+        ["lokr_w1", "lokr_w2"],
+        ["lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"],
+        ["lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2"],
+        ["weight", "on_input"],
+        ["lora_down.weight", "lora_mid.weight", "lora_up.weight"],
+        ["lora_down.weight", "lora_up.weight", "dora_scale"],
+    ]
+    shapes = [(), (0,), (3,), (32,), (2, 2), (32, 2), (2, 32), (4, 8), (8, 4), (2, 2, 3, 3), (1, 32, 1, 1), (5, 0)]
+    rng = random.Random(0)
+    loaded = 0
+    for _ in range(400):
+        sd = {f"{name}.{p}": torch.randn(rng.choice(shapes)) for p in rng.choice(layouts)}
+        if f"{name}.on_input" in sd:
+            sd[f"{name}.on_input"] = torch.tensor(rng.choice([0, 1]))
+        if rng.random() < 0.3:
+            sd[f"{name}.alpha"] = torch.randn(rng.choice([(), (1,), (2,)]))
+        try:
+            with apply_loras(unet, te, [(LoRAFile.from_state_dict(sd), 1.0)]) as h:
+                h.fuse()
+                h.unfuse()
+                loaded += 1
+        except LoRAError:
+            pass
+    assert 0 < loaded < 400
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())

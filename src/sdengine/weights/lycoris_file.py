@@ -213,8 +213,10 @@ def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> Lyc
             alpha = float(alphas[layer].float().item())
         mag, peft = magnitudes.pop(layer, (None, False))
         w = LycorisLayerWeights(layer, algo, parts, alpha, mag, peft)
-        rank = w.rank
-        if rank == 0:
+        if any(t.ndim == 0 for name, t in parts.items() if name != "on_input"):
+            out.problems.append(f"{layer}: {LABELS[algo]} factors must have at least one dimension")
+            continue
+        if w.rank == 0:  # alpha / rank would divide by zero
             out.problems.append(f"{layer} has rank 0, not a {LABELS[algo]} layer")
             continue
         shape = w.shape()
