@@ -219,7 +219,7 @@ class LoRAFile:
         if not layers and not unsupported and not lycoris:
             shown = ", ".join(unknown[:3])
             raise LoRAFileError(
-                f"{where}: no LoRA layers found (keys like {shown}); not a kohya or diffusers/PEFT LoRA"
+                f"{where}: no LoRA layers found (keys like {shown}); not a kohya, LyCORIS or diffusers/PEFT LoRA"
             )
         return cls(name, fmt, layers, unknown, unsupported, metadata, path, lycoris)
 
