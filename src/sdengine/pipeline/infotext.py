@@ -83,6 +83,8 @@ def call_parameters(
     height: int,
     model: str,
     model_hash: str | None,
+    vae: str | None = None,
+    vae_hash: str | None = None,
     strength: float | None,
     clip_skip: int,
     guidance_rescale: float,
@@ -110,6 +112,8 @@ def call_parameters(
         "height": height,
         "model": model,
         "model_hash": model_hash,
+        "vae_hash": vae_hash,
+        "vae": vae,
         "strength": strength,
         "clip_skip": clip_skip,
     }
