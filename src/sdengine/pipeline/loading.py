@@ -64,6 +64,7 @@ def load_pipeline(
     a single file's config, an LDM ``.yaml`` or a diffusers folder whose configs to use (without it, a
     ``.yaml`` of the file's stem beside it is used)."""
     from sdengine.weights import build_models, load_checkpoint
+    from sdengine.weights.loading import text_encoder_kind
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -114,7 +115,9 @@ def load_pipeline(
             vae_source=Path(vae) if vae is not None else None,
         )
     tokenizer = _load_tokenizer(ckpt.tokenizer_dir)
-    pad = _pad_token_id(ckpt.tokenizer_dir, tokenizer.vocab, ckpt.family)
+    # OpenCLIP pads with "!" whatever the model's width (a small SD2-layout model is family "custom")
+    openclip = text_encoder_kind(ckpt.configs.get("text_encoder", {})) == "openclip"
+    pad = _pad_token_id(ckpt.tokenizer_dir, tokenizer.vocab, "sd2" if openclip else ckpt.family)
     return Pipeline(
         unet=models["unet"],
         vae=models["vae"],
