@@ -231,3 +231,14 @@ def test_vae_pickle_goes_through_the_safe_loader(tiny_sd1_folder, other, tmp_pat
 def test_pixel_model_takes_no_vae(other):
     with pytest.raises(sdengine.pipeline.GenerationError, match="pixel-space model has no VAE"):
         sdengine.load_pipeline("fashion-mnist", device="cpu", vae=other[1]["ldm"])
+
+
+def test_serve_vae_reaches_every_loaded_model(tiny_sd1_folder, other, tmp_path, capsys):
+    pytest.importorskip("fastapi")
+    from sdengine.server.app import default_loader
+
+    pipe = default_loader(None, other[1]["ldm"])(str(tiny_sd1_folder), "cpu")
+    assert pipe.vae_name() == "other.vae.safetensors" and pipe.vae.config.block_out_channels == (32, 32)
+    assert main(["serve", "--vae", str(tmp_path / "missing.vae.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--vae" in err and "missing.vae.pt" in err and "\n" not in err

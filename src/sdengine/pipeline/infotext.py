@@ -112,11 +112,12 @@ def call_parameters(
         "height": height,
         "model": model,
         "model_hash": model_hash,
-        "vae_hash": vae_hash,
-        "vae": vae,
         "strength": strength,
         "clip_skip": clip_skip,
     }
+    if vae is not None:  # a separate VAE, as A1111 names it (its own VAE is not named)
+        params["vae_hash"] = vae_hash
+        params["vae"] = vae
     hashes = lora_hashes(loras, lora_dir) if loras else {}
     if hashes:
         params["lora_hashes"] = hashes
