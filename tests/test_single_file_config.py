@@ -212,8 +212,9 @@ def _ldm_shaped_folder(dst: Path, kind: str) -> Path:
     return dst
 
 
-def ldm_yaml(kind: str, **unet_over) -> str:
+def ldm_yaml(kind: str, *, v: bool | None = None, vae_mult: tuple[int, ...] = (1, 1), **unet_over) -> str:
     sd2 = kind == "sd2"
+    v = sd2 if v is None else v
     unet = {
         "image_size": 16,
         "in_channels": 4,
@@ -242,7 +243,7 @@ def ldm_yaml(kind: str, **unet_over) -> str:
             "base_learning_rate": 1e-4,
             "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
             "params": {
-                **({"parameterization": "v"} if sd2 else {}),
+                **({"parameterization": "v"} if v else {}),
                 "linear_start": 0.00085,
                 "linear_end": 0.012,
                 "timesteps": 1000,
@@ -259,7 +260,7 @@ def ldm_yaml(kind: str, **unet_over) -> str:
                             "in_channels": 3,
                             "out_ch": 3,
                             "ch": 32,
-                            "ch_mult": [1, 1],
+                            "ch_mult": list(vae_mult),
                             "num_res_blocks": 1,
                         },
                     },
@@ -344,3 +345,56 @@ def test_bad_yaml_is_one_line(sd1_file, tmp_path, text, match):
     with pytest.raises(ModelConfigError, match=match) as e:
         load_checkpoint(sd1_file, config=cfg)
     assert "\n" not in str(e.value)
+
+
+def test_sd2_yaml_decides_base_or_768(tmp_path):
+    """SD 2.x files do not say epsilon or v: without a config a 768 v-model is assumed (with a note); the
+    v2-inference.yaml of a 512 "base" model makes it epsilon at 512 px, its unused image_size (32) ignored."""
+    from sdengine.weights.loading import LoadedCheckpoint, components_to_ldm
+    from test_weights_common import randomize, tiny_clip, tiny_unet, tiny_vae
+
+    unet = randomize(
+        tiny_unet(
+            "sd2",
+            block_out_channels=(64, 128, 128),
+            cross_attention_dim=1024,
+            attention_head_dim=(1, 2, 2),
+            norm_num_groups=32,
+        ),
+        1,
+    )
+    te = randomize(
+        tiny_clip("sd2", hidden_size=1024, num_attention_heads=16, intermediate_size=64, num_hidden_layers=2), 3
+    )
+    vae = randomize(tiny_vae(block_out_channels=(32, 64), norm_num_groups=32), 2)
+    ck = LoadedCheckpoint(
+        source=tmp_path,
+        layout="diffusers",
+        state_dicts={"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": te.state_dict()},
+        configs={
+            "unet": dict(unet.config),
+            "vae": dict(vae.config),
+            "text_encoder": te.config.to_dict(),
+            "scheduler": {},
+        },
+        prediction_type="epsilon",
+    )
+    single = tmp_path / "sd2-base.safetensors"
+    save_safetensors(components_to_ldm(ck), single)
+    guessed = load_checkpoint(single)
+    assert guessed.prediction_type == "v_prediction" and guessed.configs["unet"]["sample_size"] == 96
+    doc = ldm_yaml(
+        "sd2",
+        v=False,
+        vae_mult=(1, 2),
+        model_channels=64,
+        channel_mult=[1, 2, 2],
+        num_res_blocks=2,
+        context_dim=1024,
+        num_head_channels=64,
+        image_size=32,
+    )
+    single.with_suffix(".yaml").write_text(doc)
+    base = load_checkpoint(single)
+    assert base.prediction_type == "epsilon" and base.configs["unet"]["sample_size"] == 64
+    assert base.configs["unet"]["attention_head_dim"] == [1, 2, 2] and not base.notes

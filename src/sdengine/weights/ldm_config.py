@@ -8,10 +8,11 @@ takes the component configs of a diffusers folder instead. Both are read here:
 - the YAML is parsed with `yaml.safe_load` (no object construction) and only these numbers are used:
   `model.params.parameterization` ("v" = v_prediction, anything else epsilon, as LDM defaults),
   `scale_factor`, `linear_start` / `linear_end` / `timesteps` (the noise schedule), and from `unet_config`
-  `num_heads` / `num_head_channels` (the heads), `image_size`; `model_channels` x `channel_mult`,
+  `num_heads` / `num_head_channels` (the heads); `model_channels` x `channel_mult`,
   `num_res_blocks`, `context_dim`, `use_linear_in_transformer`, `transformer_depth`, `in_channels` and
   `out_channels` are checked against the weights, as are `first_stage_config`'s `embed_dim` / `ddconfig`
-  numbers and which text encoder `cond_stage_config` names. LDM names the text encoder by its release
+  numbers and which text encoder `cond_stage_config` names (`unet_config.image_size` is unused in LDM
+  configs, 32 in SD's own, so the default size stays the family's). LDM names the text encoder by its release
   (CLIP ViT-L/14, OpenCLIP ViT-H/14), whose heads are 64 wide, so the YAML adds no text-encoder heads: a text
   encoder of another head width needs the diffusers configs (`config=DIR`).
 - a folder's configs are taken as they are, after their key numbers are checked against the weights.
@@ -61,7 +62,6 @@ class LDMConfig:
     linear_start: float | None = None
     linear_end: float | None = None
     timesteps: int | None = None
-    image_size: int | None = None
     num_heads: int | None = None  # LDM: -1 or absent when num_head_channels is given
     num_head_channels: int | None = None
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)  # component -> {diffusers key: value}
@@ -143,7 +143,6 @@ def read_ldm_config(path: str | Path) -> LDMConfig:
     cfg.timesteps = _int(params, "timesteps", where)
 
     unet = _section(params, where, "unet_config", "params")
-    cfg.image_size = _int(unet, "image_size", where)
     heads, head_ch = _int(unet, "num_heads", where), _int(unet, "num_head_channels", where)
     cfg.num_heads = heads if heads not in (None, -1) else None
     cfg.num_head_channels = head_ch if head_ch not in (None, -1) else None
@@ -225,7 +224,7 @@ def apply_ldm_config(
     prediction_type: str | None,
 ) -> str:
     """Check `ldm` against the configs read off the weights and write what it adds (heads, prediction type,
-    schedule, scale factor, sample size) into them. Returns the prediction type (`prediction_type`, the
+    schedule, scale factor) into them. Returns the prediction type (`prediction_type`, the
     caller's, wins)."""
     where = ldm.source
     if ldm.text_encoder is not None and text_encoder_kind is not None and ldm.text_encoder != text_encoder_kind:
@@ -253,13 +252,8 @@ def apply_ldm_config(
         if bad:
             raise ModelConfigError(f"{where}: num_heads {ldm.num_heads} does not divide the {bad[0]} channels")
         unet["attention_head_dim"] = ldm.num_heads
-    if ldm.image_size is not None:
-        unet["sample_size"] = ldm.image_size
     if ldm.scale_factor is not None and "vae" in configs:
         configs["vae"]["scaling_factor"] = ldm.scale_factor
-    if ldm.image_size is not None and "vae" in configs:
-        factor = 2 ** (len(configs["vae"].get("block_out_channels", [0])) - 1)
-        configs["vae"]["sample_size"] = ldm.image_size * factor
     sched = configs["scheduler"]
     if ldm.linear_start is not None:
         sched["beta_start"] = ldm.linear_start

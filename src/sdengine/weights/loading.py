@@ -430,8 +430,15 @@ def load_single_file(
     for k, v in cfg_src.items():
         cfgs[k] = dict(v)
     if ldm_cfg is not None:  # heads, prediction type, schedule and scale factor from the LDM config
-        apply_ldm_config(ldm_cfg, cfgs, text_encoder_kind=det.text_encoder_kind, prediction_type=prediction_type)
+        pred_cfg = apply_ldm_config(
+            ldm_cfg, cfgs, text_encoder_kind=det.text_encoder_kind, prediction_type=prediction_type
+        )
         det.notes = [n for n in det.notes if "prediction type" not in n]
+        if det.family == "sd2" and "unet" not in cfg_src:  # SD 2.x: 768 px for v, 512 px "base" for epsilon
+            v768 = pred_cfg == "v_prediction"
+            cfgs["unet"].update(sample_size=96 if v768 else 64, upcast_attention=v768)
+            if "vae" in cfgs and "vae" not in cfg_src:
+                cfgs["vae"]["sample_size"] = 768 if v768 else 512
     for comp, cfg in cfgs.items():
         if comp in COMPONENT_KINDS:
             _check_config(config if config is not None else path, COMPONENT_KINDS[comp], cfg)
