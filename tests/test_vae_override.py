@@ -154,6 +154,12 @@ def test_single_file_model_with_another_vae(tiny_sd1_folder, other, reference, t
     single = sdengine.weights.convert(tiny_sd1_folder, tmp_path / "tiny-sd.safetensors")
     pipe = sdengine.load_pipeline(single, device="cpu", vae=other[1]["pt"])
     assert _mad(_ours(pipe).arrays, reference[0]) <= TOL
+    # A1111's "Automatic": NAME.vae.pt beside NAME.safetensors is used when no VAE is given
+    assert sdengine.load_pipeline(single, device="cpu").vae_name() is None
+    shutil.copy(other[1]["pt"], tmp_path / "tiny-sd.vae.pt")
+    res = _ours(sdengine.load_pipeline(single, device="cpu"))
+    assert _mad(res.arrays, reference[0]) <= TOL
+    assert parse_parameters(res.infotexts[0])["VAE"] == "tiny-sd.vae.pt"
 
 
 def test_cli_vae_and_from_png(tiny_sd1_folder, other, tmp_path, caplog):

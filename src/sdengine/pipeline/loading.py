@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from sdengine.text.clip_tokenizer import EOS_TOKEN_ID, SD2_PAD_TOKEN_ID, CLIPTok
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUILTIN_SD = {"emoji": ASSETS / "models" / "emoji"}
 BUILTIN_PIXEL = ("fashion-mnist",)
+
+log = logging.getLogger(__name__)
 
 
 def _pad_token_id(tokenizer_dir: Path | None, vocab: Mapping[str, int], family: str) -> int:
@@ -62,9 +65,11 @@ def load_pipeline(
     an LDM or diffusers ``.safetensors``, or a diffusers ``AutoencoderKL`` folder), named in the infotext;
     ``prediction_type`` overrides what the checkpoint says (SD 2.x 768 models are v_prediction); ``config``:
     a single file's config, an LDM ``.yaml`` or a diffusers folder whose configs to use (without it, a
-    ``.yaml`` of the file's stem beside it is used)."""
+    ``.yaml`` of the file's stem beside it is used). Without ``vae``, a ``NAME.vae.safetensors`` /
+    ``.vae.pt`` / ``.vae.ckpt`` beside a single file ``NAME.safetensors`` is used, as A1111's "Automatic"."""
     from sdengine.weights import build_models, load_checkpoint
     from sdengine.weights.loading import text_encoder_kind
+    from sdengine.weights.vae_file import vae_beside
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -89,6 +94,9 @@ def load_pipeline(
             return PixelPipeline.load(path, dev)  # a pixel DDPM model folder
     if config is not None and path.is_dir():
         raise GenerationError(f"{path}: config= is for single files (a diffusers folder carries its own configs)")
+    if vae is None and (beside := vae_beside(path)) is not None:
+        vae = beside  # A1111's "Automatic": NAME.vae.pt / .vae.safetensors beside NAME.safetensors
+        log.info("%s: using the VAE beside it, %s", path, beside.name)
     ckpt = load_checkpoint(path, vae=vae, prediction_type=prediction_type, config=config)
     models = build_models(ckpt, device=dev, dtype=dt)
     minilm = ckpt.text_encoder_type == "minilm"

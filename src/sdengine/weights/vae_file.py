@@ -8,6 +8,8 @@ decided about the VAE once it is read:
 
 - it must give the latents the U-Net works on: its `latent_channels` equal the U-Net's `out_channels`
   (an SD3/Flux 16-channel VAE on an SD1 model is refused, never decoded into noise);
+- A1111's default ("Automatic") uses `NAME.vae.safetensors` / `.vae.pt` / `.vae.ckpt` beside a checkpoint
+  `NAME.safetensors` when no VAE is chosen; `vae_beside` finds it;
 - A1111 records it as `VAE: <file name>` and `VAE hash: <first 10 hex digits of the file's SHA-256>`
   (the same digest as "Model hash"); for a diffusers folder the hashed file is its weights file.
 """
@@ -38,6 +40,21 @@ def check_vae_fits(vae_config: Mapping[str, Any], unet_config: Mapping[str, Any]
         )
 
 
+VAE_BESIDE_SUFFIXES = (".vae.safetensors", ".vae.pt", ".vae.ckpt")
+
+
+def vae_beside(checkpoint: str | Path) -> Path | None:
+    """A1111's "Automatic" VAE: `NAME.vae.safetensors` / `.vae.pt` / `.vae.ckpt` beside `NAME.safetensors`."""
+    p = Path(checkpoint)
+    if not p.is_file():
+        return None
+    for suffix in VAE_BESIDE_SUFFIXES:
+        cand = p.with_name(p.name.removesuffix(p.suffix) + suffix)
+        if cand.is_file():
+            return cand
+    return None
+
+
 def vae_display_name(vae: str | Path) -> str:
     """The name A1111 writes as `VAE`: the file's name with its extension; a folder's own name (the model
     folder's, when given its `vae/` subfolder)."""
@@ -63,4 +80,4 @@ def vae_weights_file(vae: str | Path) -> Path | None:
     return None
 
 
-__all__ = ["VAEMismatchError", "check_vae_fits", "vae_display_name", "vae_weights_file"]
+__all__ = ["VAEMismatchError", "check_vae_fits", "vae_beside", "vae_display_name", "vae_weights_file"]
