@@ -86,3 +86,30 @@ def test_sd2_images_match_diffusers_load_lora_weights(tiny_sd2_folder, sd2_pipel
     print(f"SD2 {fmt} LoRA image: mean abs difference to diffusers {err:.2e}")
     assert err <= IMAGE_TOL
     assert float(np.abs(ours - plain).mean()) > 1e-3  # the LoRA changed the picture
+
+
+def test_sd2_kohya_ldm_block_names_reach_the_same_layers(sd2_lora, tmp_path):
+    """kohya files in LDM spelling (`lora_unet_input_blocks_1_1_proj_in`, as A1111-era tools write them) give
+    the same SD2 outputs as the diffusers spelling."""
+    from sdengine.weights import save_safetensors
+    from sdengine.weights.lora import LoRAFile, unet_ldm_names
+
+    ours_unet, ours_te = sdengine_models(*sd2_models())
+    ldm = unet_ldm_names(ours_unet)
+    renamed = {}
+    for key, w in LoRAFile.load(sd2_lora["kohya"]).layers.items():
+        if key.startswith("lora_unet_"):
+            dotted = next(m for m in ldm if m.replace(".", "_") == key.removeprefix("lora_unet_"))
+            key = "lora_unet_" + ldm[dotted].replace(".", "_")
+        renamed[f"{key}.lora_down.weight"] = w.down
+        renamed[f"{key}.lora_up.weight"] = w.up
+        renamed[f"{key}.alpha"] = torch.tensor(w.alpha)
+    assert any(k.startswith("lora_unet_input_blocks_1_1_proj_in") for k in renamed)  # a Linear projection
+    path = tmp_path / "ldm-names.safetensors"
+    save_safetensors(renamed, path)
+    with apply_loras(ours_unet, ours_te, [(sd2_lora["kohya"], 0.9)]):
+        expect = run_ours(ours_unet, ours_te)
+    with apply_loras(ours_unet, ours_te, [(path, 0.9)]) as h:
+        assert h.reports[0].complete
+        got = run_ours(ours_unet, ours_te)
+    assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
