@@ -274,7 +274,7 @@ def check_folder_configs(
     keys = {
         "unet": ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "cross_attention_dim"),
         "vae": ("latent_channels", "block_out_channels", "layers_per_block"),
-        "text_encoder": ("hidden_size", "intermediate_size", "vocab_size"),
+        "text_encoder": ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers"),
     }
     for comp, names in keys.items():
         cfg = folder_cfgs.get(comp)
