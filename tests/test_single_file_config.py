@@ -336,6 +336,11 @@ def test_yaml_that_contradicts_the_weights_is_refused(yaml_model, tmp_path):
         ("model: [1, 2", "cannot read the LDM config"),
         ("!!python/object/apply:os.system ['true']", "cannot read the LDM config"),
         ("model:\n  target: x\n", "not an LDM config"),
+        ("just a string", "not an LDM config"),
+        ("", "not an LDM config"),
+        ("model:\n  params:\n    unet_config:\n      params:\n        num_heads: -1\n", "neither num_heads"),
+        ("model:\n  params:\n    unet_config:\n      params:\n        num_heads: 1.5\n", "must be an integer"),
+        ("model:\n  params:\n    unet_config:\n      params: [1]\n", "is not a mapping"),
         ("model:\n  params:\n    parameterization: z\n", "parameterization 'z'"),
     ],
 )
@@ -398,3 +403,10 @@ def test_sd2_yaml_decides_base_or_768(tmp_path):
     base = load_checkpoint(single)
     assert base.prediction_type == "epsilon" and base.configs["unet"]["sample_size"] == 64
     assert base.configs["unet"]["attention_head_dim"] == [1, 2, 2] and not base.notes
+
+
+def test_oversized_yaml_is_refused_unread(sd1_file, tmp_path):
+    cfg = tmp_path / "huge.yaml"
+    cfg.write_text("# padding\n" * 120_000)
+    with pytest.raises(ModelConfigError, match="too large for an LDM config"):
+        load_checkpoint(sd1_file, config=cfg)

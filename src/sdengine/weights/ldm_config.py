@@ -128,6 +128,8 @@ def read_ldm_config(path: str | Path) -> LDMConfig:
     except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
         line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ModelConfigError(f"{where}: cannot read the LDM config ({type(e).__name__}: {line})") from None
+    if not isinstance(doc, Mapping):
+        raise ModelConfigError(f"{where}: not an LDM config (no model.params)")
     model = _section(doc, where, "model")
     params = _section(model, where, "params")
     if not params:
