@@ -69,6 +69,8 @@ FIELD_ORDER: tuple[tuple[str, str], ...] = (
     ("size", "Size"),
     ("model_hash", "Model hash"),
     ("model", "Model"),
+    ("vae_hash", "VAE hash"),
+    ("vae", "VAE"),
     ("strength", "Denoising strength"),
     ("clip_skip", "Clip skip"),
     ("lora_hashes", "Lora hashes"),
@@ -130,6 +132,7 @@ def format_parameters(params: Mapping[str, Any]) -> str:
     ``"dpmpp_2m"``, or A1111's, e.g. ``"DPM++ 2M Karras"``; written as A1111's display name),
     ``schedule`` (ours or A1111's; written as "Schedule type"), ``cfg_scale``, ``seed``, ``width``
     and ``height`` (together: "Size: WxH"), ``model_hash`` (:func:`model_hash`), ``model`` (a name),
+    ``vae_hash`` and ``vae`` (a separate VAE's :func:`model_hash` and file name: "VAE hash", "VAE"),
     ``strength`` ("Denoising strength", for img2img/inpainting), ``clip_skip`` (written only when > 1,
     as A1111 does), ``lora_hashes`` (``{name: lora_hash(file)}`` or a list of pairs), ``version``
     (default ``"sdengine X.Y.Z"``).

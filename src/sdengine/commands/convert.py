@@ -45,7 +45,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("src", help="a diffusers folder, or a .safetensors/.ckpt single file")
     p.add_argument("dst", help="the output file or folder (missing parent folders are made)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="cast the weights")
-    p.add_argument("--vae", default=None, help="a VAE to use when SRC has none")
+    p.add_argument("--vae", default=None, help="a VAE to use instead of SRC's (or when SRC has none)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None)
-    p.add_argument("--config", default=None, help="a diffusers folder whose configs describe SRC")
+    p.add_argument(
+        "--config", default=None, help="SRC's config: an LDM .yaml or a diffusers folder (default: SRC.yaml beside it)"
+    )
     p.set_defaults(func=run)

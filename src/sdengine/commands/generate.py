@@ -215,6 +215,23 @@ def _model_from_png(parsed: dict[str, str]) -> str | None:
     return None
 
 
+def _vae_from_png(parsed: dict[str, str], given: str | None, png: str) -> str | None:
+    """The VAE to use for --from-png: --vae when given; else the file the infotext's "VAE" names when it is a
+    path here (as "Model"); else the model's own, with a warning that the image may differ."""
+    name = parsed.get("VAE")
+    if given is not None or not name:
+        return given
+    if Path(name).is_file() or Path(name).is_dir():
+        return name
+    logging.getLogger(__name__).warning(
+        "%s was made with the VAE %r, which is not a path here: decoding with the model's own VAE "
+        "(give --vae to use it)",
+        png,
+        name,
+    )
+    return None
+
+
 def _spec_has_numbers(text: str) -> bool:
     """Whether a ``--control TYPE:IMAGE[:WEIGHT...]`` spec gives its own weight (else the PNG's is used)."""
     _, _, rest = text.partition(":")
@@ -292,9 +309,11 @@ def run(a: argparse.Namespace) -> int:
     _setup_logging()
     kwargs: dict[str, Any] = request_defaults()
     model = a.model
+    vae = a.vae
     if a.from_png:
         png_kwargs, parsed = _from_png(a.from_png)
         kwargs.update(png_kwargs)
+        vae = _vae_from_png(parsed, a.vae, a.from_png)
         if model is None:
             model = _model_from_png(parsed)
             if model is None and parsed.get("Model"):
@@ -368,7 +387,9 @@ def run(a: argparse.Namespace) -> int:
     if a.grid and out_is_file:
         raise UsageError(f"--grid writes the batch and its grid into a folder: --out {a.out} names one file")
     t0 = time.perf_counter()
-    pipe = load_pipeline(model, device=a.device, dtype=a.dtype, vae=a.vae, prediction_type=a.prediction_type)
+    pipe = load_pipeline(
+        model, device=a.device, dtype=a.dtype, vae=vae, prediction_type=a.prediction_type, config=a.config
+    )
     t1 = time.perf_counter()
     prompt = kwargs.pop("prompt", "")
     if sides is not None:
@@ -498,7 +519,16 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         help="A1111's clip skip (1 = last layer); CLIP models only (emoji's MiniLM takes 1)",
     )
     p.add_argument("--guidance-rescale", type=float, default=None, help="CFG rescale phi in [0, 1]")
-    p.add_argument("--vae", default=None, help="another VAE (file or folder)")
+    p.add_argument(
+        "--vae",
+        default=None,
+        help="another VAE: an A1111 .vae.pt/.vae.safetensors, a .safetensors, or a diffusers VAE folder",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a single file's config: an LDM .yaml or a diffusers folder (default: MODEL.yaml beside the file)",
+    )
     p.add_argument(
         "--vae-tiling",
         action=argparse.BooleanOptionalAction,

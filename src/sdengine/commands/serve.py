@@ -27,6 +27,8 @@ def run(a: argparse.Namespace) -> int:
     ):
         if d is not None and not Path(d).is_dir():
             raise ServerConfigError(f"{flag} {d}: not a folder")
+    if a.vae is not None and not Path(a.vae).exists():
+        raise ServerConfigError(f"--vae {a.vae}: no such file or folder")
     config = ServerConfig(
         model=a.model,
         host=a.host,
@@ -44,6 +46,7 @@ def run(a: argparse.Namespace) -> int:
         max_image_pixels=a.max_image_pixels,
         devices=tuple(a.device.split(",")),
         dtype=a.dtype,
+        vae=Path(a.vae) if a.vae else None,
     )
     try:
         import fastapi  # noqa: F401
@@ -97,5 +100,6 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     p.add_argument("--device", default="auto", help="auto (each GPU, else cpu), or comma-separated devices")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--vae", default=None, help="a separate VAE file or folder every SD model is loaded with")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)

@@ -97,6 +97,7 @@ class Pipeline:
         source: Path | None = None,
         lora_dir: str | Path | None = None,
         context_length: int | None = None,
+        vae_source: Path | None = None,
     ) -> None:
         # Any: the configs (unet.config, vae.config) are sdengine dataclasses the type checker cannot see.
         self.unet: Any = unet.eval().requires_grad_(False)
@@ -127,6 +128,8 @@ class Pipeline:
             name=name,
         )
         self._model_hash: str | None = None
+        self.vae_source = vae_source  # a VAE given apart from the model (--vae): named in the infotext
+        self._vae_hash: str | None = None
 
     # -- facts about the model ------------------------------------------------------------------------
 
@@ -170,6 +173,23 @@ class Pipeline:
 
                 self._model_hash = cached_hash(f, model_hash)
         return self._model_hash
+
+    def vae_name(self) -> str | None:
+        """A1111's "VAE": the separate VAE's file name; None when the model's own VAE is used."""
+        from sdengine.weights.vae_file import vae_display_name
+
+        return vae_display_name(self.vae_source) if self.vae_source is not None else None
+
+    def vae_hash(self) -> str | None:
+        """A1111's "VAE hash": SHA-256 of the separate VAE's file, 10 hex digits (as "Model hash"); computed once."""
+        if self._vae_hash is None and self.vae_source is not None:
+            from sdengine.metadata import model_hash
+            from sdengine.weights.vae_file import vae_weights_file
+
+            f = vae_weights_file(self.vae_source)
+            if f is not None:
+                self._vae_hash = cached_hash(f, model_hash)
+        return self._vae_hash
 
     # -- text (the conditioner's, kept here for callers that hold a pipeline) ---------------------------
 
@@ -360,6 +380,8 @@ class Pipeline:
                     height=p.height,
                     model=self.name,
                     model_hash=self.model_hash(),
+                    vae=self.vae_name(),
+                    vae_hash=self.vae_hash(),
                     strength=float(request.strength) if p.init is not None else None,
                     clip_skip=request.clip_skip,
                     guidance_rescale=float(request.guidance_rescale),

@@ -83,6 +83,8 @@ def call_parameters(
     height: int,
     model: str,
     model_hash: str | None,
+    vae: str | None = None,
+    vae_hash: str | None = None,
     strength: float | None,
     clip_skip: int,
     guidance_rescale: float,
@@ -113,6 +115,9 @@ def call_parameters(
         "strength": strength,
         "clip_skip": clip_skip,
     }
+    if vae is not None:  # a separate VAE, as A1111 names it (its own VAE is not named)
+        params["vae_hash"] = vae_hash
+        params["vae"] = vae
     hashes = lora_hashes(loras, lora_dir) if loras else {}
     if hashes:
         params["lora_hashes"] = hashes

