@@ -368,7 +368,14 @@ def run(a: argparse.Namespace) -> int:
     if a.grid and out_is_file:
         raise UsageError(f"--grid writes the batch and its grid into a folder: --out {a.out} names one file")
     t0 = time.perf_counter()
-    pipe = load_pipeline(model, device=a.device, dtype=a.dtype, vae=a.vae, prediction_type=a.prediction_type)
+    pipe = load_pipeline(
+        model,
+        device=a.device,
+        dtype=a.dtype,
+        vae=a.vae,
+        prediction_type=a.prediction_type,
+        embeddings_dir=a.embeddings_dir,
+    )
     t1 = time.perf_counter()
     prompt = kwargs.pop("prompt", "")
     if sides is not None:
@@ -491,6 +498,12 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]", help="a LoRA (repeatable)")
     p.add_argument("--lora-dir", default=None, help="where <lora:NAME> tags are looked up")
+    p.add_argument(
+        "--embeddings-dir",
+        default=None,
+        metavar="FOLDER",
+        help="textual-inversion embeddings (.pt, .bin, .safetensors), used by file name in the prompts",
+    )
     p.add_argument(
         "--clip-skip",
         type=int,

