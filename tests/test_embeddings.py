@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
 from _pipeline_models import diffusers_pipeline, diffusers_scheduler  # noqa: E402
 from sdengine.errors import SdengineError  # noqa: E402
-from sdengine.metadata import parse_parameters  # noqa: E402
+from sdengine.metadata import parse_parameters, read_png_parameters  # noqa: E402
 from sdengine.prompts import prompt_chunks  # noqa: E402
 from sdengine.text.embeddings import (  # noqa: E402
     EmbeddingError,
@@ -300,3 +301,48 @@ def test_saved_embedding_loads_in_diffusers(tmp_path, tiny_sd1_folder):
     table = ref.text_encoder.get_input_embeddings().weight
     ids = ref.tokenizer.convert_tokens_to_ids(["zorbleq", "zorbleq_1"])
     assert torch.allclose(table[ids].detach(), vec)
+
+
+def test_absurd_values_are_refused(tmp_path):
+    path = write_file(tmp_path / "huge.safetensors", "a1111_safetensors", torch.full((1, 8), 1e30))
+    with pytest.raises(EmbeddingError, match="over 10000"):
+        read_embedding(path)
+
+
+# ------------------------------------------------------------------------------------------ CLI and server
+
+
+def test_generate_cli_embeddings_dir(sd1_ti, tmp_path, capsys):
+    from sdengine.cli import main
+
+    emb_dir, pipe = sd1_ti
+    common = ["--model", str(_folder(sd1_ti)), "--steps", "2", "--width", "32", "--height", "32", "--seed", "4"]
+    out = tmp_path / "o.png"
+    rc = main(
+        ["generate", "a mignon cat", *common, "--embeddings-dir", str(emb_dir), "--out", str(out), "--no-progress"]
+    )
+    assert rc == 0, capsys.readouterr().err
+    png = read_png_parameters(out)
+    assert png is not None and 'TI hashes: "mignon: ' in png
+    api = pipe("a mignon cat", steps=2, width=32, height=32, seed=4, progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(api), np.asarray(Image.open(out).convert("RGB")))
+    capsys.readouterr()
+    # A file for another model: one line, exit 2.
+    bad = tmp_path / "bad"
+    write_file(bad / "wide.pt", "a1111_pt", _vectors(1, 768, seed=0))
+    rc = main(
+        ["generate", "wide", *common, "--embeddings-dir", str(bad), "--out", str(tmp_path / "b.png"), "--no-progress"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "768 wide but the text encoder is 32" in err[0], err
+
+
+def test_server_loader_passes_the_folder(sd1_ti, tiny_emoji_folder):
+    pytest.importorskip("fastapi")
+    from sdengine.server.app import default_loader
+
+    emb_dir, _ = sd1_ti
+    pipe = default_loader(None, emb_dir)(str(_folder(sd1_ti)), "cpu")
+    assert pipe.tokenizer.embeddings is not None and "pekora" in pipe.tokenizer.embeddings.names
+    emoji = default_loader(None, emb_dir)(str(tiny_emoji_folder), "cpu")  # MiniLM: served without the folder
+    assert emoji.text_kind == "minilm"

@@ -46,6 +46,7 @@ from sdengine.weights.io import load_pickle_checkpoint, load_safetensors
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 MAX_VECTORS = CHUNK_LENGTH  # an embedding must fit in one 75-token chunk
 KNOWN_WIDTHS = "SD 1.x: 768, SD 2.x: 1024"
+MAX_MAGNITUDE = 1e4  # the bound LoRA files get too (sdengine.weights.lora_file)
 
 
 class EmbeddingError(SdengineError, ValueError):
@@ -111,6 +112,9 @@ def embedding_vectors(obj: Mapping[str, Any], where: str = "<embedding>") -> Ten
     vec = vec.detach().to(device="cpu", dtype=torch.float32).clone()
     if not bool(torch.isfinite(vec).all()):
         raise EmbeddingError(f"{where}: {key!r} contains NaN or infinite values")
+    if float(vec.abs().max()) > MAX_MAGNITUDE:
+        # Token vectors are of order 0.01..1; 1e30 would saturate every attention softmax (a black image).
+        raise EmbeddingError(f"{where}: {key!r} has values of {float(vec.abs().max()):.3g}, over {MAX_MAGNITUDE:g}")
     return vec
 
 
