@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,20 @@ def save_embedding(path: str | os.PathLike[str], vectors: Tensor) -> Path:
     path = Path(path)
     save_safetensors({"emb_params": vectors.detach().float().cpu().contiguous()}, path)
     return path
+
+
+def find_words(ids: list[int], lookup: Mapping[int, list[tuple[list[int], str]]]) -> Iterator[tuple[int, int, str]]:
+    """(start, length, name) of each word of ``lookup`` (first id -> [(ids, name)], longest first) in ``ids``,
+    left to right, as A1111's ``find_embedding_at_position`` scans a prompt."""
+    i = 0
+    while i < len(ids):
+        for name_ids, name in lookup.get(ids[i], ()):
+            if ids[i : i + len(name_ids)] == name_ids:
+                yield i, len(name_ids), name
+                i += len(name_ids)
+                break
+        else:
+            i += 1
 
 
 @dataclass(frozen=True)
@@ -253,16 +267,7 @@ class EmbeddingLibrary:
     # -- what the tokenizer asks (sdengine.text.clip_tokenizer.TokenRewriter) -----------------------------------
 
     def _matches(self, ids: list[int]) -> Iterable[tuple[int, int, str]]:
-        """(start, length, name) of each embedding name in ``ids``, left to right, longest name first."""
-        i = 0
-        while i < len(ids):
-            for name_ids, name in self._lookup.get(ids[i], ()):
-                if ids[i : i + len(name_ids)] == name_ids:
-                    yield i, len(name_ids), name
-                    i += len(name_ids)
-                    break
-            else:
-                i += 1
+        return find_words(ids, self._lookup)
 
     def rewrite(self, ids: list[int]) -> list[int]:
         """``ids`` with each embedding name replaced by its vectors' ids."""
@@ -300,8 +305,41 @@ class EmbeddingLibrary:
         return out
 
 
+class FixedWords:
+    """A rewriter for given words and ids (no folder): ``{word: ids}``, matched on tokens like a folder's
+    names. The textual-inversion trainer uses it to put its trainable vectors in the word's place."""
+
+    def __init__(self, words: Mapping[str, list[int]], tokenizer: CLIPTokenizer) -> None:
+        self.words = {name: list(ids) for name, ids in words.items()}
+        self._lookup: dict[int, list[tuple[list[int], str]]] = {}
+        for name in self.words:
+            name_ids = tokenizer.encode(name)
+            if not name_ids:
+                raise EmbeddingError(f"the word {name!r} has no tokens")
+            self._lookup.setdefault(name_ids[0], []).append((name_ids, name))
+        for entries in self._lookup.values():
+            entries.sort(key=lambda e: len(e[0]), reverse=True)
+
+    def rewrite(self, ids: list[int]) -> list[int]:
+        out: list[int] = []
+        pos = 0
+        for start, length, name in find_words(ids, self._lookup):
+            out += ids[pos:start] + self.words[name]
+            pos = start + length
+        return out + ids[pos:]
+
+    @property
+    def groups(self) -> dict[int, int]:
+        return {ids[0]: len(ids) for ids in self.words.values() if ids}
+
+    def describe(self, token_id: int) -> str | None:
+        return next((name for name, ids in self.words.items() if ids and ids[0] == token_id), None)
+
+
 __all__ = [
     "EMBEDDING_SUFFIXES",
+    "FixedWords",
+    "find_words",
     "MAX_VECTORS",
     "Embedding",
     "EmbeddingError",
