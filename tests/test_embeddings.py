@@ -53,6 +53,9 @@ def write_file(path: Path, kind: str, vec: torch.Tensor) -> Path:
             "sd_checkpoint_name": "model",
         }
         torch.save(data, path)
+    elif kind == "ldm_pt":  # the original textual-inversion code (Gal et al.): an nn.ParameterDict
+        vectors = torch.nn.ParameterDict({"*": torch.nn.Parameter(vec.clone())})
+        torch.save({"string_to_token": {"*": 265}, "string_to_param": vectors}, path)
     elif kind == "a1111_safetensors":  # A1111 / kohya safetensors
         save_safetensors({"emb_params": vec}, path)
     elif kind == "diffusers_safetensors":  # diffusers' learned_embeds.safetensors
@@ -162,6 +165,8 @@ def test_images_equal_diffusers(models):
     )
     assert fields["TI hashes"] == expect
     assert f'TI hashes: "{expect}"' in mine.infotexts[0]
+    # A LoRA tag of the same name is not a use of the embedding (tags are removed before tokenising).
+    assert models[3].tokenizer.embeddings.used("a cat <lora:pekora:0.5>", "") == {}
 
 
 def test_read_each_format_gives_the_written_vectors(tmp_path):
@@ -169,6 +174,8 @@ def test_read_each_format_gives_the_written_vectors(tmp_path):
         vec = _vectors(n, 768, seed=i)
         got = read_embedding(write_file(tmp_path / f"{name}{suffix}", kind, vec), width=768)
         assert got.shape == (n, 768) and torch.equal(got, vec)
+    ldm = _vectors(3, 768, seed=8)
+    assert torch.equal(read_embedding(write_file(tmp_path / "ldm.pt", "ldm_pt", ldm), width=768), ldm)
     sd2 = _vectors(2, 1024, seed=9)  # an SD 2.x (OpenCLIP ViT-H) embedding
     assert torch.equal(read_embedding(write_file(tmp_path / "sd2.pt", "a1111_pt", sd2), width=1024), sd2)
 

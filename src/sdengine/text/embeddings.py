@@ -3,8 +3,9 @@
 A file holds one embedding: ``n`` vectors as wide as the text encoder's token embeddings (768 for SD 1.x,
 1024 for SD 2.x). The formats read (:func:`read_embedding`):
 
-* AUTOMATIC1111's ``.pt``: a pickle with ``string_to_param`` (one entry, ``(n, D)``), read with the
-  weights-only unpickler of :mod:`sdengine.weights.io`, never an unrestricted one;
+* AUTOMATIC1111's ``.pt``: a pickle with ``string_to_param`` (one entry, ``(n, D)``; a plain dict, or the
+  ``nn.ParameterDict`` the original textual-inversion code saved), read with the weights-only unpickler of
+  :mod:`sdengine.weights.io`, never an unrestricted one;
 * AUTOMATIC1111's / kohya's ``.safetensors``: ``{"emb_params": (n, D)}``;
 * diffusers' ``learned_embeds.safetensors`` / ``.bin``: ``{token: (D,) or (n, D)}``.
 
@@ -72,7 +73,9 @@ def _read_any(path: Path) -> Mapping[str, Any]:
     if suffix == ".safetensors":
         return load_safetensors(path)
     if suffix in (".pt", ".bin"):
-        return load_pickle_checkpoint(path)
+        # The original textual-inversion code (Gal et al.) pickled its vectors in an nn.ParameterDict: a plain
+        # container (its state is a dict of Parameters), allowed here and nowhere else.
+        return load_pickle_checkpoint(path, allow=[torch.nn.ParameterDict])
     raise EmbeddingError(f"{path}: not an embedding file (use {', '.join(EMBEDDING_SUFFIXES)})")
 
 
@@ -84,6 +87,7 @@ def embedding_vectors(obj: Mapping[str, Any], where: str = "<embedding>") -> Ten
         )
     if "string_to_param" in obj:
         params = obj["string_to_param"]
+        params = getattr(params, "_parameters", params)  # an nn.ParameterDict keeps its entries there
         if not isinstance(params, Mapping):
             raise EmbeddingError(f"{where}: 'string_to_param' is a {type(params).__name__}, not a mapping")
         tensors = {str(k): v for k, v in params.items() if isinstance(v, Tensor)}
@@ -189,7 +193,8 @@ class EmbeddingLibrary:
         self.text_encoder = text_encoder
         self.model_name = model_name
         self.width = int(text_encoder.config.hidden_size)
-        self.base_id = max(int(text_encoder.config.vocab_size), tokenizer.vocab_size)
+        # The encoder reads id i >= its vocabulary size as extra vector i - vocab_size (CLIPTextModel.set_extra_tokens).
+        self.base_id = int(text_encoder.config.vocab_size)
         self._lock = threading.RLock()
         self._mtime: int | None = None
         self._files: dict[str, list[Path]] = {}
@@ -295,10 +300,12 @@ class EmbeddingLibrary:
 
     def used(self, *texts: str) -> dict[str, str]:
         """``{name: hash}`` of the embeddings the texts name, in order of first use (A1111's ``TI hashes``)."""
+        from sdengine.prompts import extract_lora_tags
+
         self.refresh()
         out: dict[str, str] = {}
         for text in texts:
-            ids = self.tokenizer.encode(text)
+            ids = self.tokenizer.encode(extract_lora_tags(text)[0])  # <lora:NAME> is not a use of NAME
             for _, _, name in self._matches(ids):
                 if name not in out:
                     out[name] = self.load(name).hash
