@@ -197,6 +197,13 @@ def test_names_match_whole_token_runs_only(sd1_ti):
     assert sum(i >= base for i in tok.encode("(pekora:1.2)")) == 3  # punctuation is its own token
     assert all(i < base for i in tok.encode("peko ra"))  # other tokens than the name's
     assert tok.decode(tok.encode("a pekora b")) == "a pekora b"
+    # ComfyUI's "embedding:NAME[.pt]": the same ids as the bare name, prefix and extension dropped.
+    assert tok.encode("a embedding:pekora.pt, b") == tok.encode("a pekora, b")
+    assert tok.encode("(embedding:mignon:1.2)") == tok.encode("(mignon:1.2)")
+    assert tok.encode("embedding: cat") == tok.encode("embedding: cat")  # no name after it: left alone
+    assert tok.embeddings.used("embedding:badhands.safetensors", "") == {
+        "badhands": tok.embeddings.load("badhands").hash
+    }
 
 
 def test_embedding_is_weighted_like_its_text(sd1_ti):

@@ -202,6 +202,9 @@ class EmbeddingLibrary:
         self._loaded: dict[tuple[str, int, int], Embedding] = {}  # (path, size, mtime) -> embedding
         self._by_id: dict[int, Embedding] = {}
         self._table: list[Tensor] = []
+        # ComfyUI's spelling, "embedding:NAME" (optionally NAME.pt ...): the prefix and suffix tokens go too.
+        self._comfy_prefix = tokenizer.encode("embedding:")
+        self._comfy_suffixes = sorted((tokenizer.encode(s) for s in EMBEDDING_SUFFIXES), key=len, reverse=True)
         self.refresh()
 
     # -- the folder ---------------------------------------------------------------------------------------
@@ -280,16 +283,22 @@ class EmbeddingLibrary:
         with self._lock:
             out: list[int] = []
             pos = 0
+            prefix = self._comfy_prefix
             for start, length, name in self._matches(ids):
+                end = start + length
+                if start - len(prefix) >= pos and ids[start - len(prefix) : start] == prefix:
+                    start -= len(prefix)
+                    end += next((len(s) for s in self._comfy_suffixes if ids[end : end + len(s)] == s), 0)
                 out += ids[pos:start]
                 out += self.load(name).ids
-                pos = start + length
+                pos = end
             return out + ids[pos:]
 
     @property
     def groups(self) -> dict[int, int]:
         """First id -> number of vectors of every loaded embedding (runs kept in one chunk)."""
-        return {e.first_id: e.vectors.shape[0] for e in self._loaded.values()}
+        with self._lock:
+            return {e.first_id: e.vectors.shape[0] for e in self._loaded.values()}
 
     def describe(self, token_id: int) -> str | None:
         """The name of the embedding whose first vector ``token_id`` is (None for its other vectors)."""
