@@ -4,7 +4,10 @@ and the one-line refusals."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -360,3 +363,44 @@ def test_server_loader_passes_the_folder(sd1_ti, tiny_emoji_folder):
     assert pipe.tokenizer.embeddings is not None and "pekora" in pipe.tokenizer.embeddings.names
     emoji = default_loader(None, emb_dir)(str(tiny_emoji_folder), "cpu")  # MiniLM: served without the folder
     assert emoji.text_kind == "minilm"
+
+
+A1111_EULER = {"schedule": "normal", "cfg_scale": 7.0, "progress": False}  # A1111's defaults for "Euler"
+
+
+def test_server_uses_and_lists_the_folder(sd1_ti, tmp_path):
+    """A1111's txt2img route with --embeddings-dir: the image equals the Python API's and its infotext has the
+    TI hashes; /sdapi/v1/embeddings and ComfyUI's /embeddings list the folder."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from _live_server import live_server, server_config
+    from sdengine.server.app import default_loader
+
+    emb_dir, pipe = sd1_ti
+    (emb_dir / "junk.pt").write_bytes(b"not an embedding")  # listed as skipped
+    try:
+        config = server_config(tmp_path, model=str(_folder(sd1_ti)), embeddings_dir=emb_dir)
+        with live_server(config, loader=default_loader(None, emb_dir)) as server:
+            with httpx.Client(base_url=server.url, timeout=120) as c:
+                body = {"prompt": "a mignon dog", "negative_prompt": "badhands", "steps": 2, "width": 32}
+                r = c.post("/sdapi/v1/txt2img", json={**body, "height": 32, "seed": 7, "sampler_name": "Euler"})
+                assert r.status_code == 200, r.text
+                info = json.loads(r.json()["info"])
+                summary = c.get("/sdapi/v1/embeddings").json()
+                comfy = c.get("/embeddings").json()
+    finally:
+        (emb_dir / "junk.pt").unlink()
+    want = pipe("a mignon dog", "badhands", steps=2, width=32, height=32, seed=7, sampler="euler", **A1111_EULER)
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert info["infotexts"][0] == want.infotexts[0] and 'TI hashes: "mignon: ' in want.infotexts[0]
+    assert summary["loaded"]["pekora"] == {
+        "step": None,
+        "sd_checkpoint": None,
+        "sd_checkpoint_name": None,
+        "shape": 32,
+        "vectors": 3,
+    }
+    assert set(summary["loaded"]) == {"badhands", "mignon", "pekora", "sunsetstyle"}
+    assert set(summary["skipped"]) == {"junk"}
+    assert comfy == ["badhands", "junk", "mignon", "pekora", "sunsetstyle"]
+    np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(want.images[0]))

@@ -591,7 +591,11 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.get("/sdapi/v1/embeddings", tags=["a1111"])
     def embeddings() -> dict[str, Any]:
-        return {"loaded": {}, "skipped": {}}
+        if services.config.embeddings_dir is None:
+            return {"loaded": {}, "skipped": {}}
+        from sdengine.text.embeddings import folder_summary
+
+        return folder_summary(services.config.embeddings_dir)
 
     @app.get("/sdapi/v1/scripts", tags=["a1111"])
     def scripts() -> dict[str, Any]:

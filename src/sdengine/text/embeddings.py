@@ -146,6 +146,43 @@ def save_embedding(path: str | os.PathLike[str], vectors: Tensor) -> Path:
     return path
 
 
+def list_embedding_files(directory: str | os.PathLike[str]) -> dict[str, list[Path]]:
+    """Embedding name (file stem) -> its files under ``directory`` (sub-folders too; empty files skipped, as
+    A1111 does). A name with two files is an error only when a prompt uses it."""
+    files: dict[str, list[Path]] = {}
+    for root, _dirs, names in os.walk(directory, followlinks=True):
+        for fname in sorted(names):
+            f = Path(root) / fname
+            if f.suffix.lower() not in EMBEDDING_SUFFIXES:
+                continue
+            try:
+                if f.stat().st_size == 0:
+                    continue
+            except OSError:
+                continue
+            files.setdefault(f.stem, []).append(f)
+    return dict(sorted(files.items(), key=lambda kv: kv[0].lower()))
+
+
+def folder_summary(directory: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """A1111's ``GET /sdapi/v1/embeddings`` answer for a folder: ``{"loaded": {name: {"step", "sd_checkpoint",
+    "sd_checkpoint_name", "shape", "vectors"}}, "skipped": {...}}``. Without a model at hand, "skipped" holds the
+    files that cannot be read as an embedding at all (A1111 also skips those of another width)."""
+    loaded: dict[str, Any] = {}
+    skipped: dict[str, Any] = {}
+    for name, paths in list_embedding_files(directory).items():
+        info: dict[str, Any] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
+        try:
+            if len(paths) > 1:
+                raise EmbeddingError("two files")
+            vec = read_embedding(paths[0])
+        except SdengineError:
+            skipped[name] = {**info, "shape": None, "vectors": 0}
+            continue
+        loaded[name] = {**info, "shape": int(vec.shape[1]), "vectors": int(vec.shape[0])}
+    return {"loaded": loaded, "skipped": skipped}
+
+
 def find_words(ids: list[int], lookup: Mapping[int, list[tuple[list[int], str]]]) -> Iterator[tuple[int, int, str]]:
     """(start, length, name) of each word of ``lookup`` (first id -> [(ids, name)], longest first) in ``ids``,
     left to right, as A1111's ``find_embedding_at_position`` scans a prompt."""
@@ -218,18 +255,7 @@ class EmbeddingLibrary:
                 raise EmbeddingError(f"embeddings folder {self.directory}: {e.strerror or e}") from None
             if mtime == self._mtime:
                 return
-            files: dict[str, list[Path]] = {}
-            for root, _dirs, names in os.walk(self.directory, followlinks=True):
-                for fname in sorted(names):
-                    f = Path(root) / fname
-                    if f.suffix.lower() not in EMBEDDING_SUFFIXES:
-                        continue
-                    try:
-                        if f.stat().st_size == 0:
-                            continue  # A1111 skips empty files too
-                    except OSError:
-                        continue
-                    files.setdefault(f.stem, []).append(f)
+            files = list_embedding_files(self.directory)
             lookup: dict[int, list[tuple[list[int], str]]] = {}
             for name in files:
                 ids = self.tokenizer.encode(name)
@@ -356,6 +382,8 @@ __all__ = [
     "EMBEDDING_SUFFIXES",
     "FixedWords",
     "find_words",
+    "folder_summary",
+    "list_embedding_files",
     "MAX_VECTORS",
     "Embedding",
     "EmbeddingError",
