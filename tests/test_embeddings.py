@@ -404,3 +404,27 @@ def test_server_uses_and_lists_the_folder(sd1_ti, tmp_path):
     assert set(summary["skipped"]) == {"junk"}
     assert comfy == ["badhands", "junk", "mignon", "pekora", "sunsetstyle"]
     np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(want.images[0]))
+
+
+def test_from_png_needs_the_same_embeddings(sd1_ti, tmp_path, capsys):
+    from sdengine.cli import main
+
+    emb_dir, _ = sd1_ti
+    d = tmp_path / "emb"
+    shutil.copytree(emb_dir, d)
+    common = ["--model", str(_folder(sd1_ti)), "--no-progress"]
+    first = tmp_path / "a.png"
+    args = ["--steps", "2", "--width", "32", "--height", "32", "--seed", "3", "--embeddings-dir", str(d)]
+    assert main(["generate", "a pekora", "--negative", "badhands", *common, *args, "--out", str(first)]) == 0
+    again = tmp_path / "b.png"
+    assert main(["generate", "--from-png", str(first), *common, "--embeddings-dir", str(d), "--out", str(again)]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    capsys.readouterr()
+    errors = []
+    assert main(["generate", "--from-png", str(first), *common, "--out", str(tmp_path / "c.png")]) == 2
+    errors.append(capsys.readouterr().err.strip())
+    write_file(d / "pekora.pt", "a1111_pt", _vectors(3, 32, seed=99))  # the same name, other vectors
+    assert main(["generate", "--from-png", str(first), *common, "--embeddings-dir", str(d), "--out", str(again)]) == 2
+    errors.append(capsys.readouterr().err.strip())
+    assert len(errors[0].splitlines()) == 1 and "embeddings (pekora, badhands): give --embeddings-dir" in errors[0]
+    assert len(errors[1].splitlines()) == 1 and "uses the embedding 'pekora' with hash" in errors[1]

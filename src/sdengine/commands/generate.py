@@ -307,6 +307,10 @@ def run(a: argparse.Namespace) -> int:
                 f"{a.from_png} is an img2img/inpainting image (Denoising strength {png_kwargs['strength']}): give "
                 "the same --init-image (and --mask)"
             )
+        if parsed.get("TI hashes"):  # without the same embeddings the names would be read as plain words
+            from ..text.embeddings import check_recorded_embeddings
+
+            check_recorded_embeddings(parsed["TI hashes"], a.embeddings_dir, str(a.from_png))
     elif a.prompt is None:
         raise UsageError("give a PROMPT (or --from-png FILE)")
     model = model or "emoji"

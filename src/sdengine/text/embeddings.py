@@ -183,6 +183,27 @@ def folder_summary(directory: str | os.PathLike[str]) -> dict[str, dict[str, Any
     return {"loaded": loaded, "skipped": skipped}
 
 
+def check_recorded_embeddings(recorded: str, directory: str | os.PathLike[str] | None, source: str) -> None:
+    """An infotext's ``TI hashes`` against a folder: every embedding it names must be there with the same hash
+    (else the names would be read as plain words, or as other vectors, and the image would differ silently)."""
+    from sdengine.metadata import parse_lora_hashes
+
+    wanted = parse_lora_hashes(recorded)
+    if directory is None:
+        raise EmbeddingError(
+            f"{source} was made with textual-inversion embeddings ({', '.join(wanted)}): give --embeddings-dir"
+        )
+    files = list_embedding_files(directory)
+    for name, h in wanted.items():
+        paths = files.get(name)
+        if not paths:
+            raise EmbeddingError(f"{source} uses the embedding {name!r}, which is not in {directory}")
+        if len(paths) == 1 and h and embedding_hash(paths[0]) != h:
+            raise EmbeddingError(
+                f"{source} uses the embedding {name!r} with hash {h}; {paths[0]} has {embedding_hash(paths[0])}"
+            )
+
+
 def find_words(ids: list[int], lookup: Mapping[int, list[tuple[list[int], str]]]) -> Iterator[tuple[int, int, str]]:
     """(start, length, name) of each word of ``lookup`` (first id -> [(ids, name)], longest first) in ``ids``,
     left to right, as A1111's ``find_embedding_at_position`` scans a prompt."""
@@ -381,6 +402,7 @@ class FixedWords:
 __all__ = [
     "EMBEDDING_SUFFIXES",
     "FixedWords",
+    "check_recorded_embeddings",
     "find_words",
     "folder_summary",
     "list_embedding_files",
