@@ -428,3 +428,16 @@ def test_from_png_needs_the_same_embeddings(sd1_ti, tmp_path, capsys):
     errors.append(capsys.readouterr().err.strip())
     assert len(errors[0].splitlines()) == 1 and "embeddings (pekora, badhands): give --embeddings-dir" in errors[0]
     assert len(errors[1].splitlines()) == 1 and "uses the embedding 'pekora' with hash" in errors[1]
+
+
+def test_xyz_embeddings_dir(sd1_ti, tmp_path):
+    from sdengine.cli import main
+
+    emb_dir, _ = sd1_ti
+    base = ["xyz", "a pekora", "--x", "steps=1,2", "--model", str(_folder(sd1_ti)), "--width", "32", "--height", "32"]
+    base += ["--seed", "1", "--no-progress"]
+    assert main([*base, "--embeddings-dir", str(emb_dir), "--out", str(tmp_path / "with")]) == 0
+    assert main([*base, "--out", str(tmp_path / "without")]) == 0
+    with_ti = np.asarray(Image.open(next((tmp_path / "with").glob("xyz-*.png"))).convert("RGB"), dtype=np.float64)
+    plain = np.asarray(Image.open(next((tmp_path / "without").glob("xyz-*.png"))).convert("RGB"), dtype=np.float64)
+    assert with_ti.shape == plain.shape and np.abs(with_ti - plain).mean() > 0.5
