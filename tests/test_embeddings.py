@@ -441,3 +441,47 @@ def test_xyz_embeddings_dir(sd1_ti, tmp_path):
     with_ti = np.asarray(Image.open(next((tmp_path / "with").glob("xyz-*.png"))).convert("RGB"), dtype=np.float64)
     plain = np.asarray(Image.open(next((tmp_path / "without").glob("xyz-*.png"))).convert("RGB"), dtype=np.float64)
     assert with_ti.shape == plain.shape and np.abs(with_ti - plain).mean() > 0.5
+
+
+@pytest.mark.slow
+def test_sd2_width_embedding_equals_diffusers(tmp_path):
+    """An SD 2.x embedding at its real width (1024, OpenCLIP ViT-H) on a one-layer encoder of that width (SD 2's
+    GELU and "!" padding): the text states equal those of diffusers' load_textual_inversion, exactly."""
+    from diffusers.loaders import TextualInversionLoaderMixin
+    from transformers import CLIPTextConfig as HFConfig
+    from transformers import CLIPTextModel as HFModel
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    from sdengine.models.clip_text import CLIPTextConfig, CLIPTextModel
+    from sdengine.prompts import encode_prompt
+    from sdengine.text.clip_tokenizer import SD2_PAD_TOKEN_ID, CLIPTokenizer
+    from sdengine.text.embeddings import EmbeddingLibrary
+    from sdengine.weights.loading import write_clip_tokenizer
+
+    cfg = CLIPTextConfig(
+        hidden_size=1024, intermediate_size=64, num_hidden_layers=1, num_attention_heads=16, hidden_act="gelu"
+    )
+    torch.manual_seed(0)
+    hf = HFModel(HFConfig(**cfg.to_transformers())).eval()
+    ours = CLIPTextModel.from_state_dict(hf.state_dict(), cfg)
+    write_clip_tokenizer(tmp_path / "tokenizer", pad="!")
+    hf_tok = HFTokenizer.from_pretrained(tmp_path / "tokenizer")
+    emb = write_file(tmp_path / "emb" / "widestyle.pt", "a1111_pt", _vectors(3, 1024, seed=5))
+
+    class Loader(TextualInversionLoaderMixin):  # the mixin diffusers' SD pipelines use, on bare parts
+        hf_device_map = None
+        components: dict = {}
+
+    ref = Loader()
+    ref.tokenizer, ref.text_encoder = hf_tok, hf
+    ref.load_textual_inversion(str(emb), token="widestyle", tokenizer=hf_tok, text_encoder=hf)
+    prompt = "a photo of widestyle, red"
+    ids = hf_tok(
+        ref.maybe_convert_prompt(prompt, hf_tok), padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    library = EmbeddingLibrary(emb.parent, tokenizer=CLIPTokenizer.load(), text_encoder=ours, model_name="sd2")
+    with torch.no_grad():
+        theirs = hf(ids).last_hidden_state
+        mine = encode_prompt(ours, CLIPTokenizer.load().with_embeddings(library), prompt, pad_token_id=SD2_PAD_TOKEN_ID)
+    assert mine.shape == theirs.shape == (1, 77, 1024)
+    assert (mine - theirs).abs().max().item() <= TOL_STATES
