@@ -115,6 +115,8 @@ def test_prompt_states_equal_diffusers_load_textual_inversion(models, name):
     cond, uncond = ours.encode_prompt(prompt, negative)
     theirs_c, theirs_u = _diffusers_states(ref, prompt, negative)
     assert cond.shape == theirs_c.shape == (1, 77, 32)
+    diff = max((cond - theirs_c).abs().max().item(), (uncond - theirs_u).abs().max().item())
+    print(f"{kind} {name}: max abs {diff:.2e} against diffusers' load_textual_inversion")
     assert (cond - theirs_c).abs().max().item() <= TOL_STATES
     assert (uncond - theirs_u).abs().max().item() <= TOL_STATES
     # The embedding changes the states: the same prompt without the folder differs.
@@ -158,6 +160,7 @@ def test_images_equal_diffusers(models):
         output_type="np",
     ).images
     assert mine.arrays.shape == theirs.shape
+    print(f"{kind} images: mean abs {float(np.abs(mine.arrays.astype(np.float64) - theirs).mean()):.2e}")
     assert float(np.abs(mine.arrays.astype(np.float64) - theirs).mean()) < TOL_IMAGES
     # TI hashes as A1111 writes them: the first 12 hex digits of each file's SHA-256, prompt before negative.
     fields = parse_parameters(mine.infotexts[0])
