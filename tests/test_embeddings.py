@@ -391,6 +391,7 @@ def test_server_uses_and_lists_the_folder(sd1_ti, tmp_path):
                 info = json.loads(r.json()["info"])
                 summary = c.get("/sdapi/v1/embeddings").json()
                 comfy = c.get("/embeddings").json()
+                assert c.post("/sdapi/v1/refresh-embeddings").status_code == 200
     finally:
         (emb_dir / "junk.pt").unlink()
     want = pipe("a mignon dog", "badhands", steps=2, width=32, height=32, seed=7, sampler="euler", **A1111_EULER)

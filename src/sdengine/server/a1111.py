@@ -589,6 +589,10 @@ def install(app: FastAPI, services: Any) -> None:
             f"/sdapi/v1/{path}", _empty_list, methods=["GET"], tags=["a1111"], name=f"a1111_{path.replace('-', '_')}"
         )
 
+    @app.post("/sdapi/v1/refresh-embeddings", tags=["a1111"])
+    def refresh_embeddings() -> dict[str, Any]:
+        return {}  # the folder is listed again whenever it changes (sdengine.text.embeddings)
+
     @app.get("/sdapi/v1/embeddings", tags=["a1111"])
     def embeddings() -> dict[str, Any]:
         if services.config.embeddings_dir is None:
