@@ -305,6 +305,16 @@ def test_two_files_for_one_name_are_refused_when_used(sd1_ti, tmp_path):
         pipe.encode_prompt("twin", "")
 
 
+def test_names_that_tokenise_alike_are_refused_when_used(sd1_ti, tmp_path):
+    d = tmp_path / "emb"
+    write_file(d / "EasyNeg.pt", "a1111_pt", _vectors(1, 32, seed=1))
+    write_file(d / "easyneg.safetensors", "a1111_safetensors", _vectors(1, 32, seed=2))
+    pipe = sdengine.load_pipeline(_folder(sd1_ti), device="cpu", embeddings_dir=d)
+    pipe.encode_prompt("a cat", "")  # not named: no error
+    with pytest.raises(EmbeddingError, match="'EasyNeg', 'easyneg' .* are one word to the tokenizer"):
+        pipe.encode_prompt("a cat", "easyneg")
+
+
 def test_folder_must_exist_and_models_without_clip_refuse_it(sd1_ti, tiny_emoji_folder, tmp_path):
     with pytest.raises(EmbeddingError, match="does not exist"):
         sdengine.load_pipeline(_folder(sd1_ti), device="cpu", embeddings_dir=tmp_path / "nope")

@@ -257,6 +257,7 @@ class EmbeddingLibrary:
         self._mtime: int | None = None
         self._files: dict[str, list[Path]] = {}
         self._lookup: dict[int, list[tuple[list[int], str]]] = {}
+        self._clashes: dict[str, list[str]] = {}
         self._loaded: dict[tuple[str, int, int], Embedding] = {}  # (path, size, mtime) -> embedding
         self._by_id: dict[int, Embedding] = {}
         self._table: list[Tensor] = []
@@ -277,14 +278,20 @@ class EmbeddingLibrary:
             if mtime == self._mtime:
                 return
             files = list_embedding_files(self.directory)
-            lookup: dict[int, list[tuple[list[int], str]]] = {}
+            by_ids: dict[tuple[int, ...], list[str]] = {}
             for name in files:
-                ids = self.tokenizer.encode(name)
+                ids = tuple(self.tokenizer.encode(name))
                 if ids:
-                    lookup.setdefault(ids[0], []).append((ids, name))
+                    by_ids.setdefault(ids, []).append(name)
+            lookup: dict[int, list[tuple[list[int], str]]] = {}
+            clashes: dict[str, list[str]] = {}
+            for ids, names in by_ids.items():
+                lookup.setdefault(ids[0], []).append((list(ids), names[0]))
+                if len(names) > 1:  # "EasyNegative" and "easynegative": one word to the tokenizer
+                    clashes[names[0]] = names
             for entries in lookup.values():
                 entries.sort(key=lambda e: len(e[0]), reverse=True)  # the longest name wins, as in A1111
-            self._files, self._lookup, self._mtime = files, lookup, mtime
+            self._files, self._lookup, self._clashes, self._mtime = files, lookup, clashes, mtime
 
     @property
     def names(self) -> list[str]:
@@ -297,6 +304,11 @@ class EmbeddingLibrary:
     def load(self, name: str) -> Embedding:
         """The embedding called ``name``, read (and checked against the text encoder's width) on first use."""
         with self._lock:
+            if name in self._clashes:
+                raise EmbeddingError(
+                    f"the embeddings {', '.join(map(repr, self._clashes[name]))} in {self.directory} are one word to "
+                    "the tokenizer (names are read in lower case): rename one"
+                )
             paths = self._files.get(name)
             if not paths:
                 raise EmbeddingError(f"no embedding named {name!r} in {self.directory}")
