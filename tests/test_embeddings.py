@@ -89,7 +89,7 @@ def _embeddings_dir(root: Path, width: int) -> Path:
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def models(request, tiny_sd1_folder, tiny_sd2_folder, tmp_path_factory):
-    """(kind, folder, embeddings dir, our pipeline, diffusers' pipeline with every file loaded)."""
+    """(kind, folder, embeddings dir, our pipeline, diffusers' pipeline with every file loaded, ours without it)."""
     kind = request.param
     folder = tiny_sd1_folder if kind == "sd1" else tiny_sd2_folder
     width = 32
@@ -99,7 +99,8 @@ def models(request, tiny_sd1_folder, tiny_sd2_folder, tmp_path_factory):
     for name, _, suffix, _ in FILES:
         path = next(emb_dir.rglob(f"{name}{suffix}"))
         ref.load_textual_inversion(str(path), token=name)
-    return kind, folder, emb_dir, ours, ref
+    plain = sdengine.load_pipeline(folder, device="cpu")
+    return kind, folder, emb_dir, ours, ref, plain
 
 
 def _diffusers_states(ref, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +111,7 @@ def _diffusers_states(ref, prompt: str, negative: str) -> tuple[torch.Tensor, to
 
 @pytest.mark.parametrize("name", [f[0] for f in FILES])
 def test_prompt_states_equal_diffusers_load_textual_inversion(models, name):
-    kind, _, _, ours, ref = models
+    kind, _, _, ours, ref, _ = models
     prompt, negative = f"a photo of {name}, red apple", f"{NEG}, {name}"
     cond, uncond = ours.encode_prompt(prompt, negative)
     theirs_c, theirs_u = _diffusers_states(ref, prompt, negative)
@@ -120,12 +121,12 @@ def test_prompt_states_equal_diffusers_load_textual_inversion(models, name):
     assert (cond - theirs_c).abs().max().item() <= TOL_STATES
     assert (uncond - theirs_u).abs().max().item() <= TOL_STATES
     # The embedding changes the states: the same prompt without the folder differs.
-    plain = sdengine.load_pipeline(models[1], device="cpu").encode_prompt(prompt, negative)[0]
+    plain = models[5].encode_prompt(prompt, negative)[0]
     assert (cond - plain).abs().max().item() > 1e-2
 
 
 def test_several_embeddings_in_one_prompt_equal_diffusers(models):
-    _, _, _, ours, ref = models
+    _, _, _, ours, ref, _ = models
     prompt = "pekora and mignon, sunsetstyle"
     cond, uncond = ours.encode_prompt(prompt, "badhands")
     theirs_c, theirs_u = _diffusers_states(ref, prompt, "badhands")
@@ -134,7 +135,7 @@ def test_several_embeddings_in_one_prompt_equal_diffusers(models):
 
 
 def test_images_equal_diffusers(models):
-    kind, folder, _, ours, ref = models
+    kind, folder, _, ours, ref, _ = models
     prompt, negative = "a photo of pekora, mignon", "badhands"
     mine = ours(
         prompt,
