@@ -201,7 +201,9 @@ def prompt_chunks(tokenizer: CLIPTokenizer, prompt: str, *, pad_token_id: int) -
     pieces: list[tuple[Sequence[int], float] | None] = [
         None if _is_break(p) else (ids, p[1]) for p, ids in zip(parsed, token_lists, strict=True)
     ]
-    return chunk_tokens(pieces, pad_token_id=pad_token_id, comma_token_id=tokenizer.comma_token_id)
+    # token_groups: an embedding's vectors (sdengine.text.embeddings) stay in one chunk, as in A1111.
+    groups = getattr(tokenizer, "token_groups", None)
+    return chunk_tokens(pieces, pad_token_id=pad_token_id, comma_token_id=tokenizer.comma_token_id, groups=groups)
 
 
 def apply_emphasis(states: Tensor, weights: Tensor) -> Tensor:

@@ -12,3 +12,4 @@ else is a bug and keeps its traceback.
 COMMAND_MODULES = ["convert", "generate", "train_lora", "train_controlnet", "train_emoji", "eval_emoji"]
 COMMAND_MODULES += ["list", "pnginfo", "xyz", "bench"]
 COMMAND_MODULES += ["serve"]
+COMMAND_MODULES += ["train_embedding"]

@@ -326,6 +326,10 @@ def run(a: argparse.Namespace) -> int:
                 f"{a.from_png} is an img2img/inpainting image (Denoising strength {png_kwargs['strength']}): give "
                 "the same --init-image (and --mask)"
             )
+        if parsed.get("TI hashes"):  # without the same embeddings the names would be read as plain words
+            from ..text.embeddings import check_recorded_embeddings
+
+            check_recorded_embeddings(parsed["TI hashes"], a.embeddings_dir, str(a.from_png))
     elif a.prompt is None:
         raise UsageError("give a PROMPT (or --from-png FILE)")
     model = model or "emoji"
@@ -388,7 +392,13 @@ def run(a: argparse.Namespace) -> int:
         raise UsageError(f"--grid writes the batch and its grid into a folder: --out {a.out} names one file")
     t0 = time.perf_counter()
     pipe = load_pipeline(
-        model, device=a.device, dtype=a.dtype, vae=vae, prediction_type=a.prediction_type, config=a.config
+        model,
+        device=a.device,
+        dtype=a.dtype,
+        vae=vae,
+        prediction_type=a.prediction_type,
+        config=a.config,
+        embeddings_dir=a.embeddings_dir,
     )
     t1 = time.perf_counter()
     prompt = kwargs.pop("prompt", "")
@@ -512,6 +522,12 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]", help="a LoRA (repeatable)")
     p.add_argument("--lora-dir", default=None, help="where <lora:NAME> tags are looked up")
+    p.add_argument(
+        "--embeddings-dir",
+        default=None,
+        metavar="FOLDER",
+        help="textual-inversion embeddings (.pt, .bin, .safetensors), used by file name in the prompts",
+    )
     p.add_argument(
         "--clip-skip",
         type=int,

@@ -24,6 +24,7 @@ def run(a: argparse.Namespace) -> int:
         ("--models-dir", a.models_dir),
         ("--loras-dir", a.loras_dir),
         ("--controlnets-dir", a.controlnets_dir),
+        ("--embeddings-dir", a.embeddings_dir),
     ):
         if d is not None and not Path(d).is_dir():
             raise ServerConfigError(f"{flag} {d}: not a folder")
@@ -36,6 +37,7 @@ def run(a: argparse.Namespace) -> int:
         models_dir=Path(a.models_dir) if a.models_dir else None,
         loras_dir=Path(a.loras_dir) if a.loras_dir else None,
         controlnets_dir=Path(a.controlnets_dir) if a.controlnets_dir else None,
+        embeddings_dir=Path(a.embeddings_dir) if a.embeddings_dir else None,
         outputs_dir=Path(a.outputs_dir),
         api_key=api_key,
         insecure_no_auth=a.insecure_no_auth,
@@ -86,6 +88,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--models-dir", default=None, help="folder of models requests may name")
     p.add_argument("--loras-dir", default=None, help="folder of LoRAs requests may name")
     p.add_argument("--controlnets-dir", default=None, help="folder of ControlNets requests may name")
+    p.add_argument("--embeddings-dir", default=None, help="textual-inversion embeddings, used by file name in prompts")
     p.add_argument("--outputs-dir", default="outputs", help="where images are saved (and served from)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $SDENGINE_API_KEY)")
     p.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback host without a key")

@@ -71,7 +71,7 @@ def run(a: argparse.Namespace) -> int:
         base["seed"] = cells[0].kwargs["seed"]
 
     t0 = time.perf_counter()
-    pipe = load_pipeline(a.model, device=a.device, dtype=a.dtype)
+    pipe = load_pipeline(a.model, device=a.device, dtype=a.dtype, embeddings_dir=a.embeddings_dir)
     t1 = time.perf_counter()
 
     def on_cell(i: int, n: int, cell: object) -> None:
@@ -139,6 +139,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--clip-skip", type=int, default=None, help="A1111's clip skip where not an axis (CLIP models)")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]", help="a LoRA (repeatable)")
     p.add_argument("--lora-dir", default=None, help="where <lora:NAME> tags are looked up")
+    p.add_argument("--embeddings-dir", default=None, help="textual-inversion embeddings, used by file name in prompts")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
     p.add_argument("--out", default="outputs", help="output folder (default outputs)")

@@ -172,13 +172,32 @@ class CLIPTextEmbeddings(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        # (N, C) vectors of the ids vocab_size .. vocab_size + N - 1 (textual-inversion embeddings, see
+        # sdengine.text.embeddings). A plain attribute, not a parameter or buffer: it is not part of the
+        # model's weights, so state dicts and LoRA key maps never see it.
+        self.extra_tokens: torch.Tensor | None = None
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) token vectors: the vocabulary's rows, and ``extra_tokens`` for ids past it."""
+        extra = self.extra_tokens
+        vocab = self.token_embedding.num_embeddings
+        if extra is None:
+            return self.token_embedding(input_ids)
+        is_extra = input_ids >= vocab
+        if not bool(is_extra.any()):
+            return self.token_embedding(input_ids)
+        if int(input_ids.max()) >= vocab + extra.shape[0]:
+            raise ValueError(f"token id {int(input_ids.max())} is past the {vocab + extra.shape[0]} known tokens")
+        base = self.token_embedding(input_ids.masked_fill(is_extra, 0))
+        more = extra.to(base)[(input_ids - vocab).clamp(min=0)]  # rows of ordinary ids are discarded below
+        return torch.where(is_extra.unsqueeze(-1), more, base)
 
     def forward(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         t = input_ids.shape[-1]
         if t > self.position_embedding.num_embeddings:
             raise ValueError(f"sequence of {t} tokens is longer than {self.position_embedding.num_embeddings}")
         if inputs_embeds is None:
-            inputs_embeds = self.token_embedding(input_ids)  # (B, T, C)
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
         positions = torch.arange(t, device=inputs_embeds.device)
         return inputs_embeds + self.position_embedding(positions)
 
@@ -279,12 +298,22 @@ class CLIPTextModel(nn.Module):
         chosen = last if clip_skip == 1 else tm.final_layer_norm(hidden[-clip_skip])
 
         ids = input_ids.to(device=last.device, dtype=torch.int)  # argmax has no int64 kernel on some backends
+        # Ids past the vocabulary (textual inversion) must not win the argmax rule: they count as 0, the id
+        # A1111 gives an embedding's placeholders.
+        ids = ids.masked_fill(ids >= tm.embeddings.token_embedding.num_embeddings, 0)
         if self.config.pooled_rule == "argmax":
             pos = ids.argmax(dim=-1)  # first maximum: the first EOS when padding with EOS
         else:
             pos = (ids == self.config.eos_token_id).int().argmax(dim=-1)
         pooled = last[torch.arange(last.shape[0], device=last.device), pos]  # (B, C)
         return CLIPTextOutput(chosen, pooled, tuple(hidden) if output_hidden_states else None)
+
+    def set_extra_tokens(self, vectors: torch.Tensor | None) -> None:
+        """Vectors ``(N, C)`` for the ids ``vocab_size .. vocab_size + N - 1`` (textual-inversion
+        embeddings), or None. They are looked up like vocabulary rows but are not weights of the model."""
+        if vectors is not None and (vectors.ndim != 2 or vectors.shape[1] != self.config.hidden_size):
+            raise ValueError(f"extra token vectors must be (N, {self.config.hidden_size}), got {tuple(vectors.shape)}")
+        self.text_model.embeddings.extra_tokens = vectors
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

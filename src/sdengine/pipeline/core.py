@@ -397,6 +397,14 @@ class Pipeline:
                 row.update(
                     {"Variation seed": p.subseeds[i], "Variation seed strength": float(request.subseed_strength)}
                 )
+        embeddings = getattr(self.tokenizer, "embeddings", None)  # sdengine.text.embeddings.EmbeddingLibrary
+        if embeddings is not None:
+            from sdengine.metadata import format_lora_hashes
+
+            for i, row in enumerate(rows):
+                used = embeddings.used(p.prompts[i], p.negatives[i])
+                if used:  # A1111's field: "name: hash, ..." of the embeddings the prompt and negative use
+                    row["TI hashes"] = format_lora_hashes(used)
         infotexts = [format_infotext(r) for r in rows]
         per_row = [{"prompt": r["prompt"], "negative_prompt": r["negative_prompt"], "seed": r["seed"]} for r in rows]
         return GenerationResult(pil, arrays, rows[0], p.seeds, infotexts, p.notes, per_row)

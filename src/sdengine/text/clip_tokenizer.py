@@ -23,6 +23,7 @@ use 77 positions: ``<|startoftext|>``, at most 75 tokens, ``<|endoftext|>``, pad
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 from collections.abc import Iterable, Sequence
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
@@ -108,6 +110,18 @@ def _build_backend(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Toke
     return tok
 
 
+class TokenRewriter(Protocol):
+    """What a tokenizer consults after BPE (textual-inversion embeddings, sdengine.text.embeddings): it
+    replaces runs of ids by others and names the runs that must stay together in one chunk."""
+
+    def rewrite(self, ids: list[int]) -> list[int]: ...
+
+    @property
+    def groups(self) -> dict[int, int]: ...
+
+    def describe(self, token_id: int) -> str | None: ...
+
+
 @dataclass
 class TokenChunk:
     """One 77-position chunk of a prompt: ids with BOS/EOS/padding, and one weight per position."""
@@ -128,6 +142,20 @@ class CLIPTokenizer:
         self.vocab = vocab
         self._backend = _build_backend(vocab, merges)
         self.comma_token_id: int = vocab[",</w>"]  # 267; A1111 breaks long prompts after commas
+        self.embeddings: TokenRewriter | None = None
+
+    def with_embeddings(self, embeddings: TokenRewriter | None) -> CLIPTokenizer:
+        """A copy (sharing the vocabulary) whose ids pass through ``embeddings.rewrite``: the words of
+        textual-inversion embeddings become their vectors' ids. The packaged tokenizer is shared by every
+        pipeline, so it is never changed itself."""
+        out = copy.copy(self)
+        out.embeddings = embeddings
+        return out
+
+    @property
+    def token_groups(self) -> dict[int, int]:
+        """First id -> length of each run of ids that must not be split across 75-token chunks."""
+        return self.embeddings.groups if self.embeddings is not None else {}
 
     @classmethod
     def load(cls, vocab_path: str | Path | None = None, merges_path: str | Path | None = None) -> CLIPTokenizer:
@@ -142,12 +170,33 @@ class CLIPTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without BOS/EOS and without truncation."""
-        return self._backend.encode(text, add_special_tokens=False).ids
+        ids = self._backend.encode(text, add_special_tokens=False).ids
+        return self.embeddings.rewrite(ids) if self.embeddings is not None else ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+        out = [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+        return [self.embeddings.rewrite(ids) for ids in out] if self.embeddings is not None else out
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        ids = list(ids)
+        if self.embeddings is None or all(i < self.vocab_size for i in ids):
+            return self._decode_vocab(ids, skip_special_tokens)
+        # An embedding's ids are not in the vocabulary: its first id reads as its name, the rest as nothing.
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if i < self.vocab_size:
+                run.append(i)
+                continue
+            if run:
+                parts.append(self._decode_vocab(run, skip_special_tokens))
+                run = []
+            parts.append(self.embeddings.describe(i) or "")
+        if run:
+            parts.append(self._decode_vocab(run, skip_special_tokens))
+        return " ".join(p for p in parts if p)
+
+    def _decode_vocab(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         text = self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return text.replace("</w>", " ").strip()
 
@@ -176,6 +225,7 @@ class CLIPTokenizer:
             pad_token_id=pad_token_id,
             comma_token_id=self.comma_token_id,
             comma_backtrack=comma_backtrack,
+            groups=self.token_groups,
         )
         return torch.tensor([c.ids for c in chunks], dtype=torch.long)  # type: ignore[return-value]
 
@@ -194,6 +244,7 @@ def chunk_tokens(
     chunk_length: int = CHUNK_LENGTH,
     bos_token_id: int = BOS_TOKEN_ID,
     eos_token_id: int = EOS_TOKEN_ID,
+    groups: dict[int, int] | None = None,
 ) -> list[TokenChunk]:
     """Split weighted token runs into A1111-style chunks of ``chunk_length + 2`` positions.
 
@@ -204,6 +255,9 @@ def chunk_tokens(
     after that comma move on to the next chunk (0 turns this off). Each chunk is
     ``[BOS] + tokens + [EOS] + [pad] * ...``; BOS, EOS and padding have weight 1.0. An empty
     prompt gives one chunk. SD 2's padding (0) follows A1111's rule: everything after the first EOS.
+
+    ``groups`` maps the first id of a run that must stay whole (a textual-inversion embedding's vectors)
+    to the run's length: a run that does not fit in the current chunk starts the next one (A1111's rule).
     """
     chunks: list[TokenChunk] = []
     ids: list[int] = []
@@ -243,6 +297,9 @@ def chunk_tokens(
                 close_chunk()
                 ids, weights = moved_ids, moved_weights
             if len(ids) == chunk_length:
+                close_chunk()
+            run = groups.get(token, 0) if groups else 0
+            if run and ids and len(ids) + run > chunk_length:
                 close_chunk()
             ids.append(token)
             weights.append(float(weight))

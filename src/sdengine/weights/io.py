@@ -19,7 +19,7 @@ import re
 import struct
 import warnings
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -308,14 +308,16 @@ def _first_line(err: BaseException) -> str:
     return lines[0][:200] if lines else type(err).__name__
 
 
-def load_pickle_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """torch.load(weights_only=True), memory-mapped where the file format allows it."""
+def load_pickle_checkpoint(path: str | os.PathLike[str], *, allow: Sequence[Any] = ()) -> dict[str, Any]:
+    """torch.load(weights_only=True), memory-mapped where the file format allows it. ``allow``: more classes the
+    unpickler may build (plain containers only, e.g. ``nn.ParameterDict`` of old embedding files)."""
     path = Path(path)
     if path.stat().st_size == 0:
         raise CorruptFileError(f"{path}: empty file (0 bytes), not a checkpoint")
     mmap_ok = zipfile.is_zipfile(path)  # mmap needs the zip (torch>=1.6) format
     try:
-        with torch.serialization.safe_globals(_LIGHTNING_STANDINS), warnings.catch_warnings():  # type: ignore[arg-type]
+        allowed = [*_LIGHTNING_STANDINS, *allow]
+        with torch.serialization.safe_globals(allowed), warnings.catch_warnings():  # type: ignore[arg-type]
             warnings.simplefilter("ignore", UserWarning)  # torch's note on pickle protocols: not for users
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_ok)
     except pickle.UnpicklingError as e:

@@ -553,8 +553,13 @@ async def free(request: Request) -> Any:
 
 
 @_route("GET", "/embeddings")
-def embeddings() -> Any:
-    return []
+def embeddings(request: Request) -> Any:
+    folder = request.app.state.services.config.embeddings_dir
+    if folder is None:
+        return []
+    from sdengine.text.embeddings import list_embedding_files
+
+    return list(list_embedding_files(folder))
 
 
 @_route("GET", "/extensions")
