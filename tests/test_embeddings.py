@@ -373,9 +373,11 @@ def test_server_loader_passes_the_folder(sd1_ti, tiny_emoji_folder):
     from sdengine.server.app import default_loader
 
     emb_dir, _ = sd1_ti
-    pipe = default_loader(None, emb_dir)(str(_folder(sd1_ti)), "cpu")
+    pipe = default_loader(None, embeddings_dir=emb_dir)(str(_folder(sd1_ti)), "cpu")
     assert pipe.tokenizer.embeddings is not None and "pekora" in pipe.tokenizer.embeddings.names
-    emoji = default_loader(None, emb_dir)(str(tiny_emoji_folder), "cpu")  # MiniLM: served without the folder
+    emoji = default_loader(None, embeddings_dir=emb_dir)(
+        str(tiny_emoji_folder), "cpu"
+    )  # MiniLM: served without the folder
     assert emoji.text_kind == "minilm"
 
 
@@ -394,7 +396,7 @@ def test_server_uses_and_lists_the_folder(sd1_ti, tmp_path):
     (emb_dir / "junk.pt").write_bytes(b"not an embedding")  # listed as skipped
     try:
         config = server_config(tmp_path, model=str(_folder(sd1_ti)), embeddings_dir=emb_dir)
-        with live_server(config, loader=default_loader(None, emb_dir)) as server:
+        with live_server(config, loader=default_loader(None, embeddings_dir=emb_dir)) as server:
             with httpx.Client(base_url=server.url, timeout=120) as c:
                 body = {"prompt": "a mignon dog", "negative_prompt": "badhands", "steps": 2, "width": 32}
                 r = c.post("/sdapi/v1/txt2img", json={**body, "height": 32, "seed": 7, "sampler_name": "Euler"})

@@ -243,7 +243,7 @@ def test_serve_vae_reaches_every_loaded_model(tiny_sd1_folder, other, tmp_path, 
     pytest.importorskip("fastapi")
     from sdengine.server.app import default_loader
 
-    pipe = default_loader(None, other[1]["ldm"])(str(tiny_sd1_folder), "cpu")
+    pipe = default_loader(None, vae=other[1]["ldm"])(str(tiny_sd1_folder), "cpu")
     assert pipe.vae_name() == "other.vae.safetensors" and pipe.vae.config.block_out_channels == (32, 32)
     assert main(["serve", "--vae", str(tmp_path / "missing.vae.pt")]) == 2
     err = capsys.readouterr().err.strip()

@@ -78,7 +78,7 @@ def resolve_devices(names: tuple[str, ...]) -> list[str]:
     return out or ["cpu"]
 
 
-def default_loader(dtype: str | None, vae: Path | None = None, embeddings_dir: Path | None = None) -> Loader:
+def default_loader(dtype: str | None, *, vae: Path | None = None, embeddings_dir: Path | None = None) -> Loader:
     def load(ref: str, device: str) -> Any:
         from sdengine.pipeline import load_pipeline
 
@@ -100,7 +100,7 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
     catalog = Catalog(config.models_dir, config.loras_dir, config.controlnets_dir, config.model)
     config.model = catalog.startup_name
     manager = JobManager(
-        loader=loader or default_loader(config.dtype, config.vae, config.embeddings_dir),
+        loader=loader or default_loader(config.dtype, vae=config.vae, embeddings_dir=config.embeddings_dir),
         devices=resolve_devices(config.devices),
         outputs_dir=config.outputs_dir,
         max_queue=config.max_queue,
