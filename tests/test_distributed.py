@@ -12,6 +12,7 @@ move by up to one learning rate either way: the weights agree to ``lr`` in the m
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -154,3 +155,81 @@ def test_python_dash_m_sdengine_runs_the_cli() -> None:
     cmd = [sys.executable, "-m", "sdengine", "train", "ddpm", "--help"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--no-samples" in proc.stdout, proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ prompt lists
+
+LIST = [
+    '{"prompt": "a red heart"}',
+    "",
+    '{"prompt": "a cat face", "seed": 7}',
+    '{"prompt": "a green apple", "negative_prompt": "blurry", "cfg_scale": 3}',
+    '{"prompt": "a star", "batch_size": 2}',
+]
+EXPECTED = ["00000-0.png", "00002-7.png", "00003-3.png", "00004-0-4.png", "00004-1-5.png"]
+
+
+def generate_args(prompts: Path, out: Path) -> list[str]:
+    return ["generate", "--prompts", str(prompts), "--out", str(out), "--steps", "2", "--device", "cpu"] + [
+        "--no-progress"
+    ]
+
+
+def test_prompt_list_on_two_ranks_writes_each_image_once_and_equals_one_process(tmp_path: Path, capsys) -> None:
+    prompts = tmp_path / "list.jsonl"
+    prompts.write_text("\n".join(LIST) + "\n")
+    assert main(generate_args(prompts, tmp_path / "one")) == 0
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == EXPECTED
+    proc = torchrun(generate_args(prompts, tmp_path / "two"))
+    printed = [Path(line.strip()).name for line in proc.stdout.splitlines() if line.strip().endswith(".png")]
+    assert sorted(printed) == EXPECTED  # every image written by exactly one rank
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == EXPECTED  # and no temporary files
+    for name in EXPECTED:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+    # Resumable: a second run writes nothing; a missing image is the only one made again, the same bytes.
+    capsys.readouterr()
+    assert main(generate_args(prompts, tmp_path / "two")) == 0
+    assert "0 image(s) written, 4 line(s) already done" in capsys.readouterr().err
+    (tmp_path / "two" / "00002-7.png").unlink()
+    assert main(generate_args(prompts, tmp_path / "two")) == 0
+    captured = capsys.readouterr()
+    assert captured.out.split() == [str(tmp_path / "two" / "00002-7.png")]
+    assert (tmp_path / "two" / "00002-7.png").read_bytes() == (tmp_path / "one" / "00002-7.png").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"prompt": "ok"}\n{"prompt": "x", "steps": 0}\n', r"list.jsonl:2: steps must be a positive integer"),
+        ('{"prompt": "ok"}\n\n{"prompt": "x",\n', r"list.jsonl:3: not valid JSON"),
+        ('["a", "b"]\n', r"list.jsonl:1: a line must be a JSON object"),
+        ('{"prompt": "x", "stpes": 3}\n', r"list.jsonl:1: unknown generation settings: stpes"),
+        ('{"prompt": "x", "seed": -1}\n', r"list.jsonl:1: a seed in a prompt list must be >= 0"),
+        ('{"prompt": "x", "progress": false}\n', r"list.jsonl:1: progress cannot be set per line"),
+        ("\n\n", r"no requests"),
+    ],
+)
+def test_a_bad_line_is_one_error_naming_it_before_any_work(tmp_path: Path, capsys, text: str, message: str) -> None:
+    prompts = tmp_path / "list.jsonl"
+    prompts.write_text(text)
+    assert main(generate_args(prompts, tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_list_seeds_and_flag_clashes(tmp_path: Path, capsys) -> None:
+    from sdengine.batch_render import parse_prompt_list
+
+    prompts = tmp_path / "list.txt"
+    prompts.write_text("a heart\n\n# a comment\na cat\n")
+    items = parse_prompt_list(prompts, {"steps": 3}, base_seed=10)
+    assert [(it.line, it.settings["prompt"], it.seeds, it.names) for it in items] == [
+        (1, "a heart", (10,), ("00000-10.png",)),
+        (4, "a cat", (13,), ("00003-13.png",)),
+    ]
+    assert main([*generate_args(prompts, tmp_path / "out"), "--grid"]) == 2
+    assert "drop --grid" in capsys.readouterr().err
+    assert main(["generate", "a cat", "--prompts", str(prompts), "--out", str(tmp_path / "o")]) == 2
+    assert "drop PROMPT" in capsys.readouterr().err
