@@ -233,3 +233,15 @@ def test_text_list_seeds_and_flag_clashes(tmp_path: Path, capsys) -> None:
     assert "drop --grid" in capsys.readouterr().err
     assert main(["generate", "a cat", "--prompts", str(prompts), "--out", str(tmp_path / "o")]) == 2
     assert "drop PROMPT" in capsys.readouterr().err
+
+
+def test_threads_are_split_between_the_torchrun_processes_of_a_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdengine import threads
+
+    monkeypatch.delenv(threads.THREADS_ENV, raising=False)
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert threads.choose_threads()[:2] == (2, "auto (torchrun)")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert threads.choose_threads()[0] == 1  # never fewer than one
+    assert threads.choose_threads(3)[:2] == (3, "--threads")  # an explicit count still wins
