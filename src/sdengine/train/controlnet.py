@@ -151,6 +151,7 @@ def train_controlnet(
     from ..pipeline import Pipeline, load_pipeline
 
     device = distributed.setup(device)  # under torchrun: this rank's device, the process group
+    progress = progress and distributed.current_world().is_main
     out_dir = Path(out_dir)
     # Before loading models: a bad --resume, or a finished run that would be overwritten, fails at once.
     ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["controlnet", "samples"])

@@ -318,6 +318,7 @@ def train_lora(
     from ..weights.io import save_safetensors
 
     device = distributed.setup(device)  # under torchrun: this rank's device, the process group
+    progress = progress and distributed.current_world().is_main
     out_dir = Path(out_dir)
     # Before loading the model: a bad --resume, or a finished run that would be overwritten, fails at once.
     ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=[f"{spec.output_name}.safetensors", "samples"])
@@ -429,7 +430,6 @@ def train_lora(
             metadata["sshs_model_hash"] = hashlib.sha256(f.read()).hexdigest()
         save_safetensors(tensors, path, metadata=metadata)
     distributed.barrier()
-    progress = progress and distributed.current_world().is_main
     if progress:
         print(f"LoRA: {len(network.layers)} layers, {network.num_parameters():,} parameters -> {path}")
     return result, path
