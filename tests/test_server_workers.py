@@ -30,7 +30,7 @@ class GatedPipelines:
         self.lock = threading.Lock()
         self.in_flight = 0
         self.most_in_flight = 0
-        self.threads: list[str] = []
+        self.threads: list[int] = []
         self.loaded: list[Any] = []
 
     def __call__(self, ref: str, device: str) -> Any:
@@ -48,7 +48,7 @@ class GatedPipelines:
                 with outer.lock:
                     outer.in_flight += 1
                     outer.most_in_flight = max(outer.most_in_flight, outer.in_flight)
-                    outer.threads.append(threading.current_thread().name)
+                    outer.threads.append(threading.get_ident())
                 try:
                     assert outer.gate.wait(120), "the test never opened the gate"
                     return pipe(**kw)
@@ -85,3 +85,44 @@ def test_two_workers_share_one_queue(tmp_path) -> None:
     alone = loader.loaded[0](**{**BODY, "seed": 2, "progress": False})
     served = next((tmp_path / "outputs").glob("*-2.png"))
     assert np.array_equal(np.asarray(Image.open(served).convert("RGB")), np.asarray(alone.images[0]))
+
+
+def test_building_on_meta_in_one_thread_leaves_other_threads_alone() -> None:
+    """Two workers load models at the same time: the meta-device build of one must not put another thread's
+    parameters on meta, and the patched method is restored when both are done (it was left patched before)."""
+    import torch
+
+    from sdengine.weights.loading import parameters_on_meta
+
+    original = torch.nn.Module.register_parameter
+    inside, release = threading.Event(), threading.Event()
+    seen: dict[str, str] = {}
+
+    def builder() -> None:
+        with parameters_on_meta():
+            seen["meta thread, first"] = torch.nn.Linear(2, 2).weight.device.type
+            inside.set()
+            assert release.wait(30)
+            seen["meta thread, second"] = torch.nn.Linear(2, 2).weight.device.type
+
+    def overlapping() -> None:
+        with parameters_on_meta():
+            seen["overlapping meta thread"] = torch.nn.Linear(2, 2).weight.device.type
+
+    t = threading.Thread(target=builder)
+    t.start()
+    assert inside.wait(30)
+    seen["plain thread"] = torch.nn.Linear(2, 2).weight.device.type  # while the other thread is inside
+    u = threading.Thread(target=overlapping)
+    u.start()
+    u.join(30)
+    release.set()
+    t.join(30)
+    assert seen == {
+        "meta thread, first": "meta",
+        "plain thread": "cpu",
+        "overlapping meta thread": "meta",
+        "meta thread, second": "meta",
+    }
+    assert torch.nn.Module.register_parameter is original
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
