@@ -472,7 +472,7 @@ def kohya_metadata(
         "ss_num_train_images": str(data.latents.shape[0]),
         "ss_max_train_steps": str(cfg.steps),
         "ss_steps": str(result.step),
-        "ss_batch_size_per_device": str(cfg.batch_size),
+        "ss_batch_size_per_device": str(cfg.batch_size // distributed.current_world().size),  # global / ranks
         "ss_learning_rate": f"{cfg.lr:g}",
         "ss_unet_lr": f"{cfg.lr:g}",
         "ss_text_encoder_lr": f"{cfg.lr:g}" if spec.train_text_encoder else "0",
