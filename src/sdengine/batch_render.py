@@ -102,17 +102,17 @@ def parse_prompt_list(path: str | Path, defaults: Mapping[str, Any], base_seed: 
             continue
         settings = {**defaults, **given}
         settings.pop("progress", None)
-        seed = settings.get("seed")
-        if seed is None:
+        if settings.get("seed") is None:
             settings["seed"] = base_seed + index
-        elif seed == -1 or (isinstance(seed, list) and -1 in seed):
-            raise PromptListError(f"{path}:{lineno}: a seed in a prompt list must be >= 0 (no random seeds)")
         try:
             request = GenerationRequest.from_dict(settings).validate()
+            random_seed = not isinstance(request.seed, list | tuple) and int(request.seed) == -1  # type: ignore[arg-type]
             seeds = request.seeds()
         except (SdengineError, TypeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PromptListError(f"{path}:{lineno}: {first}") from None
+        if random_seed:  # a random seed would make the line's file name unknowable, and the list unresumable
+            raise PromptListError(f"{path}:{lineno}: a seed in a prompt list must be >= 0 (no random seeds)")
         names = (
             (f"{index:05d}-{seeds[0]}.png",)
             if len(seeds) == 1
