@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "imageio": 0,  # a re-export of io/images for old imports
     "threads": 0,  # the thread count and OpenMP wait policy chosen at start-up
     "catalog": 0,  # the built-in models, LoRAs and ControlNets by name (reads the file system only)
+    "distributed": 0,  # torchrun's environment, the process group, the collectives the trainers need
     # 1: the building blocks: networks, samplers, text, weight files, data, metrics
     "nn": 1,
     "models": 1,
@@ -62,6 +63,7 @@ LAYERS: dict[str, int] = {
     "bench": 3,  # sdengine bench: timing and memory against a peer engine
     "grids": 3,  # X/Y/Z plots and batch grids over the pipeline
     "outpaint": 3,  # extend the canvas: pad, mask the new area, inpaint, paste the original back
+    "batch_render": 3,  # generate --prompts: a checked list of requests, resumable, sharded over ranks
     # 4: the front ends
     "demo": 4,
     "commands": 4,

@@ -38,8 +38,13 @@ def cmd_train_ddpm(a: argparse.Namespace) -> int:
         min_snr_gamma=a.min_snr_gamma,
     )
     cfg = train_config(a, sample_every=a.sample_every)
-    _, model = train_ddpm(spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite)
-    print(f"model written to {Path(a.out) / 'model'}")
+    _, model = train_ddpm(
+        spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite, samples=not a.no_samples
+    )
+    from .distributed import current_world
+
+    if current_world().is_main:
+        print(f"model written to {Path(a.out) / 'model'}")
     return 0
 
 
@@ -132,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--size", type=int, default=32)
     td.add_argument("--channels", type=int, choices=[1, 3], default=1)
     td.add_argument("--sample-every", type=int, default=2000)
+    td.add_argument("--no-samples", action="store_true", help="write no sample grids (the loss plot only)")
     td.set_defaults(func=cmd_train_ddpm)
 
     s = sub.add_parser("sample", help="sample a grid from a pixel DDPM (checkpoint, model folder or built-in)")

@@ -11,6 +11,7 @@ thread (the output was identical). Two measures, both cheap:
   before that (the CLI calls it first thing).
 * the thread count: the CPUs this process may run on (``os.sched_getaffinity``) minus those other
   processes keep busy right now (the kernel's count of runnable tasks, sampled a few times), at least 1.
+  Under torchrun (``LOCAL_WORLD_SIZE`` > 1) the CPUs are split evenly between the processes of this machine.
 
 ``--threads N`` (or ``SDENGINE_THREADS``) overrides the count. Library users who never go through the CLI
 keep torch's defaults unless they call :func:`configure_threads` themselves.
@@ -38,7 +39,7 @@ class ThreadSettings:
     cpus: int  # CPUs this process may use
     busy_elsewhere: int  # CPUs other processes kept busy when the choice was made
     wait_policy: str  # the OMP_WAIT_POLICY in effect ("default" when unset)
-    source: str  # "--threads", "SDENGINE_THREADS" or "auto"
+    source: str  # "--threads", "SDENGINE_THREADS", "auto" or "auto (torchrun)"
 
     def describe(self) -> str:
         return (
@@ -114,6 +115,10 @@ def choose_threads(requested: int | None = None) -> tuple[int, str, int]:
         if n < 1:
             raise UsageError(f"{THREADS_ENV} must be a positive integer, got {env!r}")
         return n, THREADS_ENV, 0
+    local_procs = os.environ.get("LOCAL_WORLD_SIZE", "")  # set by torchrun: the processes on this machine
+    if local_procs.isdigit() and int(local_procs) > 1:
+        # The other ranks are about to be busy too: split the CPUs between them instead of sampling the load.
+        return max(1, cpus // int(local_procs)), "auto (torchrun)", 0
     busy = busy_elsewhere()
     return threads_for(cpus, busy), "auto", busy
 

@@ -330,8 +330,8 @@ def run(a: argparse.Namespace) -> int:
             from ..text.embeddings import check_recorded_embeddings
 
             check_recorded_embeddings(parsed["TI hashes"], a.embeddings_dir, str(a.from_png))
-    elif a.prompt is None:
-        raise UsageError("give a PROMPT (or --from-png FILE)")
+    elif a.prompt is None and a.prompts is None:
+        raise UsageError("give a PROMPT (or --from-png FILE, or --prompts FILE)")
     model = model or "emoji"
 
     explicit = {
@@ -374,6 +374,10 @@ def run(a: argparse.Namespace) -> int:
         kwargs["controlnets"] = control_units_from_cli(a.control or [], a.controlnet or [])
     if a.no_progress:
         kwargs["progress"] = False
+    if a.prompts is not None:  # a list of requests: sdengine.batch_render
+        from .generate_list import run_list
+
+        return run_list(a, kwargs, model)
 
     sides = None
     if a.outpaint is not None:
@@ -572,6 +576,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         action="store_true",
         help="also write the batch as one picture grid-NNNNN.png "
         "(ceil(sqrt(n)) columns) carrying the first image's parameters",
+    )
+    p.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="render a list: FILE.txt (one prompt per line) or FILE.jsonl (one request per line); image of line L "
+        "is OUT/(L-1)-SEED.png with seed --seed (default 0) + L-1 unless the line sets one; existing files are "
+        "skipped; under torchrun the lines are shared out over the ranks",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

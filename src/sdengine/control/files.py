@@ -287,7 +287,9 @@ def save_controlnet(
     cfg = {**net.config.to_diffusers(), "_diffusers_version": DIFFUSERS_VERSION}
     if layout == "diffusers":
         dst.mkdir(parents=True, exist_ok=True)
-        (dst / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        from sdengine.io.atomic import write_text_atomic
+
+        write_text_atomic(dst / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         save_safetensors(sd, dst / WEIGHT_NAMES[0], metadata={"format": "pt"}, dtype=dtype)
         return dst
     if layout != "original":

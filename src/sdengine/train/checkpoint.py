@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from sdengine import distributed
 from sdengine.errors import SdengineError, UsageError
 from sdengine.io.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from sdengine.io.paths import check_name
@@ -57,6 +58,8 @@ def ensure_new_run(out_dir: str | Path, *, resume: bool, overwrite: bool, output
     ckpt = out_dir / CHECKPOINT_NAME
     found = [p for p in (ckpt, *(out_dir / n for n in names)) if p.exists() or p.is_symlink()]
     if not found:
+        if overwrite:
+            distributed.barrier()  # every rank passes the same barriers (another rank may have found the run)
         return []
     if not overwrite:
         where = f"{found[0].name}"
@@ -70,9 +73,11 @@ def ensure_new_run(out_dir: str | Path, *, resume: bool, overwrite: bool, output
             "start again (the old run is deleted)"
         )
     removed = [*found, *sorted(out_dir.glob(f".{CHECKPOINT_NAME}.*.tmp"))]
-    for p in removed:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+    if distributed.current_world().is_main:  # under torchrun rank 0 deletes, the others wait for it
+        for p in removed:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    distributed.barrier()
     return removed

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from .. import distributed
 from ..control import PREPROCESSORS, ControlNetError, load_control_image, preprocess, save_controlnet
 from ..diffusion.loss import DiffusionLoss, check_cond_dropout
 from ..models.controlnet import ControlNet
@@ -149,7 +150,8 @@ def train_controlnet(
     A folder that already holds a run is refused unless ``resume`` or ``overwrite`` (see ``ensure_new_run``)."""
     from ..pipeline import Pipeline, load_pipeline
 
-    device = torch.device(device)
+    device = distributed.setup(device)  # under torchrun: this rank's device, the process group
+    progress = progress and distributed.current_world().is_main
     out_dir = Path(out_dir)
     # Before loading models: a bad --resume, or a finished run that would be overwritten, fails at once.
     ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["controlnet", "samples"])
@@ -202,6 +204,8 @@ def train_controlnet(
     pooled = data.pooled.to(device) if data.pooled is not None else None
     empty_pooled = data.empty_pooled.to(device) if data.empty_pooled is not None else None
     n = mean.shape[0]
+    # Asked of the network itself: under torchrun the loss gets it wrapped in DistributedDataParallel.
+    takes_class = getattr(net, "class_embedding", None) is not None
 
     def loss_fn(m: nn.Module, step: int, g: torch.Generator) -> Tensor:
         idx = data_indices(step, cfg.batch_size, n, cfg.seed).to(device)
@@ -214,19 +218,20 @@ def train_controlnet(
         ctx = loss.drop(text[idx], empty, drop)
         x_t = loss.noisy(x0, t, noise)
         extra: dict[str, Tensor] = {}
+        r = distributed.local_rows(b)  # this rank's rows; the draws above are made for the whole batch
         if pooled is not None and empty_pooled is not None:  # dropped with the caption
-            extra["class_labels"] = loss.drop(pooled[idx], empty_pooled, drop)
-        net_extra = extra if getattr(m, "class_embedding", None) is not None else {}
-        down, mid = m(x_t, t, control[idx], encoder_hidden_states=ctx, **net_extra)
+            extra["class_labels"] = loss.drop(pooled[idx], empty_pooled, drop)[r]
+        net_extra = extra if takes_class else {}
+        down, mid = m(x_t[r], t[r], control[idx[r]], encoder_hidden_states=ctx[r], **net_extra)
         out = unet(
-            x_t,
-            t,
-            encoder_hidden_states=ctx,
+            x_t[r],
+            t[r],
+            encoder_hidden_states=ctx[r],
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
             **extra,
         )
-        return loss(out, x0, noise, t)
+        return loss(out, x0[r], noise[r], t[r])
 
     meta = {
         "kind": "controlnet",
@@ -264,5 +269,8 @@ def train_controlnet(
     state = load_checkpoint(result.checkpoint)
     export = ControlNet(net.config)
     export.load_state_dict(state["ema"]["model"])  # with ema_decay 0 (the default here) the raw weights
-    folder = save_controlnet(export.eval(), out_dir / "controlnet")
+    folder = out_dir / "controlnet"
+    if distributed.current_world().is_main:  # under torchrun rank 0 writes, the others wait
+        folder = save_controlnet(export.eval(), folder)
+    distributed.barrier()
     return result, folder

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..ddpm import PixelDDPM, config_to_dict
 from ..diffusion.loss import DiffusionLoss
 from ..diffusion.schedules import NoiseSchedule
@@ -88,9 +89,13 @@ def train_ddpm(
     overwrite: bool = False,
     progress: bool = True,
     data: tuple[torch.Tensor, torch.Tensor | None, list[str] | None, int] | None = None,
+    samples: bool = True,
 ) -> tuple[TrainResult, PixelDDPM]:
-    """Train and export the EMA model to ``out_dir/model`` (a folder ``PixelDDPM.load`` reads)."""
-    device = torch.device(device)
+    """Train and export the EMA model to ``out_dir/model`` (a folder ``PixelDDPM.load`` reads).
+
+    ``samples=False``: no sample grids (``cfg.sample_every`` and the last step only plot the loss).
+    Under torchrun every rank calls this; ``cfg.batch_size`` is the global batch and rank 0 writes the files."""
+    device = distributed.setup(device)
     # Before the (slow) data loading: a bad --resume, or a finished run that would be overwritten, fails at once.
     ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["model"])
     images, labels, class_names, crop = data if data is not None else load_training_data(spec)
@@ -127,8 +132,10 @@ def train_ddpm(
         if labels_d is not None and null_class is not None:
             y = labels_d[idx]
             cond["class_labels"] = loss.drop(y, torch.tensor(null_class, device=device), loss.dropped(b, g))
-        out = m(x_t, t, **cond)
-        return loss(out, x0, noise, t)
+        # The whole batch is drawn on every rank (same draws as one process); each computes its rows.
+        r = distributed.local_rows(b)
+        out = m(x_t[r], t[r], **{k: v[r] for k, v in cond.items()})
+        return loss(out, x0[r], noise[r], t[r])
 
     def wrap(m: nn.Module) -> PixelDDPM:
         return PixelDDPM(
@@ -161,7 +168,15 @@ def train_ddpm(
     meta["spec"] = {k: v for k, v in dataclasses.asdict(spec).items() if k != "unet"}
     meta["unet"] = config_to_dict(ucfg)
     result = train(
-        model, loss_fn, cfg, out_dir, device=device, resume=resume, sample_fn=sample_fn, progress=progress, meta=meta
+        model,
+        loss_fn,
+        cfg,
+        out_dir,
+        device=device,
+        resume=resume,
+        sample_fn=sample_fn if samples else None,
+        progress=progress,
+        meta=meta,
     )
     # Export the EMA weights as a model folder.
     from .checkpoint import load_checkpoint
@@ -171,5 +186,7 @@ def train_ddpm(
     export.load_state_dict(state["ema"]["model"])
     export.eval().requires_grad_(False)
     pm = wrap(export)
-    pm.save(Path(out_dir) / "model")
+    if distributed.current_world().is_main:
+        pm.save(Path(out_dir) / "model")
+    distributed.barrier()
     return result, pm

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..data.emoji import CAPTION_TEMPLATES, EmojiDataset
 from ..diffusion.loss import DiffusionLoss
 from ..diffusion.schedules import NoiseSchedule
@@ -138,8 +139,13 @@ def train_vae(
         if crop < size:  # one random window per batch (the net is fully convolutional)
             top, left = (int(v) for v in torch.randint(0, size - crop + 1, (2,), generator=g, device=g.device))
             x = x[:, :, top : top + crop, left : left + crop]
+        r = distributed.local_rows(x.shape[0])  # this rank's rows (all of them in one process)
+        x = x[r]
         post = m.encode(x)  # type: ignore[operator]
-        rec = m.decode(post.sample(g)).float()  # type: ignore[operator]
+        # post.sample(g) for the whole batch, then this rank's rows: the draws do not depend on the world size
+        shape, dtype = (idx.shape[0], *post.mean.shape[1:]), post.mean.dtype
+        eps = torch.randn(shape, generator=g, device=g.device, dtype=dtype)[r].to(post.mean.device)
+        rec = m.decode(post.mean + post.std * eps).float()  # type: ignore[operator]
         err = rec - x
         return err.abs().mean() + err.pow(2).mean() + spec.kl_weight * post.kl().float().mean()
 
@@ -152,6 +158,7 @@ def train_vae(
         resume=resume,
         progress=progress,
         meta={"stage": "vae", "vae": asdict(vae_config)},
+        sync="allreduce",  # encode/decode are not the module's forward: gradients are averaged after backward
     )
     export = AutoencoderKL(vae_config)
     export.load_state_dict(load_checkpoint(result.checkpoint)["ema"]["model"])
@@ -266,9 +273,10 @@ def train_unet(
         if pv is not None and pnull is not None:
             extra["class_labels"] = loss.drop(pv[tmpl, idx], pnull, drop)
         t, noise, x_t = loss.draw(z0, g)
-        out = m(x_t, t, encoder_hidden_states=ctx, **extra)
+        r = distributed.local_rows(b)  # this rank's rows; the draws above are made for the whole batch
+        out = m(x_t[r], t[r], encoder_hidden_states=ctx[r], **{k: v[r] for k, v in extra.items()})
         out = out.sample if hasattr(out, "sample") else out
-        return loss(out, z0, noise, t)
+        return loss(out, z0[r], noise[r], t[r])
 
     result = train(
         model,
@@ -485,8 +493,9 @@ def _cached_caption_tensors(
         if saved.get("key") == key:
             return saved[name], saved["empty"]
     values, empty = compute(ds, MiniLMTextEncoder.load(device=device))
-    with atomic_write(path) as f:
-        torch.save({"key": key, name: values, "empty": empty}, f)
+    if distributed.current_world().is_main:  # under torchrun the other ranks compute their own copy
+        with atomic_write(path) as f:
+            torch.save({"key": key, name: values, "empty": empty}, f)
     return values, empty
 
 
@@ -517,7 +526,9 @@ def train_emoji(
     import time
 
     recipe = recipe or EmojiRecipe()
-    device = torch.device(device)
+    device = distributed.setup(device)  # under torchrun: this rank's device, the process group
+    main = distributed.current_world().is_main
+    progress = progress and main
     out = Path(out_dir)
     ds = dataset if dataset is not None else EmojiDataset()
     summary: dict[str, Any] = {"recipe": asdict(recipe)}
@@ -572,7 +583,9 @@ def train_emoji(
             unet_config=tokens_only,
         )
         if ures.step >= first and recipe.unet_steps > first:
-            add_pooled_projection(ckpt, tokens_only, unet_config, recipe.seed)
+            if main:
+                add_pooled_projection(ckpt, tokens_only, unet_config, recipe.seed)
+            distributed.barrier()
             if budget is not None:
                 budget = max(1.0, budget - (time.perf_counter() - t2))
         else:
@@ -606,9 +619,11 @@ def train_emoji(
         "text_context_length": TEXT_LENGTH,
     }
     dst = Path(export_to) if export_to is not None else out / "model"
-    export_folder(vae, unet, dst, extra=extra)
     summary["export"] = str(dst)
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if main:  # under torchrun rank 0 writes, the others wait
+        export_folder(vae, unet, dst, extra=extra)
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    distributed.barrier()
     return summary
 
 

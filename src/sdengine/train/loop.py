@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from sdengine import distributed
 from sdengine.errors import SdengineError
 from sdengine.io.atomic import atomic_write, remove_stale_temp_files
 
@@ -173,6 +174,7 @@ def train(
     sample_fn: Callable[[nn.Module, int, Path], None] | None = None,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
+    sync: Literal["ddp", "allreduce"] = "ddp",
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimizer steps, writing checkpoints under ``out_dir``.
 
@@ -180,8 +182,21 @@ def train(
     come from ``generator`` (and from the data order, which the trainer derives from ``step``).
     With ``resume=True`` the run continues from ``out_dir/checkpoint.pt`` and reproduces, bit for bit
     on the same device, what an uninterrupted run would have done.
+
+    Under ``torchrun`` (see :mod:`sdengine.distributed` and docs/distributed.md) every rank runs this function:
+    ``cfg.batch_size`` is the global batch, ``loss_fn`` computes the rows :func:`sdengine.distributed.local_rows`
+    gives it, and the gradients are averaged over the ranks by DistributedDataParallel around ``model``
+    (``sync="ddp"``: ``loss_fn`` calls the model it is given) or by an all-reduce after the backward pass
+    (``sync="allreduce"``: for trained modules that are patched into another network and never called). Only
+    rank 0 writes the checkpoint, the loss plot and the samples; the others wait for it.
     """
-    device = torch.device(device)
+    device = distributed.setup(device)
+    world = distributed.current_world()
+    if cfg.batch_size % world.size:
+        raise distributed.DistributedError(
+            f"--batch-size {cfg.batch_size} is the global batch: it must be divisible by the {world.size} processes"
+        )
+    progress = progress and world.is_main
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
     # Read the checkpoint before touching anything in out_dir, so a bad --resume changes nothing.
@@ -191,8 +206,10 @@ def train(
         if saved_seed != cfg.seed:
             raise CheckpointError(f"checkpoint {ckpt_path} was trained with seed {saved_seed}, not {cfg.seed}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Temporary files of a run that was killed mid-write (they are never read; this only tidies up).
-    remove_stale_temp_files(out_dir, recursive=True)
+    # Temporary files of a run that was killed mid-write (they are never read; this only tidies up). Rank 0 only:
+    # another machine's rank cannot tell whether rank 0's writer is alive.
+    if world.is_main:
+        remove_stale_temp_files(out_dir, recursive=True)
 
     model = model.to(device)
     model.train()
@@ -215,29 +232,50 @@ def train(
         opt.load_state_dict(state["optimizer"])
         losses = list(state["losses"])
         start = int(state["step"])
-        torch.set_rng_state(state["rng_cpu"])
+        # Each rank's own global generator state when the world size is the one saved (exact resume per world
+        # size), else rank 0's; the trainers draw from the per-step generator, so only layers that use the
+        # global generator (dropout) see a difference.
+        same_world = int(state.get("world_size", 1)) == world.size and "rng_cpu_ranks" in state
+        torch.set_rng_state(state["rng_cpu_ranks"][world.rank] if same_world else state["rng_cpu"])
         if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
+            cuda_state = state["rng_cuda_ranks"][world.rank] if same_world and "rng_cuda_ranks" in state else None
+            torch.cuda.set_rng_state(cuda_state if cuda_state is not None else state["rng_cuda"], device)
         if start >= cfg.steps:
             return TrainResult(start, losses, out_dir, ckpt_path)
+
+    # Every rank starts from the same weights (same seed, or the same checkpoint); DDP also broadcasts rank 0's.
+    forward_model: nn.Module = model
+    if world.size > 1 and sync == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    trained = [p for p in model.parameters() if p.requires_grad]
 
     amp = autocast_dtype(cfg.mixed_precision, device)
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(
-            ckpt_path,
-            {
-                "step": step,
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(),
-                "losses": losses,
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "train_config": _plain(asdict(cfg)),
-                "meta": _plain(meta or {}),
-            },
-        )
+        # The step (and the global batch in train_config) fix the data position whatever the world size.
+        rng_cpu = distributed.gather_objects(torch.get_rng_state())
+        rng_cuda = distributed.gather_objects(torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        if world.is_main:
+            extra: dict[str, Any] = {"rng_cpu_ranks": rng_cpu, "rng_cuda_ranks": rng_cuda} if world.size > 1 else {}
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "step": step,
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "losses": losses,
+                    "rng_cpu": rng_cpu[0],
+                    "rng_cuda": rng_cuda[0],
+                    "world_size": world.size,
+                    **extra,
+                    "train_config": _plain(asdict(cfg)),
+                    "meta": _plain(meta or {}),
+                },
+            )
+        distributed.barrier()  # nobody reads or passes the checkpoint before it is complete
 
     bar = None
     if progress:
@@ -255,7 +293,7 @@ def train(
     def flush() -> None:
         if not pending:
             return
-        values = torch.stack(pending).float().tolist()
+        values = distributed.mean_over_ranks(torch.stack(pending).float()).tolist()
         first = step - len(pending) + 1
         pending.clear()
         for i, value in enumerate(values):
@@ -270,12 +308,14 @@ def train(
                 group["lr"] = lr_at(step, cfg)
             g = step_generator(cfg.seed, step, device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = loss_fn(model, step, g)
+                loss = loss_fn(forward_model, step, g)
             pending.append(loss.detach())
             if device.type == "cpu":
                 flush()  # before the update, so a NaN step never reaches the weights
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if sync == "allreduce":
+                distributed.average_gradients(trained)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
@@ -283,6 +323,8 @@ def train(
             done = step + 1
             ckpt_due = cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done != cfg.steps
             out_of_time = cfg.max_seconds is not None and time.perf_counter() - t0 - overhead > cfg.max_seconds
+            if cfg.max_seconds is not None:  # the ranks' clocks differ: stop together when one is out of time
+                out_of_time = distributed.any_rank(out_of_time, device)
             sample_due = cfg.sample_every > 0 and done % cfg.sample_every == 0 or done == cfg.steps or out_of_time
             if len(pending) >= sync_every or ckpt_due or sample_due:
                 flush()
@@ -297,9 +339,11 @@ def train(
                 if ckpt_due:
                     checkpoint(done)
                 if sample_due:
-                    _plot_losses(losses, out_dir / "loss.png")
-                    if sample_fn is not None:
-                        sample_fn(ema.model, done, out_dir / f"samples_{done:07d}.png")
+                    if world.is_main:
+                        _plot_losses(losses, out_dir / "loss.png")
+                        if sample_fn is not None:
+                            sample_fn(ema.model, done, out_dir / f"samples_{done:07d}.png")
+                    distributed.barrier()
                 overhead += time.perf_counter() - t_extra
             if out_of_time:
                 if progress:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from sdengine.errors import SdengineError
 
+from .. import distributed
 from ..weights.lora import LoRALayer, kohya_name, lora_targets, patch_layers
 from .checkpoint import ensure_new_run
 from .loop import TrainConfig, TrainResult, data_indices, train
@@ -316,7 +317,8 @@ def train_lora(
     from ..pipeline import Pipeline, load_pipeline
     from ..weights.io import save_safetensors
 
-    device = torch.device(device)
+    device = distributed.setup(device)  # under torchrun: this rank's device, the process group
+    progress = progress and distributed.current_world().is_main
     out_dir = Path(out_dir)
     # Before loading the model: a bad --resume, or a finished run that would be overwritten, fails at once.
     ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=[f"{spec.output_name}.safetensors", "samples"])
@@ -355,15 +357,16 @@ def train_lora(
 
     def loss_fn(m: nn.Module, step: int, gen: torch.Generator) -> torch.Tensor:
         idx = data_indices(step, cfg.batch_size, n, cfg.seed).to(device)
+        r = distributed.local_rows(idx.shape[0])  # this rank's rows; the draws are made for the whole batch
         z0 = data.latents[idx]  # (B, C, h, w)
         if data.states is not None:
-            ctx = data.states[idx]  # (B, 77, D)
+            ctx = data.states[idx[r]]  # (b, 77, D)
         else:
-            ctx = pipe.text_encoder(data.token_ids[idx]).last_hidden_state  # (B, 77, D), through the TE LoRA
+            ctx = pipe.text_encoder(data.token_ids[idx[r]]).last_hidden_state  # (b, 77, D), through the TE LoRA
         t, noise, x_t = loss.draw(z0, gen)
-        extra = {k: v[idx].to(pipe.dtype) for k, v in data.unet_kwargs.items()}
-        out = pipe.unet(x_t.to(pipe.dtype), t, encoder_hidden_states=ctx.to(pipe.dtype), **extra)
-        return loss(out, z0, noise, t)
+        extra = {k: v[idx[r]].to(pipe.dtype) for k, v in data.unet_kwargs.items()}
+        out = pipe.unet(x_t[r].to(pipe.dtype), t[r], encoder_hidden_states=ctx.to(pipe.dtype), **extra)
+        return loss(out, z0[r], noise[r], t[r])
 
     meta = {
         "kind": "lora",
@@ -395,6 +398,7 @@ def train_lora(
                 sample_fn=sample_fn,
                 progress=progress,
                 meta=meta,
+                sync="allreduce",  # the LoRA is patched into the U-Net and never called itself: no DDP wrapper
             )
     finally:
         handle.remove()
@@ -416,14 +420,16 @@ def train_lora(
     tensors = export.kohya_state_dict(parse_dtype(spec.save_dtype))
     metadata = kohya_metadata(spec, cfg, pipe, data, resolution, result, started, network)
     path = out_dir / f"{spec.output_name}.safetensors"
-    save_safetensors(tensors, path, metadata=metadata)
-    # kohya's sshs_model_hash: SHA-256 of the tensor bytes after the header (A1111's "addnet" hash), which
-    # writing the metadata does not change; so hash the written file, then write it again with the hash in.
-    with open(path, "rb") as f:
-        offset = 8 + int.from_bytes(f.read(8), "little")
-        f.seek(offset)
-        metadata["sshs_model_hash"] = hashlib.sha256(f.read()).hexdigest()
-    save_safetensors(tensors, path, metadata=metadata)
+    if distributed.current_world().is_main:  # under torchrun rank 0 writes, the others wait
+        save_safetensors(tensors, path, metadata=metadata)
+        # kohya's sshs_model_hash: SHA-256 of the tensor bytes after the header (A1111's "addnet" hash), which
+        # writing the metadata does not change; so hash the written file, then write it again with the hash in.
+        with open(path, "rb") as f:
+            offset = 8 + int.from_bytes(f.read(8), "little")
+            f.seek(offset)
+            metadata["sshs_model_hash"] = hashlib.sha256(f.read()).hexdigest()
+        save_safetensors(tensors, path, metadata=metadata)
+    distributed.barrier()
     if progress:
         print(f"LoRA: {len(network.layers)} layers, {network.num_parameters():,} parameters -> {path}")
     return result, path
@@ -466,7 +472,7 @@ def kohya_metadata(
         "ss_num_train_images": str(data.latents.shape[0]),
         "ss_max_train_steps": str(cfg.steps),
         "ss_steps": str(result.step),
-        "ss_batch_size_per_device": str(cfg.batch_size),
+        "ss_batch_size_per_device": str(cfg.batch_size // distributed.current_world().size),  # global / ranks
         "ss_learning_rate": f"{cfg.lr:g}",
         "ss_unet_lr": f"{cfg.lr:g}",
         "ss_text_encoder_lr": f"{cfg.lr:g}" if spec.train_text_encoder else "0",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -524,26 +525,46 @@ def load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, name: 
     return module
 
 
+# parameters_on_meta patches nn.Module.register_parameter, which every thread shares; the server's workers (one per
+# device) load models at the same time. So the patch is installed once while any thread is inside (a count under a
+# lock) and acts only for the threads that asked for it (a thread-local flag): another thread's modules stay real,
+# and the original method is put back when the last one leaves.
+_META_LOCK = threading.Lock()
+_META_USERS = 0
+_META_ORIGINAL: Any = None
+_META_THREAD = threading.local()
+
+
+def _register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+    _META_ORIGINAL(module, name, param)
+    if getattr(_META_THREAD, "depth", 0) and param is not None and param.device.type != "meta":
+        kind = type(param)  # the class registered just now (Parameter or a subclass)
+        module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
+
+
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Create every nn.Parameter on the meta device while the module is built (accelerate's trick).
 
     Unlike `with torch.device("meta")`, buffers stay real: non-persistent buffers (position ids, frequency
     tables) are in no file, so they must be computed by the constructor. Initialisers then run on meta
-    tensors, which costs nothing, so building a 1B-parameter model takes milliseconds and no memory."""
-    original = torch.nn.Module.register_parameter
-
-    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            kind = type(param)  # the class registered just now (Parameter or a subclass)
-            module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
-
-    torch.nn.Module.register_parameter = register  # type: ignore[method-assign, assignment]
+    tensors, which costs nothing, so building a 1B-parameter model takes milliseconds and no memory.
+    Only the calling thread's modules are affected (see the note above)."""
+    global _META_USERS, _META_ORIGINAL
+    with _META_LOCK:
+        if _META_USERS == 0:
+            _META_ORIGINAL = torch.nn.Module.register_parameter
+            torch.nn.Module.register_parameter = _register_on_meta  # type: ignore[method-assign, assignment]
+        _META_USERS += 1
+    _META_THREAD.depth = getattr(_META_THREAD, "depth", 0) + 1
     try:
         yield
     finally:
-        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+        _META_THREAD.depth -= 1
+        with _META_LOCK:
+            _META_USERS -= 1
+            if _META_USERS == 0:
+                torch.nn.Module.register_parameter = _META_ORIGINAL  # type: ignore[method-assign]
 
 
 def build_on_meta(

@@ -1,0 +1,207 @@
+"""``sdengine generate --prompts FILE``: render a list of requests, resumably, on one process or sharded over the
+ranks of ``torchrun``.
+
+The file: ``.txt`` holds one prompt per line; ``.jsonl`` one JSON object per line with
+:class:`~sdengine.pipeline.request.GenerationRequest` fields (``{"prompt": "a cat", "steps": 30, "seed": 7}``).
+Blank lines are skipped (and ``#`` comment lines in ``.txt``). The command's flags are every line's defaults; a
+line's fields override them.
+
+The rules that make a list reproducible and resumable:
+
+* **Index.** Line ``L`` of the file (1-based, blank lines counted) is request index ``i = L - 1``.
+* **Seed.** A line's own ``seed`` wins; otherwise ``base + i``, where ``base`` is ``--seed`` (default 0 for a
+  list: a random base would make the names unknowable, so a list never draws one). A line making ``n`` images
+  (``batch_size`` or lists) gets seeds ``s, s + 1, ...`` like any batch.
+* **Names.** ``IIIII-SEED.png`` (``IIIII-K-SEED.png`` for image ``K`` of a line making several): a pure function
+  of the line and the seed rule. A line whose files all exist is skipped, so running the command again after a
+  crash renders only what is missing; every PNG is written atomically (a half-written file never has the name).
+* **Checked first.** Every line is parsed and validated before the model is loaded: a bad line is a one-line
+  :class:`PromptListError` naming the file and line number, and nothing is rendered.
+* **Ranks.** Under torchrun (``RANK``/``WORLD_SIZE`` set) rank ``r`` of ``N`` renders the requests with
+  ``i % N == r`` (every line on exactly one rank; no process group is needed), on ``cuda:LOCAL_RANK`` when the
+  device is CUDA. Each image is made alone with its own seed, so the files are the same bytes whatever ``N``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .distributed import World, env_world
+from .errors import SdengineError, UsageError
+
+# Settings a line may not give: they belong to the process, not to one request.
+NOT_PER_LINE = frozenset({"callback", "progress"})
+
+
+class PromptListError(UsageError):
+    """A line of a ``--prompts`` file cannot be read or makes no valid request (the message names the line)."""
+
+
+@dataclass(frozen=True)
+class ListItem:
+    """One line of the list: its index (line number - 1), settings, seeds and output names."""
+
+    index: int
+    settings: dict[str, Any]  # GenerationRequest fields, seed filled in
+    seeds: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @property
+    def line(self) -> int:
+        return self.index + 1
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise PromptListError(f"--prompts {path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise PromptListError(f"--prompts {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _line_settings(path: Path, lineno: int, text: str, jsonl: bool) -> dict[str, Any] | None:
+    """The fields one line gives (None: a line to skip)."""
+    if not text.strip():
+        return None
+    if not jsonl:
+        return None if text.lstrip().startswith("#") else {"prompt": text}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PromptListError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise PromptListError(f"{path}:{lineno}: a line must be a JSON object with request fields, not {data!r:.60}")
+    bad = sorted(NOT_PER_LINE & set(data))
+    if bad:
+        raise PromptListError(f"{path}:{lineno}: {', '.join(bad)} cannot be set per line")
+    return data
+
+
+def parse_prompt_list(path: str | Path, defaults: Mapping[str, Any], base_seed: int = 0) -> list[ListItem]:
+    """Every request of the file, checked (see the module notes); ``defaults`` are the fields every line starts
+    from. Raises :class:`PromptListError` naming the first bad line; an empty list is an error too."""
+    from .pipeline.request import GenerationRequest
+
+    path = Path(path)
+    if path.suffix.lower() not in (".txt", ".jsonl"):
+        raise PromptListError(f"--prompts {path}: give a .txt (one prompt per line) or .jsonl (one request per line)")
+    if not isinstance(base_seed, int) or base_seed < 0:
+        raise PromptListError(f"the base seed of a prompt list must be an integer >= 0, got {base_seed!r}")
+    jsonl = path.suffix.lower() == ".jsonl"
+    items: list[ListItem] = []
+    for index, text in enumerate(_read_lines(path)):
+        lineno = index + 1
+        given = _line_settings(path, lineno, text, jsonl)
+        if given is None:
+            continue
+        settings = {**defaults, **given}
+        settings.pop("progress", None)
+        if settings.get("seed") is None:
+            settings["seed"] = base_seed + index
+        try:
+            request = GenerationRequest.from_dict(settings).validate()
+            random_seed = not isinstance(request.seed, list | tuple) and int(request.seed) == -1  # type: ignore[arg-type]
+            seeds = request.seeds()
+        except (SdengineError, TypeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PromptListError(f"{path}:{lineno}: {first}") from None
+        if random_seed:  # a random seed would make the line's file name unknowable, and the list unresumable
+            raise PromptListError(f"{path}:{lineno}: a seed in a prompt list must be >= 0 (no random seeds)")
+        names = (
+            (f"{index:05d}-{seeds[0]}.png",)
+            if len(seeds) == 1
+            else tuple(f"{index:05d}-{k}-{s}.png" for k, s in enumerate(seeds))
+        )
+        items.append(ListItem(index, settings, tuple(seeds), names))
+    if not items:
+        raise PromptListError(f"--prompts {path}: no requests (every line is blank)")
+    return items
+
+
+@dataclass
+class RenderReport:
+    """What one process did: files written, lines skipped because their files existed, lines of other ranks."""
+
+    written: list[Path]
+    skipped: int
+    other_ranks: int
+
+
+def render_prompt_list(
+    items: list[ListItem],
+    out: str | Path,
+    load: Callable[[], Any],
+    *,
+    world: World | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = print,
+) -> RenderReport:
+    """Render this rank's unfinished ``items`` into ``out`` with the pipeline ``load()`` returns (loaded only if
+    there is something to render). ``world``: default the torchrun environment, else one process."""
+    from .metadata import save_png
+    from .pipeline.request import GenerationRequest
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: a prompt list is written into a folder, and {out} is a file")
+    world = world if world is not None else (env_world() or World())
+    mine = [items[k] for k in world.shard(len(items))]
+    todo = [it for it in mine if not all((out / n).is_file() for n in it.names)]
+    report = RenderReport([], len(mine) - len(todo), len(items) - len(mine))
+    if not todo:
+        return report
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load()
+    for it in todo:
+        result = pipe(GenerationRequest.from_dict({**it.settings, "progress": progress}))
+        for image, text, name in zip(result.images, result.infotexts, it.names, strict=True):
+            path = save_png(image, out / name, text)
+            report.written.append(path)
+            if echo is not None:
+                echo(str(path))
+    return report
+
+
+def rank_device(device: str, world: World | None) -> str:
+    """The device a rank renders on: ``cuda:LOCAL_RANK`` for a CUDA device under torchrun, else ``device``."""
+    if world is None or world.size == 1:
+        return device
+    if device == "cuda" or (device == "auto" and _cuda_available()):
+        return f"cuda:{world.local_rank}"
+    return device
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def summary_line(report: RenderReport, world: World | None) -> str:
+    where = f"rank {world.rank}/{world.size}: " if world is not None and world.size > 1 else ""
+    return f"{where}{len(report.written)} image(s) written, {report.skipped} line(s) already done" + (
+        f", {report.other_ranks} on other ranks" if report.other_ranks else ""
+    )
+
+
+def print_summary(report: RenderReport, world: World | None) -> None:
+    print(summary_line(report, world), file=sys.stderr)
+
+
+__all__ = [
+    "NOT_PER_LINE",
+    "ListItem",
+    "PromptListError",
+    "RenderReport",
+    "parse_prompt_list",
+    "print_summary",
+    "rank_device",
+    "render_prompt_list",
+    "summary_line",
+]

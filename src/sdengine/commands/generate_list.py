@@ -1,0 +1,58 @@
+"""``sdengine generate --prompts FILE``: the command-line side of :mod:`sdengine.batch_render` (flags -> the
+list's defaults, the device of this rank, the summary line)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..errors import UsageError
+
+
+def check_list_flags(a: argparse.Namespace) -> None:
+    """Flags that make one image (or one batch) do not combine with a list."""
+    clash = [
+        flag
+        for flag, given in (
+            ("PROMPT", a.prompt is not None),
+            ("--from-png", a.from_png is not None),
+            ("--outpaint", a.outpaint is not None),
+            ("--grid", bool(a.grid)),
+        )
+        if given
+    ]
+    if clash:
+        raise UsageError(f"--prompts renders every line of its file: drop {', '.join(clash)}")
+    if str(a.out).lower().endswith(".png"):
+        raise UsageError(f"--prompts writes one PNG per line into a folder: --out {a.out} names one file")
+
+
+def run_list(a: argparse.Namespace, kwargs: dict[str, Any], model: str) -> int:
+    """Parse and check the whole list, then render this process's share of it (see sdengine.batch_render)."""
+    from ..batch_render import parse_prompt_list, print_summary, rank_device, render_prompt_list
+    from ..distributed import env_world
+
+    check_list_flags(a)
+    defaults = dict(kwargs)
+    seed = defaults.pop("seed", None)
+    base = 0 if seed is None or seed == -1 else seed
+    items = parse_prompt_list(a.prompts, defaults, base_seed=base)
+    world = env_world()
+    device = rank_device(a.device, world)
+
+    def load() -> Any:
+        from ..pipeline import load_pipeline
+
+        return load_pipeline(
+            model,
+            device=device,
+            dtype=a.dtype,
+            vae=a.vae,
+            prediction_type=a.prediction_type,
+            config=a.config,
+            embeddings_dir=a.embeddings_dir,
+        )
+
+    report = render_prompt_list(items, a.out, load, world=world, progress=not a.no_progress)
+    print_summary(report, world)
+    return 0
