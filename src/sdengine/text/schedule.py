@@ -198,8 +198,8 @@ class _Parser:
             c = text[pos]
             if c in "[(":
                 got = self.group(pos, depth + 1)
-                if isinstance(got, _Fail):
-                    raise got  # inside a group, brackets must form the grammar's forms
+                if isinstance(got, _Fail):  # inside a group, brackets must form the grammar's forms
+                    raise _Fail(got.column, got.reason)
                 out.append(got[0])
                 pos = got[1]
             elif c in "]):|":
@@ -224,7 +224,7 @@ class _Parser:
         if q < self.n and self.text[q] == ":":
             weight, q2 = self.seq(q + 1, depth)
             if q2 < self.n and self.text[q2] == ")":
-                return Emphasis("(", (*body, Text(":"), *weight), ")"), q2 + 1
+                return Emphasis("(", _merge([*body, Text(":"), *weight]), ")"), q2 + 1
             raise self.expect_end(pos, q2, ")")
         raise self.expect_end(pos, q, ")")
 
