@@ -160,11 +160,11 @@ def test_unreadable_editing_is_text_with_a_diagnostic():
     assert parse_prompt_editing("(masterpiece [x]").diagnostics == ()  # stray emphasis brackets: no note
 
 
+PIECES = list("ab [](){}:|\\.0123 ,\n") + ["BREAK", "0.5", "[a:b:2]", "é"]
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    st.lists(st.sampled_from(list("ab [](){}:|\\.0123 ,\n") + ["BREAK", "0.5", "[a:b:2]", "é"]), max_size=60).map("".join)
-    | st.text(max_size=60)
-)
+@given(st.lists(st.sampled_from(PIECES), max_size=60).map("".join) | st.text(max_size=60))
 @example("[" * 3000)
 @example("[a:" * 2000)
 @example("(" * 99 + "[a|b]" + ")" * 99)

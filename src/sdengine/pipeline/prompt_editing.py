@@ -69,8 +69,8 @@ def row_schedules(
     for prompt, negative in zip(prompts, negatives, strict=True):
         plan = []
         for what, text in (("prompt", prompt), ("negative prompt", negative)):
-            plain, _ = extract_lora_tags(text)
-            plan.append(prompt_schedule(plain, steps, on_literal=lambda m, w=what: note(f"{w}: {m}")))
+            plain, _ = extract_lora_tags(text)  # A1111 takes extra-network tags out before the schedule
+            plan.append(prompt_schedule(plain, steps, on_literal=_prefixed(note, what)))
         plans.append((plan[0], plan[1]))
     if all(len(p) == 1 and len(n) == 1 for p, n in plans):
         return None
@@ -94,6 +94,10 @@ def row_schedules(
             encoded = {t: {**c, "crossattn": pad_to_length(c["crossattn"], length, empty)} for t, c in encoded.items()}
         rows.append(RowSchedule(p_sched, n_sched, encoded, length))
     return rows
+
+
+def _prefixed(note: Callable[[str], None], what: str) -> Callable[[str], None]:
+    return lambda message: note(f"{what}: {message}")
 
 
 def first_conditioning(rows: Sequence[RowSchedule]) -> tuple[Conditioning, Conditioning]:

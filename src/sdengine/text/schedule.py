@@ -163,7 +163,8 @@ class _Parser:
                 pos += 1
             elif c == "|":
                 raise PromptEditingError(
-                    f"'|' at column {pos + 1} is outside any [a|b] alternation: A1111 reads such a prompt as plain text",
+                    f"'|' at column {pos + 1} is outside any [a|b] alternation: "
+                    "A1111 reads such a prompt as plain text",
                     pos + 1,
                 )
             else:
