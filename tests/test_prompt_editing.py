@@ -373,3 +373,24 @@ def test_emoji_model_vector_switches_too(tiny_emoji_folder):
 
 def test_errors_are_sdengine_errors():
     assert issubclass(PromptEditingError, SdengineError) and issubclass(PromptEditingError, ValueError)
+
+
+def test_cli_generates_the_same_edited_image_and_keeps_the_prompt(sd1, tiny_sd1_folder, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from sdengine.cli import main
+
+    prompt = "a [red:blue:2] apple, [x|y]"
+    args = ["--steps", "4", "--sampler", "euler", "--seed", "5", "--width", "32", "--height", "32", "--cfg", "6"]
+    rc = main(["generate", prompt, "--model", str(tiny_sd1_folder), *args, "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    (png,) = sorted(tmp_path.glob("*.png"))
+    with Image.open(png) as im:
+        assert im.info["parameters"].startswith(prompt + "\n")
+        pixels = np.asarray(im.convert("RGB"))
+    ours = sd1(prompt, steps=4, sampler="euler", seed=5, width=32, height=32, cfg_scale=6.0).images[0]
+    assert (np.asarray(ours) == pixels).all()
+    assert not (
+        np.asarray(sd1("a red apple, x", **{**KW, "steps": 4, "seed": 5, "cfg_scale": 6.0}).images[0]) == pixels
+    ).all()

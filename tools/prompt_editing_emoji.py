@@ -47,7 +47,7 @@ def main() -> None:
         prompts = [cap_a, cap_b, f"[{cap_a}:{cap_b}:{a.when}]", f"[{cap_a}|{cap_b}]"]
         print(f"\n{ea.char} {cap_a!r} / {eb.char} {cap_b!r}")
         for seed in a.seeds:
-            res = pipe(prompts, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg, seed=[seed] * 4)
+            res = pipe(prompts, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg, seed=[seed] * 4, progress=False)
             arr = res.arrays.astype(np.float64)
             d = {
                 "edit-A": np.abs(arr[2] - arr[0]).mean(),
@@ -59,9 +59,9 @@ def main() -> None:
             for k, v in d.items():
                 total[k].append(v)
             tops = top5(res.arrays)
-            print(f"  seed {seed}: " + "  ".join(f"{k} {v:.4f}" for k, v in d.items()))
+            print(f"  seed {seed}: " + "  ".join(f"{k} {v:.4f}" for k, v in d.items()), flush=True)
             for label, t in zip(("A", "B", f"[A:B:{a.when}]", "[A|B]"), tops, strict=True):
-                print(f"    top-5 {label:>10}: {' '.join(t)}")
+                print(f"    top-5 {label:>10}: {' '.join(t)}", flush=True)
     print("\nmean over pairs and seeds: " + "  ".join(f"{k} {np.mean(v):.4f}" for k, v in total.items()))
 
 
