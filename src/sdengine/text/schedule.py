@@ -122,6 +122,7 @@ def walk(nodes: tuple[Node, ...]) -> Iterator[Node]:
 
 _PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")  # "." does not match a newline, as in A1111's grammar
 # ":" [WS] NUMBER [WS] "]" after the colon; NUMBER is lark's SIGNED_NUMBER (sign, digits, ".", exponent)
+_EDIT_LIKE = re.compile(r"\[[^\[\]]*[:|]")  # a "[" followed by ":" or "|" before any other bracket
 _WHEN = re.compile(r"\s*([+-]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)\s*\]")
 
 
@@ -352,13 +353,14 @@ def prompt_schedule(
     on_literal: Callable[[str], None] | None = None,
 ) -> list[tuple[int, str]]:
     """A1111's schedule of ``text``. Where A1111 reads the prompt as plain text (a non-fatal
-    :class:`PromptEditingError`) so does this, telling ``on_literal`` why; the tree's diagnostics go there too."""
+    :class:`PromptEditingError`) so does this, telling ``on_literal`` why when the prompt has a ``[`` that looks
+    like editing; the tree's diagnostics go there too."""
     try:
         tree = parse_prompt_editing(text)
     except PromptEditingError as e:
         if e.fatal:
             raise
-        if on_literal is not None:
+        if on_literal is not None and _EDIT_LIKE.search(text):  # "cat | dog" alone is plain text, nothing to say
             on_literal(str(e))
         return [(steps if hires_steps is None else hires_steps, text)]
     if on_literal is not None:
