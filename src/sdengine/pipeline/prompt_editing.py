@@ -65,13 +65,15 @@ def row_schedules(
 ) -> list[RowSchedule] | None:
     """Every row's schedule, or None when no prompt or negative prompt of the call edits (the plain path
     then runs unchanged)."""
-    plans: list[tuple[list[tuple[int, str]], list[tuple[int, str]]]] = []
-    for prompt, negative in zip(prompts, negatives, strict=True):
-        plan = []
-        for what, text in (("prompt", prompt), ("negative prompt", negative)):
+    parsed: dict[tuple[str, str], list[tuple[int, str]]] = {}  # each text read (and noted) once per call
+
+    def schedule(text: str, what: str) -> list[tuple[int, str]]:
+        if (what, text) not in parsed:
             plain, _ = extract_lora_tags(text)  # A1111 takes extra-network tags out before the schedule
-            plan.append(prompt_schedule(plain, steps, on_literal=_prefixed(note, what)))
-        plans.append((plan[0], plan[1]))
+            parsed[what, text] = prompt_schedule(plain, steps, on_literal=_prefixed(note, what))
+        return parsed[what, text]
+
+    plans = [(schedule(p, "prompt"), schedule(n, "negative prompt")) for p, n in zip(prompts, negatives, strict=True)]
     if all(len(p) == 1 and len(n) == 1 for p, n in plans):
         return None
 
