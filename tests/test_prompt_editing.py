@@ -395,3 +395,32 @@ def test_cli_generates_the_same_edited_image_and_keeps_the_prompt(sd1, tiny_sd1_
     assert not (
         np.asarray(sd1("a red apple, x", **{**KW, "steps": 4, "seed": 5, "cfg_scale": 6.0}).images[0]) == pixels
     ).all()
+
+
+def test_step_texts_keeps_other_inputs_and_needs_the_step():
+    from sdengine.diffusion.samplers import SamplerStep
+    from sdengine.errors import GenerationError
+    from sdengine.pipeline.prompt_editing import RowSchedule, StepTexts
+
+    enc = {t: {"crossattn": torch.full((1, 2, 3), float(i))} for i, t in enumerate(["a", "b", "n"])}
+    row = RowSchedule(prompt_schedule("[a|b]", 4), [(4, "n")], enc, 2)
+    seen = {}
+
+    class Net:
+        takes_step = True
+
+        def __call__(self, x, t, **kw):
+            seen.update(kw)
+            return x
+
+    model = StepTexts(Net(), [row])
+    concat = torch.ones(2, 1, 2, 2)
+    x = torch.zeros(2, 4, 2, 2)
+    model(x, torch.zeros(2), step=SamplerStep(2), row_kinds=("cond", "uncond"), crossattn=torch.zeros(2, 2, 3),
+          concat=concat)  # fmt: skip
+    assert seen["concat"] is concat and seen["step"] == SamplerStep(2) and "row_kinds" not in seen
+    assert seen["crossattn"][:, 0, 0].tolist() == [1.0, 2.0]  # step 2 of [a|b] is "b"; the uncond row "n"
+    with pytest.raises(GenerationError, match="step"):
+        model(x, torch.zeros(2), crossattn=torch.zeros(2, 2, 3))
+    with pytest.raises(GenerationError, match="row kinds"):
+        model(x, torch.zeros(2), step=SamplerStep(0), row_kinds=("cond",), crossattn=torch.zeros(2, 2, 3))
