@@ -416,8 +416,8 @@ def test_step_texts_keeps_other_inputs_and_needs_the_step():
     model = StepTexts(Net(), [row])
     concat = torch.ones(2, 1, 2, 2)
     x = torch.zeros(2, 4, 2, 2)
-    model(x, torch.zeros(2), step=SamplerStep(2), row_kinds=("cond", "uncond"), crossattn=torch.zeros(2, 2, 3),
-          concat=concat)  # fmt: skip
+    kinds = ("cond", "uncond")
+    model(x, torch.zeros(2), step=SamplerStep(2), row_kinds=kinds, crossattn=torch.zeros(2, 2, 3), concat=concat)
     assert seen["concat"] is concat and seen["step"] == SamplerStep(2) and "row_kinds" not in seen
     assert seen["crossattn"][:, 0, 0].tolist() == [1.0, 2.0]  # step 2 of [a|b] is "b"; the uncond row "n"
     with pytest.raises(GenerationError, match="step"):
