@@ -424,3 +424,12 @@ def test_step_texts_keeps_other_inputs_and_needs_the_step():
         model(x, torch.zeros(2), crossattn=torch.zeros(2, 2, 3))
     with pytest.raises(GenerationError, match="row kinds"):
         model(x, torch.zeros(2), step=SamplerStep(0), row_kinds=("cond",), crossattn=torch.zeros(2, 2, 3))
+
+
+def test_second_order_calls_read_the_step_of_their_grid_point(recorded):
+    # Heun evaluates each step at its start and at the next grid point (not on the last step, which lands on
+    # sigma 0): each call reads the text of the grid point it is evaluated at.
+    pipe, rec = recorded
+    pipe("[red|blue]", "", **{**KW, "steps": 4, "sampler": "heun"})
+    assert [i for i, _, _ in rec.calls] == [0, 1, 1, 2, 2, 3, 3]
+    _check_steps(pipe, rec, [["red", "red", "blue", "red"]], [[""] * 4])
