@@ -414,6 +414,22 @@ class Pipeline:
         run as separate sub-batches."""
         r = p.request
         note = lambda t: _note(p.notes, t)  # noqa: E731
+        from sdengine.pipeline.prompt_editing import first_conditioning, row_schedules
+
+        schedules = row_schedules(
+            self.conditioner, p.prompts, p.negatives, int(r.steps), clip_skip=r.clip_skip, note=note
+        )
+        if schedules is not None:  # prompt editing: each row's texts switch per step (A1111's [a:b:when], [a|b])
+            by_length: dict[int, list[int]] = {}
+            for i, s in enumerate(schedules):
+                by_length.setdefault(s.length, []).append(i)
+            done: list[Tensor | None] = [None] * len(p.seeds)
+            for rows in by_length.values():
+                cond, uncond = first_conditioning([schedules[i] for i in rows])
+                images = self._generate_rows(p, rows, cond, uncond, [schedules[i] for i in rows])
+                for j, i in enumerate(rows):
+                    done[i] = images[j : j + 1]
+            return torch.cat([t for t in done if t is not None])
         pairs: dict[tuple[str, str], tuple[Conditioning, Conditioning]] = {}
         for key in zip(p.prompts, p.negatives, strict=True):
             if key not in pairs:
@@ -431,7 +447,9 @@ class Pipeline:
                 out[i] = images[j : j + 1]
         return torch.cat([t for t in out if t is not None])
 
-    def _generate_rows(self, p: Prepared, rows: list[int], cond: Conditioning, uncond: Conditioning) -> Tensor:
+    def _generate_rows(
+        self, p: Prepared, rows: list[int], cond: Conditioning, uncond: Conditioning, texts: Any = None
+    ) -> Tensor:
         r = p.request
         dev = self.device
         steps, strength, cfg_scale = int(r.steps), float(r.strength), float(r.cfg_scale)
@@ -480,7 +498,12 @@ class Pipeline:
                 start_step=first,
                 resize_mode=resize_mode_name(r.resize_mode),
             )
-        den: Any = Denoiser(UNetAdapter(net, self.dtype), self.noise_schedule, self.prediction_type)
+        model: Any = UNetAdapter(net, self.dtype)
+        if texts is not None:  # prompt editing: the text rows of each step (sdengine.pipeline.prompt_editing)
+            from sdengine.pipeline.prompt_editing import StepTexts
+
+            model = StepTexts(model, texts)
+        den: Any = Denoiser(model, self.noise_schedule, self.prediction_type)
         den = CFGDenoiser(den, cfg_scale, uncond, rescale=float(r.guidance_rescale))
         blend = None
         if start.blend_mask is not None:

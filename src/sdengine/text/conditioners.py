@@ -57,6 +57,8 @@ class TextConditioner(Protocol):
 
     def empty(self, n: int = 1) -> Conditioning: ...
 
+    def encode(self, text: str, *, what: str = "prompt", clip_skip: int = 1, note: Note = _ignore) -> Conditioning: ...
+
 
 class CLIPConditioner:
     """SD 1.x / 2.x: CLIP token states, A1111 emphasis, 75-token chunks, clip skip (sdengine.prompts)."""
@@ -88,6 +90,15 @@ class CLIPConditioner:
             self.text_encoder, self.tokenizer, prompt, negative, clip_skip=clip_skip, pad_token_id=self.pad_token_id
         )
         return {"crossattn": cond.to(self.dtype)}, {"crossattn": uncond.to(self.dtype)}
+
+    def encode(self, text: str, *, what: str = "prompt", clip_skip: int = 1, note: Note = _ignore) -> Conditioning:
+        """One text, one row, not padded: ``{"crossattn": (1, 77 * k, D)}`` (prompt editing encodes each of a
+        schedule's texts with it)."""
+        from sdengine.prompts import encode_prompt
+
+        self.check_clip_skip(clip_skip)
+        z = encode_prompt(self.text_encoder, self.tokenizer, text, clip_skip=clip_skip, pad_token_id=self.pad_token_id)
+        return {"crossattn": z.to(self.dtype)}
 
     def __call__(self, prompts: Sequence[str], *, clip_skip: int = 1) -> Conditioning:
         """One row per prompt; prompts of more than one chunk are padded with the empty prompt's chunk to
@@ -176,6 +187,14 @@ class MiniLMConditioner:
             vecs = self.vectors([prompt, negative])
             cond["vector"], uncond["vector"] = vecs[:1], vecs[1:]
         return cond, uncond
+
+    def encode(self, text: str, *, what: str = "prompt", clip_skip: int = 1, note: Note = _ignore) -> Conditioning:
+        """One text, one row: ``{"crossattn": (1, context_length, D)[, "vector": (1, D)]}``."""
+        self.check_clip_skip(clip_skip)
+        out = {"crossattn": self.context(text, what, note)}
+        if self.pooled:
+            out["vector"] = self.vectors([text])
+        return out
 
     def __call__(self, prompts: Sequence[str]) -> Conditioning:
         out = {"crossattn": torch.cat([self.context(p) for p in prompts])}
