@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import re
 import sys
 import time
@@ -193,6 +194,8 @@ def _from_png(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     text = read_png_parameters(path)
     if text is None:
         raise MetadataError(f"{path} has no 'parameters' text: it was not written by sdengine or A1111")
+    if not text.strip():  # an empty text would regenerate nothing of the original: a random image
+        raise MetadataError(f"{path} has an empty 'parameters' text: there is nothing to regenerate from")
     parsed = parse_parameters(text)
     hires = hires_fix_fields(parsed)
     if hires:
@@ -367,6 +370,21 @@ def run(a: argparse.Namespace) -> int:
     out, out_is_file = _output_target(a.out, int(kwargs.get("batch_size", 1)))
     if a.grid and out_is_file:
         raise UsageError(f"--grid writes the batch and its grid into a folder: --out {a.out} names one file")
+    if sides is None:
+        # Every check that needs no model, before the (slow) load: a bad seed, cfg or prompt weight fails now.
+        from ..nn.lora import WEIGHT_LIMIT, check_weight
+        from ..prompts import extract_lora_tags, parse_prompt_attention
+
+        GenerationRequest(**kwargs).validate()
+        weights = [(str(x[0]), x[1]) for x in kwargs.get("loras", []) if isinstance(x, tuple)]
+        for text in (kwargs.get("prompt"), kwargs.get("negative_prompt")):
+            if isinstance(text, str):
+                rest, tags = extract_lora_tags(text)
+                parse_prompt_attention(rest)
+                weights += [(str(name), w) for name, w in tags]
+        for name, w in weights:  # only the hard bound here; the pipeline warns about large weights once
+            if not math.isfinite(w) or abs(w) > WEIGHT_LIMIT:
+                check_weight(w, name)
     t0 = time.perf_counter()
     pipe = load_pipeline(model, device=a.device, dtype=a.dtype, vae=a.vae, prediction_type=a.prediction_type)
     t1 = time.perf_counter()

@@ -37,6 +37,7 @@ from sdengine.errors import GenerationError
 from sdengine.io.images import load_image, to_uint8
 from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.pipeline.control import ControlUnit, build_controlled_unet
+from sdengine.pipeline.finite import require_finite
 from sdengine.pipeline.infotext import cached_hash, call_parameters, format_infotext, weights_file
 from sdengine.pipeline.latents import InpaintBlend, blur_mask, start_latents
 from sdengine.pipeline.request import GenerationRequest
@@ -492,6 +493,7 @@ class Pipeline:
             bar.close()
         if blend is not None:
             x = blend.finish(x)
+        require_finite(x, "latents after sampling")  # before the VAE: a NaN latent decodes to black
 
         # Decode one image at a time: the VAE's activations at full size dominate memory, and a row's
         # pixels then never depend on the batch.
@@ -504,7 +506,8 @@ class Pipeline:
                     p.notes,
                     "the VAE decode in half precision gave NaN/inf; decoded again in float32 (and will be from now on)",
                 )
-            out.append(vae_utils.to_unit(img))
+            # after the half-precision fall-back above had its chance; to_unit's clamp would hide NaN as black
+            out.append(vae_utils.to_unit(require_finite(img, "decoded image")))
         return torch.cat(out)
 
 
