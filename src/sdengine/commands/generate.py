@@ -376,7 +376,7 @@ def run(a: argparse.Namespace) -> int:
         from ..prompts import extract_lora_tags, parse_prompt_attention
 
         GenerationRequest(**kwargs).validate()
-        weights = [(str(x[0]), x[1]) for x in kwargs.get("loras", []) if isinstance(x, tuple)]
+        weights = [(Path(str(x[0])).stem, x[1]) for x in kwargs.get("loras", []) if isinstance(x, tuple)]
         for text in (kwargs.get("prompt"), kwargs.get("negative_prompt")):
             if isinstance(text, str):
                 rest, tags = extract_lora_tags(text)
