@@ -72,6 +72,12 @@ def _note(notes: list[str], text: str) -> None:
     log.warning(text)
 
 
+# The size rule (Pipeline._check_work): each side at most MAX_SIZE_FACTOR x the model's training size and at
+# most MAX_SIDE pixels, besides the memory estimate.
+MAX_SIZE_FACTOR = 8
+MAX_SIDE = 8192
+
+
 class Pipeline:
     """Stable Diffusion 1.x/2.x (and inpainting) text-to-image, img2img and inpainting. Build it with
     :func:`sdengine.pipeline.load_pipeline`; call it with a :class:`GenerationRequest` or its fields as
@@ -252,6 +258,23 @@ class Pipeline:
             f"{avail / gib:.1f} GiB is free: use a smaller size or batch"
         )
 
+    def max_side(self) -> int:
+        """The largest width or height this model takes: MAX_SIZE_FACTOR x its training size, and never over
+        MAX_SIDE pixels (see ``_check_work``)."""
+        return min(MAX_SIDE, MAX_SIZE_FACTOR * self.default_size)
+
+    def _check_work(self, width: int, height: int) -> None:
+        # Memory is not the only limit: self-attention work grows with the square of the pixel count, so
+        # 4096x4096 on a 32-px model or 100000x64 ran for many minutes per step while fitting in memory. Past
+        # 8x the training size a model only repeats its subject, so such sizes are refused up front.
+        limit = self.max_side()
+        if width > limit or height > limit:
+            raise GenerationError(
+                f"{width}x{height} is too large for {self.name}: each side may be at most {limit} px "
+                f"({MAX_SIZE_FACTOR}x its training size {self.default_size}, never over {MAX_SIDE}); "
+                "larger sizes take very long and only repeat the subject"
+            )
+
     def prepare(self, request: GenerationRequest) -> Prepared:
         """Validate ``request`` against this model and read its images (no model runs)."""
         r = request
@@ -264,6 +287,7 @@ class Pipeline:
         name, sched = sampling.resolve(r.sampler, r.schedule)
         seeds = r.seeds()
         tiled = self._check_memory(width, height, len(seeds), float(r.cfg_scale) != 1.0, r.vae_tiling, notes)
+        self._check_work(width, height)
         init = mask = None
         if r.init_image is not None:
             init = load_image(r.init_image, "init image", mode="RGB", error=GenerationError)
@@ -548,4 +572,4 @@ def as_request(prompt: Any, negative_prompt: Any, kwargs: Mapping[str, Any]) -> 
     return GenerationRequest(**fields)
 
 
-__all__ = ["Pipeline", "Prepared", "as_request"]
+__all__ = ["MAX_SIDE", "MAX_SIZE_FACTOR", "Pipeline", "Prepared", "as_request"]
