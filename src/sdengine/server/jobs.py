@@ -509,7 +509,7 @@ class Worker(threading.Thread):
                     job.preview_png = png_bytes(Image.fromarray(e.preview[0]))
                 m.finish(job, CANCELLED, f"cancelled after step {job.step} of {job.steps}")
                 return
-            except torch.OutOfMemoryError:
+            except (torch.OutOfMemoryError, MemoryError):  # CUDA's, or the CPU allocator's
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 m.finish(job, FAILED, "out of memory: use a smaller size or batch")
@@ -611,7 +611,7 @@ class Worker(threading.Thread):
                     keep.append(job)
             m.requeue(keep)
             return
-        except (SdengineError, ValueError, OSError, torch.OutOfMemoryError):
+        except (SdengineError, ValueError, OSError, torch.OutOfMemoryError, MemoryError):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log.warning("a batch of %d jobs failed; running them one by one", len(jobs))
