@@ -111,6 +111,37 @@ def test_kill_9_during_a_lora_export_keeps_the_last_file(tmp_path):
     assert len(left) == 1 and remove_stale_temp_files(out, recursive=True) == left and _temp_files(out) == []
 
 
+def test_kill_9_during_a_checkpoint_write_resumes_bit_exactly(tmp_path):
+    """Killed while the step-10 checkpoint is half written: the step-5 one loads, the leftover is removed
+    when the run resumes, and the resumed run equals one that was never interrupted."""
+    from sdengine.train.loop import train
+    from test_train_loop import cfg, fresh, loss_fn
+
+    out = tmp_path / "run"
+    tests = Path(__file__).resolve().parent
+    _kill_mid_write(
+        tmp_path,
+        # hang only at the second checkpoint's fsync (the first one completes normally)
+        "seen = []\n"
+        "def pick(fd):\n"
+        "    if 'checkpoint' in os.readlink(f'/proc/self/fd/{fd}'):\n"
+        "        seen.append(fd)\n"
+        "    return hang(fd) if len(seen) == 2 else real(fd)\n"
+        "os.fsync = pick\n"
+        f"sys.path.insert(0, {str(tests)!r})\n"
+        "from test_train_loop import cfg, fresh, loss_fn\n"
+        "from sdengine.train.loop import train\n"
+        f"train(fresh(), loss_fn, cfg(steps=20, checkpoint_every=5), {str(out)!r}, progress=False)\n",
+    )
+    from sdengine.train.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 5
+    assert len(_temp_files(out)) == 1
+    resumed = train(fresh(), loss_fn, cfg(steps=20, checkpoint_every=5), out, progress=False, resume=True)
+    whole = train(fresh(), loss_fn, cfg(steps=20, checkpoint_every=5), tmp_path / "whole", progress=False)
+    assert resumed.losses == whole.losses and _temp_files(out) == []
+
+
 # -- out of memory ------------------------------------------------------------------------------------
 
 
