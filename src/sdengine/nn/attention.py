@@ -55,15 +55,11 @@ def scaled_dot_product_attention(
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, h, Lq, d)
     else:
         per_query = mask is not None and mask.dim() >= 2 and mask.shape[-2] == Lq  # else it broadcasts over Lq
-        out = torch.cat(
-            [
-                F.scaled_dot_product_attention(
-                    q[:, :, i : i + rows], k, v, attn_mask=mask[..., i : i + rows, :] if per_query else mask
-                )
-                for i in range(0, Lq, rows)
-            ],
-            dim=2,
-        )
+        parts = []
+        for i in range(0, Lq, rows):
+            m = mask[..., i : i + rows, :] if mask is not None and per_query else mask
+            parts.append(F.scaled_dot_product_attention(q[:, :, i : i + rows], k, v, attn_mask=m))
+        out = torch.cat(parts, dim=2)
     return out.transpose(1, 2).reshape(B, Lq, inner).to(dtype)  # (B, Lq, h * d)
 
 

@@ -198,7 +198,7 @@ class GenerationRequest:
                 raise GenerationError(f"seed must be an integer (or -1 / None for a random one), got {seed!r}")
             if seed < 0 and seed != -1:  # type: ignore[operator]
                 raise GenerationError(f"seed must be >= 0 (or -1 / None for a random one), got {seed}")
-            last = int(seed) + self.n_rows - 1  # type: ignore[call-overload]
+            last = int(seed) + self.n_rows - 1  # type: ignore[arg-type]
             if last > MAX_SEED:
                 raise GenerationError(
                     f"seed {seed} is out of range: seeds run from 0 to 2**64 - 1 = {MAX_SEED} "
