@@ -214,3 +214,29 @@ def test_from_png_with_absurd_or_empty_parameters_is_refused(tiny_sd1_folder, tm
     err = capsys.readouterr().err.strip()
     assert match in err and "\n" not in err
     assert not out.exists()
+
+
+# -- careless input found by tools/hostile_sweep.py -------------------------------------------------------
+
+
+@pytest.mark.parametrize("blur", [math.inf, math.nan, 1e9, -1.0])
+def test_mask_blur_outside_its_bounds_is_refused(blur):
+    with pytest.raises(GenerationError, match="mask_blur must be in \\[0, 256\\]"):
+        GenerationRequest(prompt="x", mask_blur=blur).validate()
+    GenerationRequest(prompt="x", mask_blur=64).validate()
+
+
+def test_invalid_utf8_in_a_prompt_is_a_named_error(tiny_sd1_folder, tmp_path, monkeypatch, capsys):
+    # how Python hands a byte that is not UTF-8 in argv to the program: a lone surrogate (was a TypeError)
+    with pytest.raises(GenerationError, match="negative_prompt holds a character that is not valid text"):
+        GenerationRequest(prompt="ok", negative_prompt="red \udcff heart").validate()
+    monkeypatch.setattr("sdengine.pipeline.load_pipeline", _must_not_run)
+    assert _cli(tiny_sd1_folder, tmp_path / "o", "red \udcff heart") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prompt holds a character that is not valid text" in err[0]
+
+
+def test_unknown_sampler_option_is_named(pipe):
+    with pytest.raises(SdengineError, match="sampler 'euler_a' has no option nope; its options: eta"):
+        pipe("x", **{**FAST, "sampler": "euler_a", "sampler_options": {"nope": 1}})
+    assert pipe("x", **{**FAST, "sampler": "euler_a", "sampler_options": {"eta": 0.5}}).arrays.std() > 0

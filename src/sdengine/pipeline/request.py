@@ -36,6 +36,8 @@ TextOrList = str | Sequence[str]
 # 64-bit unsigned seeds, and row i uses seed + i, so the last row's seed must fit too.
 MAX_CFG_SCALE = 100.0
 MAX_SEED = 2**64 - 1
+# Mask blur is a Gaussian sigma in pixels (A1111's slider stops at 64); inf overflowed and 1e9 broke OpenCV.
+MAX_MASK_BLUR = 256.0
 
 
 def _is_number(v: Any) -> bool:
@@ -180,6 +182,14 @@ class GenerationRequest:
             items = v if _is_list(v) else [v]
             if any(x is not None and not isinstance(x, str) for x in items):  # type: ignore[union-attr]
                 raise GenerationError(f"{name} must be a string or a list of strings")
+            for x in items:  # type: ignore[union-attr]
+                try:  # a byte that is not UTF-8 in argv arrives as a lone surrogate; the tokenizers choke on it
+                    (x or "").encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise GenerationError(
+                        f"{name} holds a character that is not valid text (an invalid UTF-8 byte?) at position "
+                        f"{e.start}: {x[max(0, e.start - 10) : e.start]!r}"
+                    ) from None
         if any(n == 0 for n in lists.values()):
             raise GenerationError(f"empty list for {', '.join(k for k, n in lists.items() if n == 0)}")
         if len(set(lists.values())) > 1:
@@ -213,8 +223,8 @@ class GenerationRequest:
             raise GenerationError(f"guidance_rescale must be in [0, 1], got {rescale!r}")
         if not _is_number(strength) or not 0.0 < strength <= 1.0:
             raise GenerationError(f"strength must be in (0, 1], got {strength!r}")
-        if not _is_number(blur) or blur < 0:
-            raise GenerationError(f"mask_blur must be >= 0 pixels, got {blur!r}")
+        if not _is_number(blur) or not math.isfinite(blur) or not 0 <= blur <= MAX_MASK_BLUR:
+            raise GenerationError(f"mask_blur must be in [0, {MAX_MASK_BLUR:g}] pixels, got {blur!r}")
         try:
             sampling.resolve(self.sampler, self.schedule)
         except ValueError as e:
@@ -250,4 +260,4 @@ def _per_row(v: TextOrList | None, n: int) -> list[str]:
     return ["" if v is None else str(v)] * n
 
 
-__all__ = ["MAX_CFG_SCALE", "MAX_SEED", "GenerationRequest", "LoRAInput"]
+__all__ = ["MAX_CFG_SCALE", "MAX_MASK_BLUR", "MAX_SEED", "GenerationRequest", "LoRAInput"]
