@@ -65,6 +65,8 @@ def cli_cases(tmp: Path) -> list[tuple[str, list[str]]]:
         },
         big_alpha,
     )
+    loras = tmp / "loras"  # a LoRA folder; the crafted files lie next to it, outside
+    loras.mkdir()
     init = png_with(tmp / "init.png", None)
     mask = tmp / "mask.png"
     Image.new("L", (64, 64), 255).save(mask)
@@ -96,6 +98,8 @@ def cli_cases(tmp: Path) -> list[tuple[str, list[str]]]:
         ("<lora:emoji-fruit:1e30>", ["apple <lora:emoji-fruit:1e30>"]),
         ("<lora:../x:1>", ["apple <lora:../x:1>"]),
         ("<lora:/etc/passwd:1>", ["apple <lora:/etc/passwd:1>"]),
+        ("<lora:../x:1> with --lora-dir", ["apple <lora:../huge:1>", "--lora-dir", str(loras)]),
+        ("<lora:/abs:1> with --lora-dir", [f"apple <lora:{huge}:1>", "--lora-dir", str(loras)]),
         ("LoRA file with 1e30 tensors", ["apple", "--lora", str(huge)]),
         ("LoRA file with alpha 1e30", ["apple", "--lora", str(big_alpha)]),
         ("LoRA file of rank 0", ["apple", "--lora", str(rank0)]),
