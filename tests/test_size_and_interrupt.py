@@ -117,3 +117,13 @@ def test_sigint_mid_generation_exits_130_with_one_line(tiny_sd1_folder, tmp_path
     assert "Traceback" not in "\n".join(lines)
     assert took < 30, took  # seconds on a loaded 2-core machine; well under 5 on an idle one
     assert not list(out.glob("*.png")) if out.exists() else True
+
+
+def test_memory_estimate_counts_the_attention_scores(pipe, monkeypatch):
+    """A kernel may materialise the scores of one attention chunk (CHUNK_SCORES per row, in float32): the
+    estimate holds them, so a machine without that much memory is told so before any step."""
+    need = pipe.estimate_memory(256, 256, 1, cfg=True, tiled=False)
+    assert need >= 2 * attention.CHUNK_SCORES * 4  # two rows (CFG) of a full chunk
+    monkeypatch.setattr(vu, "available_memory", lambda device: int(need * 0.9))
+    with pytest.raises(GenerationError, match="256x256 x 1 needs about"):
+        pipe("x", width=256, height=256, steps=1, progress=False, vae_tiling=False)

@@ -36,6 +36,7 @@ from sdengine.diffusion.variation import variation_noise
 from sdengine.errors import GenerationError
 from sdengine.io.images import load_image, to_uint8
 from sdengine.io.resize import resize_image, resize_mode_name
+from sdengine.nn.attention import CHUNK_SCORES
 from sdengine.pipeline.control import ControlUnit, build_controlled_unet
 from sdengine.pipeline.finite import require_finite
 from sdengine.pipeline.infotext import cached_hash, call_parameters, format_infotext, weights_file
@@ -232,6 +233,11 @@ class Pipeline:
         # The first level keeps (layers + 1) skips and a few temporaries of c0 x h x w per row; the
         # attention runs through SDPA (fused kernels, no heads x N x N matrix), counted as one more map.
         unet = rows * c0 * h * w * bytes_per * 16
+        # Plus the attention scores of the widest level where a kernel materialises them (the math path):
+        # at most CHUNK_SCORES per row (sdengine.nn.attention runs larger attentions in query chunks), else
+        # heads x N x N with 8 heads (SD 1.x's; errs high for fewer), in float32 for the softmax.
+        n = h * w
+        unet += rows * min(CHUNK_SCORES, 8 * n * n) * 4
         vae = vae_utils.vae_decode_bytes(self.vae, height, width, tiled=tiled, bytes_per=bytes_per)
         images = batch_size * 3 * height * width * 4 * 3  # float images, arrays and uint8 copies
         return max(unet, vae) + images
