@@ -444,9 +444,11 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--cfg",
         type=float,
         default=None,
-        help=f"classifier-free guidance scale (default {HELP_DEFAULTS['cfg_scale']:g})",
+        help=f"classifier-free guidance scale in [0, 100] (default {HELP_DEFAULTS['cfg_scale']:g})",
     )
-    p.add_argument("--seed", type=int, default=None, help="seed of the first image; -1 = random (default)")
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of the first image, 0 to 2**64 - 1; -1 = random (default)"
+    )
     p.add_argument(
         "--subseed",
         type=int,
@@ -465,7 +467,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--width",
         type=int,
         default=None,
-        help="default: the model's training size (emoji 64, SD 1.x 512, SD 2.x-v 768)",
+        help="default: the model's training size (emoji 64, SD 1.x 512, SD 2.x-v 768); at most 8x that, 8192",
     )
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--batch", type=int, default=None, help="images, seeds SEED, SEED+1, ... (default 1)")
@@ -477,7 +479,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         help=f"img2img denoising strength in (0, 1] ({HELP_DEFAULTS['strength']:g})",
     )
     p.add_argument("--mask", default=None, help="inpainting mask, white = repaint")
-    p.add_argument("--mask-blur", type=float, default=None, help="mask blur in pixels (default 0)")
+    p.add_argument("--mask-blur", type=float, default=None, help="mask blur in pixels, 0 to 256 (default 0)")
     p.add_argument(
         "--resize-mode",
         default=None,
