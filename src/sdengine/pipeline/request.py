@@ -200,7 +200,7 @@ class GenerationRequest:
         if _is_list(self.seed):
             bad = [s for s in self.seed if not _is_int(s) or not 0 <= s <= MAX_SEED]  # type: ignore[union-attr]
             if bad:
-                raise GenerationError(f"seeds in a list must be integers in [0, 2**64 - 1], got {bad[0]!r}")
+                raise GenerationError(f"seeds in a list must be integers >= 0 and <= 2**64 - 1, got {bad[0]!r}")
         elif self.seed is not None:
             # no int() coercion: 1.5 or True as a seed is a mistake, not seed 1
             seed = self.seed
