@@ -183,12 +183,13 @@ class GenerationRequest:
             if any(x is not None and not isinstance(x, str) for x in items):  # type: ignore[union-attr]
                 raise GenerationError(f"{name} must be a string or a list of strings")
             for x in items:  # type: ignore[union-attr]
+                text = str(x or "")  # a str here (checked above)
                 try:  # a byte that is not UTF-8 in argv arrives as a lone surrogate; the tokenizers choke on it
-                    (x or "").encode("utf-8")
+                    text.encode("utf-8")
                 except UnicodeEncodeError as e:
                     raise GenerationError(
                         f"{name} holds a character that is not valid text (an invalid UTF-8 byte?) at position "
-                        f"{e.start}: {x[max(0, e.start - 10) : e.start]!r}"
+                        f"{e.start}: {text[max(0, e.start - 10) : e.start]!r}"
                     ) from None
         if any(n == 0 for n in lists.values()):
             raise GenerationError(f"empty list for {', '.join(k for k, n in lists.items() if n == 0)}")
