@@ -223,7 +223,8 @@ def test_server_out_of_memory_and_a_full_disk_fail_one_job_each_and_the_next_run
 
             monkeypatch.setattr(Image.Image, "save", full_disk)
             j = run()
-            assert j["state"] == "failed" and "No space left on device" in j["error"], j
+            assert j["state"] == "failed" and j["error"].startswith("could not save the image: "), j
+            assert "No space left on device" in j["error"], j
             assert not outputs.exists() or not list(outputs.iterdir())  # no PNG, no temporary file
             monkeypatch.setattr(Image.Image, "save", real_save)
             j = run()

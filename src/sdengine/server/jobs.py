@@ -522,7 +522,11 @@ class Worker(threading.Thread):
             for image, seed, text in zip(result.images, result.seeds, result.infotexts, strict=True):
                 ji = JobImage(image, int(seed), text)
                 if job.save:
-                    ji.name = m.save(image, int(seed), text)
+                    try:  # a full disk fails this job only (save_png leaves no partial file)
+                        ji.name = m.save(image, int(seed), text)
+                    except OSError as e:
+                        m.finish(job, FAILED, f"could not save the image: {e}")
+                        return
                 job.images.append(ji)
             job.step = done_steps
             job.changed()
@@ -622,10 +626,18 @@ class Worker(threading.Thread):
             return
         for job, (a, b) in zip(jobs, spans, strict=True):
             job.notes.extend(n for n in result.notes if n not in job.notes)
+            failed = None
             for image, seed, text in zip(result.images[a:b], result.seeds[a:b], result.infotexts[a:b], strict=True):
                 ji = JobImage(image, int(seed), text)
                 if job.save:
-                    ji.name = m.save(image, int(seed), text)
+                    try:  # a full disk fails this job only
+                        ji.name = m.save(image, int(seed), text)
+                    except OSError as e:
+                        failed = f"could not save the image: {e}"
+                        break
                 job.images.append(ji)
+            if failed is not None:
+                m.finish(job, FAILED, failed)
+                continue
             job.step = job.steps
             m.finish(job, DONE)
