@@ -240,3 +240,11 @@ def test_unknown_sampler_option_is_named(pipe):
     with pytest.raises(SdengineError, match="sampler 'euler_a' has no option nope; its options: eta"):
         pipe("x", **{**FAST, "sampler": "euler_a", "sampler_options": {"nope": 1}})
     assert pipe("x", **{**FAST, "sampler": "euler_a", "sampler_options": {"eta": 0.5}}).arrays.std() > 0
+
+
+def test_pixel_ddpm_non_finite_sample_is_refused(monkeypatch):
+    """The pixel DDPM (fashion-mnist) checks its samples too: NaN becomes a NonFiniteError, not a black PNG."""
+    fm = sdengine.load_pipeline("fashion-mnist", device="cpu")
+    monkeypatch.setattr(fm.model, "generate", lambda *a, **k: torch.full((1, 1, 28, 28), float("nan")))
+    with pytest.raises(NonFiniteError, match="sampled image"):
+        fm("Sneaker", steps=2, seed=1, progress=False)
