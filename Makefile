@@ -71,4 +71,5 @@ clean:
 .PHONY: fuzz
 fuzz: dev
 	SDENGINE_FUZZ_EXAMPLES=$${SDENGINE_FUZZ_EXAMPLES:-5000} $(VPY) -m pytest -q -p no:cacheprovider \
-		--hypothesis-show-statistics tests/test_fuzz_parsers.py tests/test_metadata_hostile.py
+		--hypothesis-show-statistics tests/test_fuzz_parsers.py tests/test_metadata_hostile.py \
+		tests/test_fuzz_lora_infotext.py

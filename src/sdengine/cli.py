@@ -206,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"sdengine: error: {msg}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except (MemoryError, RuntimeError) as e:
+        # Out of memory (MemoryError on the CPU, torch.OutOfMemoryError, a RuntimeError, on a GPU) is a
+        # limit of this machine, not a bug: one line. Any other RuntimeError keeps its traceback.
+        if debug or not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"):
+            raise
+        print("sdengine: error: out of memory: use a smaller size or batch (or --device cpu)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -23,3 +23,8 @@ class GenerationError(UsageError):
 
 class ControlNetError(UsageError):
     """A user-facing ControlNet problem (bad file, wrong base model, bad settings); one clear line."""
+
+
+class NonFiniteError(GenerationError):
+    """A generation whose values went NaN or infinite (an extreme cfg, prompt or LoRA weight, a broken
+    model): refused with one line instead of writing a black or noisy image."""

@@ -33,6 +33,7 @@ Differences from A1111, on purpose:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -53,6 +54,11 @@ class PromptError(SdengineError, ValueError):
 # so the work is pieces x depth: "(a" * 10000 took 14 s. Real prompts nest a few levels; 1.1 ** 100 is
 # already a weight of 13,780.
 MAX_BRACKET_DEPTH = 100
+# A written weight "(word:W)" must be finite with |W| <= MAX_PROMPT_WEIGHT (A1111's useful range is about
+# 0-2; 1e39 overflowed float32 to inf and gave a black image), and the product of the nested weights of a
+# piece at most MAX_COMBINED_WEIGHT (100 nested "(" are 1.1**100 = 13780, which stays allowed).
+MAX_PROMPT_WEIGHT = 100.0
+MAX_COMBINED_WEIGHT = 1e5
 
 ROUND_MULTIPLIER = 1.1  # A1111: "(text)" and "((text))" = 1.1 and 1.21
 SQUARE_MULTIPLIER = 1 / 1.1  # A1111: "[text]"
@@ -111,6 +117,10 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
                 value = float(weight)
             except ValueError:
                 raise PromptError(f"prompt weight {weight!r} in {tok!r} is not a number") from None
+            if not math.isfinite(value) or abs(value) > MAX_PROMPT_WEIGHT:
+                raise PromptError(
+                    f"prompt weight {weight!r} in {tok!r} is outside [-{MAX_PROMPT_WEIGHT:g}, {MAX_PROMPT_WEIGHT:g}]"
+                )
             multiply_range(round_open.pop(), value)
         elif tok == ")" and round_open:
             multiply_range(round_open.pop(), ROUND_MULTIPLIER)
@@ -131,6 +141,12 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 
     if not res:
         res = [["", 1.0]]
+    for piece, w in res:
+        if abs(w) > MAX_COMBINED_WEIGHT:
+            raise PromptError(
+                f"prompt piece {piece[:40]!r} has a combined weight of {w:g} (nested weights multiply), over "
+                f"the limit of {MAX_COMBINED_WEIGHT:g}"
+            )
 
     merged: list[list] = [res[0]]
     for piece, w in res[1:]:
@@ -345,6 +361,8 @@ def encode_prompt_pair(
 
 __all__ = [
     "BREAK_PIECE",
+    "MAX_COMBINED_WEIGHT",
+    "MAX_PROMPT_WEIGHT",
     "apply_emphasis",
     "encode_chunks",
     "encode_prompt",

@@ -24,10 +24,20 @@ def run(a: argparse.Namespace) -> int:
                 "there is no LDM file or diffusers pipeline to convert it to"
             )
         src = builtin.path
+    # A convert killed mid-write (kill -9, power cut) left a temporary file or folder beside DST; the
+    # previous DST is intact (atomic rename). Remove such leftovers of dead processes now, and again if
+    # this run fails (its own temporary is removed by the atomic writer).
+    from ..io.atomic import remove_stale_temp_files
+
+    out_folder = Path(a.dst).parent
+    remove_stale_temp_files(out_folder)
     t = time.perf_counter()
     try:
         dst = convert(src, a.dst, dtype=a.dtype, vae=a.vae, prediction_type=a.prediction_type, config=a.config)
-    except SdengineError as e:
+    except BaseException as e:
+        remove_stale_temp_files(out_folder)
+        if not isinstance(e, SdengineError):
+            raise
         if builtin is None:
             raise
         reason = str(e).removeprefix(f"{builtin.path}: ")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import re
 import sys
 import time
@@ -193,6 +194,8 @@ def _from_png(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     text = read_png_parameters(path)
     if text is None:
         raise MetadataError(f"{path} has no 'parameters' text: it was not written by sdengine or A1111")
+    if not text.strip():  # an empty text would regenerate nothing of the original: a random image
+        raise MetadataError(f"{path} has an empty 'parameters' text: there is nothing to regenerate from")
     parsed = parse_parameters(text)
     hires = hires_fix_fields(parsed)
     if hires:
@@ -394,6 +397,21 @@ def run(a: argparse.Namespace) -> int:
     out, out_is_file = _output_target(a.out, int(kwargs.get("batch_size", 1)))
     if a.grid and out_is_file:
         raise UsageError(f"--grid writes the batch and its grid into a folder: --out {a.out} names one file")
+    if sides is None:
+        # Every check that needs no model, before the (slow) load: a bad seed, cfg or prompt weight fails now.
+        from ..nn.lora import WEIGHT_LIMIT, check_weight
+        from ..prompts import extract_lora_tags, parse_prompt_attention
+
+        GenerationRequest(**kwargs).validate()
+        weights = [(Path(str(x[0])).stem, x[1]) for x in kwargs.get("loras", []) if isinstance(x, tuple)]
+        for text in (kwargs.get("prompt"), kwargs.get("negative_prompt")):
+            if isinstance(text, str):
+                rest, tags = extract_lora_tags(text)
+                parse_prompt_attention(rest)
+                weights += [(str(name), w) for name, w in tags]
+        for name, w in weights:  # only the hard bound here; the pipeline warns about large weights once
+            if not math.isfinite(w) or abs(w) > WEIGHT_LIMIT:
+                check_weight(w, name)
     t0 = time.perf_counter()
     pipe = load_pipeline(
         model,
@@ -461,9 +479,11 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--cfg",
         type=float,
         default=None,
-        help=f"classifier-free guidance scale (default {HELP_DEFAULTS['cfg_scale']:g})",
+        help=f"classifier-free guidance scale in [0, 100] (default {HELP_DEFAULTS['cfg_scale']:g})",
     )
-    p.add_argument("--seed", type=int, default=None, help="seed of the first image; -1 = random (default)")
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of the first image, 0 to 2**64 - 1; -1 = random (default)"
+    )
     p.add_argument(
         "--subseed",
         type=int,
@@ -482,7 +502,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--width",
         type=int,
         default=None,
-        help="default: the model's training size (emoji 64, SD 1.x 512, SD 2.x-v 768)",
+        help="default: the model's training size (emoji 64, SD 1.x 512, SD 2.x-v 768); at most 8x that, 8192",
     )
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--batch", type=int, default=None, help="images, seeds SEED, SEED+1, ... (default 1)")
@@ -494,7 +514,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         help=f"img2img denoising strength in (0, 1] ({HELP_DEFAULTS['strength']:g})",
     )
     p.add_argument("--mask", default=None, help="inpainting mask, white = repaint")
-    p.add_argument("--mask-blur", type=float, default=None, help="mask blur in pixels (default 0)")
+    p.add_argument("--mask-blur", type=float, default=None, help="mask blur in pixels, 0 to 256 (default 0)")
     p.add_argument(
         "--resize-mode",
         default=None,

@@ -322,6 +322,17 @@ def init_noise_scale(sampler: str, grid: SamplingGrid, scheduler_config: Mapping
     return s0 if spacing in ("linspace", "trailing") else math.sqrt(s0**2 + 1)
 
 
+def sampler_option_names(name: str) -> list[str]:
+    """The keyword options ``sampler_options`` may set for sampler ``name`` (its function's own keywords,
+    without the ones :func:`sample` always passes)."""
+    import inspect
+
+    fn = SAMPLERS[name].fn
+    fixed = {"generators", "callback", "extra_args"}
+    params = list(inspect.signature(fn).parameters.values())[3:]  # after (denoiser, x, sigmas)
+    return [p.name for p in params if p.name not in fixed and p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
 def sample(
     denoiser: Callable[..., Tensor],
     noise: Tensor,
@@ -359,6 +370,10 @@ def sample(
     if generators is not None and len(generators) != noise.shape[0]:
         raise UsageError(f"need one generator per batch row: {noise.shape[0]} rows, {len(generators)} generators")
     options = dict(sampler_options or {})
+    unknown = sorted(set(options) - set(sampler_option_names(name)))
+    if unknown:  # else a TypeError from deep inside the sampler
+        known = ", ".join(sampler_option_names(name)) or "none"
+        raise UsageError(f"sampler {name!r} has no option {', '.join(map(str, unknown))}; its options: {known}")
 
     grid = make_grid(name, steps, ns, sched, scheduler_config, strength if init_latent is not None else 1.0)
     if start_step is None:

@@ -12,6 +12,14 @@ from torch import Tensor, nn
 
 _HALF = (torch.float16, torch.bfloat16)
 
+# Above this many scores (heads x Lq x Lk) per batch row, the query rows run in chunks of about this many
+# scores. Python handles Ctrl-C only between kernel calls, so one giant attention call (4096x4096 pixels on a
+# small model: 262,144 tokens, 7e10 scores per head) could not be stopped for minutes; in chunks it stops
+# within one chunk, and no kernel ever holds more than this many scores. Every query row is computed from
+# the same keys and values either way, so the result does not depend on the chunking. SD at 1024x1024
+# (8 heads x 16,384^2 = 2**31) already runs in chunks; 512x512 and below in one call.
+CHUNK_SCORES = 2**28
+
 
 def scaled_dot_product_attention(
     q: Tensor,
@@ -28,7 +36,8 @@ def scaled_dot_product_attention(
     q: (B, Lq, heads * d), k and v: (B, Lk, heads * d) -> (B, Lq, heads * d).
     ``mask`` is added to the scores (float) or selects them (bool), broadcastable to (B, heads, Lq, Lk).
     ``upcast`` computes in float32 for half inputs (SD2.x overflows in fp16 without it).
-    Every attention in sdengine goes through here, so that one place picks the fused kernel.
+    Every attention in sdengine goes through here, so that one place picks the fused kernel (and splits the
+    queries of a huge attention into chunks, see ``CHUNK_SCORES``).
     """
     B, Lq, inner = q.shape
     Lk = k.shape[1]
@@ -41,7 +50,16 @@ def scaled_dot_product_attention(
     q = q.view(B, Lq, heads, d).transpose(1, 2)  # (B, h, Lq, d)
     k = k.view(B, Lk, heads, d).transpose(1, 2)  # (B, h, Lk, d)
     v = v.view(B, Lk, heads, d).transpose(1, 2)  # (B, h, Lk, d)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, h, Lq, d)
+    rows = max(1, CHUNK_SCORES // max(1, heads * Lk))
+    if is_causal or rows >= Lq:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, h, Lq, d)
+    else:
+        per_query = mask is not None and mask.dim() >= 2 and mask.shape[-2] == Lq  # else it broadcasts over Lq
+        parts = []
+        for i in range(0, Lq, rows):
+            m = mask[..., i : i + rows, :] if mask is not None and per_query else mask
+            parts.append(F.scaled_dot_product_attention(q[:, :, i : i + rows], k, v, attn_mask=m))
+        out = torch.cat(parts, dim=2)
     return out.transpose(1, 2).reshape(B, Lq, inner).to(dtype)  # (B, Lq, h * d)
 
 

@@ -36,7 +36,9 @@ from sdengine.diffusion.variation import variation_noise
 from sdengine.errors import GenerationError
 from sdengine.io.images import load_image, to_uint8
 from sdengine.io.resize import resize_image, resize_mode_name
+from sdengine.nn.attention import CHUNK_SCORES
 from sdengine.pipeline.control import ControlUnit, build_controlled_unet
+from sdengine.pipeline.finite import require_finite
 from sdengine.pipeline.infotext import cached_hash, call_parameters, format_infotext, weights_file
 from sdengine.pipeline.latents import InpaintBlend, blur_mask, start_latents
 from sdengine.pipeline.request import GenerationRequest
@@ -69,6 +71,12 @@ class Prepared:
 def _note(notes: list[str], text: str) -> None:
     notes.append(text)
     log.warning(text)
+
+
+# The size rule (Pipeline._check_work): each side at most MAX_SIZE_FACTOR x the model's training size and at
+# most MAX_SIDE pixels, besides the memory estimate.
+MAX_SIZE_FACTOR = 8
+MAX_SIDE = 8192
 
 
 class Pipeline:
@@ -245,6 +253,11 @@ class Pipeline:
         # The first level keeps (layers + 1) skips and a few temporaries of c0 x h x w per row; the
         # attention runs through SDPA (fused kernels, no heads x N x N matrix), counted as one more map.
         unet = rows * c0 * h * w * bytes_per * 16
+        # Plus the attention scores of the widest level where a kernel materialises them (the math path):
+        # at most CHUNK_SCORES per row (sdengine.nn.attention runs larger attentions in query chunks), else
+        # heads x N x N with 8 heads (SD 1.x's; errs high for fewer), in float32 for the softmax.
+        n = h * w
+        unet += rows * min(CHUNK_SCORES, 8 * n * n) * 4
         vae = vae_utils.vae_decode_bytes(self.vae, height, width, tiled=tiled, bytes_per=bytes_per)
         images = batch_size * 3 * height * width * 4 * 3  # float images, arrays and uint8 copies
         return max(unet, vae) + images
@@ -271,6 +284,23 @@ class Pipeline:
             f"{avail / gib:.1f} GiB is free: use a smaller size or batch"
         )
 
+    def max_side(self) -> int:
+        """The largest width or height this model takes: MAX_SIZE_FACTOR x its training size, and never over
+        MAX_SIDE pixels (see ``_check_work``)."""
+        return min(MAX_SIDE, MAX_SIZE_FACTOR * self.default_size)
+
+    def _check_work(self, width: int, height: int) -> None:
+        # Memory is not the only limit: self-attention work grows with the square of the pixel count, so
+        # 4096x4096 on a 32-px model or 100000x64 ran for many minutes per step while fitting in memory. Past
+        # 8x the training size a model only repeats its subject, so such sizes are refused up front.
+        limit = self.max_side()
+        if width > limit or height > limit:
+            raise GenerationError(
+                f"{width}x{height} is too large for {self.name}: each side may be at most {limit} px "
+                f"({MAX_SIZE_FACTOR}x its training size {self.default_size}, never over {MAX_SIDE}); "
+                "larger sizes take very long and only repeat the subject"
+            )
+
     def prepare(self, request: GenerationRequest) -> Prepared:
         """Validate ``request`` against this model and read its images (no model runs)."""
         r = request
@@ -283,6 +313,7 @@ class Pipeline:
         name, sched = sampling.resolve(r.sampler, r.schedule)
         seeds = r.seeds()
         tiled = self._check_memory(width, height, len(seeds), float(r.cfg_scale) != 1.0, r.vae_tiling, notes)
+        self._check_work(width, height)
         init = mask = None
         if r.init_image is not None:
             init = load_image(r.init_image, "init image", mode="RGB", error=GenerationError)
@@ -545,6 +576,7 @@ class Pipeline:
             bar.close()
         if blend is not None:
             x = blend.finish(x)
+        require_finite(x, "latents after sampling")  # before the VAE: a NaN latent decodes to black
 
         # Decode one image at a time: the VAE's activations at full size dominate memory, and a row's
         # pixels then never depend on the batch.
@@ -557,7 +589,8 @@ class Pipeline:
                     p.notes,
                     "the VAE decode in half precision gave NaN/inf; decoded again in float32 (and will be from now on)",
                 )
-            out.append(vae_utils.to_unit(img))
+            # after the half-precision fall-back above had its chance; to_unit's clamp would hide NaN as black
+            out.append(vae_utils.to_unit(require_finite(img, "decoded image")))
         return torch.cat(out)
 
 
@@ -598,4 +631,4 @@ def as_request(prompt: Any, negative_prompt: Any, kwargs: Mapping[str, Any]) -> 
     return GenerationRequest(**fields)
 
 
-__all__ = ["Pipeline", "Prepared", "as_request"]
+__all__ = ["MAX_SIDE", "MAX_SIZE_FACTOR", "Pipeline", "Prepared", "as_request"]

@@ -15,6 +15,7 @@ from sdengine.diffusion.samplers import SamplingInterrupted
 from sdengine.errors import GenerationError
 from sdengine.io.images import to_uint8
 from sdengine.pipeline.core import as_request
+from sdengine.pipeline.finite import require_finite
 from sdengine.pipeline.infotext import format_infotext
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.pipeline.result import Cancelled, GenerationResult, StepInfo
@@ -113,7 +114,7 @@ class PixelPipeline:
             )
         except SamplingInterrupted as e:
             raise Cancelled(e.step + 1, steps) from None
-        arr = x.permute(0, 2, 3, 1).float().numpy()
+        arr = require_finite(x, "sampled image").permute(0, 2, 3, 1).float().numpy()
         if arr.shape[-1] == 1:
             arr = np.repeat(arr, 3, axis=-1)
         images = [Image.fromarray(a) for a in to_uint8(arr)]

@@ -31,6 +31,14 @@ from sdengine.pipeline.result import StepCallback
 LoRAInput = tuple[Any, float] | str | Path
 TextOrList = str | Sequence[str]
 
+# Bounds that keep values finite. cfg: A1111's slider stops at 30, the server's schema at 100; past that the
+# guided prediction only grows until it overflows (1e308 gave a black PNG). Seeds: torch.Generator takes
+# 64-bit unsigned seeds, and row i uses seed + i, so the last row's seed must fit too.
+MAX_CFG_SCALE = 100.0
+MAX_SEED = 2**64 - 1
+# Mask blur is a Gaussian sigma in pixels (A1111's slider stops at 64); inf overflowed and 1e9 broke OpenCV.
+MAX_MASK_BLUR = 256.0
+
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float | np.number) and not isinstance(v, bool)
@@ -174,6 +182,15 @@ class GenerationRequest:
             items = v if _is_list(v) else [v]
             if any(x is not None and not isinstance(x, str) for x in items):  # type: ignore[union-attr]
                 raise GenerationError(f"{name} must be a string or a list of strings")
+            for x in items:  # type: ignore[union-attr]
+                text = str(x or "")  # a str here (checked above)
+                try:  # a byte that is not UTF-8 in argv arrives as a lone surrogate; the tokenizers choke on it
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise GenerationError(
+                        f"{name} holds a character that is not valid text (an invalid UTF-8 byte?) at position "
+                        f"{e.start}: {text[max(0, e.start - 10) : e.start]!r}"
+                    ) from None
         if any(n == 0 for n in lists.values()):
             raise GenerationError(f"empty list for {', '.join(k for k, n in lists.items() if n == 0)}")
         if len(set(lists.values())) > 1:
@@ -182,27 +199,33 @@ class GenerationRequest:
             n = next(iter(lists.values()))
             raise GenerationError(f"batch_size {batch} does not match the {n} rows of the lists given")
         if _is_list(self.seed):
-            bad = [s for s in self.seed if not _is_int(s) or s < 0]  # type: ignore[union-attr]
+            bad = [s for s in self.seed if not _is_int(s) or not 0 <= s <= MAX_SEED]  # type: ignore[union-attr]
             if bad:
-                raise GenerationError(f"seeds in a list must be integers >= 0, got {bad[0]!r}")
+                raise GenerationError(f"seeds in a list must be integers >= 0 and <= 2**64 - 1, got {bad[0]!r}")
         elif self.seed is not None:
-            try:
-                seed = int(self.seed)  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                raise GenerationError(
-                    f"seed must be an integer (or -1 / None for a random one), got {self.seed!r}"
-                ) from None
-            if seed < 0 and seed != -1:
+            # no int() coercion: 1.5 or True as a seed is a mistake, not seed 1
+            seed = self.seed
+            if not _is_int(seed):
+                raise GenerationError(f"seed must be an integer (or -1 / None for a random one), got {seed!r}")
+            if seed < 0 and seed != -1:  # type: ignore[operator]
                 raise GenerationError(f"seed must be >= 0 (or -1 / None for a random one), got {seed}")
+            last = int(seed) + self.n_rows - 1  # type: ignore[arg-type]
+            if last > MAX_SEED:
+                raise GenerationError(
+                    f"seed {seed} is out of range: seeds run from 0 to 2**64 - 1 = {MAX_SEED} "
+                    f"(the last row's seed, seed + rows - 1, included)"
+                )
         cfg, rescale, strength, blur = self.cfg_scale, self.guidance_rescale, self.strength, self.mask_blur
         if not _is_number(cfg) or not math.isfinite(cfg) or cfg < 0:
             raise GenerationError(f"cfg_scale must be a number >= 0, got {cfg!r}")
+        if cfg > MAX_CFG_SCALE:
+            raise GenerationError(f"cfg_scale {cfg} is over the limit of {MAX_CFG_SCALE:g} (useful values: 1-30)")
         if not _is_number(rescale) or not 0.0 <= rescale <= 1.0:
             raise GenerationError(f"guidance_rescale must be in [0, 1], got {rescale!r}")
         if not _is_number(strength) or not 0.0 < strength <= 1.0:
             raise GenerationError(f"strength must be in (0, 1], got {strength!r}")
-        if not _is_number(blur) or blur < 0:
-            raise GenerationError(f"mask_blur must be >= 0 pixels, got {blur!r}")
+        if not _is_number(blur) or not math.isfinite(blur) or not 0 <= blur <= MAX_MASK_BLUR:
+            raise GenerationError(f"mask_blur must be in [0, {MAX_MASK_BLUR:g}] pixels, got {blur!r}")
         try:
             sampling.resolve(self.sampler, self.schedule)
         except ValueError as e:
@@ -221,8 +244,10 @@ class GenerationRequest:
         sub, sub_strength = self.subseed, self.subseed_strength
         if not _is_number(sub_strength) or not 0.0 <= sub_strength <= 1.0:
             raise GenerationError(f"subseed_strength must be in [0, 1], got {sub_strength!r}")
-        if sub is not None and (not _is_int(sub) or (sub < 0 and sub != -1)):
-            raise GenerationError(f"subseed must be an integer >= 0 (or -1 / None for a random one), got {sub!r}")
+        if sub is not None and (not _is_int(sub) or (sub < 0 and sub != -1) or sub + self.n_rows - 1 > MAX_SEED):
+            raise GenerationError(
+                f"subseed must be an integer in [0, 2**64 - 1] (or -1 / None for a random one), got {sub!r}"
+            )
         return self
 
 
@@ -236,4 +261,4 @@ def _per_row(v: TextOrList | None, n: int) -> list[str]:
     return ["" if v is None else str(v)] * n
 
 
-__all__ = ["GenerationRequest", "LoRAInput"]
+__all__ = ["MAX_CFG_SCALE", "MAX_MASK_BLUR", "MAX_SEED", "GenerationRequest", "LoRAInput"]

@@ -509,7 +509,7 @@ class Worker(threading.Thread):
                     job.preview_png = png_bytes(Image.fromarray(e.preview[0]))
                 m.finish(job, CANCELLED, f"cancelled after step {job.step} of {job.steps}")
                 return
-            except torch.OutOfMemoryError:
+            except (torch.OutOfMemoryError, MemoryError):  # CUDA's, or the CPU allocator's
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 m.finish(job, FAILED, "out of memory: use a smaller size or batch")
@@ -522,7 +522,11 @@ class Worker(threading.Thread):
             for image, seed, text in zip(result.images, result.seeds, result.infotexts, strict=True):
                 ji = JobImage(image, int(seed), text)
                 if job.save:
-                    ji.name = m.save(image, int(seed), text)
+                    try:  # a full disk fails this job only (save_png leaves no partial file)
+                        ji.name = m.save(image, int(seed), text)
+                    except OSError as e:
+                        m.finish(job, FAILED, f"could not save the image: {e}")
+                        return
                 job.images.append(ji)
             job.step = done_steps
             job.changed()
@@ -611,7 +615,7 @@ class Worker(threading.Thread):
                     keep.append(job)
             m.requeue(keep)
             return
-        except (SdengineError, ValueError, OSError, torch.OutOfMemoryError):
+        except (SdengineError, ValueError, OSError, torch.OutOfMemoryError, MemoryError):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log.warning("a batch of %d jobs failed; running them one by one", len(jobs))
@@ -622,10 +626,18 @@ class Worker(threading.Thread):
             return
         for job, (a, b) in zip(jobs, spans, strict=True):
             job.notes.extend(n for n in result.notes if n not in job.notes)
+            failed = None
             for image, seed, text in zip(result.images[a:b], result.seeds[a:b], result.infotexts[a:b], strict=True):
                 ji = JobImage(image, int(seed), text)
                 if job.save:
-                    ji.name = m.save(image, int(seed), text)
+                    try:  # a full disk fails this job only
+                        ji.name = m.save(image, int(seed), text)
+                    except OSError as e:
+                        failed = f"could not save the image: {e}"
+                        break
                 job.images.append(ji)
+            if failed is not None:
+                m.finish(job, FAILED, failed)
+                continue
             job.step = job.steps
             m.finish(job, DONE)

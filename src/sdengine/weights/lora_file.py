@@ -246,6 +246,9 @@ def _peft_metadata(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     except json.JSONDecodeError:
         log.warning("ignoring unreadable lora_adapter_metadata")
         return {}
+    if not isinstance(flat, dict):  # JSON of another shape (found by the fuzz test: a list crashed here)
+        log.warning("ignoring lora_adapter_metadata that is not a JSON object")
+        return {}
     out: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         comp, _, fld = key.partition(".")
@@ -260,7 +263,13 @@ def _peft_alpha(cfg: Mapping[str, Mapping[str, Any]], layer: str, where: str) ->
         return None, False
     alpha = c.get("lora_alpha")
     # PEFT matches pattern keys against the end of the module name (alpha_pattern overrides lora_alpha).
-    for pattern, value in (c.get("alpha_pattern") or {}).items():
+    patterns = c.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise LoRAFileError(f"{where}: alpha_pattern in lora_adapter_metadata is not a JSON object")
+    for pattern, value in patterns.items():
+        # PEFT's patterns are module paths; anything else could be a regex that backtracks for minutes
+        if not re.fullmatch(r"[\w.]+", pattern):
+            raise LoRAFileError(f"{where}: alpha_pattern key {pattern[:40]!r} is not a module path")
         if re.fullmatch(rf"(.*\.)?{pattern}", module):
             alpha = value
             break
