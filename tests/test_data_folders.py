@@ -136,6 +136,13 @@ def test_require_captions(folder: Path) -> None:
         p.with_suffix(".txt").write_text(f"caption of {p.stem}")
     ds = ImageFolder(folder, size=8, require_captions=True)
     assert ds[3]["caption"] == "caption of c"
+    # one wording per line; blank lines skipped; an empty file is one empty caption
+    first = list_images(folder)[0]
+    first.with_suffix(".txt").write_text("\n  one way \n\nanother way\n")
+    list_images(folder)[1].with_suffix(".txt").write_text("\n")
+    ds = ImageFolder(folder, size=8, require_captions=True)
+    assert ds.caption_sets[0] == ["one way", "another way"] and ds.captions[0] == "one way"
+    assert ds.caption_sets[1] == [""] and ds[0]["caption"] == "one way"
 
 
 def test_flip_uses_explicit_generator(folder: Path) -> None:

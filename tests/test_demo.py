@@ -99,7 +99,7 @@ def test_captioned_grid_size_and_captions():
 def test_demo_writes_the_four_pictures_and_the_images(full_run):
     out, res, lines = full_run
     assert not res.fallback and not res.skipped
-    for name, cols in (("emoji_grid.png", 4), ("img2img.png", 2), ("controlnet.png", 3), ("lora.png", 2)):
+    for name, cols in (("emoji_grid.png", 4), ("img2img.png", 2), ("controlnet.png", 5), ("lora.png", 2)):
         with Image.open(out / name) as im:
             assert im.size[0] == 6 + cols * (CELL + 6), name
         assert out / name in res.files
@@ -128,8 +128,12 @@ def test_controlnet_and_lora_change_the_image(full_run):
         a = np.asarray(Image.open(out / name).convert("RGB"))
         return [a[6 : 6 + CELL, 6 + k * (CELL + 6) : 6 + k * (CELL + 6) + CELL] for k in range(n)]
 
-    _, plain, with_cn = cells("controlnet.png", 3)
-    assert np.abs(plain.astype(int) - with_cn).max() > 0
+    _, plain, half, one, more = cells("controlnet.png", 5)
+    for with_cn in (half, one, more):
+        assert np.abs(plain.astype(int) - with_cn).max() > 0
+    assert np.abs(half.astype(int) - more).max() > 0  # the weight matters
+    a = np.asarray(Image.open(out / "controlnet.png").convert("RGB"))
+    assert a.shape[0] > 2 * CELL  # two rows: the prompt, then the empty prompt
     plain, with_lora = cells("lora.png", 2)
     assert np.abs(plain.astype(int) - with_lora).max() > 0
 

@@ -108,7 +108,7 @@ def test_bad_settings_are_one_line_errors(kw, match):
 def test_one_name_for_condition_dropout_with_the_old_names_kept():
     """Every trainer's spec calls it cond_dropout, with today's defaults; the old keywords still work."""
     assert DDPMSpec().cond_dropout == 0.1 and EmojiTrainSpec().cond_dropout == 0.1
-    assert ControlNetTrainSpec(model="m", data="d").cond_dropout == 0.05
+    assert ControlNetTrainSpec(model="m", data="d").cond_dropout == 0.5
     assert DDPMSpec(label_dropout=0.3).cond_dropout == 0.3
     assert EmojiTrainSpec(caption_dropout=0.2).cond_dropout == 0.2
     spec = ControlNetTrainSpec(model="m", data="d", empty_prompt_p=0.0)

@@ -219,15 +219,20 @@ def test_evaluate_emoji_tiny(pipe, recogniser, dataset, tmp_path):
     c = res["controlnet"]
     assert c["n"] == 2 and 0.0 <= c["f1_with"] <= 1.0 and 0.0 <= c["f1_exact_without"] <= 1.0
     assert 0.0 <= c["f1_empty_with"] <= 1.0 and 0.0 <= c["f1_exact_empty_without"] <= 1.0
+    # the mismatched prompt (another emoji's caption): F1 against the control, and whose emoji the result is
+    assert 0.0 <= c["f1_mismatched_with"] <= 1.0
+    shares = [c[f"mismatched_top5_{w}"] for w in ("prompt", "control", "either")]
+    assert all(0.0 <= v <= 1.0 for v in shares) and shares[2] >= max(shares[:2])
     assert res["lora"] is None
     # captions 6 + paraphrases 5 + sweep (cfg 1: 3 new; cfg 5 = the main scale: the captions of the main run
-    # reused) + ControlNet 2 x 2 with the captions and 2 x 2 with the empty prompt
+    # reused) + ControlNet 2 x 2 with the captions, 2 x 2 with the empty prompt, 2 with mismatched prompts
     reused = len(set(evenly_spaced(base, 3)) & set(evenly_spaced(base, 6)))
     assert reused >= 2
-    assert res["images_generated"] == 6 + 5 + 3 + (3 - reused) + 4 + 4
+    assert res["images_generated"] == 6 + 5 + 3 + (3 - reused) + 4 + 4 + 2
     json.dumps(res)  # JSON-able
     report = format_report(res)
     assert "| canonical captions" in report and "cfg 1" in report and "ControlNet" in report
+    assert "mismatched prompt" in report
 
     again = evaluate_emoji(pipe, recogniser, **kw)
     strip = lambda r: {k: v for k, v in r.items() if k != "timings"}  # noqa: E731

@@ -349,3 +349,43 @@ def test_sample_every_writes_pngs_with_parameters_and_keeps_the_random_stream(se
     assert main([*common, "--steps", "2", "--out", str(out2), "--sample-every", "2", "--sample-prompt", "a cat"]) == 0
     with Image.open(out2 / "samples" / "step-000002.png") as im:
         assert parse_parameters(im.info["parameters"])["Prompt"] == "a cat"
+
+
+def test_several_captions_per_image_are_drawn_per_step(setup, tmp_path):
+    """A .txt with one wording per line: every wording is encoded once, each step draws one per image from
+    the step's generator (so a rerun draws the same), and a folder of one-line captions trains exactly as
+    before (nothing extra drawn)."""
+    from safetensors.torch import load_file
+
+    from sdengine.pipeline import load_pipeline
+    from sdengine.train.lora import LoRASpec, prepare_data
+
+    model, data_dir, _ = setup
+    multi = image_folder(tmp_path / "multi")
+    (multi / "img1.txt").write_text("sks square\n\n  a small sks box  \nsks, a block\n")
+    pipe = load_pipeline(str(model), device="cpu")
+    spec = LoRASpec(model=str(model), data=str(multi))
+    data = prepare_data(pipe, spec, 32, torch.device("cpu"))
+    assert data.captions == ["sks square, picture 0", "sks square", "a small sks box", "sks, a block"] + [
+        f"sks square, picture {i}" for i in (2, 3)
+    ]
+    assert data.latents.shape[0] == 4 and data.states is not None and data.states.shape[0] == 6
+    assert data.row_start is not None and data.row_start.tolist() == [0, 1, 4, 5]
+    g = torch.Generator().manual_seed(0)
+    drawn = torch.stack([data.caption_rows(torch.tensor([0, 1, 2, 3]), g) for _ in range(200)])
+    assert set(drawn[:, 0].tolist()) == {0} and set(drawn[:, 2].tolist()) == {4} and set(drawn[:, 3].tolist()) == {5}
+    counts = torch.bincount(drawn[:, 1], minlength=6)[1:4]
+    assert counts.min() > 40  # each of the three wordings of image 1 drawn about a third of the time
+    # one caption per image: the rows are the images and nothing is drawn from the generator
+    single = prepare_data(pipe, LoRASpec(model=str(model), data=str(data_dir)), 32, torch.device("cpu"))
+    assert single.row_start is None and single.captions == [f"sks square, picture {i}" for i in range(4)]
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert single.caption_rows(torch.tensor([2, 0]), g1).tolist() == [2, 0]
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+    # the CLI trains on it, reproducibly (same command twice -> the same LoRA)
+    common = ["train", "lora", "--model", str(model), "--data", str(multi), "--name", "sks", "--steps", "3"]
+    common += ["--resolution", "32", "--lr", "3e-3", "--device", "cpu", "--checkpoint-every", "0"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--out", str(tmp_path / "b")]) == 0
+    a, b = load_file(tmp_path / "a" / "sks.safetensors"), load_file(tmp_path / "b" / "sks.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

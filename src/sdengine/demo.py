@@ -4,7 +4,8 @@
    image each with its prompt under it; every image also as ``emoji/<slug>.png``.
 2. ``img2img.png``: a rendered emoji (init) | the same picture redrawn with another prompt at strength 0.6.
 3. ``controlnet.png``: canny edges of a rendered emoji | the prompt without ControlNet | with the
-   ``emoji-controlnet-canny`` ControlNet (same seed).
+   ``emoji-controlnet-canny`` ControlNet at weights 0.5, 1 and 1.5 (same seed); a second row the same with the
+   empty prompt, where the outline can only come from the ControlNet.
 4. ``lora.png``: a fruit prompt without | with the ``emoji-fruit`` LoRA (the base model never saw fruit).
 
 Every generated image is also written alone as a PNG carrying its A1111 ``parameters`` text (the writer
@@ -58,6 +59,7 @@ IMG2IMG_PROMPT = "cat face"
 IMG2IMG_STRENGTH = 0.6
 CONTROL_SOURCE = ("\U0001f431", "cat face")  # its canny edges are the control map
 CONTROL_PROMPT = "tiger face"
+CONTROL_SCALES = (0.5, 1.0, 1.5)  # the ControlNet's weight in the demo's columns
 LORA_PROMPT = "red apple"
 
 EMOJI_CFG = 5.0
@@ -288,13 +290,27 @@ def _emoji(
         t = time.perf_counter()
         src = render(CONTROL_SOURCE[0]) or tiles[0]
         edges = canny(src.convert("RGB")).resize(size, Image.Resampling.NEAREST)
-        plain, _ = gen(CONTROL_PROMPT)
-        img, text = gen(CONTROL_PROMPT, controlnets=[(controlnet, edges, 1.0)])
-        write(img, "controlnet_result.png", f"{CONTROL_PROMPT!r} with the canny ControlNet", text)
+        # Two rows, each one batched call per column: the prompt (its usual emoji has another outline than the
+        # control) and the empty prompt (the structure can only come from the ControlNet); without, then
+        # with the ControlNet at CONTROL_SCALES.
+        prompts = [CONTROL_PROMPT, ""]
+        plain = pipe(prompts, **common)
+        columns = [pipe(prompts, **common, controlnets=[(controlnet, edges, w)]) for w in CONTROL_SCALES]
+        main = CONTROL_SCALES.index(1.0)
         write(
-            captioned_grid([edges, plain, img], ["canny edges", "without ControlNet", "with ControlNet"], 3),
+            columns[main].images[0],
+            "controlnet_result.png",
+            f"{CONTROL_PROMPT!r} with the canny ControlNet",
+            columns[main].infotexts[0],
+        )
+        tiles, labels = [], []
+        for row, name in enumerate((repr(CONTROL_PROMPT), "empty prompt")):
+            tiles += [edges, plain.images[row], *[c.images[row] for c in columns]]
+            labels += ["canny edges", f"{name}, no ControlNet", *[f"{name}, ControlNet {w:g}" for w in CONTROL_SCALES]]
+        write(
+            captioned_grid(tiles, labels, 2 + len(CONTROL_SCALES)),
             "controlnet.png",
-            "control | without | with",
+            f"control | without | with at {' / '.join(f'{w:g}' for w in CONTROL_SCALES)}; the prompt, then empty",
         )
         res.timings["controlnet"] = time.perf_counter() - t
 

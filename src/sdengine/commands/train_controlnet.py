@@ -40,7 +40,8 @@ def run(a: argparse.Namespace) -> int:
         condition_dir=a.condition_dir,
         condition_options=opts,
         resolution=a.resolution,
-        cond_dropout=a.empty_prompt_p,
+        cond_dropout=a.cond_dropout,
+        save_dtype=a.save_dtype,
         controlnet_init=a.init,
         sample_prompt=a.sample_prompt,
     )
@@ -74,7 +75,20 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         help="preprocessor option, e.g. low=50 (repeatable)",
     )
     p.add_argument("--resolution", type=int, default=None, help="training size in pixels (default: the model's)")
-    p.add_argument("--empty-prompt-p", type=float, default=0.05, help="fraction of captions dropped")
+    p.add_argument(
+        "--cond-dropout",
+        "--empty-prompt-p",
+        dest="cond_dropout",
+        type=float,
+        default=0.5,
+        help="fraction of captions replaced by the empty prompt (the ControlNet paper's 0.5)",
+    )
+    p.add_argument(
+        "--save-dtype",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="dtype of the exported ControlNet weights",
+    )
     p.add_argument("--init", default=None, help="continue from this ControlNet instead of the U-Net copy")
     add_sample_args(p, control=True)
     add_train_args(

@@ -28,6 +28,7 @@ __all__ = [
     "load_image",
     "pil_to_tensor",
     "read_caption",
+    "read_captions",
     "resize_center_crop",
     "verify_images",
 ]
@@ -110,10 +111,21 @@ def load_image(
     return pil_to_tensor(im)
 
 
-def read_caption(image_path: Path) -> str | None:
-    """The caption in ``<stem>.txt`` beside the image, or None when there is none."""
+def read_captions(image_path: Path) -> list[str] | None:
+    """The captions in ``<stem>.txt`` beside the image, one per non-empty line (an empty file: one empty
+    caption), or None when there is no such file. Several lines are several wordings of the same image; a
+    trainer that takes caption variety draws one per step (``train lora``), the others use the first."""
     txt = image_path.with_suffix(".txt")
-    return txt.read_text(encoding="utf-8").strip() if txt.is_file() else None
+    if not txt.is_file():
+        return None
+    lines = [line.strip() for line in txt.read_text(encoding="utf-8").splitlines()]
+    return [line for line in lines if line] or [""]
+
+
+def read_caption(image_path: Path) -> str | None:
+    """The first caption in ``<stem>.txt`` beside the image (see :func:`read_captions`), or None."""
+    captions = read_captions(image_path)
+    return None if captions is None else captions[0]
 
 
 class ImageFolder(Dataset[ImageItem]):
@@ -157,13 +169,15 @@ class ImageFolder(Dataset[ImageItem]):
         self.paths = list_images(self.root)
         if verify:
             verify_images(self.paths)
-        captions = [read_caption(p) for p in self.paths]
+        sets = [read_captions(p) for p in self.paths]
         if require_captions:
-            missing = [str(p) for p, c in zip(self.paths, captions, strict=True) if c is None]
+            missing = [str(p) for p, c in zip(self.paths, sets, strict=True) if c is None]
             if missing:
                 shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
                 raise ImageFolderError(f"{len(missing)} image(s) under {self.root} have no .txt caption: {shown}")
-        self.captions = [default_caption if c is None else c for c in captions]
+        # every wording of each image (one per line of its .txt), and the first one as "the" caption
+        self.caption_sets: list[list[str]] = [[default_caption] if c is None else c for c in sets]
+        self.captions = [c[0] for c in self.caption_sets]
         self._cache: dict[int, torch.Tensor] | None = {} if cache else None
 
     def __len__(self) -> int:

@@ -428,7 +428,7 @@ def evaluate_emoji(
     control_res = None
     if controlnet is not None:
         t = time.perf_counter()
-        control_res = _control_section(run, pipe, ds, base, controlnet, control_n, cfg, seed)
+        control_res = _control_section(run, pipe, ds, base, controlnet, control_n, cfg, seed, entries)
         timings["controlnet_s"] = time.perf_counter() - t
 
     # (e) LoRA on the held-out subgroup
@@ -478,7 +478,15 @@ def evaluate_emoji(
 
 
 def _control_section(
-    run: _Runner, pipe: Any, ds: Any, base: list[int], controlnet: Any, control_n: int, cfg: float, seed: int
+    run: _Runner,
+    pipe: Any,
+    ds: Any,
+    base: list[int],
+    controlnet: Any,
+    control_n: int,
+    cfg: float,
+    seed: int,
+    entries: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     from sdengine.control import load_controlnet
     from sdengine.models.controlnet import ControlNet
@@ -514,6 +522,35 @@ def _control_section(
             pairs = list(zip(edges, gen_edges, strict=True))
             out[f"f1_{mode}{key}"] = float(np.mean([edge_f1(e, g) for e, g in pairs]))
             out[f"f1_exact_{mode}{key}"] = float(np.mean([edge_f1(e, g, 0) for e, g in pairs]))
+    # Mismatched prompt: the caption of another emoji (half the list away) with this render's edges. Both
+    # failure modes show here: a ControlNet the prompt overrides (low F1) and one that ignores the prompt. The
+    # recogniser says whose emoji the result is: the prompt's, the control's (top-5 each).
+    if entries is not None and len(idx) >= 2:
+        other = [idx[(k + len(idx) // 2) % len(idx)] for k in range(len(idx))]
+        prompts = [ds.captions[j] for j in other]
+        arrays = run.generate(
+            prompts, seeds, cfg, "controlnet with (mismatched prompt)", controlnet=net, control_images=control
+        )
+        gen_edges = [_canny_array(to_uint8(a)) for a in arrays]
+        out["f1_mismatched_with"] = float(np.mean([edge_f1(e, g) for e, g in zip(edges, gen_edges, strict=True)]))
+        logits, _ = _recognise(run.recogniser, _to_recogniser_input(arrays), False)
+        for who, rows in (("prompt", other), ("control", idx)):
+            targets = [run.index(entries[j].char) for j in rows]
+            known = [k for k, t in enumerate(targets) if t is not None]
+            if known:
+                hits = topk_hits(logits[known], torch.tensor([targets[k] for k in known]), 5)
+                out[f"mismatched_top5_{who}"] = float(hits.float().mean())
+        either = [
+            k
+            for k in range(len(idx))
+            if run.index(entries[other[k]].char) is not None and run.index(entries[idx[k]].char) is not None
+        ]
+        if either:
+            top5 = logits[either].topk(min(5, logits.shape[1]), dim=1).indices
+            wanted = [(run.index(entries[other[k]].char), run.index(entries[idx[k]].char)) for k in either]
+            out["mismatched_top5_either"] = float(
+                np.mean([a in row.tolist() or b in row.tolist() for row, (a, b) in zip(top5, wanted, strict=True)])
+            )
     return out
 
 
@@ -585,6 +622,16 @@ def format_report(res: dict[str, Any]) -> str:
             lines.append(
                 f"| empty prompt: edge F1 (exact) without / with ControlNet | {c['n']} | | "
                 f"{c['f1_exact_empty_without']:.3f} / {c['f1_exact_empty_with']:.3f} |"
+            )
+        if "f1_mismatched_with" in c:
+            lines.append(
+                f"| mismatched prompt (another emoji's caption): edge F1 (±{c['tolerance_px']} px) with ControlNet "
+                f"| {c['n']} | | {c['f1_mismatched_with']:.3f} |"
+            )
+            lines.append(
+                f"| mismatched prompt: recogniser top-5 finds the prompt's / the control's / either emoji | {c['n']} "
+                f"| | {_pct(c.get('mismatched_top5_prompt'))} / {_pct(c.get('mismatched_top5_control'))} / "
+                f"{_pct(c.get('mismatched_top5_either'))} |"
             )
     lo = res.get("lora")
     if lo:

@@ -627,11 +627,27 @@ def train_emoji(
     return summary
 
 
+def held_out_wordings(entry: Any) -> list[str]:
+    """Every training wording of a held-out emoji: the canonical caption first, the other caption templates,
+    then the hand-written training wordings of the fruit (:data:`FRUIT_TRAIN_CAPTIONS`), without repeats."""
+    from ..data.emoji import CAPTION_TEMPLATES, make_caption
+    from ..data.emoji_fruit_captions import FRUIT_TRAIN_CAPTIONS
+
+    out: list[str] = []
+    for c in [make_caption(entry, template=t) for t in range(len(CAPTION_TEMPLATES))] + list(
+        FRUIT_TRAIN_CAPTIONS.get(entry.name, ())
+    ):
+        if c not in out:
+            out.append(c)
+    return out
+
+
 def write_caption_folders(
     ds: EmojiDataset, dst: str | Path, held_out: str | None = HELD_OUT_SUBGROUP
 ) -> dict[str, int]:
     """Renders as PNG + ``.txt`` caption folders (kohya convention) for ``sdengine train controlnet|lora``:
-    ``dst/base`` (what the base model saw) and ``dst/<held_out>`` (the LoRA's subgroup)."""
+    ``dst/base`` (what the base model saw; the canonical caption) and ``dst/<held_out>`` (the LoRA's subgroup;
+    every wording from :func:`held_out_wordings`, one per line, the canonical caption first)."""
     from PIL import Image
 
     dst = Path(dst)
@@ -642,7 +658,10 @@ def write_caption_folders(
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"{i:04d}_" + "-".join(f"{ord(c):x}" for c in e.char)
         Image.fromarray(ds.pixels[i]).save(folder / f"{stem}.png")
-        (folder / f"{stem}.txt").write_text(ds.captions[i] + "\n", encoding="utf-8")
+        lines = held_out_wordings(e) if part != "base" else [ds.captions[i]]
+        if lines[0] != ds.captions[i]:  # the dataset's caption stays the first (the one-caption trainers' choice)
+            lines = [ds.captions[i], *[c for c in lines if c != ds.captions[i]]]
+        (folder / f"{stem}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         counts[part] = counts.get(part, 0) + 1
     return counts
 
@@ -653,6 +672,7 @@ def _secs(minutes: float | None) -> float | None:
 
 __all__ = [
     "EMOJI_UNET_TOKENS_ONLY",
+    "held_out_wordings",
     "EmojiRecipe",
     "add_pooled_projection",
     "caption_pooled",

@@ -212,12 +212,27 @@ def gradient_checkpointing(models: list[nn.Module], enabled: bool = True) -> Ite
 
 @dataclass
 class LoRAData:
+    """N images and M >= N captions (rows): each image has one or more wordings (the lines of its .txt)."""
+
     latents: torch.Tensor  # (N, C, h, w) scaled latents
-    token_ids: torch.Tensor  # (N, 77)
-    states: torch.Tensor | None  # (N, 77, D) text states when the text encoder is frozen
-    captions: list[str]
-    # Other U-Net inputs per caption, e.g. {"class_labels": (N, D)} pooled text vectors (the emoji model)
+    token_ids: torch.Tensor  # (M, 77)
+    states: torch.Tensor | None  # (M, 77, D) text states when the text encoder is frozen
+    captions: list[str]  # (M) every wording, image by image
+    # Other U-Net inputs per caption, e.g. {"class_labels": (M, D)} pooled text vectors (the emoji model)
     unet_kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Caption rows of image i: row_start[i] .. row_start[i] + row_count[i] - 1. None: one caption per image.
+    row_start: torch.Tensor | None = None
+    row_count: torch.Tensor | None = None
+
+    def caption_rows(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The caption row of each image in ``idx``: one of its wordings, uniformly, drawn from ``gen`` (the
+        step's generator, so a resumed run draws the same). With one caption per image nothing is drawn (the
+        random stream of single-caption runs is what it always was)."""
+        if self.row_start is None or self.row_count is None:
+            return idx
+        start, count = self.row_start.to(idx.device)[idx], self.row_count.to(idx.device)[idx]
+        u = torch.rand(idx.shape, generator=gen).to(idx.device)
+        return start + (u * count).long().clamp(max=count - 1)
 
 
 def _uses_clip(pipe: Any) -> bool:
@@ -236,22 +251,34 @@ def prepare_data(pipe: Any, spec: LoRASpec, resolution: int, device: torch.devic
         raise LoRATrainingError(str(e)) from None
     images = ds.stack().to(device=device, dtype=next(pipe.vae.parameters()).dtype)  # (N, 3, H, W) in [-1, 1]
     latents = torch.cat([encode(pipe.vae, images[i : i + 8], None, tiled=False) for i in range(0, len(ds), 8)])
+    rows = [c for wordings in ds.caption_sets for c in wordings]  # every wording of every image, in order
+    row_start = row_count = None
+    if len(rows) > len(ds):
+        counts = [len(w) for w in ds.caption_sets]
+        row_count = torch.tensor(counts, dtype=torch.long)
+        row_start = torch.cumsum(row_count, 0) - row_count
     if not _uses_clip(pipe):
         # Another text encoder (the emoji model's MiniLM): the pipeline's conditioner, frozen (the same
         # conditioning generation uses: token states, and the pooled vector for a U-Net that reads one).
         if spec.train_text_encoder:
             raise LoRATrainingError("--train-text-encoder needs a CLIP text encoder; this model's is frozen MiniLM")
-        cond = pipe.conditioner(ds.captions)
+        cond = pipe.conditioner(rows)
         states = cond["crossattn"].float().to(device)
         extra = {"class_labels": cond["vector"].float().to(device)} if "vector" in cond else {}
         return LoRAData(
-            latents.float(), torch.zeros((len(ds), 0), dtype=torch.long, device=device), states, ds.captions, extra
+            latents.float(),
+            torch.zeros((len(rows), 0), dtype=torch.long, device=device),
+            states,
+            rows,
+            extra,
+            row_start,
+            row_count,
         )
     # CLIP keeps its own token-id path: with --train-text-encoder the encoder runs inside the training step, so
     # the data holds token ids, not states; and one 77-token window per caption without emphasis is what
     # kohya trains on (the conditioner would read emphasis and encode every chunk).
     ids = []
-    for caption in ds.captions:
+    for caption in rows:
         # One 77-token window per caption (kohya's default): training uses the first chunk, emphasis ignored.
         chunk = prompt_chunks(pipe.tokenizer, caption, pad_token_id=pipe.pad_token_id)[0]
         ids.append(list(chunk.ids))
@@ -259,9 +286,9 @@ def prepare_data(pipe: Any, spec: LoRASpec, resolution: int, device: torch.devic
     states = None
     if not spec.train_text_encoder:
         states = torch.cat(
-            [pipe.text_encoder(token_ids[i : i + 16]).last_hidden_state for i in range(0, len(ds), 16)]
-        )  # (N, 77, D)
-    return LoRAData(latents.float(), token_ids, states, ds.captions)
+            [pipe.text_encoder(token_ids[i : i + 16]).last_hidden_state for i in range(0, len(rows), 16)]
+        )  # (M, 77, D)
+    return LoRAData(latents.float(), token_ids, states, rows, row_start=row_start, row_count=row_count)
 
 
 # ----------------------------------------------------------------------------------------------------- train
@@ -359,12 +386,15 @@ def train_lora(
         idx = data_indices(step, cfg.batch_size, n, cfg.seed).to(device)
         r = distributed.local_rows(idx.shape[0])  # this rank's rows; the draws are made for the whole batch
         z0 = data.latents[idx]  # (B, C, h, w)
-        if data.states is not None:
-            ctx = data.states[idx[r]]  # (b, 77, D)
-        else:
-            ctx = pipe.text_encoder(data.token_ids[idx[r]]).last_hidden_state  # (b, 77, D), through the TE LoRA
         t, noise, x_t = loss.draw(z0, gen)
-        extra = {k: v[idx[r]].to(pipe.dtype) for k, v in data.unet_kwargs.items()}
+        rows = data.caption_rows(idx, gen)[
+            r
+        ]  # which wording of each image (drawn for the whole batch, after the noise)
+        if data.states is not None:
+            ctx = data.states[rows]  # (b, 77, D)
+        else:
+            ctx = pipe.text_encoder(data.token_ids[rows]).last_hidden_state  # (b, 77, D), through the TE LoRA
+        extra = {k: v[rows].to(pipe.dtype) for k, v in data.unet_kwargs.items()}
         out = pipe.unet(x_t[r].to(pipe.dtype), t[r], encoder_hidden_states=ctx.to(pipe.dtype), **extra)
         return loss(out, z0[r], noise[r], t[r])
 
