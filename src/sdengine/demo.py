@@ -294,7 +294,7 @@ def _emoji(
         # control) and the empty prompt (the structure can only come from the ControlNet); without, then
         # with the ControlNet at CONTROL_SCALES.
         prompts = [CONTROL_PROMPT, ""]
-        plain = pipe(prompts, **common)
+        plain_rows = pipe(prompts, **common)
         columns = [pipe(prompts, **common, controlnets=[(controlnet, edges, w)]) for w in CONTROL_SCALES]
         main = CONTROL_SCALES.index(1.0)
         write(
@@ -305,7 +305,7 @@ def _emoji(
         )
         tiles, labels = [], []
         for row, name in enumerate((repr(CONTROL_PROMPT), "empty prompt")):
-            tiles += [edges, plain.images[row], *[c.images[row] for c in columns]]
+            tiles += [edges, plain_rows.images[row], *[c.images[row] for c in columns]]
             labels += ["canny edges", f"{name}, no ControlNet", *[f"{name}, ControlNet {w:g}" for w in CONTROL_SCALES]]
         write(
             captioned_grid(tiles, labels, 2 + len(CONTROL_SCALES)),
