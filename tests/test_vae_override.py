@@ -5,6 +5,7 @@ a VAE that does not fit is refused in one line."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 
 import numpy as np
@@ -248,3 +249,25 @@ def test_serve_vae_reaches_every_loaded_model(tiny_sd1_folder, other, tmp_path, 
     assert main(["serve", "--vae", str(tmp_path / "missing.vae.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert "--vae" in err and "missing.vae.pt" in err and "\n" not in err
+
+
+def test_a1111_info_names_the_vae_and_its_hash(tiny_sd1_folder, other, tmp_path):
+    """serve --vae: the A1111 route's info carries sd_vae_name / sd_vae_hash (and the model hash) as the
+    image's infotext records them."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+
+    from _live_server import live_server, server_config
+    from sdengine.server.app import default_loader
+
+    vae = other[1]["ldm"]
+    config = server_config(tmp_path, model=str(tiny_sd1_folder), vae=vae)
+    with live_server(config, loader=default_loader(None, vae=vae)) as server:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            body = {"prompt": "a dog", "steps": 2, "width": 32, "height": 32, "seed": 7}
+            r = c.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    recorded = parse_parameters(info["infotexts"][0])
+    assert info["sd_vae_name"] == "other.vae.safetensors" == recorded["VAE"]
+    assert info["sd_vae_hash"] == recorded["VAE hash"] and len(info["sd_vae_hash"]) == 10

@@ -335,6 +335,9 @@ def install(app: FastAPI, services: Any) -> None:
         kw = job.generation.kwargs
         seeds = [im.seed for im in job.images] or [int(kw["seed"])]
         texts = [im.infotext for im in job.images]
+        from sdengine.metadata import parse_parameters
+
+        recorded = parse_parameters(texts[0]) if texts and texts[0] else {}  # the hashes the image was made with
         info = {
             "prompt": req.prompt,
             "all_prompts": [req.prompt] * len(seeds),
@@ -354,9 +357,9 @@ def install(app: FastAPI, services: Any) -> None:
             "restore_faces": False,
             "face_restoration_model": None,
             "sd_model_name": job.generation.model_name,
-            "sd_model_hash": None,
-            "sd_vae_name": None,
-            "sd_vae_hash": None,
+            "sd_model_hash": recorded.get("Model hash"),
+            "sd_vae_name": recorded.get("VAE"),
+            "sd_vae_hash": recorded.get("VAE hash"),
             "seed_resize_from_w": -1,
             "seed_resize_from_h": -1,
             "denoising_strength": kw["strength"] if kw["init_image"] is not None else None,
