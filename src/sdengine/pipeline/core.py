@@ -97,6 +97,7 @@ class Pipeline:
         source: Path | None = None,
         lora_dir: str | Path | None = None,
         context_length: int | None = None,
+        conditioner: TextConditioner | None = None,
     ) -> None:
         # Any: the configs (unet.config, vae.config) are sdengine dataclasses the type checker cannot see.
         self.unet: Any = unet.eval().requires_grad_(False)
@@ -116,7 +117,8 @@ class Pipeline:
         self.lora_dir = lora_dir
         self.noise_schedule = NoiseSchedule.from_config(**self.scheduler_config)
         self.vae_upcast = False  # set once a half-precision decode gave NaN: later decodes go to fp32
-        self.conditioner: TextConditioner = make_conditioner(
+        # A family with its own conditioner (SDXL: two encoders) passes it in; the others are made here.
+        self.conditioner: TextConditioner = conditioner or make_conditioner(
             text_encoder,
             tokenizer,
             unet_config=getattr(unet, "config", None),
@@ -258,6 +260,8 @@ class Pipeline:
         width = self._check_size("width", self.default_size if r.width is None else r.width)
         height = self._check_size("height", self.default_size if r.height is None else r.height)
         r.validate()
+        if r.sdxl is not None and self.text_kind != "sdxl":
+            raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
         if int(r.steps) > self.noise_schedule.num_train_timesteps:
             raise GenerationError(f"steps must be at most {self.noise_schedule.num_train_timesteps}, got {r.steps}")
         name, sched = sampling.resolve(r.sampler, r.schedule)
@@ -382,12 +386,11 @@ class Pipeline:
     def generate(self, p: Prepared) -> Tensor:
         """(N, 3, H, W) images in [0, 1] for a prepared request; rows with text states of different lengths
         run as separate sub-batches."""
-        r = p.request
         note = lambda t: _note(p.notes, t)  # noqa: E731
         pairs: dict[tuple[str, str], tuple[Conditioning, Conditioning]] = {}
         for key in zip(p.prompts, p.negatives, strict=True):
             if key not in pairs:
-                pairs[key] = self.conditioner.pair(key[0], key[1], clip_skip=r.clip_skip, note=note)
+                pairs[key] = self.conditioning_pair(key[0], key[1], p, note)
         groups: dict[int, list[int]] = {}
         for i, key in enumerate(zip(p.prompts, p.negatives, strict=True)):
             groups.setdefault(int(pairs[key][0]["crossattn"].shape[1]), []).append(i)
@@ -400,6 +403,13 @@ class Pipeline:
             for j, i in enumerate(rows):
                 out[i] = images[j : j + 1]
         return torch.cat([t for t in out if t is not None])
+
+    def conditioning_pair(
+        self, prompt: str, negative: str, p: Prepared, note: Any
+    ) -> tuple[Conditioning, Conditioning]:
+        """(cond, uncond) of one row's prompts; a family that conditions on more than the text (SDXL: the
+        image size) overrides this."""
+        return self.conditioner.pair(prompt, negative, clip_skip=p.request.clip_skip, note=note)
 
     def _generate_rows(self, p: Prepared, rows: list[int], cond: Conditioning, uncond: Conditioning) -> Tensor:
         r = p.request

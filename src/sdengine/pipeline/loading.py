@@ -81,6 +81,8 @@ def load_pipeline(
         if path.is_dir() and not (path / "model_index.json").is_file() and (path / "config.json").is_file():
             return PixelPipeline.load(path, dev)  # a pixel DDPM model folder
     ckpt = load_checkpoint(path, vae=vae, prediction_type=prediction_type)
+    if ckpt.family in ("sdxl", "sdxl_refiner"):
+        return _load_sdxl(ckpt, path, key, dev, dt, lora_dir)
     models = build_models(ckpt, device=dev, dtype=dt)
     minilm = ckpt.text_encoder_type == "minilm"
     missing = [c for c in ("unet", "vae", "text_encoder") if c not in models and not (minilm and c == "text_encoder")]
@@ -117,6 +119,38 @@ def load_pipeline(
         device=dev,
         dtype=dt,
         name=name,
+        source=path,
+        lora_dir=lora_dir,
+    )
+
+
+def _load_sdxl(ckpt: Any, path: Path, key: str, dev: torch.device, dt: torch.dtype, lora_dir: Any) -> Pipeline:
+    """An SDXL base (two text encoders) or refiner (the second only) checkpoint -> SDXLPipeline."""
+    from sdengine.pipeline.sdxl import SDXLPipeline
+    from sdengine.weights import build_models
+
+    comps = tuple(c for c in ("unet", "vae", "text_encoder", "text_encoder_2") if c in ckpt.state_dicts)
+    models = build_models(ckpt, components=comps, device=dev, dtype=dt)
+    missing = [c for c in ("unet", "vae", "text_encoder_2") if c not in models]
+    if missing:
+        raise GenerationError(f"{path}: no sdengine model for {', '.join(missing)}")
+    tokenizer = _load_tokenizer(ckpt.tokenizer_dir)
+    tokenizer_2 = _load_tokenizer(ckpt.tokenizer_2_dir)
+    return SDXLPipeline(
+        unet=models["unet"],
+        vae=models["vae"],
+        text_encoder=models.get("text_encoder"),
+        tokenizer=tokenizer,
+        text_encoder_2=models["text_encoder_2"],
+        tokenizer_2=tokenizer_2,
+        scheduler_config=ckpt.configs["scheduler"],
+        prediction_type=ckpt.prediction_type,
+        pad_token_id=_pad_token_id(ckpt.tokenizer_dir, tokenizer.vocab, "sd1"),
+        pad_token_id_2=_pad_token_id(ckpt.tokenizer_2_dir, tokenizer_2.vocab, "sd2"),
+        force_zeros_for_empty_prompt=ckpt.force_zeros_for_empty_prompt,
+        device=dev,
+        dtype=dt,
+        name=path.name.removesuffix(path.suffix) or path.name,
         source=path,
         lora_dir=lora_dir,
     )

@@ -61,7 +61,15 @@ def _first_line(err: BaseException) -> str:
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 # Which bounds (sdengine.models.config_checks) a component's config is checked against.
-COMPONENT_KINDS = {"unet": "unet", "vae": "vae", "text_encoder": "clip_text", "scheduler": "scheduler"}
+COMPONENT_KINDS = {
+    "unet": "unet",
+    "vae": "vae",
+    "text_encoder": "clip_text",
+    "text_encoder_2": "clip_text",
+    "scheduler": "scheduler",
+}
+# SDXL folders add a second text encoder (OpenCLIP bigG with its projection); the refiner has only that one.
+SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 WEIGHT_FILE_STEMS = ("diffusion_pytorch_model", "model")
 CONFIG_METADATA_KEY = "sdengine.configs"  # JSON {unet, vae, text_encoder, scheduler} in files we write
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release our configs are written for and tested against
@@ -93,6 +101,9 @@ class LoadedCheckpoint:
     # "clip" (weights in state_dicts["text_encoder"]) or "minilm": sdengine's own folders (the built-in emoji
     # model) whose text encoder is all-MiniLM-L6-v2 by reference; only its config is here, no weights.
     text_encoder_type: Literal["clip", "minilm"] = "clip"
+    tokenizer_2_dir: Path | None = None  # SDXL's second tokenizer (pads with "!")
+    # model_index.json's force_zeros_for_empty_prompt (SDXL base: an empty negative prompt is all zeros)
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -208,12 +219,18 @@ def load_diffusers_folder(
     index = folder / "model_index.json"
     if not index.is_file():
         raise WeightsError(f"{folder}: not a diffusers folder (no model_index.json)")
-    minilm = list(_read_json(index, "model_index.json").get("text_encoder") or []) == MINILM_TEXT_ENCODER
+    model_index = _read_json(index, "model_index.json")
+    minilm = list(model_index.get("text_encoder") or []) == MINILM_TEXT_ENCODER
+    # SDXL: a text_encoder_2/ (the refiner has no text_encoder/: model_index says [null, null])
+    sdxl = (folder / "text_encoder_2").is_dir() and not minilm
+    components = (
+        tuple(c for c in SDXL_COMPONENTS if c != "text_encoder" or (folder / c).is_dir()) if sdxl else COMPONENTS
+    )
     # Every config is checked before any weights are read: a crafted number fails fast, whatever its file.
     sched = folder / "scheduler" / "scheduler_config.json"
     if sched.is_file():
         _check_config(sched, "scheduler", _read_json(sched, "scheduler config"))
-    for comp in COMPONENTS:
+    for comp in components:
         cfg_path = folder / comp / "config.json"
         if comp == "text_encoder" and minilm:
             _minilm_config(folder)
@@ -222,7 +239,7 @@ def load_diffusers_folder(
     sds: dict[str, StateDict] = {}
     cfgs: dict[str, dict[str, Any]] = {}
     skipped: list[str] = []
-    for comp in COMPONENTS:
+    for comp in components:
         if comp == "vae" and vae is not None:
             continue
         if comp == "text_encoder" and minilm:
@@ -234,24 +251,37 @@ def load_diffusers_folder(
         sds[comp], cfgs[comp] = _load_component_folder(sub, COMPONENT_KINDS[comp])
     if vae is not None:
         sds["vae"], cfgs["vae"] = load_vae(vae)
-    if not minilm:
+    if not minilm and "text_encoder" in sds:
         sds["text_encoder"] = _clean_text_encoder(sds["text_encoder"], skipped)
+    if "text_encoder_2" in sds:
+        from sdengine.models.clip_text import add_projection_prefix
+
+        sds["text_encoder_2"] = {
+            k: v for k, v in add_projection_prefix(sds["text_encoder_2"]).items() if not km.is_known_unused(k)
+        }
     cfgs["scheduler"] = _read_json(sched, "scheduler config") if sched.is_file() else {}
     pred = prediction_type or cfgs["scheduler"].get("prediction_type", "epsilon")
     cfgs["scheduler"]["prediction_type"] = pred
     cross = cfgs["unet"].get("cross_attention_dim")
     tok = folder / "tokenizer"
+    tok2 = folder / "tokenizer_2"
+    if sdxl:
+        family = "sdxl" if "text_encoder" in components else "sdxl_refiner"
+    else:
+        family = "custom" if minilm else {768: "sd1", 1024: "sd2"}.get(cross if isinstance(cross, int) else 0, "custom")
     return LoadedCheckpoint(
         source=folder,
         layout="diffusers",
         state_dicts=sds,
         configs=cfgs,
         prediction_type=pred,
-        family="custom" if minilm else {768: "sd1", 1024: "sd2"}.get(cross, "custom"),  # type: ignore[arg-type]
+        family=family,
         inpainting=cfgs["unet"].get("in_channels") == 9,
         tokenizer_dir=tok if tok.is_dir() else None,
         skipped=skipped,
         text_encoder_type="minilm" if minilm else "clip",
+        tokenizer_2_dir=tok2 if tok2.is_dir() else None,
+        force_zeros_for_empty_prompt=bool(model_index.get("force_zeros_for_empty_prompt", False)),
     )
 
 
@@ -756,6 +786,11 @@ def _model_factory(comp: str, config: Mapping[str, Any]) -> Callable[[], torch.n
 
         tcfg = CLIPTextConfig.from_transformers(config)
         return lambda: CLIPTextModel(tcfg)
+    if comp == "text_encoder_2":
+        from sdengine.models.clip_text import CLIPTextConfig, CLIPTextModelWithProjection
+
+        t2cfg = CLIPTextConfig.from_transformers(config)
+        return lambda: CLIPTextModelWithProjection(t2cfg)
     if comp == "vae":
         from sdengine.models.vae import AutoencoderKL, VAEConfig
 

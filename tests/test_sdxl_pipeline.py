@@ -1,0 +1,122 @@
+"""SDXL end to end against diffusers' StableDiffusionXLPipeline on a tiny random SDXL folder: loading,
+conditioning (both encoders, pooled vector, micro-conditioning, force_zeros_for_empty_prompt) and images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import sdengine  # noqa: E402
+from _pipeline_models import diffusers_scheduler  # noqa: E402
+from _sdxl_models import diffusers_sdxl, make_sdxl_folder  # noqa: E402
+from sdengine.errors import GenerationError  # noqa: E402
+from sdengine.pipeline.sdxl import SDXLPipeline  # noqa: E402
+
+TOL = 1e-3  # mean absolute difference on 0..1 pixels
+SIZE = 32  # the tiny VAE is 2x: 16x16 latents, the tiny U-Net's sample_size
+STEPS = 5
+PROMPT, NEGATIVE = "a red apple on a table", "blurry, dark"
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = make_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+    return folder, sdengine.load_pipeline(folder, device="cpu"), diffusers_sdxl(folder)
+
+
+def _mad(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+
+
+def _ours(pipe, sampler: str, prompt: str = PROMPT, negative: str = NEGATIVE, **kw):
+    args = dict(steps=STEPS, sampler=sampler, schedule="normal", cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
+    args.update(kw)
+    return pipe(prompt, negative, progress=False, **args)
+
+
+def _theirs(ref, folder, sampler: str, prompt: str = PROMPT, **kw):
+    ref.scheduler = diffusers_scheduler(folder, sampler)
+    gen = torch.Generator("cpu").manual_seed(SEED)
+    args = dict(
+        negative_prompt=NEGATIVE,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        generator=gen,
+        output_type="np",
+        width=SIZE,
+        height=SIZE,
+    )
+    args.update(kw)
+    return ref(prompt, **args).images
+
+
+def test_loads_as_sdxl_base(base):
+    folder, pipe, _ = base
+    assert isinstance(pipe, SDXLPipeline) and not pipe.refiner
+    assert pipe.text_kind == "sdxl"
+    assert pipe.vae.config.scaling_factor == pytest.approx(0.13025)
+    assert pipe.default_size == SIZE  # the U-Net's sample size x the VAE factor (1024 for the real model)
+
+
+def test_conditioning_equals_diffusers_encode_prompt(base):
+    _, pipe, ref = base
+    cond, uncond = pipe.conditioner.pair(PROMPT, NEGATIVE, width=SIZE, height=SIZE, options={"prompt_2": "a pear"})
+    pe, ne, pp, npp = ref.encode_prompt(PROMPT, prompt_2="a pear", negative_prompt=NEGATIVE, device="cpu")
+    assert cond["crossattn"].shape == pe.shape == (1, 77, 64)
+    assert (cond["crossattn"] - pe).abs().max() <= 1e-5
+    assert (uncond["crossattn"] - ne).abs().max() <= 1e-5
+    assert (cond["vector"][:, :32] - pp).abs().max() <= 1e-5
+    assert (uncond["vector"][:, :32] - npp).abs().max() <= 1e-5
+    # force_zeros_for_empty_prompt: an empty negative is zeros (diffusers: negative_prompt=None)
+    _, zero = pipe.conditioner.pair(PROMPT, "", width=SIZE, height=SIZE)
+    _, ne0, _, npp0 = ref.encode_prompt(PROMPT, device="cpu")
+    assert float(zero["crossattn"].abs().max()) == 0.0 and float(ne0.abs().max()) == 0.0
+    assert float(zero["vector"][:, :32].abs().max()) == 0.0 and float(npp0.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "euler_a"])
+def test_txt2img_matches_diffusers(base, sampler):
+    folder, pipe, ref = base
+    ours = _ours(pipe, sampler).arrays
+    theirs = _theirs(ref, folder, sampler)
+    assert ours.std() > 0.02
+    mad = _mad(ours, theirs)
+    print(f"sdxl txt2img {sampler}: mean abs {mad:.2e}")
+    assert mad < TOL
+
+
+def test_micro_conditioning_and_empty_negative_match_diffusers(base):
+    folder, pipe, ref = base
+    sdxl = {"original_size": [64, 48], "crops_coords_top_left": [4, 8], "target_size": [32, 40]}
+    ours = _ours(pipe, "euler", negative="", sdxl=sdxl).arrays
+    theirs = _theirs(
+        ref,
+        folder,
+        "euler",
+        negative_prompt=None,
+        original_size=(64, 48),
+        crops_coords_top_left=(4, 8),
+        target_size=(32, 40),
+    )
+    mad = _mad(ours, theirs)
+    print(f"sdxl micro-conditioning: mean abs {mad:.2e}")
+    assert mad < TOL
+    # and the numbers matter: other sizes give another picture
+    other = _ours(pipe, "euler", negative="").arrays
+    assert _mad(ours, other) > 3 * TOL
+
+
+def test_bad_sdxl_settings_are_one_clear_error(base, tiny_sd1_folder):
+    _, pipe, _ = base
+    with pytest.raises(GenerationError, match="original_size must be two integers"):
+        _ours(pipe, "euler", sdxl={"original_size": [0, 5]})
+    with pytest.raises(GenerationError, match="unknown sdxl settings: prompt3"):
+        _ours(pipe, "euler", sdxl={"prompt3": "x"})
+    sd1 = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
+    with pytest.raises(GenerationError, match="SDXL models only"):
+        _ours(sd1, "euler", sdxl={"prompt_2": "x"})
