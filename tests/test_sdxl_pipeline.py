@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
-from _pipeline_models import diffusers_scheduler  # noqa: E402
+from _pipeline_models import diffusers_scheduler, picture  # noqa: E402
 from _sdxl_models import diffusers_sdxl, make_sdxl_folder  # noqa: E402
 from sdengine.errors import GenerationError  # noqa: E402
 from sdengine.pipeline.sdxl import SDXLPipeline  # noqa: E402
@@ -120,3 +120,45 @@ def test_bad_sdxl_settings_are_one_clear_error(base, tiny_sd1_folder):
     sd1 = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
     with pytest.raises(GenerationError, match="SDXL models only"):
         _ours(sd1, "euler", sdxl={"prompt_2": "x"})
+
+
+# ------------------------------------------------------------------------------------------ img2img
+
+
+@pytest.fixture(scope="module")
+def refiner(tmp_path_factory):
+    folder = make_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl-refiner", refiner=True, seed=5)
+    return folder, sdengine.load_pipeline(folder, device="cpu"), diffusers_sdxl(folder, img2img=True)
+
+
+@pytest.mark.parametrize(("sampler", "strength"), [("euler", 0.6), ("dpmpp_2m", 0.3)])
+def test_img2img_matches_diffusers(base, sampler, strength):
+    folder, pipe, _ = base
+    ref = diffusers_sdxl(folder, img2img=True)
+    init = picture(SIZE, SIZE)
+    ours = _ours(pipe, sampler, init_image=init, strength=strength, steps=8).arrays
+    theirs = _theirs(ref, folder, sampler, image=init, strength=strength, num_inference_steps=8)
+    mad = _mad(ours, theirs)
+    print(f"sdxl img2img {sampler} {strength}: mean abs {mad:.2e}")
+    assert mad < TOL
+
+
+def test_refiner_loads_and_matches_diffusers_img2img(refiner):
+    folder, pipe, ref = refiner
+    assert isinstance(pipe, SDXLPipeline) and pipe.refiner and pipe.text_encoder is None
+    init = picture(SIZE, SIZE, seed=2)
+    sdxl = {"aesthetic_score": 7.0, "negative_aesthetic_score": 2.0}
+    ours = _ours(pipe, "euler", init_image=init, strength=0.3, steps=10, sdxl=sdxl).arrays
+    theirs = _theirs(
+        ref,
+        folder,
+        "euler",
+        image=init,
+        strength=0.3,
+        num_inference_steps=10,
+        aesthetic_score=7.0,
+        negative_aesthetic_score=2.0,
+    )
+    mad = _mad(ours, theirs)
+    print(f"sdxl refiner img2img euler 0.3: mean abs {mad:.2e}")
+    assert mad < TOL
