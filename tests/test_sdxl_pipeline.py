@@ -67,7 +67,7 @@ def test_conditioning_equals_diffusers_encode_prompt(base):
     _, pipe, ref = base
     cond, uncond = pipe.conditioner.pair(PROMPT, NEGATIVE, width=SIZE, height=SIZE, options={"prompt_2": "a pear"})
     pe, ne, pp, npp = ref.encode_prompt(PROMPT, prompt_2="a pear", negative_prompt=NEGATIVE, device="cpu")
-    assert cond["crossattn"].shape == pe.shape == (1, 77, 64)
+    assert cond["crossattn"].shape == pe.shape == (1, 77, 80)
     assert (cond["crossattn"] - pe).abs().max() <= 1e-5
     assert (uncond["crossattn"] - ne).abs().max() <= 1e-5
     assert (cond["vector"][:, :32] - pp).abs().max() <= 1e-5

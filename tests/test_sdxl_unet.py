@@ -33,7 +33,7 @@ TINY_BASE_DIFFUSERS = {
     "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
     "attention_head_dim": [2, 4],
     "transformer_layers_per_block": [1, 2],
-    "cross_attention_dim": 64,
+    "cross_attention_dim": 80,
     "use_linear_projection": True,
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": 8,
@@ -47,7 +47,7 @@ TINY_REFINER_DIFFUSERS = {
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "attention_head_dim": [2, 4, 4],
     "transformer_layers_per_block": 2,
-    "cross_attention_dim": 32,
+    "cross_attention_dim": 48,
     "projection_class_embeddings_input_dim": 32 + 5 * 8,
 }
 

@@ -119,7 +119,7 @@ SDXL_G = CLIPTextConfig(
     projection_dim=1280,
 )
 TINY_SDXL_G = CLIPTextConfig(
-    hidden_size=32,
+    hidden_size=48,  # not CLIP-L's 32: tools tell the two encoders apart by width, as 768 vs 1280
     intermediate_size=37,
     num_hidden_layers=3,
     num_attention_heads=4,

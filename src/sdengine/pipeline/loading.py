@@ -54,11 +54,13 @@ def load_pipeline(
     prediction_type: str | None = None,
     *,
     lora_dir: str | Path | None = None,
+    config: str | Path | None = None,
 ) -> Pipeline | PixelPipeline:
     """A diffusers folder, a single SD 1.x/2.x ``.safetensors``/``.ckpt`` file, or a built-in name
     (``emoji``, ``fashion-mnist``) -> a pipeline on ``device`` (auto: cuda, mps, cpu) in ``dtype``
     (default fp16 on GPUs, fp32 on the CPU). ``vae``: another VAE file or folder; ``prediction_type``
-    overrides what the checkpoint says (SD 2.x 768 models are v_prediction)."""
+    overrides what the checkpoint says (SD 2.x 768 models are v_prediction). ``config``: for a single file, a
+    diffusers folder whose configs and tokenizers to use instead of those read off the tensor shapes."""
     from sdengine.weights import build_models, load_checkpoint
 
     dev = resolve_device(device)
@@ -80,7 +82,7 @@ def load_pipeline(
             raise GenerationError(f"no model at '{path}' (built-in names: {names})")
         if path.is_dir() and not (path / "model_index.json").is_file() and (path / "config.json").is_file():
             return PixelPipeline.load(path, dev)  # a pixel DDPM model folder
-    ckpt = load_checkpoint(path, vae=vae, prediction_type=prediction_type)
+    ckpt = load_checkpoint(path, vae=vae, prediction_type=prediction_type, config=config)
     if ckpt.family in ("sdxl", "sdxl_refiner"):
         return _load_sdxl(ckpt, path, key, dev, dt, lora_dir)
     models = build_models(ckpt, device=dev, dtype=dt)

@@ -50,6 +50,7 @@ from .io import (
     load_file,
     save_safetensors,
 )
+from .sdxl_files import is_sdxl_ldm, sdxl_components_to_ldm, sdxl_ldm_to_components
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,7 @@ def load_vae(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
 def _configs_from_folder(folder: Path) -> dict[str, dict[str, Any]]:
     cfgs = {
         c: _read_json(folder / c / "config.json", f"{c} config")
-        for c in COMPONENTS
+        for c in (*COMPONENTS, "text_encoder_2")
         if (folder / c / "config.json").is_file()
     }
     sched = folder / "scheduler" / "scheduler_config.json"
@@ -415,6 +416,8 @@ def load_single_file(
     for comp, cfg in cfg_src.items():  # before the configs steer any key mapping
         if comp in COMPONENT_KINDS:
             _check_config(config if config is not None else path, COMPONENT_KINDS[comp], cfg)
+    if is_sdxl_ldm(sd):
+        return _load_sdxl_single_file(path, sd, cfg_src, config=config, vae=vae, prediction_type=prediction_type)
     comps, det, skipped = ldm_to_components(
         sd, info=info, prediction_type=prediction_type, configs=cfg_src or None, where=str(path)
     )
@@ -458,6 +461,48 @@ def load_single_file(
         tokenizer_dir=tok if tok is not None and tok.is_dir() else None,
         skipped=skipped,
         notes=det.notes,
+    )
+
+
+def _load_sdxl_single_file(
+    path: Path,
+    sd: Mapping[str, torch.Tensor],
+    cfg_src: Mapping[str, Mapping[str, Any]],
+    *,
+    config: str | Path | None,
+    vae: str | Path | None,
+    prediction_type: str | None,
+) -> LoadedCheckpoint:
+    """An SDXL (sgm layout) single file; see sdengine.weights.sdxl_files."""
+    comps, cfgs, family, skipped = sdxl_ldm_to_components(sd, configs=cfg_src or None, where=str(path))
+    for comp, cfg in cfgs.items():
+        if comp in COMPONENT_KINDS:
+            _check_config(config if config is not None else path, COMPONENT_KINDS[comp], cfg)
+    pred = prediction_type or cfgs["scheduler"].get("prediction_type", "epsilon")
+    cfgs["scheduler"]["prediction_type"] = pred
+    if vae is not None:
+        comps["vae"], cfgs["vae"] = load_vae(vae)
+    if "vae" not in comps:
+        raise MissingVAEError(f"{path}: this checkpoint has no VAE (no first_stage_model.* weights); pass vae=PATH")
+    folder = Path(config) if config is not None else None
+    tok = folder / "tokenizer" if folder is not None else None
+    tok2 = folder / "tokenizer_2" if folder is not None else None
+    index = folder / "model_index.json" if folder is not None else None
+    # diffusers' SDXL default: the base zeroes an empty negative prompt, the refiner does not
+    force_zeros = family == "sdxl"
+    if index is not None and index.is_file():
+        force_zeros = bool(_read_json(index, "model_index.json").get("force_zeros_for_empty_prompt", force_zeros))
+    return LoadedCheckpoint(
+        source=path,
+        layout="single_file",
+        state_dicts=comps,
+        configs=cfgs,
+        prediction_type=pred,
+        family=family,
+        tokenizer_dir=tok if tok is not None and tok.is_dir() else None,
+        tokenizer_2_dir=tok2 if tok2 is not None and tok2.is_dir() else None,
+        skipped=skipped,
+        force_zeros_for_empty_prompt=force_zeros,
     )
 
 
@@ -692,13 +737,15 @@ def save_single_file(ckpt: LoadedCheckpoint, dst: str | Path, *, dtype: str | to
     dst = Path(dst)
     if dst.suffix.lower() != ".safetensors":
         raise WeightsError(f"{dst}: sdengine writes single files as .safetensors only")
-    cfgs = {k: v for k, v in ckpt.configs.items() if k in (*COMPONENTS, "scheduler")}
+    sdxl = ckpt.family in ("sdxl", "sdxl_refiner")
+    cfgs = {k: v for k, v in ckpt.configs.items() if k in (*SDXL_COMPONENTS, "scheduler")}
     meta = {
         "format": "pt",
         CONFIG_METADATA_KEY: json.dumps(cfgs, sort_keys=True),
         "sdengine.prediction_type": ckpt.prediction_type,
     }
-    save_safetensors(components_to_ldm(ckpt), dst, metadata=meta, dtype=dtype)
+    flat = sdxl_components_to_ldm(ckpt.state_dicts, ckpt.configs) if sdxl else components_to_ldm(ckpt)
+    save_safetensors(flat, dst, metadata=meta, dtype=dtype)
     return dst
 
 
