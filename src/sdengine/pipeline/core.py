@@ -338,7 +338,8 @@ class Pipeline:
             from sdengine.weights.lora import apply_loras
 
             # MiniLM is not an nn.Module: apply_loras refuses LoRAs with text-encoder layers for it.
-            handle = apply_loras(self.unet, self.text_encoder, lora_list, lora_dir)
+            te2 = getattr(self, "text_encoder_2", None)  # SDXL
+            handle = apply_loras(self.unet, self.text_encoder, lora_list, lora_dir, text_encoder_2=te2)
         try:
             with torch.inference_mode():
                 images = self.generate(p)
