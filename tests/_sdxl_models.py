@@ -60,8 +60,8 @@ def _text_encoder_2(seed: int):
     return _perturb(CLIPTextModelWithProjection(HFConfig(**d)).eval(), seed)
 
 
-def make_sdxl_folder(dst: Path, *, refiner: bool = False, seed: int = 0) -> Path:
-    """Write a random tiny SDXL base (or refiner) pipeline as a diffusers folder at ``dst``."""
+def make_sdxl_folder(dst: Path, *, refiner: bool = False, inpaint: bool = False, seed: int = 0) -> Path:
+    """Write a random tiny SDXL base (or refiner, or 9-channel inpainting) pipeline as a diffusers folder."""
     import diffusers
     from transformers import CLIPTextConfig as HFConfig
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -69,7 +69,10 @@ def make_sdxl_folder(dst: Path, *, refiner: bool = False, seed: int = 0) -> Path
     from sdengine.weights.loading import write_clip_tokenizer
 
     torch.manual_seed(seed)
-    unet = _diffusers_model(diffusers.UNet2DConditionModel, TINY_SDXL_REFINER if refiner else TINY_SDXL, seed + 1)
+    ucfg = TINY_SDXL_REFINER if refiner else TINY_SDXL
+    if inpaint:
+        ucfg = dataclasses.replace(ucfg, in_channels=9)
+    unet = _diffusers_model(diffusers.UNet2DConditionModel, ucfg, seed + 1)
     vae = _diffusers_model(diffusers.AutoencoderKL, SDXL_VAE, seed + 2)
     text_encoder_2 = _text_encoder_2(seed + 4)
     write_clip_tokenizer(dst / "tokenizer_2", pad="!")
@@ -91,7 +94,8 @@ def make_sdxl_folder(dst: Path, *, refiner: bool = False, seed: int = 0) -> Path
         text_encoder = _perturb(CLIPTextModel(HFConfig(**TINY_SDXL_L.to_transformers())).eval(), seed + 3)
         write_clip_tokenizer(dst / "tokenizer")
         tokenizer = CLIPTokenizer.from_pretrained(dst / "tokenizer")
-        pipe = diffusers.StableDiffusionXLPipeline(
+        cls = diffusers.StableDiffusionXLInpaintPipeline if inpaint else diffusers.StableDiffusionXLPipeline
+        pipe = cls(
             vae=vae,
             text_encoder=text_encoder,
             text_encoder_2=text_encoder_2,
@@ -105,11 +109,13 @@ def make_sdxl_folder(dst: Path, *, refiner: bool = False, seed: int = 0) -> Path
     return dst
 
 
-def diffusers_sdxl(folder: Path, *, img2img: bool = False):
+def diffusers_sdxl(folder: Path, *, img2img: bool = False, inpaint: bool = False):
     """diffusers' SDXL pipeline for ``folder`` (fp32, CPU, no progress bar)."""
     import diffusers
 
     cls = diffusers.StableDiffusionXLImg2ImgPipeline if img2img else diffusers.StableDiffusionXLPipeline
+    if inpaint:
+        cls = diffusers.StableDiffusionXLInpaintPipeline
     pipe = cls.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
-from _pipeline_models import diffusers_scheduler, picture  # noqa: E402
+from _pipeline_models import diffusers_scheduler, mask_picture, picture  # noqa: E402
 from _sdxl_models import diffusers_sdxl, make_sdxl_folder  # noqa: E402
 from sdengine.errors import GenerationError  # noqa: E402
 from sdengine.pipeline.sdxl import SDXLPipeline  # noqa: E402
@@ -206,3 +206,37 @@ def test_hand_off_bad_settings(base, refiner):
         b_pipe.generate_with_refiner(r_pipe, PROMPT, switch_at=1.5)
     with pytest.raises(GenerationError, match="text-to-image only"):
         b_pipe.generate_with_refiner(r_pipe, PROMPT, init_image=picture(SIZE, SIZE))
+
+
+# ------------------------------------------------------------------------------------------ inpainting
+
+
+@pytest.mark.parametrize(("sampler", "strength"), [("euler", 1.0), ("dpmpp_2m", 0.6)])
+def test_inpaint_blended_4_channel_matches_diffusers(base, sampler, strength):
+    """The base model with a mask: the known region is blended back after each step, as diffusers does."""
+    folder, pipe, _ = base
+    ref = diffusers_sdxl(folder, inpaint=True)
+    img, mask = picture(SIZE, SIZE), mask_picture(SIZE, SIZE)
+    ours = _ours(pipe, sampler, init_image=img, mask=mask, strength=strength, steps=8).arrays
+    theirs = _theirs(ref, folder, sampler, image=img, mask_image=mask, strength=strength, num_inference_steps=8)
+    mad = _mad(ours, theirs)
+    print(f"sdxl inpaint (4-channel, blended) {sampler} {strength}: mean abs {mad:.2e}")
+    assert mad < TOL
+
+
+@pytest.fixture(scope="module")
+def inpaint9(tmp_path_factory):
+    folder = make_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl-inpaint", inpaint=True, seed=9)
+    return folder, sdengine.load_pipeline(folder, device="cpu"), diffusers_sdxl(folder, inpaint=True)
+
+
+@pytest.mark.parametrize(("sampler", "strength"), [("euler", 1.0), ("dpmpp_2m", 0.6)])
+def test_inpaint_9_channel_matches_diffusers(inpaint9, sampler, strength):
+    folder, pipe, ref = inpaint9
+    assert pipe.inpainting
+    img, mask = picture(SIZE, SIZE), mask_picture(SIZE, SIZE)
+    ours = _ours(pipe, sampler, init_image=img, mask=mask, strength=strength, steps=8).arrays
+    theirs = _theirs(ref, folder, sampler, image=img, mask_image=mask, strength=strength, num_inference_steps=8)
+    mad = _mad(ours, theirs)
+    print(f"sdxl inpaint (9-channel) {sampler} {strength}: mean abs {mad:.2e}")
+    assert mad < TOL
