@@ -240,3 +240,51 @@ def test_inpaint_9_channel_matches_diffusers(inpaint9, sampler, strength):
     mad = _mad(ours, theirs)
     print(f"sdxl inpaint (9-channel) {sampler} {strength}: mean abs {mad:.2e}")
     assert mad < TOL
+
+
+# ------------------------------------------------------------------------------------------ text details
+
+
+def test_clip_skip_is_a1111_numbering_of_diffusers_clip_skip(base):
+    """sdengine's clip_skip k (A1111: 1 = SDXL's own penultimate layer) is diffusers' clip_skip k - 1."""
+    _, pipe, ref = base
+    cond, _ = pipe.conditioner.pair(PROMPT, NEGATIVE, clip_skip=2, width=SIZE, height=SIZE)
+    pe, _, pooled, _ = ref.encode_prompt(PROMPT, negative_prompt=NEGATIVE, device="cpu", clip_skip=1)
+    assert (cond["crossattn"] - pe).abs().max() <= 1e-5
+    assert (cond["vector"][:, :32] - pooled).abs().max() <= 1e-5  # the pooled output does not move
+    default, _ = pipe.conditioner.pair(PROMPT, NEGATIVE, width=SIZE, height=SIZE)
+    assert (default["crossattn"] - cond["crossattn"]).abs().max() > 1e-3
+    with pytest.raises(GenerationError, match="clip_skip must be an integer in 1..2"):
+        pipe.conditioner.pair(PROMPT, NEGATIVE, clip_skip=3)
+
+
+def test_emphasis_and_long_prompts_use_both_encoders(base):
+    _, pipe, _ = base
+    plain, _ = pipe.conditioner.pair("a red apple", "", width=SIZE, height=SIZE)
+    weighted, _ = pipe.conditioner.pair("a (red:1.5) apple", "", width=SIZE, height=SIZE)
+    diff = (plain["crossattn"] - weighted["crossattn"]).abs().amax(dim=(0, 1))  # per feature
+    assert diff[:32].max() > 1e-3 and diff[32:].max() > 1e-3  # CLIP-L's and bigG's halves both weighted
+    long, uncond = pipe.conditioner.pair(" ".join(["apple"] * 100), "", width=SIZE, height=SIZE)
+    assert long["crossattn"].shape == uncond["crossattn"].shape == (1, 154, 80)  # two chunks, padded alike
+    assert float(uncond["crossattn"].abs().max()) == 0.0  # force_zeros_for_empty_prompt covers every chunk
+    # a long prompt_2 next to a short prompt: the short side is padded with its empty prompt's chunk
+    two, _ = pipe.conditioner.pair("a", "", width=SIZE, height=SIZE, options={"prompt_2": " ".join(["b"] * 90)})
+    assert two["crossattn"].shape == (1, 154, 80)
+
+
+def test_vae_override_and_sdxl_default_size(base, tmp_path):
+    """A separate VAE (e.g. a fixed fp16 SDXL VAE) replaces the folder's, as for SD 1.x/2.x."""
+    import shutil
+
+    folder, pipe, _ = base
+    other = tmp_path / "vae"
+    shutil.copytree(folder / "vae", other)
+    swapped = sdengine.load_pipeline(folder, device="cpu", vae=other)
+    assert isinstance(swapped, SDXLPipeline)
+    assert swapped.vae.config.scaling_factor == pytest.approx(0.13025)
+    a = _ours(pipe, "euler").arrays
+    b = _ours(swapped, "euler").arrays
+    assert _mad(a, b) == 0.0
+    from sdengine.models.unet_sdxl import SDXL_BASE
+
+    assert SDXL_BASE.sample_size * 8 == 1024  # the real model's default size through Pipeline.default_size
