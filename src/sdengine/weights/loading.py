@@ -663,12 +663,18 @@ def _fill_diffusers_folder(
     ckpt: LoadedCheckpoint, dst: Path, *, dtype: str | torch.dtype | None, tokenizer_dir: str | Path | None
 ) -> None:
     cfgs = ckpt.configs
-    sched_cls = cfgs["scheduler"].get("_class_name", "PNDMScheduler")
-    for comp, cls, lib, fname in (
+    sdxl = ckpt.family in ("sdxl", "sdxl_refiner")
+    sched_cls = cfgs["scheduler"].get("_class_name", "EulerDiscreteScheduler" if sdxl else "PNDMScheduler")
+    parts = [
         ("unet", "UNet2DConditionModel", "diffusers", "diffusion_pytorch_model"),
         ("vae", "AutoencoderKL", "diffusers", "diffusion_pytorch_model"),
         ("text_encoder", "CLIPTextModel", "transformers", "model"),
-    ):
+    ]
+    if sdxl:
+        parts.append(("text_encoder_2", "CLIPTextModelWithProjection", "transformers", "model"))
+    for comp, cls, lib, fname in parts:
+        if comp not in ckpt.state_dicts:  # the SDXL refiner has no first text encoder
+            continue
         cfg = dict(cfgs[comp])
         if lib == "diffusers":
             cfg.setdefault("_class_name", cls)
@@ -693,11 +699,37 @@ def _fill_diffusers_folder(
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }
-    if tok_src and Path(tok_src).resolve() != (dst / "tokenizer").resolve():
+    if sdxl:
+        _sdxl_index(ckpt, dst, index, tok_src)
+    elif tok_src and Path(tok_src).resolve() != (dst / "tokenizer").resolve():
         shutil.copytree(tok_src, dst / "tokenizer", dirs_exist_ok=True)
     elif not tok_src and write_clip_tokenizer(dst / "tokenizer", pad="!" if ckpt.family == "sd2" else None):
         index["tokenizer"] = ["transformers", "CLIPTokenizer"]
     _write_json(dst / "model_index.json", index)
+
+
+def _sdxl_index(ckpt: LoadedCheckpoint, dst: Path, index: dict[str, Any], tok_src: str | Path | None) -> None:
+    """model_index.json entries and tokenizers of an SDXL folder (base: two encoders; refiner: the second)."""
+    refiner = "text_encoder" not in ckpt.state_dicts
+    for key in ("safety_checker", "feature_extractor", "requires_safety_checker"):
+        index.pop(key)
+    index.update(
+        _class_name="StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+        text_encoder=[None, None] if refiner else ["transformers", "CLIPTextModel"],
+        tokenizer=[None, None] if refiner else ["transformers", "CLIPTokenizer"],
+        text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+        tokenizer_2=["transformers", "CLIPTokenizer"],
+        force_zeros_for_empty_prompt=ckpt.force_zeros_for_empty_prompt,
+    )
+    if refiner:
+        index["requires_aesthetics_score"] = True
+    for name, src, pad in (("tokenizer", tok_src, None), ("tokenizer_2", ckpt.tokenizer_2_dir, "!")):
+        if name == "tokenizer" and refiner:
+            continue
+        if src and Path(src).resolve() != (dst / name).resolve():
+            shutil.copytree(src, dst / name, dirs_exist_ok=True)
+        elif not src:
+            write_clip_tokenizer(dst / name, pad=pad)
 
 
 def write_clip_tokenizer(dst: Path, *, pad: str | None = None) -> bool:
