@@ -110,3 +110,36 @@ def test_bad_text_time_inputs():
         UNetConfig(**{**TINY_SDXL.__dict__, "transformer_layers_per_block": (1, 2, 3)})
     with pytest.raises(ValueError, match="add_embedding takes"):
         text_time_vector(torch.zeros(1, 32), torch.zeros(1, 5), TINY_SDXL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("refiner", [False, True], ids=["base", "refiner"])
+def test_medium_sdxl_parity_with_real_text_widths(refiner):
+    """SDXL's topology at a fraction of the channels but with the real conditioning widths (2048/1280-wide text
+    states, 1280 pooled + 256 per number), one forward at 32x32 latents."""
+    import dataclasses
+
+    from sdengine.models.unet_sdxl import SDXL_BASE, SDXL_REFINER
+
+    if refiner:
+        cfg = dataclasses.replace(SDXL_REFINER, block_out_channels=(64, 128, 192, 192), num_heads=(1, 2, 3, 3))
+    else:
+        cfg = dataclasses.replace(
+            SDXL_BASE, block_out_channels=(64, 128, 256), num_heads=(1, 2, 4), transformer_layers_per_block=(1, 2, 4)
+        )
+    d = cfg.to_diffusers()
+    d.pop("_class_name")
+    ref = _reference(d, seed=3)
+    ours = build_on_meta(lambda: UNet(UNetConfig.from_diffusers(dict(ref.config))), ref.state_dict(), name="unet")
+    g = torch.Generator().manual_seed(4)
+    n = 5 if refiner else 6
+    x = torch.randn(1, 4, 32, 32, generator=g)
+    ctx = torch.randn(1, 77, cfg.cross_attention_dim, generator=g)
+    pooled = torch.randn(1, 1280, generator=g)
+    ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024][:n]])
+    with torch.no_grad():
+        want = ref(x, 500, encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+        got = ours(x, 500, encoder_hidden_states=ctx, class_labels=text_time_vector(pooled, ids, cfg))
+    err = (got - want).abs().max().item()
+    print(f"medium SDXL {'refiner' if refiner else 'base'}: max abs {err:.2e}")
+    assert err <= 1e-4
