@@ -111,3 +111,54 @@ def test_sdxl_lora_on_an_sd1_model_is_still_refused(folder, tmp_path, tiny_sd1_f
     path = _write_kohya(folder, tmp_path / "xl.safetensors", xl.unet)
     with pytest.raises(LoRAError, match="SDXL"):
         sd1("a red apple", loras=[(path, 1.0)], **KW)
+
+
+def test_peft_sdxl_lora_written_by_diffusers_matches(folder, tmp_path, relaxed_peft_check):
+    """A PEFT-format SDXL LoRA as diffusers' save_lora_weights writes it (unet., text_encoder., text_encoder_2.)."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    src = diffusers_sdxl(folder)
+    metas = {}
+    layers = {}
+    for comp, model, targets, seed in (
+        ("unet", src.unet, UNET_TARGETS, 4),
+        ("text_encoder", src.text_encoder, TE_TARGETS, 5),
+        ("text_encoder_2", src.text_encoder_2, TE_TARGETS, 6),
+    ):
+        _peft_pairs(model, targets, seed, 4, 4.0)
+        layers[comp] = get_peft_model_state_dict(model)
+        metas[comp] = model.peft_config["default"].to_dict()
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path / "peft",
+        unet_lora_layers=layers["unet"],
+        text_encoder_lora_layers=layers["text_encoder"],
+        text_encoder_2_lora_layers=layers["text_encoder_2"],
+        unet_lora_adapter_metadata=metas["unet"],
+        text_encoder_lora_adapter_metadata=metas["text_encoder"],
+        text_encoder_2_lora_adapter_metadata=metas["text_encoder_2"],
+    )
+    path = tmp_path / "peft" / "pytorch_lora_weights.safetensors"
+    pipe = sdengine.load_pipeline(folder, device="cpu")
+    handle = apply_loras(pipe.unet, pipe.text_encoder, [(path, 1.0)], text_encoder_2=pipe.text_encoder_2)
+    report = handle.reports[0]
+    handle.remove()
+    assert report.complete, report.summary()
+    assert {m.split(":")[0] for m in report.matched} == {"unet", "text_encoder", "text_encoder_2"}
+    got = pipe("a red apple", loras=[(path, 0.8)], **KW).arrays
+    ref = diffusers_sdxl(folder)
+    ref.scheduler = diffusers_scheduler(folder, "euler")
+    ref.load_lora_weights(str(path), adapter_name="a")
+    ref.set_adapters(["a"], adapter_weights=[0.8])
+    theirs = ref(
+        "a red apple",
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(11),
+    ).images
+    err = float(np.abs(got - theirs).mean())
+    print(f"sdxl PEFT LoRA (weight 0.8) vs diffusers load_lora_weights + set_adapters: mean abs {err:.2e}")
+    assert err < 1e-3
