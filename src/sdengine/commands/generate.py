@@ -343,6 +343,9 @@ def run(a: argparse.Namespace) -> int:
         kwargs["lora_dir"] = a.lora_dir
     if a.vae_tiling is not None:
         kwargs["vae_tiling"] = a.vae_tiling
+    sdxl = {"prompt_2": a.prompt_2, "negative_prompt_2": a.negative_2}  # SDXL's second text encoder
+    if any(v is not None for v in sdxl.values()):
+        kwargs["sdxl"] = {k: v for k, v in sdxl.items() if v is not None}
     if a.from_png:
         units = _controlnets_from_png(a, parsed)
         if units:
@@ -498,6 +501,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         help="A1111's clip skip (1 = last layer); CLIP models only (emoji's MiniLM takes 1)",
     )
     p.add_argument("--guidance-rescale", type=float, default=None, help="CFG rescale phi in [0, 1]")
+    p.add_argument("--prompt-2", default=None, help="SDXL: the prompt of the second text encoder (default: the prompt)")
+    p.add_argument("--negative-2", default=None, help="SDXL: the second encoder's negative prompt")
     p.add_argument("--vae", default=None, help="another VAE (file or folder)")
     p.add_argument(
         "--vae-tiling",
