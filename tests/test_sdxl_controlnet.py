@@ -71,3 +71,22 @@ def test_sdxl_controlnet_config_and_from_unet(setup):
     assert cfg.unet.text_time and cfg.unet.transformer_layers_per_block == pipe.unet.config.transformer_layers_per_block
     fresh = ControlNet.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32))
     assert torch.equal(fresh.add_embedding.linear_1.weight, pipe.unet.add_embedding.linear_1.weight)
+
+
+def test_original_layout_sdxl_controlnet_file_gives_the_same_image(setup, tmp_path):
+    """An SDXL ControlNet in the original layout (control_model.*, label_emb.0.*), no config: its architecture
+    is read off the shapes and the image equals the diffusers folder's."""
+    from sdengine.control.files import controlnet_layout
+    from sdengine.weights import controlnet_keys as ck
+    from sdengine.weights import save_safetensors
+
+    folder, pipe, net, path, cmap = setup
+    cfg = ControlNetConfig.from_diffusers(dict(net.config))
+    original, bad = ck.controlnet_diffusers_to_original(net.state_dict(), controlnet_layout(cfg), 2, sdxl=True)
+    assert not bad and "label_emb.0.0.weight" in original
+    single = tmp_path / "control_sdxl_tiny.safetensors"
+    save_safetensors({ck.CONTROL_PREFIX + k: v.contiguous() for k, v in original.items()}, single)
+    kw = dict(steps=4, sampler="euler", schedule="normal", cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
+    a = pipe(PROMPT, NEGATIVE, progress=False, controlnets=[(path, cmap, 0.9)], **kw).arrays
+    b = pipe(PROMPT, NEGATIVE, progress=False, controlnets=[(single, cmap, 0.9)], **kw).arrays
+    assert float(np.abs(a - b).max()) < 1e-6

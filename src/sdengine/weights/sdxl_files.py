@@ -63,8 +63,10 @@ def unet_table(layout: km.UNetLayout) -> km.ModuleTable:
     return km.unet_module_table(layout) + ADD_EMBEDDING_ROWS
 
 
-def _depths(unet: Mapping[str, torch.Tensor], layout: km.UNetLayout) -> int | list[int]:
-    """diffusers' transformer_layers_per_block: per level, the last one carrying the middle block's."""
+def transformer_depths(unet: Mapping[str, torch.Tensor], layout: km.UNetLayout) -> int | list[int]:
+    """diffusers' transformer_layers_per_block of LDM U-Net (or ControlNet) weights: transformer blocks per
+    level, the last level carrying the middle block's (diffusers builds the middle block with the last
+    entry); one number when all attention levels agree."""
     keys = list(unet)
     lpb = layout.layers_per_block
 
@@ -94,7 +96,7 @@ def sdxl_unet_config_from_ldm(unet: Mapping[str, torch.Tensor]) -> dict[str, Any
     cfg = unet_config_from_ldm(unet, family="custom", sample_size=128)
     layout = km.UNetLayout.from_config(cfg)
     cfg.update(
-        transformer_layers_per_block=_depths(unet, layout),
+        transformer_layers_per_block=transformer_depths(unet, layout),
         addition_embed_type="text_time",
         addition_time_embed_dim=256,  # SDXL's: 256 features per size/crop/score number
         projection_class_embeddings_input_dim=int(label.shape[1]),
@@ -216,4 +218,6 @@ __all__ = [
     "sdxl_components_to_ldm",
     "sdxl_ldm_to_components",
     "sdxl_unet_config_from_ldm",
+    "transformer_depths",
+    "unet_table",
 ]
