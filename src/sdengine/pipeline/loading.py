@@ -1,4 +1,5 @@
-"""Loading: a diffusers folder, a single SD 1.x/2.x file or a built-in name -> a pipeline."""
+"""Loading: a diffusers folder, a single SD 1.x/2.x/SDXL file or a built-in name -> a pipeline (SDXL models
+-> :class:`sdengine.pipeline.sdxl.SDXLPipeline`)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def load_pipeline(
     lora_dir: str | Path | None = None,
     config: str | Path | None = None,
 ) -> Pipeline | PixelPipeline:
-    """A diffusers folder, a single SD 1.x/2.x ``.safetensors``/``.ckpt`` file, or a built-in name
+    """A diffusers folder, a single SD 1.x/2.x/SDXL ``.safetensors``/``.ckpt`` file, or a built-in name
     (``emoji``, ``fashion-mnist``) -> a pipeline on ``device`` (auto: cuda, mps, cpu) in ``dtype``
     (default fp16 on GPUs, fp32 on the CPU). ``vae``: another VAE file or folder; ``prediction_type``
     overrides what the checkpoint says (SD 2.x 768 models are v_prediction). ``config``: for a single file, a
