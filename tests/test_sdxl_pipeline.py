@@ -328,3 +328,26 @@ def test_batch_rows_equal_the_same_seed_alone(base):
     batch = _ours(pipe, "euler_a", batch_size=2).arrays
     alone = _ours(pipe, "euler_a", seed=SEED + 1).arrays
     assert _mad(batch[1:], alone) < 1e-6
+
+
+def test_cli_refiner_hand_off(base, refiner, tmp_path, tiny_sd1_folder, capsys):
+    """`sdengine generate --refiner R --refiner-switch-at F` equals generate_with_refiner."""
+    from PIL import Image
+
+    from sdengine.cli import main
+
+    b_folder, b_pipe, _ = base
+    r_folder, r_pipe, _ = refiner
+    out = tmp_path / "r.png"
+    args = ["generate", PROMPT, "--model", str(b_folder), "--refiner", str(r_folder), "--refiner-switch-at", "0.6"]
+    args += ["--steps", "5", "--seed", "2", "--sampler", "euler", "--schedule", "normal", "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 0
+    got = np.asarray(Image.open(out), dtype=np.float64)
+    want = b_pipe.generate_with_refiner(
+        r_pipe, PROMPT, switch_at=0.6, steps=5, seed=2, sampler="euler", schedule="normal", progress=False
+    )
+    assert np.abs(got - np.asarray(want.images[0], dtype=np.float64)).max() == 0.0
+    assert "Refiner switch at: 0.6" in Image.open(out).info["parameters"]
+    # an SD 1.x model is no SDXL refiner: one line and a non-zero exit
+    rc = main(["generate", PROMPT, "--model", str(b_folder), "--refiner", str(tiny_sd1_folder), "--steps", "2"])
+    assert rc != 0 and "both must be SDXL" in capsys.readouterr().err
