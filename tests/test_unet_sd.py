@@ -215,7 +215,8 @@ def test_from_diffusers_real_sd_configs() -> None:
     assert UNetConfig.from_diffusers(sd21) == SD21
     for cfg in (SD15, SD21, TINY_SD, TINY_SD2, TINY_THREE_LEVELS, MEDIUM_SD):
         assert UNetConfig.from_diffusers(cfg.to_diffusers()) == cfg
-    with pytest.raises(ValueError, match="addition_embed_type='text_time'.*time_cond_proj_dim=256"):
+    # text_time (SDXL) is supported, but not without its addition_time_embed_dim; time_cond_proj_dim never
+    with pytest.raises(ValueError, match="time_cond_proj_dim=256.*addition_embed_type='text_time' needs"):
         UNetConfig.from_diffusers({**sd15, "addition_embed_type": "text_time", "time_cond_proj_dim": 256})
     with pytest.raises(ValueError, match="cross_attention_dim"):
         UNetConfig.from_diffusers({**sd15, "cross_attention_dim": [768, 768, 1024, 1024]})

@@ -369,6 +369,9 @@ def run(a: argparse.Namespace) -> int:
         kwargs["lora_dir"] = a.lora_dir
     if a.vae_tiling is not None:
         kwargs["vae_tiling"] = a.vae_tiling
+    sdxl = {"prompt_2": a.prompt_2, "negative_prompt_2": a.negative_2}  # SDXL's second text encoder
+    if any(v is not None for v in sdxl.values()):
+        kwargs["sdxl"] = {k: v for k, v in sdxl.items() if v is not None}
     if a.from_png:
         units = _controlnets_from_png(a, parsed)
         if units:
@@ -431,6 +434,13 @@ def run(a: argparse.Namespace) -> int:
         for key in ("width", "height", "mask"):  # the canvas decides them (a --from-png may carry a size)
             kwargs.pop(key, None)
         result = outpaint(pipe, prompt, image, *sides, **kwargs)
+    elif a.refiner is not None:  # SDXL base -> refiner hand-off
+        from ..pipeline.sdxl import SDXLPipeline
+
+        refiner = load_pipeline(a.refiner, device=a.device, dtype=a.dtype, vae=a.vae)
+        if not isinstance(pipe, SDXLPipeline) or not isinstance(refiner, SDXLPipeline):
+            raise UsageError("--refiner hands an SDXL base model's run to an SDXL refiner: both must be SDXL")
+        result = pipe.generate_with_refiner(refiner, prompt, switch_at=a.refiner_switch_at, **kwargs)
     else:
         result = pipe(GenerationRequest(prompt=prompt, **kwargs))
     t2 = time.perf_counter()
@@ -568,6 +578,16 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--config",
         default=None,
         help="a single file's config: an LDM .yaml or a diffusers folder (default: MODEL.yaml beside the file)",
+    )
+    p.add_argument("--prompt-2", default=None, help="SDXL: the prompt of the second text encoder (default: the prompt)")
+    p.add_argument("--negative-2", default=None, help="SDXL: the second encoder's negative prompt")
+    p.add_argument("--refiner", default=None, metavar="MODEL", help="SDXL: a refiner that takes over the last steps")
+    p.add_argument(
+        "--refiner-switch-at",
+        type=float,
+        default=0.8,
+        metavar="F",
+        help="SDXL: fraction of the steps the base model runs before the refiner (default 0.8)",
     )
     p.add_argument(
         "--vae-tiling",

@@ -48,7 +48,6 @@ def check_compatible(cn: ControlNetConfig, base: UNetConfig, *, name: str = "Con
         "layers_per_block",
         "attention",
         "mid_block",
-        "transformer_layers_per_block",
         "use_linear_projection",
         "flip_sin_to_cos",
         "freq_shift",
@@ -56,6 +55,11 @@ def check_compatible(cn: ControlNetConfig, base: UNetConfig, *, name: str = "Con
     diffs = [
         f"{f} {getattr(u, f)!r} vs model {getattr(base, f)!r}" for f in fields if getattr(u, f) != getattr(base, f)
     ]
+    if _depths_used(u) != _depths_used(base):  # levels without attention may say any depth (SDXL's first)
+        diffs.append(
+            f"transformer_layers_per_block {u.transformer_layers_per_block!r} "
+            f"vs model {base.transformer_layers_per_block!r}"
+        )
     if u.projection_class_embeddings_input_dim is not None and (
         u.projection_class_embeddings_input_dim != base.projection_class_embeddings_input_dim
     ):
@@ -65,6 +69,13 @@ def check_compatible(cn: ControlNetConfig, base: UNetConfig, *, name: str = "Con
         )
     if diffs:
         raise ControlNetError(f"{name} does not fit this model's U-Net: " + "; ".join(diffs))
+
+
+def _depths_used(u: UNetConfig) -> tuple[int, ...]:
+    """Transformer depth at each attention level and in the middle block (0 where there is no attention)."""
+    n = len(u.block_out_channels)
+    levels = tuple(u.depth_at(i) if u.attention[i] != "none" else 0 for i in range(n))
+    return (*levels, u.depth_at(n - 1) if u.mid_block and u.mid_attention != "none" else 0)
 
 
 def _hint_channels(sd: Mapping[str, Tensor], original: bool) -> tuple[int, tuple[int, ...]]:
@@ -107,11 +118,20 @@ def config_from_weights(sd: Mapping[str, Tensor], *, base: UNetConfig | None) ->
     context = int(to_k.shape[1]) if to_k is not None else None
     proj_in = sd.get(f"{first_attn}.proj_in.weight")
     linear = proj_in is not None and proj_in.ndim == 2
-    depth = len(_block_indices(first_attn, list(sd))) or 1
+    depth: int | tuple[int, ...] = len(_block_indices(first_attn, list(sd))) or 1
     attention = tuple("cross" if a else "none" for a in layout.down_attention)
+    label = sd.get("label_emb.0.0.weight")  # SDXL: the added-conditioning MLP
+    text_time: dict[str, Any] = {}
+    if label is not None:
+        from sdengine.weights.sdxl_files import transformer_depths
+
+        d = transformer_depths(sd, layout)
+        depth = tuple(d) if isinstance(d, list) else d
+        time_dim = base.addition_time_embed_dim if base is not None and base.addition_time_embed_dim else 256
+        text_time = {"projection_class_embeddings_input_dim": int(label.shape[1]), "addition_time_embed_dim": time_dim}
     if base is not None and base.block_out_channels == chs and base.cross_attention_dim == context:
         heads, upcast = base.num_heads, base.upcast_attention
-    elif context == 1024:
+    elif context == 1024 or label is not None:
         heads, upcast = tuple(max(c // 64, 1) for c in chs), False
     else:
         heads, upcast = (8,) * len(chs), False
@@ -130,6 +150,7 @@ def config_from_weights(sd: Mapping[str, Tensor], *, base: UNetConfig | None) ->
         transformer_layers_per_block=depth,
         upcast_attention=upcast,
         norm_num_groups=base.norm_num_groups if base is not None else 32,
+        **text_time,
     )
     return ControlNetConfig(ucfg, conditioning_channels=cond_ch, conditioning_embedding_out_channels=hint)
 
@@ -212,7 +233,7 @@ def _from_single_file(
 
         layout = unet_layout_from_diffusers(sd)
         hint = 1 + len({k.split(".")[2] for k in sd if k.startswith("controlnet_cond_embedding.blocks.")}) // 2
-        original, _ = ck.controlnet_diffusers_to_original(sd, layout, hint)
+        original, _ = ck.controlnet_diffusers_to_original(sd, layout, hint, sdxl="add_embedding.linear_1.weight" in sd)
         cfg = config_from_weights(original, base=base)
         return LoadedControlNet(dict(sd), cfg, path, "diffusers")
     if "input_hint_block.0.weight" not in sd:
@@ -225,11 +246,7 @@ def _from_single_file(
             f"{path}: not a ControlNet (no input_hint_block / controlnet_cond_embedding weights; "
             f"top-level names: {prefixes})"
         )
-    label = sd.get("label_emb.0.0.weight")
-    if label is not None:
-        raise ControlNetError(
-            f"{path}: a ControlNet with label_emb (SDXL-style); only SD 1.x/2.x ControlNets are supported"
-        )
+    sdxl = "label_emb.0.0.weight" in sd  # SDXL's added-conditioning MLP
     if CONFIG_METADATA_KEY in info:
         cfg = ControlNetConfig.from_diffusers(json.loads(info[CONFIG_METADATA_KEY]))
     else:
@@ -238,7 +255,7 @@ def _from_single_file(
         except (KeyError, WeightsError) as e:
             raise ControlNetError(f"{path}: cannot read the ControlNet architecture ({e})") from None
     renamed, unknown = ck.controlnet_original_to_diffusers(
-        sd, controlnet_layout(cfg), len(cfg.conditioning_embedding_out_channels)
+        sd, controlnet_layout(cfg), len(cfg.conditioning_embedding_out_channels), sdxl=sdxl
     )
     if unknown:
         shown = ", ".join(unknown[:5])

@@ -349,9 +349,14 @@ def sample(
     start_step: int | None = None,
     noise_schedule: NoiseSchedule | None = None,
     sampler_options: Mapping[str, Any] | None = None,
+    end_step: int | None = None,
 ) -> Tensor:
     """Run ``sampler`` for ``steps`` steps from unit ``noise`` (txt2img) or from ``init_latent`` noised to
-    ``strength`` (img2img); returns the final latent (x0). See the module docstring."""
+    ``strength`` (img2img); returns the final latent (x0). See the module docstring.
+
+    ``end_step`` k stops after the grid's step k - 1 and returns the still noisy latent at ``grid.sigmas[k]``
+    (in the network's VP scaling, like every return): the first half of a hand-off to another model (SDXL
+    base -> refiner, diffusers' ``denoising_end``), which continues with ``start_step=k``."""
     name, sched = resolve(sampler, schedule)
     spec = SAMPLERS[name]
     ns = noise_schedule if noise_schedule is not None else getattr(denoiser, "schedule", None)
@@ -381,10 +386,19 @@ def sample(
     if not 0 <= start_step < grid.steps:
         raise UsageError(f"start_step must be in [0, {grid.steps}), got {start_step}")
 
+    stop = grid.steps
+    if end_step is not None:
+        if name in ("ddim", "plms", "lcm", "ddpm") or not start_step < end_step <= grid.steps:
+            raise UsageError(
+                f"end_step must be in ({start_step}, {grid.steps}] and the sampler a sigma-grid one, "
+                f"got {end_step} with {name}"
+            )
+        stop = end_step
+
     if hasattr(denoiser, "with_timesteps"):
         denoiser = denoiser.with_timesteps(grid.sigmas[:-1], grid.timesteps)
 
-    sigmas = grid.sigmas[start_step:]
+    sigmas = grid.sigmas[start_step : stop + 1]
     if init_latent is None and start_step == 0:
         x = noise * init_noise_scale(name, grid, scheduler_config)
     else:

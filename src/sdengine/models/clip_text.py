@@ -49,6 +49,8 @@ class CLIPTextConfig:
     # `eos_token_id` (transformers' rule for every other config; right with added tokens too).
     pooled_rule: PooledRule = "argmax"
     eos_token_id: int = 49407
+    # Output width of ``text_projection`` (only :class:`CLIPTextModelWithProjection` has one).
+    projection_dim: int = 512
 
     def __post_init__(self) -> None:
         check_config("clip_text", self)  # every number bounded before anything reads it
@@ -84,6 +86,7 @@ class CLIPTextConfig:
             # transformers keeps OpenAI's argmax rule for the pre-2023 eos_token_id=2 configs.
             pooled_rule="argmax" if eos == 2 else "first_eos",
             eos_token_id=49407 if eos == 2 else eos,
+            projection_dim=int(config.get("projection_dim", 512)),
         )
 
     def to_transformers(self) -> dict[str, Any]:
@@ -96,7 +99,7 @@ class CLIPTextConfig:
         return d
 
 
-SD1 = CLIPTextConfig()  # openai/clip-vit-large-patch14 text tower
+SD1 = CLIPTextConfig(projection_dim=768)  # openai/clip-vit-large-patch14 text tower
 SD2 = CLIPTextConfig(
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu"
 )  # laion/CLIP-ViT-H-14 text tower without its last layer, as SD 2.x uses it
@@ -105,7 +108,32 @@ TINY_SD1 = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layer
 TINY_SD2 = CLIPTextConfig(
     hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=16, hidden_act="gelu"
 )
-PRESETS: dict[str, CLIPTextConfig] = {"sd1": SD1, "sd2": SD2, "tiny_sd1": TINY_SD1, "tiny_sd2": TINY_SD2}
+# SDXL's second encoder: OpenCLIP ViT-bigG/14's text tower (1280 wide, 32 layers, 20 heads) with its
+# 1280-wide text projection; SDXL reads its penultimate layer and its projected pooled output.
+SDXL_G = CLIPTextConfig(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
+TINY_SDXL_G = CLIPTextConfig(
+    hidden_size=48,  # not CLIP-L's 32: tools tell the two encoders apart by width, as 768 vs 1280
+    intermediate_size=37,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    hidden_act="gelu",
+    projection_dim=32,
+)
+PRESETS: dict[str, CLIPTextConfig] = {
+    "sd1": SD1,
+    "sd2": SD2,
+    "sdxl_g": SDXL_G,
+    "tiny_sd1": TINY_SD1,
+    "tiny_sd2": TINY_SD2,
+    "tiny_sdxl_g": TINY_SDXL_G,
+}
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -221,6 +249,7 @@ class CLIPTextOutput:
     last_hidden_state: torch.Tensor  # (B, T, C): final LayerNorm of the layer chosen by clip_skip
     pooled: torch.Tensor  # (B, C): final LayerNorm of the last layer, at the EOS position
     hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings + each layer, before the final LN
+    text_embeds: torch.Tensor | None = None  # (B, P): text_projection(pooled), CLIPTextModelWithProjection only
 
 
 def add_text_model_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -252,13 +281,14 @@ class CLIPTextModel(nn.Module):
         """Build on the meta device (no throw-away init) and take the tensors of ``state_dict``
         (strict: missing or unexpected keys raise, except ``position_ids``).
 
-        Keys without the ``text_model.`` prefix (what transformers >= 5 writes) are accepted too.
+        Keys without the ``text_model.`` prefix (what transformers >= 5 writes) are accepted too
+        (``text_projection.*`` stays where it is).
         """
         with torch.device("meta"):
             model = cls(config)
         tensors = {
             k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
-            for k, v in add_text_model_prefix(state_dict).items()
+            for k, v in add_projection_prefix(state_dict).items()
         }
         model.load_state_dict(tensors, strict=True, assign=True)
         return model
@@ -323,9 +353,51 @@ class CLIPTextModel(nn.Module):
         return f"width={c.hidden_size}, layers={c.num_hidden_layers}, heads={c.num_attention_heads}, act={c.hidden_act}"
 
 
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """transformers' ``CLIPTextModelWithProjection``: the text tower plus ``text_projection`` (a Linear
+    without bias) of the pooled output, which it returns as ``text_embeds``. SDXL's second text encoder
+    (OpenCLIP ViT-bigG) is saved in this layout; its projected pooled vector conditions the U-Net."""
+
+    def __init__(self, config: CLIPTextConfig = SDXL_G) -> None:
+        super().__init__(config)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        clip_skip: int = 1,
+        output_hidden_states: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> CLIPTextOutput:
+        out = super().forward(
+            input_ids,
+            attention_mask,
+            clip_skip=clip_skip,
+            output_hidden_states=output_hidden_states,
+            inputs_embeds=inputs_embeds,
+        )
+        out.text_embeds = self.text_projection(out.pooled)  # (B, P)
+        return out
+
+
+def add_projection_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`add_text_model_prefix` for a ``CLIPTextModelWithProjection`` dict: ``text_projection.weight``
+    stays at the top level."""
+    rest = {k: v for k, v in state_dict.items() if not k.startswith("text_projection.")}
+    out = add_text_model_prefix(rest)
+    out.update({k: v for k, v in state_dict.items() if k.startswith("text_projection.")})
+    return out
+
+
 __all__ = [
     "CLIPTextConfig",
     "CLIPTextModel",
+    "CLIPTextModelWithProjection",
+    "SDXL_G",
+    "TINY_SDXL_G",
+    "add_projection_prefix",
     "CLIPTextOutput",
     "PRESETS",
     "SD1",

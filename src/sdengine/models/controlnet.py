@@ -37,6 +37,7 @@ from sdengine.models.unet import (
     UNetConfig,
     add_class_embedding,
     down_blocks,
+    make_add_embedding,
     make_class_embedding,
 )
 from sdengine.nn.embeddings import TimestepEmbedding, timestep_embedding
@@ -162,6 +163,9 @@ class ControlNet(nn.Module):
         self.conv_in = nn.Conv2d(ucfg.in_channels, chs[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chs[0], ucfg.time_embed_dim)
         self.class_embedding = make_class_embedding(ucfg)
+        add_embedding = make_add_embedding(ucfg)  # SDXL's added conditioning, as in the U-Net
+        if add_embedding is not None:
+            self.add_embedding = add_embedding
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             chs[0], config.conditioning_channels, config.conditioning_embedding_out_channels
         )
@@ -214,6 +218,8 @@ class ControlNet(nn.Module):
             net.time_embedding.load_state_dict(unet.time_embedding.state_dict())
             if net.class_embedding is not None and unet.class_embedding is not None:
                 net.class_embedding.load_state_dict(unet.class_embedding.state_dict())
+            if hasattr(net, "add_embedding") and hasattr(unet, "add_embedding"):
+                net.add_embedding.load_state_dict(unet.add_embedding.state_dict())
             net.down_blocks.load_state_dict(unet.down_blocks.state_dict())
             if net.mid_block is not None and unet.mid_block is not None:
                 net.mid_block.load_state_dict(unet.mid_block.state_dict())
@@ -232,7 +238,8 @@ class ControlNet(nn.Module):
             t, ucfg.block_out_channels[0], flip_sin_to_cos=ucfg.flip_sin_to_cos, freq_shift=ucfg.freq_shift
         )  # (B, C0) float32
         emb = self.time_embedding(feats.to(self.dtype))  # (B, T)
-        return add_class_embedding(self.class_embedding, ucfg, emb, class_labels, "ControlNet")
+        module = self.add_embedding if ucfg.text_time else self.class_embedding
+        return add_class_embedding(module, ucfg, emb, class_labels, "ControlNet")
 
     def forward(
         self,

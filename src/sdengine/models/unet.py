@@ -65,7 +65,9 @@ class UNetConfig:
     # cross-attention (Stable Diffusion)
     cross_attention_dim: int | None = 768
     use_linear_projection: bool = False
-    transformer_layers_per_block: int = 1
+    # transformer blocks per attention: one number, or one per level (SDXL: 1, 2, 10); the middle block
+    # uses the last level's
+    transformer_layers_per_block: int | tuple[int, ...] = 1
     upcast_attention: bool = False
     # class conditioning, added to the timestep embedding: an embedding table of ``num_class_embeds``
     # labels, or (``projection_class_embeddings_input_dim``, diffusers' class_embed_type="projection") a
@@ -73,6 +75,11 @@ class UNetConfig:
     # SDXL's "pooled text embedding added to the timestep embedding"). At most one of the two.
     num_class_embeds: int | None = None
     projection_class_embeddings_input_dim: int | None = None
+    # SDXL's micro-conditioning (diffusers' addition_embed_type="text_time"): the vector that
+    # ``projection_class_embeddings_input_dim`` describes is then pooled text + sinusoidal features of
+    # addition_time_embed_dim per size/crop number (see sdengine.models.unet_sdxl), and its MLP is named
+    # ``add_embedding`` (LDM: ``label_emb``) instead of ``class_embedding``.
+    addition_time_embed_dim: int | None = None
     # details that real checkpoints vary
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
@@ -96,6 +103,11 @@ class UNetConfig:
             )
         if self.num_class_embeds is not None and self.projection_class_embeddings_input_dim is not None:
             raise ConfigError("num_class_embeds and projection_class_embeddings_input_dim exclude each other")
+        if self.addition_time_embed_dim is not None and self.projection_class_embeddings_input_dim is None:
+            raise ConfigError("addition_time_embed_dim (text_time) needs projection_class_embeddings_input_dim")
+        depth = self.transformer_layers_per_block
+        if isinstance(depth, tuple) and len(depth) != n:
+            raise ConfigError(f"transformer_layers_per_block needs one entry per level ({n}), got {len(depth)}")
         kinds = set(self.attention) | ({self.mid_attention} if self.mid_block else set())
         if not kinds <= {"none", "self", "cross"}:
             raise ConfigError(f"attention kinds must be 'none', 'self' or 'cross', got {sorted(kinds)}")
@@ -106,6 +118,16 @@ class UNetConfig:
                 raise ConfigError(f"norm_num_groups={self.norm_num_groups} does not divide {ch} channels")
             if kind != "none" and (heads < 1 or ch % heads):
                 raise ConfigError(f"{heads} heads do not divide {ch} channels")
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks per attention at ``level`` (0 = highest resolution)."""
+        d = self.transformer_layers_per_block
+        return d[level] if isinstance(d, tuple) else d
+
+    @property
+    def text_time(self) -> bool:
+        """SDXL-style added conditioning (an ``add_embedding`` of pooled text + size/crop features)."""
+        return self.addition_time_embed_dim is not None
 
     @property
     def time_embed_dim(self) -> int:
@@ -133,7 +155,9 @@ class UNetConfig:
 # Blocks
 
 
-def _attention(kind: AttentionKind, channels: int, heads: int, cfg: UNetConfig, *, mid: bool = False) -> nn.Module:
+def _attention(
+    kind: AttentionKind, channels: int, heads: int, cfg: UNetConfig, *, mid: bool = False, depth: int = 1
+) -> nn.Module:
     if kind == "self":
         groups = (cfg.attn_norm_num_groups or cfg.norm_num_groups) if mid else cfg.norm_num_groups
         return SpatialSelfAttention(
@@ -147,7 +171,7 @@ def _attention(kind: AttentionKind, channels: int, heads: int, cfg: UNetConfig, 
         channels,
         heads,
         cross_attention_dim=cfg.cross_attention_dim,
-        num_layers=cfg.transformer_layers_per_block,
+        num_layers=depth,
         norm_groups=cfg.norm_num_groups,
         use_linear_projection=cfg.use_linear_projection,
         upcast_attention=cfg.upcast_attention,
@@ -171,14 +195,22 @@ class DownBlock(nn.Module):
     """One resolution level on the way down: (resnet [+ attention]) x layers, then an optional downsample."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, *, attention: AttentionKind, heads: int, add_downsample: bool, cfg: UNetConfig
+        self,
+        in_ch: int,
+        out_ch: int,
+        *,
+        attention: AttentionKind,
+        heads: int,
+        add_downsample: bool,
+        cfg: UNetConfig,
+        depth: int = 1,
     ) -> None:
         super().__init__()
         n = cfg.layers_per_block
         self.resnets = nn.ModuleList(_resnet(in_ch if i == 0 else out_ch, out_ch, cfg) for i in range(n))
         self.attentions = None
         if attention != "none":
-            self.attentions = nn.ModuleList(_attention(attention, out_ch, heads, cfg) for _ in range(n))
+            self.attentions = nn.ModuleList(_attention(attention, out_ch, heads, cfg, depth=depth) for _ in range(n))
         self.downsamplers = None
         if add_downsample:
             self.downsamplers = nn.ModuleList([Downsample2D(out_ch, padding=cfg.downsample_padding)])
@@ -205,7 +237,8 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList([_resnet(ch, ch, cfg, scale=scale), _resnet(ch, ch, cfg, scale=scale)])
         self.attentions = None
         if attention != "none":
-            self.attentions = nn.ModuleList([_attention(attention, ch, heads, cfg, mid=True)])
+            depth = cfg.depth_at(len(cfg.block_out_channels) - 1)
+            self.attentions = nn.ModuleList([_attention(attention, ch, heads, cfg, mid=True, depth=depth)])
 
     def forward(self, x: Tensor, temb: Tensor, context: Tensor | None) -> Tensor:
         x = self.resnets[0](x, temb)
@@ -231,6 +264,7 @@ class UpBlock(nn.Module):
         heads: int,
         add_upsample: bool,
         cfg: UNetConfig,
+        depth: int = 1,
     ) -> None:
         super().__init__()
         n = cfg.layers_per_block + 1
@@ -242,7 +276,7 @@ class UpBlock(nn.Module):
         self.resnets = nn.ModuleList(resnets)
         self.attentions = None
         if attention != "none":
-            self.attentions = nn.ModuleList(_attention(attention, out_ch, heads, cfg) for _ in range(n))
+            self.attentions = nn.ModuleList(_attention(attention, out_ch, heads, cfg, depth=depth) for _ in range(n))
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if add_upsample else None
 
     def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor | None) -> Tensor:
@@ -277,6 +311,7 @@ def down_blocks(cfg: UNetConfig) -> nn.ModuleList:
             heads=cfg.num_heads[i],
             add_downsample=i < n - 1,
             cfg=cfg,
+            depth=cfg.depth_at(i),
         )
         for i in range(n)
     )
@@ -286,7 +321,14 @@ def make_class_embedding(cfg: UNetConfig) -> nn.Module | None:
     """The class embedding a config asks for (``class_embedding`` in diffusers' names), or None."""
     if cfg.num_class_embeds is not None:
         return nn.Embedding(cfg.num_class_embeds, cfg.time_embed_dim)
-    if cfg.projection_class_embeddings_input_dim is not None:
+    if cfg.projection_class_embeddings_input_dim is not None and not cfg.text_time:
+        return TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
+    return None
+
+
+def make_add_embedding(cfg: UNetConfig) -> nn.Module | None:
+    """SDXL's ``add_embedding`` (of pooled text + size/crop features), or None."""
+    if cfg.text_time and cfg.projection_class_embeddings_input_dim is not None:
         return TimestepEmbedding(cfg.projection_class_embeddings_input_dim, cfg.time_embed_dim)
     return None
 
@@ -324,6 +366,9 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chs[0], cfg.time_embed_dim)
         self.class_embedding = make_class_embedding(cfg)
+        add_embedding = make_add_embedding(cfg)
+        if add_embedding is not None:  # registered only when present: diffusers' state dicts have no None slot
+            self.add_embedding = add_embedding
 
         self.down_blocks = down_blocks(cfg)
         self.mid_block = None
@@ -339,6 +384,7 @@ class UNet(nn.Module):
                 heads=cfg.num_heads[level],
                 add_upsample=level > 0,
                 cfg=cfg,
+                depth=cfg.depth_at(level),
             )
             for level in reversed(range(n))
         )
@@ -350,7 +396,11 @@ class UNet(nn.Module):
         return self.conv_in.weight.dtype
 
     def embed(self, x: Tensor, t: Tensor | float | int, class_labels: Tensor | None = None) -> Tensor:
-        """Timestep (+ class) embedding (B, time_embed_dim); ``t`` a scalar or a (B,) tensor."""
+        """Timestep (+ class) embedding (B, time_embed_dim); ``t`` a scalar or a (B,) tensor.
+
+        For a text_time (SDXL) U-Net ``class_labels`` is the (B, projection_class_embeddings_input_dim)
+        vector of :func:`sdengine.models.unet_sdxl.text_time_vector` (sgm's "vector", LDM's ``label_emb``
+        input)."""
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
@@ -364,7 +414,8 @@ class UNet(nn.Module):
             freq_shift=self.config.freq_shift,
         )  # (B, C0) float32
         emb = self.time_embedding(feats.to(self.dtype))  # (B, T)
-        return add_class_embedding(self.class_embedding, self.config, emb, class_labels, "U-Net")
+        module = self.add_embedding if self.config.text_time else self.class_embedding
+        return add_class_embedding(module, self.config, emb, class_labels, "U-Net")
 
     def forward(
         self,
@@ -508,8 +559,7 @@ _CONDITIONAL_FIXED = {
     "num_attention_heads": (None,),
     "dual_cross_attention": (False,),
     "class_embed_type": (None, "projection"),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
+    "addition_embed_type": (None, "text_time"),
     "resnet_skip_time_act": (False,),
     "resnet_out_scale_factor": (1.0, 1),
     "time_embedding_type": ("positional",),
@@ -594,10 +644,13 @@ def _from_diffusers(cls: type[UNetConfig], config: dict[str, Any]) -> UNetConfig
         heads = tuple(heads_cfg) if isinstance(heads_cfg, (list, tuple)) else (heads_cfg,) * n
         cross_dim = _uniform("cross_attention_dim", c["cross_attention_dim"], n, problems)
         layers = _uniform("layers_per_block", c["layers_per_block"], n, problems)
-        t_layers = _uniform("transformer_layers_per_block", c["transformer_layers_per_block"], n, problems)
-        if isinstance(t_layers, (list, tuple)):
-            problems.append(f"transformer_layers_per_block={c['transformer_layers_per_block']!r}")
-            t_layers = 1
+        t_layers = c["transformer_layers_per_block"]
+        if isinstance(t_layers, (list, tuple)):  # one depth per level (SDXL); nested lists are not supported
+            if len(t_layers) != n or not all(isinstance(d, int) for d in t_layers):
+                problems.append(f"transformer_layers_per_block={t_layers!r}")
+                t_layers = 1
+            else:
+                t_layers = tuple(t_layers) if len(set(t_layers)) > 1 else t_layers[0]
         attn_groups = None
     else:
         if mid_type not in ("UNetMidBlock2D", None):
@@ -615,7 +668,13 @@ def _from_diffusers(cls: type[UNetConfig], config: dict[str, Any]) -> UNetConfig
         if mid_type and mid_attention == "self" and attn_groups is None and c["resnet_time_scale_shift"] != "default":
             problems.append("a middle attention without GroupNorm (resnet_time_scale_shift='scale_shift')")
     proj_dim = c.get("projection_class_embeddings_input_dim")
-    if (c.get("class_embed_type") == "projection") != (proj_dim is not None):
+    text_time = conditional and c.get("addition_embed_type") == "text_time"
+    if text_time and (c.get("class_embed_type") is not None or proj_dim is None or not c["addition_time_embed_dim"]):
+        problems.append(
+            "addition_embed_type='text_time' needs addition_time_embed_dim and projection_class_embeddings_input_dim "
+            "and no class_embed_type"
+        )
+    elif not text_time and (c.get("class_embed_type") == "projection") != (proj_dim is not None):
         problems.append(
             f"class_embed_type={c.get('class_embed_type')!r} with projection_class_embeddings_input_dim={proj_dim!r}"
         )
@@ -642,7 +701,10 @@ def _from_diffusers(cls: type[UNetConfig], config: dict[str, Any]) -> UNetConfig
         transformer_layers_per_block=t_layers,
         upcast_attention=bool(c.get("upcast_attention", False)),
         num_class_embeds=c["num_class_embeds"],
-        projection_class_embeddings_input_dim=proj_dim if c.get("class_embed_type") == "projection" else None,
+        projection_class_embeddings_input_dim=proj_dim
+        if c.get("class_embed_type") == "projection" or text_time
+        else None,
+        addition_time_embed_dim=c["addition_time_embed_dim"] if text_time else None,
         norm_num_groups=c["norm_num_groups"],
         norm_eps=c["norm_eps"],
         attn_norm_num_groups=attn_groups,
@@ -718,9 +780,13 @@ def _to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
         "cross_attention_dim": cfg.cross_attention_dim,
         "use_linear_projection": cfg.use_linear_projection,
         "upcast_attention": cfg.upcast_attention,
-        "transformer_layers_per_block": cfg.transformer_layers_per_block,
-        "class_embed_type": "projection" if cfg.projection_class_embeddings_input_dim is not None else None,
+        "transformer_layers_per_block": (list(d) if isinstance(d := cfg.transformer_layers_per_block, tuple) else d),
+        "class_embed_type": (
+            "projection" if cfg.projection_class_embeddings_input_dim is not None and not cfg.text_time else None
+        ),
         "projection_class_embeddings_input_dim": cfg.projection_class_embeddings_input_dim,
+        "addition_embed_type": "text_time" if cfg.text_time else None,
+        "addition_time_embed_dim": cfg.addition_time_embed_dim,
     }
 
 

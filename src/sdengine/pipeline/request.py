@@ -86,6 +86,9 @@ class GenerationRequest:
     resize_mode: str | int = "just resize"  # init and control images of another size: sdengine.io.resize
     subseed: int | None = None  # variation seed (A1111's); None / -1 draws one; row i uses subseed + i
     subseed_strength: float = 0.0  # 0 = the seed's image, 1 = the variation seed's (slerp of the noise)
+    # SDXL only: prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size, negative_*,
+    # aesthetic_score (sdengine.text.sdxl_conditioner.SDXLOptions); None = the defaults
+    sdxl: Mapping[str, Any] | None = None
 
     # -- building ---------------------------------------------------------------------------------------
 

@@ -25,10 +25,11 @@ from .keymaps import ModuleTable, StateDict, UNetLayout, rename_keys, unet_modul
 CONTROL_PREFIX = "control_model."
 
 
-def controlnet_module_table(layout: UNetLayout, hint_levels: int) -> ModuleTable:
+def controlnet_module_table(layout: UNetLayout, hint_levels: int, *, sdxl: bool = False) -> ModuleTable:
     """(original prefix, diffusers prefix, suffix-table kind) rows for a ControlNet of this layout.
 
     ``hint_levels``: entries of ``conditioning_embedding_out_channels`` (4 in every released ControlNet).
+    ``sdxl``: the ControlNet has SDXL's added-conditioning MLP (``label_emb.0.*`` = ``add_embedding.*``).
     """
     encoder_rows = [
         row
@@ -43,7 +44,12 @@ def controlnet_module_table(layout: UNetLayout, hint_levels: int) -> ModuleTable
     hint_rows.append((f"input_hint_block.{2 * (n_blocks + 1)}", "controlnet_cond_embedding.conv_out", "plain"))
     n_skips = 1 + layout.num_levels * layout.layers_per_block + (layout.num_levels - 1)
     zero_rows = [(f"zero_convs.{i}.0", f"controlnet_down_blocks.{i}", "plain") for i in range(n_skips)]
-    return [*encoder_rows, *hint_rows, *zero_rows, ("middle_block_out.0", "controlnet_mid_block", "plain")]
+    rows = [*encoder_rows, *hint_rows, *zero_rows, ("middle_block_out.0", "controlnet_mid_block", "plain")]
+    if sdxl:
+        from .sdxl_files import ADD_EMBEDDING_ROWS
+
+        rows += ADD_EMBEDDING_ROWS
+    return rows
 
 
 def strip_prefix(sd: Mapping[str, torch.Tensor]) -> StateDict:
@@ -52,14 +58,14 @@ def strip_prefix(sd: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def controlnet_original_to_diffusers(
-    sd: Mapping[str, torch.Tensor], layout: UNetLayout, hint_levels: int
+    sd: Mapping[str, torch.Tensor], layout: UNetLayout, hint_levels: int, *, sdxl: bool = False
 ) -> tuple[StateDict, list[str]]:
     """Original names (prefix removed) -> diffusers ControlNetModel names (+ keys that matched no row)."""
-    return rename_keys(sd, controlnet_module_table(layout, hint_levels), to_diffusers=True)
+    return rename_keys(sd, controlnet_module_table(layout, hint_levels, sdxl=sdxl), to_diffusers=True)
 
 
 def controlnet_diffusers_to_original(
-    sd: Mapping[str, torch.Tensor], layout: UNetLayout, hint_levels: int
+    sd: Mapping[str, torch.Tensor], layout: UNetLayout, hint_levels: int, *, sdxl: bool = False
 ) -> tuple[StateDict, list[str]]:
     """diffusers ControlNetModel names -> original names, without the ``control_model.`` prefix."""
-    return rename_keys(sd, controlnet_module_table(layout, hint_levels), to_diffusers=False)
+    return rename_keys(sd, controlnet_module_table(layout, hint_levels, sdxl=sdxl), to_diffusers=False)

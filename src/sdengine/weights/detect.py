@@ -34,7 +34,7 @@ _SD2_BASE_GLOBAL_STEP = 875000
 
 
 class UnsupportedModelError(WeightsError):
-    """The file holds a network sdengine does not implement (SDXL, SD3, Flux, an upscaler, ...)."""
+    """The file holds a network sdengine does not implement (SD3, Flux, an upscaler, ...) or a part of one."""
 
 
 def _ints(pattern: str, keys: list[str]) -> set[int]:
@@ -50,9 +50,13 @@ def check_supported(sd: Mapping[str, torch.Tensor]) -> None:
     keys = list(sd)
     label = sd.get("model.diffusion_model.label_emb.0.0.weight")
     if label is not None and label.ndim == 2 and label.shape[1] == 2816:
-        raise UnsupportedModelError("found 2816-wide label_emb: looks like SDXL, not supported")
+        # SDXL files with their text encoders (conditioner.embedders.*) go through weights.sdxl_files.
+        raise UnsupportedModelError(
+            "found 2816-wide label_emb: looks like SDXL, but without its text encoders (conditioner.embedders.*); "
+            "give the whole SDXL checkpoint"
+        )
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise UnsupportedModelError("found conditioner.embedders.*: looks like SDXL, not supported")
+        raise UnsupportedModelError("found conditioner.embedders.*: looks like SDXL; load it with load_checkpoint")
     if any("joint_blocks." in k for k in keys[:2000]):
         raise UnsupportedModelError("found joint_blocks.*: looks like SD3 (MMDiT), not supported")
     if any("double_blocks." in k for k in keys[:2000]):

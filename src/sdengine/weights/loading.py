@@ -60,6 +60,7 @@ from .ldm_config import (
     is_yaml_config,
     read_ldm_config,
 )
+from .sdxl_files import is_sdxl_ldm, sdxl_components_to_ldm, sdxl_ldm_to_components
 from .vae_file import check_vae_fits
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,15 @@ def _first_line(err: BaseException) -> str:
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 # Which bounds (sdengine.models.config_checks) a component's config is checked against.
-COMPONENT_KINDS = {"unet": "unet", "vae": "vae", "text_encoder": "clip_text", "scheduler": "scheduler"}
+COMPONENT_KINDS = {
+    "unet": "unet",
+    "vae": "vae",
+    "text_encoder": "clip_text",
+    "text_encoder_2": "clip_text",
+    "scheduler": "scheduler",
+}
+# SDXL folders add a second text encoder (OpenCLIP bigG with its projection); the refiner has only that one.
+SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 WEIGHT_FILE_STEMS = ("diffusion_pytorch_model", "model")
 CONFIG_METADATA_KEY = "sdengine.configs"  # JSON {unet, vae, text_encoder, scheduler} in files we write
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release our configs are written for and tested against
@@ -104,6 +113,9 @@ class LoadedCheckpoint:
     # "clip" (weights in state_dicts["text_encoder"]) or "minilm": sdengine's own folders (the built-in emoji
     # model) whose text encoder is all-MiniLM-L6-v2 by reference; only its config is here, no weights.
     text_encoder_type: Literal["clip", "minilm"] = "clip"
+    tokenizer_2_dir: Path | None = None  # SDXL's second tokenizer (pads with "!")
+    # model_index.json's force_zeros_for_empty_prompt (SDXL base: an empty negative prompt is all zeros)
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -219,12 +231,18 @@ def load_diffusers_folder(
     index = folder / "model_index.json"
     if not index.is_file():
         raise WeightsError(f"{folder}: not a diffusers folder (no model_index.json)")
-    minilm = list(_read_json(index, "model_index.json").get("text_encoder") or []) == MINILM_TEXT_ENCODER
+    model_index = _read_json(index, "model_index.json")
+    minilm = list(model_index.get("text_encoder") or []) == MINILM_TEXT_ENCODER
+    # SDXL: a text_encoder_2/ (the refiner has no text_encoder/: model_index says [null, null])
+    sdxl = (folder / "text_encoder_2").is_dir() and not minilm
+    components = (
+        tuple(c for c in SDXL_COMPONENTS if c != "text_encoder" or (folder / c).is_dir()) if sdxl else COMPONENTS
+    )
     # Every config is checked before any weights are read: a crafted number fails fast, whatever its file.
     sched = folder / "scheduler" / "scheduler_config.json"
     if sched.is_file():
         _check_config(sched, "scheduler", _read_json(sched, "scheduler config"))
-    for comp in COMPONENTS:
+    for comp in components:
         cfg_path = folder / comp / "config.json"
         if comp == "text_encoder" and minilm:
             _minilm_config(folder)
@@ -233,7 +251,7 @@ def load_diffusers_folder(
     sds: dict[str, StateDict] = {}
     cfgs: dict[str, dict[str, Any]] = {}
     skipped: list[str] = []
-    for comp in COMPONENTS:
+    for comp in components:
         if comp == "vae" and vae is not None:
             continue
         if comp == "text_encoder" and minilm:
@@ -245,24 +263,37 @@ def load_diffusers_folder(
         sds[comp], cfgs[comp] = _load_component_folder(sub, COMPONENT_KINDS[comp])
     if vae is not None:
         sds["vae"], cfgs["vae"] = load_vae(vae)
-    if not minilm:
+    if not minilm and "text_encoder" in sds:
         sds["text_encoder"] = _clean_text_encoder(sds["text_encoder"], skipped)
+    if "text_encoder_2" in sds:
+        from sdengine.models.clip_text import add_projection_prefix
+
+        sds["text_encoder_2"] = {
+            k: v for k, v in add_projection_prefix(sds["text_encoder_2"]).items() if not km.is_known_unused(k)
+        }
     cfgs["scheduler"] = _read_json(sched, "scheduler config") if sched.is_file() else {}
     pred = prediction_type or cfgs["scheduler"].get("prediction_type", "epsilon")
     cfgs["scheduler"]["prediction_type"] = pred
     cross = cfgs["unet"].get("cross_attention_dim")
     tok = folder / "tokenizer"
+    tok2 = folder / "tokenizer_2"
+    if sdxl:
+        family = "sdxl" if "text_encoder" in components else "sdxl_refiner"
+    else:
+        family = "custom" if minilm else {768: "sd1", 1024: "sd2"}.get(cross if isinstance(cross, int) else 0, "custom")
     return LoadedCheckpoint(
         source=folder,
         layout="diffusers",
         state_dicts=sds,
         configs=cfgs,
         prediction_type=pred,
-        family="custom" if minilm else {768: "sd1", 1024: "sd2"}.get(cross, "custom"),  # type: ignore[arg-type]
+        family=family,
         inpainting=cfgs["unet"].get("in_channels") == 9,
         tokenizer_dir=tok if tok.is_dir() else None,
         skipped=skipped,
         text_encoder_type="minilm" if minilm else "clip",
+        tokenizer_2_dir=tok2 if tok2.is_dir() else None,
+        force_zeros_for_empty_prompt=bool(model_index.get("force_zeros_for_empty_prompt", False)),
     )
 
 
@@ -300,7 +331,7 @@ def load_vae(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
 def _configs_from_folder(folder: Path) -> dict[str, dict[str, Any]]:
     cfgs = {
         c: _read_json(folder / c / "config.json", f"{c} config")
-        for c in COMPONENTS
+        for c in (*COMPONENTS, "text_encoder_2")
         if (folder / c / "config.json").is_file()
     }
     sched = folder / "scheduler" / "scheduler_config.json"
@@ -415,6 +446,8 @@ def load_single_file(
     for comp, cfg in cfg_src.items():  # before the configs steer any key mapping
         if comp in COMPONENT_KINDS:
             _check_config(config if config is not None else path, COMPONENT_KINDS[comp], cfg)
+    if is_sdxl_ldm(sd):
+        return _load_sdxl_single_file(path, sd, cfg_src, config=config, vae=vae, prediction_type=prediction_type)
     comps, det, skipped = ldm_to_components(
         sd, info=info, prediction_type=prediction_type, configs=cfg_src or None, where=str(path)
     )
@@ -470,6 +503,48 @@ def load_single_file(
         tokenizer_dir=tok if tok is not None and tok.is_dir() else None,
         skipped=skipped,
         notes=det.notes,
+    )
+
+
+def _load_sdxl_single_file(
+    path: Path,
+    sd: Mapping[str, torch.Tensor],
+    cfg_src: Mapping[str, Mapping[str, Any]],
+    *,
+    config: str | Path | None,
+    vae: str | Path | None,
+    prediction_type: str | None,
+) -> LoadedCheckpoint:
+    """An SDXL (sgm layout) single file; see sdengine.weights.sdxl_files."""
+    comps, cfgs, family, skipped = sdxl_ldm_to_components(sd, configs=cfg_src or None, where=str(path))
+    for comp, cfg in cfgs.items():
+        if comp in COMPONENT_KINDS:
+            _check_config(config if config is not None else path, COMPONENT_KINDS[comp], cfg)
+    pred = prediction_type or cfgs["scheduler"].get("prediction_type", "epsilon")
+    cfgs["scheduler"]["prediction_type"] = pred
+    if vae is not None:
+        comps["vae"], cfgs["vae"] = load_vae(vae)
+    if "vae" not in comps:
+        raise MissingVAEError(f"{path}: this checkpoint has no VAE (no first_stage_model.* weights); pass vae=PATH")
+    folder = Path(config) if config is not None else None
+    tok = folder / "tokenizer" if folder is not None else None
+    tok2 = folder / "tokenizer_2" if folder is not None else None
+    index = folder / "model_index.json" if folder is not None else None
+    # diffusers' SDXL default: the base zeroes an empty negative prompt, the refiner does not
+    force_zeros = family == "sdxl"
+    if index is not None and index.is_file():
+        force_zeros = bool(_read_json(index, "model_index.json").get("force_zeros_for_empty_prompt", force_zeros))
+    return LoadedCheckpoint(
+        source=path,
+        layout="single_file",
+        state_dicts=comps,
+        configs=cfgs,
+        prediction_type=pred,
+        family=family,
+        tokenizer_dir=tok if tok is not None and tok.is_dir() else None,
+        tokenizer_2_dir=tok2 if tok2 is not None and tok2.is_dir() else None,
+        skipped=skipped,
+        force_zeros_for_empty_prompt=force_zeros,
     )
 
 
@@ -652,12 +727,18 @@ def _fill_diffusers_folder(
     ckpt: LoadedCheckpoint, dst: Path, *, dtype: str | torch.dtype | None, tokenizer_dir: str | Path | None
 ) -> None:
     cfgs = ckpt.configs
-    sched_cls = cfgs["scheduler"].get("_class_name", "PNDMScheduler")
-    for comp, cls, lib, fname in (
+    sdxl = ckpt.family in ("sdxl", "sdxl_refiner")
+    sched_cls = cfgs["scheduler"].get("_class_name", "EulerDiscreteScheduler" if sdxl else "PNDMScheduler")
+    parts = [
         ("unet", "UNet2DConditionModel", "diffusers", "diffusion_pytorch_model"),
         ("vae", "AutoencoderKL", "diffusers", "diffusion_pytorch_model"),
         ("text_encoder", "CLIPTextModel", "transformers", "model"),
-    ):
+    ]
+    if sdxl:
+        parts.append(("text_encoder_2", "CLIPTextModelWithProjection", "transformers", "model"))
+    for comp, cls, lib, fname in parts:
+        if comp not in ckpt.state_dicts:  # the SDXL refiner has no first text encoder
+            continue
         cfg = dict(cfgs[comp])
         if lib == "diffusers":
             cfg.setdefault("_class_name", cls)
@@ -682,11 +763,37 @@ def _fill_diffusers_folder(
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }
-    if tok_src and Path(tok_src).resolve() != (dst / "tokenizer").resolve():
+    if sdxl:
+        _sdxl_index(ckpt, dst, index, tok_src)
+    elif tok_src and Path(tok_src).resolve() != (dst / "tokenizer").resolve():
         shutil.copytree(tok_src, dst / "tokenizer", dirs_exist_ok=True)
     elif not tok_src and write_clip_tokenizer(dst / "tokenizer", pad="!" if ckpt.family == "sd2" else None):
         index["tokenizer"] = ["transformers", "CLIPTokenizer"]
     _write_json(dst / "model_index.json", index)
+
+
+def _sdxl_index(ckpt: LoadedCheckpoint, dst: Path, index: dict[str, Any], tok_src: str | Path | None) -> None:
+    """model_index.json entries and tokenizers of an SDXL folder (base: two encoders; refiner: the second)."""
+    refiner = "text_encoder" not in ckpt.state_dicts
+    for key in ("safety_checker", "feature_extractor", "requires_safety_checker"):
+        index.pop(key)
+    index.update(
+        _class_name="StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+        text_encoder=[None, None] if refiner else ["transformers", "CLIPTextModel"],
+        tokenizer=[None, None] if refiner else ["transformers", "CLIPTokenizer"],
+        text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+        tokenizer_2=["transformers", "CLIPTokenizer"],
+        force_zeros_for_empty_prompt=ckpt.force_zeros_for_empty_prompt,
+    )
+    if refiner:
+        index["requires_aesthetics_score"] = True
+    for name, src, pad in (("tokenizer", tok_src, None), ("tokenizer_2", ckpt.tokenizer_2_dir, "!")):
+        if name == "tokenizer" and refiner:
+            continue
+        if src and Path(src).resolve() != (dst / name).resolve():
+            shutil.copytree(src, dst / name, dirs_exist_ok=True)
+        elif not src:
+            write_clip_tokenizer(dst / name, pad=pad)
 
 
 def write_clip_tokenizer(dst: Path, *, pad: str | None = None) -> bool:
@@ -726,13 +833,15 @@ def save_single_file(ckpt: LoadedCheckpoint, dst: str | Path, *, dtype: str | to
     dst = Path(dst)
     if dst.suffix.lower() != ".safetensors":
         raise WeightsError(f"{dst}: sdengine writes single files as .safetensors only")
-    cfgs = {k: v for k, v in ckpt.configs.items() if k in (*COMPONENTS, "scheduler")}
+    sdxl = ckpt.family in ("sdxl", "sdxl_refiner")
+    cfgs = {k: v for k, v in ckpt.configs.items() if k in (*SDXL_COMPONENTS, "scheduler")}
     meta = {
         "format": "pt",
         CONFIG_METADATA_KEY: json.dumps(cfgs, sort_keys=True),
         "sdengine.prediction_type": ckpt.prediction_type,
     }
-    save_safetensors(components_to_ldm(ckpt), dst, metadata=meta, dtype=dtype)
+    flat = sdxl_components_to_ldm(ckpt.state_dicts, ckpt.configs) if sdxl else components_to_ldm(ckpt)
+    save_safetensors(flat, dst, metadata=meta, dtype=dtype)
     return dst
 
 
@@ -820,6 +929,11 @@ def _model_factory(comp: str, config: Mapping[str, Any]) -> Callable[[], torch.n
 
         tcfg = CLIPTextConfig.from_transformers(config)
         return lambda: CLIPTextModel(tcfg)
+    if comp == "text_encoder_2":
+        from sdengine.models.clip_text import CLIPTextConfig, CLIPTextModelWithProjection
+
+        t2cfg = CLIPTextConfig.from_transformers(config)
+        return lambda: CLIPTextModelWithProjection(t2cfg)
     if comp == "vae":
         from sdengine.models.vae import AutoencoderKL, VAEConfig
 

@@ -78,6 +78,7 @@ def apply_loras(
     lora_dir: str | os.PathLike[str] | None = None,
     *,
     fuse: bool = False,
+    text_encoder_2: nn.Module | None = None,
 ) -> LoRAHandle:
     """Apply LoRAs to ``unet`` / ``text_encoder`` (either may be None) without touching their weights.
 
@@ -85,11 +86,12 @@ def apply_loras(
     with text-encoder layers is then a :class:`LoRAError` rather than half applied.
 
     ``loras``: ``(path_or_name_or_LoRAFile, weight)`` pairs (a bare path means weight 1); names are looked up in
-    ``lora_dir``. Returns a :class:`LoRAHandle`: ``.reports`` says what matched, ``.set_weight(i, w)`` changes a
+    ``lora_dir``. ``text_encoder_2``: SDXL's second text encoder (kohya ``lora_te2_``, ``text_encoder_2.``).
+    Returns a :class:`LoRAHandle`: ``.reports`` says what matched, ``.set_weight(i, w)`` changes a
     weight for the next forward, ``.fuse()``/``.unfuse()``, and ``.remove()`` restores the model exactly. Every
     file is checked before any layer is patched, so an error leaves the model untouched.
     """
-    index = ModelIndex(unet, text_encoder)
+    index = ModelIndex(unet, text_encoder, text_encoder_2)
     prepared: list[tuple[LoRAFile, float, dict[str, Any], list[str], dict[str, Any]]] = []
     for item in loras:
         src, weight = lora_entry(item)

@@ -27,7 +27,7 @@ from . import keymaps as km
 from .lora_file import LoRAFile, LoRAFileError, LoRAFormat, LoRALayerWeights
 from .lycoris_file import LycorisLayerWeights
 
-Component = Literal["unet", "text_encoder"]
+Component = Literal["unet", "text_encoder", "text_encoder_2"]
 
 # Names that give away another architecture.
 _ARCH_HINTS = [
@@ -71,7 +71,12 @@ def unet_ldm_names(unet: nn.Module) -> dict[str, str]:
         return {}
     has = tuple(a != "none" for a in attention)
     layout = km.UNetLayout(len(attention), cfg.layers_per_block, has, tuple(reversed(has)), cfg.mid_attention != "none")
-    prefixes = {diff: (ldm, kind) for ldm, diff, kind in km.unet_module_table(layout)}
+    rows = km.unet_module_table(layout)
+    if getattr(cfg, "addition_time_embed_dim", None) is not None:  # SDXL: add_embedding is LDM's label_emb
+        from .sdxl_files import ADD_EMBEDDING_ROWS
+
+        rows = rows + ADD_EMBEDDING_ROWS
+    prefixes = {diff: (ldm, kind) for ldm, diff, kind in rows}
     out: dict[str, str] = {}
     for name, _ in lora_targets(unet):
         parts = name.split(".")
@@ -95,7 +100,7 @@ def unet_ldm_names(unet: nn.Module) -> dict[str, str]:
 class ModelIndex:
     """Every name a LoRA file may use for each adaptable layer of (unet, text_encoder)."""
 
-    def __init__(self, unet: nn.Module | None, text_encoder: Any) -> None:
+    def __init__(self, unet: nn.Module | None, text_encoder: Any, text_encoder_2: nn.Module | None = None) -> None:
         # A text encoder that is not a torch module (the emoji model's MiniLMTextEncoder wrapper) has no
         # layers a LoRA may adapt: remembered by name, so that a LoRA with text-encoder layers is refused.
         self.fixed_text_encoder: str | None = None
@@ -123,8 +128,21 @@ class ModelIndex:
                     name,
                 ):
                     self.aliases.setdefault(alias, t)
+        self.text_encoder_2 = text_encoder_2
+        if text_encoder_2 is not None:  # SDXL's second encoder: kohya lora_te2_, PEFT/diffusers text_encoder_2.
+            for name, m in lora_targets(text_encoder_2):
+                t = Target("text_encoder_2", name, m)
+                short = name.removeprefix(km.TEXT_MODEL)
+                for alias in (
+                    "lora_te2_" + name.replace(".", "_"),
+                    f"text_encoder_2.{name}",
+                    f"text_encoder_2.{short}",
+                ):
+                    self.aliases.setdefault(alias, t)
 
     def family(self) -> str:
+        if self.text_encoder_2 is not None:
+            return "SDXL"
         cfg = getattr(self.unet, "config", None)
         width = getattr(cfg, "cross_attention_dim", None)
         if width in (768, 1024):
@@ -266,6 +284,8 @@ def match_lora(
         lycoris[key] = (target, lw)
     family = _lora_family(lf)
     model = index.family()
+    if family is not None and model == "SDXL" and family.startswith("SDXL"):
+        family = model  # the SDXL hints (a second text encoder, label_emb) are what an SDXL model has
     hint = f"; it looks like a LoRA for {family}, the model is {model}" if family and family != model else ""
     if wrong:
         raise LoRAFileError(f"{where}: shapes do not match this model: {_some(wrong, 2)}{hint}")

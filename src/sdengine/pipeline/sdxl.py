@@ -1,0 +1,220 @@
+"""SDXL behind the same pipeline: two text encoders and size micro-conditioning.
+
+Everything after the conditioning dict is :class:`sdengine.pipeline.core.Pipeline`'s (samplers, img2img,
+VAE decode with its fp32 fall-back, seeds, infotext); what differs is where the conditioning comes from
+(:class:`sdengine.text.sdxl_conditioner.SDXLConditioner`, which needs the image size) and the request's
+``sdxl`` settings (``prompt_2``, ``negative_prompt_2``, sizes, crops, aesthetic score).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from PIL import Image
+
+from sdengine import vae_utils
+from sdengine.diffusion import sampling
+from sdengine.diffusion.denoisers import Denoiser
+from sdengine.diffusion.guidance import CFGDenoiser
+from sdengine.errors import GenerationError
+from sdengine.io.images import to_uint8
+from sdengine.pipeline.core import Pipeline, Prepared, as_request
+from sdengine.pipeline.infotext import call_parameters, format_infotext
+from sdengine.pipeline.latents import start_latents
+from sdengine.pipeline.request import GenerationRequest
+from sdengine.pipeline.result import GenerationResult
+from sdengine.pipeline.unet_adapter import UNetAdapter
+from sdengine.text.conditioners import Conditioning
+from sdengine.text.sdxl_conditioner import SDXLConditioner, SDXLOptions
+
+
+class SDXLPipeline(Pipeline):
+    """SDXL base or refiner. Build it with :func:`sdengine.pipeline.load_pipeline` on an SDXL folder."""
+
+    def __init__(
+        self,
+        *,
+        text_encoder_2: torch.nn.Module,
+        tokenizer_2: Any,
+        pad_token_id_2: int,
+        force_zeros_for_empty_prompt: bool,
+        **kwargs: Any,
+    ) -> None:
+        self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False)
+        self.tokenizer_2 = tokenizer_2
+        te = kwargs.get("text_encoder")
+        conditioner = SDXLConditioner(
+            te.eval().requires_grad_(False) if te is not None else None,
+            self.text_encoder_2,
+            kwargs.get("tokenizer"),
+            tokenizer_2,
+            pad_token_id=kwargs["pad_token_id"],
+            pad_token_id_2=pad_token_id_2,
+            unet_config=kwargs["unet"].config,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            dtype=kwargs["dtype"],
+            device=kwargs["device"],
+            name=kwargs.get("name", "model"),
+        )
+        super().__init__(conditioner=conditioner, **kwargs)
+
+    @property
+    def refiner(self) -> bool:
+        """True for the refiner (bigG only, aesthetic-score conditioning)."""
+        return bool(getattr(self.conditioner, "refiner", False))
+
+    @property
+    def pooled_dim(self) -> int | None:
+        return None  # the vector is not a caption's pooled embedding alone (see unet_text_kwargs of Pipeline)
+
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        SDXLOptions.coerce(request.sdxl)  # bad settings are refused before any model runs
+        return super().prepare(request)
+
+    def conditioning_pair(
+        self, prompt: str, negative: str, p: Prepared, note: Any
+    ) -> tuple[Conditioning, Conditioning]:
+        cond: SDXLConditioner = self.conditioner  # type: ignore[assignment]
+        return cond.pair(
+            prompt,
+            negative,
+            clip_skip=p.request.clip_skip,
+            note=note,
+            width=p.width,
+            height=p.height,
+            options=p.request.sdxl,
+        )
+
+    # -- base -> refiner hand-off -------------------------------------------------------------------------
+
+    def _denoiser(self, cfg_scale: float, uncond: Conditioning, rescale: float) -> Any:
+        den = Denoiser(UNetAdapter(self.unet, self.dtype), self.noise_schedule, self.prediction_type)
+        return CFGDenoiser(den, cfg_scale, uncond, rescale=rescale)
+
+    def generate_with_refiner(
+        self,
+        refiner: SDXLPipeline,
+        prompt: Any = "",
+        negative_prompt: Any = None,
+        *,
+        switch_at: float = 0.8,
+        **kwargs: Any,
+    ) -> GenerationResult:
+        """Text-to-image with this base model for the noisy part of the steps and ``refiner`` for the rest,
+        as diffusers' ``denoising_end=switch_at`` on the base and ``denoising_start=switch_at`` on the refiner
+        do: the base walks the steps whose timestep is at least ``(1 - switch_at) * 1000``, the refiner
+        continues from that latent (no noise added) on the same grid, and its VAE decodes. Both samplers
+        restart at the switch (a multistep sampler's history is not carried over), as in diffusers.
+        Settings are a request's (txt2img only: no init image, mask, ControlNet or LoRA)."""
+        if not isinstance(refiner, SDXLPipeline):
+            raise GenerationError("the refiner must be an SDXL model loaded with load_pipeline")
+        if isinstance(switch_at, bool) or not isinstance(switch_at, int | float) or not 0.0 < switch_at < 1.0:
+            raise GenerationError(f"switch_at must be a number in (0, 1), got {switch_at!r}")
+        request = as_request(prompt, negative_prompt, kwargs)
+        if request.init_image is not None or request.mask is not None or request.controlnets or request.loras:
+            raise GenerationError(
+                "a base -> refiner hand-off is text-to-image only (no init image, mask, ControlNet, LoRA)"
+            )
+        if refiner.latent_channels != self.latent_channels or refiner.vae_scale_factor != self.vae_scale_factor:
+            raise GenerationError(f"{refiner.name} does not share {self.name}'s latent space")
+        p = self.prepare(request)
+        p_ref = refiner.prepare(request.replace(width=p.width, height=p.height))
+        if p.subseeds is not None:
+            raise GenerationError("variation seeds are not supported with a refiner hand-off")
+        steps, cfg_scale, rescale = int(request.steps), float(request.cfg_scale), float(request.guidance_rescale)
+        grid = sampling.make_grid(p.sampler, steps, self.noise_schedule, p.schedule, self.scheduler_config)
+        cutoff = round(self.noise_schedule.num_train_timesteps * (1.0 - float(switch_at)))
+        k = int((torch.as_tensor(grid.timesteps) >= cutoff).sum())
+        if not 0 < k < grid.steps:
+            raise GenerationError(f"switch_at {switch_at} leaves no steps for the {'base' if k == 0 else 'refiner'}")
+        images = []
+        with torch.inference_mode():
+            for prompt_i, negative_i, seed in zip(p.prompts, p.negatives, p.seeds, strict=True):
+                note = lambda t: p.notes.append(t)  # noqa: E731
+                cond, uncond = self.conditioning_pair(prompt_i, negative_i, p, note)
+                r_cond, r_uncond = refiner.conditioning_pair(prompt_i, negative_i, p_ref, note)
+                gen = torch.Generator("cpu").manual_seed(seed)
+                start = start_latents(
+                    self.vae,
+                    generators=[gen],
+                    latent_channels=self.latent_channels,
+                    width=p.width,
+                    height=p.height,
+                    scale_factor=self.vae_scale_factor,
+                    init=None,
+                    mask=None,
+                    mask_blur=0.0,
+                    strength=1.0,
+                    nine_channels=False,
+                    tiled=p.tiled,
+                    device=self.device,
+                )
+                common: dict[str, Any] = dict(
+                    sampler=p.sampler,
+                    steps=steps,
+                    schedule=p.schedule,
+                    generators=[gen],
+                    sampler_options=dict(request.sampler_options or {}) or None,
+                )
+                x = sampling.sample(
+                    self._denoiser(cfg_scale, uncond, rescale),
+                    start.noise,
+                    scheduler_config=self.scheduler_config,
+                    extra_args=cond,
+                    noise_schedule=self.noise_schedule,
+                    end_step=k,
+                    **common,
+                )
+                x = x * math.sqrt(1.0 + float(grid.sigmas[k]) ** 2)  # back to the sampler's (VE) scaling
+                x = sampling.sample(
+                    refiner._denoiser(cfg_scale, r_uncond, rescale),
+                    torch.zeros_like(x),
+                    scheduler_config=refiner.scheduler_config,
+                    extra_args=r_cond,
+                    noise_schedule=refiner.noise_schedule,
+                    init_latent=x,
+                    start_step=k,
+                    **common,
+                )
+                img, upcast = vae_utils.decode(refiner.vae, x, tiled=p.tiled, upcast=refiner.vae_upcast, warn=False)
+                if upcast and not refiner.vae_upcast:
+                    refiner.vae_upcast = True
+                    p.notes.append("the VAE decode in half precision gave NaN/inf; decoded again in float32")
+                images.append(vae_utils.to_unit(img))
+        arrays = torch.cat(images).permute(0, 2, 3, 1).float().cpu().numpy()
+        pil = [Image.fromarray(a) for a in to_uint8(arrays)]
+        refiner_hash = refiner.model_hash()
+        rows = []
+        for prompt_i, negative_i, seed in zip(p.prompts, p.negatives, p.seeds, strict=True):
+            row = call_parameters(
+                prompt=prompt_i,
+                negative_prompt=negative_i,
+                steps=steps,
+                sampler=p.sampler,
+                schedule=p.schedule,
+                cfg_scale=cfg_scale,
+                seed=seed,
+                width=p.width,
+                height=p.height,
+                model=self.name,
+                model_hash=self.model_hash(),
+                strength=None,
+                clip_skip=request.clip_skip,
+                guidance_rescale=rescale,
+                loras=[],
+                n_tag_loras=0,
+                lora_dir=None,
+                controlnets=[],
+                mask_blur=None,
+            )
+            # A1111's names for its refiner settings
+            row["Refiner"] = f"{refiner.name} [{refiner_hash}]" if refiner_hash else refiner.name
+            row["Refiner switch at"] = float(switch_at)
+            rows.append(row)
+        per_row = [{"prompt": r["prompt"], "negative_prompt": r["negative_prompt"], "seed": r["seed"]} for r in rows]
+        return GenerationResult(pil, arrays, rows[0], p.seeds, [format_infotext(r) for r in rows], p.notes, per_row)
+
+
+__all__ = ["SDXLPipeline"]
