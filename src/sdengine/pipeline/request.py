@@ -78,6 +78,18 @@ class GenerationRequest:
     resize_mode: str | int = "just resize"  # init and control images of another size: sdengine.io.resize
     subseed: int | None = None  # variation seed (A1111's); None / -1 draws one; row i uses subseed + i
     subseed_strength: float = 0.0  # 0 = the seed's image, 1 = the variation seed's (slerp of the noise)
+    # The hires fix (A1111's names; sdengine.pipeline.hires): a txt2img pass at width x height, an upscale,
+    # then an img2img pass at ``strength`` (A1111's denoising_strength).
+    enable_hr: bool = False
+    hr_scale: float = 2.0  # used when hr_resize_x and hr_resize_y are 0
+    hr_resize_x: int = 0  # pixels; one side given keeps the aspect ratio, both cover the box then cut it
+    hr_resize_y: int = 0
+    hr_upscaler: str = "Latent"  # "Latent", "Latent (antialiased|bicubic|bicubic antialiased|nearest|nearest-exact)",
+    # or "None" / "Lanczos" (pixel Lanczos resize, then the VAE encodes it again)
+    hr_second_pass_steps: int = 0  # 0 = steps
+    hr_sampler: str | None = None  # None = sampler
+    hr_prompt: str = ""  # "" = the row's prompt
+    hr_negative_prompt: str = ""  # "" = the row's negative prompt
 
     # -- building ---------------------------------------------------------------------------------------
 
@@ -223,6 +235,12 @@ class GenerationRequest:
             raise GenerationError(f"subseed_strength must be in [0, 1], got {sub_strength!r}")
         if sub is not None and (not _is_int(sub) or (sub < 0 and sub != -1)):
             raise GenerationError(f"subseed must be an integer >= 0 (or -1 / None for a random one), got {sub!r}")
+        if not isinstance(self.enable_hr, bool | np.bool_):
+            raise GenerationError(f"enable_hr must be true or false, got {self.enable_hr!r}")
+        if self.enable_hr:
+            from sdengine.pipeline.hires import validate_hires
+
+            validate_hires(self)
         return self
 
 
