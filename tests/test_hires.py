@@ -238,3 +238,101 @@ def test_defaults_are_off_and_the_names_are_a1111s():
     }
     with pytest.raises(GenerationError, match="enable_hr must be true or false"):
         GenerationRequest(enable_hr="yes").validate()  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------- the A1111 route
+
+
+def test_a1111_txt2img_route_runs_the_hires_fix(tmp_path):
+    """The real ``webuiapi`` client against a live server (tiny emoji folder, 16x16 -> 32x32): the image has the
+    hires size and equals the same request through the Python API."""
+    webuiapi = pytest.importorskip("webuiapi")
+    from _emoji_models import make_tiny_emoji_folder
+    from _live_server import live_server, server_config
+
+    from sdengine.text.bert_tokenizer import find_minilm_files
+
+    try:
+        find_minilm_files()
+    except FileNotFoundError:
+        pytest.skip("all-MiniLM-L6-v2 not installed")
+    make_tiny_emoji_folder(tmp_path / "models" / "tiny")
+    common = {"steps": 3, "width": 16, "height": 16, "cfg_scale": 5.0}
+    with live_server(server_config(tmp_path, models_dir=tmp_path / "models", model="tiny")) as s:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=s.port, sampler="Euler", scheduler="Automatic")
+        r = api.txt2img(
+            prompt="a red apple",
+            seed=4,
+            enable_hr=True,
+            hr_scale=2,
+            hr_upscaler="Latent (bicubic)",
+            hr_second_pass_steps=4,
+            denoising_strength=0.6,
+            **common,
+        )
+        assert r.image.size == (32, 32)
+        assert r.info["ignored"] == [] and r.info["denoising_strength"] == 0.6
+        fields = parse_parameters(r.image.info["parameters"])
+        assert fields["Hires upscale"] == "2" and fields["Hires upscaler"] == "Latent (bicubic)"
+        assert fields["Size"] == "16x16" and fields["Hires steps"] == "4"
+        pipe = load_pipeline(tmp_path / "models" / "tiny", device="cpu")
+        want = pipe(
+            "a red apple",
+            seed=4,
+            sampler="euler",
+            schedule=None,
+            enable_hr=True,
+            hr_upscaler="Latent (bicubic)",
+            hr_second_pass_steps=4,
+            strength=0.6,
+            progress=False,
+            **common,
+        )
+        np.testing.assert_array_equal(np.asarray(r.image.convert("RGB")), np.asarray(want.images[0]))
+        # without enable_hr the hires fields change nothing and are not reported
+        plain = api.txt2img(prompt="a red apple", seed=4, hr_scale=3, **common)
+        assert plain.image.size == (16, 16) and plain.info["ignored"] == []
+        # a model upscaler is a 400 naming it
+        with pytest.raises(RuntimeError, match="ESRGAN"):
+            api.txt2img(prompt="x", seed=1, enable_hr=True, hr_upscaler="R-ESRGAN 4x+", **common)
+
+
+# ------------------------------------------------------------------------------------------- the CLI
+
+
+def test_cli_hires_flags_and_from_png_round_trip(tiny_sd1_folder, pipe, tmp_path, capsys):
+    from sdengine.cli import main
+    from sdengine.metadata import read_png_parameters
+
+    s = size(pipe)
+    args = ["--model", str(tiny_sd1_folder), "--steps", "4", "--sampler", "euler", "--seed", "11", "--no-progress"]
+    hr = ["--hr-upscaler", "Lanczos", "--hr-steps", "5", "--hr-prompt", "a green apple", "--strength", "0.5"]
+    assert main(["generate", "a red apple", *args, *hr, "--out", str(tmp_path / "a.png")]) == 0
+    made = Image.open(tmp_path / "a.png")
+    assert made.size == (2 * s, 2 * s)  # --hr-* turns the hires fix on; scale 2 by default
+    text = read_png_parameters(tmp_path / "a.png")
+    assert text is not None and "Hires upscaler: Lanczos" in text and "Denoising strength: 0.5" in text
+    want = pipe(
+        "a red apple",
+        steps=4,
+        sampler="euler",
+        seed=11,
+        cfg_scale=7.5,
+        enable_hr=True,
+        hr_upscaler="Lanczos",
+        hr_second_pass_steps=5,
+        hr_prompt="a green apple",
+        strength=0.5,
+        progress=False,
+    )
+    np.testing.assert_array_equal(np.asarray(made.convert("RGB")), np.asarray(want.images[0]))
+    capsys.readouterr()
+    rc = main(
+        ["generate", "--from-png", str(tmp_path / "a.png"), "--model", str(tiny_sd1_folder)]
+        + ["--no-progress", "--out", str(tmp_path / "b.png")]
+    )
+    assert rc == 0, capsys.readouterr().err
+    assert "not reproduced" not in capsys.readouterr().err
+    again = Image.open(tmp_path / "b.png")
+    np.testing.assert_array_equal(np.asarray(again.convert("RGB")), np.asarray(made.convert("RGB")))
+    assert read_png_parameters(tmp_path / "b.png") == text
