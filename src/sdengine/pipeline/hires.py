@@ -238,16 +238,29 @@ def generate_hires(pipe: Any, p: Any) -> Tensor:
     whose ``hires`` plan is set (see the module docstring)."""
     plan: HiresPlan = p.hires
     r: GenerationRequest = p.request
-    factor = int(pipe.vae_scale_factor)
     first_run = int(r.steps)  # txt2img runs every step
     second_run = plan.steps - img2img_start(plan.steps, float(r.strength))
     total = first_run + second_run
+    hires_prompts(p)  # its errors before any model runs
+
+    first = first_pass(p, callback=_shifted(r.callback, 0, total))
+    return second_pass(pipe, p, pipe.sample_latents(first), callback=_shifted(r.callback, first_run, total))
+
+
+def first_pass(p: Any, callback: StepCallback | None = None) -> Any:
+    """The first pass of a prepared hires request: the same request as plain txt2img (its ``Prepared``)."""
+    return dataclasses.replace(p, request=p.request.replace(callback=callback), hires=None)
+
+
+def second_pass(pipe: Any, p: Any, latents: Tensor, callback: StepCallback | None = None) -> Tensor:
+    """(N, 3, H, W) images in [0, 1]: the upscale and the img2img pass of a prepared hires request ``p`` from
+    its first pass's ``latents`` (``pipe.sample_latents(first_pass(p))``)."""
+    plan: HiresPlan = p.hires
+    r: GenerationRequest = p.request
+    factor = int(pipe.vae_scale_factor)
     hr_prompts, hr_negatives = hires_prompts(p)
-
-    first = dataclasses.replace(p, request=r.replace(callback=_shifted(r.callback, 0, total)), hires=None)
-    latents = pipe.sample_latents(first)
-
-    second_request = r.replace(steps=plan.steps, callback=_shifted(r.callback, first_run, total))
+    first = first_pass(p)
+    second_request = r.replace(steps=plan.steps, callback=callback)
     second = dataclasses.replace(
         p,
         request=second_request,
@@ -313,10 +326,12 @@ __all__ = [
     "PIXEL_UPSCALERS",
     "UPSCALERS",
     "HiresPlan",
+    "first_pass",
     "generate_hires",
     "hires_prompts",
     "infotext_fields",
     "plan_hires",
+    "second_pass",
     "upscale_image",
     "upscale_latents",
     "upscaler_name",
