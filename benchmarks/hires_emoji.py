@@ -48,8 +48,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: on a shared CPU more threads only wait)"
+    )
     ap.add_argument("--save", default=None, help="write the first 16 images of each run as PNG grids here")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
 
     pipe = load_pipeline("emoji", device=a.device)
     recogniser = load_emoji_recogniser(device=a.device)

@@ -5,14 +5,19 @@ Runs on the tiny random SD 1.x folder (CLIP text encoder)."""
 
 from __future__ import annotations
 
+import io
 import logging
 
+import httpx
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import webuiapi
 from PIL import Image
 
+from _emoji_models import make_tiny_emoji_folder
+from _live_server import live_server, server_config, wait_job
 from sdengine import vae_utils
 from sdengine.diffusion import sampling
 from sdengine.diffusion.denoisers import Denoiser
@@ -246,10 +251,6 @@ def test_defaults_are_off_and_the_names_are_a1111s():
 def test_a1111_txt2img_route_runs_the_hires_fix(tmp_path):
     """The real ``webuiapi`` client against a live server (tiny emoji folder, 16x16 -> 32x32): the image has the
     hires size and equals the same request through the Python API."""
-    webuiapi = pytest.importorskip("webuiapi")
-    from _emoji_models import make_tiny_emoji_folder
-    from _live_server import live_server, server_config
-
     from sdengine.text.bert_tokenizer import find_minilm_files
 
     try:
@@ -295,6 +296,20 @@ def test_a1111_txt2img_route_runs_the_hires_fix(tmp_path):
         # a model upscaler is a 400 naming it
         with pytest.raises(RuntimeError, match="ESRGAN"):
             api.txt2img(prompt="x", seed=1, enable_hr=True, hr_upscaler="R-ESRGAN 4x+", **common)
+        # the native job API: the same request with a "hires" object
+        body = {"prompt": "a red apple", "seed": 4, "sampler": "euler", "schedule": None, "strength": 0.6, **common}
+        body["hires"] = {"hr_upscaler": "Latent (bicubic)", "hr_second_pass_steps": 4}
+        with httpx.Client(base_url=s.url, timeout=120) as c:
+            r = c.post("/v1/jobs", json=body)
+            assert r.status_code == 202, r.text
+            j = wait_job(c, r.json()["id"])
+            assert j["state"] == "done", j
+            assert j["step"] == j["steps"] == 3 + 4 - img2img_start(4, 0.6)  # both passes, one count
+            got = c.get(j["images"][0]["url"])
+            native = Image.open(io.BytesIO(got.content)).convert("RGB")
+            np.testing.assert_array_equal(np.asarray(native), np.asarray(want.images[0]))
+            bad = c.post("/v1/jobs", json={**body, "hires": {"hr_upscaler": "SwinIR_4x"}})
+            assert bad.status_code == 400 and "SwinIR_4x" in bad.text
 
 
 # ------------------------------------------------------------------------------------------- the CLI
