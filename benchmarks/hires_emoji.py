@@ -5,7 +5,7 @@ same seeds, ``seed + j``, as ``sdengine eval-emoji``'s caption section), for the
 the hires fix with each ``--upscaler``. The recogniser reads 64x64: hires images are scaled down (bilinear,
 antialiased, as the evaluation does for any other size) before it sees them.
 
-    PYTHONPATH=src python benchmarks/hires_emoji.py --n 100 --steps 20 --strength 0.5
+    PYTHONPATH=src python benchmarks/hires_emoji.py --n 100 --steps 10 --run Latent:0.5 --run Lanczos:0.3
 """
 
 from __future__ import annotations
@@ -39,10 +39,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--strength", type=float, default=0.5)
     ap.add_argument("--hr-steps", type=int, default=0)
     ap.add_argument("--scale", type=float, default=2.0)
-    ap.add_argument("--upscaler", action="append", default=None, help="repeatable (default: Latent and Lanczos)")
+    ap.add_argument(
+        "--run",
+        action="append",
+        default=None,
+        metavar="UPSCALER:STRENGTH",
+        help="a hires run (repeatable; default Latent:0.5 and Lanczos:0.3)",
+    )
     ap.add_argument("--cfg", type=float, default=DEFAULT_CFG)
     ap.add_argument("--sampler", default="dpmpp_2m")
     ap.add_argument("--seed", type=int, default=0)
@@ -64,8 +69,8 @@ def main() -> None:
     seeds = [a.seed + j for j in chosen]
     targets = torch.tensor([recogniser.class_index(ds.entries[j].char) for j in chosen])
 
-    upscalers = a.upscaler or ["Latent", "Lanczos"]
-    names = ["plain 64x64", *(f"hires x{a.scale:g} {up} strength {a.strength:g}" for up in upscalers)]
+    runs = [(up, float(st)) for up, _, st in (r.rpartition(":") for r in a.run or ["Latent:0.5", "Lanczos:0.3"])]
+    names = ["plain 64x64", *(f"hires x{a.scale:g} {up} strength {st:g}" for up, st in runs)]
     hits: dict[str, list[tuple[bool, bool]]] = {k: [] for k in names}
     saved: dict[str, list[np.ndarray]] = {k: [] for k in names}
     t0 = time.perf_counter()
@@ -82,14 +87,14 @@ def main() -> None:
             enable_hr=True,
             hr_scale=a.scale,
             hr_second_pass_steps=a.hr_steps,
-            strength=a.strength,
         )
         with torch.inference_mode():
             first = first_pass(pipe.prepare(request))
             latents = pipe.sample_latents(first)
             images = [pipe.decode_latents(first, latents)]
-            for up in upscalers:
-                images.append(second_pass(pipe, pipe.prepare(request.replace(hr_upscaler=up)), latents))
+            for up, st in runs:
+                hr = pipe.prepare(request.replace(hr_upscaler=up, strength=st))
+                images.append(second_pass(pipe, hr, latents))
         tb = targets[s : s + a.batch]
         for name, im in zip(names, images, strict=True):
             arr = im.permute(0, 2, 3, 1).float().cpu().numpy()

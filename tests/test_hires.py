@@ -168,6 +168,7 @@ def test_infotext_fields_and_round_trip(pipe, caplog):
         hr_upscaler="Latent (bicubic)",
         hr_second_pass_steps=5,
         hr_sampler="DPM++ 2M",
+        hr_schedule="karras",
         hr_prompt="a green apple, shiny",
         hr_negative_prompt="dark",
         strength=0.55,
@@ -179,6 +180,7 @@ def test_infotext_fields_and_round_trip(pipe, caplog):
     assert fields["Hires upscale"] == "2" and fields["Hires steps"] == "5"
     assert fields["Hires upscaler"] == "Latent (bicubic)" and fields["Hires sampler"] == "DPM++ 2M"
     assert fields["Hires prompt"] == "a green apple, shiny" and fields["Hires negative prompt"] == "dark"
+    assert fields["Schedule type"] == "Normal" and fields["Hires schedule type"] == "Karras"
     keys = list(fields)
     assert keys.index("Hires sampler") < keys.index("Hires upscale") < keys.index("Hires upscaler")
     with caplog.at_level(logging.WARNING, logger="sdengine.metadata"):
@@ -187,6 +189,7 @@ def test_infotext_fields_and_round_trip(pipe, caplog):
     assert kwargs["enable_hr"] is True and kwargs["hr_upscaler"] == "Latent (bicubic)"
     assert (kwargs["hr_scale"], kwargs["hr_second_pass_steps"], kwargs["strength"]) == (2.0, 5, 0.55)
     assert kwargs["hr_sampler"] == "dpmpp_2m" and kwargs["hr_prompt"] == "a green apple, shiny"
+    assert kwargs["hr_schedule"] == "karras" and kwargs["schedule"] == "normal"
     again = pipe(**{**kwargs, "progress": False})
     np.testing.assert_array_equal(np.asarray(again.images[0]), np.asarray(out.images[0]))
     assert again.infotexts[0] == text

@@ -398,6 +398,7 @@ _HIRES_FIELDS = {
     "Hires steps": "hr_second_pass_steps",
     "Hires upscaler": "hr_upscaler",
     "Hires sampler": "hr_sampler",
+    "Hires schedule type": "hr_schedule",
     "Hires prompt": "hr_prompt",
     "Hires negative prompt": "hr_negative_prompt",
 }
@@ -416,7 +417,8 @@ HIRES_UPSCALERS = (
 
 def hires_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     """The hires-fix arguments of an infotext (``enable_hr``, ``hr_scale`` or ``hr_resize_x``/``hr_resize_y``,
-    ``hr_second_pass_steps``, ``hr_upscaler``, ``hr_sampler``, ``hr_prompt``, ``hr_negative_prompt``); empty
+    ``hr_second_pass_steps``, ``hr_upscaler``, ``hr_sampler``, ``hr_schedule``, ``hr_prompt``,
+    ``hr_negative_prompt``); empty
     when it has neither "Hires upscale" nor "Hires resize" (A1111's test for a hires image). A missing "Hires
     upscaler" is A1111's default "Latent". An upscaler sdengine does not have (ESRGAN, ...) is a MetadataError
     naming it, never a silently different image."""
@@ -444,6 +446,11 @@ def hires_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
             out["hr_sampler"], _ = resolve(parsed["Hires sampler"])
         except ValueError as e:
             raise MetadataError(f"cannot regenerate from this infotext: Hires sampler: {e}") from None
+    if "Hires schedule type" in parsed:
+        try:
+            _, out["hr_schedule"] = resolve("euler", parsed["Hires schedule type"])  # any sampler takes any
+        except ValueError as e:
+            raise MetadataError(f"cannot regenerate from this infotext: Hires schedule type: {e}") from None
     if "Hires prompt" in parsed:
         out["hr_prompt"] = parsed["Hires prompt"]
     if "Hires negative prompt" in parsed:

@@ -12,7 +12,8 @@ img2img pass at the larger size.
    * "None" / "Lanczos": the first pass's image is decoded, rounded to 8 bits (the pixels the first pass
      would have saved), resized with Lanczos, cut to the box, and encoded again.
 3. Second pass: img2img of the upscaled start at ``strength`` (A1111's ``denoising_strength``) for
-   ``hr_second_pass_steps`` steps (0 = ``steps``), with ``hr_sampler`` (None = the first pass's),
+   ``hr_second_pass_steps`` steps (0 = ``steps``), with ``hr_sampler`` / ``hr_schedule`` (None = the first
+   pass's),
    ``hr_prompt`` / ``hr_negative_prompt`` ("" = the first pass's).
 
 The seed rule of the second pass (A1111's: the noise is drawn again from the same seed): row ``i`` gets a NEW
@@ -96,11 +97,11 @@ def validate_hires(r: GenerationRequest) -> None:
     for name in ("hr_prompt", "hr_negative_prompt"):
         if not isinstance(getattr(r, name), str):
             raise GenerationError(f"{name} must be a string")
-    if r.hr_sampler is not None:
-        if not isinstance(r.hr_sampler, str):
-            raise GenerationError(f"hr_sampler must be a sampler name, got {r.hr_sampler!r}")
+    if r.hr_sampler is not None or r.hr_schedule is not None:
+        if not isinstance(r.hr_sampler, str | None) or not isinstance(r.hr_schedule, str | None):
+            raise GenerationError(f"hr_sampler and hr_schedule must be names, got {r.hr_sampler!r}, {r.hr_schedule!r}")
         try:
-            sampling.resolve(r.hr_sampler, r.schedule)
+            hires_sampler(r)
         except ValueError as e:
             raise GenerationError(f"hr_sampler: {e}") from None
     if r.init_image is not None or r.mask is not None:
@@ -111,6 +112,12 @@ def validate_hires(r: GenerationRequest) -> None:
             f"hires strength {r.strength} with {steps} second-pass steps runs no step: raise "
             "hr_second_pass_steps or strength"
         )
+
+
+def hires_sampler(r: GenerationRequest) -> tuple[str, str]:
+    """The second pass's (sampler, schedule): ``hr_sampler`` (or ``sampler``) with ``hr_schedule`` (or the
+    request's ``schedule`` rule)."""
+    return sampling.resolve(r.hr_sampler or r.sampler, r.schedule if r.hr_schedule is None else r.hr_schedule)
 
 
 @dataclass(frozen=True)
@@ -164,8 +171,8 @@ def plan_hires(pipe: Any, r: GenerationRequest, width: int, height: int, sampler
     limit = int(pipe.noise_schedule.num_train_timesteps)
     if steps > limit:
         raise GenerationError(f"hr_second_pass_steps must be at most {limit}, got {steps}")
-    if r.hr_sampler:
-        sampler, schedule = sampling.resolve(r.hr_sampler, r.schedule)
+    if r.hr_sampler or r.hr_schedule is not None:
+        sampler, schedule = hires_sampler(r)
     return HiresPlan(upscaler_name(r.hr_upscaler), sw, sh, bw, bh, steps, sampler, schedule)
 
 
@@ -304,7 +311,7 @@ def infotext_fields(p: Any, i: int) -> dict[str, Any]:
     out: dict[str, Any] = {"strength": float(r.strength)}
     if plan.sampler != p.sampler:
         out["Hires sampler"] = sampling.SAMPLERS[plan.sampler].a1111
-    if plan.schedule != p.schedule:  # written for the record; a request has one schedule rule for both passes
+    if plan.schedule != p.schedule:
         out["Hires schedule type"] = sampling.SCHEDULE_A1111[plan.schedule]
     prompts, negatives = hires_prompts(p)
     if prompts[i] != p.prompts[i]:
@@ -329,6 +336,7 @@ __all__ = [
     "first_pass",
     "generate_hires",
     "hires_prompts",
+    "hires_sampler",
     "infotext_fields",
     "plan_hires",
     "second_pass",

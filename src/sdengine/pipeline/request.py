@@ -88,6 +88,7 @@ class GenerationRequest:
     # or "None" / "Lanczos" (pixel Lanczos resize, then the VAE encodes it again)
     hr_second_pass_steps: int = 0  # 0 = steps
     hr_sampler: str | None = None  # None = sampler
+    hr_schedule: str | None = None  # None = the schedule rule of ``schedule`` (A1111's hr_scheduler)
     hr_prompt: str = ""  # "" = the row's prompt
     hr_negative_prompt: str = ""  # "" = the row's negative prompt
 

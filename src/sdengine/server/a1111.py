@@ -51,7 +51,6 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "script_name": (None, ""),
     "enable_hr": (False, None),
     "hr_checkpoint_name": (None, "", "Use same checkpoint"),
-    "hr_scheduler": (None, "", "Use same scheduler"),
     "firstphase_width": (0, None),
     "firstphase_height": (0, None),
     "image_cfg_scale": None,
@@ -88,11 +87,13 @@ HR_USED = {
     "hr_resize_x",
     "hr_resize_y",
     "hr_sampler_name",
+    "hr_scheduler",
     "hr_prompt",
     "hr_negative_prompt",
     "denoising_strength",
 }
 SAME_SAMPLER = (None, "", "Use same sampler")  # A1111's UI value for "the first pass's"
+SAME_SCHEDULER = (None, "", "Use same scheduler")
 USED = {
     "prompt",
     "negative_prompt",
@@ -161,6 +162,7 @@ class Txt2ImgRequest(BaseModel):
     hr_resize_x: int = 0
     hr_resize_y: int = 0
     hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
 
@@ -424,6 +426,7 @@ def install(app: FastAPI, services: Any) -> None:
                 "hr_resize_x": req.hr_resize_x,
                 "hr_resize_y": req.hr_resize_y,
                 "hr_sampler": None if req.hr_sampler_name in SAME_SAMPLER else req.hr_sampler_name,
+                "hr_schedule": None if req.hr_scheduler in SAME_SCHEDULER else req.hr_scheduler,
                 "hr_prompt": req.hr_prompt,
                 "hr_negative_prompt": req.hr_negative_prompt,
             }

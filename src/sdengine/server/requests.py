@@ -223,6 +223,7 @@ HIRES_KEYS = (
     "hr_upscaler",
     "hr_second_pass_steps",
     "hr_sampler",
+    "hr_schedule",
     "hr_prompt",
     "hr_negative_prompt",
 )
@@ -245,7 +246,7 @@ def _hires_fields(config: ServerConfig, hires: dict[str, Any], width: int | None
             out[what] = _integer(out[what], what, 0, config.max_side)
     if "hr_second_pass_steps" in out:
         out["hr_second_pass_steps"] = _integer(out["hr_second_pass_steps"], "hr_second_pass_steps", 0, config.max_steps)
-    for what in ("hr_upscaler", "hr_sampler", "hr_prompt", "hr_negative_prompt"):
+    for what in ("hr_upscaler", "hr_sampler", "hr_schedule", "hr_prompt", "hr_negative_prompt"):
         if what in out and out[what] is not None and not isinstance(out[what], str):
             raise BadRequest(f"{what} must be a string")
     return out

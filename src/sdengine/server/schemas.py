@@ -35,6 +35,7 @@ class HiresSpec(BaseModel):
     hr_upscaler: str = Field("Latent", max_length=64, description="Latent, Latent (bicubic), ..., None, Lanczos")
     hr_second_pass_steps: int = Field(0, ge=0, le=1000, description="0: the job's steps")
     hr_sampler: str | None = Field(None, max_length=64, description="None: the job's sampler")
+    hr_schedule: str | None = Field(None, max_length=64, description="None: the job's schedule")
     hr_prompt: str = Field("", max_length=20000, description='"": the job\'s prompt')
     hr_negative_prompt: str = Field("", max_length=20000)
 
