@@ -299,6 +299,8 @@ def test_a1111_txt2img_route_runs_the_hires_fix(tmp_path):
         # a model upscaler is a 400 naming it
         with pytest.raises(RuntimeError, match="ESRGAN"):
             api.txt2img(prompt="x", seed=1, enable_hr=True, hr_upscaler="R-ESRGAN 4x+", **common)
+        with pytest.raises(RuntimeError, match="hr_scale must be in"):  # the server's limits hold for pass two
+            api.txt2img(prompt="x", seed=1, enable_hr=True, hr_scale=1000, **common)
         # the native job API: the same request with a "hires" object
         body = {"prompt": "a red apple", "seed": 4, "sampler": "euler", "schedule": None, "strength": 0.6, **common}
         body["hires"] = {"hr_upscaler": "Latent (bicubic)", "hr_second_pass_steps": 4}

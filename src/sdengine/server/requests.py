@@ -238,9 +238,11 @@ def _hires_fields(config: ServerConfig, hires: dict[str, Any], width: int | None
     out = dict(hires)
     if "hr_scale" in out:
         out["hr_scale"] = _finite(out["hr_scale"], "hr_scale", 0.0, 16.0)
+    if not out.get("hr_resize_x") and not out.get("hr_resize_y"):  # the scale decides the size
         for what, v in (("width", width), ("height", height)):
-            if v is not None and int(v * out["hr_scale"]) > config.max_side:
-                raise BadRequest(f"hires {what} {int(v * out['hr_scale'])} is over the limit of {config.max_side}")
+            big = int(v * out.get("hr_scale", 2.0)) if v is not None else 0
+            if big > config.max_side:
+                raise BadRequest(f"hires {what} {big} is over the limit of {config.max_side}")
     for what in ("hr_resize_x", "hr_resize_y"):
         if what in out:
             out[what] = _integer(out[what], what, 0, config.max_side)
