@@ -199,6 +199,8 @@ def test_reading_a1111_hires_infotexts():
     base = "a cat\nSteps: 6, Sampler: Euler, CFG scale: 5, Seed: 3, Size: 32x32, Denoising strength: 0.7, "
     kw = to_generate_kwargs(parse_parameters(base + "Hires resize: 64x48, Hires upscaler: Lanczos"), hires=True)
     assert (kw["hr_resize_x"], kw["hr_resize_y"], kw["hr_upscaler"], kw["enable_hr"]) == (64, 48, "Lanczos", True)
+    kw = to_generate_kwargs(parse_parameters(base + "Hires upscale: 2, Hires sampler: DPM++ 2M Karras"), hires=True)
+    assert (kw["hr_sampler"], kw["hr_schedule"]) == ("dpmpp_2m", "karras")  # A1111's old combined name
     kw = to_generate_kwargs(parse_parameters(base + "Hires upscale: 1.5"), hires=True)
     assert kw["hr_scale"] == 1.5 and kw["hr_upscaler"] == "Latent"  # A1111's default upscaler
     assert "enable_hr" not in to_generate_kwargs(parse_parameters(base + "Hires upscale: 2"))  # hires=False

@@ -443,9 +443,11 @@ def hires_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     out["hr_upscaler"] = upscaler
     if "Hires sampler" in parsed:
         try:
-            out["hr_sampler"], _ = resolve(parsed["Hires sampler"])
+            out["hr_sampler"], implied = resolve(parsed["Hires sampler"])
         except ValueError as e:
             raise MetadataError(f"cannot regenerate from this infotext: Hires sampler: {e}") from None
+        if parsed["Hires sampler"] not in SAMPLERS and implied != "normal":
+            out["hr_schedule"] = implied  # an old combined name ("DPM++ 2M Karras") names its schedule
     if "Hires schedule type" in parsed:
         try:
             _, out["hr_schedule"] = resolve("euler", parsed["Hires schedule type"])  # any sampler takes any
