@@ -358,3 +358,16 @@ def test_cli_hires_flags_and_from_png_round_trip(tiny_sd1_folder, pipe, tmp_path
     again = Image.open(tmp_path / "b.png")
     np.testing.assert_array_equal(np.asarray(again.convert("RGB")), np.asarray(made.convert("RGB")))
     assert read_png_parameters(tmp_path / "b.png") == text
+
+
+def test_variation_seed_mixes_into_both_passes(pipe):
+    s = size(pipe)
+    var = {"subseed": 5, "subseed_strength": 0.4}
+    out = pipe(**BASE, **var, enable_hr=True, hr_upscaler="Lanczos", strength=0.5)
+    first = pipe(**BASE, **var).images[0]
+    big = first.resize((2 * s, 2 * s), Image.Resampling.LANCZOS)
+    want = pipe(**BASE, **var, init_image=big, strength=0.5, width=2 * s, height=2 * s)
+    np.testing.assert_allclose(out.arrays[0], want.arrays[0], atol=1e-6, rtol=0)
+    plain = pipe(**BASE, enable_hr=True, hr_upscaler="Lanczos", strength=0.5)
+    assert np.abs(out.arrays[0] - plain.arrays[0]).mean() > 1e-3  # the variation changed the picture
+    assert "Variation seed: 5" in out.infotexts[0] and "Hires upscaler: Lanczos" in out.infotexts[0]
