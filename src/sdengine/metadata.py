@@ -313,7 +313,7 @@ def _parse_float(parsed: Mapping[str, str], key: str) -> float:
         raise MetadataError(f"{key}: {parsed[key]!r} is not a number") from None
 
 
-def to_generate_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
+def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dict[str, Any]:
     """The pipeline's arguments from :func:`parse_parameters`' result.
 
     Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
@@ -324,7 +324,8 @@ def to_generate_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     in the prompt as ``<lora:...>`` tags (:func:`sdengine.prompts.extract_lora_tags`). An unknown
     sampler or schedule is a ``ValueError`` listing valid names. Fields that would change the image
     but that sdengine does not reproduce ("Hires upscale", "Seed resize from", ...) are logged as a
-    warning.
+    warning. With ``hires=True`` the hires-fix fields are read too (:func:`hires_kwargs`; then "Denoising
+    strength" is the second pass's).
     """
     kwargs: dict[str, Any] = {
         "prompt": parsed.get("Prompt", ""),
@@ -362,7 +363,14 @@ def to_generate_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
             _parse_float(parsed, "Variation seed strength") if "Variation seed strength" in parsed else 0.0
         )
 
+    hires_used: set[str] = set()
+    if hires:
+        found = hires_kwargs(parsed)
+        kwargs.update(found)
+        if found:
+            hires_used = {k for k in parsed if k in _HIRES_FIELDS}
     used = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size"}
+    used |= hires_used
     used |= {
         "Denoising strength",
         "Clip skip",
@@ -380,10 +388,79 @@ def to_generate_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
 
 def hires_fix_fields(parsed: Mapping[str, str]) -> dict[str, str]:
     """The fields of A1111's hires fix in :func:`parse_parameters`' result ("Hires upscale", "Hires steps",
-    "Hires upscaler", "Hires resize-1", ...), in order; empty for an image made without it. Such an image is a
+    "Hires upscaler", "Hires resize", ...), in order; empty for an image made without it. Such an image is a
     txt2img pass followed by an upscaled img2img pass, and its "Denoising strength" is that second pass's, not
-    an img2img of a user's picture: sdengine has no hires fix, so a caller cannot regenerate it."""
+    an img2img of a user's picture (:func:`hires_kwargs` reads them)."""
     return {k: v for k, v in parsed.items() if k.startswith("Hires ")}
+
+
+# A1111's hires-fix fields that sdengine reproduces (sdengine.pipeline.hires); the pipeline's names.
+_HIRES_FIELDS = {
+    "Hires upscale": "hr_scale",
+    "Hires resize": "hr_resize",
+    "Hires steps": "hr_second_pass_steps",
+    "Hires upscaler": "hr_upscaler",
+    "Hires sampler": "hr_sampler",
+    "Hires schedule type": "hr_schedule",
+    "Hires prompt": "hr_prompt",
+    "Hires negative prompt": "hr_negative_prompt",
+}
+# A1111's latent_upscale_modes and its pixel Lanczos upscalers: what sdengine.pipeline.hires runs.
+HIRES_UPSCALERS = (
+    "Latent",
+    "Latent (antialiased)",
+    "Latent (bicubic)",
+    "Latent (bicubic antialiased)",
+    "Latent (nearest)",
+    "Latent (nearest-exact)",
+    "None",
+    "Lanczos",
+)
+
+
+def hires_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
+    """The hires-fix arguments of an infotext (``enable_hr``, ``hr_scale`` or ``hr_resize_x``/``hr_resize_y``,
+    ``hr_second_pass_steps``, ``hr_upscaler``, ``hr_sampler``, ``hr_schedule``, ``hr_prompt``,
+    ``hr_negative_prompt``); empty
+    when it has neither "Hires upscale" nor "Hires resize" (A1111's test for a hires image). A missing "Hires
+    upscaler" is A1111's default "Latent". An upscaler sdengine does not have (ESRGAN, ...) is a MetadataError
+    naming it, never a silently different image."""
+    if "Hires upscale" not in parsed and "Hires resize" not in parsed:
+        return {}
+    out: dict[str, Any] = {"enable_hr": True}
+    if "Hires upscale" in parsed:
+        out["hr_scale"] = _parse_float(parsed, "Hires upscale")
+    if "Hires resize" in parsed:
+        m = _RE_SIZE.match(parsed["Hires resize"].strip())
+        if m is None:
+            raise MetadataError(f"Hires resize: {parsed['Hires resize']!r} is not WIDTHxHEIGHT")
+        out["hr_resize_x"], out["hr_resize_y"] = int(m.group(1)), int(m.group(2))
+    if "Hires steps" in parsed:
+        out["hr_second_pass_steps"] = _parse_int(parsed, "Hires steps")
+    upscaler = parsed.get("Hires upscaler", "Latent").strip()
+    if upscaler not in HIRES_UPSCALERS:
+        raise MetadataError(
+            f"made with A1111's hires fix and the upscaler {upscaler!r}, which sdengine does not have (it has "
+            f"{', '.join(HIRES_UPSCALERS)}): the image cannot be made again"
+        )
+    out["hr_upscaler"] = upscaler
+    if "Hires sampler" in parsed:
+        try:
+            out["hr_sampler"], implied = resolve(parsed["Hires sampler"])
+        except ValueError as e:
+            raise MetadataError(f"cannot regenerate from this infotext: Hires sampler: {e}") from None
+        if parsed["Hires sampler"] not in SAMPLERS and implied != "normal":
+            out["hr_schedule"] = implied  # an old combined name ("DPM++ 2M Karras") names its schedule
+    if "Hires schedule type" in parsed:
+        try:
+            _, out["hr_schedule"] = resolve("euler", parsed["Hires schedule type"])  # any sampler takes any
+        except ValueError as e:
+            raise MetadataError(f"cannot regenerate from this infotext: Hires schedule type: {e}") from None
+    if "Hires prompt" in parsed:
+        out["hr_prompt"] = parsed["Hires prompt"]
+    if "Hires negative prompt" in parsed:
+        out["hr_negative_prompt"] = parsed["Hires negative prompt"]
+    return out
 
 
 _RE_CONTROLNET = re.compile(r"^ControlNet(?: (\d+))?$")
@@ -569,6 +646,9 @@ __all__ = [
     "MetadataError",
     "format_lora_hashes",
     "format_parameters",
+    "hires_fix_fields",
+    "hires_kwargs",
+    "HIRES_UPSCALERS",
     "lora_hash",
     "model_hash",
     "parse_fields",

@@ -197,16 +197,13 @@ def _from_png(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     if not text.strip():  # an empty text would regenerate nothing of the original: a random image
         raise MetadataError(f"{path} has an empty 'parameters' text: there is nothing to regenerate from")
     parsed = parse_parameters(text)
-    hires = hires_fix_fields(parsed)
-    if hires:
-        # Before reading the fields: its "Denoising strength" is the hires pass's, not an img2img's, and the
-        # "not reproduced" warning would only repeat what this error says.
-        shown = ", ".join(f"{k} {v}" for k, v in hires.items())
-        raise GenerationError(
-            f"{path} was made with A1111's hires fix ({shown}), which sdengine does not have: it cannot be "
-            "regenerated (a second, upscaled pass would be missing)"
-        )
-    return to_generate_kwargs(parsed), parsed
+    try:
+        # a hires image's "Denoising strength" is its second pass's, not an img2img's
+        return to_generate_kwargs(parsed, hires=True), parsed
+    except MetadataError as e:
+        if hires_fix_fields(parsed):
+            raise GenerationError(f"{path}: {e}") from None
+        raise
 
 
 def _model_from_png(parsed: dict[str, str]) -> str | None:
@@ -324,7 +321,7 @@ def run(a: argparse.Namespace) -> int:
                     f"{a.from_png} was made with model {parsed['Model']!r}, which is not a built-in name or a path "
                     "here: give --model"
                 )
-        if "strength" in png_kwargs and a.init_image is None:
+        if "strength" in png_kwargs and a.init_image is None and not png_kwargs.get("enable_hr"):
             raise GenerationError(
                 f"{a.from_png} is an img2img/inpainting image (Denoising strength {png_kwargs['strength']}): give "
                 "the same --init-image (and --mask)"
@@ -357,9 +354,22 @@ def run(a: argparse.Namespace) -> int:
         "subseed_strength": a.subseed_strength,
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
+    hires = {
+        "hr_scale": a.hr_scale,
+        "hr_upscaler": a.hr_upscaler,
+        "hr_second_pass_steps": a.hr_steps,
+        "hr_resize_x": a.hr_resize_x,
+        "hr_resize_y": a.hr_resize_y,
+        "hr_sampler": a.hr_sampler,
+        "hr_prompt": a.hr_prompt,
+        "hr_negative_prompt": a.hr_negative,
+    }
+    hires = {k: v for k, v in hires.items() if v is not None}
+    if a.hires or hires:  # any --hr-* flag asks for the hires fix
+        kwargs.update(hires, enable_hr=True)
     if a.init_image is not None:
         kwargs["init_image"] = a.init_image
-    else:
+    elif not kwargs.get("enable_hr"):
         kwargs.pop("strength", None)
     if a.mask is not None:
         kwargs["mask"] = a.mask
@@ -521,7 +531,35 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--strength",
         type=float,
         default=None,
-        help=f"img2img denoising strength in (0, 1] ({HELP_DEFAULTS['strength']:g})",
+        help=f"img2img (and hires second-pass) denoising strength in (0, 1] ({HELP_DEFAULTS['strength']:g})",
+    )
+    p.add_argument(
+        "--hires",
+        action="store_true",
+        help="A1111's hires fix: txt2img at --width x --height, upscale, then an img2img pass at --strength "
+        "(any --hr-* flag turns it on; default scale 2, upscaler Latent)",
+    )
+    p.add_argument("--hr-scale", type=float, default=None, metavar="X", help="hires upscale factor (default 2)")
+    p.add_argument(
+        "--hr-upscaler",
+        default=None,
+        metavar="NAME",
+        help="Latent (default), 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic antialiased)', "
+        "'Latent (nearest)', 'Latent (nearest-exact)', or None / Lanczos (pixel Lanczos resize, then encode)",
+    )
+    p.add_argument("--hr-steps", type=int, default=None, metavar="N", help="second-pass steps (default 0 = --steps)")
+    p.add_argument(
+        "--hr-resize-x",
+        type=int,
+        default=None,
+        metavar="W",
+        help="hires width instead of --hr-scale (one side keeps the aspect ratio; both: cover, then cut the centre)",
+    )
+    p.add_argument("--hr-resize-y", type=int, default=None, metavar="H", help="hires height instead of --hr-scale")
+    p.add_argument("--hr-sampler", default=None, metavar="NAME", help="second-pass sampler (default: --sampler)")
+    p.add_argument("--hr-prompt", default=None, metavar="TEXT", help="second-pass prompt (default: the prompt)")
+    p.add_argument(
+        "--hr-negative", default=None, metavar="TEXT", help="second-pass negative prompt (default: --negative)"
     )
     p.add_argument("--mask", default=None, help="inpainting mask, white = repaint")
     p.add_argument("--mask-blur", type=float, default=None, help="mask blur in pixels, 0 to 256 (default 0)")

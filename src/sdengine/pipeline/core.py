@@ -66,6 +66,7 @@ class Prepared:
     tiled: bool | None
     notes: list[str]
     subseeds: list[int] | None = None  # variation seeds per row (None: no variation)
+    hires: Any = None  # a sdengine.pipeline.hires.HiresPlan when the request asks for the hires fix
 
 
 def _note(notes: list[str], text: str) -> None:
@@ -316,8 +317,16 @@ class Pipeline:
             raise GenerationError(f"steps must be at most {self.noise_schedule.num_train_timesteps}, got {r.steps}")
         name, sched = sampling.resolve(r.sampler, r.schedule)
         seeds = r.seeds()
-        tiled = self._check_memory(width, height, len(seeds), float(r.cfg_scale) != 1.0, r.vae_tiling, notes)
+        hires = None
+        if r.enable_hr:
+            from sdengine.pipeline.hires import plan_hires
+
+            hires = plan_hires(self, r, width, height, name, sched)
+        big_w, big_h = (hires.width, hires.height) if hires is not None else (width, height)
+        tiled = self._check_memory(big_w, big_h, len(seeds), float(r.cfg_scale) != 1.0, r.vae_tiling, notes)
         self._check_work(width, height)
+        if hires is not None:
+            self._check_work(big_w, big_h)
         init = mask = None
         if r.init_image is not None:
             init = load_image(r.init_image, "init image", mode="RGB", error=GenerationError)
@@ -362,6 +371,7 @@ class Pipeline:
             tiled,
             notes,
             r.subseeds(),
+            hires,
         )
 
     # -- the call -------------------------------------------------------------------------------------
@@ -441,13 +451,28 @@ class Pipeline:
                 used = embeddings.used(p.prompts[i], p.negatives[i])
                 if used:  # A1111's field: "name: hash, ..." of the embeddings the prompt and negative use
                     row["TI hashes"] = format_lora_hashes(used)
+        if p.hires is not None:
+            from sdengine.pipeline.hires import infotext_fields
+
+            for i, row in enumerate(rows):
+                row.update(infotext_fields(p, i))
         infotexts = [format_infotext(r) for r in rows]
         per_row = [{"prompt": r["prompt"], "negative_prompt": r["negative_prompt"], "seed": r["seed"]} for r in rows]
         return GenerationResult(pil, arrays, rows[0], p.seeds, infotexts, p.notes, per_row)
 
     def generate(self, p: Prepared) -> Tensor:
-        """(N, 3, H, W) images in [0, 1] for a prepared request; rows with text states of different lengths
-        run as separate sub-batches."""
+        """(N, 3, H, W) images in [0, 1] for a prepared request (the hires fix's second pass included)."""
+        if p.hires is not None:
+            from sdengine.pipeline.hires import generate_hires
+
+            return generate_hires(self, p)
+        return self.decode_latents(p, self.sample_latents(p))
+
+    def sample_latents(self, p: Prepared, init_latent: Tensor | None = None) -> Tensor:
+        """(N, C, h, w) sampled latents (before the VAE) for a prepared request; rows with text states of
+        different lengths run as separate sub-batches. ``init_latent`` (N, C, h, w), scaled as the U-Net sees
+        it, is an img2img start given as a latent (the hires fix's latent upscale): only the noise is drawn
+        from each row's generator, and sampling starts at ``request.strength``."""
         r = p.request
         note = lambda t: _note(p.notes, t)  # noqa: E731
         from sdengine.pipeline.prompt_editing import first_conditioning, row_schedules
@@ -468,9 +493,10 @@ class Pipeline:
             done: list[Tensor | None] = [None] * len(p.seeds)
             for rows in by_length.values():
                 cond, uncond = first_conditioning([schedules[i] for i in rows])
-                images = self._generate_rows(p, rows, cond, uncond, [schedules[i] for i in rows])
+                start = None if init_latent is None else init_latent[rows]
+                latents = self._sample_rows(p, rows, cond, uncond, start, [schedules[i] for i in rows])
                 for j, i in enumerate(rows):
-                    done[i] = images[j : j + 1]
+                    done[i] = latents[j : j + 1]
             return torch.cat([t for t in done if t is not None])
         pairs: dict[tuple[str, str], tuple[Conditioning, Conditioning]] = {}
         for key in zip(p.prompts, p.negatives, strict=True):
@@ -484,9 +510,9 @@ class Pipeline:
             keys = [(p.prompts[i], p.negatives[i]) for i in rows]
             cond = cat_conditioning([pairs[k][0] for k in keys])
             uncond = cat_conditioning([pairs[k][1] for k in keys])
-            images = self._generate_rows(p, rows, cond, uncond)
+            latents = self._sample_rows(p, rows, cond, uncond, None if init_latent is None else init_latent[rows])
             for j, i in enumerate(rows):
-                out[i] = images[j : j + 1]
+                out[i] = latents[j : j + 1]
         return torch.cat([t for t in out if t is not None])
 
     def conditioning_pair(
@@ -496,8 +522,14 @@ class Pipeline:
         image size) overrides this."""
         return self.conditioner.pair(prompt, negative, clip_skip=p.request.clip_skip, note=note)
 
-    def _generate_rows(
-        self, p: Prepared, rows: list[int], cond: Conditioning, uncond: Conditioning, texts: Any = None
+    def _sample_rows(
+        self,
+        p: Prepared,
+        rows: list[int],
+        cond: Conditioning,
+        uncond: Conditioning,
+        init_latent: Tensor | None,
+        texts: Any = None,
     ) -> Tensor:
         r = p.request
         dev = self.device
@@ -518,6 +550,8 @@ class Pipeline:
             tiled=p.tiled,
             device=dev,
         )
+        if init_latent is not None:
+            start.init_latent, start.from_init = init_latent.to(dev, start.noise.dtype), True
         if p.subseeds is not None:
             start.noise = variation_noise(start.noise, [p.subseeds[i] for i in rows], float(r.subseed_strength))
         if start.concat is not None:
@@ -595,11 +629,14 @@ class Pipeline:
         if blend is not None:
             x = blend.finish(x)
         require_finite(x, "latents after sampling")  # before the VAE: a NaN latent decodes to black
+        return x
 
+    def decode_latents(self, p: Prepared, x: Tensor) -> Tensor:
+        """(N, 3, H, W) images in [0, 1] of sampled latents."""
         # Decode one image at a time: the VAE's activations at full size dominate memory, and a row's
         # pixels then never depend on the batch.
         out = []
-        for i in range(len(rows)):
+        for i in range(x.shape[0]):
             img, upcast = vae_utils.decode(self.vae, x[i : i + 1], tiled=p.tiled, upcast=self.vae_upcast, warn=False)
             if upcast and not self.vae_upcast:
                 self.vae_upcast = True

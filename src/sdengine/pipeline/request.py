@@ -89,6 +89,19 @@ class GenerationRequest:
     # SDXL only: prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size, negative_*,
     # aesthetic_score (sdengine.text.sdxl_conditioner.SDXLOptions); None = the defaults
     sdxl: Mapping[str, Any] | None = None
+    # The hires fix (A1111's names; sdengine.pipeline.hires): a txt2img pass at width x height, an upscale,
+    # then an img2img pass at ``strength`` (A1111's denoising_strength).
+    enable_hr: bool = False
+    hr_scale: float = 2.0  # used when hr_resize_x and hr_resize_y are 0
+    hr_resize_x: int = 0  # pixels; one side given keeps the aspect ratio, both cover the box then cut it
+    hr_resize_y: int = 0
+    hr_upscaler: str = "Latent"  # "Latent", "Latent (antialiased|bicubic|bicubic antialiased|nearest|nearest-exact)",
+    # or "None" / "Lanczos" (pixel Lanczos resize, then the VAE encodes it again)
+    hr_second_pass_steps: int = 0  # 0 = steps
+    hr_sampler: str | None = None  # None = sampler
+    hr_schedule: str | None = None  # None = the schedule rule of ``schedule`` (A1111's hr_scheduler)
+    hr_prompt: str = ""  # "" = the row's prompt
+    hr_negative_prompt: str = ""  # "" = the row's negative prompt
 
     # -- building ---------------------------------------------------------------------------------------
 
@@ -251,6 +264,12 @@ class GenerationRequest:
             raise GenerationError(
                 f"subseed must be an integer in [0, 2**64 - 1] (or -1 / None for a random one), got {sub!r}"
             )
+        if not isinstance(self.enable_hr, bool | np.bool_):
+            raise GenerationError(f"enable_hr must be true or false, got {self.enable_hr!r}")
+        if self.enable_hr:
+            from sdengine.pipeline.hires import validate_hires
+
+            validate_hires(self)
         return self
 
 

@@ -2,7 +2,7 @@
 
 Requests use A1111's field names and defaults; each is mapped onto :func:`~sdengine.server.requests.
 build_generation`. What sdengine cannot do is never silently dropped: fields that would change the image
-but are not implemented (``enable_hr``, ``restore_faces``, ``subseed_strength``, a ControlNet unit's
+but are not implemented (``restore_faces``, hires-fix fields on img2img, ``subseed_strength``, a ControlNet unit's
 ``pixel_perfect``, ...) and fields A1111 does not have are listed in ``info["ignored"]`` of the response.
 
 ``interrupt`` and ``skip`` without a body act on the running jobs that came through this API (never on a
@@ -50,6 +50,7 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "script_args": ([], None),
     "script_name": (None, ""),
     "enable_hr": (False, None),
+    "hr_checkpoint_name": (None, "", "Use same checkpoint"),
     "firstphase_width": (0, None),
     "firstphase_height": (0, None),
     "image_cfg_scale": None,
@@ -77,6 +78,22 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "batch_size": None,
 }
 HR_FIELDS = ("hr_", "firstphase_")  # hires-fix settings: matter only with enable_hr
+# the hires-fix fields sdengine runs (txt2img with enable_hr; sdengine.pipeline.hires)
+HR_USED = {
+    "enable_hr",
+    "hr_scale",
+    "hr_upscaler",
+    "hr_second_pass_steps",
+    "hr_resize_x",
+    "hr_resize_y",
+    "hr_sampler_name",
+    "hr_scheduler",
+    "hr_prompt",
+    "hr_negative_prompt",
+    "denoising_strength",
+}
+SAME_SAMPLER = (None, "", "Use same sampler")  # A1111's UI value for "the first pass's"
+SAME_SCHEDULER = (None, "", "Use same scheduler")
 USED = {
     "prompt",
     "negative_prompt",
@@ -138,6 +155,16 @@ class Txt2ImgRequest(BaseModel):
     save_images: bool = False
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     force_task_id: str | None = None
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -179,11 +206,11 @@ def _b64_png(image: Image.Image, text: str | None = None) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _ignored(body: dict[str, Any]) -> list[str]:
+def _ignored(body: dict[str, Any], txt2img: bool = False) -> list[str]:
     out = []
     hr = bool(body.get("enable_hr"))
     for k, v in body.items():
-        if k in USED:
+        if k in USED or (txt2img and hr and k in HR_USED):
             continue
         if k.startswith(HR_FIELDS) and not hr:
             continue
@@ -362,7 +389,7 @@ def install(app: FastAPI, services: Any) -> None:
             "sd_vae_hash": recorded.get("VAE hash"),
             "seed_resize_from_w": -1,
             "seed_resize_from_h": -1,
-            "denoising_strength": kw["strength"] if kw["init_image"] is not None else None,
+            "denoising_strength": kw["strength"] if kw["init_image"] is not None or kw.get("enable_hr") else None,
             "extra_generation_params": {"Schedule type": kw["schedule"]},
             "index_of_first_image": 0,
             "infotexts": texts,
@@ -392,8 +419,23 @@ def install(app: FastAPI, services: Any) -> None:
     @app.post("/sdapi/v1/txt2img", tags=["a1111"])
     async def txt2img(req: Txt2ImgRequest) -> JSONResponse:
         body = req.model_dump(exclude_unset=True)
-        ignored = _ignored(body)
-        return await run(req, generation_fields(req, body, ignored, None), ignored)
+        ignored = _ignored(body, txt2img=True)
+        fields = generation_fields(req, body, ignored, None)
+        if req.enable_hr:
+            hires = {
+                "hr_scale": req.hr_scale,
+                "hr_upscaler": req.hr_upscaler or "Latent",  # A1111's latent_upscale_default_mode
+                "hr_second_pass_steps": req.hr_second_pass_steps,
+                "hr_resize_x": req.hr_resize_x,
+                "hr_resize_y": req.hr_resize_y,
+                "hr_sampler": None if req.hr_sampler_name in SAME_SAMPLER else req.hr_sampler_name,
+                "hr_schedule": None if req.hr_scheduler in SAME_SCHEDULER else req.hr_scheduler,
+                "hr_prompt": req.hr_prompt,
+                "hr_negative_prompt": req.hr_negative_prompt,
+            }
+            strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
+            fields.update(hires=hires, strength=strength)
+        return await run(req, fields, ignored)
 
     @app.post("/sdapi/v1/img2img", tags=["a1111"])
     async def img2img(req: Img2ImgRequest) -> JSONResponse:

@@ -103,6 +103,7 @@ def build_generation(
     guess_mode: bool = False,
     n_iter: int = 1,
     default_model: str | None = None,
+    hires: dict[str, Any] | None = None,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run."""
     from sdengine.prompts import extract_lora_tags
@@ -205,12 +206,52 @@ def build_generation(
     }
     if guess_mode:
         kwargs["guess_mode"] = True
+    if hires is not None:
+        kwargs.update(_hires_fields(config, hires, width, height), enable_hr=True)
     # The pipeline's own request object checks what it can without the model (GenerationError -> 400), so
     # that such a mistake is answered now instead of failing the job later.
     from sdengine.pipeline import GenerationRequest
 
     GenerationRequest(**kwargs).validate()
     return Generation(model=ref, model_name=catalog.model_name_of(ref), kwargs=kwargs, n_iter=n_iter)
+
+
+HIRES_KEYS = (
+    "hr_scale",
+    "hr_resize_x",
+    "hr_resize_y",
+    "hr_upscaler",
+    "hr_second_pass_steps",
+    "hr_sampler",
+    "hr_schedule",
+    "hr_prompt",
+    "hr_negative_prompt",
+)
+
+
+def _hires_fields(config: ServerConfig, hires: dict[str, Any], width: int | None, height: int | None) -> dict[str, Any]:
+    """The hires-fix settings (GenerationRequest's names) within the server's limits: the second pass's size
+    and steps count against max_side and max_steps like the first's."""
+    unknown = sorted(set(hires) - set(HIRES_KEYS))
+    if unknown:
+        raise BadRequest(f"unknown hires settings: {', '.join(unknown)}")
+    out = dict(hires)
+    if "hr_scale" in out:
+        out["hr_scale"] = _finite(out["hr_scale"], "hr_scale", 0.0, 16.0)
+    if not out.get("hr_resize_x") and not out.get("hr_resize_y"):  # the scale decides the size
+        for what, v in (("width", width), ("height", height)):
+            big = int(v * out.get("hr_scale", 2.0)) if v is not None else 0
+            if big > config.max_side:
+                raise BadRequest(f"hires {what} {big} is over the limit of {config.max_side}")
+    for what in ("hr_resize_x", "hr_resize_y"):
+        if what in out:
+            out[what] = _integer(out[what], what, 0, config.max_side)
+    if "hr_second_pass_steps" in out:
+        out["hr_second_pass_steps"] = _integer(out["hr_second_pass_steps"], "hr_second_pass_steps", 0, config.max_steps)
+    for what in ("hr_upscaler", "hr_sampler", "hr_schedule", "hr_prompt", "hr_negative_prompt"):
+        if what in out and out[what] is not None and not isinstance(out[what], str):
+            raise BadRequest(f"{what} must be a string")
+    return out
 
 
 def _preprocess(kind: str, img: Image.Image, options: dict[str, float], k: int) -> Image.Image:

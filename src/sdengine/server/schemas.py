@@ -25,6 +25,21 @@ class ControlNetSpec(BaseModel):
     high: float | None = Field(None, ge=0, le=255, allow_inf_nan=False, description="canny high threshold")
 
 
+class HiresSpec(BaseModel):
+    """The hires fix (docs/hires.md): the pipeline's names; the second pass's strength is the job's ``strength``."""
+
+    model_config = ConfigDict(extra="forbid")
+    hr_scale: float = Field(2.0, gt=0, le=16, allow_inf_nan=False)
+    hr_resize_x: int = Field(0, ge=0, le=8192)
+    hr_resize_y: int = Field(0, ge=0, le=8192)
+    hr_upscaler: str = Field("Latent", max_length=64, description="Latent, Latent (bicubic), ..., None, Lanczos")
+    hr_second_pass_steps: int = Field(0, ge=0, le=1000, description="0: the job's steps")
+    hr_sampler: str | None = Field(None, max_length=64, description="None: the job's sampler")
+    hr_schedule: str | None = Field(None, max_length=64, description="None: the job's schedule")
+    hr_prompt: str = Field("", max_length=20000, description='"": the job\'s prompt')
+    hr_negative_prompt: str = Field("", max_length=20000)
+
+
 class JobRequest(BaseModel):
     """POST /v1/jobs. Images are upload ids (from POST /v1/uploads) or base64 (data URLs too)."""
 
@@ -47,3 +62,4 @@ class JobRequest(BaseModel):
     controlnets: list[ControlNetSpec] = Field(default_factory=list, max_length=8)
     loras: list[LoRASpec] = Field(default_factory=list, max_length=32)
     clip_skip: int = Field(1, ge=1, le=24)
+    hires: HiresSpec | None = Field(None, description="run the hires fix (txt2img)")

@@ -1,0 +1,347 @@
+"""The hires fix (AUTOMATIC1111's ``enable_hr``): a txt2img pass at the request's size, an upscale, and an
+img2img pass at the larger size.
+
+1. First pass: the request as txt2img at ``width`` x ``height`` (row ``i`` from the generator of seed ``i``).
+2. Upscale to ``hr_scale`` times that size, or to ``hr_resize_x`` x ``hr_resize_y`` (A1111's rule: one side
+   given keeps the aspect ratio; both given cover that box keeping the aspect ratio, then the centre is cut to
+   it). Sizes are rounded down to the model's size multiple.
+
+   * ``hr_upscaler`` "Latent" and its variants: the first pass's latent is interpolated
+     (``torch.nn.functional.interpolate``; bilinear, bicubic, nearest, nearest-exact, with or without
+     antialias), as A1111's ``latent_upscale_modes``.
+   * "None" / "Lanczos": the first pass's image is decoded, rounded to 8 bits (the pixels the first pass
+     would have saved), resized with Lanczos, cut to the box, and encoded again.
+3. Second pass: img2img of the upscaled start at ``strength`` (A1111's ``denoising_strength``) for
+   ``hr_second_pass_steps`` steps (0 = ``steps``), with ``hr_sampler`` / ``hr_schedule`` (None = the first
+   pass's),
+   ``hr_prompt`` / ``hr_negative_prompt`` ("" = the first pass's).
+
+The seed rule of the second pass (A1111's: the noise is drawn again from the same seed): row ``i`` gets a NEW
+``torch.Generator("cpu").manual_seed(seed_i)``, exactly as an img2img call of that seed would, so the second
+pass IS an img2img call:
+
+* pixel upscalers: identical to ``pipe(init_image=upscaled_image, seed=seed_i, strength=..., steps=...)``
+  at the larger size (the posterior sample of the encoded image first, then the noise);
+* latent upscalers: there is no image to encode, so the generator draws only the noise, which the sampler
+  adds to the upscaled latent at the start sigma of ``strength``.
+
+A variation seed (``subseed``) mixes into the second pass's noise as into the first's. Differences from
+A1111: the pixel path cuts the resize box from the image before encoding (A1111 cuts the encoded latent), so
+that it stays an img2img of an image; "None" resizes with Lanczos like "Lanczos" (A1111's "None" upscaler
+also ends in its Lanczos resize); other upscalers (ESRGAN, ...) are refused by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from sdengine.diffusion import sampling
+from sdengine.diffusion.schedules import img2img_start
+from sdengine.errors import GenerationError
+from sdengine.io.images import to_uint8
+from sdengine.pipeline.request import GenerationRequest
+from sdengine.pipeline.result import StepCallback, StepInfo
+
+# A1111's shared.latent_upscale_modes: name -> (torch interpolation mode, antialias)
+LATENT_UPSCALERS: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+PIXEL_UPSCALERS = ("None", "Lanczos")  # decode, Lanczos resize, encode
+UPSCALERS = (*LATENT_UPSCALERS, *PIXEL_UPSCALERS)
+
+
+def upscaler_name(name: Any) -> str:
+    """The canonical spelling of an upscaler name (case and outer spaces ignored); a one-line
+    GenerationError listing the valid names otherwise."""
+    if isinstance(name, str):
+        by_lower = {u.lower(): u for u in UPSCALERS}
+        found = by_lower.get(name.strip().lower())
+        if found is not None:
+            return found
+    raise GenerationError(
+        f"unknown hires upscaler {name!r}; sdengine has: {', '.join(UPSCALERS)} (model upscalers such as ESRGAN "
+        "are not available)"
+    )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def validate_hires(r: GenerationRequest) -> None:
+    """The model-independent checks of the hires settings (called by ``GenerationRequest.validate``)."""
+    scale = r.hr_scale
+    if isinstance(scale, bool) or not isinstance(scale, int | float | np.number) or not math.isfinite(scale):
+        raise GenerationError(f"hr_scale must be a number, got {scale!r}")
+    if scale <= 0:
+        raise GenerationError(f"hr_scale must be > 0, got {scale!r}")
+    for name in ("hr_resize_x", "hr_resize_y", "hr_second_pass_steps"):
+        v = getattr(r, name)
+        if not _is_int(v) or v < 0:
+            raise GenerationError(f"{name} must be an integer >= 0, got {v!r}")
+    upscaler_name(r.hr_upscaler)
+    for name in ("hr_prompt", "hr_negative_prompt"):
+        if not isinstance(getattr(r, name), str):
+            raise GenerationError(f"{name} must be a string")
+    if r.hr_sampler is not None or r.hr_schedule is not None:
+        if not isinstance(r.hr_sampler, str | None) or not isinstance(r.hr_schedule, str | None):
+            raise GenerationError(f"hr_sampler and hr_schedule must be names, got {r.hr_sampler!r}, {r.hr_schedule!r}")
+        try:
+            hires_sampler(r)
+        except ValueError as e:
+            raise GenerationError(f"hr_sampler: {e}") from None
+    if r.init_image is not None or r.mask is not None:
+        raise GenerationError("the hires fix is a txt2img option: give no init_image or mask with enable_hr")
+    steps = int(r.hr_second_pass_steps) or int(r.steps)
+    if img2img_start(steps, float(r.strength)) >= steps:
+        raise GenerationError(
+            f"hires strength {r.strength} with {steps} second-pass steps runs no step: raise "
+            "hr_second_pass_steps or strength"
+        )
+
+
+def hires_sampler(r: GenerationRequest) -> tuple[str, str]:
+    """The second pass's (sampler, schedule): ``hr_sampler`` (or ``sampler``) with ``hr_schedule`` (or the
+    request's ``schedule`` rule)."""
+    return sampling.resolve(r.hr_sampler or r.sampler, r.schedule if r.hr_schedule is None else r.hr_schedule)
+
+
+@dataclass(frozen=True)
+class HiresPlan:
+    """What the second pass does, settled from a request and a model."""
+
+    upscaler: str
+    scaled_width: int  # the upscale's size, before the centre cut
+    scaled_height: int
+    width: int  # the final image
+    height: int
+    steps: int
+    sampler: str
+    schedule: str
+
+    @property
+    def latent(self) -> bool:
+        return self.upscaler in LATENT_UPSCALERS
+
+
+def _scaled_size(r: GenerationRequest, width: int, height: int) -> tuple[int, int, int, int]:
+    """A1111's ``calculate_target_resolution``: (upscaled w, h, box w, h)."""
+    rx, ry = int(r.hr_resize_x), int(r.hr_resize_y)
+    if rx == 0 and ry == 0:
+        w, h = int(width * float(r.hr_scale)), int(height * float(r.hr_scale))
+        return w, h, w, h
+    if ry == 0:
+        w, h = rx, rx * height // width
+        return w, h, w, h
+    if rx == 0:
+        w, h = ry * width // height, ry
+        return w, h, w, h
+    if width / height < rx / ry:
+        return rx, rx * height // width, rx, ry
+    return ry * width // height, ry, rx, ry
+
+
+def plan_hires(pipe: Any, r: GenerationRequest, width: int, height: int, sampler: str, schedule: str) -> HiresPlan:
+    """The hires plan of a request on ``pipe`` (its size multiple and step limit), or a one-line
+    GenerationError."""
+    validate_hires(r)
+    m = int(pipe.size_multiple)
+    sw, sh, bw, bh = _scaled_size(r, width, height)
+    sw, sh, bw, bh = (v // m * m for v in (sw, sh, bw, bh))
+    if min(bw, bh) < m:
+        raise GenerationError(
+            f"the hires size {bw}x{bh} (from {width}x{height}) is below the model's size step {m}: raise hr_scale "
+            "or hr_resize_x/hr_resize_y"
+        )
+    steps = int(r.hr_second_pass_steps) or int(r.steps)
+    limit = int(pipe.noise_schedule.num_train_timesteps)
+    if steps > limit:
+        raise GenerationError(f"hr_second_pass_steps must be at most {limit}, got {steps}")
+    if r.hr_sampler or r.hr_schedule is not None:
+        sampler, schedule = hires_sampler(r)
+    return HiresPlan(upscaler_name(r.hr_upscaler), sw, sh, bw, bh, steps, sampler, schedule)
+
+
+def _lora_tags(text: str) -> list[tuple[str, float]]:
+    from sdengine.prompts import extract_lora_tags
+
+    return extract_lora_tags(text)[1]
+
+
+def hires_prompts(p: Any) -> tuple[list[str], list[str]]:
+    """The second pass's (prompts, negative prompts) per row: ``hr_prompt`` / ``hr_negative_prompt``, or the
+    row's own where empty (A1111's rule)."""
+    r = p.request
+    prompts = [r.hr_prompt or t for t in p.prompts]
+    negatives = [r.hr_negative_prompt or t for t in p.negatives]
+    if r.hr_prompt and _lora_tags(r.hr_prompt) != _lora_tags(p.prompts[0]):
+        raise GenerationError(
+            "hr_prompt must name the same <lora:...> tags as the prompt (the LoRAs are applied once per call)"
+        )
+    return prompts, negatives
+
+
+def upscale_latents(latents: Tensor, plan: HiresPlan, factor: int) -> Tensor:
+    """The first pass's latents interpolated to the plan's size (A1111's latent upscale), then the centre cut."""
+    mode, antialias = LATENT_UPSCALERS[plan.upscaler]
+    size = (plan.scaled_height // factor, plan.scaled_width // factor)
+    x = F.interpolate(latents.float(), size=size, mode=mode, antialias=antialias)
+    cut_y = (plan.scaled_height - plan.height) // factor
+    cut_x = (plan.scaled_width - plan.width) // factor
+    return x[:, :, cut_y // 2 : cut_y // 2 + plan.height // factor, cut_x // 2 : cut_x // 2 + plan.width // factor]
+
+
+def upscale_image(image: Image.Image, plan: HiresPlan, factor: int) -> Image.Image:
+    """A first-pass image resized with Lanczos to the plan's size, then the centre cut (in whole latent cells,
+    as A1111 cuts)."""
+    big = image.resize((plan.scaled_width, plan.scaled_height), Image.Resampling.LANCZOS)
+    left = (plan.scaled_width - plan.width) // factor // 2 * factor
+    top = (plan.scaled_height - plan.height) // factor // 2 * factor
+    return big.crop((left, top, left + plan.width, top + plan.height))
+
+
+def _shifted(callback: StepCallback | None, before: int, total: int) -> StepCallback | None:
+    """The request's callback seeing one count of steps over both passes."""
+    if callback is None:
+        return None
+
+    def shifted(info: StepInfo) -> bool | None:
+        return callback(StepInfo(before + info.step, total, info.sigma, info.latents, info.denoised))
+
+    return shifted
+
+
+def _rows_of_units(r: GenerationRequest, i: int, n: int) -> Any:
+    """The ControlNet units of row ``i`` alone (a per-row list or batch of control images is cut)."""
+    if r.controlnets is None:
+        return None
+    out = []
+    for u in r.control_units():
+        image = u.image
+        if isinstance(image, list | tuple) and len(image) == n:
+            image = [image[i]]
+        elif isinstance(image, Tensor) and image.ndim == 4 and image.shape[0] == n and n > 1:
+            image = image[i : i + 1]
+        out.append(dataclasses.replace(u, image=image))
+    return out
+
+
+def generate_hires(pipe: Any, p: Any) -> Tensor:
+    """(N, 3, H, W) images in [0, 1]: the first pass, the upscale and the second pass of a prepared request
+    whose ``hires`` plan is set (see the module docstring)."""
+    plan: HiresPlan = p.hires
+    r: GenerationRequest = p.request
+    first_run = int(r.steps)  # txt2img runs every step
+    second_run = plan.steps - img2img_start(plan.steps, float(r.strength))
+    total = first_run + second_run
+    hires_prompts(p)  # its errors before any model runs
+
+    first = first_pass(p, callback=_shifted(r.callback, 0, total))
+    return second_pass(pipe, p, pipe.sample_latents(first), callback=_shifted(r.callback, first_run, total))
+
+
+def first_pass(p: Any, callback: StepCallback | None = None) -> Any:
+    """The first pass of a prepared hires request: the same request as plain txt2img (its ``Prepared``)."""
+    return dataclasses.replace(p, request=p.request.replace(callback=callback), hires=None)
+
+
+def second_pass(pipe: Any, p: Any, latents: Tensor, callback: StepCallback | None = None) -> Tensor:
+    """(N, 3, H, W) images in [0, 1]: the upscale and the img2img pass of a prepared hires request ``p`` from
+    its first pass's ``latents`` (``pipe.sample_latents(first_pass(p))``)."""
+    plan: HiresPlan = p.hires
+    r: GenerationRequest = p.request
+    factor = int(pipe.vae_scale_factor)
+    hr_prompts, hr_negatives = hires_prompts(p)
+    first = first_pass(p)
+    second_request = r.replace(steps=plan.steps, callback=callback)
+    second = dataclasses.replace(
+        p,
+        request=second_request,
+        width=plan.width,
+        height=plan.height,
+        sampler=plan.sampler,
+        schedule=plan.schedule,
+        prompts=hr_prompts,
+        negatives=hr_negatives,
+        init=None,
+        mask=None,
+        hires=None,
+    )
+    if plan.latent:
+        start = upscale_latents(latents, plan, factor)
+        return pipe.decode_latents(second, pipe.sample_latents(second, init_latent=start))
+
+    # Pixel upscale: each row is an img2img of its own upscaled picture, run alone (the pipeline's init image
+    # is one per call).
+    pictures = [Image.fromarray(a) for a in to_uint8(pipe.decode_latents(first, latents))]
+    n = len(p.seeds)
+    out = []
+    for i, picture in enumerate(pictures):
+        row = dataclasses.replace(
+            second,
+            request=second_request.replace(controlnets=_rows_of_units(r, i, n)),
+            prompts=[hr_prompts[i]],
+            negatives=[hr_negatives[i]],
+            seeds=[p.seeds[i]],
+            subseeds=None if p.subseeds is None else [p.subseeds[i]],
+            init=upscale_image(picture, plan, factor),
+        )
+        out.append(pipe.decode_latents(row, pipe.sample_latents(row)))
+    return torch.cat(out)
+
+
+def infotext_fields(p: Any, i: int) -> dict[str, Any]:
+    """Row ``i``'s hires fields as A1111 writes them (``Denoising strength`` through our ``strength`` key)."""
+    plan: HiresPlan = p.hires
+    r: GenerationRequest = p.request
+    out: dict[str, Any] = {"strength": float(r.strength)}
+    if plan.sampler != p.sampler:
+        out["Hires sampler"] = sampling.SAMPLERS[plan.sampler].a1111
+    if plan.schedule != p.schedule:
+        out["Hires schedule type"] = sampling.SCHEDULE_A1111[plan.schedule]
+    prompts, negatives = hires_prompts(p)
+    if prompts[i] != p.prompts[i]:
+        out["Hires prompt"] = prompts[i]
+    if negatives[i] != p.negatives[i]:
+        out["Hires negative prompt"] = negatives[i]
+    if int(r.hr_resize_x) == 0 and int(r.hr_resize_y) == 0:
+        out["Hires upscale"] = float(r.hr_scale)
+    else:
+        out["Hires resize"] = f"{int(r.hr_resize_x)}x{int(r.hr_resize_y)}"
+    if int(r.hr_second_pass_steps):
+        out["Hires steps"] = int(r.hr_second_pass_steps)
+    out["Hires upscaler"] = plan.upscaler
+    return out
+
+
+__all__ = [
+    "LATENT_UPSCALERS",
+    "PIXEL_UPSCALERS",
+    "UPSCALERS",
+    "HiresPlan",
+    "first_pass",
+    "generate_hires",
+    "hires_prompts",
+    "hires_sampler",
+    "infotext_fields",
+    "plan_hires",
+    "second_pass",
+    "upscale_image",
+    "upscale_latents",
+    "upscaler_name",
+    "validate_hires",
+]
