@@ -230,7 +230,7 @@ def test_prompt_list_on_two_ranks_writes_each_image_once_and_equals_one_process(
         ('["a", "b"]\n', r"list.jsonl:1: a line must be a JSON object"),
         ('{"prompt": "x", "stpes": 3}\n', r"list.jsonl:1: unknown generation settings: stpes"),
         ('{"prompt": "x", "seed": -1}\n', r"list.jsonl:1: a seed in a prompt list must be >= 0"),
-        ('{"prompt": "x", "seed": "-1"}\n', r"list.jsonl:1: a seed in a prompt list must be >= 0"),
+        ('{"prompt": "x", "seed": "-1"}\n', r"list.jsonl:1: seed must be an integer"),  # a string is no seed
         ('{"prompt": "x", "progress": false}\n', r"list.jsonl:1: progress cannot be set per line"),
         ("\n\n", r"no requests"),
     ],
