@@ -19,20 +19,22 @@ open plus one read of every 4 KiB page of every tensor (so lazily mapped pages a
 
     python benchmarks/load.py --sdxl [--dir /tmp/sdengine-bench] [--repeats 2] [--keep]
 
-A full-size SDXL base single file (random weights, fp16, 6.9 GB: U-Net 2.57 B, CLIP-L 123 M, OpenCLIP bigG
+A full-size SDXL base single file (random weights, fp16, 6.46 GiB: U-Net 2.57 B, CLIP-L 123 M, OpenCLIP bigG
 695 M, VAE 84 M parameters) in sgm's layout, written by the writer of `sdengine convert`
-(`weights.loading.save_single_file`) one component's random tensors at a time, beside a diffusers folder
-holding only the configs and tokenizers (no weights). Each run is a fresh subprocess, the engines
-alternated: `sdengine.load_pipeline(file, device="cpu", dtype="fp16")` against diffusers'
-`StableDiffusionXLPipeline.from_single_file(file, config=folder, torch_dtype=torch.float16,
-local_files_only=True)`. Timed after the imports; peak RSS is the child's VmHWM after loading and reading
-every weight once. The file is deleted at the end unless --keep.
+(`weights.loading.save_single_file`, which streams one tensor at a time): the shapes come from sdengine's
+models built on the meta device, the values are drawn tensor by tensor in fp16, so creating it peaks near
+the file's size. Beside it, a diffusers folder holding only the configs and tokenizers (no weights). Each
+run is a fresh subprocess, the engines alternated: `sdengine.load_pipeline(file, device="cpu",
+dtype="fp16")` against diffusers' `StableDiffusionXLPipeline.from_single_file(file, config=folder,
+torch_dtype=torch.float16, local_files_only=True)`. Timed after the imports; peak RSS is the child's VmHWM
+after loading and reading every weight once. The file is deleted at the end unless --keep.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -391,7 +393,7 @@ def ensure_sdxl_files(root: Path) -> tuple[Path, Path]:
     for comp, factory in factories.items():
         with parameters_on_meta():
             shapes = {k: v.shape for k, v in factory().state_dict().items() if v.is_floating_point()}
-        # fp16 values drawn one tensor at a time: the peak is the file's size plus one fp32 tensor
+        # fp16 values drawn one tensor at a time: the peak is the file's size plus one fp32 temporary
         state_dicts[comp] = {k: (torch.randn(s, generator=g) * 0.02).half() for k, s in shapes.items()}
     ckpt = LoadedCheckpoint(
         source=folder,
@@ -462,6 +464,7 @@ def sdxl_benchmark(root: Path, repeats: int, keep: bool) -> None:
     folder, single = ensure_sdxl_files(root)
     try:
         print(f"file: {single} ({single.stat().st_size / GB:.2f} GB fp16), {repeats} runs per engine, alternated")
+        print(f"load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
         runs: dict[str, list[dict]] = {c: [] for c in SDXL_CASES}
         for i in range(repeats):
             for case in SDXL_CASES if i % 2 == 0 else SDXL_CASES[::-1]:
@@ -489,6 +492,7 @@ def sdxl_benchmark(root: Path, repeats: int, keep: bool) -> None:
         m = med[c]
         print(f"{c:10} {m['seconds']:7.2f} {m['peak_loaded_gb']:19.2f} {m['peak_gb']:12.2f} {m['baseline_gb']:17.2f}")
     s, d = med["sdengine"], med["diffusers"]
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(
         f"\nsdengine / diffusers (median of {repeats}): load time {s['seconds'] / d['seconds']:.2f}x, "
         f"peak RSS {s['peak_gb'] / d['peak_gb']:.2f}x, peak RSS above the imports "
