@@ -16,12 +16,26 @@ are views into one private memory map) against the safetensors library (`safe_op
 every name, and `safetensors.torch.load_file`). The file is a random SD 1.5 U-Net state dict in fp16
 (1.7 GB, written once with the library's own writer). "open" = every tensor object exists, "ready" =
 open plus one read of every 4 KiB page of every tensor (so lazily mapped pages are paid for too).
+
+    python benchmarks/load.py --sdxl [--dir /tmp/sdengine-bench] [--repeats 2] [--keep]
+
+A full-size SDXL base single file (random weights, fp16, 6.46 GiB: U-Net 2.57 B, CLIP-L 123 M, OpenCLIP bigG
+695 M, VAE 84 M parameters) in sgm's layout, written by the writer of `sdengine convert`
+(`weights.loading.save_single_file`, which streams one tensor at a time): the shapes come from sdengine's
+models built on the meta device, the values are drawn tensor by tensor in fp16, so creating it peaks near
+the file's size. Beside it, a diffusers folder holding only the configs and tokenizers (no weights). Each
+run is a fresh subprocess, the engines alternated: `sdengine.load_pipeline(file, device="cpu",
+dtype="fp16")` against diffusers' `StableDiffusionXLPipeline.from_single_file(file, config=folder,
+torch_dtype=torch.float16, local_files_only=True)`. Timed after the imports, and the engine's imports apart
+(`import sdengine` is lazy: its loading pays for the modules it imports, diffusers' import has done that);
+peak RSS is the child's VmHWM after loading and reading every weight once. The file is deleted at the end unless --keep.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -310,6 +324,195 @@ def reader_benchmark(root: Path, repeats: int) -> None:
     print("\nratios < 1: faster than safetensors.safe_open measured in the same run (median of the runs)")
 
 
+# ------------------------------------------------------------------------------------- SDXL single file
+
+SDXL_CASES = ("sdengine", "diffusers")
+SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def ensure_sdxl_files(root: Path) -> tuple[Path, Path]:
+    """A full-size random SDXL base single file (fp16, sgm layout) and a config-only diffusers folder."""
+    import dataclasses
+
+    import torch
+
+    from sdengine.models.clip_text import SD1, SDXL_G, CLIPTextModel, CLIPTextModelWithProjection
+    from sdengine.models.unet import UNet
+    from sdengine.models.unet_sdxl import SDXL_BASE
+    from sdengine.models.vae import SD, AutoencoderKL
+    from sdengine.weights.loading import LoadedCheckpoint, parameters_on_meta, save_single_file, write_clip_tokenizer
+    from sdengine.weights.sdxl_files import SDXL_SCHEDULER, SDXL_VAE_SCALING_FACTOR
+
+    folder, single = root / "sdxl-base-configs", root / "sdxl-base-random-fp16.safetensors"
+    if (folder / "model_index.json").is_file() and single.is_file():
+        return folder, single
+    vae_cfg = dataclasses.replace(SD, scaling_factor=SDXL_VAE_SCALING_FACTOR, sample_size=1024)
+    te2 = {**SDXL_G.to_transformers(), "architectures": ["CLIPTextModelWithProjection"]}
+    configs = {
+        "unet": SDXL_BASE.to_diffusers(),
+        "vae": vae_cfg.to_diffusers(),
+        "text_encoder": SD1.to_transformers(),
+        "text_encoder_2": te2,
+        "scheduler": dict(SDXL_SCHEDULER),
+    }
+    for comp in SDXL_COMPONENTS:
+        _write_json(folder / comp / "config.json", configs[comp])
+    _write_json(folder / "scheduler" / "scheduler_config.json", configs["scheduler"])
+    write_clip_tokenizer(folder / "tokenizer")
+    write_clip_tokenizer(folder / "tokenizer_2", pad="!")
+    _write_json(
+        folder / "model_index.json",
+        {
+            "_class_name": "StableDiffusionXLPipeline",
+            "_diffusers_version": "0.42.1",
+            "force_zeros_for_empty_prompt": True,
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "image_encoder": [None, None],
+            "feature_extractor": [None, None],
+        },
+    )
+    factories = {
+        "unet": lambda: UNet(SDXL_BASE),
+        "vae": lambda: AutoencoderKL(vae_cfg),
+        "text_encoder": lambda: CLIPTextModel(SD1),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(SDXL_G),
+    }
+    g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    state_dicts = {}
+    for comp, factory in factories.items():
+        with parameters_on_meta():
+            shapes = {k: v.shape for k, v in factory().state_dict().items() if v.is_floating_point()}
+        # fp16 values drawn one tensor at a time: the peak is the file's size plus one fp32 temporary
+        state_dicts[comp] = {k: (torch.randn(s, generator=g) * 0.02).half() for k, s in shapes.items()}
+    ckpt = LoadedCheckpoint(
+        source=folder,
+        layout="diffusers",
+        state_dicts=state_dicts,
+        configs=configs,
+        prediction_type="epsilon",
+        family="sdxl",
+    )
+    t1 = time.perf_counter()
+    save_single_file(ckpt, single)
+    print(
+        f"drew random fp16 weights in {t1 - t0:.1f} s, wrote {single} ({single.stat().st_size / GB:.2f} GB) "
+        f"in {time.perf_counter() - t1:.1f} s",
+        flush=True,
+    )
+    return folder, single
+
+
+def run_sdxl_case(case: str, folder: Path, single: Path) -> dict:
+    import logging
+
+    import torch
+
+    torch.set_num_threads(2)
+    t_import = time.perf_counter()  # torch is imported; the engine's own imports are timed apart
+    if case == "sdengine":
+        import sdengine
+
+        def load():
+            return sdengine.load_pipeline(single, device="cpu", dtype="fp16")
+    else:
+        from diffusers import StableDiffusionXLPipeline
+
+        logging.getLogger("diffusers").setLevel(logging.ERROR)
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+
+        def load():
+            return StableDiffusionXLPipeline.from_single_file(
+                str(single), config=str(folder), torch_dtype=torch.float16, local_files_only=True
+            )
+
+    base = _rss_now()
+    t0 = time.perf_counter()  # imports are done: only the loading is timed
+    import_seconds = t0 - t_import
+    pipe = load()
+    seconds = time.perf_counter() - t0
+    rss_loaded, peak_loaded = _rss_now() - base, _peak_rss()
+    tensors = {id(p): p for c in SDXL_COMPONENTS for p in getattr(pipe, c).parameters()}.values()
+    dtypes = sorted({str(t.dtype) for t in tensors})
+    with torch.no_grad():
+        checksum = float(sum(t.float().sum() for t in tensors))  # reads every weight once
+    return {
+        "case": case,
+        "seconds": seconds,
+        "import_seconds": import_seconds,
+        "total_seconds": import_seconds + seconds,
+        "params": sum(t.numel() for t in tensors),
+        "dtypes": dtypes,
+        "weights_gb": sum(t.numel() * t.element_size() for t in tensors) / GB,
+        "rss_loaded_gb": rss_loaded / GB,
+        "peak_loaded_gb": peak_loaded / GB,
+        "peak_gb": _peak_rss() / GB,
+        "baseline_gb": base / GB,
+        "checksum": checksum,
+    }
+
+
+def sdxl_benchmark(root: Path, repeats: int, keep: bool) -> None:
+    import statistics
+
+    folder, single = ensure_sdxl_files(root)
+    try:
+        print(f"file: {single} ({single.stat().st_size / GB:.2f} GB fp16), {repeats} runs per engine, alternated")
+        print(f"load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+        runs: dict[str, list[dict]] = {c: [] for c in SDXL_CASES}
+        for i in range(repeats):
+            for case in SDXL_CASES if i % 2 == 0 else SDXL_CASES[::-1]:
+                cmd = [sys.executable, __file__, "--sdxl-case", case, "--dir", str(root)]
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode:
+                    raise SystemExit(f"{case}: failed\n{res.stderr[-3000:]}")
+                r = json.loads(res.stdout.strip().splitlines()[-1])
+                print(
+                    f"  run {i + 1} {case:9}: {r['seconds']:6.2f} s (+ import {r['import_seconds']:5.2f} s), "
+                    f"peak RSS {r['peak_gb']:5.2f} GB "
+                    f"(after loading {r['peak_loaded_gb']:5.2f}), {r['params'] / 1e9:.3f} B parameters {r['dtypes']}",
+                    flush=True,
+                )
+                runs[case].append(r)
+    finally:
+        if not keep:
+            single.unlink(missing_ok=True)
+    sums = {c: runs[c][0]["checksum"] for c in SDXL_CASES}
+    if abs(sums["sdengine"] - sums["diffusers"]) > 1e-3 * max(1.0, abs(sums["diffusers"])):
+        raise SystemExit(f"the engines loaded different weights: checksums {sums}")
+    keys = ("seconds", "total_seconds", "peak_loaded_gb", "peak_gb", "baseline_gb")
+    med = {c: {k: statistics.median(r[k] for r in runs[c]) for k in keys} for c in SDXL_CASES}
+    print(
+        f"\n{'engine':10} {'load s':>7} {'import+load s':>14} {'peak RSS loaded GB':>19} {'peak RSS GB':>12} "
+        f"{'after imports GB':>17}"
+    )
+    for c in SDXL_CASES:
+        m = med[c]
+        print(
+            f"{c:10} {m['seconds']:7.2f} {m['total_seconds']:14.2f} {m['peak_loaded_gb']:19.2f} {m['peak_gb']:12.2f} "
+            f"{m['baseline_gb']:17.2f}"
+        )
+    s, d = med["sdengine"], med["diffusers"]
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    print(
+        f"\nsdengine / diffusers (median of {repeats}): load time {s['seconds'] / d['seconds']:.2f}x, "
+        f"import + load {s['total_seconds'] / d['total_seconds']:.2f}x, "
+        f"peak RSS {s['peak_gb'] / d['peak_gb']:.2f}x, peak RSS above the imports "
+        f"{(s['peak_gb'] - s['baseline_gb']) / (d['peak_gb'] - d['baseline_gb']):.2f}x"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/sdengine-bench"))
@@ -319,7 +522,17 @@ def main() -> None:
     ap.add_argument("--readers", action="store_true", help="compare safetensors readers (see above)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--reader-case", choices=READERS, help=argparse.SUPPRESS)  # child process mode
+    ap.add_argument("--sdxl", action="store_true", help="full-size SDXL base single file (see above)")
+    ap.add_argument("--keep", action="store_true", help="keep the SDXL file (deleted by default)")
+    ap.add_argument("--sdxl-case", choices=SDXL_CASES, help=argparse.SUPPRESS)  # child process mode
     args = ap.parse_args()
+    if args.sdxl_case:
+        folder, single = args.dir / "sdxl-base-configs", args.dir / "sdxl-base-random-fp16.safetensors"
+        print(json.dumps(run_sdxl_case(args.sdxl_case, folder, single)))
+        return
+    if args.sdxl:
+        sdxl_benchmark(args.dir, args.repeats, args.keep)
+        return
     if args.reader_case:
         print(json.dumps(run_reader(args.reader_case, args.dir / "sd15-unet-random-fp16.safetensors")))
         return
