@@ -54,7 +54,11 @@ def test_resolution_is_the_models_and_settings_are_printed(kind, tmp_path, tiny_
 
 def test_trainer_help_shows_defaults(capsys) -> None:
     expected = {
-        "controlnet": ["(default: 0.05)", "--steps STEPS default: 5000", "--lr LR default: 1e-05"],
+        "controlnet": [
+            "(the ControlNet paper's 0.5) (default: 0.5)",
+            "--steps STEPS default: 5000",
+            "--lr LR default: 1e-05",
+        ],
         "lora": ["--steps STEPS default: 1000", "--lr LR default: 0.0001", "--rank RANK default: 8"],
     }
     for kind, wanted in expected.items():
