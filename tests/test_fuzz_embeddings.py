@@ -31,7 +31,7 @@ import sdengine
 from sdengine.errors import SdengineError
 from sdengine.text.embeddings import MAX_VECTORS, EmbeddingError, read_embedding
 from sdengine.weights import save_safetensors
-from sdengine.weights.io import WeightsError
+from sdengine.weights.io import WeightsError, load_file
 
 EXAMPLES = int(os.environ.get("SDENGINE_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(
@@ -372,3 +372,18 @@ def test_refusals_found_by_fuzzing(tmp_path, params, message):
     with pytest.raises(EmbeddingError, match=message) as e:
         read_embedding(path, width=WIDTH)
     assert "\n" not in str(e.value)
+
+
+def test_zip64_record_claiming_several_disks(tmp_path):
+    # Found by test_mutated_embedding_files_...: zipfile.is_zipfile raised BadZipFile ("zipfiles that span multiple
+    # disks are not supported") before torch's reader was reached, for embeddings and .ckpt files alike.
+    blob = bytearray(VALID["a1111_pt"])
+    at = blob.rfind(b"PK\x06\x07")  # the zip64 end-of-central-directory locator torch writes
+    assert at > 0
+    blob[at + 16 : at + 20] = struct.pack("<I", 3)  # "total number of disks"
+    for name in ("disks.pt", "disks.ckpt"):
+        path = tmp_path / name
+        path.write_bytes(bytes(blob))
+        with pytest.raises(WeightsError, match=name.replace(".", r"\.")) as e:
+            read_embedding(path, width=WIDTH) if name.endswith(".pt") else load_file(path)
+        assert "\n" not in str(e.value)
