@@ -82,10 +82,12 @@ KINDS = ["a1111_pt", "ldm_pt", "a1111_safetensors", "diffusers_safetensors", "di
 SUFFIX = {"a1111_pt": ".pt", "ldm_pt": ".pt", "a1111_safetensors": ".safetensors"}
 SUFFIX |= {"diffusers_safetensors": ".safetensors", "diffusers_bin": ".bin"}
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool]
-_dim = st.one_of(st.integers(0, 3), st.sampled_from([WIDTH, 16, 1024, MAX_VECTORS, MAX_VECTORS + 1]))
+_dim = st.one_of(st.integers(0, 3), st.sampled_from([WIDTH, 16, MAX_VECTORS, MAX_VECTORS + 1]))
 _shape = st.one_of(
     st.tuples(st.integers(1, 4), st.just(WIDTH)),  # the usable shapes, often
     st.tuples(st.just(WIDTH)),
+    st.tuples(st.integers(1, 3), st.just(1024)),  # SD 2.x width
+    # small enough (at most 77^3 numbers) that the peak-memory check measures the reader, not the test
     st.lists(_dim, max_size=3).map(tuple),
 )
 _fill = st.one_of(st.none(), st.sampled_from([0.0, 1e30, -1e30, math.inf, -math.inf, math.nan, 1e4, 1.5e4, 1e-40]))
