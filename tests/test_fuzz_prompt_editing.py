@@ -25,11 +25,14 @@ import time
 from dataclasses import dataclass
 
 import pytest
+import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
+import sdengine
 from sdengine.errors import SdengineError
+from sdengine.pipeline.prompt_editing import row_schedules
 from sdengine.prompts import PromptError, extract_lora_tags, parse_prompt_attention
 from sdengine.text.schedule import (
     MAX_NESTING,
@@ -306,6 +309,33 @@ def test_when_step_is_a1111s_rule_and_bounded(when, steps):
         return  # not a number to the grammar ("inf", "1e+20" is): the group is text
     got = when_step(when.strip(), steps)
     assert got <= steps and got == a1111_when(when, steps)  # below 1 (any negative too): never switches
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_sd1_folder):
+    pytest.importorskip("diffusers")  # the tiny folder is written with diffusers' classes
+    return sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
+
+
+@FUZZ
+@given(prompt=any_prompts | trees().map(render), negative=any_prompts | trees().map(render), steps=st.integers(1, 12))
+@example(prompt="[a|b] (c:1.2) BREAK [d:e:2] <lora:x:1>", negative="[x::1]", steps=4)
+def test_any_prompt_through_the_pipelines_row_schedules(sd1, prompt, negative, steps):
+    """The encoder side: every step text of a row encoded to one length, finite; or a named error."""
+    notes: list[str] = []
+    t0 = time.perf_counter()
+    out = _named(lambda: row_schedules(sd1.conditioner, [prompt], [negative], steps, note=notes.append))
+    assert all("\n" not in n for n in notes)
+    if isinstance(out, list):
+        (row,) = out
+        assert {int(c["crossattn"].shape[1]) for c in row.encoded.values()} == {row.length}
+        assert all(bool(torch.isfinite(c["crossattn"]).all()) for c in row.encoded.values())
+        for i in range(steps):
+            p, n = row.texts_at(i)
+            assert p in row.encoded and n in row.encoded
+    elif out is None:  # no editing anywhere: the plain path, which encodes the texts as they are
+        _named(lambda: sd1.encode_prompt(prompt, negative))
+    assert time.perf_counter() - t0 < 4 * SECONDS
 
 
 # ------------------------------------------------------------------------------------------ 100 KB prompts
