@@ -29,7 +29,7 @@ from hypothesis.errors import InvalidArgument
 
 import sdengine
 from sdengine.errors import SdengineError
-from sdengine.text.embeddings import MAX_VECTORS, EmbeddingError, read_embedding
+from sdengine.text.embeddings import MAX_VECTORS, EmbeddingError, list_embedding_files, read_embedding
 from sdengine.weights import save_safetensors
 from sdengine.weights.io import WeightsError, load_file
 
@@ -389,3 +389,22 @@ def test_zip64_record_claiming_several_disks(tmp_path):
         with pytest.raises(WeightsError, match=name.replace(".", r"\.")) as e:
             read_embedding(path, width=WIDTH) if name.endswith(".pt") else load_file(path)
         assert "\n" not in str(e.value)
+
+
+def test_embeddings_folder_with_links_back_to_itself_is_listed_once(tmp_path):
+    # Two links to the folder itself made list_embedding_files walk an exponential tree (a hang); each real
+    # folder is now listed once, and a linked folder elsewhere is still followed.
+    emb = tmp_path / "emb"
+    (emb / "sub").mkdir(parents=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    save_safetensors({"emb_params": torch.zeros(1, WIDTH)}, emb / "sub" / "cat.safetensors")
+    save_safetensors({"emb_params": torch.zeros(1, WIDTH)}, other / "dog.safetensors")
+    for name in ("a", "b", "c"):
+        (emb / name).symlink_to(emb, target_is_directory=True)
+    (emb / "sub" / "up").symlink_to(emb, target_is_directory=True)
+    (emb / "linked").symlink_to(other, target_is_directory=True)
+    t0 = time.perf_counter()
+    files = list_embedding_files(emb)
+    assert time.perf_counter() - t0 < SECONDS
+    assert sorted(files) == ["cat", "dog"] and all(len(paths) == 1 for paths in files.values())

@@ -154,7 +154,20 @@ def list_embedding_files(directory: str | os.PathLike[str]) -> dict[str, list[Pa
     """Embedding name (file stem) -> its files under ``directory`` (sub-folders too; empty files skipped, as
     A1111 does). A name with two files is an error only when a prompt uses it."""
     files: dict[str, list[Path]] = {}
-    for root, _dirs, names in os.walk(directory, followlinks=True):
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, names in os.walk(directory, followlinks=True):
+        # Linked folders are followed (as A1111 does), each real folder once: a link back to a parent would
+        # otherwise be walked until the path is too long, and two such links take exponential time.
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
         for fname in sorted(names):
             f = Path(root) / fname
             if f.suffix.lower() not in EMBEDDING_SUFFIXES:
