@@ -354,6 +354,9 @@ LONG = {
     "lora-tags": "<lora:x:1> [a|b] ",
     "breaks": "BREAK [x::2] ",
     "unicode": "猫[🙂|é]",
+    # found by test_random_100kb_prompts_...: BREAK's regex tried every space of a run as a start (180 s)
+    "spaces": " ",
+    "whitespace": " \t\n",
 }
 
 
