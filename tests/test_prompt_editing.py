@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -164,7 +165,12 @@ def test_unreadable_editing_is_text_with_a_diagnostic():
 PIECES = list("ab [](){}:|\\.0123 ,\n") + ["BREAK", "0.5", "[a:b:2]", "é"]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# `make fuzz` (SDENGINE_FUZZ_EXAMPLES) runs it longer; tests/test_fuzz_prompt_editing.py has the schedule's properties
+@settings(
+    max_examples=max(300, int(os.environ.get("SDENGINE_FUZZ_EXAMPLES", "0"))),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(st.lists(st.sampled_from(PIECES), max_size=60).map("".join) | st.text(max_size=60))
 @example("[" * 3000)
 @example("[a:" * 2000)

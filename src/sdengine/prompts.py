@@ -77,7 +77,10 @@ _RE_ATTENTION = re.compile(
     """,
     re.X,
 )
-_RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+# Leading whitespace is taken only from where its run starts (the leftmost match starts there anyway, or at
+# "BREAK" itself after a previous match took the run): otherwise every space of a long run is tried as a
+# start, quadratic time (100 KB of spaces: minutes).
+_RE_BREAK = re.compile(r"(?:(?<!\s)\s+)?\bBREAK\b\s*", re.S)
 
 # A1111's extra-network tag: <kind:arg1:arg2...>
 _RE_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")

@@ -90,19 +90,23 @@ def embedding_vectors(obj: Mapping[str, Any], where: str = "<embedding>") -> Ten
         params = getattr(params, "_parameters", params)  # an nn.ParameterDict keeps its entries there
         if not isinstance(params, Mapping):
             raise EmbeddingError(f"{where}: 'string_to_param' is a {type(params).__name__}, not a mapping")
-        tensors = {str(k): v for k, v in params.items() if isinstance(v, Tensor)}
+        found = [(str(k), v) for k, v in params.items() if isinstance(v, Tensor)]
         what = "'string_to_param' entries"
     else:
-        tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+        found = [(str(k), v) for k, v in obj.items() if isinstance(v, Tensor)]
         what = "tensors"
-    if not tensors:
+    # counted before the names meet in a dict: the keys 0 and "0" are two tensors, not one
+    tensors = dict(found)
+    if not found:
         raise EmbeddingError(
             f"{where}: holds no embedding (expected A1111's string_to_param or emb_params, or diffusers' "
             f"{{token: tensor}}; top-level keys: {sorted(map(str, obj))[:8]})"
         )
-    if len(tensors) > 1:
+    if len(found) > 1:
         raise EmbeddingError(
-            f"{where}: holds {len(tensors)} {what} ({', '.join(sorted(tensors)[:4])}); an embedding file has one"
+            # repr: a key is any text (a newline in one would break the one-line message)
+            f"{where}: holds {len(found)} {what} ({', '.join(sorted(repr(k) for k, _ in found)[:4])}); "
+            "an embedding file has one"
         )
     (key, vec), *_ = tensors.items()
     if vec.ndim == 1:
@@ -150,7 +154,20 @@ def list_embedding_files(directory: str | os.PathLike[str]) -> dict[str, list[Pa
     """Embedding name (file stem) -> its files under ``directory`` (sub-folders too; empty files skipped, as
     A1111 does). A name with two files is an error only when a prompt uses it."""
     files: dict[str, list[Path]] = {}
-    for root, _dirs, names in os.walk(directory, followlinks=True):
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, names in os.walk(directory, followlinks=True):
+        # Linked folders are followed (as A1111 does), each real folder once: a link back to a parent would
+        # otherwise be walked until the path is too long, and two such links take exponential time.
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
         for fname in sorted(names):
             f = Path(root) / fname
             if f.suffix.lower() not in EMBEDDING_SUFFIXES:

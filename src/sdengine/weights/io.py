@@ -314,7 +314,11 @@ def load_pickle_checkpoint(path: str | os.PathLike[str], *, allow: Sequence[Any]
     path = Path(path)
     if path.stat().st_size == 0:
         raise CorruptFileError(f"{path}: empty file (0 bytes), not a checkpoint")
-    mmap_ok = zipfile.is_zipfile(path)  # mmap needs the zip (torch>=1.6) format
+    try:
+        mmap_ok = zipfile.is_zipfile(path)  # mmap needs the zip (torch>=1.6) format
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error):
+        # A crafted zip64 record (e.g. "spans several disks") raises here; torch's own reader then says why.
+        mmap_ok = False
     try:
         allowed = [*_LIGHTNING_STANDINS, *allow]
         with torch.serialization.safe_globals(allowed), warnings.catch_warnings():  # type: ignore[arg-type]
