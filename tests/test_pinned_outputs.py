@@ -1,7 +1,8 @@
 """The shipped emoji model (and its canny ControlNet) give the same images as the code that made
 tests/data/emoji_pinned_outputs.npz: float arrays recorded before the generation core was reorganised into
-the ``sdengine.pipeline`` package, compared at max abs <= 1e-6 (txt2img, img2img, ControlNet, a batch). The ControlNet case was recorded again
-when the shipped ControlNet was retrained (new weights, same code); the other three are the original pins."""
+the ``sdengine.pipeline`` package, compared at max abs <= 1e-6 (txt2img, img2img, ControlNet, a batch).
+The ControlNet case was recorded again when the shipped ControlNet was retrained (new weights, same code);
+the other three are the original pins."""
 
 from __future__ import annotations
 
