@@ -202,7 +202,7 @@ def generate_args(prompts: Path, out: Path) -> list[str]:
 def test_prompt_list_on_two_ranks_writes_each_image_once_and_equals_one_process(tmp_path: Path, capsys) -> None:
     prompts = tmp_path / "list.jsonl"
     prompts.write_text("\n".join(LIST) + "\n")
-    assert main(generate_args(prompts, tmp_path / "one")) == 0
+    assert main(["--threads", "1", *generate_args(prompts, tmp_path / "one")]) == 0
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == EXPECTED
     proc = torchrun(generate_args(prompts, tmp_path / "two"))
     printed = [Path(line.strip()).name for line in proc.stdout.splitlines() if line.strip().endswith(".png")]
@@ -213,10 +213,10 @@ def test_prompt_list_on_two_ranks_writes_each_image_once_and_equals_one_process(
 
     # Resumable: a second run writes nothing; a missing image is the only one made again, the same bytes.
     capsys.readouterr()
-    assert main(generate_args(prompts, tmp_path / "two")) == 0
+    assert main(["--threads", "1", *generate_args(prompts, tmp_path / "two")]) == 0
     assert "0 image(s) written, 4 line(s) already done" in capsys.readouterr().err
     (tmp_path / "two" / "00002-7.png").unlink()
-    assert main(generate_args(prompts, tmp_path / "two")) == 0
+    assert main(["--threads", "1", *generate_args(prompts, tmp_path / "two")]) == 0
     captured = capsys.readouterr()
     assert captured.out.split() == [str(tmp_path / "two" / "00002-7.png")]
     assert (tmp_path / "two" / "00002-7.png").read_bytes() == (tmp_path / "one" / "00002-7.png").read_bytes()
@@ -238,7 +238,7 @@ def test_prompt_list_on_two_ranks_writes_each_image_once_and_equals_one_process(
 def test_a_bad_line_is_one_error_naming_it_before_any_work(tmp_path: Path, capsys, text: str, message: str) -> None:
     prompts = tmp_path / "list.jsonl"
     prompts.write_text(text)
-    assert main(generate_args(prompts, tmp_path / "out")) == 2
+    assert main(["--threads", "1", *generate_args(prompts, tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
     assert not (tmp_path / "out").exists()
