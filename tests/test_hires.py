@@ -129,7 +129,7 @@ def test_pixel_second_pass_is_img2img_of_the_lanczos_resized_first_image(pipe, u
 def test_batch_rows_equal_the_same_seed_alone(pipe):
     both = pipe(**{**BASE, "seed": [11, 12]}, enable_hr=True, hr_upscaler="Lanczos", strength=0.5)
     alone = pipe(**{**BASE, "seed": 12}, enable_hr=True, hr_upscaler="Lanczos", strength=0.5)
-    np.testing.assert_allclose(both.arrays[1], alone.arrays[0], atol=1e-6)
+    np.testing.assert_allclose(both.arrays[1], alone.arrays[0], atol=1e-5)  # the batch contract: 1e-5 (BLAS)
     lat = pipe(**{**BASE, "seed": [11, 12]}, enable_hr=True, strength=0.5)
     lat_alone = pipe(**{**BASE, "seed": 12}, enable_hr=True, strength=0.5)
     np.testing.assert_allclose(lat.arrays[1], lat_alone.arrays[0], atol=1e-5)
