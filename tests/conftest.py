@@ -20,6 +20,9 @@ import pytest
 import torch
 
 TEST_THREADS = int(os.environ.get("SDENGINE_TEST_THREADS", "1"))
+# The CLI's automatic thread count follows the machine's load; exact-pixel tests that run the CLI twice need the
+# same count each time, so tests pin it to the session's (a test of the automatic choice removes the variable).
+os.environ.setdefault("SDENGINE_THREADS", str(TEST_THREADS))
 
 
 @pytest.fixture(autouse=True, scope="session")
