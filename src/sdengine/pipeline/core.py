@@ -480,12 +480,6 @@ class Pipeline:
         schedules = row_schedules(
             self.conditioner, p.prompts, p.negatives, int(r.steps), clip_skip=r.clip_skip, note=note
         )
-        if schedules is not None and type(self).conditioning_pair is not Pipeline.conditioning_pair:
-            # the per-step texts come from the conditioner alone; a family whose conditioning also holds the image
-            # size (SDXL) would lose it
-            raise GenerationError(
-                f"{self.name}: prompt editing ([a:b:when], [a|b]) is not supported for this model yet"
-            )
         if schedules is not None:  # prompt editing: each row's texts switch per step (A1111's [a:b:when], [a|b])
             by_length: dict[int, list[int]] = {}
             for i, s in enumerate(schedules):
