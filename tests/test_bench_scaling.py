@@ -60,7 +60,7 @@ def test_every_point_for_both_engines_and_they_agree(tiny_folder, tmp_path, caps
     assert [r[:3] for r in rows] == [
         [s, b, e] for s in ("32", "64") for b in ("1", "2") for e in ("sdengine", "diffusers")
     ]
-    assert "est. total = text + 4 x step + decode" in table and "step ratio" in table
+    assert report.unet_calls == 4 and "est. total = text + 4 x step + decode" in table and "step ratio" in table
 
 
 def test_agreement_check_sees_a_difference(tiny_folder, monkeypatch, keep_threads):
@@ -129,6 +129,8 @@ def test_compare_none_and_the_time_budget(tiny_folder, tmp_path, capsys, keep_th
         "1,2",
         "--steps",
         "3",
+        "--sampler",
+        "heun",
         "--max-seconds",
         "1e-9",
         "--json",
@@ -139,6 +141,10 @@ def test_compare_none_and_the_time_budget(tiny_folder, tmp_path, capsys, keep_th
     first = r.point(32, 1).engines
     assert set(first) == {"sdengine"} and first["sdengine"].skipped is None and first["sdengine"].step_s
     assert r.point(32, 1).unet_max_abs is None and r.point(32, 1).step_ratio is None
+    # Heun calls the U-Net twice per step but for the last: 5 calls in 3 steps, counted from the sampler itself
+    assert r.sampler == "heun" and r.unet_calls == 5
+    e = first["sdengine"]
+    assert e.total_s == pytest.approx(r.text["sdengine"].time_s + 5 * e.step_s + e.decode_s)
     for size, batch in ((32, 2), (64, 1), (64, 2)):
         e = r.point(size, batch).engines["sdengine"]
         assert e.skipped is not None and "over --max-seconds" in e.skipped and "32 px, batch 1" in e.skipped
@@ -162,6 +168,7 @@ def test_compare_none_and_the_time_budget(tiny_folder, tmp_path, capsys, keep_th
         (["--batch", "2"], "--batch does not apply to --scaling"),
         (["--max-seconds", "0"], "--max-seconds must be positive"),
         (["--max-memory", "-1"], "--max-memory must be positive"),
+        (["--sampler", "fastest"], "fastest"),
     ],
 )
 def test_bad_scaling_arguments_are_one_line_errors(tiny_folder, capsys, args, message):

@@ -9,9 +9,10 @@ apart and composed:
   time, tiled by its automatic rule; diffusers: the whole batch at once). One warm-up call of each, timed and
   reported apart; then ``repeats`` timed calls, the engines taking turns; medians.
 * The text encoder once per engine (a warm-up call, then one timed call): it does not depend on the point.
-* The composed end-to-end estimate of a generation: ``text + steps * step + decode`` (the default sampler,
-  DPM++ 2M, calls the U-Net once per step; the sampler's own arithmetic, a few element-wise operations per
-  step, is left out).
+* The composed end-to-end estimate of a generation: ``text + calls * step + decode``, where ``calls`` is the
+  number of U-Net calls the sampler makes in ``steps`` steps, counted by running it on a 2x2 latent with a
+  stand-in denoiser (DPM++ 2M, the default: one per step; Heun: two but for the last). The sampler's own
+  arithmetic, a few element-wise operations per step, is left out.
 * Agreement: the U-Net outputs of the two engines on the same inputs (latents, timestep, and sdengine's text
   context for both), max absolute difference; the same for the decoded images and the token states.
 * Peak memory: for each point and engine a fresh child process (:func:`sdengine.bench.run_worker`) loads the
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sdengine.bench import NEGATIVE, PROMPT, BenchError, load_now, peak_rss_mb, peer_module, run_worker
+from sdengine.errors import SdengineError
 
 DEFAULT_SIZES = (256, 512)
 DEFAULT_BATCHES = (1,)
@@ -191,6 +193,32 @@ def shapes_of(parts: SdengineParts) -> Shapes:
     return Shapes(int(p.unet.config.in_channels), int(p.latent_channels), int(p.vae_scale_factor))
 
 
+def unet_calls(pipe: Any, sampler: str, steps: int) -> int:
+    """How many U-Net calls ``sampler`` makes in ``steps`` steps: counted by running sdengine's sampler on a
+    tiny latent with a denoiser that only counts (it returns zeros, a valid x0)."""
+    import torch
+
+    from sdengine.diffusion import sampling
+
+    calls = 0
+
+    def count(x: Any, sigma: Any, **cond: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return torch.zeros_like(x)
+
+    sampling.sample(
+        count,
+        torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0)),
+        sampler=sampler,
+        steps=steps,
+        scheduler_config=pipe.scheduler_config,
+        generators=[torch.Generator().manual_seed(0)],
+        noise_schedule=pipe.noise_schedule,
+    )
+    return calls
+
+
 # ---------------------------------------------------------------------------------------------------
 # Memory: sdengine's own estimate, before a point runs
 # ---------------------------------------------------------------------------------------------------
@@ -311,6 +339,12 @@ class ScalingReport:
     text_max_abs: float | None = None
     points: list[ScalingPoint] = field(default_factory=list)
     max_seconds: float | None = None
+    sampler: str = "dpmpp_2m"
+    unet_calls: int | None = None  # the sampler's U-Net calls in `steps` steps (None: one per step)
+
+    @property
+    def calls(self) -> int:
+        return self.unet_calls if self.unet_calls is not None else self.steps
 
     def point(self, size: int, batch: int) -> ScalingPoint:
         for p in self.points:
@@ -344,6 +378,8 @@ class ScalingReport:
             "sizes": list(self.sizes),
             "batches": list(self.batches),
             "max_seconds": self.max_seconds,
+            "sampler": self.sampler,
+            "unet_calls": self.unet_calls,
             "text": {k: asdict(v) for k, v in self.text.items()},
             "text_max_abs": self.text_max_abs,
             "points": points,
@@ -378,13 +414,15 @@ class ScalingReport:
             d["text_max_abs"],
             points,
             d.get("max_seconds"),
+            d.get("sampler", "dpmpp_2m"),
+            d.get("unet_calls"),
         )
 
     def table(self) -> str:
         text = ", ".join(f"{k} {v.time_s:.3f} s (warm-up {v.warmup_s:.3f} s)" for k, v in self.text.items())
         lines = [
-            f"{self.model}: scaling, fp32 {self.device}; est. total = text + {self.steps} x step + decode "
-            "(one U-Net call per step; the sampler's own arithmetic left out)",
+            f"{self.model}: scaling, fp32 {self.device}; est. total = text + {self.calls} x step + decode "
+            f"({self.sampler}, {self.steps} steps: {self.calls} U-Net calls; the sampler's own arithmetic left out)",
             f"threads: {self.threads}; {self.repeats} interleaved repeats per part (medians), warm-up apart; "
             f"load at start: {self.load}",
             f"text encoder: {text}",
@@ -511,6 +549,7 @@ def run_scaling(
     sizes: tuple[int, ...] = DEFAULT_SIZES,
     batches: tuple[int, ...] = DEFAULT_BATCHES,
     steps: int = 25,
+    sampler: str = "dpmpp_2m",
     repeats: int = 3,
     compare: str | None = "diffusers",
     device: str = "cpu",
@@ -555,6 +594,11 @@ def run_scaling(
         model, steps, repeats, device, f"{torch.get_num_threads()} torch thread(s)", load, list(sizes), list(batches)
     )
     report.max_seconds = max_seconds
+    report.sampler = sampler
+    try:
+        report.unet_calls = unet_calls(pipe, sampler, steps)
+    except SdengineError as err:
+        raise BenchError(f"--sampler {sampler}: {err}") from None
 
     pairs: dict[str, tuple[Any, Any]] = {}
     for name, parts in engines.items():  # the text encoder: a warm-up call, then one timed call
@@ -626,7 +670,7 @@ def run_scaling(
             for name in running:
                 e = point.engines[name]
                 assert e.step_s is not None and e.decode_s is not None
-                e.total_s = report.text[name].time_s + steps * e.step_s + e.decode_s
+                e.total_s = report.text[name].time_s + report.calls * e.step_s + e.decode_s
             if memory:
                 for name in running:
                     e = point.engines[name]

@@ -80,6 +80,9 @@ def _scaling_points(a: argparse.Namespace) -> tuple[tuple[int, ...], tuple[int, 
         raise BenchError(f"--max-seconds must be positive, got {a.max_seconds}")
     if a.max_memory is not None and not a.max_memory > 0:
         raise BenchError(f"--max-memory must be positive (GiB), got {a.max_memory}")
+    from ..diffusion.sampling import resolve
+
+    resolve(a.sampler, "normal")  # an unknown sampler is refused before any model is written
     sizes = parse_sizes(a.sizes) if a.sizes is not None else DEFAULT_SIZES
     batches = parse_batches(a.batches) if a.batches is not None else DEFAULT_BATCHES
     return sizes, batches
@@ -97,6 +100,7 @@ def _run_scaling(
         sizes=sizes,
         batches=batches,
         steps=a.steps,
+        sampler=a.sampler,
         repeats=a.repeats,
         compare=None if a.compare == "none" else a.compare,
         device=a.device,
