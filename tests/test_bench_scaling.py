@@ -91,27 +91,37 @@ def test_agreement_check_sees_a_difference(tiny_folder, monkeypatch, keep_thread
     assert p.decode_max_abs is not None and p.decode_max_abs < 1e-4
 
 
-def test_point_over_the_memory_budget_is_skipped_and_peaks_are_measured(tiny_folder, keep_threads):
+def test_peak_rss_per_point_and_engine(tiny_folder, keep_threads):
     pytest.importorskip("diffusers")
     torch.set_num_threads(1)
-    pipe = sdengine.load_pipeline(tiny_folder, device="cpu", dtype="fp32")
-    need_32 = bench_scaling.memory_need(pipe, 32, 1, engine="diffusers")
-    need_64 = bench_scaling.memory_need(pipe, 64, 1, engine="sdengine")
-    assert need_64 > need_32 >= bench_scaling.memory_need(pipe, 32, 1, engine="sdengine")
-    assert need_32 > bench_scaling.weights_bytes(pipe) > 0  # the child's copy of the weights is counted
-    r = bench_scaling.run_scaling(
-        tiny_folder, model="tiny", sizes=(32, 64), batches=(1,), steps=2, repeats=1, memory_budget=need_32
-    )
-    ran, skipped = r.point(32, 1), r.point(64, 1)
+    r = bench_scaling.run_scaling(tiny_folder, model="tiny", sizes=(32,), batches=(1,), steps=2, repeats=1)
+    p = r.point(32, 1)
     for name in ("sdengine", "diffusers"):
-        e = ran.engines[name]
-        assert e.skipped is None and e.need_bytes is not None and e.need_bytes <= need_32
-        # each engine's own fresh child: its VmHWM, not this process's memory
+        e = p.engines[name]
+        # each engine's own fresh child: its VmHWM, not this process's memory (both engines are loaded here)
         assert e.peak_rss_mb is not None and 50 < e.peak_rss_mb < 1500, (name, e.peak_rss_mb, e.peak_note)
-        s = skipped.engines[name]
-        assert s.skipped is not None and s.skipped.startswith("needs ~") and s.skipped.endswith(" available")
-        assert s.step_times_s == [] and s.peak_rss_mb is None
-    assert ran.rss_ratio == pytest.approx(ran.engines["sdengine"].peak_rss_mb / ran.engines["diffusers"].peak_rss_mb)
+        assert e.peak_note is None and e.child_need_bytes is not None and e.child_need_bytes > e.need_bytes
+    assert p.rss_ratio == pytest.approx(p.engines["sdengine"].peak_rss_mb / p.engines["diffusers"].peak_rss_mb)
+
+
+def test_points_over_the_memory_budget_are_skipped(tiny_folder, keep_threads):
+    """The budget is injectable: a point whose estimate is over it is skipped with the reason; a point whose
+    timing fits but whose peak-memory child (a second copy of the weights) does not keeps its times."""
+    torch.set_num_threads(1)
+    pipe = sdengine.load_pipeline(tiny_folder, device="cpu", dtype="fp32")
+    need = {s: bench_scaling.memory_need(pipe, s, 1, child=False) for s in (32, 64)}
+    child_32 = bench_scaling.memory_need(pipe, 32, 1, child=True)
+    assert need[64] > need[32] and child_32 > need[64]  # at this size the weights outweigh the activations
+    assert child_32 - need[32] > bench_scaling.weights_bytes(pipe) > 0  # the child's copy of the weights
+    budget = need[64] - 1
+    r = bench_scaling.run_scaling(
+        tiny_folder, model="tiny", sizes=(32, 64), batches=(1,), steps=2, repeats=1, compare=None, memory_budget=budget
+    )
+    ran, skipped = r.point(32, 1).engines["sdengine"], r.point(64, 1).engines["sdengine"]
+    assert ran.skipped is None and ran.step_s is not None and ran.need_bytes == need[32]
+    assert ran.peak_rss_mb is None and ran.peak_note is not None and ran.peak_note.startswith("skipped: needs ~")
+    assert skipped.skipped is not None and skipped.skipped.startswith("needs ~") and "available" in skipped.skipped
+    assert skipped.step_times_s == [] and skipped.total_s is None
     assert "skipped: needs ~" in r.table()
 
 

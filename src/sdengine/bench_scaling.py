@@ -17,10 +17,12 @@ apart and composed:
   context for both), max absolute difference; the same for the decoded images and the token states.
 * Peak memory: for each point and engine a fresh child process (:func:`sdengine.bench.run_worker`) loads the
   engine, encodes the text and runs one step and one decode at that point; its ``VmHWM`` in MiB.
-* Before a point runs, sdengine's own memory estimate (:meth:`sdengine.pipeline.Pipeline.estimate_memory`, the
-  VAE decode of the whole batch for an engine that decodes it at once, plus a copy of the weights and a
-  process for the child) is compared with 90% of the memory available now (or a given budget): an engine
-  whose need is larger is skipped at that point, with the reason, instead of running the machine out of memory.
+* Before a point runs, sdengine's own memory estimate (:meth:`sdengine.pipeline.Pipeline.estimate_memory`, with
+  the VAE decode of the whole batch for an engine that decodes it at once) is compared with 90% of the memory
+  available now (or a given budget): an engine whose need is larger is skipped at that point, with the reason,
+  instead of running the machine out of memory. Before each peak-memory child the same check runs with a copy
+  of the weights and a process added (the child runs beside this process): a child that would not fit is
+  skipped, and the point keeps its times.
 * ``max_seconds``: once a point's step (the slower engine's median) took longer, every later point at least
   as large in both size and batch is skipped, with the reason. Every loop here is bounded by the number of
   points, engines and repeats.
@@ -287,9 +289,10 @@ class EnginePoint:
     decode_times_s: list[float] = field(default_factory=list)
     total_s: float | None = None  # the composed estimate: text + steps * step + decode
     peak_rss_mb: float | None = None
-    need_bytes: int | None = None  # sdengine's estimate of what this point needs for this engine
+    need_bytes: int | None = None  # sdengine's estimate of what timing this point needs for this engine
+    child_need_bytes: int | None = None  # and of what its peak-memory child needs besides this process
     skipped: str | None = None  # set when the engine did not run at this point
-    peak_note: str | None = None  # why the peak is missing when the child failed
+    peak_note: str | None = None  # why the peak is missing (skipped for memory, the child failed)
 
     @property
     def step_s(self) -> float | None:
@@ -623,7 +626,8 @@ def run_scaling(
             running: dict[str, Parts] = {}
             for name, parts in engines.items():
                 e = point.engines[name]
-                e.need_bytes = memory_need(pipe, size, batch, engine=name, child=memory)
+                e.need_bytes = memory_need(pipe, size, batch, engine=name, child=False)
+                e.child_need_bytes = memory_need(pipe, size, batch, engine=name, child=True) if memory else None
                 if too_slow is not None:
                     e.skipped = too_slow
                 elif budget is not None and e.need_bytes > budget:
@@ -674,6 +678,12 @@ def run_scaling(
             if memory:
                 for name in running:
                     e = point.engines[name]
+                    assert e.child_need_bytes is not None
+                    budget = memory_budget if memory_budget is not None else memory_budget_now(device)
+                    if budget is not None and e.child_need_bytes > budget:
+                        e.peak_note = f"skipped: needs ~{_amount(e.child_need_bytes)}, {_amount(budget)} available"
+                        _progress(f"{size} px, batch {batch}, {name}: peak {e.peak_note}")
+                        continue
                     try:
                         e.peak_rss_mb = peak_rss_at(
                             folder,
