@@ -541,7 +541,7 @@ def peak_rss_at(
 def _too_slow(size: int, batch: int, slow: list[tuple[int, int, float]], limit: float | None) -> str | None:
     for s, b, took in slow:
         if size >= s and batch >= b:
-            return f"the step at {s} px, batch {b} took {took:.1f} s, over --max-seconds {limit:g}"
+            return f"the step at {s} px, batch {b} took {took:.3g} s, over --max-seconds {limit:g}"
     return None
 
 
