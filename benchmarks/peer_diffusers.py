@@ -69,3 +69,39 @@ def engine(folder: Path, spec: Any, prompt: str, negative: str) -> Callable[[], 
         return np.stack([np.asarray(im, dtype=np.float32) / 255 for im in out.images])
 
     return run
+
+
+class Parts:
+    """diffusers' StableDiffusionPipeline cut into the pieces its ``__call__`` runs, for ``sdengine bench --scaling``:
+    the text encoder, one U-Net call on the CFG batch, the VAE decode of the batch (fp32 on ``device``, eager).
+
+    Each piece is called as the pipeline calls it: ``encode_prompt`` with classifier-free guidance, the U-Net
+    with ``encoder_hidden_states`` and ``return_dict=False``, the VAE on the whole batch at once after dividing
+    by its scaling factor, then diffusers' denormalisation to 0..1. All under ``torch.no_grad()`` (the
+    pipeline's own decorator).
+    """
+
+    def __init__(self, folder: Path, device: str) -> None:
+        self.pipe = StableDiffusionPipeline.from_pretrained(
+            folder, local_files_only=True, safety_checker=None, requires_safety_checker=False
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        self.device = torch.device(device)
+        self.pipe.to(self.device)
+
+    def text(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uncond, cond) token states, each (1, 77, D)."""
+        with torch.no_grad():
+            cond, uncond = self.pipe.encode_prompt(prompt, self.device, 1, True, negative)
+        return uncond, cond
+
+    def step(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.pipe.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, 4, h, w) diffusion latents -> (B, 3, H, W) images in 0..1."""
+        vae = self.pipe.vae
+        with torch.no_grad():
+            image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1)

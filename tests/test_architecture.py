@@ -61,6 +61,7 @@ LAYERS: dict[str, int] = {
     "eval": 3,
     "evaluation": 3,
     "bench": 3,  # sdengine bench: timing and memory against a peer engine
+    "bench_scaling": 3,  # sdengine bench --scaling: time and memory against size and batch, parts composed
     "grids": 3,  # X/Y/Z plots and batch grids over the pipeline
     "outpaint": 3,  # extend the canvas: pad, mask the new area, inpaint, paste the original back
     "batch_render": 3,  # generate --prompts: a checked list of requests, resumable, sharded over ranks

@@ -205,6 +205,24 @@ def diffusers_engine(folder: Path, spec: GenSpec) -> Engine:
     return module.engine(folder, spec, PROMPT, NEGATIVE)
 
 
+def peer_module() -> Any:
+    """``benchmarks/peer_diffusers.py`` loaded by path (a source checkout with the dev extras): the comparison
+    engine's module, for callers that need more of it than :func:`diffusers_engine` (sdengine.bench_scaling)."""
+    import importlib.util
+
+    peer = Path(__file__).resolve().parents[2] / "benchmarks" / "peer_diffusers.py"
+    if not peer.is_file():
+        raise BenchError(f"--compare diffusers needs a source checkout of sdengine ({peer} not found)")
+    module_spec = importlib.util.spec_from_file_location("sdengine_bench_peer_diffusers", peer)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except ImportError as e:
+        raise BenchError(f"--compare diffusers needs the dev extras (pip install -e '.[dev]'): {e}") from None
+    return module
+
+
 # ---------------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------------
@@ -306,13 +324,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux, bytes on macOS
 
 
-def run_worker(job: dict[str, Any], *, env: dict[str, str] | None = None, timeout: float = 3600) -> dict[str, Any]:
-    """:func:`_worker` in a child process (``python -m sdengine.bench``); its JSON answer."""
+def run_worker(
+    job: dict[str, Any], *, env: dict[str, str] | None = None, timeout: float = 3600, module: str = "sdengine.bench"
+) -> dict[str, Any]:
+    """:func:`_worker` in a child process (``python -m sdengine.bench``); its JSON answer. ``module``: another
+    module whose ``__main__`` reads the job from ``argv[1]`` and prints one JSON line (sdengine.bench_scaling)."""
     child_env = dict(os.environ if env is None else env)
     src = str(Path(__file__).resolve().parent.parent)
     child_env["PYTHONPATH"] = src + (os.pathsep + child_env["PYTHONPATH"] if child_env.get("PYTHONPATH") else "")
     proc = subprocess.run(
-        [sys.executable, "-m", "sdengine.bench", json.dumps(job)],
+        [sys.executable, "-m", module, json.dumps(job)],
         capture_output=True,
         text=True,
         env=child_env,

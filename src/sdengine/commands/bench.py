@@ -14,6 +14,7 @@ def run(a: argparse.Namespace) -> int:
 
     if (a.model is None) == (a.random is None):
         raise BenchError("give exactly one of --model FOLDER or --random {tiny,medium,sd15}")
+    scaling = _scaling_points(a)  # checked before any model is written
     options = parse_options(a.fast_path) if a.fast_path else ()
     measure = parse_options(a.options) if a.options else ()
     with tempfile.TemporaryDirectory(prefix="sdengine-bench-") as tmp:
@@ -24,6 +25,8 @@ def run(a: argparse.Namespace) -> int:
         else:
             where = Path(a.workdir) / f"random-{a.random}" if a.workdir else Path(tmp) / f"random-{a.random}"
             folder, name = make_random_folder(where, a.random), f"random {a.random} (SD1 architecture)"
+        if scaling is not None:
+            return _run_scaling(a, folder, name, *scaling)
         size = a.size
         if size is None:
             from ..bench import preset_configs
@@ -53,6 +56,63 @@ def run(a: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
         print(f"written {out}")
+    return 0
+
+
+def _scaling_points(a: argparse.Namespace) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(sizes, batches) of ``--scaling``, or None without it; flags of the other modes are refused with it."""
+    from ..bench import BenchError
+    from ..bench_scaling import DEFAULT_BATCHES, DEFAULT_SIZES, parse_batches, parse_sizes
+
+    if not getattr(a, "scaling", False):
+        for flag, value in (("--sizes", a.sizes), ("--batches", a.batches), ("--max-seconds", a.max_seconds)):
+            if value is not None:
+                raise BenchError(f"{flag} is an option of --scaling")
+        if a.max_memory is not None:
+            raise BenchError("--max-memory is an option of --scaling")
+        return None
+    for flag, value in (("--size", a.size), ("--options", a.options), ("--under-load", a.under_load or None)):
+        if value is not None:
+            raise BenchError(f"{flag} does not apply to --scaling (it times parts at --sizes and --batches)")
+    if a.batch != 1:
+        raise BenchError("--batch does not apply to --scaling: use --batches")
+    if a.max_seconds is not None and not a.max_seconds > 0:
+        raise BenchError(f"--max-seconds must be positive, got {a.max_seconds}")
+    if a.max_memory is not None and not a.max_memory > 0:
+        raise BenchError(f"--max-memory must be positive (GiB), got {a.max_memory}")
+    from ..diffusion.sampling import resolve
+
+    resolve(a.sampler, "normal")  # an unknown sampler is refused before any model is written
+    sizes = parse_sizes(a.sizes) if a.sizes is not None else DEFAULT_SIZES
+    batches = parse_batches(a.batches) if a.batches is not None else DEFAULT_BATCHES
+    return sizes, batches
+
+
+def _run_scaling(
+    a: argparse.Namespace, folder: Path, name: str, sizes: tuple[int, ...], batches: tuple[int, ...]
+) -> int:
+    from ..bench_scaling import GIB, run_scaling, write_json
+    from ..fastpath import parse_options
+
+    report = run_scaling(
+        folder,
+        model=name,
+        sizes=sizes,
+        batches=batches,
+        steps=a.steps,
+        sampler=a.sampler,
+        repeats=a.repeats,
+        compare=None if a.compare == "none" else a.compare,
+        device=a.device,
+        options=parse_options(a.fast_path) if a.fast_path else (),
+        memory=not a.no_memory,
+        max_seconds=a.max_seconds,
+        memory_budget=None if a.max_memory is None else int(a.max_memory * GIB),
+        seed=a.seed,
+    )
+    print(report.table())
+    if a.json:
+        print(f"written {write_json(report, a.json)}")
     return 0
 
 
@@ -91,5 +151,25 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--options", default=None, help="fast-path options to time one by one against fp32 eager")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     p.add_argument("--under-load", action="store_true", help="also time it idle and beside one busy process")
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="time one U-Net CFG step, one VAE decode and the text encoder at each --sizes x --batches point, "
+        "compose the generation time for --steps, and measure each point's peak RSS",
+    )
+    p.add_argument("--sizes", default=None, help="--scaling: image sides, comma-separated (default 256,512)")
+    p.add_argument("--batches", default=None, help="--scaling: batch sizes, comma-separated (default 1)")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="--scaling: once a point's step takes longer, skip the points at least as large in size and batch",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=float,
+        default=None,
+        help="--scaling: GiB a point may need (default: 90%% of the memory available before each point)",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     p.set_defaults(func=run)
