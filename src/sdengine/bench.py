@@ -164,7 +164,7 @@ def sdengine_engine(folder: Path, spec: GenSpec, options: tuple[str, ...] = ()) 
     import sdengine
     from sdengine.fastpath import apply_fast_path
 
-    pipe = sdengine.load_pipeline(folder, device=spec.device, dtype="fp32")
+    pipe = sdengine.load_pipeline(folder, device=spec.device, dtype="fp32", fast_path="none")
     notes = apply_fast_path(pipe, options)
 
     def run() -> np.ndarray:

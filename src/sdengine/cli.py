@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="sdengine", description="Diffusion image generation from scratch.")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: free CPUs, see sdengine.threads)")
+    p.add_argument(
+        "--fast-path",
+        dest="global_fast_path",
+        default=None,
+        help="speed-ups for every model this command loads: 'default', 'none' or names from "
+        "winograd,channels_last,compile (sdengine.fastpath; default: $SDENGINE_FAST_PATH, else 'default')",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="emoji text-to-image, img2img, ControlNet and LoRA pictures (built-in model)")
@@ -196,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("SDENGINE_DEBUG") == "1"
     try:
         configure_threads(getattr(args, "threads", None))
+        if getattr(args, "global_fast_path", None) is not None:
+            from .fastpath import ENV, parse_options
+
+            spec = args.global_fast_path.strip()
+            if spec.lower() not in ("default", "none"):
+                parse_options(spec)  # a bad name fails here, before any model is loaded
+            os.environ[ENV] = spec
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -26,8 +26,9 @@ from typing import Any
 
 from sdengine.errors import UsageError
 
-OPTIONS: tuple[str, ...] = ("channels_last", "compile")
-DEFAULT_OPTIONS: frozenset[str] = frozenset()  # measured, see the module docstring
+OPTIONS: tuple[str, ...] = ("winograd", "channels_last", "compile")
+DEFAULT_OPTIONS: frozenset[str] = frozenset({"winograd"})  # measured, see the module docstring
+ENV = "SDENGINE_FAST_PATH"  # the default of load_pipeline's fast_path= (and of the CLI's --fast-path)
 # Mean absolute difference on 0..1 pixels an option may add to the fp32 eager image.
 TOLERANCE = 2e-3
 
@@ -41,6 +42,22 @@ def parse_options(spec: str | Iterable[str] | None) -> tuple[str, ...]:
     if unknown:
         raise UsageError(f"unknown fast-path option(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
     return tuple(o for o in OPTIONS if o in names)
+
+
+def resolve_options(spec: str | Iterable[str] | None, device: Any, dtype: Any) -> tuple[str, ...]:
+    """What ``load_pipeline(fast_path=spec)`` applies: ``None`` reads ``$SDENGINE_FAST_PATH`` (else
+    ``"default"``); ``"default"`` is :data:`DEFAULT_OPTIONS` for fp32 on the CPU (where they were measured)
+    and nothing elsewhere; ``"none"`` (or an empty list) is nothing; otherwise the named options."""
+    import torch
+
+    if spec is None:
+        spec = os.environ.get(ENV, "").strip() or "default"
+    if isinstance(spec, str) and spec.strip().lower() in ("default", "none", ""):
+        if spec.strip().lower() != "default":
+            return ()
+        on_cpu = torch.device(device).type == "cpu" and dtype == torch.float32
+        return tuple(o for o in OPTIONS if o in DEFAULT_OPTIONS) if on_cpu else ()
+    return parse_options(spec)
 
 
 def compile_cache_dir() -> Path:
@@ -59,7 +76,12 @@ def apply_fast_path(pipe: Any, options: Iterable[str]) -> list[str]:
 
     done = []
     for name in parse_options(list(options)):
-        if name == "channels_last":
+        if name == "winograd":
+            from sdengine.nn.winograd import enable_winograd
+
+            n = enable_winograd(pipe.unet) + enable_winograd(pipe.vae)
+            done.append(f"winograd: {n} 3x3 convolutions of the U-Net and VAE as Winograd F(4x4,3x3)")
+        elif name == "channels_last":
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
             done.append("channels_last: U-Net and VAE weights in NHWC")

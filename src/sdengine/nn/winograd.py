@@ -40,6 +40,9 @@ ALPHA = TILE + 2  # input tile side: 4 outputs of a 3-wide filter
 # Smallest channel "harmonic mean" C_in*C_out/(C_in+C_out) for which a layer is converted: the GEMM saving
 # grows with C_in*C_out, the transforms with C_in + C_out (docs/performance.md has the per-shape timings).
 MIN_CHANNELS = 150
+# Smallest image side (in the layer's input) for which it runs: below it the direct convolution is cheap
+# anyway, and a tile of 4 would be mostly padding.
+MIN_SIDE = 8
 
 # The F(4x4, 3x3) matrices for the points 0, 1, -1, 2, -2 (and infinity), in float64.
 _BT = (
@@ -169,6 +172,7 @@ class WinogradConv2d(nn.Conv2d):
         if (
             x.device.type == "cpu"
             and x.dim() == 4
+            and min(x.shape[2], x.shape[3]) >= MIN_SIDE
             and x.dtype == torch.float32
             and w.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))

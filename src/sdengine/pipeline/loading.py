@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ def load_pipeline(
     lora_dir: str | Path | None = None,
     config: str | Path | None = None,
     embeddings_dir: str | Path | None = None,
+    fast_path: str | Iterable[str] | None = None,
 ) -> Pipeline | PixelPipeline:
     """A diffusers folder, a single SD 1.x/2.x/SDXL ``.safetensors``/``.ckpt`` file, or a built-in name
     (``emoji``, ``fashion-mnist``) -> a pipeline on ``device`` (auto: cuda, mps, cpu) in ``dtype``
@@ -71,7 +72,27 @@ def load_pipeline(
     ``.vae.pt`` / ``.vae.ckpt`` beside a single file ``NAME.safetensors`` is used, as A1111's "Automatic".
     ``embeddings_dir``: a folder of textual-inversion embeddings, used by file name in prompts (see
     :mod:`sdengine.text.embeddings`). An SDXL single file takes ``config`` as a diffusers folder whose configs
-    and tokenizers to use instead of those read off the tensor shapes."""
+    and tokenizers to use instead of those read off the tensor shapes. ``fast_path``: the speed-ups of
+    :mod:`sdengine.fastpath` to apply (names, ``"default"`` or ``"none"``; default: ``$SDENGINE_FAST_PATH``, else
+    ``"default"``, which on the CPU in fp32 is :data:`sdengine.fastpath.DEFAULT_OPTIONS`)."""
+    pipe = _load(name_or_path, device, dtype, vae, prediction_type, lora_dir, config, embeddings_dir)
+    if isinstance(pipe, Pipeline):
+        from sdengine.fastpath import apply_fast_path, resolve_options
+
+        apply_fast_path(pipe, resolve_options(fast_path, pipe.device, pipe.dtype))
+    return pipe
+
+
+def _load(
+    name_or_path: str | Path,
+    device: str | torch.device,
+    dtype: str | torch.dtype | None,
+    vae: str | Path | None,
+    prediction_type: str | None,
+    lora_dir: str | Path | None,
+    config: str | Path | None,
+    embeddings_dir: str | Path | None,
+) -> Pipeline | PixelPipeline:
     from sdengine.weights import build_models, load_checkpoint
     from sdengine.weights.loading import text_encoder_kind
     from sdengine.weights.vae_file import vae_beside
