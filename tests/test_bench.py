@@ -145,12 +145,46 @@ def test_thread_choice(monkeypatch, keep_threads):
     assert torch.get_num_threads() == 1 and s.threads == 1 and "1 thread(s)" in s.describe()
 
 
-@pytest.mark.parametrize("preset, expected", [(None, "True PASSIVE"), ("ACTIVE", "True ACTIVE")])
-def test_wait_policy_set_before_torch(preset, expected):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if preset:
-        env["OMP_WAIT_POLICY"] = preset
+@pytest.mark.parametrize(
+    "preset, busy, expected",
+    [
+        (None, False, "True default 10000"),  # idle: a short spin
+        (None, True, "True PASSIVE None"),  # another process keeps a CPU busy: sleep at once
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, True, "True ACTIVE None"),  # the user's choice is kept
+        ({"GOMP_SPINCOUNT": "5"}, True, "True default 5"),
+    ],
+)
+def test_wait_policy_set_before_torch(preset, busy, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(preset or {})
     env["PYTHONPATH"] = SRC
-    code = "import os; from sdengine.threads import prepare_environment as p; print(p(), os.environ['OMP_WAIT_POLICY'])"
+    code = (
+        "import os; from sdengine import threads; threads.busy_elsewhere = lambda: BUSY; "
+        "print(threads.prepare_environment(), os.environ.get('OMP_WAIT_POLICY', 'default'), "
+        "os.environ.get('GOMP_SPINCOUNT'))"
+    ).replace("BUSY", "1" if busy else "0")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.stdout.strip() == expected, out.stderr
+
+
+def test_a_server_sleeps_its_waiting_threads_whatever_the_load_at_start():
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["PYTHONPATH"] = SRC
+    code = (
+        "import os; from sdengine import threads; threads.busy_elsewhere = lambda: 0; "
+        "print(threads.prepare_environment(long_running=True), os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.strip() == "True PASSIVE", out.stderr
+
+
+def test_parsing_the_command_line_imports_no_torch():
+    # the CLI chooses the OpenMP wait policy after parsing (it depends on the command), before torch loads
+    env = {**os.environ, "PYTHONPATH": SRC}
+    code = (
+        "import sys; from sdengine.cli import build_parser; "
+        "[build_parser().parse_args(a) for a in (['serve'], ['generate', 'x'], ['bench', '--random', 'tiny'])]; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr

@@ -381,9 +381,10 @@ def under_load(
     folder: Path, spec: GenSpec, repeats: int, threads: int | None, compare: str | None = None
 ) -> list[LoadResult]:
     """Generation time (median of ``repeats`` per child) idle and beside one busy process, interleaved,
-    for sdengine's start-up thread choice and for torch's defaults (OMP_WAIT_POLICY unset, all CPUs);
+    for sdengine's start-up thread choice and for torch's defaults (OMP_WAIT_POLICY and GOMP_SPINCOUNT unset,
+    all CPUs);
     with ``compare``, diffusers with torch's defaults too (what its users get)."""
-    base_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    base_env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     settings: list[tuple[str, str, dict[str, Any]]] = [
         ("sdengine, start-up choice", "sdengine", {"sdengine_threads": True, "threads": threads}),
         ("sdengine, torch defaults", "sdengine", {"sdengine_threads": False}),

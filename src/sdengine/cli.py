@@ -198,8 +198,9 @@ def _register_command_modules(
 def main(argv: list[str] | None = None) -> int:
     from .threads import configure_threads, prepare_environment
 
-    prepare_environment()  # before torch is imported: OpenMP reads its wait policy once
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # imports no torch (tested)
+    # before torch is imported: OpenMP reads its wait policy once; a server's load changes while it runs
+    prepare_environment(long_running=args.command == "serve")
     debug = os.environ.get("SDENGINE_DEBUG") == "1"
     try:
         configure_threads(getattr(args, "threads", None))

@@ -1,10 +1,14 @@
 """Optional speed-ups applied to a loaded pipeline's networks, each one measured on its own by ``sdengine bench``.
 
-An option is on by default (``DEFAULT_OPTIONS``) only when the bench showed it faster than fp32 eager AND the
-image within ``TOLERANCE`` of fp32 eager's. On the 2-core AVX2 CPU of docs/performance.md neither option was
-shown faster, so the default is the plain fp32 eager path (which already runs under ``torch.inference_mode``,
-with SDPA for every attention and the sampler's per-step coefficients in Python floats):
+An option is on by default (``DEFAULT_OPTIONS``, applied by ``load_pipeline`` for fp32 on the CPU) only when the
+bench showed it faster than fp32 eager AND the image within ``TOLERANCE`` of fp32 eager's. The numbers are in
+docs/performance.md; in short, on the 2-core AVX2 CPU there:
 
+* ``winograd`` (default on): the 3x3 convolutions with many channels run as Winograd F(4x4,3x3)
+  (:mod:`sdengine.nn.winograd`): a quarter of the multiplications in 36 GEMMs plus two memory-bound
+  transforms. 1.8-3x faster per layer at SD 1.5's U-Net shapes, the image within about 1e-4 of the direct
+  convolution's. Layers with few channels, or images smaller than 8 latent pixels a side, keep the direct
+  convolution (measured slower there), so the small built-in models are unchanged.
 * ``channels_last``: convolution weights (and so activations) in NHWC. oneDNN reorders to its blocked
   layout either way on x86; U-Net-alone and single-convolution timings were within noise of NCHW (or
   slower), so it stays off.

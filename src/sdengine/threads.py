@@ -6,9 +6,14 @@ thread it waits for is descheduled and the spinning one burns the time slice the
 2-core machine with one competing busy process that made a generation 10-20x slower than with one
 thread (the output was identical). Two measures, both cheap:
 
-* ``OMP_WAIT_POLICY=PASSIVE`` (unless the user set it): waiting threads sleep instead of spinning. The
-  OpenMP runtime reads it once, when torch is first imported, so :func:`prepare_environment` must run
-  before that (the CLI calls it first thing).
+* the wait policy, unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``: when other processes keep
+  a CPU busy at start-up, or the command runs for long (``serve``, whose load will change),
+  ``OMP_WAIT_POLICY=PASSIVE``: waiting threads sleep instead of spinning. On an idle machine sleeping costs
+  a wake-up at every barrier (a medium-size generation took 4.2 s instead of 3.1-3.5 s), so there
+  ``GOMP_SPINCOUNT=10000``: a short spin, then sleep (2.9-3.2 s idle; beside a busy process it degrades
+  like the default, 10-11 s against PASSIVE's 5.5 s, which is why a busy machine gets PASSIVE). The OpenMP
+  runtime reads both once, when torch is first imported, so :func:`prepare_environment` must run before
+  that (the CLI calls it before importing anything that imports torch). Numbers: docs/performance.md.
 * the thread count: the CPUs this process may run on (``os.sched_getaffinity``) minus those other
   processes keep busy right now (the kernel's count of runnable tasks, sampled a few times), at least 1.
   Under torchrun (``LOCAL_WORLD_SIZE`` > 1) the CPUs are split evenly between the processes of this machine.
@@ -28,6 +33,8 @@ from dataclasses import dataclass
 from sdengine.errors import UsageError
 
 WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+SPINCOUNT_ENV = "GOMP_SPINCOUNT"
+IDLE_SPINCOUNT = "10000"  # measured: see the module docstring
 THREADS_ENV = "SDENGINE_THREADS"
 
 
@@ -38,7 +45,7 @@ class ThreadSettings:
     threads: int
     cpus: int  # CPUs this process may use
     busy_elsewhere: int  # CPUs other processes kept busy when the choice was made
-    wait_policy: str  # the OMP_WAIT_POLICY in effect ("default" when unset)
+    wait_policy: str  # the OMP_WAIT_POLICY in effect ("default" when unset; with GOMP_SPINCOUNT if set)
     source: str  # "--threads", "SDENGINE_THREADS", "auto" or "auto (torchrun)"
 
     def describe(self) -> str:
@@ -48,11 +55,24 @@ class ThreadSettings:
         )
 
 
-def prepare_environment() -> bool:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless already set. True when it can still take effect (torch not
-    imported yet); the value is kept either way, so child processes get it."""
-    os.environ.setdefault(WAIT_POLICY_ENV, "PASSIVE")
+def prepare_environment(long_running: bool = False) -> bool:
+    """Choose the OpenMP wait policy (module docstring) unless the user set ``OMP_WAIT_POLICY`` or
+    ``GOMP_SPINCOUNT``: ``PASSIVE`` when ``long_running`` or when other processes keep a CPU busy now, else a
+    short spin. True when it can still take effect (torch not imported yet); the environment keeps the
+    choice either way, so child processes get it."""
+    if WAIT_POLICY_ENV not in os.environ and SPINCOUNT_ENV not in os.environ:
+        if long_running or busy_elsewhere() > 0:
+            os.environ[WAIT_POLICY_ENV] = "PASSIVE"
+        else:
+            os.environ[SPINCOUNT_ENV] = IDLE_SPINCOUNT
     return "torch" not in sys.modules
+
+
+def wait_policy() -> str:
+    """The wait policy in effect, as :class:`ThreadSettings` reports it."""
+    policy = os.environ.get(WAIT_POLICY_ENV, "default")
+    spin = os.environ.get(SPINCOUNT_ENV)
+    return f"{policy}, {SPINCOUNT_ENV}={spin}" if spin else policy
 
 
 def usable_cpus() -> int:
@@ -133,6 +153,6 @@ def configure_threads(requested: int | None = None) -> ThreadSettings:
         threads=n,
         cpus=usable_cpus(),
         busy_elsewhere=busy,
-        wait_policy=os.environ.get(WAIT_POLICY_ENV, "default"),
+        wait_policy=wait_policy(),
         source=source,
     )

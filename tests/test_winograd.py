@@ -1,0 +1,176 @@
+"""Winograd F(4x4,3x3) convolution (sdengine.nn.winograd) and the fast-path switch that turns it on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sdengine.errors import UsageError
+from sdengine.fastpath import ENV, OPTIONS, resolve_options
+from sdengine.nn.winograd import (
+    MIN_SIDE,
+    WinogradConv2d,
+    convertible,
+    disable_winograd,
+    enable_winograd,
+    transform_filter,
+    winograd_conv3x3,
+    worth_it,
+)
+
+
+def _errors(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tuple[float, float]:
+    """(Winograd's, direct fp32's) max abs error against the float64 convolution."""
+    ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+    win = winograd_conv3x3(x, transform_filter(w), b)
+    direct = F.conv2d(x, w, b, padding=1)
+    assert win.shape == direct.shape and win.is_contiguous()
+    return (win.double() - ref).abs().max().item(), (direct.double() - ref).abs().max().item()
+
+
+@pytest.mark.parametrize(
+    "n,c,k,h,w,bias",
+    [(1, 8, 5, 8, 8, True), (3, 6, 7, 9, 13, True), (2, 16, 16, 4, 6, False), (1, 3, 2, 1, 1, True), (2, 40, 24, 17, 12, True)],
+)
+def test_equals_the_convolution_within_twice_its_rounding(n, c, k, h, w, bias):
+    g = torch.Generator().manual_seed(n * 100 + h)
+    x = torch.randn(n, c, h, w, generator=g)
+    wt = torch.randn(k, c, 3, 3, generator=g) * 0.1
+    b = torch.randn(k, generator=g) if bias else None
+    err, direct = _errors(x, wt, b)
+    # Winograd adds rounding in its transforms: a few times the direct convolution's own error, never more
+    assert err <= 8 * direct + 1e-6, (err, direct)
+
+
+def test_sd_sized_layer_error_is_of_the_direct_convolutions_order():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 320, 16, 16, generator=g)
+    wt = torch.randn(320, 320, 3, 3, generator=g) * 0.02
+    err, direct = _errors(x, wt, torch.randn(320, generator=g))
+    assert err < 4 * direct and err < 1e-4, (err, direct)
+
+
+def test_filter_transform_needs_3x3():
+    with pytest.raises(ValueError, match="3x3"):
+        transform_filter(torch.zeros(4, 4, 5, 5))
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(320, 320, 3, padding=1),  # worth it
+        nn.Conv2d(320, 320, 3, stride=2, padding=1),  # strided: not convertible
+        nn.Conv2d(320, 8, 3, padding=1),  # too few output channels to pay for the transforms
+        nn.Conv2d(8, 320, 1),  # 1x1
+    )
+
+
+def test_enable_converts_only_the_layers_worth_it_and_keeps_the_state_dict():
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert [convertible(m) for m in net] == [True, False, True, False]
+    assert [worth_it(m) for m in net] == [True, False, False, False]
+    assert enable_winograd(net) == 1
+    assert type(net[0]) is WinogradConv2d and all(type(m) is nn.Conv2d for m in net[1:])
+    assert enable_winograd(net) == 0  # idempotent
+    after = net.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert disable_winograd(net) == 1 and type(net[0]) is nn.Conv2d
+
+
+def test_converted_layer_runs_winograd_on_cpu_fp32_and_direct_elsewhere():
+    conv = nn.Conv2d(320, 320, 3, padding=1)
+    x = torch.randn(1, 320, 12, 12)
+    with torch.inference_mode():
+        direct = conv(x)
+        enable_winograd(conv)
+        win = conv(x)
+        assert not torch.equal(win, direct)  # another algorithm: other rounding
+        torch.testing.assert_close(win, direct, rtol=0, atol=1e-4)
+        small = torch.randn(1, 320, MIN_SIDE - 1, MIN_SIDE + 3)  # below the size where it pays
+        assert torch.equal(conv(small), F.conv2d(small, conv.weight, conv.bias, padding=1))
+        conv.double()
+        xd = x.double()
+        assert torch.equal(conv(xd), F.conv2d(xd, conv.weight, conv.bias, padding=1))
+
+
+def test_training_uses_the_direct_convolution_and_its_gradients():
+    conv = nn.Conv2d(320, 320, 3, padding=1)
+    ref = nn.Conv2d(320, 320, 3, padding=1)
+    ref.load_state_dict(conv.state_dict())
+    enable_winograd(conv)
+    x = torch.randn(1, 320, 8, 8)
+    conv(x).square().mean().backward()
+    ref(x).square().mean().backward()
+    assert conv.weight.grad is not None and ref.weight.grad is not None
+    assert torch.equal(conv.weight.grad, ref.weight.grad)
+
+
+def test_the_cached_filters_follow_every_change_of_the_weight():
+    conv = nn.Conv2d(320, 320, 3, padding=1)
+    enable_winograd(conv)
+    x = torch.randn(1, 320, 8, 8)
+
+    def check() -> None:
+        with torch.inference_mode():
+            want = F.conv2d(x, conv.weight, conv.bias, padding=1)
+            # a stale cache would be off by the weight's change (a factor of 2 or more), not by rounding
+            torch.testing.assert_close(conv(x), want, rtol=0, atol=2e-5 * want.abs().max().item())
+
+    check()
+    with torch.no_grad():
+        conv.weight.mul_(-2.0)  # in place: the version counter moves
+    check()
+    original = conv.weight.data
+    conv.weight.data = original * 0.5  # replaced, as LoRA fusing does
+    check()
+    conv.weight.data = original  # and restored (the address of the first tensor again)
+    check()
+    for scale in (3.0, 4.0):  # replaced twice in a row: a freed tensor's address must not be taken for it
+        conv.weight.data = original * scale
+        check()
+    conv.load_state_dict({"weight": torch.randn(320, 320, 3, 3) * 0.01, "bias": torch.zeros(320)})
+    check()
+
+
+def test_forward_hooks_still_apply():
+    conv = nn.Conv2d(320, 320, 3, padding=1)
+    enable_winograd(conv)
+    conv.register_forward_hook(lambda m, args, out: out + 1.0)
+    x = torch.randn(1, 320, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1) + 1.0, rtol=0, atol=1e-4)
+
+
+def test_fast_path_defaults_apply_winograd_to_fp32_on_the_cpu_only(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    assert "winograd" in OPTIONS
+    assert resolve_options(None, "cpu", torch.float32) == ("winograd",)
+    assert resolve_options("default", "cpu", torch.float16) == ()
+    assert resolve_options("none", "cpu", torch.float32) == ()
+    assert resolve_options("channels_last, winograd", "cpu", torch.float32) == ("winograd", "channels_last")
+    monkeypatch.setenv(ENV, "none")
+    assert resolve_options(None, "cpu", torch.float32) == ()
+    with pytest.raises(UsageError, match="unknown fast-path option"):
+        resolve_options("winograd,turbo", "cpu", torch.float32)
+
+
+def test_cli_refuses_an_unknown_fast_path_option_before_loading(capsys, monkeypatch):
+    from sdengine.cli import main
+
+    monkeypatch.setenv(ENV, "default")  # recorded, so that what main() sets is undone after the test
+    code = main(["--fast-path", "winograd,turbo", "generate", "a cat", "--model", "no/such/model"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "unknown fast-path option(s) turbo" in err[0]
+
+
+def test_cli_fast_path_sets_what_load_pipeline_applies(monkeypatch):
+    from sdengine.cli import main
+
+    monkeypatch.setenv(ENV, "default")  # recorded, so that what main() sets is undone after the test
+    assert main(["--fast-path", "none", "list", "samplers"]) == 0
+    import os
+
+    assert os.environ.get(ENV) == "none" and resolve_options(None, "cpu", torch.float32) == ()
