@@ -32,7 +32,13 @@ def _errors(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tuple[f
 
 @pytest.mark.parametrize(
     "n,c,k,h,w,bias",
-    [(1, 8, 5, 8, 8, True), (3, 6, 7, 9, 13, True), (2, 16, 16, 4, 6, False), (1, 3, 2, 1, 1, True), (2, 40, 24, 17, 12, True)],
+    [
+        (1, 8, 5, 8, 8, True),
+        (3, 6, 7, 9, 13, True),
+        (2, 16, 16, 4, 6, False),
+        (1, 3, 2, 1, 1, True),
+        (2, 40, 24, 17, 12, True),
+    ],
 )
 def test_equals_the_convolution_within_twice_its_rounding(n, c, k, h, w, bias):
     g = torch.Generator().manual_seed(n * 100 + h)

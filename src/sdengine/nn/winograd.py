@@ -102,9 +102,9 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, tw * TILE + 1 - w, 1, th * TILE + 1 - h))
     hp, wp = xp.shape[1], xp.shape[2]
     # The 36 tile positions as leading dimensions: (6, 6, N, th, tw, C), overlapping tiles by strides.
-    tiles = xp.as_strided(
-        (ALPHA, ALPHA, n, th, tw, c), (wp * c, c, hp * wp * c, TILE * wp * c, TILE * c, 1)
-    ).reshape(ALPHA * ALPHA, -1)
+    tiles = xp.as_strided((ALPHA, ALPHA, n, th, tw, c), (wp * c, c, hp * wp * c, TILE * wp * c, TILE * c, 1)).reshape(
+        ALPHA * ALPHA, -1
+    )
     v = (_B2.to(x.device) @ tiles).view(ALPHA * ALPHA, n * th * tw, c)  # input transform
     m = torch.bmm(v, u)  # the 36 GEMMs: (36, tiles, C_out)
     y = (_A2.to(x.device) @ m.view(ALPHA * ALPHA, -1)).view(TILE, TILE, n, th, tw, k)  # output transform
