@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-from sdengine.nn.winograd import disable_winograd, enable_winograd, transform_filter, winograd_conv3x3, worth_it
+from sdengine.nn.winograd import enable_winograd, transform_filter, winograd_conv3x3, worth_it
 
 # (batch, C_in, C_out, side): the U-Net's levels at 512x512 (CFG batch 2) and the VAE decoder's big layers
 SHAPES = [
@@ -70,31 +70,37 @@ def layers(repeats: int) -> None:
 
 def unet_step(folder: str, repeats: int) -> None:
     import sdengine
+    from sdengine.nn import winograd
 
-    pipe = sdengine.load_pipeline(folder, device="cpu", dtype="fp32", fast_path="none")
-    unet = pipe.unet
+    unets = {
+        name: sdengine.load_pipeline(folder, device="cpu", dtype="fp32", fast_path="none").unet
+        for name in ("direct", "winograd")
+    }
+    n = enable_winograd(unets["winograd"])
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 64, 64, generator=g)
-    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    ctx = torch.randn(2, 77, unets["direct"].config.cross_attention_dim, generator=g)
     t = torch.tensor([500.0, 500.0])
     times: dict[str, list[float]] = {"direct": [], "winograd": []}
     outs = {}
     with torch.inference_mode():
         for r in range(repeats + 1):
-            for name in times:
-                (enable_winograd if name == "winograd" else disable_winograd)(unet)
-                if r == 0:  # warm-up (and the filter transforms)
-                    outs[name] = unet(x, t, encoder_hidden_states=ctx)
-                    continue
+            for name, unet in unets.items():
                 t0 = time.perf_counter()
-                unet(x, t, encoder_hidden_states=ctx)
-                times[name].append(time.perf_counter() - t0)
-                print(f"  {name}: {times[name][-1]:.2f} s", flush=True)
-    n = enable_winograd(unet)
+                out = unet(x, t, encoder_hidden_states=ctx)
+                dt = time.perf_counter() - t0
+                if r == 0:  # warm-up (and the cached filter transforms)
+                    outs[name] = out
+                    print(f"  {name}: warm-up {dt:.2f} s", flush=True)
+                    continue
+                times[name].append(dt)
+                print(f"  {name}: {dt:.2f} s", flush=True)
     d, w = statistics.median(times["direct"]), statistics.median(times["winograd"])
     diff = (outs["winograd"] - outs["direct"]).abs()
+    cached = winograd.BUDGET.used() / 2**20
     print(
-        f"U-Net CFG step, 64x64 latents, {n} layers converted: direct {d:.2f} s, winograd {w:.2f} s "
+        f"U-Net CFG step, 64x64 latents, {n} layers converted, {cached:.0f} MiB of transforms cached "
+        f"(budget {winograd.BUDGET.limit() / 2**20:.0f} MiB): direct {d:.2f} s, winograd {w:.2f} s "
         f"(medians of {repeats}), {d / w:.2f}x; output max |diff| {diff.max().item():.1e}, "
         f"mean {diff.mean().item():.1e} (output mean |value| {outs['direct'].abs().mean().item():.2f})"
     )

@@ -15,12 +15,13 @@ element-wise products become 36 independent matrix products, one per position in
 so the work moves from a direct convolution into 36 GEMMs of a quarter of its multiply-adds, plus the two
 transforms, which are memory-bound passes over the input and output. They cost about as much as the saved
 arithmetic when the channel counts are small or the image is large, so a layer is worth converting only when
-its channels are many (:func:`worth_it`, measured: docs/performance.md). The filter transform ``U`` is
-computed once per weight and cached on the layer.
+its channels are many (:func:`worth_it`, measured: docs/performance.md). The filter transform ``U`` (4x the
+filters' memory) is cached on the layer within a memory budget (:class:`CacheBudget`), else recomputed per call
+where that still pays.
 
-Precision: in fp32 the result differs from a direct convolution by about twice the direct convolution's own
-rounding error (both measured against float64 in tests/test_winograd.py); the tiles' transforms are exact in
-binary floating point except for the 1/6 and 1/24 of ``G``.
+Precision: in fp32 the result's error against a float64 convolution is a few times the direct fp32
+convolution's own (about 1e-5 of the output's scale at most; tests/test_winograd.py): the transforms' entries
+go up to 8 (and 1/24 in ``G``), so their rounding is amplified a little.
 
 The fast path is for fp32 inference on the CPU: on CUDA, cuDNN chooses its own algorithms (Winograd among
 them); under autograd (training) the direct convolution runs, because the cached filter transform is not
@@ -29,6 +30,8 @@ differentiable with respect to the weight.
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -83,20 +86,24 @@ _B2 = torch.kron(_BT64, _BT64).float()  # (36, 36)
 _A2 = torch.kron(_AT64, _AT64).float()  # (16, 36)
 
 
+# vec(G g G^T) = (G kron G) vec(g): every filter's transform is one row of a (filters x 9) @ (9 x 36) GEMM.
+_G2 = torch.kron(_G64, _G64).float()  # (36, 9)
+
+
 def transform_filter(weight: torch.Tensor) -> torch.Tensor:
-    """(C_out, C_in, 3, 3) filters -> U, (36, C_in, C_out) fp32: ``G g G^T`` per filter, in float64."""
+    """(C_out, C_in, 3, 3) filters -> U, (36, C_out, C_in) fp32: ``G g G^T`` of every filter, one GEMM."""
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"Winograd F(4x4,3x3) needs 3x3 filters, got shape {tuple(weight.shape)}")
-    g = _G64.to(weight.device)
-    u = torch.einsum("ai,kcij,bj->abck", g, weight.detach().double(), g)  # (6, 6, C_in, C_out)
-    return u.reshape(ALPHA * ALPHA, weight.shape[1], weight.shape[0]).float().contiguous()
+    k, c = weight.shape[0], weight.shape[1]
+    g = weight.detach().float().reshape(k * c, 9)
+    return (_G2.to(weight.device) @ g.t()).view(ALPHA * ALPHA, k, c)
 
 
 def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """A 3x3 convolution, stride 1, zero padding 1, of ``x`` (N, C_in, H, W) with the transformed filters
     ``u`` (:func:`transform_filter`); returns (N, C_out, H, W) contiguous, as ``F.conv2d`` would."""
     n, c, h, w = x.shape
-    k = u.shape[2]
+    k = u.shape[1]
     th, tw = -(-h // TILE), -(-w // TILE)  # tiles per column / row (the last ones padded)
     # Channels last and zero-padded: every tile's pixels are then C-contiguous rows.
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, tw * TILE + 1 - w, 1, th * TILE + 1 - h))
@@ -106,7 +113,7 @@ def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
         ALPHA * ALPHA, -1
     )
     v = (_B2.to(x.device) @ tiles).view(ALPHA * ALPHA, n * th * tw, c)  # input transform
-    m = torch.bmm(v, u)  # the 36 GEMMs: (36, tiles, C_out)
+    m = torch.bmm(v, u.transpose(1, 2))  # the 36 GEMMs: (36, tiles, C_out); BLAS reads u transposed
     y = (_A2.to(x.device) @ m.view(ALPHA * ALPHA, -1)).view(TILE, TILE, n, th, tw, k)  # output transform
     # (4, 4, N, th, tw, K) -> (N, K, th, 4, tw, 4), adding the bias in the same pass.
     out = x.new_empty((n, k, th, TILE, tw, TILE))
@@ -140,15 +147,60 @@ def worth_it(conv: nn.Conv2d, min_channels: float = MIN_CHANNELS) -> bool:
     return convertible(conv) and cin * cout / (cin + cout) >= min_channels
 
 
+class CacheBudget:
+    """How many bytes of filter transforms all converted layers together may keep.
+
+    A transform ``U`` is 4x its filters (36 numbers per 9): caching every layer of SD 1.5's U-Net would hold
+    8.4 GB beside its 3.4 GB of weights. So the cache has a budget (``$SDENGINE_WINOGRAD_CACHE_MB``, default
+    :data:`DEFAULT_CACHE_MB`), and a layer that does not fit in it recomputes ``U`` at each call when the
+    call's work (batch x pixels) is large enough for that to pay (:data:`MIN_WORK_PER_CALL`), and runs the direct
+    convolution otherwise. Layers ask in the order they run, only in the range of work where a cache entry saves
+    the most (:data:`MIN_WORK_TO_CACHE`, :data:`MAX_WORK_TO_CACHE`)."""
+
+    def __init__(self) -> None:
+        self.layers: weakref.WeakSet[WinogradConv2d] = weakref.WeakSet()
+
+    @staticmethod
+    def limit() -> int:
+        raw = os.environ.get(CACHE_ENV, "").strip()
+        try:
+            mb = float(raw) if raw else DEFAULT_CACHE_MB
+        except ValueError:
+            mb = DEFAULT_CACHE_MB
+        return max(0, int(mb * 2**20))
+
+    def used(self) -> int:
+        return sum(layer.cached_bytes() for layer in list(self.layers))
+
+    def fits(self, nbytes: int) -> bool:
+        return self.used() + nbytes <= self.limit()
+
+
+CACHE_ENV = "SDENGINE_WINOGRAD_CACHE_MB"
+DEFAULT_CACHE_MB = 512.0  # about the peak-memory headroom sdengine's loader leaves against diffusers' at SD 1.5
+# Batch x output pixels from which a layer without a cached transform still gains by recomputing it per call
+# (measured at 2 threads: 320->320 channels at 2x64x64 1.67x, 640->640 at 2x32x32 1.30x, 1280->1280 at 2x16x16
+# 0.56x): the transform writes 36 numbers per filter pair, the saving grows with the pixels.
+MIN_WORK_PER_CALL = 2 * 32 * 32
+# The range of batch x output pixels in which a layer asks for a cache entry. Recomputing U costs in proportion
+# to the filters, the convolution in proportion to filters x pixels: from 4x MIN_WORK_PER_CALL the per-call
+# transform is a few per cent of the call (320->320 at 2x64x64: 1.67x per call against 1.76x cached), so the
+# budget goes to the middle sizes, where the cache saves the most per byte (640->640 at 2x32x32: 2.47x cached,
+# 1.30x per call); below MIN_WORK_TO_CACHE the saving is too small for 4x the filters' memory.
+MIN_WORK_TO_CACHE = 2 * 16 * 16
+MAX_WORK_TO_CACHE = 4 * MIN_WORK_PER_CALL
+BUDGET = CacheBudget()
+
+
 class WinogradConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` (same parameters, same state dict, same hooks) whose fp32 CPU inference runs
     :func:`winograd_conv3x3`. Layers are converted in place by :func:`enable_winograd`.
 
-    The filter transform is cached with the identity and version of the weight tensor it came from (and a
-    reference to it, so its memory cannot be reused by another tensor while the cache stands): replacing the
-    weight (``weight.data = ...``, as LoRA fusing does), moving the module or changing it in place through
-    autograd-visible ops recomputes it. Changing ``weight.data`` in place bypasses the version counter, as it
-    does for autograd; call :meth:`clear_cache` after doing that.
+    The filter transform is cached (within :data:`BUDGET`) with the identity and version of the weight tensor it
+    came from (and a reference to it, so its memory cannot be reused by another tensor while the cache stands):
+    replacing the weight (``weight.data = ...``, as LoRA fusing does), moving the module or changing it in place
+    through autograd-visible ops recomputes it. Changing ``weight.data`` in place bypasses the version counter,
+    as it does for autograd; call :meth:`clear_cache` after doing that.
     """
 
     _winograd_cache: tuple[torch.Tensor, int, torch.Tensor] | None = None
@@ -156,16 +208,29 @@ class WinogradConv2d(nn.Conv2d):
     def clear_cache(self) -> None:
         self._winograd_cache = None
 
-    def _filters(self) -> torch.Tensor | None:
+    def cached_bytes(self) -> int:
+        c = self._winograd_cache
+        return 0 if c is None else c[2].numel() * c[2].element_size()
+
+    def _filters(self, work: int) -> torch.Tensor | None:
+        """U for a call whose batch x pixels is ``work``, or None for the direct convolution."""
         w = self.weight
-        if w.is_inference():  # no version counter: a change could not be seen, so do not cache
-            return None
         cached = self._winograd_cache
-        if cached is not None and cached[0].data_ptr() == w.data_ptr() and cached[1] == w._version:
-            return cached[2]
-        u = transform_filter(w)
-        self._winograd_cache = (w.detach(), w._version, u)
-        return u
+        if cached is not None and not w.is_inference():
+            if cached[0].data_ptr() == w.data_ptr() and cached[1] == w._version:
+                return cached[2]
+            self._winograd_cache = cached = None  # stale: the weight changed
+        nbytes = ALPHA * ALPHA * w.shape[0] * w.shape[1] * 4
+        # inference tensors have no version counter (a change could not be seen): never cached
+        cacheable = MIN_WORK_TO_CACHE <= work < MAX_WORK_TO_CACHE and not w.is_inference()
+        if cacheable and BUDGET.fits(nbytes):
+            u = transform_filter(w)
+            self._winograd_cache = (w.detach(), w._version, u)
+            BUDGET.layers.add(self)
+            return u
+        if work >= MIN_WORK_PER_CALL:
+            return transform_filter(w)
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -177,7 +242,7 @@ class WinogradConv2d(nn.Conv2d):
             and w.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
         ):
-            u = self._filters()
+            u = self._filters(x.shape[0] * x.shape[2] * x.shape[3])
             if u is not None:
                 return winograd_conv3x3(x, u, self.bias)
         return super().forward(x)
