@@ -22,6 +22,12 @@ from sdengine.nn.winograd import (
 )
 
 
+@pytest.fixture(autouse=True)
+def cache_budget(monkeypatch):
+    """A budget for the filter-transform cache (the default keeps none): the tests below cache on purpose."""
+    monkeypatch.setenv(winograd.CACHE_ENV, "1024")
+
+
 def _errors(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tuple[float, float, float]:
     """(Winograd's, direct fp32's) max abs error against the float64 convolution, and its max abs value."""
     ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
@@ -207,3 +213,36 @@ def test_the_cache_budget_bounds_memory_and_large_calls_still_gain(monkeypatch):
         assert convs[1].cached_bytes() == 0
         assert torch.equal(convs[2](small), F.conv2d(small, convs[2].weight, convs[2].bias, padding=1))
     assert big.shape[0] * big.shape[2] * big.shape[3] >= winograd.MIN_WORK_PER_CALL
+
+
+def test_a_unet_with_winograd_layers_stays_within_the_fast_path_tolerance():
+    import dataclasses
+
+    from sdengine.fastpath import TOLERANCE
+    from sdengine.models.unet import TINY_SD, UNet
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY_SD, block_out_channels=(320, 320), attention=("none", "none"), norm_num_groups=32)
+    unet = UNet(cfg).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # away from the zero-initialised output layer
+    x = torch.randn(2, 4, 32, 32)
+    ctx = torch.randn(2, 77, cfg.cross_attention_dim)
+    with torch.inference_mode():
+        direct = unet(x, 500.0, encoder_hidden_states=ctx)
+        assert enable_winograd(unet) > 0
+        win = unet(x, 500.0, encoder_hidden_states=ctx)
+    assert not torch.equal(win, direct)  # the converted layers ran
+    # the U-Net's output (a noise prediction) within the image tolerance of the fast path, with a wide margin
+    assert (win - direct).abs().mean().item() < TOLERANCE / 100
+
+
+def test_the_default_budget_keeps_no_transform(monkeypatch):
+    monkeypatch.delenv(winograd.CACHE_ENV)
+    assert winograd.BUDGET.limit() == int(winograd.DEFAULT_CACHE_MB * 2**20) == 0
+    conv = nn.Conv2d(320, 320, 3, padding=1)
+    enable_winograd(conv)
+    with torch.inference_mode():
+        conv(torch.randn(2, 320, 32, 32))  # large enough to run Winograd with a per-call transform
+    assert conv.cached_bytes() == 0
