@@ -152,10 +152,11 @@ class CacheBudget:
 
     A transform ``U`` is 4x its filters (36 numbers per 9): caching every layer of SD 1.5's U-Net would hold
     8.4 GB beside its 3.4 GB of weights. So the cache has a budget (``$SDENGINE_WINOGRAD_CACHE_MB``, default
-    :data:`DEFAULT_CACHE_MB`: none, a memory-for-speed trade the user makes), and a layer that does not fit in it recomputes ``U`` at each call when the
-    call's work (batch x pixels) is large enough for that to pay (:data:`MIN_WORK_PER_CALL`), and runs the direct
-    convolution otherwise. Layers ask in the order they run, only in the range of work where a cache entry saves
-    the most (:data:`MIN_WORK_TO_CACHE`, :data:`MAX_WORK_TO_CACHE`)."""
+    :data:`DEFAULT_CACHE_MB`: none, a memory-for-speed trade the user makes), and a layer that does not fit in
+    it recomputes ``U`` at each call when the call's work (batch x pixels) is large enough for that to pay
+    (:data:`MIN_WORK_PER_CALL`), and runs the direct convolution otherwise. Layers ask in the order they run,
+    only in the range of work where a cache entry saves the most (:data:`MIN_WORK_TO_CACHE`,
+    :data:`MAX_WORK_TO_CACHE`)."""
 
     def __init__(self) -> None:
         self.layers: weakref.WeakSet[WinogradConv2d] = weakref.WeakSet()
