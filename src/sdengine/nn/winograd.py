@@ -274,6 +274,7 @@ def disable_winograd(model: nn.Module) -> int:
     for conv in _convs(model):
         if isinstance(conv, WinogradConv2d):
             conv.__dict__.pop("_winograd_cache", None)
-            conv.__class__ = nn.Conv2d
+            plain: nn.Module = conv
+            plain.__class__ = nn.Conv2d
             count += 1
     return count
