@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sdengine.errors import UsageError
-from sdengine.fastpath import ENV, OPTIONS, resolve_options
+from sdengine.fastpath import DEFAULT_OPTIONS, ENV, OPTIONS, resolve_options
 from sdengine.nn import winograd
 from sdengine.nn.winograd import (
     MIN_SIDE,
@@ -159,10 +159,13 @@ def test_forward_hooks_still_apply():
         torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1) + 1.0, rtol=0, atol=1e-4)
 
 
-def test_fast_path_defaults_apply_winograd_to_fp32_on_the_cpu_only(monkeypatch):
+def test_fast_path_defaults_and_names(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     assert "winograd" in OPTIONS
-    assert resolve_options(None, "cpu", torch.float32) == ("winograd",)
+    # winograd is a memory-for-speed trade, not on by default (docs/performance.md)
+    assert resolve_options(None, "cpu", torch.float32) == tuple(sorted(DEFAULT_OPTIONS)) == ()
+    monkeypatch.setattr("sdengine.fastpath.DEFAULT_OPTIONS", frozenset({"winograd"}))
+    assert resolve_options("default", "cpu", torch.float32) == ("winograd",)  # the defaults are for fp32 CPU
     assert resolve_options("default", "cpu", torch.float16) == ()
     assert resolve_options("none", "cpu", torch.float32) == ()
     assert resolve_options("channels_last, winograd", "cpu", torch.float32) == ("winograd", "channels_last")
@@ -238,9 +241,12 @@ def test_a_unet_with_winograd_layers_stays_within_the_fast_path_tolerance():
     assert (win - direct).abs().mean().item() < TOLERANCE / 100
 
 
-def test_the_default_budget_keeps_no_transform(monkeypatch):
+def test_a_zero_budget_keeps_no_transform(monkeypatch):
+    monkeypatch.setenv(winograd.CACHE_ENV, "0")
+    assert winograd.BUDGET.limit() == 0
     monkeypatch.delenv(winograd.CACHE_ENV)
-    assert winograd.BUDGET.limit() == int(winograd.DEFAULT_CACHE_MB * 2**20) == 0
+    assert winograd.BUDGET.limit() == int(winograd.DEFAULT_CACHE_MB * 2**20)
+    monkeypatch.setenv(winograd.CACHE_ENV, "0")
     conv = nn.Conv2d(320, 320, 3, padding=1)
     enable_winograd(conv)
     with torch.inference_mode():

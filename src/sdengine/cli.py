@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="global_fast_path",
         default=None,
         help="speed-ups for every model this command loads: 'default', 'none' or names from "
-        "winograd,channels_last,compile (sdengine.fastpath; default: $SDENGINE_FAST_PATH, else 'default')",
+        "winograd,channels_last,compile (docs/performance.md; default: $SDENGINE_FAST_PATH, else 'default')",
     )
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -4,11 +4,13 @@ An option is on by default (``DEFAULT_OPTIONS``, applied by ``load_pipeline`` fo
 bench showed it faster than fp32 eager AND the image within ``TOLERANCE`` of fp32 eager's. The numbers are in
 docs/performance.md; in short, on the 2-core AVX2 CPU there:
 
-* ``winograd`` (default on): the 3x3 convolutions with many channels run as Winograd F(4x4,3x3)
-  (:mod:`sdengine.nn.winograd`): a quarter of the multiplications in 36 GEMMs plus two memory-bound
-  transforms. 1.8-3x faster per layer at SD 1.5's U-Net shapes, the image within about 1e-4 of the direct
-  convolution's. Layers with few channels, or images smaller than 8 latent pixels a side, keep the direct
-  convolution (measured slower there), so the small built-in models are unchanged.
+* ``winograd`` (off by default: a memory-for-speed trade): the 3x3 convolutions with many channels run as
+  Winograd F(4x4,3x3) (:mod:`sdengine.nn.winograd`): a quarter of the multiplications in 36 GEMMs plus two
+  memory-bound transforms; up to 3x faster per layer at SD 1.5's U-Net shapes when the filter transforms are
+  cached, and those are 4x the filters' memory. SD 1.5 at 512x512: the U-Net step 1.24x faster with 3.9 GB of
+  transforms cached, 1.06x with 0.5 GB; with none cached (the transform recomputed per call) no faster end to
+  end and 7% more peak memory (the transforms' temporaries), so it is not on by default. Layers with few
+  channels, or images smaller than 8 latent pixels a side, keep the direct convolution.
 * ``channels_last``: convolution weights (and so activations) in NHWC. oneDNN reorders to its blocked
   layout either way on x86; U-Net-alone and single-convolution timings were within noise of NCHW (or
   slower), so it stays off.
@@ -31,7 +33,7 @@ from typing import Any
 from sdengine.errors import UsageError
 
 OPTIONS: tuple[str, ...] = ("winograd", "channels_last", "compile")
-DEFAULT_OPTIONS: frozenset[str] = frozenset({"winograd"})  # measured, see the module docstring
+DEFAULT_OPTIONS: frozenset[str] = frozenset()  # measured, see the module docstring
 ENV = "SDENGINE_FAST_PATH"  # the default of load_pipeline's fast_path= (and of the CLI's --fast-path)
 # Mean absolute difference on 0..1 pixels an option may add to the fp32 eager image.
 TOLERANCE = 2e-3

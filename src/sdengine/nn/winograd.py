@@ -152,7 +152,7 @@ class CacheBudget:
 
     A transform ``U`` is 4x its filters (36 numbers per 9): caching every layer of SD 1.5's U-Net would hold
     8.4 GB beside its 3.4 GB of weights. So the cache has a budget (``$SDENGINE_WINOGRAD_CACHE_MB``, default
-    :data:`DEFAULT_CACHE_MB`: none, a memory-for-speed trade the user makes), and a layer that does not fit in
+    :data:`DEFAULT_CACHE_MB`), and a layer that does not fit in
     it recomputes ``U`` at each call when the call's work (batch x pixels) is large enough for that to pay
     (:data:`MIN_WORK_PER_CALL`), and runs the direct convolution otherwise. Layers ask in the order they run,
     only in the range of work where a cache entry saves the most (:data:`MIN_WORK_TO_CACHE`,
@@ -178,9 +178,10 @@ class CacheBudget:
 
 
 CACHE_ENV = "SDENGINE_WINOGRAD_CACHE_MB"
-# Default 0: no transform is kept, so peak memory stays that of the direct path. Measured at SD 1.5 (256x256, one
-# step + decode): direct 4,605 MiB, with a 512 MiB cache 5,137 MiB, diffusers 4,562 MiB (docs/performance.md).
-DEFAULT_CACHE_MB = 0.0
+# The option is off by default (sdengine.fastpath); who turns it on trades memory for speed, and the cache is
+# where the speed is: SD 1.5's U-Net step at 512x512 is 1.24x faster with 3.9 GB cached, 1.06x with 0.5 GB,
+# about 1.0x with none (docs/performance.md). 4 GiB holds SD 1.5's transforms at 512x512.
+DEFAULT_CACHE_MB = 4096.0
 # Batch x output pixels from which a layer without a cached transform still gains by recomputing it per call
 # (measured at 2 threads: 320->320 channels at 2x64x64 1.67x, 640->640 at 2x32x32 1.30x, 1280->1280 at 2x16x16
 # 0.56x): the transform writes 36 numbers per filter pair, the saving grows with the pixels.
