@@ -188,3 +188,15 @@ def test_parsing_the_command_line_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_busy_elsewhere_ignores_bursts_but_sees_a_busy_process(monkeypatch):
+    from sdengine import threads
+
+    # this process's own threads spin for a few ms after start-up; a busy process is runnable in every sample
+    burst = iter([3, 1, 2, 1, 1, 4, 1, 1, 1, 1])
+    monkeypatch.setattr(threads, "_running_tasks", lambda: next(burst))
+    assert threads.busy_elsewhere(interval=0) == 0
+    busy = iter([2, 3, 2, 2, 4, 2, 2, 3, 2, 2])
+    monkeypatch.setattr(threads, "_running_tasks", lambda: next(busy))
+    assert threads.busy_elsewhere(interval=0) == 1

@@ -25,7 +25,6 @@ keep torch's defaults unless they call :func:`configure_threads` themselves.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -95,9 +94,13 @@ def _running_tasks() -> int | None:
     return None
 
 
-def busy_elsewhere(samples: int = 5, interval: float = 0.01) -> int:
-    """How many CPUs other processes keep busy: the median of a few samples of runnable tasks, minus this
-    one. Falls back to the 1-minute load average where /proc is not there."""
+def busy_elsewhere(samples: int = 10, interval: float = 0.01) -> int:
+    """How many CPUs other processes keep busy: the smallest of a few samples of runnable tasks (over ~0.1 s),
+    minus this one. The smallest, because a busy process is runnable in every sample while a burst is not: right
+    after start-up this process's own new threads (OpenBLAS's, when numpy is imported) spin for a few ms and
+    were read as another busy CPU by a median of five samples (seen on an idle machine: the idle run of
+    ``sdengine bench --under-load`` chose PASSIVE). Falls back to the 1-minute load average where /proc is not
+    there."""
     counts = []
     for i in range(samples):
         n = _running_tasks()
@@ -107,7 +110,7 @@ def busy_elsewhere(samples: int = 5, interval: float = 0.01) -> int:
         if i + 1 < samples:
             time.sleep(interval)
     if counts:
-        return max(0, int(statistics.median(counts)))
+        return max(0, min(counts))
     try:
         return max(0, round(os.getloadavg()[0]))
     except (AttributeError, OSError):
