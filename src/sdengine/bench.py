@@ -190,24 +190,12 @@ def diffusers_engine(folder: Path, spec: GenSpec) -> Engine:
 
     diffusers is a test oracle, never a dependency of the package: the peer engine lives in the repository's
     ``benchmarks/peer_diffusers.py`` and is loaded from there by path (a source checkout with the dev extras)."""
-    import importlib.util
-
-    peer = Path(__file__).resolve().parents[2] / "benchmarks" / "peer_diffusers.py"
-    if not peer.is_file():
-        raise BenchError(f"--compare diffusers needs a source checkout of sdengine ({peer} not found)")
-    module_spec = importlib.util.spec_from_file_location("sdengine_bench_peer_diffusers", peer)
-    assert module_spec is not None and module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except ImportError as e:
-        raise BenchError(f"--compare diffusers needs the dev extras (pip install -e '.[dev]'): {e}") from None
-    return module.engine(folder, spec, PROMPT, NEGATIVE)
+    return peer_module().engine(folder, spec, PROMPT, NEGATIVE)
 
 
 def peer_module() -> Any:
     """``benchmarks/peer_diffusers.py`` loaded by path (a source checkout with the dev extras): the comparison
-    engine's module, for callers that need more of it than :func:`diffusers_engine` (sdengine.bench_scaling)."""
+    engine's module (:func:`diffusers_engine`, and the scaling mode's parts in sdengine.bench_scaling)."""
     import importlib.util
 
     peer = Path(__file__).resolve().parents[2] / "benchmarks" / "peer_diffusers.py"
