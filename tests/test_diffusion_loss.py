@@ -96,6 +96,7 @@ def test_cond_dropout_rate_and_drop():
         (dict(min_snr_gamma=0.0), "min_snr_gamma must be > 0"),
         (dict(cond_dropout=1.5), r"cond_dropout must be in \[0, 1\]"),
         (dict(cond_dropout=-0.1), r"cond_dropout must be in \[0, 1\]"),
+        (dict(timestep_sampling="logit"), "unknown timestep sampling 'logit'; valid: uniform, cubic"),
     ],
 )
 def test_bad_settings_are_one_line_errors(kw, match):
@@ -117,3 +118,15 @@ def test_one_name_for_condition_dropout_with_the_old_names_kept():
         DDPMSpec(label_dropout=0.3, cond_dropout=0.2)
     with pytest.raises(SdengineError, match=r"cond_dropout must be in \[0, 1\]"):
         ControlNetTrainSpec(model="m", data="d", empty_prompt_p=2.0)
+
+
+def test_cubic_timesteps_favour_the_noisy_end_and_uniform_is_unchanged():
+    """cubic: t = floor((1 - u^3) T), so P(t >= k) = (1 - k/T)^(1/3): P(t >= T/2) = 0.794, P(t < T/4) =
+    0.091; every value a valid index. uniform draws exactly torch.randint's values (the trainers' old stream)."""
+    big_t = ACP.shape[0]
+    t = DiffusionLoss(ACP, timestep_sampling="cubic").timesteps(40000, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) == big_t - 1
+    assert abs((t >= big_t // 2).float().mean().item() - 0.5 ** (1 / 3)) < 0.01
+    assert abs((t < big_t // 4).float().mean().item() - (1 - 0.75 ** (1 / 3))) < 0.01
+    u = DiffusionLoss(ACP).timesteps(64, torch.Generator().manual_seed(3))
+    assert torch.equal(u, torch.randint(0, big_t, (64,), generator=torch.Generator().manual_seed(3)))

@@ -41,6 +41,8 @@ def run(a: argparse.Namespace) -> int:
         condition_options=opts,
         resolution=a.resolution,
         cond_dropout=a.cond_dropout,
+        caption_mismatch=a.caption_mismatch,
+        timestep_sampling=a.timesteps,
         save_dtype=a.save_dtype,
         controlnet_init=a.init,
         sample_prompt=a.sample_prompt,
@@ -82,6 +84,19 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         type=float,
         default=0.5,
         help="fraction of captions replaced by the empty prompt (the ControlNet paper's 0.5)",
+    )
+    p.add_argument(
+        "--caption-mismatch",
+        type=float,
+        default=0.0,
+        help="fraction of the kept captions swapped for another image's caption (the control then decides the "
+        "structure against a disagreeing prompt)",
+    )
+    p.add_argument(
+        "--timesteps",
+        choices=["uniform", "cubic"],
+        default="uniform",
+        help="timestep sampling: uniform, or cubic (biased to the noisy steps that lay out the image)",
     )
     p.add_argument(
         "--save-dtype",

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..control import PREPROCESSORS, ControlNetError, load_control_image, preprocess, save_controlnet
-from ..diffusion.loss import DiffusionLoss, check_cond_dropout
+from ..diffusion.loss import TIMESTEP_SAMPLINGS, DiffusionLoss, check_cond_dropout
 from ..models.controlnet import ControlNet
 from .checkpoint import ensure_new_run
 from .compat import renamed_fields
@@ -53,6 +53,11 @@ class ControlNetTrainSpec:
     # Fraction of captions replaced by the empty prompt. The paper's 50%: with half the steps text-free, the
     # ControlNet must carry the structure itself; at 5% it learned to lean on the prompt and barely steered.
     cond_dropout: float = 0.5
+    # Fraction of the kept (not dropped) captions swapped for another training image's caption while the target
+    # stays this image: the ControlNet learns that the control map decides the structure when the prompt
+    # disagrees (with captions that always match the control, a prompt of another subject overrides it).
+    caption_mismatch: float = 0.0
+    timestep_sampling: str = "uniform"  # or "cubic": biased to the noisy steps that lay out the image
     save_dtype: str | None = None  # dtype of the exported weights (fp16, bf16, fp32); None: as trained (fp32)
     controlnet_init: str | None = None  # continue from an existing ControlNet instead of from_unet
     sample_prompt: str | None = None  # prompt of the --sample-every images; None: the first training caption
@@ -61,6 +66,11 @@ class ControlNetTrainSpec:
         if self.condition not in PREPROCESSORS:
             raise ControlNetError(f"unknown condition {self.condition!r}; valid: {', '.join(PREPROCESSORS)}")
         check_cond_dropout(self.cond_dropout)
+        if not 0.0 <= float(self.caption_mismatch) <= 1.0:
+            raise ControlNetError(f"caption_mismatch must be in [0, 1], got {self.caption_mismatch}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            valid = ", ".join(TIMESTEP_SAMPLINGS)
+            raise ControlNetError(f"unknown timestep sampling {self.timestep_sampling!r}; valid: {valid}")
 
 
 @dataclass
@@ -138,6 +148,16 @@ def prepare_data(spec: ControlNetTrainSpec, pipe: Any, device: torch.device) -> 
     )
 
 
+def caption_rows(idx: Tensor, dropped: Tensor, n: int, mismatch: float, generator: torch.Generator) -> Tensor:
+    """The caption row of each example: its own (``idx``), or for a fraction ``mismatch`` of the rows that are
+    not ``dropped`` another image's, drawn uniformly among the other ``n - 1`` (an offset of 1..n-1, so never the
+    image itself). Always draws the same (B,) uniforms and (B,) offsets, whatever ``mismatch`` is."""
+    b = idx.shape[0]
+    swap = (torch.rand((b,), generator=generator, device=idx.device) < mismatch) & ~dropped
+    other = (idx + torch.randint(1, max(n, 2), (b,), generator=generator, device=idx.device)) % n
+    return torch.where(swap, other, idx)
+
+
 def train_controlnet(
     spec: ControlNetTrainSpec,
     cfg: TrainConfig,
@@ -200,13 +220,20 @@ def train_controlnet(
     net.requires_grad_(True)
 
     schedule = pipe.noise_schedule
-    loss = DiffusionLoss(schedule.alphas_cumprod.to(device), pipe.prediction_type, cond_dropout=spec.cond_dropout)
+    loss = DiffusionLoss(
+        schedule.alphas_cumprod.to(device),
+        pipe.prediction_type,
+        cond_dropout=spec.cond_dropout,
+        timestep_sampling=spec.timestep_sampling,
+    )
     mean, std = data.latent_mean.to(device), data.latent_std.to(device)
     text, empty = data.text.to(device), data.empty_text.to(device)
     control = data.control.to(device)
     pooled = data.pooled.to(device) if data.pooled is not None else None
     empty_pooled = data.empty_pooled.to(device) if data.empty_pooled is not None else None
     n = mean.shape[0]
+    if spec.caption_mismatch > 0 and len(set(data.captions)) < 2:
+        raise ControlNetError("caption_mismatch needs at least two different captions in the training data")
     # Asked of the network itself: under torchrun the loss gets it wrapped in DistributedDataParallel.
     takes_class = getattr(net, "class_embedding", None) is not None
 
@@ -218,12 +245,13 @@ def train_controlnet(
         noise = loss.noise(x0, g)  # this trainer's draw order: noise, timesteps, dropout
         t = loss.timesteps(b, g)
         drop = loss.dropped(b, g)
-        ctx = loss.drop(text[idx], empty, drop)
+        cap = caption_rows(idx, drop, n, spec.caption_mismatch, g)  # drawn after the others
+        ctx = loss.drop(text[cap], empty, drop)
         x_t = loss.noisy(x0, t, noise)
         extra: dict[str, Tensor] = {}
         r = distributed.local_rows(b)  # this rank's rows; the draws above are made for the whole batch
         if pooled is not None and empty_pooled is not None:  # dropped with the caption
-            extra["class_labels"] = loss.drop(pooled[idx], empty_pooled, drop)[r]
+            extra["class_labels"] = loss.drop(pooled[cap], empty_pooled, drop)[r]
         net_extra = extra if takes_class else {}
         down, mid = m(x_t[r], t[r], control[idx[r]], encoder_hidden_states=ctx[r], **net_extra)
         out = unet(
@@ -242,6 +270,9 @@ def train_controlnet(
         "condition": spec.condition,
         "controlnet_config": net.config.to_diffusers(),
         "images": len(data.paths),
+        "cond_dropout": spec.cond_dropout,
+        "caption_mismatch": spec.caption_mismatch,
+        "timestep_sampling": spec.timestep_sampling,
     }
     sample_fn = None
     if cfg.sample_every > 0:
