@@ -26,6 +26,7 @@ def run(a: argparse.Namespace) -> int:
         unet_batch=a.batch_size,
         unet_lr=a.lr,
         unet_pooled_from=a.pooled_from,
+        captions=a.captions,
     )
     summary = train_emoji(
         a.out,
@@ -34,6 +35,7 @@ def run(a: argparse.Namespace) -> int:
         export_to=a.export,
         max_minutes_vae=a.max_minutes_vae,
         max_minutes_unet=a.max_minutes_unet,
+        init_unet=a.init_unet,
     )
     print(json.dumps(summary, indent=2))
     print(f"model written to {summary['export']}; load it with load_pipeline('{summary['export']}')")
@@ -66,6 +68,21 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="STEP",
         help="train the U-Net on the token states alone up to STEP, then add the pooled sentence "
         "vector (zero-initialised) and go on; 0: the pooled vector from the start",
+    )
+    p.add_argument(
+        "--captions",
+        choices=["templates", "cldr"],
+        default=r.CAPTIONS,
+        help="the U-Net's captions: the six caption templates (the shipped model), or those and 4 more per "
+        "emoji composed from CLDR's emoji annotations (Debian unicode-cldr-core)",
+    )
+    p.add_argument(
+        "--init-unet",
+        default=None,
+        metavar="MODEL_FOLDER",
+        help="continue an exported emoji model (e.g. src/sdengine/assets/models/emoji): no VAE training (its VAE "
+        "is kept), its U-Net weights start --unet-steps more steps with a fresh optimizer; --vae-steps and "
+        "--pooled-from are unused",
     )
     p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default=r.MIXED_PRECISION)
     p.add_argument("--seed", type=int, default=r.SEED)

@@ -12,6 +12,11 @@ Stages, each in its own folder under the run directory and each resumable (the s
    :data:`HELD_OUT_SUBGROUP` is left out, for the LoRA experiment.
 4. ``export``: fp16 weights in a diffusers-style folder that :func:`sdengine.pipeline.load_pipeline` reads.
 
+``captions="cldr"`` widens the caption axis of stage 2 with captions composed from CLDR's annotations
+(:mod:`sdengine.data.emoji_cldr`). ``init_unet=FOLDER`` continues an exported model instead of starting from
+nothing: its VAE is kept (no stage 1: the latents must be those its U-Net learnt) and its U-Net weights start
+stage 3 (fresh optimizer); the export records the continuation under ``unet_continuations``.
+
 Every stage is a pure function of the seed and its step count, so a run stopped by ``--max-minutes`` at
 step k equals a run asked for k steps (the shipped model's step counts are in its model card).
 """
@@ -31,6 +36,7 @@ from .. import distributed
 from ..data.emoji import CAPTION_TEMPLATES, EmojiDataset
 from ..diffusion.loss import DiffusionLoss
 from ..diffusion.schedules import NoiseSchedule
+from ..errors import UsageError
 from ..io.atomic import atomic_dir, atomic_write, write_text_atomic
 from ..models.unet import UNet, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
@@ -38,6 +44,12 @@ from . import emoji_defaults as D
 from .checkpoint import load_checkpoint, save_checkpoint
 from .compat import renamed_fields
 from .loop import TrainConfig, TrainResult, data_indices, train
+
+
+class EmojiTrainError(UsageError):
+    """A bad input of ``sdengine train emoji``: an unknown caption set, an ``--init-unet`` folder that is not
+    an emoji model, a run folder started from another model."""
+
 
 HELD_OUT_SUBGROUP = "food-fruit"  # left out of the base model; the demonstration LoRA teaches it
 TEXT_LENGTH = 32  # MiniLM tokens of context (captions are at most ~20)
@@ -194,14 +206,45 @@ def reconstruction_psnr(vae: AutoencoderKL, images: Tensor, batch: int = 128) ->
 # stage 2: text states
 
 
-@torch.no_grad()
-def caption_states(ds: EmojiDataset, encoder: Any, batch: int = 256) -> tuple[Tensor, Tensor]:
-    """(T, N, L, 384) fp16 states of every template of every emoji, and (L, 384) of the empty prompt."""
+CAPTION_MODES = ("templates", "cldr")
+
+
+def caption_table(
+    ds: EmojiDataset,
+    mode: str = "templates",
+    held_out: str | None = HELD_OUT_SUBGROUP,
+    annotations: dict[str, Any] | None = None,
+) -> list[list[str]]:
+    """The caption axis of the trainer: ``table[t][i]`` is caption ``t`` of emoji ``i``.
+
+    ``"templates"``: the :data:`CAPTION_TEMPLATES`. ``"cldr"``: those, then
+    :data:`~sdengine.data.emoji_cldr.CLDR_CAPTION_COUNT` captions from CLDR's annotations (``annotations``, read
+    from the Debian files when None). The ``held_out`` subgroup gets no CLDR caption (its extra rows repeat its
+    templates): the base model must never learn it, whatever indices a caller trains on.
+    """
     from ..data.emoji import make_caption
 
-    out = torch.empty((len(CAPTION_TEMPLATES), len(ds), TEXT_LENGTH, 384), dtype=torch.float16)
-    for t in range(len(CAPTION_TEMPLATES)):
-        caps = [make_caption(e, template=t) for e in ds.entries]
+    if mode not in CAPTION_MODES:
+        raise EmojiTrainError(f"captions must be one of {', '.join(CAPTION_MODES)}, got {mode!r}")
+    table = [[make_caption(e, template=t) for e in ds.entries] for t in range(len(CAPTION_TEMPLATES))]
+    if mode == "cldr":
+        from ..data.emoji_cldr import cldr_captions, load_annotations
+
+        ann = load_annotations() if annotations is None else annotations
+        extra = [cldr_captions(e, ann if e.subgroup != held_out else {}) for e in ds.entries]
+        table += [list(row) for row in zip(*extra, strict=True)]
+    return table
+
+
+@torch.no_grad()
+def caption_states(
+    ds: EmojiDataset, encoder: Any, batch: int = 256, captions: list[list[str]] | None = None
+) -> tuple[Tensor, Tensor]:
+    """(T, N, L, 384) fp16 states of every caption of every emoji (``captions``, a :func:`caption_table`; the
+    templates when None), and (L, 384) of the empty prompt."""
+    table = caption_table(ds) if captions is None else captions
+    out = torch.empty((len(table), len(ds), TEXT_LENGTH, 384), dtype=torch.float16)
+    for t, caps in enumerate(table):
         for i in range(0, len(caps), batch):
             out[t, i : i + batch] = encoder.context(caps[i : i + batch], TEXT_LENGTH).half().cpu()
     empty = encoder.context([""], TEXT_LENGTH)[0].half().cpu()
@@ -209,14 +252,15 @@ def caption_states(ds: EmojiDataset, encoder: Any, batch: int = 256) -> tuple[Te
 
 
 @torch.no_grad()
-def caption_pooled(ds: EmojiDataset, encoder: Any, batch: int = 256) -> tuple[Tensor, Tensor]:
-    """(T, N, 384) float32 sentence vectors of every template of every emoji, and (384,) of the empty
-    prompt: what :func:`sdengine.prompts.pooled_prompt_minilm` gives at generation time."""
-    from ..data.emoji import make_caption
-
-    out = torch.empty((len(CAPTION_TEMPLATES), len(ds), 384), dtype=torch.float32)
-    for t in range(len(CAPTION_TEMPLATES)):
-        caps = [make_caption(e, template=t) for e in ds.entries]
+def caption_pooled(
+    ds: EmojiDataset, encoder: Any, batch: int = 256, captions: list[list[str]] | None = None
+) -> tuple[Tensor, Tensor]:
+    """(T, N, 384) float32 sentence vectors of every caption of every emoji (``captions`` as in
+    :func:`caption_states`), and (384,) of the empty prompt: what :func:`sdengine.prompts.pooled_prompt_minilm`
+    gives at generation time."""
+    table = caption_table(ds) if captions is None else captions
+    out = torch.empty((len(table), len(ds), 384), dtype=torch.float32)
+    for t, caps in enumerate(table):
         for i in range(0, len(caps), batch):
             out[t, i : i + batch] = encoder.sentence_vectors(caps[i : i + batch]).float().cpu()
     return out, encoder.sentence_vectors([""])[0].float().cpu()
@@ -240,10 +284,13 @@ def train_unet(
     progress: bool = True,
     unet_config: UNetConfig = EMOJI_UNET,
     pooled: tuple[Tensor, Tensor] | None = None,
+    init_state: dict[str, Tensor] | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> tuple[TrainResult, UNet]:
     """Text-conditional latent diffusion on the ``keep`` emoji. ``latents``: scaled (mean, std);
     ``pooled``: (T, N, D) caption sentence vectors and (D,) of the empty prompt, for a U-Net with
-    ``projection_class_embeddings_input_dim`` (dropped together with the token states)."""
+    ``projection_class_embeddings_input_dim`` (dropped together with the token states). ``init_state``: the
+    weights to start from instead of a random initialisation (a checkpoint, when resuming, wins)."""
     uses_pooled = unet_config.projection_class_embeddings_input_dim is not None
     if uses_pooled and pooled is None:
         raise ValueError("this U-Net config adds a pooled text vector: pass pooled=(vectors, empty)")
@@ -259,6 +306,8 @@ def train_unet(
     loss = DiffusionLoss(schedule.alphas_cumprod.to(device), "epsilon", spec.min_snr_gamma, spec.cond_dropout)
     torch.manual_seed(cfg.seed)
     model = UNet(unet_config)
+    if init_state is not None:
+        model.load_state_dict({k: v.float() for k, v in init_state.items()})
 
     def loss_fn(m: nn.Module, step: int, g: torch.Generator) -> Tensor:
         idx = data_indices(step, cfg.batch_size, n, cfg.seed).to(device)
@@ -286,7 +335,7 @@ def train_unet(
         device=device,
         resume=resume,
         progress=progress,
-        meta={"stage": "unet", "spec": asdict(spec)},
+        meta={"stage": "unet", "spec": asdict(spec), **(meta or {})},
     )
     export = UNet(unet_config)
     export.load_state_dict(load_checkpoint(result.checkpoint)["ema"]["model"])
@@ -413,6 +462,77 @@ def with_scaling(vae: AutoencoderKL, scaling: float) -> AutoencoderKL:
 
 
 # ---------------------------------------------------------------------------------------------------
+# continuing an exported model
+
+
+@dataclass
+class InitModel:
+    """An exported emoji model to continue: its VAE (fp32, with the scaling factor its U-Net learnt with), its
+    U-Net's config and fp32 weights, and the ``sdengine`` block of its ``model_index.json``."""
+
+    folder: Path
+    vae: AutoencoderKL
+    unet_config: UNetConfig
+    unet_state: dict[str, Tensor]
+    extra: dict[str, Any]
+
+
+def load_init_model(folder: str | Path) -> InitModel:
+    """Read an emoji-format model folder (``sdengine train emoji``'s export, e.g. the shipped
+    ``assets/models/emoji``) for :func:`train_emoji`'s ``init_unet``; fp16 files become fp32 parameters."""
+    from ..weights.io import load_safetensors
+
+    folder = Path(folder)
+    weights = "diffusion_pytorch_model.safetensors"
+    if not folder.is_dir():
+        raise EmojiTrainError(f"--init-unet {folder}: no such model folder")
+    for part in ("unet/config.json", f"unet/{weights}", "vae/config.json", f"vae/{weights}"):
+        if not (folder / part).is_file():
+            raise EmojiTrainError(f"--init-unet {folder}: not an emoji model folder (no {part})")
+    try:
+        unet_config = UNetConfig.from_diffusers(json.loads((folder / "unet" / "config.json").read_text()))
+        vae_config = VAEConfig.from_diffusers(json.loads((folder / "vae" / "config.json").read_text()))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise EmojiTrainError(f"--init-unet {folder}: unreadable config ({exc})") from exc
+    if unet_config.cross_attention_dim != 384 or unet_config.in_channels != vae_config.latent_channels:
+        raise EmojiTrainError(
+            f"--init-unet {folder}: not an emoji model (its U-Net must read 384-wide MiniLM states and "
+            f"{vae_config.latent_channels}-channel latents)"
+        )
+    vae = AutoencoderKL(vae_config)
+    unet_state = {k: v.float().clone() for k, v in load_safetensors(folder / "unet" / weights).items()}
+    try:
+        vae.load_state_dict({k: v.float() for k, v in load_safetensors(folder / "vae" / weights).items()})
+        UNet(unet_config).load_state_dict(unet_state)  # the weights fit the config (checked here, not mid-run)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise EmojiTrainError(f"--init-unet {folder}: weights do not fit its config ({first})") from exc
+    index = folder / "model_index.json"
+    extra = json.loads(index.read_text()).get("sdengine", {}) if index.is_file() else {}
+    return InitModel(folder, vae.eval().requires_grad_(False), unet_config, unet_state, dict(extra))
+
+
+def continuation_extra(init: InitModel, recipe: EmojiRecipe, steps: int) -> dict[str, Any]:
+    """The ``sdengine`` block of a continued model: the init's, ``unet_steps`` the total, and one more entry in
+    ``unet_continuations`` (what this run did), so the model's whole history stays in its folder."""
+    from ..data.emoji_cldr import CLDR_CAPTION_COUNT
+
+    prior = dict(init.extra)
+    before = int(prior.get("unet_steps", 0))
+    step = {
+        "init_unet_steps": before,
+        "steps": steps,
+        "captions": recipe.captions,
+        "cldr_captions_per_emoji": CLDR_CAPTION_COUNT if recipe.captions == "cldr" else 0,
+        "batch": recipe.unet_batch,
+        "lr": recipe.unet_lr,
+        "warmup": recipe.unet_warmup,
+        "seed": recipe.seed,
+    }
+    return {**prior, "unet_steps": before + steps, "unet_continuations": [*prior.get("unet_continuations", []), step]}
+
+
+# ---------------------------------------------------------------------------------------------------
 # the whole recipe
 
 
@@ -436,6 +556,9 @@ class EmojiRecipe:
     # sentence vector (zero-initialised, see add_pooled_projection) and went on to unet_steps. 0: the
     # pooled vector from step 0.
     unet_pooled_from: int = D.UNET_POOLED_FROM
+    # "templates": the six caption templates (the shipped model); "cldr": those and CLDR_CAPTION_COUNT more
+    # composed from CLDR's annotations (data/emoji_cldr.py)
+    captions: str = D.CAPTIONS
     ema_decay: float = 0.999
     spec: EmojiTrainSpec = field(default_factory=EmojiTrainSpec)
 
@@ -473,40 +596,47 @@ class EmojiRecipe:
 
 
 def _cached_caption_tensors(
-    ds: EmojiDataset, path: Path, device: torch.device, suffix: str, name: str, compute: Any
+    ds: EmojiDataset,
+    path: Path,
+    device: torch.device,
+    suffix: str,
+    name: str,
+    compute: Any,
+    captions: list[list[str]] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``compute(ds, encoder) -> (tensor, empty)``, cached in ``path`` under ``name`` and keyed by the
-    captions themselves (plus ``suffix``), so a change of captions recomputes it."""
+    """``compute(ds, encoder, captions=table) -> (tensor, empty)``, cached in ``path`` under ``name`` and keyed
+    by every caption of the table (plus ``suffix``), so a change of captions recomputes it. ``captions``: a
+    :func:`caption_table` (the templates when None; their key is the one earlier releases wrote)."""
     import hashlib
 
-    from ..data.emoji import make_caption
     from ..models.bert_text import MiniLMTextEncoder
 
-    key = (
-        hashlib.sha256(
-            "\n".join(make_caption(e, template=t) for t in range(len(CAPTION_TEMPLATES)) for e in ds.entries).encode()
-        ).hexdigest()[:16]
-        + suffix
-    )
+    table = caption_table(ds) if captions is None else captions
+    key = hashlib.sha256("\n".join(c for row in table for c in row).encode()).hexdigest()[:16] + suffix
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         if saved.get("key") == key:
             return saved[name], saved["empty"]
-    values, empty = compute(ds, MiniLMTextEncoder.load(device=device))
+    values, empty = compute(ds, MiniLMTextEncoder.load(device=device), captions=table)
     if distributed.current_world().is_main:  # under torchrun the other ranks compute their own copy
         with atomic_write(path) as f:
             torch.save({"key": key, name: values, "empty": empty}, f)
     return values, empty
 
 
-def prepare_text_states(ds: EmojiDataset, path: Path, device: torch.device) -> tuple[Tensor, Tensor]:
-    """MiniLM states of every caption, cached in ``path`` (keyed by the captions themselves)."""
-    return _cached_caption_tensors(ds, path, device, f"-{TEXT_LENGTH}", "states", caption_states)
+def prepare_text_states(
+    ds: EmojiDataset, path: Path, device: torch.device, captions: list[list[str]] | None = None
+) -> tuple[Tensor, Tensor]:
+    """MiniLM states of every caption (``captions``: a :func:`caption_table`, the templates when None), cached
+    in ``path`` (keyed by the captions themselves)."""
+    return _cached_caption_tensors(ds, path, device, f"-{TEXT_LENGTH}", "states", caption_states, captions)
 
 
-def prepare_pooled(ds: EmojiDataset, path: Path, device: torch.device) -> tuple[Tensor, Tensor]:
+def prepare_pooled(
+    ds: EmojiDataset, path: Path, device: torch.device, captions: list[list[str]] | None = None
+) -> tuple[Tensor, Tensor]:
     """MiniLM sentence vectors of every caption, cached in ``path`` (keyed by the captions)."""
-    return _cached_caption_tensors(ds, path, device, "-pooled", "pooled", caption_pooled)
+    return _cached_caption_tensors(ds, path, device, "-pooled", "pooled", caption_pooled, captions)
 
 
 def train_emoji(
@@ -521,50 +651,80 @@ def train_emoji(
     dataset: EmojiDataset | None = None,
     unet_config: UNetConfig = EMOJI_UNET,
     vae_config: VAEConfig | None = None,
+    init_unet: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run every stage (VAE, caption states, U-Net) and export the model folder; returns a summary."""
+    """Run every stage (VAE, caption states, U-Net) and export the model folder; returns a summary.
+
+    ``init_unet``: an exported emoji model folder to continue (its VAE, config and U-Net weights; ``unet_config``,
+    ``vae_config``, the VAE steps and ``unet_pooled_from`` are then unused): ``recipe.unet_steps`` more U-Net
+    steps from its weights with a fresh optimizer, exported with its VAE."""
     import time
 
     recipe = recipe or EmojiRecipe()
+    if recipe.captions not in CAPTION_MODES:  # before any stage runs
+        raise EmojiTrainError(f"captions must be one of {', '.join(CAPTION_MODES)}, got {recipe.captions!r}")
+    init = load_init_model(init_unet) if init_unet is not None else None
+    if init is not None and init.extra.get("held_out_subgroup", recipe.spec.held_out) != recipe.spec.held_out:
+        raise EmojiTrainError(
+            f"--init-unet {init.folder} held out {init.extra['held_out_subgroup']!r}, this recipe "
+            f"{recipe.spec.held_out!r}: continuing would teach the model what it held out"
+        )
+    out = Path(out_dir)
+    ckpt = out / "unet" / "checkpoint.pt"
+    run_meta = {"captions": recipe.captions, "init_unet": str(init.folder.resolve()) if init is not None else None}
+    started = load_checkpoint(ckpt).get("meta", {}).get("init_unet") if ckpt.is_file() else run_meta["init_unet"]
+    if started != run_meta["init_unet"]:  # resuming must continue the same model
+        raise EmojiTrainError(f"{ckpt} was started from {started or 'a random U-Net'}: use another --out for this run")
     device = distributed.setup(device)  # under torchrun: this rank's device, the process group
     main = distributed.current_world().is_main
     progress = progress and main
-    out = Path(out_dir)
     ds = dataset if dataset is not None else EmojiDataset()
     summary: dict[str, Any] = {"recipe": asdict(recipe)}
     t0 = time.perf_counter()
-    vres, vae = train_vae(
-        ds,
-        recipe.spec,
-        recipe.vae_config(_secs(max_minutes_vae)),
-        out / "vae",
-        device=device,
-        resume=(out / "vae" / "checkpoint.pt").is_file(),
-        progress=progress,
-        vae_config=vae_config or EMOJI_VAE,
-    )
-    vae = vae.to(device)
-    summary["vae"] = {
-        "steps": vres.step,
-        "psnr_db": round(reconstruction_psnr(vae, ds.images), 2),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    mean, std = encode_latents(vae, ds.images)
-    scaling = latent_scaling(mean)
-    vae = with_scaling(vae.cpu(), scaling)
+    vae_steps = 0
+    if init is None:
+        vres, vae = train_vae(
+            ds,
+            recipe.spec,
+            recipe.vae_config(_secs(max_minutes_vae)),
+            out / "vae",
+            device=device,
+            resume=(out / "vae" / "checkpoint.pt").is_file(),
+            progress=progress,
+            vae_config=vae_config or EMOJI_VAE,
+        )
+        vae_steps = vres.step
+        vae = vae.to(device)
+        summary["vae"] = {
+            "steps": vres.step,
+            "psnr_db": round(reconstruction_psnr(vae, ds.images), 2),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        mean, std = encode_latents(vae, ds.images)
+        scaling = latent_scaling(mean)
+        vae = with_scaling(vae.cpu(), scaling)
+    else:
+        # The init's VAE and scaling factor: the latents its U-Net learnt to denoise.
+        unet_config = init.unet_config
+        vae = init.vae.to(device)
+        mean, std = encode_latents(vae, ds.images)
+        vae = vae.cpu()
+        scaling = float(vae.config.scaling_factor)
+        summary["vae"] = {"from": str(init.folder), "steps": 0}
     summary["vae"]["scaling_factor"] = scaling
     t1 = time.perf_counter()
-    states, empty = prepare_text_states(ds, out / "text_states.pt", device)
+    table = caption_table(ds, recipe.captions, recipe.spec.held_out)
+    states, empty = prepare_text_states(ds, out / "text_states.pt", device, table)
     summary["text_seconds"] = round(time.perf_counter() - t1, 1)
+    summary["captions_per_emoji"] = len(table)
     pooled = None
     if unet_config.projection_class_embeddings_input_dim is not None:
-        pooled = prepare_pooled(ds, out / "text_pooled.pt", device)
+        pooled = prepare_pooled(ds, out / "text_pooled.pt", device, table)
     keep = training_indices(ds, recipe.spec.held_out)
     t2 = time.perf_counter()
-    ckpt = out / "unet" / "checkpoint.pt"
     lat = (mean * scaling, std * scaling)
     budget = _secs(max_minutes_unet)
-    first = recipe.unet_pooled_from
+    first = recipe.unet_pooled_from if init is None else 0
     if pooled is not None and first > 0 and not checkpoint_has_pooled(ckpt):
         # Phase 1: the token states only, to step ``unet_pooled_from``; then add the pooled projection.
         tokens_only = dataclasses.replace(unet_config, projection_class_embeddings_input_dim=None)
@@ -581,6 +741,7 @@ def train_emoji(
             resume=ckpt.is_file(),
             progress=progress,
             unet_config=tokens_only,
+            meta=run_meta,
         )
         if ures.step >= first and recipe.unet_steps > first:
             if main:
@@ -604,20 +765,29 @@ def train_emoji(
             progress=progress,
             unet_config=unet_config,
             pooled=pooled,
+            init_state=init.unet_state if init is not None else None,
+            meta=run_meta,
         )
     summary["unet"] = {
         "steps": ures.step,
         "images": len(keep),
         "seconds": round(time.perf_counter() - t2, 1),
         "final_loss": round(sum(ures.losses[-100:]) / max(1, len(ures.losses[-100:])), 5),
+        "first_loss": round(ures.losses[0], 5) if ures.losses else None,
     }
-    extra = {
-        "held_out_subgroup": recipe.spec.held_out,
-        "vae_steps": vres.step,
-        "unet_steps": ures.step,
-        "vae_psnr_db": summary["vae"]["psnr_db"],
-        "text_context_length": TEXT_LENGTH,
-    }
+    if init is None:
+        extra = {
+            "held_out_subgroup": recipe.spec.held_out,
+            "vae_steps": vae_steps,
+            "unet_steps": ures.step,
+            "vae_psnr_db": summary["vae"]["psnr_db"],
+            "text_context_length": TEXT_LENGTH,
+            "captions": recipe.captions,
+        }
+        if unet_config.projection_class_embeddings_input_dim is not None:
+            extra["unet_pooled_from"] = min(first, ures.step)
+    else:
+        extra = continuation_extra(init, recipe, ures.step)
     dst = Path(export_to) if export_to is not None else out / "model"
     summary["export"] = str(dst)
     if main:  # under torchrun rank 0 writes, the others wait
@@ -671,7 +841,13 @@ def _secs(minutes: float | None) -> float | None:
 
 
 __all__ = [
+    "CAPTION_MODES",
     "EMOJI_UNET_TOKENS_ONLY",
+    "EmojiTrainError",
+    "InitModel",
+    "caption_table",
+    "continuation_extra",
+    "load_init_model",
     "held_out_wordings",
     "EmojiRecipe",
     "add_pooled_projection",

@@ -11,5 +11,17 @@ UNET_BATCH = 48
 UNET_LR = 3e-4
 # The shipped U-Net learnt from the token states alone for this many steps, then got the pooled sentence vector.
 UNET_POOLED_FROM = 2500
+# The caption axis: "templates" (the six caption templates: the shipped model) or "cldr" (those and captions
+# composed from CLDR's emoji annotations).
+CAPTIONS = "templates"
 
-__all__ = ["MIXED_PRECISION", "SEED", "UNET_BATCH", "UNET_LR", "UNET_POOLED_FROM", "UNET_STEPS", "VAE_STEPS"]
+__all__ = [
+    "CAPTIONS",
+    "MIXED_PRECISION",
+    "SEED",
+    "UNET_BATCH",
+    "UNET_LR",
+    "UNET_POOLED_FROM",
+    "UNET_STEPS",
+    "VAE_STEPS",
+]
