@@ -54,11 +54,6 @@ def annotation_key(char: str) -> str:
     return char.replace(VS16, "")
 
 
-def _text(raw: str) -> str:
-    """Straight quotes, single spaces, lower case: how the caption templates write names."""
-    return clean_name(raw)
-
-
 def parse_annotations(path: str | os.PathLike[str] = DEFAULT_ANNOTATIONS) -> dict[str, Annotation]:
     """``{char without U+FE0F: Annotation}`` of one CLDR annotations file; an entry with keywords but no short
     name (or the reverse) gets the one it has and an empty other part."""
@@ -79,11 +74,11 @@ def parse_annotations(path: str | os.PathLike[str] = DEFAULT_ANNOTATIONS) -> dic
             continue
         key = annotation_key(cp)
         if el.get("type") == "tts":
-            names[key] = _text(text)
+            names[key] = clean_name(text)  # straight quotes, single spaces, lower case
         else:
             kws: list[str] = []
             for k in text.split("|"):
-                k = _text(k)
+                k = clean_name(k)
                 if k and k not in kws:
                     kws.append(k)
             keywords[key] = tuple(kws)

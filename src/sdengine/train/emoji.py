@@ -784,8 +784,8 @@ def train_emoji(
             "text_context_length": TEXT_LENGTH,
             "captions": recipe.captions,
         }
-        if unet_config.projection_class_embeddings_input_dim is not None:
-            extra["unet_pooled_from"] = min(first, ures.step)
+        if unet.config.projection_class_embeddings_input_dim is not None:  # the step the pooled vector came in
+            extra["unet_pooled_from"] = first
     else:
         extra = continuation_extra(init, recipe, ures.step)
     dst = Path(export_to) if export_to is not None else out / "model"
