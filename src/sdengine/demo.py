@@ -256,10 +256,11 @@ def _emoji(
 
     # 1. the grid
     t = time.perf_counter()
-    tiles = []
-    for prompt in GRID_PROMPTS:
-        img, text = gen(prompt)
-        tiles.append(img)
+    # One batched call (every row its own generator, all seeded with ``seed``): each image is the one that
+    # ``sdengine generate --seed SEED PROMPT`` makes, and a batch of 16 runs in a fraction of 16 calls' time.
+    grid = pipe(list(GRID_PROMPTS), **{**common, "seed": [seed] * len(GRID_PROMPTS)})
+    tiles = list(grid.images)
+    for prompt, img, text in zip(GRID_PROMPTS, tiles, grid.infotexts, strict=True):
         write(img, f"emoji/{slug(prompt)}.png", repr(prompt), text)
     write(
         captioned_grid(tiles, list(GRID_PROMPTS), GRID_COLUMNS),
