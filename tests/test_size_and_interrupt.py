@@ -89,6 +89,9 @@ def test_sigint_mid_generation_exits_130_with_one_line(tiny_sd1_folder, tmp_path
     The attention is made to run in small chunks, as a huge size would, to show a chunk boundary is enough."""
     out = tmp_path / "o"
     script = (
+        # A shell starts a background job (`make test &`) with SIGINT ignored, and the child would inherit that:
+        # Python's own Ctrl-C handler is put back first, as in a foreground terminal.
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import sys; import sdengine.nn.attention as a; a.CHUNK_SCORES = 2**20\n"
         "from sdengine.cli import main\n"
         f"sys.exit(main(['generate', 'x', '--model', {str(tiny_sd1_folder)!r}, '--steps', '1000', '--width', '256',"
