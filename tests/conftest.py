@@ -63,3 +63,28 @@ def tiny_emoji_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from _emoji_models import make_tiny_emoji_folder
 
     return make_tiny_emoji_folder(tmp_path_factory.mktemp("emoji") / "tiny-emoji")
+
+
+@pytest.fixture(scope="session")
+def emoji_subset():
+    """``emoji_subset(n)``: the real emoji data set cut to ``n`` evenly spaced emoji plus three of the held-out
+    fruit, downscaled to 16x16 (a CPU-sized stand-in for the trainers' tests)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from sdengine.data.emoji import EmojiDataset
+    from sdengine.train.emoji import HELD_OUT_SUBGROUP
+
+    full = EmojiDataset()
+
+    def make(n: int) -> EmojiDataset:
+        ds = copy.copy(full)
+        fruit = [i for i, e in enumerate(full.entries) if e.subgroup == HELD_OUT_SUBGROUP][:3]
+        idx = list(range(0, len(full), len(full) // n))[:n] + fruit
+        ds.entries = [full.entries[i] for i in idx]
+        ds.images = F.interpolate(full.images[idx], size=16, mode="bilinear", antialias=True)
+        ds.captions = [full.captions[i] for i in idx]
+        return ds
+
+    return make

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from _emoji_models import TINY_EMOJI_UNET, TINY_EMOJI_VAE
 from sdengine.models.unet import UNet
@@ -25,17 +23,8 @@ from sdengine.train.emoji import (
 
 
 @pytest.fixture(scope="module")
-def small_dataset():
-    from sdengine.data.emoji import EmojiDataset
-
-    full = EmojiDataset()
-    ds = copy.copy(full)
-    fruit = [i for i, e in enumerate(full.entries) if e.subgroup == HELD_OUT_SUBGROUP][:3]
-    idx = list(range(0, len(full), len(full) // 24))[:24] + fruit
-    ds.entries = [full.entries[i] for i in idx]
-    ds.images = F.interpolate(full.images[idx], size=16, mode="bilinear", antialias=True)
-    ds.captions = [full.captions[i] for i in idx]
-    return ds
+def small_dataset(emoji_subset):
+    return emoji_subset(24)
 
 
 def test_held_out_subgroup_is_left_out(small_dataset):

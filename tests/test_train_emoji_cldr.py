@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from _emoji_models import make_tiny_emoji_folder
@@ -31,17 +29,8 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 @pytest.fixture(scope="module")
-def small_dataset():
-    from sdengine.data.emoji import EmojiDataset
-
-    full = EmojiDataset()
-    ds = copy.copy(full)
-    fruit = [i for i, e in enumerate(full.entries) if e.subgroup == HELD_OUT_SUBGROUP][:3]
-    idx = list(range(0, len(full), len(full) // 12))[:12] + fruit
-    ds.entries = [full.entries[i] for i in idx]
-    ds.images = F.interpolate(full.images[idx], size=16, mode="bilinear", antialias=True)
-    ds.captions = [full.captions[i] for i in idx]
-    return ds
+def small_dataset(emoji_subset):
+    return emoji_subset(12)
 
 
 def _annotations(ds):
