@@ -105,3 +105,106 @@ class Parts:
         with torch.no_grad():
             image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
         return (image / 2 + 0.5).clamp(0, 1)
+
+
+class GpuEngine:
+    """diffusers' StableDiffusionPipeline in half precision on a GPU, for ``sdengine bench --device cuda``
+    (sdengine.bench_gpu): whole generations, one U-Net CFG step, one VAE decode, peak allocated memory; and
+    :meth:`compile` as diffusers' documentation recommends (channels_last, ``torch.compile`` of the U-Net with
+    ``mode="reduce-overhead", fullgraph=True``). On the CPU (the tests) it runs in float32."""
+
+    def __init__(self, folder: Path, device: str, sampler: str, size: int) -> None:
+        self.device = torch.device(device)
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.pipe = StableDiffusionPipeline.from_pretrained(
+            folder, local_files_only=True, safety_checker=None, requires_safety_checker=False, dtype=self.dtype
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe.to(self.device)
+        self.pipe.scheduler = scheduler_for(folder, sampler)
+        self.size = size
+
+    def compile(self) -> None:
+        self.pipe.unet.to(memory_format=torch.channels_last)
+        self.pipe.vae.to(memory_format=torch.channels_last)
+        self.pipe.unet = torch.compile(self.pipe.unet, mode="reduce-overhead", fullgraph=True)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _timed(self, fn: Callable[[], Any], n: int) -> list[float]:
+        import time
+
+        out = []
+        for _ in range(n):
+            self._sync()
+            t0 = time.perf_counter()
+            fn()
+            self._sync()
+            out.append(time.perf_counter() - t0)
+        return out
+
+    def generate(self, prompt: str, negative: str, cfg: dict[str, Any], batch: int, output_type: str) -> Any:
+        gens = [torch.Generator("cpu").manual_seed(cfg["seed"] + i) for i in range(batch)]
+        return self.pipe(
+            prompt,
+            negative_prompt=negative,
+            num_inference_steps=cfg["steps"],
+            guidance_scale=cfg["cfg"],
+            width=cfg["size"],
+            height=cfg["size"],
+            num_images_per_prompt=batch,
+            generator=gens,
+            output_type=output_type,
+        ).images
+
+    def measure(
+        self, prompt: str, negative: str, cfg: dict[str, Any], repeats: int, *, batch8: bool = False
+    ) -> dict[str, Any]:
+        import statistics
+        import time
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        image = np.asarray(self.generate(prompt, negative, cfg, 1, "np"), dtype=np.float32)
+        warm = time.perf_counter() - t0
+        times = self._timed(lambda: self.generate(prompt, negative, cfg, 1, "pil"), repeats)
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+        side = cfg["size"] // self.pipe.vae_scale_factor
+        g = torch.Generator("cpu").manual_seed(0)
+        x = torch.randn(2, 4, side, side, generator=g).to(self.device, self.dtype)
+        z = torch.randn(1, 4, side, side, generator=g).to(self.device, self.dtype)
+        with torch.no_grad():
+            cond, uncond = self.pipe.encode_prompt(prompt, self.device, 1, True, negative)
+        ctx = torch.cat([uncond, cond])
+        t = torch.full((2,), 500.0, device=self.device)
+
+        def step() -> Any:
+            with torch.no_grad():
+                return self.pipe.unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
+
+        def decode() -> Any:
+            with torch.no_grad():
+                return self.pipe.vae.decode(z / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
+
+        for _ in range(3):
+            step()
+        decode()
+        out: dict[str, Any] = {
+            "warmup_s": warm,
+            "image_s": statistics.median(times),
+            "image_all_s": times,
+            "unet_step_ms": statistics.median(self._timed(step, 20)) * 1000,
+            "vae_decode_ms": statistics.median(self._timed(decode, 5)) * 1000,
+            "peak_allocated_mb": peak,
+            "_image": image,
+        }
+        if batch8:
+            self.generate(prompt, negative, cfg, 8, "pil")
+            t8 = statistics.median(
+                self._timed(lambda: self.generate(prompt, negative, cfg, 8, "pil"), max(2, repeats // 2))
+            )
+            out.update({"batch8_s": t8, "batch8_images_per_s": 8 / t8})
+        return out

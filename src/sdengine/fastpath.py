@@ -20,7 +20,16 @@ docs/performance.md; in short, on the 2-core AVX2 CPU there:
   which later processes reuse. The first call compiles (minutes on 2 cores: 563 s for the medium U-Net),
   and the compiled U-Net was no faster than eager there (0.97x the time), so it stays off.
 
-Everything here is device-agnostic: the same calls work on a CUDA pipeline.
+On a CUDA device (docs/performance.md, "GPU", has the H200 numbers and the command):
+
+* ``cudnn_benchmark``: cuDNN times its convolution algorithms on the first call of each shape and keeps the
+  fastest (``torch.backends.cudnn.benchmark``; process-global).
+* ``sdpa_fastest``: the fused attention kernel that is fastest at the U-Net's largest self-attention is made
+  the process's choice (:mod:`sdengine.sdpa_backends`).
+* ``cuda_graphs``: the U-Net's steps and the VAE decode replay from CUDA graphs (:mod:`sdengine.cuda_graphs`),
+  recorded per shape on the first call; with ``compile`` the graphs record the compiled kernels.
+
+These three change nothing on the CPU (each reports that it was skipped); the others work on either device.
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ from typing import Any
 
 from sdengine.errors import UsageError
 
-OPTIONS: tuple[str, ...] = ("winograd", "channels_last", "compile")
+OPTIONS: tuple[str, ...] = ("winograd", "channels_last", "cudnn_benchmark", "sdpa_fastest", "compile", "cuda_graphs")
+CUDA_ONLY: frozenset[str] = frozenset({"cudnn_benchmark", "sdpa_fastest", "cuda_graphs"})
 DEFAULT_OPTIONS: frozenset[str] = frozenset()  # measured, see the module docstring
 ENV = "SDENGINE_FAST_PATH"  # the default of load_pipeline's fast_path= (and of the CLI's --fast-path)
 # Mean absolute difference on 0..1 pixels an option may add to the fp32 eager image.
@@ -95,7 +105,48 @@ def apply_fast_path(pipe: Any, options: Iterable[str]) -> list[str]:
             cache = compile_cache_dir()
             cache.mkdir(parents=True, exist_ok=True)
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+            if torch.device(pipe.device).type == "cuda":
+                _inductor_for_cuda()
             pipe.unet.compile()
             pipe.vae.decoder.compile()
             done.append(f"compile: U-Net and VAE decoder through inductor, cache {cache}")
+        elif torch.device(pipe.device).type != "cuda":
+            done.append(f"{name}: skipped (a CUDA option; the pipeline is on {torch.device(pipe.device).type})")
+        elif name == "cudnn_benchmark":
+            torch.backends.cudnn.benchmark = True
+            done.append("cudnn_benchmark: cuDNN picks the fastest convolution algorithm per shape")
+        elif name == "sdpa_fastest":
+            from sdengine.sdpa_backends import fastest, time_backends, use_backend
+
+            heads, head_dim, tokens = widest_attention(pipe)
+            times = time_backends(pipe.device, pipe.dtype, heads=heads, tokens=tokens, head_dim=head_dim)
+            best = fastest(times)
+            use_backend(best)
+            shown = ", ".join(f"{k} {v:.3f} ms" if v is not None else f"{k} -" for k, v in times.items())
+            done.append(f"sdpa_fastest: {best} ({heads} heads x {head_dim} at {tokens} tokens: {shown})")
+        elif name == "cuda_graphs":
+            pipe.enable_cuda_graphs()
+            done.append("cuda_graphs: U-Net steps and VAE decode replayed from CUDA graphs")
     return done
+
+
+def widest_attention(pipe: Any) -> tuple[int, int, int]:
+    """(heads, head dim, tokens) of the U-Net's first self-attention at the model's default size: the
+    largest attention of a generation (SD 1.5 at 512x512: 8, 40, 4096)."""
+    for m in pipe.unet.modules():
+        if hasattr(m, "heads") and hasattr(m, "to_q"):
+            heads = int(m.heads)
+            side = pipe.default_size // pipe.vae_scale_factor
+            return heads, int(m.to_q.out_features) // heads, side * side
+    raise UsageError("sdpa_fastest: the U-Net has no attention layer")
+
+
+def _inductor_for_cuda() -> None:
+    """Inductor settings that pay for SD's U-Net on a GPU: its 1x1 convolutions (the transformers' proj_in and
+    proj_out, the ResNet shortcuts) as matrix products, which inductor can fuse with their neighbours."""
+    try:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.conv_1x1_as_mm = True
+    except (ImportError, AttributeError):  # an older or newer torch without the setting: keep its default
+        pass

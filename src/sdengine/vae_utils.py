@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -140,11 +140,18 @@ def encode(
     return vae.scale_latents(z.float())
 
 
-def _decode_raw(vae: AutoencoderKL, latents: Tensor, tiled: bool | None, tile: int, overlap: int) -> Tensor:
+def _decode_raw(
+    vae: AutoencoderKL,
+    latents: Tensor,
+    tiled: bool | None,
+    tile: int,
+    overlap: int,
+    decoder: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     dtype = next(vae.parameters()).dtype
     z = vae.unscale_latents(latents.float()).to(dtype)
     if not _should_tile(z.shape[2], z.shape[3], tiled, tile):
-        return vae.decode(z).float()
+        return (decoder or vae.decode)(z).float()
     f = downscale_factor(vae)
     return _tiled(vae.decode, z, f, tile, overlap, vae.config.out_channels)
 
@@ -158,8 +165,12 @@ def decode(
     warn: bool = True,
     tile: int = TILE_LATENT,
     overlap: int = OVERLAP_LATENT,
+    decoder: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, bool]:
     """The diffusion model's latents (B, C, h, w) -> float32 images in [-1, 1]-ish (B, 3, H, W).
+
+    ``decoder`` replaces ``vae.decode`` for an untiled decode in the VAE's own dtype (the pipeline's CUDA graph
+    of it, sdengine.cuda_graphs); the float32 redo of a half decode always calls the VAE itself.
 
     Returns ``(images, upcast_needed)``: when a half-precision VAE gives NaN/inf, the decode is redone in
     float32 (with a RuntimeWarning unless ``warn`` is False) and the flag is True; pass ``upcast=True``
@@ -168,7 +179,7 @@ def decode(
     dtype = next(vae.parameters()).dtype
     half = dtype in (torch.float16, torch.bfloat16)
     if half and not upcast:
-        img = _decode_raw(vae, latents, tiled, tile, overlap)
+        img = _decode_raw(vae, latents, tiled, tile, overlap, decoder)
         if bool(torch.isfinite(img).all()):
             return img, False
         if warn:
@@ -178,7 +189,7 @@ def decode(
                 stacklevel=2,
             )
     if not half:
-        return _decode_raw(vae, latents, tiled, tile, overlap), False
+        return _decode_raw(vae, latents, tiled, tile, overlap, decoder), False
     # Upcast in place and back: fp16 -> fp32 -> fp16 is exact, and no second copy of the weights is kept.
     vae.float()
     try:

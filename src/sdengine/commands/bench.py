@@ -27,6 +27,8 @@ def run(a: argparse.Namespace) -> int:
             folder, name = make_random_folder(where, a.random), f"random {a.random} (SD1 architecture)"
         if scaling is not None:
             return _run_scaling(a, folder, name, *scaling)
+        if str(a.device).startswith("cuda"):
+            return _run_gpu(a, folder, name)
         size = a.size
         if size is None:
             from ..bench import preset_configs
@@ -56,6 +58,36 @@ def run(a: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
         print(f"written {out}")
+    return 0
+
+
+def _run_gpu(a: argparse.Namespace, folder: Path, name: str) -> int:
+    """``--device cuda``: the GPU comparison of sdengine.bench_gpu, JSON written to ``--out``."""
+    from ..bench import BenchError
+    from ..bench_gpu import FILE_NAME, run_gpu_bench, table
+
+    for flag, value in (("--options", a.options), ("--fast-path", a.fast_path), ("--under-load", a.under_load or None)):
+        if value is not None:
+            raise BenchError(f"{flag} does not apply to --device cuda (it times a fixed set of engines)")
+    if a.budget_s is not None and not a.budget_s > 0:
+        raise BenchError(f"--budget-s must be positive, got {a.budget_s}")
+    data = run_gpu_bench(
+        folder,
+        model=name,
+        out_dir=Path(a.out),
+        size=a.size or 512,
+        steps=a.steps,
+        sampler=a.sampler,
+        cfg_scale=a.cfg,
+        seed=a.seed,
+        repeats=a.repeats,
+        device=a.device,
+        compare=a.compare != "none",
+        compile=not a.no_compile,
+        budget_s=a.budget_s or 480.0,
+    )
+    print(table(data))
+    print(f"written {Path(a.out) / FILE_NAME}")
     return 0
 
 
@@ -172,4 +204,12 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         help="--scaling: GiB a point may need (default: 90%% of the memory available before each point)",
     )
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--out", default="bench-gpu", help="--device cuda: the folder bench_gpu.json is written to")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="--device cuda: seconds the whole run may take (default 480); phases that would not fit are skipped",
+    )
+    p.add_argument("--no-compile", action="store_true", help="--device cuda: leave out the torch.compile engines")
     p.set_defaults(func=run)

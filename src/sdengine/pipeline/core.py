@@ -127,6 +127,8 @@ class Pipeline:
         self.lora_dir = lora_dir
         self.noise_schedule = NoiseSchedule.from_config(**self.scheduler_config)
         self.vae_upcast = False  # set once a half-precision decode gave NaN: later decodes go to fp32
+        # name -> GraphedCallable of the U-Net and the VAE decode, once enable_cuda_graphs() was called
+        self.cuda_graphs: dict[str, Any] | None = None
         # A family with its own conditioner (SDXL: two encoders) passes it in; the others are made here.
         self.conditioner: TextConditioner = conditioner or make_conditioner(
             text_encoder,
@@ -201,6 +203,29 @@ class Pipeline:
             if f is not None:
                 self._vae_hash = cached_hash(f, model_hash)
         return self._vae_hash
+
+    # -- CUDA graphs -----------------------------------------------------------------------------------
+
+    def enable_cuda_graphs(self, *, backend: Any = None, device_type: str = "cuda") -> bool:
+        """Replay the U-Net's steps and the VAE decode from CUDA graphs (:mod:`sdengine.cuda_graphs`), recorded
+        per shape on first use. Returns False, changing nothing, when the pipeline is not on ``device_type``.
+        ``backend``: how a call is recorded (tests record on the CPU with a stand-in)."""
+        if self.device.type != device_type:
+            return False
+        from sdengine.cuda_graphs import GraphedCallable
+
+        opts = {"backend": backend, "device_type": device_type}
+        self.cuda_graphs = {
+            "unet": GraphedCallable(self.unet, module=self.unet, name="U-Net", **opts),
+            "vae": GraphedCallable(self.vae.decode, module=self.vae, name="VAE decode", **opts),
+        }
+        return True
+
+    def graphed(self, name: str) -> Any:
+        """The graphed callable ``name`` ("unet", "vae") for this generation, or None: graphs off, or the
+        network carries hooks (a patched LoRA) and runs eagerly."""
+        g = (self.cuda_graphs or {}).get(name)
+        return g if g is not None and g.usable() else None
 
     # -- text (the conditioner's, kept here for callers that hold a pipeline) ---------------------------
 
@@ -561,6 +586,8 @@ class Pipeline:
         first = img2img_start(steps, strength) if start.from_init else 0
         net: Any = self.unet
         units = r.control_units()
+        if not units:
+            net = self.graphed("unet") or net
         if units:
             units = [_rows_of(u, rows, len(p.seeds)) for u in units]
             net = build_controlled_unet(
@@ -630,8 +657,11 @@ class Pipeline:
         # Decode one image at a time: the VAE's activations at full size dominate memory, and a row's
         # pixels then never depend on the batch.
         out = []
+        decoder = self.graphed("vae")
         for i in range(x.shape[0]):
-            img, upcast = vae_utils.decode(self.vae, x[i : i + 1], tiled=p.tiled, upcast=self.vae_upcast, warn=False)
+            img, upcast = vae_utils.decode(
+                self.vae, x[i : i + 1], tiled=p.tiled, upcast=self.vae_upcast, warn=False, decoder=decoder
+            )
             if upcast and not self.vae_upcast:
                 self.vae_upcast = True
                 _note(

@@ -1,0 +1,508 @@
+"""``sdengine bench --device cuda``: sdengine against diffusers on one GPU, in one prepared run.
+
+What it measures (docs/performance.md, "GPU", has the results and the command), every engine on the same weights
+(a diffusers folder, or random weights of SD 1.5's real architecture), the same prompt, negative prompt, seed,
+sampler, steps and guidance scale, half precision:
+
+* the GPU: name, torch version, the bf16 matrix-product rate (the ceiling the step times are read against), and
+  each fused attention kernel's time at the U-Net's largest self-attention (:mod:`sdengine.sdpa_backends`);
+  the fastest is used by every engine of the run, and cuDNN's algorithm search is on for all of them;
+* per engine: the whole generation (text, every step with CFG, VAE decode, PIL images; the median of
+  ``repeats`` calls after a warm-up), one U-Net CFG step, one VAE decode, peak allocated GPU memory;
+* engines: sdengine eager; sdengine with channels_last + CUDA graphs; sdengine with torch.compile + CUDA graphs
+  in two fresh processes, the first with an empty compile cache (cold start) and the second with the cache the
+  first left (warm start), each timed from process start to its first image; diffusers eager; diffusers
+  compiled as its documentation recommends (channels_last, ``torch.compile(mode="reduce-overhead",
+  fullgraph=True)`` of the U-Net);
+* batch 8: images per second of sdengine (graphs, and compiled in the warm process) and diffusers eager;
+* agreement: mean absolute difference on 0..1 pixels of each engine's image against sdengine's fp32 image and
+  against diffusers' fp16 image.
+
+Every phase is guarded: one that fails is recorded with its error and the run goes on; one that would not fit
+in what is left of ``budget_s`` is skipped and says so. The JSON is rewritten after every phase, so a run cut
+short still leaves what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdengine.bench import NEGATIVE, PROMPT, BenchError, mean_abs, peer_module, run_worker
+
+FILE_NAME = "bench_gpu.json"
+GRAPH_OPTIONS = ("channels_last", "cuda_graphs")
+COMPILED_OPTIONS = ("channels_last", "compile", "cuda_graphs")
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: Any) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mb(device: Any) -> float | None:
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def timed(fn: Callable[[], Any], device: Any, n: int) -> list[float]:
+    """Seconds of each of ``n`` calls, the device synchronised around each."""
+    out = []
+    for _ in range(n):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def matmul_tflops(device: Any) -> float | None:
+    """bf16 8192^3 matrix products per second, in TFLOP/s (the ceiling the run is read against)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    t = statistics.median(timed(lambda: a @ b, device, 10))
+    return 2 * 8192**3 / t / 1e12
+
+
+# ---------------------------------------------------------------------------------------------------
+# sdengine
+# ---------------------------------------------------------------------------------------------------
+
+
+def sdengine_gen(pipe: Any, cfg: dict[str, Any], batch: int) -> Callable[[], np.ndarray]:
+    def run() -> np.ndarray:
+        return pipe(
+            PROMPT,
+            NEGATIVE,
+            steps=cfg["steps"],
+            sampler=cfg["sampler"],
+            schedule="normal",
+            cfg_scale=cfg["cfg"],
+            seed=cfg["seed"],
+            width=cfg["size"],
+            height=cfg["size"],
+            batch_size=batch,
+            progress=False,
+        ).arrays
+
+    return run
+
+
+def sdengine_parts(pipe: Any, cfg: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """One U-Net CFG step (batch 2) and one VAE decode, through the pipeline's graphs when it has them."""
+    import torch
+
+    dev, dt = pipe.device, pipe.dtype
+    side = cfg["size"] // pipe.vae_scale_factor
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(2, pipe.latent_channels, side, side, generator=g).to(dev, dt)
+    cond, uncond = pipe.encode_prompt(PROMPT, NEGATIVE)
+    ctx = torch.cat([cond, uncond]).to(dev, dt)
+    t = torch.full((2,), 500.0, device=dev)
+    z = torch.randn(1, pipe.latent_channels, side, side, generator=g).to(dev, dt)
+    unet = pipe.graphed("unet") or pipe.unet
+    decode = pipe.graphed("vae") or pipe.vae.decode
+
+    def step() -> Any:
+        with torch.inference_mode():
+            return unet(x, t, encoder_hidden_states=ctx)
+
+    def vae() -> Any:
+        with torch.inference_mode():
+            return decode(z)
+
+    return {"step": step, "vae": vae}
+
+
+def measure_sdengine(pipe: Any, cfg: dict[str, Any], repeats: int, *, batch8: bool = False) -> dict[str, Any]:
+    """Image time (warm-up apart), step and decode times, peak memory, the warm-up's image."""
+    dev = pipe.device
+    gen = sdengine_gen(pipe, cfg, 1)
+    _reset_peak(dev)
+    t0 = time.perf_counter()
+    image = gen()
+    warm = time.perf_counter() - t0
+    times = timed(gen, dev, repeats)
+    peak = _peak_mb(dev)
+    parts = sdengine_parts(pipe, cfg)
+    for f in parts.values():
+        f()  # records the parts' own graphs (their shapes may differ from a generation's)
+    step = statistics.median(timed(parts["step"], dev, 20))
+    vae = statistics.median(timed(parts["vae"], dev, 5))
+    out: dict[str, Any] = {
+        "warmup_s": warm,
+        "image_s": statistics.median(times),
+        "image_all_s": times,
+        "unet_step_ms": step * 1000,
+        "vae_decode_ms": vae * 1000,
+        "peak_allocated_mb": peak,
+        "_image": image,
+    }
+    if batch8:
+        out.update(measure_batch(sdengine_gen(pipe, cfg, 8), dev, 8, max(2, repeats // 2)))
+    return out
+
+
+def measure_batch(gen: Callable[[], Any], device: Any, batch: int, repeats: int) -> dict[str, Any]:
+    gen()  # warm-up (records the batch's graphs, picks its cuDNN algorithms)
+    t = statistics.median(timed(gen, device, repeats))
+    return {f"batch{batch}_s": t, f"batch{batch}_images_per_s": batch / t}
+
+
+def load_sdengine(folder: Path, device: str, dtype: str, options: tuple[str, ...]) -> tuple[Any, list[str]]:
+    import sdengine
+    from sdengine.fastpath import apply_fast_path
+
+    pipe = sdengine.load_pipeline(folder, device=device, dtype=dtype, fast_path="none")
+    return pipe, apply_fast_path(pipe, options)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The child process: start-up to first image (cold and warm compile cache)
+# ---------------------------------------------------------------------------------------------------
+
+
+def child(job: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process started at ``job["started"]`` (the parent's clock): load, apply the options,
+    generate the first image, then time as :func:`measure_sdengine` does."""
+    import torch
+
+    torch.backends.cudnn.benchmark = True
+    from sdengine.sdpa_backends import use_backend
+
+    use_backend(job["sdpa"])
+    t_import = time.time()
+    pipe, notes = load_sdengine(Path(job["folder"]), job["device"], "fp16", tuple(job["options"]))
+    t_load = time.time()
+    cfg = job["cfg"]
+    with torch.inference_mode():
+        sdengine_gen(pipe, cfg, 1)()
+    _sync(pipe.device)
+    t_first = time.time()
+    out = measure_sdengine(pipe, cfg, int(job["repeats"]), batch8=bool(job.get("batch8")))
+    image = out.pop("_image")
+    np.save(job["image_path"], image)
+    out.update(
+        {
+            "notes": notes,
+            "first_image_s": t_first - job["started"],
+            "import_s": t_import - job["started"],
+            "load_s": t_load - t_import,
+            "first_call_s": t_first - t_load,
+        }
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------
+
+
+class Run:
+    """The phases' results, written to ``out_dir/bench_gpu.json`` after each phase."""
+
+    def __init__(self, out_dir: Path, budget_s: float) -> None:
+        self.out_dir = out_dir
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / FILE_NAME
+        self.start = time.monotonic()
+        self.budget_s = budget_s
+        self.data: dict[str, Any] = {"phases": {}, "skipped": {}, "errors": {}}
+        self.images: dict[str, np.ndarray] = {}
+
+    def left(self) -> float:
+        return self.budget_s - (time.monotonic() - self.start)
+
+    def phase(self, name: str, need_s: float, fn: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+        if self.left() < need_s:
+            self.data["skipped"][name] = f"needs about {need_s:.0f} s, {self.left():.0f} s left"
+            _say(f"{name}: skipped ({self.data['skipped'][name]})")
+            self.save()
+            return None
+        _say(f"{name}: start ({self.left():.0f} s left)")
+        t0 = time.monotonic()
+        try:
+            res = fn()
+        except Exception as e:  # noqa: BLE001 - a failed phase is recorded; the run goes on
+            self.data["errors"][name] = f"{type(e).__name__}: {e}"
+            _say(f"{name}: FAILED {type(e).__name__}: {e}")
+            traceback.print_exc()
+            self.save()
+            return None
+        if res is not None:
+            image = res.pop("_image", None)
+            if image is not None:
+                self.images[name] = image
+            res["phase_s"] = time.monotonic() - t0
+            self.data["phases"][name] = res
+            _say(f"{name}: {_short(res)}")
+        self.save()
+        return res
+
+    def save(self) -> None:
+        self.data["elapsed_s"] = time.monotonic() - self.start
+        self.path.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+
+
+def _short(res: dict[str, Any]) -> str:
+    keys = ("image_s", "unet_step_ms", "vae_decode_ms", "first_image_s", "batch8_images_per_s", "compile_s")
+    return ", ".join(f"{k} {res[k]:.4g}" for k in keys if isinstance(res.get(k), int | float))
+
+
+def _say(line: str) -> None:
+    print(f"[bench-gpu] {line}", file=sys.stderr, flush=True)
+
+
+def run_gpu_bench(
+    folder: Path,
+    *,
+    model: str,
+    out_dir: Path,
+    size: int = 512,
+    steps: int = 25,
+    sampler: str = "dpmpp_2m",
+    cfg_scale: float = 7.5,
+    seed: int = 0,
+    repeats: int = 5,
+    device: str = "cuda",
+    compare: bool = True,
+    compile: bool = True,
+    budget_s: float = 480.0,
+    fp32_check: bool = True,
+) -> dict[str, Any]:
+    """The whole GPU comparison (module docstring); returns the JSON's dict and writes it to ``out_dir``.
+    ``device="cpu"`` runs the same phases on the CPU (the tests do, with a tiny model and ``compile=False``)."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError(f"--device {device}: torch {torch.__version__} sees no CUDA device")
+    run = Run(Path(out_dir), budget_s)
+    cfg = {"size": size, "steps": steps, "sampler": sampler, "cfg": cfg_scale, "seed": seed}
+    run.data.update({"model": model, "folder": str(folder), "config": cfg, "repeats": repeats, "device": device})
+    is_cuda = torch.device(device).type == "cuda"
+
+    def info() -> dict[str, Any]:
+        from sdengine.sdpa_backends import fastest, time_backends, use_backend
+
+        out: dict[str, Any] = {"torch": torch.__version__}
+        if is_cuda:
+            out["gpu"] = torch.cuda.get_device_name(device)
+            out["bf16_matmul_tflops"] = matmul_tflops(device)
+            torch.backends.cudnn.benchmark = True
+            out["cudnn_benchmark"] = True
+        side = size // 8
+        times = time_backends(device, torch.float16 if is_cuda else torch.float32, tokens=side * side, repeats=10)
+        out["sdpa_ms"] = times
+        out["sdpa_chosen"] = fastest(times) if is_cuda else "default"
+        try:
+            use_backend(out["sdpa_chosen"])
+        except Exception as e:  # noqa: BLE001 - an older torch cannot order the kernels: keep its own order
+            out["sdpa_error"] = f"{type(e).__name__}: {e}"
+            out["sdpa_chosen"] = "default"
+        return out
+
+    info_res = run.phase("info", 0, info) or {}
+    sdpa = info_res.get("sdpa_chosen", "default")
+    dtype = "fp16" if is_cuda else "fp32"
+    held: dict[str, Any] = {}
+
+    def sd_eager() -> dict[str, Any]:
+        pipe, _ = load_sdengine(folder, device, dtype, ())
+        held["eager"] = pipe
+        return measure_sdengine(pipe, cfg, repeats)
+
+    run.phase("sdengine_eager", 30, sd_eager)
+
+    def sd_graphs() -> dict[str, Any]:
+        pipe = held.get("eager")
+        if pipe is None:
+            pipe, notes = load_sdengine(folder, device, dtype, GRAPH_OPTIONS)
+        else:
+            from sdengine.fastpath import apply_fast_path
+
+            notes = apply_fast_path(pipe, GRAPH_OPTIONS)
+        res = measure_sdengine(pipe, cfg, repeats, batch8=True)
+        res["notes"] = notes
+        held.pop("eager", None)
+        del pipe
+        return res
+
+    run.phase("sdengine_graphs", 40, sd_graphs)
+    _free(device)
+
+    def sd_fp32() -> dict[str, Any]:
+        pipe, _ = load_sdengine(folder, device, "fp32", ())
+        gen = sdengine_gen(pipe, cfg, 1)
+        t0 = time.perf_counter()
+        image = gen()
+        return {"image_s": time.perf_counter() - t0, "_image": image}
+
+    if fp32_check:
+        run.phase("sdengine_fp32", 30, sd_fp32)
+        _free(device)
+
+    cache_dir = Path(tempfile.mkdtemp(prefix="sdengine-inductor-"))
+
+    def sd_child(label: str, batch8: bool) -> dict[str, Any]:
+        image_path = Path(tempfile.mkdtemp(prefix="sdengine-bench-")) / "image.npy"
+        env = dict(os.environ)
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+        job = {
+            "engine": f"sdengine ({label})",
+            "folder": str(folder),
+            "device": device,
+            "options": list(COMPILED_OPTIONS if compile else GRAPH_OPTIONS),
+            "cfg": cfg,
+            "repeats": repeats,
+            "sdpa": sdpa,
+            "batch8": batch8,
+            "image_path": str(image_path),
+            "started": time.time(),
+        }
+        job["started"] = time.time()
+        res = run_worker(job, env=env, timeout=max(60.0, run.left() - 5), module="sdengine.bench_gpu")
+        res["_image"] = np.load(image_path)
+        return res
+
+    child_name = "sdengine_compiled" if compile else "sdengine_graphs_process"
+    run.phase(f"{child_name}_cold", 150, lambda: sd_child("cold cache", False))
+    run.phase(f"{child_name}_warm", 45, lambda: sd_child("warm cache", not compile))
+
+    if compare:
+        peer = peer_module()
+        dpipe: dict[str, Any] = {}
+
+        def df_eager() -> dict[str, Any]:
+            engine = peer.GpuEngine(folder, device, sampler, size)
+            dpipe["engine"] = engine
+            return engine.measure(PROMPT, NEGATIVE, cfg, repeats, batch8=True)
+
+        run.phase("diffusers_eager", 40, df_eager)
+
+        def df_compiled() -> dict[str, Any]:
+            engine = dpipe.get("engine") or peer.GpuEngine(folder, device, sampler, size)
+            engine.compile()
+            res = engine.measure(PROMPT, NEGATIVE, cfg, repeats, batch8=False)
+            res["compile_s"] = res["warmup_s"]  # the first call compiles (and generates one image)
+            return res
+
+        if compile:
+            run.phase("diffusers_compiled", 120, df_compiled)
+        dpipe.clear()
+        _free(device)
+    if compile:  # batch 8 compiled: one more shape to compile, so last
+        run.phase("sdengine_compiled_batch8", 120, lambda: sd_child("batch 8", True))
+
+    run.data["agreement"] = agreement(run.images)
+    run.data["ratios"] = ratios(run.data["phases"])
+    run.save()
+    return run.data
+
+
+def _free(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def agreement(images: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean absolute difference of each image against the fp32 image and against diffusers' fp16 image."""
+    out: dict[str, float] = {}
+    for ref in ("sdengine_fp32", "diffusers_eager"):
+        if ref not in images:
+            continue
+        for name, img in images.items():
+            if name != ref:
+                out[f"{name} vs {ref}"] = mean_abs(img, images[ref])
+    return out
+
+
+def ratios(phases: dict[str, Any]) -> dict[str, float]:
+    """peer time / sdengine time for image, step and decode (above 1: sdengine faster)."""
+    out: dict[str, float] = {}
+    pairs = [
+        ("sdengine_eager", "diffusers_eager"),
+        ("sdengine_graphs", "diffusers_eager"),
+        ("sdengine_compiled_warm", "diffusers_eager"),
+        ("sdengine_compiled_batch8", "diffusers_eager"),
+        ("sdengine_compiled_warm", "diffusers_compiled"),
+        ("sdengine_graphs", "diffusers_compiled"),
+    ]
+    for ours, peer in pairs:
+        a, b = phases.get(ours), phases.get(peer)
+        if not a or not b:
+            continue
+        for key in ("image_s", "unet_step_ms", "vae_decode_ms", "batch8_s"):
+            if isinstance(a.get(key), int | float) and isinstance(b.get(key), int | float) and a[key] > 0:
+                out[f"{peer}/{ours} {key}"] = b[key] / a[key]
+    return out
+
+
+def table(data: dict[str, Any]) -> str:
+    """The run as a text table (what the CLI prints)."""
+    info = data["phases"].get("info", {})
+    lines = [
+        f"{data['model']}, {data['config']['size']}x{data['config']['size']}, {data['config']['steps']} steps "
+        f"{data['config']['sampler']}, CFG {data['config']['cfg']}, on {info.get('gpu', data['device'])} "
+        f"(torch {info.get('torch')}, attention: {info.get('sdpa_chosen')})",
+        f"{'engine':28} {'image ms':>9} {'step ms':>8} {'decode ms':>9} {'batch-8 img/s':>13} {'first image s':>13}",
+    ]
+    for name, r in data["phases"].items():
+        if name in ("info", "sdengine_fp32"):
+            continue
+
+        def f(key: str, scale: float = 1.0, fmt: str = "{:.1f}", r: dict[str, Any] = r) -> str:
+            v = r.get(key)
+            return fmt.format(v * scale) if isinstance(v, int | float) else "-"
+
+        lines.append(
+            f"{name:28} {f('image_s', 1000):>9} {f('unet_step_ms', fmt='{:.2f}'):>8} {f('vae_decode_ms'):>9} "
+            f"{f('batch8_images_per_s', fmt='{:.2f}'):>13} {f('first_image_s'):>13}"
+        )
+    for k, v in data.get("agreement", {}).items():
+        lines.append(f"agreement {k}: {v:.5f}")
+    for k, v in data.get("ratios", {}).items():
+        lines.append(f"ratio {k}: {v:.2f}")
+    for k, v in data.get("skipped", {}).items():
+        lines.append(f"skipped {k}: {v}")
+    for k, v in data.get("errors", {}).items():
+        lines.append(f"error {k}: {v}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # a child process of the bench: python -m sdengine.bench_gpu '<job json>'
+    print(json.dumps(child(json.loads(sys.argv[1])), default=str))

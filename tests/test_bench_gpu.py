@@ -1,0 +1,86 @@
+"""`sdengine bench --device cuda` (sdengine.bench_gpu): its phases run on the CPU with the tiny random model, the
+JSON they leave, the budget, and the CLI's refusals. The GPU numbers themselves come from a GPU machine
+(docs/performance.md, "GPU")."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sdengine import bench, bench_gpu
+from sdengine.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return bench.make_random_folder(tmp_path_factory.mktemp("bench-gpu") / "tiny", "tiny")
+
+
+def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
+    pytest.importorskip("diffusers")
+    data = bench_gpu.run_gpu_bench(
+        tiny_folder, model="tiny", out_dir=tmp_path, size=32, steps=2, repeats=1, device="cpu", compile=False
+    )
+    phases = data["phases"]
+    for name in ("info", "sdengine_eager", "sdengine_graphs", "sdengine_fp32", "diffusers_eager"):
+        assert name in phases, (name, data["errors"], data["skipped"])
+    # the child processes (without compile: the graphs options in a fresh process, timed from its start)
+    assert "sdengine_graphs_process_cold" in phases and "sdengine_graphs_process_warm" in phases
+    assert not data["errors"]
+    warm = phases["sdengine_graphs_process_warm"]
+    assert warm["first_image_s"] > warm["load_s"] > 0 and warm["batch8_images_per_s"] > 0
+    assert phases["sdengine_graphs"]["batch8_images_per_s"] > 0
+    for name in ("sdengine_eager", "diffusers_eager"):
+        assert phases[name]["unet_step_ms"] > 0 and phases[name]["vae_decode_ms"] > 0
+    agree = data["agreement"]
+    assert agree["sdengine_eager vs sdengine_fp32"] == 0.0  # fp32 on the CPU: the same computation
+    assert agree["diffusers_eager vs sdengine_fp32"] < 1e-3  # the parity the CPU bench shows
+    assert agree["sdengine_graphs_process_warm vs sdengine_fp32"] < 2e-3  # another process, channels_last
+    ratio = data["ratios"]["diffusers_eager/sdengine_eager image_s"]
+    assert ratio == pytest.approx(phases["diffusers_eager"]["image_s"] / phases["sdengine_eager"]["image_s"])
+    written = json.loads((tmp_path / bench_gpu.FILE_NAME).read_text())
+    assert written["phases"].keys() == phases.keys() and written["ratios"] == data["ratios"]
+    text = bench_gpu.table(data)
+    assert "sdengine_graphs" in text and "agreement sdengine_eager vs sdengine_fp32: 0.00000" in text
+
+
+def test_phases_over_budget_are_skipped_and_failures_recorded(tmp_path):
+    run = bench_gpu.Run(tmp_path, budget_s=5.0)
+    assert run.phase("fits", 0, lambda: {"image_s": 1.0}) == {"image_s": 1.0, "phase_s": pytest.approx(0, abs=1)}
+    assert run.phase("too_long", 60, lambda: {"image_s": 1.0}) is None
+    assert run.phase("broken", 0, lambda: 1 / 0) is None
+    saved = json.loads((tmp_path / bench_gpu.FILE_NAME).read_text())
+    assert list(saved["phases"]) == ["fits"]
+    assert "needs about 60 s" in saved["skipped"]["too_long"]
+    assert saved["errors"]["broken"].startswith("ZeroDivisionError")
+
+
+def test_ratios_are_peer_over_sdengine():
+    phases = {
+        "sdengine_graphs": {"image_s": 0.5, "unet_step_ms": 4.0},
+        "diffusers_eager": {"image_s": 1.0, "unet_step_ms": 12.0},
+    }
+    r = bench_gpu.ratios(phases)
+    assert r == {"diffusers_eager/sdengine_graphs image_s": 2.0, "diffusers_eager/sdengine_graphs unet_step_ms": 3.0}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a GPU")
+def test_cli_without_a_gpu_says_so_in_one_line(tmp_path, capsys):
+    rc = main(["bench", "--random", "tiny", "--workdir", str(tmp_path), "--device", "cuda", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "sees no CUDA device" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--options", "compile"], "--options does not apply to --device cuda"),
+        (["--budget-s", "0"], "--budget-s must be positive"),
+    ],
+)
+def test_cli_refuses_options_of_other_modes(tmp_path, capsys, args, message):
+    rc = main(["bench", "--random", "tiny", "--workdir", str(tmp_path), "--device", "cuda", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and message in err[0]

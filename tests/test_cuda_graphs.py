@@ -1,0 +1,272 @@
+"""sdengine.cuda_graphs and the pipeline's graphed U-Net/VAE path, on the CPU.
+
+A CUDA graph cannot be recorded without a GPU, so the recording backend is replaced by one with the same
+contract on the CPU: it runs the function ``warmup`` times, keeps the output of one more call as the static
+output, and its replay re-runs the function on the static inputs and writes the result INTO that static output.
+Everything else (signatures, static input buffers, copies out, fingerprints, LoRA hooks, fall-backs) is the
+code that runs on a GPU. The real CUDA recording is exercised by the GPU test at the end when a GPU is present.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sdengine
+from sdengine.cuda_graphs import GraphedCallable, module_fingerprint
+
+
+def _copy_into(dst: Any, src: Any) -> None:
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, list | tuple):
+        for d, s in zip(dst, src, strict=True):
+            _copy_into(d, s)
+
+
+class CPUBackend:
+    """Records as a CUDA graph does, on the CPU (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.recorded = 0
+        self.replayed = 0
+
+    def __call__(self, fn, warmup):
+        for _ in range(warmup):
+            fn()
+        out = fn()
+        self.recorded += 1
+
+        def replay() -> None:
+            self.replayed += 1
+            _copy_into(out, fn())
+
+        return replay, out
+
+
+class Affine(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x, scale: float = 1.0, extra=None, tags=None):
+        y = self.lin(x) * scale
+        return y if extra is None else y + extra
+
+
+def _graphed(module: nn.Module, **kw: Any) -> tuple[GraphedCallable, CPUBackend]:
+    backend = CPUBackend()
+    return GraphedCallable(module, module=module, backend=backend, device_type="cpu", **kw), backend
+
+
+@torch.no_grad()
+def test_replays_equal_eager_calls_and_record_once_per_signature():
+    torch.manual_seed(0)
+    m = Affine()
+    g, backend = _graphed(m)
+    for _ in range(3):
+        x = torch.randn(2, 4)
+        torch.testing.assert_close(g(x), m(x), rtol=0, atol=0)
+    assert (backend.recorded, g.recordings, g.replays) == (1, 1, 3)
+    x5 = torch.randn(5, 4)  # a new shape: a second graph
+    torch.testing.assert_close(g(x5), m(x5), rtol=0, atol=0)
+    torch.testing.assert_close(g(x5, scale=2.0), m(x5, scale=2.0), rtol=0, atol=0)  # a new constant: a third
+    assert g.recordings == 3 and len(g.graphs) == 3
+
+
+@torch.no_grad()
+def test_outputs_are_copies_and_inputs_are_copied_in():
+    m = Affine()
+    g, _ = _graphed(m)
+    x = torch.randn(2, 4)
+    first = g(x)
+    kept = first.clone()
+    second = g(x * 3)  # replays over the same static buffers
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)  # the first answer was not overwritten
+    torch.testing.assert_close(second, m(x * 3), rtol=0, atol=0)
+    second.zero_()  # a caller writing into its answer does not reach the graph's output
+    torch.testing.assert_close(g(x), m(x), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_least_recently_used_graph_is_dropped():
+    g, _ = _graphed(Affine(), max_graphs=2)
+    a, b, c = torch.randn(1, 4), torch.randn(2, 4), torch.randn(3, 4)
+    g(a), g(b), g(a), g(c)  # b is the least recently used when c arrives
+    shapes = [k[0][1][1] for k in g.graphs]
+    assert shapes == [(1, 4), (3, 4)]
+
+
+def test_calls_that_cannot_be_graphed_run_plainly():
+    m = Affine()
+    g, backend = _graphed(m)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        g(x, tags=["cond"])  # an argument that is neither a tensor nor a constant
+    y = g(x.requires_grad_(True))  # autograd on: plain call, and gradients flow
+    y.sum().backward()
+    assert m.lin.weight.grad is not None
+    other = GraphedCallable(m, module=m, backend=backend)  # device_type cuda: CPU tensors run plainly
+    with torch.no_grad():
+        other(torch.randn(2, 4))
+    assert backend.recorded == 0 and g.replays == 0 and other.replays == 0
+
+
+@torch.no_grad()
+def test_failed_recording_falls_back_once_with_a_warning(caplog):
+    def broken(fn, warmup):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    m = Affine()
+    g = GraphedCallable(m, module=m, backend=broken, device_type="cpu", name="net")
+    x = torch.randn(2, 4)
+    with caplog.at_level("WARNING"):
+        torch.testing.assert_close(g(x), m(x), rtol=0, atol=0)
+        torch.testing.assert_close(g(x), m(x), rtol=0, atol=0)
+    assert sum("CUDA graph not recorded" in r.message for r in caplog.records) == 1
+    assert g.replays == 0
+
+
+@torch.no_grad()
+def test_fingerprint_follows_storage_and_hooks_not_values():
+    m = Affine()
+    g, _ = _graphed(m)
+    g(torch.randn(2, 4))
+    fp = module_fingerprint(m)
+    m.lin.weight.mul_(2)  # in place: the graph reads the new values, nothing to record again
+    assert module_fingerprint(m) == fp and g.usable() and len(g.graphs) == 1
+    m.lin.weight = nn.Parameter(m.lin.weight.detach().clone())  # a new tensor: graphs are stale
+    assert module_fingerprint(m) != fp
+    assert g.usable() and len(g.graphs) == 0
+    h = m.lin.register_forward_hook(lambda mod, i, o: o + 1)  # a LoRA-style hook: graphs not used at all
+    assert not g.usable()
+    h.remove()
+    assert g.usable()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pipeline's graphed path
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_sd1_folder):
+    return sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="none")
+
+
+def _gen(pipe, **kw: Any) -> np.ndarray:
+    args: dict[str, Any] = {"steps": 4, "seed": 3, "width": 64, "height": 64, "progress": False}
+    args.update(kw)
+    return pipe("a red cube", "blurry", **args).arrays
+
+
+def test_pipeline_images_equal_with_graphs(tiny_pipe):
+    plain = _gen(tiny_pipe, batch_size=2)
+    backend = CPUBackend()
+    try:
+        assert tiny_pipe.enable_cuda_graphs(backend=backend, device_type="cpu")
+        assert not tiny_pipe.enable_cuda_graphs()  # a CPU pipeline: no CUDA graphs
+        graphed = _gen(tiny_pipe, batch_size=2)
+        again = _gen(tiny_pipe, batch_size=2)
+        unet, vae = tiny_pipe.cuda_graphs["unet"], tiny_pipe.cuda_graphs["vae"]
+        assert unet.recordings == 1 and unet.replays == 8  # 4 steps x 2 calls, one CFG batch each
+        assert vae.recordings == 1 and vae.replays == 4  # one row at a time
+        np.testing.assert_array_equal(graphed, plain)
+        np.testing.assert_array_equal(again, plain)
+    finally:
+        tiny_pipe.cuda_graphs = None
+
+
+def test_pipeline_with_a_lora_hook_runs_eagerly_and_correctly(tiny_pipe):
+    backend = CPUBackend()
+    try:
+        tiny_pipe.enable_cuda_graphs(backend=backend, device_type="cpu")
+        _gen(tiny_pipe)  # graphs recorded without the LoRA
+        lin = next(m for n, m in tiny_pipe.unet.named_modules() if n.endswith("attn1.to_q"))
+        handle = lin.register_forward_hook(lambda mod, i, o: o * 1.5)  # as a patched LoRA does
+        replays = tiny_pipe.cuda_graphs["unet"].replays
+        hooked = _gen(tiny_pipe)
+        assert tiny_pipe.cuda_graphs["unet"].replays == replays  # not replayed: the hook would be missed
+        tiny_pipe.cuda_graphs = None
+        expected = _gen(tiny_pipe)
+        handle.remove()
+        np.testing.assert_array_equal(hooked, expected)
+        assert not np.array_equal(hooked, _gen(tiny_pipe))  # the hook did change the image
+    finally:
+        tiny_pipe.cuda_graphs = None
+
+
+def test_cuda_only_fast_path_options_are_skipped_on_the_cpu(tiny_sd1_folder):
+    from sdengine.fastpath import CUDA_ONLY, apply_fast_path, parse_options
+
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="none")
+    before = torch.backends.cudnn.benchmark
+    notes = apply_fast_path(pipe, parse_options(",".join(sorted(CUDA_ONLY))))
+    assert len(notes) == 3 and all("skipped (a CUDA option" in n for n in notes)
+    assert pipe.cuda_graphs is None and torch.backends.cudnn.benchmark == before
+
+
+def test_widest_attention_of_a_pipeline(tiny_pipe):
+    from sdengine.fastpath import widest_attention
+
+    heads, head_dim, tokens = widest_attention(tiny_pipe)
+    first = next(m for m in tiny_pipe.unet.modules() if hasattr(m, "heads") and hasattr(m, "to_q"))
+    assert heads == first.heads and heads * head_dim == first.to_q.out_features
+    assert tokens == (tiny_pipe.default_size // tiny_pipe.vae_scale_factor) ** 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# The attention kernel choice
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_attention_backend_choice_orders_kernels_and_keeps_results():
+    from sdengine import sdpa_backends as sb
+    from sdengine.errors import UsageError
+
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    default_order = torch._C._get_sdp_priority_order()
+    try:
+        sb.use_backend("efficient")
+        assert sb.current_backend() == "efficient"
+        order = torch._C._get_sdp_priority_order()
+        assert order[0] == int(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION)
+        assert order[-2] == int(torch.nn.attention.SDPBackend.MATH)  # math last among the four
+        sb.use_backend("math")
+        torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, k, v), ref)
+        with pytest.raises(UsageError, match="unknown attention backend 'fast'"):
+            sb.use_backend("fast")
+    finally:
+        sb.use_backend("default")
+    assert sb.current_backend() == "default" and torch._C._get_sdp_priority_order() == default_order
+
+
+def test_time_backends_on_the_cpu_times_what_runs():
+    from sdengine import sdpa_backends as sb
+
+    times = sb.time_backends("cpu", torch.float32, batch=1, heads=2, tokens=64, head_dim=8, repeats=2)
+    assert set(times) == set(sb.BACKENDS)
+    assert times["math"] is not None and times["math"] > 0
+    assert times["cudnn"] is None  # no cuDNN attention on the CPU
+    assert sb.fastest(times) in [k for k, v in times.items() if v is not None]
+    assert sb.fastest({"flash": None}) == "default"
+
+
+# ---------------------------------------------------------------------------------------------------
+# On a GPU (skipped on the CPU): the real recording
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_real_cuda_graph_equals_eager(tiny_sd1_folder):  # pragma: no cover - CI has no GPU
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cuda", dtype="fp16", fast_path="none")
+    plain = _gen(pipe)
+    assert pipe.enable_cuda_graphs()
+    graphed = _gen(pipe)
+    assert pipe.cuda_graphs["unet"].replays > 0
+    np.testing.assert_allclose(graphed, plain, atol=2e-3)
