@@ -192,6 +192,9 @@ class GpuEngine:
         for _ in range(3):
             step()
         decode()
+        latent = self.generate(prompt, negative, cfg, 1, "latent")
+        with torch.no_grad():
+            decoded = self.pipe.vae.decode(latent / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
         out: dict[str, Any] = {
             "warmup_s": warm,
             "image_s": statistics.median(times),
@@ -199,7 +202,9 @@ class GpuEngine:
             "unet_step_ms": statistics.median(self._timed(step, 20)) * 1000,
             "vae_decode_ms": statistics.median(self._timed(decode, 5)) * 1000,
             "peak_allocated_mb": peak,
+            "vae_output_finite": bool(torch.isfinite(decoded).all()),
             "_image": image,
+            "_latent": latent.float().cpu().numpy(),
         }
         if batch8:
             self.generate(prompt, negative, cfg, 8, "pil")

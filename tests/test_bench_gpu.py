@@ -38,6 +38,9 @@ def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
     assert agree["sdengine_eager vs sdengine_fp32"] == 0.0  # fp32 on the CPU: the same computation
     assert agree["diffusers_eager vs sdengine_fp32"] < 1e-3  # the parity the CPU bench shows
     assert agree["sdengine_graphs_process_warm vs sdengine_fp32"] < 2e-3  # another process, channels_last
+    lat = data["latent_agreement"]
+    assert lat["sdengine_eager vs sdengine_fp32"] == 0.0 and lat["diffusers_eager vs sdengine_fp32"] < 1e-3
+    assert phases["sdengine_eager"]["vae_upcast"] is False and phases["diffusers_eager"]["vae_output_finite"]
     ratio = data["ratios"]["diffusers_eager/sdengine_eager image_s"]
     assert ratio == pytest.approx(phases["diffusers_eager"]["image_s"] / phases["sdengine_eager"]["image_s"])
     written = json.loads((tmp_path / bench_gpu.FILE_NAME).read_text())

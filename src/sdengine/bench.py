@@ -92,10 +92,11 @@ def preset_configs(preset: str) -> tuple[Any, Any, Any]:
     return dc.replace(u, cross_attention_dim=text.hidden_size), v, text
 
 
-def make_random_folder(dst: str | Path, preset: str, *, seed: int = 0) -> Path:
+def make_random_folder(dst: str | Path, preset: str, *, seed: int = 0, dtype: str | None = None) -> Path:
     """Write a diffusers folder with random weights of ``preset`` at ``dst`` (reused when it is already there).
 
     Default initialisation plus small noise on every parameter, so that norms and biases are not all 1/0.
+    ``dtype="fp16"`` stores the weights in half precision, as SD checkpoints usually ship (the GPU bench).
     """
     import torch
 
@@ -129,7 +130,7 @@ def make_random_folder(dst: str | Path, preset: str, *, seed: int = 0) -> Path:
         family="sd1",
     )
     tmp = dst.with_name(dst.name + ".partial")
-    save_diffusers_folder(ckpt, tmp)
+    save_diffusers_folder(ckpt, tmp, dtype=dtype)
     tmp.rename(dst)
     return dst
 

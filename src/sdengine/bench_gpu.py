@@ -14,7 +14,8 @@ sampler, steps and guidance scale, half precision:
   first left (warm start), each timed from process start to its first image; diffusers eager; diffusers
   compiled as its documentation recommends (channels_last, ``torch.compile(mode="reduce-overhead",
   fullgraph=True)`` of the U-Net);
-* batch 8: images per second of sdengine (graphs, and compiled in the warm process) and diffusers eager;
+* batch 8: images per second of sdengine (graphs; compiled, in the warm process after its first image) and
+  diffusers eager;
 * agreement: mean absolute difference on 0..1 pixels of each engine's image against sdengine's fp32 image and
   against diffusers' fp16 image.
 
@@ -98,9 +99,18 @@ def matmul_tflops(device: Any) -> float | None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def sdengine_gen(pipe: Any, cfg: dict[str, Any], batch: int) -> Callable[[], np.ndarray]:
+def sdengine_gen(
+    pipe: Any, cfg: dict[str, Any], batch: int, keep: dict[str, Any] | None = None
+) -> Callable[[], np.ndarray]:
+    """One generation; with ``keep``, its final latent (``keep["latent"]``, as a CPU float array) and the
+    result's notes (``keep["notes"]``) are kept too."""
+
+    def last_latent(info: Any) -> None:
+        if keep is not None and info.step == info.steps:
+            keep["latent"] = info.latents.float().cpu().numpy()
+
     def run() -> np.ndarray:
-        return pipe(
+        result = pipe(
             PROMPT,
             NEGATIVE,
             steps=cfg["steps"],
@@ -112,7 +122,11 @@ def sdengine_gen(pipe: Any, cfg: dict[str, Any], batch: int) -> Callable[[], np.
             height=cfg["size"],
             batch_size=batch,
             progress=False,
-        ).arrays
+            callback=last_latent if keep is not None else None,
+        )
+        if keep is not None:
+            keep["notes"] = list(result.notes)
+        return result.arrays
 
     return run
 
@@ -148,8 +162,9 @@ def measure_sdengine(pipe: Any, cfg: dict[str, Any], repeats: int, *, batch8: bo
     dev = pipe.device
     gen = sdengine_gen(pipe, cfg, 1)
     _reset_peak(dev)
+    kept: dict[str, Any] = {}
     t0 = time.perf_counter()
-    image = gen()
+    image = sdengine_gen(pipe, cfg, 1, kept)()
     warm = time.perf_counter() - t0
     times = timed(gen, dev, repeats)
     peak = _peak_mb(dev)
@@ -165,7 +180,10 @@ def measure_sdengine(pipe: Any, cfg: dict[str, Any], repeats: int, *, batch8: bo
         "unet_step_ms": step * 1000,
         "vae_decode_ms": vae * 1000,
         "peak_allocated_mb": peak,
+        "vae_upcast": bool(pipe.vae_upcast),
+        "call_notes": kept.get("notes", []),
         "_image": image,
+        "_latent": kept.get("latent"),
     }
     if batch8:
         out.update(measure_batch(sdengine_gen(pipe, cfg, 8), dev, 8, max(2, repeats // 2)))
@@ -209,8 +227,15 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     _sync(pipe.device)
     t_first = time.time()
     out = measure_sdengine(pipe, cfg, int(job["repeats"]), batch8=bool(job.get("batch8")))
-    image = out.pop("_image")
-    np.save(job["image_path"], image)
+    if job.get("profile") and pipe.device.type == "cuda":
+        try:
+            out["unet_step_kernels"] = kernel_profile(pipe, cfg)
+        except Exception as e:  # noqa: BLE001 - the profile is a diagnosis, never a reason to lose the run
+            out["unet_step_kernels"] = f"{type(e).__name__}: {e}"
+    np.save(job["image_path"], out.pop("_image"))
+    latent = out.pop("_latent")
+    if latent is not None:
+        np.save(str(job["image_path"]).replace(".npy", "_latent.npy"), latent)
     out.update(
         {
             "notes": notes,
@@ -221,6 +246,47 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         }
     )
     return out
+
+
+def kernel_profile(pipe: Any, cfg: dict[str, Any], steps: int = 5, top: int = 25) -> dict[str, Any]:
+    """Where a U-Net CFG step's GPU time goes: the network called directly (compiled when it is, no graph, so
+    the profiler sees each kernel), ``steps`` calls; the ``top`` kernels by total time, per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda_graphs, pipe.cuda_graphs = pipe.cuda_graphs, None  # the plain network, not its graph
+    try:
+        step = sdengine_parts(pipe, cfg)["step"]
+        step()
+        _sync(pipe.device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            _sync(pipe.device)
+    finally:
+        pipe.cuda_graphs = cuda_graphs
+    rows = []
+    total = 0.0
+    for ev in prof.key_averages():
+        t = float(getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0))
+        if t <= 0 or ev.key.startswith(("ProfilerStep", "cudaGraph")):
+            continue
+        rows.append({"kernel": ev.key[:100], "ms_per_step": t / 1000 / steps, "calls_per_step": ev.count / steps})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    total = sum(r["ms_per_step"] for r in rows)
+    del torch
+    return {"kernel_ms_per_step": total, "top": rows[:top]}
+
+
+def save_images(images: dict[str, np.ndarray], path: Path) -> None:
+    """The engines' first images side by side (0..1 floats -> one PNG), labelled in the JSON's order."""
+    from PIL import Image
+
+    from sdengine.io.images import to_uint8
+
+    tiles = [to_uint8(img[:1])[0] for img in images.values()]
+    if tiles:
+        Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -239,6 +305,7 @@ class Run:
         self.budget_s = budget_s
         self.data: dict[str, Any] = {"phases": {}, "skipped": {}, "errors": {}}
         self.images: dict[str, np.ndarray] = {}
+        self.latents: dict[str, np.ndarray] = {}
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.start)
@@ -260,9 +327,11 @@ class Run:
             self.save()
             return None
         if res is not None:
-            image = res.pop("_image", None)
+            image, latent = res.pop("_image", None), res.pop("_latent", None)
             if image is not None:
                 self.images[name] = image
+            if latent is not None:
+                self.latents[name] = np.asarray(latent, dtype=np.float32)
             res["phase_s"] = time.monotonic() - t0
             self.data["phases"][name] = res
             _say(f"{name}: {_short(res)}")
@@ -332,7 +401,7 @@ def run_gpu_bench(
         return out
 
     info_res = run.phase("info", 0, info) or {}
-    sdpa = info_res.get("sdpa_chosen", "default")
+    state = {"sdpa": info_res.get("sdpa_chosen", "default")}
     dtype = "fp16" if is_cuda else "fp32"
     held: dict[str, Any] = {}
 
@@ -353,19 +422,28 @@ def run_gpu_bench(
             notes = apply_fast_path(pipe, GRAPH_OPTIONS)
         res = measure_sdengine(pipe, cfg, repeats, batch8=True)
         res["notes"] = notes
+        if is_cuda:  # inside a graph the kernels' order can differ from the micro-benchmark's: time each
+            by_kernel = graph_step_by_backend(pipe, cfg)
+            res["unet_step_ms_by_attention"] = by_kernel
+            if by_kernel:
+                from sdengine.sdpa_backends import use_backend
+
+                state["sdpa"] = min(by_kernel, key=lambda k: by_kernel[k])
+                use_backend(state["sdpa"])
         held.pop("eager", None)
         del pipe
         return res
 
     run.phase("sdengine_graphs", 40, sd_graphs)
+    run.data["sdpa_used"] = state["sdpa"]  # by every later engine (and the compiled processes)
     _free(device)
 
     def sd_fp32() -> dict[str, Any]:
         pipe, _ = load_sdengine(folder, device, "fp32", ())
-        gen = sdengine_gen(pipe, cfg, 1)
+        kept: dict[str, Any] = {}
         t0 = time.perf_counter()
-        image = gen()
-        return {"image_s": time.perf_counter() - t0, "_image": image}
+        image = sdengine_gen(pipe, cfg, 1, kept)()
+        return {"image_s": time.perf_counter() - t0, "_image": image, "_latent": kept.get("latent")}
 
     if fp32_check:
         run.phase("sdengine_fp32", 30, sd_fp32)
@@ -384,19 +462,24 @@ def run_gpu_bench(
             "options": list(COMPILED_OPTIONS if compile else GRAPH_OPTIONS),
             "cfg": cfg,
             "repeats": repeats,
-            "sdpa": sdpa,
+            "sdpa": state["sdpa"],
             "batch8": batch8,
+            "profile": label == "warm cache",
             "image_path": str(image_path),
             "started": time.time(),
         }
         job["started"] = time.time()
         res = run_worker(job, env=env, timeout=max(60.0, run.left() - 5), module="sdengine.bench_gpu")
         res["_image"] = np.load(image_path)
+        latent_path = Path(str(image_path).replace(".npy", "_latent.npy"))
+        if latent_path.is_file():
+            res["_latent"] = np.load(latent_path)
         return res
 
     child_name = "sdengine_compiled" if compile else "sdengine_graphs_process"
     run.phase(f"{child_name}_cold", 150, lambda: sd_child("cold cache", False))
-    run.phase(f"{child_name}_warm", 45, lambda: sd_child("warm cache", not compile))
+    # The warm process also times batch 8 after its first image (compiled: one more shape to compile)
+    run.phase(f"{child_name}_warm", 120 if compile else 45, lambda: sd_child("warm cache", True))
 
     if compare:
         peer = peer_module()
@@ -420,13 +503,38 @@ def run_gpu_bench(
             run.phase("diffusers_compiled", 120, df_compiled)
         dpipe.clear()
         _free(device)
-    if compile:  # batch 8 compiled: one more shape to compile, so last
-        run.phase("sdengine_compiled_batch8", 120, lambda: sd_child("batch 8", True))
 
     run.data["agreement"] = agreement(run.images)
+    run.data["latent_agreement"] = latent_agreement(run.latents)
     run.data["ratios"] = ratios(run.data["phases"])
+    run.data["images_png"] = list(run.images)
+    save_images(run.images, run.out_dir / "images.png")
     run.save()
     return run.data
+
+
+def graph_step_by_backend(pipe: Any, cfg: dict[str, Any]) -> dict[str, float]:
+    """The graphed U-Net CFG step's milliseconds with each fused attention kernel first (graphs recorded anew
+    for each); the process's choice is restored afterwards."""
+    from sdengine.sdpa_backends import current_backend, use_backend
+
+    before, out = current_backend(), {}
+    try:
+        for name in ("flash", "efficient", "cudnn"):
+            try:
+                use_backend(name)
+            except Exception:  # noqa: BLE001 - a kernel this torch lacks
+                continue
+            for g in (pipe.cuda_graphs or {}).values():
+                g.reset()
+            step = sdengine_parts(pipe, cfg)["step"]
+            step()
+            out[name] = statistics.median(timed(step, pipe.device, 20)) * 1000
+    finally:
+        use_backend(before)
+        for g in (pipe.cuda_graphs or {}).values():
+            g.reset()
+    return out
 
 
 def _free(device: str) -> None:
@@ -451,6 +559,20 @@ def agreement(images: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
+def latent_agreement(latents: dict[str, np.ndarray]) -> dict[str, float]:
+    """The final latents (before the VAE) compared as :func:`agreement` compares images, each difference
+    divided by the reference latent's mean absolute value (so 0.01 is 1% of the latent's size)."""
+    out: dict[str, float] = {}
+    for ref in ("sdengine_fp32", "diffusers_eager"):
+        if ref not in latents:
+            continue
+        scale = float(np.abs(latents[ref]).mean()) or 1.0
+        for name, z in latents.items():
+            if name != ref and z.shape == latents[ref].shape:
+                out[f"{name} vs {ref}"] = float(np.abs(z - latents[ref]).mean()) / scale
+    return out
+
+
 def ratios(phases: dict[str, Any]) -> dict[str, float]:
     """peer time / sdengine time for image, step and decode (above 1: sdengine faster)."""
     out: dict[str, float] = {}
@@ -458,7 +580,6 @@ def ratios(phases: dict[str, Any]) -> dict[str, float]:
         ("sdengine_eager", "diffusers_eager"),
         ("sdengine_graphs", "diffusers_eager"),
         ("sdengine_compiled_warm", "diffusers_eager"),
-        ("sdengine_compiled_batch8", "diffusers_eager"),
         ("sdengine_compiled_warm", "diffusers_compiled"),
         ("sdengine_graphs", "diffusers_compiled"),
     ]

@@ -23,8 +23,12 @@ def run(a: argparse.Namespace) -> int:
             if not (folder / "model_index.json").is_file():
                 raise BenchError(f"{folder}: not a diffusers folder (no model_index.json)")
         else:
-            where = Path(a.workdir) / f"random-{a.random}" if a.workdir else Path(tmp) / f"random-{a.random}"
-            folder, name = make_random_folder(where, a.random), f"random {a.random} (SD1 architecture)"
+            # On a GPU the weights are stored in fp16, as SD checkpoints ship (the load is part of the start-up time)
+            half = str(a.device).startswith("cuda")
+            leaf = f"random-{a.random}" + ("-fp16" if half else "")
+            where = Path(a.workdir) / leaf if a.workdir else Path(tmp) / leaf
+            folder = make_random_folder(where, a.random, dtype="fp16" if half else None)
+            name = f"random {a.random} (SD1 architecture)"
         if scaling is not None:
             return _run_scaling(a, folder, name, *scaling)
         if str(a.device).startswith("cuda"):
