@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "threads": 0,  # the thread count and OpenMP wait policy chosen at start-up
     "catalog": 0,  # the built-in models, LoRAs and ControlNets by name (reads the file system only)
     "distributed": 0,  # torchrun's environment, the process group, the collectives the trainers need
+    "sdpa_backends": 0,  # which fused attention kernel runs; masked calls kept off cuDNN's
     # 1: the building blocks: networks, samplers, text, weight files, data, metrics
     "nn": 1,
     "models": 1,
@@ -48,6 +49,7 @@ LAYERS: dict[str, int] = {
     "prompts": 1,
     "metadata": 1,
     "vae_utils": 1,
+    "cuda_graphs": 1,  # CUDA graphs of a network's calls, recorded per shape, with fall-backs
     "ddpm": 1,
     "data": 1,
     "metrics": 1,
@@ -62,6 +64,7 @@ LAYERS: dict[str, int] = {
     "evaluation": 3,
     "bench": 3,  # sdengine bench: timing and memory against a peer engine
     "bench_scaling": 3,  # sdengine bench --scaling: time and memory against size and batch, parts composed
+    "bench_gpu": 3,  # sdengine bench --device cuda: the GPU comparison in one prepared run
     "grids": 3,  # X/Y/Z plots and batch grids over the pipeline
     "outpaint": 3,  # extend the canvas: pad, mask the new area, inpaint, paste the original back
     "batch_render": 3,  # generate --prompts: a checked list of requests, resumable, sharded over ranks

@@ -41,6 +41,11 @@ def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
     lat = data["latent_agreement"]
     assert lat["sdengine_eager vs sdengine_fp32"] == 0.0 and lat["diffusers_eager vs sdengine_fp32"] < 1e-3
     assert phases["sdengine_eager"]["vae_upcast"] is False and phases["diffusers_eager"]["vae_output_finite"]
+    stages = phases["diffusers_eager"]["stages_vs_sdengine"]
+    assert isinstance(stages, dict), stages
+    for key in ("text_cond", "text_uncond", "unet", "vae_decode"):
+        assert stages[key] < 1e-4, (key, stages)  # fp32 on the CPU: the engines agree stage by stage
+    assert stages["timesteps_max_abs"] == 0.0 and stages["sigmas_max_rel"] < 1e-5
     ratio = data["ratios"]["diffusers_eager/sdengine_eager image_s"]
     assert ratio == pytest.approx(phases["diffusers_eager"]["image_s"] / phases["sdengine_eager"]["image_s"])
     written = json.loads((tmp_path / bench_gpu.FILE_NAME).read_text())

@@ -270,3 +270,46 @@ def test_real_cuda_graph_equals_eager(tiny_sd1_folder):  # pragma: no cover - CI
     graphed = _gen(pipe)
     assert pipe.cuda_graphs["unet"].replays > 0
     np.testing.assert_allclose(graphed, plain, atol=2e-3)
+
+
+def test_cuda_defaults_are_the_measured_graph_options(monkeypatch):
+    from sdengine.fastpath import ENV, resolve_options
+
+    monkeypatch.delenv(ENV, raising=False)
+    # resolve_options is pure logic: a device name is enough, no GPU needed
+    assert resolve_options(None, "cuda", torch.float16) == ("channels_last", "cudnn_benchmark", "cuda_graphs")
+    assert resolve_options("default", "cuda:0", torch.bfloat16) == ("channels_last", "cudnn_benchmark", "cuda_graphs")
+    assert resolve_options("default", "cuda", torch.float32) == ()  # measured in half precision only
+    assert resolve_options("none", "cuda", torch.float16) == ()
+    monkeypatch.setenv(ENV, "compile,cuda_graphs")
+    assert resolve_options(None, "cuda", torch.float16) == ("compile", "cuda_graphs")
+
+
+def test_masked_attention_is_unchanged_on_the_cpu():
+    from sdengine.sdpa_backends import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=g) for _ in range(3))
+    mask = torch.rand(2, 1, 1, 10, generator=g) > 0.3
+    F = torch.nn.functional
+    torch.testing.assert_close(attention(q, k, v, mask=mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    torch.testing.assert_close(
+        attention(q, k, v, is_causal=True), F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_masked_attention_never_reaches_cudnn_on_a_gpu():  # pragma: no cover - CI has no GPU
+    from sdengine import sdpa_backends as sb
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 77, 64, device="cuda", dtype=torch.float16, generator=g) for _ in range(3))
+    mask = torch.ones(2, 1, 77, 77, device="cuda", dtype=torch.bool)  # a padding mask, as the text encoders pass
+    mask[..., 40:] = False
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    try:
+        sb.use_backend("cudnn")
+        out = sb.attention(q, k, v, mask=mask)
+    finally:
+        sb.use_backend("default")
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)

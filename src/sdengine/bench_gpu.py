@@ -422,6 +422,7 @@ def run_gpu_bench(
             notes = apply_fast_path(pipe, GRAPH_OPTIONS)
         res = measure_sdengine(pipe, cfg, repeats, batch8=True)
         res["notes"] = notes
+        held["probe"] = pipe  # kept for the stage-by-stage comparison with diffusers
         if is_cuda:  # inside a graph the kernels' order can differ from the micro-benchmark's: time each
             by_kernel = graph_step_by_backend(pipe, cfg)
             res["unet_step_ms_by_attention"] = by_kernel
@@ -488,7 +489,14 @@ def run_gpu_bench(
         def df_eager() -> dict[str, Any]:
             engine = peer.GpuEngine(folder, device, sampler, size)
             dpipe["engine"] = engine
-            return engine.measure(PROMPT, NEGATIVE, cfg, repeats, batch8=True)
+            res = engine.measure(PROMPT, NEGATIVE, cfg, repeats, batch8=True)
+            probe = held.pop("probe", None)
+            if probe is not None:
+                try:
+                    res["stages_vs_sdengine"] = stage_agreement(probe, engine.pipe, cfg)
+                except Exception as e:  # noqa: BLE001 - a diagnosis; the timings stand without it
+                    res["stages_vs_sdengine"] = f"{type(e).__name__}: {e}"
+            return res
 
         run.phase("diffusers_eager", 40, df_eager)
 
@@ -511,6 +519,46 @@ def run_gpu_bench(
     save_images(run.images, run.out_dir / "images.png")
     run.save()
     return run.data
+
+
+def stage_agreement(pipe: Any, peer: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Where the two engines part, stage by stage, on identical inputs (each difference divided by the mean
+    absolute value of diffusers' output): the text states of the prompt and the negative prompt, one U-Net CFG
+    call, one VAE decode, and the sampler's timesteps and sigmas against the diffusers scheduler's."""
+    import torch
+
+    from sdengine.diffusion import sampling
+
+    def rel(a: Any, b: Any) -> float:
+        a, b = a.float(), b.float()
+        return float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
+
+    dev, dt = pipe.device, pipe.dtype
+    out: dict[str, Any] = {}
+    with torch.inference_mode():
+        cond, uncond = pipe.encode_prompt(PROMPT, NEGATIVE)
+        p_cond, p_uncond = peer.encode_prompt(PROMPT, dev, 1, True, NEGATIVE)
+        out["text_cond"], out["text_uncond"] = rel(cond, p_cond), rel(uncond, p_uncond)
+        side = cfg["size"] // pipe.vae_scale_factor
+        g = torch.Generator("cpu").manual_seed(1)
+        x = torch.randn(2, pipe.latent_channels, side, side, generator=g).to(dev, dt)
+        ctx = torch.cat([p_cond, p_uncond]).to(dev, dt)
+        t = torch.full((2,), 500.0, device=dev)
+        ours = pipe.unet(x, t, encoder_hidden_states=ctx)
+        theirs = peer.unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
+        out["unet"] = rel(ours, theirs)
+        z = torch.randn(1, pipe.latent_channels, side, side, generator=g).to(dev, dt)
+        out["vae_decode"] = rel(pipe.vae.decode(z), peer.vae.decode(z, return_dict=False)[0])
+    grid = sampling.make_grid(cfg["sampler"], cfg["steps"], pipe.noise_schedule, "normal", pipe.scheduler_config)
+    peer.scheduler.set_timesteps(cfg["steps"])
+    ts = peer.scheduler.timesteps.float().cpu()
+    out["timesteps_max_abs"] = float((grid.timesteps.float() - ts).abs().max()) if len(ts) == grid.steps else None
+    sig = getattr(peer.scheduler, "sigmas", None)
+    if sig is not None and len(sig) == len(grid.sigmas):
+        out["sigmas_max_rel"] = float(
+            ((grid.sigmas - sig.float().cpu()).abs() / sig.float().cpu().clamp_min(1e-6)).max()
+        )
+    return out
 
 
 def graph_step_by_backend(pipe: Any, cfg: dict[str, Any]) -> dict[str, float]:

@@ -61,6 +61,26 @@ def use_backend(name: str) -> None:
     _active, _chosen = context, name
 
 
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None, is_causal: bool = False
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` on (B, heads, L, d) inputs, the call every sdengine network makes.
+
+    A masked call on a CUDA device never runs cuDNN's fused kernel: in the torch releases this was measured with
+    (2.11) it gives silently wrong results for some masks (a float32 mask described to cuDNN in the inputs'
+    dtype, pytorch/pytorch#191612; NaN rows for lengths of 64 mod 128, #196678), and newer cuDNN versions put
+    it first on Hopper. Unmasked calls (every attention of the U-Net and of SD's CLIP) keep the process's choice.
+    """
+    if mask is not None and q.device.type == "cuda":
+        from torch.nn.attention import sdpa_kernel
+
+        kinds = _kinds()
+        safe = [kinds[b] for b in ("flash", "efficient", "math") if kinds[b] is not None]
+        with sdpa_kernel(safe):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
 def current_backend() -> str:
     """The kernel :func:`use_backend` put first ("default": PyTorch's own order)."""
     return _chosen
@@ -116,4 +136,4 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-__all__ = ["BACKENDS", "current_backend", "fastest", "time_backends", "use_backend"]
+__all__ = ["BACKENDS", "attention", "current_backend", "fastest", "time_backends", "use_backend"]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdengine.models.config_checks import ConfigError, check_config
+from sdengine.sdpa_backends import attention
 from sdengine.text.bert_tokenizer import MINILM_MAX_LENGTH, BertTokenizer, find_minilm_files
 
 
@@ -112,7 +113,7 @@ class BertSelfAttention(nn.Module):
         q = self.query(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.key(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.value(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask (B, 1, 1, T): True = real key
+        y = attention(q, k, v, mask=mask)  # mask (B, 1, 1, T): True = real key
         return y.transpose(1, 2).reshape(b, t, c)
 
 

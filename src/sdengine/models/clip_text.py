@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdengine.models.config_checks import ConfigError, check_config
+from sdengine.sdpa_backends import attention
 
 Activation = Literal["quick_gelu", "gelu"]
 PooledRule = Literal["argmax", "first_eos"]
@@ -159,7 +160,7 @@ class CLIPAttention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         # Scale 1/sqrt(D) is SDPA's default, as in CLIP. Without a padding mask the causal mask
         # is built in by the kernel.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = attention(q, k, v, mask=mask, is_causal=mask is None)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, c))
 
 

@@ -7,8 +7,9 @@ so that checkpoints load with a strict ``load_state_dict``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sdengine.sdpa_backends import attention
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -52,13 +53,13 @@ def scaled_dot_product_attention(
     v = v.view(B, Lk, heads, d).transpose(1, 2)  # (B, h, Lk, d)
     rows = max(1, CHUNK_SCORES // max(1, heads * Lk))
     if is_causal or rows >= Lq:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, h, Lq, d)
+        out = attention(q, k, v, mask=mask, is_causal=is_causal)  # (B, h, Lq, d)
     else:
         per_query = mask is not None and mask.dim() >= 2 and mask.shape[-2] == Lq  # else it broadcasts over Lq
         parts = []
         for i in range(0, Lq, rows):
             m = mask[..., i : i + rows, :] if mask is not None and per_query else mask
-            parts.append(F.scaled_dot_product_attention(q[:, :, i : i + rows], k, v, attn_mask=m))
+            parts.append(attention(q[:, :, i : i + rows], k, v, mask=m))
         out = torch.cat(parts, dim=2)
     return out.transpose(1, 2).reshape(B, Lq, inner).to(dtype)  # (B, Lq, h * d)
 
