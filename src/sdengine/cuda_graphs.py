@@ -119,7 +119,8 @@ def cuda_graph_backend(fn: Callable[[], Any], warmup: int) -> tuple[Callable[[],
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: another thread of the process (a server answering a status request) may use CUDA meanwhile
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = fn()
     return graph.replay, out
 
@@ -183,6 +184,12 @@ class GraphedCallable:
         key, tensors = sig
         if key in self.eager:
             return self.fn(*args, **kwargs)
+        if self.device_type == "cuda":  # record and replay with the inputs' GPU current (a server runs one per GPU)
+            with torch.cuda.device(tensors[0].device):
+                return self._run(key, args, kwargs, tensors)
+        return self._run(key, args, kwargs, tensors)
+
+    def _run(self, key: Hashable, args: Sequence[Any], kwargs: dict[str, Any], tensors: list[Tensor]) -> Any:
         entry = self.graphs.get(key)
         if entry is None:
             entry = self._record(key, args, kwargs, tensors)

@@ -67,7 +67,8 @@ def parse_options(spec: str | Iterable[str] | None) -> tuple[str, ...]:
 def resolve_options(spec: str | Iterable[str] | None, device: Any, dtype: Any) -> tuple[str, ...]:
     """What ``load_pipeline(fast_path=spec)`` applies: ``None`` reads ``$SDENGINE_FAST_PATH`` (else
     ``"default"``); ``"default"`` is :data:`DEFAULT_OPTIONS` for fp32 on the CPU and
-    :data:`CUDA_DEFAULT_OPTIONS` for fp16/bf16 on a CUDA device (where each was measured), nothing elsewhere; ``"none"`` (or an empty list) is nothing; otherwise the named options."""
+    :data:`CUDA_DEFAULT_OPTIONS` for fp16/bf16 on a CUDA device (where each was measured), nothing elsewhere;
+    ``"none"`` (or an empty list) is nothing; otherwise the named options."""
     import torch
 
     if spec is None:
