@@ -3,6 +3,7 @@ the fp16 NaN fallback, and the cheap latent preview."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,28 @@ def test_latent_preview():
     assert p.shape == (2, 5, 7, 3) and p.dtype.name == "uint8"
     assert int(p[0, 0, 0, 0]) == 128  # zero latent -> mid grey
     assert vu.latent_preview(torch.zeros(1, 3, 2, 2)).shape == (1, 2, 2, 3)
+
+
+def test_latent_previewer_on_the_cpu_gives_each_frame_once_and_the_newest():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 4, 5, 7, generator=g), torch.randn(2, 4, 5, 7, generator=g)
+    pv = vu.LatentPreviewer()
+    assert pv.take() is None
+    pv.submit(a, 3)
+    tag, frame = pv.take()
+    assert tag == 3 and np.array_equal(frame, vu.latent_preview(a))
+    assert pv.take() is None  # handed out once
+    pv.submit(a, 4)
+    pv.submit(b, 6)  # a newer submission replaces one not yet taken
+    tag, frame = pv.take(wait=True)
+    assert tag == 6 and np.array_equal(frame, vu.latent_preview(b))
+    assert np.array_equal(vu.latent_rgb(b).numpy(), vu.latent_preview(b))  # same pixels where computed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_latent_previewer_on_a_gpu_matches_the_cpu_preview():  # pragma: no cover - CI has no GPU
+    z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    pv = vu.LatentPreviewer()
+    pv.submit(z.cuda(), 1)
+    tag, frame = pv.take(wait=True)
+    assert tag == 1 and np.abs(frame.astype(int) - vu.latent_preview(z).astype(int)).max() <= 1

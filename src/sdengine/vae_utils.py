@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -204,17 +205,64 @@ def to_unit(images: Tensor) -> Tensor:
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-def latent_preview(latents: Tensor) -> np.ndarray:
-    """(B, C, h, w) latents -> uint8 (B, h, w, 3) RGB at latent resolution, without the VAE.
+def latent_rgb(latents: Tensor) -> Tensor:
+    """(B, C, h, w) latents -> uint8 (B, h, w, 3) RGB at latent resolution, computed where the latents are.
 
-    4-channel (SD) latents use A1111's fixed linear approximation; other latents show their channel
-    mean in grey. Meant for progress previews, not for output."""
-    z = latents.detach().float().cpu()
+    4-channel (SD) latents use A1111's fixed linear approximation; other latents show their channel mean in grey."""
+    z = latents.detach().float()
     if z.shape[1] == 4:
-        rgb = torch.einsum("bchw,cr->bhwr", z, _SD_LATENT_RGB)
+        rgb = torch.einsum("bchw,cr->bhwr", z, _SD_LATENT_RGB.to(z.device))
     else:
         rgb = z.mean(dim=1)[..., None].expand(*z.shape[:1], *z.shape[2:], 3)
-    return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def latent_preview(latents: Tensor) -> np.ndarray:
+    """(B, C, h, w) latents -> uint8 (B, h, w, 3) RGB at latent resolution, without the VAE (:func:`latent_rgb`,
+    computed on the CPU). Meant for progress previews, not for output; waits for the device. A sampling loop that
+    must not wait uses :class:`LatentPreviewer`."""
+    return latent_rgb(latents.detach().float().cpu()).numpy()
+
+
+class LatentPreviewer:
+    """Previews that never make a sampling loop on a GPU wait.
+
+    ``submit(latents, tag)`` queues the RGB map on the device and its copy into pinned host memory behind the
+    step's own work, and returns at once; ``take()`` hands back ``(tag, frame)`` of the newest submission whose
+    copy has finished (None while none has; an older unfinished one is dropped when a newer is submitted),
+    ``take(wait=True)`` waits for the newest (the last step's preview). The frame shown is then at most one preview
+    behind the sampler. On the CPU the map is computed at once, so ``take()`` after ``submit`` always has it.
+    """
+
+    def __init__(self) -> None:
+        self._pending: tuple[Any, Tensor, Any] | None = None  # (CUDA event, pinned host tensor, tag)
+        self._done: tuple[Any, np.ndarray] | None = None
+
+    def _harvest(self, wait: bool) -> None:
+        if self._pending is None:
+            return
+        event, host, tag = self._pending
+        if wait:
+            event.synchronize()
+        if wait or event.query():
+            self._done, self._pending = (tag, host.numpy()), None
+
+    def submit(self, latents: Tensor, tag: Any = None) -> None:
+        self._harvest(wait=False)
+        rgb = latent_rgb(latents)
+        if rgb.device.type != "cuda":
+            self._done, self._pending = (tag, rgb.cpu().numpy()), None
+            return
+        host = torch.empty(rgb.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(rgb, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (event, host, tag)
+
+    def take(self, *, wait: bool = False) -> tuple[Any, np.ndarray] | None:
+        self._harvest(wait)
+        out, self._done = self._done, None
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -464,6 +464,7 @@ class Worker(threading.Thread):
         import torch
 
         from sdengine.pipeline import Cancelled
+        from sdengine.vae_utils import LatentPreviewer
 
         m = self.manager
         job.device = self.device
@@ -481,8 +482,15 @@ class Worker(threading.Thread):
                 break
             kwargs = dict(g.kwargs, seed=base_seed + it * batch)
             run_steps = [0]
+            previewer = LatentPreviewer()
 
-            def callback(info: Any, _before: int = done_steps, _it: int = it, run_steps: list[int] = run_steps) -> bool:
+            def callback(
+                info: Any,
+                _before: int = done_steps,
+                _it: int = it,
+                run_steps: list[int] = run_steps,
+                previewer: LatentPreviewer = previewer,
+            ) -> bool:
                 if run_steps[0] == 0 and _it == 0:
                     job.steps = info.steps * g.n_iter  # img2img runs fewer steps than asked
                 run_steps[0] = info.steps
@@ -490,9 +498,12 @@ class Worker(threading.Thread):
                 if job.cancel.is_set() or job.skip.is_set():
                     return False
                 if info.step % m.preview_every == 0 or info.step == info.steps:
-                    try:
-                        job.preview_png = png_bytes(Image.fromarray(info.preview()[0]))
-                        job.preview_step = job.step
+                    try:  # on a GPU the frame comes from an earlier step: the loop never waits for it
+                        previewer.submit(info.denoised[:1], job.step)
+                        got = previewer.take(wait=info.step == info.steps)
+                        if got is not None:
+                            job.preview_step, frame = got
+                            job.preview_png = png_bytes(Image.fromarray(frame[0]))
                     except Exception:  # noqa: BLE001 - a preview is optional
                         pass
                 job.changed()
@@ -544,6 +555,7 @@ class Worker(threading.Thread):
         import torch
 
         from sdengine.pipeline import Cancelled
+        from sdengine.vae_utils import LatentPreviewer
 
         m = self.manager
         for job in [j for j in jobs if j.cancel.is_set()]:
@@ -575,13 +587,17 @@ class Worker(threading.Thread):
             seeds += [seed + r for r in range(n)]  # as the pipeline numbers one job's rows
         kwargs = dict(g0.kwargs, prompt=prompts, negative_prompt=negatives, seed=seeds, batch_size=len(seeds))
         first = [True]
+        previewer = LatentPreviewer()
 
         def callback(info: Any) -> bool:
             stop = any(j.cancel.is_set() or j.skip.is_set() for j in jobs)
-            preview = None
+            preview, preview_step = None, info.step
             if not stop and (info.step % m.preview_every == 0 or info.step == info.steps):
-                try:
-                    preview = info.preview()
+                try:  # on a GPU the frame comes from an earlier step: the loop never waits for it
+                    previewer.submit(info.denoised, info.step)
+                    got = previewer.take(wait=info.step == info.steps)
+                    if got is not None:
+                        preview_step, preview = got
                 except Exception:  # noqa: BLE001 - a preview is optional
                     preview = None
             for job, (a, _) in zip(jobs, spans, strict=True):
@@ -591,7 +607,7 @@ class Worker(threading.Thread):
                 if preview is not None:
                     try:
                         job.preview_png = png_bytes(Image.fromarray(preview[a]))
-                        job.preview_step = job.step
+                        job.preview_step = preview_step
                     except Exception:  # noqa: BLE001 - a preview is optional
                         pass
                 if not stop:
