@@ -50,6 +50,7 @@ LAYERS: dict[str, int] = {
     "metadata": 1,
     "vae_utils": 1,
     "cuda_graphs": 1,  # CUDA graphs of a network's calls, recorded per shape, with fall-backs
+    "aot": 1,  # networks compiled ahead of time (AOTInductor packages), weights bound from the live module
     "ddpm": 1,
     "data": 1,
     "metrics": 1,

@@ -21,7 +21,15 @@ def tiny_folder(tmp_path_factory):
 def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
     pytest.importorskip("diffusers")
     data = bench_gpu.run_gpu_bench(
-        tiny_folder, model="tiny", out_dir=tmp_path, size=32, steps=2, repeats=1, device="cpu", compile=False
+        tiny_folder,
+        model="tiny",
+        out_dir=tmp_path,
+        size=32,
+        steps=2,
+        repeats=1,
+        device="cpu",
+        compile=False,
+        aot=False,
     )
     phases = data["phases"]
     for name in ("info", "sdengine_eager", "sdengine_graphs", "sdengine_fp32", "diffusers_eager"):

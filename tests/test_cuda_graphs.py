@@ -132,13 +132,16 @@ def test_failed_recording_falls_back_once_with_a_warning(caplog):
 
 
 @torch.no_grad()
-def test_fingerprint_follows_storage_and_hooks_not_values():
+def test_fingerprint_follows_storage_versions_and_hooks():
     m = Affine()
     g, _ = _graphed(m)
     g(torch.randn(2, 4))
     fp = module_fingerprint(m)
-    m.lin.weight.mul_(2)  # in place: the graph reads the new values, nothing to record again
-    assert module_fingerprint(m) == fp and g.usable() and len(g.graphs) == 1
+    assert module_fingerprint(m) == fp and g.usable() and len(g.graphs) == 1  # nothing changed: graphs kept
+    m.lin.weight.mul_(2)  # in place: the version counter moves, graphs are recorded again
+    assert module_fingerprint(m) != fp and g.usable() and len(g.graphs) == 0
+    g(torch.randn(2, 4))
+    fp = module_fingerprint(m)
     m.lin.weight = nn.Parameter(m.lin.weight.detach().clone())  # a new tensor: graphs are stale
     assert module_fingerprint(m) != fp
     assert g.usable() and len(g.graphs) == 0

@@ -11,7 +11,8 @@ sampler, steps and guidance scale, half precision:
   ``repeats`` calls after a warm-up), one U-Net CFG step, one VAE decode, peak allocated GPU memory;
 * engines: sdengine eager; sdengine with channels_last + CUDA graphs; sdengine with torch.compile + CUDA graphs
   in two fresh processes, the first with an empty compile cache (cold start) and the second with the cache the
-  first left (warm start), each timed from process start to its first image; diffusers eager; diffusers
+  first left (warm start), each timed from process start to its first image; the same two with the networks
+  compiled ahead of time (``aot``, sdengine.aot) instead of torch.compile; diffusers eager; diffusers
   compiled as its documentation recommends (channels_last, ``torch.compile(mode="reduce-overhead",
   fullgraph=True)`` of the U-Net);
 * batch 8: images per second of sdengine (graphs; compiled, in the warm process after its first image) and
@@ -44,6 +45,7 @@ from sdengine.bench import NEGATIVE, PROMPT, BenchError, mean_abs, peer_module, 
 FILE_NAME = "bench_gpu.json"
 GRAPH_OPTIONS = ("channels_last", "cuda_graphs")
 COMPILED_OPTIONS = ("channels_last", "compile", "cuda_graphs")
+AOT_OPTIONS = ("channels_last", "aot", "cuda_graphs")
 
 
 def _sync(device: Any) -> None:
@@ -368,6 +370,7 @@ def run_gpu_bench(
     compile: bool = True,
     budget_s: float = 480.0,
     fp32_check: bool = True,
+    aot: bool = True,
 ) -> dict[str, Any]:
     """The whole GPU comparison (module docstring); returns the JSON's dict and writes it to ``out_dir``.
     ``device="cpu"`` runs the same phases on the CPU (the tests do, with a tiny model and ``compile=False``)."""
@@ -452,15 +455,17 @@ def run_gpu_bench(
 
     cache_dir = Path(tempfile.mkdtemp(prefix="sdengine-inductor-"))
 
-    def sd_child(label: str, batch8: bool) -> dict[str, Any]:
+    def sd_child(
+        label: str, batch8: bool, options: tuple[str, ...] | None = None, cache: Path | None = None
+    ) -> dict[str, Any]:
         image_path = Path(tempfile.mkdtemp(prefix="sdengine-bench-")) / "image.npy"
         env = dict(os.environ)
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache or cache_dir)
         job = {
             "engine": f"sdengine ({label})",
             "folder": str(folder),
             "device": device,
-            "options": list(COMPILED_OPTIONS if compile else GRAPH_OPTIONS),
+            "options": list(options or (COMPILED_OPTIONS if compile else GRAPH_OPTIONS)),
             "cfg": cfg,
             "repeats": repeats,
             "sdpa": state["sdpa"],
@@ -481,6 +486,10 @@ def run_gpu_bench(
     run.phase(f"{child_name}_cold", 150, lambda: sd_child("cold cache", False))
     # The warm process also times batch 8 after its first image (compiled: one more shape to compile)
     run.phase(f"{child_name}_warm", 120 if compile else 45, lambda: sd_child("warm cache", True))
+    if aot:  # the same with the networks compiled ahead of time (sdengine.aot): no tracing in a warm process
+        aot_cache = Path(tempfile.mkdtemp(prefix="sdengine-aoti-"))  # its own: the cold one starts from nothing
+        run.phase("sdengine_aot_cold", 150, lambda: sd_child("aot cold", False, AOT_OPTIONS, aot_cache))
+        run.phase("sdengine_aot_warm", 45, lambda: sd_child("aot warm", False, AOT_OPTIONS, aot_cache))
 
     if compare:
         peer = peer_module()
@@ -629,6 +638,8 @@ def ratios(phases: dict[str, Any]) -> dict[str, float]:
         ("sdengine_graphs", "diffusers_eager"),
         ("sdengine_compiled_warm", "diffusers_eager"),
         ("sdengine_compiled_warm", "diffusers_compiled"),
+        ("sdengine_aot_warm", "diffusers_eager"),
+        ("sdengine_aot_warm", "diffusers_compiled"),
         ("sdengine_graphs", "diffusers_compiled"),
     ]
     for ours, peer in pairs:

@@ -18,12 +18,14 @@ records again, whenever that could differ:
   stream already capturing;
 * an argument that is neither a tensor nor a hashable constant;
 * the network's *fingerprint* changed (:func:`module_fingerprint`: every parameter's and buffer's storage
-  address, and the count of forward hooks, which is how LoRAs are patched on): all its graphs are dropped;
+  address and version counter, and the count of forward hooks, which is how LoRAs are patched on): all its
+  graphs are dropped (and a wrapped ahead-of-time compiled network binds its weights again);
 * recording failed (a call inside that synchronises with the CPU): that signature runs eagerly from then on,
   with one warning.
 
-Weights changed in place (``load_state_dict`` into the same tensors) keep their addresses, and the graph reads
-them afresh at every replay, so they need no new recording.
+A graph reads the weights afresh at every replay, so weights changed in place (``load_state_dict`` into the same
+tensors) would need no new recording; the version counter drops the graphs anyway, because what a graph wraps
+may have folded weights in (sdengine.aot), and recording again costs a few calls.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _tensor_key(t: Tensor) -> tuple[Any, ...]:
     return ("T", tuple(t.shape), t.dtype, str(t.device), tuple(t.stride()), t.requires_grad)
 
 
-def _signature(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Hashable, list[Tensor]] | None:
+def call_signature(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Hashable, list[Tensor]] | None:
     """(hashable key, tensor arguments in order), or None when an argument cannot be keyed."""
     key: list[Any] = []
     tensors: list[Tensor] = []
@@ -97,13 +99,16 @@ def _copy_out(out: Any) -> Any:
 
 
 def module_fingerprint(module: nn.Module | None) -> tuple[Any, ...]:
-    """What a recorded graph of ``module`` depends on besides its inputs: each parameter's and buffer's storage
-    (address, dtype, shape) and the number of forward (pre-)hooks of its submodules (LoRAs are patched on as
+    """What a recorded graph (or an ahead-of-time compiled network, sdengine.aot) of ``module`` depends on besides
+    its inputs: each parameter's and buffer's storage (address, dtype, shape) and version counter (bumped by
+    every in-place change), and the number of forward (pre-)hooks of its submodules (LoRAs are patched on as
     hooks, see sdengine.nn.lora). Computed once per generation, not per step."""
     if module is None:
         return ()
     tensors = tuple(
-        (t.data_ptr(), t.dtype, tuple(t.shape)) for t in (*module.parameters(), *module.buffers()) if t is not None
+        (t.data_ptr(), t.dtype, tuple(t.shape), t._version)
+        for t in (*module.parameters(), *module.buffers())
+        if t is not None
     )
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
     return tensors, hooks
@@ -162,6 +167,9 @@ class GraphedCallable:
         if now != self.fingerprint:
             self.fingerprint = now
             self.reset()
+            reset = getattr(self.fn, "reset", None)  # an ahead-of-time compiled network binds its weights again
+            if reset is not None:
+                reset()
         return not (now and now[1])
 
     def reset(self) -> None:
@@ -178,7 +186,7 @@ class GraphedCallable:
         return True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        sig = _signature(args, kwargs)
+        sig = call_signature(args, kwargs)
         if sig is None or not self._eligible(sig[1]):
             return self.fn(*args, **kwargs)
         key, tensors = sig
@@ -223,4 +231,4 @@ class GraphedCallable:
         return entry
 
 
-__all__ = ["GraphedCallable", "cuda_graph_backend", "module_fingerprint"]
+__all__ = ["GraphedCallable", "call_signature", "cuda_graph_backend", "module_fingerprint"]

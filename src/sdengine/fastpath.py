@@ -14,6 +14,10 @@ docs/performance.md; in short, on the 2-core AVX2 CPU there:
 * ``channels_last``: convolution weights (and so activations) in NHWC. oneDNN reorders to its blocked
   layout either way on x86; U-Net-alone and single-convolution timings were within noise of NCHW (or
   slower), so it stays off.
+* ``aot``: the U-Net and the VAE decode compiled ahead of time with AOTInductor (:mod:`sdengine.aot`): the first
+  use of a shape compiles a package into ``compile_cache_dir()/aoti`` (as long as ``compile``), later processes
+  load it without tracing; the live weights are bound in, so one package serves every checkpoint of an
+  architecture. Not on by default; not measured on a GPU yet.
 * ``compile``: ``torch.compile`` (inductor, C++ backend on the CPU) of the U-Net and of the VAE decoder, in
   place (``nn.Module.compile``), so everything that reads ``pipe.unet.config`` keeps working. Its generated
   code is cached in ``TORCHINDUCTOR_CACHE_DIR`` (set to :func:`compile_cache_dir` unless the user chose one),
@@ -41,7 +45,15 @@ from typing import Any
 
 from sdengine.errors import UsageError
 
-OPTIONS: tuple[str, ...] = ("winograd", "channels_last", "cudnn_benchmark", "sdpa_fastest", "compile", "cuda_graphs")
+OPTIONS: tuple[str, ...] = (
+    "winograd",
+    "channels_last",
+    "cudnn_benchmark",
+    "sdpa_fastest",
+    "compile",
+    "aot",
+    "cuda_graphs",
+)
 CUDA_ONLY: frozenset[str] = frozenset({"cudnn_benchmark", "sdpa_fastest", "cuda_graphs"})
 DEFAULT_OPTIONS: frozenset[str] = frozenset()  # measured, see the module docstring
 # On a CUDA device in half precision: measured on an H200 (docs/performance.md, "GPU"): SD 1.5 at 512x512 in
@@ -61,6 +73,8 @@ def parse_options(spec: str | Iterable[str] | None) -> tuple[str, ...]:
     unknown = [n for n in names if n not in OPTIONS]
     if unknown:
         raise UsageError(f"unknown fast-path option(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
+    if "compile" in names and "aot" in names:
+        raise UsageError("fast-path options compile and aot are two ways to compile the same networks: pick one")
     return tuple(o for o in OPTIONS if o in names)
 
 
@@ -119,6 +133,10 @@ def apply_fast_path(pipe: Any, options: Iterable[str]) -> list[str]:
             pipe.unet.compile()
             pipe.vae.decoder.compile()
             done.append(f"compile: U-Net and VAE decoder through inductor, cache {cache}")
+        elif name == "aot":
+            cache = compile_cache_dir() / "aoti"
+            pipe.enable_aot(cache)
+            done.append(f"aot: U-Net and VAE decode compiled ahead of time (AOTInductor), packages in {cache}")
         elif torch.device(pipe.device).type != "cuda":
             done.append(f"{name}: skipped (a CUDA option; the pipeline is on {torch.device(pipe.device).type})")
         elif name == "cudnn_benchmark":

@@ -88,6 +88,7 @@ def _run_gpu(a: argparse.Namespace, folder: Path, name: str) -> int:
         device=a.device,
         compare=a.compare != "none",
         compile=not a.no_compile,
+        aot=not a.no_compile,
         budget_s=a.budget_s or 480.0,
     )
     print(table(data))
@@ -215,5 +216,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         default=None,
         help="--device cuda: seconds the whole run may take (default 480); phases that would not fit are skipped",
     )
-    p.add_argument("--no-compile", action="store_true", help="--device cuda: leave out the torch.compile engines")
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="--device cuda: leave out the compiled engines (torch.compile and ahead of time)",
+    )
     p.set_defaults(func=run)

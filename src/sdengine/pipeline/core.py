@@ -129,6 +129,7 @@ class Pipeline:
         self.vae_upcast = False  # set once a half-precision decode gave NaN: later decodes go to fp32
         # name -> GraphedCallable of the U-Net and the VAE decode, once enable_cuda_graphs() was called
         self.cuda_graphs: dict[str, Any] | None = None
+        self.aot: dict[str, Any] | None = None  # name -> sdengine.aot.AOTCompiled, once enable_aot() was called
         # A family with its own conditioner (SDXL: two encoders) passes it in; the others are made here.
         self.conditioner: TextConditioner = conditioner or make_conditioner(
             text_encoder,
@@ -215,16 +216,29 @@ class Pipeline:
         from sdengine.cuda_graphs import GraphedCallable
 
         opts = {"backend": backend, "device_type": device_type}
+        aot = self.aot or {}
         self.cuda_graphs = {
-            "unet": GraphedCallable(self.unet, module=self.unet, name="U-Net", **opts),
-            "vae": GraphedCallable(self.vae.decode, module=self.vae, name="VAE decode", **opts),
+            "unet": GraphedCallable(aot.get("unet", self.unet), module=self.unet, name="U-Net", **opts),
+            "vae": GraphedCallable(aot.get("vae", self.vae.decode), module=self.vae, name="VAE decode", **opts),
         }
         return True
 
+    def enable_aot(self, cache_dir: str | Path) -> None:
+        """Run the U-Net and the VAE decode from AOTInductor packages (:mod:`sdengine.aot`), compiled into
+        ``cache_dir`` on first use per shape and loaded from there by later processes. Before
+        :meth:`enable_cuda_graphs`, the graphs record the compiled networks."""
+        from sdengine.aot import AOTCompiled, Decode
+
+        self.aot = {
+            "unet": AOTCompiled(self.unet, name="unet", cache_dir=cache_dir),
+            "vae": AOTCompiled(Decode(self.vae), name="vae-decode", cache_dir=cache_dir),
+        }
+
     def graphed(self, name: str) -> Any:
-        """The graphed callable ``name`` ("unet", "vae") for this generation, or None: graphs off, or the
-        network carries hooks (a patched LoRA) and runs eagerly."""
-        g = (self.cuda_graphs or {}).get(name)
+        """The accelerated callable ``name`` ("unet", "vae") for this generation: its CUDA graphs, else its
+        ahead-of-time compiled network; None when there is neither, or the network carries hooks (a patched
+        LoRA) and runs as it is."""
+        g = (self.cuda_graphs or {}).get(name) or (self.aot or {}).get(name)
         return g if g is not None and g.usable() else None
 
     # -- text (the conditioner's, kept here for callers that hold a pipeline) ---------------------------

@@ -1,0 +1,166 @@
+"""Ahead-of-time compiled networks (AOTInductor): compiled once per architecture and shape, loaded in a second.
+
+``torch.compile`` traces the network again in every new process (11.6 s of SD 1.5's 23.1 s warm start on an H200,
+docs/gpu.md) even when its compiled kernels come from the cache. AOTInductor compiles an exported program into a
+package (a shared library with the kernels) that a later process loads without tracing anything.
+
+:class:`AOTCompiled` wraps a network: the first call with a new signature (tensor shapes, dtypes, strides;
+constant arguments) exports the network with those inputs and compiles it into
+``cache_dir/NAME-DIGEST.pt2``, or loads that file when an earlier process made it. The digest covers what the
+compiled code depends on: torch's version, the device (and GPU generation), the network's class and config, every
+weight's name, shape, dtype and strides (their memory layout), and the call's signature. The package holds no
+weights: the live module's parameters are bound into it (``load_constants(..., user_managed=True)``), so one
+package serves every checkpoint of an architecture.
+
+Compiled code may fold weights into derived constants when they are bound, so it is bound again whenever the
+module's fingerprint (sdengine.cuda_graphs.module_fingerprint: storage, version counters, hooks) moved; while
+the module carries forward hooks (a patched LoRA) every call goes to the module itself. A signature that fails to
+export or compile runs on the module from then on, with one warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sdengine.cuda_graphs import call_signature, module_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def _device_tag(tensors: list[torch.Tensor]) -> str:
+    dev = tensors[0].device if tensors else torch.device("cpu")
+    if dev.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(dev)
+        return f"cuda-sm{major}{minor}"
+    return dev.type
+
+
+def package_digest(module: nn.Module, key: Hashable, device_tag: str) -> str:
+    """What the compiled package depends on, as a hex digest (the module docstring lists it)."""
+    weights = [
+        (name, tuple(t.shape), str(t.dtype), tuple(t.stride()))
+        for name, t in (*module.named_parameters(), *module.named_buffers())
+    ]
+    facts = {
+        "torch": torch.__version__,
+        "device": device_tag,
+        "class": f"{type(module).__module__}.{type(module).__qualname__}",
+        "config": repr(getattr(module, "config", None)),
+        "weights": weights,
+        "call": repr(key),
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class AOTCompiled:
+    """``module`` run from AOTInductor packages (module docstring). Calls it cannot serve go to ``module``."""
+
+    def __init__(self, module: nn.Module, *, name: str, cache_dir: str | Path) -> None:
+        self.module = module
+        self.name = name
+        self.cache_dir = Path(cache_dir)
+        self.runners: dict[Hashable, Any] = {}
+        self.failed: set[Hashable] = set()
+        self.fingerprint = module_fingerprint(module)
+        self.compiled = 0  # packages compiled by this process
+        self.loaded = 0  # packages loaded from the cache
+        self.seconds = 0.0  # spent exporting, compiling and loading
+
+    def reset(self) -> None:
+        """Drop the loaded packages (their weights are bound again on the next call)."""
+        self.runners.clear()
+
+    def usable(self) -> bool:
+        """False while the module carries forward hooks; packages re-bound when its weights moved."""
+        now = module_fingerprint(self.module)
+        if now != self.fingerprint:
+            self.fingerprint = now
+            self.reset()
+        return not (now and now[1])
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        sig = call_signature(args, kwargs)
+        if sig is None or (torch.is_grad_enabled() and any(t.requires_grad for t in sig[1])):
+            return self.module(*args, **kwargs)
+        key, tensors = sig
+        if key in self.failed:
+            return self.module(*args, **kwargs)
+        runner = self.runners.get(key)
+        if runner is None:
+            runner = self._prepare(key, args, kwargs, tensors)
+            if runner is None:
+                return self.module(*args, **kwargs)
+        return runner(*args, **kwargs)
+
+    def _prepare(self, key: Hashable, args: Any, kwargs: dict[str, Any], tensors: list[torch.Tensor]) -> Any:
+        t0 = time.perf_counter()
+        path = self.cache_dir / f"{self.name}-{package_digest(self.module, key, _device_tag(tensors))}.pt2"
+        try:
+            if not path.is_file():
+                self._compile(path, args, kwargs)
+                self.compiled += 1
+            else:
+                self.loaded += 1
+            runner = torch._inductor.aoti_load_package(str(path))
+            state = {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
+            # The folded constants (names starting _FOLDED_CONST) are derived from these when the package first
+            # runs after they are bound; every other constant must be a weight of the module.
+            names = [n for n in runner.get_constant_fqns() if not n.startswith("_FOLDED_CONST")]
+            missing = [n for n in names if n not in state]
+            if missing:
+                raise KeyError(f"the package needs constants the module lacks: {', '.join(missing[:3])}")
+            runner.load_constants({n: state[n] for n in names}, check_full_update=False, user_managed=True)
+        except Exception as e:  # noqa: BLE001 - any failure to compile or load means: run this signature plainly
+            self.failed.add(key)
+            log.warning("%s: not compiled ahead of time (%s: %s); running it as it is", self.name, type(e).__name__, e)
+            return None
+        finally:
+            self.seconds += time.perf_counter() - t0
+        self.runners[key] = runner
+        return runner
+
+    def _compile(self, path: Path, args: Any, kwargs: dict[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Outside inference mode (the pipeline calls from inside it): export traces with ordinary tensors.
+        with torch.inference_mode(False), torch.no_grad():
+            plain = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+            named = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            program = torch.export.export(self.module, tuple(plain), named, strict=False)
+        tmp = path.with_name(f".partial-{os.getpid()}-{path.name}")  # the packager wants a name ending in .pt2
+        try:
+            torch._inductor.aoti_compile_and_package(
+                program,
+                package_path=str(tmp),
+                inductor_configs={
+                    "aot_inductor.package_constants_in_so": False,
+                    # weights folded into derived constants when bound, not when compiled (then frozen)
+                    "aot_inductor.use_runtime_constant_folding": True,
+                },
+            )
+            os.replace(tmp, path)  # whole or not at all: a second process may be compiling the same package
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class Decode(nn.Module):
+    """``vae.decode`` as a module of its own (what is exported for the VAE): its weights are the VAE's."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z)  # type: ignore[operator]
+
+
+__all__ = ["AOTCompiled", "Decode", "package_digest"]
