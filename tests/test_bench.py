@@ -107,7 +107,8 @@ def test_peak_rss_is_the_childs_own(tiny_folder):
 
 
 @pytest.mark.parametrize(
-    "option", [o if o != "compile" else pytest.param(o, marks=pytest.mark.slow) for o in fastpath.OPTIONS]
+    "option",
+    [o if o not in ("compile", "aot") else pytest.param(o, marks=pytest.mark.slow) for o in fastpath.OPTIONS],
 )
 def test_fast_path_option_keeps_the_image(tiny_folder, option):
     spec = bench.GenSpec(size=32, steps=4)
