@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The GPU checks of docs/gpu.md in one command, for a machine with a CUDA device and the project's Python
+# dependencies (diffusers for the comparison): the CUDA-only tests, then the bench, results in OUT_DIR.
+#   tools/gpu_check.sh OUT_DIR [BUDGET_SECONDS]
+set -uo pipefail
+out=${1:?usage: tools/gpu_check.sh OUT_DIR [BUDGET_SECONDS]}
+budget=${2:-420}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+"$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 2
+# The tests that only run on a GPU (CUDA graphs for real, masked attention off cuDNN, previews on the device).
+timeout 300 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_pipeline_vae.py tests/test_aot.py \
+    2>&1 | tee "$out/gpu_tests.log" | tail -5
+"$py" -m sdengine bench --random sd15 --workdir /tmp/sdengine-gpu-check --device cuda --compare diffusers \
+    --out "$out" --budget-s "$budget" 2>&1 | grep -v "Loading" | tee "$out/bench.log"
