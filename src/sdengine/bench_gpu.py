@@ -482,18 +482,9 @@ def run_gpu_bench(
             res["_latent"] = np.load(latent_path)
         return res
 
-    child_name = "sdengine_compiled" if compile else "sdengine_graphs_process"
-    run.phase(f"{child_name}_cold", 150, lambda: sd_child("cold cache", False))
-    # The warm process also times batch 8 after its first image (compiled: one more shape to compile)
-    run.phase(f"{child_name}_warm", 120 if compile else 45, lambda: sd_child("warm cache", True))
-    if aot:  # the same with the networks compiled ahead of time (sdengine.aot): no tracing in a warm process
-        aot_cache = Path(tempfile.mkdtemp(prefix="sdengine-aoti-"))  # its own: the cold one starts from nothing
-        run.phase("sdengine_aot_cold", 150, lambda: sd_child("aot cold", False, AOT_OPTIONS, aot_cache))
-        run.phase("sdengine_aot_warm", 45, lambda: sd_child("aot warm", False, AOT_OPTIONS, aot_cache))
-
-    if compare:
-        peer = peer_module()
-        dpipe: dict[str, Any] = {}
+    peer: Any = peer_module() if compare else None
+    dpipe: dict[str, Any] = {}
+    if compare:  # early: cheap, and the stage-by-stage comparison needs the graphs pipeline still loaded
 
         def df_eager() -> dict[str, Any]:
             engine = peer.GpuEngine(folder, device, sampler, size)
@@ -509,17 +500,26 @@ def run_gpu_bench(
 
         run.phase("diffusers_eager", 40, df_eager)
 
-        def df_compiled() -> dict[str, Any]:
-            engine = dpipe.get("engine") or peer.GpuEngine(folder, device, sampler, size)
-            engine.compile()
-            res = engine.measure(PROMPT, NEGATIVE, cfg, repeats, batch8=False)
-            res["compile_s"] = res["warmup_s"]  # the first call compiles (and generates one image)
-            return res
+    child_name = "sdengine_compiled" if compile else "sdengine_graphs_process"
+    run.phase(f"{child_name}_cold", 150, lambda: sd_child("cold cache", False))
+    # The warm process also times batch 8 after its first image (compiled: one more shape to compile)
+    run.phase(f"{child_name}_warm", 120 if compile else 45, lambda: sd_child("warm cache", True))
+    if aot:  # the same with the networks compiled ahead of time (sdengine.aot): no tracing in a warm process
+        aot_cache = Path(tempfile.mkdtemp(prefix="sdengine-aoti-"))  # its own: the cold one starts from nothing
+        run.phase("sdengine_aot_cold", 150, lambda: sd_child("aot cold", False, AOT_OPTIONS, aot_cache))
+        run.phase("sdengine_aot_warm", 45, lambda: sd_child("aot warm", False, AOT_OPTIONS, aot_cache))
 
-        if compile:
-            run.phase("diffusers_compiled", 120, df_compiled)
-        dpipe.clear()
-        _free(device)
+    def df_compiled() -> dict[str, Any]:
+        engine = dpipe.get("engine") or peer.GpuEngine(folder, device, sampler, size)
+        engine.compile()
+        res = engine.measure(PROMPT, NEGATIVE, cfg, repeats, batch8=False)
+        res["compile_s"] = res["warmup_s"]  # the first call compiles (and generates one image)
+        return res
+
+    if compare and compile:  # last: its compile is the longest, and run 1 of docs/gpu.md has it
+        run.phase("diffusers_compiled", 120, df_compiled)
+    dpipe.clear()
+    _free(device)
 
     run.data["agreement"] = agreement(run.images)
     run.data["latent_agreement"] = latent_agreement(run.latents)
