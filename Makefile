@@ -8,11 +8,11 @@ DEVSTAMP := $(VENV)/.installed-dev
 # Debian packages, each with a file that shows it is there: Fashion-MNIST (DDPM training and the
 # classifier), Noto Color Emoji, Unicode's emoji-test.txt and CLDR's emoji annotations (the emoji dataset and its
 # `--captions cldr`), Chromium (the web page's browser tests, driven by Playwright with this executable; no
-# browser download).
-APT_PKGS := dataset-fashion-mnist fonts-noto-color-emoji unicode-data unicode-cldr-core chromium
+# browser download), and a C++ compiler (the `aot` fast path's tests compile AOTInductor packages).
+APT_PKGS := dataset-fashion-mnist fonts-noto-color-emoji unicode-data unicode-cldr-core chromium g++
 APT_FILES := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \
 	/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf /usr/share/unicode/emoji/emoji-test.txt \
-	/usr/share/unicode/cldr/common/annotations/en.xml /usr/bin/chromium
+	/usr/share/unicode/cldr/common/annotations/en.xml /usr/bin/chromium /usr/bin/g++
 
 .PHONY: demo test test-all lint typecheck sysdeps venv dev clean
 
