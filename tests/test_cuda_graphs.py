@@ -316,3 +316,12 @@ def test_masked_attention_never_reaches_cudnn_on_a_gpu():  # pragma: no cover - 
     finally:
         sb.use_backend("default")
     torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_compile_and_aot_together_are_refused_in_one_line():
+    from sdengine.errors import UsageError
+    from sdengine.fastpath import parse_options
+
+    with pytest.raises(UsageError, match="compile and aot are two ways to compile the same networks"):
+        parse_options("aot,compile")
+    assert parse_options("cuda_graphs, aot") == ("aot", "cuda_graphs")  # applied in OPTIONS' order
