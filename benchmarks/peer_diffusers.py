@@ -129,22 +129,6 @@ class GpuEngine:
         self.pipe.vae.to(memory_format=torch.channels_last)
         self.pipe.unet = torch.compile(self.pipe.unet, mode="reduce-overhead", fullgraph=True)
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _timed(self, fn: Callable[[], Any], n: int) -> list[float]:
-        import time
-
-        out = []
-        for _ in range(n):
-            self._sync()
-            t0 = time.perf_counter()
-            fn()
-            self._sync()
-            out.append(time.perf_counter() - t0)
-        return out
-
     def generate(self, prompt: str, negative: str, cfg: dict[str, Any], batch: int, output_type: str) -> Any:
         gens = [torch.Generator("cpu").manual_seed(cfg["seed"] + i) for i in range(batch)]
         return self.pipe(
@@ -165,12 +149,17 @@ class GpuEngine:
         import statistics
         import time
 
+        from sdengine.bench_gpu import timed as timed_on
+
+        def timed(fn: Callable[[], Any], n: int) -> list[float]:
+            return timed_on(fn, self.device, n)
+
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         image = np.asarray(self.generate(prompt, negative, cfg, 1, "np"), dtype=np.float32)
         warm = time.perf_counter() - t0
-        times = self._timed(lambda: self.generate(prompt, negative, cfg, 1, "pil"), repeats)
+        times = timed(lambda: self.generate(prompt, negative, cfg, 1, "pil"), repeats)
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
         side = cfg["size"] // self.pipe.vae_scale_factor
         g = torch.Generator("cpu").manual_seed(0)
@@ -199,8 +188,8 @@ class GpuEngine:
             "warmup_s": warm,
             "image_s": statistics.median(times),
             "image_all_s": times,
-            "unet_step_ms": statistics.median(self._timed(step, 20)) * 1000,
-            "vae_decode_ms": statistics.median(self._timed(decode, 5)) * 1000,
+            "unet_step_ms": statistics.median(timed(step, 20)) * 1000,
+            "vae_decode_ms": statistics.median(timed(decode, 5)) * 1000,
             "peak_allocated_mb": peak,
             "vae_output_finite": bool(torch.isfinite(decoded).all()),
             "_image": image,
@@ -208,8 +197,6 @@ class GpuEngine:
         }
         if batch8:
             self.generate(prompt, negative, cfg, 8, "pil")
-            t8 = statistics.median(
-                self._timed(lambda: self.generate(prompt, negative, cfg, 8, "pil"), max(2, repeats // 2))
-            )
+            t8 = statistics.median(timed(lambda: self.generate(prompt, negative, cfg, 8, "pil"), max(2, repeats // 2)))
             out.update({"batch8_s": t8, "batch8_images_per_s": 8 / t8})
         return out

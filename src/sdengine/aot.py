@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdengine.cuda_graphs import call_signature, module_fingerprint
+from sdengine.cuda_graphs import ModuleWatch, call_signature
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class AOTCompiled:
         self.cache_dir = Path(cache_dir)
         self.runners: dict[Hashable, Any] = {}
         self.failed: set[Hashable] = set()
-        self.fingerprint = module_fingerprint(module)
+        self.watch = ModuleWatch(module)
         self.compiled = 0  # packages compiled by this process
         self.loaded = 0  # packages loaded from the cache
         self.seconds = 0.0  # spent exporting, compiling and loading
@@ -82,11 +82,10 @@ class AOTCompiled:
 
     def usable(self) -> bool:
         """False while the module carries forward hooks; packages re-bound when its weights moved."""
-        now = module_fingerprint(self.module)
-        if now != self.fingerprint:
-            self.fingerprint = now
+        moved, hooked = self.watch.check()
+        if moved:
             self.reset()
-        return not (now and now[1])
+        return not hooked
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         sig = call_signature(args, kwargs)

@@ -117,6 +117,21 @@ def module_fingerprint(module: nn.Module | None) -> tuple[Any, ...]:
     return tuple(tensors), hooks
 
 
+class ModuleWatch:
+    """Whether a module changed since the last look: ``check()`` -> (moved, hooked). ``moved``: its fingerprint
+    (:func:`module_fingerprint`) differs from the previous check's (or construction's); ``hooked``: it carries
+    forward hooks now. Shared by the graphs here and the ahead-of-time packages (sdengine.aot)."""
+
+    def __init__(self, module: nn.Module | None) -> None:
+        self.module = module
+        self.fingerprint = module_fingerprint(module)
+
+    def check(self) -> tuple[bool, bool]:
+        now = module_fingerprint(self.module)
+        moved, self.fingerprint = now != self.fingerprint, now
+        return moved, bool(now and now[1])
+
+
 def cuda_graph_backend(fn: Callable[[], Any], warmup: int) -> tuple[Callable[[], None], Any]:
     """Run ``fn`` ``warmup`` times on a side stream, then record one call into a CUDA graph.
     Returns (replay, static output)."""
@@ -158,7 +173,7 @@ class GraphedCallable:
         self.device_type = device_type
         self.graphs: OrderedDict[Hashable, _Entry] = OrderedDict()
         self.eager: set[Hashable] = set()  # signatures whose recording failed
-        self.fingerprint = module_fingerprint(module)
+        self.watch = ModuleWatch(module)
         self.replays = 0
         self.recordings = 0
 
@@ -166,14 +181,13 @@ class GraphedCallable:
         """Whether graphs may serve the next generation: never while the module has forward hooks (a patched
         LoRA's weight can change between calls without changing the module); and every graph is dropped when
         the module's weights moved since they were recorded. Call it once per generation (the pipeline does)."""
-        now = module_fingerprint(self.module)
-        if now != self.fingerprint:
-            self.fingerprint = now
+        moved, hooked = self.watch.check()
+        if moved:
             self.reset()
             reset = getattr(self.fn, "reset", None)  # an ahead-of-time compiled network binds its weights again
             if reset is not None:
                 reset()
-        return not (now and now[1])
+        return not hooked
 
     def reset(self) -> None:
         self.graphs.clear()
@@ -234,4 +248,4 @@ class GraphedCallable:
         return entry
 
 
-__all__ = ["GraphedCallable", "call_signature", "cuda_graph_backend", "module_fingerprint"]
+__all__ = ["GraphedCallable", "ModuleWatch", "call_signature", "cuda_graph_backend", "module_fingerprint"]
