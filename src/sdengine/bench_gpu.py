@@ -253,7 +253,6 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
 def kernel_profile(pipe: Any, cfg: dict[str, Any], steps: int = 5, top: int = 25) -> dict[str, Any]:
     """Where a U-Net CFG step's GPU time goes: the network called directly (compiled when it is, no graph, so
     the profiler sees each kernel), ``steps`` calls; the ``top`` kernels by total time, per step."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     cuda_graphs, pipe.cuda_graphs = pipe.cuda_graphs, None  # the plain network, not its graph
@@ -268,16 +267,13 @@ def kernel_profile(pipe: Any, cfg: dict[str, Any], steps: int = 5, top: int = 25
     finally:
         pipe.cuda_graphs = cuda_graphs
     rows = []
-    total = 0.0
     for ev in prof.key_averages():
         t = float(getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0))
         if t <= 0 or ev.key.startswith(("ProfilerStep", "cudaGraph")):
             continue
         rows.append({"kernel": ev.key[:100], "ms_per_step": t / 1000 / steps, "calls_per_step": ev.count / steps})
     rows.sort(key=lambda r: -r["ms_per_step"])
-    total = sum(r["ms_per_step"] for r in rows)
-    del torch
-    return {"kernel_ms_per_step": total, "top": rows[:top]}
+    return {"kernel_ms_per_step": sum(r["ms_per_step"] for r in rows), "top": rows[:top]}
 
 
 def save_images(images: dict[str, np.ndarray], path: Path) -> None:
@@ -472,9 +468,8 @@ def run_gpu_bench(
             "batch8": batch8,
             "profile": label == "warm cache",
             "image_path": str(image_path),
-            "started": time.time(),
+            "started": time.time(),  # the child's first image is timed from here
         }
-        job["started"] = time.time()
         res = run_worker(job, env=env, timeout=max(60.0, run.left() - 5), module="sdengine.bench_gpu")
         res["_image"] = np.load(image_path)
         latent_path = Path(str(image_path).replace(".npy", "_latent.npy"))
