@@ -13,7 +13,7 @@ weights: the live module's parameters are bound into it (``load_constants(..., u
 package serves every checkpoint of an architecture.
 
 Compiled code may fold weights into derived constants when they are bound, so it is bound again whenever the
-module's fingerprint (sdengine.cuda_graphs.module_fingerprint: storage, version counters, hooks) moved; while
+module's fingerprint (sdengine.nn.fingerprint.module_fingerprint: storage, version counters, hooks) moved; while
 the module carries forward hooks (a patched LoRA) every call goes to the module itself. A signature that fails to
 export or compile runs on the module from then on, with one warning.
 """
@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdengine.cuda_graphs import ModuleWatch, call_signature
+from sdengine.cuda_graphs import call_signature
+from sdengine.nn.fingerprint import ModuleWatch
 
 log = logging.getLogger(__name__)
 

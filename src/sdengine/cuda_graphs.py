@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sdengine.nn.fingerprint import ModuleWatch, module_fingerprint
+
 log = logging.getLogger(__name__)
 
 Backend = Callable[[Callable[[], Any], int], tuple[Callable[[], None], Any]]
@@ -96,40 +98,6 @@ def _copy_out(out: Any) -> Any:
     if is_dataclass(out) and not isinstance(out, type):
         return replace(out, **{f.name: _copy_out(getattr(out, f.name)) for f in fields(out)})
     raise TypeError(f"cannot copy a graph output of type {type(out).__name__}")
-
-
-def module_fingerprint(module: nn.Module | None) -> tuple[Any, ...]:
-    """What a recorded graph (or an ahead-of-time compiled network, sdengine.aot) of ``module`` depends on besides
-    its inputs: each parameter's and buffer's storage (address, dtype) and version counter (bumped by
-    every in-place change), and the number of forward (pre-)hooks of its submodules (LoRAs are patched on as
-    hooks, see sdengine.nn.lora). Computed once per generation, not per step."""
-    if module is None:
-        return ()
-    # One walk over the submodules (three separate walks took 3x as long: 4.4 ms for SD 1.5's U-Net here).
-    tensors: list[tuple[Any, ...]] = []
-    hooks = 0
-    for m in module.modules():
-        hooks += len(m._forward_hooks) + len(m._forward_pre_hooks)
-        for group in (m._parameters, m._buffers):
-            for t in group.values():
-                if t is not None:
-                    tensors.append((t.data_ptr(), t.dtype, t._version))
-    return tuple(tensors), hooks
-
-
-class ModuleWatch:
-    """Whether a module changed since the last look: ``check()`` -> (moved, hooked). ``moved``: its fingerprint
-    (:func:`module_fingerprint`) differs from the previous check's (or construction's); ``hooked``: it carries
-    forward hooks now. Shared by the graphs here and the ahead-of-time packages (sdengine.aot)."""
-
-    def __init__(self, module: nn.Module | None) -> None:
-        self.module = module
-        self.fingerprint = module_fingerprint(module)
-
-    def check(self) -> tuple[bool, bool]:
-        now = module_fingerprint(self.module)
-        moved, self.fingerprint = now != self.fingerprint, now
-        return moved, bool(now and now[1])
 
 
 def cuda_graph_backend(fn: Callable[[], Any], warmup: int) -> tuple[Callable[[], None], Any]:

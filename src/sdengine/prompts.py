@@ -33,6 +33,7 @@ Differences from A1111, on purpose:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Sequence
@@ -239,12 +240,30 @@ def apply_emphasis(states: Tensor, weights: Tensor) -> Tensor:
     return weighted * (original_mean / new_mean).to(states.dtype)
 
 
+def extra_tokens_key(text_encoder: Any, chunks: Sequence[TokenChunk]) -> str | None:
+    """What the textual-inversion vectors that ``chunks`` use are, as a cache key: a digest of the rows of
+    the encoder's extra tokens (``set_extra_tokens``) that the ids past its vocabulary read, None when no id
+    does. By content, not identity: an embedding trained in place or a folder loaded anew changes the key."""
+    extra = getattr(text_encoder, "extra_token_vectors", None)
+    if extra is None:
+        return None
+    vocab = int(text_encoder.config.vocab_size)
+    rows = sorted({i - vocab for c in chunks for i in c.ids if i >= vocab})
+    if not rows:
+        return None
+    used = extra.detach()[[r for r in rows if r < extra.shape[0]]].float().cpu().contiguous()
+    return hashlib.sha256(repr(rows).encode() + used.numpy().tobytes()).hexdigest()
+
+
 def encode_chunks(text_encoder: nn.Module, chunks: Sequence[TokenChunk], *, clip_skip: int = 1) -> Tensor:
     """Encode ``chunks`` independently (each its own 77-token CLIP context), apply emphasis per chunk,
     and concatenate: ``(1, 77 * len(chunks), D)``."""
+    from sdengine.text.encode_cache import cached_call
+
     param = next(iter(text_encoder.parameters()))
     ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=param.device)  # (k, 77)
-    states = text_encoder(ids, clip_skip=clip_skip).last_hidden_state  # (k, 77, D)
+    key = ("clip", tuple(tuple(c.ids) for c in chunks), clip_skip, extra_tokens_key(text_encoder, chunks))
+    states = cached_call(text_encoder, key, lambda: text_encoder(ids, clip_skip=clip_skip).last_hidden_state)
     out = []
     for i, chunk in enumerate(chunks):
         z = states[i : i + 1]  # (1, 77, D)
@@ -371,6 +390,7 @@ __all__ = [
     "encode_prompt",
     "encode_prompt_minilm",
     "encode_prompt_pair",
+    "extra_tokens_key",
     "extract_lora_tags",
     "pad_to_length",
     "parse_prompt_attention",

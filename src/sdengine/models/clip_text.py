@@ -346,6 +346,11 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"extra token vectors must be (N, {self.config.hidden_size}), got {tuple(vectors.shape)}")
         self.text_model.embeddings.extra_tokens = vectors
 
+    @property
+    def extra_token_vectors(self) -> torch.Tensor | None:
+        """The vectors :meth:`set_extra_tokens` gave (None when none)."""
+        return self.text_model.embeddings.extra_tokens
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -75,6 +75,9 @@ def load_pipeline(
     and tokenizers to use instead of those read off the tensor shapes. ``fast_path``: the speed-ups of
     :mod:`sdengine.fastpath` to apply (names, ``"default"`` or ``"none"``; default: ``$SDENGINE_FAST_PATH``, else
     ``"default"``, which on the CPU in fp32 is :data:`sdengine.fastpath.DEFAULT_OPTIONS`)."""
+    from sdengine.text.encode_cache import max_entries
+
+    max_entries()  # a bad $SDENGINE_TEXT_CACHE is refused before any model loads
     pipe = _load(name_or_path, device, dtype, vae, prediction_type, lora_dir, config, embeddings_dir)
     if isinstance(pipe, Pipeline):
         from sdengine.fastpath import apply_fast_path, resolve_options

@@ -19,6 +19,7 @@ The API a trainer uses: ``conditioner(captions) -> Conditioning`` (plain caption
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -159,7 +160,9 @@ class MiniLMConditioner:
 
         length = self.context_length
         try:
-            z, tokens, had_break = encode_prompt_minilm(self.encoder, text, length)
+            z, tokens, had_break = self._cached(
+                ("minilm-context", text, length), lambda: encode_prompt_minilm(self.encoder, text, length)
+            )
         except ValueError as e:
             raise GenerationError(f"{what}: {e}") from None
         if tokens > length:
@@ -175,7 +178,17 @@ class MiniLMConditioner:
         """(N, D) pooled sentence vectors (see :func:`sdengine.prompts.pooled_prompt_minilm`)."""
         from sdengine.prompts import pooled_prompt_minilm
 
-        return torch.cat([pooled_prompt_minilm(self.encoder, t) for t in texts]).to(self.device, self.dtype)
+        rows = [
+            self._cached(("minilm-pooled", t), functools.partial(pooled_prompt_minilm, self.encoder, t)) for t in texts
+        ]
+        return torch.cat(rows).to(self.device, self.dtype)
+
+    def _cached(self, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
+        """``compute()`` through the text-encoder cache (sdengine.text.encode_cache) of MiniLM's network."""
+        from sdengine.text.encode_cache import cached_call
+
+        model = getattr(self.encoder, "model", None)
+        return cached_call(model, key, compute) if isinstance(model, torch.nn.Module) else compute()
 
     def pair(
         self, prompt: str, negative: str, *, clip_skip: int = 1, note: Note = _ignore

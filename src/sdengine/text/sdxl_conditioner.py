@@ -164,20 +164,26 @@ class SDXLConditioner:
 
     def _encode(self, encoder: Any, tokenizer: Any, pad: int, text: str, clip_skip: int) -> tuple[Tensor, Tensor]:
         """(states (1, 77 * k, D), pooled output of the first chunk (1, P) or (1, D))."""
-        from sdengine.prompts import apply_emphasis, prompt_chunks
+        from sdengine.prompts import apply_emphasis, extra_tokens_key, prompt_chunks
+        from sdengine.text.encode_cache import cached_call
 
         chunks = prompt_chunks(tokenizer, text, pad_token_id=pad)
         param = next(iter(encoder.parameters()))
         ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=param.device)  # (k, 77)
-        out = encoder(ids, output_hidden_states=True)
-        states = out.hidden_states[-(clip_skip + 1)]  # (k, 77, D): raw, no final LayerNorm
+
+        def run() -> tuple[Tensor, Tensor]:
+            out = encoder(ids, output_hidden_states=True)
+            pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooled
+            return out.hidden_states[-(clip_skip + 1)], pooled  # states (k, 77, D): raw, no final LayerNorm
+
+        key = ("sdxl", tuple(tuple(c.ids) for c in chunks), clip_skip, extra_tokens_key(encoder, chunks))
+        states, pooled = cached_call(encoder, key, run)
         parts = []
         for i, chunk in enumerate(chunks):
             z = states[i : i + 1]
             if any(w != 1.0 for w in chunk.weights):
                 z = apply_emphasis(z, torch.tensor([chunk.weights], dtype=torch.float32, device=z.device))
             parts.append(z)
-        pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooled
         return torch.cat(parts, dim=1), pooled[:1]
 
     def text(self, prompt: str, prompt_2: str, clip_skip: int = 1) -> tuple[Tensor, Tensor]:
