@@ -198,3 +198,17 @@ def test_load_pipeline_refuses_a_bad_setting_before_loading(monkeypatch, tmp_pat
     # the folder does not even exist: the setting is checked first
     with pytest.raises(UsageError, match="SDENGINE_TEXT_CACHE must be a whole number"):
         sdengine.load_pipeline(tmp_path / "missing", device="cpu")
+
+
+def test_weights_made_under_inference_mode_are_encoded_every_time():
+    # Inference tensors have no version counter: an in-place change could not be seen, so no caching (and no
+    # crash reading the counter).
+    with torch.inference_mode():
+        net = nn.Linear(4, 4)
+        x = torch.randn(2, 4)
+        compute, calls = _counting(net, x)
+        cached_call(net, "k", compute)
+        net.weight.add_(1.0)
+        out = cached_call(net, "k", compute)
+        torch.testing.assert_close(out, net(x), rtol=0, atol=0)
+    assert len(calls) == 2 and cache_info(net)["entries"] == 0

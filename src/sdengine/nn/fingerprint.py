@@ -16,9 +16,9 @@ from torch import nn
 
 def module_fingerprint(module: nn.Module | None) -> tuple[Any, ...]:
     """What ``module``'s output depends on besides its inputs: each parameter's and buffer's storage (address,
-    dtype) and version counter (bumped by every in-place change), and the number of forward (pre-)hooks of its
-    submodules (LoRAs are patched on as hooks, see sdengine.nn.lora). A walk over the module: computed once per
-    generation or text encoding, not per step."""
+    dtype) and version counter (bumped by every in-place change; None for an inference tensor, which has none),
+    and the number of forward (pre-)hooks of its submodules (LoRAs are patched on as hooks, see sdengine.nn.lora).
+    A walk over the module: computed once per generation or text encoding, not per step."""
     if module is None:
         return ()
     # One walk over the submodules (three separate walks took 3x as long: 4.4 ms for SD 1.5's U-Net here).
@@ -29,7 +29,9 @@ def module_fingerprint(module: nn.Module | None) -> tuple[Any, ...]:
         for group in (m._parameters, m._buffers):
             for t in group.values():
                 if t is not None:
-                    tensors.append((t.data_ptr(), t.dtype, t._version))
+                    # An inference tensor (made under torch.inference_mode) has no version counter: None, and
+                    # a user that must see in-place changes (sdengine.text.encode_cache) treats it as unknown.
+                    tensors.append((t.data_ptr(), t.dtype, None if t.is_inference() else t._version))
     return tuple(tensors), hooks
 
 

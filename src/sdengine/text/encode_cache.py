@@ -14,6 +14,8 @@ freed address are not taken for the old ones). It is bypassed, neither read nor 
 * autograd is on (a trainer encodes with gradients: textual inversion, a text-encoder LoRA);
 * the network carries forward hooks (a LoRA applied unfused patches hooks on, and two LoRAs with the same
   number of hooks would look alike to the fingerprint);
+* a weight is an inference tensor (made under ``torch.inference_mode``): it has no version counter, so an
+  in-place change to it could not be seen;
 * the cache is switched off: ``SDENGINE_TEXT_CACHE=0``.
 
 Each network has its own least-recently-used table of at most ``SDENGINE_TEXT_CACHE`` entries (default 64;
@@ -98,8 +100,8 @@ def cached_call(module: nn.Module, key: Hashable, compute: Callable[[], T]) -> T
     if limit == 0 or torch.is_grad_enabled():
         return compute()
     fingerprint = module_fingerprint(module)
-    if fingerprint[1]:  # forward hooks: an unfused LoRA
-        return compute()
+    if fingerprint[1] or any(t[2] is None for t in fingerprint[0]):
+        return compute()  # forward hooks (an unfused LoRA), or weights whose in-place changes cannot be seen
     with _lock:
         table = _tables.get(module)
         if table is None:
