@@ -106,12 +106,16 @@ def sdengine_gen(
 ) -> Callable[[], np.ndarray]:
     """One generation; with ``keep``, its final latent (``keep["latent"]``, as a CPU float array) and the
     result's notes (``keep["notes"]``) are kept too."""
+    from sdengine.text import encode_cache
 
     def last_latent(info: Any) -> None:
         if keep is not None and info.step == info.steps:
             keep["latent"] = info.latents.float().cpu().numpy()
 
     def run() -> np.ndarray:
+        # Every timed call encodes its text, as the peer does: the text-encoder cache would answer the repeated
+        # prompt (sdengine.text.encode_cache; benchmarks/text_cache.py measures what it saves).
+        encode_cache.clear()
         result = pipe(
             PROMPT,
             NEGATIVE,
