@@ -112,6 +112,12 @@ def test_events_stream_progress_previews_and_the_result(client):
 
 def test_cancel_running_job_stops_within_a_step_and_the_next_job_runs(client):
     long = client.post("/v1/jobs", json={**BASE, "steps": 150, "seed": 1}).json()["id"]
+    # The worker may still be finishing the previous test's job: wait until it has taken this one, so the
+    # positions below do not depend on thread scheduling.
+    deadline = time.monotonic() + 120
+    while client.get(f"/v1/jobs/{long}").json()["state"] == "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     nxt = client.post("/v1/jobs", json={**BASE, "seed": 2}).json()
     queued = client.post("/v1/jobs", json={**BASE, "seed": 3}).json()
     assert nxt["position"] == 0 and queued["position"] == 1
