@@ -195,3 +195,18 @@ def test_scaling_flags_need_scaling_and_parse(tiny_folder, capsys):
     with pytest.raises(bench.BenchError, match="not a multiple of 8"):
         bench_scaling.parse_sizes("100")
     assert issubclass(bench.BenchError, SdengineError)
+
+
+def test_sdengine_text_time_is_never_a_cache_hit(tiny_folder):
+    """The scaling bench times sdengine's text encoding as the peer's is timed: each call encodes (the
+    text-encoder cache would answer the repeated prompt in ~0 s and make the composed estimate too small)."""
+    from sdengine.text import encode_cache
+
+    parts = bench_scaling.SdengineParts(tiny_folder, "cpu")
+    encoder = parts.pipe.text_encoder
+    parts.text("a photo", "blurry")
+    info = encode_cache.cache_info(encoder)
+    assert info["misses"] > 0 and info["hits"] == 0
+    parts.text("a photo", "blurry")  # the same texts again: encoded again, not looked up
+    info = encode_cache.cache_info(encoder)
+    assert info["misses"] > 0 and info["hits"] == 0

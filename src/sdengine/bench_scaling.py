@@ -130,6 +130,10 @@ class SdengineParts:
     def text(self, prompt: str, negative: str) -> tuple[Any, Any]:
         import torch
 
+        from sdengine.text import encode_cache
+
+        # Timed like the peer's: encoded every call, never answered by the text-encoder cache.
+        encode_cache.clear()
         with torch.inference_mode():
             cond, uncond = self.pipe.encode_prompt(prompt, negative)
         return uncond, cond
