@@ -403,3 +403,70 @@ def test_evaluate_emoji_on_the_emoji_folder_with_the_real_recogniser_class(datas
     assert res["captions"]["n"] == 3 and res["paraphrases"]["n"] == 3 and res["fd"]["dims"] == 16
     assert res["captions"]["unknown_to_recogniser"] == 0
     assert res["settings"]["image_size"] == 16
+
+
+def test_control_sweep_rescores_the_mismatched_images_at_other_scales_and_ends(pipe, recogniser, dataset):
+    """--control-sweep: each (scale, end) makes the mismatched-prompt images again and scores them as the main
+    row does; (1, 1) is the main row itself, scale 0 is the model without the ControlNet."""
+    from sdengine.eval.emoji import _canny_array, _resize_uint8
+    from sdengine.io.images import to_uint8
+    from sdengine.models.controlnet import ControlNet
+
+    cn = ControlNet.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    with torch.no_grad():
+        for p in cn.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    sweep = ((1.0, 1.0), (0.0, 1.0), (1.0, 0.5))
+    kw = dict(n=2, steps=2, batch_size=8, cfg_sweep=None, paraphrase_n=1, control_n=2, progress=False)
+    res = evaluate_emoji(pipe, recogniser, controlnet=cn, control_sweep=sweep, dataset=dataset, **kw)
+    c = res["controlnet"]
+    rows = c["mismatched_sweep"]
+    assert [(r["scale"], r["end"]) for r in rows] == list(sweep)
+    main_row = {
+        "f1": c["f1_mismatched_with"],
+        **{w: c[f"mismatched_top5_{w}"] for w in ("prompt", "control", "either")},
+    }
+    assert {k: rows[0][k] for k in main_row} == main_row
+    assert rows[1]["f1"] != rows[0]["f1"] or rows[2]["f1"] != rows[0]["f1"]  # the settings change the images
+    # scale 0: the mismatched prompts without any ControlNet
+    base = [j for j, e in enumerate(dataset.entries) if e.subgroup != HELD_OUT_SUBGROUP]
+    idx = [base[i] for i in evenly_spaced(len(base), 2)]
+    other = [idx[1], idx[0]]
+    plain = generate_batch(
+        pipe,
+        [dataset.captions[j] for j in other],
+        [j for j in idx],
+        steps=2,
+        sampler="dpmpp_2m",
+        cfg_scale=res["settings"]["cfg"],
+    )
+    size = int(pipe.default_size)
+    expected = np.mean(
+        [
+            edge_f1(_canny_array(_resize_uint8(dataset.pixels[j], size)), _canny_array(to_uint8(a)))
+            for j, a in zip(idx, plain, strict=True)
+        ]
+    )
+    assert rows[1]["f1"] == pytest.approx(expected, abs=1e-9)
+    assert res["images_generated"] == 2 + 1 + 2 * 4 + 2 * (1 + len(sweep))
+    assert "first 50% of the steps" in format_report(res)
+    with pytest.raises(ValueError, match="control_sweep"):
+        evaluate_emoji(pipe, recogniser, controlnet=cn, control_sweep=((1.0, 0.0),), dataset=dataset, **kw)
+    with pytest.raises(ValueError, match="needs a controlnet"):
+        evaluate_emoji(pipe, recogniser, control_sweep=((1.0, 1.0),), dataset=dataset, **kw)
+
+
+def test_cli_bad_control_sweep_is_one_line(capsys, tmp_path):
+    from sdengine.cli import main
+
+    cn = tmp_path / "cn"
+    cn.mkdir()
+    for args, word in (
+        (["--controlnet", str(cn), "--control-sweep", "1"], "SCALE:END"),
+        (["--controlnet", str(cn), "--control-sweep", "1:1.5"], "END in (0, 1]"),
+        (["--controlnet", str(cn), "--control-sweep=-1:1"], "SCALE must be >= 0"),
+        (["--control-sweep", "1:1"], "needs --controlnet"),
+    ):
+        rc = main(["eval", "emoji", *args])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and word in err, (args, err)

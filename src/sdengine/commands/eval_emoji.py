@@ -16,6 +16,18 @@ def _positive(what: str, v: int | None, minimum: int = 1) -> None:
         raise UsageError(f"--{what} must be at least {minimum}, got {v}")
 
 
+def _sweep_pair(text: str) -> tuple[float, float]:
+    """``"SCALE:END"`` of ``--control-sweep`` -> (scale >= 0, end in (0, 1])."""
+    parts = text.split(":")
+    try:
+        scale, end = (float(v) for v in parts)
+    except ValueError:
+        raise UsageError(f"--control-sweep takes SCALE:END pairs such as 0.5:1 or 1:0.7, got {text!r}") from None
+    if not (math.isfinite(scale) and scale >= 0 and math.isfinite(end) and 0 < end <= 1):
+        raise UsageError(f"--control-sweep {text!r}: SCALE must be >= 0 and END in (0, 1]")
+    return scale, end
+
+
 def _load_recogniser(device: str, path: str | None):
     from ..metrics.emoji_recogniser import load_emoji_recogniser
 
@@ -53,6 +65,10 @@ def run(a: argparse.Namespace) -> int:
     if a.json is not None and Path(a.json).is_dir():
         raise IsADirectoryError(f"--json {a.json} is a folder; give a file name")
 
+    sweep = [_sweep_pair(text) for text in a.control_sweep]
+    if sweep and a.controlnet is None:
+        raise UsageError("--control-sweep needs --controlnet")
+
     device = str(resolve_device(a.device))
     pipe = load_pipeline(a.model, device=device)
     recogniser = _load_recogniser(device, a.recogniser)
@@ -70,6 +86,7 @@ def run(a: argparse.Namespace) -> int:
         paraphrase_n=a.paraphrase_n,
         controlnet=a.controlnet,
         control_n=a.control_n,
+        control_sweep=sweep,
         lora=a.lora,
         lora_weight=a.lora_weight,
         progress=not a.quiet,
@@ -107,6 +124,14 @@ def register_eval(evaluate: argparse._SubParsersAction) -> None:
     p.add_argument("--no-sweep", action="store_true", help="skip the guidance sweep")
     p.add_argument("--controlnet", default=None, metavar="PATH", help="a canny ControlNet to measure edge F1")
     p.add_argument("--control-n", type=int, default=64, help="renders used for the ControlNet check")
+    p.add_argument(
+        "--control-sweep",
+        nargs="+",
+        default=[],
+        metavar="SCALE:END",
+        help="also make the mismatched-prompt images with the ControlNet at conditioning scale SCALE for the first "
+        "END of the steps (e.g. 0.5:1 1:0.7) and score them the same way",
+    )
     p.add_argument("--lora", default=None, metavar="PATH", help="a LoRA for the held-out subgroup")
     p.add_argument("--lora-weight", type=float, default=1.0)
     p.add_argument("--recogniser", default=None, metavar="PATH", help="recogniser weights (default: the shipped)")

@@ -71,10 +71,11 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     p.add_argument(
         "--captions",
-        choices=["templates", "cldr"],
+        choices=["templates", "cldr", "names"],
         default=r.CAPTIONS,
-        help="the U-Net's captions: the six caption templates (the shipped model), or those and 4 more per "
-        "emoji composed from CLDR's emoji annotations (Debian unicode-cldr-core)",
+        help="the U-Net's captions: the six caption templates; cldr: those and 4 more per emoji composed from "
+        "CLDR's emoji annotations (Debian unicode-cldr-core); names: those and 2 more from Unicode's character "
+        "names and the names list's aliases (Debian unicode-data)",
     )
     p.add_argument(
         "--init-unet",

@@ -158,20 +158,21 @@ def generate_batch(
     controlnet: Any = None,
     control_images: Tensor | None = None,
     control_scale: float = 1.0,
+    control_end: float = 1.0,
     loras: Sequence[tuple[Any, float]] | None = None,
 ) -> np.ndarray:
     """Images for several prompts in one batch: float32 ``(B, H, W, 3)`` in [0, 1] at the model's own size.
 
     One call of the pipeline's batched core (``pipe(prompts, seed=seeds, ...)``): row ``i`` is what
     ``pipe(prompts[i], seed=seeds[i], ...)`` makes. ``controlnet``: a loaded ControlNet with ``control_images``
-    ``(B, 3, H, W)`` in [0, 1], one per row."""
+    ``(B, 3, H, W)`` in [0, 1], one per row, at ``control_scale`` for the first ``control_end`` of the steps."""
     if len(prompts) != len(seeds):
         raise UsageError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     kw: dict[str, Any] = {}
     if controlnet is not None:
         if control_images is None or control_images.shape[0] != len(prompts):
             raise UsageError("a ControlNet needs one control image per prompt")
-        kw["controlnets"] = [ControlUnit(controlnet, control_images, control_scale)]
+        kw["controlnets"] = [ControlUnit(controlnet, control_images, control_scale, 0.0, control_end)]
     if loras:
         kw["loras"] = list(loras)
     r = pipe(
@@ -336,6 +337,7 @@ def evaluate_emoji(
     paraphrase_n: int | None = None,
     controlnet: Any = None,
     control_n: int = 64,
+    control_sweep: Sequence[tuple[float, float]] = (),
     lora: str | Path | None = None,
     lora_weight: float = 1.0,
     progress: bool = True,
@@ -346,7 +348,9 @@ def evaluate_emoji(
     ``n``: caption images (an evenly spaced subset of the base-model emoji; None = all of them);
     ``paraphrase_n`` the same for the paraphrases. ``cfg``: the
     guidance scale of sections a, b, d and e. ``cfg_sweep`` None or empty skips section c. ``controlnet``: a
-    ControlNet path (or loaded model) for section d on ``control_n`` renders; ``lora``: a LoRA file for
+    ControlNet path (or loaded model) for section d on ``control_n`` renders; ``control_sweep``: ``(scale, end)``
+    pairs at which the mismatched-prompt images of section d are made again (the ControlNet at conditioning scale
+    ``scale`` for the first ``end`` of the steps) and scored the same way; ``lora``: a LoRA file for
     section e at ``lora_weight``. ``dataset``: an :class:`~sdengine.data.emoji.EmojiDataset` (default: load it).
     """
     from sdengine.data.emoji import EmojiDataset
@@ -366,6 +370,16 @@ def evaluate_emoji(
     for c in (cfg, *(cfg_sweep or ())):
         if not isinstance(c, int | float) or isinstance(c, bool) or not math.isfinite(c) or c < 0:
             raise UsageError(f"guidance scales must be numbers >= 0, got {c!r}")
+    for pair in control_sweep:
+        ok = isinstance(pair, tuple | list) and len(pair) == 2
+        if ok:
+            sc, en = pair
+            ok = all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
+            ok = ok and sc >= 0 and 0 < en <= 1
+        if not ok:
+            raise UsageError(f"control_sweep takes (scale >= 0, end in (0, 1]) pairs, got {pair!r}")
+    if control_sweep and controlnet is None:
+        raise UsageError("control_sweep needs a controlnet")
     if lora is not None and not Path(lora).is_file():
         raise FileNotFoundError(f"LoRA file not found: {lora}")
 
@@ -428,7 +442,7 @@ def evaluate_emoji(
     control_res = None
     if controlnet is not None:
         t = time.perf_counter()
-        control_res = _control_section(run, pipe, ds, base, controlnet, control_n, cfg, seed, entries)
+        control_res = _control_section(run, pipe, ds, base, controlnet, control_n, cfg, seed, entries, control_sweep)
         timings["controlnet_s"] = time.perf_counter() - t
 
     # (e) LoRA on the held-out subgroup
@@ -487,6 +501,7 @@ def _control_section(
     cfg: float,
     seed: int,
     entries: Sequence[Any] | None = None,
+    control_sweep: Sequence[tuple[float, float]] = (),
 ) -> dict[str, Any]:
     from sdengine.control import load_controlnet
     from sdengine.models.controlnet import ControlNet
@@ -528,30 +543,58 @@ def _control_section(
     if entries is not None and len(idx) >= 2:
         other = [idx[(k + len(idx) // 2) % len(idx)] for k in range(len(idx))]
         prompts = [ds.captions[j] for j in other]
-        arrays = run.generate(
-            prompts, seeds, cfg, "controlnet with (mismatched prompt)", controlnet=net, control_images=control
-        )
-        gen_edges = [_canny_array(to_uint8(a)) for a in arrays]
-        out["f1_mismatched_with"] = float(np.mean([edge_f1(e, g) for e, g in zip(edges, gen_edges, strict=True)]))
-        logits, _ = _recognise(run.recogniser, _to_recogniser_input(arrays), False)
-        for who, rows in (("prompt", other), ("control", idx)):
-            targets = [run.index(entries[j].char) for j in rows]
-            known = [k for k, t in enumerate(targets) if t is not None]
-            if known:
-                hits = topk_hits(logits[known], torch.tensor([targets[k] for k in known]), 5)
-                out[f"mismatched_top5_{who}"] = float(hits.float().mean())
-        either = [
-            k
-            for k in range(len(idx))
-            if run.index(entries[other[k]].char) is not None and run.index(entries[idx[k]].char) is not None
-        ]
-        if either:
-            top5 = logits[either].topk(min(5, logits.shape[1]), dim=1).indices
-            wanted = [(run.index(entries[other[k]].char), run.index(entries[idx[k]].char)) for k in either]
-            out["mismatched_top5_either"] = float(
-                np.mean([a in row.tolist() or b in row.tolist() for row, (a, b) in zip(top5, wanted, strict=True)])
+
+        def mismatched(scale: float, end: float) -> dict[str, float]:
+            desc = f"controlnet with (mismatched prompt, scale {scale:g}, end {end:g})"
+            arrays = run.generate(
+                prompts,
+                seeds,
+                cfg,
+                desc,
+                controlnet=net,
+                control_images=control,
+                control_scale=scale,
+                control_end=end,
             )
+            return _mismatched_scores(
+                run, arrays, edges, [entries[j].char for j in other], [entries[j].char for j in idx]
+            )
+
+        scores = mismatched(1.0, 1.0)
+        out["f1_mismatched_with"] = scores.pop("f1")
+        out.update({f"mismatched_top5_{who}": share for who, share in scores.items()})
+        # The trade-off between following the control and drawing the prompt's emoji: the same images at other
+        # conditioning scales, or with the ControlNet acting on the first part of the steps only.
+        if control_sweep:
+            out["mismatched_sweep"] = [
+                {"scale": float(sc), "end": float(en), **mismatched(float(sc), float(en))} for sc, en in control_sweep
+            ]
     return out
+
+
+def _mismatched_scores(
+    run: _Runner, arrays: np.ndarray, edges: np.ndarray, prompt_chars: Sequence[str], control_chars: Sequence[str]
+) -> dict[str, float]:
+    """Mismatched-prompt images scored: ``f1`` (edge F1 against the control edges) and the recogniser's top-5
+    shares for the prompt's emoji, the control's and either (over the images whose emoji it knows)."""
+    gen_edges = [_canny_array(to_uint8(a)) for a in arrays]
+    res = {"f1": float(np.mean([edge_f1(e, g) for e, g in zip(edges, gen_edges, strict=True)]))}
+    logits, _ = _recognise(run.recogniser, _to_recogniser_input(arrays), False)
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices.tolist()
+    targets = {
+        "prompt": [run.index(c) for c in prompt_chars],
+        "control": [run.index(c) for c in control_chars],
+    }
+    for who, rows in targets.items():
+        known = [k for k, t in enumerate(rows) if t is not None]
+        if known:
+            res[who] = float(np.mean([rows[k] in top5[k] for k in known]))
+    both = [k for k in range(len(top5)) if targets["prompt"][k] is not None and targets["control"][k] is not None]
+    if both:
+        res["either"] = float(
+            np.mean([targets["prompt"][k] in top5[k] or targets["control"][k] in top5[k] for k in both])
+        )
+    return res
 
 
 def _lora_section(
@@ -632,6 +675,12 @@ def format_report(res: dict[str, Any]) -> str:
                 f"| mismatched prompt: recogniser top-5 finds the prompt's / the control's / either emoji | {c['n']} "
                 f"| | {_pct(c.get('mismatched_top5_prompt'))} / {_pct(c.get('mismatched_top5_control'))} / "
                 f"{_pct(c.get('mismatched_top5_either'))} |"
+            )
+        for r in c.get("mismatched_sweep") or []:
+            lines.append(
+                f"| mismatched prompt, ControlNet scale {r['scale']:g} for the first {r['end']:.0%} of the steps: "
+                f"edge F1; top-5 prompt's / control's / either | {c['n']} | | {r['f1']:.3f}; "
+                f"{_pct(r.get('prompt'))} / {_pct(r.get('control'))} / {_pct(r.get('either'))} |"
             )
     lo = res.get("lora")
     if lo:

@@ -206,7 +206,7 @@ def reconstruction_psnr(vae: AutoencoderKL, images: Tensor, batch: int = 128) ->
 # stage 2: text states
 
 
-CAPTION_MODES = ("templates", "cldr")
+CAPTION_MODES = ("templates", "cldr", "names")
 
 
 def caption_table(
@@ -219,7 +219,9 @@ def caption_table(
 
     ``"templates"``: the :data:`CAPTION_TEMPLATES`. ``"cldr"``: those, then
     :data:`~sdengine.data.emoji_cldr.CLDR_CAPTION_COUNT` captions from CLDR's annotations (``annotations``, read
-    from the Debian files when None). The ``held_out`` subgroup gets no CLDR caption (its extra rows repeat its
+    from the Debian files when None). ``"names"``: those, then
+    :data:`~sdengine.data.emoji_unicode_names.NAME_CAPTION_COUNT` more from Unicode's character names and the
+    names list's aliases. The ``held_out`` subgroup gets no CLDR or name caption (its extra rows repeat its
     templates): the base model must never learn it, whatever indices a caller trains on.
     """
     from ..data.emoji import make_caption
@@ -227,12 +229,24 @@ def caption_table(
     if mode not in CAPTION_MODES:
         raise EmojiTrainError(f"captions must be one of {', '.join(CAPTION_MODES)}, got {mode!r}")
     table = [[make_caption(e, template=t) for e in ds.entries] for t in range(len(CAPTION_TEMPLATES))]
-    if mode == "cldr":
+    if mode in ("cldr", "names"):
         from ..data.emoji_cldr import cldr_captions, load_annotations
 
         ann = load_annotations() if annotations is None else annotations
         extra = [cldr_captions(e, ann if e.subgroup != held_out else {}) for e in ds.entries]
         table += [list(row) for row in zip(*extra, strict=True)]
+    if mode == "names":
+        from ..data.emoji_unicode_names import NAME_CAPTION_COUNT, name_captions, parse_names_list
+
+        aliases = parse_names_list()
+        last = len(CAPTION_TEMPLATES) - 1
+        named = [
+            name_captions(e, aliases, ann)
+            if e.subgroup != held_out
+            else [make_caption(e, template=last - i % len(CAPTION_TEMPLATES)) for i in range(NAME_CAPTION_COUNT)]
+            for e in ds.entries
+        ]
+        table += [list(row) for row in zip(*named, strict=True)]
     return table
 
 
@@ -516,6 +530,7 @@ def continuation_extra(init: InitModel, recipe: EmojiRecipe, steps: int) -> dict
     """The ``sdengine`` block of a continued model: the init's, ``unet_steps`` the total, and one more entry in
     ``unet_continuations`` (what this run did), so the model's whole history stays in its folder."""
     from ..data.emoji_cldr import CLDR_CAPTION_COUNT
+    from ..data.emoji_unicode_names import NAME_CAPTION_COUNT
 
     prior = dict(init.extra)
     before = int(prior.get("unet_steps", 0))
@@ -523,7 +538,8 @@ def continuation_extra(init: InitModel, recipe: EmojiRecipe, steps: int) -> dict
         "init_unet_steps": before,
         "steps": steps,
         "captions": recipe.captions,
-        "cldr_captions_per_emoji": CLDR_CAPTION_COUNT if recipe.captions == "cldr" else 0,
+        "cldr_captions_per_emoji": CLDR_CAPTION_COUNT if recipe.captions in ("cldr", "names") else 0,
+        "name_captions_per_emoji": NAME_CAPTION_COUNT if recipe.captions == "names" else 0,
         "batch": recipe.unet_batch,
         "lr": recipe.unet_lr,
         "warmup": recipe.unet_warmup,
