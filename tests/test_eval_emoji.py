@@ -18,11 +18,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sdengine.data.emoji import CAPTION_TEMPLATES, EmojiDataset, make_caption  # noqa: E402
 from sdengine.data.emoji_paraphrases import FRUIT_PARAPHRASES, PARAPHRASES  # noqa: E402
 from sdengine.eval.emoji import (  # noqa: E402
+    canny_edges,
     edge_f1,
     evaluate_emoji,
     evenly_spaced,
     format_report,
     generate_batch,
+    resize_uint8,
     topk_hits,
 )
 from sdengine.train.emoji import HELD_OUT_SUBGROUP  # noqa: E402
@@ -408,7 +410,6 @@ def test_evaluate_emoji_on_the_emoji_folder_with_the_real_recogniser_class(datas
 def test_control_sweep_rescores_the_mismatched_images_at_other_scales_and_ends(pipe, recogniser, dataset):
     """--control-sweep: each (scale, end) makes the mismatched-prompt images again and scores them as the main
     row does; (1, 1) is the main row itself, scale 0 is the model without the ControlNet."""
-    from sdengine.eval.emoji import _canny_array, _resize_uint8
     from sdengine.io.images import to_uint8
     from sdengine.models.controlnet import ControlNet
 
@@ -443,7 +444,7 @@ def test_control_sweep_rescores_the_mismatched_images_at_other_scales_and_ends(p
     size = int(pipe.default_size)
     expected = np.mean(
         [
-            edge_f1(_canny_array(_resize_uint8(dataset.pixels[j], size)), _canny_array(to_uint8(a)))
+            edge_f1(canny_edges(resize_uint8(dataset.pixels[j], size)), canny_edges(to_uint8(a)))
             for j, a in zip(idx, plain, strict=True)
         ]
     )

@@ -48,11 +48,13 @@ from sdengine.pipeline.control import ControlUnit
 __all__ = [
     "DEFAULT_CFG",
     "DEFAULT_CFG_SWEEP",
+    "canny_edges",
     "edge_f1",
     "evaluate_emoji",
     "evenly_spaced",
     "format_report",
     "generate_batch",
+    "resize_uint8",
     "topk_hits",
 ]
 
@@ -124,7 +126,7 @@ def edge_f1(reference: np.ndarray, generated: np.ndarray, tolerance: int = EDGE_
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
-def _canny_array(rgb_uint8: np.ndarray) -> np.ndarray:
+def canny_edges(rgb_uint8: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 -> (H, W) uint8 edges (0/255), with sdengine.control's canny (100/200)."""
     from PIL import Image
 
@@ -133,7 +135,8 @@ def _canny_array(rgb_uint8: np.ndarray) -> np.ndarray:
     return np.asarray(canny(Image.fromarray(rgb_uint8)))[..., 0]
 
 
-def _resize_uint8(a: np.ndarray, size: int) -> np.ndarray:
+def resize_uint8(a: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8 (Lanczos; unchanged when it already has that size)."""
     if a.shape[0] == size and a.shape[1] == size:
         return a
     from PIL import Image
@@ -519,7 +522,7 @@ def _control_section(
         raise UsageError(f"controlnet must be a path or a ControlNet, got {type(controlnet).__name__}")
     size = int(getattr(pipe, "default_size", RECOGNISER_SIZE))
     idx = [base[i] for i in evenly_spaced(len(base), control_n)]
-    edges = np.stack([_canny_array(_resize_uint8(ds.pixels[j], size)) for j in idx])  # (N, H, W) 0/255
+    edges = np.stack([canny_edges(resize_uint8(ds.pixels[j], size)) for j in idx])  # (N, H, W) 0/255
     control = torch.from_numpy(edges).float().div(255.0)[:, None].expand(-1, 3, -1, -1).contiguous()
     seeds = [seed + j for j in idx]
     out: dict[str, Any] = {
@@ -533,7 +536,7 @@ def _control_section(
     for mode, prompts in (("", [ds.captions[j] for j in idx]), ("empty_", [""] * len(idx))):
         for key, kw in (("without", {}), ("with", {"controlnet": net, "control_images": control})):
             arrays = run.generate(prompts, seeds, cfg, f"controlnet {key} ({mode or 'caption_'}prompt)", **kw)
-            gen_edges = [_canny_array(to_uint8(a)) for a in arrays]
+            gen_edges = [canny_edges(to_uint8(a)) for a in arrays]
             pairs = list(zip(edges, gen_edges, strict=True))
             out[f"f1_{mode}{key}"] = float(np.mean([edge_f1(e, g) for e, g in pairs]))
             out[f"f1_exact_{mode}{key}"] = float(np.mean([edge_f1(e, g, 0) for e, g in pairs]))
@@ -577,7 +580,7 @@ def _mismatched_scores(
 ) -> dict[str, float]:
     """Mismatched-prompt images scored: ``f1`` (edge F1 against the control edges) and the recogniser's top-5
     shares for the prompt's emoji, the control's and either (over the images whose emoji it knows)."""
-    gen_edges = [_canny_array(to_uint8(a)) for a in arrays]
+    gen_edges = [canny_edges(to_uint8(a)) for a in arrays]
     res = {"f1": float(np.mean([edge_f1(e, g) for e, g in zip(edges, gen_edges, strict=True)]))}
     logits, _ = _recognise(run.recogniser, _to_recogniser_input(arrays), False)
     top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices.tolist()
