@@ -16,7 +16,9 @@ d. **ControlNet** (given one): for an evenly spaced subset of renders, the Canny
    generated with and without the ControlNet, and the report gives the mean F1
    between the control edges and the Canny edges of the generated image, with a 1-pixel tolerance (an edge
    pixel counts as matched when the other map has an edge within its 3x3 neighbourhood); the pixel-exact F1
-   is reported beside it;
+   is reported beside it. A mismatched prompt (another emoji's caption) is generated with the ControlNet too:
+   its F1, and how often the recogniser's top 5 holds the prompt's emoji, the control's, or either; with
+   ``control_sweep`` again at other conditioning scales and step ranges (the trade-off between the two);
 e. **LoRA** (given one): top-1 / top-5 on the held-out subgroup's canonical captions and on the fruit
    paraphrases, without and with the LoRA.
 
