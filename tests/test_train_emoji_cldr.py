@@ -137,6 +137,7 @@ def test_init_unet_starts_from_the_model_and_exports_with_its_vae(tmp_path, smal
             "steps": 2,
             "captions": "templates",
             "cldr_captions_per_emoji": 0,
+            "name_captions_per_emoji": 0,
             "batch": 8,
             "lr": 1e-12,
             "warmup": 1,
