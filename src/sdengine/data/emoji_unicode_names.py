@@ -74,10 +74,10 @@ def name_captions(
     backwards, which the other sources use least).
     """
     name = entry.name
-    ann = annotations.get(annotation_key(entry.char))
+    cps = annotation_key(entry.char)
+    ann = annotations.get(cps)
     kws = [k for k in (ann.keywords if ann else ()) if k != name]
     formal = formal_name(entry.char)
-    cps = annotation_key(entry.char)
     alias_list = [a for a in aliases.get(ord(cps), ()) if a != name] if len(cps) == 1 else []
 
     def fallback(i: int) -> str:
