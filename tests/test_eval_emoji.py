@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sdengine.data.emoji import CAPTION_TEMPLATES, EmojiDataset, make_caption  # noqa: E402
 from sdengine.data.emoji_paraphrases import FRUIT_PARAPHRASES, PARAPHRASES  # noqa: E402
 from sdengine.eval.emoji import (  # noqa: E402
+    ControlSetting,
     canny_edges,
     edge_f1,
     evaluate_emoji,
@@ -471,3 +472,62 @@ def test_cli_bad_control_sweep_is_one_line(capsys, tmp_path):
         rc = main(["eval", "emoji", *args])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and word in err, (args, err)
+
+
+def test_control_sweep_guidance_and_guess_mode_points_are_those_generations(pipe, recogniser, dataset):
+    """A sweep point with its own guidance scale and guess mode scores exactly the images that generate_batch
+    makes with those settings; guess mode changes them (the unconditional rows lose the control)."""
+    from sdengine.io.images import to_uint8
+    from sdengine.models.controlnet import ControlNet
+
+    cn = ControlNet.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    with torch.no_grad():
+        for p in cn.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)) * 0.05)
+    sweep = ((1.0, 1.0, 2.0, True), ControlSetting(1.0, 1.0, None, True), (1.0, 1.0, 2.0))
+    kw = dict(n=2, steps=2, batch_size=8, cfg_sweep=None, paraphrase_n=1, control_n=2, progress=False)
+    res = evaluate_emoji(pipe, recogniser, controlnet=cn, control_sweep=sweep, dataset=dataset, **kw)
+    rows = res["controlnet"]["mismatched_sweep"]
+    main_cfg = res["settings"]["cfg"]
+    assert [(r["cfg"], r["guess_mode"]) for r in rows] == [(2.0, True), (main_cfg, True), (2.0, False)]
+    base = [j for j, e in enumerate(dataset.entries) if e.subgroup != HELD_OUT_SUBGROUP]
+    idx = [base[i] for i in evenly_spaced(len(base), 2)]
+    other = [idx[1], idx[0]]
+    size = int(pipe.default_size)
+    edges = [canny_edges(resize_uint8(dataset.pixels[j], size)) for j in idx]
+    control = torch.from_numpy(np.stack(edges)).float().div(255.0)[:, None].expand(-1, 3, -1, -1).contiguous()
+    arrays = {}
+    for cfg, guess in ((2.0, True), (2.0, False), (main_cfg, True)):
+        arrays[cfg, guess] = generate_batch(
+            pipe,
+            [dataset.captions[j] for j in other],
+            list(idx),
+            steps=2,
+            sampler="dpmpp_2m",
+            cfg_scale=cfg,
+            controlnet=cn,
+            control_images=control,
+            guess_mode=guess,
+        )
+    assert not np.allclose(arrays[2.0, True], arrays[2.0, False])  # guess mode is not ignored
+    for r, key in zip(rows, ((2.0, True), (main_cfg, True), (2.0, False)), strict=True):
+        f1 = np.mean([edge_f1(e, canny_edges(to_uint8(a))) for e, a in zip(edges, arrays[key], strict=True)])
+        assert r["f1"] == pytest.approx(f1, abs=1e-9), key
+    report = format_report(res)
+    assert "cfg 2, guess mode" in report and f"cfg {main_cfg:g}, guess mode" in report
+    with pytest.raises(ValueError, match="guess_mode needs a ControlNet"):
+        generate_batch(pipe, ["a"], [0], steps=1, sampler="euler", cfg_scale=2.0, guess_mode=True)
+    for bad in ((1.0, 1.0, -1.0), (1.0, 1.0, 2.0, "yes"), (1.0,), ControlSetting(1.0, 0.0)):
+        with pytest.raises(ValueError, match="control_sweep"):
+            evaluate_emoji(pipe, recogniser, controlnet=cn, control_sweep=(bad,), dataset=dataset, **kw)
+
+
+def test_cli_control_sweep_bad_points_are_one_line(capsys, tmp_path):
+    from sdengine.cli import main
+
+    cn = tmp_path / "cn"
+    cn.mkdir()
+    for bad in ("1:1:2:3", "1:guess", "1:1:x", "1:1:-2", "1:1:2:guess:1"):
+        rc = main(["eval", "emoji", "--controlnet", str(cn), "--control-sweep", bad])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and "--control-sweep" in err, (bad, err)

@@ -16,16 +16,25 @@ def _positive(what: str, v: int | None, minimum: int = 1) -> None:
         raise UsageError(f"--{what} must be at least {minimum}, got {v}")
 
 
-def _sweep_pair(text: str) -> tuple[float, float]:
-    """``"SCALE:END"`` of ``--control-sweep`` -> (scale >= 0, end in (0, 1])."""
+def _sweep_point(text: str):
+    """``"SCALE:END[:CFG][:guess]"`` of ``--control-sweep`` -> a checked ControlSetting."""
+    from ..eval.emoji import ControlSetting, control_setting
+
     parts = text.split(":")
+    guess = len(parts) >= 3 and parts[-1] == "guess"
+    nums = parts[:-1] if guess else parts
     try:
-        scale, end = (float(v) for v in parts)
+        values = [float(v) for v in nums]
     except ValueError:
-        raise UsageError(f"--control-sweep takes SCALE:END pairs such as 0.5:1 or 1:0.7, got {text!r}") from None
-    if not (math.isfinite(scale) and scale >= 0 and math.isfinite(end) and 0 < end <= 1):
-        raise UsageError(f"--control-sweep {text!r}: SCALE must be >= 0 and END in (0, 1]")
-    return scale, end
+        values = []
+    if not 2 <= len(values) <= 3:
+        raise UsageError(
+            f"--control-sweep takes SCALE:END[:CFG][:guess] such as 0.5:1, 1:0.7 or 1:1:3:guess, got {text!r}"
+        )
+    try:
+        return control_setting(ControlSetting(values[0], values[1], values[2] if len(values) == 3 else None, guess))
+    except UsageError:
+        raise UsageError(f"--control-sweep {text!r}: SCALE must be >= 0, END in (0, 1] and CFG >= 0") from None
 
 
 def _load_recogniser(device: str, path: str | None):
@@ -65,7 +74,7 @@ def run(a: argparse.Namespace) -> int:
     if a.json is not None and Path(a.json).is_dir():
         raise IsADirectoryError(f"--json {a.json} is a folder; give a file name")
 
-    sweep = [_sweep_pair(text) for text in a.control_sweep]
+    sweep = [_sweep_point(text) for text in a.control_sweep]
     if sweep and a.controlnet is None:
         raise UsageError("--control-sweep needs --controlnet")
 
@@ -128,9 +137,10 @@ def register_eval(evaluate: argparse._SubParsersAction) -> None:
         "--control-sweep",
         nargs="+",
         default=[],
-        metavar="SCALE:END",
+        metavar="SCALE:END[:CFG][:guess]",
         help="also make the mismatched-prompt images with the ControlNet at conditioning scale SCALE for the first "
-        "END of the steps (e.g. 0.5:1 1:0.7) and score them the same way",
+        "END of the steps, at guidance CFG (default --cfg), in guess mode with ':guess' (the ControlNet on the "
+        "conditional rows only) (e.g. 0.5:1 1:0.7 1:1:3:guess) and score them the same way",
     )
     p.add_argument("--lora", default=None, metavar="PATH", help="a LoRA for the held-out subgroup")
     p.add_argument("--lora-weight", type=float, default=1.0)

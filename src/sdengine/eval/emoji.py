@@ -18,7 +18,8 @@ d. **ControlNet** (given one): for an evenly spaced subset of renders, the Canny
    pixel counts as matched when the other map has an edge within its 3x3 neighbourhood); the pixel-exact F1
    is reported beside it. A mismatched prompt (another emoji's caption) is generated with the ControlNet too:
    its F1, and how often the recogniser's top 5 holds the prompt's emoji, the control's, or either; with
-   ``control_sweep`` again at other conditioning scales and step ranges (the trade-off between the two);
+   ``control_sweep`` again at other conditioning scales, step ranges, guidance scales or in guess mode (the
+   trade-off between the two);
 e. **LoRA** (given one): top-1 / top-5 on the held-out subgroup's canonical captions and on the fruit
    paraphrases, without and with the LoRA.
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +148,42 @@ def resize_uint8(a: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.LANCZOS))
 
 
+@dataclass(frozen=True)
+class ControlSetting:
+    """How the ControlNet is applied for one point of the mismatched-prompt sweep: conditioning ``scale`` for the
+    first ``end`` of the steps, guidance ``cfg`` (None: the evaluation's), ``guess_mode`` (the ControlNet on the
+    conditional rows only, sd-webui-controlnet's "ControlNet is more important")."""
+
+    scale: float = 1.0
+    end: float = 1.0
+    cfg: float | None = None
+    guess_mode: bool = False
+
+    def describe(self, cfg: float) -> str:
+        mode = ", guess mode" if self.guess_mode else ""
+        return f"ControlNet scale {self.scale:g} for the first {self.end:.0%} of the steps, cfg {cfg:g}{mode}"
+
+
+def control_setting(point: ControlSetting | Sequence[Any]) -> ControlSetting:
+    """A :class:`ControlSetting` from itself or a ``(scale, end[, cfg[, guess_mode]])`` tuple, checked: scale
+    >= 0, end in (0, 1], cfg >= 0; anything else is a one-line :class:`UsageError`."""
+    if isinstance(point, ControlSetting):
+        st = point
+    else:
+        if not isinstance(point, tuple | list) or not 2 <= len(point) <= 4:
+            raise UsageError(f"control_sweep takes (scale, end[, cfg[, guess_mode]]) tuples, got {point!r}")
+        nums = list(point[:3])
+        guess = point[3] if len(point) == 4 else False
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in nums) or not isinstance(guess, bool):
+            raise UsageError(f"control_sweep takes (scale, end[, cfg[, guess_mode]]) tuples, got {point!r}")
+        st = ControlSetting(float(nums[0]), float(nums[1]), float(nums[2]) if len(nums) == 3 else None, guess)
+    ok = math.isfinite(st.scale) and st.scale >= 0 and math.isfinite(st.end) and 0 < st.end <= 1
+    ok = ok and (st.cfg is None or (math.isfinite(st.cfg) and st.cfg >= 0))
+    if not ok:
+        raise UsageError(f"control_sweep: scale must be >= 0, end in (0, 1] and cfg >= 0, got {point!r}")
+    return st
+
+
 # ---------------------------------------------------------------------------------------------------
 # Batched generation
 # ---------------------------------------------------------------------------------------------------
@@ -164,13 +202,16 @@ def generate_batch(
     control_images: Tensor | None = None,
     control_scale: float = 1.0,
     control_end: float = 1.0,
+    guess_mode: bool = False,
     loras: Sequence[tuple[Any, float]] | None = None,
 ) -> np.ndarray:
     """Images for several prompts in one batch: float32 ``(B, H, W, 3)`` in [0, 1] at the model's own size.
 
     One call of the pipeline's batched core (``pipe(prompts, seed=seeds, ...)``): row ``i`` is what
     ``pipe(prompts[i], seed=seeds[i], ...)`` makes. ``controlnet``: a loaded ControlNet with ``control_images``
-    ``(B, 3, H, W)`` in [0, 1], one per row, at ``control_scale`` for the first ``control_end`` of the steps."""
+    ``(B, 3, H, W)`` in [0, 1], one per row, at ``control_scale`` for the first ``control_end`` of the steps;
+    ``guess_mode``: the ControlNet acts on the conditional rows only (sd-webui-controlnet's "ControlNet is more
+    important"), so that guidance amplifies the control as it amplifies the prompt."""
     if len(prompts) != len(seeds):
         raise UsageError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     kw: dict[str, Any] = {}
@@ -178,6 +219,10 @@ def generate_batch(
         if control_images is None or control_images.shape[0] != len(prompts):
             raise UsageError("a ControlNet needs one control image per prompt")
         kw["controlnets"] = [ControlUnit(controlnet, control_images, control_scale, 0.0, control_end)]
+        if guess_mode:
+            kw["guess_mode"] = True
+    elif guess_mode:
+        raise UsageError("guess_mode needs a ControlNet")
     if loras:
         kw["loras"] = list(loras)
     r = pipe(
@@ -342,7 +387,7 @@ def evaluate_emoji(
     paraphrase_n: int | None = None,
     controlnet: Any = None,
     control_n: int = 64,
-    control_sweep: Sequence[tuple[float, float]] = (),
+    control_sweep: Sequence[ControlSetting | Sequence[Any]] = (),
     lora: str | Path | None = None,
     lora_weight: float = 1.0,
     progress: bool = True,
@@ -353,9 +398,9 @@ def evaluate_emoji(
     ``n``: caption images (an evenly spaced subset of the base-model emoji; None = all of them);
     ``paraphrase_n`` the same for the paraphrases. ``cfg``: the
     guidance scale of sections a, b, d and e. ``cfg_sweep`` None or empty skips section c. ``controlnet``: a
-    ControlNet path (or loaded model) for section d on ``control_n`` renders; ``control_sweep``: ``(scale, end)``
-    pairs at which the mismatched-prompt images of section d are made again (the ControlNet at conditioning scale
-    ``scale`` for the first ``end`` of the steps) and scored the same way; ``lora``: a LoRA file for
+    ControlNet path (or loaded model) for section d on ``control_n`` renders; ``control_sweep``:
+    :class:`ControlSetting` s (or ``(scale, end[, cfg[, guess_mode]])`` tuples) at which the mismatched-prompt
+    images of section d are made again and scored the same way; ``lora``: a LoRA file for
     section e at ``lora_weight``. ``dataset``: an :class:`~sdengine.data.emoji.EmojiDataset` (default: load it).
     """
     from sdengine.data.emoji import EmojiDataset
@@ -375,15 +420,8 @@ def evaluate_emoji(
     for c in (cfg, *(cfg_sweep or ())):
         if not isinstance(c, int | float) or isinstance(c, bool) or not math.isfinite(c) or c < 0:
             raise UsageError(f"guidance scales must be numbers >= 0, got {c!r}")
-    for pair in control_sweep:
-        ok = isinstance(pair, tuple | list) and len(pair) == 2
-        if ok:
-            sc, en = pair
-            ok = all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
-            ok = ok and sc >= 0 and 0 < en <= 1
-        if not ok:
-            raise UsageError(f"control_sweep takes (scale >= 0, end in (0, 1]) pairs, got {pair!r}")
-    if control_sweep and controlnet is None:
+    settings = [control_setting(point) for point in control_sweep]
+    if settings and controlnet is None:
         raise UsageError("control_sweep needs a controlnet")
     if lora is not None and not Path(lora).is_file():
         raise FileNotFoundError(f"LoRA file not found: {lora}")
@@ -447,7 +485,7 @@ def evaluate_emoji(
     control_res = None
     if controlnet is not None:
         t = time.perf_counter()
-        control_res = _control_section(run, pipe, ds, base, controlnet, control_n, cfg, seed, entries, control_sweep)
+        control_res = _control_section(run, pipe, ds, base, controlnet, control_n, cfg, seed, entries, settings)
         timings["controlnet_s"] = time.perf_counter() - t
 
     # (e) LoRA on the held-out subgroup
@@ -506,7 +544,7 @@ def _control_section(
     cfg: float,
     seed: int,
     entries: Sequence[Any] | None = None,
-    control_sweep: Sequence[tuple[float, float]] = (),
+    control_sweep: Sequence[ControlSetting] = (),
 ) -> dict[str, Any]:
     from sdengine.control import load_controlnet
     from sdengine.models.controlnet import ControlNet
@@ -549,30 +587,40 @@ def _control_section(
         other = [idx[(k + len(idx) // 2) % len(idx)] for k in range(len(idx))]
         prompts = [ds.captions[j] for j in other]
 
-        def mismatched(scale: float, end: float) -> dict[str, float]:
-            desc = f"controlnet with (mismatched prompt, scale {scale:g}, end {end:g})"
+        def mismatched(setting: ControlSetting) -> dict[str, float]:
+            use_cfg = cfg if setting.cfg is None else setting.cfg
+            desc = f"controlnet with (mismatched prompt, {setting.describe(use_cfg)})"
             arrays = run.generate(
                 prompts,
                 seeds,
-                cfg,
+                use_cfg,
                 desc,
                 controlnet=net,
                 control_images=control,
-                control_scale=scale,
-                control_end=end,
+                control_scale=setting.scale,
+                control_end=setting.end,
+                guess_mode=setting.guess_mode,
             )
             return _mismatched_scores(
                 run, arrays, edges, [entries[j].char for j in other], [entries[j].char for j in idx]
             )
 
-        scores = mismatched(1.0, 1.0)
+        scores = mismatched(ControlSetting())
         out["f1_mismatched_with"] = scores.pop("f1")
         out.update({f"mismatched_top5_{who}": share for who, share in scores.items()})
         # The trade-off between following the control and drawing the prompt's emoji: the same images at other
-        # conditioning scales, or with the ControlNet acting on the first part of the steps only.
+        # conditioning scales, with the ControlNet acting on the first part of the steps only, at other guidance
+        # scales, or in guess mode.
         if control_sweep:
             out["mismatched_sweep"] = [
-                {"scale": float(sc), "end": float(en), **mismatched(float(sc), float(en))} for sc, en in control_sweep
+                {
+                    "scale": st.scale,
+                    "end": st.end,
+                    "cfg": cfg if st.cfg is None else st.cfg,
+                    "guess_mode": st.guess_mode,
+                    **mismatched(st),
+                }
+                for st in control_sweep
             ]
     return out
 
@@ -682,8 +730,9 @@ def format_report(res: dict[str, Any]) -> str:
                 f"{_pct(c.get('mismatched_top5_either'))} |"
             )
         for r in c.get("mismatched_sweep") or []:
+            st = ControlSetting(r["scale"], r["end"], r.get("cfg"), bool(r.get("guess_mode", False)))
             lines.append(
-                f"| mismatched prompt, ControlNet scale {r['scale']:g} for the first {r['end']:.0%} of the steps: "
+                f"| mismatched prompt, {st.describe(r.get('cfg', s['cfg']))}: "
                 f"edge F1; top-5 prompt's / control's / either | {c['n']} | | {r['f1']:.3f}; "
                 f"{_pct(r.get('prompt'))} / {_pct(r.get('control'))} / {_pct(r.get('either'))} |"
             )
