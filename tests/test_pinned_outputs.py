@@ -2,8 +2,9 @@
 tests/data/emoji_pinned_outputs.npz: float arrays recorded before the generation core was reorganised into
 the ``sdengine.pipeline`` package, compared at max abs <= 1e-6 (txt2img, img2img, ControlNet, a batch).
 The ControlNet case was recorded again when the shipped ControlNet was retrained (new weights, same code), and
-all four when the shipped U-Net was continued with CLDR captions (stop 17: new weights, same code; the code
-reproduced the previous pins from the previous weights at max abs 0 just before)."""
+all four when the shipped U-Net was continued with CLDR captions (stop 17) and with Unicode names (stop 19): new
+weights, same code; each time the code reproduced the previous pins from the previous weights at max abs 0 just
+before."""
 
 from __future__ import annotations
 
