@@ -474,6 +474,7 @@ def test_cli_bad_control_sweep_is_one_line(capsys, tmp_path):
         assert rc == 2 and len(err.splitlines()) == 1 and word in err, (args, err)
 
 
+@pytest.mark.filterwarnings("ignore:ControlNet 2. weight 3.0 is outside the usual range")
 def test_control_sweep_guidance_and_guess_mode_points_are_those_generations(pipe, recogniser, dataset):
     """A sweep point with its own guidance scale and guess mode scores exactly the images that generate_batch
     makes with those settings; guess mode changes them (the unconditional rows lose the control)."""
@@ -484,12 +485,18 @@ def test_control_sweep_guidance_and_guess_mode_points_are_those_generations(pipe
     with torch.no_grad():
         for p in cn.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)) * 0.05)
-    sweep = ((1.0, 1.0, 2.0, True), ControlSetting(1.0, 1.0, None, True), (1.0, 1.0, 2.0))
+    sweep = (
+        (1.0, 1.0, 2.0, True),
+        ControlSetting(1.0, 1.0, None, True),
+        (1.0, 1.0, 2.0),
+        ControlSetting(3.0, 1.0, 2.0, start=0.5, early=0.4),
+    )
     kw = dict(n=2, steps=2, batch_size=8, cfg_sweep=None, paraphrase_n=1, control_n=2, progress=False)
     res = evaluate_emoji(pipe, recogniser, controlnet=cn, control_sweep=sweep, dataset=dataset, **kw)
     rows = res["controlnet"]["mismatched_sweep"]
     main_cfg = res["settings"]["cfg"]
-    assert [(r["cfg"], r["guess_mode"]) for r in rows] == [(2.0, True), (main_cfg, True), (2.0, False)]
+    assert [(r["cfg"], r["guess_mode"]) for r in rows] == [(2.0, True), (main_cfg, True), (2.0, False), (2.0, False)]
+    assert (rows[3]["start"], rows[3]["early"]) == (0.5, 0.4)
     base = [j for j, e in enumerate(dataset.entries) if e.subgroup != HELD_OUT_SUBGROUP]
     idx = [base[i] for i in evenly_spaced(len(base), 2)]
     other = [idx[1], idx[0]]
@@ -510,14 +517,37 @@ def test_control_sweep_guidance_and_guess_mode_points_are_those_generations(pipe
             guess_mode=guess,
         )
     assert not np.allclose(arrays[2.0, True], arrays[2.0, False])  # guess mode is not ignored
-    for r, key in zip(rows, ((2.0, True), (main_cfg, True), (2.0, False)), strict=True):
+    # scale 0.4 for the first half of the steps, then 3: two units of the same net
+    arrays["two"] = generate_batch(
+        pipe,
+        [dataset.captions[j] for j in other],
+        list(idx),
+        steps=2,
+        sampler="dpmpp_2m",
+        cfg_scale=2.0,
+        controlnet=cn,
+        control_images=control,
+        control_scale=3.0,
+        control_start=0.5,
+        control_early=0.4,
+    )
+    assert not np.allclose(arrays["two"], arrays[2.0, False])
+    for r, key in zip(rows, ((2.0, True), (main_cfg, True), (2.0, False), "two"), strict=True):
         f1 = np.mean([edge_f1(e, canny_edges(to_uint8(a))) for e, a in zip(edges, arrays[key], strict=True)])
         assert r["f1"] == pytest.approx(f1, abs=1e-9), key
     report = format_report(res)
     assert "cfg 2, guess mode" in report and f"cfg {main_cfg:g}, guess mode" in report
+    assert "scale 3 from 50% to 100% of the steps (scale 0.4 before), cfg 2" in report
     with pytest.raises(ValueError, match="guess_mode needs a ControlNet"):
         generate_batch(pipe, ["a"], [0], steps=1, sampler="euler", cfg_scale=2.0, guess_mode=True)
-    for bad in ((1.0, 1.0, -1.0), (1.0, 1.0, 2.0, "yes"), (1.0,), ControlSetting(1.0, 0.0)):
+    for bad in (
+        (1.0, 1.0, -1.0),
+        (1.0, 1.0, 2.0, "yes"),
+        (1.0,),
+        ControlSetting(1.0, 0.0),
+        ControlSetting(1.0, 0.5, start=0.5),
+        ControlSetting(1.0, 1.0, start=0.5, early=-1.0),
+    ):
         with pytest.raises(ValueError, match="control_sweep"):
             evaluate_emoji(pipe, recogniser, controlnet=cn, control_sweep=(bad,), dataset=dataset, **kw)
 
@@ -527,7 +557,19 @@ def test_cli_control_sweep_bad_points_are_one_line(capsys, tmp_path):
 
     cn = tmp_path / "cn"
     cn.mkdir()
-    for bad in ("1:1:2:3", "1:guess", "1:1:x", "1:1:-2", "1:1:2:guess:1"):
+    for bad in (
+        "1:1:2:3",
+        "1:guess",
+        "1:1:x",
+        "1:1:-2",
+        "1:1:2:guess:1",
+        "scale=3,start=1",
+        "scale=3,scale=2",
+        "scale=x",
+        "guess=yes",
+        "strength=1",
+        "early=-1,start=0.5",
+    ):
         rc = main(["eval", "emoji", "--controlnet", str(cn), "--control-sweep", bad])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and "--control-sweep" in err, (bad, err)

@@ -16,25 +16,57 @@ def _positive(what: str, v: int | None, minimum: int = 1) -> None:
         raise UsageError(f"--{what} must be at least {minimum}, got {v}")
 
 
+_SWEEP_KEYS = ("scale", "end", "cfg", "start", "early", "guess")
+
+
 def _sweep_point(text: str):
-    """``"SCALE:END[:CFG][:guess]"`` of ``--control-sweep`` -> a checked ControlSetting."""
+    """``"SCALE:END[:CFG][:guess]"`` or ``"scale=3,start=0.75,early=0.4,..."`` of ``--control-sweep`` -> a checked
+    ControlSetting."""
     from ..eval.emoji import ControlSetting, control_setting
 
-    parts = text.split(":")
-    guess = len(parts) >= 3 and parts[-1] == "guess"
-    nums = parts[:-1] if guess else parts
-    try:
-        values = [float(v) for v in nums]
-    except ValueError:
-        values = []
-    if not 2 <= len(values) <= 3:
-        raise UsageError(
-            f"--control-sweep takes SCALE:END[:CFG][:guess] such as 0.5:1, 1:0.7 or 1:1:3:guess, got {text!r}"
+    if "=" in text:
+        fields: dict[str, float | bool] = {}
+        for part in text.split(","):
+            key, _, value = part.partition("=")
+            if key not in _SWEEP_KEYS or key in fields:
+                raise UsageError(f"--control-sweep {text!r}: keys are {', '.join(_SWEEP_KEYS)} (each once)")
+            if key == "guess":
+                if value not in ("0", "1"):
+                    raise UsageError(f"--control-sweep {text!r}: guess=0 or guess=1")
+                fields[key] = value == "1"
+                continue
+            try:
+                fields[key] = float(value)
+            except ValueError:
+                raise UsageError(f"--control-sweep {text!r}: {key} must be a number") from None
+        st = ControlSetting(
+            scale=float(fields.get("scale", 1.0)),
+            end=float(fields.get("end", 1.0)),
+            cfg=float(fields["cfg"]) if "cfg" in fields else None,
+            guess_mode=bool(fields.get("guess", False)),
+            start=float(fields.get("start", 0.0)),
+            early=float(fields.get("early", 0.0)),
         )
+    else:
+        parts = text.split(":")
+        guess = len(parts) >= 3 and parts[-1] == "guess"
+        nums = parts[:-1] if guess else parts
+        try:
+            values = [float(v) for v in nums]
+        except ValueError:
+            values = []
+        if not 2 <= len(values) <= 3:
+            raise UsageError(
+                f"--control-sweep takes SCALE:END[:CFG][:guess] such as 0.5:1, 1:0.7 or 1:1:3:guess, or "
+                f"key=value pairs such as scale=3,start=0.75,early=0.4; got {text!r}"
+            )
+        st = ControlSetting(values[0], values[1], values[2] if len(values) == 3 else None, guess)
     try:
-        return control_setting(ControlSetting(values[0], values[1], values[2] if len(values) == 3 else None, guess))
+        return control_setting(st)
     except UsageError:
-        raise UsageError(f"--control-sweep {text!r}: SCALE must be >= 0, END in (0, 1] and CFG >= 0") from None
+        raise UsageError(
+            f"--control-sweep {text!r}: SCALE must be >= 0, END in (0, 1], start in [0, END), early >= 0 and CFG >= 0"
+        ) from None
 
 
 def _load_recogniser(device: str, path: str | None):
@@ -140,7 +172,9 @@ def register_eval(evaluate: argparse._SubParsersAction) -> None:
         metavar="SCALE:END[:CFG][:guess]",
         help="also make the mismatched-prompt images with the ControlNet at conditioning scale SCALE for the first "
         "END of the steps, at guidance CFG (default --cfg), in guess mode with ':guess' (the ControlNet on the "
-        "conditional rows only) (e.g. 0.5:1 1:0.7 1:1:3:guess) and score them the same way",
+        "conditional rows only) (e.g. 0.5:1 1:0.7 1:1:3:guess) and score them the same way; or key=value pairs "
+        "(scale, end, cfg, start, early, guess=0|1): scale=3,start=0.75,early=0.4 is scale 3 from 75%% of the "
+        "steps and 0.4 before",
     )
     p.add_argument("--lora", default=None, metavar="PATH", help="a LoRA for the held-out subgroup")
     p.add_argument("--lora-weight", type=float, default=1.0)

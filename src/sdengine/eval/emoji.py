@@ -158,10 +158,18 @@ class ControlSetting:
     end: float = 1.0
     cfg: float | None = None
     guess_mode: bool = False
+    start: float = 0.0
+    early: float = 0.0  # the scale before ``start`` (0: no ControlNet there)
 
     def describe(self, cfg: float) -> str:
         mode = ", guess mode" if self.guess_mode else ""
-        return f"ControlNet scale {self.scale:g} for the first {self.end:.0%} of the steps, cfg {cfg:g}{mode}"
+        if self.start > 0:
+            steps = f"from {self.start:.0%} to {self.end:.0%} of the steps"
+            if self.early > 0:
+                steps += f" (scale {self.early:g} before)"
+        else:
+            steps = f"for the first {self.end:.0%} of the steps"
+        return f"ControlNet scale {self.scale:g} {steps}, cfg {cfg:g}{mode}"
 
 
 def control_setting(point: ControlSetting | Sequence[Any]) -> ControlSetting:
@@ -178,9 +186,12 @@ def control_setting(point: ControlSetting | Sequence[Any]) -> ControlSetting:
             raise UsageError(f"control_sweep takes (scale, end[, cfg[, guess_mode]]) tuples, got {point!r}")
         st = ControlSetting(float(nums[0]), float(nums[1]), float(nums[2]) if len(nums) == 3 else None, guess)
     ok = math.isfinite(st.scale) and st.scale >= 0 and math.isfinite(st.end) and 0 < st.end <= 1
+    ok = ok and math.isfinite(st.start) and 0 <= st.start < st.end and math.isfinite(st.early) and st.early >= 0
     ok = ok and (st.cfg is None or (math.isfinite(st.cfg) and st.cfg >= 0))
     if not ok:
-        raise UsageError(f"control_sweep: scale must be >= 0, end in (0, 1] and cfg >= 0, got {point!r}")
+        raise UsageError(
+            f"control_sweep: scale and early must be >= 0, 0 <= start < end <= 1 and cfg >= 0, got {point!r}"
+        )
     return st
 
 
@@ -202,6 +213,8 @@ def generate_batch(
     control_images: Tensor | None = None,
     control_scale: float = 1.0,
     control_end: float = 1.0,
+    control_start: float = 0.0,
+    control_early: float = 0.0,
     guess_mode: bool = False,
     loras: Sequence[tuple[Any, float]] | None = None,
 ) -> np.ndarray:
@@ -209,7 +222,8 @@ def generate_batch(
 
     One call of the pipeline's batched core (``pipe(prompts, seed=seeds, ...)``): row ``i`` is what
     ``pipe(prompts[i], seed=seeds[i], ...)`` makes. ``controlnet``: a loaded ControlNet with ``control_images``
-    ``(B, 3, H, W)`` in [0, 1], one per row, at ``control_scale`` for the first ``control_end`` of the steps;
+    ``(B, 3, H, W)`` in [0, 1], one per row, at ``control_scale`` from ``control_start`` to ``control_end`` of the
+    steps and, when ``control_early`` > 0, at that scale before ``control_start`` (a second unit of the same net);
     ``guess_mode``: the ControlNet acts on the conditional rows only (sd-webui-controlnet's "ControlNet is more
     important"), so that guidance amplifies the control as it amplifies the prompt."""
     if len(prompts) != len(seeds):
@@ -218,7 +232,10 @@ def generate_batch(
     if controlnet is not None:
         if control_images is None or control_images.shape[0] != len(prompts):
             raise UsageError("a ControlNet needs one control image per prompt")
-        kw["controlnets"] = [ControlUnit(controlnet, control_images, control_scale, 0.0, control_end)]
+        units = [ControlUnit(controlnet, control_images, control_scale, control_start, control_end)]
+        if control_early > 0 and control_start > 0:
+            units.insert(0, ControlUnit(controlnet, control_images, control_early, 0.0, control_start))
+        kw["controlnets"] = units
         if guess_mode:
             kw["guess_mode"] = True
     elif guess_mode:
@@ -599,6 +616,8 @@ def _control_section(
                 control_images=control,
                 control_scale=setting.scale,
                 control_end=setting.end,
+                control_start=setting.start,
+                control_early=setting.early,
                 guess_mode=setting.guess_mode,
             )
             return _mismatched_scores(
@@ -618,6 +637,8 @@ def _control_section(
                     "end": st.end,
                     "cfg": cfg if st.cfg is None else st.cfg,
                     "guess_mode": st.guess_mode,
+                    "start": st.start,
+                    "early": st.early,
                     **mismatched(st),
                 }
                 for st in control_sweep
@@ -730,7 +751,14 @@ def format_report(res: dict[str, Any]) -> str:
                 f"{_pct(c.get('mismatched_top5_either'))} |"
             )
         for r in c.get("mismatched_sweep") or []:
-            st = ControlSetting(r["scale"], r["end"], r.get("cfg"), bool(r.get("guess_mode", False)))
+            st = ControlSetting(
+                r["scale"],
+                r["end"],
+                r.get("cfg"),
+                bool(r.get("guess_mode", False)),
+                float(r.get("start", 0.0)),
+                float(r.get("early", 0.0)),
+            )
             lines.append(
                 f"| mismatched prompt, {st.describe(r.get('cfg', s['cfg']))}: "
                 f"edge F1; top-5 prompt's / control's / either | {c['n']} | | {r['f1']:.3f}; "
