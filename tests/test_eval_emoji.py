@@ -547,6 +547,7 @@ def test_control_sweep_guidance_and_guess_mode_points_are_those_generations(pipe
         ControlSetting(1.0, 0.0),
         ControlSetting(1.0, 0.5, start=0.5),
         ControlSetting(1.0, 1.0, start=0.5, early=-1.0),
+        ControlSetting(1.0, 1.0, early=0.4),  # an early scale with no steps before the start
     ):
         with pytest.raises(ValueError, match="control_sweep"):
             evaluate_emoji(pipe, recogniser, controlnet=cn, control_sweep=(bad,), dataset=dataset, **kw)
@@ -569,6 +570,7 @@ def test_cli_control_sweep_bad_points_are_one_line(capsys, tmp_path):
         "guess=yes",
         "strength=1",
         "early=-1,start=0.5",
+        "scale=3,early=0.4",
     ):
         rc = main(["eval", "emoji", "--controlnet", str(cn), "--control-sweep", bad])
         err = capsys.readouterr().err.strip()

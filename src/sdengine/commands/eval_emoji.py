@@ -65,7 +65,8 @@ def _sweep_point(text: str):
         return control_setting(st)
     except UsageError:
         raise UsageError(
-            f"--control-sweep {text!r}: SCALE must be >= 0, END in (0, 1], start in [0, END), early >= 0 and CFG >= 0"
+            f"--control-sweep {text!r}: SCALE must be >= 0, END in (0, 1], start in [0, END), early >= 0 "
+            "(and start > 0 with it) and CFG >= 0"
         ) from None
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -187,10 +187,12 @@ def control_setting(point: ControlSetting | Sequence[Any]) -> ControlSetting:
         st = ControlSetting(float(nums[0]), float(nums[1]), float(nums[2]) if len(nums) == 3 else None, guess)
     ok = math.isfinite(st.scale) and st.scale >= 0 and math.isfinite(st.end) and 0 < st.end <= 1
     ok = ok and math.isfinite(st.start) and 0 <= st.start < st.end and math.isfinite(st.early) and st.early >= 0
+    ok = ok and (st.early == 0 or st.start > 0)  # an early scale needs steps before the start
     ok = ok and (st.cfg is None or (math.isfinite(st.cfg) and st.cfg >= 0))
     if not ok:
         raise UsageError(
-            f"control_sweep: scale and early must be >= 0, 0 <= start < end <= 1 and cfg >= 0, got {point!r}"
+            f"control_sweep: scale and early must be >= 0, 0 <= start < end <= 1, start > 0 with early and "
+            f"cfg >= 0, got {point!r}"
         )
     return st
 
@@ -232,8 +234,10 @@ def generate_batch(
     if controlnet is not None:
         if control_images is None or control_images.shape[0] != len(prompts):
             raise UsageError("a ControlNet needs one control image per prompt")
+        if control_early > 0 and control_start <= 0:
+            raise UsageError("control_early needs control_start > 0 (the steps before it)")
         units = [ControlUnit(controlnet, control_images, control_scale, control_start, control_end)]
-        if control_early > 0 and control_start > 0:
+        if control_early > 0:
             units.insert(0, ControlUnit(controlnet, control_images, control_early, 0.0, control_start))
         kw["controlnets"] = units
         if guess_mode:
@@ -632,16 +636,7 @@ def _control_section(
         # scales, or in guess mode.
         if control_sweep:
             out["mismatched_sweep"] = [
-                {
-                    "scale": st.scale,
-                    "end": st.end,
-                    "cfg": cfg if st.cfg is None else st.cfg,
-                    "guess_mode": st.guess_mode,
-                    "start": st.start,
-                    "early": st.early,
-                    **mismatched(st),
-                }
-                for st in control_sweep
+                {**asdict(st), "cfg": cfg if st.cfg is None else st.cfg, **mismatched(st)} for st in control_sweep
             ]
     return out
 
@@ -751,14 +746,7 @@ def format_report(res: dict[str, Any]) -> str:
                 f"{_pct(c.get('mismatched_top5_either'))} |"
             )
         for r in c.get("mismatched_sweep") or []:
-            st = ControlSetting(
-                r["scale"],
-                r["end"],
-                r.get("cfg"),
-                bool(r.get("guess_mode", False)),
-                float(r.get("start", 0.0)),
-                float(r.get("early", 0.0)),
-            )
+            st = ControlSetting(**{f.name: r[f.name] for f in fields(ControlSetting) if f.name in r})
             lines.append(
                 f"| mismatched prompt, {st.describe(r.get('cfg', s['cfg']))}: "
                 f"edge F1; top-5 prompt's / control's / either | {c['n']} | | {r['f1']:.3f}; "
