@@ -39,6 +39,8 @@ def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
     assert not data["errors"]
     warm = phases["sdengine_graphs_process_warm"]
     assert warm["first_image_s"] > warm["load_s"] > 0 and warm["batch8_images_per_s"] > 0
+    parts = warm["load_parts_s"]  # on the CPU: no driver start-up to time
+    assert set(parts) == {"weights_s", "fast_path_s"} and sum(parts.values()) <= warm["load_s"]
     assert phases["sdengine_graphs"]["batch8_images_per_s"] > 0
     for name in ("sdengine_eager", "diffusers_eager"):
         assert phases[name]["unet_step_ms"] > 0 and phases[name]["vae_decode_ms"] > 0
@@ -54,6 +56,12 @@ def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
     for key in ("text_cond", "text_uncond", "unet", "vae_decode"):
         assert stages[key] < 1e-4, (key, stages)  # fp32 on the CPU: the engines agree stage by stage
     assert stages["timesteps_max_abs"] == 0.0 and stages["sigmas_max_rel"] < 1e-5
+    # diffusers under another attention-kernel order (on the CPU: the math kernel first) gives its own sample
+    order = phases["diffusers_eager"]["attention_order_check"]
+    assert isinstance(order, dict) and (order["chosen"], order["other"]) == ("default", "math"), order
+    for key in ("text_cond", "text_uncond", "unet", "latent"):
+        assert order[f"{key}_rel"] < 1e-4, (key, order)
+    assert lat["diffusers_eager_attention_math vs sdengine_fp32"] < 1e-3
     ratio = data["ratios"]["diffusers_eager/sdengine_eager image_s"]
     assert ratio == pytest.approx(phases["diffusers_eager"]["image_s"] / phases["sdengine_eager"]["image_s"])
     written = json.loads((tmp_path / bench_gpu.FILE_NAME).read_text())

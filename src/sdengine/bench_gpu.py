@@ -202,12 +202,21 @@ def measure_batch(gen: Callable[[], Any], device: Any, batch: int, repeats: int)
     return {f"batch{batch}_s": t, f"batch{batch}_images_per_s": batch / t}
 
 
-def load_sdengine(folder: Path, device: str, dtype: str, options: tuple[str, ...]) -> tuple[Any, list[str]]:
+def load_sdengine(
+    folder: Path, device: str, dtype: str, options: tuple[str, ...], times: dict[str, float] | None = None
+) -> tuple[Any, list[str]]:
+    """The pipeline with ``options`` applied; with ``times``, the seconds of each part (``weights_s``: read,
+    build, move to the device; ``fast_path_s``: the options, e.g. loading AOT packages)."""
     import sdengine
     from sdengine.fastpath import apply_fast_path
 
+    t0 = time.perf_counter()
     pipe = sdengine.load_pipeline(folder, device=device, dtype=dtype, fast_path="none")
-    return pipe, apply_fast_path(pipe, options)
+    t1 = time.perf_counter()
+    notes = apply_fast_path(pipe, options)
+    if times is not None:
+        times.update({"weights_s": t1 - t0, "fast_path_s": time.perf_counter() - t1})
+    return pipe, notes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,7 +234,11 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
 
     use_backend(job["sdpa"])
     t_import = time.time()
-    pipe, notes = load_sdengine(Path(job["folder"]), job["device"], "fp16", tuple(job["options"]))
+    parts: dict[str, float] = {}
+    if torch.device(job["device"]).type == "cuda":  # the driver's start-up, apart from the weights' load
+        torch.zeros(1, device=job["device"])
+        parts["cuda_init_s"] = time.time() - t_import
+    pipe, notes = load_sdengine(Path(job["folder"]), job["device"], "fp16", tuple(job["options"]), parts)
     t_load = time.time()
     cfg = job["cfg"]
     with torch.inference_mode():
@@ -249,6 +262,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
             "import_s": t_import - job["started"],
             "load_s": t_load - t_import,
             "first_call_s": t_first - t_load,
+            "load_parts_s": parts,
         }
     )
     return out
@@ -495,6 +509,13 @@ def run_gpu_bench(
                     res["stages_vs_sdengine"] = stage_agreement(probe, engine.pipe, cfg)
                 except Exception as e:  # noqa: BLE001 - a diagnosis; the timings stand without it
                     res["stages_vs_sdengine"] = f"{type(e).__name__}: {e}"
+            other = "default" if state["sdpa"] != "default" else "math"
+            try:
+                check, latent = attention_order_check(engine, cfg, state["sdpa"], other)
+                res["attention_order_check"] = check
+                run.latents[f"diffusers_eager_attention_{other}"] = latent
+            except Exception as e:  # noqa: BLE001 - a diagnosis; the timings stand without it
+                res["attention_order_check"] = f"{type(e).__name__}: {e}"
             return res
 
         run.phase("diffusers_eager", 40, df_eager)
@@ -567,6 +588,42 @@ def stage_agreement(pipe: Any, peer: Any, cfg: dict[str, Any]) -> dict[str, Any]
             ((grid.sigmas - sig.float().cpu()).abs() / sig.float().cpu().clamp_min(1e-6)).max()
         )
     return out
+
+
+def attention_order_check(peer: Any, cfg: dict[str, Any], chosen: str, other: str) -> tuple[dict[str, Any], np.ndarray]:
+    """diffusers' text states, one U-Net CFG call and final latent with the run's attention kernel first
+    (``chosen``) against the same with ``other`` first (each difference divided by the mean absolute value of the
+    ``chosen`` output), and the ``other`` final latent (compared with every engine's by :func:`latent_agreement`).
+    On the H200 diffusers' samples parted from sdengine's while each engine agreed with itself (docs/gpu.md):
+    this says in one run whether the kernel order given to every engine is why. The run's order is restored."""
+    import torch
+
+    from sdengine.sdpa_backends import use_backend
+
+    def states() -> dict[str, Any]:
+        side = cfg["size"] // peer.pipe.vae_scale_factor
+        g = torch.Generator("cpu").manual_seed(2)
+        x = torch.randn(2, 4, side, side, generator=g).to(peer.device, peer.dtype)
+        with torch.inference_mode():
+            cond, uncond = peer.pipe.encode_prompt(PROMPT, peer.device, 1, True, NEGATIVE)
+            t = torch.full((2,), 500.0, device=peer.device)
+            eps = peer.pipe.unet(x, t, encoder_hidden_states=torch.cat([uncond, cond]), return_dict=False)[0]
+        latent = peer.generate(PROMPT, NEGATIVE, cfg, 1, "latent")
+        return {"text_cond": cond, "text_uncond": uncond, "unet": eps, "latent": latent}
+
+    def rel(a: Any, b: Any) -> float:
+        a, b = a.float(), b.float()
+        return float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
+
+    first = states()
+    try:
+        use_backend(other)
+        second = states()
+    finally:
+        use_backend(chosen)
+    out: dict[str, Any] = {"chosen": chosen, "other": other}
+    out.update({f"{k}_rel": rel(second[k], first[k]) for k in first})
+    return out, second["latent"].float().cpu().numpy()
 
 
 def graph_step_by_backend(pipe: Any, cfg: dict[str, Any]) -> dict[str, float]:
