@@ -88,6 +88,11 @@ def test_ratios_are_peer_over_sdengine():
     }
     r = bench_gpu.ratios(phases)
     assert r == {"diffusers_eager/sdengine_graphs image_s": 2.0, "diffusers_eager/sdengine_graphs unet_step_ms": 3.0}
+    # batch 8 of compiled diffusers is its own phase (a second compile): compared on batch8_s only
+    phases["diffusers_compiled_batch8"] = {"batch8_s": 1.5, "batch8_images_per_s": 8 / 1.5}
+    phases["sdengine_graphs"]["batch8_s"] = 1.0
+    r = bench_gpu.ratios(phases)
+    assert r["diffusers_compiled_batch8/sdengine_graphs batch8_s"] == 1.5
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without a GPU")
