@@ -41,6 +41,10 @@ def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
     assert warm["first_image_s"] > warm["load_s"] > 0 and warm["batch8_images_per_s"] > 0
     parts = warm["load_parts_s"]  # on the CPU: no driver start-up to time
     assert set(parts) == {"weights_s", "fast_path_s"} and sum(parts.values()) <= warm["load_s"]
+    # the e4m3 layers in their own process (without compile here): applied, and the image close to fp32's
+    fp8 = phases["sdengine_fp8"]
+    assert any(n.startswith("fp8: ") and "e4m3" in n for n in fp8["notes"]), fp8["notes"]
+    assert 0 < data["agreement"]["sdengine_fp8 vs sdengine_fp32"] < 2e-2
     assert phases["sdengine_graphs"]["batch8_images_per_s"] > 0
     for name in ("sdengine_eager", "diffusers_eager"):
         assert phases[name]["unet_step_ms"] > 0 and phases[name]["vae_decode_ms"] > 0
@@ -68,6 +72,26 @@ def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
     assert written["phases"].keys() == phases.keys() and written["ratios"] == data["ratios"]
     text = bench_gpu.table(data)
     assert "sdengine_graphs" in text and "agreement sdengine_eager vs sdengine_fp32: 0.00000" in text
+
+
+def test_only_the_phases_asked_for_run(tiny_folder, tmp_path):
+    data = bench_gpu.run_gpu_bench(
+        tiny_folder,
+        model="tiny",
+        out_dir=tmp_path,
+        size=32,
+        steps=2,
+        repeats=1,
+        device="cpu",
+        compare=False,
+        compile=False,
+        only="sdengine_eager, sdengine_fp32",
+    )
+    assert list(data["phases"]) == ["info", "sdengine_eager", "sdengine_fp32"]
+    assert data["skipped"]["sdengine_graphs"] == "not asked for" and not data["errors"]
+    assert data["agreement"]["sdengine_eager vs sdengine_fp32"] == 0.0
+    with pytest.raises(bench.BenchError, match="unknown phase.*sdengine_warp.*valid: info, sdengine_eager"):
+        bench_gpu.run_gpu_bench(tiny_folder, model="tiny", out_dir=tmp_path, device="cpu", only=["sdengine_warp"])
 
 
 def test_phases_over_budget_are_skipped_and_failures_recorded(tmp_path):
@@ -107,9 +131,16 @@ def test_cli_without_a_gpu_says_so_in_one_line(tmp_path, capsys):
     [
         (["--options", "compile"], "--options does not apply to --device cuda"),
         (["--budget-s", "0"], "--budget-s must be positive"),
+        (["--phases", "sdengine_eager,nope"], "unknown phase(s) nope; valid: info,"),
     ],
 )
 def test_cli_refuses_options_of_other_modes(tmp_path, capsys, args, message):
     rc = main(["bench", "--random", "tiny", "--workdir", str(tmp_path), "--device", "cuda", *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and message in err[0]
+
+
+def test_cli_phases_only_with_the_gpu_comparison(tmp_path, capsys):
+    rc = main(["bench", "--random", "tiny", "--workdir", str(tmp_path), "--phases", "sdengine_eager"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "--phases applies to --device cuda only" in err[0]

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,25 @@ FILE_NAME = "bench_gpu.json"
 GRAPH_OPTIONS = ("channels_last", "cuda_graphs")
 COMPILED_OPTIONS = ("channels_last", "compile", "cuda_graphs")
 AOT_OPTIONS = ("channels_last", "aot", "cuda_graphs")
+FP8_OPTIONS = ("channels_last", "fp8", "compile", "cuda_graphs")
+# Every phase of a run, in the order they run (``only=`` picks some; "info" always runs: it picks the attention
+# kernel every later phase uses). Without compile the two sdengine processes are the graphs_process ones.
+PHASES = (
+    "info",
+    "sdengine_eager",
+    "sdengine_graphs",
+    "sdengine_fp32",
+    "diffusers_eager",
+    "sdengine_compiled_cold",
+    "sdengine_compiled_warm",
+    "sdengine_graphs_process_cold",
+    "sdengine_graphs_process_warm",
+    "sdengine_aot_cold",
+    "sdengine_aot_warm",
+    "sdengine_fp8",
+    "diffusers_compiled",
+    "diffusers_compiled_batch8",
+)
 
 
 def _sync(device: Any) -> None:
@@ -313,8 +332,9 @@ def save_images(images: dict[str, np.ndarray], path: Path) -> None:
 class Run:
     """The phases' results, written to ``out_dir/bench_gpu.json`` after each phase."""
 
-    def __init__(self, out_dir: Path, budget_s: float) -> None:
+    def __init__(self, out_dir: Path, budget_s: float, only: frozenset[str] | None = None) -> None:
         self.out_dir = out_dir
+        self.only = only  # the phases asked for (None: all); the others are recorded as skipped
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / FILE_NAME
         self.start = time.monotonic()
@@ -327,6 +347,9 @@ class Run:
         return self.budget_s - (time.monotonic() - self.start)
 
     def phase(self, name: str, need_s: float, fn: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+        if self.only is not None and name != "info" and name not in self.only:
+            self.data["skipped"][name] = "not asked for"
+            return None
         if self.left() < need_s:
             self.data["skipped"][name] = f"needs about {need_s:.0f} s, {self.left():.0f} s left"
             _say(f"{name}: skipped ({self.data['skipped'][name]})")
@@ -385,14 +408,19 @@ def run_gpu_bench(
     budget_s: float = 480.0,
     fp32_check: bool = True,
     aot: bool = True,
+    fp8: bool = True,
+    only: Iterable[str] | None = None,
 ) -> dict[str, Any]:
     """The whole GPU comparison (module docstring); returns the JSON's dict and writes it to ``out_dir``.
-    ``device="cpu"`` runs the same phases on the CPU (the tests do, with a tiny model and ``compile=False``)."""
+    ``device="cpu"`` runs the same phases on the CPU (the tests do, with a tiny model and ``compile=False``).
+    ``only``: the phases to run (names of :data:`PHASES`; "info" always runs), for a device session too short
+    for all of them."""
     import torch
 
+    chosen = parse_phases(only)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BenchError(f"--device {device}: torch {torch.__version__} sees no CUDA device")
-    run = Run(Path(out_dir), budget_s)
+    run = Run(Path(out_dir), budget_s, chosen)
     cfg = {"size": size, "steps": steps, "sampler": sampler, "cfg": cfg_scale, "seed": seed}
     run.data.update({"model": model, "folder": str(folder), "config": cfg, "repeats": repeats, "device": device})
     is_cuda = torch.device(device).type == "cuda"
@@ -529,6 +557,10 @@ def run_gpu_bench(
         run.phase("sdengine_aot_cold", 150, lambda: sd_child("aot cold", False, AOT_OPTIONS, aot_cache))
         run.phase("sdengine_aot_warm", 45, lambda: sd_child("aot warm", False, AOT_OPTIONS, aot_cache))
 
+    if fp8:  # the e4m3 linear layers (sdengine.nn.fp8) under compile (the same inductor cache) and graphs
+        fp8_options = FP8_OPTIONS if compile else tuple(o for o in FP8_OPTIONS if o != "compile")
+        run.phase("sdengine_fp8", 150 if compile else 45, lambda: sd_child("fp8", False, fp8_options))
+
     def df_compiled() -> dict[str, Any]:
         engine = dpipe.get("engine") or peer.GpuEngine(folder, device, sampler, size)
         engine.compile()
@@ -554,6 +586,17 @@ def run_gpu_bench(
     save_images(run.images, run.out_dir / "images.png")
     run.save()
     return run.data
+
+
+def parse_phases(only: Iterable[str] | None) -> frozenset[str] | None:
+    """``only`` checked against :data:`PHASES` (a comma-separated string or names); None means every phase."""
+    if only is None:
+        return None
+    names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only) if n.strip()]
+    unknown = [n for n in names if n not in PHASES]
+    if unknown or not names:
+        raise BenchError(f"unknown phase(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(PHASES)}")
+    return frozenset(names)
 
 
 def stage_agreement(pipe: Any, peer: Any, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -706,6 +749,9 @@ def ratios(phases: dict[str, Any]) -> dict[str, float]:
         ("sdengine_compiled_warm", "diffusers_compiled_batch8"),
         ("sdengine_aot_warm", "diffusers_compiled_batch8"),
         ("sdengine_graphs", "diffusers_compiled_batch8"),
+        ("sdengine_fp8", "diffusers_eager"),
+        ("sdengine_fp8", "diffusers_compiled"),
+        ("sdengine_fp8", "sdengine_compiled_warm"),
     ]
     for ours, peer in pairs:
         a, b = phases.get(ours), phases.get(peer)

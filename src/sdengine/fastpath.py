@@ -26,6 +26,10 @@ docs/performance.md; in short, on the 2-core AVX2 CPU there:
 
 On a CUDA device (docs/performance.md, "GPU", has the H200 numbers and the command):
 
+* ``fp8`` (also on the CPU, slowly, to check the images): the U-Net's transformer-block linear layers multiply
+  in e4m3 with per-row scales (:mod:`sdengine.nn.fp8`); the layers' 16-bit weights are replaced, so LoRAs are
+  refused on such a pipeline. Not on by default: its speed has not been measured on a GPU yet; its effect on the
+  images is in docs/gpu.md.
 * ``cudnn_benchmark``: cuDNN times its convolution algorithms on the first call of each shape and keeps the
   fastest (``torch.backends.cudnn.benchmark``; process-global).
 * ``sdpa_fastest``: the fused attention kernel that is fastest at the U-Net's largest self-attention is made
@@ -45,9 +49,10 @@ from typing import Any
 
 from sdengine.errors import UsageError
 
-OPTIONS: tuple[str, ...] = (
+OPTIONS: tuple[str, ...] = (  # in the order they are applied: fp8 changes the layers compile/aot/graphs see
     "winograd",
     "channels_last",
+    "fp8",
     "cudnn_benchmark",
     "sdpa_fastest",
     "compile",
@@ -124,6 +129,14 @@ def apply_fast_path(pipe: Any, options: Iterable[str]) -> list[str]:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
             done.append("channels_last: U-Net and VAE weights in NHWC")
+        elif name == "fp8":
+            from sdengine.nn import fp8
+
+            if not fp8.supported(pipe.device):
+                done.append(f"fp8: skipped ({torch.device(pipe.device)} has no e4m3 products: CUDA 8.9+ or the CPU)")
+                continue
+            n = fp8.to_fp8(pipe.unet)
+            done.append(f"fp8: {n} linear layers of the U-Net's transformer blocks as e4m3 products (per-row scales)")
         elif name == "compile":
             cache = compile_cache_dir()
             cache.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,12 @@ def run(a: argparse.Namespace) -> int:
     if (a.model is None) == (a.random is None):
         raise BenchError("give exactly one of --model FOLDER or --random {tiny,medium,sd15}")
     scaling = _scaling_points(a)  # checked before any model is written
+    if a.phases is not None:
+        from ..bench_gpu import parse_phases
+
+        if not str(a.device).startswith("cuda"):
+            raise BenchError("--phases applies to --device cuda only")
+        parse_phases(a.phases)
     options = parse_options(a.fast_path) if a.fast_path else ()
     measure = parse_options(a.options) if a.options else ()
     with tempfile.TemporaryDirectory(prefix="sdengine-bench-") as tmp:
@@ -90,6 +96,7 @@ def _run_gpu(a: argparse.Namespace, folder: Path, name: str) -> int:
         compile=not a.no_compile,
         aot=not a.no_compile,
         budget_s=a.budget_s or 480.0,
+        only=a.phases,
     )
     print(table(data))
     print(f"written {Path(a.out) / FILE_NAME}")
@@ -215,6 +222,11 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         type=float,
         default=None,
         help="--device cuda: seconds the whole run may take (default 480); phases that would not fit are skipped",
+    )
+    p.add_argument(
+        "--phases",
+        default=None,
+        help="--device cuda: only these phases, comma-separated (bench_gpu.PHASES; info always runs)",
     )
     p.add_argument(
         "--no-compile",

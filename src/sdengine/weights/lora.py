@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..nn.fp8 import has_fp8
 from ..nn.lora import (
     WEIGHT_LIMIT,
     WEIGHT_WARN_LIMIT,
@@ -91,6 +92,11 @@ def apply_loras(
     weight for the next forward, ``.fuse()``/``.unfuse()``, and ``.remove()`` restores the model exactly. Every
     file is checked before any layer is patched, so an error leaves the model untouched.
     """
+    if has_fp8(unet):
+        raise LoRAError(
+            "LoRAs need the U-Net's own weights, and this one multiplies in FP8 (the fp8 fast path replaced them): "
+            "load the model without fp8 to use LoRAs"
+        )
     index = ModelIndex(unet, text_encoder, text_encoder_2)
     prepared: list[tuple[LoRAFile, float, dict[str, Any], list[str], dict[str, Any]]] = []
     for item in loras:
