@@ -97,3 +97,21 @@ def test_on_the_gpu_the_product_matches_the_cpus():
     gpu = layer.cuda()(x.cuda().half()).float().cpu()
     assert layer.weight_fp8.dtype == torch.float8_e4m3fn and layer.weight_fp8.is_cuda
     assert float((gpu - cpu).abs().mean() / cpu.abs().mean()) < 1e-2  # fp16 input, bf16 output on the GPU
+
+
+def test_graphs_replay_the_fp8_network_exactly():
+    """CUDA graphs record the e4m3 layers like any other (here a stand-in recorder on the CPU, as in
+    tests/test_cuda_graphs.py): the replayed images equal the plain fp8 ones."""
+    pipe = sdengine.load_pipeline("emoji", fast_path="fp8")
+    kw = dict(prompt="a red apple", seed=4, steps=6, width=64, height=64, progress=False)
+    plain = pipe(**kw).arrays
+
+    def backend(fn, warmup):
+        for _ in range(warmup):
+            fn()
+        out = fn()
+        return (lambda: out.copy_(fn())), out
+
+    assert pipe.enable_cuda_graphs(backend=backend, device_type="cpu")
+    np.testing.assert_array_equal(pipe(**kw).arrays, plain)
+    assert pipe.cuda_graphs["unet"].recordings == 1 and pipe.cuda_graphs["unet"].replays == 6
