@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of docs/gpu.md in one command, for a machine with a CUDA device and the project's Python
 # dependencies (diffusers for the comparison): the CUDA-only tests, then the bench, results in OUT_DIR.
-#   tools/gpu_check.sh OUT_DIR [BUDGET_SECONDS]
+#   tools/gpu_check.sh OUT_DIR [BUDGET_SECONDS] [PHASES]   (PHASES: comma-separated, see bench --phases)
 set -uo pipefail
 out=${1:?usage: tools/gpu_check.sh OUT_DIR [BUDGET_SECONDS]}
 budget=${2:-420}
+phases=${3:-}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -14,4 +15,4 @@ py=${PYTHON:-python3}
 timeout 300 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_pipeline_vae.py tests/test_aot.py tests/test_fp8.py \
     2>&1 | tee "$out/gpu_tests.log" | tail -5
 "$py" -m sdengine bench --random sd15 --workdir /tmp/sdengine-gpu-check --device cuda --compare diffusers \
-    --out "$out" --budget-s "$budget" 2>&1 | grep -v "Loading" | tee "$out/bench.log"
+    --out "$out" --budget-s "$budget" ${phases:+--phases "$phases"} 2>&1 | grep -v "Loading" | tee "$out/bench.log"
