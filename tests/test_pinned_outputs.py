@@ -1,6 +1,7 @@
 """The shipped emoji model (and its canny ControlNet) give the same images as the code that made
 tests/data/emoji_pinned_outputs.npz: float arrays recorded before the generation core was reorganised into
-the ``sdengine.pipeline`` package, compared at max abs <= 1e-6 (txt2img, img2img, ControlNet, a batch).
+the ``sdengine.pipeline`` package, compared at max abs <= 1e-4 and mean abs <= 5e-6 (txt2img, img2img, ControlNet,
+a batch): equal on the CPU that recorded them, within rounding on CPUs with other instruction sets.
 The ControlNet case was recorded again when the shipped ControlNet was retrained (new weights, same code), and
 all four when the shipped U-Net was continued with CLDR captions (stop 17) and with Unicode names (stop 19): new
 weights, same code; each time the code reproduced the previous pins from the previous weights at max abs 0 just
@@ -47,6 +48,9 @@ CASES = {
 }
 
 
+MAX_ABS, MEAN_ABS = 1e-4, 5e-6  # across CPUs (see the test); on the recording CPU both are 0
+
+
 @pytest.fixture(scope="module")
 def pipe():
     threads = torch.get_num_threads()
@@ -65,4 +69,9 @@ def test_shipped_emoji_outputs_match_the_pins(pipe, case):
     want = np.load(PINS)[case]
     got = pipe(progress=False, **kw).arrays
     assert got.shape == want.shape
-    assert float(np.abs(got - want).max()) <= 1e-6
+    diff = np.abs(got - want)
+    # Recorded on an AVX2-only CPU, where the code reproduces them to max abs 0. Another instruction set makes
+    # oneDNN pick other kernels, which round differently: on an AVX-512 CPU (AMD EPYC, stop 20) the four cases
+    # differ by at most 1.4e-5 (mean 4e-7). A change of the code moves far more than this bound: a different
+    # seed or sampler changes the image wholesale, and even e4m3 products (the fp8 option) move it by 2.7e-3.
+    assert float(diff.max()) <= MAX_ABS and float(diff.mean()) <= MEAN_ABS, (float(diff.max()), float(diff.mean()))
