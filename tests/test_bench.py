@@ -74,6 +74,7 @@ def test_bench_command_against_diffusers(tiny_folder, tmp_path, capsys, keep_thr
         "cfg": 7.5,
         "seed": 0,
         "device": "cpu",
+        "dtype": "fp32",
     }
     assert r["threads"] == "1 torch thread(s)" and r["repeats"] == 2
     assert set(r["engines"]) == {"sdengine", "diffusers"}
@@ -95,6 +96,47 @@ def test_bench_refuses_bad_arguments(tiny_folder, capsys):
     assert "unknown fast-path option" in capsys.readouterr().err
     assert main(["--threads", "0", "bench", "--random", "tiny"]) == 2
     assert "--threads must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dtype", "bf8"], "unknown dtype 'bf8'"),
+        (["--dtype", "bf16", "--device", "cuda"], "--dtype is for the CPU comparison; --device cuda"),
+        (["--dtype", "bf16", "--options", "channels_last"], "--dtype is for the CPU comparison; --options"),
+        (["--dtype", "bf16", "--scaling"], "--dtype is for the CPU comparison; --scaling"),
+    ],
+)
+def test_bench_dtype_refusals(tmp_path, capsys, args, message):
+    assert main(["bench", "--random", "tiny", "--workdir", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_bench_in_bf16_against_diffusers_fp32(tiny_folder, capsys):
+    """sdengine in bfloat16 on the CPU against diffusers' fp32 eager: the table says which precision each ran
+    in and whether this CPU has bf16 arithmetic; the images still agree to bf16's rounding."""
+    pytest.importorskip("diffusers")
+    spec = bench.GenSpec(size=32, steps=4, dtype="bf16")
+    report = bench.run_bench(tiny_folder, spec, model="tiny", repeats=1, memory=False)
+    text = report.table()
+    assert "sdengine bf16, diffusers fp32, cpu" in text
+    native = "note: bf16 on this CPU: native (AVX-512-BF16 or AMX)" in text
+    assert native or "note: bf16 on this CPU: emulated" in text
+    assert report.agreement is not None and 1e-5 < report.agreement < 2e-2  # not fp32's 1e-6 parity, but close
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from sdengine.devices import cpu_native_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16\n")
+    assert cpu_native_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma amx_tile amx_bf16\n")
+    assert cpu_native_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni\n")  # AVX-512 without bf16
+    assert not cpu_native_bf16(str(info))
+    assert not cpu_native_bf16(str(tmp_path / "missing"))
 
 
 def test_peak_rss_is_the_childs_own(tiny_folder):

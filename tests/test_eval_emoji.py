@@ -357,7 +357,7 @@ def test_cli_prints_report_and_writes_json(monkeypatch, capsys, tmp_path, pipe, 
     fake = types.ModuleType("sdengine.metrics.emoji_recogniser")
     fake.load_emoji_recogniser = lambda device=None, path=None: recogniser
     monkeypatch.setitem(sys.modules, "sdengine.metrics.emoji_recogniser", fake)
-    monkeypatch.setattr(sdengine.pipeline, "load_pipeline", lambda name, device="auto": pipe)
+    monkeypatch.setattr(sdengine.pipeline, "load_pipeline", lambda name, device="auto", dtype=None: pipe)
     out = tmp_path / "res" / "emoji.json"
     rc = main(
         [

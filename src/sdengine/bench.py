@@ -152,6 +152,7 @@ class GenSpec:
     cfg: float = 7.5
     seed: int = 0
     device: str = "cpu"  # any torch device; the seeds' generators stay on the CPU for both engines
+    dtype: str = "fp32"  # sdengine's (the peer runs fp32, eager: what its users get on a CPU)
 
     @property
     def seeds(self) -> list[int]:
@@ -162,12 +163,12 @@ Engine = Callable[[], np.ndarray]  # one timed generation -> (N, H, W, 3) float 
 
 
 def sdengine_engine(folder: Path, spec: GenSpec, options: tuple[str, ...] = ()) -> tuple[Engine, list[str]]:
-    """sdengine's pipeline for ``folder``, fp32 on ``spec.device``, with fast-path ``options`` applied."""
+    """sdengine's pipeline for ``folder``, in ``spec.dtype`` on ``spec.device``, with fast-path ``options`` applied."""
     import sdengine
     from sdengine.fastpath import apply_fast_path
     from sdengine.text import encode_cache
 
-    pipe = sdengine.load_pipeline(folder, device=spec.device, dtype="fp32", fast_path="none")
+    pipe = sdengine.load_pipeline(folder, device=spec.device, dtype=spec.dtype, fast_path="none")
     notes = apply_fast_path(pipe, options)
 
     def run() -> np.ndarray:
@@ -468,13 +469,14 @@ class BenchReport:
         s = self.spec
         lines = [
             f"{self.model}: {s.size}x{s.size}, batch {s.batch}, {s.steps} steps {s.sampler}, cfg {s.cfg}, "
-            f"fp32 {s.device}",
+            f"sdengine {s.dtype}, diffusers fp32, {s.device}",
             f"threads: {self.threads}; {self.repeats} interleaved repeats; load at start: {self.load}",
             f"{'engine':12s} {'warm-up s':>10s} {'median s':>10s} {'best s':>10s} {'peak RSS MiB':>13s}",
         ]
         for e in self.engines.values():
             rss = f"{e.peak_rss_mb:13.0f}" if e.peak_rss_mb is not None else f"{'-':>13s}"
             lines.append(f"{e.name:12s} {e.warmup_s:10.3f} {e.median_s:10.3f} {e.best_s:10.3f} {rss}")
+        lines += [f"note: {n}" for e in self.engines.values() for n in e.notes if n.startswith("bf16 on this CPU")]
         if self.ratio is not None:
             ours, theirs = self.engines["sdengine"], self.engines["diffusers"]
             line = f"speed-up sdengine vs diffusers (median time ratio): {self.ratio:.2f}x"
@@ -564,6 +566,11 @@ def run_bench(
     if compare == "diffusers":
         engines["diffusers"] = diffusers_engine(folder, spec)
     times, images = interleaved(engines, repeats)
+    if spec.dtype in ("bf16", "bfloat16") and str(spec.device).startswith("cpu"):
+        from sdengine.devices import cpu_native_bf16
+
+        native = cpu_native_bf16()
+        notes = [*notes, "bf16 on this CPU: " + ("native (AVX-512-BF16 or AMX)" if native else "emulated")]
     times["sdengine"].notes = notes
     report = BenchReport(model, spec, f"{torch.get_num_threads()} torch thread(s)", repeats, load, times)
     if compare == "diffusers":

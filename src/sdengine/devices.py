@@ -59,3 +59,17 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return DTYPES[dtype.lower()]
     except KeyError:
         raise DtypeError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16") from None
+
+
+def cpu_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bfloat16 natively (x86 AVX-512-BF16 or AMX-BF16, read from ``cpuinfo`` on
+    Linux); elsewhere False (bf16 then runs, emulated, slower than fp32)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False

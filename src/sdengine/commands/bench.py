@@ -15,6 +15,19 @@ def run(a: argparse.Namespace) -> int:
     if (a.model is None) == (a.random is None):
         raise BenchError("give exactly one of --model FOLDER or --random {tiny,medium,sd15}")
     scaling = _scaling_points(a)  # checked before any model is written
+    if a.dtype != "fp32":
+        import torch
+
+        from ..devices import resolve_dtype
+
+        resolve_dtype(a.dtype, torch.device("cpu"))  # an unknown name: one line
+        for flag, bad in (
+            ("--device cuda", str(a.device).startswith("cuda")),
+            ("--scaling", scaling is not None),
+            ("--options", a.options is not None),
+        ):
+            if bad:
+                raise BenchError(f"--dtype is for the CPU comparison; {flag} measures in its own precision")
     if a.phases is not None:
         from ..bench_gpu import parse_phases
 
@@ -48,7 +61,14 @@ def run(a: argparse.Namespace) -> int:
             unet, vae, _ = preset_configs(a.random)
             size = unet.sample_size * vae.downscale_factor
         spec = GenSpec(
-            size=size, steps=a.steps, batch=a.batch, sampler=a.sampler, cfg=a.cfg, seed=a.seed, device=a.device
+            size=size,
+            steps=a.steps,
+            batch=a.batch,
+            sampler=a.sampler,
+            cfg=a.cfg,
+            seed=a.seed,
+            device=a.device,
+            dtype=a.dtype,
         )
         report = run_bench(
             folder,
@@ -182,6 +202,11 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--cfg", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device for both engines (peak RSS is host memory)")
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        help="sdengine's dtype on the CPU (fp32, bf16, fp16); diffusers runs fp32 eager either way",
+    )
     p.add_argument("--compare", choices=["diffusers", "none"], default="diffusers")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per engine after the warm-up")
     # default=SUPPRESS: `sdengine --threads N bench` (the global option) is not overwritten by this one

@@ -112,7 +112,7 @@ def run(a: argparse.Namespace) -> int:
         raise UsageError("--control-sweep needs --controlnet")
 
     device = str(resolve_device(a.device))
-    pipe = load_pipeline(a.model, device=device)
+    pipe = load_pipeline(a.model, device=device, dtype=a.dtype)
     recogniser = _load_recogniser(device, a.recogniser)
     res = evaluate_emoji(
         pipe,
@@ -182,5 +182,6 @@ def register_eval(evaluate: argparse._SubParsersAction) -> None:
     p.add_argument("--recogniser", default=None, metavar="PATH", help="recogniser weights (default: the shipped)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None, help="the model's dtype (default: fp16 on a GPU, fp32 on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

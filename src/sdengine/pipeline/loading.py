@@ -128,7 +128,11 @@ def _load(
     if vae is None and (beside := vae_beside(path)) is not None:
         vae = beside  # A1111's "Automatic": NAME.vae.pt / .vae.safetensors beside NAME.safetensors
         log.info("%s: using the VAE beside it, %s", path, beside.name)
-    ckpt = load_checkpoint(path, vae=vae, prediction_type=prediction_type, config=config)
+    # A folder's weights are converted to dt as they are read (peak memory: the converted weights, not the files'
+    # too); a single file's after (its unused weights, e.g. EMA copies, are dropped before conversion)
+    ckpt = load_checkpoint(
+        path, vae=vae, prediction_type=prediction_type, config=config, dtype=dt if path.is_dir() else None
+    )
     if ckpt.family in ("sdxl", "sdxl_refiner"):
         _no_embeddings(embeddings_dir, key, "SDXL embeddings (clip_l + clip_g) are not supported yet")
         return _load_sdxl(ckpt, path, key, dev, dt, lora_dir)

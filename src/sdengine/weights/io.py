@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -186,12 +187,18 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any
     return header, dict(metadata), data_start
 
 
-def load_safetensors(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> StateDict:
-    """Map a .safetensors file and return its tensors as zero-copy views (copy-on-write, file untouched)."""
-    return _load_safetensors(Path(path), device)[0]
+def load_safetensors(
+    path: str | os.PathLike[str], *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+) -> StateDict:
+    """Map a .safetensors file and return its tensors as zero-copy views (copy-on-write, file untouched).
+    ``dtype``: floating tensors stored in another dtype are read one at a time and converted (see
+    :func:`load_file`)."""
+    return _load_safetensors(Path(path), device, parse_dtype(dtype))[0]
 
 
-def _load_safetensors(path: Path, device: str | torch.device) -> tuple[StateDict, dict[str, str]]:
+def _load_safetensors(
+    path: Path, device: str | torch.device, convert: torch.dtype | None = None
+) -> tuple[StateDict, dict[str, str]]:
     header, metadata, data_start = read_safetensors_header(path)  # parsed and validated once
     size = path.stat().st_size
     if size == 0 or not header:
@@ -201,16 +208,32 @@ def _load_safetensors(path: Path, device: str | torch.device) -> tuple[StateDict
     raw = torch.empty(0, dtype=torch.uint8)
     raw.set_(storage, 0, (size,))  # type: ignore[call-overload]
     out: StateDict = {}
-    for name, entry in header.items():
-        dtype = _ST_DTYPES[entry["dtype"]]
-        shape = [int(s) for s in entry["shape"]]
-        begin, end = (data_start + int(o) for o in entry["data_offsets"])
-        chunk = raw[begin:end]
-        if begin % dtype.itemsize:
-            # Files written by other tools may not align tensors; a view needs alignment, so copy this one.
-            chunk = chunk.clone()
-        t = chunk.view(dtype).reshape(shape) if dtype != torch.bool else chunk.view(torch.bool).reshape(shape)
-        out[name] = t if torch.device(device).type == "cpu" else t.to(device)
+    reader: io.BufferedReader | None = None  # opened on the first tensor to convert
+    try:
+        for name, entry in header.items():
+            dtype = _ST_DTYPES[entry["dtype"]]
+            shape = [int(s) for s in entry["shape"]]
+            begin, end = (data_start + int(o) for o in entry["data_offsets"])
+            if convert is not None and dtype.is_floating_point and dtype != convert:
+                # Read with ordinary I/O, not through the map: a page of the map stays in the process's resident
+                # memory once touched, so converting through it would hold the whole file AND its conversion.
+                reader = reader or open(path, "rb")  # noqa: SIM115 - closed below, after the last tensor
+                buf = torch.empty(end - begin, dtype=torch.uint8)
+                reader.seek(begin)
+                if reader.readinto(buf.numpy()) != end - begin:  # type: ignore[arg-type]
+                    raise CorruptFileError(f"{path}: truncated tensor data ({name})")
+                t = buf.view(dtype).reshape(shape).to(convert)
+                out[name] = t if torch.device(device).type == "cpu" else t.to(device)
+                continue
+            chunk = raw[begin:end]
+            if begin % dtype.itemsize:
+                # Files written by other tools may not align tensors; a view needs alignment, so copy this one.
+                chunk = chunk.clone()
+            t = chunk.view(dtype).reshape(shape) if dtype != torch.bool else chunk.view(torch.bool).reshape(shape)
+            out[name] = t if torch.device(device).type == "cpu" else t.to(device)
+    finally:
+        if reader is not None:
+            reader.close()
     return out, metadata
 
 
@@ -363,8 +386,12 @@ def unwrap_state_dict(obj: Mapping[str, Any], path: str | os.PathLike[str] = "<c
     return tensors
 
 
-def load_file(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, Any]]:
+def load_file(path: str | os.PathLike[str], dtype: str | torch.dtype | None = None) -> tuple[StateDict, dict[str, Any]]:
     """Load any supported weight file -> (flat state dict, extra info).
+
+    ``dtype``: floating tensors in another dtype are converted as they are read, one at a time (a safetensors
+    file: the others stay zero-copy views of its map), so loading needs the converted weights' memory, not the
+    file's plus theirs; None keeps the file's dtypes.
 
     Extra info holds the safetensors `__metadata__` or, for pickles, the scalar top-level fields such as
     `global_step` (used as a hint for SD2's prediction type).
@@ -374,11 +401,11 @@ def load_file(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, Any]]:
         raise WeightsError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        return _load_safetensors(path, "cpu")
+        return _load_safetensors(path, "cpu", parse_dtype(dtype))
     if suffix in PICKLE_SUFFIXES:
         obj = load_pickle_checkpoint(path)
         info = {k: v for k, v in obj.items() if isinstance(v, int | float | str)}
-        return unwrap_state_dict(obj, path), info
+        return convert_dtype(unwrap_state_dict(obj, path), dtype), info
     raise WeightsError(f"{path}: unsupported weight file type {suffix!r} (use .safetensors, .ckpt, .pt, .bin)")
 
 

@@ -183,7 +183,9 @@ def _check_config(where: Path | str, kind: str, cfg: Mapping[str, Any]) -> None:
         raise WeightsError(f"{where}: {e}") from None
 
 
-def _load_component_folder(folder: Path, kind: str) -> tuple[StateDict, dict[str, Any]]:
+def _load_component_folder(
+    folder: Path, kind: str, dtype: str | torch.dtype | None = None
+) -> tuple[StateDict, dict[str, Any]]:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise WeightsError(f"{folder}: missing config.json")
@@ -191,7 +193,7 @@ def _load_component_folder(folder: Path, kind: str) -> tuple[StateDict, dict[str
     _check_config(cfg_path, kind, cfg)
     sd: StateDict = {}
     for f in _find_weights(folder):
-        sd.update(load_file(f)[0])
+        sd.update(load_file(f, dtype)[0])
     return sd, cfg
 
 
@@ -221,12 +223,17 @@ def _minilm_config(folder: Path) -> dict[str, Any]:
 
 
 def load_diffusers_folder(
-    folder: str | Path, *, vae: str | Path | None = None, prediction_type: str | None = None
+    folder: str | Path,
+    *,
+    vae: str | Path | None = None,
+    prediction_type: str | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> LoadedCheckpoint:
     """A diffusers folder -> LoadedCheckpoint. sdengine's own format (``model_index.json`` names
     ``"text_encoder": ["sdengine", "MiniLMTextEncoder"]``, the emoji model) carries no text-encoder weights:
     they come from the all-MiniLM-L6-v2 pip package, so only the config is read and ``text_encoder_type`` is
-    "minilm"."""
+    "minilm". ``dtype``: floating weights converted as they are read (:func:`load_file`); None keeps the
+    files' dtypes (zero-copy)."""
     folder = Path(folder)
     index = folder / "model_index.json"
     if not index.is_file():
@@ -260,7 +267,7 @@ def load_diffusers_folder(
         sub = folder / comp
         if not sub.is_dir():
             raise WeightsError(f"{folder}: missing the {comp}/ subfolder")
-        sds[comp], cfgs[comp] = _load_component_folder(sub, COMPONENT_KINDS[comp])
+        sds[comp], cfgs[comp] = _load_component_folder(sub, COMPONENT_KINDS[comp], dtype)
     if vae is not None:
         sds["vae"], cfgs["vae"] = load_vae(vae)
     if not minilm and "text_encoder" in sds:
@@ -558,11 +565,12 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Diffusers folder or single file -> LoadedCheckpoint (state dicts in our names + configs).
 
-    `dtype` ('fp16'/'bf16'/'fp32') casts floating tensors (a copy); None keeps the file's dtype (zero-copy
-    for safetensors)."""
+    `dtype` ('fp16'/'bf16'/'fp32') casts floating tensors (a copy; a diffusers folder's as they are read, one at
+    a time, so the load never holds the files' weights and their conversion together); None keeps the file's
+    dtype (zero-copy for safetensors)."""
     path = Path(path)
     if path.is_dir():
-        ckpt = load_diffusers_folder(path, vae=vae, prediction_type=prediction_type)
+        ckpt = load_diffusers_folder(path, vae=vae, prediction_type=prediction_type, dtype=dtype)
     elif path.suffix.lower() in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
         ckpt = load_single_file(path, vae=vae, prediction_type=prediction_type, config=config)
     elif not path.exists():
