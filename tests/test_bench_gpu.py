@@ -18,19 +18,16 @@ def tiny_folder(tmp_path_factory):
     return bench.make_random_folder(tmp_path_factory.mktemp("bench-gpu") / "tiny", "tiny")
 
 
+def _on_the_cpu(folder, out, **kw):
+    """The GPU flow's phases on the CPU: the tiny model, 32x32, 2 steps, one repeat, nothing compiled."""
+    return bench_gpu.run_gpu_bench(
+        folder, model="tiny", out_dir=out, size=32, steps=2, repeats=1, device="cpu", compile=False, **kw
+    )
+
+
 def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
     pytest.importorskip("diffusers")
-    data = bench_gpu.run_gpu_bench(
-        tiny_folder,
-        model="tiny",
-        out_dir=tmp_path,
-        size=32,
-        steps=2,
-        repeats=1,
-        device="cpu",
-        compile=False,
-        aot=False,
-    )
+    data = _on_the_cpu(tiny_folder, tmp_path, aot=False)
     phases = data["phases"]
     for name in ("info", "sdengine_eager", "sdengine_graphs", "sdengine_fp32", "diffusers_eager"):
         assert name in phases, (name, data["errors"], data["skipped"])
@@ -75,18 +72,7 @@ def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
 
 
 def test_only_the_phases_asked_for_run(tiny_folder, tmp_path):
-    data = bench_gpu.run_gpu_bench(
-        tiny_folder,
-        model="tiny",
-        out_dir=tmp_path,
-        size=32,
-        steps=2,
-        repeats=1,
-        device="cpu",
-        compare=False,
-        compile=False,
-        only="sdengine_eager, sdengine_fp32",
-    )
+    data = _on_the_cpu(tiny_folder, tmp_path, compare=False, only="sdengine_eager, sdengine_fp32")
     assert list(data["phases"]) == ["info", "sdengine_eager", "sdengine_fp32"]
     assert data["skipped"]["sdengine_graphs"] == "not asked for" and not data["errors"]
     assert data["agreement"]["sdengine_eager vs sdengine_fp32"] == 0.0

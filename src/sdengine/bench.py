@@ -566,9 +566,9 @@ def run_bench(
     if compare == "diffusers":
         engines["diffusers"] = diffusers_engine(folder, spec)
     times, images = interleaved(engines, repeats)
-    if spec.dtype in ("bf16", "bfloat16") and str(spec.device).startswith("cpu"):
-        from sdengine.devices import cpu_native_bf16
+    from sdengine.devices import cpu_native_bf16, resolve_dtype
 
+    if str(spec.device).startswith("cpu") and resolve_dtype(spec.dtype, torch.device("cpu")) == torch.bfloat16:
         native = cpu_native_bf16()
         notes = [*notes, "bf16 on this CPU: " + ("native (AVX-512-BF16 or AMX)" if native else "emulated")]
     times["sdengine"].notes = notes

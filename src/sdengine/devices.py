@@ -63,7 +63,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def cpu_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies bfloat16 natively (x86 AVX-512-BF16 or AMX-BF16, read from ``cpuinfo`` on
-    Linux); elsewhere False (bf16 then runs, emulated, slower than fp32)."""
+    Linux); elsewhere False (bf16 then runs emulated)."""
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
