@@ -379,6 +379,10 @@ def run(a: argparse.Namespace) -> int:
         kwargs["lora_dir"] = a.lora_dir
     if a.vae_tiling is not None:
         kwargs["vae_tiling"] = a.vae_tiling
+    if a.vae_decode is not None:
+        kwargs["vae_decode"] = a.vae_decode
+    elif a.tiny_vae is not None:
+        kwargs["vae_decode"] = "tiny"  # as stable-diffusion.cpp's --taesd: given, it decodes
     sdxl = {"prompt_2": a.prompt_2, "negative_prompt_2": a.negative_2}  # SDXL's second text encoder
     if any(v is not None for v in sdxl.values()):
         kwargs["sdxl"] = {k: v for k, v in sdxl.items() if v is not None}
@@ -434,6 +438,7 @@ def run(a: argparse.Namespace) -> int:
         prediction_type=a.prediction_type,
         config=a.config,
         embeddings_dir=a.embeddings_dir,
+        tiny_vae=a.tiny_vae,
     )
     t1 = time.perf_counter()
     prompt = kwargs.pop("prompt", "")
@@ -626,6 +631,21 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         default=0.8,
         metavar="F",
         help="SDXL: fraction of the steps the base model runs before the refiner (default 0.8)",
+    )
+    p.add_argument(
+        "--tiny-vae",
+        "--taesd",
+        default=None,
+        metavar="FILE",
+        help="decode with a tiny VAE: a TAESD taesd_decoder .safetensors/.pth or an AutoencoderTiny folder "
+        "(~10x cheaper than the VAE, a little softer)",
+    )
+    p.add_argument(
+        "--vae-decode",
+        choices=["full", "tiny"],
+        default=None,
+        help="full = the model's VAE; tiny = its tiny VAE (the model folder's vae_tiny/ or --tiny-vae); "
+        "default: tiny when --tiny-vae is given, else full",
     )
     p.add_argument(
         "--vae-tiling",

@@ -51,6 +51,7 @@ def run_list(a: argparse.Namespace, kwargs: dict[str, Any], model: str) -> int:
             prediction_type=a.prediction_type,
             config=a.config,
             embeddings_dir=a.embeddings_dir,
+            tiny_vae=a.tiny_vae,
         )
 
     report = render_prompt_list(items, a.out, load, world=world, progress=not a.no_progress)

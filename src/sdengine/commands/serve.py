@@ -30,6 +30,12 @@ def run(a: argparse.Namespace) -> int:
             raise ServerConfigError(f"{flag} {d}: not a folder")
     if a.vae is not None and not Path(a.vae).exists():
         raise ServerConfigError(f"--vae {a.vae}: no such file or folder")
+    tiny_vae = None
+    if a.tiny_vae is not None:
+        from ..weights.tiny_vae_file import load_tiny_vae
+
+        load_tiny_vae(a.tiny_vae)  # a bad file is one line now, not a warning per model load later
+        tiny_vae = Path(a.tiny_vae)
     config = ServerConfig(
         model=a.model,
         host=a.host,
@@ -49,6 +55,8 @@ def run(a: argparse.Namespace) -> int:
         devices=tuple(a.device.split(",")),
         dtype=a.dtype,
         vae=Path(a.vae) if a.vae else None,
+        tiny_vae=tiny_vae,
+        preview=a.preview,
     )
     try:
         import fastapi  # noqa: F401
@@ -104,5 +112,18 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--device", default="auto", help="auto (each GPU, else cpu), or comma-separated devices")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
     p.add_argument("--vae", default=None, help="a separate VAE file or folder every SD model is loaded with")
+    p.add_argument(
+        "--tiny-vae",
+        default=None,
+        metavar="FILE",
+        help="a tiny VAE (TAESD taesd_decoder file or AutoencoderTiny folder) for previews and vae_decode 'tiny', "
+        "loaded with every SD model whose latents it fits (a model folder's own vae_tiny/ is used otherwise)",
+    )
+    p.add_argument(
+        "--preview",
+        default="auto",
+        choices=["auto", "latent"],
+        help="live previews: auto = the model's tiny VAE when it has one, else the cheap latent RGB map",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)

@@ -144,6 +144,8 @@ class Pipeline:
         self._model_hash: str | None = None
         self.vae_source = vae_source  # a VAE given apart from the model (--vae): named in the infotext
         self._vae_hash: str | None = None
+        # sdengine.models.tiny_vae.TinyAutoencoder for previews and vae_decode="tiny" (set_tiny_vae)
+        self.tiny_vae: Any = None
 
     # -- facts about the model ------------------------------------------------------------------------
 
@@ -187,6 +189,33 @@ class Pipeline:
 
                 self._model_hash = cached_hash(f, model_hash)
         return self._model_hash
+
+    def set_tiny_vae(self, tiny: Any) -> None:
+        """Use ``tiny`` (a :class:`~sdengine.models.tiny_vae.TinyAutoencoder`, a TAESD file or an
+        ``AutoencoderTiny`` folder; None removes it) for previews and ``vae_decode="tiny"``. It must decode this
+        model's latents: the same channel count and pixels per latent, else a one-line error."""
+        if tiny is None:
+            self.tiny_vae = None
+            return
+        from sdengine.models.tiny_vae import TinyAutoencoder
+
+        if not isinstance(tiny, TinyAutoencoder):
+            from sdengine.weights.tiny_vae_file import load_tiny_vae
+
+            tiny = load_tiny_vae(tiny)
+        cfg = tiny.config
+        if cfg.latent_channels != self.latent_channels or (
+            cfg.has_decoder and cfg.downscale_factor != self.vae_scale_factor
+        ):
+            raise GenerationError(
+                f"the tiny VAE {tiny.name} decodes {cfg.latent_channels}-channel latents at "
+                f"{cfg.downscale_factor}x, but {self.name}'s are {self.latent_channels}-channel at "
+                f"{self.vae_scale_factor}x: use the tiny VAE made for this model family (taesd for SD 1.x/2.x, "
+                "taesdxl for SDXL)"
+            )
+        if not cfg.has_decoder:
+            raise GenerationError(f"the tiny VAE {tiny.name} has no decoder (give its taesd_decoder file)")
+        self.tiny_vae = tiny.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
 
     def vae_name(self) -> str | None:
         """A1111's "VAE": the separate VAE's file name; None when the model's own VAE is used."""
@@ -350,6 +379,11 @@ class Pipeline:
         width = self._check_size("width", self.default_size if r.width is None else r.width)
         height = self._check_size("height", self.default_size if r.height is None else r.height)
         r.validate()
+        if r.vae_decode == "tiny" and self.tiny_vae is None:
+            raise GenerationError(
+                f"vae_decode='tiny' needs a tiny VAE and {self.name} has none loaded: "
+                "load_pipeline(tiny_vae=FILE), or --tiny-vae FILE (a TAESD decoder)"
+            )
         if r.sdxl is not None and self.text_kind != "sdxl":
             raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
         if int(r.steps) > self.noise_schedule.num_train_timesteps:
@@ -490,6 +524,9 @@ class Pipeline:
                 used = embeddings.used(p.prompts[i], p.negatives[i])
                 if used:  # A1111's field: "name: hash, ..." of the embeddings the prompt and negative use
                     row["TI hashes"] = format_lora_hashes(used)
+        if request.vae_decode == "tiny":
+            for row in rows:
+                row["Tiny VAE"] = self.tiny_vae.name  # the pixels are the tiny decoder's, not the VAE's
         if p.hires is not None:
             from sdengine.pipeline.hires import infotext_fields
 
@@ -637,7 +674,7 @@ class Pipeline:
         def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool | None:
             bar.update(1)
             if callback is not None:
-                return callback(StepInfo(i + 1, run_steps, float(sigma), x, denoised))
+                return callback(StepInfo(i + 1, run_steps, float(sigma), x, denoised, self.tiny_vae))
             return None
 
         try:
@@ -668,6 +705,8 @@ class Pipeline:
 
     def decode_latents(self, p: Prepared, x: Tensor) -> Tensor:
         """(N, 3, H, W) images in [0, 1] of sampled latents."""
+        if p.request.vae_decode == "tiny":
+            return self.decode_tiny(x)
         # Decode one image at a time: the VAE's activations at full size dominate memory, and a row's
         # pixels then never depend on the batch.
         out = []
@@ -684,6 +723,18 @@ class Pipeline:
                 )
             # after the half-precision fall-back above had its chance; to_unit's clamp would hide NaN as black
             out.append(vae_utils.to_unit(require_finite(img, "decoded image")))
+        return torch.cat(out)
+
+    def decode_tiny(self, x: Tensor) -> Tensor:
+        """(N, 3, H, W) images in [0, 1] of sampled latents, by the tiny VAE (one row at a time, so a row's
+        pixels never depend on its batch)."""
+        if self.tiny_vae is None:
+            raise GenerationError("vae_decode='tiny' needs a tiny VAE: load_pipeline(tiny_vae=...) or --tiny-vae FILE")
+        out = []
+        with torch.inference_mode():
+            for i in range(x.shape[0]):
+                img = self.tiny_vae.decode(x[i : i + 1].to(self.dtype)).float()
+                out.append(vae_utils.to_unit(require_finite(img, "decoded image (tiny VAE)")))
         return torch.cat(out)
 
 

@@ -220,7 +220,7 @@ def _shifted(callback: StepCallback | None, before: int, total: int) -> StepCall
         return None
 
     def shifted(info: StepInfo) -> bool | None:
-        return callback(StepInfo(before + info.step, total, info.sigma, info.latents, info.denoised))
+        return callback(StepInfo(before + info.step, total, info.sigma, info.latents, info.denoised, info.tiny_vae))
 
     return shifted
 

@@ -61,6 +61,7 @@ def load_pipeline(
     config: str | Path | None = None,
     embeddings_dir: str | Path | None = None,
     fast_path: str | Iterable[str] | None = None,
+    tiny_vae: str | Path | None = None,
 ) -> Pipeline | PixelPipeline:
     """A diffusers folder, a single SD 1.x/2.x/SDXL ``.safetensors``/``.ckpt`` file, or a built-in name
     (``emoji``, ``fashion-mnist``) -> a pipeline on ``device`` (auto: cuda, mps, cpu) in ``dtype``
@@ -74,16 +75,30 @@ def load_pipeline(
     :mod:`sdengine.text.embeddings`). An SDXL single file takes ``config`` as a diffusers folder whose configs
     and tokenizers to use instead of those read off the tensor shapes. ``fast_path``: the speed-ups of
     :mod:`sdengine.fastpath` to apply (names, ``"default"`` or ``"none"``; default: ``$SDENGINE_FAST_PATH``, else
-    ``"default"``, which on the CPU in fp32 is :data:`sdengine.fastpath.DEFAULT_OPTIONS`)."""
+    ``"default"``, which on the CPU in fp32 is :data:`sdengine.fastpath.DEFAULT_OPTIONS`). ``tiny_vae``: a tiny
+    VAE (a TAESD ``taesd_decoder`` file or an ``AutoencoderTiny`` folder, :mod:`sdengine.models.tiny_vae`) for
+    previews and ``vae_decode="tiny"``; without it, a model folder's own ``vae_tiny/`` is loaded when it has one."""
     from sdengine.text.encode_cache import max_entries
 
     max_entries()  # a bad $SDENGINE_TEXT_CACHE is refused before any model loads
     pipe = _load(name_or_path, device, dtype, vae, prediction_type, lora_dir, config, embeddings_dir)
+    if not isinstance(pipe, Pipeline):
+        if tiny_vae is not None:
+            raise GenerationError(f"{name_or_path}: a pixel DDPM has no latents for a tiny VAE to decode")
+        return pipe
+    if tiny_vae is None and pipe.source is not None and (pipe.source / TINY_VAE_FOLDER / "config.json").is_file():
+        tiny_vae = pipe.source / TINY_VAE_FOLDER  # the model folder's own (the built-in emoji model has one)
+    if tiny_vae is not None:
+        pipe.set_tiny_vae(tiny_vae)
     if isinstance(pipe, Pipeline):
         from sdengine.fastpath import apply_fast_path, resolve_options
 
         apply_fast_path(pipe, resolve_options(fast_path, pipe.device, pipe.dtype))
     return pipe
+
+
+# The subfolder of a model folder that holds its tiny VAE (an AutoencoderTiny folder); diffusers ignores it.
+TINY_VAE_FOLDER = "vae_tiny"
 
 
 def _load(

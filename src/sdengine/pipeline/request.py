@@ -38,6 +38,8 @@ MAX_CFG_SCALE = 100.0
 MAX_SEED = 2**64 - 1
 # Mask blur is a Gaussian sigma in pixels (A1111's slider stops at 64); inf overflowed and 1e9 broke OpenCV.
 MAX_MASK_BLUR = 256.0
+# How sampled latents become pixels: the model's VAE, or the tiny VAE loaded beside it (sdengine.models.tiny_vae).
+VAE_DECODE_METHODS = ("full", "tiny")
 
 
 def _is_number(v: Any) -> bool:
@@ -82,6 +84,9 @@ class GenerationRequest:
     callback: StepCallback | None = None
     progress: bool = True
     vae_tiling: bool | None = None
+    # "full": the model's VAE; "tiny": the pipeline's tiny VAE (TAESD, ``load_pipeline(tiny_vae=...)``),
+    # ~10x cheaper and a little softer; named "Tiny VAE" in the infotext
+    vae_decode: str = "full"
     sampler_options: Mapping[str, Any] | None = None
     resize_mode: str | int = "just resize"  # init and control images of another size: sdengine.io.resize
     subseed: int | None = None  # variation seed (A1111's); None / -1 draws one; row i uses subseed + i
@@ -255,6 +260,9 @@ class GenerationRequest:
             raise GenerationError("a mask needs an init_image to inpaint")
         self.control_units()  # the tuple forms parse
         from sdengine.io.resize import resize_mode_name
+
+        if self.vae_decode not in VAE_DECODE_METHODS:
+            raise GenerationError(f"vae_decode must be one of {', '.join(VAE_DECODE_METHODS)}, got {self.vae_decode!r}")
 
         resize_mode_name(self.resize_mode)
         sub, sub_strength = self.subseed, self.subseed_strength

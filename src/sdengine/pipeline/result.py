@@ -13,7 +13,7 @@ from PIL import Image
 from torch import Tensor
 
 from sdengine import vae_utils
-from sdengine.errors import SdengineError
+from sdengine.errors import GenerationError, SdengineError
 
 
 class Cancelled(SdengineError):
@@ -38,21 +38,29 @@ class StepInfo:
     sigma: float  # the noise level the step started from
     latents: Tensor  # (B, C, h, w) the sample after the step (the sampler's VE scaling)
     denoised: Tensor  # (B, C, h, w) the step's estimate of the final latent
+    tiny_vae: Any = field(default=None, repr=False)  # the pipeline's tiny VAE, if it has one
 
-    def preview_array(self) -> np.ndarray:
-        """A uint8 NumPy array of shape (B, h, w, 3), not an image: a cheap RGB approximation of ``denoised``
-        (no VAE call), at latent size. Use ``preview_images()`` for PIL images."""
-        return vae_utils.latent_preview(self.denoised)
+    def preview_array(self, method: str = "latent") -> np.ndarray:
+        """A uint8 NumPy array of shape (B, h, w, 3), not an image: ``"latent"``, a cheap RGB approximation
+        of ``denoised`` (no VAE call) at latent size; ``"tiny"``, the pipeline's tiny VAE's decode of it at full
+        size (a one-line error without one). Use ``preview_images()`` for PIL images."""
+        if method == "latent":
+            return vae_utils.latent_preview(self.denoised)
+        if method != "tiny":
+            raise GenerationError(f"preview method must be 'latent' or 'tiny', got {method!r}")
+        if self.tiny_vae is None:
+            raise GenerationError("no tiny VAE loaded for a 'tiny' preview: load_pipeline(tiny_vae=...)")
+        return vae_utils.tiny_vae_rgb(self.tiny_vae)(self.denoised).cpu().numpy()
 
     def preview(self) -> np.ndarray:
         """The same uint8 (B, h, w, 3) array as ``preview_array()`` (kept for old callers; the new name says
         what it returns). Use ``preview_images()`` for PIL images."""
         return self.preview_array()
 
-    def preview_images(self) -> list[Image.Image]:
-        """The documented way to see the current estimate: one RGB PIL image per batch row, a cheap
-        approximation of ``denoised`` at latent size (no VAE call)."""
-        return [Image.fromarray(a) for a in self.preview_array()]
+    def preview_images(self, method: str = "latent") -> list[Image.Image]:
+        """The documented way to see the current estimate: one RGB PIL image per batch row; ``method`` as
+        :meth:`preview_array` (``"latent"``: a cheap approximation at latent size; ``"tiny"``: the tiny VAE's)."""
+        return [Image.fromarray(a) for a in self.preview_array(method)]
 
 
 StepCallback = Callable[[StepInfo], "bool | None"]

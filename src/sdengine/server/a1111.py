@@ -305,6 +305,16 @@ def _num(v: Any, what: str) -> float:
     return float(v)
 
 
+# A1111's "VAE type for decode" setting -> GenerationRequest.vae_decode ("TAESD" needs the model's tiny VAE).
+DECODE_METHODS = {"Full": "full", "TAESD": "tiny"}
+
+
+def decode_method(value: Any) -> str:
+    if not isinstance(value, str) or value not in DECODE_METHODS:
+        raise BadRequest(f"sd_vae_decode_method must be one of {', '.join(DECODE_METHODS)}, got {value!r}")
+    return DECODE_METHODS[value]
+
+
 def install(app: FastAPI, services: Any) -> None:
     manager, catalog, options = services.manager, services.catalog, services.options
 
@@ -314,6 +324,7 @@ def install(app: FastAPI, services: Any) -> None:
         over = dict(req.override_settings or {})
         clip_skip = over.pop("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
         model = over.pop("sd_model_checkpoint", None)
+        vae_decode = decode_method(over.pop("sd_vae_decode_method", options.get("sd_vae_decode_method", "Full")))
         ignored.extend(f"override_settings.{k}" for k in over)
         scripts = {str(k).lower(): v for k, v in (req.alwayson_scripts or {}).items()}
         cn = scripts.pop("controlnet", None)
@@ -334,6 +345,7 @@ def install(app: FastAPI, services: Any) -> None:
             batch_size=req.batch_size,
             n_iter=req.n_iter,
             clip_skip=clip_skip,
+            vae_decode=vae_decode,
             controlnets=units,
             guess_mode=guess,
         )
@@ -683,7 +695,8 @@ def install(app: FastAPI, services: Any) -> None:
     @app.post("/sdapi/v1/options", tags=["a1111"])
     def set_options(body: dict[str, Any]) -> dict[str, Any]:
         """``sd_model_checkpoint`` switches the model of later jobs (loaded by each worker before its next job);
-        ``CLIP_stop_at_last_layers`` sets their clip skip. Other options are listed as ignored."""
+        ``CLIP_stop_at_last_layers`` sets their clip skip, ``sd_vae_decode_method`` ("Full" or "TAESD") how their
+        latents are decoded (TAESD: the model's tiny VAE). Other options are listed as ignored."""
         applied, ignored = [], []
         for k, v in body.items():
             if k == "sd_model_checkpoint":
@@ -695,6 +708,10 @@ def install(app: FastAPI, services: Any) -> None:
             elif k == "CLIP_stop_at_last_layers":
                 if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 24:
                     raise BadRequest("CLIP_stop_at_last_layers must be an integer in 1..24")
+                options[k] = v
+                applied.append(k)
+            elif k == "sd_vae_decode_method":
+                decode_method(v)
                 options[k] = v
                 applied.append(k)
             else:

@@ -78,8 +78,19 @@ def resolve_devices(names: tuple[str, ...]) -> list[str]:
     return out or ["cpu"]
 
 
-def default_loader(dtype: str | None, *, vae: Path | None = None, embeddings_dir: Path | None = None) -> Loader:
+def default_loader(
+    dtype: str | None, *, vae: Path | None = None, embeddings_dir: Path | None = None, tiny_vae: Path | None = None
+) -> Loader:
     def load(ref: str, device: str) -> Any:
+        pipe = load_model(ref, device)
+        if tiny_vae is not None and hasattr(pipe, "set_tiny_vae"):
+            try:
+                pipe.set_tiny_vae(tiny_vae)
+            except SdengineError as e:  # a model of another latent space keeps its own (or the latent previews)
+                log.warning("%s: not using --tiny-vae: %s", ref, e)
+        return pipe
+
+    def load_model(ref: str, device: str) -> Any:
         from sdengine.pipeline import load_pipeline
 
         if embeddings_dir is not None:
@@ -100,7 +111,8 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
     catalog = Catalog(config.models_dir, config.loras_dir, config.controlnets_dir, config.model)
     config.model = catalog.startup_name
     manager = JobManager(
-        loader=loader or default_loader(config.dtype, vae=config.vae, embeddings_dir=config.embeddings_dir),
+        loader=loader
+        or default_loader(config.dtype, vae=config.vae, embeddings_dir=config.embeddings_dir, tiny_vae=config.tiny_vae),
         devices=resolve_devices(config.devices),
         outputs_dir=config.outputs_dir,
         max_queue=config.max_queue,
@@ -108,13 +120,14 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         preview_every=config.preview_every,
         max_batch_jobs=config.max_batch_jobs,
         max_batch_rows=config.max_batch,
+        preview=config.preview,
     )
     services = Services(
         config,
         catalog,
         UploadStore(config.max_image_pixels),
         manager,
-        {"sd_model_checkpoint": catalog.startup_name, "CLIP_stop_at_last_layers": 1},
+        {"sd_model_checkpoint": catalog.startup_name, "CLIP_stop_at_last_layers": 1, "sd_vae_decode_method": "Full"},
     )
 
     @asynccontextmanager

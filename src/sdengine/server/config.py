@@ -32,6 +32,10 @@ class ServerConfig:
     dtype: str | None = None
     vae: Path | None = None  # a separate VAE every SD model is loaded with (A1111's --vae-path)
     preview_every: int = 2  # a preview image in the events every this many steps
+    # "auto": previews by the model's tiny VAE when it has one (full size, close to the result), else the cheap
+    # latent RGB map; "latent": always the latent map
+    preview: str = "auto"
+    tiny_vae: Path | None = None  # a tiny VAE (TAESD) every SD model whose latents it fits is loaded with
     keep_jobs: int = 256  # finished jobs remembered for GET /v1/jobs/{id}
     extra: dict[str, object] = field(default_factory=dict)
 

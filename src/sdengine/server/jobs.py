@@ -160,6 +160,7 @@ _BATCH_SETTINGS = (
     "clip_skip",
     "loras",
     "guess_mode",
+    "vae_decode",
 )
 _PER_ROW = ("prompt", "negative_prompt", "seed", "batch_size")
 _NEVER_BATCHED = ("init_image", "mask", "controlnets")
@@ -201,12 +202,14 @@ class JobManager:
         preview_every: int = 2,
         max_batch_jobs: int = 1,
         max_batch_rows: int = 8,
+        preview: str = "auto",
     ) -> None:
         self.loader = loader
         self.outputs_dir = Path(outputs_dir)
         self.max_queue = max_queue
         self.keep_jobs = keep_jobs
         self.preview_every = max(1, preview_every)
+        self.preview = preview  # "auto": the model's tiny VAE when it has one, else the latent RGB map; "latent"
         self.max_batch_jobs = max(1, max_batch_jobs)
         self.max_batch_rows = max(1, max_batch_rows)
         self._cond = threading.Condition()
@@ -219,6 +222,16 @@ class JobManager:
         self.completed = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------
+
+    def preview_rgb(self, pipe: Any) -> Any:
+        """The previews' latents -> RGB map for ``pipe``: its tiny VAE's decode (full size, close to the final
+        image) when it has one and ``preview`` is "auto"; None (the cheap latent map) otherwise."""
+        tiny = getattr(pipe, "tiny_vae", None)
+        if self.preview != "auto" or tiny is None:
+            return None
+        from sdengine.vae_utils import tiny_vae_rgb
+
+        return tiny_vae_rgb(tiny)
 
     def start(self) -> None:
         for w in self.workers:
@@ -482,7 +495,7 @@ class Worker(threading.Thread):
                 break
             kwargs = dict(g.kwargs, seed=base_seed + it * batch)
             run_steps = [0]
-            previewer = LatentPreviewer()
+            previewer = LatentPreviewer(m.preview_rgb(pipe))
 
             def callback(
                 info: Any,
@@ -587,7 +600,7 @@ class Worker(threading.Thread):
             seeds += [seed + r for r in range(n)]  # as the pipeline numbers one job's rows
         kwargs = dict(g0.kwargs, prompt=prompts, negative_prompt=negatives, seed=seeds, batch_size=len(seeds))
         first = [True]
-        previewer = LatentPreviewer()
+        previewer = LatentPreviewer(m.preview_rgb(pipe))
 
         def callback(info: Any) -> bool:
             stop = any(j.cancel.is_set() or j.skip.is_set() for j in jobs)

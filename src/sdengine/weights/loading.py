@@ -332,6 +332,10 @@ def load_vae(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
         if unknown:
             raise WeightsError(f"{path}: unexpected VAE keys: {_name_some(unknown)}")
         return sd, vae_config_from_ldm(ldm)
+    from .tiny_vae_file import is_tiny_vae_state
+
+    if is_tiny_vae_state(sd):
+        raise WeightsError(f"{path}: a tiny VAE (TAESD), not a full VAE: give it as --tiny-vae / tiny_vae=")
     raise WeightsError(f"{path}: not a VAE (no encoder.down.* or encoder.down_blocks.* weights)")
 
 

@@ -1,0 +1,234 @@
+"""The tiny VAE (TAESD's architecture): equal to diffusers' AutoencoderTiny on the same weights in every file
+layout users bring, its architecture read off the shapes, one-line errors for what is not one, and its use by
+the pipeline (``vae_decode="tiny"``, tiny previews, the model folder's ``vae_tiny/``)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderTiny
+from safetensors.torch import save_file
+
+from sdengine import load_pipeline
+from sdengine.errors import GenerationError
+from sdengine.models.tiny_vae import MissingHalfError, TinyAutoencoder, TinyVAEConfig
+from sdengine.pipeline import GenerationRequest
+from sdengine.vae_utils import LatentPreviewer, tiny_vae_rgb
+from sdengine.weights.io import WeightsError
+from sdengine.weights.tiny_vae_file import is_tiny_vae_state, load_tiny_vae, save_tiny_vae
+
+SMALL = {  # a 3-level variant (4x, as the emoji model's VAE), other widths and block counts than TAESD's
+    "encoder_block_out_channels": (24, 24, 24),
+    "decoder_block_out_channels": (16, 16, 16),
+    "num_encoder_blocks": (1, 2, 1),
+    "num_decoder_blocks": (2, 1, 1),
+}
+
+
+def reference(seed: int = 0, **config) -> AutoencoderTiny:
+    torch.manual_seed(seed)
+    ref = AutoencoderTiny(**config).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.05)  # random weights of a trained-like scale (diffusers' init is near identity)
+    return ref
+
+
+def original_layout(ref: AutoencoderTiny) -> tuple[dict, dict]:
+    """(decoder, encoder) state dicts as TAESD's own files hold them: bare Sequential indices, the decoder's
+    shifted by one for its parameter-free clamp at index 0."""
+    sd = ref.state_dict()
+    dec, enc = {}, {}
+    for k, v in sd.items():
+        part, _, i, rest = k.split(".", 3)
+        if part == "decoder":
+            dec[f"{int(i) + 1}.{rest}"] = v.clone()
+        else:
+            enc[f"{i}.{rest}"] = v.clone()
+    return dec, enc
+
+
+def agree(model: TinyAutoencoder, ref: AutoencoderTiny, *, decoder: bool = True, encoder: bool = True) -> None:
+    g = torch.Generator().manual_seed(1)
+    f = ref.config.upsampling_scaling_factor ** (len(ref.config.decoder_block_out_channels) - 1)
+    z = torch.randn(2, ref.config.latent_channels, 6, 10, generator=g)
+    x = torch.rand(2, 3, 6 * f, 10 * f, generator=g) * 2 - 1
+    with torch.no_grad():
+        if decoder:
+            want = ref.decode(z).sample
+            assert want.shape == (2, 3, 6 * f, 10 * f)
+            torch.testing.assert_close(model.decode(z), want, rtol=0, atol=1e-5)
+        if encoder:
+            torch.testing.assert_close(model.encode(x), ref.encode(x).latents, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [{}, SMALL, {"latent_channels": 16}], ids=["taesd", "small-4x", "16ch"])
+def test_diffusers_folder_equals_autoencoder_tiny(tmp_path, config):
+    ref = reference(**config)
+    ref.save_pretrained(tmp_path)
+    model = load_tiny_vae(tmp_path)
+    assert model.config.latent_channels == ref.config.latent_channels
+    assert model.config.decoder_blocks == tuple(ref.config.num_decoder_blocks)
+    agree(model, ref)
+
+
+def test_original_taesd_files_and_the_encoder_beside_the_decoder(tmp_path):
+    ref = reference(3)
+    dec, enc = original_layout(ref)
+    save_file(dec, tmp_path / "taesd_decoder.safetensors")
+    save_file(enc, tmp_path / "taesd_encoder.safetensors")
+    model = load_tiny_vae(tmp_path / "taesd_decoder.safetensors")
+    assert model.encoder is not None and model.name == "taesd_decoder.safetensors"
+    agree(model, ref)
+    # a pickled decoder alone (another prefix, no sibling): decodes, and encoding is a one-line error
+    torch.save(dec, tmp_path / "taesdxl_decoder.pth")
+    alone = load_tiny_vae(tmp_path / "taesdxl_decoder.pth")
+    agree(alone, ref, encoder=False)
+    with pytest.raises(MissingHalfError, match="has no encoder"):
+        alone.encode(torch.zeros(1, 3, 16, 16))
+    enc_only = load_tiny_vae(tmp_path / "taesd_encoder.safetensors")
+    agree(enc_only, ref, decoder=False)
+    with pytest.raises(MissingHalfError, match="has no decoder"):
+        enc_only.decode(torch.zeros(1, 4, 2, 2))
+
+
+def test_comfyui_combined_file_and_a_diffusers_layout_file(tmp_path):
+    ref = reference(4, **SMALL)
+    dec, enc = original_layout(ref)
+    combined = {f"taesd_decoder.{k}": v for k, v in dec.items()} | {f"taesd_encoder.{k}": v for k, v in enc.items()}
+    combined["vae_scale"] = torch.tensor(1.5)  # ComfyUI's latent-convention scalars are not weights
+    save_file(combined, tmp_path / "taesd.safetensors")
+    agree(load_tiny_vae(tmp_path / "taesd.safetensors"), ref)
+    save_file(ref.state_dict(), tmp_path / "diffusers_layout.safetensors")
+    agree(load_tiny_vae(tmp_path / "diffusers_layout.safetensors"), ref)
+
+
+def test_saved_folder_loads_back_and_in_diffusers(tmp_path):
+    torch.manual_seed(5)
+    model = TinyAutoencoder(
+        TinyVAEConfig(decoder_channels=(16, 16), decoder_blocks=(1, 2), encoder_channels=(8, 8), encoder_blocks=(1, 1))
+    )
+    save_tiny_vae(model, tmp_path / "tv")
+    again = load_tiny_vae(tmp_path / "tv")
+    z = torch.randn(1, 4, 5, 7)
+    torch.testing.assert_close(again.decode(z), model.decode(z).detach(), rtol=0, atol=0)
+    theirs = AutoencoderTiny.from_pretrained(tmp_path / "tv").eval()
+    agree(again, theirs)
+    assert load_tiny_vae(tmp_path / "tv", dtype="bf16").decoder.layers[0].weight.dtype == torch.bfloat16
+
+
+def test_what_is_not_a_tiny_vae_is_one_line(tmp_path):
+    ref = reference(6, **SMALL)
+    dec, enc = original_layout(ref)
+    cases = {
+        "unknown key": ({**dec, "model.diffusion_model.x": torch.zeros(1)}, "unexpected keys"),
+        "wrong shape": ({**dec, "2.conv.0.weight": torch.zeros(16, 16, 1, 1)}, "do not fit"),
+        "uneven widths": ({**dec, "6.weight": torch.zeros(8, 16, 3, 3)}, "same width"),
+        "layer after the end": ({**dec, "40.weight": torch.zeros(3, 3, 3, 3)}, "after its last convolution"),
+        "gap in the order": ({k: v for k, v in dec.items() if not k.startswith("3.")}, "order"),
+        "no first conv": ({k: v for k, v in dec.items() if not k.startswith("1.")}, "first convolution|order"),
+        "mixed layouts": ({**dec, "decoder.layers.0.weight": torch.zeros(1)}, "mixed"),
+    }
+    for name, (sd, msg) in cases.items():
+        f = tmp_path / f"{name.replace(' ', '_')}.safetensors"
+        save_file(sd, f)
+        with pytest.raises(WeightsError, match=msg) as e:
+            load_tiny_vae(f)
+        assert "\n" not in str(e.value), name
+    assert not is_tiny_vae_state(["encoder.down.0.block.0.conv1.weight"]) and is_tiny_vae_state(dec)
+    with pytest.raises(WeightsError, match="no such"):
+        load_tiny_vae(tmp_path / "missing.safetensors")
+    # a folder: the config names another class; the config disagrees with the weights
+    ref.save_pretrained(tmp_path / "folder")
+    cfg = (tmp_path / "folder" / "config.json").read_text()
+    (tmp_path / "folder" / "config.json").write_text(cfg.replace("AutoencoderTiny", "AutoencoderKL"))
+    with pytest.raises(WeightsError, match="not 'AutoencoderTiny'"):
+        load_tiny_vae(tmp_path / "folder")
+    (tmp_path / "folder" / "config.json").write_text(cfg.replace('"latent_channels": 4', '"latent_channels": 16'))
+    with pytest.raises(WeightsError, match="config.json says latent_channels=16"):
+        load_tiny_vae(tmp_path / "folder")
+
+
+def test_a_tiny_vae_given_as_the_vae_is_named(tmp_path, tiny_sd1_folder):
+    dec, _ = original_layout(reference(7))
+    save_file(dec, tmp_path / "taesd_decoder.safetensors")
+    with pytest.raises(WeightsError, match="a tiny VAE \\(TAESD\\), not a full VAE"):
+        load_pipeline(tiny_sd1_folder, vae=tmp_path / "taesd_decoder.safetensors", device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# In the pipeline (the tiny SD model's VAE is 2x: a 2-level tiny VAE fits it)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tiny_sd1_folder) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-vae") / "tiny-sd"
+    shutil.copytree(tiny_sd1_folder, folder)
+    torch.manual_seed(8)
+    tv = TinyAutoencoder(
+        TinyVAEConfig(decoder_channels=(8, 8), decoder_blocks=(1, 1), encoder_channels=(8, 8), encoder_blocks=(1, 1))
+    )
+    with torch.no_grad():
+        for p in tv.parameters():
+            p.normal_(0, 0.2)
+    save_tiny_vae(tv, folder / "vae_tiny")
+    return folder
+
+
+def test_model_folder_tiny_vae_decodes_when_asked(tiny_folder):
+    pipe = load_pipeline(tiny_folder, device="cpu")
+    assert pipe.tiny_vae is not None and pipe.tiny_vae.name == "vae_tiny"
+    req = GenerationRequest(prompt=["a cat", "a dog"], steps=3, seed=[1, 2], progress=False)
+    full = pipe(req)
+    tiny = pipe(req.replace(vae_decode="tiny"))
+    latents = pipe.sample_latents(pipe.prepare(req))
+    want = pipe.decode_tiny(latents).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(tiny.arrays, want, rtol=0, atol=1e-6)
+    assert np.abs(tiny.arrays - full.arrays).mean() > 1e-2  # another decoder, not the VAE
+    assert "Tiny VAE: vae_tiny" in tiny.infotexts[1] and "Tiny VAE" not in full.infotexts[0]
+    alone = pipe.decode_tiny(latents[1:]).permute(0, 2, 3, 1).numpy()  # a row's pixels do not depend on its batch
+    np.testing.assert_array_equal(alone[0], want[1])
+
+
+def test_tiny_previews_in_the_callback_and_the_server_previewer(tiny_folder):
+    from sdengine.server.jobs import JobManager
+
+    pipe = load_pipeline(tiny_folder, device="cpu")
+    seen = []
+
+    def callback(info):
+        seen.append((info.preview_array("tiny"), info.preview_array(), info.denoised.clone()))
+
+    pipe("a cat", steps=2, seed=3, callback=callback, progress=False)
+    tiny_frame, latent_frame, denoised = seen[-1]
+    assert tiny_frame.shape == (1, 32, 32, 3) and latent_frame.shape == (1, 16, 16, 3)
+    direct = (pipe.tiny_vae.decode(denoised).clamp(-1, 1) + 1) / 2 * 255
+    assert np.abs(tiny_frame.astype(float) - direct.permute(0, 2, 3, 1).numpy()).max() <= 0.5 + 1e-3
+    manager = JobManager(loader=lambda ref, dev: pipe, devices=["cpu"], outputs_dir=Path("."), max_queue=1)
+    previewer = LatentPreviewer(manager.preview_rgb(pipe))
+    previewer.submit(denoised, 5)
+    tag, frame = previewer.take()
+    assert tag == 5 and np.array_equal(frame, tiny_frame)
+    manager.preview = "latent"
+    assert manager.preview_rgb(pipe) is None
+    assert np.array_equal(tiny_vae_rgb(pipe.tiny_vae)(denoised).numpy(), tiny_frame)
+
+
+def test_pipeline_refusals(tiny_sd1_folder, tiny_folder):
+    plain = load_pipeline(tiny_sd1_folder, device="cpu")
+    with pytest.raises(GenerationError, match="has none loaded"):
+        plain("a cat", steps=2, vae_decode="tiny", progress=False)
+    with pytest.raises(GenerationError, match="vae_decode must be one of full, tiny"):
+        plain("a cat", steps=2, vae_decode="taesd", progress=False)
+    with pytest.raises(GenerationError, match="'tiny' preview"):
+        plain("a cat", steps=1, callback=lambda info: info.preview_array("tiny"), progress=False)
+    eight_x = TinyAutoencoder(TinyVAEConfig(has_encoder=False))  # TAESD's 8x on a 2x model
+    with pytest.raises(GenerationError, match="4-channel latents at 8x, but tiny-sd's are 4-channel at 2x"):
+        plain.set_tiny_vae(eight_x)
+    assert plain.tiny_vae is None
+    with pytest.raises(GenerationError, match="pixel DDPM"):
+        load_pipeline("fashion-mnist", device="cpu", tiny_vae=tiny_folder / "vae_tiny")
