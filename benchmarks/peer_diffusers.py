@@ -200,3 +200,30 @@ class GpuEngine:
             t8 = statistics.median(timed(lambda: self.generate(prompt, negative, cfg, 8, "pil"), max(2, repeats // 2)))
             out.update({"batch8_s": t8, "batch8_images_per_s": 8 / t8})
         return out
+
+
+class Decoders:
+    """diffusers' two decoders of the diffusion model's latents, for ``sdengine bench --decoders``
+    (sdengine.bench_decode): the folder's ``AutoencoderKL`` (its ``vae/``) and an ``AutoencoderTiny`` folder, fp32
+    on the CPU, eager, each called as diffusers' pipelines call it: ``vae.decode(latents / scaling_factor)``
+    (plus the shift, for a VAE that has one) and ``tiny.decode(latents)``. The caller holds the grad mode."""
+
+    def __init__(self, folder: Path, tiny_folder: Path) -> None:
+        from diffusers import AutoencoderKL, AutoencoderTiny
+
+        self.vae = AutoencoderKL.from_pretrained(
+            folder, subfolder="vae", local_files_only=True, dtype=torch.float32
+        ).eval()
+        self.tiny = AutoencoderTiny.from_pretrained(tiny_folder, local_files_only=True, dtype=torch.float32).eval()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) diffusion latents -> (B, 3, H, W) images in [-1, 1]."""
+        z = latents / self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None)
+        if shift:
+            z = z + shift
+        return self.vae.decode(z).sample
+
+    def decode_tiny(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) diffusion latents -> (B, 3, H, W) images in [-1, 1]."""
+        return self.tiny.decode(latents).sample

@@ -65,6 +65,7 @@ LAYERS: dict[str, int] = {
     "evaluation": 3,
     "bench": 3,  # sdengine bench: timing and memory against a peer engine
     "bench_scaling": 3,  # sdengine bench --scaling: time and memory against size and batch, parts composed
+    "bench_decode": 3,  # sdengine bench --decoders: the full and the tiny VAE decode against diffusers'
     "bench_gpu": 3,  # sdengine bench --device cuda: the GPU comparison in one prepared run
     "grids": 3,  # X/Y/Z plots and batch grids over the pipeline
     "outpaint": 3,  # extend the canvas: pad, mask the new area, inpaint, paste the original back

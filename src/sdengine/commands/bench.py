@@ -14,7 +14,8 @@ def run(a: argparse.Namespace) -> int:
 
     if (a.model is None) == (a.random is None):
         raise BenchError("give exactly one of --model FOLDER or --random {tiny,medium,sd15}")
-    scaling = _scaling_points(a)  # checked before any model is written
+    decoders = _decoders_mode(a)  # checked before any model is written
+    scaling = _scaling_points(a)
     if a.dtype != "fp32":
         import torch
 
@@ -48,6 +49,8 @@ def run(a: argparse.Namespace) -> int:
             where = Path(a.workdir) / leaf if a.workdir else Path(tmp) / leaf
             folder = make_random_folder(where, a.random, dtype="fp16" if half else None)
             name = f"random {a.random} (SD1 architecture)"
+        if decoders:
+            return _run_decoders(a, folder, name, Path(a.workdir) if a.workdir else Path(tmp))
         if scaling is not None:
             return _run_scaling(a, folder, name, *scaling)
         if str(a.device).startswith("cuda"):
@@ -120,6 +123,49 @@ def _run_gpu(a: argparse.Namespace, folder: Path, name: str) -> int:
     )
     print(table(data))
     print(f"written {Path(a.out) / FILE_NAME}")
+    return 0
+
+
+def _decoders_mode(a: argparse.Namespace) -> bool:
+    """Whether ``--decoders`` was given; the flags of the other modes are refused with it (one line each)."""
+    from ..bench import BenchError
+
+    if not getattr(a, "decoders", False):
+        if getattr(a, "tiny_vae", None) is not None:
+            raise BenchError("--tiny-vae is an option of --decoders")
+        return False
+    for flag, bad in (
+        ("--scaling", a.scaling),
+        (f"--device {a.device}", not str(a.device).startswith("cpu")),
+        (f"--dtype {a.dtype}", a.dtype != "fp32"),
+        ("--options", a.options is not None),
+        ("--fast-path", a.fast_path is not None),
+        ("--under-load", a.under_load),
+        ("--phases", a.phases is not None),
+    ):
+        if bad:
+            raise BenchError(f"{flag} does not apply to --decoders (it times the VAE decoders on the CPU in fp32)")
+    return True
+
+
+def _run_decoders(a: argparse.Namespace, folder: Path, name: str, workdir: Path) -> int:
+    from ..bench_decode import run_decoders, write_json
+
+    report = run_decoders(
+        folder,
+        model=name,
+        workdir=workdir,
+        size=a.size,
+        batch=a.batch,
+        repeats=a.repeats,
+        seed=a.seed,
+        tiny_vae=a.tiny_vae,
+        compare=None if a.compare == "none" else a.compare,
+        random_model=a.random is not None,
+    )
+    print(report.table())
+    if a.json:
+        print(f"written {write_json(report, a.json)}")
     return 0
 
 
@@ -225,6 +271,17 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         action="store_true",
         help="time one U-Net CFG step, one VAE decode and the text encoder at each --sizes x --batches point, "
         "compose the generation time for --steps, and measure each point's peak RSS",
+    )
+    p.add_argument(
+        "--decoders",
+        action="store_true",
+        help="time the latents-to-pixels decode alone: the VAE and the tiny VAE (TAESD), each against diffusers",
+    )
+    p.add_argument(
+        "--tiny-vae",
+        default=None,
+        metavar="FILE",
+        help="--decoders: the tiny VAE (a TAESD file or AutoencoderTiny folder; default: random TAESD weights)",
     )
     p.add_argument("--sizes", default=None, help="--scaling: image sides, comma-separated (default 256,512)")
     p.add_argument("--batches", default=None, help="--scaling: batch sizes, comma-separated (default 1)")

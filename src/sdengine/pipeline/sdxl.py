@@ -119,6 +119,8 @@ class SDXLPipeline(Pipeline):
             )
         if refiner.latent_channels != self.latent_channels or refiner.vae_scale_factor != self.vae_scale_factor:
             raise GenerationError(f"{refiner.name} does not share {self.name}'s latent space")
+        if request.vae_decode != "full":
+            raise GenerationError("vae_decode 'tiny' is not supported with a refiner (the refiner's VAE decodes)")
         p = self.prepare(request)
         p_ref = refiner.prepare(request.replace(width=p.width, height=p.height))
         if p.subseeds is not None:

@@ -1,0 +1,160 @@
+"""`sdengine bench --decoders` on the tiny random model: sdengine's VAE and tiny VAE decodes agree with diffusers'
+on the same weights, the tiny VAE's rule and shapes, a decoder-only TAESD file, the JSON report, and the
+refusals of the other modes' flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdengine import bench, bench_decode
+from sdengine.cli import main
+from sdengine.weights.io import save_safetensors
+from sdengine.weights.tiny_vae_file import load_tiny_vae
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A work folder holding the random tiny model where ``--random tiny --workdir`` finds (and reuses) it."""
+    root = tmp_path_factory.mktemp("decoders")
+    bench.make_random_folder(root / "random-tiny", "tiny")
+    return root
+
+
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_tiny_vae_levels_follow_the_downscale_factor():
+    assert bench_decode.tiny_blocks(8) == ((3, 3, 3, 1), (1, 3, 3, 3))
+    assert bench_decode.tiny_blocks(4) == ((3, 3, 1), (1, 3, 3))
+    assert bench_decode.tiny_blocks(2) == ((3, 1), (1, 3))
+    with pytest.raises(bench.BenchError, match="not a power of 2"):
+        bench_decode.tiny_blocks(6)
+    a = bench_decode.random_tiny_vae(4, 3, 8)
+    b = bench_decode.random_tiny_vae(4, 3, 8)
+    assert a.config.decoder_channels == (64, 64, 64, 64) and a.config.downscale_factor == 8
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name  # a fixed seed
+    w = a.state_dict()["decoder.layers.0.weight"]
+    assert abs(float(w.std()) - bench_decode.TINY_STD) < 0.01 and abs(float(w.mean())) < 0.01
+
+
+def test_both_decoders_agree_with_diffusers(workdir):
+    pytest.importorskip("diffusers")
+    report = bench_decode.run_decoders(
+        workdir / "random-tiny", model="tiny", workdir=workdir, batch=2, repeats=1, random_model=True
+    )
+    assert report.size == 32 and report.latent_shape == [2, 4, 16, 16]  # the model's own size, 2x latents
+    for key in ("vae", "tiny_vae"):
+        ours, theirs = report.outputs[f"{key} sdengine"], report.outputs[f"{key} diffusers"]
+        assert ours.shape == theirs.shape == (2, 3, 32, 32)
+        assert float(np.abs(ours).max()) > 0.1  # not all zeros: the agreement below means something
+        assert float(np.abs(ours - theirs).max()) < 1e-4
+        pair = report.pairs[key]
+        assert pair.max_abs is not None and pair.max_abs < 1e-4
+        assert pair.output_shape == [2, 3, 32, 32]
+        assert pair.diffusers is not None and len(pair.sdengine.times_s) == len(pair.diffusers.times_s) == 1
+        assert pair.ratio == pytest.approx(pair.diffusers.median_s / pair.sdengine.median_s)
+    # diffusers decoded the very weights written to the work folder, which sdengine reads back the same
+    tiny = load_tiny_vae(workdir / "tiny-vae-4ch-2x-diffusers")
+    assert tiny.config.decoder_blocks == (3, 1)
+    ref = bench_decode.random_tiny_vae(4, 3, 2)
+    for name, p in ref.state_dict().items():
+        assert torch.equal(p, tiny.state_dict()[name]), name
+    assert report.full_vs_tiny_mean_abs > 0
+    assert "random weights" in report.table() and report.random_weights
+
+
+def test_a_decoder_only_taesd_file(workdir, tmp_path):
+    pytest.importorskip("diffusers")
+    decoder = bench_decode.random_tiny_vae(4, 3, 2, seed=7)
+    # ComfyUI's combined layout, decoder half only: its index 0 is TAESD's clamp, so layer N is saved as N + 1
+    state = {}
+    for k, v in decoder.state_dict().items():
+        if k.startswith("decoder.layers."):
+            n, rest = k.removeprefix("decoder.layers.").split(".", 1)
+            state[f"taesd_decoder.{int(n) + 1}.{rest}"] = v
+    path = tmp_path / "taesd_decoder.safetensors"
+    save_safetensors(state, path)
+    report = bench_decode.run_decoders(
+        workdir / "random-tiny", model="tiny", workdir=tmp_path / "work", tiny_vae=path, repeats=1
+    )
+    assert report.tiny_vae == str(path)
+    assert report.pairs["tiny_vae"].max_abs is not None and report.pairs["tiny_vae"].max_abs < 1e-4
+    with torch.inference_mode():
+        latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        want = decoder.decode(latents).numpy()
+    np.testing.assert_allclose(report.outputs["tiny_vae sdengine"], want, atol=1e-6)
+
+
+def test_cli_writes_the_json_report(workdir, tmp_path, capsys, keep_threads):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "decoders.json"
+    args = ["--threads", "1", "bench", "--random", "tiny", "--workdir", str(workdir), "--decoders"]
+    assert main([*args, "--size", "64", "--repeats", "2", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    rows = {ln.split("  ")[0]: ln for ln in table.splitlines()}
+    assert "VAE decode" in rows and "tiny VAE decode" in rows
+    assert "tiny / full (sdengine): " in table and "x faster" in table
+    raw = json.loads(out.read_text())
+    assert raw["mode"] == "decoders" and raw["size"] == 64 and raw["batch"] == 1 and raw["repeats"] == 2
+    assert raw["latent_shape"] == [1, 4, 32, 32] and raw["threads"] == "1 torch thread(s)"
+    assert set(raw["decoders"]) == {"vae", "tiny_vae"}
+    for row in raw["decoders"].values():
+        for engine in ("sdengine", "diffusers"):
+            assert len(row[engine]["times_s"]) == 2 and row[engine]["median_s"] > 0 and row[engine]["warmup_s"] > 0
+        assert row["max_abs_vs_diffusers"] < 1e-4
+        assert row["speedup_vs_diffusers"] == pytest.approx(row["diffusers"]["median_s"] / row["sdengine"]["median_s"])
+        assert row["output_shape"] == [1, 3, 64, 64]
+    vae, tiny = raw["decoders"]["vae"]["sdengine"]["median_s"], raw["decoders"]["tiny_vae"]["sdengine"]["median_s"]
+    assert raw["tiny_speedup_vs_full"] == pytest.approx(vae / tiny)
+    assert raw["full_vs_tiny_mean_abs"] > 0 and "random weights" in raw["note"]
+    assert raw["tiny_config"]["decoder_blocks"] == [3, 1]
+
+
+def test_compare_none_times_sdengine_alone(workdir, capsys, keep_threads):
+    args = ["--threads", "1", "bench", "--random", "tiny", "--workdir", str(workdir), "--decoders"]
+    assert main([*args, "--compare", "none", "--repeats", "1"]) == 0
+    rows = [
+        ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith(("VAE decode ", "tiny VAE decode "))
+    ]
+    assert [r[-3:] for r in rows] == [["-", "-", "-"], ["-", "-", "-"]]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--decoders", "--scaling"], "--scaling does not apply to --decoders"),
+        (["--decoders", "--device", "cuda"], "--device cuda does not apply to --decoders"),
+        (["--decoders", "--dtype", "bf16"], "--dtype bf16 does not apply to --decoders"),
+        (["--decoders", "--options", "channels_last"], "--options does not apply to --decoders"),
+        (["--tiny-vae", "taesd_decoder.safetensors"], "--tiny-vae is an option of --decoders"),
+        (["--decoders", "--size", "33"], "--size 33 is not a positive multiple of the VAE's downscale factor 2"),
+    ],
+)
+def test_refusals_are_one_line(workdir, capsys, args, message):
+    assert main(["bench", "--random", "tiny", "--workdir", str(workdir), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("sdengine: error: ") and message in err, err
+
+
+def test_a_tiny_vae_of_another_family_is_one_line(workdir, tmp_path, capsys):
+    from sdengine.weights.tiny_vae_file import save_tiny_vae
+
+    other = save_tiny_vae(bench_decode.random_tiny_vae(4, 3, 8), tmp_path / "taesd-8x")  # the model's VAE is 2x
+    args = ["bench", "--random", "tiny", "--workdir", str(workdir), "--decoders", "--tiny-vae", str(other)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "decodes 4-channel latents at 8x" in err and "at 2x" in err, err
+    missing = ["bench", "--random", "tiny", "--workdir", str(workdir), "--decoders", "--tiny-vae", "nowhere.pth"]
+    assert main(missing) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--tiny-vae" in err and "nowhere.pth" in err, err
