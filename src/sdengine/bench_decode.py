@@ -51,11 +51,15 @@ ROW_NAMES = {"vae": "VAE decode", "tiny_vae": "tiny VAE decode"}
 
 def tiny_blocks(factor: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(decoder blocks, encoder blocks) per level of a TAESD-architecture tiny VAE of ``factor`` pixels per
-    latent: one level per 2x and one more; TAESD's (3, 3, 3, 1) / (1, 3, 3, 3) at 8x."""
-    levels = factor.bit_length()
-    if factor < 1 or factor != 1 << (levels - 1):
-        raise BenchError(f"the VAE's downscale factor {factor} is not a power of 2: no tiny VAE fits it")
-    return (3,) * (levels - 1) + (1,), (1,) + (3,) * (levels - 1)
+    latent (:func:`sdengine.models.tiny_vae.taesd_config`); TAESD's (3, 3, 3, 1) / (1, 3, 3, 3) at 8x."""
+    from sdengine.models.config_checks import ConfigError
+    from sdengine.models.tiny_vae import taesd_config
+
+    try:
+        cfg = taesd_config(factor)
+    except ConfigError as e:
+        raise BenchError(f"the VAE's {e}") from None
+    return cfg.decoder_blocks, cfg.encoder_blocks
 
 
 def random_tiny_vae(latent_channels: int, image_channels: int, factor: int, *, seed: int = TINY_SEED) -> Any:

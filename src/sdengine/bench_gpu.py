@@ -157,8 +157,12 @@ def sdengine_gen(
 
 
 def sdengine_parts(pipe: Any, cfg: dict[str, Any]) -> dict[str, Callable[[], Any]]:
-    """One U-Net CFG step (batch 2) and one VAE decode, through the pipeline's graphs when it has them."""
+    """One U-Net CFG step (batch 2) and one VAE decode, through the pipeline's graphs when it has them; one tiny
+    VAE decode (the live previews' cost: the pipeline's tiny VAE, else TAESD's architecture with random weights),
+    eager."""
     import torch
+
+    from sdengine.models.tiny_vae import TinyAutoencoder, taesd_config
 
     dev, dt = pipe.device, pipe.dtype
     side = cfg["size"] // pipe.vae_scale_factor
@@ -170,6 +174,10 @@ def sdengine_parts(pipe: Any, cfg: dict[str, Any]) -> dict[str, Callable[[], Any
     z = torch.randn(1, pipe.latent_channels, side, side, generator=g).to(dev, dt)
     unet = pipe.graphed("unet") or pipe.unet
     decode = pipe.graphed("vae") or pipe.vae.decode
+    tiny = pipe.tiny_vae
+    if tiny is None:
+        torch.manual_seed(0)
+        tiny = TinyAutoencoder(taesd_config(pipe.vae_scale_factor, pipe.latent_channels)).to(dev, dt).eval()
 
     def step() -> Any:
         with torch.inference_mode():
@@ -179,7 +187,11 @@ def sdengine_parts(pipe: Any, cfg: dict[str, Any]) -> dict[str, Callable[[], Any
         with torch.inference_mode():
             return decode(z)
 
-    return {"step": step, "vae": vae}
+    def tiny_vae() -> Any:
+        with torch.inference_mode():
+            return tiny.decode(z)
+
+    return {"step": step, "vae": vae, "tiny_vae": tiny_vae}
 
 
 def measure_sdengine(pipe: Any, cfg: dict[str, Any], repeats: int, *, batch8: bool = False) -> dict[str, Any]:
@@ -198,12 +210,14 @@ def measure_sdengine(pipe: Any, cfg: dict[str, Any], repeats: int, *, batch8: bo
         f()  # records the parts' own graphs (their shapes may differ from a generation's)
     step = statistics.median(timed(parts["step"], dev, 20))
     vae = statistics.median(timed(parts["vae"], dev, 5))
+    tiny = statistics.median(timed(parts["tiny_vae"], dev, 5))
     out: dict[str, Any] = {
         "warmup_s": warm,
         "image_s": statistics.median(times),
         "image_all_s": times,
         "unet_step_ms": step * 1000,
         "vae_decode_ms": vae * 1000,
+        "tiny_vae_decode_ms": tiny * 1000,
         "peak_allocated_mb": peak,
         "vae_upcast": bool(pipe.vae_upcast),
         "call_notes": kept.get("notes", []),
@@ -383,7 +397,15 @@ class Run:
 
 
 def _short(res: dict[str, Any]) -> str:
-    keys = ("image_s", "unet_step_ms", "vae_decode_ms", "first_image_s", "batch8_images_per_s", "compile_s")
+    keys = (
+        "image_s",
+        "unet_step_ms",
+        "vae_decode_ms",
+        "tiny_vae_decode_ms",
+        "first_image_s",
+        "batch8_images_per_s",
+        "compile_s",
+    )
     return ", ".join(f"{k} {res[k]:.4g}" for k in keys if isinstance(res.get(k), int | float))
 
 

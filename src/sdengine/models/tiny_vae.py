@@ -140,6 +140,24 @@ class TinyVAEConfig:
         }
 
 
+def taesd_config(
+    downscale_factor: int, latent_channels: int = 4, *, channels: int = 64, image_channels: int = 3
+) -> TinyVAEConfig:
+    """TAESD's architecture for latents of ``downscale_factor`` pixels a side: one level per 2x and one more,
+    ``channels`` wide, decoder blocks (3, ..., 3, 1) and encoder blocks (1, 3, ..., 3) (TAESD's at 8x)."""
+    levels = downscale_factor.bit_length()
+    if downscale_factor < 1 or downscale_factor != 1 << (levels - 1):
+        raise ConfigError(f"a downscale factor of {downscale_factor} is not a power of 2: no tiny VAE fits it")
+    return TinyVAEConfig(
+        latent_channels=latent_channels,
+        image_channels=image_channels,
+        decoder_channels=(channels,) * levels,
+        decoder_blocks=(3,) * (levels - 1) + (1,),
+        encoder_channels=(channels,) * levels,
+        encoder_blocks=(1,) + (3,) * (levels - 1),
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Layers
 
@@ -249,4 +267,5 @@ __all__ = [
     "TinyDecoder",
     "TinyEncoder",
     "TinyVAEConfig",
+    "taesd_config",
 ]
