@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 import webuiapi
@@ -143,6 +144,24 @@ def test_unknown_and_unimplemented_fields_are_reported(api):
     assert "restore_faces" in r.info["ignored"] and "override_settings.sd_vae" in r.info["ignored"]
     r = api.custom_post("txt2img", {"prompt": "a cat", "seed": 1, "frobnicate": 3, **COMMON}, baseurl=True)
     assert r.info["ignored"] == ["frobnicate"]
+
+
+def test_taesd_decode_method_as_an_option_and_an_override(api):
+    want = emoji()(
+        "a red apple", seed=5, sampler="dpmpp_2m", schedule="karras", progress=False, vae_decode="tiny", **COMMON
+    )
+    r = api.txt2img(prompt="a red apple", seed=5, override_settings={"sd_vae_decode_method": "TAESD"}, **COMMON)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert "Tiny VAE: vae_tiny" in r.info["infotexts"][0] and "override_settings" not in str(r.info.get("ignored"))
+    try:
+        assert api.set_options({"sd_vae_decode_method": "TAESD"})["applied"] == ["sd_vae_decode_method"]
+        assert api.get_options()["sd_vae_decode_method"] == "TAESD"
+        r = api.txt2img(prompt="a red apple", seed=5, **COMMON)
+        np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    finally:
+        api.set_options({"sd_vae_decode_method": "Full"})
+    bad = httpx.post(f"{api.baseurl}/options", json={"sd_vae_decode_method": "Approx NN"}, timeout=30)
+    assert bad.status_code == 400 and "sd_vae_decode_method must be one of Full, TAESD" in bad.text
 
 
 def test_progress_and_interrupt(api):

@@ -110,6 +110,21 @@ def test_events_stream_progress_previews_and_the_result(client):
     assert previews and previews[0].startswith("data:image/png;base64,")
 
 
+def test_tiny_vae_decode_and_full_size_previews(client):
+    """The emoji model ships a tiny VAE: previews are its full-size decode, and vae_decode "tiny" is its image."""
+    j = run(client, {**BASE, "steps": 4, "vae_decode": "tiny"})
+    assert j["state"] == "done", j
+    ref = emoji()(progress=False, **BASE, vae_decode="tiny")
+    assert "Tiny VAE: vae_tiny" in j["infotexts"][0] and ref.infotexts[0] != j["infotexts"][0]  # steps differ
+    ref4 = emoji()(progress=False, **{**BASE, "steps": 4}, vae_decode="tiny")
+    im, _ = fetch_image(client, j["images"][0]["url"])
+    np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(ref4.images[0]))
+    preview, r = fetch_image(client, f"/v1/jobs/{j['id']}/preview")
+    assert preview.size == (64, 64)  # the tiny VAE's full size, not the 16x16 latent map
+    r = client.post("/v1/jobs", json={**BASE, "vae_decode": "taesd"})
+    assert r.status_code == 422
+
+
 def test_cancel_running_job_stops_within_a_step_and_the_next_job_runs(client):
     long = client.post("/v1/jobs", json={**BASE, "steps": 150, "seed": 1}).json()["id"]
     # The worker may still be finishing the previous test's job: wait until it has taken this one, so the
