@@ -214,6 +214,8 @@ def test_comfyui_example_clients_run_the_default_workflow(server, client):
         assert kind in events, (kind, events)
     # binary previews in ComfyUI's framing: >I event 1 (PREVIEW_IMAGE), >I image type 2 (PNG), the PNG
     assert previews and all(p[:8] == b"\x00\x00\x00\x01\x00\x00\x00\x02" and p[8:12] == b"\x89PNG" for p in previews)
+    # the emoji model's tiny VAE draws them at the image's size (the latent map would be 16x16)
+    assert Image.open(io.BytesIO(previews[-1][8:])).size == (64, 64)
 
     # ---- basic_api_example.py: queue_prompt as it is (no client id, fire and forget)
     def basic_queue_prompt(prompt):

@@ -157,7 +157,9 @@ class ComfyJob(Job):
                 try:
                     from sdengine import vae_utils
 
-                    png = png_bytes(Image.fromarray(vae_utils.latent_preview(denoised[:1])[0]))
+                    to_rgb = m.preview_rgb(worker.pipe)  # the model's tiny VAE, or None: the latent map
+                    rgb = to_rgb(denoised[:1]).cpu().numpy() if to_rgb else vae_utils.latent_preview(denoised[:1])
+                    png = png_bytes(Image.fromarray(rgb[0]))
                     self.preview_png, self.preview_step = png, step
                     st.send(PREVIEW_IMAGE, struct.pack(">I", PNG_TYPE) + png, self.client_id)
                 except Exception:  # noqa: BLE001 - a preview is optional
