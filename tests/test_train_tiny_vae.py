@@ -157,3 +157,16 @@ def test_spec_checks_its_values() -> None:
         TinyVAETrainSpec(model="m", latents="median")  # type: ignore[arg-type]
     with pytest.raises(TinyVAETrainingError, match="save dtype"):
         TinyVAETrainSpec(model="m", save_dtype="int8")
+
+
+def test_a_data_set_whose_targets_would_not_fit_is_refused_before_reading(tmp_path, tiny_sd1_folder, capsys) -> None:
+    from sdengine.cli import main
+    from sdengine.train.tiny_vae import data_bytes
+
+    assert data_bytes(10, 512, flip=True) == 10 * 3 * 512 * 512 * (4 + 2 * 2 * 2)
+    data = _shapes_folder(tmp_path / "shapes")
+    args = ["train", "tiny-vae", "--model", str(tiny_sd1_folder), "--data", str(data), "--out", str(tmp_path / "o")]
+    assert main([*args, "--resolution", "16384", "--steps", "1"]) == 2  # ~90 GiB of targets for 10 images
+    err = capsys.readouterr().err.strip()
+    assert "GiB for the full decoder's targets" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

@@ -141,6 +141,7 @@ def load_images(spec: TinyVAETrainSpec, pipe: Any, resolution: int) -> tuple[Ten
         from ..data.folders import ImageFolder
 
         folder = ImageFolder(spec.data, size=resolution, channels=3)
+        check_memory(len(folder.paths), resolution, flip=spec.flip, device=pipe.device)
         return folder.stack(), str(spec.data)
     if spec.data is None and getattr(pipe, "text_kind", None) != "minilm":
         raise TinyVAETrainingError(
@@ -150,6 +151,27 @@ def load_images(spec: TinyVAETrainSpec, pipe: Any, resolution: int) -> tuple[Ten
     from ..data.emoji import EmojiDataset
 
     return EmojiDataset(size=resolution).images, EMOJI_DATA
+
+
+def data_bytes(n_images: int, resolution: int, *, flip: bool) -> int:
+    """Memory the images and the full decoder's targets take: the stacked fp32 images, then every training row
+    (each image, and its mirror image with ``flip``) as fp16 image and fp16 target (the latents are 64x smaller)."""
+    pixels = 3 * resolution * resolution
+    return n_images * pixels * 4 + n_images * (2 if flip else 1) * pixels * 2 * 2
+
+
+def check_memory(n_images: int, resolution: int, *, flip: bool, device: torch.device) -> None:
+    """Refuse, before reading the images, a data set whose precomputed targets would not fit in memory."""
+    from ..vae_utils import available_memory
+
+    need, free = data_bytes(n_images, resolution, flip=flip), available_memory(torch.device("cpu"))
+    if device.type == "cuda":
+        free = min(x for x in (free, available_memory(device)) if x is not None) if free is not None else None
+    if free is not None and need > 0.8 * free:
+        raise TinyVAETrainingError(
+            f"{n_images} images at {resolution}x{resolution} need about {need / 2**30:.1f} GiB for the full decoder's "
+            f"targets, more than the {free / 2**30:.1f} GiB free: use fewer images or a smaller --resolution"
+        )
 
 
 def split_indices(n: int, eval_images: int) -> tuple[Tensor, Tensor]:
