@@ -189,6 +189,27 @@ def test_txt2img_shows_the_apis_image_with_its_parameters_and_remembers_settings
     assert page.input_value("#cfg_scale") == "5"
 
 
+def test_the_tiny_vae_decoder_choice(page, client):
+    """The emoji model ships a tiny VAE: "Tiny VAE (fast)" shows the API's vae_decode "tiny" image."""
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "4")
+    page.fill("#seed", "3")
+    page.select_option("#vae_decode", "tiny")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Tiny VAE: vae_tiny" in params
+    body = {"prompt": "a red apple", "steps": 4, "seed": 3, "width": 64, "height": 64, "vae_decode": "tiny"}
+    for field in ("sampler", "schedule", "negative_prompt"):  # whatever the page holds (it remembers settings)
+        body[field] = page.input_value(f"#{field}")
+    body["cfg_scale"] = float(page.input_value("#cfg_scale"))
+    expected, infotext = api_image(client, body)
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == infotext
+    page.select_option("#vae_decode", "full")
+    page.click("#results button:text('Reuse parameters')")  # the infotext's "Tiny VAE" selects it again
+    assert page.input_value("#vae_decode") == "tiny"
+
+
 def test_errors_are_shown_next_to_their_field_and_the_input_is_kept(page):
     page.fill("#prompt", "a green apple")
     page.fill("#width", "60")

@@ -11,7 +11,7 @@ const SETTINGS_KEY = "sdengine.settings.v1";
 const API_KEY = "sdengine.apiKey";
 const GALLERY_PAGE = 12;
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
-  "height", "batch_size", "clip_skip", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
+  "height", "batch_size", "clip_skip", "vae_decode", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
   "cn-weight", "cn-start", "cn-end"];
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform" };
@@ -130,6 +130,7 @@ const ERROR_FIELDS = [
   [/\bseed\b/i, "seed"],
   [/batch/i, "batch_size"],
   [/clip_skip|clip skip/i, "clip_skip"],
+  [/vae_decode|tiny VAE/i, "vae_decode"],
   [/\bmodel\b/i, "model"],
   [/negative_prompt/i, "negative_prompt"],
   [/\bprompt\b/i, "prompt"],
@@ -331,6 +332,7 @@ function applyInfotext(text) {
   if (f["Denoising strength"]) put("strength", parseFloat(f["Denoising strength"]));
   if (f["Mask blur"]) put("mask_blur", parseFloat(f["Mask blur"]));
   put("clip_skip", f["Clip skip"] ? parseInt(f["Clip skip"], 10) : 1); // A1111 writes it only when > 1
+  put("vae_decode", f["Tiny VAE"] ? "tiny" : "full"); // sdengine names the tiny VAE when it decoded
   if (f.Model) put("model", f.Model);
   saveSettings();
   return set;
@@ -426,6 +428,7 @@ async function buildRequest() {
     height: number("height", "Height", true),
     batch_size: number("batch_size", "Batch size", true),
     clip_skip: number("clip_skip", "Clip skip", true),
+    vae_decode: $("vae_decode").value,
   };
   const mode = $("mode").value;
   if (mode !== "txt2img") {
