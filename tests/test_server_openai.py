@@ -108,3 +108,33 @@ def test_models_list_and_variations(client):
         extra_body=FAST,
     )
     assert b64_image(v.data[0].b64_json).size == (64, 64)
+
+
+def test_streamed_generation_sends_partial_images_then_the_image(client):
+    """OpenAI's streaming: partial images along the way (here the emoji model's tiny VAE previews), then the
+    completed event with the same image as the plain request."""
+    body = {"seed": 9, "steps": 6}
+    stream = client.images.generate(
+        model="gpt-image-1", prompt="a red apple", size="64x64", stream=True, partial_images=2, extra_body=body
+    )
+    events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], kinds
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    partials = [np.asarray(b64_image(e.b64_json).convert("RGB")).astype(float) for e in events[:2]]
+    assert all(p.shape == (64, 64, 3) and e.size == "64x64" for p, e in zip(partials, events, strict=False))
+    done = events[-1]
+    assert done.output_format == "png" and done.usage.total_tokens == 0
+    final = np.asarray(b64_image(done.b64_json).convert("RGB"))
+    want = emoji()("a red apple", width=64, height=64, progress=False, **body)
+    np.testing.assert_array_equal(final, np.asarray(want.images[0]))
+    # the later partial image is closer to the result than the earlier one (the sampler converges)
+    err = [np.abs(p - final).mean() for p in partials]
+    assert err[1] < err[0], err
+    # refusals: several images, a URL, partial images without streaming; a job failure arrives as an error event
+    for kw in ({"n": 2, "stream": True}, {"response_format": "url", "stream": True}, {"partial_images": 1}):
+        with pytest.raises(openai.BadRequestError):
+            client.images.generate(prompt="x", size="64x64", extra_body=body, **kw)
+    bad = client.images.generate(prompt="x", size="60x60", stream=True, extra_body={"steps": 2})  # not a multiple of 8
+    with pytest.raises(openai.APIError, match="multiple of 8"):
+        list(bad)

@@ -12,13 +12,20 @@ What the ``openai`` client sends maps onto the pipeline this way:
 * ``variations``: img2img of the image with an empty prompt (strength 0.75).
 * sdengine extensions (ignored by OpenAI, sent with the client's ``extra_body``): ``seed``, ``steps``,
   ``negative_prompt``, ``cfg_scale``, ``sampler``, ``schedule``, ``strength``.
+* ``generations`` with ``stream: true`` (``n`` 1): Server-Sent Events as OpenAI streams them, ``partial_images``
+  (0 to 3) ``image_generation.partial_image`` events spread over the steps (the job's previews: the model's tiny
+  VAE's picture when it has one, else the latent colour map scaled up to the image's size), then one
+  ``image_generation.completed`` event with the image; a failure is one event with an ``error`` object (the
+  client raises it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import io
+import json
 import re
 import time
 from typing import Any
@@ -26,12 +33,12 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdengine.server.errors import BadRequest
-from sdengine.server.jobs import DONE, FAILED, Job
+from sdengine.server.jobs import DONE, FAILED, FINISHED, Job
 from sdengine.server.security import decode_image
 
 OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image")  # names apps hard-code: the server's current model answers
@@ -56,6 +63,8 @@ class GenerationsRequest(BaseModel):
     cfg_scale: float | None = None
     sampler: str | None = None
     schedule: str | None = None
+    stream: bool | None = False
+    partial_images: int | None = Field(None, ge=0, le=3)
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -79,6 +88,16 @@ def openai_mask(mask: Image.Image) -> Image.Image:
         raise BadRequest("mask must be a PNG with an alpha channel: transparent pixels mark what to edit")
     alpha = np.asarray(mask.convert("RGBA"))[..., 3]
     return Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), "L")
+
+
+def partial_image(png: bytes, kwargs: dict[str, Any]) -> Image.Image:
+    """A job's preview PNG at the image's size: the tiny VAE's preview already is; the latent colour map is
+    scaled up (nearest, so its pixels stay visible as what they are)."""
+    preview = Image.open(io.BytesIO(png)).convert("RGB")
+    w, h = kwargs.get("width"), kwargs.get("height")
+    if w and h and preview.size != (w, h):
+        preview = preview.resize((int(w), int(h)), Image.Resampling.NEAREST)
+    return preview
 
 
 def has_transparency(image: Image.Image) -> bool:
@@ -154,7 +173,7 @@ def install(app: FastAPI, services: Any) -> None:
         return out
 
     @app.post("/v1/images/generations", tags=["openai"])
-    async def generations(req: GenerationsRequest, request: Request) -> JSONResponse:
+    async def generations(req: GenerationsRequest, request: Request) -> Response:
         rf, of = check_formats(req.response_format, req.output_format)
         w, h = parse_size(req.size)
         fields = dict(
@@ -165,7 +184,70 @@ def install(app: FastAPI, services: Any) -> None:
             batch_size=req.n or 1,
             **common(req.model_dump()),
         )
+        if req.stream:
+            if (req.n or 1) != 1:
+                raise BadRequest("stream takes n=1 (one image per streamed request)")
+            if rf != "b64_json":
+                raise BadRequest("stream sends the image itself: response_format must be b64_json")
+            return await stream_one(request, fields, of, int(req.partial_images or 0))
+        if req.partial_images:
+            raise BadRequest("partial_images needs stream: true")
         return await run_all(request, [fields], rf, of, req.prompt, req.size)
+
+    async def stream_one(request: Request, fields: dict[str, Any], of: str, partial: int) -> StreamingResponse:
+        generation = await run_in_threadpool(functools.partial(services.build, **fields))
+        job = services.submit(generation, protocol="openai", save=False)[0]
+
+        def event(name: str, data: dict[str, Any]) -> str:
+            return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n"
+
+        def common_fields(image: Image.Image) -> dict[str, Any]:
+            return {
+                "background": "opaque",
+                "created_at": int(time.time()),
+                "output_format": of,
+                "quality": "auto",
+                "size": f"{image.width}x{image.height}",
+            }
+
+        async def events() -> Any:
+            ev = job.subscribe()
+            sent = 0  # partial images sent
+            try:
+                while True:
+                    ev.clear()
+                    finished = job.state in FINISHED
+                    if not finished and sent < partial and job.preview_png is not None and job.steps:
+                        # the k-th partial image once the run is past (k + 1) / (partial + 1) of its steps
+                        if job.preview_step * (partial + 1) >= (sent + 1) * job.steps:
+                            image = partial_image(job.preview_png, generation.kwargs)
+                            data = {"b64_json": encode(image, of), "partial_image_index": sent}
+                            yield event("image_generation.partial_image", {**data, **common_fields(image)})
+                            sent += 1
+                    if finished:
+                        images = [im.image for im in job.images if im.image is not None]
+                        if job.state != DONE or not images:
+                            error = {"message": job.error or job.state, "type": "image_generation_error"}
+                            yield f"data: {json.dumps({'type': 'error', 'error': error})}\n\n"
+                            return
+                        usage: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+                        usage["input_tokens_details"] = {"image_tokens": 0, "text_tokens": 0}  # no tokens here
+                        data = {"b64_json": encode(images[0], of), "usage": usage, **common_fields(images[0])}
+                        yield event("image_generation.completed", data)
+                        return
+                    if await request.is_disconnected():
+                        services.manager.cancel(job)  # nobody reads the result: free the worker
+                        return
+                    try:
+                        await asyncio.wait_for(ev.wait(), 15.0)
+                    except TimeoutError:
+                        yield ": keep-alive\n\n"
+            finally:
+                job.unsubscribe(ev)
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
 
     async def form_of(request: Request) -> tuple[dict[str, str], dict[str, list[bytes]]]:
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
