@@ -232,3 +232,23 @@ def test_pipeline_refusals(tiny_sd1_folder, tiny_folder):
     assert plain.tiny_vae is None
     with pytest.raises(GenerationError, match="pixel DDPM"):
         load_pipeline("fashion-mnist", device="cpu", tiny_vae=tiny_folder / "vae_tiny")
+
+
+def test_from_png_decodes_with_the_tiny_vae_again(tiny_folder, tiny_sd1_folder, tmp_path, capsys):
+    from PIL import Image
+
+    from sdengine.cli import main
+
+    out = tmp_path / "a.png"
+    base = ["generate", "a cat", "--model", str(tiny_folder), "--steps", "3", "--seed", "5"]
+    assert main([*base, "--vae-decode", "tiny", "--out", str(out)]) == 0
+    assert "Tiny VAE: vae_tiny" in Image.open(out).info["parameters"]
+    again = tmp_path / "b.png"
+    assert main(["generate", "--from-png", str(out), "--model", str(tiny_folder), "--out", str(again)]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    assert Image.open(out).info["parameters"] == Image.open(again).info["parameters"]
+    capsys.readouterr()
+    # a model without a tiny VAE cannot redo it: one line that says how
+    assert main(["generate", "--from-png", str(out), "--model", str(tiny_sd1_folder), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs a tiny VAE" in err and "--tiny-vae" in err and len(err.splitlines()) == 1, err
