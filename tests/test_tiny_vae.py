@@ -249,6 +249,7 @@ def test_from_png_decodes_with_the_tiny_vae_again(tiny_folder, tiny_sd1_folder, 
     assert Image.open(out).info["parameters"] == Image.open(again).info["parameters"]
     capsys.readouterr()
     # a model without a tiny VAE cannot redo it: one line that says how
-    assert main(["generate", "--from-png", str(out), "--model", str(tiny_sd1_folder), "--out", str(tmp_path / "c")]) == 2
+    plain = ["generate", "--from-png", str(out), "--model", str(tiny_sd1_folder), "--out", str(tmp_path / "c")]
+    assert main(plain) == 2
     err = capsys.readouterr().err.strip()
     assert "needs a tiny VAE" in err and "--tiny-vae" in err and len(err.splitlines()) == 1, err
