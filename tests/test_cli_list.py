@@ -32,6 +32,7 @@ def test_builtin_models_are_the_pipelines_names(capsys):
     for r in rows:
         assert r["source"] == "built-in" and Path(r["path"]).is_dir()
     assert "pixel DDPM" in next(r for r in rows if r["name"] == "fashion-mnist")["detail"]
+    assert next(r for r in rows if r["name"] == "emoji")["detail"].endswith(", tiny VAE)")  # its vae_tiny/
 
 
 def test_shipped_controlnet_and_lora(capsys):

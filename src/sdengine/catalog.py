@@ -55,7 +55,10 @@ def _classify_folder(folder: Path) -> tuple[str, str] | None:
         index = _read_json(folder / "model_index.json")
         text = index.get("text_encoder", [None, None])
         encoder = text[1] if isinstance(text, list) and len(text) == 2 else None
-        return "models", f"Stable Diffusion (diffusers folder{', text encoder ' + encoder if encoder else ''})"
+        extras = ([f"text encoder {encoder}"] if encoder else []) + (
+            ["tiny VAE"] if (folder / "vae_tiny" / "config.json").is_file() else []  # sdengine.models.tiny_vae
+        )
+        return "models", f"Stable Diffusion (diffusers folder{''.join(', ' + x for x in extras)})"
     config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     if config.get("_class_name") == "ControlNetModel":
         return "controlnets", "ControlNet (diffusers folder)"
