@@ -58,6 +58,7 @@ def test_lists_health_and_openapi(client):
     h = client.get("/healthz").json()
     assert h["status"] == "ok" and h["workers"][0]["device"] == "cpu"
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["emoji"]
+    assert client.get("/v1/models").json()["data"][0]["tiny_vae"] is True  # its vae_tiny/
     assert "emoji-fruit" in [x["name"] for x in client.get("/v1/loras").json()["loras"]]
     cn = client.get("/v1/controlnets").json()
     assert "emoji-controlnet-canny" in [x["name"] for x in cn["controlnets"]] and "canny" in cn["preprocessors"]

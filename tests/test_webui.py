@@ -189,7 +189,7 @@ def test_txt2img_shows_the_apis_image_with_its_parameters_and_remembers_settings
     assert page.input_value("#cfg_scale") == "5"
 
 
-def test_the_tiny_vae_decoder_choice(page, client):
+def test_the_tiny_vae_decoder_choice(page, client, browser, server):
     """The emoji model ships a tiny VAE: "Tiny VAE (fast)" shows the API's vae_decode "tiny" image."""
     page.fill("#prompt", "a red apple")
     page.fill("#steps", "4")
@@ -208,6 +208,22 @@ def test_the_tiny_vae_decoder_choice(page, client):
     page.select_option("#vae_decode", "full")
     page.click("#results button:text('Reuse parameters')")  # the infotext's "Tiny VAE" selects it again
     assert page.input_value("#vae_decode") == "tiny"
+
+    # a model without a tiny VAE (the server's list says so): the choice is disabled and falls back to the VAE
+    ctx = browser.new_context()
+    pg = ctx.new_page()
+
+    def no_tiny(route):
+        listing = route.fetch().json()
+        for m in listing["data"]:
+            m["tiny_vae"] = False
+        route.fulfill(json=listing)
+
+    pg.route("**/v1/models", no_tiny)
+    open_page(pg, server.url)
+    assert pg.eval_on_selector("#vae_decode option[value=tiny]", "o => o.disabled") is True
+    assert "has none" in pg.text_content("#vae_decode option[value=tiny]") and pg.input_value("#vae_decode") == "full"
+    ctx.close()
 
 
 def test_errors_are_shown_next_to_their_field_and_the_input_is_kept(page):

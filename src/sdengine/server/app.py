@@ -414,9 +414,18 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             "preprocessors": list(PREPROCESSORS),
         }
 
+    def has_tiny_vae(ref: str) -> bool:
+        """Whether jobs on this model may ask for vae_decode "tiny": its folder has a vae_tiny/, or the server
+        loads one with every SD model (--tiny-vae; a model it does not fit keeps none, said in the log)."""
+        from sdengine.pipeline import BUILTIN_SD
+
+        folder = BUILTIN_SD.get(ref, Path(ref))
+        return config.tiny_vae is not None or (Path(folder) / "vae_tiny" / "config.json").is_file()
+
     @app.get("/v1/models", tags=["native", "openai"])
     def models() -> dict[str, Any]:
-        """The models jobs may name (OpenAI's list shape; ``current`` marks the default)."""
+        """The models jobs may name (OpenAI's list shape; ``current`` marks the default; ``tiny_vae``: it can
+        decode with a tiny VAE)."""
         now = int(time.time())
         current = services.options.get("sd_model_checkpoint")
         return {
@@ -429,6 +438,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                     "owned_by": "sdengine",
                     "builtin": e.builtin,
                     "current": e.name == current,
+                    "tiny_vae": has_tiny_vae(e.ref),
                 }
                 for e in catalog.models()
             ],

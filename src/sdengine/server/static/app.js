@@ -19,7 +19,7 @@ const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras
   "sgm uniform": "sgm_uniform" };
 
 const state = {
-  samplers: [], sizes: {}, loras: [], model: null, lastSeed: null, jobId: null, running: false,
+  samplers: [], sizes: {}, loras: [], tiny: {}, model: null, lastSeed: null, jobId: null, running: false,
   initBlob: null, controlBlob: null, galleryOffset: 0, galleryTotal: 0, resultUrls: [], galleryUrls: [],
 };
 
@@ -230,6 +230,7 @@ async function loadPickers() {
   const model = $("model");
   model.replaceChildren();
   for (const m of models.data) option(model, m.id);
+  state.tiny = Object.fromEntries(models.data.map((m) => [m.id, Boolean(m.tiny_vae)]));
   const current = models.data.find((m) => m.current);
   if (current) model.value = current.id;
   state.samplers = samplers.samplers;
@@ -716,6 +717,7 @@ function install() {
       $("height").value = after.height;
     }
     state.model = $("model").value;
+    fitDecoder();
   });
   $("seed-random").addEventListener("click", () => { $("seed").value = "-1"; saveSettings(); });
   $("seed-reuse").addEventListener("click", () => {
@@ -736,12 +738,22 @@ function install() {
   updateMode();
 }
 
+// The "Tiny VAE" decoder is offered only for a model that has one (GET /v1/models says which).
+function fitDecoder() {
+  const has = state.tiny[$("model").value] === true;
+  const tiny = $("vae_decode").querySelector("option[value=tiny]");
+  tiny.disabled = !has;
+  tiny.textContent = has ? "Tiny VAE (fast)" : "Tiny VAE (this model has none)";
+  if (!has && $("vae_decode").value === "tiny") $("vae_decode").value = "full";
+}
+
 async function start() {
   install();
   status();
   try {
     await loadPickers();
     restoreSettings();
+    fitDecoder();
     state.model = $("model").value;
     updateMode();
     document.body.dataset.ready = "true";
