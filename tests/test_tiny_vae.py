@@ -14,7 +14,7 @@ from diffusers import AutoencoderTiny
 from safetensors.torch import save_file
 
 from sdengine import load_pipeline
-from sdengine.errors import GenerationError
+from sdengine.errors import GenerationError, SdengineError
 from sdengine.models.tiny_vae import MissingHalfError, TinyAutoencoder, TinyVAEConfig
 from sdengine.pipeline import GenerationRequest
 from sdengine.vae_utils import LatentPreviewer, tiny_vae_rgb
@@ -158,6 +158,9 @@ def test_a_tiny_vae_given_as_the_vae_is_named(tmp_path, tiny_sd1_folder):
     save_file(dec, tmp_path / "taesd_decoder.safetensors")
     with pytest.raises(WeightsError, match="a tiny VAE \\(TAESD\\), not a full VAE"):
         load_pipeline(tiny_sd1_folder, vae=tmp_path / "taesd_decoder.safetensors", device="cpu")
+    save_tiny_vae(TinyAutoencoder(TinyVAEConfig(has_encoder=False)), tmp_path / "folder")  # the folder form
+    with pytest.raises(SdengineError, match="AutoencoderTiny.*give it as --tiny-vae"):
+        load_pipeline(tiny_sd1_folder, vae=tmp_path / "folder", device="cpu")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 BASE = ["--steps", "2", "--seed", "1", "--no-progress"]
+EMOJI = Path(__file__).resolve().parents[1] / "src" / "sdengine" / "assets" / "models" / "emoji"
+EMOJI_VAE, EMOJI_TINY = EMOJI / "vae", EMOJI / "vae_tiny"
 
 
 class Hang(Exception):
@@ -135,6 +137,11 @@ def cli_cases(tmp: Path) -> list[tuple[str, list[str]]]:
         ("--from-png not a PNG", ["--from-png", str(afile)]),
         ("--out under a file", ["heart", "--out", str(afile / "x.png")]),
         ("--out .jpg", ["heart", "--out", str(tmp / "x.jpg")]),
+        ("--tiny-vae missing", ["heart", "--tiny-vae", str(tmp / "nope.safetensors")]),
+        ("--tiny-vae a text file", ["heart", "--tiny-vae", str(afile)]),
+        ("--tiny-vae the full VAE", ["heart", "--tiny-vae", str(EMOJI_VAE)]),
+        ("--vae a tiny VAE", ["heart", "--vae", str(EMOJI_TINY)]),
+        ("--vae-decode tiny (its own)", ["heart", "--vae-decode", "tiny"]),
     ]
 
 
@@ -153,6 +160,8 @@ def api_cases() -> list[tuple[str, dict[str, Any]]]:
         ("api width 4096", {"width": 4096, "height": 4096}),
         ("api mask_blur inf", {"mask_blur": float("inf")}),
         ("api steps 2.5", {"steps": 2.5}),
+        ("api vae_decode TAESD", {"vae_decode": "TAESD"}),
+        ("api vae_decode list", {"vae_decode": ["tiny"]}),
     ]
 
 

@@ -64,7 +64,8 @@ class VAEConfig:
         c = dict(config)
         name = c.pop("_class_name", "AutoencoderKL")
         if name != "AutoencoderKL":
-            raise ConfigError(f"not an AutoencoderKL config: _class_name={name!r}")
+            hint = ": a tiny VAE (TAESD), give it as --tiny-vae / tiny_vae=" if name == "AutoencoderTiny" else ""
+            raise ConfigError(f"not an AutoencoderKL config: _class_name={name!r}{hint}")
         for k in ("_diffusers_version", "_name_or_path", "_use_default_values"):
             c.pop(k, None)
         problems = []
