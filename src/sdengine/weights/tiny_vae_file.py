@@ -3,7 +3,7 @@
 The layouts users bring:
 
 - the original TAESD files, one per half: ``taesd_decoder.safetensors`` / ``.pth`` (also ``taesdxl_*``,
-  ``taesd3_*``, ``taef1_*``), keys the bare indices of an ``nn.Sequential`` (``1.weight``, ``3.conv.0.weight``,
+  16-channel ones), keys the bare indices of an ``nn.Sequential`` (``1.weight``, ``3.conv.0.weight``,
   ...). The decoder's index 0 is its parameter-free clamp, so its first convolution is ``1.``; the encoder's is
   ``0.``. That is how the two halves are told apart. A decoder file's ``NAME_encoder`` sibling (same folder,
   same extension) is loaded with it when it exists, as A1111 and ComfyUI pair them;
@@ -13,7 +13,7 @@ The layouts users bring:
   file alone.
 
 The architecture (latent and image channels, channels and blocks per level) is read off the shapes, so
-TAESD's 16-channel variants and smaller distilled decoders (the emoji model's) load the same way; a folder's
+16-channel variants and smaller distilled decoders (the emoji model's) load the same way; a folder's
 config.json is checked against them. Every other key, a missing layer or a shape that does not fit is one
 :class:`~sdengine.weights.io.WeightsError` line.
 """
