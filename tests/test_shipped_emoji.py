@@ -30,7 +30,7 @@ def test_weights_are_fp16_and_within_40_mb():
         with safe_open(str(f), "pt") as sf:
             assert {sf.get_slice(k).get_dtype() for k in sf.keys()} == {"F16"}
     total = sum(f.stat().st_size for f in _files(EMOJI))
-    assert total <= 40 * 2**20, total  # 40 MiB (40.7 MB: the shipped folder is 38.9 MiB)
+    assert total <= 40 * 2**20, total  # 40 MiB (the shipped folder is 39.3 MiB, 41.2 MB, with vae_tiny/)
     index = json.loads((EMOJI / "model_index.json").read_text())
     assert index["sdengine"]["held_out_subgroup"] == "food-fruit"
 
