@@ -138,3 +138,20 @@ def test_streamed_generation_sends_partial_images_then_the_image(client):
     bad = client.images.generate(prompt="x", size="60x60", stream=True, extra_body={"steps": 2})  # not a multiple of 8
     with pytest.raises(openai.APIError, match="multiple of 8"):
         list(bad)
+
+
+def test_a_streaming_client_that_goes_away_cancels_its_job(server):
+    import time
+
+    headers = {"Authorization": "Bearer sk-test-key"}
+    body = {"prompt": "a long one", "size": "64x64", "stream": True, "steps": 150, "seed": 1}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as c:
+        with c.stream("POST", "/v1/images/generations", json=body) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        deadline = time.monotonic() + 60
+        while True:  # the newest job is the stream's; the server notices at its next step
+            job = c.get("/v1/jobs").json()["jobs"][0]
+            if job["state"] == "cancelled" or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert job["state"] == "cancelled" and job["step"] < 150, job

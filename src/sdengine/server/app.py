@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,6 @@ from sdengine.server.security import SecurityMiddleware, is_loopback
 from sdengine.server.uploads import UploadStore
 
 log = logging.getLogger(__name__)
-
-SSE_KEEPALIVE_S = 15.0
 
 
 @dataclass
@@ -328,12 +326,13 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         job = manager.get(job_id)
 
         async def stream() -> AsyncIterator[str]:
-            ev = job.subscribe()
             sent_version = -1
             sent_preview = -1
-            try:
-                while True:
-                    ev.clear()
+            async with aclosing(job.updates(request.is_disconnected)) as updates:
+                async for changed in updates:
+                    if not changed:
+                        yield ": keep-alive\n\n"
+                        continue
                     version = job.version
                     if version != sent_version:
                         sent_version = version
@@ -346,14 +345,6 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                         yield f"event: {name}\nid: {version}\ndata: {json.dumps(data)}\n\n"
                         if final:
                             return
-                    if await request.is_disconnected():
-                        return
-                    try:
-                        await asyncio.wait_for(ev.wait(), SSE_KEEPALIVE_S)
-                    except TimeoutError:
-                        yield ": keep-alive\n\n"
-            finally:
-                job.unsubscribe(ev)
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}

@@ -29,7 +29,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = frozenset({DONE, FAILED, CANCELLED})
+SSE_KEEPALIVE_S = 15.0  # an event stream sends a comment line after this many seconds of silence
 
 Loader = Callable[[str, str], Any]  # (model reference, device) -> a pipeline
 
@@ -127,6 +128,26 @@ class Job:
                 except TimeoutError:
                     return self.state in FINISHED
             return True
+        finally:
+            self.unsubscribe(ev)
+
+    async def updates(
+        self, is_disconnected: Callable[[], Awaitable[bool]], keepalive_s: float = SSE_KEEPALIVE_S
+    ) -> AsyncGenerator[bool, None]:
+        """What drives an event stream of this job: yields True at once and after every change, False after
+        ``keepalive_s`` of silence (send a keep-alive comment); ends when the client has gone. The caller stops
+        after the final state; use it under ``contextlib.aclosing`` so the subscription ends with the stream."""
+        ev = self.subscribe()
+        try:
+            while True:
+                ev.clear()  # before the caller looks, so that a change while it sends wakes the next turn
+                yield True
+                if await is_disconnected():
+                    return
+                try:
+                    await asyncio.wait_for(ev.wait(), keepalive_s)
+                except TimeoutError:
+                    yield False
         finally:
             self.unsubscribe(ev)
 

@@ -21,13 +21,13 @@ What the ``openai`` client sends maps onto the pipeline this way:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import io
 import json
 import re
 import time
+from contextlib import aclosing
 from typing import Any
 
 import numpy as np
@@ -211,11 +211,12 @@ def install(app: FastAPI, services: Any) -> None:
             }
 
         async def events() -> Any:
-            ev = job.subscribe()
             sent = 0  # partial images sent
-            try:
-                while True:
-                    ev.clear()
+            async with aclosing(job.updates(request.is_disconnected)) as updates:
+                async for changed in updates:
+                    if not changed:
+                        yield ": keep-alive\n\n"
+                        continue
                     finished = job.state in FINISHED
                     if not finished and sent < partial and job.preview_png is not None and job.steps:
                         # the k-th partial image once the run is past (k + 1) / (partial + 1) of its steps
@@ -235,15 +236,7 @@ def install(app: FastAPI, services: Any) -> None:
                         data = {"b64_json": encode(images[0], of), "usage": usage, **common_fields(images[0])}
                         yield event("image_generation.completed", data)
                         return
-                    if await request.is_disconnected():
-                        services.manager.cancel(job)  # nobody reads the result: free the worker
-                        return
-                    try:
-                        await asyncio.wait_for(ev.wait(), 15.0)
-                    except TimeoutError:
-                        yield ": keep-alive\n\n"
-            finally:
-                job.unsubscribe(ev)
+            services.manager.cancel(job)  # the client went away before the image: nobody reads it, free the worker
 
         return StreamingResponse(
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
