@@ -63,28 +63,26 @@ def tiny_blocks(factor: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def random_tiny_vae(latent_channels: int, image_channels: int, factor: int, *, seed: int = TINY_SEED) -> Any:
-    """A TinyAutoencoder (both halves) for ``factor`` x latents of ``latent_channels``, every parameter drawn
-    from N(0, :data:`TINY_STD`) by a generator seeded with ``seed``."""
+    """A TinyAutoencoder (both halves, :func:`sdengine.models.tiny_vae.taesd_config`) for ``factor`` x latents of
+    ``latent_channels``, every parameter drawn from N(0, :data:`TINY_STD`) by a generator seeded with ``seed``."""
+    from sdengine.models.tiny_vae import TinyAutoencoder, taesd_config
+
+    tiny_blocks(factor)  # a factor no tiny VAE fits: BenchError
+    cfg = taesd_config(factor, latent_channels, channels=TINY_CHANNELS, image_channels=image_channels)
+    model = randomized(TinyAutoencoder(cfg), seed)
+    model.name = f"random tiny VAE (seed {seed})"
+    return model.eval().requires_grad_(False)
+
+
+def randomized(model: Any, seed: int) -> Any:
+    """``model`` with every parameter drawn from N(0, :data:`TINY_STD`), in parameter order, from ``seed``."""
     import torch
 
-    from sdengine.models.tiny_vae import TinyAutoencoder, TinyVAEConfig
-
-    dec, enc = tiny_blocks(factor)
-    cfg = TinyVAEConfig(
-        latent_channels=latent_channels,
-        image_channels=image_channels,
-        decoder_channels=(TINY_CHANNELS,) * len(dec),
-        decoder_blocks=dec,
-        encoder_channels=(TINY_CHANNELS,) * len(enc),
-        encoder_blocks=enc,
-    )
-    model = TinyAutoencoder(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * TINY_STD)
-    model.name = f"random tiny VAE (seed {seed})"
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def given_tiny_vae(path: str | Path, latent_channels: int, image_channels: int, factor: int) -> Any:
@@ -114,8 +112,6 @@ def diffusers_tiny_folder(tiny: Any, dst: Path) -> Path:
     without an encoder gets a random one (diffusers loads a folder only with both halves; decoding never runs it)."""
     import dataclasses
 
-    import torch
-
     from sdengine.models.tiny_vae import TinyAutoencoder
     from sdengine.weights.tiny_vae_file import save_tiny_vae
 
@@ -123,11 +119,7 @@ def diffusers_tiny_folder(tiny: Any, dst: Path) -> Path:
     if not cfg.has_encoder:
         _, enc = tiny_blocks(cfg.downscale_factor)
         both_cfg = dataclasses.replace(cfg, has_encoder=True, encoder_channels=cfg.decoder_channels, encoder_blocks=enc)
-        both = TinyAutoencoder(both_cfg)
-        g = torch.Generator().manual_seed(TINY_SEED)
-        with torch.no_grad():
-            for p in both.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * TINY_STD)
+        both = randomized(TinyAutoencoder(both_cfg), TINY_SEED)
         both.load_state_dict(tiny.state_dict(), strict=False)  # the decoder's weights: all of ``tiny``'s
         tiny = both
     return save_tiny_vae(tiny, dst)
