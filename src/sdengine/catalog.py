@@ -17,6 +17,9 @@ from sdengine.errors import UsageError
 
 ASSETS = Path(__file__).parent / "assets"
 KINDS = ("models", "loras", "controlnets", "embeddings")
+# The subfolder of a model folder holding its tiny VAE (an AutoencoderTiny folder, sdengine.models.tiny_vae);
+# load_pipeline loads it with the model; diffusers ignores it.
+TINY_VAE_FOLDER = "vae_tiny"
 
 # Weight files each kind can be given as (a folder is also accepted for models and ControlNets).
 WEIGHT_SUFFIXES: dict[str, tuple[str, ...]] = {
@@ -56,7 +59,7 @@ def _classify_folder(folder: Path) -> tuple[str, str] | None:
         text = index.get("text_encoder", [None, None])
         encoder = text[1] if isinstance(text, list) and len(text) == 2 else None
         extras = ([f"text encoder {encoder}"] if encoder else []) + (
-            ["tiny VAE"] if (folder / "vae_tiny" / "config.json").is_file() else []  # sdengine.models.tiny_vae
+            ["tiny VAE"] if (folder / TINY_VAE_FOLDER / "config.json").is_file() else []  # sdengine.models.tiny_vae
         )
         return "models", f"Stable Diffusion (diffusers folder{''.join(', ' + x for x in extras)})"
     config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from sdengine.catalog import TINY_VAE_FOLDER
 from sdengine.devices import resolve_device, resolve_dtype
 from sdengine.errors import GenerationError
 from sdengine.pipeline.core import Pipeline
@@ -90,15 +91,10 @@ def load_pipeline(
         tiny_vae = pipe.source / TINY_VAE_FOLDER  # the model folder's own (the built-in emoji model has one)
     if tiny_vae is not None:
         pipe.set_tiny_vae(tiny_vae)
-    if isinstance(pipe, Pipeline):
-        from sdengine.fastpath import apply_fast_path, resolve_options
+    from sdengine.fastpath import apply_fast_path, resolve_options
 
-        apply_fast_path(pipe, resolve_options(fast_path, pipe.device, pipe.dtype))
+    apply_fast_path(pipe, resolve_options(fast_path, pipe.device, pipe.dtype))
     return pipe
-
-
-# The subfolder of a model folder that holds its tiny VAE (an AutoencoderTiny folder); diffusers ignores it.
-TINY_VAE_FOLDER = "vae_tiny"
 
 
 def _load(

@@ -408,10 +408,11 @@ def _native_routes(app: FastAPI, services: Services) -> None:
     def has_tiny_vae(ref: str) -> bool:
         """Whether jobs on this model may ask for vae_decode "tiny": its folder has a vae_tiny/, or the server
         loads one with every SD model (--tiny-vae; a model it does not fit keeps none, said in the log)."""
+        from sdengine.catalog import TINY_VAE_FOLDER
         from sdengine.pipeline import BUILTIN_SD
 
         folder = BUILTIN_SD.get(ref, Path(ref))
-        return config.tiny_vae is not None or (Path(folder) / "vae_tiny" / "config.json").is_file()
+        return config.tiny_vae is not None or (Path(folder) / TINY_VAE_FOLDER / "config.json").is_file()
 
     @app.get("/v1/models", tags=["native", "openai"])
     def models() -> dict[str, Any]:
