@@ -212,31 +212,36 @@ def install(app: FastAPI, services: Any) -> None:
 
         async def events() -> Any:
             sent = 0  # partial images sent
-            async with aclosing(job.updates(request.is_disconnected)) as updates:
-                async for changed in updates:
-                    if not changed:
-                        yield ": keep-alive\n\n"
-                        continue
-                    finished = job.state in FINISHED
-                    if not finished and sent < partial and job.preview_png is not None and job.steps:
-                        # the k-th partial image once the run is past (k + 1) / (partial + 1) of its steps
-                        if job.preview_step * (partial + 1) >= (sent + 1) * job.steps:
-                            image = partial_image(job.preview_png, generation.kwargs)
-                            data = {"b64_json": encode(image, of), "partial_image_index": sent}
-                            yield event("image_generation.partial_image", {**data, **common_fields(image)})
-                            sent += 1
-                    if finished:
-                        images = [im.image for im in job.images if im.image is not None]
-                        if job.state != DONE or not images:
-                            error = {"message": job.error or job.state, "type": "image_generation_error"}
-                            yield f"data: {json.dumps({'type': 'error', 'error': error})}\n\n"
+            try:
+                async with aclosing(job.updates(request.is_disconnected)) as updates:
+                    async for changed in updates:
+                        if not changed:
+                            yield ": keep-alive\n\n"
+                            continue
+                        finished = job.state in FINISHED
+                        if not finished and sent < partial and job.preview_png is not None and job.steps:
+                            # the k-th partial image once the run is past (k + 1) / (partial + 1) of its steps
+                            if job.preview_step * (partial + 1) >= (sent + 1) * job.steps:
+                                image = partial_image(job.preview_png, generation.kwargs)
+                                data = {"b64_json": encode(image, of), "partial_image_index": sent}
+                                yield event("image_generation.partial_image", {**data, **common_fields(image)})
+                                sent += 1
+                        if finished:
+                            images = [im.image for im in job.images if im.image is not None]
+                            if job.state != DONE or not images:
+                                error = {"message": job.error or job.state, "type": "image_generation_error"}
+                                yield f"data: {json.dumps({'type': 'error', 'error': error})}\n\n"
+                                return
+                            usage: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+                            usage["input_tokens_details"] = {"image_tokens": 0, "text_tokens": 0}  # no tokens here
+                            data = {"b64_json": encode(images[0], of), "usage": usage, **common_fields(images[0])}
+                            yield event("image_generation.completed", data)
                             return
-                        usage: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
-                        usage["input_tokens_details"] = {"image_tokens": 0, "text_tokens": 0}  # no tokens here
-                        data = {"b64_json": encode(images[0], of), "usage": usage, **common_fields(images[0])}
-                        yield event("image_generation.completed", data)
-                        return
-            services.manager.cancel(job)  # the client went away before the image: nobody reads it, free the worker
+            finally:
+                # the client went away (the server cancels this generator, or the loop saw it) before the image:
+                # nobody reads it, so the worker is freed
+                if job.state not in FINISHED:
+                    services.manager.cancel(job)
 
         return StreamingResponse(
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
