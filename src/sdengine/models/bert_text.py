@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdengine.models.config_checks import ConfigError, check_config
+from sdengine.nn.meta_init import skip_meta_init
 from sdengine.sdpa_backends import attention
 from sdengine.text.bert_tokenizer import MINILM_MAX_LENGTH, BertTokenizer, find_minilm_files
 
@@ -212,7 +213,7 @@ class BertModel(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> BertModel:
         """Build on the meta device and take the tensors (strict, ``position_ids`` accepted)."""
-        with torch.device("meta"):
+        with torch.device("meta"), skip_meta_init():
             model = cls(config)
         tensors = {
             k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in state_dict.items()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdengine.models.config_checks import ConfigError, check_config
+from sdengine.nn.meta_init import skip_meta_init
 from sdengine.sdpa_backends import attention
 
 Activation = Literal["quick_gelu", "gelu"]
@@ -285,7 +286,7 @@ class CLIPTextModel(nn.Module):
         Keys without the ``text_model.`` prefix (what transformers >= 5 writes) are accepted too
         (``text_projection.*`` stays where it is).
         """
-        with torch.device("meta"):
+        with torch.device("meta"), skip_meta_init():
             model = cls(config)
         tensors = {
             k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)

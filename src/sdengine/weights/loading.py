@@ -29,6 +29,7 @@ import torch
 from sdengine.io.atomic import atomic_dir
 from sdengine.io.paths import UnsafePathError, resolve_inside
 from sdengine.models.config_checks import ConfigError, check_config
+from sdengine.nn.meta_init import skip_meta_init
 
 from . import keymaps as km
 from .detect import (
@@ -645,7 +646,8 @@ def parameters_on_meta() -> Iterator[None]:
         _META_USERS += 1
     _META_THREAD.depth = getattr(_META_THREAD, "depth", 0) + 1
     try:
-        yield
+        with skip_meta_init():  # the initialisers' first meta call would import ~1 s of PyTorch machinery
+            yield
     finally:
         _META_THREAD.depth -= 1
         with _META_LOCK:
