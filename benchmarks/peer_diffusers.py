@@ -178,9 +178,14 @@ class GpuEngine:
             with torch.no_grad():
                 return self.pipe.vae.decode(z / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
 
+        def text() -> Any:  # the prompt and the negative, as every generation encodes them
+            with torch.no_grad():
+                return self.pipe.encode_prompt(prompt, self.device, 1, True, negative)
+
         for _ in range(3):
             step()
         decode()
+        text()
         latent = self.generate(prompt, negative, cfg, 1, "latent")
         with torch.no_grad():
             decoded = self.pipe.vae.decode(latent / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
@@ -190,6 +195,7 @@ class GpuEngine:
             "image_all_s": times,
             "unet_step_ms": statistics.median(timed(step, 20)) * 1000,
             "vae_decode_ms": statistics.median(timed(decode, 5)) * 1000,
+            "text_encode_ms": statistics.median(timed(text, 10)) * 1000,
             "peak_allocated_mb": peak,
             "vae_output_finite": bool(torch.isfinite(decoded).all()),
             "_image": image,

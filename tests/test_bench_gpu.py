@@ -45,6 +45,8 @@ def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
     assert phases["sdengine_graphs"]["batch8_images_per_s"] > 0
     for name in ("sdengine_eager", "diffusers_eager"):
         assert phases[name]["unet_step_ms"] > 0 and phases[name]["vae_decode_ms"] > 0
+        assert phases[name]["text_encode_ms"] > 0
+    assert "diffusers_eager/sdengine_eager text_encode_ms" in data["ratios"]
     assert phases["sdengine_eager"]["tiny_vae_decode_ms"] > 0  # TAESD's 64 channels: more work than this tiny VAE
     agree = data["agreement"]
     assert agree["sdengine_eager vs sdengine_fp32"] == 0.0  # fp32 on the CPU: the same computation

@@ -9,6 +9,7 @@ code that runs on a GPU. The real CUDA recording is exercised by the GPU test at
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,9 @@ def _copy_into(dst: Any, src: Any) -> None:
     elif isinstance(dst, list | tuple):
         for d, s in zip(dst, src, strict=True):
             _copy_into(d, s)
+    elif dataclasses.is_dataclass(dst):  # the text encoder's output
+        for f in dataclasses.fields(dst):
+            _copy_into(getattr(dst, f.name), getattr(src, f.name))
 
 
 class CPUBackend:
@@ -203,6 +207,75 @@ def test_pipeline_with_a_lora_hook_runs_eagerly_and_correctly(tiny_pipe):
         tiny_pipe.cuda_graphs = None
 
 
+def test_text_encoder_replays_from_graphs_and_gives_the_same_states(tiny_pipe):
+    from sdengine.cuda_graphs import through
+    from sdengine.text import encode_cache
+
+    enc = tiny_pipe.text_encoder
+    encode_cache.clear()
+    plain = _gen(tiny_pipe)
+    assert through(enc) is enc  # nothing routed yet
+    backend = CPUBackend()
+    try:
+        tiny_pipe.enable_cuda_graphs(backend=backend, device_type="cpu")
+        text = tiny_pipe.cuda_graphs["text_encoder"]
+        assert through(enc) is text
+        encode_cache.clear()  # else the cache answers the repeated prompt without the encoder
+        graphed = _gen(tiny_pipe)
+        assert text.recordings == 1 and text.replays == 2  # the prompt and the negative: one shape, one graph
+        np.testing.assert_array_equal(graphed, plain)
+        long_prompt = "a red cube " * 40  # two chunks: a second signature, a second graph
+        encode_cache.clear()
+        with_graphs = tiny_pipe.encode_prompt(long_prompt, "blurry")
+        assert text.recordings == 2
+    finally:
+        tiny_pipe.cuda_graphs = None
+    assert through(enc) is enc  # the route goes with the pipeline's graphs
+    encode_cache.clear()
+    for a, b in zip(with_graphs, tiny_pipe.encode_prompt(long_prompt, "blurry"), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_text_encoder_runs_eagerly_with_embeddings_or_a_lora_hook(tiny_pipe):
+    from sdengine.cuda_graphs import through
+
+    enc = tiny_pipe.text_encoder
+    try:
+        tiny_pipe.enable_cuda_graphs(backend=CPUBackend(), device_type="cpu")
+        graphs = tiny_pipe.cuda_graphs["text_encoder"]
+        # textual-inversion vectors: the embedding lookup branches on them, which a graph would not see
+        enc.set_extra_tokens(torch.zeros(2, enc.config.hidden_size))
+        assert through(enc) is enc
+        enc.set_extra_tokens(None)
+        assert through(enc) is graphs
+        handle = enc.text_model.encoder.layers[0].mlp.fc1.register_forward_hook(lambda m, i, o: o * 2)
+        assert through(enc) is enc
+        handle.remove()
+        assert through(enc) is graphs
+    finally:
+        enc.set_extra_tokens(None)
+        tiny_pipe.cuda_graphs = None
+
+
+def test_sdxl_text_encoders_replay_from_graphs(tmp_path):
+    from _sdxl_models import make_sdxl_folder
+    from sdengine.text import encode_cache
+
+    pipe = sdengine.load_pipeline(make_sdxl_folder(tmp_path / "tiny-sdxl"), device="cpu", fast_path="none")
+    kw: dict[str, Any] = {"steps": 3, "seed": 2, "width": 32, "height": 32, "progress": False}
+    encode_cache.clear()
+    plain = pipe("a red apple", "blurry", **kw).arrays
+    pipe.enable_cuda_graphs(backend=CPUBackend(), device_type="cpu")
+    encode_cache.clear()
+    graphed = pipe("a red apple", "blurry", **kw).arrays
+    np.testing.assert_array_equal(graphed, plain)
+    assert {n: pipe.cuda_graphs[n].replays > 0 for n in ("text_encoder", "text_encoder_2", "unet")} == {
+        "text_encoder": True,
+        "text_encoder_2": True,
+        "unet": True,
+    }
+
+
 def test_cuda_only_fast_path_options_are_skipped_on_the_cpu(tiny_sd1_folder):
     from sdengine.fastpath import CUDA_ONLY, apply_fast_path, parse_options
 
@@ -268,11 +341,17 @@ def test_time_backends_on_the_cpu_times_what_runs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_real_cuda_graph_equals_eager(tiny_sd1_folder):  # pragma: no cover - CI has no GPU
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cuda", dtype="fp16", fast_path="none")
+    from sdengine.text import encode_cache
+
     plain = _gen(pipe)
     assert pipe.enable_cuda_graphs()
+    encode_cache.clear()  # the text encoder runs (from its graphs), not the cache
     graphed = _gen(pipe)
-    assert pipe.cuda_graphs["unet"].replays > 0
+    encode_cache.clear()
+    again = _gen(pipe)  # replays every graph, the text encoder's too
+    assert pipe.cuda_graphs["unet"].replays > 0 and pipe.cuda_graphs["text_encoder"].replays > 0
     np.testing.assert_allclose(graphed, plain, atol=2e-3)
+    np.testing.assert_allclose(again, plain, atol=2e-3)
 
 
 def test_cuda_defaults_are_the_measured_graph_options(monkeypatch):

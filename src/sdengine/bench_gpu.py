@@ -157,7 +157,8 @@ def sdengine_gen(
 
 
 def sdengine_parts(pipe: Any, cfg: dict[str, Any]) -> dict[str, Callable[[], Any]]:
-    """One U-Net CFG step (batch 2) and one VAE decode, through the pipeline's graphs when it has them; one tiny
+    """One U-Net CFG step (batch 2), one VAE decode and the text encoding of the prompt and the negative (the
+    cache emptied first), through the pipeline's graphs when it has them; one tiny
     VAE decode (the live previews' cost: the pipeline's tiny VAE, else TAESD's architecture with random weights),
     eager."""
     import torch
@@ -191,7 +192,14 @@ def sdengine_parts(pipe: Any, cfg: dict[str, Any]) -> dict[str, Callable[[], Any
         with torch.inference_mode():
             return tiny.decode(z)
 
-    return {"step": step, "vae": vae, "tiny_vae": tiny_vae}
+    def text() -> Any:  # the prompt and the negative, as each generation encodes them (the cache emptied)
+        from sdengine.text import encode_cache
+
+        encode_cache.clear()
+        with torch.inference_mode():
+            return pipe.encode_prompt(PROMPT, NEGATIVE)
+
+    return {"step": step, "vae": vae, "tiny_vae": tiny_vae, "text": text}
 
 
 def measure_sdengine(pipe: Any, cfg: dict[str, Any], repeats: int, *, batch8: bool = False) -> dict[str, Any]:
@@ -211,6 +219,7 @@ def measure_sdengine(pipe: Any, cfg: dict[str, Any], repeats: int, *, batch8: bo
     step = statistics.median(timed(parts["step"], dev, 20))
     vae = statistics.median(timed(parts["vae"], dev, 5))
     tiny = statistics.median(timed(parts["tiny_vae"], dev, 5))
+    text = statistics.median(timed(parts["text"], dev, 10))
     out: dict[str, Any] = {
         "warmup_s": warm,
         "image_s": statistics.median(times),
@@ -218,6 +227,7 @@ def measure_sdengine(pipe: Any, cfg: dict[str, Any], repeats: int, *, batch8: bo
         "unet_step_ms": step * 1000,
         "vae_decode_ms": vae * 1000,
         "tiny_vae_decode_ms": tiny * 1000,
+        "text_encode_ms": text * 1000,
         "peak_allocated_mb": peak,
         "vae_upcast": bool(pipe.vae_upcast),
         "call_notes": kept.get("notes", []),
@@ -402,6 +412,7 @@ def _short(res: dict[str, Any]) -> str:
         "unet_step_ms",
         "vae_decode_ms",
         "tiny_vae_decode_ms",
+        "text_encode_ms",
         "first_image_s",
         "batch8_images_per_s",
         "compile_s",
@@ -779,7 +790,7 @@ def ratios(phases: dict[str, Any]) -> dict[str, float]:
         a, b = phases.get(ours), phases.get(peer)
         if not a or not b:
             continue
-        for key in ("image_s", "unet_step_ms", "vae_decode_ms", "batch8_s"):
+        for key in ("image_s", "unet_step_ms", "vae_decode_ms", "text_encode_ms", "batch8_s"):
             if isinstance(a.get(key), int | float) and isinstance(b.get(key), int | float) and a[key] > 0:
                 out[f"{peer}/{ours} {key}"] = b[key] / a[key]
     return out
@@ -792,7 +803,8 @@ def table(data: dict[str, Any]) -> str:
         f"{data['model']}, {data['config']['size']}x{data['config']['size']}, {data['config']['steps']} steps "
         f"{data['config']['sampler']}, CFG {data['config']['cfg']}, on {info.get('gpu', data['device'])} "
         f"(torch {info.get('torch')}, attention: {info.get('sdpa_chosen')})",
-        f"{'engine':28} {'image ms':>9} {'step ms':>8} {'decode ms':>9} {'batch-8 img/s':>13} {'first image s':>13}",
+        f"{'engine':28} {'image ms':>9} {'step ms':>8} {'decode ms':>9} {'text ms':>8} {'batch-8 img/s':>13} "
+        f"{'first image s':>13}",
     ]
     for name, r in data["phases"].items():
         if name in ("info", "sdengine_fp32"):
@@ -804,7 +816,8 @@ def table(data: dict[str, Any]) -> str:
 
         lines.append(
             f"{name:28} {f('image_s', 1000):>9} {f('unet_step_ms', fmt='{:.2f}'):>8} {f('vae_decode_ms'):>9} "
-            f"{f('batch8_images_per_s', fmt='{:.2f}'):>13} {f('first_image_s'):>13}"
+            f"{f('text_encode_ms', fmt='{:.2f}'):>8} {f('batch8_images_per_s', fmt='{:.2f}'):>13} "
+            f"{f('first_image_s'):>13}"
         )
     for k, v in data.get("agreement", {}).items():
         lines.append(f"agreement {k}: {v:.5f}")

@@ -21,7 +21,13 @@ records again, whenever that could differ:
   address and version counter, and the count of forward hooks, which is how LoRAs are patched on): all its
   graphs are dropped (and a wrapped ahead-of-time compiled network binds its weights again);
 * recording failed (a call inside that synchronises with the CPU): that signature runs eagerly from then on,
-  with one warning.
+  with one warning;
+* the wrapper's ``guard`` says no: state the fingerprint cannot see (the text encoder's textual-inversion
+  vectors, a plain attribute read by a branch the graph would not take again).
+
+A network called from deep inside other code (the text encoder, called by the prompt encoder) is reached with
+:func:`through`: ``through(module)`` is the graphed callable :func:`route` registered for that module when it
+is usable now, else the module itself.
 
 A graph reads the weights afresh at every replay, so weights changed in place (``load_state_dict`` into the same
 tensors) would need no new recording; the version counter drops the graphs anyway, because what a graph wraps
@@ -31,6 +37,7 @@ may have folded weights in (sdengine.aot), and recording again costs a few calls
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, fields, is_dataclass, replace
@@ -131,8 +138,10 @@ class GraphedCallable:
         max_graphs: int = 4,
         backend: Backend | None = None,
         device_type: str = "cuda",
+        guard: Callable[[], bool] | None = None,
     ) -> None:
         self.fn = fn
+        self.guard = guard
         self.module = module
         self.name = name
         self.warmup = warmup
@@ -155,7 +164,7 @@ class GraphedCallable:
             reset = getattr(self.fn, "reset", None)  # an ahead-of-time compiled network binds its weights again
             if reset is not None:
                 reset()
-        return not hooked
+        return not hooked and (self.guard is None or self.guard())
 
     def reset(self) -> None:
         self.graphs.clear()
@@ -188,11 +197,17 @@ class GraphedCallable:
             entry = self._record(key, args, kwargs, tensors)
             if entry is None:
                 return self.fn(*args, **kwargs)
+            fresh = True
         else:
             self.graphs.move_to_end(key)
-            for buf, t in zip(entry.inputs, tensors, strict=True):
-                buf.copy_(t)
-        entry.replay()
+            fresh = False
+        # Static buffers made under inference_mode (a generation) are written outside it too (a caller's own
+        # encode_prompt): an inference tensor may only be changed inside that mode.
+        with torch.inference_mode(any(b.is_inference() for b in entry.inputs)):
+            if not fresh:
+                for buf, t in zip(entry.inputs, tensors, strict=True):
+                    buf.copy_(t)
+            entry.replay()
         self.replays += 1
         return _copy_out(entry.output)
 
@@ -216,4 +231,33 @@ class GraphedCallable:
         return entry
 
 
-__all__ = ["GraphedCallable", "ModuleWatch", "call_signature", "cuda_graph_backend", "module_fingerprint"]
+# module id -> its graphed callable, held weakly: the owner (the pipeline's cuda_graphs) keeps it alive, and it
+# keeps the module alive, so an entry never outlives its module and an id is never reused while it is here.
+_routes: weakref.WeakValueDictionary[int, GraphedCallable] = weakref.WeakValueDictionary()
+
+
+def route(module: nn.Module, graphed: GraphedCallable | None) -> None:
+    """Calls of ``module`` made through :func:`through` go to ``graphed`` (None: to the module again) for as long
+    as the caller keeps ``graphed``."""
+    if graphed is None:
+        _routes.pop(id(module), None)
+    else:
+        _routes[id(module)] = graphed
+
+
+def through(module: Any) -> Any:
+    """What to call for ``module`` now: its routed graphs when usable (weights unmoved or re-recorded, no
+    hooks, the guard agreeing), else the module itself."""
+    g = _routes.get(id(module))
+    return g if g is not None and g.module is module and g.usable() else module
+
+
+__all__ = [
+    "GraphedCallable",
+    "ModuleWatch",
+    "call_signature",
+    "cuda_graph_backend",
+    "module_fingerprint",
+    "route",
+    "through",
+]

@@ -34,8 +34,8 @@ On a CUDA device (docs/performance.md, "GPU", has the H200 numbers and the comma
   fastest (``torch.backends.cudnn.benchmark``; process-global).
 * ``sdpa_fastest``: the fused attention kernel that is fastest at the U-Net's largest self-attention is made
   the process's choice (:mod:`sdengine.sdpa_backends`).
-* ``cuda_graphs``: the U-Net's steps and the VAE decode replay from CUDA graphs (:mod:`sdengine.cuda_graphs`),
-  recorded per shape on the first call; with ``compile`` the graphs record the compiled kernels.
+* ``cuda_graphs``: the U-Net's steps, the VAE decode and the CLIP text encoders replay from CUDA graphs
+  (:mod:`sdengine.cuda_graphs`), recorded per shape on the first call; with ``compile`` the graphs record the compiled kernels.
 
 These three change nothing on the CPU (each reports that it was skipped); the others work on either device.
 """
@@ -174,7 +174,7 @@ def apply_fast_path(pipe: Any, options: Iterable[str]) -> list[str]:
             done.append(f"sdpa_fastest: {best} ({heads} heads x {head_dim} at {tokens} tokens: {shown})")
         elif name == "cuda_graphs":
             pipe.enable_cuda_graphs()
-            done.append("cuda_graphs: U-Net steps and VAE decode replayed from CUDA graphs")
+            done.append("cuda_graphs: U-Net steps, VAE decode and CLIP text encoders replayed from CUDA graphs")
     return done
 
 

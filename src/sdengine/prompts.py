@@ -258,12 +258,14 @@ def extra_tokens_key(text_encoder: Any, chunks: Sequence[TokenChunk]) -> str | N
 def encode_chunks(text_encoder: nn.Module, chunks: Sequence[TokenChunk], *, clip_skip: int = 1) -> Tensor:
     """Encode ``chunks`` independently (each its own 77-token CLIP context), apply emphasis per chunk,
     and concatenate: ``(1, 77 * len(chunks), D)``."""
+    from sdengine.cuda_graphs import through
     from sdengine.text.encode_cache import cached_call
 
     param = next(iter(text_encoder.parameters()))
     ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=param.device)  # (k, 77)
     key = ("clip", tuple(tuple(c.ids) for c in chunks), clip_skip, extra_tokens_key(text_encoder, chunks))
-    states = cached_call(text_encoder, key, lambda: text_encoder(ids, clip_skip=clip_skip).last_hidden_state)
+    # through(): the encoder's CUDA graphs when the pipeline recorded them (Pipeline.enable_cuda_graphs)
+    states = cached_call(text_encoder, key, lambda: through(text_encoder)(ids, clip_skip=clip_skip).last_hidden_state)
     out = []
     for i, chunk in enumerate(chunks):
         z = states[i : i + 1]  # (1, 77, D)

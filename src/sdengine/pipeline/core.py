@@ -16,6 +16,7 @@ separate sub-batches, so every row equals the same row generated alone.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,17 @@ class Prepared:
     notes: list[str]
     subseeds: list[int] | None = None  # variation seeds per row (None: no variation)
     hires: Any = None  # a sdengine.pipeline.hires.HiresPlan when the request asks for the hires fix
+
+
+def _no_extra_tokens(encoder: Any) -> Any:
+    """A graph guard: true while ``encoder`` has no textual-inversion vectors set (held weakly)."""
+    ref = weakref.ref(encoder)
+
+    def guard() -> bool:
+        enc = ref()
+        return enc is not None and enc.extra_token_vectors is None
+
+    return guard
 
 
 def _note(notes: list[str], text: str) -> None:
@@ -127,8 +139,8 @@ class Pipeline:
         self.lora_dir = lora_dir
         self.noise_schedule = NoiseSchedule.from_config(**self.scheduler_config)
         self.vae_upcast = False  # set once a half-precision decode gave NaN: later decodes go to fp32
-        # name -> GraphedCallable of the U-Net and the VAE decode, once enable_cuda_graphs() was called
-        self.cuda_graphs: dict[str, Any] | None = None
+        self._cuda_graphs: dict[str, Any] | None = None
+        self.cuda_graphs = None  # see the property
         self.aot: dict[str, Any] | None = None  # name -> sdengine.aot.AOTCompiled, once enable_aot() was called
         # A family with its own conditioner (SDXL: two encoders) passes it in; the others are made here.
         self.conditioner: TextConditioner = conditioner or make_conditioner(
@@ -237,20 +249,47 @@ class Pipeline:
     # -- CUDA graphs -----------------------------------------------------------------------------------
 
     def enable_cuda_graphs(self, *, backend: Any = None, device_type: str = "cuda") -> bool:
-        """Replay the U-Net's steps and the VAE decode from CUDA graphs (:mod:`sdengine.cuda_graphs`), recorded
-        per shape on first use. Returns False, changing nothing, when the pipeline is not on ``device_type``.
-        ``backend``: how a call is recorded (tests record on the CPU with a stand-in)."""
+        """Replay the U-Net's steps, the VAE decode and the CLIP text encoders from CUDA graphs
+        (:mod:`sdengine.cuda_graphs`), recorded per shape on first use. Returns False, changing nothing, when
+        the pipeline is not on ``device_type``. ``backend``: how a call is recorded (tests record on the CPU
+        with a stand-in). A text encoder runs as it is while textual-inversion vectors are set on it (its
+        embedding lookup branches on them) or a LoRA hooks it."""
         if self.device.type != device_type:
             return False
         from sdengine.cuda_graphs import GraphedCallable
 
         opts = {"backend": backend, "device_type": device_type}
         aot = self.aot or {}
-        self.cuda_graphs = {
+        graphs = {
             "unet": GraphedCallable(aot.get("unet", self.unet), module=self.unet, name="U-Net", **opts),
             "vae": GraphedCallable(aot.get("vae", self.vae.decode), module=self.vae, name="VAE decode", **opts),
         }
+        for name in ("text_encoder", "text_encoder_2"):
+            enc = getattr(self, name, None)
+            if isinstance(enc, torch.nn.Module) and hasattr(enc, "extra_token_vectors"):  # CLIP (not MiniLM)
+                graphs[name] = GraphedCallable(
+                    enc, module=enc, name=name.replace("_", " "), guard=_no_extra_tokens(enc), **opts
+                )
+        self.cuda_graphs = graphs  # routes the text encoders' calls (the setter below)
         return True
+
+    @property
+    def cuda_graphs(self) -> dict[str, Any] | None:
+        """name -> GraphedCallable ("unet", "vae", "text_encoder", "text_encoder_2"), once
+        :meth:`enable_cuda_graphs` was called; None: every network runs as it is."""
+        return self._cuda_graphs
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, graphs: dict[str, Any] | None) -> None:
+        from sdengine.cuda_graphs import route
+
+        # The prompt encoder calls a text encoder deep inside sdengine.prompts: it finds the graphs through
+        # cuda_graphs.through, which follows these routes (set, or dropped with None, here).
+        for name in ("text_encoder", "text_encoder_2"):
+            enc = getattr(self, name, None)
+            if isinstance(enc, torch.nn.Module):
+                route(enc, (graphs or {}).get(name))
+        self._cuda_graphs = graphs
 
     def enable_aot(self, cache_dir: str | Path) -> None:
         """Run the U-Net and the VAE decode from AOTInductor packages (:mod:`sdengine.aot`), compiled into

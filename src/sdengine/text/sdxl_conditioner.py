@@ -164,6 +164,7 @@ class SDXLConditioner:
 
     def _encode(self, encoder: Any, tokenizer: Any, pad: int, text: str, clip_skip: int) -> tuple[Tensor, Tensor]:
         """(states (1, 77 * k, D), pooled output of the first chunk (1, P) or (1, D))."""
+        from sdengine.cuda_graphs import through
         from sdengine.prompts import apply_emphasis, extra_tokens_key, prompt_chunks
         from sdengine.text.encode_cache import cached_call
 
@@ -172,7 +173,7 @@ class SDXLConditioner:
         ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=param.device)  # (k, 77)
 
         def run() -> tuple[Tensor, Tensor]:
-            out = encoder(ids, output_hidden_states=True)
+            out = through(encoder)(ids, output_hidden_states=True)  # its CUDA graphs, when recorded
             pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooled
             return out.hidden_states[-(clip_skip + 1)], pooled  # states (k, 77, D): raw, no final LayerNorm
 
