@@ -35,7 +35,8 @@ On a CUDA device (docs/performance.md, "GPU", has the H200 numbers and the comma
 * ``sdpa_fastest``: the fused attention kernel that is fastest at the U-Net's largest self-attention is made
   the process's choice (:mod:`sdengine.sdpa_backends`).
 * ``cuda_graphs``: the U-Net's steps, the VAE decode and the CLIP text encoders replay from CUDA graphs
-  (:mod:`sdengine.cuda_graphs`), recorded per shape on the first call; with ``compile`` the graphs record the compiled kernels.
+  (:mod:`sdengine.cuda_graphs`), recorded per shape on the first call; with ``compile`` the graphs record the
+  compiled kernels.
 
 These three change nothing on the CPU (each reports that it was skipped); the others work on either device.
 """
