@@ -43,6 +43,11 @@ def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
     assert any(n.startswith("fp8: ") and "e4m3" in n for n in fp8["notes"]), fp8["notes"]
     assert 0 < data["agreement"]["sdengine_fp8 vs sdengine_fp32"] < 2e-2
     assert phases["sdengine_graphs"]["batch8_images_per_s"] > 0
+    # graphs without channels_last: its own phase, so the GPU run says what channels_last is worth at batch 1 and 8
+    nchw = phases["sdengine_graphs_nchw"]
+    assert nchw["batch8_images_per_s"] > 0 and not any(n.startswith("channels_last") for n in nchw["notes"])
+    assert data["agreement"]["sdengine_graphs_nchw vs sdengine_fp32"] == 0.0  # on the CPU: plain fp32 eager
+    assert "sdengine_graphs_nchw/sdengine_graphs batch8_s" in data["ratios"]
     for name in ("sdengine_eager", "diffusers_eager"):
         assert phases[name]["unet_step_ms"] > 0 and phases[name]["vae_decode_ms"] > 0
         assert phases[name]["text_encode_ms"] > 0
