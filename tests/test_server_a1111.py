@@ -164,6 +164,28 @@ def test_taesd_decode_method_as_an_option_and_an_override(api):
     assert bad.status_code == 400 and "sd_vae_decode_method must be one of Full, TAESD" in bad.text
 
 
+def test_taesd_encode_method_is_read_and_needs_an_encoder(api):
+    try:
+        assert api.set_options({"sd_vae_encode_method": "TAESD"})["applied"] == ["sd_vae_encode_method"]
+        assert api.get_options()["sd_vae_encode_method"] == "TAESD"
+        r = api.txt2img(prompt="a red apple", seed=5, **COMMON)  # nothing to encode: as with "Full"
+        want = emoji()("a red apple", seed=5, sampler="dpmpp_2m", schedule="karras", progress=False, **COMMON)
+        np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+        body = {
+            "prompt": "a ball",
+            "seed": 3,
+            "init_images": [webuiapi.raw_b64_img(gradient())],
+            "denoising_strength": 0.5,
+        }
+        bad = httpx.post(f"{api.baseurl}/img2img", json={**body, **COMMON}, timeout=120)
+        # the emoji model's tiny VAE is a decoder only
+        assert bad.status_code >= 400 and "without an encoder (vae_tiny)" in bad.text, bad.text
+    finally:
+        api.set_options({"sd_vae_encode_method": "Full"})
+    bad = httpx.post(f"{api.baseurl}/options", json={"sd_vae_encode_method": "Approx NN"}, timeout=30)
+    assert bad.status_code == 400 and "sd_vae_encode_method must be one of Full, TAESD" in bad.text
+
+
 def test_progress_and_interrupt(api):
     out: dict = {}
     body = {"prompt": "a tree", "seed": 2, "force_task_id": "task-7", **COMMON, "steps": 150}

@@ -170,6 +170,17 @@ def test_upload_img2img_and_inpaint_equal_python_api(client):
     assert "Denoising strength: 0.5" in j["infotexts"][0]
 
 
+def test_vae_encode_tiny_needs_an_encoder(client):
+    """The emoji model's tiny VAE is a decoder only: an img2img job that asks for the tiny encoder fails with the
+    reason; a txt2img job has nothing to encode and runs."""
+    init = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (64, 1, 3)))
+    up = client.post("/v1/uploads", files={"file": ("init.png", png_of(init), "image/png")}).json()["id"]
+    j = run(client, {**BASE, "steps": 2, "init_image": up, "strength": 0.5, "vae_encode": "tiny"})
+    assert j["state"] == "failed" and "without an encoder (vae_tiny)" in j["error"], j
+    assert run(client, {**BASE, "steps": 2, "vae_encode": "tiny"})["state"] == "done"
+    assert client.post("/v1/jobs", json={**BASE, "vae_encode": "taesd"}).status_code == 422
+
+
 def test_a_late_failure_fails_alone(client):
     bad = run(client, {**BASE, "width": 60})  # not a multiple of 8: found by the pipeline, not the schema
     assert bad["state"] == "failed" and "multiple of 8" in bad["error"]

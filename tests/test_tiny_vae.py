@@ -256,3 +256,103 @@ def test_from_png_decodes_with_the_tiny_vae_again(tiny_folder, tiny_sd1_folder, 
     assert main(plain) == 2
     err = capsys.readouterr().err.strip()
     assert "needs a tiny VAE" in err and "--tiny-vae" in err and len(err.splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoding with it (vae_encode="tiny": A1111's "VAE type for encode: TAESD")
+
+
+def test_tiny_encoder_makes_the_init_latent_and_the_noise_stays_the_seeds(tiny_folder):
+    from _pipeline_models import picture
+    from sdengine.io.images import image_tensor
+    from sdengine.pipeline.latents import start_latents
+
+    pipe = load_pipeline(tiny_folder, device="cpu")
+    init = picture(32, 32, seed=3)
+    common = dict(
+        latent_channels=4, width=32, height=32, scale_factor=2, init=init, mask=None, mask_blur=0.0, strength=0.6
+    )
+    starts = {
+        kind: start_latents(
+            pipe.vae,
+            generators=[torch.Generator().manual_seed(9), torch.Generator().manual_seed(10)],
+            nine_channels=False,
+            tiled=False,
+            device=pipe.device,
+            tiny=pipe.tiny_vae if kind == "tiny" else None,
+            **common,
+        )
+        for kind in ("full", "tiny")
+    }
+    with torch.inference_mode():
+        want = pipe.tiny_vae.encode(image_tensor(init))
+    tiny, full = starts["tiny"], starts["full"]
+    torch.testing.assert_close(tiny.init_latent, want.expand(2, -1, -1, -1), rtol=1e-6, atol=1e-6)  # no spread
+    assert (tiny.init_latent - full.init_latent).abs().mean() > 1e-2  # another encoder than the VAE's
+    torch.testing.assert_close(tiny.noise, full.noise, rtol=0, atol=0)  # each generator advanced alike
+
+
+def test_img2img_with_the_tiny_encoder_and_its_infotext(tiny_folder, tmp_path):
+    from _pipeline_models import picture
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+    pipe = load_pipeline(tiny_folder, device="cpu")
+    req = GenerationRequest(
+        prompt="a cat", init_image=picture(32, 32, seed=1), strength=0.5, steps=4, seed=6, progress=False
+    )
+    full, tiny, again = pipe(req), pipe(req.replace(vae_encode="tiny")), pipe(req.replace(vae_encode="tiny"))
+    np.testing.assert_array_equal(tiny.arrays, again.arrays)
+    assert np.abs(tiny.arrays - full.arrays).mean() > 1e-3
+    assert "Tiny VAE encode: vae_tiny" in tiny.infotexts[0] and "Tiny VAE" not in full.infotexts[0]
+    assert to_generate_kwargs(parse_parameters(tiny.infotexts[0]))["vae_encode"] == "tiny"
+    # txt2img encodes nothing: the setting changes nothing and is not written
+    plain = pipe(req.replace(init_image=None, strength=1.0))
+    txt = pipe(req.replace(init_image=None, strength=1.0, vae_encode="tiny"))
+    np.testing.assert_array_equal(plain.arrays, txt.arrays)
+    assert "Tiny VAE" not in txt.infotexts[0]
+
+
+def test_tiny_encoder_refusals(tiny_sd1_folder, tiny_folder, tmp_path):
+    from _pipeline_models import picture
+
+    init = picture(32, 32)
+    plain = load_pipeline(tiny_sd1_folder, device="cpu")
+    with pytest.raises(
+        GenerationError, match="vae_encode='tiny' needs a tiny VAE with an encoder and tiny-sd has none"
+    ):
+        plain("a cat", init_image=init, steps=2, vae_encode="tiny", progress=False)
+    with pytest.raises(GenerationError, match="vae_encode must be one of full, tiny, got 'taesd'"):
+        plain("a cat", steps=2, vae_encode="taesd", progress=False)
+    # nothing to encode (txt2img): the setting has nothing to act on, as A1111's global one
+    np.testing.assert_array_equal(
+        plain("a cat", steps=2, seed=1, vae_encode="tiny", progress=False).arrays,
+        plain("a cat", steps=2, seed=1, progress=False).arrays,
+    )
+    with pytest.raises(GenerationError, match="vae_encode='tiny' needs"):  # the hires fix's pixel path encodes
+        plain("a cat", steps=2, enable_hr=True, hr_upscaler="Lanczos", vae_encode="tiny", progress=False)
+    decoder_only = TinyAutoencoder(TinyVAEConfig(decoder_channels=(8, 8), decoder_blocks=(1, 1), has_encoder=False))
+    decoder_only.name = "dec-only"
+    plain.set_tiny_vae(decoder_only)
+    with pytest.raises(GenerationError, match=r"one without an encoder \(dec-only\)"):
+        plain("a cat", init_image=init, steps=2, vae_encode="tiny", progress=False)
+
+
+def test_cli_vae_encode_and_from_png(tiny_folder, tmp_path):
+    from PIL import Image
+
+    from _pipeline_models import picture
+    from sdengine.cli import main
+
+    init = tmp_path / "init.png"
+    picture(32, 32, seed=2).save(init)
+    out = tmp_path / "a.png"
+    base = ["generate", "a cat", "--model", str(tiny_folder), "--steps", "3", "--seed", "5", "--init-image", str(init)]
+    assert main([*base, "--strength", "0.5", "--vae-encode", "tiny", "--out", str(out)]) == 0
+    assert "Tiny VAE encode: vae_tiny" in Image.open(out).info["parameters"]
+    again = tmp_path / "b.png"
+    redo = ["generate", "--from-png", str(out), "--model", str(tiny_folder), "--init-image", str(init)]
+    assert main([*redo, "--out", str(again)]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    full = tmp_path / "c.png"
+    assert main([*base, "--strength", "0.5", "--out", str(full)]) == 0
+    assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(full)))

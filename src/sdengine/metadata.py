@@ -319,7 +319,8 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
     Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
     ``guidance_rescale`` ("CFG Rescale phi"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
-    seed strength"), ``vae_decode`` ("tiny" when sdengine's "Tiny VAE" field is there) that the text has
+    seed strength"), ``vae_decode`` ("tiny" when sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
+    "Tiny VAE encode") that the text has
     (``clip_skip`` defaults to 1, as in A1111,
     where a missing "Clip skip" means 1). LoRAs stay
     in the prompt as ``<lora:...>`` tags (:func:`sdengine.prompts.extract_lora_tags`). An unknown
@@ -366,6 +367,8 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
 
     if parsed.get("Tiny VAE"):  # sdengine's field: the tiny VAE decoded (the run needs one loaded again)
         kwargs["vae_decode"] = "tiny"
+    if parsed.get("Tiny VAE encode"):  # and this one: its encoder made the init image's latent
+        kwargs["vae_encode"] = "tiny"
 
     hires_used: set[str] = set()
     if hires:
@@ -383,6 +386,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
         "Variation seed",
         "Variation seed strength",
         "Tiny VAE",
+        "Tiny VAE encode",
     }
     # "ControlNet N" fields are the caller's: they need the control image (see recorded_controlnets)
     ignored = [k for k in parsed if k not in used and k not in _DESCRIPTIVE_FIELDS and not _RE_CONTROLNET.match(k)]

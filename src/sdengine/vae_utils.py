@@ -127,6 +127,27 @@ def encode_moments(
     return DiagonalGaussian(m.to(dtype))
 
 
+class PointPosterior:
+    """A latent with no spread, in a posterior's shape (``mean``, ``std`` of zeros, ``mode``): what the tiny VAE's
+    encoder gives. Rows drawn from it (``pipeline.latents.posterior_rows``) still take their noise draw, so each
+    row's generator advances as with the full VAE and the same seed gives the same sampling noise."""
+
+    def __init__(self, mean: Tensor) -> None:
+        self.mean = mean
+        self.std = torch.zeros_like(mean)
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+
+def tiny_encode_moments(tiny: Any, vae: AutoencoderKL, images: Tensor) -> PointPosterior:
+    """The tiny VAE's latent of images in [-1, 1] (B, 3, H, W), unscaled like :func:`encode_moments`' mean (so
+    callers treat both alike), in the VAE's dtype. ``tiny`` must have an encoder."""
+    dtype = next(vae.parameters()).dtype
+    z = tiny.encode(images.to(next(tiny.parameters()).dtype)).float()  # the diffusion model's (scaled) latents
+    return PointPosterior(vae.unscale_latents(z).to(dtype))
+
+
 def encode(
     vae: AutoencoderKL,
     images: Tensor,

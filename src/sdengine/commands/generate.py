@@ -383,6 +383,8 @@ def run(a: argparse.Namespace) -> int:
         kwargs["vae_decode"] = a.vae_decode
     elif a.tiny_vae is not None:
         kwargs["vae_decode"] = "tiny"  # as stable-diffusion.cpp's --taesd: given, it decodes
+    if a.vae_encode is not None:
+        kwargs["vae_encode"] = a.vae_encode
     sdxl = {"prompt_2": a.prompt_2, "negative_prompt_2": a.negative_2}  # SDXL's second text encoder
     if any(v is not None for v in sdxl.values()):
         kwargs["sdxl"] = {k: v for k, v in sdxl.items() if v is not None}
@@ -646,6 +648,13 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         default=None,
         help="full = the model's VAE; tiny = its tiny VAE (the model folder's vae_tiny/ or --tiny-vae); "
         "default: tiny when --tiny-vae is given, else full",
+    )
+    p.add_argument(
+        "--vae-encode",
+        choices=["full", "tiny"],
+        default=None,
+        help="how --init-image (and the hires fix's pixel upscale) becomes latents: full = the VAE's encoder "
+        "(default); tiny = the tiny VAE's encoder (it needs one: taesd_encoder beside taesd_decoder)",
     )
     p.add_argument(
         "--vae-tiling",

@@ -435,6 +435,13 @@ class Pipeline:
 
             hires = plan_hires(self, r, width, height, name, sched)
         big_w, big_h = (hires.width, hires.height) if hires is not None else (width, height)
+        tiny_encodes = r.vae_encode == "tiny" and self._encodes_images(r.init_image is not None, hires)
+        if tiny_encodes and (self.tiny_vae is None or self.tiny_vae.encoder is None):
+            which = "has none loaded" if self.tiny_vae is None else f"has one without an encoder ({self.tiny_vae.name})"
+            raise GenerationError(
+                f"vae_encode='tiny' needs a tiny VAE with an encoder and {self.name} {which}: give a TAESD "
+                "encoder too (taesd_encoder beside taesd_decoder, or an AutoencoderTiny folder)"
+            )
         tiled = self._check_memory(big_w, big_h, len(seeds), float(r.cfg_scale) != 1.0, r.vae_tiling, notes)
         self._check_work(width, height)
         if hires is not None:
@@ -566,6 +573,9 @@ class Pipeline:
         if request.vae_decode == "tiny":
             for row in rows:
                 row["Tiny VAE"] = self.tiny_vae.name  # the pixels are the tiny decoder's, not the VAE's
+        if request.vae_encode == "tiny" and self._encodes_images(p.init is not None, p.hires):
+            for row in rows:
+                row["Tiny VAE encode"] = self.tiny_vae.name  # the init latent is the tiny encoder's
         if p.hires is not None:
             from sdengine.pipeline.hires import infotext_fields
 
@@ -658,6 +668,7 @@ class Pipeline:
             nine_channels=self.inpainting,
             tiled=p.tiled,
             device=dev,
+            tiny=self.tiny_vae if r.vae_encode == "tiny" else None,
         )
         if init_latent is not None:
             start.init_latent, start.from_init = init_latent.to(dev, start.noise.dtype), True
@@ -763,6 +774,12 @@ class Pipeline:
             # after the half-precision fall-back above had its chance; to_unit's clamp would hide NaN as black
             out.append(vae_utils.to_unit(require_finite(img, "decoded image")))
         return torch.cat(out)
+
+    def _encodes_images(self, init: bool, hires: Any) -> bool:
+        """Whether a request turns pixels into latents: an init image, an inpainting U-Net's masked (or grey)
+        image, the hires fix's pixel upscale (``hires``: its plan or None). Only then does ``vae_encode`` act
+        (A1111 sets its "VAE type for encode" once for every request)."""
+        return init or self.inpainting or (hires is not None and not hires.latent)
 
     def decode_tiny(self, x: Tensor) -> Tensor:
         """(N, 3, H, W) images in [0, 1] of sampled latents, by the tiny VAE (one row at a time, so a row's

@@ -70,8 +70,17 @@ def start_latents(
     nine_channels: bool,
     tiled: bool | None,
     device: torch.device,
+    tiny: Any = None,
 ) -> StartLatents:
-    """Every random draw of the rows, in diffusers' order (see the module docstring)."""
+    """Every random draw of the rows, in diffusers' order (see the module docstring). ``tiny``: a tiny VAE whose
+    encoder makes the images' latents instead of the VAE's (``vae_encode="tiny"``; no posterior spread, the same
+    draws from each generator)."""
+
+    def moments(img: Tensor) -> Any:
+        if tiny is not None:
+            return vae_utils.tiny_encode_moments(tiny, vae, img)
+        return vae_utils.encode_moments(vae, img, tiled=tiled)
+
     b = len(generators)
     h, w = height // scale_factor, width // scale_factor
     init_latent = blend = concat = None
@@ -83,7 +92,7 @@ def start_latents(
             m = mask if mask is not None else np.ones((height, width), np.float32)
             mask_full = torch.from_numpy(m)[None, None].to(device)
         if mask_full is None or strength < 1.0 or not nine_channels:
-            post = vae_utils.encode_moments(vae, img, tiled=tiled)
+            post = moments(img)
             init_latent = vae.scale_latents(posterior_rows(post, generators).float())
     noise = row_noise(generators, (latent_channels, h, w)).to(device)
 
@@ -96,7 +105,7 @@ def start_latents(
             F.interpolate(mask_full, size=(h, w), mode="area") if mask_blur > 0 else F.interpolate(binary, size=(h, w))
         )
         masked = image_tensor(init).to(device) * (binary < 0.5)
-        post = vae_utils.encode_moments(vae, masked, tiled=tiled)
+        post = moments(masked)
         masked_latent = posterior_rows(post, generators)  # drawn even for 4 channels (diffusers' order)
         if nine_channels:
             masked_latent = vae.scale_latents(masked_latent.float())
@@ -107,7 +116,7 @@ def start_latents(
         # txt2img on an inpainting model: everything masked, a grey (zero) masked image (A1111's way); the
         # posterior mode, so that no random number is drawn beyond the initial noise.
         grey = torch.zeros(1, 3, height, width, device=device)
-        z = vae_utils.encode_moments(vae, grey, tiled=tiled).mode()
+        z = moments(grey).mode()
         masked_latent = vae.scale_latents(z.float())
         concat = torch.cat([torch.ones(1, 1, h, w, device=device), masked_latent], dim=1).expand(b, -1, -1, -1)
     # Inpainting at strength 1 starts from pure noise (diffusers' is_strength_max); img2img does not.

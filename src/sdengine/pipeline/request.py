@@ -40,6 +40,9 @@ MAX_SEED = 2**64 - 1
 MAX_MASK_BLUR = 256.0
 # How sampled latents become pixels: the model's VAE, or the tiny VAE loaded beside it (sdengine.models.tiny_vae).
 VAE_DECODE_METHODS = ("full", "tiny")
+# How init images become latents (img2img, inpainting, the hires fix's pixel path): the VAE's encoder (a posterior
+# sample), or the tiny VAE's encoder (one latent, no spread; A1111's "VAE type for encode: TAESD").
+VAE_ENCODE_METHODS = ("full", "tiny")
 
 
 def _is_number(v: Any) -> bool:
@@ -87,6 +90,8 @@ class GenerationRequest:
     # "full": the model's VAE; "tiny": the pipeline's tiny VAE (TAESD, ``load_pipeline(tiny_vae=...)``),
     # ~10x cheaper and a little softer; named "Tiny VAE" in the infotext
     vae_decode: str = "full"
+    # "full": the VAE's encoder; "tiny": the tiny VAE's encoder (it must have one); named "Tiny VAE encode"
+    vae_encode: str = "full"
     sampler_options: Mapping[str, Any] | None = None
     resize_mode: str | int = "just resize"  # init and control images of another size: sdengine.io.resize
     subseed: int | None = None  # variation seed (A1111's); None / -1 draws one; row i uses subseed + i
@@ -263,6 +268,8 @@ class GenerationRequest:
 
         if self.vae_decode not in VAE_DECODE_METHODS:
             raise GenerationError(f"vae_decode must be one of {', '.join(VAE_DECODE_METHODS)}, got {self.vae_decode!r}")
+        if self.vae_encode not in VAE_ENCODE_METHODS:
+            raise GenerationError(f"vae_encode must be one of {', '.join(VAE_ENCODE_METHODS)}, got {self.vae_encode!r}")
 
         resize_mode_name(self.resize_mode)
         sub, sub_strength = self.subseed, self.subseed_strength

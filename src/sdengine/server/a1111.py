@@ -305,13 +305,14 @@ def _num(v: Any, what: str) -> float:
     return float(v)
 
 
-# A1111's "VAE type for decode" setting -> GenerationRequest.vae_decode ("TAESD" needs the model's tiny VAE).
+# A1111's "VAE type for decode" / "VAE type for encode" settings -> GenerationRequest.vae_decode / vae_encode
+# ("TAESD" needs the model's tiny VAE; for encoding, one with an encoder).
 DECODE_METHODS = {"Full": "full", "TAESD": "tiny"}
 
 
-def decode_method(value: Any) -> str:
+def decode_method(value: Any, option: str = "sd_vae_decode_method") -> str:
     if not isinstance(value, str) or value not in DECODE_METHODS:
-        raise BadRequest(f"sd_vae_decode_method must be one of {', '.join(DECODE_METHODS)}, got {value!r}")
+        raise BadRequest(f"{option} must be one of {', '.join(DECODE_METHODS)}, got {value!r}")
     return DECODE_METHODS[value]
 
 
@@ -325,6 +326,9 @@ def install(app: FastAPI, services: Any) -> None:
         clip_skip = over.pop("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
         model = over.pop("sd_model_checkpoint", None)
         vae_decode = decode_method(over.pop("sd_vae_decode_method", options.get("sd_vae_decode_method", "Full")))
+        vae_encode = decode_method(
+            over.pop("sd_vae_encode_method", options.get("sd_vae_encode_method", "Full")), "sd_vae_encode_method"
+        )
         ignored.extend(f"override_settings.{k}" for k in over)
         scripts = {str(k).lower(): v for k, v in (req.alwayson_scripts or {}).items()}
         cn = scripts.pop("controlnet", None)
@@ -346,6 +350,7 @@ def install(app: FastAPI, services: Any) -> None:
             n_iter=req.n_iter,
             clip_skip=clip_skip,
             vae_decode=vae_decode,
+            vae_encode=vae_encode,
             controlnets=units,
             guess_mode=guess,
         )
@@ -696,7 +701,8 @@ def install(app: FastAPI, services: Any) -> None:
     def set_options(body: dict[str, Any]) -> dict[str, Any]:
         """``sd_model_checkpoint`` switches the model of later jobs (loaded by each worker before its next job);
         ``CLIP_stop_at_last_layers`` sets their clip skip, ``sd_vae_decode_method`` ("Full" or "TAESD") how their
-        latents are decoded (TAESD: the model's tiny VAE). Other options are listed as ignored."""
+        latents are decoded (TAESD: the model's tiny VAE), ``sd_vae_encode_method`` how their init images are
+        encoded. Other options are listed as ignored."""
         applied, ignored = [], []
         for k, v in body.items():
             if k == "sd_model_checkpoint":
@@ -710,8 +716,8 @@ def install(app: FastAPI, services: Any) -> None:
                     raise BadRequest("CLIP_stop_at_last_layers must be an integer in 1..24")
                 options[k] = v
                 applied.append(k)
-            elif k == "sd_vae_decode_method":
-                decode_method(v)
+            elif k in ("sd_vae_decode_method", "sd_vae_encode_method"):
+                decode_method(v, k)
                 options[k] = v
                 applied.append(k)
             else:

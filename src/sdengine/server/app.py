@@ -125,7 +125,12 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         catalog,
         UploadStore(config.max_image_pixels),
         manager,
-        {"sd_model_checkpoint": catalog.startup_name, "CLIP_stop_at_last_layers": 1, "sd_vae_decode_method": "Full"},
+        {
+            "sd_model_checkpoint": catalog.startup_name,
+            "CLIP_stop_at_last_layers": 1,
+            "sd_vae_decode_method": "Full",
+            "sd_vae_encode_method": "Full",
+        },
     )
 
     @asynccontextmanager

@@ -182,6 +182,7 @@ _BATCH_SETTINGS = (
     "loras",
     "guess_mode",
     "vae_decode",
+    "vae_encode",
 )
 _PER_ROW = ("prompt", "negative_prompt", "seed", "batch_size")
 _NEVER_BATCHED = ("init_image", "mask", "controlnets")

@@ -105,6 +105,7 @@ def build_generation(
     default_model: str | None = None,
     hires: dict[str, Any] | None = None,
     vae_decode: str = "full",
+    vae_encode: str = "full",
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run."""
     from sdengine.prompts import extract_lora_tags
@@ -209,6 +210,8 @@ def build_generation(
         kwargs["guess_mode"] = True
     if vae_decode != "full":  # checked by GenerationRequest.validate below; whether the model has one, by the job
         kwargs["vae_decode"] = vae_decode
+    if vae_encode != "full":
+        kwargs["vae_encode"] = vae_encode
     if hires is not None:
         kwargs.update(_hires_fields(config, hires, width, height), enable_hr=True)
     # The pipeline's own request object checks what it can without the model (GenerationError -> 400), so

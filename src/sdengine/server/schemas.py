@@ -68,3 +68,6 @@ class JobRequest(BaseModel):
     vae_decode: Literal["full", "tiny"] = Field(
         "full", description="'tiny': decode with the model's tiny VAE (TAESD), ~10x cheaper, a little softer"
     )
+    vae_encode: Literal["full", "tiny"] = Field(
+        "full", description="'tiny': encode init_image (and the hires fix's upscale) with the tiny VAE's encoder"
+    )
