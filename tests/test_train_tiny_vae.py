@@ -4,6 +4,7 @@ command prints the held-out PSNR and writes it beside the weights, and bad input
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -120,6 +121,58 @@ def test_command_prints_the_held_out_psnr(tmp_path, tiny_sd1_folder, capsys) -> 
     assert main(args) == 2  # a finished run is not replaced without --overwrite
     err = capsys.readouterr().err.strip()
     assert "--overwrite" in err and len(err.splitlines()) == 1
+
+
+def test_keep_decoder_trains_only_an_encoder_beside_it(tmp_path, tiny_sd1_folder) -> None:
+    from sdengine.models.tiny_vae import TinyAutoencoder
+    from sdengine.weights.tiny_vae_file import save_tiny_vae
+
+    data = _shapes_folder(tmp_path / "data")
+    torch.manual_seed(3)
+    decoder_only = TinyAutoencoder(
+        tiny_config_for(load_pipeline_vae_config(tiny_sd1_folder), 8, encoder=False)  # the 2x model's layout
+    )
+    save_tiny_vae(decoder_only, tmp_path / "dec", dtype="fp32")
+    out = tmp_path / "run"
+    spec = TinyVAETrainSpec(
+        model=str(tiny_sd1_folder),
+        data=str(data),
+        resolution=SIZE,
+        channels=8,
+        keep_decoder=str(tmp_path / "dec"),
+        save_dtype="fp32",
+    )
+    cfg = TrainConfig(
+        steps=30, batch_size=8, lr=3e-3, warmup_steps=1, ema_decay=0.9, seed=0, sample_every=15, checkpoint_every=0
+    )
+    got = train_tiny_vae(spec, cfg, out, device="cpu", progress=False)
+    losses = got.result.losses
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses  # the encoder learns
+    loaded = load_tiny_vae(out)
+    assert loaded.encoder is not None and loaded.decoder is not None
+    for name, t in decoder_only.decoder.state_dict().items():  # the decoder as it was, bit for bit (even with EMA)
+        assert torch.equal(loaded.decoder.state_dict()[name].float(), t), name
+    summary = got.summary
+    assert summary["keep_decoder"] == str(tmp_path / "dec") and summary["encoder_parameters"] > 0
+    assert [sorted(h) for h in summary["evaluation_history"]] == [["psnr_tiny_encoder_db", "step"]] * 2
+    assert np.isfinite(summary["evaluation"]["psnr_tiny_encoder_db"])
+
+    with pytest.raises(TinyVAETrainingError, match="has no decoder"):
+        encoder_only = TinyAutoencoder(
+            dataclasses.replace(tiny_config_for(load_pipeline_vae_config(tiny_sd1_folder), 8), has_decoder=False)
+        )
+        save_tiny_vae(encoder_only, tmp_path / "enc")
+        train_tiny_vae(
+            dataclasses.replace(spec, keep_decoder=str(tmp_path / "enc")), cfg, tmp_path / "r2", progress=False
+        )
+    with pytest.raises(TinyVAETrainingError, match="cannot be combined with no encoder"):
+        TinyVAETrainSpec(model="m", encoder=False, keep_decoder="x")
+
+
+def load_pipeline_vae_config(folder):
+    from sdengine import pipeline
+
+    return pipeline.load_pipeline(folder, device="cpu").vae.config
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ def run(a: argparse.Namespace) -> int:
         flip=a.flip,
         eval_images=a.eval_images,
         save_dtype=a.save_dtype,
+        keep_decoder=a.keep_decoder,
     )
     try:
         cfg = train_config(a, sample_every=a.eval_every)
@@ -108,6 +109,13 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         help="every N steps print the held-out PSNR of the EMA weights (0: only at the end)",
     )
     p.add_argument("--save-dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    p.add_argument(
+        "--keep-decoder",
+        default=None,
+        metavar="TINY_VAE",
+        help="a decoder-only tiny VAE (file or folder) to complete: its decoder is kept unchanged and only an "
+        "encoder is trained beside it",
+    )
     add_train_args(
         p,
         out="runs/tiny-vae",

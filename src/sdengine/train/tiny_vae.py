@@ -11,6 +11,9 @@ training objective. Each step takes a batch of images in [-1, 1], their latents 
 - encoder (``encoder=True``, the default; diffusers loads an ``AutoencoderTiny`` folder only with both halves):
   ``MSE`` between ``tiny.encode(image)`` and the full encoder's scaled posterior mean, times ``encoder_weight``.
 
+``keep_decoder`` (a tiny VAE file or folder) adds an encoder to a tiny VAE that has only a decoder: that decoder
+is copied, frozen and written out unchanged, and only the encoder is trained (its loss alone; no decode runs).
+
 With the mode (the default) the full VAE's decodes are computed once, before the first step, for every training
 image and its mirror image; a step is then the tiny network's forward and backward pass alone. (The emoji VAE's
 posterior standard deviation is under 1% of its latents' spread, so sampling changes the targets by little and
@@ -88,6 +91,7 @@ class TinyVAETrainSpec:
     flip: bool = True  # train on the mirror images too
     eval_images: int = 256  # held out for the evaluation (at most a fifth of the images)
     save_dtype: str = "fp16"
+    keep_decoder: str | None = None  # a tiny VAE whose decoder is kept as it is: only an encoder is trained
 
     def __post_init__(self) -> None:
         if self.channels is not None and (
@@ -106,6 +110,8 @@ class TinyVAETrainSpec:
             raise TinyVAETrainingError(f"eval images must be >= 0, got {self.eval_images}")
         if self.save_dtype not in SAVE_DTYPES:
             raise TinyVAETrainingError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
+        if self.keep_decoder is not None and not self.encoder:
+            raise TinyVAETrainingError("keep decoder trains an encoder: it cannot be combined with no encoder")
 
 
 # ---------------------------------------------------------------------------------------------- architecture
@@ -122,12 +128,13 @@ class Distill(nn.Module):
     """The trained module: ``forward(z, images) -> (tiny.decode(z), tiny.encode(images) or None)``, so that the
     shared loop's DistributedDataParallel wrapper sees both halves called through ``forward``."""
 
-    def __init__(self, tiny: TinyAutoencoder) -> None:
+    def __init__(self, tiny: TinyAutoencoder, *, train_decoder: bool = True) -> None:
         super().__init__()
         self.tiny = tiny
+        self.train_decoder = train_decoder  # False: the decoder is kept frozen and not run (keep_decoder)
 
-    def forward(self, z: Tensor, images: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        decoded = self.tiny.decode(z)
+    def forward(self, z: Tensor, images: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        decoded = self.tiny.decode(z) if self.train_decoder else None
         encoded = self.tiny.encode(images) if images is not None and self.tiny.encoder is not None else None
         return decoded, encoded
 
@@ -286,6 +293,30 @@ def write_comparison(tiny: TinyAutoencoder, data: DistillData, path: Path, count
 # ---------------------------------------------------------------------------------------------- training
 
 
+def _kept_decoder(source: str, cfg: TinyVAEConfig) -> tuple[TinyAutoencoder, TinyVAEConfig]:
+    """The tiny VAE of ``source`` (its decoder to keep) and the config to train: ``cfg``'s encoder beside that
+    decoder. One line when it has no decoder or does not fit the model's latents."""
+    from ..weights.io import WeightsError
+    from ..weights.tiny_vae_file import load_tiny_vae
+
+    try:
+        kept = load_tiny_vae(source)
+    except (OSError, WeightsError) as e:
+        raise TinyVAETrainingError(f"keep decoder: {e}") from None
+    k = kept.config
+    if kept.decoder is None:
+        raise TinyVAETrainingError(f"keep decoder: {source} has no decoder")
+    if k.latent_channels != cfg.latent_channels or k.downscale_factor != cfg.downscale_factor:
+        raise TinyVAETrainingError(
+            f"keep decoder: {source} decodes {k.latent_channels}-channel latents at {k.downscale_factor}x, the model's "
+            f"are {cfg.latent_channels}-channel at {cfg.downscale_factor}x"
+        )
+    out = dataclasses.replace(
+        cfg, decoder_channels=k.decoder_channels, decoder_blocks=k.decoder_blocks, has_decoder=True, has_encoder=True
+    )
+    return kept.float().eval(), out
+
+
 @dataclass
 class TinyVAETrainOutput:
     result: TrainResult
@@ -323,6 +354,9 @@ def train_tiny_vae(
     if resolution % factor:
         raise TinyVAETrainingError(f"resolution {resolution} must be a multiple of the VAE's factor {factor}")
     tiny_cfg = tiny_config_for(vae.config, spec.channels, encoder=spec.encoder)
+    kept = None
+    if spec.keep_decoder is not None:
+        kept, tiny_cfg = _kept_decoder(spec.keep_decoder, tiny_cfg)
 
     images, data_name = load_images(spec, pipe, resolution)
     train_idx, eval_idx = split_indices(images.shape[0], spec.eval_images)
@@ -353,7 +387,11 @@ def train_tiny_vae(
     n = data.images.shape[0]
 
     torch.manual_seed(cfg.seed)  # the tiny network's random initialisation
-    net = Distill(TinyAutoencoder(tiny_cfg))
+    net = Distill(TinyAutoencoder(tiny_cfg), train_decoder=kept is None)
+    if kept is not None:
+        assert net.tiny.decoder is not None and kept.decoder is not None
+        net.tiny.decoder.load_state_dict(kept.decoder.state_dict())
+        net.tiny.decoder.requires_grad_(False)
     use_images = spec.encoder or spec.image_weight > 0
 
     def loss_fn(m: nn.Module, step: int, g: torch.Generator) -> Tensor:
@@ -369,6 +407,9 @@ def train_tiny_vae(
             target = data.target[idx[r]].float()
         x = data.images[idx[r]].float() if use_images else None
         decoded, encoded = m(z[r], x if spec.encoder else None)
+        if decoded is None:  # keep_decoder: the encoder's loss alone
+            assert encoded is not None
+            return spec.encoder_weight * (encoded.float() - data.mean[idx[r]]).pow(2).mean()
         err = decoded.float() - target
         loss = err.abs().mean() + err.pow(2).mean()
         if spec.image_weight > 0 and x is not None:
@@ -384,6 +425,17 @@ def train_tiny_vae(
         if held.images.shape[0] == 0:
             return
         assert isinstance(ema, Distill)
+        if kept is not None:  # the decoder does not change: follow the encoder
+            ev = evaluate(ema.tiny, held, vae)
+            history.append({"step": step, "psnr_tiny_encoder_db": round(ev["psnr_tiny_encoder_db"], 3)})
+            if progress:
+                from tqdm.auto import tqdm
+
+                tqdm.write(
+                    f"step {step}: held-out PSNR of the full decoder's image of the tiny encoder's latents (EMA) "
+                    f"against its own round trip {ev['psnr_tiny_encoder_db']:.2f} dB"
+                )
+            return
         psnr = evaluate(ema.tiny, held)["psnr_tiny_vs_full_db"]
         history.append({"step": step, "psnr_tiny_vs_full_db": round(psnr, 3)})
         if progress:
@@ -411,6 +463,9 @@ def train_tiny_vae(
 
     export = Distill(TinyAutoencoder(tiny_cfg))
     export.load_state_dict(load_checkpoint(result.checkpoint)["ema"]["model"])
+    if kept is not None:  # exactly the kept weights (an average of a constant can move it by a rounding step)
+        assert export.tiny.decoder is not None and kept.decoder is not None
+        export.tiny.decoder.load_state_dict(kept.decoder.state_dict())
     model = export.tiny.to(device).eval().requires_grad_(False)
     from ..weights.io import parse_dtype
     from ..weights.tiny_vae_file import save_tiny_vae
@@ -447,6 +502,7 @@ def train_tiny_vae(
             "channels": tiny_cfg.decoder_channels[0],
             "decoder_blocks": list(tiny_cfg.decoder_blocks),
             "encoder": spec.encoder,
+            "keep_decoder": spec.keep_decoder,
             "decoder_parameters": sum(p.numel() for p in model.decoder.parameters()) if model.decoder else 0,
             "encoder_parameters": sum(p.numel() for p in model.encoder.parameters()) if model.encoder else 0,
             "evaluation": {k: round(v, 6) for k, v in evaluate(model, held, vae).items()},
