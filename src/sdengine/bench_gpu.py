@@ -63,6 +63,7 @@ PHASES = (
     "sdengine_compiled_warm",
     "sdengine_graphs_process_cold",
     "sdengine_graphs_process_warm",
+    "sdengine_default_process",
     "sdengine_aot_cold",
     "sdengine_aot_warm",
     "sdengine_fp8",
@@ -599,6 +600,8 @@ def run_gpu_bench(
     run.phase(f"{child_name}_cold", 150, lambda: sd_child("cold cache", False))
     # The warm process also times batch 8 after its first image (compiled: one more shape to compile)
     run.phase(f"{child_name}_warm", 120 if compile else 45, lambda: sd_child("warm cache", True))
+    if compile:  # the default CUDA path (graphs, nothing compiled) from process start: its first image too
+        run.phase("sdengine_default_process", 45, lambda: sd_child("default", False, GRAPH_OPTIONS))
     if aot:  # the same with the networks compiled ahead of time (sdengine.aot): no tracing in a warm process
         aot_cache = Path(tempfile.mkdtemp(prefix="sdengine-aoti-"))  # its own: the cold one starts from nothing
         run.phase("sdengine_aot_cold", 150, lambda: sd_child("aot cold", False, AOT_OPTIONS, aot_cache))
