@@ -170,14 +170,18 @@ def test_upload_img2img_and_inpaint_equal_python_api(client):
     assert "Denoising strength: 0.5" in j["infotexts"][0]
 
 
-def test_vae_encode_tiny_needs_an_encoder(client):
-    """The emoji model's tiny VAE is a decoder only: an img2img job that asks for the tiny encoder fails with the
-    reason; a txt2img job has nothing to encode and runs."""
+def test_vae_encode_tiny_is_the_python_apis_image(client):
+    """The emoji model's tiny VAE has an encoder (its models entry says so): an img2img job with vae_encode "tiny"
+    gives the Python API's image."""
+    assert client.get("/v1/models").json()["data"][0]["tiny_vae_encoder"] is True
     init = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (64, 1, 3)))
     up = client.post("/v1/uploads", files={"file": ("init.png", png_of(init), "image/png")}).json()["id"]
-    j = run(client, {**BASE, "steps": 2, "init_image": up, "strength": 0.5, "vae_encode": "tiny"})
-    assert j["state"] == "failed" and "without an encoder (vae_tiny)" in j["error"], j
-    assert run(client, {**BASE, "steps": 2, "vae_encode": "tiny"})["state"] == "done"
+    body = {**BASE, "steps": 3, "init_image": up, "strength": 0.5, "vae_encode": "tiny"}
+    j = run(client, body)
+    assert j["state"] == "done" and "Tiny VAE encode: vae_tiny" in j["infotexts"][0], j
+    im, _ = fetch_image(client, j["images"][0]["url"])
+    ref = emoji()(progress=False, **{**body, "init_image": init})
+    np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(ref.images[0]))
     assert client.post("/v1/jobs", json={**BASE, "vae_encode": "taesd"}).status_code == 422
 
 

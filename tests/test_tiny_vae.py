@@ -356,3 +356,18 @@ def test_cli_vae_encode_and_from_png(tiny_folder, tmp_path):
     full = tmp_path / "c.png"
     assert main([*base, "--strength", "0.5", "--out", str(full)]) == 0
     assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(full)))
+
+
+def test_whether_a_tiny_vae_has_an_encoder_without_keeping_it(tmp_path, tiny_folder):
+    from sdengine.weights.tiny_vae_file import tiny_vae_has_encoder
+
+    assert tiny_vae_has_encoder(tiny_folder / "vae_tiny") is True
+    dec = TinyAutoencoder(TinyVAEConfig(decoder_channels=(8, 8), decoder_blocks=(1, 1), has_encoder=False))
+    save_tiny_vae(dec, tmp_path / "dec")
+    assert tiny_vae_has_encoder(tmp_path / "dec") is False
+    assert tiny_vae_has_encoder(tmp_path / "missing") is False
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    assert tiny_vae_has_encoder(tmp_path / "junk.safetensors") is False
+    shutil.rmtree(tmp_path / "dec")  # the same path with other contents: answered afresh
+    save_tiny_vae(load_tiny_vae(tiny_folder / "vae_tiny"), tmp_path / "dec")
+    assert tiny_vae_has_encoder(tmp_path / "dec") is True

@@ -189,6 +189,34 @@ def test_txt2img_shows_the_apis_image_with_its_parameters_and_remembers_settings
     assert page.input_value("#cfg_scale") == "5"
 
 
+def shows_the_api_image(page, client: httpx.Client, body: dict, params: str) -> None:
+    """The page's result image and parameters are the native API's for ``body`` with the sampler, schedule,
+    negative prompt and guidance the page holds (it remembers settings between tests)."""
+    body = dict(body)
+    for field in ("sampler", "schedule", "negative_prompt"):
+        body[field] = page.input_value(f"#{field}")
+    body["cfg_scale"] = float(page.input_value("#cfg_scale"))
+    expected, infotext = api_image(client, body)
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == infotext
+
+
+def page_without(browser, server, capability: str):
+    """A fresh page whose GET /v1/models says no model has ``capability`` (the page must offer it disabled)."""
+    ctx = browser.new_context()
+    pg = ctx.new_page()
+
+    def without(route):
+        listing = route.fetch().json()
+        for m in listing["data"]:
+            m[capability] = False
+        route.fulfill(json=listing)
+
+    pg.route("**/v1/models", without)
+    open_page(pg, server.url)
+    return ctx, pg
+
+
 def test_the_tiny_vae_decoder_choice(page, client, browser, server):
     """The emoji model ships a tiny VAE: "Tiny VAE (fast)" shows the API's vae_decode "tiny" image."""
     page.fill("#prompt", "a red apple")
@@ -199,30 +227,50 @@ def test_the_tiny_vae_decoder_choice(page, client, browser, server):
     params = wait_result(page)
     assert "Tiny VAE: vae_tiny" in params
     body = {"prompt": "a red apple", "steps": 4, "seed": 3, "width": 64, "height": 64, "vae_decode": "tiny"}
-    for field in ("sampler", "schedule", "negative_prompt"):  # whatever the page holds (it remembers settings)
-        body[field] = page.input_value(f"#{field}")
-    body["cfg_scale"] = float(page.input_value("#cfg_scale"))
-    expected, infotext = api_image(client, body)
-    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
-    assert params == infotext
+    shows_the_api_image(page, client, body, params)
     page.select_option("#vae_decode", "full")
     page.click("#results button:text('Reuse parameters')")  # the infotext's "Tiny VAE" selects it again
     assert page.input_value("#vae_decode") == "tiny"
 
     # a model without a tiny VAE (the server's list says so): the choice is disabled and falls back to the VAE
-    ctx = browser.new_context()
-    pg = ctx.new_page()
-
-    def no_tiny(route):
-        listing = route.fetch().json()
-        for m in listing["data"]:
-            m["tiny_vae"] = False
-        route.fulfill(json=listing)
-
-    pg.route("**/v1/models", no_tiny)
-    open_page(pg, server.url)
+    ctx, pg = page_without(browser, server, "tiny_vae")
     assert pg.eval_on_selector("#vae_decode option[value=tiny]", "o => o.disabled") is True
     assert "has none" in pg.text_content("#vae_decode option[value=tiny]") and pg.input_value("#vae_decode") == "full"
+    ctx.close()
+
+
+def test_the_tiny_vae_encoder_choice_in_img2img(page, client, browser, server, tmp_path):
+    """The emoji model's tiny VAE has an encoder: in img2img "Encoder: Tiny VAE (fast)" gives the API's
+    vae_encode "tiny" image; the choice is hidden in txt2img and disabled for a model whose tiny VAE has none."""
+    init = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (64, 1, 3)))
+    init_path = tmp_path / "init.png"
+    init.save(init_path)
+    page.eval_on_selector("#img2img-section", "d => { d.open = true; }")
+    page.select_option("#mode", "txt2img")
+    assert page.locator("#vae_encode").is_hidden()
+    page.set_input_files("#init-file", str(init_path))
+    page.select_option("#mode", "img2img")
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "4")
+    page.fill("#seed", "3")
+    page.fill("#strength", "0.6")
+    page.select_option("#vae_decode", "full")
+    page.select_option("#vae_encode", "tiny")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Tiny VAE encode: vae_tiny" in params and "Denoising strength: 0.6" in params
+    body = {"prompt": "a red apple", "steps": 4, "seed": 3, "width": 64, "height": 64, "strength": 0.6}
+    body.update({"init_image": upload(client, png_bytes(init)), "vae_encode": "tiny"})
+    shows_the_api_image(page, client, body, params)
+    page.select_option("#vae_encode", "full")
+    page.click("#results button:text('Reuse parameters')")  # the infotext's "Tiny VAE encode" selects it again
+    assert page.input_value("#vae_encode") == "tiny"
+    page.select_option("#mode", "txt2img")
+
+    ctx, pg = page_without(browser, server, "tiny_vae_encoder")
+    assert pg.eval_on_selector("#vae_encode option[value=tiny]", "o => o.disabled") is True
+    assert pg.eval_on_selector("#vae_decode option[value=tiny]", "o => o.disabled") is False
+    assert "no encoder" in pg.text_content("#vae_encode option[value=tiny]")
     ctx.close()
 
 

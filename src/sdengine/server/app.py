@@ -419,10 +419,21 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         folder = BUILTIN_SD.get(ref, Path(ref))
         return config.tiny_vae is not None or (Path(folder) / TINY_VAE_FOLDER / "config.json").is_file()
 
+    def has_tiny_encoder(ref: str) -> bool:
+        """Whether jobs on this model may ask for vae_encode "tiny": the tiny VAE it would get has an encoder."""
+        from sdengine.catalog import TINY_VAE_FOLDER
+        from sdengine.pipeline import BUILTIN_SD
+        from sdengine.weights.tiny_vae_file import tiny_vae_has_encoder
+
+        if config.tiny_vae is not None:
+            return tiny_vae_has_encoder(config.tiny_vae)
+        own = Path(BUILTIN_SD.get(ref, Path(ref))) / TINY_VAE_FOLDER
+        return own.is_dir() and tiny_vae_has_encoder(own)
+
     @app.get("/v1/models", tags=["native", "openai"])
     def models() -> dict[str, Any]:
         """The models jobs may name (OpenAI's list shape; ``current`` marks the default; ``tiny_vae``: it can
-        decode with a tiny VAE)."""
+        decode with a tiny VAE; ``tiny_vae_encoder``: encode with one)."""
         now = int(time.time())
         current = services.options.get("sd_model_checkpoint")
         return {
@@ -436,6 +447,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                     "builtin": e.builtin,
                     "current": e.name == current,
                     "tiny_vae": has_tiny_vae(e.ref),
+                    "tiny_vae_encoder": has_tiny_encoder(e.ref),
                 }
                 for e in catalog.models()
             ],

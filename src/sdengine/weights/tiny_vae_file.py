@@ -20,6 +20,7 @@ config.json is checked against them. Every other key, a missing layer or a shape
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -255,6 +256,27 @@ def load_tiny_vae(
     return model.to(device=torch.device(device), dtype=target).eval().requires_grad_(False)
 
 
+def tiny_vae_has_encoder(path: str | Path) -> bool:
+    """Whether the tiny VAE at ``path`` (any layout :func:`load_tiny_vae` reads) has an encoder; False for what
+    is not a readable tiny VAE. Remembered per file state (path, size, modification time): the files are small
+    and a server asks on every model listing."""
+    p = Path(path)
+    try:
+        files = [f for f in p.iterdir() if f.is_file()] if p.is_dir() else [p]
+        stats = [f.stat() for f in files]
+    except OSError:
+        return False
+    return _has_encoder(str(p), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0))
+
+
+@functools.lru_cache(maxsize=64)
+def _has_encoder(path: str, _size: int, _mtime_ns: int) -> bool:
+    try:
+        return load_tiny_vae(path).encoder is not None
+    except (OSError, ValueError):  # WeightsError and ConfigError are ValueErrors
+        return False
+
+
 def save_tiny_vae(model: TinyAutoencoder, folder: str | Path, *, dtype: str | torch.dtype | None = None) -> Path:
     """Write ``model`` as a diffusers ``AutoencoderTiny`` folder (config.json + safetensors); returns the folder.
     diffusers itself loads such a folder only with both halves."""
@@ -274,4 +296,5 @@ __all__ = [
     "load_tiny_vae",
     "save_tiny_vae",
     "split_halves",
+    "tiny_vae_has_encoder",
 ]

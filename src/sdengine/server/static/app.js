@@ -11,7 +11,7 @@ const SETTINGS_KEY = "sdengine.settings.v1";
 const API_KEY = "sdengine.apiKey";
 const GALLERY_PAGE = 12;
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
-  "height", "batch_size", "clip_skip", "vae_decode", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
+  "height", "batch_size", "clip_skip", "vae_decode", "vae_encode", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
   "cn-weight", "cn-start", "cn-end"];
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform" };
@@ -19,7 +19,7 @@ const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras
   "sgm uniform": "sgm_uniform" };
 
 const state = {
-  samplers: [], sizes: {}, loras: [], tiny: {}, model: null, lastSeed: null, jobId: null, running: false,
+  samplers: [], sizes: {}, loras: [], tiny: {}, tinyEncoder: {}, model: null, lastSeed: null, jobId: null, running: false,
   initBlob: null, controlBlob: null, galleryOffset: 0, galleryTotal: 0, resultUrls: [], galleryUrls: [],
 };
 
@@ -130,6 +130,7 @@ const ERROR_FIELDS = [
   [/\bseed\b/i, "seed"],
   [/batch/i, "batch_size"],
   [/clip_skip|clip skip/i, "clip_skip"],
+  [/vae_encode|tiny VAE with an encoder/i, "vae_encode"],
   [/vae_decode|tiny VAE/i, "vae_decode"],
   [/\bmodel\b/i, "model"],
   [/negative_prompt/i, "negative_prompt"],
@@ -231,6 +232,7 @@ async function loadPickers() {
   model.replaceChildren();
   for (const m of models.data) option(model, m.id);
   state.tiny = Object.fromEntries(models.data.map((m) => [m.id, Boolean(m.tiny_vae)]));
+  state.tinyEncoder = Object.fromEntries(models.data.map((m) => [m.id, Boolean(m.tiny_vae_encoder)]));
   const current = models.data.find((m) => m.current);
   if (current) model.value = current.id;
   state.samplers = samplers.samplers;
@@ -334,6 +336,7 @@ function applyInfotext(text) {
   if (f["Mask blur"]) put("mask_blur", parseFloat(f["Mask blur"]));
   put("clip_skip", f["Clip skip"] ? parseInt(f["Clip skip"], 10) : 1); // A1111 writes it only when > 1
   put("vae_decode", f["Tiny VAE"] ? "tiny" : "full"); // sdengine names the tiny VAE when it decoded
+  put("vae_encode", f["Tiny VAE encode"] ? "tiny" : "full"); // and when it encoded the init image
   if (f.Model) put("model", f.Model);
   saveSettings();
   return set;
@@ -355,6 +358,7 @@ function updateMode() {
   $("mask_blur").closest(".field").hidden = !inpaint;
   $("mask-canvas").hidden = !inpaint;
   $("strength").closest(".field").hidden = mode === "txt2img";
+  $("vae_encode").closest(".field").hidden = mode === "txt2img"; // only an init image is encoded
 }
 
 function setInitImage(blob, mode) {
@@ -435,6 +439,7 @@ async function buildRequest() {
   if (mode !== "txt2img") {
     if (!state.initBlob) throw new ApiError(400, "pick or drop an init image, or choose text to image", "init_image");
     body.strength = number("strength", "Strength", false);
+    body.vae_encode = $("vae_encode").value;
     body.init_image = await upload(state.initBlob, "init_image");
     if (mode === "inpaint") {
       if (!painter.painted) throw new ApiError(400, "paint the area to repaint on the image first", "mask");
@@ -738,13 +743,17 @@ function install() {
   updateMode();
 }
 
-// The "Tiny VAE" decoder is offered only for a model that has one (GET /v1/models says which).
+// The "Tiny VAE" decoder and encoder are offered only for a model that has them (GET /v1/models says which).
 function fitDecoder() {
-  const has = state.tiny[$("model").value] === true;
-  const tiny = $("vae_decode").querySelector("option[value=tiny]");
-  tiny.disabled = !has;
-  tiny.textContent = has ? "Tiny VAE (fast)" : "Tiny VAE (this model has none)";
-  if (!has && $("vae_decode").value === "tiny") $("vae_decode").value = "full";
+  for (const [id, has, none] of [
+    ["vae_decode", state.tiny[$("model").value] === true, "Tiny VAE (this model has none)"],
+    ["vae_encode", state.tinyEncoder[$("model").value] === true, "Tiny VAE (this model's has no encoder)"],
+  ]) {
+    const tiny = $(id).querySelector("option[value=tiny]");
+    tiny.disabled = !has;
+    tiny.textContent = has ? "Tiny VAE (fast)" : none;
+    if (!has && $(id).value === "tiny") $(id).value = "full";
+  }
 }
 
 async function start() {
