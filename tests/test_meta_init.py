@@ -31,16 +31,18 @@ def test_meta_tensors_are_left_alone_and_real_ones_still_initialised():
 
 
 def test_other_threads_are_not_affected():
-    seen: list[torch.Tensor] = []
+    seen: list[tuple[int, torch.Tensor]] = []
 
-    def other() -> None:
-        seen.append(torch.zeros(2).fill_(7.0))
+    def other() -> None:  # a server thread computing meanwhile: no mode of ours in its way
+        seen.append((torch._C._len_torch_function_stack(), torch.zeros(2).fill_(7.0)))
 
     with skip_meta_init():
+        assert torch._C._len_torch_function_stack() == 1
         th = threading.Thread(target=other)
         th.start()
         th.join(timeout=30)
-    assert len(seen) == 1 and torch.equal(seen[0], torch.full((2,), 7.0))
+    assert len(seen) == 1 and seen[0][0] == 0 and torch.equal(seen[0][1], torch.full((2,), 7.0))
+    assert torch._C._len_torch_function_stack() == 0  # and the mode is gone once the block ends
 
 
 def test_loading_a_model_does_not_import_the_compiler(tiny_sd1_folder):
