@@ -233,3 +233,15 @@ class Decoders:
     def decode_tiny(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) diffusion latents -> (B, 3, H, W) images in [-1, 1]."""
         return self.tiny.decode(latents).sample
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images in [-1, 1] -> the posterior mean as the diffusion model sees it (scaled)."""
+        z = self.vae.encode(images).latent_dist.mean
+        shift = getattr(self.vae.config, "shift_factor", None)
+        if shift:
+            z = z - shift
+        return z * self.vae.config.scaling_factor
+
+    def encode_tiny(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images in [-1, 1] -> the diffusion model's latents."""
+        return self.tiny.encode(images).latents

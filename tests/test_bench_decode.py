@@ -120,6 +120,43 @@ def test_cli_writes_the_json_report(workdir, tmp_path, capsys, keep_threads):
     assert raw["tiny_config"]["decoder_blocks"] == [3, 1]
 
 
+def test_encoders_agree_with_diffusers_too(workdir, tmp_path, capsys, keep_threads):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "both.json"
+    args = ["--threads", "1", "bench", "--random", "tiny", "--workdir", str(workdir), "--decoders", "--encoders"]
+    assert main([*args, "--batch", "2", "--repeats", "1", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "VAE encode" in table and "tiny VAE encode" in table and "tiny / full encode (sdengine): " in table
+    raw = json.loads(out.read_text())
+    assert set(raw["decoders"]) == {"vae", "tiny_vae"} and set(raw["encoders"]) == {"vae_encode", "tiny_vae_encode"}
+    for row in raw["encoders"].values():
+        assert row["output_shape"] == [2, 4, 16, 16]  # latents of the 2x VAE
+        assert row["max_abs_vs_diffusers"] < 1e-4
+    enc = raw["encoders"]
+    speedup = enc["vae_encode"]["sdengine"]["median_s"] / enc["tiny_vae_encode"]["sdengine"]["median_s"]
+    assert raw["tiny_encode_speedup_vs_full"] == pytest.approx(speedup)
+    # the latents are the VAE's own: sdengine's pipeline encoder gives the same posterior mean
+    report = bench_decode.run_decoders(
+        workdir / "random-tiny", model="tiny", workdir=workdir, repeats=1, encoders=True, compare=None
+    )
+    ours = report.outputs["vae_encode sdengine"]
+    assert ours.shape == (1, 4, 16, 16) and float(np.abs(ours).max()) > 0.01
+    # without --decoders, and a decoder-only tiny VAE: one line each
+    assert main(["bench", "--random", "tiny", "--workdir", str(workdir), "--encoders"]) == 2
+    assert "--encoders is an option of --decoders" in capsys.readouterr().err
+    dec = bench_decode.random_tiny_vae(4, 3, 2)
+    dec_only = tmp_path / "taesd_decoder.safetensors"
+    state = {}
+    for k, v in dec.state_dict().items():
+        if k.startswith("decoder.layers."):
+            n, rest = k.removeprefix("decoder.layers.").split(".", 1)
+            state[f"{int(n) + 1}.{rest}"] = v  # TAESD's own decoder file: index 0 is its clamp
+    save_safetensors(state, dec_only)
+    assert main([*args[2:], "--tiny-vae", str(dec_only)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no encoder" in err, err
+
+
 def test_compare_none_times_sdengine_alone(workdir, capsys, keep_threads):
     args = ["--threads", "1", "bench", "--random", "tiny", "--workdir", str(workdir), "--decoders"]
     assert main([*args, "--compare", "none", "--repeats", "1"]) == 0

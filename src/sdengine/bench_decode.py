@@ -18,8 +18,13 @@ decode, each against diffusers' equivalent on the same weights, in one run.
 * Timing, as :func:`sdengine.bench.interleaved`: one warm-up call each (its output kept), then ``repeats`` timed
   calls, the two engines of a pair taking turns; medians, all in ``torch.inference_mode()``. Times only: no
   FLOP counts.
-* Agreement: the max absolute difference of sdengine's and diffusers' outputs (images in [-1, 1]) for each
-  pair; and the mean absolute difference of sdengine's full and tiny decodes, only reported (with random weights
+* With ``encoders`` (``--encoders``), the other direction too: images ``torch.rand(batch, 3, size, size) * 2 - 1``
+  from the same seed, encoded by sdengine's VAE (:func:`sdengine.vae_utils.encode_moments`, tiling off: the
+  posterior mean, scaled as the diffusion model sees it) against diffusers' ``vae.encode(x).latent_dist.mean``
+  times the scaling factor, and by the tiny VAE's encoder against ``AutoencoderTiny.encode(x).latents`` (the
+  tiny VAE must then have an encoder).
+* Agreement: the max absolute difference of sdengine's and diffusers' outputs (images in [-1, 1], latents) for
+  each pair; and the mean absolute difference of sdengine's full and tiny decodes, only reported (with random weights
   it says nothing about the tiny decoder's quality).
 
 diffusers is only reached through ``benchmarks/peer_diffusers.py`` (:func:`sdengine.bench.peer_module`). torch is
@@ -41,7 +46,13 @@ TINY_CHANNELS = 64  # TAESD's width at every level
 TINY_STD = 0.05  # the random tiny VAE's weights: N(0, TINY_STD)
 TINY_SEED = 0
 PAIRS = ("vae", "tiny_vae")
-ROW_NAMES = {"vae": "VAE decode", "tiny_vae": "tiny VAE decode"}
+ENCODER_PAIRS = ("vae_encode", "tiny_vae_encode")
+ROW_NAMES = {
+    "vae": "VAE decode",
+    "tiny_vae": "tiny VAE decode",
+    "vae_encode": "VAE encode",
+    "tiny_vae_encode": "tiny VAE encode",
+}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -186,6 +197,13 @@ class DecodeReport:
         """sdengine's full decode median / its tiny decode median (above 1: the tiny one is faster)."""
         return self.pairs["vae"].sdengine.median_s / self.pairs["tiny_vae"].sdengine.median_s
 
+    @property
+    def tiny_encode_speedup(self) -> float | None:
+        """The same for the encoders (None without ``--encoders``)."""
+        if "vae_encode" not in self.pairs:
+            return None
+        return self.pairs["vae_encode"].sdengine.median_s / self.pairs["tiny_vae_encode"].sdengine.median_s
+
     def note(self) -> str:
         quality = (
             "random weights, so it says nothing about the tiny VAE's quality"
@@ -212,8 +230,10 @@ class DecodeReport:
             "tiny_vae": self.tiny_vae,
             "tiny_config": self.tiny_config,
             "random_weights": self.random_weights,
-            "decoders": {k: p.to_json() for k, p in self.pairs.items()},
+            "decoders": {k: p.to_json() for k, p in self.pairs.items() if k in PAIRS},
+            "encoders": {k: p.to_json() for k, p in self.pairs.items() if k in ENCODER_PAIRS} or None,
             "tiny_speedup_vs_full": self.tiny_speedup,
+            "tiny_encode_speedup_vs_full": self.tiny_encode_speedup,
             "full_vs_tiny_mean_abs": self.full_vs_tiny_mean_abs,
             "note": self.note(),
         }
@@ -222,8 +242,9 @@ class DecodeReport:
         b, c, h, w = self.latent_shape
         cfg = self.tiny_config
         lines = [
-            f"{self.model}: VAE decoders, {self.size}x{self.size} (latents {c}x{h}x{w}), batch {b}, "
-            f"{self.dtype} {self.device}, both engines decode the whole batch in one call",
+            f"{self.model}: VAE {'decoders and encoders' if self.tiny_encode_speedup else 'decoders'}, "
+            f"{self.size}x{self.size} (latents {c}x{h}x{w}), batch {b}, {self.dtype} {self.device}, both engines "
+            "take the whole batch in one call",
             f"threads: {self.threads}; warm-up + {self.repeats} interleaved repeats, medians; "
             f"load at start: {self.load}",
             f"tiny VAE: {self.tiny_vae} ({cfg['decoder_channels'][0]} channels, decoder blocks "
@@ -239,6 +260,10 @@ class DecodeReport:
             "ratio: diffusers s / sdengine s (above 1: sdengine is faster)",
             f"tiny / full (sdengine): {self.tiny_speedup:.2f}x faster"
             + (" (below 1: the tiny decode is the slower one here)" if self.tiny_speedup < 1 else ""),
+        ]
+        if self.tiny_encode_speedup is not None:
+            lines.append(f"tiny / full encode (sdengine): {self.tiny_encode_speedup:.2f}x faster")
+        lines += [
             "note: " + self.note(),
         ]
         return "\n".join(lines)
@@ -274,6 +299,7 @@ def run_decoders(
     tiny_vae: str | Path | None = None,
     compare: str | None = "diffusers",
     random_model: bool = False,
+    encoders: bool = False,
 ) -> DecodeReport:
     """The bench: see the module docstring. ``workdir``: where the tiny VAE's diffusers folder is written;
     ``random_model``: the folder's weights are random (the note on the full-vs-tiny difference says so)."""
@@ -309,6 +335,8 @@ def run_decoders(
         tiny = random_tiny_vae(latent_c, image_c, factor)
         source = f"random TAESD architecture, N(0, {TINY_STD}), seed {TINY_SEED}"
     tiny_cfg = tiny.config
+    if encoders and not tiny_cfg.has_encoder:
+        raise BenchError(f"--encoders: the tiny VAE {source} has no encoder (give its taesd_encoder beside it)")
     tiny_config = {
         "latent_channels": tiny_cfg.latent_channels,
         "image_channels": tiny_cfg.image_channels,
@@ -346,10 +374,35 @@ def run_decoders(
 
         engines["vae"]["diffusers VAE"] = theirs_full
         engines["tiny_vae"]["diffusers tiny VAE"] = theirs_tiny
+    if encoders:
+        pixels = torch.rand(batch, image_c, size, size, generator=g) * 2 - 1
+
+        def ours_encode() -> np.ndarray:
+            with torch.inference_mode():
+                return vae.scale_latents(vae_utils.encode_moments(vae, pixels, tiled=False).mean).numpy()
+
+        def ours_tiny_encode() -> np.ndarray:
+            with torch.inference_mode():
+                return tiny.encode(pixels).float().numpy()  # type: ignore[no-any-return]
+
+        engines["vae_encode"] = {"sdengine VAE encode": ours_encode}
+        engines["tiny_vae_encode"] = {"sdengine tiny VAE encode": ours_tiny_encode}
+        if compare == "diffusers":
+
+            def theirs_encode() -> np.ndarray:
+                with torch.inference_mode():
+                    return peer.encode(pixels).float().numpy()  # type: ignore[no-any-return]
+
+            def theirs_tiny_encode() -> np.ndarray:
+                with torch.inference_mode():
+                    return peer.encode_tiny(pixels).float().numpy()  # type: ignore[no-any-return]
+
+            engines["vae_encode"]["diffusers VAE encode"] = theirs_encode
+            engines["tiny_vae_encode"]["diffusers tiny VAE encode"] = theirs_tiny_encode
 
     pairs: dict[str, DecoderPair] = {}
     outputs: dict[str, np.ndarray] = {}
-    for key in PAIRS:
+    for key in (*PAIRS, *(ENCODER_PAIRS if encoders else ())):
         times, images = interleaved(engines[key], repeats)
         ours_name, *theirs_name = list(engines[key])
         pair = DecoderPair(ROW_NAMES[key], times[ours_name], output_shape=list(images[ours_name].shape))

@@ -133,6 +133,8 @@ def _decoders_mode(a: argparse.Namespace) -> bool:
     if not getattr(a, "decoders", False):
         if getattr(a, "tiny_vae", None) is not None:
             raise BenchError("--tiny-vae is an option of --decoders")
+        if getattr(a, "encoders", False):
+            raise BenchError("--encoders is an option of --decoders")
         return False
     for flag, bad in (
         ("--scaling", a.scaling),
@@ -162,6 +164,7 @@ def _run_decoders(a: argparse.Namespace, folder: Path, name: str, workdir: Path)
         tiny_vae=a.tiny_vae,
         compare=None if a.compare == "none" else a.compare,
         random_model=a.random is not None,
+        encoders=a.encoders,
     )
     print(report.table())
     if a.json:
@@ -276,6 +279,12 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--decoders",
         action="store_true",
         help="time the latents-to-pixels decode alone: the VAE and the tiny VAE (TAESD), each against diffusers",
+    )
+    p.add_argument(
+        "--encoders",
+        action="store_true",
+        help="--decoders: time the encoders too (images to latents: the VAE's and the tiny VAE's, each against "
+        "diffusers)",
     )
     p.add_argument(
         "--tiny-vae",
