@@ -30,8 +30,11 @@ SEED = 11
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
+    from sdengine.pipeline import BUILTIN_SD
+
     tmp = tmp_path_factory.mktemp("comfy")
-    with live_server(server_config(tmp, max_queue=8)) as s:
+    # --tiny-vae: the emoji model's own tiny VAE, which VAELoader then offers as "taesd"
+    with live_server(server_config(tmp, max_queue=8, tiny_vae=BUILTIN_SD["emoji"] / "vae_tiny")) as s:
         yield s
 
 
@@ -287,6 +290,29 @@ def test_img2img_and_inpainting_equal_native(client):
     assert np.array_equal(a, b)
     outside = np.asarray(mask) < 128
     assert np.abs(a[outside].astype(int) - np.asarray(picture())[outside]).mean() < 40  # known region kept
+
+
+def test_taesd_from_vae_loader_decodes_and_encodes_as_the_native_api(client):
+    info = client.get("/object_info/VAELoader").json()["VAELoader"]
+    assert info["input"]["required"]["vae_name"][0] == ["taesd"] and info["output"] == ["VAE"]
+    g = txt2img_graph(prompt="a red apple")
+    g["20"] = {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}}
+    g["8"]["inputs"]["vae"] = ["20", 0]
+    rule = {"extra_data": {"sdengine": {"seed_rule": "sdengine"}}}
+    a = comfy_image(client, g, **rule)
+    b = native_image(client, prompt="a red apple", cfg_scale=5.0, vae_decode="tiny")
+    assert np.array_equal(a, b)
+    # img2img with the tiny encoder (and the checkpoint's VAE to decode): the native vae_encode "tiny" image
+    init_id, init_name = upload(client, picture(), "init-taesd.png")
+    g = txt2img_graph(prompt="a red apple", latent=("11", 0), denoise=0.6)
+    g["10"] = {"class_type": "LoadImage", "inputs": {"image": init_name}}
+    g["20"] = {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}}
+    g["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["20", 0]}}
+    a = comfy_image(client, g, **rule)
+    b = native_image(client, prompt="a red apple", cfg_scale=5.0, init_image=init_id, strength=0.6, vae_encode="tiny")
+    assert np.array_equal(a, b)
+    full = native_image(client, prompt="a red apple", cfg_scale=5.0, init_image=init_id, strength=0.6)
+    assert not np.array_equal(a, full)  # the tiny encoder's latent, not the VAE's
 
 
 def test_controlnet_equal_native(client, plain):

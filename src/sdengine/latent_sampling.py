@@ -142,6 +142,7 @@ def sample_latents(
     denoise: float = 1.0,
     seed_rule: str = "comfyui",
     posterior: tuple[Tensor, Tensor] | None = None,
+    posterior_scaled: bool = False,
     noise_mask: Tensor | None = None,
     loras: Sequence[tuple[Any, float]] = (),
     add_noise: bool = True,
@@ -154,8 +155,10 @@ def sample_latents(
 
     ``positive`` / ``negative``: conditioning entries (several positives are averaged as ComfyUI's
     ConditioningCombine; the first negative is used). ``posterior``: (mean, std) of a VAE encoding, drawn
-    per row under the ``sdengine`` rule. ``noise_mask`` (1 or B, 1, H, W), 1 = repaint: the known region
-    is kept on the init latent's noising path, as the pipeline's inpainting. ``loras``: (path, weight)
+    per row under the ``sdengine`` rule; ``posterior_scaled``: it is in the diffusion model's units (a tiny VAE's
+    encoding), taken back to the VAE's first, as the pipeline's ``vae_encode="tiny"`` does. ``noise_mask``
+    (1 or B, 1, H, W), 1 = repaint: the known region is kept on the init latent's noising path, as the
+    pipeline's inpainting. ``loras``: (path, weight)
     applied to the U-Net for this call only. ``start_at_step`` / ``end_at_step`` / ``add_noise`` /
     ``leftover_noise``: KSamplerAdvanced's window of a ``steps``-step schedule. ``callback`` returning
     False raises :class:`SamplingStopped`.
@@ -184,6 +187,9 @@ def sample_latents(
     gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(b)]
     if seed_rule == "sdengine" and posterior is not None:
         mean, std = (t.float().to(dev) for t in posterior)
+        if posterior_scaled:
+            vae_dtype = next(pipe.vae.parameters()).dtype
+            mean, std = pipe.vae.unscale_latents(mean).to(vae_dtype).float(), std / pipe.vae.config.scaling_factor
         rows = []
         for i, g in enumerate(gens):
             m, s = mean[i % mean.shape[0]][None], std[i % std.shape[0]][None]

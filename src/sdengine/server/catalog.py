@@ -44,8 +44,10 @@ class Catalog:
         loras_dir: Path | None,
         controlnets_dir: Path | None,
         startup_model: str = "emoji",
+        tiny_vae: Path | None = None,
     ) -> None:
         self.models_dir = models_dir
+        self.tiny_vae = tiny_vae  # the server's --tiny-vae: ComfyUI's VAELoader offers it as "taesd"
         self.loras_dir = loras_dir
         self.controlnets_dir = controlnets_dir
         self.extra_models: dict[str, str] = {}

@@ -31,10 +31,14 @@ def builtin_object_info() -> dict[str, Any]:
         return r.json()
 
 
-def _spec(spec: list[Any]) -> tuple[str, str]:
+# What an input's choices are when the documented server (built-ins only, no --tiny-vae) lists none
+EMPTY_CHOICES = {"vae_name": "`taesd` when the server runs with `--tiny-vae`"}
+
+
+def _spec(spec: list[Any], name: str = "") -> tuple[str, str]:
     kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
     if isinstance(kind, list):
-        shown = ", ".join(f"`{c}`" for c in kind) if kind else "files in the input folder"
+        shown = ", ".join(f"`{c}`" for c in kind) if kind else EMPTY_CHOICES.get(name, "files in the input folder")
         return "choice", shown + (f" (default `{opts['default']}`)" if "default" in opts else "")
     parts = []
     if "default" in opts:
@@ -65,7 +69,7 @@ def render_nodes(info: dict[str, Any]) -> str:
         out.append("|---|---|---|")
         for group in ("required", "optional"):
             for iname, spec in node["input"].get(group, {}).items():
-                kind, rest = _spec(spec)
+                kind, rest = _spec(spec, iname)
                 out.append(f"| `{iname}`{' (optional)' if group == 'optional' else ''} | {kind} | {rest} |")
         outs = (
             ", ".join(

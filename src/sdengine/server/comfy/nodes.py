@@ -6,9 +6,11 @@ for output nodes). Every function maps onto the engine's own public functions: t
 encoding, :func:`sdengine.latent_sampling.sample_latents` (the engine's samplers), :mod:`sdengine.vae_utils`,
 :mod:`sdengine.control` and LoRA application. Values passed between nodes:
 
-* MODEL / CLIP / VAE: handles naming the loaded checkpoint (plus LoRAs and clip skip), never a copy of it;
+* MODEL / CLIP / VAE: handles naming the loaded checkpoint (plus LoRAs and clip skip), never a copy of it (a VAE
+  handle may also name the server's tiny VAE, VAELoader's "taesd");
 * CONDITIONING: a list of :class:`sdengine.latent_sampling.TextCondition`;
-* LATENT: ``{"samples": (B, C, h, w) | None, "size": (B, H, W), "posterior": (mean, std) | None,
+* LATENT: ``{"samples": (B, C, h, w) | None, "size": (B, H, W), "posterior": (mean, std) | None (with
+  ``"posterior_scaled": True`` when it is a tiny VAE's, in the diffusion model's units),
   "noise_mask": (B, 1, H, W) | None}``; ``samples`` None is an empty latent, made once the model (and so its
   VAE factor) is known;
 * IMAGE: float (B, H, W, 3) in [0, 1] on the CPU; MASK: float (B, H, W), 1 = repaint.
@@ -115,6 +117,13 @@ class VaeHandle:
     ref: str
 
 
+@dataclass(frozen=True)
+class TinyVaeHandle:
+    """VAELoader's "taesd": the server's tiny VAE (``--tiny-vae``), which works on any model's latents it fits."""
+
+    path: str
+
+
 @dataclass
 class Outputs:
     """Where nodes read and write files (``/view`` types)."""
@@ -146,6 +155,7 @@ class RunContext:
     max_steps: int = 150  # the server's limits (ServerConfig), checked when the node runs
     max_side: int = 2048
     max_batch: int = 8
+    device: str = "cpu"  # the worker's: where networks that belong to no pipeline (the tiny VAE) run
 
     def check_size(self, width: int, height: int, batch: int = 1) -> None:
         if max(width, height) > self.max_side:
@@ -180,6 +190,13 @@ def _loras(env: Any) -> list[str]:
 
 def _controlnets(env: Any) -> list[str]:
     return [e.name for e in env.catalog.controlnets()]
+
+
+TAESD_NAME = "taesd"  # ComfyUI's name for the tiny VAE of SD 1.x/2.x latents
+
+
+def _vaes(env: Any) -> list[str]:
+    return [TAESD_NAME] if getattr(env.catalog, "tiny_vae", None) is not None else []
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -226,6 +243,24 @@ def checkpoint_loader(ctx: RunContext, ckpt_name: str) -> tuple[Any, ...]:
     ref = ctx.catalog.resolve_model(ckpt_name)
     ctx.pipeline(ref)  # load now, so that a broken model fails at this node
     return ModelHandle(ref), ClipHandle(ref), VaeHandle(ref)
+
+
+def vae_loader(ctx: RunContext, vae_name: str) -> tuple[Any]:
+    path = getattr(ctx.catalog, "tiny_vae", None)
+    if vae_name != TAESD_NAME or path is None:
+        raise NodeError(f"VAE {vae_name!r}: this server loads no VAE files; 'taesd' is its --tiny-vae when it has one")
+    _tiny_vae(ctx, TinyVaeHandle(str(path)))  # load now, so that a broken file fails at this node
+    return (TinyVaeHandle(str(path)),)
+
+
+def _tiny_vae(ctx: RunContext, handle: TinyVaeHandle) -> Any:
+    from sdengine.errors import SdengineError
+    from sdengine.weights.tiny_vae_file import load_tiny_vae
+
+    try:
+        return load_tiny_vae(handle.path, device=ctx.device).eval().requires_grad_(False)
+    except (OSError, SdengineError) as e:
+        raise NodeError(f"taesd: {e}") from None
 
 
 def lora_loader(
@@ -353,6 +388,7 @@ def _sample(
         denoise=float(denoise),
         seed_rule=ctx.seed_rule,
         posterior=latent_image.get("posterior"),
+        posterior_scaled=bool(latent_image.get("posterior_scaled")),
         noise_mask=latent_image.get("noise_mask"),
         loras=model.loras,
         callback=report,
@@ -395,9 +431,11 @@ def ksampler_advanced(
 # ------------------------------------------------------------------------------------------------ VAE
 
 
-def vae_decode(ctx: RunContext, samples: dict[str, Any], vae: VaeHandle) -> tuple[Any]:
+def vae_decode(ctx: RunContext, samples: dict[str, Any], vae: VaeHandle | TinyVaeHandle) -> tuple[Any]:
     from sdengine import vae_utils
 
+    if isinstance(vae, TinyVaeHandle):
+        return (_tiny_decode(ctx, samples, vae),)
     pipe = ctx.pipeline(vae.ref)
     z = latent_samples(samples, pipe).to(pipe.device)
     out = []
@@ -408,18 +446,70 @@ def vae_decode(ctx: RunContext, samples: dict[str, Any], vae: VaeHandle) -> tupl
     return (torch.cat(out).permute(0, 2, 3, 1).contiguous(),)
 
 
-def _encode(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle) -> dict[str, Any]:
+def _tiny_decode(ctx: RunContext, samples: dict[str, Any], vae: TinyVaeHandle) -> torch.Tensor:
     from sdengine import vae_utils
 
-    pipe = ctx.pipeline(vae.ref)
-    f = pipe.vae_scale_factor
+    tiny = _tiny_vae(ctx, vae)
+    cfg = tiny.config
+    if tiny.decoder is None:
+        raise NodeError("taesd: the server's tiny VAE has no decoder")
+    z = samples.get("samples")
+    if z is None:
+        b, h, w = samples["size"]
+        z = torch.zeros(b, cfg.latent_channels, h // cfg.downscale_factor, w // cfg.downscale_factor)
+    if z.shape[1] != cfg.latent_channels:
+        raise NodeError(f"taesd decodes {cfg.latent_channels}-channel latents, these have {z.shape[1]}")
+    out = []
+    with torch.inference_mode():
+        for i in range(z.shape[0]):  # one row at a time, as the pipeline's decode_tiny
+            img = tiny.decode(z[i : i + 1].to(ctx.device)).float()
+            out.append(vae_utils.to_unit(img).cpu())
+    return torch.cat(out).permute(0, 2, 3, 1).contiguous()
+
+
+def _tiny_encode(ctx: RunContext, pixels: torch.Tensor, vae: TinyVaeHandle) -> dict[str, Any]:
+    tiny = _tiny_vae(ctx, vae)
+    if tiny.encoder is None:
+        raise NodeError("taesd: the server's tiny VAE has no encoder (give its taesd_encoder beside the decoder)")
+    pixels = _crop_to_factor(pixels, tiny.config.downscale_factor)
     b, h, w, _ = pixels.shape
+    rows = []
+    with torch.inference_mode():
+        for i in range(b):
+            x = pixels[i].float().contiguous().permute(2, 0, 1)[None].to(ctx.device) * 2.0 - 1.0
+            rows.append(tiny.encode(x).float().cpu())
+    z = torch.cat(rows)
+    # The posterior in the diffusion model's units, without spread: KSampler draws each row's eps as for the
+    # VAE's posterior (so the seed's noise is the pipeline's with vae_encode="tiny") and adds nothing.
+    return {
+        "samples": z,
+        "size": (b, h, w),
+        "posterior": (z, torch.zeros_like(z)),
+        "posterior_scaled": True,
+        "noise_mask": None,
+    }
+
+
+def _crop_to_factor(pixels: torch.Tensor, f: int) -> torch.Tensor:
+    """``pixels`` (B, H, W, C) cropped, centred, to a multiple of the VAE factor ``f``, as ComfyUI does."""
+    _, h, w, _ = pixels.shape
     h8, w8 = h // f * f, w // f * f
     if h8 == 0 or w8 == 0:
         raise NodeError(f"an image of {w}x{h} is smaller than the VAE factor {f}")
-    if (h8, w8) != (h, w):  # ComfyUI crops to the VAE factor, centred
+    if (h8, w8) != (h, w):
         y, x = (h % f) // 2, (w % f) // 2
         pixels = pixels[:, y : y + h8, x : x + w8]
+    return pixels
+
+
+def _encode(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle | TinyVaeHandle) -> dict[str, Any]:
+    from sdengine import vae_utils
+
+    if isinstance(vae, TinyVaeHandle):
+        return _tiny_encode(ctx, pixels, vae)
+    pipe = ctx.pipeline(vae.ref)
+    pixels = _crop_to_factor(pixels, pipe.vae_scale_factor)
+    b, h8, w8, _ = pixels.shape
     means, stds = [], []
     with torch.inference_mode():
         for i in range(b):
@@ -434,7 +524,7 @@ def _encode(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle) -> dict[str, 
     return {"samples": samples.cpu(), "size": (b, h8, w8), "posterior": (mean.cpu(), std.cpu()), "noise_mask": None}
 
 
-def vae_encode(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle) -> tuple[Any]:
+def vae_encode(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle | TinyVaeHandle) -> tuple[Any]:
     return (_encode(ctx, pixels, vae),)
 
 
@@ -669,6 +759,15 @@ NODES: dict[str, NodeDef] = {
             ("MODEL", "CLIP", "VAE"),
             checkpoint_loader,
             description="A model from the models folder (or built in).",
+        ),
+        NodeDef(
+            "VAELoader",
+            "Load VAE",
+            "loaders",
+            (_combo("vae_name", _vaes),),
+            ("VAE",),
+            vae_loader,
+            description="'taesd': the server's tiny VAE (serve --tiny-vae), for VAE Decode and VAE Encode.",
         ),
         NodeDef(
             "CLIPTextEncode",

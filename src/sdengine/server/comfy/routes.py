@@ -180,6 +180,7 @@ class ComfyJob(Job):
             max_steps=services.config.max_steps,
             max_side=services.config.max_side,
             max_batch=services.config.max_batch,
+            device=str(worker.device),
         )
         self.event("execution_start", {})
         status, outputs = "success", {}
