@@ -142,6 +142,9 @@ def cli_cases(tmp: Path) -> list[tuple[str, list[str]]]:
         ("--tiny-vae the full VAE", ["heart", "--tiny-vae", str(EMOJI_VAE)]),
         ("--vae a tiny VAE", ["heart", "--vae", str(EMOJI_TINY)]),
         ("--vae-decode tiny (its own)", ["heart", "--vae-decode", "tiny"]),
+        ("--vae-encode tiny (its own)", ["heart", "--init-image", str(init), "--vae-encode", "tiny"]),
+        ("--vae-encode tiny, nothing to encode", ["heart", "--vae-encode", "tiny"]),
+        ("--vae-encode TAESD", ["heart", "--init-image", str(init), "--vae-encode", "TAESD"]),
     ]
 
 
@@ -162,6 +165,9 @@ def api_cases() -> list[tuple[str, dict[str, Any]]]:
         ("api steps 2.5", {"steps": 2.5}),
         ("api vae_decode TAESD", {"vae_decode": "TAESD"}),
         ("api vae_decode list", {"vae_decode": ["tiny"]}),
+        ("api vae_encode TAESD", {"vae_encode": "TAESD"}),
+        ("api vae_encode list", {"vae_encode": ["tiny"]}),
+        ("api vae_encode None", {"vae_encode": None}),
     ]
 
 
