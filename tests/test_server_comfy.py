@@ -15,10 +15,12 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import torch
 import websocket  # websocket-client, what ComfyUI's example uses
 from PIL import Image, ImageDraw
 
@@ -33,9 +35,30 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     from sdengine.pipeline import BUILTIN_SD
 
     tmp = tmp_path_factory.mktemp("comfy")
+    make_vaes_dir(tmp / "vaes")
     # --tiny-vae: the emoji model's own tiny VAE, which VAELoader then offers as "taesd"
-    with live_server(server_config(tmp, max_queue=8, tiny_vae=BUILTIN_SD["emoji"] / "vae_tiny")) as s:
+    config = server_config(tmp, max_queue=8, tiny_vae=BUILTIN_SD["emoji"] / "vae_tiny", vaes_dir=tmp / "vaes")
+    with live_server(config) as s:
         yield s
+
+
+def make_vaes_dir(root: Path) -> Path:
+    """--vaes-dir: the emoji model's VAE folder as it is ("emoji-vae"), and with its last convolution's bias
+    raised ("emoji-vae-bright"), so that a decode through it is told apart; and a file that is not a VAE."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sdengine.pipeline import BUILTIN_SD
+
+    shutil.copytree(BUILTIN_SD["emoji"] / "vae", root / "emoji-vae")
+    shutil.copytree(BUILTIN_SD["emoji"] / "vae", root / "emoji-vae-bright")
+    weights = root / "emoji-vae-bright" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(weights)
+    sd["decoder.conv_out.bias"] = sd["decoder.conv_out.bias"] + 0.3
+    save_file(sd, weights)
+    save_file({"x": torch.zeros(2)}, root / "not-a-vae.safetensors")
+    return root
 
 
 @pytest.fixture()
@@ -294,7 +317,7 @@ def test_img2img_and_inpainting_equal_native(client):
 
 def test_taesd_from_vae_loader_decodes_and_encodes_as_the_native_api(client):
     info = client.get("/object_info/VAELoader").json()["VAELoader"]
-    assert info["input"]["required"]["vae_name"][0] == ["taesd"] and info["output"] == ["VAE"]
+    assert info["input"]["required"]["vae_name"][0][0] == "taesd" and info["output"] == ["VAE"]
     g = txt2img_graph(prompt="a red apple")
     g["20"] = {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}}
     g["8"]["inputs"]["vae"] = ["20", 0]
@@ -313,6 +336,52 @@ def test_taesd_from_vae_loader_decodes_and_encodes_as_the_native_api(client):
     assert np.array_equal(a, b)
     full = native_image(client, prompt="a red apple", cfg_scale=5.0, init_image=init_id, strength=0.6)
     assert not np.array_equal(a, full)  # the tiny encoder's latent, not the VAE's
+
+
+def test_vae_files_from_vae_loader(client, server, plain):
+    import sdengine
+
+    names = client.get("/object_info/VAELoader").json()["VAELoader"]["input"]["required"]["vae_name"][0]
+    assert names == ["taesd", "emoji-vae", "emoji-vae-bright", "not-a-vae.safetensors"]
+    rule = {"extra_data": {"sdengine": {"seed_rule": "sdengine"}}}
+    g = txt2img_graph(prompt="a red apple")
+    g["20"] = {"class_type": "VAELoader", "inputs": {"vae_name": "emoji-vae"}}
+    g["8"]["inputs"]["vae"] = ["20", 0]
+    assert np.array_equal(comfy_image(client, g, **rule), plain)  # the checkpoint's own VAE, from a folder
+    g["20"]["inputs"]["vae_name"] = "emoji-vae-bright"
+    bright = comfy_image(client, g, **rule)
+    assert bright.mean() > plain.mean() + 10  # decoded by that file's weights
+    # img2img encoded and decoded by the file's VAE: the Python API with vae= gives the same image
+    init_id, init_name = upload(client, picture(), "init-vae.png")
+    g = txt2img_graph(prompt="a red apple", latent=("11", 0), denoise=0.6)
+    g["10"] = {"class_type": "LoadImage", "inputs": {"image": init_name}}
+    g["20"] = {"class_type": "VAELoader", "inputs": {"vae_name": "emoji-vae-bright"}}
+    g["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["20", 0]}}
+    g["8"]["inputs"]["vae"] = ["20", 0]
+    a = comfy_image(client, g, **rule)
+    pipe = sdengine.load_pipeline("emoji", device="cpu", vae=server.services.config.vaes_dir / "emoji-vae-bright")
+    want = pipe(
+        "a red apple",
+        "",
+        init_image=picture(),
+        strength=0.6,
+        steps=STEPS,
+        seed=SEED,
+        cfg_scale=5.0,
+        sampler="dpmpp_2m",
+        schedule="karras",
+        progress=False,
+    ).images[0]
+    assert np.array_equal(a, np.asarray(want))
+    # a file that is not a VAE fails at its node, in one line
+    g = txt2img_graph(prompt="a red apple")
+    g["20"] = {"class_type": "VAELoader", "inputs": {"vae_name": "not-a-vae.safetensors"}}
+    g["8"]["inputs"]["vae"] = ["20", 0]
+    r = client.post("/prompt", json={"prompt": g})
+    h = wait_history(client, r.json()["prompt_id"])
+    assert h["status"]["status_str"] == "error"
+    err = [m for m in h["status"]["messages"] if m[0] == "execution_error"][0][1]
+    assert err["node_id"] == "20" and "not a VAE" in err["exception_message"], err
 
 
 def test_controlnet_equal_native(client, plain):
@@ -560,3 +629,11 @@ def test_websocket_needs_the_api_key(tmp_path):
             ws.close()
             assert first["type"] == "status" and first["data"]["sid"] == "abc"
         assert httpx.post(f"{s.url}/prompt", json={"prompt": {}}).status_code == 401
+
+
+def test_vaes_dir_must_be_a_folder(tmp_path, capsys):
+    from sdengine.cli import main
+
+    assert main(["serve", "--vaes-dir", str(tmp_path / "nowhere"), "--port", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--vaes-dir" in err and "not a folder" in err, err

@@ -24,6 +24,7 @@ def run(a: argparse.Namespace) -> int:
         ("--models-dir", a.models_dir),
         ("--loras-dir", a.loras_dir),
         ("--controlnets-dir", a.controlnets_dir),
+        ("--vaes-dir", a.vaes_dir),
         ("--embeddings-dir", a.embeddings_dir),
     ):
         if d is not None and not Path(d).is_dir():
@@ -43,6 +44,7 @@ def run(a: argparse.Namespace) -> int:
         models_dir=Path(a.models_dir) if a.models_dir else None,
         loras_dir=Path(a.loras_dir) if a.loras_dir else None,
         controlnets_dir=Path(a.controlnets_dir) if a.controlnets_dir else None,
+        vaes_dir=Path(a.vaes_dir) if a.vaes_dir else None,
         embeddings_dir=Path(a.embeddings_dir) if a.embeddings_dir else None,
         outputs_dir=Path(a.outputs_dir),
         api_key=api_key,
@@ -96,6 +98,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--models-dir", default=None, help="folder of models requests may name")
     p.add_argument("--loras-dir", default=None, help="folder of LoRAs requests may name")
     p.add_argument("--controlnets-dir", default=None, help="folder of ControlNets requests may name")
+    p.add_argument(
+        "--vaes-dir", default=None, help="folder of VAE .safetensors files and folders ComfyUI's VAELoader may name"
+    )
     p.add_argument("--embeddings-dir", default=None, help="textual-inversion embeddings, used by file name in prompts")
     p.add_argument("--outputs-dir", default="outputs", help="where images are saved (and served from)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $SDENGINE_API_KEY)")

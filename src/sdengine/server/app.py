@@ -106,7 +106,14 @@ def default_loader(
 
 def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: bool = True) -> FastAPI:
     """The server for ``config``. ``preload``: each worker loads the default model at start."""
-    catalog = Catalog(config.models_dir, config.loras_dir, config.controlnets_dir, config.model, config.tiny_vae)
+    catalog = Catalog(
+        config.models_dir,
+        config.loras_dir,
+        config.controlnets_dir,
+        config.model,
+        tiny_vae=config.tiny_vae,
+        vaes_dir=config.vaes_dir,
+    )
     config.model = catalog.startup_name
     manager = JobManager(
         loader=loader

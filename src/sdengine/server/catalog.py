@@ -45,9 +45,11 @@ class Catalog:
         controlnets_dir: Path | None,
         startup_model: str = "emoji",
         tiny_vae: Path | None = None,
+        vaes_dir: Path | None = None,
     ) -> None:
         self.models_dir = models_dir
         self.tiny_vae = tiny_vae  # the server's --tiny-vae: ComfyUI's VAELoader offers it as "taesd"
+        self.vaes_dir = vaes_dir
         self.loras_dir = loras_dir
         self.controlnets_dir = controlnets_dir
         self.extra_models: dict[str, str] = {}
@@ -167,6 +169,31 @@ class Catalog:
                 pass
         have = ", ".join(e.name for e in self.controlnets())
         raise BadRequest(f"unknown ControlNet {name!r}; available: {have}")
+
+    # -- VAEs (ComfyUI's VAELoader) --------------------------------------------------------------------------
+
+    def vaes(self) -> list[Entry]:
+        """The VAE files (``.safetensors``) and diffusers VAE folders (with ``config.json``) in ``--vaes-dir``,
+        listed by their file name, as ComfyUI lists its ``models/vae``."""
+        out: list[Entry] = []
+        if self.vaes_dir is not None and self.vaes_dir.is_dir():
+            root = self.vaes_dir.resolve()
+            for p in sorted(self.vaes_dir.iterdir()):
+                if p.name.startswith(".") or not p.resolve().is_relative_to(root):
+                    continue
+                if (p.is_dir() and (p / "config.json").is_file()) or (p.is_file() and p.suffix == ".safetensors"):
+                    out.append(Entry(p.name, str(p.resolve()), False))
+        return out
+
+    def resolve_vae(self, name: str) -> Path:
+        name = strip_title(name)
+        if self.vaes_dir is not None:
+            try:
+                return self._safetensors_inside(self.vaes_dir, name, "VAE", folders=True)
+            except FileNotFoundError:
+                pass
+        have = ", ".join(e.name for e in self.vaes()) or "none (serve --vaes-dir DIR lists them)"
+        raise BadRequest(f"unknown VAE {name!r}; available: {have}")
 
     @staticmethod
     def _safetensors_inside(root: Path, name: str, what: str, folders: bool = False) -> Path:

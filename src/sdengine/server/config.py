@@ -16,6 +16,7 @@ class ServerConfig:
     models_dir: Path | None = None
     loras_dir: Path | None = None
     controlnets_dir: Path | None = None
+    vaes_dir: Path | None = None  # VAE files and folders ComfyUI's VAELoader may name
     embeddings_dir: Path | None = None  # textual-inversion embeddings, used by name in prompts
     outputs_dir: Path = Path("outputs")
     api_key: str | None = None

@@ -19,6 +19,8 @@ encoding, :func:`sdengine.latent_sampling.sample_latents` (the engine's samplers
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -118,6 +120,13 @@ class VaeHandle:
 
 
 @dataclass(frozen=True)
+class VaeFileHandle:
+    """VAELoader's file: a VAE from ``--vaes-dir`` (a ``.safetensors`` file or a diffusers folder)."""
+
+    path: str
+
+
+@dataclass(frozen=True)
 class TinyVaeHandle:
     """VAELoader's "taesd": the server's tiny VAE (``--tiny-vae``), which works on any model's latents it fits."""
 
@@ -196,7 +205,8 @@ TAESD_NAME = "taesd"  # ComfyUI's name for the tiny VAE of SD 1.x/2.x latents
 
 
 def _vaes(env: Any) -> list[str]:
-    return [TAESD_NAME] if getattr(env.catalog, "tiny_vae", None) is not None else []
+    taesd = [TAESD_NAME] if getattr(env.catalog, "tiny_vae", None) is not None else []
+    return taesd + [e.name for e in env.catalog.vaes()]
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -246,11 +256,49 @@ def checkpoint_loader(ctx: RunContext, ckpt_name: str) -> tuple[Any, ...]:
 
 
 def vae_loader(ctx: RunContext, vae_name: str) -> tuple[Any]:
-    path = getattr(ctx.catalog, "tiny_vae", None)
-    if vae_name != TAESD_NAME or path is None:
-        raise NodeError(f"VAE {vae_name!r}: this server loads no VAE files; 'taesd' is its --tiny-vae when it has one")
-    _tiny_vae(ctx, TinyVaeHandle(str(path)))  # load now, so that a broken file fails at this node
-    return (TinyVaeHandle(str(path)),)
+    tiny = getattr(ctx.catalog, "tiny_vae", None)
+    if vae_name == TAESD_NAME and tiny is not None:
+        tiny_handle = TinyVaeHandle(str(tiny))
+        _tiny_vae(ctx, tiny_handle)  # load now, so that a broken file fails at this node
+        return (tiny_handle,)
+    handle = VaeFileHandle(str(ctx.catalog.resolve_vae(vae_name)))
+    _vae_file(ctx, handle)
+    return (handle,)
+
+
+# VAE files loaded by VAELoader, kept for the next prompts (a few: each is ~80M parameters in float32)
+_VAE_FILES: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_VAE_FILES_LOCK = threading.Lock()
+VAE_FILES_KEPT = 2
+
+
+def _vae_file(ctx: RunContext, handle: VaeFileHandle) -> Any:
+    """The VAE of ``handle`` on the worker's device, in float32 (no half-precision overflow to guard against);
+    loaded once per file state (path, size, modification time) and device."""
+    from sdengine.errors import SdengineError
+    from sdengine.models.vae import AutoencoderKL, VAEConfig
+    from sdengine.weights.loading import build_on_meta, load_vae
+
+    p = Path(handle.path)
+    files = [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
+    stats = [f.stat() for f in files]
+    key = (handle.path, ctx.device, sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0))
+    with _VAE_FILES_LOCK:
+        if key in _VAE_FILES:
+            _VAE_FILES.move_to_end(key)
+            return _VAE_FILES[key]
+    try:
+        sd, cfg = load_vae(p)
+        vcfg = VAEConfig.from_diffusers(cfg)
+        vae = build_on_meta(lambda: AutoencoderKL(vcfg), sd, name=f"VAE {p.name}", dtype=torch.float32)
+    except (OSError, SdengineError) as e:
+        raise NodeError(f"VAE {p.name}: {e}") from None
+    vae = vae.to(ctx.device).eval().requires_grad_(False)
+    with _VAE_FILES_LOCK:
+        _VAE_FILES[key] = vae
+        while len(_VAE_FILES) > VAE_FILES_KEPT:
+            _VAE_FILES.popitem(last=False)
+    return vae
 
 
 def _tiny_vae(ctx: RunContext, handle: TinyVaeHandle) -> Any:
@@ -431,11 +479,13 @@ def ksampler_advanced(
 # ------------------------------------------------------------------------------------------------ VAE
 
 
-def vae_decode(ctx: RunContext, samples: dict[str, Any], vae: VaeHandle | TinyVaeHandle) -> tuple[Any]:
+def vae_decode(ctx: RunContext, samples: dict[str, Any], vae: VaeHandle | VaeFileHandle | TinyVaeHandle) -> tuple[Any]:
     from sdengine import vae_utils
 
     if isinstance(vae, TinyVaeHandle):
         return (_tiny_decode(ctx, samples, vae),)
+    if isinstance(vae, VaeFileHandle):
+        return (_file_decode(ctx, samples, vae),)
     pipe = ctx.pipeline(vae.ref)
     z = latent_samples(samples, pipe).to(pipe.device)
     out = []
@@ -444,6 +494,25 @@ def vae_decode(ctx: RunContext, samples: dict[str, Any], vae: VaeHandle | TinyVa
             img, _ = vae_utils.decode(pipe.vae, z[i : i + 1], upcast=pipe.vae_upcast, warn=False)
             out.append(vae_utils.to_unit(img).float().cpu())
     return (torch.cat(out).permute(0, 2, 3, 1).contiguous(),)
+
+
+def _file_decode(ctx: RunContext, samples: dict[str, Any], handle: VaeFileHandle) -> torch.Tensor:
+    from sdengine import vae_utils
+
+    vae = _vae_file(ctx, handle)
+    c, f = int(vae.config.latent_channels), int(vae.config.downscale_factor)
+    z = samples.get("samples")
+    if z is None:
+        b, h, w = samples["size"]
+        z = torch.zeros(b, c, h // f, w // f)
+    if z.shape[1] != c:
+        raise NodeError(f"VAE {Path(handle.path).name} decodes {c}-channel latents, these have {z.shape[1]}")
+    out = []
+    with torch.inference_mode():
+        for i in range(z.shape[0]):  # one row at a time, as the pipeline
+            img, _ = vae_utils.decode(vae, z[i : i + 1].to(ctx.device), warn=False)
+            out.append(vae_utils.to_unit(img).float().cpu())
+    return torch.cat(out).permute(0, 2, 3, 1).contiguous()
 
 
 def _tiny_decode(ctx: RunContext, samples: dict[str, Any], vae: TinyVaeHandle) -> torch.Tensor:
@@ -502,29 +571,35 @@ def _crop_to_factor(pixels: torch.Tensor, f: int) -> torch.Tensor:
     return pixels
 
 
-def _encode(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle | TinyVaeHandle) -> dict[str, Any]:
-    from sdengine import vae_utils
-
+def _encode(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle | VaeFileHandle | TinyVaeHandle) -> dict[str, Any]:
     if isinstance(vae, TinyVaeHandle):
         return _tiny_encode(ctx, pixels, vae)
+    if isinstance(vae, VaeFileHandle):
+        return _vae_encode_rows(_vae_file(ctx, vae), torch.device(ctx.device), pixels)
     pipe = ctx.pipeline(vae.ref)
-    pixels = _crop_to_factor(pixels, pipe.vae_scale_factor)
+    return _vae_encode_rows(pipe.vae, pipe.device, pixels)
+
+
+def _vae_encode_rows(vae: Any, device: torch.device, pixels: torch.Tensor) -> dict[str, Any]:
+    from sdengine import vae_utils
+
+    pixels = _crop_to_factor(pixels, int(vae.config.downscale_factor))
     b, h8, w8, _ = pixels.shape
     means, stds = [], []
     with torch.inference_mode():
         for i in range(b):
             # One row at a time, laid out as the pipeline lays out its init image (the convolution's
             # rounding depends on the memory layout), so that img2img gives the pipeline's latents.
-            x = pixels[i].float().contiguous().permute(2, 0, 1)[None].to(pipe.device) * 2.0 - 1.0
-            post = vae_utils.encode_moments(pipe.vae, x)
+            x = pixels[i].float().contiguous().permute(2, 0, 1)[None].to(device) * 2.0 - 1.0
+            post = vae_utils.encode_moments(vae, x)
             means.append(post.mean.float())
             stds.append(post.std.float())
         mean, std = torch.cat(means), torch.cat(stds)
-        samples = pipe.vae.scale_latents(mean)
+        samples = vae.scale_latents(mean)
     return {"samples": samples.cpu(), "size": (b, h8, w8), "posterior": (mean.cpu(), std.cpu()), "noise_mask": None}
 
 
-def vae_encode(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle | TinyVaeHandle) -> tuple[Any]:
+def vae_encode(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle | VaeFileHandle | TinyVaeHandle) -> tuple[Any]:
     return (_encode(ctx, pixels, vae),)
 
 
@@ -767,7 +842,8 @@ NODES: dict[str, NodeDef] = {
             (_combo("vae_name", _vaes),),
             ("VAE",),
             vae_loader,
-            description="'taesd': the server's tiny VAE (serve --tiny-vae), for VAE Decode and VAE Encode.",
+            description="A VAE from --vaes-dir, or 'taesd': the server's tiny VAE (--tiny-vae); for VAE Decode and "
+            "VAE Encode.",
         ),
         NodeDef(
             "CLIPTextEncode",
