@@ -40,6 +40,21 @@ def arr(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+def python_img2img(prompt: str, init: Image.Image, **extra):
+    """The Python API's img2img (seed 3, strength 0.5) with the settings the A1111 client sends."""
+    return emoji()(
+        prompt,
+        seed=3,
+        init_image=init,
+        strength=0.5,
+        sampler="dpmpp_2m",
+        schedule="karras",
+        progress=False,
+        **COMMON,
+        **extra,
+    )
+
+
 def gradient() -> Image.Image:
     x = np.linspace(0, 255, 64, dtype=np.uint8)
     return Image.fromarray(
@@ -66,17 +81,7 @@ def test_txt2img_equals_python_api_and_info_is_a1111s(api):
 def test_img2img_and_inpainting_equal_python_api(api):
     init = gradient()
     r = api.img2img(images=[init], prompt="a blue ball", seed=3, denoising_strength=0.5, **COMMON)
-    ref = emoji()(
-        "a blue ball",
-        seed=3,
-        init_image=init,
-        strength=0.5,
-        sampler="dpmpp_2m",
-        schedule="karras",
-        progress=False,
-        **COMMON,
-    )
-    np.testing.assert_array_equal(arr(r.image), arr(ref.images[0]))
+    np.testing.assert_array_equal(arr(r.image), arr(python_img2img("a blue ball", init).images[0]))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (8, 8, 40, 56))
     for invert in (0, 1):
@@ -166,17 +171,7 @@ def test_taesd_decode_method_as_an_option_and_an_override(api):
 
 def test_taesd_encode_method_is_read_and_needs_an_encoder(api):
     init = gradient()
-    want = emoji()(
-        "a ball",
-        seed=3,
-        init_image=init,
-        strength=0.5,
-        sampler="dpmpp_2m",
-        schedule="karras",
-        progress=False,
-        vae_encode="tiny",
-        **COMMON,
-    )
+    want = python_img2img("a ball", init, vae_encode="tiny")
     try:
         assert api.set_options({"sd_vae_encode_method": "TAESD"})["applied"] == ["sd_vae_encode_method"]
         assert api.get_options()["sd_vae_encode_method"] == "TAESD"
