@@ -73,3 +73,13 @@ def is_inside(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> boo
     base = os.path.realpath(root)
     target = os.path.realpath(path)
     return target == base or target.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def file_state(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(total size in bytes, newest modification time in ns) of a file, or of every file under a folder: what a
+    cache of loaded files keys an entry on, so that a file replaced at the same path is read again.
+    ``OSError`` when it cannot be read."""
+    p = Path(path)
+    files = [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
+    stats = [f.stat() for f in files]
+    return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)

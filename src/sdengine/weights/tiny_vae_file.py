@@ -260,13 +260,13 @@ def tiny_vae_has_encoder(path: str | Path) -> bool:
     """Whether the tiny VAE at ``path`` (any layout :func:`load_tiny_vae` reads) has an encoder; False for what
     is not a readable tiny VAE. Remembered per file state (path, size, modification time): the files are small
     and a server asks on every model listing."""
-    p = Path(path)
+    from sdengine.io.paths import file_state
+
     try:
-        files = [f for f in p.iterdir() if f.is_file()] if p.is_dir() else [p]
-        stats = [f.stat() for f in files]
+        size, mtime = file_state(path)
     except OSError:
         return False
-    return _has_encoder(str(p), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0))
+    return _has_encoder(str(path), size, mtime)
 
 
 @functools.lru_cache(maxsize=64)

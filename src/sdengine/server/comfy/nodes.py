@@ -266,39 +266,47 @@ def vae_loader(ctx: RunContext, vae_name: str) -> tuple[Any]:
     return (handle,)
 
 
-# VAE files loaded by VAELoader, kept for the next prompts (a few: each is ~80M parameters in float32)
-_VAE_FILES: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
-_VAE_FILES_LOCK = threading.Lock()
-VAE_FILES_KEPT = 2
+# VAEs loaded by VAELoader (files and the tiny VAE), kept for the next prompts: a few, each up to ~80M
+# parameters in float32
+_LOADED_VAES: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_LOADED_VAES_LOCK = threading.Lock()
+VAES_KEPT = 3
+
+
+def _cached_vae(ctx: RunContext, path: str, load: Callable[[], Any]) -> Any:
+    """``load()`` on the worker's device, once per file state (path, size, modification time) and device."""
+    from sdengine.io.paths import file_state
+
+    key = (path, ctx.device, *file_state(path))
+    with _LOADED_VAES_LOCK:
+        if key in _LOADED_VAES:
+            _LOADED_VAES.move_to_end(key)
+            return _LOADED_VAES[key]
+    model = load().to(ctx.device).eval().requires_grad_(False)
+    with _LOADED_VAES_LOCK:
+        _LOADED_VAES[key] = model
+        while len(_LOADED_VAES) > VAES_KEPT:
+            _LOADED_VAES.popitem(last=False)
+    return model
 
 
 def _vae_file(ctx: RunContext, handle: VaeFileHandle) -> Any:
-    """The VAE of ``handle`` on the worker's device, in float32 (no half-precision overflow to guard against);
-    loaded once per file state (path, size, modification time) and device."""
+    """The VAE of ``handle``, in float32 (no half-precision overflow to guard against)."""
     from sdengine.errors import SdengineError
     from sdengine.models.vae import AutoencoderKL, VAEConfig
     from sdengine.weights.loading import build_on_meta, load_vae
 
     p = Path(handle.path)
-    files = [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
-    stats = [f.stat() for f in files]
-    key = (handle.path, ctx.device, sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0))
-    with _VAE_FILES_LOCK:
-        if key in _VAE_FILES:
-            _VAE_FILES.move_to_end(key)
-            return _VAE_FILES[key]
-    try:
+
+    def load() -> Any:
         sd, cfg = load_vae(p)
         vcfg = VAEConfig.from_diffusers(cfg)
-        vae = build_on_meta(lambda: AutoencoderKL(vcfg), sd, name=f"VAE {p.name}", dtype=torch.float32)
+        return build_on_meta(lambda: AutoencoderKL(vcfg), sd, name=f"VAE {p.name}", dtype=torch.float32)
+
+    try:
+        return _cached_vae(ctx, handle.path, load)
     except (OSError, SdengineError) as e:
         raise NodeError(f"VAE {p.name}: {e}") from None
-    vae = vae.to(ctx.device).eval().requires_grad_(False)
-    with _VAE_FILES_LOCK:
-        _VAE_FILES[key] = vae
-        while len(_VAE_FILES) > VAE_FILES_KEPT:
-            _VAE_FILES.popitem(last=False)
-    return vae
 
 
 def _tiny_vae(ctx: RunContext, handle: TinyVaeHandle) -> Any:
@@ -306,7 +314,7 @@ def _tiny_vae(ctx: RunContext, handle: TinyVaeHandle) -> Any:
     from sdengine.weights.tiny_vae_file import load_tiny_vae
 
     try:
-        return load_tiny_vae(handle.path, device=ctx.device).eval().requires_grad_(False)
+        return _cached_vae(ctx, handle.path, lambda: load_tiny_vae(handle.path))
     except (OSError, SdengineError) as e:
         raise NodeError(f"taesd: {e}") from None
 
@@ -483,57 +491,50 @@ def vae_decode(ctx: RunContext, samples: dict[str, Any], vae: VaeHandle | VaeFil
     from sdengine import vae_utils
 
     if isinstance(vae, TinyVaeHandle):
-        return (_tiny_decode(ctx, samples, vae),)
+        tiny = _tiny_vae(ctx, vae)
+        if tiny.decoder is None:
+            raise NodeError("taesd: the server's tiny VAE has no decoder")
+        cfg = tiny.config
+        z = _latent_or_zeros(samples, cfg.latent_channels, cfg.downscale_factor, "taesd")
+        return (_decode_rows(tiny.decode, z, ctx.device),)  # as the pipeline's decode_tiny
     if isinstance(vae, VaeFileHandle):
-        return (_file_decode(ctx, samples, vae),)
+        model = _vae_file(ctx, vae)
+        c, f = int(model.config.latent_channels), int(model.config.downscale_factor)
+        z = _latent_or_zeros(samples, c, f, f"VAE {Path(vae.path).name}")
+        return (_decode_rows(lambda r: vae_utils.decode(model, r, warn=False)[0], z, ctx.device),)
     pipe = ctx.pipeline(vae.ref)
-    z = latent_samples(samples, pipe).to(pipe.device)
-    out = []
-    with torch.inference_mode():
-        for i in range(z.shape[0]):  # one row at a time, as the pipeline: pixels never depend on the batch
-            img, _ = vae_utils.decode(pipe.vae, z[i : i + 1], upcast=pipe.vae_upcast, warn=False)
-            out.append(vae_utils.to_unit(img).float().cpu())
-    return (torch.cat(out).permute(0, 2, 3, 1).contiguous(),)
+    z = latent_samples(samples, pipe)
+    decode = lambda r: vae_utils.decode(pipe.vae, r, upcast=pipe.vae_upcast, warn=False)[0]  # noqa: E731
+    return (_decode_rows(decode, z, pipe.device),)
 
 
-def _file_decode(ctx: RunContext, samples: dict[str, Any], handle: VaeFileHandle) -> torch.Tensor:
-    from sdengine import vae_utils
-
-    vae = _vae_file(ctx, handle)
-    c, f = int(vae.config.latent_channels), int(vae.config.downscale_factor)
+def _latent_or_zeros(samples: dict[str, Any], channels: int, factor: int, what: str) -> torch.Tensor:
+    """The latent of ``samples`` for a VAE of ``channels`` at ``factor`` (an empty latent is made now)."""
     z = samples.get("samples")
     if z is None:
         b, h, w = samples["size"]
-        z = torch.zeros(b, c, h // f, w // f)
-    if z.shape[1] != c:
-        raise NodeError(f"VAE {Path(handle.path).name} decodes {c}-channel latents, these have {z.shape[1]}")
-    out = []
-    with torch.inference_mode():
-        for i in range(z.shape[0]):  # one row at a time, as the pipeline
-            img, _ = vae_utils.decode(vae, z[i : i + 1].to(ctx.device), warn=False)
-            out.append(vae_utils.to_unit(img).float().cpu())
-    return torch.cat(out).permute(0, 2, 3, 1).contiguous()
+        z = torch.zeros(b, channels, h // factor, w // factor)
+    if z.shape[1] != channels:
+        raise NodeError(f"{what} decodes {channels}-channel latents, these have {z.shape[1]}")
+    return z
 
 
-def _tiny_decode(ctx: RunContext, samples: dict[str, Any], vae: TinyVaeHandle) -> torch.Tensor:
+def _decode_rows(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, device: Any) -> torch.Tensor:
+    """IMAGE (B, H, W, 3) in [0, 1] of ``decode`` (latents -> images in [-1, 1]) run one row at a time, as the
+    pipeline decodes: a row's pixels never depend on its batch."""
     from sdengine import vae_utils
 
-    tiny = _tiny_vae(ctx, vae)
-    cfg = tiny.config
-    if tiny.decoder is None:
-        raise NodeError("taesd: the server's tiny VAE has no decoder")
-    z = samples.get("samples")
-    if z is None:
-        b, h, w = samples["size"]
-        z = torch.zeros(b, cfg.latent_channels, h // cfg.downscale_factor, w // cfg.downscale_factor)
-    if z.shape[1] != cfg.latent_channels:
-        raise NodeError(f"taesd decodes {cfg.latent_channels}-channel latents, these have {z.shape[1]}")
     out = []
     with torch.inference_mode():
-        for i in range(z.shape[0]):  # one row at a time, as the pipeline's decode_tiny
-            img = tiny.decode(z[i : i + 1].to(ctx.device)).float()
-            out.append(vae_utils.to_unit(img).cpu())
+        for i in range(z.shape[0]):
+            out.append(vae_utils.to_unit(decode(z[i : i + 1].to(device)).float()).float().cpu())
     return torch.cat(out).permute(0, 2, 3, 1).contiguous()
+
+
+def _pixel_row(pixels: torch.Tensor, i: int, device: Any) -> torch.Tensor:
+    """Row ``i`` of IMAGE pixels as (1, 3, H, W) in [-1, 1] on ``device``, laid out as the pipeline lays out its
+    init image (the convolutions' rounding depends on the memory layout), so that img2img gives its latents."""
+    return pixels[i].float().contiguous().permute(2, 0, 1)[None].to(device) * 2.0 - 1.0
 
 
 def _tiny_encode(ctx: RunContext, pixels: torch.Tensor, vae: TinyVaeHandle) -> dict[str, Any]:
@@ -542,12 +543,8 @@ def _tiny_encode(ctx: RunContext, pixels: torch.Tensor, vae: TinyVaeHandle) -> d
         raise NodeError("taesd: the server's tiny VAE has no encoder (give its taesd_encoder beside the decoder)")
     pixels = _crop_to_factor(pixels, tiny.config.downscale_factor)
     b, h, w, _ = pixels.shape
-    rows = []
     with torch.inference_mode():
-        for i in range(b):
-            x = pixels[i].float().contiguous().permute(2, 0, 1)[None].to(ctx.device) * 2.0 - 1.0
-            rows.append(tiny.encode(x).float().cpu())
-    z = torch.cat(rows)
+        z = torch.cat([tiny.encode(_pixel_row(pixels, i, ctx.device)).float().cpu() for i in range(b)])
     # The posterior in the diffusion model's units, without spread: KSampler draws each row's eps as for the
     # VAE's posterior (so the seed's noise is the pipeline's with vae_encode="tiny") and adds nothing.
     return {
@@ -588,10 +585,7 @@ def _vae_encode_rows(vae: Any, device: torch.device, pixels: torch.Tensor) -> di
     means, stds = [], []
     with torch.inference_mode():
         for i in range(b):
-            # One row at a time, laid out as the pipeline lays out its init image (the convolution's
-            # rounding depends on the memory layout), so that img2img gives the pipeline's latents.
-            x = pixels[i].float().contiguous().permute(2, 0, 1)[None].to(device) * 2.0 - 1.0
-            post = vae_utils.encode_moments(vae, x)
+            post = vae_utils.encode_moments(vae, _pixel_row(pixels, i, device))
             means.append(post.mean.float())
             stds.append(post.std.float())
         mean, std = torch.cat(means), torch.cat(stds)
