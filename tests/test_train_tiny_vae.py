@@ -19,6 +19,7 @@ from sdengine.train.loop import TrainConfig
 from sdengine.train.tiny_vae import (
     TinyVAETrainingError,
     TinyVAETrainSpec,
+    prepare_data,
     psnr_8bit,
     split_indices,
     tiny_config_for,
@@ -167,6 +168,15 @@ def test_keep_decoder_trains_only_an_encoder_beside_it(tmp_path, tiny_sd1_folder
         )
     with pytest.raises(TinyVAETrainingError, match="cannot be combined with no encoder"):
         TinyVAETrainSpec(model="m", encoder=False, keep_decoder="x")
+    # such a run makes no full-decoder targets for its training images (it never decodes)
+    from sdengine import pipeline
+
+    vae = pipeline.load_pipeline(tiny_sd1_folder, device="cpu").vae
+    images = torch.rand(3, 3, SIZE, SIZE) * 2 - 1
+    with_targets = prepare_data(vae, images, flip=True, device=torch.device("cpu"))
+    without = prepare_data(vae, images, flip=True, device=torch.device("cpu"), targets=False)
+    assert with_targets.target.shape == (6, 3, SIZE, SIZE) and without.target.numel() == 0
+    assert torch.equal(with_targets.mean, without.mean) and torch.equal(with_targets.images, without.images)
 
 
 def load_pipeline_vae_config(folder):

@@ -200,9 +200,17 @@ class DistillData:
 
 @torch.no_grad()
 def prepare_data(
-    vae: AutoencoderKL, images: Tensor, *, flip: bool, device: torch.device, batch: int = 64, desc: str = ""
+    vae: AutoencoderKL,
+    images: Tensor,
+    *,
+    flip: bool,
+    device: torch.device,
+    batch: int = 64,
+    desc: str = "",
+    targets: bool = True,
 ) -> DistillData:
-    """Encode every image (and its mirror image with ``flip``) and decode its posterior mean with the full VAE."""
+    """Encode every image (and its mirror image with ``flip``) and decode its posterior mean with the full VAE
+    (``targets=False``: no decode, ``target`` empty; an encoder trained alone never reads it)."""
     rows = torch.cat([images, images.flip(-1)]) if flip else images
     dtype = next(vae.parameters()).dtype
     out: dict[str, list[Tensor]] = {"images": [], "mean": [], "std": [], "target": []}
@@ -218,11 +226,14 @@ def prepare_data(
         out["images"].append(x.half())
         out["mean"].append(vae.scale_latents(post.mean).float())
         out["std"].append((post.std * vae.config.scaling_factor).float())
-        out["target"].append(vae.decode(post.mean).float().clamp(-1, 1).half())
+        if targets:
+            out["target"].append(vae.decode(post.mean).float().clamp(-1, 1).half())
         if bar is not None:
             bar.update(x.shape[0])
     if bar is not None:
         bar.close()
+    if not targets:
+        out["target"] = [torch.empty(0, dtype=torch.float16)]
     return DistillData(**{k: torch.cat(v) for k, v in out.items()})
 
 
@@ -382,7 +393,8 @@ def train_tiny_vae(
             flush=True,
         )
     desc = "full VAE" if progress else ""
-    data = prepare_data(vae, images[train_idx], flip=spec.flip, device=device, desc=desc)
+    # With a kept decoder nothing is decoded while training: the full decoder's targets are not made
+    data = prepare_data(vae, images[train_idx], flip=spec.flip, device=device, desc=desc, targets=kept is None)
     held = prepare_data(vae, images[eval_idx], flip=False, device=device)
     n = data.images.shape[0]
 
@@ -398,18 +410,19 @@ def train_tiny_vae(
         idx = data_indices(step, cfg.batch_size, n, cfg.seed).to(data.mean.device)
         r = distributed.local_rows(idx.shape[0])  # this rank's rows; the draws are made for the whole batch
         z = data.mean[idx]
-        if spec.latents == "sample":
+        if spec.latents == "sample" and kept is None:
             eps = torch.randn(z.shape, generator=g, device=g.device, dtype=z.dtype).to(z.device)
             z = z + data.std[idx] * eps
+        x = data.images[idx[r]].float() if use_images else None
+        decoded, encoded = m(z[r], x if spec.encoder else None)
+        if decoded is None:  # keep_decoder: the encoder's loss alone (no full decode, no target)
+            assert encoded is not None
+            return spec.encoder_weight * (encoded.float() - data.mean[idx[r]]).pow(2).mean()
+        if spec.latents == "sample":
             with torch.no_grad():
                 target = vae.decode(vae.unscale_latents(z[r])).float().clamp(-1, 1)
         else:
             target = data.target[idx[r]].float()
-        x = data.images[idx[r]].float() if use_images else None
-        decoded, encoded = m(z[r], x if spec.encoder else None)
-        if decoded is None:  # keep_decoder: the encoder's loss alone
-            assert encoded is not None
-            return spec.encoder_weight * (encoded.float() - data.mean[idx[r]]).pow(2).mean()
         err = decoded.float() - target
         loss = err.abs().mean() + err.pow(2).mean()
         if spec.image_weight > 0 and x is not None:
