@@ -37,8 +37,13 @@ On a CUDA device (docs/performance.md, "GPU", has the H200 numbers and the comma
 * ``cuda_graphs``: the U-Net's steps, the VAE decode and the CLIP text encoders replay from CUDA graphs
   (:mod:`sdengine.cuda_graphs`), recorded per shape on the first call; with ``compile`` the graphs record the
   compiled kernels.
+* ``cuda_graph_loop`` (implies ``cuda_graphs``): a generation's whole sampling loop, every step's U-Net call,
+  guidance and sampler update, replays as one CUDA graph (:mod:`sdengine.pipeline.loop_graph`) where it can:
+  deterministic samplers, no ControlNet, prompt editing, inpainting blend or LoRA hook. A step callback then runs
+  once, after the last step (no live previews; a cancel waits for the image). Not on by default; not measured
+  on a GPU yet.
 
-These three change nothing on the CPU (each reports that it was skipped); the others work on either device.
+These four change nothing on the CPU (each reports that it was skipped); the others work on either device.
 """
 
 from __future__ import annotations
@@ -59,8 +64,9 @@ OPTIONS: tuple[str, ...] = (  # in the order they are applied: fp8 changes the l
     "compile",
     "aot",
     "cuda_graphs",
+    "cuda_graph_loop",
 )
-CUDA_ONLY: frozenset[str] = frozenset({"cudnn_benchmark", "sdpa_fastest", "cuda_graphs"})
+CUDA_ONLY: frozenset[str] = frozenset({"cudnn_benchmark", "sdpa_fastest", "cuda_graphs", "cuda_graph_loop"})
 DEFAULT_OPTIONS: frozenset[str] = frozenset()  # measured, see the module docstring
 # On a CUDA device in half precision: measured on an H200 (docs/performance.md, "GPU"): SD 1.5 at 512x512 in
 # 0.30 s instead of 1.03 s eager, the image within 9.4e-4 of fp32's (eager fp16: 9.2e-4). compile is not on by
@@ -128,7 +134,8 @@ def apply_fast_path(pipe: Any, options: Iterable[str]) -> list[str]:
     import torch
 
     done = []
-    for name in parse_options(list(options)):
+    names = parse_options(list(options))
+    for name in names:
         if name == "winograd":
             from sdengine.nn.winograd import enable_winograd
 
@@ -174,8 +181,12 @@ def apply_fast_path(pipe: Any, options: Iterable[str]) -> list[str]:
             shown = ", ".join(f"{k} {v:.3f} ms" if v is not None else f"{k} -" for k, v in times.items())
             done.append(f"sdpa_fastest: {best} ({heads} heads x {head_dim} at {tokens} tokens: {shown})")
         elif name == "cuda_graphs":
-            pipe.enable_cuda_graphs()
+            pipe.enable_cuda_graphs(loop="cuda_graph_loop" in names)
             done.append("cuda_graphs: U-Net steps, VAE decode and CLIP text encoders replayed from CUDA graphs")
+        elif name == "cuda_graph_loop":
+            if "cuda_graphs" not in names:
+                pipe.enable_cuda_graphs(loop=True)
+            done.append("cuda_graph_loop: the whole sampling loop replayed as one CUDA graph (deterministic samplers)")
     return done
 
 

@@ -421,7 +421,7 @@ def sample(
     x = spec.fn(
         denoiser,
         x,
-        sigmas.to(noise.device),
+        sigmas,  # on the CPU: the samplers read them as Python floats (no device copy, so a CUDA graph can record)
         generators=generators,
         callback=callback,
         extra_args=extra_args,

@@ -42,6 +42,7 @@ from sdengine.pipeline.control import ControlUnit, build_controlled_unet
 from sdengine.pipeline.finite import require_finite
 from sdengine.pipeline.infotext import cached_hash, call_parameters, format_infotext, weights_file
 from sdengine.pipeline.latents import InpaintBlend, blur_mask, start_latents
+from sdengine.pipeline.loop_graph import LoopPlan, deterministic
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.pipeline.result import Cancelled, GenerationResult, StepInfo
 from sdengine.pipeline.unet_adapter import UNetAdapter
@@ -248,19 +249,20 @@ class Pipeline:
 
     # -- CUDA graphs -----------------------------------------------------------------------------------
 
-    def enable_cuda_graphs(self, *, backend: Any = None, device_type: str = "cuda") -> bool:
+    def enable_cuda_graphs(self, *, backend: Any = None, device_type: str = "cuda", loop: bool = False) -> bool:
         """Replay the U-Net's steps, the VAE decode and the CLIP text encoders from CUDA graphs
         (:mod:`sdengine.cuda_graphs`), recorded per shape on first use. Returns False, changing nothing, when
         the pipeline is not on ``device_type``. ``backend``: how a call is recorded (tests record on the CPU
         with a stand-in). A text encoder runs as it is while textual-inversion vectors are set on it (its
-        embedding lookup branches on them) or a LoRA hooks it."""
+        embedding lookup branches on them) or a LoRA hooks it. ``loop``: the whole sampling loop of a
+        generation replays as one graph where it can (:mod:`sdengine.pipeline.loop_graph`)."""
         if self.device.type != device_type:
             return False
         from sdengine.cuda_graphs import GraphedCallable
 
         opts = {"backend": backend, "device_type": device_type}
         aot = self.aot or {}
-        graphs = {
+        graphs: dict[str, Any] = {
             "unet": GraphedCallable(aot.get("unet", self.unet), module=self.unet, name="U-Net", **opts),
             "vae": GraphedCallable(aot.get("vae", self.vae.decode), module=self.vae, name="VAE decode", **opts),
         }
@@ -270,13 +272,18 @@ class Pipeline:
                 graphs[name] = GraphedCallable(
                     enc, module=enc, name=name.replace("_", " "), guard=_no_extra_tokens(enc), **opts
                 )
+        if loop:
+            from sdengine.pipeline.loop_graph import SamplingLoopGraph
+
+            graphs["loop"] = SamplingLoopGraph(self._loop_run, module=self.unet, **opts)
         self.cuda_graphs = graphs  # routes the text encoders' calls (the setter below)
         return True
 
     @property
     def cuda_graphs(self) -> dict[str, Any] | None:
-        """name -> GraphedCallable ("unet", "vae", "text_encoder", "text_encoder_2"), once
-        :meth:`enable_cuda_graphs` was called; None: every network runs as it is."""
+        """name -> GraphedCallable ("unet", "vae", "text_encoder", "text_encoder_2"), and "loop" (a
+        :class:`sdengine.pipeline.loop_graph.SamplingLoopGraph`) when asked for, once :meth:`enable_cuda_graphs`
+        was called; None: every network runs as it is."""
         return self._cuda_graphs
 
     @cuda_graphs.setter
@@ -703,13 +710,7 @@ class Pipeline:
                 start_step=first,
                 resize_mode=resize_mode_name(r.resize_mode),
             )
-        model: Any = UNetAdapter(net, self.dtype)
-        if texts is not None:  # prompt editing: the text rows of each step (sdengine.pipeline.prompt_editing)
-            from sdengine.pipeline.prompt_editing import StepTexts
-
-            model = StepTexts(model, texts)
-        den: Any = Denoiser(model, self.noise_schedule, self.prediction_type)
-        den = CFGDenoiser(den, cfg_scale, uncond, rescale=float(r.guidance_rescale))
+        den: Any = self.guided_denoiser(cfg_scale, uncond, float(r.guidance_rescale), net=net, texts=texts)
         blend = None
         if start.blend_mask is not None:
             assert start.init_latent is not None
@@ -722,28 +723,46 @@ class Pipeline:
         callback = r.callback
 
         def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool | None:
-            bar.update(1)
+            bar.update(i + 1 - bar.n)
             if callback is not None:
                 return callback(StepInfo(i + 1, run_steps, float(sigma), x, denoised, self.tiny_vae))
             return None
 
+        loop = (self.cuda_graphs or {}).get("loop")
+        replay_loop = (
+            loop is not None
+            and not units
+            and texts is None
+            and blend is None
+            and start.noise.device.type == loop.device_type
+            and deterministic(p.sampler, p.schedule, r.sampler_options)
+            and loop.usable()
+        )
+        init_latent = start.init_latent if start.from_init else None
         try:
-            x = sampling.sample(
-                den,
-                start.noise,
-                sampler=p.sampler,
-                steps=steps,
-                schedule=p.schedule,
-                scheduler_config=self.scheduler_config,
-                generators=gens,
-                callback=on_step,
-                extra_args=cond,
-                init_latent=start.init_latent if start.from_init else None,
-                strength=strength if start.from_init else 1.0,
-                start_step=first if start.from_init else None,
-                noise_schedule=self.noise_schedule,
-                sampler_options=dict(r.sampler_options or {}) or None,
-            )
+            if replay_loop:  # every step in one replay (sdengine.pipeline.loop_graph); the callback once, at the end
+                assert loop is not None
+                plan = self._loop_plan(p, init_latent is not None, first)
+                x = loop(plan, start.noise, init_latent, cond, uncond)
+                if on_step(run_steps - 1, float(grid.sigmas[-1]), x, x) is False:
+                    raise SamplingInterrupted(run_steps - 1, x, x)
+            else:
+                x = sampling.sample(
+                    den,
+                    start.noise,
+                    sampler=p.sampler,
+                    steps=steps,
+                    schedule=p.schedule,
+                    scheduler_config=self.scheduler_config,
+                    generators=gens,
+                    callback=on_step,
+                    extra_args=cond,
+                    init_latent=init_latent,
+                    strength=strength if start.from_init else 1.0,
+                    start_step=first if start.from_init else None,
+                    noise_schedule=self.noise_schedule,
+                    sampler_options=dict(r.sampler_options or {}) or None,
+                )
         except SamplingInterrupted as e:
             raise Cancelled(e.step + 1, run_steps, vae_utils.latent_preview(e.denoised)) from None
         finally:
@@ -752,6 +771,56 @@ class Pipeline:
             x = blend.finish(x)
         require_finite(x, "latents after sampling")  # before the VAE: a NaN latent decodes to black
         return x
+
+    def guided_denoiser(
+        self, cfg_scale: float, uncond: Conditioning, rescale: float, *, net: Any = None, texts: Any = None
+    ) -> Any:
+        """The x0-denoiser the samplers call: classifier-free guidance over the U-Net (``net``: what runs in its
+        place, a graph or a controlled U-Net); ``texts``: prompt editing's text rows of each step."""
+        model: Any = UNetAdapter(self.unet if net is None else net, self.dtype)
+        if texts is not None:  # prompt editing: the text rows of each step (sdengine.pipeline.prompt_editing)
+            from sdengine.pipeline.prompt_editing import StepTexts
+
+            model = StepTexts(model, texts)
+        den = Denoiser(model, self.noise_schedule, self.prediction_type)
+        return CFGDenoiser(den, cfg_scale, uncond, rescale=rescale)
+
+    def _loop_plan(self, p: Prepared, from_init: bool, first: int) -> LoopPlan:
+        r = p.request
+        return LoopPlan.of(
+            sampler=p.sampler,
+            steps=int(r.steps),
+            schedule=p.schedule,
+            scheduler_config=self.scheduler_config,
+            cfg_scale=float(r.cfg_scale),
+            rescale=float(r.guidance_rescale),
+            sampler_options=r.sampler_options,
+            strength=float(r.strength) if from_init else 1.0,
+            start_step=first if from_init else None,
+            dtype=self.dtype,
+        )
+
+    def _loop_run(
+        self, plan: LoopPlan, noise: Tensor, init_latent: Tensor | None, cond: Conditioning, uncond: Conditioning
+    ) -> Tensor:
+        """What the loop graph records: the sampling call of :meth:`_sample_rows` with the plain network (or its
+        ahead-of-time package), no generators (a deterministic sampler draws none) and no callback."""
+        graphs = self.cuda_graphs or {}
+        net = graphs["unet"].fn if "unet" in graphs else self.unet
+        return sampling.sample(
+            self.guided_denoiser(plan.cfg_scale, uncond, plan.rescale, net=net),
+            noise,
+            sampler=plan.sampler,
+            steps=plan.steps,
+            schedule=plan.schedule,
+            scheduler_config=self.scheduler_config,
+            extra_args=cond,
+            init_latent=init_latent,
+            strength=plan.strength,
+            start_step=plan.start_step,
+            noise_schedule=self.noise_schedule,
+            sampler_options=plan.options(),
+        )
 
     def decode_latents(self, p: Prepared, x: Tensor) -> Tensor:
         """(N, 3, H, W) images in [0, 1] of sampled latents."""

@@ -16,8 +16,6 @@ from PIL import Image
 
 from sdengine import vae_utils
 from sdengine.diffusion import sampling
-from sdengine.diffusion.denoisers import Denoiser
-from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.errors import GenerationError
 from sdengine.io.images import to_uint8
 from sdengine.pipeline.core import Pipeline, Prepared, as_request
@@ -25,7 +23,6 @@ from sdengine.pipeline.infotext import call_parameters, format_infotext
 from sdengine.pipeline.latents import start_latents
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.pipeline.result import GenerationResult
-from sdengine.pipeline.unet_adapter import UNetAdapter
 from sdengine.text.conditioners import Conditioning
 from sdengine.text.sdxl_conditioner import SDXLConditioner, SDXLOptions
 
@@ -88,10 +85,6 @@ class SDXLPipeline(Pipeline):
         )
 
     # -- base -> refiner hand-off -------------------------------------------------------------------------
-
-    def _denoiser(self, cfg_scale: float, uncond: Conditioning, rescale: float) -> Any:
-        den = Denoiser(UNetAdapter(self.unet, self.dtype), self.noise_schedule, self.prediction_type)
-        return CFGDenoiser(den, cfg_scale, uncond, rescale=rescale)
 
     def generate_with_refiner(
         self,
@@ -161,7 +154,7 @@ class SDXLPipeline(Pipeline):
                     sampler_options=dict(request.sampler_options or {}) or None,
                 )
                 x = sampling.sample(
-                    self._denoiser(cfg_scale, uncond, rescale),
+                    self.guided_denoiser(cfg_scale, uncond, rescale),
                     start.noise,
                     scheduler_config=self.scheduler_config,
                     extra_args=cond,
@@ -171,7 +164,7 @@ class SDXLPipeline(Pipeline):
                 )
                 x = x * math.sqrt(1.0 + float(grid.sigmas[k]) ** 2)  # back to the sampler's (VE) scaling
                 x = sampling.sample(
-                    refiner._denoiser(cfg_scale, r_uncond, rescale),
+                    refiner.guided_denoiser(cfg_scale, r_uncond, rescale),
                     torch.zeros_like(x),
                     scheduler_config=refiner.scheduler_config,
                     extra_args=r_cond,

@@ -1,0 +1,178 @@
+"""A generation's whole sampling loop as one CUDA graph: the ``cuda_graph_loop`` fast-path option.
+
+With ``cuda_graphs`` every U-Net call replays its own graph; between two replays Python still runs the step:
+classifier-free guidance's split and combination, the sampler's update (DPM++ 2M: 18 small operations a step),
+the copies of the step's inputs into the graph's buffers and of its output out of them, a few hundred kernel
+launches per image. Here the whole ``sampling.sample`` call, every step's U-Net call, guidance and update, is
+recorded once and replayed as one unit: one launch for the 25 steps.
+
+A recording keeps what Python computed while it was made: the sigmas and every coefficient derived from them,
+the guidance scale, which branches the sampler took. So a recording is keyed (:class:`LoopPlan`) by every setting
+those come from (sampler, steps, schedule, scheduler config, guidance scale and rescale, sampler options, img2img
+strength and start step, the network's dtype), and by the shapes of its tensors, which are its inputs: the start
+noise, the img2img start latent, every conditioning tensor (each copied into the graph's buffer at every call).
+Requests that differ only in prompt, negative prompt or seed replay the same graph.
+
+Only a loop that replays exactly is recorded (:func:`deterministic` and the pipeline's checks): not an ancestral
+or SDE sampler (each step draws noise from the rows' CPU generators, which a graph cannot call), nor DDIM with
+``eta``; not with ControlNets, prompt editing, inpainting's blend, or a U-Net hooked by a LoRA; everything else
+runs as without this option. A replay cannot stop between its steps: a step callback (progress, previews, a
+server's cancel) is called once, after the last step.
+
+On the CPU nothing is recorded (the option is skipped); the tests run this code with a stand-in recorder
+(tests/test_loop_graph.py), and the GPU bench times it (``graph_loop`` in the graphs phase, docs/gpu.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from sdengine.cuda_graphs import Backend, GraphedCallable
+from sdengine.diffusion import sampling
+
+# (plan, start noise, img2img start latent or None, conditioning, unconditional conditioning) -> final latent
+LoopRunner = Callable[["LoopPlan", Tensor, "Tensor | None", dict[str, Tensor], dict[str, Tensor]], Tensor]
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """Every setting a recorded loop bakes in (see the module docstring); two requests with equal plans and
+    equally shaped tensors replay the same graph."""
+
+    sampler: str
+    steps: int
+    schedule: str
+    scheduler_config: str  # JSON, keys sorted
+    cfg_scale: float
+    rescale: float
+    sampler_options: str  # JSON, keys sorted
+    strength: float
+    start_step: int | None
+    dtype: str
+
+    @staticmethod
+    def of(
+        *,
+        sampler: str,
+        steps: int,
+        schedule: str,
+        scheduler_config: Mapping[str, Any] | None,
+        cfg_scale: float,
+        rescale: float,
+        sampler_options: Mapping[str, Any] | None,
+        strength: float,
+        start_step: int | None,
+        dtype: Any,
+    ) -> LoopPlan:
+        return LoopPlan(
+            sampler=sampler,
+            steps=int(steps),
+            schedule=schedule,
+            scheduler_config=json.dumps(dict(scheduler_config or {}), sort_keys=True, default=str),
+            cfg_scale=float(cfg_scale),
+            rescale=float(rescale),
+            sampler_options=json.dumps(dict(sampler_options or {}), sort_keys=True, default=str),
+            strength=float(strength),
+            start_step=None if start_step is None else int(start_step),
+            dtype=str(dtype),
+        )
+
+    @property
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def options(self) -> dict[str, Any] | None:
+        return json.loads(self.sampler_options) or None
+
+
+def deterministic(sampler: str, schedule: str, options: Mapping[str, Any] | None) -> bool:
+    """Whether ``sampler`` with ``options`` draws no noise after the start (what a recorded loop needs)."""
+    name, _ = sampling.resolve(sampler, schedule)
+    if sampling.SAMPLERS[name].stochastic:
+        return False
+    return float((options or {}).get("eta", 0.0) or 0.0) == 0.0
+
+
+class SamplingLoopGraph:
+    """The loop's recordings for one pipeline: ``run`` (the pipeline's sampling call with the plain network, no
+    generators and no callback) recorded per plan and shapes, by a :class:`sdengine.cuda_graphs.GraphedCallable`
+    that watches ``module`` (the U-Net: moved weights drop the recordings, a hook sends calls back to the
+    pipeline's own path through :meth:`usable`)."""
+
+    def __init__(
+        self,
+        run: LoopRunner,
+        *,
+        module: nn.Module,
+        backend: Backend | None = None,
+        device_type: str = "cuda",
+        max_graphs: int = 2,
+    ) -> None:
+        self.run = run
+        # plan key -> the plan its recording baked in. The first plan of a key stays: a real graph replays what
+        # it recorded, and the tests' stand-in recorder re-runs Python with this plan, so a setting missing from
+        # the key shows there as a wrong image rather than being read afresh.
+        self.plans: dict[str, LoopPlan] = {}
+        self.graphed = GraphedCallable(
+            self._call,
+            module=module,
+            name="sampling loop",
+            warmup=1,
+            max_graphs=max_graphs,
+            backend=backend,
+            device_type=device_type,
+        )
+
+    @property
+    def device_type(self) -> str:
+        return self.graphed.device_type
+
+    @property
+    def recordings(self) -> int:
+        return self.graphed.recordings
+
+    @property
+    def replays(self) -> int:
+        return self.graphed.replays
+
+    def usable(self) -> bool:
+        """Whether the loop may be replayed for the next generation (the U-Net unhooked; recordings dropped if
+        its weights moved)."""
+        return self.graphed.usable()
+
+    def __call__(
+        self,
+        plan: LoopPlan,
+        noise: Tensor,
+        init_latent: Tensor | None,
+        cond: Mapping[str, Tensor],
+        uncond: Mapping[str, Tensor],
+    ) -> Tensor:
+        key = plan.key
+        self.plans.setdefault(key, plan)
+        if len(self.plans) > 64:  # keep the plans of the kept recordings (and this one)
+            kept = {k for k in self.plans if any(k == _plan_of(sig) for sig in self.graphed.graphs)}
+            self.plans = {k: v for k, v in self.plans.items() if k in kept or k == key}
+        flat = {f"cond.{k}": v for k, v in cond.items()} | {f"uncond.{k}": v for k, v in uncond.items()}
+        return self.graphed(noise, init_latent, plan=key, **flat)
+
+    def _call(self, noise: Tensor, init_latent: Tensor | None, *, plan: str, **flat: Tensor) -> Tensor:
+        cond = {k.removeprefix("cond."): v for k, v in flat.items() if k.startswith("cond.")}
+        uncond = {k.removeprefix("uncond."): v for k, v in flat.items() if k.startswith("uncond.")}
+        return self.run(self.plans[plan], noise, init_latent, cond, uncond)
+
+
+def _plan_of(signature: Any) -> str | None:
+    """The plan key inside a GraphedCallable signature (its ``plan`` keyword's value)."""
+    for name, part in signature:
+        if name == "plan":
+            return str(part[2])
+    return None
+
+
+__all__ = ["LoopPlan", "LoopRunner", "SamplingLoopGraph", "deterministic"]

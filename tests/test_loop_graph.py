@@ -1,0 +1,188 @@
+"""The whole sampling loop replayed as one graph (sdengine.pipeline.loop_graph, fast-path ``cuda_graph_loop``).
+
+On the CPU the recording backend is the stand-in of tests/_cpu_graphs.py: its replay runs the recorded Python
+again, on the static input buffers, with the plan the recording was made for (the loop graph keeps the first plan
+of each key). So a setting missing from the plan's key shows here as a wrong image, as it would on a GPU, where
+the replay repeats the recorded kernels with the recorded coefficients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sdengine
+from _cpu_graphs import CPUBackend
+from sdengine.pipeline import Cancelled
+from sdengine.pipeline.loop_graph import LoopPlan, deterministic
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_sd1_folder):
+    return sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="none")
+
+
+def _gen(pipe, prompt: str = "a red cube", **kw: Any) -> np.ndarray:
+    args: dict[str, Any] = {"steps": 4, "seed": 3, "width": 64, "height": 64, "progress": False}
+    args.update(kw)
+    return pipe(prompt, "blurry", **args).arrays
+
+
+@pytest.fixture
+def looped(tiny_pipe):
+    tiny_pipe.enable_cuda_graphs(backend=CPUBackend(), device_type="cpu", loop=True)
+    try:
+        yield tiny_pipe
+    finally:
+        tiny_pipe.cuda_graphs = None
+
+
+def _plain(pipe, **kw: Any) -> np.ndarray:
+    graphs, pipe.cuda_graphs = pipe.cuda_graphs, None
+    try:
+        return _gen(pipe, **kw)
+    finally:
+        pipe.cuda_graphs = graphs
+
+
+def test_loop_replays_give_the_plain_images_for_new_prompts_and_seeds(looped):
+    loop, unet = looped.cuda_graphs["loop"], looped.cuda_graphs["unet"]
+    first = _gen(looped, batch_size=2)
+    other = _gen(looped, "a blue ball", seed=11, batch_size=2)
+    assert (loop.recordings, loop.replays) == (1, 2)  # one recording serves both: prompts and seeds are inputs
+    assert unet.replays == 0  # the loop runs the plain network inside its own recording
+    np.testing.assert_array_equal(first, _plain(looped, batch_size=2))
+    np.testing.assert_array_equal(other, _plain(looped, prompt="a blue ball", seed=11, batch_size=2))
+    assert not np.array_equal(first, other)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"cfg_scale": 3.0},
+        {"steps": 6},
+        {"sampler": "euler"},
+        {"schedule": "exponential"},
+        {"guidance_rescale": 0.7},
+        {"sampler": "lms", "sampler_options": {"order": 2}},
+    ],
+    ids=lambda c: ",".join(c),
+)
+def test_every_setting_the_loop_bakes_in_keys_a_new_recording(looped, change):
+    loop = looped.cuda_graphs["loop"]
+    _gen(looped)
+    assert loop.recordings == 1
+    changed = _gen(looped, **change)
+    assert loop.recordings == 2  # a replay of the first recording would have given the first settings' image
+    np.testing.assert_array_equal(changed, _plain(looped, **change))
+
+
+def test_img2img_replays_with_its_strength_in_the_key(looped):
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    loop = looped.cuda_graphs["loop"]
+    half = _gen(looped, init_image=init, strength=0.5)
+    most = _gen(looped, init_image=init, strength=0.8)
+    assert loop.recordings == 2 and loop.replays == 2
+    np.testing.assert_array_equal(half, _plain(looped, init_image=init, strength=0.5))
+    np.testing.assert_array_equal(most, _plain(looped, init_image=init, strength=0.8))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"sampler": "euler_a"},  # draws noise every step from the rows' CPU generators
+        {"sampler": "ddim", "sampler_options": {"eta": 0.5}},
+        {"prompt": "a [red:blue:2] cube"},  # prompt editing: the text changes per step
+    ],
+    ids=["ancestral", "ddim-eta", "prompt-editing"],
+)
+def test_what_a_graph_cannot_replay_runs_as_before(looped, kw):
+    loop = looped.cuda_graphs["loop"]
+    image = _gen(looped, **kw)
+    assert loop.recordings == 0 and loop.replays == 0
+    np.testing.assert_array_equal(image, _plain(looped, **kw))
+
+
+def test_a_lora_hook_sends_the_loop_back_to_the_plain_path(looped):
+    loop = looped.cuda_graphs["loop"]
+    _gen(looped)
+    lin = next(m for n, m in looped.unet.named_modules() if n.endswith("attn1.to_q"))
+    handle = lin.register_forward_hook(lambda mod, i, o: o * 1.5)
+    try:
+        hooked = _gen(looped)
+        assert loop.replays == 1  # only the first call
+        np.testing.assert_array_equal(hooked, _plain(looped))
+    finally:
+        handle.remove()
+    assert not np.array_equal(hooked, _gen(looped))
+
+
+def test_the_step_callback_runs_once_after_the_last_step_and_can_still_cancel(looped):
+    seen: list[tuple[int, int]] = []
+    final: dict[str, torch.Tensor] = {}
+
+    def keep(info: Any) -> None:
+        seen.append((info.step, info.steps))
+        final["x"] = info.latents.clone()
+
+    _gen(looped, callback=keep)
+    assert seen == [(4, 4)]
+    x_plain = {}
+
+    def keep_plain(info: Any) -> None:
+        if info.step == info.steps:
+            x_plain["x"] = info.latents.clone()
+
+    _plain(looped, callback=keep_plain)
+    torch.testing.assert_close(final["x"], x_plain["x"], rtol=0, atol=0)  # the last step's sample, as before
+    with pytest.raises(Cancelled):
+        _gen(looped, callback=lambda info: False)
+
+
+def test_plans_and_the_deterministic_check():
+    base = dict(
+        sampler="dpmpp_2m",
+        steps=20,
+        schedule="karras",
+        scheduler_config={"beta_end": 0.012},
+        cfg_scale=7.0,
+        rescale=0.0,
+        sampler_options=None,
+        strength=1.0,
+        start_step=None,
+        dtype=torch.float16,
+    )
+    key = LoopPlan.of(**base).key
+    assert LoopPlan.of(**base).key == key
+    for field, value in [("cfg_scale", 7.5), ("steps", 21), ("scheduler_config", {"beta_end": 0.02})]:
+        assert LoopPlan.of(**{**base, field: value}).key != key
+    assert deterministic("dpmpp_2m", "karras", None) and deterministic("ddim", "normal", {"eta": 0})
+    assert not deterministic("euler_a", "normal", None) and not deterministic("ddim", "normal", {"eta": 0.3})
+
+
+def test_the_fast_path_option_is_cuda_only_and_implies_graphs(tiny_sd1_folder):
+    from sdengine.fastpath import CUDA_ONLY, parse_options
+
+    assert "cuda_graph_loop" in CUDA_ONLY
+    assert parse_options("cuda_graph_loop,cuda_graphs") == ("cuda_graphs", "cuda_graph_loop")
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="cuda_graph_loop")
+    assert pipe.cuda_graphs is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_loop_graph_equals_the_step_graphs(tiny_sd1_folder):  # pragma: no cover - CI has no GPU
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cuda", dtype="fp16", fast_path="cuda_graphs")
+    steps = _gen(pipe, batch_size=2)
+    pipe.enable_cuda_graphs(loop=True)
+    loop = pipe.cuda_graphs["loop"]
+    first, again = _gen(pipe, batch_size=2), _gen(pipe, "a blue ball", seed=11, batch_size=2)
+    assert loop.recordings == 1 and loop.replays == 2
+    assert float(np.abs(first - steps).mean()) < 2e-3
+    pipe.cuda_graphs = None
+    plain = _gen(pipe, "a blue ball", seed=11, batch_size=2)
+    assert float(np.abs(again - plain).mean()) < 2e-3
