@@ -67,6 +67,7 @@ LAYERS: dict[str, int] = {
     "bench_scaling": 3,  # sdengine bench --scaling: time and memory against size and batch, parts composed
     "bench_decode": 3,  # sdengine bench --decoders: the full and the tiny VAE decode against diffusers'
     "bench_gpu": 3,  # sdengine bench --device cuda: the GPU comparison in one prepared run
+    "bench_timeline": 3,  # one generation's profiler trace cut into the pipeline's stages (GPU busy, idle gaps)
     "grids": 3,  # X/Y/Z plots and batch grids over the pipeline
     "outpaint": 3,  # extend the canvas: pad, mask the new area, inpaint, paste the original back
     "batch_render": 3,  # generate --prompts: a checked list of requests, resumable, sharded over ranks

@@ -43,6 +43,10 @@ def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
     assert any(n.startswith("fp8: ") and "e4m3" in n for n in fp8["notes"]), fp8["notes"]
     assert 0 < data["agreement"]["sdengine_fp8 vs sdengine_fp32"] < 2e-2
     assert phases["sdengine_graphs"]["batch8_images_per_s"] > 0
+    # where the graphs path's image goes, stage by stage; the whole loop as one graph is CUDA-only
+    timeline = phases["sdengine_graphs"]["image_timeline"]
+    assert isinstance(timeline, dict) and timeline["stages"]["sampling"]["cpu_ms"] > 0, timeline
+    assert phases["sdengine_graphs"]["graph_loop"] == {"skipped": "CUDA only (the pipeline is on cpu)"}
     # graphs without channels_last: its own phase, so the GPU run says what channels_last is worth at batch 1 and 8
     nchw = phases["sdengine_graphs_nchw"]
     assert nchw["batch8_images_per_s"] > 0 and not any(n.startswith("channels_last") for n in nchw["notes"])

@@ -9,7 +9,6 @@ code that runs on a GPU. The real CUDA recording is exercised by the GPU test at
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np

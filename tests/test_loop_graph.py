@@ -186,3 +186,20 @@ def test_real_loop_graph_equals_the_step_graphs(tiny_sd1_folder):  # pragma: no 
     pipe.cuda_graphs = None
     plain = _gen(pipe, "a blue ball", seed=11, batch_size=2)
     assert float(np.abs(again - plain).mean()) < 2e-3
+
+
+def test_the_loop_joins_recorded_step_graphs_and_leaves_again(tiny_pipe):
+    try:
+        tiny_pipe.enable_cuda_graphs(backend=CPUBackend(), device_type="cpu")
+        _gen(tiny_pipe)
+        unet = tiny_pipe.cuda_graphs["unet"]
+        assert unet.recordings == 1 and not tiny_pipe.enable_loop_graph()  # a CPU pipeline: not for CUDA
+        assert tiny_pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu")
+        assert tiny_pipe.cuda_graphs["unet"] is unet  # the step graphs kept, with their recordings
+        _gen(tiny_pipe)
+        assert tiny_pipe.cuda_graphs["loop"].replays == 1 and unet.replays == 4  # only the first call's steps
+        tiny_pipe.cuda_graphs = {k: v for k, v in tiny_pipe.cuda_graphs.items() if k != "loop"}
+        _gen(tiny_pipe)
+        assert unet.replays == 8
+    finally:
+        tiny_pipe.cuda_graphs = None

@@ -244,6 +244,43 @@ def measure_sdengine(pipe: Any, cfg: dict[str, Any], repeats: int, *, batch8: bo
     return out
 
 
+def measure_graph_loop(pipe: Any, cfg: dict[str, Any], repeats: int, reference: np.ndarray) -> dict[str, Any]:
+    """The same generation with its whole sampling loop replayed as one CUDA graph (fast-path
+    ``cuda_graph_loop``, sdengine.pipeline.loop_graph) on top of ``pipe``'s graphs: image time (warm-up apart),
+    batch 8, the image against ``reference`` (the step graphs' image), where its time goes
+    (:func:`sdengine.bench_timeline.profile_image`). The loop is dropped again afterwards."""
+    if not pipe.enable_loop_graph():
+        return {"skipped": f"CUDA only (the pipeline is on {pipe.device})"}
+    try:
+        loop = pipe.cuda_graphs["loop"]
+        gen = sdengine_gen(pipe, cfg, 1)
+        t0 = time.perf_counter()
+        image = gen()
+        warm = time.perf_counter() - t0
+        times = timed(gen, pipe.device, repeats)
+        out: dict[str, Any] = {
+            "warmup_s": warm,
+            "image_s": statistics.median(times),
+            "image_all_s": times,
+            "vs_step_graphs_mean_abs": mean_abs(image, reference),
+        }
+        out.update(measure_batch(sdengine_gen(pipe, cfg, 8), pipe.device, 8, max(2, repeats // 2)))
+        out.update({"recordings": loop.recordings, "replays": loop.replays})
+        out["image_timeline"] = _timeline(pipe, cfg)
+        return out
+    finally:
+        pipe.cuda_graphs = {k: v for k, v in pipe.cuda_graphs.items() if k != "loop"}
+
+
+def _timeline(pipe: Any, cfg: dict[str, Any]) -> dict[str, Any] | str:
+    from sdengine.bench_timeline import profile_image
+
+    try:
+        return profile_image(pipe, sdengine_gen(pipe, cfg, 1))
+    except Exception as e:  # noqa: BLE001 - a diagnosis, never a reason to lose the phase's timings
+        return f"{type(e).__name__}: {e}"
+
+
 def measure_batch(gen: Callable[[], Any], device: Any, batch: int, repeats: int) -> dict[str, Any]:
     gen()  # warm-up (records the batch's graphs, picks its cuDNN algorithms)
     t = statistics.median(timed(gen, device, repeats))
@@ -299,6 +336,12 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
             out["unet_step_kernels"] = kernel_profile(pipe, cfg)
         except Exception as e:  # noqa: BLE001 - the profile is a diagnosis, never a reason to lose the run
             out["unet_step_kernels"] = f"{type(e).__name__}: {e}"
+        out["image_timeline"] = _timeline(pipe, cfg)
+        if pipe.cuda_graphs is not None:  # the compiled networks inside one recorded loop
+            try:
+                out["graph_loop"] = measure_graph_loop(pipe, cfg, int(job["repeats"]), out["_image"])
+            except Exception as e:  # noqa: BLE001 - as above
+                out["graph_loop"] = f"{type(e).__name__}: {e}"
     np.save(job["image_path"], out.pop("_image"))
     latent = out.pop("_latent")
     if latent is not None:
@@ -514,11 +557,16 @@ def run_gpu_bench(
 
                 state["sdpa"] = min(by_kernel, key=lambda k: by_kernel[k])
                 use_backend(state["sdpa"])
+        res["image_timeline"] = _timeline(pipe, cfg)
+        try:
+            res["graph_loop"] = measure_graph_loop(pipe, cfg, repeats, res["_image"])
+        except Exception as e:  # noqa: BLE001 - a phase of its own in all but name: the graphs' timings stand
+            res["graph_loop"] = f"{type(e).__name__}: {e}"
         held.pop("eager", None)
         del pipe
         return res
 
-    run.phase("sdengine_graphs", 40, sd_graphs)
+    run.phase("sdengine_graphs", 55, sd_graphs)
     run.data["sdpa_used"] = state["sdpa"]  # by every later engine (and the compiled processes)
     _free(device)
 

@@ -272,11 +272,24 @@ class Pipeline:
                 graphs[name] = GraphedCallable(
                     enc, module=enc, name=name.replace("_", " "), guard=_no_extra_tokens(enc), **opts
                 )
-        if loop:
-            from sdengine.pipeline.loop_graph import SamplingLoopGraph
-
-            graphs["loop"] = SamplingLoopGraph(self._loop_run, module=self.unet, **opts)
         self.cuda_graphs = graphs  # routes the text encoders' calls (the setter below)
+        if loop:
+            self.enable_loop_graph(backend=backend, device_type=device_type)
+        return True
+
+    def enable_loop_graph(self, *, backend: Any = None, device_type: str = "cuda") -> bool:
+        """Replay a generation's whole sampling loop as one CUDA graph where it can
+        (:mod:`sdengine.pipeline.loop_graph`), beside the networks' own graphs (enabled here if they are not yet).
+        Returns False, changing nothing, when the pipeline is not on ``device_type``. Drop it again with
+        ``pipe.cuda_graphs = {k: v for k, v in pipe.cuda_graphs.items() if k != "loop"}``."""
+        if self.device.type != device_type:
+            return False
+        from sdengine.pipeline.loop_graph import SamplingLoopGraph
+
+        if self.cuda_graphs is None:
+            self.enable_cuda_graphs(backend=backend, device_type=device_type)
+        loop = SamplingLoopGraph(self._loop_run, module=self.unet, backend=backend, device_type=device_type)
+        self.cuda_graphs = {**(self.cuda_graphs or {}), "loop": loop}
         return True
 
     @property
