@@ -203,3 +203,25 @@ def test_the_loop_joins_recorded_step_graphs_and_leaves_again(tiny_pipe):
         assert unet.replays == 8
     finally:
         tiny_pipe.cuda_graphs = None
+
+
+def test_a_loop_that_cannot_be_recorded_warns_once_and_goes_back_to_the_step_graphs(tiny_pipe, caplog):
+    def refuses(fn, warmup):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    try:
+        tiny_pipe.enable_cuda_graphs(backend=CPUBackend(), device_type="cpu")
+        tiny_pipe.enable_loop_graph(backend=refuses, device_type="cpu")
+        loop, unet = tiny_pipe.cuda_graphs["loop"], tiny_pipe.cuda_graphs["unet"]
+        with caplog.at_level("WARNING"):
+            first = _gen(tiny_pipe)  # ran plainly inside the loop graph's fall-back: the right image
+            second = _gen(tiny_pipe)
+        assert [r.getMessage() for r in caplog.records if "sampling loop" in r.getMessage()] == [
+            "sampling loop: CUDA graph not recorded (RuntimeError: operation not permitted when stream is "
+            "capturing); running it without one"
+        ]
+        assert loop.recordings == 0 and unet.replays == 4  # the second image: the step graphs, 4 steps
+        np.testing.assert_array_equal(first, _plain(tiny_pipe))
+        np.testing.assert_array_equal(second, first)
+    finally:
+        tiny_pipe.cuda_graphs = None

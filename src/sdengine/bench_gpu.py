@@ -608,7 +608,7 @@ def run_gpu_bench(
             "repeats": repeats,
             "sdpa": state["sdpa"],
             "batch8": batch8,
-            "profile": label == "warm cache",
+            "profile": label in ("warm cache", "aot warm"),  # the kernels, the timeline, the loop as one graph
             "image_path": str(image_path),
             "started": time.time(),  # the child's first image is timed from here
         }

@@ -753,10 +753,13 @@ class Pipeline:
         )
         init_latent = start.init_latent if start.from_init else None
         try:
+            x_loop = None
             if replay_loop:  # every step in one replay (sdengine.pipeline.loop_graph); the callback once, at the end
                 assert loop is not None
                 plan = self._loop_plan(p, init_latent is not None, first)
-                x = loop(plan, start.noise, init_latent, cond, uncond)
+                x_loop = loop(plan, start.noise, init_latent, cond, uncond)
+            if x_loop is not None:
+                x = x_loop
                 if on_step(run_steps - 1, float(grid.sigmas[-1]), x, x) is False:
                     raise SamplingInterrupted(run_steps - 1, x, x)
             else:

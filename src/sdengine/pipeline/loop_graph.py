@@ -16,8 +16,10 @@ Requests that differ only in prompt, negative prompt or seed replay the same gra
 Only a loop that replays exactly is recorded (:func:`deterministic` and the pipeline's checks): not an ancestral
 or SDE sampler (each step draws noise from the rows' CPU generators, which a graph cannot call), nor DDIM with
 ``eta``; not with ControlNets, prompt editing, inpainting's blend, or a U-Net hooked by a LoRA; everything else
-runs as without this option. A replay cannot stop between its steps: a step callback (progress, previews, a
-server's cancel) is called once, after the last step.
+runs as without this option. A plan whose recording fails (something in the loop waits on the CPU) runs
+plainly that once, with one warning, and the pipeline's own path (the step graphs) from then on. A replay cannot
+stop between its steps: a step callback (progress, previews, a server's cancel) is called once, after the last
+step.
 
 On the CPU nothing is recorded (the option is skipped); the tests run this code with a stand-in recorder
 (tests/test_loop_graph.py), and the GPU bench times it (``graph_loop`` in the graphs phase, docs/gpu.md).
@@ -32,7 +34,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from sdengine.cuda_graphs import Backend, GraphedCallable
+from sdengine.cuda_graphs import Backend, GraphedCallable, call_signature
 from sdengine.diffusion import sampling
 
 # (plan, start noise, img2img start latent or None, conditioning, unconditional conditioning) -> final latent
@@ -118,6 +120,7 @@ class SamplingLoopGraph:
         # it recorded, and the tests' stand-in recorder re-runs Python with this plan, so a setting missing from
         # the key shows there as a wrong image rather than being read afresh.
         self.plans: dict[str, LoopPlan] = {}
+        self.refused: set[str] = set()  # plan keys whose recording failed: the pipeline's own path runs them
         self.graphed = GraphedCallable(
             self._call,
             module=module,
@@ -152,14 +155,22 @@ class SamplingLoopGraph:
         init_latent: Tensor | None,
         cond: Mapping[str, Tensor],
         uncond: Mapping[str, Tensor],
-    ) -> Tensor:
+    ) -> Tensor | None:
+        """The final latent, from the loop's recording for this plan and these shapes (recorded first if new);
+        None when this plan's recording failed before: the caller runs its own path (the step graphs)."""
         key = plan.key
+        if key in self.refused:
+            return None
         self.plans.setdefault(key, plan)
         if len(self.plans) > 64:  # keep the plans of the kept recordings (and this one)
             kept = {k for k in self.plans if any(k == _plan_of(sig) for sig in self.graphed.graphs)}
             self.plans = {k: v for k, v in self.plans.items() if k in kept or k == key}
         flat = {f"cond.{k}": v for k, v in cond.items()} | {f"uncond.{k}": v for k, v in uncond.items()}
-        return self.graphed(noise, init_latent, plan=key, **flat)
+        out = self.graphed(noise, init_latent, plan=key, **flat)
+        sig = call_signature((noise, init_latent), {"plan": key, **flat})
+        if sig is not None and sig[0] in self.graphed.eager:  # recording failed (one warning): ran plainly this once
+            self.refused.add(key)
+        return out
 
     def _call(self, noise: Tensor, init_latent: Tensor | None, *, plan: str, **flat: Tensor) -> Tensor:
         cond = {k.removeprefix("cond."): v for k, v in flat.items() if k.startswith("cond.")}
