@@ -1,4 +1,5 @@
-"""A stand-in for CUDA graph recording on the CPU (the backend of sdengine.cuda_graphs.GraphedCallable).
+"""A stand-in for CUDA graph recording on the CPU (the backend of sdengine.cuda_graphs.GraphedCallable), and a
+check of what a recording could not contain (:class:`HostTraffic`, with the ``meta`` device playing the GPU).
 
 A CUDA graph cannot be recorded without a GPU, so tests replace the recording backend by one with the same
 contract: it runs the function ``warmup`` times, keeps the output of one more call as the static output, and its
@@ -11,6 +12,7 @@ import dataclasses
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _copy_into(dst: Any, src: Any) -> None:
@@ -42,3 +44,25 @@ class CPUBackend:
             _copy_into(out, fn())
 
         return replay, out
+
+
+class HostTraffic(TorchDispatchMode):
+    """Every operation that would copy between the host and the device, with the device played by ``meta``: a
+    tensor read back (``item``, ``float``, ``bool``) or a host tensor copied over. Inside a CUDA graph's
+    recording either one fails (a read back waits on the GPU; a copy from pageable host memory too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        name = str(func.overloadpacket.__name__)
+        if name == "_local_scalar_dense" and any(t.device.type == "meta" for t in tensors):
+            self.seen.append(f"{name}: a device tensor read back")  # (the call below then fails on meta)
+        out = func(*args, **kwargs)
+        if name in ("to", "_to_copy", "copy_") and isinstance(out, torch.Tensor) and out.device.type == "meta":
+            if any(t.device.type == "cpu" for t in tensors):
+                self.seen.append(f"{name}: host tensor of shape {tuple(tensors[0].shape)} copied to the device")
+        return out

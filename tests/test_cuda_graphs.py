@@ -373,3 +373,43 @@ def test_compile_and_aot_together_are_refused_in_one_line():
     with pytest.raises(UsageError, match="compile and aot are two ways to compile the same networks"):
         parse_options("aot,compile")
     assert parse_options("cuda_graphs, aot") == ("aot", "cuda_graphs")  # applied in OPTIONS' order
+
+
+def _on_meta(module):
+    import copy
+
+    return copy.deepcopy(module).to("meta")
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_graphed_networks_never_read_the_device_nor_copy_from_the_host(kind, tiny_sd1_folder, tmp_path):
+    """Each call the pipeline records (the U-Net step, the VAE decode, the text encoders), with its arguments as the
+    pipeline passes them, run with the ``meta`` device as the GPU: nothing in it may wait on the device or copy
+    from the host (either would make the CUDA recording fail, or replay a stale value)."""
+    from _cpu_graphs import HostTraffic
+
+    if kind == "sdxl":
+        from _sdxl_models import make_sdxl_folder
+
+        folder = make_sdxl_folder(tmp_path / "tiny-sdxl")
+    else:
+        folder = tiny_sd1_folder
+    pipe = sdengine.load_pipeline(folder, device="cpu", dtype="fp32", fast_path="none")
+    unet, vae = _on_meta(pipe.unet), _on_meta(pipe.vae)
+    encoders = [_on_meta(pipe.text_encoder)] + ([_on_meta(pipe.text_encoder_2)] if kind == "sdxl" else [])
+    meta = {"device": "meta"}
+    ctx = torch.zeros(2, 77, unet.config.cross_attention_dim, **meta)
+    step_kw: dict[str, Any] = {"encoder_hidden_states": ctx}
+    if unet.config.projection_class_embeddings_input_dim is not None:  # SDXL's pooled text + size vector
+        step_kw["class_labels"] = torch.zeros(2, unet.config.projection_class_embeddings_input_dim, **meta)
+    ids = torch.zeros(2, 77, dtype=torch.long, **meta)
+    with torch.inference_mode(), HostTraffic() as traffic:
+        out = unet(torch.zeros(2, 4, 8, 8, **meta), torch.full((2,), 500.0, **meta), **step_kw)
+        img = vae.decode(torch.zeros(1, 4, 8, 8, **meta))
+        if kind == "sdxl":  # called as the SDXL conditioner calls them
+            states = [enc(ids, output_hidden_states=True).hidden_states[-2] for enc in encoders]
+        else:  # as sdengine.prompts.encode_chunks calls it
+            states = [encoders[0](ids, clip_skip=1).last_hidden_state]
+    assert out.shape == (2, 4, 8, 8) and img.shape[-1] == 8 * pipe.vae_scale_factor
+    assert all(s.shape[:2] == (2, 77) for s in states)
+    assert traffic.seen == []

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import sdengine
-from _cpu_graphs import CPUBackend
+from _cpu_graphs import CPUBackend, HostTraffic
 from sdengine.pipeline import Cancelled
 from sdengine.pipeline.loop_graph import LoopPlan, deterministic
 
@@ -225,3 +225,48 @@ def test_a_loop_that_cannot_be_recorded_warns_once_and_goes_back_to_the_step_gra
         np.testing.assert_array_equal(second, first)
     finally:
         tiny_pipe.cuda_graphs = None
+
+
+@pytest.mark.parametrize(
+    "sampler,extra",
+    [
+        ("dpmpp_2m", {}),
+        ("euler", {}),
+        ("heun", {}),
+        ("dpm2", {}),
+        ("lms", {}),
+        ("unipc", {}),
+        ("ddim", {}),
+        ("plms", {}),
+        ("dpmpp_2m", {"rescale": 0.7}),
+        ("euler", {"img2img": True}),
+    ],
+    ids=lambda v: v if isinstance(v, str) else ",".join(v) or "-",
+)
+def test_a_recorded_loop_never_reads_the_device_nor_copies_from_the_host(tiny_sd1_folder, sampler, extra):
+    import copy
+
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="none")
+    pipe.unet = copy.deepcopy(pipe.unet).to("meta")  # the device: shapes, no data
+    steps, img2img = 5, bool(extra.get("img2img"))
+    plan = LoopPlan.of(
+        sampler=sampler,
+        steps=steps,
+        schedule="karras" if sampler in ("dpmpp_2m", "euler") else "normal",
+        scheduler_config=pipe.scheduler_config,
+        cfg_scale=6.0,
+        rescale=float(extra.get("rescale", 0.0)),
+        sampler_options=None,
+        strength=0.6 if img2img else 1.0,
+        start_step=2 if img2img else None,
+        dtype=pipe.dtype,
+    )
+    width = pipe.unet.config.cross_attention_dim
+    noise = torch.zeros(2, 4, 8, 8, device="meta")
+    init = torch.zeros(2, 4, 8, 8, device="meta") if img2img else None
+    cond = {"crossattn": torch.zeros(2, 77, width, device="meta")}
+    uncond = {"crossattn": torch.zeros(2, 77, width, device="meta")}
+    with torch.inference_mode(), HostTraffic() as traffic:
+        out = pipe.run_loop_plan(plan, noise, init, cond, uncond)
+    assert out.device.type == "meta" and out.shape == noise.shape
+    assert traffic.seen == []

@@ -94,11 +94,20 @@ class CFGDenoiser:
     def _rescale(self, x: Tensor, sigma: Tensor, x0_c: Tensor, x0_g: Tensor) -> Tensor:
         # The std matching acts on the network's own output (eps or v), as diffusers applies it; x0 is
         # affine in that output, x0 = c_skip x + c_out F, so go there and back.
-        c_skip, c_out, _ = vp_scalings(sigma.to(x.device), self.prediction)
+        c_skip, c_out, _ = vp_scalings(sigma, self.prediction)  # on the CPU, where sigma is
         shape = (-1,) + (1,) * (x.ndim - 1)
-        c_skip, c_out = c_skip.reshape(shape), c_out.reshape(shape)
+        c_skip, c_out = _on_device_of(c_skip, x).reshape(shape), _on_device_of(c_out, x).reshape(shape)
         f_c, f_g = (x0_c - c_skip * x) / c_out, (x0_g - c_skip * x) / c_out
         dims = tuple(range(1, x.ndim))
         std_c, std_g = f_c.std(dim=dims, keepdim=True), f_g.std(dim=dims, keepdim=True)
         f = self.rescale * f_g * (std_c / std_g) + (1 - self.rescale) * f_g
         return c_skip * x + c_out * f
+
+
+def _on_device_of(v: Tensor, like: Tensor) -> Tensor:
+    """A small CPU tensor on ``like``'s device: one fill when its values are all equal (every sampler step: no
+    copy from the host, which a CUDA graph could not record), else a copy."""
+    flat = v.reshape(-1)
+    if flat.numel() and bool((flat == flat[0]).all()):
+        return torch.full(v.shape, float(flat[0]), dtype=v.dtype, device=like.device)
+    return v.to(like.device)

@@ -288,7 +288,7 @@ class Pipeline:
 
         if self.cuda_graphs is None:
             self.enable_cuda_graphs(backend=backend, device_type=device_type)
-        loop = SamplingLoopGraph(self._loop_run, module=self.unet, backend=backend, device_type=device_type)
+        loop = SamplingLoopGraph(self.run_loop_plan, module=self.unet, backend=backend, device_type=device_type)
         self.cuda_graphs = {**(self.cuda_graphs or {}), "loop": loop}
         return True
 
@@ -756,7 +756,7 @@ class Pipeline:
             x_loop = None
             if replay_loop:  # every step in one replay (sdengine.pipeline.loop_graph); the callback once, at the end
                 assert loop is not None
-                plan = self._loop_plan(p, init_latent is not None, first)
+                plan = self.loop_plan(p, init_latent is not None, first)
                 x_loop = loop(plan, start.noise, init_latent, cond, uncond)
             if x_loop is not None:
                 x = x_loop
@@ -801,7 +801,9 @@ class Pipeline:
         den = Denoiser(model, self.noise_schedule, self.prediction_type)
         return CFGDenoiser(den, cfg_scale, uncond, rescale=rescale)
 
-    def _loop_plan(self, p: Prepared, from_init: bool, first: int) -> LoopPlan:
+    def loop_plan(self, p: Prepared, from_init: bool, first: int) -> LoopPlan:
+        """The settings a recorded sampling loop of ``p`` bakes in (:class:`sdengine.pipeline.loop_graph.LoopPlan`):
+        ``from_init``, an img2img start; ``first``, its first step."""
         r = p.request
         return LoopPlan.of(
             sampler=p.sampler,
@@ -816,11 +818,12 @@ class Pipeline:
             dtype=self.dtype,
         )
 
-    def _loop_run(
+    def run_loop_plan(
         self, plan: LoopPlan, noise: Tensor, init_latent: Tensor | None, cond: Conditioning, uncond: Conditioning
     ) -> Tensor:
-        """What the loop graph records: the sampling call of :meth:`_sample_rows` with the plain network (or its
-        ahead-of-time package), no generators (a deterministic sampler draws none) and no callback."""
+        """What the loop graph records: a generation's sampling call for ``plan`` with the plain network (or its
+        ahead-of-time package), no generators (a deterministic sampler draws none) and no callback; the final
+        latent of the start ``noise`` (and img2img ``init_latent``) under the conditioning pair."""
         graphs = self.cuda_graphs or {}
         net = graphs["unet"].fn if "unet" in graphs else self.unet
         return sampling.sample(
