@@ -18,7 +18,7 @@ from PIL import Image
 import sdengine
 from _cpu_graphs import CPUBackend, HostTraffic
 from sdengine.pipeline import Cancelled
-from sdengine.pipeline.loop_graph import LoopPlan, deterministic
+from sdengine.pipeline.loop_graph import LoopPlan
 
 
 @pytest.fixture(scope="module")
@@ -95,17 +95,42 @@ def test_img2img_replays_with_its_strength_in_the_key(looped):
 @pytest.mark.parametrize(
     "kw",
     [
-        {"sampler": "euler_a"},  # draws noise every step from the rows' CPU generators
+        {"sampler": "euler_a"},
+        {"sampler": "dpm2_a"},
+        {"sampler": "dpmpp_2m_sde"},
+        {"sampler": "dpmpp_sde"},  # two draws a step
+        {"sampler": "ddpm"},
         {"sampler": "ddim", "sampler_options": {"eta": 0.5}},
-        {"prompt": "a [red:blue:2] cube"},  # prompt editing: the text changes per step
+        {"sampler": "euler_a", "init": True},
     ],
-    ids=["ancestral", "ddim-eta", "prompt-editing"],
+    ids=lambda kw: "-".join(str(v) for v in kw.values()),
 )
-def test_what_a_graph_cannot_replay_runs_as_before(looped, kw):
+def test_samplers_that_draw_noise_every_step_replay_with_the_same_numbers(looped, kw):
+    """Their per-step noise is drawn before the replay from the rows' generators, in the sampler's order."""
+    kw = dict(kw)
+    if kw.pop("init", False):
+        rng = np.random.default_rng(1)
+        kw.update(init_image=Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), strength=0.7)
     loop = looped.cuda_graphs["loop"]
-    image = _gen(looped, **kw)
-    assert loop.recordings == 0 and loop.replays == 0
-    np.testing.assert_array_equal(image, _plain(looped, **kw))
+    first = _gen(looped, batch_size=2, **kw)
+    other = _gen(looped, "a blue ball", seed=11, batch_size=2, **kw)
+    assert (loop.recordings, loop.replays) == (1, 2)
+    np.testing.assert_array_equal(first, _plain(looped, batch_size=2, **kw))
+    np.testing.assert_array_equal(other, _plain(looped, prompt="a blue ball", seed=11, batch_size=2, **kw))
+
+
+def test_what_a_graph_cannot_replay_runs_as_before(looped):
+    loop = looped.cuda_graphs["loop"]
+    rng = np.random.default_rng(2)
+    init = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.pad(np.full((32, 32), 255, np.uint8), 16))
+    for kw in (
+        {"prompt": "a [red:blue:2] cube"},  # prompt editing: the text changes per step
+        {"init_image": init, "mask": mask, "strength": 0.8},  # inpainting's blend with the init image each step
+    ):
+        image = _gen(looped, **kw)
+        assert loop.recordings == 0 and loop.replays == 0, kw
+        np.testing.assert_array_equal(image, _plain(looped, **kw))
 
 
 def test_a_lora_hook_sends_the_loop_back_to_the_plain_path(looped):
@@ -144,7 +169,7 @@ def test_the_step_callback_runs_once_after_the_last_step_and_can_still_cancel(lo
         _gen(looped, callback=lambda info: False)
 
 
-def test_plans_and_the_deterministic_check():
+def test_plan_keys_follow_every_setting():
     base = dict(
         sampler="dpmpp_2m",
         steps=20,
@@ -161,8 +186,6 @@ def test_plans_and_the_deterministic_check():
     assert LoopPlan.of(**base).key == key
     for field, value in [("cfg_scale", 7.5), ("steps", 21), ("scheduler_config", {"beta_end": 0.02})]:
         assert LoopPlan.of(**{**base, field: value}).key != key
-    assert deterministic("dpmpp_2m", "karras", None) and deterministic("ddim", "normal", {"eta": 0})
-    assert not deterministic("euler_a", "normal", None) and not deterministic("ddim", "normal", {"eta": 0.3})
 
 
 def test_the_fast_path_option_is_cuda_only_and_implies_graphs(tiny_sd1_folder):
@@ -240,6 +263,9 @@ def test_a_loop_that_cannot_be_recorded_warns_once_and_goes_back_to_the_step_gra
         ("plms", {}),
         ("dpmpp_2m", {"rescale": 0.7}),
         ("euler", {"img2img": True}),
+        ("euler_a", {}),
+        ("dpmpp_sde", {}),
+        ("ddim", {"eta": 0.5}),
     ],
     ids=lambda v: v if isinstance(v, str) else ",".join(v) or "-",
 )
@@ -256,7 +282,7 @@ def test_a_recorded_loop_never_reads_the_device_nor_copies_from_the_host(tiny_sd
         scheduler_config=pipe.scheduler_config,
         cfg_scale=6.0,
         rescale=float(extra.get("rescale", 0.0)),
-        sampler_options=None,
+        sampler_options={"eta": extra["eta"]} if "eta" in extra else None,
         strength=0.6 if img2img else 1.0,
         start_step=2 if img2img else None,
         dtype=pipe.dtype,
@@ -266,7 +292,10 @@ def test_a_recorded_loop_never_reads_the_device_nor_copies_from_the_host(tiny_sd
     init = torch.zeros(2, 4, 8, 8, device="meta") if img2img else None
     cond = {"crossattn": torch.zeros(2, 77, width, device="meta")}
     uncond = {"crossattn": torch.zeros(2, 77, width, device="meta")}
+    k = pipe.noise_draws(plan)
+    assert (k > 0) == (sampler in ("euler_a", "dpmpp_sde") or "eta" in extra)
+    draws = torch.zeros(k, 2, 4, 8, 8, device="meta") if k else None
     with torch.inference_mode(), HostTraffic() as traffic:
-        out = pipe.run_loop_plan(plan, noise, init, cond, uncond)
+        out = pipe.run_loop_plan(plan, noise, init, cond, uncond, draws)
     assert out.device.type == "meta" and out.shape == noise.shape
     assert traffic.seen == []

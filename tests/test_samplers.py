@@ -207,3 +207,45 @@ def test_bad_input_is_a_one_line_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
         _call(**kwargs)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", [n for n, spec in sampling.SAMPLERS.items() if spec.stochastic] + ["ddim"])
+@pytest.mark.parametrize("img2img", [False, True])
+def test_noise_drawn_beforehand_gives_the_same_sample_and_uses_the_generators_alike(name, img2img):
+    """A NoiseBank holding sampling.noise_draws(...) draws, made in order by row_noise from the rows' generators,
+    stands in for the generators exactly (what a sampling loop recorded as a CUDA graph reads)."""
+    ns = NoiseSchedule.from_config(**SD_CONFIG)
+    options = {"eta": 0.7} if name == "ddim" else None
+    common = dict(
+        sampler=name, steps=7, noise_schedule=ns, scheduler_config=SD_CONFIG, sampler_options=options, strength=0.6
+    )
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+    init = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(6)) if img2img else None
+
+    def den(z, sigma, **_):
+        return z * 0.3 + 0.1
+
+    live = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    expected = sampling.sample(den, x, generators=live, init_latent=init, **common)
+    k = sampling.noise_draws(img2img=img2img, **common)
+    before = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    bank = S.NoiseBank(torch.stack([S.row_noise(before, (3, 4, 4)) for _ in range(k)]), 2) if k else None
+    got = sampling.sample(den, x, generators=bank, init_latent=init, **common)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert k > 0 and bank is not None and bank.used == k
+    for a, b in zip(live, before, strict=True):  # the same number of draws from each row's generator
+        assert torch.equal(a.get_state(), b.get_state())
+
+
+def test_a_noise_bank_too_small_or_of_another_batch_is_refused_in_one_line():
+    from sdengine.errors import UsageError
+
+    ns = NoiseSchedule.from_config(**SD_CONFIG)
+    x = torch.zeros(2, 1, 2, 2)
+    k = sampling.noise_draws(sampler="euler_a", steps=4, noise_schedule=ns)
+    assert k == 3  # the last step lands on sigma 0 and draws nothing
+    short = S.NoiseBank(torch.zeros(k - 1, 2, 1, 2, 2), 2)
+    with pytest.raises(UsageError, match="asked for noise draw 3 of a bank of 2"):
+        sampling.sample(lambda z, s, **_: z * 0, x, sampler="euler_a", steps=4, noise_schedule=ns, generators=short)
+    with pytest.raises(UsageError, match=r"noise bank of shape \(3, 1, 1, 2, 2\) for a batch of 2"):
+        S.NoiseBank(torch.zeros(3, 1, 1, 2, 2), 2)

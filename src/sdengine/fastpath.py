@@ -39,9 +39,9 @@ On a CUDA device (docs/performance.md, "GPU", has the H200 numbers and the comma
   compiled kernels.
 * ``cuda_graph_loop`` (implies ``cuda_graphs``): a generation's whole sampling loop, every step's U-Net call,
   guidance and sampler update, replays as one CUDA graph (:mod:`sdengine.pipeline.loop_graph`) where it can:
-  deterministic samplers, no ControlNet, prompt editing, inpainting blend or LoRA hook. A step callback then runs
-  once, after the last step (no live previews; a cancel waits for the image). Not on by default; not measured
-  on a GPU yet.
+  any sampler (the per-step noise drawn beforehand), no ControlNet, prompt editing, inpainting blend or LoRA
+  hook. A step callback then runs once, after the last step (no live previews; a cancel waits for the image).
+  Not on by default; not measured on a GPU yet.
 
 These four change nothing on the CPU (each reports that it was skipped); the others work on either device.
 """
@@ -186,7 +186,7 @@ def apply_fast_path(pipe: Any, options: Iterable[str]) -> list[str]:
         elif name == "cuda_graph_loop":
             if "cuda_graphs" not in names:
                 pipe.enable_cuda_graphs(loop=True)
-            done.append("cuda_graph_loop: the whole sampling loop replayed as one CUDA graph (deterministic samplers)")
+            done.append("cuda_graph_loop: the whole sampling loop replayed as one CUDA graph where it can")
     return done
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ from torch import Tensor
 from sdengine.errors import SdengineError, UsageError
 
 Denoise = Callable[..., Tensor]
+# one CPU generator per batch row, or the per-step noise drawn from them beforehand (NoiseBank)
+Generators: TypeAlias = "Sequence[torch.Generator] | NoiseBank"
 Callback = Callable[[int, float, Tensor, Tensor], "bool | None"]
 
 
@@ -69,6 +71,35 @@ def row_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -> Te
     return torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
 
 
+class NoiseBank:
+    """Per-step noise drawn before sampling, handed to a sampler in place of its ``generators``: the sampler's
+    k-th draw is ``draws[k]`` (each (B, C, H, W), drawn beforehand by :func:`row_noise` from the rows'
+    generators in the order the sampler asks, so the numbers are the ones it would have drawn). What a sampling
+    loop recorded as one CUDA graph reads (sdengine.pipeline.loop_graph): the graph cannot call the CPU
+    generators, but it reads a device tensor refilled before every replay.
+
+    ``draws=None`` counts the draws instead (each one zeros): :func:`sdengine.diffusion.sampling.noise_draws`.
+    """
+
+    def __init__(self, draws: Tensor | None, batch: int) -> None:
+        if draws is not None and (draws.ndim < 2 or draws.shape[1] != batch):
+            raise UsageError(f"noise bank of shape {tuple(draws.shape)} for a batch of {batch}")
+        self.draws = draws
+        self.batch = batch
+        self.used = 0
+
+    def __len__(self) -> int:  # one "generator" per batch row, as sample() checks
+        return self.batch
+
+    def next_noise(self, like: Tensor) -> Tensor:
+        k, self.used = self.used, self.used + 1
+        if self.draws is None:
+            return torch.zeros_like(like)
+        if k >= self.draws.shape[0]:
+            raise UsageError(f"the sampler asked for noise draw {k + 1} of a bank of {self.draws.shape[0]}")
+        return self.draws[k].to(dtype=like.dtype)
+
+
 class _Loop:
     """The bits every sampler shares: float sigmas, the (B,) sigma tensors, noise, callbacks."""
 
@@ -77,7 +108,7 @@ class _Loop:
         denoiser: Denoise,
         x: Tensor,
         sigmas: Tensor,
-        generators: Sequence[torch.Generator] | None,
+        generators: Generators | None,
         callback: Callback | None,
         extra_args: dict[str, Any] | None,
     ) -> None:
@@ -116,6 +147,8 @@ class _Loop:
         """Standard normal noise, each row from its own generator (shape (1, C, H, W) per draw)."""
         if self.generators is None:
             raise UsageError("this sampler draws noise each step: pass generators=[torch.Generator(), ...]")
+        if isinstance(self.generators, NoiseBank):
+            return self.generators.next_noise(x)
         return row_noise(self.generators, tuple(x.shape[1:])).to(device=self.device, dtype=self.dtype)
 
     def done(self, i: int, x: Tensor, denoised: Tensor) -> None:
@@ -148,7 +181,7 @@ def sample_euler(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Generators | None = None,
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
 ) -> Tensor:
@@ -167,7 +200,7 @@ def sample_euler_a(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Generators | None = None,
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
     eta: float = 1.0,
@@ -191,7 +224,7 @@ def sample_ddim(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Generators | None = None,
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
     eta: float = 0.0,
@@ -226,7 +259,7 @@ def sample_ddpm(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Generators | None = None,
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
     clip_denoised: float | None = None,
@@ -260,7 +293,7 @@ def sample_heun(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Generators | None = None,
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
 ) -> Tensor:
@@ -287,7 +320,7 @@ def sample_dpm2(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Generators | None = None,
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
 ) -> Tensor:
@@ -314,7 +347,7 @@ def sample_dpm2_a(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Generators | None = None,
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
     eta: float = 1.0,
@@ -366,7 +399,7 @@ def sample_lms(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Generators | None = None,
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
     order: int = 4,
@@ -394,7 +427,7 @@ def sample_plms(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Generators | None = None,
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
     targets: Tensor | None = None,
@@ -469,7 +502,7 @@ def sample_dpmpp_2m(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Generators | None = None,
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
 ) -> Tensor:
@@ -503,7 +536,7 @@ def sample_dpmpp_2m_sde(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Generators | None = None,
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
     eta: float = 1.0,
@@ -540,7 +573,7 @@ def sample_dpmpp_sde(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Generators | None = None,
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
     eta: float = 1.0,
@@ -596,7 +629,7 @@ def sample_unipc(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Generators | None = None,
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
     order: int = 2,
@@ -678,7 +711,7 @@ def sample_lcm(
     x: Tensor,
     sigmas: Tensor,
     *,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: Generators | None = None,
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
     timesteps: Tensor | None = None,

@@ -27,7 +27,7 @@ All input errors are a one-line ``ValueError`` raised before any model call.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -341,7 +341,7 @@ def sample(
     steps: int,
     schedule: str = "normal",
     scheduler_config: Mapping[str, Any] | None = None,
-    generators: Sequence[torch.Generator] | None = None,
+    generators: S.Generators | None = None,
     callback: S.Callback | None = None,
     extra_args: dict[str, Any] | None = None,
     init_latent: Tensor | None = None,
@@ -429,3 +429,37 @@ def sample(
     )
     # Back to the network's (VP) scaling of the level we stopped at: identity when it is 0.
     return x / math.sqrt(1 + float(sigmas[-1]) ** 2)
+
+
+def noise_draws(
+    *,
+    sampler: str,
+    steps: int,
+    noise_schedule: NoiseSchedule,
+    schedule: str = "normal",
+    scheduler_config: Mapping[str, Any] | None = None,
+    img2img: bool = False,
+    strength: float = 1.0,
+    start_step: int | None = None,
+    sampler_options: Mapping[str, Any] | None = None,
+) -> int:
+    """How many per-step noise draws :func:`sample` makes with these settings (0 for a deterministic sampler):
+    what a :class:`sdengine.diffusion.samplers.NoiseBank` must hold. Found by running the sampler on one
+    1x1 value with a denoiser that answers zeros, counting: which steps draw depends on the sigmas only."""
+    bank = S.NoiseBank(None, 1)
+    one = torch.zeros(1, 1, 1, 1)
+    sample(
+        lambda x, sigma, **_: torch.zeros_like(x),
+        one,
+        sampler=sampler,
+        steps=steps,
+        schedule=schedule,
+        scheduler_config=scheduler_config,
+        generators=bank,
+        init_latent=one if img2img else None,
+        strength=strength,
+        start_step=start_step,
+        noise_schedule=noise_schedule,
+        sampler_options=sampler_options,
+    )
+    return bank.used

@@ -31,7 +31,7 @@ from sdengine import vae_utils
 from sdengine.diffusion import sampling
 from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser
-from sdengine.diffusion.samplers import SamplingInterrupted
+from sdengine.diffusion.samplers import NoiseBank, SamplingInterrupted, row_noise
 from sdengine.diffusion.schedules import NoiseSchedule, img2img_start
 from sdengine.diffusion.variation import variation_noise
 from sdengine.errors import GenerationError
@@ -42,7 +42,7 @@ from sdengine.pipeline.control import ControlUnit, build_controlled_unet
 from sdengine.pipeline.finite import require_finite
 from sdengine.pipeline.infotext import cached_hash, call_parameters, format_infotext, weights_file
 from sdengine.pipeline.latents import InpaintBlend, blur_mask, start_latents
-from sdengine.pipeline.loop_graph import LoopPlan, deterministic
+from sdengine.pipeline.loop_graph import LoopPlan
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.pipeline.result import Cancelled, GenerationResult, StepInfo
 from sdengine.pipeline.unet_adapter import UNetAdapter
@@ -141,6 +141,7 @@ class Pipeline:
         self.noise_schedule = NoiseSchedule.from_config(**self.scheduler_config)
         self.vae_upcast = False  # set once a half-precision decode gave NaN: later decodes go to fp32
         self._cuda_graphs: dict[str, Any] | None = None
+        self._noise_draws: dict[str, int] = {}  # loop plan key -> per-step noise draws (see noise_draws)
         self.cuda_graphs = None  # see the property
         self.aot: dict[str, Any] | None = None  # name -> sdengine.aot.AOTCompiled, once enable_aot() was called
         # A family with its own conditioner (SDXL: two encoders) passes it in; the others are made here.
@@ -748,7 +749,6 @@ class Pipeline:
             and texts is None
             and blend is None
             and start.noise.device.type == loop.device_type
-            and deterministic(p.sampler, p.schedule, r.sampler_options)
             and loop.usable()
         )
         init_latent = start.init_latent if start.from_init else None
@@ -757,7 +757,11 @@ class Pipeline:
             if replay_loop:  # every step in one replay (sdengine.pipeline.loop_graph); the callback once, at the end
                 assert loop is not None
                 plan = self.loop_plan(p, init_latent is not None, first)
-                x_loop = loop(plan, start.noise, init_latent, cond, uncond)
+                # the per-step noise, drawn now from the rows' generators in the order the sampler would draw it
+                shape = tuple(start.noise.shape[1:])
+                k = self.noise_draws(plan)
+                draws = torch.stack([row_noise(gens, shape) for _ in range(k)]).to(dev) if k else None
+                x_loop = loop(plan, start.noise, init_latent, cond, uncond, draws)
             if x_loop is not None:
                 x = x_loop
                 if on_step(run_steps - 1, float(grid.sigmas[-1]), x, x) is False:
@@ -818,12 +822,36 @@ class Pipeline:
             dtype=self.dtype,
         )
 
+    def noise_draws(self, plan: LoopPlan) -> int:
+        """How many per-step noise draws a sampling run of ``plan`` makes (remembered per plan)."""
+        key = plan.key
+        if key not in self._noise_draws:
+            self._noise_draws[key] = sampling.noise_draws(
+                sampler=plan.sampler,
+                steps=plan.steps,
+                noise_schedule=self.noise_schedule,
+                schedule=plan.schedule,
+                scheduler_config=self.scheduler_config,
+                img2img=plan.start_step is not None,
+                strength=plan.strength,
+                start_step=plan.start_step,
+                sampler_options=plan.options(),
+            )
+        return self._noise_draws[key]
+
     def run_loop_plan(
-        self, plan: LoopPlan, noise: Tensor, init_latent: Tensor | None, cond: Conditioning, uncond: Conditioning
+        self,
+        plan: LoopPlan,
+        noise: Tensor,
+        init_latent: Tensor | None,
+        cond: Conditioning,
+        uncond: Conditioning,
+        draws: Tensor | None = None,
     ) -> Tensor:
         """What the loop graph records: a generation's sampling call for ``plan`` with the plain network (or its
-        ahead-of-time package), no generators (a deterministic sampler draws none) and no callback; the final
-        latent of the start ``noise`` (and img2img ``init_latent``) under the conditioning pair."""
+        ahead-of-time package) and no callback; the final latent of the start ``noise`` (and img2img
+        ``init_latent``) under the conditioning pair. ``draws`` (K, B, C, h, w): the per-step noise, drawn
+        beforehand (:meth:`noise_draws` of them), read in place of the rows' generators."""
         graphs = self.cuda_graphs or {}
         net = graphs["unet"].fn if "unet" in graphs else self.unet
         return sampling.sample(
@@ -833,6 +861,7 @@ class Pipeline:
             steps=plan.steps,
             schedule=plan.schedule,
             scheduler_config=self.scheduler_config,
+            generators=None if draws is None else NoiseBank(draws, noise.shape[0]),
             extra_args=cond,
             init_latent=init_latent,
             strength=plan.strength,

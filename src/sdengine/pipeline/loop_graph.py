@@ -10,13 +10,16 @@ A recording keeps what Python computed while it was made: the sigmas and every c
 the guidance scale, which branches the sampler took. So a recording is keyed (:class:`LoopPlan`) by every setting
 those come from (sampler, steps, schedule, scheduler config, guidance scale and rescale, sampler options, img2img
 strength and start step, the network's dtype), and by the shapes of its tensors, which are its inputs: the start
-noise, the img2img start latent, every conditioning tensor (each copied into the graph's buffer at every call).
-Requests that differ only in prompt, negative prompt or seed replay the same graph.
+noise, the img2img start latent, the per-step noise (below), every conditioning tensor (each copied into the
+graph's buffer at every call). Requests that differ only in prompt, negative prompt or seed replay the same graph.
 
-Only a loop that replays exactly is recorded (:func:`deterministic` and the pipeline's checks): not an ancestral
-or SDE sampler (each step draws noise from the rows' CPU generators, which a graph cannot call), nor DDIM with
-``eta``; not with ControlNets, prompt editing, inpainting's blend, or a U-Net hooked by a LoRA; everything else
-runs as without this option. A plan whose recording fails (something in the loop waits on the CPU) runs
+The per-step noise of the ancestral and SDE samplers (Euler a, DPM++ 2M SDE, DDIM with ``eta``, ...) comes from
+the rows' CPU generators, which a graph cannot call: the pipeline draws it all before the replay, in the order
+and from the generators the sampler would have used (the number of draws from
+:func:`sdengine.diffusion.sampling.noise_draws`), and the recorded loop reads it as one more input
+(:class:`sdengine.diffusion.samplers.NoiseBank`): the same numbers, so the same image. Only a loop that replays
+exactly is recorded: not with ControlNets, prompt editing, inpainting's blend, or a U-Net hooked by a LoRA;
+those run as without this option. A plan whose recording fails (something in the loop waits on the CPU) runs
 plainly that once, with one warning, and the pipeline's own path (the step graphs) from then on. A replay cannot
 stop between its steps: a step callback (progress, previews, a server's cancel) is called once, after the last
 step.
@@ -35,10 +38,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from sdengine.cuda_graphs import Backend, GraphedCallable, call_signature
-from sdengine.diffusion import sampling
 
-# (plan, start noise, img2img start latent or None, conditioning, unconditional conditioning) -> final latent
-LoopRunner = Callable[["LoopPlan", Tensor, "Tensor | None", dict[str, Tensor], dict[str, Tensor]], Tensor]
+# (plan, start noise, img2img start latent or None, conditioning, unconditional conditioning, per-step noise draws
+# (K, B, C, h, w) or None) -> final latent
+LoopRunner = Callable[
+    ["LoopPlan", Tensor, "Tensor | None", dict[str, Tensor], dict[str, Tensor], "Tensor | None"], Tensor
+]
 
 
 @dataclass(frozen=True)
@@ -90,14 +95,6 @@ class LoopPlan:
 
     def options(self) -> dict[str, Any] | None:
         return json.loads(self.sampler_options) or None
-
-
-def deterministic(sampler: str, schedule: str, options: Mapping[str, Any] | None) -> bool:
-    """Whether ``sampler`` with ``options`` draws no noise after the start (what a recorded loop needs)."""
-    name, _ = sampling.resolve(sampler, schedule)
-    if sampling.SAMPLERS[name].stochastic:
-        return False
-    return float((options or {}).get("eta", 0.0) or 0.0) == 0.0
 
 
 class SamplingLoopGraph:
@@ -155,6 +152,7 @@ class SamplingLoopGraph:
         init_latent: Tensor | None,
         cond: Mapping[str, Tensor],
         uncond: Mapping[str, Tensor],
+        draws: Tensor | None = None,
     ) -> Tensor | None:
         """The final latent, from the loop's recording for this plan and these shapes (recorded first if new);
         None when this plan's recording failed before: the caller runs its own path (the step graphs)."""
@@ -166,16 +164,18 @@ class SamplingLoopGraph:
             kept = {k for k in self.plans if any(k == _plan_of(sig) for sig in self.graphed.graphs)}
             self.plans = {k: v for k, v in self.plans.items() if k in kept or k == key}
         flat = {f"cond.{k}": v for k, v in cond.items()} | {f"uncond.{k}": v for k, v in uncond.items()}
-        out = self.graphed(noise, init_latent, plan=key, **flat)
-        sig = call_signature((noise, init_latent), {"plan": key, **flat})
+        out = self.graphed(noise, init_latent, draws, plan=key, **flat)
+        sig = call_signature((noise, init_latent, draws), {"plan": key, **flat})
         if sig is not None and sig[0] in self.graphed.eager:  # recording failed (one warning): ran plainly this once
             self.refused.add(key)
         return out
 
-    def _call(self, noise: Tensor, init_latent: Tensor | None, *, plan: str, **flat: Tensor) -> Tensor:
+    def _call(
+        self, noise: Tensor, init_latent: Tensor | None, draws: Tensor | None, *, plan: str, **flat: Tensor
+    ) -> Tensor:
         cond = {k.removeprefix("cond."): v for k, v in flat.items() if k.startswith("cond.")}
         uncond = {k.removeprefix("uncond."): v for k, v in flat.items() if k.startswith("uncond.")}
-        return self.run(self.plans[plan], noise, init_latent, cond, uncond)
+        return self.run(self.plans[plan], noise, init_latent, cond, uncond, draws)
 
 
 def _plan_of(signature: Any) -> str | None:
@@ -186,4 +186,4 @@ def _plan_of(signature: Any) -> str | None:
     return None
 
 
-__all__ = ["LoopPlan", "LoopRunner", "SamplingLoopGraph", "deterministic"]
+__all__ = ["LoopPlan", "LoopRunner", "SamplingLoopGraph"]
