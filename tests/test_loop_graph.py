@@ -198,16 +198,19 @@ def test_the_fast_path_option_is_cuda_only_and_implies_graphs(tiny_sd1_folder):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_real_loop_graph_equals_the_step_graphs(tiny_sd1_folder):  # pragma: no cover - CI has no GPU
+@pytest.mark.parametrize(
+    "kw", [{}, {"sampler": "euler_a"}, {"guidance_rescale": 0.7}], ids=["dpmpp_2m", "euler_a", "rescale"]
+)
+def test_real_loop_graph_equals_the_step_graphs(tiny_sd1_folder, kw):  # pragma: no cover - CI has no GPU
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cuda", dtype="fp16", fast_path="cuda_graphs")
-    steps = _gen(pipe, batch_size=2)
-    pipe.enable_cuda_graphs(loop=True)
+    steps = _gen(pipe, batch_size=2, **kw)
+    pipe.enable_loop_graph()
     loop = pipe.cuda_graphs["loop"]
-    first, again = _gen(pipe, batch_size=2), _gen(pipe, "a blue ball", seed=11, batch_size=2)
-    assert loop.recordings == 1 and loop.replays == 2
+    first, again = _gen(pipe, batch_size=2, **kw), _gen(pipe, "a blue ball", seed=11, batch_size=2, **kw)
+    assert loop.recordings == 1 and loop.replays == 2 and not loop.refused
     assert float(np.abs(first - steps).mean()) < 2e-3
     pipe.cuda_graphs = None
-    plain = _gen(pipe, "a blue ball", seed=11, batch_size=2)
+    plain = _gen(pipe, "a blue ball", seed=11, batch_size=2, **kw)
     assert float(np.abs(again - plain).mean()) < 2e-3
 
 
