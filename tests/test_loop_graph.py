@@ -302,3 +302,17 @@ def test_a_recorded_loop_never_reads_the_device_nor_copies_from_the_host(tiny_sd
         out = pipe.run_loop_plan(plan, noise, init, cond, uncond, draws)
     assert out.device.type == "meta" and out.shape == noise.shape
     assert traffic.seen == []
+
+
+def test_sdxl_loops_replay_with_their_pooled_vector(tmp_path):
+    from _sdxl_models import make_sdxl_folder
+
+    pipe = sdengine.load_pipeline(make_sdxl_folder(tmp_path / "tiny-sdxl"), device="cpu", fast_path="none")
+    kw: dict[str, Any] = {"steps": 3, "width": 32, "height": 32, "progress": False, "sampler": "euler_a"}
+    plain = [pipe("a red apple", "blurry", seed=s, **kw).arrays for s in (2, 3)]
+    pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu")
+    looped = [pipe("a red apple", "blurry", seed=s, **kw).arrays for s in (2, 3)]
+    loop = pipe.cuda_graphs["loop"]
+    assert (loop.recordings, loop.replays) == (1, 2)
+    for a, b in zip(looped, plain, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -826,6 +826,8 @@ class Pipeline:
         """How many per-step noise draws a sampling run of ``plan`` makes (remembered per plan)."""
         key = plan.key
         if key not in self._noise_draws:
+            if len(self._noise_draws) >= 256:  # a server's many settings: counting again costs a millisecond
+                self._noise_draws.clear()
             self._noise_draws[key] = sampling.noise_draws(
                 sampler=plan.sampler,
                 steps=plan.steps,
