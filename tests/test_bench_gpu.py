@@ -142,3 +142,22 @@ def test_cli_phases_only_with_the_gpu_comparison(tmp_path, capsys):
     rc = main(["bench", "--random", "tiny", "--workdir", str(tmp_path), "--phases", "sdengine_eager"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "--phases applies to --device cuda only" in err[0]
+
+
+def test_the_graph_loop_measurement_on_the_cpu_with_a_stand_in_recorder(tiny_folder):
+    """What the graphs phase runs on a GPU (bench_gpu.measure_graph_loop), here recorded by the CPU stand-in."""
+    import numpy as np
+
+    from _cpu_graphs import CPUBackend
+    from sdengine.pipeline import load_pipeline
+
+    pipe = load_pipeline(tiny_folder, device="cpu", dtype="fp32", fast_path="none")
+    cfg = {"size": 32, "steps": 2, "sampler": "dpmpp_2m", "cfg": 7.5, "seed": 0}
+    reference = bench_gpu.sdengine_gen(pipe, cfg, 1)()
+    pipe.enable_cuda_graphs(backend=CPUBackend(), device_type="cpu")
+    res = bench_gpu.measure_graph_loop(pipe, cfg, 2, reference, backend=CPUBackend(), device_type="cpu")
+    assert res["vs_step_graphs_mean_abs"] == 0.0 and res["image_s"] > 0 and res["batch8_images_per_s"] > 0
+    assert res["recordings"] == 2 and res["replays"] >= 5  # batch 1 and batch 8; warm-up, 2 timed, batch 8 runs
+    assert isinstance(res["image_timeline"], dict) and res["image_timeline"]["stages"]["sampling"]["cpu_ms"] > 0
+    assert "loop" not in pipe.cuda_graphs  # dropped again: the phase's later measurements use the step graphs
+    assert np.array_equal(bench_gpu.sdengine_gen(pipe, cfg, 1)(), reference)

@@ -244,12 +244,21 @@ def measure_sdengine(pipe: Any, cfg: dict[str, Any], repeats: int, *, batch8: bo
     return out
 
 
-def measure_graph_loop(pipe: Any, cfg: dict[str, Any], repeats: int, reference: np.ndarray) -> dict[str, Any]:
+def measure_graph_loop(
+    pipe: Any,
+    cfg: dict[str, Any],
+    repeats: int,
+    reference: np.ndarray,
+    *,
+    backend: Any = None,
+    device_type: str = "cuda",
+) -> dict[str, Any]:
     """The same generation with its whole sampling loop replayed as one CUDA graph (fast-path
     ``cuda_graph_loop``, sdengine.pipeline.loop_graph) on top of ``pipe``'s graphs: image time (warm-up apart),
     batch 8, the image against ``reference`` (the step graphs' image), where its time goes
-    (:func:`sdengine.bench_timeline.profile_image`). The loop is dropped again afterwards."""
-    if not pipe.enable_loop_graph():
+    (:func:`sdengine.bench_timeline.profile_image`). The loop is dropped again afterwards. ``backend`` and
+    ``device_type``: how the loop is recorded (the tests record on the CPU with a stand-in)."""
+    if not pipe.enable_loop_graph(backend=backend, device_type=device_type):
         return {"skipped": f"CUDA only (the pipeline is on {pipe.device})"}
     try:
         loop = pipe.cuda_graphs["loop"]
