@@ -752,11 +752,11 @@ class Pipeline:
             and loop.usable()
         )
         init_latent = start.init_latent if start.from_init else None
+        plan = self.loop_plan(p, init_latent is not None, first)
         try:
             x_loop = None
             if replay_loop:  # every step in one replay (sdengine.pipeline.loop_graph); the callback once, at the end
                 assert loop is not None
-                plan = self.loop_plan(p, init_latent is not None, first)
                 # the per-step noise, drawn now from the rows' generators in the order the sampler would draw it
                 shape = tuple(start.noise.shape[1:])
                 k = self.noise_draws(plan)
@@ -767,22 +767,7 @@ class Pipeline:
                 if on_step(run_steps - 1, float(grid.sigmas[-1]), x, x) is False:
                     raise SamplingInterrupted(run_steps - 1, x, x)
             else:
-                x = sampling.sample(
-                    den,
-                    start.noise,
-                    sampler=p.sampler,
-                    steps=steps,
-                    schedule=p.schedule,
-                    scheduler_config=self.scheduler_config,
-                    generators=gens,
-                    callback=on_step,
-                    extra_args=cond,
-                    init_latent=init_latent,
-                    strength=strength if start.from_init else 1.0,
-                    start_step=first if start.from_init else None,
-                    noise_schedule=self.noise_schedule,
-                    sampler_options=dict(r.sampler_options or {}) or None,
-                )
+                x = self.sample_plan(den, plan, start.noise, init_latent, cond, generators=gens, callback=on_step)
         except SamplingInterrupted as e:
             raise Cancelled(e.step + 1, run_steps, vae_utils.latent_preview(e.denoised)) from None
         finally:
@@ -856,14 +841,32 @@ class Pipeline:
         beforehand (:meth:`noise_draws` of them), read in place of the rows' generators."""
         graphs = self.cuda_graphs or {}
         net = graphs["unet"].fn if "unet" in graphs else self.unet
+        den = self.guided_denoiser(plan.cfg_scale, uncond, plan.rescale, net=net)
+        bank = None if draws is None else NoiseBank(draws, noise.shape[0])
+        return self.sample_plan(den, plan, noise, init_latent, cond, generators=bank)
+
+    def sample_plan(
+        self,
+        denoiser: Any,
+        plan: LoopPlan,
+        noise: Tensor,
+        init_latent: Tensor | None,
+        cond: Conditioning,
+        *,
+        generators: Any = None,
+        callback: Any = None,
+    ) -> Tensor:
+        """THE sampling call of a generation (``sampling.sample`` with ``plan``'s settings), whether it runs as it
+        is or is recorded as one graph (:meth:`run_loop_plan`)."""
         return sampling.sample(
-            self.guided_denoiser(plan.cfg_scale, uncond, plan.rescale, net=net),
+            denoiser,
             noise,
             sampler=plan.sampler,
             steps=plan.steps,
             schedule=plan.schedule,
             scheduler_config=self.scheduler_config,
-            generators=None if draws is None else NoiseBank(draws, noise.shape[0]),
+            generators=generators,
+            callback=callback,
             extra_args=cond,
             init_latent=init_latent,
             strength=plan.strength,

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from torch import Tensor, nn
@@ -48,8 +48,9 @@ LoopRunner = Callable[
 
 @dataclass(frozen=True)
 class LoopPlan:
-    """Every setting a recorded loop bakes in (see the module docstring); two requests with equal plans and
-    equally shaped tensors replay the same graph."""
+    """Every setting of a generation's sampling call besides its tensors (``Pipeline.sample_plan`` runs it), and
+    so everything a recorded loop bakes in (see the module docstring): two requests with equal plans and equally
+    shaped tensors replay the same graph."""
 
     sampler: str
     steps: int
@@ -61,6 +62,8 @@ class LoopPlan:
     strength: float
     start_step: int | None
     dtype: str
+    # the options as given (the JSON above keys them; a value JSON cannot hold exactly is kept here as it was)
+    given_options: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
 
     @staticmethod
     def of(
@@ -87,14 +90,16 @@ class LoopPlan:
             strength=float(strength),
             start_step=None if start_step is None else int(start_step),
             dtype=str(dtype),
+            given_options=tuple(sorted(dict(sampler_options or {}).items())),
         )
 
     @property
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps({f.name: getattr(self, f.name) for f in fields(self) if f.compare}, sort_keys=True)
 
     def options(self) -> dict[str, Any] | None:
-        return json.loads(self.sampler_options) or None
+        """The sampler options as they were given (None: none)."""
+        return dict(self.given_options) or None
 
 
 class SamplingLoopGraph:
