@@ -153,18 +153,19 @@ def test_the_step_callback_runs_once_after_the_last_step_and_can_still_cancel(lo
 
     def keep(info: Any) -> None:
         seen.append((info.step, info.steps))
-        final["x"] = info.latents.clone()
+        final.update(x=info.latents.clone(), sigma=info.sigma)
 
     _gen(looped, callback=keep)
     assert seen == [(4, 4)]
-    x_plain = {}
+    x_plain: dict[str, Any] = {}
 
     def keep_plain(info: Any) -> None:
         if info.step == info.steps:
-            x_plain["x"] = info.latents.clone()
+            x_plain.update(x=info.latents.clone(), sigma=info.sigma)
 
     _plain(looped, callback=keep_plain)
     torch.testing.assert_close(final["x"], x_plain["x"], rtol=0, atol=0)  # the last step's sample, as before
+    assert final["sigma"] == x_plain["sigma"] > 0  # the noise level the last step started from
     with pytest.raises(Cancelled):
         _gen(looped, callback=lambda info: False)
 

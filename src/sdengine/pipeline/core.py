@@ -764,7 +764,7 @@ class Pipeline:
                 x_loop = loop(plan, start.noise, init_latent, cond, uncond, draws)
             if x_loop is not None:
                 x = x_loop
-                if on_step(run_steps - 1, float(grid.sigmas[-1]), x, x) is False:
+                if on_step(run_steps - 1, float(grid.sigmas[-2]), x, x) is False:  # the last step's start
                     raise SamplingInterrupted(run_steps - 1, x, x)
             else:
                 x = self.sample_plan(den, plan, start.noise, init_latent, cond, generators=gens, callback=on_step)
