@@ -34,7 +34,8 @@ def _gen(pipe, prompt: str = "a red cube", **kw: Any) -> np.ndarray:
 
 @pytest.fixture
 def looped(tiny_pipe):
-    tiny_pipe.enable_cuda_graphs(backend=CPUBackend(), device_type="cpu", loop=True)
+    # record_after=0: recorded at the first call, so each test's first image already comes from the loop graph
+    tiny_pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu", record_after=0)
     try:
         yield tiny_pipe
     finally:
@@ -205,7 +206,7 @@ def test_the_fast_path_option_is_cuda_only_and_implies_graphs(tiny_sd1_folder):
 def test_real_loop_graph_equals_the_step_graphs(tiny_sd1_folder, kw):  # pragma: no cover - CI has no GPU
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cuda", dtype="fp16", fast_path="cuda_graphs")
     steps = _gen(pipe, batch_size=2, **kw)
-    pipe.enable_loop_graph()
+    pipe.enable_loop_graph(record_after=0)
     loop = pipe.cuda_graphs["loop"]
     first, again = _gen(pipe, batch_size=2, **kw), _gen(pipe, "a blue ball", seed=11, batch_size=2, **kw)
     assert loop.recordings == 1 and loop.replays == 2 and not loop.refused
@@ -221,7 +222,7 @@ def test_the_loop_joins_recorded_step_graphs_and_leaves_again(tiny_pipe):
         _gen(tiny_pipe)
         unet = tiny_pipe.cuda_graphs["unet"]
         assert unet.recordings == 1 and not tiny_pipe.enable_loop_graph()  # a CPU pipeline: not for CUDA
-        assert tiny_pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu")
+        assert tiny_pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu", record_after=0)
         assert tiny_pipe.cuda_graphs["unet"] is unet  # the step graphs kept, with their recordings
         _gen(tiny_pipe)
         assert tiny_pipe.cuda_graphs["loop"].replays == 1 and unet.replays == 4  # only the first call's steps
@@ -238,7 +239,7 @@ def test_a_loop_that_cannot_be_recorded_warns_once_and_goes_back_to_the_step_gra
 
     try:
         tiny_pipe.enable_cuda_graphs(backend=CPUBackend(), device_type="cpu")
-        tiny_pipe.enable_loop_graph(backend=refuses, device_type="cpu")
+        tiny_pipe.enable_loop_graph(backend=refuses, device_type="cpu", record_after=0)
         loop, unet = tiny_pipe.cuda_graphs["loop"], tiny_pipe.cuda_graphs["unet"]
         with caplog.at_level("WARNING"):
             first = _gen(tiny_pipe)  # ran plainly inside the loop graph's fall-back: the right image
@@ -311,9 +312,25 @@ def test_sdxl_loops_replay_with_their_pooled_vector(tmp_path):
     pipe = sdengine.load_pipeline(make_sdxl_folder(tmp_path / "tiny-sdxl"), device="cpu", fast_path="none")
     kw: dict[str, Any] = {"steps": 3, "width": 32, "height": 32, "progress": False, "sampler": "euler_a"}
     plain = [pipe("a red apple", "blurry", seed=s, **kw).arrays for s in (2, 3)]
-    pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu")
+    pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu", record_after=0)
     looped = [pipe("a red apple", "blurry", seed=s, **kw).arrays for s in (2, 3)]
     loop = pipe.cuda_graphs["loop"]
     assert (loop.recordings, loop.replays) == (1, 2)
     for a, b in zip(looped, plain, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_settings_are_recorded_once_they_come_back(tiny_pipe):
+    """By default the first call of a plan and shapes runs the step graphs; the second records the loop."""
+    try:
+        tiny_pipe.enable_cuda_graphs(backend=CPUBackend(), device_type="cpu", loop=True)
+        loop, unet = tiny_pipe.cuda_graphs["loop"], tiny_pipe.cuda_graphs["unet"]
+        images = [_gen(tiny_pipe, seed=s) for s in (1, 2, 3)]
+        assert (unet.replays, loop.recordings, loop.replays) == (4, 1, 2)  # 4 steps, then the loop twice
+        once = _gen(tiny_pipe, cfg_scale=4.0)  # settings seen once: step graphs, nothing recorded
+        assert (unet.replays, loop.recordings) == (8, 1)
+    finally:
+        tiny_pipe.cuda_graphs = None
+    for s, image in zip((1, 2, 3), images, strict=True):
+        np.testing.assert_array_equal(image, _gen(tiny_pipe, seed=s))
+    np.testing.assert_array_equal(once, _gen(tiny_pipe, cfg_scale=4.0))

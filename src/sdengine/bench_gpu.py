@@ -258,7 +258,7 @@ def measure_graph_loop(
     batch 8, the image against ``reference`` (the step graphs' image), where its time goes
     (:func:`sdengine.bench_timeline.profile_image`). The loop is dropped again afterwards. ``backend`` and
     ``device_type``: how the loop is recorded (the tests record on the CPU with a stand-in)."""
-    if not pipe.enable_loop_graph(backend=backend, device_type=device_type):
+    if not pipe.enable_loop_graph(backend=backend, device_type=device_type, record_after=0):  # timed from the start
         return {"skipped": f"CUDA only (the pipeline is on {pipe.device})"}
     try:
         loop = pipe.cuda_graphs["loop"]

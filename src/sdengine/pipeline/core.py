@@ -278,10 +278,11 @@ class Pipeline:
             self.enable_loop_graph(backend=backend, device_type=device_type)
         return True
 
-    def enable_loop_graph(self, *, backend: Any = None, device_type: str = "cuda") -> bool:
+    def enable_loop_graph(self, *, backend: Any = None, device_type: str = "cuda", record_after: int = 1) -> bool:
         """Replay a generation's whole sampling loop as one CUDA graph where it can
         (:mod:`sdengine.pipeline.loop_graph`), beside the networks' own graphs (enabled here if they are not yet).
-        Returns False, changing nothing, when the pipeline is not on ``device_type``. Drop it again with
+        Returns False, changing nothing, when the pipeline is not on ``device_type``. ``record_after``: how many
+        times the same settings and shapes run the step graphs before their loop is recorded. Drop it again with
         ``pipe.cuda_graphs = {k: v for k, v in pipe.cuda_graphs.items() if k != "loop"}``."""
         if self.device.type != device_type:
             return False
@@ -289,7 +290,9 @@ class Pipeline:
 
         if self.cuda_graphs is None:
             self.enable_cuda_graphs(backend=backend, device_type=device_type)
-        loop = SamplingLoopGraph(self.run_loop_plan, module=self.unet, backend=backend, device_type=device_type)
+        loop = SamplingLoopGraph(
+            self.run_loop_plan, module=self.unet, backend=backend, device_type=device_type, record_after=record_after
+        )
         self.cuda_graphs = {**(self.cuda_graphs or {}), "loop": loop}
         return True
 

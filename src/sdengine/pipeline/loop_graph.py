@@ -12,6 +12,9 @@ those come from (sampler, steps, schedule, scheduler config, guidance scale and 
 strength and start step, the network's dtype), and by the shapes of its tensors, which are its inputs: the start
 noise, the img2img start latent, the per-step noise (below), every conditioning tensor (each copied into the
 graph's buffer at every call). Requests that differ only in prompt, negative prompt or seed replay the same graph.
+A recording costs about three plain loops (a warm-up run, the recording, its first replay), so a plan and shapes
+are recorded the second time they come (a server's repeated settings); the first time, the pipeline's own path
+runs (the step graphs).
 
 The per-step noise of the ancestral and SDE samplers (Euler a, DPM++ 2M SDE, DDIM with ``eta``, ...) comes from
 the rows' CPU generators, which a graph cannot call: the pipeline draws it all before the replay, in the order
@@ -31,7 +34,8 @@ On the CPU nothing is recorded (the option is skipped); the tests run this code 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -115,9 +119,14 @@ class SamplingLoopGraph:
         module: nn.Module,
         backend: Backend | None = None,
         device_type: str = "cuda",
-        max_graphs: int = 2,
+        max_graphs: int = 4,
+        record_after: int = 1,
     ) -> None:
         self.run = run
+        # A recording costs about three plain loops (a warm-up, the recording, its first replay), so a plan and
+        # shapes are recorded once they came back: after ``record_after`` calls that ran the caller's own path.
+        self.record_after = record_after
+        self.sightings: OrderedDict[Hashable, int] = OrderedDict()  # signature -> calls not recorded yet
         # plan key -> the plan its recording baked in. The first plan of a key stays: a real graph replays what
         # it recorded, and the tests' stand-in recorder re-runs Python with this plan, so a setting missing from
         # the key shows there as a wrong image rather than being read afresh.
@@ -160,7 +169,8 @@ class SamplingLoopGraph:
         draws: Tensor | None = None,
     ) -> Tensor | None:
         """The final latent, from the loop's recording for this plan and these shapes (recorded first if new);
-        None when this plan's recording failed before: the caller runs its own path (the step graphs)."""
+        None when the caller should run its own path (the step graphs): the plan and shapes came fewer than
+        ``record_after`` times before, or this plan's recording failed."""
         key = plan.key
         if key in self.refused:
             return None
@@ -169,9 +179,18 @@ class SamplingLoopGraph:
             kept = {k for k in self.plans if any(k == _plan_of(sig) for sig in self.graphed.graphs)}
             self.plans = {k: v for k, v in self.plans.items() if k in kept or k == key}
         flat = {f"cond.{k}": v for k, v in cond.items()} | {f"uncond.{k}": v for k, v in uncond.items()}
-        out = self.graphed(noise, init_latent, draws, plan=key, **flat)
         sig = call_signature((noise, init_latent, draws), {"plan": key, **flat})
-        if sig is not None and sig[0] in self.graphed.eager:  # recording failed (one warning): ran plainly this once
+        if sig is None:  # an argument that cannot be keyed: never recorded
+            return None
+        if sig[0] not in self.graphed.graphs:
+            seen = self.sightings.pop(sig[0], 0)
+            if seen < self.record_after:  # not (yet) worth a recording: the caller's own path
+                self.sightings[sig[0]] = seen + 1
+                while len(self.sightings) > 256:
+                    self.sightings.popitem(last=False)
+                return None
+        out = self.graphed(noise, init_latent, draws, plan=key, **flat)
+        if sig[0] in self.graphed.eager:  # recording failed (one warning): ran plainly this once
             self.refused.add(key)
         return out
 
