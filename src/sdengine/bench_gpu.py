@@ -662,7 +662,7 @@ def run_gpu_bench(
     if aot:  # the same with the networks compiled ahead of time (sdengine.aot): no tracing in a warm process
         aot_cache = Path(tempfile.mkdtemp(prefix="sdengine-aoti-"))  # its own: the cold one starts from nothing
         run.phase("sdengine_aot_cold", 150, lambda: sd_child("aot cold", False, AOT_OPTIONS, aot_cache))
-        run.phase("sdengine_aot_warm", 45, lambda: sd_child("aot warm", False, AOT_OPTIONS, aot_cache))
+        run.phase("sdengine_aot_warm", 60, lambda: sd_child("aot warm", False, AOT_OPTIONS, aot_cache))
 
     if fp8:  # the e4m3 linear layers (sdengine.nn.fp8) under compile (the same inductor cache) and graphs
         fp8_options = FP8_OPTIONS if compile else tuple(o for o in FP8_OPTIONS if o != "compile")
