@@ -1,0 +1,68 @@
+"""torch.compile of the whole U-Net against "regional" compilation (each ResNet block and transformer on its own,
+identical blocks sharing their compiled code), on the CPU: the first call with a fresh or a warm cache, then a call.
+
+    python benchmarks/regional_compile.py whole|regional|regional_static CACHE_DIR
+
+Run each mode twice with the same CACHE_DIR: the first run compiles from nothing (a cold start), the second finds
+the compiled code (a warm start). The shipped ``emoji`` U-Net, batch 2 (one CFG step), 2 threads. The result
+(docs/gpu.md, "Not done") was too small to add a fast-path option for.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+if len(sys.argv) != 3 or sys.argv[1] not in ("whole", "regional", "regional_static"):
+    sys.exit(__doc__)
+MODE = sys.argv[1]
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = sys.argv[2]
+
+import torch  # noqa: E402  (after the cache directory is set)
+
+import sdengine  # noqa: E402
+from sdengine.nn.resnet import ResnetBlock2D  # noqa: E402
+from sdengine.nn.transformer import SpatialTransformer  # noqa: E402
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    pipe = sdengine.load_pipeline("emoji", fast_path="none")
+    unet = pipe.unet
+    x, t = torch.randn(2, 4, 8, 8), torch.full((2,), 500.0)
+    cond, _ = pipe.conditioner.pair("a cat", "")
+    kw = {"encoder_hidden_states": torch.cat([cond["crossattn"]] * 2)}
+    if "vector" in cond:
+        kw["class_labels"] = torch.cat([cond["vector"]] * 2)
+
+    def call() -> torch.Tensor:
+        with torch.inference_mode():
+            return unet(x, t, **kw)
+
+    def best_ms() -> float:
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1000
+
+    ref, eager = call(), best_ms()
+    if MODE == "whole":
+        unet.compile()
+    else:
+        if MODE == "regional_static":
+            torch._dynamo.config.recompile_limit = 64  # one compiled variant per block shape
+        for m in unet.modules():
+            if isinstance(m, ResnetBlock2D | SpatialTransformer):
+                m.compile(dynamic=False if MODE == "regional_static" else None)
+    t0 = time.perf_counter()
+    out = call()
+    first = time.perf_counter() - t0
+    diff = float((out - ref).abs().max())
+    print(f"{MODE}: first call {first:.1f} s, then {best_ms():.1f} ms (eager {eager:.1f} ms), max abs {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
