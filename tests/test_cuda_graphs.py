@@ -383,9 +383,9 @@ def _on_meta(module):
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_graphed_networks_never_read_the_device_nor_copy_from_the_host(kind, tiny_sd1_folder, tmp_path):
-    """Each call the pipeline records (the U-Net step, the VAE decode, the text encoders), with its arguments as the
-    pipeline passes them, run with the ``meta`` device as the GPU: nothing in it may wait on the device or copy
-    from the host (either would make the CUDA recording fail, or replay a stale value)."""
+    """Each call the pipeline records (the U-Net step, the VAE and tiny VAE decodes, the text encoders), with its
+    arguments as the pipeline passes them, run with the ``meta`` device as the GPU: nothing in it may wait on the
+    device or copy from the host (either would make the CUDA recording fail, or replay a stale value)."""
     from _cpu_graphs import HostTraffic
 
     if kind == "sdxl":
@@ -403,13 +403,23 @@ def test_graphed_networks_never_read_the_device_nor_copy_from_the_host(kind, tin
     if unet.config.projection_class_embeddings_input_dim is not None:  # SDXL's pooled text + size vector
         step_kw["class_labels"] = torch.zeros(2, unet.config.projection_class_embeddings_input_dim, **meta)
     ids = torch.zeros(2, 77, dtype=torch.long, **meta)
+    from sdengine.models.tiny_vae import TinyAutoencoder, TinyVAEConfig
+
+    tiny = _on_meta(
+        TinyAutoencoder(
+            TinyVAEConfig(
+                decoder_channels=(8, 8), decoder_blocks=(1, 1), encoder_channels=(8, 8), encoder_blocks=(1, 1)
+            )
+        )
+    )
     with torch.inference_mode(), HostTraffic() as traffic:
         out = unet(torch.zeros(2, 4, 8, 8, **meta), torch.full((2,), 500.0, **meta), **step_kw)
         img = vae.decode(torch.zeros(1, 4, 8, 8, **meta))
+        tiny_img = tiny.decode(torch.zeros(1, 4, 8, 8, **meta))
         if kind == "sdxl":  # called as the SDXL conditioner calls them
             states = [enc(ids, output_hidden_states=True).hidden_states[-2] for enc in encoders]
         else:  # as sdengine.prompts.encode_chunks calls it
             states = [encoders[0](ids, clip_skip=1).last_hidden_state]
-    assert out.shape == (2, 4, 8, 8) and img.shape[-1] == 8 * pipe.vae_scale_factor
+    assert out.shape == (2, 4, 8, 8) and img.shape[-1] == 8 * pipe.vae_scale_factor and tiny_img.shape[-1] == 16
     assert all(s.shape[:2] == (2, 77) for s in states)
     assert traffic.seen == []

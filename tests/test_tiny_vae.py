@@ -371,3 +371,24 @@ def test_whether_a_tiny_vae_has_an_encoder_without_keeping_it(tmp_path, tiny_fol
     shutil.rmtree(tmp_path / "dec")  # the same path with other contents: answered afresh
     save_tiny_vae(load_tiny_vae(tiny_folder / "vae_tiny"), tmp_path / "dec")
     assert tiny_vae_has_encoder(tmp_path / "dec") is True
+
+
+def test_the_tiny_decode_replays_from_graphs_set_before_or_after_them(tiny_folder):
+    from _cpu_graphs import CPUBackend
+
+    pipe = load_pipeline(tiny_folder, device="cpu")
+    req = GenerationRequest(prompt=["a cat", "a dog"], steps=2, seed=[1, 2], progress=False, vae_decode="tiny")
+    plain = pipe(req).arrays
+    try:
+        pipe.enable_cuda_graphs(backend=CPUBackend(), device_type="cpu")
+        tiny = pipe.cuda_graphs["tiny_vae"]
+        np.testing.assert_array_equal(pipe(req).arrays, plain)
+        assert (tiny.recordings, tiny.replays) == (1, 2)  # one row at a time, one shape
+        kept = pipe.tiny_vae
+        pipe.set_tiny_vae(None)
+        assert "tiny_vae" not in pipe.cuda_graphs and "unet" in pipe.cuda_graphs
+        pipe.set_tiny_vae(kept)  # set after the graphs: routed too
+        np.testing.assert_array_equal(pipe(req).arrays, plain)
+        assert pipe.cuda_graphs["tiny_vae"] is not tiny and pipe.cuda_graphs["tiny_vae"].replays == 2
+    finally:
+        pipe.cuda_graphs = None

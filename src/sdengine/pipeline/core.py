@@ -142,6 +142,7 @@ class Pipeline:
         self.vae_upcast = False  # set once a half-precision decode gave NaN: later decodes go to fp32
         self._cuda_graphs: dict[str, Any] | None = None
         self._noise_draws: dict[str, int] = {}  # loop plan key -> per-step noise draws (see noise_draws)
+        self._graph_opts: dict[str, Any] = {}  # how enable_cuda_graphs records (a tiny VAE set later uses it too)
         self.cuda_graphs = None  # see the property
         self.aot: dict[str, Any] | None = None  # name -> sdengine.aot.AOTCompiled, once enable_aot() was called
         # A family with its own conditioner (SDXL: two encoders) passes it in; the others are made here.
@@ -210,6 +211,8 @@ class Pipeline:
         model's latents: the same channel count and pixels per latent, else a one-line error."""
         if tiny is None:
             self.tiny_vae = None
+            if self.cuda_graphs is not None:
+                self.cuda_graphs = {k: v for k, v in self.cuda_graphs.items() if k != "tiny_vae"}
             return
         from sdengine.models.tiny_vae import TinyAutoencoder
 
@@ -230,6 +233,8 @@ class Pipeline:
         if not cfg.has_decoder:
             raise GenerationError(f"the tiny VAE {tiny.name} has no decoder (give its taesd_decoder file)")
         self.tiny_vae = tiny.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        if self.cuda_graphs is not None:  # its decode replays from graphs as the VAE's does
+            self.cuda_graphs = {**self.cuda_graphs, "tiny_vae": self._tiny_vae_graph(self.tiny_vae)}
 
     def vae_name(self) -> str | None:
         """A1111's "VAE": the separate VAE's file name; None when the model's own VAE is used."""
@@ -262,6 +267,7 @@ class Pipeline:
         from sdengine.cuda_graphs import GraphedCallable
 
         opts = {"backend": backend, "device_type": device_type}
+        self._graph_opts = opts  # for a tiny VAE set later (set_tiny_vae)
         aot = self.aot or {}
         graphs: dict[str, Any] = {
             "unet": GraphedCallable(aot.get("unet", self.unet), module=self.unet, name="U-Net", **opts),
@@ -273,10 +279,17 @@ class Pipeline:
                 graphs[name] = GraphedCallable(
                     enc, module=enc, name=name.replace("_", " "), guard=_no_extra_tokens(enc), **opts
                 )
+        if self.tiny_vae is not None:
+            graphs["tiny_vae"] = self._tiny_vae_graph(self.tiny_vae)
         self.cuda_graphs = graphs  # routes the text encoders' calls (the setter below)
         if loop:
             self.enable_loop_graph(backend=backend, device_type=device_type)
         return True
+
+    def _tiny_vae_graph(self, tiny: Any) -> Any:
+        from sdengine.cuda_graphs import GraphedCallable
+
+        return GraphedCallable(tiny.decode, module=tiny, name="tiny VAE decode", **self._graph_opts)
 
     def enable_loop_graph(self, *, backend: Any = None, device_type: str = "cuda", record_after: int = 1) -> bool:
         """Replay a generation's whole sampling loop as one CUDA graph where it can
@@ -298,7 +311,7 @@ class Pipeline:
 
     @property
     def cuda_graphs(self) -> dict[str, Any] | None:
-        """name -> GraphedCallable ("unet", "vae", "text_encoder", "text_encoder_2"), and "loop" (a
+        """name -> GraphedCallable ("unet", "vae", "text_encoder", "text_encoder_2", "tiny_vae"), and "loop" (a
         :class:`sdengine.pipeline.loop_graph.SamplingLoopGraph`) when asked for, once :meth:`enable_cuda_graphs`
         was called; None: every network runs as it is."""
         return self._cuda_graphs
@@ -912,9 +925,10 @@ class Pipeline:
         if self.tiny_vae is None:
             raise GenerationError("vae_decode='tiny' needs a tiny VAE: load_pipeline(tiny_vae=...) or --tiny-vae FILE")
         out = []
+        decode = self.graphed("tiny_vae") or self.tiny_vae.decode
         with torch.inference_mode():
             for i in range(x.shape[0]):
-                img = self.tiny_vae.decode(x[i : i + 1].to(self.dtype)).float()
+                img = decode(x[i : i + 1].to(self.dtype)).float()
                 out.append(vae_utils.to_unit(require_finite(img, "decoded image (tiny VAE)")))
         return torch.cat(out)
 
