@@ -162,10 +162,10 @@ def sdengine_gen(
 
 
 def sdengine_parts(pipe: Any, cfg: dict[str, Any]) -> dict[str, Callable[[], Any]]:
-    """One U-Net CFG step (batch 2), one VAE decode and the text encoding of the prompt and the negative (the
-    cache emptied first), through the pipeline's graphs when it has them; one tiny
-    VAE decode (the live previews' cost: the pipeline's tiny VAE, else TAESD's architecture with random weights),
-    eager."""
+    """One U-Net CFG step (batch 2), one VAE decode, one tiny VAE decode (the live previews' and
+    ``vae_decode="tiny"``'s cost: the pipeline's tiny VAE, else TAESD's architecture with random weights, set on the
+    pipeline) and the text encoding of the prompt and the negative (the cache emptied first), each through the
+    pipeline's graphs when it has them."""
     import torch
 
     from sdengine.models.tiny_vae import TinyAutoencoder, taesd_config
@@ -178,12 +178,12 @@ def sdengine_parts(pipe: Any, cfg: dict[str, Any]) -> dict[str, Callable[[], Any
     ctx = torch.cat([cond, uncond]).to(dev, dt)
     t = torch.full((2,), 500.0, device=dev)
     z = torch.randn(1, pipe.latent_channels, side, side, generator=g).to(dev, dt)
+    if pipe.tiny_vae is None:
+        torch.manual_seed(0)
+        pipe.set_tiny_vae(TinyAutoencoder(taesd_config(pipe.vae_scale_factor, pipe.latent_channels)))
     unet = pipe.graphed("unet") or pipe.unet
     decode = pipe.graphed("vae") or pipe.vae.decode
-    tiny = pipe.tiny_vae
-    if tiny is None:
-        torch.manual_seed(0)
-        tiny = TinyAutoencoder(taesd_config(pipe.vae_scale_factor, pipe.latent_channels)).to(dev, dt).eval()
+    tiny_decode = pipe.graphed("tiny_vae") or pipe.tiny_vae.decode
 
     def step() -> Any:
         with torch.inference_mode():
@@ -195,7 +195,7 @@ def sdengine_parts(pipe: Any, cfg: dict[str, Any]) -> dict[str, Callable[[], Any
 
     def tiny_vae() -> Any:
         with torch.inference_mode():
-            return tiny.decode(z)
+            return tiny_decode(z)
 
     def text() -> Any:  # the prompt and the negative, as each generation encodes them (the cache emptied)
         from sdengine.text import encode_cache
