@@ -375,6 +375,7 @@ def test_whether_a_tiny_vae_has_an_encoder_without_keeping_it(tmp_path, tiny_fol
 
 def test_the_tiny_decode_replays_from_graphs_set_before_or_after_them(tiny_folder):
     from _cpu_graphs import CPUBackend
+    from sdengine.cuda_graphs import through
 
     pipe = load_pipeline(tiny_folder, device="cpu")
     req = GenerationRequest(prompt=["a cat", "a dog"], steps=2, seed=[1, 2], progress=False, vae_decode="tiny")
@@ -389,6 +390,15 @@ def test_the_tiny_decode_replays_from_graphs_set_before_or_after_them(tiny_folde
         assert "tiny_vae" not in pipe.cuda_graphs and "unet" in pipe.cuda_graphs
         pipe.set_tiny_vae(kept)  # set after the graphs: routed too
         np.testing.assert_array_equal(pipe(req).arrays, plain)
-        assert pipe.cuda_graphs["tiny_vae"] is not tiny and pipe.cuda_graphs["tiny_vae"].replays == 2
+        again = pipe.cuda_graphs["tiny_vae"]
+        assert again is not tiny and again.replays == 2
+        seen = []  # the live previews decode through the same graphs
+
+        def preview(info):
+            seen.append(info.preview_array("tiny"))
+
+        pipe(req.replace(vae_decode="full", callback=preview))
+        assert len(seen) == 2 and again.replays == 4  # two steps, one batch of two rows each
     finally:
         pipe.cuda_graphs = None
+    assert through(pipe.tiny_vae.decoder) is pipe.tiny_vae.decoder  # the route goes with the graphs

@@ -183,7 +183,7 @@ def sdengine_parts(pipe: Any, cfg: dict[str, Any]) -> dict[str, Callable[[], Any
         pipe.set_tiny_vae(TinyAutoencoder(taesd_config(pipe.vae_scale_factor, pipe.latent_channels)))
     unet = pipe.graphed("unet") or pipe.unet
     decode = pipe.graphed("vae") or pipe.vae.decode
-    tiny_decode = pipe.graphed("tiny_vae") or pipe.tiny_vae.decode
+    tiny_decode = pipe.tiny_vae.decode  # through the pipeline's graphs when it has them (cuda_graphs.through)
 
     def step() -> Any:
         with torch.inference_mode():

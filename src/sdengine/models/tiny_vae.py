@@ -248,7 +248,10 @@ class TinyAutoencoder(nn.Module):
     def decode(self, latents: Tensor) -> Tensor:
         if self.decoder is None:
             raise MissingHalfError(f"{self.name} has no decoder (load its taesd_decoder file)")
-        return self.decoder(latents) * 2 - 1
+        from sdengine.cuda_graphs import through
+
+        # through(): the decoder's CUDA graphs when a pipeline recorded them (Pipeline.enable_cuda_graphs)
+        return through(self.decoder)(latents) * 2 - 1
 
     def encode(self, images: Tensor) -> Tensor:
         if self.encoder is None:

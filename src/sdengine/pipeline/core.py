@@ -289,7 +289,8 @@ class Pipeline:
     def _tiny_vae_graph(self, tiny: Any) -> Any:
         from sdengine.cuda_graphs import GraphedCallable
 
-        return GraphedCallable(tiny.decode, module=tiny, name="tiny VAE decode", **self._graph_opts)
+        # its decoder network, reached through cuda_graphs.through by every decode (outputs, previews)
+        return GraphedCallable(tiny.decoder, module=tiny.decoder, name="tiny VAE decode", **self._graph_opts)
 
     def enable_loop_graph(self, *, backend: Any = None, device_type: str = "cuda", record_after: int = 1) -> bool:
         """Replay a generation's whole sampling loop as one CUDA graph where it can
@@ -326,6 +327,9 @@ class Pipeline:
             enc = getattr(self, name, None)
             if isinstance(enc, torch.nn.Module):
                 route(enc, (graphs or {}).get(name))
+        tiny = getattr(self, "tiny_vae", None)  # (not set yet while __init__ runs)
+        if tiny is not None and tiny.decoder is not None:  # sdengine.models.tiny_vae: its decode and previews
+            route(tiny.decoder, (graphs or {}).get("tiny_vae"))
         self._cuda_graphs = graphs
 
     def enable_aot(self, cache_dir: str | Path) -> None:
@@ -925,10 +929,9 @@ class Pipeline:
         if self.tiny_vae is None:
             raise GenerationError("vae_decode='tiny' needs a tiny VAE: load_pipeline(tiny_vae=...) or --tiny-vae FILE")
         out = []
-        decode = self.graphed("tiny_vae") or self.tiny_vae.decode
         with torch.inference_mode():
-            for i in range(x.shape[0]):
-                img = decode(x[i : i + 1].to(self.dtype)).float()
+            for i in range(x.shape[0]):  # its decoder replays from the pipeline's graphs when it has them
+                img = self.tiny_vae.decode(x[i : i + 1].to(self.dtype)).float()
                 out.append(vae_utils.to_unit(require_finite(img, "decoded image (tiny VAE)")))
         return torch.cat(out)
 
