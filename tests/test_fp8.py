@@ -115,3 +115,22 @@ def test_graphs_replay_the_fp8_network_exactly():
     assert pipe.enable_cuda_graphs(backend=backend, device_type="cpu")
     np.testing.assert_array_equal(pipe(**kw).arrays, plain)
     assert pipe.cuda_graphs["unet"].recordings == 1 and pipe.cuda_graphs["unet"].replays == 6
+
+
+def test_a_recorded_fp8_unet_never_reads_the_device_nor_copies_from_the_host(tiny_sd1_folder):
+    """The per-token activation scales are computed on the device: with ``meta`` playing the GPU, nothing in an fp8
+    U-Net call waits on it or copies from the host (a CUDA graph could not record either)."""
+    import copy
+
+    from _cpu_graphs import HostTraffic
+
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="none")
+    unet = copy.deepcopy(pipe.unet)
+    assert fp8.to_fp8(unet) > 0
+    unet = unet.to("meta")
+    ctx = torch.zeros(2, 77, unet.config.cross_attention_dim, device="meta")
+    with torch.inference_mode(), HostTraffic() as traffic:
+        out = unet(
+            torch.zeros(2, 4, 8, 8, device="meta"), torch.full((2,), 500.0, device="meta"), encoder_hidden_states=ctx
+        )
+    assert out.shape == (2, 4, 8, 8) and traffic.seen == []
