@@ -34,9 +34,9 @@ On a CUDA device (docs/performance.md, "GPU", has the H200 numbers and the comma
   fastest (``torch.backends.cudnn.benchmark``; process-global).
 * ``sdpa_fastest``: the fused attention kernel that is fastest at the U-Net's largest self-attention is made
   the process's choice (:mod:`sdengine.sdpa_backends`).
-* ``cuda_graphs``: the U-Net's steps, the VAE decode and the CLIP text encoders replay from CUDA graphs
-  (:mod:`sdengine.cuda_graphs`), recorded per shape on the first call; with ``compile`` the graphs record the
-  compiled kernels.
+* ``cuda_graphs``: the U-Net's steps, the VAE decode, the CLIP text encoders and the tiny VAE's decoder replay
+  from CUDA graphs (:mod:`sdengine.cuda_graphs`), recorded per shape on the first call; with ``compile`` the
+  graphs record the compiled kernels.
 * ``cuda_graph_loop`` (implies ``cuda_graphs``): a generation's whole sampling loop, every step's U-Net call,
   guidance and sampler update, replays as one CUDA graph (:mod:`sdengine.pipeline.loop_graph`) where it can:
   any sampler (the per-step noise drawn beforehand), no ControlNet, prompt editing, inpainting blend or LoRA
@@ -182,7 +182,7 @@ def apply_fast_path(pipe: Any, options: Iterable[str]) -> list[str]:
             done.append(f"sdpa_fastest: {best} ({heads} heads x {head_dim} at {tokens} tokens: {shown})")
         elif name == "cuda_graphs":
             pipe.enable_cuda_graphs(loop="cuda_graph_loop" in names)
-            done.append("cuda_graphs: U-Net steps, VAE decode and CLIP text encoders replayed from CUDA graphs")
+            done.append("cuda_graphs: U-Net steps, VAE decodes and CLIP text encoders replayed from CUDA graphs")
         elif name == "cuda_graph_loop":
             if "cuda_graphs" not in names:
                 pipe.enable_cuda_graphs(loop=True)
