@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -46,14 +47,10 @@ class CPUBackend:
         return replay, out
 
 
-class HostTraffic(TorchDispatchMode):
-    """Every operation that would copy between the host and the device, with the device played by ``meta``: a
-    tensor read back (``item``, ``float``, ``bool``) or a host tensor copied over. Inside a CUDA graph's
-    recording either one fails (a read back waits on the GPU; a copy from pageable host memory too)."""
-
-    def __init__(self) -> None:
+class _Dispatch(TorchDispatchMode):
+    def __init__(self, seen: list[str]) -> None:
         super().__init__()
-        self.seen: list[str] = []
+        self.seen = seen
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -66,3 +63,39 @@ class HostTraffic(TorchDispatchMode):
             if any(t.device.type == "cpu" for t in tensors):
                 self.seen.append(f"{name}: host tensor of shape {tuple(tensors[0].shape)} copied to the device")
         return out
+
+
+class _Factories(TorchFunctionMode):
+    """``torch.tensor(data, device=...)`` and its kin: host data copied to the device before any dispatch."""
+
+    def __init__(self, seen: list[str]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        factory = func in (torch.tensor, torch.as_tensor, torch.asarray)
+        host_data = bool(args) and not isinstance(args[0], torch.Tensor)  # a tensor's own copy is seen by _Dispatch
+        if factory and host_data and str(kwargs.get("device", "")).startswith("meta"):
+            self.seen.append(f"{func.__name__}: host data copied to the device")
+        return func(*args, **kwargs)
+
+
+class HostTraffic:
+    """Every operation that would copy between the host and the device, with the device played by ``meta``: a
+    tensor read back (``item``, ``float``, ``bool``), a host tensor copied over, or host data made into a device
+    tensor (``torch.tensor(..., device=...)``). Inside a CUDA graph's recording each one fails (a read back waits
+    on the GPU; a copy from pageable host memory too). ``seen`` lists them."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self._modes = (_Factories(self.seen), _Dispatch(self.seen))
+
+    def __enter__(self) -> HostTraffic:
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)

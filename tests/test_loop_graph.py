@@ -334,3 +334,96 @@ def test_settings_are_recorded_once_they_come_back(tiny_pipe):
     for s, image in zip((1, 2, 3), images, strict=True):
         np.testing.assert_array_equal(image, _gen(tiny_pipe, seed=s))
     np.testing.assert_array_equal(once, _gen(tiny_pipe, cfg_scale=4.0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The controlled U-Net (ControlNets + U-Net) replayed per step from graphs made per generation
+# ---------------------------------------------------------------------------------------------------
+
+
+def _edges() -> Image.Image:
+    a = np.zeros((64, 64, 3), np.uint8)
+    a[16:48, 20] = a[16:48, 44] = a[16, 20:45] = a[47, 20:45] = 255
+    return Image.fromarray(a)
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_controlnet_steps_replay_from_graphs_with_the_same_image(guess_mode):
+    from sdengine.pipeline import ControlUnit
+
+    pipe = sdengine.load_pipeline("emoji", fast_path="none")
+    unit = ControlUnit("emoji-controlnet-canny", _edges(), scale=0.8, start=0.0, end=0.6)
+    kw: dict[str, Any] = {"steps": 6, "seed": 4, "progress": False, "controlnets": [unit], "guess_mode": guess_mode}
+    plain = pipe("a red apple", **kw).arrays
+    backend = CPUBackend()
+    try:
+        pipe.enable_cuda_graphs(backend=backend, device_type="cpu")
+        first = pipe("a red apple", **kw).arrays
+        recorded, replayed = backend.recorded, backend.replayed
+        again = pipe("a red apple", **kw).arrays  # a new generation records its own controlled step graphs
+        # on for steps 0-2, off for 3-5: two signatures, each recorded once and replayed for its three steps;
+        # the VAE decode replays once (the text encoders' output is cached)
+        assert (backend.recorded - recorded, backend.replayed - replayed) == (2, 7)
+        assert pipe.cuda_graphs["unet"].replays == 0  # the U-Net runs inside the controlled step's graph
+    finally:
+        pipe.cuda_graphs = None
+    np.testing.assert_array_equal(first, plain)
+    np.testing.assert_array_equal(again, plain)
+
+
+def test_a_controlled_step_never_reads_the_device_nor_copies_from_the_host():
+    import copy
+
+    from sdengine.diffusion.samplers import SamplerStep
+    from sdengine.pipeline.control import build_controlled_unet
+
+    pipe = sdengine.load_pipeline("emoji", fast_path="none")
+    grid = torch.arange(6)
+    controlled = build_controlled_unet(
+        pipe.unet,
+        [("emoji-controlnet-canny", _edges(), 0.8, 0.0, 1.0)],
+        width=64,
+        height=64,
+        grid=grid,
+        guess_mode=True,
+        device="cpu",
+    )
+    controlled.unet = copy.deepcopy(pipe.unet).to("meta")
+    for u in controlled.units:
+        u.net = copy.deepcopy(u.net).to("meta")
+        u.image = torch.zeros_like(u.image, device="meta")
+    cond, _ = pipe.conditioner.pair("a cat", "")
+    extra = {"class_labels": torch.zeros(2, *cond["vector"].shape[1:], device="meta")} if "vector" in cond else {}
+    ctx = torch.zeros(2, *cond["crossattn"].shape[1:], device="meta")
+    side = 64 // pipe.vae_scale_factor
+    with torch.inference_mode(), HostTraffic() as traffic:
+        out = controlled(
+            torch.zeros(2, 4, side, side, device="meta"),
+            torch.full((2,), 500.0, device="meta"),
+            encoder_hidden_states=ctx,
+            step=SamplerStep(0),
+            row_kinds=("cond", "uncond"),
+            **extra,
+        )
+    assert out.shape == (2, 4, side, side) and traffic.seen == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_controlled_step_graphs_equal_plain_calls(tiny_sd1_folder):  # pragma: no cover - CI has no GPU
+    from sdengine.models.controlnet import ControlNet
+    from sdengine.pipeline import ControlUnit
+
+    # the tiny model (the device copy of the tree leaves the shipped models out), a ControlNet of its U-Net
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cuda", dtype="fp16", fast_path="cuda_graphs")
+    torch.manual_seed(0)
+    net = ControlNet.from_unet(pipe.unet.float().cpu(), conditioning_embedding_out_channels=(8, 16))
+    pipe.unet.to("cuda", torch.float16)
+    with torch.no_grad():
+        for p in net.parameters():  # its zero convolutions made non-zero: residuals that change the image
+            p.add_(torch.randn_like(p) * 0.02)
+    unit = ControlUnit(net, _edges(), scale=0.8, start=0.0, end=0.6)
+    kw: dict[str, Any] = {"steps": 6, "seed": 4, "progress": False, "controlnets": [unit], "guess_mode": True}
+    graphed = pipe("a red apple", **kw).arrays
+    pipe.cuda_graphs = None
+    plain = pipe("a red apple", **kw).arrays
+    assert float(np.abs(graphed - plain).mean()) < 2e-3

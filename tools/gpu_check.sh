@@ -14,6 +14,7 @@ py=${PYTHON:-python3}
 # The tests that only run on a GPU (CUDA graphs for real, masked attention off cuDNN, previews on the device).
 timeout 300 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_pipeline_vae.py tests/test_aot.py tests/test_fp8.py \
     tests/test_loop_graph.py::test_real_loop_graph_equals_the_step_graphs \
+    tests/test_loop_graph.py::test_real_controlled_step_graphs_equal_plain_calls \
     2>&1 | tee "$out/gpu_tests.log" | tail -5
 "$py" -m sdengine bench --random sd15 --workdir /tmp/sdengine-gpu-check --device cuda --compare diffusers \
     --out "$out" --budget-s "$budget" ${phases:+--phases "$phases"} 2>&1 | grep -v "Loading" | tee "$out/bench.log"

@@ -171,6 +171,10 @@ class ControlledUNet:
             raise AttributeError(name)
         return getattr(self.unet, name)
 
+    def active(self, step: int) -> list[bool]:
+        """Which units act at the run's step ``step``."""
+        return [unit.keep[min(step, len(unit.keep) - 1)] for unit in self.units]
+
     def residuals(
         self,
         x: Tensor,
@@ -181,15 +185,41 @@ class ControlledUNet:
         row_kinds: Sequence[str] | None = None,
         class_labels: Tensor | None = None,
     ) -> tuple[list[Tensor] | None, Tensor | None]:
+        return self.residuals_of(
+            x,
+            t,
+            encoder_hidden_states,
+            active=self.active(step),
+            images=[u.image for u in self.units],
+            row_kinds=row_kinds,
+            class_labels=class_labels,
+        )
+
+    def residuals_of(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        encoder_hidden_states: Tensor,
+        *,
+        active: Sequence[bool],
+        images: Sequence[Tensor],
+        row_kinds: Sequence[str] | None = None,
+        class_labels: Tensor | None = None,
+    ) -> tuple[list[Tensor] | None, Tensor | None]:
+        """The summed residuals of the ``active`` units (one flag per unit) with their control maps ``images``."""
         b = x.shape[0]
-        rows: Tensor | None = None  # the conditional rows, when guess mode leaves the others alone
+        rows: Tensor | slice | None = None  # the conditional rows, when guess mode leaves the others alone
         if self.guess_mode and row_kinds is not None and any(k != "cond" for k in row_kinds):
-            rows = torch.tensor([i for i, k in enumerate(row_kinds) if k == "cond"], device=x.device)
-        n = b if rows is None else int(rows.shape[0])
+            cond_rows = [i for i, k in enumerate(row_kinds) if k == "cond"]
+            # CFG puts the conditional rows first: a slice then, which a CUDA graph can record (an index tensor
+            # is a copy from the host)
+            rows = slice(0, len(cond_rows)) if cond_rows == list(range(len(cond_rows))) else torch.tensor(cond_rows)
+            rows = rows.to(x.device) if isinstance(rows, Tensor) else rows
+        n = b if rows is None else (rows.stop if isinstance(rows, slice) else int(rows.shape[0]))
         down: list[Tensor] | None = None
         mid: Tensor | None = None
-        for unit in self.units:
-            if not unit.keep[min(step, len(unit.keep) - 1)]:
+        for unit, on, unit_image in zip(self.units, active, images, strict=True):
+            if not on:
                 continue
             net = unit.net
             xi = x[:, : net.config.unet.in_channels]  # the latent only, without inpainting's extra channels
@@ -202,7 +232,7 @@ class ControlledUNet:
                 xi, ctx = xi[rows], ctx[rows]
                 tt = tt[rows] if tt.ndim == 1 and tt.shape[0] == b else tt
                 labels = labels[rows] if labels is not None else None
-            img = unit.image
+            img = unit_image
             if img.shape[0] != n:
                 img = img.repeat(n // img.shape[0], 1, 1, 1) if n % img.shape[0] == 0 else img[:1].expand(n, -1, -1, -1)
             extra = {"class_labels": labels} if labels is not None else {}
@@ -235,11 +265,27 @@ class ControlledUNet:
         row_kinds: Sequence[str] | None = None,
         **kw: Any,
     ) -> Tensor:
-        down, mid = self.residuals(
+        index = _step_index(step)
+        images = [u.image for u in self.units]
+        return self.forward_with(x, t, encoder_hidden_states, self.active(index), images, row_kinds, **kw)
+
+    def forward_with(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        encoder_hidden_states: Tensor,
+        active: Sequence[bool],
+        images: Sequence[Tensor],
+        row_kinds: Sequence[str] | None,
+        **kw: Any,
+    ) -> Tensor:
+        """The U-Net with the residuals of the ``active`` units (their maps ``images``): a call without the step."""
+        down, mid = self.residuals_of(
             x,
             t,
             encoder_hidden_states,
-            step=_step_index(step),
+            active=active,
+            images=images,
             row_kinds=row_kinds,
             class_labels=kw.get("class_labels"),
         )
@@ -250,7 +296,64 @@ class ControlledUNet:
         return self.unet(x, t, encoder_hidden_states=encoder_hidden_states, **kw)
 
 
-def _scatter(r: Tensor, rows: Tensor, b: int) -> Tensor:
+class GraphedControlledUNet:
+    """A :class:`ControlledUNet` whose calls replay from CUDA graphs (sdengine.cuda_graphs): the ControlNets and
+    the U-Net of one step recorded as one graph, per set of active units and cond/uncond row tags (the step's
+    Python decisions, which key the recording) and per shape; the control maps are inputs. Made per generation
+    (its ControlNets and maps are the generation's), so each generation records its own: the first two calls of
+    a signature run plainly, the rest replay. ``usable()`` says whether the networks carry hooks (a LoRA), in
+    which case the pipeline does not wrap."""
+
+    takes_step = True
+    takes_row_kinds = True
+
+    def __init__(self, controlled: ControlledUNet, *, backend: Any = None, device_type: str = "cuda") -> None:
+        from sdengine.cuda_graphs import GraphedCallable
+
+        self.controlled = controlled
+        nets: list[torch.nn.Module] = [u.net for u in controlled.units]
+        if isinstance(controlled.unet, torch.nn.Module):
+            nets.append(controlled.unet)
+        self.graphed = GraphedCallable(
+            self._run,
+            module=torch.nn.ModuleList(nets),
+            name="controlled U-Net",
+            backend=backend,
+            device_type=device_type,
+        )
+
+    def usable(self) -> bool:
+        return self.graphed.usable()
+
+    def __call__(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        *,
+        encoder_hidden_states: Tensor,
+        step: SamplerStep | int | None = None,
+        row_kinds: Sequence[str] | None = None,
+        **kw: Any,
+    ) -> Tensor:
+        active = "".join("1" if on else "0" for on in self.controlled.active(_step_index(step)))
+        kinds = "" if row_kinds is None else "".join("c" if k == "cond" else "u" for k in row_kinds)
+        images = {f"control_map_{i}": u.image for i, u in enumerate(self.controlled.units)}
+        return self.graphed(
+            x, t, encoder_hidden_states=encoder_hidden_states, active=active, kinds=kinds, **images, **kw
+        )
+
+    def _run(
+        self, x: Tensor, t: Tensor, *, encoder_hidden_states: Tensor, active: str, kinds: str, **kw: Any
+    ) -> Tensor:
+        images = [kw.pop(f"control_map_{i}") for i in range(len(self.controlled.units))]
+        row_kinds = tuple("cond" if k == "c" else "uncond" for k in kinds) if kinds else None
+        flags = [a == "1" for a in active]
+        return self.controlled.forward_with(x, t, encoder_hidden_states, flags, images, row_kinds, **kw)
+
+
+def _scatter(r: Tensor, rows: Tensor | slice, b: int) -> Tensor:
+    if isinstance(rows, slice):  # the first rows: the rest zeros
+        return torch.cat([r, torch.zeros((b - r.shape[0], *r.shape[1:]), dtype=r.dtype, device=r.device)])
     out = torch.zeros((b, *r.shape[1:]), dtype=r.dtype, device=r.device)
     out[rows] = r
     return out
@@ -320,6 +423,7 @@ def build_controlled_unet(
 __all__ = [
     "ControlUnit",
     "ControlledUNet",
+    "GraphedControlledUNet",
     "PreparedUnit",
     "build_controlled_unet",
     "check_unit_settings",

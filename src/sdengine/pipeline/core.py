@@ -38,7 +38,7 @@ from sdengine.errors import GenerationError
 from sdengine.io.images import load_image, to_uint8
 from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.nn.attention import CHUNK_SCORES
-from sdengine.pipeline.control import ControlUnit, build_controlled_unet
+from sdengine.pipeline.control import ControlUnit, GraphedControlledUNet, build_controlled_unet
 from sdengine.pipeline.finite import require_finite
 from sdengine.pipeline.infotext import cached_hash, call_parameters, format_infotext, weights_file
 from sdengine.pipeline.latents import InpaintBlend, blur_mask, start_latents
@@ -744,6 +744,9 @@ class Pipeline:
                 start_step=first,
                 resize_mode=resize_mode_name(r.resize_mode),
             )
+            if self.graphed("unet") is not None:  # CUDA graphs on, the U-Net unhooked: the controlled step too
+                graphed_control = GraphedControlledUNet(net, **self._graph_opts)
+                net = graphed_control if graphed_control.usable() else net
         den: Any = self.guided_denoiser(cfg_scale, uncond, float(r.guidance_rescale), net=net, texts=texts)
         blend = None
         if start.blend_mask is not None:
