@@ -34,9 +34,9 @@ On a CUDA device (docs/performance.md, "GPU", has the H200 numbers and the comma
   fastest (``torch.backends.cudnn.benchmark``; process-global).
 * ``sdpa_fastest``: the fused attention kernel that is fastest at the U-Net's largest self-attention is made
   the process's choice (:mod:`sdengine.sdpa_backends`).
-* ``cuda_graphs``: the U-Net's steps, the VAE decode, the CLIP text encoders and the tiny VAE's decoder replay
-  from CUDA graphs (:mod:`sdengine.cuda_graphs`), recorded per shape on the first call; with ``compile`` the
-  graphs record the compiled kernels.
+* ``cuda_graphs``: the U-Net's steps (with ControlNets: the controlled step), the VAE decode, the CLIP text
+  encoders and the tiny VAE's decoder replay from CUDA graphs (:mod:`sdengine.cuda_graphs`), recorded per shape
+  on the first call; with ``compile`` the graphs record the compiled kernels.
 * ``cuda_graph_loop`` (implies ``cuda_graphs``): a generation's whole sampling loop, every step's U-Net call,
   guidance and sampler update, replays as one CUDA graph (:mod:`sdengine.pipeline.loop_graph`) where it can:
   any sampler (the per-step noise drawn beforehand), no ControlNet, prompt editing, inpainting blend or LoRA
