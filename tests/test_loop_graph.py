@@ -323,7 +323,7 @@ def test_sdxl_loops_replay_with_their_pooled_vector(tmp_path):
 def test_settings_are_recorded_once_they_come_back(tiny_pipe):
     """By default the first call of a plan and shapes runs the step graphs; the second records the loop."""
     try:
-        tiny_pipe.enable_cuda_graphs(backend=CPUBackend(), device_type="cpu", loop=True)
+        tiny_pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu")  # the step graphs with it
         loop, unet = tiny_pipe.cuda_graphs["loop"], tiny_pipe.cuda_graphs["unet"]
         images = [_gen(tiny_pipe, seed=s) for s in (1, 2, 3)]
         assert (unet.replays, loop.recordings, loop.replays) == (4, 1, 2)  # 4 steps, then the loop twice

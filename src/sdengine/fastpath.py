@@ -134,8 +134,7 @@ def apply_fast_path(pipe: Any, options: Iterable[str]) -> list[str]:
     import torch
 
     done = []
-    names = parse_options(list(options))
-    for name in names:
+    for name in parse_options(list(options)):
         if name == "winograd":
             from sdengine.nn.winograd import enable_winograd
 
@@ -181,11 +180,10 @@ def apply_fast_path(pipe: Any, options: Iterable[str]) -> list[str]:
             shown = ", ".join(f"{k} {v:.3f} ms" if v is not None else f"{k} -" for k, v in times.items())
             done.append(f"sdpa_fastest: {best} ({heads} heads x {head_dim} at {tokens} tokens: {shown})")
         elif name == "cuda_graphs":
-            pipe.enable_cuda_graphs(loop="cuda_graph_loop" in names)
+            pipe.enable_cuda_graphs()
             done.append("cuda_graphs: U-Net steps, VAE decodes and CLIP text encoders replayed from CUDA graphs")
-        elif name == "cuda_graph_loop":
-            if "cuda_graphs" not in names:
-                pipe.enable_cuda_graphs(loop=True)
+        elif name == "cuda_graph_loop":  # after cuda_graphs (OPTIONS' order); enables them if they are not on
+            pipe.enable_loop_graph()
             done.append("cuda_graph_loop: the whole sampling loop replayed as one CUDA graph where it can")
     return done
 

@@ -255,13 +255,13 @@ class Pipeline:
 
     # -- CUDA graphs -----------------------------------------------------------------------------------
 
-    def enable_cuda_graphs(self, *, backend: Any = None, device_type: str = "cuda", loop: bool = False) -> bool:
+    def enable_cuda_graphs(self, *, backend: Any = None, device_type: str = "cuda") -> bool:
         """Replay the U-Net's steps, the VAE decode and the CLIP text encoders from CUDA graphs
         (:mod:`sdengine.cuda_graphs`), recorded per shape on first use. Returns False, changing nothing, when
         the pipeline is not on ``device_type``. ``backend``: how a call is recorded (tests record on the CPU
         with a stand-in). A text encoder runs as it is while textual-inversion vectors are set on it (its
-        embedding lookup branches on them) or a LoRA hooks it. ``loop``: the whole sampling loop of a
-        generation replays as one graph where it can (:mod:`sdengine.pipeline.loop_graph`)."""
+        embedding lookup branches on them) or a LoRA hooks it. The whole sampling loop as one graph:
+        :meth:`enable_loop_graph`."""
         if self.device.type != device_type:
             return False
         from sdengine.cuda_graphs import GraphedCallable
@@ -282,8 +282,6 @@ class Pipeline:
         if self.tiny_vae is not None:
             graphs["tiny_vae"] = self._tiny_vae_graph(self.tiny_vae)
         self.cuda_graphs = graphs  # routes the text encoders' calls (the setter below)
-        if loop:
-            self.enable_loop_graph(backend=backend, device_type=device_type)
         return True
 
     def _tiny_vae_graph(self, tiny: Any) -> Any:
