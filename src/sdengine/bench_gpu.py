@@ -28,6 +28,7 @@ short still leaves what it measured.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -281,13 +282,18 @@ def measure_graph_loop(
         pipe.cuda_graphs = {k: v for k, v in pipe.cuda_graphs.items() if k != "loop"}
 
 
+def _diagnosis(fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | str:
+    """``fn()``, or its error in one line: a diagnosis is never a reason to lose the phase's timings."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        return f"{type(e).__name__}: {e}"
+
+
 def _timeline(pipe: Any, cfg: dict[str, Any]) -> dict[str, Any] | str:
     from sdengine.bench_timeline import profile_image
 
-    try:
-        return profile_image(pipe, sdengine_gen(pipe, cfg, 1))
-    except Exception as e:  # noqa: BLE001 - a diagnosis, never a reason to lose the phase's timings
-        return f"{type(e).__name__}: {e}"
+    return _diagnosis(lambda: profile_image(pipe, sdengine_gen(pipe, cfg, 1)))
 
 
 def measure_batch(gen: Callable[[], Any], device: Any, batch: int, repeats: int) -> dict[str, Any]:
@@ -347,10 +353,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
             out["unet_step_kernels"] = f"{type(e).__name__}: {e}"
         out["image_timeline"] = _timeline(pipe, cfg)
         if pipe.cuda_graphs is not None:  # the compiled networks inside one recorded loop
-            try:
-                out["graph_loop"] = measure_graph_loop(pipe, cfg, int(job["repeats"]), out["_image"])
-            except Exception as e:  # noqa: BLE001 - as above
-                out["graph_loop"] = f"{type(e).__name__}: {e}"
+            out["graph_loop"] = _diagnosis(lambda: measure_graph_loop(pipe, cfg, int(job["repeats"]), out["_image"]))
     np.save(job["image_path"], out.pop("_image"))
     latent = out.pop("_latent")
     if latent is not None:
@@ -567,10 +570,7 @@ def run_gpu_bench(
                 state["sdpa"] = min(by_kernel, key=lambda k: by_kernel[k])
                 use_backend(state["sdpa"])
         res["image_timeline"] = _timeline(pipe, cfg)
-        try:
-            res["graph_loop"] = measure_graph_loop(pipe, cfg, repeats, res["_image"])
-        except Exception as e:  # noqa: BLE001 - a phase of its own in all but name: the graphs' timings stand
-            res["graph_loop"] = f"{type(e).__name__}: {e}"
+        res["graph_loop"] = _diagnosis(functools.partial(measure_graph_loop, pipe, cfg, repeats, res["_image"]))
         held.pop("eager", None)
         del pipe
         return res
