@@ -129,7 +129,10 @@ class GpuEngine:
         self.pipe.vae.to(memory_format=torch.channels_last)
         self.pipe.unet = torch.compile(self.pipe.unet, mode="reduce-overhead", fullgraph=True)
 
-    def generate(self, prompt: str, negative: str, cfg: dict[str, Any], batch: int, output_type: str) -> Any:
+    def generate(
+        self, prompt: str, negative: str, cfg: dict[str, Any], batch: int, output_type: str, latents: Any = None
+    ) -> Any:
+        """``latents``: the start noise to use instead of diffusers' own draw from the seeds' generators."""
         gens = [torch.Generator("cpu").manual_seed(cfg["seed"] + i) for i in range(batch)]
         return self.pipe(
             prompt,
@@ -141,6 +144,7 @@ class GpuEngine:
             num_images_per_prompt=batch,
             generator=gens,
             output_type=output_type,
+            latents=latents,
         ).images
 
     def measure(

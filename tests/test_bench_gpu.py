@@ -75,6 +75,12 @@ def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
     for key in ("text_cond", "text_uncond", "unet", "latent"):
         assert order[f"{key}_rel"] < 1e-4, (key, order)
     assert lat["diffusers_eager_attention_math vs sdengine_fp32"] < 1e-3
+    # diffusers started from sdengine's seed-contract noise (latents=): the same sample as its own draw here,
+    # where a half-precision CPU draw is not involved (fp32 on the CPU)
+    noise = phases["diffusers_eager"]["noise_check"]
+    assert isinstance(noise, dict) and noise["randn_half_vs_float"] < 1e-2, noise
+    assert lat["diffusers_eager_sdengine_noise vs sdengine_fp32"] < 1e-3
+    assert lat["sdengine_eager vs diffusers_eager_sdengine_noise"] < 1e-3
     ratio = data["ratios"]["diffusers_eager/sdengine_eager image_s"]
     assert ratio == pytest.approx(phases["diffusers_eager"]["image_s"] / phases["sdengine_eager"]["image_s"])
     written = json.loads((tmp_path / bench_gpu.FILE_NAME).read_text())
@@ -161,3 +167,15 @@ def test_the_graph_loop_measurement_on_the_cpu_with_a_stand_in_recorder(tiny_fol
     assert isinstance(res["image_timeline"], dict) and res["image_timeline"]["stages"]["sampling"]["cpu_ms"] > 0
     assert "loop" not in pipe.cuda_graphs  # dropped again: the phase's later measurements use the step graphs
     assert np.array_equal(bench_gpu.sdengine_gen(pipe, cfg, 1)(), reference)
+
+
+def test_a_failed_child_is_reported_by_its_exception_line_not_a_warnings_source_line():
+    from sdengine.bench import failure_line
+
+    stderr = (
+        "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+        "torch._inductor.exc.InductorError: RuntimeError: out of shared memory\n"
+        "/lib/warnings.py:12: UserWarning: something\n  return cls.__new__(cls, *args)\n"
+    )
+    assert failure_line(stderr) == "torch._inductor.exc.InductorError: RuntimeError: out of shared memory"
+    assert failure_line("just a line\n") == "just a line" and failure_line("") == "no output"

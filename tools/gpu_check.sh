@@ -12,7 +12,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 2
 # The tests that only run on a GPU (CUDA graphs for real, masked attention off cuDNN, previews on the device).
-timeout 300 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_pipeline_vae.py tests/test_aot.py tests/test_fp8.py \
+timeout "${GPU_TESTS_TIMEOUT:-300}" "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_pipeline_vae.py tests/test_aot.py tests/test_fp8.py \
     tests/test_loop_graph.py::test_real_loop_graph_equals_the_step_graphs \
     tests/test_loop_graph.py::test_real_controlled_step_graphs_equal_plain_calls \
     2>&1 | tee "$out/gpu_tests.log" | tail -5

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -320,10 +321,16 @@ def peak_rss_mb() -> float:
 
 
 def run_worker(
-    job: dict[str, Any], *, env: dict[str, str] | None = None, timeout: float = 3600, module: str = "sdengine.bench"
+    job: dict[str, Any],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 3600,
+    module: str = "sdengine.bench",
+    stderr_path: Path | None = None,
 ) -> dict[str, Any]:
     """:func:`_worker` in a child process (``python -m sdengine.bench``); its JSON answer. ``module``: another
-    module whose ``__main__`` reads the job from ``argv[1]`` and prints one JSON line (sdengine.bench_scaling)."""
+    module whose ``__main__`` reads the job from ``argv[1]`` and prints one JSON line (sdengine.bench_scaling).
+    ``stderr_path``: where the child's whole stderr is kept when it fails (the error names its exception line)."""
     child_env = dict(os.environ if env is None else env)
     src = str(Path(__file__).resolve().parent.parent)
     child_env["PYTHONPATH"] = src + (os.pathsep + child_env["PYTHONPATH"] if child_env.get("PYTHONPATH") else "")
@@ -336,9 +343,20 @@ def run_worker(
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BenchError(f"bench child process for {job['engine']} failed: {tail}")
+        if stderr_path is not None:
+            stderr_path.write_text(proc.stderr)
+        raise BenchError(f"bench child process for {job['engine']} failed (exit {proc.returncode}): {failure_line(proc.stderr)}")
     return json.loads(lines[-1])
+
+
+def failure_line(stderr: str) -> str:
+    """The line of a child's stderr that says why it failed: the last exception line (``ValueError: ...``) when
+    there is one, else the last line (a warning's source line is not the reason)."""
+    lines = [ln.rstrip() for ln in stderr.strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Failure)\b(:|$)", ln):
+            return ln
+    return lines[-1] if lines else "no output"
 
 
 def peak_rss(folder: Path, spec: GenSpec, engine: str, threads: int | None, options: tuple[str, ...] = ()) -> float:

@@ -621,7 +621,8 @@ def run_gpu_bench(
             "image_path": str(image_path),
             "started": time.time(),  # the child's first image is timed from here
         }
-        res = run_worker(job, env=env, timeout=max(60.0, run.left() - 5), module="sdengine.bench_gpu")
+        log = run.out_dir / f"child_{label.replace(' ', '_')}.log"  # its stderr, kept when it fails
+        res = run_worker(job, env=env, timeout=max(60.0, run.left() - 5), module="sdengine.bench_gpu", stderr_path=log)
         res["_image"] = np.load(image_path)
         latent_path = Path(str(image_path).replace(".npy", "_latent.npy"))
         if latent_path.is_file():
@@ -649,6 +650,11 @@ def run_gpu_bench(
                 run.latents[f"diffusers_eager_attention_{other}"] = latent
             except Exception as e:  # noqa: BLE001 - a diagnosis; the timings stand without it
                 res["attention_order_check"] = f"{type(e).__name__}: {e}"
+            try:
+                res["noise_check"], latent = noise_check(engine, cfg)
+                run.latents["diffusers_eager_sdengine_noise"] = latent
+            except Exception as e:  # noqa: BLE001 - a diagnosis; the timings stand without it
+                res["noise_check"] = f"{type(e).__name__}: {e}"
             return res
 
         run.phase("diffusers_eager", 40, df_eager)
@@ -782,6 +788,25 @@ def attention_order_check(peer: Any, cfg: dict[str, Any], chosen: str, other: st
     return out, second["latent"].float().cpu().numpy()
 
 
+def noise_check(peer: Any, cfg: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
+    """Whether diffusers' start noise is sdengine's. diffusers draws it with ``randn(..., dtype=half)`` on the
+    CPU generator, sdengine by its seed contract in float32 (:func:`sdengine.diffusion.samplers.row_noise`) and
+    then casts; ``randn_half_vs_float`` is their mean absolute difference on this torch (0: the same numbers).
+    The returned final latent is diffusers' generation started from sdengine's noise (``latents=``), which
+    :func:`latent_agreement` compares with every engine's: the two engines on the same inputs end to end."""
+    import torch
+
+    from sdengine.diffusion.samplers import row_noise
+
+    side = cfg["size"] // peer.pipe.vae_scale_factor
+    shape = (4, side, side)
+    ours = row_noise([torch.Generator("cpu").manual_seed(cfg["seed"])], shape)
+    half = torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(cfg["seed"]), dtype=torch.float16)
+    out = {"randn_half_vs_float": float((half.float() - ours.half().float()).abs().mean())}
+    latent = peer.generate(PROMPT, NEGATIVE, cfg, 1, "latent", latents=ours.to(peer.device, peer.dtype))
+    return out, latent.float().cpu().numpy()
+
+
 def graph_step_by_backend(pipe: Any, cfg: dict[str, Any]) -> dict[str, float]:
     """The graphed U-Net CFG step's milliseconds with each fused attention kernel first (graphs recorded anew
     for each); the process's choice is restored afterwards."""
@@ -819,7 +844,7 @@ def _free(device: str) -> None:
 def agreement(images: dict[str, np.ndarray]) -> dict[str, float]:
     """Mean absolute difference of each image against the fp32 image and against diffusers' fp16 image."""
     out: dict[str, float] = {}
-    for ref in ("sdengine_fp32", "diffusers_eager"):
+    for ref in ("sdengine_fp32", "diffusers_eager", "diffusers_eager_sdengine_noise"):
         if ref not in images:
             continue
         for name, img in images.items():
@@ -832,7 +857,7 @@ def latent_agreement(latents: dict[str, np.ndarray]) -> dict[str, float]:
     """The final latents (before the VAE) compared as :func:`agreement` compares images, each difference
     divided by the reference latent's mean absolute value (so 0.01 is 1% of the latent's size)."""
     out: dict[str, float] = {}
-    for ref in ("sdengine_fp32", "diffusers_eager"):
+    for ref in ("sdengine_fp32", "diffusers_eager", "diffusers_eager_sdengine_noise"):
         if ref not in latents:
             continue
         scale = float(np.abs(latents[ref]).mean()) or 1.0
