@@ -5,6 +5,7 @@ JSON they leave, the budget, and the CLI's refusals. The GPU numbers themselves 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -173,9 +174,21 @@ def test_a_failed_child_is_reported_by_its_exception_line_not_a_warnings_source_
     from sdengine.bench import failure_line
 
     stderr = (
-        "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+        'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
         "torch._inductor.exc.InductorError: RuntimeError: out of shared memory\n"
         "/lib/warnings.py:12: UserWarning: something\n  return cls.__new__(cls, *args)\n"
     )
     assert failure_line(stderr) == "torch._inductor.exc.InductorError: RuntimeError: out of shared memory"
     assert failure_line("just a line\n") == "just a line" and failure_line("") == "no output"
+
+
+def test_a_child_killed_by_a_native_crash_leaves_its_python_stack(tmp_path):
+    from sdengine.bench import BenchError, run_worker
+
+    (tmp_path / "crashing_child.py").write_text("import ctypes\n\ndef crash():\n    ctypes.string_at(0)\n\ncrash()\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    log = tmp_path / "child.log"
+    with pytest.raises(BenchError, match=r"failed \(exit -11\)"):
+        run_worker({"engine": "crash"}, env=env, timeout=60, module="crashing_child", stderr_path=log)
+    text = log.read_text()
+    assert "Segmentation fault" in text and "in crash" in text, text

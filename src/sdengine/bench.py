@@ -335,7 +335,8 @@ def run_worker(
     src = str(Path(__file__).resolve().parent.parent)
     child_env["PYTHONPATH"] = src + (os.pathsep + child_env["PYTHONPATH"] if child_env.get("PYTHONPATH") else "")
     proc = subprocess.run(
-        [sys.executable, "-m", module, json.dumps(job)],
+        # -X faulthandler: a child killed by a signal (a native crash) still prints its Python stack to stderr
+        [sys.executable, "-X", "faulthandler", "-m", module, json.dumps(job)],
         capture_output=True,
         text=True,
         env=child_env,
@@ -345,7 +346,8 @@ def run_worker(
     if proc.returncode != 0 or not lines:
         if stderr_path is not None:
             stderr_path.write_text(proc.stderr)
-        raise BenchError(f"bench child process for {job['engine']} failed (exit {proc.returncode}): {failure_line(proc.stderr)}")
+        why = failure_line(proc.stderr)
+        raise BenchError(f"bench child process for {job['engine']} failed (exit {proc.returncode}): {why}")
     return json.loads(lines[-1])
 
 

@@ -55,6 +55,12 @@ from typing import Any
 
 from sdengine.errors import UsageError
 
+# Said whenever ``aot`` is applied on a CUDA device (docs/gpu.md, "aot on CUDA"): what one H200 run showed.
+AOT_ON_CUDA = (
+    "aot on CUDA is unproven at full size: on an H200 (torch 2.11) an SD 1.5 U-Net's package crashed the process "
+    "(SIGSEGV) after compiling and again when loaded; 'compile' is the GPU path that was measured"
+)
+
 OPTIONS: tuple[str, ...] = (  # in the order they are applied: fp8 changes the layers compile/aot/graphs see
     "winograd",
     "channels_last",
@@ -165,6 +171,8 @@ def apply_fast_path(pipe: Any, options: Iterable[str]) -> list[str]:
             cache = compile_cache_dir() / "aoti"
             pipe.enable_aot(cache)
             done.append(f"aot: U-Net and VAE decode compiled ahead of time (AOTInductor), packages in {cache}")
+            if torch.device(pipe.device).type == "cuda":
+                done.append(AOT_ON_CUDA)
         elif torch.device(pipe.device).type != "cuda":
             done.append(f"{name}: skipped (a CUDA option; the pipeline is on {torch.device(pipe.device).type})")
         elif name == "cudnn_benchmark":
