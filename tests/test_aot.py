@@ -117,3 +117,54 @@ def test_pipeline_with_aot_equals_the_plain_pipeline(tiny_sd1_folder, tmp_path):
     graphed = pipe("a red cube", "blurry", **args).arrays
     assert pipe.cuda_graphs["unet"].replays == 3 and pipe.aot["unet"].compiled == 1  # 3 steps; no second compile
     np.testing.assert_allclose(graphed, compiled, atol=1e-6)
+
+
+_CUDA_CHILD = """
+import sys
+import numpy as np
+import sdengine
+
+folder, cache = sys.argv[1], sys.argv[2]
+pipe = sdengine.load_pipeline(folder, device="cuda", dtype="fp16", fast_path="channels_last")  # the bench's layout
+args = {"steps": 3, "seed": 2, "width": 64, "height": 64, "progress": False}
+plain = pipe("a red cube", "blurry", **args).arrays
+print("stage plain", flush=True)
+pipe.enable_aot(cache)
+aot = pipe("a red cube", "blurry", **args).arrays
+u = pipe.aot["unet"]
+print("stage aot", u.compiled, u.loaded, len(u.failed), float(np.abs(aot - plain).mean()), flush=True)
+pipe.enable_cuda_graphs()
+graphed = pipe("a red cube", "blurry", **args).arrays
+print("stage graphs", pipe.cuda_graphs["unet"].replays, float(np.abs(graphed - aot).mean()), flush=True)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_aot_packages_on_cuda_compile_load_and_replay(
+    tiny_sd1_folder, tmp_path
+):  # pragma: no cover - no GPU in CI
+    """On the H200 the bench's AOT processes died (SIGSEGV) at SD 1.5's size; this runs the same steps on the tiny
+    model in child processes (a crash fails the test with the child's Python stack, not the whole run): compile
+    and run the packages, graphs over them, then a second process that loads them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    runs = []
+    for _ in range(2):  # cold (compiles the packages), then warm (loads them)
+        proc = subprocess.run(
+            [sys.executable, "-X", "faulthandler", "-c", _CUDA_CHILD, str(tiny_sd1_folder), str(tmp_path / "aoti")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+        runs.append({ln.split()[1]: ln.split()[2:] for ln in proc.stdout.splitlines() if ln.startswith("stage ")})
+    for i, stages in enumerate(runs):
+        compiled, loaded, failed, diff = stages["aot"]
+        assert (int(compiled), int(loaded)) == ((1, 0) if i == 0 else (0, 1)) and failed == "0", stages
+        assert float(diff) < 2e-3 and float(stages["graphs"][1]) < 2e-3 and int(stages["graphs"][0]) == 3, stages
