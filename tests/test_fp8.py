@@ -88,15 +88,32 @@ def test_supported_devices():
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs a CUDA GPU of 8.9+"
 )
-def test_on_the_gpu_the_product_matches_the_cpus():
+def test_on_the_gpu_the_product_is_the_dequantized_operands_product():  # pragma: no cover - no GPU in CI
     torch.manual_seed(0)
     lin = nn.Linear(320, 640).half()
     layer = fp8.FP8Linear(lin)
     x = torch.randn(2, 4096, 320)
-    cpu = layer(x)
-    gpu = layer.cuda()(x.cuda().half()).float().cpu()
+    # The reference without the CPU's _scaled_mm (torch 2.11's takes per-tensor scales only): the e4m3 operands
+    # dequantized and multiplied in float64, from the half-precision input the GPU gets.
+    x8, sx = fp8.quantize_rows(x.half().reshape(-1, 320))
+    ref = (x8.double() * sx.double()) @ layer.dequantized_weight().double().t() + lin.bias.detach().double()
+    gpu = layer.cuda()(x.cuda().half()).double().cpu().reshape(-1, 640)
     assert layer.weight_fp8.dtype == torch.float8_e4m3fn and layer.weight_fp8.is_cuda
-    assert float((gpu - cpu).abs().mean() / cpu.abs().mean()) < 1e-2  # fp16 input, bf16 output on the GPU
+    assert float((gpu - ref).abs().mean() / ref.abs().mean()) < 1e-2  # bf16 output, fp16 result on the GPU
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs a CUDA GPU of 8.9+"
+)
+def test_real_cuda_graphs_replay_the_fp8_network(tiny_sd1_folder):  # pragma: no cover - no GPU in CI
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cuda", dtype="fp16", fast_path="fp8")
+    assert any(isinstance(m, fp8.FP8Linear) for m in pipe.unet.modules())
+    kw = dict(prompt="a red apple", seed=4, steps=6, width=64, height=64, progress=False)
+    plain = pipe(**kw).arrays
+    assert pipe.enable_cuda_graphs()
+    graphed = pipe(**kw).arrays
+    assert pipe.cuda_graphs["unet"].replays == 6
+    assert float(np.abs(graphed - plain).mean()) < 1e-3
 
 
 def test_graphs_replay_the_fp8_network_exactly():
