@@ -423,3 +423,32 @@ def test_graphed_networks_never_read_the_device_nor_copy_from_the_host(kind, tin
     assert out.shape == (2, 4, 8, 8) and img.shape[-1] == 8 * pipe.vae_scale_factor and tiny_img.shape[-1] == 16
     assert all(s.shape[:2] == (2, 77) for s in states)
     assert traffic.seen == []
+
+
+def test_aot_on_a_cuda_pipeline_warns_what_the_h200_runs_showed(tmp_path, monkeypatch, caplog):
+    """load_pipeline keeps no fast-path notes, so the warning is what a user sees (no GPU needed: only the
+    pipeline's device is read before ``enable_aot``, which is recorded here)."""
+    from sdengine import fastpath
+
+    monkeypatch.setattr(fastpath, "compile_cache_dir", lambda: tmp_path)
+
+    class Pipe:
+        device = torch.device("cuda")
+        dtype = torch.float16
+
+        def __init__(self) -> None:
+            self.aot_dirs: list = []
+
+        def enable_aot(self, cache):
+            self.aot_dirs.append(cache)
+
+    cuda, cpu = Pipe(), Pipe()
+    cpu.device = torch.device("cpu")
+    with caplog.at_level("WARNING", logger="sdengine.fastpath"):
+        notes = fastpath.apply_fast_path(cuda, ["aot"])
+    assert cuda.aot_dirs == [tmp_path / "aoti"] and fastpath.AOT_ON_CUDA in notes
+    assert [r.getMessage() for r in caplog.records] == [fastpath.AOT_ON_CUDA]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sdengine.fastpath"):
+        notes = fastpath.apply_fast_path(cpu, ["aot"])
+    assert fastpath.AOT_ON_CUDA not in notes and not caplog.records

@@ -17,7 +17,8 @@ docs/performance.md; in short, on the 2-core AVX2 CPU there:
 * ``aot``: the U-Net and the VAE decode compiled ahead of time with AOTInductor (:mod:`sdengine.aot`): the first
   use of a shape compiles a package into ``compile_cache_dir()/aoti`` (as long as ``compile``), later processes
   load it without tracing; the live weights are bound in, so one package serves every checkpoint of an
-  architecture. Not on by default; not measured on a GPU yet.
+  architecture. Not on by default; on CUDA unproven: on an H200 (torch 2.11) the SD 1.5 processes crashed
+  (:data:`AOT_ON_CUDA`, logged when it is applied there).
 * ``compile``: ``torch.compile`` (inductor, C++ backend on the CPU) of the U-Net and of the VAE decoder, in
   place (``nn.Module.compile``), so everything that reads ``pipe.unet.config`` keeps working. Its generated
   code is cached in ``TORCHINDUCTOR_CACHE_DIR`` (set to :func:`compile_cache_dir` unless the user chose one),
@@ -41,13 +42,14 @@ On a CUDA device (docs/performance.md, "GPU", has the H200 numbers and the comma
   guidance and sampler update, replays as one CUDA graph (:mod:`sdengine.pipeline.loop_graph`) where it can:
   any sampler (the per-step noise drawn beforehand), no ControlNet, prompt editing, inpainting blend or LoRA
   hook. A step callback then runs once, after the last step (no live previews; a cancel waits for the image).
-  Not on by default; not measured on a GPU yet.
+  Not on by default; on an H200 over the uncompiled networks it gave the same image in the same time (docs/gpu.md).
 
 These four change nothing on the CPU (each reports that it was skipped); the others work on either device.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -55,7 +57,9 @@ from typing import Any
 
 from sdengine.errors import UsageError
 
-# Said whenever ``aot`` is applied on a CUDA device (docs/gpu.md, "aot on CUDA"): what one H200 run showed.
+log = logging.getLogger(__name__)
+
+# Said (logged as a warning) whenever ``aot`` is applied on a CUDA device: what the H200 runs showed (docs/gpu.md).
 AOT_ON_CUDA = (
     "aot on CUDA is unproven at full size: on an H200 (torch 2.11) an SD 1.5 U-Net's package crashed the process "
     "(SIGSEGV) after compiling and again when loaded; 'compile' is the GPU path that was measured"
@@ -171,7 +175,8 @@ def apply_fast_path(pipe: Any, options: Iterable[str]) -> list[str]:
             cache = compile_cache_dir() / "aoti"
             pipe.enable_aot(cache)
             done.append(f"aot: U-Net and VAE decode compiled ahead of time (AOTInductor), packages in {cache}")
-            if torch.device(pipe.device).type == "cuda":
+            if torch.device(pipe.device).type == "cuda":  # a warning too: load_pipeline keeps no notes
+                log.warning(AOT_ON_CUDA)
                 done.append(AOT_ON_CUDA)
         elif torch.device(pipe.device).type != "cuda":
             done.append(f"{name}: skipped (a CUDA option; the pipeline is on {torch.device(pipe.device).type})")
