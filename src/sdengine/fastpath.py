@@ -61,8 +61,8 @@ log = logging.getLogger(__name__)
 
 # Said (logged as a warning) whenever ``aot`` is applied on a CUDA device: what the H200 runs showed (docs/gpu.md).
 AOT_ON_CUDA = (
-    "aot on CUDA is unproven at full size: on an H200 (torch 2.11) an SD 1.5 U-Net's package crashed the process "
-    "(SIGSEGV) after compiling and again when loaded; 'compile' is the GPU path that was measured"
+    "aot on CUDA is unproven at full size: on an H200 (torch 2.11) SD 1.5's processes with aot crashed (SIGSEGV), "
+    "cold and warm; 'compile' is the GPU path that was measured"
 )
 
 OPTIONS: tuple[str, ...] = (  # in the order they are applied: fp8 changes the layers compile/aot/graphs see
