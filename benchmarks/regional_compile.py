@@ -1,11 +1,16 @@
 """torch.compile of the whole U-Net against "regional" compilation (each ResNet block and transformer on its own,
 identical blocks sharing their compiled code), on the CPU: the first call with a fresh or a warm cache, then a call.
 
-    python benchmarks/regional_compile.py whole|regional|regional_static CACHE_DIR
+    python benchmarks/regional_compile.py whole|regional|regional_static|whole_precompile CACHE_DIR
 
 Run each mode twice with the same CACHE_DIR: the first run compiles from nothing (a cold start), the second finds
 the compiled code (a warm start). The shipped ``emoji`` U-Net, batch 2 (one CFG step), 2 threads. The result
 (docs/gpu.md, "Not done") was too small to add a fast-path option for.
+
+``whole_precompile``: the whole U-Net with torch's experimental caching precompile (``TORCH_CACHING_PRECOMPILE``:
+Dynamo's traced bytecode saved beside inductor's code by ``torch.compiler.save_cache_artifacts()``, so that a warm
+start would skip tracing, the bulk of a warm first call). On torch 2.13 its warm run fails inside Dynamo
+(docs/gpu.md), so it was not adopted.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import os
 import sys
 import time
 
-if len(sys.argv) != 3 or sys.argv[1] not in ("whole", "regional", "regional_static"):
+if len(sys.argv) != 3 or sys.argv[1] not in ("whole", "regional", "regional_static", "whole_precompile"):
     sys.exit(__doc__)
 MODE = sys.argv[1]
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = sys.argv[2]
+if MODE == "whole_precompile":  # read when torch._dynamo is imported
+    os.environ["TORCH_CACHING_PRECOMPILE"] = "1"
 
 import torch  # noqa: E402  (after the cache directory is set)
 
@@ -51,6 +58,12 @@ def main() -> None:
     ref, eager = call(), best_ms()
     if MODE == "whole":
         unet.compile()
+    elif MODE == "whole_precompile":  # the precompile cache is keyed by the module's forward: torch.compile(module)
+        compiled = torch.compile(unet)
+
+        def call() -> torch.Tensor:
+            with torch.inference_mode():
+                return compiled(x, t, **kw)
     else:
         if MODE == "regional_static":
             torch._dynamo.config.recompile_limit = 64  # one compiled variant per block shape
@@ -60,6 +73,8 @@ def main() -> None:
     t0 = time.perf_counter()
     out = call()
     first = time.perf_counter() - t0
+    if MODE == "whole_precompile":
+        torch.compiler.save_cache_artifacts()  # writes Dynamo's part of the cache
     diff = float((out - ref).abs().max())
     print(f"{MODE}: first call {first:.1f} s, then {best_ms():.1f} ms (eager {eager:.1f} ms), max abs {diff:.2e}")
 
