@@ -139,6 +139,7 @@ print("stage graphs", pipe.cuda_graphs["unet"].replays, float(np.abs(graphed - a
 """
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_real_aot_packages_on_cuda_compile_load_and_replay(
     tiny_sd1_folder, tmp_path

@@ -9,7 +9,8 @@ c. the package never imports the test oracles (diffusers, transformers, peft, ac
 d. every relative link in README.md and docs/**/*.md points at a file that exists (and at a heading that exists,
    when it names one), every Markdown file under docs/ that a module or test mentions exists, every reference of
    the form "CONTRACTS.md, <section title>" names a section of the contracts file, and nothing points at a
-   contract file outside the repository.
+   contract file outside the repository;
+e. every CUDA-only test is marked ``cuda``, which is what tools/gpu_check.sh runs on a GPU machine.
 
 Each test collects every violation and reports them all at once. :data:`KNOWN` lists the violations that exist
 would list violations tolerated for a while (it is empty);
@@ -314,3 +315,18 @@ def test_references_stay_inside_the_repository():
                     problems.append(f"  {rel}:{line_no}: no section {name!r} in docs/CONTRACTS.md")
     problems += [line for line in _report(outside_files, "ref") if "stale KNOWN" in line]
     assert not problems, "references that lead nowhere:\n" + "\n".join(problems)
+
+
+def test_every_test_that_needs_cuda_is_marked_so_the_gpu_check_runs_it():
+    """tools/gpu_check.sh runs the tests marked ``cuda`` (only those) on a GPU machine: a CUDA-only test without the
+    marker would never run anywhere."""
+    unmarked = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            skip = re.match(r"\s*@pytest\.mark\.skipif\(\s*$", line) and i + 1 < len(lines) and lines[i + 1] or line
+            if "@pytest.mark.skipif" in line and re.search(r"not torch\.cuda\.is_available\(\)", skip):
+                if not any("@pytest.mark.cuda" in lines[j] for j in range(max(0, i - 3), i)):
+                    unmarked.append(f"{path.name}:{i + 1}")
+    assert not unmarked, f"CUDA-only tests without @pytest.mark.cuda: {unmarked}"
+    assert "-m cuda" in (ROOT / "tools" / "gpu_check.sh").read_text()

@@ -307,6 +307,7 @@ def test_time_backends_on_the_cpu_times_what_runs():
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_real_cuda_graph_equals_eager(tiny_sd1_folder):  # pragma: no cover - CI has no GPU
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cuda", dtype="fp16", fast_path="none")
@@ -349,6 +350,7 @@ def test_masked_attention_is_unchanged_on_the_cpu():
     )
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_masked_attention_never_reaches_cudnn_on_a_gpu():  # pragma: no cover - CI has no GPU
     from sdengine import sdpa_backends as sb

@@ -85,6 +85,7 @@ def test_supported_devices():
     assert fp8.supported("cpu") and not fp8.supported("meta")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs a CUDA GPU of 8.9+"
 )
@@ -102,6 +103,7 @@ def test_on_the_gpu_the_product_is_the_dequantized_operands_product():  # pragma
     assert float((gpu - ref).abs().mean() / ref.abs().mean()) < 1e-2  # bf16 output, fp16 result on the GPU
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs a CUDA GPU of 8.9+"
 )

@@ -199,6 +199,7 @@ def test_the_fast_path_option_is_cuda_only_and_implies_graphs(tiny_sd1_folder):
     assert pipe.cuda_graphs is None
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(
     "kw", [{}, {"sampler": "euler_a"}, {"guidance_rescale": 0.7}], ids=["dpmpp_2m", "euler_a", "rescale"]
@@ -408,6 +409,7 @@ def test_a_controlled_step_never_reads_the_device_nor_copies_from_the_host():
     assert out.shape == (2, 4, side, side) and traffic.seen == []
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_real_controlled_step_graphs_equal_plain_calls(tiny_sd1_folder):  # pragma: no cover - CI has no GPU
     from sdengine.models.controlnet import ControlNet

@@ -133,6 +133,7 @@ def test_latent_previewer_on_the_cpu_gives_each_frame_once_and_the_newest():
     assert np.array_equal(vu.latent_rgb(b).numpy(), vu.latent_preview(b))  # same pixels where computed
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_latent_previewer_on_a_gpu_matches_the_cpu_preview():  # pragma: no cover - CI has no GPU
     z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
