@@ -82,6 +82,7 @@ def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
     assert isinstance(noise, dict) and noise["randn_half_vs_float"] < 1e-2, noise
     assert lat["diffusers_eager_sdengine_noise vs sdengine_fp32"] < 1e-3
     assert lat["sdengine_eager vs diffusers_eager_sdengine_noise"] < 1e-3
+    assert agree["sdengine_eager vs diffusers_eager_sdengine_noise"] < 1e-3  # and the images it decodes to
     ratio = data["ratios"]["diffusers_eager/sdengine_eager image_s"]
     assert ratio == pytest.approx(phases["diffusers_eager"]["image_s"] / phases["sdengine_eager"]["image_s"])
     written = json.loads((tmp_path / bench_gpu.FILE_NAME).read_text())

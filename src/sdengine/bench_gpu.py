@@ -651,8 +651,9 @@ def run_gpu_bench(
             except Exception as e:  # noqa: BLE001 - a diagnosis; the timings stand without it
                 res["attention_order_check"] = f"{type(e).__name__}: {e}"
             try:
-                res["noise_check"], latent = noise_check(engine, cfg)
+                res["noise_check"], latent, image = noise_check(engine, cfg)
                 run.latents["diffusers_eager_sdengine_noise"] = latent
+                run.images["diffusers_eager_sdengine_noise"] = image
             except Exception as e:  # noqa: BLE001 - a diagnosis; the timings stand without it
                 res["noise_check"] = f"{type(e).__name__}: {e}"
             return res
@@ -788,12 +789,13 @@ def attention_order_check(peer: Any, cfg: dict[str, Any], chosen: str, other: st
     return out, second["latent"].float().cpu().numpy()
 
 
-def noise_check(peer: Any, cfg: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
+def noise_check(peer: Any, cfg: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Whether diffusers' start noise is sdengine's. diffusers draws it with ``randn(..., dtype=half)`` on the
     CPU generator, sdengine by its seed contract in float32 (:func:`sdengine.diffusion.samplers.row_noise`) and
     then casts; ``randn_half_vs_float`` is their mean absolute difference on this torch (0: the same numbers).
-    The returned final latent is diffusers' generation started from sdengine's noise (``latents=``), which
-    :func:`latent_agreement` compares with every engine's: the two engines on the same inputs end to end."""
+    The returned final latent and image are diffusers' generation started from sdengine's noise (``latents=``),
+    which :func:`latent_agreement` and :func:`agreement` compare with every engine's: the two engines on the same
+    inputs end to end."""
     import torch
 
     from sdengine.diffusion.samplers import row_noise
@@ -803,8 +805,10 @@ def noise_check(peer: Any, cfg: dict[str, Any]) -> tuple[dict[str, Any], np.ndar
     ours = row_noise([torch.Generator("cpu").manual_seed(cfg["seed"])], shape)
     half = torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(cfg["seed"]), dtype=torch.float16)
     out = {"randn_half_vs_float": float((half.float() - ours.half().float()).abs().mean())}
-    latent = peer.generate(PROMPT, NEGATIVE, cfg, 1, "latent", latents=ours.to(peer.device, peer.dtype))
-    return out, latent.float().cpu().numpy()
+    start = ours.to(peer.device, peer.dtype)
+    latent = peer.generate(PROMPT, NEGATIVE, cfg, 1, "latent", latents=start)
+    image = np.asarray(peer.generate(PROMPT, NEGATIVE, cfg, 1, "np", latents=start), dtype=np.float32)
+    return out, latent.float().cpu().numpy(), image
 
 
 def graph_step_by_backend(pipe: Any, cfg: dict[str, Any]) -> dict[str, float]:
@@ -842,9 +846,10 @@ def _free(device: str) -> None:
 
 
 def agreement(images: dict[str, np.ndarray]) -> dict[str, float]:
-    """Mean absolute difference of each image against the fp32 image and against diffusers' fp16 image."""
+    """Mean absolute difference of each image against the fp32 image, diffusers' fp16 image, and diffusers' fp16
+    image from sdengine's start noise."""
     out: dict[str, float] = {}
-    for ref in ("sdengine_fp32", "diffusers_eager"):
+    for ref in ("sdengine_fp32", "diffusers_eager", "diffusers_eager_sdengine_noise"):
         if ref not in images:
             continue
         for name, img in images.items():
