@@ -48,6 +48,9 @@ def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
     timeline = phases["sdengine_graphs"]["image_timeline"]
     assert isinstance(timeline, dict) and timeline["stages"]["sampling"]["cpu_ms"] > 0, timeline
     assert phases["sdengine_graphs"]["graph_loop"] == {"skipped": "CUDA only (the pipeline is on cpu)"}
+    # the VAE decode in both layouts in one process (channels_last is a CUDA default; on the CPU the weights are NCHW)
+    layout = phases["sdengine_graphs"]["vae_decode_ms_by_layout"]
+    assert isinstance(layout, dict) and layout["nhwc"] > 0 and layout["nchw"] > 0, layout
     # graphs without channels_last: its own phase, so the GPU run says what channels_last is worth at batch 1 and 8
     nchw = phases["sdengine_graphs_nchw"]
     assert nchw["batch8_images_per_s"] > 0 and not any(n.startswith("channels_last") for n in nchw["notes"])
@@ -193,3 +196,21 @@ def test_a_child_killed_by_a_native_crash_leaves_its_python_stack(tmp_path):
         run_worker({"engine": "crash"}, env=env, timeout=60, module="crashing_child", stderr_path=log)
     text = log.read_text()
     assert "Segmentation fault" in text and "in crash" in text, text
+
+
+def test_the_vae_layout_check_times_both_layouts_and_restores_the_vaes(tiny_folder):
+    import sdengine
+
+    pipe = sdengine.load_pipeline(tiny_folder, device="cpu", dtype="fp32", fast_path="none")
+    cfg = {"size": 64}
+    z = torch.randn(1, pipe.latent_channels, 8, 8)
+    with torch.inference_mode():
+        before = pipe.vae.decode(z)
+    for fmt, name in ((torch.channels_last, "nhwc"), (torch.contiguous_format, "nchw")):
+        pipe.vae.to(memory_format=fmt)
+        out = bench_gpu.vae_decode_by_layout(pipe, cfg, n=1)
+        assert out["weights_were"] == name and out["nhwc"] > 0 and out["nchw"] > 0
+        conv = next(m for m in pipe.vae.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+        assert conv.weight.is_contiguous(memory_format=fmt)  # the layout it found is the layout it leaves
+        with torch.inference_mode():
+            torch.testing.assert_close(pipe.vae.decode(z), before, rtol=1e-5, atol=1e-5)
