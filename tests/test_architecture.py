@@ -324,8 +324,11 @@ def test_every_test_that_needs_cuda_is_marked_so_the_gpu_check_runs_it():
     for path in sorted((ROOT / "tests").glob("test_*.py")):
         lines = path.read_text().splitlines()
         for i, line in enumerate(lines):
-            skip = re.match(r"\s*@pytest\.mark\.skipif\(\s*$", line) and i + 1 < len(lines) and lines[i + 1] or line
-            if "@pytest.mark.skipif" in line and re.search(r"not torch\.cuda\.is_available\(\)", skip):
+            if "@pytest.mark.skipif" not in line:
+                continue
+            # the condition is on this line, or on the next when the decorator's parenthesis ends the line
+            condition = lines[i + 1] if line.rstrip().endswith("(") and i + 1 < len(lines) else line
+            if re.search(r"not torch\.cuda\.is_available\(\)", condition):
                 if not any("@pytest.mark.cuda" in lines[j] for j in range(max(0, i - 3), i)):
                     unmarked.append(f"{path.name}:{i + 1}")
     assert not unmarked, f"CUDA-only tests without @pytest.mark.cuda: {unmarked}"
