@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from sdengine.aot import AOTCompiled, package_digest
+from sdengine.aot import PACKAGINGS, AOTCompiled, default_packaging, package_digest
+from sdengine.errors import UsageError
 
 
 class Small(nn.Module):
@@ -24,12 +25,13 @@ class Small(nn.Module):
         return torch.tanh(self.lin(x)) * scale
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(PACKAGINGS))
+def compiled(request, tmp_path_factory):
+    """One package per packaging (the ways weights meet a package; CUDA and the CPU default to different ones)."""
     torch.manual_seed(0)
     m = Small().eval()
     cache = tmp_path_factory.mktemp("aoti")
-    a = AOTCompiled(m, name="small", cache_dir=cache)
+    a = AOTCompiled(m, name="small", cache_dir=cache, packaging=request.param)
     x = torch.randn(3, 8)
     with torch.inference_mode():
         out = a(x)
@@ -48,10 +50,10 @@ def test_a_later_process_loads_the_package_and_binds_its_own_weights(compiled):
     _, _, cache, x, _ = compiled
     torch.manual_seed(1)
     other = Small().eval()  # same architecture, other weights: the package is shared, the weights are not
-    b = AOTCompiled(other, name="small", cache_dir=cache)
+    b = AOTCompiled(other, name="small", cache_dir=cache, packaging=compiled[1].packaging)
     with torch.inference_mode():
         got = b(x)
-    assert (b.compiled, b.loaded) == (0, 1)
+    assert (b.compiled, b.loaded) == (0, 1)  # a package that carries weights still computes with the live ones
     with torch.no_grad():
         torch.testing.assert_close(got, other(x), rtol=1e-5, atol=1e-6)
 
@@ -81,6 +83,37 @@ def test_the_digest_follows_shapes_layout_and_dtype_not_values():
     assert package_digest(m, ("other call",), "cpu") != d
     assert package_digest(m.half(), ("call",), "cpu") != d
     assert package_digest(m, ("call",), "cuda-sm90") != package_digest(m, ("call",), "cpu")
+    assert package_digest(m, ("call",), "cpu", "carried") != package_digest(m, ("call",), "cpu", "bound")
+
+
+def test_the_packaging_follows_the_device_unless_the_environment_picks_one(monkeypatch):
+    monkeypatch.delenv("SDENGINE_AOT_PACKAGING", raising=False)
+    assert (default_packaging("cuda"), default_packaging("cpu")) == ("carried", "bound")
+    monkeypatch.setenv("SDENGINE_AOT_PACKAGING", "bound")
+    assert default_packaging("cuda") == "bound"
+    monkeypatch.setenv("SDENGINE_AOT_PACKAGING", "baked")
+    with pytest.raises(UsageError, match="SDENGINE_AOT_PACKAGING='baked': expected one of bound, carried"):
+        AOTCompiled(Small(), name="small", cache_dir="unused")  # at once, not as a plain run at the first call
+    with pytest.raises(UsageError, match="AOT packaging 'x'"):
+        AOTCompiled(Small(), name="small", cache_dir="unused", packaging="x")
+
+
+def test_a_package_that_baked_in_a_weight_is_refused(tmp_path, caplog, monkeypatch):
+    """Without runtime constant folding AOTInductor folds the bias into the product when it compiles: such a
+    package would silently compute with the compile-time weights, so it is refused and the module runs."""
+    import sdengine.aot
+
+    monkeypatch.setitem(sdengine.aot.COMPILE_OPTIONS, "aot_inductor.use_runtime_constant_folding", False)
+    torch.manual_seed(0)
+    m = Small().eval()
+    a = AOTCompiled(m, name="small", cache_dir=tmp_path, packaging="carried")
+    x = torch.randn(3, 8)
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        got = a(x)
+    assert len(a.failed) == 1 and a.compiled == 1 and not list(tmp_path.glob("*.pt2"))
+    assert any("baked in weights it would not take from the module: ['lin.bias']" in r.message for r in caplog.records)
+    with torch.no_grad():
+        torch.testing.assert_close(got, m(x))
 
 
 def test_a_network_that_cannot_be_exported_runs_as_it_is(tmp_path, caplog):
@@ -97,15 +130,17 @@ def test_a_network_that_cannot_be_exported_runs_as_it_is(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_pipeline_with_aot_equals_the_plain_pipeline(tiny_sd1_folder, tmp_path):
+@pytest.mark.parametrize("packaging", sorted(PACKAGINGS))
+def test_pipeline_with_aot_equals_the_plain_pipeline(tiny_sd1_folder, tmp_path, monkeypatch, packaging):
     import sdengine
 
+    monkeypatch.setenv("SDENGINE_AOT_PACKAGING", packaging)
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="none")
     args = {"steps": 3, "seed": 2, "width": 64, "height": 64, "progress": False}
     plain = pipe("a red cube", "blurry", **args).arrays
     pipe.enable_aot(tmp_path)
     compiled = pipe("a red cube", "blurry", **args).arrays
-    assert pipe.aot["unet"].compiled == 1 and pipe.aot["vae"].compiled == 1
+    assert pipe.aot["unet"].compiled == 1 and pipe.aot["vae"].compiled == 1 and pipe.aot["vae"].packaging == packaging
     assert not pipe.aot["unet"].failed and not pipe.aot["vae"].failed
     np.testing.assert_allclose(compiled, plain, atol=1e-4)
 
@@ -132,21 +167,16 @@ print("stage plain", flush=True)
 pipe.enable_aot(cache)
 aot = pipe("a red cube", "blurry", **args).arrays
 u = pipe.aot["unet"]
-print("stage aot", u.compiled, u.loaded, len(u.failed), float(np.abs(aot - plain).mean()), flush=True)
+print("stage aot", u.compiled, u.loaded, len(u.failed), float(np.abs(aot - plain).mean()), u.packaging, flush=True)
 pipe.enable_cuda_graphs()
 graphed = pipe("a red cube", "blurry", **args).arrays
 print("stage graphs", pipe.cuda_graphs["unet"].replays, float(np.abs(graphed - aot).mean()), flush=True)
 """
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_real_aot_packages_on_cuda_compile_load_and_replay(
-    tiny_sd1_folder, tmp_path
-):  # pragma: no cover - no GPU in CI
-    """On the H200 the bench's AOT processes died (SIGSEGV) at SD 1.5's size; this runs the same steps on the tiny
-    model in child processes (a crash fails the test with the child's Python stack, not the whole run): compile
-    and run the packages, graphs over them, then a second process that loads them."""
+def _aot_children(folder, root, packaging):  # pragma: no cover - no GPU in CI
+    """Two child processes with one packaging (cold: compiles the packages; warm: loads them): a dict of what
+    each reached, or the failure (exit status, last stage, the end of its stderr with faulthandler's stack)."""
     import os
     import subprocess
     import sys
@@ -154,18 +184,43 @@ def test_real_aot_packages_on_cuda_compile_load_and_replay(
 
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env["SDENGINE_AOT_PACKAGING"] = packaging
     runs = []
-    for _ in range(2):  # cold (compiles the packages), then warm (loads them)
-        proc = subprocess.run(
-            [sys.executable, "-X", "faulthandler", "-c", _CUDA_CHILD, str(tiny_sd1_folder), str(tmp_path / "aoti")],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
-        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
-        runs.append({ln.split()[1]: ln.split()[2:] for ln in proc.stdout.splitlines() if ln.startswith("stage ")})
-    for i, stages in enumerate(runs):
-        compiled, loaded, failed, diff = stages["aot"]
-        assert (int(compiled), int(loaded)) == ((1, 0) if i == 0 else (0, 1)) and failed == "0", stages
-        assert float(diff) < 2e-3 and float(stages["graphs"][1]) < 2e-3 and int(stages["graphs"][0]) == 3, stages
+    for run in ("cold", "warm"):
+        argv = [sys.executable, "-X", "faulthandler", "-c", _CUDA_CHILD, str(folder), str(root / packaging)]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+        stages = {ln.split()[1]: ln.split()[2:] for ln in proc.stdout.splitlines() if ln.startswith("stage ")}
+        runs.append({"run": run, "exit": proc.returncode, "stages": stages, "stderr_tail": proc.stderr[-3000:]})
+        if proc.returncode != 0:
+            break
+    return runs
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_aot_packages_on_cuda_compile_load_and_replay(tiny_sd1_folder, tmp_path):  # pragma: no cover - no GPU
+    """On the H200 the bench's AOT processes died (SIGSEGV) at SD 1.5's size with the packaging then used (no
+    weights in the package). Here each packaging runs the same steps on the tiny model in child processes, side
+    by side (a crash fails only its child): compile and run the packages, graphs over them, then a second process
+    that loads them. Every packaging's outcome goes to ``$SDENGINE_GPU_OUT/aot_packagings.json`` when set (the
+    GPU check's output folder); the test fails when CUDA's default packaging fails."""
+    import json
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdengine.aot import PACKAGINGS, default_packaging
+
+    names = sorted(PACKAGINGS)
+    with ThreadPoolExecutor(len(names)) as pool:
+        results = dict(zip(names, pool.map(lambda p: _aot_children(tiny_sd1_folder, tmp_path, p), names), strict=True))
+    if os.environ.get("SDENGINE_GPU_OUT"):
+        with open(os.path.join(os.environ["SDENGINE_GPU_OUT"], "aot_packagings.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    summary = {p: [(r["run"], r["exit"], sorted(r["stages"])) for r in runs] for p, runs in results.items()}
+    runs = results[default_packaging("cuda")]
+    assert len(runs) == 2 and all(r["exit"] == 0 for r in runs), f"{summary}\n{runs[-1]['stderr_tail']}"
+    for i, r in enumerate(runs):
+        compiled, loaded, failed, diff, _ = r["stages"]["aot"]
+        assert (int(compiled), int(loaded)) == ((1, 0) if i == 0 else (0, 1)) and failed == "0", summary
+        graphs = r["stages"]["graphs"]
+        assert float(diff) < 2e-3 and float(graphs[1]) < 2e-3 and int(graphs[0]) == 3, summary

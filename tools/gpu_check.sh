@@ -15,7 +15,7 @@ py=${PYTHON:-python3}
 # real, AOT packages and fp8 on the device, masked attention off cuDNN, previews on the device). Only those: the
 # CPU tests need the shipped models (which a device copy may leave out) and this project's torch. Only the files
 # that have such tests are collected: the others may import what a GPU machine's image lacks (the server's stack).
-timeout "${GPU_TESTS_TIMEOUT:-300}" "$py" -m pytest -q -p no:cacheprovider -m cuda $(grep -l "pytest.mark.cuda" tests/test_*.py) \
+SDENGINE_GPU_OUT="$out" timeout "${GPU_TESTS_TIMEOUT:-300}" "$py" -m pytest -q -p no:cacheprovider -m cuda $(grep -l "pytest.mark.cuda" tests/test_*.py) \
     2>&1 | tee "$out/gpu_tests.log" | tail -5
 "$py" -m sdengine bench --random sd15 --workdir /tmp/sdengine-gpu-check --device cuda --compare diffusers \
     --out "$out" --budget-s "$budget" ${phases:+--phases "$phases"} 2>&1 | grep -v "Loading" | tee "$out/bench.log"

@@ -12,6 +12,17 @@ weight's name, shape, dtype and strides (their memory layout), and the call's si
 weights: the live module's parameters are bound into it (``load_constants(..., user_managed=True)``), so one
 package serves every checkpoint of an architecture.
 
+Whether the package also carries a copy of the weights it was compiled with is its *packaging*
+(:data:`PACKAGINGS`; ``SDENGINE_AOT_PACKAGING`` picks one, else :func:`default_packaging` by device): ``bound``
+packages hold none (small files), ``carried`` ones hold them in the shared library (AOTInductor's default layout;
+a larger file, and on a GPU a second copy of the weights in memory, as the live ones are bound over them). On an
+H200 (torch 2.11) SD 1.5's processes with ``bound`` packages crashed (docs/gpu.md), so CUDA takes ``carried`` until
+a GPU says otherwise; a CUDA test runs both in child processes and reports which work. Either way the weights are
+folded into derived constants at run time (``use_runtime_constant_folding``): without it AOTInductor folds
+weight-derived constants (a linear layer's bias in its product, for one) when it compiles, and a package would
+silently compute with the weights it was compiled with; a compiled package whose constants do not name every
+weight the program uses is refused.
+
 Compiled code may fold weights into derived constants when they are bound, so it is bound again whenever the
 module's fingerprint (sdengine.nn.fingerprint.module_fingerprint: storage, version counters, hooks) moved; while
 the module carries forward hooks (a patched LoRA) every call goes to the module itself. A signature that fails to
@@ -33,9 +44,28 @@ import torch
 from torch import nn
 
 from sdengine.cuda_graphs import call_signature
+from sdengine.errors import UsageError
 from sdengine.nn.fingerprint import ModuleWatch
 
 log = logging.getLogger(__name__)
+
+# What every package is compiled with (besides its packaging): weights folded into derived constants when they are
+# bound, not when compiled (then frozen; module docstring).
+COMPILE_OPTIONS: dict[str, Any] = {"aot_inductor.use_runtime_constant_folding": True}
+
+# packaging -> the package carries a copy of the weights (module docstring)
+PACKAGINGS: dict[str, bool] = {"bound": False, "carried": True}
+
+
+def default_packaging(device_type: str) -> str:
+    """``SDENGINE_AOT_PACKAGING`` when set (one of :data:`PACKAGINGS`), else ``carried`` on CUDA, ``bound``
+    elsewhere (module docstring)."""
+    chosen = os.environ.get("SDENGINE_AOT_PACKAGING", "").strip()
+    if chosen:
+        if chosen not in PACKAGINGS:
+            raise UsageError(f"SDENGINE_AOT_PACKAGING={chosen!r}: expected one of {', '.join(PACKAGINGS)}")
+        return chosen
+    return "carried" if device_type == "cuda" else "bound"
 
 
 def _device_tag(tensors: list[torch.Tensor]) -> str:
@@ -46,7 +76,7 @@ def _device_tag(tensors: list[torch.Tensor]) -> str:
     return dev.type
 
 
-def package_digest(module: nn.Module, key: Hashable, device_tag: str) -> str:
+def package_digest(module: nn.Module, key: Hashable, device_tag: str, packaging: str = "bound") -> str:
     """What the compiled package depends on, as a hex digest (the module docstring lists it)."""
     weights = [
         (name, tuple(t.shape), str(t.dtype), tuple(t.stride()))
@@ -59,6 +89,7 @@ def package_digest(module: nn.Module, key: Hashable, device_tag: str) -> str:
         "config": repr(getattr(module, "config", None)),
         "weights": weights,
         "call": repr(key),
+        "packaging": packaging,
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -66,8 +97,13 @@ def package_digest(module: nn.Module, key: Hashable, device_tag: str) -> str:
 class AOTCompiled:
     """``module`` run from AOTInductor packages (module docstring). Calls it cannot serve go to ``module``."""
 
-    def __init__(self, module: nn.Module, *, name: str, cache_dir: str | Path) -> None:
+    def __init__(self, module: nn.Module, *, name: str, cache_dir: str | Path, packaging: str | None = None) -> None:
+        if packaging is not None and packaging not in PACKAGINGS:
+            raise UsageError(f"AOT packaging {packaging!r}: expected one of {', '.join(PACKAGINGS)}")
+        if packaging is None:
+            default_packaging("cpu")  # a wrong SDENGINE_AOT_PACKAGING fails here, not as a silent plain run later
         self.module = module
+        self.packaging = packaging  # None: default_packaging() of the first call's device
         self.name = name
         self.cache_dir = Path(cache_dir)
         self.runners: dict[Hashable, Any] = {}
@@ -104,10 +140,14 @@ class AOTCompiled:
 
     def _prepare(self, key: Hashable, args: Any, kwargs: dict[str, Any], tensors: list[torch.Tensor]) -> Any:
         t0 = time.perf_counter()
-        path = self.cache_dir / f"{self.name}-{package_digest(self.module, key, _device_tag(tensors))}.pt2"
         try:
+            if self.packaging is None:
+                self.packaging = default_packaging(tensors[0].device.type if tensors else "cpu")
+            digest = package_digest(self.module, key, _device_tag(tensors), self.packaging)
+            path = self.cache_dir / f"{self.name}-{digest}.pt2"
+            used: set[str] = set()
             if not path.is_file():
-                self._compile(path, args, kwargs)
+                used = self._compile(path, args, kwargs, PACKAGINGS[self.packaging])
                 self.compiled += 1
             else:
                 self.loaded += 1
@@ -119,6 +159,10 @@ class AOTCompiled:
             missing = [n for n in names if n not in state]
             if missing:
                 raise KeyError(f"the package needs constants the module lacks: {', '.join(missing[:3])}")
+            baked = sorted(used - set(names))  # checked once, when compiled (the digest then pins the compiler)
+            if baked:
+                path.unlink(missing_ok=True)
+                raise RuntimeError(f"the package baked in weights it would not take from the module: {baked[:3]}")
             runner.load_constants({n: state[n] for n in names}, check_full_update=False, user_managed=True)
         except Exception as e:  # noqa: BLE001 - any failure to compile or load means: run this signature plainly
             self.failed.add(key)
@@ -129,27 +173,27 @@ class AOTCompiled:
         self.runners[key] = runner
         return runner
 
-    def _compile(self, path: Path, args: Any, kwargs: dict[str, Any]) -> None:
+    def _compile(self, path: Path, args: Any, kwargs: dict[str, Any], carried: bool) -> set[str]:
+        """Compile the package into ``path``; the names of the weights the exported program uses."""
         path.parent.mkdir(parents=True, exist_ok=True)
         # Outside inference mode (the pipeline calls from inside it): export traces with ordinary tensors.
         with torch.inference_mode(False), torch.no_grad():
             plain = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
             named = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
             program = torch.export.export(self.module, tuple(plain), named, strict=False)
+        weights = {**program.graph_signature.inputs_to_parameters, **program.graph_signature.inputs_to_buffers}
+        used = {weights[n.name] for n in program.graph.nodes if n.op == "placeholder" and n.name in weights and n.users}
         tmp = path.with_name(f".partial-{os.getpid()}-{path.name}")  # the packager wants a name ending in .pt2
         try:
             torch._inductor.aoti_compile_and_package(
                 program,
                 package_path=str(tmp),
-                inductor_configs={
-                    "aot_inductor.package_constants_in_so": False,
-                    # weights folded into derived constants when bound, not when compiled (then frozen)
-                    "aot_inductor.use_runtime_constant_folding": True,
-                },
+                inductor_configs={**COMPILE_OPTIONS, "aot_inductor.package_constants_in_so": carried},
             )
             os.replace(tmp, path)  # whole or not at all: a second process may be compiling the same package
         finally:
             tmp.unlink(missing_ok=True)
+        return used
 
 
 class Decode(nn.Module):
@@ -163,4 +207,4 @@ class Decode(nn.Module):
         return self.vae.decode(z)  # type: ignore[operator]
 
 
-__all__ = ["AOTCompiled", "Decode", "package_digest"]
+__all__ = ["COMPILE_OPTIONS", "PACKAGINGS", "AOTCompiled", "Decode", "default_packaging", "package_digest"]

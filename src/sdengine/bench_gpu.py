@@ -397,6 +397,17 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
             "load_parts_s": parts,
         }
     )
+    if pipe.aot:  # which packaging, and whether each network ran from its package (sdengine.aot)
+        out["aot"] = {
+            name: {
+                "packaging": a.packaging,
+                "compiled": a.compiled,
+                "loaded": a.loaded,
+                "failed": len(a.failed),
+                "seconds": round(a.seconds, 2),
+            }
+            for name, a in pipe.aot.items()
+        }
     return out
 
 

@@ -17,8 +17,9 @@ docs/performance.md; in short, on the 2-core AVX2 CPU there:
 * ``aot``: the U-Net and the VAE decode compiled ahead of time with AOTInductor (:mod:`sdengine.aot`): the first
   use of a shape compiles a package into ``compile_cache_dir()/aoti`` (as long as ``compile``), later processes
   load it without tracing; the live weights are bound in, so one package serves every checkpoint of an
-  architecture. Not on by default; on CUDA unproven: on an H200 (torch 2.11) the SD 1.5 processes crashed
-  (:data:`AOT_ON_CUDA`, logged when it is applied there).
+  architecture. Not on by default; on CUDA unproven: on an H200 (torch 2.11) the SD 1.5 processes crashed with
+  packages that held no weights; CUDA now takes packages that carry a copy (``SDENGINE_AOT_PACKAGING``,
+  :mod:`sdengine.aot`), not yet run on a GPU (:data:`AOT_ON_CUDA`, logged when it is applied there).
 * ``compile``: ``torch.compile`` (inductor, C++ backend on the CPU) of the U-Net and of the VAE decoder, in
   place (``nn.Module.compile``), so everything that reads ``pipe.unet.config`` keeps working. Its generated
   code is cached in ``TORCHINDUCTOR_CACHE_DIR`` (set to :func:`compile_cache_dir` unless the user chose one),
@@ -61,8 +62,9 @@ log = logging.getLogger(__name__)
 
 # Said (logged as a warning) whenever ``aot`` is applied on a CUDA device: what the H200 runs showed (docs/gpu.md).
 AOT_ON_CUDA = (
-    "aot on CUDA is unproven at full size: on an H200 (torch 2.11) SD 1.5's processes with aot crashed (SIGSEGV), "
-    "cold and warm; 'compile' is the GPU path that was measured"
+    "aot on CUDA is unproven at full size: on an H200 (torch 2.11) SD 1.5's processes with aot packages that held no "
+    "weights crashed (SIGSEGV), cold and warm; CUDA now takes packages that carry them (SDENGINE_AOT_PACKAGING), "
+    "not yet run there; 'compile' is the GPU path that was measured"
 )
 
 OPTIONS: tuple[str, ...] = (  # in the order they are applied: fp8 changes the layers compile/aot/graphs see
