@@ -214,3 +214,16 @@ def test_the_vae_layout_check_times_both_layouts_and_restores_the_vaes(tiny_fold
         assert conv.weight.is_contiguous(memory_format=fmt)  # the layout it found is the layout it leaves
         with torch.inference_mode():
             torch.testing.assert_close(pipe.vae.decode(z), before, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_time_split_reports_dynamo_phases_largest_first():
+    torch._dynamo.reset()
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) * 2 + 1
+
+    torch.compile(f, backend="eager")(torch.randn(3))  # traced by Dynamo, nothing generated: quick
+    split = bench_gpu.compile_time_split(top=5)
+    assert 0 < len(split) <= 5 and "_compile.compile_inner" in split
+    values = list(split.values())
+    assert values == sorted(values, reverse=True) and all(v >= 0 for v in values)

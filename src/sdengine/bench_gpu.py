@@ -374,7 +374,10 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         sdengine_gen(pipe, cfg, 1)()
     _sync(pipe.device)
     t_first = time.time()
+    first_compile = compile_time_split()  # before later shapes (batch 8) compile more
     out = measure_sdengine(pipe, cfg, int(job["repeats"]), batch8=bool(job.get("batch8")))
+    if first_compile:
+        out["first_call_compile_s"] = first_compile
     if job.get("profile") and pipe.device.type == "cuda":
         try:
             out["unet_step_kernels"] = kernel_profile(pipe, cfg)
@@ -409,6 +412,27 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
             for name, a in pipe.aot.items()
         }
     return out
+
+
+def compile_time_split(top: int = 30) -> dict[str, float]:
+    """Where torch.compile's time went in this process so far (Dynamo's own accounting,
+    ``torch._dynamo.utils.compile_times``): seconds per phase (tracing, cache look-ups, loading the compiled
+    module, waiting for kernels, building guards), the ``top`` largest; empty when nothing was compiled. For the
+    warm compiled process, whose first call (11.6 s on an H200) is most of its first image."""
+    import sys
+
+    if "torch._dynamo" not in sys.modules:  # nothing compiled: do not import the compiler for this
+        return {}
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv")
+    split = {}
+    for name, value in zip(names, values, strict=True):
+        try:
+            split[name] = round(sum(float(v) for v in str(value).split(",") if v.strip()), 3)
+        except ValueError:
+            continue
+    return dict(sorted(split.items(), key=lambda kv: -kv[1])[:top])
 
 
 def kernel_profile(pipe: Any, cfg: dict[str, Any], steps: int = 5, top: int = 25) -> dict[str, Any]:
