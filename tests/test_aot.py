@@ -92,7 +92,7 @@ def test_the_packaging_follows_the_device_unless_the_environment_picks_one(monke
     monkeypatch.setenv("SDENGINE_AOT_PACKAGING", "bound")
     assert default_packaging("cuda") == "bound"
     monkeypatch.setenv("SDENGINE_AOT_PACKAGING", "baked")
-    with pytest.raises(UsageError, match="SDENGINE_AOT_PACKAGING='baked': expected one of bound, carried"):
+    with pytest.raises(UsageError, match="SDENGINE_AOT_PACKAGING='baked': expected one of bound, carried, disk"):
         AOTCompiled(Small(), name="small", cache_dir="unused")  # at once, not as a plain run at the first call
     with pytest.raises(UsageError, match="AOT packaging 'x'"):
         AOTCompiled(Small(), name="small", cache_dir="unused", packaging="x")

@@ -14,10 +14,11 @@ package serves every checkpoint of an architecture.
 
 Whether the package also carries a copy of the weights it was compiled with is its *packaging*
 (:data:`PACKAGINGS`; ``SDENGINE_AOT_PACKAGING`` picks one, else :func:`default_packaging` by device): ``bound``
-packages hold none (small files), ``carried`` ones hold them in the shared library (AOTInductor's default layout;
-a larger file, and on a GPU a second copy of the weights in memory, as the live ones are bound over them). On an
-H200 (torch 2.11) SD 1.5's processes with ``bound`` packages crashed (docs/gpu.md), so CUDA takes ``carried`` until
-a GPU says otherwise; a CUDA test runs both in child processes and reports which work. Either way the weights are
+packages hold none (small files), ``carried`` ones hold them in the shared library (AOTInductor's default layout),
+``disk`` ones in a blob beside it; the last two make a larger file, and on a GPU a second copy of the weights in
+memory, as the live ones are bound over the package's. On an H200 (torch 2.11) SD 1.5's processes with ``bound``
+packages crashed (docs/gpu.md), so CUDA takes ``carried`` until a GPU says otherwise; a CUDA test runs every
+packaging in child processes and reports which work. Either way the weights are
 folded into derived constants at run time (``use_runtime_constant_folding``): without it AOTInductor folds
 weight-derived constants (a linear layer's bias in its product, for one) when it compiles, and a package would
 silently compute with the weights it was compiled with; a compiled package whose constants do not name every
@@ -53,8 +54,15 @@ log = logging.getLogger(__name__)
 # bound, not when compiled (then frozen; module docstring).
 COMPILE_OPTIONS: dict[str, Any] = {"aot_inductor.use_runtime_constant_folding": True}
 
-# packaging -> the package carries a copy of the weights (module docstring)
-PACKAGINGS: dict[str, bool] = {"bound": False, "carried": True}
+# packaging -> how it is compiled (module docstring): whether the package carries a copy of the weights, and where
+PACKAGINGS: dict[str, dict[str, Any]] = {
+    "bound": {"aot_inductor.package_constants_in_so": False},  # no weights in the file
+    "carried": {"aot_inductor.package_constants_in_so": True},  # in the shared library: AOTInductor's default
+    "disk": {  # beside the library in the package, one blob the loader reads
+        "aot_inductor.package_constants_in_so": False,
+        "aot_inductor.package_constants_on_disk_format": "binary_blob",
+    },
+}
 
 
 def default_packaging(device_type: str) -> str:
@@ -173,7 +181,7 @@ class AOTCompiled:
         self.runners[key] = runner
         return runner
 
-    def _compile(self, path: Path, args: Any, kwargs: dict[str, Any], carried: bool) -> set[str]:
+    def _compile(self, path: Path, args: Any, kwargs: dict[str, Any], packaging: dict[str, Any]) -> set[str]:
         """Compile the package into ``path``; the names of the weights the exported program uses."""
         path.parent.mkdir(parents=True, exist_ok=True)
         # Outside inference mode (the pipeline calls from inside it): export traces with ordinary tensors.
@@ -188,7 +196,7 @@ class AOTCompiled:
             torch._inductor.aoti_compile_and_package(
                 program,
                 package_path=str(tmp),
-                inductor_configs={**COMPILE_OPTIONS, "aot_inductor.package_constants_in_so": carried},
+                inductor_configs={**COMPILE_OPTIONS, **packaging},
             )
             os.replace(tmp, path)  # whole or not at all: a second process may be compiling the same package
         finally:
