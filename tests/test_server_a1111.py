@@ -169,6 +169,17 @@ def test_taesd_decode_method_as_an_option_and_an_override(api):
     assert bad.status_code == 400 and "sd_vae_decode_method must be one of Full, TAESD" in bad.text
 
 
+def test_a_refused_options_request_changes_nothing(api):
+    before = api.get_options()
+    for body in (
+        {"CLIP_stop_at_last_layers": 3, "sd_model_checkpoint": "nope"},
+        {"sd_vae_decode_method": "TAESD", "CLIP_stop_at_last_layers": 99},
+    ):
+        bad = httpx.post(f"{api.baseurl}/options", json=body, timeout=30)
+        assert bad.status_code == 400, bad.text
+    assert api.get_options() == before
+
+
 def test_taesd_encode_method_is_read_and_needs_an_encoder(api):
     init = gradient()
     want = python_img2img("a ball", init, vae_encode="tiny")

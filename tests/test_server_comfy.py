@@ -637,3 +637,39 @@ def test_vaes_dir_must_be_a_folder(tmp_path, capsys):
     assert main(["serve", "--vaes-dir", str(tmp_path / "nowhere"), "--port", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--vaes-dir" in err and "not a folder" in err, err
+
+
+def test_a_replaced_input_image_runs_its_nodes_again(client):
+    """ComfyUI's LoadImage hashes its file (IS_CHANGED): an input replaced under the same name is read again, where
+    the cache once answered the old image's outputs (a silently wrong result)."""
+
+    def run(color):
+        data = png_bytes(Image.new("RGB", (64, 64), color))
+        r = client.post("/upload/image", files={"image": ("swap.png", data, "image/png")}, data={"overwrite": "true"})
+        assert r.status_code == 200, r.text
+        g = {
+            "1": {"class_type": "LoadImage", "inputs": {"image": r.json()["name"]}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "swap"}},
+        }
+        r = client.post("/prompt", json={"prompt": g})
+        assert r.status_code == 200, r.text
+        h = wait_history(client, r.json()["prompt_id"])
+        (cached,) = [m[1]["nodes"] for m in h["status"]["messages"] if m[0] == "execution_cached"]
+        im = h["outputs"]["2"]["images"][0]
+        v = client.get("/view", params={"filename": im["filename"], "subfolder": im["subfolder"], "type": "output"})
+        return cached, Image.open(io.BytesIO(v.content)).convert("RGB").getpixel((5, 5))
+
+    assert run((255, 0, 0))[1] == (255, 0, 0)
+    cached, pixel = run((0, 0, 255))
+    assert pixel == (0, 0, 255) and "1" not in cached
+    assert run((0, 0, 255))[0] == ["1", "2"]  # the same file again: cached, as in ComfyUI
+
+
+def test_history_routes_refuse_bad_bodies_and_a_lone_surrogate_cannot_break_them(client):
+    for body in ({"delete": 5}, {"delete": "abc"}, [1]):
+        r = client.post("/history", json=body)
+        assert r.status_code == 400 and "\n" not in r.json()["detail"], (body, r.text)
+    raw = json.dumps({"prompt": txt2img_graph()}).replace("a red apple", "a \\ud800 apple")
+    r = client.post("/prompt", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "lone surrogate" in r.json()["detail"], r.text
+    assert client.get("/history").status_code == 200 and client.get("/history?max_items=1").status_code == 200

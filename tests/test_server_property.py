@@ -97,6 +97,8 @@ scalars = st.one_of(
             "0" * 32,
             "%2e%2e%2f",
             "<lora:emoji-fruit:0.5> cat",
+            "a \ud800 b",  # a lone surrogate: valid JSON (an escape), not encodable text
+            "\udfff",
         ]
     ),
 )
@@ -241,3 +243,19 @@ def test_generated_requests_that_run_get_an_image_or_a_400(running_server):
 
     with client:
         check()
+
+
+def test_a_lone_surrogate_is_a_one_line_4xx_and_the_connection_lives(server):
+    """A JSON ``\\ud800`` escape once made FastAPI's own 422 handler fail to encode its answer: a 500 and a reset
+    connection. Now a 4xx whose ``error.message`` names the field (what the openai client shows), on one connection
+    that still serves the next request."""
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        body = '{"prompt": "a \\ud800 b", "steps": "x"}'
+        for path in ("/v1/jobs", "/v1/images/generations", "/sdapi/v1/txt2img", "/v1/controlnets/preprocess"):
+            r = client.post(path, content=body, headers={"content-type": "application/json"})
+            assert 400 <= r.status_code < 500, (path, r.status_code, r.text[:300])
+            assert "\n" not in r.json()["error"]["message"], r.text
+        r = client.post("/v1/images/generations", json={"prompt": "a", "n": 0, "size": "64x64"})
+        assert r.status_code == 422 and r.json()["error"]["message"].startswith("n: "), r.text
+        assert r.json()["error"]["param"] == "n" and r.json()["detail"][0]["loc"] == ["body", "n"]
+        assert client.get("/healthz").status_code == 200

@@ -703,25 +703,24 @@ def install(app: FastAPI, services: Any) -> None:
         ``CLIP_stop_at_last_layers`` sets their clip skip, ``sd_vae_decode_method`` ("Full" or "TAESD") how their
         latents are decoded (TAESD: the model's tiny VAE), ``sd_vae_encode_method`` how their init images are
         encoded. Other options are listed as ignored."""
-        applied, ignored = [], []
+        changes: dict[str, Any] = {}  # every value checked before any is set: a refused request changes nothing
+        ignored = []
         for k, v in body.items():
             if k == "sd_model_checkpoint":
                 if not isinstance(v, str):
                     raise BadRequest("sd_model_checkpoint must be a model name")
-                catalog.resolve_model(v)  # refuses unknown and unsafe names
-                options[k] = catalog.model_name_of(catalog.resolve_model(v))
-                applied.append(k)
+                changes[k] = catalog.model_name_of(catalog.resolve_model(v))  # refuses unknown and unsafe names
             elif k == "CLIP_stop_at_last_layers":
                 if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 24:
                     raise BadRequest("CLIP_stop_at_last_layers must be an integer in 1..24")
-                options[k] = v
-                applied.append(k)
+                changes[k] = v
             elif k in ("sd_vae_decode_method", "sd_vae_encode_method"):
                 decode_method(v, k)
-                options[k] = v
-                applied.append(k)
+                changes[k] = v
             else:
                 ignored.append(k)
+        options.update(changes)
+        applied = list(changes)
         return {"applied": applied, "ignored": ignored}
 
     @app.get("/controlnet/version", tags=["a1111"])

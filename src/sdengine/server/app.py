@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from sdengine.errors import SdengineError
@@ -202,6 +203,39 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FileNotFoundError)
     async def not_found(request: Request, exc: FileNotFoundError) -> JSONResponse:
         return JSONResponse(error_body(str(exc), "NotFound"), status_code=404)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(validation_body(exc.errors()), status_code=422)
+
+
+def _text_safe(value: Any) -> Any:
+    """``value`` with every string made encodable (a lone surrogate from a JSON ``\\ud800`` escape as ``\\ud800``)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_text_safe(k): _text_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_text_safe(v) for v in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return _text_safe(str(value))
+
+
+def validation_body(errors: Any) -> dict[str, Any]:
+    """A request the schemas refuse (422): FastAPI's ``detail`` list (the web page and A1111 clients read it), its
+    values made encodable (a lone surrogate in the body once made this answer a 500), and ``error.message``, one
+    line naming the first field, for OpenAI clients, which show only that."""
+    detail = [
+        {k: _text_safe(v) for k, v in e.items() if k in ("type", "loc", "msg", "input")} for e in list(errors or [])
+    ]
+    first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
+    loc = [str(x) for x in first.get("loc", []) if x != "body"]
+    message = f"{'.'.join(loc) or 'request'}: {first.get('msg', 'invalid')}"
+    if len(detail) > 1:
+        message += f" (and {len(detail) - 1} more)"
+    error = {"message": message, "type": "invalid_request_error", "param": loc[0] if loc else None, "code": None}
+    return {"detail": detail, "error": error}
 
 
 # ------------------------------------------------------------------------------------------------ native

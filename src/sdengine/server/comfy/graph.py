@@ -81,6 +81,7 @@ def _convert(inp: Input, value: Any, env: Any) -> tuple[Any, dict[str, Any] | No
             if not isinstance(value, str | int | float) or isinstance(value, bool):
                 raise ValueError
             value = str(value)
+            value.encode("utf-8")  # a lone surrogate is not text (UnicodeEncodeError, a ValueError)
         elif inp.type == "BOOLEAN":
             if not isinstance(value, bool):
                 raise ValueError
@@ -317,7 +318,9 @@ class Executor:
         self.cache = {}
 
     @staticmethod
-    def signatures(graph: Prompt) -> dict[str, str]:
+    def signatures(graph: Prompt, ctx: RunContext | None = None) -> dict[str, str]:
+        """Each node's cache key: its class, literal inputs, the keys of the nodes it reads, and (with ``ctx``)
+        what its ``changed`` hook says of the files it reads."""
         sig: dict[str, str] = {}
         for nid in topological_order(graph):
             node = graph[nid]
@@ -325,7 +328,9 @@ class Executor:
                 k: (["link", sig[str(v[0])], v[1]] if isinstance(v, list) else v)
                 for k, v in sorted(node["inputs"].items())
             }
-            text = json.dumps([node["class_type"], parts], sort_keys=True, default=str)
+            hook = NODES[node["class_type"]].changed if node["class_type"] in NODES else None
+            changed = hook(ctx, node["inputs"]) if hook is not None and ctx is not None else ""
+            text = json.dumps([node["class_type"], parts, changed], sort_keys=True, default=str)
             sig[nid] = hashlib.sha256(text.encode()).hexdigest()
         return sig
 
@@ -340,7 +345,7 @@ class Executor:
         """Run ``graph``; ``event(name, data)`` for executing / executed / execution_cached. Returns the
         output nodes' UI outputs ``{node_id: {"images": [...]}}``. Raises NodeFailed or Interrupted."""
         order = topological_order(graph)
-        sig = self.signatures(graph)
+        sig = self.signatures(graph, ctx)
         values: dict[str, tuple[Any, ...]] = {}
         cached = [n for n in order if n in self.cache and self.cache[n].signature == sig[n]]
         event("execution_cached", {"nodes": cached})

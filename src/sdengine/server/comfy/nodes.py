@@ -93,6 +93,9 @@ class NodeDef:
     output_names: tuple[str, ...] = ()
     output_node: bool = False
     description: str = ""
+    # What the node reads besides its inputs, as a token the executor's cache key includes (ComfyUI's
+    # IS_CHANGED): a LoadImage whose file was replaced under the same name runs again.
+    changed: Callable[[RunContext, dict[str, Any]], str] | None = None
 
     def input(self, name: str) -> Input | None:
         return next((i for i in self.inputs if i.name == name), None)
@@ -229,6 +232,20 @@ def latent_samples(latent: dict[str, Any], pipe: Any) -> torch.Tensor:
     if h % f or w % f:
         raise NodeError(f"an empty latent of {w}x{h} is not a multiple of {pipe.name}'s VAE factor {f}")
     return torch.zeros(b, pipe.latent_channels, h // f, w // f)
+
+
+def input_file_token(ctx: RunContext, inputs: dict[str, Any]) -> str:
+    """The content hash of the input folder's file named by ``inputs["image"]`` ("" when it cannot be read: the
+    node then fails with its own message when it runs)."""
+    import hashlib
+
+    from sdengine.io.paths import UnsafePathError, resolve_inside
+
+    try:
+        path = resolve_inside(ctx.folders.input, str(inputs.get("image", "")), "image")
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except (UnsafePathError, OSError):
+        return ""
 
 
 def _load_input_image(ctx: RunContext, name: str) -> Image.Image:
@@ -957,6 +974,7 @@ NODES: dict[str, NodeDef] = {
             ("IMAGE", "MASK"),
             load_image,
             description="An image from the input folder (POST /upload/image); MASK = 1 - alpha.",
+            changed=input_file_token,
         ),
         NodeDef(
             "LoadImageMask",
@@ -965,6 +983,7 @@ NODES: dict[str, NodeDef] = {
             (_combo("image", input_files), _combo("channel", ("alpha", "red", "green", "blue"))),
             ("MASK",),
             load_image_mask,
+            changed=input_file_token,
         ),
         NodeDef(
             "ImageScale",

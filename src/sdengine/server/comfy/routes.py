@@ -275,9 +275,14 @@ def _route(method: str, path: str, **kw: Any) -> Any:
 async def _json_body(request: Request) -> Any:
     raw = await request.body()  # ComfyUI's clients post JSON without a JSON content type
     try:
-        return json.loads(raw or b"{}")
+        body = json.loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the body must be JSON") from None
+    try:  # a JSON escape of a lone surrogate (\ud800) decodes to a string that is not text: it could never be
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # stored in the history or sent back
+    except UnicodeEncodeError:
+        raise BadRequest("the body holds a lone surrogate escape (such as \\ud800), which is not text") from None
+    return body
 
 
 @_route("POST", "/prompt")
@@ -401,11 +406,16 @@ def get_history_one(request: Request, prompt_id: str) -> Any:
 async def post_history(request: Request) -> Any:
     st = state(request.app)
     body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise BadRequest("send {clear: true} or {delete: [prompt ids]}")
+    delete = body.get("delete")
+    if delete is not None and (not isinstance(delete, list) or not all(isinstance(d, str) for d in delete)):
+        raise BadRequest("delete must be a list of prompt ids")
     with st.lock:
-        if isinstance(body, dict) and body.get("clear"):
+        if body.get("clear"):
             st.history.clear()
-        for pid in (body.get("delete") or []) if isinstance(body, dict) else []:
-            st.history.pop(str(pid), None)
+        for pid in delete or []:
+            st.history.pop(pid, None)
     return {}
 
 
