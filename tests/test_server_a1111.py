@@ -75,6 +75,7 @@ def test_txt2img_equals_python_api_and_info_is_a1111s(api):
     ref = refs[0]
     assert r.info["infotexts"] == [x.infotexts[0] for x in refs] and r.images[0].info["parameters"] == ref.infotexts[0]
     assert r.info["ignored"] == [] and r.parameters["prompt"] == "a red apple"
+    assert r.info["sampler_name"] == "DPM++ 2M" and r.info["extra_generation_params"] == {"Schedule type": "Karras"}
     assert api.png_info(r.images[0]).info == ref.infotexts[0]
 
 
@@ -142,6 +143,11 @@ def test_controlnet_unit_and_empty_args(api):
     plain = api.txt2img(prompt="a star", seed=9, alwayson_scripts={"ControlNet": {"args": []}}, **COMMON)
     ref = emoji()("a star", seed=9, sampler="dpmpp_2m", schedule="karras", progress=False, **COMMON)
     np.testing.assert_array_equal(arr(plain.image), arr(ref.images[0]))
+    # never silently without the ControlNet: a misspelt key is listed, a unit config that is no object refused
+    r = api.txt2img(prompt="a star", seed=9, alwayson_scripts={"controlnet": {"arg": []}}, **COMMON)
+    assert "alwayson_scripts.controlnet.arg" in r.info["ignored"]
+    bad = httpx.post(f"{api.baseurl}/txt2img", json={"prompt": "a", "alwayson_scripts": {"controlnet": "x"}}, timeout=60)
+    assert bad.status_code == 400 and "alwayson_scripts.controlnet must be an object" in bad.text, bad.text
 
 
 def test_unknown_and_unimplemented_fields_are_reported(api):
@@ -227,6 +233,8 @@ def test_progress_and_interrupt(api):
     t.join(60)
     assert not t.is_alive() and time.monotonic() - t0 < 30
     assert out["r"].info["interrupted"] is True and out["r"].image.size == (64, 64)
+    texts = out["r"].info["infotexts"]  # one per image, the interrupted one's too (clients index them)
+    assert len(texts) == len(out["r"].images) and "Seed: 2" in texts[0] and "Steps: 150" in texts[0]
     assert api.get_progress()["state"]["job_count"] == 0
     assert len(api.txt2img(prompt="a tree", seed=2, **COMMON).images) == 1  # the next job runs
 

@@ -481,7 +481,7 @@ def test_failures_at_run_time_and_interrupt_name_the_node(client, server):
         time.sleep(0.02)
     assert client.post("/interrupt", json={"prompt_id": pid}).status_code == 200
     h = wait_history(client, pid, timeout=120)
-    assert h["status"]["status_str"] == "interrupted"
+    assert h["status"]["status_str"] == "error" and not h["status"]["completed"]  # ComfyUI's two: success, error
     assert any(m[0] == "execution_interrupted" and m[1]["node_id"] == "3" for m in h["status"]["messages"])
 
 
@@ -509,7 +509,11 @@ def test_routes_view_upload_queue_object_info(client, server):
         {"filename": "a.txt"},
         {"filename": "x.png", "type": "other"},
     ):
-        assert client.get("/view", params=params).status_code in (400, 404), params
+        r = client.get("/view", params=params)
+        assert r.status_code in (400, 404) and str(server.services.config.outputs_dir) not in r.text, (params, r.text)
+    r = client.get("/view", params={"filename": "nope.png"})  # the message names the file, not the server's folder
+    assert r.status_code == 404 and r.json()["detail"] == "'nope.png' is not a file", r.text
+    assert "not a file name" in client.get("/view", params={"filename": "../out/x.png"}).json()["detail"]
     # /upload/image: a bomb is refused before decoding, a traversal name is refused
     big = io.BytesIO()
     Image.new("1", (20000, 20000)).save(big, format="PNG")
@@ -673,3 +677,24 @@ def test_history_routes_refuse_bad_bodies_and_a_lone_surrogate_cannot_break_them
     r = client.post("/prompt", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 400 and "lone surrogate" in r.json()["detail"], r.text
     assert client.get("/history").status_code == 200 and client.get("/history?max_items=1").status_code == 200
+
+
+def test_denoise_zero_passes_the_latent_through_and_the_largest_seed_takes_a_batch(client):
+    """KSampler with denoise 0 runs no step and answers its latent (ComfyUI's behaviour; it once failed at run
+    time), and seed 2**64 - 1 with batch 2 runs under ComfyUI's rule (row seeds wrap) where it once overflowed;
+    under sdengine's rule (the pipeline's) it is refused in one line."""
+    g = txt2img_graph(denoise=0.0)
+    g["5"]["inputs"]["batch_size"] = 2
+    r = client.post("/prompt", json={"prompt": g})
+    h = wait_history(client, r.json()["prompt_id"])
+    assert h["status"]["status_str"] == "success", h["status"]
+    g = txt2img_graph()
+    g["5"]["inputs"]["batch_size"] = 2
+    g["3"]["inputs"]["seed"] = 2**64 - 1
+    g["3"]["inputs"]["steps"] = 2
+    h = wait_history(client, client.post("/prompt", json={"prompt": g}).json()["prompt_id"])
+    assert h["status"]["status_str"] == "success", h["status"]
+    rule = {"extra_data": {"sdengine": {"seed_rule": "sdengine"}}}  # the same graph: not answered from the cache
+    h = wait_history(client, client.post("/prompt", json={"prompt": g, **rule}).json()["prompt_id"])
+    errs = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
+    assert len(errs) == 1 and "out of range for a batch of 2" in errs[0]["exception_message"], h["status"]

@@ -63,6 +63,10 @@ def test_generate_n2_b64_and_url(client, server):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")
     with pytest.raises(openai.BadRequestError):
         client.images.generate(prompt="x", size="big")
+    with pytest.raises(openai.BadRequestError, match=r"n must be in \[1, 8\] on this server, got 10"):
+        client.images.generate(prompt="x", n=10, size="64x64")  # the client's field, not the batch_size it becomes
+    with pytest.raises(openai.UnprocessableEntityError, match="n: Input should be greater than or equal to 1"):
+        client.images.generate(prompt="x", n=0, size="64x64")  # the schema's refusal, in the client's message
 
 
 def test_edit_with_mask_and_with_a_list_of_images(client):

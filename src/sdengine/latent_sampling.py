@@ -184,7 +184,13 @@ def sample_latents(
     latent = latent.float().to(dev)
 
     # Noise and the starting latent under the seed rule.
-    gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(b)]
+    if seed_rule == "sdengine" and seed + b - 1 > 2**64 - 1:  # the pipeline's rule, and its range (docs/CONTRACTS.md)
+        raise LatentSamplingError(
+            f"seed {seed} is out of range for a batch of {b}: row seeds (seed + row) run up to 2**64 - 1"
+        )
+    # Row generators (the sampler's per-step noise under either rule). ComfyUI takes any seed up to 2**64 - 1 with
+    # any batch, so under its rule a row's seed wraps round instead of overflowing.
+    gens = [torch.Generator("cpu").manual_seed((seed + i) % 2**64) for i in range(b)]
     if seed_rule == "sdengine" and posterior is not None:
         mean, std = (t.float().to(dev) for t in posterior)
         if posterior_scaled:

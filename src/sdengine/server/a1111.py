@@ -248,7 +248,7 @@ def control_units(args: Any, init: str | None, ignored: list[str]) -> tuple[list
             continue
         if not u.get("enabled", True):
             continue
-        image = u.get("image", u.get("input_image"))
+        image = u.get("image") or u.get("input_image")  # the extension's old name, also beside "image": null
         if isinstance(image, dict):
             if image.get("mask"):
                 ignored.append(f"controlnet.args[{k}].image.mask")
@@ -333,8 +333,10 @@ def install(app: FastAPI, services: Any) -> None:
         scripts = {str(k).lower(): v for k, v in (req.alwayson_scripts or {}).items()}
         cn = scripts.pop("controlnet", None)
         ignored.extend(f"alwayson_scripts.{k}" for k in scripts)
-        args = cn.get("args") if isinstance(cn, dict) else None
-        units, guess = control_units(args, init, ignored)
+        if cn is not None and not isinstance(cn, dict):
+            raise BadRequest("alwayson_scripts.controlnet must be an object: {args: [units]}")
+        ignored.extend(f"alwayson_scripts.controlnet.{k}" for k in (cn or {}) if k != "args")
+        units, guess = control_units((cn or {}).get("args"), init, ignored)
         return dict(
             model=model,
             prompt=req.prompt,
@@ -379,7 +381,13 @@ def install(app: FastAPI, services: Any) -> None:
         kw = job.generation.kwargs
         seeds = [im.seed for im in job.images] or [int(kw["seed"])]
         texts = [im.infotext for im in job.images]
-        from sdengine.metadata import parse_parameters
+        from sdengine.diffusion.sampling import SAMPLERS, SCHEDULE_A1111
+        from sdengine.metadata import format_parameters, parse_parameters
+
+        if len(texts) < len(images):  # the interrupted image (a preview): its infotext as far as it is known,
+            params = {k: kw.get(k) for k in ("prompt", "negative_prompt", "steps", "sampler", "schedule")}
+            params |= {k: kw.get(k) for k in ("cfg_scale", "seed", "width", "height")}  # so clients may index
+            texts += [format_parameters(params)] * (len(images) - len(texts))  # infotexts like images
 
         recorded = parse_parameters(texts[0]) if texts and texts[0] else {}  # the hashes the image was made with
         info = {
@@ -394,7 +402,7 @@ def install(app: FastAPI, services: Any) -> None:
             "subseed_strength": 0,
             "width": kw["width"],
             "height": kw["height"],
-            "sampler_name": req.sampler_name or req.sampler_index or "Euler",
+            "sampler_name": SAMPLERS[kw["sampler"]].a1111,  # resolved, as A1111 reports it ("DPM++ 2M")
             "cfg_scale": kw["cfg_scale"],
             "steps": kw["steps"],
             "batch_size": kw["batch_size"],
@@ -407,7 +415,7 @@ def install(app: FastAPI, services: Any) -> None:
             "seed_resize_from_w": -1,
             "seed_resize_from_h": -1,
             "denoising_strength": kw["strength"] if kw["init_image"] is not None or kw.get("enable_hr") else None,
-            "extra_generation_params": {"Schedule type": kw["schedule"]},
+            "extra_generation_params": {"Schedule type": SCHEDULE_A1111[kw["schedule"]]},
             "index_of_first_image": 0,
             "infotexts": texts,
             "styles": [],

@@ -181,7 +181,7 @@ def install(app: FastAPI, services: Any) -> None:
             prompt=req.prompt,
             width=w,
             height=h,
-            batch_size=req.n or 1,
+            batch_size=images_per_request(req.n or 1),
             **common(req.model_dump()),
         )
         if req.stream:
@@ -260,6 +260,13 @@ def install(app: FastAPI, services: Any) -> None:
                 files.setdefault(key.removesuffix("[]"), []).append(await value.read())
         return fields, files
 
+    def images_per_request(n: int) -> int:
+        """``n``, checked against the server's batch limit here so that the error names ``n``, not the
+        ``batch_size`` it becomes."""
+        if not 1 <= n <= config.max_batch:
+            raise BadRequest(f"n must be in [1, {config.max_batch}] on this server, got {n}")
+        return n
+
     def number(fields: dict[str, str], key: str, kind: type, default: Any) -> Any:
         if key not in fields or fields[key] == "":
             return default
@@ -279,7 +286,7 @@ def install(app: FastAPI, services: Any) -> None:
             prompt=prompt,
             width=w,
             height=h,
-            batch_size=number(fields, "n", int, 1),
+            batch_size=images_per_request(number(fields, "n", int, 1)),
             init_image=image.convert("RGB"),
             mask=mask,
             strength=number(fields, "strength", float, 1.0 if mask is not None else 0.75),

@@ -320,7 +320,7 @@ class Executor:
     @staticmethod
     def signatures(graph: Prompt, ctx: RunContext | None = None) -> dict[str, str]:
         """Each node's cache key: its class, literal inputs, the keys of the nodes it reads, and (with ``ctx``)
-        what its ``changed`` hook says of the files it reads."""
+        what its ``changed`` hook says of the files it reads and the prompt's seed rule."""
         sig: dict[str, str] = {}
         for nid in topological_order(graph):
             node = graph[nid]
@@ -330,7 +330,8 @@ class Executor:
             }
             hook = NODES[node["class_type"]].changed if node["class_type"] in NODES else None
             changed = hook(ctx, node["inputs"]) if hook is not None and ctx is not None else ""
-            text = json.dumps([node["class_type"], parts, changed], sort_keys=True, default=str)
+            rule = ctx.seed_rule if ctx is not None else ""  # another seed rule draws other noise: not the same node
+            text = json.dumps([node["class_type"], parts, changed, rule], sort_keys=True, default=str)
             sig[nid] = hashlib.sha256(text.encode()).hexdigest()
         return sig
 

@@ -442,6 +442,8 @@ def _sample(
 
     if steps > ctx.max_steps:
         raise NodeError(f"steps {steps} is over the server's limit of {ctx.max_steps}")
+    if float(denoise) <= 0.0:  # ComfyUI: no step to run, the latent passes through unchanged
+        return (dict(latent_image),)
     pipe = ctx.pipeline(model.ref)
     samples = latent_samples(latent_image, pipe)
 

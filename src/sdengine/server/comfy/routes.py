@@ -208,7 +208,7 @@ class ComfyJob(Job):
         if isinstance(e, Interrupted):
             self.event("execution_interrupted", {"node_id": e.node_id, "node_type": e.class_type, "executed": []})
             m.finish(self, CANCELLED, f"interrupted at node {e.node_id} ({e.class_type})")
-            return "interrupted"
+            return "error"  # ComfyUI's history knows two: success and error (the messages say it was interrupted)
         self.event(
             "execution_error",
             {
@@ -428,13 +428,17 @@ def view(request: Request, filename: str, subfolder: str = "", type: str = "outp
     if type not in ("output", "input", "temp"):
         raise BadRequest("type must be output, input or temp")
     suffix = Path(filename).suffix.lower()
-    if suffix not in IMAGE_SUFFIXES or not filename or filename.startswith("."):
+    if not filename or filename.startswith("."):
+        raise BadRequest(f"{filename!r}: not a file name of the {type} folder")
+    if suffix not in IMAGE_SUFFIXES:
         raise BadRequest(f"{filename!r}: only PNG, JPEG and WebP files are served")
     name = f"{subfolder.strip('/')}/{filename}" if subfolder else filename
-    try:
+    try:  # the messages name the request's file, never the server's folders
         path = resolve_inside(st.folders.root(type), name, "file")
-    except UnsafePathError as e:
-        raise BadRequest(str(e)) from None
+    except UnsafePathError:
+        raise BadRequest(f"{name!r} is outside the {type} folder") from None
+    except FileNotFoundError:
+        raise NotFound(f"{name!r} is not a file") from None
     if not path.is_file():
         raise NotFound(f"{name!r} is not a file")
     return FileResponse(
