@@ -146,7 +146,9 @@ def test_controlnet_unit_and_empty_args(api):
     # never silently without the ControlNet: a misspelt key is listed, a unit config that is no object refused
     r = api.txt2img(prompt="a star", seed=9, alwayson_scripts={"controlnet": {"arg": []}}, **COMMON)
     assert "alwayson_scripts.controlnet.arg" in r.info["ignored"]
-    bad = httpx.post(f"{api.baseurl}/txt2img", json={"prompt": "a", "alwayson_scripts": {"controlnet": "x"}}, timeout=60)
+    bad = httpx.post(
+        f"{api.baseurl}/txt2img", json={"prompt": "a", "alwayson_scripts": {"controlnet": "x"}}, timeout=60
+    )
     assert bad.status_code == 400 and "alwayson_scripts.controlnet must be an object" in bad.text, bad.text
 
 
