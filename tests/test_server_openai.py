@@ -100,6 +100,13 @@ def test_edit_with_mask_and_with_a_list_of_images(client):
     ]
     for d, want in zip(r2.data, refs, strict=True):
         np.testing.assert_array_equal(np.asarray(b64_image(d.b64_json).convert("RGB")), np.asarray(want.images[0]))
+    with pytest.raises(openai.BadRequestError, match=r"the mask \(32x32\) and image 0 \(64x64\) must be the same size"):
+        client.images.edit(
+            image=("init.png", png(init), "image/png"),
+            mask=("mask.png", png(mask.resize((32, 32))), "image/png"),
+            prompt="a star",
+            extra_body=FAST,
+        )
 
 
 @pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")

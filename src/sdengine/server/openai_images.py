@@ -318,6 +318,10 @@ def install(app: FastAPI, services: Any) -> None:
         mask = None
         if files.get("mask"):
             mask = openai_mask(await run_in_threadpool(decode_image, files["mask"][0], "mask", config.max_image_pixels))
+        for i, im in enumerate(images):  # OpenAI refuses a mask that does not cover the image exactly
+            if mask is not None and mask.size != im.size:
+                w, h = mask.size
+                raise BadRequest(f"the mask ({w}x{h}) and image {i} ({im.width}x{im.height}) must be the same size")
         fl = [edit_fields(fields, im, mask, prompt) for im in images]
         return await run_all(request, fl, rf, of, prompt, fields.get("size"))
 
