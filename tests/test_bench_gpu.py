@@ -103,6 +103,20 @@ def test_only_the_phases_asked_for_run(tiny_folder, tmp_path):
         bench_gpu.run_gpu_bench(tiny_folder, model="tiny", out_dir=tmp_path, device="cpu", only=["sdengine_warp"])
 
 
+@pytest.mark.slow
+def test_the_aot_processes_say_which_packaging_ran_and_where_each_network_came_from(tiny_folder, tmp_path):
+    """The GPU run's AOT phases on the CPU: the cold process compiles the packages, the warm one loads them, and
+    each says so (``aot``) with the packaging it used, the CPU's default here."""
+    data = _on_the_cpu(tiny_folder, tmp_path, compare=False, only="sdengine_fp32,sdengine_aot_cold,sdengine_aot_warm")
+    assert not data["errors"], data["errors"]
+    cold, warm = data["phases"]["sdengine_aot_cold"]["aot"], data["phases"]["sdengine_aot_warm"]["aot"]
+    for name in ("unet", "vae"):
+        assert cold[name]["packaging"] == warm[name]["packaging"] == "bound"
+        assert (cold[name]["compiled"], cold[name]["loaded"], cold[name]["failed"]) == (1, 0, 0), cold
+        assert (warm[name]["compiled"], warm[name]["loaded"], warm[name]["failed"]) == (0, 1, 0), warm
+    assert data["agreement"]["sdengine_aot_warm vs sdengine_fp32"] < 2e-3  # as the graphs process's (fp16 there)
+
+
 def test_phases_over_budget_are_skipped_and_failures_recorded(tmp_path):
     run = bench_gpu.Run(tmp_path, budget_s=5.0)
     assert run.phase("fits", 0, lambda: {"image_s": 1.0}) == {"image_s": 1.0, "phase_s": pytest.approx(0, abs=1)}
