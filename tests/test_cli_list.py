@@ -74,15 +74,15 @@ def test_folders_are_listed_after_the_builtins(tmp_path, capsys):
     assert [r["name"] for r in rows] == ["emoji-controlnet-canny", "canny", "depth"]
 
 
-def test_embeddings_are_listed_but_not_claimed_loadable(tmp_path, capsys):
+def test_embeddings_are_listed_with_how_to_use_them(tmp_path, capsys):
     rc, out, err = _list(capsys, "embeddings")
-    assert rc == 0 and out == "" and "cannot be loaded" in err
+    assert rc == 0 and out == "" and "no embeddings (give --embeddings-dir FOLDER)" in err
     (tmp_path / "bad-hands.pt").write_bytes(b"0")
     (tmp_path / "easyneg.safetensors").write_bytes(b"0")
     rc, out, err = _list(capsys, "embeddings", "--embeddings-dir", str(tmp_path))
     assert rc == 0
     assert [line.split()[0] for line in out.splitlines()[1:]] == ["bad-hands", "easyneg"]
-    assert "cannot be loaded by sdengine yet" in err
+    assert "generate --embeddings-dir FOLDER" in err and "cannot" not in err  # they load (docs/embeddings.md)
 
 
 def test_samplers_with_a1111_names(capsys):
@@ -181,3 +181,22 @@ def test_help_does_not_import_torch():
         env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
     )
     assert r.returncode == 0, r.stderr[-500:]
+
+
+def test_a_reader_that_goes_away_ends_the_listing_quietly():
+    """`sdengine list samplers | head -1`: the pipe closes early; no error line (it is no mistake), status 141."""
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    code = "import sys; from sdengine.cli import main; sys.exit(main(['list', 'samplers']))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "error" not in err and "Broken pipe" not in err, err

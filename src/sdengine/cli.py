@@ -211,10 +211,16 @@ def main(argv: list[str] | None = None) -> int:
             if spec.lower() not in ("default", "none"):
                 parse_options(spec)  # a bad name fails here, before any model is loaded
             os.environ[ENV] = spec
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a closed pipe is caught (below), not at the interpreter's exit
+        return rc
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`sdengine list samplers | head -1`): not a mistake, no line
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's own flush at exit stays quiet too
+        return 141  # as a process ended by SIGPIPE
     except (SdengineError, OSError) as e:  # a user mistake, a bad file, a refused run; anything else is a bug
         if debug:
             raise

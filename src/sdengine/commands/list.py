@@ -13,7 +13,10 @@ import sys
 from typing import Any
 
 WHAT = ("models", "samplers", "schedules", "loras", "controlnets", "embeddings")
-EMBEDDINGS_NOTE = "textual-inversion embeddings cannot be loaded by sdengine yet; this only lists the files"
+EMBEDDINGS_NOTE = (
+    "use them with `generate --embeddings-dir FOLDER` (or `serve --embeddings-dir`): a file's name in a prompt is "
+    "its vectors (docs/embeddings.md)"
+)
 
 
 def sampler_rows() -> list[dict[str, Any]]:
@@ -77,7 +80,7 @@ def run(a: argparse.Namespace) -> int:
         rows = [e.as_dict() for e in entries]
         text_rows = [["NAME", "SOURCE", "WHAT", "PATH"]] + [[e.name, e.source, e.detail, e.path] for e in entries]
         if what == "embeddings":
-            note = EMBEDDINGS_NOTE if entries or folder else f"no embeddings (give --embeddings-dir); {EMBEDDINGS_NOTE}"
+            note = EMBEDDINGS_NOTE if entries else f"no embeddings (give --embeddings-dir FOLDER); {EMBEDDINGS_NOTE}"
         elif not entries:
             note = f"no {what} found"
     if a.json:
