@@ -41,6 +41,24 @@ def test_sides_and_bad_input():
         plan_outpaint(img)
     with pytest.raises(GenerationError, match=">= 0"):
         plan_outpaint(img, left=-8)
+    # too large a canvas is refused before it is made (30000 px a side once filled 24 GB and was killed)
+    with pytest.raises(GenerationError, match="new size 60024x16 is too large: each side may be at most 8192"):
+        plan_outpaint(img, left=30000, right=30000, max_side=8192)
+
+
+def test_outpaint_refuses_a_canvas_over_the_models_limit_before_any_work(tiny_sd1_folder):
+    import tracemalloc
+
+    from sdengine.pipeline import load_pipeline
+
+    pipe = load_pipeline(str(tiny_sd1_folder), device="cpu")
+    tracemalloc.start()
+    try:
+        with pytest.raises(GenerationError, match=f"at most {pipe.max_side()} px"):
+            outpaint(pipe, "a wall", _picture(16, 1024), left=20000, right=20000, steps=2)
+        assert tracemalloc.get_traced_memory()[1] < 50 * 2**20  # no 40016x1024 canvas (123 MB) was made
+    finally:
+        tracemalloc.stop()
 
 
 def test_finish_puts_the_original_back():

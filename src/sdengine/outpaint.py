@@ -52,11 +52,20 @@ def parse_sides(text: str) -> tuple[int, int, int, int]:
 
 
 def plan_outpaint(
-    image: Any, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0, *, overlap: int = 8, multiple: int = 8
+    image: Any,
+    left: int = 0,
+    right: int = 0,
+    top: int = 0,
+    bottom: int = 0,
+    *,
+    overlap: int = 8,
+    multiple: int = 8,
+    max_side: int | None = None,
 ) -> OutpaintPlan:
     """The canvas and mask for extending ``image`` (PIL, array or path) by the given pixels on each side.
-    The new size must be a multiple of ``multiple`` (the model's); ``overlap`` pixels of the original along
-    each extended side are repainted too."""
+    The new size must be a multiple of ``multiple`` (the model's) and, when given, at most ``max_side`` a side
+    (checked before the canvas is made: a huge pad once filled the machine's memory before any check);
+    ``overlap`` pixels of the original along each extended side are repainted too."""
     sides = {"left": left, "right": right, "top": top, "bottom": bottom}
     bad = [f"{k} {v!r}" for k, v in sides.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
     if bad:
@@ -67,6 +76,10 @@ def plan_outpaint(
         raise GenerationError(f"outpaint overlap must be whole pixels >= 0, got {overlap!r}")
     img = load_image(image, "outpaint image", mode="RGB", error=GenerationError)
     w, h = img.width + left + right, img.height + top + bottom
+    if max_side is not None and max(w, h) > max_side:
+        raise GenerationError(
+            f"outpaint: the new size {w}x{h} is too large: each side may be at most {max_side} px for this model"
+        )
     for name, size, extra in (("width", w, "left/right"), ("height", h, "top/bottom")):
         if size % multiple:
             raise GenerationError(
@@ -113,7 +126,10 @@ def outpaint(
     Returns the pipeline's GenerationResult with its images and arrays finished."""
     if image is None:
         raise GenerationError("outpaint needs an image to extend")
-    plan = plan_outpaint(image, left, right, top, bottom, overlap=overlap, multiple=int(pipe.size_multiple))
+    side = pipe.max_side() if hasattr(pipe, "max_side") else None
+    plan = plan_outpaint(
+        image, left, right, top, bottom, overlap=overlap, multiple=int(pipe.size_multiple), max_side=side
+    )
     kwargs.setdefault("strength", 1.0)
     kwargs.setdefault("mask_blur", 4)
     result = pipe(
