@@ -233,6 +233,9 @@ def test_prompt_list_on_two_ranks_writes_each_image_once_and_equals_one_process(
         ('{"prompt": "x", "seed": "-1"}\n', r"list.jsonl:1: seed must be an integer"),  # a string is no seed
         ('{"prompt": "x", "progress": false}\n', r"list.jsonl:1: progress cannot be set per line"),
         ("\n\n", r"no requests"),
+        # found only when the line rendered (after lines 1 and 2 were written), with no FILE:LINE
+        ('{"prompt": "ok"}\n{"prompt": "ok"}\n{"prompt": "(red:500) heart"}\n', r"list.jsonl:3: prompt weight"),
+        ('{"prompt": "ok"}\n{"prompt": "x", "init_image": "/no/such.png"}\n', r"list.jsonl:2: init_image: no such"),
     ],
 )
 def test_a_bad_line_is_one_error_naming_it_before_any_work(tmp_path: Path, capsys, text: str, message: str) -> None:
@@ -242,6 +245,16 @@ def test_a_bad_line_is_one_error_naming_it_before_any_work(tmp_path: Path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_line_only_the_model_refuses_names_its_line(tmp_path: Path, capsys) -> None:
+    """A width that is no multiple of the model's factor is known once the model is loaded: the error still
+    names FILE:LINE (the lines before it are written, as they would be if they were rendered one by one)."""
+    prompts = tmp_path / "list.jsonl"
+    prompts.write_text('{"prompt": "a heart"}\n{"prompt": "a cat", "width": 60}\n')
+    assert main(["--threads", "1", *generate_args(prompts, tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"list.jsonl:2: .*60", err[0]), err
 
 
 def test_text_list_seeds_and_flag_clashes(tmp_path: Path, capsys) -> None:

@@ -262,6 +262,11 @@ def test_xyz_cli_errors_are_one_line(tmp_path, capsys):
         (["--x", "prompt=pear,fig"], "'pear' (the first value, the text to replace) is not in the prompt"),
         (["--x", "steps=2", "--y", "steps=3"], "axis steps is given twice"),
         (["--x", "steps=2", "--out", str(tmp_path / "grid.png")], "names an image; it is the folder"),
+        # a value only a cell's request refuses: every cell checked before the model loads (cells 1 and 2 were
+        # once drawn and written, then the third failed, with no grid)
+        (["--x", "cfg=5,7,101"], "cell 3/3: cfg_scale"),
+        (["--x", "seed=1,18446744073709551616"], "cell 2/2: seed"),
+        (["--x", "steps=2,3", "--y", "prompt=apple,(apple:500)"], "cell 3/4: prompt weight"),
     ]:
         rc = main(["xyz", "a red apple", "--out", str(tmp_path), *args, "--no-progress"])
         err = capsys.readouterr().err

@@ -50,6 +50,7 @@ class ListItem:
     settings: dict[str, Any]  # GenerationRequest fields, seed filled in
     seeds: tuple[int, ...]
     names: tuple[str, ...]
+    source: str = "--prompts"  # the list's file, for errors found when the line renders
 
     @property
     def line(self) -> int:
@@ -105,7 +106,7 @@ def parse_prompt_list(path: str | Path, defaults: Mapping[str, Any], base_seed: 
         if settings.get("seed") is None:
             settings["seed"] = base_seed + index
         try:
-            request = GenerationRequest.from_dict(settings).validate()
+            request = GenerationRequest.from_dict(settings).precheck()
             random_seed = not isinstance(request.seed, list | tuple) and int(request.seed) == -1  # type: ignore[arg-type]
             seeds = request.seeds()
         except (SdengineError, TypeError, ValueError) as e:
@@ -118,7 +119,7 @@ def parse_prompt_list(path: str | Path, defaults: Mapping[str, Any], base_seed: 
             if len(seeds) == 1
             else tuple(f"{index:05d}-{k}-{s}.png" for k, s in enumerate(seeds))
         )
-        items.append(ListItem(index, settings, tuple(seeds), names))
+        items.append(ListItem(index, settings, tuple(seeds), names, str(path)))
     if not items:
         raise PromptListError(f"--prompts {path}: no requests (every line is blank)")
     return items
@@ -159,7 +160,11 @@ def render_prompt_list(
     out.mkdir(parents=True, exist_ok=True)
     pipe = load()
     for it in todo:
-        result = pipe(GenerationRequest.from_dict({**it.settings, "progress": progress}))
+        try:  # what only the model can check (a size that is no multiple of its VAE's factor) names the line too
+            result = pipe(GenerationRequest.from_dict({**it.settings, "progress": progress}))
+        except SdengineError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PromptListError(f"{it.source}:{it.line}: {first}") from None
         for image, text, name in zip(result.images, result.infotexts, it.names, strict=True):
             path = save_png(image, out / name, text)
             report.written.append(path)

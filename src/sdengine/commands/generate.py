@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import re
 import sys
 import time
@@ -326,6 +325,11 @@ def run(a: argparse.Namespace) -> int:
                 f"{a.from_png} is an img2img/inpainting image (Denoising strength {png_kwargs['strength']}): give "
                 "the same --init-image (and --mask)"
             )
+        if "Mask blur" in parsed and a.mask is None:  # A1111 records the blur of inpainting only: not img2img
+            raise GenerationError(
+                f"{a.from_png} is an inpainting image (Mask blur {parsed['Mask blur']}): give the same --init-image "
+                "and --mask"
+            )
         if parsed.get("TI hashes"):  # without the same embeddings the names would be read as plain words
             from ..text.embeddings import check_recorded_embeddings
 
@@ -418,19 +422,7 @@ def run(a: argparse.Namespace) -> int:
         raise UsageError(f"--grid writes the batch and its grid into a folder: --out {a.out} names one file")
     if sides is None:
         # Every check that needs no model, before the (slow) load: a bad seed, cfg or prompt weight fails now.
-        from ..nn.lora import WEIGHT_LIMIT, check_weight
-        from ..prompts import extract_lora_tags, parse_prompt_attention
-
-        GenerationRequest(**kwargs).validate()
-        weights = [(Path(str(x[0])).stem, x[1]) for x in kwargs.get("loras", []) if isinstance(x, tuple)]
-        for text in (kwargs.get("prompt"), kwargs.get("negative_prompt")):
-            if isinstance(text, str):
-                rest, tags = extract_lora_tags(text)
-                parse_prompt_attention(rest)
-                weights += [(str(name), w) for name, w in tags]
-        for name, w in weights:  # only the hard bound here; the pipeline warns about large weights once
-            if not math.isfinite(w) or abs(w) > WEIGHT_LIMIT:
-                check_weight(w, name)
+        GenerationRequest(**kwargs).precheck()
     t0 = time.perf_counter()
     pipe = load_pipeline(
         model,

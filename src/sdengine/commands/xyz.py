@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import UsageError
+from ..errors import SdengineError, UsageError
 from .generate import lora_arg
 
 if TYPE_CHECKING:
@@ -69,6 +69,14 @@ def run(a: argparse.Namespace) -> int:
     cells = plan_cells(a.prompt, base, x, y, z)
     if base.get("seed") in (None, -1):
         base["seed"] = cells[0].kwargs["seed"]
+    from ..pipeline.core import as_request
+
+    for k, cell in enumerate(cells):  # every cell's settings (a cfg of 101, a seed past 2**64 - 1) before any runs
+        fields = {key: v for key, v in cell.kwargs.items() if key != "progress"}
+        try:
+            as_request(fields.pop("prompt", ""), None, fields).precheck()
+        except SdengineError as e:
+            raise UsageError(f"cell {k + 1}/{len(cells)}: {e}") from None
 
     t0 = time.perf_counter()
     pipe = load_pipeline(a.model, device=a.device, dtype=a.dtype, embeddings_dir=a.embeddings_dir)

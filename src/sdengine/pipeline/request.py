@@ -287,6 +287,31 @@ class GenerationRequest:
             validate_hires(self)
         return self
 
+    def precheck(self) -> GenerationRequest:
+        """Every check that needs no model, before one is loaded: :meth:`validate`, then the prompts' syntax
+        (prompt weights, ``<lora:...>`` tags), the LoRA weights' hard bound and image files that do not exist.
+        A command that renders many requests (a prompt list, an X/Y/Z plot) runs it on all of them first, so a
+        bad one fails before any is drawn. Returns self."""
+        from sdengine.nn.lora import WEIGHT_LIMIT, check_weight
+        from sdengine.prompts import extract_lora_tags, parse_prompt_attention
+
+        self.validate()
+        texts = [*_per_row(self.prompt, 1), *_per_row(self.negative_prompt, 1)]
+        weights = [(Path(str(x[0])).stem, x[1]) for x in (self.loras or []) if isinstance(x, tuple) and len(x) > 1]
+        for text in texts:
+            rest, tags = extract_lora_tags(text)
+            parse_prompt_attention(rest)
+            weights += [(str(name), w) for name, w in tags]
+        for name, w in weights:  # only the hard bound here; the pipeline warns about large weights once
+            if _is_number(w) and (not math.isfinite(w) or abs(w) > WEIGHT_LIMIT):
+                check_weight(w, name)
+        images = [("init_image", self.init_image), ("mask", self.mask)]
+        images += [(f"ControlNet unit {k} image", u.image) for k, u in enumerate(self.control_units())]
+        for what, image in images:
+            if isinstance(image, str | Path) and not Path(image).is_file():
+                raise GenerationError(f"{what}: no such file {str(image)!r}")
+        return self
+
 
 def _is_list(v: Any) -> bool:
     return isinstance(v, list | tuple)
