@@ -388,7 +388,9 @@ def test_from_png_reads_back_mask_blur_and_cfg_rescale(model, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(again)))
     assert Image.open(png).info["parameters"] == Image.open(again).info["parameters"]
     # without --mask it would silently be img2img (another image, the blur dropped): one line instead
-    rc = _generate("--from-png", str(png), "--model", str(model), "--init-image", str(init), "--out", str(tmp_path / "c"))
+    rc = _generate(
+        "--from-png", str(png), "--model", str(model), "--init-image", str(init), "--out", str(tmp_path / "c")
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "is an inpainting image (Mask blur 3): give the same --init-image and --mask" in err, err
     assert not (tmp_path / "c").exists()
