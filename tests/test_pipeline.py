@@ -265,6 +265,17 @@ def test_random_seed_is_recorded(sd1):
     assert r.parameters["seed"] == r.seeds[0]
 
 
+def test_seeds_that_agree_modulo_2_to_32_give_one_image_and_say_so(sd1):
+    """torch's CPU generator keeps a seed's low 32 bits (docs/CONTRACTS.md, Seeds): seed 2**32 + 5 is seed 5's
+    image, as in diffusers; the generation says so instead of leaving the user to find out."""
+    _, pipe = sd1
+    low = _ours(pipe, "euler", seed=5, steps=1)
+    high = _ours(pipe, "euler", seed=2**32 + 5, steps=1)
+    np.testing.assert_array_equal(high.arrays, low.arrays)
+    assert any("seed 4294967301 draws the same noise as seed 5" in n for n in high.notes), high.notes
+    assert not any("low 32 bits" in n for n in low.notes)
+
+
 # ------------------------------------------------------------------------------------------ prompts
 
 

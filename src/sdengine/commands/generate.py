@@ -501,7 +501,11 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         help=f"classifier-free guidance scale in [0, 100] (default {HELP_DEFAULTS['cfg_scale']:g})",
     )
     p.add_argument(
-        "--seed", type=int, default=None, help="seed of the first image, 0 to 2**64 - 1; -1 = random (default)"
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the first image, 0 to 2**64 - 1 (torch keeps its low 32 bits: seeds equal modulo 2**32 give "
+        "one image); -1 = random (default)",
     )
     p.add_argument(
         "--subseed",

@@ -468,6 +468,13 @@ class Pipeline:
             raise GenerationError(f"steps must be at most {self.noise_schedule.num_train_timesteps}, got {r.steps}")
         name, sched = sampling.resolve(r.sampler, r.schedule)
         seeds = r.seeds()
+        wide = sorted({s for s in seeds if s >= 2**32})
+        if wide:  # docs/CONTRACTS.md "Seeds": what torch's CPU generator does with a 64-bit seed
+            _note(
+                notes,
+                f"seed {wide[0]} draws the same noise as seed {wide[0] % 2**32} (torch's CPU generator keeps a "
+                "seed's low 32 bits, as diffusers, A1111 and ComfyUI do): seeds that agree modulo 2**32 give one image",
+            )
         hires = None
         if r.enable_hr:
             from sdengine.pipeline.hires import plan_hires
