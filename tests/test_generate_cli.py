@@ -636,3 +636,26 @@ def test_control_image_of_another_size_is_said(tmp_path, capsys):
         == 0
     )
     assert "control image 0 96x64 fitted to 64x64 (resize and fill)" in capsys.readouterr().err
+
+
+def test_a_large_lora_weight_is_said_once_on_the_command_line(tmp_path):
+    """The library logs a weight outside [-4, 4] and warns Python callers (LoRAWeightWarning); the command line
+    showed both, the second with a source line. Now one line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    argv = ["generate", "an apple", "--lora", "emoji-fruit:5", "--steps", "1", "--out", str(tmp_path / "a.png")]
+    r = subprocess.run(
+        [sys.executable, "-m", "sdengine", "--threads", "1", *argv, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": src},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = [line for line in r.stderr.splitlines() if "images may break down" in line]
+    assert len(said) == 1 and "weight 5 is outside [-4, 4]" in said[0], r.stderr
+    assert "LoRAWeightWarning" not in r.stderr and (tmp_path / "a.png").is_file()

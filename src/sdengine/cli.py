@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .errors import SdengineError, UsageError
@@ -202,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     # before torch is imported: OpenMP reads its wait policy once; a server's load changes while it runs
     prepare_environment(long_running=args.command == "serve")
     debug = os.environ.get("SDENGINE_DEBUG") == "1"
+    # The library both logs a large LoRA weight (the CLI's "sdengine: WARNING" line) and raises a
+    # LoRAWeightWarning for Python callers; on the command line the log line is the one to show.
+    warnings.filterwarnings("ignore", message=r".*weight .* is outside \[-4, 4\]; images may break down")
     try:
         configure_threads(getattr(args, "threads", None))
         if getattr(args, "global_fast_path", None) is not None:
