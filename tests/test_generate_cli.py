@@ -659,3 +659,30 @@ def test_a_large_lora_weight_is_said_once_on_the_command_line(tmp_path):
     said = [line for line in r.stderr.splitlines() if "images may break down" in line]
     assert len(said) == 1 and "weight 5 is outside [-4, 4]" in said[0], r.stderr
     assert "LoRAWeightWarning" not in r.stderr and (tmp_path / "a.png").is_file()
+
+
+def test_from_png_reproduces_resize_mode_and_a_prediction_type_override(model, tmp_path, capsys):
+    """Settings A1111 does not write but that change the image are written as sdengine's own fields and read
+    back: the resize mode of an init image of another size, and a --prediction-type override (both once made
+    --from-png silently draw another image)."""
+    init = tmp_path / "init.png"
+    picture(40, 24).save(init)
+    png, again = tmp_path / "a.png", tmp_path / "b.png"
+    common = ["--model", str(model), "--steps", "3", "--sampler", "euler", "--width", "32", "--height", "32"]
+    made = _generate(
+        "a cat", *common, "--seed", "4", "--init-image", str(init), "--strength", "0.6", "--resize-mode", "crop",
+        "--prediction-type", "v_prediction", "--out", str(png),
+    )  # fmt: skip
+    assert made == 0
+    text = Image.open(png).info["parameters"]
+    assert "Resize mode: crop and resize" in text and "Prediction type: v_prediction" in text, text
+    capsys.readouterr()
+    assert _generate("--from-png", str(png), "--model", str(model), "--init-image", str(init), "--out", str(again)) == 0
+    assert "not reproduced" not in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(again)))
+    assert Image.open(again).info["parameters"] == text
+    # a plain image writes neither field
+    plain = tmp_path / "c.png"
+    assert _generate("a cat", *common, "--seed", "4", "--out", str(plain)) == 0
+    text = Image.open(plain).info["parameters"]
+    assert "Resize mode" not in text and "Prediction type" not in text and "Sampler options" not in text

@@ -467,3 +467,20 @@ def test_hires_fix_fields_are_found_in_order():
         "Hires upscaler": "R-ESRGAN 4x+ Anime6B",
     }
     assert hires_fix_fields(parse_parameters(A1111_OLD)) == {}
+
+
+def test_sampler_options_from_sdengines_field_or_a1111s_eta():
+    base = "a cat\nSteps: 20, Sampler: {s}, CFG scale: 7, Seed: 1, Size: 64x64, {extra}"
+    got = to_generate_kwargs(parse_parameters(base.format(s="Euler a", extra='Sampler options: "{\\"eta\\": 0.5}"')))
+    assert got["sampler_options"] == {"eta": 0.5}
+    got = to_generate_kwargs(parse_parameters(base.format(s="Euler a", extra="Eta: 0.7")))  # A1111's ancestral eta
+    assert got["sampler_options"] == {"eta": 0.7}
+    got = to_generate_kwargs(parse_parameters(base.format(s="DDIM", extra="Eta DDIM: 0.3")))  # and DDIM's
+    assert got["sampler_options"] == {"eta": 0.3}
+    got = to_generate_kwargs(parse_parameters(base.format(s="Euler", extra="Eta: 0.7")))  # Euler takes no eta
+    assert "sampler_options" not in got
+    for bad in ('Sampler options: "[1]"', 'Sampler options: "{\\"eta\\": \\"x\\"}"', "Sampler options: nope"):
+        with pytest.raises(MetadataError, match="Sampler options: .* is not a JSON object of numbers"):
+            to_generate_kwargs(parse_parameters(base.format(s="Euler a", extra=bad)))
+    with pytest.raises(MetadataError, match="unknown resize mode"):
+        to_generate_kwargs(parse_parameters(base.format(s="Euler", extra="Resize mode: zoom")))

@@ -276,6 +276,21 @@ def test_seeds_that_agree_modulo_2_to_32_give_one_image_and_say_so(sd1):
     assert not any("low 32 bits" in n for n in low.notes)
 
 
+def test_sampler_options_are_written_and_read_back(sd1):
+    """``sampler_options`` change the image and A1111 has no field for most of them: sdengine writes "Sampler
+    options" (JSON) and reads it back, so the infotext alone regenerates the image (it once did not)."""
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+    _, pipe = sd1
+    r = _ours(pipe, "euler_a", sampler_options={"eta": 0.4})
+    assert 'Sampler options: "{\\"eta\\": 0.4}"' in r.infotexts[0], r.infotexts[0]
+    kwargs = to_generate_kwargs(parse_parameters(r.infotexts[0]))
+    assert kwargs["sampler_options"] == {"eta": 0.4}
+    again = pipe(**kwargs, progress=False)
+    np.testing.assert_array_equal(again.arrays, r.arrays)
+    assert not np.array_equal(_ours(pipe, "euler_a").arrays, r.arrays)  # the option matters
+
+
 # ------------------------------------------------------------------------------------------ prompts
 
 

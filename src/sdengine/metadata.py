@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -365,6 +366,16 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
             _parse_float(parsed, "Variation seed strength") if "Variation seed strength" in parsed else 0.0
         )
 
+    if "Resize mode" in parsed:  # sdengine's field: how init and control images were fitted
+        from sdengine.io.resize import resize_mode_name
+
+        try:
+            kwargs["resize_mode"] = resize_mode_name(parsed["Resize mode"])
+        except SdengineError as e:
+            raise MetadataError(f"cannot regenerate from this infotext: {e}") from None
+    options = _sampler_options(parsed, kwargs.get("sampler"))
+    if options:
+        kwargs["sampler_options"] = options
     if parsed.get("Tiny VAE"):  # sdengine's field: the tiny VAE decoded (the run needs one loaded again)
         kwargs["vae_decode"] = "tiny"
     if parsed.get("Tiny VAE encode"):  # and this one: its encoder made the init image's latent
@@ -387,12 +398,38 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
         "Variation seed strength",
         "Tiny VAE",
         "Tiny VAE encode",
+        "Resize mode",
+        "Sampler options",
+        "Prediction type",  # a loading option: the caller's (sdengine generate --from-png passes it on)
     }
+    if options:
+        used |= {"Eta", "Eta DDIM"}
     # "ControlNet N" fields are the caller's: they need the control image (see recorded_controlnets)
     ignored = [k for k in parsed if k not in used and k not in _DESCRIPTIVE_FIELDS and not _RE_CONTROLNET.match(k)]
     if ignored:
         log.warning("infotext fields not reproduced by sdengine (the image may differ): %s", ", ".join(ignored))
     return kwargs
+
+
+def _sampler_options(parsed: Mapping[str, str], sampler: str | None) -> dict[str, Any]:
+    """``sampler_options`` from sdengine's "Sampler options" field (JSON), else from A1111's "Eta" (its
+    ancestral samplers) or "Eta DDIM" when the sampler takes an ``eta``."""
+    if "Sampler options" in parsed:
+        try:
+            options = json.loads(parsed["Sampler options"])
+        except ValueError:
+            options = None
+        if not isinstance(options, dict) or not all(
+            isinstance(k, str) and isinstance(v, int | float) and math.isfinite(v) for k, v in options.items()
+        ):
+            raise MetadataError(f"Sampler options: {parsed['Sampler options']!r} is not a JSON object of numbers")
+        return options
+    from sdengine.diffusion.sampling import sampler_option_names
+
+    key = "Eta DDIM" if sampler == "ddim" else "Eta"
+    if key in parsed and sampler is not None and "eta" in sampler_option_names(sampler):
+        return {"eta": _parse_float(parsed, key)}
+    return {}
 
 
 def hires_fix_fields(parsed: Mapping[str, str]) -> dict[str, str]:

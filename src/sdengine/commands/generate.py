@@ -45,6 +45,7 @@ def request_defaults() -> dict[str, Any]:
 
 
 _NUMBER = re.compile(r"^-?\d+(\.\d*)?$")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what --prediction-type (and "Prediction type") take
 
 
 def _number(text: str) -> float | None:
@@ -309,9 +310,16 @@ def run(a: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = request_defaults()
     model = a.model
     vae = a.vae
+    prediction_type = a.prediction_type
     if a.from_png:
         png_kwargs, parsed = _from_png(a.from_png)
         kwargs.update(png_kwargs)
+        if prediction_type is None and parsed.get("Prediction type"):  # an override the image was made with
+            prediction_type = parsed["Prediction type"]
+            if prediction_type not in PREDICTION_TYPES:
+                raise GenerationError(
+                    f"{a.from_png}: Prediction type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}"
+                )
         vae = _vae_from_png(parsed, a.vae, a.from_png)
         if model is None:
             model = _model_from_png(parsed)
@@ -429,7 +437,7 @@ def run(a: argparse.Namespace) -> int:
         device=a.device,
         dtype=a.dtype,
         vae=vae,
-        prediction_type=a.prediction_type,
+        prediction_type=prediction_type,
         config=a.config,
         embeddings_dir=a.embeddings_dir,
         tiny_vae=a.tiny_vae,
@@ -658,7 +666,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         default=None,
         help="decode/encode the VAE in tiles (default: automatic for large images)",
     )
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None)
+    p.add_argument("--prediction-type", choices=list(PREDICTION_TYPES), default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument(
         "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default fp16 on cuda/mps, fp32 on cpu"

@@ -132,6 +132,7 @@ class Pipeline:
         self.context_length = context_length  # MiniLM's fixed context (emoji: 32); None = CLIP chunks
         self.scheduler_config = dict(scheduler_config)
         self.prediction_type = prediction_type
+        self.prediction_override: str | None = None  # set by load_pipeline(prediction_type=...): written in infotexts
         self.pad_token_id = pad_token_id
         self.device = device
         self.dtype = dtype
@@ -601,6 +602,9 @@ class Pipeline:
                     lora_dir=lora_dir,
                     controlnets=units,
                     mask_blur=float(request.mask_blur) if p.mask is not None else None,
+                    resize_mode=request.resize_mode if (p.init is not None or units) else None,
+                    sampler_options=request.sampler_options,
+                    prediction_override=self.prediction_override,
                 )
             )
         for i, row in enumerate(rows):

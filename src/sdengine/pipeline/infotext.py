@@ -93,6 +93,9 @@ def call_parameters(
     lora_dir: str | Path | None,
     controlnets: Sequence[ControlUnit],
     mask_blur: float | None,
+    resize_mode: Any = None,
+    sampler_options: Mapping[str, Any] | None = None,
+    prediction_override: str | None = None,
 ) -> dict[str, Any]:
     """The parameters dict of one image (sdengine.metadata writes it as A1111 text). LoRAs passed as
     arguments are written as <lora:NAME:W> tags, as A1111 keeps them, so that the infotext alone says which
@@ -127,6 +130,17 @@ def call_parameters(
         params["Mask blur"] = mask_blur
     for k, unit in enumerate(controlnets):
         params[f"ControlNet {k}"] = unit.infotext()
+    # sdengine's fields for what changes the image and A1111 does not write (read back by --from-png)
+    if resize_mode is not None:
+        from sdengine.io.resize import RESIZE_MODES, resize_mode_name
+
+        mode = resize_mode_name(resize_mode)
+        if mode != RESIZE_MODES[0]:
+            params["Resize mode"] = mode
+    if sampler_options:
+        params["Sampler options"] = json.dumps(dict(sampler_options), sort_keys=True)
+    if prediction_override is not None:
+        params["Prediction type"] = prediction_override
     return params
 
 

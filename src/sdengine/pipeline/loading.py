@@ -87,6 +87,8 @@ def load_pipeline(
         if tiny_vae is not None:
             raise GenerationError(f"{name_or_path}: a pixel DDPM has no latents for a tiny VAE to decode")
         return pipe
+    if prediction_type is not None:  # what the images' infotexts then record ("Prediction type"), for --from-png
+        pipe.prediction_override = prediction_type
     if tiny_vae is None and pipe.source is not None and (pipe.source / TINY_VAE_FOLDER / "config.json").is_file():
         tiny_vae = pipe.source / TINY_VAE_FOLDER  # the model folder's own (the built-in emoji model has one)
     if tiny_vae is not None:

@@ -305,11 +305,11 @@ class GenerationRequest:
         for name, w in weights:  # only the hard bound here; the pipeline warns about large weights once
             if _is_number(w) and (not math.isfinite(w) or abs(w) > WEIGHT_LIMIT):
                 check_weight(w, name)
-        images = [("init_image", self.init_image), ("mask", self.mask)]
+        images = [("init image", self.init_image), ("mask", self.mask)]
         images += [(f"ControlNet unit {k} image", u.image) for k, u in enumerate(self.control_units())]
-        for what, image in images:
+        for what, image in images:  # the words sdengine.io.images.load_image says it in
             if isinstance(image, str | Path) and not Path(image).is_file():
-                raise GenerationError(f"{what}: no such file {str(image)!r}")
+                raise GenerationError(f"{what} not found: {image}")
         return self
 
 
