@@ -431,3 +431,36 @@ def test_convert_refuses_to_replace_a_folder_that_is_not_a_model(made, tmp_path)
     with pytest.raises(WeightsError, match=r"mine.* not a diffusers model folder") as e:
         convert(single, tmp_path / "mine")
     assert "\n" not in str(e.value) and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_a_converted_folder_keeps_the_text_encoders_padding(tiny_sd2_folder, tmp_path):
+    """A small SD2-layout model (OpenCLIP text encoder, family "custom") pads with "!" when loaded; the folder
+    convert wrote from its single file padded with the end token, and gave another image."""
+    import sdengine
+
+    single = convert(tiny_sd2_folder, tmp_path / "one.safetensors")
+    folder = convert(single, tmp_path / "back")
+    args = {"steps": 2, "sampler": "euler", "seed": 1, "width": 32, "height": 32, "progress": False}
+    want = sdengine.load_pipeline(tiny_sd2_folder, device="cpu", fast_path="none")("a red apple", **args).arrays
+    for path in (single, folder):
+        got = sdengine.load_pipeline(path, device="cpu", fast_path="none")("a red apple", **args).arrays
+        np.testing.assert_array_equal(got, want)
+
+
+def test_convert_refuses_a_checkpoint_that_would_not_load(made, tmp_path, capsys):
+    """A missing tensor is refused by convert itself (it once wrote a model that then failed to load)."""
+    from safetensors.torch import load_file, save_file
+
+    from sdengine.cli import main
+
+    _, _, _, single = made
+    sd = load_file(single)
+    key = next(k for k in sd if k.startswith("model.diffusion_model.") and k.endswith(".bias"))
+    del sd[key]
+    broken = tmp_path / "missing.safetensors"
+    save_file(sd, broken)
+    for dst in (tmp_path / "folder", tmp_path / "file.safetensors"):
+        assert main(["convert", str(broken), str(dst)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "unet: missing keys" in err[0], err
+        assert not dst.exists()

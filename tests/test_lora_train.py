@@ -259,6 +259,11 @@ def test_bad_training_inputs_are_one_line(setup, tmp_path, capsys):
         (["--data", str(tmp_path / "missing")], r"image folder not found"),
         (["--data", str(data_dir), "--rank", "0"], r"rank must be >= 1"),
         (["--data", str(data_dir), "--resolution", "30"], r"not a multiple of"),
+        # TrainConfig's bounds (once a ValueError with its traceback)
+        (["--data", str(data_dir), "--lr", "nan"], r"learning rate must be a finite number > 0, got nan"),
+        (["--data", str(data_dir), "--batch-size", "0"], r"batch size must be >= 1"),
+        (["--data", str(data_dir), "--steps", "0"], r"steps must be >= 1"),
+        (["--data", str(data_dir), "--max-minutes", "-1"], r"time limit must be a finite number of minutes > 0"),
     ]
     for extra, pattern in cases:
         rc = main(
@@ -317,6 +322,12 @@ def test_same_train_command_twice_is_refused_unless_overwrite(setup, tmp_path, c
     assert (out / "sks.safetensors").is_file()
     assert main([*args, "--overwrite", "--resume"]) == 2
     assert "exclude each other" in capsys.readouterr().err
+    # --resume of a run with other settings (here the rank): one line, the checkpoint untouched
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main([*args, "--resume", "--steps", "3", "--rank", "4"]) == 2  # the run was rank 8 (the default)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was written by another kind of run" in err and "is [" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_sample_every_writes_pngs_with_parameters_and_keeps_the_random_stream(setup, tmp_path, capsys):
@@ -389,3 +400,17 @@ def test_several_captions_per_image_are_drawn_per_step(setup, tmp_path):
     assert main([*common, "--out", str(tmp_path / "b")]) == 0
     a, b = load_file(tmp_path / "a" / "sks.safetensors"), load_file(tmp_path / "b" / "sks.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_sdxl_lora_is_labelled_sdxl_in_kohyas_metadata(setup, tmp_path):
+    """A1111's LoRA browser sorts LoRAs by ss_base_model_version: an SDXL one labelled sd_v1 was hidden on
+    SDXL models."""
+    from _sdxl_models import make_sdxl_folder
+
+    _, data_dir, _ = setup
+    model = make_sdxl_folder(tmp_path / "tiny-sdxl")
+    out = tmp_path / "xl"
+    args = ["--model", str(model), "--data", str(data_dir), "--out", str(out), "--name", "xl", "--steps", "1"]
+    assert main(["train", "lora", *args, "--rank", "2", "--resolution", "32", "--device", "cpu"]) == 0
+    _, meta, _ = read_safetensors_header(out / "xl.safetensors")
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False", meta

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from sdengine import distributed
-from sdengine.errors import SdengineError
+from sdengine.errors import SdengineError, UsageError
 from sdengine.io.atomic import atomic_write, remove_stale_temp_files
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
@@ -58,15 +58,33 @@ class TrainConfig:
     max_seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # UsageError: the command line prints one line (a ValueError too)
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise UsageError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+            raise UsageError(f"batch size must be >= 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"learning rate must be a finite number > 0, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema decay must be in [0, 1), got {self.ema_decay}")
+            raise UsageError(f"ema decay must be in [0, 1), got {self.ema_decay}")
+        if self.max_seconds is not None and not (self.max_seconds > 0 and math.isfinite(self.max_seconds)):
+            raise UsageError(f"the time limit must be a finite number of minutes > 0, got {self.max_seconds / 60:g}")
+
+
+def state_mismatch(want: dict[str, Any], saved: dict[str, Any]) -> str:
+    """The first difference between a model's state dict and a saved one (a missing or extra tensor, or another
+    shape), as a few words; "" when the saved one fits."""
+    missing = [k for k in want if k not in saved]
+    extra = [k for k in saved if k not in want]
+    if missing:
+        return f"{len(missing)} tensor(s) this run has are not in it, such as {missing[0]}"
+    if extra:
+        return f"it has {len(extra)} tensor(s) this run lacks, such as {extra[0]}"
+    for k, t in want.items():
+        shape = tuple(getattr(saved[k], "shape", ()))
+        if tuple(t.shape) != shape:
+            return f"{k} is {list(shape)} there and {list(t.shape)} here"
+    return ""
 
 
 class EMA:
@@ -205,6 +223,12 @@ def train(
         saved_seed = state["train_config"].get("seed")
         if saved_seed != cfg.seed:
             raise CheckpointError(f"checkpoint {ckpt_path} was trained with seed {saved_seed}, not {cfg.seed}")
+        mismatch = state_mismatch(model.state_dict(), state["model"])
+        if mismatch:  # another trainer, rank, text-encoder choice, embedding width... (was load_state_dict's page)
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} was written by another kind of run ({mismatch}): resume with that run's "
+                "settings, or train into another --out"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     # Temporary files of a run that was killed mid-write (they are never read; this only tidies up). Rank 0 only:
     # another machine's rank cannot tell whether rank 0's writer is alive.

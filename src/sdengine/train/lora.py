@@ -477,7 +477,8 @@ def kohya_metadata(
 ) -> dict[str, str]:
     """kohya-ss/sd-scripts' ``ss_*`` training metadata (the fields A1111's and ComfyUI's LoRA browsers show)."""
     width = getattr(pipe.unet.config, "cross_attention_dim", None)
-    v2 = width == 1024
+    sdxl = getattr(pipe, "text_kind", None) == "sdxl"  # 2048 wide: its own version name in kohya's metadata
+    v2 = width == 1024 and not sdxl
     base = base_model_file(pipe.source)
     has_conv = any(
         isinstance(la.conv, dict) and la.down.ndim == 4 and la.down.shape[2:] != (1, 1)
@@ -491,7 +492,7 @@ def kohya_metadata(
         "ss_network_dim": str(spec.rank),
         "ss_network_alpha": f"{spec.effective_alpha:g}",
         "ss_network_args": json.dumps(args) if args else "null",
-        "ss_base_model_version": "sd_v2" if v2 else "sd_v1",
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else ("sd_v2" if v2 else "sd_v1"),
         "ss_v2": str(v2),
         "ss_v_parameterization": str(pipe.prediction_type == "v_prediction"),
         "ss_sd_model_name": str(spec.model),

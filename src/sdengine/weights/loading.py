@@ -592,10 +592,9 @@ def load_checkpoint(
 # ------------------------------------------------------------------------------------------- into models
 
 
-def load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, name: str = "model") -> torch.nn.Module:
-    """Strict, shape-checked `load_state_dict(assign=True)`: the tensors become the parameters (no copy, so a
-    model built on the meta device ends up backed by the file's memory map)."""
-    expected = module.state_dict()
+def check_keys(expected: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], *, name: str = "model") -> None:
+    """WeightsError naming the missing, unexpected or wrongly shaped tensors of ``sd`` against a model's
+    ``expected`` state dict (what strict loading refuses)."""
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if missing:
@@ -609,6 +608,12 @@ def load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, name: 
     ]
     if wrong:
         raise WeightsError(f"{name}: wrong tensor shapes: {_name_some(wrong, 3)}")
+
+
+def load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, name: str = "model") -> torch.nn.Module:
+    """Strict, shape-checked `load_state_dict(assign=True)`: the tensors become the parameters (no copy, so a
+    model built on the meta device ends up backed by the file's memory map)."""
+    check_keys(module.state_dict(), sd, name=name)
     module.load_state_dict(dict(sd), strict=True, assign=True)
     return module
 
@@ -781,9 +786,15 @@ def _fill_diffusers_folder(
         _sdxl_index(ckpt, dst, index, tok_src)
     elif tok_src and Path(tok_src).resolve() != (dst / "tokenizer").resolve():
         shutil.copytree(tok_src, dst / "tokenizer", dirs_exist_ok=True)
-    elif not tok_src and write_clip_tokenizer(dst / "tokenizer", pad="!" if ckpt.family == "sd2" else None):
+    elif not tok_src and write_clip_tokenizer(dst / "tokenizer", pad="!" if _pads_with_bang(ckpt) else None):
         index["tokenizer"] = ["transformers", "CLIPTokenizer"]
     _write_json(dst / "model_index.json", index)
+
+
+def _pads_with_bang(ckpt: LoadedCheckpoint) -> bool:
+    """OpenCLIP text encoders pad with "!" whatever the model's width (a small SD2-layout model is family
+    "custom"): what the pipeline's loader does, so a converted folder loads back to the same image."""
+    return ckpt.family == "sd2" or text_encoder_kind(ckpt.configs.get("text_encoder", {})) == "openclip"
 
 
 def _sdxl_index(ckpt: LoadedCheckpoint, dst: Path, index: dict[str, Any], tok_src: str | Path | None) -> None:
@@ -875,6 +886,11 @@ def convert(
     if src.resolve() == dst.resolve():
         raise WeightsError(f"{dst}: refusing to convert a checkpoint onto itself")
     ckpt = load_checkpoint(src, vae=vae, prediction_type=prediction_type, config=config)
+    for comp, sd in ckpt.state_dicts.items():  # what loading would refuse, refused before anything is written
+        factory = _model_factory(comp, ckpt.configs[comp])
+        if factory is not None:
+            with parameters_on_meta():
+                check_keys(factory().state_dict(), sd, name=comp)
     if dst.suffix.lower() in PICKLE_SUFFIXES:
         raise WeightsError(f"{dst}: sdengine does not write pickle checkpoints; use .safetensors")
     dst.parent.mkdir(parents=True, exist_ok=True)  # `convert SRC out/new/model.safetensors` makes out/new
