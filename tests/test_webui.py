@@ -595,3 +595,91 @@ def test_a_full_queue_is_said_in_words_and_the_input_kept(browser, tmp_path):
         assert pg.text_content("#err-general").startswith("The server's queue is full; try again in ")
         assert pg.input_value("#prompt") == "a cat face" and pg.is_enabled("#generate")
         ctx.close()
+
+
+def test_escape_on_the_key_dialog_leaves_a_working_page(browser, tmp_path):
+    """Escape closed the key dialog and left every request waiting on it: no pickers, Generate stuck at
+    "Sending…". Now the page says a key is needed and the "API key" button brings the dialog back."""
+    with live_server(server_config(tmp_path, api_key="s3cret-key")) as s:
+        ctx = browser.new_context()
+        pg = ctx.new_page()
+        pg.set_default_timeout(WAIT_MS)
+        pg.goto(s.url + "/")
+        pg.wait_for_selector("#key-dialog[open]")
+        pg.keyboard.press("Escape")
+        pg.wait_for_function("document.querySelector('#err-general').textContent.includes('needs an API key')")
+        assert pg.is_visible("#key-button")
+        pg.click("#key-button")
+        pg.wait_for_selector("#key-dialog[open]")
+        pg.fill("#key-input", "s3cret-key")
+        pg.click("#key-ok")
+        pg.wait_for_selector("body[data-ready=true]")
+        assert pg.input_value("#model") == "emoji" and pg.text_content("#err-general") == ""
+        ctx.close()
+
+
+def test_reusing_parameters_does_not_apply_a_lora_twice(page, client):
+    """The infotext's prompt carries <lora:NAME:W>; with the LoRA's box still ticked the reused request had
+    the LoRA twice (twice the weight). Now reusing unticks the boxes: the same request, the same image."""
+    page.fill("#prompt", "an apple")
+    page.fill("#steps", "3")
+    page.fill("#seed", "11")
+    page.click("#lora-section summary")
+    page.check("#lora-use-0")
+    page.fill("#lora-weight-0", "0.8")
+    page.click("#generate")
+    first = wait_result(page)
+    assert "<lora:emoji-fruit:0.8>" in first
+    page.click("text=Reuse parameters")
+    assert not page.is_checked("#lora-use-0")
+    page.click("#generate")
+    again = wait_result(page)
+    assert again == first and again.count("<lora:") == 1, again
+
+
+def test_cancel_while_sending_and_a_reload_mid_job(page, client, server):
+    """Cancel pressed before the job had an id once did nothing; a reload mid-job once lost the job (the page
+    said idle while the server ran it). Now the cancel is applied as soon as the id comes, and a reloaded page
+    follows its job again."""
+    # The POST is held back, so the cancel comes while the job is being sent.
+    page.route("**/v1/jobs", lambda route: (time.sleep(1.5), route.continue_()))
+    page.fill("#prompt", "a cat face")
+    page.fill("#steps", "150")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#progress-text').textContent === 'Sending…'")
+    assert page.is_enabled("#cancel")
+    page.click("#cancel")
+    page.wait_for_function("document.querySelector('#progress-text').textContent.startsWith('Cancelled')")
+    page.unroute("**/v1/jobs")
+    assert client.get("/v1/jobs").json()["jobs"][0]["state"] == "cancelled"
+    # A reload while the job runs: the page finds it again and shows its end.
+    page.click("#generate")
+    page.wait_for_function(r"/^Step \d+ \/ 150/.test(document.querySelector('#progress-text').textContent)")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    page.wait_for_function(r"/^Step \d+ \/ 150/.test(document.querySelector('#progress-text').textContent)")
+    assert page.is_enabled("#cancel") and not page.is_enabled("#generate")
+    page.click("#cancel")
+    page.wait_for_function("document.querySelector('#progress-text').textContent.startsWith('Cancelled')")
+    assert page.is_enabled("#generate")
+
+
+def test_bad_controlnet_thresholds_and_a_bad_init_file_are_shown_at_their_fields(page, tmp_path):
+    control = tmp_path / "control.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(control)
+    page.click("#controlnet-section summary")
+    page.set_input_files("#cn-file", str(control))
+    page.fill("#cn-low", "")  # once sent as null and silently replaced by the default
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-controlnet').textContent.length > 0")
+    assert "Canny low threshold: enter a number" in page.text_content("#err-controlnet")
+    assert page.get_attribute("#cn-low", "aria-invalid") == "true"
+    page.fill("#cn-low", "0.1")
+    page.uncheck("#cn-enabled")
+    # An init image that is no image: said at the init image, not as a nameless "upload: ..." at the top
+    bad = tmp_path / "notimage.png"
+    bad.write_bytes(b"hello")
+    page.click("#img2img-section summary")
+    page.set_input_files("#init-file", str(bad))
+    page.wait_for_function("document.querySelector('#err-init_image').textContent.length > 0")
+    assert "not an image" in page.text_content("#err-init_image") and not page.is_visible("#init-stage")

@@ -333,10 +333,11 @@ def run(a: argparse.Namespace) -> int:
                 f"{a.from_png} is an img2img/inpainting image (Denoising strength {png_kwargs['strength']}): give "
                 "the same --init-image (and --mask)"
             )
-        if "Mask blur" in parsed and a.mask is None:  # A1111 records the blur of inpainting only: not img2img
+        # A1111 records the blur of inpainting only (outpainting, whose mask --outpaint makes, is inpainting too)
+        if "Mask blur" in parsed and a.mask is None and not getattr(a, "outpaint", None):
             raise GenerationError(
                 f"{a.from_png} is an inpainting image (Mask blur {parsed['Mask blur']}): give the same --init-image "
-                "and --mask"
+                "and --mask (or --outpaint)"
             )
         if parsed.get("TI hashes"):  # without the same embeddings the names would be read as plain words
             from ..text.embeddings import check_recorded_embeddings

@@ -104,7 +104,8 @@ def call_parameters(
         f" <lora:{Path(src).stem}:{w:g}>" for src, w in loras[: len(loras) - n_tag_loras] if isinstance(src, str | Path)
     )
     params: dict[str, Any] = {
-        "prompt": prompt + tags,
+        # a prompt whose tags were taken out ("an apple <lora:x:1>" -> "an apple ") does not grow a space per reuse
+        "prompt": prompt.rstrip() + tags if tags else prompt,
         "negative_prompt": negative_prompt,
         "steps": steps,
         "sampler": sampler,

@@ -20,6 +20,7 @@ const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras
 
 const state = {
   samplers: [], sizes: {}, loras: [], tiny: {}, tinyEncoder: {}, model: null, lastSeed: null, jobId: null, running: false,
+  cancelAsked: false,
   initBlob: null, controlBlob: null, galleryOffset: 0, galleryTotal: 0, resultUrls: [], galleryUrls: [],
 };
 
@@ -42,15 +43,25 @@ let keyPrompt = null; // one dialog for all the requests that met a 401 at the s
 
 function askForKey(message) {
   if (!keyPrompt) {
-    keyPrompt = new Promise((resolve) => {
+    keyPrompt = new Promise((resolve, reject) => {
       const dialog = $("key-dialog");
+      let given = false;
       $("err-key").textContent = message || "";
       $("key-input").value = "";
       $("key-form").onsubmit = () => {
+        given = true;
         localStorage.setItem(API_KEY, $("key-input").value.trim());
         $("key-button").hidden = false;
         keyPrompt = null;
         resolve();
+      };
+      // Escape (or any close without a key): the requests waiting on the key fail with a message, and the
+      // "API key" button opens the dialog again (the promise once stayed pending and the page hung).
+      dialog.onclose = () => {
+        $("key-button").hidden = false;
+        if (given) return;
+        keyPrompt = null;
+        reject(new ApiError(401, 'this server needs an API key: click "API key" (top right) to give it', "general"));
       };
       dialog.showModal();
       $("key-input").focus();
@@ -99,11 +110,20 @@ async function api(path, options = {}) {
 
 const getJSON = async (path) => (await api(path)).json();
 
+const UPLOAD_LABELS = { init_image: "init image", mask: "mask", controlnet: "ControlNet control image" };
+
 async function upload(blob, what) {
   if (!blob) throw new ApiError(400, `${what}: pick an image first`, what === "mask" ? "mask" : what);
-  const r = await api("/v1/uploads", { method: "POST", headers: { "Content-Type": blob.type || "image/png" },
-    body: blob });
-  return (await r.json()).id;
+  try {
+    const r = await api("/v1/uploads", { method: "POST", headers: { "Content-Type": blob.type || "image/png" },
+      body: blob });
+    return (await r.json()).id;
+  } catch (e) {  // the server's "upload: ..." says which file only by its field: name it, show it there
+    if (e instanceof ApiError && e.status !== 401 && e.status !== 0) {
+      throw new ApiError(e.status, `${UPLOAD_LABELS[what] || what}: ${e.message.replace(/^upload: /, "")}`, what);
+    }
+    throw e;
+  }
 }
 
 /** An image URL of the API as a blob (sent with the key), and an object URL for <img>. */
@@ -149,10 +169,10 @@ function clearErrors() {
   for (const el of document.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
 }
 
-function showError(field, message) {
+function showError(field, message, inputId = null) {
   const box = $(`err-${field}`) || $("err-general");
   box.textContent = message;
-  const input = $(field);
+  const input = (inputId && $(inputId)) || $(field);
   if (input) {
     input.setAttribute("aria-invalid", "true");
     input.setAttribute("aria-describedby", box.id);
@@ -164,7 +184,8 @@ function showError(field, message) {
 
 function showApiError(e) {
   const message = e instanceof Error ? e.message : String(e);
-  showError(fieldOf(message, e.field), message);
+  // e.field may name the input itself (cn-low, lora-weight-0) where the message box is its section's
+  showError(fieldOf(message, e.field), message, e.field);
 }
 
 // ------------------------------------------------------------------------------------ pickers
@@ -319,8 +340,10 @@ function applyInfotext(text) {
   put("prompt", p.prompt);
   put("negative_prompt", p.negative_prompt);
   if (f.Steps) put("steps", parseInt(f.Steps, 10));
+  const missing = []; // what the text names and this server lacks: said, not silently kept as it was
   if (f.Sampler) {
     const s = samplerFromA1111(f.Sampler);
+    if (!s) missing.push(`sampler ${f.Sampler}`);
     if (s) {
       put("sampler", s.sampler);
       // As sdengine reads it (--from-png): a sampler without a schedule type means the model's own spacing.
@@ -337,9 +360,12 @@ function applyInfotext(text) {
   put("clip_skip", f["Clip skip"] ? parseInt(f["Clip skip"], 10) : 1); // A1111 writes it only when > 1
   put("vae_decode", f["Tiny VAE"] ? "tiny" : "full"); // sdengine names the tiny VAE when it decoded
   put("vae_encode", f["Tiny VAE encode"] ? "tiny" : "full"); // and when it encoded the init image
-  if (f.Model) put("model", f.Model);
+  if (f.Model && !put("model", f.Model)) missing.push(`model ${f.Model}`);
+  // The infotext's prompt carries its LoRAs as <lora:NAME:W> tags: a ticked box would add them a second time
+  // (twice the weight).
+  state.loras.forEach((l, i) => { $(`lora-use-${i}`).checked = false; });
   saveSettings();
-  return set;
+  return { set, missing };
 }
 
 // --------------------------------------------------------------------------------- images in
@@ -371,6 +397,11 @@ function setInitImage(blob, mode) {
     $("init-stage").hidden = false;
     $("init-stage").scrollIntoView({ block: "nearest" });
   };
+  img.onerror = () => {  // not an image: no stale stage (and mask) of the previous one behind a broken preview
+    state.initBlob = null;
+    $("init-stage").hidden = true;
+    showError("init_image", `${blob.name || "that file"}: not an image this page can read (PNG, JPEG or WebP)`);
+  };
   img.src = url;
   $("img2img-section").open = true;
   if (mode || $("mode").value === "txt2img") setMode(mode || "img2img");
@@ -389,9 +420,9 @@ function setControlImage(blob) {
 
 function cnOptions() {
   const unit = { preprocessor: $("cn-pre").value };
-  if (unit.preprocessor === "canny") {
-    unit.low = $("cn-low").valueAsNumber;
-    unit.high = $("cn-high").valueAsNumber;
+  if (unit.preprocessor === "canny") {  // an empty box was once sent as null and silently became the default
+    unit.low = number("cn-low", "ControlNet Canny low threshold", false);
+    unit.high = number("cn-high", "ControlNet Canny high threshold", false);
   }
   return unit;
 }
@@ -406,7 +437,7 @@ async function previewControl() {
     $("cn-preview").src = URL.createObjectURL(await r.blob());
     $("cn-preview").hidden = false;
   } catch (e) {
-    showError("controlnet", e.message);
+    showError("controlnet", e.message, e.field);
   }
 }
 
@@ -521,11 +552,21 @@ async function followJob(id) {
   } catch (e) {
     if (e instanceof ApiError && e.status !== 0) throw e;
   }
-  // The stream ended early (a proxy, a network blip): ask for the job until it is finished.
+  // The stream ended early (a proxy, a network blip): ask for the job until it is finished; up to 20 failed
+  // asks in a row (10 s) are a blip, more a server that is gone.
+  let failures = 0;
   for (let i = 0; i < 36000; i++) {
-    const job = await getJSON(`/v1/jobs/${id}`);
-    showProgress(job);
-    if (["done", "failed", "cancelled"].includes(job.state)) return job;
+    let job = null;
+    try {
+      job = await getJSON(`/v1/jobs/${id}`);
+      failures = 0;
+    } catch (e) {
+      if (!(e instanceof ApiError) || e.status !== 0 || ++failures > 20) throw e;
+    }
+    if (job) {
+      showProgress(job);
+      if (["done", "failed", "cancelled"].includes(job.state)) return job;
+    }
     await new Promise((resolve) => setTimeout(resolve, 500));
   }
   throw new ApiError(0, "lost track of the job", "general");
@@ -541,11 +582,40 @@ async function generate() {
   $("live-preview").hidden = true;
   try {
     const body = await buildRequest();
+    if (state.cancelAsked) {  // Cancel pressed while the images were uploading: nothing is sent
+      $("progress-text").textContent = "Cancelled before it was sent";
+      return;
+    }
     const created = await (await api("/v1/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body) })).json();
-    state.jobId = created.id;
-    showProgress({ state: "queued", position: created.position });
-    const job = await followJob(created.id);
+    await runJob(created.id, created.position);
+  } catch (e) {
+    $("progress-text").textContent = state.jobId ? "Lost the connection to the server during the job" : "Not started";
+    showApiError(e);
+  } finally {
+    endJob();
+  }
+}
+
+const JOB_KEY = "sdengine.job"; // the job this tab follows, so that a reload finds it again
+
+function endJob() {
+  state.jobId = null;
+  state.cancelAsked = false;
+  try { sessionStorage.removeItem(JOB_KEY); } catch (e) { /* storage off */ }
+  setRunning(false);
+  status();
+}
+
+/** Follow job ``id`` to its end and show the outcome (a new job, or one this tab followed before a reload). */
+async function runJob(id, position) {
+  state.jobId = id;
+  try { sessionStorage.setItem(JOB_KEY, id); } catch (e) { /* storage off */ }
+  if (state.cancelAsked) api(`/v1/jobs/${id}`, { method: "DELETE" }).catch(showApiError);
+  showProgress({ state: "queued", position });
+  status();
+  {
+    const job = await followJob(id);
     if (job.state === "done") {
       if (job.images.length) state.lastSeed = job.images[0].seed;
       await showResults(job.images.map((im) => ({ ...im, parameters: im.infotext })));
@@ -560,19 +630,44 @@ async function generate() {
       $("progress-text").textContent = "Failed";
       showError(fieldOf(job.error || ""), job.error || "the job failed");
     }
+  }
+}
+
+/** After a reload: the job this tab was following, if the server still has it unfinished. */
+async function resumeJob() {
+  let id = null;
+  try { id = sessionStorage.getItem(JOB_KEY); } catch (e) { /* storage off */ }
+  if (!id || state.running) return;
+  let job;
+  try {
+    job = await getJSON(`/v1/jobs/${id}`);
   } catch (e) {
-    $("progress-text").textContent = "Not started";
+    try { sessionStorage.removeItem(JOB_KEY); } catch (err) { /* storage off */ }
+    return;
+  }
+  if (["done", "failed", "cancelled"].includes(job.state)) {
+    try { sessionStorage.removeItem(JOB_KEY); } catch (e) { /* storage off */ }
+    return;
+  }
+  setRunning(true);
+  try {
+    await runJob(id, job.position);
+  } catch (e) {
+    $("progress-text").textContent = "Lost the connection to the server during the job";
     showApiError(e);
   } finally {
-    state.jobId = null;
-    setRunning(false);
+    endJob();
   }
 }
 
 async function cancel() {
-  if (!state.jobId) return;
+  if (!state.running) return;
   $("cancel").disabled = true;
   $("progress-text").textContent = "Cancelling…";
+  if (!state.jobId) {  // still being sent: cancelled as soon as the server gives it an id (or before it is sent)
+    state.cancelAsked = true;
+    return;
+  }
   try {
     await api(`/v1/jobs/${state.jobId}`, { method: "DELETE" });
   } catch (e) {
@@ -667,8 +762,11 @@ async function readDroppedPng(file) {
     return;
   }
   clearErrors();
-  const set = applyInfotext(text);
+  const { set, missing } = applyInfotext(text);
   $("server-status").textContent = `Read ${set.length} settings from ${file.name}`;
+  if (missing.length) {
+    showError("general", `${file.name}: not on this server, kept the current one: ${missing.join(", ")}`);
+  }
 }
 
 function installDrop() {
@@ -738,7 +836,10 @@ function install() {
   $("gallery-next").addEventListener("click", () => loadGallery(state.galleryOffset + GALLERY_PAGE));
   $("gallery-refresh").addEventListener("click", () => loadGallery(state.galleryOffset));
   $("key-button").hidden = !localStorage.getItem(API_KEY);
-  $("key-button").addEventListener("click", () => askForKey(""));
+  $("key-button").addEventListener("click", () => {
+    askForKey("").then(() => { clearErrors(); if (document.body.dataset.ready !== "true") ready(); })
+      .catch(showApiError);
+  });
   installDrop();
   updateMode();
 }
@@ -756,9 +857,7 @@ function fitDecoder() {
   }
 }
 
-async function start() {
-  install();
-  status();
+async function ready() {
   try {
     await loadPickers();
     restoreSettings();
@@ -768,8 +867,17 @@ async function start() {
     document.body.dataset.ready = "true";
   } catch (e) {
     showApiError(e);
+    return;
   }
   loadGallery(0);
+  resumeJob();
+}
+
+async function start() {
+  install();
+  status();
+  setInterval(status, 5000); // the header's running/queued counts stay current
+  await ready();
 }
 
 start();
