@@ -181,6 +181,31 @@ def test_refiner_loads_and_matches_diffusers_img2img(refiner):
     assert mad < TOL
 
 
+def test_refiner_reads_the_prompt_and_its_own_negative_crops_as_diffusers_does(refiner):
+    """The refiner's one encoder reads the prompt (diffusers zips [prompt, prompt_2] with its one encoder; A1111
+    too): prompt_2 once replaced it (2.7e-2 from diffusers). Its negative crops default to (0, 0) as in diffusers'
+    img2img pipeline (once the positive crops, 8.2e-3). prompt_2 and a target size are said to be unused."""
+    folder, pipe, ref = refiner
+    init = picture(SIZE, SIZE, seed=2)
+    sdxl = {"prompt_2": "oil painting", "negative_prompt_2": "ugly", "crops_coords_top_left": [4, 8]}
+    r = _ours(pipe, "euler", init_image=init, strength=0.5, steps=6, sdxl={**sdxl, "target_size": [64, 64]})
+    theirs = _theirs(
+        ref, folder, "euler", image=init, strength=0.5, num_inference_steps=6, prompt_2="oil painting",
+        negative_prompt_2="ugly", crops_coords_top_left=(4, 8),
+    )  # fmt: skip
+    mad = _mad(r.arrays, theirs)
+    print(f"sdxl refiner prompt_2 + crops: mean abs {mad:.2e}")
+    assert mad < 1e-4
+    assert any("prompt_2, negative_prompt_2, target_size: not used by a refiner" in n for n in r.notes), r.notes
+
+
+def test_an_aesthetic_score_given_to_the_base_model_is_said_to_be_unused(base):
+    _, pipe, _ = base
+    r = _ours(pipe, "euler", steps=2, sdxl={"aesthetic_score": 9.0})
+    assert any("aesthetic_score: not used by a base model" in n for n in r.notes), r.notes
+    assert not any("not used" in n for n in _ours(pipe, "euler", steps=2).notes)
+
+
 # ------------------------------------------------------------------------------------------ base -> refiner
 
 

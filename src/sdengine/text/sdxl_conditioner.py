@@ -9,7 +9,8 @@
 
 Prompts are read as for SD 1.x (A1111 emphasis, ``BREAK``, 75-token chunks, each chunk its own 77-token
 context), once per encoder; ``prompt_2`` / ``negative_prompt_2`` (default: the same text) go to the
-second encoder. Emphasis is applied per encoder and chunk (A1111 wraps each encoder on its own). A side
+second encoder of the base model. The refiner's one encoder reads the prompt itself (as diffusers and A1111
+do); a ``prompt_2`` given to a refiner is said to be unused. Emphasis is applied per encoder and chunk (A1111 wraps each encoder on its own). A side
 with fewer chunks is padded with the empty prompt's chunk, so the two encoders and cond/uncond line up.
 
 ``clip_skip`` in A1111's numbering: 1 (default) = SDXL's trained layer, the penultimate one of both
@@ -20,8 +21,10 @@ negative_prompt_2) gives all-zero text states and pooled vector, as diffusers do
 ``negative_prompt=None`` and A1111 for an empty negative prompt; the size numbers are kept.
 
 Defaults of the numbers (diffusers' and A1111's): original_size = target_size = (height, width) of the
-image, crops (0, 0), the negative ones equal to the positive ones, aesthetic_score 6.0 and
-negative_aesthetic_score 2.5.
+image, crops (0, 0), the negative ones equal to the positive ones (the refiner's negative crops: (0, 0), as
+diffusers' img2img pipeline has them), aesthetic_score 6.0 and negative_aesthetic_score 2.5. The base model
+has no aesthetic score and the refiner no target size: such a setting given to the other model is said to be
+unused (a note), never silently dropped.
 """
 
 from __future__ import annotations
@@ -188,10 +191,11 @@ class SDXLConditioner:
         return torch.cat(parts, dim=1), pooled[:1]
 
     def text(self, prompt: str, prompt_2: str, clip_skip: int = 1) -> tuple[Tensor, Tensor]:
-        """(crossattn (1, 77 * k, C), pooled bigG (1, P)) of one prompt pair, in float32."""
-        z2, pooled = self._encode(self.text_encoder_2, self.tokenizer_2, self.pad_token_id_2, prompt_2, clip_skip)
+        """(crossattn (1, 77 * k, C), pooled bigG (1, P)) of one prompt pair, in float32. The refiner's one
+        encoder reads ``prompt`` (``prompt_2`` is the base model's second encoder's)."""
         if self.text_encoder is None:
-            return z2, pooled
+            return self._encode(self.text_encoder_2, self.tokenizer_2, self.pad_token_id_2, prompt, clip_skip)
+        z2, pooled = self._encode(self.text_encoder_2, self.tokenizer_2, self.pad_token_id_2, prompt_2, clip_skip)
         z1, _ = self._encode(self.text_encoder, self.tokenizer, self.pad_token_id, prompt, clip_skip)
         if z1.shape[1] != z2.shape[1]:  # prompt and prompt_2 of different chunk counts
             length = max(z1.shape[1], z2.shape[1])
@@ -224,7 +228,7 @@ class SDXLConditioner:
         target = opts.target_size or (height, width)
         crops = opts.crops_coords_top_left
         n_original = opts.negative_original_size or original
-        n_crops = opts.negative_crops_coords_top_left or crops
+        n_crops = opts.negative_crops_coords_top_left or ((0, 0) if self.refiner else crops)
         n_target = opts.negative_target_size or target
         if self.refiner:
             pos = [*original, *crops, opts.aesthetic_score]
@@ -255,6 +259,7 @@ class SDXLConditioner:
         opts = SDXLOptions.coerce(options)
         size = int(self.unet_config.sample_size) * 8
         width, height = width or size, height or size
+        self._note_unused(opts, note)
         prompt_2 = prompt if opts.prompt_2 is None else opts.prompt_2
         negative_2 = negative if opts.negative_prompt_2 is None else opts.negative_prompt_2
         c, c_pooled = self.text(prompt, prompt_2, clip_skip)
@@ -270,6 +275,18 @@ class SDXLConditioner:
         cond = {"crossattn": c.to(self.dtype), "vector": self._vector(c_pooled, ids).to(self.dtype)}
         uncond = {"crossattn": u.to(self.dtype), "vector": self._vector(u_pooled, neg_ids).to(self.dtype)}
         return cond, uncond
+
+    def _note_unused(self, opts: SDXLOptions, note: Note) -> None:
+        """Say which given settings this model has no use for (module docstring)."""
+        default = SDXLOptions()
+        if self.refiner:
+            unused = [k for k in ("prompt_2", "negative_prompt_2", "target_size", "negative_target_size")]
+        else:
+            unused = ["aesthetic_score", "negative_aesthetic_score"]
+        given = [k for k in unused if getattr(opts, k) != getattr(default, k)]
+        if given:
+            which = "a refiner (one text encoder, no target size)" if self.refiner else "a base model (no aesthetic score)"
+            note(f"sdxl {', '.join(given)}: not used by {which}")
 
     def encode(self, text: str, *, what: str = "prompt", clip_skip: int = 1, note: Any = None) -> Conditioning:
         """Prompt editing encodes each scheduled text alone; SDXL's conditioning also carries the image size and
