@@ -10,8 +10,8 @@
 Prompts are read as for SD 1.x (A1111 emphasis, ``BREAK``, 75-token chunks, each chunk its own 77-token
 context), once per encoder; ``prompt_2`` / ``negative_prompt_2`` (default: the same text) go to the
 second encoder of the base model. The refiner's one encoder reads the prompt itself (as diffusers and A1111
-do); a ``prompt_2`` given to a refiner is said to be unused. Emphasis is applied per encoder and chunk (A1111 wraps each encoder on its own). A side
-with fewer chunks is padded with the empty prompt's chunk, so the two encoders and cond/uncond line up.
+do); a ``prompt_2`` given to a refiner is said to be unused. Emphasis is applied per encoder and chunk (A1111
+wraps each encoder on its own). A side with fewer chunks is padded with the empty prompt's chunk, so the two encoders and cond/uncond line up.
 
 ``clip_skip`` in A1111's numbering: 1 (default) = SDXL's trained layer, the penultimate one of both
 encoders; k reads ``hidden_states[-(k + 1)]``, which is diffusers' ``clip_skip = k - 1``.
@@ -280,12 +280,13 @@ class SDXLConditioner:
         """Say which given settings this model has no use for (module docstring)."""
         default = SDXLOptions()
         if self.refiner:
-            unused = [k for k in ("prompt_2", "negative_prompt_2", "target_size", "negative_target_size")]
+            unused = ["prompt_2", "negative_prompt_2", "target_size", "negative_target_size"]
         else:
             unused = ["aesthetic_score", "negative_aesthetic_score"]
         given = [k for k in unused if getattr(opts, k) != getattr(default, k)]
         if given:
-            which = "a refiner (one text encoder, no target size)" if self.refiner else "a base model (no aesthetic score)"
+            refiner = "a refiner (one text encoder, no target size)"
+            which = refiner if self.refiner else "a base model (no aesthetic score)"
             note(f"sdxl {', '.join(given)}: not used by {which}")
 
     def encode(self, text: str, *, what: str = "prompt", clip_skip: int = 1, note: Any = None) -> Conditioning:
