@@ -11,7 +11,8 @@ Prompts are read as for SD 1.x (A1111 emphasis, ``BREAK``, 75-token chunks, each
 context), once per encoder; ``prompt_2`` / ``negative_prompt_2`` (default: the same text) go to the
 second encoder of the base model. The refiner's one encoder reads the prompt itself (as diffusers and A1111
 do); a ``prompt_2`` given to a refiner is said to be unused. Emphasis is applied per encoder and chunk (A1111
-wraps each encoder on its own). A side with fewer chunks is padded with the empty prompt's chunk, so the two encoders and cond/uncond line up.
+wraps each encoder on its own). A side with fewer chunks is padded with the empty prompt's chunk, so the two
+encoders and cond/uncond line up.
 
 ``clip_skip`` in A1111's numbering: 1 (default) = SDXL's trained layer, the penultimate one of both
 encoders; k reads ``hidden_states[-(k + 1)]``, which is diffusers' ``clip_skip = k - 1``.
