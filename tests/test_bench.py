@@ -101,6 +101,38 @@ def test_bench_refuses_bad_arguments(tiny_folder, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--seed", "-1"], "--seed must be in [0, 2**64 - 1]"),  # once two unrelated images called "agreement"
+        (["--out", "{tmp}/o"], "--out applies to --device cuda only"),  # the GPU flags, once ignored on the CPU
+        (["--budget-s", "-5"], "--budget-s applies to --device cuda only"),
+        (["--no-compile"], "--no-compile applies to --device cuda only"),
+        (["--json", "{tmp}"], "is a folder; give a file name"),  # once found after the whole run
+        (["--json", "{tmp}/afile/x.json"], "cannot write there"),
+    ],
+)
+def test_bench_refuses_before_running(tmp_path, capsys, args, message):
+    (tmp_path / "afile").write_text("x")
+    argv = ["bench", "--random", "tiny", "--workdir", str(tmp_path), "--steps", "1", "--repeats", "1", "--no-memory"]
+    assert main([*argv, *[x.replace("{tmp}", str(tmp_path)) for x in args]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "random-tiny").exists()  # refused before the model was even written
+
+
+def test_bench_takes_the_global_fast_path(tiny_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SDENGINE_FAST_PATH", "bogus")  # as every command: an unknown name is one line
+    argv = ["bench", "--model", str(tiny_folder), "--size", "32", "--steps", "1", "--repeats", "1", "--no-memory"]
+    assert main([*argv, "--compare", "none"]) == 2
+    assert "unknown fast-path option" in capsys.readouterr().err
+    monkeypatch.setenv("SDENGINE_FAST_PATH", "channels_last")
+    out = tmp_path / "b.json"
+    assert main([*argv, "--compare", "none", "--json", str(out)]) == 0
+    assert "sdengine fast path: channels_last" in capsys.readouterr().out
+    assert json.loads(out.read_text())["fast_path"] == ["channels_last"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
         (["--dtype", "bf8"], "unknown dtype 'bf8'"),
         (["--dtype", "bf16", "--device", "cuda"], "--dtype is for the CPU comparison; --device cuda"),
         (["--dtype", "bf16", "--options", "channels_last"], "--dtype is for the CPU comparison; --options"),

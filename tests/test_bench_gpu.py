@@ -94,8 +94,14 @@ def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
     assert "sdengine_graphs" in text and "agreement sdengine_eager vs sdengine_fp32: 0.00000" in text
 
 
-def test_only_the_phases_asked_for_run(tiny_folder, tmp_path):
+def test_only_the_phases_asked_for_run(tiny_folder, tmp_path, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "tmp"  # the run's temporary folders go here, and are gone when it ends
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     data = _on_the_cpu(tiny_folder, tmp_path, compare=False, only="sdengine_eager, sdengine_fp32")
+    assert list(scratch.iterdir()) == []  # (an inductor cache folder was once left behind by every run)
     assert list(data["phases"]) == ["info", "sdengine_eager", "sdengine_fp32"]
     assert data["skipped"]["sdengine_graphs"] == "not asked for" and not data["errors"]
     assert data["agreement"]["sdengine_eager vs sdengine_fp32"] == 0.0

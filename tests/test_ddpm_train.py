@@ -142,3 +142,21 @@ def test_unconditional_training_on_a_folder(tmp_path):
     assert result.step == 4 and model.class_names is None and model.channels == 3
     imgs = PixelDDPM.load(tmp_path / "run" / "model").generate(None, n=2, sampler="ddim", steps=2, seed=0)
     assert imgs.shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--cfg", "nan"], "--cfg must be a number in [0, 100], got nan"),  # once a black grid and exit 0
+        (["--cfg", "1e308"], "--cfg must be a number in [0, 100]"),
+        (["--cols", "-1"], "--cols must be in [1, --n = 2]"),  # once PIL's traceback
+        (["--out", "{tmp}"], "give an image file name"),  # a folder: once PIL's "unknown file extension"
+        (["--out", "{tmp}/noext"], "give an image file name"),
+    ],
+)
+def test_cli_sample_bad_arguments_are_one_line(tmp_path, capsys, extra, message):
+    args = ["sample", "fashion-mnist", "--n", "2", "--steps", "1", "--out", str(tmp_path / "g.png")]
+    rc = main([*args, *[x.replace("{tmp}", str(tmp_path)) for x in extra]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "noext").exists()

@@ -530,7 +530,8 @@ def load_now() -> str:
         avg = "load average " + "/".join(f"{v:.1f}" for v in os.getloadavg())
     except OSError:
         avg = "load average unknown"
-    return f"{avg}, {busy_elsewhere()} of {usable_cpus()} CPUs busy elsewhere"
+    cpus = usable_cpus()  # more runnable tasks than CPUs still means every CPU (not "3 of 2")
+    return f"{avg}, {min(busy_elsewhere(), cpus)} of {cpus} CPUs busy elsewhere"
 
 
 def measure_options(folder: Path, spec: GenSpec, options: tuple[str, ...], repeats: int) -> list[OptionResult]:

@@ -665,106 +665,113 @@ def run_gpu_bench(
         run.phase("sdengine_fp32", 30, sd_fp32)
         _free(device)
 
-    cache_dir = Path(tempfile.mkdtemp(prefix="sdengine-inductor-"))
+    # The children's compile caches, AOT packages and images: large, removed when the run ends however it ends.
+    with tempfile.TemporaryDirectory(prefix="sdengine-gpu-bench-") as tmp:
+        scratch = Path(tmp)
+        cache_dir = scratch / "inductor"
 
-    def sd_child(
-        label: str, batch8: bool, options: tuple[str, ...] | None = None, cache: Path | None = None
-    ) -> dict[str, Any]:
-        image_path = Path(tempfile.mkdtemp(prefix="sdengine-bench-")) / "image.npy"
-        env = dict(os.environ)
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache or cache_dir)
-        job = {
-            "engine": f"sdengine ({label})",
-            "folder": str(folder),
-            "device": device,
-            "options": list(options or (COMPILED_OPTIONS if compile else GRAPH_OPTIONS)),
-            "cfg": cfg,
-            "repeats": repeats,
-            "sdpa": state["sdpa"],
-            "batch8": batch8,
-            "profile": label in ("warm cache", "aot warm"),  # the kernels, the timeline, the loop as one graph
-            "image_path": str(image_path),
-            "started": time.time(),  # the child's first image is timed from here
-        }
-        log = run.out_dir / f"child_{label.replace(' ', '_')}.log"  # its stderr, kept when it fails
-        res = run_worker(job, env=env, timeout=max(60.0, run.left() - 5), module="sdengine.bench_gpu", stderr_path=log)
-        res["_image"] = np.load(image_path)
-        latent_path = Path(str(image_path).replace(".npy", "_latent.npy"))
-        if latent_path.is_file():
-            res["_latent"] = np.load(latent_path)
-        return res
-
-    peer: Any = peer_module() if compare else None
-    dpipe: dict[str, Any] = {}
-    if compare:  # early: cheap, and the stage-by-stage comparison needs the graphs pipeline still loaded
-
-        def df_eager() -> dict[str, Any]:
-            engine = peer.GpuEngine(folder, device, sampler, size)
-            dpipe["engine"] = engine
-            res = engine.measure(PROMPT, NEGATIVE, cfg, repeats, batch8=True)
-            probe = held.pop("probe", None)
-            if probe is not None:
-                try:
-                    res["stages_vs_sdengine"] = stage_agreement(probe, engine.pipe, cfg)
-                except Exception as e:  # noqa: BLE001 - a diagnosis; the timings stand without it
-                    res["stages_vs_sdengine"] = f"{type(e).__name__}: {e}"
-            other = "default" if state["sdpa"] != "default" else "math"
-            try:
-                check, latent = attention_order_check(engine, cfg, state["sdpa"], other)
-                res["attention_order_check"] = check
-                run.latents[f"diffusers_eager_attention_{other}"] = latent
-            except Exception as e:  # noqa: BLE001 - a diagnosis; the timings stand without it
-                res["attention_order_check"] = f"{type(e).__name__}: {e}"
-            try:
-                res["noise_check"], latent, image = noise_check(engine, cfg)
-                run.latents["diffusers_eager_sdengine_noise"] = latent
-                run.images["diffusers_eager_sdengine_noise"] = image
-            except Exception as e:  # noqa: BLE001 - a diagnosis; the timings stand without it
-                res["noise_check"] = f"{type(e).__name__}: {e}"
+        def sd_child(
+            label: str, batch8: bool, options: tuple[str, ...] | None = None, cache: Path | None = None
+        ) -> dict[str, Any]:
+            image_path = Path(tempfile.mkdtemp(prefix="child-", dir=scratch)) / "image.npy"
+            env = dict(os.environ)
+            env["TORCHINDUCTOR_CACHE_DIR"] = str(cache or cache_dir)
+            job = {
+                "engine": f"sdengine ({label})",
+                "folder": str(folder),
+                "device": device,
+                "options": list(options or (COMPILED_OPTIONS if compile else GRAPH_OPTIONS)),
+                "cfg": cfg,
+                "repeats": repeats,
+                "sdpa": state["sdpa"],
+                "batch8": batch8,
+                "profile": label in ("warm cache", "aot warm"),  # the kernels, the timeline, the loop as one graph
+                "image_path": str(image_path),
+                "started": time.time(),  # the child's first image is timed from here
+            }
+            log = run.out_dir / f"child_{label.replace(' ', '_')}.log"  # its stderr, kept when it fails
+            res = run_worker(
+                job, env=env, timeout=max(60.0, run.left() - 5), module="sdengine.bench_gpu", stderr_path=log
+            )
+            res["_image"] = np.load(image_path)
+            latent_path = Path(str(image_path).replace(".npy", "_latent.npy"))
+            if latent_path.is_file():
+                res["_latent"] = np.load(latent_path)
             return res
 
-        run.phase("diffusers_eager", 40, df_eager)
+        peer: Any = peer_module() if compare else None
+        dpipe: dict[str, Any] = {}
+        if compare:  # early: cheap, and the stage-by-stage comparison needs the graphs pipeline still loaded
 
-    child_name = "sdengine_compiled" if compile else "sdengine_graphs_process"
-    run.phase(f"{child_name}_cold", 150, lambda: sd_child("cold cache", False))
-    # The warm process also times batch 8 after its first image (compiled: one more shape to compile)
-    run.phase(f"{child_name}_warm", 120 if compile else 45, lambda: sd_child("warm cache", True))
-    if compile:  # the default CUDA path (graphs, nothing compiled) from process start: its first image too
-        run.phase("sdengine_default_process", 45, lambda: sd_child("default", False, GRAPH_OPTIONS))
-    if aot:  # the same with the networks compiled ahead of time (sdengine.aot): no tracing in a warm process
-        aot_cache = Path(tempfile.mkdtemp(prefix="sdengine-aoti-"))  # its own: the cold one starts from nothing
-        run.phase("sdengine_aot_cold", 150, lambda: sd_child("aot cold", False, AOT_OPTIONS, aot_cache))
-        run.phase("sdengine_aot_warm", 60, lambda: sd_child("aot warm", False, AOT_OPTIONS, aot_cache))
+            def df_eager() -> dict[str, Any]:
+                engine = peer.GpuEngine(folder, device, sampler, size)
+                dpipe["engine"] = engine
+                res = engine.measure(PROMPT, NEGATIVE, cfg, repeats, batch8=True)
+                probe = held.pop("probe", None)
+                if probe is not None:
+                    try:
+                        res["stages_vs_sdengine"] = stage_agreement(probe, engine.pipe, cfg)
+                    except Exception as e:  # noqa: BLE001 - a diagnosis; the timings stand without it
+                        res["stages_vs_sdengine"] = f"{type(e).__name__}: {e}"
+                other = "default" if state["sdpa"] != "default" else "math"
+                try:
+                    check, latent = attention_order_check(engine, cfg, state["sdpa"], other)
+                    res["attention_order_check"] = check
+                    run.latents[f"diffusers_eager_attention_{other}"] = latent
+                except Exception as e:  # noqa: BLE001 - a diagnosis; the timings stand without it
+                    res["attention_order_check"] = f"{type(e).__name__}: {e}"
+                try:
+                    res["noise_check"], latent, image = noise_check(engine, cfg)
+                    run.latents["diffusers_eager_sdengine_noise"] = latent
+                    run.images["diffusers_eager_sdengine_noise"] = image
+                except Exception as e:  # noqa: BLE001 - a diagnosis; the timings stand without it
+                    res["noise_check"] = f"{type(e).__name__}: {e}"
+                return res
 
-    if fp8:  # the e4m3 linear layers (sdengine.nn.fp8) under compile (the same inductor cache) and graphs
-        fp8_options = FP8_OPTIONS if compile else tuple(o for o in FP8_OPTIONS if o != "compile")
-        run.phase("sdengine_fp8", 150 if compile else 45, lambda: sd_child("fp8", False, fp8_options))
+            run.phase("diffusers_eager", 40, df_eager)
 
-    def df_compiled() -> dict[str, Any]:
-        engine = dpipe.get("engine") or peer.GpuEngine(folder, device, sampler, size)
-        engine.compile()
-        dpipe["engine"] = engine
-        res = engine.measure(PROMPT, NEGATIVE, cfg, repeats, batch8=False)
-        res["compile_s"] = res["warmup_s"]  # the first call compiles (and generates one image)
-        return res
+        child_name = "sdengine_compiled" if compile else "sdengine_graphs_process"
+        run.phase(f"{child_name}_cold", 150, lambda: sd_child("cold cache", False))
+        # The warm process also times batch 8 after its first image (compiled: one more shape to compile)
+        run.phase(f"{child_name}_warm", 120 if compile else 45, lambda: sd_child("warm cache", True))
+        if compile:  # the default CUDA path (graphs, nothing compiled) from process start: its first image too
+            run.phase("sdengine_default_process", 45, lambda: sd_child("default", False, GRAPH_OPTIONS))
+        if aot:  # the same with the networks compiled ahead of time (sdengine.aot): no tracing in a warm process
+            aot_cache = scratch / "aoti"  # its own: the cold one starts from nothing
+            run.phase("sdengine_aot_cold", 150, lambda: sd_child("aot cold", False, AOT_OPTIONS, aot_cache))
+            run.phase("sdengine_aot_warm", 60, lambda: sd_child("aot warm", False, AOT_OPTIONS, aot_cache))
 
-    def df_compiled_batch8() -> dict[str, Any]:  # its warm-up compiles the batch's shape (a minute on the H200)
-        engine = dpipe["engine"]
-        return measure_batch(lambda: engine.generate(PROMPT, NEGATIVE, cfg, 8, "pil"), device, 8, max(2, repeats // 2))
+        if fp8:  # the e4m3 linear layers (sdengine.nn.fp8) under compile (the same inductor cache) and graphs
+            fp8_options = FP8_OPTIONS if compile else tuple(o for o in FP8_OPTIONS if o != "compile")
+            run.phase("sdengine_fp8", 150 if compile else 45, lambda: sd_child("fp8", False, fp8_options))
 
-    if compare and compile:  # last: its compile is the longest, and run 1 of docs/gpu.md has it
-        if run.phase("diffusers_compiled", 120, df_compiled) is not None:
-            run.phase("diffusers_compiled_batch8", 90, df_compiled_batch8)
-    dpipe.clear()
-    _free(device)
+        def df_compiled() -> dict[str, Any]:
+            engine = dpipe.get("engine") or peer.GpuEngine(folder, device, sampler, size)
+            engine.compile()
+            dpipe["engine"] = engine
+            res = engine.measure(PROMPT, NEGATIVE, cfg, repeats, batch8=False)
+            res["compile_s"] = res["warmup_s"]  # the first call compiles (and generates one image)
+            return res
 
-    run.data["agreement"] = agreement(run.images)
-    run.data["latent_agreement"] = latent_agreement(run.latents)
-    run.data["ratios"] = ratios(run.data["phases"])
-    run.data["images_png"] = list(run.images)
-    save_images(run.images, run.out_dir / "images.png")
-    run.save()
-    return run.data
+        def df_compiled_batch8() -> dict[str, Any]:  # its warm-up compiles the batch's shape (a minute on the H200)
+            engine = dpipe["engine"]
+            return measure_batch(
+                lambda: engine.generate(PROMPT, NEGATIVE, cfg, 8, "pil"), device, 8, max(2, repeats // 2)
+            )
+
+        if compare and compile:  # last: its compile is the longest, and run 1 of docs/gpu.md has it
+            if run.phase("diffusers_compiled", 120, df_compiled) is not None:
+                run.phase("diffusers_compiled_batch8", 90, df_compiled_batch8)
+        dpipe.clear()
+        _free(device)
+
+        run.data["agreement"] = agreement(run.images)
+        run.data["latent_agreement"] = latent_agreement(run.latents)
+        run.data["ratios"] = ratios(run.data["phases"])
+        run.data["images_png"] = list(run.images)
+        save_images(run.images, run.out_dir / "images.png")
+        run.save()
+        return run.data
 
 
 def parse_phases(only: Iterable[str] | None) -> frozenset[str] | None:

@@ -51,9 +51,21 @@ def cmd_train_ddpm(a: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- sample
 def cmd_sample(a: argparse.Namespace) -> int:
+    import math
+
     from .ddpm import PixelDDPM
     from .io.images import make_grid, save_image_atomic
+    from .pipeline.finite import require_finite
+    from .pipeline.request import MAX_CFG_SCALE
 
+    # the checks `generate` makes, before the model loads (each was once a traceback or a black PNG)
+    if not (math.isfinite(a.cfg) and 0 <= a.cfg <= MAX_CFG_SCALE):
+        raise UsageError(f"--cfg must be a number in [0, {MAX_CFG_SCALE:g}], got {a.cfg}")
+    if a.cols and not 1 <= a.cols <= a.n:
+        raise UsageError(f"--cols must be in [1, --n = {a.n}], got {a.cols}")
+    out = Path(a.out)
+    if out.is_dir() or out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise UsageError(f"--out {a.out}: give an image file name ending in .png, .jpg or .webp (the grid)")
     m = PixelDDPM.load(a.checkpoint, device=_device(a.device))
     t = time.perf_counter()
     if m.num_classes:
@@ -67,6 +79,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
         )
     else:
         imgs = m.generate(None, n=a.n, sampler=a.sampler, steps=a.steps, seed=a.seed, eta=a.eta, schedule=a.schedule)
+    require_finite(imgs, "sampled image")  # NonFiniteError, one line, no PNG (never a black grid)
     ncols = a.cols or max(1, int(round(a.n**0.5)))
     save_image_atomic(make_grid(imgs, ncols, scale=2), a.out)
     print(f"{a.n} samples ({a.sampler}, {a.steps} steps) in {time.perf_counter() - t:.1f} s -> {a.out}")

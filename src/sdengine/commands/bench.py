@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -35,7 +36,25 @@ def run(a: argparse.Namespace) -> int:
         if not str(a.device).startswith("cuda"):
             raise BenchError("--phases applies to --device cuda only")
         parse_phases(a.phases)
-    options = parse_options(a.fast_path) if a.fast_path else ()
+    if not str(a.device).startswith("cuda"):  # the GPU comparison's flags, never ignored silently
+        for flag, given in (("--out", a.out is not None), ("--budget-s", a.budget_s is not None)):
+            if given:
+                raise BenchError(f"{flag} applies to --device cuda only")
+        if a.no_compile:
+            raise BenchError("--no-compile applies to --device cuda only")
+    if not 0 <= a.seed <= 2**64 - 1:  # -1 would draw a random seed for sdengine and seed diffusers with -1
+        raise BenchError(f"--seed must be in [0, 2**64 - 1] (both engines draw from it), got {a.seed}")
+    if a.json:  # before the (long) run, not after it
+        target = Path(a.json)
+        if target.is_dir():
+            raise BenchError(f"--json {a.json} is a folder; give a file name")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BenchError(f"--json {a.json}: cannot write there ({e.strerror or e})") from None
+    # bench's own --fast-path, else the global one (sdengine --fast-path / $SDENGINE_FAST_PATH), as every command
+    chosen = a.fast_path or os.environ.get("SDENGINE_FAST_PATH", "")
+    options = parse_options(chosen) if chosen.strip().lower() not in ("", "default", "none") else ()
     measure = parse_options(a.options) if a.options else ()
     with tempfile.TemporaryDirectory(prefix="sdengine-bench-") as tmp:
         if a.model is not None:
@@ -86,10 +105,11 @@ def run(a: argparse.Namespace) -> int:
             threads=getattr(a, "threads", None),
         )
     print(report.table())
+    print(f"sdengine fast path: {','.join(options) or 'none'}")
     if a.json:
         out = Path(a.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        out.write_text(json.dumps({**report.to_json(), "fast_path": list(options)}, indent=2) + "\n")
         print(f"written {out}")
     return 0
 
@@ -107,7 +127,7 @@ def _run_gpu(a: argparse.Namespace, folder: Path, name: str) -> int:
     data = run_gpu_bench(
         folder,
         model=name,
-        out_dir=Path(a.out),
+        out_dir=Path(a.out or "bench-gpu"),
         size=a.size or 512,
         steps=a.steps,
         sampler=a.sampler,
@@ -122,7 +142,7 @@ def _run_gpu(a: argparse.Namespace, folder: Path, name: str) -> int:
         only=a.phases,
     )
     print(table(data))
-    print(f"written {Path(a.out) / FILE_NAME}")
+    print(f"written {Path(a.out or 'bench-gpu') / FILE_NAME}")
     return 0
 
 
@@ -307,7 +327,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         help="--scaling: GiB a point may need (default: 90%% of the memory available before each point)",
     )
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--out", default="bench-gpu", help="--device cuda: the folder bench_gpu.json is written to")
+    p.add_argument(
+        "--out", default=None, help="--device cuda: the folder bench_gpu.json is written to (default bench-gpu)"
+    )
     p.add_argument(
         "--budget-s",
         type=float,
