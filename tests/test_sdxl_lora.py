@@ -162,3 +162,35 @@ def test_peft_sdxl_lora_written_by_diffusers_matches(folder, tmp_path, relaxed_p
     err = float(np.abs(got - theirs).mean())
     print(f"sdxl PEFT LoRA (weight 0.8) vs diffusers load_lora_weights + set_adapters: mean abs {err:.2e}")
     assert err < 1e-3
+
+
+def test_comfyui_lora_loader_applies_an_sdxl_lora_in_two_parts(folder, tmp_path, relaxed_peft_check):
+    """ComfyUI's LoraLoader adapts the U-Net when sampling and both text encoders when encoding; each part once
+    failed on SDXL ("a LoRA for SDXL; the model is a custom model": a U-Net given alone was not seen as SDXL,
+    and the CLIP part never passed the second encoder). Together they give the pipeline's LoRA image."""
+    from sdengine.latent_sampling import encode_text, sample_latents
+    from sdengine.pipeline.request import GenerationRequest
+    from sdengine.server.comfy.nodes import ClipHandle, RunContext, clip_text_encode
+
+    pipe = sdengine.load_pipeline(folder, device="cpu")
+    path = _write_kohya(folder, tmp_path / "xl.safetensors", pipe.unet)
+    req = GenerationRequest(prompt="a red apple", negative_prompt="blurry", loras=[(path, 1.0)], **KW)
+    ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+    with torch.inference_mode():
+        want = pipe.sample_latents(pipe.prepare(req.replace(loras=None)))  # the base image's latents
+        clip = ClipHandle("x", loras=((str(path), 1.0),))  # LoraLoader's CLIP: both prompts are encoded with it
+        (pos,) = clip_text_encode(ctx, "a red apple", clip)[0]
+        (neg_lora,) = clip_text_encode(ctx, "blurry", clip)[0]  # (an empty one: zeros in the pipeline, not ComfyUI)
+        neg = encode_text(pipe, "blurry")
+        empty = torch.zeros(1, 4, 16, 16)
+        args = {"seed": KW["seed"], "steps": KW["steps"], "cfg": KW["cfg_scale"], "sampler": "euler"}
+        got = sample_latents(pipe, [pos], [neg_lora], empty, schedule="normal", loras=[(str(path), 1.0)], **args)
+        plain = sample_latents(pipe, [encode_text(pipe, "a red apple")], [neg], empty, schedule="normal", **args)
+        handle = apply_loras(pipe.unet, pipe.text_encoder, [(path, 1.0)], text_encoder_2=pipe.text_encoder_2)
+        try:
+            want_lora = pipe.sample_latents(pipe.prepare(req.replace(loras=None)))  # the whole LoRA, at once
+        finally:
+            handle.remove()
+    assert float((plain - want).abs().max()) < 1e-5  # without the LoRA: the pipeline's latents
+    assert float((got - plain).abs().mean()) > 1e-3  # the LoRA acts
+    assert float((got - want_lora).abs().max()) < 1e-4  # and in two parts it is the pipeline's LoRA

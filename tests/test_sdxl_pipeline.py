@@ -380,3 +380,23 @@ def test_cli_refiner_hand_off(base, refiner, tmp_path, tiny_sd1_folder, capsys):
     # an SD 1.x model is no SDXL refiner: one line and a non-zero exit
     rc = main(["generate", PROMPT, "--model", str(b_folder), "--refiner", str(tiny_sd1_folder), "--steps", "2"])
     assert rc != 0 and "both must be SDXL" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("width", "height"), [(32, 32), (64, 32)])
+def test_comfyui_latent_sampling_takes_the_latents_size_as_the_pipeline_does(base, width, height):
+    """ComfyUI's samplers give a plain CLIPTextEncode the latent's size as SDXL's size numbers; sdengine's
+    ComfyUI path once used the training size (another image than the native API's, 1.6/255 mean abs)."""
+    from sdengine.latent_sampling import encode_text, sample_latents
+    from sdengine.pipeline.request import GenerationRequest
+
+    _, pipe, _ = base
+    args = {"steps": 3, "sampler": "euler", "schedule": "normal", "cfg_scale": 5.0, "seed": SEED}
+    req = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, width=width, height=height, **args)
+    with torch.inference_mode():
+        want = pipe.sample_latents(pipe.prepare(req))
+        empty = torch.zeros(1, 4, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        got = sample_latents(
+            pipe, [encode_text(pipe, PROMPT)], [encode_text(pipe, NEGATIVE)], empty, seed=SEED, steps=3, cfg=5.0,
+            sampler="euler", schedule="normal",
+        )  # fmt: skip
+    assert float((got.cpu() - want.cpu()).abs().max()) < 1e-5

@@ -76,9 +76,14 @@ class TextCondition:
 
 
 def encode_text(pipe: Any, text: str, clip_skip: int = 1) -> TextCondition:
-    """One prompt's conditioning, exactly as the pipeline's conditioner encodes a prompt."""
+    """One prompt's conditioning, exactly as the pipeline's conditioner encodes a prompt. For SDXL the pooled
+    text is kept too (``pooled_text``): the size numbers of its ``vector`` are the latent's, known when it is
+    sampled (as ComfyUI does), not the training size the conditioner assumes here."""
     cond, _ = pipe.conditioner.pair(text, "", clip_skip=clip_skip)
-    return TextCondition(dict(cond))
+    out = dict(cond)
+    if hasattr(pipe.conditioner, "size_vectors"):
+        out["pooled_text"] = pipe.conditioner.text(text, text, clip_skip)[1]
+    return TextCondition(out)
 
 
 @dataclass
@@ -264,8 +269,14 @@ def sample_latents(
             uncond_args: dict[str, Tensor] = {"crossattn": u}
             extra: dict[str, Tensor] = {"crossattn": c.expand(b, -1, -1)}
             if "vector" in pos and "vector" in neg:
-                uncond_args["vector"] = neg["vector"].to(dev)
-                extra["vector"] = pos["vector"].to(dev).expand(b, -1)
+                pos_vec, neg_vec = pos["vector"], neg["vector"]
+                sizes = getattr(pipe.conditioner, "size_vectors", None)
+                if sizes is not None and "pooled_text" in pos:  # SDXL: the latent's size (see encode_text)
+                    pos_vec = sizes(pos["pooled_text"], w * f, h * f)[0]
+                if sizes is not None and "pooled_text" in neg:
+                    neg_vec = sizes(neg["pooled_text"], w * f, h * f)[1]
+                uncond_args["vector"] = neg_vec.to(dev)
+                extra["vector"] = pos_vec.to(dev).expand(b, -1)
             parts.append((CFGDenoiser(den, cfg, uncond_args), extra))
         guided: Any = parts[0][0] if len(parts) == 1 else _MeanOfGuided(parts)
         extra_args = parts[0][1] if len(parts) == 1 else {}

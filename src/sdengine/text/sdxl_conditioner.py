@@ -239,6 +239,13 @@ class SDXLConditioner:
             neg = [*n_original, *n_crops, *n_target]
         return torch.tensor([pos], dtype=torch.float32), torch.tensor([neg], dtype=torch.float32)
 
+    def size_vectors(self, pooled: Tensor, width: int, height: int) -> tuple[Tensor, Tensor]:
+        """The ``vector`` of a prompt's pooled text with the default size numbers of a ``width`` x ``height`` image,
+        as a positive and as a negative prompt: what ComfyUI's samplers give a plain CLIPTextEncode (the latent's
+        size), where the pipeline's :meth:`pair` knows the size when it encodes."""
+        ids, neg_ids = self.time_ids(SDXLOptions(), width, height)
+        return self._vector(pooled, ids).to(self.dtype), self._vector(pooled, neg_ids).to(self.dtype)
+
     def _vector(self, pooled: Tensor, ids: Tensor) -> Tensor:
         return text_time_vector(pooled.float(), ids.to(pooled.device), self.unet_config)
 

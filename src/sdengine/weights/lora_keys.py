@@ -144,6 +144,8 @@ class ModelIndex:
         if self.text_encoder_2 is not None:
             return "SDXL"
         cfg = getattr(self.unet, "config", None)
+        if getattr(cfg, "addition_time_embed_dim", None):  # SDXL's micro-conditioning: an SDXL U-Net given alone
+            return "SDXL"
         width = getattr(cfg, "cross_attention_dim", None)
         if width in (768, 1024):
             return _CONTEXT_WIDTH[width]

@@ -363,10 +363,11 @@ def clip_text_encode(ctx: RunContext, text: str, clip: ClipHandle) -> tuple[Any]
 
     pipe = ctx.pipeline(clip.ref)
     handle = None
-    if clip.loras and isinstance(pipe.text_encoder, torch.nn.Module):
+    te2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second encoder (the refiner's only one)
+    if clip.loras and (isinstance(pipe.text_encoder, torch.nn.Module) or isinstance(te2, torch.nn.Module)):
         from sdengine.weights.lora import apply_loras
 
-        handle = apply_loras(None, pipe.text_encoder, list(clip.loras))
+        handle = apply_loras(None, pipe.text_encoder, list(clip.loras), text_encoder_2=te2)
     try:
         with torch.inference_mode():
             return ([encode_text(pipe, text, clip.clip_skip)],)
