@@ -486,3 +486,40 @@ def test_malformed_factor_shapes_give_named_errors():
             pass
     assert 0 < loaded < 400
     assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+
+
+def test_text_encoder_names_without_text_model_are_matched():
+    """Kohya names LyCORIS writes from transformers >= 5 modules lack `text_model_` (lora_te_encoder_layers_0_...):
+    once all unmatched (a warning, the text encoder left out); now the same outputs as LyCORIS."""
+    sd, ref, _, _ = oracle(*CASES["loha"], seed=21)
+    renamed = {k.replace("lora_te_text_model_", "lora_te_"): v for k, v in sd.items()}
+    assert renamed.keys() != sd.keys()
+    unet, te = fresh_models()
+    with apply_loras(unet, te, [(LoRAFile.from_state_dict(renamed, name="new-names"), 1.0)]) as h:
+        assert h.reports[0].complete and not h.reports[0].unmatched, h.reports[0].summary()
+        for ours, r in zip(run(unet, te), ref, strict=True):
+            assert rel(ours, r) <= TOL
+
+
+def test_a_whole_factor_lokr_with_lycoris_huge_alpha_loads():
+    """Full-rank LoKr: LyCORIS writes alpha = its 'rank' (e.g. 100000) and never uses it (scale 1); the magnitude
+    limit once refused such files as hostile."""
+    sd, ref, _, _ = oracle(LokrModule, {"full_matrix": True}, seed=22, alpha=1e5, rank=100000)
+    assert max(float(v) for k, v in sd.items() if k.endswith(".alpha")) >= 1e5
+    unet, te = fresh_models()
+    with apply_loras(unet, te, [(LoRAFile.from_state_dict(sd, name="lokr-full-rank"), 1.0)]) as h:
+        assert h.reports[0].complete
+        for ours, r in zip(run(unet, te), ref, strict=True):
+            assert rel(ours, r) <= TOL
+
+
+@pytest.mark.parametrize("extra", ["diff", "w_norm"])
+def test_a_file_with_parts_sdengine_cannot_apply_is_refused_whole(extra):
+    """LoCon layers beside full differences (`diff`) or trained norm layers (`w_norm`/`b_norm`): once the rest was
+    applied and the part skipped with a warning (another image than the file's); now refused in one line."""
+    sd, _, _, _ = oracle(*CASES["locon-tucker"], seed=23)
+    name = next(iter(sd)).split(".")[0]
+    sd[f"{name}.{extra}"] = torch.zeros(4)
+    unet, te = fresh_models()
+    with pytest.raises(LoRAError, match="does not apply: 1 keys of .*refused rather than half applied"):
+        apply_loras(unet, te, [(LoRAFile.from_state_dict(sd, name="mixed"), 1.0)])

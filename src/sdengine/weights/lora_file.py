@@ -69,6 +69,7 @@ _UNSUPPORTED = [
     (re.compile(r"\.(diff|diff_b)$"), "full weight differences (diff)"),
     (re.compile(r"\.oft_(blocks|diag)$|\.oft_R\.|\.boft_"), "LyCORIS OFT/BOFT (orthogonal finetuning)"),
     (re.compile(r"\.(a1|a2|b1|b2)\.weight$"), "LyCORIS GLoRA"),
+    (re.compile(r"\.(w_norm|b_norm)$"), "LyCORIS norm-layer training (w_norm/b_norm)"),
 ]
 # Names that give away another architecture.
 

@@ -123,6 +123,9 @@ class ModelIndex:
                 for alias in (
                     kohya_name("text_encoder", name),
                     "lora_te1_" + name.replace(".", "_"),
+                    # kohya names made from transformers >= 5 modules (LyCORIS writes them): no `text_model_`
+                    "lora_te_" + short.replace(".", "_"),
+                    "lora_te1_" + short.replace(".", "_"),
                     f"text_encoder.{name}",
                     f"text_encoder.{short}",
                     name,
@@ -135,6 +138,7 @@ class ModelIndex:
                 short = name.removeprefix(km.TEXT_MODEL)
                 for alias in (
                     "lora_te2_" + name.replace(".", "_"),
+                    "lora_te2_" + short.replace(".", "_"),
                     f"text_encoder_2.{name}",
                     f"text_encoder_2.{short}",
                 ):
@@ -254,6 +258,11 @@ def match_lora(
     """File layers -> (model layer, down, up), the unmatched names, and LyCORIS layers -> (model layer, weights);
     errors for another architecture or a layer whose shape differs."""
     where = str(lf.path) if lf.path is not None else lf.name
+    if lf.unsupported and (lf.layers or lf.lycoris):  # part of the file cannot be applied: never half of it
+        kinds = "; ".join(f"{len(keys)} keys of {kind} (e.g. {keys[0]})" for kind, keys in lf.unsupported.items())
+        raise LoRAFileError(
+            f"{where}: holds adapters sdengine does not apply: {kinds}; refused rather than half applied"
+        )
     te_keys = sorted(k for k in [*lf.layers, *lf.lycoris] if k.startswith(("lora_te", "text_encoder.")))
     if te_keys and index.fixed_text_encoder is not None:
         raise LoRAFileError(

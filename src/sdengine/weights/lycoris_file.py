@@ -201,7 +201,11 @@ def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> Lyc
         if missing:
             out.incomplete.append(f"{layer} (has {'/'.join(sorted(parts))} but no {missing})")
             continue
-        bad = _bad_values(layer, {**parts, **({"alpha": alphas[layer]} if layer in alphas else {})}, magnitude_limit)
+        # A LoKr layer with both factors whole never reads its alpha (scale 1; LyCORIS writes alpha = its huge
+        # "rank"): its size says nothing of the file, so it is not held against the magnitude limit.
+        whole_lokr = algo == "lokr" and "lokr_w1" in parts and "lokr_w2" in parts
+        checked = {**parts, **({"alpha": alphas[layer]} if layer in alphas and not whole_lokr else {})}
+        bad = _bad_values(layer, checked, magnitude_limit)
         if bad:
             out.problems.append(bad)
             continue
