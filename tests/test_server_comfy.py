@@ -24,7 +24,7 @@ import torch
 import websocket  # websocket-client, what ComfyUI's example uses
 from PIL import Image, ImageDraw
 
-from _live_server import live_server, server_config, wait_job
+from _live_server import live_server, server_config, shared_loader, wait_job
 
 STEPS = 4
 SEED = 11
@@ -698,3 +698,45 @@ def test_denoise_zero_passes_the_latent_through_and_the_largest_seed_takes_a_bat
     h = wait_history(client, client.post("/prompt", json={"prompt": g, **rule}).json()["prompt_id"])
     errs = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
     assert len(errs) == 1 and "out of range for a batch of 2" in errs[0]["exception_message"], h["status"]
+
+
+def test_inpaint_encoding_image_scale_and_an_empty_sampler_window_follow_comfyui():
+    """Three node behaviours checked against ComfyUI's own rules: VAEEncodeForInpaint greys the mask itself and
+    grows only the noise mask by a g x g box (once a (2g+1)-box, both greyed); ImageScale's Lanczos cuts the centre
+    first (once silently bicubic); KSamplerAdvanced with no step in its window answers its latent (once an error)."""
+    from sdengine.server.comfy.nodes import (
+        RunContext,
+        VaeHandle,
+        image_scale,
+        ksampler_advanced,
+        vae_encode,
+        vae_encode_for_inpaint,
+    )
+
+    pipe = shared_loader("emoji", "cpu")
+    ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+    pixels = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 24:40, 24:40] = 1.0  # 16 x 16
+    for grow, side in ((0, 16), (1, 16), (6, 21)):  # ComfyUI: 256, 256 and 441 pixels
+        (latent,) = vae_encode_for_inpaint(ctx, pixels, VaeHandle("emoji"), mask, grow)
+        assert int(latent["noise_mask"].sum()) == side * side, (grow, int(latent["noise_mask"].sum()))
+    grey = pixels.clone()
+    grey[:, 24:40, 24:40, :] = 0.5
+    (want,) = vae_encode(ctx, grey, VaeHandle("emoji"))
+    assert torch.equal(latent["samples"], want["samples"])  # only the 16 x 16 square was greyed
+    # ImageScale: Lanczos with a centre cut equals PIL's Lanczos of the centre
+    img = torch.rand(1, 48, 64, 3, generator=torch.Generator().manual_seed(1))
+    (out,) = image_scale(ctx, img, "lanczos", 40, 40, "center")
+    (bicubic,) = image_scale(ctx, img, "bicubic", 40, 40, "center")
+    centre = Image.fromarray((img[0, :, 8:56].numpy() * 255).round().astype(np.uint8)).resize((40, 40), Image.LANCZOS)
+    assert float((out[0] * 255 - torch.from_numpy(np.asarray(centre, np.float32))).abs().max()) <= 1.0
+    assert not torch.equal(out, bicubic)
+    # KSamplerAdvanced: start_at_step at or past the end of its window
+    latent = {"samples": torch.ones(1, 4, 16, 16), "size": (1, 64, 64), "posterior": None, "noise_mask": None}
+    for start, end in ((4, 10000), (2, 2)):
+        (same,) = ksampler_advanced(
+            ctx, "enable", 1, start, end, "disable", model=None, steps=4, cfg=5.0, sampler_name="euler",
+            scheduler="normal", positive=[], negative=[], latent_image=latent,
+        )  # fmt: skip
+        assert torch.equal(same["samples"], latent["samples"])

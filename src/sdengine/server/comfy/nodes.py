@@ -19,6 +19,7 @@ encoding, :func:`sdengine.latent_sampling.sample_latents` (the engine's samplers
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -493,6 +494,9 @@ def ksampler_advanced(
     return_with_leftover_noise: str,
     **kw: Any,
 ) -> tuple[Any]:
+    if int(start_at_step) >= min(int(end_at_step), int(kw["steps"])):
+        # no step in the window: ComfyUI answers the latent as it came (a refiner stage set to "all steps done")
+        return (dict(kw["latent_image"]),)
     return _sample(
         ctx,
         seed=noise_seed,
@@ -627,13 +631,16 @@ def vae_encode_for_inpaint(
 ) -> tuple[Any]:
     b, h, w, _ = pixels.shape
     m = F.interpolate(_mask4(mask), size=(h, w), mode="bilinear")
-    if grow_mask_by > 0:
-        k = 2 * int(grow_mask_by) + 1  # ComfyUI grows the mask by a square kernel of this radius
-        m = F.max_pool2d(m, k, stride=1, padding=int(grow_mask_by))
-    hard = (m.round() > 0).float()
+    hard = m.round()
+    grown = hard
+    g = int(grow_mask_by)
+    if g > 0:  # as ComfyUI: a g x g box over the rounded mask (padding ceil((g - 1) / 2)), cut back to the image
+        kernel = torch.ones((1, 1, g, g), dtype=hard.dtype)
+        grown = F.conv2d(hard, kernel, padding=math.ceil((g - 1) / 2)).clamp(0, 1)[:, :, :h, :w]
+    # only the mask itself is greyed out; the grown band is repainted from the image's own pixels
     grey = pixels * (1 - hard[:, 0, :, :, None]) + 0.5 * hard[:, 0, :, :, None]
     latent = _encode(ctx, grey, vae)
-    latent["noise_mask"] = m
+    latent["noise_mask"] = grown.round()
     return (latent,)
 
 
@@ -648,6 +655,17 @@ def empty_latent(ctx: RunContext, width: int, height: int, batch_size: int) -> t
     )
 
 
+def _center_box(w0: int, h0: int, w: int, h: int) -> tuple[int, int, int, int]:
+    """The box (x0, y0, x1, y1) of a w0 x h0 image cut to the aspect of w x h around its centre (ComfyUI's)."""
+    old_aspect, new_aspect = w0 / h0, w / h
+    x, y = 0, 0
+    if old_aspect > new_aspect:
+        x = round((w0 - w0 * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        y = round((h0 - h0 * (old_aspect / new_aspect)) / 2)
+    return x, y, w0 - x, h0 - y
+
+
 def _target_size(w0: int, h0: int, width: int, height: int) -> tuple[int, int]:
     if width == 0 and height == 0:
         return w0, h0
@@ -660,14 +678,8 @@ def _target_size(w0: int, h0: int, width: int, height: int) -> tuple[int, int]:
 
 def _resize_nchw(x: torch.Tensor, w: int, h: int, method: str, crop: str = "disabled") -> torch.Tensor:
     if crop == "center":
-        ow, oh = x.shape[3], x.shape[2]
-        old_aspect, new_aspect = ow / oh, w / h
-        if old_aspect > new_aspect:
-            cw = round(oh * new_aspect)
-            x = x[:, :, :, (ow - cw) // 2 : (ow - cw) // 2 + cw]
-        elif old_aspect < new_aspect:
-            ch = round(ow / new_aspect)
-            x = x[:, :, (oh - ch) // 2 : (oh - ch) // 2 + ch]
+        x0, y0, x1, y1 = _center_box(x.shape[3], x.shape[2], w, h)
+        x = x[:, :, y0:y1, x0:x1]
     if method == "nearest-exact":
         return F.interpolate(x, size=(h, w), mode="nearest-exact")
     if method == "area":
@@ -713,15 +725,12 @@ def image_scale(
     _, h0, w0, _ = image.shape
     w, h = _target_size(w0, h0, int(width), int(height))
     ctx.check_size(w, h)
-    if upscale_method == "lanczos":
-        out = (
-            [image_to_tensor(p.resize((w, h), Image.Resampling.LANCZOS)) for p in tensor_to_pil(image)]
-            if crop == "disabled"
-            else None
-        )
-        if out is not None:
-            return (torch.cat(out),)
-        upscale_method = "bicubic"
+    if upscale_method == "lanczos":  # ComfyUI: the centre cut first (to the target's aspect), then PIL's Lanczos
+        if crop == "center":
+            x0, y0, x1, y1 = _center_box(w0, h0, w, h)
+            image = image[:, y0:y1, x0:x1, :]
+        out = [image_to_tensor(p.resize((w, h), Image.Resampling.LANCZOS)) for p in tensor_to_pil(image)]
+        return (torch.cat(out),)
     x = _resize_nchw(image.permute(0, 3, 1, 2).float(), w, h, upscale_method, crop)
     return (x.clamp(0, 1).permute(0, 2, 3, 1).contiguous(),)
 
