@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 import webuiapi
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 from _emoji_models import make_tiny_emoji_folder
 from _live_server import live_server, server_config, shared_loader
@@ -110,8 +110,25 @@ def test_img2img_and_inpainting_equal_python_api(api):
             progress=False,
             **COMMON,
         )
-        np.testing.assert_array_equal(arr(r.image), arr(ref.images[0]))
-        assert "inpainting_fill" not in r.info["ignored"]
+        # A1111 pastes the init image back outside the (blurred) mask: the pipeline's image inside it
+        soft = m.filter(ImageFilter.GaussianBlur(2))
+        want = Image.composite(ref.images[0], init.convert("RGB"), soft)
+        np.testing.assert_array_equal(arr(r.image), arr(want))
+        outside = np.asarray(soft) == 0
+        np.testing.assert_array_equal(arr(r.image)[outside], arr(init.convert("RGB"))[outside])
+        assert outside.any() and "inpainting_fill" not in r.info["ignored"]
+    # A1111's separate blurs: equal ones are the blur, different ones refused (never one of them dropped)
+    body = {"init_images": [webuiapi.raw_b64_img(init)], "mask": webuiapi.raw_b64_img(mask), "prompt": "a", **COMMON}
+    bad = httpx.post(f"{api.baseurl}/img2img", json={**body, "mask_blur_x": 16, "mask_blur_y": 0}, timeout=120)
+    assert bad.status_code == 400 and "mask_blur_x 16 and mask_blur_y 0 differ" in bad.text, bad.text
+    # an RGBA mask whose alpha marks the area (A1111 reads the alpha): the same image as the grey mask
+    rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    rgba.paste((0, 0, 0, 255), (8, 8, 40, 56))
+    args = {"images": [init], "prompt": "a blue ball", "seed": 3, "denoising_strength": 0.8, "mask_blur": 2, **COMMON}
+    grey = api.img2img(mask_image=mask, **args)
+    alpha = api.img2img(mask_image=rgba, **args)
+    np.testing.assert_array_equal(arr(alpha.image), arr(grey.image))
+    assert alpha.info["ignored"].count("inpainting_fill") <= 1  # listed once at most
 
 
 def test_controlnet_unit_and_empty_args(api):

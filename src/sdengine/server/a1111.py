@@ -16,13 +16,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdengine.server.errors import BadRequest
@@ -46,7 +47,7 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "s_tmax": (0, 0.0, None),
     "s_tmin": (0, 0.0, None),
     "s_noise": (1, 1.0, None),
-    "override_settings_restore_afterwards": (True, False, None),
+    "override_settings_restore_afterwards": (True, None),  # false (keep them set) is not done: listed
     "script_args": ([], None),
     "script_name": (None, ""),
     "enable_hr": (False, None),
@@ -206,6 +207,45 @@ def _b64_png(image: Image.Image, text: str | None = None) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def a1111_mask(image: Image.Image) -> Image.Image:
+    """An inpainting mask as A1111 reads it (``create_binary_mask``): the alpha channel of an RGBA mask that is
+    not wholly opaque, else its grey levels; white (above 128) = repaint."""
+    if image.mode in ("RGBA", "LA", "PA") and image.getextrema()[-1] != (255, 255):
+        grey = image.getchannel("A")
+    else:
+        grey = image.convert("L")
+    return grey.point(lambda v: 255 if v > 128 else 0)
+
+
+def _mask_blur(body: dict[str, Any]) -> float:
+    """``mask_blur``, else A1111's separate ``mask_blur_x`` / ``mask_blur_y`` (4 each by default); sdengine
+    blurs alike in both directions, so different ones are refused rather than one of them dropped."""
+    if body.get("mask_blur") is not None:
+        return float(body["mask_blur"])
+    bx, by = body.get("mask_blur_x"), body.get("mask_blur_y")
+    bx, by = (4 if bx is None else bx), (4 if by is None else by)
+    if bx != by:
+        raise BadRequest(
+            f"mask_blur_x {bx} and mask_blur_y {by} differ: sdengine blurs the mask alike in both directions; "
+            "send mask_blur (or equal values)"
+        )
+    return float(bx)
+
+
+def overlay_finish(init: Image.Image, mask: Image.Image, blur: float) -> Callable[[Image.Image], Image.Image]:
+    """A1111's inpainting overlay: the init image (resized to the result) outside the mask, the generated image
+    inside, across the mask's blurred edge; a generated image is never changed where nothing was to be repainted."""
+
+    def finish(image: Image.Image) -> Image.Image:
+        base = init.convert("RGB").resize(image.size, Image.Resampling.LANCZOS)
+        m = mask.convert("L").resize(image.size, Image.Resampling.LANCZOS)
+        if blur > 0:
+            m = m.filter(ImageFilter.GaussianBlur(blur))
+        return Image.composite(image.convert("RGB"), base, m)
+
+    return finish
+
+
 def _ignored(body: dict[str, Any], txt2img: bool = False) -> list[str]:
     out = []
     hr = bool(body.get("enable_hr"))
@@ -357,11 +397,13 @@ def install(app: FastAPI, services: Any) -> None:
             guess_mode=guess,
         )
 
-    async def run(req: Txt2ImgRequest, fields: dict[str, Any], ignored: list[str]) -> JSONResponse:
+    async def run(req: Txt2ImgRequest, fields: dict[str, Any], ignored: list[str], overlay: Any = None) -> JSONResponse:
         if fields.get("init_image") is None and not fields.get("controlnets"):
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:
             generation = await run_in_threadpool(lambda: services.build(**fields))
+        if overlay is not None:
+            generation.finish = overlay_finish(*overlay)
         job, _ = services.submit(generation, protocol="a1111", save=req.save_images, task_id=req.force_task_id)
         await job.wait_finished()
         return _response(job, req, ignored)
@@ -470,21 +512,28 @@ def install(app: FastAPI, services: Any) -> None:
             raise BadRequest("img2img needs init_images (one base64 image)")
         if len(req.init_images) > 1:
             ignored.append("init_images[1:]")
-        if req.inpainting_fill != 1 and req.mask:
+        if not req.mask:  # the inpainting fields do nothing without a mask (in A1111 too)
+            ignored = [k for k in ignored if k not in ("inpainting_fill", "inpaint_full_res")]
+        elif req.inpainting_fill != 1 and "inpainting_fill" not in ignored:
             ignored.append("inpainting_fill")  # sdengine inpaints from the original image ("original")
         fields = generation_fields(req, body, ignored, req.init_images[0])
-        mask: Any = req.mask
-        if mask and req.inpainting_mask_invert:
-            decoded = await run_in_threadpool(services.uploads.image, mask, "mask")
-            mask = ImageOps.invert(decoded.convert("L"))
-        blur = req.mask_blur if req.mask_blur is not None else 4
+        mask: Image.Image | None = None
+        if req.mask:
+            mask = a1111_mask(await run_in_threadpool(services.uploads.image, req.mask, "mask"))
+            if req.inpainting_mask_invert:
+                mask = ImageOps.invert(mask)
+        blur = _mask_blur(body)
         fields.update(
             init_image=req.init_images[0],
-            mask=mask or None,
-            mask_blur=float(blur) if mask else 0.0,
+            mask=mask,
+            mask_blur=float(blur) if mask is not None else 0.0,
             strength=0.75 if req.denoising_strength is None else req.denoising_strength,
         )
-        return await run(req, fields, ignored)
+        overlay = None
+        if mask is not None:  # A1111 pastes the init image back outside the (blurred) mask
+            init = await run_in_threadpool(services.uploads.image, req.init_images[0], "init image")
+            overlay = (init, mask, float(blur))
+        return await run(req, fields, list(dict.fromkeys(ignored)), overlay)
 
     def current() -> Job | None:
         running = manager.running()

@@ -566,6 +566,8 @@ class Worker(threading.Thread):
             done_steps += run_steps[0] or int(kwargs["steps"])
             job.notes.extend(n for n in result.notes if n not in job.notes)
             for image, seed, text in zip(result.images, result.seeds, result.infotexts, strict=True):
+                if job.generation.finish is not None:
+                    image = job.generation.finish(image)
                 ji = JobImage(image, int(seed), text)
                 if job.save:
                     try:  # a full disk fails this job only (save_png leaves no partial file)
@@ -679,6 +681,8 @@ class Worker(threading.Thread):
             job.notes.extend(n for n in result.notes if n not in job.notes)
             failed = None
             for image, seed, text in zip(result.images[a:b], result.seeds[a:b], result.infotexts[a:b], strict=True):
+                if job.generation.finish is not None:
+                    image = job.generation.finish(image)
                 ji = JobImage(image, int(seed), text)
                 if job.save:
                     try:  # a full disk fails this job only

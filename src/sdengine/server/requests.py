@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,8 @@ class Generation:
     kwargs: dict[str, Any]
     n_iter: int = 1
     notes: list[str] = field(default_factory=list)
+    # applied to every image before it is saved or answered (A1111's inpainting overlay), None: as generated
+    finish: Callable[[Image.Image], Image.Image] | None = None
 
     @property
     def images(self) -> int:
