@@ -200,3 +200,23 @@ def test_a_reader_that_goes_away_ends_the_listing_quietly():
     proc.stdout.close()  # the reader is gone before the first line is written
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "error" not in err and "Broken pipe" not in err, err
+
+
+def test_the_command_line_lists_files_without_torch(tmp_path):
+    """Through `main` (the real entry point), not only the commands' functions: listing files and `pnginfo` never
+    import torch (the thread setting is checked without it); `list samplers` may."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom sdengine.cli import main\n"
+        f"assert main(['list', 'models']) == 0 and main(['list', 'loras', '--loras-dir', {str(tmp_path)!r}]) == 0\n"
+        f"main(['pnginfo', {str(tmp_path / 'none.png')!r}])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\nprint('no torch')\n"
+    )
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip().endswith("no torch"), r.stderr[-800:]

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from .errors import SdengineError, UsageError
+from .fastpath import OPTIONS as FAST_PATH_OPTIONS
 
 EXIT_USER_ERROR = 2
 
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="global_fast_path",
         default=None,
         help="speed-ups for every model this command loads: 'default', 'none' or names from "
-        "winograd,channels_last,compile (docs/performance.md; default: $SDENGINE_FAST_PATH, else 'default')",
+        f"{','.join(FAST_PATH_OPTIONS)} (docs/performance.md; default: $SDENGINE_FAST_PATH, else 'default')",
     )
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -220,7 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     # LoRAWeightWarning for Python callers; on the command line the log line is the one to show.
     warnings.filterwarnings("ignore", message=r".*weight .* is outside \[-4, 4\]; images may break down")
     try:
-        configure_threads(getattr(args, "threads", None))
+        # Listing files and reading a PNG's text need no torch (about a second to import): the thread setting is
+        # only checked for them; every other command gives torch its threads.
+        files_only = args.command == "pnginfo" or (
+            args.command == "list" and getattr(args, "what", None) in ("models", "loras", "controlnets", "embeddings")
+        )
+        if files_only:
+            from .threads import choose_threads
+
+            choose_threads(getattr(args, "threads", None))
+        else:
+            configure_threads(getattr(args, "threads", None))
         if getattr(args, "global_fast_path", None) is not None:
             from .fastpath import ENV, parse_options
 
