@@ -220,6 +220,7 @@ def test_reading_a1111_hires_infotexts():
         ({"hr_resize_x": -8}, "hr_resize_x must be an integer >= 0"),
         ({"hr_second_pass_steps": 1.5}, "hr_second_pass_steps must be an integer"),
         ({"hr_sampler": "nope"}, "hr_sampler: unknown sampler 'nope'"),
+        ({"hr_schedule": "bogus"}, "hr_schedule: unknown schedule 'bogus'"),  # once named hr_sampler
         ({"strength": 0.1, "hr_second_pass_steps": 4}, "runs no step"),
         ({"init_image": Image.new("RGB", (8, 8))}, "hires fix is a txt2img option"),
         ({"hr_prompt": "x <lora:other:1>"}, "same <lora:...> tags"),

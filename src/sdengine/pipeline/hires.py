@@ -102,8 +102,9 @@ def validate_hires(r: GenerationRequest) -> None:
             raise GenerationError(f"hr_sampler and hr_schedule must be names, got {r.hr_sampler!r}, {r.hr_schedule!r}")
         try:
             hires_sampler(r)
-        except ValueError as e:
-            raise GenerationError(f"hr_sampler: {e}") from None
+        except ValueError as e:  # named by what it is about: an unknown schedule is hr_schedule's
+            which = "hr_schedule" if str(e).startswith("unknown schedule") else "hr_sampler"
+            raise GenerationError(f"{which}: {e}") from None
     if r.init_image is not None or r.mask is not None:
         raise GenerationError("the hires fix is a txt2img option: give no init_image or mask with enable_hr")
     steps = int(r.hr_second_pass_steps) or int(r.steps)
