@@ -413,6 +413,43 @@ def test_controlnet_equal_native(client, plain):
         ],
     )
     assert np.array_equal(a, b) and not np.array_equal(a, plain)
+    # The old ControlNetApply on the positive and again on the negative (the same hint): one ControlNet on both
+    # halves, the Advanced node's image at strength 1 (it was once applied twice: strength 2's image).
+    del g["13"]
+    for nid, cond in (("14", "6"), ("15", "7")):
+        g[nid] = {
+            "class_type": "ControlNetApply",
+            "inputs": {"conditioning": [cond, 0], "control_net": ["12", 0], "image": ["11", 0], "strength": 1.0},
+        }
+    g["3"]["inputs"].update(positive=["14", 0], negative=["15", 0])
+    assert np.array_equal(comfy_image(client, g), a)
+
+
+def test_a_cached_output_node_still_sends_its_images(client):
+    """ComfyUI sends `executed` with a cached output node's images: a websocket client of an identical prompt once
+    got no images (only `execution_cached`)."""
+    cid = uuid.uuid4().hex
+    ws = websocket.create_connection(
+        f"ws://{client.base_url.host}:{client.base_url.port}/ws?clientId={cid}", timeout=60
+    )
+    try:
+        g = txt2img_graph(prompt="a cached apple")
+        for _ in range(2):
+            pid = client.post("/prompt", json={"prompt": g, "client_id": cid}).json()["prompt_id"]
+            executed = []
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                msg = ws.recv()
+                if isinstance(msg, bytes):
+                    continue
+                m = json.loads(msg)
+                if m["type"] == "executed" and m["data"].get("prompt_id", pid) == pid:
+                    executed.append(m["data"]["node"])
+                if m["type"] == "executing" and m["data"].get("node") is None and m["data"].get("prompt_id") == pid:
+                    break
+            assert executed == ["9"], executed  # the SaveImage node, run or cached
+    finally:
+        ws.close()
 
 
 # ------------------------------------------------------------------------------------- broken workflows

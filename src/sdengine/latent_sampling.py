@@ -86,6 +86,11 @@ def encode_text(pipe: Any, text: str, clip_skip: int = 1) -> TextCondition:
     return TextCondition(out)
 
 
+def _same_hint(a: ControlHint, b: ControlHint) -> bool:
+    same = (a.model, a.strength, a.start, a.end) == (b.model, b.strength, b.start, b.end)
+    return same and tuple(a.image.shape) == tuple(b.image.shape) and bool(torch.equal(a.image, b.image))
+
+
 @dataclass
 class StepReport:
     step: int  # 1-based, steps finished in this run
@@ -254,10 +259,17 @@ def sample_latents(
         if controls:
             from sdengine.pipeline.control import build_controlled_unet
 
-            units = [(c.model, c.image, c.strength, c.start, c.end) for c in dict.fromkeys(controls)]
+            # One unit per distinct hint: the same ControlNet, image and settings applied to the positive and to
+            # the negative is one unit (it acts on both halves), never twice the strength.
+            distinct: list[ControlHint] = []
+            for hint in controls:
+                if not any(_same_hint(hint, d) for d in distinct):
+                    distinct.append(hint)
+            units = [(d.model, d.image, d.strength, d.start, d.end) for d in distinct]
             net = build_controlled_unet(
-                net, units, width=w * f, height=h * f, grid=grid, device=dev, dtype=pipe.dtype, start_step=start
-            )
+                net, units, width=w * f, height=h * f, grid=grid, device=dev, dtype=pipe.dtype, start_step=start,
+                resize_mode="crop and resize",  # a hint of another aspect: its centre, as ComfyUI cuts it
+            )  # fmt: skip
         from sdengine.pipeline.unet_adapter import UNetAdapter
 
         den = Denoiser(UNetAdapter(net, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)

@@ -359,8 +359,9 @@ class Executor:
                 entry = self.cache[nid]
                 values[nid] = entry.outputs
                 new_cache[nid] = entry
-                if entry.ui is not None:
+                if entry.ui is not None:  # as ComfyUI: a cached output node still tells its client its images
                     ui_outputs[nid] = entry.ui
+                    event("executed", {"node": nid, "display_node": nid, "output": entry.ui})
                 continue
             if cancelled():
                 raise Interrupted(nid, ct)

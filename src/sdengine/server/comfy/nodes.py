@@ -386,7 +386,8 @@ def conditioning_combine(ctx: RunContext, conditioning_1: list[Any], conditionin
 
 
 def _hint_image(image: torch.Tensor) -> torch.Tensor:
-    return image[:1].permute(0, 3, 1, 2).contiguous().float()
+    """(B, H, W, 3) -> (B, 3, H, W): a batch of hints is one per latent row (the first alone was once kept)."""
+    return image.permute(0, 3, 1, 2).contiguous().float()
 
 
 def controlnet_apply(
