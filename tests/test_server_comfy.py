@@ -777,3 +777,34 @@ def test_inpaint_encoding_image_scale_and_an_empty_sampler_window_follow_comfyui
             scheduler="normal", positive=[], negative=[], latent_image=latent,
         )  # fmt: skip
         assert torch.equal(same["samples"], latent["samples"])
+
+
+def test_controlnet_hints_per_row_and_of_another_aspect():
+    """A batch of hints gives each latent row its own (the first alone was once used for every row); a hint of
+    another aspect is cut to its centre, as ComfyUI cuts it (it was once stretched)."""
+    from dataclasses import replace
+
+    from sdengine.latent_sampling import ControlHint, encode_text, sample_latents
+    from sdengine.server.catalog import BUILTIN_CONTROLNETS
+    from sdengine.server.comfy.nodes import RunContext, controlnet_apply
+
+    pipe = shared_loader("emoji", "cpu")
+    cn = str(BUILTIN_CONTROLNETS["emoji-controlnet-canny"])
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.rand(1, 3, 64, 64, generator=g).round() for _ in range(2))
+    args = {"seed": 5, "steps": 3, "cfg": 5.0, "sampler": "euler", "schedule": "normal"}
+
+    def run(hint, batch):
+        if hint.shape[0] > 1:  # through the node, as a Canny of a decoded batch reaches it: (B, H, W, 3)
+            ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+            (conds,) = controlnet_apply(ctx, [encode_text(pipe, "a star")], cn, hint.permute(0, 2, 3, 1), 1.0)
+            pos = conds[0]
+        else:
+            pos = replace(encode_text(pipe, "a star"), controls=(ControlHint(cn, hint, 1.0),))
+        with torch.inference_mode():
+            return sample_latents(pipe, [pos], [encode_text(pipe, "")], torch.zeros(batch, 4, 16, 16), **args)
+
+    both = run(torch.cat([a, b]), 2)
+    assert torch.equal(both[1:], run(torch.cat([b, b]), 2)[1:]) and not torch.equal(both[1:], run(a, 2)[1:])
+    wide = torch.cat([torch.zeros(1, 3, 64, 32), a, torch.ones(1, 3, 64, 32)], dim=3)  # a, with side bands
+    assert torch.allclose(run(wide, 1), run(a, 1), atol=1e-5)
