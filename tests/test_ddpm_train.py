@@ -160,3 +160,35 @@ def test_cli_sample_bad_arguments_are_one_line(tmp_path, capsys, extra, message)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "g.png").exists() and not (tmp_path / "noext").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "ddpm", "--size", "64", "--steps", "2"], "fashion-mnist is 1-channel 32x32"),
+        (["train", "ddpm", "--data", "{imgs}", "--class-conditional", "--steps", "2"], "needs labelled data"),
+        (["train", "ddpm", "--data", "{imgs}", "--size", "0", "--steps", "2"], "size must be positive"),
+        (["train", "controlnet", "--model", "{model}", "--data", "{imgs}", "--resolution", "0"], "must be positive"),
+        (["train", "tiny-vae", "--model", "{model}", "--data", "{imgs}", "--eval-images", "0"], "eval images must be"),
+        (["eval", "ddpm", "fashion-mnist", "--n", "4", "--steps", "2", "--cfg", "nan"], "--cfg must be a number"),
+        (["eval", "emoji", "--n", "2", "--steps", "1", "--json", "{tmp}/afile/x.json"], "cannot write there"),
+    ],
+)
+def test_training_and_eval_settings_are_one_line(tiny_sd1_folder, tmp_path, capsys, argv, message):
+    """Each was a traceback (a plain ValueError from inside the trainer) or, for eval emoji's --json, an error
+    after the whole evaluation; now one line before any work."""
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(6):
+        Image.new("RGB", (16, 16), (40 * i, 90, 200)).save(imgs / f"{i}.png")
+        (imgs / f"{i}.txt").write_text("a square")
+    (tmp_path / "afile").write_text("x")
+    subs = {"{imgs}": str(imgs), "{model}": str(tiny_sd1_folder), "{tmp}": str(tmp_path)}
+    args = [subs.get(x, x.replace("{tmp}", str(tmp_path))) for x in argv]
+    if args[0] == "train":
+        args += ["--out", str(tmp_path / "out")]
+    rc = main(["--threads", "1", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err

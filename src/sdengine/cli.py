@@ -89,7 +89,13 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- eval
 def cmd_eval_ddpm(a: argparse.Namespace) -> int:
+    import math
+
     from .evaluation import evaluate_ddpm
+    from .pipeline.request import MAX_CFG_SCALE
+
+    if not (math.isfinite(a.cfg) and 0 <= a.cfg <= MAX_CFG_SCALE):  # as `sample` (once NaN features, a traceback)
+        raise UsageError(f"--cfg must be a number in [0, {MAX_CFG_SCALE:g}], got {a.cfg}")
 
     res = evaluate_ddpm(
         a.checkpoint,

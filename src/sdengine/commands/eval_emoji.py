@@ -106,6 +106,11 @@ def run(a: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{what}: not found: {p}")
     if a.json is not None and Path(a.json).is_dir():
         raise IsADirectoryError(f"--json {a.json} is a folder; give a file name")
+    if a.json is not None:  # its folder made (or found unmakeable: a file in the way) before the evaluation
+        try:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--json {a.json}: cannot write there ({e.strerror or e})") from None
 
     sweep = [_sweep_point(text) for text in a.control_sweep]
     if sweep and a.controlnet is None:

@@ -158,7 +158,7 @@ class ImageFolder(Dataset[ImageItem]):
         if channels not in (1, 3):
             raise UsageError(f"channels must be 1 or 3, got {channels}")
         if size < 1:
-            raise ValueError(f"size must be positive, got {size}")
+            raise UsageError(f"size must be positive, got {size}")
         if not 0.0 <= flip_p <= 1.0:
             raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
         if flip_p > 0 and generator is None:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdengine.errors import UsageError
+
 from .. import distributed
 from ..ddpm import PixelDDPM, config_to_dict
 from ..diffusion.loss import DiffusionLoss
@@ -55,10 +57,10 @@ def load_training_data(spec: DDPMSpec) -> tuple[torch.Tensor, torch.Tensor | Non
 
         ds = FashionMNIST("train")
         if spec.image_size != 32 or spec.channels != 1:
-            raise ValueError("fashion-mnist is 1-channel 32x32 (28x28 padded): use --size 32 --channels 1")
+            raise UsageError("fashion-mnist is 1-channel 32x32 (28x28 padded): use --size 32 --channels 1")
         return ds.images, ds.labels, ds.class_names, 2
     if spec.class_conditional:
-        raise ValueError("--class-conditional needs labelled data (fashion-mnist); a folder has no classes")
+        raise UsageError("--class-conditional needs labelled data (fashion-mnist); a folder has no classes")
     from ..data.folders import ImageFolder
 
     folder = ImageFolder(spec.data, size=spec.image_size, channels=spec.channels)  # type: ignore[arg-type]

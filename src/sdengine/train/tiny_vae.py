@@ -106,8 +106,8 @@ class TinyVAETrainSpec:
                 raise TinyVAETrainingError(f"{name.replace('_', ' ')} must be a number >= 0, got {v!r}")
         if self.resolution is not None and self.resolution < 1:
             raise TinyVAETrainingError(f"resolution must be >= 1 pixel, got {self.resolution}")
-        if self.eval_images < 0:
-            raise TinyVAETrainingError(f"eval images must be >= 0, got {self.eval_images}")
+        if self.eval_images < 1:  # the run is judged on them (0 once crashed inside torch.cat)
+            raise TinyVAETrainingError(f"eval images must be >= 1, got {self.eval_images}")
         if self.save_dtype not in SAVE_DTYPES:
             raise TinyVAETrainingError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
         if self.keep_decoder is not None and not self.encoder:
@@ -373,6 +373,10 @@ def train_tiny_vae(
     train_idx, eval_idx = split_indices(images.shape[0], spec.eval_images)
     if train_idx.numel() == 0:
         raise TinyVAETrainingError("no training images")
+    if eval_idx.numel() == 0:
+        raise TinyVAETrainingError(
+            f"{images.shape[0]} images: too few to hold a fifth out for the evaluation (give 5 or more)"
+        )
     if progress:
         from .settings import settings_line
 
