@@ -192,3 +192,13 @@ def test_training_and_eval_settings_are_one_line(tiny_sd1_folder, tmp_path, caps
     rc = main(["--threads", "1", *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_overwrite_removes_the_old_runs_sample_grids(tmp_path):
+    """--overwrite removes the old run's outputs: its sample grids once stayed beside the new run's model."""
+    out = tmp_path / "run"
+    train_ddpm(spec(), cfg(4, batch_size=4, sample_every=2), out, data=toy_data(8), progress=False)
+    old = sorted(p.name for p in out.glob("samples_*.png"))
+    assert old, list(out.iterdir())
+    train_ddpm(spec(), cfg(2, batch_size=4), out, data=toy_data(8), progress=False, overwrite=True, samples=False)
+    assert not list(out.glob("samples_*.png")) and (out / "model").is_dir()

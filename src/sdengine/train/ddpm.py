@@ -99,7 +99,9 @@ def train_ddpm(
     Under torchrun every rank calls this; ``cfg.batch_size`` is the global batch and rank 0 writes the files."""
     device = distributed.setup(device)
     # Before the (slow) data loading: a bad --resume, or a finished run that would be overwritten, fails at once.
-    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["model"])
+    # (the sample grids are the run's outputs too: --overwrite once left the old run's beside the new one)
+    grids = sorted(p.name for p in Path(out_dir).glob("samples_*.png")) if Path(out_dir).is_dir() else []
+    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["model", *grids])
     images, labels, class_names, crop = data if data is not None else load_training_data(spec)
     if spec.class_conditional and labels is None:
         raise ValueError("class-conditional training needs labels")
