@@ -349,6 +349,8 @@ def test_sample_every_writes_pngs_with_parameters_and_keeps_the_random_stream(se
             assert im.size == (32, 32)
             params = parse_parameters(im.info["parameters"])
         assert params["Prompt"] == "sks square, picture 0" and params["Seed"] == "0"  # the first caption
+        # what made it besides the pipeline: --from-png says it does not reproduce that (once: another image, silently)
+        assert params["Training"] == f"LoRA sks at step {int(name[5:11])}", params
     # the sampling draws from its own generator: the trained LoRA is the one made without samples
     a, b = load_file(tmp_path / "plain" / "sks.safetensors"), load_file(out / "sks.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -291,6 +291,7 @@ def train_controlnet(
                 seed=cfg.seed,
                 size=resolution,
                 modules=[net],
+                training=f"ControlNet at step {step}",
                 controlnets=[(net, hint, 1.0)],
             )
 

@@ -414,7 +414,8 @@ def train_lora(
 
         def sample_fn(_ema: nn.Module, step: int, _path: Path) -> None:
             # The live LoRA is patched into the pipeline's layers, so the ordinary call uses the current weights.
-            write_sample(pipe, prompt, step, out_dir, seed=cfg.seed, size=resolution, modules=[network])
+            what = f"LoRA {spec.output_name} at step {step}"  # not in the prompt: its file is the last step's
+            write_sample(pipe, prompt, step, out_dir, seed=cfg.seed, size=resolution, modules=[network], training=what)
 
     try:
         with gradient_checkpointing([pipe.unet, pipe.text_encoder], spec.gradient_checkpointing):

@@ -30,12 +30,15 @@ def write_sample(
     seed: int,
     size: int,
     modules: Sequence[torch.nn.Module] = (),
+    training: str | None = None,
     **call: Any,
 ) -> Path:
     """Generate one image with ``pipe(prompt, seed=seed, ...)`` and save it with its parameters at
     :func:`sample_path`. ``modules`` are switched to eval mode for the call and back after; ``call`` is passed on
-    (e.g. ``controlnets``)."""
-    from ..metadata import save_png
+    (e.g. ``controlnets``). ``training``: what the image was made with besides the pipeline (the LoRA or ControlNet
+    being trained, at this step), written as the infotext's ``Training`` field: ``--from-png`` then says that it
+    does not reproduce it instead of silently making another image."""
+    from ..metadata import quote, save_png
 
     device = next(pipe.unet.parameters()).device
     was = [m.training for m in modules]
@@ -50,7 +53,8 @@ def write_sample(
             m.train(w)
     path = sample_path(out_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return save_png(result.images[0], path, result.infotexts[0])
+    text = result.infotexts[0] + (f", Training: {quote(training)}" if training else "")
+    return save_png(result.images[0], path, text)
 
 
 __all__ = ["SAMPLES_DIR", "sample_path", "write_sample"]
