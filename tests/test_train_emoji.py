@@ -14,6 +14,7 @@ from sdengine.train.emoji import (
     HELD_OUT_SUBGROUP,
     TEXT_LENGTH,
     EmojiRecipe,
+    EmojiTrainError,
     EmojiTrainSpec,
     checkpoint_has_pooled,
     latent_scaling,
@@ -76,6 +77,12 @@ def test_train_emoji_toy_run_exports_a_loadable_folder_and_resumes(tmp_path, sma
     # Asking for more U-Net steps continues from the checkpoint.
     more = train_emoji(tmp_path / "run", EmojiRecipe(**{**recipe.__dict__, "unet_steps": 10}), **kw)
     assert more["unet"]["steps"] == 10
+    # More VAE steps after the U-Net stage began would change the latents it learnt: refused, nothing changed
+    # (once the VAE trained on silently and was exported with the old U-Net).
+    before = (tmp_path / "run" / "vae" / "checkpoint.pt").read_bytes()
+    with pytest.raises(EmojiTrainError, match="the U-Net stage started on the VAE of step 6"):
+        train_emoji(tmp_path / "run", EmojiRecipe(**{**recipe.__dict__, "vae_steps": 8, "unet_steps": 10}), **kw)
+    assert (tmp_path / "run" / "vae" / "checkpoint.pt").read_bytes() == before
 
 
 def test_pooled_phase_starts_from_the_token_only_model_exactly(tmp_path, small_dataset):

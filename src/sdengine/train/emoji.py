@@ -699,6 +699,14 @@ def train_emoji(
     t0 = time.perf_counter()
     vae_steps = 0
     if init is None:
+        vae_ckpt = out / "vae" / "checkpoint.pt"
+        if ckpt.is_file() and vae_ckpt.is_file():  # the U-Net has started on this VAE's latents
+            done, asked = int(load_checkpoint(vae_ckpt).get("step", 0)), recipe.vae_config(None).steps
+            if asked > done:
+                raise EmojiTrainError(
+                    f"{out}: the U-Net stage started on the VAE of step {done}; training the VAE on to {asked} "
+                    f"steps would change the latents the U-Net learnt: rerun with --vae-steps {done}, or another --out"
+                )
         vres, vae = train_vae(
             ds,
             recipe.spec,
