@@ -27,6 +27,8 @@ from torch import nn
 from sdengine import distributed
 from sdengine.errors import SdengineError, UsageError
 from sdengine.io.atomic import atomic_write, remove_stale_temp_files
+from sdengine.weights.io import WeightsError
+from sdengine.weights.loading import check_keys
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 
@@ -69,22 +71,6 @@ class TrainConfig:
             raise UsageError(f"ema decay must be in [0, 1), got {self.ema_decay}")
         if self.max_seconds is not None and not (self.max_seconds > 0 and math.isfinite(self.max_seconds)):
             raise UsageError(f"the time limit must be a finite number of minutes > 0, got {self.max_seconds / 60:g}")
-
-
-def state_mismatch(want: dict[str, Any], saved: dict[str, Any]) -> str:
-    """The first difference between a model's state dict and a saved one (a missing or extra tensor, or another
-    shape), as a few words; "" when the saved one fits."""
-    missing = [k for k in want if k not in saved]
-    extra = [k for k in saved if k not in want]
-    if missing:
-        return f"{len(missing)} tensor(s) this run has are not in it, such as {missing[0]}"
-    if extra:
-        return f"it has {len(extra)} tensor(s) this run lacks, such as {extra[0]}"
-    for k, t in want.items():
-        shape = tuple(getattr(saved[k], "shape", ()))
-        if tuple(t.shape) != shape:
-            return f"{k} is {list(shape)} there and {list(t.shape)} here"
-    return ""
 
 
 class EMA:
@@ -223,12 +209,13 @@ def train(
         saved_seed = state["train_config"].get("seed")
         if saved_seed != cfg.seed:
             raise CheckpointError(f"checkpoint {ckpt_path} was trained with seed {saved_seed}, not {cfg.seed}")
-        mismatch = state_mismatch(model.state_dict(), state["model"])
-        if mismatch:  # another trainer, rank, text-encoder choice, embedding width... (was load_state_dict's page)
+        try:  # another trainer, rank, text-encoder choice, embedding width... (was load_state_dict's page)
+            check_keys(model.state_dict(), state["model"], name="its model")
+        except WeightsError as e:
             raise CheckpointError(
-                f"checkpoint {ckpt_path} was written by another kind of run ({mismatch}): resume with that run's "
+                f"checkpoint {ckpt_path} was written by another kind of run ({e}): resume with that run's "
                 "settings, or train into another --out"
-            )
+            ) from None
     out_dir.mkdir(parents=True, exist_ok=True)
     # Temporary files of a run that was killed mid-write (they are never read; this only tidies up). Rank 0 only:
     # another machine's rank cannot tell whether rank 0's writer is alive.
