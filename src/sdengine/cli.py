@@ -51,17 +51,23 @@ def cmd_train_ddpm(a: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------- sample
-def cmd_sample(a: argparse.Namespace) -> int:
+def _check_cfg(cfg: float) -> None:
+    """The guidance bound `generate` keeps (GenerationRequest's), for the pixel DDPM's commands."""
     import math
 
+    from .pipeline.request import MAX_CFG_SCALE
+
+    if not (math.isfinite(cfg) and 0 <= cfg <= MAX_CFG_SCALE):
+        raise UsageError(f"--cfg must be a number in [0, {MAX_CFG_SCALE:g}], got {cfg}")
+
+
+def cmd_sample(a: argparse.Namespace) -> int:
     from .ddpm import PixelDDPM
     from .io.images import make_grid, save_image_atomic
     from .pipeline.finite import require_finite
-    from .pipeline.request import MAX_CFG_SCALE
 
     # the checks `generate` makes, before the model loads (each was once a traceback or a black PNG)
-    if not (math.isfinite(a.cfg) and 0 <= a.cfg <= MAX_CFG_SCALE):
-        raise UsageError(f"--cfg must be a number in [0, {MAX_CFG_SCALE:g}], got {a.cfg}")
+    _check_cfg(a.cfg)
     if a.cols and not 1 <= a.cols <= a.n:
         raise UsageError(f"--cols must be in [1, --n = {a.n}], got {a.cols}")
     out = Path(a.out)
@@ -89,13 +95,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- eval
 def cmd_eval_ddpm(a: argparse.Namespace) -> int:
-    import math
-
     from .evaluation import evaluate_ddpm
-    from .pipeline.request import MAX_CFG_SCALE
 
-    if not (math.isfinite(a.cfg) and 0 <= a.cfg <= MAX_CFG_SCALE):  # as `sample` (once NaN features, a traceback)
-        raise UsageError(f"--cfg must be a number in [0, {MAX_CFG_SCALE:g}], got {a.cfg}")
+    _check_cfg(a.cfg)  # as `sample` (once NaN features, a traceback)
 
     res = evaluate_ddpm(
         a.checkpoint,
