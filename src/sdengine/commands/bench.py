@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .common import check_json_target
+
 
 def run(a: argparse.Namespace) -> int:
     from ..bench import BenchError, GenSpec, make_random_folder, run_bench
@@ -44,14 +46,7 @@ def run(a: argparse.Namespace) -> int:
             raise BenchError("--no-compile applies to --device cuda only")
     if not 0 <= a.seed <= 2**64 - 1:  # -1 would draw a random seed for sdengine and seed diffusers with -1
         raise BenchError(f"--seed must be in [0, 2**64 - 1] (both engines draw from it), got {a.seed}")
-    if a.json:  # before the (long) run, not after it
-        target = Path(a.json)
-        if target.is_dir():
-            raise BenchError(f"--json {a.json} is a folder; give a file name")
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BenchError(f"--json {a.json}: cannot write there ({e.strerror or e})") from None
+    check_json_target(a.json)  # before the (long) run, not after it
     # bench's own --fast-path, else the global one (sdengine --fast-path / $SDENGINE_FAST_PATH), as every command
     chosen = a.fast_path or os.environ.get("SDENGINE_FAST_PATH", "")
     options = parse_options(chosen) if chosen.strip().lower() not in ("", "default", "none") else ()

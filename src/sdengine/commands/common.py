@@ -72,6 +72,23 @@ def train_config(a: argparse.Namespace, **fixed: Any) -> Any:
     )
 
 
+def check_json_target(path: str | None) -> None:
+    """A ``--json`` file checked (and its folder made) before a long run, so that its results are not lost at the
+    end: a one-line UsageError for a folder, or a place no file can be written."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    from sdengine.errors import UsageError
+
+    if Path(path).is_dir():
+        raise UsageError(f"--json {path} is a folder; give a file name")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--json {path}: cannot write there ({e.strerror or e})") from None
+
+
 def device(a: argparse.Namespace) -> str:
     from ..devices import resolve_device
 

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from ..errors import UsageError
+from .common import check_json_target
 
 
 def _positive(what: str, v: int | None, minimum: int = 1) -> None:
@@ -104,13 +105,7 @@ def run(a: argparse.Namespace) -> int:
     for what, p in (("--controlnet", a.controlnet), ("--lora", a.lora)):
         if p is not None and not Path(p).exists():
             raise FileNotFoundError(f"{what}: not found: {p}")
-    if a.json is not None and Path(a.json).is_dir():
-        raise IsADirectoryError(f"--json {a.json} is a folder; give a file name")
-    if a.json is not None:  # its folder made (or found unmakeable: a file in the way) before the evaluation
-        try:
-            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"--json {a.json}: cannot write there ({e.strerror or e})") from None
+    check_json_target(a.json)
 
     sweep = [_sweep_point(text) for text in a.control_sweep]
     if sweep and a.controlnet is None:
