@@ -599,10 +599,14 @@ async function generate() {
 
 const JOB_KEY = "sdengine.job"; // the job this tab follows, so that a reload finds it again
 
+function forgetJob() {
+  try { sessionStorage.removeItem(JOB_KEY); } catch (e) { /* storage off */ }
+}
+
 function endJob() {
   state.jobId = null;
   state.cancelAsked = false;
-  try { sessionStorage.removeItem(JOB_KEY); } catch (e) { /* storage off */ }
+  forgetJob();
   setRunning(false);
   status();
 }
@@ -614,22 +618,20 @@ async function runJob(id, position) {
   if (state.cancelAsked) api(`/v1/jobs/${id}`, { method: "DELETE" }).catch(showApiError);
   showProgress({ state: "queued", position });
   status();
-  {
-    const job = await followJob(id);
-    if (job.state === "done") {
-      if (job.images.length) state.lastSeed = job.images[0].seed;
-      await showResults(job.images.map((im) => ({ ...im, parameters: im.infotext })));
-      $("live-preview").hidden = true;
-      $("progress").value = $("progress").max;
-      $("progress-text").textContent = `Done: ${job.images.length} image(s) in ` +
-        `${(job.finished - job.started).toFixed(1)} s`;
-      loadGallery(0);
-    } else if (job.state === "cancelled") {
-      $("progress-text").textContent = `Cancelled${job.step ? ` after step ${job.step} of ${job.steps}` : ""}`;
-    } else {
-      $("progress-text").textContent = "Failed";
-      showError(fieldOf(job.error || ""), job.error || "the job failed");
-    }
+  const job = await followJob(id);
+  if (job.state === "done") {
+    if (job.images.length) state.lastSeed = job.images[0].seed;
+    await showResults(job.images.map((im) => ({ ...im, parameters: im.infotext })));
+    $("live-preview").hidden = true;
+    $("progress").value = $("progress").max;
+    $("progress-text").textContent = `Done: ${job.images.length} image(s) in ` +
+      `${(job.finished - job.started).toFixed(1)} s`;
+    loadGallery(0);
+  } else if (job.state === "cancelled") {
+    $("progress-text").textContent = `Cancelled${job.step ? ` after step ${job.step} of ${job.steps}` : ""}`;
+  } else {
+    $("progress-text").textContent = "Failed";
+    showError(fieldOf(job.error || ""), job.error || "the job failed");
   }
 }
 
@@ -642,11 +644,11 @@ async function resumeJob() {
   try {
     job = await getJSON(`/v1/jobs/${id}`);
   } catch (e) {
-    try { sessionStorage.removeItem(JOB_KEY); } catch (err) { /* storage off */ }
+    forgetJob(); // the server no longer has it (restarted)
     return;
   }
   if (["done", "failed", "cancelled"].includes(job.state)) {
-    try { sessionStorage.removeItem(JOB_KEY); } catch (e) { /* storage off */ }
+    forgetJob();
     return;
   }
   setRunning(true);
