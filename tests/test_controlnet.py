@@ -516,6 +516,29 @@ def test_step_keep_and_the_sampler_step_follow_diffusers() -> None:
         m(x, t, encoder_hidden_states=ctx)
 
 
+def test_a_window_shorter_than_a_step_is_said_not_silent() -> None:
+    # 10 steps, start 0.31, end 0.39: diffusers' rule (i/10 >= 0.31 and (i+1)/10 <= 0.39) keeps no step, so the
+    # ControlNet does nothing; that must be said, not left silent.
+    unet, net, img = UNet(TINY_SD), _tiny_net(), torch.rand(1, 3, 16, 16)
+    grid = torch.linspace(999.0, 1.0, 10)
+    with pytest.warns(UserWarning, match=r"ControlNet 1: guidance start 0.31 and end 0.39 .* acts on no step"):
+        m = PC.build_controlled_unet(unet, [(net, img, 1.0, 0.31, 0.39)], width=16, height=16, grid=grid)
+    assert not any(m.units[0].keep)
+    notes: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a note callback takes the message instead of a warning
+        PC.build_controlled_unet(
+            unet, [(net, img, 1.0, 0.0, 1.0), (net, img, 1.0, 0.31, 0.39)], width=16, height=16, grid=grid,
+            note=notes.append,
+        )  # fmt: skip
+        assert len(notes) == 1 and notes[0].startswith("ControlNet 2:") and "of the 10 that run" in notes[0]
+        # a window of exactly one step keeps that step and says nothing
+        m = PC.build_controlled_unet(
+            unet, [(net, img, 1.0, 0.3, 0.4)], width=16, height=16, grid=grid, note=notes.append
+        )
+    assert m.units[0].keep == [i == 3 for i in range(10)] and len(notes) == 1
+
+
 def test_inpainting_unet_gets_the_latent_channels_only() -> None:
     torch.manual_seed(0)
     unet9 = UNet(dataclasses.replace(TINY_SD, in_channels=9)).eval()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +127,15 @@ def step_keep(steps: int, start: float, end: float) -> list[bool]:
     """diffusers' ``controlnet_keep``: step i (of ``steps``) is controlled unless i/steps < start or
     (i+1)/steps > end."""
     return [not (i / steps < start or (i + 1) / steps > end) for i in range(steps)]
+
+
+def no_step_message(name: str, steps: int, start: float, end: float) -> str:
+    """The warning for a unit whose start/end window holds no whole step of the ``steps`` that run."""
+    return (
+        f"{name}: guidance start {start:g} and end {end:g} hold no whole step of the {steps} that run (step i "
+        f"acts when start <= i/{steps} and (i+1)/{steps} <= end, as diffusers counts): it acts on no step; "
+        "widen the window or use more steps"
+    )
 
 
 @dataclass
@@ -371,12 +380,15 @@ def build_controlled_unet(
     dtype: str | torch.dtype | None = None,
     start_step: int = 0,
     resize_mode: str = "just resize",
+    note: Callable[[str], None] | None = None,
 ) -> ControlledUNet:
     """The U-Net callable with ControlNets attached, for the Denoiser to use in place of the U-Net.
 
     ``units``: :class:`ControlUnit` (or its tuple form); each map is resized to ``width`` x ``height``.
     ``grid``: the sampling grid (``.timesteps``) of this run; ``start_step``: the first step that runs
-    (img2img), so that the fractions count the steps that actually run, as diffusers does.
+    (img2img), so that the fractions count the steps that actually run, as diffusers does. A unit whose
+    window holds no whole step (``step_keep`` all off: say start 0.31, end 0.39 of 10 steps) acts on nothing:
+    that is said through ``note`` (the pipeline's notes), or as a warning without one.
     """
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
     if device is None:
@@ -409,14 +421,15 @@ def build_controlled_unet(
                 img = img.mean(dim=1, keepdim=True)
             else:
                 raise ControlNetError(f"{name} takes {net.config.conditioning_channels}-channel control images")
-        prepared.append(
-            PreparedUnit(
-                net,
-                img.to(device=device, dtype=net.dtype),
-                float(unit.scale),
-                step_keep(steps, float(unit.start), float(unit.end)),
-            )
-        )
+        keep = step_keep(steps, float(unit.start), float(unit.end))
+        if not any(keep):
+            msg = no_step_message(name, steps, float(unit.start), float(unit.end))
+            if note is not None:
+                note(msg)
+            else:
+                warnings.warn(msg, stacklevel=2)
+                log.warning(msg)
+        prepared.append(PreparedUnit(net, img.to(device=device, dtype=net.dtype), float(unit.scale), keep))
     return ControlledUNet(unet, prepared, guess_mode=guess_mode)
 
 
@@ -428,5 +441,6 @@ __all__ = [
     "build_controlled_unet",
     "check_unit_settings",
     "control_image_tensor",
+    "no_step_message",
     "step_keep",
 ]
