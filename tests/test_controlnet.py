@@ -657,6 +657,13 @@ def test_comfyui_canny_follows_kornia_blur_and_fractional_thresholds() -> None:
         C.canny_fractions(img, 0.8, 0.4)
 
 
+def test_threshold_is_a1111s_every_channel_above() -> None:
+    # sd-webui-controlnet's threshold: white where min(R, G, B) > thr_a; the luma of yellow (226) once made it white
+    px = np.array([[[255, 255, 0], [255, 255, 255], [200, 200, 200], [120, 120, 120], [128, 250, 250]]], np.uint8)
+    out = np.asarray(C.preprocess("threshold", Image.fromarray(px), threshold=127))
+    assert out[0, :, 0].tolist() == [0, 255, 255, 0, 255] and (out[..., 0] == out[..., 2]).all()
+
+
 def test_grayscale_and_rgba_control_images_are_converted(tmp_path) -> None:
     gray = Image.fromarray(np.full((10, 12), 77, np.uint8))
     rgb = C.load_control_image(gray)

@@ -118,9 +118,11 @@ def canny_fractions(
 
 
 def threshold(img: Image.Image, threshold: float = 127) -> Image.Image:
-    """Binarise: pixels brighter than ``threshold`` (0..255) become white, the rest black."""
-    g = _gray(img)
-    return _rgb(np.where(g > threshold, 255, 0))
+    """Binarise as A1111's ControlNet extension's ``threshold`` does: a pixel whose every channel is above
+    ``threshold`` (0..255), i.e. min(R, G, B) > threshold, becomes white, the rest black (a saturated colour
+    such as yellow is black; grey pixels compare their grey level)."""
+    low = np.asarray(img.convert("RGB"), dtype=np.uint8).min(axis=2)
+    return _rgb(np.where(low > threshold, 255, 0))
 
 
 def scribble(img: Image.Image, threshold: float = 127) -> Image.Image:
