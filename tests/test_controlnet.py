@@ -540,6 +540,26 @@ def test_a_window_shorter_than_a_step_is_said_not_silent() -> None:
     assert m.units[0].keep == [i == 3 for i in range(10)] and len(notes) == 1
 
 
+def test_a1111_step_rule_counts_as_the_extension() -> None:
+    # sd-webui-controlnet: guidance stopped when i/steps < start or i/steps > end (guidance_schedule_handler)
+    for n, s, e in ((20, 0.0, 0.5), (10, 0.3, 0.35), (10, 0.31, 0.39), (7, 0.2, 0.9), (4, 0.0, 1.0)):
+        assert PC.step_keep(n, s, e, "a1111") == [not (i / n < s or i / n > e) for i in range(n)]
+    assert sum(PC.step_keep(20, 0.0, 0.5, "a1111")) == 11 and sum(PC.step_keep(20, 0.0, 0.5)) == 10
+    unet, net, img = UNet(TINY_SD), _tiny_net(), torch.rand(1, 3, 16, 16)
+    grid = torch.linspace(999.0, 1.0, 10)
+    notes: list[str] = []
+    unit = PC.ControlUnit(net, img, 1.0, 0.3, 0.35, rule="a1111")  # diffusers' rule: no step; A1111's: step 3
+    m = PC.build_controlled_unet(unet, [unit], width=16, height=16, grid=grid, note=notes.append)
+    assert m.units[0].keep == [i == 3 for i in range(10)] and not notes
+    PC.build_controlled_unet(
+        unet, [PC.ControlUnit(net, img, 1.0, 0.31, 0.39, rule="a1111")], width=16, height=16, grid=grid,
+        note=notes.append,
+    )  # fmt: skip
+    assert len(notes) == 1 and "start <= i/10 <= end, as A1111's ControlNet extension counts" in notes[0]
+    with pytest.raises(C.ControlNetError, match="unknown ControlNet step rule 'comfy'; use one of: diffusers, a1111"):
+        PC.ControlUnit(net, img, rule="comfy")
+
+
 def test_inpainting_unet_gets_the_latent_channels_only() -> None:
     torch.manual_seed(0)
     unet9 = UNet(dataclasses.replace(TINY_SD, in_channels=9)).eval()

@@ -15,6 +15,7 @@ separate sub-batches, so every row equals the same row generated alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from collections.abc import Mapping, Sequence
@@ -989,11 +990,11 @@ def _rows_of(unit: ControlUnit, rows: list[int], n: int) -> ControlUnit:
     if isinstance(image, list | tuple):
         if len(image) != n:
             raise GenerationError(f"a ControlNet has {len(image)} control images for {n} rows")
-        return ControlUnit(unit.model, [image[i] for i in rows], unit.scale, unit.start, unit.end)
+        return dataclasses.replace(unit, image=[image[i] for i in rows])
     if isinstance(image, Tensor) and image.ndim == 4 and image.shape[0] > 1:
         if image.shape[0] != n:
             raise GenerationError(f"a ControlNet has {image.shape[0]} control images for {n} rows")
-        return ControlUnit(unit.model, image[rows], unit.scale, unit.start, unit.end)
+        return dataclasses.replace(unit, image=image[rows])
     return unit
 
 
