@@ -89,12 +89,14 @@ def test_strength_0_is_the_plain_image_and_1_the_subseeds(pipe):
     np.testing.assert_array_equal(one.arrays, of_subseed.arrays)
     half = pipe("a cat", seed=5, subseed=9, subseed_strength=0.5, **FAST)
     assert np.abs(half.arrays - plain.arrays).mean() > 1e-3 and np.abs(half.arrays - one.arrays).mean() > 1e-3
-    # a batch: row i uses seed + i and subseed + i, as it would alone
+    # a batch: every row keeps the seed and row i takes subseed + i (A1111's rule: variations of one image), as it
+    # would alone; the old seed + i made each row another picture
     batch = pipe("a cat", seed=5, subseed=9, subseed_strength=0.5, batch_size=2, **FAST)
-    alone = pipe("a cat", seed=6, subseed=10, subseed_strength=0.5, **FAST)
+    alone = pipe("a cat", seed=5, subseed=10, subseed_strength=0.5, **FAST)
     np.testing.assert_allclose(batch.arrays[1], alone.arrays[0], atol=2e-3)
     p = parse_parameters(batch.infotexts[1])
-    assert (p["Seed"], p["Variation seed"], p["Variation seed strength"]) == ("6", "10", "0.5")
+    assert (p["Seed"], p["Variation seed"], p["Variation seed strength"]) == ("5", "10", "0.5")
+    assert batch.seeds == [5, 5] and parse_parameters(batch.infotexts[0])["Variation seed"] == "9"
 
 
 def test_infotext_round_trips(pipe):
