@@ -82,7 +82,9 @@ def test_cli_serve_starts_on_loopback_and_answers(tmp_path):
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("keyed")
-    with live_server(server_config(tmp, api_key="s3cret", cors_origins=("http://app.example",))) as s:
+    with live_server(
+        server_config(tmp, api_key="s3cret", cors_origins=("http://app.example",), max_body_bytes=1 << 20)
+    ) as s:
         yield s
 
 
@@ -95,6 +97,23 @@ def test_api_key_bearer_basic_and_health(keyed):
     assert httpx.get(f"{u}/sdapi/v1/sd-models", auth=("anyone", "s3cret")).status_code == 200
     assert httpx.post(f"{u}/sdapi/v1/interrupt", auth=("anyone", "wrong")).status_code == 401
     assert httpx.get(f"{u}/healthz").status_code == 200
+
+
+def test_refusals_carry_cors_headers_for_a_listed_origin(keyed):
+    """A page of a --cors-origins origin can read why it was refused (wrong key, body too big), instead of the
+    browser hiding the answer behind a CORS error; an unlisted origin still gets no CORS header."""
+    listed = {"Origin": "http://app.example"}
+    r = httpx.get(f"{keyed.url}/v1/models", headers={**listed, "Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.headers.get("access-control-allow-origin") == "http://app.example"
+    big = b"x" * (keyed.services.config.max_body_bytes + 1)
+    r = httpx.post(
+        f"{keyed.url}/v1/uploads",
+        content=big,
+        headers={**listed, "Authorization": "Bearer s3cret", "content-type": "image/png"},
+    )
+    assert r.status_code == 413 and r.headers.get("access-control-allow-origin") == "http://app.example"
+    r = httpx.get(f"{keyed.url}/v1/models", headers={"Origin": "http://evil.example"})
+    assert r.status_code == 401 and "access-control-allow-origin" not in r.headers
 
 
 def test_foreign_origin_and_null_refused_on_state_changing_routes(keyed):

@@ -159,12 +159,6 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         description="Native job API, AUTOMATIC1111 /sdapi/v1 and OpenAI Images routes over one queue.",
     )
     app.state.services = services
-    if config.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(
-            CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"]
-        )
     app.add_middleware(
         SecurityMiddleware,
         api_key=config.api_key,
@@ -172,6 +166,14 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         max_body_bytes=config.max_body_bytes,
         loopback_only_hosts=config.api_key is None and is_loopback(config.host),
     )
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        # Added last = outermost: the security rules' own answers (401 wrong key, 413, 403) carry the CORS
+        # headers too, so that a page of a listed origin can read why it was refused (not a bare CORS error).
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"]
+        )
     _install_error_handlers(app)
     _native_routes(app, services)
     from sdengine.server import a1111, comfy, openai_images, page_api
