@@ -36,6 +36,39 @@ def test_non_loopback_bind_without_key_refuses_to_start(capsys):
     assert "must not be empty" in capsys.readouterr().err
 
 
+def test_settings_that_would_refuse_every_request_refuse_to_start(capsys, tmp_path, monkeypatch):
+    """--max-queue 0 (every job a 429), a body limit <= 0 (every body a 413), an impossible port (a traceback from
+    the socket layer) and an outputs folder that cannot be made (every job failing at its save) are one line at
+    start, exit 2, before any model is loaded."""
+    import uvicorn
+
+    from sdengine.cli import main
+
+    def started(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn, "run", started)
+    (tmp_path / "a_file").write_text("x")
+    cases = {
+        ("--max-queue", "0"): "--max-queue must be >= 1",
+        ("--max-queue", "-1"): "--max-queue must be >= 1",
+        ("--max-body-mb", "-5"): "--max-body-mb must be a number > 0",
+        ("--max-body-mb", "nan"): "--max-body-mb must be a number > 0",
+        ("--max-image-pixels", "0"): "--max-image-pixels must be >= 1",
+        ("--port", "99999"): "--port must be in [1, 65535]",
+        ("--outputs-dir", str(tmp_path / "a_file")): "not a folder",
+        ("--outputs-dir", str(tmp_path / "a_file" / "sub")): "cannot create it",
+    }
+    for args, message in cases.items():
+        argv = ["serve", *args] if args[0] == "--port" else ["serve", "--port", str(free_port()), *args]
+        assert main(argv) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (args, err)
+    made = tmp_path / "new" / "outputs"
+    assert main(["serve", "--port", "99999", "--outputs-dir", str(made)]) == 2  # the port is checked first
+    assert not made.exists()
+
+
 @pytest.mark.slow
 def test_a_subprocess_refuses_too():
     r = serve("--host", "0.0.0.0", "--port", str(free_port()))

@@ -20,6 +20,16 @@ def run(a: argparse.Namespace) -> int:
     check_bind(a.host, api_key, a.insecure_no_auth)
     if a.max_batch < 1:
         raise ServerConfigError(f"--max-batch must be >= 1, got {a.max_batch}")
+    # Limits that would refuse every job or every request are a mistake: said now, not as a 429 / 413 per request.
+    if a.max_queue < 1:
+        raise ServerConfigError(f"--max-queue must be >= 1 (jobs that may wait), got {a.max_queue}")
+    if not a.max_body_mb > 0 or a.max_body_mb == float("inf"):
+        raise ServerConfigError(f"--max-body-mb must be a number > 0, got {a.max_body_mb}")
+    if a.max_image_pixels < 1:
+        raise ServerConfigError(f"--max-image-pixels must be >= 1, got {a.max_image_pixels}")
+    if not 1 <= a.port <= 65535:
+        raise ServerConfigError(f"--port must be in [1, 65535], got {a.port}")
+    check_outputs_dir(Path(a.outputs_dir))
     for flag, d in (
         ("--models-dir", a.models_dir),
         ("--loras-dir", a.loras_dir),
@@ -83,6 +93,21 @@ def run(a: argparse.Namespace) -> int:
         timeout_graceful_shutdown=10,
     )
     return 0
+
+
+def check_outputs_dir(folder: Path) -> None:
+    """The outputs folder exists (made now if missing) and is writable: every job saves into it, so a folder
+    that cannot be written is one line at start, not a failed job per request."""
+    from ..server.errors import ServerConfigError
+
+    if folder.exists() and not folder.is_dir():
+        raise ServerConfigError(f"--outputs-dir {folder}: not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ServerConfigError(f"--outputs-dir {folder}: cannot create it ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ServerConfigError(f"--outputs-dir {folder}: not writable")
 
 
 def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction | None = None) -> None:
