@@ -248,3 +248,112 @@ def test_saved_png_parameters_regenerate_the_image(client, server):
     prompt = kwargs.pop("prompt")
     again = emoji()(prompt, progress=False, **kwargs)
     np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(again.images[0]))
+
+
+class SlowSteps:
+    """A loader: the emoji pipeline with every sampler step made ``delay`` seconds longer (a long job on a tiny
+    model), so that a shutdown finds a job running."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def __call__(self, ref: str, device: str):
+        pipe = shared_loader(ref, device)
+        delay = self.delay
+
+        class Slow:
+            def __getattr__(self, name: str):
+                return getattr(pipe, name)
+
+            def __call__(self, callback=None, **kw):
+                def slow(info):
+                    time.sleep(delay)
+                    return callback(info) if callback is not None else True
+
+                return pipe(callback=slow, **kw)
+
+        return Slow()
+
+
+def start_server(tmp: Path, loader, grace: float):
+    """``sdengine serve``'s own uvicorn server (make_server) in a thread; its ``should_exit`` is what Ctrl-C sets."""
+    import threading
+
+    from _live_server import free_port
+    from sdengine.server.app import create_app, make_server
+
+    port = free_port()
+    app = create_app(server_config(tmp, host="127.0.0.1", port=port), loader=loader, preload=False)
+    server = make_server(app, host="127.0.0.1", port=port, grace=grace, log_level="warning", access_log=False)
+    server.config.timeout_graceful_shutdown = 3  # the fallback that cuts streams off; the drain must come first
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def final_event(url: str, job_id: str, out: dict) -> None:
+    """Read a job's event stream to its end; ``out[job_id]`` = (last event name, its data) or the error."""
+    try:
+        name, data = None, None
+        with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events", timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    data = json.loads(line[6:])
+        out[job_id] = (name, data)
+    except Exception as e:  # noqa: BLE001 - a stream cut off is what the test looks for
+        out[job_id] = (f"error: {type(e).__name__}", None)
+
+
+def wait_state(url: str, job_id: str, state: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{url}/v1/jobs/{job_id}").json()["state"] != state:
+        assert time.monotonic() < deadline, f"job {job_id} never {state}"
+        time.sleep(0.02)
+
+
+def test_shutdown_ends_every_event_stream_with_the_jobs_final_state(tmp_path):
+    """Ctrl-C with a job running and one queued, both watched: the queued one ends `cancelled` at once, the running
+    one gets the grace period, then is cancelled at its next step, and both streams end with that final event
+    (before, both streams waited for uvicorn's timeout and were cut off without one, the job still running)."""
+    import threading
+
+    server, thread, url = start_server(tmp_path, SlowSteps(0.1), grace=0.6)
+    body = {**BASE, "steps": 150}
+    running = httpx.post(f"{url}/v1/jobs", json=body).json()["id"]
+    queued = httpx.post(f"{url}/v1/jobs", json={**body, "seed": 8}).json()["id"]
+    wait_state(url, running, "running")
+    out: dict = {}
+    readers = [threading.Thread(target=final_event, args=(url, j, out)) for j in (running, queued)]
+    for t in readers:
+        t.start()
+    time.sleep(0.3)  # both streams open
+    t0 = time.monotonic()
+    server.should_exit = True  # what Ctrl-C does
+    for t in readers:
+        t.join(20)
+    thread.join(20)
+    assert not thread.is_alive() and time.monotonic() - t0 < 2.9, time.monotonic() - t0  # before the fallback
+    name, data = out[queued]
+    assert name == "cancelled" and data["error"] == "the server stopped before it started", out[queued]
+    name, data = out[running]
+    assert name == "cancelled" and "(the server stopped)" in data["error"] and data["step"] < 150, out[running]
+
+
+def test_shutdown_lets_a_running_job_finish_within_the_grace_period(tmp_path):
+    """A job that ends within the grace period is done, its image saved, though nobody watches it (before, with
+    no open connection, the job was cancelled at once)."""
+    server, thread, url = start_server(tmp_path, SlowSteps(0.1), grace=10)
+    job = httpx.post(f"{url}/v1/jobs", json={**BASE, "steps": 8}).json()["id"]
+    wait_state(url, job, "running")
+    j = server.config.app.state.services.manager.get(job)
+    server.should_exit = True
+    thread.join(20)
+    assert not thread.is_alive()
+    assert j.state == "done" and len(j.images) == 1, (j.state, j.error)
+    assert (tmp_path / "outputs" / j.images[0].name).is_file()

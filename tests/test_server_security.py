@@ -47,7 +47,7 @@ def test_settings_that_would_refuse_every_request_refuse_to_start(capsys, tmp_pa
     def started(*args, **kwargs):
         raise AssertionError("the server started")
 
-    monkeypatch.setattr(uvicorn, "run", started)
+    monkeypatch.setattr(uvicorn.Server, "run", started)
     (tmp_path / "a_file").write_text("x")
     cases = {
         ("--max-queue", "0"): "--max-queue must be >= 1",

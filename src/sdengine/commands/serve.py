@@ -72,26 +72,22 @@ def run(a: argparse.Namespace) -> int:
     )
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as e:
         from ..errors import UsageError
 
         raise UsageError(
             f"sdengine serve needs the server extra ({e.name} is missing): pip install 'sdengine[server]'"
         ) from None
-    from ..server.app import create_app
+    from ..server.app import create_app, make_server
 
     app = create_app(config)
     print(f"sdengine serving {config.model} on http://{a.host}:{a.port} (docs: /docs, API: /openapi.json)", flush=True)
-    # Open event streams would hold a shutdown forever: after 10 s they are closed (running jobs are cancelled).
-    uvicorn.run(
-        app,
-        host=a.host,
-        port=a.port,
-        log_level=a.log_level,
-        access_log=a.log_level == "debug",
-        timeout_graceful_shutdown=10,
-    )
+    # Ctrl-C / SIGTERM: queued jobs are cancelled, running ones get 10 s to finish (Ctrl-C again: at once), and
+    # every open event stream ends with its job's final event.
+    make_server(
+        app, host=a.host, port=a.port, grace=10.0, log_level=a.log_level, access_log=a.log_level == "debug"
+    ).run()
     return 0
 
 

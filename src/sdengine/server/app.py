@@ -185,6 +185,26 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
     return app
 
 
+def make_server(app: FastAPI, *, host: str, port: int, grace: float = 10.0, **uvicorn_options: Any) -> Any:
+    """The uvicorn server of ``sdengine serve``, whose shutdown (Ctrl-C, SIGTERM) first stops the job queue: the
+    listening socket closes, queued jobs end ``cancelled``, running ones get ``grace`` seconds to finish (a second
+    Ctrl-C cancels them at once), so that every event stream and waiting request ends with the job's final state
+    instead of being cut off; then uvicorn closes the (now idle) connections."""
+    import uvicorn
+
+    manager: JobManager = app.state.services.manager
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            for server in self.servers:  # no new connections while the jobs stop
+                server.close()
+            await asyncio.to_thread(manager.stop, grace=grace, hurry=lambda: bool(self.force_exit))
+            await super().shutdown(sockets)
+
+    uvicorn_options.setdefault("timeout_graceful_shutdown", grace + 5)
+    return Server(uvicorn.Config(app, host=host, port=port, **uvicorn_options))
+
+
 def _version() -> str:
     from sdengine import __version__
 

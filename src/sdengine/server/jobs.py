@@ -259,21 +259,41 @@ class JobManager:
         for w in self.workers:
             w.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Cancel everything and wait (bounded) for the workers to end."""
+    def stop(self, timeout: float = 30.0, *, grace: float = 0.0, hurry: Callable[[], bool] | None = None) -> None:
+        """Stop: no job is taken or accepted any more, the queued ones end ``cancelled`` at once, the running ones
+        get ``grace`` seconds to finish (less when ``hurry()`` turns true: a second Ctrl-C), then are cancelled at
+        the end of their step; waits (bounded by ``timeout``) for the workers to end. Every job ends in a final
+        state, so its event streams and waiting requests end with a final answer. Safe to call twice."""
         with self._cond:
             self.stopping = True
             queued = list(self._queue)
             self._queue.clear()
-            running = [j for j in self._jobs.values() if j.state == RUNNING]
             self._cond.notify_all()
         for j in queued:
-            self.finish(j, CANCELLED, "the server stopped")
-        for j in running:
+            self.finish(j, CANCELLED, "the server stopped before it started")
+        running = self.running()
+        if running and grace > 0:
+            log.warning(
+                "stopping: waiting up to %g s for %d running job(s) to finish (Ctrl-C again to cancel them now)",
+                grace,
+                len(running),
+            )
+            deadline = time.monotonic() + grace
+            while self.running() and time.monotonic() < deadline and not (hurry is not None and hurry()):
+                time.sleep(0.05)
+        for j in self.running():
+            if not j.cancel.is_set():
+                log.warning("stopping: cancelling job %s at step %d of %d", j.id, j.step, j.steps)
             j.cancel.set()
+            j.changed()
         deadline = time.monotonic() + timeout
         for w in self.workers:
-            w.join(max(0.0, deadline - time.monotonic()))
+            if w.is_alive():
+                w.join(max(0.0, deadline - time.monotonic()))
+
+    def cancel_reason(self, job: Job) -> str:
+        why = " (the server stopped)" if self.stopping else ""
+        return f"cancelled after step {job.step} of {job.steps}{why}"
 
     # -- the queue -------------------------------------------------------------------------------------
 
@@ -356,7 +376,7 @@ class JobManager:
                 self._queue.appendleft(j)
             self._cond.notify()
         for j in gone:
-            self.finish(j, CANCELLED, "cancelled while queued")
+            self.finish(j, CANCELLED, "the server stopped" if self.stopping else "cancelled while queued")
         for j in jobs:
             if j not in gone:
                 j.changed()
@@ -553,7 +573,7 @@ class Worker(threading.Thread):
                     continue
                 if e.preview is not None:
                     job.preview_png = png_bytes(Image.fromarray(e.preview[0]))
-                m.finish(job, CANCELLED, f"cancelled after step {job.step} of {job.steps}")
+                m.finish(job, CANCELLED, m.cancel_reason(job))
                 return
             except (torch.OutOfMemoryError, MemoryError):  # CUDA's, or the CPU allocator's
                 if torch.cuda.is_available():
@@ -579,7 +599,7 @@ class Worker(threading.Thread):
             job.step = done_steps
             job.changed()
         if job.cancel.is_set() and not job.images:
-            m.finish(job, CANCELLED, f"cancelled after step {job.step} of {job.steps}")
+            m.finish(job, CANCELLED, m.cancel_reason(job))
         else:
             m.finish(job, DONE)
 
@@ -660,7 +680,7 @@ class Worker(threading.Thread):
                 if job.cancel.is_set():
                     if e.preview is not None:
                         job.preview_png = png_bytes(Image.fromarray(e.preview[a]))
-                    m.finish(job, CANCELLED, f"cancelled after step {job.step} of {job.steps}")
+                    m.finish(job, CANCELLED, m.cancel_reason(job))
                 elif job.skip.is_set():
                     job.skip.clear()
                     m.finish(job, DONE)  # as alone: a skipped last (only) iteration leaves no image
