@@ -357,3 +357,60 @@ def test_shutdown_lets_a_running_job_finish_within_the_grace_period(tmp_path):
     assert not thread.is_alive()
     assert j.state == "done" and len(j.images) == 1, (j.state, j.error)
     assert (tmp_path / "outputs" / j.images[0].name).is_file()
+
+
+def test_a_queued_jobs_event_stream_follows_its_position(tmp_path):
+    """Watching a queued job: when a job ahead of it leaves the queue (cancelled, or taken by the worker), its
+    stream gets a progress event with the new position (before, it kept saying the first position until the job
+    started, 15 s keep-alives apart)."""
+    import threading
+
+    gate = threading.Event()
+
+    def gated(ref: str, device: str):
+        pipe = shared_loader(ref, device)
+
+        class Gated:
+            def __getattr__(self, name: str):
+                return getattr(pipe, name)
+
+            def __call__(self, **kw):
+                assert gate.wait(60), "the test never opened the gate"
+                return pipe(**kw)
+
+        return Gated()
+
+    with (
+        live_server(server_config(tmp_path, max_batch_jobs=1), loader=gated) as s,
+        httpx.Client(base_url=s.url, timeout=30) as c,
+    ):
+        try:
+            a, b, d, e = (c.post("/v1/jobs", json={**BASE, "seed": k}).json()["id"] for k in range(4))
+            wait_state(s.url, a, "running")
+            positions: list = []
+
+            def watch() -> None:
+                with httpx.stream("GET", f"{s.url}/v1/jobs/{e}/events", timeout=30) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            data = json.loads(line[6:])
+                            positions.append(data["position"])
+                            if data["state"] != "queued":
+                                return
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            deadline = time.monotonic() + 10
+            while positions != [2]:
+                assert time.monotonic() < deadline, positions
+                time.sleep(0.02)
+            c.delete(f"/v1/jobs/{b}")  # b leaves the queue: only d is ahead of e now
+            while positions[-1] != 1:
+                assert time.monotonic() < deadline, positions
+                time.sleep(0.02)
+            gate.set()  # a finishes, d runs: e is next (0), then runs
+            watcher.join(30)
+            assert positions[:3] == [2, 1, 0] and positions[-1] is None, positions
+            assert wait_job(c, e)["state"] == "done" and wait_job(c, d)["state"] == "done"
+        finally:
+            gate.set()

@@ -354,9 +354,17 @@ class JobManager:
             for j in jobs:
                 j.state = RUNNING
                 j.started = now
+            moved = list(self._queue)
         for j in jobs:
             j.changed()
+        self._moved(moved)
         return jobs
+
+    @staticmethod
+    def _moved(jobs: list[Job]) -> None:
+        """Jobs whose place in the queue changed (a job ahead left it): their watchers get the new position."""
+        for j in jobs:
+            j.changed()
 
     def requeue(self, jobs: list[Job]) -> None:
         """Put jobs of a stopped batch back at the FRONT of the queue, in their order, to run from the start
@@ -375,11 +383,13 @@ class JobManager:
                 j.preview_step = 0
                 self._queue.appendleft(j)
             self._cond.notify()
+            moved = [j for j in self._queue if j not in jobs]
         for j in gone:
             self.finish(j, CANCELLED, "the server stopped" if self.stopping else "cancelled while queued")
         for j in jobs:
             if j not in gone:
                 j.changed()
+        self._moved(moved)
 
     def get(self, job_id: str) -> Job:
         with self._cond:
@@ -416,15 +426,19 @@ class JobManager:
 
     def cancel(self, job: Job) -> None:
         """A queued job leaves the queue now; a running one stops after its current step."""
+        moved: list[Job] = []
         with self._cond:
             if job.state == QUEUED and job in self._queue:
+                at = self._queue.index(job)
                 self._queue.remove(job)
+                moved = list(self._queue)[at:]
                 removed = True
             else:
                 removed = False
             job.cancel.set()
         if removed:
             self.finish(job, CANCELLED, "cancelled while queued")
+            self._moved(moved)
         elif job.state == RUNNING:
             job.changed()
 
