@@ -414,3 +414,38 @@ def test_a_queued_jobs_event_stream_follows_its_position(tmp_path):
             assert wait_job(c, e)["state"] == "done" and wait_job(c, d)["state"] == "done"
         finally:
             gate.set()
+
+
+def test_openapi_document_matches_the_servers_behaviour(tmp_path):
+    """/openapi.json says what the server does: this server's limits on the job fields (it said 1000 steps and
+    8192 pixels whatever the server took), the media types of the event stream, preview and images (it said JSON),
+    the upload's body (it had none), the error answers; with a key, the document and /docs are public (as A1111
+    serves them) and declare the bearer key, while the API still needs it."""
+    from fastapi.testclient import TestClient
+
+    from sdengine.server.app import create_app
+
+    cfg = server_config(tmp_path, max_steps=40, max_side=512, max_batch=3, api_key="k3y")
+    client = TestClient(create_app(cfg, loader=shared_loader, preload=False))  # no lifespan: nothing runs
+    r = client.get("/openapi.json")
+    assert r.status_code == 200, r.text
+    spec = r.json()
+    props = spec["components"]["schemas"]["JobRequest"]["properties"]
+    assert props["steps"]["maximum"] == 40 and props["batch_size"]["maximum"] == 3
+    assert (
+        [o.get("maximum") for o in props["width"]["anyOf"]]
+        == [512, None]
+        == [o.get("maximum") for o in props["height"]["anyOf"]]
+    )
+    key = {"Authorization": "Bearer k3y"}
+    for steps, status in ((40, 202), (41, 400)):  # the documented bound is the real one
+        assert client.post("/v1/jobs", json={**BASE, "steps": steps}, headers=key).status_code == status
+    for path, kind in (("/v1/jobs/{job_id}/events", "text/event-stream"), ("/v1/images/{name}", "image/png")):
+        assert list(spec["paths"][path]["get"]["responses"]["200"]["content"]) == [kind]
+    assert list(spec["paths"]["/v1/jobs/{job_id}/preview"]["get"]["responses"]["200"]["content"]) == ["image/png"]
+    body = spec["paths"]["/v1/uploads"]["post"]["requestBody"]["content"]
+    assert body["multipart/form-data"]["schema"]["properties"]["file"]["format"] == "binary" and "image/png" in body
+    assert {"400", "413", "429"} <= set(spec["paths"]["/v1/jobs"]["post"]["responses"])
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert client.get("/docs").status_code == 200 and "swagger" in client.get("/docs").text.lower()
+    assert client.get("/v1/models").status_code == 401 and client.post("/v1/jobs", json=BASE).status_code == 401

@@ -176,6 +176,7 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         )
     _install_error_handlers(app)
     _native_routes(app, services)
+    _install_openapi(app, config)
     from sdengine.server import a1111, comfy, openai_images, page_api
 
     a1111.install(app, services)
@@ -203,6 +204,98 @@ def make_server(app: FastAPI, *, host: str, port: int, grace: float = 10.0, **uv
 
     uvicorn_options.setdefault("timeout_graceful_shutdown", grace + 5)
     return Server(uvicorn.Config(app, host=host, port=port, **uvicorn_options))
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "detail": {"type": "string"},
+        "error": {"type": "object", "properties": {"message": {"type": "string"}, "type": {"type": "string"}}},
+    },
+}
+_PNG = {"image/png": {"schema": {"type": "string", "format": "binary"}}}
+_NATIVE_ERRORS = {  # the native routes' answers besides 200 and 422, as they really are
+    ("post", "/v1/jobs"): {
+        "400": "a value the server or the pipeline refuses (one line)",
+        "413": "body or image over the limits",
+        "429": "the queue is full (Retry-After)",
+    },
+    ("post", "/v1/uploads"): {"400": "not a PNG, JPEG or WebP image", "413": "body or image over the limits"},
+    ("get", "/v1/jobs/{job_id}"): {"404": "no such job (or forgotten)"},
+    ("delete", "/v1/jobs/{job_id}"): {"404": "no such job (or forgotten)"},
+    ("get", "/v1/jobs/{job_id}/events"): {"404": "no such job (or forgotten)"},
+    ("get", "/v1/jobs/{job_id}/preview"): {"400": "no preview yet", "404": "no such job (or forgotten)"},
+    ("get", "/v1/images/{name}"): {"400": "not a PNG name in the outputs folder", "404": "no such image"},
+}
+
+
+def _install_openapi(app: FastAPI, config: ServerConfig) -> None:
+    """``/openapi.json`` (and ``/docs``) as the server behaves: the job fields' limits are this server's
+    (``--max-steps``...: the schema's own bounds are only the widest any server takes), the event stream, preview
+    and images are documented with their media types, the upload's body is the multipart file or raw image it
+    reads, the native routes' error answers are listed, and with ``--api-key`` the bearer key is declared so that
+    the docs page's "Authorize" sends it."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schemas = spec.get("components", {}).get("schemas", {})
+        limits = {"steps": config.max_steps, "batch_size": config.max_batch, "width": config.max_side}
+        limits["height"] = config.max_side
+        for name, maximum in limits.items():
+            prop = schemas.get("JobRequest", {}).get("properties", {}).get(name, {})
+            for option in [prop, *prop.get("anyOf", [])]:
+                if "maximum" in option:
+                    option["maximum"] = maximum
+        for name, maximum in (
+            ("hr_second_pass_steps", config.max_steps),
+            ("hr_resize_x", config.max_side),
+            ("hr_resize_y", config.max_side),
+        ):
+            prop = schemas.get("HiresSpec", {}).get("properties", {}).get(name, {})
+            if "maximum" in prop:
+                prop["maximum"] = maximum
+        schemas["Error"] = _ERROR_SCHEMA
+        paths = spec.get("paths", {})
+
+        def ok(path: str, method: str, content: dict[str, Any]) -> None:
+            op = paths.get(path, {}).get(method)
+            if op is not None:
+                op["responses"][next(c for c in op["responses"] if c.startswith("2"))]["content"] = content
+
+        ok("/v1/jobs/{job_id}/events", "get", {"text/event-stream": {"schema": {"type": "string"}}})
+        ok("/v1/jobs/{job_id}/preview", "get", _PNG)
+        ok("/v1/images/{name}", "get", _PNG)
+        upload = paths.get("/v1/uploads", {}).get("post")
+        if upload is not None:
+            binary = {"schema": {"type": "string", "format": "binary"}}
+            form = {"type": "object", "properties": {"file": binary["schema"]}, "required": ["file"]}
+            upload["requestBody"] = {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {"schema": form},
+                    **{f"image/{kind}": binary for kind in ("png", "jpeg", "webp")},
+                    "application/octet-stream": binary,
+                },
+            }
+        for (method, path), answers in _NATIVE_ERRORS.items():
+            op = paths.get(path, {}).get(method)
+            if op is None:
+                continue
+            for code, text in answers.items():
+                op["responses"][code] = {
+                    "description": text,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                }
+        if config.api_key is not None:
+            spec.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            spec["security"] = [{"bearer": []}]
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _version() -> str:

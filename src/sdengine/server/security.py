@@ -32,6 +32,9 @@ from sdengine.server.errors import BadRequest, PayloadTooLarge, ServerConfigErro
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 PUBLIC_PATHS = frozenset({"/healthz"})  # answered without a key (load balancers' health checks)
+# GET without a key, as A1111 serves them with --api-auth: the API's description holds no secret, and the docs
+# page's "Authorize" sends the key on the calls it tries
+PUBLIC_DOCS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 PUBLIC_PAGE = ("/", "/static/")  # the web page: no secret in it; it asks for the key itself
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -175,7 +178,9 @@ class SecurityMiddleware:
             )
         public = path in PUBLIC_PATHS or (
             method in ("GET", "HEAD")
-            and (path == PUBLIC_PAGE[0] or (path.startswith(PUBLIC_PAGE[1]) and ".." not in path))
+            and (
+                path == PUBLIC_PAGE[0] or path in PUBLIC_DOCS or (path.startswith(PUBLIC_PAGE[1]) and ".." not in path)
+            )
         )
         if self.api_key is not None and not public and method != "OPTIONS":
             if not key_matches(headers, self.api_key):
