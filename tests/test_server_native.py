@@ -449,3 +449,21 @@ def test_openapi_document_matches_the_servers_behaviour(tmp_path):
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert client.get("/docs").status_code == 200 and "swagger" in client.get("/docs").text.lower()
     assert client.get("/v1/models").status_code == 401 and client.post("/v1/jobs", json=BASE).status_code == 401
+
+
+def test_a_file_another_writer_made_meanwhile_is_never_replaced(client, server):
+    """The server numbers its files on from the folder as it was; an image another writer saved since under the
+    next name (`sdengine generate --out` on the same folder with the same seed) was silently replaced. Now the
+    server counts on past it."""
+    first = run(client, {**BASE, "seed": 31})["images"][0]["name"]
+    index = int(first.split("-")[0])
+    outputs = server.services.config.outputs_dir
+    theirs = {outputs / f"{index + k:05d}-31.png": f"another writer's image {k}".encode() for k in (1, 2)}
+    theirs[outputs / f"{index + 5:05d}-99.png"] = b"a later number, another seed"
+    for path, data in theirs.items():
+        path.write_bytes(data)
+    second = run(client, {**BASE, "seed": 31})["images"][0]["name"]
+    assert all(path.read_bytes() == data for path, data in theirs.items())
+    assert second == f"{index + 6:05d}-31.png", second  # on from the folder's highest number
+    im, _ = fetch_image(client, f"/v1/images/{second}")
+    assert im.size == (64, 64)

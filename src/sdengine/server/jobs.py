@@ -458,17 +458,24 @@ class JobManager:
 
         with self._out_lock:
             if self._next_index is None:
-                used = (
-                    [int(m.group(1)) for p in self.outputs_dir.glob("*.png") if (m := re.match(r"^(\d{5,})-", p.name))]
-                    if self.outputs_dir.is_dir()
-                    else []
-                )
-                self._next_index = max(used, default=-1) + 1
-            index = self._next_index
+                self._next_index = self._first_free_index()
+            name = f"{self._next_index:05d}-{seed}.png"
+            if (self.outputs_dir / name).exists():
+                # Another writer (`sdengine generate --out` on the same folder, a second server) numbered on from
+                # the same files: count on from the folder as it is now instead of replacing its image.
+                self._next_index = max(self._next_index + 1, self._first_free_index())
+                while (self.outputs_dir / (name := f"{self._next_index:05d}-{seed}.png")).exists():
+                    self._next_index += 1
             self._next_index += 1
-        name = f"{index:05d}-{seed}.png"
         save_png(image, self.outputs_dir / name, infotext)
         return name
+
+    def _first_free_index(self) -> int:
+        """One more than the highest NNNNN- number of a PNG in the outputs folder (0 when there is none)."""
+        if not self.outputs_dir.is_dir():
+            return 0
+        used = [int(m.group(1)) for p in self.outputs_dir.glob("*.png") if (m := re.match(r"^(\d{5,})-", p.name))]
+        return max(used, default=-1) + 1
 
 
 def png_bytes(image: Image.Image) -> bytes:
