@@ -186,10 +186,20 @@ def test_vae_encode_tiny_is_the_python_apis_image(client):
 
 
 def test_a_late_failure_fails_alone(client):
-    bad = run(client, {**BASE, "width": 60})  # not a multiple of 8: found by the pipeline, not the schema
-    assert bad["state"] == "failed" and "multiple of 8" in bad["error"]
+    bad = run(client, {**BASE, "hires": {"hr_scale": 0.05}})  # below the size step: found by the pipeline
+    assert bad["state"] == "failed" and "below the model's size step" in bad["error"], bad
     good = run(client, {**BASE, "seed": 5})
     assert good["state"] == "done"
+
+
+def test_a_size_the_model_cannot_make_is_a_400_not_a_failed_job(client):
+    """A width or height off the model's multiple was queued (202) and failed when it ran; the synchronous routes
+    answer it with a 400, and so does the job route now, with the pipeline's own message."""
+    for field, value, near in (("width", 60, 64), ("height", 70, 72)):
+        r = client.post("/v1/jobs", json={**BASE, field: value})
+        assert r.status_code == 400, r.text
+        assert r.json()["detail"] == f"{field} {value} is not a multiple of 8; the nearest valid {field} is {near}"
+    assert client.get("/healthz").json()["queued"] == 0
 
 
 def test_bad_requests_are_400_or_422_with_one_line(client):

@@ -418,6 +418,21 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             ],
         }
 
+    def check_size_multiple(generation: Generation) -> None:
+        """A width or height the model cannot make is a 400 now, as the synchronous routes answer it, instead of a
+        queued job that fails when it runs: the multiple is the loaded pipeline's, else read from the model
+        folder's configs, else 8 (every model's least)."""
+        from sdengine.server.page_api import model_size
+
+        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        m = model_size(generation.model, loaded)["multiple"]
+        for what in ("width", "height"):
+            value = generation.kwargs.get(what)
+            if value is not None and value % m:
+                lo, hi = max(m, value // m * m), value // m * m + m
+                near = lo if value - lo < hi - value else hi
+                raise BadRequest(f"{what} {value} is not a multiple of {m}; the nearest valid {what} is {near}")
+
     @app.post("/v1/jobs", status_code=202, tags=["native"])
     async def create_job(req: JobRequest) -> dict[str, Any]:
         """Queue a generation; answers at once with the job id and its place in the queue (0 = next)."""
@@ -439,6 +454,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:
             generation = await asyncio.to_thread(lambda: services.build(**fields))
+        check_size_multiple(generation)
         job, position = services.submit(generation, protocol="native", save=True)
         return {
             "id": job.id,
