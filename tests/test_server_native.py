@@ -212,6 +212,20 @@ def test_bad_requests_are_400_or_422_with_one_line(client):
     assert client.get("/v1/jobs/doesnotexist").status_code == 404
 
 
+def test_the_frameworks_own_errors_have_the_one_error_shape(client):
+    """An unknown route, a wrong method and a broken multipart body answered `{"detail": ...}` only; OpenAI
+    clients show `error.message`, so every error carries both."""
+    for r, status in (
+        (client.get("/v1/nothing-here"), 404),
+        (client.put("/v1/jobs"), 405),
+        (client.post("/v1/uploads", content=b"garbage", headers={"content-type": "multipart/form-data"}), 400),
+        (client.post("/v1/uploads", files=[("file", ("a.png", b"x")), ("image", ("b.png", b"y"))]), 400),
+    ):
+        body = r.json()
+        assert r.status_code == status and body["error"]["message"] == body["detail"] != "", (status, body)
+    assert "POST" in client.put("/v1/jobs").headers["allow"]  # the framework's headers are kept
+
+
 def test_loras_are_removed_after_each_job(client):
     plain = {**BASE, "prompt": "a green apple", "seed": 3}
     first = run(client, plain)

@@ -323,6 +323,16 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(validation_body(exc.errors()), status_code=422)
 
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's own answers (unknown route 404, 405, a broken multipart body 400) in the one error shape."""
+        message = str(exc.detail)
+        return JSONResponse(
+            error_body(message, "invalid_request_error"), status_code=exc.status_code, headers=exc.headers
+        )
+
 
 def _text_safe(value: Any) -> Any:
     """``value`` with every string made encodable (a lone surrogate from a JSON ``\\ud800`` escape as ``\\ud800``)."""
