@@ -491,3 +491,26 @@ def test_a_file_another_writer_made_meanwhile_is_never_replaced(client, server):
     assert second == f"{index + 6:05d}-31.png", second  # on from the folder's highest number
     im, _ = fetch_image(client, f"/v1/images/{second}")
     assert im.size == (64, 64)
+
+
+def test_finished_jobs_do_not_keep_their_input_images(client, server, monkeypatch):
+    """The job table remembers hundreds of finished jobs; each kept its decoded init image, mask and control
+    images (up to the pixel limit each: gigabytes over a day of img2img), though only its result's record is
+    read after it finished. Beyond the newest finished jobs, the inputs are dropped; the record stays."""
+    from sdengine.server import jobs
+
+    monkeypatch.setattr(jobs, "KEEP_IMAGES", 1)
+    init = Image.new("RGB", (64, 64), (200, 40, 40))
+    up = client.post("/v1/uploads", content=png_of(init), headers={"content-type": "image/png"}).json()["id"]
+    body = {**BASE, "steps": 2, "init_image": up, "strength": 0.5, "mask": up}
+    unit = {"model": "emoji-controlnet-canny", "image": up, "preprocessor": "canny"}
+    old = run(client, {**body, "controlnets": [unit]})
+    new = run(client, body)
+    assert old["state"] == new["state"] == "done"
+    manager = server.services.manager
+    kept, dropped = manager.get(new["id"]).generation, manager.get(old["id"]).generation
+    assert kept.kwargs["init_image"] is not None and kept.kwargs["mask"] is not None  # the newest: as it ran
+    assert dropped.kwargs["init_image"] is None and dropped.kwargs["mask"] is None
+    assert [u[1] for u in dropped.kwargs["controlnets"]] == [None]
+    again = client.get(f"/v1/jobs/{old['id']}").json()
+    assert again["infotexts"] == old["infotexts"] and again["images"][0]["url"] == old["images"][0]["url"]

@@ -315,12 +315,13 @@ class JobManager:
             return len(self._queue) - 1
 
     def _forget_old(self) -> None:
-        """Drop the oldest finished jobs beyond ``keep_jobs`` and the images of all but the newest finished
-        ones (the routes that answer with images read them as soon as the job finishes)."""
+        """Drop the oldest finished jobs beyond ``keep_jobs``, and the images (results and decoded inputs) of all
+        but the newest finished ones (the routes that answer with images read them as soon as the job finishes)."""
         finished = [j for j in self._jobs.values() if j.state in FINISHED]
-        for j in finished[:-KEEP_IMAGES]:
+        for j in finished[: max(0, len(finished) - KEEP_IMAGES)]:
             for im in j.images:
                 im.image = None
+            j.generation.release_images()
         while len(self._jobs) > self.keep_jobs + self.max_queue:
             for jid, j in self._jobs.items():
                 if j.state in FINISHED:
@@ -448,6 +449,8 @@ class JobManager:
         job.finished = time.time()
         if state == DONE:
             self.completed += 1
+        with self._cond:
+            self._forget_old()  # at once, not at the next submit: a quiet server holds no more than a busy one
         job.changed()
 
     # -- outputs ---------------------------------------------------------------------------------------
