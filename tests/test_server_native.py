@@ -514,3 +514,17 @@ def test_finished_jobs_do_not_keep_their_input_images(client, server, monkeypatc
     assert [u[1] for u in dropped.kwargs["controlnets"]] == [None]
     again = client.get(f"/v1/jobs/{old['id']}").json()
     assert again["infotexts"] == old["infotexts"] and again["images"][0]["url"] == old["images"][0]["url"]
+
+
+def test_a_stopping_server_answers_503_with_retry_after(tmp_path):
+    """While the server stops (the queue drained, the running jobs given their grace), a job sent on a kept-alive
+    connection was a 429 "queue is full"; it is a 503 with Retry-After, which load balancers retry elsewhere."""
+    from fastapi.testclient import TestClient
+
+    from sdengine.server.app import create_app
+
+    app = create_app(server_config(tmp_path), loader=shared_loader, preload=False)
+    client = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: no worker runs
+    app.state.services.manager.stop(timeout=1)
+    r = client.post("/v1/jobs", json=BASE)
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "stopping" in r.json()["detail"]

@@ -37,7 +37,7 @@ from typing import Any
 from PIL import Image
 
 from sdengine.errors import SdengineError
-from sdengine.server.errors import NotFound, QueueFull
+from sdengine.server.errors import NotFound, QueueFull, ServerStopping
 from sdengine.server.requests import Generation
 
 log = logging.getLogger(__name__)
@@ -301,7 +301,7 @@ class JobManager:
         """Queue ``job``; its position (0 = next). QueueFull when ``max_queue`` jobs are waiting."""
         with self._cond:
             if self.stopping:
-                raise QueueFull("the server is stopping", retry_after=30)
+                raise ServerStopping("the server is stopping; no job is accepted", retry_after=30)
             if len(self._queue) >= self.max_queue:
                 busy = max(1, len(self.workers))
                 raise QueueFull(
