@@ -149,6 +149,17 @@ def test_refusals_carry_cors_headers_for_a_listed_origin(keyed):
     assert r.status_code == 401 and "access-control-allow-origin" not in r.headers
 
 
+def test_a_cors_origin_written_with_a_slash_still_gets_cors_headers(tmp_path):
+    """--cors-origins http://app.example/ (as copied from the address bar): the Origin rule let the page in, but
+    the CORS headers never matched the browser's slash-less Origin, so the browser hid every answer."""
+    with live_server(server_config(tmp_path, cors_origins=("http://app.example/",))) as s:
+        h = {"Origin": "http://app.example"}
+        r = httpx.get(f"{s.url}/v1/loras", headers=h)
+        assert r.status_code == 200 and r.headers.get("access-control-allow-origin") == "http://app.example"
+        r = httpx.options(f"{s.url}/v1/jobs", headers={**h, "Access-Control-Request-Method": "POST"})
+        assert r.status_code == 200 and r.headers.get("access-control-allow-origin") == "http://app.example"
+
+
 def test_foreign_origin_and_null_refused_on_state_changing_routes(keyed):
     h = {"Authorization": "Bearer s3cret"}
     with httpx.Client(base_url=keyed.url, headers=h) as c:

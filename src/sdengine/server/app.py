@@ -171,9 +171,10 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
 
         # Added last = outermost: the security rules' own answers (401 wrong key, 413, 403) carry the CORS
         # headers too, so that a page of a listed origin can read why it was refused (not a bare CORS error).
-        app.add_middleware(
-            CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"]
-        )
+        # As the Origin rule reads them: "http://app.example/" is the origin "http://app.example" (a browser's
+        # Origin header never ends in a slash; unstripped, the rule let it in but no CORS header matched it).
+        origins = [o.strip().rstrip("/") for o in config.cors_origins]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
     _install_error_handlers(app)
     _native_routes(app, services)
     _install_openapi(app, config)
