@@ -528,3 +528,31 @@ def test_a_stopping_server_answers_503_with_retry_after(tmp_path):
     app.state.services.manager.stop(timeout=1)
     r = client.post("/v1/jobs", json=BASE)
     assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "stopping" in r.json()["detail"]
+
+
+def test_a_tiny_vae_the_model_lacks_is_a_400_not_a_failed_job(tmp_path):
+    """GET /v1/models says a model has no tiny VAE, yet a job asking it for vae_decode "tiny" was queued (202) and
+    failed when it ran; it is a 400 now, and the same job on a model with one runs."""
+    from _emoji_models import make_tiny_emoji_folder
+
+    make_tiny_emoji_folder(tmp_path / "models" / "tiny")
+    with (
+        live_server(server_config(tmp_path, models_dir=tmp_path / "models")) as s,
+        httpx.Client(base_url=s.url, timeout=60) as c,
+    ):
+        listed = {m["id"]: m["tiny_vae"] for m in c.get("/v1/models").json()["data"]}
+        assert listed == {"emoji": True, "tiny": False}
+        init = c.post(
+            "/v1/uploads", content=png_of(Image.new("RGB", (64, 64), "red")), headers={"content-type": "image/png"}
+        )
+        for extra, words in (
+            ({"vae_decode": "tiny"}, "vae_decode 'tiny' needs a tiny VAE and tiny has none"),
+            ({"vae_encode": "tiny", "init_image": init.json()["id"]}, "vae_encode 'tiny' needs a tiny VAE with an"),
+        ):
+            r = c.post("/v1/jobs", json={**BASE, "model": "tiny", **extra})
+            assert r.status_code == 400 and words in r.json()["detail"], r.text
+        assert c.get("/healthz").json()["queued"] == 0
+        assert run(c, {**BASE, "model": "emoji", "vae_decode": "tiny"})["state"] == "done"
+        assert run(c, {**BASE, "model": "tiny"})["state"] == "done"  # loaded now: the pipeline is asked
+        r = c.post("/v1/jobs", json={**BASE, "model": "tiny", "vae_decode": "tiny"})
+        assert r.status_code == 400 and "tiny has none" in r.json()["detail"]

@@ -444,6 +444,31 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 near = lo if value - lo < hi - value else hi
                 raise BadRequest(f"{what} {value} is not a multiple of {m}; the nearest valid {what} is {near}")
 
+    def check_tiny_vae(generation: Generation) -> None:
+        """vae_decode "tiny" (and vae_encode "tiny" of an init image) on a model without that tiny VAE is a 400
+        now, by what GET /v1/models says (or the loaded pipeline), instead of a job that fails when it runs."""
+        kw = generation.kwargs
+        encode = kw.get("vae_encode") == "tiny" and kw.get("init_image") is not None
+        if kw.get("vae_decode") != "tiny" and not encode:
+            return
+        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        if loaded is not None and hasattr(loaded, "tiny_vae"):
+            tiny = loaded.tiny_vae
+            decodes, encodes = tiny is not None, tiny is not None and getattr(tiny, "encoder", None) is not None
+        else:
+            decodes, encodes = has_tiny_vae(generation.model), has_tiny_encoder(generation.model)
+        name = generation.model_name
+        if kw.get("vae_decode") == "tiny" and not decodes:
+            raise BadRequest(
+                f"vae_decode 'tiny' needs a tiny VAE and {name} has none (GET /v1/models: tiny_vae); "
+                "serve it with --tiny-vae FILE, or decode with 'full'"
+            )
+        if encode and not encodes:
+            raise BadRequest(
+                f"vae_encode 'tiny' needs a tiny VAE with an encoder and {name} has none (GET /v1/models: "
+                "tiny_vae_encoder); encode with 'full'"
+            )
+
     @app.post("/v1/jobs", status_code=202, tags=["native"])
     async def create_job(req: JobRequest) -> dict[str, Any]:
         """Queue a generation; answers at once with the job id and its place in the queue (0 = next)."""
@@ -466,6 +491,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         else:
             generation = await asyncio.to_thread(lambda: services.build(**fields))
         check_size_multiple(generation)
+        check_tiny_vae(generation)
         job, position = services.submit(generation, protocol="native", save=True)
         return {
             "id": job.id,
