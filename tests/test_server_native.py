@@ -299,7 +299,7 @@ class SlowSteps:
         return Slow()
 
 
-def start_server(tmp: Path, loader, grace: float):
+def start_server(tmp: Path, loader, grace: float, preload: bool = False):
     """``sdengine serve``'s own uvicorn server (make_server) in a thread; its ``should_exit`` is what Ctrl-C sets."""
     import threading
 
@@ -307,7 +307,7 @@ def start_server(tmp: Path, loader, grace: float):
     from sdengine.server.app import create_app, make_server
 
     port = free_port()
-    app = create_app(server_config(tmp, host="127.0.0.1", port=port), loader=loader, preload=False)
+    app = create_app(server_config(tmp, host="127.0.0.1", port=port), loader=loader, preload=preload)
     server = make_server(app, host="127.0.0.1", port=port, grace=grace, log_level="warning", access_log=False)
     server.config.timeout_graceful_shutdown = 3  # the fallback that cuts streams off; the drain must come first
     thread = threading.Thread(target=server.run, daemon=True)
@@ -556,3 +556,44 @@ def test_a_tiny_vae_the_model_lacks_is_a_400_not_a_failed_job(tmp_path):
         assert run(c, {**BASE, "model": "tiny"})["state"] == "done"  # loaded now: the pipeline is asked
         r = c.post("/v1/jobs", json={**BASE, "model": "tiny", "vae_decode": "tiny"})
         assert r.status_code == 400 and "tiny has none" in r.json()["detail"]
+
+
+def test_readyz_says_when_the_server_can_run_jobs(tmp_path):
+    """/healthz said "ok" from the first moment, while the default model was still loading, and forever after
+    that load failed (every job then failing): a load balancer sent work to a server that could not do it.
+    /readyz is 503 while loading and after a failed load (with the error), 200 once the model is there."""
+    import threading
+
+    gate = threading.Event()
+    loads: list[str] = []
+
+    def loader(ref: str, device: str):
+        loads.append(ref)
+        assert gate.wait(30), "the test never opened the gate"
+        if len(loads) == 1:
+            raise OSError("broken weights")
+        return shared_loader(ref, device)
+
+    server, thread, url = start_server(tmp_path, loader, grace=1, preload=True)
+    try:
+        r = httpx.get(f"{url}/readyz")
+        assert r.status_code == 503 and r.json()["workers"][0]["state"] == "loading", r.text
+        h = httpx.get(f"{url}/healthz")
+        assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["ready"] is False
+        gate.set()
+        deadline = time.monotonic() + 10
+        while (r := httpx.get(f"{url}/readyz")).json()["workers"][0]["state"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        w = r.json()["workers"][0]
+        assert r.status_code == 503 and w["state"] == "failed" and "broken weights" in w["error"], r.text
+        job = httpx.post(f"{url}/v1/jobs", json=BASE).json()["id"]  # the next load works: the job runs
+        with httpx.Client(base_url=url, timeout=30) as c:
+            assert wait_job(c, job)["state"] == "done"
+        r = httpx.get(f"{url}/readyz")
+        assert r.status_code == 200 and r.json()["workers"][0]["state"] == "ready", r.text
+        assert httpx.get(f"{url}/healthz").json()["ready"] is True
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(20)

@@ -410,24 +410,42 @@ def preview_data_url(job: Job) -> str | None:
 def _native_routes(app: FastAPI, services: Services) -> None:
     config, catalog, manager = services.config, services.catalog, services.manager
 
+    def workers_json() -> list[dict[str, Any]]:
+        return [
+            {
+                "device": w.device,
+                "model": catalog.model_name_of(w.model) if w.model else None,
+                "busy": w.current is not None,
+                "state": w.state,
+                "error": w.load_error,
+            }
+            for w in manager.workers
+        ]
+
+    def ready() -> bool:
+        return not manager.stopping and all(w.state == "ready" for w in manager.workers)
+
     @app.get("/healthz", tags=["native"])
     def healthz() -> dict[str, Any]:
+        """Liveness: always 200 while the process answers; ``ready`` says whether it can run jobs now."""
         return {
             "status": "ok",
+            "ready": ready(),
             "version": _version(),
             "model": services.options.get("sd_model_checkpoint"),
             "queued": manager.queued_count(),
             "running": len(manager.running()),
             "completed": manager.completed,
-            "workers": [
-                {
-                    "device": w.device,
-                    "model": catalog.model_name_of(w.model) if w.model else None,
-                    "busy": w.current is not None,
-                }
-                for w in manager.workers
-            ],
+            "workers": workers_json(),
         }
+
+    @app.get("/readyz", tags=["native"], responses={503: {"description": "loading, a failed load, or stopping"}})
+    def readyz() -> JSONResponse:
+        """Readiness, for a load balancer's health check: 200 when every worker has its default model loaded;
+        503 while one is still loading it, when that load failed, or while the server stops."""
+        ok = ready()
+        body = {"ready": ok, "stopping": manager.stopping, "workers": workers_json()}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     def check_size_multiple(generation: Generation) -> None:
         """A width or height the model cannot make is a 400 now, as the synchronous routes answer it, instead of a

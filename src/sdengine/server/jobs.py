@@ -499,6 +499,20 @@ class Worker(threading.Thread):
         self.current: Job | None = None
         self.batch: list[Job] = []  # the jobs of the running call (one, or a batch)
         self.preload: str | None = None  # a model to load before the first job (set before start)
+        self.preloaded = False  # the preload was tried
+        self.load_error: str | None = None  # why the preload failed (until that model loads)
+
+    @property
+    def state(self) -> str:
+        """``loading`` (its default model, before the first job), ``failed`` (that load failed: every job on the
+        default model would fail), ``stopped`` (the thread ended) or ``ready``."""
+        if self.load_error is not None:
+            return "failed"
+        if self.preload is not None and not self.preloaded:
+            return "loading"
+        if self.ident is not None and not self.is_alive():
+            return "stopped"
+        return "ready"
 
     def run(self) -> None:
         if self.preload is not None:
@@ -506,6 +520,9 @@ class Worker(threading.Thread):
                 self.pipeline(self.preload)
             except Exception as e:  # noqa: BLE001 - the first job that needs it reports the error
                 log.warning("could not load %s on %s: %s", self.preload, self.device, e)
+                self.load_error = f"cannot load {self.preload}: {type(e).__name__}: {e}"
+            finally:
+                self.preloaded = True
         while True:
             jobs = self.manager.take()
             if not jobs:
@@ -537,6 +554,8 @@ class Worker(threading.Thread):
             self.model = None
             self.pipe = self.manager.loader(model, self.device)
             self.model = model
+            if model == self.preload:
+                self.load_error = None
         return self.pipe
 
     def run_job(self, job: Job) -> None:

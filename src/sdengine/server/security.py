@@ -31,7 +31,7 @@ from sdengine.server.errors import BadRequest, PayloadTooLarge, ServerConfigErro
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-PUBLIC_PATHS = frozenset({"/healthz"})  # answered without a key (load balancers' health checks)
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # answered without a key (load balancers' health checks)
 # GET without a key, as A1111 serves them with --api-auth: the API's description holds no secret, and the docs
 # page's "Authorize" sends the key on the calls it tries
 PUBLIC_DOCS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
