@@ -69,6 +69,26 @@ def test_settings_that_would_refuse_every_request_refuse_to_start(capsys, tmp_pa
     assert not made.exists()
 
 
+def test_a_key_no_client_could_send_refuses_to_start(capsys, monkeypatch):
+    """A key with a trailing newline or \\r (a key file, an env file), a space or a non-ASCII letter started the
+    server, and every request was a 401: a Bearer value is read stripped and headers are Latin-1."""
+    import uvicorn
+
+    from sdengine.cli import main
+
+    def started(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn.Server, "run", started)
+    for key in ("s3cret\n", "s3cret\r", " s3cret", "two words", "clé"):
+        monkeypatch.setenv("SDENGINE_API_KEY", key)
+        assert main(["serve", "--port", str(free_port())]) == 2, repr(key)
+        err = capsys.readouterr().err
+        assert "must be printable ASCII without spaces" in err and len(err.strip().splitlines()) == 1, err
+        assert main(["serve", "--api-key", key, "--port", str(free_port())]) == 2, repr(key)
+        capsys.readouterr()
+
+
 @pytest.mark.slow
 def test_a_subprocess_refuses_too():
     r = serve("--host", "0.0.0.0", "--port", str(free_port()))

@@ -54,6 +54,13 @@ def check_bind(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
     """Refuse to serve on a non-loopback host without a key, unless explicitly told to."""
     if api_key is not None and not api_key:
         raise ServerConfigError("--api-key must not be empty")
+    if api_key is not None and (api_key != api_key.strip() or not all(33 <= ord(c) <= 126 for c in api_key)):
+        # A Bearer value is read stripped, and headers are Latin-1: such a key could never be sent back, and
+        # every request would be a 401 (a trailing newline or \r from a key file, a space, an accented letter).
+        raise ServerConfigError(
+            "--api-key (or $SDENGINE_API_KEY) must be printable ASCII without spaces: it has whitespace, a "
+            "control character or a non-ASCII letter (a newline from a key file?), so no client could send it"
+        )
     if not is_loopback(host) and api_key is None and not insecure_no_auth:
         raise ServerConfigError(
             f"refusing to listen on {host} without --api-key: anyone who can reach it could use it "
