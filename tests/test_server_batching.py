@@ -238,3 +238,29 @@ def test_max_batch_below_1_is_refused(capsys):
 
     assert main(["serve", "--max-batch", "0", "--port", str(free_port())]) == 2
     assert "--max-batch must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_note_about_one_jobs_prompt_stays_with_that_job(tmp_path, rec):
+    """A note the pipeline makes about one prompt (BREAK read as a space, a prompt longer than the context) went to
+    every job of the batch, so that a job's notes depended on what it was batched with; each job now gets the
+    notes it gets alone."""
+    long = "a " + " ".join(f"word{k}" for k in range(40))  # over the emoji model's 32-token context
+    jobs = [
+        {**BASE, "prompt": "a red apple BREAK on a table", "seed": 1},
+        {**BASE, "prompt": long, "seed": 2},
+        {**BASE, "prompt": "a plain cat", "seed": 3},
+    ]
+    with serve(tmp_path, rec) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+        rec.gate.clear()
+        blocker = submit(c, BLOCKER)
+        ids = [submit(c, b) for b in jobs]
+        rec.gate.set()
+        assert wait_job(c, blocker)["state"] == "done"
+        batched = [wait_job(c, i)["notes"] for i in ids]
+        assert len(rec.calls) == 2 and len(rec.calls[1]["prompt"]) == 3  # one batch
+        assert len(set(rec.results[1].notes)) == 2  # the call made both notes
+        alone = [wait_job(c, submit(c, b))["notes"] for b in jobs]  # one at a time: each runs alone
+    assert len(rec.calls) == 5 and all(isinstance(k["prompt"], str) for k in rec.calls[2:])
+    assert batched == alone, (batched, alone)
+    assert ["BREAK" in " ".join(n) for n in alone] == [True, False, False] and alone[2] == []
+    assert "tokens long" in " ".join(alone[1])

@@ -210,6 +210,41 @@ def batch_key(job: Job) -> tuple[Any, ...] | None:
     return (g.model, *(kw.get(k) for k in _BATCH_SETTINGS if k != "loras"), lora_key)
 
 
+def batch_notes(pipe: Any, jobs: list[Job], notes: list[str]) -> dict[str, list[str]]:
+    """Each job's share of a batched call's notes: a note about one job's prompt (a BREAK read as a space, a
+    prompt cut at the context length, a '[' that is not prompt editing) goes to that job only, as if it had run
+    alone; the call's other notes (tiled VAE decode, ...) go to all. A job's own prompt notes are found by reading
+    its prompts again as the pipeline reads one job's (the conditioner caches the encodings: cheap), only when the
+    call made notes at all; when that cannot be done, every job gets every note, as before."""
+    if not notes:
+        return {j.id: [] for j in jobs}
+    try:
+        from sdengine.pipeline.prompt_editing import row_schedules
+
+        own: dict[str, list[str]] = {}
+        for job in jobs:
+            kw = job.generation.kwargs
+            mine: list[str] = []
+            plain = row_schedules(
+                pipe.conditioner,
+                [kw["prompt"]],
+                [kw["negative_prompt"]],
+                int(kw["steps"]),
+                clip_skip=int(kw.get("clip_skip") or 1),
+                note=mine.append,
+            )
+            if plain is None:  # no prompt editing: the pipeline encodes the pair
+                pipe.conditioner.pair(
+                    kw["prompt"], kw["negative_prompt"], clip_skip=int(kw.get("clip_skip") or 1), note=mine.append
+                )
+            own[job.id] = mine
+    except Exception:  # noqa: BLE001 - attributing notes is best effort
+        log.debug("could not attribute a batch's notes", exc_info=True)
+        return {j.id: list(notes) for j in jobs}
+    about_prompts = {n for mine in own.values() for n in mine}
+    return {j.id: [n for n in notes if n not in about_prompts or n in own[j.id]] for j in jobs}
+
+
 class JobManager:
     """The queue, the job table and the workers."""
 
@@ -740,8 +775,9 @@ class Worker(threading.Thread):
                 self.current = job
                 self.run_job(job)
             return
+        notes = batch_notes(pipe, jobs, list(result.notes))
         for job, (a, b) in zip(jobs, spans, strict=True):
-            job.notes.extend(n for n in result.notes if n not in job.notes)
+            job.notes.extend(n for n in notes[job.id] if n not in job.notes)
             failed = None
             for image, seed, text in zip(result.images[a:b], result.seeds[a:b], result.infotexts[a:b], strict=True):
                 if job.generation.finish is not None:
