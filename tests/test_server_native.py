@@ -299,7 +299,7 @@ class SlowSteps:
         return Slow()
 
 
-def start_server(tmp: Path, loader, grace: float, preload: bool = False):
+def start_server(tmp: Path, loader, grace: float, preload: bool = False, **config):
     """``sdengine serve``'s own uvicorn server (make_server) in a thread; its ``should_exit`` is what Ctrl-C sets."""
     import threading
 
@@ -307,7 +307,7 @@ def start_server(tmp: Path, loader, grace: float, preload: bool = False):
     from sdengine.server.app import create_app, make_server
 
     port = free_port()
-    app = create_app(server_config(tmp, host="127.0.0.1", port=port), loader=loader, preload=preload)
+    app = create_app(server_config(tmp, host="127.0.0.1", port=port, **config), loader=loader, preload=preload)
     server = make_server(app, host="127.0.0.1", port=port, grace=grace, log_level="warning", access_log=False)
     server.config.timeout_graceful_shutdown = 3  # the fallback that cuts streams off; the drain must come first
     thread = threading.Thread(target=server.run, daemon=True)
@@ -595,5 +595,29 @@ def test_readyz_says_when_the_server_can_run_jobs(tmp_path):
         assert httpx.get(f"{url}/healthz").json()["ready"] is True
     finally:
         gate.set()
+        server.should_exit = True
+        thread.join(20)
+
+
+def test_a_load_error_on_the_public_health_routes_is_for_key_holders_only(tmp_path):
+    """/healthz and /readyz answer without a key (health checks); the load error they carry may name the model's
+    files, so only a request with the key sees it."""
+
+    def broken(ref: str, device: str):
+        raise OSError("cannot read /secret/models/x.safetensors")
+
+    server, thread, url = start_server(tmp_path, broken, grace=1, preload=True, api_key="k3y")
+    try:
+        deadline = time.monotonic() + 10
+        while (r := httpx.get(f"{url}/readyz")).json()["workers"][0]["state"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert r.status_code == 503 and r.json()["workers"][0]["state"] == "failed"
+        for route in ("/readyz", "/healthz"):
+            public = httpx.get(f"{url}{route}").json()["workers"][0]["error"]
+            keyed = httpx.get(f"{url}{route}", headers={"Authorization": "Bearer k3y"}).json()["workers"][0]["error"]
+            assert "/secret" not in public and "hidden" in public, public
+            assert "/secret/models/x.safetensors" in keyed, keyed
+    finally:
         server.should_exit = True
         thread.join(20)

@@ -410,14 +410,18 @@ def preview_data_url(job: Job) -> str | None:
 def _native_routes(app: FastAPI, services: Services) -> None:
     config, catalog, manager = services.config, services.catalog, services.manager
 
-    def workers_json() -> list[dict[str, Any]]:
+    def workers_json(request: Request) -> list[dict[str, Any]]:
+        # These routes are public: a load error (it may name files) is shown only to holders of the key.
+        from sdengine.server.security import key_matches
+
+        trusted = config.api_key is None or key_matches(request.headers, config.api_key)
         return [
             {
                 "device": w.device,
                 "model": catalog.model_name_of(w.model) if w.model else None,
                 "busy": w.current is not None,
                 "state": w.state,
-                "error": w.load_error,
+                "error": w.load_error if trusted or w.load_error is None else "hidden (send the API key to see it)",
             }
             for w in manager.workers
         ]
@@ -426,7 +430,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         return not manager.stopping and all(w.state == "ready" for w in manager.workers)
 
     @app.get("/healthz", tags=["native"])
-    def healthz() -> dict[str, Any]:
+    def healthz(request: Request) -> dict[str, Any]:
         """Liveness: always 200 while the process answers; ``ready`` says whether it can run jobs now."""
         return {
             "status": "ok",
@@ -436,15 +440,15 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             "queued": manager.queued_count(),
             "running": len(manager.running()),
             "completed": manager.completed,
-            "workers": workers_json(),
+            "workers": workers_json(request),
         }
 
     @app.get("/readyz", tags=["native"], responses={503: {"description": "loading, a failed load, or stopping"}})
-    def readyz() -> JSONResponse:
+    def readyz(request: Request) -> JSONResponse:
         """Readiness, for a load balancer's health check: 200 when every worker has its default model loaded;
         503 while one is still loading it, when that load failed, or while the server stops."""
         ok = ready()
-        body = {"ready": ok, "stopping": manager.stopping, "workers": workers_json()}
+        body = {"ready": ok, "stopping": manager.stopping, "workers": workers_json(request)}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     def check_size_multiple(generation: Generation) -> None:

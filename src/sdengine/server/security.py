@@ -22,7 +22,7 @@ import io
 import ipaddress
 import json
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from PIL import Image
@@ -68,7 +68,7 @@ def check_bind(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
         )
 
 
-def key_matches(headers: MutableMapping[str, str], api_key: str) -> bool:
+def key_matches(headers: Mapping[str, str], api_key: str) -> bool:
     """Bearer KEY, or Basic auth whose password is KEY; constant-time compare."""
     auth = headers.get("authorization", "")
     scheme, _, value = auth.partition(" ")
