@@ -264,3 +264,28 @@ def test_a_note_about_one_jobs_prompt_stays_with_that_job(tmp_path, rec):
     assert batched == alone, (batched, alone)
     assert ["BREAK" in " ".join(n) for n in alone] == [True, False, False] and alone[2] == []
     assert "tokens long" in " ".join(alone[1])
+
+
+def test_a_long_job_that_finishes_last_keeps_its_images(tmp_path, monkeypatch):
+    """Finished jobs beyond the newest few drop their images; "newest" was by submission, so a long job that
+    finished after many later-submitted ones (two workers) lost its images the moment it finished, before its
+    synchronous route (A1111, OpenAI) could answer with them."""
+    from sdengine.server import jobs as jobs_module
+    from sdengine.server.jobs import JobImage, JobManager
+
+    monkeypatch.setattr(jobs_module, "KEEP_IMAGES", 2)
+    m = JobManager(loader=shared_loader, devices=["cpu"], outputs_dir=tmp_path, max_queue=8)  # not started
+
+    def job() -> Job:
+        j = Job(Generation("emoji", "emoji", {"steps": 1, "batch_size": 1, "prompt": "x", "init_image": None}))
+        m.submit(j)
+        j.images.append(JobImage(Image.new("RGB", (8, 8)), 1, "x"))
+        return j
+
+    long_job, *short = [job() for _ in range(4)]
+    for j in short:
+        m.finish(j, "done")
+        time.sleep(0.01)
+    m.finish(long_job, "done")  # submitted first, finished last
+    assert long_job.images[0].image is not None
+    assert [j.images[0].image is None for j in short] == [True, True, False]  # the oldest finished dropped

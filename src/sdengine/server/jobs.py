@@ -352,7 +352,9 @@ class JobManager:
     def _forget_old(self) -> None:
         """Drop the oldest finished jobs beyond ``keep_jobs``, and the images (results and decoded inputs) of all
         but the newest finished ones (the routes that answer with images read them as soon as the job finishes)."""
-        finished = [j for j in self._jobs.values() if j.state in FINISHED]
+        # By finish time, not submission: a long job that ends after many later ones keeps its images for the
+        # route that waits to answer with them.
+        finished = sorted((j for j in self._jobs.values() if j.state in FINISHED), key=lambda j: j.finished or 0.0)
         for j in finished[: max(0, len(finished) - KEEP_IMAGES)]:
             for im in j.images:
                 im.image = None
