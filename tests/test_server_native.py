@@ -470,7 +470,7 @@ def test_openapi_document_matches_the_servers_behaviour(tmp_path):
     assert list(spec["paths"]["/v1/jobs/{job_id}/preview"]["get"]["responses"]["200"]["content"]) == ["image/png"]
     body = spec["paths"]["/v1/uploads"]["post"]["requestBody"]["content"]
     assert body["multipart/form-data"]["schema"]["properties"]["file"]["format"] == "binary" and "image/png" in body
-    assert {"400", "413", "429"} <= set(spec["paths"]["/v1/jobs"]["post"]["responses"])
+    assert {"400", "413", "429", "503"} <= set(spec["paths"]["/v1/jobs"]["post"]["responses"])
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert client.get("/docs").status_code == 200 and "swagger" in client.get("/docs").text.lower()
     assert client.get("/v1/models").status_code == 401 and client.post("/v1/jobs", json=BASE).status_code == 401

@@ -220,6 +220,7 @@ _NATIVE_ERRORS = {  # the native routes' answers besides 200 and 422, as they re
         "400": "a value the server or the pipeline refuses (one line)",
         "413": "body or image over the limits",
         "429": "the queue is full (Retry-After)",
+        "503": "the server is stopping (Retry-After)",
     },
     ("post", "/v1/uploads"): {"400": "not a PNG, JPEG or WebP image", "413": "body or image over the limits"},
     ("get", "/v1/jobs/{job_id}"): {"404": "no such job (or forgotten)"},
