@@ -174,6 +174,38 @@ def test_env_world(monkeypatch: pytest.MonkeyPatch) -> None:
         env_world()
 
 
+def test_an_incomplete_torchrun_environment_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOCAL_RANK alone (left by another launcher) said "not integers: RANK=None"; now it names what is missing."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(DistributedError, match=r"incomplete: LOCAL_RANK=0 is set but not RANK and WORLD_SIZE"):
+        env_world()
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(DistributedError, match=r"is set but not WORLD_SIZE \("):
+        env_world()
+
+
+def test_more_ranks_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`torchrun --nproc_per_node 4` on a machine with 2 GPUs: ranks 2 and 3 crashed in torch.cuda.set_device
+    ("invalid device ordinal"); now each says so in one line before touching the device."""
+    import torch
+
+    from sdengine import distributed
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+    def set_device(device: object) -> None:
+        raise RuntimeError("CUDA error: invalid device ordinal")
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    with pytest.raises(DistributedError, match=r"needs cuda:3, but 2 CUDA device\(s\) are visible"):
+        distributed.setup("cuda")
+
+
 def test_python_dash_m_sdengine_runs_the_cli() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     cmd = [sys.executable, "-m", "sdengine", "train", "ddpm", "--help"]

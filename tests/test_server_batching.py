@@ -238,3 +238,54 @@ def test_max_batch_below_1_is_refused(capsys):
 
     assert main(["serve", "--max-batch", "0", "--port", str(free_port())]) == 2
     assert "--max-batch must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_note_about_one_jobs_prompt_stays_with_that_job(tmp_path, rec):
+    """A note the pipeline makes about one prompt (BREAK read as a space, a prompt longer than the context) went to
+    every job of the batch, so that a job's notes depended on what it was batched with; each job now gets the
+    notes it gets alone."""
+    long = "a " + " ".join(f"word{k}" for k in range(40))  # over the emoji model's 32-token context
+    jobs = [
+        {**BASE, "prompt": "a red apple BREAK on a table", "seed": 1},
+        {**BASE, "prompt": long, "seed": 2},
+        {**BASE, "prompt": "a plain cat", "seed": 3},
+    ]
+    with serve(tmp_path, rec) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+        rec.gate.clear()
+        blocker = submit(c, BLOCKER)
+        ids = [submit(c, b) for b in jobs]
+        rec.gate.set()
+        assert wait_job(c, blocker)["state"] == "done"
+        batched = [wait_job(c, i)["notes"] for i in ids]
+        assert len(rec.calls) == 2 and len(rec.calls[1]["prompt"]) == 3  # one batch
+        assert len(set(rec.results[1].notes)) == 2  # the call made both notes
+        alone = [wait_job(c, submit(c, b))["notes"] for b in jobs]  # one at a time: each runs alone
+    assert len(rec.calls) == 5 and all(isinstance(k["prompt"], str) for k in rec.calls[2:])
+    assert batched == alone, (batched, alone)
+    assert ["BREAK" in " ".join(n) for n in alone] == [True, False, False] and alone[2] == []
+    assert "tokens long" in " ".join(alone[1])
+
+
+def test_a_long_job_that_finishes_last_keeps_its_images(tmp_path, monkeypatch):
+    """Finished jobs beyond the newest few drop their images; "newest" was by submission, so a long job that
+    finished after many later-submitted ones (two workers) lost its images the moment it finished, before its
+    synchronous route (A1111, OpenAI) could answer with them."""
+    from sdengine.server import jobs as jobs_module
+    from sdengine.server.jobs import JobImage, JobManager
+
+    monkeypatch.setattr(jobs_module, "KEEP_IMAGES", 2)
+    m = JobManager(loader=shared_loader, devices=["cpu"], outputs_dir=tmp_path, max_queue=8)  # not started
+
+    def job() -> Job:
+        j = Job(Generation("emoji", "emoji", {"steps": 1, "batch_size": 1, "prompt": "x", "init_image": None}))
+        m.submit(j)
+        j.images.append(JobImage(Image.new("RGB", (8, 8)), 1, "x"))
+        return j
+
+    long_job, *short = [job() for _ in range(4)]
+    for j in short:
+        m.finish(j, "done")
+        time.sleep(0.01)
+    m.finish(long_job, "done")  # submitted first, finished last
+    assert long_job.images[0].image is not None
+    assert [j.images[0].image is None for j in short] == [True, True, False]  # the oldest finished dropped

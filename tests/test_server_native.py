@@ -186,10 +186,20 @@ def test_vae_encode_tiny_is_the_python_apis_image(client):
 
 
 def test_a_late_failure_fails_alone(client):
-    bad = run(client, {**BASE, "width": 60})  # not a multiple of 8: found by the pipeline, not the schema
-    assert bad["state"] == "failed" and "multiple of 8" in bad["error"]
+    bad = run(client, {**BASE, "hires": {"hr_scale": 0.05}})  # below the size step: found by the pipeline
+    assert bad["state"] == "failed" and "below the model's size step" in bad["error"], bad
     good = run(client, {**BASE, "seed": 5})
     assert good["state"] == "done"
+
+
+def test_a_size_the_model_cannot_make_is_a_400_not_a_failed_job(client):
+    """A width or height off the model's multiple was queued (202) and failed when it ran; the synchronous routes
+    answer it with a 400, and so does the job route now, with the pipeline's own message."""
+    for field, value, near in (("width", 60, 64), ("height", 70, 72)):
+        r = client.post("/v1/jobs", json={**BASE, field: value})
+        assert r.status_code == 400, r.text
+        assert r.json()["detail"] == f"{field} {value} is not a multiple of 8; the nearest valid {field} is {near}"
+    assert client.get("/healthz").json()["queued"] == 0
 
 
 def test_bad_requests_are_400_or_422_with_one_line(client):
@@ -200,6 +210,20 @@ def test_bad_requests_are_400_or_422_with_one_line(client):
     r = client.post("/v1/jobs", json={**BASE, "init_image": "https://example.com/x.png"})
     assert r.status_code == 400 and "not fetched" in r.json()["detail"]
     assert client.get("/v1/jobs/doesnotexist").status_code == 404
+
+
+def test_the_frameworks_own_errors_have_the_one_error_shape(client):
+    """An unknown route, a wrong method and a broken multipart body answered `{"detail": ...}` only; OpenAI
+    clients show `error.message`, so every error carries both."""
+    for r, status in (
+        (client.get("/v1/nothing-here"), 404),
+        (client.put("/v1/jobs"), 405),
+        (client.post("/v1/uploads", content=b"garbage", headers={"content-type": "multipart/form-data"}), 400),
+        (client.post("/v1/uploads", files=[("file", ("a.png", b"x")), ("image", ("b.png", b"y"))]), 400),
+    ):
+        body = r.json()
+        assert r.status_code == status and body["error"]["message"] == body["detail"] != "", (status, body)
+    assert "POST" in client.put("/v1/jobs").headers["allow"]  # the framework's headers are kept
 
 
 def test_loras_are_removed_after_each_job(client):
@@ -248,3 +272,353 @@ def test_saved_png_parameters_regenerate_the_image(client, server):
     prompt = kwargs.pop("prompt")
     again = emoji()(prompt, progress=False, **kwargs)
     np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(again.images[0]))
+
+
+class SlowSteps:
+    """A loader: the emoji pipeline with every sampler step made ``delay`` seconds longer (a long job on a tiny
+    model), so that a shutdown finds a job running."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def __call__(self, ref: str, device: str):
+        pipe = shared_loader(ref, device)
+        delay = self.delay
+
+        class Slow:
+            def __getattr__(self, name: str):
+                return getattr(pipe, name)
+
+            def __call__(self, callback=None, **kw):
+                def slow(info):
+                    time.sleep(delay)
+                    return callback(info) if callback is not None else True
+
+                return pipe(callback=slow, **kw)
+
+        return Slow()
+
+
+def start_server(tmp: Path, loader, grace: float, preload: bool = False, **config):
+    """``sdengine serve``'s own uvicorn server (make_server) in a thread; its ``should_exit`` is what Ctrl-C sets."""
+    import threading
+
+    from _live_server import free_port
+    from sdengine.server.app import create_app, make_server
+
+    port = free_port()
+    app = create_app(server_config(tmp, host="127.0.0.1", port=port, **config), loader=loader, preload=preload)
+    server = make_server(app, host="127.0.0.1", port=port, grace=grace, log_level="warning", access_log=False)
+    server.config.timeout_graceful_shutdown = 3  # the fallback that cuts streams off; the drain must come first
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def final_event(url: str, job_id: str, out: dict) -> None:
+    """Read a job's event stream to its end; ``out[job_id]`` = (last event name, its data) or the error."""
+    try:
+        name, data = None, None
+        with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events", timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    data = json.loads(line[6:])
+        out[job_id] = (name, data)
+    except Exception as e:  # noqa: BLE001 - a stream cut off is what the test looks for
+        out[job_id] = (f"error: {type(e).__name__}", None)
+
+
+def wait_state(url: str, job_id: str, state: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{url}/v1/jobs/{job_id}").json()["state"] != state:
+        assert time.monotonic() < deadline, f"job {job_id} never {state}"
+        time.sleep(0.02)
+
+
+def test_shutdown_ends_every_event_stream_with_the_jobs_final_state(tmp_path):
+    """Ctrl-C with a job running and one queued, both watched: the queued one ends `cancelled` at once, the running
+    one gets the grace period, then is cancelled at its next step, and both streams end with that final event
+    (before, both streams waited for uvicorn's timeout and were cut off without one, the job still running)."""
+    import threading
+
+    server, thread, url = start_server(tmp_path, SlowSteps(0.1), grace=0.6)
+    body = {**BASE, "steps": 150}
+    running = httpx.post(f"{url}/v1/jobs", json=body).json()["id"]
+    queued = httpx.post(f"{url}/v1/jobs", json={**body, "seed": 8}).json()["id"]
+    wait_state(url, running, "running")
+    out: dict = {}
+    readers = [threading.Thread(target=final_event, args=(url, j, out)) for j in (running, queued)]
+    for t in readers:
+        t.start()
+    time.sleep(0.3)  # both streams open
+    t0 = time.monotonic()
+    server.should_exit = True  # what Ctrl-C does
+    for t in readers:
+        t.join(20)
+    thread.join(20)
+    assert not thread.is_alive() and time.monotonic() - t0 < 15, time.monotonic() - t0  # bounded; the events say how
+    name, data = out[queued]
+    assert name == "cancelled" and data["error"] == "the server stopped before it started", out[queued]
+    name, data = out[running]
+    assert name == "cancelled" and "(the server stopped)" in data["error"] and data["step"] < 150, out[running]
+
+
+def test_shutdown_lets_a_running_job_finish_within_the_grace_period(tmp_path):
+    """A job that ends within the grace period is done, its image saved, though nobody watches it (before, with
+    no open connection, the job was cancelled at once)."""
+    server, thread, url = start_server(tmp_path, SlowSteps(0.1), grace=10)
+    job = httpx.post(f"{url}/v1/jobs", json={**BASE, "steps": 8}).json()["id"]
+    wait_state(url, job, "running")
+    j = server.config.app.state.services.manager.get(job)
+    server.should_exit = True
+    thread.join(20)
+    assert not thread.is_alive()
+    assert j.state == "done" and len(j.images) == 1, (j.state, j.error)
+    assert (tmp_path / "outputs" / j.images[0].name).is_file()
+
+
+def test_a_queued_jobs_event_stream_follows_its_position(tmp_path):
+    """Watching a queued job: when a job ahead of it leaves the queue (cancelled, or taken by the worker), its
+    stream gets a progress event with the new position (before, it kept saying the first position until the job
+    started, 15 s keep-alives apart)."""
+    import threading
+
+    gate = threading.Event()
+
+    def gated(ref: str, device: str):
+        pipe = shared_loader(ref, device)
+
+        class Gated:
+            def __getattr__(self, name: str):
+                return getattr(pipe, name)
+
+            def __call__(self, **kw):
+                assert gate.wait(60), "the test never opened the gate"
+                return pipe(**kw)
+
+        return Gated()
+
+    with (
+        live_server(server_config(tmp_path, max_batch_jobs=1), loader=gated) as s,
+        httpx.Client(base_url=s.url, timeout=30) as c,
+    ):
+        try:
+            a, b, d, e = (c.post("/v1/jobs", json={**BASE, "seed": k}).json()["id"] for k in range(4))
+            wait_state(s.url, a, "running")
+            positions: list = []
+
+            def watch() -> None:
+                with httpx.stream("GET", f"{s.url}/v1/jobs/{e}/events", timeout=30) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            data = json.loads(line[6:])
+                            positions.append(data["position"])
+                            if data["state"] != "queued":
+                                return
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            deadline = time.monotonic() + 10
+            while positions != [2]:
+                assert time.monotonic() < deadline, positions
+                time.sleep(0.02)
+            c.delete(f"/v1/jobs/{b}")  # b leaves the queue: only d is ahead of e now
+            while positions[-1] != 1:
+                assert time.monotonic() < deadline, positions
+                time.sleep(0.02)
+            gate.set()  # a finishes, d runs: e is next (0), then runs
+            watcher.join(30)
+            assert positions[:2] == [2, 1] and positions[-1] is None, positions  # then 0 (unless coalesced)
+            assert all(p is None or p in (0, 1) for p in positions[2:]), positions
+            assert wait_job(c, e)["state"] == "done" and wait_job(c, d)["state"] == "done"
+        finally:
+            gate.set()
+
+
+def test_openapi_document_matches_the_servers_behaviour(tmp_path):
+    """/openapi.json says what the server does: this server's limits on the job fields (it said 1000 steps and
+    8192 pixels whatever the server took), the media types of the event stream, preview and images (it said JSON),
+    the upload's body (it had none), the error answers; with a key, the document and /docs are public (as A1111
+    serves them) and declare the bearer key, while the API still needs it."""
+    from fastapi.testclient import TestClient
+
+    from sdengine.server.app import create_app
+
+    cfg = server_config(tmp_path, max_steps=40, max_side=512, max_batch=3, api_key="k3y")
+    client = TestClient(create_app(cfg, loader=shared_loader, preload=False))  # no lifespan: nothing runs
+    r = client.get("/openapi.json")
+    assert r.status_code == 200, r.text
+    spec = r.json()
+    props = spec["components"]["schemas"]["JobRequest"]["properties"]
+    assert props["steps"]["maximum"] == 40 and props["batch_size"]["maximum"] == 3
+    assert (
+        [o.get("maximum") for o in props["width"]["anyOf"]]
+        == [512, None]
+        == [o.get("maximum") for o in props["height"]["anyOf"]]
+    )
+    key = {"Authorization": "Bearer k3y"}
+    for steps, status in ((40, 202), (41, 400)):  # the documented bound is the real one
+        assert client.post("/v1/jobs", json={**BASE, "steps": steps}, headers=key).status_code == status
+    for path, kind in (("/v1/jobs/{job_id}/events", "text/event-stream"), ("/v1/images/{name}", "image/png")):
+        assert list(spec["paths"][path]["get"]["responses"]["200"]["content"]) == [kind]
+    assert list(spec["paths"]["/v1/jobs/{job_id}/preview"]["get"]["responses"]["200"]["content"]) == ["image/png"]
+    body = spec["paths"]["/v1/uploads"]["post"]["requestBody"]["content"]
+    assert body["multipart/form-data"]["schema"]["properties"]["file"]["format"] == "binary" and "image/png" in body
+    assert {"400", "413", "429", "503"} <= set(spec["paths"]["/v1/jobs"]["post"]["responses"])
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert client.get("/docs").status_code == 200 and "swagger" in client.get("/docs").text.lower()
+    assert client.get("/v1/models").status_code == 401 and client.post("/v1/jobs", json=BASE).status_code == 401
+
+
+def test_a_file_another_writer_made_meanwhile_is_never_replaced(client, server):
+    """The server numbers its files on from the folder as it was; an image another writer saved since under the
+    next name (`sdengine generate --out` on the same folder with the same seed) was silently replaced. Now the
+    server counts on past it."""
+    first = run(client, {**BASE, "seed": 31})["images"][0]["name"]
+    index = int(first.split("-")[0])
+    outputs = server.services.config.outputs_dir
+    theirs = {outputs / f"{index + k:05d}-31.png": f"another writer's image {k}".encode() for k in (1, 2)}
+    theirs[outputs / f"{index + 5:05d}-99.png"] = b"a later number, another seed"
+    for path, data in theirs.items():
+        path.write_bytes(data)
+    second = run(client, {**BASE, "seed": 31})["images"][0]["name"]
+    assert all(path.read_bytes() == data for path, data in theirs.items())
+    assert second == f"{index + 6:05d}-31.png", second  # on from the folder's highest number
+    im, _ = fetch_image(client, f"/v1/images/{second}")
+    assert im.size == (64, 64)
+
+
+def test_finished_jobs_do_not_keep_their_input_images(client, server, monkeypatch):
+    """The job table remembers hundreds of finished jobs; each kept its decoded init image, mask and control
+    images (up to the pixel limit each: gigabytes over a day of img2img), though only its result's record is
+    read after it finished. Beyond the newest finished jobs, the inputs are dropped; the record stays."""
+    from sdengine.server import jobs
+
+    monkeypatch.setattr(jobs, "KEEP_IMAGES", 1)
+    init = Image.new("RGB", (64, 64), (200, 40, 40))
+    up = client.post("/v1/uploads", content=png_of(init), headers={"content-type": "image/png"}).json()["id"]
+    body = {**BASE, "steps": 2, "init_image": up, "strength": 0.5, "mask": up}
+    unit = {"model": "emoji-controlnet-canny", "image": up, "preprocessor": "canny"}
+    old = run(client, {**body, "controlnets": [unit]})
+    new = run(client, body)
+    assert old["state"] == new["state"] == "done"
+    manager = server.services.manager
+    kept, dropped = manager.get(new["id"]).generation, manager.get(old["id"]).generation
+    assert kept.kwargs["init_image"] is not None and kept.kwargs["mask"] is not None  # the newest: as it ran
+    assert dropped.kwargs["init_image"] is None and dropped.kwargs["mask"] is None
+    assert [u[1] for u in dropped.kwargs["controlnets"]] == [None]
+    again = client.get(f"/v1/jobs/{old['id']}").json()
+    assert again["infotexts"] == old["infotexts"] and again["images"][0]["url"] == old["images"][0]["url"]
+
+
+def test_a_stopping_server_answers_503_with_retry_after(tmp_path):
+    """While the server stops (the queue drained, the running jobs given their grace), a job sent on a kept-alive
+    connection was a 429 "queue is full"; it is a 503 with Retry-After, which load balancers retry elsewhere."""
+    from fastapi.testclient import TestClient
+
+    from sdengine.server.app import create_app
+
+    app = create_app(server_config(tmp_path), loader=shared_loader, preload=False)
+    client = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: no worker runs
+    app.state.services.manager.stop(timeout=1)
+    r = client.post("/v1/jobs", json=BASE)
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and "stopping" in r.json()["detail"]
+
+
+def test_a_tiny_vae_the_model_lacks_is_a_400_not_a_failed_job(tmp_path):
+    """GET /v1/models says a model has no tiny VAE, yet a job asking it for vae_decode "tiny" was queued (202) and
+    failed when it ran; it is a 400 now, and the same job on a model with one runs."""
+    from _emoji_models import make_tiny_emoji_folder
+
+    make_tiny_emoji_folder(tmp_path / "models" / "tiny")
+    with (
+        live_server(server_config(tmp_path, models_dir=tmp_path / "models")) as s,
+        httpx.Client(base_url=s.url, timeout=60) as c,
+    ):
+        listed = {m["id"]: m["tiny_vae"] for m in c.get("/v1/models").json()["data"]}
+        assert listed == {"emoji": True, "tiny": False}
+        init = c.post(
+            "/v1/uploads", content=png_of(Image.new("RGB", (64, 64), "red")), headers={"content-type": "image/png"}
+        )
+        for extra, words in (
+            ({"vae_decode": "tiny"}, "vae_decode 'tiny' needs a tiny VAE and tiny has none"),
+            ({"vae_encode": "tiny", "init_image": init.json()["id"]}, "vae_encode 'tiny' needs a tiny VAE with an"),
+        ):
+            r = c.post("/v1/jobs", json={**BASE, "model": "tiny", **extra})
+            assert r.status_code == 400 and words in r.json()["detail"], r.text
+        assert c.get("/healthz").json()["queued"] == 0
+        assert run(c, {**BASE, "model": "emoji", "vae_decode": "tiny"})["state"] == "done"
+        assert run(c, {**BASE, "model": "tiny"})["state"] == "done"  # loaded now: the pipeline is asked
+        r = c.post("/v1/jobs", json={**BASE, "model": "tiny", "vae_decode": "tiny"})
+        assert r.status_code == 400 and "tiny has none" in r.json()["detail"]
+
+
+def test_readyz_says_when_the_server_can_run_jobs(tmp_path):
+    """/healthz said "ok" from the first moment, while the default model was still loading, and forever after
+    that load failed (every job then failing): a load balancer sent work to a server that could not do it.
+    /readyz is 503 while loading and after a failed load (with the error), 200 once the model is there."""
+    import threading
+
+    gate = threading.Event()
+    loads: list[str] = []
+
+    def loader(ref: str, device: str):
+        loads.append(ref)
+        assert gate.wait(30), "the test never opened the gate"
+        if len(loads) == 1:
+            raise OSError("broken weights")
+        return shared_loader(ref, device)
+
+    server, thread, url = start_server(tmp_path, loader, grace=1, preload=True)
+    try:
+        r = httpx.get(f"{url}/readyz")
+        assert r.status_code == 503 and r.json()["workers"][0]["state"] == "loading", r.text
+        h = httpx.get(f"{url}/healthz")
+        assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["ready"] is False
+        gate.set()
+        deadline = time.monotonic() + 10
+        while (r := httpx.get(f"{url}/readyz")).json()["workers"][0]["state"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        w = r.json()["workers"][0]
+        assert r.status_code == 503 and w["state"] == "failed" and "broken weights" in w["error"], r.text
+        job = httpx.post(f"{url}/v1/jobs", json=BASE).json()["id"]  # the next load works: the job runs
+        with httpx.Client(base_url=url, timeout=30) as c:
+            assert wait_job(c, job)["state"] == "done"
+        r = httpx.get(f"{url}/readyz")
+        assert r.status_code == 200 and r.json()["workers"][0]["state"] == "ready", r.text
+        assert httpx.get(f"{url}/healthz").json()["ready"] is True
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(20)
+
+
+def test_a_load_error_on_the_public_health_routes_is_for_key_holders_only(tmp_path):
+    """/healthz and /readyz answer without a key (health checks); the load error they carry may name the model's
+    files, so only a request with the key sees it."""
+
+    def broken(ref: str, device: str):
+        raise OSError("cannot read /secret/models/x.safetensors")
+
+    server, thread, url = start_server(tmp_path, broken, grace=1, preload=True, api_key="k3y")
+    try:
+        deadline = time.monotonic() + 10
+        while (r := httpx.get(f"{url}/readyz")).json()["workers"][0]["state"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert r.status_code == 503 and r.json()["workers"][0]["state"] == "failed"
+        for route in ("/readyz", "/healthz"):
+            public = httpx.get(f"{url}{route}").json()["workers"][0]["error"]
+            keyed = httpx.get(f"{url}{route}", headers={"Authorization": "Bearer k3y"}).json()["workers"][0]["error"]
+            assert "/secret" not in public and "hidden" in public, public
+            assert "/secret/models/x.safetensors" in keyed, keyed
+    finally:
+        server.should_exit = True
+        thread.join(20)

@@ -36,6 +36,59 @@ def test_non_loopback_bind_without_key_refuses_to_start(capsys):
     assert "must not be empty" in capsys.readouterr().err
 
 
+def test_settings_that_would_refuse_every_request_refuse_to_start(capsys, tmp_path, monkeypatch):
+    """--max-queue 0 (every job a 429), a body limit <= 0 (every body a 413), an impossible port (a traceback from
+    the socket layer) and an outputs folder that cannot be made (every job failing at its save) are one line at
+    start, exit 2, before any model is loaded."""
+    import uvicorn
+
+    from sdengine.cli import main
+
+    def started(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn.Server, "run", started)
+    (tmp_path / "a_file").write_text("x")
+    cases = {
+        ("--max-queue", "0"): "--max-queue must be >= 1",
+        ("--max-queue", "-1"): "--max-queue must be >= 1",
+        ("--max-body-mb", "-5"): "--max-body-mb must be a number > 0",
+        ("--max-body-mb", "nan"): "--max-body-mb must be a number > 0",
+        ("--max-image-pixels", "0"): "--max-image-pixels must be >= 1",
+        ("--port", "99999"): "--port must be in [1, 65535]",
+        ("--outputs-dir", str(tmp_path / "a_file")): "not a folder",
+        ("--outputs-dir", str(tmp_path / "a_file" / "sub")): "cannot create it",
+    }
+    for args, message in cases.items():
+        argv = ["serve", *args] if args[0] == "--port" else ["serve", "--port", str(free_port()), *args]
+        assert main(argv) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (args, err)
+    made = tmp_path / "new" / "outputs"
+    assert main(["serve", "--port", "99999", "--outputs-dir", str(made)]) == 2  # the port is checked first
+    assert not made.exists()
+
+
+def test_a_key_no_client_could_send_refuses_to_start(capsys, monkeypatch):
+    """A key with a trailing newline or \\r (a key file, an env file), a space or a non-ASCII letter started the
+    server, and every request was a 401: a Bearer value is read stripped and headers are Latin-1."""
+    import uvicorn
+
+    from sdengine.cli import main
+
+    def started(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn.Server, "run", started)
+    for key in ("s3cret\n", "s3cret\r", " s3cret", "two words", "clé"):
+        monkeypatch.setenv("SDENGINE_API_KEY", key)
+        assert main(["serve", "--port", str(free_port())]) == 2, repr(key)
+        err = capsys.readouterr().err
+        assert "must be printable ASCII without spaces" in err and len(err.strip().splitlines()) == 1, err
+        assert main(["serve", "--api-key", key, "--port", str(free_port())]) == 2, repr(key)
+        capsys.readouterr()
+
+
 @pytest.mark.slow
 def test_a_subprocess_refuses_too():
     r = serve("--host", "0.0.0.0", "--port", str(free_port()))
@@ -82,7 +135,9 @@ def test_cli_serve_starts_on_loopback_and_answers(tmp_path):
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("keyed")
-    with live_server(server_config(tmp, api_key="s3cret", cors_origins=("http://app.example",))) as s:
+    with live_server(
+        server_config(tmp, api_key="s3cret", cors_origins=("http://app.example",), max_body_bytes=1 << 20)
+    ) as s:
         yield s
 
 
@@ -95,6 +150,34 @@ def test_api_key_bearer_basic_and_health(keyed):
     assert httpx.get(f"{u}/sdapi/v1/sd-models", auth=("anyone", "s3cret")).status_code == 200
     assert httpx.post(f"{u}/sdapi/v1/interrupt", auth=("anyone", "wrong")).status_code == 401
     assert httpx.get(f"{u}/healthz").status_code == 200
+
+
+def test_refusals_carry_cors_headers_for_a_listed_origin(keyed):
+    """A page of a --cors-origins origin can read why it was refused (wrong key, body too big), instead of the
+    browser hiding the answer behind a CORS error; an unlisted origin still gets no CORS header."""
+    listed = {"Origin": "http://app.example"}
+    r = httpx.get(f"{keyed.url}/v1/models", headers={**listed, "Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.headers.get("access-control-allow-origin") == "http://app.example"
+    big = b"x" * (keyed.services.config.max_body_bytes + 1)
+    r = httpx.post(
+        f"{keyed.url}/v1/uploads",
+        content=big,
+        headers={**listed, "Authorization": "Bearer s3cret", "content-type": "image/png"},
+    )
+    assert r.status_code == 413 and r.headers.get("access-control-allow-origin") == "http://app.example"
+    r = httpx.get(f"{keyed.url}/v1/models", headers={"Origin": "http://evil.example"})
+    assert r.status_code == 401 and "access-control-allow-origin" not in r.headers
+
+
+def test_a_cors_origin_written_with_a_slash_still_gets_cors_headers(tmp_path):
+    """--cors-origins http://app.example/ (as copied from the address bar): the Origin rule let the page in, but
+    the CORS headers never matched the browser's slash-less Origin, so the browser hid every answer."""
+    with live_server(server_config(tmp_path, cors_origins=("http://app.example/",))) as s:
+        h = {"Origin": "http://app.example"}
+        r = httpx.get(f"{s.url}/v1/loras", headers=h)
+        assert r.status_code == 200 and r.headers.get("access-control-allow-origin") == "http://app.example"
+        r = httpx.options(f"{s.url}/v1/jobs", headers={**h, "Access-Control-Request-Method": "POST"})
+        assert r.status_code == 200 and r.headers.get("access-control-allow-origin") == "http://app.example"
 
 
 def test_foreign_origin_and_null_refused_on_state_changing_routes(keyed):

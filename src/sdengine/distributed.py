@@ -64,6 +64,13 @@ def env_world() -> World | None:
     values = {k: os.environ.get(k) for k in ENV_VARS}
     if all(v is None for v in values.values()):
         return None
+    missing = [k for k in ("RANK", "WORLD_SIZE") if values[k] is None]
+    if missing:
+        given = " ".join(f"{k}={v}" for k, v in values.items() if v is not None)
+        raise DistributedError(
+            f"torchrun environment is incomplete: {given} is set but not {' and '.join(missing)} (start the "
+            "processes with torchrun, or unset the variable to run one process)"
+        )
     try:
         rank = int(values["RANK"] or "")
         size = int(values["WORLD_SIZE"] or "")
@@ -111,6 +118,12 @@ def setup(device: str | torch.device) -> torch.device:
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", env.local_rank)
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DistributedError(
+                f"rank {env.rank} (LOCAL_RANK {env.local_rank}) needs {device}, but {count} CUDA device(s) are "
+                "visible: start at most one process per GPU (--nproc_per_node)"
+            )
         torch.cuda.set_device(device)
     if env.size == 1 or is_initialized():
         return device

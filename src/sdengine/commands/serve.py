@@ -20,6 +20,16 @@ def run(a: argparse.Namespace) -> int:
     check_bind(a.host, api_key, a.insecure_no_auth)
     if a.max_batch < 1:
         raise ServerConfigError(f"--max-batch must be >= 1, got {a.max_batch}")
+    # Limits that would refuse every job or every request are a mistake: said now, not as a 429 / 413 per request.
+    if a.max_queue < 1:
+        raise ServerConfigError(f"--max-queue must be >= 1 (jobs that may wait), got {a.max_queue}")
+    if not a.max_body_mb > 0 or a.max_body_mb == float("inf"):
+        raise ServerConfigError(f"--max-body-mb must be a number > 0, got {a.max_body_mb}")
+    if a.max_image_pixels < 1:
+        raise ServerConfigError(f"--max-image-pixels must be >= 1, got {a.max_image_pixels}")
+    if not 1 <= a.port <= 65535:
+        raise ServerConfigError(f"--port must be in [1, 65535], got {a.port}")
+    check_outputs_dir(Path(a.outputs_dir))
     for flag, d in (
         ("--models-dir", a.models_dir),
         ("--loras-dir", a.loras_dir),
@@ -62,27 +72,38 @@ def run(a: argparse.Namespace) -> int:
     )
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as e:
         from ..errors import UsageError
 
         raise UsageError(
             f"sdengine serve needs the server extra ({e.name} is missing): pip install 'sdengine[server]'"
         ) from None
-    from ..server.app import create_app
+    from ..server.app import create_app, make_server
 
     app = create_app(config)
     print(f"sdengine serving {config.model} on http://{a.host}:{a.port} (docs: /docs, API: /openapi.json)", flush=True)
-    # Open event streams would hold a shutdown forever: after 10 s they are closed (running jobs are cancelled).
-    uvicorn.run(
-        app,
-        host=a.host,
-        port=a.port,
-        log_level=a.log_level,
-        access_log=a.log_level == "debug",
-        timeout_graceful_shutdown=10,
-    )
+    # Ctrl-C / SIGTERM: queued jobs are cancelled, running ones get 10 s to finish (Ctrl-C again: at once), and
+    # every open event stream ends with its job's final event.
+    make_server(
+        app, host=a.host, port=a.port, grace=10.0, log_level=a.log_level, access_log=a.log_level == "debug"
+    ).run()
     return 0
+
+
+def check_outputs_dir(folder: Path) -> None:
+    """The outputs folder exists (made now if missing) and is writable: every job saves into it, so a folder
+    that cannot be written is one line at start, not a failed job per request."""
+    from ..server.errors import ServerConfigError
+
+    if folder.exists() and not folder.is_dir():
+        raise ServerConfigError(f"--outputs-dir {folder}: not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ServerConfigError(f"--outputs-dir {folder}: cannot create it ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ServerConfigError(f"--outputs-dir {folder}: not writable")
 
 
 def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction | None = None) -> None:

@@ -159,12 +159,6 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         description="Native job API, AUTOMATIC1111 /sdapi/v1 and OpenAI Images routes over one queue.",
     )
     app.state.services = services
-    if config.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(
-            CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"]
-        )
     app.add_middleware(
         SecurityMiddleware,
         api_key=config.api_key,
@@ -172,8 +166,18 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         max_body_bytes=config.max_body_bytes,
         loopback_only_hosts=config.api_key is None and is_loopback(config.host),
     )
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        # Added last = outermost: the security rules' own answers (401 wrong key, 413, 403) carry the CORS
+        # headers too, so that a page of a listed origin can read why it was refused (not a bare CORS error).
+        # As the Origin rule reads them: "http://app.example/" is the origin "http://app.example" (a browser's
+        # Origin header never ends in a slash; unstripped, the rule let it in but no CORS header matched it).
+        origins = [o.strip().rstrip("/") for o in config.cors_origins]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
     _install_error_handlers(app)
     _native_routes(app, services)
+    _install_openapi(app, config)
     from sdengine.server import a1111, comfy, openai_images, page_api
 
     a1111.install(app, services)
@@ -181,6 +185,119 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
     app.include_router(comfy.router)  # ComfyUI API-format workflows (server/comfy/)
     page_api.install(app, services)  # the web page at / and its routes
     return app
+
+
+def make_server(app: FastAPI, *, host: str, port: int, grace: float = 10.0, **uvicorn_options: Any) -> Any:
+    """The uvicorn server of ``sdengine serve``, whose shutdown (Ctrl-C, SIGTERM) first stops the job queue: the
+    listening socket closes, queued jobs end ``cancelled``, running ones get ``grace`` seconds to finish (a second
+    Ctrl-C cancels them at once), so that every event stream and waiting request ends with the job's final state
+    instead of being cut off; then uvicorn closes the (now idle) connections."""
+    import uvicorn
+
+    manager: JobManager = app.state.services.manager
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            for server in self.servers:  # no new connections while the jobs stop
+                server.close()
+            await asyncio.to_thread(manager.stop, grace=grace, hurry=lambda: bool(self.force_exit))
+            await super().shutdown(sockets)
+
+    uvicorn_options.setdefault("timeout_graceful_shutdown", grace + 5)
+    return Server(uvicorn.Config(app, host=host, port=port, **uvicorn_options))
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "detail": {"type": "string"},
+        "error": {"type": "object", "properties": {"message": {"type": "string"}, "type": {"type": "string"}}},
+    },
+}
+_PNG = {"image/png": {"schema": {"type": "string", "format": "binary"}}}
+_NATIVE_ERRORS = {  # the native routes' answers besides 200 and 422, as they really are
+    ("post", "/v1/jobs"): {
+        "400": "a value the server or the pipeline refuses (one line)",
+        "413": "body or image over the limits",
+        "429": "the queue is full (Retry-After)",
+        "503": "the server is stopping (Retry-After)",
+    },
+    ("post", "/v1/uploads"): {"400": "not a PNG, JPEG or WebP image", "413": "body or image over the limits"},
+    ("get", "/v1/jobs/{job_id}"): {"404": "no such job (or forgotten)"},
+    ("delete", "/v1/jobs/{job_id}"): {"404": "no such job (or forgotten)"},
+    ("get", "/v1/jobs/{job_id}/events"): {"404": "no such job (or forgotten)"},
+    ("get", "/v1/jobs/{job_id}/preview"): {"400": "no preview yet", "404": "no such job (or forgotten)"},
+    ("get", "/v1/images/{name}"): {"400": "not a PNG name in the outputs folder", "404": "no such image"},
+}
+
+
+def _install_openapi(app: FastAPI, config: ServerConfig) -> None:
+    """``/openapi.json`` (and ``/docs``) as the server behaves: the job fields' limits are this server's
+    (``--max-steps``...: the schema's own bounds are only the widest any server takes), the event stream, preview
+    and images are documented with their media types, the upload's body is the multipart file or raw image it
+    reads, the native routes' error answers are listed, and with ``--api-key`` the bearer key is declared so that
+    the docs page's "Authorize" sends it."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schemas = spec.get("components", {}).get("schemas", {})
+        limits = {"steps": config.max_steps, "batch_size": config.max_batch, "width": config.max_side}
+        limits["height"] = config.max_side
+        for name, maximum in limits.items():
+            prop = schemas.get("JobRequest", {}).get("properties", {}).get(name, {})
+            for option in [prop, *prop.get("anyOf", [])]:
+                if "maximum" in option:
+                    option["maximum"] = maximum
+        for name, maximum in (
+            ("hr_second_pass_steps", config.max_steps),
+            ("hr_resize_x", config.max_side),
+            ("hr_resize_y", config.max_side),
+        ):
+            prop = schemas.get("HiresSpec", {}).get("properties", {}).get(name, {})
+            if "maximum" in prop:
+                prop["maximum"] = maximum
+        schemas["Error"] = _ERROR_SCHEMA
+        paths = spec.get("paths", {})
+
+        def ok(path: str, method: str, content: dict[str, Any]) -> None:
+            op = paths.get(path, {}).get(method)
+            if op is not None:
+                op["responses"][next(c for c in op["responses"] if c.startswith("2"))]["content"] = content
+
+        ok("/v1/jobs/{job_id}/events", "get", {"text/event-stream": {"schema": {"type": "string"}}})
+        ok("/v1/jobs/{job_id}/preview", "get", _PNG)
+        ok("/v1/images/{name}", "get", _PNG)
+        upload = paths.get("/v1/uploads", {}).get("post")
+        if upload is not None:
+            binary = {"schema": {"type": "string", "format": "binary"}}
+            form = {"type": "object", "properties": {"file": binary["schema"]}, "required": ["file"]}
+            upload["requestBody"] = {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {"schema": form},
+                    **{f"image/{kind}": binary for kind in ("png", "jpeg", "webp")},
+                    "application/octet-stream": binary,
+                },
+            }
+        for (method, path), answers in _NATIVE_ERRORS.items():
+            op = paths.get(path, {}).get(method)
+            if op is None:
+                continue
+            for code, text in answers.items():
+                op["responses"][code] = {
+                    "description": text,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                }
+        if config.api_key is not None:
+            spec.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            spec["security"] = [{"bearer": []}]
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _version() -> str:
@@ -207,6 +324,16 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(validation_body(exc.errors()), status_code=422)
+
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's own answers (unknown route 404, 405, a broken multipart body 400) in the one error shape."""
+        message = str(exc.detail)
+        return JSONResponse(
+            error_body(message, "invalid_request_error"), status_code=exc.status_code, headers=exc.headers
+        )
 
 
 def _text_safe(value: Any) -> Any:
@@ -284,24 +411,86 @@ def preview_data_url(job: Job) -> str | None:
 def _native_routes(app: FastAPI, services: Services) -> None:
     config, catalog, manager = services.config, services.catalog, services.manager
 
+    def workers_json(request: Request) -> list[dict[str, Any]]:
+        # These routes are public: a load error (it may name files) is shown only to holders of the key.
+        from sdengine.server.security import key_matches
+
+        trusted = config.api_key is None or key_matches(request.headers, config.api_key)
+        return [
+            {
+                "device": w.device,
+                "model": catalog.model_name_of(w.model) if w.model else None,
+                "busy": w.current is not None,
+                "state": w.state,
+                "error": w.load_error if trusted or w.load_error is None else "hidden (send the API key to see it)",
+            }
+            for w in manager.workers
+        ]
+
+    def ready() -> bool:
+        return not manager.stopping and all(w.state == "ready" for w in manager.workers)
+
     @app.get("/healthz", tags=["native"])
-    def healthz() -> dict[str, Any]:
+    def healthz(request: Request) -> dict[str, Any]:
+        """Liveness: always 200 while the process answers; ``ready`` says whether it can run jobs now."""
         return {
             "status": "ok",
+            "ready": ready(),
             "version": _version(),
             "model": services.options.get("sd_model_checkpoint"),
             "queued": manager.queued_count(),
             "running": len(manager.running()),
             "completed": manager.completed,
-            "workers": [
-                {
-                    "device": w.device,
-                    "model": catalog.model_name_of(w.model) if w.model else None,
-                    "busy": w.current is not None,
-                }
-                for w in manager.workers
-            ],
+            "workers": workers_json(request),
         }
+
+    @app.get("/readyz", tags=["native"], responses={503: {"description": "loading, a failed load, or stopping"}})
+    def readyz(request: Request) -> JSONResponse:
+        """Readiness, for a load balancer's health check: 200 when every worker has its default model loaded;
+        503 while one is still loading it, when that load failed, or while the server stops."""
+        ok = ready()
+        body = {"ready": ok, "stopping": manager.stopping, "workers": workers_json(request)}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    def check_size_multiple(generation: Generation) -> None:
+        """A width or height the model cannot make is a 400 now, as the synchronous routes answer it, instead of a
+        queued job that fails when it runs: the multiple is the loaded pipeline's, else read from the model
+        folder's configs, else 8 (every model's least)."""
+        from sdengine.server.page_api import model_size
+
+        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        m = model_size(generation.model, loaded)["multiple"]
+        for what in ("width", "height"):
+            value = generation.kwargs.get(what)
+            if value is not None and value % m:
+                lo, hi = max(m, value // m * m), value // m * m + m
+                near = lo if value - lo < hi - value else hi
+                raise BadRequest(f"{what} {value} is not a multiple of {m}; the nearest valid {what} is {near}")
+
+    def check_tiny_vae(generation: Generation) -> None:
+        """vae_decode "tiny" (and vae_encode "tiny" of an init image) on a model without that tiny VAE is a 400
+        now, by what GET /v1/models says (or the loaded pipeline), instead of a job that fails when it runs."""
+        kw = generation.kwargs
+        encode = kw.get("vae_encode") == "tiny" and kw.get("init_image") is not None
+        if kw.get("vae_decode") != "tiny" and not encode:
+            return
+        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        if loaded is not None and hasattr(loaded, "tiny_vae"):
+            tiny = loaded.tiny_vae
+            decodes, encodes = tiny is not None, tiny is not None and getattr(tiny, "encoder", None) is not None
+        else:
+            decodes, encodes = has_tiny_vae(generation.model), has_tiny_encoder(generation.model)
+        name = generation.model_name
+        if kw.get("vae_decode") == "tiny" and not decodes:
+            raise BadRequest(
+                f"vae_decode 'tiny' needs a tiny VAE and {name} has none (GET /v1/models: tiny_vae); "
+                "serve it with --tiny-vae FILE, or decode with 'full'"
+            )
+        if encode and not encodes:
+            raise BadRequest(
+                f"vae_encode 'tiny' needs a tiny VAE with an encoder and {name} has none (GET /v1/models: "
+                "tiny_vae_encoder); encode with 'full'"
+            )
 
     @app.post("/v1/jobs", status_code=202, tags=["native"])
     async def create_job(req: JobRequest) -> dict[str, Any]:
@@ -324,6 +513,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:
             generation = await asyncio.to_thread(lambda: services.build(**fields))
+        check_size_multiple(generation)
+        check_tiny_vae(generation)
         job, position = services.submit(generation, protocol="native", save=True)
         return {
             "id": job.id,

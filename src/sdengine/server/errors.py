@@ -47,6 +47,12 @@ class QueueFull(ServerError):
         self.retry_after = retry_after
 
 
+class ServerStopping(QueueFull):
+    """The server is shutting down: no job is accepted (503, which a load balancer retries on another server)."""
+
+    status = 503
+
+
 class ServerConfigError(SdengineError, ValueError):
     """A server setting that is refused at start (a public bind without a key, a missing folder)."""
 

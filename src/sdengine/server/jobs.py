@@ -37,7 +37,7 @@ from typing import Any
 from PIL import Image
 
 from sdengine.errors import SdengineError
-from sdengine.server.errors import NotFound, QueueFull
+from sdengine.server.errors import NotFound, QueueFull, ServerStopping
 from sdengine.server.requests import Generation
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,41 @@ def batch_key(job: Job) -> tuple[Any, ...] | None:
     return (g.model, *(kw.get(k) for k in _BATCH_SETTINGS if k != "loras"), lora_key)
 
 
+def batch_notes(pipe: Any, jobs: list[Job], notes: list[str]) -> dict[str, list[str]]:
+    """Each job's share of a batched call's notes: a note about one job's prompt (a BREAK read as a space, a
+    prompt cut at the context length, a '[' that is not prompt editing) goes to that job only, as if it had run
+    alone; the call's other notes (tiled VAE decode, ...) go to all. A job's own prompt notes are found by reading
+    its prompts again as the pipeline reads one job's (the conditioner caches the encodings: cheap), only when the
+    call made notes at all; when that cannot be done, every job gets every note, as before."""
+    if not notes:
+        return {j.id: [] for j in jobs}
+    try:
+        from sdengine.pipeline.prompt_editing import row_schedules
+
+        own: dict[str, list[str]] = {}
+        for job in jobs:
+            kw = job.generation.kwargs
+            mine: list[str] = []
+            plain = row_schedules(
+                pipe.conditioner,
+                [kw["prompt"]],
+                [kw["negative_prompt"]],
+                int(kw["steps"]),
+                clip_skip=int(kw.get("clip_skip") or 1),
+                note=mine.append,
+            )
+            if plain is None:  # no prompt editing: the pipeline encodes the pair
+                pipe.conditioner.pair(
+                    kw["prompt"], kw["negative_prompt"], clip_skip=int(kw.get("clip_skip") or 1), note=mine.append
+                )
+            own[job.id] = mine
+    except Exception:  # noqa: BLE001 - attributing notes is best effort
+        log.debug("could not attribute a batch's notes", exc_info=True)
+        return {j.id: list(notes) for j in jobs}
+    about_prompts = {n for mine in own.values() for n in mine}
+    return {j.id: [n for n in notes if n not in about_prompts or n in own[j.id]] for j in jobs}
+
+
 class JobManager:
     """The queue, the job table and the workers."""
 
@@ -259,21 +294,41 @@ class JobManager:
         for w in self.workers:
             w.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Cancel everything and wait (bounded) for the workers to end."""
+    def stop(self, timeout: float = 30.0, *, grace: float = 0.0, hurry: Callable[[], bool] | None = None) -> None:
+        """Stop: no job is taken or accepted any more, the queued ones end ``cancelled`` at once, the running ones
+        get ``grace`` seconds to finish (less when ``hurry()`` turns true: a second Ctrl-C), then are cancelled at
+        the end of their step; waits (bounded by ``timeout``) for the workers to end. Every job ends in a final
+        state, so its event streams and waiting requests end with a final answer. Safe to call twice."""
         with self._cond:
             self.stopping = True
             queued = list(self._queue)
             self._queue.clear()
-            running = [j for j in self._jobs.values() if j.state == RUNNING]
             self._cond.notify_all()
         for j in queued:
-            self.finish(j, CANCELLED, "the server stopped")
-        for j in running:
+            self.finish(j, CANCELLED, "the server stopped before it started")
+        running = self.running()
+        if running and grace > 0:
+            log.warning(
+                "stopping: waiting up to %g s for %d running job(s) to finish (Ctrl-C again to cancel them now)",
+                grace,
+                len(running),
+            )
+            deadline = time.monotonic() + grace
+            while self.running() and time.monotonic() < deadline and not (hurry is not None and hurry()):
+                time.sleep(0.05)
+        for j in self.running():
+            if not j.cancel.is_set():
+                log.warning("stopping: cancelling job %s at step %d of %d", j.id, j.step, j.steps)
             j.cancel.set()
+            j.changed()
         deadline = time.monotonic() + timeout
         for w in self.workers:
-            w.join(max(0.0, deadline - time.monotonic()))
+            if w.is_alive():
+                w.join(max(0.0, deadline - time.monotonic()))
+
+    def cancel_reason(self, job: Job) -> str:
+        why = " (the server stopped)" if self.stopping else ""
+        return f"cancelled after step {job.step} of {job.steps}{why}"
 
     # -- the queue -------------------------------------------------------------------------------------
 
@@ -281,7 +336,7 @@ class JobManager:
         """Queue ``job``; its position (0 = next). QueueFull when ``max_queue`` jobs are waiting."""
         with self._cond:
             if self.stopping:
-                raise QueueFull("the server is stopping", retry_after=30)
+                raise ServerStopping("the server is stopping; no job is accepted", retry_after=30)
             if len(self._queue) >= self.max_queue:
                 busy = max(1, len(self.workers))
                 raise QueueFull(
@@ -295,12 +350,15 @@ class JobManager:
             return len(self._queue) - 1
 
     def _forget_old(self) -> None:
-        """Drop the oldest finished jobs beyond ``keep_jobs`` and the images of all but the newest finished
-        ones (the routes that answer with images read them as soon as the job finishes)."""
-        finished = [j for j in self._jobs.values() if j.state in FINISHED]
-        for j in finished[:-KEEP_IMAGES]:
+        """Drop the oldest finished jobs beyond ``keep_jobs``, and the images (results and decoded inputs) of all
+        but the newest finished ones (the routes that answer with images read them as soon as the job finishes)."""
+        # By finish time, not submission: a long job that ends after many later ones keeps its images for the
+        # route that waits to answer with them.
+        finished = sorted((j for j in self._jobs.values() if j.state in FINISHED), key=lambda j: j.finished or 0.0)
+        for j in finished[: max(0, len(finished) - KEEP_IMAGES)]:
             for im in j.images:
                 im.image = None
+            j.generation.release_images()
         while len(self._jobs) > self.keep_jobs + self.max_queue:
             for jid, j in self._jobs.items():
                 if j.state in FINISHED:
@@ -334,9 +392,17 @@ class JobManager:
             for j in jobs:
                 j.state = RUNNING
                 j.started = now
+            moved = list(self._queue)
         for j in jobs:
             j.changed()
+        self._moved(moved)
         return jobs
+
+    @staticmethod
+    def _moved(jobs: list[Job]) -> None:
+        """Jobs whose place in the queue changed (a job ahead left it): their watchers get the new position."""
+        for j in jobs:
+            j.changed()
 
     def requeue(self, jobs: list[Job]) -> None:
         """Put jobs of a stopped batch back at the FRONT of the queue, in their order, to run from the start
@@ -355,11 +421,13 @@ class JobManager:
                 j.preview_step = 0
                 self._queue.appendleft(j)
             self._cond.notify()
+            moved = [j for j in self._queue if j not in jobs]
         for j in gone:
-            self.finish(j, CANCELLED, "cancelled while queued")
+            self.finish(j, CANCELLED, "the server stopped" if self.stopping else "cancelled while queued")
         for j in jobs:
             if j not in gone:
                 j.changed()
+        self._moved(moved)
 
     def get(self, job_id: str) -> Job:
         with self._cond:
@@ -396,15 +464,19 @@ class JobManager:
 
     def cancel(self, job: Job) -> None:
         """A queued job leaves the queue now; a running one stops after its current step."""
+        moved: list[Job] = []
         with self._cond:
             if job.state == QUEUED and job in self._queue:
+                at = self._queue.index(job)
                 self._queue.remove(job)
+                moved = list(self._queue)[at:]
                 removed = True
             else:
                 removed = False
             job.cancel.set()
         if removed:
             self.finish(job, CANCELLED, "cancelled while queued")
+            self._moved(moved)
         elif job.state == RUNNING:
             job.changed()
 
@@ -414,6 +486,8 @@ class JobManager:
         job.finished = time.time()
         if state == DONE:
             self.completed += 1
+        with self._cond:
+            self._forget_old()  # at once, not at the next submit: a quiet server holds no more than a busy one
         job.changed()
 
     # -- outputs ---------------------------------------------------------------------------------------
@@ -424,17 +498,24 @@ class JobManager:
 
         with self._out_lock:
             if self._next_index is None:
-                used = (
-                    [int(m.group(1)) for p in self.outputs_dir.glob("*.png") if (m := re.match(r"^(\d{5,})-", p.name))]
-                    if self.outputs_dir.is_dir()
-                    else []
-                )
-                self._next_index = max(used, default=-1) + 1
-            index = self._next_index
+                self._next_index = self._first_free_index()
+            name = f"{self._next_index:05d}-{seed}.png"
+            if (self.outputs_dir / name).exists():
+                # Another writer (`sdengine generate --out` on the same folder, a second server) numbered on from
+                # the same files: count on from the folder as it is now instead of replacing its image.
+                self._next_index = max(self._next_index + 1, self._first_free_index())
+                while (self.outputs_dir / (name := f"{self._next_index:05d}-{seed}.png")).exists():
+                    self._next_index += 1
             self._next_index += 1
-        name = f"{index:05d}-{seed}.png"
         save_png(image, self.outputs_dir / name, infotext)
         return name
+
+    def _first_free_index(self) -> int:
+        """One more than the highest NNNNN- number of a PNG in the outputs folder (0 when there is none)."""
+        if not self.outputs_dir.is_dir():
+            return 0
+        used = [int(m.group(1)) for p in self.outputs_dir.glob("*.png") if (m := re.match(r"^(\d{5,})-", p.name))]
+        return max(used, default=-1) + 1
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -455,6 +536,20 @@ class Worker(threading.Thread):
         self.current: Job | None = None
         self.batch: list[Job] = []  # the jobs of the running call (one, or a batch)
         self.preload: str | None = None  # a model to load before the first job (set before start)
+        self.preloaded = False  # the preload was tried
+        self.load_error: str | None = None  # why the preload failed (until that model loads)
+
+    @property
+    def state(self) -> str:
+        """``loading`` (its default model, before the first job), ``failed`` (that load failed: every job on the
+        default model would fail), ``stopped`` (the thread ended) or ``ready``."""
+        if self.load_error is not None:
+            return "failed"
+        if self.preload is not None and not self.preloaded:
+            return "loading"
+        if self.ident is not None and not self.is_alive():
+            return "stopped"
+        return "ready"
 
     def run(self) -> None:
         if self.preload is not None:
@@ -462,6 +557,9 @@ class Worker(threading.Thread):
                 self.pipeline(self.preload)
             except Exception as e:  # noqa: BLE001 - the first job that needs it reports the error
                 log.warning("could not load %s on %s: %s", self.preload, self.device, e)
+                self.load_error = f"cannot load {self.preload}: {type(e).__name__}: {e}"
+            finally:
+                self.preloaded = True
         while True:
             jobs = self.manager.take()
             if not jobs:
@@ -493,6 +591,8 @@ class Worker(threading.Thread):
             self.model = None
             self.pipe = self.manager.loader(model, self.device)
             self.model = model
+            if model == self.preload:
+                self.load_error = None
         return self.pipe
 
     def run_job(self, job: Job) -> None:
@@ -553,7 +653,7 @@ class Worker(threading.Thread):
                     continue
                 if e.preview is not None:
                     job.preview_png = png_bytes(Image.fromarray(e.preview[0]))
-                m.finish(job, CANCELLED, f"cancelled after step {job.step} of {job.steps}")
+                m.finish(job, CANCELLED, m.cancel_reason(job))
                 return
             except (torch.OutOfMemoryError, MemoryError):  # CUDA's, or the CPU allocator's
                 if torch.cuda.is_available():
@@ -579,7 +679,7 @@ class Worker(threading.Thread):
             job.step = done_steps
             job.changed()
         if job.cancel.is_set() and not job.images:
-            m.finish(job, CANCELLED, f"cancelled after step {job.step} of {job.steps}")
+            m.finish(job, CANCELLED, m.cancel_reason(job))
         else:
             m.finish(job, DONE)
 
@@ -660,7 +760,7 @@ class Worker(threading.Thread):
                 if job.cancel.is_set():
                     if e.preview is not None:
                         job.preview_png = png_bytes(Image.fromarray(e.preview[a]))
-                    m.finish(job, CANCELLED, f"cancelled after step {job.step} of {job.steps}")
+                    m.finish(job, CANCELLED, m.cancel_reason(job))
                 elif job.skip.is_set():
                     job.skip.clear()
                     m.finish(job, DONE)  # as alone: a skipped last (only) iteration leaves no image
@@ -677,8 +777,9 @@ class Worker(threading.Thread):
                 self.current = job
                 self.run_job(job)
             return
+        notes = batch_notes(pipe, jobs, list(result.notes))
         for job, (a, b) in zip(jobs, spans, strict=True):
-            job.notes.extend(n for n in result.notes if n not in job.notes)
+            job.notes.extend(n for n in notes[job.id] if n not in job.notes)
             failed = None
             for image, seed, text in zip(result.images[a:b], result.seeds[a:b], result.infotexts[a:b], strict=True):
                 if job.generation.finish is not None:

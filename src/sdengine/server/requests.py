@@ -60,6 +60,18 @@ class Generation:
     def images(self) -> int:
         return int(self.kwargs["batch_size"]) * self.n_iter
 
+    def release_images(self) -> None:
+        """Drop the decoded input images (init image, mask, ControlNet images, the overlay that holds the init
+        image) of a job that has finished long ago: the job table keeps hundreds of finished jobs, and their
+        inputs (up to the pixel limit each) would stay in memory with them. The settings stay."""
+        for key in ("init_image", "mask"):
+            if self.kwargs.get(key) is not None:
+                self.kwargs[key] = None
+        units = self.kwargs.get("controlnets")
+        if units:
+            self.kwargs["controlnets"] = [(u[0], None, *u[2:]) for u in units]
+        self.finish = None
+
 
 def _finite(value: Any, what: str, lo: float, hi: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):

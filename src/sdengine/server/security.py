@@ -22,7 +22,7 @@ import io
 import ipaddress
 import json
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from PIL import Image
@@ -31,7 +31,10 @@ from sdengine.server.errors import BadRequest, PayloadTooLarge, ServerConfigErro
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-PUBLIC_PATHS = frozenset({"/healthz"})  # answered without a key (load balancers' health checks)
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # answered without a key (load balancers' health checks)
+# GET without a key, as A1111 serves them with --api-auth: the API's description holds no secret, and the docs
+# page's "Authorize" sends the key on the calls it tries
+PUBLIC_DOCS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 PUBLIC_PAGE = ("/", "/static/")  # the web page: no secret in it; it asks for the key itself
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -51,6 +54,13 @@ def check_bind(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
     """Refuse to serve on a non-loopback host without a key, unless explicitly told to."""
     if api_key is not None and not api_key:
         raise ServerConfigError("--api-key must not be empty")
+    if api_key is not None and (api_key != api_key.strip() or not all(33 <= ord(c) <= 126 for c in api_key)):
+        # A Bearer value is read stripped, and headers are Latin-1: such a key could never be sent back, and
+        # every request would be a 401 (a trailing newline or \r from a key file, a space, an accented letter).
+        raise ServerConfigError(
+            "--api-key (or $SDENGINE_API_KEY) must be printable ASCII without spaces: it has whitespace, a "
+            "control character or a non-ASCII letter (a newline from a key file?), so no client could send it"
+        )
     if not is_loopback(host) and api_key is None and not insecure_no_auth:
         raise ServerConfigError(
             f"refusing to listen on {host} without --api-key: anyone who can reach it could use it "
@@ -58,7 +68,7 @@ def check_bind(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
         )
 
 
-def key_matches(headers: MutableMapping[str, str], api_key: str) -> bool:
+def key_matches(headers: Mapping[str, str], api_key: str) -> bool:
     """Bearer KEY, or Basic auth whose password is KEY; constant-time compare."""
     auth = headers.get("authorization", "")
     scheme, _, value = auth.partition(" ")
@@ -175,7 +185,9 @@ class SecurityMiddleware:
             )
         public = path in PUBLIC_PATHS or (
             method in ("GET", "HEAD")
-            and (path == PUBLIC_PAGE[0] or (path.startswith(PUBLIC_PAGE[1]) and ".." not in path))
+            and (
+                path == PUBLIC_PAGE[0] or path in PUBLIC_DOCS or (path.startswith(PUBLIC_PAGE[1]) and ".." not in path)
+            )
         )
         if self.api_key is not None and not public and method != "OPTIONS":
             if not key_matches(headers, self.api_key):
