@@ -546,12 +546,13 @@ def _native_routes(app: FastAPI, services: Services) -> None:
     @app.get("/v1/jobs/{job_id}/preview", tags=["native"])
     def job_preview(job_id: str) -> Any:
         job = manager.get(job_id)
-        if job.preview_png is None:
+        got = job.preview()  # decodes the newest step's latents when nobody watched the job (lazy previews)
+        if got is None:
             raise BadRequest("no preview yet")
         from fastapi.responses import Response
 
         return Response(
-            job.preview_png,
+            got[0],
             media_type="image/png",
             headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
         )

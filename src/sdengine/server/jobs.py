@@ -17,6 +17,11 @@ mixed up; they only lose the steps already done).
 
 Threads and the event loop meet in :meth:`Job.subscribe`: each change of a job sets the asyncio events of
 its subscribers through ``loop.call_soon_threadsafe``, so waiting costs no polling.
+
+Previews are lazy: every ``preview_every`` steps the worker decodes a preview (the tiny VAE or the latent map)
+and encodes its PNG only while someone watches the job (an event stream: :meth:`Job.updates`); otherwise it only
+keeps that step's latent (a reference, no work) and :meth:`Job.preview` decodes it when asked (``GET
+/v1/jobs/{id}/preview``, A1111's progress with its current image). A job nobody looks at pays nothing for previews.
 """
 
 from __future__ import annotations
@@ -76,14 +81,17 @@ class Job:
     error: str | None = None
     images: list[JobImage] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    preview_png: bytes | None = None
+    preview_png: bytes | None = None  # the newest preview encoded so far (see preview())
     preview_step: int = 0
+    # the newest preview's latent not encoded yet: (latents (1, C, h, w), step, latents -> uint8 RGB), or None
+    preview_source: tuple[Any, int, Callable[[Any], Any]] | None = None
     version: int = 0  # bumped on every change
     cancel: threading.Event = field(default_factory=threading.Event)
     skip: threading.Event = field(default_factory=threading.Event)
     device: str | None = None
-    _subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
+    _subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, bool]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _preview_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.steps = int(self.generation.kwargs["steps"]) * self.generation.n_iter
@@ -95,21 +103,59 @@ class Job:
         with self._lock:
             self.version += 1
             subs = list(self._subscribers)
-        for loop, ev in subs:
+        for loop, ev, _ in subs:
             try:
                 loop.call_soon_threadsafe(ev.set)
             except RuntimeError:  # that loop is closed: its subscriber is gone
                 pass
 
-    def subscribe(self) -> asyncio.Event:
+    def subscribe(self, *, previews: bool = False) -> asyncio.Event:
+        """An event set on every change; ``previews``: this subscriber shows previews (the worker then encodes
+        them as it goes, see :attr:`watched`)."""
         ev = asyncio.Event()
         with self._lock:
-            self._subscribers.append((asyncio.get_running_loop(), ev))
+            self._subscribers.append((asyncio.get_running_loop(), ev, previews))
         return ev
 
     def unsubscribe(self, ev: asyncio.Event) -> None:
         with self._lock:
-            self._subscribers = [(lp, e) for lp, e in self._subscribers if e is not ev]
+            self._subscribers = [s for s in self._subscribers if s[1] is not ev]
+
+    @property
+    def watched(self) -> bool:
+        """Someone shows this job's previews as they come (an event stream is open)."""
+        with self._lock:
+            return any(s[2] for s in self._subscribers)
+
+    def keep_preview(self, latents: Any, step: int, to_rgb: Callable[[Any], Any]) -> None:
+        """Keep a step's latents (one image) to decode only if someone asks (:meth:`preview`): costs nothing."""
+        self.preview_source = (latents, step, to_rgb)
+
+    def set_preview(self, png: bytes, step: int) -> None:
+        with self._preview_lock:
+            self.preview_png, self.preview_step = png, step
+            src = self.preview_source
+            if src is not None and src[1] <= step:
+                self.preview_source = None
+
+    def preview(self) -> tuple[bytes, int] | None:
+        """The newest preview (PNG, step), decoding the kept latents when they are newer than the last PNG (on
+        the caller's thread: call it from a worker thread or a threadpool route); None before the first."""
+        with self._preview_lock:
+            src = self.preview_source
+            if src is not None and (self.preview_png is None or src[1] > self.preview_step):
+                try:
+                    import torch
+
+                    with torch.inference_mode():
+                        frame = src[2](src[0]).cpu().numpy()
+                    self.preview_png, self.preview_step = png_bytes(Image.fromarray(frame[0])), src[1]
+                except Exception:  # noqa: BLE001 - a preview is optional
+                    log.debug("could not decode a preview", exc_info=True)
+                self.preview_source = None
+            if self.preview_png is None:
+                return None
+            return self.preview_png, self.preview_step
 
     async def wait_finished(self, timeout: float | None = None) -> bool:
         """Wait (without polling) until the job is finished; False on timeout."""
@@ -136,8 +182,9 @@ class Job:
     ) -> AsyncGenerator[bool, None]:
         """What drives an event stream of this job: yields True at once and after every change, False after
         ``keepalive_s`` of silence (send a keep-alive comment); ends when the client has gone. The caller stops
-        after the final state; use it under ``contextlib.aclosing`` so the subscription ends with the stream."""
-        ev = self.subscribe()
+        after the final state; use it under ``contextlib.aclosing`` so the subscription ends with the stream.
+        Its subscriber shows previews: while it is open the worker encodes them as it goes."""
+        ev = self.subscribe(previews=True)
         try:
             while True:
                 ev.clear()  # before the caller looks, so that a change while it sends wakes the next turn
@@ -358,6 +405,7 @@ class JobManager:
         for j in finished[: max(0, len(finished) - KEEP_IMAGES)]:
             for im in j.images:
                 im.image = None
+            j.preview_source = None  # its latents (and the decoder they need)
             j.generation.release_images()
         while len(self._jobs) > self.keep_jobs + self.max_queue:
             for jid, j in self._jobs.items():
@@ -419,6 +467,7 @@ class JobManager:
                 j.device = None
                 j.preview_png = None
                 j.preview_step = 0
+                j.preview_source = None
                 self._queue.appendleft(j)
             self._cond.notify()
             moved = [j for j in self._queue if j not in jobs]
@@ -632,13 +681,14 @@ class Worker(threading.Thread):
                 job.step = _before + info.step
                 if job.cancel.is_set() or job.skip.is_set():
                     return False
-                if info.step % m.preview_every == 0 or info.step == info.steps:
+                if (info.step % m.preview_every == 0 or info.step == info.steps) and not job.watched:
+                    job.keep_preview(info.denoised[:1].clone(), job.step, previewer.to_rgb)  # decoded only if asked
+                elif info.step % m.preview_every == 0 or info.step == info.steps:
                     try:  # on a GPU the frame comes from an earlier step: the loop never waits for it
                         previewer.submit(info.denoised[:1], job.step)
                         got = previewer.take(wait=info.step == info.steps)
                         if got is not None:
-                            job.preview_step, frame = got
-                            job.preview_png = png_bytes(Image.fromarray(frame[0]))
+                            job.set_preview(png_bytes(Image.fromarray(got[1][0])), got[0])
                     except Exception:  # noqa: BLE001 - a preview is optional
                         pass
                 job.changed()
@@ -652,7 +702,7 @@ class Worker(threading.Thread):
                     done_steps += run_steps[0]
                     continue
                 if e.preview is not None:
-                    job.preview_png = png_bytes(Image.fromarray(e.preview[0]))
+                    job.set_preview(png_bytes(Image.fromarray(e.preview[0])), job.step)
                 m.finish(job, CANCELLED, m.cancel_reason(job))
                 return
             except (torch.OutOfMemoryError, MemoryError):  # CUDA's, or the CPU allocator's
@@ -729,7 +779,11 @@ class Worker(threading.Thread):
         def callback(info: Any) -> bool:
             stop = any(j.cancel.is_set() or j.skip.is_set() for j in jobs)
             preview, preview_step = None, info.step
-            if not stop and (info.step % m.preview_every == 0 or info.step == info.steps):
+            due = not stop and (info.step % m.preview_every == 0 or info.step == info.steps)
+            if due and not any(j.watched for j in jobs):
+                for job, (a, _) in zip(jobs, spans, strict=True):  # decoded only if asked
+                    job.keep_preview(info.denoised[a : a + 1].clone(), info.step, previewer.to_rgb)
+            elif due:
                 try:  # on a GPU the frame comes from an earlier step: the loop never waits for it
                     previewer.submit(info.denoised, info.step)
                     got = previewer.take(wait=info.step == info.steps)
@@ -743,8 +797,7 @@ class Worker(threading.Thread):
                 job.step = info.step
                 if preview is not None:
                     try:
-                        job.preview_png = png_bytes(Image.fromarray(preview[a]))
-                        job.preview_step = preview_step
+                        job.set_preview(png_bytes(Image.fromarray(preview[a])), preview_step)
                     except Exception:  # noqa: BLE001 - a preview is optional
                         pass
                 if not stop:
@@ -759,7 +812,7 @@ class Worker(threading.Thread):
             for job, (a, _) in zip(jobs, spans, strict=True):
                 if job.cancel.is_set():
                     if e.preview is not None:
-                        job.preview_png = png_bytes(Image.fromarray(e.preview[a]))
+                        job.set_preview(png_bytes(Image.fromarray(e.preview[a])), job.step)
                     m.finish(job, CANCELLED, m.cancel_reason(job))
                 elif job.skip.is_set():
                     job.skip.clear()
