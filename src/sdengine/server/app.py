@@ -251,14 +251,16 @@ def _install_openapi(app: FastAPI, config: ServerConfig) -> None:
             for option in [prop, *prop.get("anyOf", [])]:
                 if "maximum" in option:
                     option["maximum"] = maximum
-        for name, maximum in (
-            ("hr_second_pass_steps", config.max_steps),
-            ("hr_resize_x", config.max_side),
-            ("hr_resize_y", config.max_side),
+        for schema, name, maximum in (
+            ("HiresSpec", "hr_second_pass_steps", config.max_steps),
+            ("HiresSpec", "hr_resize_x", config.max_side),
+            ("HiresSpec", "hr_resize_y", config.max_side),
+            ("GenerationsRequest", "n", config.max_batch),  # OpenAI's images per request
         ):
-            prop = schemas.get("HiresSpec", {}).get("properties", {}).get(name, {})
-            if "maximum" in prop:
-                prop["maximum"] = maximum
+            prop = schemas.get(schema, {}).get("properties", {}).get(name, {})
+            for option in [prop, *prop.get("anyOf", [])]:
+                if "maximum" in option:
+                    option["maximum"] = maximum
         schemas["Error"] = _ERROR_SCHEMA
         paths = spec.get("paths", {})
 
