@@ -56,6 +56,8 @@ def test_settings_that_would_refuse_every_request_refuse_to_start(capsys, tmp_pa
         ("--max-body-mb", "-5"): "--max-body-mb must be a number > 0",
         ("--max-body-mb", "nan"): "--max-body-mb must be a number > 0",
         ("--max-image-pixels", "0"): "--max-image-pixels must be >= 1",
+        ("--model-affinity", "-1"): "--model-affinity must be a number of seconds >= 0",
+        ("--model-affinity", "nan"): "--model-affinity must be a number of seconds >= 0",
         ("--max-steps", "0"): "--max-steps must be in [1, 1000], got 0",
         ("--max-steps", "1001"): "--max-steps must be in [1, 1000], got 1001",
         ("--max-side", "7"): "--max-side must be in [8, 8192], got 7",

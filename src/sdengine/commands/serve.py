@@ -21,6 +21,8 @@ def run(a: argparse.Namespace) -> int:
     if a.max_batch < 1:
         raise ServerConfigError(f"--max-batch must be >= 1, got {a.max_batch}")
     # Limits that would refuse every job or every request are a mistake: said now, not as a 429 / 413 per request.
+    if not 0 <= a.model_affinity < float("inf"):
+        raise ServerConfigError(f"--model-affinity must be a number of seconds >= 0, got {a.model_affinity}")
     if a.max_queue < 1:
         raise ServerConfigError(f"--max-queue must be >= 1 (jobs that may wait), got {a.max_queue}")
     if not a.max_body_mb > 0 or a.max_body_mb == float("inf"):
@@ -72,6 +74,7 @@ def run(a: argparse.Namespace) -> int:
         max_queue=a.max_queue,
         max_batch_jobs=a.max_batch,
         max_steps=a.max_steps,
+        model_affinity_s=a.model_affinity,
         max_side=a.max_side,
         max_batch=a.max_batch_size,
         max_body_bytes=int(a.max_body_mb * 1024 * 1024),
@@ -150,6 +153,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         type=int,
         default=8,
         help="most images of one request (batch_size, OpenAI's n; 1..64); also the rows of one batched call",
+    )
+    p.add_argument(
+        "--model-affinity",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="a free worker takes the oldest job for its loaded model, skipping jobs for other models that waited "
+        "less than S seconds (fewer model switches; 0 = strict FIFO)",
     )
     p.add_argument("--max-body-mb", type=float, default=50.0, help="request body limit in MB (413 above)")
     p.add_argument(

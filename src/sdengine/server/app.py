@@ -127,6 +127,7 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         max_batch_jobs=config.max_batch_jobs,
         max_batch_rows=config.max_batch,
         preview=config.preview,
+        affinity_s=config.model_affinity_s,
     )
     services = Services(
         config,

@@ -2,7 +2,10 @@
 
 A :class:`Job` is one :class:`~sdengine.server.requests.Generation` and its life: queued -> running ->
 done | failed | cancelled. Workers take the oldest queued job; each keeps its own pipeline (one model at a
-time, switched between jobs). Cancel touches one job: a queued job leaves the queue, a running one stops
+time, switched between jobs). Model affinity: a free worker whose model is loaded takes the oldest queued job
+for THAT model instead, skipping older jobs for other models, unless a job it would skip has waited
+``affinity_s`` seconds or more (then FIFO: nothing starves) or is a ComfyUI prompt (never overtaken).
+Cancel touches one job: a queued job leaves the queue, a running one stops
 at the end of the current sampler step (the pipeline's step callback returns False). Nothing of a job
 stays on the model after it: the pipeline removes the LoRAs it applied and builds ControlNets per call.
 A job that fails (bad input found late, out of memory, a bug) fails alone; the worker takes the next.
@@ -307,6 +310,7 @@ class JobManager:
         max_batch_jobs: int = 1,
         max_batch_rows: int = 8,
         preview: str = "auto",
+        affinity_s: float = 30.0,
     ) -> None:
         self.loader = loader
         self.outputs_dir = Path(outputs_dir)
@@ -316,6 +320,7 @@ class JobManager:
         self.preview = preview  # "auto": the model's tiny VAE when it has one, else the latent RGB map; "latent"
         self.max_batch_jobs = max(1, max_batch_jobs)
         self.max_batch_rows = max(1, max_batch_rows)
+        self.affinity_s = affinity_s  # longest a job is skipped for one of a worker's loaded model (0: FIFO)
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
@@ -415,15 +420,33 @@ class JobManager:
             else:
                 return
 
-    def take(self, timeout: float = 0.5) -> list[Job]:
-        """The oldest queued job and the later ones compatible with it (see :func:`batch_key`), now running;
-        [] when none came within ``timeout`` seconds or the server is stopping."""
+    def _pick(self, model: str | None) -> Job:
+        """The job a worker with ``model`` loaded takes next (lock held, queue not empty): the oldest one, or the
+        oldest for ``model`` when every job before it is of another known model and has waited < ``affinity_s``."""
+        oldest = self._queue[0]
+        if model is None or self.affinity_s <= 0:
+            return oldest
+        now = time.time()
+        for j in self._queue:
+            if getattr(j, "run_on", None) is not None:  # a ComfyUI prompt (any model): never overtaken
+                return oldest
+            if j.generation.model == model:
+                return j
+            if now - j.created >= self.affinity_s:  # waited long enough: FIFO from here
+                return oldest
+        return oldest
+
+    def take(self, timeout: float = 0.5, model: str | None = None) -> list[Job]:
+        """The next job (see :meth:`_pick`: the oldest, or the oldest for ``model``, the taking worker's loaded
+        model) and the later ones compatible with it (see :func:`batch_key`), now running; [] when none came within
+        ``timeout`` seconds or the server is stopping."""
         with self._cond:
             if not self._queue and not self.stopping:
                 self._cond.wait(timeout)
             if self.stopping or not self._queue:
                 return []
-            first = self._queue.popleft()
+            first = self._pick(model)
+            self._queue.remove(first)
             jobs = [first]
             key = batch_key(first) if self.max_batch_jobs > 1 else None
             if key is not None:
@@ -610,7 +633,7 @@ class Worker(threading.Thread):
             finally:
                 self.preloaded = True
         while True:
-            jobs = self.manager.take()
+            jobs = self.manager.take(model=self.model)
             if not jobs:
                 if self.manager.stopping:
                     return
