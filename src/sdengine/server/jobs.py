@@ -68,7 +68,7 @@ class JobImage:
     name: str | None = None  # file name in the outputs folder when saved
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: the queue's lookups (position, cancel) never compare requests' images
 class Job:
     generation: Generation
     protocol: str = "native"
