@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
@@ -579,6 +580,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                         sent_version = version
                         final = job.state in FINISHED
                         data = progress_json(job, services)
+                        if job.preview_source is not None and not final:  # kept before this stream watched
+                            await run_in_threadpool(job.preview)
                         if job.preview_png is not None and job.preview_step != sent_preview and not final:
                             sent_preview = job.preview_step
                             data["preview"] = preview_data_url(job)
