@@ -308,3 +308,39 @@ def test_skip_with_a_json_body_moves_to_the_next_batch(api):
     t.join(120)
     assert not t.is_alive()
     assert out["r"].info["all_seeds"] == [41] and len(out["r"].images) == 1  # the first batch (seed 40) skipped
+
+
+def test_img2img_with_a_strength_under_one_step_runs_one_step_as_a1111(api):
+    """A1111 runs int(min(strength, 0.999) * steps) + 1 img2img steps, so one even where sdengine's
+    int(steps * strength) is 0 (once a 400): the image of the strength that runs one step, 1 / steps."""
+    init = gradient()
+    ref = emoji()(
+        "a blue ball",
+        seed=3,
+        init_image=init,
+        strength=1 / 3,
+        sampler="dpmpp_2m",
+        schedule="karras",
+        progress=False,
+        **COMMON,
+    )
+    for strength in (0.1, 0.0):
+        r = api.img2img(images=[init], prompt="a blue ball", seed=3, denoising_strength=strength, **COMMON)
+        np.testing.assert_array_equal(arr(r.image), arr(ref.images[0]))
+        assert r.info["infotexts"] == ref.infotexts and r.info["denoising_strength"] == 1 / 3
+        assert any(f"denoising_strength {strength:g} with 3 steps runs one step" in n for n in r.info["notes"])
+    # a strength that runs a step is used as given (no note)
+    r = api.img2img(images=[init], prompt="a blue ball", seed=3, denoising_strength=0.5, **COMMON)
+    assert r.info["denoising_strength"] == 0.5 and not any("runs one step" in n for n in r.info["notes"])
+
+
+def test_include_init_images_keeps_them_in_the_parameters(api):
+    """A1111 answers the init images and the mask in ``parameters`` only with include_init_images, else null."""
+    init, mask = webuiapi.raw_b64_img(gradient()), webuiapi.raw_b64_img(Image.new("L", (64, 64), 255))
+    body = {"init_images": [init], "mask": mask, "prompt": "a", "seed": 1, "denoising_strength": 0.5, **COMMON}
+    kept = api.custom_post("img2img", {**body, "include_init_images": True}, baseurl=True)
+    assert kept.parameters["init_images"] == [init] and kept.parameters["mask"] == mask
+    assert kept.parameters["include_init_images"] is True and "include_init_images" not in kept.info["ignored"]
+    dropped = api.custom_post("img2img", body, baseurl=True)
+    assert dropped.parameters["init_images"] is None and dropped.parameters["mask"] is None
+    np.testing.assert_array_equal(arr(kept.image), arr(dropped.image))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -246,6 +247,28 @@ def overlay_finish(init: Image.Image, mask: Image.Image, blur: float) -> Callabl
     return finish
 
 
+def a1111_strength(strength: Any, steps: Any) -> tuple[Any, str | None]:
+    """The sdengine strength of A1111's img2img ``denoising_strength`` and a note when they differ.
+
+    A1111 runs ``int(min(strength, 0.999) * steps) + 1`` steps (``setup_img2img_steps``' ``t_enc`` + 1), so at
+    least one, from the last sigma of the schedule, even at strength 0; sdengine's strength runs ``int(steps *
+    strength)`` steps (diffusers' rule). Where that is 0, the strength that runs A1111's one step is ``1 / steps``
+    (nudged up where the float product falls short of 1); it is what the infotext records, so that the image
+    is made again from it. Other values are left to the request's checks."""
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0.0 <= strength < 1.0:
+        return strength, None
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or int(steps * strength) >= 1:
+        return strength, None
+    one = 1.0 / steps
+    while int(steps * one) < 1:
+        one = math.nextafter(one, 2.0)
+    note = (
+        f"denoising_strength {strength:g} with {steps} steps runs one step, as in A1111; "
+        f"recorded as Denoising strength {one!r}, the strength that runs one step"
+    )
+    return one, note
+
+
 def _ignored(body: dict[str, Any], txt2img: bool = False) -> list[str]:
     out = []
     hr = bool(body.get("enable_hr"))
@@ -397,7 +420,13 @@ def install(app: FastAPI, services: Any) -> None:
             guess_mode=guess,
         )
 
-    async def run(req: Txt2ImgRequest, fields: dict[str, Any], ignored: list[str], overlay: Any = None) -> JSONResponse:
+    async def run(
+        req: Txt2ImgRequest,
+        fields: dict[str, Any],
+        ignored: list[str],
+        overlay: Any = None,
+        notes: list[str] | None = None,
+    ) -> JSONResponse:
         if fields.get("init_image") is None and not fields.get("controlnets"):
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:
@@ -406,9 +435,9 @@ def install(app: FastAPI, services: Any) -> None:
             generation.finish = overlay_finish(*overlay)
         job, _ = services.submit(generation, protocol="a1111", save=req.save_images, task_id=req.force_task_id)
         await job.wait_finished()
-        return _response(job, req, ignored)
+        return _response(job, req, ignored, notes or [])
 
-    def _response(job: Job, req: Txt2ImgRequest, ignored: list[str]) -> JSONResponse:
+    def _response(job: Job, req: Txt2ImgRequest, ignored: list[str], notes: list[str]) -> JSONResponse:
         if job.state == FAILED:
             status = 500 if (job.error or "").startswith("internal error") else 400
             msg = job.error or "failed"
@@ -468,12 +497,17 @@ def install(app: FastAPI, services: Any) -> None:
             "id_task": job.task_id,
             "ignored": ignored,
             "interrupted": interrupted,
-            "notes": job.notes,
+            "notes": [*notes, *job.notes],
         }
         for im in job.images:
             if im.name:
                 info.setdefault("files", []).append(im.name)
-        params = {k: v for k, v in req.model_dump().items() if k not in ("init_images", "mask")}
+        params = req.model_dump()
+        if isinstance(req, Img2ImgRequest):
+            if not req.include_init_images:  # A1111 answers them only when asked, else null
+                params.update(init_images=None, mask=None)
+        else:
+            params = {k: v for k, v in params.items() if k not in ("init_images", "mask")}
         labels: list[str | None] = [*texts, *[None] * (len(images) - len(texts))][: len(images)]
         return JSONResponse(
             {
@@ -523,17 +557,18 @@ def install(app: FastAPI, services: Any) -> None:
             if req.inpainting_mask_invert:
                 mask = ImageOps.invert(mask)
         blur = _mask_blur(body)
+        strength, note = a1111_strength(0.75 if req.denoising_strength is None else req.denoising_strength, req.steps)
         fields.update(
             init_image=req.init_images[0],
             mask=mask,
             mask_blur=float(blur) if mask is not None else 0.0,
-            strength=0.75 if req.denoising_strength is None else req.denoising_strength,
+            strength=strength,
         )
         overlay = None
         if mask is not None:  # A1111 pastes the init image back outside the (blurred) mask
             init = await run_in_threadpool(services.uploads.image, req.init_images[0], "init image")
             overlay = (init, mask, float(blur))
-        return await run(req, fields, list(dict.fromkeys(ignored)), overlay)
+        return await run(req, fields, list(dict.fromkeys(ignored)), overlay, [note] if note else [])
 
     def current() -> Job | None:
         running = manager.running()
