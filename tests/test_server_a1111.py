@@ -344,3 +344,33 @@ def test_include_init_images_keeps_them_in_the_parameters(api):
     dropped = api.custom_post("img2img", body, baseurl=True)
     assert dropped.parameters["init_images"] is None and dropped.parameters["mask"] is None
     np.testing.assert_array_equal(arr(kept.image), arr(dropped.image))
+
+
+def test_extra_single_image_upscales_as_a1111s_lanczos(api):
+    """A1111's extras with its Lanczos upscaler: resized by the scale, then to the size rounded down to 8;
+    to a size: the scale that covers it, then the centre cut (on black where the rounding fell short)."""
+    g = gradient()
+    r = api.extra_single_image(image=g, upscaler_1="Lanczos", upscaling_resize=2)
+    np.testing.assert_array_equal(arr(r.image), arr(g.resize((128, 128), Image.Resampling.LANCZOS)))
+    assert "Postprocess upscaler: Lanczos" in r.info
+    small = g.resize((60, 60))
+    r = api.extra_single_image(image=small, upscaler_1="Lanczos", upscaling_resize=1.5)  # 90, then 88
+    want = small.resize((90, 90), Image.Resampling.LANCZOS).resize((88, 88), Image.Resampling.LANCZOS)
+    np.testing.assert_array_equal(arr(r.image), arr(want))
+    to = {"resize_mode": 1, "upscaling_resize_w": 100, "upscaling_resize_h": 50}
+    r = api.extra_single_image(image=g, upscaler_1="Lanczos", **to)
+    cut = Image.new("RGB", (100, 50))  # scale 100/64 -> 100 -> 96 (rounded to 8), pasted centred
+    cut.paste(g.resize((100, 100), Image.Resampling.LANCZOS).resize((96, 96), Image.Resampling.LANCZOS), (2, -23))
+    np.testing.assert_array_equal(arr(r.image), arr(cut))
+    np.testing.assert_array_equal(arr(api.extra_single_image(image=g, upscaler_1="None").image), arr(g))
+    for bad, msg in (
+        ({"upscaler_1": "R-ESRGAN 4x+"}, "upscaler_1 'R-ESRGAN 4x+' is not available"),
+        ({"upscaler_1": "Lanczos", "codeformer_visibility": 0.5}, "face restoration is not available"),
+        ({"upscaler_1": "Lanczos", "upscaling_resize": 0}, "upscaling_resize must be > 0"),
+    ):
+        r = httpx.post(f"{api.baseurl}/extra-single-image", json={"image": webuiapi.raw_b64_img(g), **bad}, timeout=30)
+        assert r.status_code == 400 and msg in r.text, r.text
+    # the lists a client fills its hires upscaler choice from: what the hires fix takes
+    assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos"]
+    modes = [m["name"] for m in api.get_latent_upscale_modes()]
+    assert modes[0] == "Latent" and "Latent (bicubic antialiased)" in modes and len(modes) == 6

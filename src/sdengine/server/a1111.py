@@ -195,6 +195,97 @@ class PngInfoRequest(BaseModel):
     image: str = ""
 
 
+class ExtrasRequest(BaseModel):
+    """A1111's ExtrasSingleImageRequest (its names and defaults)."""
+
+    model_config = ConfigDict(extra="allow")
+    image: str = ""
+    resize_mode: int = 0
+    show_extras_results: bool = True
+    gfpgan_visibility: float = 0.0
+    codeformer_visibility: float = 0.0
+    codeformer_weight: float = 0.0
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str | None = "None"
+    upscaler_2: str | None = "None"
+    extras_upscaler_2_visibility: float = 0.0
+    upscale_first: bool = False
+
+
+# The upscalers sdengine has as pixel upscalers (A1111's "None" and "Lanczos"; what the hires fix accepts too).
+EXTRAS_UPSCALERS = ("None", "Lanczos")
+
+
+def lanczos_upscale(image: Image.Image, scale: float) -> Image.Image:
+    """A1111's ``Upscaler.upscale`` with its Lanczos upscaler: the image resized by ``scale`` (each side
+    ``int(side * scale)``), then, where that is not it, to the size rounded down to a multiple of 8. A scale
+    other than 1 on an image already at least that size goes to the rounded size at once."""
+    dest = (int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8))
+    if min(dest) < 8:
+        raise BadRequest(f"upscaling {image.width}x{image.height} by {scale:g} gives under 8 pixels a side")
+    if scale == 1 or image.width < dest[0] or image.height < dest[1]:
+        image = image.resize((int(image.width * scale), int(image.height * scale)), Image.Resampling.LANCZOS)
+    if image.size != dest:
+        image = image.resize(dest, Image.Resampling.LANCZOS)
+    return image
+
+
+def extras_upscale(image: Image.Image, req: ExtrasRequest) -> tuple[Image.Image, dict[str, Any]]:
+    """A1111's extras upscale (``scripts/postprocessing_upscale.py``) with the Lanczos and None upscalers:
+    ``resize_mode`` 0 scales by ``upscaling_resize``, 1 by what covers ``upscaling_resize_w`` x ``_h``, then
+    (with ``upscaling_crop``) the centre of that size is cut (on black where the rounding to 8 fell short, as
+    A1111 pastes it); upscaler "None" leaves the image as it is. Face restoration is not available: a
+    visibility above 0 is refused."""
+    for name, v in (("gfpgan_visibility", req.gfpgan_visibility), ("codeformer_visibility", req.codeformer_visibility)):
+        if v:
+            raise BadRequest(f"{name} {v:g}: face restoration is not available in sdengine (send 0)")
+    names = {u.lower(): u for u in EXTRAS_UPSCALERS}
+    chosen = []
+    for what, name in (("upscaler_1", req.upscaler_1), ("upscaler_2", req.upscaler_2)):
+        found = names.get(str(name if name is not None else "None").strip().lower())
+        if found is None:
+            raise BadRequest(
+                f"{what} {name!r} is not available; sdengine has: {', '.join(EXTRAS_UPSCALERS)} "
+                "(model upscalers such as ESRGAN are not)"
+            )
+        chosen.append(found)
+    if req.resize_mode not in (0, 1):
+        raise BadRequest(f"resize_mode must be 0 (scale by upscaling_resize) or 1 (to a size), got {req.resize_mode}")
+    if not 0.0 <= req.extras_upscaler_2_visibility <= 1.0:
+        raise BadRequest("extras_upscaler_2_visibility must be in [0, 1]")
+    image = image.convert("RGB")
+    info: dict[str, Any] = {}
+    if chosen[0] == "None":  # A1111 upscales nothing without a first upscaler
+        return image, info
+    w, h = req.upscaling_resize_w, req.upscaling_resize_h
+    if req.resize_mode == 1:
+        if w < 1 or h < 1:
+            raise BadRequest("upscaling_resize_w and upscaling_resize_h must be >= 1")
+        scale = max(w / image.width, h / image.height)
+        info["Postprocess upscale to"] = f"{w}x{h}"
+    else:
+        scale = req.upscaling_resize
+        if not math.isfinite(scale) or scale <= 0:
+            raise BadRequest(f"upscaling_resize must be > 0, got {scale!r}")
+        info["Postprocess upscale by"] = scale
+    if max(image.width, image.height) * scale > 8192:
+        raise BadRequest(f"upscaling {image.width}x{image.height} by {scale:g} is over 8192 pixels a side")
+    out = lanczos_upscale(image, scale)
+    if req.resize_mode == 1 and req.upscaling_crop:
+        cut = Image.new("RGB", (w, h))
+        cut.paste(out, (w // 2 - out.width // 2, h // 2 - out.height // 2))
+        out = cut
+        info["Postprocess crop to"] = f"{w}x{h}"
+    info["Postprocess upscaler"] = chosen[0]
+    if chosen[1] != "None" and req.extras_upscaler_2_visibility > 0:
+        # A1111 blends in the same upscale and cut made by upscaler_2: Lanczos again is the same image
+        info["Postprocess upscaler 2"] = chosen[1]
+    return out, info
+
+
 def _b64_png(image: Image.Image, text: str | None = None) -> str:
     """PNG as base64, with the infotext in its ``parameters`` chunk (as A1111's API returns images)."""
     from PIL import PngImagePlugin
@@ -731,8 +822,6 @@ def install(app: FastAPI, services: Any) -> None:
 
     for path in (
         "sd-vae",
-        "upscalers",
-        "latent-upscale-modes",
         "hypernetworks",
         "face-restorers",
         "realesrgan-models",
@@ -742,6 +831,33 @@ def install(app: FastAPI, services: Any) -> None:
         app.add_api_route(
             f"/sdapi/v1/{path}", _empty_list, methods=["GET"], tags=["a1111"], name=f"a1111_{path.replace('-', '_')}"
         )
+
+    @app.get("/sdapi/v1/upscalers", tags=["a1111"])
+    def upscalers() -> list[dict[str, Any]]:
+        """The pixel upscalers the hires fix and the extras take (A1111's UpscalerItem)."""
+        return [
+            {"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for n in EXTRAS_UPSCALERS
+        ]
+
+    @app.get("/sdapi/v1/latent-upscale-modes", tags=["a1111"])
+    def latent_upscale_modes() -> list[dict[str, Any]]:
+        from sdengine.pipeline.hires import LATENT_UPSCALERS
+
+        return [{"name": n} for n in LATENT_UPSCALERS]
+
+    @app.post("/sdapi/v1/extra-single-image", tags=["a1111"])
+    def extra_single_image(req: ExtrasRequest) -> dict[str, Any]:
+        if not req.image:
+            raise BadRequest("send the image as base64 in 'image'")
+        unknown = sorted(set(req.model_extra or {}))
+        if unknown:
+            raise BadRequest(f"unknown extras fields: {', '.join(unknown)}")
+        out, info = extras_upscale(services.uploads.image(req.image, "image"), req)
+        text = ", ".join(f"{k}: {v:g}" if isinstance(v, float) else f"{k}: {v}" for k, v in info.items())
+        return {
+            "html_info": f"<p>{text}</p>" if text else "",
+            "image": _b64_png(out) if req.show_extras_results else None,
+        }
 
     @app.post("/sdapi/v1/refresh-embeddings", tags=["a1111"])
     def refresh_embeddings() -> dict[str, Any]:
