@@ -374,3 +374,70 @@ def test_extra_single_image_upscales_as_a1111s_lanczos(api):
     assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos"]
     modes = [m["name"] for m in api.get_latent_upscale_modes()]
     assert modes[0] == "Latent" and "Latent (bicubic antialiased)" in modes and len(modes) == 6
+
+
+def test_variation_seeds_as_a1111(api):
+    """subseed / subseed_strength (once listed as ignored): A1111 gives every image the one seed and image k
+    the variation seed subseed + k, over batch_size x n_iter."""
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, **COMMON}
+    r = api.txt2img(prompt="a cat", seed=7, subseed=100, subseed_strength=0.4, batch_size=2, n_iter=2, **COMMON)
+    assert r.info["all_seeds"] == [7] * 4 and r.info["all_subseeds"] == [100, 101, 102, 103]
+    assert r.info["subseed_strength"] == 0.4 and r.info["ignored"] == []
+    for it in range(2):  # each n_iter batch is the Python API's batch of seeds [7, 7] from subseed 100 + 2 * it
+        want = emoji()(["a cat"] * 2, seed=[7, 7], subseed=100 + 2 * it, subseed_strength=0.4, **kw)
+        for k in range(2):
+            np.testing.assert_array_equal(arr(r.images[2 * it + k]), arr(want.images[k]))
+            assert r.info["infotexts"][2 * it + k] == want.infotexts[k]
+            assert "Seed: 7, " in want.infotexts[k] and f"Variation seed: {100 + 2 * it + k}" in want.infotexts[k]
+    bad = httpx.post(
+        f"{api.baseurl}/txt2img", json={"prompt": "a", "subseed_strength": 2, "subseed": 1, **COMMON}, timeout=30
+    )
+    assert bad.status_code == 400 and "subseed_strength" in bad.text, bad.text
+
+
+def test_resize_modes_of_init_mask_and_control_images(api):
+    """img2img's resize_mode (once listed as ignored) fits the init image (and the mask, and the image pasted
+    back) as A1111; a ControlNet unit without one has the extension's default, Crop and Resize."""
+    from sdengine.control import canny
+    from sdengine.io.resize import resize_image
+
+    init = gradient().resize((64, 32))
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, **COMMON}
+    for mode in (1, 2):
+        r = api.img2img(images=[init], prompt="a ball", seed=3, denoising_strength=0.6, resize_mode=mode, **COMMON)
+        want = emoji()("a ball", seed=3, init_image=init, strength=0.6, resize_mode=mode, **kw)
+        np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+        assert r.info["ignored"] == []
+    r = api.img2img(images=[init], prompt="a ball", seed=3, denoising_strength=0.6, resize_mode=3, **COMMON)
+    assert r.info["ignored"] == ["resize_mode"]  # A1111's latent upscale mode is not done: said
+    # inpainting, crop and resize: the mask is cut as the image, and the init pasted back is the cut one
+    mask = Image.new("L", (64, 32), 0)
+    mask.paste(255, (16, 0, 48, 32))
+    r = api.img2img(
+        images=[init],
+        mask_image=mask,
+        prompt="a ball",
+        seed=3,
+        denoising_strength=0.8,
+        resize_mode=1,
+        mask_blur=0,
+        **COMMON,
+    )
+    fitted_mask, fitted = resize_image(mask, 64, 64, "crop and resize"), resize_image(init, 64, 64, "crop and resize")
+    ref = emoji()("a ball", seed=3, init_image=init, mask=fitted_mask, strength=0.8, resize_mode=1, **kw)
+    want = Image.composite(ref.images[0], fitted.convert("RGB"), fitted_mask)
+    np.testing.assert_array_equal(arr(r.image), arr(want))
+    # ControlNet: a control image of another aspect, the unit's mode unset -> Crop and Resize
+    control = canny(gradient().resize((64, 32)).convert("RGB"))
+    unit = {"image": webuiapi.raw_b64_img(control), "model": "emoji-controlnet-canny", "module": "none"}
+    body = {"prompt": "a star", "seed": 9, "sampler_name": "DPM++ 2M", "scheduler": "Karras", **COMMON}
+    body["alwayson_scripts"] = {"controlnet": {"args": [unit]}}
+    r = api.custom_post("txt2img", body, baseurl=True)
+    path = BUILTIN_CONTROLNETS["emoji-controlnet-canny"]
+    want = emoji()("a star", seed=9, controlnets=[(path, control, 1.0)], resize_mode=1, **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    # two units of different modes: sdengine fits all in one, the other is said
+    units = [unit, {**unit, "resize_mode": "Resize and Fill"}]
+    body["alwayson_scripts"] = {"controlnet": {"args": units}}
+    r = api.custom_post("txt2img", body, baseurl=True)
+    assert r.info["ignored"] == ["controlnet.args[1].resize_mode"]

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
+from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.server.errors import BadRequest
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job
 from sdengine.server.requests import ControlRequest
@@ -36,8 +37,6 @@ A1111_VERSION = "v1.10.1"  # the A1111 API whose shapes this follows
 # Fields that do nothing at these values (A1111's own defaults or neutral settings): not reported.
 NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "styles": ([], None),
-    "subseed": (-1, 0, None),
-    "subseed_strength": (0, 0.0, None),
     "seed_resize_from_h": (-1, 0, None),
     "seed_resize_from_w": (-1, 0, None),
     "restore_faces": (False, None),
@@ -66,7 +65,6 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "sampler_index": None,
     "include_init_images": None,
     "eta": (None, 1, 1.0),
-    "resize_mode": (0, None),
     "inpainting_fill": (1, None),
     "latent_mask": (None,),
     "infotext": (None, ""),
@@ -118,6 +116,9 @@ USED = {
     "mask_blur_y",
     "inpainting_mask_invert",
     "model",
+    "subseed",
+    "subseed_strength",
+    "resize_mode",
 }
 CONTROL_MODES = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet is more important"}
 RESIZE_MODES = {0: "Just Resize", 1: "Crop and Resize", 2: "Resize and Fill"}
@@ -239,9 +240,10 @@ def extras_upscale(image: Image.Image, req: ExtrasRequest) -> tuple[Image.Image,
     (with ``upscaling_crop``) the centre of that size is cut (on black where the rounding to 8 fell short, as
     A1111 pastes it); upscaler "None" leaves the image as it is. Face restoration is not available: a
     visibility above 0 is refused."""
-    for name, v in (("gfpgan_visibility", req.gfpgan_visibility), ("codeformer_visibility", req.codeformer_visibility)):
+    faces = (("gfpgan_visibility", req.gfpgan_visibility), ("codeformer_visibility", req.codeformer_visibility))
+    for label, v in faces:
         if v:
-            raise BadRequest(f"{name} {v:g}: face restoration is not available in sdengine (send 0)")
+            raise BadRequest(f"{label} {v:g}: face restoration is not available in sdengine (send 0)")
     names = {u.lower(): u for u in EXTRAS_UPSCALERS}
     chosen = []
     for what, name in (("upscaler_1", req.upscaler_1), ("upscaler_2", req.upscaler_2)):
@@ -324,12 +326,15 @@ def _mask_blur(body: dict[str, Any]) -> float:
     return float(bx)
 
 
-def overlay_finish(init: Image.Image, mask: Image.Image, blur: float) -> Callable[[Image.Image], Image.Image]:
-    """A1111's inpainting overlay: the init image (resized to the result) outside the mask, the generated image
-    inside, across the mask's blurred edge; a generated image is never changed where nothing was to be repainted."""
+def overlay_finish(
+    init: Image.Image, mask: Image.Image, blur: float, mode: str = "just resize"
+) -> Callable[[Image.Image], Image.Image]:
+    """A1111's inpainting overlay: the init image (fitted to the result in the resize ``mode``, as the pipeline
+    fits it) outside the mask, the generated image inside, across the mask's blurred edge; a generated image is
+    never changed where nothing was to be repainted."""
 
     def finish(image: Image.Image) -> Image.Image:
-        base = init.convert("RGB").resize(image.size, Image.Resampling.LANCZOS)
+        base = resize_image(init.convert("RGB"), *image.size, mode)
         m = mask.convert("L").resize(image.size, Image.Resampling.LANCZOS)
         if blur > 0:
             m = m.filter(ImageFilter.GaussianBlur(blur))
@@ -388,14 +393,18 @@ def _unit_control(value: Any, names: dict[Any, str], what: str) -> str:
     raise BadRequest(f"{what} {value!r}; use one of {', '.join(names.values())} (or 0..{len(names) - 1})")
 
 
-def control_units(args: Any, init: str | None, ignored: list[str]) -> tuple[list[ControlRequest], bool]:
-    """sd-webui-controlnet's ``alwayson_scripts.controlnet.args`` -> units (and guess mode)."""
+def control_units(
+    args: Any, init: str | None, ignored: list[str]
+) -> tuple[list[ControlRequest], bool, list[tuple[int, int]]]:
+    """sd-webui-controlnet's ``alwayson_scripts.controlnet.args`` -> units, guess mode, and each unit's
+    (index, resize mode number); a unit without one has the extension's default, "Crop and Resize"."""
     if args is None:
-        return [], False
+        return [], False, []
     if not isinstance(args, list):
         raise BadRequest("alwayson_scripts.controlnet.args must be a list of units")
     units: list[ControlRequest] = []
     guess = False
+    resizes: list[tuple[int, int]] = []
     for k, u in enumerate(args):
         if not isinstance(u, dict):
             ignored.append(f"controlnet.args[{k}]")
@@ -426,9 +435,8 @@ def control_units(args: Any, init: str | None, ignored: list[str]) -> tuple[list
             guess = True  # the extension's "ControlNet is more important" is the ControlNet paper's guess mode
         elif mode == CONTROL_MODES[1]:
             ignored.append(f"controlnet.args[{k}].control_mode")
-        resize = _unit_control(u.get("resize_mode", 0), RESIZE_MODES, f"ControlNet unit {k}: resize_mode")
-        if resize != RESIZE_MODES[0]:
-            ignored.append(f"controlnet.args[{k}].resize_mode")  # the map is resized to the image size
+        resize = _unit_control(u.get("resize_mode", 1), RESIZE_MODES, f"ControlNet unit {k}: resize_mode")
+        resizes.append((k, next(i for i, n in RESIZE_MODES.items() if n == resize)))
         if u.get("pixel_perfect"):
             ignored.append(f"controlnet.args[{k}].pixel_perfect")
         options = {}
@@ -450,7 +458,7 @@ def control_units(args: Any, init: str | None, ignored: list[str]) -> tuple[list
                 options=options,
             )
         )
-    return units, guess
+    return units, guess, resizes
 
 
 def _num(v: Any, what: str) -> float:
@@ -474,8 +482,11 @@ def install(app: FastAPI, services: Any) -> None:
     manager, catalog, options = services.manager, services.catalog, services.options
 
     def generation_fields(
-        req: Txt2ImgRequest, body: dict[str, Any], ignored: list[str], init: str | None
+        req: Txt2ImgRequest, body: dict[str, Any], ignored: list[str], init: str | None, image_mode: int | None = None
     ) -> dict[str, Any]:
+        """The build_generation fields of a request. ``image_mode``: img2img's resize mode (0, 1, 2) for the
+        init image; sdengine fits the init and the control images in one mode, so a unit of another mode is
+        listed as ignored (in txt2img the first unit's mode is the one)."""
         over = dict(req.override_settings or {})
         clip_skip = over.pop("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
         model = over.pop("sd_model_checkpoint", None)
@@ -490,7 +501,10 @@ def install(app: FastAPI, services: Any) -> None:
         if cn is not None and not isinstance(cn, dict):
             raise BadRequest("alwayson_scripts.controlnet must be an object: {args: [units]}")
         ignored.extend(f"alwayson_scripts.controlnet.{k}" for k in (cn or {}) if k != "args")
-        units, guess = control_units((cn or {}).get("args"), init, ignored)
+        units, guess, resizes = control_units((cn or {}).get("args"), init, ignored)
+        mode = image_mode if image_mode is not None else (resizes[0][1] if resizes else 0)
+        ignored.extend(f"controlnet.args[{k}].resize_mode" for k, m in resizes if m != mode)
+        sub_strength = body.get("subseed_strength") or 0.0
         return dict(
             model=model,
             prompt=req.prompt,
@@ -509,6 +523,11 @@ def install(app: FastAPI, services: Any) -> None:
             vae_encode=vae_encode,
             controlnets=units,
             guess_mode=guess,
+            resize_mode=mode,
+            # A1111's variation seed: subseed + k for image k, and (with a strength above 0) one seed for all
+            subseed=body.get("subseed") if sub_strength else None,
+            subseed_strength=sub_strength,
+            same_seed=True,
         )
 
     async def run(
@@ -541,7 +560,8 @@ def install(app: FastAPI, services: Any) -> None:
             w, h = job.generation.kwargs["width"] or 512, job.generation.kwargs["height"] or 512
             images = [Image.open(io.BytesIO(job.preview_png)).convert("RGB").resize((w, h), Image.Resampling.NEAREST)]
         kw = job.generation.kwargs
-        seeds = [im.seed for im in job.images] or [int(kw["seed"])]
+        seeds = [im.seed for im in job.images] or [int(kw["seed"][0] if isinstance(kw["seed"], list) else kw["seed"])]
+        subseeds = [int(kw["subseed"]) + k for k in range(len(seeds))] if kw.get("subseed") is not None else seeds
         texts = [im.infotext for im in job.images]
         from sdengine.diffusion.sampling import SAMPLERS, SCHEDULE_A1111
         from sdengine.metadata import format_parameters, parse_parameters
@@ -559,9 +579,9 @@ def install(app: FastAPI, services: Any) -> None:
             "all_negative_prompts": [req.negative_prompt] * len(seeds),
             "seed": seeds[0],
             "all_seeds": seeds,
-            "subseed": seeds[0],
-            "all_subseeds": seeds,
-            "subseed_strength": 0,
+            "subseed": subseeds[0],
+            "all_subseeds": subseeds,
+            "subseed_strength": kw.get("subseed_strength", 0),
             "width": kw["width"],
             "height": kw["height"],
             "sampler_name": SAMPLERS[kw["sampler"]].a1111,  # resolved, as A1111 reports it ("DPM++ 2M")
@@ -612,6 +632,8 @@ def install(app: FastAPI, services: Any) -> None:
     async def txt2img(req: Txt2ImgRequest) -> JSONResponse:
         body = req.model_dump(exclude_unset=True)
         ignored = _ignored(body, txt2img=True)
+        if "resize_mode" in body:  # an img2img field (txt2img fits ControlNet images by their units' modes)
+            ignored.append("resize_mode")
         fields = generation_fields(req, body, ignored, None)
         if req.enable_hr:
             hires = {
@@ -641,12 +663,20 @@ def install(app: FastAPI, services: Any) -> None:
             ignored = [k for k in ignored if k not in ("inpainting_fill", "inpaint_full_res")]
         elif req.inpainting_fill != 1 and "inpainting_fill" not in ignored:
             ignored.append("inpainting_fill")  # sdengine inpaints from the original image ("original")
-        fields = generation_fields(req, body, ignored, req.init_images[0])
+        mode = req.resize_mode
+        if isinstance(mode, bool) or mode not in RESIZE_MODES:  # 3, "Just resize (latent upscale)": not done
+            ignored.append("resize_mode")
+            mode = 0
+        fields = generation_fields(req, body, ignored, req.init_images[0], mode)
         mask: Image.Image | None = None
+        size = (req.width, req.height)
+        fits = all(isinstance(v, int) and 8 <= v <= services.config.max_side for v in size)
         if req.mask:
             mask = a1111_mask(await run_in_threadpool(services.uploads.image, req.mask, "mask"))
             if req.inpainting_mask_invert:
                 mask = ImageOps.invert(mask)
+            if mode and fits and mask.size != size:  # A1111 fits the mask as the image (the pipeline stretches)
+                mask = await run_in_threadpool(resize_image, mask, *size, resize_mode_name(mode))
         blur = _mask_blur(body)
         strength, note = a1111_strength(0.75 if req.denoising_strength is None else req.denoising_strength, req.steps)
         fields.update(
@@ -658,7 +688,7 @@ def install(app: FastAPI, services: Any) -> None:
         overlay = None
         if mask is not None:  # A1111 pastes the init image back outside the (blurred) mask
             init = await run_in_threadpool(services.uploads.image, req.init_images[0], "init image")
-            overlay = (init, mask, float(blur))
+            overlay = (init, mask, float(blur), resize_mode_name(mode))
         return await run(req, fields, list(dict.fromkeys(ignored)), overlay, [note] if note else [])
 
     def current() -> Job | None:
