@@ -441,3 +441,22 @@ def test_resize_modes_of_init_mask_and_control_images(api):
     body["alwayson_scripts"] = {"controlnet": {"args": units}}
     r = api.custom_post("txt2img", body, baseurl=True)
     assert r.info["ignored"] == ["controlnet.args[1].resize_mode"]
+
+
+def test_skipping_the_only_batch_answers_its_image_so_far(api):
+    """A1111's skip of a one-batch call answers the image as far as it got (its sampler returns the last
+    latent); sdengine's answer once had no image at all (webuiapi's ``r.image`` raised IndexError)."""
+    out: dict = {}
+    body = {"prompt": "a cloud", "seed": 40, "force_task_id": "task-skip1", **COMMON, "steps": 150}
+    t = threading.Thread(target=lambda: out.update(r=api.custom_post("txt2img", body, baseurl=True)))
+    t.start()
+    deadline = time.monotonic() + 120
+    while api.get_progress()["state"]["sampling_step"] < 3:
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.05)
+    assert api.session.post(f"{api.baseurl}/skip", json={"id_task": "task-skip1"}).json() == {"skipped": ["task-skip1"]}
+    t.join(120)
+    assert not t.is_alive()
+    r = out["r"]
+    assert r.image.size == (64, 64) and len(r.images) == 1 and len(r.info["infotexts"]) == 1
+    assert r.info["interrupted"] is False and any(n.startswith("skipped at step") for n in r.info["notes"])

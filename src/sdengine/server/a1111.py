@@ -556,9 +556,14 @@ def install(app: FastAPI, services: Any) -> None:
             )
         images = [im.image for im in job.images if im.image is not None]
         interrupted = job.state == CANCELLED
-        if interrupted and not images and job.preview_png is not None:
+        # every batch skipped: A1111 answers the skipped image as far as it got (its sampler returns the last
+        # latent), never an empty list; sdengine its last preview, as for an interrupted one
+        skipped = job.state == DONE and not images
+        if (interrupted or skipped) and not images and job.preview_png is not None:
             w, h = job.generation.kwargs["width"] or 512, job.generation.kwargs["height"] or 512
             images = [Image.open(io.BytesIO(job.preview_png)).convert("RGB").resize((w, h), Image.Resampling.NEAREST)]
+            if skipped:
+                notes = [*notes, f"skipped at step {job.step} of {job.steps}: the image is its last preview"]
         kw = job.generation.kwargs
         seeds = [im.seed for im in job.images] or [int(kw["seed"][0] if isinstance(kw["seed"], list) else kw["seed"])]
         subseeds = [int(kw["subseed"]) + k for k in range(len(seeds))] if kw.get("subseed") is not None else seeds
