@@ -460,3 +460,16 @@ def test_skipping_the_only_batch_answers_its_image_so_far(api):
     r = out["r"]
     assert r.image.size == (64, 64) and len(r.images) == 1 and len(r.info["infotexts"]) == 1
     assert r.info["interrupted"] is False and any(n.startswith("skipped at step") for n in r.info["notes"])
+
+
+def test_disable_extra_networks_takes_the_tags_out_and_applies_none(api):
+    """A1111's disable_extra_networks (once listed as ignored while the LoRA was applied): the <lora:...> tags
+    are taken out of the prompt and no LoRA is applied."""
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, **COMMON}
+    body = {"prompt": "a cat <lora:emoji-fruit:1>", "seed": 1, "sampler_name": "DPM++ 2M", "scheduler": "Karras"}
+    r = api.custom_post("txt2img", {**body, **COMMON, "disable_extra_networks": True}, baseurl=True)
+    want = emoji()("a cat ", seed=1, **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["ignored"] == [] and "Lora hashes" not in r.info["infotexts"][0]
+    with_lora = api.txt2img(prompt="a cat <lora:emoji-fruit:1>", seed=1, **COMMON)
+    assert "Lora hashes" in with_lora.info["infotexts"][0] and not np.array_equal(arr(with_lora.image), arr(r.image))

@@ -17,6 +17,7 @@ import base64
 import io
 import json
 import math
+import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -60,7 +61,6 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "inpaint_full_res": (False, 0, None),
     "refiner_checkpoint": (None, ""),
     "refiner_switch_at": (None, 0),
-    "disable_extra_networks": (False, None),
     "comments": (None, {}),
     "sampler_index": None,
     "include_init_images": None,
@@ -119,7 +119,9 @@ USED = {
     "subseed",
     "subseed_strength",
     "resize_mode",
+    "disable_extra_networks",
 }
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network tag (<lora:...>, <hypernet:...>)
 CONTROL_MODES = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet is more important"}
 RESIZE_MODES = {0: "Just Resize", 1: "Crop and Resize", 2: "Resize and Fill"}
 MODULES = {
@@ -505,9 +507,12 @@ def install(app: FastAPI, services: Any) -> None:
         mode = image_mode if image_mode is not None else (resizes[0][1] if resizes else 0)
         ignored.extend(f"controlnet.args[{k}].resize_mode" for k, m in resizes if m != mode)
         sub_strength = body.get("subseed_strength") or 0.0
+        prompt = req.prompt
+        if body.get("disable_extra_networks"):  # A1111 takes the tags out of the prompt and applies none
+            prompt = EXTRA_NETWORK.sub("", prompt) if isinstance(prompt, str) else prompt
         return dict(
             model=model,
-            prompt=req.prompt,
+            prompt=prompt,
             negative_prompt=req.negative_prompt,
             steps=req.steps,
             sampler=req.sampler_name or req.sampler_index or "Euler",
