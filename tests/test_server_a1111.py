@@ -3,6 +3,8 @@ same request through the Python API."""
 
 from __future__ import annotations
 
+import base64
+import io
 import threading
 import time
 
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import webuiapi
 from PIL import Image, ImageFilter, ImageOps
+from PIL.PngImagePlugin import PngInfo
 
 from _emoji_models import make_tiny_emoji_folder
 from _live_server import live_server, server_config, shared_loader
@@ -473,3 +476,29 @@ def test_disable_extra_networks_takes_the_tags_out_and_applies_none(api):
     assert r.info["ignored"] == [] and "Lora hashes" not in r.info["infotexts"][0]
     with_lora = api.txt2img(prompt="a cat <lora:emoji-fruit:1>", seed=1, **COMMON)
     assert "Lora hashes" in with_lora.info["infotexts"][0] and not np.array_equal(arr(with_lora.image), arr(r.image))
+
+
+def test_png_info_answers_a1111s_fields_and_reads_jpeg_exif(api):
+    """A1111's png-info: ``parameters`` as its parse_generation_parameters gives them (``Size-1``/``Size-2``,
+    the ``Clip skip`` default), ``items`` without the parameters text; a JPEG's EXIF UserComment is read (once:
+    an empty answer)."""
+    from sdengine.image_info import EXIF_IFD, USER_COMMENT, encode_user_comment
+
+    text = "a cat\nNegative prompt: ugly\nSteps: 3, Sampler: Euler, Seed: 1, Size: 64x48, Hires resize: 128x96"
+    png = gradient()
+    info = PngInfo()
+    info.add_text("parameters", text)
+    info.add_text("other", "x")
+    buf = io.BytesIO()
+    png.save(buf, format="PNG", pnginfo=info)
+    r = api.session.post(f"{api.baseurl}/png-info", json={"image": base64.b64encode(buf.getvalue()).decode()}).json()
+    assert r["info"] == text and r["items"] == {"other": "x"}
+    p = r["parameters"]
+    assert (p["Size-1"], p["Size-2"], p["Hires resize-1"], p["Hires resize-2"]) == ("64", "48", "128", "96")
+    assert "Size" not in p and p["Clip skip"] == "1" and p["Steps"] == "3" and p["Negative prompt"] == "ugly"
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = encode_user_comment(text)
+    buf = io.BytesIO()
+    png.save(buf, format="JPEG", exif=exif)
+    r = api.session.post(f"{api.baseurl}/png-info", json={"image": base64.b64encode(buf.getvalue()).decode()}).json()
+    assert r["info"] == text and r["parameters"]["Seed"] == "1" and r["items"]["exif comment"] == text

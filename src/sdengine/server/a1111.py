@@ -367,6 +367,26 @@ def a1111_strength(strength: Any, steps: Any) -> tuple[Any, str | None]:
     return one, note
 
 
+SIZE_VALUE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def a1111_fields(parsed: dict[str, Any]) -> dict[str, Any]:
+    """Infotext fields as A1111's ``parse_generation_parameters`` answers them: a ``WxH`` value (``Size``,
+    ``Hires resize``) as ``NAME-1`` and ``NAME-2``, and the defaults it fills in for ``Clip skip`` ("1") and
+    ``Hires resize`` (0, 0)."""
+    out: dict[str, Any] = {}
+    for k, v in parsed.items():
+        m = SIZE_VALUE.match(v) if isinstance(v, str) else None
+        if m:
+            out[f"{k}-1"], out[f"{k}-2"] = m.group(1), m.group(2)
+        else:
+            out[k] = v
+    out.setdefault("Clip skip", "1")
+    if "Hires resize-1" not in out:
+        out["Hires resize-1"] = out["Hires resize-2"] = 0
+    return out
+
+
 def _ignored(body: dict[str, Any], txt2img: bool = False) -> list[str]:
     out = []
     hr = bool(body.get("enable_hr"))
@@ -813,14 +833,22 @@ def install(app: FastAPI, services: Any) -> None:
 
         if not req.image:
             raise BadRequest("send the image as base64 in 'image'")
+        from sdengine.image_info import EXIF_IFD, USER_COMMENT, decode_user_comment
+
         im = services.uploads.image(req.image, "image")
         items = {k: v for k, v in im.info.items() if isinstance(v, str)}
-        text = items.get("parameters", "")
+        text = items.pop("parameters", None)  # A1111's items are the image's other entries
+        if text is None:  # a JPEG or WebP: the EXIF UserComment, as A1111 reads it
+            comment = im.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+            if comment is not None:
+                text = decode_user_comment(comment)
+                items["exif comment"] = text
+        text = text or ""
         try:
             parsed = parse_parameters(text) if text else {}
         except ValueError:
             parsed = {}
-        return {"info": text, "items": items, "parameters": parsed}
+        return {"info": text, "items": items, "parameters": a1111_fields(parsed) if text else {}}
 
     @app.get("/sdapi/v1/sd-models", tags=["a1111"])
     def sd_models() -> list[dict[str, Any]]:
