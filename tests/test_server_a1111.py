@@ -502,3 +502,14 @@ def test_png_info_answers_a1111s_fields_and_reads_jpeg_exif(api):
     png.save(buf, format="JPEG", exif=exif)
     r = api.session.post(f"{api.baseurl}/png-info", json={"image": base64.b64encode(buf.getvalue()).decode()}).json()
     assert r["info"] == text and r["parameters"]["Seed"] == "1" and r["items"]["exif comment"] == text
+
+
+def test_a_selectable_script_is_refused_as_a1111_refuses_one_it_lacks(api):
+    """script_name (X/Y/Z plot, ...): A1111 answers 422 for a script it does not have, and sdengine has none;
+    once the call ran without it (a plain image instead of the plot, the name only listed as ignored)."""
+    for route, extra in (("txt2img", {}), ("img2img", {"init_images": [webuiapi.raw_b64_img(gradient())]})):
+        body = {"prompt": "a", "script_name": "x/y/z plot", "script_args": [1], **COMMON, **extra}
+        r = httpx.post(f"{api.baseurl}/{route}", json=body, timeout=60)
+        assert r.status_code == 400 and "Script 'x/y/z plot' not found" in r.text, r.text
+    r = api.txt2img(prompt="a", seed=1, script_name="", styles=["cinematic"], **COMMON)  # "" = no script
+    assert r.info["styles"] == ["cinematic"] and r.info["ignored"] == ["styles"]

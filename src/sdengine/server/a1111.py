@@ -49,7 +49,7 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "s_tmin": (0, 0.0, None),
     "s_noise": (1, 1.0, None),
     "override_settings_restore_afterwards": (True, None),  # false (keep them set) is not done: listed
-    "script_args": ([], None),
+    "script_args": None,  # read only with a script_name, which is refused
     "script_name": (None, ""),
     "enable_hr": (False, None),
     "hr_checkpoint_name": (None, "", "Use same checkpoint"),
@@ -388,6 +388,12 @@ def a1111_fields(parsed: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ignored(body: dict[str, Any], txt2img: bool = False) -> list[str]:
+    script = body.get("script_name")
+    if script not in (None, ""):  # A1111 answers 422 for a script it does not have; sdengine has none
+        raise BadRequest(
+            f"Script {script!r} not found: sdengine runs no selectable scripts (X/Y/Z plot, prompt matrix, ...); "
+            "send no script_name"
+        )
     out = []
     hr = bool(body.get("enable_hr"))
     for k, v in body.items():
@@ -630,7 +636,7 @@ def install(app: FastAPI, services: Any) -> None:
             "extra_generation_params": {"Schedule type": SCHEDULE_A1111[kw["schedule"]]},
             "index_of_first_image": 0,
             "infotexts": texts,
-            "styles": [],
+            "styles": styles if isinstance(styles := (req.model_extra or {}).get("styles"), list) else [],
             "job_timestamp": datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
             "clip_skip": kw["clip_skip"],
             "is_using_inpainting_conditioning": False,
