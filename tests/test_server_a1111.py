@@ -12,11 +12,12 @@ import httpx
 import numpy as np
 import pytest
 import webuiapi
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from _emoji_models import make_tiny_emoji_folder
 from _live_server import live_server, server_config, shared_loader
+from sdengine.pipeline.latents import blur_mask
 from sdengine.server.catalog import BUILTIN_CONTROLNETS
 
 COMMON = {"steps": 3, "width": 64, "height": 64, "cfg_scale": 7.0}
@@ -98,6 +99,7 @@ def test_img2img_and_inpainting_equal_python_api(api):
             mask_blur=2,
             inpainting_fill=1,
             inpainting_mask_invert=invert,
+            inpaint_full_res=False,  # "whole picture" (webuiapi's default is "only masked")
             **COMMON,
         )
         m = ImageOps.invert(mask) if invert else mask
@@ -113,8 +115,8 @@ def test_img2img_and_inpainting_equal_python_api(api):
             progress=False,
             **COMMON,
         )
-        # A1111 pastes the init image back outside the (blurred) mask: the pipeline's image inside it
-        soft = m.filter(ImageFilter.GaussianBlur(2))
+        # A1111 pastes the init image back by its mask_for_overlay: the mask blurred (its Gaussian), doubled
+        soft = Image.fromarray(blur_mask(np.asarray(m), 2.0)).point(lambda v: min(255, 2 * v))
         want = Image.composite(ref.images[0], init.convert("RGB"), soft)
         np.testing.assert_array_equal(arr(r.image), arr(want))
         outside = np.asarray(soft) == 0
@@ -424,11 +426,14 @@ def test_resize_modes_of_init_mask_and_control_images(api):
         denoising_strength=0.8,
         resize_mode=1,
         mask_blur=0,
+        inpainting_fill=1,
+        inpaint_full_res=False,
         **COMMON,
     )
     fitted_mask, fitted = resize_image(mask, 64, 64, "crop and resize"), resize_image(init, 64, 64, "crop and resize")
     ref = emoji()("a ball", seed=3, init_image=init, mask=fitted_mask, strength=0.8, resize_mode=1, **kw)
-    want = Image.composite(ref.images[0], fitted.convert("RGB"), fitted_mask)
+    doubled = fitted_mask.point(lambda v: min(255, 2 * v))  # A1111's mask_for_overlay
+    want = Image.composite(ref.images[0], fitted.convert("RGB"), doubled)
     np.testing.assert_array_equal(arr(r.image), arr(want))
     # ControlNet: a control image of another aspect, the unit's mode unset -> Crop and Resize
     control = canny(gradient().resize((64, 32)).convert("RGB"))
@@ -513,3 +518,49 @@ def test_a_selectable_script_is_refused_as_a1111_refuses_one_it_lacks(api):
         assert r.status_code == 400 and "Script 'x/y/z plot' not found" in r.text, r.text
     r = api.txt2img(prompt="a", seed=1, script_name="", styles=["cinematic"], **COMMON)  # "" = no script
     assert r.info["styles"] == ["cinematic"] and r.info["ignored"] == ["styles"]
+
+
+def test_only_masked_inpainting_and_fill_as_a1111(api):
+    """webuiapi's default inpainting is A1111's "Only masked" with masked content "fill" (inpaint_full_res,
+    inpainting_fill 0); both were once only listed as ignored. Only masked: the box around the mask, grown to
+    the output's aspect ratio, is cut, inpainted at the full size, and fitted back into the box."""
+    from sdengine.server.a1111 import masked_fill
+
+    init = gradient()
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 40, 56))
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, **COMMON}
+    args = {"images": [init], "mask_image": mask, "prompt": "a ball", "seed": 3, "denoising_strength": 0.8}
+    r = api.img2img(**args, mask_blur=0, inpainting_fill=1, inpaint_full_res=True, **COMMON)
+    # the mask's box (8, 8, 40, 56), 32x48, grown evenly to the 1:1 output: (0, 8, 48, 56)
+    region = (0, 8, 48, 56)
+    cut = init.crop(region).resize((64, 64), Image.Resampling.LANCZOS)
+    cut_mask = mask.crop(region).resize((64, 64), Image.Resampling.LANCZOS)
+    ref = emoji()("a ball", seed=3, init_image=cut, mask=cut_mask, strength=0.8, **kw)
+    canvas = init.convert("RGB")
+    canvas.paste(ref.images[0].resize((48, 48), Image.Resampling.LANCZOS), region[:2])
+    want = Image.composite(canvas, init.convert("RGB"), mask)
+    assert r.image.size == (64, 64) and r.info["ignored"] == []
+    np.testing.assert_array_equal(arr(r.image), arr(want))
+    # with padding 4: the box (4, 4, 44, 60) grows to 56 wide from x -4, shifted back inside: (0, 4, 56, 60)
+    r = api.img2img(**args, mask_blur=0, inpainting_fill=1, inpaint_full_res=True, inpaint_full_res_padding=4, **COMMON)
+    region = (0, 4, 56, 60)
+    cut = init.crop(region).resize((64, 64), Image.Resampling.LANCZOS)
+    cut_mask = mask.crop(region).resize((64, 64), Image.Resampling.LANCZOS)
+    ref = emoji()("a ball", seed=3, init_image=cut, mask=cut_mask, strength=0.8, **kw)
+    canvas = init.convert("RGB")
+    canvas.paste(ref.images[0].resize((56, 56), Image.Resampling.LANCZOS), region[:2])
+    np.testing.assert_array_equal(arr(r.image), arr(Image.composite(canvas, init.convert("RGB"), mask)))
+    # "fill" (whole picture): the init image's masked area painted from around it before it is encoded
+    r = api.img2img(**args, mask_blur=0, inpainting_fill=0, inpaint_full_res=False, **COMMON)
+    filled = masked_fill(init.convert("RGB"), mask)
+    inside, outside = np.asarray(mask) == 255, np.asarray(mask) == 0
+    assert (arr(filled)[outside] == arr(init)[outside]).all() and (arr(filled)[inside] != arr(init)[inside]).any()
+    ref = emoji()("a ball", seed=3, init_image=filled, mask=mask, strength=0.8, **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(Image.composite(ref.images[0], init.convert("RGB"), mask)))
+    assert r.info["ignored"] == []
+    # an empty mask: as A1111, img2img of the whole image, said in the notes
+    r = api.img2img(**{**args, "mask_image": Image.new("L", (64, 64), 0)}, inpaint_full_res=True, **COMMON)
+    want = emoji()("a ball", seed=3, init_image=init, strength=0.8, **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert any("the mask is empty" in n for n in r.info["notes"])

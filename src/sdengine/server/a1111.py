@@ -22,6 +22,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -58,14 +59,14 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "image_cfg_scale": None,
     "initial_noise_multiplier": (1, 1.0, None),
     "inpaint_full_res_padding": None,
-    "inpaint_full_res": (False, 0, None),
+    "inpaint_full_res": None,  # "only masked" (true) or "whole picture": both done
     "refiner_checkpoint": (None, ""),
     "refiner_switch_at": (None, 0),
     "comments": (None, {}),
     "sampler_index": None,
     "include_init_images": None,
     "eta": (None, 1, 1.0),
-    "inpainting_fill": (1, None),
+    "inpainting_fill": (0, 1, None),  # "fill" and "original" are done; 2 and 3 are listed (with a mask)
     "latent_mask": (None,),
     "infotext": (None, ""),
     "firstpass_image": (None,),
@@ -328,21 +329,103 @@ def _mask_blur(body: dict[str, Any]) -> float:
     return float(bx)
 
 
+def blurred_mask(mask: Image.Image, blur: float) -> Image.Image:
+    """The mask blurred as A1111 blurs it (a Gaussian of sigma ``blur`` per axis, its kernel size), 8 bits."""
+    m = mask.convert("L")
+    if blur <= 0:
+        return m
+    from sdengine.pipeline.latents import blur_mask
+
+    return Image.fromarray(blur_mask(np.asarray(m), float(blur)))
+
+
 def overlay_finish(
     init: Image.Image, mask: Image.Image, blur: float, mode: str = "just resize"
 ) -> Callable[[Image.Image], Image.Image]:
-    """A1111's inpainting overlay: the init image (fitted to the result in the resize ``mode``, as the pipeline
-    fits it) outside the mask, the generated image inside, across the mask's blurred edge; a generated image is
-    never changed where nothing was to be repainted."""
+    """A1111's inpainting overlay ("whole picture"): the init image (fitted to the result in the resize ``mode``,
+    as the pipeline fits it) outside the mask, the generated image inside, weighted by the blurred mask (blurred
+    at the mask's own size, fitted like the image) doubled and clipped, as A1111's ``mask_for_overlay``; a
+    generated image is never changed where nothing was to be repainted."""
+    soft = blurred_mask(mask, blur)
 
     def finish(image: Image.Image) -> Image.Image:
         base = resize_image(init.convert("RGB"), *image.size, mode)
-        m = mask.convert("L").resize(image.size, Image.Resampling.LANCZOS)
-        if blur > 0:
-            m = m.filter(ImageFilter.GaussianBlur(blur))
+        m = resize_image(soft, *image.size, mode).point(lambda v: min(255, 2 * v))
         return Image.composite(image.convert("RGB"), base, m)
 
     return finish
+
+
+FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))  # (blur radius, times laid on), A1111's
+
+
+def masked_fill(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's "fill" masked content (``inpainting_fill`` 0): the masked area painted with the colours around
+    it, by laying ever less blurred copies of the unmasked image (its alpha the mask's inverse, premultiplied)
+    over each other; unmasked pixels stay as they are."""
+    keep = image.convert("RGBA")
+    keep.putalpha(ImageOps.invert(mask.convert("L")))
+    keep = keep.convert("RGBa")
+    out = Image.new("RGBA", image.size)
+    for radius, times in FILL_PASSES:
+        layer = keep.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(times):
+            out.alpha_composite(layer)
+    return out.convert("RGB")
+
+
+def expand_region(
+    box: tuple[int, int, int, int], width: int, height: int, bound: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """A1111's ``expand_crop_region``: the box grown on its short side (evenly, the odd pixel after) to the
+    aspect ratio of ``width`` x ``height``, shifted back inside the image ``bound`` and cut to it."""
+    lo = list(box[:2])
+    hi = list(box[2:])
+    wide = (hi[0] - lo[0]) / (hi[1] - lo[1]) > width / height
+    axis = 1 if wide else 0  # the side to grow
+    want = (hi[0] - lo[0]) / (width / height) if wide else (hi[1] - lo[1]) * (width / height)
+    grow = int(want - (hi[axis] - lo[axis]))
+    lo[axis] -= grow // 2
+    hi[axis] += grow - grow // 2
+    if hi[axis] >= bound[axis]:
+        over = hi[axis] - bound[axis]
+        lo[axis], hi[axis] = lo[axis] - over, hi[axis] - over
+    if lo[axis] < 0:
+        lo[axis], hi[axis] = 0, hi[axis] - lo[axis]
+    hi[axis] = min(hi[axis], bound[axis])
+    return (lo[0], lo[1], hi[0], hi[1])
+
+
+def only_masked(
+    init: Image.Image, mask: Image.Image, blur: float, padding: int, size: tuple[int, int], fill: bool
+) -> tuple[Image.Image, Image.Image, Callable[[Image.Image], Image.Image]] | None:
+    """A1111's "Only masked" inpainting (``inpaint_full_res``): the box around the blurred mask (plus
+    ``padding``, grown to the output's aspect ratio) is cut from the init image and the mask and fitted to
+    ``size`` ("resize and fill"); the result is fitted back into the box ("crop and resize") and laid over the
+    init image by the blurred mask. Returns (init, mask, finish) for the pipeline, None for an empty mask."""
+    base = init.convert("RGB")
+    if mask.size != base.size:
+        mask = mask.convert("L").resize(base.size, Image.Resampling.NEAREST)
+    soft = blurred_mask(mask, blur)
+    box = soft.getbbox()
+    if box is None:
+        return None
+    if padding:
+        box = (max(box[0] - padding, 0), max(box[1] - padding, 0), min(box[2] + padding, base.width),
+               min(box[3] + padding, base.height))  # fmt: skip
+    region = expand_region(box, size[0], size[1], base.size)
+    cut = resize_image(base.crop(region), *size, "resize and fill")
+    cut_mask = resize_image(soft.crop(region), *size, "resize and fill")
+    if fill:
+        cut = masked_fill(cut, cut_mask)
+    x1, y1, x2, y2 = region
+
+    def finish(image: Image.Image) -> Image.Image:
+        canvas = base.copy()
+        canvas.paste(resize_image(image.convert("RGB"), x2 - x1, y2 - y1, "crop and resize"), (x1, y1))
+        return Image.composite(canvas, base, soft)
+
+    return cut, cut_mask, finish
 
 
 def a1111_strength(strength: Any, steps: Any) -> tuple[Any, str | None]:
@@ -565,15 +648,15 @@ def install(app: FastAPI, services: Any) -> None:
         req: Txt2ImgRequest,
         fields: dict[str, Any],
         ignored: list[str],
-        overlay: Any = None,
+        finish: Callable[[Image.Image], Image.Image] | None = None,
         notes: list[str] | None = None,
     ) -> JSONResponse:
         if fields.get("init_image") is None and not fields.get("controlnets"):
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:
             generation = await run_in_threadpool(lambda: services.build(**fields))
-        if overlay is not None:
-            generation.finish = overlay_finish(*overlay)
+        if finish is not None:
+            generation.finish = finish
         job, _ = services.submit(generation, protocol="a1111", save=req.save_images, task_id=req.force_task_id)
         await job.wait_finished()
         return _response(job, req, ignored, notes or [])
@@ -697,35 +780,69 @@ def install(app: FastAPI, services: Any) -> None:
             ignored.append("init_images[1:]")
         if not req.mask:  # the inpainting fields do nothing without a mask (in A1111 too)
             ignored = [k for k in ignored if k not in ("inpainting_fill", "inpaint_full_res")]
-        elif req.inpainting_fill != 1 and "inpainting_fill" not in ignored:
-            ignored.append("inpainting_fill")  # sdengine inpaints from the original image ("original")
+        elif req.inpainting_fill not in (0, 1) and "inpainting_fill" not in ignored:
+            ignored.append("inpainting_fill")  # "latent noise" and "latent nothing" are not done
         mode = req.resize_mode
         if isinstance(mode, bool) or mode not in RESIZE_MODES:  # 3, "Just resize (latent upscale)": not done
             ignored.append("resize_mode")
             mode = 0
         fields = generation_fields(req, body, ignored, req.init_images[0], mode)
-        mask: Image.Image | None = None
-        size = (req.width, req.height)
-        fits = all(isinstance(v, int) and 8 <= v <= services.config.max_side for v in size)
-        if req.mask:
-            mask = a1111_mask(await run_in_threadpool(services.uploads.image, req.mask, "mask"))
-            if req.inpainting_mask_invert:
-                mask = ImageOps.invert(mask)
-            if mode and fits and mask.size != size:  # A1111 fits the mask as the image (the pipeline stretches)
-                mask = await run_in_threadpool(resize_image, mask, *size, resize_mode_name(mode))
-        blur = _mask_blur(body)
         strength, note = a1111_strength(0.75 if req.denoising_strength is None else req.denoising_strength, req.steps)
-        fields.update(
-            init_image=req.init_images[0],
-            mask=mask,
-            mask_blur=float(blur) if mask is not None else 0.0,
-            strength=strength,
-        )
-        overlay = None
-        if mask is not None:  # A1111 pastes the init image back outside the (blurred) mask
-            init = await run_in_threadpool(services.uploads.image, req.init_images[0], "init image")
-            overlay = (init, mask, float(blur), resize_mode_name(mode))
-        return await run(req, fields, list(dict.fromkeys(ignored)), overlay, [note] if note else [])
+        notes = [note] if note else []
+        blur = _mask_blur(body)
+        fields.update(init_image=req.init_images[0], mask=None, mask_blur=0.0, strength=strength)
+        finish = None
+        if req.mask:
+            size: tuple[int, int] | None = (req.width, req.height)
+            if not all(isinstance(v, int) and 8 <= v <= services.config.max_side for v in (req.width, req.height)):
+                size = None  # refused by the request's checks
+            finish = await run_in_threadpool(
+                inpaint_fields, fields, req, body, blur, resize_mode_name(mode), size, notes, ignored
+            )
+        return await run(req, fields, list(dict.fromkeys(ignored)), finish, notes)
+
+    def inpaint_fields(
+        fields: dict[str, Any],
+        req: Img2ImgRequest,
+        body: dict[str, Any],
+        blur: float,
+        mode: str,
+        size: tuple[int, int] | None,
+        notes: list[str],
+        ignored: list[str],
+    ) -> Callable[[Image.Image], Image.Image] | None:
+        """The pipeline's init image, mask and blur of an A1111 inpainting request (in ``fields``) and the
+        overlay that lays the result over the init image: "whole picture", or "only masked" with
+        ``inpaint_full_res``; masked content "fill" (``inpainting_fill`` 0) or "original" (1)."""
+        assert req.mask is not None and req.init_images
+        mask = a1111_mask(services.uploads.image(req.mask, "mask"))
+        if req.inpainting_mask_invert:
+            mask = ImageOps.invert(mask)
+        init = services.uploads.image(req.init_images[0], "init image")
+        fill = req.inpainting_fill == 0
+        if size is None:
+            fields.update(mask=mask, mask_blur=float(blur))
+            return None
+        if body.get("inpaint_full_res"):
+            padding = body.get("inpaint_full_res_padding") or 0
+            if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= 4096:
+                raise BadRequest(f"inpaint_full_res_padding must be an integer in [0, 4096], got {padding!r}")
+            plan = only_masked(ImageOps.exif_transpose(init), mask, blur, padding, size, fill)
+            if plan is None:  # as A1111: nothing to repaint, so img2img of the whole image
+                notes.append('the mask is empty: "Only masked" inpainting became img2img of the whole image')
+                return None
+            cut, cut_mask, finish = plan
+            fields.update(init_image=cut, mask=cut_mask, mask_blur=0.0)  # the mask is blurred already
+            return finish
+        if mode != "just resize" and mask.size != size:  # A1111 fits the mask as the image (the pipeline stretches)
+            fields["mask"] = resize_image(mask, *size, mode)
+        else:
+            fields["mask"] = mask
+        fields["mask_blur"] = float(blur)
+        if fill:  # A1111 fills the fitted init image under its blurred, fitted mask
+            fitted = resize_image(ImageOps.exif_transpose(init).convert("RGB"), *size, mode)
+            fields["init_image"] = masked_fill(fitted, resize_image(blurred_mask(mask, blur), *size, mode))
+        return overlay_finish(init, mask, blur, mode)
 
     def current() -> Job | None:
         running = manager.running()
