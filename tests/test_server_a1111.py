@@ -564,3 +564,16 @@ def test_only_masked_inpainting_and_fill_as_a1111(api):
     want = emoji()("a ball", seed=3, init_image=init, strength=0.8, **kw)
     np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
     assert any("the mask is empty" in n for n in r.info["notes"])
+
+
+def test_extra_batch_images_and_interrogate(api):
+    """webuiapi's extra_batch_images (once a bare 404): each image as extra-single-image makes it; interrogate,
+    which sdengine cannot do, is a 404 that says so."""
+    g, small = gradient(), gradient().resize((32, 32))
+    r = api.extra_batch_images(images=[g, small], upscaler_1="Lanczos", upscaling_resize=2)
+    assert [i.size for i in r.images] == [(128, 128), (64, 64)]
+    np.testing.assert_array_equal(arr(r.images[1]), arr(small.resize((64, 64), Image.Resampling.LANCZOS)))
+    bad = httpx.post(f"{api.baseurl}/extra-batch-images", json={"imageList": [], "upscaler_1": "Lanczos"}, timeout=30)
+    assert bad.status_code == 400 and "imageList must hold 1 to 64 images" in bad.text
+    r = httpx.post(f"{api.baseurl}/interrogate", json={"image": webuiapi.raw_b64_img(g), "model": "clip"}, timeout=30)
+    assert r.status_code == 404 and "interrogate" in r.text and "not available" in r.text

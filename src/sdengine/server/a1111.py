@@ -30,7 +30,7 @@ from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdengine.io.resize import resize_image, resize_mode_name
-from sdengine.server.errors import BadRequest
+from sdengine.server.errors import BadRequest, NotFound
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job
 from sdengine.server.requests import ControlRequest
 
@@ -217,6 +217,12 @@ class ExtrasRequest(BaseModel):
     upscaler_2: str | None = "None"
     extras_upscaler_2_visibility: float = 0.0
     upscale_first: bool = False
+
+
+class ExtrasBatchRequest(ExtrasRequest):
+    """A1111's ExtrasBatchImagesRequest: ``imageList`` of ``{data, name}`` instead of ``image``."""
+
+    imageList: list[dict[str, Any]] = Field(default_factory=list)  # noqa: N815 - A1111's name
 
 
 # The upscalers sdengine has as pixel upscalers (A1111's "None" and "Lanczos"; what the hires fix accepts too).
@@ -1040,15 +1046,39 @@ def install(app: FastAPI, services: Any) -> None:
     def extra_single_image(req: ExtrasRequest) -> dict[str, Any]:
         if not req.image:
             raise BadRequest("send the image as base64 in 'image'")
+        extras_unknown(req)
+        out, info = extras_upscale(services.uploads.image(req.image, "image"), req)
+        return {"html_info": extras_info(info), "image": _b64_png(out) if req.show_extras_results else None}
+
+    def extras_info(info: dict[str, Any]) -> str:
+        text = ", ".join(f"{k}: {v:g}" if isinstance(v, float) else f"{k}: {v}" for k, v in info.items())
+        return f"<p>{text}</p>" if text else ""
+
+    def extras_unknown(req: ExtrasRequest) -> None:
         unknown = sorted(set(req.model_extra or {}))
         if unknown:
             raise BadRequest(f"unknown extras fields: {', '.join(unknown)}")
-        out, info = extras_upscale(services.uploads.image(req.image, "image"), req)
-        text = ", ".join(f"{k}: {v:g}" if isinstance(v, float) else f"{k}: {v}" for k, v in info.items())
-        return {
-            "html_info": f"<p>{text}</p>" if text else "",
-            "image": _b64_png(out) if req.show_extras_results else None,
-        }
+
+    @app.post("/sdapi/v1/extra-batch-images", tags=["a1111"])
+    def extra_batch_images(req: ExtrasBatchRequest) -> dict[str, Any]:
+        """Each image of ``imageList`` as ``extra-single-image`` does it (all made before any is answered)."""
+        extras_unknown(req)
+        if not req.imageList or len(req.imageList) > 64:
+            raise BadRequest("imageList must hold 1 to 64 images ({data, name})")
+        outs: list[Image.Image] = []
+        info: dict[str, Any] = {}
+        for k, item in enumerate(req.imageList):
+            data = item.get("data") if isinstance(item, dict) else None
+            if not isinstance(data, str) or not data:
+                raise BadRequest(f"imageList[{k}]: send the image as base64 in 'data'")
+            out, info = extras_upscale(services.uploads.image(data, f"imageList[{k}]"), req)
+            outs.append(out)
+        images = [_b64_png(o) for o in outs] if req.show_extras_results else []
+        return {"html_info": extras_info(info), "images": images}
+
+    @app.post("/sdapi/v1/interrogate", tags=["a1111"])
+    def interrogate() -> dict[str, Any]:
+        raise NotFound("interrogate (CLIP / DeepBooru captions) is not available in sdengine")
 
     @app.post("/sdapi/v1/refresh-embeddings", tags=["a1111"])
     def refresh_embeddings() -> dict[str, Any]:
