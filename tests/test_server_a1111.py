@@ -577,3 +577,14 @@ def test_extra_batch_images_and_interrogate(api):
     assert bad.status_code == 400 and "imageList must hold 1 to 64 images" in bad.text
     r = httpx.post(f"{api.baseurl}/interrogate", json={"image": webuiapi.raw_b64_img(g), "model": "clip"}, timeout=30)
     assert r.status_code == 404 and "interrogate" in r.text and "not available" in r.text
+
+
+def test_null_fields_are_the_defaults(api):
+    """Clients made from A1111's OpenAPI document (every field optional) send null for the fields they leave out:
+    the defaults (once a 422 for negative_prompt, alwayson_scripts, send_images, ...)."""
+    body = {"prompt": "a cat", "seed": 4, "sampler_name": "DPM++ 2M", "scheduler": "Karras", **COMMON}
+    nulls = dict.fromkeys(("negative_prompt", "alwayson_scripts", "send_images", "enable_hr", "hr_prompt", "styles"))
+    plain = api.custom_post("txt2img", body, baseurl=True)
+    r = api.custom_post("txt2img", {**body, **nulls}, baseurl=True)
+    np.testing.assert_array_equal(arr(r.image), arr(plain.image))
+    assert r.info["ignored"] == [] and r.info["infotexts"] == plain.info["infotexts"]

@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from PIL import Image, ImageFilter, ImageOps
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.server.errors import BadRequest, NotFound
@@ -171,6 +171,13 @@ class Txt2ImgRequest(BaseModel):
     hr_scheduler: str | None = None
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def nulls_are_unset(cls, data: Any) -> Any:
+        """A field sent as null is one not sent (A1111's request models make every field optional, and clients
+        made from its OpenAPI document send null for those they leave out)."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class Img2ImgRequest(Txt2ImgRequest):
