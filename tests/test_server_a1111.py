@@ -588,3 +588,26 @@ def test_null_fields_are_the_defaults(api):
     r = api.custom_post("txt2img", {**body, **nulls}, baseurl=True)
     np.testing.assert_array_equal(arr(r.image), arr(plain.image))
     assert r.info["ignored"] == [] and r.info["infotexts"] == plain.info["infotexts"]
+
+
+def test_controlnet_processor_res_thresholds_and_unit_mask(api):
+    """A preprocessed unit's image is scaled to its processor_res first (the extension's preprocessors take it
+    so; once silently dropped: another control map); canny thresholds of -1 are the extension's 100 / 200; a
+    unit's own mask is listed as ignored (once silently dropped)."""
+    import cv2
+
+    from sdengine.control import canny
+
+    g = gradient().convert("RGB")
+    path = BUILTIN_CONTROLNETS["emoji-controlnet-canny"]
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, **COMMON}
+    unit = webuiapi.ControlNetUnit(image=g, module="canny", model="emoji-controlnet-canny", processor_res=128)
+    unit.threshold_a = unit.threshold_b = -1
+    r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **COMMON)
+    scaled = Image.fromarray(cv2.resize(np.asarray(g), (128, 128), interpolation=cv2.INTER_CUBIC))  # short side 128
+    want = emoji()("a star", seed=9, controlnets=[(path, canny(scaled, 100, 200), 1.0)], resize_mode=2, **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["ignored"] == []
+    unit.mask = Image.new("L", (64, 64), 255)
+    r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **COMMON)
+    assert r.info["ignored"] == ["controlnet.args[0].mask"]

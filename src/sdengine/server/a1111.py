@@ -14,6 +14,7 @@ current image.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import math
@@ -519,16 +520,18 @@ def _unit_control(value: Any, names: dict[Any, str], what: str) -> str:
 
 def control_units(
     args: Any, init: str | None, ignored: list[str]
-) -> tuple[list[ControlRequest], bool, list[tuple[int, int]]]:
-    """sd-webui-controlnet's ``alwayson_scripts.controlnet.args`` -> units, guess mode, and each unit's
-    (index, resize mode number); a unit without one has the extension's default, "Crop and Resize"."""
+) -> tuple[list[ControlRequest], bool, list[tuple[int, int]], dict[int, int]]:
+    """sd-webui-controlnet's ``alwayson_scripts.controlnet.args`` -> units, guess mode, each unit's (index,
+    resize mode number; a unit without one has the extension's default, "Crop and Resize"), and the
+    ``processor_res`` of the units whose image goes through a preprocessor (by their place in the units)."""
     if args is None:
-        return [], False, []
+        return [], False, [], {}
     if not isinstance(args, list):
         raise BadRequest("alwayson_scripts.controlnet.args must be a list of units")
     units: list[ControlRequest] = []
     guess = False
     resizes: list[tuple[int, int]] = []
+    processor_res: dict[int, int] = {}
     for k, u in enumerate(args):
         if not isinstance(u, dict):
             ignored.append(f"controlnet.args[{k}]")
@@ -540,6 +543,9 @@ def control_units(
             if image.get("mask"):
                 ignored.append(f"controlnet.args[{k}].image.mask")
             image = image.get("image")
+        for key in ("mask", "mask_image"):  # the unit's own mask (webuiapi's ControlNetUnit.mask): not done
+            if u.get(key):
+                ignored.append(f"controlnet.args[{k}].{key}")
         if not image:
             if init is None:
                 raise BadRequest(f"ControlNet unit {k}: no image (txt2img units need one)")
@@ -564,10 +570,16 @@ def control_units(
         if u.get("pixel_perfect"):
             ignored.append(f"controlnet.args[{k}].pixel_perfect")
         options = {}
-        if MODULES[module] == "canny":
+        if MODULES[module] != "none" and u.get("processor_res") not in (None, -1):
+            res = u["processor_res"]  # the extension preprocesses the image scaled to this short side
+            if isinstance(res, bool) or not isinstance(res, int) or not 64 <= res <= 2048:
+                raise BadRequest(f"ControlNet unit {k}: processor_res must be an integer in [64, 2048] or -1")
+            processor_res[len(units)] = res
+        if MODULES[module] == "canny":  # -1 is the extension's "default" (100, 200)
+            low, high = u.get("threshold_a", -1), u.get("threshold_b", -1)
             options = {
-                "low": _num(u.get("threshold_a", 100), "threshold_a"),
-                "high": _num(u.get("threshold_b", 200), "threshold_b"),
+                "low": 100.0 if low in (None, -1) else _num(low, "threshold_a"),
+                "high": 200.0 if high in (None, -1) else _num(high, "threshold_b"),
             }
         elif MODULES[module] in ("threshold", "scribble") and u.get("threshold_a") not in (None, -1):
             options = {"threshold": _num(u.get("threshold_a"), "threshold_a")}
@@ -582,7 +594,21 @@ def control_units(
                 options=options,
             )
         )
-    return units, guess, resizes
+    return units, guess, resizes, processor_res
+
+
+def processor_resize(image: Image.Image, res: int) -> Image.Image:
+    """The control image scaled so that its short side is ``res``, as the extension's preprocessors take it
+    (``resize_image_with_pad``: OpenCV's cubic up, area down; each side rounded)."""
+    import cv2
+
+    w, h = image.size
+    k = res / min(w, h)
+    if k == 1:
+        return image
+    size = (round(w * k), round(h * k))
+    how = cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA
+    return Image.fromarray(cv2.resize(np.asarray(image.convert("RGB")), size, interpolation=how))
 
 
 def _num(v: Any, what: str) -> float:
@@ -625,7 +651,7 @@ def install(app: FastAPI, services: Any) -> None:
         if cn is not None and not isinstance(cn, dict):
             raise BadRequest("alwayson_scripts.controlnet must be an object: {args: [units]}")
         ignored.extend(f"alwayson_scripts.controlnet.{k}" for k in (cn or {}) if k != "args")
-        units, guess, resizes = control_units((cn or {}).get("args"), init, ignored)
+        units, guess, resizes, processor_res = control_units((cn or {}).get("args"), init, ignored)
         mode = image_mode if image_mode is not None else (resizes[0][1] if resizes else 0)
         ignored.extend(f"controlnet.args[{k}].resize_mode" for k, m in resizes if m != mode)
         sub_strength = body.get("subseed_strength") or 0.0
@@ -651,11 +677,21 @@ def install(app: FastAPI, services: Any) -> None:
             controlnets=units,
             guess_mode=guess,
             resize_mode=mode,
+            processor_res=processor_res,  # taken out by run() before the build
             # A1111's variation seed: subseed + k for image k, and (with a strength above 0) one seed for all
             subseed=body.get("subseed") if sub_strength else None,
             subseed_strength=sub_strength,
             same_seed=True,
         )
+
+    def build_scaled(fields: dict[str, Any], processor_res: dict[int, int]) -> Any:
+        """The build, with each preprocessed unit's image scaled to its ``processor_res`` first."""
+        units = list(fields.get("controlnets") or [])
+        for i, res in processor_res.items():
+            u = units[i]
+            image = u.image if isinstance(u.image, Image.Image) else services.uploads.image(u.image, f"unit {i}")
+            units[i] = dataclasses.replace(u, image=processor_resize(ImageOps.exif_transpose(image), res))
+        return services.build(**{**fields, "controlnets": units})
 
     async def run(
         req: Txt2ImgRequest,
@@ -664,10 +700,11 @@ def install(app: FastAPI, services: Any) -> None:
         finish: Callable[[Image.Image], Image.Image] | None = None,
         notes: list[str] | None = None,
     ) -> JSONResponse:
+        processor_res = fields.pop("processor_res", {})
         if fields.get("init_image") is None and not fields.get("controlnets"):
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:
-            generation = await run_in_threadpool(lambda: services.build(**fields))
+            generation = await run_in_threadpool(build_scaled, fields, processor_res)
         if finish is not None:
             generation.finish = finish
         job, _ = services.submit(generation, protocol="a1111", save=req.save_images, task_id=req.force_task_id)
