@@ -611,3 +611,16 @@ def test_controlnet_processor_res_thresholds_and_unit_mask(api):
     unit.mask = Image.new("L", (64, 64), 255)
     r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **COMMON)
     assert r.info["ignored"] == ["controlnet.args[0].mask"]
+
+
+def test_a_units_hires_option_other_than_both_is_listed(api):
+    """sdengine's hires fix runs every ControlNet unit in both passes: a unit's hr_option "Low res only" or
+    "High res only" is listed as ignored (once dropped silently)."""
+    g = gradient().convert("RGB").resize((32, 32))
+    unit = webuiapi.ControlNetUnit(image=g, model="emoji-controlnet-canny", hr_option="Low res only")
+    args = {"prompt": "a star", "seed": 9, "steps": 2, "width": 32, "height": 32, "alwayson_scripts": {}}
+    r = api.txt2img(controlnet_units=[unit], enable_hr=True, hr_scale=2, denoising_strength=0.6, **args)
+    assert r.image.size == (64, 64) and r.info["ignored"] == ["controlnet.args[0].hr_option"]
+    unit.hr_option = "Both"
+    r = api.txt2img(controlnet_units=[unit], enable_hr=True, hr_scale=2, denoising_strength=0.6, **args)
+    assert r.info["ignored"] == []

@@ -652,6 +652,10 @@ def install(app: FastAPI, services: Any) -> None:
             raise BadRequest("alwayson_scripts.controlnet must be an object: {args: [units]}")
         ignored.extend(f"alwayson_scripts.controlnet.{k}" for k in (cn or {}) if k != "args")
         units, guess, resizes, processor_res = control_units((cn or {}).get("args"), init, ignored)
+        if body.get("enable_hr") and init is None and isinstance((cn or {}).get("args"), list):
+            for k, u in enumerate(cn["args"]):  # sdengine's hires fix runs every unit in both passes
+                if isinstance(u, dict) and u.get("enabled", True) and u.get("hr_option") not in (None, "Both", 0):
+                    ignored.append(f"controlnet.args[{k}].hr_option")
         mode = image_mode if image_mode is not None else (resizes[0][1] if resizes else 0)
         ignored.extend(f"controlnet.args[{k}].resize_mode" for k, m in resizes if m != mode)
         sub_strength = body.get("subseed_strength") or 0.0
