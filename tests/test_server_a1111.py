@@ -624,3 +624,12 @@ def test_a_units_hires_option_other_than_both_is_listed(api):
     unit.hr_option = "Both"
     r = api.txt2img(controlnet_units=[unit], enable_hr=True, hr_scale=2, denoising_strength=0.6, **args)
     assert r.info["ignored"] == []
+
+
+def test_other_unit_settings_are_listed(api):
+    """A ControlNet unit setting of the extension that sdengine does not run (advanced_weighting, ...) is listed
+    as ignored (once dropped silently); settings that change no image (low_vram, save_detected_map) are not."""
+    unit = {"image": webuiapi.raw_b64_img(gradient()), "model": "emoji-controlnet-canny", "low_vram": True}
+    unit |= {"save_detected_map": True, "advanced_weighting": [0.5] * 13}
+    r = api.txt2img(prompt="a", seed=1, alwayson_scripts={"controlnet": {"args": [unit]}}, **COMMON)
+    assert r.info["ignored"] == ["controlnet.args[0].advanced_weighting"]

@@ -124,6 +124,13 @@ USED = {
     "disable_extra_networks",
 }
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network tag (<lora:...>, <hypernet:...>)
+# The unit keys read above, and the extension's keys that do not change the image.
+UNIT_KEYS = {
+    *("enabled", "image", "input_image", "mask", "mask_image", "module", "model", "weight", "resize_mode"),
+    *("processor_res", "threshold_a", "threshold_b", "guidance_start", "guidance_end", "control_mode"),
+    *("pixel_perfect", "hr_option", "low_vram", "save_detected_map", "input_mode", "is_ui", "output_dir"),
+    *("use_preview_as_input", "generated_image", "batch_images", "batch_image_dir", "batch_mask_dir", "loopback"),
+}
 CONTROL_MODES = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet is more important"}
 RESIZE_MODES = {0: "Just Resize", 1: "Crop and Resize", 2: "Resize and Fill"}
 MODULES = {
@@ -545,6 +552,9 @@ def control_units(
             image = image.get("image")
         for key in ("mask", "mask_image"):  # the unit's own mask (webuiapi's ControlNetUnit.mask): not done
             if u.get(key):
+                ignored.append(f"controlnet.args[{k}].{key}")
+        for key, value in u.items():  # the extension's other settings (advanced_weighting, ipadapter_input, ...)
+            if key not in UNIT_KEYS and value not in (None, False, "", [], {}):
                 ignored.append(f"controlnet.args[{k}].{key}")
         if not image:
             if init is None:
