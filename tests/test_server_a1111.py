@@ -372,6 +372,7 @@ def test_extra_single_image_upscales_as_a1111s_lanczos(api):
         ({"upscaler_1": "R-ESRGAN 4x+"}, "upscaler_1 'R-ESRGAN 4x+' is not available"),
         ({"upscaler_1": "Lanczos", "codeformer_visibility": 0.5}, "face restoration is not available"),
         ({"upscaler_1": "Lanczos", "upscaling_resize": 0}, "upscaling_resize must be > 0"),
+        ({"upscaler_1": "Lanczos", "upscaling_resize": 70}, "is over the limit of 8192 pixels a side and 16777216"),
     ):
         r = httpx.post(f"{api.baseurl}/extra-single-image", json={"image": webuiapi.raw_b64_img(g), **bad}, timeout=30)
         assert r.status_code == 400 and msg in r.text, r.text

@@ -258,7 +258,9 @@ def lanczos_upscale(image: Image.Image, scale: float) -> Image.Image:
     return image
 
 
-def extras_upscale(image: Image.Image, req: ExtrasRequest) -> tuple[Image.Image, dict[str, Any]]:
+def extras_upscale(
+    image: Image.Image, req: ExtrasRequest, max_pixels: int = 4096 * 4096
+) -> tuple[Image.Image, dict[str, Any]]:
     """A1111's extras upscale (``scripts/postprocessing_upscale.py``) with the Lanczos and None upscalers:
     ``resize_mode`` 0 scales by ``upscaling_resize``, 1 by what covers ``upscaling_resize_w`` x ``_h``, then
     (with ``upscaling_crop``) the centre of that size is cut (on black where the rounding to 8 fell short, as
@@ -297,8 +299,11 @@ def extras_upscale(image: Image.Image, req: ExtrasRequest) -> tuple[Image.Image,
         if not math.isfinite(scale) or scale <= 0:
             raise BadRequest(f"upscaling_resize must be > 0, got {scale!r}")
         info["Postprocess upscale by"] = scale
-    if max(image.width, image.height) * scale > 8192:
-        raise BadRequest(f"upscaling {image.width}x{image.height} by {scale:g} is over 8192 pixels a side")
+    if max(image.width, image.height) * scale > 8192 or image.width * image.height * scale * scale > max_pixels:
+        raise BadRequest(
+            f"upscaling {image.width}x{image.height} by {scale:g} is over the limit of 8192 pixels a side and "
+            f"{max_pixels} pixels"
+        )
     out = lanczos_upscale(image, scale)
     if req.resize_mode == 1 and req.upscaling_crop:
         cut = Image.new("RGB", (w, h))
@@ -661,9 +666,10 @@ def install(app: FastAPI, services: Any) -> None:
         if cn is not None and not isinstance(cn, dict):
             raise BadRequest("alwayson_scripts.controlnet must be an object: {args: [units]}")
         ignored.extend(f"alwayson_scripts.controlnet.{k}" for k in (cn or {}) if k != "args")
-        units, guess, resizes, processor_res = control_units((cn or {}).get("args"), init, ignored)
-        if body.get("enable_hr") and init is None and isinstance((cn or {}).get("args"), list):
-            for k, u in enumerate(cn["args"]):  # sdengine's hires fix runs every unit in both passes
+        unit_args = (cn or {}).get("args")
+        units, guess, resizes, processor_res = control_units(unit_args, init, ignored)
+        if body.get("enable_hr") and init is None and isinstance(unit_args, list):
+            for k, u in enumerate(unit_args):  # sdengine's hires fix runs every unit in both passes
                 if isinstance(u, dict) and u.get("enabled", True) and u.get("hr_option") not in (None, "Both", 0):
                     ignored.append(f"controlnet.args[{k}].hr_option")
         mode = image_mode if image_mode is not None else (resizes[0][1] if resizes else 0)
@@ -1105,7 +1111,7 @@ def install(app: FastAPI, services: Any) -> None:
         if not req.image:
             raise BadRequest("send the image as base64 in 'image'")
         extras_unknown(req)
-        out, info = extras_upscale(services.uploads.image(req.image, "image"), req)
+        out, info = extras_upscale(services.uploads.image(req.image, "image"), req, services.config.max_image_pixels)
         return {"html_info": extras_info(info), "image": _b64_png(out) if req.show_extras_results else None}
 
     def extras_info(info: dict[str, Any]) -> str:
@@ -1129,7 +1135,8 @@ def install(app: FastAPI, services: Any) -> None:
             data = item.get("data") if isinstance(item, dict) else None
             if not isinstance(data, str) or not data:
                 raise BadRequest(f"imageList[{k}]: send the image as base64 in 'data'")
-            out, info = extras_upscale(services.uploads.image(data, f"imageList[{k}]"), req)
+            image = services.uploads.image(data, f"imageList[{k}]")
+            out, info = extras_upscale(image, req, services.config.max_image_pixels)
             outs.append(out)
         images = [_b64_png(o) for o in outs] if req.show_extras_results else []
         return {"html_info": extras_info(info), "images": images}
