@@ -634,3 +634,33 @@ def test_other_unit_settings_are_listed(api):
     unit |= {"save_detected_map": True, "advanced_weighting": [0.5] * 13}
     r = api.txt2img(prompt="a", seed=1, alwayson_scripts={"controlnet": {"args": [unit]}}, **COMMON)
     assert r.info["ignored"] == ["controlnet.args[0].advanced_weighting"]
+
+
+def test_only_masked_gives_a_unit_without_image_the_cut_init_image(api):
+    """In "Only masked" inpainting a ControlNet unit without an image of its own takes the init image as the
+    pipeline gets it: the cut box (once the whole image, a control map of another place and scale)."""
+    init = gradient()
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 40, 56))
+    unit = {"model": "emoji-controlnet-canny", "module": "none", "resize_mode": "Just Resize"}
+    r = api.img2img(
+        images=[init],
+        mask_image=mask,
+        prompt="a ball",
+        seed=3,
+        denoising_strength=0.8,
+        mask_blur=0,
+        inpainting_fill=1,
+        inpaint_full_res=True,
+        alwayson_scripts={"controlnet": {"args": [unit]}},
+        **COMMON,
+    )
+    region = (0, 8, 48, 56)  # as in test_only_masked_inpainting_and_fill_as_a1111
+    cut = init.crop(region).resize((64, 64), Image.Resampling.LANCZOS)
+    cut_mask = mask.crop(region).resize((64, 64), Image.Resampling.LANCZOS)
+    path = BUILTIN_CONTROLNETS["emoji-controlnet-canny"]
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, **COMMON}
+    ref = emoji()("a ball", seed=3, init_image=cut, mask=cut_mask, strength=0.8, controlnets=[(path, cut, 1.0)], **kw)
+    canvas = init.convert("RGB")
+    canvas.paste(ref.images[0].resize((48, 48), Image.Resampling.LANCZOS), region[:2])
+    np.testing.assert_array_equal(arr(r.image), arr(Image.composite(canvas, init.convert("RGB"), mask)))

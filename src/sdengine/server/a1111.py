@@ -903,6 +903,10 @@ def install(app: FastAPI, services: Any) -> None:
                 return None
             cut, cut_mask, finish = plan
             fields.update(init_image=cut, mask=cut_mask, mask_blur=0.0)  # the mask is blurred already
+            # a ControlNet unit without an image of its own takes the init image: the cut one, as the pipeline's
+            units = fields.get("controlnets") or []
+            own = req.init_images[0]
+            fields["controlnets"] = [dataclasses.replace(u, image=cut) if u.image is own else u for u in units]
             return finish
         if mode != "just resize" and mask.size != size:  # A1111 fits the mask as the image (the pipeline stretches)
             fields["mask"] = resize_image(mask, *size, mode)
