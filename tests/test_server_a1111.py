@@ -664,3 +664,15 @@ def test_only_masked_gives_a_unit_without_image_the_cut_init_image(api):
     canvas = init.convert("RGB")
     canvas.paste(ref.images[0].resize((48, 48), Image.Resampling.LANCZOS), region[:2])
     np.testing.assert_array_equal(arr(r.image), arr(Image.composite(canvas, init.convert("RGB"), mask)))
+
+
+def test_a1111s_k_sampler_aliases(api):
+    """A1111's samplers answer to their k-diffusion aliases (k_dpmpp_2m, k_euler_a, ...), listed in /samplers;
+    once a 400."""
+    body = {"prompt": "a cat", "seed": 2, "scheduler": "Karras", **COMMON}
+    named = api.custom_post("txt2img", {**body, "sampler_name": "DPM++ 2M"}, baseurl=True)
+    aliased = api.custom_post("txt2img", {**body, "sampler_name": "k_dpmpp_2m"}, baseurl=True)
+    np.testing.assert_array_equal(arr(aliased.image), arr(named.image))
+    assert aliased.info["sampler_name"] == "DPM++ 2M"
+    listed = {s["name"]: s["aliases"] for s in api.get_samplers()}
+    assert "k_dpmpp_2m" in listed["DPM++ 2M"] and "k_euler_a" in listed["Euler a"]

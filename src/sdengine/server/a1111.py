@@ -95,6 +95,27 @@ HR_USED = {
     "denoising_strength",
 }
 SAME_SAMPLER = (None, "", "Use same sampler")  # A1111's UI value for "the first pass's"
+# A1111's k-diffusion aliases of its samplers (``k_dpmpp_2m``, ...), still sent by older clients
+K_SAMPLERS = {
+    "k_dpmpp_2m": "dpmpp_2m",
+    "k_dpmpp_sde": "dpmpp_sde",
+    "k_dpmpp_2m_sde": "dpmpp_2m_sde",
+    "k_euler_a": "euler_a",
+    "k_euler_ancestral": "euler_a",
+    "k_euler": "euler",
+    "k_lms": "lms",
+    "k_heun": "heun",
+    "k_dpm_2": "dpm2",
+    "k_dpm_2_a": "dpm2_a",
+    "k_lcm": "lcm",
+}
+
+
+def a1111_sampler(name: Any) -> Any:
+    """A sampler name with A1111's ``k_`` aliases resolved (any other name as it is)."""
+    return K_SAMPLERS.get(name.strip().lower(), name) if isinstance(name, str) else name
+
+
 SAME_SCHEDULER = (None, "", "Use same scheduler")
 USED = {
     "prompt",
@@ -683,7 +704,7 @@ def install(app: FastAPI, services: Any) -> None:
             prompt=prompt,
             negative_prompt=req.negative_prompt,
             steps=req.steps,
-            sampler=req.sampler_name or req.sampler_index or "Euler",
+            sampler=a1111_sampler(req.sampler_name or req.sampler_index or "Euler"),
             schedule=req.scheduler,
             cfg_scale=req.cfg_scale,
             seed=req.seed,
@@ -831,7 +852,7 @@ def install(app: FastAPI, services: Any) -> None:
                 "hr_second_pass_steps": req.hr_second_pass_steps,
                 "hr_resize_x": req.hr_resize_x,
                 "hr_resize_y": req.hr_resize_y,
-                "hr_sampler": None if req.hr_sampler_name in SAME_SAMPLER else req.hr_sampler_name,
+                "hr_sampler": None if req.hr_sampler_name in SAME_SAMPLER else a1111_sampler(req.hr_sampler_name),
                 "hr_schedule": None if req.hr_scheduler in SAME_SCHEDULER else req.hr_scheduler,
                 "hr_prompt": req.hr_prompt,
                 "hr_negative_prompt": req.hr_negative_prompt,
@@ -1062,7 +1083,13 @@ def install(app: FastAPI, services: Any) -> None:
     def samplers() -> list[dict[str, Any]]:
         from sdengine.diffusion import sampling
 
-        return [{"name": s.a1111, "aliases": [s.name], "options": {}} for s in sampling.SAMPLERS.values()]
+        k_names: dict[str, list[str]] = {}
+        for alias, name in K_SAMPLERS.items():
+            k_names.setdefault(name, []).append(alias)
+        return [
+            {"name": s.a1111, "aliases": [s.name, *k_names.get(s.name, [])], "options": {}}
+            for s in sampling.SAMPLERS.values()
+        ]
 
     @app.get("/sdapi/v1/schedulers", tags=["a1111"])
     def schedulers() -> list[dict[str, Any]]:
