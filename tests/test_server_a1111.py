@@ -676,3 +676,31 @@ def test_a1111s_k_sampler_aliases(api):
     assert aliased.info["sampler_name"] == "DPM++ 2M"
     listed = {s["name"]: s["aliases"] for s in api.get_samplers()}
     assert "k_dpmpp_2m" in listed["DPM++ 2M"] and "k_euler_a" in listed["Euler a"]
+
+
+def test_infotext_fills_the_fields_not_sent(api):
+    """A1111's infotext request field (once listed as ignored, the request run without it): the fields not sent
+    are read from it (prompt, steps, sampler, schedule, cfg, seed, size, variation seed, ...); a field sent
+    wins; an infotext that cannot be read is a 400."""
+    text = "a red apple\\nNegative prompt: ugly\\nSteps: 4, Sampler: Euler a, Schedule type: Karras, CFG scale: 5, "
+    text = text.replace("\\n", "\n") + "Seed: 11, Size: 64x48, Variation seed: 3, Variation seed strength: 0.3"
+    r = api.custom_post("txt2img", {"infotext": text, "steps": 3}, baseurl=True)  # steps sent: 3 wins over 4
+    want = emoji()(
+        "a red apple",
+        negative_prompt="ugly",
+        steps=3,
+        sampler="euler_a",
+        schedule="karras",
+        cfg_scale=5.0,
+        seed=11,
+        width=64,
+        height=48,
+        subseed=3,
+        subseed_strength=0.3,
+        progress=False,
+    )
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["infotexts"] == want.infotexts and r.info["ignored"] == []
+    body = {"infotext": "a\nSteps: 3, Sampler: Nope, CFG scale: 7", **COMMON}
+    bad = httpx.post(f"{api.baseurl}/txt2img", json=body, timeout=30)
+    assert bad.status_code == 400 and "infotext" in bad.text and "Nope" in bad.text, bad.text

@@ -69,7 +69,7 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "eta": (None, 1, 1.0),
     "inpainting_fill": (0, 1, None),  # "fill" and "original" are done; 2 and 3 are listed (with a mask)
     "latent_mask": (None,),
-    "infotext": (None, ""),
+    "infotext": None,  # read (apply_infotext)
     "firstpass_image": (None,),
     "force_task_id": None,
     "send_images": None,
@@ -664,8 +664,52 @@ def decode_method(value: Any, option: str = "sd_vae_decode_method") -> str:
     return DECODE_METHODS[value]
 
 
+# sdengine's names from an infotext (sdengine.metadata.to_generate_kwargs) -> A1111's request fields
+INFOTEXT_FIELDS = {
+    **{k: k for k in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height")},
+    **{k: k for k in ("subseed", "subseed_strength", "mask_blur", "enable_hr", "hr_scale", "hr_resize_x")},
+    **{k: k for k in ("hr_resize_y", "hr_second_pass_steps", "hr_upscaler", "hr_prompt", "hr_negative_prompt")},
+    "sampler": "sampler_name",
+    "schedule": "scheduler",
+    "strength": "denoising_strength",
+    "hr_sampler": "hr_sampler_name",
+    "hr_schedule": "hr_scheduler",
+}
+
+
 def install(app: FastAPI, services: Any) -> None:
     manager, catalog, options = services.manager, services.catalog, services.options
+
+    def apply_infotext(req: Any, hires: bool) -> Any:
+        """A1111's ``infotext`` field (its ``apply_infotext``): the request's fields that were not sent are read
+        from the infotext; its Clip skip and sdengine's tiny-VAE fields become override_settings (where not
+        set there); ``hires``: the hires-fix fields too (txt2img)."""
+        text = (req.model_extra or {}).get("infotext")
+        if not text:
+            return req
+        if not isinstance(text, str):
+            raise BadRequest("infotext must be a string")
+        from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+        try:
+            found = to_generate_kwargs(parse_parameters(text), hires=hires)
+        except ValueError as e:
+            raise BadRequest(f"infotext: {e}") from None
+        sent = req.model_dump(exclude_unset=True)
+        filled = {INFOTEXT_FIELDS[k]: v for k, v in found.items() if k in INFOTEXT_FIELDS}
+        filled = {k: v for k, v in filled.items() if k not in sent}
+        over = dict(sent.get("override_settings") or {})
+        settings = {
+            "CLIP_stop_at_last_layers": found.get("clip_skip", 1),
+            "sd_vae_decode_method": "TAESD" if found.get("vae_decode") == "tiny" else "Full",
+            "sd_vae_encode_method": "TAESD" if found.get("vae_encode") == "tiny" else "Full",
+        }
+        for name, value in settings.items():  # as A1111: only where it differs from the current option
+            if name not in over and value != options.get(name, {"CLIP_stop_at_last_layers": 1}.get(name, "Full")):
+                over[name] = value
+        if over:
+            filled["override_settings"] = over
+        return type(req)(**{**sent, **filled})
 
     def generation_fields(
         req: Txt2ImgRequest, body: dict[str, Any], ignored: list[str], init: str | None, image_mode: int | None = None
@@ -840,6 +884,7 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.post("/sdapi/v1/txt2img", tags=["a1111"])
     async def txt2img(req: Txt2ImgRequest) -> JSONResponse:
+        req = apply_infotext(req, hires=True)
         body = req.model_dump(exclude_unset=True)
         ignored = _ignored(body, txt2img=True)
         if "resize_mode" in body:  # an img2img field (txt2img fits ControlNet images by their units' modes)
@@ -863,6 +908,7 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.post("/sdapi/v1/img2img", tags=["a1111"])
     async def img2img(req: Img2ImgRequest) -> JSONResponse:
+        req = apply_infotext(req, hires=False)
         body = req.model_dump(exclude_unset=True)
         ignored = _ignored(body)
         if not req.init_images:
