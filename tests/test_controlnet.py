@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import warnings
 
 import numpy as np
@@ -516,6 +517,49 @@ def test_step_keep_and_the_sampler_step_follow_diffusers() -> None:
         m(x, t, encoder_hidden_states=ctx)
 
 
+def test_a_window_shorter_than_a_step_is_said_not_silent() -> None:
+    # 10 steps, start 0.31, end 0.39: diffusers' rule (i/10 >= 0.31 and (i+1)/10 <= 0.39) keeps no step, so the
+    # ControlNet does nothing; that must be said, not left silent.
+    unet, net, img = UNet(TINY_SD), _tiny_net(), torch.rand(1, 3, 16, 16)
+    grid = torch.linspace(999.0, 1.0, 10)
+    with pytest.warns(UserWarning, match=r"ControlNet 1: guidance start 0.31 and end 0.39 .* acts on no step"):
+        m = PC.build_controlled_unet(unet, [(net, img, 1.0, 0.31, 0.39)], width=16, height=16, grid=grid)
+    assert not any(m.units[0].keep)
+    notes: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a note callback takes the message instead of a warning
+        PC.build_controlled_unet(
+            unet, [(net, img, 1.0, 0.0, 1.0), (net, img, 1.0, 0.31, 0.39)], width=16, height=16, grid=grid,
+            note=notes.append,
+        )  # fmt: skip
+        assert len(notes) == 1 and notes[0].startswith("ControlNet 2:") and "of the 10 that run" in notes[0]
+        # a window of exactly one step keeps that step and says nothing
+        m = PC.build_controlled_unet(
+            unet, [(net, img, 1.0, 0.3, 0.4)], width=16, height=16, grid=grid, note=notes.append
+        )
+    assert m.units[0].keep == [i == 3 for i in range(10)] and len(notes) == 1
+
+
+def test_a1111_step_rule_counts_as_the_extension() -> None:
+    # sd-webui-controlnet: guidance stopped when i/steps < start or i/steps > end (guidance_schedule_handler)
+    for n, s, e in ((20, 0.0, 0.5), (10, 0.3, 0.35), (10, 0.31, 0.39), (7, 0.2, 0.9), (4, 0.0, 1.0)):
+        assert PC.step_keep(n, s, e, "a1111") == [not (i / n < s or i / n > e) for i in range(n)]
+    assert sum(PC.step_keep(20, 0.0, 0.5, "a1111")) == 11 and sum(PC.step_keep(20, 0.0, 0.5)) == 10
+    unet, net, img = UNet(TINY_SD), _tiny_net(), torch.rand(1, 3, 16, 16)
+    grid = torch.linspace(999.0, 1.0, 10)
+    notes: list[str] = []
+    unit = PC.ControlUnit(net, img, 1.0, 0.3, 0.35, rule="a1111")  # diffusers' rule: no step; A1111's: step 3
+    m = PC.build_controlled_unet(unet, [unit], width=16, height=16, grid=grid, note=notes.append)
+    assert m.units[0].keep == [i == 3 for i in range(10)] and not notes
+    PC.build_controlled_unet(
+        unet, [PC.ControlUnit(net, img, 1.0, 0.31, 0.39, rule="a1111")], width=16, height=16, grid=grid,
+        note=notes.append,
+    )  # fmt: skip
+    assert len(notes) == 1 and "start <= i/10 <= end, as A1111's ControlNet extension counts" in notes[0]
+    with pytest.raises(C.ControlNetError, match="unknown ControlNet step rule 'comfy'; use one of: diffusers, a1111"):
+        PC.ControlUnit(net, img, rule="comfy")
+
+
 def test_inpainting_unet_gets_the_latent_channels_only() -> None:
     torch.manual_seed(0)
     unet9 = UNet(dataclasses.replace(TINY_SD, in_channels=9)).eval()
@@ -565,6 +609,79 @@ def test_preprocessors() -> None:
     inv = np.asarray(C.preprocess("invert", _photo()))
     assert inv[0, 0].tolist() == [255, 255, 255]
     assert np.array_equal(np.asarray(C.preprocess("none", _photo())), np.asarray(_photo()))
+
+
+def _kornia_canny_oracle(rgb: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """kornia.filters.canny's algorithm (kornia 0.7/0.8, the one ComfyUI's Canny node calls), written here from
+    its documented steps with torch ops as kornia does them: grey 0.299/0.587/0.114, 5x5 Gaussian of sigma 1
+    (reflect border), unnormalised Sobel (replicate border), NMS by 8 difference kernels (zero padding) and
+    gather, strict thresholds, hysteresis repeated until nothing changes. (1, 3, H, W) -> (1, 1, H, W) 0/1."""
+    import torch.nn.functional as F
+
+    grey = (rgb * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x = torch.arange(5, dtype=torch.float32) - 2
+    g = torch.exp(-(x**2) / 2.0)
+    g = g / g.sum()
+    blurred = F.conv2d(F.pad(grey, (2, 2, 2, 2), mode="reflect"), (g[:, None] * g[None, :])[None, None])
+    sx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    grads = F.conv2d(F.pad(blurred, (1, 1, 1, 1), mode="replicate"), torch.stack([sx, sx.T])[:, None])
+    gx, gy = grads[:, :1], grads[:, 1:]
+    mag = torch.sqrt(gx * gx + gy * gy + 1e-6)
+    angle = torch.round(torch.atan2(gy, gx) * (4 / math.pi))
+    nms = torch.zeros(8, 1, 3, 3)
+    for k, (dy, dx) in enumerate([(0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1), (-1, 0), (-1, 1)]):
+        nms[k, 0, 1, 1], nms[k, 0, 1 + dy, 1 + dx] = 1.0, -1.0
+    diffs = F.conv2d(mag, nms, padding=1)
+    pos = torch.gather(diffs, 1, (angle % 8).long())
+    neg = torch.gather(diffs, 1, ((angle + 4) % 8).long())
+    mag = mag * (torch.minimum(pos, neg) > 0)
+    edges = (mag > low) * 0.5 + (mag > high) * 0.5
+    hyst = torch.zeros(8, 1, 3, 3)
+    for k in range(9):
+        if k != 4:
+            hyst[k - (k > 4), 0, k // 3, k % 3] = 1.0
+    old = -torch.ones_like(edges)
+    while (old != edges).any():
+        weak, strong = (edges == 0.5).float(), (edges == 1).float()
+        grown = (F.conv2d(edges, hyst, padding=1) == 1).any(1, keepdim=True).float() * weak + strong
+        old, edges = edges, grown + (grown == 0) * weak * 0.5
+    return (edges == 1).float()
+
+
+def test_comfyui_canny_follows_kornia_blur_and_fractional_thresholds() -> None:
+    # ComfyUI's Canny node is kornia.filters.canny: a Gaussian blur first, thresholds in 0..1 on the L2 Sobel
+    # magnitude. The node once ran OpenCV's Canny (no blur, L1, thresholds x255) and gave other edges.
+    from sdengine.server.comfy.nodes import canny_node
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:48, 0:56].astype(np.float32)
+    img = np.zeros((48, 56, 3), np.float32)
+    img[(x - 20) ** 2 + (y - 22) ** 2 < 150] = (0.9, 0.5, 0.2)  # a disc: edges all round, no exact ties
+    img[30:41, 33:50] = (0.1, 0.8, 0.7)
+    img += rng.normal(0, 0.04, img.shape).astype(np.float32)  # noise: the blur must keep it from making edges
+    img = img.clip(0, 1)
+    tensor = torch.from_numpy(img)[None]
+    for low, high in ((0.4, 0.8), (0.1, 0.3), (0.2, 0.9)):
+        want = _kornia_canny_oracle(tensor.permute(0, 3, 1, 2), low, high)[0, 0].numpy() > 0
+        (out,) = canny_node(None, tensor, low, high)
+        assert out.shape == (1, 48, 56, 3) and set(out.unique().tolist()) == {0.0, 1.0}
+        got = out[0, :, :, 0].numpy() > 0
+        assert want.sum() > 40 and (got != want).sum() <= 2, (low, high, want.sum(), (got != want).sum())
+        assert torch.equal(out[..., 0], out[..., 2])
+        assert np.array_equal(C.canny_fractions(img, low, high), got)
+    # without the blur (what OpenCV's Canny does), the noise alone gives edges far from the shapes
+    plain = np.asarray(C.canny(Image.fromarray((img * 255).round().astype(np.uint8)), 0.1 * 255, 0.3 * 255))[..., 0]
+    blurred = C.canny_fractions(img, 0.1, 0.3)
+    assert (plain > 0).sum() > 2 * blurred.sum()
+    with pytest.raises(C.ControlNetError, match="0 < low <= high < 1"):
+        C.canny_fractions(img, 0.8, 0.4)
+
+
+def test_threshold_is_a1111s_every_channel_above() -> None:
+    # sd-webui-controlnet's threshold: white where min(R, G, B) > thr_a; the luma of yellow (226) once made it white
+    px = np.array([[[255, 255, 0], [255, 255, 255], [200, 200, 200], [120, 120, 120], [128, 250, 250]]], np.uint8)
+    out = np.asarray(C.preprocess("threshold", Image.fromarray(px), threshold=127))
+    assert out[0, :, 0].tolist() == [0, 255, 255, 0, 255] and (out[..., 0] == out[..., 2]).all()
 
 
 def test_grayscale_and_rgba_control_images_are_converted(tmp_path) -> None:

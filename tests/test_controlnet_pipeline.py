@@ -211,3 +211,15 @@ def test_bad_controlnet_settings_are_one_clear_error(setup, tmp_path):
         pipe(PROMPT, controlnets=[(paths[0], str(bad), 1.0)], **kw)
     with pytest.warns(UserWarning, match="outside the usual range"):
         pipe(PROMPT, controlnets=[(paths[0], maps[0], 2.5)], **kw)
+
+
+def test_a_controlnet_acting_on_no_step_is_a_note(setup):
+    folder, pipe, nets, paths, maps = setup
+    kw = dict(steps=4, sampler="euler", seed=SEED, width=SIZE, height=SIZE, progress=False)
+    r = pipe(PROMPT, controlnets=[(paths[0], maps[0], 1.0, 0.3, 0.45)], **kw)  # 4 steps: 0.25 apart
+    assert [n for n in r.notes if "acts on no step" in n] == [
+        f"ControlNet {paths[0].name}: guidance start 0.3 and end 0.45 hold no step of the 4 that run "
+        "(step i acts when start <= i/4 and (i+1)/4 <= end, as diffusers counts): it acts on no step; "
+        "widen the window or use more steps"
+    ]
+    assert np.array_equal(r.arrays, pipe(PROMPT, **kw).arrays)  # indeed: the image without the ControlNet

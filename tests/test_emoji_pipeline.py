@@ -152,6 +152,19 @@ def test_long_prompt_is_truncated_with_a_note(pipe):
     assert not pipe("short", seed=0, **FAST).notes
 
 
+def test_words_minilm_cannot_spell_are_noted(pipe):
+    # MiniLM's WordPiece vocabulary has no emoji: each becomes [UNK], which once went unsaid
+    assert pipe.text_encoder.tokenizer.encode("🍎 apple", add_special_tokens=False)[0] == 100  # [UNK]
+    r = pipe("a (🍎:1.2) and 🐱 on a table", "☃", seed=0, **FAST)
+    assert [n for n in r.notes if "[UNK]" in n] == [
+        "the prompt has words tiny-emoji's text encoder (MiniLM) cannot spell, each read as the unknown token "
+        "[UNK]: '🍎', '🐱'",
+        "the negative prompt has words tiny-emoji's text encoder (MiniLM) cannot spell, each read as the unknown "
+        "token [UNK]: '☃'",
+    ]
+    assert not pipe("日本語, café", seed=0, **FAST).notes  # these CJK characters and accents are in its vocabulary
+
+
 def test_clip_skip_is_a_one_line_error(pipe):
     with pytest.raises(GenerationError, match="clip_skip 2 does not apply.*MiniLM") as e:
         pipe("a cat", clip_skip=2, **FAST)

@@ -564,3 +564,37 @@ def test_package_exports_its_public_names():
     assert {"load_pipeline", "GenerationRequest", "GenerationResult", "Pipeline", "Cancelled"} <= set(sdengine.__all__)
     for name in sdengine.__all__:
         assert getattr(sdengine, name) is not None, name
+
+
+LONG_NEGATIVE = ", ".join(["blurry, dark"] * 40)  # 119 tokens: two chunks against the prompt's one
+
+
+def test_cfg_1_ignores_the_negative_prompt(sd1):
+    # cfg 1 runs no unconditional pass; a negative of more chunks once padded the prompt's states to its length,
+    # so it still changed the image (diffusers, ComfyUI and A1111 ignore the negative at cfg 1)
+    _, pipe = sd1
+    kw = dict(steps=3, sampler="euler", seed=SEED, width=SIZE, height=SIZE, cfg_scale=1.0, progress=False)
+    plain = pipe(PROMPT, "", **kw)
+    assert np.array_equal(pipe(PROMPT, LONG_NEGATIVE, **kw).arrays, plain.arrays)
+    edited = pipe(f"[{PROMPT}:a pear:0.5]", "", **kw).arrays
+    assert np.array_equal(pipe(f"[{PROMPT}:a pear:0.5]", f"[{LONG_NEGATIVE}|x]", **kw).arrays, edited)
+    assert "Pad conds" not in pipe(PROMPT, LONG_NEGATIVE, **kw).infotexts[0]
+    assert not np.array_equal(pipe(PROMPT, LONG_NEGATIVE, **{**kw, "cfg_scale": 3.0}).arrays, plain.arrays)
+
+
+def test_padded_prompt_and_negative_are_written_as_a1111_pad_conds(sd1, caplog):
+    # A1111 pads the shorter of cond and uncond with the empty prompt's chunks only with its "Pad prompt/negative
+    # prompt" option, and then writes "Pad conds: True"; sdengine always pads, so it must say so for A1111 to
+    # make the same image from the infotext
+    import logging
+
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+    _, pipe = sd1
+    kw = dict(steps=2, sampler="euler", seed=SEED, width=SIZE, height=SIZE, progress=False)
+    r = pipe([PROMPT, PROMPT, "a BREAK b", f"[a:{LONG_NEGATIVE}:1]"], [LONG_NEGATIVE, "blurry", "c", "d"], **kw)
+    assert ["Pad conds: True" in t for t in r.infotexts] == [True, False, True, True]
+    assert "Pad conds" not in pipe(f"{PROMPT} BREAK x", "a BREAK b", **kw).infotexts[0]  # two chunks each
+    with caplog.at_level(logging.WARNING, logger="sdengine.metadata"):
+        assert to_generate_kwargs(parse_parameters(r.infotexts[0]))["negative_prompt"] == LONG_NEGATIVE
+    assert not caplog.records  # sdengine reproduces the field: no "not reproduced" warning

@@ -385,7 +385,7 @@ def test_vae_files_from_vae_loader(client, server, plain):
 
 
 def test_controlnet_equal_native(client, plain):
-    init_id, init_name = upload(client, picture(), "control.png")
+    _, init_name = upload(client, picture(), "control.png")
     g = txt2img_graph()
     g["10"] = {"class_type": "LoadImage", "inputs": {"image": init_name}}
     g["11"] = {"class_type": "Canny", "inputs": {"image": ["10", 0], "low_threshold": 0.4, "high_threshold": 0.8}}
@@ -404,13 +404,16 @@ def test_controlnet_equal_native(client, plain):
     }
     g["3"]["inputs"].update(positive=["13", 0], negative=["13", 1])
     a = comfy_image(client, g)
+    # ComfyUI's Canny is kornia's (blurred, thresholds in 0..1; sdengine.control.canny_fractions), not OpenCV's
+    from sdengine.control import canny_fractions
+
+    edges = canny_fractions(np.asarray(picture(), np.float32) / 255.0, 0.4, 0.8)
+    edges_id, _ = upload(client, Image.fromarray(np.repeat(edges[..., None] * 255, 3, 2).astype(np.uint8)), "e.png")
     b = native_image(
         client,
         prompt="a red apple",
         cfg_scale=5.0,
-        controlnets=[
-            {"model": "emoji-controlnet-canny", "image": init_id, "preprocessor": "canny", "low": 102, "high": 204}
-        ],
+        controlnets=[{"model": "emoji-controlnet-canny", "image": edges_id, "preprocessor": "none"}],
     )
     assert np.array_equal(a, b) and not np.array_equal(a, plain)
     # The old ControlNetApply on the positive and again on the negative (the same hint): one ControlNet on both

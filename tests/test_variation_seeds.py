@@ -24,14 +24,44 @@ def test_slerp_endpoints_and_norm():
     nm, nlin = mid.flatten(1).norm(dim=1), (0.5 * (a + b)).flatten(1).norm(dim=1)
     assert (nm >= 0.98 * torch.minimum(na, nb)).all() and (nm <= 1.02 * torch.maximum(na, nb)).all()
     assert (nlin < 0.8 * torch.minimum(na, nb)).all()
-    # for rows of equal norm, the midpoint is at equal angles from both ends and keeps the norm
-    cos = lambda x, y: torch.nn.functional.cosine_similarity(x.flatten(1), y.flatten(1))  # noqa: E731
-    ua, ub = a / na[:, None, None, None], b / nb[:, None, None, None]
+    # A1111 slerps each (channel, column) vector along the height: for columns of unit norm the midpoint is at
+    # equal angles from both ends and keeps the unit norm
+    ua, ub = a / a.norm(dim=2, keepdim=True), b / b.norm(dim=2, keepdim=True)
     um = slerp(0.5, ua, ub)
+    cos = lambda x, y: (x * y).sum(2)  # noqa: E731
     assert torch.allclose(cos(um, ua), cos(um, ub), atol=1e-5)
-    assert torch.allclose(um.flatten(1).norm(dim=1), torch.ones(2), atol=1e-5)
-    # parallel inputs do not divide by zero
+    assert torch.allclose(um.norm(dim=2), torch.ones(2, 4, 8), atol=1e-5)
+    # parallel inputs do not divide by zero; rows of another shape are one vector each
     assert torch.allclose(slerp(0.3, a, a), a, atol=1e-5)
+    fa, fb = a.flatten(1), b.flatten(1)
+    fa, fb = fa / fa.norm(dim=1, keepdim=True), fb / fb.norm(dim=1, keepdim=True)
+    fm = slerp(0.5, fa, fb)
+    assert fm.shape == (2, 256) and torch.allclose((fm * fa).sum(1), (fm * fb).sum(1), atol=1e-5)
+    assert torch.allclose(fm.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def _a1111_slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """A1111's modules/rng.py slerp, as it is called there: on one image's (C, H, W) noise."""
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_norm * high_norm).sum(1)
+    if dot.mean() > 0.9995:
+        return low * val + high * (1 - val)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
+
+
+def test_variation_noise_is_a1111s():
+    # A1111 (CPU random source) draws randn(seed, (4, h, w)) and randn(subseed, ...) and slerps them along the
+    # height; a slerp of the whole flattened tensor gave other noise, so another image for the same seeds
+    for strength in (0.1, 0.5, 0.83):
+        noise = torch.cat([torch.randn((1, 4, 8, 12), generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
+        got = variation_noise(noise, [9, 10], strength)
+        for i, (seed, sub) in enumerate(((5, 9), (6, 10))):
+            low = torch.randn((4, 8, 12), generator=torch.Generator().manual_seed(seed))
+            high = torch.randn((4, 8, 12), generator=torch.Generator().manual_seed(sub))
+            torch.testing.assert_close(got[i], _a1111_slerp(strength, low, high), atol=1e-6, rtol=0)
 
 
 def test_variation_noise_rows_use_their_own_subseed():
@@ -59,12 +89,14 @@ def test_strength_0_is_the_plain_image_and_1_the_subseeds(pipe):
     np.testing.assert_array_equal(one.arrays, of_subseed.arrays)
     half = pipe("a cat", seed=5, subseed=9, subseed_strength=0.5, **FAST)
     assert np.abs(half.arrays - plain.arrays).mean() > 1e-3 and np.abs(half.arrays - one.arrays).mean() > 1e-3
-    # a batch: row i uses seed + i and subseed + i, as it would alone
+    # a batch: every row keeps the seed and row i takes subseed + i (A1111's rule: variations of one image), as it
+    # would alone; the old seed + i made each row another picture
     batch = pipe("a cat", seed=5, subseed=9, subseed_strength=0.5, batch_size=2, **FAST)
-    alone = pipe("a cat", seed=6, subseed=10, subseed_strength=0.5, **FAST)
+    alone = pipe("a cat", seed=5, subseed=10, subseed_strength=0.5, **FAST)
     np.testing.assert_allclose(batch.arrays[1], alone.arrays[0], atol=2e-3)
     p = parse_parameters(batch.infotexts[1])
-    assert (p["Seed"], p["Variation seed"], p["Variation seed strength"]) == ("6", "10", "0.5")
+    assert (p["Seed"], p["Variation seed"], p["Variation seed strength"]) == ("5", "10", "0.5")
+    assert batch.seeds == [5, 5] and parse_parameters(batch.infotexts[0])["Variation seed"] == "9"
 
 
 def test_infotext_round_trips(pipe):

@@ -401,6 +401,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
         "Resize mode",
         "Sampler options",
         "Prediction type",  # a loading option: the caller's (sdengine generate --from-png passes it on)
+        "Pad conds",  # A1111's padding of the shorter of prompt and negative prompt: what sdengine always does
     }
     if options:
         used |= {"Eta", "Eta DDIM"}

@@ -12,6 +12,7 @@ maps with another tool and pass them with ``none``.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -48,10 +49,80 @@ def canny(img: Image.Image, low: float = 100, high: float = 200) -> Image.Image:
     return _rgb(cv2.Canny(np.asarray(img.convert("RGB")), float(low), float(high)))
 
 
+def _gaussian_1d(size: int, sigma: float) -> np.ndarray:
+    x = np.arange(size, dtype=np.float64) - size // 2
+    g = np.exp(-(x * x) / (2.0 * sigma * sigma))
+    return (g / g.sum()).astype(np.float32)
+
+
+def _filter_separable(a: np.ndarray, kx: np.ndarray, ky: np.ndarray, pad: str) -> np.ndarray:
+    """Correlate (H, W) ``a`` with the outer product ky x kx, the border padded by NumPy mode ``pad``."""
+    r = len(kx) // 2
+    p = np.pad(a, r, mode=pad)  # type: ignore[call-overload]
+    h, w = a.shape
+    rows = sum(k * p[:, i : i + w] for i, k in enumerate(kx))  # (H + 2r, W)
+    return np.asarray(sum(k * rows[i : i + h] for i, k in enumerate(ky)), dtype=np.float32)
+
+
+# The 8 neighbours (dy, dx), in the order of the gradient direction rounded to 45 degrees: 0 = +x (right),
+# 1 = 45 degrees (+x, +y: down-right in image rows), ..., 7 = 315 degrees.
+_DIRECTIONS = ((0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1), (-1, 0), (-1, 1))
+
+
+def canny_fractions(
+    image: np.ndarray, low: float = 0.4, high: float = 0.8, *, kernel_size: int = 5, sigma: float = 1.0
+) -> np.ndarray:
+    """Canny edges as ComfyUI's ``Canny`` node makes them (it calls ``kornia.filters.canny``), a bool (H, W)
+    map. ``image``: float (H, W) grey or (H, W, 3) RGB in [0, 1] (grey = 0.299 R + 0.587 G + 0.114 B).
+    The steps: a ``kernel_size`` Gaussian blur of ``sigma`` (mirrored border), unnormalised 3x3 Sobel
+    gradients (replicated border), magnitude sqrt(gx^2 + gy^2 + 1e-6) (the L2 norm, 0 to 4 on an image in
+    0..1; a sharp black-to-white step, blurred, about 2.6), non-maximum suppression along the direction
+    rounded to 45 degrees (strictly greater than both neighbours; outside the image counts as 0), then
+    hysteresis: a pixel above ``high`` is an edge, one above ``low`` is an edge when 8-connected to one.
+    ``low``/``high`` are therefore on that magnitude scale, with 0 < low <= high < 1 as kornia requires;
+    OpenCV's :func:`canny` (thresholds 0..255, the L1 norm, no blur) is another algorithm."""
+    import cv2
+
+    if not (math.isfinite(low) and math.isfinite(high)) or not 0 < low <= high < 1:
+        raise ControlNetError(f"canny thresholds must satisfy 0 < low <= high < 1, got low={low}, high={high}")
+    a = np.asarray(image, dtype=np.float32)
+    if a.ndim == 3 and a.shape[2] == 3:
+        a = a[..., 0] * np.float32(0.299) + a[..., 1] * np.float32(0.587) + a[..., 2] * np.float32(0.114)
+    elif a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim != 2:
+        raise ControlNetError(f"canny takes a grey (H, W) or RGB (H, W, 3) image, got shape {tuple(image.shape)}")
+    if kernel_size % 2 != 1 or kernel_size < 1 or sigma <= 0:
+        raise ControlNetError(f"canny blur: kernel_size must be odd and sigma > 0, got {kernel_size}, {sigma}")
+    if min(a.shape) <= kernel_size // 2:  # the mirrored border needs more pixels than the kernel's radius
+        raise ControlNetError(f"canny: an image of {a.shape[1]}x{a.shape[0]} is too small for a {kernel_size} blur")
+    g = _gaussian_1d(kernel_size, sigma)
+    blurred = _filter_separable(a, g, g, "reflect")
+    deriv, smooth = np.array([-1, 0, 1], np.float32), np.array([1, 2, 1], np.float32)
+    gx = _filter_separable(blurred, deriv, smooth, "edge")
+    gy = _filter_separable(blurred, smooth, deriv, "edge")
+    mag = np.sqrt(gx * gx + gy * gy + np.float32(1e-6))
+    direction = np.round(np.arctan2(gy, gx) * np.float32(4 / math.pi)).astype(np.int64) % 8
+    h, w = mag.shape
+    padded = np.pad(mag, 1)  # zeros outside the image
+    neighbour = np.stack([padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in _DIRECTIONS])
+    ahead = np.take_along_axis(neighbour, direction[None], 0)[0]
+    behind = np.take_along_axis(neighbour, ((direction + 4) % 8)[None], 0)[0]
+    thin = np.where((mag > ahead) & (mag > behind), mag, np.float32(0))
+    weak, strong = thin > low, thin > high
+    n, labels = cv2.connectedComponents(weak.astype(np.uint8), connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[np.unique(labels[strong])] = True
+    keep[0] = False  # the background
+    return np.asarray(keep[labels] & weak)
+
+
 def threshold(img: Image.Image, threshold: float = 127) -> Image.Image:
-    """Binarise: pixels brighter than ``threshold`` (0..255) become white, the rest black."""
-    g = _gray(img)
-    return _rgb(np.where(g > threshold, 255, 0))
+    """Binarise as A1111's ControlNet extension's ``threshold`` does: a pixel whose every channel is above
+    ``threshold`` (0..255), i.e. min(R, G, B) > threshold, becomes white, the rest black (a saturated colour
+    such as yellow is black; grey pixels compare their grey level)."""
+    low = np.asarray(img.convert("RGB"), dtype=np.uint8).min(axis=2)
+    return _rgb(np.where(low > threshold, 255, 0))
 
 
 def scribble(img: Image.Image, threshold: float = 127) -> Image.Image:
@@ -138,6 +209,7 @@ __all__ = [
     "NEEDS_A_MODEL",
     "PREPROCESSORS",
     "canny",
+    "canny_fractions",
     "identity",
     "invert",
     "load_control_image",

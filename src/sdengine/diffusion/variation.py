@@ -1,9 +1,12 @@
 """Variation seeds (A1111's ``subseed`` / ``subseed_strength``): a row's start noise is the spherical
-interpolation between its seed's noise and its variation seed's noise.
+interpolation between its seed's noise and its variation seed's noise, computed as A1111 computes it.
 
-Both are unit Gaussian draws of the same shape; slerp keeps the result on the sphere where such draws live
-(their norm), which a straight mix would shrink by up to sqrt(2) at strength 0.5. Strength 0 is the seed's
-noise exactly and strength 1 the variation seed's noise exactly (no arithmetic, so the images are equal).
+A1111 (``modules/rng.py``) slerps each image's noise of shape (C, H, W) with norms and angles taken along its
+dim 1, the height: every (channel, column) vector of H values is interpolated on its own great circle. That is
+what :func:`slerp` does for (B, C, H, W) rows, in float32 as A1111 does, so a variation seed gives A1111's start
+noise (with its CPU random source) and so its image. Each column keeps the norm of the draws, which a straight
+mix would shrink by up to sqrt(2) at strength 0.5. Strength 0 is the seed's noise exactly and strength 1 the
+variation seed's noise exactly (no arithmetic, so the images are equal).
 """
 
 from __future__ import annotations
@@ -11,26 +14,37 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Above this cosine the two draws are nearly parallel and sin(omega) ~ 0: a straight mix is the same to
-# float precision and does not divide by ~0.
+# A1111's test: when the mean cosine of the columns is above this, the two draws are nearly parallel and
+# sin(omega) ~ 0, so a straight mix (the same to float precision) is used instead.
 _PARALLEL = 0.9995
 
 
+def _slerp_image(strength: float, low: Tensor, high: Tensor) -> Tensor:
+    """A1111's slerp of one image's noise ``low`` -> ``high``: (C, H, W), angles along dim 1."""
+    low_unit = low / torch.norm(low, dim=1, keepdim=True)
+    high_unit = high / torch.norm(high, dim=1, keepdim=True)
+    cos = (low_unit * high_unit).sum(1)  # (C, W)
+    if cos.mean() > _PARALLEL:
+        return low * (1.0 - strength) + high * strength
+    omega = torch.acos(cos)
+    so = torch.sin(omega)
+    wa = (torch.sin((1.0 - strength) * omega) / so).unsqueeze(1)
+    wb = (torch.sin(strength * omega) / so).unsqueeze(1)
+    return wa * low + wb * high
+
+
 def slerp(strength: float, a: Tensor, b: Tensor) -> Tensor:
-    """Per row (dim 0): the point ``strength`` of the way from ``a`` to ``b`` on the great circle through them
-    (angle measured between the flattened rows)."""
+    """Per row (dim 0): the point ``strength`` of the way from ``a`` to ``b``. Rows of shape (C, H, W) follow
+    A1111 (each (channel, column) vector along H on its own great circle, see the module docstring); other
+    shapes interpolate the flattened row."""
     if strength <= 0.0:
         return a
     if strength >= 1.0:
         return b
-    fa, fb = a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double()
-    cos = ((fa / fa.norm(dim=1, keepdim=True)) * (fb / fb.norm(dim=1, keepdim=True))).sum(1).clamp(-1.0, 1.0)
-    omega = torch.acos(cos)
-    so = torch.sin(omega)
-    wa = torch.where(cos > _PARALLEL, 1.0 - strength, torch.sin((1.0 - strength) * omega) / so)
-    wb = torch.where(cos > _PARALLEL, torch.full_like(cos, strength), torch.sin(strength * omega) / so)
-    out = wa[:, None] * fa + wb[:, None] * fb
-    return out.reshape(a.shape).to(a.dtype)
+    # a row that is not (C, H, W) is one vector: shaped (1, N, 1), its one "column" is all of it
+    shape = (lambda t: t.float()) if a.ndim == 4 else (lambda t: t.reshape(1, -1, 1).float())
+    rows = [_slerp_image(strength, shape(a[i]), shape(b[i])).reshape(a.shape[1:]) for i in range(a.shape[0])]
+    return torch.stack(rows).to(a.dtype)
 
 
 def variation_noise(noise: Tensor, subseeds: list[int], strength: float) -> Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,19 +37,28 @@ from sdengine.weights.io import parse_dtype
 
 log = logging.getLogger(__name__)
 
+# How start/end fractions pick the controlled steps: diffusers' pipelines, or A1111's ControlNet extension.
+STEP_RULES = ("diffusers", "a1111")
+
 
 @dataclass(frozen=True)
 class ControlUnit:
     """One ControlNet of a request. ``model``: a :class:`ControlNet` or anything ``load_controlnet`` reads;
     ``image``: a control map (PIL, array, path or (1, 3, H, W) tensor in [0, 1]) used for every row, or a
     list / (N, 3, H, W) tensor with one map per row of the batch; ``scale``: the conditioning scale;
-    ``start``/``end``: the fractions of the steps it acts on."""
+    ``start``/``end``: the fractions of the steps it acts on, counted by ``rule`` (:data:`STEP_RULES`:
+    ``"diffusers"``, the default, or ``"a1111"``, see :func:`step_keep`)."""
 
     model: Any
     image: Any
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    rule: str = "diffusers"
+
+    def __post_init__(self) -> None:
+        if self.rule not in STEP_RULES:
+            raise ControlNetError(f"unknown ControlNet step rule {self.rule!r}; use one of: {', '.join(STEP_RULES)}")
 
     @classmethod
     def coerce(cls, u: Any) -> ControlUnit:
@@ -123,10 +132,28 @@ def control_image_tensor(
     return _one_image_tensor(image, width, height, resize_mode)  # type: ignore[arg-type]
 
 
-def step_keep(steps: int, start: float, end: float) -> list[bool]:
-    """diffusers' ``controlnet_keep``: step i (of ``steps``) is controlled unless i/steps < start or
-    (i+1)/steps > end."""
+def step_keep(steps: int, start: float, end: float, rule: str = "diffusers") -> list[bool]:
+    """Which of ``steps`` steps a unit controls. ``"diffusers"`` (``controlnet_keep``): step i unless
+    i/steps < start or (i+1)/steps > end, so a step must lie wholly inside the window. ``"a1111"`` (the
+    sd-webui-controlnet extension's ``guidance_schedule_handler``): step i when start <= i/steps <= end, so
+    end 0.5 of 20 steps controls steps 0-10, one more than diffusers' 0-9."""
+    if rule == "a1111":
+        return [start <= i / steps <= end for i in range(steps)]
+    if rule != "diffusers":
+        raise ControlNetError(f"unknown ControlNet step rule {rule!r}; use one of: {', '.join(STEP_RULES)}")
     return [not (i / steps < start or (i + 1) / steps > end) for i in range(steps)]
+
+
+def no_step_message(name: str, steps: int, start: float, end: float, rule: str = "diffusers") -> str:
+    """The warning for a unit whose start/end window holds no step of the ``steps`` that run."""
+    if rule == "a1111":
+        how = f"start <= i/{steps} <= end, as A1111's ControlNet extension counts"
+    else:
+        how = f"start <= i/{steps} and (i+1)/{steps} <= end, as diffusers counts"
+    return (
+        f"{name}: guidance start {start:g} and end {end:g} hold no step of the {steps} that run (step i acts "
+        f"when {how}): it acts on no step; widen the window or use more steps"
+    )
 
 
 @dataclass
@@ -371,12 +398,15 @@ def build_controlled_unet(
     dtype: str | torch.dtype | None = None,
     start_step: int = 0,
     resize_mode: str = "just resize",
+    note: Callable[[str], None] | None = None,
 ) -> ControlledUNet:
     """The U-Net callable with ControlNets attached, for the Denoiser to use in place of the U-Net.
 
     ``units``: :class:`ControlUnit` (or its tuple form); each map is resized to ``width`` x ``height``.
     ``grid``: the sampling grid (``.timesteps``) of this run; ``start_step``: the first step that runs
-    (img2img), so that the fractions count the steps that actually run, as diffusers does.
+    (img2img), so that the fractions count the steps that actually run, as diffusers does. A unit whose
+    window holds no whole step (``step_keep`` all off: say start 0.31, end 0.39 of 10 steps) acts on nothing:
+    that is said through ``note`` (the pipeline's notes), or as a warning without one.
     """
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
     if device is None:
@@ -409,14 +439,15 @@ def build_controlled_unet(
                 img = img.mean(dim=1, keepdim=True)
             else:
                 raise ControlNetError(f"{name} takes {net.config.conditioning_channels}-channel control images")
-        prepared.append(
-            PreparedUnit(
-                net,
-                img.to(device=device, dtype=net.dtype),
-                float(unit.scale),
-                step_keep(steps, float(unit.start), float(unit.end)),
-            )
-        )
+        keep = step_keep(steps, float(unit.start), float(unit.end), unit.rule)
+        if not any(keep):
+            msg = no_step_message(name, steps, float(unit.start), float(unit.end), unit.rule)
+            if note is not None:
+                note(msg)
+            else:
+                warnings.warn(msg, stacklevel=2)
+                log.warning(msg)
+        prepared.append(PreparedUnit(net, img.to(device=device, dtype=net.dtype), float(unit.scale), keep))
     return ControlledUNet(unet, prepared, guess_mode=guess_mode)
 
 
@@ -425,8 +456,10 @@ __all__ = [
     "ControlledUNet",
     "GraphedControlledUNet",
     "PreparedUnit",
+    "STEP_RULES",
     "build_controlled_unet",
     "check_unit_settings",
     "control_image_tensor",
+    "no_step_message",
     "step_keep",
 ]

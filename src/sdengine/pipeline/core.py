@@ -15,6 +15,7 @@ separate sub-batches, so every row equals the same row generated alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from collections.abc import Mapping, Sequence
@@ -608,6 +609,8 @@ class Pipeline:
                 )
             )
         for i, row in enumerate(rows):
+            if self.pads_conds(p.prompts[i], p.negatives[i], int(request.steps), float(request.cfg_scale)):
+                row["Pad conds"] = True  # what A1111 writes when its "Pad prompt/negative prompt" padded
             if p.subseeds is not None:  # A1111's names, read back by sdengine.metadata.to_generate_kwargs
                 row.update(
                     {"Variation seed": p.subseeds[i], "Variation seed strength": float(request.subseed_strength)}
@@ -652,8 +655,9 @@ class Pipeline:
         note = lambda t: _note(p.notes, t)  # noqa: E731
         from sdengine.pipeline.prompt_editing import first_conditioning, row_schedules
 
+        negatives = self.encoded_negatives(p)
         schedules = row_schedules(
-            self.conditioner, p.prompts, p.negatives, int(r.steps), clip_skip=r.clip_skip, note=note
+            self.conditioner, p.prompts, negatives, int(r.steps), clip_skip=r.clip_skip, note=note
         )
         if schedules is not None:  # prompt editing: each row's texts switch per step (A1111's [a:b:when], [a|b])
             by_length: dict[int, list[int]] = {}
@@ -668,21 +672,48 @@ class Pipeline:
                     done[i] = latents[j : j + 1]
             return torch.cat([t for t in done if t is not None])
         pairs: dict[tuple[str, str], tuple[Conditioning, Conditioning]] = {}
-        for key in zip(p.prompts, p.negatives, strict=True):
+        for key in zip(p.prompts, negatives, strict=True):
             if key not in pairs:
                 pairs[key] = self.conditioning_pair(key[0], key[1], p, note)
         groups: dict[int, list[int]] = {}
-        for i, key in enumerate(zip(p.prompts, p.negatives, strict=True)):
+        for i, key in enumerate(zip(p.prompts, negatives, strict=True)):
             groups.setdefault(int(pairs[key][0]["crossattn"].shape[1]), []).append(i)
         out: list[Tensor | None] = [None] * len(p.seeds)
         for rows in groups.values():
-            keys = [(p.prompts[i], p.negatives[i]) for i in rows]
+            keys = [(p.prompts[i], negatives[i]) for i in rows]
             cond = cat_conditioning([pairs[k][0] for k in keys])
             uncond = cat_conditioning([pairs[k][1] for k in keys])
             latents = self._sample_rows(p, rows, cond, uncond, None if init_latent is None else init_latent[rows])
             for j, i in enumerate(rows):
                 out[i] = latents[j : j + 1]
         return torch.cat([t for t in out if t is not None])
+
+    def pads_conds(self, prompt: str, negative: str, steps: int, cfg_scale: float) -> bool:
+        """Whether a row's prompt and negative prompt states were of different chunk counts, so that the
+        shorter was padded with the empty prompt's chunks (each counted at its longest over the prompt-editing
+        schedule, as A1111 encodes a schedule's texts together). That is A1111's "Pad prompt/negative prompt"
+        option, which A1111 records as "Pad conds: True" when it padded; without it A1111 runs the two
+        halves unpadded, another image. CLIP models only (MiniLM has one fixed length; SDXL pads an empty
+        negative with zeros, which A1111 does not), and never at cfg_scale 1 (no negative is encoded)."""
+        conditioner: Any = self.conditioner
+        if cfg_scale == 1.0 or getattr(conditioner, "kind", None) != "clip":
+            return False
+        from sdengine.prompts import extract_lora_tags, prompt_chunks
+        from sdengine.text.schedule import prompt_schedule
+
+        def chunks(text: str) -> int:
+            plain, _ = extract_lora_tags(text)
+            texts = [t for _, t in prompt_schedule(plain, steps)]
+            pad = conditioner.pad_token_id
+            return max(len(prompt_chunks(conditioner.tokenizer, t, pad_token_id=pad)) for t in texts)
+
+        return chunks(prompt) != chunks(negative)
+
+    def encoded_negatives(self, p: Prepared) -> list[str]:
+        """The negative prompts the call encodes: its own, except at ``cfg_scale`` 1, where guidance runs no
+        unconditional pass (CFGDenoiser) and the negative must not touch the image; a long one once padded
+        the prompt's states to its length. Empty then, as diffusers, ComfyUI and A1111 ignore it."""
+        return list(p.negatives) if float(p.request.cfg_scale) != 1.0 else [""] * len(p.negatives)
 
     def conditioning_pair(
         self, prompt: str, negative: str, p: Prepared, note: Any
@@ -752,6 +783,7 @@ class Pipeline:
                 dtype=self.dtype,
                 start_step=first,
                 resize_mode=resize_mode_name(r.resize_mode),
+                note=lambda t: _note(p.notes, t) if t not in p.notes else None,
             )
             if self.graphed("unet") is not None:  # CUDA graphs on, the U-Net unhooked: the controlled step too
                 graphed_control = GraphedControlledUNet(net, **self._graph_opts)
@@ -958,11 +990,11 @@ def _rows_of(unit: ControlUnit, rows: list[int], n: int) -> ControlUnit:
     if isinstance(image, list | tuple):
         if len(image) != n:
             raise GenerationError(f"a ControlNet has {len(image)} control images for {n} rows")
-        return ControlUnit(unit.model, [image[i] for i in rows], unit.scale, unit.start, unit.end)
+        return dataclasses.replace(unit, image=[image[i] for i in rows])
     if isinstance(image, Tensor) and image.ndim == 4 and image.shape[0] > 1:
         if image.shape[0] != n:
             raise GenerationError(f"a ControlNet has {image.shape[0]} control images for {n} rows")
-        return ControlUnit(unit.model, image[rows], unit.scale, unit.start, unit.end)
+        return dataclasses.replace(unit, image=image[rows])
     return unit
 
 

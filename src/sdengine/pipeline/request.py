@@ -168,13 +168,16 @@ class GenerationRequest:
         return _per_row(self.negative_prompt, self.n_rows)
 
     def seeds(self) -> list[int]:
-        """One seed per row; a random one is drawn for None / -1 (call once and keep the answer)."""
+        """One seed per row: ``seed + i``, or ``seed`` for every row when variation seeds are on
+        (``subseed_strength`` not 0: A1111's rule, so that a batch is variations of one image, each row's own
+        variation seed ``subseed + i``); a random one is drawn for None / -1 (call once and keep the answer)."""
         if _is_list(self.seed):
             return [int(s) for s in self.seed]  # type: ignore[union-attr]
         seed = self.seed
         if seed is None or int(seed) == -1:  # type: ignore[arg-type]
             seed = secrets.randbelow(2**32)
-        return [int(seed) + i for i in range(self.n_rows)]  # type: ignore[arg-type]
+        step = 0 if self.subseed_strength else 1
+        return [int(seed) + i * step for i in range(self.n_rows)]  # type: ignore[arg-type]
 
     def subseeds(self) -> list[int] | None:
         """One variation seed per row (``subseed + i``), None when ``subseed_strength`` is 0; a random one

@@ -126,7 +126,7 @@ class SDXLPipeline(Pipeline):
             raise GenerationError(f"switch_at {switch_at} leaves no steps for the {'base' if k == 0 else 'refiner'}")
         images = []
         with torch.inference_mode():
-            for prompt_i, negative_i, seed in zip(p.prompts, p.negatives, p.seeds, strict=True):
+            for prompt_i, negative_i, seed in zip(p.prompts, self.encoded_negatives(p), p.seeds, strict=True):
                 note = lambda t: p.notes.append(t)  # noqa: E731
                 cond, uncond = self.conditioning_pair(prompt_i, negative_i, p, note)
                 r_cond, r_uncond = refiner.conditioning_pair(prompt_i, negative_i, p_ref, note)

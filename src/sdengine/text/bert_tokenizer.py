@@ -79,6 +79,7 @@ class BertTokenizer:
         self.pad_token_id = self._special_id(tokenizer_json, "[PAD]")
         self.cls_token_id = self._special_id(tokenizer_json, "[CLS]")
         self.sep_token_id = self._special_id(tokenizer_json, "[SEP]")
+        self.unk_token_id: int | None = self._backend.token_to_id("[UNK]")
 
     def _special_id(self, tokenizer_json: str | Path, token: str) -> int:
         token_id = self._backend.token_to_id(token)
@@ -98,6 +99,15 @@ class BertTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Ids of ``text`` (``[CLS] ... [SEP]`` unless ``add_special_tokens`` is False), untruncated."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` the vocabulary cannot spell (each read as one ``[UNK]``: emoji, most symbols),
+        in order, each once."""
+        if self.unk_token_id is None:
+            return []
+        enc = self._backend.encode(text, add_special_tokens=False)
+        found = [text[a:b] for i, (a, b) in zip(enc.ids, enc.offsets, strict=True) if i == self.unk_token_id]
+        return list(dict.fromkeys(found))
 
     def __call__(self, texts: str | Sequence[str], max_length: int | None = MINILM_MAX_LENGTH) -> BertBatch:
         """Batch of texts, each truncated to ``max_length`` ids (special tokens included, the

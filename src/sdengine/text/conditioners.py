@@ -172,6 +172,14 @@ class MiniLMConditioner:
             )
         if had_break:
             note(f"BREAK in the {what} was read as a space: {self.name} has one {length}-token context")
+        unknown_words = getattr(self.encoder.tokenizer, "unknown_words", None)
+        unknown = unknown_words(text) if unknown_words is not None else []
+        if unknown:
+            shown = ", ".join(repr(w) for w in unknown[:8]) + (", ..." if len(unknown) > 8 else "")
+            note(
+                f"the {what} has words {self.name}'s text encoder (MiniLM) cannot spell, each read as the "
+                f"unknown token [UNK]: {shown}"
+            )
         return z.to(self.dtype)
 
     def vectors(self, texts: Sequence[str]) -> Tensor:

@@ -737,13 +737,19 @@ def image_scale(
 
 
 def canny_node(ctx: RunContext, image: torch.Tensor, low_threshold: float, high_threshold: float) -> tuple[Any]:
-    from sdengine.control import ControlNetError, canny
+    """ComfyUI's Canny: ``kornia.filters.canny`` on the float image (a 5x5 Gaussian blur of sigma 1 first; the
+    thresholds on the L2 Sobel magnitude), white edges on black (see sdengine.control.canny_fractions)."""
+    from sdengine.control import ControlNetError, canny_fractions
 
     try:
-        out = [image_to_tensor(canny(p, low_threshold * 255, high_threshold * 255)) for p in tensor_to_pil(image)]
+        rows = [
+            canny_fractions(a, float(low_threshold), float(high_threshold))
+            for a in image.float().clamp(0, 1).cpu().numpy()
+        ]
     except ControlNetError as e:
         raise NodeError(str(e)) from None
-    return (torch.cat(out),)
+    edges = torch.from_numpy(np.stack(rows).astype(np.float32))  # (B, H, W), 0 or 1
+    return (edges[..., None].expand(-1, -1, -1, 3).contiguous(),)
 
 
 def load_image(ctx: RunContext, image: str) -> tuple[Any, ...]:
@@ -1023,6 +1029,11 @@ NODES: dict[str, NodeDef] = {
             ),
             ("IMAGE",),
             canny_node,
+            description=(
+                "Canny edges as ComfyUI's node (kornia.filters.canny): a 5x5 Gaussian blur (sigma 1), then the "
+                "thresholds on the unnormalised Sobel gradient magnitude (0 to 4) of the blurred grey image in 0..1, "
+                "8-connected hysteresis; white edges on black."
+            ),
         ),
         NodeDef(
             "SaveImage",
