@@ -704,3 +704,18 @@ def test_infotext_fills_the_fields_not_sent(api):
     body = {"infotext": "a\nSteps: 3, Sampler: Nope, CFG scale: 7", **COMMON}
     bad = httpx.post(f"{api.baseurl}/txt2img", json=body, timeout=30)
     assert bad.status_code == 400 and "infotext" in bad.text and "Nope" in bad.text, bad.text
+
+
+def test_eta_is_the_samplers_option_where_it_takes_one(api):
+    """A1111's eta (once listed as ignored): the option of the samplers that take one (Euler a, DDIM, the SDE
+    ones); with one that has none (Euler) it changes nothing, in A1111 too, and is not listed."""
+    kw = {"schedule": "karras", "progress": False, **COMMON}
+    body = {"prompt": "a cat", "seed": 6, "scheduler": "Karras", **COMMON}
+    r = api.custom_post("txt2img", {**body, "sampler_name": "Euler a", "eta": 0.3}, baseurl=True)
+    want = emoji()("a cat", seed=6, sampler="euler_a", sampler_options={"eta": 0.3}, **kw)
+    plain = emoji()("a cat", seed=6, sampler="euler_a", **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert not np.array_equal(arr(want.images[0]), arr(plain.images[0])) and r.info["ignored"] == []
+    r = api.custom_post("txt2img", {**body, "sampler_name": "Euler", "eta": 0.3}, baseurl=True)
+    np.testing.assert_array_equal(arr(r.image), arr(emoji()("a cat", seed=6, sampler="euler", **kw).images[0]))
+    assert r.info["ignored"] == []

@@ -66,7 +66,6 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "comments": (None, {}),
     "sampler_index": None,
     "include_init_images": None,
-    "eta": (None, 1, 1.0),
     "inpainting_fill": (0, 1, None),  # "fill" and "original" are done; 2 and 3 are listed (with a mask)
     "latent_mask": (None,),
     "infotext": None,  # read (apply_infotext)
@@ -117,6 +116,37 @@ def a1111_sampler(name: Any) -> Any:
 
 
 SAME_SCHEDULER = (None, "", "Use same scheduler")
+
+
+def eta_option(body: dict[str, Any], sampler: Any, schedule: Any, ignored: list[str]) -> dict[str, float] | None:
+    """A1111's ``eta`` as the sampler's option where the sampler takes one (its ancestral and SDE samplers,
+    DDIM); with a sampler that has none it changes nothing in A1111 either. With the hires fix, a second-pass
+    sampler without one makes it listed as ignored (sdengine gives both passes the same options)."""
+    eta = body.get("eta")
+    if eta is None:
+        return None
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta) or not 0 <= eta <= 10:
+        raise BadRequest(f"eta must be a number in [0, 10], got {eta!r}")
+    from sdengine.diffusion import sampling
+
+    try:
+        name, _ = sampling.resolve(sampler, schedule)
+    except (ValueError, TypeError):
+        return None  # the build names the bad sampler
+    if "eta" not in sampling.sampler_option_names(name):
+        return None
+    hr = body.get("hr_sampler_name")
+    if body.get("enable_hr") and hr not in SAME_SAMPLER:
+        try:
+            hr_name, _ = sampling.resolve(a1111_sampler(hr), None)
+        except (ValueError, TypeError):
+            return None
+        if "eta" not in sampling.sampler_option_names(hr_name):
+            ignored.append("eta")
+            return None
+    return {"eta": float(eta)}
+
+
 USED = {
     "prompt",
     "negative_prompt",
@@ -143,6 +173,7 @@ USED = {
     "subseed_strength",
     "resize_mode",
     "disable_extra_networks",
+    "eta",
 }
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network tag (<lora:...>, <hypernet:...>)
 # The unit keys read above, and the extension's keys that do not change the image.
@@ -740,6 +771,8 @@ def install(app: FastAPI, services: Any) -> None:
         mode = image_mode if image_mode is not None else (resizes[0][1] if resizes else 0)
         ignored.extend(f"controlnet.args[{k}].resize_mode" for k, m in resizes if m != mode)
         sub_strength = body.get("subseed_strength") or 0.0
+        sampler = a1111_sampler(req.sampler_name or req.sampler_index or "Euler")
+        sampler_options = eta_option(body, sampler, req.scheduler, ignored)
         prompt = req.prompt
         if body.get("disable_extra_networks"):  # A1111 takes the tags out of the prompt and applies none
             prompt = EXTRA_NETWORK.sub("", prompt) if isinstance(prompt, str) else prompt
@@ -748,7 +781,8 @@ def install(app: FastAPI, services: Any) -> None:
             prompt=prompt,
             negative_prompt=req.negative_prompt,
             steps=req.steps,
-            sampler=a1111_sampler(req.sampler_name or req.sampler_index or "Euler"),
+            sampler=sampler,
+            sampler_options=sampler_options,
             schedule=req.scheduler,
             cfg_scale=req.cfg_scale,
             seed=req.seed,

@@ -112,6 +112,7 @@ def build_generation(
     subseed_strength: float = 0.0,
     same_seed: bool = False,
     resize_mode: str | int = 0,
+    sampler_options: dict[str, float] | None = None,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run."""
     from sdengine.prompts import extract_lora_tags
@@ -226,6 +227,8 @@ def build_generation(
         kwargs["vae_decode"] = vae_decode
     if vae_encode != "full":
         kwargs["vae_encode"] = vae_encode
+    if sampler_options:  # the sampler's keyword options (eta); checked against the sampler by the pipeline
+        kwargs["sampler_options"] = {k: _finite(v, k, 0.0, 10.0) for k, v in sampler_options.items()}
     if subseed_strength:  # left out at 0 (the seed's image), so that such jobs batch as before
         kwargs.update(subseed=subseed, subseed_strength=subseed_strength)
         if same_seed:
