@@ -565,6 +565,9 @@ def test_only_masked_inpainting_and_fill_as_a1111(api):
     want = emoji()("a ball", seed=3, init_image=init, strength=0.8, **kw)
     np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
     assert any("the mask is empty" in n for n in r.info["notes"])
+    body = {"init_images": [webuiapi.raw_b64_img(init)], "mask": webuiapi.raw_b64_img(mask), "prompt": "a", **COMMON}
+    bad = httpx.post(f"{api.baseurl}/img2img", json={**body, "inpaint_full_res": True, "inpaint_full_res_padding": -3})
+    assert bad.status_code == 400 and "inpaint_full_res_padding must be an integer in [0, 4096]" in bad.text
 
 
 def test_extra_batch_images_and_interrogate(api):
@@ -612,6 +615,10 @@ def test_controlnet_processor_res_thresholds_and_unit_mask(api):
     unit.mask = Image.new("L", (64, 64), 255)
     r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **COMMON)
     assert r.info["ignored"] == ["controlnet.args[0].mask"]
+    unit.processor_res = 5000
+    body = {"prompt": "a", "alwayson_scripts": {"controlnet": {"args": [unit.to_dict()]}}, **COMMON}
+    bad = httpx.post(f"{api.baseurl}/txt2img", json=body, timeout=30)
+    assert bad.status_code == 400 and "processor_res must be an integer in [64, 2048] or -1" in bad.text
 
 
 def test_a_units_hires_option_other_than_both_is_listed(api):
@@ -719,3 +726,5 @@ def test_eta_is_the_samplers_option_where_it_takes_one(api):
     r = api.custom_post("txt2img", {**body, "sampler_name": "Euler", "eta": 0.3}, baseurl=True)
     np.testing.assert_array_equal(arr(r.image), arr(emoji()("a cat", seed=6, sampler="euler", **kw).images[0]))
     assert r.info["ignored"] == []
+    bad = httpx.post(f"{api.baseurl}/txt2img", json={**body, "sampler_name": "Euler a", "eta": 50}, timeout=30)
+    assert bad.status_code == 400 and "eta must be a number in [0, 10]" in bad.text
