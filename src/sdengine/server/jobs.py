@@ -609,13 +609,16 @@ class Worker(threading.Thread):
         except (SdengineError, OSError, ValueError) as e:
             m.finish(job, FAILED, f"cannot load model {g.model_name!r}: {e}")
             return
-        base_seed = int(g.kwargs["seed"])
+        seeds = g.kwargs["seed"]  # a list: one seed per row, the same for every iteration (A1111's variations)
         batch = int(g.kwargs["batch_size"])
+        subseed = g.kwargs.get("subseed")
         done_steps = 0
         for it in range(g.n_iter):
             if job.cancel.is_set():
                 break
-            kwargs = dict(g.kwargs, seed=base_seed + it * batch)
+            kwargs = dict(g.kwargs, seed=seeds if isinstance(seeds, list) else int(seeds) + it * batch)
+            if subseed is not None:  # the variation seeds continue over the iterations, as the seeds do
+                kwargs["subseed"] = int(subseed) + it * batch
             run_steps = [0]
             previewer = LatentPreviewer(m.preview_rgb(pipe))
 

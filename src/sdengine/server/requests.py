@@ -120,6 +120,11 @@ def build_generation(
     hires: dict[str, Any] | None = None,
     vae_decode: str = "full",
     vae_encode: str = "full",
+    subseed: int | None = None,
+    subseed_strength: float = 0.0,
+    same_seed: bool = False,
+    resize_mode: str | int = 0,
+    sampler_options: dict[str, float] | None = None,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run."""
     from sdengine.prompts import extract_lora_tags
@@ -143,6 +148,14 @@ def build_generation(
     if seed is None or seed == -1:
         seed = secrets.randbelow(2**32)
     seed = _integer(seed, "seed", 0, MAX_SEED)
+    # A variation seed (A1111's subseed): drawn here when random, so that the answer can name it; row k of
+    # all batch_size x n_iter images uses subseed + k. same_seed: every image has the one seed (A1111's rule
+    # with a variation strength above 0), else seed + k.
+    subseed_strength = _finite(subseed_strength, "subseed_strength", 0.0, 1.0)
+    if subseed_strength:
+        if subseed is None or subseed == -1:
+            subseed = secrets.randbelow(2**32)
+        subseed = _integer(subseed, "subseed", 0, MAX_SEED - batch_size * n_iter)
     if not isinstance(sampler, str) or not (schedule is None or isinstance(schedule, str)):
         raise BadRequest("sampler and schedule must be names")
     try:
@@ -226,6 +239,14 @@ def build_generation(
         kwargs["vae_decode"] = vae_decode
     if vae_encode != "full":
         kwargs["vae_encode"] = vae_encode
+    if sampler_options:  # the sampler's keyword options (eta); checked against the sampler by the pipeline
+        kwargs["sampler_options"] = {k: _finite(v, k, 0.0, 10.0) for k, v in sampler_options.items()}
+    if subseed_strength:  # left out at 0 (the seed's image), so that such jobs batch as before
+        kwargs.update(subseed=subseed, subseed_strength=subseed_strength)
+        if same_seed:
+            kwargs["seed"] = [seed] * batch_size
+    if resize_mode not in (0, "just resize"):
+        kwargs["resize_mode"] = resize_mode  # checked by GenerationRequest.validate below
     if hires is not None:
         kwargs.update(_hires_fields(config, hires, width, height), enable_hr=True)
     # The pipeline's own request object checks what it can without the model (GenerationError -> 400), so
