@@ -487,6 +487,35 @@ def test_from_png_of_a_controlnet_image_reuses_the_controlnet_by_name(tmp_path, 
     assert Image.open(redo).info["parameters"] == text
 
 
+def test_from_png_reads_the_controlnet_step_rule(tmp_path, capsys):
+    from sdengine.metadata import save_png
+
+    edges, made = _controlnet_png(tmp_path)
+    text = Image.open(made).info["parameters"]
+    assert "Guidance End: 1" in text and "ControlNet step rule" not in text  # diffusers' rule: not written
+    # an image of the A1111 API (the extension's rule, step i when start <= i/steps <= end): end 0.6 of 2 steps
+    # controls both steps there, only the first by diffusers' rule
+    ends = text.replace("Guidance End: 1", "Guidance End: 0.6")
+    made_by = {"a1111": ends + ", ControlNet step rule: a1111", "diffusers": ends}
+    images = {}
+    for rule, infotext in made_by.items():
+        png = tmp_path / f"{rule}.png"
+        save_png(Image.open(made), png, infotext)
+        assert _generate("--from-png", str(png), "--control", f"canny:{edges}", "--out", str(tmp_path / rule)) == 0
+        with Image.open(tmp_path / rule / "00000-4.png") as im:
+            images[rule] = np.asarray(im.convert("RGB")).astype(int)
+            assert ("ControlNet step rule: a1111" in im.info["parameters"]) == (rule == "a1111")
+    assert np.abs(images["a1111"] - images["diffusers"]).max() > 0
+    capsys.readouterr()
+    # a rule list that does not match the ControlNets: one line, nothing written
+    bad = tmp_path / "bad.png"
+    save_png(Image.open(made), bad, ends + ', ControlNet step rule: "a1111,diffusers"')
+    assert _generate("--from-png", str(bad), "--control", f"canny:{edges}", "--out", str(tmp_path / "b")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ControlNet step rule" in err[0], err
+    assert not (tmp_path / "b").exists()
+
+
 def test_from_png_controlnet_by_folder_and_hash(tmp_path, capsys):
     import shutil
 

@@ -17,6 +17,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from _emoji_models import make_tiny_emoji_folder
 from _live_server import live_server, server_config, shared_loader
+from sdengine.pipeline import ControlUnit
 from sdengine.pipeline.latents import blur_mask
 from sdengine.server.catalog import BUILTIN_CONTROLNETS
 
@@ -152,16 +153,18 @@ def test_controlnet_unit_and_empty_args(api):
     # alwayson_scripts={} given: webuiapi adds the units to its mutable default dict otherwise (its bug)
     r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **COMMON)
     path = BUILTIN_CONTROLNETS["emoji-controlnet-canny"]
-    ref = emoji()(
-        "a star",
-        seed=9,
-        controlnets=[(path, control, 0.8, 0.0, 0.7)],
-        sampler="dpmpp_2m",
-        schedule="karras",
-        progress=False,
-        **COMMON,
-    )
+
+    def reference(rule: str):
+        unit = ControlUnit(path, control, 0.8, 0.0, 0.7, rule=rule)
+        kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, **COMMON}
+        return emoji()("a star", seed=9, controlnets=[unit], **kw)
+
+    # the extension's step rule (step i when start <= i/steps <= end): end 0.7 of 3 steps controls all three,
+    # where diffusers' rule ((i+1)/steps <= end) leaves the last one out
+    ref = reference("a1111")
     np.testing.assert_array_equal(arr(r.image), arr(ref.images[0]))
+    assert np.abs(arr(r.image).astype(int) - arr(reference("diffusers").images[0]).astype(int)).max() > 0
+    assert "ControlNet step rule: a1111" in r.info["infotexts"][0]
     plain = api.txt2img(prompt="a star", seed=9, alwayson_scripts={"ControlNet": {"args": []}}, **COMMON)
     ref = emoji()("a star", seed=9, sampler="dpmpp_2m", schedule="karras", progress=False, **COMMON)
     np.testing.assert_array_equal(arr(plain.image), arr(ref.images[0]))

@@ -28,6 +28,7 @@ Differences from A1111, on purpose:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -405,7 +406,9 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
     }
     if options:
         used |= {"Eta", "Eta DDIM"}
-    # "ControlNet N" fields are the caller's: they need the control image (see recorded_controlnets)
+    # "ControlNet N" fields (and their step rule) are the caller's: they need the control image (see
+    # recorded_controlnets)
+    used.add("ControlNet step rule")
     ignored = [k for k in parsed if k not in used and k not in _DESCRIPTIVE_FIELDS and not _RE_CONTROLNET.match(k)]
     if ignored:
         log.warning("infotext fields not reproduced by sdengine (the image may differ): %s", ", ".join(ignored))
@@ -525,11 +528,13 @@ class RecordedControlNet:
     start: float
     end: float
     module: str | None
+    rule: str = "diffusers"  # how start/end pick the steps: sdengine's "ControlNet step rule" field, else diffusers'
 
 
 def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
     """The ControlNets an infotext records (sdengine's and A1111's ``ControlNet N: "Model: ..., Weight: ...``
-    fields), in their order. A field without a model, or with a bad number, is a MetadataError."""
+    fields), in their order, with the step rule of sdengine's ``ControlNet step rule`` field (one rule, or one
+    per ControlNet). A field without a model, a bad number, or a rule list of another length is a MetadataError."""
     out: list[tuple[int, RecordedControlNet]] = []
     for key, value in parsed.items():
         m = _RE_CONTROLNET.match(key)
@@ -548,7 +553,16 @@ def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
         except ValueError:
             raise MetadataError(f"{key}: a weight or guidance value is not a number in {value!r}") from None
         out.append((int(m.group(1) or 0), RecordedControlNet(name, digest, weight, start, end, fields.get("Module"))))
-    return [r for _, r in sorted(out, key=lambda t: t[0])]
+    units = [r for _, r in sorted(out, key=lambda t: t[0])]
+    text = parsed.get("ControlNet step rule")
+    if text is None or not units:
+        return units
+    rules = [r.strip() for r in text.split(",")]
+    if len(rules) == 1:
+        rules *= len(units)
+    if len(rules) != len(units):
+        raise MetadataError(f"ControlNet step rule: {text!r} names {len(rules)} rules for {len(units)} ControlNets")
+    return [dataclasses.replace(u, rule=r) for u, r in zip(units, rules, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------- files

@@ -296,7 +296,9 @@ def _controlnets_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list
     ]
     units = control_units_from_cli(a.control, models)
     return [
-        u if _spec_has_numbers(text) else dataclasses.replace(u, scale=r.weight, start=r.start, end=r.end)
+        dataclasses.replace(u, rule=r.rule)
+        if _spec_has_numbers(text)
+        else dataclasses.replace(u, scale=r.weight, start=r.start, end=r.end, rule=r.rule)
         for u, r, text in zip(units, recorded, a.control, strict=True)
     ]
 

@@ -131,6 +131,9 @@ def call_parameters(
         params["Mask blur"] = mask_blur
     for k, unit in enumerate(controlnets):
         params[f"ControlNet {k}"] = unit.infotext()
+    if any(unit.rule != "diffusers" for unit in controlnets):  # sdengine's field, read back by --from-png:
+        # A1111's ControlNet extension counts start/end its own way (pipeline.control.step_keep), one per unit
+        params["ControlNet step rule"] = ",".join(unit.rule for unit in controlnets)
     # sdengine's fields for what changes the image and A1111 does not write (read back by --from-png)
     if resize_mode is not None:
         from sdengine.io.resize import RESIZE_MODES, resize_mode_name

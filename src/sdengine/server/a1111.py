@@ -659,6 +659,7 @@ def control_units(
                 end=_num(u.get("guidance_end", 1.0), "guidance_end"),
                 preprocessor=MODULES[module],
                 options=options,
+                rule="a1111",  # the extension's guidance_schedule_handler: step i when start <= i/steps <= end
             )
         )
     return units, guess, resizes, processor_res

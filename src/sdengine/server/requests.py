@@ -12,6 +12,7 @@ that a job that reaches the queue only fails for reasons found while generating.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ class ControlRequest:
     end: float = 1.0
     preprocessor: str = "none"
     options: dict[str, float] = field(default_factory=dict)  # preprocessor options (canny: low, high)
+    rule: str = "diffusers"  # how start/end pick the steps (pipeline.control.STEP_RULES); A1111's routes: "a1111"
 
 
 @dataclass
@@ -69,7 +71,7 @@ class Generation:
                 self.kwargs[key] = None
         units = self.kwargs.get("controlnets")
         if units:
-            self.kwargs["controlnets"] = [(u[0], None, *u[2:]) for u in units]
+            self.kwargs["controlnets"] = [dataclasses.replace(u, image=None) for u in units]
         self.finish = None
 
 
@@ -194,6 +196,8 @@ def build_generation(
     if init is not None and strength <= 0:
         raise BadRequest("strength must be > 0 for img2img")
 
+    from sdengine.pipeline.control import ControlUnit  # torch: imported when a request is built, not with the routes
+
     units = []
     if len(controlnets) > 4:
         raise BadRequest("at most 4 ControlNet units per request")
@@ -203,12 +207,13 @@ def build_generation(
         assert control is not None
         control = _preprocess(unit.preprocessor, ImageOps.exif_transpose(control).convert("RGB"), unit.options, k)
         units.append(
-            (
+            ControlUnit(
                 str(path),
                 control,
                 _finite(unit.weight, f"ControlNet unit {k} weight", 0.0, 2.0),
                 _finite(unit.start, f"ControlNet unit {k} start", 0.0, 1.0),
                 _finite(unit.end, f"ControlNet unit {k} end", 0.0, 1.0),
+                unit.rule,
             )
         )
 
