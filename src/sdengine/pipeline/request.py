@@ -145,7 +145,7 @@ class GenerationRequest:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "callback"}
         if self.controlnets is not None:
             out["controlnets"] = [
-                {"model": u.model, "image": u.image, "scale": u.scale, "start": u.start, "end": u.end}
+                {"model": u.model, "image": u.image, "scale": u.scale, "start": u.start, "end": u.end, "rule": u.rule}
                 for u in self.control_units()
             ]  # the same image objects, not copies
         return out
