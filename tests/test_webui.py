@@ -683,3 +683,27 @@ def test_bad_controlnet_thresholds_and_a_bad_init_file_are_shown_at_their_fields
     page.set_input_files("#init-file", str(bad))
     page.wait_for_function("document.querySelector('#err-init_image').textContent.length > 0")
     assert "not an image" in page.text_content("#err-init_image") and not page.is_visible("#init-stage")
+
+
+def test_a_page_opened_while_the_server_is_away_loads_when_it_answers(browser, server):
+    """A page opened while the server was down (or restarting) once stayed without its model and sampler lists
+    after the server came back, and Generate sent an empty sampler ("unknown sampler ''"). Now it says that it
+    is not connected, asks again every 2 s, and works once the server answers."""
+    ctx = browser.new_context()
+    pg = ctx.new_page()
+    pg.set_default_timeout(WAIT_MS)
+    away = {"on": True}
+    posted: list[str] = []
+    pg.on("request", lambda r: posted.append(r.url) if r.method == "POST" else None)
+    pg.route("**/v1/**", lambda route: route.abort() if away["on"] else route.continue_())
+    pg.goto(server.url + "/")
+    pg.wait_for_function("document.querySelector('#err-general').textContent.includes('trying again')", timeout=10_000)
+    assert "cannot reach the server" in pg.text_content("#err-general")
+    pg.fill("#prompt", "a red apple")
+    pg.click("#generate")
+    assert "not connected" in pg.text_content("#err-general") and posted == []  # nothing sent
+    away["on"] = False
+    pg.wait_for_selector("body[data-ready=true]", timeout=10_000)
+    assert pg.input_value("#model") == "emoji" and pg.input_value("#sampler") == "dpmpp_2m"
+    assert pg.text_content("#err-general") == "" and pg.input_value("#prompt") == "a red apple"
+    ctx.close()

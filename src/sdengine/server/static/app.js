@@ -10,6 +10,7 @@ const $ = (id) => document.getElementById(id);
 const SETTINGS_KEY = "sdengine.settings.v1";
 const API_KEY = "sdengine.apiKey";
 const GALLERY_PAGE = 12;
+const READY_RETRY_MS = 2000; // a page opened while the server was away asks for its lists again this often
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
   "height", "batch_size", "clip_skip", "vae_decode", "vae_encode", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
   "cn-weight", "cn-start", "cn-end"];
@@ -575,6 +576,10 @@ async function followJob(id) {
 async function generate() {
   if (state.running) return;
   clearErrors();
+  if (document.body.dataset.ready !== "true") {
+    showError("general", "not connected: the page has not got the server's models and samplers yet");
+    return;
+  }
   for (const id of ["width", "height"]) snap($(id));
   saveSettings();
   setRunning(true);
@@ -859,7 +864,12 @@ function fitDecoder() {
   }
 }
 
+let readyRetry = null;
+let readyFailed = false;
+
 async function ready() {
+  clearTimeout(readyRetry);
+  readyRetry = null;
   try {
     await loadPickers();
     restoreSettings();
@@ -868,9 +878,19 @@ async function ready() {
     updateMode();
     document.body.dataset.ready = "true";
   } catch (e) {
-    showApiError(e);
+    if (e instanceof ApiError && e.status === 0) {
+      // The server is down or restarting: ask again until it answers (the page once stayed without its
+      // model and sampler lists, and Generate sent an empty sampler).
+      showError("general", `${e.message}; trying again every ${READY_RETRY_MS / 1000} s`);
+      readyRetry = setTimeout(ready, READY_RETRY_MS);
+      readyFailed = true;
+    } else {
+      showApiError(e);
+    }
     return;
   }
+  if (readyFailed) clearErrors(); // the "cannot reach" and "not connected" messages are over
+  readyFailed = false;
   loadGallery(0);
   resumeJob();
 }
