@@ -122,7 +122,7 @@ def shown_errors(pg) -> dict[str, str]:
 def wait_result(pg) -> str:
     """Wait (bounded) until the job is finished; the parameters shown under the result image."""
     pg.wait_for_function(
-        "/^(Done|Failed|Cancelled|Not started)/.test(document.querySelector('#progress-text').textContent)"
+        "/^(Done|Failed|Cancelled|Not started|Lost|Stopped)/.test(document.querySelector('#progress-text').textContent)"
     )
     state = pg.text_content("#progress-text")
     assert state.startswith("Done"), (state, shown_errors(pg))
@@ -707,3 +707,22 @@ def test_a_page_opened_while_the_server_is_away_loads_when_it_answers(browser, s
     assert pg.input_value("#model") == "emoji" and pg.input_value("#sampler") == "dpmpp_2m"
     assert pg.text_content("#err-general") == "" and pg.input_value("#prompt") == "a red apple"
     ctx.close()
+
+
+def test_an_event_stream_error_is_not_a_lost_job(page):
+    """A 5xx on the job's event stream (a proxy's 502/504) once made the page say "Lost the connection" and drop
+    a job the server was running; an image that could not be fetched after the job was done was said the same.
+    Now the page asks for the job instead and shows its result, and a done job whose image is missing says so."""
+    page.route("**/v1/jobs/*/events", lambda route: route.fulfill(status=502, body="Bad Gateway"))
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "2")
+    page.fill("#seed", "5")
+    page.click("#generate")
+    assert "Seed: 5" in wait_result(page)
+    page.unroute("**/v1/jobs/*/events")
+    page.route("**/v1/images/**", lambda route: route.fulfill(status=404, json={"detail": "no such image"}))
+    page.click("#generate")
+    page.wait_for_function("/^(Done|Lost|Stopped)/.test(document.querySelector('#progress-text').textContent)")
+    assert page.text_content("#progress-text") == "Done, but its images could not be shown"
+    assert page.text_content("#err-general") == "no such image" and page.is_enabled("#generate")
+    page.unroute("**/v1/images/**")

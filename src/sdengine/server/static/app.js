@@ -21,7 +21,7 @@ const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras
 
 const state = {
   samplers: [], sizes: {}, loras: [], tiny: {}, tinyEncoder: {}, model: null, lastSeed: null, jobId: null, running: false,
-  cancelAsked: false,
+  cancelAsked: false, jobDone: false,
   initBlob: null, controlBlob: null, galleryOffset: 0, galleryTotal: 0, resultUrls: [], galleryUrls: [],
 };
 
@@ -551,7 +551,9 @@ async function followJob(id) {
       }
     }
   } catch (e) {
-    if (e instanceof ApiError && e.status !== 0) throw e;
+    // A refused key or a job the server no longer has ends here; a stream a proxy cut or answered with a
+    // 5xx (a 502/504 of a proxy that does not pass event streams) is not the job's end: it is asked below.
+    if (!(e instanceof ApiError) || (e.status !== 0 && e.status < 500)) throw e;
   }
   // The stream ended early (a proxy, a network blip): ask for the job until it is finished; up to 20 failed
   // asks in a row (10 s) are a blip, more a server that is gone.
@@ -562,7 +564,7 @@ async function followJob(id) {
       job = await getJSON(`/v1/jobs/${id}`);
       failures = 0;
     } catch (e) {
-      if (!(e instanceof ApiError) || e.status !== 0 || ++failures > 20) throw e;
+      if (!(e instanceof ApiError) || (e.status !== 0 && e.status < 500) || ++failures > 20) throw e;
     }
     if (job) {
       showProgress(job);
@@ -595,11 +597,18 @@ async function generate() {
       body: JSON.stringify(body) })).json();
     await runJob(created.id, created.position);
   } catch (e) {
-    $("progress-text").textContent = state.jobId ? "Lost the connection to the server during the job" : "Not started";
+    $("progress-text").textContent = state.jobId ? afterJobError(e) : "Not started";
     showApiError(e);
   } finally {
     endJob();
   }
+}
+
+/** What the progress line says when following a sent job failed: a lost connection only when it was one. */
+function afterJobError(e) {
+  if (state.jobDone) return "Done, but its images could not be shown";
+  if (e instanceof ApiError && e.status === 0) return "Lost the connection to the server during the job";
+  return "Stopped following the job";
 }
 
 const JOB_KEY = "sdengine.job"; // the job this tab follows, so that a reload finds it again
@@ -610,7 +619,9 @@ function forgetJob() {
 
 function endJob() {
   state.jobId = null;
+  state.jobDone = false;
   state.cancelAsked = false;
+  if (!$("progress").hasAttribute("value")) $("progress").value = 0; // not left spinning as if still queued
   forgetJob();
   setRunning(false);
   status();
@@ -625,6 +636,7 @@ async function runJob(id, position) {
   status();
   const job = await followJob(id);
   if (job.state === "done") {
+    state.jobDone = true;
     if (job.images.length) state.lastSeed = job.images[0].seed;
     await showResults(job.images.map((im) => ({ ...im, parameters: im.infotext })));
     $("live-preview").hidden = true;
@@ -660,7 +672,7 @@ async function resumeJob() {
   try {
     await runJob(id, job.position);
   } catch (e) {
-    $("progress-text").textContent = "Lost the connection to the server during the job";
+    $("progress-text").textContent = afterJobError(e);
     showApiError(e);
   } finally {
     endJob();
