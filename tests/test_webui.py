@@ -726,3 +726,23 @@ def test_an_event_stream_error_is_not_a_lost_job(page):
     assert page.text_content("#progress-text") == "Done, but its images could not be shown"
     assert page.text_content("#err-general") == "no such image" and page.is_enabled("#generate")
     page.unroute("**/v1/images/**")
+
+
+def test_a_queued_jobs_place_follows_the_queue(page, client):
+    """The event stream says nothing while a job waits, so the page kept saying "1 job(s) before this one"
+    after the job ahead of it left the queue. Now it asks for its place while queued."""
+    long = {"prompt": "a cat face", "steps": 150, "width": 64, "height": 64}
+    running, ahead = (client.post("/v1/jobs", json=long).json()["id"] for _ in range(2))
+    try:
+        page.fill("#prompt", "a red apple")
+        page.fill("#steps", "2")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#progress-text').textContent.startsWith('Queued: 1 job')")
+        client.delete(f"/v1/jobs/{ahead}")
+        page.wait_for_function(
+            "document.querySelector('#progress-text').textContent === 'Queued: next'", timeout=10_000
+        )
+    finally:
+        client.delete(f"/v1/jobs/{ahead}")
+        client.delete(f"/v1/jobs/{running}")
+    assert "Steps: 2" in wait_result(page)

@@ -10,6 +10,7 @@ const $ = (id) => document.getElementById(id);
 const SETTINGS_KEY = "sdengine.settings.v1";
 const API_KEY = "sdengine.apiKey";
 const GALLERY_PAGE = 12;
+const QUEUE_POLL_MS = 2000; // how often a queued job's place in the queue is asked for
 const READY_RETRY_MS = 2000; // a page opened while the server was away asks for its lists again this often
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
   "height", "batch_size", "clip_skip", "vae_decode", "vae_encode", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
@@ -523,6 +524,23 @@ function showProgress(job) {
 
 /** Follow a job through its event stream (fetch, so the key header goes along); the finished job. */
 async function followJob(id) {
+  // The stream says nothing while a job waits, also when the jobs before it leave the queue: its place is
+  // asked for every 2 s (the page once said "1 job(s) before this one" until the job started).
+  const queue = { state: "queued" };
+  const poll = setInterval(() => {
+    if (queue.state !== "queued") return;
+    getJSON(`/v1/jobs/${id}`).then((job) => {
+      if (queue.state === "queued" && job.state === "queued") showProgress(job);
+    }).catch(() => { /* the stream or the loop below says what went wrong */ });
+  }, QUEUE_POLL_MS);
+  try {
+    return await followJobEvents(id, queue);
+  } finally {
+    clearInterval(poll);
+  }
+}
+
+async function followJobEvents(id, queue) {
   try {
     const r = await api(`/v1/jobs/${id}/events`, { headers: { Accept: "text/event-stream" } });
     const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -543,6 +561,7 @@ async function followJob(id) {
         }
         if (!data) continue;
         const job = JSON.parse(data);
+        queue.state = job.state;
         showProgress(job);
         if (["done", "failed", "cancelled"].includes(name)) {
           reader.cancel().catch(() => {});
@@ -567,6 +586,7 @@ async function followJob(id) {
       if (!(e instanceof ApiError) || (e.status !== 0 && e.status < 500) || ++failures > 20) throw e;
     }
     if (job) {
+      queue.state = job.state;
       showProgress(job);
       if (["done", "failed", "cancelled"].includes(job.state)) return job;
     }
