@@ -746,3 +746,28 @@ def test_a_queued_jobs_place_follows_the_queue(page, client):
         client.delete(f"/v1/jobs/{ahead}")
         client.delete(f"/v1/jobs/{running}")
     assert "Steps: 2" in wait_result(page)
+
+
+def test_a_refused_controlnet_or_lora_weight_marks_its_own_input(page, tmp_path):
+    """A 422 on a list item was named "controlnets.0.weight" / "loras.0.weight" at the section with no input
+    marked invalid; now it is named by the input's label and that input is marked."""
+    control = tmp_path / "control.png"
+    Image.new("RGB", (64, 64), "white").save(control)
+    page.fill("#prompt", "a red apple")
+    page.click("#controlnet-section summary")
+    page.set_input_files("#cn-file", str(control))
+    page.fill("#cn-weight", "5")  # over the server's 2
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-controlnet').textContent.length > 0")
+    assert page.text_content("#err-controlnet").startswith("ControlNet weight: ")
+    assert "2" in page.text_content("#err-controlnet")
+    assert page.get_attribute("#cn-weight", "aria-invalid") == "true" and page.input_value("#cn-weight") == "5"
+    page.uncheck("#cn-enabled")
+    page.click("#lora-section summary")
+    page.check("#lora-use-0")
+    page.fill("#lora-weight-0", "100")  # over the server's 10
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-loras').textContent.length > 0")
+    assert page.text_content("#err-loras").startswith("LoRA emoji-fruit weight: ")
+    assert page.get_attribute("#lora-weight-0", "aria-invalid") == "true"
+    assert page.get_attribute("#cn-weight", "aria-invalid") is None  # the earlier mark was cleared

@@ -72,6 +72,23 @@ function askForKey(message) {
   return keyPrompt;
 }
 
+const CN_LABELS = { weight: "ControlNet weight", start: "ControlNet start", end: "ControlNet end",
+  low: "ControlNet Canny low threshold", high: "ControlNet Canny high threshold" };
+
+/** The input behind a 422 on a list item (controlnets.0.weight, loras.1.weight), with its label; else null.
+ * Such errors were once named "loras.0.weight" at the section with no input marked (and the 0 counted only
+ * the ticked LoRAs). */
+function nestedInput(loc) {
+  const [list, index, key] = loc;
+  if (list === "controlnets" && index === 0 && CN_LABELS[key]) return { id: `cn-${key}`, label: CN_LABELS[key] };
+  if (list === "loras" && key === "weight") {
+    const ticked = state.loras.flatMap((l, i) => ($(`lora-use-${i}`).checked ? [i] : []));
+    const i = ticked[index];
+    if (i !== undefined) return { id: `lora-weight-${i}`, label: `LoRA ${state.loras[i].name} weight` };
+  }
+  return null;
+}
+
 async function errorOf(response) {
   let body = null;
   try { body = await response.json(); } catch (e) { /* not JSON */ }
@@ -79,6 +96,8 @@ async function errorOf(response) {
     // FastAPI's 422: [{loc: ["body", "width"], msg}]; the field is the first name after "body".
     const d = body.detail[0];
     const loc = (d.loc || []).filter((x) => x !== "body");
+    const input = nestedInput(loc);
+    if (input) return new ApiError(response.status, `${input.label}: ${d.msg}`, input.id);
     const name = loc.length ? String(loc[0]) : null;
     return new ApiError(response.status, `${loc.join(".") || "request"}: ${d.msg}`, name);
   }
