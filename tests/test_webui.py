@@ -771,3 +771,18 @@ def test_a_refused_controlnet_or_lora_weight_marks_its_own_input(page, tmp_path)
     assert page.text_content("#err-loras").startswith("LoRA emoji-fruit weight: ")
     assert page.get_attribute("#lora-weight-0", "aria-invalid") == "true"
     assert page.get_attribute("#cn-weight", "aria-invalid") is None  # the earlier mark was cleared
+
+
+def test_the_keyboard_focus_is_visible_on_an_invalid_field(page):
+    """The red outline of a field marked invalid replaced the browser's focus ring: tabbing onto it showed no
+    focus. Now the focused invalid field has the accent ring."""
+    page.fill("#steps", "")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-steps').textContent.length > 0")
+    outline = "(el) => { const s = getComputedStyle(el); return [s.outlineStyle, s.outlineWidth, s.outlineColor]; }"
+    page.focus("#cfg_scale")
+    unfocused = page.eval_on_selector("#steps", outline)
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate("document.activeElement.id") == "steps"
+    focused = page.eval_on_selector("#steps", outline)
+    assert focused != unfocused and focused[0] != "none" and focused[1] == "2px", (focused, unfocused)
