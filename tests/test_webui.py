@@ -786,3 +786,27 @@ def test_the_keyboard_focus_is_visible_on_an_invalid_field(page):
     assert page.evaluate("document.activeElement.id") == "steps"
     focused = page.eval_on_selector("#steps", outline)
     assert focused != unfocused and focused[0] != "none" and focused[1] == "2px", (focused, unfocused)
+
+
+def test_the_gallery_goes_back_when_images_were_removed(browser, tmp_path):
+    """On the gallery's second page, after images were removed from the outputs folder, Refresh showed an
+    empty page "13–3 of 3" with Newer enabled; now it shows the last page there is."""
+    with live_server(server_config(tmp_path)) as s:
+        outputs = tmp_path / "outputs"
+        outputs.mkdir(exist_ok=True)
+        for i in range(14):
+            (outputs / f"{i:05d}.png").write_bytes(png_bytes(Image.new("RGB", (8, 8), (i * 15, 0, 0))))
+        ctx = browser.new_context()
+        pg = ctx.new_page()
+        pg.set_default_timeout(WAIT_MS)
+        open_page(pg, s.url)
+        pg.wait_for_function("document.querySelector('#gallery-page').textContent === '1–12 of 14'")
+        pg.click("#gallery-next")
+        pg.wait_for_function("document.querySelector('#gallery-page').textContent === '13–14 of 14'")
+        for p in sorted(outputs.glob("*.png"))[3:]:
+            p.unlink()
+        pg.click("#gallery-refresh")
+        pg.wait_for_function("document.querySelector('#gallery-page').textContent !== '13–14 of 14'")
+        assert pg.text_content("#gallery-page") == "1–3 of 3"
+        assert pg.locator("#gallery button").count() == 3 and not pg.is_enabled("#gallery-prev")
+        ctx.close()

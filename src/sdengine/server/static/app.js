@@ -780,6 +780,10 @@ async function showResults(items) {
 async function loadGallery(offset) {
   try {
     const page = await getJSON(`/v1/gallery?offset=${offset}&limit=${GALLERY_PAGE}`);
+    if (!page.items.length && page.total && offset > 0) {
+      // Past the end (images were removed since this page was shown): the last page, not "13–3 of 3".
+      return loadGallery(Math.floor((page.total - 1) / GALLERY_PAGE) * GALLERY_PAGE);
+    }
     state.galleryOffset = page.offset;
     state.galleryTotal = page.total;
     const box = $("gallery");
