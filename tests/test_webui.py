@@ -810,3 +810,53 @@ def test_the_gallery_goes_back_when_images_were_removed(browser, tmp_path):
         assert pg.text_content("#gallery-page") == "1–3 of 3"
         assert pg.locator("#gallery button").count() == 3 and not pg.is_enabled("#gallery-prev")
         ctx.close()
+
+
+def test_the_hires_fix(page, client):
+    """The hires fix (the native API's ``hires``): the page's image is the API's for the same settings, its
+    upscalers are sdengine's, reusing the parameters ticks it again with its settings, and it is refused in
+    img2img (the server runs it for text to image only)."""
+    from sdengine.pipeline.hires import UPSCALERS
+
+    options = page.eval_on_selector("#hr-upscaler", "s => [...s.options].map((o) => o.value)")
+    assert options == list(UPSCALERS)
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "2")
+    page.fill("#seed", "3")
+    page.click("#hires-section summary")
+    page.check("#hr-enabled")
+    page.fill("#hr-scale", "1.5")
+    page.select_option("#hr-upscaler", "Lanczos")
+    page.fill("#hr-steps", "2")
+    page.fill("#hr-strength", "0.5")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Lanczos" in params
+    assert "Denoising strength: 0.5" in params
+    body = {"prompt": "a red apple", "steps": 2, "seed": 3, "width": 64, "height": 64, "strength": 0.5}
+    body["hires"] = {"hr_scale": 1.5, "hr_upscaler": "Lanczos", "hr_second_pass_steps": 2}
+    shows_the_api_image(page, client, body, params)
+    assert page.eval_on_selector("#results img", "img => [img.naturalWidth, img.naturalHeight]") == [96, 96]
+    page.uncheck("#hr-enabled")
+    page.fill("#hr-scale", "2")
+    page.fill("#hr-steps", "0")
+    page.click("#results button:text('Reuse parameters')")
+    assert page.is_checked("#hr-enabled") and page.input_value("#hr-upscaler") == "Lanczos"
+    assert (page.input_value("#hr-scale"), page.input_value("#hr-steps"), page.input_value("#hr-strength")) == (
+        "1.5",
+        "2",
+        "0.5",
+    )
+    # A scale the server refuses is named at its input; img2img with the hires fix is refused before sending.
+    page.fill("#hr-scale", "100")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-hires').textContent.length > 0", timeout=20_000)
+    assert page.text_content("#err-hires").startswith("Hires upscale by: ")
+    assert page.get_attribute("#hr-scale", "aria-invalid") == "true"
+    page.fill("#hr-scale", "1.5")
+    page.click("#img2img-section summary")
+    page.select_option("#mode", "img2img")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-hires').textContent.length > 0", timeout=20_000)
+    assert "for text to image" in page.text_content("#err-hires")
+    page.select_option("#mode", "txt2img")

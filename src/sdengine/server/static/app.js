@@ -14,7 +14,7 @@ const QUEUE_POLL_MS = 2000; // how often a queued job's place in the queue is as
 const READY_RETRY_MS = 2000; // a page opened while the server was away asks for its lists again this often
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
   "height", "batch_size", "clip_skip", "vae_decode", "vae_encode", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
-  "cn-weight", "cn-start", "cn-end"];
+  "cn-weight", "cn-start", "cn-end", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength"];
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform" };
 const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras", exponential: "exponential",
@@ -80,6 +80,8 @@ const CN_LABELS = { weight: "ControlNet weight", start: "ControlNet start", end:
  * the ticked LoRAs). */
 function nestedInput(loc) {
   const [list, index, key] = loc;
+  if (list === "hires" && HR_INPUTS[index]) return { id: HR_INPUTS[index][0], label: HR_INPUTS[index][1] };
+  if (list === "strength" && hiresUsed()) return { id: "hr-strength", label: "Hires denoising strength" };
   if (list === "controlnets" && index === 0 && CN_LABELS[key]) return { id: `cn-${key}`, label: CN_LABELS[key] };
   if (list === "loras" && key === "weight") {
     const ticked = state.loras.flatMap((l, i) => ($(`lora-use-${i}`).checked ? [i] : []));
@@ -88,6 +90,10 @@ function nestedInput(loc) {
   }
   return null;
 }
+
+const HR_INPUTS = { hr_scale: ["hr-scale", "Hires upscale by"], hr_upscaler: ["hr-upscaler", "Hires upscaler"],
+  hr_second_pass_steps: ["hr-steps", "Hires steps"] };
+const hiresUsed = () => $("hr-enabled").checked && $("mode").value === "txt2img";
 
 async function errorOf(response) {
   let body = null;
@@ -156,6 +162,7 @@ async function fetchImage(url) {
 // -------------------------------------------------------------------------------------- errors
 
 const ERROR_FIELDS = [
+  [/\bhires\b|\bhr_/i, "hires"],
   [/controlnet|preprocessor|control image/i, "controlnet"],
   [/\blora\b|<lora/i, "loras"],
   [/init[_ ]image|img2img/i, "init_image"],
@@ -303,6 +310,7 @@ function saveSettings() {
   const s = {};
   for (const id of FIELDS) s[id] = $(id).value;
   s.cnEnabled = $("cn-enabled").checked;
+  s.hrEnabled = $("hr-enabled").checked;
   s.loras = Object.fromEntries(state.loras.map((l, i) => [l.name,
     { use: $(`lora-use-${i}`).checked, weight: $(`lora-weight-${i}`).value }]));
   try { localStorage.setItem(SETTINGS_KEY, JSON.stringify(s)); } catch (e) { /* storage full or off */ }
@@ -328,6 +336,7 @@ function restoreSettings() {
   // The sampler first: it decides which schedules there are.
   for (const id of ["sampler", ...FIELDS.filter((f) => f !== "sampler")]) setValue(id, s[id]);
   $("cn-enabled").checked = !!s.cnEnabled;
+  $("hr-enabled").checked = !!s.hrEnabled;
   state.loras.forEach((l, i) => {
     const saved = s.loras?.[l.name];
     if (saved) {
@@ -382,11 +391,28 @@ function applyInfotext(text) {
   put("vae_decode", f["Tiny VAE"] ? "tiny" : "full"); // sdengine names the tiny VAE when it decoded
   put("vae_encode", f["Tiny VAE encode"] ? "tiny" : "full"); // and when it encoded the init image
   if (f.Model && !put("model", f.Model)) missing.push(`model ${f.Model}`);
+  applyHires(f, put, missing);
   // The infotext's prompt carries its LoRAs as <lora:NAME:W> tags: a ticked box would add them a second time
   // (twice the weight).
   state.loras.forEach((l, i) => { $(`lora-use-${i}`).checked = false; });
   saveSettings();
   return { set, missing };
+}
+
+/** The hires fix of an infotext ("Hires upscale", "Hires steps", "Hires upscaler"; A1111's names): ticked
+ * with its settings, or unticked for an image made without it. What this page cannot set is said. */
+function applyHires(f, put, missing) {
+  const keys = Object.keys(f).filter((k) => k.startsWith("Hires "));
+  $("hr-enabled").checked = keys.length > 0;
+  if (!keys.length) return;
+  if (f["Hires upscale"]) put("hr-scale", parseFloat(f["Hires upscale"]));
+  put("hr-steps", f["Hires steps"] ? parseInt(f["Hires steps"], 10) : 0);
+  const upscaler = f["Hires upscaler"] || "Latent";
+  if (!put("hr-upscaler", upscaler)) missing.push(`hires upscaler ${upscaler}`);
+  if (f["Denoising strength"]) put("hr-strength", parseFloat(f["Denoising strength"]));
+  for (const k of keys) {
+    if (!["Hires upscale", "Hires steps", "Hires upscaler"].includes(k)) missing.push(`${k} ${f[k]}`);
+  }
 }
 
 // --------------------------------------------------------------------------------- images in
@@ -488,6 +514,20 @@ async function buildRequest() {
     vae_decode: $("vae_decode").value,
   };
   const mode = $("mode").value;
+  if ($("hr-enabled").checked) {
+    if (mode !== "txt2img") {
+      throw new ApiError(400, "the hires fix is for text to image: untick it or choose text to image", "hr-enabled");
+    }
+    const strength = number("hr-strength", "Hires denoising strength", false);
+    if (!(strength > 0 && strength <= 1)) {
+      throw new ApiError(400, "Hires denoising strength: a number over 0 and up to 1", "hr-strength");
+    }
+    body.strength = strength;
+    body.hires = {
+      hr_scale: number("hr-scale", "Hires upscale by", false), hr_upscaler: $("hr-upscaler").value,
+      hr_second_pass_steps: number("hr-steps", "Hires steps", true),
+    };
+  }
   if (mode !== "txt2img") {
     if (!state.initBlob) throw new ApiError(400, "pick or drop an init image, or choose text to image", "init_image");
     body.strength = number("strength", "Strength", false);
