@@ -860,3 +860,16 @@ def test_the_hires_fix(page, client):
     page.wait_for_function("document.querySelector('#err-hires').textContent.length > 0", timeout=20_000)
     assert "for text to image" in page.text_content("#err-hires")
     page.select_option("#mode", "txt2img")
+
+
+def test_what_is_typed_survives_a_reload_before_the_field_is_left(page, server):
+    """Settings were saved on "change" only, which a text field fires when it loses focus: a prompt typed and
+    the tab reloaded right away was lost. Now they are saved as they are typed."""
+    page.click("#prompt")
+    page.keyboard.type("typed then reloaded")
+    page.click("#steps")
+    page.keyboard.press("Control+A")
+    page.keyboard.type("33")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.input_value("#prompt") == "typed then reloaded" and page.input_value("#steps") == "33"

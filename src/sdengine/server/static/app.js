@@ -907,6 +907,8 @@ function install() {
   painter = new MaskPainter($("mask-canvas"), { brush: $("brush"), erase: $("erase") });
   $("gen-form").addEventListener("submit", (e) => { e.preventDefault(); generate(); });
   $("gen-form").addEventListener("change", saveSettings);
+  // As typed too: a prompt typed and the tab reloaded (or left) before the field lost focus was once lost.
+  $("gen-form").addEventListener("input", saveSettings);
   document.addEventListener("keydown", (e) => {
     if ((e.ctrlKey || e.metaKey) && e.key === "Enter") { e.preventDefault(); generate(); }
   });
