@@ -873,3 +873,53 @@ def test_what_is_typed_survives_a_reload_before_the_field_is_left(page, server):
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
     assert page.input_value("#prompt") == "typed then reloaded" and page.input_value("#steps") == "33"
+
+
+MASK_ALPHA = """c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    const a = []; for (let i = 3; i < d.length; i += 4) a.push(d[i]); return a.join(','); }"""
+
+
+def test_the_inpainting_mask_undo(page, tmp_path):
+    """Undo (and Ctrl+Z outside text fields) steps back over mask strokes, inverts and clears."""
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (90, 120, 200)).save(init)
+    page.click("#img2img-section summary")
+    page.set_input_files("#init-file", str(init))
+    page.select_option("#mode", "inpaint")
+    page.wait_for_selector("#mask-canvas", state="visible")
+    box = page.locator("#mask-canvas").bounding_box()
+
+    def stroke(x0: float, y0: float, x1: float, y1: float) -> None:
+        page.mouse.move(box["x"] + x0 * box["width"], box["y"] + y0 * box["height"])
+        page.mouse.down()
+        page.mouse.move(box["x"] + x1 * box["width"], box["y"] + y1 * box["height"], steps=4)
+        page.mouse.up()
+
+    empty = page.eval_on_selector("#mask-canvas", MASK_ALPHA)
+    stroke(0.2, 0.5, 0.8, 0.5)
+    one = page.eval_on_selector("#mask-canvas", MASK_ALPHA)
+    stroke(0.5, 0.1, 0.5, 0.9)
+    two = page.eval_on_selector("#mask-canvas", MASK_ALPHA)
+    assert len({empty, one, two}) == 3
+    page.click("#mask-undo")
+    assert page.eval_on_selector("#mask-canvas", MASK_ALPHA) == one
+    page.click("#mask-clear")
+    assert page.eval_on_selector("#mask-canvas", MASK_ALPHA) == empty
+    page.keyboard.press("Control+z")  # the focus is on the Clear button, not in a text field
+    assert page.eval_on_selector("#mask-canvas", MASK_ALPHA) == one
+    page.click("#mask-invert")
+    page.click("#mask-undo")
+    assert page.eval_on_selector("#mask-canvas", MASK_ALPHA) == one
+    page.click("#mask-undo")
+    page.click("#mask-undo")  # nothing left to undo: stays empty
+    assert page.eval_on_selector("#mask-canvas", MASK_ALPHA) == empty
+    page.fill("#prompt", "a red apple")
+    page.click("#generate")  # an undone mask is no mask
+    page.wait_for_function("document.querySelector('#err-mask').textContent.length > 0", timeout=20_000)
+    stroke(0.2, 0.5, 0.8, 0.5)
+    again = page.eval_on_selector("#mask-canvas", MASK_ALPHA)
+    assert again != empty
+    page.focus("#prompt")
+    page.keyboard.press("Control+z")  # in the prompt, Ctrl+Z is the text's own undo, not the mask's
+    assert page.eval_on_selector("#mask-canvas", MASK_ALPHA) == again
+    page.select_option("#mode", "txt2img")

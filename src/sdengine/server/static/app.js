@@ -911,6 +911,10 @@ function install() {
   $("gen-form").addEventListener("input", saveSettings);
   document.addEventListener("keydown", (e) => {
     if ((e.ctrlKey || e.metaKey) && e.key === "Enter") { e.preventDefault(); generate(); }
+    // Ctrl+Z undoes a mask stroke in inpainting, except where it undoes typing (a text or number field).
+    if ((e.ctrlKey || e.metaKey) && !e.shiftKey && e.key.toLowerCase() === "z" && $("mode").value === "inpaint" &&
+        !e.target.closest?.("textarea, input:not([type=checkbox]):not([type=range]), select") &&
+        painter.undo()) e.preventDefault();
   });
   $("cancel").addEventListener("click", cancel);
   $("sampler").addEventListener("change", fillSchedules);
@@ -936,6 +940,7 @@ function install() {
   $("cn-preview-button").addEventListener("click", previewControl);
   $("mask-invert").addEventListener("click", () => painter.invert());
   $("mask-clear").addEventListener("click", () => painter.clear());
+  $("mask-undo").addEventListener("click", () => painter.undo());
   $("gallery-prev").addEventListener("click", () => loadGallery(Math.max(0, state.galleryOffset - GALLERY_PAGE)));
   $("gallery-next").addEventListener("click", () => loadGallery(state.galleryOffset + GALLERY_PAGE));
   $("gallery-refresh").addEventListener("click", () => loadGallery(state.galleryOffset));
