@@ -728,11 +728,21 @@ def test_an_event_stream_error_is_not_a_lost_job(page):
     page.unroute("**/v1/images/**")
 
 
+def long_jobs(client: httpx.Client) -> tuple[str, str]:
+    """Two long jobs by the API: the first running (waited for, bounded), the second queued behind it (a different
+    step count, so that the server does not batch them together)."""
+    first = client.post("/v1/jobs", json={"prompt": "a cat face", "steps": 150, "width": 64, "height": 64}).json()["id"]
+    deadline = time.monotonic() + 60
+    while client.get(f"/v1/jobs/{first}").json()["state"] == "queued" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = client.post("/v1/jobs", json={"prompt": "a cat face", "steps": 149, "width": 64, "height": 64}).json()
+    return first, second["id"]
+
+
 def test_a_queued_jobs_place_follows_the_queue(page, client):
     """The event stream says nothing while a job waits, so the page kept saying "1 job(s) before this one"
     after the job ahead of it left the queue. Now it asks for its place while queued."""
-    long = {"prompt": "a cat face", "steps": 150, "width": 64, "height": 64}
-    running, ahead = (client.post("/v1/jobs", json=long).json()["id"] for _ in range(2))
+    running, ahead = long_jobs(client)
     try:
         page.fill("#prompt", "a red apple")
         page.fill("#steps", "2")
@@ -923,3 +933,25 @@ def test_the_inpainting_mask_undo(page, tmp_path):
     page.keyboard.press("Control+z")  # in the prompt, Ctrl+Z is the text's own undo, not the mask's
     assert page.eval_on_selector("#mask-canvas", MASK_ALPHA) == again
     page.select_option("#mode", "txt2img")
+
+
+def test_the_queue_lists_the_servers_jobs_and_cancels_one(page, client, server):
+    """The Queue lists the server's unfinished jobs (any client's), running first, and cancels the one picked."""
+    assert page.is_hidden("#queue-box")
+    running, waiting = long_jobs(client)
+    try:
+        open_page(page, server.url)
+        page.wait_for_selector("#queue-box", state="visible")
+        rows = page.locator("#queue li")
+        assert rows.count() == 2
+        assert rows.nth(0).text_content().startswith("running, step ") and "queued, next" in rows.nth(1).text_content()
+        page.click(f"#queue button[aria-label='Cancel the queued job {waiting}']")
+        page.wait_for_function("document.querySelectorAll('#queue li').length === 1")
+        assert client.get(f"/v1/jobs/{waiting}").json()["state"] == "cancelled"
+        assert client.get(f"/v1/jobs/{running}").json()["state"] == "running"
+        page.click(f"#queue button[aria-label='Cancel the running job {running}']")
+        page.wait_for_selector("#queue-box", state="hidden")
+        assert client.get(f"/v1/jobs/{running}").json()["state"] == "cancelled"
+    finally:
+        client.delete(f"/v1/jobs/{waiting}")
+        client.delete(f"/v1/jobs/{running}")

@@ -892,7 +892,41 @@ function installDrop() {
 
 // ------------------------------------------------------------------------------------- start
 
+/** The server's unfinished jobs (every tab's and client's), each with a Cancel button; hidden when none. */
+async function refreshQueue() {
+  let jobs;
+  try {
+    jobs = (await getJSON("/v1/jobs")).jobs.filter((j) => j.state === "queued" || j.state === "running");
+  } catch (e) {
+    return; // the header says when the server is not reachable
+  }
+  const rank = (j) => (j.state === "running" ? -1 : j.position ?? 0);
+  jobs.sort((a, b) => rank(a) - rank(b));
+  const list = $("queue");
+  list.replaceChildren();
+  for (const j of jobs) {
+    const li = document.createElement("li");
+    const mine = j.id === state.jobId;
+    li.classList.toggle("mine", mine);
+    const where = j.state === "running" ? `running, step ${j.step} / ${j.steps}`
+      : `queued, ${j.position ? `${j.position} before it` : "next"}`;
+    const text = document.createElement("span");
+    text.textContent = `${where} · ${j.model}${mine ? " · this tab's job" : ""}`;
+    const stop = button("Cancel", async () => {
+      stop.disabled = true;
+      if (mine) return cancel();
+      try { await api(`/v1/jobs/${j.id}`, { method: "DELETE" }); } catch (e) { showApiError(e); }
+      refreshQueue();
+    });
+    stop.setAttribute("aria-label", `Cancel the ${j.state} job ${j.id}`);
+    li.append(text, stop);
+    list.append(li);
+  }
+  $("queue-box").hidden = jobs.length === 0;
+}
+
 async function status() {
+  if (document.body.dataset.ready === "true") refreshQueue();
   try {
     const h = await (await fetch("/healthz")).json();
     const devices = h.workers.map((w) => w.device).join(", ");
@@ -994,6 +1028,7 @@ async function ready() {
   if (readyFailed) clearErrors(); // the "cannot reach" and "not connected" messages are over
   readyFailed = false;
   loadGallery(0);
+  refreshQueue();
   resumeJob();
 }
 
