@@ -895,8 +895,10 @@ function installDrop() {
 /** The server's unfinished jobs (every tab's and client's), each with a Cancel button; hidden when none. */
 async function refreshQueue() {
   let jobs;
-  try {
-    jobs = (await getJSON("/v1/jobs")).jobs.filter((j) => j.state === "queued" || j.state === "running");
+  try {  // not api(): a background refresh does not open the key dialog (a request the user made does)
+    const r = await fetch("/v1/jobs", { headers: authHeaders() });
+    if (!r.ok) return;
+    jobs = (await r.json()).jobs.filter((j) => j.state === "queued" || j.state === "running");
   } catch (e) {
     return; // the header says when the server is not reachable
   }
