@@ -955,3 +955,22 @@ def test_the_queue_lists_the_servers_jobs_and_cancels_one(page, client, server):
     finally:
         client.delete(f"/v1/jobs/{waiting}")
         client.delete(f"/v1/jobs/{running}")
+
+
+def test_reuse_seed_takes_the_seed_of_the_image_shown(page, client):
+    """♻ kept the last job's seed after a gallery image with another seed was opened; it now takes the seed of
+    the image shown, and is disabled while none is."""
+    assert not page.is_enabled("#seed-reuse")
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "2")
+    page.fill("#seed", "21")
+    page.click("#generate")
+    wait_result(page)
+    api_image(client, {"prompt": "a pear", "steps": 2, "seed": 22, "width": 64, "height": 64})  # newest in the gallery
+    page.click("#gallery-refresh")
+    page.wait_for_function("document.querySelector('#gallery button')?.title.includes('Seed: 22')")
+    page.click("#gallery button")
+    page.wait_for_function("document.querySelector('#results pre').textContent.includes('Seed: 22')")
+    page.fill("#seed", "-1")
+    page.click("#seed-reuse")
+    assert page.input_value("#seed") == "22"

@@ -716,7 +716,6 @@ async function runJob(id, position) {
   const job = await followJob(id);
   if (job.state === "done") {
     state.jobDone = true;
-    if (job.images.length) state.lastSeed = job.images[0].seed;
     await showResults(job.images.map((im) => ({ ...im, parameters: im.infotext })));
     $("live-preview").hidden = true;
     $("progress").value = $("progress").max;
@@ -786,6 +785,11 @@ function button(label, onClick) {
 async function showResults(items) {
   const box = $("results");
   const loaded = await Promise.all(items.map((item) => fetchImage(item.url)));
+  // "Reuse the last seed" takes the seed of the image shown: a job's, or a reopened gallery image's (it once
+  // kept the last job's seed after another image was opened).
+  const seed = items[0]?.seed ?? parseInt(parseInfotext(items[0]?.parameters || "").fields.Seed, 10);
+  state.lastSeed = Number.isInteger(seed) ? seed : null;
+  $("seed-reuse").disabled = state.lastSeed === null;
   box.replaceChildren();
   for (const u of state.resultUrls.splice(0)) URL.revokeObjectURL(u);
   items.forEach((item, k) => {
