@@ -974,3 +974,17 @@ def test_reuse_seed_takes_the_seed_of_the_image_shown(page, client):
     page.fill("#seed", "-1")
     page.click("#seed-reuse")
     assert page.input_value("#seed") == "22"
+
+
+def test_the_keyboard_focus_follows_generate_and_cancel(page):
+    """Generate and Cancel disable each other: the focus on the one being disabled fell back to the page's start.
+    Now it moves to the other, so Enter, Enter generates and cancels, and the focus is back on Generate."""
+    page.fill("#prompt", "a cat face")
+    page.fill("#steps", "150")
+    page.focus("#generate")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.activeElement.id === 'cancel'", timeout=10_000)
+    page.wait_for_function(r"/^Step \d+/.test(document.querySelector('#progress-text').textContent)")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('#progress-text').textContent.startsWith('Cancelled')")
+    assert page.evaluate("document.activeElement.id") == "generate"

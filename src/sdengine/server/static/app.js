@@ -557,8 +557,13 @@ async function buildRequest() {
 
 function setRunning(running) {
   state.running = running;
+  // The keyboard focus moves from the button being disabled to the other one (it fell back to the page's
+  // start, and a keyboard user had to find Cancel, then Generate, again).
+  const [from, to] = running ? ["generate", "cancel"] : ["cancel", "generate"];
+  const moveFocus = document.activeElement === $(from) || (!running && document.activeElement === document.body);
   $("generate").disabled = running;
   $("cancel").disabled = !running;
+  if (moveFocus) $(to).focus({ preventScroll: true });
 }
 
 function showProgress(job) {
