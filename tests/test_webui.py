@@ -988,3 +988,16 @@ def test_the_keyboard_focus_follows_generate_and_cancel(page):
     page.keyboard.press("Enter")
     page.wait_for_function("document.querySelector('#progress-text').textContent.startsWith('Cancelled')")
     assert page.evaluate("document.activeElement.id") == "generate"
+
+
+def test_opening_a_gallery_image_that_is_gone_says_so(page, client):
+    """A gallery image removed after the list was read: the click once threw an uncaught error and showed
+    nothing; now the server's answer is shown (and the page fixture checks there is no uncaught error)."""
+    api_image(client, {"prompt": "a pear", "steps": 2, "seed": 1, "width": 64, "height": 64})
+    page.click("#gallery-refresh")
+    page.wait_for_selector("#gallery button img[src^=blob]")
+    page.route("**/v1/images/**", lambda route: route.fulfill(status=404, json={"detail": "image not found"}))
+    page.click("#gallery button")
+    page.wait_for_function("document.querySelector('#err-general').textContent.length > 0", timeout=10_000)
+    assert page.text_content("#err-general") == "image not found"
+    page.unroute("**/v1/images/**")

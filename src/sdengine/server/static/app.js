@@ -846,7 +846,8 @@ async function loadGallery(offset) {
       const img = document.createElement("img");
       img.alt = item.name;
       b.append(img);
-      b.addEventListener("click", () => showResults([item]));
+      // An image removed since the list was read: said, not an uncaught error and an unchanged page.
+      b.addEventListener("click", () => showResults([item]).catch(showApiError));
       box.append(b);
       fetchImage(item.url).then(({ objectUrl }) => {
         state.galleryUrls.push(objectUrl);
