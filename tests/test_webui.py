@@ -1001,3 +1001,24 @@ def test_opening_a_gallery_image_that_is_gone_says_so(page, client):
     page.wait_for_function("document.querySelector('#err-general').textContent.length > 0", timeout=10_000)
     assert page.text_content("#err-general") == "image not found"
     page.unroute("**/v1/images/**")
+
+
+def test_typing_while_the_server_is_away_keeps_the_saved_choices(page, server):
+    """Typing in a page still waiting for the server saved its empty pickers over the saved sampler and
+    schedule, and the saved prompt then replaced the typed one; now nothing is saved before the lists are
+    loaded, and what was typed is kept."""
+    page.fill("#prompt", "a saved prompt")
+    page.select_option("#sampler", "euler")
+    page.select_option("#schedule", "exponential")
+    away = {"on": True}
+    page.route("**/v1/**", lambda route: route.abort() if away["on"] else route.continue_())
+    page.reload()
+    trying = "document.querySelector('#err-general').textContent.includes('trying again')"
+    page.wait_for_function(trying, timeout=10_000)
+    page.click("#prompt")
+    page.keyboard.type("an apple")
+    page.click("#steps")  # the prompt's change event too
+    away["on"] = False
+    page.wait_for_selector("body[data-ready=true]", timeout=10_000)
+    assert (page.input_value("#sampler"), page.input_value("#schedule")) == ("euler", "exponential")
+    assert page.input_value("#prompt") == "an apple"  # what was typed is not replaced by the saved prompt

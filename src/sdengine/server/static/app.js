@@ -306,7 +306,15 @@ async function loadPickers() {
 
 // ----------------------------------------------------------------------------------- settings
 
-function saveSettings() {
+const editedEarly = new Set(); // fields typed in before the saved settings were restored
+
+function saveSettings(event) {
+  // Not before the lists are loaded: the empty model/sampler pickers of a page still waiting for the server
+  // (or for its key) would overwrite the saved choices.
+  if (document.body.dataset.ready !== "true") {
+    if (event?.target?.id) editedEarly.add(event.target.id); // and what was typed is not overwritten by them
+    return;
+  }
   const s = {};
   for (const id of FIELDS) s[id] = $(id).value;
   s.cnEnabled = $("cn-enabled").checked;
@@ -334,7 +342,9 @@ function restoreSettings() {
   try { s = JSON.parse(localStorage.getItem(SETTINGS_KEY) || "null"); } catch (e) { s = null; }
   if (!s) return;
   // The sampler first: it decides which schedules there are.
-  for (const id of ["sampler", ...FIELDS.filter((f) => f !== "sampler")]) setValue(id, s[id]);
+  for (const id of ["sampler", ...FIELDS.filter((f) => f !== "sampler")]) {
+    if (!editedEarly.has(id)) setValue(id, s[id]);
+  }
   $("cn-enabled").checked = !!s.cnEnabled;
   $("hr-enabled").checked = !!s.hrEnabled;
   state.loras.forEach((l, i) => {
