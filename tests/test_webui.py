@@ -1022,3 +1022,25 @@ def test_typing_while_the_server_is_away_keeps_the_saved_choices(page, server):
     page.wait_for_selector("body[data-ready=true]", timeout=10_000)
     assert (page.input_value("#sampler"), page.input_value("#schedule")) == ("euler", "exponential")
     assert page.input_value("#prompt") == "an apple"  # what was typed is not replaced by the saved prompt
+
+
+def test_generate_after_escaping_the_key_dialog_asks_for_the_key_again(browser, tmp_path):
+    """Generate on a page whose key dialog was closed with Escape (so without its lists) asks for the key again,
+    and the page then loads."""
+    with live_server(server_config(tmp_path, api_key="s3cret-key")) as s:
+        ctx = browser.new_context()
+        pg = ctx.new_page()
+        pg.set_default_timeout(WAIT_MS)
+        pg.goto(s.url + "/")
+        pg.wait_for_selector("#key-dialog[open]")
+        pg.keyboard.press("Escape")
+        pg.wait_for_function("document.querySelector('#err-general').textContent.includes('needs an API key')")
+        pg.fill("#prompt", "a red apple")
+        pg.click("#generate")
+        pg.wait_for_selector("#key-dialog[open]", timeout=10_000)
+        pg.fill("#key-input", "s3cret-key")
+        pg.click("#key-ok")
+        pg.wait_for_selector("body[data-ready=true]")
+        assert pg.input_value("#model") == "emoji" and pg.text_content("#err-general") == ""
+        assert pg.input_value("#prompt") == "a red apple"
+        ctx.close()

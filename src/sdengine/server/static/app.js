@@ -674,6 +674,8 @@ async function generate() {
   clearErrors();
   if (document.body.dataset.ready !== "true") {
     showError("general", "not connected: the page has not got the server's models and samplers yet");
+    readyFailed = true; // cleared once they come
+    if (!readyRetry) ready(); // ask now (and for the API key, where that is what was missing)
     return;
   }
   for (const id of ["width", "height"]) snap($(id));
