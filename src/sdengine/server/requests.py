@@ -206,16 +206,12 @@ def build_generation(
         control = image(unit.image, f"ControlNet unit {k} image")
         assert control is not None
         control = _preprocess(unit.preprocessor, ImageOps.exif_transpose(control).convert("RGB"), unit.options, k)
-        units.append(
-            ControlUnit(
-                str(path),
-                control,
-                _finite(unit.weight, f"ControlNet unit {k} weight", 0.0, 2.0),
-                _finite(unit.start, f"ControlNet unit {k} start", 0.0, 1.0),
-                _finite(unit.end, f"ControlNet unit {k} end", 0.0, 1.0),
-                unit.rule,
-            )
-        )
+        start = _finite(unit.start, f"ControlNet unit {k} start", 0.0, 1.0)
+        end = _finite(unit.end, f"ControlNet unit {k} end", 0.0, 1.0)
+        if start >= end:  # the pipeline refuses it when the job runs: refused before anything is queued
+            raise BadRequest(f"ControlNet unit {k}: start ({start:g}) must be less than end ({end:g})")
+        weight = _finite(unit.weight, f"ControlNet unit {k} weight", 0.0, 2.0)
+        units.append(ControlUnit(str(path), control, weight, start, end, unit.rule))
 
     chosen = model if model else (default_model or config.model)
     ref = catalog.resolve_model(chosen)
