@@ -808,3 +808,67 @@ def test_controlnet_hints_per_row_and_of_another_aspect():
     assert torch.equal(both[1:], run(torch.cat([b, b]), 2)[1:]) and not torch.equal(both[1:], run(a, 2)[1:])
     wide = torch.cat([torch.zeros(1, 3, 64, 32), a, torch.ones(1, 3, 64, 32)], dim=3)  # a, with side bands
     assert torch.allclose(run(wide, 1), run(a, 1), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ the queue, on a gated server
+
+
+@pytest.fixture()
+def gated(tmp_path):
+    """A server whose worker waits in the model load until ``gate`` is set: the first job then runs (held)
+    and the next ones stay queued, so that a test sees the queue's order and a running prompt."""
+    import threading
+
+    gate = threading.Event()
+
+    def loader(ref: str, device: str):
+        assert gate.wait(120), "the test never opened the gate"
+        return shared_loader(ref, device)
+
+    with live_server(server_config(tmp_path, max_queue=16), loader=loader) as s:
+        s.gate = gate
+        try:
+            with httpx.Client(base_url=s.url, timeout=60) as c:
+                yield s, c
+        finally:
+            gate.set()
+
+
+def wait_running(client: httpx.Client, job_id: str) -> None:
+    deadline = time.monotonic() + 60
+    while client.get(f"/v1/jobs/{job_id}").json()["state"] != "running":
+        assert time.monotonic() < deadline, "the first job never started"
+        time.sleep(0.02)
+
+
+def test_front_and_number_order_the_comfyui_prompts_in_the_shared_queue(gated):
+    """ComfyUI's queue is a heap by ``number``: ``front`` gives the counter negated (it runs next), a given
+    ``number`` is the priority as it is (a float). In the shared queue the ComfyUI prompts keep that order
+    among themselves; a front prompt goes to the head of the whole queue; native jobs keep their FIFO order."""
+    server, c = gated
+    held = c.post("/v1/jobs", json={"width": 64, "height": 64, "steps": 2}).json()["id"]
+    wait_running(c, held)
+    names = {}
+    for name, extra in [("a", {}), ("b", {}), ("native", None), ("front", {"front": True}), ("half", {"number": 0.5})]:
+        if extra is None:
+            names[c.post("/v1/jobs", json={"width": 64, "height": 64, "steps": 2}).json()["id"]] = name
+            continue
+        r = c.post("/prompt", json={"prompt": txt2img_graph(), **extra})
+        assert r.status_code == 200, r.text
+        names[r.json()["prompt_id"]] = name
+        expected = {"a": 0, "b": 1, "front": -2, "half": 0.5}[name]
+        assert r.json()["number"] == expected and type(r.json()["number"]) is type(expected), r.json()
+    pending = c.get("/queue").json()["queue_pending"]
+    assert [(e[0], names[e[1]]) for e in pending] == [(-2, "front"), (0, "a"), (0.5, "half"), (1, "b")]
+    queued = [names[j.id] for j in server.services.manager.queued()]
+    assert queued == ["front", "a", "half", "b", "native"], queued  # the native job keeps its place after b
+    for bad in ("x", float("nan"), True, [1]):
+        r = c.post("/prompt", content=json.dumps({"prompt": txt2img_graph(), "number": bad}).replace("NaN", '"nan"'))
+        assert r.status_code == 400 and "number" in r.json()["detail"], r.text
+    c.post("/queue", json={"clear": True})
+    for jid, name in names.items():
+        if name == "native":
+            c.delete(f"/v1/jobs/{jid}")
+    assert server.services.manager.queued() == []
+    server.gate.set()
+    assert c.delete(f"/v1/jobs/{held}").json()["state"] in ("cancelled", "done")

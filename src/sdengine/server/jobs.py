@@ -1,5 +1,8 @@
 """The job queue: bounded FIFO, one worker thread per device, per-job cancel, progress and previews.
 
+FIFO for every protocol but one: a ComfyUI prompt may be placed by its ``front`` flag or priority ``number``
+(sdengine.server.comfy.routes: ComfyUI prompts stay ordered by number among themselves).
+
 A :class:`Job` is one :class:`~sdengine.server.requests.Generation` and its life: queued -> running ->
 done | failed | cancelled. Workers take the oldest queued job; each keeps its own pipeline (one model at a
 time, switched between jobs). Cancel touches one job: a queued job leaves the queue, a running one stops
@@ -277,8 +280,11 @@ class JobManager:
 
     # -- the queue -------------------------------------------------------------------------------------
 
-    def submit(self, job: Job) -> int:
-        """Queue ``job``; its position (0 = next). QueueFull when ``max_queue`` jobs are waiting."""
+    def submit(self, job: Job, place: Callable[[list[Job]], int] | None = None) -> int:
+        """Queue ``job``; its position (0 = next). QueueFull when ``max_queue`` jobs are waiting.
+
+        ``place(queued)`` (called under the queue's lock with the queued jobs, oldest first) may give the index
+        to insert the job at instead of the end (ComfyUI's ``front`` and priority ``number``)."""
         with self._cond:
             if self.stopping:
                 raise QueueFull("the server is stopping", retry_after=30)
@@ -288,11 +294,12 @@ class JobManager:
                     f"the queue is full ({self.max_queue} jobs waiting); retry later",
                     retry_after=max(1, len(self._queue) // busy),
                 )
-            self._queue.append(job)
+            index = len(self._queue) if place is None else max(0, min(len(self._queue), place(list(self._queue))))
+            self._queue.insert(index, job)
             self._jobs[job.id] = job
             self._forget_old()
             self._cond.notify()
-            return len(self._queue) - 1
+            return index
 
     def _forget_old(self) -> None:
         """Drop the oldest finished jobs beyond ``keep_jobs`` and the images of all but the newest finished
@@ -389,6 +396,11 @@ class JobManager:
     def running(self) -> list[Job]:
         with self._cond:
             return [j for j in self._jobs.values() if j.state == RUNNING]
+
+    def queued(self) -> list[Job]:
+        """The queued jobs in the order they will run."""
+        with self._cond:
+            return list(self._queue)
 
     def queued_count(self) -> int:
         with self._cond:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import struct
 import threading
 import time
@@ -104,7 +105,7 @@ class ComfyJob(Job):
         outputs: list[str],
         prompt: dict[str, Any],
         prompt_id: str,
-        number: int,
+        number: int | float,
         client_id: str | None,
         extra_data: dict[str, Any],
         seed_rule: str,
@@ -311,14 +312,23 @@ async def post_prompt(request: Request) -> Any:
     seed_rule = str(options.get("seed_rule", "comfyui")) if isinstance(options, dict) else "comfyui"
     if seed_rule not in ("comfyui", "sdengine"):
         raise BadRequest(f"extra_data.sdengine.seed_rule must be 'comfyui' or 'sdengine', got {seed_rule!r}")
+    given = _priority_number(body.get("number")) if "number" in body else None
     raw_client, raw_id = body.get("client_id"), body.get("prompt_id")
     client_id = raw_client if isinstance(raw_client, str) else None
     prompt_id: str = raw_id if isinstance(raw_id, str) else str(uuid.uuid4())
     if len(prompt_id) > 100 or prompt_id in st.history:
         raise BadRequest("prompt_id must be new and at most 100 characters")
-    with st.lock:
-        number = st.number
-        st.number += 1
+    number: int | float
+    front = False
+    if given is not None:  # ComfyUI: a given number is the priority as it is (a float); the counter stays
+        number = given
+    else:
+        with st.lock:
+            number = st.number
+            st.number += 1
+        front = bool(body.get("front"))
+        if front:  # ComfyUI's rule: the counter negated, below every number given so far
+            number = -number
     job = ComfyJob(
         services=services,
         st=st,
@@ -331,9 +341,34 @@ async def post_prompt(request: Request) -> Any:
         extra_data=extra,
         seed_rule=seed_rule,
     )
-    services.manager.submit(job)
+    services.manager.submit(job, place=lambda queued: _place(queued, number, front))
     send_status(st, services)
     return {"prompt_id": prompt_id, "number": number, "node_errors": {}}
+
+
+def _priority_number(value: Any) -> float:
+    """``number`` of a POST /prompt: a finite number (or its text), as ComfyUI's ``float(number)``."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise BadRequest(f"number must be a number (the prompt's priority), got {str(value)[:50]!r}") from None
+    if not math.isfinite(number):
+        raise BadRequest(f"number must be a finite number, got {number}")
+    return number
+
+
+def _place(queued: list[Job], number: int | float, front: bool) -> int:
+    """Where a ComfyUI prompt goes in the server's shared queue: with ``front``, at its head (it runs next);
+    else just before the first queued ComfyUI prompt with a higher number (ComfyUI's queue is ordered by
+    number), at the end when there is none. Jobs of the other protocols keep their order: FIFO."""
+    if front:
+        return 0
+    for i, j in enumerate(queued):
+        if isinstance(j, ComfyJob) and j.number > number:
+            return i
+    return len(queued)
 
 
 @_route("GET", "/prompt")
@@ -343,10 +378,11 @@ def get_prompt_status(request: Request) -> Any:
 
 @_route("GET", "/queue")
 def get_queue(request: Request) -> Any:
-    jobs = comfy_jobs(request.app.state.services)
+    services = request.app.state.services
     return {
-        "queue_running": [j.queue_item() for j in jobs if j.state == RUNNING],
-        "queue_pending": [j.queue_item() for j in jobs if j.state == QUEUED],
+        "queue_running": [j.queue_item() for j in comfy_jobs(services) if j.state == RUNNING],
+        # in the order they will run (ComfyUI lists its heap; its page sorts by number: the same order here)
+        "queue_pending": [j.queue_item() for j in services.manager.queued() if isinstance(j, ComfyJob)],
     }
 
 
