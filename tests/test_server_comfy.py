@@ -810,6 +810,47 @@ def test_controlnet_hints_per_row_and_of_another_aspect():
     assert torch.allclose(run(wide, 1), run(a, 1), atol=1e-5)
 
 
+def test_a_controlnet_acts_only_on_the_cfg_halves_whose_conditioning_carries_it():
+    """ComfyUI runs a ControlNet with the conditioning that carries it: on the negative only (the Advanced node's
+    negative output wired alone, or ControlNetApply on the negative) it acts on the unconditional half only, on the
+    positive only on the conditional half only. It once acted on both halves whichever carried it. Exact checks:
+    at cfg 0 only the unconditional half counts, at cfg 1 only the conditional one (the other is not run)."""
+    from dataclasses import replace
+
+    from sdengine.latent_sampling import ControlHint, encode_text, sample_latents
+    from sdengine.server.catalog import BUILTIN_CONTROLNETS
+
+    pipe = shared_loader("emoji", "cpu")
+    hint = ControlHint(str(BUILTIN_CONTROLNETS["emoji-controlnet-canny"]), picture_hint(), 1.0)
+    pos, neg = encode_text(pipe, "a star"), encode_text(pipe, "")
+
+    def run(cfg: float, on_pos: bool, on_neg: bool) -> torch.Tensor:
+        p = replace(pos, controls=(hint,)) if on_pos else pos
+        n = replace(neg, controls=(hint,)) if on_neg else neg
+        with torch.inference_mode():
+            return sample_latents(
+                pipe, [p], [n], torch.zeros(1, 4, 16, 16), seed=3, steps=2, cfg=cfg, sampler="euler", schedule="normal"
+            )
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.allclose(a, b, atol=1e-5)
+
+    assert same(run(0.0, True, False), run(0.0, False, False))  # positive only: the unconditional half is plain
+    assert same(run(0.0, False, True), run(0.0, True, True))  # negative only: it is controlled
+    assert same(run(1.0, False, True), run(1.0, False, False))  # negative only: the conditional half is plain
+    neg_only = run(5.0, False, True)
+    for other in (run(5.0, False, False), run(5.0, True, True)):
+        assert not same(neg_only, other)
+
+
+def picture_hint() -> torch.Tensor:
+    """A canny map of the test picture, (1, 3, 64, 64) in [0, 1]."""
+    from sdengine.control import canny
+
+    edges = canny(picture().resize((64, 64)).convert("RGB"), 100, 200).convert("RGB")
+    return torch.from_numpy(np.asarray(edges, np.float32) / 255).permute(2, 0, 1)[None]
+
+
 # ------------------------------------------------------------------------------ the queue, on a gated server
 
 
