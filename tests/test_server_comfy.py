@@ -508,6 +508,12 @@ def test_failures_at_run_time_and_interrupt_name_the_node(client, server):
     assert h["status"]["status_str"] == "error"
     (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
     assert err["node_id"] == "3" and err["node_type"] == "KSampler" and "66" in err["exception_message"]
+    # as ComfyUI: the nodes run before it (the changed latent at least; not those reused from the cache), the
+    # failing node's inputs, and the reused nodes' ids as a list
+    assert (
+        "5" in err["executed"] and "3" not in err["executed"] and not set(err["executed"]) & set(err["current_outputs"])
+    ), err
+    assert err["current_inputs"]["steps"] == [STEPS] and err["current_inputs"]["latent_image"] != [], err
     # server still serves; a long prompt is interrupted within a step
     g = txt2img_graph()
     g["3"]["inputs"].update(steps=150, seed=99)
@@ -913,3 +919,49 @@ def test_front_and_number_order_the_comfyui_prompts_in_the_shared_queue(gated):
     assert server.services.manager.queued() == []
     server.gate.set()
     assert c.delete(f"/v1/jobs/{held}").json()["state"] in ("cancelled", "done")
+
+
+def ws_until(ws, kind: str, pred=lambda d: True, timeout: float = 60.0) -> dict:
+    """The data of the next JSON message of type ``kind`` that ``pred`` accepts (binary frames skipped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ws.settimeout(max(0.1, deadline - time.monotonic()))
+        msg = ws.recv()
+        if isinstance(msg, str):
+            m = json.loads(msg)
+            if m["type"] == kind and pred(m["data"]):
+                return m["data"]
+        assert time.monotonic() < deadline, f"no {kind} message in {timeout} s"
+
+
+def test_a_reconnecting_client_is_told_the_running_node_and_an_interrupt_lists_the_executed_nodes(gated):
+    """ComfyUI, on a websocket (re)connect of the running prompt's client, sends `executing` with the node running
+    after `status` (sdengine once sent `status` only); `execution_interrupted` lists the nodes already run
+    (`executed`, once always [])."""
+    server, c = gated
+    sid = uuid.uuid4().hex
+    url = f"ws://127.0.0.1:{server.port}/ws?clientId={sid}"
+    ws = websocket.create_connection(url, timeout=30)
+    ws_until(ws, "status")
+    pid = c.post("/prompt", json={"prompt": txt2img_graph(), "client_id": sid}).json()["prompt_id"]
+    ws_until(ws, "executing", lambda d: d["node"] == "4")  # CheckpointLoaderSimple: held in the model load
+    ws.close()
+    ws = websocket.create_connection(url, timeout=30)
+    try:
+        ws.settimeout(10)
+        first, second = json.loads(ws.recv()), json.loads(ws.recv())
+        assert first["type"] == "status" and first["data"]["sid"] == sid, first
+        assert second == {"type": "executing", "data": {"node": "4", "display_node": "4", "prompt_id": pid}}
+        other = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId=someone-else", timeout=30)
+        other.settimeout(1)
+        assert json.loads(other.recv())["type"] == "status"
+        with pytest.raises(websocket.WebSocketTimeoutException):  # another client's prompt: nothing to tell
+            other.recv()
+        other.close()
+        assert c.post("/interrupt", json={"prompt_id": pid}).status_code == 200
+        server.gate.set()
+        stopped = ws_until(ws, "execution_interrupted")
+        assert stopped["node_id"] == "5" and stopped["executed"] == ["4"], stopped  # 4 ran, then the interrupt
+        assert ws_until(ws, "executing")["node"] is None
+    finally:
+        ws.close()

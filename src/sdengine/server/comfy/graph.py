@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from sdengine.errors import SdengineError
 from sdengine.server.comfy.nodes import NODES, Input, NodeDef, NodeError, RunContext, choices_of
 
@@ -33,20 +35,36 @@ class PromptInvalid(SdengineError, ValueError):
 
 
 class NodeFailed(SdengineError):
-    """A node raised while running: names the node."""
+    """A node raised while running: names the node; ``executed``: the nodes this prompt ran before it (not
+    those reused from the cache, as ComfyUI counts them); ``inputs``: the node's inputs, shown as ComfyUI's
+    ``current_inputs``; ``cached``: the nodes whose outputs the prompt reused (ComfyUI's ``current_outputs``)."""
 
-    def __init__(self, node_id: str, class_type: str, exc: BaseException) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        class_type: str,
+        exc: BaseException,
+        executed: list[str] | None = None,
+        inputs: dict[str, list[Any]] | None = None,
+        cached: list[str] | None = None,
+    ) -> None:
         super().__init__(f"node {node_id} ({class_type}): {exc}")
         self.node_id = node_id
         self.class_type = class_type
         self.exc = exc
+        self.executed = list(executed or [])
+        self.inputs = dict(inputs or {})
+        self.cached = list(cached or [])
 
 
 class Interrupted(SdengineError):
-    def __init__(self, node_id: str | None, class_type: str | None) -> None:
+    """The prompt was stopped at ``node_id``; ``executed``: the nodes it ran before (see NodeFailed)."""
+
+    def __init__(self, node_id: str | None, class_type: str | None, executed: list[str] | None = None) -> None:
         super().__init__("interrupted")
         self.node_id = node_id
         self.class_type = class_type
+        self.executed = list(executed or [])
 
 
 def is_link(v: Any) -> bool:
@@ -301,6 +319,16 @@ def topological_order(graph: Prompt) -> list[str]:
     return order
 
 
+def _shown(value: Any) -> Any:
+    """An input value as ComfyUI's ``current_inputs`` shows it: plain values as they are, others as short text."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value if not isinstance(value, str) or len(value) <= 1000 else value[:1000] + "..."
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 @dataclass
 class CacheEntry:
     signature: str
@@ -350,6 +378,7 @@ class Executor:
         values: dict[str, tuple[Any, ...]] = {}
         cached = [n for n in order if n in self.cache and self.cache[n].signature == sig[n]]
         event("execution_cached", {"nodes": cached})
+        executed: list[str] = []  # the nodes run (not reused) so far: ComfyUI's `executed` of an error
         ui_outputs: dict[str, dict[str, Any]] = {}
         new_cache: dict[str, CacheEntry] = {}
         for nid in order:
@@ -364,26 +393,28 @@ class Executor:
                     event("executed", {"node": nid, "display_node": nid, "output": entry.ui})
                 continue
             if cancelled():
-                raise Interrupted(nid, ct)
+                raise Interrupted(nid, ct, executed)
             event("executing", {"node": nid, "display_node": nid})
             kwargs = {k: (values[str(v[0])][v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()}
             ctx.current_node = nid
             try:
                 result = NODES[ct].fn(ctx, **kwargs)
-            except Interrupted:
-                raise
+            except Interrupted as e:
+                raise Interrupted(e.node_id, e.class_type, executed) from None
             except Exception as e:  # noqa: BLE001 - every failure is reported with its node
                 from sdengine.latent_sampling import SamplingStopped
 
                 if isinstance(e, SamplingStopped) or cancelled():
-                    raise Interrupted(nid, ct) from None
+                    raise Interrupted(nid, ct, executed) from None
                 self.cache = new_cache | {k: v for k, v in self.cache.items() if k not in new_cache}
-                raise NodeFailed(nid, ct, e) from e
+                shown = {k: [_shown(v)] for k, v in kwargs.items()}
+                raise NodeFailed(nid, ct, e, executed, shown, cached) from e
             ui = None
             if isinstance(result, dict):
                 ui = result.get("ui")
                 result = tuple(result.get("result", ()))
             values[nid] = tuple(result)
+            executed.append(nid)
             new_cache[nid] = CacheEntry(sig[nid], values[nid], ui)
             if ui is not None:
                 ui_outputs[nid] = ui

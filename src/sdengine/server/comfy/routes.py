@@ -127,12 +127,15 @@ class ComfyJob(Job):
         self.extra_data = extra_data
         self.seed_rule = seed_rule
         self.messages: list[list[Any]] = []
+        self.node: str | None = None  # the node running now (told again to a websocket that reconnects)
 
     def queue_item(self) -> list[Any]:
         return [self.number, self.id, self.prompt, self.extra_data, self.outputs]
 
     def event(self, name: str, data: dict[str, Any]) -> None:
         data = {**data, "prompt_id": self.id}
+        if name == "executing":
+            self.node = data.get("node")
         if name in (
             "execution_start",
             "execution_cached",
@@ -201,13 +204,16 @@ class ComfyJob(Job):
         if status == "success":
             self.event("execution_success", {})
             m.finish(self, DONE)
+        self.node = None
         self.st.send("executing", {"node": None, "display_node": None, "prompt_id": self.id}, self.client_id)
         send_status(st, services)
 
     def _failed(self, e: Interrupted | NodeFailed) -> str:
         m = self.services.manager
         if isinstance(e, Interrupted):
-            self.event("execution_interrupted", {"node_id": e.node_id, "node_type": e.class_type, "executed": []})
+            self.event(
+                "execution_interrupted", {"node_id": e.node_id, "node_type": e.class_type, "executed": e.executed}
+            )
             m.finish(self, CANCELLED, f"interrupted at node {e.node_id} ({e.class_type})")
             return "error"  # ComfyUI's history knows two: success and error (the messages say it was interrupted)
         self.event(
@@ -215,12 +221,12 @@ class ComfyJob(Job):
             {
                 "node_id": e.node_id,
                 "node_type": e.class_type,
-                "executed": [],
+                "executed": e.executed,
                 "exception_message": str(e.exc),
                 "exception_type": type(e.exc).__name__,
                 "traceback": traceback.format_exception_only(type(e.exc), e.exc),
-                "current_inputs": {},
-                "current_outputs": {},
+                "current_inputs": e.inputs,
+                "current_outputs": e.cached,
             },
         )
         m.finish(self, FAILED, str(e))
@@ -659,6 +665,10 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     with st.lock:
         st.sockets[sid] = (asyncio.get_running_loop(), q)
     send_status(st, services, sid)
+    for j in comfy_jobs(services):  # ComfyUI: a client that reconnects while its prompt runs is told the node
+        node = j.node
+        if j.state == RUNNING and j.client_id == sid and node is not None:
+            st.send("executing", {"node": node, "display_node": node, "prompt_id": j.id}, sid)
 
     async def pump() -> None:
         while True:
