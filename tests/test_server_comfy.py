@@ -912,6 +912,16 @@ def test_front_and_number_order_the_comfyui_prompts_in_the_shared_queue(gated):
     for bad in ("x", float("nan"), True, [1]):
         r = c.post("/prompt", content=json.dumps({"prompt": txt2img_graph(), "number": bad}).replace("NaN", '"nan"'))
         assert r.status_code == 400 and "number" in r.json()["detail"], r.text
+    # a prompt_id already used by a queued prompt or by another protocol's job is refused: the job table is keyed
+    # by id, and the second job once replaced the first there (a native job vanished from /v1/jobs)
+    native = next(jid for jid, name in names.items() if name == "native")
+    for taken in (next(iter(names)), native, held):
+        r = c.post("/prompt", json={"prompt": txt2img_graph(), "prompt_id": taken})
+        assert r.status_code == 400 and "taken" in r.json()["detail"], r.text
+    assert c.get(f"/v1/jobs/{native}").json()["state"] == "queued" and len(server.services.manager.queued()) == 5
+    r = c.post("/prompt", json={"prompt": txt2img_graph(), "prompt_id": 7})  # ComfyUI: str(prompt_id)
+    assert r.status_code == 200 and r.json()["prompt_id"] == "7", r.text
+    names["7"] = "seven"
     c.post("/queue", json={"clear": True})
     for jid, name in names.items():
         if name == "native":

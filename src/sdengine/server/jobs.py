@@ -40,7 +40,7 @@ from typing import Any
 from PIL import Image
 
 from sdengine.errors import SdengineError
-from sdengine.server.errors import NotFound, QueueFull
+from sdengine.server.errors import BadRequest, NotFound, QueueFull
 from sdengine.server.requests import Generation
 
 log = logging.getLogger(__name__)
@@ -288,6 +288,8 @@ class JobManager:
         with self._cond:
             if self.stopping:
                 raise QueueFull("the server is stopping", retry_after=30)
+            if job.id in self._jobs:  # the table is keyed by id: a second job would hide the first
+                raise BadRequest(f"job id {job.id!r} is taken")
             if len(self._queue) >= self.max_queue:
                 busy = max(1, len(self.workers))
                 raise QueueFull(

@@ -321,9 +321,16 @@ async def post_prompt(request: Request) -> Any:
     given = _priority_number(body.get("number")) if "number" in body else None
     raw_client, raw_id = body.get("client_id"), body.get("prompt_id")
     client_id = raw_client if isinstance(raw_client, str) else None
-    prompt_id: str = raw_id if isinstance(raw_id, str) else str(uuid.uuid4())
-    if len(prompt_id) > 100 or prompt_id in st.history:
-        raise BadRequest("prompt_id must be new and at most 100 characters")
+    if raw_id is None:
+        prompt_id = str(uuid.uuid4())
+    elif isinstance(raw_id, str | int) and not isinstance(raw_id, bool):  # ComfyUI: str(prompt_id)
+        prompt_id = str(raw_id)
+    else:
+        raise BadRequest("prompt_id must be a string")
+    if not 0 < len(prompt_id) <= 100:
+        raise BadRequest("prompt_id must be 1 to 100 characters")
+    if prompt_id in st.history or _known_job(services, prompt_id):  # the job table is keyed by id: never shared
+        raise BadRequest(f"prompt_id {prompt_id!r} is taken (a prompt or job of the server has it)")
     number: int | float
     front = False
     if given is not None:  # ComfyUI: a given number is the priority as it is (a float); the counter stays
@@ -350,6 +357,14 @@ async def post_prompt(request: Request) -> Any:
     services.manager.submit(job, place=lambda queued: _place(queued, number, front))
     send_status(st, services)
     return {"prompt_id": prompt_id, "number": number, "node_errors": {}}
+
+
+def _known_job(services: Any, job_id: str) -> bool:
+    try:
+        services.manager.get(job_id)
+        return True
+    except NotFound:
+        return False
 
 
 def _priority_number(value: Any) -> float:
