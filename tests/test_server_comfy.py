@@ -975,3 +975,32 @@ def test_a_reconnecting_client_is_told_the_running_node_and_an_interrupt_lists_t
         assert ws_until(ws, "executing")["node"] is None
     finally:
         ws.close()
+
+
+def test_the_client_id_in_extra_data_targets_the_events_and_is_listed(server, client):
+    """ComfyUI keeps the client id in extra_data, and its executor reads it there: a prompt whose client id is
+    sent in extra_data alone sends its events to that client only (they once went to every socket), and /history
+    lists extra_data with client_id (and without ComfyUI's sensitive keys)."""
+    mine, theirs = uuid.uuid4().hex, uuid.uuid4().hex
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={mine}", timeout=30)
+    other = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={theirs}", timeout=30)
+    try:
+        extra = {"client_id": mine, "api_key_comfy_org": "secret", "extra_pnginfo": {"workflow": {}}}
+        r = client.post("/prompt", json={"prompt": txt2img_graph(), "extra_data": extra})
+        assert r.status_code == 200, r.text
+        pid = r.json()["prompt_id"]
+        assert ws_until(ws, "executing", lambda d: d["node"] is None and d["prompt_id"] == pid)["prompt_id"] == pid
+        other.settimeout(0.5)
+        seen = []
+        with pytest.raises(websocket.WebSocketTimeoutException):
+            while True:
+                m = other.recv()
+                seen += [m] if isinstance(m, str) and pid in m else []
+        assert seen == [], seen
+        listed = wait_history(client, pid)["prompt"][3]
+        assert listed == {"client_id": mine, "extra_pnginfo": {"workflow": {}}}, listed
+        r = client.post("/prompt", json={"prompt": txt2img_graph(), "client_id": theirs})  # top level: listed too
+        assert wait_history(client, r.json()["prompt_id"])["prompt"][3] == {"client_id": theirs}
+    finally:
+        ws.close()
+        other.close()

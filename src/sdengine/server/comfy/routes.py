@@ -35,6 +35,7 @@ from sdengine.server.requests import Generation
 PREVIEW_IMAGE = 1  # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE
 PNG_TYPE = 2
 MAX_HISTORY = 200
+SENSITIVE = ("auth_token_comfy_org", "api_key_comfy_org")  # ComfyUI's SENSITIVE_EXTRA_DATA_KEYS
 MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
 router = APIRouter(tags=["comfyui"])
@@ -313,14 +314,20 @@ async def post_prompt(request: Request) -> Any:
     except PromptInvalid as e:
         return JSONResponse(e.body, status_code=400)
     raw_extra = body.get("extra_data")
-    extra: dict[str, Any] = raw_extra if isinstance(raw_extra, dict) else {}
+    # ComfyUI keeps the client id in extra_data (where its executor reads it: a client id sent there alone is
+    # the prompt's too) and never lists its sensitive keys (API keys of its partner nodes) in /queue or /history
+    extra: dict[str, Any] = (
+        {k: v for k, v in raw_extra.items() if k not in SENSITIVE} if isinstance(raw_extra, dict) else {}
+    )
     options = extra.get("sdengine")
     seed_rule = str(options.get("seed_rule", "comfyui")) if isinstance(options, dict) else "comfyui"
     if seed_rule not in ("comfyui", "sdengine"):
         raise BadRequest(f"extra_data.sdengine.seed_rule must be 'comfyui' or 'sdengine', got {seed_rule!r}")
     given = _priority_number(body.get("number")) if "number" in body else None
     raw_client, raw_id = body.get("client_id"), body.get("prompt_id")
-    client_id = raw_client if isinstance(raw_client, str) else None
+    if isinstance(raw_client, str):
+        extra["client_id"] = raw_client
+    client_id = extra.get("client_id") if isinstance(extra.get("client_id"), str) else None
     if raw_id is None:
         prompt_id = str(uuid.uuid4())
     elif isinstance(raw_id, str | int) and not isinstance(raw_id, bool):  # ComfyUI: str(prompt_id)
