@@ -1004,3 +1004,25 @@ def test_the_client_id_in_extra_data_targets_the_events_and_is_listed(server, cl
     finally:
         ws.close()
         other.close()
+
+
+def test_upload_image_keeps_one_copy_of_the_same_image_and_numbers_other_ones(client, server):
+    """ComfyUI's /upload/image: the same image again under a name it already has answers that name and stores no
+    copy (sdengine once stored "x (1).png", "x (2).png", ... for every upload of one image); another image under
+    the name gets "x (1).png"; overwrite replaces; a subfolder is created and answered; /view serves each."""
+    sub = f"up{uuid.uuid4().hex[:8]}"
+    red, blue = png_bytes(Image.new("RGB", (8, 8), (255, 0, 0))), png_bytes(Image.new("RGB", (8, 8), (0, 0, 255)))
+
+    def up(data: bytes, **form: str) -> str:
+        r = client.post("/upload/image", files={"image": ("x.png", data, "image/png")}, data={"subfolder": sub, **form})
+        assert r.status_code == 200 and r.json()["subfolder"] == sub and r.json()["type"] == "input", r.text
+        return r.json()["name"]
+
+    assert [up(red), up(red), up(blue), up(blue), up(red)] == ["x.png", "x.png", "x (1).png", "x (1).png", "x.png"]
+    folder = Path(server.services.config.outputs_dir) / "input" / sub
+    assert sorted(p.name for p in folder.iterdir()) == ["x (1).png", "x.png"]
+    assert up(blue, overwrite="true") == "x.png"
+    v = client.get("/view", params={"filename": "x.png", "subfolder": sub, "type": "input"})
+    assert v.status_code == 200 and v.content == blue
+    listed = client.get("/object_info/LoadImage").json()["LoadImage"]["input"]["required"]["image"][0]
+    assert f"{sub}/x (1).png" in listed

@@ -552,13 +552,28 @@ async def upload_image(request: Request) -> Any:
     with st.save_lock:
         target = folder / filename
         k = 1
+        duplicate = False
         while target.exists() and not overwrite:
+            if _same_file(target, data):  # ComfyUI: the same image under that name is not stored again
+                duplicate = True
+                break
             target = folder / f"{Path(filename).stem} ({k}){Path(filename).suffix}"
             k += 1
         if not is_inside(root, target.parent) or target.is_symlink():
             raise BadRequest(f"{filename!r} resolves outside the {kind} folder")
-        target.write_bytes(data)
+        if not duplicate:
+            target.write_bytes(data)
     return {"name": target.name, "subfolder": subfolder, "type": kind}
+
+
+def _same_file(path: Path, data: bytes) -> bool:
+    """Whether ``path`` is a plain file holding exactly ``data``."""
+    try:
+        return (
+            path.is_file() and not path.is_symlink() and path.stat().st_size == len(data) and path.read_bytes() == data
+        )
+    except OSError:
+        return False
 
 
 @_route("GET", "/object_info")
