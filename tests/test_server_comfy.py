@@ -1026,3 +1026,35 @@ def test_upload_image_keeps_one_copy_of_the_same_image_and_numbers_other_ones(cl
     assert v.status_code == 200 and v.content == blue
     listed = client.get("/object_info/LoadImage").json()["LoadImage"]["input"]["required"]["image"][0]
     assert f"{sub}/x (1).png" in listed
+
+
+def test_lora_and_controlnet_names_with_their_file_suffix(client):
+    """ComfyUI lists LoRA and ControlNet files with their suffix: a workflow written for it names
+    "x.safetensors" where sdengine lists "x" (it was refused: value_not_in_list). Both name the same file: the
+    second prompt is the first one, all cached."""
+    g = txt2img_graph(model=("10", 0), clip=("10", 1))
+    g["10"] = {
+        "class_type": "LoraLoader",
+        "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": "emoji-fruit.safetensors"}
+        | {"strength_model": 0.7, "strength_clip": 0.7},
+    }
+    g["11"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "emoji-controlnet-canny.safetensors"}}
+    g["12"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    g["13"] = {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["4", 2]}}
+    g["14"] = {
+        "class_type": "ControlNetApply",
+        "inputs": {"conditioning": ["6", 0], "control_net": ["11", 0], "image": ["13", 0], "strength": 0.5},
+    }
+    g["3"]["inputs"]["positive"] = ["14", 0]
+    for suffix in (".safetensors", ""):
+        g["10"]["inputs"]["lora_name"] = "emoji-fruit" + suffix
+        g["11"]["inputs"]["control_net_name"] = "emoji-controlnet-canny" + suffix
+        r = client.post("/prompt", json={"prompt": g})
+        assert r.status_code == 200, r.text
+        h = wait_history(client, r.json()["prompt_id"])
+        assert h["status"]["status_str"] == "success", h["status"]
+    (cached,) = [m[1]["nodes"] for m in h["status"]["messages"] if m[0] == "execution_cached"]
+    assert sorted(cached) == sorted(g), cached
+    g["10"]["inputs"]["lora_name"] = "emoji-fruit.ckpt"
+    r = client.post("/prompt", json={"prompt": g})
+    assert r.status_code == 400 and r.json()["node_errors"]["10"]["errors"][0]["type"] == "value_not_in_list"

@@ -130,6 +130,11 @@ def _convert(inp: Input, value: Any, env: Any) -> tuple[Any, dict[str, Any] | No
             )
     if inp.type == "COMBO":
         choices = choices_of(inp, env)
+        if isinstance(value, str) and value not in choices:
+            # ComfyUI lists model files with their suffix ("x.safetensors"), sdengine some without ("x"): a
+            # workflow written for either names the same file
+            other = value[: -len(".safetensors")] if value.endswith(".safetensors") else value + ".safetensors"
+            value = other if other in choices else value
         if not isinstance(value, str) or value not in choices:
             shown = ", ".join(choices[:20]) + (", ..." if len(choices) > 20 else "")
             return None, _err(
