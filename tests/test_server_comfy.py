@@ -1058,3 +1058,29 @@ def test_lora_and_controlnet_names_with_their_file_suffix(client):
     g["10"]["inputs"]["lora_name"] = "emoji-fruit.ckpt"
     r = client.post("/prompt", json={"prompt": g})
     assert r.status_code == 400 and r.json()["node_errors"]["10"]["errors"][0]["type"] == "value_not_in_list"
+
+
+def test_a_broken_output_is_left_out_and_partial_execution_targets_pick_the_outputs(client):
+    """As ComfyUI: an output node whose nodes have errors is left out while the valid outputs run (200, with the
+    errors in node_errors; the whole prompt was once refused); partial_execution_targets runs only the outputs it
+    names (it was ignored); no output left -> 400 with the errors summed up in error.details."""
+    g = txt2img_graph()
+    g["20"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}}
+    g["21"] = {"class_type": "SaveImage", "inputs": {"images": ["20", 0], "filename_prefix": "second"}}
+    g["22"] = {"class_type": "VAEDecode", "inputs": {"samples": ["99", 0], "vae": ["4", 2]}}  # a dangling link
+    g["23"] = {"class_type": "PreviewImage", "inputs": {"images": ["22", 0]}}
+    r = client.post("/prompt", json={"prompt": g})
+    assert r.status_code == 200, r.text
+    errors = r.json()["node_errors"]
+    assert list(errors) == ["22"] and errors["22"]["dependent_outputs"] == ["23"], errors
+    h = wait_history(client, r.json()["prompt_id"])
+    assert h["status"]["status_str"] == "success" and sorted(h["outputs"]) == ["21", "9"], h
+    r = client.post("/prompt", json={"prompt": g, "partial_execution_targets": ["21"]})
+    assert r.status_code == 200 and r.json()["node_errors"] == {}, r.text
+    assert sorted(wait_history(client, r.json()["prompt_id"])["outputs"]) == ["21"]
+    r = client.post("/prompt", json={"prompt": g, "partial_execution_targets": ["6"]})  # not an output node
+    assert r.status_code == 400 and r.json()["error"]["type"] == "prompt_no_outputs", r.text
+    r = client.post("/prompt", json={"prompt": g, "partial_execution_targets": ["23"]})
+    assert r.status_code == 400 and "samples" in r.json()["error"]["details"], r.text
+    r = client.post("/prompt", json={"prompt": g, "partial_execution_targets": "21"})
+    assert r.status_code == 400 and "partial_execution_targets" in r.json()["detail"], r.text

@@ -155,8 +155,11 @@ def output_nodes(prompt: Prompt) -> list[str]:
     ]
 
 
-def validate(prompt: Any, env: Any) -> tuple[Prompt, list[str]]:
-    """(the prompt with literal inputs converted, the output node ids to run); PromptInvalid if broken."""
+def validate(prompt: Any, env: Any, targets: list[str] | None = None) -> tuple[Prompt, list[str], dict[str, Any]]:
+    """(the prompt with literal inputs converted, the output node ids to run, node errors); PromptInvalid if
+    no output can run. As ComfyUI: ``targets`` (``partial_execution_targets``) keeps only the output nodes it
+    names; an output whose nodes have errors is left out while the others run (their errors are answered with
+    the prompt's id), and the prompt fails only when none is left."""
 
     def fail(error: dict[str, Any], node_errors: dict[str, Any] | None = None) -> PromptInvalid:
         return PromptInvalid({"error": error, "node_errors": node_errors or {}})
@@ -192,7 +195,7 @@ def validate(prompt: Any, env: Any) -> tuple[Prompt, list[str]]:
             )
         if not isinstance(node.get("inputs", {}), dict):
             raise fail(_err("invalid_prompt", f"Node {nid}: inputs must be an object", f"Node ID '#{nid}'"))
-    outputs = output_nodes(prompt)
+    outputs = [o for o in output_nodes(prompt) if targets is None or o in targets]
     if not outputs:
         raise fail(_err("prompt_no_outputs", "Prompt has no outputs", "add a SaveImage or PreviewImage node"))
 
@@ -293,11 +296,15 @@ def validate(prompt: Any, env: Any) -> tuple[Prompt, list[str]]:
 
     for out in outputs:
         visit(out, out)
-    if node_errors:
-        for nid, entry in node_errors.items():
-            entry["dependent_outputs"] = sorted(dependents.get(nid, ()))
-        raise fail(_err("prompt_outputs_failed_validation", "Prompt outputs failed validation"), node_errors)
-    return converted, outputs
+    for nid, entry in node_errors.items():
+        entry["dependent_outputs"] = sorted(dependents.get(nid, ()))
+    bad = {o for entry in node_errors.values() for o in entry["dependent_outputs"]}
+    good = [o for o in outputs if o not in bad]
+    if not good:
+        details = "\n".join(f"{e['message']}: {e['details']}" for n in node_errors.values() for e in n["errors"])
+        raise fail(_err("prompt_outputs_failed_validation", "Prompt outputs failed validation", details), node_errors)
+    graph = {nid: node for nid, node in converted.items() if dependents.get(nid, set()) & set(good)}
+    return graph, good, node_errors
 
 
 def topological_order(graph: Prompt) -> list[str]:

@@ -309,8 +309,11 @@ async def post_prompt(request: Request) -> Any:
             status_code=400,
         )
     prompt = body["prompt"]
+    targets = body.get("partial_execution_targets")
+    if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
+        raise BadRequest("partial_execution_targets must be a list of node ids")
     try:
-        graph, outputs = await asyncio.to_thread(validate, prompt, Env(services, st))
+        graph, outputs, node_errors = await asyncio.to_thread(validate, prompt, Env(services, st), targets)
     except PromptInvalid as e:
         return JSONResponse(e.body, status_code=400)
     raw_extra = body.get("extra_data")
@@ -363,7 +366,7 @@ async def post_prompt(request: Request) -> Any:
     )
     services.manager.submit(job, place=lambda queued: _place(queued, number, front))
     send_status(st, services)
-    return {"prompt_id": prompt_id, "number": number, "node_errors": {}}
+    return {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
 
 
 def _known_job(services: Any, job_id: str) -> bool:
