@@ -1084,3 +1084,28 @@ def test_a_broken_output_is_left_out_and_partial_execution_targets_pick_the_outp
     assert r.status_code == 400 and "samples" in r.json()["error"]["details"], r.text
     r = client.post("/prompt", json={"prompt": g, "partial_execution_targets": "21"})
     assert r.status_code == 400 and "partial_execution_targets" in r.json()["detail"], r.text
+
+
+def test_save_image_prefix_variables_and_a_prefix_that_looks_like_a_pattern(tmp_path):
+    """SaveImage as ComfyUI: %width% %height% %year% ... in the prefix, %batch_num% per image; the counter goes on
+    after the highest file of the prefix, also for a prefix with glob characters ("shot[1]": every run once wrote
+    over the first images)."""
+    import threading
+
+    from sdengine.server.comfy.nodes import Outputs, RunContext, save_image
+
+    folders = Outputs(tmp_path / "out", tmp_path / "in", tmp_path / "temp")
+    ctx = RunContext(pipeline=lambda ref: None, catalog=None, folders=folders, save_lock=threading.Lock())
+    images = torch.rand(2, 8, 12, 3)
+
+    def names(prefix: str) -> list[str]:
+        return [f"{i['subfolder']}/{i['filename']}" for i in save_image(ctx, images, prefix)["ui"]["images"]]
+
+    assert names("shot[1]") + names("shot[1]") == [f"/shot[1]_0000{k}_.png" for k in (1, 2, 3, 4)]
+    year = time.strftime("%Y")
+    assert names("%year%/w%width%h%height%") == [f"{year}/w12h8_00001_.png", f"{year}/w12h8_00002_.png"]
+    assert names("b%batch_num%") + names("b%batch_num%") == ["/b0_00001_.png", "/b1_00002_.png"] + [
+        "/b0_00003_.png",
+        "/b1_00004_.png",
+    ]
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 10  # nothing written over

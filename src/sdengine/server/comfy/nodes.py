@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -772,7 +774,7 @@ def load_image_mask(ctx: RunContext, image: str, channel: str) -> tuple[Any]:
 def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict[str, Any]:
     from sdengine.io.paths import check_name, is_inside
 
-    prefix = prefix.strip() or "ComfyUI"
+    prefix = _prefix_vars(prefix.strip() or "ComfyUI", images)
     sub, _, stem = prefix.replace("\\", "/").rpartition("/")
     root = ctx.folders.root(kind)
     try:
@@ -792,19 +794,39 @@ def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict
     for k, v in ctx.extra_pnginfo.items():
         info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
     results = []
+    # the counter follows the highest of this prefix's files (read by name: a prefix such as "shot[1]" is no glob
+    # pattern, which once found none, so that every run wrote over the first images)
+    pattern = re.compile(re.escape(stem).replace(re.escape("%batch_num%"), r"\d+") + r"_(\d+)_\.png")
     with ctx.save_lock:
-        used = [
-            int(p.name[len(stem) + 1 :].split("_")[0])
-            for p in folder.glob(f"{stem}_*_.png")
-            if p.name[len(stem) + 1 :].split("_")[0].isdigit()
-        ]
+        used = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.fullmatch(p.name))]
         counter = max(used, default=0) + 1
-        for img in tensor_to_pil(images):
-            name = f"{stem}_{counter:05d}_.png"
+        for i, img in enumerate(tensor_to_pil(images)):
+            name = f"{stem.replace('%batch_num%', str(i))}_{counter:05d}_.png"
             img.save(folder / name, pnginfo=info, compress_level=4)
             results.append({"filename": name, "subfolder": sub, "type": kind})
             counter += 1
     return {"ui": {"images": results}, "result": ()}
+
+
+def _prefix_vars(prefix: str, images: torch.Tensor) -> str:
+    """ComfyUI's variables of a filename prefix: %width% and %height% of the first image, and the local time's
+    %year% %month% %day% %hour% %minute% %second% (%batch_num% is each image's index, replaced per file)."""
+    if "%" not in prefix:
+        return prefix
+    now = time.localtime()
+    values = {
+        "width": images.shape[2],
+        "height": images.shape[1],
+        "year": now.tm_year,
+        "month": f"{now.tm_mon:02d}",
+        "day": f"{now.tm_mday:02d}",
+        "hour": f"{now.tm_hour:02d}",
+        "minute": f"{now.tm_min:02d}",
+        "second": f"{now.tm_sec:02d}",
+    }
+    for k, v in values.items():
+        prefix = prefix.replace(f"%{k}%", str(v))
+    return prefix
 
 
 def save_image(ctx: RunContext, images: torch.Tensor, filename_prefix: str) -> dict[str, Any]:
