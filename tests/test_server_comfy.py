@@ -1109,3 +1109,33 @@ def test_save_image_prefix_variables_and_a_prefix_that_looks_like_a_pattern(tmp_
         "/b1_00004_.png",
     ]
     assert len(list((tmp_path / "out").rglob("*.png"))) == 10  # nothing written over
+
+
+def test_load_image_reads_annotated_names_of_the_output_and_temp_folders(client):
+    """ComfyUI's LoadImage takes "name [output]" (and [input], [temp]): a client loads an image the server saved
+    without uploading it again (it was refused: value_not_in_list); /object_info marks the input image_upload."""
+    g = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "x"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "annotated"}},
+    }
+    saved = np.asarray(picture())
+    init_id, init_name = upload(client, picture(), "annotate-me.png")
+    g["1"]["inputs"]["image"] = f"{init_name} [input]"
+    first = wait_history(client, client.post("/prompt", json={"prompt": g}).json()["prompt_id"])
+    out = first["outputs"]["2"]["images"][0]
+    for kind in ("output", "input"):
+        name = f"{out['subfolder']}/{out['filename']}".lstrip("/") if kind == "output" else init_name
+        g["1"]["inputs"]["image"] = f"{name} [{kind}]"
+        r = client.post("/prompt", json={"prompt": g})
+        assert r.status_code == 200, r.text
+        h = wait_history(client, r.json()["prompt_id"])
+        assert h["status"]["status_str"] == "success", h["status"]
+        im = h["outputs"]["2"]["images"][0]
+        v = client.get("/view", params={"filename": im["filename"], "subfolder": im["subfolder"], "type": "output"})
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(v.content)).convert("RGB")), saved)
+    for bad in ("nope.png [output]", "../x.png [output]", f"{init_name} [elsewhere]"):
+        g["1"]["inputs"]["image"] = bad
+        r = client.post("/prompt", json={"prompt": g})
+        assert r.status_code == 400 and r.json()["node_errors"]["1"]["errors"][0]["type"] == "value_not_in_list"
+    spec = client.get("/object_info/LoadImage").json()["LoadImage"]["input"]["required"]["image"]
+    assert spec[1] == {"image_upload": True}, spec

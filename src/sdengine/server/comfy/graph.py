@@ -135,6 +135,13 @@ def _convert(inp: Input, value: Any, env: Any) -> tuple[Any, dict[str, Any] | No
             # workflow written for either names the same file
             other = value[: -len(".safetensors")] if value.endswith(".safetensors") else value + ".safetensors"
             value = other if other in choices else value
+        if (
+            isinstance(value, str)
+            and value not in choices
+            and inp.also_valid is not None
+            and inp.also_valid(env, value)
+        ):
+            return value, None
         if not isinstance(value, str) or value not in choices:
             shown = ", ".join(choices[:20]) + (", ..." if len(choices) > 20 else "")
             return None, _err(

@@ -79,6 +79,9 @@ class Input:
     multiline: bool = False
     optional: bool = False
     tooltip: str = ""
+    # a value outside ``choices`` that is valid all the same (LoadImage's "name [output]"): (env, value) -> bool
+    also_valid: Callable[[Any, str], bool] | None = None
+    upload: bool = False  # ComfyUI's image_upload flag (its page offers an upload button)
 
     @property
     def is_link_type(self) -> bool:
@@ -237,30 +240,63 @@ def latent_samples(latent: dict[str, Any], pipe: Any) -> torch.Tensor:
     return torch.zeros(b, pipe.latent_channels, h // f, w // f)
 
 
+ANNOTATIONS = {" [input]": "input", " [output]": "output", " [temp]": "temp"}
+
+
+def split_annotation(name: str) -> tuple[str, str]:
+    """ComfyUI's annotated file names: "x.png [output]" is x.png of the output folder (also [input], [temp]);
+    a plain name is of the input folder."""
+    for suffix, kind in ANNOTATIONS.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)], kind
+    return name, "input"
+
+
+def _image_path(folders: Outputs, name: str) -> Path:
+    """The image file a LoadImage value names (resolved inside its folder); UnsafePathError / FileNotFoundError."""
+    from sdengine.io.paths import resolve_inside
+
+    plain, kind = split_annotation(name)
+    return resolve_inside(folders.root(kind), plain, "image")
+
+
+def annotated_image_exists(env: Any, value: str) -> bool:
+    """Whether an annotated LoadImage value ("x.png [output]") names an image file of its folder."""
+    from sdengine.io.paths import UnsafePathError
+
+    if split_annotation(value)[0] == value:
+        return False
+    try:
+        return _image_path(env.folders, value).suffix.lower() in IMAGE_SUFFIXES
+    except (UnsafePathError, OSError):
+        return False
+
+
 def input_file_token(ctx: RunContext, inputs: dict[str, Any]) -> str:
     """The content hash of the input folder's file named by ``inputs["image"]`` ("" when it cannot be read: the
     node then fails with its own message when it runs)."""
     import hashlib
 
-    from sdengine.io.paths import UnsafePathError, resolve_inside
+    from sdengine.io.paths import UnsafePathError
 
     try:
-        path = resolve_inside(ctx.folders.input, str(inputs.get("image", "")), "image")
+        path = _image_path(ctx.folders, str(inputs.get("image", "")))
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except (UnsafePathError, OSError):
         return ""
 
 
 def _load_input_image(ctx: RunContext, name: str) -> Image.Image:
-    from sdengine.io.paths import UnsafePathError, resolve_inside
+    from sdengine.io.paths import UnsafePathError
     from sdengine.server.security import decode_image
 
     try:
-        path = resolve_inside(ctx.folders.input, name, "image")
+        path = _image_path(ctx.folders, name)
     except UnsafePathError as e:
         raise NodeError(str(e)) from None
     except FileNotFoundError:
-        raise NodeError(f"image {name!r} is not in the input folder (upload it with POST /upload/image)") from None
+        kind = split_annotation(name)[1]
+        raise NodeError(f"image {name!r} is not in the {kind} folder (upload it with POST /upload/image)") from None
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise NodeError(f"image {name!r}: only PNG, JPEG and WebP files are read")
     return ImageOps.exif_transpose(decode_image(path.read_bytes(), f"image {name!r}", ctx.max_pixels))
@@ -1005,7 +1041,7 @@ NODES: dict[str, NodeDef] = {
             "LoadImage",
             "Load Image",
             "image",
-            (_combo("image", input_files),),
+            (Input("image", "COMBO", choices=input_files, also_valid=annotated_image_exists, upload=True),),
             ("IMAGE", "MASK"),
             load_image,
             description="An image from the input folder (POST /upload/image); MASK = 1 - alpha.",
@@ -1015,7 +1051,10 @@ NODES: dict[str, NodeDef] = {
             "LoadImageMask",
             "Load Image (as Mask)",
             "mask",
-            (_combo("image", input_files), _combo("channel", ("alpha", "red", "green", "blue"))),
+            (
+                Input("image", "COMBO", choices=input_files, also_valid=annotated_image_exists, upload=True),
+                _combo("channel", ("alpha", "red", "green", "blue")),
+            ),
             ("MASK",),
             load_image_mask,
             changed=input_file_token,
@@ -1141,6 +1180,8 @@ def object_info(node: NodeDef, env: Any) -> dict[str, Any]:
             spec: list[Any] = [choices]
             if i.default is not None:
                 opts["default"] = i.default
+            if i.upload:
+                opts["image_upload"] = True
         else:
             spec = [i.type]
             for k in ("default", "min", "max", "step"):
