@@ -1139,3 +1139,49 @@ def test_load_image_reads_annotated_names_of_the_output_and_temp_folders(client)
         assert r.status_code == 400 and r.json()["node_errors"]["1"]["errors"][0]["type"] == "value_not_in_list"
     spec = client.get("/object_info/LoadImage").json()["LoadImage"]["input"]["required"]["image"]
     assert spec[1] == {"image_upload": True}, spec
+
+
+def test_validation_of_deep_and_diamond_shaped_graphs_is_linear(client, tmp_path):
+    """Validation walked each path of the graph (a chain of ConditioningCombine nodes fed twice by the one before:
+    2**depth steps, a few bytes of JSON that held a server thread for ever) and recursed per link (a chain of 5000
+    nodes: RecursionError, a 500); a body of deeply nested JSON was a 500 too."""
+    from sdengine.server.catalog import Catalog
+    from sdengine.server.comfy.graph import PromptInvalid, validate
+    from sdengine.server.comfy.nodes import Outputs
+
+    class Env:
+        catalog = Catalog(None, None, None)
+        folders = Outputs(tmp_path, tmp_path, tmp_path)
+
+    g = txt2img_graph()
+    prev = ["6", 0]
+    for i in range(60):
+        g[f"c{i}"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": prev, "conditioning_2": prev}}
+        prev = [f"c{i}", 0]
+    g["3"]["inputs"]["positive"] = prev
+    clip = ["4", 1]
+    for i in range(5000):
+        g[f"s{i}"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": clip, "stop_at_clip_layer": -1}}
+        clip = [f"s{i}", 0]
+    g["7"]["inputs"]["clip"] = clip
+    import threading
+
+    got: list = []
+    walker = threading.Thread(target=lambda: got.append(validate(g, Env())), daemon=True)  # a daemon: a hang fails
+    walker.start()
+    walker.join(10)
+    assert got, "validation took over 10 s"
+    graph, outputs, errors = got[0]
+    assert outputs == ["9"] and errors == {} and len(graph) == len(g)
+    g["s0"]["inputs"]["clip"] = ["s4999", 0]  # a cycle 5000 nodes long
+    with pytest.raises(PromptInvalid) as e:
+        validate(g, Env())
+    assert [x["type"] for n in e.value.body["node_errors"].values() for x in n["errors"]] == ["dependency_cycle"]
+    r = client.post("/prompt", content=b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}")
+    assert r.status_code == 400 and "nested too deeply" in r.json()["detail"], r.text
+    # running such a graph would double the conditioning list at each node: refused at the node, past 64
+    from sdengine.server.comfy.nodes import NodeError, conditioning_combine
+
+    assert len(conditioning_combine(None, [1] * 32, [2] * 32)[0]) == 64  # type: ignore[arg-type]
+    with pytest.raises(NodeError, match="over the limit of 64"):
+        conditioning_combine(None, [1] * 33, [2] * 32)  # type: ignore[arg-type]

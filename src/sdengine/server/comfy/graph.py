@@ -209,8 +209,6 @@ def validate(prompt: Any, env: Any, targets: list[str] | None = None) -> tuple[P
     # Every node the outputs depend on, each checked once; links to absent nodes and cycles found here.
     converted: Prompt = {}
     dependents: dict[str, set[str]] = {}
-    visiting: list[str] = []
-    done: set[str] = set()
 
     def add(nid: str, kind: str, message: str, details: str, **extra: Any) -> None:
         entry = node_errors.setdefault(
@@ -218,17 +216,8 @@ def validate(prompt: Any, env: Any, targets: list[str] | None = None) -> tuple[P
         )
         entry["errors"].append(_err(kind, message, details, **extra))
 
-    def visit(nid: str, out: str) -> None:
-        dependents.setdefault(nid, set()).add(out)
-        if nid in done:
-            for n2 in converted.get(nid, {}).get("_links", []):
-                visit(n2, out)
-            return
-        if nid in visiting:
-            cycle = visiting[visiting.index(nid) :] + [nid]
-            add(nid, "dependency_cycle", "Dependency cycle detected", " -> ".join(f"#{c}" for c in cycle))
-            return
-        visiting.append(nid)
+    def check(nid: str) -> list[str]:
+        """Check node ``nid``'s inputs (errors into node_errors), keep it converted; its valid links."""
         node = prompt[nid]
         ndef: NodeDef = NODES[node["class_type"]]
         inputs = node.get("inputs", {})
@@ -280,7 +269,6 @@ def validate(prompt: Any, env: Any, targets: list[str] | None = None) -> tuple[P
                     continue
                 values[inp.name] = [src, v[1]]
                 links.append(src)
-                visit(src, out)
             elif inp.is_link_type:
                 add(
                     nid,
@@ -297,12 +285,43 @@ def validate(prompt: Any, env: Any, targets: list[str] | None = None) -> tuple[P
                     )["errors"].append(error)
                 else:
                     values[inp.name] = value
-        visiting.pop()
-        done.add(nid)
         converted[nid] = {"class_type": node["class_type"], "inputs": values, "_links": links}
+        return links
 
+    # Depth-first from each output with an explicit stack (a chain of thousands of nodes is no recursion limit);
+    # each node is checked once, a link back to a node on the current path is a cycle.
+    state: dict[str, int] = {}  # 1: on the path, 2: done
     for out in outputs:
-        visit(out, out)
+        if state.get(out) == 2:
+            continue
+        state[out] = 1
+        path, stack = [out], [iter(check(out))]
+        while stack:
+            src = next(stack[-1], None)
+            if src is None:
+                stack.pop()
+                state[path.pop()] = 2
+                continue
+            if state.get(src) == 2:
+                continue
+            if state.get(src) == 1:
+                cycle = path[path.index(src) :] + [src]
+                add(src, "dependency_cycle", "Dependency cycle detected", " -> ".join(f"#{c}" for c in cycle))
+                continue
+            state[src] = 1
+            path.append(src)
+            stack.append(iter(check(src)))
+    # Which outputs each node serves: one walk per output, each node once (a graph of shared inputs, a diamond
+    # upon a diamond, was once walked once per path: 2**depth steps).
+    for out in outputs:
+        seen, todo = {out}, [out]
+        while todo:
+            n = todo.pop()
+            dependents.setdefault(n, set()).add(out)
+            for src in converted.get(n, {}).get("_links", []):
+                if src not in seen:
+                    seen.add(src)
+                    todo.append(src)
     for nid, entry in node_errors.items():
         entry["dependent_outputs"] = sorted(dependents.get(nid, ()))
     bad = {o for entry in node_errors.values() for o in entry["dependent_outputs"]}

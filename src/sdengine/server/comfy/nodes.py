@@ -419,8 +419,14 @@ def clip_set_last_layer(ctx: RunContext, clip: ClipHandle, stop_at_clip_layer: i
     return (replace(clip, clip_skip=-int(stop_at_clip_layer)),)
 
 
+MAX_CONDITIONINGS = 64  # entries of one combined conditioning: each is a model call per step
+
+
 def conditioning_combine(ctx: RunContext, conditioning_1: list[Any], conditioning_2: list[Any]) -> tuple[Any]:
-    return ([*conditioning_1, *conditioning_2],)
+    combined = [*conditioning_1, *conditioning_2]
+    if len(combined) > MAX_CONDITIONINGS:  # a chain combining a conditioning with itself doubles it each time
+        raise NodeError(f"the combined conditioning has {len(combined)} entries, over the limit of {MAX_CONDITIONINGS}")
+    return (combined,)
 
 
 def _hint_image(image: torch.Tensor) -> torch.Tensor:

@@ -286,10 +286,14 @@ async def _json_body(request: Request) -> Any:
         body = json.loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the body must be JSON") from None
+    except RecursionError:  # [[[[...]]]] thousands deep
+        raise BadRequest("the body's JSON is nested too deeply") from None
     try:  # a JSON escape of a lone surrogate (\ud800) decodes to a string that is not text: it could never be
         json.dumps(body, ensure_ascii=False).encode("utf-8")  # stored in the history or sent back
     except UnicodeEncodeError:
         raise BadRequest("the body holds a lone surrogate escape (such as \\ud800), which is not text") from None
+    except RecursionError:
+        raise BadRequest("the body's JSON is nested too deeply") from None
     return body
 
 
