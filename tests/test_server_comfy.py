@@ -1139,6 +1139,10 @@ def test_load_image_reads_annotated_names_of_the_output_and_temp_folders(client)
         assert r.status_code == 400 and r.json()["node_errors"]["1"]["errors"][0]["type"] == "value_not_in_list"
     spec = client.get("/object_info/LoadImage").json()["LoadImage"]["input"]["required"]["image"]
     assert spec[1] == {"image_upload": True}, spec
+    # /view takes the annotated names too (it once answered 400: "only PNG, JPEG and WebP files are served")
+    v = client.get("/view", params={"filename": f"{out['filename']} [output]", "subfolder": out["subfolder"]})
+    assert v.status_code == 200 and np.array_equal(np.asarray(Image.open(io.BytesIO(v.content)).convert("RGB")), saved)
+    assert client.get("/view", params={"filename": f"{init_name} [output]"}).status_code == 404
 
 
 def test_validation_of_deep_and_diamond_shaped_graphs_is_linear(client, tmp_path):

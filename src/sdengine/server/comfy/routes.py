@@ -27,7 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
 
 from sdengine.server.comfy.graph import Executor, Interrupted, NodeFailed, PromptInvalid, validate
-from sdengine.server.comfy.nodes import IMAGE_SUFFIXES, NODES, Outputs, RunContext, object_info
+from sdengine.server.comfy.nodes import IMAGE_SUFFIXES, NODES, Outputs, RunContext, object_info, split_annotation
 from sdengine.server.errors import BadRequest, NotFound
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Job, JobImage, png_bytes
 from sdengine.server.requests import Generation
@@ -496,6 +496,9 @@ def view(request: Request, filename: str, subfolder: str = "", type: str = "outp
     from sdengine.io.paths import UnsafePathError, resolve_inside
 
     st = state(request.app)
+    plain, kind = split_annotation(filename)
+    if plain != filename:  # ComfyUI: "name.png [temp]" names the folder itself
+        filename, type = plain, kind
     if type not in ("output", "input", "temp"):
         raise BadRequest("type must be output, input or temp")
     suffix = Path(filename).suffix.lower()
