@@ -539,6 +539,12 @@ def test_routes_view_upload_queue_object_info(client, server):
     assert info["KSampler"]["input"]["required"]["seed"][1]["max"] == 0xFFFFFFFFFFFFFFFF
     assert client.get("/api/object_info/KSampler").json()["KSampler"]["output"] == ["LATENT"]
     assert client.get("/object_info/Nope").json() == {}
+    # ComfyUI's model folders: what each loader lists (these routes were missing: 404)
+    assert client.get("/models").json() == ["checkpoints", "loras", "controlnet", "vae"]
+    assert client.get("/api/models/checkpoints").json() == ["emoji"]
+    assert client.get("/models/loras").json() == info["LoraLoader"]["input"]["required"]["lora_name"][0]
+    assert client.get("/models/vae").json() == info["VAELoader"]["input"]["required"]["vae_name"][0]
+    assert client.get("/models/upscale_models").status_code == 404
     q = client.get("/api/queue").json()
     assert q == {"queue_running": [], "queue_pending": []}
     assert client.post("/queue", json={"clear": True}).status_code == 200

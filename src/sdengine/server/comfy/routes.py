@@ -658,6 +658,33 @@ async def free(request: Request) -> Any:
     return {}
 
 
+def _model_folders(env: Env) -> dict[str, list[str]]:
+    """ComfyUI's model folders (``GET /models``) and what each lists, as the loaders' choices name them."""
+    from sdengine.server.comfy.nodes import choices_of
+
+    folders = {"checkpoints": ("CheckpointLoaderSimple", "ckpt_name"), "loras": ("LoraLoader", "lora_name")}
+    folders |= {"controlnet": ("ControlNetLoader", "control_net_name"), "vae": ("VAELoader", "vae_name")}
+    out = {}
+    for folder, (node, name) in folders.items():
+        inp = NODES[node].input(name)
+        out[folder] = choices_of(inp, env) if inp is not None else []
+    return out
+
+
+@_route("GET", "/models")
+def list_model_folders(request: Request) -> Any:
+    return list(_model_folders(Env(request.app.state.services, state(request.app))))
+
+
+@_route("GET", "/models/{folder}")
+def list_models(request: Request, folder: str) -> Any:
+    """The names a folder's loader takes (ComfyUI: 404 for a folder it does not know)."""
+    listed = _model_folders(Env(request.app.state.services, state(request.app)))
+    if folder not in listed:
+        raise NotFound(f"no model folder {folder!r}; the folders are {', '.join(listed)}")
+    return listed[folder]
+
+
 @_route("GET", "/embeddings")
 def embeddings(request: Request) -> Any:
     folder = request.app.state.services.config.embeddings_dir
