@@ -1195,3 +1195,19 @@ def test_validation_of_deep_and_diamond_shaped_graphs_is_linear(client, tmp_path
     assert len(conditioning_combine(None, [1] * 32, [2] * 32)[0]) == 64  # type: ignore[arg-type]
     with pytest.raises(NodeError, match="over the limit of 64"):
         conditioning_combine(None, [1] * 33, [2] * 32)  # type: ignore[arg-type]
+
+
+def test_load_image_reads_a_16_bit_grayscale_png_at_its_values(tmp_path):
+    """A 16-bit grayscale PNG (PIL's mode I;16) loaded almost all white: convert("RGB") clips every value over
+    255. LoadImage and LoadImageMask now scale it to [0, 1]."""
+    from sdengine.server.comfy.nodes import Outputs, RunContext, load_image, load_image_mask
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(ramp).save(tmp_path / "in" / "deep.png")
+    ctx = RunContext(pipeline=lambda ref: None, catalog=None, folders=Outputs(tmp_path, tmp_path / "in", tmp_path))
+    rgb, mask = load_image(ctx, "deep.png")
+    want = torch.from_numpy(np.round(ramp / 65535 * 255) / 255).float()
+    assert torch.allclose(rgb[0, :, :, 0], want) and torch.equal(rgb[..., 0], rgb[..., 2]) and not mask.any()
+    (red,) = load_image_mask(ctx, "deep.png", "red")
+    assert torch.allclose(red[0], want)

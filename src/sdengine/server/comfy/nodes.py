@@ -299,7 +299,12 @@ def _load_input_image(ctx: RunContext, name: str) -> Image.Image:
         raise NodeError(f"image {name!r} is not in the {kind} folder (upload it with POST /upload/image)") from None
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise NodeError(f"image {name!r}: only PNG, JPEG and WebP files are read")
-    return ImageOps.exif_transpose(decode_image(path.read_bytes(), f"image {name!r}", ctx.max_pixels))
+    img = ImageOps.exif_transpose(decode_image(path.read_bytes(), f"image {name!r}", ctx.max_pixels))
+    if img.mode.startswith("I"):  # 16-bit grayscale (I;16, I): PIL's convert("RGB") clips it, an image all white
+        a = np.asarray(img, dtype=np.float64)
+        full = 65535.0 if img.mode != "I" or a.max() > 255 else 255.0
+        img = Image.fromarray(np.round(np.clip(a / full, 0.0, 1.0) * 255).astype(np.uint8), "L")
+    return img
 
 
 # -------------------------------------------------------------------------------------------- loaders
