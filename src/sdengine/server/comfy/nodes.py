@@ -287,6 +287,7 @@ def input_file_token(ctx: RunContext, inputs: dict[str, Any]) -> str:
 
 
 def _load_input_image(ctx: RunContext, name: str) -> Image.Image:
+    from sdengine.io.images import load_image as read_image
     from sdengine.io.paths import UnsafePathError
     from sdengine.server.security import decode_image
 
@@ -300,11 +301,8 @@ def _load_input_image(ctx: RunContext, name: str) -> Image.Image:
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise NodeError(f"image {name!r}: only PNG, JPEG and WebP files are read")
     img = ImageOps.exif_transpose(decode_image(path.read_bytes(), f"image {name!r}", ctx.max_pixels))
-    if img.mode.startswith("I"):  # 16-bit grayscale (I;16, I): PIL's convert("RGB") clips it, an image all white
-        a = np.asarray(img, dtype=np.float64)
-        full = 65535.0 if img.mode != "I" or a.max() > 255 else 255.0
-        img = Image.fromarray(np.round(np.clip(a / full, 0.0, 1.0) * 255).astype(np.uint8), "L")
-    return img
+    # the engine's reading of a PIL image: 16-bit grayscale scaled by its depth (convert("RGB") clips it: white)
+    return read_image(img, f"image {name!r}", error=NodeError)
 
 
 # -------------------------------------------------------------------------------------------- loaders
