@@ -1211,3 +1211,21 @@ def test_load_image_reads_a_16_bit_grayscale_png_at_its_values(tmp_path):
     assert torch.allclose(rgb[0, :, :, 0], want) and torch.equal(rgb[..., 0], rgb[..., 2]) and not mask.any()
     (red,) = load_image_mask(ctx, "deep.png", "red")
     assert torch.allclose(red[0], want)
+
+
+def test_load_image_masks_the_transparent_colour_of_a_palette_png(tmp_path):
+    """A palette PNG with a transparent colour gave no mask (it has no "A" band), so an inpainting workflow fed
+    by it repainted nothing; ComfyUI takes its alpha as the mask, as now LoadImage and LoadImageMask do."""
+    from sdengine.server.comfy.nodes import Outputs, RunContext, load_image, load_image_mask
+
+    im = Image.new("P", (16, 16), 0)
+    im.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    ImageDraw.Draw(im).rectangle((4, 4, 11, 11), fill=1)  # colour 1 (blue) is the transparent one
+    (tmp_path / "in").mkdir()
+    im.save(tmp_path / "in" / "pal.png", transparency=1)
+    ctx = RunContext(pipeline=lambda ref: None, catalog=None, folders=Outputs(tmp_path, tmp_path / "in", tmp_path))
+    rgb, mask = load_image(ctx, "pal.png")
+    want = torch.zeros(1, 16, 16)
+    want[:, 4:12, 4:12] = 1.0
+    assert torch.equal(mask, want) and rgb[0, 0, 0].tolist() == [1.0, 0.0, 0.0]
+    assert torch.equal(load_image_mask(ctx, "pal.png", "alpha")[0], want)

@@ -302,7 +302,10 @@ def _load_input_image(ctx: RunContext, name: str) -> Image.Image:
         raise NodeError(f"image {name!r}: only PNG, JPEG and WebP files are read")
     img = ImageOps.exif_transpose(decode_image(path.read_bytes(), f"image {name!r}", ctx.max_pixels))
     # the engine's reading of a PIL image: 16-bit grayscale scaled by its depth (convert("RGB") clips it: white)
-    return read_image(img, f"image {name!r}", error=NodeError)
+    img = read_image(img, f"image {name!r}", error=NodeError)
+    if img.mode == "P" and "transparency" in img.info:  # a palette's transparent colour is alpha (ComfyUI's mask)
+        img = img.convert("RGBA")
+    return img
 
 
 # -------------------------------------------------------------------------------------------- loaders
