@@ -1229,3 +1229,20 @@ def test_load_image_masks_the_transparent_colour_of_a_palette_png(tmp_path):
     want[:, 4:12, 4:12] = 1.0
     assert torch.equal(mask, want) and rgb[0, 0, 0].tolist() == [1.0, 0.0, 0.0]
     assert torch.equal(load_image_mask(ctx, "pal.png", "alpha")[0], want)
+
+
+def test_a_failed_prompt_keeps_the_images_of_the_outputs_that_ran_before_the_failure(client):
+    """As ComfyUI, /history lists the images of the output nodes that ran before a node failed (they were saved
+    and announced by `executed`, yet the history once listed no output)."""
+    g = txt2img_graph()
+    g["20"] = {"class_type": "VAELoader", "inputs": {"vae_name": "not-a-vae.safetensors"}}  # fails when it runs
+    g["21"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["20", 0]}}
+    g["22"] = {"class_type": "SaveImage", "inputs": {"images": ["21", 0], "filename_prefix": "never"}}
+    r = client.post("/prompt", json={"prompt": g})
+    assert r.status_code == 200, r.text
+    h = wait_history(client, r.json()["prompt_id"])
+    (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
+    assert h["status"]["status_str"] == "error" and err["node_id"] == "20", h["status"]
+    assert list(h["outputs"]) == ["9"], h["outputs"]
+    im = h["outputs"]["9"]["images"][0]
+    assert client.get("/view", params=im).status_code == 200

@@ -55,6 +55,7 @@ class NodeFailed(SdengineError):
         self.executed = list(executed or [])
         self.inputs = dict(inputs or {})
         self.cached = list(cached or [])
+        self.outputs: dict[str, Any] = {}  # the UI outputs of the output nodes run (or reused) before it
 
 
 class Interrupted(SdengineError):
@@ -65,6 +66,12 @@ class Interrupted(SdengineError):
         self.node_id = node_id
         self.class_type = class_type
         self.executed = list(executed or [])
+        self.outputs: dict[str, Any] = {}  # see NodeFailed
+
+
+def _with_outputs(e: NodeFailed | Interrupted, outputs: dict[str, Any]) -> NodeFailed | Interrupted:
+    e.outputs = dict(outputs)
+    return e
 
 
 def is_link(v: Any) -> bool:
@@ -431,22 +438,22 @@ class Executor:
                     event("executed", {"node": nid, "display_node": nid, "output": entry.ui})
                 continue
             if cancelled():
-                raise Interrupted(nid, ct, executed)
+                raise _with_outputs(Interrupted(nid, ct, executed), ui_outputs)
             event("executing", {"node": nid, "display_node": nid})
             kwargs = {k: (values[str(v[0])][v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()}
             ctx.current_node = nid
             try:
                 result = NODES[ct].fn(ctx, **kwargs)
             except Interrupted as e:
-                raise Interrupted(e.node_id, e.class_type, executed) from None
+                raise _with_outputs(Interrupted(e.node_id, e.class_type, executed), ui_outputs) from None
             except Exception as e:  # noqa: BLE001 - every failure is reported with its node
                 from sdengine.latent_sampling import SamplingStopped
 
                 if isinstance(e, SamplingStopped) or cancelled():
-                    raise Interrupted(nid, ct, executed) from None
+                    raise _with_outputs(Interrupted(nid, ct, executed), ui_outputs) from None
                 self.cache = new_cache | {k: v for k, v in self.cache.items() if k not in new_cache}
                 shown = {k: [_shown(v)] for k, v in kwargs.items()}
-                raise NodeFailed(nid, ct, e, executed, shown, cached) from e
+                raise _with_outputs(NodeFailed(nid, ct, e, executed, shown, cached), ui_outputs) from e
             ui = None
             if isinstance(result, dict):
                 ui = result.get("ui")

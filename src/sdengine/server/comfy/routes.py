@@ -197,6 +197,7 @@ class ComfyJob(Job):
                     nid = str(ctx.current_node)
                     e = NodeFailed(nid, str(self.graph.get(nid, {}).get("class_type")), e)
                 status = self._failed(e)
+                outputs = e.outputs  # as ComfyUI: the images of the output nodes that ran before it stay listed
         for node_out in outputs.values():
             for im in node_out.get("images", []):
                 if im["type"] == "output" and not im["subfolder"]:
