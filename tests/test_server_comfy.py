@@ -1246,3 +1246,54 @@ def test_a_failed_prompt_keeps_the_images_of_the_outputs_that_ran_before_the_fai
     assert list(h["outputs"]) == ["9"], h["outputs"]
     im = h["outputs"]["9"]["images"][0]
     assert client.get("/view", params=im).status_code == 200
+
+
+def test_comfyui_websocket_images_example_gets_its_images(server, client):
+    """ComfyUI's script_examples/websockets_api_example_ws_images.py: SaveImageWebsocket sends each image as a
+    binary frame while its node runs (the node was unknown: missing_node_type), never from the cache."""
+    server_address = f"127.0.0.1:{server.port}"
+    client_id = str(uuid.uuid4())
+
+    # ---- websockets_api_example_ws_images.py, its functions as they are
+    def queue_prompt(prompt):
+        p = {"prompt": prompt, "client_id": client_id}
+        data = json.dumps(p).encode("utf-8")
+        req = urllib.request.Request("http://{}/prompt".format(server_address), data=data)  # noqa: UP032
+        return json.loads(urllib.request.urlopen(req).read())
+
+    def get_images(ws, prompt):
+        prompt_id = queue_prompt(prompt)["prompt_id"]
+        output_images = {}
+        current_node = ""
+        while True:
+            out = ws.recv()
+            if isinstance(out, str):
+                message = json.loads(out)
+                if message["type"] == "executing":
+                    data = message["data"]
+                    if data["prompt_id"] == prompt_id:
+                        if data["node"] is None:
+                            break  # Execution is done
+                        else:
+                            current_node = data["node"]
+            else:
+                if current_node == "save_image_websocket_node":
+                    images_output = output_images.get(current_node, [])
+                    images_output.append(out[8:])
+                    output_images[current_node] = images_output
+        return output_images
+
+    prompt = txt2img_graph()
+    del prompt["9"]
+    prompt["save_image_websocket_node"] = {"class_type": "SaveImageWebsocket", "inputs": {"images": ["8", 0]}}
+    prompt["5"]["inputs"]["batch_size"] = 2
+    ws = websocket.WebSocket()
+    ws.connect("ws://{}/ws?clientId={}".format(server_address, client_id), timeout=120)  # noqa: UP032
+    try:
+        for _ in range(2):  # the second time all but the websocket node come from the cache: it still sends
+            images = get_images(ws, prompt)
+            pictures = [Image.open(io.BytesIO(b)) for b in images["save_image_websocket_node"]]
+            assert [(p.format, p.size) for p in pictures] == [("PNG", (64, 64))] * 2
+            assert np.asarray(pictures[0]).std() > 5 and not np.array_equal(*map(np.asarray, pictures))
+    finally:
+        ws.close()

@@ -174,6 +174,8 @@ class RunContext:
     max_side: int = 2048
     max_batch: int = 8
     device: str = "cpu"  # the worker's: where networks that belong to no pipeline (the tiny VAE) run
+    # (PNG bytes, index, count) -> sent to the prompt's client as ComfyUI's progress and binary image frames
+    send_image: Callable[[bytes, int, int], None] | None = None
 
     def check_size(self, width: int, height: int, batch: int = 1) -> None:
         if max(width, height) > self.max_side:
@@ -881,6 +883,24 @@ def save_image(ctx: RunContext, images: torch.Tensor, filename_prefix: str) -> d
     return _save(ctx, images, filename_prefix, "output")
 
 
+def save_image_websocket(ctx: RunContext, images: torch.Tensor) -> dict[str, Any]:
+    """ComfyUI's SaveImageWebsocket: each image as a PNG on the client's websocket (a progress message, then a
+    binary frame in the previews' framing), nothing on disk, no history output."""
+    import io
+
+    pictures = tensor_to_pil(images)
+    for i, img in enumerate(pictures):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", compress_level=1)
+        if ctx.send_image is not None:
+            ctx.send_image(buf.getvalue(), i, len(pictures))
+    return {"ui": None, "result": ()}
+
+
+def _always_changed(ctx: RunContext, inputs: dict[str, Any]) -> str:
+    return str(time.time_ns())  # ComfyUI's IS_CHANGED of SaveImageWebsocket: never from the cache
+
+
 def preview_image(ctx: RunContext, images: torch.Tensor) -> dict[str, Any]:
     return _save(ctx, images, "ComfyUI_temp", "temp")
 
@@ -1109,6 +1129,17 @@ NODES: dict[str, NodeDef] = {
         ),
         NodeDef(
             "PreviewImage", "Preview Image", "image", (Input("images", "IMAGE"),), (), preview_image, output_node=True
+        ),
+        NodeDef(
+            "SaveImageWebsocket",
+            "Save Image (Websocket)",
+            "api node/image",
+            (Input("images", "IMAGE"),),
+            (),
+            save_image_websocket,
+            output_node=True,
+            description="Each image as a PNG frame on the prompt's websocket (as previews are framed); no file.",
+            changed=_always_changed,
         ),
         NodeDef(
             "LoraLoader",

@@ -172,6 +172,11 @@ class ComfyJob(Job):
             self.changed()
             return not self.cancel.is_set()
 
+        def send_image(png: bytes, index: int, count: int) -> None:  # ComfyUI's ProgressBar with an image
+            data = {"value": index, "max": count, "prompt_id": self.id, "node": ctx.current_node}
+            st.send("progress", data, self.client_id)
+            st.send(PREVIEW_IMAGE, struct.pack(">I", PNG_TYPE) + png, self.client_id)
+
         ctx = RunContext(
             pipeline=worker.pipeline,
             catalog=services.catalog,
@@ -186,6 +191,7 @@ class ComfyJob(Job):
             max_side=services.config.max_side,
             max_batch=services.config.max_batch,
             device=str(worker.device),
+            send_image=send_image,
         )
         self.event("execution_start", {})
         status, outputs = "success", {}
