@@ -4,13 +4,13 @@ FIFO for every protocol but one: a ComfyUI prompt may be placed by its ``front``
 (sdengine.server.comfy.routes: ComfyUI prompts stay ordered by number among themselves).
 
 A :class:`Job` is one :class:`~sdengine.server.requests.Generation` and its life: queued -> running ->
-done | failed | cancelled. Workers take the oldest queued job; each keeps its own pipeline (one model at a
+done | failed | cancelled. Workers take the job at the head of the queue; each keeps its own pipeline (one model at a
 time, switched between jobs). Cancel touches one job: a queued job leaves the queue, a running one stops
 at the end of the current sampler step (the pipeline's step callback returns False). Nothing of a job
 stays on the model after it: the pipeline removes the LoRAs it applied and builds ControlNets per call.
 A job that fails (bad input found late, out of memory, a bug) fails alone; the worker takes the next.
 
-Batching: a worker takes the oldest queued job and, when ``max_batch_jobs`` > 1, the later queued jobs that
+Batching: a worker takes the job at the head of the queue and, when ``max_batch_jobs`` > 1, the later queued jobs that
 :func:`batch_key` says are compatible with it (up to ``max_batch_jobs`` jobs and ``max_batch_rows`` images), and
 runs them as ONE pipeline call with a prompt, negative prompt and seed per row (each row's image equals the same
 job run alone: the pipeline gives every row its own generator). The result is split back per job. Cancelling
@@ -283,7 +283,7 @@ class JobManager:
     def submit(self, job: Job, place: Callable[[list[Job]], int] | None = None) -> int:
         """Queue ``job``; its position (0 = next). QueueFull when ``max_queue`` jobs are waiting.
 
-        ``place(queued)`` (called under the queue's lock with the queued jobs, oldest first) may give the index
+        ``place(queued)`` (called under the queue's lock with the queued jobs, head first) may give the index
         to insert the job at instead of the end (ComfyUI's ``front`` and priority ``number``)."""
         with self._cond:
             if self.stopping:
@@ -319,7 +319,7 @@ class JobManager:
                 return
 
     def take(self, timeout: float = 0.5) -> list[Job]:
-        """The oldest queued job and the later ones compatible with it (see :func:`batch_key`), now running;
+        """The job at the head of the queue and the later ones compatible with it (see :func:`batch_key`), now running;
         [] when none came within ``timeout`` seconds or the server is stopping."""
         with self._cond:
             if not self._queue and not self.stopping:
