@@ -774,6 +774,16 @@ def test_inpaint_encoding_image_scale_and_an_empty_sampler_window_follow_comfyui
     grey[:, 24:40, 24:40, :] = 0.5
     (want,) = vae_encode(ctx, grey, VaeHandle("emoji"))
     assert torch.equal(latent["samples"], want["samples"])  # only the 16 x 16 square was greyed
+    # an image that is no multiple of the VAE's factor (4 here): image and mask are cut alike, centred, first (the
+    # mask was once kept whole, 66 x 66 over a 64 x 64 image, a pixel off and stretched over the latent)
+    wide = torch.rand(1, 66, 66, 3, generator=torch.Generator().manual_seed(2))
+    mask66 = torch.zeros(1, 66, 66)
+    mask66[:, 25:41, 25:41] = 1.0
+    (cut,) = vae_encode_for_inpaint(ctx, wide, VaeHandle("emoji"), mask66, 0)
+    assert torch.equal(cut["noise_mask"][0, 0], mask66[0, 1:65, 1:65])
+    grey = wide[:, 1:65, 1:65].clone()
+    grey[:, 24:40, 24:40, :] = 0.5
+    assert torch.equal(cut["samples"], vae_encode(ctx, grey, VaeHandle("emoji"))[0]["samples"])
     # ImageScale: Lanczos with a centre cut equals PIL's Lanczos of the centre
     img = torch.rand(1, 48, 64, 3, generator=torch.Generator().manual_seed(1))
     (out,) = image_scale(ctx, img, "lanczos", 40, 40, "center")

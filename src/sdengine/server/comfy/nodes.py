@@ -645,6 +645,14 @@ def _crop_to_factor(pixels: torch.Tensor, f: int) -> torch.Tensor:
     return pixels
 
 
+def _vae_factor(ctx: RunContext, vae: VaeHandle | VaeFileHandle | TinyVaeHandle) -> int:
+    """How many pixels of a side one latent pixel of ``vae`` covers."""
+    if isinstance(vae, TinyVaeHandle):
+        return int(_tiny_vae(ctx, vae).config.downscale_factor)
+    net = _vae_file(ctx, vae) if isinstance(vae, VaeFileHandle) else ctx.pipeline(vae.ref).vae
+    return int(net.config.downscale_factor)
+
+
 def _encode(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle | VaeFileHandle | TinyVaeHandle) -> dict[str, Any]:
     if isinstance(vae, TinyVaeHandle):
         return _tiny_encode(ctx, pixels, vae)
@@ -684,6 +692,13 @@ def vae_encode_for_inpaint(
 ) -> tuple[Any]:
     b, h, w, _ = pixels.shape
     m = F.interpolate(_mask4(mask), size=(h, w), mode="bilinear")
+    # as ComfyUI: the image and its mask cut (centred) to the VAE's factor first, so that the noise mask covers
+    # the latent's pixels (the image alone was cut: a mask a few pixels off, stretched over the latent)
+    f = _vae_factor(ctx, vae)
+    pixels = _crop_to_factor(pixels, f)
+    y, x = (h % f) // 2, (w % f) // 2
+    h, w = pixels.shape[1], pixels.shape[2]
+    m = m[:, :, y : y + h, x : x + w]
     hard = m.round()
     grown = hard
     g = int(grow_mask_by)
