@@ -1307,3 +1307,25 @@ def test_comfyui_websocket_images_example_gets_its_images(server, client):
             assert np.asarray(pictures[0]).std() > 5 and not np.array_equal(*map(np.asarray, pictures))
     finally:
         ws.close()
+
+
+def test_load_image_gives_every_frame_of_an_animated_image(tmp_path):
+    """ComfyUI's LoadImage reads an animated image (APNG, animated WebP) as a batch of its frames; only the
+    first was read (a silently different batch). Frames over the server's batch limit: one line at the node."""
+    from sdengine.server.comfy.nodes import NodeError, Outputs, RunContext, load_image, load_image_mask
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    frames = [Image.new("RGB", (8, 8), c) for c in colours]
+    (tmp_path / "in").mkdir()
+    frames[0].save(tmp_path / "in" / "anim.png", save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(tmp_path / "in" / "anim.webp", save_all=True, append_images=frames[1:], lossless=True)
+    folders = Outputs(tmp_path, tmp_path / "in", tmp_path)
+    ctx = RunContext(pipeline=lambda ref: None, catalog=None, folders=folders)
+    for name in ("anim.png", "anim.webp"):
+        rgb, mask = load_image(ctx, name)
+        assert rgb.shape == (3, 8, 8, 3) and mask.shape == (3, 8, 8), name
+        assert [tuple(int(v) for v in (rgb[i, 0, 0] * 255).round()) for i in range(3)] == colours, name
+        assert load_image_mask(ctx, name, "red")[0].shape == (1, 8, 8)  # ComfyUI: the first frame only
+    small = RunContext(pipeline=lambda ref: None, catalog=None, folders=folders, max_batch=2)
+    with pytest.raises(NodeError, match="3 frames, over the server's batch limit of 2"):
+        load_image(small, "anim.png")

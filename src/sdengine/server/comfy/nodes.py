@@ -288,7 +288,9 @@ def input_file_token(ctx: RunContext, inputs: dict[str, Any]) -> str:
         return ""
 
 
-def _load_input_image(ctx: RunContext, name: str) -> Image.Image:
+def _load_input_image(ctx: RunContext, name: str, frames: bool = False) -> list[Image.Image]:
+    """The image a LoadImage value names: its first frame, or (``frames``) every frame of an animated image of
+    the first frame's size (ComfyUI's LoadImage: a batch; at most the server's batch limit)."""
     from sdengine.io.images import load_image as read_image
     from sdengine.io.paths import UnsafePathError
     from sdengine.server.security import decode_image
@@ -302,12 +304,23 @@ def _load_input_image(ctx: RunContext, name: str) -> Image.Image:
         raise NodeError(f"image {name!r} is not in the {kind} folder (upload it with POST /upload/image)") from None
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise NodeError(f"image {name!r}: only PNG, JPEG and WebP files are read")
-    img = ImageOps.exif_transpose(decode_image(path.read_bytes(), f"image {name!r}", ctx.max_pixels))
-    # the engine's reading of a PIL image: 16-bit grayscale scaled by its depth (convert("RGB") clips it: white)
-    img = read_image(img, f"image {name!r}", error=NodeError)
-    if img.mode == "P" and "transparency" in img.info:  # a palette's transparent colour is alpha (ComfyUI's mask)
-        img = img.convert("RGBA")
-    return img
+    raw = decode_image(path.read_bytes(), f"image {name!r}", ctx.max_pixels)
+    count = int(getattr(raw, "n_frames", 1)) if frames and raw.format != "MPO" else 1  # MPO: ComfyUI's first only
+    if count > ctx.max_batch:
+        raise NodeError(f"image {name!r} has {count} frames, over the server's batch limit of {ctx.max_batch}")
+    out: list[Image.Image] = []
+    for k in range(count):
+        if count > 1:
+            raw.seek(k)
+        img = ImageOps.exif_transpose(raw.copy() if count > 1 else raw)
+        # the engine's reading of a PIL image: 16-bit grayscale scaled by its depth (convert("RGB") clips it: white)
+        img = read_image(img, f"image {name!r}", error=NodeError)
+        if img.mode == "P" and "transparency" in img.info:  # a palette's transparent colour is alpha (the mask)
+            img = img.convert("RGBA")
+        if out and img.size != out[0].size:  # ComfyUI leaves out frames of another size
+            continue
+        out.append(img)
+    return out
 
 
 # -------------------------------------------------------------------------------------------- loaders
@@ -814,18 +827,19 @@ def canny_node(ctx: RunContext, image: torch.Tensor, low_threshold: float, high_
 
 
 def load_image(ctx: RunContext, image: str) -> tuple[Any, ...]:
-    img = _load_input_image(ctx, image)
-    rgb = image_to_tensor(img)
-    if "A" in img.getbands():
-        alpha = torch.from_numpy(np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0)
-        mask = 1.0 - alpha  # ComfyUI: transparent = repaint
-    else:
-        mask = torch.zeros(img.height, img.width)
-    return rgb, mask[None]
+    rgbs, masks = [], []
+    for img in _load_input_image(ctx, image, frames=True):
+        rgbs.append(image_to_tensor(img))
+        if "A" in img.getbands():
+            alpha = torch.from_numpy(np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0)
+            masks.append((1.0 - alpha)[None])  # ComfyUI: transparent = repaint
+        else:
+            masks.append(torch.zeros(1, img.height, img.width))
+    return torch.cat(rgbs), torch.cat(masks)
 
 
 def load_image_mask(ctx: RunContext, image: str, channel: str) -> tuple[Any]:
-    img = _load_input_image(ctx, image)
+    (img,) = _load_input_image(ctx, image)
     band = {"alpha": "A", "red": "R", "green": "G", "blue": "B"}[channel]
     if band == "A" and "A" not in img.getbands():
         return (torch.zeros(1, img.height, img.width),)
