@@ -213,8 +213,8 @@ class ComfyJob(Job):
             self.event("execution_success", {})
             m.finish(self, DONE)
         self.node = None
+        send_status(st, services)  # ComfyUI's order: the queue's status (task_done), then "executing" None
         self.st.send("executing", {"node": None, "display_node": None, "prompt_id": self.id}, self.client_id)
-        send_status(st, services)
 
     def _failed(self, e: Interrupted | NodeFailed) -> str:
         m = self.services.manager
