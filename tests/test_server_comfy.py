@@ -1337,3 +1337,26 @@ def test_load_image_gives_every_frame_of_an_animated_image(tmp_path):
     small = RunContext(pipeline=lambda ref: None, catalog=None, folders=folders, max_batch=2)
     with pytest.raises(NodeError, match="3 frames, over the server's batch limit of 2"):
         load_image(small, "anim.png")
+
+
+def test_run_order_of_a_wide_graph_is_fast_and_any_node_id_runs(client):
+    """The run order re-sorted its list of ready nodes at each step: a node read by 20000 others took minutes
+    before anything ran. A node id such as "²" (a digit for str.isdigit, not for int()) failed the prompt with
+    node "None"; ComfyUI takes any string as a node id."""
+    import threading
+
+    from sdengine.server.comfy.graph import topological_order
+
+    wide = {"0": {"class_type": "x", "inputs": {}, "_links": []}}
+    wide |= {str(i): {"class_type": "x", "inputs": {}, "_links": ["0"]} for i in range(1, 20000)}
+    got: list = []
+    sorter = threading.Thread(target=lambda: got.append(topological_order(wide)), daemon=True)
+    sorter.start()
+    sorter.join(10)
+    assert got and got[0][:3] == ["0", "1", "2"] and len(got[0]) == 20000, "ordering took over 10 s"
+    g = {("²" if k == "8" else k): v for k, v in txt2img_graph().items()}
+    g["9"]["inputs"]["images"] = ["²", 0]
+    r = client.post("/prompt", json={"prompt": g})
+    assert r.status_code == 200, r.text
+    h = wait_history(client, r.json()["prompt_id"])
+    assert h["status"]["status_str"] == "success", h["status"]["messages"][-1]

@@ -12,6 +12,7 @@ those of a node of the previous prompt is not run again, its outputs are reused 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 from collections.abc import Callable
@@ -344,23 +345,24 @@ def topological_order(graph: Prompt) -> list[str]:
     """Kahn's order, ties broken by node id (numbers numerically), so that runs are reproducible."""
 
     def key(n: str) -> tuple[int, Any]:
-        return (0, int(n)) if n.isdigit() else (1, n)
+        return (0, int(n)) if n.isascii() and n.isdigit() else (1, n)  # "²" is a digit int() refuses
 
     indeg = {n: len(set(graph[n]["_links"])) for n in graph}
     users: dict[str, list[str]] = {n: [] for n in graph}
     for n in graph:
         for src in set(graph[n]["_links"]):
             users[src].append(n)
-    ready = sorted([n for n, d in indeg.items() if d == 0], key=key)
+    # a heap of the ready nodes (re-sorting a list at each step took minutes for a node read by 20000 others)
+    ready = [(key(n), n) for n, d in indeg.items() if d == 0]
+    heapq.heapify(ready)
     order = []
     while ready:
-        n = ready.pop(0)
+        _, n = heapq.heappop(ready)
         order.append(n)
         for u in users[n]:
             indeg[u] -= 1
             if indeg[u] == 0:
-                ready.append(u)
-                ready.sort(key=key)
+                heapq.heappush(ready, (key(u), u))
     return order
 
 
