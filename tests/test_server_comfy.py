@@ -1360,3 +1360,30 @@ def test_run_order_of_a_wide_graph_is_fast_and_any_node_id_runs(client):
     assert r.status_code == 200, r.text
     h = wait_history(client, r.json()["prompt_id"])
     assert h["status"]["status_str"] == "success", h["status"]["messages"][-1]
+
+
+def test_validation_lists_the_input_folder_once_per_prompt(tmp_path):
+    """Each LoadImage's value was checked against a fresh listing of the input folder (a walk of the whole folder
+    per node: a prompt of many LoadImage nodes over a full input folder took minutes); once per prompt now."""
+    from sdengine.server.catalog import Catalog
+    from sdengine.server.comfy.graph import validate
+    from sdengine.server.comfy.nodes import Outputs
+
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "in" / "a.png")
+
+    class CountingEnv:
+        catalog = Catalog(None, None, None)
+        walks = 0
+
+        @property
+        def folders(self) -> Outputs:
+            CountingEnv.walks += 1
+            return Outputs(tmp_path, tmp_path / "in", tmp_path)
+
+    g = {}
+    for i in range(50):
+        g[f"l{i}"] = {"class_type": "LoadImage", "inputs": {"image": "a.png"}}
+        g[f"p{i}"] = {"class_type": "PreviewImage", "inputs": {"images": [f"l{i}", 0]}}
+    graph, outputs, errors = validate(g, CountingEnv())
+    assert len(outputs) == 50 and errors == {} and CountingEnv.walks == 1, CountingEnv.walks

@@ -89,7 +89,9 @@ def _err(kind: str, message: str, details: str = "", **extra: Any) -> dict[str, 
     return {"type": kind, "message": message, "details": details, "extra_info": extra}
 
 
-def _convert(inp: Input, value: Any, env: Any) -> tuple[Any, dict[str, Any] | None]:
+def _convert(
+    inp: Input, value: Any, env: Any, choices_cache: dict[Any, list[str]] | None = None
+) -> tuple[Any, dict[str, Any] | None]:
     """A literal input value converted as ComfyUI does, or an error entry."""
     name = inp.name
     try:
@@ -137,7 +139,11 @@ def _convert(inp: Input, value: Any, env: Any) -> tuple[Any, dict[str, Any] | No
                 received_value=value,
             )
     if inp.type == "COMBO":
-        choices = choices_of(inp, env)
+        # each list is made once per prompt (the input folder's files were once listed again for every LoadImage)
+        cache = {} if choices_cache is None else choices_cache
+        if inp.choices not in cache:
+            cache[inp.choices] = choices_of(inp, env)
+        choices = cache[inp.choices]
         if isinstance(value, str) and value not in choices:
             # ComfyUI lists model files with their suffix ("x.safetensors"), sdengine some without ("x"): a
             # workflow written for either names the same file
@@ -216,6 +222,7 @@ def validate(prompt: Any, env: Any, targets: list[str] | None = None) -> tuple[P
 
     # Every node the outputs depend on, each checked once; links to absent nodes and cycles found here.
     converted: Prompt = {}
+    choices_cache: dict[Any, list[str]] = {}
     dependents: dict[str, set[str]] = {}
 
     def add(nid: str, kind: str, message: str, details: str, **extra: Any) -> None:
@@ -286,7 +293,7 @@ def validate(prompt: Any, env: Any, targets: list[str] | None = None) -> tuple[P
                     input_name=inp.name,
                 )
             else:
-                value, error = _convert(inp, v, env)
+                value, error = _convert(inp, v, env, choices_cache)
                 if error is not None:
                     node_errors.setdefault(
                         nid, {"errors": [], "dependent_outputs": [], "class_type": node["class_type"]}
