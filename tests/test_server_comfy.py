@@ -1387,3 +1387,27 @@ def test_validation_lists_the_input_folder_once_per_prompt(tmp_path):
         g[f"p{i}"] = {"class_type": "PreviewImage", "inputs": {"images": [f"l{i}", 0]}}
     graph, outputs, errors = validate(g, CountingEnv())
     assert len(outputs) == 50 and errors == {} and CountingEnv.walks == 1, CountingEnv.walks
+
+
+def test_a_socket_whose_client_stopped_reading_loses_messages_quietly(tmp_path):
+    """Events go to each socket's bounded queue; once a client stopped reading and its queue was full, every
+    further event raised QueueFull in the event loop (an error with a stack trace logged per message)."""
+    import asyncio
+
+    from sdengine.server.comfy.nodes import Outputs
+    from sdengine.server.comfy.routes import ComfyState
+
+    st = ComfyState(Outputs(tmp_path, tmp_path, tmp_path))
+    loop = asyncio.new_event_loop()
+    errors: list = []
+    loop.set_exception_handler(lambda lp, context: errors.append(context))
+    try:
+        q: asyncio.Queue = asyncio.Queue(maxsize=2)
+        st.sockets["stuck"] = (loop, q)
+        for i in range(5):
+            st.send("progress", {"value": i}, "stuck")
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert errors == [] and q.qsize() == 2
+        assert [json.loads(q.get_nowait())["data"]["value"] for _ in range(2)] == [0, 1]
+    finally:
+        loop.close()

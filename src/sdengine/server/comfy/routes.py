@@ -68,9 +68,18 @@ class ComfyState:
             )
         for loop, q in targets:
             try:
-                loop.call_soon_threadsafe(q.put_nowait, msg)
+                loop.call_soon_threadsafe(_put, q, msg)
             except RuntimeError:  # that socket's loop is closed
                 pass
+
+
+def _put(q: asyncio.Queue[Any], msg: Any) -> None:
+    """Queue ``msg`` for a socket; a client that stopped reading (its queue full) loses it (the full queue's
+    error was once logged by the event loop for every message after, a stack trace each)."""
+    try:
+        q.put_nowait(msg)
+    except asyncio.QueueFull:
+        pass
 
 
 def state(app: FastAPI) -> ComfyState:
