@@ -1411,3 +1411,29 @@ def test_a_socket_whose_client_stopped_reading_loses_messages_quietly(tmp_path):
         assert [json.loads(q.get_nowait())["data"]["value"] for _ in range(2)] == [0, 1]
     finally:
         loop.close()
+
+
+def test_a_shorter_batch_of_control_maps_is_cycled_alike_on_both_cfg_halves():
+    """Two control maps over a latent batch of 3: each half of CFG takes maps a, b, a (ComfyUI cycles them); the
+    unconditional half once took b, a, b (the maps tiled over both halves at once), so the rows differed from
+    the same run with the maps a, b, a given in full."""
+    from dataclasses import replace
+
+    from sdengine.latent_sampling import ControlHint, encode_text, sample_latents
+    from sdengine.server.catalog import BUILTIN_CONTROLNETS
+
+    pipe = shared_loader("emoji", "cpu")
+    cn = str(BUILTIN_CONTROLNETS["emoji-controlnet-canny"])
+    g = torch.Generator().manual_seed(4)
+    a, b = (torch.rand(1, 3, 64, 64, generator=g).round() for _ in range(2))
+
+    def run(maps: torch.Tensor) -> torch.Tensor:
+        hint = ControlHint(cn, maps, 1.0)
+        pos = replace(encode_text(pipe, "a star"), controls=(hint,))
+        neg = replace(encode_text(pipe, ""), controls=(hint,))
+        with torch.inference_mode():
+            return sample_latents(
+                pipe, [pos], [neg], torch.zeros(3, 4, 16, 16), seed=9, steps=2, cfg=5.0, seed_rule="sdengine"
+            )
+
+    assert torch.allclose(run(torch.cat([a, b])), run(torch.cat([a, b, a])), atol=1e-5)

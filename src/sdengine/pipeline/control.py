@@ -231,7 +231,6 @@ class ControlledUNet:
             if not picked:
                 continue
             rows = _rows(picked, b, x.device)
-            n = b if rows is None else len(picked)
             net = unit.net
             xi = x[:, : net.config.unet.in_channels]  # the latent only, without inpainting's extra channels
             ctx = encoder_hidden_states
@@ -243,9 +242,7 @@ class ControlledUNet:
                 xi, ctx = xi[rows], ctx[rows]
                 tt = tt[rows] if tt.ndim == 1 and tt.shape[0] == b else tt
                 labels = labels[rows] if labels is not None else None
-            img = unit_image
-            if img.shape[0] != n:
-                img = img.repeat(n // img.shape[0], 1, 1, 1) if n % img.shape[0] == 0 else img[:1].expand(n, -1, -1, -1)
+            img = _maps_for_rows(unit_image, [kinds[i] for i in picked])
             extra = {"class_labels": labels} if labels is not None else {}
             d, m = net(
                 xi.to(net.dtype),
@@ -360,6 +357,26 @@ class GraphedControlledUNet:
         row_kinds = tuple("cond" if k == "c" else "uncond" for k in kinds) if kinds else None
         flags = [a == "1" for a in active]
         return self.controlled.forward_with(x, t, encoder_hidden_states, flags, images, row_kinds, **kw)
+
+
+def _maps_for_rows(maps: Tensor, kinds: Sequence[str]) -> Tensor:
+    """The control map of each row: maps are one per latent row (or one for all), and the rows of each CFG kind
+    are the latent rows in order, so row ``j`` of its kind takes map ``j % len(maps)`` (ComfyUI cycles a shorter
+    batch of maps the same way). Repeats and slices when they give that (a CUDA graph records those), else an
+    index (2 maps over 3 rows once gave the unconditional rows the maps shifted by one)."""
+    m, n = int(maps.shape[0]), len(kinds)
+    if m == n and len(set(kinds)) == 1:
+        return maps
+    if m == 1:
+        return maps.expand(n, -1, -1, -1)
+    seen: dict[str, int] = {}
+    want = []
+    for k in kinds:
+        want.append(seen.get(k, 0) % m)
+        seen[k] = seen.get(k, 0) + 1
+    if want == [j % m for j in range(n)]:
+        return maps.repeat(-(-n // m), 1, 1, 1)[:n]
+    return maps[torch.tensor(want, device=maps.device)]
 
 
 def _rows(picked: list[int], b: int, device: torch.device) -> Tensor | slice | None:
