@@ -1437,3 +1437,30 @@ def test_a_shorter_batch_of_control_maps_is_cycled_alike_on_both_cfg_halves():
             )
 
     assert torch.allclose(run(torch.cat([a, b])), run(torch.cat([a, b, a])), atol=1e-5)
+
+
+def test_upload_mask_stores_the_image_with_the_masks_alpha(client):
+    """ComfyUI's /upload/mask (its mask editor's upload; the route was missing, 404): the original_ref's image
+    with the mask's alpha, stored like an upload; LoadImage of it gives MASK = 1 - alpha."""
+    orig = picture()
+    _, orig_name = upload(client, orig, "to-mask.png")
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=(0, 0, 0, 0))  # transparent = repaint
+
+    def post(ref: object, m: Image.Image = mask, name: str = "clipspace-mask.png") -> httpx.Response:
+        files = {"image": (name, png_bytes(m), "image/png")}
+        return client.post("/upload/mask", files=files, data={"original_ref": json.dumps(ref), "overwrite": "true"})
+
+    r = post({"filename": orig_name, "subfolder": "", "type": "input"})
+    assert r.status_code == 200 and r.json()["type"] == "input", r.text
+    v = client.get("/view", params={"filename": r.json()["name"], "type": "input"})
+    stored = Image.open(io.BytesIO(v.content))
+    assert stored.mode == "RGBA" and np.array_equal(np.asarray(stored.convert("RGB")), np.asarray(orig))
+    assert np.array_equal(np.asarray(stored.getchannel("A")), np.asarray(mask.getchannel("A")))
+    assert post({"filename": f"{orig_name} [input]"}).status_code == 200  # annotated, as ComfyUI
+    assert post({"filename": "nope.png", "type": "input"}).status_code == 404
+    assert post({"filename": "../x.png", "type": "input"}).status_code == 400
+    assert post({"filename": orig_name, "type": "input"}, m=mask.resize((32, 32))).status_code == 400
+    assert post({"filename": orig_name, "type": "input"}, name="m.jpg").status_code == 400
+    r = client.post("/upload/mask", files={"image": ("m.png", png_bytes(mask), "image/png")})
+    assert r.status_code == 400 and "original_ref" in r.json()["detail"], r.text

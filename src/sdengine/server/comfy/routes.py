@@ -542,6 +542,63 @@ def view(request: Request, filename: str, subfolder: str = "", type: str = "outp
 async def upload_image(request: Request) -> Any:
     """Multipart ``image`` (+ ``subfolder``, ``type`` input|temp, ``overwrite``) into the input folder;
     the pixel limit is checked from the header before decoding."""
+    return await _upload(request, mask=False)
+
+
+@_route("POST", "/upload/mask")
+async def upload_mask(request: Request) -> Any:
+    """ComfyUI's mask upload (its mask editor): ``image`` is a mask in its alpha, ``original_ref`` (JSON
+    ``{filename, subfolder, type}``, type ``output`` by default) the image it masks; stored as that image with
+    the mask's alpha (a PNG, the original's text kept), as /upload/image stores a file. LoadImage of it gives
+    the image and MASK = 1 - alpha."""
+    return await _upload(request, mask=True)
+
+
+def _masked_original(st: ComfyState, ref_text: Any, mask_data: bytes, max_pixels: int) -> bytes:
+    """The PNG of ``original_ref``'s image with the alpha of the mask image ``mask_data``."""
+    import io
+
+    from PIL.PngImagePlugin import PngInfo
+
+    from sdengine.io.paths import UnsafePathError, resolve_inside
+    from sdengine.server.security import decode_image
+
+    try:
+        ref = json.loads(str(ref_text))
+    except ValueError:
+        ref = None
+    if not isinstance(ref, dict) or not isinstance(ref.get("filename"), str):
+        raise BadRequest("original_ref must be JSON {filename, subfolder, type} naming the masked image")
+    name, kind = split_annotation(ref["filename"])
+    if name == ref["filename"]:
+        kind = str(ref.get("type") or "output")
+    if kind not in ("output", "input", "temp"):
+        raise BadRequest("original_ref.type must be output, input or temp")
+    sub = str(ref.get("subfolder") or "").strip("/")
+    shown = f"{sub}/{name}" if sub else name
+    try:
+        path = resolve_inside(st.folders.root(kind), shown, "original_ref")
+    except UnsafePathError:
+        raise BadRequest(f"original_ref {shown!r} is outside the {kind} folder") from None
+    except FileNotFoundError:
+        raise NotFound(f"original_ref {shown!r} is not a file of the {kind} folder") from None
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise BadRequest(f"original_ref {shown!r}: only PNG, JPEG and WebP images are masked")
+    original = decode_image(path.read_bytes(), f"original_ref {shown!r}", max_pixels)
+    mask = decode_image(mask_data, "image", max_pixels)
+    if mask.size != original.size:
+        raise BadRequest(f"the mask is {mask.size[0]}x{mask.size[1]}, the image {original.size[0]}x{original.size[1]}")
+    info = PngInfo()
+    for k, v in getattr(original, "text", {}).items():
+        info.add_text(k, v)
+    out = original.convert("RGBA")
+    out.putalpha(mask.convert("RGBA").getchannel("A"))
+    buf = io.BytesIO()
+    out.save(buf, format="PNG", pnginfo=info, compress_level=4)
+    return buf.getvalue()
+
+
+async def _upload(request: Request, *, mask: bool) -> Any:
     from sdengine.io.paths import check_name, is_inside
     from sdengine.server.security import decode_image
 
@@ -554,7 +611,12 @@ async def upload_image(request: Request) -> Any:
     if part is None or isinstance(part, str):
         raise BadRequest("send the image in the multipart file field 'image'")
     data = await part.read()
-    await asyncio.to_thread(decode_image, data, "image", services.config.max_image_pixels)
+    limit = services.config.max_image_pixels
+    await asyncio.to_thread(decode_image, data, "image", limit)
+    if mask:
+        if not str(part.filename or "mask.png").lower().endswith(".png"):
+            raise BadRequest("a masked image is stored as a PNG: give the file a .png name")
+        data = await asyncio.to_thread(_masked_original, st, form.get("original_ref"), data, limit)
     kind = str(form.get("type") or "input")
     if kind not in ("input", "temp"):
         raise BadRequest("type must be input or temp")
