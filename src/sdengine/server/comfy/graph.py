@@ -179,8 +179,8 @@ def output_nodes(prompt: Prompt) -> list[str]:
 def validate(prompt: Any, env: Any, targets: list[str] | None = None) -> tuple[Prompt, list[str], dict[str, Any]]:
     """(the prompt with literal inputs converted, the output node ids to run, node errors); PromptInvalid if
     no output can run. As ComfyUI: ``targets`` (``partial_execution_targets``) keeps only the output nodes it
-    names; an output whose nodes have errors is left out while the others run (their errors are answered with
-    the prompt's id), and the prompt fails only when none is left."""
+    names; an output whose nodes have errors is left out while the others run (the node errors returned list
+    its errors), and the prompt fails only when no output is left."""
 
     def fail(error: dict[str, Any], node_errors: dict[str, Any] | None = None) -> PromptInvalid:
         return PromptInvalid({"error": error, "node_errors": node_errors or {}})
