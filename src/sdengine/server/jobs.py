@@ -1,13 +1,16 @@
 """The job queue: bounded FIFO, one worker thread per device, per-job cancel, progress and previews.
 
+FIFO for every protocol but one: a ComfyUI prompt may be placed by its ``front`` flag or priority ``number``
+(sdengine.server.comfy.routes: ComfyUI prompts stay ordered by number among themselves).
+
 A :class:`Job` is one :class:`~sdengine.server.requests.Generation` and its life: queued -> running ->
-done | failed | cancelled. Workers take the oldest queued job; each keeps its own pipeline (one model at a
+done | failed | cancelled. Workers take the job at the head of the queue; each keeps its own pipeline (one model at a
 time, switched between jobs). Cancel touches one job: a queued job leaves the queue, a running one stops
 at the end of the current sampler step (the pipeline's step callback returns False). Nothing of a job
 stays on the model after it: the pipeline removes the LoRAs it applied and builds ControlNets per call.
 A job that fails (bad input found late, out of memory, a bug) fails alone; the worker takes the next.
 
-Batching: a worker takes the oldest queued job and, when ``max_batch_jobs`` > 1, the later queued jobs that
+Batching: a worker takes the job at the head of the queue and, when ``max_batch_jobs`` > 1, the later queued jobs that
 :func:`batch_key` says are compatible with it (up to ``max_batch_jobs`` jobs and ``max_batch_rows`` images), and
 runs them as ONE pipeline call with a prompt, negative prompt and seed per row (each row's image equals the same
 job run alone: the pipeline gives every row its own generator). The result is split back per job. Cancelling
@@ -37,7 +40,7 @@ from typing import Any
 from PIL import Image
 
 from sdengine.errors import SdengineError
-from sdengine.server.errors import NotFound, QueueFull, ServerStopping
+from sdengine.server.errors import BadRequest, NotFound, QueueFull, ServerStopping
 from sdengine.server.requests import Generation
 
 log = logging.getLogger(__name__)
@@ -332,22 +335,30 @@ class JobManager:
 
     # -- the queue -------------------------------------------------------------------------------------
 
-    def submit(self, job: Job) -> int:
-        """Queue ``job``; its position (0 = next). QueueFull when ``max_queue`` jobs are waiting."""
+    def submit(self, job: Job, place: Callable[[list[Job]], int] | None = None) -> int:
+        """Queue ``job``; its position (0 = next). QueueFull when ``max_queue`` jobs are waiting.
+
+        ``place(queued)`` (called under the queue's lock with the queued jobs, head first) may give the index
+        to insert the job at instead of the end (ComfyUI's ``front`` and priority ``number``)."""
         with self._cond:
             if self.stopping:
                 raise ServerStopping("the server is stopping; no job is accepted", retry_after=30)
+            if job.id in self._jobs:  # the table is keyed by id: a second job would hide the first
+                raise BadRequest(f"job id {job.id!r} is taken")
             if len(self._queue) >= self.max_queue:
                 busy = max(1, len(self.workers))
                 raise QueueFull(
                     f"the queue is full ({self.max_queue} jobs waiting); retry later",
                     retry_after=max(1, len(self._queue) // busy),
                 )
-            self._queue.append(job)
+            index = len(self._queue) if place is None else max(0, min(len(self._queue), place(list(self._queue))))
+            self._queue.insert(index, job)
             self._jobs[job.id] = job
             self._forget_old()
             self._cond.notify()
-            return len(self._queue) - 1
+            moved = list(self._queue)[index + 1 :]  # placed ahead of them (ComfyUI's front / number)
+        self._moved(moved)
+        return index
 
     def _forget_old(self) -> None:
         """Drop the oldest finished jobs beyond ``keep_jobs``, and the images (results and decoded inputs) of all
@@ -368,7 +379,7 @@ class JobManager:
                 return
 
     def take(self, timeout: float = 0.5) -> list[Job]:
-        """The oldest queued job and the later ones compatible with it (see :func:`batch_key`), now running;
+        """The job at the head of the queue and the later ones compatible with it (see :func:`batch_key`), now running;
         [] when none came within ``timeout`` seconds or the server is stopping."""
         with self._cond:
             if not self._queue and not self.stopping:
@@ -457,6 +468,11 @@ class JobManager:
     def running(self) -> list[Job]:
         with self._cond:
             return [j for j in self._jobs.values() if j.state == RUNNING]
+
+    def queued(self) -> list[Job]:
+        """The queued jobs in the order they will run."""
+        with self._cond:
+            return list(self._queue)
 
     def queued_count(self) -> int:
         with self._cond:
