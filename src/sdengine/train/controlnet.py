@@ -34,7 +34,7 @@ from .. import distributed
 from ..control import PREPROCESSORS, ControlNetError, load_control_image, preprocess, save_controlnet
 from ..diffusion.loss import TIMESTEP_SAMPLINGS, DiffusionLoss, check_cond_dropout
 from ..models.controlnet import ControlNet
-from .checkpoint import ensure_new_run
+from .checkpoint import ensure_new_run, locks_out_dir
 from .compat import renamed_fields
 from .loop import TrainConfig, TrainResult, data_indices, train
 
@@ -158,6 +158,7 @@ def caption_rows(idx: Tensor, dropped: Tensor, n: int, mismatch: float, generato
     return torch.where(swap, other, idx)
 
 
+@locks_out_dir
 def train_controlnet(
     spec: ControlNetTrainSpec,
     cfg: TrainConfig,

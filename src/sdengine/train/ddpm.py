@@ -26,7 +26,7 @@ from ..diffusion.loss import DiffusionLoss
 from ..diffusion.schedules import NoiseSchedule
 from ..imageio import make_grid, save_image_atomic
 from ..models.unet import UNet, UNetConfig
-from .checkpoint import ensure_new_run
+from .checkpoint import ensure_new_run, locks_out_dir
 from .compat import renamed_fields
 from .loop import TrainConfig, TrainResult, data_indices, train
 
@@ -81,6 +81,7 @@ def default_unet_config(spec: DDPMSpec, num_classes: int) -> UNetConfig:
     )
 
 
+@locks_out_dir
 def train_ddpm(
     spec: DDPMSpec,
     cfg: TrainConfig,

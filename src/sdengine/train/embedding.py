@@ -26,7 +26,7 @@ from torch import nn
 from sdengine.errors import SdengineError
 
 from ..text.embeddings import MAX_VECTORS, FixedWords, save_embedding
-from .checkpoint import ensure_new_run
+from .checkpoint import ensure_new_run, locks_out_dir
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 
@@ -82,6 +82,7 @@ def captions_for(spec: EmbeddingSpec, file_captions: list[str]) -> list[str]:
     return [spec.template.replace("[filewords]", c).replace("[name]", spec.name) for c in file_captions]
 
 
+@locks_out_dir
 def train_embedding(
     spec: EmbeddingSpec,
     cfg: TrainConfig,

@@ -41,7 +41,7 @@ from ..io.atomic import atomic_dir, atomic_write, write_text_atomic
 from ..models.unet import UNet, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
 from . import emoji_defaults as D
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, locks_out_dir, save_checkpoint
 from .compat import renamed_fields
 from .loop import TrainConfig, TrainResult, data_indices, train
 
@@ -655,6 +655,7 @@ def prepare_pooled(
     return _cached_caption_tensors(ds, path, device, "-pooled", "pooled", caption_pooled, captions)
 
 
+@locks_out_dir
 def train_emoji(
     out_dir: str | Path,
     recipe: EmojiRecipe | None = None,

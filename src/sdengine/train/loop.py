@@ -30,7 +30,7 @@ from sdengine.io.atomic import atomic_write, remove_stale_temp_files
 from sdengine.weights.io import WeightsError
 from sdengine.weights.loading import check_keys
 
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, locks_out_dir, save_checkpoint
 
 MixedPrecision = Literal["auto", "no", "bf16"]
 
@@ -167,6 +167,7 @@ def _plot_losses(losses: list[float], path: Path) -> None:
         plt.close(fig)
 
 
+@locks_out_dir
 def train(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, int, torch.Generator], torch.Tensor],

@@ -34,7 +34,7 @@ from sdengine.errors import SdengineError
 
 from .. import distributed
 from ..weights.lora import LoRALayer, kohya_name, lora_targets, patch_layers
-from .checkpoint import ensure_new_run
+from .checkpoint import ensure_new_run, locks_out_dir
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 TargetKind = Literal["attention", "proj", "ff", "conv"]
@@ -327,6 +327,7 @@ def tag_frequency(captions: list[str], folder: str) -> dict[str, dict[str, int]]
     return {Path(folder).name: dict(counts.most_common())}
 
 
+@locks_out_dir
 def train_lora(
     spec: LoRASpec,
     cfg: TrainConfig,

@@ -57,7 +57,7 @@ from sdengine.errors import SdengineError
 from .. import distributed
 from ..models.tiny_vae import TinyAutoencoder, TinyVAEConfig, taesd_config
 from ..models.vae import AutoencoderKL, VAEConfig
-from .checkpoint import ensure_new_run, load_checkpoint
+from .checkpoint import ensure_new_run, load_checkpoint, locks_out_dir
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 LatentMode = Literal["mode", "sample"]
@@ -336,6 +336,7 @@ class TinyVAETrainOutput:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+@locks_out_dir
 def train_tiny_vae(
     spec: TinyVAETrainSpec,
     cfg: TrainConfig,
