@@ -318,6 +318,12 @@ def test_same_train_command_twice_is_refused_unless_overwrite(setup, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and re.search(r"--resume.*--overwrite", err), err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    other = [*args, "--resume", "--steps", "3"]
+    other[other.index("--name") + 1] = "other"  # resuming under another name would leave two files of one run
+    rc = main(other)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--name sks, not other" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert main([*args, "--overwrite"]) == 0
     assert (out / "sks.safetensors").is_file()
     assert main([*args, "--overwrite", "--resume"]) == 2

@@ -15,9 +15,9 @@ from sdengine.train.checkpoint import (
 )
 
 
-def _run(tmp_path, *, step=10, outputs=("lora.safetensors",)):
+def _run(tmp_path, *, step=10, outputs=("lora.safetensors",), meta=None):
     out = tmp_path / "run"
-    save_checkpoint(out / CHECKPOINT_NAME, {"step": step, "w": torch.ones(2)})
+    save_checkpoint(out / CHECKPOINT_NAME, {"step": step, "w": torch.ones(2), **({"meta": meta} if meta else {})})
     for name in outputs:
         (out / name).write_bytes(b"exported")
     return out
@@ -96,3 +96,14 @@ def test_output_names_cannot_escape(tmp_path):
     with pytest.raises(SdengineError):
         ensure_new_run(out, resume=False, overwrite=True, outputs=["../victim.txt"])
     assert victim.read_text() == "keep"
+
+
+def test_resume_checks_the_settings_the_run_must_share(tmp_path):
+    out = _run(tmp_path, meta={"name": "zqx", "vectors": 2})
+    assert ensure_new_run(out, resume=True, overwrite=False, same={"name": ("--name", "zqx")}) == []
+    with pytest.raises(CheckpointError, match="trained with --name zqx, not other: resume with --name zqx") as e:
+        ensure_new_run(out, resume=True, overwrite=False, same={"name": ("--name", "other")})
+    assert "\n" not in str(e.value)
+    # a checkpoint of an older release, without the setting, is not checked
+    old = _run(tmp_path / "old")
+    assert ensure_new_run(old, resume=True, overwrite=False, same={"name": ("--name", "other")}) == []

@@ -16,10 +16,10 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from sdengine import distributed
 from sdengine.errors import SdengineError, UsageError
@@ -42,23 +42,43 @@ __all__ = [
 ]
 
 
-def check_resumable(out_dir: str | Path) -> None:
+def check_resumable(out_dir: str | Path, same: Mapping[str, tuple[str, Any]] | None = None) -> None:
     """Raise ``CheckpointError`` unless ``out_dir`` holds a readable checkpoint. Trainers call this before
-    their slow set-up (data, models), so a bad ``--resume`` fails at once and changes nothing."""
-    load_checkpoint(Path(out_dir) / CHECKPOINT_NAME)
+    their slow set-up (data, models), so a bad ``--resume`` fails at once and changes nothing.
+
+    ``same``: ``{meta key: (flag, value)}``, settings the resumed run must share with the checkpoint's run (as
+    the seed): e.g. the embedding's ``--name``, which names the file the run writes. A checkpoint without the key
+    (an older release's) is not checked."""
+    path = Path(out_dir) / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    meta = state.get("meta") if isinstance(state, dict) else None
+    for key, (flag, value) in (same or {}).items():
+        if isinstance(meta, dict) and key in meta and meta[key] != value:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with {flag} {meta[key]}, not {value}: resume with {flag} "
+                f"{meta[key]}, or train into another --out"
+            )
 
 
 class RunExistsError(SdengineError, ValueError):
     """The output folder already holds a training run and neither resuming nor overwriting was asked for."""
 
 
-def ensure_new_run(out_dir: str | Path, *, resume: bool, overwrite: bool, outputs: Iterable[str] = ()) -> list[Path]:
+def ensure_new_run(
+    out_dir: str | Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    outputs: Iterable[str] = (),
+    same: Mapping[str, tuple[str, Any]] | None = None,
+) -> list[Path]:
     """Decide what a trainer may do with ``out_dir`` before its slow set-up; returns the paths removed.
 
     A folder holds a run when it has a ``checkpoint.pt`` or one of ``outputs`` (the names a trainer exports,
     e.g. ``"lora.safetensors"`` or ``"controlnet"``). Then: ``resume`` continues it (the checkpoint must be
-    readable), ``overwrite`` deletes the old run's checkpoint, left-over checkpoint temp files and outputs
-    (nothing else) so that the new run starts clean, and neither is a ``RunExistsError``: running the same
+    readable, and its run must share the settings ``same`` names: see :func:`check_resumable`), ``overwrite``
+    deletes the old run's checkpoint, left-over checkpoint temp files and outputs (nothing else) so that the new
+    run starts clean, and neither is a ``RunExistsError``: running the same
     command twice must never silently replace finished work.
     """
     out_dir = Path(out_dir)
@@ -67,7 +87,7 @@ def ensure_new_run(out_dir: str | Path, *, resume: bool, overwrite: bool, output
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"output {out_dir} exists and is not a folder")
     if resume:
-        check_resumable(out_dir)
+        check_resumable(out_dir, same)
         return []
     names = [check_name(n, "output") for n in outputs]
     ckpt = out_dir / CHECKPOINT_NAME

@@ -103,7 +103,10 @@ def train_embedding(
     device = torch.device(device)
     out_dir = Path(out_dir)
     file_name = f"{spec.name}.safetensors"
-    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=[file_name])
+    # The name is the run's file: resuming under another one would leave two files of one run (refused, as a seed).
+    ensure_new_run(
+        out_dir, resume=resume, overwrite=overwrite, outputs=[file_name], same={"name": ("--name", spec.name)}
+    )
     pipe = load_pipeline(spec.model, device=device, dtype="fp32")
     if not isinstance(pipe, Pipeline) or pipe.conditioner.kind != "clip":
         raise EmbeddingTrainingError(f"{spec.model}: textual inversion needs an SD model with a CLIP text encoder")

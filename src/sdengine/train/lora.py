@@ -349,7 +349,14 @@ def train_lora(
     progress = progress and distributed.current_world().is_main
     out_dir = Path(out_dir)
     # Before loading the model: a bad --resume, or a finished run that would be overwritten, fails at once.
-    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=[f"{spec.output_name}.safetensors", "samples"])
+    # (the name is the file the run writes: resuming under another would leave two files of one run)
+    ensure_new_run(
+        out_dir,
+        resume=resume,
+        overwrite=overwrite,
+        outputs=[f"{spec.output_name}.safetensors", "samples"],
+        same={"output_name": ("--name", spec.output_name)},
+    )
     started = time.time()
     base_dtype = "bf16" if cfg.mixed_precision == "bf16" else "fp32"  # frozen weights may be half; LoRA stays fp32
     pipe = load_pipeline(spec.model, device=device, dtype=base_dtype)
@@ -402,6 +409,7 @@ def train_lora(
     meta = {
         "kind": "lora",
         "model": spec.model,
+        "output_name": spec.output_name,
         "rank": spec.rank,
         "alpha": spec.effective_alpha,
         "targets": list(spec.targets),
