@@ -69,6 +69,20 @@ class TrainConfig:
             raise UsageError(f"learning rate must be a finite number > 0, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UsageError(f"ema decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup_steps < 0:
+            raise UsageError(f"warm-up steps must be >= 0 (0: none), got {self.warmup_steps}")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise UsageError(f"gradient clipping must be a finite number >= 0 (0: none), got {self.grad_clip}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise UsageError(f"weight decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.checkpoint_every < 0:
+            raise UsageError(
+                f"checkpoint interval must be >= 0 steps (0: at the end only), got {self.checkpoint_every}"
+            )
+        if self.sample_every < 0:
+            raise UsageError(f"sample interval must be >= 0 steps (0: none), got {self.sample_every}")
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            raise UsageError(f"mixed precision must be auto, no or bf16, got {self.mixed_precision!r}")
         if self.max_seconds is not None and not (self.max_seconds > 0 and math.isfinite(self.max_seconds)):
             raise UsageError(f"the time limit must be a finite number of minutes > 0, got {self.max_seconds / 60:g}")
 
