@@ -164,3 +164,10 @@ def test_settings_out_of_range_are_refused(bad, message):
     with pytest.raises(UsageError, match=message):
         cfg(**bad)
     assert cfg(**{k: 0 if k != "mixed_precision" else "no" for k in bad}).steps == 20  # the bound itself is fine
+
+
+def test_resume_past_the_asked_steps_says_so(tmp_path, capsys):
+    train(fresh(), loss_fn, cfg(steps=6), tmp_path, progress=False)
+    r = train(fresh(), loss_fn, cfg(steps=3), tmp_path, resume=True, progress=True)
+    assert r.step == 6  # the run's weights stay those of step 6: not a 3-step run
+    assert "is at step 6, at or past --steps 3: nothing to train" in capsys.readouterr().out

@@ -267,6 +267,8 @@ def train(
             cuda_state = state["rng_cuda_ranks"][world.rank] if same_world and "rng_cuda_ranks" in state else None
             torch.cuda.set_rng_state(cuda_state if cuda_state is not None else state["rng_cuda"], device)
         if start >= cfg.steps:
+            if progress:  # said, so that --steps below the run's step is not taken for a shorter run
+                print(f"{ckpt_path} is at step {start}, at or past --steps {cfg.steps}: nothing to train")
             return TrainResult(start, losses, out_dir, ckpt_path)
 
     # Every rank starts from the same weights (same seed, or the same checkpoint); DDP also broadcasts rank 0's.
