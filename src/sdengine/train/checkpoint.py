@@ -24,7 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 from sdengine import distributed
 from sdengine.errors import SdengineError, UsageError
 from sdengine.io.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
-from sdengine.io.paths import check_name
+from sdengine.io.paths import check_name, is_inside
 
 # The file format moved to sdengine.io.checkpoint (loaders below the trainers read it); re-exported here.
 __all__ = [
@@ -71,6 +71,7 @@ def ensure_new_run(
     overwrite: bool,
     outputs: Iterable[str] = (),
     same: Mapping[str, tuple[str, Any]] | None = None,
+    data: str | Path | None = None,
 ) -> list[Path]:
     """Decide what a trainer may do with ``out_dir`` before its slow set-up; returns the paths removed.
 
@@ -79,11 +80,17 @@ def ensure_new_run(
     readable, and its run must share the settings ``same`` names: see :func:`check_resumable`), ``overwrite``
     deletes the old run's checkpoint, left-over checkpoint temp files and outputs (nothing else) so that the new
     run starts clean, and neither is a ``RunExistsError``: running the same
-    command twice must never silently replace finished work.
+    command twice must never silently replace finished work. ``data``: the trainer's image folder, which must not
+    hold ``out_dir`` (the run's images would become training images).
     """
     out_dir = Path(out_dir)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other: continue the run or replace it")
+    if data is not None and Path(data).is_dir() and is_inside(data, out_dir):
+        raise UsageError(
+            f"--out {out_dir} is inside --data {data}: the run's loss plot and samples would be read as training "
+            "images; choose an --out outside the data folder"
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"output {out_dir} exists and is not a folder")
     if resume:

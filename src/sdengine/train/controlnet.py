@@ -178,7 +178,7 @@ def train_controlnet(
     progress = progress and distributed.current_world().is_main
     out_dir = Path(out_dir)
     # Before loading models: a bad --resume, or a finished run that would be overwritten, fails at once.
-    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["controlnet", "samples"])
+    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["controlnet", "samples"], data=spec.data)
     pipe = load_pipeline(spec.model, device=device, dtype="fp32")
     if not isinstance(pipe, Pipeline):
         raise ControlNetError(f"{spec.model}: a ControlNet needs a Stable Diffusion model (U-Net + VAE + text)")

@@ -105,7 +105,12 @@ def train_embedding(
     file_name = f"{spec.name}.safetensors"
     # The name is the run's file: resuming under another one would leave two files of one run (refused, as a seed).
     ensure_new_run(
-        out_dir, resume=resume, overwrite=overwrite, outputs=[file_name], same={"name": ("--name", spec.name)}
+        out_dir,
+        resume=resume,
+        overwrite=overwrite,
+        outputs=[file_name],
+        same={"name": ("--name", spec.name)},
+        data=spec.data,
     )
     pipe = load_pipeline(spec.model, device=device, dtype="fp32")
     if not isinstance(pipe, Pipeline) or pipe.conditioner.kind != "clip":

@@ -356,6 +356,7 @@ def train_lora(
         overwrite=overwrite,
         outputs=[f"{spec.output_name}.safetensors", "samples"],
         same={"output_name": ("--name", spec.output_name)},
+        data=spec.data,
     )
     started = time.time()
     base_dtype = "bf16" if cfg.mixed_precision == "bf16" else "fp32"  # frozen weights may be half; LoRA stays fp32

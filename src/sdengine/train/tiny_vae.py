@@ -356,7 +356,7 @@ def train_tiny_vae(
     world = distributed.current_world()
     progress = progress and world.is_main
     out_dir = Path(out_dir)
-    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=OUTPUTS)
+    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=OUTPUTS, data=spec.data)
     pipe = load_pipeline(spec.model, device=device, dtype="fp32")
     if not isinstance(pipe, Pipeline) or not isinstance(getattr(pipe, "vae", None), AutoencoderKL):
         raise TinyVAETrainingError(f"{spec.model}: a tiny VAE needs a latent diffusion model with a VAE")
