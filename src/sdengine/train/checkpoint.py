@@ -86,15 +86,16 @@ def ensure_new_run(
     out_dir = Path(out_dir)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other: continue the run or replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"output {out_dir} exists and is not a folder")
+    if resume:
+        check_resumable(out_dir, same)
     if data is not None and Path(data).is_dir() and is_inside(data, out_dir):
         raise UsageError(
             f"--out {out_dir} is inside --data {data}: the run's loss plot and samples would be read as training "
             "images; choose an --out outside the data folder"
         )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"output {out_dir} exists and is not a folder")
     if resume:
-        check_resumable(out_dir, same)
         return []
     names = [check_name(n, "output") for n in outputs]
     ckpt = out_dir / CHECKPOINT_NAME
