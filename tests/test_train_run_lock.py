@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sdengine.cli import main
+from sdengine.errors import SdengineError
 from sdengine.train.checkpoint import CHECKPOINT_NAME, LOCK_NAME, CheckpointError, RunLockedError, run_lock
 from sdengine.train.controlnet import train_controlnet
 from sdengine.train.ddpm import train_ddpm
@@ -173,3 +174,12 @@ def test_the_cli_prints_one_line(tmp_path, capsys, argv):
         assert main(["train", *argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{out} is in use by another training run (pid {os.getpid()}" in err
+
+
+@pytest.mark.parametrize("kind", sorted(TRAINERS))
+def test_an_empty_out_is_refused(tmp_path, monkeypatch, kind):
+    """Path("") is the current folder: an unset variable (--out "$OUT") once trained into it."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SdengineError, match="--out is empty"):
+        TRAINERS[kind]("")
+    assert list(tmp_path.iterdir()) == []

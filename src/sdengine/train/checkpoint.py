@@ -277,6 +277,8 @@ def run_lock(out_dir: str | Path) -> Iterator[None]:
     process ends, however it ends, so the file of a killed run is taken over (with a note). The file is removed
     when the run ends, and so is ``out_dir`` if this made it and it is still empty (a refused ``--resume``
     leaves nothing behind). Under torchrun rank 0 holds it for the job: the other ranks take nothing."""
+    if not str(out_dir).strip():  # Path("") is "."; an unset variable in a script (--out "$OUT"), not a choice
+        raise UsageError("--out is empty: give the folder the run writes to")
     env = distributed.env_world()
     if env is not None and env.rank != 0:
         yield
