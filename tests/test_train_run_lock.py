@@ -52,10 +52,23 @@ def _train(out: Path):
     return train(nn.Linear(3, 3), _loss, _cfg(), out, progress=False)
 
 
-def _holder(out: Path) -> subprocess.Popen[str]:
+# Another run as the kernel sees it, without importing torch (fast): the lock file flock-ed, its line written
+LIGHT_HOLDER = (
+    "import fcntl, json, os, sys\n"
+    "os.makedirs(sys.argv[1], exist_ok=True)\n"
+    f"fd = os.open(os.path.join(sys.argv[1], {LOCK_NAME!r}), os.O_RDWR | os.O_CREAT)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+    "line = {'pid': os.getpid(), 'host': 'h', 'started': 's', 'command': 'sdengine train lora --out x'}\n"
+    "os.write(fd, (json.dumps(line) + '\\n').encode())\n"
+    "print('locked', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+def _holder(out: Path, script: str = LIGHT_HOLDER) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     p = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", script, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
     )
     assert p.stdout is not None
     assert p.stdout.readline().strip() == "locked"
@@ -69,12 +82,24 @@ def test_a_second_process_on_the_same_folder_is_refused_and_writes_nothing(tmp_p
         with pytest.raises(RunLockedError) as e:
             _train(out)
         msg = str(e.value)
-        assert "\n" not in msg and str(out) in msg and f"pid {p.pid}" in msg and "another --out" in msg
-        assert not (out / CHECKPOINT_NAME).exists()
+        assert "\n" not in msg and str(out) in msg and f"pid {p.pid} on h" in msg and "another --out" in msg
+        assert "sdengine train lora --out x" in msg and not (out / CHECKPOINT_NAME).exists()
+    finally:
+        p.communicate("", timeout=30)
+    assert _train(out).step == 3  # its process ended: free again (its file taken over)
+
+
+@pytest.mark.slow
+def test_a_second_sdengine_process_is_refused_and_the_first_releases(tmp_path):
+    out = tmp_path / "run"
+    p = _holder(out, HOLDER)  # run_lock itself in another process
+    try:
+        with pytest.raises(RunLockedError, match=f"pid {p.pid} on "):
+            _train(out)
     finally:
         p.communicate("", timeout=30)
     assert p.returncode == 0 and not (out / LOCK_NAME).exists()  # released, file removed
-    assert _train(out).step == 3  # free again
+    assert _train(out).step == 3
 
 
 def test_the_lock_of_a_killed_run_is_taken_over_with_a_note(tmp_path, capsys):
@@ -85,7 +110,7 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_note(tmp_path, capsys):
     assert (out / LOCK_NAME).exists()  # left behind, but no longer locked
     assert _train(out).step == 3
     err = capsys.readouterr().err
-    assert "taking over the lock" in err and f"pid {p.pid}" in err
+    assert "taking over the lock" in err and f"pid {p.pid} on h" in err
     assert not (out / LOCK_NAME).exists()
 
 
