@@ -26,7 +26,7 @@ from torch import nn
 from sdengine.errors import SdengineError
 
 from ..text.embeddings import MAX_VECTORS, FixedWords, save_embedding
-from .checkpoint import ensure_new_run
+from .checkpoint import ensure_new_run, locks_out_dir
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 
@@ -82,6 +82,7 @@ def captions_for(spec: EmbeddingSpec, file_captions: list[str]) -> list[str]:
     return [spec.template.replace("[filewords]", c).replace("[name]", spec.name) for c in file_captions]
 
 
+@locks_out_dir
 def train_embedding(
     spec: EmbeddingSpec,
     cfg: TrainConfig,
@@ -102,7 +103,15 @@ def train_embedding(
     device = torch.device(device)
     out_dir = Path(out_dir)
     file_name = f"{spec.name}.safetensors"
-    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=[file_name])
+    # The name is the run's file: resuming under another one would leave two files of one run (refused, as a seed).
+    ensure_new_run(
+        out_dir,
+        resume=resume,
+        overwrite=overwrite,
+        outputs=[file_name],
+        same={"name": ("--name", spec.name)},
+        data=spec.data,
+    )
     pipe = load_pipeline(spec.model, device=device, dtype="fp32")
     if not isinstance(pipe, Pipeline) or pipe.conditioner.kind != "clip":
         raise EmbeddingTrainingError(f"{spec.model}: textual inversion needs an SD model with a CLIP text encoder")
