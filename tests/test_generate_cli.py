@@ -715,3 +715,55 @@ def test_from_png_reproduces_resize_mode_and_a_prediction_type_override(model, t
     assert _generate("a cat", *common, "--seed", "4", "--out", str(plain)) == 0
     text = Image.open(plain).info["parameters"]
     assert "Resize mode" not in text and "Prediction type" not in text and "Sampler options" not in text
+
+
+def test_prompt_list_never_skips_or_replaces_another_image_of_the_same_name(model, tmp_path, capsys):
+    """`generate "a red car" --seed 0` and `generate --prompts list.txt` both default to one folder and name
+    their files NNNNN-SEED.png: the list's line 1 (seed 0) is 00000-0.png too. That file is another image, so the
+    list stops before any work (it once counted the line as done and never made it; a line making several images
+    rendered over a file of another prompt); its own finished lines are still skipped on a second run."""
+    out = tmp_path / "out"
+    assert _generate("a red car", "--model", str(model), "--steps", "1", "--seed", "0", "--out", str(out)) == 0
+    car = (out / "00000-0.png").read_bytes()
+    prompts = tmp_path / "list.txt"
+    prompts.write_text("a cat\n")
+    capsys.readouterr()
+    assert _generate("--prompts", str(prompts), "--model", str(model), "--steps", "1", "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "list.txt:1: " in err[0] and "00000-0.png exists and is not this line's image" in err[0]
+    assert "'a red car'" in err[0]
+    assert (out / "00000-0.png").read_bytes() == car and sorted(p.name for p in out.iterdir()) == ["00000-0.png"]
+
+    # a line of two images, one of whose names is taken by another prompt's image: refused, the file kept
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text('{"prompt": "a cat", "batch_size": 2, "seed": 0}\n')
+    (out / "00000-0.png").rename(out / "00000-1-1.png")
+    assert _generate("--prompts", str(batch), "--model", str(model), "--steps", "1", "--out", str(out)) == 2
+    assert "00000-1-1.png exists and is not this line's image" in capsys.readouterr().err
+    assert (out / "00000-1-1.png").read_bytes() == car and not (out / "00000-0-0.png").exists()
+
+    # the list's own images are recognised (the prompt's outer spaces are not in the infotext): skipped
+    mine = tmp_path / "mine"
+    lora_list = tmp_path / "lora.txt"
+    lora_list.write_text("a dog \n")
+    for _ in range(2):
+        assert _generate("--prompts", str(lora_list), "--model", str(model), "--steps", "1", "--out", str(mine)) == 0
+    assert "0 image(s) written, 1 line(s) already done" in capsys.readouterr().err
+
+
+def test_prompt_list_with_a_byte_order_mark(model, tmp_path, capsys):
+    """A list saved by Windows Notepad starts with a UTF-8 byte-order mark: it is not part of the first prompt
+    (it was: an invisible character in the prompt and the infotext), and a .jsonl's first line is JSON."""
+    from sdengine.metadata import parse_parameters, read_png_parameters
+
+    text = tmp_path / "list.txt"
+    text.write_bytes("\ufeffa cat\n".encode())
+    lines = tmp_path / "list.jsonl"
+    lines.write_bytes('\ufeff{"prompt": "a dog", "seed": 5}\n'.encode())
+    for src, name in ((text, "00000-0.png"), (lines, "00000-5.png")):
+        out = tmp_path / src.suffix[1:]
+        assert _generate("--prompts", str(src), "--model", str(model), "--steps", "1", "--out", str(out)) == 0, (
+            capsys.readouterr().err
+        )
+        prompt = parse_parameters(read_png_parameters(out / name) or "")["Prompt"]
+        assert prompt == ("a cat" if src is text else "a dog")

@@ -14,7 +14,8 @@ The rules that make a list reproducible and resumable:
   (``batch_size`` or lists) gets seeds ``s, s + 1, ...`` like any batch.
 * **Names.** ``IIIII-SEED.png`` (``IIIII-K-SEED.png`` for image ``K`` of a line making several): a pure function
   of the line and the seed rule. A line whose files all exist is skipped, so running the command again after a
-  crash renders only what is missing; every PNG is written atomically (a half-written file never has the name).
+  crash renders only what is missing (a file of such a name must record the line's seed and prompt: another image
+  there is a :class:`PromptListError`, never skipped nor replaced); every PNG is written atomically (a half-written file never has the name).
 * **Checked first.** Every line is parsed and validated before the model is loaded: a bad line is a one-line
   :class:`PromptListError` naming the file and line number, and nothing is rendered.
 * **Ranks.** Under torchrun (``RANK``/``WORLD_SIZE`` set) rank ``r`` of ``N`` renders the requests with
@@ -51,6 +52,7 @@ class ListItem:
     seeds: tuple[int, ...]
     names: tuple[str, ...]
     source: str = "--prompts"  # the list's file, for errors found when the line renders
+    prompts: tuple[str, ...] = ()  # each image's prompt (to tell this line's finished files from others)
 
     @property
     def line(self) -> int:
@@ -61,7 +63,8 @@ def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise PromptListError(f"--prompts {path}: no such file")
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte-order mark (Windows Notepad writes one) is not part of the first prompt
+        return path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         raise PromptListError(f"--prompts {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
@@ -109,6 +112,7 @@ def parse_prompt_list(path: str | Path, defaults: Mapping[str, Any], base_seed: 
             request = GenerationRequest.from_dict(settings).precheck()
             random_seed = not isinstance(request.seed, list | tuple) and int(request.seed) == -1  # type: ignore[arg-type]
             seeds = request.seeds()
+            prompts = tuple(request.prompts())
         except (SdengineError, TypeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PromptListError(f"{path}:{lineno}: {first}") from None
@@ -119,7 +123,7 @@ def parse_prompt_list(path: str | Path, defaults: Mapping[str, Any], base_seed: 
             if len(seeds) == 1
             else tuple(f"{index:05d}-{k}-{s}.png" for k, s in enumerate(seeds))
         )
-        items.append(ListItem(index, settings, tuple(seeds), names, str(path)))
+        items.append(ListItem(index, settings, tuple(seeds), names, str(path), prompts))
     if not items:
         raise PromptListError(f"--prompts {path}: no requests (every line is blank)")
     return items
@@ -153,6 +157,9 @@ def render_prompt_list(
         raise UsageError(f"--out {out}: a prompt list is written into a folder, and {out} is a file")
     world = world if world is not None else (env_world() or World())
     mine = [items[k] for k in world.shard(len(items))]
+    for it in mine:  # before anything renders: a file of this name that is another image is neither skipped nor lost
+        for k, name in enumerate(it.names):
+            _check_existing(out / name, it, k)
     todo = [it for it in mine if not all((out / n).is_file() for n in it.names)]
     report = RenderReport([], len(mine) - len(todo), len(items) - len(mine))
     if not todo:
@@ -171,6 +178,38 @@ def render_prompt_list(
             if echo is not None:
                 echo(str(path))
     return report
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _check_existing(path: Path, item: ListItem, k: int) -> None:
+    """A file already named like image ``k`` of ``item`` must be that image (a finished line of an earlier run
+    of this list): its parameters record the line's seed and prompt (``<lora:...>`` tags the run appended to
+    the prompt allowed). Anything else there, say ``generate``'s ``00000-0.png`` of another prompt in the same
+    folder, is a :class:`PromptListError`: skipping it would leave the line unmade, rendering would replace it."""
+    if not path.exists() and not path.is_symlink():
+        return
+    from .metadata import MetadataError, parse_parameters, read_png_parameters
+
+    what = "not an image with parameters"
+    if path.is_file():
+        try:
+            text = read_png_parameters(path)
+        except MetadataError:
+            text = None
+        if text is not None:
+            fields = parse_parameters(text)
+            seed, prompt = fields.get("Seed", ""), fields.get("Prompt", "")
+            expected = item.prompts[k] if k < len(item.prompts) else str(item.settings.get("prompt", ""))
+            recorded, expected = _words(prompt), _words(expected)
+            if seed == str(item.seeds[k]) and (recorded == expected or recorded.startswith(f"{expected} <lora:")):
+                return
+            what = f"seed {seed or 'none'}, prompt {prompt[:60]!r}"
+    raise PromptListError(
+        f"{item.source}:{item.line}: {path} exists and is not this line's image ({what}): move it or give another --out"
+    )
 
 
 def rank_device(device: str, world: World | None) -> str:
