@@ -15,7 +15,8 @@ The rules that make a list reproducible and resumable:
 * **Names.** ``IIIII-SEED.png`` (``IIIII-K-SEED.png`` for image ``K`` of a line making several): a pure function
   of the line and the seed rule. A line whose files all exist is skipped, so running the command again after a
   crash renders only what is missing (a file of such a name must record the line's seed and prompt: another image
-  there is a :class:`PromptListError`, never skipped nor replaced); every PNG is written atomically (a half-written file never has the name).
+  there is a :class:`PromptListError`, never skipped nor replaced); every PNG is written atomically (a
+  half-written file never has the name).
 * **Checked first.** Every line is parsed and validated before the model is loaded: a bad line is a one-line
   :class:`PromptListError` naming the file and line number, and nothing is rendered.
 * **Ranks.** Under torchrun (``RANK``/``WORLD_SIZE`` set) rank ``r`` of ``N`` renders the requests with
