@@ -4,6 +4,7 @@ line."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -767,3 +768,46 @@ def test_prompt_list_with_a_byte_order_mark(model, tmp_path, capsys):
         )
         prompt = parse_parameters(read_png_parameters(out / name) or "")["Prompt"]
         assert prompt == ("a cat" if src is text else "a dog")
+
+
+def test_out_edge_cases_are_checked_before_generating(model, tmp_path, capsys, monkeypatch):
+    """An empty --out (it wrote into the current folder), a folder no file can be made in (it failed after the
+    render, with the temporary file's name), and `--out shots.png/`, a folder by its slash (it wrote a file)."""
+    import sdengine.pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(sdengine.pipeline, "load_pipeline", refuse)
+        cases = [("", "--out is empty")]
+        if Path("/proc").is_dir():  # Linux: a file system that takes no new files, even from root
+            cases.append(("/proc/sdengine-out/x.png", "cannot write in /proc"))
+        for out, message in cases:
+            rc = _generate("x", "--model", str(model), "--steps", "1", "--out", out)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert rc == 2 and len(err) == 1 and message in err[0], err
+    rc = _generate("x", "--model", str(model), "--steps", "1", "--seed", "3", "--out", f"{tmp_path / 'shots.png'}/")
+    assert rc == 0 and (tmp_path / "shots.png").is_dir()
+    assert [p.name for p in (tmp_path / "shots.png").iterdir()] == ["00000-3.png"]
+
+
+def test_grid_numbers_never_reuse_an_existing_grid(model, tmp_path, capsys):
+    """The next number of a folder counts grid-NNNNN.png (and xyz-NNNNN.png) too: a folder whose images were
+    moved away but whose grid-00000.png stayed got a new grid-00000.png over it."""
+    out = tmp_path / "out"
+    args = ["x", "--model", str(model), "--steps", "1", "--batch", "2", "--grid", "--out", str(out)]
+    assert _generate(*args, "--seed", "1") == 0
+    first = (out / "grid-00000.png").read_bytes()
+    for p in out.glob("0*.png"):
+        p.unlink()
+    (out / "xyz-00004.png").write_bytes(first)  # an X/Y/Z grid's number is taken too
+    assert _generate(*args, "--seed", "7") == 0
+    assert (out / "grid-00000.png").read_bytes() == first
+    assert sorted(p.name for p in out.iterdir()) == [
+        "00005-7.png",
+        "00006-8.png",
+        "grid-00000.png",
+        "grid-00005.png",
+        "xyz-00004.png",
+    ]

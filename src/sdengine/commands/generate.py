@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,22 +129,30 @@ def lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def _next_index(out: Path) -> int:
-    used = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"^(\d{5})-", p.name))]
+_NUMBERED = re.compile(r"^(?:grid-|xyz-)?(\d{5})[-.]")  # NNNNN-SEED.png, grid-NNNNN.png, xyz-NNNNN.png
+
+
+def next_index(out: Path) -> int:
+    """The first free ``NNNNN`` of a folder: past every image's, batch grid's and X/Y/Z grid's number, so that no
+    name of a new run (``NNNNN-SEED.png``, ``grid-NNNNN.png``, ``xyz-NNNNN.png``) is one that exists."""
+    used = [int(m.group(1)) for p in out.glob("*.png") if (m := _NUMBERED.match(p.name))]
     return max(used, default=-1) + 1
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def _output_target(out: str, batch_size: int) -> tuple[Path, bool]:
+def output_target(out: str, batch_size: int) -> tuple[Path, bool]:
     """(path, is_file) for ``--out``, checked before any work: a path ending in ``.png`` is the one image's
-    file (so ``--out ghost.png`` does not make a folder of that name), anything else a folder. Refused: another
-    image suffix (only PNG carries the parameters), a file name for a batch, and a path under (or at, for a
-    folder) an existing file."""
+    file (so ``--out ghost.png`` does not make a folder of that name), anything else a folder, as is a path
+    ending in ``/`` (``--out shots.png/``). Refused: another image suffix (only PNG carries the parameters), a
+    file name for a batch, a path under (or at, for a folder) an existing file, and a place this process cannot
+    create a file in (a read-only file system): all before the model loads, so no render is thrown away."""
     path = Path(out)
+    if not out.strip():
+        raise UsageError("--out is empty: give a folder (or a .png file for one image)")
     suffix = path.suffix.lower()
-    is_file = suffix in _IMAGE_SUFFIXES and not path.is_dir()
+    is_file = suffix in _IMAGE_SUFFIXES and not path.is_dir() and not out.endswith(("/", os.sep))
     if is_file and suffix != ".png":
         raise UsageError(f"--out {out}: sdengine writes PNG files (they carry the parameters); name it .png")
     if is_file and batch_size != 1:
@@ -151,11 +161,18 @@ def _output_target(out: str, batch_size: int) -> tuple[Path, bool]:
         )
     if not is_file and path.exists() and not path.is_dir():
         raise UsageError(f"--out {out}: {path} is a file, not a folder")
+    nearest = path if path.is_dir() else None
     for parent in path.parents:
-        if parent.exists():
+        if nearest is None and parent.exists():
             if not parent.is_dir():
                 raise UsageError(f"--out {out}: {parent} is a file, not a folder")
-            break
+            nearest = parent
+    if nearest is not None:
+        try:  # a file here, nameless and gone at once: the folders under it are made as the images are written
+            with tempfile.TemporaryFile(dir=nearest):
+                pass
+        except OSError as e:
+            raise UsageError(f"--out {out}: cannot write in {nearest} ({e.strerror or e})") from None
     return path, is_file
 
 
@@ -428,7 +445,7 @@ def run(a: argparse.Namespace) -> int:
             )
         if a.strength is None:
             kwargs["strength"] = 1.0  # the new area starts from the stretched edges: repaint it fully
-    out, out_is_file = _output_target(a.out, int(kwargs.get("batch_size", 1)))
+    out, out_is_file = output_target(a.out, int(kwargs.get("batch_size", 1)))
     if a.grid and out_is_file:
         raise UsageError(f"--grid writes the batch and its grid into a folder: --out {a.out} names one file")
     if sides is None:
@@ -465,7 +482,7 @@ def run(a: argparse.Namespace) -> int:
         result = pipe(GenerationRequest(prompt=prompt, **kwargs))
     t2 = time.perf_counter()
 
-    index = _next_index(out) if out.is_dir() else 0
+    index = next_index(out) if out.is_dir() else 0
     for i, (image, text) in enumerate(zip(result.images, result.infotexts, strict=True)):
         path = save_png(image, out if out_is_file else out / f"{index + i:05d}-{result.seeds[i]}.png", text)
         print(path)
