@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 pytest.importorskip("diffusers")
 
@@ -811,3 +811,28 @@ def test_grid_numbers_never_reuse_an_existing_grid(model, tmp_path, capsys):
         "grid-00005.png",
         "xyz-00004.png",
     ]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_from_png_of_an_a1111_jpeg_or_webp(model, tmp_path, capsys, fmt):
+    """A1111 saves JPEG and WebP images with their parameters in the EXIF UserComment; `sdengine pnginfo` read
+    them but `generate --from-png` said "has no 'parameters' text: it was not written by sdengine or A1111". It
+    now makes the image those parameters describe, as from a PNG with the same text."""
+    from sdengine.image_info import EXIF_IFD, USER_COMMENT, encode_user_comment
+
+    text = "a cat\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, CFG scale: 6, Seed: 12, Size: 32x32"
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = encode_user_comment(text)
+    src = tmp_path / f"a1111.{fmt.lower()}"
+    Image.new("RGB", (32, 32)).save(src, format=fmt, exif=exif.tobytes())
+    png = tmp_path / "a1111.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (32, 32)).save(png, pnginfo=info)
+    for f, out in ((src, "from_exif.png"), (png, "from_png.png")):
+        assert _generate("--from-png", str(f), "--model", str(model), "--out", str(tmp_path / out)) == 0, (
+            capsys.readouterr().err
+        )
+    a, b = Image.open(tmp_path / "from_exif.png"), Image.open(tmp_path / "from_png.png")
+    assert a.info["parameters"] == b.info["parameters"] and "Seed: 12" in a.info["parameters"]
+    assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -200,17 +200,20 @@ def _setup_logging() -> None:
 
 
 def _from_png(path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    from ..image_info import read_image_parameters
     from ..metadata import (
         MetadataError,
         hires_fix_fields,
         parse_parameters,
-        read_png_parameters,
         to_generate_kwargs,
     )
 
-    text = read_png_parameters(path)
+    # a PNG's text chunk, or the EXIF UserComment of a JPEG/WebP A1111 saved (what `sdengine pnginfo` reads)
+    text = read_image_parameters(path)
     if text is None:
-        raise MetadataError(f"{path} has no 'parameters' text: it was not written by sdengine or A1111")
+        raise MetadataError(
+            f"{path} has no 'parameters' text (nor an EXIF UserComment): it was not written by sdengine or A1111"
+        )
     if not text.strip():  # an empty text would regenerate nothing of the original: a random image
         raise MetadataError(f"{path} has an empty 'parameters' text: there is nothing to regenerate from")
     parsed = parse_parameters(text)
