@@ -836,3 +836,37 @@ def test_from_png_of_an_a1111_jpeg_or_webp(model, tmp_path, capsys, fmt):
     a, b = Image.open(tmp_path / "from_exif.png"), Image.open(tmp_path / "from_png.png")
     assert a.info["parameters"] == b.info["parameters"] and "Seed: 12" in a.info["parameters"]
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_n_iter_makes_batches_one_after_another_with_continuing_seeds(model, tmp_path, capsys):
+    """A1111's batch count (`--n-iter`, `--batch-count`) beside its batch size (`--batch-size`, `--batch`): the
+    batches run one after another, batch k from seed + k * batch (variation seed likewise), numbered on, and
+    `--grid` holds them all. There was no such flag (`--n-iter 3` was "unrecognized arguments")."""
+    common = ["a cat", "--model", str(model), "--steps", "1", "--seed", "10"]
+    sub = ["--subseed", "40", "--subseed-strength", "0.3"]
+    out = tmp_path / "iter"
+    assert _generate(*common, *sub, "--batch-size", "2", "--n-iter", "2", "--grid", "--out", str(out)) == 0
+    names = ["00000-10.png", "00001-11.png", "00002-12.png", "00003-13.png", "grid-00000.png"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert "4 image(s)" in capsys.readouterr().err
+    one = tmp_path / "one"
+    assert _generate(*common, *sub, "--batch", "4", "--out", str(one)) == 0
+    for name in names[:4]:
+        a, b = Image.open(out / name), Image.open(one / name)
+        assert a.info["parameters"] == b.info["parameters"]  # seed and variation seed continue across batches
+        assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+    assert Image.open(out / "grid-00000.png").size == (2 * 32, 2 * 32)
+    # a random seed is drawn once: the second batch continues it
+    rnd = tmp_path / "rnd"
+    assert _generate("a cat", "--model", str(model), "--steps", "1", "--n-iter", "2", "--out", str(rnd)) == 0
+    seeds = sorted(int(p.stem.split("-")[1]) for p in rnd.iterdir())
+    assert seeds[1] == seeds[0] + 1
+    for args, message in [
+        (["--n-iter", "0", "--out", str(tmp_path / "zero")], "--n-iter must be a positive number"),
+        (["--n-iter", "2", "--out", str(tmp_path / "one.png")], "--batch 1 x --n-iter 2 makes 2 images"),
+        (["--n-iter", "2", "--seed", str(2**64 - 1), "--out", str(tmp_path / "late")], "seed"),
+    ]:
+        capsys.readouterr()
+        assert _generate("a cat", "--model", str(model), "--steps", "1", *args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
