@@ -812,6 +812,14 @@ def test_grid_numbers_never_reuse_an_existing_grid(model, tmp_path, capsys):
         "xyz-00004.png",
     ]
 
+    # past 99999 the numbers grow a digit and are still counted (100000-SEED.png was written over and over)
+    many = tmp_path / "many"
+    many.mkdir()
+    (many / "99999-1.png").write_bytes(first)
+    for _ in range(2):
+        assert _generate("x", "--model", str(model), "--steps", "1", "--seed", "4", "--out", str(many)) == 0
+    assert sorted(p.name for p in many.iterdir()) == ["100000-4.png", "100001-4.png", "99999-1.png"]
+
 
 @pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
 def test_from_png_of_an_a1111_jpeg_or_webp(model, tmp_path, capsys, fmt):

@@ -129,7 +129,7 @@ def lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-_NUMBERED = re.compile(r"^(?:grid-|xyz-)?(\d{5})[-.]")  # NNNNN-SEED.png, grid-NNNNN.png, xyz-NNNNN.png
+_NUMBERED = re.compile(r"^(?:grid-|xyz-)?(\d{5,})[-.]")  # NNNNN-SEED.png, grid-NNNNN.png, xyz-NNNNN.png
 
 
 def next_index(out: Path) -> int:
