@@ -878,3 +878,33 @@ def test_n_iter_makes_batches_one_after_another_with_continuing_seeds(model, tmp
         assert _generate("a cat", "--model", str(model), "--steps", "1", *args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_out_that_is_an_input_of_the_run_is_refused(model, tmp_path, capsys, monkeypatch):
+    """`--init-image photo.png --out photo.png` replaced the photo the run started from with the new image (and
+    `--from-png a.png --out a.png` with other flags the original); refused before the model loads, as ffmpeg
+    refuses an output that is its input. Each input file is kept byte for byte."""
+    import sdengine.pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(sdengine.pipeline, "load_pipeline", refuse)
+    photo, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    picture(32, 32).save(photo)
+    mask_picture(32, 32).save(mask)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 2, Sampler: Euler, CFG scale: 6, Seed: 12, Size: 32x32")
+    made = tmp_path / "made.png"
+    Image.new("RGB", (32, 32)).save(made, pnginfo=info)
+    before = {p: p.read_bytes() for p in (photo, mask, made)}
+    for args, flag in [
+        (["x", "--init-image", str(photo), "--out", str(photo)], "--init-image"),
+        (["x", "--init-image", str(photo), "--mask", str(mask), "--out", f"{tmp_path}/./mask.png"], "--mask"),
+        (["--from-png", str(made), "--steps", "3", "--out", str(made)], "--from-png"),
+        (["x", "--control", f"canny:{photo}:0.5", "--controlnet", "c", "--out", str(photo)], "--control"),
+    ]:
+        assert _generate(*args, "--model", str(model)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"is the {flag} image this run reads" in err[0], err
+    assert {p: p.read_bytes() for p in before} == before

@@ -175,6 +175,28 @@ def output_target(out: str, batch_size: int, n_iter: int = 1) -> tuple[Path, boo
     return path, is_file
 
 
+def _refuse_overwriting_an_input(out: Path, a: argparse.Namespace) -> None:
+    """``--out`` naming a file this run reads (``--init-image photo.png --out photo.png``) would replace the
+    picture it starts from; refused, as ffmpeg refuses an output that is its input."""
+    if not out.is_file():
+        return
+    inputs = [("--init-image", a.init_image), ("--mask", a.mask), ("--from-png", a.from_png)]
+    for text in a.control or []:  # TYPE:IMAGE[:WEIGHT[:START:END]], the image as parse_control_spec_full finds it
+        parts = text.partition(":")[2].split(":")
+        while len(parts) > 1 and _number(parts[-1]) is not None:
+            parts.pop()
+        inputs.append(("--control", ":".join(parts)))
+    for flag, given in inputs:
+        try:
+            same = bool(given) and os.path.samefile(out, given)
+        except OSError:
+            same = False
+        if same:
+            raise UsageError(
+                f"--out {out} is the {flag} image this run reads: writing would replace it; give another --out"
+            )
+
+
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever sys.stderr is at the time (so redirections after set-up are followed)."""
 
@@ -454,6 +476,8 @@ def run(a: argparse.Namespace) -> int:
     out, out_is_file = output_target(a.out, batch, n_iter)
     if a.grid and out_is_file:
         raise UsageError(f"--grid writes the batch and its grid into a folder: --out {a.out} names one file")
+    if out_is_file:
+        _refuse_overwriting_an_input(out, a)
     if n_iter > 1:
         # A1111's batch count: batch k starts at seed + k * batch (and subseed + k * batch); a random seed (or
         # variation seed) is drawn once, here, so the batches continue one run's seeds.
