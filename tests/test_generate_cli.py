@@ -908,3 +908,49 @@ def test_out_that_is_an_input_of_the_run_is_refused(model, tmp_path, capsys, mon
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"is the {flag} image this run reads" in err[0], err
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_prompt_list_reads_a1111_command_line_lines(model, tmp_path, capsys):
+    """A1111's "Prompts from file or textbox" lines (`--prompt "a cat" --steps 3 --seed 7 ...`) were taken as the
+    prompt text itself (an image of the words "--steps 3", silently); they are read as A1111 reads them, and a
+    tag sdengine cannot honour is one line naming FILE:LINE before any work."""
+    from sdengine.batch_render import parse_prompt_list
+
+    lines = tmp_path / "a1111.txt"
+    lines.write_text(
+        '--prompt "a red apple" --negative_prompt blurry ugly --steps 3 --seed 7 --cfg_scale 5 '
+        '--sampler_name "euler a"\n'
+        "a plain cat\n"
+        "--prompt a green pear --width 48 --height 32 --batch_size 2\n"
+    )
+    items = parse_prompt_list(lines, {"steps": 1})
+    assert items[0].settings == {
+        "prompt": "a red apple",
+        "negative_prompt": "blurry ugly",
+        "steps": 3,
+        "seed": 7,
+        "cfg_scale": 5.0,
+        "sampler": "Euler a",
+    }
+    assert items[1].settings == {"prompt": "a plain cat", "steps": 1, "seed": 1}
+    assert (items[2].settings["width"], items[2].settings["batch_size"], items[2].names) == (
+        48,
+        2,
+        ("00002-0-2.png", "00002-1-3.png"),
+    )
+    out = tmp_path / "out"
+    assert _generate("--prompts", str(lines), "--model", str(model), "--steps", "1", "--out", str(out)) == 0
+    text = Image.open(out / "00000-7.png").info["parameters"]
+    assert text.startswith("a red apple\nNegative prompt: blurry ugly\nSteps: 3, Sampler: Euler a,")
+    for bad, message in [
+        ("--prompt x --n_iter 3", "a1111.txt:1: --n_iter is not an option"),
+        ("--prompt x --steps ten", "a1111.txt:1: --steps 'ten' is not a number"),
+        ('--prompt "x', "a1111.txt:1: cannot read the line"),
+        ("--prompt x --seed", "a1111.txt:1: --seed has no value"),
+    ]:
+        lines.write_text(bad + "\n")
+        capsys.readouterr()
+        assert _generate("--prompts", str(lines), "--model", str(model), "--out", str(tmp_path / "bad")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "bad").exists()

@@ -70,12 +70,78 @@ def _read_lines(path: Path) -> list[str]:
         raise PromptListError(f"--prompts {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+# A1111's "Prompts from file or textbox" lines (``--prompt "a cat" --steps 20 --seed 5``): its tags -> our fields.
+A1111_LINE_TAGS: dict[str, tuple[str, type]] = {
+    "prompt": ("prompt", str),
+    "negative_prompt": ("negative_prompt", str),
+    "seed": ("seed", int),
+    "subseed": ("subseed", int),
+    "subseed_strength": ("subseed_strength", float),
+    "sampler_name": ("sampler", str),
+    "scheduler": ("schedule", str),
+    "batch_size": ("batch_size", int),
+    "steps": ("steps", int),
+    "cfg_scale": ("cfg_scale", float),
+    "denoising_strength": ("strength", float),
+    "width": ("width", int),
+    "height": ("height", int),
+}
+
+
+def _a1111_line(path: Path, lineno: int, text: str) -> dict[str, Any]:
+    """A .txt line in A1111's command-line form, read as its script reads it (``--prompt`` and
+    ``--negative_prompt`` take every word up to the next ``--tag``); a tag sdengine cannot honour (``--n_iter``,
+    ``--sd_model``, ``--styles``, ...) is an error naming the line, never a prompt of that text."""
+    import shlex
+
+    try:
+        words = shlex.split(text)
+    except ValueError as e:
+        raise PromptListError(f"{path}:{lineno}: cannot read the line's --options ({e})") from None
+    out: dict[str, Any] = {}
+    pos = 0
+    while pos < len(words):
+        arg = words[pos]
+        if not arg.startswith("--"):
+            raise PromptListError(f"{path}:{lineno}: expected an --option (A1111's form), got {arg!r}")
+        tag = arg[2:]
+        if tag not in A1111_LINE_TAGS:
+            raise PromptListError(
+                f"{path}:{lineno}: {arg} is not an option sdengine's prompt lists take "
+                f"(they take --{', --'.join(A1111_LINE_TAGS)}); use a .jsonl line for other settings"
+            )
+        if pos + 1 >= len(words):
+            raise PromptListError(f"{path}:{lineno}: {arg} has no value")
+        field, kind = A1111_LINE_TAGS[tag]
+        pos += 1
+        if kind is str and tag in ("prompt", "negative_prompt"):
+            value: Any = words[pos]
+            pos += 1
+            while pos < len(words) and not words[pos].startswith("--"):
+                value += " " + words[pos]
+                pos += 1
+        else:
+            try:
+                value = kind(words[pos])
+            except ValueError:
+                raise PromptListError(f"{path}:{lineno}: {arg} {words[pos]!r} is not a number") from None
+            pos += 1
+        if tag == "sampler_name":  # A1111 looks the name up in lower case ("euler a" is "Euler a")
+            from .diffusion.sampling import A1111_NAMES, SAMPLERS
+
+            value = {n.lower(): n for n in (*SAMPLERS, *A1111_NAMES)}.get(value.lower(), value)
+        out[field] = value
+    return out
+
+
 def _line_settings(path: Path, lineno: int, text: str, jsonl: bool) -> dict[str, Any] | None:
     """The fields one line gives (None: a line to skip)."""
     if not text.strip():
         return None
     if not jsonl:
-        return None if text.lstrip().startswith("#") else {"prompt": text}
+        if text.lstrip().startswith("#"):
+            return None
+        return _a1111_line(path, lineno, text) if text.lstrip().startswith("--") else {"prompt": text}
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -240,6 +306,7 @@ def print_summary(report: RenderReport, world: World | None) -> None:
 
 
 __all__ = [
+    "A1111_LINE_TAGS",
     "NOT_PER_LINE",
     "ListItem",
     "PromptListError",
