@@ -1,7 +1,8 @@
 """``sdengine generate --prompts FILE``: render a list of requests, resumably, on one process or sharded over the
 ranks of ``torchrun``.
 
-The file: ``.txt`` holds one prompt per line; ``.jsonl`` one JSON object per line with
+The file: ``.txt`` holds one prompt per line (or, for a line starting with ``--``, A1111's command-line form,
+:data:`A1111_LINE_TAGS`); ``.jsonl`` one JSON object per line with
 :class:`~sdengine.pipeline.request.GenerationRequest` fields (``{"prompt": "a cat", "steps": 30, "seed": 7}``).
 Blank lines are skipped (and ``#`` comment lines in ``.txt``). The command's flags are every line's defaults; a
 line's fields override them.
