@@ -848,22 +848,26 @@ def test_from_png_of_an_a1111_jpeg_or_webp(model, tmp_path, capsys, fmt):
 
 def test_n_iter_makes_batches_one_after_another_with_continuing_seeds(model, tmp_path, capsys):
     """A1111's batch count (`--n-iter`, `--batch-count`) beside its batch size (`--batch-size`, `--batch`): the
-    batches run one after another, batch k from seed + k * batch (variation seed likewise), numbered on, and
-    `--grid` holds them all. There was no such flag (`--n-iter 3` was "unrecognized arguments")."""
+    batches run one after another and continue one run's seeds (batch k from seed + k * batch; with variation
+    seeds, every image keeps the seed and batch k starts at subseed + k * batch), numbered on, and `--grid` holds
+    them all: the images `--batch 4` makes. There was no such flag (`--n-iter 3` was "unrecognized arguments")."""
     common = ["a cat", "--model", str(model), "--steps", "1", "--seed", "10"]
     sub = ["--subseed", "40", "--subseed-strength", "0.3"]
-    out = tmp_path / "iter"
-    assert _generate(*common, *sub, "--batch-size", "2", "--n-iter", "2", "--grid", "--out", str(out)) == 0
-    names = ["00000-10.png", "00001-11.png", "00002-12.png", "00003-13.png", "grid-00000.png"]
-    assert sorted(p.name for p in out.iterdir()) == names
-    assert "4 image(s)" in capsys.readouterr().err
-    one = tmp_path / "one"
-    assert _generate(*common, *sub, "--batch", "4", "--out", str(one)) == 0
-    for name in names[:4]:
-        a, b = Image.open(out / name), Image.open(one / name)
-        assert a.info["parameters"] == b.info["parameters"]  # seed and variation seed continue across batches
-        assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
-    assert Image.open(out / "grid-00000.png").size == (2 * 32, 2 * 32)
+    for extra, names in [
+        ([], ["00000-10.png", "00001-11.png", "00002-12.png", "00003-13.png"]),
+        (sub, ["00000-10.png", "00001-10.png", "00002-10.png", "00003-10.png"]),
+    ]:
+        out, one = tmp_path / f"iter{len(extra)}", tmp_path / f"one{len(extra)}"
+        assert _generate(*common, *extra, "--batch-size", "2", "--n-iter", "2", "--grid", "--out", str(out)) == 0
+        assert sorted(p.name for p in out.iterdir()) == [*names, "grid-00000.png"]
+        assert "4 image(s)" in capsys.readouterr().err
+        assert _generate(*common, *extra, "--batch", "4", "--out", str(one)) == 0
+        for name in names:
+            a, b = Image.open(out / name), Image.open(one / name)
+            assert a.info["parameters"] == b.info["parameters"]  # the seeds continue across the batches
+            assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+        assert Image.open(out / "grid-00000.png").size == (2 * 32, 2 * 32)
+    assert "Variation seed: 43," in Image.open(tmp_path / "iter4" / "00003-10.png").info["parameters"]
     # a random seed is drawn once: the second batch continues it
     rnd = tmp_path / "rnd"
     assert _generate("a cat", "--model", str(model), "--steps", "1", "--n-iter", "2", "--out", str(rnd)) == 0

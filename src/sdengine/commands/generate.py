@@ -479,8 +479,9 @@ def run(a: argparse.Namespace) -> int:
     if out_is_file:
         _refuse_overwriting_an_input(out, a)
     if n_iter > 1:
-        # A1111's batch count: batch k starts at seed + k * batch (and subseed + k * batch); a random seed (or
-        # variation seed) is drawn once, here, so the batches continue one run's seeds.
+        # A1111's batch count: the batches continue one run's seeds, batch k starting at seed + k * batch, or,
+        # with variation seeds on (every image keeps the seed), at subseed + k * batch; a random seed (or
+        # variation seed) is drawn once, here.
         import secrets
 
         if kwargs.get("seed") in (None, -1):
@@ -489,9 +490,10 @@ def run(a: argparse.Namespace) -> int:
             kwargs["subseed"] = secrets.randbelow(2**32)
     iterations = [dict(kwargs) for _ in range(n_iter)]
     for k, kw in enumerate(iterations[1:], start=1):
-        kw["seed"] = int(kwargs["seed"]) + k * batch
-        if kw.get("subseed") not in (None, -1):
+        if kw.get("subseed_strength"):
             kw["subseed"] = int(kw["subseed"]) + k * batch
+        else:
+            kw["seed"] = int(kwargs["seed"]) + k * batch
     if sides is None:
         # Every check that needs no model, before the (slow) load: a bad seed, cfg or prompt weight fails now
         # (the last batch's seeds too).
