@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -53,8 +54,6 @@ def cmd_train_ddpm(a: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- sample
 def _check_cfg(cfg: float) -> None:
     """The guidance bound `generate` keeps (GenerationRequest's), for the pixel DDPM's commands."""
-    import math
-
     from .pipeline.request import MAX_CFG_SCALE
 
     if not (math.isfinite(cfg) and 0 <= cfg <= MAX_CFG_SCALE):
@@ -68,6 +67,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
     # the checks `generate` makes, before the model loads (each was once a traceback or a black PNG)
     _check_cfg(a.cfg)
+    if a.eta is not None and not (math.isfinite(a.eta) and a.eta >= 0):
+        # once a NaN grid blamed on --cfg (nan, inf) or, negative, noise of the wrong sign and exit 0
+        raise UsageError(f"--eta must be a number >= 0 (0 = deterministic, 1 = DDPM-like), got {a.eta}")
     if a.cols and not 1 <= a.cols <= a.n:
         raise UsageError(f"--cols must be in [1, --n = {a.n}], got {a.cols}")
     out = Path(a.out)

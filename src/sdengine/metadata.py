@@ -33,10 +33,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
-import struct
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +44,7 @@ from PIL import Image, PngImagePlugin
 from sdengine import __version__
 from sdengine.diffusion.sampling import SAMPLERS, SCHEDULE_A1111, resolve
 from sdengine.errors import SdengineError
+from sdengine.image_info import ImageInfoError, png_text_chunks
 from sdengine.io.atomic import atomic_write
 
 log = logging.getLogger(__name__)
@@ -581,82 +579,17 @@ def save_png(image: Image.Image, path: str | Path, parameters_text: str) -> Path
     return path
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
-
-
-def _inflate(path: Path, data: bytes) -> bytes:
-    """zlib data of a text chunk, refused past the infotext limit (a few KB can inflate to GBs)."""
-    limit = 4 * MAX_INFOTEXT_CHARS  # bytes: UTF-8 needs at most 4 per character
-    d = zlib.decompressobj()
-    try:
-        out = d.decompress(data, limit + 1)
-    except zlib.error as e:
-        raise MetadataError(f"cannot read image metadata from {path}: broken compressed text ({e})") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise MetadataError(
-            f"cannot read image metadata from {path}: compressed text is over the limit of {limit:,} bytes"
-        )
-    return out
-
-
-def _png_text(path: Path, kind: bytes, data: bytes) -> tuple[str, str | None]:
-    """(keyword, text) of a tEXt / zTXt / iTXt chunk (text None when undecodable, as Pillow skips it)."""
-    key, _, rest = data.partition(b"\0")
-    keyword = key.decode("latin-1")
-    if kind == b"tEXt":
-        return keyword, rest.decode("latin-1")
-    if kind == b"zTXt":
-        return keyword, _inflate(path, rest[1:]).decode("latin-1")
-    if len(rest) < 2:
-        return keyword, None
-    compressed, body = rest[0], rest[2:]
-    _lang, _, body = body.partition(b"\0")
-    _translated, _, body = body.partition(b"\0")
-    raw = _inflate(path, body) if compressed else body
-    try:
-        return keyword, raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return keyword, None
-
-
-def _read_png_text(path: Path, f: Any) -> str | None:
-    """The ``parameters`` text of a PNG from its chunks alone: the pixels (IDAT) are skipped, never
-    decoded, so a 20000x20000 image costs nothing. The last ``parameters`` chunk wins, as in Pillow."""
-    size = path.stat().st_size
-    found: str | None = None
-    while True:
-        head = f.read(8)
-        if len(head) < 8:
-            raise MetadataError(f"cannot read image metadata from {path}: truncated PNG (no IEND chunk)")
-        length, kind = struct.unpack(">I4s", head)
-        if length > 2**31 - 1 or f.tell() + length + 4 > size:
-            raise MetadataError(f"cannot read image metadata from {path}: broken PNG chunk {kind!r} ({length} bytes)")
-        if kind == b"IEND":
-            return found
-        if kind not in _PNG_TEXT_CHUNKS:
-            f.seek(length + 4, os.SEEK_CUR)  # data and CRC
-            continue
-        data = f.read(length)
-        (crc,) = struct.unpack(">I", f.read(4))
-        if zlib.crc32(kind + data) & 0xFFFFFFFF != crc:
-            raise MetadataError(f"cannot read image metadata from {path}: bad checksum in a {kind.decode()} chunk")
-        keyword, text = _png_text(path, kind, data)
-        if keyword == PARAMETERS_KEY and text is not None:
-            found = text
-
-
 def read_png_parameters(path: str | Path) -> str | None:
     """The ``parameters`` text of a PNG (``None`` when it has none); a ``MetadataError`` naming the
     file when it is missing or not an image that can be read. PNGs are read chunk by chunk (no
     pixel is decoded, whatever the image size); other formats through Pillow's header."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            if f.read(8) == _PNG_SIGNATURE:
-                return _read_png_text(path, f)
-    except OSError as e:
-        raise MetadataError(f"cannot read image metadata from {path}: {e}") from e
+        chunks = png_text_chunks(path)  # the chunk reader (sdengine.image_info), with its limits
+    except ImageInfoError as e:
+        raise MetadataError(str(e)) from None
+    if chunks is not None:
+        return chunks.get(PARAMETERS_KEY)
     try:
         with Image.open(path) as img:
             text = img.info.get(PARAMETERS_KEY)
