@@ -278,7 +278,12 @@ class GenerationRequest:
         sub, sub_strength = self.subseed, self.subseed_strength
         if not _is_number(sub_strength) or not 0.0 <= sub_strength <= 1.0:
             raise GenerationError(f"subseed_strength must be in [0, 1], got {sub_strength!r}")
-        if sub is not None and (not _is_int(sub) or (sub < 0 and sub != -1) or sub + self.n_rows - 1 > MAX_SEED):
+        if sub is not None and _is_int(sub) and sub >= 0 and sub <= MAX_SEED < sub + self.n_rows - 1:
+            raise GenerationError(
+                f"subseed {sub} is out of range for {self.n_rows} rows: subseeds run from 0 to 2**64 - 1 = {MAX_SEED} "
+                "(the last row's subseed, subseed + rows - 1, included)"
+            )
+        if sub is not None and (not _is_int(sub) or (sub < 0 and sub != -1) or sub > MAX_SEED):
             raise GenerationError(
                 f"subseed must be an integer in [0, 2**64 - 1] (or -1 / None for a random one), got {sub!r}"
             )
