@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sdengine.diffusion import sampling
 from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.server.errors import BadRequest, NotFound
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job
@@ -94,20 +95,7 @@ HR_USED = {
     "denoising_strength",
 }
 SAME_SAMPLER = (None, "", "Use same sampler")  # A1111's UI value for "the first pass's"
-# A1111's k-diffusion aliases of its samplers (``k_dpmpp_2m``, ...), still sent by older clients
-K_SAMPLERS = {
-    "k_dpmpp_2m": "dpmpp_2m",
-    "k_dpmpp_sde": "dpmpp_sde",
-    "k_dpmpp_2m_sde": "dpmpp_2m_sde",
-    "k_euler_a": "euler_a",
-    "k_euler_ancestral": "euler_a",
-    "k_euler": "euler",
-    "k_lms": "lms",
-    "k_heun": "heun",
-    "k_dpm_2": "dpm2",
-    "k_dpm_2_a": "dpm2_a",
-    "k_lcm": "lcm",
-}
+K_SAMPLERS = sampling.K_ALIASES  # A1111's k-diffusion aliases (k_dpmpp_2m, ...)
 
 
 def a1111_sampler(name: Any) -> Any:
