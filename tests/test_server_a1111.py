@@ -46,12 +46,14 @@ def arr(im: Image.Image) -> np.ndarray:
 
 
 def python_img2img(prompt: str, init: Image.Image, **extra):
-    """The Python API's img2img (seed 3, strength 0.5) with the settings the A1111 client sends."""
+    """The Python API's img2img (seed 3, strength 0.5) with the settings the A1111 client sends (and A1111's step
+    count, the route's)."""
     return emoji()(
         prompt,
         seed=3,
         init_image=init,
         strength=0.5,
+        strength_rule="a1111",
         sampler="dpmpp_2m",
         schedule="karras",
         progress=False,
@@ -111,6 +113,7 @@ def test_img2img_and_inpainting_equal_python_api(api):
             mask=m,
             mask_blur=2,
             strength=0.8,
+            strength_rule="a1111",
             sampler="dpmpp_2m",
             schedule="karras",
             progress=False,
@@ -156,7 +159,7 @@ def test_controlnet_unit_and_empty_args(api):
 
     def reference(rule: str):
         unit = ControlUnit(path, control, 0.8, 0.0, 0.7, rule=rule)
-        kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, **COMMON}
+        kw = {"sampler": "dpmpp_2m", "schedule": "karras", "strength_rule": "a1111", "progress": False, **COMMON}
         return emoji()("a star", seed=9, controlnets=[unit], **kw)
 
     # the extension's step rule (step i when start <= i/steps <= end): end 0.7 of 3 steps controls all three,
@@ -318,28 +321,44 @@ def test_skip_with_a_json_body_moves_to_the_next_batch(api):
     assert out["r"].info["all_seeds"] == [41] and len(out["r"].images) == 1  # the first batch (seed 40) skipped
 
 
-def test_img2img_with_a_strength_under_one_step_runs_one_step_as_a1111(api):
-    """A1111 runs int(min(strength, 0.999) * steps) + 1 img2img steps, so one even where sdengine's
-    int(steps * strength) is 0 (once a 400): the image of the strength that runs one step, 1 / steps."""
-    init = gradient()
+def a1111_img2img_steps(api, strength: float, steps: int, runs: int) -> None:
+    """The route's img2img at ``strength`` and ``steps`` (32x32) is the Python API's with strength_rule="a1111",
+    which runs ``runs`` steps; the infotext records the strength as asked."""
+    init = gradient().resize((32, 32))
+    common = {**COMMON, "steps": steps, "width": 32, "height": 32}
+    seen: list[int] = []
     ref = emoji()(
         "a blue ball",
         seed=3,
         init_image=init,
-        strength=1 / 3,
+        strength=strength,
+        strength_rule="a1111",
         sampler="dpmpp_2m",
         schedule="karras",
         progress=False,
-        **COMMON,
+        callback=lambda info: seen.append(info.steps),
+        **common,
     )
+    assert seen == [runs] * runs
+    r = api.img2img(images=[init], prompt="a blue ball", seed=3, denoising_strength=strength, **common)
+    np.testing.assert_array_equal(arr(r.image), arr(ref.images[0]))
+    assert r.info["infotexts"] == ref.infotexts and r.info["denoising_strength"] == strength
+    text = r.info["infotexts"][0]
+    assert f"Denoising strength: {strength:g}" in text and "Strength rule: a1111" in text
+    assert not any("step" in n for n in r.info["notes"]), r.info["notes"]  # no more stop-gap note
+
+
+def test_img2img_counts_steps_as_a1111(api):
+    """A1111 runs int(min(strength, 0.999) * steps) + 1 img2img steps from sigmas[steps - t_enc - 1:]
+    (sd_samplers_kdiffusion.py sample_img2img): 20 steps at 0.75 is 16 steps (diffusers' rule: 15)."""
+    a1111_img2img_steps(api, 0.75, 20, 16)
+
+
+def test_img2img_with_a_strength_under_one_step_runs_one_step_as_a1111(api):
+    """Where int(steps * strength) is 0 (strength 0 too), A1111's rule still runs one step (once a 400, then the
+    strength 1 / steps in the infotext): the strength as asked, with A1111's step count."""
     for strength in (0.1, 0.0):
-        r = api.img2img(images=[init], prompt="a blue ball", seed=3, denoising_strength=strength, **COMMON)
-        np.testing.assert_array_equal(arr(r.image), arr(ref.images[0]))
-        assert r.info["infotexts"] == ref.infotexts and r.info["denoising_strength"] == 1 / 3
-        assert any(f"denoising_strength {strength:g} with 3 steps runs one step" in n for n in r.info["notes"])
-    # a strength that runs a step is used as given (no note)
-    r = api.img2img(images=[init], prompt="a blue ball", seed=3, denoising_strength=0.5, **COMMON)
-    assert r.info["denoising_strength"] == 0.5 and not any("runs one step" in n for n in r.info["notes"])
+        a1111_img2img_steps(api, strength, 3, 1)
 
 
 def test_include_init_images_keeps_them_in_the_parameters(api):
@@ -388,7 +407,7 @@ def test_extra_single_image_upscales_as_a1111s_lanczos(api):
 def test_variation_seeds_as_a1111(api):
     """subseed / subseed_strength (once listed as ignored): A1111 gives every image the one seed and image k
     the variation seed subseed + k, over batch_size x n_iter."""
-    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, **COMMON}
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "strength_rule": "a1111", "progress": False, **COMMON}
     r = api.txt2img(prompt="a cat", seed=7, subseed=100, subseed_strength=0.4, batch_size=2, n_iter=2, **COMMON)
     assert r.info["all_seeds"] == [7] * 4 and r.info["all_subseeds"] == [100, 101, 102, 103]
     assert r.info["subseed_strength"] == 0.4 and r.info["ignored"] == []
@@ -411,7 +430,7 @@ def test_resize_modes_of_init_mask_and_control_images(api):
     from sdengine.io.resize import resize_image
 
     init = gradient().resize((64, 32))
-    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, **COMMON}
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "strength_rule": "a1111", "progress": False, **COMMON}
     for mode in (1, 2):
         r = api.img2img(images=[init], prompt="a ball", seed=3, denoising_strength=0.6, resize_mode=mode, **COMMON)
         want = emoji()("a ball", seed=3, init_image=init, strength=0.6, resize_mode=mode, **kw)
@@ -477,7 +496,7 @@ def test_skipping_the_only_batch_answers_its_image_so_far(api):
 def test_disable_extra_networks_takes_the_tags_out_and_applies_none(api):
     """A1111's disable_extra_networks (once listed as ignored while the LoRA was applied): the <lora:...> tags
     are taken out of the prompt and no LoRA is applied."""
-    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, **COMMON}
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "strength_rule": "a1111", "progress": False, **COMMON}
     body = {"prompt": "a cat <lora:emoji-fruit:1>", "seed": 1, "sampler_name": "DPM++ 2M", "scheduler": "Karras"}
     r = api.custom_post("txt2img", {**body, **COMMON, "disable_extra_networks": True}, baseurl=True)
     want = emoji()("a cat ", seed=1, **kw)
@@ -533,7 +552,7 @@ def test_only_masked_inpainting_and_fill_as_a1111(api):
     init = gradient()
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (8, 8, 40, 56))
-    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, **COMMON}
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "strength_rule": "a1111", "progress": False, **COMMON}
     args = {"images": [init], "mask_image": mask, "prompt": "a ball", "seed": 3, "denoising_strength": 0.8}
     r = api.img2img(**args, mask_blur=0, inpainting_fill=1, inpaint_full_res=True, **COMMON)
     # the mask's box (8, 8, 40, 56), 32x48, grown evenly to the 1:1 output: (0, 8, 48, 56)
@@ -607,7 +626,7 @@ def test_controlnet_processor_res_thresholds_and_unit_mask(api):
 
     g = gradient().convert("RGB")
     path = BUILTIN_CONTROLNETS["emoji-controlnet-canny"]
-    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, **COMMON}
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "strength_rule": "a1111", "progress": False, **COMMON}
     unit = webuiapi.ControlNetUnit(image=g, module="canny", model="emoji-controlnet-canny", processor_res=128)
     unit.threshold_a = unit.threshold_b = -1
     r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **COMMON)
@@ -669,7 +688,7 @@ def test_only_masked_gives_a_unit_without_image_the_cut_init_image(api):
     cut = init.crop(region).resize((64, 64), Image.Resampling.LANCZOS)
     cut_mask = mask.crop(region).resize((64, 64), Image.Resampling.LANCZOS)
     path = BUILTIN_CONTROLNETS["emoji-controlnet-canny"]
-    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, **COMMON}
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "strength_rule": "a1111", "progress": False, **COMMON}
     ref = emoji()("a ball", seed=3, init_image=cut, mask=cut_mask, strength=0.8, controlnets=[(path, cut, 1.0)], **kw)
     canvas = init.convert("RGB")
     canvas.paste(ref.images[0].resize((48, 48), Image.Resampling.LANCZOS), region[:2])

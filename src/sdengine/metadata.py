@@ -320,7 +320,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
     ``guidance_rescale`` ("CFG Rescale phi"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
     seed strength"), ``vae_decode`` ("tiny" when sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
-    "Tiny VAE encode") that the text has
+    "Tiny VAE encode"), ``strength_rule`` (sdengine's "Strength rule") that the text has
     (``clip_skip`` defaults to 1, as in A1111,
     where a missing "Clip skip" means 1). LoRAs stay
     in the prompt as ``<lora:...>`` tags (:func:`sdengine.prompts.extract_lora_tags`). An unknown
@@ -375,6 +375,13 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
     options = _sampler_options(parsed, kwargs.get("sampler"))
     if options:
         kwargs["sampler_options"] = options
+    if "Strength rule" in parsed:  # sdengine's field: how the strength counted the img2img / hires steps
+        from sdengine.diffusion.schedules import STRENGTH_RULES
+
+        rule = parsed["Strength rule"].strip()
+        if rule not in STRENGTH_RULES:
+            raise MetadataError(f"Strength rule: {rule!r} is not one of {', '.join(STRENGTH_RULES)}")
+        kwargs["strength_rule"] = rule
     if parsed.get("Tiny VAE"):  # sdengine's field: the tiny VAE decoded (the run needs one loaded again)
         kwargs["vae_decode"] = "tiny"
     if parsed.get("Tiny VAE encode"):  # and this one: its encoder made the init image's latent
@@ -398,6 +405,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
         "Tiny VAE",
         "Tiny VAE encode",
         "Resize mode",
+        "Strength rule",
         "Sampler options",
         "Prediction type",  # a loading option: the caller's (sdengine generate --from-png passes it on)
         "Pad conds",  # A1111's padding of the shorter of prompt and negative prompt: what sdengine always does

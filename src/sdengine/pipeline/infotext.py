@@ -96,6 +96,7 @@ def call_parameters(
     resize_mode: Any = None,
     sampler_options: Mapping[str, Any] | None = None,
     prediction_override: str | None = None,
+    strength_rule: str = "diffusers",
 ) -> dict[str, Any]:
     """The parameters dict of one image (sdengine.metadata writes it as A1111 text). LoRAs passed as
     arguments are written as <lora:NAME:W> tags, as A1111 keeps them, so that the infotext alone says which
@@ -141,6 +142,8 @@ def call_parameters(
         mode = resize_mode_name(resize_mode)
         if mode != RESIZE_MODES[0]:
             params["Resize mode"] = mode
+    if strength_rule != "diffusers":  # sdengine's field: how the strength counted the steps (A1111's rule)
+        params["Strength rule"] = strength_rule
     if sampler_options:
         params["Sampler options"] = json.dumps(dict(sampler_options), sort_keys=True)
     if prediction_override is not None:

@@ -494,28 +494,6 @@ def only_masked(
     return cut, cut_mask, finish
 
 
-def a1111_strength(strength: Any, steps: Any) -> tuple[Any, str | None]:
-    """The sdengine strength of A1111's img2img ``denoising_strength`` and a note when they differ.
-
-    A1111 runs ``int(min(strength, 0.999) * steps) + 1`` steps (``setup_img2img_steps``' ``t_enc`` + 1), so at
-    least one, from the last sigma of the schedule, even at strength 0; sdengine's strength runs ``int(steps *
-    strength)`` steps (diffusers' rule). Where that is 0, the strength that runs A1111's one step is ``1 / steps``
-    (nudged up where the float product falls short of 1); it is what the infotext records, so that the image
-    is made again from it. Other values are left to the request's checks."""
-    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0.0 <= strength < 1.0:
-        return strength, None
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or int(steps * strength) >= 1:
-        return strength, None
-    one = 1.0 / steps
-    while int(steps * one) < 1:
-        one = math.nextafter(one, 2.0)
-    note = (
-        f"denoising_strength {strength:g} with {steps} steps runs one step, as in A1111; "
-        f"recorded as Denoising strength {one!r}, the strength that runs one step"
-    )
-    return one, note
-
-
 SIZE_VALUE = re.compile(r"^(\d+)x(\d+)$")
 
 
@@ -926,7 +904,7 @@ def install(app: FastAPI, services: Any) -> None:
                 "hr_negative_prompt": req.hr_negative_prompt,
             }
             strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
-            fields.update(hires=hires, strength=strength)
+            fields.update(hires=hires, strength=strength, strength_rule="a1111")  # A1111's step count
         return await run(req, fields, ignored)
 
     @app.post("/sdapi/v1/img2img", tags=["a1111"])
@@ -947,10 +925,11 @@ def install(app: FastAPI, services: Any) -> None:
             ignored.append("resize_mode")
             mode = 0
         fields = generation_fields(req, body, ignored, req.init_images[0], mode)
-        strength, note = a1111_strength(0.75 if req.denoising_strength is None else req.denoising_strength, req.steps)
-        notes = [note] if note else []
+        strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
+        notes: list[str] = []
         blur = _mask_blur(body)
-        fields.update(init_image=req.init_images[0], mask=None, mask_blur=0.0, strength=strength)
+        # A1111's step count: int(min(strength, 0.999) * steps) + 1 steps, one even at strength 0
+        fields.update(init_image=req.init_images[0], mask=None, mask_blur=0.0, strength=strength, strength_rule="a1111")
         finish = None
         if req.mask:
             size: tuple[int, int] | None = (req.width, req.height)

@@ -111,6 +111,7 @@ def build_generation(
     batch_size: int = 1,
     init_image: ImageRef | None = None,
     strength: float = 0.75,
+    strength_rule: str = "diffusers",
     mask: ImageRef | None = None,
     mask_blur: float = 0,
     controlnets: Sequence[ControlRequest] = (),
@@ -193,7 +194,7 @@ def build_generation(
     mask_img = image(mask, "mask")
     if mask_img is not None and init is None:
         raise BadRequest("a mask needs an init image to inpaint")
-    if init is not None and strength <= 0:
+    if init is not None and strength <= 0 and strength_rule == "diffusers":  # A1111's rule runs one step at 0
         raise BadRequest("strength must be > 0 for img2img")
 
     from sdengine.pipeline.control import ControlUnit  # torch: imported when a request is built, not with the routes
@@ -246,6 +247,8 @@ def build_generation(
         kwargs.update(subseed=subseed, subseed_strength=subseed_strength)
         if same_seed:
             kwargs["seed"] = [seed] * batch_size
+    if strength_rule != "diffusers":  # checked by GenerationRequest.validate below
+        kwargs["strength_rule"] = strength_rule
     if resize_mode not in (0, "just resize"):
         kwargs["resize_mode"] = resize_mode  # checked by GenerationRequest.validate below
     if hires is not None:
