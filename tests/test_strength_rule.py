@@ -149,5 +149,11 @@ def test_from_png_reads_the_strength_rule_back(pipe, tiny_sd1_folder, tmp_path, 
     assert main([*args, "--out", str(again), "--no-progress"]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(out.images[0]))
     assert Image.open(again).info["parameters"] == out.infotexts[0]
+    # the same image from the flag
+    flag = tmp_path / "c.png"
+    cmd = ["generate", BASE["prompt"], "--model", str(tiny_sd1_folder), "--init-image", str(init), "--strength", "0.5"]
+    cmd += ["--steps", "4", "--sampler", "euler", "--cfg", "6", "--seed", "5", "--strength-rule", "a1111"]
+    assert main([*cmd, "--out", str(flag), "--no-progress"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(flag)), np.asarray(out.images[0]))
     with pytest.raises(MetadataError, match="Strength rule: 'comfy' is not one of diffusers, a1111"):
         to_generate_kwargs(parse_parameters(out.infotexts[0].replace("Strength rule: a1111", "Strength rule: comfy")))

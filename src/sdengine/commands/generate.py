@@ -408,6 +408,7 @@ def run(a: argparse.Namespace) -> int:
         "resize_mode": a.resize_mode,
         "subseed": a.subseed,
         "subseed_strength": a.subseed_strength,
+        "strength_rule": a.strength_rule,
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
     hires = {
@@ -642,6 +643,13 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         type=float,
         default=None,
         help=f"img2img (and hires second-pass) denoising strength in (0, 1] ({HELP_DEFAULTS['strength']:g})",
+    )
+    p.add_argument(
+        "--strength-rule",
+        choices=("diffusers", "a1111"),
+        default=None,
+        help="how --strength counts img2img steps: diffusers' int(steps * strength) (default) or A1111's "
+        "int(min(strength, 0.999) * steps) + 1 (the hires pass: the last --hr-steps of a longer schedule)",
     )
     p.add_argument(
         "--hires",
