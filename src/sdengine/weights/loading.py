@@ -151,9 +151,14 @@ def _find_weights(folder: Path) -> list[Path]:
                 f = folder / f"{stem}{variant}{suffix}"
                 if f.is_file():
                     return [f]
-                index = folder / f"{stem}{variant}{suffix}.index.json"
-                if index.is_file():  # sharded weights
-                    return _shards_of(index)
+                # sharded weights: diffusers and transformers name a variant's index
+                # `{stem}{suffix}.index.fp16.json` (shards `{stem}.fp16-00001-of-00002{suffix}`)
+                for index in (
+                    folder / f"{stem}{suffix}.index{variant}.json",
+                    folder / f"{stem}{variant}{suffix}.index.json",
+                ):
+                    if index.is_file():
+                        return _shards_of(index)
     raise WeightsError(
         f"{folder}: no weights found (expected diffusion_pytorch_model.safetensors or model.safetensors)"
     )
