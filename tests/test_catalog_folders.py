@@ -1,0 +1,45 @@
+"""`sdengine list` over the folders users keep: what it lists is what the loaders take by name."""
+
+from __future__ import annotations
+
+import os
+
+from sdengine.catalog import folder_entries, list_entries
+
+
+def _touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_a_models_vae_beside_it_is_not_listed_as_a_model(tmp_path):
+    # A1111 pairs NAME.vae.safetensors with NAME.safetensors (docs/model-files.md) and leaves .vae.* files out
+    # of its checkpoint list; they are VAEs, not models
+    for name in ("my model.safetensors", "my model.vae.safetensors", "other.vae.ckpt", "other.ckpt", "ünï.safetensors"):
+        _touch(tmp_path / name)
+    names = sorted(e.name for e in folder_entries("models", tmp_path))
+    assert names == ["my model", "other", "ünï"]
+
+
+def test_loras_in_sub_folders_are_listed_by_the_name_the_lora_tag_takes(tmp_path):
+    from sdengine.weights.lora_file import resolve_lora
+
+    _touch(tmp_path / "style" / "ink.safetensors")
+    _touch(tmp_path / "top.pt")
+    entries = folder_entries("loras", tmp_path)
+    assert [e.name for e in entries] == ["style/ink", "top"]
+    for e in entries:  # each listed name selects the listed file
+        assert resolve_lora(e.name, tmp_path).resolve() == (tmp_path / e.path).resolve()
+
+
+def test_embeddings_in_sub_folders_are_listed_as_the_library_reads_them(tmp_path):
+    from sdengine.text.embeddings import list_embedding_files
+
+    _touch(tmp_path / "negative" / "easynegative.safetensors")
+    _touch(tmp_path / "pekora.pt")
+    _touch(tmp_path / "empty.pt", b"")  # skipped by A1111 and the library
+    os.symlink(tmp_path / "negative", tmp_path / "loop")  # a linked folder is followed once
+    entries = list_entries("embeddings", tmp_path)
+    assert [e.name for e in entries] == ["easynegative", "pekora"]
+    assert sorted(list_embedding_files(tmp_path)) == ["easynegative", "pekora"]
