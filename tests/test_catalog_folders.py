@@ -43,3 +43,12 @@ def test_embeddings_in_sub_folders_are_listed_as_the_library_reads_them(tmp_path
     entries = list_entries("embeddings", tmp_path)
     assert [e.name for e in entries] == ["easynegative", "pekora"]
     assert sorted(list_embedding_files(tmp_path)) == ["easynegative", "pekora"]
+
+
+def test_the_servers_model_list_leaves_out_a_models_vae(tmp_path):
+    from sdengine.server.catalog import Catalog
+
+    for name in ("anime.safetensors", "anime.vae.safetensors"):
+        _touch(tmp_path / name)
+    catalog = Catalog(tmp_path, None, None)
+    assert [e.name for e in catalog.models() if not e.builtin] == ["anime.safetensors"]

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdengine.catalog import VAE_SUFFIXES
 from sdengine.io.paths import UnsafePathError, resolve_inside
 from sdengine.server.errors import BadRequest
 
@@ -97,6 +98,8 @@ class Catalog:
             for p in sorted(self.models_dir.iterdir()):
                 if p.name.startswith("."):
                     continue
+                if p.name.lower().endswith(VAE_SUFFIXES):
+                    continue  # a model's own VAE beside it (NAME.vae.safetensors), not a model (as in A1111)
                 if (p.is_dir() and (p / "model_index.json").is_file()) or (
                     p.is_file() and p.suffix.lower() == ".safetensors"
                 ):
