@@ -3,6 +3,7 @@ the oracle's tensors, and a broken variant is a one-line error."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sdengine.weights import load_checkpoint
@@ -24,3 +25,102 @@ def test_fp16_sharded_variant_folder_loads(tmp_path, tiny_sd1_folder):
         for k, v in want.state_dicts[comp].items():
             assert got.state_dicts[comp][k].dtype == torch.float16
             assert torch.equal(got.state_dicts[comp][k], v.half()), (comp, k)
+
+
+def _ldm_vae_file(tmp_path):
+    """A VAE for 4-channel latents as an A1111 `.vae.safetensors` (LDM layout, 32-group norms, no config), and
+    the diffusers AutoencoderKL it was written from."""
+    from diffusers import AutoencoderKL
+
+    from sdengine.weights import save_safetensors
+    from sdengine.weights.detect import vae_layout_from_diffusers
+    from sdengine.weights.keymaps import vae_diffusers_to_ldm
+
+    torch.manual_seed(7)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+        layers_per_block=1,
+        sample_size=32,
+    ).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn(p.shape) * 0.02)
+    ldm, bad = vae_diffusers_to_ldm(vae.state_dict(), vae_layout_from_diffusers(vae.state_dict()))
+    assert not bad
+    path = tmp_path / "sdxl_vae.safetensors"
+    save_safetensors(ldm, path)
+    return path, vae
+
+
+@pytest.fixture(scope="module")
+def sdxl_with_vae_file(tmp_path_factory):
+    from _sdxl_models import make_sdxl_folder
+
+    tmp = tmp_path_factory.mktemp("sdxl-vae")
+    folder = make_sdxl_folder(tmp / "tiny-sdxl")
+    return folder, *_ldm_vae_file(tmp)
+
+
+def test_a_vae_file_on_sdxl_keeps_sdxls_scaling_factor(sdxl_with_vae_file, tmp_path):
+    # An LDM VAE file carries no config: the latents' scale is the model's (SDXL 0.13025), as A1111 reads it from
+    # the model's config; 0.18215 (SD's) would decode every SDXL image from wrongly scaled latents.
+    from sdengine.weights import convert
+
+    folder, vae_file, _ = sdxl_with_vae_file
+    single = convert(folder, tmp_path / "tiny-sdxl.safetensors")
+    for model in (folder, single):
+        assert load_checkpoint(model).configs["vae"]["scaling_factor"] == 0.13025
+        assert load_checkpoint(model, vae=vae_file).configs["vae"]["scaling_factor"] == 0.13025, model
+
+
+def test_sdxl_images_with_a_vae_file_equal_diffusers_with_that_vae(sdxl_with_vae_file):
+    import numpy as np
+
+    import sdengine
+    from _pipeline_models import diffusers_scheduler
+    from _sdxl_models import diffusers_sdxl
+
+    folder, vae_file, vae = sdxl_with_vae_file
+    ref = diffusers_sdxl(folder)
+    vae.register_to_config(scaling_factor=ref.vae.config.scaling_factor)  # the model's latent scale
+    ref.vae = vae
+    ref.scheduler = diffusers_scheduler(folder, "euler")
+    theirs = ref(
+        "a red apple",
+        negative_prompt="blurry",
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        generator=torch.Generator("cpu").manual_seed(3),
+        output_type="np",
+        width=32,
+        height=32,
+    ).images
+    pipe = sdengine.load_pipeline(folder, device="cpu", vae=vae_file)
+    ours = pipe(
+        "a red apple",
+        "blurry",
+        steps=3,
+        sampler="euler",
+        schedule="normal",
+        cfg_scale=5.0,
+        seed=3,
+        width=32,
+        height=32,
+        progress=False,
+    ).arrays
+    assert float(np.abs(np.asarray(ours, np.float64) - np.asarray(theirs, np.float64)).mean()) < 1e-4
+
+
+def test_a_vae_file_keeps_the_scale_factor_of_the_models_yaml(tiny_sd1_folder, tmp_path):
+    from sdengine.weights import convert, load_file, save_safetensors
+
+    single = convert(tiny_sd1_folder, tmp_path / "m.safetensors")
+    sd, _ = load_file(single)  # without sdengine's config metadata and without its VAE: a pruned A1111 file
+    save_safetensors({k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}, single)
+    vae_file, _ = _ldm_vae_file(tmp_path)
+    (tmp_path / "m.yaml").write_text("model:\n  params:\n    scale_factor: 0.5\n")
+    assert load_checkpoint(single, vae=vae_file).configs["vae"]["scaling_factor"] == 0.5

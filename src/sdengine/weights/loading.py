@@ -33,6 +33,7 @@ from sdengine.nn.meta_init import skip_meta_init
 
 from . import keymaps as km
 from .detect import (
+    SD_VAE_SCALING_FACTOR,
     Detected,
     check_supported,
     clip_config_from_weights,
@@ -61,7 +62,7 @@ from .ldm_config import (
     is_yaml_config,
     read_ldm_config,
 )
-from .sdxl_files import is_sdxl_ldm, sdxl_components_to_ldm, sdxl_ldm_to_components
+from .sdxl_files import SDXL_VAE_SCALING_FACTOR, is_sdxl_ldm, sdxl_components_to_ldm, sdxl_ldm_to_components
 from .vae_file import check_vae_fits
 
 log = logging.getLogger(__name__)
@@ -275,7 +276,10 @@ def load_diffusers_folder(
             raise WeightsError(f"{folder}: missing the {comp}/ subfolder")
         sds[comp], cfgs[comp] = _load_component_folder(sub, COMPONENT_KINDS[comp], dtype)
     if vae is not None:
-        sds["vae"], cfgs["vae"] = load_vae(vae)
+        own = folder / "vae" / "config.json"
+        own_cfg = _read_json(own, "vae config") if own.is_file() else None
+        scale = _scaling_factor_of(own_cfg, SDXL_VAE_SCALING_FACTOR if sdxl else SD_VAE_SCALING_FACTOR)
+        sds["vae"], cfgs["vae"] = load_vae_for_model(vae, scale)
     if not minilm and "text_encoder" in sds:
         sds["text_encoder"] = _clean_text_encoder(sds["text_encoder"], skipped)
     if "text_encoder_2" in sds:
@@ -343,6 +347,22 @@ def load_vae(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
     if is_tiny_vae_state(sd):
         raise WeightsError(f"{path}: a tiny VAE (TAESD), not a full VAE: give it as --tiny-vae / tiny_vae=")
     raise WeightsError(f"{path}: not a VAE (no encoder.down.* or encoder.down_blocks.* weights)")
+
+
+def load_vae_for_model(path: str | Path, model_scaling_factor: float) -> tuple[StateDict, dict[str, Any]]:
+    """:func:`load_vae` for a model whose latents are scaled by ``model_scaling_factor``. A VAE *file* carries
+    no config, so its scaling factor is the model's (A1111 takes it from the model's config whatever VAE is
+    loaded): an SDXL model with the LDM-layout ``sdxl_vae.safetensors`` keeps 0.13025, never SD's 0.18215. A
+    diffusers VAE folder states its own, used as diffusers uses it."""
+    sd, cfg = load_vae(path)
+    if not Path(path).is_dir():
+        cfg["scaling_factor"] = float(model_scaling_factor)
+    return sd, cfg
+
+
+def _scaling_factor_of(cfg: Mapping[str, Any] | None, default: float) -> float:
+    value = (cfg or {}).get("scaling_factor")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
 
 
 def _configs_from_folder(folder: Path) -> dict[str, dict[str, Any]]:
@@ -498,7 +518,9 @@ def load_single_file(
     if vae is not None:
         if "vae" in comps:
             skipped += [f"{km.VAE_PREFIX}* (replaced by vae={vae})"]
-        comps["vae"], cfgs["vae"] = load_vae(vae)
+        own_scale = ldm_cfg.scale_factor if ldm_cfg is not None and ldm_cfg.scale_factor is not None else None
+        scale = _scaling_factor_of(cfgs.get("vae"), own_scale if own_scale is not None else SD_VAE_SCALING_FACTOR)
+        comps["vae"], cfgs["vae"] = load_vae_for_model(vae, scale)
     if "vae" not in comps:
         raise MissingVAEError(
             f"{path}: this checkpoint has no VAE (no first_stage_model.* weights); pass vae=PATH "
@@ -540,7 +562,8 @@ def _load_sdxl_single_file(
     pred = prediction_type or cfgs["scheduler"].get("prediction_type", "epsilon")
     cfgs["scheduler"]["prediction_type"] = pred
     if vae is not None:
-        comps["vae"], cfgs["vae"] = load_vae(vae)
+        scale = _scaling_factor_of(cfgs.get("vae"), SDXL_VAE_SCALING_FACTOR)
+        comps["vae"], cfgs["vae"] = load_vae_for_model(vae, scale)
     if "vae" not in comps:
         raise MissingVAEError(f"{path}: this checkpoint has no VAE (no first_stage_model.* weights); pass vae=PATH")
     folder = Path(config) if config is not None else None
