@@ -27,8 +27,9 @@ def test_loras_in_sub_folders_are_listed_by_the_name_the_lora_tag_takes(tmp_path
 
     _touch(tmp_path / "style" / "ink.safetensors")
     _touch(tmp_path / "top.pt")
+    _touch(tmp_path / "dreambooth" / "pytorch_lora_weights.bin")  # diffusers' pickle LoRA file
     entries = folder_entries("loras", tmp_path)
-    assert [e.name for e in entries] == ["style/ink", "top"]
+    assert [e.name for e in entries] == ["dreambooth/pytorch_lora_weights", "style/ink", "top"]
     for e in entries:  # each listed name selects the listed file
         assert resolve_lora(e.name, tmp_path).resolve() == (tmp_path / e.path).resolve()
 

@@ -30,7 +30,7 @@ TINY_VAE_FOLDER = "vae_tiny"
 # Weight files each kind can be given as (a folder is also accepted for models and ControlNets).
 WEIGHT_SUFFIXES: dict[str, tuple[str, ...]] = {
     "models": (".safetensors", ".ckpt"),
-    "loras": (".safetensors", ".pt", ".ckpt"),
+    "loras": (".safetensors", ".pt", ".ckpt", ".pth", ".bin"),  # what <lora:NAME> finds (weights.lora_file)
     "controlnets": (".safetensors", ".pth", ".ckpt"),
     "embeddings": (".safetensors", ".pt", ".bin"),
 }
