@@ -53,3 +53,14 @@ def test_the_servers_model_list_leaves_out_a_models_vae(tmp_path):
         _touch(tmp_path / name)
     catalog = Catalog(tmp_path, None, None)
     assert [e.name for e in catalog.models() if not e.builtin] == ["anime.safetensors"]
+
+
+def test_a_lora_deeper_in_the_folder_is_found_with_its_suffix_too(tmp_path):
+    # resolve_lora takes a name "with or without suffix, at any depth": `<lora:my lora ü.safetensors:1>` names the
+    # file in a sub-folder as `<lora:my lora ü:1>` does
+    from sdengine.io.paths import ExternalName
+    from sdengine.weights.lora_file import resolve_lora
+
+    f = _touch(tmp_path / "sub dir" / "my lora ü.safetensors")
+    for name in ("my lora ü", "MY LORA Ü", "my lora ü.safetensors", "sub dir/my lora ü.safetensors"):
+        assert resolve_lora(ExternalName(name), tmp_path).resolve() == f.resolve(), name
