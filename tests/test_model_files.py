@@ -124,3 +124,38 @@ def test_a_vae_file_keeps_the_scale_factor_of_the_models_yaml(tiny_sd1_folder, t
     vae_file, _ = _ldm_vae_file(tmp_path)
     (tmp_path / "m.yaml").write_text("model:\n  params:\n    scale_factor: 0.5\n")
     assert load_checkpoint(single, vae=vae_file).configs["vae"]["scaling_factor"] == 0.5
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_text_encoder_saved_as_pytorch_model_bin_loads(tmp_path, tiny_sd1_folder, sharded):
+    # transformers' pickle names (older SD folders, DreamBooth outputs): pytorch_model.bin, or
+    # pytorch_model.bin.index.json + pytorch_model-0000N-of-0000M.bin
+    import json
+    import shutil
+
+    from transformers import CLIPTextModel
+
+    from sdengine.weights import load_file
+
+    dst = tmp_path / "bin-model"
+    shutil.copytree(tiny_sd1_folder, dst)
+    te = dst / "text_encoder"
+    sd, _ = load_file(te / "model.safetensors")
+    (te / "model.safetensors").unlink()
+    if sharded:
+        keys = sorted(sd)
+        halves = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+        for name, part in halves.items():
+            torch.save({k: sd[k].clone() for k in part}, te / name)
+        index = {"metadata": {}, "weight_map": {k: name for name, part in halves.items() for k in part}}
+        (te / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    else:
+        torch.save({k: v.clone() for k, v in sd.items()}, te / "pytorch_model.bin")
+    oracle = CLIPTextModel.from_pretrained(te).state_dict()  # transformers reads it
+    got = load_checkpoint(dst).state_dicts["text_encoder"]
+    want = load_checkpoint(tiny_sd1_folder).state_dicts["text_encoder"]
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+        if k in oracle:
+            assert torch.equal(oracle[k], v), k

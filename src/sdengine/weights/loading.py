@@ -84,7 +84,8 @@ COMPONENT_KINDS = {
 }
 # SDXL folders add a second text encoder (OpenCLIP bigG with its projection); the refiner has only that one.
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-WEIGHT_FILE_STEMS = ("diffusion_pytorch_model", "model")
+# diffusers, transformers (safetensors) and transformers' pickle (`pytorch_model.bin`, older text_encoder/ folders)
+WEIGHT_FILE_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 CONFIG_METADATA_KEY = "sdengine.configs"  # JSON {unet, vae, text_encoder, scheduler} in files we write
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release our configs are written for and tested against
 
@@ -161,7 +162,8 @@ def _find_weights(folder: Path) -> list[Path]:
                     if index.is_file():
                         return _shards_of(index)
     raise WeightsError(
-        f"{folder}: no weights found (expected diffusion_pytorch_model.safetensors or model.safetensors)"
+        f"{folder}: no weights found (expected diffusion_pytorch_model.safetensors, model.safetensors or "
+        "pytorch_model.bin)"
     )
 
 
