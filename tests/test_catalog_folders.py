@@ -64,3 +64,19 @@ def test_a_lora_deeper_in_the_folder_is_found_with_its_suffix_too(tmp_path):
     f = _touch(tmp_path / "sub dir" / "my lora ü.safetensors")
     for name in ("my lora ü", "MY LORA Ü", "my lora ü.safetensors", "sub dir/my lora ü.safetensors"):
         assert resolve_lora(ExternalName(name), tmp_path).resolve() == f.resolve(), name
+
+
+def test_the_servers_model_list_offers_only_what_it_can_select(tmp_path):
+    # a symlink out of --models-dir is refused when a request names it, so it is not listed either
+    from sdengine.server.catalog import Catalog
+
+    outside = _touch(tmp_path / "elsewhere" / "secret.safetensors")
+    models = tmp_path / "models"
+    _touch(models / "in.safetensors")
+    os.symlink(outside, models / "out.safetensors")
+    os.symlink(models / "in.safetensors", models / "alias.safetensors")
+    catalog = Catalog(models, None, None)
+    listed = [e.name for e in catalog.models() if not e.builtin]
+    assert listed == ["alias.safetensors", "in.safetensors"]
+    for name in listed:
+        assert catalog.resolve_model(name) == str((models / "in.safetensors").resolve())
