@@ -159,3 +159,43 @@ def test_a_text_encoder_saved_as_pytorch_model_bin_loads(tmp_path, tiny_sd1_fold
         assert torch.equal(got[k], v), k
         if k in oracle:
             assert torch.equal(oracle[k], v), k
+
+
+def _without_scheduler(folder, dst):
+    """A copy of a diffusers folder's configs for `config=` that says nothing about the scheduler."""
+    import shutil
+
+    shutil.copytree(folder, dst, ignore=shutil.ignore_patterns("*.safetensors", "scheduler"))
+    return dst
+
+
+@pytest.mark.parametrize("markers", [(), ("v_pred",), ("v_pred", "ztsnr")])
+def test_sdxl_v_prediction_markers_set_the_prediction_type(sdxl_with_vae_file, tmp_path, markers):
+    # NoobAI-XL V-Pred and other v-prediction SDXL fine-tunes carry empty `v_pred` (and `ztsnr`: zero terminal
+    # SNR) tensors, which ComfyUI and A1111 read; they were refused as unexpected keys
+    from sdengine.weights import convert, load_file, save_safetensors
+
+    folder = sdxl_with_vae_file[0]
+    sd, _ = load_file(convert(folder, tmp_path / "sdengine.safetensors"))
+    path = tmp_path / "vpred.safetensors"  # as other tools write it: no sdengine config metadata
+    save_safetensors({**sd, **{k: torch.tensor([]) for k in markers}}, path)
+    ck = load_checkpoint(path, config=_without_scheduler(folder, tmp_path / "cfg"))
+    assert ck.prediction_type == ("v_prediction" if markers else "epsilon")
+    assert ck.configs["scheduler"].get("rescale_betas_zero_snr", False) == ("ztsnr" in markers)
+    assert not any(k in ck.state_dicts["unet"] for k in markers)
+
+
+def test_a_v_prediction_sdxl_model_converts_with_its_markers(sdxl_with_vae_file, tmp_path):
+    import json
+    import shutil
+
+    from sdengine.weights import convert, load_file
+
+    folder = shutil.copytree(sdxl_with_vae_file[0], tmp_path / "vpred-folder")
+    sched = folder / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(sched.read_text())
+    sched.write_text(json.dumps({**cfg, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True}))
+    sd, _ = load_file(convert(folder, tmp_path / "vpred.safetensors"))
+    assert sd["v_pred"].numel() == 0 and sd["ztsnr"].numel() == 0  # what ComfyUI and A1111 read
+    back = load_checkpoint(convert(tmp_path / "vpred.safetensors", tmp_path / "back"))
+    assert back.prediction_type == "v_prediction" and back.configs["scheduler"]["rescale_betas_zero_snr"] is True
