@@ -199,3 +199,31 @@ def test_a_v_prediction_sdxl_model_converts_with_its_markers(sdxl_with_vae_file,
     assert sd["v_pred"].numel() == 0 and sd["ztsnr"].numel() == 0  # what ComfyUI and A1111 read
     back = load_checkpoint(convert(tmp_path / "vpred.safetensors", tmp_path / "back"))
     assert back.prediction_type == "v_prediction" and back.configs["scheduler"]["rescale_betas_zero_snr"] is True
+
+
+SGM_YAML = """model:
+  target: sgm.models.diffusion.DiffusionEngine
+  params:
+    scale_factor: 0.13025
+    denoiser_config:
+      target: sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser
+      params:
+        num_idx: 1000
+        scaling_config:
+          target: sgm.modules.diffusionmodules.denoiser_scaling.{scaling}
+"""
+
+
+@pytest.mark.parametrize("scaling", ["VScaling", "EpsScaling"])
+def test_sdxl_yaml_beside_the_file_gives_its_prediction_type(sdxl_with_vae_file, tmp_path, scaling):
+    # A1111 pairs a v-prediction SDXL file with sd_xl_v.yaml (denoiser scaling VScaling); the yaml was ignored
+    from sdengine.weights import convert, load_file, save_safetensors
+
+    sd, _ = load_file(convert(sdxl_with_vae_file[0], tmp_path / "sdengine.safetensors"))
+    path = tmp_path / "model.safetensors"
+    save_safetensors(sd, path)  # no sdengine config metadata, as A1111 users' files
+    (tmp_path / "model.yaml").write_text(SGM_YAML.format(scaling=scaling))
+    want = "v_prediction" if scaling == "VScaling" else "epsilon"
+    ck = load_checkpoint(path)
+    assert ck.prediction_type == want and ck.configs["scheduler"]["prediction_type"] == want
+    assert load_checkpoint(path, prediction_type="epsilon").prediction_type == "epsilon"  # the caller's word wins
