@@ -625,7 +625,10 @@ class Pipeline:
                 row.update(
                     {"Variation seed": p.subseeds[i], "Variation seed strength": float(request.subseed_strength)}
                 )
-        embeddings = getattr(self.tokenizer, "embeddings", None)  # sdengine.text.embeddings.EmbeddingLibrary
+        # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
+        embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
+            getattr(self, "tokenizer_2", None), "embeddings", None
+        )
         if embeddings is not None:
             from sdengine.metadata import format_lora_hashes
 

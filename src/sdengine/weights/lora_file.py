@@ -346,7 +346,7 @@ def resolve_lora(name: str | os.PathLike[str], lora_dir: str | os.PathLike[str] 
         if target.is_file():
             return root / target.relative_to(real_root)
     stem = Path(text).name.lower()
-    hits = sorted(q for q in _lora_files(root) if q.stem.lower() == stem)
+    hits = sorted(q for q in _lora_files(root) if stem in (q.stem.lower(), q.name.lower()))  # with its suffix too
     if hits:
         return hits[0]
     if shipped is not None:  # the user's folder first, then the shipped ones
