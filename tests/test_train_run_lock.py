@@ -208,3 +208,44 @@ def test_an_empty_out_is_refused(tmp_path, monkeypatch, kind):
     with pytest.raises(SdengineError, match="--out is empty"):
         TRAINERS[kind]("")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_unwinds_a_run_so_its_lock_is_released(tmp_path):
+    """Python's default SIGTERM (``timeout``, a scheduler, ``kill``) ended the process at once, skipping every
+    ``finally``: a run's lock file stayed behind. The CLI turns SIGTERM into ``Terminated``: the run unwinds."""
+    import time
+
+    from sdengine.cli import Terminated, stop_on_sigterm
+
+    out = tmp_path / "run"
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        stop_on_sigterm()
+        with pytest.raises(Terminated), run_lock(out):
+            assert (out / LOCK_NAME).exists()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the handler raises here, at once
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not (out / LOCK_NAME).exists() and not out.exists()  # released; the folder it made removed
+
+
+@pytest.mark.slow
+def test_sdengine_ends_with_143_on_sigterm_and_leaves_no_lock(tmp_path):
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "sdengine", "train", "ddpm", "--data", "fashion-mnist", "--steps", "100000"]
+    p = subprocess.Popen([*cmd, "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / LOCK_NAME).exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (out / LOCK_NAME).exists(), "the run never took its lock"
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 143 and "terminated" in err, err
+    assert not (out / LOCK_NAME).exists()
