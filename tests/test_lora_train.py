@@ -270,6 +270,9 @@ def test_bad_training_inputs_are_one_line(setup, tmp_path, capsys):
         (["--data", str(data_dir), "--grad-clip", "nan"], r"gradient clipping must be a finite number >= 0"),
         (["--data", str(data_dir), "--checkpoint-every", "-1"], r"checkpoint interval must be >= 0"),
         (["--data", str(data_dir), "--sample-every", "-2"], r"sample interval must be >= 0"),
+        # a name with a folder in it wrote OUT/a/b.safetensors; a ':' would break its <lora:NAME:W> tag
+        (["--data", str(data_dir), "--name", "a/b"], r"LoRA name 'a/b': it becomes the file name"),
+        (["--data", str(data_dir), "--name", "x:1"], r"LoRA name 'x:1': it becomes the file name"),
     ]
     for extra, pattern in cases:
         rc = main(

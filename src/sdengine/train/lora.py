@@ -94,6 +94,13 @@ class LoRASpec:
             raise LoRATrainingError(f"targets must be among {', '.join(TARGET_KINDS)}, got {list(self.targets)}")
         if self.resolution is not None and self.resolution < 8:
             raise LoRATrainingError(f"resolution must be >= 8 pixels, got {self.resolution}")
+        name = self.output_name
+        if name in ("", ".", "..") or name.strip() != name or any(c in name for c in "/\\:<>\0"):
+            # a file name in --out, and the NAME of a <lora:NAME:W> tag: no folders, no tag separators
+            raise LoRATrainingError(
+                f"LoRA name {name!r}: it becomes the file name and the <lora:NAME:W> tag, so no '/', '\\', ':', "
+                "'<', '>' and no outer spaces"
+            )
 
     @property
     def effective_alpha(self) -> float:
