@@ -169,6 +169,7 @@ def test_resume_under_another_name_is_refused_and_changes_nothing(trained, capsy
         ({"vectors": 76}, "vectors must be in 1..75"),
         ({"name": "../x"}, "use letters, digits"),
         ({"template": "a photo"}, "has no \\[name\\]"),
+        ({"init_text": " "}, "init text ' ' has no tokens"),  # once refused only after the model had loaded
     ],
 )
 def test_bad_settings_are_one_line(kwargs, message):

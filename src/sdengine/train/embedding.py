@@ -53,6 +53,8 @@ class EmbeddingSpec:
             raise EmbeddingTrainingError(
                 f"embedding name {self.name!r}: use letters, digits, '.', '_', '-' (it becomes a file name)"
             )
+        if not self.init_text.strip():  # it has no tokens: refused here, not after the model has loaded
+            raise EmbeddingTrainingError(f"init text {self.init_text!r} has no tokens: give a word (A1111 uses *)")
         if "[name]" not in self.template:
             raise EmbeddingTrainingError(f"template {self.template!r} has no [name]: the word would never be seen")
         if self.resolution is not None and self.resolution < 8:
