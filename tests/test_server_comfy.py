@@ -794,6 +794,14 @@ def test_inpaint_encoding_image_scale_and_an_empty_sampler_window_follow_comfyui
     centre = Image.fromarray((img[0, :, 8:56].numpy() * 255).round().astype(np.uint8)).resize((40, 40), Image.LANCZOS)
     assert float((out[0] * 255 - torch.from_numpy(np.asarray(centre, np.float32))).abs().max()) <= 1.0
     assert not torch.equal(out, bicubic)
+    # LatentUpscale to a size off the latent factor rounds down, as ComfyUI's width // 8 (once a node error)
+    from sdengine.server.comfy.nodes import latent_upscale
+
+    z = torch.rand(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    (up,) = latent_upscale(ctx, {"samples": z, "size": (1, 64, 64)}, "bilinear", 102, 86, "disabled")
+    assert up["samples"].shape == (1, 4, 21, 25) and up["size"] == (1, 84, 100)
+    want = torch.nn.functional.interpolate(z, size=(21, 25), mode="bilinear", align_corners=False)
+    assert torch.equal(up["samples"], want)
     # KSamplerAdvanced: start_at_step at or past the end of its window
     latent = {"samples": torch.ones(1, 4, 16, 16), "size": (1, 64, 64), "posterior": None, "noise_mask": None}
     for start, end in ((4, 10000), (2, 2)):

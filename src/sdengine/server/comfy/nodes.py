@@ -774,10 +774,10 @@ def _upscale_latent(samples: dict[str, Any], method: str, w: int, h: int, crop: 
         return {**samples, "size": (b, h, w)}
     z = samples["samples"]
     f = h0 // z.shape[2]
-    if h % f or w % f:
-        raise NodeError(f"{w}x{h} is not a multiple of the latent factor {f}")
-    z = _resize_nchw(z.float(), w // f, h // f, method, crop)
-    return {"samples": z, "size": (b, h, w), "posterior": None, "noise_mask": samples.get("noise_mask")}
+    # ComfyUI's LatentUpscale takes width // 8 x height // 8 latent pixels: a size off the factor rounds down
+    lw, lh = max(1, w // f), max(1, h // f)
+    z = _resize_nchw(z.float(), lw, lh, method, crop)
+    return {"samples": z, "size": (b, lh * f, lw * f), "posterior": None, "noise_mask": samples.get("noise_mask")}
 
 
 def latent_upscale(
