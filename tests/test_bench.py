@@ -222,6 +222,18 @@ def test_thread_choice(monkeypatch, keep_threads):
     assert torch.get_num_threads() == 1 and s.threads == 1 and "1 thread(s)" in s.describe()
 
 
+def test_more_threads_than_cpus_is_warned(caplog, keep_threads):
+    """SDENGINE_THREADS=1000 on 2 CPUs was taken silently (one 64x64 image: 10.8 s instead of 0.5 s)."""
+    cpus = threads.usable_cpus()
+    with caplog.at_level("WARNING", logger="sdengine.threads"):
+        threads.configure_threads(cpus)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="sdengine.threads"):
+        threads.configure_threads(cpus + 1)
+    assert len(caplog.records) == 1
+    assert f"{cpus + 1} threads for {cpus} usable CPUs" in caplog.records[0].getMessage()
+
+
 @pytest.mark.parametrize(
     "preset, busy, expected",
     [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -464,3 +465,25 @@ def test_convert_refuses_a_checkpoint_that_would_not_load(made, tmp_path, capsys
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "unet: missing keys" in err[0], err
         assert not dst.exists()
+
+
+def test_cli_convert_keeps_what_a_model_folder_holds_besides_the_model(made, tmp_path, capsys):
+    """`sdengine convert x.safetensors FOLDER` over a model folder replaces it whole: a README, sample images or a
+    Hub download's safety_checker/ in it were deleted without a word. The command now refuses before loading,
+    and converts over a folder that holds only what a conversion writes."""
+    from sdengine.cli import main
+
+    kind, pipe, tmp, single = made
+    dst = tmp_path / "model"
+    assert main(["convert", str(single), str(dst)]) == 0
+    (dst / "README.md").write_text("my notes")
+    (dst / "samples").mkdir()
+    (dst / "samples" / "a.png").write_bytes(b"png")
+    capsys.readouterr()
+    assert main(["convert", str(single), str(dst)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "README.md, samples" in err[0] and "give a new folder" in err[0], err
+    assert (dst / "README.md").read_text() == "my notes" and (dst / "samples" / "a.png").read_bytes() == b"png"
+    (dst / "README.md").unlink()
+    shutil.rmtree(dst / "samples")
+    assert main(["convert", str(single), str(dst)]) == 0

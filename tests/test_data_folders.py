@@ -168,3 +168,17 @@ def test_stack_all(folder: Path) -> None:
     x = ds.stack()
     assert x.shape == (4, 1, 8, 8)
     torch.testing.assert_close(x[2], ImageFolder(folder, size=8, channels=1)[2]["image"])  # not flipped
+
+
+def test_a_caption_that_is_not_utf8_is_one_line_naming_it(folder: Path) -> None:
+    (folder / "d.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))  # an editor's legacy encoding
+    with pytest.raises(ImageFolderError, match=r"caption .*d\.txt is not UTF-8 text \(byte 0xe9 at offset 3\)") as e:
+        ImageFolder(folder, size=8)
+    assert "\n" not in str(e.value)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_caption(folder: Path) -> None:
+    (folder / "d.txt").write_bytes("\ufeffbom caption\r\nsecond wording\r\n".encode())  # Windows Notepad
+    ds = ImageFolder(folder, size=8)
+    i = [p.name for p in ds.paths].index("d.bmp")
+    assert ds.caption_sets[i] == ["bom caption", "second wording"]

@@ -150,6 +150,8 @@ def test_unconditional_training_on_a_folder(tmp_path):
         (["--cfg", "nan"], "--cfg must be a number in [0, 100], got nan"),  # once a black grid and exit 0
         (["--cfg", "1e308"], "--cfg must be a number in [0, 100]"),
         (["--cols", "-1"], "--cols must be in [1, --n = 2]"),  # once PIL's traceback
+        (["--eta", "nan"], "--eta must be a number >= 0"),  # once a NaN grid blamed on --cfg
+        (["--eta", "-1"], "--eta must be a number >= 0"),  # once noise of the wrong sign, and exit 0
         (["--out", "{tmp}"], "give an image file name"),  # a folder: once PIL's "unknown file extension"
         (["--out", "{tmp}/noext"], "give an image file name"),
     ],

@@ -150,6 +150,18 @@ def test_same_command_twice_is_refused_without_resume(trained, capsys):
     assert len(err) == 1 and "--resume" in err[0], err
 
 
+def test_resume_under_another_name_is_refused_and_changes_nothing(trained, capsys):
+    model, data, out, _ = trained
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    argv = _args(model, data, out, 12, "--resume")
+    argv[argv.index("--name") + 1] = "otherword"  # the run was trained as NAME: its file is NAME.safetensors
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--name {NAME}, not otherword" in err[0], err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # no otherword.safetensors
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -157,6 +169,7 @@ def test_same_command_twice_is_refused_without_resume(trained, capsys):
         ({"vectors": 76}, "vectors must be in 1..75"),
         ({"name": "../x"}, "use letters, digits"),
         ({"template": "a photo"}, "has no \\[name\\]"),
+        ({"init_text": " "}, "init text ' ' has no tokens"),  # once refused only after the model had loaded
     ],
 )
 def test_bad_settings_are_one_line(kwargs, message):

@@ -31,17 +31,19 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
 )
-SECONDS = 2.0  # per input; generous for a loaded 2-core machine
+# per input, in this process's CPU time: wall time failed once (3.4 s for a 0.1 s parse) while seven other
+# processes shared the 2 cores; CPU time still catches a quadratic parse (180 s for 100 KB once)
+SECONDS = 2.0
 
 
 def _one_line_sdengine_error(fn):
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     try:
         out = fn()
     except SdengineError as e:
         assert "\n" not in str(e), str(e)
         out = e
-    assert time.perf_counter() - t0 < SECONDS
+    assert time.process_time() - t0 < SECONDS
     return out
 
 

@@ -4,10 +4,11 @@ line."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 pytest.importorskip("diffusers")
 
@@ -487,6 +488,35 @@ def test_from_png_of_a_controlnet_image_reuses_the_controlnet_by_name(tmp_path, 
     assert Image.open(redo).info["parameters"] == text
 
 
+def test_from_png_reads_the_controlnet_step_rule(tmp_path, capsys):
+    from sdengine.metadata import save_png
+
+    edges, made = _controlnet_png(tmp_path)
+    text = Image.open(made).info["parameters"]
+    assert "Guidance End: 1" in text and "ControlNet step rule" not in text  # diffusers' rule: not written
+    # an image of the A1111 API (the extension's rule, step i when start <= i/steps <= end): end 0.6 of 2 steps
+    # controls both steps there, only the first by diffusers' rule
+    ends = text.replace("Guidance End: 1", "Guidance End: 0.6")
+    made_by = {"a1111": ends + ", ControlNet step rule: a1111", "diffusers": ends}
+    images = {}
+    for rule, infotext in made_by.items():
+        png = tmp_path / f"{rule}.png"
+        save_png(Image.open(made), png, infotext)
+        assert _generate("--from-png", str(png), "--control", f"canny:{edges}", "--out", str(tmp_path / rule)) == 0
+        with Image.open(tmp_path / rule / "00000-4.png") as im:
+            images[rule] = np.asarray(im.convert("RGB")).astype(int)
+            assert ("ControlNet step rule: a1111" in im.info["parameters"]) == (rule == "a1111")
+    assert np.abs(images["a1111"] - images["diffusers"]).max() > 0
+    capsys.readouterr()
+    # a rule list that does not match the ControlNets: one line, nothing written
+    bad = tmp_path / "bad.png"
+    save_png(Image.open(made), bad, ends + ', ControlNet step rule: "a1111,diffusers"')
+    assert _generate("--from-png", str(bad), "--control", f"canny:{edges}", "--out", str(tmp_path / "b")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ControlNet step rule" in err[0], err
+    assert not (tmp_path / "b").exists()
+
+
 def test_from_png_controlnet_by_folder_and_hash(tmp_path, capsys):
     import shutil
 
@@ -686,3 +716,245 @@ def test_from_png_reproduces_resize_mode_and_a_prediction_type_override(model, t
     assert _generate("a cat", *common, "--seed", "4", "--out", str(plain)) == 0
     text = Image.open(plain).info["parameters"]
     assert "Resize mode" not in text and "Prediction type" not in text and "Sampler options" not in text
+
+
+def test_prompt_list_never_skips_or_replaces_another_image_of_the_same_name(model, tmp_path, capsys):
+    """`generate "a red car" --seed 0` and `generate --prompts list.txt` both default to one folder and name
+    their files NNNNN-SEED.png: the list's line 1 (seed 0) is 00000-0.png too. That file is another image, so the
+    list stops before any work (it once counted the line as done and never made it; a line making several images
+    rendered over a file of another prompt); its own finished lines are still skipped on a second run."""
+    out = tmp_path / "out"
+    assert _generate("a red car", "--model", str(model), "--steps", "1", "--seed", "0", "--out", str(out)) == 0
+    car = (out / "00000-0.png").read_bytes()
+    prompts = tmp_path / "list.txt"
+    prompts.write_text("a cat\n")
+    capsys.readouterr()
+    assert _generate("--prompts", str(prompts), "--model", str(model), "--steps", "1", "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "list.txt:1: " in err[0] and "00000-0.png exists and is not this line's image" in err[0]
+    assert "'a red car'" in err[0]
+    assert (out / "00000-0.png").read_bytes() == car and sorted(p.name for p in out.iterdir()) == ["00000-0.png"]
+
+    # a line of two images, one of whose names is taken by another prompt's image: refused, the file kept
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text('{"prompt": "a cat", "batch_size": 2, "seed": 0}\n')
+    (out / "00000-0.png").rename(out / "00000-1-1.png")
+    assert _generate("--prompts", str(batch), "--model", str(model), "--steps", "1", "--out", str(out)) == 2
+    assert "00000-1-1.png exists and is not this line's image" in capsys.readouterr().err
+    assert (out / "00000-1-1.png").read_bytes() == car and not (out / "00000-0-0.png").exists()
+
+    # the list's own images are recognised (the prompt's outer spaces are not in the infotext): skipped
+    mine = tmp_path / "mine"
+    lora_list = tmp_path / "lora.txt"
+    lora_list.write_text("a dog \n")
+    for _ in range(2):
+        assert _generate("--prompts", str(lora_list), "--model", str(model), "--steps", "1", "--out", str(mine)) == 0
+    assert "0 image(s) written, 1 line(s) already done" in capsys.readouterr().err
+
+
+def test_prompt_list_with_a_byte_order_mark(model, tmp_path, capsys):
+    """A list saved by Windows Notepad starts with a UTF-8 byte-order mark: it is not part of the first prompt
+    (it was: an invisible character in the prompt and the infotext), and a .jsonl's first line is JSON."""
+    from sdengine.metadata import parse_parameters, read_png_parameters
+
+    text = tmp_path / "list.txt"
+    text.write_bytes("\ufeffa cat\n".encode())
+    lines = tmp_path / "list.jsonl"
+    lines.write_bytes('\ufeff{"prompt": "a dog", "seed": 5}\n'.encode())
+    for src, name in ((text, "00000-0.png"), (lines, "00000-5.png")):
+        out = tmp_path / src.suffix[1:]
+        assert _generate("--prompts", str(src), "--model", str(model), "--steps", "1", "--out", str(out)) == 0, (
+            capsys.readouterr().err
+        )
+        prompt = parse_parameters(read_png_parameters(out / name) or "")["Prompt"]
+        assert prompt == ("a cat" if src is text else "a dog")
+
+
+def test_out_edge_cases_are_checked_before_generating(model, tmp_path, capsys, monkeypatch):
+    """An empty --out (it wrote into the current folder), a folder no file can be made in (it failed after the
+    render, with the temporary file's name), and `--out shots.png/`, a folder by its slash (it wrote a file)."""
+    import sdengine.pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(sdengine.pipeline, "load_pipeline", refuse)
+        cases = [("", "--out is empty")]
+        if Path("/proc").is_dir():  # Linux: a file system that takes no new files, even from root
+            cases.append(("/proc/sdengine-out/x.png", "cannot write in /proc"))
+        for out, message in cases:
+            rc = _generate("x", "--model", str(model), "--steps", "1", "--out", out)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert rc == 2 and len(err) == 1 and message in err[0], err
+    rc = _generate("x", "--model", str(model), "--steps", "1", "--seed", "3", "--out", f"{tmp_path / 'shots.png'}/")
+    assert rc == 0 and (tmp_path / "shots.png").is_dir()
+    assert [p.name for p in (tmp_path / "shots.png").iterdir()] == ["00000-3.png"]
+
+
+def test_grid_numbers_never_reuse_an_existing_grid(model, tmp_path, capsys):
+    """The next number of a folder counts grid-NNNNN.png (and xyz-NNNNN.png) too: a folder whose images were
+    moved away but whose grid-00000.png stayed got a new grid-00000.png over it."""
+    out = tmp_path / "out"
+    args = ["x", "--model", str(model), "--steps", "1", "--batch", "2", "--grid", "--out", str(out)]
+    assert _generate(*args, "--seed", "1") == 0
+    first = (out / "grid-00000.png").read_bytes()
+    for p in out.glob("0*.png"):
+        p.unlink()
+    (out / "xyz-00004.png").write_bytes(first)  # an X/Y/Z grid's number is taken too
+    assert _generate(*args, "--seed", "7") == 0
+    assert (out / "grid-00000.png").read_bytes() == first
+    assert sorted(p.name for p in out.iterdir()) == [
+        "00005-7.png",
+        "00006-8.png",
+        "grid-00000.png",
+        "grid-00005.png",
+        "xyz-00004.png",
+    ]
+
+    # past 99999 the numbers grow a digit and are still counted (100000-SEED.png was written over and over)
+    many = tmp_path / "many"
+    many.mkdir()
+    (many / "99999-1.png").write_bytes(first)
+    for _ in range(2):
+        assert _generate("x", "--model", str(model), "--steps", "1", "--seed", "4", "--out", str(many)) == 0
+    assert sorted(p.name for p in many.iterdir()) == ["100000-4.png", "100001-4.png", "99999-1.png"]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_from_png_of_an_a1111_jpeg_or_webp(model, tmp_path, capsys, fmt):
+    """A1111 saves JPEG and WebP images with their parameters in the EXIF UserComment; `sdengine pnginfo` read
+    them but `generate --from-png` said "has no 'parameters' text: it was not written by sdengine or A1111". It
+    now makes the image those parameters describe, as from a PNG with the same text."""
+    from sdengine.image_info import EXIF_IFD, USER_COMMENT, encode_user_comment
+
+    text = "a cat\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, CFG scale: 6, Seed: 12, Size: 32x32"
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = encode_user_comment(text)
+    src = tmp_path / f"a1111.{fmt.lower()}"
+    Image.new("RGB", (32, 32)).save(src, format=fmt, exif=exif.tobytes())
+    png = tmp_path / "a1111.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (32, 32)).save(png, pnginfo=info)
+    for f, out in ((src, "from_exif.png"), (png, "from_png.png")):
+        assert _generate("--from-png", str(f), "--model", str(model), "--out", str(tmp_path / out)) == 0, (
+            capsys.readouterr().err
+        )
+    a, b = Image.open(tmp_path / "from_exif.png"), Image.open(tmp_path / "from_png.png")
+    assert a.info["parameters"] == b.info["parameters"] and "Seed: 12" in a.info["parameters"]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_n_iter_makes_batches_one_after_another_with_continuing_seeds(model, tmp_path, capsys):
+    """A1111's batch count (`--n-iter`, `--batch-count`) beside its batch size (`--batch-size`, `--batch`): the
+    batches run one after another and continue one run's seeds (batch k from seed + k * batch; with variation
+    seeds, every image keeps the seed and batch k starts at subseed + k * batch), numbered on, and `--grid` holds
+    them all: the images `--batch 4` makes. There was no such flag (`--n-iter 3` was "unrecognized arguments")."""
+    common = ["a cat", "--model", str(model), "--steps", "1", "--seed", "10"]
+    sub = ["--subseed", "40", "--subseed-strength", "0.3"]
+    for extra, names in [
+        ([], ["00000-10.png", "00001-11.png", "00002-12.png", "00003-13.png"]),
+        (sub, ["00000-10.png", "00001-10.png", "00002-10.png", "00003-10.png"]),
+    ]:
+        out, one = tmp_path / f"iter{len(extra)}", tmp_path / f"one{len(extra)}"
+        assert _generate(*common, *extra, "--batch-size", "2", "--n-iter", "2", "--grid", "--out", str(out)) == 0
+        assert sorted(p.name for p in out.iterdir()) == [*names, "grid-00000.png"]
+        assert "4 image(s)" in capsys.readouterr().err
+        assert _generate(*common, *extra, "--batch", "4", "--out", str(one)) == 0
+        for name in names:
+            a, b = Image.open(out / name), Image.open(one / name)
+            assert a.info["parameters"] == b.info["parameters"]  # the seeds continue across the batches
+            assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+        assert Image.open(out / "grid-00000.png").size == (2 * 32, 2 * 32)
+    assert "Variation seed: 43," in Image.open(tmp_path / "iter4" / "00003-10.png").info["parameters"]
+    # a random seed is drawn once: the second batch continues it
+    rnd = tmp_path / "rnd"
+    assert _generate("a cat", "--model", str(model), "--steps", "1", "--n-iter", "2", "--out", str(rnd)) == 0
+    seeds = sorted(int(p.stem.split("-")[1]) for p in rnd.iterdir())
+    assert seeds[1] == seeds[0] + 1
+    for args, message in [
+        (["--n-iter", "0", "--out", str(tmp_path / "zero")], "--n-iter must be a positive number"),
+        (["--n-iter", "2", "--out", str(tmp_path / "one.png")], "--batch 1 x --n-iter 2 makes 2 images"),
+        (["--n-iter", "2", "--seed", str(2**64 - 1), "--out", str(tmp_path / "late")], "seed"),
+    ]:
+        capsys.readouterr()
+        assert _generate("a cat", "--model", str(model), "--steps", "1", *args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+def test_out_that_is_an_input_of_the_run_is_refused(model, tmp_path, capsys, monkeypatch):
+    """`--init-image photo.png --out photo.png` replaced the photo the run started from with the new image (and
+    `--from-png a.png --out a.png` with other flags the original); refused before the model loads, as ffmpeg
+    refuses an output that is its input. Each input file is kept byte for byte."""
+    import sdengine.pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(sdengine.pipeline, "load_pipeline", refuse)
+    photo, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    picture(32, 32).save(photo)
+    mask_picture(32, 32).save(mask)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 2, Sampler: Euler, CFG scale: 6, Seed: 12, Size: 32x32")
+    made = tmp_path / "made.png"
+    Image.new("RGB", (32, 32)).save(made, pnginfo=info)
+    before = {p: p.read_bytes() for p in (photo, mask, made)}
+    for args, flag in [
+        (["x", "--init-image", str(photo), "--out", str(photo)], "--init-image"),
+        (["x", "--init-image", str(photo), "--mask", str(mask), "--out", f"{tmp_path}/./mask.png"], "--mask"),
+        (["--from-png", str(made), "--steps", "3", "--out", str(made)], "--from-png"),
+        (["x", "--control", f"canny:{photo}:0.5", "--controlnet", "c", "--out", str(photo)], "--control"),
+    ]:
+        assert _generate(*args, "--model", str(model)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"is the {flag} image this run reads" in err[0], err
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_prompt_list_reads_a1111_command_line_lines(model, tmp_path, capsys):
+    """A1111's "Prompts from file or textbox" lines (`--prompt "a cat" --steps 3 --seed 7 ...`) were taken as the
+    prompt text itself (an image of the words "--steps 3", silently); they are read as A1111 reads them, and a
+    tag sdengine cannot honour is one line naming FILE:LINE before any work."""
+    from sdengine.batch_render import parse_prompt_list
+
+    lines = tmp_path / "a1111.txt"
+    lines.write_text(
+        '--prompt "a red apple" --negative_prompt blurry ugly --steps 3 --seed 7 --cfg_scale 5 '
+        '--sampler_name "euler a"\n'
+        "a plain cat\n"
+        "--prompt a green pear --width 48 --height 32 --batch_size 2\n"
+    )
+    items = parse_prompt_list(lines, {"steps": 1})
+    assert items[0].settings == {
+        "prompt": "a red apple",
+        "negative_prompt": "blurry ugly",
+        "steps": 3,
+        "seed": 7,
+        "cfg_scale": 5.0,
+        "sampler": "Euler a",
+    }
+    assert items[1].settings == {"prompt": "a plain cat", "steps": 1, "seed": 1}
+    assert (items[2].settings["width"], items[2].settings["batch_size"], items[2].names) == (
+        48,
+        2,
+        ("00002-0-2.png", "00002-1-3.png"),
+    )
+    out = tmp_path / "out"
+    assert _generate("--prompts", str(lines), "--model", str(model), "--steps", "1", "--out", str(out)) == 0
+    text = Image.open(out / "00000-7.png").info["parameters"]
+    assert text.startswith("a red apple\nNegative prompt: blurry ugly\nSteps: 3, Sampler: Euler a,")
+    for bad, message in [
+        ("--prompt x --n_iter 3", "a1111.txt:1: --n_iter is not an option"),
+        ("--prompt x --steps ten", "a1111.txt:1: --steps 'ten' is not a number"),
+        ('--prompt "x', "a1111.txt:1: cannot read the line"),
+        ("--prompt x --seed", "a1111.txt:1: --seed has no value"),
+    ]:
+        lines.write_text(bad + "\n")
+        capsys.readouterr()
+        assert _generate("--prompts", str(lines), "--model", str(model), "--out", str(tmp_path / "bad")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "bad").exists()

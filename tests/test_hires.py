@@ -62,9 +62,11 @@ def explicit_img2img(
     sampler: str,
     prompt: str,
     negative: str,
+    start: int | None = None,
 ) -> np.ndarray:
     """An img2img run from a latent, written out from the public pieces: the noise from a fresh generator of
-    ``seed``, the sampler started at ``strength``, the VAE decode. (H, W, 3) floats in [0, 1]."""
+    ``seed``, the sampler started at ``strength`` (or at step ``start`` of ``steps``), the VAE decode. (H, W, 3)
+    floats in [0, 1]."""
     cond, uncond = pipe.conditioner.pair(prompt, negative)
     den = Denoiser(UNetAdapter(pipe.unet, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
     den = CFGDenoiser(den, BASE["cfg_scale"], uncond)
@@ -82,7 +84,7 @@ def explicit_img2img(
             extra_args=cond,
             init_latent=init_latent,
             strength=strength,
-            start_step=img2img_start(steps, strength),
+            start_step=img2img_start(steps, strength) if start is None else start,
             noise_schedule=pipe.noise_schedule,
         )
         img, _ = vae_utils.decode(pipe.vae, x, warn=False)
@@ -105,6 +107,53 @@ def test_latent_second_pass_is_img2img_of_the_upscaled_latent(pipe, upscaler):
     )
     assert want.std() > 0.02  # a picture, not a constant
     np.testing.assert_allclose(out.arrays[0], want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("n,strength", [(5, 0.6), (0, 0.5)])
+def test_a1111_rule_second_pass_runs_the_last_n_steps_of_a_longer_schedule(pipe, n, strength):
+    """A1111's second pass (its sampler given N = hr_second_pass_steps or steps): a schedule of
+    int(N / min(strength, 0.999)) steps, of which the last N run; the infotext records the strength as asked."""
+    s = size(pipe)
+    seen = []
+    out = pipe(
+        **BASE,
+        enable_hr=True,
+        hr_scale=2,
+        strength=strength,
+        hr_second_pass_steps=n,
+        strength_rule="a1111",
+        callback=lambda info: seen.append((info.step, info.steps)),
+    )
+    n = n or BASE["steps"]
+    total = int(n / min(strength, 0.999))
+    assert seen[-1] == (BASE["steps"] + n,) * 2  # every one of the N steps runs
+    with torch.inference_mode():
+        first = pipe.sample_latents(pipe.prepare(GenerationRequest(**BASE)))
+    f = pipe.vae_scale_factor
+    up = F.interpolate(first, size=(2 * s // f, 2 * s // f), mode="bilinear", antialias=False)
+    want = explicit_img2img(
+        pipe,
+        up,
+        seed=11,
+        steps=total,
+        strength=1.0,
+        sampler="euler",
+        prompt="a red apple",
+        negative="blurry",
+        start=total - n,
+    )
+    np.testing.assert_allclose(out.arrays[0], want, atol=1e-6, rtol=0)
+    fields = parse_parameters(out.infotexts[0])
+    assert fields["Denoising strength"] == f"{strength:g}" and fields["Strength rule"] == "a1111"
+    assert fields["Steps"] == str(BASE["steps"])
+    # diffusers' rule (the default) runs int(N * strength) of N steps: another image
+    other = pipe(**BASE, enable_hr=True, hr_scale=2, strength=strength, hr_second_pass_steps=n)
+    assert "Strength rule" not in other.infotexts[0]
+    if strength < 1:
+        assert not np.allclose(other.arrays[0], out.arrays[0], atol=1e-3)
+    # read back: the same image
+    again = pipe(**{**to_generate_kwargs(fields, hires=True), "progress": False})
+    np.testing.assert_array_equal(np.asarray(again.images[0]), np.asarray(out.images[0]))
 
 
 @pytest.mark.parametrize("upscaler", ["None", "Lanczos"])
@@ -282,6 +331,7 @@ def test_a1111_txt2img_route_runs_the_hires_fix(tmp_path):
         fields = parse_parameters(r.image.info["parameters"])
         assert fields["Hires upscale"] == "2" and fields["Hires upscaler"] == "Latent (bicubic)"
         assert fields["Size"] == "16x16" and fields["Hires steps"] == "4"
+        assert fields["Denoising strength"] == "0.6" and fields["Strength rule"] == "a1111"  # as asked, A1111's count
         pipe = load_pipeline(tmp_path / "models" / "tiny", device="cpu")
         want = pipe(
             "a red apple",
@@ -292,6 +342,7 @@ def test_a1111_txt2img_route_runs_the_hires_fix(tmp_path):
             hr_upscaler="Latent (bicubic)",
             hr_second_pass_steps=4,
             strength=0.6,
+            strength_rule="a1111",  # the A1111 route's step count: all 4 second-pass steps
             progress=False,
             **common,
         )
@@ -306,13 +357,14 @@ def test_a1111_txt2img_route_runs_the_hires_fix(tmp_path):
             api.txt2img(prompt="x", seed=1, enable_hr=True, hr_scale=1000, **common)
         # the native job API: the same request with a "hires" object
         body = {"prompt": "a red apple", "seed": 4, "sampler": "euler", "schedule": None, "strength": 0.6, **common}
+        body["strength_rule"] = "a1111"
         body["hires"] = {"hr_upscaler": "Latent (bicubic)", "hr_second_pass_steps": 4}
         with httpx.Client(base_url=s.url, timeout=120) as c:
             r = c.post("/v1/jobs", json=body)
             assert r.status_code == 202, r.text
             j = wait_job(c, r.json()["id"])
             assert j["state"] == "done", j
-            assert j["step"] == j["steps"] == 3 + 4 - img2img_start(4, 0.6)  # both passes, one count
+            assert j["step"] == j["steps"] == 3 + 4  # both passes, one count (A1111's rule runs all 4)
             got = c.get(j["images"][0]["url"])
             native = Image.open(io.BytesIO(got.content)).convert("RGB")
             np.testing.assert_array_equal(np.asarray(native), np.asarray(want.images[0]))

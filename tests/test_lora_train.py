@@ -264,6 +264,15 @@ def test_bad_training_inputs_are_one_line(setup, tmp_path, capsys):
         (["--data", str(data_dir), "--batch-size", "0"], r"batch size must be >= 1"),
         (["--data", str(data_dir), "--steps", "0"], r"steps must be >= 1"),
         (["--data", str(data_dir), "--max-minutes", "-1"], r"time limit must be a finite number of minutes > 0"),
+        # negative intervals once ran silently as 0 (no warm-up, no clipping, no checkpoints, no samples)
+        (["--data", str(data_dir), "--warmup", "-5"], r"warm-up steps must be >= 0 \(0: none\), got -5"),
+        (["--data", str(data_dir), "--grad-clip", "-1"], r"gradient clipping must be a finite number >= 0"),
+        (["--data", str(data_dir), "--grad-clip", "nan"], r"gradient clipping must be a finite number >= 0"),
+        (["--data", str(data_dir), "--checkpoint-every", "-1"], r"checkpoint interval must be >= 0"),
+        (["--data", str(data_dir), "--sample-every", "-2"], r"sample interval must be >= 0"),
+        # a name with a folder in it wrote OUT/a/b.safetensors; a ':' would break its <lora:NAME:W> tag
+        (["--data", str(data_dir), "--name", "a/b"], r"LoRA name 'a/b': it becomes the file name"),
+        (["--data", str(data_dir), "--name", "x:1"], r"LoRA name 'x:1': it becomes the file name"),
     ]
     for extra, pattern in cases:
         rc = main(
@@ -317,6 +326,12 @@ def test_same_train_command_twice_is_refused_unless_overwrite(setup, tmp_path, c
     rc = main(args)  # the same command again, no --resume: the first run must survive
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and re.search(r"--resume.*--overwrite", err), err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    other = [*args, "--resume", "--steps", "3"]
+    other[other.index("--name") + 1] = "other"  # resuming under another name would leave two files of one run
+    rc = main(other)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--name sks, not other" in err, err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert main([*args, "--overwrite"]) == 0
     assert (out / "sks.safetensors").is_file()

@@ -24,6 +24,7 @@ from test_weights_common import randomize, state, tiny_clip, tiny_unet
 
 pytest.importorskip("lycoris")
 
+from lycoris.modules.dylora import DyLoraModule  # noqa: E402
 from lycoris.modules.ia3 import IA3Module  # noqa: E402
 from lycoris.modules.locon import LoConModule  # noqa: E402
 from lycoris.modules.loha import LohaModule  # noqa: E402
@@ -288,6 +289,56 @@ def relaxed_peft_check(monkeypatch):
     installed = importlib.metadata.version("peft")
     if version.parse(installed) < version.parse(tp.MIN_PEFT_VERSION):
         monkeypatch.setattr(tp, "MIN_PEFT_VERSION", installed)
+
+
+def dylora_oracle(seed: int, multiplier: float, *, alpha: float = 2.0, rank: int = 4, block_size: int = 2):
+    """LyCORIS' DyLoraModule on every target layer, random factors: (file state dict, its update per layer).
+
+    The file is what DyLoRA saves (``custom_state_dict``: its rank blocks joined; a convolution's up stays 2-d,
+    (out, r)). The update is DyLoRA's own at its full rank, whose scale LyCORIS takes as alpha / (blocks + 1) in
+    training; a file's reader (A1111, ComfyUI, LyCORIS' loader) takes alpha / rank, so it is rescaled to that."""
+    unet, te = fresh_models()
+    g = torch.Generator().manual_seed(seed)
+    sd, deltas = {}, {}
+    for name, m in targets(unet, te):
+        mod = DyLoraModule(name, m, 1.0, lora_dim=rank, alpha=alpha, block_size=block_size)
+        with torch.no_grad():
+            for p in mod.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            for k, v in mod.custom_state_dict().items():
+                sd[f"{name}.{k}"] = v.detach().clone().contiguous()
+            w, _ = mod.get_diff_weight(multiplier * (mod.block_count + 1) / rank, rank=rank)
+        deltas[name] = w.detach().clone()
+    return sd, deltas
+
+
+def test_dylora_with_convolutions_equals_lycoris():
+    """A DyLoRA file's convolution layers (a 2-d up beside a 4-d down) read as A1111 and ComfyUI read them: the
+    fused weights are DyLoRA's update, and the outputs those of LyCORIS' LoCon module on the same factors."""
+    sd, deltas = dylora_oracle(seed=21, multiplier=0.7)
+    conv_ups = [k for k, v in sd.items() if k.endswith("lora_up.weight") and v.ndim == 2 and "conv1" in k]
+    assert conv_ups and sd[conv_ups[0].replace("lora_up", "lora_down")].shape[2:] == (3, 3)
+    lf = LoRAFile.from_state_dict(sd, name="dylora")  # was: "down (4, 32, 3, 3) and up (32, 4) are not a LoRA pair"
+    assert not lf.unknown and len(lf.layers) == len(deltas)
+    ref_unet, ref_te = fresh_models()
+    for name, m in targets(ref_unet, ref_te):  # the oracle: LyCORIS' LoCon on the factors (a conv up as 1x1)
+        up, down, alpha = (sd[f"{name}.{k}"] for k in ("lora_up.weight", "lora_down.weight", "alpha"))
+        up = up.reshape(*up.shape, 1, 1) if down.ndim == 4 else up
+        mod = LoConModule.make_module_from_state_dict(name, m, up, down, None, alpha, None)
+        mod.multiplier = 0.7
+        mod.apply_to()
+    ref, base = run(ref_unet, ref_te), run(*fresh_models())
+    unet, te = fresh_models()
+    before = {name: m.weight.detach().clone() for name, m in targets(unet, te)}
+    with apply_loras(unet, te, [(lf, 0.7)]) as h:
+        assert h.reports[0].complete and len(h.reports[0].matched) == len(deltas)
+        patched = run(unet, te)
+        h.fuse()
+        for name, m in targets(unet, te):
+            assert rel(m.weight - before[name], deltas[name]) <= TOL, name
+    for ours, r, b in zip(patched, ref, base, strict=True):
+        assert rel(r, b) > 1e-3
+        assert rel(ours, r) <= TOL
 
 
 # ------------------------------------------------------------------------------------------ stacking, fusing

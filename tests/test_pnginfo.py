@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 import zlib
 
 import pytest
@@ -200,3 +201,59 @@ def test_plain_pnginfo_needs_no_torch(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout == A1111_TEXT + "\n"
+
+
+def _huge_png(path, width: int, height: int, text: str | None) -> None:
+    """A valid 1-bit PNG of width x height black pixels written by hand (no pixel array in memory), its
+    ``parameters`` chunk, when given, after the image data (where some tools put it)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + one bit per pixel
+    z = zlib.compressobj(1)
+    data = z.compress(row * height) + z.flush()
+    tail = chunk(b"tEXt", b"parameters\x00" + text.encode("latin-1")) if text is not None else b""
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", data)
+        + tail
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("side", [10_000, 14_000])  # past Pillow's bomb warning (89 MP), past its hard limit
+def test_a_huge_png_is_read_without_decoding_it(tmp_path, capsys, side):
+    """A very large PNG (an upscaled A1111 image): its parameters are printed and nothing else (it once printed
+    Pillow's DecompressionBombWarning over two lines, or, past 179 megapixels, a DecompressionBombError traceback;
+    and without parameters it decoded every pixel to find out)."""
+    f = tmp_path / "big.png"
+    _huge_png(f, side, side, A1111_TEXT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's warning, which the command line would print
+        assert _pnginfo(str(f)) == 0
+    captured = capsys.readouterr()
+    assert captured.out == A1111_TEXT + "\n" and captured.err == ""
+    plain = tmp_path / "plain.png"
+    _huge_png(plain, side, side, None)
+    assert _pnginfo(str(plain)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "carries no generation parameters" in err
+
+
+def test_png_exif_user_comment_and_a_huge_jpeg(tmp_path, capsys):
+    """A PNG whose parameters are an EXIF UserComment (an eXIf chunk) is read from that chunk; a JPEG past Pillow's
+    size limit is one line naming it, not a traceback."""
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = encode_user_comment(A1111_TEXT)
+    png = tmp_path / "exif.png"
+    Image.new("RGB", (8, 8)).save(png, exif=exif.tobytes())
+    assert read_image_parameters(png) == A1111_TEXT
+    jpg = tmp_path / "big.jpg"
+    # a baseline JPEG header claiming 14000 x 14000 (SOI, SOF0, then nothing): Pillow checks the size when opening
+    sof = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, 14000, 14000, 1) + b"\x01\x11\x00"
+    jpg.write_bytes(b"\xff\xd8" + sof + b"\xff\xd9")
+    assert _pnginfo(str(jpg)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdengine: error:") and err.count("\n") == 1 and "too large" in err and "big.jpg" in err

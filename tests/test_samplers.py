@@ -144,6 +144,17 @@ def test_img2img_runs_the_steps_diffusers_runs():
 # --------------------------------------------------------------------------------------------------
 
 
+def test_a1111_k_aliases_and_the_auto_schedule_in_any_case():
+    """``k_euler_a`` (A1111's k-diffusion aliases, in older scripts) and ``--schedule AUTO`` were refused."""
+    from sdengine.errors import UsageError
+
+    assert sampling.resolve("k_euler_a") == ("euler_a", "normal")
+    assert sampling.resolve("K_DPMPP_2M", "karras") == ("dpmpp_2m", "karras")
+    assert sampling.resolve("dpmpp_2m", "AUTO") == sampling.resolve("dpmpp_2m", "auto") == ("dpmpp_2m", "karras")
+    with pytest.raises(UsageError, match="unknown sampler 'k_nope'"):
+        sampling.resolve("k_nope")
+
+
 def test_name_table_resolves_a1111_names():
     assert sampling.resolve("DPM++ 2M Karras") == ("dpmpp_2m", "karras")
     assert sampling.resolve("Euler a") == ("euler_a", "normal")

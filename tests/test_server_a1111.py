@@ -3,6 +3,8 @@ same request through the Python API."""
 
 from __future__ import annotations
 
+import base64
+import io
 import threading
 import time
 
@@ -10,10 +12,13 @@ import httpx
 import numpy as np
 import pytest
 import webuiapi
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
 
 from _emoji_models import make_tiny_emoji_folder
 from _live_server import live_server, server_config, shared_loader
+from sdengine.pipeline import ControlUnit
+from sdengine.pipeline.latents import blur_mask
 from sdengine.server.catalog import BUILTIN_CONTROLNETS
 
 COMMON = {"steps": 3, "width": 64, "height": 64, "cfg_scale": 7.0}
@@ -41,12 +46,14 @@ def arr(im: Image.Image) -> np.ndarray:
 
 
 def python_img2img(prompt: str, init: Image.Image, **extra):
-    """The Python API's img2img (seed 3, strength 0.5) with the settings the A1111 client sends."""
+    """The Python API's img2img (seed 3, strength 0.5) with the settings the A1111 client sends (and A1111's step
+    count, the route's)."""
     return emoji()(
         prompt,
         seed=3,
         init_image=init,
         strength=0.5,
+        strength_rule="a1111",
         sampler="dpmpp_2m",
         schedule="karras",
         progress=False,
@@ -95,6 +102,7 @@ def test_img2img_and_inpainting_equal_python_api(api):
             mask_blur=2,
             inpainting_fill=1,
             inpainting_mask_invert=invert,
+            inpaint_full_res=False,  # "whole picture" (webuiapi's default is "only masked")
             **COMMON,
         )
         m = ImageOps.invert(mask) if invert else mask
@@ -105,13 +113,14 @@ def test_img2img_and_inpainting_equal_python_api(api):
             mask=m,
             mask_blur=2,
             strength=0.8,
+            strength_rule="a1111",
             sampler="dpmpp_2m",
             schedule="karras",
             progress=False,
             **COMMON,
         )
-        # A1111 pastes the init image back outside the (blurred) mask: the pipeline's image inside it
-        soft = m.filter(ImageFilter.GaussianBlur(2))
+        # A1111 pastes the init image back by its mask_for_overlay: the mask blurred (its Gaussian), doubled
+        soft = Image.fromarray(blur_mask(np.asarray(m), 2.0)).point(lambda v: min(255, 2 * v))
         want = Image.composite(ref.images[0], init.convert("RGB"), soft)
         np.testing.assert_array_equal(arr(r.image), arr(want))
         outside = np.asarray(soft) == 0
@@ -147,16 +156,18 @@ def test_controlnet_unit_and_empty_args(api):
     # alwayson_scripts={} given: webuiapi adds the units to its mutable default dict otherwise (its bug)
     r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **COMMON)
     path = BUILTIN_CONTROLNETS["emoji-controlnet-canny"]
-    ref = emoji()(
-        "a star",
-        seed=9,
-        controlnets=[(path, control, 0.8, 0.0, 0.7)],
-        sampler="dpmpp_2m",
-        schedule="karras",
-        progress=False,
-        **COMMON,
-    )
+
+    def reference(rule: str):
+        unit = ControlUnit(path, control, 0.8, 0.0, 0.7, rule=rule)
+        kw = {"sampler": "dpmpp_2m", "schedule": "karras", "strength_rule": "a1111", "progress": False, **COMMON}
+        return emoji()("a star", seed=9, controlnets=[unit], **kw)
+
+    # the extension's step rule (step i when start <= i/steps <= end): end 0.7 of 3 steps controls all three,
+    # where diffusers' rule ((i+1)/steps <= end) leaves the last one out
+    ref = reference("a1111")
     np.testing.assert_array_equal(arr(r.image), arr(ref.images[0]))
+    assert np.abs(arr(r.image).astype(int) - arr(reference("diffusers").images[0]).astype(int)).max() > 0
+    assert "ControlNet step rule: a1111" in r.info["infotexts"][0]
     plain = api.txt2img(prompt="a star", seed=9, alwayson_scripts={"ControlNet": {"args": []}}, **COMMON)
     ref = emoji()("a star", seed=9, sampler="dpmpp_2m", schedule="karras", progress=False, **COMMON)
     np.testing.assert_array_equal(arr(plain.image), arr(ref.images[0]))
@@ -308,3 +319,434 @@ def test_skip_with_a_json_body_moves_to_the_next_batch(api):
     t.join(120)
     assert not t.is_alive()
     assert out["r"].info["all_seeds"] == [41] and len(out["r"].images) == 1  # the first batch (seed 40) skipped
+
+
+def a1111_img2img_steps(api, strength: float, steps: int, runs: int) -> None:
+    """The route's img2img at ``strength`` and ``steps`` (32x32) is the Python API's with strength_rule="a1111",
+    which runs ``runs`` steps; the infotext records the strength as asked."""
+    init = gradient().resize((32, 32))
+    common = {**COMMON, "steps": steps, "width": 32, "height": 32}
+    seen: list[int] = []
+    ref = emoji()(
+        "a blue ball",
+        seed=3,
+        init_image=init,
+        strength=strength,
+        strength_rule="a1111",
+        sampler="dpmpp_2m",
+        schedule="karras",
+        progress=False,
+        callback=lambda info: seen.append(info.steps),
+        **common,
+    )
+    assert seen == [runs] * runs
+    r = api.img2img(images=[init], prompt="a blue ball", seed=3, denoising_strength=strength, **common)
+    np.testing.assert_array_equal(arr(r.image), arr(ref.images[0]))
+    assert r.info["infotexts"] == ref.infotexts and r.info["denoising_strength"] == strength
+    text = r.info["infotexts"][0]
+    assert f"Denoising strength: {strength:g}" in text and "Strength rule: a1111" in text
+    assert not any("step" in n for n in r.info["notes"]), r.info["notes"]  # no more stop-gap note
+
+
+def test_img2img_counts_steps_as_a1111(api):
+    """A1111 runs int(min(strength, 0.999) * steps) + 1 img2img steps from sigmas[steps - t_enc - 1:]
+    (sd_samplers_kdiffusion.py sample_img2img): 20 steps at 0.75 is 16 steps (diffusers' rule: 15)."""
+    a1111_img2img_steps(api, 0.75, 20, 16)
+
+
+def test_img2img_with_a_strength_under_one_step_runs_one_step_as_a1111(api):
+    """Where int(steps * strength) is 0 (strength 0 too), A1111's rule still runs one step (once a 400, then the
+    strength 1 / steps in the infotext): the strength as asked, with A1111's step count."""
+    for strength in (0.1, 0.0):
+        a1111_img2img_steps(api, strength, 3, 1)
+
+
+def test_include_init_images_keeps_them_in_the_parameters(api):
+    """A1111 answers the init images and the mask in ``parameters`` only with include_init_images, else null."""
+    init, mask = webuiapi.raw_b64_img(gradient()), webuiapi.raw_b64_img(Image.new("L", (64, 64), 255))
+    body = {"init_images": [init], "mask": mask, "prompt": "a", "seed": 1, "denoising_strength": 0.5, **COMMON}
+    kept = api.custom_post("img2img", {**body, "include_init_images": True}, baseurl=True)
+    assert kept.parameters["init_images"] == [init] and kept.parameters["mask"] == mask
+    assert kept.parameters["include_init_images"] is True and "include_init_images" not in kept.info["ignored"]
+    dropped = api.custom_post("img2img", body, baseurl=True)
+    assert dropped.parameters["init_images"] is None and dropped.parameters["mask"] is None
+    np.testing.assert_array_equal(arr(kept.image), arr(dropped.image))
+
+
+def test_extra_single_image_upscales_as_a1111s_lanczos(api):
+    """A1111's extras with its Lanczos upscaler: resized by the scale, then to the size rounded down to 8;
+    to a size: the scale that covers it, then the centre cut (on black where the rounding fell short)."""
+    g = gradient()
+    r = api.extra_single_image(image=g, upscaler_1="Lanczos", upscaling_resize=2)
+    np.testing.assert_array_equal(arr(r.image), arr(g.resize((128, 128), Image.Resampling.LANCZOS)))
+    assert "Postprocess upscaler: Lanczos" in r.info
+    small = g.resize((60, 60))
+    r = api.extra_single_image(image=small, upscaler_1="Lanczos", upscaling_resize=1.5)  # 90, then 88
+    want = small.resize((90, 90), Image.Resampling.LANCZOS).resize((88, 88), Image.Resampling.LANCZOS)
+    np.testing.assert_array_equal(arr(r.image), arr(want))
+    to = {"resize_mode": 1, "upscaling_resize_w": 100, "upscaling_resize_h": 50}
+    r = api.extra_single_image(image=g, upscaler_1="Lanczos", **to)
+    cut = Image.new("RGB", (100, 50))  # scale 100/64 -> 100 -> 96 (rounded to 8), pasted centred
+    cut.paste(g.resize((100, 100), Image.Resampling.LANCZOS).resize((96, 96), Image.Resampling.LANCZOS), (2, -23))
+    np.testing.assert_array_equal(arr(r.image), arr(cut))
+    np.testing.assert_array_equal(arr(api.extra_single_image(image=g, upscaler_1="None").image), arr(g))
+    for bad, msg in (
+        ({"upscaler_1": "R-ESRGAN 4x+"}, "upscaler_1 'R-ESRGAN 4x+' is not available"),
+        ({"upscaler_1": "Lanczos", "codeformer_visibility": 0.5}, "face restoration is not available"),
+        ({"upscaler_1": "Lanczos", "upscaling_resize": 0}, "upscaling_resize must be > 0"),
+        ({"upscaler_1": "Lanczos", "upscaling_resize": 70}, "is over the limit of 8192 pixels a side and 16777216"),
+    ):
+        r = httpx.post(f"{api.baseurl}/extra-single-image", json={"image": webuiapi.raw_b64_img(g), **bad}, timeout=30)
+        assert r.status_code == 400 and msg in r.text, r.text
+    # the lists a client fills its hires upscaler choice from: what the hires fix takes
+    assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos"]
+    modes = [m["name"] for m in api.get_latent_upscale_modes()]
+    assert modes[0] == "Latent" and "Latent (bicubic antialiased)" in modes and len(modes) == 6
+
+
+def test_variation_seeds_as_a1111(api):
+    """subseed / subseed_strength (once listed as ignored): A1111 gives every image the one seed and image k
+    the variation seed subseed + k, over batch_size x n_iter."""
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "strength_rule": "a1111", "progress": False, **COMMON}
+    r = api.txt2img(prompt="a cat", seed=7, subseed=100, subseed_strength=0.4, batch_size=2, n_iter=2, **COMMON)
+    assert r.info["all_seeds"] == [7] * 4 and r.info["all_subseeds"] == [100, 101, 102, 103]
+    assert r.info["subseed_strength"] == 0.4 and r.info["ignored"] == []
+    for it in range(2):  # each n_iter batch is the Python API's batch of seeds [7, 7] from subseed 100 + 2 * it
+        want = emoji()(["a cat"] * 2, seed=[7, 7], subseed=100 + 2 * it, subseed_strength=0.4, **kw)
+        for k in range(2):
+            np.testing.assert_array_equal(arr(r.images[2 * it + k]), arr(want.images[k]))
+            assert r.info["infotexts"][2 * it + k] == want.infotexts[k]
+            assert "Seed: 7, " in want.infotexts[k] and f"Variation seed: {100 + 2 * it + k}" in want.infotexts[k]
+    bad = httpx.post(
+        f"{api.baseurl}/txt2img", json={"prompt": "a", "subseed_strength": 2, "subseed": 1, **COMMON}, timeout=30
+    )
+    assert bad.status_code == 400 and "subseed_strength" in bad.text, bad.text
+
+
+def test_resize_modes_of_init_mask_and_control_images(api):
+    """img2img's resize_mode (once listed as ignored) fits the init image (and the mask, and the image pasted
+    back) as A1111; a ControlNet unit without one has the extension's default, Crop and Resize."""
+    from sdengine.control import canny
+    from sdengine.io.resize import resize_image
+
+    init = gradient().resize((64, 32))
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "strength_rule": "a1111", "progress": False, **COMMON}
+    for mode in (1, 2):
+        r = api.img2img(images=[init], prompt="a ball", seed=3, denoising_strength=0.6, resize_mode=mode, **COMMON)
+        want = emoji()("a ball", seed=3, init_image=init, strength=0.6, resize_mode=mode, **kw)
+        np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+        assert r.info["ignored"] == []
+    r = api.img2img(images=[init], prompt="a ball", seed=3, denoising_strength=0.6, resize_mode=3, **COMMON)
+    assert r.info["ignored"] == ["resize_mode"]  # A1111's latent upscale mode is not done: said
+    # inpainting, crop and resize: the mask is cut as the image, and the init pasted back is the cut one
+    mask = Image.new("L", (64, 32), 0)
+    mask.paste(255, (16, 0, 48, 32))
+    r = api.img2img(
+        images=[init],
+        mask_image=mask,
+        prompt="a ball",
+        seed=3,
+        denoising_strength=0.8,
+        resize_mode=1,
+        mask_blur=0,
+        inpainting_fill=1,
+        inpaint_full_res=False,
+        **COMMON,
+    )
+    fitted_mask, fitted = resize_image(mask, 64, 64, "crop and resize"), resize_image(init, 64, 64, "crop and resize")
+    ref = emoji()("a ball", seed=3, init_image=init, mask=fitted_mask, strength=0.8, resize_mode=1, **kw)
+    doubled = fitted_mask.point(lambda v: min(255, 2 * v))  # A1111's mask_for_overlay
+    want = Image.composite(ref.images[0], fitted.convert("RGB"), doubled)
+    np.testing.assert_array_equal(arr(r.image), arr(want))
+    # ControlNet: a control image of another aspect, the unit's mode unset -> Crop and Resize
+    control = canny(gradient().resize((64, 32)).convert("RGB"))
+    unit = {"image": webuiapi.raw_b64_img(control), "model": "emoji-controlnet-canny", "module": "none"}
+    body = {"prompt": "a star", "seed": 9, "sampler_name": "DPM++ 2M", "scheduler": "Karras", **COMMON}
+    body["alwayson_scripts"] = {"controlnet": {"args": [unit]}}
+    r = api.custom_post("txt2img", body, baseurl=True)
+    path = BUILTIN_CONTROLNETS["emoji-controlnet-canny"]
+    want = emoji()("a star", seed=9, controlnets=[(path, control, 1.0)], resize_mode=1, **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    # two units of different modes: sdengine fits all in one, the other is said
+    units = [unit, {**unit, "resize_mode": "Resize and Fill"}]
+    body["alwayson_scripts"] = {"controlnet": {"args": units}}
+    r = api.custom_post("txt2img", body, baseurl=True)
+    assert r.info["ignored"] == ["controlnet.args[1].resize_mode"]
+
+
+def test_skipping_the_only_batch_answers_its_image_so_far(api):
+    """A1111's skip of a one-batch call answers the image as far as it got (its sampler returns the last
+    latent); sdengine's answer once had no image at all (webuiapi's ``r.image`` raised IndexError)."""
+    out: dict = {}
+    body = {"prompt": "a cloud", "seed": 40, "force_task_id": "task-skip1", **COMMON, "steps": 150}
+    t = threading.Thread(target=lambda: out.update(r=api.custom_post("txt2img", body, baseurl=True)))
+    t.start()
+    deadline = time.monotonic() + 120
+    while api.get_progress()["state"]["sampling_step"] < 3:
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.05)
+    assert api.session.post(f"{api.baseurl}/skip", json={"id_task": "task-skip1"}).json() == {"skipped": ["task-skip1"]}
+    t.join(120)
+    assert not t.is_alive()
+    r = out["r"]
+    assert r.image.size == (64, 64) and len(r.images) == 1 and len(r.info["infotexts"]) == 1
+    assert r.info["interrupted"] is False and any(n.startswith("skipped at step") for n in r.info["notes"])
+
+
+def test_disable_extra_networks_takes_the_tags_out_and_applies_none(api):
+    """A1111's disable_extra_networks (once listed as ignored while the LoRA was applied): the <lora:...> tags
+    are taken out of the prompt and no LoRA is applied."""
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "strength_rule": "a1111", "progress": False, **COMMON}
+    body = {"prompt": "a cat <lora:emoji-fruit:1>", "seed": 1, "sampler_name": "DPM++ 2M", "scheduler": "Karras"}
+    r = api.custom_post("txt2img", {**body, **COMMON, "disable_extra_networks": True}, baseurl=True)
+    want = emoji()("a cat ", seed=1, **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["ignored"] == [] and "Lora hashes" not in r.info["infotexts"][0]
+    with_lora = api.txt2img(prompt="a cat <lora:emoji-fruit:1>", seed=1, **COMMON)
+    assert "Lora hashes" in with_lora.info["infotexts"][0] and not np.array_equal(arr(with_lora.image), arr(r.image))
+
+
+def test_png_info_answers_a1111s_fields_and_reads_jpeg_exif(api):
+    """A1111's png-info: ``parameters`` as its parse_generation_parameters gives them (``Size-1``/``Size-2``,
+    the ``Clip skip`` default), ``items`` without the parameters text; a JPEG's EXIF UserComment is read (once:
+    an empty answer)."""
+    from sdengine.image_info import EXIF_IFD, USER_COMMENT, encode_user_comment
+
+    text = "a cat\nNegative prompt: ugly\nSteps: 3, Sampler: Euler, Seed: 1, Size: 64x48, Hires resize: 128x96"
+    png = gradient()
+    info = PngInfo()
+    info.add_text("parameters", text)
+    info.add_text("other", "x")
+    buf = io.BytesIO()
+    png.save(buf, format="PNG", pnginfo=info)
+    r = api.session.post(f"{api.baseurl}/png-info", json={"image": base64.b64encode(buf.getvalue()).decode()}).json()
+    assert r["info"] == text and r["items"] == {"other": "x"}
+    p = r["parameters"]
+    assert (p["Size-1"], p["Size-2"], p["Hires resize-1"], p["Hires resize-2"]) == ("64", "48", "128", "96")
+    assert "Size" not in p and p["Clip skip"] == "1" and p["Steps"] == "3" and p["Negative prompt"] == "ugly"
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = encode_user_comment(text)
+    buf = io.BytesIO()
+    png.save(buf, format="JPEG", exif=exif)
+    r = api.session.post(f"{api.baseurl}/png-info", json={"image": base64.b64encode(buf.getvalue()).decode()}).json()
+    assert r["info"] == text and r["parameters"]["Seed"] == "1" and r["items"]["exif comment"] == text
+
+
+def test_a_selectable_script_is_refused_as_a1111_refuses_one_it_lacks(api):
+    """script_name (X/Y/Z plot, ...): A1111 answers 422 for a script it does not have, and sdengine has none;
+    once the call ran without it (a plain image instead of the plot, the name only listed as ignored)."""
+    for route, extra in (("txt2img", {}), ("img2img", {"init_images": [webuiapi.raw_b64_img(gradient())]})):
+        body = {"prompt": "a", "script_name": "x/y/z plot", "script_args": [1], **COMMON, **extra}
+        r = httpx.post(f"{api.baseurl}/{route}", json=body, timeout=60)
+        assert r.status_code == 400 and "Script 'x/y/z plot' not found" in r.text, r.text
+    r = api.txt2img(prompt="a", seed=1, script_name="", styles=["cinematic"], **COMMON)  # "" = no script
+    assert r.info["styles"] == ["cinematic"] and r.info["ignored"] == ["styles"]
+
+
+def test_only_masked_inpainting_and_fill_as_a1111(api):
+    """webuiapi's default inpainting is A1111's "Only masked" with masked content "fill" (inpaint_full_res,
+    inpainting_fill 0); both were once only listed as ignored. Only masked: the box around the mask, grown to
+    the output's aspect ratio, is cut, inpainted at the full size, and fitted back into the box."""
+    from sdengine.server.a1111 import masked_fill
+
+    init = gradient()
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 40, 56))
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "strength_rule": "a1111", "progress": False, **COMMON}
+    args = {"images": [init], "mask_image": mask, "prompt": "a ball", "seed": 3, "denoising_strength": 0.8}
+    r = api.img2img(**args, mask_blur=0, inpainting_fill=1, inpaint_full_res=True, **COMMON)
+    # the mask's box (8, 8, 40, 56), 32x48, grown evenly to the 1:1 output: (0, 8, 48, 56)
+    region = (0, 8, 48, 56)
+    cut = init.crop(region).resize((64, 64), Image.Resampling.LANCZOS)
+    cut_mask = mask.crop(region).resize((64, 64), Image.Resampling.LANCZOS)
+    ref = emoji()("a ball", seed=3, init_image=cut, mask=cut_mask, strength=0.8, **kw)
+    canvas = init.convert("RGB")
+    canvas.paste(ref.images[0].resize((48, 48), Image.Resampling.LANCZOS), region[:2])
+    want = Image.composite(canvas, init.convert("RGB"), mask)
+    assert r.image.size == (64, 64) and r.info["ignored"] == []
+    np.testing.assert_array_equal(arr(r.image), arr(want))
+    # with padding 4: the box (4, 4, 44, 60) grows to 56 wide from x -4, shifted back inside: (0, 4, 56, 60)
+    r = api.img2img(**args, mask_blur=0, inpainting_fill=1, inpaint_full_res=True, inpaint_full_res_padding=4, **COMMON)
+    region = (0, 4, 56, 60)
+    cut = init.crop(region).resize((64, 64), Image.Resampling.LANCZOS)
+    cut_mask = mask.crop(region).resize((64, 64), Image.Resampling.LANCZOS)
+    ref = emoji()("a ball", seed=3, init_image=cut, mask=cut_mask, strength=0.8, **kw)
+    canvas = init.convert("RGB")
+    canvas.paste(ref.images[0].resize((56, 56), Image.Resampling.LANCZOS), region[:2])
+    np.testing.assert_array_equal(arr(r.image), arr(Image.composite(canvas, init.convert("RGB"), mask)))
+    # "fill" (whole picture): the init image's masked area painted from around it before it is encoded
+    r = api.img2img(**args, mask_blur=0, inpainting_fill=0, inpaint_full_res=False, **COMMON)
+    filled = masked_fill(init.convert("RGB"), mask)
+    inside, outside = np.asarray(mask) == 255, np.asarray(mask) == 0
+    assert (arr(filled)[outside] == arr(init)[outside]).all() and (arr(filled)[inside] != arr(init)[inside]).any()
+    ref = emoji()("a ball", seed=3, init_image=filled, mask=mask, strength=0.8, **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(Image.composite(ref.images[0], init.convert("RGB"), mask)))
+    assert r.info["ignored"] == []
+    # an empty mask: as A1111, img2img of the whole image, said in the notes
+    r = api.img2img(**{**args, "mask_image": Image.new("L", (64, 64), 0)}, inpaint_full_res=True, **COMMON)
+    want = emoji()("a ball", seed=3, init_image=init, strength=0.8, **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert any("the mask is empty" in n for n in r.info["notes"])
+    body = {"init_images": [webuiapi.raw_b64_img(init)], "mask": webuiapi.raw_b64_img(mask), "prompt": "a", **COMMON}
+    bad = httpx.post(f"{api.baseurl}/img2img", json={**body, "inpaint_full_res": True, "inpaint_full_res_padding": -3})
+    assert bad.status_code == 400 and "inpaint_full_res_padding must be an integer in [0, 4096]" in bad.text
+
+
+def test_extra_batch_images_and_interrogate(api):
+    """webuiapi's extra_batch_images (once a bare 404): each image as extra-single-image makes it; interrogate,
+    which sdengine cannot do, is a 404 that says so."""
+    g, small = gradient(), gradient().resize((32, 32))
+    r = api.extra_batch_images(images=[g, small], upscaler_1="Lanczos", upscaling_resize=2)
+    assert [i.size for i in r.images] == [(128, 128), (64, 64)]
+    np.testing.assert_array_equal(arr(r.images[1]), arr(small.resize((64, 64), Image.Resampling.LANCZOS)))
+    bad = httpx.post(f"{api.baseurl}/extra-batch-images", json={"imageList": [], "upscaler_1": "Lanczos"}, timeout=30)
+    assert bad.status_code == 400 and "imageList must hold 1 to 64 images" in bad.text
+    r = httpx.post(f"{api.baseurl}/interrogate", json={"image": webuiapi.raw_b64_img(g), "model": "clip"}, timeout=30)
+    assert r.status_code == 404 and "interrogate" in r.text and "not available" in r.text
+
+
+def test_null_fields_are_the_defaults(api):
+    """Clients made from A1111's OpenAPI document (every field optional) send null for the fields they leave out:
+    the defaults (once a 422 for negative_prompt, alwayson_scripts, send_images, ...)."""
+    body = {"prompt": "a cat", "seed": 4, "sampler_name": "DPM++ 2M", "scheduler": "Karras", **COMMON}
+    nulls = dict.fromkeys(("negative_prompt", "alwayson_scripts", "send_images", "enable_hr", "hr_prompt", "styles"))
+    plain = api.custom_post("txt2img", body, baseurl=True)
+    r = api.custom_post("txt2img", {**body, **nulls}, baseurl=True)
+    np.testing.assert_array_equal(arr(r.image), arr(plain.image))
+    assert r.info["ignored"] == [] and r.info["infotexts"] == plain.info["infotexts"]
+
+
+def test_controlnet_processor_res_thresholds_and_unit_mask(api):
+    """A preprocessed unit's image is scaled to its processor_res first (the extension's preprocessors take it
+    so; once silently dropped: another control map); canny thresholds of -1 are the extension's 100 / 200; a
+    unit's own mask is listed as ignored (once silently dropped)."""
+    import cv2
+
+    from sdengine.control import canny
+
+    g = gradient().convert("RGB")
+    path = BUILTIN_CONTROLNETS["emoji-controlnet-canny"]
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "strength_rule": "a1111", "progress": False, **COMMON}
+    unit = webuiapi.ControlNetUnit(image=g, module="canny", model="emoji-controlnet-canny", processor_res=128)
+    unit.threshold_a = unit.threshold_b = -1
+    r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **COMMON)
+    scaled = Image.fromarray(cv2.resize(np.asarray(g), (128, 128), interpolation=cv2.INTER_CUBIC))  # short side 128
+    want = emoji()("a star", seed=9, controlnets=[(path, canny(scaled, 100, 200), 1.0)], resize_mode=2, **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["ignored"] == []
+    unit.mask = Image.new("L", (64, 64), 255)
+    r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **COMMON)
+    assert r.info["ignored"] == ["controlnet.args[0].mask"]
+    unit.processor_res = 5000
+    body = {"prompt": "a", "alwayson_scripts": {"controlnet": {"args": [unit.to_dict()]}}, **COMMON}
+    bad = httpx.post(f"{api.baseurl}/txt2img", json=body, timeout=30)
+    assert bad.status_code == 400 and "processor_res must be an integer in [64, 2048] or -1" in bad.text
+
+
+def test_a_units_hires_option_other_than_both_is_listed(api):
+    """sdengine's hires fix runs every ControlNet unit in both passes: a unit's hr_option "Low res only" or
+    "High res only" is listed as ignored (once dropped silently)."""
+    g = gradient().convert("RGB").resize((32, 32))
+    unit = webuiapi.ControlNetUnit(image=g, model="emoji-controlnet-canny", hr_option="Low res only")
+    args = {"prompt": "a star", "seed": 9, "steps": 2, "width": 32, "height": 32, "alwayson_scripts": {}}
+    r = api.txt2img(controlnet_units=[unit], enable_hr=True, hr_scale=2, denoising_strength=0.6, **args)
+    assert r.image.size == (64, 64) and r.info["ignored"] == ["controlnet.args[0].hr_option"]
+    unit.hr_option = "Both"
+    r = api.txt2img(controlnet_units=[unit], enable_hr=True, hr_scale=2, denoising_strength=0.6, **args)
+    assert r.info["ignored"] == []
+
+
+def test_other_unit_settings_are_listed(api):
+    """A ControlNet unit setting of the extension that sdengine does not run (advanced_weighting, ...) is listed
+    as ignored (once dropped silently); settings that change no image (low_vram, save_detected_map) are not."""
+    unit = {"image": webuiapi.raw_b64_img(gradient()), "model": "emoji-controlnet-canny", "low_vram": True}
+    unit |= {"save_detected_map": True, "advanced_weighting": [0.5] * 13}
+    r = api.txt2img(prompt="a", seed=1, alwayson_scripts={"controlnet": {"args": [unit]}}, **COMMON)
+    assert r.info["ignored"] == ["controlnet.args[0].advanced_weighting"]
+
+
+def test_only_masked_gives_a_unit_without_image_the_cut_init_image(api):
+    """In "Only masked" inpainting a ControlNet unit without an image of its own takes the init image as the
+    pipeline gets it: the cut box (once the whole image, a control map of another place and scale)."""
+    init = gradient()
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 40, 56))
+    unit = {"model": "emoji-controlnet-canny", "module": "none", "resize_mode": "Just Resize"}
+    r = api.img2img(
+        images=[init],
+        mask_image=mask,
+        prompt="a ball",
+        seed=3,
+        denoising_strength=0.8,
+        mask_blur=0,
+        inpainting_fill=1,
+        inpaint_full_res=True,
+        alwayson_scripts={"controlnet": {"args": [unit]}},
+        **COMMON,
+    )
+    region = (0, 8, 48, 56)  # as in test_only_masked_inpainting_and_fill_as_a1111
+    cut = init.crop(region).resize((64, 64), Image.Resampling.LANCZOS)
+    cut_mask = mask.crop(region).resize((64, 64), Image.Resampling.LANCZOS)
+    path = BUILTIN_CONTROLNETS["emoji-controlnet-canny"]
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "strength_rule": "a1111", "progress": False, **COMMON}
+    ref = emoji()("a ball", seed=3, init_image=cut, mask=cut_mask, strength=0.8, controlnets=[(path, cut, 1.0)], **kw)
+    canvas = init.convert("RGB")
+    canvas.paste(ref.images[0].resize((48, 48), Image.Resampling.LANCZOS), region[:2])
+    np.testing.assert_array_equal(arr(r.image), arr(Image.composite(canvas, init.convert("RGB"), mask)))
+
+
+def test_a1111s_k_sampler_aliases(api):
+    """A1111's samplers answer to their k-diffusion aliases (k_dpmpp_2m, k_euler_a, ...), listed in /samplers;
+    once a 400."""
+    body = {"prompt": "a cat", "seed": 2, "scheduler": "Karras", **COMMON}
+    named = api.custom_post("txt2img", {**body, "sampler_name": "DPM++ 2M"}, baseurl=True)
+    aliased = api.custom_post("txt2img", {**body, "sampler_name": "k_dpmpp_2m"}, baseurl=True)
+    np.testing.assert_array_equal(arr(aliased.image), arr(named.image))
+    assert aliased.info["sampler_name"] == "DPM++ 2M"
+    listed = {s["name"]: s["aliases"] for s in api.get_samplers()}
+    assert "k_dpmpp_2m" in listed["DPM++ 2M"] and "k_euler_a" in listed["Euler a"]
+
+
+def test_infotext_fills_the_fields_not_sent(api):
+    """A1111's infotext request field (once listed as ignored, the request run without it): the fields not sent
+    are read from it (prompt, steps, sampler, schedule, cfg, seed, size, variation seed, ...); a field sent
+    wins; an infotext that cannot be read is a 400."""
+    text = "a red apple\\nNegative prompt: ugly\\nSteps: 4, Sampler: Euler a, Schedule type: Karras, CFG scale: 5, "
+    text = text.replace("\\n", "\n") + "Seed: 11, Size: 64x48, Variation seed: 3, Variation seed strength: 0.3"
+    r = api.custom_post("txt2img", {"infotext": text, "steps": 3}, baseurl=True)  # steps sent: 3 wins over 4
+    want = emoji()(
+        "a red apple",
+        negative_prompt="ugly",
+        steps=3,
+        sampler="euler_a",
+        schedule="karras",
+        cfg_scale=5.0,
+        seed=11,
+        width=64,
+        height=48,
+        subseed=3,
+        subseed_strength=0.3,
+        progress=False,
+    )
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["infotexts"] == want.infotexts and r.info["ignored"] == []
+    body = {"infotext": "a\nSteps: 3, Sampler: Nope, CFG scale: 7", **COMMON}
+    bad = httpx.post(f"{api.baseurl}/txt2img", json=body, timeout=30)
+    assert bad.status_code == 400 and "infotext" in bad.text and "Nope" in bad.text, bad.text
+
+
+def test_eta_is_the_samplers_option_where_it_takes_one(api):
+    """A1111's eta (once listed as ignored): the option of the samplers that take one (Euler a, DDIM, the SDE
+    ones); with one that has none (Euler) it changes nothing, in A1111 too, and is not listed."""
+    kw = {"schedule": "karras", "progress": False, **COMMON}
+    body = {"prompt": "a cat", "seed": 6, "scheduler": "Karras", **COMMON}
+    r = api.custom_post("txt2img", {**body, "sampler_name": "Euler a", "eta": 0.3}, baseurl=True)
+    want = emoji()("a cat", seed=6, sampler="euler_a", sampler_options={"eta": 0.3}, **kw)
+    plain = emoji()("a cat", seed=6, sampler="euler_a", **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert not np.array_equal(arr(want.images[0]), arr(plain.images[0])) and r.info["ignored"] == []
+    r = api.custom_post("txt2img", {**body, "sampler_name": "Euler", "eta": 0.3}, baseurl=True)
+    np.testing.assert_array_equal(arr(r.image), arr(emoji()("a cat", seed=6, sampler="euler", **kw).images[0]))
+    assert r.info["ignored"] == []
+    bad = httpx.post(f"{api.baseurl}/txt2img", json={**body, "sampler_name": "Euler a", "eta": 50}, timeout=30)
+    assert bad.status_code == 400 and "eta must be a number in [0, 10]" in bad.text

@@ -289,3 +289,23 @@ def test_a_long_job_that_finishes_last_keeps_its_images(tmp_path, monkeypatch):
     m.finish(long_job, "done")  # submitted first, finished last
     assert long_job.images[0].image is not None
     assert [j.images[0].image is None for j in short] == [True, True, False]  # the oldest finished dropped
+
+
+def test_a_job_placed_ahead_tells_the_jobs_behind_it_their_new_place(tmp_path):
+    """ComfyUI's ``front`` / ``number`` insert a prompt ahead of queued jobs: their watchers are told (a progress
+    event with the new position), as when a job ahead leaves; the jobs ahead of the insertion are not."""
+    from sdengine.server.jobs import JobManager
+
+    m = JobManager(loader=shared_loader, devices=["cpu"], outputs_dir=tmp_path, max_queue=8)  # not started
+
+    def job() -> Job:
+        return Job(Generation("emoji", "emoji", {"steps": 1, "batch_size": 1, "prompt": "x", "init_image": None}))
+
+    first, second, third = job(), job(), job()
+    for j in (first, second, third):
+        m.submit(j)
+    before = {j.id: j.version for j in (first, second, third)}
+    assert m.submit(job(), place=lambda queued: 1) == 1
+    assert [m.position(j) for j in (first, second, third)] == [0, 2, 3]
+    assert first.version == before[first.id]
+    assert second.version > before[second.id] and third.version > before[third.id]

@@ -511,6 +511,12 @@ def test_failures_at_run_time_and_interrupt_name_the_node(client, server):
     assert h["status"]["status_str"] == "error"
     (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
     assert err["node_id"] == "3" and err["node_type"] == "KSampler" and "66" in err["exception_message"]
+    # as ComfyUI: the nodes run before it (the changed latent at least; not those reused from the cache), the
+    # failing node's inputs, and the reused nodes' ids as a list
+    assert (
+        "5" in err["executed"] and "3" not in err["executed"] and not set(err["executed"]) & set(err["current_outputs"])
+    ), err
+    assert err["current_inputs"]["steps"] == [STEPS] and err["current_inputs"]["latent_image"] != [], err
     # server still serves; a long prompt is interrupted within a step
     g = txt2img_graph()
     g["3"]["inputs"].update(steps=150, seed=99)
@@ -536,6 +542,12 @@ def test_routes_view_upload_queue_object_info(client, server):
     assert info["KSampler"]["input"]["required"]["seed"][1]["max"] == 0xFFFFFFFFFFFFFFFF
     assert client.get("/api/object_info/KSampler").json()["KSampler"]["output"] == ["LATENT"]
     assert client.get("/object_info/Nope").json() == {}
+    # ComfyUI's model folders: what each loader lists (these routes were missing: 404)
+    assert client.get("/models").json() == ["checkpoints", "loras", "controlnet", "vae"]
+    assert client.get("/api/models/checkpoints").json() == ["emoji"]
+    assert client.get("/models/loras").json() == info["LoraLoader"]["input"]["required"]["lora_name"][0]
+    assert client.get("/models/vae").json() == info["VAELoader"]["input"]["required"]["vae_name"][0]
+    assert client.get("/models/upscale_models").status_code == 404
     q = client.get("/api/queue").json()
     assert q == {"queue_running": [], "queue_pending": []}
     assert client.post("/queue", json={"clear": True}).status_code == 200
@@ -765,6 +777,16 @@ def test_inpaint_encoding_image_scale_and_an_empty_sampler_window_follow_comfyui
     grey[:, 24:40, 24:40, :] = 0.5
     (want,) = vae_encode(ctx, grey, VaeHandle("emoji"))
     assert torch.equal(latent["samples"], want["samples"])  # only the 16 x 16 square was greyed
+    # an image that is no multiple of the VAE's factor (4 here): image and mask are cut alike, centred, first (the
+    # mask was once kept whole, 66 x 66 over a 64 x 64 image, a pixel off and stretched over the latent)
+    wide = torch.rand(1, 66, 66, 3, generator=torch.Generator().manual_seed(2))
+    mask66 = torch.zeros(1, 66, 66)
+    mask66[:, 25:41, 25:41] = 1.0
+    (cut,) = vae_encode_for_inpaint(ctx, wide, VaeHandle("emoji"), mask66, 0)
+    assert torch.equal(cut["noise_mask"][0, 0], mask66[0, 1:65, 1:65])
+    grey = wide[:, 1:65, 1:65].clone()
+    grey[:, 24:40, 24:40, :] = 0.5
+    assert torch.equal(cut["samples"], vae_encode(ctx, grey, VaeHandle("emoji"))[0]["samples"])
     # ImageScale: Lanczos with a centre cut equals PIL's Lanczos of the centre
     img = torch.rand(1, 48, 64, 3, generator=torch.Generator().manual_seed(1))
     (out,) = image_scale(ctx, img, "lanczos", 40, 40, "center")
@@ -772,6 +794,14 @@ def test_inpaint_encoding_image_scale_and_an_empty_sampler_window_follow_comfyui
     centre = Image.fromarray((img[0, :, 8:56].numpy() * 255).round().astype(np.uint8)).resize((40, 40), Image.LANCZOS)
     assert float((out[0] * 255 - torch.from_numpy(np.asarray(centre, np.float32))).abs().max()) <= 1.0
     assert not torch.equal(out, bicubic)
+    # LatentUpscale to a size off the latent factor rounds down, as ComfyUI's width // 8 (once a node error)
+    from sdengine.server.comfy.nodes import latent_upscale
+
+    z = torch.rand(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    (up,) = latent_upscale(ctx, {"samples": z, "size": (1, 64, 64)}, "bilinear", 102, 86, "disabled")
+    assert up["samples"].shape == (1, 4, 21, 25) and up["size"] == (1, 84, 100)
+    want = torch.nn.functional.interpolate(z, size=(21, 25), mode="bilinear", align_corners=False)
+    assert torch.equal(up["samples"], want)
     # KSamplerAdvanced: start_at_step at or past the end of its window
     latent = {"samples": torch.ones(1, 4, 16, 16), "size": (1, 64, 64), "posterior": None, "noise_mask": None}
     for start, end in ((4, 10000), (2, 2)):
@@ -811,3 +841,637 @@ def test_controlnet_hints_per_row_and_of_another_aspect():
     assert torch.equal(both[1:], run(torch.cat([b, b]), 2)[1:]) and not torch.equal(both[1:], run(a, 2)[1:])
     wide = torch.cat([torch.zeros(1, 3, 64, 32), a, torch.ones(1, 3, 64, 32)], dim=3)  # a, with side bands
     assert torch.allclose(run(wide, 1), run(a, 1), atol=1e-5)
+
+
+def test_a_controlnet_acts_only_on_the_cfg_halves_whose_conditioning_carries_it():
+    """ComfyUI runs a ControlNet with the conditioning that carries it: on the negative only (the Advanced node's
+    negative output wired alone, or ControlNetApply on the negative) it acts on the unconditional half only, on the
+    positive only on the conditional half only. It once acted on both halves whichever carried it. Exact checks:
+    at cfg 0 only the unconditional half counts, at cfg 1 only the conditional one (the other is not run)."""
+    from dataclasses import replace
+
+    from sdengine.latent_sampling import ControlHint, encode_text, sample_latents
+    from sdengine.server.catalog import BUILTIN_CONTROLNETS
+
+    pipe = shared_loader("emoji", "cpu")
+    hint = ControlHint(str(BUILTIN_CONTROLNETS["emoji-controlnet-canny"]), picture_hint(), 1.0)
+    pos, neg = encode_text(pipe, "a star"), encode_text(pipe, "")
+
+    def run(cfg: float, on_pos: bool, on_neg: bool) -> torch.Tensor:
+        p = replace(pos, controls=(hint,)) if on_pos else pos
+        n = replace(neg, controls=(hint,)) if on_neg else neg
+        with torch.inference_mode():
+            return sample_latents(
+                pipe, [p], [n], torch.zeros(1, 4, 16, 16), seed=3, steps=2, cfg=cfg, sampler="euler", schedule="normal"
+            )
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.allclose(a, b, atol=1e-5)
+
+    assert same(run(0.0, True, False), run(0.0, False, False))  # positive only: the unconditional half is plain
+    assert same(run(0.0, False, True), run(0.0, True, True))  # negative only: it is controlled
+    assert same(run(1.0, False, True), run(1.0, False, False))  # negative only: the conditional half is plain
+    neg_only = run(5.0, False, True)
+    for other in (run(5.0, False, False), run(5.0, True, True)):
+        assert not same(neg_only, other)
+
+
+def picture_hint() -> torch.Tensor:
+    """A canny map of the test picture, (1, 3, 64, 64) in [0, 1]."""
+    from sdengine.control import canny
+
+    edges = canny(picture().resize((64, 64)).convert("RGB"), 100, 200).convert("RGB")
+    return torch.from_numpy(np.asarray(edges, np.float32) / 255).permute(2, 0, 1)[None]
+
+
+# ------------------------------------------------------------------------------ the queue, on a gated server
+
+
+@pytest.fixture()
+def gated(tmp_path):
+    """A server whose worker waits in the model load until ``gate`` is set: the first job then runs (held)
+    and the next ones stay queued, so that a test sees the queue's order and a running prompt."""
+    import threading
+
+    gate = threading.Event()
+
+    def loader(ref: str, device: str):
+        assert gate.wait(120), "the test never opened the gate"
+        return shared_loader(ref, device)
+
+    with live_server(server_config(tmp_path, max_queue=16), loader=loader) as s:
+        s.gate = gate
+        try:
+            with httpx.Client(base_url=s.url, timeout=60) as c:
+                yield s, c
+        finally:
+            gate.set()
+
+
+def wait_running(client: httpx.Client, job_id: str) -> None:
+    deadline = time.monotonic() + 60
+    while client.get(f"/v1/jobs/{job_id}").json()["state"] != "running":
+        assert time.monotonic() < deadline, "the first job never started"
+        time.sleep(0.02)
+
+
+def test_front_and_number_order_the_comfyui_prompts_in_the_shared_queue(gated):
+    """ComfyUI's queue is a heap by ``number``: ``front`` gives the counter negated (it runs next), a given
+    ``number`` is the priority as it is (a float). In the shared queue the ComfyUI prompts keep that order
+    among themselves; a front prompt goes to the head of the whole queue; native jobs keep their FIFO order."""
+    server, c = gated
+    held = c.post("/v1/jobs", json={"width": 64, "height": 64, "steps": 2}).json()["id"]
+    wait_running(c, held)
+    names = {}
+    for name, extra in [("a", {}), ("b", {}), ("native", None), ("front", {"front": True}), ("half", {"number": 0.5})]:
+        if extra is None:
+            names[c.post("/v1/jobs", json={"width": 64, "height": 64, "steps": 2}).json()["id"]] = name
+            continue
+        r = c.post("/prompt", json={"prompt": txt2img_graph(), **extra})
+        assert r.status_code == 200, r.text
+        names[r.json()["prompt_id"]] = name
+        expected = {"a": 0, "b": 1, "front": -2, "half": 0.5}[name]
+        assert r.json()["number"] == expected and type(r.json()["number"]) is type(expected), r.json()
+    pending = c.get("/queue").json()["queue_pending"]
+    assert [(e[0], names[e[1]]) for e in pending] == [(-2, "front"), (0, "a"), (0.5, "half"), (1, "b")]
+    queued = [names[j.id] for j in server.services.manager.queued()]
+    assert queued == ["front", "a", "half", "b", "native"], queued  # the native job keeps its place after b
+    for bad in ("x", float("nan"), True, [1]):
+        r = c.post("/prompt", content=json.dumps({"prompt": txt2img_graph(), "number": bad}).replace("NaN", '"nan"'))
+        assert r.status_code == 400 and "number" in r.json()["detail"], r.text
+    # a prompt_id already used by a queued prompt or by another protocol's job is refused: the job table is keyed
+    # by id, and the second job once replaced the first there (a native job vanished from /v1/jobs)
+    native = next(jid for jid, name in names.items() if name == "native")
+    for taken in (next(iter(names)), native, held):
+        r = c.post("/prompt", json={"prompt": txt2img_graph(), "prompt_id": taken})
+        assert r.status_code == 400 and "taken" in r.json()["detail"], r.text
+    assert c.get(f"/v1/jobs/{native}").json()["state"] == "queued" and len(server.services.manager.queued()) == 5
+    r = c.post("/prompt", json={"prompt": txt2img_graph(), "prompt_id": 7})  # ComfyUI: str(prompt_id)
+    assert r.status_code == 200 and r.json()["prompt_id"] == "7", r.text
+    names["7"] = "seven"
+    c.post("/queue", json={"clear": True})
+    for jid, name in names.items():
+        if name == "native":
+            c.delete(f"/v1/jobs/{jid}")
+    assert server.services.manager.queued() == []
+    server.gate.set()
+    assert c.delete(f"/v1/jobs/{held}").json()["state"] in ("cancelled", "done")
+
+
+def ws_until(ws, kind: str, pred=lambda d: True, timeout: float = 60.0) -> dict:
+    """The data of the next JSON message of type ``kind`` that ``pred`` accepts (binary frames skipped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ws.settimeout(max(0.1, deadline - time.monotonic()))
+        msg = ws.recv()
+        if isinstance(msg, str):
+            m = json.loads(msg)
+            if m["type"] == kind and pred(m["data"]):
+                return m["data"]
+        assert time.monotonic() < deadline, f"no {kind} message in {timeout} s"
+
+
+def test_a_reconnecting_client_is_told_the_running_node_and_an_interrupt_lists_the_executed_nodes(gated):
+    """ComfyUI, on a websocket (re)connect of the running prompt's client, sends `executing` with the node running
+    after `status` (sdengine once sent `status` only); `execution_interrupted` lists the nodes already run
+    (`executed`, once always [])."""
+    server, c = gated
+    sid = uuid.uuid4().hex
+    url = f"ws://127.0.0.1:{server.port}/ws?clientId={sid}"
+    ws = websocket.create_connection(url, timeout=30)
+    ws_until(ws, "status")
+    pid = c.post("/prompt", json={"prompt": txt2img_graph(), "client_id": sid}).json()["prompt_id"]
+    ws_until(ws, "executing", lambda d: d["node"] == "4")  # CheckpointLoaderSimple: held in the model load
+    ws.close()
+    ws = websocket.create_connection(url, timeout=30)
+    try:
+        ws.settimeout(10)
+        first, second = json.loads(ws.recv()), json.loads(ws.recv())
+        assert first["type"] == "status" and first["data"]["sid"] == sid, first
+        assert second == {"type": "executing", "data": {"node": "4", "display_node": "4", "prompt_id": pid}}
+        other = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId=someone-else", timeout=30)
+        other.settimeout(1)
+        assert json.loads(other.recv())["type"] == "status"
+        with pytest.raises(websocket.WebSocketTimeoutException):  # another client's prompt: nothing to tell
+            other.recv()
+        other.close()
+        assert c.post("/interrupt", json={"prompt_id": pid}).status_code == 200
+        server.gate.set()
+        stopped = ws_until(ws, "execution_interrupted")
+        assert stopped["node_id"] == "5" and stopped["executed"] == ["4"], stopped  # 4 ran, then the interrupt
+        assert ws_until(ws, "executing")["node"] is None
+    finally:
+        ws.close()
+
+
+def test_the_client_id_in_extra_data_targets_the_events_and_is_listed(server, client):
+    """ComfyUI keeps the client id in extra_data, and its executor reads it there: a prompt whose client id is
+    sent in extra_data alone sends its events to that client only (they once went to every socket), and /history
+    lists extra_data with client_id (and without ComfyUI's sensitive keys)."""
+    mine, theirs = uuid.uuid4().hex, uuid.uuid4().hex
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={mine}", timeout=30)
+    other = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={theirs}", timeout=30)
+    try:
+        extra = {"client_id": mine, "api_key_comfy_org": "secret", "extra_pnginfo": {"workflow": {}}}
+        r = client.post("/prompt", json={"prompt": txt2img_graph(), "extra_data": extra})
+        assert r.status_code == 200, r.text
+        pid = r.json()["prompt_id"]
+        seen_kinds: list[str] = []
+        while not seen_kinds or seen_kinds[-1] != "done":
+            m = ws.recv()
+            if isinstance(m, str):
+                m = json.loads(m)
+                final = m["type"] == "executing" and m["data"]["node"] is None and m["data"]["prompt_id"] == pid
+                seen_kinds.append("done" if final else m["type"])
+        # ComfyUI's order at the end: the queue's status (its task_done), then "executing" None (status came after)
+        assert seen_kinds[-3:] == ["execution_success", "status", "done"], seen_kinds
+        other.settimeout(0.5)
+        seen = []
+        with pytest.raises(websocket.WebSocketTimeoutException):
+            while True:
+                m = other.recv()
+                seen += [m] if isinstance(m, str) and pid in m else []
+        assert seen == [], seen
+        listed = wait_history(client, pid)["prompt"][3]
+        assert listed == {"client_id": mine, "extra_pnginfo": {"workflow": {}}}, listed
+        r = client.post("/prompt", json={"prompt": txt2img_graph(), "client_id": theirs})  # top level: listed too
+        assert wait_history(client, r.json()["prompt_id"])["prompt"][3] == {"client_id": theirs}
+    finally:
+        ws.close()
+        other.close()
+
+
+def test_upload_image_keeps_one_copy_of_the_same_image_and_numbers_other_ones(client, server):
+    """ComfyUI's /upload/image: the same image again under a name it already has answers that name and stores no
+    copy (sdengine once stored "x (1).png", "x (2).png", ... for every upload of one image); another image under
+    the name gets "x (1).png"; overwrite replaces; a subfolder is created and answered; /view serves each."""
+    sub = f"up{uuid.uuid4().hex[:8]}"
+    red, blue = png_bytes(Image.new("RGB", (8, 8), (255, 0, 0))), png_bytes(Image.new("RGB", (8, 8), (0, 0, 255)))
+
+    def up(data: bytes, **form: str) -> str:
+        r = client.post("/upload/image", files={"image": ("x.png", data, "image/png")}, data={"subfolder": sub, **form})
+        assert r.status_code == 200 and r.json()["subfolder"] == sub and r.json()["type"] == "input", r.text
+        return r.json()["name"]
+
+    assert [up(red), up(red), up(blue), up(blue), up(red)] == ["x.png", "x.png", "x (1).png", "x (1).png", "x.png"]
+    folder = Path(server.services.config.outputs_dir) / "input" / sub
+    assert sorted(p.name for p in folder.iterdir()) == ["x (1).png", "x.png"]
+    assert up(blue, overwrite="true") == "x.png"
+    v = client.get("/view", params={"filename": "x.png", "subfolder": sub, "type": "input"})
+    assert v.status_code == 200 and v.content == blue
+    listed = client.get("/object_info/LoadImage").json()["LoadImage"]["input"]["required"]["image"][0]
+    assert f"{sub}/x (1).png" in listed
+
+
+def test_lora_and_controlnet_names_with_their_file_suffix(client):
+    """ComfyUI lists LoRA and ControlNet files with their suffix: a workflow written for it names
+    "x.safetensors" where sdengine lists "x" (it was refused: value_not_in_list). Both name the same file: the
+    second prompt is the first one, all cached."""
+    g = txt2img_graph(model=("10", 0), clip=("10", 1))
+    g["10"] = {
+        "class_type": "LoraLoader",
+        "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": "emoji-fruit.safetensors"}
+        | {"strength_model": 0.7, "strength_clip": 0.7},
+    }
+    g["11"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "emoji-controlnet-canny.safetensors"}}
+    g["12"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    g["13"] = {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["4", 2]}}
+    g["14"] = {
+        "class_type": "ControlNetApply",
+        "inputs": {"conditioning": ["6", 0], "control_net": ["11", 0], "image": ["13", 0], "strength": 0.5},
+    }
+    g["3"]["inputs"]["positive"] = ["14", 0]
+    for suffix in (".safetensors", ""):
+        g["10"]["inputs"]["lora_name"] = "emoji-fruit" + suffix
+        g["11"]["inputs"]["control_net_name"] = "emoji-controlnet-canny" + suffix
+        r = client.post("/prompt", json={"prompt": g})
+        assert r.status_code == 200, r.text
+        h = wait_history(client, r.json()["prompt_id"])
+        assert h["status"]["status_str"] == "success", h["status"]
+    (cached,) = [m[1]["nodes"] for m in h["status"]["messages"] if m[0] == "execution_cached"]
+    assert sorted(cached) == sorted(g), cached
+    g["10"]["inputs"]["lora_name"] = "emoji-fruit.ckpt"
+    r = client.post("/prompt", json={"prompt": g})
+    assert r.status_code == 400 and r.json()["node_errors"]["10"]["errors"][0]["type"] == "value_not_in_list"
+
+
+def test_a_broken_output_is_left_out_and_partial_execution_targets_pick_the_outputs(client):
+    """As ComfyUI: an output node whose nodes have errors is left out while the valid outputs run (200, with the
+    errors in node_errors; the whole prompt was once refused); partial_execution_targets runs only the outputs it
+    names (it was ignored); no output left -> 400 with the errors summed up in error.details."""
+    g = txt2img_graph()
+    g["20"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}}
+    g["21"] = {"class_type": "SaveImage", "inputs": {"images": ["20", 0], "filename_prefix": "second"}}
+    g["22"] = {"class_type": "VAEDecode", "inputs": {"samples": ["99", 0], "vae": ["4", 2]}}  # a dangling link
+    g["23"] = {"class_type": "PreviewImage", "inputs": {"images": ["22", 0]}}
+    r = client.post("/prompt", json={"prompt": g})
+    assert r.status_code == 200, r.text
+    errors = r.json()["node_errors"]
+    assert list(errors) == ["22"] and errors["22"]["dependent_outputs"] == ["23"], errors
+    h = wait_history(client, r.json()["prompt_id"])
+    assert h["status"]["status_str"] == "success" and sorted(h["outputs"]) == ["21", "9"], h
+    r = client.post("/prompt", json={"prompt": g, "partial_execution_targets": ["21"]})
+    assert r.status_code == 200 and r.json()["node_errors"] == {}, r.text
+    assert sorted(wait_history(client, r.json()["prompt_id"])["outputs"]) == ["21"]
+    r = client.post("/prompt", json={"prompt": g, "partial_execution_targets": ["6"]})  # not an output node
+    assert r.status_code == 400 and r.json()["error"]["type"] == "prompt_no_outputs", r.text
+    r = client.post("/prompt", json={"prompt": g, "partial_execution_targets": ["23"]})
+    assert r.status_code == 400 and "samples" in r.json()["error"]["details"], r.text
+    r = client.post("/prompt", json={"prompt": g, "partial_execution_targets": "21"})
+    assert r.status_code == 400 and "partial_execution_targets" in r.json()["detail"], r.text
+
+
+def test_save_image_prefix_variables_and_a_prefix_that_looks_like_a_pattern(tmp_path):
+    """SaveImage as ComfyUI: %width% %height% %year% ... in the prefix, %batch_num% per image; the counter goes on
+    after the highest file of the prefix, also for a prefix with glob characters ("shot[1]": every run once wrote
+    over the first images)."""
+    import threading
+
+    from sdengine.server.comfy.nodes import Outputs, RunContext, save_image
+
+    folders = Outputs(tmp_path / "out", tmp_path / "in", tmp_path / "temp")
+    ctx = RunContext(pipeline=lambda ref: None, catalog=None, folders=folders, save_lock=threading.Lock())
+    images = torch.rand(2, 8, 12, 3)
+
+    def names(prefix: str) -> list[str]:
+        return [f"{i['subfolder']}/{i['filename']}" for i in save_image(ctx, images, prefix)["ui"]["images"]]
+
+    assert names("shot[1]") + names("shot[1]") == [f"/shot[1]_0000{k}_.png" for k in (1, 2, 3, 4)]
+    year = time.strftime("%Y")
+    assert names("%year%/w%width%h%height%") == [f"{year}/w12h8_00001_.png", f"{year}/w12h8_00002_.png"]
+    assert names("b%batch_num%") + names("b%batch_num%") == ["/b0_00001_.png", "/b1_00002_.png"] + [
+        "/b0_00003_.png",
+        "/b1_00004_.png",
+    ]
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 10  # nothing written over
+
+
+def test_load_image_reads_annotated_names_of_the_output_and_temp_folders(client):
+    """ComfyUI's LoadImage takes "name [output]" (and [input], [temp]): a client loads an image the server saved
+    without uploading it again (it was refused: value_not_in_list); /object_info marks the input image_upload."""
+    g = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "x"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "annotated"}},
+    }
+    saved = np.asarray(picture())
+    init_id, init_name = upload(client, picture(), "annotate-me.png")
+    g["1"]["inputs"]["image"] = f"{init_name} [input]"
+    first = wait_history(client, client.post("/prompt", json={"prompt": g}).json()["prompt_id"])
+    out = first["outputs"]["2"]["images"][0]
+    for kind in ("output", "input"):
+        name = f"{out['subfolder']}/{out['filename']}".lstrip("/") if kind == "output" else init_name
+        g["1"]["inputs"]["image"] = f"{name} [{kind}]"
+        r = client.post("/prompt", json={"prompt": g})
+        assert r.status_code == 200, r.text
+        h = wait_history(client, r.json()["prompt_id"])
+        assert h["status"]["status_str"] == "success", h["status"]
+        im = h["outputs"]["2"]["images"][0]
+        v = client.get("/view", params={"filename": im["filename"], "subfolder": im["subfolder"], "type": "output"})
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(v.content)).convert("RGB")), saved)
+    for bad in ("nope.png [output]", "../x.png [output]", f"{init_name} [elsewhere]"):
+        g["1"]["inputs"]["image"] = bad
+        r = client.post("/prompt", json={"prompt": g})
+        assert r.status_code == 400 and r.json()["node_errors"]["1"]["errors"][0]["type"] == "value_not_in_list"
+    spec = client.get("/object_info/LoadImage").json()["LoadImage"]["input"]["required"]["image"]
+    assert spec[1] == {"image_upload": True}, spec
+    # /view takes the annotated names too (it once answered 400: "only PNG, JPEG and WebP files are served")
+    v = client.get("/view", params={"filename": f"{out['filename']} [output]", "subfolder": out["subfolder"]})
+    assert v.status_code == 200 and np.array_equal(np.asarray(Image.open(io.BytesIO(v.content)).convert("RGB")), saved)
+    assert client.get("/view", params={"filename": f"{init_name} [output]"}).status_code == 404
+
+
+def test_validation_of_deep_and_diamond_shaped_graphs_is_linear(client, tmp_path):
+    """Validation walked each path of the graph (a chain of ConditioningCombine nodes fed twice by the one before:
+    2**depth steps, a few bytes of JSON that held a server thread for ever) and recursed per link (a chain of 5000
+    nodes: RecursionError, a 500); a body of deeply nested JSON was a 500 too."""
+    from sdengine.server.catalog import Catalog
+    from sdengine.server.comfy.graph import PromptInvalid, validate
+    from sdengine.server.comfy.nodes import Outputs
+
+    class Env:
+        catalog = Catalog(None, None, None)
+        folders = Outputs(tmp_path, tmp_path, tmp_path)
+
+    g = txt2img_graph()
+    prev = ["6", 0]
+    for i in range(60):
+        g[f"c{i}"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": prev, "conditioning_2": prev}}
+        prev = [f"c{i}", 0]
+    g["3"]["inputs"]["positive"] = prev
+    clip = ["4", 1]
+    for i in range(5000):
+        g[f"s{i}"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": clip, "stop_at_clip_layer": -1}}
+        clip = [f"s{i}", 0]
+    g["7"]["inputs"]["clip"] = clip
+    import threading
+
+    got: list = []
+    walker = threading.Thread(target=lambda: got.append(validate(g, Env())), daemon=True)  # a daemon: a hang fails
+    walker.start()
+    walker.join(10)
+    assert got, "validation took over 10 s"
+    graph, outputs, errors = got[0]
+    assert outputs == ["9"] and errors == {} and len(graph) == len(g)
+    g["s0"]["inputs"]["clip"] = ["s4999", 0]  # a cycle 5000 nodes long
+    with pytest.raises(PromptInvalid) as e:
+        validate(g, Env())
+    assert [x["type"] for n in e.value.body["node_errors"].values() for x in n["errors"]] == ["dependency_cycle"]
+    r = client.post("/prompt", content=b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}")
+    assert r.status_code == 400 and "nested too deeply" in r.json()["detail"], r.text
+    # running such a graph would double the conditioning list at each node: refused at the node, past 64
+    from sdengine.server.comfy.nodes import NodeError, conditioning_combine
+
+    assert len(conditioning_combine(None, [1] * 32, [2] * 32)[0]) == 64  # type: ignore[arg-type]
+    with pytest.raises(NodeError, match="over the limit of 64"):
+        conditioning_combine(None, [1] * 33, [2] * 32)  # type: ignore[arg-type]
+
+
+def test_load_image_reads_a_16_bit_grayscale_png_at_its_values(tmp_path):
+    """A 16-bit grayscale PNG (PIL's mode I;16) loaded almost all white: convert("RGB") clips every value over
+    255. LoadImage and LoadImageMask now scale it to [0, 1]."""
+    from sdengine.server.comfy.nodes import Outputs, RunContext, load_image, load_image_mask
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(ramp).save(tmp_path / "in" / "deep.png")
+    ctx = RunContext(pipeline=lambda ref: None, catalog=None, folders=Outputs(tmp_path, tmp_path / "in", tmp_path))
+    rgb, mask = load_image(ctx, "deep.png")
+    want = torch.from_numpy(np.round(ramp / 65535 * 255) / 255).float()
+    assert torch.allclose(rgb[0, :, :, 0], want) and torch.equal(rgb[..., 0], rgb[..., 2]) and not mask.any()
+    (red,) = load_image_mask(ctx, "deep.png", "red")
+    assert torch.allclose(red[0], want)
+
+
+def test_load_image_masks_the_transparent_colour_of_a_palette_png(tmp_path):
+    """A palette PNG with a transparent colour gave no mask (it has no "A" band), so an inpainting workflow fed
+    by it repainted nothing; ComfyUI takes its alpha as the mask, as now LoadImage and LoadImageMask do."""
+    from sdengine.server.comfy.nodes import Outputs, RunContext, load_image, load_image_mask
+
+    im = Image.new("P", (16, 16), 0)
+    im.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    ImageDraw.Draw(im).rectangle((4, 4, 11, 11), fill=1)  # colour 1 (blue) is the transparent one
+    (tmp_path / "in").mkdir()
+    im.save(tmp_path / "in" / "pal.png", transparency=1)
+    ctx = RunContext(pipeline=lambda ref: None, catalog=None, folders=Outputs(tmp_path, tmp_path / "in", tmp_path))
+    rgb, mask = load_image(ctx, "pal.png")
+    want = torch.zeros(1, 16, 16)
+    want[:, 4:12, 4:12] = 1.0
+    assert torch.equal(mask, want) and rgb[0, 0, 0].tolist() == [1.0, 0.0, 0.0]
+    assert torch.equal(load_image_mask(ctx, "pal.png", "alpha")[0], want)
+
+
+def test_a_failed_prompt_keeps_the_images_of_the_outputs_that_ran_before_the_failure(client):
+    """As ComfyUI, /history lists the images of the output nodes that ran before a node failed (they were saved
+    and announced by `executed`, yet the history once listed no output)."""
+    g = txt2img_graph()
+    g["20"] = {"class_type": "VAELoader", "inputs": {"vae_name": "not-a-vae.safetensors"}}  # fails when it runs
+    g["21"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["20", 0]}}
+    g["22"] = {"class_type": "SaveImage", "inputs": {"images": ["21", 0], "filename_prefix": "never"}}
+    r = client.post("/prompt", json={"prompt": g})
+    assert r.status_code == 200, r.text
+    h = wait_history(client, r.json()["prompt_id"])
+    (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
+    assert h["status"]["status_str"] == "error" and err["node_id"] == "20", h["status"]
+    assert list(h["outputs"]) == ["9"], h["outputs"]
+    im = h["outputs"]["9"]["images"][0]
+    assert client.get("/view", params=im).status_code == 200
+
+
+def test_comfyui_websocket_images_example_gets_its_images(server, client):
+    """ComfyUI's script_examples/websockets_api_example_ws_images.py: SaveImageWebsocket sends each image as a
+    binary frame while its node runs (the node was unknown: missing_node_type), never from the cache."""
+    server_address = f"127.0.0.1:{server.port}"
+    client_id = str(uuid.uuid4())
+
+    # ---- websockets_api_example_ws_images.py, its functions as they are
+    def queue_prompt(prompt):
+        p = {"prompt": prompt, "client_id": client_id}
+        data = json.dumps(p).encode("utf-8")
+        req = urllib.request.Request("http://{}/prompt".format(server_address), data=data)  # noqa: UP032
+        return json.loads(urllib.request.urlopen(req).read())
+
+    def get_images(ws, prompt):
+        prompt_id = queue_prompt(prompt)["prompt_id"]
+        output_images = {}
+        current_node = ""
+        while True:
+            out = ws.recv()
+            if isinstance(out, str):
+                message = json.loads(out)
+                if message["type"] == "executing":
+                    data = message["data"]
+                    if data["prompt_id"] == prompt_id:
+                        if data["node"] is None:
+                            break  # Execution is done
+                        else:
+                            current_node = data["node"]
+            else:
+                if current_node == "save_image_websocket_node":
+                    images_output = output_images.get(current_node, [])
+                    images_output.append(out[8:])
+                    output_images[current_node] = images_output
+        return output_images
+
+    prompt = txt2img_graph()
+    del prompt["9"]
+    prompt["save_image_websocket_node"] = {"class_type": "SaveImageWebsocket", "inputs": {"images": ["8", 0]}}
+    prompt["5"]["inputs"]["batch_size"] = 2
+    ws = websocket.WebSocket()
+    ws.connect("ws://{}/ws?clientId={}".format(server_address, client_id), timeout=120)  # noqa: UP032
+    try:
+        for _ in range(2):  # the second time all but the websocket node come from the cache: it still sends
+            images = get_images(ws, prompt)
+            pictures = [Image.open(io.BytesIO(b)) for b in images["save_image_websocket_node"]]
+            assert [(p.format, p.size) for p in pictures] == [("PNG", (64, 64))] * 2
+            assert np.asarray(pictures[0]).std() > 5 and not np.array_equal(*map(np.asarray, pictures))
+    finally:
+        ws.close()
+
+
+def test_load_image_gives_every_frame_of_an_animated_image(tmp_path):
+    """ComfyUI's LoadImage reads an animated image (APNG, animated WebP) as a batch of its frames; only the
+    first was read (a silently different batch). Frames over the server's batch limit: one line at the node."""
+    from sdengine.server.comfy.nodes import NodeError, Outputs, RunContext, load_image, load_image_mask
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    frames = [Image.new("RGB", (8, 8), c) for c in colours]
+    (tmp_path / "in").mkdir()
+    frames[0].save(tmp_path / "in" / "anim.png", save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(tmp_path / "in" / "anim.webp", save_all=True, append_images=frames[1:], lossless=True)
+    folders = Outputs(tmp_path, tmp_path / "in", tmp_path)
+    ctx = RunContext(pipeline=lambda ref: None, catalog=None, folders=folders)
+    for name in ("anim.png", "anim.webp"):
+        rgb, mask = load_image(ctx, name)
+        assert rgb.shape == (3, 8, 8, 3) and mask.shape == (3, 8, 8), name
+        assert [tuple(int(v) for v in (rgb[i, 0, 0] * 255).round()) for i in range(3)] == colours, name
+        assert load_image_mask(ctx, name, "red")[0].shape == (1, 8, 8)  # ComfyUI: the first frame only
+    small = RunContext(pipeline=lambda ref: None, catalog=None, folders=folders, max_batch=2)
+    with pytest.raises(NodeError, match="3 frames, over the server's batch limit of 2"):
+        load_image(small, "anim.png")
+
+
+def test_run_order_of_a_wide_graph_is_fast_and_any_node_id_runs(client):
+    """The run order re-sorted its list of ready nodes at each step: a node read by 20000 others took minutes
+    before anything ran. A node id such as "²" (a digit for str.isdigit, not for int()) failed the prompt with
+    node "None"; ComfyUI takes any string as a node id."""
+    import threading
+
+    from sdengine.server.comfy.graph import topological_order
+
+    wide = {"0": {"class_type": "x", "inputs": {}, "_links": []}}
+    wide |= {str(i): {"class_type": "x", "inputs": {}, "_links": ["0"]} for i in range(1, 20000)}
+    got: list = []
+    sorter = threading.Thread(target=lambda: got.append(topological_order(wide)), daemon=True)
+    sorter.start()
+    sorter.join(10)
+    assert got and got[0][:3] == ["0", "1", "2"] and len(got[0]) == 20000, "ordering took over 10 s"
+    g = {("²" if k == "8" else k): v for k, v in txt2img_graph().items()}
+    g["9"]["inputs"]["images"] = ["²", 0]
+    r = client.post("/prompt", json={"prompt": g})
+    assert r.status_code == 200, r.text
+    h = wait_history(client, r.json()["prompt_id"])
+    assert h["status"]["status_str"] == "success", h["status"]["messages"][-1]
+
+
+def test_validation_lists_the_input_folder_once_per_prompt(tmp_path):
+    """Each LoadImage's value was checked against a fresh listing of the input folder (a walk of the whole folder
+    per node: a prompt of many LoadImage nodes over a full input folder took minutes); once per prompt now."""
+    from sdengine.server.catalog import Catalog
+    from sdengine.server.comfy.graph import validate
+    from sdengine.server.comfy.nodes import Outputs
+
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "in" / "a.png")
+
+    class CountingEnv:
+        catalog = Catalog(None, None, None)
+        walks = 0
+
+        @property
+        def folders(self) -> Outputs:
+            CountingEnv.walks += 1
+            return Outputs(tmp_path, tmp_path / "in", tmp_path)
+
+    g = {}
+    for i in range(50):
+        g[f"l{i}"] = {"class_type": "LoadImage", "inputs": {"image": "a.png"}}
+        g[f"p{i}"] = {"class_type": "PreviewImage", "inputs": {"images": [f"l{i}", 0]}}
+    graph, outputs, errors = validate(g, CountingEnv())
+    assert len(outputs) == 50 and errors == {} and CountingEnv.walks == 1, CountingEnv.walks
+
+
+def test_a_socket_whose_client_stopped_reading_loses_messages_quietly(tmp_path):
+    """Events go to each socket's bounded queue; once a client stopped reading and its queue was full, every
+    further event raised QueueFull in the event loop (an error with a stack trace logged per message)."""
+    import asyncio
+
+    from sdengine.server.comfy.nodes import Outputs
+    from sdengine.server.comfy.routes import ComfyState
+
+    st = ComfyState(Outputs(tmp_path, tmp_path, tmp_path))
+    loop = asyncio.new_event_loop()
+    errors: list = []
+    loop.set_exception_handler(lambda lp, context: errors.append(context))
+    try:
+        q: asyncio.Queue = asyncio.Queue(maxsize=2)
+        st.sockets["stuck"] = (loop, q)
+        for i in range(5):
+            st.send("progress", {"value": i}, "stuck")
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert errors == [] and q.qsize() == 2
+        assert [json.loads(q.get_nowait())["data"]["value"] for _ in range(2)] == [0, 1]
+    finally:
+        loop.close()
+
+
+def test_a_shorter_batch_of_control_maps_is_cycled_alike_on_both_cfg_halves():
+    """Two control maps over a latent batch of 3: each half of CFG takes maps a, b, a (ComfyUI cycles them); the
+    unconditional half once took b, a, b (the maps tiled over both halves at once), so the rows differed from
+    the same run with the maps a, b, a given in full."""
+    from dataclasses import replace
+
+    from sdengine.latent_sampling import ControlHint, encode_text, sample_latents
+    from sdengine.server.catalog import BUILTIN_CONTROLNETS
+
+    pipe = shared_loader("emoji", "cpu")
+    cn = str(BUILTIN_CONTROLNETS["emoji-controlnet-canny"])
+    g = torch.Generator().manual_seed(4)
+    a, b = (torch.rand(1, 3, 64, 64, generator=g).round() for _ in range(2))
+
+    def run(maps: torch.Tensor) -> torch.Tensor:
+        hint = ControlHint(cn, maps, 1.0)
+        pos = replace(encode_text(pipe, "a star"), controls=(hint,))
+        neg = replace(encode_text(pipe, ""), controls=(hint,))
+        with torch.inference_mode():
+            return sample_latents(
+                pipe, [pos], [neg], torch.zeros(3, 4, 16, 16), seed=9, steps=2, cfg=5.0, seed_rule="sdengine"
+            )
+
+    assert torch.allclose(run(torch.cat([a, b])), run(torch.cat([a, b, a])), atol=1e-5)
+
+
+def test_upload_mask_stores_the_image_with_the_masks_alpha(client):
+    """ComfyUI's /upload/mask (its mask editor's upload; the route was missing, 404): the original_ref's image
+    with the mask's alpha, stored like an upload; LoadImage of it gives MASK = 1 - alpha."""
+    orig = picture()
+    _, orig_name = upload(client, orig, "to-mask.png")
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=(0, 0, 0, 0))  # transparent = repaint
+
+    def post(ref: object, m: Image.Image = mask, name: str = "clipspace-mask.png") -> httpx.Response:
+        files = {"image": (name, png_bytes(m), "image/png")}
+        return client.post("/upload/mask", files=files, data={"original_ref": json.dumps(ref), "overwrite": "true"})
+
+    r = post({"filename": orig_name, "subfolder": "", "type": "input"})
+    assert r.status_code == 200 and r.json()["type"] == "input", r.text
+    v = client.get("/view", params={"filename": r.json()["name"], "type": "input"})
+    stored = Image.open(io.BytesIO(v.content))
+    assert stored.mode == "RGBA" and np.array_equal(np.asarray(stored.convert("RGB")), np.asarray(orig))
+    assert np.array_equal(np.asarray(stored.getchannel("A")), np.asarray(mask.getchannel("A")))
+    assert post({"filename": f"{orig_name} [input]"}).status_code == 200  # annotated, as ComfyUI
+    assert post({"filename": "nope.png", "type": "input"}).status_code == 404
+    assert post({"filename": "../x.png", "type": "input"}).status_code == 400
+    assert post({"filename": orig_name, "type": "input"}, m=mask.resize((32, 32))).status_code == 400
+    assert post({"filename": orig_name, "type": "input"}, name="m.jpg").status_code == 400
+    r = client.post("/upload/mask", files={"image": ("m.png", png_bytes(mask), "image/png")})
+    assert r.status_code == 400 and "original_ref" in r.json()["detail"], r.text

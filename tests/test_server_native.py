@@ -259,6 +259,16 @@ def test_controlnet_unit_by_name_with_a_preprocessor(client):
     assert "ControlNet 0: " in j["infotexts"][0] and "emoji-controlnet-canny" in j["infotexts"][0]
 
 
+def test_a_controlnet_window_that_ends_before_it_starts_is_a_400(client):
+    """start 0.8, end 0.2 was queued (202) and failed when it ran: now refused before anything is queued."""
+    src = Image.new("RGB", (64, 64), "white")
+    unit = {"model": "emoji-controlnet-canny", "image": png_b64(src), "start": 0.8, "end": 0.2}
+    r = client.post("/v1/jobs", json={**BASE, "controlnets": [unit]})
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == "ControlNet unit 0: start (0.8) must be less than end (0.2)"
+    assert client.get("/healthz").json()["queued"] == 0
+
+
 def png_b64(im: Image.Image) -> str:
     import base64
 
@@ -515,7 +525,7 @@ def test_finished_jobs_do_not_keep_their_input_images(client, server, monkeypatc
     kept, dropped = manager.get(new["id"]).generation, manager.get(old["id"]).generation
     assert kept.kwargs["init_image"] is not None and kept.kwargs["mask"] is not None  # the newest: as it ran
     assert dropped.kwargs["init_image"] is None and dropped.kwargs["mask"] is None
-    assert [u[1] for u in dropped.kwargs["controlnets"]] == [None]
+    assert [u.image for u in dropped.kwargs["controlnets"]] == [None]
     again = client.get(f"/v1/jobs/{old['id']}").json()
     assert again["infotexts"] == old["infotexts"] and again["images"][0]["url"] == old["images"][0]["url"]
 

@@ -51,6 +51,17 @@ def test_the_page_and_its_files_are_served(client):
     assert "/" not in client.get("/openapi.json").json()["paths"]  # the page is not an API route
 
 
+def test_the_pages_files_are_revalidated_on_every_load(client):
+    """The static files had no Cache-Control: a browser could keep an older app.js by heuristic caching after an
+    upgrade, beside the new index.html (no-cache). Now every file is no-cache, and an unchanged one is a 304."""
+    for name in ("app.js", "mask.js", "pnginfo.js", "style.css"):
+        r = client.get(f"/static/{name}")
+        assert r.headers["cache-control"] == "no-cache" and r.headers["x-content-type-options"] == "nosniff", name
+        again = client.get(f"/static/{name}", headers={"If-None-Match": r.headers["etag"]})
+        assert again.status_code == 304 and again.content == b"", name
+    assert client.get("/").headers["cache-control"] == "no-cache"
+
+
 def test_sizes_are_each_models_default_and_multiple(client):
     sizes = client.get("/v1/sizes").json()["models"]
     assert sizes["emoji"] == {"width": 64, "height": 64, "multiple": 8}

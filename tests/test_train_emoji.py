@@ -148,3 +148,24 @@ def test_pooled_phase_starts_from_the_token_only_model_exactly(tmp_path, small_d
     opt.load_state_dict(up["optimizer"])  # the loop's grouping: loads without a size mismatch
     with pytest.raises(ValueError, match="token-states-only"):
         add_pooled_projection(path, tokens_only, TINY_EMOJI_UNET, seed=0)  # already upgraded
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"unet_batch": 0}, "batch size must be >= 1"),
+        ({"unet_lr": 0.0}, "learning rate must be a finite number > 0"),
+        ({"unet_steps": -1}, "steps must be >= 1"),
+        ({"unet_pooled_from": -1}, "--pooled-from must be a step >= 0"),
+    ],
+)
+def test_a_bad_unet_setting_fails_before_the_vae_stage(tmp_path, small_dataset, bad, message):
+    """Once the whole VAE stage trained (an hour at the shipped settings) before the U-Net's settings were read."""
+    base = dict(vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4, unet_pooled_from=1, mixed_precision="no")
+    recipe = EmojiRecipe(**{**base, **bad}, spec=EmojiTrainSpec(vae_crop=8))
+    kw = dict(
+        device="cpu", progress=False, dataset=small_dataset, unet_config=TINY_EMOJI_UNET, vae_config=TINY_EMOJI_VAE
+    )
+    with pytest.raises(Exception, match=message):
+        train_emoji(tmp_path / "run", recipe, **kw)
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written

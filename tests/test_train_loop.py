@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from sdengine.errors import UsageError
 from sdengine.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sdengine.train.loop import EMA, TrainConfig, TrainingDiverged, data_indices, lr_at, train
 
@@ -144,3 +145,29 @@ def test_data_indices_cover_each_epoch_once():
     assert sorted(idx[10:].tolist()) == list(range(10))
     assert torch.equal(data_indices(3, b, n, seed=1), data_indices(3, b, n, seed=1))
     assert not torch.equal(idx[:10], idx[10:])  # a new permutation each epoch
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"warmup_steps": -1}, "warm-up steps must be >= 0"),
+        ({"grad_clip": -0.5}, "gradient clipping must be a finite number >= 0"),
+        ({"grad_clip": float("nan")}, "gradient clipping must be a finite number >= 0"),
+        ({"weight_decay": -0.1}, "weight decay must be a finite number >= 0"),
+        ({"checkpoint_every": -1}, "checkpoint interval must be >= 0"),
+        ({"sample_every": -1}, "sample interval must be >= 0"),
+        ({"mixed_precision": "fp16"}, "mixed precision must be auto, no or bf16"),
+    ],
+)
+def test_settings_out_of_range_are_refused(bad, message):
+    """Once taken silently (a negative clip or interval ran as 0, 'fp16' as fp32)."""
+    with pytest.raises(UsageError, match=message):
+        cfg(**bad)
+    assert cfg(**{k: 0 if k != "mixed_precision" else "no" for k in bad}).steps == 20  # the bound itself is fine
+
+
+def test_resume_past_the_asked_steps_says_so(tmp_path, capsys):
+    train(fresh(), loss_fn, cfg(steps=6), tmp_path, progress=False)
+    r = train(fresh(), loss_fn, cfg(steps=3), tmp_path, resume=True, progress=True)
+    assert r.step == 6  # the run's weights stay those of step 6: not a 3-step run
+    assert "is at step 6, at or past --steps 3: nothing to train" in capsys.readouterr().out

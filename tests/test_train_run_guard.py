@@ -15,9 +15,9 @@ from sdengine.train.checkpoint import (
 )
 
 
-def _run(tmp_path, *, step=10, outputs=("lora.safetensors",)):
+def _run(tmp_path, *, step=10, outputs=("lora.safetensors",), meta=None):
     out = tmp_path / "run"
-    save_checkpoint(out / CHECKPOINT_NAME, {"step": step, "w": torch.ones(2)})
+    save_checkpoint(out / CHECKPOINT_NAME, {"step": step, "w": torch.ones(2), **({"meta": meta} if meta else {})})
     for name in outputs:
         (out / name).write_bytes(b"exported")
     return out
@@ -96,3 +96,48 @@ def test_output_names_cannot_escape(tmp_path):
     with pytest.raises(SdengineError):
         ensure_new_run(out, resume=False, overwrite=True, outputs=["../victim.txt"])
     assert victim.read_text() == "keep"
+
+
+def test_resume_checks_the_settings_the_run_must_share(tmp_path):
+    out = _run(tmp_path, meta={"name": "zqx", "vectors": 2})
+    assert ensure_new_run(out, resume=True, overwrite=False, same={"name": ("--name", "zqx")}) == []
+    with pytest.raises(CheckpointError, match="trained with --name zqx, not other: resume with --name zqx") as e:
+        ensure_new_run(out, resume=True, overwrite=False, same={"name": ("--name", "other")})
+    assert "\n" not in str(e.value)
+    # a checkpoint of an older release, without the setting, is not checked
+    old = _run(tmp_path / "old")
+    assert ensure_new_run(old, resume=True, overwrite=False, same={"name": ("--name", "other")}) == []
+
+
+@pytest.mark.parametrize("where", [".", "runs/a"])
+def test_an_out_inside_the_data_folder_is_refused(tmp_path, where):
+    data = tmp_path / "imgs"
+    data.mkdir()
+    out = data / where
+    with pytest.raises(SdengineError, match="is inside --data .*would be read as training images") as e:
+        ensure_new_run(out, resume=False, overwrite=False, data=data)
+    assert "\n" not in str(e.value)
+    assert ensure_new_run(tmp_path / "run", resume=False, overwrite=False, data=data) == []  # beside it: fine
+    assert ensure_new_run(tmp_path / "x", resume=False, overwrite=False, data="fashion-mnist") == []  # not a folder
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["lora", "--model", "m"],
+        ["embedding", "--model", "m", "--name", "w"],
+        ["controlnet", "--model", "m"],
+        ["ddpm"],
+        ["tiny-vae", "--model", "m"],
+    ],
+)
+def test_every_trainer_refuses_an_out_inside_its_data(tmp_path, capsys, argv):
+    """The second run (--resume, --overwrite) once trained on the first run's loss.png and sample images too."""
+    from sdengine.cli import main
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    assert main(["train", *argv, "--data", str(data), "--out", str(data / "run"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is inside --data" in err, err
+    assert list(data.iterdir()) == []  # nothing written there

@@ -163,3 +163,17 @@ def test_cli_subseed_and_from_png(tiny_sd1_folder, tmp_path):
         == 0
     )
     np.testing.assert_array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(again / "00000-5.png")))
+
+
+def test_a_subseed_whose_last_row_passes_the_range_says_so():
+    """subseed 2**64 - 1 with 2 rows was refused as "got 18446744073709551615" although that value is in range:
+    the last row's subseed (subseed + 1) is the one out of range, and the message says so."""
+    from sdengine.errors import GenerationError
+    from sdengine.pipeline.request import MAX_SEED, GenerationRequest
+
+    req = GenerationRequest(prompt="x", seed=1, subseed=MAX_SEED, subseed_strength=0.5, batch_size=2)
+    with pytest.raises(GenerationError, match=r"subseed 18446744073709551615 is out of range for 2 rows"):
+        req.precheck()
+    GenerationRequest(prompt="x", seed=1, subseed=MAX_SEED, subseed_strength=0.5, batch_size=1).precheck()
+    with pytest.raises(GenerationError, match=r"subseed must be an integer in \[0, 2\*\*64 - 1\]"):
+        GenerationRequest(prompt="x", seed=1, subseed=MAX_SEED + 1, subseed_strength=0.5).precheck()

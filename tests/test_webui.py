@@ -122,7 +122,7 @@ def shown_errors(pg) -> dict[str, str]:
 def wait_result(pg) -> str:
     """Wait (bounded) until the job is finished; the parameters shown under the result image."""
     pg.wait_for_function(
-        "/^(Done|Failed|Cancelled|Not started)/.test(document.querySelector('#progress-text').textContent)"
+        "/^(Done|Failed|Cancelled|Not started|Lost|Stopped)/.test(document.querySelector('#progress-text').textContent)"
     )
     state = pg.text_content("#progress-text")
     assert state.startswith("Done"), (state, shown_errors(pg))
@@ -683,3 +683,364 @@ def test_bad_controlnet_thresholds_and_a_bad_init_file_are_shown_at_their_fields
     page.set_input_files("#init-file", str(bad))
     page.wait_for_function("document.querySelector('#err-init_image').textContent.length > 0")
     assert "not an image" in page.text_content("#err-init_image") and not page.is_visible("#init-stage")
+
+
+def test_a_page_opened_while_the_server_is_away_loads_when_it_answers(browser, server):
+    """A page opened while the server was down (or restarting) once stayed without its model and sampler lists
+    after the server came back, and Generate sent an empty sampler ("unknown sampler ''"). Now it says that it
+    is not connected, asks again every 2 s, and works once the server answers."""
+    ctx = browser.new_context()
+    pg = ctx.new_page()
+    pg.set_default_timeout(WAIT_MS)
+    away = {"on": True}
+    posted: list[str] = []
+    pg.on("request", lambda r: posted.append(r.url) if r.method == "POST" else None)
+    pg.route("**/v1/**", lambda route: route.abort() if away["on"] else route.continue_())
+    pg.goto(server.url + "/")
+    pg.wait_for_function("document.querySelector('#err-general').textContent.includes('trying again')", timeout=10_000)
+    assert "cannot reach the server" in pg.text_content("#err-general")
+    pg.fill("#prompt", "a red apple")
+    pg.click("#generate")
+    assert "not connected" in pg.text_content("#err-general") and posted == []  # nothing sent
+    away["on"] = False
+    pg.wait_for_selector("body[data-ready=true]", timeout=10_000)
+    assert pg.input_value("#model") == "emoji" and pg.input_value("#sampler") == "dpmpp_2m"
+    assert pg.text_content("#err-general") == "" and pg.input_value("#prompt") == "a red apple"
+    ctx.close()
+
+
+def test_an_event_stream_error_is_not_a_lost_job(page):
+    """A 5xx on the job's event stream (a proxy's 502/504) once made the page say "Lost the connection" and drop
+    a job the server was running; an image that could not be fetched after the job was done was said the same.
+    Now the page asks for the job instead and shows its result, and a done job whose image is missing says so."""
+    page.route("**/v1/jobs/*/events", lambda route: route.fulfill(status=502, body="Bad Gateway"))
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "2")
+    page.fill("#seed", "5")
+    page.click("#generate")
+    assert "Seed: 5" in wait_result(page)
+    page.unroute("**/v1/jobs/*/events")
+    page.route("**/v1/images/**", lambda route: route.fulfill(status=404, json={"detail": "no such image"}))
+    page.click("#generate")
+    page.wait_for_function("/^(Done|Lost|Stopped)/.test(document.querySelector('#progress-text').textContent)")
+    assert page.text_content("#progress-text") == "Done, but its images could not be shown"
+    assert page.text_content("#err-general") == "no such image" and page.is_enabled("#generate")
+    page.unroute("**/v1/images/**")
+
+
+def long_jobs(client: httpx.Client) -> tuple[str, str]:
+    """Two long jobs by the API: the first running (waited for, bounded), the second queued behind it (a different
+    step count, so that the server does not batch them together)."""
+    first = client.post("/v1/jobs", json={"prompt": "a cat face", "steps": 150, "width": 64, "height": 64}).json()["id"]
+    deadline = time.monotonic() + 60
+    while client.get(f"/v1/jobs/{first}").json()["state"] == "queued" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = client.post("/v1/jobs", json={"prompt": "a cat face", "steps": 149, "width": 64, "height": 64}).json()
+    return first, second["id"]
+
+
+def test_a_queued_jobs_place_follows_the_queue(page, client):
+    """The event stream says nothing while a job waits, so the page kept saying "1 job(s) before this one"
+    after the job ahead of it left the queue. Now it asks for its place while queued."""
+    running, ahead = long_jobs(client)
+    try:
+        page.fill("#prompt", "a red apple")
+        page.fill("#steps", "2")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#progress-text').textContent.startsWith('Queued: 1 job')")
+        client.delete(f"/v1/jobs/{ahead}")
+        page.wait_for_function(
+            "document.querySelector('#progress-text').textContent === 'Queued: next'", timeout=10_000
+        )
+    finally:
+        client.delete(f"/v1/jobs/{ahead}")
+        client.delete(f"/v1/jobs/{running}")
+    assert "Steps: 2" in wait_result(page)
+
+
+def test_a_refused_controlnet_or_lora_weight_marks_its_own_input(page, tmp_path):
+    """A 422 on a list item was named "controlnets.0.weight" / "loras.0.weight" at the section with no input
+    marked invalid; now it is named by the input's label and that input is marked."""
+    control = tmp_path / "control.png"
+    Image.new("RGB", (64, 64), "white").save(control)
+    page.fill("#prompt", "a red apple")
+    page.click("#controlnet-section summary")
+    page.set_input_files("#cn-file", str(control))
+    page.fill("#cn-weight", "5")  # over the server's 2
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-controlnet').textContent.length > 0")
+    assert page.text_content("#err-controlnet").startswith("ControlNet weight: ")
+    assert "2" in page.text_content("#err-controlnet")
+    assert page.get_attribute("#cn-weight", "aria-invalid") == "true" and page.input_value("#cn-weight") == "5"
+    page.uncheck("#cn-enabled")
+    page.click("#lora-section summary")
+    page.check("#lora-use-0")
+    page.fill("#lora-weight-0", "100")  # over the server's 10
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-loras').textContent.length > 0")
+    assert page.text_content("#err-loras").startswith("LoRA emoji-fruit weight: ")
+    assert page.get_attribute("#lora-weight-0", "aria-invalid") == "true"
+    assert page.get_attribute("#cn-weight", "aria-invalid") is None  # the earlier mark was cleared
+
+
+def test_the_keyboard_focus_is_visible_on_an_invalid_field(page):
+    """The red outline of a field marked invalid replaced the browser's focus ring: tabbing onto it showed no
+    focus. Now the focused invalid field has the accent ring."""
+    page.fill("#steps", "")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-steps').textContent.length > 0")
+    outline = "(el) => { const s = getComputedStyle(el); return [s.outlineStyle, s.outlineWidth, s.outlineColor]; }"
+    page.focus("#cfg_scale")
+    unfocused = page.eval_on_selector("#steps", outline)
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate("document.activeElement.id") == "steps"
+    focused = page.eval_on_selector("#steps", outline)
+    assert focused != unfocused and focused[0] != "none" and focused[1] == "2px", (focused, unfocused)
+
+
+def test_the_gallery_goes_back_when_images_were_removed(browser, tmp_path):
+    """On the gallery's second page, after images were removed from the outputs folder, Refresh showed an
+    empty page "13–3 of 3" with Newer enabled; now it shows the last page there is."""
+    with live_server(server_config(tmp_path)) as s:
+        outputs = tmp_path / "outputs"
+        outputs.mkdir(exist_ok=True)
+        for i in range(14):
+            (outputs / f"{i:05d}.png").write_bytes(png_bytes(Image.new("RGB", (8, 8), (i * 15, 0, 0))))
+        ctx = browser.new_context()
+        pg = ctx.new_page()
+        pg.set_default_timeout(WAIT_MS)
+        open_page(pg, s.url)
+        pg.wait_for_function("document.querySelector('#gallery-page').textContent === '1–12 of 14'")
+        pg.click("#gallery-next")
+        pg.wait_for_function("document.querySelector('#gallery-page').textContent === '13–14 of 14'")
+        for p in sorted(outputs.glob("*.png"))[3:]:
+            p.unlink()
+        pg.click("#gallery-refresh")
+        pg.wait_for_function("document.querySelector('#gallery-page').textContent !== '13–14 of 14'")
+        assert pg.text_content("#gallery-page") == "1–3 of 3"
+        assert pg.locator("#gallery button").count() == 3 and not pg.is_enabled("#gallery-prev")
+        ctx.close()
+
+
+def test_the_hires_fix(page, client):
+    """The hires fix (the native API's ``hires``): the page's image is the API's for the same settings, its
+    upscalers are sdengine's, reusing the parameters ticks it again with its settings, and it is refused in
+    img2img (the server runs it for text to image only)."""
+    from sdengine.pipeline.hires import UPSCALERS
+
+    options = page.eval_on_selector("#hr-upscaler", "s => [...s.options].map((o) => o.value)")
+    assert options == list(UPSCALERS)
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "2")
+    page.fill("#seed", "3")
+    page.click("#hires-section summary")
+    page.check("#hr-enabled")
+    page.fill("#hr-scale", "1.5")
+    page.select_option("#hr-upscaler", "Lanczos")
+    page.fill("#hr-steps", "2")
+    page.fill("#hr-strength", "0.5")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Lanczos" in params
+    assert "Denoising strength: 0.5" in params
+    body = {"prompt": "a red apple", "steps": 2, "seed": 3, "width": 64, "height": 64, "strength": 0.5}
+    body["hires"] = {"hr_scale": 1.5, "hr_upscaler": "Lanczos", "hr_second_pass_steps": 2}
+    shows_the_api_image(page, client, body, params)
+    assert page.eval_on_selector("#results img", "img => [img.naturalWidth, img.naturalHeight]") == [96, 96]
+    page.uncheck("#hr-enabled")
+    page.fill("#hr-scale", "2")
+    page.fill("#hr-steps", "0")
+    page.click("#results button:text('Reuse parameters')")
+    assert page.is_checked("#hr-enabled") and page.input_value("#hr-upscaler") == "Lanczos"
+    assert (page.input_value("#hr-scale"), page.input_value("#hr-steps"), page.input_value("#hr-strength")) == (
+        "1.5",
+        "2",
+        "0.5",
+    )
+    # A scale the server refuses is named at its input; img2img with the hires fix is refused before sending.
+    page.fill("#hr-scale", "100")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-hires').textContent.length > 0", timeout=20_000)
+    assert page.text_content("#err-hires").startswith("Hires upscale by: ")
+    assert page.get_attribute("#hr-scale", "aria-invalid") == "true"
+    page.fill("#hr-scale", "1.5")
+    page.click("#img2img-section summary")
+    page.select_option("#mode", "img2img")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-hires').textContent.length > 0", timeout=20_000)
+    assert "for text to image" in page.text_content("#err-hires")
+    page.select_option("#mode", "txt2img")
+
+
+def test_what_is_typed_survives_a_reload_before_the_field_is_left(page, server):
+    """Settings were saved on "change" only, which a text field fires when it loses focus: a prompt typed and
+    the tab reloaded right away was lost. Now they are saved as they are typed."""
+    page.click("#prompt")
+    page.keyboard.type("typed then reloaded")
+    page.click("#steps")
+    page.keyboard.press("Control+A")
+    page.keyboard.type("33")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.input_value("#prompt") == "typed then reloaded" and page.input_value("#steps") == "33"
+
+
+MASK_ALPHA = """c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    const a = []; for (let i = 3; i < d.length; i += 4) a.push(d[i]); return a.join(','); }"""
+
+
+def test_the_inpainting_mask_undo(page, tmp_path):
+    """Undo (and Ctrl+Z outside text fields) steps back over mask strokes, inverts and clears."""
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (90, 120, 200)).save(init)
+    page.click("#img2img-section summary")
+    page.set_input_files("#init-file", str(init))
+    page.select_option("#mode", "inpaint")
+    page.wait_for_selector("#mask-canvas", state="visible")
+    box = page.locator("#mask-canvas").bounding_box()
+
+    def stroke(x0: float, y0: float, x1: float, y1: float) -> None:
+        page.mouse.move(box["x"] + x0 * box["width"], box["y"] + y0 * box["height"])
+        page.mouse.down()
+        page.mouse.move(box["x"] + x1 * box["width"], box["y"] + y1 * box["height"], steps=4)
+        page.mouse.up()
+
+    empty = page.eval_on_selector("#mask-canvas", MASK_ALPHA)
+    stroke(0.2, 0.5, 0.8, 0.5)
+    one = page.eval_on_selector("#mask-canvas", MASK_ALPHA)
+    stroke(0.5, 0.1, 0.5, 0.9)
+    two = page.eval_on_selector("#mask-canvas", MASK_ALPHA)
+    assert len({empty, one, two}) == 3
+    page.click("#mask-undo")
+    assert page.eval_on_selector("#mask-canvas", MASK_ALPHA) == one
+    page.click("#mask-clear")
+    assert page.eval_on_selector("#mask-canvas", MASK_ALPHA) == empty
+    page.keyboard.press("Control+z")  # the focus is on the Clear button, not in a text field
+    assert page.eval_on_selector("#mask-canvas", MASK_ALPHA) == one
+    page.click("#mask-invert")
+    page.click("#mask-undo")
+    assert page.eval_on_selector("#mask-canvas", MASK_ALPHA) == one
+    page.click("#mask-undo")
+    page.click("#mask-undo")  # nothing left to undo: stays empty
+    assert page.eval_on_selector("#mask-canvas", MASK_ALPHA) == empty
+    page.fill("#prompt", "a red apple")
+    page.click("#generate")  # an undone mask is no mask
+    page.wait_for_function("document.querySelector('#err-mask').textContent.length > 0", timeout=20_000)
+    stroke(0.2, 0.5, 0.8, 0.5)
+    again = page.eval_on_selector("#mask-canvas", MASK_ALPHA)
+    assert again != empty
+    page.focus("#prompt")
+    page.keyboard.press("Control+z")  # in the prompt, Ctrl+Z is the text's own undo, not the mask's
+    assert page.eval_on_selector("#mask-canvas", MASK_ALPHA) == again
+    page.select_option("#mode", "txt2img")
+
+
+def test_the_queue_lists_the_servers_jobs_and_cancels_one(page, client, server):
+    """The Queue lists the server's unfinished jobs (any client's), running first, and cancels the one picked."""
+    assert page.is_hidden("#queue-box")
+    running, waiting = long_jobs(client)
+    try:
+        open_page(page, server.url)
+        page.wait_for_selector("#queue-box", state="visible")
+        rows = page.locator("#queue li")
+        assert rows.count() == 2
+        assert rows.nth(0).text_content().startswith("running, step ") and "queued, next" in rows.nth(1).text_content()
+        page.click(f"#queue button[aria-label='Cancel the queued job {waiting}']")
+        page.wait_for_function("document.querySelectorAll('#queue li').length === 1")
+        assert client.get(f"/v1/jobs/{waiting}").json()["state"] == "cancelled"
+        assert client.get(f"/v1/jobs/{running}").json()["state"] == "running"
+        page.click(f"#queue button[aria-label='Cancel the running job {running}']")
+        page.wait_for_selector("#queue-box", state="hidden")
+        assert client.get(f"/v1/jobs/{running}").json()["state"] == "cancelled"
+    finally:
+        client.delete(f"/v1/jobs/{waiting}")
+        client.delete(f"/v1/jobs/{running}")
+
+
+def test_reuse_seed_takes_the_seed_of_the_image_shown(page, client):
+    """♻ kept the last job's seed after a gallery image with another seed was opened; it now takes the seed of
+    the image shown, and is disabled while none is."""
+    assert not page.is_enabled("#seed-reuse")
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "2")
+    page.fill("#seed", "21")
+    page.click("#generate")
+    wait_result(page)
+    api_image(client, {"prompt": "a pear", "steps": 2, "seed": 22, "width": 64, "height": 64})  # newest in the gallery
+    page.click("#gallery-refresh")
+    page.wait_for_function("document.querySelector('#gallery button')?.title.includes('Seed: 22')")
+    page.click("#gallery button")
+    page.wait_for_function("document.querySelector('#results pre').textContent.includes('Seed: 22')")
+    page.fill("#seed", "-1")
+    page.click("#seed-reuse")
+    assert page.input_value("#seed") == "22"
+
+
+def test_the_keyboard_focus_follows_generate_and_cancel(page):
+    """Generate and Cancel disable each other: the focus on the one being disabled fell back to the page's start.
+    Now it moves to the other, so Enter, Enter generates and cancels, and the focus is back on Generate."""
+    page.fill("#prompt", "a cat face")
+    page.fill("#steps", "150")
+    page.focus("#generate")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.activeElement.id === 'cancel'", timeout=10_000)
+    page.wait_for_function(r"/^Step \d+/.test(document.querySelector('#progress-text').textContent)")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('#progress-text').textContent.startsWith('Cancelled')")
+    assert page.evaluate("document.activeElement.id") == "generate"
+
+
+def test_opening_a_gallery_image_that_is_gone_says_so(page, client):
+    """A gallery image removed after the list was read: the click once threw an uncaught error and showed
+    nothing; now the server's answer is shown (and the page fixture checks there is no uncaught error)."""
+    api_image(client, {"prompt": "a pear", "steps": 2, "seed": 1, "width": 64, "height": 64})
+    page.click("#gallery-refresh")
+    page.wait_for_selector("#gallery button img[src^=blob]")
+    page.route("**/v1/images/**", lambda route: route.fulfill(status=404, json={"detail": "image not found"}))
+    page.click("#gallery button")
+    page.wait_for_function("document.querySelector('#err-general').textContent.length > 0", timeout=10_000)
+    assert page.text_content("#err-general") == "image not found"
+    page.unroute("**/v1/images/**")
+
+
+def test_typing_while_the_server_is_away_keeps_the_saved_choices(page, server):
+    """Typing in a page still waiting for the server saved its empty pickers over the saved sampler and
+    schedule, and the saved prompt then replaced the typed one; now nothing is saved before the lists are
+    loaded, and what was typed is kept."""
+    page.fill("#prompt", "a saved prompt")
+    page.select_option("#sampler", "euler")
+    page.select_option("#schedule", "exponential")
+    away = {"on": True}
+    page.route("**/v1/**", lambda route: route.abort() if away["on"] else route.continue_())
+    page.reload()
+    trying = "document.querySelector('#err-general').textContent.includes('trying again')"
+    page.wait_for_function(trying, timeout=10_000)
+    page.click("#prompt")
+    page.keyboard.type("an apple")
+    page.click("#steps")  # the prompt's change event too
+    away["on"] = False
+    page.wait_for_selector("body[data-ready=true]", timeout=10_000)
+    assert (page.input_value("#sampler"), page.input_value("#schedule")) == ("euler", "exponential")
+    assert page.input_value("#prompt") == "an apple"  # what was typed is not replaced by the saved prompt
+
+
+def test_generate_after_escaping_the_key_dialog_asks_for_the_key_again(browser, tmp_path):
+    """Generate on a page whose key dialog was closed with Escape (so without its lists) asks for the key again,
+    and the page then loads."""
+    with live_server(server_config(tmp_path, api_key="s3cret-key")) as s:
+        ctx = browser.new_context()
+        pg = ctx.new_page()
+        pg.set_default_timeout(WAIT_MS)
+        pg.goto(s.url + "/")
+        pg.wait_for_selector("#key-dialog[open]")
+        pg.keyboard.press("Escape")
+        pg.wait_for_function("document.querySelector('#err-general').textContent.includes('needs an API key')")
+        pg.fill("#prompt", "a red apple")
+        pg.click("#generate")
+        pg.wait_for_selector("#key-dialog[open]", timeout=10_000)
+        pg.fill("#key-input", "s3cret-key")
+        pg.click("#key-ok")
+        pg.wait_for_selector("body[data-ready=true]")
+        assert pg.input_value("#model") == "emoji" and pg.text_content("#err-general") == ""
+        assert pg.input_value("#prompt") == "a red apple"
+        ctx.close()

@@ -255,3 +255,18 @@ def test_a_zero_budget_keeps_no_transform(monkeypatch):
     with torch.inference_mode():
         conv(torch.randn(2, 320, 32, 32))  # large enough to run Winograd with a per-call transform
     assert conv.cached_bytes() == 0
+
+
+@pytest.mark.parametrize("value", ["2G", "abc", "-5", "nan", "inf"])
+def test_a_bad_cache_budget_is_one_clear_error_when_the_option_is_applied(monkeypatch, value):
+    """`SDENGINE_WINOGRAD_CACHE_MB=2G` (or any value that is no number of MiB >= 0) silently meant the 4 GiB
+    default; now a UsageError naming the variable when the option is applied (the CLI's one line), before any
+    generation."""
+
+    model = nn.Sequential(nn.Conv2d(320, 320, 3, padding=1))
+    monkeypatch.setenv(winograd.CACHE_ENV, value)
+    with pytest.raises(UsageError, match=r"SDENGINE_WINOGRAD_CACHE_MB must be a number of MiB >= 0") as e:
+        winograd.enable_winograd(model)
+    assert value in str(e.value) and type(model[0]) is nn.Conv2d  # nothing converted
+    monkeypatch.setenv(winograd.CACHE_ENV, "0.5")
+    assert winograd.cache_limit_bytes() == 2**19

@@ -301,3 +301,54 @@ def test_xyz_absurd_lora_weight_is_one_line(tmp_path, capsys, weight):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "emoji-fruit: weight" in err, err
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_seed_axis_minus_one_is_drawn_before_the_plot(emoji, tmp_path, capsys):
+    """`--x seed=-1,5` (A1111's "random seed" in a seed axis): the -1 is drawn before the plot, as A1111's
+    fix_axis_seeds does, so the grid's label, its sdengine-xyz record and the cell's file name all give the seed
+    the image was made with (the grid once read "seed: -1" and recorded -1, and the summary said "seed -1")."""
+    out = tmp_path / "plot"
+    args = ["xyz", "a red apple", "--x", "seed=-1,5", "--steps", "1", "--device", "cpu", "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    cells, grid_path = captured.out.split()[:-1], captured.out.split()[-1]
+    seeds = [int(read_image_parameters(c).split("Seed: ")[1].split(",")[0]) for c in cells]
+    assert seeds[1] == 5 and seeds[0] != -1
+    assert [c.rsplit("-", 1)[1] for c in cells] == [f"{s}.png" for s in seeds]
+    record = json.loads(Image.open(grid_path).info["sdengine-xyz"])
+    assert record["x"] == seeds and record["seed"] == seeds[0]
+    assert f"seed {seeds[0]}," in captured.err
+    # through the Python API too: the cells carry the drawn seed, never -1
+    res = run_xyz(emoji, "a red apple", {"steps": 1, "progress": False}, parse_axis("seed=-1"))
+    assert res.cells[0].kwargs["seed"] != -1 and res.results[0].seeds[0] == res.cells[0].kwargs["seed"]
+
+    from sdengine.grids import fix_axis_seeds
+
+    axis = fix_axis_seeds(parse_axis("seed=-1,5,-1"))
+    assert axis.values[1] == 5 and all(0 <= v < 2**32 for v in axis.values)
+    assert fix_axis_seeds(parse_axis("steps=1,2")) == parse_axis("steps=1,2")
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("blocker.txt", "blocker.txt is a file, not a folder"),
+        ("blocker.txt/plots", "blocker.txt is a file, not a folder"),
+    ],
+)
+def test_xyz_out_is_checked_before_any_cell(tmp_path, capsys, monkeypatch, out, message):
+    """An --out that is (or is under) a file stopped only when the first cell was saved, after it was drawn, with
+    "[Errno 17] File exists"; now one line before the model loads, as generate's."""
+    import sdengine.pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(sdengine.pipeline, "load_pipeline", refuse)
+    (tmp_path / "blocker.txt").write_text("x")
+    rc = main(["xyz", "a red apple", "--x", "steps=1,2", "--out", str(tmp_path / out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert (tmp_path / "blocker.txt").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "blocker.txt"
+    ]

@@ -1,7 +1,8 @@
 """``sdengine generate --prompts FILE``: render a list of requests, resumably, on one process or sharded over the
 ranks of ``torchrun``.
 
-The file: ``.txt`` holds one prompt per line; ``.jsonl`` one JSON object per line with
+The file: ``.txt`` holds one prompt per line (or, for a line starting with ``--``, A1111's command-line form,
+:data:`A1111_LINE_TAGS`); ``.jsonl`` one JSON object per line with
 :class:`~sdengine.pipeline.request.GenerationRequest` fields (``{"prompt": "a cat", "steps": 30, "seed": 7}``).
 Blank lines are skipped (and ``#`` comment lines in ``.txt``). The command's flags are every line's defaults; a
 line's fields override them.
@@ -14,7 +15,9 @@ The rules that make a list reproducible and resumable:
   (``batch_size`` or lists) gets seeds ``s, s + 1, ...`` like any batch.
 * **Names.** ``IIIII-SEED.png`` (``IIIII-K-SEED.png`` for image ``K`` of a line making several): a pure function
   of the line and the seed rule. A line whose files all exist is skipped, so running the command again after a
-  crash renders only what is missing; every PNG is written atomically (a half-written file never has the name).
+  crash renders only what is missing (a file of such a name must record the line's seed and prompt: another image
+  there is a :class:`PromptListError`, never skipped nor replaced); every PNG is written atomically (a
+  half-written file never has the name).
 * **Checked first.** Every line is parsed and validated before the model is loaded: a bad line is a one-line
   :class:`PromptListError` naming the file and line number, and nothing is rendered.
 * **Ranks.** Under torchrun (``RANK``/``WORLD_SIZE`` set) rank ``r`` of ``N`` renders the requests with
@@ -51,6 +54,7 @@ class ListItem:
     seeds: tuple[int, ...]
     names: tuple[str, ...]
     source: str = "--prompts"  # the list's file, for errors found when the line renders
+    prompts: tuple[str, ...] = ()  # each image's prompt (to tell this line's finished files from others)
 
     @property
     def line(self) -> int:
@@ -61,9 +65,74 @@ def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise PromptListError(f"--prompts {path}: no such file")
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte-order mark (Windows Notepad writes one) is not part of the first prompt
+        return path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         raise PromptListError(f"--prompts {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+# A1111's "Prompts from file or textbox" lines (``--prompt "a cat" --steps 20 --seed 5``): its tags -> our fields.
+A1111_LINE_TAGS: dict[str, tuple[str, type]] = {
+    "prompt": ("prompt", str),
+    "negative_prompt": ("negative_prompt", str),
+    "seed": ("seed", int),
+    "subseed": ("subseed", int),
+    "subseed_strength": ("subseed_strength", float),
+    "sampler_name": ("sampler", str),
+    "scheduler": ("schedule", str),
+    "batch_size": ("batch_size", int),
+    "steps": ("steps", int),
+    "cfg_scale": ("cfg_scale", float),
+    "denoising_strength": ("strength", float),
+    "width": ("width", int),
+    "height": ("height", int),
+}
+
+
+def _a1111_line(path: Path, lineno: int, text: str) -> dict[str, Any]:
+    """A .txt line in A1111's command-line form, read as its script reads it (``--prompt`` and
+    ``--negative_prompt`` take every word up to the next ``--tag``); a tag sdengine cannot honour (``--n_iter``,
+    ``--sd_model``, ``--styles``, ...) is an error naming the line, never a prompt of that text."""
+    import shlex
+
+    try:
+        words = shlex.split(text)
+    except ValueError as e:
+        raise PromptListError(f"{path}:{lineno}: cannot read the line's --options ({e})") from None
+    out: dict[str, Any] = {}
+    pos = 0
+    while pos < len(words):
+        arg = words[pos]
+        if not arg.startswith("--"):
+            raise PromptListError(f"{path}:{lineno}: expected an --option (A1111's form), got {arg!r}")
+        tag = arg[2:]
+        if tag not in A1111_LINE_TAGS:
+            raise PromptListError(
+                f"{path}:{lineno}: {arg} is not an option sdengine's prompt lists take "
+                f"(they take --{', --'.join(A1111_LINE_TAGS)}); use a .jsonl line for other settings"
+            )
+        if pos + 1 >= len(words):
+            raise PromptListError(f"{path}:{lineno}: {arg} has no value")
+        field, kind = A1111_LINE_TAGS[tag]
+        pos += 1
+        if kind is str and tag in ("prompt", "negative_prompt"):
+            value: Any = words[pos]
+            pos += 1
+            while pos < len(words) and not words[pos].startswith("--"):
+                value += " " + words[pos]
+                pos += 1
+        else:
+            try:
+                value = kind(words[pos])
+            except ValueError:
+                raise PromptListError(f"{path}:{lineno}: {arg} {words[pos]!r} is not a number") from None
+            pos += 1
+        if tag == "sampler_name":  # A1111 looks the name up in lower case ("euler a" is "Euler a")
+            from .diffusion.sampling import A1111_NAMES, SAMPLERS
+
+            value = {n.lower(): n for n in (*SAMPLERS, *A1111_NAMES)}.get(value.lower(), value)
+        out[field] = value
+    return out
 
 
 def _line_settings(path: Path, lineno: int, text: str, jsonl: bool) -> dict[str, Any] | None:
@@ -71,7 +140,9 @@ def _line_settings(path: Path, lineno: int, text: str, jsonl: bool) -> dict[str,
     if not text.strip():
         return None
     if not jsonl:
-        return None if text.lstrip().startswith("#") else {"prompt": text}
+        if text.lstrip().startswith("#"):
+            return None
+        return _a1111_line(path, lineno, text) if text.lstrip().startswith("--") else {"prompt": text}
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -109,6 +180,7 @@ def parse_prompt_list(path: str | Path, defaults: Mapping[str, Any], base_seed: 
             request = GenerationRequest.from_dict(settings).precheck()
             random_seed = not isinstance(request.seed, list | tuple) and int(request.seed) == -1  # type: ignore[arg-type]
             seeds = request.seeds()
+            prompts = tuple(request.prompts())
         except (SdengineError, TypeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PromptListError(f"{path}:{lineno}: {first}") from None
@@ -119,7 +191,7 @@ def parse_prompt_list(path: str | Path, defaults: Mapping[str, Any], base_seed: 
             if len(seeds) == 1
             else tuple(f"{index:05d}-{k}-{s}.png" for k, s in enumerate(seeds))
         )
-        items.append(ListItem(index, settings, tuple(seeds), names, str(path)))
+        items.append(ListItem(index, settings, tuple(seeds), names, str(path), prompts))
     if not items:
         raise PromptListError(f"--prompts {path}: no requests (every line is blank)")
     return items
@@ -153,6 +225,9 @@ def render_prompt_list(
         raise UsageError(f"--out {out}: a prompt list is written into a folder, and {out} is a file")
     world = world if world is not None else (env_world() or World())
     mine = [items[k] for k in world.shard(len(items))]
+    for it in mine:  # before anything renders: a file of this name that is another image is neither skipped nor lost
+        for k, name in enumerate(it.names):
+            _check_existing(out / name, it, k)
     todo = [it for it in mine if not all((out / n).is_file() for n in it.names)]
     report = RenderReport([], len(mine) - len(todo), len(items) - len(mine))
     if not todo:
@@ -171,6 +246,38 @@ def render_prompt_list(
             if echo is not None:
                 echo(str(path))
     return report
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _check_existing(path: Path, item: ListItem, k: int) -> None:
+    """A file already named like image ``k`` of ``item`` must be that image (a finished line of an earlier run
+    of this list): its parameters record the line's seed and prompt (``<lora:...>`` tags the run appended to
+    the prompt allowed). Anything else there, say ``generate``'s ``00000-0.png`` of another prompt in the same
+    folder, is a :class:`PromptListError`: skipping it would leave the line unmade, rendering would replace it."""
+    if not path.exists() and not path.is_symlink():
+        return
+    from .metadata import MetadataError, parse_parameters, read_png_parameters
+
+    what = "not an image with parameters"
+    if path.is_file():
+        try:
+            text = read_png_parameters(path)
+        except MetadataError:
+            text = None
+        if text is not None:
+            fields = parse_parameters(text)
+            seed, prompt = fields.get("Seed", ""), fields.get("Prompt", "")
+            expected = item.prompts[k] if k < len(item.prompts) else str(item.settings.get("prompt", ""))
+            recorded, expected = _words(prompt), _words(expected)
+            if seed == str(item.seeds[k]) and (recorded == expected or recorded.startswith(f"{expected} <lora:")):
+                return
+            what = f"seed {seed or 'none'}, prompt {prompt[:60]!r}"
+    raise PromptListError(
+        f"{item.source}:{item.line}: {path} exists and is not this line's image ({what}): move it or give another --out"
+    )
 
 
 def rank_device(device: str, world: World | None) -> str:
@@ -200,6 +307,7 @@ def print_summary(report: RenderReport, world: World | None) -> None:
 
 
 __all__ = [
+    "A1111_LINE_TAGS",
     "NOT_PER_LINE",
     "ListItem",
     "PromptListError",

@@ -9,13 +9,19 @@ classified by its config: ``model_index.json`` is a Stable Diffusion pipeline, a
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from sdengine.errors import UsageError
+from sdengine.io.paths import is_inside
 
 ASSETS = Path(__file__).parent / "assets"
+# Kinds whose loaders look names up at any depth of their folder (LoRAs, embeddings), so listed at any depth
+RECURSIVE_KINDS = ("loras", "embeddings")
+# A model's own VAE beside it (NAME.vae.safetensors), not a model
+VAE_SUFFIXES = (".vae.safetensors", ".vae.ckpt", ".vae.pt")
 KINDS = ("models", "loras", "controlnets", "embeddings")
 # The subfolder of a model folder holding its tiny VAE (an AutoencoderTiny folder, sdengine.models.tiny_vae);
 # load_pipeline loads it with the model; diffusers ignores it.
@@ -24,7 +30,7 @@ TINY_VAE_FOLDER = "vae_tiny"
 # Weight files each kind can be given as (a folder is also accepted for models and ControlNets).
 WEIGHT_SUFFIXES: dict[str, tuple[str, ...]] = {
     "models": (".safetensors", ".ckpt"),
-    "loras": (".safetensors", ".pt", ".ckpt"),
+    "loras": (".safetensors", ".pt", ".ckpt", ".pth", ".bin"),  # what <lora:NAME> finds (weights.lora_file)
     "controlnets": (".safetensors", ".pth", ".ckpt"),
     "embeddings": (".safetensors", ".pt", ".bin"),
 }
@@ -103,7 +109,8 @@ def _size(path: Path) -> str:
 
 
 def folder_entries(kind: str, folder: str | Path) -> list[Entry]:
-    """The files (and, for models and ControlNets, model folders) of ``kind`` directly in ``folder``.
+    """The files (and, for models and ControlNets, model folders) of ``kind`` in ``folder``: directly in it for
+    models and ControlNets, at any depth for LoRAs and embeddings (where their loaders look names up).
 
     A missing folder is a :class:`UsageError` (a typo should not look like "nothing there")."""
     if kind not in KINDS:
@@ -112,9 +119,13 @@ def folder_entries(kind: str, folder: str | Path) -> list[Entry]:
     if not root.is_dir():
         raise UsageError(f"{kind} folder {str(folder)!r} does not exist or is not a folder")
     out: list[Entry] = []
+    if kind in RECURSIVE_KINDS:
+        return _files_under(kind, root)
     for p in sorted(root.iterdir()):
         if p.name.startswith("."):
             continue
+        if kind == "models" and p.name.lower().endswith(VAE_SUFFIXES):
+            continue  # the VAE beside a model (A1111 leaves these out of its checkpoint list too)
         if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES[kind]:
             out.append(Entry(p.stem, kind, str(root), str(p), f"{p.suffix.lower()[1:]} file, {_size(p)}"))
         elif p.is_dir() and kind in ("models", "controlnets"):
@@ -122,6 +133,44 @@ def folder_entries(kind: str, folder: str | Path) -> list[Entry]:
             if found is not None and found[0] == kind:
                 out.append(Entry(p.name, kind, str(root), str(p), found[1]))
     return out
+
+
+def _files_under(kind: str, root: Path) -> list[Entry]:
+    """The LoRA or embedding files at any depth under ``root``, named as the loaders look them up: a LoRA by its
+    path under the folder without the suffix (``<lora:style/ink:1>``; sdengine.weights.lora_file), an embedding
+    by its file stem (sdengine.text.embeddings). Linked folders are followed, each real folder once, as the
+    embedding loader does; a LoRA that links out of the folder is left out, as its loader refuses it; empty
+    embedding files are skipped, as A1111 and the loader do."""
+    out: list[Entry] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirs, names in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for fname in sorted(names):
+            p = Path(dirpath) / fname
+            if fname.startswith(".") or p.suffix.lower() not in WEIGHT_SUFFIXES[kind]:
+                continue
+            try:
+                if not p.is_file() or (kind == "embeddings" and p.stat().st_size == 0):
+                    continue
+            except OSError:
+                continue
+            if kind == "loras":
+                if not is_inside(root, p):
+                    continue
+                name = p.relative_to(root).with_suffix("").as_posix()
+            else:
+                name = p.stem
+            out.append(Entry(name, kind, str(root), str(p), f"{p.suffix.lower()[1:]} file, {_size(p)}"))
+    return sorted(out, key=lambda e: (e.name.lower(), e.path))
 
 
 def list_entries(kind: str, folder: str | Path | None = None) -> list[Entry]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -53,8 +56,6 @@ def cmd_train_ddpm(a: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- sample
 def _check_cfg(cfg: float) -> None:
     """The guidance bound `generate` keeps (GenerationRequest's), for the pixel DDPM's commands."""
-    import math
-
     from .pipeline.request import MAX_CFG_SCALE
 
     if not (math.isfinite(cfg) and 0 <= cfg <= MAX_CFG_SCALE):
@@ -68,6 +69,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
     # the checks `generate` makes, before the model loads (each was once a traceback or a black PNG)
     _check_cfg(a.cfg)
+    if a.eta is not None and not (math.isfinite(a.eta) and a.eta >= 0):
+        # once a NaN grid blamed on --cfg (nan, inf) or, negative, noise of the wrong sign and exit 0
+        raise UsageError(f"--eta must be a number >= 0 (0 = deterministic, 1 = DDPM-like), got {a.eta}")
     if a.cols and not 1 <= a.cols <= a.n:
         raise UsageError(f"--cols must be in [1, --n = {a.n}], got {a.cols}")
     out = Path(a.out)
@@ -218,8 +222,24 @@ def _register_command_modules(
             mod.register_eval(evaluate)
 
 
+class Terminated(Exception):
+    """Raised in the main thread when the process gets SIGTERM (``timeout``, a scheduler, ``kill``): the command
+    unwinds like an error, so its cleanup runs (a training run's ``--out`` lock is released, temporary files are
+    removed); ``main`` then returns 143, as a process ended by SIGTERM."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated("terminated")
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated` in the main thread (Python's default ends the process at once,
+    skipping every ``finally``). ``sdengine serve`` keeps uvicorn's own handling."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .threads import configure_threads, prepare_environment
+    from .threads import prepare_environment
 
     args = build_parser().parse_args(argv)  # imports no torch (tested)
     # before torch is imported: OpenMP reads its wait policy once; a server's load changes while it runs
@@ -228,6 +248,20 @@ def main(argv: list[str] | None = None) -> int:
     # The library both logs a large LoRA weight (the CLI's "sdengine: WARNING" line) and raises a
     # LoRAWeightWarning for Python callers; on the command line the log line is the one to show.
     warnings.filterwarnings("ignore", message=r".*weight .* is outside \[-4, 4\]; images may break down")
+    previous = None
+    if args.command != "serve" and threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGTERM)
+        stop_on_sigterm()
+    try:
+        return _run(args, debug)
+    finally:
+        if previous is not None:  # main() called from Python (tests, scripts): their handler comes back
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
+    from .threads import configure_threads
+
     try:
         # Listing files and reading a PNG's text need no torch (about a second to import): the thread setting is
         # only checked for them; every other command gives torch its threads.
@@ -253,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except BrokenPipeError:  # the reader went away (`sdengine list samplers | head -1`): not a mistake, no line
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's own flush at exit stays quiet too

@@ -159,6 +159,15 @@ def parse_axis(spec: str) -> Axis:
     return Axis(name, tuple(values))
 
 
+def fix_axis_seeds(axis: Axis) -> Axis:
+    """A ``seed`` axis with its ``-1`` values drawn (each its own random seed), as A1111's ``fix_axis_seeds``:
+    the labels, the cells and the grid's record then name the seeds the images were made with; any other axis
+    as it is."""
+    if axis.name != "seed" or -1 not in axis.values:
+        return axis
+    return Axis(axis.name, tuple(secrets.randbelow(2**32) if v == -1 else v for v in axis.values))
+
+
 @dataclass
 class Cell:
     """One generation of a plot: where it goes (z, row, col) and the pipeline's arguments."""
@@ -415,7 +424,10 @@ def run_xyz(
 ) -> XYZResult:
     """Generate every cell of the plot with ``pipe`` (a :class:`sdengine.pipeline.Pipeline`; one image per
     cell) and draw the grid. ``on_cell(done, total, cell)`` is called before each generation and
-    ``on_result(i, cell, result)`` after it (to save each image as soon as it exists)."""
+    ``on_result(i, cell, result)`` after it (to save each image as soon as it exists). A ``-1`` on a seed axis
+    is drawn first (:func:`fix_axis_seeds`), so its label is the seed used."""
+    x = fix_axis_seeds(x)
+    y, z = (fix_axis_seeds(a) if a is not None else None for a in (y, z))
     cells = plan_cells(prompt, {**base, "batch_size": 1}, x, y, z)
     results = []
     for i, cell in enumerate(cells):
@@ -451,6 +463,7 @@ __all__ = [
     "batch_grid",
     "default_schedule",
     "draw_xyz_grid",
+    "fix_axis_seeds",
     "label_font",
     "label_size",
     "parse_axis",

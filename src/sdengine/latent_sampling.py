@@ -164,7 +164,8 @@ def sample_latents(
     """Sample from ``latent`` (B, C, h, w) in the model's scaled latent space; returns the new latent.
 
     ``positive`` / ``negative``: conditioning entries (several positives are averaged as ComfyUI's
-    ConditioningCombine; the first negative is used). ``posterior``: (mean, std) of a VAE encoding, drawn
+    ConditioningCombine; the first negative is used); a ControlNet acts on the CFG half whose entry carries it
+    (both when both do), as in ComfyUI. ``posterior``: (mean, std) of a VAE encoding, drawn
     per row under the ``sdengine`` rule; ``posterior_scaled``: it is in the diffusion model's units (a tiny VAE's
     encoding), taken back to the VAE's first, as the pipeline's ``vae_encode="tiny"`` does. ``noise_mask``
     (1 or B, 1, H, W), 1 = repaint: the known region is kept on the init latent's noising path, as the
@@ -249,22 +250,25 @@ def sample_latents(
     grid = sampling.make_grid(name, total, pipe.noise_schedule, sched, pipe.scheduler_config, strength)
 
     net: Any = pipe.unet
-    controls = [c for cond in (*positive, *negative) for c in cond.controls]
+    # the first negative is the one used: its ControlNets count, those of the others do not
+    controls = [c for cond in (*positive, negative[0]) for c in cond.controls]
+    distinct: list[ControlHint] = []  # one unit per distinct hint (see below)
+    for hint in controls:
+        if not any(_same_hint(hint, d) for d in distinct):
+            distinct.append(hint)
     handle = None
     if loras:
         from sdengine.weights.lora import apply_loras
 
         handle = apply_loras(pipe.unet, None, list(loras))
     try:
-        if controls:
+        if distinct:
             from sdengine.pipeline.control import build_controlled_unet
 
             # One unit per distinct hint: the same ControlNet, image and settings applied to the positive and to
-            # the negative is one unit (it acts on both halves), never twice the strength.
-            distinct: list[ControlHint] = []
-            for hint in controls:
-                if not any(_same_hint(hint, d) for d in distinct):
-                    distinct.append(hint)
+            # the negative is one unit (it acts on both halves), never twice the strength. As in ComfyUI a unit
+            # acts on the CFG halves whose conditioning carries it (set per positive entry below): on the
+            # negative only, the unconditional half only; on the positive only, the conditional half only.
             units = [(d.model, d.image, d.strength, d.start, d.end) for d in distinct]
             net = build_controlled_unet(
                 net, units, width=w * f, height=h * f, grid=grid, device=dev, dtype=pipe.dtype, start_step=start,
@@ -272,10 +276,20 @@ def sample_latents(
             )  # fmt: skip
         from sdengine.pipeline.unet_adapter import UNetAdapter
 
-        den = Denoiser(UNetAdapter(net, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
+        def carried(entry: TextCondition, hint: ControlHint) -> bool:
+            return any(_same_hint(hint, c) for c in entry.controls)
+
         neg = negative[0].cond
         parts = []
         for pos_entry in positive:
+            part_net = net
+            if distinct:
+                kinds = [
+                    frozenset(k for k, e in (("cond", pos_entry), ("uncond", negative[0])) if carried(e, d))
+                    for d in distinct
+                ]
+                part_net = net.with_kinds(kinds)
+            den = Denoiser(UNetAdapter(part_net, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
             pos = pos_entry.cond
             c, u = _match_length(pos["crossattn"].to(dev), neg["crossattn"].to(dev))
             uncond_args: dict[str, Tensor] = {"crossattn": u}

@@ -28,14 +28,12 @@ Differences from A1111, on purpose:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
-import os
 import re
-import struct
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +44,7 @@ from PIL import Image, PngImagePlugin
 from sdengine import __version__
 from sdengine.diffusion.sampling import SAMPLERS, SCHEDULE_A1111, resolve
 from sdengine.errors import SdengineError
+from sdengine.image_info import ImageInfoError, png_text_chunks
 from sdengine.io.atomic import atomic_write
 
 log = logging.getLogger(__name__)
@@ -321,7 +320,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
     ``guidance_rescale`` ("CFG Rescale phi"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
     seed strength"), ``vae_decode`` ("tiny" when sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
-    "Tiny VAE encode") that the text has
+    "Tiny VAE encode"), ``strength_rule`` (sdengine's "Strength rule") that the text has
     (``clip_skip`` defaults to 1, as in A1111,
     where a missing "Clip skip" means 1). LoRAs stay
     in the prompt as ``<lora:...>`` tags (:func:`sdengine.prompts.extract_lora_tags`). An unknown
@@ -376,6 +375,13 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
     options = _sampler_options(parsed, kwargs.get("sampler"))
     if options:
         kwargs["sampler_options"] = options
+    if "Strength rule" in parsed:  # sdengine's field: how the strength counted the img2img / hires steps
+        from sdengine.diffusion.schedules import STRENGTH_RULES
+
+        rule = parsed["Strength rule"].strip()
+        if rule not in STRENGTH_RULES:
+            raise MetadataError(f"Strength rule: {rule!r} is not one of {', '.join(STRENGTH_RULES)}")
+        kwargs["strength_rule"] = rule
     if parsed.get("Tiny VAE"):  # sdengine's field: the tiny VAE decoded (the run needs one loaded again)
         kwargs["vae_decode"] = "tiny"
     if parsed.get("Tiny VAE encode"):  # and this one: its encoder made the init image's latent
@@ -399,13 +405,16 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
         "Tiny VAE",
         "Tiny VAE encode",
         "Resize mode",
+        "Strength rule",
         "Sampler options",
         "Prediction type",  # a loading option: the caller's (sdengine generate --from-png passes it on)
         "Pad conds",  # A1111's padding of the shorter of prompt and negative prompt: what sdengine always does
     }
     if options:
         used |= {"Eta", "Eta DDIM"}
-    # "ControlNet N" fields are the caller's: they need the control image (see recorded_controlnets)
+    # "ControlNet N" fields (and their step rule) are the caller's: they need the control image (see
+    # recorded_controlnets)
+    used.add("ControlNet step rule")
     ignored = [k for k in parsed if k not in used and k not in _DESCRIPTIVE_FIELDS and not _RE_CONTROLNET.match(k)]
     if ignored:
         log.warning("infotext fields not reproduced by sdengine (the image may differ): %s", ", ".join(ignored))
@@ -525,11 +534,13 @@ class RecordedControlNet:
     start: float
     end: float
     module: str | None
+    rule: str = "diffusers"  # how start/end pick the steps: sdengine's "ControlNet step rule" field, else diffusers'
 
 
 def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
     """The ControlNets an infotext records (sdengine's and A1111's ``ControlNet N: "Model: ..., Weight: ...``
-    fields), in their order. A field without a model, or with a bad number, is a MetadataError."""
+    fields), in their order, with the step rule of sdengine's ``ControlNet step rule`` field (one rule, or one
+    per ControlNet). A field without a model, a bad number, or a rule list of another length is a MetadataError."""
     out: list[tuple[int, RecordedControlNet]] = []
     for key, value in parsed.items():
         m = _RE_CONTROLNET.match(key)
@@ -548,7 +559,16 @@ def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
         except ValueError:
             raise MetadataError(f"{key}: a weight or guidance value is not a number in {value!r}") from None
         out.append((int(m.group(1) or 0), RecordedControlNet(name, digest, weight, start, end, fields.get("Module"))))
-    return [r for _, r in sorted(out, key=lambda t: t[0])]
+    units = [r for _, r in sorted(out, key=lambda t: t[0])]
+    text = parsed.get("ControlNet step rule")
+    if text is None or not units:
+        return units
+    rules = [r.strip() for r in text.split(",")]
+    if len(rules) == 1:
+        rules *= len(units)
+    if len(rules) != len(units):
+        raise MetadataError(f"ControlNet step rule: {text!r} names {len(rules)} rules for {len(units)} ControlNets")
+    return [dataclasses.replace(u, rule=r) for u, r in zip(units, rules, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -567,82 +587,17 @@ def save_png(image: Image.Image, path: str | Path, parameters_text: str) -> Path
     return path
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
-
-
-def _inflate(path: Path, data: bytes) -> bytes:
-    """zlib data of a text chunk, refused past the infotext limit (a few KB can inflate to GBs)."""
-    limit = 4 * MAX_INFOTEXT_CHARS  # bytes: UTF-8 needs at most 4 per character
-    d = zlib.decompressobj()
-    try:
-        out = d.decompress(data, limit + 1)
-    except zlib.error as e:
-        raise MetadataError(f"cannot read image metadata from {path}: broken compressed text ({e})") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise MetadataError(
-            f"cannot read image metadata from {path}: compressed text is over the limit of {limit:,} bytes"
-        )
-    return out
-
-
-def _png_text(path: Path, kind: bytes, data: bytes) -> tuple[str, str | None]:
-    """(keyword, text) of a tEXt / zTXt / iTXt chunk (text None when undecodable, as Pillow skips it)."""
-    key, _, rest = data.partition(b"\0")
-    keyword = key.decode("latin-1")
-    if kind == b"tEXt":
-        return keyword, rest.decode("latin-1")
-    if kind == b"zTXt":
-        return keyword, _inflate(path, rest[1:]).decode("latin-1")
-    if len(rest) < 2:
-        return keyword, None
-    compressed, body = rest[0], rest[2:]
-    _lang, _, body = body.partition(b"\0")
-    _translated, _, body = body.partition(b"\0")
-    raw = _inflate(path, body) if compressed else body
-    try:
-        return keyword, raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return keyword, None
-
-
-def _read_png_text(path: Path, f: Any) -> str | None:
-    """The ``parameters`` text of a PNG from its chunks alone: the pixels (IDAT) are skipped, never
-    decoded, so a 20000x20000 image costs nothing. The last ``parameters`` chunk wins, as in Pillow."""
-    size = path.stat().st_size
-    found: str | None = None
-    while True:
-        head = f.read(8)
-        if len(head) < 8:
-            raise MetadataError(f"cannot read image metadata from {path}: truncated PNG (no IEND chunk)")
-        length, kind = struct.unpack(">I4s", head)
-        if length > 2**31 - 1 or f.tell() + length + 4 > size:
-            raise MetadataError(f"cannot read image metadata from {path}: broken PNG chunk {kind!r} ({length} bytes)")
-        if kind == b"IEND":
-            return found
-        if kind not in _PNG_TEXT_CHUNKS:
-            f.seek(length + 4, os.SEEK_CUR)  # data and CRC
-            continue
-        data = f.read(length)
-        (crc,) = struct.unpack(">I", f.read(4))
-        if zlib.crc32(kind + data) & 0xFFFFFFFF != crc:
-            raise MetadataError(f"cannot read image metadata from {path}: bad checksum in a {kind.decode()} chunk")
-        keyword, text = _png_text(path, kind, data)
-        if keyword == PARAMETERS_KEY and text is not None:
-            found = text
-
-
 def read_png_parameters(path: str | Path) -> str | None:
     """The ``parameters`` text of a PNG (``None`` when it has none); a ``MetadataError`` naming the
     file when it is missing or not an image that can be read. PNGs are read chunk by chunk (no
     pixel is decoded, whatever the image size); other formats through Pillow's header."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            if f.read(8) == _PNG_SIGNATURE:
-                return _read_png_text(path, f)
-    except OSError as e:
-        raise MetadataError(f"cannot read image metadata from {path}: {e}") from e
+        chunks = png_text_chunks(path)  # the chunk reader (sdengine.image_info), with its limits
+    except ImageInfoError as e:
+        raise MetadataError(str(e)) from None
+    if chunks is not None:
+        return chunks.get(PARAMETERS_KEY)
     try:
         with Image.open(path) as img:
             text = img.info.get(PARAMETERS_KEY)

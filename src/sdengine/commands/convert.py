@@ -9,6 +9,26 @@ from pathlib import Path
 from ..catalog import builtin_entries
 from ..errors import SdengineError, UsageError
 
+# What a conversion to a diffusers folder writes; the folder is replaced as a whole (sdengine.weights.convert).
+WRITTEN_ENTRIES = frozenset(
+    {"model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
+)
+
+
+def check_folder_target(dst: str) -> None:
+    """A DST that is an existing model folder is replaced whole: refuse one that also holds what a conversion
+    does not write (a README, sample images, a safety_checker/ from the Hub), which would be lost with it."""
+    path = Path(dst)
+    if path.suffix.lower() == ".safetensors" or not path.is_dir() or not (path / "model_index.json").is_file():
+        return  # a single file, a new folder, or one weights.convert itself refuses (not a model folder)
+    extra = sorted(p.name for p in path.iterdir() if p.name not in WRITTEN_ENTRIES)
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise UsageError(
+            f"{dst}: converting replaces this model folder as a whole, and it also holds {shown}, which the "
+            "conversion does not write: give a new folder, or move them out first"
+        )
+
 
 def run(a: argparse.Namespace) -> int:
     from ..weights import convert
@@ -28,6 +48,8 @@ def run(a: argparse.Namespace) -> int:
     # previous DST is intact (atomic rename). Remove such leftovers of dead processes now, and again if
     # this run fails (its own temporary is removed by the atomic writer).
     from ..io.atomic import remove_stale_temp_files
+
+    check_folder_target(a.dst)  # before the (slow) load, nothing lost
 
     out_folder = Path(a.dst).parent
     remove_stale_temp_files(out_folder)
@@ -53,7 +75,11 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         description="A DST ending in .safetensors gets one LDM-layout file; any other DST a diffusers folder.",
     )
     p.add_argument("src", help="a diffusers folder, or a .safetensors/.ckpt single file")
-    p.add_argument("dst", help="the output file or folder (missing parent folders are made)")
+    p.add_argument(
+        "dst",
+        help="the output file or folder (missing parent folders are made; an existing model folder is replaced "
+        "whole, so one that also holds other files is refused)",
+    )
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="cast the weights")
     p.add_argument("--vae", default=None, help="a VAE to use instead of SRC's (or when SRC has none)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None)

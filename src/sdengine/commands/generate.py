@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,36 +129,72 @@ def lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def _next_index(out: Path) -> int:
-    used = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"^(\d{5})-", p.name))]
+_NUMBERED = re.compile(r"^(?:grid-|xyz-)?(\d{5,})[-.]")  # NNNNN-SEED.png, grid-NNNNN.png, xyz-NNNNN.png
+
+
+def next_index(out: Path) -> int:
+    """The first free ``NNNNN`` of a folder: past every image's, batch grid's and X/Y/Z grid's number, so that no
+    name of a new run (``NNNNN-SEED.png``, ``grid-NNNNN.png``, ``xyz-NNNNN.png``) is one that exists."""
+    used = [int(m.group(1)) for p in out.glob("*.png") if (m := _NUMBERED.match(p.name))]
     return max(used, default=-1) + 1
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def _output_target(out: str, batch_size: int) -> tuple[Path, bool]:
+def output_target(out: str, batch_size: int, n_iter: int = 1) -> tuple[Path, bool]:
     """(path, is_file) for ``--out``, checked before any work: a path ending in ``.png`` is the one image's
-    file (so ``--out ghost.png`` does not make a folder of that name), anything else a folder. Refused: another
-    image suffix (only PNG carries the parameters), a file name for a batch, and a path under (or at, for a
-    folder) an existing file."""
+    file (so ``--out ghost.png`` does not make a folder of that name), anything else a folder, as is a path
+    ending in ``/`` (``--out shots.png/``). Refused: another image suffix (only PNG carries the parameters), a
+    file name for a batch, a path under (or at, for a folder) an existing file, and a place this process cannot
+    create a file in (a read-only file system): all before the model loads, so no render is thrown away."""
     path = Path(out)
+    if not out.strip():
+        raise UsageError("--out is empty: give a folder (or a .png file for one image)")
     suffix = path.suffix.lower()
-    is_file = suffix in _IMAGE_SUFFIXES and not path.is_dir()
+    is_file = suffix in _IMAGE_SUFFIXES and not path.is_dir() and not out.endswith(("/", os.sep))
     if is_file and suffix != ".png":
         raise UsageError(f"--out {out}: sdengine writes PNG files (they carry the parameters); name it .png")
-    if is_file and batch_size != 1:
-        raise UsageError(
-            f"--out {out} names one file but --batch {batch_size} makes {batch_size} images: give a folder"
-        )
+    if is_file and batch_size * n_iter != 1:
+        flags = f"--batch {batch_size}" + (f" x --n-iter {n_iter}" if n_iter != 1 else "")
+        raise UsageError(f"--out {out} names one file but {flags} makes {batch_size * n_iter} images: give a folder")
     if not is_file and path.exists() and not path.is_dir():
         raise UsageError(f"--out {out}: {path} is a file, not a folder")
+    nearest = path if path.is_dir() else None
     for parent in path.parents:
-        if parent.exists():
+        if nearest is None and parent.exists():
             if not parent.is_dir():
                 raise UsageError(f"--out {out}: {parent} is a file, not a folder")
-            break
+            nearest = parent
+    if nearest is not None:
+        try:  # a file here, nameless and gone at once: the folders under it are made as the images are written
+            with tempfile.TemporaryFile(dir=nearest):
+                pass
+        except OSError as e:
+            raise UsageError(f"--out {out}: cannot write in {nearest} ({e.strerror or e})") from None
     return path, is_file
+
+
+def _refuse_overwriting_an_input(out: Path, a: argparse.Namespace) -> None:
+    """``--out`` naming a file this run reads (``--init-image photo.png --out photo.png``) would replace the
+    picture it starts from; refused, as ffmpeg refuses an output that is its input."""
+    if not out.is_file():
+        return
+    inputs = [("--init-image", a.init_image), ("--mask", a.mask), ("--from-png", a.from_png)]
+    for text in a.control or []:  # TYPE:IMAGE[:WEIGHT[:START:END]], the image as parse_control_spec_full finds it
+        parts = text.partition(":")[2].split(":")
+        while len(parts) > 1 and _number(parts[-1]) is not None:
+            parts.pop()
+        inputs.append(("--control", ":".join(parts)))
+    for flag, given in inputs:
+        try:
+            same = bool(given) and os.path.samefile(out, given)
+        except OSError:
+            same = False
+        if same:
+            raise UsageError(
+                f"--out {out} is the {flag} image this run reads: writing would replace it; give another --out"
+            )
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -183,17 +221,20 @@ def _setup_logging() -> None:
 
 
 def _from_png(path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    from ..image_info import read_image_parameters
     from ..metadata import (
         MetadataError,
         hires_fix_fields,
         parse_parameters,
-        read_png_parameters,
         to_generate_kwargs,
     )
 
-    text = read_png_parameters(path)
+    # a PNG's text chunk, or the EXIF UserComment of a JPEG/WebP A1111 saved (what `sdengine pnginfo` reads)
+    text = read_image_parameters(path)
     if text is None:
-        raise MetadataError(f"{path} has no 'parameters' text: it was not written by sdengine or A1111")
+        raise MetadataError(
+            f"{path} has no 'parameters' text (nor an EXIF UserComment): it was not written by sdengine or A1111"
+        )
     if not text.strip():  # an empty text would regenerate nothing of the original: a random image
         raise MetadataError(f"{path} has an empty 'parameters' text: there is nothing to regenerate from")
     parsed = parse_parameters(text)
@@ -296,7 +337,9 @@ def _controlnets_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list
     ]
     units = control_units_from_cli(a.control, models)
     return [
-        u if _spec_has_numbers(text) else dataclasses.replace(u, scale=r.weight, start=r.start, end=r.end)
+        dataclasses.replace(u, rule=r.rule)
+        if _spec_has_numbers(text)
+        else dataclasses.replace(u, scale=r.weight, start=r.start, end=r.end, rule=r.rule)
         for u, r, text in zip(units, recorded, a.control, strict=True)
     ]
 
@@ -365,6 +408,7 @@ def run(a: argparse.Namespace) -> int:
         "resize_mode": a.resize_mode,
         "subseed": a.subseed,
         "subseed_strength": a.subseed_strength,
+        "strength_rule": a.strength_rule,
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
     hires = {
@@ -426,12 +470,37 @@ def run(a: argparse.Namespace) -> int:
             )
         if a.strength is None:
             kwargs["strength"] = 1.0  # the new area starts from the stretched edges: repaint it fully
-    out, out_is_file = _output_target(a.out, int(kwargs.get("batch_size", 1)))
+    n_iter = 1 if a.n_iter is None else a.n_iter
+    if n_iter < 1:
+        raise UsageError(f"--n-iter must be a positive number of batches, got {n_iter}")
+    batch = int(kwargs.get("batch_size", 1))
+    out, out_is_file = output_target(a.out, batch, n_iter)
     if a.grid and out_is_file:
         raise UsageError(f"--grid writes the batch and its grid into a folder: --out {a.out} names one file")
+    if out_is_file:
+        _refuse_overwriting_an_input(out, a)
+    if n_iter > 1:
+        # A1111's batch count: the batches continue one run's seeds, batch k starting at seed + k * batch, or,
+        # with variation seeds on (every image keeps the seed), at subseed + k * batch; a random seed (or
+        # variation seed) is drawn once, here.
+        import secrets
+
+        if kwargs.get("seed") in (None, -1):
+            kwargs["seed"] = secrets.randbelow(2**32)
+        if kwargs.get("subseed_strength") and kwargs.get("subseed") in (None, -1):
+            kwargs["subseed"] = secrets.randbelow(2**32)
+    iterations = [dict(kwargs) for _ in range(n_iter)]
+    for k, kw in enumerate(iterations[1:], start=1):
+        if kw.get("subseed_strength"):
+            kw["subseed"] = int(kw["subseed"]) + k * batch
+        else:
+            kw["seed"] = int(kwargs["seed"]) + k * batch
     if sides is None:
-        # Every check that needs no model, before the (slow) load: a bad seed, cfg or prompt weight fails now.
-        GenerationRequest(**kwargs).precheck()
+        # Every check that needs no model, before the (slow) load: a bad seed, cfg or prompt weight fails now
+        # (the last batch's seeds too).
+        GenerationRequest(**iterations[0]).precheck()
+        if n_iter > 1:
+            GenerationRequest(**iterations[-1]).precheck()
     t0 = time.perf_counter()
     pipe = load_pipeline(
         model,
@@ -444,38 +513,51 @@ def run(a: argparse.Namespace) -> int:
         tiny_vae=a.tiny_vae,
     )
     t1 = time.perf_counter()
-    prompt = kwargs.pop("prompt", "")
-    if sides is not None:
-        from ..outpaint import outpaint
-
-        image = kwargs.pop("init_image")
-        for key in ("width", "height", "mask"):  # the canvas decides them (a --from-png may carry a size)
-            kwargs.pop(key, None)
-        result = outpaint(pipe, prompt, image, *sides, **kwargs)
-    elif a.refiner is not None:  # SDXL base -> refiner hand-off
+    refiner: Any = None
+    sdxl_base: Any = None
+    if a.refiner is not None and sides is None:  # SDXL base -> refiner hand-off
         from ..pipeline.sdxl import SDXLPipeline
 
         refiner = load_pipeline(a.refiner, device=a.device, dtype=a.dtype, vae=a.vae)
         if not isinstance(pipe, SDXLPipeline) or not isinstance(refiner, SDXLPipeline):
             raise UsageError("--refiner hands an SDXL base model's run to an SDXL refiner: both must be SDXL")
-        result = pipe.generate_with_refiner(refiner, prompt, switch_at=a.refiner_switch_at, **kwargs)
-    else:
-        result = pipe(GenerationRequest(prompt=prompt, **kwargs))
-    t2 = time.perf_counter()
+        sdxl_base = pipe
 
-    index = _next_index(out) if out.is_dir() else 0
-    for i, (image, text) in enumerate(zip(result.images, result.infotexts, strict=True)):
-        path = save_png(image, out if out_is_file else out / f"{index + i:05d}-{result.seeds[i]}.png", text)
-        print(path)
+    def make(kw: dict[str, Any]) -> Any:
+        prompt = kw.pop("prompt", "")
+        if sides is not None:
+            from ..outpaint import outpaint
+
+            image = kw.pop("init_image")
+            for key in ("width", "height", "mask"):  # the canvas decides them (a --from-png may carry a size)
+                kw.pop(key, None)
+            return outpaint(pipe, prompt, image, *sides, **kw)
+        if sdxl_base is not None:
+            return sdxl_base.generate_with_refiner(refiner, prompt, switch_at=a.refiner_switch_at, **kw)
+        return pipe(GenerationRequest(prompt=prompt, **kw))
+
+    index = next_index(out) if out.is_dir() else 0
+    images: list[Any] = []
+    first: Any = None
+    for kw in iterations:
+        result = make(kw)
+        if first is None:
+            first = result
+        # each batch is written as soon as it exists: an interrupted --n-iter run keeps what it made
+        for image, text, seed in zip(result.images, result.infotexts, result.seeds, strict=True):
+            path = save_png(image, out if out_is_file else out / f"{index + len(images):05d}-{seed}.png", text)
+            images.append(image)
+            print(path, flush=True)
+    t2 = time.perf_counter()
     if a.grid:
         from ..grids import batch_grid
 
-        # numbered like the batch's first image, so grid and images of one run share a number; the grid
-        # carries the first image's parameters (as A1111's batch grid does).
-        grid_path = save_png(batch_grid(result.images), out / f"grid-{index:05d}.png", result.infotexts[0])
+        # numbered like the run's first image, so grid and images of one run share a number; the grid holds
+        # every batch's images and carries the first image's parameters (as A1111's grid does).
+        grid_path = save_png(batch_grid(images), out / f"grid-{index:05d}.png", first.infotexts[0])
         print(grid_path)
     print(
-        f"{len(result.images)} image(s) in {t2 - t1:.1f} s (model loaded in {t1 - t0:.1f} s), seed {result.seeds[0]}",
+        f"{len(images)} image(s) in {t2 - t1:.1f} s (model loaded in {t1 - t0:.1f} s), seed {first.seeds[0]}",
         file=sys.stderr,
     )
     return 0
@@ -537,13 +619,37 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         help="default: the model's training size (emoji 64, SD 1.x 512, SD 2.x-v 768); at most 8x that, 8192",
     )
     p.add_argument("--height", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None, help="images, seeds SEED, SEED+1, ... (default 1)")
+    p.add_argument(
+        "--batch",
+        "--batch-size",
+        dest="batch",
+        type=int,
+        default=None,
+        help="images made together, seeds SEED, SEED+1, ... (default 1; A1111's batch size)",
+    )
+    p.add_argument(
+        "--n-iter",
+        "--batch-count",
+        dest="n_iter",
+        type=int,
+        default=None,
+        metavar="N",
+        help="batches made one after another, seeds continuing (A1111's batch count; default 1): "
+        "N x --batch images in the memory of one batch",
+    )
     p.add_argument("--init-image", default=None, help="img2img / inpainting source image")
     p.add_argument(
         "--strength",
         type=float,
         default=None,
         help=f"img2img (and hires second-pass) denoising strength in (0, 1] ({HELP_DEFAULTS['strength']:g})",
+    )
+    p.add_argument(
+        "--strength-rule",
+        choices=("diffusers", "a1111"),
+        default=None,
+        help="how --strength counts img2img steps: diffusers' int(steps * strength) (default) or A1111's "
+        "int(min(strength, 0.999) * steps) + 1 (the hires pass: the last --hr-steps of a longer schedule)",
     )
     p.add_argument(
         "--hires",

@@ -18,6 +18,7 @@ def check_list_flags(a: argparse.Namespace) -> None:
             ("--from-png", a.from_png is not None),
             ("--outpaint", a.outpaint is not None),
             ("--grid", bool(a.grid)),
+            ("--n-iter", getattr(a, "n_iter", None) is not None),
         )
         if given
     ]

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SdengineError, UsageError
-from .generate import lora_arg
+from .generate import lora_arg, next_index, output_target
 
 if TYPE_CHECKING:
     from ..pipeline import GenerationResult
@@ -24,26 +23,21 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def next_index(out: Path) -> int:
-    """The first free ``NNNNN`` number of the images in ``out`` (as ``sdengine generate`` numbers them)."""
-    used = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"^(\d{5})-", p.name))]
-    used += [int(m.group(1)) for p in out.glob("xyz-*.png") if (m := re.match(r"^xyz-(\d{5})", p.name))]
-    return max(used, default=-1) + 1
-
-
 def run(a: argparse.Namespace) -> int:
     from PIL import PngImagePlugin
 
-    from ..grids import parse_axis, plan_cells, run_xyz
+    from ..grids import fix_axis_seeds, parse_axis, plan_cells, run_xyz
     from ..imageio import save_image_atomic
     from ..metadata import save_png
     from ..pipeline import load_pipeline
 
     if Path(a.out).suffix.lower() in IMAGE_SUFFIXES:
         raise UsageError(f"--out {a.out!r} names an image; it is the folder the cells and the grid are written to")
-    x = parse_axis(a.x)
-    y = parse_axis(a.y) if a.y else None
-    z = parse_axis(a.z) if a.z else None
+    output_target(a.out, 1)  # not a file, nor under one, and writable: before any cell is drawn
+    # a -1 on a seed axis is drawn now, so the labels, the cells' files and the grid's record name the seed used
+    x = fix_axis_seeds(parse_axis(a.x))
+    y = fix_axis_seeds(parse_axis(a.y)) if a.y else None
+    z = fix_axis_seeds(parse_axis(a.z)) if a.z else None
     given = {
         "negative_prompt": a.negative,
         "steps": a.steps,

@@ -1,7 +1,8 @@
 """Any folder of images as a dataset: resize + centre-crop, RGB or grayscale, optional captions.
 
 Captions follow the kohya / A1111 convention used for LoRA datasets: ``cat.png`` is captioned by
-``cat.txt`` beside it (UTF-8, whitespace stripped). Images are returned in ``[-1, 1]``.
+``cat.txt`` beside it (UTF-8, a byte-order mark and whitespace stripped; other encodings are refused).
+Images are returned in ``[-1, 1]``.
 """
 
 from __future__ import annotations
@@ -118,7 +119,13 @@ def read_captions(image_path: Path) -> list[str] | None:
     txt = image_path.with_suffix(".txt")
     if not txt.is_file():
         return None
-    lines = [line.strip() for line in txt.read_text(encoding="utf-8").splitlines()]
+    try:  # utf-8-sig: a byte-order mark (Windows editors) is not part of the caption
+        text = txt.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:  # kohya refuses these too; a guessed encoding would train on a wrong word
+        raise ImageFolderError(
+            f"caption {txt} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): save it as UTF-8"
+        ) from None
+    lines = [line.strip() for line in text.splitlines()]
     return [line for line in lines if line] or [""]
 
 

@@ -189,6 +189,22 @@ for _spec in SAMPLERS.values():
             A1111_NAMES[f"{_spec.a1111} {SCHEDULE_A1111[_sched]}"] = (_spec.name, _sched)
 del _spec, _sched
 
+# A1111's k-diffusion aliases of its samplers (``k_dpmpp_2m``, ``k_euler_a``, ...), still sent by older clients
+# and scripts; read in any case.
+K_ALIASES = {
+    "k_dpmpp_2m": "dpmpp_2m",
+    "k_dpmpp_sde": "dpmpp_sde",
+    "k_dpmpp_2m_sde": "dpmpp_2m_sde",
+    "k_euler_a": "euler_a",
+    "k_euler_ancestral": "euler_a",
+    "k_euler": "euler",
+    "k_lms": "lms",
+    "k_heun": "heun",
+    "k_dpm_2": "dpm2",
+    "k_dpm_2_a": "dpm2_a",
+    "k_lcm": "lcm",
+}
+
 
 AUTO_SCHEDULE = "auto"  # no schedule chosen: the one the sampler names, else karras where it fits, else its own
 
@@ -201,7 +217,9 @@ def resolve(sampler: str, schedule: str | None = None) -> tuple[str, str]:
     name implies one; ``"auto"`` (what a user who chose none gets) is the implied one, else karras where the
     sampler takes it, else the sampler's first. An explicit schedule that contradicts the name is refused."""
     name, implied = sampler, None
-    if sampler not in SAMPLERS:
+    if isinstance(sampler, str) and sampler.strip().lower() in K_ALIASES:
+        name = K_ALIASES[sampler.strip().lower()]
+    elif sampler not in SAMPLERS:
         if sampler in A1111_NAMES:
             name, implied = A1111_NAMES[sampler]
         else:
@@ -209,7 +227,7 @@ def resolve(sampler: str, schedule: str | None = None) -> tuple[str, str]:
             raise UsageError(f"unknown sampler {sampler!r}; valid: {valid}")
     spec = SAMPLERS[name]
     sched = schedule
-    if sched == AUTO_SCHEDULE:
+    if isinstance(sched, str) and sched.strip().lower() == AUTO_SCHEDULE:
         sched = implied or ("karras" if "karras" in spec.schedules else spec.schedules[0])
     elif sched is not None and sched not in SCHEDULES:
         by_a1111 = {v.lower(): k for k, v in SCHEDULE_A1111.items()}

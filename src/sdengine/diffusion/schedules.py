@@ -396,9 +396,49 @@ def sampling_grid(
     return SamplingGrid(sigmas=sigmas, timesteps=ts.to(torch.float32), targets=targets)
 
 
-def img2img_start(steps: int, strength: float) -> int:
-    """Index of the first step img2img runs: diffusers' ``t_start = steps - min(int(steps * strength),
-    steps)`` so that exactly ``int(steps * strength)`` steps run (SDEdit, Meng et al. 2022)."""
+# How img2img's strength counts the steps it runs: "diffusers" (the default) or "a1111" (AUTOMATIC1111's
+# k-diffusion samplers, ``setup_img2img_steps``); see :func:`img2img_start` and :func:`hires_steps`.
+STRENGTH_RULES = ("diffusers", "a1111")
+
+# A1111 caps the strength below 1 (``min(denoising_strength, 0.999)``) where it counts the steps.
+_A1111_STRENGTH_CAP = 0.999
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in STRENGTH_RULES:
+        raise UsageError(f"unknown strength rule {rule!r}; use one of: {', '.join(STRENGTH_RULES)}")
+
+
+def img2img_start(steps: int, strength: float, rule: str = "diffusers") -> int:
+    """Index of the first step img2img runs on the ``steps``-step schedule, by ``rule``:
+
+    * "diffusers": ``t_start = steps - min(int(steps * strength), steps)``, so that exactly ``int(steps *
+      strength)`` steps run (SDEdit, Meng et al. 2022); strength in (0, 1] (it may run no step: the start is
+      then ``steps``);
+    * "a1111": AUTOMATIC1111's ``t_enc = int(min(strength, 0.999) * steps)``; it runs ``t_enc + 1`` steps from
+      index ``steps - t_enc - 1`` (``sigmas[steps - t_enc - 1:]``), so at least one, even at strength 0;
+      strength in [0, 1]."""
+    _check_rule(rule)
+    if rule == "a1111":
+        if not 0.0 <= strength <= 1.0:
+            raise UsageError(f"strength must be in [0, 1], got {strength}")
+        return steps - int(min(strength, _A1111_STRENGTH_CAP) * steps) - 1
     if not 0.0 < strength <= 1.0:
         raise UsageError(f"strength must be in (0, 1], got {strength}")
     return max(steps - min(int(steps * strength), steps), 0)
+
+
+def hires_steps(steps: int, strength: float, rule: str = "diffusers") -> tuple[int, int]:
+    """(schedule steps, index of the first step run) of the hires fix's second pass of ``steps`` steps
+    (``hr_second_pass_steps``, or the first pass's steps when that is 0), by ``rule``:
+
+    * "diffusers": an img2img of ``steps`` steps at ``strength`` (:func:`img2img_start`);
+    * "a1111": AUTOMATIC1111's second pass (its sampler is given the steps, ``setup_img2img_steps``' fixed-steps
+      branch): a schedule of ``int(steps / min(strength, 0.999))`` steps of which the last ``steps`` run."""
+    _check_rule(rule)
+    if rule == "a1111":
+        if not 0.0 < strength <= 1.0:
+            raise UsageError(f"hires strength must be in (0, 1], got {strength}")
+        total = int(steps / min(strength, _A1111_STRENGTH_CAP))
+        return total, total - steps
+    return steps, img2img_start(steps, strength)

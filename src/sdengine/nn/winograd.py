@@ -30,6 +30,7 @@ differentiable with respect to the weight.
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from collections.abc import Iterator
@@ -37,6 +38,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from sdengine.errors import UsageError
 
 TILE = 4  # outputs per tile side
 ALPHA = TILE + 2  # input tile side: 4 outputs of a 3-wide filter
@@ -163,12 +166,7 @@ class CacheBudget:
 
     @staticmethod
     def limit() -> int:
-        raw = os.environ.get(CACHE_ENV, "").strip()
-        try:
-            mb = float(raw) if raw else DEFAULT_CACHE_MB
-        except ValueError:
-            mb = DEFAULT_CACHE_MB
-        return max(0, int(mb * 2**20))
+        return cache_limit_bytes()
 
     def used(self) -> int:
         return sum(layer.cached_bytes() for layer in list(self.layers))
@@ -258,9 +256,25 @@ def _convs(model: nn.Module) -> Iterator[nn.Conv2d]:
             yield m
 
 
+def cache_limit_bytes() -> int:
+    """The cache budget ``$SDENGINE_WINOGRAD_CACHE_MB`` sets (default :data:`DEFAULT_CACHE_MB`), in bytes. A value
+    that is not a number of MiB >= 0 is a :class:`~sdengine.errors.UsageError` (``2G`` once meant the 4 GiB
+    default without a word, to someone capping the memory)."""
+    raw = os.environ.get(CACHE_ENV, "").strip()
+    try:
+        mb = float(raw) if raw else DEFAULT_CACHE_MB
+    except ValueError:
+        mb = math.nan
+    if not (math.isfinite(mb) and mb >= 0):
+        raise UsageError(f"{CACHE_ENV} must be a number of MiB >= 0 (0 caches nothing), got {raw!r}")
+    return int(mb * 2**20)
+
+
 def enable_winograd(model: nn.Module, min_channels: float = MIN_CHANNELS) -> int:
     """Convert every layer of ``model`` that is :func:`worth_it` to :class:`WinogradConv2d`, in place (the
-    class of the module object changes; its parameters, buffers and hooks stay). Returns how many."""
+    class of the module object changes; its parameters, buffers and hooks stay). Returns how many. A bad
+    ``$SDENGINE_WINOGRAD_CACHE_MB`` fails here, when the option is applied, not in the middle of a generation."""
+    cache_limit_bytes()
     count = 0
     for conv in _convs(model):
         if type(conv) is nn.Conv2d and worth_it(conv, min_channels):

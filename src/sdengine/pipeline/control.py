@@ -18,7 +18,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,12 +158,15 @@ def no_step_message(name: str, steps: int, start: float, end: float, rule: str =
 
 @dataclass
 class PreparedUnit:
-    """A loaded unit: the ControlNet on the run's device, its map(s), scale and per-step on/off list."""
+    """A loaded unit: the ControlNet on the run's device, its map(s), scale and per-step on/off list; ``kinds``:
+    the rows it acts on by their CFG tag ("cond", "uncond"), None = every row (ComfyUI runs a ControlNet with
+    the conditioning that carries it: one on the negative only acts on the unconditional rows only)."""
 
     net: ControlNet
     image: Tensor  # (N, 3, H, W) on the device, the ControlNet's dtype
     scale: float
     keep: list[bool]  # per step index of the run
+    kinds: frozenset[str] | None = None
 
 
 def _step_index(step: SamplerStep | int | None) -> int:
@@ -197,6 +200,11 @@ class ControlledUNet:
         if name == "unet":
             raise AttributeError(name)
         return getattr(self.unet, name)
+
+    def with_kinds(self, kinds: Sequence[frozenset[str] | None]) -> ControlledUNet:
+        """The same U-Net and loaded units (shared, nothing copied), each acting on the rows of ``kinds``."""
+        units = [replace(u, kinds=k) for u, k in zip(self.units, kinds, strict=True)]
+        return ControlledUNet(self.unet, units, guess_mode=self.guess_mode)
 
     def active(self, step: int) -> list[bool]:
         """Which units act at the run's step ``step``."""
@@ -235,19 +243,21 @@ class ControlledUNet:
     ) -> tuple[list[Tensor] | None, Tensor | None]:
         """The summed residuals of the ``active`` units (one flag per unit) with their control maps ``images``."""
         b = x.shape[0]
-        rows: Tensor | slice | None = None  # the conditional rows, when guess mode leaves the others alone
-        if self.guess_mode and row_kinds is not None and any(k != "cond" for k in row_kinds):
-            cond_rows = [i for i, k in enumerate(row_kinds) if k == "cond"]
-            # CFG puts the conditional rows first: a slice then, which a CUDA graph can record (an index tensor
-            # is a copy from the host)
-            rows = slice(0, len(cond_rows)) if cond_rows == list(range(len(cond_rows))) else torch.tensor(cond_rows)
-            rows = rows.to(x.device) if isinstance(rows, Tensor) else rows
-        n = b if rows is None else (rows.stop if isinstance(rows, slice) else int(rows.shape[0]))
+        kinds = tuple(row_kinds) if row_kinds is not None else ("cond",) * b  # no tags: every row conditional
         down: list[Tensor] | None = None
         mid: Tensor | None = None
         for unit, on, unit_image in zip(self.units, active, images, strict=True):
             if not on:
                 continue
+            # the rows this unit acts on: guess mode leaves the unconditional ones alone, and a unit carried by
+            # one conditioning only (ComfyUI) acts on its rows only
+            allowed = {"cond"} if self.guess_mode else {"cond", "uncond"}
+            if unit.kinds is not None:
+                allowed &= unit.kinds
+            picked = [i for i, k in enumerate(kinds) if k in allowed]
+            if not picked:
+                continue
+            rows = _rows(picked, b, x.device)
             net = unit.net
             xi = x[:, : net.config.unet.in_channels]  # the latent only, without inpainting's extra channels
             ctx = encoder_hidden_states
@@ -259,9 +269,7 @@ class ControlledUNet:
                 xi, ctx = xi[rows], ctx[rows]
                 tt = tt[rows] if tt.ndim == 1 and tt.shape[0] == b else tt
                 labels = labels[rows] if labels is not None else None
-            img = unit_image
-            if img.shape[0] != n:
-                img = img.repeat(n // img.shape[0], 1, 1, 1) if n % img.shape[0] == 0 else img[:1].expand(n, -1, -1, -1)
+            img = _maps_for_rows(unit_image, [kinds[i] for i in picked])
             extra = {"class_labels": labels} if labels is not None else {}
             d, m = net(
                 xi.to(net.dtype),
@@ -272,7 +280,7 @@ class ControlledUNet:
                 guess_mode=self.guess_mode,
                 **extra,
             )
-            if rows is not None:  # no control on the unconditional rows
+            if rows is not None:  # no control on the other rows
                 d = [_scatter(r, rows, b) for r in d]
                 m = _scatter(m, rows, b)
             if down is None or mid is None:
@@ -378,9 +386,46 @@ class GraphedControlledUNet:
         return self.controlled.forward_with(x, t, encoder_hidden_states, flags, images, row_kinds, **kw)
 
 
+def _maps_for_rows(maps: Tensor, kinds: Sequence[str]) -> Tensor:
+    """The control map of each row: maps are one per latent row (or one for all), and the rows of each CFG kind
+    are the latent rows in order, so row ``j`` of its kind takes map ``j % len(maps)`` (ComfyUI cycles a shorter
+    batch of maps the same way). Repeats and slices when they give that (a CUDA graph records those), else an
+    index (2 maps over 3 rows once gave the unconditional rows the maps shifted by one)."""
+    m, n = int(maps.shape[0]), len(kinds)
+    if m == n and len(set(kinds)) == 1:
+        return maps
+    if m == 1:
+        return maps.expand(n, -1, -1, -1)
+    seen: dict[str, int] = {}
+    want = []
+    for k in kinds:
+        want.append(seen.get(k, 0) % m)
+        seen[k] = seen.get(k, 0) + 1
+    if want == [j % m for j in range(n)]:
+        return maps.repeat(-(-n // m), 1, 1, 1)[:n]
+    return maps[torch.tensor(want, device=maps.device)]
+
+
+def _rows(picked: list[int], b: int, device: torch.device) -> Tensor | slice | None:
+    """Row indices as None (every row), a slice when consecutive (CFG puts the conditional rows first, then the
+    unconditional ones: a slice, which a CUDA graph can record), else an index tensor (a copy from the host)."""
+    if len(picked) == b:
+        return None
+    if picked == list(range(picked[0], picked[-1] + 1)):
+        return slice(picked[0], picked[-1] + 1)
+    return torch.tensor(picked, device=device)
+
+
 def _scatter(r: Tensor, rows: Tensor | slice, b: int) -> Tensor:
-    if isinstance(rows, slice):  # the first rows: the rest zeros
-        return torch.cat([r, torch.zeros((b - r.shape[0], *r.shape[1:]), dtype=r.dtype, device=r.device)])
+    """Residuals of some rows into a batch of ``b`` rows, zeros elsewhere."""
+    if isinstance(rows, slice):  # consecutive rows: zeros before and after
+        start = rows.start or 0
+        parts = [r]
+        if start:
+            parts.insert(0, torch.zeros((start, *r.shape[1:]), dtype=r.dtype, device=r.device))
+        if start + r.shape[0] < b:
+            parts.append(torch.zeros((b - start - r.shape[0], *r.shape[1:]), dtype=r.dtype, device=r.device))
+        return torch.cat(parts) if len(parts) > 1 else r
     out = torch.zeros((b, *r.shape[1:]), dtype=r.dtype, device=r.device)
     out[rows] = r
     return out

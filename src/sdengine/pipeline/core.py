@@ -52,6 +52,12 @@ from sdengine.text.conditioners import Conditioning, TextConditioner, cat_condit
 log = logging.getLogger(__name__)
 
 
+def _grid_strength(r: GenerationRequest) -> float:
+    """The strength the sampling grid is made for: the request's under diffusers' rule (LCM's grid depends on
+    it), 1 under A1111's, whose schedule is the plain ``steps``-step one (the start step says where it begins)."""
+    return float(r.strength) if r.strength_rule == "diffusers" else 1.0
+
+
 @dataclass
 class Prepared:
     """A validated request with the model-dependent facts settled, before any model runs."""
@@ -70,6 +76,8 @@ class Prepared:
     notes: list[str]
     subseeds: list[int] | None = None  # variation seeds per row (None: no variation)
     hires: Any = None  # a sdengine.pipeline.hires.HiresPlan when the request asks for the hires fix
+    # the first step of an img2img run where the request's strength does not say it (the hires second pass)
+    start_step: int | None = None
 
 
 def _no_extra_tokens(encoder: Any) -> Any:
@@ -606,6 +614,8 @@ class Pipeline:
                     resize_mode=request.resize_mode if (p.init is not None or units) else None,
                     sampler_options=request.sampler_options,
                     prediction_override=self.prediction_override,
+                    # how the img2img / hires second pass counted its steps
+                    strength_rule=request.strength_rule if (p.init is not None or p.hires is not None) else "diffusers",
                 )
             )
         for i, row in enumerate(rows):
@@ -615,7 +625,10 @@ class Pipeline:
                 row.update(
                     {"Variation seed": p.subseeds[i], "Variation seed strength": float(request.subseed_strength)}
                 )
-        embeddings = getattr(self.tokenizer, "embeddings", None)  # sdengine.text.embeddings.EmbeddingLibrary
+        # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
+        embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
+            getattr(self, "tokenizer_2", None), "embeddings", None
+        )
         if embeddings is not None:
             from sdengine.metadata import format_lora_hashes
 
@@ -763,9 +776,11 @@ class Pipeline:
             self.noise_schedule,
             p.schedule,
             self.scheduler_config,
-            strength if start.init_latent is not None else 1.0,
+            _grid_strength(r) if start.init_latent is not None else 1.0,
         )
-        first = img2img_start(steps, strength) if start.from_init else 0
+        first = 0
+        if start.from_init:
+            first = p.start_step if p.start_step is not None else img2img_start(steps, strength, r.strength_rule)
         net: Any = self.unet
         units = r.control_units()
         if not units:
@@ -866,7 +881,7 @@ class Pipeline:
             cfg_scale=float(r.cfg_scale),
             rescale=float(r.guidance_rescale),
             sampler_options=r.sampler_options,
-            strength=float(r.strength) if from_init else 1.0,
+            strength=_grid_strength(r) if from_init else 1.0,
             start_step=first if from_init else None,
             dtype=self.dtype,
         )

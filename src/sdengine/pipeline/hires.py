@@ -14,7 +14,10 @@ img2img pass at the larger size.
 3. Second pass: img2img of the upscaled start at ``strength`` (A1111's ``denoising_strength``) for
    ``hr_second_pass_steps`` steps (0 = ``steps``), with ``hr_sampler`` / ``hr_schedule`` (None = the first
    pass's),
-   ``hr_prompt`` / ``hr_negative_prompt`` ("" = the first pass's).
+   ``hr_prompt`` / ``hr_negative_prompt`` ("" = the first pass's). How the strength counts the steps is the
+   request's ``strength_rule`` (:func:`sdengine.diffusion.schedules.hires_steps`): "diffusers", ``int(N *
+   strength)`` of N steps; "a1111", A1111's all N steps, the last N of a schedule of ``int(N / min(strength,
+   0.999))`` steps.
 
 The seed rule of the second pass (A1111's: the noise is drawn again from the same seed): row ``i`` gets a NEW
 ``torch.Generator("cpu").manual_seed(seed_i)``, exactly as an img2img call of that seed would, so the second
@@ -45,7 +48,7 @@ from PIL import Image
 from torch import Tensor
 
 from sdengine.diffusion import sampling
-from sdengine.diffusion.schedules import img2img_start
+from sdengine.diffusion.schedules import hires_steps
 from sdengine.errors import GenerationError
 from sdengine.io.images import to_uint8
 from sdengine.pipeline.request import GenerationRequest
@@ -108,7 +111,10 @@ def validate_hires(r: GenerationRequest) -> None:
     if r.init_image is not None or r.mask is not None:
         raise GenerationError("the hires fix is a txt2img option: give no init_image or mask with enable_hr")
     steps = int(r.hr_second_pass_steps) or int(r.steps)
-    if img2img_start(steps, float(r.strength)) >= steps:
+    if float(r.strength) <= 0.0:  # the a1111 rule's img2img runs one step at 0, its hires pass none
+        raise GenerationError(f"hires strength must be in (0, 1], got {r.strength!r}")
+    total, start = hires_steps(steps, float(r.strength), r.strength_rule)
+    if start >= total:
         raise GenerationError(
             f"hires strength {r.strength} with {steps} second-pass steps runs no step: raise "
             "hr_second_pass_steps or strength"
@@ -130,9 +136,10 @@ class HiresPlan:
     scaled_height: int
     width: int  # the final image
     height: int
-    steps: int
+    steps: int  # the second pass's schedule (sdengine.diffusion.schedules.hires_steps)
     sampler: str
     schedule: str
+    start: int = 0  # the index of its first step run
 
     @property
     def latent(self) -> bool:
@@ -172,9 +179,15 @@ def plan_hires(pipe: Any, r: GenerationRequest, width: int, height: int, sampler
     limit = int(pipe.noise_schedule.num_train_timesteps)
     if steps > limit:
         raise GenerationError(f"hr_second_pass_steps must be at most {limit}, got {steps}")
+    total, start = hires_steps(steps, float(r.strength), r.strength_rule)
+    if total > limit:  # the a1111 rule's schedule of steps / strength steps
+        raise GenerationError(
+            f"hires strength {r.strength} with {steps} second-pass steps needs a schedule of {total} steps "
+            f"(A1111's rule: steps / strength), over the model's {limit}: raise strength or lower the steps"
+        )
     if r.hr_sampler or r.hr_schedule is not None:
         sampler, schedule = hires_sampler(r)
-    return HiresPlan(upscaler_name(r.hr_upscaler), sw, sh, bw, bh, steps, sampler, schedule)
+    return HiresPlan(upscaler_name(r.hr_upscaler), sw, sh, bw, bh, total, sampler, schedule, start)
 
 
 def _lora_tags(text: str) -> list[tuple[str, float]]:
@@ -247,7 +260,7 @@ def generate_hires(pipe: Any, p: Any) -> Tensor:
     plan: HiresPlan = p.hires
     r: GenerationRequest = p.request
     first_run = int(r.steps)  # txt2img runs every step
-    second_run = plan.steps - img2img_start(plan.steps, float(r.strength))
+    second_run = plan.steps - plan.start
     total = first_run + second_run
     hires_prompts(p)  # its errors before any model runs
 
@@ -271,6 +284,7 @@ def second_pass(pipe: Any, p: Any, latents: Tensor, callback: StepCallback | Non
     second_request = r.replace(steps=plan.steps, callback=callback)
     second = dataclasses.replace(
         p,
+        start_step=plan.start,
         request=second_request,
         width=plan.width,
         height=plan.height,

@@ -96,6 +96,7 @@ def call_parameters(
     resize_mode: Any = None,
     sampler_options: Mapping[str, Any] | None = None,
     prediction_override: str | None = None,
+    strength_rule: str = "diffusers",
 ) -> dict[str, Any]:
     """The parameters dict of one image (sdengine.metadata writes it as A1111 text). LoRAs passed as
     arguments are written as <lora:NAME:W> tags, as A1111 keeps them, so that the infotext alone says which
@@ -131,6 +132,9 @@ def call_parameters(
         params["Mask blur"] = mask_blur
     for k, unit in enumerate(controlnets):
         params[f"ControlNet {k}"] = unit.infotext()
+    if any(unit.rule != "diffusers" for unit in controlnets):  # sdengine's field, read back by --from-png:
+        # A1111's ControlNet extension counts start/end its own way (pipeline.control.step_keep), one per unit
+        params["ControlNet step rule"] = ",".join(unit.rule for unit in controlnets)
     # sdengine's fields for what changes the image and A1111 does not write (read back by --from-png)
     if resize_mode is not None:
         from sdengine.io.resize import RESIZE_MODES, resize_mode_name
@@ -138,6 +142,8 @@ def call_parameters(
         mode = resize_mode_name(resize_mode)
         if mode != RESIZE_MODES[0]:
             params["Resize mode"] = mode
+    if strength_rule != "diffusers":  # sdengine's field: how the strength counted the steps (A1111's rule)
+        params["Strength rule"] = strength_rule
     if sampler_options:
         params["Sampler options"] = json.dumps(dict(sampler_options), sort_keys=True)
     if prediction_override is not None:

@@ -147,8 +147,7 @@ def _load(
         path, vae=vae, prediction_type=prediction_type, config=config, dtype=dt if path.is_dir() else None
     )
     if ckpt.family in ("sdxl", "sdxl_refiner"):
-        _no_embeddings(embeddings_dir, key, "SDXL embeddings (clip_l + clip_g) are not supported yet")
-        return _load_sdxl(ckpt, path, key, dev, dt, lora_dir)
+        return _load_sdxl(ckpt, path, key, dev, dt, lora_dir, embeddings_dir)
     models = build_models(ckpt, device=dev, dtype=dt)
     minilm = ckpt.text_encoder_type == "minilm"
     missing = [c for c in ("unet", "vae", "text_encoder") if c not in models and not (minilm and c == "text_encoder")]
@@ -214,8 +213,11 @@ def _no_embeddings(embeddings_dir: str | Path | None, name: str, why: str) -> No
         raise EmbeddingsUnsupported(f"{name}: textual-inversion embeddings cannot be used with this model: {why}")
 
 
-def _load_sdxl(ckpt: Any, path: Path, key: str, dev: torch.device, dt: torch.dtype, lora_dir: Any) -> Pipeline:
-    """An SDXL base (two text encoders) or refiner (the second only) checkpoint -> SDXLPipeline."""
+def _load_sdxl(
+    ckpt: Any, path: Path, key: str, dev: torch.device, dt: torch.dtype, lora_dir: Any, embeddings_dir: Any = None
+) -> Pipeline:
+    """An SDXL base (two text encoders) or refiner (the second only) checkpoint -> SDXLPipeline. Embeddings are
+    SDXL files (``clip_l`` for the first encoder, ``clip_g`` for the second, as A1111 reads them)."""
     from sdengine.pipeline.sdxl import SDXLPipeline
     from sdengine.weights import build_models
 
@@ -226,6 +228,20 @@ def _load_sdxl(ckpt: Any, path: Path, key: str, dev: torch.device, dt: torch.dty
         raise GenerationError(f"{path}: no sdengine model for {', '.join(missing)}")
     tokenizer = _load_tokenizer(ckpt.tokenizer_dir)
     tokenizer_2 = _load_tokenizer(ckpt.tokenizer_2_dir)
+    name = path.name.removesuffix(path.suffix) or path.name
+    if embeddings_dir is not None:
+        from sdengine.text.embeddings import EmbeddingLibrary
+
+        # One library per encoder: each gives its tokenizer the ids its own encoder looks up.
+        if "text_encoder" in models:
+            lib = EmbeddingLibrary(
+                embeddings_dir, tokenizer=tokenizer, text_encoder=models["text_encoder"], model_name=name, part="clip_l"
+            )
+            tokenizer = tokenizer.with_embeddings(lib)
+        lib_2 = EmbeddingLibrary(
+            embeddings_dir, tokenizer=tokenizer_2, text_encoder=models["text_encoder_2"], model_name=name, part="clip_g"
+        )
+        tokenizer_2 = tokenizer_2.with_embeddings(lib_2)
     return SDXLPipeline(
         unet=models["unet"],
         vae=models["vae"],
@@ -240,7 +256,7 @@ def _load_sdxl(ckpt: Any, path: Path, key: str, dev: torch.device, dt: torch.dty
         force_zeros_for_empty_prompt=ckpt.force_zeros_for_empty_prompt,
         device=dev,
         dtype=dt,
-        name=path.name.removesuffix(path.suffix) or path.name,
+        name=name,
         source=path,
         lora_dir=lora_dir,
     )

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from sdengine.diffusion import sampling
-from sdengine.diffusion.schedules import img2img_start
+from sdengine.diffusion.schedules import STRENGTH_RULES, img2img_start
 from sdengine.errors import GenerationError
 from sdengine.io.images import ImageInput
 from sdengine.pipeline.control import ControlUnit
@@ -76,6 +76,9 @@ class GenerationRequest:
     batch_size: int = 1
     init_image: ImageInput | None = None
     strength: float = 0.75
+    # how ``strength`` counts the img2img (and hires second-pass) steps: "diffusers" (int(steps * strength)
+    # steps) or "a1111" (A1111's, sdengine.diffusion.schedules.img2img_start / hires_steps)
+    strength_rule: str = "diffusers"
     mask: ImageInput | None = None
     mask_blur: float = 0
     controlnets: Sequence[ControlUnit | tuple[Any, ...]] | None = None
@@ -145,7 +148,7 @@ class GenerationRequest:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "callback"}
         if self.controlnets is not None:
             out["controlnets"] = [
-                {"model": u.model, "image": u.image, "scale": u.scale, "start": u.start, "end": u.end}
+                {"model": u.model, "image": u.image, "scale": u.scale, "start": u.start, "end": u.end, "rule": u.rule}
                 for u in self.control_units()
             ]  # the same image objects, not copies
         return out
@@ -251,15 +254,21 @@ class GenerationRequest:
             raise GenerationError(f"cfg_scale {cfg} is over the limit of {MAX_CFG_SCALE:g} (useful values: 1-30)")
         if not _is_number(rescale) or not 0.0 <= rescale <= 1.0:
             raise GenerationError(f"guidance_rescale must be in [0, 1], got {rescale!r}")
-        if not _is_number(strength) or not 0.0 < strength <= 1.0:
-            raise GenerationError(f"strength must be in (0, 1], got {strength!r}")
+        if self.strength_rule not in STRENGTH_RULES:
+            raise GenerationError(
+                f"unknown strength_rule {self.strength_rule!r}; use one of: {', '.join(STRENGTH_RULES)}"
+            )
+        a1111 = self.strength_rule == "a1111"
+        if not _is_number(strength) or not (0.0 <= strength <= 1.0 if a1111 else 0.0 < strength <= 1.0):
+            # A1111's rule runs one step even at strength 0
+            raise GenerationError(f"strength must be in {'[' if a1111 else '('}0, 1], got {strength!r}")
         if not _is_number(blur) or not math.isfinite(blur) or not 0 <= blur <= MAX_MASK_BLUR:
             raise GenerationError(f"mask_blur must be in [0, {MAX_MASK_BLUR:g}] pixels, got {blur!r}")
         try:
             sampling.resolve(self.sampler, self.schedule)
         except ValueError as e:
             raise GenerationError(str(e)) from None
-        if self.init_image is not None and img2img_start(int(steps), float(strength)) >= int(steps):
+        if self.init_image is not None and img2img_start(int(steps), float(strength), self.strength_rule) >= int(steps):
             raise GenerationError(
                 f"strength {strength} with {steps} steps runs no step (int(steps * strength) = 0): "
                 "raise steps or strength"
@@ -278,7 +287,12 @@ class GenerationRequest:
         sub, sub_strength = self.subseed, self.subseed_strength
         if not _is_number(sub_strength) or not 0.0 <= sub_strength <= 1.0:
             raise GenerationError(f"subseed_strength must be in [0, 1], got {sub_strength!r}")
-        if sub is not None and (not _is_int(sub) or (sub < 0 and sub != -1) or sub + self.n_rows - 1 > MAX_SEED):
+        if sub is not None and _is_int(sub) and sub >= 0 and sub <= MAX_SEED < sub + self.n_rows - 1:
+            raise GenerationError(
+                f"subseed {sub} is out of range for {self.n_rows} rows: subseeds run from 0 to 2**64 - 1 = {MAX_SEED} "
+                "(the last row's subseed, subseed + rows - 1, included)"
+            )
+        if sub is not None and (not _is_int(sub) or (sub < 0 and sub != -1) or sub > MAX_SEED):
             raise GenerationError(
                 f"subseed must be an integer in [0, 2**64 - 1] (or -1 / None for a random one), got {sub!r}"
             )

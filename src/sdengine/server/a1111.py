@@ -14,19 +14,25 @@ current image.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
+import math
+import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from PIL import Image, ImageFilter, ImageOps
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sdengine.server.errors import BadRequest
+from sdengine.diffusion import sampling
+from sdengine.io.resize import resize_image, resize_mode_name
+from sdengine.server.errors import BadRequest, NotFound
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job
 from sdengine.server.requests import ControlRequest
 
@@ -35,8 +41,6 @@ A1111_VERSION = "v1.10.1"  # the A1111 API whose shapes this follows
 # Fields that do nothing at these values (A1111's own defaults or neutral settings): not reported.
 NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "styles": ([], None),
-    "subseed": (-1, 0, None),
-    "subseed_strength": (0, 0.0, None),
     "seed_resize_from_h": (-1, 0, None),
     "seed_resize_from_w": (-1, 0, None),
     "restore_faces": (False, None),
@@ -48,7 +52,7 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "s_tmin": (0, 0.0, None),
     "s_noise": (1, 1.0, None),
     "override_settings_restore_afterwards": (True, None),  # false (keep them set) is not done: listed
-    "script_args": ([], None),
+    "script_args": None,  # read only with a script_name, which is refused
     "script_name": (None, ""),
     "enable_hr": (False, None),
     "hr_checkpoint_name": (None, "", "Use same checkpoint"),
@@ -57,18 +61,15 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "image_cfg_scale": None,
     "initial_noise_multiplier": (1, 1.0, None),
     "inpaint_full_res_padding": None,
-    "inpaint_full_res": (False, 0, None),
+    "inpaint_full_res": None,  # "only masked" (true) or "whole picture": both done
     "refiner_checkpoint": (None, ""),
     "refiner_switch_at": (None, 0),
-    "disable_extra_networks": (False, None),
     "comments": (None, {}),
     "sampler_index": None,
     "include_init_images": None,
-    "eta": (None, 1, 1.0),
-    "resize_mode": (0, None),
-    "inpainting_fill": (1, None),
+    "inpainting_fill": (0, 1, None),  # "fill" and "original" are done; 2 and 3 are listed (with a mask)
     "latent_mask": (None,),
-    "infotext": (None, ""),
+    "infotext": None,  # read (apply_infotext)
     "firstpass_image": (None,),
     "force_task_id": None,
     "send_images": None,
@@ -94,7 +95,46 @@ HR_USED = {
     "denoising_strength",
 }
 SAME_SAMPLER = (None, "", "Use same sampler")  # A1111's UI value for "the first pass's"
+K_SAMPLERS = sampling.K_ALIASES  # A1111's k-diffusion aliases (k_dpmpp_2m, ...)
+
+
+def a1111_sampler(name: Any) -> Any:
+    """A sampler name with A1111's ``k_`` aliases resolved (any other name as it is)."""
+    return K_SAMPLERS.get(name.strip().lower(), name) if isinstance(name, str) else name
+
+
 SAME_SCHEDULER = (None, "", "Use same scheduler")
+
+
+def eta_option(body: dict[str, Any], sampler: Any, schedule: Any, ignored: list[str]) -> dict[str, float] | None:
+    """A1111's ``eta`` as the sampler's option where the sampler takes one (its ancestral and SDE samplers,
+    DDIM); with a sampler that has none it changes nothing in A1111 either. With the hires fix, a second-pass
+    sampler without one makes it listed as ignored (sdengine gives both passes the same options)."""
+    eta = body.get("eta")
+    if eta is None:
+        return None
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta) or not 0 <= eta <= 10:
+        raise BadRequest(f"eta must be a number in [0, 10], got {eta!r}")
+    from sdengine.diffusion import sampling
+
+    try:
+        name, _ = sampling.resolve(sampler, schedule)
+    except (ValueError, TypeError):
+        return None  # the build names the bad sampler
+    if "eta" not in sampling.sampler_option_names(name):
+        return None
+    hr = body.get("hr_sampler_name")
+    if body.get("enable_hr") and hr not in SAME_SAMPLER:
+        try:
+            hr_name, _ = sampling.resolve(a1111_sampler(hr), None)
+        except (ValueError, TypeError):
+            return None
+        if "eta" not in sampling.sampler_option_names(hr_name):
+            ignored.append("eta")
+            return None
+    return {"eta": float(eta)}
+
+
 USED = {
     "prompt",
     "negative_prompt",
@@ -117,6 +157,19 @@ USED = {
     "mask_blur_y",
     "inpainting_mask_invert",
     "model",
+    "subseed",
+    "subseed_strength",
+    "resize_mode",
+    "disable_extra_networks",
+    "eta",
+}
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network tag (<lora:...>, <hypernet:...>)
+# The unit keys read above, and the extension's keys that do not change the image.
+UNIT_KEYS = {
+    *("enabled", "image", "input_image", "mask", "mask_image", "module", "model", "weight", "resize_mode"),
+    *("processor_res", "threshold_a", "threshold_b", "guidance_start", "guidance_end", "control_mode"),
+    *("pixel_perfect", "hr_option", "low_vram", "save_detected_map", "input_mode", "is_ui", "output_dir"),
+    *("use_preview_as_input", "generated_image", "batch_images", "batch_image_dir", "batch_mask_dir", "loopback"),
 }
 CONTROL_MODES = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet is more important"}
 RESIZE_MODES = {0: "Just Resize", 1: "Crop and Resize", 2: "Resize and Fill"}
@@ -167,6 +220,13 @@ class Txt2ImgRequest(BaseModel):
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
 
+    @model_validator(mode="before")
+    @classmethod
+    def nulls_are_unset(cls, data: Any) -> Any:
+        """A field sent as null is one not sent (A1111's request models make every field optional, and clients
+        made from its OpenAPI document send null for those they leave out)."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
 
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] | None = None
@@ -192,6 +252,109 @@ class ProgressRequest(BaseModel):
 
 class PngInfoRequest(BaseModel):
     image: str = ""
+
+
+class ExtrasRequest(BaseModel):
+    """A1111's ExtrasSingleImageRequest (its names and defaults)."""
+
+    model_config = ConfigDict(extra="allow")
+    image: str = ""
+    resize_mode: int = 0
+    show_extras_results: bool = True
+    gfpgan_visibility: float = 0.0
+    codeformer_visibility: float = 0.0
+    codeformer_weight: float = 0.0
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str | None = "None"
+    upscaler_2: str | None = "None"
+    extras_upscaler_2_visibility: float = 0.0
+    upscale_first: bool = False
+
+
+class ExtrasBatchRequest(ExtrasRequest):
+    """A1111's ExtrasBatchImagesRequest: ``imageList`` of ``{data, name}`` instead of ``image``."""
+
+    imageList: list[dict[str, Any]] = Field(default_factory=list)  # noqa: N815 - A1111's name
+
+
+# The upscalers sdengine has as pixel upscalers (A1111's "None" and "Lanczos"; what the hires fix accepts too).
+EXTRAS_UPSCALERS = ("None", "Lanczos")
+
+
+def lanczos_upscale(image: Image.Image, scale: float) -> Image.Image:
+    """A1111's ``Upscaler.upscale`` with its Lanczos upscaler: the image resized by ``scale`` (each side
+    ``int(side * scale)``), then, where that is not it, to the size rounded down to a multiple of 8. A scale
+    other than 1 on an image already at least that size goes to the rounded size at once."""
+    dest = (int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8))
+    if min(dest) < 8:
+        raise BadRequest(f"upscaling {image.width}x{image.height} by {scale:g} gives under 8 pixels a side")
+    if scale == 1 or image.width < dest[0] or image.height < dest[1]:
+        image = image.resize((int(image.width * scale), int(image.height * scale)), Image.Resampling.LANCZOS)
+    if image.size != dest:
+        image = image.resize(dest, Image.Resampling.LANCZOS)
+    return image
+
+
+def extras_upscale(
+    image: Image.Image, req: ExtrasRequest, max_pixels: int = 4096 * 4096
+) -> tuple[Image.Image, dict[str, Any]]:
+    """A1111's extras upscale (``scripts/postprocessing_upscale.py``) with the Lanczos and None upscalers:
+    ``resize_mode`` 0 scales by ``upscaling_resize``, 1 by what covers ``upscaling_resize_w`` x ``_h``, then
+    (with ``upscaling_crop``) the centre of that size is cut (on black where the rounding to 8 fell short, as
+    A1111 pastes it); upscaler "None" leaves the image as it is. Face restoration is not available: a
+    visibility above 0 is refused."""
+    faces = (("gfpgan_visibility", req.gfpgan_visibility), ("codeformer_visibility", req.codeformer_visibility))
+    for label, v in faces:
+        if v:
+            raise BadRequest(f"{label} {v:g}: face restoration is not available in sdengine (send 0)")
+    names = {u.lower(): u for u in EXTRAS_UPSCALERS}
+    chosen = []
+    for what, name in (("upscaler_1", req.upscaler_1), ("upscaler_2", req.upscaler_2)):
+        found = names.get(str(name if name is not None else "None").strip().lower())
+        if found is None:
+            raise BadRequest(
+                f"{what} {name!r} is not available; sdengine has: {', '.join(EXTRAS_UPSCALERS)} "
+                "(model upscalers such as ESRGAN are not)"
+            )
+        chosen.append(found)
+    if req.resize_mode not in (0, 1):
+        raise BadRequest(f"resize_mode must be 0 (scale by upscaling_resize) or 1 (to a size), got {req.resize_mode}")
+    if not 0.0 <= req.extras_upscaler_2_visibility <= 1.0:
+        raise BadRequest("extras_upscaler_2_visibility must be in [0, 1]")
+    image = image.convert("RGB")
+    info: dict[str, Any] = {}
+    if chosen[0] == "None":  # A1111 upscales nothing without a first upscaler
+        return image, info
+    w, h = req.upscaling_resize_w, req.upscaling_resize_h
+    if req.resize_mode == 1:
+        if w < 1 or h < 1:
+            raise BadRequest("upscaling_resize_w and upscaling_resize_h must be >= 1")
+        scale = max(w / image.width, h / image.height)
+        info["Postprocess upscale to"] = f"{w}x{h}"
+    else:
+        scale = req.upscaling_resize
+        if not math.isfinite(scale) or scale <= 0:
+            raise BadRequest(f"upscaling_resize must be > 0, got {scale!r}")
+        info["Postprocess upscale by"] = scale
+    if max(image.width, image.height) * scale > 8192 or image.width * image.height * scale * scale > max_pixels:
+        raise BadRequest(
+            f"upscaling {image.width}x{image.height} by {scale:g} is over the limit of 8192 pixels a side and "
+            f"{max_pixels} pixels"
+        )
+    out = lanczos_upscale(image, scale)
+    if req.resize_mode == 1 and req.upscaling_crop:
+        cut = Image.new("RGB", (w, h))
+        cut.paste(out, (w // 2 - out.width // 2, h // 2 - out.height // 2))
+        out = cut
+        info["Postprocess crop to"] = f"{w}x{h}"
+    info["Postprocess upscaler"] = chosen[0]
+    if chosen[1] != "None" and req.extras_upscaler_2_visibility > 0:
+        # A1111 blends in the same upscale and cut made by upscaler_2: Lanczos again is the same image
+        info["Postprocess upscaler 2"] = chosen[1]
+    return out, info
 
 
 def _b64_png(image: Image.Image, text: str | None = None) -> str:
@@ -232,21 +395,132 @@ def _mask_blur(body: dict[str, Any]) -> float:
     return float(bx)
 
 
-def overlay_finish(init: Image.Image, mask: Image.Image, blur: float) -> Callable[[Image.Image], Image.Image]:
-    """A1111's inpainting overlay: the init image (resized to the result) outside the mask, the generated image
-    inside, across the mask's blurred edge; a generated image is never changed where nothing was to be repainted."""
+def blurred_mask(mask: Image.Image, blur: float) -> Image.Image:
+    """The mask blurred as A1111 blurs it (a Gaussian of sigma ``blur`` per axis, its kernel size), 8 bits."""
+    m = mask.convert("L")
+    if blur <= 0:
+        return m
+    from sdengine.pipeline.latents import blur_mask
+
+    return Image.fromarray(blur_mask(np.asarray(m), float(blur)))
+
+
+def overlay_finish(
+    init: Image.Image, mask: Image.Image, blur: float, mode: str = "just resize"
+) -> Callable[[Image.Image], Image.Image]:
+    """A1111's inpainting overlay ("whole picture"): the init image (fitted to the result in the resize ``mode``,
+    as the pipeline fits it) outside the mask, the generated image inside, weighted by the blurred mask (blurred
+    at the mask's own size, fitted like the image) doubled and clipped, as A1111's ``mask_for_overlay``; a
+    generated image is never changed where nothing was to be repainted."""
+    soft = blurred_mask(mask, blur)
 
     def finish(image: Image.Image) -> Image.Image:
-        base = init.convert("RGB").resize(image.size, Image.Resampling.LANCZOS)
-        m = mask.convert("L").resize(image.size, Image.Resampling.LANCZOS)
-        if blur > 0:
-            m = m.filter(ImageFilter.GaussianBlur(blur))
+        base = resize_image(init.convert("RGB"), *image.size, mode)
+        m = resize_image(soft, *image.size, mode).point(lambda v: min(255, 2 * v))
         return Image.composite(image.convert("RGB"), base, m)
 
     return finish
 
 
+FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))  # (blur radius, times laid on), A1111's
+
+
+def masked_fill(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's "fill" masked content (``inpainting_fill`` 0): the masked area painted with the colours around
+    it, by laying ever less blurred copies of the unmasked image (its alpha the mask's inverse, premultiplied)
+    over each other; unmasked pixels stay as they are."""
+    keep = image.convert("RGBA")
+    keep.putalpha(ImageOps.invert(mask.convert("L")))
+    keep = keep.convert("RGBa")
+    out = Image.new("RGBA", image.size)
+    for radius, times in FILL_PASSES:
+        layer = keep.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(times):
+            out.alpha_composite(layer)
+    return out.convert("RGB")
+
+
+def expand_region(
+    box: tuple[int, int, int, int], width: int, height: int, bound: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """A1111's ``expand_crop_region``: the box grown on its short side (evenly, the odd pixel after) to the
+    aspect ratio of ``width`` x ``height``, shifted back inside the image ``bound`` and cut to it."""
+    lo = list(box[:2])
+    hi = list(box[2:])
+    wide = (hi[0] - lo[0]) / (hi[1] - lo[1]) > width / height
+    axis = 1 if wide else 0  # the side to grow
+    want = (hi[0] - lo[0]) / (width / height) if wide else (hi[1] - lo[1]) * (width / height)
+    grow = int(want - (hi[axis] - lo[axis]))
+    lo[axis] -= grow // 2
+    hi[axis] += grow - grow // 2
+    if hi[axis] >= bound[axis]:
+        over = hi[axis] - bound[axis]
+        lo[axis], hi[axis] = lo[axis] - over, hi[axis] - over
+    if lo[axis] < 0:
+        lo[axis], hi[axis] = 0, hi[axis] - lo[axis]
+    hi[axis] = min(hi[axis], bound[axis])
+    return (lo[0], lo[1], hi[0], hi[1])
+
+
+def only_masked(
+    init: Image.Image, mask: Image.Image, blur: float, padding: int, size: tuple[int, int], fill: bool
+) -> tuple[Image.Image, Image.Image, Callable[[Image.Image], Image.Image]] | None:
+    """A1111's "Only masked" inpainting (``inpaint_full_res``): the box around the blurred mask (plus
+    ``padding``, grown to the output's aspect ratio) is cut from the init image and the mask and fitted to
+    ``size`` ("resize and fill"); the result is fitted back into the box ("crop and resize") and laid over the
+    init image by the blurred mask. Returns (init, mask, finish) for the pipeline, None for an empty mask."""
+    base = init.convert("RGB")
+    if mask.size != base.size:
+        mask = mask.convert("L").resize(base.size, Image.Resampling.NEAREST)
+    soft = blurred_mask(mask, blur)
+    box = soft.getbbox()
+    if box is None:
+        return None
+    if padding:
+        box = (max(box[0] - padding, 0), max(box[1] - padding, 0), min(box[2] + padding, base.width),
+               min(box[3] + padding, base.height))  # fmt: skip
+    region = expand_region(box, size[0], size[1], base.size)
+    cut = resize_image(base.crop(region), *size, "resize and fill")
+    cut_mask = resize_image(soft.crop(region), *size, "resize and fill")
+    if fill:
+        cut = masked_fill(cut, cut_mask)
+    x1, y1, x2, y2 = region
+
+    def finish(image: Image.Image) -> Image.Image:
+        canvas = base.copy()
+        canvas.paste(resize_image(image.convert("RGB"), x2 - x1, y2 - y1, "crop and resize"), (x1, y1))
+        return Image.composite(canvas, base, soft)
+
+    return cut, cut_mask, finish
+
+
+SIZE_VALUE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def a1111_fields(parsed: dict[str, Any]) -> dict[str, Any]:
+    """Infotext fields as A1111's ``parse_generation_parameters`` answers them: a ``WxH`` value (``Size``,
+    ``Hires resize``) as ``NAME-1`` and ``NAME-2``, and the defaults it fills in for ``Clip skip`` ("1") and
+    ``Hires resize`` (0, 0)."""
+    out: dict[str, Any] = {}
+    for k, v in parsed.items():
+        m = SIZE_VALUE.match(v) if isinstance(v, str) else None
+        if m:
+            out[f"{k}-1"], out[f"{k}-2"] = m.group(1), m.group(2)
+        else:
+            out[k] = v
+    out.setdefault("Clip skip", "1")
+    if "Hires resize-1" not in out:
+        out["Hires resize-1"] = out["Hires resize-2"] = 0
+    return out
+
+
 def _ignored(body: dict[str, Any], txt2img: bool = False) -> list[str]:
+    script = body.get("script_name")
+    if script not in (None, ""):  # A1111 answers 422 for a script it does not have; sdengine has none
+        raise BadRequest(
+            f"Script {script!r} not found: sdengine runs no selectable scripts (X/Y/Z plot, prompt matrix, ...); "
+            "send no script_name"
+        )
     out = []
     hr = bool(body.get("enable_hr"))
     for k, v in body.items():
@@ -274,14 +548,20 @@ def _unit_control(value: Any, names: dict[Any, str], what: str) -> str:
     raise BadRequest(f"{what} {value!r}; use one of {', '.join(names.values())} (or 0..{len(names) - 1})")
 
 
-def control_units(args: Any, init: str | None, ignored: list[str]) -> tuple[list[ControlRequest], bool]:
-    """sd-webui-controlnet's ``alwayson_scripts.controlnet.args`` -> units (and guess mode)."""
+def control_units(
+    args: Any, init: str | None, ignored: list[str]
+) -> tuple[list[ControlRequest], bool, list[tuple[int, int]], dict[int, int]]:
+    """sd-webui-controlnet's ``alwayson_scripts.controlnet.args`` -> units, guess mode, each unit's (index,
+    resize mode number; a unit without one has the extension's default, "Crop and Resize"), and the
+    ``processor_res`` of the units whose image goes through a preprocessor (by their place in the units)."""
     if args is None:
-        return [], False
+        return [], False, [], {}
     if not isinstance(args, list):
         raise BadRequest("alwayson_scripts.controlnet.args must be a list of units")
     units: list[ControlRequest] = []
     guess = False
+    resizes: list[tuple[int, int]] = []
+    processor_res: dict[int, int] = {}
     for k, u in enumerate(args):
         if not isinstance(u, dict):
             ignored.append(f"controlnet.args[{k}]")
@@ -293,6 +573,12 @@ def control_units(args: Any, init: str | None, ignored: list[str]) -> tuple[list
             if image.get("mask"):
                 ignored.append(f"controlnet.args[{k}].image.mask")
             image = image.get("image")
+        for key in ("mask", "mask_image"):  # the unit's own mask (webuiapi's ControlNetUnit.mask): not done
+            if u.get(key):
+                ignored.append(f"controlnet.args[{k}].{key}")
+        for key, value in u.items():  # the extension's other settings (advanced_weighting, ipadapter_input, ...)
+            if key not in UNIT_KEYS and value not in (None, False, "", [], {}):
+                ignored.append(f"controlnet.args[{k}].{key}")
         if not image:
             if init is None:
                 raise BadRequest(f"ControlNet unit {k}: no image (txt2img units need one)")
@@ -312,16 +598,21 @@ def control_units(args: Any, init: str | None, ignored: list[str]) -> tuple[list
             guess = True  # the extension's "ControlNet is more important" is the ControlNet paper's guess mode
         elif mode == CONTROL_MODES[1]:
             ignored.append(f"controlnet.args[{k}].control_mode")
-        resize = _unit_control(u.get("resize_mode", 0), RESIZE_MODES, f"ControlNet unit {k}: resize_mode")
-        if resize != RESIZE_MODES[0]:
-            ignored.append(f"controlnet.args[{k}].resize_mode")  # the map is resized to the image size
+        resize = _unit_control(u.get("resize_mode", 1), RESIZE_MODES, f"ControlNet unit {k}: resize_mode")
+        resizes.append((k, next(i for i, n in RESIZE_MODES.items() if n == resize)))
         if u.get("pixel_perfect"):
             ignored.append(f"controlnet.args[{k}].pixel_perfect")
         options = {}
-        if MODULES[module] == "canny":
+        if MODULES[module] != "none" and u.get("processor_res") not in (None, -1):
+            res = u["processor_res"]  # the extension preprocesses the image scaled to this short side
+            if isinstance(res, bool) or not isinstance(res, int) or not 64 <= res <= 2048:
+                raise BadRequest(f"ControlNet unit {k}: processor_res must be an integer in [64, 2048] or -1")
+            processor_res[len(units)] = res
+        if MODULES[module] == "canny":  # -1 is the extension's "default" (100, 200)
+            low, high = u.get("threshold_a", -1), u.get("threshold_b", -1)
             options = {
-                "low": _num(u.get("threshold_a", 100), "threshold_a"),
-                "high": _num(u.get("threshold_b", 200), "threshold_b"),
+                "low": 100.0 if low in (None, -1) else _num(low, "threshold_a"),
+                "high": 200.0 if high in (None, -1) else _num(high, "threshold_b"),
             }
         elif MODULES[module] in ("threshold", "scribble") and u.get("threshold_a") not in (None, -1):
             options = {"threshold": _num(u.get("threshold_a"), "threshold_a")}
@@ -334,9 +625,24 @@ def control_units(args: Any, init: str | None, ignored: list[str]) -> tuple[list
                 end=_num(u.get("guidance_end", 1.0), "guidance_end"),
                 preprocessor=MODULES[module],
                 options=options,
+                rule="a1111",  # the extension's guidance_schedule_handler: step i when start <= i/steps <= end
             )
         )
-    return units, guess
+    return units, guess, resizes, processor_res
+
+
+def processor_resize(image: Image.Image, res: int) -> Image.Image:
+    """The control image scaled so that its short side is ``res``, as the extension's preprocessors take it
+    (``resize_image_with_pad``: OpenCV's cubic up, area down; each side rounded)."""
+    import cv2
+
+    w, h = image.size
+    k = res / min(w, h)
+    if k == 1:
+        return image
+    size = (round(w * k), round(h * k))
+    how = cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA
+    return Image.fromarray(cv2.resize(np.asarray(image.convert("RGB")), size, interpolation=how))
 
 
 def _num(v: Any, what: str) -> float:
@@ -356,12 +662,59 @@ def decode_method(value: Any, option: str = "sd_vae_decode_method") -> str:
     return DECODE_METHODS[value]
 
 
+# sdengine's names from an infotext (sdengine.metadata.to_generate_kwargs) -> A1111's request fields
+INFOTEXT_FIELDS = {
+    **{k: k for k in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height")},
+    **{k: k for k in ("subseed", "subseed_strength", "mask_blur", "enable_hr", "hr_scale", "hr_resize_x")},
+    **{k: k for k in ("hr_resize_y", "hr_second_pass_steps", "hr_upscaler", "hr_prompt", "hr_negative_prompt")},
+    "sampler": "sampler_name",
+    "schedule": "scheduler",
+    "strength": "denoising_strength",
+    "hr_sampler": "hr_sampler_name",
+    "hr_schedule": "hr_scheduler",
+}
+
+
 def install(app: FastAPI, services: Any) -> None:
     manager, catalog, options = services.manager, services.catalog, services.options
 
+    def apply_infotext(req: Any, hires: bool) -> Any:
+        """A1111's ``infotext`` field (its ``apply_infotext``): the request's fields that were not sent are read
+        from the infotext; its Clip skip and sdengine's tiny-VAE fields become override_settings (where not
+        set there); ``hires``: the hires-fix fields too (txt2img)."""
+        text = (req.model_extra or {}).get("infotext")
+        if not text:
+            return req
+        if not isinstance(text, str):
+            raise BadRequest("infotext must be a string")
+        from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+        try:
+            found = to_generate_kwargs(parse_parameters(text), hires=hires)
+        except ValueError as e:
+            raise BadRequest(f"infotext: {e}") from None
+        sent = req.model_dump(exclude_unset=True)
+        filled = {INFOTEXT_FIELDS[k]: v for k, v in found.items() if k in INFOTEXT_FIELDS}
+        filled = {k: v for k, v in filled.items() if k not in sent}
+        over = dict(sent.get("override_settings") or {})
+        settings = {
+            "CLIP_stop_at_last_layers": found.get("clip_skip", 1),
+            "sd_vae_decode_method": "TAESD" if found.get("vae_decode") == "tiny" else "Full",
+            "sd_vae_encode_method": "TAESD" if found.get("vae_encode") == "tiny" else "Full",
+        }
+        for name, value in settings.items():  # as A1111: only where it differs from the current option
+            if name not in over and value != options.get(name, {"CLIP_stop_at_last_layers": 1}.get(name, "Full")):
+                over[name] = value
+        if over:
+            filled["override_settings"] = over
+        return type(req)(**{**sent, **filled})
+
     def generation_fields(
-        req: Txt2ImgRequest, body: dict[str, Any], ignored: list[str], init: str | None
+        req: Txt2ImgRequest, body: dict[str, Any], ignored: list[str], init: str | None, image_mode: int | None = None
     ) -> dict[str, Any]:
+        """The build_generation fields of a request. ``image_mode``: img2img's resize mode (0, 1, 2) for the
+        init image; sdengine fits the init and the control images in one mode, so a unit of another mode is
+        listed as ignored (in txt2img the first unit's mode is the one)."""
         over = dict(req.override_settings or {})
         clip_skip = over.pop("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
         model = over.pop("sd_model_checkpoint", None)
@@ -376,13 +729,27 @@ def install(app: FastAPI, services: Any) -> None:
         if cn is not None and not isinstance(cn, dict):
             raise BadRequest("alwayson_scripts.controlnet must be an object: {args: [units]}")
         ignored.extend(f"alwayson_scripts.controlnet.{k}" for k in (cn or {}) if k != "args")
-        units, guess = control_units((cn or {}).get("args"), init, ignored)
+        unit_args = (cn or {}).get("args")
+        units, guess, resizes, processor_res = control_units(unit_args, init, ignored)
+        if body.get("enable_hr") and init is None and isinstance(unit_args, list):
+            for k, u in enumerate(unit_args):  # sdengine's hires fix runs every unit in both passes
+                if isinstance(u, dict) and u.get("enabled", True) and u.get("hr_option") not in (None, "Both", 0):
+                    ignored.append(f"controlnet.args[{k}].hr_option")
+        mode = image_mode if image_mode is not None else (resizes[0][1] if resizes else 0)
+        ignored.extend(f"controlnet.args[{k}].resize_mode" for k, m in resizes if m != mode)
+        sub_strength = body.get("subseed_strength") or 0.0
+        sampler = a1111_sampler(req.sampler_name or req.sampler_index or "Euler")
+        sampler_options = eta_option(body, sampler, req.scheduler, ignored)
+        prompt = req.prompt
+        if body.get("disable_extra_networks"):  # A1111 takes the tags out of the prompt and applies none
+            prompt = EXTRA_NETWORK.sub("", prompt) if isinstance(prompt, str) else prompt
         return dict(
             model=model,
-            prompt=req.prompt,
+            prompt=prompt,
             negative_prompt=req.negative_prompt,
             steps=req.steps,
-            sampler=req.sampler_name or req.sampler_index or "Euler",
+            sampler=sampler,
+            sampler_options=sampler_options,
             schedule=req.scheduler,
             cfg_scale=req.cfg_scale,
             seed=req.seed,
@@ -395,20 +762,42 @@ def install(app: FastAPI, services: Any) -> None:
             vae_encode=vae_encode,
             controlnets=units,
             guess_mode=guess,
+            resize_mode=mode,
+            processor_res=processor_res,  # taken out by run() before the build
+            # A1111's variation seed: subseed + k for image k, and (with a strength above 0) one seed for all
+            subseed=body.get("subseed") if sub_strength else None,
+            subseed_strength=sub_strength,
+            same_seed=True,
         )
 
-    async def run(req: Txt2ImgRequest, fields: dict[str, Any], ignored: list[str], overlay: Any = None) -> JSONResponse:
+    def build_scaled(fields: dict[str, Any], processor_res: dict[int, int]) -> Any:
+        """The build, with each preprocessed unit's image scaled to its ``processor_res`` first."""
+        units = list(fields.get("controlnets") or [])
+        for i, res in processor_res.items():
+            u = units[i]
+            image = u.image if isinstance(u.image, Image.Image) else services.uploads.image(u.image, f"unit {i}")
+            units[i] = dataclasses.replace(u, image=processor_resize(ImageOps.exif_transpose(image), res))
+        return services.build(**{**fields, "controlnets": units})
+
+    async def run(
+        req: Txt2ImgRequest,
+        fields: dict[str, Any],
+        ignored: list[str],
+        finish: Callable[[Image.Image], Image.Image] | None = None,
+        notes: list[str] | None = None,
+    ) -> JSONResponse:
+        processor_res = fields.pop("processor_res", {})
         if fields.get("init_image") is None and not fields.get("controlnets"):
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:
-            generation = await run_in_threadpool(lambda: services.build(**fields))
-        if overlay is not None:
-            generation.finish = overlay_finish(*overlay)
+            generation = await run_in_threadpool(build_scaled, fields, processor_res)
+        if finish is not None:
+            generation.finish = finish
         job, _ = services.submit(generation, protocol="a1111", save=req.save_images, task_id=req.force_task_id)
         await job.wait_finished()
-        return _response(job, req, ignored)
+        return _response(job, req, ignored, notes or [])
 
-    def _response(job: Job, req: Txt2ImgRequest, ignored: list[str]) -> JSONResponse:
+    def _response(job: Job, req: Txt2ImgRequest, ignored: list[str], notes: list[str]) -> JSONResponse:
         if job.state == FAILED:
             status = 500 if (job.error or "").startswith("internal error") else 400
             msg = job.error or "failed"
@@ -417,11 +806,17 @@ def install(app: FastAPI, services: Any) -> None:
             )
         images = [im.image for im in job.images if im.image is not None]
         interrupted = job.state == CANCELLED
-        if interrupted and not images and (got := job.preview()) is not None:
+        # every batch skipped: A1111 answers the skipped image as far as it got (its sampler returns the last
+        # latent), never an empty list; sdengine its last preview, as for an interrupted one
+        skipped = job.state == DONE and not images
+        if (interrupted or skipped) and not images and (got := job.preview()) is not None:
             w, h = job.generation.kwargs["width"] or 512, job.generation.kwargs["height"] or 512
             images = [Image.open(io.BytesIO(got[0])).convert("RGB").resize((w, h), Image.Resampling.NEAREST)]
+            if skipped:
+                notes = [*notes, f"skipped at step {job.step} of {job.steps}: the image is its last preview"]
         kw = job.generation.kwargs
-        seeds = [im.seed for im in job.images] or [int(kw["seed"])]
+        seeds = [im.seed for im in job.images] or [int(kw["seed"][0] if isinstance(kw["seed"], list) else kw["seed"])]
+        subseeds = [int(kw["subseed"]) + k for k in range(len(seeds))] if kw.get("subseed") is not None else seeds
         texts = [im.infotext for im in job.images]
         from sdengine.diffusion.sampling import SAMPLERS, SCHEDULE_A1111
         from sdengine.metadata import format_parameters, parse_parameters
@@ -439,9 +834,9 @@ def install(app: FastAPI, services: Any) -> None:
             "all_negative_prompts": [req.negative_prompt] * len(seeds),
             "seed": seeds[0],
             "all_seeds": seeds,
-            "subseed": seeds[0],
-            "all_subseeds": seeds,
-            "subseed_strength": 0,
+            "subseed": subseeds[0],
+            "all_subseeds": subseeds,
+            "subseed_strength": kw.get("subseed_strength", 0),
             "width": kw["width"],
             "height": kw["height"],
             "sampler_name": SAMPLERS[kw["sampler"]].a1111,  # resolved, as A1111 reports it ("DPM++ 2M")
@@ -460,7 +855,7 @@ def install(app: FastAPI, services: Any) -> None:
             "extra_generation_params": {"Schedule type": SCHEDULE_A1111[kw["schedule"]]},
             "index_of_first_image": 0,
             "infotexts": texts,
-            "styles": [],
+            "styles": styles if isinstance(styles := (req.model_extra or {}).get("styles"), list) else [],
             "job_timestamp": datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
             "clip_skip": kw["clip_skip"],
             "is_using_inpainting_conditioning": False,
@@ -468,12 +863,17 @@ def install(app: FastAPI, services: Any) -> None:
             "id_task": job.task_id,
             "ignored": ignored,
             "interrupted": interrupted,
-            "notes": job.notes,
+            "notes": [*notes, *job.notes],
         }
         for im in job.images:
             if im.name:
                 info.setdefault("files", []).append(im.name)
-        params = {k: v for k, v in req.model_dump().items() if k not in ("init_images", "mask")}
+        params = req.model_dump()
+        if isinstance(req, Img2ImgRequest):
+            if not req.include_init_images:  # A1111 answers them only when asked, else null
+                params.update(init_images=None, mask=None)
+        else:
+            params = {k: v for k, v in params.items() if k not in ("init_images", "mask")}
         labels: list[str | None] = [*texts, *[None] * (len(images) - len(texts))][: len(images)]
         return JSONResponse(
             {
@@ -485,8 +885,11 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.post("/sdapi/v1/txt2img", tags=["a1111"])
     async def txt2img(req: Txt2ImgRequest) -> JSONResponse:
+        req = apply_infotext(req, hires=True)
         body = req.model_dump(exclude_unset=True)
         ignored = _ignored(body, txt2img=True)
+        if "resize_mode" in body:  # an img2img field (txt2img fits ControlNet images by their units' modes)
+            ignored.append("resize_mode")
         fields = generation_fields(req, body, ignored, None)
         if req.enable_hr:
             hires = {
@@ -495,17 +898,18 @@ def install(app: FastAPI, services: Any) -> None:
                 "hr_second_pass_steps": req.hr_second_pass_steps,
                 "hr_resize_x": req.hr_resize_x,
                 "hr_resize_y": req.hr_resize_y,
-                "hr_sampler": None if req.hr_sampler_name in SAME_SAMPLER else req.hr_sampler_name,
+                "hr_sampler": None if req.hr_sampler_name in SAME_SAMPLER else a1111_sampler(req.hr_sampler_name),
                 "hr_schedule": None if req.hr_scheduler in SAME_SCHEDULER else req.hr_scheduler,
                 "hr_prompt": req.hr_prompt,
                 "hr_negative_prompt": req.hr_negative_prompt,
             }
             strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
-            fields.update(hires=hires, strength=strength)
+            fields.update(hires=hires, strength=strength, strength_rule="a1111")  # A1111's step count
         return await run(req, fields, ignored)
 
     @app.post("/sdapi/v1/img2img", tags=["a1111"])
     async def img2img(req: Img2ImgRequest) -> JSONResponse:
+        req = apply_infotext(req, hires=False)
         body = req.model_dump(exclude_unset=True)
         ignored = _ignored(body)
         if not req.init_images:
@@ -514,26 +918,74 @@ def install(app: FastAPI, services: Any) -> None:
             ignored.append("init_images[1:]")
         if not req.mask:  # the inpainting fields do nothing without a mask (in A1111 too)
             ignored = [k for k in ignored if k not in ("inpainting_fill", "inpaint_full_res")]
-        elif req.inpainting_fill != 1 and "inpainting_fill" not in ignored:
-            ignored.append("inpainting_fill")  # sdengine inpaints from the original image ("original")
-        fields = generation_fields(req, body, ignored, req.init_images[0])
-        mask: Image.Image | None = None
-        if req.mask:
-            mask = a1111_mask(await run_in_threadpool(services.uploads.image, req.mask, "mask"))
-            if req.inpainting_mask_invert:
-                mask = ImageOps.invert(mask)
+        elif req.inpainting_fill not in (0, 1) and "inpainting_fill" not in ignored:
+            ignored.append("inpainting_fill")  # "latent noise" and "latent nothing" are not done
+        mode = req.resize_mode
+        if isinstance(mode, bool) or mode not in RESIZE_MODES:  # 3, "Just resize (latent upscale)": not done
+            ignored.append("resize_mode")
+            mode = 0
+        fields = generation_fields(req, body, ignored, req.init_images[0], mode)
+        strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
+        notes: list[str] = []
         blur = _mask_blur(body)
-        fields.update(
-            init_image=req.init_images[0],
-            mask=mask,
-            mask_blur=float(blur) if mask is not None else 0.0,
-            strength=0.75 if req.denoising_strength is None else req.denoising_strength,
-        )
-        overlay = None
-        if mask is not None:  # A1111 pastes the init image back outside the (blurred) mask
-            init = await run_in_threadpool(services.uploads.image, req.init_images[0], "init image")
-            overlay = (init, mask, float(blur))
-        return await run(req, fields, list(dict.fromkeys(ignored)), overlay)
+        # A1111's step count: int(min(strength, 0.999) * steps) + 1 steps, one even at strength 0
+        fields.update(init_image=req.init_images[0], mask=None, mask_blur=0.0, strength=strength, strength_rule="a1111")
+        finish = None
+        if req.mask:
+            size: tuple[int, int] | None = (req.width, req.height)
+            if not all(isinstance(v, int) and 8 <= v <= services.config.max_side for v in (req.width, req.height)):
+                size = None  # refused by the request's checks
+            finish = await run_in_threadpool(
+                inpaint_fields, fields, req, body, blur, resize_mode_name(mode), size, notes, ignored
+            )
+        return await run(req, fields, list(dict.fromkeys(ignored)), finish, notes)
+
+    def inpaint_fields(
+        fields: dict[str, Any],
+        req: Img2ImgRequest,
+        body: dict[str, Any],
+        blur: float,
+        mode: str,
+        size: tuple[int, int] | None,
+        notes: list[str],
+        ignored: list[str],
+    ) -> Callable[[Image.Image], Image.Image] | None:
+        """The pipeline's init image, mask and blur of an A1111 inpainting request (in ``fields``) and the
+        overlay that lays the result over the init image: "whole picture", or "only masked" with
+        ``inpaint_full_res``; masked content "fill" (``inpainting_fill`` 0) or "original" (1)."""
+        assert req.mask is not None and req.init_images
+        mask = a1111_mask(services.uploads.image(req.mask, "mask"))
+        if req.inpainting_mask_invert:
+            mask = ImageOps.invert(mask)
+        init = services.uploads.image(req.init_images[0], "init image")
+        fill = req.inpainting_fill == 0
+        if size is None:
+            fields.update(mask=mask, mask_blur=float(blur))
+            return None
+        if body.get("inpaint_full_res"):
+            padding = body.get("inpaint_full_res_padding") or 0
+            if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= 4096:
+                raise BadRequest(f"inpaint_full_res_padding must be an integer in [0, 4096], got {padding!r}")
+            plan = only_masked(ImageOps.exif_transpose(init), mask, blur, padding, size, fill)
+            if plan is None:  # as A1111: nothing to repaint, so img2img of the whole image
+                notes.append('the mask is empty: "Only masked" inpainting became img2img of the whole image')
+                return None
+            cut, cut_mask, finish = plan
+            fields.update(init_image=cut, mask=cut_mask, mask_blur=0.0)  # the mask is blurred already
+            # a ControlNet unit without an image of its own takes the init image: the cut one, as the pipeline's
+            units = fields.get("controlnets") or []
+            own = req.init_images[0]
+            fields["controlnets"] = [dataclasses.replace(u, image=cut) if u.image is own else u for u in units]
+            return finish
+        if mode != "just resize" and mask.size != size:  # A1111 fits the mask as the image (the pipeline stretches)
+            fields["mask"] = resize_image(mask, *size, mode)
+        else:
+            fields["mask"] = mask
+        fields["mask_blur"] = float(blur)
+        if fill:  # A1111 fills the fitted init image under its blurred, fitted mask
+            fitted = resize_image(ImageOps.exif_transpose(init).convert("RGB"), *size, mode)
+            fields["init_image"] = masked_fill(fitted, resize_image(blurred_mask(mask, blur), *size, mode))
+        return overlay_finish(init, mask, blur, mode)
 
     def current() -> Job | None:
         running = manager.running()
@@ -648,14 +1100,22 @@ def install(app: FastAPI, services: Any) -> None:
 
         if not req.image:
             raise BadRequest("send the image as base64 in 'image'")
+        from sdengine.image_info import EXIF_IFD, USER_COMMENT, decode_user_comment
+
         im = services.uploads.image(req.image, "image")
         items = {k: v for k, v in im.info.items() if isinstance(v, str)}
-        text = items.get("parameters", "")
+        text = items.pop("parameters", None)  # A1111's items are the image's other entries
+        if text is None:  # a JPEG or WebP: the EXIF UserComment, as A1111 reads it
+            comment = im.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+            if comment is not None:
+                text = decode_user_comment(comment)
+                items["exif comment"] = text
+        text = text or ""
         try:
             parsed = parse_parameters(text) if text else {}
         except ValueError:
             parsed = {}
-        return {"info": text, "items": items, "parameters": parsed}
+        return {"info": text, "items": items, "parameters": a1111_fields(parsed) if text else {}}
 
     @app.get("/sdapi/v1/sd-models", tags=["a1111"])
     def sd_models() -> list[dict[str, Any]]:
@@ -672,7 +1132,13 @@ def install(app: FastAPI, services: Any) -> None:
     def samplers() -> list[dict[str, Any]]:
         from sdengine.diffusion import sampling
 
-        return [{"name": s.a1111, "aliases": [s.name], "options": {}} for s in sampling.SAMPLERS.values()]
+        k_names: dict[str, list[str]] = {}
+        for alias, name in K_SAMPLERS.items():
+            k_names.setdefault(name, []).append(alias)
+        return [
+            {"name": s.a1111, "aliases": [s.name, *k_names.get(s.name, [])], "options": {}}
+            for s in sampling.SAMPLERS.values()
+        ]
 
     @app.get("/sdapi/v1/schedulers", tags=["a1111"])
     def schedulers() -> list[dict[str, Any]]:
@@ -697,8 +1163,6 @@ def install(app: FastAPI, services: Any) -> None:
 
     for path in (
         "sd-vae",
-        "upscalers",
-        "latent-upscale-modes",
         "hypernetworks",
         "face-restorers",
         "realesrgan-models",
@@ -708,6 +1172,58 @@ def install(app: FastAPI, services: Any) -> None:
         app.add_api_route(
             f"/sdapi/v1/{path}", _empty_list, methods=["GET"], tags=["a1111"], name=f"a1111_{path.replace('-', '_')}"
         )
+
+    @app.get("/sdapi/v1/upscalers", tags=["a1111"])
+    def upscalers() -> list[dict[str, Any]]:
+        """The pixel upscalers the hires fix and the extras take (A1111's UpscalerItem)."""
+        return [
+            {"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for n in EXTRAS_UPSCALERS
+        ]
+
+    @app.get("/sdapi/v1/latent-upscale-modes", tags=["a1111"])
+    def latent_upscale_modes() -> list[dict[str, Any]]:
+        from sdengine.pipeline.hires import LATENT_UPSCALERS
+
+        return [{"name": n} for n in LATENT_UPSCALERS]
+
+    @app.post("/sdapi/v1/extra-single-image", tags=["a1111"])
+    def extra_single_image(req: ExtrasRequest) -> dict[str, Any]:
+        if not req.image:
+            raise BadRequest("send the image as base64 in 'image'")
+        extras_unknown(req)
+        out, info = extras_upscale(services.uploads.image(req.image, "image"), req, services.config.max_image_pixels)
+        return {"html_info": extras_info(info), "image": _b64_png(out) if req.show_extras_results else None}
+
+    def extras_info(info: dict[str, Any]) -> str:
+        text = ", ".join(f"{k}: {v:g}" if isinstance(v, float) else f"{k}: {v}" for k, v in info.items())
+        return f"<p>{text}</p>" if text else ""
+
+    def extras_unknown(req: ExtrasRequest) -> None:
+        unknown = sorted(set(req.model_extra or {}))
+        if unknown:
+            raise BadRequest(f"unknown extras fields: {', '.join(unknown)}")
+
+    @app.post("/sdapi/v1/extra-batch-images", tags=["a1111"])
+    def extra_batch_images(req: ExtrasBatchRequest) -> dict[str, Any]:
+        """Each image of ``imageList`` as ``extra-single-image`` does it (all made before any is answered)."""
+        extras_unknown(req)
+        if not req.imageList or len(req.imageList) > 64:
+            raise BadRequest("imageList must hold 1 to 64 images ({data, name})")
+        outs: list[Image.Image] = []
+        info: dict[str, Any] = {}
+        for k, item in enumerate(req.imageList):
+            data = item.get("data") if isinstance(item, dict) else None
+            if not isinstance(data, str) or not data:
+                raise BadRequest(f"imageList[{k}]: send the image as base64 in 'data'")
+            image = services.uploads.image(data, f"imageList[{k}]")
+            out, info = extras_upscale(image, req, services.config.max_image_pixels)
+            outs.append(out)
+        images = [_b64_png(o) for o in outs] if req.show_extras_results else []
+        return {"html_info": extras_info(info), "images": images}
+
+    @app.post("/sdapi/v1/interrogate", tags=["a1111"])
+    def interrogate() -> dict[str, Any]:
+        raise NotFound("interrogate (CLIP / DeepBooru captions) is not available in sdengine")
 
     @app.post("/sdapi/v1/refresh-embeddings", tags=["a1111"])
     def refresh_embeddings() -> dict[str, Any]:

@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdengine.io.paths import UnsafePathError, resolve_inside
+from sdengine.catalog import VAE_SUFFIXES
+from sdengine.io.paths import UnsafePathError, is_inside, resolve_inside
 from sdengine.server.errors import BadRequest
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -97,6 +98,10 @@ class Catalog:
             for p in sorted(self.models_dir.iterdir()):
                 if p.name.startswith("."):
                     continue
+                if p.name.lower().endswith(VAE_SUFFIXES):
+                    continue  # a model's own VAE beside it (NAME.vae.safetensors), not a model (as in A1111)
+                if not is_inside(self.models_dir, p):
+                    continue  # a symlink out of the folder: resolve_model refuses it, so it is not offered
                 if (p.is_dir() and (p / "model_index.json").is_file()) or (
                     p.is_file() and p.suffix.lower() == ".safetensors"
                 ):

@@ -1,16 +1,19 @@
 """The job queue: bounded FIFO, one worker thread per device, per-job cancel, progress and previews.
 
+FIFO for every protocol but one: a ComfyUI prompt may be placed by its ``front`` flag or priority ``number``
+(sdengine.server.comfy.routes: ComfyUI prompts stay ordered by number among themselves).
+
 A :class:`Job` is one :class:`~sdengine.server.requests.Generation` and its life: queued -> running ->
-done | failed | cancelled. Workers take the oldest queued job; each keeps its own pipeline (one model at a
-time, switched between jobs). Model affinity: a free worker whose model is loaded takes the oldest queued job
-for THAT model instead, skipping older jobs for other models, unless a job it would skip has waited
-``affinity_s`` seconds or more (then FIFO: nothing starves) or is a ComfyUI prompt (never overtaken).
+done | failed | cancelled. Workers take the job at the head of the queue; each keeps its own pipeline (one model at a
+time, switched between jobs). Model affinity: a free worker whose model is loaded takes the first queued job for
+THAT model instead, skipping jobs for other models ahead of it, unless a job it would skip has waited
+``affinity_s`` seconds or more (then the head: nothing starves) or is a ComfyUI prompt (never overtaken).
 Cancel touches one job: a queued job leaves the queue, a running one stops
 at the end of the current sampler step (the pipeline's step callback returns False). Nothing of a job
 stays on the model after it: the pipeline removes the LoRAs it applied and builds ControlNets per call.
 A job that fails (bad input found late, out of memory, a bug) fails alone; the worker takes the next.
 
-Batching: a worker takes the oldest queued job and, when ``max_batch_jobs`` > 1, the later queued jobs that
+Batching: a worker takes the job at the head of the queue and, when ``max_batch_jobs`` > 1, the later queued jobs that
 :func:`batch_key` says are compatible with it (up to ``max_batch_jobs`` jobs and ``max_batch_rows`` images), and
 runs them as ONE pipeline call with a prompt, negative prompt and seed per row (each row's image equals the same
 job run alone: the pipeline gives every row its own generator). The result is split back per job. Cancelling
@@ -45,7 +48,7 @@ from typing import Any
 from PIL import Image
 
 from sdengine.errors import SdengineError
-from sdengine.server.errors import NotFound, QueueFull, ServerStopping
+from sdengine.server.errors import BadRequest, NotFound, QueueFull, ServerStopping
 from sdengine.server.requests import Generation
 
 log = logging.getLogger(__name__)
@@ -384,22 +387,30 @@ class JobManager:
 
     # -- the queue -------------------------------------------------------------------------------------
 
-    def submit(self, job: Job) -> int:
-        """Queue ``job``; its position (0 = next). QueueFull when ``max_queue`` jobs are waiting."""
+    def submit(self, job: Job, place: Callable[[list[Job]], int] | None = None) -> int:
+        """Queue ``job``; its position (0 = next). QueueFull when ``max_queue`` jobs are waiting.
+
+        ``place(queued)`` (called under the queue's lock with the queued jobs, head first) may give the index
+        to insert the job at instead of the end (ComfyUI's ``front`` and priority ``number``)."""
         with self._cond:
             if self.stopping:
                 raise ServerStopping("the server is stopping; no job is accepted", retry_after=30)
+            if job.id in self._jobs:  # the table is keyed by id: a second job would hide the first
+                raise BadRequest(f"job id {job.id!r} is taken")
             if len(self._queue) >= self.max_queue:
                 busy = max(1, len(self.workers))
                 raise QueueFull(
                     f"the queue is full ({self.max_queue} jobs waiting); retry later",
                     retry_after=max(1, len(self._queue) // busy),
                 )
-            self._queue.append(job)
+            index = len(self._queue) if place is None else max(0, min(len(self._queue), place(list(self._queue))))
+            self._queue.insert(index, job)
             self._jobs[job.id] = job
             self._forget_old()
             self._cond.notify()
-            return len(self._queue) - 1
+            moved = list(self._queue)[index + 1 :]  # placed ahead of them (ComfyUI's front / number)
+        self._moved(moved)
+        return index
 
     def _forget_old(self) -> None:
         """Drop the oldest finished jobs beyond ``keep_jobs``, and the images (results and decoded inputs) of all
@@ -421,23 +432,23 @@ class JobManager:
                 return
 
     def _pick(self, model: str | None) -> Job:
-        """The job a worker with ``model`` loaded takes next (lock held, queue not empty): the oldest one, or the
-        oldest for ``model`` when every job before it is of another known model and has waited < ``affinity_s``."""
-        oldest = self._queue[0]
+        """The job a worker with ``model`` loaded takes next (lock held, queue not empty): the head of the queue, or the
+        first for ``model`` when every job before it is of another known model and has waited < ``affinity_s``."""
+        head = self._queue[0]
         if model is None or self.affinity_s <= 0:
-            return oldest
+            return head
         now = time.time()
         for j in self._queue:
             if getattr(j, "run_on", None) is not None:  # a ComfyUI prompt (any model): never overtaken
-                return oldest
+                return head
             if j.generation.model == model:
                 return j
-            if now - j.created >= self.affinity_s:  # waited long enough: FIFO from here
-                return oldest
-        return oldest
+            if now - j.created >= self.affinity_s:  # waited long enough: the head, as without affinity
+                return head
+        return head
 
     def take(self, timeout: float = 0.5, model: str | None = None) -> list[Job]:
-        """The next job (see :meth:`_pick`: the oldest, or the oldest for ``model``, the taking worker's loaded
+        """The next job (see :meth:`_pick`: the head, or the first for ``model``, the taking worker's loaded
         model) and the later ones compatible with it (see :func:`batch_key`), now running; [] when none came within
         ``timeout`` seconds or the server is stopping."""
         with self._cond:
@@ -529,6 +540,11 @@ class JobManager:
     def running(self) -> list[Job]:
         with self._cond:
             return [j for j in self._jobs.values() if j.state == RUNNING]
+
+    def queued(self) -> list[Job]:
+        """The queued jobs in the order they will run."""
+        with self._cond:
+            return list(self._queue)
 
     def queued_count(self) -> int:
         with self._cond:
@@ -681,13 +697,16 @@ class Worker(threading.Thread):
         except (SdengineError, OSError, ValueError) as e:
             m.finish(job, FAILED, f"cannot load model {g.model_name!r}: {e}")
             return
-        base_seed = int(g.kwargs["seed"])
+        seeds = g.kwargs["seed"]  # a list: one seed per row, the same for every iteration (A1111's variations)
         batch = int(g.kwargs["batch_size"])
+        subseed = g.kwargs.get("subseed")
         done_steps = 0
         for it in range(g.n_iter):
             if job.cancel.is_set():
                 break
-            kwargs = dict(g.kwargs, seed=base_seed + it * batch)
+            kwargs = dict(g.kwargs, seed=seeds if isinstance(seeds, list) else int(seeds) + it * batch)
+            if subseed is not None:  # the variation seeds continue over the iterations, as the seeds do
+                kwargs["subseed"] = int(subseed) + it * batch
             run_steps = [0]
             previewer = LatentPreviewer(m.preview_rgb(pipe))
 

@@ -109,6 +109,17 @@ def install(app: FastAPI, services: Services) -> None:
     """Add the page and its routes to ``app``."""
     from fastapi.staticfiles import StaticFiles
 
+    class PageFiles(StaticFiles):
+        """The page's files, revalidated on every load (``no-cache``; an unchanged file is a 304 by its ETag).
+        Without it a browser could keep an older ``app.js`` by heuristic caching after an upgrade, beside the
+        new ``index.html`` (which is ``no-cache``): a page whose script and markup disagree."""
+
+        async def get_response(self, path: str, scope: Any) -> Response:
+            response = await super().get_response(path, scope)
+            response.headers["Cache-Control"] = "no-cache"
+            response.headers["X-Content-Type-Options"] = "nosniff"
+            return response
+
     config, catalog, manager = services.config, services.catalog, services.manager
 
     @app.get("/", include_in_schema=False)
@@ -119,7 +130,7 @@ def install(app: FastAPI, services: Services) -> None:
             headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
         )
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", PageFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/v1/sizes", tags=["page"])
     def sizes() -> dict[str, Any]:

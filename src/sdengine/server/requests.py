@@ -12,6 +12,7 @@ that a job that reaches the queue only fails for reasons found while generating.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ class ControlRequest:
     end: float = 1.0
     preprocessor: str = "none"
     options: dict[str, float] = field(default_factory=dict)  # preprocessor options (canny: low, high)
+    rule: str = "diffusers"  # how start/end pick the steps (pipeline.control.STEP_RULES); A1111's routes: "a1111"
 
 
 @dataclass
@@ -69,7 +71,7 @@ class Generation:
                 self.kwargs[key] = None
         units = self.kwargs.get("controlnets")
         if units:
-            self.kwargs["controlnets"] = [(u[0], None, *u[2:]) for u in units]
+            self.kwargs["controlnets"] = [dataclasses.replace(u, image=None) for u in units]
         self.finish = None
 
 
@@ -109,6 +111,7 @@ def build_generation(
     batch_size: int = 1,
     init_image: ImageRef | None = None,
     strength: float = 0.75,
+    strength_rule: str = "diffusers",
     mask: ImageRef | None = None,
     mask_blur: float = 0,
     controlnets: Sequence[ControlRequest] = (),
@@ -120,6 +123,11 @@ def build_generation(
     hires: dict[str, Any] | None = None,
     vae_decode: str = "full",
     vae_encode: str = "full",
+    subseed: int | None = None,
+    subseed_strength: float = 0.0,
+    same_seed: bool = False,
+    resize_mode: str | int = 0,
+    sampler_options: dict[str, float] | None = None,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run."""
     from sdengine.prompts import extract_lora_tags
@@ -143,6 +151,14 @@ def build_generation(
     if seed is None or seed == -1:
         seed = secrets.randbelow(2**32)
     seed = _integer(seed, "seed", 0, MAX_SEED)
+    # A variation seed (A1111's subseed): drawn here when random, so that the answer can name it; row k of
+    # all batch_size x n_iter images uses subseed + k. same_seed: every image has the one seed (A1111's rule
+    # with a variation strength above 0), else seed + k.
+    subseed_strength = _finite(subseed_strength, "subseed_strength", 0.0, 1.0)
+    if subseed_strength:
+        if subseed is None or subseed == -1:
+            subseed = secrets.randbelow(2**32)
+        subseed = _integer(subseed, "subseed", 0, MAX_SEED - batch_size * n_iter)
     if not isinstance(sampler, str) or not (schedule is None or isinstance(schedule, str)):
         raise BadRequest("sampler and schedule must be names")
     try:
@@ -178,8 +194,10 @@ def build_generation(
     mask_img = image(mask, "mask")
     if mask_img is not None and init is None:
         raise BadRequest("a mask needs an init image to inpaint")
-    if init is not None and strength <= 0:
+    if init is not None and strength <= 0 and strength_rule == "diffusers":  # A1111's rule runs one step at 0
         raise BadRequest("strength must be > 0 for img2img")
+
+    from sdengine.pipeline.control import ControlUnit  # torch: imported when a request is built, not with the routes
 
     units = []
     if len(controlnets) > 4:
@@ -189,15 +207,12 @@ def build_generation(
         control = image(unit.image, f"ControlNet unit {k} image")
         assert control is not None
         control = _preprocess(unit.preprocessor, ImageOps.exif_transpose(control).convert("RGB"), unit.options, k)
-        units.append(
-            (
-                str(path),
-                control,
-                _finite(unit.weight, f"ControlNet unit {k} weight", 0.0, 2.0),
-                _finite(unit.start, f"ControlNet unit {k} start", 0.0, 1.0),
-                _finite(unit.end, f"ControlNet unit {k} end", 0.0, 1.0),
-            )
-        )
+        start = _finite(unit.start, f"ControlNet unit {k} start", 0.0, 1.0)
+        end = _finite(unit.end, f"ControlNet unit {k} end", 0.0, 1.0)
+        if start >= end:  # the pipeline refuses it when the job runs: refused before anything is queued
+            raise BadRequest(f"ControlNet unit {k}: start ({start:g}) must be less than end ({end:g})")
+        weight = _finite(unit.weight, f"ControlNet unit {k} weight", 0.0, 2.0)
+        units.append(ControlUnit(str(path), control, weight, start, end, unit.rule))
 
     chosen = model if model else (default_model or config.model)
     ref = catalog.resolve_model(chosen)
@@ -226,6 +241,16 @@ def build_generation(
         kwargs["vae_decode"] = vae_decode
     if vae_encode != "full":
         kwargs["vae_encode"] = vae_encode
+    if sampler_options:  # the sampler's keyword options (eta); checked against the sampler by the pipeline
+        kwargs["sampler_options"] = {k: _finite(v, k, 0.0, 10.0) for k, v in sampler_options.items()}
+    if subseed_strength:  # left out at 0 (the seed's image), so that such jobs batch as before
+        kwargs.update(subseed=subseed, subseed_strength=subseed_strength)
+        if same_seed:
+            kwargs["seed"] = [seed] * batch_size
+    if strength_rule != "diffusers":  # checked by GenerationRequest.validate below
+        kwargs["strength_rule"] = strength_rule
+    if resize_mode not in (0, "just resize"):
+        kwargs["resize_mode"] = resize_mode  # checked by GenerationRequest.validate below
     if hires is not None:
         kwargs.update(_hires_fields(config, hires, width, height), enable_hr=True)
     # The pipeline's own request object checks what it can without the model (GenerationError -> 400), so

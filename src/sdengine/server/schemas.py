@@ -58,7 +58,12 @@ class JobRequest(BaseModel):
     height: int | None = SIDE
     batch_size: int = Field(1, ge=1, le=64)
     init_image: str | None = None
-    strength: float = Field(0.75, gt=0, le=1, allow_inf_nan=False)
+    strength: float = Field(0.75, ge=0, le=1, allow_inf_nan=False)
+    strength_rule: Literal["diffusers", "a1111"] = Field(
+        "diffusers",
+        description="how strength counts the img2img / hires steps: 'diffusers' int(steps * strength) (strength "
+        "> 0), 'a1111' AUTOMATIC1111's int(min(strength, 0.999) * steps) + 1 (one step at strength 0)",
+    )
     mask: str | None = Field(None, description="white = repaint")
     mask_blur: float = Field(0, ge=0, le=256, allow_inf_nan=False)
     controlnets: list[ControlNetSpec] = Field(default_factory=list, max_length=8)

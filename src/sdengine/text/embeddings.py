@@ -7,7 +7,9 @@ A file holds one embedding: ``n`` vectors as wide as the text encoder's token em
   ``nn.ParameterDict`` the original textual-inversion code saved), read with the weights-only unpickler of
   :mod:`sdengine.weights.io`, never an unrestricted one;
 * AUTOMATIC1111's / kohya's ``.safetensors``: ``{"emb_params": (n, D)}``;
-* diffusers' ``learned_embeds.safetensors`` / ``.bin``: ``{token: (D,) or (n, D)}``.
+* diffusers' ``learned_embeds.safetensors`` / ``.bin``: ``{token: (D,) or (n, D)}``;
+* SDXL (A1111, kohya): ``{"clip_l": (n, 768), "clip_g": (n, 1280)}``, one half per text encoder: an SDXL model
+  keeps one library per encoder, each reading its ``part``.
 
 An embeddings folder (:class:`EmbeddingLibrary`) follows A1111: every ``.pt``/``.bin``/``.safetensors``
 file under it (sub-folders too, empty files skipped) is an embedding named by its file stem; a prompt
@@ -79,8 +81,27 @@ def _read_any(path: Path) -> Mapping[str, Any]:
     raise EmbeddingError(f"{path}: not an embedding file (use {', '.join(EMBEDDING_SUFFIXES)})")
 
 
-def embedding_vectors(obj: Mapping[str, Any], where: str = "<embedding>") -> Tensor:
-    """The ``(n, D)`` float32 vectors of a loaded embedding file (see the module notes for the formats)."""
+SDXL_PARTS = ("clip_l", "clip_g")  # an SDXL embedding's vectors for its first (CLIP-L) and second (bigG) encoder
+
+
+def embedding_vectors(obj: Mapping[str, Any], where: str = "<embedding>", part: str | None = None) -> Tensor:
+    """The ``(n, D)`` float32 vectors of a loaded embedding file (see the module notes for the formats).
+    ``part``: for an SDXL model, which encoder's vectors of an SDXL file (``clip_l`` or ``clip_g``)."""
+    sdxl = all(isinstance(obj.get(k), Tensor) for k in SDXL_PARTS)
+    if part is not None:
+        if part not in SDXL_PARTS:
+            raise ValueError(f"part must be one of {SDXL_PARTS}, got {part!r}")
+        if not sdxl:
+            raise EmbeddingError(
+                f"{where}: not an SDXL embedding (no clip_l and clip_g tensors); an SD 1.x/2.x embedding does not "
+                "fit SDXL's text encoders"
+            )
+        counts = {k: int(obj[k].shape[0]) if obj[k].ndim == 2 else 1 for k in SDXL_PARTS}
+        if counts["clip_l"] != counts["clip_g"]:
+            raise EmbeddingError(
+                f"{where}: clip_l has {counts['clip_l']} vectors but clip_g {counts['clip_g']}; they must match"
+            )
+        return embedding_vectors({part: obj[part]}, where)
     if "clip_l" in obj and "clip_g" in obj:
         raise EmbeddingError(
             f"{where}: an SDXL embedding (clip_l and clip_g); it does not fit an SD 1.x/2.x text encoder"
@@ -126,12 +147,13 @@ def embedding_vectors(obj: Mapping[str, Any], where: str = "<embedding>") -> Ten
     return vec
 
 
-def read_embedding(path: str | os.PathLike[str], width: int | None = None) -> Tensor:
-    """The ``(n, D)`` float32 vectors of an embedding file; with ``width``, refused unless ``D == width``."""
+def read_embedding(path: str | os.PathLike[str], width: int | None = None, part: str | None = None) -> Tensor:
+    """The ``(n, D)`` float32 vectors of an embedding file; with ``width``, refused unless ``D == width``;
+    ``part`` (``clip_l``/``clip_g``): one encoder's vectors of an SDXL embedding."""
     path = Path(path)
     if not path.is_file():
         raise EmbeddingError(f"{path}: no such embedding file")
-    vec = embedding_vectors(_read_any(path), str(path))
+    vec = embedding_vectors(_read_any(path), str(path), part)
     if width is not None and vec.shape[1] != width:
         raise EmbeddingError(
             f"{path.name}: the embedding is {vec.shape[1]} wide but the text encoder is {width} wide "
@@ -192,11 +214,18 @@ def folder_summary(directory: str | os.PathLike[str]) -> dict[str, dict[str, Any
         try:
             if len(paths) > 1:
                 raise EmbeddingError("two files")
-            vec = read_embedding(paths[0])
+            obj = _read_any(paths[0])
+            if all(isinstance(obj.get(k), Tensor) for k in SDXL_PARTS):
+                # A1111's numbers for an SDXL file: both widths added, clip_g's vector count
+                halves = [embedding_vectors(obj, str(paths[0]), part) for part in SDXL_PARTS]
+                shape, vectors = sum(int(h.shape[1]) for h in halves), int(halves[1].shape[0])
+            else:
+                vec = embedding_vectors(obj, str(paths[0]))
+                shape, vectors = int(vec.shape[1]), int(vec.shape[0])
         except SdengineError:
             skipped[name] = {**info, "shape": None, "vectors": 0}
             continue
-        loaded[name] = {**info, "shape": int(vec.shape[1]), "vectors": int(vec.shape[0])}
+        loaded[name] = {**info, "shape": shape, "vectors": vectors}
     return {"loaded": loaded, "skipped": skipped}
 
 
@@ -259,9 +288,16 @@ class EmbeddingLibrary:
     """
 
     def __init__(
-        self, directory: str | os.PathLike[str], *, tokenizer: CLIPTokenizer, text_encoder: Any, model_name: str
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        tokenizer: CLIPTokenizer,
+        text_encoder: Any,
+        model_name: str,
+        part: str | None = None,
     ) -> None:
         self.directory = Path(directory)
+        self.part = part  # SDXL: the encoder's vectors of each file, "clip_l" or "clip_g" (embedding_vectors)
         if not self.directory.is_dir():
             raise EmbeddingError(f"embeddings folder {self.directory} does not exist or is not a folder")
         self.tokenizer = tokenizer
@@ -337,7 +373,7 @@ class EmbeddingLibrary:
             key = (str(path), st.st_size, st.st_mtime_ns)
             if key in self._loaded:
                 return self._loaded[key]
-            vectors = read_embedding(path, width=self.width)
+            vectors = read_embedding(path, width=self.width, part=self.part)
             first = self.base_id + sum(t.shape[0] for t in self._table)
             emb = Embedding(name, path, vectors, first, embedding_hash(path))
             self._table.append(vectors)
@@ -436,6 +472,7 @@ __all__ = [
     "folder_summary",
     "list_embedding_files",
     "MAX_VECTORS",
+    "SDXL_PARTS",
     "Embedding",
     "EmbeddingError",
     "EmbeddingLibrary",

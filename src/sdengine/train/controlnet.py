@@ -34,7 +34,7 @@ from .. import distributed
 from ..control import PREPROCESSORS, ControlNetError, load_control_image, preprocess, save_controlnet
 from ..diffusion.loss import TIMESTEP_SAMPLINGS, DiffusionLoss, check_cond_dropout
 from ..models.controlnet import ControlNet
-from .checkpoint import ensure_new_run
+from .checkpoint import ensure_new_run, locks_out_dir
 from .compat import renamed_fields
 from .loop import TrainConfig, TrainResult, data_indices, train
 
@@ -158,6 +158,7 @@ def caption_rows(idx: Tensor, dropped: Tensor, n: int, mismatch: float, generato
     return torch.where(swap, other, idx)
 
 
+@locks_out_dir
 def train_controlnet(
     spec: ControlNetTrainSpec,
     cfg: TrainConfig,
@@ -177,7 +178,7 @@ def train_controlnet(
     progress = progress and distributed.current_world().is_main
     out_dir = Path(out_dir)
     # Before loading models: a bad --resume, or a finished run that would be overwritten, fails at once.
-    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["controlnet", "samples"])
+    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["controlnet", "samples"], data=spec.data)
     pipe = load_pipeline(spec.model, device=device, dtype="fp32")
     if not isinstance(pipe, Pipeline):
         raise ControlNetError(f"{spec.model}: a ControlNet needs a Stable Diffusion model (U-Net + VAE + text)")

@@ -26,7 +26,7 @@ from ..diffusion.loss import DiffusionLoss
 from ..diffusion.schedules import NoiseSchedule
 from ..imageio import make_grid, save_image_atomic
 from ..models.unet import UNet, UNetConfig
-from .checkpoint import ensure_new_run
+from .checkpoint import ensure_new_run, locks_out_dir
 from .compat import renamed_fields
 from .loop import TrainConfig, TrainResult, data_indices, train
 
@@ -81,6 +81,7 @@ def default_unet_config(spec: DDPMSpec, num_classes: int) -> UNetConfig:
     )
 
 
+@locks_out_dir
 def train_ddpm(
     spec: DDPMSpec,
     cfg: TrainConfig,
@@ -101,7 +102,7 @@ def train_ddpm(
     # Before the (slow) data loading: a bad --resume, or a finished run that would be overwritten, fails at once.
     # (the sample grids are the run's outputs too: --overwrite once left the old run's beside the new one)
     grids = sorted(p.name for p in Path(out_dir).glob("samples_*.png")) if Path(out_dir).is_dir() else []
-    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["model", *grids])
+    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["model", *grids], data=spec.data)
     images, labels, class_names, crop = data if data is not None else load_training_data(spec)
     if spec.class_conditional and labels is None:
         raise ValueError("class-conditional training needs labels")

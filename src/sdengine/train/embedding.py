@@ -26,7 +26,7 @@ from torch import nn
 from sdengine.errors import SdengineError
 
 from ..text.embeddings import MAX_VECTORS, FixedWords, save_embedding
-from .checkpoint import ensure_new_run
+from .checkpoint import ensure_new_run, locks_out_dir
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 
@@ -53,6 +53,8 @@ class EmbeddingSpec:
             raise EmbeddingTrainingError(
                 f"embedding name {self.name!r}: use letters, digits, '.', '_', '-' (it becomes a file name)"
             )
+        if not self.init_text.strip():  # it has no tokens: refused here, not after the model has loaded
+            raise EmbeddingTrainingError(f"init text {self.init_text!r} has no tokens: give a word (A1111 uses *)")
         if "[name]" not in self.template:
             raise EmbeddingTrainingError(f"template {self.template!r} has no [name]: the word would never be seen")
         if self.resolution is not None and self.resolution < 8:
@@ -82,6 +84,7 @@ def captions_for(spec: EmbeddingSpec, file_captions: list[str]) -> list[str]:
     return [spec.template.replace("[filewords]", c).replace("[name]", spec.name) for c in file_captions]
 
 
+@locks_out_dir
 def train_embedding(
     spec: EmbeddingSpec,
     cfg: TrainConfig,
@@ -102,7 +105,15 @@ def train_embedding(
     device = torch.device(device)
     out_dir = Path(out_dir)
     file_name = f"{spec.name}.safetensors"
-    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=[file_name])
+    # The name is the run's file: resuming under another one would leave two files of one run (refused, as a seed).
+    ensure_new_run(
+        out_dir,
+        resume=resume,
+        overwrite=overwrite,
+        outputs=[file_name],
+        same={"name": ("--name", spec.name)},
+        data=spec.data,
+    )
     pipe = load_pipeline(spec.model, device=device, dtype="fp32")
     if not isinstance(pipe, Pipeline) or pipe.conditioner.kind != "clip":
         raise EmbeddingTrainingError(f"{spec.model}: textual inversion needs an SD model with a CLIP text encoder")

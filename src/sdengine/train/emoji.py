@@ -41,7 +41,7 @@ from ..io.atomic import atomic_dir, atomic_write, write_text_atomic
 from ..models.unet import UNet, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
 from . import emoji_defaults as D
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, locks_out_dir, save_checkpoint
 from .compat import renamed_fields
 from .loop import TrainConfig, TrainResult, data_indices, train
 
@@ -655,6 +655,7 @@ def prepare_pooled(
     return _cached_caption_tensors(ds, path, device, "-pooled", "pooled", caption_pooled, captions)
 
 
+@locks_out_dir
 def train_emoji(
     out_dir: str | Path,
     recipe: EmojiRecipe | None = None,
@@ -680,6 +681,15 @@ def train_emoji(
     if recipe.captions not in CAPTION_MODES:  # before any stage runs
         raise EmojiTrainError(f"captions must be one of {', '.join(CAPTION_MODES)}, got {recipe.captions!r}")
     init = load_init_model(init_unet) if init_unet is not None else None
+    # Every stage's settings checked before the first stage runs (a bad U-Net setting once surfaced only after the
+    # whole VAE stage had trained)
+    if init is None:
+        recipe.vae_config(_secs(max_minutes_vae))
+        if recipe.unet_pooled_from < 0:
+            raise EmojiTrainError(
+                f"--pooled-from must be a step >= 0 (0: from the start), got {recipe.unet_pooled_from}"
+            )
+    recipe.unet_config(_secs(max_minutes_unet))
     if init is not None and init.extra.get("held_out_subgroup", recipe.spec.held_out) != recipe.spec.held_out:
         raise EmojiTrainError(
             f"--init-unet {init.folder} held out {init.extra['held_out_subgroup']!r}, this recipe "

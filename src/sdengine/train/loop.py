@@ -30,7 +30,7 @@ from sdengine.io.atomic import atomic_write, remove_stale_temp_files
 from sdengine.weights.io import WeightsError
 from sdengine.weights.loading import check_keys
 
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, locks_out_dir, save_checkpoint
 
 MixedPrecision = Literal["auto", "no", "bf16"]
 
@@ -69,6 +69,20 @@ class TrainConfig:
             raise UsageError(f"learning rate must be a finite number > 0, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UsageError(f"ema decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup_steps < 0:
+            raise UsageError(f"warm-up steps must be >= 0 (0: none), got {self.warmup_steps}")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise UsageError(f"gradient clipping must be a finite number >= 0 (0: none), got {self.grad_clip}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise UsageError(f"weight decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.checkpoint_every < 0:
+            raise UsageError(
+                f"checkpoint interval must be >= 0 steps (0: at the end only), got {self.checkpoint_every}"
+            )
+        if self.sample_every < 0:
+            raise UsageError(f"sample interval must be >= 0 steps (0: none), got {self.sample_every}")
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            raise UsageError(f"mixed precision must be auto, no or bf16, got {self.mixed_precision!r}")
         if self.max_seconds is not None and not (self.max_seconds > 0 and math.isfinite(self.max_seconds)):
             raise UsageError(f"the time limit must be a finite number of minutes > 0, got {self.max_seconds / 60:g}")
 
@@ -167,6 +181,7 @@ def _plot_losses(losses: list[float], path: Path) -> None:
         plt.close(fig)
 
 
+@locks_out_dir
 def train(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, int, torch.Generator], torch.Tensor],
@@ -252,6 +267,8 @@ def train(
             cuda_state = state["rng_cuda_ranks"][world.rank] if same_world and "rng_cuda_ranks" in state else None
             torch.cuda.set_rng_state(cuda_state if cuda_state is not None else state["rng_cuda"], device)
         if start >= cfg.steps:
+            if progress:  # said, so that --steps below the run's step is not taken for a shorter run
+                print(f"{ckpt_path} is at step {start}, at or past --steps {cfg.steps}: nothing to train")
             return TrainResult(start, losses, out_dir, ckpt_path)
 
     # Every rank starts from the same weights (same seed, or the same checkpoint); DDP also broadcasts rank 0's.

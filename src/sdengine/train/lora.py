@@ -34,7 +34,7 @@ from sdengine.errors import SdengineError
 
 from .. import distributed
 from ..weights.lora import LoRALayer, kohya_name, lora_targets, patch_layers
-from .checkpoint import ensure_new_run
+from .checkpoint import ensure_new_run, locks_out_dir
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 TargetKind = Literal["attention", "proj", "ff", "conv"]
@@ -94,6 +94,13 @@ class LoRASpec:
             raise LoRATrainingError(f"targets must be among {', '.join(TARGET_KINDS)}, got {list(self.targets)}")
         if self.resolution is not None and self.resolution < 8:
             raise LoRATrainingError(f"resolution must be >= 8 pixels, got {self.resolution}")
+        name = self.output_name
+        if name in ("", ".", "..") or name.strip() != name or any(c in name for c in "/\\:<>\0"):
+            # a file name in --out, and the NAME of a <lora:NAME:W> tag: no folders, no tag separators
+            raise LoRATrainingError(
+                f"LoRA name {name!r}: it becomes the file name and the <lora:NAME:W> tag, so no '/', '\\', ':', "
+                "'<', '>' and no outer spaces"
+            )
 
     @property
     def effective_alpha(self) -> float:
@@ -327,6 +334,7 @@ def tag_frequency(captions: list[str], folder: str) -> dict[str, dict[str, int]]
     return {Path(folder).name: dict(counts.most_common())}
 
 
+@locks_out_dir
 def train_lora(
     spec: LoRASpec,
     cfg: TrainConfig,
@@ -348,7 +356,15 @@ def train_lora(
     progress = progress and distributed.current_world().is_main
     out_dir = Path(out_dir)
     # Before loading the model: a bad --resume, or a finished run that would be overwritten, fails at once.
-    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=[f"{spec.output_name}.safetensors", "samples"])
+    # (the name is the file the run writes: resuming under another would leave two files of one run)
+    ensure_new_run(
+        out_dir,
+        resume=resume,
+        overwrite=overwrite,
+        outputs=[f"{spec.output_name}.safetensors", "samples"],
+        same={"output_name": ("--name", spec.output_name)},
+        data=spec.data,
+    )
     started = time.time()
     base_dtype = "bf16" if cfg.mixed_precision == "bf16" else "fp32"  # frozen weights may be half; LoRA stays fp32
     pipe = load_pipeline(spec.model, device=device, dtype=base_dtype)
@@ -401,6 +417,7 @@ def train_lora(
     meta = {
         "kind": "lora",
         "model": spec.model,
+        "output_name": spec.output_name,
         "rank": spec.rank,
         "alpha": spec.effective_alpha,
         "targets": list(spec.targets),

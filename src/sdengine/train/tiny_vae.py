@@ -57,7 +57,7 @@ from sdengine.errors import SdengineError
 from .. import distributed
 from ..models.tiny_vae import TinyAutoencoder, TinyVAEConfig, taesd_config
 from ..models.vae import AutoencoderKL, VAEConfig
-from .checkpoint import ensure_new_run, load_checkpoint
+from .checkpoint import ensure_new_run, load_checkpoint, locks_out_dir
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 LatentMode = Literal["mode", "sample"]
@@ -336,6 +336,7 @@ class TinyVAETrainOutput:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+@locks_out_dir
 def train_tiny_vae(
     spec: TinyVAETrainSpec,
     cfg: TrainConfig,
@@ -355,7 +356,7 @@ def train_tiny_vae(
     world = distributed.current_world()
     progress = progress and world.is_main
     out_dir = Path(out_dir)
-    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=OUTPUTS)
+    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=OUTPUTS, data=spec.data)
     pipe = load_pipeline(spec.model, device=device, dtype="fp32")
     if not isinstance(pipe, Pipeline) or not isinstance(getattr(pipe, "vae", None), AutoencoderKL):
         raise TinyVAETrainingError(f"{spec.model}: a tiny VAE needs a latent diffusion model with a VAE")

@@ -31,6 +31,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 # global_step of SD 2.0/2.1 "base" (512, epsilon) checkpoints, the one hint such files carry (as in diffusers).
 _SD2_BASE_GLOBAL_STEP = 875000
+SD_VAE_SCALING_FACTOR = 0.18215  # LDM's scale_factor for the SD1/SD2 VAE
 
 
 class UnsupportedModelError(WeightsError):
@@ -202,7 +203,7 @@ def vae_config_from_ldm(vae: Mapping[str, torch.Tensor], *, sample_size: int = 5
         "norm_num_groups": 32,
         "act_fn": "silu",
         "sample_size": sample_size,
-        "scaling_factor": 0.18215,  # LDM's scale_factor for the SD1/SD2 VAE
+        "scaling_factor": SD_VAE_SCALING_FACTOR,
     }
 
 

@@ -67,6 +67,7 @@ class LDMConfig:
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)  # component -> {diffusers key: value}
     text_encoder: str | None = None  # "clip" or "openclip" (from cond_stage_config.target)
     text_layer: str | None = None
+    states_prediction: bool = False  # the file says the prediction type (parameterization, or sgm's scaling)
 
 
 def _section(obj: Any, where: str, *keys: str) -> dict[str, Any]:
@@ -139,6 +140,16 @@ def read_ldm_config(path: str | Path) -> LDMConfig:
     if param not in ("eps", "v", "x0"):
         raise ModelConfigError(f"{where}: parameterization {param!r} is not eps, v or x0")
     cfg.prediction_type = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[param]
+    # sgm (SDXL) configs say it with the denoiser's scaling instead: VScaling (sd_xl_v.yaml) or EpsScaling
+    scaling = str(
+        _section(_section(params, where, "denoiser_config", "params"), where, "scaling_config").get("target", "")
+    )
+    if scaling.endswith(".VScaling"):
+        cfg.prediction_type, cfg.states_prediction = "v_prediction", True
+    elif scaling.endswith(".EpsScaling"):
+        cfg.states_prediction = True
+    else:
+        cfg.states_prediction = "parameterization" in params
     cfg.scale_factor = _float(params, "scale_factor", where)
     cfg.linear_start = _float(params, "linear_start", where)
     cfg.linear_end = _float(params, "linear_end", where)

@@ -33,6 +33,7 @@ from sdengine.nn.meta_init import skip_meta_init
 
 from . import keymaps as km
 from .detect import (
+    SD_VAE_SCALING_FACTOR,
     Detected,
     check_supported,
     clip_config_from_weights,
@@ -61,7 +62,7 @@ from .ldm_config import (
     is_yaml_config,
     read_ldm_config,
 )
-from .sdxl_files import is_sdxl_ldm, sdxl_components_to_ldm, sdxl_ldm_to_components
+from .sdxl_files import SDXL_VAE_SCALING_FACTOR, is_sdxl_ldm, sdxl_components_to_ldm, sdxl_ldm_to_components
 from .vae_file import check_vae_fits
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,8 @@ COMPONENT_KINDS = {
 }
 # SDXL folders add a second text encoder (OpenCLIP bigG with its projection); the refiner has only that one.
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-WEIGHT_FILE_STEMS = ("diffusion_pytorch_model", "model")
+# diffusers, transformers (safetensors) and transformers' pickle (`pytorch_model.bin`, older text_encoder/ folders)
+WEIGHT_FILE_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 CONFIG_METADATA_KEY = "sdengine.configs"  # JSON {unet, vae, text_encoder, scheduler} in files we write
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release our configs are written for and tested against
 
@@ -151,11 +153,17 @@ def _find_weights(folder: Path) -> list[Path]:
                 f = folder / f"{stem}{variant}{suffix}"
                 if f.is_file():
                     return [f]
-                index = folder / f"{stem}{variant}{suffix}.index.json"
-                if index.is_file():  # sharded weights
-                    return _shards_of(index)
+                # sharded weights: diffusers and transformers name a variant's index
+                # `{stem}{suffix}.index.fp16.json` (shards `{stem}.fp16-00001-of-00002{suffix}`)
+                for index in (
+                    folder / f"{stem}{suffix}.index{variant}.json",
+                    folder / f"{stem}{variant}{suffix}.index.json",
+                ):
+                    if index.is_file():
+                        return _shards_of(index)
     raise WeightsError(
-        f"{folder}: no weights found (expected diffusion_pytorch_model.safetensors or model.safetensors)"
+        f"{folder}: no weights found (expected diffusion_pytorch_model.safetensors, model.safetensors or "
+        "pytorch_model.bin)"
     )
 
 
@@ -270,7 +278,10 @@ def load_diffusers_folder(
             raise WeightsError(f"{folder}: missing the {comp}/ subfolder")
         sds[comp], cfgs[comp] = _load_component_folder(sub, COMPONENT_KINDS[comp], dtype)
     if vae is not None:
-        sds["vae"], cfgs["vae"] = load_vae(vae)
+        own = folder / "vae" / "config.json"
+        own_cfg = _read_json(own, "vae config") if own.is_file() else None
+        scale = _scaling_factor_of(own_cfg, SDXL_VAE_SCALING_FACTOR if sdxl else SD_VAE_SCALING_FACTOR)
+        sds["vae"], cfgs["vae"] = load_vae_for_model(vae, scale)
     if not minilm and "text_encoder" in sds:
         sds["text_encoder"] = _clean_text_encoder(sds["text_encoder"], skipped)
     if "text_encoder_2" in sds:
@@ -338,6 +349,22 @@ def load_vae(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
     if is_tiny_vae_state(sd):
         raise WeightsError(f"{path}: a tiny VAE (TAESD), not a full VAE: give it as --tiny-vae / tiny_vae=")
     raise WeightsError(f"{path}: not a VAE (no encoder.down.* or encoder.down_blocks.* weights)")
+
+
+def load_vae_for_model(path: str | Path, model_scaling_factor: float) -> tuple[StateDict, dict[str, Any]]:
+    """:func:`load_vae` for a model whose latents are scaled by ``model_scaling_factor``. A VAE *file* carries
+    no config, so its scaling factor is the model's (A1111 takes it from the model's config whatever VAE is
+    loaded): an SDXL model with the LDM-layout ``sdxl_vae.safetensors`` keeps 0.13025, never SD's 0.18215. A
+    diffusers VAE folder states its own, used as diffusers uses it."""
+    sd, cfg = load_vae(path)
+    if not Path(path).is_dir():
+        cfg["scaling_factor"] = float(model_scaling_factor)
+    return sd, cfg
+
+
+def _scaling_factor_of(cfg: Mapping[str, Any] | None, default: float) -> float:
+    value = (cfg or {}).get("scaling_factor")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
 
 
 def _configs_from_folder(folder: Path) -> dict[str, dict[str, Any]]:
@@ -459,6 +486,8 @@ def load_single_file(
         if comp in COMPONENT_KINDS:
             _check_config(config if config is not None else path, COMPONENT_KINDS[comp], cfg)
     if is_sdxl_ldm(sd):
+        if prediction_type is None and ldm_cfg is not None and ldm_cfg.states_prediction and "scheduler" not in cfg_src:
+            prediction_type = ldm_cfg.prediction_type  # A1111's sd_xl_v.yaml beside a v-prediction SDXL file
         return _load_sdxl_single_file(path, sd, cfg_src, config=config, vae=vae, prediction_type=prediction_type)
     comps, det, skipped = ldm_to_components(
         sd, info=info, prediction_type=prediction_type, configs=cfg_src or None, where=str(path)
@@ -493,7 +522,9 @@ def load_single_file(
     if vae is not None:
         if "vae" in comps:
             skipped += [f"{km.VAE_PREFIX}* (replaced by vae={vae})"]
-        comps["vae"], cfgs["vae"] = load_vae(vae)
+        own_scale = ldm_cfg.scale_factor if ldm_cfg is not None and ldm_cfg.scale_factor is not None else None
+        scale = _scaling_factor_of(cfgs.get("vae"), own_scale if own_scale is not None else SD_VAE_SCALING_FACTOR)
+        comps["vae"], cfgs["vae"] = load_vae_for_model(vae, scale)
     if "vae" not in comps:
         raise MissingVAEError(
             f"{path}: this checkpoint has no VAE (no first_stage_model.* weights); pass vae=PATH "
@@ -535,7 +566,8 @@ def _load_sdxl_single_file(
     pred = prediction_type or cfgs["scheduler"].get("prediction_type", "epsilon")
     cfgs["scheduler"]["prediction_type"] = pred
     if vae is not None:
-        comps["vae"], cfgs["vae"] = load_vae(vae)
+        scale = _scaling_factor_of(cfgs.get("vae"), SDXL_VAE_SCALING_FACTOR)
+        comps["vae"], cfgs["vae"] = load_vae_for_model(vae, scale)
     if "vae" not in comps:
         raise MissingVAEError(f"{path}: this checkpoint has no VAE (no first_stage_model.* weights); pass vae=PATH")
     folder = Path(config) if config is not None else None

@@ -84,7 +84,7 @@ class LoRALayerWeights:
 
     key: str  # the file's name for the layer (kohya layer name, or PEFT module path with its prefix)
     down: torch.Tensor  # (r, in) or (r, in, kh, kw)
-    up: torch.Tensor  # (out, r) or (out, r, 1, 1)
+    up: torch.Tensor  # (out, r) or (out, r, 1, 1) (a DyLoRA file's (out, r) of a convolution is read as that)
     alpha: float | None = None  # None: alpha = rank
     rslora: bool = False  # PEFT's rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)
 
@@ -176,6 +176,10 @@ class LoRAFile:
                 unknown += [f"{layer} (has {'/'.join(sorted(p))} but no {'up' if 'down' in p else 'down'})"]
                 continue
             down, up = p["down"], p["up"]
+            if down.ndim == 4 and up.ndim == 2:
+                # LyCORIS' DyLoRA writes a convolution's up as (out, r) (its rank blocks joined), the down as
+                # (r, in, kh, kw): the up is a 1x1, as A1111 and ComfyUI read it
+                up = up.reshape(*up.shape, 1, 1)
             for part_name, tensor in (("down", down), ("up", up)):
                 if not tensor.is_floating_point():
                     raise LoRAFileError(f"{where}: {layer} {part_name} has dtype {tensor.dtype}, not floating point")
@@ -342,7 +346,7 @@ def resolve_lora(name: str | os.PathLike[str], lora_dir: str | os.PathLike[str] 
         if target.is_file():
             return root / target.relative_to(real_root)
     stem = Path(text).name.lower()
-    hits = sorted(q for q in _lora_files(root) if q.stem.lower() == stem)
+    hits = sorted(q for q in _lora_files(root) if stem in (q.stem.lower(), q.name.lower()))  # with its suffix too
     if hits:
         return hits[0]
     if shipped is not None:  # the user's folder first, then the shipped ones

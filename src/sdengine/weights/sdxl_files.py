@@ -51,6 +51,9 @@ SDXL_SCHEDULER: dict[str, Any] = {
     "interpolation_type": "linear",
     "use_karras_sigmas": False,
 }
+# Empty marker tensors of v-prediction SDXL fine-tunes (NoobAI-XL V-Pred and others), read by ComfyUI and A1111:
+# `v_pred` = v-prediction, `ztsnr` = zero terminal SNR (rescaled betas); written back when converting such a model.
+V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"
 _UNUSED = re.compile(r"(^conditioner\.embedders\.\d\.model\.(logit_scale|attn_mask)$)|(\.position_ids$)")
 
 
@@ -131,7 +134,7 @@ def sdxl_ldm_to_components(
     skipped: list[str] = []
     unknown: list[str] = []
     for key, t in sd.items():
-        if km.is_known_unused(key) or _UNUSED.search(key):
+        if km.is_known_unused(key) or _UNUSED.search(key) or key in (V_PRED_KEY, ZTSNR_KEY):
             skipped.append(key)
             continue
         for name, prefix in prefixes.items():
@@ -173,7 +176,12 @@ def sdxl_ldm_to_components(
             projection_dim=int(out["text_encoder_2"]["text_projection.weight"].shape[0]),
         )
         cfgs["text_encoder_2"] = te2
-    cfgs.setdefault("scheduler", dict(SDXL_SCHEDULER))
+    if "scheduler" not in cfgs:
+        cfgs["scheduler"] = dict(SDXL_SCHEDULER)
+        if V_PRED_KEY in sd:  # as ComfyUI reads the markers: ztsnr only with v_pred
+            cfgs["scheduler"]["prediction_type"] = "v_prediction"
+            if ZTSNR_KEY in sd:
+                cfgs["scheduler"]["rescale_betas_zero_snr"] = True
     family: SDXLFamily = "sdxl" if "text_encoder" in out else "sdxl_refiner"
     return out, cfgs, family, skipped
 
@@ -205,6 +213,11 @@ def sdxl_components_to_ldm(state_dicts: Mapping[str, StateDict], configs: Mappin
     big["text_projection"] = proj.t().contiguous()
     prefix = REFINER_BIGG_PREFIX if refiner else BIGG_PREFIX
     out.update({prefix + k: v for k, v in big.items()})
+    sched = configs.get("scheduler") or {}
+    if sched.get("prediction_type") == "v_prediction":  # the markers other tools read (see V_PRED_KEY)
+        out[V_PRED_KEY] = torch.tensor([])
+        if sched.get("rescale_betas_zero_snr"):
+            out[ZTSNR_KEY] = torch.tensor([])
     return out
 
 
@@ -214,6 +227,8 @@ __all__ = [
     "REFINER_BIGG_PREFIX",
     "SDXL_SCHEDULER",
     "SDXL_VAE_SCALING_FACTOR",
+    "V_PRED_KEY",
+    "ZTSNR_KEY",
     "is_sdxl_ldm",
     "sdxl_components_to_ldm",
     "sdxl_ldm_to_components",

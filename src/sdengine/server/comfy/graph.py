@@ -12,11 +12,14 @@ those of a node of the previous prompt is not run again, its outputs are reused 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from sdengine.errors import SdengineError
 from sdengine.server.comfy.nodes import NODES, Input, NodeDef, NodeError, RunContext, choices_of
@@ -33,20 +36,43 @@ class PromptInvalid(SdengineError, ValueError):
 
 
 class NodeFailed(SdengineError):
-    """A node raised while running: names the node."""
+    """A node raised while running: names the node; ``executed``: the nodes this prompt ran before it (not
+    those reused from the cache, as ComfyUI counts them); ``inputs``: the node's inputs, shown as ComfyUI's
+    ``current_inputs``; ``cached``: the nodes whose outputs the prompt reused (ComfyUI's ``current_outputs``)."""
 
-    def __init__(self, node_id: str, class_type: str, exc: BaseException) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        class_type: str,
+        exc: BaseException,
+        executed: list[str] | None = None,
+        inputs: dict[str, list[Any]] | None = None,
+        cached: list[str] | None = None,
+    ) -> None:
         super().__init__(f"node {node_id} ({class_type}): {exc}")
         self.node_id = node_id
         self.class_type = class_type
         self.exc = exc
+        self.executed = list(executed or [])
+        self.inputs = dict(inputs or {})
+        self.cached = list(cached or [])
+        self.outputs: dict[str, Any] = {}  # the UI outputs of the output nodes run (or reused) before it
 
 
 class Interrupted(SdengineError):
-    def __init__(self, node_id: str | None, class_type: str | None) -> None:
+    """The prompt was stopped at ``node_id``; ``executed``: the nodes it ran before (see NodeFailed)."""
+
+    def __init__(self, node_id: str | None, class_type: str | None, executed: list[str] | None = None) -> None:
         super().__init__("interrupted")
         self.node_id = node_id
         self.class_type = class_type
+        self.executed = list(executed or [])
+        self.outputs: dict[str, Any] = {}  # see NodeFailed
+
+
+def _with_outputs(e: NodeFailed | Interrupted, outputs: dict[str, Any]) -> NodeFailed | Interrupted:
+    e.outputs = dict(outputs)
+    return e
 
 
 def is_link(v: Any) -> bool:
@@ -63,7 +89,9 @@ def _err(kind: str, message: str, details: str = "", **extra: Any) -> dict[str, 
     return {"type": kind, "message": message, "details": details, "extra_info": extra}
 
 
-def _convert(inp: Input, value: Any, env: Any) -> tuple[Any, dict[str, Any] | None]:
+def _convert(
+    inp: Input, value: Any, env: Any, choices_cache: dict[Any, list[str]] | None = None
+) -> tuple[Any, dict[str, Any] | None]:
     """A literal input value converted as ComfyUI does, or an error entry."""
     name = inp.name
     try:
@@ -111,7 +139,23 @@ def _convert(inp: Input, value: Any, env: Any) -> tuple[Any, dict[str, Any] | No
                 received_value=value,
             )
     if inp.type == "COMBO":
-        choices = choices_of(inp, env)
+        # each list is made once per prompt (the input folder's files were once listed again for every LoadImage)
+        cache = {} if choices_cache is None else choices_cache
+        if inp.choices not in cache:
+            cache[inp.choices] = choices_of(inp, env)
+        choices = cache[inp.choices]
+        if isinstance(value, str) and value not in choices:
+            # ComfyUI lists model files with their suffix ("x.safetensors"), sdengine some without ("x"): a
+            # workflow written for either names the same file
+            other = value[: -len(".safetensors")] if value.endswith(".safetensors") else value + ".safetensors"
+            value = other if other in choices else value
+        if (
+            isinstance(value, str)
+            and value not in choices
+            and inp.also_valid is not None
+            and inp.also_valid(env, value)
+        ):
+            return value, None
         if not isinstance(value, str) or value not in choices:
             shown = ", ".join(choices[:20]) + (", ..." if len(choices) > 20 else "")
             return None, _err(
@@ -132,8 +176,11 @@ def output_nodes(prompt: Prompt) -> list[str]:
     ]
 
 
-def validate(prompt: Any, env: Any) -> tuple[Prompt, list[str]]:
-    """(the prompt with literal inputs converted, the output node ids to run); PromptInvalid if broken."""
+def validate(prompt: Any, env: Any, targets: list[str] | None = None) -> tuple[Prompt, list[str], dict[str, Any]]:
+    """(the prompt with literal inputs converted, the output node ids to run, node errors); PromptInvalid if
+    no output can run. As ComfyUI: ``targets`` (``partial_execution_targets``) keeps only the output nodes it
+    names; an output whose nodes have errors is left out while the others run (the node errors returned list
+    its errors), and the prompt fails only when no output is left."""
 
     def fail(error: dict[str, Any], node_errors: dict[str, Any] | None = None) -> PromptInvalid:
         return PromptInvalid({"error": error, "node_errors": node_errors or {}})
@@ -169,15 +216,14 @@ def validate(prompt: Any, env: Any) -> tuple[Prompt, list[str]]:
             )
         if not isinstance(node.get("inputs", {}), dict):
             raise fail(_err("invalid_prompt", f"Node {nid}: inputs must be an object", f"Node ID '#{nid}'"))
-    outputs = output_nodes(prompt)
+    outputs = [o for o in output_nodes(prompt) if targets is None or o in targets]
     if not outputs:
         raise fail(_err("prompt_no_outputs", "Prompt has no outputs", "add a SaveImage or PreviewImage node"))
 
     # Every node the outputs depend on, each checked once; links to absent nodes and cycles found here.
     converted: Prompt = {}
+    choices_cache: dict[Any, list[str]] = {}
     dependents: dict[str, set[str]] = {}
-    visiting: list[str] = []
-    done: set[str] = set()
 
     def add(nid: str, kind: str, message: str, details: str, **extra: Any) -> None:
         entry = node_errors.setdefault(
@@ -185,17 +231,8 @@ def validate(prompt: Any, env: Any) -> tuple[Prompt, list[str]]:
         )
         entry["errors"].append(_err(kind, message, details, **extra))
 
-    def visit(nid: str, out: str) -> None:
-        dependents.setdefault(nid, set()).add(out)
-        if nid in done:
-            for n2 in converted.get(nid, {}).get("_links", []):
-                visit(n2, out)
-            return
-        if nid in visiting:
-            cycle = visiting[visiting.index(nid) :] + [nid]
-            add(nid, "dependency_cycle", "Dependency cycle detected", " -> ".join(f"#{c}" for c in cycle))
-            return
-        visiting.append(nid)
+    def check(nid: str) -> list[str]:
+        """Check node ``nid``'s inputs (errors into node_errors), keep it converted; its valid links."""
         node = prompt[nid]
         ndef: NodeDef = NODES[node["class_type"]]
         inputs = node.get("inputs", {})
@@ -247,7 +284,6 @@ def validate(prompt: Any, env: Any) -> tuple[Prompt, list[str]]:
                     continue
                 values[inp.name] = [src, v[1]]
                 links.append(src)
-                visit(src, out)
             elif inp.is_link_type:
                 add(
                     nid,
@@ -257,48 +293,94 @@ def validate(prompt: Any, env: Any) -> tuple[Prompt, list[str]]:
                     input_name=inp.name,
                 )
             else:
-                value, error = _convert(inp, v, env)
+                value, error = _convert(inp, v, env, choices_cache)
                 if error is not None:
                     node_errors.setdefault(
                         nid, {"errors": [], "dependent_outputs": [], "class_type": node["class_type"]}
                     )["errors"].append(error)
                 else:
                     values[inp.name] = value
-        visiting.pop()
-        done.add(nid)
         converted[nid] = {"class_type": node["class_type"], "inputs": values, "_links": links}
+        return links
 
+    # Depth-first from each output with an explicit stack (a chain of thousands of nodes is no recursion limit);
+    # each node is checked once, a link back to a node on the current path is a cycle.
+    state: dict[str, int] = {}  # 1: on the path, 2: done
     for out in outputs:
-        visit(out, out)
-    if node_errors:
-        for nid, entry in node_errors.items():
-            entry["dependent_outputs"] = sorted(dependents.get(nid, ()))
-        raise fail(_err("prompt_outputs_failed_validation", "Prompt outputs failed validation"), node_errors)
-    return converted, outputs
+        if state.get(out) == 2:
+            continue
+        state[out] = 1
+        path, stack = [out], [iter(check(out))]
+        while stack:
+            src = next(stack[-1], None)
+            if src is None:
+                stack.pop()
+                state[path.pop()] = 2
+                continue
+            if state.get(src) == 2:
+                continue
+            if state.get(src) == 1:
+                cycle = path[path.index(src) :] + [src]
+                add(src, "dependency_cycle", "Dependency cycle detected", " -> ".join(f"#{c}" for c in cycle))
+                continue
+            state[src] = 1
+            path.append(src)
+            stack.append(iter(check(src)))
+    # Which outputs each node serves: one walk per output, each node once (a graph of shared inputs, a diamond
+    # upon a diamond, was once walked once per path: 2**depth steps).
+    for out in outputs:
+        seen, todo = {out}, [out]
+        while todo:
+            n = todo.pop()
+            dependents.setdefault(n, set()).add(out)
+            for src in converted.get(n, {}).get("_links", []):
+                if src not in seen:
+                    seen.add(src)
+                    todo.append(src)
+    for nid, entry in node_errors.items():
+        entry["dependent_outputs"] = sorted(dependents.get(nid, ()))
+    bad = {o for entry in node_errors.values() for o in entry["dependent_outputs"]}
+    good = [o for o in outputs if o not in bad]
+    if not good:
+        details = "\n".join(f"{e['message']}: {e['details']}" for n in node_errors.values() for e in n["errors"])
+        raise fail(_err("prompt_outputs_failed_validation", "Prompt outputs failed validation", details), node_errors)
+    graph = {nid: node for nid, node in converted.items() if dependents.get(nid, set()) & set(good)}
+    return graph, good, node_errors
 
 
 def topological_order(graph: Prompt) -> list[str]:
     """Kahn's order, ties broken by node id (numbers numerically), so that runs are reproducible."""
 
     def key(n: str) -> tuple[int, Any]:
-        return (0, int(n)) if n.isdigit() else (1, n)
+        return (0, int(n)) if n.isascii() and n.isdigit() else (1, n)  # "²" is a digit int() refuses
 
     indeg = {n: len(set(graph[n]["_links"])) for n in graph}
     users: dict[str, list[str]] = {n: [] for n in graph}
     for n in graph:
         for src in set(graph[n]["_links"]):
             users[src].append(n)
-    ready = sorted([n for n, d in indeg.items() if d == 0], key=key)
+    # a heap of the ready nodes (re-sorting a list at each step took minutes for a node read by 20000 others)
+    ready = [(key(n), n) for n, d in indeg.items() if d == 0]
+    heapq.heapify(ready)
     order = []
     while ready:
-        n = ready.pop(0)
+        _, n = heapq.heappop(ready)
         order.append(n)
         for u in users[n]:
             indeg[u] -= 1
             if indeg[u] == 0:
-                ready.append(u)
-                ready.sort(key=key)
+                heapq.heappush(ready, (key(u), u))
     return order
+
+
+def _shown(value: Any) -> Any:
+    """An input value as ComfyUI's ``current_inputs`` shows it: plain values as they are, others as short text."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value if not isinstance(value, str) or len(value) <= 1000 else value[:1000] + "..."
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 @dataclass
@@ -350,6 +432,7 @@ class Executor:
         values: dict[str, tuple[Any, ...]] = {}
         cached = [n for n in order if n in self.cache and self.cache[n].signature == sig[n]]
         event("execution_cached", {"nodes": cached})
+        executed: list[str] = []  # the nodes run (not reused) so far: ComfyUI's `executed` of an error
         ui_outputs: dict[str, dict[str, Any]] = {}
         new_cache: dict[str, CacheEntry] = {}
         for nid in order:
@@ -364,26 +447,28 @@ class Executor:
                     event("executed", {"node": nid, "display_node": nid, "output": entry.ui})
                 continue
             if cancelled():
-                raise Interrupted(nid, ct)
+                raise _with_outputs(Interrupted(nid, ct, executed), ui_outputs)
             event("executing", {"node": nid, "display_node": nid})
             kwargs = {k: (values[str(v[0])][v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()}
             ctx.current_node = nid
             try:
                 result = NODES[ct].fn(ctx, **kwargs)
-            except Interrupted:
-                raise
+            except Interrupted as e:
+                raise _with_outputs(Interrupted(e.node_id, e.class_type, executed), ui_outputs) from None
             except Exception as e:  # noqa: BLE001 - every failure is reported with its node
                 from sdengine.latent_sampling import SamplingStopped
 
                 if isinstance(e, SamplingStopped) or cancelled():
-                    raise Interrupted(nid, ct) from None
+                    raise _with_outputs(Interrupted(nid, ct, executed), ui_outputs) from None
                 self.cache = new_cache | {k: v for k, v in self.cache.items() if k not in new_cache}
-                raise NodeFailed(nid, ct, e) from e
+                shown = {k: [_shown(v)] for k, v in kwargs.items()}
+                raise _with_outputs(NodeFailed(nid, ct, e, executed, shown, cached), ui_outputs) from e
             ui = None
             if isinstance(result, dict):
                 ui = result.get("ui")
                 result = tuple(result.get("result", ()))
             values[nid] = tuple(result)
+            executed.append(nid)
             new_cache[nid] = CacheEntry(sig[nid], values[nid], ui)
             if ui is not None:
                 ui_outputs[nid] = ui

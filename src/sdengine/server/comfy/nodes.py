@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -77,6 +79,9 @@ class Input:
     multiline: bool = False
     optional: bool = False
     tooltip: str = ""
+    # a value outside ``choices`` that is valid all the same (LoadImage's "name [output]"): (env, value) -> bool
+    also_valid: Callable[[Any, str], bool] | None = None
+    upload: bool = False  # ComfyUI's image_upload flag (its page offers an upload button)
 
     @property
     def is_link_type(self) -> bool:
@@ -169,6 +174,8 @@ class RunContext:
     max_side: int = 2048
     max_batch: int = 8
     device: str = "cpu"  # the worker's: where networks that belong to no pipeline (the tiny VAE) run
+    # (PNG bytes, index, count) -> sent to the prompt's client as ComfyUI's progress and binary image frames
+    send_image: Callable[[bytes, int, int], None] | None = None
 
     def check_size(self, width: int, height: int, batch: int = 1) -> None:
         if max(width, height) > self.max_side:
@@ -235,33 +242,85 @@ def latent_samples(latent: dict[str, Any], pipe: Any) -> torch.Tensor:
     return torch.zeros(b, pipe.latent_channels, h // f, w // f)
 
 
+ANNOTATIONS = {" [input]": "input", " [output]": "output", " [temp]": "temp"}
+
+
+def split_annotation(name: str) -> tuple[str, str]:
+    """ComfyUI's annotated file names: "x.png [output]" is x.png of the output folder (also [input], [temp]);
+    a plain name is of the input folder."""
+    for suffix, kind in ANNOTATIONS.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)], kind
+    return name, "input"
+
+
+def _image_path(folders: Outputs, name: str) -> Path:
+    """The image file a LoadImage value names (resolved inside its folder); UnsafePathError / FileNotFoundError."""
+    from sdengine.io.paths import resolve_inside
+
+    plain, kind = split_annotation(name)
+    return resolve_inside(folders.root(kind), plain, "image")
+
+
+def annotated_image_exists(env: Any, value: str) -> bool:
+    """Whether an annotated LoadImage value ("x.png [output]") names an image file of its folder."""
+    from sdengine.io.paths import UnsafePathError
+
+    if split_annotation(value)[0] == value:
+        return False
+    try:
+        return _image_path(env.folders, value).suffix.lower() in IMAGE_SUFFIXES
+    except (UnsafePathError, OSError):
+        return False
+
+
 def input_file_token(ctx: RunContext, inputs: dict[str, Any]) -> str:
     """The content hash of the input folder's file named by ``inputs["image"]`` ("" when it cannot be read: the
     node then fails with its own message when it runs)."""
     import hashlib
 
-    from sdengine.io.paths import UnsafePathError, resolve_inside
+    from sdengine.io.paths import UnsafePathError
 
     try:
-        path = resolve_inside(ctx.folders.input, str(inputs.get("image", "")), "image")
+        path = _image_path(ctx.folders, str(inputs.get("image", "")))
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except (UnsafePathError, OSError):
         return ""
 
 
-def _load_input_image(ctx: RunContext, name: str) -> Image.Image:
-    from sdengine.io.paths import UnsafePathError, resolve_inside
+def _load_input_image(ctx: RunContext, name: str, frames: bool = False) -> list[Image.Image]:
+    """The image a LoadImage value names: its first frame, or (``frames``) every frame of an animated image of
+    the first frame's size (ComfyUI's LoadImage: a batch; at most the server's batch limit)."""
+    from sdengine.io.images import load_image as read_image
+    from sdengine.io.paths import UnsafePathError
     from sdengine.server.security import decode_image
 
     try:
-        path = resolve_inside(ctx.folders.input, name, "image")
+        path = _image_path(ctx.folders, name)
     except UnsafePathError as e:
         raise NodeError(str(e)) from None
     except FileNotFoundError:
-        raise NodeError(f"image {name!r} is not in the input folder (upload it with POST /upload/image)") from None
+        kind = split_annotation(name)[1]
+        raise NodeError(f"image {name!r} is not in the {kind} folder (upload it with POST /upload/image)") from None
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise NodeError(f"image {name!r}: only PNG, JPEG and WebP files are read")
-    return ImageOps.exif_transpose(decode_image(path.read_bytes(), f"image {name!r}", ctx.max_pixels))
+    raw = decode_image(path.read_bytes(), f"image {name!r}", ctx.max_pixels)
+    count = int(getattr(raw, "n_frames", 1)) if frames and raw.format != "MPO" else 1  # MPO: ComfyUI's first only
+    if count > ctx.max_batch:
+        raise NodeError(f"image {name!r} has {count} frames, over the server's batch limit of {ctx.max_batch}")
+    out: list[Image.Image] = []
+    for k in range(count):
+        if count > 1:
+            raw.seek(k)
+        img = ImageOps.exif_transpose(raw.copy() if count > 1 else raw)
+        # the engine's reading of a PIL image: 16-bit grayscale scaled by its depth (convert("RGB") clips it: white)
+        img = read_image(img, f"image {name!r}", error=NodeError)
+        if img.mode == "P" and "transparency" in img.info:  # a palette's transparent colour is alpha (the mask)
+            img = img.convert("RGBA")
+        if out and img.size != out[0].size:  # ComfyUI leaves out frames of another size
+            continue
+        out.append(img)
+    return out
 
 
 # -------------------------------------------------------------------------------------------- loaders
@@ -381,8 +440,14 @@ def clip_set_last_layer(ctx: RunContext, clip: ClipHandle, stop_at_clip_layer: i
     return (replace(clip, clip_skip=-int(stop_at_clip_layer)),)
 
 
+MAX_CONDITIONINGS = 64  # entries of one combined conditioning: each is a model call per step
+
+
 def conditioning_combine(ctx: RunContext, conditioning_1: list[Any], conditioning_2: list[Any]) -> tuple[Any]:
-    return ([*conditioning_1, *conditioning_2],)
+    combined = [*conditioning_1, *conditioning_2]
+    if len(combined) > MAX_CONDITIONINGS:  # a chain combining a conditioning with itself doubles it each time
+        raise NodeError(f"the combined conditioning has {len(combined)} entries, over the limit of {MAX_CONDITIONINGS}")
+    return (combined,)
 
 
 def _hint_image(image: torch.Tensor) -> torch.Tensor:
@@ -593,6 +658,14 @@ def _crop_to_factor(pixels: torch.Tensor, f: int) -> torch.Tensor:
     return pixels
 
 
+def _vae_factor(ctx: RunContext, vae: VaeHandle | VaeFileHandle | TinyVaeHandle) -> int:
+    """How many pixels of a side one latent pixel of ``vae`` covers."""
+    if isinstance(vae, TinyVaeHandle):
+        return int(_tiny_vae(ctx, vae).config.downscale_factor)
+    net = _vae_file(ctx, vae) if isinstance(vae, VaeFileHandle) else ctx.pipeline(vae.ref).vae
+    return int(net.config.downscale_factor)
+
+
 def _encode(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle | VaeFileHandle | TinyVaeHandle) -> dict[str, Any]:
     if isinstance(vae, TinyVaeHandle):
         return _tiny_encode(ctx, pixels, vae)
@@ -632,6 +705,13 @@ def vae_encode_for_inpaint(
 ) -> tuple[Any]:
     b, h, w, _ = pixels.shape
     m = F.interpolate(_mask4(mask), size=(h, w), mode="bilinear")
+    # as ComfyUI: the image and its mask cut (centred) to the VAE's factor first, so that the noise mask covers
+    # the latent's pixels (the image alone was cut: a mask a few pixels off, stretched over the latent)
+    f = _vae_factor(ctx, vae)
+    pixels = _crop_to_factor(pixels, f)
+    y, x = (h % f) // 2, (w % f) // 2
+    h, w = pixels.shape[1], pixels.shape[2]
+    m = m[:, :, y : y + h, x : x + w]
     hard = m.round()
     grown = hard
     g = int(grow_mask_by)
@@ -694,10 +774,10 @@ def _upscale_latent(samples: dict[str, Any], method: str, w: int, h: int, crop: 
         return {**samples, "size": (b, h, w)}
     z = samples["samples"]
     f = h0 // z.shape[2]
-    if h % f or w % f:
-        raise NodeError(f"{w}x{h} is not a multiple of the latent factor {f}")
-    z = _resize_nchw(z.float(), w // f, h // f, method, crop)
-    return {"samples": z, "size": (b, h, w), "posterior": None, "noise_mask": samples.get("noise_mask")}
+    # ComfyUI's LatentUpscale takes width // 8 x height // 8 latent pixels: a size off the factor rounds down
+    lw, lh = max(1, w // f), max(1, h // f)
+    z = _resize_nchw(z.float(), lw, lh, method, crop)
+    return {"samples": z, "size": (b, lh * f, lw * f), "posterior": None, "noise_mask": samples.get("noise_mask")}
 
 
 def latent_upscale(
@@ -753,18 +833,19 @@ def canny_node(ctx: RunContext, image: torch.Tensor, low_threshold: float, high_
 
 
 def load_image(ctx: RunContext, image: str) -> tuple[Any, ...]:
-    img = _load_input_image(ctx, image)
-    rgb = image_to_tensor(img)
-    if "A" in img.getbands():
-        alpha = torch.from_numpy(np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0)
-        mask = 1.0 - alpha  # ComfyUI: transparent = repaint
-    else:
-        mask = torch.zeros(img.height, img.width)
-    return rgb, mask[None]
+    rgbs, masks = [], []
+    for img in _load_input_image(ctx, image, frames=True):
+        rgbs.append(image_to_tensor(img))
+        if "A" in img.getbands():
+            alpha = torch.from_numpy(np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0)
+            masks.append((1.0 - alpha)[None])  # ComfyUI: transparent = repaint
+        else:
+            masks.append(torch.zeros(1, img.height, img.width))
+    return torch.cat(rgbs), torch.cat(masks)
 
 
 def load_image_mask(ctx: RunContext, image: str, channel: str) -> tuple[Any]:
-    img = _load_input_image(ctx, image)
+    (img,) = _load_input_image(ctx, image)
     band = {"alpha": "A", "red": "R", "green": "G", "blue": "B"}[channel]
     if band == "A" and "A" not in img.getbands():
         return (torch.zeros(1, img.height, img.width),)
@@ -778,7 +859,7 @@ def load_image_mask(ctx: RunContext, image: str, channel: str) -> tuple[Any]:
 def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict[str, Any]:
     from sdengine.io.paths import check_name, is_inside
 
-    prefix = prefix.strip() or "ComfyUI"
+    prefix = _prefix_vars(prefix.strip() or "ComfyUI", images)
     sub, _, stem = prefix.replace("\\", "/").rpartition("/")
     root = ctx.folders.root(kind)
     try:
@@ -798,23 +879,61 @@ def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict
     for k, v in ctx.extra_pnginfo.items():
         info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
     results = []
+    # the counter follows the highest of this prefix's files (read by name: a prefix such as "shot[1]" is no glob
+    # pattern, which once found none, so that every run wrote over the first images)
+    pattern = re.compile(re.escape(stem).replace(re.escape("%batch_num%"), r"\d+") + r"_(\d+)_\.png")
     with ctx.save_lock:
-        used = [
-            int(p.name[len(stem) + 1 :].split("_")[0])
-            for p in folder.glob(f"{stem}_*_.png")
-            if p.name[len(stem) + 1 :].split("_")[0].isdigit()
-        ]
+        used = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.fullmatch(p.name))]
         counter = max(used, default=0) + 1
-        for img in tensor_to_pil(images):
-            name = f"{stem}_{counter:05d}_.png"
+        for i, img in enumerate(tensor_to_pil(images)):
+            name = f"{stem.replace('%batch_num%', str(i))}_{counter:05d}_.png"
             img.save(folder / name, pnginfo=info, compress_level=4)
             results.append({"filename": name, "subfolder": sub, "type": kind})
             counter += 1
     return {"ui": {"images": results}, "result": ()}
 
 
+def _prefix_vars(prefix: str, images: torch.Tensor) -> str:
+    """ComfyUI's variables of a filename prefix: %width% and %height% of the first image, and the local time's
+    %year% %month% %day% %hour% %minute% %second% (%batch_num% is each image's index, replaced per file)."""
+    if "%" not in prefix:
+        return prefix
+    now = time.localtime()
+    values = {
+        "width": images.shape[2],
+        "height": images.shape[1],
+        "year": now.tm_year,
+        "month": f"{now.tm_mon:02d}",
+        "day": f"{now.tm_mday:02d}",
+        "hour": f"{now.tm_hour:02d}",
+        "minute": f"{now.tm_min:02d}",
+        "second": f"{now.tm_sec:02d}",
+    }
+    for k, v in values.items():
+        prefix = prefix.replace(f"%{k}%", str(v))
+    return prefix
+
+
 def save_image(ctx: RunContext, images: torch.Tensor, filename_prefix: str) -> dict[str, Any]:
     return _save(ctx, images, filename_prefix, "output")
+
+
+def save_image_websocket(ctx: RunContext, images: torch.Tensor) -> dict[str, Any]:
+    """ComfyUI's SaveImageWebsocket: each image as a PNG on the client's websocket (a progress message, then a
+    binary frame in the previews' framing), nothing on disk, no history output."""
+    import io
+
+    pictures = tensor_to_pil(images)
+    for i, img in enumerate(pictures):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", compress_level=1)
+        if ctx.send_image is not None:
+            ctx.send_image(buf.getvalue(), i, len(pictures))
+    return {"ui": None, "result": ()}
+
+
+def _always_changed(ctx: RunContext, inputs: dict[str, Any]) -> str:
+    return str(time.time_ns())  # ComfyUI's IS_CHANGED of SaveImageWebsocket: never from the cache
 
 
 def preview_image(ctx: RunContext, images: torch.Tensor) -> dict[str, Any]:
@@ -989,7 +1108,7 @@ NODES: dict[str, NodeDef] = {
             "LoadImage",
             "Load Image",
             "image",
-            (_combo("image", input_files),),
+            (Input("image", "COMBO", choices=input_files, also_valid=annotated_image_exists, upload=True),),
             ("IMAGE", "MASK"),
             load_image,
             description="An image from the input folder (POST /upload/image); MASK = 1 - alpha.",
@@ -999,7 +1118,10 @@ NODES: dict[str, NodeDef] = {
             "LoadImageMask",
             "Load Image (as Mask)",
             "mask",
-            (_combo("image", input_files), _combo("channel", ("alpha", "red", "green", "blue"))),
+            (
+                Input("image", "COMBO", choices=input_files, also_valid=annotated_image_exists, upload=True),
+                _combo("channel", ("alpha", "red", "green", "blue")),
+            ),
             ("MASK",),
             load_image_mask,
             changed=input_file_token,
@@ -1047,6 +1169,17 @@ NODES: dict[str, NodeDef] = {
         ),
         NodeDef(
             "PreviewImage", "Preview Image", "image", (Input("images", "IMAGE"),), (), preview_image, output_node=True
+        ),
+        NodeDef(
+            "SaveImageWebsocket",
+            "Save Image (Websocket)",
+            "api node/image",
+            (Input("images", "IMAGE"),),
+            (),
+            save_image_websocket,
+            output_node=True,
+            description="Each image as a PNG frame on the prompt's websocket (as previews are framed); no file.",
+            changed=_always_changed,
         ),
         NodeDef(
             "LoraLoader",
@@ -1130,6 +1263,8 @@ def object_info(node: NodeDef, env: Any) -> dict[str, Any]:
             spec: list[Any] = [choices]
             if i.default is not None:
                 opts["default"] = i.default
+            if i.upload:
+                opts["image_upload"] = True
         else:
             spec = [i.type]
             for k in ("default", "min", "max", "step"):

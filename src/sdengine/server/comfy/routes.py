@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import struct
 import threading
 import time
@@ -26,7 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
 
 from sdengine.server.comfy.graph import Executor, Interrupted, NodeFailed, PromptInvalid, validate
-from sdengine.server.comfy.nodes import IMAGE_SUFFIXES, NODES, Outputs, RunContext, object_info
+from sdengine.server.comfy.nodes import IMAGE_SUFFIXES, NODES, Outputs, RunContext, object_info, split_annotation
 from sdengine.server.errors import BadRequest, NotFound
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Job, JobImage, png_bytes
 from sdengine.server.requests import Generation
@@ -34,6 +35,7 @@ from sdengine.server.requests import Generation
 PREVIEW_IMAGE = 1  # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE
 PNG_TYPE = 2
 MAX_HISTORY = 200
+SENSITIVE = ("auth_token_comfy_org", "api_key_comfy_org")  # ComfyUI's SENSITIVE_EXTRA_DATA_KEYS
 MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
 router = APIRouter(tags=["comfyui"])
@@ -66,9 +68,18 @@ class ComfyState:
             )
         for loop, q in targets:
             try:
-                loop.call_soon_threadsafe(q.put_nowait, msg)
+                loop.call_soon_threadsafe(_put, q, msg)
             except RuntimeError:  # that socket's loop is closed
                 pass
+
+
+def _put(q: asyncio.Queue[Any], msg: Any) -> None:
+    """Queue ``msg`` for a socket; a client that stopped reading (its queue full) loses it (the full queue's
+    error was once logged by the event loop for every message after, a stack trace each)."""
+    try:
+        q.put_nowait(msg)
+    except asyncio.QueueFull:
+        pass
 
 
 def state(app: FastAPI) -> ComfyState:
@@ -104,7 +115,7 @@ class ComfyJob(Job):
         outputs: list[str],
         prompt: dict[str, Any],
         prompt_id: str,
-        number: int,
+        number: int | float,
         client_id: str | None,
         extra_data: dict[str, Any],
         seed_rule: str,
@@ -126,12 +137,15 @@ class ComfyJob(Job):
         self.extra_data = extra_data
         self.seed_rule = seed_rule
         self.messages: list[list[Any]] = []
+        self.node: str | None = None  # the node running now (told again to a websocket that reconnects)
 
     def queue_item(self) -> list[Any]:
         return [self.number, self.id, self.prompt, self.extra_data, self.outputs]
 
     def event(self, name: str, data: dict[str, Any]) -> None:
         data = {**data, "prompt_id": self.id}
+        if name == "executing":
+            self.node = data.get("node")
         if name in (
             "execution_start",
             "execution_cached",
@@ -167,6 +181,11 @@ class ComfyJob(Job):
             self.changed()
             return not self.cancel.is_set()
 
+        def send_image(png: bytes, index: int, count: int) -> None:  # ComfyUI's ProgressBar with an image
+            data = {"value": index, "max": count, "prompt_id": self.id, "node": ctx.current_node}
+            st.send("progress", data, self.client_id)
+            st.send(PREVIEW_IMAGE, struct.pack(">I", PNG_TYPE) + png, self.client_id)
+
         ctx = RunContext(
             pipeline=worker.pipeline,
             catalog=services.catalog,
@@ -181,6 +200,7 @@ class ComfyJob(Job):
             max_side=services.config.max_side,
             max_batch=services.config.max_batch,
             device=str(worker.device),
+            send_image=send_image,
         )
         self.event("execution_start", {})
         status, outputs = "success", {}
@@ -192,6 +212,7 @@ class ComfyJob(Job):
                     nid = str(ctx.current_node)
                     e = NodeFailed(nid, str(self.graph.get(nid, {}).get("class_type")), e)
                 status = self._failed(e)
+                outputs = e.outputs  # as ComfyUI: the images of the output nodes that ran before it stay listed
         for node_out in outputs.values():
             for im in node_out.get("images", []):
                 if im["type"] == "output" and not im["subfolder"]:
@@ -200,13 +221,16 @@ class ComfyJob(Job):
         if status == "success":
             self.event("execution_success", {})
             m.finish(self, DONE)
+        self.node = None
+        send_status(st, services)  # ComfyUI's order: the queue's status (task_done), then "executing" None
         self.st.send("executing", {"node": None, "display_node": None, "prompt_id": self.id}, self.client_id)
-        send_status(st, services)
 
     def _failed(self, e: Interrupted | NodeFailed) -> str:
         m = self.services.manager
         if isinstance(e, Interrupted):
-            self.event("execution_interrupted", {"node_id": e.node_id, "node_type": e.class_type, "executed": []})
+            self.event(
+                "execution_interrupted", {"node_id": e.node_id, "node_type": e.class_type, "executed": e.executed}
+            )
             m.finish(self, CANCELLED, f"interrupted at node {e.node_id} ({e.class_type})")
             return "error"  # ComfyUI's history knows two: success and error (the messages say it was interrupted)
         self.event(
@@ -214,12 +238,12 @@ class ComfyJob(Job):
             {
                 "node_id": e.node_id,
                 "node_type": e.class_type,
-                "executed": [],
+                "executed": e.executed,
                 "exception_message": str(e.exc),
                 "exception_type": type(e.exc).__name__,
                 "traceback": traceback.format_exception_only(type(e.exc), e.exc),
-                "current_inputs": {},
-                "current_outputs": {},
+                "current_inputs": e.inputs,
+                "current_outputs": e.cached,
             },
         )
         m.finish(self, FAILED, str(e))
@@ -278,10 +302,14 @@ async def _json_body(request: Request) -> Any:
         body = json.loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the body must be JSON") from None
+    except RecursionError:  # [[[[...]]]] thousands deep
+        raise BadRequest("the body's JSON is nested too deeply") from None
     try:  # a JSON escape of a lone surrogate (\ud800) decodes to a string that is not text: it could never be
         json.dumps(body, ensure_ascii=False).encode("utf-8")  # stored in the history or sent back
     except UnicodeEncodeError:
         raise BadRequest("the body holds a lone surrogate escape (such as \\ud800), which is not text") from None
+    except RecursionError:
+        raise BadRequest("the body's JSON is nested too deeply") from None
     return body
 
 
@@ -301,24 +329,49 @@ async def post_prompt(request: Request) -> Any:
             status_code=400,
         )
     prompt = body["prompt"]
+    targets = body.get("partial_execution_targets")
+    if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)):
+        raise BadRequest("partial_execution_targets must be a list of node ids")
     try:
-        graph, outputs = await asyncio.to_thread(validate, prompt, Env(services, st))
+        graph, outputs, node_errors = await asyncio.to_thread(validate, prompt, Env(services, st), targets)
     except PromptInvalid as e:
         return JSONResponse(e.body, status_code=400)
     raw_extra = body.get("extra_data")
-    extra: dict[str, Any] = raw_extra if isinstance(raw_extra, dict) else {}
+    # ComfyUI keeps the client id in extra_data (where its executor reads it: a client id sent there alone is
+    # the prompt's too) and never lists its sensitive keys (API keys of its partner nodes) in /queue or /history
+    extra: dict[str, Any] = (
+        {k: v for k, v in raw_extra.items() if k not in SENSITIVE} if isinstance(raw_extra, dict) else {}
+    )
     options = extra.get("sdengine")
     seed_rule = str(options.get("seed_rule", "comfyui")) if isinstance(options, dict) else "comfyui"
     if seed_rule not in ("comfyui", "sdengine"):
         raise BadRequest(f"extra_data.sdengine.seed_rule must be 'comfyui' or 'sdengine', got {seed_rule!r}")
+    given = _priority_number(body.get("number")) if "number" in body else None
     raw_client, raw_id = body.get("client_id"), body.get("prompt_id")
-    client_id = raw_client if isinstance(raw_client, str) else None
-    prompt_id: str = raw_id if isinstance(raw_id, str) else str(uuid.uuid4())
-    if len(prompt_id) > 100 or prompt_id in st.history:
-        raise BadRequest("prompt_id must be new and at most 100 characters")
-    with st.lock:
-        number = st.number
-        st.number += 1
+    if isinstance(raw_client, str):
+        extra["client_id"] = raw_client
+    client_id = extra.get("client_id") if isinstance(extra.get("client_id"), str) else None
+    if raw_id is None:
+        prompt_id = str(uuid.uuid4())
+    elif isinstance(raw_id, str | int) and not isinstance(raw_id, bool):  # ComfyUI: str(prompt_id)
+        prompt_id = str(raw_id)
+    else:
+        raise BadRequest("prompt_id must be a string")
+    if not 0 < len(prompt_id) <= 100:
+        raise BadRequest("prompt_id must be 1 to 100 characters")
+    if prompt_id in st.history or _known_job(services, prompt_id):  # the job table is keyed by id: never shared
+        raise BadRequest(f"prompt_id {prompt_id!r} is taken (a prompt or job of the server has it)")
+    number: int | float
+    front = False
+    if given is not None:  # ComfyUI: a given number is the priority as it is (a float); the counter stays
+        number = given
+    else:
+        with st.lock:
+            number = st.number
+            st.number += 1
+        front = bool(body.get("front"))
+        if front:  # ComfyUI's rule: the counter negated, below every number given so far
+            number = -number
     job = ComfyJob(
         services=services,
         st=st,
@@ -331,9 +384,42 @@ async def post_prompt(request: Request) -> Any:
         extra_data=extra,
         seed_rule=seed_rule,
     )
-    services.manager.submit(job)
+    services.manager.submit(job, place=lambda queued: _place(queued, number, front))
     send_status(st, services)
-    return {"prompt_id": prompt_id, "number": number, "node_errors": {}}
+    return {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
+
+
+def _known_job(services: Any, job_id: str) -> bool:
+    try:
+        services.manager.get(job_id)
+        return True
+    except NotFound:
+        return False
+
+
+def _priority_number(value: Any) -> float:
+    """``number`` of a POST /prompt: a finite number (or its text), as ComfyUI's ``float(number)``."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise BadRequest(f"number must be a number (the prompt's priority), got {str(value)[:50]!r}") from None
+    if not math.isfinite(number):
+        raise BadRequest(f"number must be a finite number, got {number}")
+    return number
+
+
+def _place(queued: list[Job], number: int | float, front: bool) -> int:
+    """Where a ComfyUI prompt goes in the server's shared queue: with ``front``, at its head (it runs next);
+    else just before the first queued ComfyUI prompt with a higher number (ComfyUI's queue is ordered by
+    number), at the end when there is none. Jobs of the other protocols keep their order: FIFO."""
+    if front:
+        return 0
+    for i, j in enumerate(queued):
+        if isinstance(j, ComfyJob) and j.number > number:
+            return i
+    return len(queued)
 
 
 @_route("GET", "/prompt")
@@ -343,10 +429,11 @@ def get_prompt_status(request: Request) -> Any:
 
 @_route("GET", "/queue")
 def get_queue(request: Request) -> Any:
-    jobs = comfy_jobs(request.app.state.services)
+    services = request.app.state.services
     return {
-        "queue_running": [j.queue_item() for j in jobs if j.state == RUNNING],
-        "queue_pending": [j.queue_item() for j in jobs if j.state == QUEUED],
+        "queue_running": [j.queue_item() for j in comfy_jobs(services) if j.state == RUNNING],
+        # in the order they will run (ComfyUI lists its heap; its page sorts by number: the same order here)
+        "queue_pending": [j.queue_item() for j in services.manager.queued() if isinstance(j, ComfyJob)],
     }
 
 
@@ -425,6 +512,9 @@ def view(request: Request, filename: str, subfolder: str = "", type: str = "outp
     from sdengine.io.paths import UnsafePathError, resolve_inside
 
     st = state(request.app)
+    plain, kind = split_annotation(filename)
+    if plain != filename:  # ComfyUI: "name.png [temp]" names the folder itself
+        filename, type = plain, kind
     if type not in ("output", "input", "temp"):
         raise BadRequest("type must be output, input or temp")
     suffix = Path(filename).suffix.lower()
@@ -452,6 +542,63 @@ def view(request: Request, filename: str, subfolder: str = "", type: str = "outp
 async def upload_image(request: Request) -> Any:
     """Multipart ``image`` (+ ``subfolder``, ``type`` input|temp, ``overwrite``) into the input folder;
     the pixel limit is checked from the header before decoding."""
+    return await _upload(request, mask=False)
+
+
+@_route("POST", "/upload/mask")
+async def upload_mask(request: Request) -> Any:
+    """ComfyUI's mask upload (its mask editor): ``image`` is a mask in its alpha, ``original_ref`` (JSON
+    ``{filename, subfolder, type}``, type ``output`` by default) the image it masks; stored as that image with
+    the mask's alpha (a PNG, the original's text kept), as /upload/image stores a file. LoadImage of it gives
+    the image and MASK = 1 - alpha."""
+    return await _upload(request, mask=True)
+
+
+def _masked_original(st: ComfyState, ref_text: Any, mask_data: bytes, max_pixels: int) -> bytes:
+    """The PNG of ``original_ref``'s image with the alpha of the mask image ``mask_data``."""
+    import io
+
+    from PIL.PngImagePlugin import PngInfo
+
+    from sdengine.io.paths import UnsafePathError, resolve_inside
+    from sdengine.server.security import decode_image
+
+    try:
+        ref = json.loads(str(ref_text))
+    except ValueError:
+        ref = None
+    if not isinstance(ref, dict) or not isinstance(ref.get("filename"), str):
+        raise BadRequest("original_ref must be JSON {filename, subfolder, type} naming the masked image")
+    name, kind = split_annotation(ref["filename"])
+    if name == ref["filename"]:
+        kind = str(ref.get("type") or "output")
+    if kind not in ("output", "input", "temp"):
+        raise BadRequest("original_ref.type must be output, input or temp")
+    sub = str(ref.get("subfolder") or "").strip("/")
+    shown = f"{sub}/{name}" if sub else name
+    try:
+        path = resolve_inside(st.folders.root(kind), shown, "original_ref")
+    except UnsafePathError:
+        raise BadRequest(f"original_ref {shown!r} is outside the {kind} folder") from None
+    except FileNotFoundError:
+        raise NotFound(f"original_ref {shown!r} is not a file of the {kind} folder") from None
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise BadRequest(f"original_ref {shown!r}: only PNG, JPEG and WebP images are masked")
+    original = decode_image(path.read_bytes(), f"original_ref {shown!r}", max_pixels)
+    mask = decode_image(mask_data, "image", max_pixels)
+    if mask.size != original.size:
+        raise BadRequest(f"the mask is {mask.size[0]}x{mask.size[1]}, the image {original.size[0]}x{original.size[1]}")
+    info = PngInfo()
+    for k, v in getattr(original, "text", {}).items():
+        info.add_text(k, v)
+    out = original.convert("RGBA")
+    out.putalpha(mask.convert("RGBA").getchannel("A"))
+    buf = io.BytesIO()
+    out.save(buf, format="PNG", pnginfo=info, compress_level=4)
+    return buf.getvalue()
+
+
+async def _upload(request: Request, *, mask: bool) -> Any:
     from sdengine.io.paths import check_name, is_inside
     from sdengine.server.security import decode_image
 
@@ -464,7 +611,12 @@ async def upload_image(request: Request) -> Any:
     if part is None or isinstance(part, str):
         raise BadRequest("send the image in the multipart file field 'image'")
     data = await part.read()
-    await asyncio.to_thread(decode_image, data, "image", services.config.max_image_pixels)
+    limit = services.config.max_image_pixels
+    await asyncio.to_thread(decode_image, data, "image", limit)
+    if mask:
+        if not str(part.filename or "mask.png").lower().endswith(".png"):
+            raise BadRequest("a masked image is stored as a PNG: give the file a .png name")
+        data = await asyncio.to_thread(_masked_original, st, form.get("original_ref"), data, limit)
     kind = str(form.get("type") or "input")
     if kind not in ("input", "temp"):
         raise BadRequest("type must be input or temp")
@@ -488,13 +640,28 @@ async def upload_image(request: Request) -> Any:
     with st.save_lock:
         target = folder / filename
         k = 1
+        duplicate = False
         while target.exists() and not overwrite:
+            if _same_file(target, data):  # ComfyUI: the same image under that name is not stored again
+                duplicate = True
+                break
             target = folder / f"{Path(filename).stem} ({k}){Path(filename).suffix}"
             k += 1
         if not is_inside(root, target.parent) or target.is_symlink():
             raise BadRequest(f"{filename!r} resolves outside the {kind} folder")
-        target.write_bytes(data)
+        if not duplicate:
+            target.write_bytes(data)
     return {"name": target.name, "subfolder": subfolder, "type": kind}
+
+
+def _same_file(path: Path, data: bytes) -> bool:
+    """Whether ``path`` is a plain file holding exactly ``data``."""
+    try:
+        return (
+            path.is_file() and not path.is_symlink() and path.stat().st_size == len(data) and path.read_bytes() == data
+        )
+    except OSError:
+        return False
 
 
 @_route("GET", "/object_info")
@@ -569,6 +736,33 @@ async def free(request: Request) -> Any:
     return {}
 
 
+def _model_folders(env: Env) -> dict[str, list[str]]:
+    """ComfyUI's model folders (``GET /models``) and what each lists, as the loaders' choices name them."""
+    from sdengine.server.comfy.nodes import choices_of
+
+    folders = {"checkpoints": ("CheckpointLoaderSimple", "ckpt_name"), "loras": ("LoraLoader", "lora_name")}
+    folders |= {"controlnet": ("ControlNetLoader", "control_net_name"), "vae": ("VAELoader", "vae_name")}
+    out = {}
+    for folder, (node, name) in folders.items():
+        inp = NODES[node].input(name)
+        out[folder] = choices_of(inp, env) if inp is not None else []
+    return out
+
+
+@_route("GET", "/models")
+def list_model_folders(request: Request) -> Any:
+    return list(_model_folders(Env(request.app.state.services, state(request.app))))
+
+
+@_route("GET", "/models/{folder}")
+def list_models(request: Request, folder: str) -> Any:
+    """The names a folder's loader takes (ComfyUI: 404 for a folder it does not know)."""
+    listed = _model_folders(Env(request.app.state.services, state(request.app)))
+    if folder not in listed:
+        raise NotFound(f"no model folder {folder!r}; the folders are {', '.join(listed)}")
+    return listed[folder]
+
+
 @_route("GET", "/embeddings")
 def embeddings(request: Request) -> Any:
     folder = request.app.state.services.config.embeddings_dir
@@ -623,6 +817,10 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     with st.lock:
         st.sockets[sid] = (asyncio.get_running_loop(), q)
     send_status(st, services, sid)
+    for j in comfy_jobs(services):  # ComfyUI: a client that reconnects while its prompt runs is told the node
+        node = j.node
+        if j.state == RUNNING and j.client_id == sid and node is not None:
+            st.send("executing", {"node": node, "display_node": node, "prompt_id": j.id}, sid)
 
     async def pump() -> None:
         while True:

@@ -10,9 +10,11 @@ const $ = (id) => document.getElementById(id);
 const SETTINGS_KEY = "sdengine.settings.v1";
 const API_KEY = "sdengine.apiKey";
 const GALLERY_PAGE = 12;
+const QUEUE_POLL_MS = 2000; // how often a queued job's place in the queue is asked for
+const READY_RETRY_MS = 2000; // a page opened while the server was away asks for its lists again this often
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
   "height", "batch_size", "clip_skip", "vae_decode", "vae_encode", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
-  "cn-weight", "cn-start", "cn-end"];
+  "cn-weight", "cn-start", "cn-end", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength"];
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform" };
 const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras", exponential: "exponential",
@@ -20,7 +22,7 @@ const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras
 
 const state = {
   samplers: [], sizes: {}, loras: [], tiny: {}, tinyEncoder: {}, model: null, lastSeed: null, jobId: null, running: false,
-  cancelAsked: false,
+  cancelAsked: false, jobDone: false,
   initBlob: null, controlBlob: null, galleryOffset: 0, galleryTotal: 0, resultUrls: [], galleryUrls: [],
 };
 
@@ -70,6 +72,29 @@ function askForKey(message) {
   return keyPrompt;
 }
 
+const CN_LABELS = { weight: "ControlNet weight", start: "ControlNet start", end: "ControlNet end",
+  low: "ControlNet Canny low threshold", high: "ControlNet Canny high threshold" };
+
+/** The input behind a 422 on a list item (controlnets.0.weight, loras.1.weight), with its label; else null.
+ * Such errors were once named "loras.0.weight" at the section with no input marked (and the 0 counted only
+ * the ticked LoRAs). */
+function nestedInput(loc) {
+  const [list, index, key] = loc;
+  if (list === "hires" && HR_INPUTS[index]) return { id: HR_INPUTS[index][0], label: HR_INPUTS[index][1] };
+  if (list === "strength" && hiresUsed()) return { id: "hr-strength", label: "Hires denoising strength" };
+  if (list === "controlnets" && index === 0 && CN_LABELS[key]) return { id: `cn-${key}`, label: CN_LABELS[key] };
+  if (list === "loras" && key === "weight") {
+    const ticked = state.loras.flatMap((l, i) => ($(`lora-use-${i}`).checked ? [i] : []));
+    const i = ticked[index];
+    if (i !== undefined) return { id: `lora-weight-${i}`, label: `LoRA ${state.loras[i].name} weight` };
+  }
+  return null;
+}
+
+const HR_INPUTS = { hr_scale: ["hr-scale", "Hires upscale by"], hr_upscaler: ["hr-upscaler", "Hires upscaler"],
+  hr_second_pass_steps: ["hr-steps", "Hires steps"] };
+const hiresUsed = () => $("hr-enabled").checked && $("mode").value === "txt2img";
+
 async function errorOf(response) {
   let body = null;
   try { body = await response.json(); } catch (e) { /* not JSON */ }
@@ -77,6 +102,8 @@ async function errorOf(response) {
     // FastAPI's 422: [{loc: ["body", "width"], msg}]; the field is the first name after "body".
     const d = body.detail[0];
     const loc = (d.loc || []).filter((x) => x !== "body");
+    const input = nestedInput(loc);
+    if (input) return new ApiError(response.status, `${input.label}: ${d.msg}`, input.id);
     const name = loc.length ? String(loc[0]) : null;
     return new ApiError(response.status, `${loc.join(".") || "request"}: ${d.msg}`, name);
   }
@@ -135,6 +162,7 @@ async function fetchImage(url) {
 // -------------------------------------------------------------------------------------- errors
 
 const ERROR_FIELDS = [
+  [/\bhires\b|\bhr_/i, "hires"],
   [/controlnet|preprocessor|control image/i, "controlnet"],
   [/\blora\b|<lora/i, "loras"],
   [/init[_ ]image|img2img/i, "init_image"],
@@ -278,10 +306,19 @@ async function loadPickers() {
 
 // ----------------------------------------------------------------------------------- settings
 
-function saveSettings() {
+const editedEarly = new Set(); // fields typed in before the saved settings were restored
+
+function saveSettings(event) {
+  // Not before the lists are loaded: the empty model/sampler pickers of a page still waiting for the server
+  // (or for its key) would overwrite the saved choices.
+  if (document.body.dataset.ready !== "true") {
+    if (event?.target?.id) editedEarly.add(event.target.id); // and what was typed is not overwritten by them
+    return;
+  }
   const s = {};
   for (const id of FIELDS) s[id] = $(id).value;
   s.cnEnabled = $("cn-enabled").checked;
+  s.hrEnabled = $("hr-enabled").checked;
   s.loras = Object.fromEntries(state.loras.map((l, i) => [l.name,
     { use: $(`lora-use-${i}`).checked, weight: $(`lora-weight-${i}`).value }]));
   try { localStorage.setItem(SETTINGS_KEY, JSON.stringify(s)); } catch (e) { /* storage full or off */ }
@@ -305,8 +342,11 @@ function restoreSettings() {
   try { s = JSON.parse(localStorage.getItem(SETTINGS_KEY) || "null"); } catch (e) { s = null; }
   if (!s) return;
   // The sampler first: it decides which schedules there are.
-  for (const id of ["sampler", ...FIELDS.filter((f) => f !== "sampler")]) setValue(id, s[id]);
+  for (const id of ["sampler", ...FIELDS.filter((f) => f !== "sampler")]) {
+    if (!editedEarly.has(id)) setValue(id, s[id]);
+  }
   $("cn-enabled").checked = !!s.cnEnabled;
+  $("hr-enabled").checked = !!s.hrEnabled;
   state.loras.forEach((l, i) => {
     const saved = s.loras?.[l.name];
     if (saved) {
@@ -361,11 +401,28 @@ function applyInfotext(text) {
   put("vae_decode", f["Tiny VAE"] ? "tiny" : "full"); // sdengine names the tiny VAE when it decoded
   put("vae_encode", f["Tiny VAE encode"] ? "tiny" : "full"); // and when it encoded the init image
   if (f.Model && !put("model", f.Model)) missing.push(`model ${f.Model}`);
+  applyHires(f, put, missing);
   // The infotext's prompt carries its LoRAs as <lora:NAME:W> tags: a ticked box would add them a second time
   // (twice the weight).
   state.loras.forEach((l, i) => { $(`lora-use-${i}`).checked = false; });
   saveSettings();
   return { set, missing };
+}
+
+/** The hires fix of an infotext ("Hires upscale", "Hires steps", "Hires upscaler"; A1111's names): ticked
+ * with its settings, or unticked for an image made without it. What this page cannot set is said. */
+function applyHires(f, put, missing) {
+  const keys = Object.keys(f).filter((k) => k.startsWith("Hires "));
+  $("hr-enabled").checked = keys.length > 0;
+  if (!keys.length) return;
+  if (f["Hires upscale"]) put("hr-scale", parseFloat(f["Hires upscale"]));
+  put("hr-steps", f["Hires steps"] ? parseInt(f["Hires steps"], 10) : 0);
+  const upscaler = f["Hires upscaler"] || "Latent";
+  if (!put("hr-upscaler", upscaler)) missing.push(`hires upscaler ${upscaler}`);
+  if (f["Denoising strength"]) put("hr-strength", parseFloat(f["Denoising strength"]));
+  for (const k of keys) {
+    if (!["Hires upscale", "Hires steps", "Hires upscaler"].includes(k)) missing.push(`${k} ${f[k]}`);
+  }
 }
 
 // --------------------------------------------------------------------------------- images in
@@ -467,6 +524,20 @@ async function buildRequest() {
     vae_decode: $("vae_decode").value,
   };
   const mode = $("mode").value;
+  if ($("hr-enabled").checked) {
+    if (mode !== "txt2img") {
+      throw new ApiError(400, "the hires fix is for text to image: untick it or choose text to image", "hr-enabled");
+    }
+    const strength = number("hr-strength", "Hires denoising strength", false);
+    if (!(strength > 0 && strength <= 1)) {
+      throw new ApiError(400, "Hires denoising strength: a number over 0 and up to 1", "hr-strength");
+    }
+    body.strength = strength;
+    body.hires = {
+      hr_scale: number("hr-scale", "Hires upscale by", false), hr_upscaler: $("hr-upscaler").value,
+      hr_second_pass_steps: number("hr-steps", "Hires steps", true),
+    };
+  }
   if (mode !== "txt2img") {
     if (!state.initBlob) throw new ApiError(400, "pick or drop an init image, or choose text to image", "init_image");
     body.strength = number("strength", "Strength", false);
@@ -496,8 +567,13 @@ async function buildRequest() {
 
 function setRunning(running) {
   state.running = running;
+  // The keyboard focus moves from the button being disabled to the other one (it fell back to the page's
+  // start, and a keyboard user had to find Cancel, then Generate, again).
+  const [from, to] = running ? ["generate", "cancel"] : ["cancel", "generate"];
+  const moveFocus = document.activeElement === $(from) || (!running && document.activeElement === document.body);
   $("generate").disabled = running;
   $("cancel").disabled = !running;
+  if (moveFocus) $(to).focus({ preventScroll: true });
 }
 
 function showProgress(job) {
@@ -522,6 +598,23 @@ function showProgress(job) {
 
 /** Follow a job through its event stream (fetch, so the key header goes along); the finished job. */
 async function followJob(id) {
+  // The stream says nothing while a job waits, also when the jobs before it leave the queue: its place is
+  // asked for every 2 s (the page once said "1 job(s) before this one" until the job started).
+  const queue = { state: "queued" };
+  const poll = setInterval(() => {
+    if (queue.state !== "queued") return;
+    getJSON(`/v1/jobs/${id}`).then((job) => {
+      if (queue.state === "queued" && job.state === "queued") showProgress(job);
+    }).catch(() => { /* the stream or the loop below says what went wrong */ });
+  }, QUEUE_POLL_MS);
+  try {
+    return await followJobEvents(id, queue);
+  } finally {
+    clearInterval(poll);
+  }
+}
+
+async function followJobEvents(id, queue) {
   try {
     const r = await api(`/v1/jobs/${id}/events`, { headers: { Accept: "text/event-stream" } });
     const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -542,6 +635,7 @@ async function followJob(id) {
         }
         if (!data) continue;
         const job = JSON.parse(data);
+        queue.state = job.state;
         showProgress(job);
         if (["done", "failed", "cancelled"].includes(name)) {
           reader.cancel().catch(() => {});
@@ -550,7 +644,9 @@ async function followJob(id) {
       }
     }
   } catch (e) {
-    if (e instanceof ApiError && e.status !== 0) throw e;
+    // A refused key or a job the server no longer has ends here; a stream a proxy cut or answered with a
+    // 5xx (a 502/504 of a proxy that does not pass event streams) is not the job's end: it is asked below.
+    if (!(e instanceof ApiError) || (e.status !== 0 && e.status < 500)) throw e;
   }
   // The stream ended early (a proxy, a network blip): ask for the job until it is finished; up to 20 failed
   // asks in a row (10 s) are a blip, more a server that is gone.
@@ -561,9 +657,10 @@ async function followJob(id) {
       job = await getJSON(`/v1/jobs/${id}`);
       failures = 0;
     } catch (e) {
-      if (!(e instanceof ApiError) || e.status !== 0 || ++failures > 20) throw e;
+      if (!(e instanceof ApiError) || (e.status !== 0 && e.status < 500) || ++failures > 20) throw e;
     }
     if (job) {
+      queue.state = job.state;
       showProgress(job);
       if (["done", "failed", "cancelled"].includes(job.state)) return job;
     }
@@ -575,6 +672,12 @@ async function followJob(id) {
 async function generate() {
   if (state.running) return;
   clearErrors();
+  if (document.body.dataset.ready !== "true") {
+    showError("general", "not connected: the page has not got the server's models and samplers yet");
+    readyFailed = true; // cleared once they come
+    if (!readyRetry) ready(); // ask now (and for the API key, where that is what was missing)
+    return;
+  }
   for (const id of ["width", "height"]) snap($(id));
   saveSettings();
   setRunning(true);
@@ -590,11 +693,18 @@ async function generate() {
       body: JSON.stringify(body) })).json();
     await runJob(created.id, created.position);
   } catch (e) {
-    $("progress-text").textContent = state.jobId ? "Lost the connection to the server during the job" : "Not started";
+    $("progress-text").textContent = state.jobId ? afterJobError(e) : "Not started";
     showApiError(e);
   } finally {
     endJob();
   }
+}
+
+/** What the progress line says when following a sent job failed: a lost connection only when it was one. */
+function afterJobError(e) {
+  if (state.jobDone) return "Done, but its images could not be shown";
+  if (e instanceof ApiError && e.status === 0) return "Lost the connection to the server during the job";
+  return "Stopped following the job";
 }
 
 const JOB_KEY = "sdengine.job"; // the job this tab follows, so that a reload finds it again
@@ -605,7 +715,9 @@ function forgetJob() {
 
 function endJob() {
   state.jobId = null;
+  state.jobDone = false;
   state.cancelAsked = false;
+  if (!$("progress").hasAttribute("value")) $("progress").value = 0; // not left spinning as if still queued
   forgetJob();
   setRunning(false);
   status();
@@ -620,7 +732,7 @@ async function runJob(id, position) {
   status();
   const job = await followJob(id);
   if (job.state === "done") {
-    if (job.images.length) state.lastSeed = job.images[0].seed;
+    state.jobDone = true;
     await showResults(job.images.map((im) => ({ ...im, parameters: im.infotext })));
     $("live-preview").hidden = true;
     $("progress").value = $("progress").max;
@@ -655,7 +767,7 @@ async function resumeJob() {
   try {
     await runJob(id, job.position);
   } catch (e) {
-    $("progress-text").textContent = "Lost the connection to the server during the job";
+    $("progress-text").textContent = afterJobError(e);
     showApiError(e);
   } finally {
     endJob();
@@ -690,6 +802,11 @@ function button(label, onClick) {
 async function showResults(items) {
   const box = $("results");
   const loaded = await Promise.all(items.map((item) => fetchImage(item.url)));
+  // "Reuse the last seed" takes the seed of the image shown: a job's, or a reopened gallery image's (it once
+  // kept the last job's seed after another image was opened).
+  const seed = items[0]?.seed ?? parseInt(parseInfotext(items[0]?.parameters || "").fields.Seed, 10);
+  state.lastSeed = Number.isInteger(seed) ? seed : null;
+  $("seed-reuse").disabled = state.lastSeed === null;
   box.replaceChildren();
   for (const u of state.resultUrls.splice(0)) URL.revokeObjectURL(u);
   items.forEach((item, k) => {
@@ -724,6 +841,10 @@ async function showResults(items) {
 async function loadGallery(offset) {
   try {
     const page = await getJSON(`/v1/gallery?offset=${offset}&limit=${GALLERY_PAGE}`);
+    if (!page.items.length && page.total && offset > 0) {
+      // Past the end (images were removed since this page was shown): the last page, not "13–3 of 3".
+      return loadGallery(Math.floor((page.total - 1) / GALLERY_PAGE) * GALLERY_PAGE);
+    }
     state.galleryOffset = page.offset;
     state.galleryTotal = page.total;
     const box = $("gallery");
@@ -737,7 +858,8 @@ async function loadGallery(offset) {
       const img = document.createElement("img");
       img.alt = item.name;
       b.append(img);
-      b.addEventListener("click", () => showResults([item]));
+      // An image removed since the list was read: said, not an uncaught error and an unchanged page.
+      b.addEventListener("click", () => showResults([item]).catch(showApiError));
       box.append(b);
       fetchImage(item.url).then(({ objectUrl }) => {
         state.galleryUrls.push(objectUrl);
@@ -792,7 +914,43 @@ function installDrop() {
 
 // ------------------------------------------------------------------------------------- start
 
+/** The server's unfinished jobs (every tab's and client's), each with a Cancel button; hidden when none. */
+async function refreshQueue() {
+  let jobs;
+  try {  // not api(): a background refresh does not open the key dialog (a request the user made does)
+    const r = await fetch("/v1/jobs", { headers: authHeaders() });
+    if (!r.ok) return;
+    jobs = (await r.json()).jobs.filter((j) => j.state === "queued" || j.state === "running");
+  } catch (e) {
+    return; // the header says when the server is not reachable
+  }
+  const rank = (j) => (j.state === "running" ? -1 : j.position ?? 0);
+  jobs.sort((a, b) => rank(a) - rank(b));
+  const list = $("queue");
+  list.replaceChildren();
+  for (const j of jobs) {
+    const li = document.createElement("li");
+    const mine = j.id === state.jobId;
+    li.classList.toggle("mine", mine);
+    const where = j.state === "running" ? `running, step ${j.step} / ${j.steps}`
+      : `queued, ${j.position ? `${j.position} before it` : "next"}`;
+    const text = document.createElement("span");
+    text.textContent = `${where} · ${j.model}${mine ? " · this tab's job" : ""}`;
+    const stop = button("Cancel", async () => {
+      stop.disabled = true;
+      if (mine) return cancel();
+      try { await api(`/v1/jobs/${j.id}`, { method: "DELETE" }); } catch (e) { showApiError(e); }
+      refreshQueue();
+    });
+    stop.setAttribute("aria-label", `Cancel the ${j.state} job ${j.id}`);
+    li.append(text, stop);
+    list.append(li);
+  }
+  $("queue-box").hidden = jobs.length === 0;
+}
+
 async function status() {
+  if (document.body.dataset.ready === "true") refreshQueue();
   try {
     const h = await (await fetch("/healthz")).json();
     const devices = h.workers.map((w) => w.device).join(", ");
@@ -807,8 +965,14 @@ function install() {
   painter = new MaskPainter($("mask-canvas"), { brush: $("brush"), erase: $("erase") });
   $("gen-form").addEventListener("submit", (e) => { e.preventDefault(); generate(); });
   $("gen-form").addEventListener("change", saveSettings);
+  // As typed too: a prompt typed and the tab reloaded (or left) before the field lost focus was once lost.
+  $("gen-form").addEventListener("input", saveSettings);
   document.addEventListener("keydown", (e) => {
     if ((e.ctrlKey || e.metaKey) && e.key === "Enter") { e.preventDefault(); generate(); }
+    // Ctrl+Z undoes a mask stroke in inpainting, except where it undoes typing (a text or number field).
+    if ((e.ctrlKey || e.metaKey) && !e.shiftKey && e.key.toLowerCase() === "z" && $("mode").value === "inpaint" &&
+        !e.target.closest?.("textarea, input:not([type=checkbox]):not([type=range]), select") &&
+        painter.undo()) e.preventDefault();
   });
   $("cancel").addEventListener("click", cancel);
   $("sampler").addEventListener("change", fillSchedules);
@@ -834,6 +998,7 @@ function install() {
   $("cn-preview-button").addEventListener("click", previewControl);
   $("mask-invert").addEventListener("click", () => painter.invert());
   $("mask-clear").addEventListener("click", () => painter.clear());
+  $("mask-undo").addEventListener("click", () => painter.undo());
   $("gallery-prev").addEventListener("click", () => loadGallery(Math.max(0, state.galleryOffset - GALLERY_PAGE)));
   $("gallery-next").addEventListener("click", () => loadGallery(state.galleryOffset + GALLERY_PAGE));
   $("gallery-refresh").addEventListener("click", () => loadGallery(state.galleryOffset));
@@ -859,7 +1024,12 @@ function fitDecoder() {
   }
 }
 
+let readyRetry = null;
+let readyFailed = false;
+
 async function ready() {
+  clearTimeout(readyRetry);
+  readyRetry = null;
   try {
     await loadPickers();
     restoreSettings();
@@ -868,10 +1038,21 @@ async function ready() {
     updateMode();
     document.body.dataset.ready = "true";
   } catch (e) {
-    showApiError(e);
+    if (e instanceof ApiError && e.status === 0) {
+      // The server is down or restarting: ask again until it answers (the page once stayed without its
+      // model and sampler lists, and Generate sent an empty sampler).
+      showError("general", `${e.message}; trying again every ${READY_RETRY_MS / 1000} s`);
+      readyRetry = setTimeout(ready, READY_RETRY_MS);
+      readyFailed = true;
+    } else {
+      showApiError(e);
+    }
     return;
   }
+  if (readyFailed) clearErrors(); // the "cannot reach" and "not connected" messages are over
+  readyFailed = false;
   loadGallery(0);
+  refreshQueue();
   resumeJob();
 }
 

@@ -1,6 +1,9 @@
 // The inpainting mask, painted with the mouse, a pen or a finger on a canvas laid over the init image.
 // The canvas has the init image's pixel size; painted pixels are opaque white, the rest transparent.
-// The mask sent to the server is white (repaint) on black (keep).
+// The mask sent to the server is white (repaint) on black (keep). Undo steps back over strokes, inverts and
+// clears (as many as fit in UNDO_BYTES of snapshots, at least one).
+
+const UNDO_BYTES = 64 * 1024 * 1024;
 
 export class MaskPainter {
   constructor(canvas, { brush, erase, onChange }) {
@@ -11,6 +14,7 @@ export class MaskPainter {
     this.onChange = onChange || (() => {});
     this.painted = false;
     this.last = null;
+    this.history = []; // the canvas before each stroke, invert and clear; newest last
     canvas.addEventListener("pointerdown", (e) => this.down(e));
     canvas.addEventListener("pointermove", (e) => this.move(e));
     for (const t of ["pointerup", "pointercancel", "pointerleave"]) canvas.addEventListener(t, () => this.up());
@@ -19,7 +23,27 @@ export class MaskPainter {
   reset(width, height) {
     this.canvas.width = width;
     this.canvas.height = height;
-    this.clear();
+    this.history = [];
+    this.ctx.clearRect(0, 0, width, height);
+    this.painted = false;
+    this.onChange();
+  }
+
+  snapshot() {
+    const { width, height } = this.canvas;
+    this.history.push(this.ctx.getImageData(0, 0, width, height));
+    const depth = Math.max(1, Math.floor(UNDO_BYTES / Math.max(1, width * height * 4)));
+    if (this.history.length > depth) this.history.splice(0, this.history.length - depth);
+  }
+
+  /** Back to the mask before the last stroke, invert or clear; false when there is nothing to undo. */
+  undo() {
+    const before = this.history.pop();
+    if (!before) return false;
+    this.ctx.putImageData(before, 0, 0);
+    this.painted = this.hasPaint();
+    this.onChange();
+    return true;
   }
 
   point(e) {
@@ -48,6 +72,7 @@ export class MaskPainter {
   down(e) {
     if (e.button !== 0) return;
     this.canvas.setPointerCapture?.(e.pointerId);
+    this.snapshot();
     this.last = this.point(e);
     this.stroke(this.last, this.last);
     e.preventDefault();
@@ -76,12 +101,14 @@ export class MaskPainter {
   }
 
   clear() {
+    this.snapshot();
     this.ctx.clearRect(0, 0, this.canvas.width, this.canvas.height);
     this.painted = false;
     this.onChange();
   }
 
   invert() {
+    this.snapshot();
     const img = this.ctx.getImageData(0, 0, this.canvas.width, this.canvas.height);
     const d = img.data;
     for (let i = 0; i < d.length; i += 4) {

@@ -1,0 +1,229 @@
+"""The model files users bring, in the layouts diffusers, transformers and A1111 write them: each loads, with
+the oracle's tensors, and a broken variant is a one-line error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdengine.weights import load_checkpoint
+
+
+def test_fp16_sharded_variant_folder_loads(tmp_path, tiny_sd1_folder):
+    # diffusers' save_pretrained(variant="fp16", max_shard_size=...) names the index
+    # `diffusion_pytorch_model.safetensors.index.fp16.json` (transformers: `model.safetensors.index.fp16.json`)
+    from _pipeline_models import diffusers_pipeline
+
+    dst = tmp_path / "fp16-sharded"
+    diffusers_pipeline(tiny_sd1_folder).to(torch.float16).save_pretrained(dst, variant="fp16", max_shard_size="20KB")
+    assert (dst / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    assert (dst / "text_encoder" / "model.safetensors.index.fp16.json").is_file()
+    got = load_checkpoint(dst)
+    want = load_checkpoint(tiny_sd1_folder)
+    for comp in ("unet", "vae", "text_encoder"):
+        assert got.state_dicts[comp].keys() == want.state_dicts[comp].keys(), comp
+        for k, v in want.state_dicts[comp].items():
+            assert got.state_dicts[comp][k].dtype == torch.float16
+            assert torch.equal(got.state_dicts[comp][k], v.half()), (comp, k)
+
+
+def _ldm_vae_file(tmp_path):
+    """A VAE for 4-channel latents as an A1111 `.vae.safetensors` (LDM layout, 32-group norms, no config), and
+    the diffusers AutoencoderKL it was written from."""
+    from diffusers import AutoencoderKL
+
+    from sdengine.weights import save_safetensors
+    from sdengine.weights.detect import vae_layout_from_diffusers
+    from sdengine.weights.keymaps import vae_diffusers_to_ldm
+
+    torch.manual_seed(7)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+        layers_per_block=1,
+        sample_size=32,
+    ).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn(p.shape) * 0.02)
+    ldm, bad = vae_diffusers_to_ldm(vae.state_dict(), vae_layout_from_diffusers(vae.state_dict()))
+    assert not bad
+    path = tmp_path / "sdxl_vae.safetensors"
+    save_safetensors(ldm, path)
+    return path, vae
+
+
+@pytest.fixture(scope="module")
+def sdxl_with_vae_file(tmp_path_factory):
+    from _sdxl_models import make_sdxl_folder
+
+    tmp = tmp_path_factory.mktemp("sdxl-vae")
+    folder = make_sdxl_folder(tmp / "tiny-sdxl")
+    return folder, *_ldm_vae_file(tmp)
+
+
+def test_a_vae_file_on_sdxl_keeps_sdxls_scaling_factor(sdxl_with_vae_file, tmp_path):
+    # An LDM VAE file carries no config: the latents' scale is the model's (SDXL 0.13025), as A1111 reads it from
+    # the model's config; 0.18215 (SD's) would decode every SDXL image from wrongly scaled latents.
+    from sdengine.weights import convert
+
+    folder, vae_file, _ = sdxl_with_vae_file
+    single = convert(folder, tmp_path / "tiny-sdxl.safetensors")
+    for model in (folder, single):
+        assert load_checkpoint(model).configs["vae"]["scaling_factor"] == 0.13025
+        assert load_checkpoint(model, vae=vae_file).configs["vae"]["scaling_factor"] == 0.13025, model
+
+
+def test_sdxl_images_with_a_vae_file_equal_diffusers_with_that_vae(sdxl_with_vae_file):
+    import numpy as np
+
+    import sdengine
+    from _pipeline_models import diffusers_scheduler
+    from _sdxl_models import diffusers_sdxl
+
+    folder, vae_file, vae = sdxl_with_vae_file
+    ref = diffusers_sdxl(folder)
+    vae.register_to_config(scaling_factor=ref.vae.config.scaling_factor)  # the model's latent scale
+    ref.vae = vae
+    ref.scheduler = diffusers_scheduler(folder, "euler")
+    theirs = ref(
+        "a red apple",
+        negative_prompt="blurry",
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        generator=torch.Generator("cpu").manual_seed(3),
+        output_type="np",
+        width=32,
+        height=32,
+    ).images
+    pipe = sdengine.load_pipeline(folder, device="cpu", vae=vae_file)
+    ours = pipe(
+        "a red apple",
+        "blurry",
+        steps=3,
+        sampler="euler",
+        schedule="normal",
+        cfg_scale=5.0,
+        seed=3,
+        width=32,
+        height=32,
+        progress=False,
+    ).arrays
+    assert float(np.abs(np.asarray(ours, np.float64) - np.asarray(theirs, np.float64)).mean()) < 1e-4
+
+
+def test_a_vae_file_keeps_the_scale_factor_of_the_models_yaml(tiny_sd1_folder, tmp_path):
+    from sdengine.weights import convert, load_file, save_safetensors
+
+    single = convert(tiny_sd1_folder, tmp_path / "m.safetensors")
+    sd, _ = load_file(single)  # without sdengine's config metadata and without its VAE: a pruned A1111 file
+    save_safetensors({k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}, single)
+    vae_file, _ = _ldm_vae_file(tmp_path)
+    (tmp_path / "m.yaml").write_text("model:\n  params:\n    scale_factor: 0.5\n")
+    assert load_checkpoint(single, vae=vae_file).configs["vae"]["scaling_factor"] == 0.5
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_text_encoder_saved_as_pytorch_model_bin_loads(tmp_path, tiny_sd1_folder, sharded):
+    # transformers' pickle names (older SD folders, DreamBooth outputs): pytorch_model.bin, or
+    # pytorch_model.bin.index.json + pytorch_model-0000N-of-0000M.bin
+    import json
+    import shutil
+
+    from transformers import CLIPTextModel
+
+    from sdengine.weights import load_file
+
+    dst = tmp_path / "bin-model"
+    shutil.copytree(tiny_sd1_folder, dst)
+    te = dst / "text_encoder"
+    sd, _ = load_file(te / "model.safetensors")
+    (te / "model.safetensors").unlink()
+    if sharded:
+        keys = sorted(sd)
+        halves = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+        for name, part in halves.items():
+            torch.save({k: sd[k].clone() for k in part}, te / name)
+        index = {"metadata": {}, "weight_map": {k: name for name, part in halves.items() for k in part}}
+        (te / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    else:
+        torch.save({k: v.clone() for k, v in sd.items()}, te / "pytorch_model.bin")
+    oracle = CLIPTextModel.from_pretrained(te).state_dict()  # transformers reads it
+    got = load_checkpoint(dst).state_dicts["text_encoder"]
+    want = load_checkpoint(tiny_sd1_folder).state_dicts["text_encoder"]
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+        if k in oracle:
+            assert torch.equal(oracle[k], v), k
+
+
+def _without_scheduler(folder, dst):
+    """A copy of a diffusers folder's configs for `config=` that says nothing about the scheduler."""
+    import shutil
+
+    shutil.copytree(folder, dst, ignore=shutil.ignore_patterns("*.safetensors", "scheduler"))
+    return dst
+
+
+@pytest.mark.parametrize("markers", [(), ("v_pred",), ("v_pred", "ztsnr")])
+def test_sdxl_v_prediction_markers_set_the_prediction_type(sdxl_with_vae_file, tmp_path, markers):
+    # NoobAI-XL V-Pred and other v-prediction SDXL fine-tunes carry empty `v_pred` (and `ztsnr`: zero terminal
+    # SNR) tensors, which ComfyUI and A1111 read; they were refused as unexpected keys
+    from sdengine.weights import convert, load_file, save_safetensors
+
+    folder = sdxl_with_vae_file[0]
+    sd, _ = load_file(convert(folder, tmp_path / "sdengine.safetensors"))
+    path = tmp_path / "vpred.safetensors"  # as other tools write it: no sdengine config metadata
+    save_safetensors({**sd, **{k: torch.tensor([]) for k in markers}}, path)
+    ck = load_checkpoint(path, config=_without_scheduler(folder, tmp_path / "cfg"))
+    assert ck.prediction_type == ("v_prediction" if markers else "epsilon")
+    assert ck.configs["scheduler"].get("rescale_betas_zero_snr", False) == ("ztsnr" in markers)
+    assert not any(k in ck.state_dicts["unet"] for k in markers)
+
+
+def test_a_v_prediction_sdxl_model_converts_with_its_markers(sdxl_with_vae_file, tmp_path):
+    import json
+    import shutil
+
+    from sdengine.weights import convert, load_file
+
+    folder = shutil.copytree(sdxl_with_vae_file[0], tmp_path / "vpred-folder")
+    sched = folder / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(sched.read_text())
+    sched.write_text(json.dumps({**cfg, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True}))
+    sd, _ = load_file(convert(folder, tmp_path / "vpred.safetensors"))
+    assert sd["v_pred"].numel() == 0 and sd["ztsnr"].numel() == 0  # what ComfyUI and A1111 read
+    back = load_checkpoint(convert(tmp_path / "vpred.safetensors", tmp_path / "back"))
+    assert back.prediction_type == "v_prediction" and back.configs["scheduler"]["rescale_betas_zero_snr"] is True
+
+
+SGM_YAML = """model:
+  target: sgm.models.diffusion.DiffusionEngine
+  params:
+    scale_factor: 0.13025
+    denoiser_config:
+      target: sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser
+      params:
+        num_idx: 1000
+        scaling_config:
+          target: sgm.modules.diffusionmodules.denoiser_scaling.{scaling}
+"""
+
+
+@pytest.mark.parametrize("scaling", ["VScaling", "EpsScaling"])
+def test_sdxl_yaml_beside_the_file_gives_its_prediction_type(sdxl_with_vae_file, tmp_path, scaling):
+    # A1111 pairs a v-prediction SDXL file with sd_xl_v.yaml (denoiser scaling VScaling); the yaml was ignored
+    from sdengine.weights import convert, load_file, save_safetensors
+
+    sd, _ = load_file(convert(sdxl_with_vae_file[0], tmp_path / "sdengine.safetensors"))
+    path = tmp_path / "model.safetensors"
+    save_safetensors(sd, path)  # no sdengine config metadata, as A1111 users' files
+    (tmp_path / "model.yaml").write_text(SGM_YAML.format(scaling=scaling))
+    want = "v_prediction" if scaling == "VScaling" else "epsilon"
+    ck = load_checkpoint(path)
+    assert ck.prediction_type == want and ck.configs["scheduler"]["prediction_type"] == want
+    assert load_checkpoint(path, prediction_type="epsilon").prediction_type == "epsilon"  # the caller's word wins
