@@ -454,3 +454,42 @@ def test_aot_on_a_cuda_pipeline_warns_what_the_h200_runs_showed(tmp_path, monkey
     with caplog.at_level("WARNING", logger="sdengine.fastpath"):
         notes = fastpath.apply_fast_path(cpu, ["aot"])
     assert fastpath.AOT_ON_CUDA not in notes and not caplog.records
+
+
+@torch.no_grad()
+def test_two_threads_calling_one_graph_each_get_their_own_result():
+    """A graph's inputs and output are static buffers: a server thread decoding a preview on demand while the
+    worker decoded through the same graph copied its input over the worker's before the replay (the worker got
+    the other image). Calls are one at a time now."""
+    import threading
+    import time
+
+    class SlowReplays(CPUBackend):
+        def __call__(self, fn, warmup):
+            replay, out = super().__call__(fn, warmup)
+
+            def slow() -> None:
+                time.sleep(0.1)  # a long replay: room for another thread's copy into the inputs
+                replay()
+
+            return slow, out
+
+    torch.manual_seed(0)
+    net = Affine()
+    g = GraphedCallable(net, module=net, backend=SlowReplays(), device_type="cpu")
+    inputs = [torch.randn(2, 4) for _ in range(2)]
+    g(inputs[0])  # recorded
+    got: dict[int, torch.Tensor] = {}
+
+    def call(i: int) -> None:
+        with torch.no_grad():
+            got[i] = g(inputs[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    threads[0].start()
+    time.sleep(0.03)
+    threads[1].start()
+    for t in threads:
+        t.join(10)
+    for i in range(2):
+        torch.testing.assert_close(got[i], net(inputs[i]))

@@ -309,3 +309,25 @@ def test_a_job_placed_ahead_tells_the_jobs_behind_it_their_new_place(tmp_path):
     assert [m.position(j) for j in (first, second, third)] == [0, 2, 3]
     assert first.version == before[first.id]
     assert second.version > before[second.id] and third.version > before[third.id]
+
+
+def test_each_batched_job_previews_its_own_row_when_asked(tmp_path, rec):
+    """Lazy previews in a batch: nobody watched, so each job kept its own row's latents, decoded when asked; the
+    two jobs' previews are their own rows (different prompts and seeds), each the model's full size."""
+    rec.gate.clear()
+    with serve(tmp_path, rec, max_batch_jobs=4) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+        hold = submit(c, BLOCKER)  # runs alone; the next two wait and batch
+        deadline = time.monotonic() + 60
+        while len(rec.calls) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ids = [submit(c, {**BASE, "prompt": p, "seed": s}) for p, s in (("a red apple", 3), ("a green pear", 9))]
+        rec.gate.set()
+        for i in (hold, *ids):
+            assert wait_job(c, i)["state"] == "done"
+        assert len(rec.calls) == 2 and rec.calls[1]["batch_size"] == 2  # the two ran as one call
+        previews = []
+        for i in ids:
+            r = c.get(f"/v1/jobs/{i}/preview")
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+            previews.append(np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")))
+        assert previews[0].shape == (64, 64, 3) and not np.array_equal(previews[0], previews[1])

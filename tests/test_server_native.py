@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -632,3 +635,70 @@ def test_a_load_error_on_the_public_health_routes_is_for_key_holders_only(tmp_pa
     finally:
         server.should_exit = True
         thread.join(20)
+
+
+class CountedTinyVae:
+    """The emoji model's tiny VAE, its decodes (the previews' cost) counted."""
+
+    def __init__(self, tiny: Any) -> None:
+        self.tiny = tiny
+        self.decodes = 0
+
+    def parameters(self) -> Any:
+        return self.tiny.parameters()
+
+    def decode(self, latents: Any) -> Any:
+        self.decodes += 1
+        return self.tiny.decode(latents)
+
+
+def test_previews_are_decoded_only_when_someone_looks(tmp_path) -> None:
+    """Nobody watches a job (no event stream): its previews cost nothing while it runs; A1111's progress and
+    GET /preview decode the newest step's latents when asked (once per step), and an event stream gets them."""
+    tiny = CountedTinyVae(emoji().tiny_vae)
+    reached, gate = threading.Event(), threading.Event()
+
+    class Held:  # the emoji pipeline, held after its step 4 until the gate opens
+        def __getattr__(self, name: str) -> Any:
+            return tiny if name == "tiny_vae" else getattr(emoji(), name)
+
+        def __call__(self, **kw: Any) -> Any:
+            callback = kw.pop("callback")
+
+            def held(info: Any) -> bool:
+                ok = callback(info)
+                if info.step == 4 and not gate.is_set():
+                    reached.set()
+                    assert gate.wait(60), "the test never opened the gate"
+                return ok
+
+            return emoji()(**kw, callback=held)
+
+    def loader(ref: str, device: str) -> Any:
+        return Held()
+
+    with live_server(server_config(tmp_path), loader=loader) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+        jid = c.post("/v1/jobs", json={**BASE, "steps": 8}).json()["id"]
+        assert reached.wait(60)
+        assert tiny.decodes == 0  # steps 2 and 4 were preview steps: nothing decoded, nobody looked
+        p = c.get("/sdapi/v1/progress").json()
+        assert p["state"]["sampling_step"] == 4 and tiny.decodes == 1
+        assert Image.open(io.BytesIO(base64.b64decode(p["current_image"]))).size == (64, 64)
+        assert c.get("/sdapi/v1/progress").json()["current_image"] == p["current_image"] and tiny.decodes == 1
+        gate.set()
+        j = wait_job(c, jid)
+        assert j["state"] == "done" and tiny.decodes == 1  # steps 6 and 8: not decoded either
+        preview, _ = fetch_image(c, f"/v1/jobs/{jid}/preview")  # the last step's, decoded now
+        assert preview.size == (64, 64) and tiny.decodes == 2
+        gate.clear()
+        reached.clear()
+        jid = c.post("/v1/jobs", json={**BASE, "steps": 8}).json()["id"]
+        assert reached.wait(60)
+        before = tiny.decodes
+        with c.stream("GET", f"/v1/jobs/{jid}/events") as r:
+            gate.set()
+            events = [line for line in r.iter_lines() if line.startswith("data:")]
+        # the first event has the preview of step 4 (kept before the stream opened, decoded for it), the
+        # later ones those the worker decoded as the watched job ran (steps 6, 8)
+        assert '"step": 4' in events[0] and '"preview": "data:image/png;base64,' in events[0]
+        assert tiny.decodes - before >= 3

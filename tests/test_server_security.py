@@ -9,6 +9,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -55,6 +56,14 @@ def test_settings_that_would_refuse_every_request_refuse_to_start(capsys, tmp_pa
         ("--max-body-mb", "-5"): "--max-body-mb must be a number > 0",
         ("--max-body-mb", "nan"): "--max-body-mb must be a number > 0",
         ("--max-image-pixels", "0"): "--max-image-pixels must be >= 1",
+        ("--model-affinity", "-1"): "--model-affinity must be a number of seconds >= 0",
+        ("--model-affinity", "nan"): "--model-affinity must be a number of seconds >= 0",
+        ("--max-steps", "0"): "--max-steps must be in [1, 1000], got 0",
+        ("--max-steps", "1001"): "--max-steps must be in [1, 1000], got 1001",
+        ("--max-side", "7"): "--max-side must be in [8, 8192], got 7",
+        ("--max-side", "9000"): "--max-side must be in [8, 8192], got 9000",
+        ("--max-batch-size", "0"): "--max-batch-size must be in [1, 64], got 0",
+        ("--max-batch-size", "65"): "--max-batch-size must be in [1, 64], got 65",
         ("--port", "99999"): "--port must be in [1, 65535]",
         ("--outputs-dir", str(tmp_path / "a_file")): "not a folder",
         ("--outputs-dir", str(tmp_path / "a_file" / "sub")): "cannot create it",
@@ -316,3 +325,36 @@ def test_oversize_body_413(open_server):
 def test_full_queue_is_429_with_retry_after(open_server):
     r = httpx.post(f"{open_server.url}/v1/jobs", json=JOB)
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+
+
+def test_job_limit_flags_reach_the_server_and_its_openapi_document(monkeypatch, tmp_path):
+    """--max-steps, --max-side and --max-batch-size (ServerConfig had the limits, serve had no flags): the server
+    refuses above them and /openapi.json states them (JobRequest, the hires fields, OpenAI's n)."""
+    from fastapi.testclient import TestClient
+
+    import sdengine.server.app as server_app
+    from sdengine.cli import main
+
+    built: list[Any] = []
+
+    class NotServed:
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(server_app, "make_server", lambda app, **kw: built.append(app) or NotServed())
+    argv = ["serve", "--port", str(free_port()), "--outputs-dir", str(tmp_path)]
+    assert main([*argv, "--max-steps", "30", "--max-side", "256", "--max-batch-size", "2"]) == 0
+    client = TestClient(built[0], base_url="http://127.0.0.1")  # no lifespan: nothing is loaded or run
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    job = schemas["JobRequest"]["properties"]
+    assert job["steps"]["maximum"] == 30 and job["batch_size"]["maximum"] == 2
+    assert [o.get("maximum") for o in job["width"]["anyOf"]] == [256, None]
+    assert schemas["HiresSpec"]["properties"]["hr_second_pass_steps"]["maximum"] == 30
+    assert [o.get("maximum") for o in schemas["GenerationsRequest"]["properties"]["n"]["anyOf"]] == [2, None]
+    body = {"prompt": "x", "steps": 31, "width": 64, "height": 64}
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 400 and "steps" in r.text
+    assert client.post("/v1/jobs", json={**body, "steps": 4, "width": 264}).status_code == 400
+    assert client.post("/v1/jobs", json={**body, "steps": 4, "batch_size": 3}).status_code == 400
+    r = client.post("/v1/images/generations", json={"prompt": "x", "n": 3})
+    assert r.status_code == 400 and "n must be in [1, 2]" in r.text

@@ -37,6 +37,7 @@ may have folded weights in (sdengine.aot), and recording again costs a few calls
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -153,6 +154,9 @@ class GraphedCallable:
         self.watch = ModuleWatch(module)
         self.replays = 0
         self.recordings = 0
+        # One call at a time: a call copies into the static inputs, replays and copies the static output out; a
+        # second thread (a server decoding a preview on demand while the worker decodes) would mix them up.
+        self._lock = threading.RLock()
 
     def usable(self) -> bool:
         """Whether graphs may serve the next generation: never while the module has forward hooks (a patched
@@ -186,10 +190,11 @@ class GraphedCallable:
         key, tensors = sig
         if key in self.eager:
             return self.fn(*args, **kwargs)
-        if self.device_type == "cuda":  # record and replay with the inputs' GPU current (a server runs one per GPU)
-            with torch.cuda.device(tensors[0].device):
-                return self._run(key, args, kwargs, tensors)
-        return self._run(key, args, kwargs, tensors)
+        with self._lock:
+            if self.device_type == "cuda":  # record and replay with the inputs' GPU current (one per GPU)
+                with torch.cuda.device(tensors[0].device):
+                    return self._run(key, args, kwargs, tensors)
+            return self._run(key, args, kwargs, tensors)
 
     def _run(self, key: Hashable, args: Sequence[Any], kwargs: dict[str, Any], tensors: list[Tensor]) -> Any:
         entry = self.graphs.get(key)

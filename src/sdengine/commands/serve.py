@@ -21,12 +21,23 @@ def run(a: argparse.Namespace) -> int:
     if a.max_batch < 1:
         raise ServerConfigError(f"--max-batch must be >= 1, got {a.max_batch}")
     # Limits that would refuse every job or every request are a mistake: said now, not as a 429 / 413 per request.
+    if not 0 <= a.model_affinity < float("inf"):
+        raise ServerConfigError(f"--model-affinity must be a number of seconds >= 0, got {a.model_affinity}")
     if a.max_queue < 1:
         raise ServerConfigError(f"--max-queue must be >= 1 (jobs that may wait), got {a.max_queue}")
     if not a.max_body_mb > 0 or a.max_body_mb == float("inf"):
         raise ServerConfigError(f"--max-body-mb must be a number > 0, got {a.max_body_mb}")
     if a.max_image_pixels < 1:
         raise ServerConfigError(f"--max-image-pixels must be >= 1, got {a.max_image_pixels}")
+    # The job limits: below the smallest request every request is refused; above the request schema's own bound
+    # (the widest any server takes) the limit would be a promise the server cannot keep.
+    for flag, value, low, high in (
+        ("--max-steps", a.max_steps, 1, 1000),
+        ("--max-side", a.max_side, 8, 8192),
+        ("--max-batch-size", a.max_batch_size, 1, 64),
+    ):
+        if not low <= value <= high:
+            raise ServerConfigError(f"{flag} must be in [{low}, {high}], got {value}")
     if not 1 <= a.port <= 65535:
         raise ServerConfigError(f"--port must be in [1, 65535], got {a.port}")
     check_outputs_dir(Path(a.outputs_dir))
@@ -62,6 +73,10 @@ def run(a: argparse.Namespace) -> int:
         cors_origins=tuple(o.strip() for o in (a.cors_origins or "").split(",") if o.strip()),
         max_queue=a.max_queue,
         max_batch_jobs=a.max_batch,
+        max_steps=a.max_steps,
+        model_affinity_s=a.model_affinity,
+        max_side=a.max_side,
+        max_batch=a.max_batch_size,
         max_body_bytes=int(a.max_body_mb * 1024 * 1024),
         max_image_pixels=a.max_image_pixels,
         devices=tuple(a.device.split(",")),
@@ -130,6 +145,22 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--max-queue", type=int, default=64, help="jobs waiting before new ones get 429")
     p.add_argument(
         "--max-batch", type=int, default=4, help="compatible queued jobs run as one batch, at most this many (1 = off)"
+    )
+    p.add_argument("--max-steps", type=int, default=150, help="most sampler steps of one request (1..1000)")
+    p.add_argument("--max-side", type=int, default=2048, help="largest width / height of an image in pixels (8..8192)")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="most images of one request (batch_size, OpenAI's n; 1..64); also the rows of one batched call",
+    )
+    p.add_argument(
+        "--model-affinity",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="a free worker takes the oldest job for its loaded model, skipping jobs for other models that waited "
+        "less than S seconds (fewer model switches; 0 = strict FIFO)",
     )
     p.add_argument("--max-body-mb", type=float, default=50.0, help="request body limit in MB (413 above)")
     p.add_argument(

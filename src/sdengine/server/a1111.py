@@ -809,9 +809,9 @@ def install(app: FastAPI, services: Any) -> None:
         # every batch skipped: A1111 answers the skipped image as far as it got (its sampler returns the last
         # latent), never an empty list; sdengine its last preview, as for an interrupted one
         skipped = job.state == DONE and not images
-        if (interrupted or skipped) and not images and job.preview_png is not None:
+        if (interrupted or skipped) and not images and (got := job.preview()) is not None:
             w, h = job.generation.kwargs["width"] or 512, job.generation.kwargs["height"] or 512
-            images = [Image.open(io.BytesIO(job.preview_png)).convert("RGB").resize((w, h), Image.Resampling.NEAREST)]
+            images = [Image.open(io.BytesIO(got[0])).convert("RGB").resize((w, h), Image.Resampling.NEAREST)]
             if skipped:
                 notes = [*notes, f"skipped at step {job.step} of {job.steps}: the image is its last preview"]
         kw = job.generation.kwargs
@@ -1025,8 +1025,8 @@ def install(app: FastAPI, services: Any) -> None:
             sampling_steps=job.steps,
         )
         image = None
-        if not skip_current_image and job.preview_png is not None:
-            image = base64.b64encode(job.preview_png).decode()
+        if not skip_current_image and (got := job.preview()) is not None:  # decoded now when nobody watched
+            image = base64.b64encode(got[0]).decode()
         return {
             "progress": round(job.progress, 4),
             "eta_relative": job.eta or 0.0,
@@ -1051,8 +1051,9 @@ def install(app: FastAPI, services: Any) -> None:
                 "textinfo": "unknown task",
             }
         preview = None
-        if req.live_preview and job.preview_png is not None and job.preview_step != req.id_live_preview:
-            preview = "data:image/png;base64," + base64.b64encode(job.preview_png).decode()
+        got = job.preview() if req.live_preview else None  # decoded now when nobody watched the job
+        if got is not None and got[1] != req.id_live_preview:
+            preview = "data:image/png;base64," + base64.b64encode(got[0]).decode()
         return {
             "active": job.state == "running",
             "queued": job.state == "queued",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
@@ -127,6 +128,7 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         max_batch_jobs=config.max_batch_jobs,
         max_batch_rows=config.max_batch,
         preview=config.preview,
+        affinity_s=config.model_affinity_s,
     )
     services = Services(
         config,
@@ -251,14 +253,16 @@ def _install_openapi(app: FastAPI, config: ServerConfig) -> None:
             for option in [prop, *prop.get("anyOf", [])]:
                 if "maximum" in option:
                     option["maximum"] = maximum
-        for name, maximum in (
-            ("hr_second_pass_steps", config.max_steps),
-            ("hr_resize_x", config.max_side),
-            ("hr_resize_y", config.max_side),
+        for schema, name, maximum in (
+            ("HiresSpec", "hr_second_pass_steps", config.max_steps),
+            ("HiresSpec", "hr_resize_x", config.max_side),
+            ("HiresSpec", "hr_resize_y", config.max_side),
+            ("GenerationsRequest", "n", config.max_batch),  # OpenAI's images per request
         ):
-            prop = schemas.get("HiresSpec", {}).get("properties", {}).get(name, {})
-            if "maximum" in prop:
-                prop["maximum"] = maximum
+            prop = schemas.get(schema, {}).get("properties", {}).get(name, {})
+            for option in [prop, *prop.get("anyOf", [])]:
+                if "maximum" in option:
+                    option["maximum"] = maximum
         schemas["Error"] = _ERROR_SCHEMA
         paths = spec.get("paths", {})
 
@@ -546,12 +550,13 @@ def _native_routes(app: FastAPI, services: Services) -> None:
     @app.get("/v1/jobs/{job_id}/preview", tags=["native"])
     def job_preview(job_id: str) -> Any:
         job = manager.get(job_id)
-        if job.preview_png is None:
+        got = job.preview()  # decodes the newest step's latents when nobody watched the job (lazy previews)
+        if got is None:
             raise BadRequest("no preview yet")
         from fastapi.responses import Response
 
         return Response(
-            job.preview_png,
+            got[0],
             media_type="image/png",
             headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
         )
@@ -575,6 +580,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                         sent_version = version
                         final = job.state in FINISHED
                         data = progress_json(job, services)
+                        if job.preview_source is not None and not final:  # kept before this stream watched
+                            await run_in_threadpool(job.preview)
                         if job.preview_png is not None and job.preview_step != sent_preview and not final:
                             sent_preview = job.preview_step
                             data["preview"] = preview_data_url(job)

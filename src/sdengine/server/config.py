@@ -29,6 +29,9 @@ class ServerConfig:
     max_batch: int = 8  # images of one request (batch_size)
     max_batch_jobs: int = 4  # compatible queued jobs one pipeline call may run together (1 = no batching)
     max_steps: int = 150
+    # a free worker takes the oldest job for the model it has loaded, skipping jobs for other models that have
+    # waited less than this many seconds (0: strict FIFO); see docs/server.md "Queue, workers, cancel"
+    model_affinity_s: float = 30.0
     devices: tuple[str, ...] = ("auto",)  # "auto": every CUDA GPU, else the CPU; or names like "cuda:1"
     dtype: str | None = None
     vae: Path | None = None  # a separate VAE every SD model is loaded with (A1111's --vae-path)

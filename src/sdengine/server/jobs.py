@@ -5,7 +5,10 @@ FIFO for every protocol but one: a ComfyUI prompt may be placed by its ``front``
 
 A :class:`Job` is one :class:`~sdengine.server.requests.Generation` and its life: queued -> running ->
 done | failed | cancelled. Workers take the job at the head of the queue; each keeps its own pipeline (one model at a
-time, switched between jobs). Cancel touches one job: a queued job leaves the queue, a running one stops
+time, switched between jobs). Model affinity: a free worker whose model is loaded takes the first queued job for
+THAT model instead, skipping jobs for other models ahead of it, unless a job it would skip has waited
+``affinity_s`` seconds or more (then the head: nothing starves) or is a ComfyUI prompt (never overtaken).
+Cancel touches one job: a queued job leaves the queue, a running one stops
 at the end of the current sampler step (the pipeline's step callback returns False). Nothing of a job
 stays on the model after it: the pipeline removes the LoRAs it applied and builds ControlNets per call.
 A job that fails (bad input found late, out of memory, a bug) fails alone; the worker takes the next.
@@ -20,6 +23,11 @@ mixed up; they only lose the steps already done).
 
 Threads and the event loop meet in :meth:`Job.subscribe`: each change of a job sets the asyncio events of
 its subscribers through ``loop.call_soon_threadsafe``, so waiting costs no polling.
+
+Previews are lazy: every ``preview_every`` steps the worker decodes a preview (the tiny VAE or the latent map)
+and encodes its PNG only while someone watches the job (an event stream: :meth:`Job.updates`); otherwise it only
+keeps that step's latent (a reference, no work) and :meth:`Job.preview` decodes it when asked (``GET
+/v1/jobs/{id}/preview``, A1111's progress with its current image). A job nobody looks at pays nothing for previews.
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ class JobImage:
     name: str | None = None  # file name in the outputs folder when saved
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: the queue's lookups (position, cancel) never compare requests' images
 class Job:
     generation: Generation
     protocol: str = "native"
@@ -79,14 +87,17 @@ class Job:
     error: str | None = None
     images: list[JobImage] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    preview_png: bytes | None = None
+    preview_png: bytes | None = None  # the newest preview encoded so far (see preview())
     preview_step: int = 0
+    # the newest preview's latent not encoded yet: (latents (1, C, h, w), step, latents -> uint8 RGB), or None
+    preview_source: tuple[Any, int, Callable[[Any], Any]] | None = None
     version: int = 0  # bumped on every change
     cancel: threading.Event = field(default_factory=threading.Event)
     skip: threading.Event = field(default_factory=threading.Event)
     device: str | None = None
-    _subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
+    _subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, bool]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _preview_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.steps = int(self.generation.kwargs["steps"]) * self.generation.n_iter
@@ -98,21 +109,59 @@ class Job:
         with self._lock:
             self.version += 1
             subs = list(self._subscribers)
-        for loop, ev in subs:
+        for loop, ev, _ in subs:
             try:
                 loop.call_soon_threadsafe(ev.set)
             except RuntimeError:  # that loop is closed: its subscriber is gone
                 pass
 
-    def subscribe(self) -> asyncio.Event:
+    def subscribe(self, *, previews: bool = False) -> asyncio.Event:
+        """An event set on every change; ``previews``: this subscriber shows previews (the worker then encodes
+        them as it goes, see :attr:`watched`)."""
         ev = asyncio.Event()
         with self._lock:
-            self._subscribers.append((asyncio.get_running_loop(), ev))
+            self._subscribers.append((asyncio.get_running_loop(), ev, previews))
         return ev
 
     def unsubscribe(self, ev: asyncio.Event) -> None:
         with self._lock:
-            self._subscribers = [(lp, e) for lp, e in self._subscribers if e is not ev]
+            self._subscribers = [s for s in self._subscribers if s[1] is not ev]
+
+    @property
+    def watched(self) -> bool:
+        """Someone shows this job's previews as they come (an event stream is open)."""
+        with self._lock:
+            return any(s[2] for s in self._subscribers)
+
+    def keep_preview(self, latents: Any, step: int, to_rgb: Callable[[Any], Any]) -> None:
+        """Keep a step's latents (one image) to decode only if someone asks (:meth:`preview`): costs nothing."""
+        self.preview_source = (latents, step, to_rgb)
+
+    def set_preview(self, png: bytes, step: int) -> None:
+        with self._preview_lock:
+            self.preview_png, self.preview_step = png, step
+            src = self.preview_source
+            if src is not None and src[1] <= step:
+                self.preview_source = None
+
+    def preview(self) -> tuple[bytes, int] | None:
+        """The newest preview (PNG, step), decoding the kept latents when they are newer than the last PNG (on
+        the caller's thread: call it from a worker thread or a threadpool route); None before the first."""
+        with self._preview_lock:
+            src = self.preview_source
+            if src is not None and (self.preview_png is None or src[1] > self.preview_step):
+                try:
+                    import torch
+
+                    with torch.inference_mode():
+                        frame = src[2](src[0]).cpu().numpy()
+                    self.preview_png, self.preview_step = png_bytes(Image.fromarray(frame[0])), src[1]
+                except Exception:  # noqa: BLE001 - a preview is optional
+                    log.debug("could not decode a preview", exc_info=True)
+                self.preview_source = None
+            if self.preview_png is None:
+                return None
+            return self.preview_png, self.preview_step
 
     async def wait_finished(self, timeout: float | None = None) -> bool:
         """Wait (without polling) until the job is finished; False on timeout."""
@@ -139,8 +188,9 @@ class Job:
     ) -> AsyncGenerator[bool, None]:
         """What drives an event stream of this job: yields True at once and after every change, False after
         ``keepalive_s`` of silence (send a keep-alive comment); ends when the client has gone. The caller stops
-        after the final state; use it under ``contextlib.aclosing`` so the subscription ends with the stream."""
-        ev = self.subscribe()
+        after the final state; use it under ``contextlib.aclosing`` so the subscription ends with the stream.
+        Its subscriber shows previews: while it is open the worker encodes them as it goes."""
+        ev = self.subscribe(previews=True)
         try:
             while True:
                 ev.clear()  # before the caller looks, so that a change while it sends wakes the next turn
@@ -263,6 +313,7 @@ class JobManager:
         max_batch_jobs: int = 1,
         max_batch_rows: int = 8,
         preview: str = "auto",
+        affinity_s: float = 30.0,
     ) -> None:
         self.loader = loader
         self.outputs_dir = Path(outputs_dir)
@@ -272,6 +323,7 @@ class JobManager:
         self.preview = preview  # "auto": the model's tiny VAE when it has one, else the latent RGB map; "latent"
         self.max_batch_jobs = max(1, max_batch_jobs)
         self.max_batch_rows = max(1, max_batch_rows)
+        self.affinity_s = affinity_s  # longest a job is skipped for one of a worker's loaded model (0: FIFO)
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
@@ -369,6 +421,7 @@ class JobManager:
         for j in finished[: max(0, len(finished) - KEEP_IMAGES)]:
             for im in j.images:
                 im.image = None
+            j.preview_source = None  # its latents (and the decoder they need)
             j.generation.release_images()
         while len(self._jobs) > self.keep_jobs + self.max_queue:
             for jid, j in self._jobs.items():
@@ -378,15 +431,33 @@ class JobManager:
             else:
                 return
 
-    def take(self, timeout: float = 0.5) -> list[Job]:
-        """The job at the head of the queue and the later ones compatible with it (see :func:`batch_key`), now running;
-        [] when none came within ``timeout`` seconds or the server is stopping."""
+    def _pick(self, model: str | None) -> Job:
+        """The job a worker with ``model`` loaded takes next (lock held, queue not empty): the head of the queue, or the
+        first for ``model`` when every job before it is of another known model and has waited < ``affinity_s``."""
+        head = self._queue[0]
+        if model is None or self.affinity_s <= 0:
+            return head
+        now = time.time()
+        for j in self._queue:
+            if getattr(j, "run_on", None) is not None:  # a ComfyUI prompt (any model): never overtaken
+                return head
+            if j.generation.model == model:
+                return j
+            if now - j.created >= self.affinity_s:  # waited long enough: the head, as without affinity
+                return head
+        return head
+
+    def take(self, timeout: float = 0.5, model: str | None = None) -> list[Job]:
+        """The next job (see :meth:`_pick`: the head, or the first for ``model``, the taking worker's loaded
+        model) and the later ones compatible with it (see :func:`batch_key`), now running; [] when none came within
+        ``timeout`` seconds or the server is stopping."""
         with self._cond:
             if not self._queue and not self.stopping:
                 self._cond.wait(timeout)
             if self.stopping or not self._queue:
                 return []
-            first = self._queue.popleft()
+            first = self._pick(model)
+            self._queue.remove(first)
             jobs = [first]
             key = batch_key(first) if self.max_batch_jobs > 1 else None
             if key is not None:
@@ -430,6 +501,7 @@ class JobManager:
                 j.device = None
                 j.preview_png = None
                 j.preview_step = 0
+                j.preview_source = None
                 self._queue.appendleft(j)
             self._cond.notify()
             moved = [j for j in self._queue if j not in jobs]
@@ -577,7 +649,7 @@ class Worker(threading.Thread):
             finally:
                 self.preloaded = True
         while True:
-            jobs = self.manager.take()
+            jobs = self.manager.take(model=self.model)
             if not jobs:
                 if self.manager.stopping:
                     return
@@ -651,13 +723,14 @@ class Worker(threading.Thread):
                 job.step = _before + info.step
                 if job.cancel.is_set() or job.skip.is_set():
                     return False
-                if info.step % m.preview_every == 0 or info.step == info.steps:
+                if (info.step % m.preview_every == 0 or info.step == info.steps) and not job.watched:
+                    job.keep_preview(info.denoised[:1].clone(), job.step, previewer.to_rgb)  # decoded only if asked
+                elif info.step % m.preview_every == 0 or info.step == info.steps:
                     try:  # on a GPU the frame comes from an earlier step: the loop never waits for it
                         previewer.submit(info.denoised[:1], job.step)
                         got = previewer.take(wait=info.step == info.steps)
                         if got is not None:
-                            job.preview_step, frame = got
-                            job.preview_png = png_bytes(Image.fromarray(frame[0]))
+                            job.set_preview(png_bytes(Image.fromarray(got[1][0])), got[0])
                     except Exception:  # noqa: BLE001 - a preview is optional
                         pass
                 job.changed()
@@ -671,7 +744,7 @@ class Worker(threading.Thread):
                     done_steps += run_steps[0]
                     continue
                 if e.preview is not None:
-                    job.preview_png = png_bytes(Image.fromarray(e.preview[0]))
+                    job.set_preview(png_bytes(Image.fromarray(e.preview[0])), job.step)
                 m.finish(job, CANCELLED, m.cancel_reason(job))
                 return
             except (torch.OutOfMemoryError, MemoryError):  # CUDA's, or the CPU allocator's
@@ -748,7 +821,11 @@ class Worker(threading.Thread):
         def callback(info: Any) -> bool:
             stop = any(j.cancel.is_set() or j.skip.is_set() for j in jobs)
             preview, preview_step = None, info.step
-            if not stop and (info.step % m.preview_every == 0 or info.step == info.steps):
+            due = not stop and (info.step % m.preview_every == 0 or info.step == info.steps)
+            if due and not any(j.watched for j in jobs):
+                for job, (a, _) in zip(jobs, spans, strict=True):  # decoded only if asked
+                    job.keep_preview(info.denoised[a : a + 1].clone(), info.step, previewer.to_rgb)
+            elif due:
                 try:  # on a GPU the frame comes from an earlier step: the loop never waits for it
                     previewer.submit(info.denoised, info.step)
                     got = previewer.take(wait=info.step == info.steps)
@@ -762,8 +839,7 @@ class Worker(threading.Thread):
                 job.step = info.step
                 if preview is not None:
                     try:
-                        job.preview_png = png_bytes(Image.fromarray(preview[a]))
-                        job.preview_step = preview_step
+                        job.set_preview(png_bytes(Image.fromarray(preview[a])), preview_step)
                     except Exception:  # noqa: BLE001 - a preview is optional
                         pass
                 if not stop:
@@ -778,7 +854,7 @@ class Worker(threading.Thread):
             for job, (a, _) in zip(jobs, spans, strict=True):
                 if job.cancel.is_set():
                     if e.preview is not None:
-                        job.preview_png = png_bytes(Image.fromarray(e.preview[a]))
+                        job.set_preview(png_bytes(Image.fromarray(e.preview[a])), job.step)
                     m.finish(job, CANCELLED, m.cancel_reason(job))
                 elif job.skip.is_set():
                     job.skip.clear()
