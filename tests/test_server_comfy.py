@@ -1475,3 +1475,124 @@ def test_upload_mask_stores_the_image_with_the_masks_alpha(client):
     assert post({"filename": orig_name, "type": "input"}, name="m.jpg").status_code == 400
     r = client.post("/upload/mask", files={"image": ("m.png", png_bytes(mask), "image/png")})
     assert r.status_code == 400 and "original_ref" in r.json()["detail"], r.text
+
+
+def test_view_channel_and_preview_as_comfyui(client, server):
+    """ComfyUI's /view: `channel=a` answers the image's alpha as a PNG (its mask editor reads the mask so),
+    `channel=rgb` the colours without the alpha, `preview=webp;90` / `jpeg;80` a re-encoded copy (sdengine once
+    ignored both and sent the file as it is); another channel is refused."""
+    im = Image.new("RGBA", (16, 12), (200, 40, 10, 255))
+    ImageDraw.Draw(im).rectangle((4, 4, 11, 7), fill=(10, 200, 40, 0))
+    folder = Path(server.services.config.outputs_dir) / f"view{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True)
+    (folder / "rgba.png").write_bytes(png_bytes(im))
+
+    def view(**params: str) -> httpx.Response:
+        r = client.get("/view", params={"filename": "rgba.png", "subfolder": folder.name, **params})
+        assert r.status_code != 200 or r.headers["x-content-type-options"] == "nosniff"
+        return r
+
+    a = view(channel="a")
+    assert a.status_code == 200 and a.headers["content-type"] == "image/png", a.text
+    alpha = Image.open(io.BytesIO(a.content))
+    assert alpha.mode == "RGBA" and np.array_equal(np.asarray(alpha.getchannel("A")), np.asarray(im.getchannel("A")))
+    assert not np.asarray(alpha.convert("RGB")).any()  # black: only the alpha is the answer
+    rgb = Image.open(io.BytesIO(view(channel="rgb").content))
+    assert rgb.mode == "RGB" and np.array_equal(np.asarray(rgb), np.asarray(im.convert("RGB")))
+    assert view(channel="rgba").content == png_bytes(im)
+    w = view(preview="webp;90")
+    assert w.headers["content-type"] == "image/webp" and Image.open(io.BytesIO(w.content)).format == "WEBP"
+    j = view(preview="jpeg;80")
+    assert j.headers["content-type"] == "image/jpeg" and j.content[:3] == b"\xff\xd8\xff"
+    assert Image.open(io.BytesIO(j.content)).size == (16, 12)
+    assert len(view(preview="jpeg;10").content) < len(view(preview="jpeg;95").content)  # the quality is used
+    assert view(preview="jpeg;80", channel="a").headers["content-type"] == "image/webp"  # as ComfyUI: alpha kept
+    assert view(channel="red").status_code == 400
+    assert view(preview="jpeg;101").status_code == 400
+    # an image without alpha: channel=a is opaque
+    (folder / "rgb.jpg").write_bytes(view(preview="jpeg;80").content)
+    r = client.get("/view", params={"filename": "rgb.jpg", "subfolder": folder.name, "channel": "a"})
+    assert np.asarray(Image.open(io.BytesIO(r.content)).getchannel("A")).min() == 255
+
+
+def test_upload_image_into_the_output_folder(client, server):
+    """ComfyUI's /upload/image takes `type=output` (sdengine once answered 400), with the same rules: the name
+    stays inside the folder."""
+    sub = f"up{uuid.uuid4().hex[:8]}"
+    data = png_bytes(Image.new("RGB", (8, 8), (1, 2, 3)))
+    r = client.post(
+        "/upload/image", files={"image": ("o.png", data, "image/png")}, data={"type": "output", "subfolder": sub}
+    )
+    assert r.status_code == 200 and r.json() == {"name": "o.png", "subfolder": sub, "type": "output"}, r.text
+    assert (Path(server.services.config.outputs_dir) / sub / "o.png").read_bytes() == data
+    assert client.get("/view", params={"filename": "o.png", "subfolder": sub}).content == data
+    for form in ({"type": "output", "subfolder": "../x"}, {"type": "models"}):
+        r = client.post("/upload/image", files={"image": ("o.png", data, "image/png")}, data=form)
+        assert r.status_code == 400, (form, r.text)
+    r = client.post("/upload/image", files={"image": ("../../o.png", data, "image/png")}, data={"type": "output"})
+    assert r.status_code == 200 and r.json()["name"] == "o.png"  # the name's folders are dropped
+    assert (Path(server.services.config.outputs_dir) / "o.png").is_file()
+
+
+def test_a_prompt_without_a_usable_client_id_sends_its_events_as_comfyui(server, client):
+    """ComfyUI's executor sends a prompt's `execution_start`, `executing`, `executed`, `execution_success` only
+    when it has a client id (progress and previews go to every socket when it has none); a client id that is not
+    a string (5) is a client id all the same, whose socket does not exist: its events reach no one. sdengine once
+    sent every event of both to every socket."""
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={uuid.uuid4().hex}", timeout=30)
+    try:
+        ws_until(ws, "status")
+
+        def events_of(**body) -> list[str]:
+            r = client.post("/prompt", json={"prompt": txt2img_graph(prompt=uuid.uuid4().hex), **body})
+            assert r.status_code == 200, r.text
+            pid = r.json()["prompt_id"]
+            assert wait_history(client, pid)["status"]["status_str"] == "success"
+            kinds = []
+            ws.settimeout(1.0)
+            with pytest.raises(websocket.WebSocketTimeoutException):
+                while True:
+                    m = ws.recv()
+                    if isinstance(m, bytes):
+                        kinds.append("preview")
+                    elif pid in m:
+                        kinds.append(json.loads(m)["type"])
+            return kinds
+
+        none = events_of()
+        assert "progress" in none and "preview" in none, none
+        assert not {"execution_start", "executing", "executed", "execution_success"} & set(none), none
+        assert events_of(client_id=5) == []
+        r = client.post("/prompt", json={"prompt": txt2img_graph(), "client_id": 5})
+        assert wait_history(client, r.json()["prompt_id"])["prompt"][3] == {"client_id": 5}  # listed as given
+    finally:
+        ws.close()
+
+
+def test_the_temp_folder_is_emptied_at_start_of_what_sdengine_wrote(tmp_path):
+    """ComfyUI wipes its temp folder at start; sdengine's (OUTPUTS/temp) was never cleaned. A temp folder
+    sdengine created is emptied at the next start; a user's own OUTPUTS/temp loses only PreviewImage's files."""
+    config = server_config(tmp_path)
+    temp = tmp_path / "outputs" / "temp"
+    data = png_bytes(Image.new("RGB", (8, 8), (9, 9, 9)))
+    with live_server(config) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        for sub in ("", "clip"):
+            r = c.post(
+                "/upload/image", files={"image": ("t.png", data, "image/png")}, data={"type": "temp", "subfolder": sub}
+            )
+            assert r.status_code == 200, r.text
+    assert (temp / "t.png").is_file() and (temp / "clip" / "t.png").is_file()
+    with live_server(config):
+        assert sorted(p.name for p in temp.iterdir()) == [".sdengine-temp"]
+    # a temp folder sdengine did not create: only PreviewImage's names go
+    import shutil
+
+    shutil.rmtree(temp)
+    temp.mkdir()
+    for name in ("mine.png", "ComfyUI_temp_00001_.png", "ComfyUI_temp_notes.png"):
+        (temp / name).write_bytes(data)
+    (temp / "keep").mkdir()
+    (temp / "keep" / "ComfyUI_temp_00002_.png").write_bytes(data)
+    with live_server(config):
+        assert sorted(p.name for p in temp.iterdir()) == ["ComfyUI_temp_notes.png", "keep", "mine.png"]
+    assert (temp / "keep" / "ComfyUI_temp_00002_.png").is_file()

@@ -155,6 +155,47 @@ class Outputs:
             raise NodeError(f"folder type must be output, input or temp, got {kind!r}")
         return {"output": self.output, "input": self.input, "temp": self.temp}[kind]
 
+    def make_root(self, kind: str) -> Path:
+        """The folder of ``kind``, created when missing; a temp folder sdengine creates gets :data:`TEMP_MARKER`,
+        which lets :func:`clean_temp` wipe it at the next start (a temp folder it did not create is the user's)."""
+        root = self.root(kind)
+        if kind == "temp" and not root.exists():
+            root.mkdir(parents=True, exist_ok=True)
+            (root / TEMP_MARKER).write_text("sdengine created this folder: it is emptied at each server start\n")
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+
+TEMP_MARKER = ".sdengine-temp"
+PREVIEW_NAME = re.compile(r"ComfyUI_temp_\d{5,}_\.png")  # the names PreviewImage gives its files
+
+
+def clean_temp(folder: Path) -> int:
+    """ComfyUI empties its temp folder at start; sdengine's may be a user's own ``OUTPUTS/temp``, so: a folder
+    sdengine created (it holds :data:`TEMP_MARKER`) loses everything but the marker, another one only the files
+    PreviewImage named (``ComfyUI_temp_NNNNN_.png``, top level). Symlinks are removed, never followed. Returns how
+    many entries were removed."""
+    import shutil
+
+    if not folder.is_dir() or folder.is_symlink():
+        return 0
+    ours = (folder / TEMP_MARKER).is_file()
+    removed = 0
+    for entry in list(folder.iterdir()):
+        if entry.name == TEMP_MARKER:
+            continue
+        try:
+            if entry.is_symlink() or not entry.is_dir():
+                if ours or (PREVIEW_NAME.fullmatch(entry.name) and entry.is_file()):
+                    entry.unlink()
+                    removed += 1
+            elif ours:
+                shutil.rmtree(entry)
+                removed += 1
+        except OSError:  # a file another process holds: left for the next start
+            pass
+    return removed
+
 
 @dataclass
 class RunContext:
@@ -869,7 +910,7 @@ def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict
     except ValueError as e:
         raise NodeError(str(e)) from None
     folder = root / sub
-    root.mkdir(parents=True, exist_ok=True)
+    ctx.folders.make_root(kind)
     if not is_inside(root, folder) or stem.startswith("."):
         raise NodeError(f"filename_prefix {prefix!r} leaves the {kind} folder")
     folder.mkdir(parents=True, exist_ok=True)
