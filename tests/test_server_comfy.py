@@ -1596,3 +1596,22 @@ def test_the_temp_folder_is_emptied_at_start_of_what_sdengine_wrote(tmp_path):
     with live_server(config):
         assert sorted(p.name for p in temp.iterdir()) == ["ComfyUI_temp_notes.png", "keep", "mine.png"]
     assert (temp / "keep" / "ComfyUI_temp_00002_.png").is_file()
+
+
+def test_free_memory_also_unloads_the_models_as_comfyui(server, client):
+    """ComfyUI's /free: `free_memory` unloads the models too unless `unload_models` is given false (its worker
+    reads `flags.get("unload_models", free_memory)`); sdengine once only dropped the node cache."""
+    worker = server.services.manager.workers[0]
+
+    def loaded() -> bool:
+        native_image(client)  # a job that loads the model on the worker
+        return worker.pipe is not None
+
+    assert loaded()
+    assert client.post("/free", json={"free_memory": True, "unload_models": False}).status_code == 200
+    assert worker.pipe is not None
+    assert client.post("/free", json={"free_memory": True}).status_code == 200
+    assert worker.pipe is None
+    assert loaded()
+    assert client.post("/free", json={"unload_models": True}).status_code == 200 and worker.pipe is None
+    assert client.post("/free", json=[1]).status_code == 400

@@ -775,14 +775,20 @@ def system_stats(request: Request) -> Any:
 
 @_route("POST", "/free")
 async def free(request: Request) -> Any:
-    """``{"unload_models": true}`` unloads idle workers' models; ``{"free_memory": true}`` drops the cache."""
+    """``{"unload_models": true}`` unloads idle workers' models; ``{"free_memory": true}`` drops the cache and,
+    as in ComfyUI (``flags.get("unload_models", free_memory)``), unloads the models too unless
+    ``unload_models`` is given false."""
     services = request.app.state.services
     st = state(request.app)
     body = await _json_body(request)
-    if isinstance(body, dict) and (body.get("free_memory") or body.get("unload_models")):
+    if not isinstance(body, dict):
+        raise BadRequest('send {"free_memory": true} or {"unload_models": true}')
+    free_memory = bool(body.get("free_memory", False))
+    unload = bool(body.get("unload_models", free_memory))
+    if free_memory or unload:
         with st.run_lock:
             st.executor.clear()
-    if isinstance(body, dict) and body.get("unload_models"):
+    if unload:
         for w in services.manager.workers:
             if w.current is None:
                 w.pipe, w.model = None, None
