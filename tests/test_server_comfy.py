@@ -1615,3 +1615,28 @@ def test_free_memory_also_unloads_the_models_as_comfyui(server, client):
     assert loaded()
     assert client.post("/free", json={"unload_models": True}).status_code == 200 and worker.pipe is None
     assert client.post("/free", json=[1]).status_code == 400
+
+
+def test_validation_errors_give_the_inputs_config_as_comfyui(client):
+    """ComfyUI's value errors carry `extra_info.input_config`: the input as /object_info lists it (its frontend
+    shows the range from it); sdengine's once had only input_name and received_value."""
+    info = client.get("/object_info/KSampler").json()["KSampler"]["input"]["required"]
+    for inputs, kind, name in (
+        ({"steps": 100000}, "value_bigger_than_max", "steps"),
+        ({"cfg": -1}, "value_smaller_than_min", "cfg"),
+        ({"sampler_name": "nope"}, "value_not_in_list", "sampler_name"),
+        ({"steps": "many"}, "invalid_input_type", "steps"),
+    ):
+        g = txt2img_graph()
+        g["3"]["inputs"].update(inputs)
+        r = client.post("/prompt", json={"prompt": g})
+        assert r.status_code == 400, r.text
+        (error,) = r.json()["node_errors"]["3"]["errors"]
+        assert error["type"] == kind and error["extra_info"]["input_name"] == name, error
+        assert error["extra_info"]["input_config"] == info[name], error
+    g = txt2img_graph()
+    g["3"]["inputs"]["steps"] = 100000
+    (error,) = client.post("/prompt", json={"prompt": g}).json()["node_errors"]["3"]["errors"]
+    assert (
+        error["message"] == "Value 100000 bigger than max of 10000" and error["extra_info"]["received_value"] == 100000
+    )

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from sdengine.errors import SdengineError
-from sdengine.server.comfy.nodes import NODES, Input, NodeDef, NodeError, RunContext, choices_of
+from sdengine.server.comfy.nodes import NODES, Input, NodeDef, NodeError, RunContext, choices_of, input_spec
 
 Prompt = dict[str, dict[str, Any]]
 
@@ -119,6 +119,7 @@ def _convert(
             f"Failed to convert an input value to a {inp.type} value",
             f"{name}, {value!r}",
             input_name=name,
+            input_config=input_spec(inp, env, []),
             received_value=repr(value)[:200],
         )
     if inp.type in ("INT", "FLOAT"):
@@ -128,6 +129,7 @@ def _convert(
                 f"Value {value} smaller than min of {inp.min}",
                 f"{name}",
                 input_name=name,
+                input_config=input_spec(inp, env),
                 received_value=value,
             )
         if inp.max is not None and value > inp.max:
@@ -136,6 +138,7 @@ def _convert(
                 f"Value {value} bigger than max of {inp.max}",
                 f"{name}",
                 input_name=name,
+                input_config=input_spec(inp, env),
                 received_value=value,
             )
     if inp.type == "COMBO":
@@ -163,6 +166,7 @@ def _convert(
                 "Value not in list",
                 f"{name}: '{value}' not in [{shown}]",
                 input_name=name,
+                input_config=input_spec(inp, env, choices),
                 received_value=repr(value)[:200],
             )
     return value, None

@@ -1293,32 +1293,38 @@ def choices_of(inp: Input, env: Any) -> list[str]:
     return list(c(env)) if callable(c) else list(c)
 
 
+def input_spec(i: Input, env: Any, choices: list[str] | None = None) -> list[Any]:
+    """One input as ``/object_info`` lists it (``[type, {default, min, max, step, ...}]``, a combo's choices in
+    place of its type), what ComfyUI's validation errors give as ``input_config``; ``choices``: a combo's, when
+    the caller has them."""
+    opts: dict[str, Any] = {}
+    if i.type == "COMBO":
+        spec: list[Any] = [choices if choices is not None else choices_of(i, env)]
+        if i.default is not None:
+            opts["default"] = i.default
+        if i.upload:
+            opts["image_upload"] = True
+    else:
+        spec = [i.type]
+        for k in ("default", "min", "max", "step"):
+            v = getattr(i, k)
+            if v is not None:
+                opts[k] = v
+        if i.multiline:
+            opts["multiline"] = True
+    if i.tooltip:
+        opts["tooltip"] = i.tooltip
+    if opts:
+        spec.append(opts)
+    return spec
+
+
 def object_info(node: NodeDef, env: Any) -> dict[str, Any]:
     """One node as ComfyUI's ``/object_info`` describes it."""
     required: dict[str, Any] = {}
     optional: dict[str, Any] = {}
     for i in node.inputs:
-        opts: dict[str, Any] = {}
-        if i.type == "COMBO":
-            choices = choices_of(i, env)
-            spec: list[Any] = [choices]
-            if i.default is not None:
-                opts["default"] = i.default
-            if i.upload:
-                opts["image_upload"] = True
-        else:
-            spec = [i.type]
-            for k in ("default", "min", "max", "step"):
-                v = getattr(i, k)
-                if v is not None:
-                    opts[k] = v
-            if i.multiline:
-                opts["multiline"] = True
-        if i.tooltip:
-            opts["tooltip"] = i.tooltip
-        if opts:
-            spec.append(opts)
-        (optional if i.optional else required)[i.name] = spec
+        (optional if i.optional else required)[i.name] = input_spec(i, env)
     return {
         "input": {"required": required, **({"optional": optional} if optional else {})},
         "input_order": {
