@@ -1640,3 +1640,106 @@ def test_validation_errors_give_the_inputs_config_as_comfyui(client):
     assert (
         error["message"] == "Value 100000 bigger than max of 10000" and error["extra_info"]["received_value"] == 100000
     )
+
+
+@pytest.mark.slow
+def test_clip_text_encode_sdxl_conditions_on_its_sizes_as_the_native_sdxl_settings(tmp_path):
+    """ComfyUI's CLIPTextEncodeSDXL and CLIPTextEncodeSDXLRefiner (missing: an SDXL workflow using them failed
+    validation with missing_node_type): text_l for CLIP-L, text_g for bigG, and the size numbers it gives; the
+    image equals the native API's with the same `sdxl` settings (prompt_2 = text_g, original/target size, crop),
+    and at the latent's own size CLIPTextEncode's. On another model kind each is a node error naming the model."""
+    from _sdxl_models import make_sdxl_folder
+
+    make_sdxl_folder(tmp_path / "models" / "tiny-sdxl")
+    config = server_config(tmp_path, models_dir=tmp_path / "models", model="tiny-sdxl")
+
+    def sdxl_encode(text_l: str, text_g: str, w: int, h: int, crop: tuple[int, int], tw: int, th: int) -> dict:
+        return {
+            "class_type": "CLIPTextEncodeSDXL",
+            "inputs": {
+                "clip": ["4", 1],
+                "width": w,
+                "height": h,
+                "crop_w": crop[0],
+                "crop_h": crop[1],
+                "target_width": tw,
+                "target_height": th,
+                "text_g": text_g,
+                "text_l": text_l,
+            },
+        }
+
+    with live_server(config) as s, httpx.Client(base_url=s.url, timeout=300) as c:
+        g = txt2img_graph(negative="blurry")
+        g["4"]["inputs"]["ckpt_name"] = "tiny-sdxl"
+        plain = comfy_image(c, g)
+        g["6"] = sdxl_encode("a red apple", "a red apple", 64, 64, (0, 0), 64, 64)
+        g["7"] = sdxl_encode("blurry", "blurry", 64, 64, (0, 0), 64, 64)
+        assert np.array_equal(comfy_image(c, g), plain)  # the latent's size: what CLIPTextEncode gives
+        g["6"] = sdxl_encode("a red apple", "a green pear", 1024, 768, (16, 32), 512, 256)
+        g["7"] = sdxl_encode("blurry", "dark", 1024, 768, (16, 32), 512, 256)
+        sized = comfy_image(c, g)
+        sdxl = {
+            "prompt_2": "a green pear",
+            "negative_prompt_2": "dark",
+            "original_size": [768, 1024],
+            "crops_coords_top_left": [32, 16],
+            "target_size": [256, 512],
+        }
+        pipe = shared_loader(str(tmp_path / "models" / "tiny-sdxl"), "cpu")  # the pipeline's own SDXL settings
+        kw = dict(steps=STEPS, seed=SEED, width=64, height=64, sampler="dpmpp_2m", schedule="karras", cfg_scale=5.0)
+        result = pipe("a red apple", "blurry", sdxl=sdxl, progress=False, **kw)
+        native = np.asarray(result.images[0].convert("RGB"))
+        assert np.array_equal(sized, native) and not np.array_equal(sized, plain)
+        # the refiner's node on a base model, and CLIPTextEncodeSDXL on an SD1 model: errors naming the model
+        g["7"] = {
+            "class_type": "CLIPTextEncodeSDXLRefiner",
+            "inputs": {"ascore": 2.5, "width": 64, "height": 64, "text": "blurry", "clip": ["4", 1]},
+        }
+        r = c.post("/prompt", json={"prompt": g})
+        assert r.status_code == 200, r.text
+        h = wait_history(c, r.json()["prompt_id"])
+        error = dict(h["status"]["messages"])["execution_error"]
+        assert error["node_id"] == "7" and "CLIPTextEncodeSDXL" in error["exception_message"], error
+        g["4"]["inputs"]["ckpt_name"] = "emoji"
+        g["7"] = sdxl_encode("blurry", "blurry", 64, 64, (0, 0), 64, 64)
+        h = wait_history(c, c.post("/prompt", json={"prompt": g}).json()["prompt_id"])
+        error = dict(h["status"]["messages"])["execution_error"]
+        assert "needs an SDXL model" in error["exception_message"], error
+
+
+def test_the_sdxl_text_encoders_are_listed_and_refuse_another_model(client):
+    """CLIPTextEncodeSDXL / CLIPTextEncodeSDXLRefiner with ComfyUI's inputs (they were missing: a workflow using
+    them failed with missing_node_type); on an SD1 model each fails at the node, naming it (the parity test on
+    a tiny SDXL model is the slow test above)."""
+    info = client.get("/object_info").json()
+    sdxl = info["CLIPTextEncodeSDXL"]["input"]["required"]
+    assert list(sdxl) == [
+        "clip",
+        "width",
+        "height",
+        "crop_w",
+        "crop_h",
+        "target_width",
+        "target_height",
+        "text_g",
+        "text_l",
+    ]
+    assert sdxl["width"] == ["INT", {"default": 1024, "min": 0, "max": 16384, "step": 1}]
+    assert list(info["CLIPTextEncodeSDXLRefiner"]["input"]["required"]) == ["ascore", "width", "height", "text", "clip"]
+    for node in (
+        {"class_type": "CLIPTextEncodeSDXLRefiner", "inputs": {"ascore": 2.5, "width": 64, "height": 64, "text": "x"}},
+        {
+            "class_type": "CLIPTextEncodeSDXL",
+            "inputs": {"width": 64, "height": 64, "crop_w": 0, "crop_h": 0, "target_width": 64, "target_height": 64}
+            | {"text_g": "x", "text_l": "x"},
+        },
+    ):
+        g = txt2img_graph()
+        g["7"] = node
+        node["inputs"]["clip"] = ["4", 1]
+        r = client.post("/prompt", json={"prompt": g})
+        assert r.status_code == 200, r.text
+        h = wait_history(client, r.json()["prompt_id"])
+        error = dict(h["status"]["messages"])["execution_error"]
+        assert error["node_id"] == "7" and "needs an SDXL model; emoji" in error["exception_message"], error

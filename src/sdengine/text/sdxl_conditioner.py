@@ -246,6 +246,17 @@ class SDXLConditioner:
         ids, neg_ids = self.time_ids(SDXLOptions(), width, height)
         return self._vector(pooled, ids).to(self.dtype), self._vector(pooled, neg_ids).to(self.dtype)
 
+    def sized(self, prompt: str, prompt_2: str, options: SDXLOptions, clip_skip: int = 1) -> Conditioning:
+        """One prompt pair's conditioning whose size (and, for the refiner, aesthetic score) numbers are
+        ``options``' (``original_size``, ``crops_coords_top_left``, ``target_size``, ``aesthetic_score``), the same
+        whether it is used as the positive or the negative: ComfyUI's CLIPTextEncodeSDXL and
+        CLIPTextEncodeSDXLRefiner, whose numbers a conditioning carries."""
+        self.check_clip_skip(clip_skip)
+        c, pooled = self.text(prompt, prompt_2, clip_skip)
+        size = int(self.unet_config.sample_size) * 8
+        ids, _ = self.time_ids(options, size, size)
+        return {"crossattn": c.to(self.dtype), "vector": self._vector(pooled, ids).to(self.dtype)}
+
     def _vector(self, pooled: Tensor, ids: Tensor) -> Tensor:
         return text_time_vector(pooled.float(), ids.to(pooled.device), self.unet_config)
 

@@ -477,6 +477,63 @@ def clip_text_encode(ctx: RunContext, text: str, clip: ClipHandle) -> tuple[Any]
             handle.remove()
 
 
+def _sized_encode(ctx: RunContext, clip: ClipHandle, node: str, refiner: bool, *texts: str, **sizes: Any) -> Any:
+    """The conditioning of CLIPTextEncodeSDXL / CLIPTextEncodeSDXLRefiner: the texts and the size numbers."""
+    from sdengine.latent_sampling import TextCondition
+    from sdengine.text.sdxl_conditioner import SDXLOptions
+
+    pipe = ctx.pipeline(clip.ref)
+    cond = pipe.conditioner
+    if not hasattr(cond, "sized"):
+        raise NodeError(f"{node} needs an SDXL model; {clip.ref} is not one (use CLIPTextEncode)")
+    if bool(cond.refiner) != refiner:
+        other = "CLIPTextEncodeSDXLRefiner" if cond.refiner else "CLIPTextEncodeSDXL"
+        which = "an SDXL refiner" if cond.refiner else "an SDXL base model"
+        raise NodeError(f"{node}: {clip.ref} is {which}, whose prompts {other} encodes")
+    handle = None
+    te2 = getattr(pipe, "text_encoder_2", None)
+    if clip.loras and (isinstance(pipe.text_encoder, torch.nn.Module) or isinstance(te2, torch.nn.Module)):
+        from sdengine.weights.lora import apply_loras
+
+        handle = apply_loras(None, pipe.text_encoder, list(clip.loras), text_encoder_2=te2)
+    try:
+        with torch.inference_mode():
+            return [TextCondition(cond.sized(*texts, SDXLOptions(**sizes), clip.clip_skip))]
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def clip_text_encode_sdxl(
+    ctx: RunContext,
+    clip: ClipHandle,
+    width: int,
+    height: int,
+    crop_w: int,
+    crop_h: int,
+    target_width: int,
+    target_height: int,
+    text_g: str,
+    text_l: str,
+) -> tuple[Any]:
+    """ComfyUI's CLIPTextEncodeSDXL: ``text_l`` for CLIP-L, ``text_g`` for bigG (and the pooled text), and the
+    size numbers SDXL is conditioned on (original size, crop, target size) instead of the latent's."""
+    sizes = {
+        "original_size": (int(height), int(width)),
+        "crops_coords_top_left": (int(crop_h), int(crop_w)),
+        "target_size": (int(target_height), int(target_width)),
+    }
+    return (_sized_encode(ctx, clip, "CLIPTextEncodeSDXL", False, text_l, text_g, **sizes),)
+
+
+def clip_text_encode_sdxl_refiner(
+    ctx: RunContext, clip: ClipHandle, ascore: float, width: int, height: int, text: str
+) -> tuple[Any]:
+    """ComfyUI's CLIPTextEncodeSDXLRefiner: the refiner's prompt with its aesthetic score and size."""
+    sizes = {"original_size": (int(height), int(width)), "aesthetic_score": float(ascore)}
+    return (_sized_encode(ctx, clip, "CLIPTextEncodeSDXLRefiner", True, text, text, **sizes),)
+
+
 def clip_set_last_layer(ctx: RunContext, clip: ClipHandle, stop_at_clip_layer: int) -> tuple[Any]:
     return (replace(clip, clip_skip=-int(stop_at_clip_layer)),)
 
@@ -1043,6 +1100,41 @@ NODES: dict[str, NodeDef] = {
             ("CONDITIONING",),
             clip_text_encode,
             description="The prompt's conditioning, as the pipeline encodes it.",
+        ),
+        NodeDef(
+            "CLIPTextEncodeSDXL",
+            "CLIP Text Encode (SDXL)",
+            "advanced/conditioning",
+            (
+                Input("clip", "CLIP"),
+                _int("width", 1024, 0, SIDE_MAX),
+                _int("height", 1024, 0, SIDE_MAX),
+                _int("crop_w", 0, 0, SIDE_MAX),
+                _int("crop_h", 0, 0, SIDE_MAX),
+                _int("target_width", 1024, 0, SIDE_MAX),
+                _int("target_height", 1024, 0, SIDE_MAX),
+                Input("text_g", "STRING", "", multiline=True),
+                Input("text_l", "STRING", "", multiline=True),
+            ),
+            ("CONDITIONING",),
+            clip_text_encode_sdxl,
+            description="An SDXL base model's prompts (text_g for its bigG encoder, text_l for CLIP-L) with the "
+            "size numbers it is conditioned on.",
+        ),
+        NodeDef(
+            "CLIPTextEncodeSDXLRefiner",
+            "CLIP Text Encode (SDXL Refiner)",
+            "advanced/conditioning",
+            (
+                _float("ascore", 6.0, 0.0, 1000.0),
+                _int("width", 1024, 0, SIDE_MAX),
+                _int("height", 1024, 0, SIDE_MAX),
+                Input("text", "STRING", "", multiline=True),
+                Input("clip", "CLIP"),
+            ),
+            ("CONDITIONING",),
+            clip_text_encode_sdxl_refiner,
+            description="An SDXL refiner's prompt with its aesthetic score and size.",
         ),
         NodeDef(
             "CLIPSetLastLayer",
