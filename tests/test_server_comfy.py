@@ -1743,3 +1743,25 @@ def test_the_sdxl_text_encoders_are_listed_and_refuse_another_model(client):
         h = wait_history(client, r.json()["prompt_id"])
         error = dict(h["status"]["messages"])["execution_error"]
         assert error["node_id"] == "7" and "needs an SDXL model; emoji" in error["exception_message"], error
+
+
+@pytest.mark.slow
+def test_clip_text_encode_sdxl_refiner_conditions_on_its_score_and_size_as_the_pipeline(tmp_path):
+    """CLIPTextEncodeSDXLRefiner's aesthetic score and size, as the refiner pipeline's `sdxl` settings (score 6
+    for the prompt, 2.5 for the negative: the pipeline's defaults)."""
+    from _sdxl_models import make_sdxl_folder
+
+    make_sdxl_folder(tmp_path / "models" / "tiny-refiner", refiner=True)
+    config = server_config(tmp_path, models_dir=tmp_path / "models", model="tiny-refiner")
+    with live_server(config) as s, httpx.Client(base_url=s.url, timeout=300) as c:
+        g = txt2img_graph(negative="blurry")
+        g["4"]["inputs"]["ckpt_name"] = "tiny-refiner"
+        plain = comfy_image(c, g)
+        for nid, text, score in (("6", "a red apple", 6.0), ("7", "blurry", 2.5)):
+            inputs = {"ascore": score, "width": 1024, "height": 768, "text": text, "clip": ["4", 1]}
+            g[nid] = {"class_type": "CLIPTextEncodeSDXLRefiner", "inputs": inputs}
+        scored = comfy_image(c, g)
+    pipe = shared_loader(str(tmp_path / "models" / "tiny-refiner"), "cpu")
+    kw = dict(steps=STEPS, seed=SEED, width=64, height=64, sampler="dpmpp_2m", schedule="karras", cfg_scale=5.0)
+    result = pipe("a red apple", "blurry", sdxl={"original_size": [768, 1024]}, progress=False, **kw)
+    assert np.array_equal(scored, np.asarray(result.images[0].convert("RGB"))) and not np.array_equal(scored, plain)
