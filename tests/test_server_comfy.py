@@ -1765,3 +1765,27 @@ def test_clip_text_encode_sdxl_refiner_conditions_on_its_score_and_size_as_the_p
     kw = dict(steps=STEPS, seed=SEED, width=64, height=64, sampler="dpmpp_2m", schedule="karras", cfg_scale=5.0)
     result = pipe("a red apple", "blurry", sdxl={"original_size": [768, 1024]}, progress=False, **kw)
     assert np.array_equal(scored, np.asarray(result.images[0].convert("RGB"))) and not np.array_equal(scored, plain)
+
+
+def test_an_interrupt_of_a_prompt_without_a_client_id_is_told_to_every_socket(gated):
+    """ComfyUI sends execution_interrupted to every socket when the prompt has no client id (its one broadcast
+    event), while `executing` is not sent for it."""
+    server, c = gated
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={uuid.uuid4().hex}", timeout=30)
+    try:
+        ws_until(ws, "status")
+        pid = c.post("/prompt", json={"prompt": txt2img_graph()}).json()["prompt_id"]
+        wait_running(c, pid)
+        assert c.post("/interrupt", json={"prompt_id": pid}).status_code == 200
+        server.gate.set()
+        kinds = []
+        deadline = time.monotonic() + 60
+        while "execution_interrupted" not in kinds and time.monotonic() < deadline:
+            ws.settimeout(max(0.1, deadline - time.monotonic()))
+            m = ws.recv()
+            if isinstance(m, str) and pid in m:
+                kinds.append(json.loads(m)["type"])
+        assert kinds == ["execution_interrupted"], kinds
+        assert wait_history(c, pid)["status"]["status_str"] == "error"
+    finally:
+        ws.close()
