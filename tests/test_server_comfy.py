@@ -1640,6 +1640,10 @@ def test_validation_errors_give_the_inputs_config_as_comfyui(client):
     assert (
         error["message"] == "Value 100000 bigger than max of 10000" and error["extra_info"]["received_value"] == 100000
     )
+    g = txt2img_graph()
+    g["3"]["inputs"]["sampler_name"] = "nope"
+    (error,) = client.post("/prompt", json={"prompt": g}).json()["node_errors"]["3"]["errors"]
+    assert error["extra_info"]["received_value"] == "nope"  # the value as sent, as ComfyUI (not its repr)
 
 
 @pytest.mark.slow

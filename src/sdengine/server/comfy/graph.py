@@ -89,6 +89,13 @@ def _err(kind: str, message: str, details: str = "", **extra: Any) -> dict[str, 
     return {"type": kind, "message": message, "details": details, "extra_info": extra}
 
 
+def _received(value: Any) -> Any:
+    """``received_value`` of an error: the value as sent (ComfyUI's), its short text when it is long or a list."""
+    if value is None or isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= 200):
+        return value
+    return repr(value)[:200]
+
+
 def _convert(
     inp: Input, value: Any, env: Any, choices_cache: dict[Any, list[str]] | None = None
 ) -> tuple[Any, dict[str, Any] | None]:
@@ -120,7 +127,7 @@ def _convert(
             f"{name}, {value!r}",
             input_name=name,
             input_config=input_spec(inp, env, []),
-            received_value=repr(value)[:200],
+            received_value=_received(value),
         )
     if inp.type in ("INT", "FLOAT"):
         if inp.min is not None and value < inp.min:
@@ -167,7 +174,7 @@ def _convert(
                 f"{name}: '{value}' not in [{shown}]",
                 input_name=name,
                 input_config=input_spec(inp, env, choices),
-                received_value=repr(value)[:200],
+                received_value=_received(value),
             )
     return value, None
 
