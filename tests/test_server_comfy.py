@@ -1793,3 +1793,17 @@ def test_an_interrupt_of_a_prompt_without_a_client_id_is_told_to_every_socket(ga
         assert wait_history(c, pid)["status"]["status_str"] == "error"
     finally:
         ws.close()
+
+
+def test_system_stats_has_comfyuis_fields(client):
+    """/system_stats in ComfyUI's shape; `os` is Python's os.name as ComfyUI sends it ("posix", "nt": its
+    frontend tells Windows by "nt"), which sdengine once sent as platform.system() ("linux")."""
+    import os
+
+    stats = client.get("/system_stats").json()
+    assert stats["system"]["os"] == os.name
+    assert set(stats["system"]) >= {"os", "ram_total", "ram_free", "comfyui_version", "python_version"}
+    assert set(stats["devices"][0]) == {"name", "type", "index", "vram_total", "vram_free"} | {
+        "torch_vram_total",
+        "torch_vram_free",
+    }

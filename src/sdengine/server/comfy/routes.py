@@ -733,7 +733,7 @@ def get_object_info_one(request: Request, node_class: str) -> Any:
 
 @_route("GET", "/system_stats")
 def system_stats(request: Request) -> Any:
-    import platform
+    import os
     import sys
 
     import psutil  # type: ignore[import-untyped]
@@ -760,7 +760,7 @@ def system_stats(request: Request) -> Any:
     vm = psutil.virtual_memory()
     return {
         "system": {
-            "os": platform.system().lower(),
+            "os": os.name,  # ComfyUI's: "posix", "nt"
             "ram_total": vm.total,
             "ram_free": vm.available,
             "comfyui_version": f"sdengine-{__version__}",
