@@ -1807,3 +1807,24 @@ def test_system_stats_has_comfyuis_fields(client):
         "torch_vram_total",
         "torch_vram_free",
     }
+
+
+def test_free_while_a_prompt_runs_answers_at_once_and_frees_after_it(gated):
+    """POST /free while a prompt runs once waited for the prompt inside the event loop: every request and
+    websocket of the server hung until the prompt ended. As ComfyUI (flags its worker reads after the prompt),
+    it answers at once and frees the memory once the prompt is done."""
+    server, c = gated
+    pid = c.post("/prompt", json={"prompt": txt2img_graph()}).json()["prompt_id"]
+    wait_running(c, pid)
+    t0 = time.monotonic()
+    assert c.post("/free", json={"free_memory": True}, timeout=10).status_code == 200
+    assert c.post("/free", json={"unload_models": True}, timeout=10).status_code == 200
+    assert c.get("/queue", timeout=10).json()["queue_running"][0][1] == pid
+    assert time.monotonic() - t0 < 5
+    server.gate.set()
+    assert wait_history(c, pid)["status"]["status_str"] == "success"
+    worker = server.services.manager.workers[0]
+    deadline = time.monotonic() + 30
+    while worker.pipe is not None:  # unloaded once the prompt is done
+        assert time.monotonic() < deadline, "the models were never unloaded"
+        time.sleep(0.05)

@@ -57,6 +57,7 @@ class ComfyState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     run_lock: threading.Lock = field(default_factory=threading.Lock)  # one graph at a time (one cache)
     save_lock: threading.Lock = field(default_factory=threading.Lock)
+    free_pending: bool | None = None  # a /free waiting for the running prompt (True: unload the models too)
 
     def send(self, event: str | int, data: Any, sid: Any) -> None:
         """Queue a JSON event (or binary frame when ``event`` is an int) for ``sid``'s socket(s); thread-safe."""
@@ -229,6 +230,8 @@ class ComfyJob(Job):
         send_status(st, services)  # ComfyUI's order: the queue's status (task_done), then "executing" None
         if self.client_id is not None:
             self.st.send("executing", {"node": None, "display_node": None, "prompt_id": self.id}, self.client_id)
+        with st.run_lock:  # a /free sent while the prompt ran
+            apply_free(st, services, worker)
 
     def _failed(self, e: Interrupted | NodeFailed) -> str:
         m = self.services.manager
@@ -785,14 +788,33 @@ async def free(request: Request) -> Any:
         raise BadRequest('send {"free_memory": true} or {"unload_models": true}')
     free_memory = bool(body.get("free_memory", False))
     unload = bool(body.get("unload_models", free_memory))
-    if free_memory or unload:
-        with st.run_lock:
-            st.executor.clear()
-    if unload:
-        for w in services.manager.workers:
-            if w.current is None:
-                w.pipe, w.model = None, None
+    if not (free_memory or unload):
+        return {}
+    # As ComfyUI (flags its worker reads after the prompt): a running prompt holds the cache, and frees the
+    # memory once it ends; the request never waits for it (it once waited on the lock inside the event loop,
+    # which froze every request and websocket of the server until the prompt ended).
+    with st.lock:
+        st.free_pending = unload or bool(st.free_pending)
+    if st.run_lock.acquire(blocking=False):  # no prompt runs: now
+        try:
+            apply_free(st, services)
+        finally:
+            st.run_lock.release()
     return {}
+
+
+def apply_free(st: ComfyState, services: Any, own: Any = None) -> None:
+    """Apply a pending /free: drop the node cache and (when asked) unload the models of the idle workers and of
+    ``own`` (the worker whose prompt just ended); the caller holds ``st.run_lock``."""
+    with st.lock:
+        pending, st.free_pending = st.free_pending, None
+    if pending is None:
+        return
+    st.executor.clear()
+    if pending:
+        for w in services.manager.workers:
+            if w.current is None or w is own:
+                w.pipe, w.model = None, None
 
 
 def _model_folders(env: Env) -> dict[str, list[str]]:
