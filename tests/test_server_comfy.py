@@ -1828,3 +1828,24 @@ def test_free_while_a_prompt_runs_answers_at_once_and_frees_after_it(gated):
     while worker.pipe is not None:  # unloaded once the prompt is done
         assert time.monotonic() < deadline, "the models were never unloaded"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("method", ["bicubic", "lanczos"])
+def test_image_scale_by_is_image_scale_to_the_rounded_size(client, method):
+    """ComfyUI's ImageScaleBy (missing: workflows upscaling an image by a factor failed with missing_node_type):
+    the image scaled to round(side * scale_by), as ImageScale to that size."""
+    spec = client.get("/object_info/ImageScaleBy").json()["ImageScaleBy"]["input"]["required"]
+    assert spec["scale_by"] == ["FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01}]
+    assert method in spec["upscale_method"][0]
+
+    def scaled(node: dict) -> np.ndarray:
+        g = txt2img_graph()
+        g["11"] = node
+        g["9"]["inputs"]["images"] = ["11", 0]
+        return comfy_image(client, g)
+
+    by = scaled(
+        {"class_type": "ImageScaleBy", "inputs": {"image": ["8", 0], "upscale_method": method, "scale_by": 1.3}}
+    )
+    inputs = {"image": ["8", 0], "upscale_method": method, "width": 83, "height": 83, "crop": "disabled"}
+    assert by.shape == (83, 83, 3) and np.array_equal(by, scaled({"class_type": "ImageScale", "inputs": inputs}))

@@ -914,6 +914,13 @@ def image_scale(
     return (x.clamp(0, 1).permute(0, 2, 3, 1).contiguous(),)
 
 
+def image_scale_by(ctx: RunContext, image: torch.Tensor, upscale_method: str, scale_by: float) -> tuple[Any]:
+    """ComfyUI's ImageScaleBy: each side times ``scale_by``, rounded (Python's round, as ComfyUI), no crop."""
+    _, h0, w0, _ = image.shape
+    w, h = max(1, round(w0 * float(scale_by))), max(1, round(h0 * float(scale_by)))
+    return image_scale(ctx, image, upscale_method, w, h, "disabled")
+
+
 def canny_node(ctx: RunContext, image: torch.Tensor, low_threshold: float, high_threshold: float) -> tuple[Any]:
     """ComfyUI's Canny: ``kornia.filters.canny`` on the float image (a 5x5 Gaussian blur of sigma 1 first; the
     thresholds on the L2 Sobel magnitude), white edges on black (see sdengine.control.canny_fractions)."""
@@ -1272,6 +1279,18 @@ NODES: dict[str, NodeDef] = {
             ),
             ("IMAGE",),
             image_scale,
+        ),
+        NodeDef(
+            "ImageScaleBy",
+            "Upscale Image By",
+            "image/upscaling",
+            (
+                Input("image", "IMAGE"),
+                _combo("upscale_method", (*UPSCALE_METHODS, "lanczos")),
+                _float("scale_by", 1.0, 0.01, 8.0),
+            ),
+            ("IMAGE",),
+            image_scale_by,
         ),
         NodeDef(
             "Canny",
