@@ -3,6 +3,8 @@ conditioning (both encoders, pooled vector, micro-conditioning, force_zeros_for_
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -400,3 +402,43 @@ def test_comfyui_latent_sampling_takes_the_latents_size_as_the_pipeline_does(bas
             sampler="euler", schedule="normal",
         )  # fmt: skip
     assert float((got.cpu() - want.cpu()).abs().max()) < 1e-5
+
+
+def test_sdxl_settings_are_written_to_the_infotext_and_read_back(base, tmp_path):
+    """prompt_2 and the size numbers change the image: the infotext carries them ("SDXL options"), so that
+    --from-png regenerates the same image (it used to regenerate the default-settings image, silently)."""
+    from PIL import Image
+
+    from sdengine.cli import main
+    from sdengine.metadata import parse_parameters, save_png, to_generate_kwargs
+
+    folder, pipe, _ = base
+    sdxl = {"prompt_2": "oil painting, a pear: ripe", "original_size": [64, 48], "crops_coords_top_left": [4, 8]}
+    made = _ours(pipe, "euler", sdxl=sdxl)
+    text = made.infotexts[0]
+    kwargs = to_generate_kwargs(parse_parameters(text))
+    assert kwargs["sdxl"] == sdxl
+    again = pipe(kwargs.pop("prompt"), kwargs.pop("negative_prompt"), progress=False, **kwargs)
+    assert _mad(again.arrays, made.arrays) == 0.0
+    assert _mad(_ours(pipe, "euler").arrays, made.arrays) > 1e-3  # the settings matter
+    assert "SDXL options" not in _ours(pipe, "euler").infotexts[0]  # defaults write nothing
+    # the CLI: --from-png reads them, and --prompt-2 replaces only the prompt_2 of them
+    png = tmp_path / "made.png"
+    save_png(made.images[0], png, text)
+    out = tmp_path / "again.png"
+    args = ["generate", "--from-png", str(png), "--model", str(folder), "--no-progress", "--device", "cpu"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert np.abs(np.asarray(Image.open(out), np.float64) - np.asarray(made.images[0], np.float64)).max() == 0.0
+    out2 = tmp_path / "other.png"
+    assert main([*args, "--prompt-2", "a plum", "--out", str(out2)]) == 0
+    got = to_generate_kwargs(parse_parameters(Image.open(out2).info["parameters"]))["sdxl"]
+    assert got == {**sdxl, "prompt_2": "a plum"}
+    from sdengine.metadata import MetadataError
+
+    line = "a\nSteps: 2, Seed: 1, Size: 32x32, SDXL options: "
+    for bad in ("not json", "[1]", "{}"):
+        with pytest.raises(MetadataError, match="SDXL options"):
+            to_generate_kwargs(parse_parameters(line + json.dumps(bad)))
+    kwargs = to_generate_kwargs(parse_parameters(line + json.dumps(json.dumps({"target_size": 7}))))
+    with pytest.raises(GenerationError, match="target_size must be two integers"):
+        pipe(kwargs.pop("prompt"), kwargs.pop("negative_prompt"), progress=False, **kwargs)

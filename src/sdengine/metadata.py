@@ -321,7 +321,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
     ``guidance_rescale`` ("CFG Rescale phi"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
     seed strength"), ``vae_decode`` ("tiny" when sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
-    "Tiny VAE encode") that the text has
+    "Tiny VAE encode"), ``sdxl`` (sdengine's "SDXL options": prompt_2, sizes) that the text has
     (``clip_skip`` defaults to 1, as in A1111,
     where a missing "Clip skip" means 1). LoRAs stay
     in the prompt as ``<lora:...>`` tags (:func:`sdengine.prompts.extract_lora_tags`). An unknown
@@ -376,6 +376,14 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
     options = _sampler_options(parsed, kwargs.get("sampler"))
     if options:
         kwargs["sampler_options"] = options
+    if "SDXL options" in parsed:  # sdengine's field: SDXL's prompt_2 and size numbers (GenerationRequest.sdxl)
+        try:
+            sdxl = json.loads(parsed["SDXL options"])
+        except ValueError:
+            sdxl = None
+        if not isinstance(sdxl, dict) or not sdxl:
+            raise MetadataError(f"SDXL options: {parsed['SDXL options']!r} is not a JSON object of SDXL settings")
+        kwargs["sdxl"] = sdxl
     if parsed.get("Tiny VAE"):  # sdengine's field: the tiny VAE decoded (the run needs one loaded again)
         kwargs["vae_decode"] = "tiny"
     if parsed.get("Tiny VAE encode"):  # and this one: its encoder made the init image's latent
@@ -400,6 +408,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
         "Tiny VAE encode",
         "Resize mode",
         "Sampler options",
+        "SDXL options",
         "Prediction type",  # a loading option: the caller's (sdengine generate --from-png passes it on)
         "Pad conds",  # A1111's padding of the shorter of prompt and negative prompt: what sdengine always does
     }

@@ -399,8 +399,8 @@ def run(a: argparse.Namespace) -> int:
     if a.vae_encode is not None:
         kwargs["vae_encode"] = a.vae_encode
     sdxl = {"prompt_2": a.prompt_2, "negative_prompt_2": a.negative_2}  # SDXL's second text encoder
-    if any(v is not None for v in sdxl.values()):
-        kwargs["sdxl"] = {k: v for k, v in sdxl.items() if v is not None}
+    if any(v is not None for v in sdxl.values()):  # over a --from-png's SDXL options, each on its own
+        kwargs["sdxl"] = {**(kwargs.get("sdxl") or {}), **{k: v for k, v in sdxl.items() if v is not None}}
     if a.from_png:
         units = _controlnets_from_png(a, parsed)
         if units:

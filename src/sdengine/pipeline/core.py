@@ -606,6 +606,7 @@ class Pipeline:
                     resize_mode=request.resize_mode if (p.init is not None or units) else None,
                     sampler_options=request.sampler_options,
                     prediction_override=self.prediction_override,
+                    sdxl=request.sdxl,
                 )
             )
         for i, row in enumerate(rows):

@@ -203,6 +203,8 @@ class SDXLPipeline(Pipeline):
                 lora_dir=None,
                 controlnets=[],
                 mask_blur=None,
+                sampler_options=request.sampler_options,
+                sdxl=request.sdxl,
             )
             # A1111's names for its refiner settings
             row["Refiner"] = f"{refiner.name} [{refiner_hash}]" if refiner_hash else refiner.name

@@ -95,6 +95,17 @@ class SDXLOptions:
                 kw[k] = _pair(k, v, allow_zero="crops" in k)
         return cls(**kw)
 
+    def changed(self) -> dict[str, Any]:
+        """The settings that differ from the defaults, JSON-ready (sizes as [height, width] lists): what the
+        infotext's "SDXL options" field holds, and what :meth:`coerce` reads back."""
+        default = SDXLOptions()
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v != getattr(default, f.name):
+                out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
 
 def _pair(name: str, v: Any, *, allow_zero: bool) -> Size:
     lo = 0 if allow_zero else 1
