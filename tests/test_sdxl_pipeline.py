@@ -298,7 +298,7 @@ def test_clip_skip_is_a1111_numbering_of_diffusers_clip_skip(base):
     assert (cond["vector"][:, :32] - pooled).abs().max() <= 1e-5  # the pooled output does not move
     default, _ = pipe.conditioner.pair(PROMPT, NEGATIVE, width=SIZE, height=SIZE)
     assert (default["crossattn"] - cond["crossattn"]).abs().max() > 1e-3
-    with pytest.raises(GenerationError, match="clip_skip must be an integer in 1..2"):
+    with pytest.raises(GenerationError, match="clip_skip must be an integer in 0..2"):
         pipe.conditioner.pair(PROMPT, NEGATIVE, clip_skip=3)
 
 
@@ -442,3 +442,23 @@ def test_sdxl_settings_are_written_to_the_infotext_and_read_back(base, tmp_path)
     kwargs = to_generate_kwargs(parse_parameters(line + json.dumps(json.dumps({"target_size": 7}))))
     with pytest.raises(GenerationError, match="target_size must be two integers"):
         pipe(kwargs.pop("prompt"), kwargs.pop("negative_prompt"), progress=False, **kwargs)
+
+
+@pytest.mark.parametrize(("layer", "diffusers_clip_skip"), [(None, None), (-2, None), (-1, -1), (-3, 1)])
+def test_comfyui_clip_set_last_layer_reads_comfyuis_sdxl_layer(base, layer, diffusers_clip_skip):
+    """ComfyUI's SDXL text encoders read ``hidden_states[stop_at_clip_layer]`` (raw), default -2: a workflow's
+    CLIPSetLastLayer -2 is SDXL's own penultimate layer. sdengine once took -2 as clip skip 2 (one layer
+    deeper, hidden_states[-3]) and -1 as the penultimate layer."""
+    from sdengine.server.comfy.nodes import ClipHandle, RunContext, clip_set_last_layer, clip_text_encode
+
+    _, pipe, ref = base
+    ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+    clip = ClipHandle("x")
+    if layer is not None:
+        (clip,) = clip_set_last_layer(ctx, clip, layer)
+    with torch.inference_mode():
+        (got,) = clip_text_encode(ctx, PROMPT, clip)[0]
+    with torch.no_grad():
+        want, _, pooled, _ = ref.encode_prompt(PROMPT, device="cpu", clip_skip=diffusers_clip_skip)
+    assert float((got.cond["crossattn"] - want).abs().max()) <= 1e-5
+    assert float((got.cond["pooled_text"] - pooled).abs().max()) <= 1e-5

@@ -15,7 +15,8 @@ wraps each encoder on its own). A side with fewer chunks is padded with the empt
 encoders and cond/uncond line up.
 
 ``clip_skip`` in A1111's numbering: 1 (default) = SDXL's trained layer, the penultimate one of both
-encoders; k reads ``hidden_states[-(k + 1)]``, which is diffusers' ``clip_skip = k - 1``.
+encoders; k reads ``hidden_states[-(k + 1)]``, which is diffusers' ``clip_skip = k - 1``; 0 reads the last
+layer's output, raw (what ComfyUI's CLIPSetLastLayer -1 gives an SDXL model).
 
 ``force_zeros_for_empty_prompt`` (the base model's setting): an empty negative prompt (and empty
 negative_prompt_2) gives all-zero text states and pooled vector, as diffusers does for
@@ -172,8 +173,8 @@ class SDXLConditioner:
     def check_clip_skip(self, clip_skip: Any) -> None:
         encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
         n = min(int(e.config.num_hidden_layers) for e in encoders)
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= n - 1:
-            raise GenerationError(f"clip_skip must be an integer in 1..{n - 1} for SDXL, got {clip_skip!r}")
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip <= n - 1:
+            raise GenerationError(f"clip_skip must be an integer in 0..{n - 1} for SDXL, got {clip_skip!r}")
 
     # -- text -------------------------------------------------------------------------------------------
 

@@ -114,8 +114,17 @@ class ModelHandle:
 @dataclass(frozen=True)
 class ClipHandle:
     ref: str
-    clip_skip: int = 1  # A1111 count: 1 = last layer (ComfyUI's stop_at_clip_layer -1)
+    layer: int | None = None  # CLIPSetLastLayer's stop_at_clip_layer; None: the model's own layer
     loras: tuple[tuple[str, float], ...] = ()
+
+    def clip_skip(self, pipe: Any) -> int:
+        """The pipeline's clip_skip for ComfyUI's layer. SD 1.x: -1 is the last layer (A1111's clip skip 1),
+        -2 the penultimate, each with the final LayerNorm. SDXL: ComfyUI reads ``hidden_states[layer]`` of both
+        encoders, raw, and its default (no CLIPSetLastLayer) is -2, SDXL's trained penultimate layer, which is
+        sdengine's SDXL clip_skip 1; -1 is the last layer, raw (SDXL clip_skip 0)."""
+        if self.layer is None:
+            return 1
+        return -self.layer - 1 if getattr(pipe, "text_kind", None) == "sdxl" else -self.layer
 
 
 @dataclass(frozen=True)
@@ -371,14 +380,14 @@ def clip_text_encode(ctx: RunContext, text: str, clip: ClipHandle) -> tuple[Any]
         handle = apply_loras(None, pipe.text_encoder, list(clip.loras), text_encoder_2=te2)
     try:
         with torch.inference_mode():
-            return ([encode_text(pipe, text, clip.clip_skip)],)
+            return ([encode_text(pipe, text, clip.clip_skip(pipe))],)
     finally:
         if handle is not None:
             handle.remove()
 
 
 def clip_set_last_layer(ctx: RunContext, clip: ClipHandle, stop_at_clip_layer: int) -> tuple[Any]:
-    return (replace(clip, clip_skip=-int(stop_at_clip_layer)),)
+    return (replace(clip, layer=int(stop_at_clip_layer)),)
 
 
 def conditioning_combine(ctx: RunContext, conditioning_1: list[Any], conditioning_2: list[Any]) -> tuple[Any]:
@@ -891,6 +900,8 @@ NODES: dict[str, NodeDef] = {
             (Input("clip", "CLIP"), _int("stop_at_clip_layer", -1, -24, -1)),
             ("CLIP",),
             clip_set_last_layer,
+            description="As ComfyUI: -1 is SD 1.x's last layer (A1111's clip skip 1); SDXL reads hidden state "
+            "`stop_at_clip_layer` of both encoders, raw, and without this node -2 (its trained penultimate layer).",
         ),
         NodeDef(
             "ConditioningCombine",
