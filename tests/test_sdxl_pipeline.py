@@ -462,3 +462,37 @@ def test_comfyui_clip_set_last_layer_reads_comfyuis_sdxl_layer(base, layer, diff
         want, _, pooled, _ = ref.encode_prompt(PROMPT, device="cpu", clip_skip=diffusers_clip_skip)
     assert float((got.cond["crossattn"] - want).abs().max()) <= 1e-5
     assert float((got.cond["pooled_text"] - pooled).abs().max()) <= 1e-5
+
+
+def test_from_png_of_a_refiner_image_runs_the_hand_off_again(base, refiner, tmp_path, monkeypatch, capsys):
+    """`--from-png` of an image made with `--refiner` (A1111's "Refiner: NAME [hash], Refiner switch at: F")
+    makes it again with the refiner and its switch; it once warned and made the base model's image alone."""
+    from PIL import Image
+
+    from sdengine.cli import main
+
+    b_folder, b_pipe, _ = base
+    r_folder, r_pipe, _ = refiner
+    made = tmp_path / "made.png"
+    args = ["generate", PROMPT, "--model", str(b_folder), "--refiner", str(r_folder), "--refiner-switch-at", "0.6"]
+    args += ["--steps", "5", "--seed", "2", "--sampler", "euler", "--schedule", "normal", "--no-progress"]
+    assert main([*args, "--out", str(made)]) == 0
+    want = np.asarray(Image.open(made), dtype=np.float64)
+    again = ["generate", "--from-png", str(made), "--model", str(b_folder), "--no-progress"]
+    # the recorded refiner's name is no path here: one line asking for --refiner, nothing made
+    assert main([*again, "--out", str(tmp_path / "x.png")]) != 0
+    assert "made with the refiner 'tiny-sdxl-refiner [" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+    # --refiner given: the switch comes from the PNG
+    assert main([*again, "--refiner", str(r_folder), "--out", str(tmp_path / "a.png")]) == 0
+    assert np.abs(np.asarray(Image.open(tmp_path / "a.png"), dtype=np.float64) - want).max() == 0.0
+    # both names are paths from here: the PNG alone makes the image
+    (tmp_path / "tiny-sdxl").symlink_to(b_folder)
+    (tmp_path / "tiny-sdxl-refiner").symlink_to(r_folder)
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--from-png", "made.png", "--no-progress", "--out", "b.png"]) == 0
+    assert np.abs(np.asarray(Image.open(tmp_path / "b.png"), dtype=np.float64) - want).max() == 0.0
+    assert "not reproduced" not in capsys.readouterr().err
+    # an explicit --refiner-switch-at wins over the PNG's
+    assert main(["generate", "--from-png", "made.png", "--refiner-switch-at", "0.3", "--out", "c.png"]) == 0
+    assert "Refiner switch at: 0.3" in Image.open(tmp_path / "c.png").info["parameters"]

@@ -314,7 +314,7 @@ def _parse_float(parsed: Mapping[str, str], key: str) -> float:
         raise MetadataError(f"{key}: {parsed[key]!r} is not a number") from None
 
 
-def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dict[str, Any]:
+def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refiner: bool = False) -> dict[str, Any]:
     """The pipeline's arguments from :func:`parse_parameters`' result.
 
     Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
@@ -328,7 +328,8 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
     sampler or schedule is a ``ValueError`` listing valid names. Fields that would change the image
     but that sdengine does not reproduce ("Hires upscale", "Seed resize from", ...) are logged as a
     warning. With ``hires=True`` the hires-fix fields are read too (:func:`hires_kwargs`; then "Denoising
-    strength" is the second pass's).
+    strength" is the second pass's). ``refiner=True`` says the caller reproduces A1111's "Refiner" and
+    "Refiner switch at" (an SDXL base -> refiner hand-off, not a request setting), so they are not warned of.
     """
     kwargs: dict[str, Any] = {
         "prompt": parsed.get("Prompt", ""),
@@ -397,6 +398,8 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
             hires_used = {k for k in parsed if k in _HIRES_FIELDS}
     used = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size"}
     used |= hires_used
+    if refiner:
+        used |= {"Refiner", "Refiner switch at"}
     used |= {
         "Denoising strength",
         "Clip skip",
