@@ -496,3 +496,44 @@ def test_from_png_of_a_refiner_image_runs_the_hand_off_again(base, refiner, tmp_
     # an explicit --refiner-switch-at wins over the PNG's
     assert main(["generate", "--from-png", "made.png", "--refiner-switch-at", "0.3", "--out", "c.png"]) == 0
     assert "Refiner switch at: 0.3" in Image.open(tmp_path / "c.png").info["parameters"]
+
+
+def test_comfyui_sdxl_text_encode_nodes_give_the_pipelines_conditioning(base, refiner):
+    """ComfyUI's CLIPTextEncodeSDXL (text_g / text_l, explicit sizes) and CLIPTextEncodeSDXLRefiner (aesthetic
+    score) sample the latents of the pipeline's prompt_2 and size / score settings; once unknown nodes."""
+    from sdengine.errors import SdengineError
+    from sdengine.latent_sampling import sample_latents
+    from sdengine.pipeline.request import GenerationRequest
+    from sdengine.server.comfy.nodes import NODES, ClipHandle, RunContext
+
+    sdxl, sdxl_refiner = NODES["CLIPTextEncodeSDXL"].fn, NODES["CLIPTextEncodeSDXLRefiner"].fn
+    args = {"steps": 3, "sampler": "euler", "schedule": "normal", "seed": SEED}
+    for (_, pipe, _), is_refiner in ((base, False), (refiner, True)):
+        ctx = RunContext(pipeline=lambda ref, pipe=pipe: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+        clip = ClipHandle("x")
+        if is_refiner:
+            (pos,) = sdxl_refiner(ctx, ascore=7.0, width=48, height=40, text=PROMPT, clip=clip)[0]
+            (neg,) = sdxl_refiner(ctx, ascore=2.0, width=48, height=40, text=NEGATIVE, clip=clip)[0]
+            options = {"aesthetic_score": 7.0, "negative_aesthetic_score": 2.0, "original_size": [40, 48]}
+        else:
+            sizes = {"width": 48, "height": 40, "crop_w": 4, "crop_h": 8, "target_width": 24, "target_height": 16}
+            (pos,) = sdxl(ctx, clip=clip, text_g="a pear", text_l=PROMPT, **sizes)[0]
+            (neg,) = sdxl(ctx, clip=clip, text_g="dark", text_l=NEGATIVE, **sizes)[0]
+            options = {"prompt_2": "a pear", "negative_prompt_2": "dark", "original_size": [40, 48]}
+            options.update(crops_coords_top_left=[8, 4], target_size=[16, 24], negative_crops_coords_top_left=[8, 4])
+        req = GenerationRequest(
+            prompt=PROMPT, negative_prompt=NEGATIVE, width=SIZE, height=SIZE, cfg_scale=5.0, sdxl=options, **args
+        )
+        with torch.inference_mode():
+            want = pipe.sample_latents(pipe.prepare(req))
+            empty = torch.zeros(1, 4, SIZE // 2, SIZE // 2)
+            got = sample_latents(pipe, [pos], [neg], empty, cfg=5.0, **args)
+            plain = pipe.sample_latents(pipe.prepare(req.replace(sdxl=None)))
+        assert float((got - want).abs().max()) < 1e-5
+        assert float((plain - want).abs().mean()) > 1e-3  # the settings matter
+        # the other model's node: one clear error
+        with pytest.raises(SdengineError, match="CLIPTextEncodeSDXL"):
+            if is_refiner:
+                sdxl(ctx, clip, 8, 8, 0, 0, 8, 8, "a", "b")
+            else:
+                sdxl_refiner(ctx, 6.0, 8, 8, "a", clip)

@@ -32,7 +32,7 @@ unused (a note), never silently dropped.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,6 +257,15 @@ class SDXLConditioner:
         size), where the pipeline's :meth:`pair` knows the size when it encodes."""
         ids, neg_ids = self.time_ids(SDXLOptions(), width, height)
         return self._vector(pooled, ids).to(self.dtype), self._vector(pooled, neg_ids).to(self.dtype)
+
+    def vector_of(self, pooled: Tensor, numbers: Sequence[float]) -> Tensor:
+        """The ``vector`` of pooled text (1, P) and explicit size/crop/score numbers in diffusers' order (base:
+        original h, w, crop top, left, target h, w; refiner: original h, w, crop top, left, aesthetic score), in
+        the model's dtype: what ComfyUI's CLIPTextEncodeSDXL / CLIPTextEncodeSDXLRefiner give the U-Net."""
+        if len(numbers) != self.n_time_ids:
+            raise GenerationError(f"{self.name} takes {self.n_time_ids} size/crop/score numbers, got {len(numbers)}")
+        ids = torch.tensor([[float(n) for n in numbers]], dtype=torch.float32)
+        return self._vector(pooled, ids).to(self.dtype)
 
     def _vector(self, pooled: Tensor, ids: Tensor) -> Tensor:
         return text_time_vector(pooled.float(), ids.to(pooled.device), self.unet_config)
