@@ -250,6 +250,11 @@ def test_hand_off_bad_settings(base, refiner):
         b_pipe.generate_with_refiner(r_pipe, PROMPT, switch_at=1.5)
     with pytest.raises(GenerationError, match="text-to-image only"):
         b_pipe.generate_with_refiner(r_pipe, PROMPT, init_image=picture(SIZE, SIZE))
+    # a sampler on diffusers' timestep grid cannot stop at the switch: said before any model runs (it once failed
+    # inside the sampler with "end_step must be in (0, N] and the sampler a sigma-grid one")
+    for sampler in ("ddim", "plms", "lcm", "ddpm"):
+        with pytest.raises(GenerationError, match=f"sampler {sampler} is not supported with a refiner hand-off"):
+            b_pipe.generate_with_refiner(r_pipe, PROMPT, sampler=sampler, steps=4, width=SIZE, height=SIZE)
 
 
 # ------------------------------------------------------------------------------------------ inpainting

@@ -67,6 +67,9 @@ class SamplerSpec:
     parity_schedules: tuple[str, ...] = ("normal", "karras", "exponential")  # what diffusers offers
 
 
+# Samplers that step on diffusers' timestep grid itself (no sigma grid to stop and resume on): a run cannot
+# end at a step and hand its still noisy latent on (``end_step``; the SDXL base -> refiner hand-off).
+TIMESTEP_SAMPLERS = ("ddim", "plms", "lcm", "ddpm")
 SAMPLERS: dict[str, SamplerSpec] = {
     spec.name: spec
     for spec in (
@@ -388,7 +391,7 @@ def sample(
 
     stop = grid.steps
     if end_step is not None:
-        if name in ("ddim", "plms", "lcm", "ddpm") or not start_step < end_step <= grid.steps:
+        if name in TIMESTEP_SAMPLERS or not start_step < end_step <= grid.steps:
             raise UsageError(
                 f"end_step must be in ({start_step}, {grid.steps}] and the sampler a sigma-grid one, "
                 f"got {end_step} with {name}"

@@ -118,6 +118,11 @@ class SDXLPipeline(Pipeline):
         p_ref = refiner.prepare(request.replace(width=p.width, height=p.height))
         if p.subseeds is not None:
             raise GenerationError("variation seeds are not supported with a refiner hand-off")
+        if p.sampler in sampling.TIMESTEP_SAMPLERS:
+            raise GenerationError(
+                f"sampler {p.sampler} is not supported with a refiner hand-off (it cannot stop at the switch): use "
+                "one of the others, e.g. euler or dpmpp_2m"
+            )
         steps, cfg_scale, rescale = int(request.steps), float(request.cfg_scale), float(request.guidance_rescale)
         grid = sampling.make_grid(p.sampler, steps, self.noise_schedule, p.schedule, self.scheduler_config)
         cutoff = round(self.noise_schedule.num_train_timesteps * (1.0 - float(switch_at)))
