@@ -250,6 +250,9 @@ def test_hand_off_bad_settings(base, refiner):
         b_pipe.generate_with_refiner(r_pipe, PROMPT, switch_at=1.5)
     with pytest.raises(GenerationError, match="text-to-image only"):
         b_pipe.generate_with_refiner(r_pipe, PROMPT, init_image=picture(SIZE, SIZE))
+    # the hires fix was dropped silently (an image of the first pass's size, no second pass)
+    with pytest.raises(GenerationError, match="hires fix is not supported with a refiner"):
+        b_pipe.generate_with_refiner(r_pipe, PROMPT, enable_hr=True, hr_scale=2.0, width=SIZE, height=SIZE)
     # a sampler on diffusers' timestep grid cannot stop at the switch: said before any model runs (it once failed
     # inside the sampler with "end_step must be in (0, N] and the sampler a sigma-grid one")
     for sampler in ("ddim", "plms", "lcm", "ddpm"):

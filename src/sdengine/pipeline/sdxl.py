@@ -100,7 +100,7 @@ class SDXLPipeline(Pipeline):
         do: the base walks the steps whose timestep is at least ``(1 - switch_at) * 1000``, the refiner
         continues from that latent (no noise added) on the same grid, and its VAE decodes. Both samplers
         restart at the switch (a multistep sampler's history is not carried over), as in diffusers.
-        Settings are a request's (txt2img only: no init image, mask, ControlNet or LoRA)."""
+        Settings are a request's (txt2img only: no init image, mask, ControlNet, LoRA or hires fix)."""
         if not isinstance(refiner, SDXLPipeline):
             raise GenerationError("the refiner must be an SDXL model loaded with load_pipeline")
         if isinstance(switch_at, bool) or not isinstance(switch_at, int | float) or not 0.0 < switch_at < 1.0:
@@ -110,6 +110,8 @@ class SDXLPipeline(Pipeline):
             raise GenerationError(
                 "a base -> refiner hand-off is text-to-image only (no init image, mask, ControlNet, LoRA)"
             )
+        if request.enable_hr:  # it would be dropped: an image of the first pass's size, without its second pass
+            raise GenerationError("the hires fix is not supported with a refiner hand-off")
         if refiner.latent_channels != self.latent_channels or refiner.vae_scale_factor != self.vae_scale_factor:
             raise GenerationError(f"{refiner.name} does not share {self.name}'s latent space")
         if request.vae_decode != "full":
