@@ -243,6 +243,24 @@ def test_base_to_refiner_hand_off_matches_diffusers(base, refiner, sampler):
     assert _mad(res.arrays, _ours(b_pipe, sampler, steps=10).arrays) > 3 * TOL
 
 
+def test_hand_off_reports_every_step_and_can_be_cancelled(base, refiner):
+    """The request's step callback sees the base's steps and then the refiner's, counted over the whole run,
+    and returning False cancels, as in a plain call; the hand-off once never called it."""
+    from sdengine.pipeline.result import Cancelled
+
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    seen = []
+    kw = dict(switch_at=0.6, steps=5, sampler="euler", schedule="normal", seed=SEED, width=SIZE, height=SIZE)
+    plain = b_pipe.generate_with_refiner(r_pipe, PROMPT, progress=False, **kw)
+    res = b_pipe.generate_with_refiner(r_pipe, PROMPT, callback=lambda i: seen.append((i.step, i.steps)), **kw)
+    assert seen == [(s, 5) for s in range(1, 6)]
+    assert _mad(res.arrays, plain.arrays) == 0.0
+    for stop in (2, 4):  # in the base's steps and in the refiner's
+        with pytest.raises(Cancelled, match=f"after step {stop} of 5"):
+            b_pipe.generate_with_refiner(r_pipe, PROMPT, callback=lambda i, stop=stop: i.step < stop, **kw)
+
+
 def test_hand_off_bad_settings(base, refiner):
     _, b_pipe, _ = base
     _, r_pipe, _ = refiner
