@@ -211,7 +211,8 @@ def test_an_aesthetic_score_given_to_the_base_model_is_said_to_be_unused(base):
 # ------------------------------------------------------------------------------------------ base -> refiner
 
 
-@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+# unipc: its last steps before the switch once ran at the lower order of a grid's end (2e-4 from diffusers)
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "unipc"])
 def test_base_to_refiner_hand_off_matches_diffusers(base, refiner, sampler):
     b_folder, b_pipe, b_ref = base
     r_folder, r_pipe, r_ref = refiner
@@ -237,7 +238,7 @@ def test_base_to_refiner_hand_off_matches_diffusers(base, refiner, sampler):
     theirs = r_ref(PROMPT, image=latents, denoising_start=0.7, output_type="np", **common).images
     mad = _mad(res.arrays, theirs)
     print(f"sdxl base->refiner {sampler} switch 0.7: mean abs {mad:.2e}")
-    assert mad < TOL
+    assert mad < 1e-5
     assert "Refiner: tiny-sdxl-refiner" in res.infotexts[0] and "Refiner switch at: 0.7" in res.infotexts[0]
     # the refiner did work: the base alone to the end gives another picture
     assert _mad(res.arrays, _ours(b_pipe, sampler, steps=10).arrays) > 3 * TOL

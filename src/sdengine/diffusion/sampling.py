@@ -331,7 +331,7 @@ def sampler_option_names(name: str) -> list[str]:
     import inspect
 
     fn = SAMPLERS[name].fn
-    fixed = {"generators", "callback", "extra_args"}
+    fixed = {"generators", "callback", "extra_args", "steps_after"}  # steps_after: sample's own (end_step)
     params = list(inspect.signature(fn).parameters.values())[3:]  # after (denoiser, x, sigmas)
     return [p.name for p in params if p.name not in fixed and p.kind is inspect.Parameter.KEYWORD_ONLY]
 
@@ -415,6 +415,8 @@ def sample(
             # PNDM redoes its first step from t_1 + T // N (== t_0 only for leading spacing)
             t_src = min(int(grid.timesteps[1]) + ns.num_train_timesteps // steps, ns.num_train_timesteps - 1)
             options.setdefault("corrector_from", float(ns.sigmas[t_src]))
+    if name == "unipc" and stop < grid.steps:  # the grid goes on after this run: its order is the grid's
+        options["steps_after"] = grid.steps - stop
     if name == "lcm":
         options.setdefault("timesteps", grid.timesteps[start_step:])
         options.setdefault("timestep_scaling", float(config_get(scheduler_config, "timestep_scaling", 10.0)))
