@@ -564,3 +564,17 @@ def test_comfyui_sdxl_text_encode_nodes_give_the_pipelines_conditioning(base, re
                 sdxl(ctx, clip, 8, 8, 0, 0, 8, 8, "a", "b")
             else:
                 sdxl_refiner(ctx, 6.0, 8, 8, "a", clip)
+
+
+@pytest.mark.parametrize("flags", [["--refiner", "some-refiner"], ["--refiner-switch-at", "0.7"]])
+def test_a_prompt_list_refuses_the_refiner_flags(tmp_path, capsys, flags):
+    """`generate --prompts FILE --refiner R` rendered the list with the base model alone, the refiner dropped
+    silently; the hand-off is one call at a time: one line naming the flag, nothing loaded or written."""
+    from sdengine.cli import main
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("an apple\na pear\n")
+    out = tmp_path / "out"
+    assert main(["generate", "--prompts", str(listing), *flags, "--out", str(out), "--no-progress"]) != 0
+    assert f"drop {flags[0]}" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())

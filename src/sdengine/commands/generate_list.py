@@ -18,6 +18,8 @@ def check_list_flags(a: argparse.Namespace) -> None:
             ("--from-png", a.from_png is not None),
             ("--outpaint", a.outpaint is not None),
             ("--grid", bool(a.grid)),
+            ("--refiner", getattr(a, "refiner", None) is not None),  # an SDXL hand-off: one call at a time
+            ("--refiner-switch-at", getattr(a, "refiner_switch_at", None) is not None),
         )
         if given
     ]
