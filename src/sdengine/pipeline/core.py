@@ -616,6 +616,7 @@ class Pipeline:
                     prediction_override=self.prediction_override,
                     # how the img2img / hires second pass counted its steps
                     strength_rule=request.strength_rule if (p.init is not None or p.hires is not None) else "diffusers",
+                    sdxl=request.sdxl,
                 )
             )
         for i, row in enumerate(rows):
