@@ -199,11 +199,11 @@ def test_output_compression_is_the_jpeg_and_webp_quality(client):
 def test_values_the_server_cannot_honour_are_refused(client):
     """Never another image than asked for: a transparent background, a URL to a JPEG (the saved file is a PNG),
     compression of a PNG, unknown quality/moderation/style values, an edit without a prompt or over 32000
-    characters."""
+    characters. Each refusal is in OpenAI's error shape: ``invalid_request_error``, ``param`` the field."""
     init = ("init.png", png(Image.new("RGB", (64, 64), "red")), "image/png")
     cases = [
         ("background 'transparent' is not supported", {"background": "transparent"}),
-        ("response_format url serves the saved PNG", {"response_format": "url", "output_format": "jpeg"}),
+        ("response_format url serves the saved PNG", {"output_format": "jpeg", "response_format": "url"}),
         ("output_compression is for output_format jpeg or webp", {"output_compression": 50}),
         ("quality must be one of auto, low", {"quality": "ultra"}),
         ("moderation must be one of auto, low, got 'none'", {"moderation": "none"}),
@@ -212,13 +212,19 @@ def test_values_the_server_cannot_honour_are_refused(client):
     for message, kw in cases:
         with pytest.raises(openai.BadRequestError, match=message) as e:
             client.images.generate(prompt="x", size="64x64", extra_body={**FAST, **kw})
-        assert e.value.status_code == 400
-        with pytest.raises(openai.BadRequestError, match=message):
+        assert (e.value.status_code, e.value.type, e.value.param) == (400, "invalid_request_error", list(kw)[-1])
+        with pytest.raises(openai.BadRequestError, match=message) as e:
             client.images.edit(image=init, prompt="x", extra_body={**FAST, **kw})
-    with pytest.raises(openai.BadRequestError, match="prompt is required"):
+        assert (e.value.type, e.value.param) == ("invalid_request_error", list(kw)[-1])
+    with pytest.raises(openai.BadRequestError, match="prompt is required") as e:
         client.images.edit(image=init, prompt=" ", extra_body=FAST)
+    assert e.value.param == "prompt"
     with pytest.raises(openai.BadRequestError, match="prompt may be at most 32000 characters, got 32001"):
         client.images.edit(image=init, prompt="x" * 32001, extra_body=FAST)
+    for body, param in (({"size": "0x64"}, "size"), ({"model": "nope"}, "model"), ({"sampler": "nope"}, "sampler")):
+        with pytest.raises(openai.BadRequestError) as e:  # the pipeline's refusals too; a width is the size's
+            client.images.generate(prompt="x", extra_body={**FAST, **body})
+        assert (e.value.type, e.value.param) == ("invalid_request_error", param), e.value.body
     r = client.images.generate(
         model="chatgpt-image-latest", prompt="x", size="64x64", background="opaque", quality="low", extra_body=FAST
     )

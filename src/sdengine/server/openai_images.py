@@ -39,7 +39,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdengine.server.errors import BadRequest
+from sdengine.errors import SdengineError
+from sdengine.server.errors import BadRequest, status_of
 from sdengine.server.jobs import DONE, FAILED, FINISHED, Job
 from sdengine.server.security import decode_image
 
@@ -79,6 +80,42 @@ class GenerationsRequest(BaseModel):
     schedule: str | None = None
     stream: bool | None = False
     partial_images: int | None = Field(None, ge=0, le=3)
+
+
+PARAMS = frozenset(
+    "prompt model n size response_format output_format output_compression quality moderation style background "
+    "stream partial_images mask image user seed steps negative_prompt cfg_scale sampler schedule strength".split()
+)
+
+
+def param_of(message: str) -> str | None:
+    """The request field an error message is about, for OpenAI's ``error.param``: its first word ("size must ...",
+    "unknown model ..."); ``width``/``height`` come from ``size``."""
+    words = message.removeprefix("unknown ").split(" ", 1)
+    word = words[0].strip("'\":,")
+    word = "size" if word in ("width", "height") else word
+    return word if word in PARAMS else None
+
+
+def openai_errors(route: Any) -> Any:
+    """A refused request (400, 404, 413) answered in OpenAI's shape: ``type`` ``invalid_request_error`` (not the
+    server's class name) and ``param`` the field it is about, as the client's ``error.param`` reads it."""
+
+    @functools.wraps(route)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await route(*args, **kwargs)
+        except SdengineError as exc:
+            status = status_of(exc)
+            if status not in (400, 404, 413):
+                raise  # 429/503 keep the app's answer (Retry-After)
+            from sdengine.server.app import error_body
+
+            body = error_body(str(exc), "invalid_request_error")
+            body["error"]["param"] = param_of(str(exc))
+            return JSONResponse(body, status_code=status)
+
+    return wrapper
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -225,6 +262,7 @@ def install(app: FastAPI, services: Any) -> None:
         return out
 
     @app.post("/v1/images/generations", tags=["openai"])
+    @openai_errors
     async def generations(req: GenerationsRequest, request: Request) -> Response:
         rf, of = check_formats(req.response_format, req.output_format)
         compression = check_options(functools.partial(getattr, req), of)
@@ -375,6 +413,7 @@ def install(app: FastAPI, services: Any) -> None:
         return value in ("true", "1")
 
     @app.post("/v1/images/edits", tags=["openai"])
+    @openai_errors
     async def edits(request: Request) -> Response:
         """multipart: ``image`` or ``image[]`` (one or more), optional ``mask`` (alpha 0 = edit), ``prompt``."""
         fields, files = await form_of(request)
@@ -412,6 +451,7 @@ def install(app: FastAPI, services: Any) -> None:
         return await run_all(request, fl, rf, of, prompt, fields.get("size"), compression)
 
     @app.post("/v1/images/variations", tags=["openai"])
+    @openai_errors
     async def variations(request: Request) -> JSONResponse:
         fields, files = await form_of(request)
         rf, of = check_formats(fields.get("response_format"), fields.get("output_format"))
