@@ -231,7 +231,13 @@ def install(app: FastAPI, services: Any) -> None:
             status = 500 if j.state == FAILED and (j.error or "").startswith("internal error") else 400
             from sdengine.server.app import error_body
 
-            return JSONResponse(error_body(j.error or j.state, "image_generation_error"), status_code=status)
+            message = j.error or j.state
+            if status == 400 and param_of(message):  # a field the pipeline refused once the job ran
+                body = error_body(message, "invalid_request_error")
+                body["error"]["param"] = param_of(message)
+            else:
+                body = error_body(message, "image_generation_error")
+            return JSONResponse(body, status_code=status)
         base = str(request.base_url).rstrip("/")
         data = []
         for j in jobs:
