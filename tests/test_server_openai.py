@@ -219,6 +219,9 @@ def test_values_the_server_cannot_honour_are_refused(client):
     with pytest.raises(openai.BadRequestError, match="prompt is required") as e:
         client.images.edit(image=init, prompt=" ", extra_body=FAST)
     assert e.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError, match="prompt is required") as e:
+        client.images.generate(prompt="", size="64x64", extra_body=FAST)
+    assert e.value.param == "prompt"
     with pytest.raises(openai.BadRequestError, match="prompt may be at most 32000 characters, got 32001"):
         client.images.edit(image=init, prompt="x" * 32001, extra_body=FAST)
     refused = [({"size": "0x64"}, "size"), ({"size": "60x60"}, "size"), ({"model": "nope"}, "model")]

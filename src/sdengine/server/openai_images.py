@@ -118,6 +118,15 @@ def openai_errors(route: Any) -> Any:
     return wrapper
 
 
+def check_prompt(prompt: str) -> str:
+    """OpenAI's rule for ``prompt``: required, not blank, at most 32000 characters."""
+    if not prompt.strip():
+        raise BadRequest("prompt is required: say what the image should show")
+    if len(prompt) > MAX_PROMPT:
+        raise BadRequest(f"prompt may be at most {MAX_PROMPT} characters, got {len(prompt)}")
+    return prompt
+
+
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
     if size in (None, "", "auto"):
         return None, None
@@ -272,6 +281,7 @@ def install(app: FastAPI, services: Any) -> None:
     async def generations(req: GenerationsRequest, request: Request) -> Response:
         rf, of = check_formats(req.response_format, req.output_format)
         compression = check_options(functools.partial(getattr, req), of)
+        check_prompt(req.prompt)
         w, h = parse_size(req.size)
         fields = dict(
             model=model_name(req.model),
@@ -425,11 +435,7 @@ def install(app: FastAPI, services: Any) -> None:
         fields, files = await form_of(request)
         rf, of = check_formats(fields.get("response_format"), fields.get("output_format"))
         compression = check_options(fields.get, of)
-        prompt = fields.get("prompt", "")
-        if not prompt.strip():
-            raise BadRequest("prompt is required: say what the edited image should show")
-        if len(prompt) > MAX_PROMPT:
-            raise BadRequest(f"prompt may be at most {MAX_PROMPT} characters, got {len(prompt)}")
+        prompt = check_prompt(fields.get("prompt", ""))
         stream = flag(fields, "stream")
         partial = number(fields, "partial_images", int, 0)
         if not 0 <= partial <= 3:
