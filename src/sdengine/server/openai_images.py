@@ -469,7 +469,7 @@ def install(app: FastAPI, services: Any) -> None:
         rf, of = check_formats(fields.get("response_format"), fields.get("output_format"))
         compression = check_options(fields.get, of)
         if flag(fields, "stream"):
-            raise BadRequest("variations do not stream (OpenAI's neither): leave stream out")
+            raise BadRequest("stream is not supported for variations (nor by OpenAI): leave it out")
         if not files.get("image"):
             raise BadRequest("send the image (field 'image')")
         image = await run_in_threadpool(decode_image, files["image"][0], "image", config.max_image_pixels)
