@@ -815,3 +815,8 @@ def test_controlnet_detected_maps_are_appended(api):
         api.set_options({"control_net_no_detectmap": False})
     r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **COMMON)
     assert len(r.images) == 2
+    # with the hires fix the extension stores the map at the final size first, then the first pass's
+    hr = {"enable_hr": True, "hr_scale": 2, "denoising_strength": 0.5}
+    r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **hr, **COMMON)
+    assert [im.size for im in r.images] == [(128, 128), (128, 128), (64, 64)]
+    np.testing.assert_array_equal(arr(r.images[2]), arr(want))
