@@ -213,3 +213,23 @@ def test_tiling_reaches_winograd_convolutions():
         torch.testing.assert_close(model(x), want, atol=1e-4, rtol=1e-4)
     with torch.inference_mode():  # and zero padding again afterwards
         torch.testing.assert_close(model(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-4, rtol=1e-4)
+
+
+def test_tiling_reaches_the_tiny_vae(tiny_sd1_folder):
+    """vae_decode="tiny" with tiling: the tiny VAE's convolutions pad circularly too (A1111 leaves its TAESD
+    out, so its decode has seams at the edges)."""
+    import copy
+
+    from sdengine.models.tiny_vae import TinyAutoencoder, TinyVAEConfig
+    from sdengine.pipeline import load_pipeline
+
+    torch.manual_seed(0)
+    tiny = TinyAutoencoder(TinyVAEConfig(decoder_channels=(8, 8), decoder_blocks=(1, 1), has_encoder=False))
+    tiny.name = "dec"
+    got_pipe = load_pipeline(str(tiny_sd1_folder), device="cpu")
+    got_pipe.set_tiny_vae(copy.deepcopy(tiny))
+    got = got_pipe("a cat", seed=3, tiling=True, vae_decode="tiny", **FAST)
+    ref = load_pipeline(str(tiny_sd1_folder), device="cpu")
+    ref.set_tiny_vae(copy.deepcopy(tiny))
+    _explicit_circular(ref.unet, ref.vae, ref.tiny_vae)
+    np.testing.assert_allclose(ref("a cat", seed=3, vae_decode="tiny", **FAST).arrays, got.arrays, atol=1e-5)

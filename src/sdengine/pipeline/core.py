@@ -588,9 +588,10 @@ class Pipeline:
             handle = apply_loras(self.unet, self.text_encoder, lora_list, lora_dir, text_encoder_2=te2)
         try:
             with torch.inference_mode():
-                if request.tiling:  # the U-Net's and the VAE's convolutions, as A1111's (not ControlNets')
+                if request.tiling:  # the U-Net's and the VAE's convolutions, as A1111's (not ControlNets'); and
+                    # the tiny VAE's, which A1111 leaves out (its TAESD decode then has seams at the edges)
                     self._tiling = True
-                    with circular_padding(self.unet, self.vae):
+                    with circular_padding(self.unet, self.vae, self.tiny_vae):
                         images = self.generate(p)
                 else:
                     images = self.generate(p)
