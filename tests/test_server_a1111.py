@@ -802,6 +802,11 @@ def test_controlnet_detected_maps_are_appended(api):
         f"{api.baseurl}/txt2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [raw]}}}, timeout=60
     ).json()
     assert len(got["images"]) == 1
+    for bad in ({**raw, "save_detected_map": "no"}, raw):  # not a bool: refused, never guessed
+        over = {} if bad is not raw else {"override_settings": {"control_net_no_detectmap": 1}}
+        body_bad = {**body, "alwayson_scripts": {"controlnet": {"args": [bad]}}, **over}
+        refused = httpx.post(f"{api.baseurl}/txt2img", json=body_bad, timeout=60)
+        assert refused.status_code == 400 and "must be true or false" in refused.text, refused.text
     over = {"control_net_no_detectmap": True}
     r = api.txt2img(
         prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, override_settings=over, **COMMON
