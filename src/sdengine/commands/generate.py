@@ -460,6 +460,13 @@ def run(a: argparse.Namespace) -> int:
         kwargs["lora_dir"] = a.lora_dir
     if a.vae_tiling is not None:
         kwargs["vae_tiling"] = a.vae_tiling
+    if a.tiling is not None:
+        kwargs["tiling"] = a.tiling
+    if a.seed_resize_from is not None:
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", a.seed_resize_from)
+        if m is None:
+            raise UsageError(f"--seed-resize-from {a.seed_resize_from!r}: give WIDTHxHEIGHT in pixels, e.g. 512x768")
+        kwargs["seed_resize_from_w"], kwargs["seed_resize_from_h"] = int(m.group(1)), int(m.group(2))
     if a.vae_decode is not None:
         kwargs["vae_decode"] = a.vae_decode
     elif a.tiny_vae is not None:
@@ -791,6 +798,19 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         default=None,
         help="how --init-image (and the hires fix's pixel upscale) becomes latents: full = the VAE's encoder "
         "(default); tiny = the tiny VAE's encoder (it needs one: taesd_encoder beside taesd_decoder)",
+    )
+    p.add_argument(
+        "--tiling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="seamless tiling image (A1111's Tiling: the U-Net's and the VAE's convolutions pad circularly)",
+    )
+    p.add_argument(
+        "--seed-resize-from",
+        default=None,
+        metavar="WxH",
+        help="A1111's 'Resize seed from width/height': draw the seed's noise at WxH pixels and paste it centred "
+        "into this size's noise, so a seed keeps its composition at another size (0x0: off)",
     )
     p.add_argument(
         "--vae-tiling",

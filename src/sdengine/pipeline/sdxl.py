@@ -126,6 +126,8 @@ class SDXLPipeline(Pipeline):
                 f"sampler {p.sampler} is not supported with a refiner hand-off (it cannot stop at the switch): use "
                 "one of the others, e.g. euler or dpmpp_2m"
             )
+        if request.seed_resize_from is not None or request.tiling:
+            raise GenerationError("seed_resize_from_w/_h and tiling are not supported with a refiner hand-off")
         steps, cfg_scale, rescale = int(request.steps), float(request.cfg_scale), float(request.guidance_rescale)
         grid = sampling.make_grid(p.sampler, steps, self.noise_schedule, p.schedule, self.scheduler_config)
         cutoff = round(self.noise_schedule.num_train_timesteps * (1.0 - float(switch_at)))
