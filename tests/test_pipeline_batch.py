@@ -107,12 +107,22 @@ def test_request_and_keywords_are_the_same_call(sd1):
 
 def test_request_dict_round_trip_and_defaults():
     req = GenerationRequest(
-        prompt=["a", "b"], seed=[1, 2], controlnets=[("cn", "edges.png", 0.5)], loras=[("x.safetensors", 0.7)]
+        prompt=["a", "b"],
+        seed=[1, 2],
+        controlnets=[("cn", "edges.png", 0.5), ControlUnit("cn2", "map.png", 1.0, 0.0, 0.5, rule="a1111")],
+        loras=[("x.safetensors", 0.7)],
     )
     d = req.to_dict()
-    assert d["controlnets"] == [{"model": "cn", "image": "edges.png", "scale": 0.5, "start": 0.0, "end": 1.0}]
+    assert d["controlnets"] == [
+        {"model": "cn", "image": "edges.png", "scale": 0.5, "start": 0.0, "end": 1.0, "rule": "diffusers"},
+        {"model": "cn2", "image": "map.png", "scale": 1.0, "start": 0.0, "end": 0.5, "rule": "a1111"},
+    ]
     back = GenerationRequest.from_dict(d)
-    assert back.controlnets == (ControlUnit("cn", "edges.png", 0.5),) and back.seeds() == [1, 2]
+    assert back.controlnets == (
+        ControlUnit("cn", "edges.png", 0.5),
+        ControlUnit("cn2", "map.png", 1.0, 0.0, 0.5, rule="a1111"),
+    )
+    assert back.seeds() == [1, 2]
     assert back.prompts() == ["a", "b"] and back.negative_prompts() == ["", ""] and back.n_rows == 2
     assert GenerationRequest.defaults()["steps"] == 25 and GenerationRequest().cfg_scale == 7.5
     assert GenerationRequest(seed=5, batch_size=3).seeds() == [5, 6, 7]

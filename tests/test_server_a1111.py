@@ -750,3 +750,78 @@ def test_eta_is_the_samplers_option_where_it_takes_one(api):
     assert r.info["ignored"] == []
     bad = httpx.post(f"{api.baseurl}/txt2img", json={**body, "sampler_name": "Euler a", "eta": 50}, timeout=30)
     assert bad.status_code == 400 and "eta must be a number in [0, 10]" in bad.text
+
+
+def test_tiling_and_seed_resize_as_a1111(api):
+    """tiling and seed_resize_from_w/_h (once listed as ignored: another image than A1111's) run as the Python
+    API's tiling / seed_resize_from_*, are written in the infotext as A1111 writes them and read back from it."""
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, **COMMON}
+    r = api.txt2img(prompt="a star", seed=9, tiling=True, seed_resize_from_w=48, seed_resize_from_h=80, **COMMON)
+    want = emoji()("a star", seed=9, tiling=True, seed_resize_from_w=48, seed_resize_from_h=80, **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["ignored"] == [] and (r.info["seed_resize_from_w"], r.info["seed_resize_from_h"]) == (48, 80)
+    assert "Seed resize from: 48x80" in r.info["infotexts"][0] and "Tiling: True" in r.info["infotexts"][0]
+    plain = emoji()("a star", seed=9, **kw)
+    assert not np.array_equal(arr(r.image), arr(plain.images[0]))
+    # one side only: A1111 draws the noise as without it; the same image, nothing ignored
+    r = api.txt2img(prompt="a star", seed=9, seed_resize_from_w=48, seed_resize_from_h=-1, **COMMON)
+    np.testing.assert_array_equal(arr(r.image), arr(plain.images[0]))
+    assert r.info["ignored"] == []
+    # the infotext field fills the request (A1111's apply_infotext)
+    body = {"infotext": want.infotexts[0]}
+    got = httpx.post(f"{api.baseurl}/txt2img", json=body, timeout=60).json()
+    image = Image.open(io.BytesIO(base64.b64decode(got["images"][0])))
+    np.testing.assert_array_equal(arr(image), arr(want.images[0]))
+    bad = httpx.post(f"{api.baseurl}/txt2img", json={"prompt": "a", "tiling": "yes", **COMMON}, timeout=60)
+    assert bad.status_code == 400 and "tiling must be true or false" in bad.text, bad.text
+    bad = httpx.post(
+        f"{api.baseurl}/txt2img",
+        json={"prompt": "a", "seed_resize_from_w": 10**6, "seed_resize_from_h": 64},
+        timeout=60,
+    )
+    assert bad.status_code == 400 and "seed_resize_from_w must be in" in bad.text, bad.text
+
+
+def test_controlnet_detected_maps_are_appended(api):
+    """The extension appends each unit's detected map (the preprocessed control image, fitted to the image size)
+    after the images, unless the unit's save_detected_map is false or the "Do not append detectmap to output"
+    option (control_net_no_detectmap) is on; once sdengine answered the images alone."""
+    from sdengine.control import canny
+    from sdengine.io.resize import resize_image
+
+    g = gradient().convert("RGB").resize((96, 64))
+    unit = webuiapi.ControlNetUnit(image=g, module="canny", model="emoji-controlnet-canny", processor_res=64)
+    unit.threshold_a, unit.threshold_b = 100, 200
+    r = api.txt2img(prompt="a star", seed=9, batch_size=2, controlnet_units=[unit], alwayson_scripts={}, **COMMON)
+    assert len(r.images) == 3 and len(r.info["infotexts"]) == 2  # two images, then the unit's map
+    want = resize_image(canny(g, 100, 200), 64, 64, "resize and fill")  # webuiapi's default resize mode
+    np.testing.assert_array_equal(arr(r.images[2]), arr(want))
+    body = {"prompt": "a star", "seed": 9, **COMMON}
+    raw = {**unit.to_dict(), "save_detected_map": False}  # an API-only field webuiapi does not send
+    got = httpx.post(
+        f"{api.baseurl}/txt2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [raw]}}}, timeout=60
+    ).json()
+    assert len(got["images"]) == 1
+    for bad in ({**raw, "save_detected_map": "no"}, raw):  # not a bool: refused, never guessed
+        over = {} if bad is not raw else {"override_settings": {"control_net_no_detectmap": 1}}
+        body_bad = {**body, "alwayson_scripts": {"controlnet": {"args": [bad]}}, **over}
+        refused = httpx.post(f"{api.baseurl}/txt2img", json=body_bad, timeout=60)
+        assert refused.status_code == 400 and "must be true or false" in refused.text, refused.text
+    over = {"control_net_no_detectmap": True}
+    r = api.txt2img(
+        prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, override_settings=over, **COMMON
+    )
+    assert len(r.images) == 1 and r.info["ignored"] == []
+    try:
+        api.set_options({"control_net_no_detectmap": True})
+        r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **COMMON)
+        assert len(r.images) == 1
+    finally:
+        api.set_options({"control_net_no_detectmap": False})
+    r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **COMMON)
+    assert len(r.images) == 2
+    # with the hires fix the extension stores the map at the final size first, then the first pass's
+    hr = {"enable_hr": True, "hr_scale": 2, "denoising_strength": 0.5}
+    r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **hr, **COMMON)
+    assert [im.size for im in r.images] == [(128, 128), (128, 128), (64, 64)]
+    np.testing.assert_array_equal(arr(r.images[2]), arr(want))

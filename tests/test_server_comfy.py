@@ -1648,8 +1648,8 @@ def test_validation_errors_give_the_inputs_config_as_comfyui(client):
 
 @pytest.mark.slow
 def test_clip_text_encode_sdxl_conditions_on_its_sizes_as_the_native_sdxl_settings(tmp_path):
-    """ComfyUI's CLIPTextEncodeSDXL and CLIPTextEncodeSDXLRefiner (missing: an SDXL workflow using them failed
-    validation with missing_node_type): text_l for CLIP-L, text_g for bigG, and the size numbers it gives; the
+    """ComfyUI's CLIPTextEncodeSDXL and CLIPTextEncodeSDXLRefiner through the server: text_l for CLIP-L, text_g
+    for bigG, and the size numbers it gives; the
     image equals the native API's with the same `sdxl` settings (prompt_2 = text_g, original/target size, crop),
     and at the latent's own size CLIPTextEncode's. On another model kind each is a node error naming the model."""
     from _sdxl_models import make_sdxl_folder
@@ -1709,12 +1709,12 @@ def test_clip_text_encode_sdxl_conditions_on_its_sizes_as_the_native_sdxl_settin
         g["7"] = sdxl_encode("blurry", "blurry", 64, 64, (0, 0), 64, 64)
         h = wait_history(c, c.post("/prompt", json={"prompt": g}).json()["prompt_id"])
         error = dict(h["status"]["messages"])["execution_error"]
-        assert "needs an SDXL model" in error["exception_message"], error
+        assert "emoji is not one" in error["exception_message"], error
 
 
 def test_the_sdxl_text_encoders_are_listed_and_refuse_another_model(client):
-    """CLIPTextEncodeSDXL / CLIPTextEncodeSDXLRefiner with ComfyUI's inputs (they were missing: a workflow using
-    them failed with missing_node_type); on an SD1 model each fails at the node, naming it (the parity test on
+    """CLIPTextEncodeSDXL / CLIPTextEncodeSDXLRefiner with ComfyUI's inputs; on an SD1 model each fails at the
+    node, naming it (the parity test on
     a tiny SDXL model is the slow test above)."""
     info = client.get("/object_info").json()
     sdxl = info["CLIPTextEncodeSDXL"]["input"]["required"]
@@ -1746,7 +1746,7 @@ def test_the_sdxl_text_encoders_are_listed_and_refuse_another_model(client):
         assert r.status_code == 200, r.text
         h = wait_history(client, r.json()["prompt_id"])
         error = dict(h["status"]["messages"])["execution_error"]
-        assert error["node_id"] == "7" and "needs an SDXL model; emoji" in error["exception_message"], error
+        assert error["node_id"] == "7" and "CLIP; emoji is not one" in error["exception_message"], error
 
 
 @pytest.mark.slow

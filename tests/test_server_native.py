@@ -173,6 +173,22 @@ def test_upload_img2img_and_inpaint_equal_python_api(client):
     assert "Denoising strength: 0.5" in j["infotexts"][0]
 
 
+def test_tiling_and_seed_resize_are_the_python_apis_images(client):
+    """A1111's Tiling and "Resize seed from", on the native route too (once only the A1111 route took them)."""
+    for extra, want in (
+        ({"tiling": True}, {"tiling": True}),
+        ({"seed_resize_from": [48, 80]}, {"seed_resize_from_w": 48, "seed_resize_from_h": 80}),
+    ):
+        j = run(client, {**BASE, **extra})
+        assert j["state"] == "done", j
+        im, _ = fetch_image(client, j["images"][0]["url"])
+        ref = emoji()(progress=False, **BASE, **want)
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(ref.images[0]))
+        assert j["infotexts"][0] == ref.infotexts[0]
+    r = client.post("/v1/jobs", json={**BASE, "seed_resize_from": [48]})
+    assert r.status_code == 422, r.text
+
+
 def test_vae_encode_tiny_is_the_python_apis_image(client):
     """The emoji model's tiny VAE has an encoder (its models entry says so): an img2img job with vae_encode "tiny"
     gives the Python API's image."""

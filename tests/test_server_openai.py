@@ -166,3 +166,86 @@ def test_a_streaming_client_that_goes_away_cancels_its_job(server):
                 break
             time.sleep(0.05)
         assert job["state"] == "cancelled" and job["step"] < 150, job
+
+
+def jpeg_or_webp(im: Image.Image, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, quality=quality)
+    return buf.getvalue()
+
+
+def test_output_compression_is_the_jpeg_and_webp_quality(client):
+    """OpenAI's ``output_compression`` (0-100, default 100) sets the JPEG/WebP quality; it is never dropped."""
+    ref = emoji()("a red apple", width=64, height=64, progress=False, **FAST).images[0]
+    low = client.images.generate(
+        prompt="a red apple", size="64x64", output_format="jpeg", output_compression=10, extra_body=FAST
+    )
+    assert base64.b64decode(low.data[0].b64_json) == jpeg_or_webp(ref, "JPEG", 10)
+    default = client.images.generate(prompt="a red apple", size="64x64", output_format="jpeg", extra_body=FAST)
+    assert base64.b64decode(default.data[0].b64_json) == jpeg_or_webp(ref, "JPEG", 100)
+    assert default.output_format == "jpeg" and default.background == "opaque" and default.usage.total_tokens == 0
+    init = Image.new("RGB", (64, 64), (250, 200, 40))
+    edited = client.images.edit(
+        image=("init.png", png(init), "image/png"),
+        prompt="a star",
+        output_format="webp",
+        output_compression=20,
+        extra_body=FAST,
+    )
+    want = emoji()("a star", init_image=init, strength=0.75, width=64, height=64, progress=False, **FAST).images[0]
+    assert base64.b64decode(edited.data[0].b64_json) == jpeg_or_webp(want, "WEBP", 20)
+
+
+def test_values_the_server_cannot_honour_are_refused(client):
+    """Never another image than asked for: a transparent background, a URL to a JPEG (the saved file is a PNG),
+    compression of a PNG, unknown quality/moderation/style values, an edit without a prompt or over 32000
+    characters. Each refusal is in OpenAI's error shape: ``invalid_request_error``, ``param`` the field."""
+    init = ("init.png", png(Image.new("RGB", (64, 64), "red")), "image/png")
+    cases = [
+        ("background 'transparent' is not supported", {"background": "transparent"}),
+        ("response_format url serves the saved PNG", {"output_format": "jpeg", "response_format": "url"}),
+        ("output_compression is for output_format jpeg or webp", {"output_compression": 50}),
+        ("quality must be one of auto, low", {"quality": "ultra"}),
+        ("moderation must be one of auto, low, got 'none'", {"moderation": "none"}),
+        ("style must be one of vivid, natural, got 'oil'", {"style": "oil"}),
+    ]
+    for message, kw in cases:
+        with pytest.raises(openai.BadRequestError, match=message) as e:
+            client.images.generate(prompt="x", size="64x64", extra_body={**FAST, **kw})
+        assert (e.value.status_code, e.value.type, e.value.param) == (400, "invalid_request_error", list(kw)[-1])
+        with pytest.raises(openai.BadRequestError, match=message) as e:
+            client.images.edit(image=init, prompt="x", extra_body={**FAST, **kw})
+        assert (e.value.type, e.value.param) == ("invalid_request_error", list(kw)[-1])
+    with pytest.raises(openai.BadRequestError, match="prompt is required") as e:
+        client.images.edit(image=init, prompt=" ", extra_body=FAST)
+    assert e.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError, match="prompt is required") as e:
+        client.images.generate(prompt="", size="64x64", extra_body=FAST)
+    assert e.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError, match="prompt may be at most 32000 characters, got 32001"):
+        client.images.edit(image=init, prompt="x" * 32001, extra_body=FAST)
+    refused = [({"size": "0x64"}, "size"), ({"size": "60x60"}, "size"), ({"model": "nope"}, "model")]
+    for body, param in [*refused, ({"sampler": "nope"}, "sampler")]:
+        with pytest.raises(openai.BadRequestError) as e:  # the pipeline's refusals too; a width is the size's
+            client.images.generate(prompt="x", extra_body={**FAST, **body})
+        assert (e.value.type, e.value.param) == ("invalid_request_error", param), e.value.body
+    r = client.images.generate(
+        model="chatgpt-image-latest", prompt="x", size="64x64", background="opaque", quality="low", extra_body=FAST
+    )
+    assert b64_image(r.data[0].b64_json).mode == "RGB"  # OpenAI's names and values that change nothing here
+
+
+def test_streamed_edit_sends_image_edit_events(client):
+    """``images.edit(stream=True)`` reads OpenAI's ``image_edit.*`` events (it read nothing from a JSON answer)."""
+    body = {"seed": 9, "steps": 6}
+    init = Image.new("RGB", (64, 64), (250, 200, 40))
+    image = ("init.png", png(init), "image/png")
+    events = list(client.images.edit(image=image, prompt="a star", stream=True, partial_images=1, extra_body=body))
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    assert events[0].partial_image_index == 0 and events[1].size == "64x64"
+    want = emoji()("a star", init_image=init, strength=0.75, width=64, height=64, progress=False, **body).images[0]
+    np.testing.assert_array_equal(np.asarray(b64_image(events[1].b64_json).convert("RGB")), np.asarray(want))
+    with pytest.raises(openai.BadRequestError, match="stream takes one image to edit, got 2"):
+        client.images.edit(image=[image, image], prompt="a star", stream=True, extra_body=body)
+    with pytest.raises(openai.BadRequestError, match="partial_images needs stream: true"):
+        client.images.edit(image=image, prompt="a star", partial_images=1, extra_body=body)

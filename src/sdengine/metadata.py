@@ -313,21 +313,24 @@ def _parse_float(parsed: Mapping[str, str], key: str) -> float:
         raise MetadataError(f"{key}: {parsed[key]!r} is not a number") from None
 
 
-def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dict[str, Any]:
+def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refiner: bool = False) -> dict[str, Any]:
     """The pipeline's arguments from :func:`parse_parameters`' result.
 
     Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
     ``guidance_rescale`` ("CFG Rescale phi"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
-    seed strength"), ``vae_decode`` ("tiny" when sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
-    "Tiny VAE encode"), ``strength_rule`` (sdengine's "Strength rule") that the text has
+    seed strength"), ``seed_resize_from_w`` and ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
+    ("Tiling: True"), ``vae_decode`` ("tiny" when sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
+    "Tiny VAE encode"), ``strength_rule`` (sdengine's "Strength rule"), ``sdxl`` (sdengine's "SDXL options":
+    prompt_2, sizes) that the text has
     (``clip_skip`` defaults to 1, as in A1111,
     where a missing "Clip skip" means 1). LoRAs stay
     in the prompt as ``<lora:...>`` tags (:func:`sdengine.prompts.extract_lora_tags`). An unknown
     sampler or schedule is a ``ValueError`` listing valid names. Fields that would change the image
-    but that sdengine does not reproduce ("Hires upscale", "Seed resize from", ...) are logged as a
+    but that sdengine does not reproduce ("Hires upscale", "Face restoration", ...) are logged as a
     warning. With ``hires=True`` the hires-fix fields are read too (:func:`hires_kwargs`; then "Denoising
-    strength" is the second pass's).
+    strength" is the second pass's). ``refiner=True`` says the caller reproduces A1111's "Refiner" and
+    "Refiner switch at" (an SDXL base -> refiner hand-off, not a request setting), so they are not warned of.
     """
     kwargs: dict[str, Any] = {
         "prompt": parsed.get("Prompt", ""),
@@ -364,6 +367,16 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
         kwargs["subseed_strength"] = (
             _parse_float(parsed, "Variation seed strength") if "Variation seed strength" in parsed else 0.0
         )
+    if "Seed resize from" in parsed:  # A1111's "Resize seed from width/height", written WIDTHxHEIGHT
+        m = _RE_SIZE.match(parsed["Seed resize from"].strip())
+        if m is None:
+            raise MetadataError(f"Seed resize from: {parsed['Seed resize from']!r} is not WIDTHxHEIGHT")
+        kwargs["seed_resize_from_w"], kwargs["seed_resize_from_h"] = int(m.group(1)), int(m.group(2))
+    if "Tiling" in parsed:  # A1111 writes "Tiling: True"
+        value = parsed["Tiling"].strip().lower()
+        if value not in ("true", "false"):
+            raise MetadataError(f"Tiling: {parsed['Tiling']!r} is not True or False")
+        kwargs["tiling"] = value == "true"
 
     if "Resize mode" in parsed:  # sdengine's field: how init and control images were fitted
         from sdengine.io.resize import resize_mode_name
@@ -382,6 +395,14 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
         if rule not in STRENGTH_RULES:
             raise MetadataError(f"Strength rule: {rule!r} is not one of {', '.join(STRENGTH_RULES)}")
         kwargs["strength_rule"] = rule
+    if "SDXL options" in parsed:  # sdengine's field: SDXL's prompt_2 and size numbers (GenerationRequest.sdxl)
+        try:
+            sdxl = json.loads(parsed["SDXL options"])
+        except ValueError:
+            sdxl = None
+        if not isinstance(sdxl, dict) or not sdxl:
+            raise MetadataError(f"SDXL options: {parsed['SDXL options']!r} is not a JSON object of SDXL settings")
+        kwargs["sdxl"] = sdxl
     if parsed.get("Tiny VAE"):  # sdengine's field: the tiny VAE decoded (the run needs one loaded again)
         kwargs["vae_decode"] = "tiny"
     if parsed.get("Tiny VAE encode"):  # and this one: its encoder made the init image's latent
@@ -395,6 +416,8 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
             hires_used = {k for k in parsed if k in _HIRES_FIELDS}
     used = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size"}
     used |= hires_used
+    if refiner:
+        used |= {"Refiner", "Refiner switch at"}
     used |= {
         "Denoising strength",
         "Clip skip",
@@ -402,11 +425,14 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False) -> dic
         "CFG Rescale phi",
         "Variation seed",
         "Variation seed strength",
+        "Seed resize from",
+        "Tiling",
         "Tiny VAE",
         "Tiny VAE encode",
         "Resize mode",
         "Strength rule",
         "Sampler options",
+        "SDXL options",
         "Prediction type",  # a loading option: the caller's (sdengine generate --from-png passes it on)
         "Pad conds",  # A1111's padding of the shorter of prompt and negative prompt: what sdengine always does
     }

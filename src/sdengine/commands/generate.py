@@ -240,7 +240,7 @@ def _from_png(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     parsed = parse_parameters(text)
     try:
         # a hires image's "Denoising strength" is its second pass's, not an img2img's
-        return to_generate_kwargs(parsed, hires=True), parsed
+        return to_generate_kwargs(parsed, hires=True, refiner=True), parsed
     except MetadataError as e:
         if hires_fix_fields(parsed):
             raise GenerationError(f"{path}: {e}") from None
@@ -254,6 +254,29 @@ def _model_from_png(parsed: dict[str, str]) -> str | None:
     if name and (name in BUILTIN_SD or name in BUILTIN_PIXEL or Path(name).exists()):
         return name
     return None
+
+
+def _refiner_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> None:
+    """An SDXL image made with a refiner hand-off (A1111's "Refiner: NAME [hash]", "Refiner switch at: F"):
+    the refiner is --refiner, else the recorded name where it is a path here (as "Model"); the switch is
+    --refiner-switch-at, else the recorded one. Without the refiner the image would be another one."""
+    recorded = parsed.get("Refiner")
+    if not recorded:
+        return
+    if a.refiner is None:
+        name = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", recorded)
+        if not name or not Path(name).exists():
+            raise GenerationError(
+                f"{a.from_png} was made with the refiner {recorded!r}, which is not a path here: give --refiner"
+            )
+        a.refiner = name
+    if a.refiner_switch_at is None and "Refiner switch at" in parsed:
+        try:
+            a.refiner_switch_at = float(parsed["Refiner switch at"])
+        except ValueError:
+            raise GenerationError(
+                f"{a.from_png}: Refiner switch at {parsed['Refiner switch at']!r} is not a number"
+            ) from None
 
 
 def _vae_from_png(parsed: dict[str, str], given: str | None, png: str) -> str | None:
@@ -364,6 +387,7 @@ def run(a: argparse.Namespace) -> int:
                     f"{a.from_png}: Prediction type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}"
                 )
         vae = _vae_from_png(parsed, a.vae, a.from_png)
+        _refiner_from_png(a, parsed)
         if model is None:
             model = _model_from_png(parsed)
             if model is None and parsed.get("Model"):
@@ -436,6 +460,13 @@ def run(a: argparse.Namespace) -> int:
         kwargs["lora_dir"] = a.lora_dir
     if a.vae_tiling is not None:
         kwargs["vae_tiling"] = a.vae_tiling
+    if a.tiling is not None:
+        kwargs["tiling"] = a.tiling
+    if a.seed_resize_from is not None:
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", a.seed_resize_from)
+        if m is None:
+            raise UsageError(f"--seed-resize-from {a.seed_resize_from!r}: give WIDTHxHEIGHT in pixels, e.g. 512x768")
+        kwargs["seed_resize_from_w"], kwargs["seed_resize_from_h"] = int(m.group(1)), int(m.group(2))
     if a.vae_decode is not None:
         kwargs["vae_decode"] = a.vae_decode
     elif a.tiny_vae is not None:
@@ -443,8 +474,8 @@ def run(a: argparse.Namespace) -> int:
     if a.vae_encode is not None:
         kwargs["vae_encode"] = a.vae_encode
     sdxl = {"prompt_2": a.prompt_2, "negative_prompt_2": a.negative_2}  # SDXL's second text encoder
-    if any(v is not None for v in sdxl.values()):
-        kwargs["sdxl"] = {k: v for k, v in sdxl.items() if v is not None}
+    if any(v is not None for v in sdxl.values()):  # over a --from-png's SDXL options, each on its own
+        kwargs["sdxl"] = {**(kwargs.get("sdxl") or {}), **{k: v for k, v in sdxl.items() if v is not None}}
     if a.from_png:
         units = _controlnets_from_png(a, parsed)
         if units:
@@ -533,7 +564,8 @@ def run(a: argparse.Namespace) -> int:
                 kw.pop(key, None)
             return outpaint(pipe, prompt, image, *sides, **kw)
         if sdxl_base is not None:
-            return sdxl_base.generate_with_refiner(refiner, prompt, switch_at=a.refiner_switch_at, **kw)
+            switch_at = 0.8 if a.refiner_switch_at is None else a.refiner_switch_at
+            return sdxl_base.generate_with_refiner(refiner, prompt, switch_at=switch_at, **kw)
         return pipe(GenerationRequest(prompt=prompt, **kw))
 
     index = next_index(out) if out.is_dir() else 0
@@ -741,9 +773,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument(
         "--refiner-switch-at",
         type=float,
-        default=0.8,
+        default=None,
         metavar="F",
-        help="SDXL: fraction of the steps the base model runs before the refiner (default 0.8)",
+        help="SDXL: fraction of the steps the base model runs before the refiner (default 0.8, or --from-png's)",
     )
     p.add_argument(
         "--tiny-vae",
@@ -766,6 +798,19 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         default=None,
         help="how --init-image (and the hires fix's pixel upscale) becomes latents: full = the VAE's encoder "
         "(default); tiny = the tiny VAE's encoder (it needs one: taesd_encoder beside taesd_decoder)",
+    )
+    p.add_argument(
+        "--tiling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="seamless tiling image (A1111's Tiling: the U-Net's and the VAE's convolutions pad circularly)",
+    )
+    p.add_argument(
+        "--seed-resize-from",
+        default=None,
+        metavar="WxH",
+        help="A1111's 'Resize seed from width/height': draw the seed's noise at WxH pixels and paste it centred "
+        "into this size's noise, so a seed keeps its composition at another size (0x0: off)",
     )
     p.add_argument(
         "--vae-tiling",

@@ -19,6 +19,8 @@ def check_list_flags(a: argparse.Namespace) -> None:
             ("--outpaint", a.outpaint is not None),
             ("--grid", bool(a.grid)),
             ("--n-iter", getattr(a, "n_iter", None) is not None),
+            ("--refiner", getattr(a, "refiner", None) is not None),  # an SDXL hand-off: one call at a time
+            ("--refiner-switch-at", getattr(a, "refiner_switch_at", None) is not None),
         )
         if given
     ]

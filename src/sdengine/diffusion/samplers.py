@@ -634,9 +634,12 @@ def sample_unipc(
     extra_args: dict[str, Any] | None = None,
     order: int = 2,
     corrector: bool = True,
+    steps_after: int = 0,
 ) -> Tensor:
     """UniPC (Zhao et al. 2023, "UniPC", Algorithms 2-3): UniP-``order`` predictor in x0 (B(h) = e^h - 1,
-    "bh2") with the UniC corrector reusing each new model call; lower orders at the start and end."""
+    "bh2") with the UniC corrector reusing each new model call; lower orders at the start and at the end of
+    the grid. ``steps_after``: steps of the grid left after these ``sigmas`` (a run stopped early, the SDXL
+    base's part of a hand-off), which keep its last steps at full order, as diffusers' scheduler does."""
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     lam = [(-math.log(s) if s > 0 else math.inf) for s in loop.s]
     ms: list[Tensor] = []  # x0 estimates, newest last
@@ -649,7 +652,7 @@ def sample_unipc(
             x = _unipc_update(x_last, ms, lam, i - 1, order_last, model_t=denoised, sigmas=loop.s)
         ms.append(denoised)
         ms = ms[-order:]
-        cur = min(order, loop.n - i, i + 1)
+        cur = min(order, loop.n + steps_after - i, i + 1)
         x_last = x
         if loop.s[i + 1] == 0:
             x = denoised

@@ -67,6 +67,9 @@ class SamplerSpec:
     parity_schedules: tuple[str, ...] = ("normal", "karras", "exponential")  # what diffusers offers
 
 
+# Samplers that step on diffusers' timestep grid itself (no sigma grid to stop and resume on): a run cannot
+# end at a step and hand its still noisy latent on (``end_step``; the SDXL base -> refiner hand-off).
+TIMESTEP_SAMPLERS = ("ddim", "plms", "lcm", "ddpm")
 SAMPLERS: dict[str, SamplerSpec] = {
     spec.name: spec
     for spec in (
@@ -346,7 +349,7 @@ def sampler_option_names(name: str) -> list[str]:
     import inspect
 
     fn = SAMPLERS[name].fn
-    fixed = {"generators", "callback", "extra_args"}
+    fixed = {"generators", "callback", "extra_args", "steps_after"}  # steps_after: sample's own (end_step)
     params = list(inspect.signature(fn).parameters.values())[3:]  # after (denoiser, x, sigmas)
     return [p.name for p in params if p.name not in fixed and p.kind is inspect.Parameter.KEYWORD_ONLY]
 
@@ -406,7 +409,7 @@ def sample(
 
     stop = grid.steps
     if end_step is not None:
-        if name in ("ddim", "plms", "lcm", "ddpm") or not start_step < end_step <= grid.steps:
+        if name in TIMESTEP_SAMPLERS or not start_step < end_step <= grid.steps:
             raise UsageError(
                 f"end_step must be in ({start_step}, {grid.steps}] and the sampler a sigma-grid one, "
                 f"got {end_step} with {name}"
@@ -430,6 +433,8 @@ def sample(
             # PNDM redoes its first step from t_1 + T // N (== t_0 only for leading spacing)
             t_src = min(int(grid.timesteps[1]) + ns.num_train_timesteps // steps, ns.num_train_timesteps - 1)
             options.setdefault("corrector_from", float(ns.sigmas[t_src]))
+    if name == "unipc" and stop < grid.steps:  # the grid goes on after this run: its order is the grid's
+        options["steps_after"] = grid.steps - stop
     if name == "lcm":
         options.setdefault("timesteps", grid.timesteps[start_step:])
         options.setdefault("timestep_scaling", float(config_get(scheduler_config, "timestep_scaling", 10.0)))

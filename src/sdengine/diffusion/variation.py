@@ -63,4 +63,31 @@ def variation_noise(noise: Tensor, subseeds: list[int], strength: float) -> Tens
     return slerp(strength, noise, sub.to(noise.dtype))
 
 
-__all__ = ["slerp", "variation_noise"]
+def seed_resized_noise(
+    noise: Tensor, seeds: list[int], size: tuple[int, int], subseeds: list[int] | None = None, strength: float = 0.0
+) -> Tensor:
+    """A1111's "Resize seed from width/height" (``modules/rng.py`` ``ImageRNG.first``): each row's noise is drawn
+    again at the latent ``size`` (h, w) from a fresh ``Generator("cpu").manual_seed(seed)`` (its variation seed's
+    noise too, at that size, slerped in as :func:`variation_noise` does), and pasted centred into ``noise``, the
+    row's own draw at the real size, which stays around it. Centring as A1111 offsets it: ``(H - h) // 2`` (floor,
+    so a larger draw loses ``-2 * offset`` rows, one more than the overhang when it is odd, as there)."""
+    if len(seeds) != noise.shape[0]:
+        raise ValueError(f"{noise.shape[0]} rows of noise but {len(seeds)} seeds")
+    channels, big_h, big_w = noise.shape[1:]
+    h, w = size
+    out = noise.clone()
+    for i, seed in enumerate(seeds):
+        small = torch.randn((1, channels, h, w), generator=torch.Generator("cpu").manual_seed(seed))
+        if subseeds is not None:
+            small = variation_noise(small, [subseeds[i]], strength)
+        dy, dx = (big_h - h) // 2, (big_w - w) // 2
+        rows = h if dy >= 0 else h + 2 * dy
+        cols = w if dx >= 0 else w + 2 * dx
+        ty, tx, sy, sx = max(dy, 0), max(dx, 0), max(-dy, 0), max(-dx, 0)
+        if rows > 0 and cols > 0:
+            patch = small[0, :, sy : sy + rows, sx : sx + cols]
+            out[i, :, ty : ty + rows, tx : tx + cols] = patch.to(out.device, out.dtype)
+    return out
+
+
+__all__ = ["seed_resized_noise", "slerp", "variation_noise"]

@@ -99,7 +99,9 @@ class LoRALayer(LayerUpdate):
             }
         return None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+    def forward(self, x: torch.Tensor, padded: bool = False) -> torch.Tensor | None:
+        """The LoRA term of the base layer's input ``x``; ``padded``: ``x`` is padded already (a circularly
+        padding convolution, A1111's tiling), so the convolution adds none."""
         m = self.multiplier * self.scale
         if m == 0.0:
             return None
@@ -110,7 +112,8 @@ class LoRALayer(LayerUpdate):
             h = F.linear(F.linear(x, down), up)  # (..., out)
         else:
             c = self.conv
-            h = F.conv2d(F.conv2d(x, down, None, c["stride"], c["padding"], c["dilation"]), up)  # (B, out, H', W')
+            pad = (0, 0) if padded else c["padding"]
+            h = F.conv2d(F.conv2d(x, down, None, c["stride"], pad, c["dilation"]), up)  # (B, out, H', W')
         return h * m
 
     def delta_weight(self) -> torch.Tensor:
@@ -138,8 +141,12 @@ class _Patch:
         if not self.enabled:
             return output
         x = args[0]
+        padded = isinstance(module, nn.Conv2d) and module.padding_mode != "zeros"
+        if padded:  # circular padding (A1111's tiling): the LoRA term wraps around as the base layer does
+            assert isinstance(module, nn.Conv2d)
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
         for layer in self.layers:
-            d = layer(x)
+            d = layer(x, padded=True) if padded else layer(x)
             if d is not None:
                 output = output + d.to(output.dtype)
         return output

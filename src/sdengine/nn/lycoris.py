@@ -187,7 +187,8 @@ class LycorisLayer(LayerUpdate):
             d = dora_weight(base, d, self.magnitude.detach().to(base.device), self.magnitude_on_output) - base
         return d * self.multiplier
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+    def forward(self, x: torch.Tensor, padded: bool = False) -> torch.Tensor | None:
+        """As ``LoRALayer.forward`` (``padded``: ``x`` is padded already)."""
         if self.multiplier == 0.0:
             return None
         d = self.delta_weight()
@@ -196,7 +197,7 @@ class LycorisLayer(LayerUpdate):
         if self.conv is None:
             return F.linear(x, d)
         c = self.conv
-        return F.conv2d(x, d, None, c["stride"], c["padding"], c["dilation"])
+        return F.conv2d(x, d, None, c["stride"], (0, 0) if padded else c["padding"], c["dilation"])
 
     @property
     def rank(self) -> int | None:

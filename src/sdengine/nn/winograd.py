@@ -238,6 +238,7 @@ class WinogradConv2d(nn.Conv2d):
         w = self.weight
         if (
             x.device.type == "cpu"
+            and self.padding_mode == "zeros"  # circular (A1111's tiling) pads itself: the plain convolution
             and x.dim() == 4
             and min(x.shape[2], x.shape[3]) >= MIN_SIDE
             and x.dtype == torch.float32

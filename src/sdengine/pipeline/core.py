@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.diffusion.samplers import NoiseBank, SamplingInterrupted, row_noise
 from sdengine.diffusion.schedules import NoiseSchedule, img2img_start
-from sdengine.diffusion.variation import variation_noise
+from sdengine.diffusion.variation import seed_resized_noise, variation_noise
 from sdengine.errors import GenerationError
 from sdengine.io.images import load_image, to_uint8
 from sdengine.io.resize import resize_image, resize_mode_name
@@ -111,6 +112,8 @@ class Pipeline:
     ``text_encoder`` a CLIPTextModel, ``tokenizer`` a CLIPTokenizer) or, with ``context_length`` set,
     all-MiniLM-L6-v2 (the built-in ``emoji`` model). Everything after the conditioning dict is shared.
     """
+
+    _tiling = False  # a call with tiling runs: the convolutions pad circularly, no recorded graph replays
 
     def __init__(
         self,
@@ -355,6 +358,8 @@ class Pipeline:
         """The accelerated callable ``name`` ("unet", "vae") for this generation: its CUDA graphs, else its
         ahead-of-time compiled network; None when there is neither, or the network carries hooks (a patched
         LoRA) and runs as it is."""
+        if self._tiling:  # recorded / compiled with zero padding: the plain modules pad circularly
+            return None
         g = (self.cuda_graphs or {}).get(name) or (self.aot or {}).get(name)
         return g if g is not None and g.usable() else None
 
@@ -498,7 +503,12 @@ class Pipeline:
                 f"vae_encode='tiny' needs a tiny VAE with an encoder and {self.name} {which}: give a TAESD "
                 "encoder too (taesd_encoder beside taesd_decoder, or an AutoencoderTiny folder)"
             )
-        tiled = self._check_memory(big_w, big_h, len(seeds), float(r.cfg_scale) != 1.0, r.vae_tiling, notes)
+        vae_tiling = r.vae_tiling
+        if r.tiling:  # a tile's circular padding would wrap the tile, not the image
+            if vae_tiling:
+                raise GenerationError("tiling (seamless images) cannot be combined with vae_tiling (a tiled VAE)")
+            vae_tiling = False
+        tiled = self._check_memory(big_w, big_h, len(seeds), float(r.cfg_scale) != 1.0, vae_tiling, notes)
         self._check_work(width, height)
         if hires is not None:
             self._check_work(big_w, big_h)
@@ -578,8 +588,15 @@ class Pipeline:
             handle = apply_loras(self.unet, self.text_encoder, lora_list, lora_dir, text_encoder_2=te2)
         try:
             with torch.inference_mode():
-                images = self.generate(p)
+                if request.tiling:  # the U-Net's and the VAE's convolutions, as A1111's (not ControlNets'); and
+                    # the tiny VAE's, which A1111 leaves out (its TAESD decode then has seams at the edges)
+                    self._tiling = True
+                    with circular_padding(self.unet, self.vae, self.tiny_vae):
+                        images = self.generate(p)
+                else:
+                    images = self.generate(p)
         finally:
+            self._tiling = False
             if handle is not None:
                 handle.remove()
 
@@ -616,6 +633,7 @@ class Pipeline:
                     prediction_override=self.prediction_override,
                     # how the img2img / hires second pass counted its steps
                     strength_rule=request.strength_rule if (p.init is not None or p.hires is not None) else "diffusers",
+                    sdxl=request.sdxl,
                 )
             )
         for i, row in enumerate(rows):
@@ -625,6 +643,10 @@ class Pipeline:
                 row.update(
                     {"Variation seed": p.subseeds[i], "Variation seed strength": float(request.subseed_strength)}
                 )
+            if request.seed_resize_from is not None:  # A1111's field (width x height)
+                row["Seed resize from"] = "{}x{}".format(*request.seed_resize_from)
+            if request.tiling:
+                row["Tiling"] = True  # A1111 writes "Tiling: True"
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
         embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
             getattr(self, "tokenizer_2", None), "embeddings", None
@@ -766,8 +788,15 @@ class Pipeline:
         )
         if init_latent is not None:
             start.init_latent, start.from_init = init_latent.to(dev, start.noise.dtype), True
-        if p.subseeds is not None:
-            start.noise = variation_noise(start.noise, [p.subseeds[i] for i in rows], float(r.subseed_strength))
+        subseeds = None if p.subseeds is None else [p.subseeds[i] for i in rows]
+        if r.seed_resize_from is not None:  # A1111's "Resize seed from": drawn at that size, pasted centred
+            f = self.vae_scale_factor
+            size = (r.seed_resize_from[1] // f, r.seed_resize_from[0] // f)
+            start.noise = seed_resized_noise(
+                start.noise, [p.seeds[i] for i in rows], size, subseeds, float(r.subseed_strength)
+            )
+        elif subseeds is not None:
+            start.noise = variation_noise(start.noise, subseeds, float(r.subseed_strength))
         if start.concat is not None:
             cond = {**cond, "concat": start.concat}
         grid = sampling.make_grid(
@@ -821,7 +850,7 @@ class Pipeline:
                 return callback(StepInfo(i + 1, run_steps, float(sigma), x, denoised, self.tiny_vae))
             return None
 
-        loop = (self.cuda_graphs or {}).get("loop")
+        loop = None if self._tiling else (self.cuda_graphs or {}).get("loop")
         replay_loop = (
             loop is not None
             and not units
@@ -993,6 +1022,27 @@ class Pipeline:
                 img = self.tiny_vae.decode(x[i : i + 1].to(self.dtype)).float()
                 out.append(vae_utils.to_unit(require_finite(img, "decoded image (tiny VAE)")))
         return torch.cat(out)
+
+
+@contextmanager
+def circular_padding(*modules: Any) -> Iterator[int]:
+    """A1111's "Tiling" (``sd_hijack.apply_circular``): every ``nn.Conv2d`` of ``modules`` pads circularly
+    (``padding_mode="circular"``) inside the block, and as before after it, whatever happens. Yields how many
+    layers it switched."""
+    convs = [
+        m
+        for module in modules
+        if isinstance(module, torch.nn.Module)
+        for m in module.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.padding_mode == "zeros"
+    ]
+    for conv in convs:
+        conv.padding_mode = "circular"
+    try:
+        yield len(convs)
+    finally:
+        for conv in convs:
+            conv.padding_mode = "zeros"
 
 
 def _silent(_: str) -> None:

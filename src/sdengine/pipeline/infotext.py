@@ -97,6 +97,7 @@ def call_parameters(
     sampler_options: Mapping[str, Any] | None = None,
     prediction_override: str | None = None,
     strength_rule: str = "diffusers",
+    sdxl: Any = None,
 ) -> dict[str, Any]:
     """The parameters dict of one image (sdengine.metadata writes it as A1111 text). LoRAs passed as
     arguments are written as <lora:NAME:W> tags, as A1111 keeps them, so that the infotext alone says which
@@ -148,6 +149,12 @@ def call_parameters(
         params["Sampler options"] = json.dumps(dict(sampler_options), sort_keys=True)
     if prediction_override is not None:
         params["Prediction type"] = prediction_override
+    if sdxl is not None:  # SDXL's prompt_2 and size numbers (A1111 has no fields for them)
+        from sdengine.text.sdxl_conditioner import SDXLOptions
+
+        changed = SDXLOptions.coerce(sdxl).changed()
+        if changed:
+            params["SDXL options"] = json.dumps(changed, sort_keys=True)
     return params
 
 

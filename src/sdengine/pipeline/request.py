@@ -38,6 +38,8 @@ MAX_CFG_SCALE = 100.0
 MAX_SEED = 2**64 - 1
 # Mask blur is a Gaussian sigma in pixels (A1111's slider stops at 64); inf overflowed and 1e9 broke OpenCV.
 MAX_MASK_BLUR = 256.0
+# "Resize seed from": the largest side (pixels) a seed's noise may be drawn at (the pipeline's own limit on sizes).
+MAX_SEED_RESIZE = 8192
 # How sampled latents become pixels: the model's VAE, or the tiny VAE loaded beside it (sdengine.models.tiny_vae).
 VAE_DECODE_METHODS = ("full", "tiny")
 # How init images become latents (img2img, inpainting, the hires fix's pixel path): the VAE's encoder (a posterior
@@ -99,6 +101,14 @@ class GenerationRequest:
     resize_mode: str | int = "just resize"  # init and control images of another size: sdengine.io.resize
     subseed: int | None = None  # variation seed (A1111's); None / -1 draws one; row i uses subseed + i
     subseed_strength: float = 0.0  # 0 = the seed's image, 1 = the variation seed's (slerp of the noise)
+    # A1111's "Resize seed from width/height": the start noise is drawn at this size (pixels) and pasted centred
+    # into the noise of the real size (sdengine.diffusion.variation.seed_resized_noise), so that a seed keeps
+    # its composition at another size; 0 (or -1, A1111's default) = off. Both or neither.
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
+    # A1111's "Tiling": every Conv2d of the U-Net and the VAE pads circularly for this call, so that the image
+    # tiles seamlessly (its left edge continues its right one, its top its bottom)
+    tiling: bool = False
     # SDXL only: prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size, negative_*,
     # aesthetic_score (sdengine.text.sdxl_conditioner.SDXLOptions); None = the defaults
     sdxl: Mapping[str, Any] | None = None
@@ -191,6 +201,12 @@ class GenerationRequest:
         if sub is None or int(sub) == -1:
             sub = secrets.randbelow(2**32)
         return [int(sub) + i for i in range(self.n_rows)]
+
+    @property
+    def seed_resize_from(self) -> tuple[int, int] | None:
+        """(width, height) the start noise is drawn at ("Resize seed from"), or None when off."""
+        w, h = int(self.seed_resize_from_w), int(self.seed_resize_from_h)
+        return (w, h) if w > 0 and h > 0 else None
 
     def control_units(self) -> list[ControlUnit]:
         return [ControlUnit.coerce(u) for u in (self.controlnets or [])]
@@ -296,6 +312,19 @@ class GenerationRequest:
             raise GenerationError(
                 f"subseed must be an integer in [0, 2**64 - 1] (or -1 / None for a random one), got {sub!r}"
             )
+        if not isinstance(self.tiling, bool | np.bool_):
+            raise GenerationError(f"tiling must be true or false, got {self.tiling!r}")
+        resize_from = {"seed_resize_from_w": self.seed_resize_from_w, "seed_resize_from_h": self.seed_resize_from_h}
+        for side, pixels in resize_from.items():
+            if not _is_int(pixels) or not -1 <= pixels <= MAX_SEED_RESIZE:
+                raise GenerationError(
+                    f"{side} must be an integer in [1, {MAX_SEED_RESIZE}] pixels (0 or -1: off), got {pixels!r}"
+                )
+        if sum(v > 0 for v in resize_from.values()) == 1:
+            raise GenerationError(
+                "seed_resize_from_w and seed_resize_from_h go together (A1111's 'Resize seed from width/height'): "
+                "give both, or neither"
+            )
         if not isinstance(self.enable_hr, bool | np.bool_):
             raise GenerationError(f"enable_hr must be true or false, got {self.enable_hr!r}")
         if self.enable_hr:
@@ -340,4 +369,4 @@ def _per_row(v: TextOrList | None, n: int) -> list[str]:
     return ["" if v is None else str(v)] * n
 
 
-__all__ = ["MAX_CFG_SCALE", "MAX_MASK_BLUR", "MAX_SEED", "GenerationRequest", "LoRAInput"]
+__all__ = ["MAX_CFG_SCALE", "MAX_MASK_BLUR", "MAX_SEED", "MAX_SEED_RESIZE", "GenerationRequest", "LoRAInput"]

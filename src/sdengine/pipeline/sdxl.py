@@ -16,13 +16,14 @@ from PIL import Image
 
 from sdengine import vae_utils
 from sdengine.diffusion import sampling
+from sdengine.diffusion.samplers import SamplingInterrupted
 from sdengine.errors import GenerationError
 from sdengine.io.images import to_uint8
 from sdengine.pipeline.core import Pipeline, Prepared, as_request
 from sdengine.pipeline.infotext import call_parameters, format_infotext
 from sdengine.pipeline.latents import start_latents
 from sdengine.pipeline.request import GenerationRequest
-from sdengine.pipeline.result import GenerationResult
+from sdengine.pipeline.result import Cancelled, GenerationResult, StepInfo
 from sdengine.text.conditioners import Conditioning
 from sdengine.text.sdxl_conditioner import SDXLConditioner, SDXLOptions
 
@@ -100,7 +101,7 @@ class SDXLPipeline(Pipeline):
         do: the base walks the steps whose timestep is at least ``(1 - switch_at) * 1000``, the refiner
         continues from that latent (no noise added) on the same grid, and its VAE decodes. Both samplers
         restart at the switch (a multistep sampler's history is not carried over), as in diffusers.
-        Settings are a request's (txt2img only: no init image, mask, ControlNet or LoRA)."""
+        Settings are a request's (txt2img only: no init image, mask, ControlNet, LoRA or hires fix)."""
         if not isinstance(refiner, SDXLPipeline):
             raise GenerationError("the refiner must be an SDXL model loaded with load_pipeline")
         if isinstance(switch_at, bool) or not isinstance(switch_at, int | float) or not 0.0 < switch_at < 1.0:
@@ -110,6 +111,8 @@ class SDXLPipeline(Pipeline):
             raise GenerationError(
                 "a base -> refiner hand-off is text-to-image only (no init image, mask, ControlNet, LoRA)"
             )
+        if request.enable_hr:  # it would be dropped: an image of the first pass's size, without its second pass
+            raise GenerationError("the hires fix is not supported with a refiner hand-off")
         if refiner.latent_channels != self.latent_channels or refiner.vae_scale_factor != self.vae_scale_factor:
             raise GenerationError(f"{refiner.name} does not share {self.name}'s latent space")
         if request.vae_decode != "full":
@@ -118,66 +121,48 @@ class SDXLPipeline(Pipeline):
         p_ref = refiner.prepare(request.replace(width=p.width, height=p.height))
         if p.subseeds is not None:
             raise GenerationError("variation seeds are not supported with a refiner hand-off")
+        if p.sampler in sampling.TIMESTEP_SAMPLERS:
+            raise GenerationError(
+                f"sampler {p.sampler} is not supported with a refiner hand-off (it cannot stop at the switch): use "
+                "one of the others, e.g. euler or dpmpp_2m"
+            )
+        if request.seed_resize_from is not None or request.tiling:
+            raise GenerationError("seed_resize_from_w/_h and tiling are not supported with a refiner hand-off")
         steps, cfg_scale, rescale = int(request.steps), float(request.cfg_scale), float(request.guidance_rescale)
         grid = sampling.make_grid(p.sampler, steps, self.noise_schedule, p.schedule, self.scheduler_config)
         cutoff = round(self.noise_schedule.num_train_timesteps * (1.0 - float(switch_at)))
         k = int((torch.as_tensor(grid.timesteps) >= cutoff).sum())
         if not 0 < k < grid.steps:
             raise GenerationError(f"switch_at {switch_at} leaves no steps for the {'base' if k == 0 else 'refiner'}")
+        from tqdm.auto import tqdm
+
+        total, done = grid.steps, [0]
+        bar = tqdm(total=total * len(p.seeds), disable=not request.progress, unit="step", desc="sampling", leave=False)
+
+        def on_step(offset: int, tiny_vae: Any) -> Any:
+            """The request's step callback over the whole run (the refiner's steps count on from the base's)."""
+
+            def report(i: int, sigma: float, x: torch.Tensor, denoised: torch.Tensor) -> bool | None:
+                bar.update(1)
+                done[0] = offset + i + 1
+                if request.callback is not None:
+                    return request.callback(StepInfo(offset + i + 1, total, float(sigma), x, denoised, tiny_vae))
+                return None
+
+            return report
+
         images = []
         with torch.inference_mode():
-            for prompt_i, negative_i, seed in zip(p.prompts, self.encoded_negatives(p), p.seeds, strict=True):
-                note = lambda t: p.notes.append(t)  # noqa: E731
-                cond, uncond = self.conditioning_pair(prompt_i, negative_i, p, note)
-                r_cond, r_uncond = refiner.conditioning_pair(prompt_i, negative_i, p_ref, note)
-                gen = torch.Generator("cpu").manual_seed(seed)
-                start = start_latents(
-                    self.vae,
-                    generators=[gen],
-                    latent_channels=self.latent_channels,
-                    width=p.width,
-                    height=p.height,
-                    scale_factor=self.vae_scale_factor,
-                    init=None,
-                    mask=None,
-                    mask_blur=0.0,
-                    strength=1.0,
-                    nine_channels=False,
-                    tiled=p.tiled,
-                    device=self.device,
-                )
-                common: dict[str, Any] = dict(
-                    sampler=p.sampler,
-                    steps=steps,
-                    schedule=p.schedule,
-                    generators=[gen],
-                    sampler_options=dict(request.sampler_options or {}) or None,
-                )
-                x = sampling.sample(
-                    self.guided_denoiser(cfg_scale, uncond, rescale),
-                    start.noise,
-                    scheduler_config=self.scheduler_config,
-                    extra_args=cond,
-                    noise_schedule=self.noise_schedule,
-                    end_step=k,
-                    **common,
-                )
-                x = x * math.sqrt(1.0 + float(grid.sigmas[k]) ** 2)  # back to the sampler's (VE) scaling
-                x = sampling.sample(
-                    refiner.guided_denoiser(cfg_scale, r_uncond, rescale),
-                    torch.zeros_like(x),
-                    scheduler_config=refiner.scheduler_config,
-                    extra_args=r_cond,
-                    noise_schedule=refiner.noise_schedule,
-                    init_latent=x,
-                    start_step=k,
-                    **common,
-                )
-                img, upcast = vae_utils.decode(refiner.vae, x, tiled=p.tiled, upcast=refiner.vae_upcast, warn=False)
-                if upcast and not refiner.vae_upcast:
-                    refiner.vae_upcast = True
-                    p.notes.append("the VAE decode in half precision gave NaN/inf; decoded again in float32")
-                images.append(vae_utils.to_unit(img))
+            try:
+                for prompt_i, negative_i, seed in zip(p.prompts, self.encoded_negatives(p), p.seeds, strict=True):
+                    pixels = self._hand_off_row(
+                        refiner, p, p_ref, request, prompt_i, negative_i, seed, k, float(grid.sigmas[k]), on_step
+                    )
+                    images.append(pixels)
+            except SamplingInterrupted as e:
+                raise Cancelled(done[0], total, vae_utils.latent_preview(e.denoised)) from None
+            finally:
+                bar.close()
         arrays = torch.cat(images).permute(0, 2, 3, 1).float().cpu().numpy()
         pil = [Image.fromarray(a) for a in to_uint8(arrays)]
         refiner_hash = refiner.model_hash()
@@ -203,6 +188,8 @@ class SDXLPipeline(Pipeline):
                 lora_dir=None,
                 controlnets=[],
                 mask_blur=None,
+                sampler_options=request.sampler_options,
+                sdxl=request.sdxl,
             )
             # A1111's names for its refiner settings
             row["Refiner"] = f"{refiner.name} [{refiner_hash}]" if refiner_hash else refiner.name
@@ -210,6 +197,75 @@ class SDXLPipeline(Pipeline):
             rows.append(row)
         per_row = [{"prompt": r["prompt"], "negative_prompt": r["negative_prompt"], "seed": r["seed"]} for r in rows]
         return GenerationResult(pil, arrays, rows[0], p.seeds, [format_infotext(r) for r in rows], p.notes, per_row)
+
+    def _hand_off_row(
+        self,
+        refiner: SDXLPipeline,
+        p: Prepared,
+        p_ref: Prepared,
+        request: GenerationRequest,
+        prompt_i: str,
+        negative_i: str,
+        seed: int,
+        k: int,
+        sigma_k: float,
+        on_step: Any,
+    ) -> torch.Tensor:
+        """One row of :meth:`generate_with_refiner`: the base's steps up to ``k``, the refiner's from there, decoded."""
+        steps, cfg_scale, rescale = int(request.steps), float(request.cfg_scale), float(request.guidance_rescale)
+        note = lambda t: p.notes.append(t)  # noqa: E731
+        cond, uncond = self.conditioning_pair(prompt_i, negative_i, p, note)
+        r_cond, r_uncond = refiner.conditioning_pair(prompt_i, negative_i, p_ref, note)
+        gen = torch.Generator("cpu").manual_seed(seed)
+        start = start_latents(
+            self.vae,
+            generators=[gen],
+            latent_channels=self.latent_channels,
+            width=p.width,
+            height=p.height,
+            scale_factor=self.vae_scale_factor,
+            init=None,
+            mask=None,
+            mask_blur=0.0,
+            strength=1.0,
+            nine_channels=False,
+            tiled=p.tiled,
+            device=self.device,
+        )
+        common: dict[str, Any] = dict(
+            sampler=p.sampler,
+            steps=steps,
+            schedule=p.schedule,
+            generators=[gen],
+            sampler_options=dict(request.sampler_options or {}) or None,
+        )
+        x = sampling.sample(
+            self.guided_denoiser(cfg_scale, uncond, rescale),
+            start.noise,
+            scheduler_config=self.scheduler_config,
+            extra_args=cond,
+            noise_schedule=self.noise_schedule,
+            end_step=k,
+            callback=on_step(0, self.tiny_vae),
+            **common,
+        )
+        x = x * math.sqrt(1.0 + float(sigma_k) ** 2)  # back to the sampler's (VE) scaling
+        x = sampling.sample(
+            refiner.guided_denoiser(cfg_scale, r_uncond, rescale),
+            torch.zeros_like(x),
+            scheduler_config=refiner.scheduler_config,
+            extra_args=r_cond,
+            noise_schedule=refiner.noise_schedule,
+            init_latent=x,
+            start_step=k,
+            callback=on_step(k, refiner.tiny_vae),
+            **common,
+        )
+        img, upcast = vae_utils.decode(refiner.vae, x, tiled=p.tiled, upcast=refiner.vae_upcast, warn=False)
+        if upcast and not refiner.vae_upcast:
+            refiner.vae_upcast = True
+            p.notes.append("the VAE decode in half precision gave NaN/inf; decoded again in float32")
+        return vae_utils.to_unit(img)
 
 
 __all__ = ["SDXLPipeline"]

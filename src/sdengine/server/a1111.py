@@ -41,10 +41,7 @@ A1111_VERSION = "v1.10.1"  # the A1111 API whose shapes this follows
 # Fields that do nothing at these values (A1111's own defaults or neutral settings): not reported.
 NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "styles": ([], None),
-    "seed_resize_from_h": (-1, 0, None),
-    "seed_resize_from_w": (-1, 0, None),
     "restore_faces": (False, None),
-    "tiling": (False, None),
     "do_not_save_samples": (False, True, None),
     "do_not_save_grid": (False, True, None),
     "s_churn": (0, 0.0, None),
@@ -162,6 +159,9 @@ USED = {
     "resize_mode",
     "disable_extra_networks",
     "eta",
+    "tiling",
+    "seed_resize_from_w",  # A1111's "Resize seed from": both above 0, else it does nothing (there too)
+    "seed_resize_from_h",
 }
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network tag (<lora:...>, <hypernet:...>)
 # The unit keys read above, and the extension's keys that do not change the image.
@@ -549,11 +549,13 @@ def _unit_control(value: Any, names: dict[Any, str], what: str) -> str:
 
 
 def control_units(
-    args: Any, init: str | None, ignored: list[str]
+    args: Any, init: str | None, ignored: list[str], detect_maps: list[int] | None = None
 ) -> tuple[list[ControlRequest], bool, list[tuple[int, int]], dict[int, int]]:
     """sd-webui-controlnet's ``alwayson_scripts.controlnet.args`` -> units, guess mode, each unit's (index,
     resize mode number; a unit without one has the extension's default, "Crop and Resize"), and the
-    ``processor_res`` of the units whose image goes through a preprocessor (by their place in the units)."""
+    ``processor_res`` of the units whose image goes through a preprocessor (by their place in the units).
+    ``detect_maps``: filled with the places of the units whose detected map the answer appends (the extension's
+    ``save_detected_map``, true by default)."""
     if args is None:
         return [], False, [], {}
     if not isinstance(args, list):
@@ -616,6 +618,11 @@ def control_units(
             }
         elif MODULES[module] in ("threshold", "scribble") and u.get("threshold_a") not in (None, -1):
             options = {"threshold": _num(u.get("threshold_a"), "threshold_a")}
+        save = u.get("save_detected_map", True)
+        if not isinstance(save, bool):
+            raise BadRequest(f"ControlNet unit {k}: save_detected_map must be true or false, got {save!r}")
+        if save and detect_maps is not None:
+            detect_maps.append(len(units))
         units.append(
             ControlRequest(
                 model=model,
@@ -667,6 +674,7 @@ INFOTEXT_FIELDS = {
     **{k: k for k in ("prompt", "negative_prompt", "steps", "cfg_scale", "seed", "width", "height")},
     **{k: k for k in ("subseed", "subseed_strength", "mask_blur", "enable_hr", "hr_scale", "hr_resize_x")},
     **{k: k for k in ("hr_resize_y", "hr_second_pass_steps", "hr_upscaler", "hr_prompt", "hr_negative_prompt")},
+    **{k: k for k in ("seed_resize_from_w", "seed_resize_from_h", "tiling")},
     "sampler": "sampler_name",
     "schedule": "scheduler",
     "strength": "denoising_strength",
@@ -722,6 +730,10 @@ def install(app: FastAPI, services: Any) -> None:
         vae_encode = decode_method(
             over.pop("sd_vae_encode_method", options.get("sd_vae_encode_method", "Full")), "sd_vae_encode_method"
         )
+        # the extension's "Do not append detectmap to output" (an option, or per request)
+        no_detectmap = over.pop("control_net_no_detectmap", options.get("control_net_no_detectmap", False))
+        if not isinstance(no_detectmap, bool):
+            raise BadRequest(f"control_net_no_detectmap must be true or false, got {no_detectmap!r}")
         ignored.extend(f"override_settings.{k}" for k in over)
         scripts = {str(k).lower(): v for k, v in (req.alwayson_scripts or {}).items()}
         cn = scripts.pop("controlnet", None)
@@ -730,7 +742,8 @@ def install(app: FastAPI, services: Any) -> None:
             raise BadRequest("alwayson_scripts.controlnet must be an object: {args: [units]}")
         ignored.extend(f"alwayson_scripts.controlnet.{k}" for k in (cn or {}) if k != "args")
         unit_args = (cn or {}).get("args")
-        units, guess, resizes, processor_res = control_units(unit_args, init, ignored)
+        detect_maps: list[int] = []
+        units, guess, resizes, processor_res = control_units(unit_args, init, ignored, detect_maps)
         if body.get("enable_hr") and init is None and isinstance(unit_args, list):
             for k, u in enumerate(unit_args):  # sdengine's hires fix runs every unit in both passes
                 if isinstance(u, dict) and u.get("enabled", True) and u.get("hr_option") not in (None, "Both", 0):
@@ -738,6 +751,10 @@ def install(app: FastAPI, services: Any) -> None:
         mode = image_mode if image_mode is not None else (resizes[0][1] if resizes else 0)
         ignored.extend(f"controlnet.args[{k}].resize_mode" for k, m in resizes if m != mode)
         sub_strength = body.get("subseed_strength") or 0.0
+        resize_from = [body.get(f"seed_resize_from_{k}", -1) for k in ("w", "h")]
+        for side, v in zip(("w", "h"), resize_from, strict=True):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise BadRequest(f"seed_resize_from_{side} must be an integer, got {v!r}")
         sampler = a1111_sampler(req.sampler_name or req.sampler_index or "Euler")
         sampler_options = eta_option(body, sampler, req.scheduler, ignored)
         prompt = req.prompt
@@ -768,6 +785,11 @@ def install(app: FastAPI, services: Any) -> None:
             subseed=body.get("subseed") if sub_strength else None,
             subseed_strength=sub_strength,
             same_seed=True,
+            tiling=body.get("tiling", False),
+            # A1111 draws the noise at that size only when both are above 0
+            seed_resize_from=(resize_from[0], resize_from[1]) if min(resize_from) > 0 else None,
+            # the units whose detected map the answer appends (the extension's), taken out by run()
+            detect_maps=[] if no_detectmap else detect_maps,
         )
 
     def build_scaled(fields: dict[str, Any], processor_res: dict[int, int]) -> Any:
@@ -787,6 +809,7 @@ def install(app: FastAPI, services: Any) -> None:
         notes: list[str] | None = None,
     ) -> JSONResponse:
         processor_res = fields.pop("processor_res", {})
+        detect_maps = fields.pop("detect_maps", [])
         if fields.get("init_image") is None and not fields.get("controlnets"):
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:
@@ -795,9 +818,28 @@ def install(app: FastAPI, services: Any) -> None:
             generation.finish = finish
         job, _ = services.submit(generation, protocol="a1111", save=req.save_images, task_id=req.force_task_id)
         await job.wait_finished()
-        return _response(job, req, ignored, notes or [])
+        return _response(job, req, ignored, notes or [], detect_maps)
 
-    def _response(job: Job, req: Txt2ImgRequest, ignored: list[str], notes: list[str]) -> JSONResponse:
+    def detected_maps(job: Job, units: list[int], final: tuple[int, int] | None) -> list[Image.Image]:
+        """The extension's detected maps of ``units`` (places in the job's units): each unit's control image
+        after its preprocessor, fitted to the image size as sdengine fed it to the ControlNet; with the hires
+        fix the one fitted to the final size first, as the extension stores them."""
+        kw = job.generation.kwargs
+        cns = kw.get("controlnets") or []
+        size = (kw["width"], kw["height"])
+        mode = resize_mode_name(kw.get("resize_mode", 0))
+        out = []
+        for i in units:
+            image = cns[i].image
+            if not isinstance(image, Image.Image):
+                continue
+            for w, h in ([final] if final is not None and final != size and kw.get("enable_hr") else []) + [size]:
+                out.append(resize_image(image.convert("RGB"), w, h, mode))
+        return out
+
+    def _response(
+        job: Job, req: Txt2ImgRequest, ignored: list[str], notes: list[str], detect_maps: list[int] | None = None
+    ) -> JSONResponse:
         if job.state == FAILED:
             status = 500 if (job.error or "").startswith("internal error") else 400
             msg = job.error or "failed"
@@ -849,8 +891,8 @@ def install(app: FastAPI, services: Any) -> None:
             "sd_model_hash": recorded.get("Model hash"),
             "sd_vae_name": recorded.get("VAE"),
             "sd_vae_hash": recorded.get("VAE hash"),
-            "seed_resize_from_w": -1,
-            "seed_resize_from_h": -1,
+            "seed_resize_from_w": kw.get("seed_resize_from_w", -1),
+            "seed_resize_from_h": kw.get("seed_resize_from_h", -1),
             "denoising_strength": kw["strength"] if kw["init_image"] is not None or kw.get("enable_hr") else None,
             "extra_generation_params": {"Schedule type": SCHEDULE_A1111[kw["schedule"]]},
             "index_of_first_image": 0,
@@ -874,6 +916,8 @@ def install(app: FastAPI, services: Any) -> None:
                 params.update(init_images=None, mask=None)
         else:
             params = {k: v for k, v in params.items() if k not in ("init_images", "mask")}
+        if detect_maps and images:  # the extension appends them after the images (no infotext of their own)
+            images += detected_maps(job, detect_maps, images[0].size)
         labels: list[str | None] = [*texts, *[None] * (len(images) - len(texts))][: len(images)]
         return JSONResponse(
             {
@@ -1290,6 +1334,10 @@ def install(app: FastAPI, services: Any) -> None:
                 changes[k] = v
             elif k in ("sd_vae_decode_method", "sd_vae_encode_method"):
                 decode_method(v, k)
+                changes[k] = v
+            elif k == "control_net_no_detectmap":  # the ControlNet extension's "Do not append detectmap"
+                if not isinstance(v, bool):
+                    raise BadRequest("control_net_no_detectmap must be true or false")
                 changes[k] = v
             else:
                 ignored.append(k)

@@ -4,8 +4,10 @@ What the ``openai`` client sends maps onto the pipeline this way:
 
 * ``n`` -> ``batch_size``; ``size`` ``"WxH"`` (``"auto"``/absent: the model's own size, for edits the input
   image's size rounded down to a multiple of 8); ``response_format`` ``b64_json`` or ``url`` (the PNG in
-  the outputs folder, at ``/v1/images/NAME``); ``output_format`` png, jpeg or webp for ``b64_json``;
-  ``quality``, ``style``, ``user``, ``background``, ``moderation`` are accepted and have no effect.
+  the outputs folder, at ``/v1/images/NAME``, so ``url`` takes output_format png only); ``output_format`` png,
+  jpeg or webp for ``b64_json``, ``output_compression`` the JPEG/WebP quality (default 100, as OpenAI's);
+  ``quality``, ``style``, ``user``, ``background``, ``moderation`` have no effect but take only OpenAI's values,
+  and ``background`` ``transparent`` is refused (these models draw opaque images).
 * ``edits``: every ``image`` (``image`` or ``image[]``) is edited, ``n`` results each, in order. ``mask``
   follows OpenAI: fully transparent pixels (alpha 0) are the part to repaint; without a mask, an image's
   own transparency is its mask; with neither, the whole image is redrawn (img2img, strength 0.75).
@@ -16,7 +18,7 @@ What the ``openai`` client sends maps onto the pipeline this way:
   (0 to 3) ``image_generation.partial_image`` events spread over the steps (the job's previews: the model's tiny
   VAE's picture when it has one, else the latent colour map scaled up to the image's size), then one
   ``image_generation.completed`` event with the image; a failure is one event with an ``error`` object (the
-  client raises it).
+  client raises it). ``edits`` stream the same way (one image, ``n`` 1), as ``image_edit.*`` events.
 """
 
 from __future__ import annotations
@@ -37,18 +39,28 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdengine.server.errors import BadRequest
+from sdengine.errors import SdengineError
+from sdengine.server.errors import BadRequest, status_of
 from sdengine.server.jobs import DONE, FAILED, FINISHED, Job
 from sdengine.server.security import decode_image
 
-OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image")  # names apps hard-code: the server's current model answers
+# names apps hard-code: the server's current model answers
+OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image", "chatgpt-image")
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+MAX_PROMPT = 32000  # OpenAI's limit for its GPT image models, on every route that takes a prompt
+# OpenAI's values for the fields that change nothing here: another value is refused, as OpenAI refuses it
+CHOICES = {
+    "quality": ("auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"),
+    "moderation": ("auto", "low"),
+    "style": ("vivid", "natural"),
+    "background": ("auto", "opaque", "transparent"),
+}
 
 
 class GenerationsRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
-    prompt: str = Field(..., max_length=32000)
+    prompt: str = Field(..., max_length=MAX_PROMPT)
     model: str | None = None
     n: int | None = Field(1, ge=1, le=64)
     size: str | None = None
@@ -57,6 +69,9 @@ class GenerationsRequest(BaseModel):
     quality: str | None = None
     style: str | None = None
     user: str | None = None
+    background: str | None = None
+    moderation: str | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
     seed: int | None = None
     steps: int | None = None
     negative_prompt: str | None = None
@@ -65,6 +80,51 @@ class GenerationsRequest(BaseModel):
     schedule: str | None = None
     stream: bool | None = False
     partial_images: int | None = Field(None, ge=0, le=3)
+
+
+PARAMS = frozenset(
+    "prompt model n size response_format output_format output_compression quality moderation style background "
+    "stream partial_images mask image user seed steps negative_prompt cfg_scale sampler schedule strength".split()
+)
+
+
+def param_of(message: str) -> str | None:
+    """The request field an error message is about, for OpenAI's ``error.param``: its first word ("size must ...",
+    "unknown model ..."); ``width``/``height`` come from ``size``."""
+    words = message.removeprefix("unknown ").split(" ", 1)
+    word = words[0].strip("'\":,")
+    word = "size" if word in ("width", "height") else word
+    return word if word in PARAMS else None
+
+
+def openai_errors(route: Any) -> Any:
+    """A refused request (400, 404, 413) answered in OpenAI's shape: ``type`` ``invalid_request_error`` (not the
+    server's class name) and ``param`` the field it is about, as the client's ``error.param`` reads it."""
+
+    @functools.wraps(route)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await route(*args, **kwargs)
+        except SdengineError as exc:
+            status = status_of(exc)
+            if status not in (400, 404, 413):
+                raise  # 429/503 keep the app's answer (Retry-After)
+            from sdengine.server.app import error_body
+
+            body = error_body(str(exc), "invalid_request_error")
+            body["error"]["param"] = param_of(str(exc))
+            return JSONResponse(body, status_code=status)
+
+    return wrapper
+
+
+def check_prompt(prompt: str) -> str:
+    """OpenAI's rule for ``prompt``: required, not blank, at most 32000 characters."""
+    if not prompt.strip():
+        raise BadRequest("prompt is required: say what the image should show")
+    if len(prompt) > MAX_PROMPT:
+        raise BadRequest(f"prompt may be at most {MAX_PROMPT} characters, got {len(prompt)}")
+    return prompt
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -76,10 +136,38 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     return int(m.group(1)), int(m.group(2))
 
 
-def encode(image: Image.Image, fmt: str) -> str:
+def encode(image: Image.Image, fmt: str, compression: int | None = None) -> str:
+    """The image as base64 ``fmt``; JPEG and WebP at quality ``compression`` (OpenAI's ``output_compression``,
+    0-100, default 100)."""
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format=FORMATS[fmt])
+    options = {} if FORMATS[fmt] == "PNG" else {"quality": 100 if compression is None else compression}
+    image.convert("RGB").save(buf, format=FORMATS[fmt], **options)
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def check_options(get: Any, of: str) -> int | None:
+    """The OpenAI fields with fixed values (``get(name)`` reads one): unknown values and what these models cannot
+    draw are refused, never answered with another image. Returns ``output_compression``."""
+    for key, allowed in CHOICES.items():
+        value = get(key)
+        if value not in (None, "") and value not in allowed:
+            raise BadRequest(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    if get("background") == "transparent":
+        raise BadRequest(
+            "background 'transparent' is not supported: these models draw opaque images (send 'auto' or 'opaque')"
+        )
+    raw = get("output_compression")
+    if raw in (None, ""):
+        return None
+    try:
+        compression = int(raw)
+    except (TypeError, ValueError):
+        raise BadRequest(f"output_compression must be a whole number in [0, 100], got {raw!r}") from None
+    if not 0 <= compression <= 100:
+        raise BadRequest(f"output_compression must be in [0, 100], got {compression}")
+    if FORMATS[of] == "PNG":
+        raise BadRequest("output_compression is for output_format jpeg or webp (png is lossless)")
+    return compression
 
 
 def openai_mask(mask: Image.Image) -> Image.Image:
@@ -122,10 +210,18 @@ def install(app: FastAPI, services: Any) -> None:
             raise BadRequest(f"response_format must be b64_json or url, got {rf!r}")
         if of not in FORMATS:
             raise BadRequest(f"output_format must be png, jpeg or webp, got {of!r}")
-        return rf, of
+        if rf == "url" and FORMATS[of] != "PNG":  # the URL serves the saved file, which is a PNG
+            raise BadRequest(f"response_format url serves the saved PNG: output_format {of} needs b64_json")
+        return rf, "jpeg" if of == "jpg" else of
 
     async def run_all(
-        request: Request, fields_list: list[dict[str, Any]], rf: str, of: str, prompt: str, size: str | None
+        request: Request,
+        fields_list: list[dict[str, Any]],
+        rf: str,
+        of: str,
+        prompt: str,
+        size: str | None,
+        compression: int | None = None,
     ) -> JSONResponse:
         gens = [await run_in_threadpool(functools.partial(services.build, **f)) for f in fields_list]
         jobs: list[Job] = []
@@ -144,7 +240,13 @@ def install(app: FastAPI, services: Any) -> None:
             status = 500 if j.state == FAILED and (j.error or "").startswith("internal error") else 400
             from sdengine.server.app import error_body
 
-            return JSONResponse(error_body(j.error or j.state, "image_generation_error"), status_code=status)
+            message = j.error or j.state
+            if status == 400 and param_of(message):  # a field the pipeline refused once the job ran
+                body = error_body(message, "invalid_request_error")
+                body["error"]["param"] = param_of(message)
+            else:
+                body = error_body(message, "image_generation_error")
+            return JSONResponse(body, status_code=status)
         base = str(request.base_url).rstrip("/")
         data = []
         for j in jobs:
@@ -153,15 +255,17 @@ def install(app: FastAPI, services: Any) -> None:
                 if rf == "url":
                     item["url"] = f"{base}/v1/images/{im.name}"
                 elif im.image is not None:
-                    item["b64_json"] = encode(im.image, of)
+                    item["b64_json"] = encode(im.image, of, compression)
                 data.append(item)
         first = jobs[0].images[0].image if jobs and jobs[0].images and jobs[0].images[0].image else None
         return JSONResponse(
             {
                 "created": int(time.time()),
+                "background": "opaque",
                 "data": data,
                 "output_format": of,
                 "size": f"{first.width}x{first.height}" if first else size,
+                "usage": no_usage(),
             }
         )
 
@@ -173,8 +277,11 @@ def install(app: FastAPI, services: Any) -> None:
         return out
 
     @app.post("/v1/images/generations", tags=["openai"])
+    @openai_errors
     async def generations(req: GenerationsRequest, request: Request) -> Response:
         rf, of = check_formats(req.response_format, req.output_format)
+        compression = check_options(functools.partial(getattr, req), of)
+        check_prompt(req.prompt)
         w, h = parse_size(req.size)
         fields = dict(
             model=model_name(req.model),
@@ -185,16 +292,29 @@ def install(app: FastAPI, services: Any) -> None:
             **common(req.model_dump()),
         )
         if req.stream:
-            if (req.n or 1) != 1:
-                raise BadRequest("stream takes n=1 (one image per streamed request)")
-            if rf != "b64_json":
-                raise BadRequest("stream sends the image itself: response_format must be b64_json")
-            return await stream_one(request, fields, of, int(req.partial_images or 0))
+            check_stream(req.n or 1, rf, 1)
+            return await stream_one(request, fields, of, int(req.partial_images or 0), compression, "image_generation")
         if req.partial_images:
             raise BadRequest("partial_images needs stream: true")
-        return await run_all(request, [fields], rf, of, req.prompt, req.size)
+        return await run_all(request, [fields], rf, of, req.prompt, req.size, compression)
 
-    async def stream_one(request: Request, fields: dict[str, Any], of: str, partial: int) -> StreamingResponse:
+    def check_stream(n: int, rf: str, images: int) -> None:
+        if n != 1:
+            raise BadRequest("stream takes n=1 (one image per streamed request)")
+        if images > 1:
+            raise BadRequest(f"stream takes one image to edit, got {images}")
+        if rf != "b64_json":
+            raise BadRequest("stream sends the image itself: response_format must be b64_json")
+
+    def no_usage() -> dict[str, Any]:
+        usage: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+        usage["input_tokens_details"] = {"image_tokens": 0, "text_tokens": 0}  # no tokens here
+        return usage
+
+    async def stream_one(
+        request: Request, fields: dict[str, Any], of: str, partial: int, compression: int | None, kind: str
+    ) -> StreamingResponse:
+        """OpenAI's streamed answer: ``kind`` is ``image_generation`` or ``image_edit`` (the events' prefix)."""
         generation = await run_in_threadpool(functools.partial(services.build, **fields))
         job = services.submit(generation, protocol="openai", save=False)[0]
 
@@ -223,8 +343,8 @@ def install(app: FastAPI, services: Any) -> None:
                             # the k-th partial image once the run is past (k + 1) / (partial + 1) of its steps
                             if job.preview_step * (partial + 1) >= (sent + 1) * job.steps:
                                 image = partial_image(job.preview_png, generation.kwargs)
-                                data = {"b64_json": encode(image, of), "partial_image_index": sent}
-                                yield event("image_generation.partial_image", {**data, **common_fields(image)})
+                                data = {"b64_json": encode(image, of, compression), "partial_image_index": sent}
+                                yield event(f"{kind}.partial_image", {**data, **common_fields(image)})
                                 sent += 1
                         if finished:
                             images = [im.image for im in job.images if im.image is not None]
@@ -232,10 +352,9 @@ def install(app: FastAPI, services: Any) -> None:
                                 error = {"message": job.error or job.state, "type": "image_generation_error"}
                                 yield f"data: {json.dumps({'type': 'error', 'error': error})}\n\n"
                                 return
-                            usage: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
-                            usage["input_tokens_details"] = {"image_tokens": 0, "text_tokens": 0}  # no tokens here
-                            data = {"b64_json": encode(images[0], of), "usage": usage, **common_fields(images[0])}
-                            yield event("image_generation.completed", data)
+                            b64 = encode(images[0], of, compression)
+                            data = {"b64_json": b64, "usage": no_usage(), **common_fields(images[0])}
+                            yield event(f"{kind}.completed", data)
                             return
             finally:
                 # the client went away (the server cancels this generator, or the loop saw it) before the image:
@@ -303,12 +422,28 @@ def install(app: FastAPI, services: Any) -> None:
         )
         return out
 
+    def flag(fields: dict[str, str], key: str) -> bool:
+        value = fields.get(key, "").strip().lower()
+        if value not in ("", "true", "false", "1", "0"):
+            raise BadRequest(f"{key} must be true or false, got {fields[key]!r}")
+        return value in ("true", "1")
+
     @app.post("/v1/images/edits", tags=["openai"])
-    async def edits(request: Request) -> JSONResponse:
+    @openai_errors
+    async def edits(request: Request) -> Response:
         """multipart: ``image`` or ``image[]`` (one or more), optional ``mask`` (alpha 0 = edit), ``prompt``."""
         fields, files = await form_of(request)
         rf, of = check_formats(fields.get("response_format"), fields.get("output_format"))
-        prompt = fields.get("prompt", "")
+        compression = check_options(fields.get, of)
+        prompt = check_prompt(fields.get("prompt", ""))
+        stream = flag(fields, "stream")
+        partial = number(fields, "partial_images", int, 0)
+        if not 0 <= partial <= 3:
+            raise BadRequest(f"partial_images must be in [0, 3], got {partial}")
+        if partial and not stream:
+            raise BadRequest("partial_images needs stream: true")
+        if stream:
+            check_stream(number(fields, "n", int, 1), rf, len(files.get("image", [])))
         if not files.get("image"):
             raise BadRequest("send at least one image (field 'image' or 'image[]')")
         images = [
@@ -323,16 +458,22 @@ def install(app: FastAPI, services: Any) -> None:
                 w, h = mask.size
                 raise BadRequest(f"the mask ({w}x{h}) and image {i} ({im.width}x{im.height}) must be the same size")
         fl = [edit_fields(fields, im, mask, prompt) for im in images]
-        return await run_all(request, fl, rf, of, prompt, fields.get("size"))
+        if stream:
+            return await stream_one(request, fl[0], of, partial, compression, "image_edit")
+        return await run_all(request, fl, rf, of, prompt, fields.get("size"), compression)
 
     @app.post("/v1/images/variations", tags=["openai"])
+    @openai_errors
     async def variations(request: Request) -> JSONResponse:
         fields, files = await form_of(request)
         rf, of = check_formats(fields.get("response_format"), fields.get("output_format"))
+        compression = check_options(fields.get, of)
+        if flag(fields, "stream"):
+            raise BadRequest("stream is not supported for variations (nor by OpenAI): leave it out")
         if not files.get("image"):
             raise BadRequest("send the image (field 'image')")
         image = await run_in_threadpool(decode_image, files["image"][0], "image", config.max_image_pixels)
         f = edit_fields(fields, image, None, fields.get("prompt", ""))
         f["mask"] = None
         f["strength"] = number(fields, "strength", float, 0.75)
-        return await run_all(request, [f], rf, of, f["prompt"], fields.get("size"))
+        return await run_all(request, [f], rf, of, f["prompt"], fields.get("size"), compression)

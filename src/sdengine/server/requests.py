@@ -128,6 +128,8 @@ def build_generation(
     same_seed: bool = False,
     resize_mode: str | int = 0,
     sampler_options: dict[str, float] | None = None,
+    tiling: bool = False,
+    seed_resize_from: tuple[int, int] | None = None,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run."""
     from sdengine.prompts import extract_lora_tags
@@ -247,6 +249,16 @@ def build_generation(
         kwargs.update(subseed=subseed, subseed_strength=subseed_strength)
         if same_seed:
             kwargs["seed"] = [seed] * batch_size
+    if not isinstance(tiling, bool):
+        raise BadRequest(f"tiling must be true or false, got {tiling!r}")
+    if tiling:  # A1111's "Tiling" (left out when off, as above)
+        kwargs["tiling"] = True
+    if seed_resize_from is not None:  # A1111's "Resize seed from width/height" (pixels)
+        from sdengine.pipeline.request import MAX_SEED_RESIZE
+
+        w = _integer(seed_resize_from[0], "seed_resize_from_w", 1, MAX_SEED_RESIZE)
+        h = _integer(seed_resize_from[1], "seed_resize_from_h", 1, MAX_SEED_RESIZE)
+        kwargs.update(seed_resize_from_w=w, seed_resize_from_h=h)
     if strength_rule != "diffusers":  # checked by GenerationRequest.validate below
         kwargs["strength_rule"] = strength_rule
     if resize_mode not in (0, "just resize"):

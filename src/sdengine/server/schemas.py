@@ -70,6 +70,14 @@ class JobRequest(BaseModel):
     loras: list[LoRASpec] = Field(default_factory=list, max_length=32)
     clip_skip: int = Field(1, ge=1, le=24)
     hires: HiresSpec | None = Field(None, description="run the hires fix (txt2img)")
+    tiling: bool = Field(False, description="seamless tiles: circular padding in every convolution (A1111's Tiling)")
+    seed_resize_from: list[int] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="[width, height]: draw the seed's noise at this size, centred in the image's (A1111's "
+        "'Resize seed from')",
+    )
     vae_decode: Literal["full", "tiny"] = Field(
         "full", description="'tiny': decode with the model's tiny VAE (TAESD), ~10x cheaper, a little softer"
     )

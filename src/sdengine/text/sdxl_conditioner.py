@@ -15,7 +15,8 @@ wraps each encoder on its own). A side with fewer chunks is padded with the empt
 encoders and cond/uncond line up.
 
 ``clip_skip`` in A1111's numbering: 1 (default) = SDXL's trained layer, the penultimate one of both
-encoders; k reads ``hidden_states[-(k + 1)]``, which is diffusers' ``clip_skip = k - 1``.
+encoders; k reads ``hidden_states[-(k + 1)]``, which is diffusers' ``clip_skip = k - 1``; 0 reads the last
+layer's output, raw (what ComfyUI's CLIPSetLastLayer -1 gives an SDXL model).
 
 ``force_zeros_for_empty_prompt`` (the base model's setting): an empty negative prompt (and empty
 negative_prompt_2) gives all-zero text states and pooled vector, as diffusers does for
@@ -31,7 +32,7 @@ unused (a note), never silently dropped.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,17 @@ class SDXLOptions:
             else:
                 kw[k] = _pair(k, v, allow_zero="crops" in k)
         return cls(**kw)
+
+    def changed(self) -> dict[str, Any]:
+        """The settings that differ from the defaults, JSON-ready (sizes as [height, width] lists): what the
+        infotext's "SDXL options" field holds, and what :meth:`coerce` reads back."""
+        default = SDXLOptions()
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v != getattr(default, f.name):
+                out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
 
 
 def _pair(name: str, v: Any, *, allow_zero: bool) -> Size:
@@ -161,8 +173,8 @@ class SDXLConditioner:
     def check_clip_skip(self, clip_skip: Any) -> None:
         encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
         n = min(int(e.config.num_hidden_layers) for e in encoders)
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= n - 1:
-            raise GenerationError(f"clip_skip must be an integer in 1..{n - 1} for SDXL, got {clip_skip!r}")
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip <= n - 1:
+            raise GenerationError(f"clip_skip must be an integer in 0..{n - 1} for SDXL, got {clip_skip!r}")
 
     # -- text -------------------------------------------------------------------------------------------
 
@@ -246,16 +258,14 @@ class SDXLConditioner:
         ids, neg_ids = self.time_ids(SDXLOptions(), width, height)
         return self._vector(pooled, ids).to(self.dtype), self._vector(pooled, neg_ids).to(self.dtype)
 
-    def sized(self, prompt: str, prompt_2: str, options: SDXLOptions, clip_skip: int = 1) -> Conditioning:
-        """One prompt pair's conditioning whose size (and, for the refiner, aesthetic score) numbers are
-        ``options``' (``original_size``, ``crops_coords_top_left``, ``target_size``, ``aesthetic_score``), the same
-        whether it is used as the positive or the negative: ComfyUI's CLIPTextEncodeSDXL and
-        CLIPTextEncodeSDXLRefiner, whose numbers a conditioning carries."""
-        self.check_clip_skip(clip_skip)
-        c, pooled = self.text(prompt, prompt_2, clip_skip)
-        size = int(self.unet_config.sample_size) * 8
-        ids, _ = self.time_ids(options, size, size)
-        return {"crossattn": c.to(self.dtype), "vector": self._vector(pooled, ids).to(self.dtype)}
+    def vector_of(self, pooled: Tensor, numbers: Sequence[float]) -> Tensor:
+        """The ``vector`` of pooled text (1, P) and explicit size/crop/score numbers in diffusers' order (base:
+        original h, w, crop top, left, target h, w; refiner: original h, w, crop top, left, aesthetic score), in
+        the model's dtype: what ComfyUI's CLIPTextEncodeSDXL / CLIPTextEncodeSDXLRefiner give the U-Net."""
+        if len(numbers) != self.n_time_ids:
+            raise GenerationError(f"{self.name} takes {self.n_time_ids} size/crop/score numbers, got {len(numbers)}")
+        ids = torch.tensor([[float(n) for n in numbers]], dtype=torch.float32)
+        return self._vector(pooled, ids).to(self.dtype)
 
     def _vector(self, pooled: Tensor, ids: Tensor) -> Tensor:
         return text_time_vector(pooled.float(), ids.to(pooled.device), self.unet_config)

@@ -24,7 +24,8 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -119,8 +120,17 @@ class ModelHandle:
 @dataclass(frozen=True)
 class ClipHandle:
     ref: str
-    clip_skip: int = 1  # A1111 count: 1 = last layer (ComfyUI's stop_at_clip_layer -1)
+    layer: int | None = None  # CLIPSetLastLayer's stop_at_clip_layer; None: the model's own layer
     loras: tuple[tuple[str, float], ...] = ()
+
+    def clip_skip(self, pipe: Any) -> int:
+        """The pipeline's clip_skip for ComfyUI's layer. SD 1.x: -1 is the last layer (A1111's clip skip 1),
+        -2 the penultimate, each with the final LayerNorm. SDXL: ComfyUI reads ``hidden_states[layer]`` of both
+        encoders, raw, and its default (no CLIPSetLastLayer) is -2, SDXL's trained penultimate layer, which is
+        sdengine's SDXL clip_skip 1; -1 is the last layer, raw (SDXL clip_skip 0)."""
+        if self.layer is None:
+            return 1
+        return -self.layer - 1 if getattr(pipe, "text_kind", None) == "sdxl" else -self.layer
 
 
 @dataclass(frozen=True)
@@ -459,10 +469,9 @@ def controlnet_loader(ctx: RunContext, control_net_name: str) -> tuple[Any]:
 # ---------------------------------------------------------------------------------------- conditioning
 
 
-def clip_text_encode(ctx: RunContext, text: str, clip: ClipHandle) -> tuple[Any]:
-    from sdengine.latent_sampling import encode_text
-
-    pipe = ctx.pipeline(clip.ref)
+@contextmanager
+def _clip_loras(pipe: Any, clip: ClipHandle) -> Iterator[None]:
+    """The CLIP part of the LoRAs a LoraLoader put on ``clip``, on the text encoders while encoding."""
     handle = None
     te2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second encoder (the refiner's only one)
     if clip.loras and (isinstance(pipe.text_encoder, torch.nn.Module) or isinstance(te2, torch.nn.Module)):
@@ -471,37 +480,26 @@ def clip_text_encode(ctx: RunContext, text: str, clip: ClipHandle) -> tuple[Any]
         handle = apply_loras(None, pipe.text_encoder, list(clip.loras), text_encoder_2=te2)
     try:
         with torch.inference_mode():
-            return ([encode_text(pipe, text, clip.clip_skip)],)
+            yield
     finally:
         if handle is not None:
             handle.remove()
 
 
-def _sized_encode(ctx: RunContext, clip: ClipHandle, node: str, refiner: bool, *texts: str, **sizes: Any) -> Any:
-    """The conditioning of CLIPTextEncodeSDXL / CLIPTextEncodeSDXLRefiner: the texts and the size numbers."""
-    from sdengine.latent_sampling import TextCondition
-    from sdengine.text.sdxl_conditioner import SDXLOptions
+def clip_text_encode(ctx: RunContext, text: str, clip: ClipHandle) -> tuple[Any]:
+    from sdengine.latent_sampling import encode_text
 
     pipe = ctx.pipeline(clip.ref)
-    cond = pipe.conditioner
-    if not hasattr(cond, "sized"):
-        raise NodeError(f"{node} needs an SDXL model; {clip.ref} is not one (use CLIPTextEncode)")
-    if bool(cond.refiner) != refiner:
-        other = "CLIPTextEncodeSDXLRefiner" if cond.refiner else "CLIPTextEncodeSDXL"
-        which = "an SDXL refiner" if cond.refiner else "an SDXL base model"
-        raise NodeError(f"{node}: {clip.ref} is {which}, whose prompts {other} encodes")
-    handle = None
-    te2 = getattr(pipe, "text_encoder_2", None)
-    if clip.loras and (isinstance(pipe.text_encoder, torch.nn.Module) or isinstance(te2, torch.nn.Module)):
-        from sdengine.weights.lora import apply_loras
+    with _clip_loras(pipe, clip):
+        return ([encode_text(pipe, text, clip.clip_skip(pipe))],)
 
-        handle = apply_loras(None, pipe.text_encoder, list(clip.loras), text_encoder_2=te2)
-    try:
-        with torch.inference_mode():
-            return [TextCondition(cond.sized(*texts, SDXLOptions(**sizes), clip.clip_skip))]
-    finally:
-        if handle is not None:
-            handle.remove()
+
+def _sdxl_conditioner(pipe: Any, *, refiner: bool, node: str) -> Any:
+    cond = pipe.conditioner
+    if getattr(cond, "kind", None) != "sdxl" or bool(cond.refiner) != refiner:
+        want = "an SDXL refiner's" if refiner else "an SDXL base model's"
+        raise NodeError(f"{node} encodes with {want} CLIP; {getattr(pipe, 'name', 'this model')} is not one")
+    return cond
 
 
 def clip_text_encode_sdxl(
@@ -516,26 +514,35 @@ def clip_text_encode_sdxl(
     text_g: str,
     text_l: str,
 ) -> tuple[Any]:
-    """ComfyUI's CLIPTextEncodeSDXL: ``text_l`` for CLIP-L, ``text_g`` for bigG (and the pooled text), and the
-    size numbers SDXL is conditioned on (original size, crop, target size) instead of the latent's."""
-    sizes = {
-        "original_size": (int(height), int(width)),
-        "crops_coords_top_left": (int(crop_h), int(crop_w)),
-        "target_size": (int(target_height), int(target_width)),
-    }
-    return (_sized_encode(ctx, clip, "CLIPTextEncodeSDXL", False, text_l, text_g, **sizes),)
+    """ComfyUI's CLIPTextEncodeSDXL: text_l to CLIP-L, text_g to bigG (the shorter padded with the empty
+    prompt's chunks), bigG's pooled text, and the given size numbers (not the latent's) in the vector."""
+    from sdengine.latent_sampling import TextCondition
+
+    pipe = ctx.pipeline(clip.ref)
+    cond = _sdxl_conditioner(pipe, refiner=False, node="CLIPTextEncodeSDXL")
+    with _clip_loras(pipe, clip):
+        states, pooled = cond.text(text_l, text_g, clip.clip_skip(pipe))
+        vector = cond.vector_of(pooled, [height, width, crop_h, crop_w, target_height, target_width])
+    return ([TextCondition({"crossattn": states.to(cond.dtype), "vector": vector})],)
 
 
 def clip_text_encode_sdxl_refiner(
-    ctx: RunContext, clip: ClipHandle, ascore: float, width: int, height: int, text: str
+    ctx: RunContext, ascore: float, width: int, height: int, text: str, clip: ClipHandle
 ) -> tuple[Any]:
-    """ComfyUI's CLIPTextEncodeSDXLRefiner: the refiner's prompt with its aesthetic score and size."""
-    sizes = {"original_size": (int(height), int(width)), "aesthetic_score": float(ascore)}
-    return (_sized_encode(ctx, clip, "CLIPTextEncodeSDXLRefiner", True, text, text, **sizes),)
+    """ComfyUI's CLIPTextEncodeSDXLRefiner: the refiner's bigG states and pooled text with the size, crop (0, 0)
+    and the aesthetic score given (a negative prompt keeps its own score: ComfyUI uses the node's)."""
+    from sdengine.latent_sampling import TextCondition
+
+    pipe = ctx.pipeline(clip.ref)
+    cond = _sdxl_conditioner(pipe, refiner=True, node="CLIPTextEncodeSDXLRefiner")
+    with _clip_loras(pipe, clip):
+        states, pooled = cond.text(text, text, clip.clip_skip(pipe))
+        vector = cond.vector_of(pooled, [height, width, 0, 0, ascore])
+    return ([TextCondition({"crossattn": states.to(cond.dtype), "vector": vector})],)
 
 
 def clip_set_last_layer(ctx: RunContext, clip: ClipHandle, stop_at_clip_layer: int) -> tuple[Any]:
-    return (replace(clip, clip_skip=-int(stop_at_clip_layer)),)
+    return (replace(clip, layer=int(stop_at_clip_layer)),)
 
 
 MAX_CONDITIONINGS = 64  # entries of one combined conditioning: each is a model call per step
@@ -1143,8 +1150,18 @@ NODES: dict[str, NodeDef] = {
             description="The prompt's conditioning, as the pipeline encodes it.",
         ),
         NodeDef(
+            "CLIPSetLastLayer",
+            "CLIP Set Last Layer",
+            "conditioning",
+            (Input("clip", "CLIP"), _int("stop_at_clip_layer", -1, -24, -1)),
+            ("CLIP",),
+            clip_set_last_layer,
+            description="As ComfyUI: -1 is SD 1.x's last layer (A1111's clip skip 1); SDXL reads hidden state "
+            "`stop_at_clip_layer` of both encoders, raw, and without this node -2 (its trained penultimate layer).",
+        ),
+        NodeDef(
             "CLIPTextEncodeSDXL",
-            "CLIP Text Encode (SDXL)",
+            "CLIPTextEncodeSDXL",
             "advanced/conditioning",
             (
                 Input("clip", "CLIP"),
@@ -1159,12 +1176,12 @@ NODES: dict[str, NodeDef] = {
             ),
             ("CONDITIONING",),
             clip_text_encode_sdxl,
-            description="An SDXL base model's prompts (text_g for its bigG encoder, text_l for CLIP-L) with the "
-            "size numbers it is conditioned on.",
+            description="An SDXL base model's prompt: `text_l` for CLIP-L, `text_g` for OpenCLIP bigG, and the "
+            "size numbers given here (original size, crop, target size) instead of the latent's.",
         ),
         NodeDef(
             "CLIPTextEncodeSDXLRefiner",
-            "CLIP Text Encode (SDXL Refiner)",
+            "CLIPTextEncodeSDXLRefiner",
             "advanced/conditioning",
             (
                 _float("ascore", 6.0, 0.0, 1000.0),
@@ -1175,15 +1192,7 @@ NODES: dict[str, NodeDef] = {
             ),
             ("CONDITIONING",),
             clip_text_encode_sdxl_refiner,
-            description="An SDXL refiner's prompt with its aesthetic score and size.",
-        ),
-        NodeDef(
-            "CLIPSetLastLayer",
-            "CLIP Set Last Layer",
-            "conditioning",
-            (Input("clip", "CLIP"), _int("stop_at_clip_layer", -1, -24, -1)),
-            ("CLIP",),
-            clip_set_last_layer,
+            description="An SDXL refiner's prompt with its aesthetic score and size (crop 0, 0).",
         ),
         NodeDef(
             "ConditioningCombine",
