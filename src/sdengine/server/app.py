@@ -185,6 +185,7 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
     a1111.install(app, services)
     openai_images.install(app, services)
     app.include_router(comfy.router)  # ComfyUI API-format workflows (server/comfy/)
+    comfy.install(app)  # its folders; the temp folder emptied, as ComfyUI does at start
     page_api.install(app, services)  # the web page at / and its routes
     return app
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from sdengine.errors import SdengineError
-from sdengine.server.comfy.nodes import NODES, Input, NodeDef, NodeError, RunContext, choices_of
+from sdengine.server.comfy.nodes import NODES, Input, NodeDef, NodeError, RunContext, choices_of, input_spec
 
 Prompt = dict[str, dict[str, Any]]
 
@@ -89,6 +89,13 @@ def _err(kind: str, message: str, details: str = "", **extra: Any) -> dict[str, 
     return {"type": kind, "message": message, "details": details, "extra_info": extra}
 
 
+def _received(value: Any) -> Any:
+    """``received_value`` of an error: the value as sent (ComfyUI's), its short text when it is long or a list."""
+    if value is None or isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= 200):
+        return value
+    return repr(value)[:200]
+
+
 def _convert(
     inp: Input, value: Any, env: Any, choices_cache: dict[Any, list[str]] | None = None
 ) -> tuple[Any, dict[str, Any] | None]:
@@ -119,7 +126,8 @@ def _convert(
             f"Failed to convert an input value to a {inp.type} value",
             f"{name}, {value!r}",
             input_name=name,
-            received_value=repr(value)[:200],
+            input_config=input_spec(inp, env, []),
+            received_value=_received(value),
         )
     if inp.type in ("INT", "FLOAT"):
         if inp.min is not None and value < inp.min:
@@ -128,6 +136,7 @@ def _convert(
                 f"Value {value} smaller than min of {inp.min}",
                 f"{name}",
                 input_name=name,
+                input_config=input_spec(inp, env),
                 received_value=value,
             )
         if inp.max is not None and value > inp.max:
@@ -136,6 +145,7 @@ def _convert(
                 f"Value {value} bigger than max of {inp.max}",
                 f"{name}",
                 input_name=name,
+                input_config=input_spec(inp, env),
                 received_value=value,
             )
     if inp.type == "COMBO":
@@ -163,7 +173,8 @@ def _convert(
                 "Value not in list",
                 f"{name}: '{value}' not in [{shown}]",
                 input_name=name,
-                received_value=repr(value)[:200],
+                input_config=input_spec(inp, env, choices),
+                received_value=_received(value),
             )
     return value, None
 

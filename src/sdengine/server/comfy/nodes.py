@@ -165,6 +165,47 @@ class Outputs:
             raise NodeError(f"folder type must be output, input or temp, got {kind!r}")
         return {"output": self.output, "input": self.input, "temp": self.temp}[kind]
 
+    def make_root(self, kind: str) -> Path:
+        """The folder of ``kind``, created when missing; a temp folder sdengine creates gets :data:`TEMP_MARKER`,
+        which lets :func:`clean_temp` wipe it at the next start (a temp folder it did not create is the user's)."""
+        root = self.root(kind)
+        if kind == "temp" and not root.exists():
+            root.mkdir(parents=True, exist_ok=True)
+            (root / TEMP_MARKER).write_text("sdengine created this folder: it is emptied at each server start\n")
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+
+TEMP_MARKER = ".sdengine-temp"
+PREVIEW_NAME = re.compile(r"ComfyUI_temp_\d{5,}_\.png")  # the names PreviewImage gives its files
+
+
+def clean_temp(folder: Path) -> int:
+    """ComfyUI empties its temp folder at start; sdengine's may be a user's own ``OUTPUTS/temp``, so: a folder
+    sdengine created (it holds :data:`TEMP_MARKER`) loses everything but the marker, another one only the files
+    PreviewImage named (``ComfyUI_temp_NNNNN_.png``, top level). Symlinks are removed, never followed. Returns how
+    many entries were removed."""
+    import shutil
+
+    if not folder.is_dir() or folder.is_symlink():
+        return 0
+    ours = (folder / TEMP_MARKER).is_file()
+    removed = 0
+    for entry in list(folder.iterdir()):
+        if entry.name == TEMP_MARKER:
+            continue
+        try:
+            if entry.is_symlink() or not entry.is_dir():
+                if ours or (PREVIEW_NAME.fullmatch(entry.name) and entry.is_file()):
+                    entry.unlink()
+                    removed += 1
+            elif ours:
+                shutil.rmtree(entry)
+                removed += 1
+        except OSError:  # a file another process holds: left for the next start
+            pass
+    return removed
+
 
 @dataclass
 class RunContext:
@@ -641,7 +682,14 @@ def ksampler_advanced(
 # ------------------------------------------------------------------------------------------------ VAE
 
 
-def vae_decode(ctx: RunContext, samples: dict[str, Any], vae: VaeHandle | VaeFileHandle | TinyVaeHandle) -> tuple[Any]:
+def vae_decode(
+    ctx: RunContext,
+    samples: dict[str, Any],
+    vae: VaeHandle | VaeFileHandle | TinyVaeHandle,
+    tiles: tuple[int, int] | None = None,
+) -> tuple[Any]:
+    """VAE Decode; ``tiles`` (tile size, overlap in pixels): VAEDecodeTiled's tiled decode (the tiny VAE decodes
+    whole: it needs little memory)."""
     from sdengine import vae_utils
 
     if isinstance(vae, TinyVaeHandle):
@@ -655,11 +703,38 @@ def vae_decode(ctx: RunContext, samples: dict[str, Any], vae: VaeHandle | VaeFil
         model = _vae_file(ctx, vae)
         c, f = int(model.config.latent_channels), int(model.config.downscale_factor)
         z = _latent_or_zeros(samples, c, f, f"VAE {Path(vae.path).name}")
-        return (_decode_rows(lambda r: vae_utils.decode(model, r, warn=False)[0], z, ctx.device),)
+        kw = _tile_options(tiles, f)
+        return (_decode_rows(lambda r: vae_utils.decode(model, r, warn=False, **kw)[0], z, ctx.device),)
     pipe = ctx.pipeline(vae.ref)
     z = latent_samples(samples, pipe)
-    decode = lambda r: vae_utils.decode(pipe.vae, r, upcast=pipe.vae_upcast, warn=False)[0]  # noqa: E731
+    kw = _tile_options(tiles, vae_utils.downscale_factor(pipe.vae))
+    decode = lambda r: vae_utils.decode(pipe.vae, r, upcast=pipe.vae_upcast, warn=False, **kw)[0]  # noqa: E731
     return (_decode_rows(decode, z, pipe.device),)
+
+
+def _tile_options(tiles: tuple[int, int] | None, factor: int) -> dict[str, Any]:
+    """vae_utils.decode's tiling of VAEDecodeTiled's pixel sizes, as ComfyUI: an overlap over a quarter of the
+    tile is cut to a quarter; in latent pixels of the VAE's ``factor``."""
+    if tiles is None:
+        return {}
+    tile_size, overlap = int(tiles[0]), int(tiles[1])
+    if tile_size < overlap * 4:
+        overlap = tile_size // 4
+    return {"tiled": True, "tile": max(1, tile_size // factor), "overlap": overlap // factor}
+
+
+def vae_decode_tiled(
+    ctx: RunContext,
+    samples: dict[str, Any],
+    vae: VaeHandle | VaeFileHandle | TinyVaeHandle,
+    tile_size: int,
+    overlap: int,
+    temporal_size: int = 64,
+    temporal_overlap: int = 8,
+) -> tuple[Any]:
+    """ComfyUI's VAEDecodeTiled: the latent decoded in overlapping tiles (``tile_size`` and ``overlap`` pixels),
+    blended; for large images within less memory. The temporal sizes are for video VAEs (none here)."""
+    return vae_decode(ctx, samples, vae, (tile_size, overlap))
 
 
 def _latent_or_zeros(samples: dict[str, Any], channels: int, factor: int, what: str) -> torch.Tensor:
@@ -880,6 +955,13 @@ def image_scale(
     return (x.clamp(0, 1).permute(0, 2, 3, 1).contiguous(),)
 
 
+def image_scale_by(ctx: RunContext, image: torch.Tensor, upscale_method: str, scale_by: float) -> tuple[Any]:
+    """ComfyUI's ImageScaleBy: each side times ``scale_by``, rounded (Python's round, as ComfyUI), no crop."""
+    _, h0, w0, _ = image.shape
+    w, h = max(1, round(w0 * float(scale_by))), max(1, round(h0 * float(scale_by)))
+    return image_scale(ctx, image, upscale_method, w, h, "disabled")
+
+
 def canny_node(ctx: RunContext, image: torch.Tensor, low_threshold: float, high_threshold: float) -> tuple[Any]:
     """ComfyUI's Canny: ``kornia.filters.canny`` on the float image (a 5x5 Gaussian blur of sigma 1 first; the
     thresholds on the L2 Sobel magnitude), white edges on black (see sdengine.control.canny_fractions)."""
@@ -933,7 +1015,7 @@ def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict
     except ValueError as e:
         raise NodeError(str(e)) from None
     folder = root / sub
-    root.mkdir(parents=True, exist_ok=True)
+    ctx.folders.make_root(kind)
     if not is_inside(root, folder) or stem.startswith("."):
         raise NodeError(f"filename_prefix {prefix!r} leaves the {kind} folder")
     folder.mkdir(parents=True, exist_ok=True)
@@ -1160,6 +1242,23 @@ NODES: dict[str, NodeDef] = {
             vae_decode,
         ),
         NodeDef(
+            "VAEDecodeTiled",
+            "VAE Decode (Tiled)",
+            "_for_testing",
+            (
+                Input("samples", "LATENT"),
+                Input("vae", "VAE"),
+                _int("tile_size", 512, 64, 4096, 32),
+                _int("overlap", 64, 0, 4096, 32),
+                Input("temporal_size", "INT", 64, 8, 4096, 4, optional=True, tooltip="Only used for video VAEs."),
+                Input("temporal_overlap", "INT", 8, 4, 4096, 4, optional=True, tooltip="Only used for video VAEs."),
+            ),
+            ("IMAGE",),
+            vae_decode_tiled,
+            description="VAE Decode in overlapping tiles (tile_size and overlap in pixels), blended at the seams: "
+            "large images in less memory, close to VAE Decode but not bit-equal.",
+        ),
+        NodeDef(
             "VAEEncode",
             "VAE Encode",
             "latent",
@@ -1240,6 +1339,18 @@ NODES: dict[str, NodeDef] = {
             ),
             ("IMAGE",),
             image_scale,
+        ),
+        NodeDef(
+            "ImageScaleBy",
+            "Upscale Image By",
+            "image/upscaling",
+            (
+                Input("image", "IMAGE"),
+                _combo("upscale_method", (*UPSCALE_METHODS, "lanczos")),
+                _float("scale_by", 1.0, 0.01, 8.0),
+            ),
+            ("IMAGE",),
+            image_scale_by,
         ),
         NodeDef(
             "Canny",
@@ -1353,32 +1464,38 @@ def choices_of(inp: Input, env: Any) -> list[str]:
     return list(c(env)) if callable(c) else list(c)
 
 
+def input_spec(i: Input, env: Any, choices: list[str] | None = None) -> list[Any]:
+    """One input as ``/object_info`` lists it (``[type, {default, min, max, step, ...}]``, a combo's choices in
+    place of its type), what ComfyUI's validation errors give as ``input_config``; ``choices``: a combo's, when
+    the caller has them."""
+    opts: dict[str, Any] = {}
+    if i.type == "COMBO":
+        spec: list[Any] = [choices if choices is not None else choices_of(i, env)]
+        if i.default is not None:
+            opts["default"] = i.default
+        if i.upload:
+            opts["image_upload"] = True
+    else:
+        spec = [i.type]
+        for k in ("default", "min", "max", "step"):
+            v = getattr(i, k)
+            if v is not None:
+                opts[k] = v
+        if i.multiline:
+            opts["multiline"] = True
+    if i.tooltip:
+        opts["tooltip"] = i.tooltip
+    if opts:
+        spec.append(opts)
+    return spec
+
+
 def object_info(node: NodeDef, env: Any) -> dict[str, Any]:
     """One node as ComfyUI's ``/object_info`` describes it."""
     required: dict[str, Any] = {}
     optional: dict[str, Any] = {}
     for i in node.inputs:
-        opts: dict[str, Any] = {}
-        if i.type == "COMBO":
-            choices = choices_of(i, env)
-            spec: list[Any] = [choices]
-            if i.default is not None:
-                opts["default"] = i.default
-            if i.upload:
-                opts["image_upload"] = True
-        else:
-            spec = [i.type]
-            for k in ("default", "min", "max", "step"):
-                v = getattr(i, k)
-                if v is not None:
-                    opts[k] = v
-            if i.multiline:
-                opts["multiline"] = True
-        if i.tooltip:
-            opts["tooltip"] = i.tooltip
-        if opts:
-            spec.append(opts)
-        (optional if i.optional else required)[i.name] = spec
+        (optional if i.optional else required)[i.name] = input_spec(i, env)
     return {
         "input": {"required": required, **({"optional": optional} if optional else {})},
         "input_order": {

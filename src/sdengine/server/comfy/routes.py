@@ -3,7 +3,8 @@
 Prompts are jobs of the server's one queue (:class:`ComfyJob`), run by its workers, cancelled by its
 cancel; the security middleware applies to every HTTP route here, and the websocket checks the same
 rules itself (the middleware only sees HTTP). Events go to the websocket of the prompt's ``client_id``
-(to every socket when it has none), in ComfyUI's JSON shapes; previews are binary frames in ComfyUI's
+(a prompt without one sends only progress, previews and execution_interrupted, to every socket, as ComfyUI),
+in ComfyUI's JSON shapes; previews are binary frames in ComfyUI's
 framing: ``>I`` event 1 (PREVIEW_IMAGE), ``>I`` image type (2 = PNG), then the image bytes.
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
 
 from sdengine.server.comfy.graph import Executor, Interrupted, NodeFailed, PromptInvalid, validate
@@ -56,16 +57,16 @@ class ComfyState:
     lock: threading.Lock = field(default_factory=threading.Lock)
     run_lock: threading.Lock = field(default_factory=threading.Lock)  # one graph at a time (one cache)
     save_lock: threading.Lock = field(default_factory=threading.Lock)
+    free_pending: bool | None = None  # a /free waiting for the running prompt (True: unload the models too)
 
-    def send(self, event: str | int, data: Any, sid: str | None) -> None:
+    def send(self, event: str | int, data: Any, sid: Any) -> None:
         """Queue a JSON event (or binary frame when ``event`` is an int) for ``sid``'s socket(s); thread-safe."""
         msg = json.dumps({"type": event, "data": data}) if isinstance(event, str) else struct.pack(">I", event) + data
-        with self.lock:
-            targets = (
-                [self.sockets[sid]]
-                if sid is not None and sid in self.sockets
-                else ([] if sid is not None else list(self.sockets.values()))
-            )
+        with self.lock:  # as ComfyUI: no sid is every socket; a sid no socket has (5, a gone client) no one
+            if sid is None:
+                targets = list(self.sockets.values())
+            else:
+                targets = [self.sockets[sid]] if isinstance(sid, str) and sid in self.sockets else []
         for loop, q in targets:
             try:
                 loop.call_soon_threadsafe(_put, q, msg)
@@ -116,7 +117,7 @@ class ComfyJob(Job):
         prompt: dict[str, Any],
         prompt_id: str,
         number: int | float,
-        client_id: str | None,
+        client_id: Any,
         extra_data: dict[str, Any],
         seed_rule: str,
     ) -> None:
@@ -155,7 +156,11 @@ class ComfyJob(Job):
         ):
             data["timestamp"] = int(time.time() * 1000)
             self.messages.append([name, data])
-        self.st.send(name, data, self.client_id)
+        # ComfyUI (execution.py): a prompt without a client id sends none of its events (they are kept in the
+        # history's messages) but execution_interrupted, which goes to every socket; progress and previews are
+        # sent to its client id (every socket when none). A client id that is not a socket's (5) reaches no one.
+        if self.client_id is not None or name == "execution_interrupted":
+            self.st.send(name, data, self.client_id)
 
     def run_on(self, worker: Any) -> None:
         m = worker.manager
@@ -223,7 +228,10 @@ class ComfyJob(Job):
             m.finish(self, DONE)
         self.node = None
         send_status(st, services)  # ComfyUI's order: the queue's status (task_done), then "executing" None
-        self.st.send("executing", {"node": None, "display_node": None, "prompt_id": self.id}, self.client_id)
+        if self.client_id is not None:
+            self.st.send("executing", {"node": None, "display_node": None, "prompt_id": self.id}, self.client_id)
+        with st.run_lock:  # a /free sent while the prompt ran
+            apply_free(st, services, worker)
 
     def _failed(self, e: Interrupted | NodeFailed) -> str:
         m = self.services.manager
@@ -347,10 +355,10 @@ async def post_prompt(request: Request) -> Any:
     if seed_rule not in ("comfyui", "sdengine"):
         raise BadRequest(f"extra_data.sdengine.seed_rule must be 'comfyui' or 'sdengine', got {seed_rule!r}")
     given = _priority_number(body.get("number")) if "number" in body else None
-    raw_client, raw_id = body.get("client_id"), body.get("prompt_id")
-    if isinstance(raw_client, str):
-        extra["client_id"] = raw_client
-    client_id = extra.get("client_id") if isinstance(extra.get("client_id"), str) else None
+    raw_id = body.get("prompt_id")
+    if "client_id" in body:  # ComfyUI keeps any value (its executor: a null is no client id, 5 nobody's socket)
+        extra["client_id"] = body["client_id"]
+    client_id = extra.get("client_id")
     if raw_id is None:
         prompt_id = str(uuid.uuid4())
     elif isinstance(raw_id, str | int) and not isinstance(raw_id, bool):  # ComfyUI: str(prompt_id)
@@ -507,8 +515,17 @@ async def post_history(request: Request) -> Any:
 
 
 @_route("GET", "/view")
-def view(request: Request, filename: str, subfolder: str = "", type: str = "output") -> Any:  # noqa: A002
-    """A file of the output, input or temp folder: realpath-contained, image types only, nosniff."""
+def view(
+    request: Request,
+    filename: str,
+    subfolder: str = "",
+    type: str = "output",  # noqa: A002
+    channel: str | None = None,
+    preview: str | None = None,
+) -> Any:
+    """A file of the output, input or temp folder: realpath-contained, image types only, nosniff. As ComfyUI:
+    ``channel`` ``rgb`` (a PNG without the alpha), ``a`` (a PNG whose alpha is the image's, black; what its mask
+    editor reads), ``rgba`` (the file); ``preview=webp;90`` or ``jpeg;80`` a re-encoded copy (format, quality)."""
     from sdengine.io.paths import UnsafePathError, resolve_inside
 
     st = state(request.app)
@@ -531,6 +548,13 @@ def view(request: Request, filename: str, subfolder: str = "", type: str = "outp
         raise NotFound(f"{name!r} is not a file") from None
     if not path.is_file():
         raise NotFound(f"{name!r} is not a file")
+    if channel not in (None, "rgba", "rgb", "a"):
+        raise BadRequest(f"channel must be rgba, rgb or a, got {channel[:20]!r}")
+    if preview is not None or channel in ("rgb", "a"):
+        body, media = _view_converted(path, name, channel, preview, request.app.state.services.config.max_image_pixels)
+        return Response(
+            body, media_type=media, headers={"X-Content-Type-Options": "nosniff", "Content-Disposition": "inline"}
+        )
     return FileResponse(
         path,
         media_type=MEDIA_TYPES[suffix],
@@ -538,9 +562,42 @@ def view(request: Request, filename: str, subfolder: str = "", type: str = "outp
     )
 
 
+def _view_converted(
+    path: Path, name: str, channel: str | None, preview: str | None, max_pixels: int
+) -> tuple[bytes, str]:
+    """/view's conversions, as ComfyUI's: a ``preview`` (``format;quality``: webp or jpeg, another format or a
+    channel with ``a`` gives webp; quality 90 unless the last part is a number; jpeg and ``channel=rgb`` drop the
+    alpha), else ``channel=rgb`` (PNG, alpha dropped) or ``a`` (PNG: black, with the image's alpha; opaque
+    when it has none)."""
+    import io
+
+    from sdengine.server.security import decode_image
+
+    img = decode_image(path.read_bytes(), repr(name), max_pixels)
+    buf = io.BytesIO()
+    if preview is not None:
+        parts = preview.split(";")
+        fmt = parts[0] if parts[0] in ("webp", "jpeg") and "a" not in (channel or "") else "webp"
+        quality = int(parts[-1]) if parts[-1].isdigit() else 90
+        if not 0 <= quality <= 100:
+            raise BadRequest(f"the preview's quality must be 0 to 100, got {quality}")
+        has_alpha = "A" in img.getbands() or "transparency" in img.info
+        img = img.convert("RGB") if fmt == "jpeg" or channel == "rgb" or not has_alpha else img.convert("RGBA")
+        img.save(buf, format=fmt.upper(), quality=quality)
+        return buf.getvalue(), f"image/{fmt}"
+    if channel == "rgb":
+        img.convert("RGB").save(buf, format="PNG")
+    else:
+        alpha = img.convert("RGBA").getchannel("A")
+        out = Image.new("RGBA", img.size, (0, 0, 0, 0))
+        out.putalpha(alpha)
+        out.save(buf, format="PNG")
+    return buf.getvalue(), "image/png"
+
+
 @_route("POST", "/upload/image")
 async def upload_image(request: Request) -> Any:
-    """Multipart ``image`` (+ ``subfolder``, ``type`` input|temp, ``overwrite``) into the input folder;
+    """Multipart ``image`` (+ ``subfolder``, ``type`` input|temp|output, ``overwrite``) into that folder;
     the pixel limit is checked from the header before decoding."""
     return await _upload(request, mask=False)
 
@@ -618,8 +675,8 @@ async def _upload(request: Request, *, mask: bool) -> Any:
             raise BadRequest("a masked image is stored as a PNG: give the file a .png name")
         data = await asyncio.to_thread(_masked_original, st, form.get("original_ref"), data, limit)
     kind = str(form.get("type") or "input")
-    if kind not in ("input", "temp"):
-        raise BadRequest("type must be input or temp")
+    if kind not in ("input", "temp", "output"):  # ComfyUI's three folders
+        raise BadRequest("type must be input, temp or output")
     subfolder = str(form.get("subfolder") or "").strip("/")
     overwrite = str(form.get("overwrite") or "").lower() in ("true", "1")
     filename = Path(str(part.filename or "image.png")).name
@@ -631,9 +688,8 @@ async def _upload(request: Request, *, mask: bool) -> Any:
         raise BadRequest(str(e)) from None
     if Path(filename).suffix.lower() not in IMAGE_SUFFIXES or filename.startswith("."):
         raise BadRequest(f"{filename!r}: only .png, .jpg, .jpeg and .webp names are stored")
-    root = st.folders.root(kind)
+    root = st.folders.make_root(kind)
     folder = root / subfolder
-    root.mkdir(parents=True, exist_ok=True)
     if not is_inside(root, folder):
         raise BadRequest(f"subfolder {subfolder!r} leaves the {kind} folder")
     folder.mkdir(parents=True, exist_ok=True)
@@ -680,7 +736,7 @@ def get_object_info_one(request: Request, node_class: str) -> Any:
 
 @_route("GET", "/system_stats")
 def system_stats(request: Request) -> Any:
-    import platform
+    import os
     import sys
 
     import psutil  # type: ignore[import-untyped]
@@ -707,7 +763,7 @@ def system_stats(request: Request) -> Any:
     vm = psutil.virtual_memory()
     return {
         "system": {
-            "os": platform.system().lower(),
+            "os": os.name,  # ComfyUI's: "posix", "nt"
             "ram_total": vm.total,
             "ram_free": vm.available,
             "comfyui_version": f"sdengine-{__version__}",
@@ -722,18 +778,43 @@ def system_stats(request: Request) -> Any:
 
 @_route("POST", "/free")
 async def free(request: Request) -> Any:
-    """``{"unload_models": true}`` unloads idle workers' models; ``{"free_memory": true}`` drops the cache."""
+    """``{"unload_models": true}`` unloads idle workers' models; ``{"free_memory": true}`` drops the cache and,
+    as in ComfyUI (``flags.get("unload_models", free_memory)``), unloads the models too unless
+    ``unload_models`` is given false."""
     services = request.app.state.services
     st = state(request.app)
     body = await _json_body(request)
-    if isinstance(body, dict) and (body.get("free_memory") or body.get("unload_models")):
-        with st.run_lock:
-            st.executor.clear()
-    if isinstance(body, dict) and body.get("unload_models"):
-        for w in services.manager.workers:
-            if w.current is None:
-                w.pipe, w.model = None, None
+    if not isinstance(body, dict):
+        raise BadRequest('send {"free_memory": true} or {"unload_models": true}')
+    free_memory = bool(body.get("free_memory", False))
+    unload = bool(body.get("unload_models", free_memory))
+    if not (free_memory or unload):
+        return {}
+    # As ComfyUI (flags its worker reads after the prompt): a running prompt holds the cache, and frees the
+    # memory once it ends; the request never waits for it (it once waited on the lock inside the event loop,
+    # which froze every request and websocket of the server until the prompt ended).
+    with st.lock:
+        st.free_pending = unload or bool(st.free_pending)
+    if st.run_lock.acquire(blocking=False):  # no prompt runs: now
+        try:
+            apply_free(st, services)
+        finally:
+            st.run_lock.release()
     return {}
+
+
+def apply_free(st: ComfyState, services: Any, own: Any = None) -> None:
+    """Apply a pending /free: drop the node cache and (when asked) unload the models of the idle workers and of
+    ``own`` (the worker whose prompt just ended); the caller holds ``st.run_lock``."""
+    with st.lock:
+        pending, st.free_pending = st.free_pending, None
+    if pending is None:
+        return
+    st.executor.clear()
+    if pending:
+        for w in services.manager.workers:
+            if w.current is None or w is own:
+                w.pipe, w.model = None, None
 
 
 def _model_folders(env: Env) -> dict[str, list[str]]:
@@ -854,5 +935,8 @@ for _p in _both("/ws"):
 
 
 def install(app: FastAPI) -> None:
-    """Create the per-app state now (folders from the config)."""
-    state(app)
+    """Create the per-app state now (folders from the config) and empty the temp folder, as ComfyUI does at
+    start (only what sdengine wrote there: :func:`~sdengine.server.comfy.nodes.clean_temp`)."""
+    from sdengine.server.comfy.nodes import clean_temp
+
+    clean_temp(state(app).folders.temp)
