@@ -406,6 +406,17 @@ def test_help_defaults_are_the_requests():
     assert request_defaults()["schedule"] == want["schedule"] and request_defaults()["seed"] == -1
 
 
+def test_subseed_help_states_that_every_image_keeps_the_seed(capsys):
+    """With variation seeds every row keeps the seed and takes subseed + i (A1111's rule, the code's
+    GenerationRequest.seeds / subseeds); the help once said image i used seed+i's noise."""
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    options = text.split("options:", 1)[1]  # past the usage lines
+    subseed_help = options.split("--subseed N", 1)[1].split("--subseed-strength", 1)[0]
+    assert "keeps --seed's noise" in subseed_help and "seed+i" not in subseed_help, subseed_help
+
+
 def test_grid_writes_the_batch_as_one_picture(model, tmp_path, capsys):
     out = tmp_path / "out"
     assert (

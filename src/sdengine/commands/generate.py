@@ -635,7 +635,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         type=int,
         default=None,
         metavar="N",
-        help="variation seed (A1111's): image i mixes seed+i's noise with N+i's; -1 = random",
+        help="variation seed (A1111's): every image keeps --seed's noise and image i mixes in N+i's; -1 = random",
     )
     p.add_argument(
         "--subseed-strength",
