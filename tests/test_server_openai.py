@@ -121,16 +121,30 @@ def test_models_list_and_variations(client):
     assert b64_image(v.data[0].b64_json).size == (64, 64)
 
 
-def test_streamed_generation_sends_partial_images_then_the_image(client):
+KEY = {"Authorization": "Bearer sk-test-key"}
+
+
+def newest_job(server) -> dict:
+    return httpx.get(f"{server.url}/v1/jobs", headers=KEY, timeout=30).json()["jobs"][0]
+
+
+def test_streamed_generation_sends_partial_images_then_the_image(client, server):
     """OpenAI's streaming: partial images along the way (here the emoji model's tiny VAE previews), then the
-    completed event with the same image as the plain request."""
+    completed event with the same image as the plain request; every event carries the request's quality."""
     body = {"seed": 9, "steps": 6}
     stream = client.images.generate(
-        model="gpt-image-1", prompt="a red apple", size="64x64", stream=True, partial_images=2, extra_body=body
+        model="gpt-image-1",
+        prompt="a red apple",
+        size="64x64",
+        stream=True,
+        partial_images=2,
+        quality="low",
+        extra_body=body,
     )
     events = list(stream)
     kinds = [e.type for e in events]
     assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], kinds
+    assert [e.quality for e in events] == ["low"] * 3
     assert [e.partial_image_index for e in events[:2]] == [0, 1]
     partials = [np.asarray(b64_image(e.b64_json).convert("RGB")).astype(float) for e in events[:2]]
     assert all(p.shape == (64, 64, 3) and e.size == "64x64" for p, e in zip(partials, events, strict=False))
@@ -146,9 +160,20 @@ def test_streamed_generation_sends_partial_images_then_the_image(client):
     for kw in ({"n": 2, "stream": True}, {"response_format": "url", "stream": True}, {"partial_images": 1}):
         with pytest.raises(openai.BadRequestError):
             client.images.generate(prompt="x", size="64x64", extra_body=body, **kw)
-    bad = client.images.generate(prompt="x", size="60x60", stream=True, extra_body={"steps": 2})  # not a multiple of 8
-    with pytest.raises(openai.APIError, match="multiple of 8"):
-        list(bad)
+    # a size off the model's multiple (8): the plain request's 400 before the stream starts, and no job queued
+    before = newest_job(server)["id"]
+    with pytest.raises(openai.BadRequestError, match="width 60 is not a multiple of 8") as e:
+        client.images.generate(prompt="x", size="60x60", stream=True, extra_body={"steps": 2})
+    assert (e.value.status_code, e.value.type, e.value.param) == (400, "invalid_request_error", "size")
+    assert newest_job(server)["id"] == before
+    # a job that fails once the stream has started (here: cancelled mid-run) ends it with one error event
+    late = client.images.generate(prompt="x", size="64x64", stream=True, extra_body={"steps": 150, "seed": 1})
+    job = newest_job(server)
+    assert job["id"] != before and job["state"] in ("queued", "running"), job
+    httpx.delete(f"{server.url}/v1/jobs/{job['id']}", headers=KEY, timeout=30).raise_for_status()
+    with pytest.raises(openai.APIError, match="cancelled"):
+        list(late)
+    assert newest_job(server)["state"] == "cancelled"
 
 
 def test_a_streaming_client_that_goes_away_cancels_its_job(server):
@@ -163,6 +188,23 @@ def test_a_streaming_client_that_goes_away_cancels_its_job(server):
         while True:  # the newest job is the stream's; the server notices at its next step
             job = c.get("/v1/jobs").json()["jobs"][0]
             if job["state"] == "cancelled" or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert job["state"] == "cancelled" and job["step"] < 150, job
+
+
+def test_a_plain_request_whose_client_goes_away_cancels_its_jobs(server):
+    """Not streamed: nobody reads the images of a client that went away, so its job is cancelled (it ran on)."""
+    import time
+
+    body = {"prompt": "a long one", "size": "64x64", "n": 2, "steps": 150, "seed": 1}
+    with httpx.Client(base_url=server.url, headers=KEY) as c:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            c.post("/v1/images/generations", json=body, timeout=1.0)
+        deadline = time.monotonic() + 30
+        while True:  # the newest job is the request's; the server looks every 0.5 s, the job stops at its next step
+            job = c.get("/v1/jobs", timeout=30).json()["jobs"][0]
+            if job["state"] in ("cancelled", "done", "failed") or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         assert job["state"] == "cancelled" and job["step"] < 150, job
@@ -240,8 +282,11 @@ def test_streamed_edit_sends_image_edit_events(client):
     body = {"seed": 9, "steps": 6}
     init = Image.new("RGB", (64, 64), (250, 200, 40))
     image = ("init.png", png(init), "image/png")
-    events = list(client.images.edit(image=image, prompt="a star", stream=True, partial_images=1, extra_body=body))
+    events = list(
+        client.images.edit(image=image, prompt="a star", stream=True, partial_images=1, quality="high", extra_body=body)
+    )
     assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    assert [e.quality for e in events] == ["high", "high"]  # the request's, as OpenAI's events carry it
     assert events[0].partial_image_index == 0 and events[1].size == "64x64"
     want = emoji()("a star", init_image=init, strength=0.75, width=64, height=64, progress=False, **body).images[0]
     np.testing.assert_array_equal(np.asarray(b64_image(events[1].b64_json).convert("RGB")), np.asarray(want))
@@ -249,3 +294,6 @@ def test_streamed_edit_sends_image_edit_events(client):
         client.images.edit(image=[image, image], prompt="a star", stream=True, extra_body=body)
     with pytest.raises(openai.BadRequestError, match="partial_images needs stream: true"):
         client.images.edit(image=image, prompt="a star", partial_images=1, extra_body=body)
+    with pytest.raises(openai.BadRequestError, match="height 60 is not a multiple of 8") as e:
+        client.images.edit(image=image, prompt="a star", size="64x60", stream=True, extra_body=body)
+    assert (e.value.status_code, e.value.param) == (400, "size")  # before the stream starts

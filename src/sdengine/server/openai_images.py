@@ -17,8 +17,11 @@ What the ``openai`` client sends maps onto the pipeline this way:
 * ``generations`` with ``stream: true`` (``n`` 1): Server-Sent Events as OpenAI streams them, ``partial_images``
   (0 to 3) ``image_generation.partial_image`` events spread over the steps (the job's previews: the model's tiny
   VAE's picture when it has one, else the latent colour map scaled up to the image's size), then one
-  ``image_generation.completed`` event with the image; a failure is one event with an ``error`` object (the
-  client raises it). ``edits`` stream the same way (one image, ``n`` 1), as ``image_edit.*`` events.
+  ``image_generation.completed`` event with the image (the events carry the request's ``quality``); what the
+  plain request refuses up front (a size off the model's multiple) is the same 400 before any event; a job that
+  fails once it runs is one event with an ``error`` object (the client raises it). ``edits`` stream the same
+  way (one image, ``n`` 1), as ``image_edit.*`` events.
+* a plain (not streamed) request whose client goes away cancels its jobs (it looks every 0.5 s while waiting).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from sdengine.server.security import decode_image
 OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image", "chatgpt-image")
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+DISCONNECT_POLL_S = 0.5  # how often a waiting plain request looks whether its client is still there
 MAX_PROMPT = 32000  # OpenAI's limit for its GPT image models, on every route that takes a prompt
 # OpenAI's values for the fields that change nothing here: another value is refused, as OpenAI refuses it
 CHOICES = {
@@ -222,8 +226,10 @@ def install(app: FastAPI, services: Any) -> None:
         prompt: str,
         size: str | None,
         compression: int | None = None,
-    ) -> JSONResponse:
+    ) -> Response:
         gens = [await run_in_threadpool(functools.partial(services.build, **f)) for f in fields_list]
+        for g in gens:  # a size off the model's multiple: a 400 (param size) before any job is queued
+            services.precheck(g)
         jobs: list[Job] = []
         try:
             for g in gens:
@@ -232,8 +238,8 @@ def install(app: FastAPI, services: Any) -> None:
             for j in jobs:  # all or nothing: a 429 on the second image leaves no orphan job behind
                 services.manager.cancel(j)
             raise
-        for j in jobs:
-            await j.wait_finished()
+        if not await wait_or_cancel(request, jobs):
+            return Response(status_code=499)  # the client went away: nobody reads this
         failed = [j for j in jobs if j.state != DONE]
         if failed:
             j = failed[0]
@@ -269,6 +275,20 @@ def install(app: FastAPI, services: Any) -> None:
             }
         )
 
+    async def wait_or_cancel(request: Request, jobs: list[Job]) -> bool:
+        """Wait until every job has finished; False when the client went away first. Its unfinished jobs are
+        then cancelled (nobody will read their images), as they are when this request's task is cancelled."""
+        try:
+            for j in jobs:
+                while not await j.wait_finished(DISCONNECT_POLL_S):
+                    if await request.is_disconnected():
+                        return False
+            return True
+        finally:
+            for j in jobs:
+                if j.state not in FINISHED:
+                    services.manager.cancel(j)
+
     def common(req: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k in ("seed", "steps", "negative_prompt", "cfg_scale", "sampler", "schedule"):
@@ -293,7 +313,8 @@ def install(app: FastAPI, services: Any) -> None:
         )
         if req.stream:
             check_stream(req.n or 1, rf, 1)
-            return await stream_one(request, fields, of, int(req.partial_images or 0), compression, "image_generation")
+            partial = int(req.partial_images or 0)
+            return await stream_one(request, fields, of, partial, compression, "image_generation", req.quality)
         if req.partial_images:
             raise BadRequest("partial_images needs stream: true")
         return await run_all(request, [fields], rf, of, req.prompt, req.size, compression)
@@ -312,10 +333,18 @@ def install(app: FastAPI, services: Any) -> None:
         return usage
 
     async def stream_one(
-        request: Request, fields: dict[str, Any], of: str, partial: int, compression: int | None, kind: str
+        request: Request,
+        fields: dict[str, Any],
+        of: str,
+        partial: int,
+        compression: int | None,
+        kind: str,
+        quality: str | None,
     ) -> StreamingResponse:
-        """OpenAI's streamed answer: ``kind`` is ``image_generation`` or ``image_edit`` (the events' prefix)."""
+        """OpenAI's streamed answer: ``kind`` is ``image_generation`` or ``image_edit`` (the events' prefix);
+        the events carry the request's ``quality`` (``auto`` when not given), as OpenAI's do."""
         generation = await run_in_threadpool(functools.partial(services.build, **fields))
+        services.precheck(generation)  # a 400 before the stream starts, as the plain request answers it
         job = services.submit(generation, protocol="openai", save=False)[0]
 
         def event(name: str, data: dict[str, Any]) -> str:
@@ -326,7 +355,7 @@ def install(app: FastAPI, services: Any) -> None:
                 "background": "opaque",
                 "created_at": int(time.time()),
                 "output_format": of,
-                "quality": "auto",
+                "quality": quality or "auto",
                 "size": f"{image.width}x{image.height}",
             }
 
@@ -459,12 +488,12 @@ def install(app: FastAPI, services: Any) -> None:
                 raise BadRequest(f"the mask ({w}x{h}) and image {i} ({im.width}x{im.height}) must be the same size")
         fl = [edit_fields(fields, im, mask, prompt) for im in images]
         if stream:
-            return await stream_one(request, fl[0], of, partial, compression, "image_edit")
+            return await stream_one(request, fl[0], of, partial, compression, "image_edit", fields.get("quality"))
         return await run_all(request, fl, rf, of, prompt, fields.get("size"), compression)
 
     @app.post("/v1/images/variations", tags=["openai"])
     @openai_errors
-    async def variations(request: Request) -> JSONResponse:
+    async def variations(request: Request) -> Response:
         fields, files = await form_of(request)
         rf, of = check_formats(fields.get("response_format"), fields.get("output_format"))
         compression = check_options(fields.get, of)
