@@ -1044,3 +1044,102 @@ def test_generate_after_escaping_the_key_dialog_asks_for_the_key_again(browser, 
         assert pg.input_value("#model") == "emoji" and pg.text_content("#err-general") == ""
         assert pg.input_value("#prompt") == "a red apple"
         ctx.close()
+
+
+def test_tiling_seed_resize_and_the_strength_rule(page, client, tmp_path):
+    """More options: "Tiling", "Resize seed from" and the strength rule are sent as the native API's ``tiling``,
+    ``seed_resize_from`` and ``strength_rule`` (the page's image is the API's), remembered across a reload, read
+    back by "Reuse parameters", and a half-given or refused size is marked at its own input."""
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "2")
+    page.fill("#seed", "3")
+    page.click("#more-section summary")
+    page.check("#tiling")
+    page.fill("#seed_resize_w", "48")
+    page.fill("#seed_resize_h", "80")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Seed resize from: 48x80" in params and "Tiling: True" in params
+    body = {"prompt": "a red apple", "steps": 2, "seed": 3, "width": 64, "height": 64}
+    body.update(tiling=True, seed_resize_from=[48, 80])
+    shows_the_api_image(page, client, body, params)
+    page.uncheck("#tiling")
+    page.fill("#seed_resize_w", "")
+    page.fill("#seed_resize_h", "")
+    page.click("#results button:text('Reuse parameters')")
+    assert page.is_checked("#tiling")
+    assert (page.input_value("#seed_resize_w"), page.input_value("#seed_resize_h")) == ("48", "80")
+
+    # img2img with A1111's strength rule: 0.6 of 2 steps is int(1.2) = 1 step by diffusers' rule, A1111's
+    # int(0.6 * 2) + 1 = 2
+    init = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (64, 1, 3)))
+    init.save(tmp_path / "init.png")
+    page.uncheck("#tiling")
+    page.fill("#seed_resize_w", "")
+    page.fill("#seed_resize_h", "")
+    page.select_option("#strength_rule", "a1111")
+    page.eval_on_selector("#img2img-section", "d => { d.open = true; }")
+    page.set_input_files("#init-file", str(tmp_path / "init.png"))
+    page.select_option("#mode", "img2img")
+    page.fill("#strength", "0.6")
+    page.select_option("#vae_encode", "full")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Strength rule: a1111" in params and "Tiling" not in params and "Seed resize" not in params
+    body = {"prompt": "a red apple", "steps": 2, "seed": 3, "width": 64, "height": 64, "strength": 0.6}
+    body.update(init_image=upload(client, png_bytes(init)), strength_rule="a1111")
+    shows_the_api_image(page, client, body, params)
+    page.select_option("#strength_rule", "diffusers")
+    page.click("#results button:text('Reuse parameters')")
+    assert page.input_value("#strength_rule") == "a1111"
+    page.select_option("#mode", "txt2img")
+
+    # remembered: a reload keeps them
+    page.check("#tiling")
+    page.fill("#seed_resize_w", "40")
+    page.fill("#seed_resize_h", "56")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.is_checked("#tiling") and page.input_value("#strength_rule") == "a1111"
+    assert (page.input_value("#seed_resize_w"), page.input_value("#seed_resize_h")) == ("40", "56")
+
+    # a width without a height is refused before sending, at the empty one; a refused size at its own input
+    page.click("#more-section summary")
+    page.fill("#seed_resize_h", "")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-seed_resize_h').textContent.length > 0", timeout=20_000)
+    assert "both" in page.text_content("#err-seed_resize_h")
+    assert page.get_attribute("#seed_resize_h", "aria-invalid") == "true"
+    assert page.get_attribute("#seed_resize_w", "aria-invalid") is None
+    page.fill("#seed_resize_h", "0")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-seed_resize_h').textContent.length > 0", timeout=20_000)
+    assert page.get_attribute("#seed_resize_h", "aria-invalid") == "true", shown_errors(page)
+    assert page.text_content("#err-general") == "" and page.input_value("#seed_resize_h") == "0"
+    page.fill("#seed_resize_h", "2.5")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-seed_resize_h').textContent.includes('whole')", timeout=20_000)
+    page.uncheck("#tiling")
+    page.fill("#seed_resize_w", "")
+    page.fill("#seed_resize_h", "")
+    page.select_option("#strength_rule", "diffusers")
+
+
+def test_dropping_a_png_sets_tiling_seed_resize_and_the_strength_rule(page):
+    info = PngImagePlugin.PngInfo()
+    info.add_text(
+        "parameters",
+        "a tiled floor\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 11, Size: 64x64, Denoising strength: 0.5, "
+        "Seed resize from: 96x32, Tiling: True, Strength rule: a1111",
+    )
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "tiles.png")
+    page.wait_for_function("document.querySelector('#seed').value === '11'")
+    assert page.is_checked("#tiling") and page.input_value("#strength_rule") == "a1111"
+    assert (page.input_value("#seed_resize_w"), page.input_value("#seed_resize_h")) == ("96", "32")
+    # an image made without them turns them off
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a plain floor\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 12, Size: 64x64")
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "plain.png")
+    page.wait_for_function("document.querySelector('#seed').value === '12'")
+    assert not page.is_checked("#tiling") and page.input_value("#strength_rule") == "diffusers"
+    assert (page.input_value("#seed_resize_w"), page.input_value("#seed_resize_h")) == ("", "")

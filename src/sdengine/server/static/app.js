@@ -14,7 +14,8 @@ const QUEUE_POLL_MS = 2000; // how often a queued job's place in the queue is as
 const READY_RETRY_MS = 2000; // a page opened while the server was away asks for its lists again this often
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
   "height", "batch_size", "clip_skip", "vae_decode", "vae_encode", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
-  "cn-weight", "cn-start", "cn-end", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength"];
+  "cn-weight", "cn-start", "cn-end", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength", "seed_resize_w", "seed_resize_h",
+  "strength_rule"];
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform" };
 const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras", exponential: "exponential",
@@ -82,6 +83,9 @@ function nestedInput(loc) {
   const [list, index, key] = loc;
   if (list === "hires" && HR_INPUTS[index]) return { id: HR_INPUTS[index][0], label: HR_INPUTS[index][1] };
   if (list === "strength" && hiresUsed()) return { id: "hr-strength", label: "Hires denoising strength" };
+  if (list === "seed_resize_from" && SEED_RESIZE_INPUTS[index]) {
+    return { id: SEED_RESIZE_INPUTS[index][0], label: SEED_RESIZE_INPUTS[index][1] };
+  }
   if (list === "controlnets" && index === 0 && CN_LABELS[key]) return { id: `cn-${key}`, label: CN_LABELS[key] };
   if (list === "loras" && key === "weight") {
     const ticked = state.loras.flatMap((l, i) => ($(`lora-use-${i}`).checked ? [i] : []));
@@ -93,6 +97,7 @@ function nestedInput(loc) {
 
 const HR_INPUTS = { hr_scale: ["hr-scale", "Hires upscale by"], hr_upscaler: ["hr-upscaler", "Hires upscaler"],
   hr_second_pass_steps: ["hr-steps", "Hires steps"] };
+const SEED_RESIZE_INPUTS = [["seed_resize_w", "Resize seed from width"], ["seed_resize_h", "Resize seed from height"]];
 const hiresUsed = () => $("hr-enabled").checked && $("mode").value === "txt2img";
 
 async function errorOf(response) {
@@ -162,6 +167,11 @@ async function fetchImage(url) {
 // -------------------------------------------------------------------------------------- errors
 
 const ERROR_FIELDS = [
+  [/seed_resize_from_w|resize seed from width/i, "seed_resize_w"],
+  [/seed_resize_from_h|resize seed from height/i, "seed_resize_h"],
+  [/seed_resize_from/i, "seed_resize_w"],
+  [/strength_rule|strength rule/i, "strength_rule"],
+  [/\btiling\b/i, "tiling"],
   [/\bhires\b|\bhr_/i, "hires"],
   [/controlnet|preprocessor|control image/i, "controlnet"],
   [/\blora\b|<lora/i, "loras"],
@@ -319,6 +329,7 @@ function saveSettings(event) {
   for (const id of FIELDS) s[id] = $(id).value;
   s.cnEnabled = $("cn-enabled").checked;
   s.hrEnabled = $("hr-enabled").checked;
+  s.tiling = $("tiling").checked;
   s.loras = Object.fromEntries(state.loras.map((l, i) => [l.name,
     { use: $(`lora-use-${i}`).checked, weight: $(`lora-weight-${i}`).value }]));
   try { localStorage.setItem(SETTINGS_KEY, JSON.stringify(s)); } catch (e) { /* storage full or off */ }
@@ -347,6 +358,7 @@ function restoreSettings() {
   }
   $("cn-enabled").checked = !!s.cnEnabled;
   $("hr-enabled").checked = !!s.hrEnabled;
+  if (!editedEarly.has("tiling")) $("tiling").checked = !!s.tiling;
   state.loras.forEach((l, i) => {
     const saved = s.loras?.[l.name];
     if (saved) {
@@ -400,6 +412,16 @@ function applyInfotext(text) {
   put("clip_skip", f["Clip skip"] ? parseInt(f["Clip skip"], 10) : 1); // A1111 writes it only when > 1
   put("vae_decode", f["Tiny VAE"] ? "tiny" : "full"); // sdengine names the tiny VAE when it decoded
   put("vae_encode", f["Tiny VAE encode"] ? "tiny" : "full"); // and when it encoded the init image
+  // Tiling, "Seed resize from" and sdengine's "Strength rule": set as the image has them, off where it has none
+  // (as the CLI's --from-png reads them).
+  $("tiling").checked = /^true$/i.test((f.Tiling || "").trim());
+  if (f.Tiling) set.push("tiling");
+  const resize = /^(\d+)x(\d+)$/.exec((f["Seed resize from"] || "").trim());
+  if (f["Seed resize from"] && !resize) missing.push(`Seed resize from ${f["Seed resize from"]}`);
+  if (resize) { put("seed_resize_w", resize[1]); put("seed_resize_h", resize[2]); }
+  else { $("seed_resize_w").value = ""; $("seed_resize_h").value = ""; }
+  const rule = (f["Strength rule"] || "diffusers").trim();
+  if (!put("strength_rule", rule)) missing.push(`strength rule ${rule}`);
   if (f.Model && !put("model", f.Model)) missing.push(`model ${f.Model}`);
   applyHires(f, put, missing);
   // The infotext's prompt carries its LoRAs as <lora:NAME:W> tags: a ticked box would add them a second time
@@ -507,6 +529,18 @@ function number(id, label, integer) {
   return v;
 }
 
+/** "Resize seed from" as [width, height], or null when both boxes are empty; one of the two alone is refused. */
+function seedResizeFrom() {
+  const [w, h] = SEED_RESIZE_INPUTS.map(([id]) => $(id).value.trim() !== "" || !$(id).validity.valid);
+  if (!w && !h) return null;
+  for (const [id, label] of SEED_RESIZE_INPUTS) {
+    if ($(id).value.trim() === "" && $(id).validity.valid) {
+      throw new ApiError(400, `${label}: give both the width and the height, or neither (off)`, id);
+    }
+  }
+  return SEED_RESIZE_INPUTS.map(([id, label]) => number(id, label, true));
+}
+
 async function buildRequest() {
   const body = {
     prompt: $("prompt").value,
@@ -523,6 +557,9 @@ async function buildRequest() {
     clip_skip: number("clip_skip", "Clip skip", true),
     vae_decode: $("vae_decode").value,
   };
+  if ($("tiling").checked) body.tiling = true;
+  const resize = seedResizeFrom();
+  if (resize) body.seed_resize_from = resize;
   const mode = $("mode").value;
   if ($("hr-enabled").checked) {
     if (mode !== "txt2img") {
@@ -549,6 +586,7 @@ async function buildRequest() {
       body.mask_blur = number("mask_blur", "Mask blur", false);
     }
   }
+  if (body.strength !== undefined) body.strength_rule = $("strength_rule").value; // img2img and the hires fix
   if ($("cn-enabled").checked) {
     if (!$("cn-model").value) throw new ApiError(400, "this server has no ControlNet", "controlnet");
     if (!state.controlBlob) throw new ApiError(400, "ControlNet: pick or drop a control image", "controlnet");
