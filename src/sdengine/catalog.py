@@ -9,13 +9,12 @@ classified by its config: ``model_index.json`` is a Stable Diffusion pipeline, a
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from sdengine.errors import UsageError
-from sdengine.io.paths import is_inside
+from sdengine.io.paths import is_inside, walk_folders_once
 
 ASSETS = Path(__file__).parent / "assets"
 # Kinds whose loaders look names up at any depth of their folder (LoRAs, embeddings), so listed at any depth
@@ -142,17 +141,7 @@ def _files_under(kind: str, root: Path) -> list[Entry]:
     embedding loader does; a LoRA that links out of the folder is left out, as its loader refuses it; empty
     embedding files are skipped, as A1111 and the loader do."""
     out: list[Entry] = []
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirs, names in os.walk(root, followlinks=True):
-        try:
-            st = os.stat(dirpath)
-        except OSError:
-            dirs[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
+    for dirpath, dirs, names in walk_folders_once(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for fname in sorted(names):
             p = Path(dirpath) / fname

@@ -10,7 +10,7 @@ realpath (so a symlink that points out is refused as well).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -83,3 +83,21 @@ def file_state(path: str | os.PathLike[str]) -> tuple[int, int]:
     files = [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
     stats = [f.stat() for f in files]
     return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
+
+
+def walk_folders_once(root: str | os.PathLike[str]) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(root)`` following linked folders, each real folder once: a link back to a parent would otherwise
+    be walked until the path is too long, and two such links take exponential time. A folder that cannot be
+    read is passed over. Callers may prune or sort the yielded ``dirs`` in place, as with ``os.walk``."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirs, names in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        yield dirpath, dirs, names

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from sdengine.errors import SdengineError
+from sdengine.io.paths import walk_folders_once
 from sdengine.text.clip_tokenizer import CHUNK_LENGTH, CLIPTokenizer
 from sdengine.weights.io import load_pickle_checkpoint, load_safetensors
 
@@ -176,19 +177,7 @@ def list_embedding_files(directory: str | os.PathLike[str]) -> dict[str, list[Pa
     """Embedding name (file stem) -> its files under ``directory`` (sub-folders too; empty files skipped, as
     A1111 does). A name with two files is an error only when a prompt uses it."""
     files: dict[str, list[Path]] = {}
-    seen: set[tuple[int, int]] = set()
-    for root, dirs, names in os.walk(directory, followlinks=True):
-        # Linked folders are followed (as A1111 does), each real folder once: a link back to a parent would
-        # otherwise be walked until the path is too long, and two such links take exponential time.
-        try:
-            st = os.stat(root)
-        except OSError:
-            dirs[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
+    for root, dirs, names in walk_folders_once(directory):  # linked folders followed (as A1111 does), each once
         dirs.sort()
         for fname in sorted(names):
             f = Path(root) / fname
