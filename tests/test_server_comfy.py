@@ -428,6 +428,81 @@ def test_controlnet_equal_native(client, plain):
     assert np.array_equal(comfy_image(client, g), a)
 
 
+def _comfy_window_oracle(percent_start: float, percent_end: float, sigmas: list[float]) -> list[bool]:
+    """ComfyUI's rule, written from its formula: percent -> timestep (1 - p) * 999 -> sigma by log-sigma
+    interpolation on SD's scaled-linear schedule (percent 0: above all, 1: 0.0); a call runs the ControlNet
+    unless sigma > sigma(start) or sigma < sigma(end)."""
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    ac = np.cumprod(1.0 - betas)
+    log_s = np.log(((1 - ac) / ac) ** 0.5)
+
+    def p2s(p: float) -> float:
+        if p <= 0:
+            return 1e9
+        if p >= 1:
+            return 0.0
+        t = (1 - p) * 999
+        lo = int(np.floor(t))
+        hi = min(lo + 1, 999)
+        return float(np.exp(log_s[lo] + (t - lo) * (log_s[hi] - log_s[lo])))
+
+    high, low = p2s(percent_start), p2s(percent_end)
+    return [not (s > high or s < low) for s in sigmas]
+
+
+@pytest.mark.parametrize("schedule", ["normal", "karras", "exponential"])
+def test_controlnet_percents_follow_comfyuis_sigma_window(schedule):
+    """ComfyUI judges a ControlNet's start/end percents on sigma (model_sampling.percent_to_sigma, compared at each
+    model call); they were once counted as fractions of the steps (diffusers' rule), another set of steps on a
+    Karras schedule."""
+    from sdengine.diffusion import sampling
+    from sdengine.pipeline.control import comfy_sigma_window, sigma_keep, step_keep
+
+    pipe = shared_loader("emoji", "cpu")
+    grid = sampling.make_grid("euler", 20, pipe.noise_schedule, schedule, pipe.scheduler_config)
+    sigmas = [float(v) for v in grid.sigmas[:-1]]
+    differs = False
+    for start, end in ((0.0, 1.0), (0.0, 0.5), (0.2, 0.7), (0.35, 0.9), (0.5, 1.0), (0.1, 0.15)):
+        got = sigma_keep(sigmas, comfy_sigma_window(pipe.noise_schedule.log_sigmas, start, end))
+        assert got == _comfy_window_oracle(start, end, sigmas), (schedule, start, end)
+        differs |= got != step_keep(20, start, end)
+    assert all(sigma_keep(sigmas, comfy_sigma_window(pipe.noise_schedule.log_sigmas, 0.0, 1.0)))
+    assert differs or schedule == "normal"
+
+
+def test_controlnet_percents_on_a_karras_heun_workflow_equal_the_python_api(client):
+    """A ControlNetApplyAdvanced window (0.2-0.7) on Heun + Karras: ComfyUI's sigma window at every model call (Heun's
+    second calls included) gives the Python API's image with rule="comfyui", and not diffusers' step fractions."""
+    from sdengine.pipeline.control import ControlUnit
+    from sdengine.server.catalog import BUILTIN_CONTROLNETS
+
+    hint = Image.fromarray(((np.asarray(picture()).mean(axis=2) < 150) * 255).astype(np.uint8)).convert("RGB")
+    _, hint_name = upload(client, hint, "hint-window.png")
+    g = txt2img_graph(sampler="heun", scheduler="karras")
+    g["3"]["inputs"]["steps"] = 6
+    g["10"] = {"class_type": "LoadImage", "inputs": {"image": hint_name}}
+    g["12"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "emoji-controlnet-canny"}}
+    g["13"] = {
+        "class_type": "ControlNetApplyAdvanced",
+        "inputs": {
+            "positive": ["6", 0], "negative": ["7", 0], "control_net": ["12", 0], "image": ["10", 0],
+            "strength": 1.0, "start_percent": 0.2, "end_percent": 0.7,
+        },
+    }  # fmt: skip
+    g["3"]["inputs"].update(positive=["13", 0], negative=["13", 1])
+    a = comfy_image(client, g)
+    pipe = shared_loader("emoji", "cpu")
+    cn = str(BUILTIN_CONTROLNETS["emoji-controlnet-canny"])
+
+    def api(rule: str) -> np.ndarray:
+        unit = ControlUnit(cn, hint, 1.0, 0.2, 0.7, rule)
+        kw = {"steps": 6, "seed": SEED, "cfg_scale": 5.0, "sampler": "heun", "schedule": "karras", "progress": False}
+        return np.asarray(pipe("a red apple", "", controlnets=[unit], **kw).images[0])
+
+    assert np.array_equal(a, api("comfyui"))
+    assert not np.array_equal(a, api("diffusers"))
+
+
 def test_a_cached_output_node_still_sends_its_images(client):
     """ComfyUI sends `executed` with a cached output node's images: a websocket client of an identical prompt once
     got no images (only `execution_cached`)."""
