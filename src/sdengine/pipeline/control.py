@@ -3,8 +3,8 @@
 A :class:`ControlUnit` says which ControlNet, which control map(s), how strong and over which fraction of the
 steps. :func:`build_controlled_unet` loads and checks the units and returns a :class:`ControlledUNet`, a
 callable used in place of the U-Net: at each call it runs every ControlNet that is active at the sampler's
-step (diffusers' ``controlnet_keep`` rule over the steps that run), sums their residuals (each times its
-scale) and runs the U-Net with them.
+step (diffusers' ``controlnet_keep`` rule over the steps that run; A1111's count; or ComfyUI's sigma window,
+judged on the sigma of each call), sums their residuals (each times its scale) and runs the U-Net with them.
 
 The step comes from the sampler loop (``step=SamplerStep``, see sdengine.diffusion.samplers): nothing is
 inferred from the timestep. In guess mode the ControlNets see the conditional rows only, found by the
