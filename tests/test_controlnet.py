@@ -560,6 +560,37 @@ def test_a1111_step_rule_counts_as_the_extension() -> None:
         PC.ControlUnit(net, img, rule="comfy")
 
 
+def test_comfyui_rule_judges_each_call_on_its_sigma() -> None:
+    """rule="comfyui" (ComfyUI's ControlNetApplyAdvanced): the percents become sigmas of the schedule and each model
+    call is judged on its own sigma (a midpoint call of a second-order sampler on the midpoint's sigma, not on the
+    step's); without the schedule or the grid's sigmas the unit is refused in one line."""
+    from sdengine.diffusion.schedules import NoiseSchedule, SamplingGrid
+
+    ns = NoiseSchedule.from_config(**SCHED)
+    low, high = PC.comfy_sigma_window(ns.log_sigmas, 0.3, 0.6)
+    assert PC.percent_to_sigma(ns.log_sigmas, 0.0) > ns.sigma_max and PC.percent_to_sigma(ns.log_sigmas, 1.0) == 0.0
+    # the sigma at timestep (1 - p) * 999: 0.6 -> t 399.6, between the table's 399 and 400 in log-sigma
+    ls = ns.log_sigmas.double()
+    assert math.isclose(low, math.exp(0.4 * ls[399] + 0.6 * ls[400]), rel_tol=1e-5)
+    assert math.isclose(high, math.exp(ls[699] + 0.3 * (ls[700] - ls[699])), rel_tol=1e-5)
+    unet, net, img = UNet(TINY_SD), _tiny_net(), torch.rand(1, 3, 16, 16)
+    sigmas = torch.tensor([high * 2, high * 1.01, high, (high + low) / 2, low, low * 0.99, 0.0])
+    grid = SamplingGrid(sigmas, ns.sigma_to_t(sigmas[:-1]))
+    unit = PC.ControlUnit(net, img, 1.0, 0.3, 0.6, rule="comfyui")
+    m = PC.build_controlled_unet(unet, [unit], width=16, height=16, grid=grid, noise_schedule=ns)
+    assert m.units[0].keep == [False, False, True, True, True, False]
+    x, ctx, t = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 32), torch.tensor([500.0])
+    with torch.no_grad():
+        plain = unet(x, t, encoder_hidden_states=ctx)
+        # step 1 is off, but a call of step 1 at a sigma inside the window runs the ControlNet, and the reverse
+        assert not torch.equal(m(x, t, encoder_hidden_states=ctx, step=SamplerStep(1, sigma=high * 0.999)), plain)
+        assert torch.equal(m(x, t, encoder_hidden_states=ctx, step=SamplerStep(3, sigma=low * 0.999)), plain)
+    with pytest.raises(C.ControlNetError, match="comfyui step rule needs the noise schedule"):
+        PC.build_controlled_unet(unet, [unit], width=16, height=16, grid=grid)
+    with pytest.raises(C.ControlNetError, match="judged on sigmas"):
+        PC.step_keep(10, 0.3, 0.6, "comfyui")
+
+
 def test_inpainting_unet_gets_the_latent_channels_only() -> None:
     torch.manual_seed(0)
     unet9 = UNet(dataclasses.replace(TINY_SD, in_channels=9)).eval()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 import urllib.parse
 import urllib.request
@@ -428,6 +429,81 @@ def test_controlnet_equal_native(client, plain):
     assert np.array_equal(comfy_image(client, g), a)
 
 
+def _comfy_window_oracle(percent_start: float, percent_end: float, sigmas: list[float]) -> list[bool]:
+    """ComfyUI's rule, written from its formula: percent -> timestep (1 - p) * 999 -> sigma by log-sigma
+    interpolation on SD's scaled-linear schedule (percent 0: above all, 1: 0.0); a call runs the ControlNet
+    unless sigma > sigma(start) or sigma < sigma(end)."""
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    ac = np.cumprod(1.0 - betas)
+    log_s = np.log(((1 - ac) / ac) ** 0.5)
+
+    def p2s(p: float) -> float:
+        if p <= 0:
+            return 1e9
+        if p >= 1:
+            return 0.0
+        t = (1 - p) * 999
+        lo = int(np.floor(t))
+        hi = min(lo + 1, 999)
+        return float(np.exp(log_s[lo] + (t - lo) * (log_s[hi] - log_s[lo])))
+
+    high, low = p2s(percent_start), p2s(percent_end)
+    return [not (s > high or s < low) for s in sigmas]
+
+
+@pytest.mark.parametrize("schedule", ["normal", "karras", "exponential"])
+def test_controlnet_percents_follow_comfyuis_sigma_window(schedule):
+    """ComfyUI judges a ControlNet's start/end percents on sigma (model_sampling.percent_to_sigma, compared at each
+    model call); they were once counted as fractions of the steps (diffusers' rule), another set of steps on a
+    Karras schedule."""
+    from sdengine.diffusion import sampling
+    from sdengine.pipeline.control import comfy_sigma_window, sigma_keep, step_keep
+
+    pipe = shared_loader("emoji", "cpu")
+    grid = sampling.make_grid("euler", 20, pipe.noise_schedule, schedule, pipe.scheduler_config)
+    sigmas = [float(v) for v in grid.sigmas[:-1]]
+    differs = False
+    for start, end in ((0.0, 1.0), (0.0, 0.5), (0.2, 0.7), (0.35, 0.9), (0.5, 1.0), (0.1, 0.15)):
+        got = sigma_keep(sigmas, comfy_sigma_window(pipe.noise_schedule.log_sigmas, start, end))
+        assert got == _comfy_window_oracle(start, end, sigmas), (schedule, start, end)
+        differs |= got != step_keep(20, start, end)
+    assert all(sigma_keep(sigmas, comfy_sigma_window(pipe.noise_schedule.log_sigmas, 0.0, 1.0)))
+    assert differs or schedule == "normal"
+
+
+def test_controlnet_percents_on_a_karras_heun_workflow_equal_the_python_api(client):
+    """A ControlNetApplyAdvanced window (0.2-0.7) on Heun + Karras: ComfyUI's sigma window at every model call (Heun's
+    second calls included) gives the Python API's image with rule="comfyui", and not diffusers' step fractions."""
+    from sdengine.pipeline.control import ControlUnit
+    from sdengine.server.catalog import BUILTIN_CONTROLNETS
+
+    hint = Image.fromarray(((np.asarray(picture()).mean(axis=2) < 150) * 255).astype(np.uint8)).convert("RGB")
+    _, hint_name = upload(client, hint, "hint-window.png")
+    g = txt2img_graph(sampler="heun", scheduler="karras")
+    g["3"]["inputs"]["steps"] = 6
+    g["10"] = {"class_type": "LoadImage", "inputs": {"image": hint_name}}
+    g["12"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "emoji-controlnet-canny"}}
+    g["13"] = {
+        "class_type": "ControlNetApplyAdvanced",
+        "inputs": {
+            "positive": ["6", 0], "negative": ["7", 0], "control_net": ["12", 0], "image": ["10", 0],
+            "strength": 1.0, "start_percent": 0.2, "end_percent": 0.7,
+        },
+    }  # fmt: skip
+    g["3"]["inputs"].update(positive=["13", 0], negative=["13", 1])
+    a = comfy_image(client, g)
+    pipe = shared_loader("emoji", "cpu")
+    cn = str(BUILTIN_CONTROLNETS["emoji-controlnet-canny"])
+
+    def api(rule: str) -> np.ndarray:
+        unit = ControlUnit(cn, hint, 1.0, 0.2, 0.7, rule)
+        kw = {"steps": 6, "seed": SEED, "cfg_scale": 5.0, "sampler": "heun", "schedule": "karras", "progress": False}
+        return np.asarray(pipe("a red apple", "", controlnets=[unit], **kw).images[0])
+
+    assert np.array_equal(a, api("comfyui"))
+    assert not np.array_equal(a, api("diffusers"))
+
+
 def test_a_cached_output_node_still_sends_its_images(client):
     """ComfyUI sends `executed` with a cached output node's images: a websocket client of an identical prompt once
     got no images (only `execution_cached`)."""
@@ -810,6 +886,74 @@ def test_inpaint_encoding_image_scale_and_an_empty_sampler_window_follow_comfyui
             scheduler="normal", positive=[], negative=[], latent_image=latent,
         )  # fmt: skip
         assert torch.equal(same["samples"], latent["samples"])
+
+
+def _bislerp_oracle(z: np.ndarray, width: int, height: int) -> np.ndarray:
+    """ComfyUI's bislerp, pixel by pixel in float64 (from its facts): along the width first, then the height, each
+    output position's source is (j + 0.5) * old / new - 0.5 clamped to the edges; its two neighbours' channel
+    vectors are slerped (directions on the sphere, lengths linearly); directions within 1e-5 of equal keep the
+    first, within 1e-5 of opposite are lerped; a zero vector's direction is zero."""
+
+    def slerp(a: np.ndarray, b: np.ndarray, r: float) -> np.ndarray:
+        na, nb = np.linalg.norm(a), np.linalg.norm(b)
+        ua = a / na if na else np.zeros_like(a)
+        ub = b / nb if nb else np.zeros_like(b)
+        d = float(ua @ ub)
+        if d > 1 - 1e-5:
+            return a
+        if d < 1e-5 - 1:
+            return a * (1 - r) + b * r
+        om = math.acos(d)
+        return (math.sin((1 - r) * om) * ua + math.sin(r * om) * ub) / math.sin(om) * (na * (1 - r) + nb * r)
+
+    def source(j: int, old: int, new: int) -> tuple[int, int, float]:
+        p = min(max((j + 0.5) * old / new - 0.5, 0.0), old - 1)
+        lo = math.floor(p)
+        return lo, min(lo + 1, old - 1), p - lo
+
+    n, c, h, w = z.shape
+    mid = np.zeros((n, c, h, width))
+    for b in range(n):
+        for y in range(h):
+            for j in range(width):
+                lo, hi, r = source(j, w, width)
+                mid[b, :, y, j] = slerp(z[b, :, y, lo], z[b, :, y, hi], r)
+    out = np.zeros((n, c, height, width))
+    for b in range(n):
+        for i in range(height):
+            lo, hi, r = source(i, h, height)
+            for x in range(width):
+                out[b, :, i, x] = slerp(mid[b, :, lo, x], mid[b, :, hi, x], r)
+    return out
+
+
+def test_latent_upscale_bislerp_as_comfyui(client):
+    """LatentUpscale/LatentUpscaleBy offer ComfyUI's `bislerp` (a workflow with it was refused as value_not_in_list):
+    the slerp along the width then the height, checked against a per-pixel oracle, edge cases included."""
+    from sdengine.server.comfy.nodes import RunContext, bislerp, latent_upscale
+
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 4, 5, 6, generator=g)
+    z[0, :, 1, 1] = 0.0  # no direction
+    z[0, :, 2, 2] = z[0, :, 2, 3] * 2.0  # the same direction, another length
+    z[1, :, 3, 0] = -z[1, :, 3, 1]  # opposite directions
+    for width, height in ((15, 11), (6, 5), (4, 3), (13, 7)):
+        got = bislerp(z, width, height)
+        assert got.shape == (2, 4, height, width) and got.dtype == z.dtype
+        want = _bislerp_oracle(z.double().numpy(), width, height)
+        assert np.allclose(got.numpy(), want, atol=2e-5), (width, height, np.abs(got.numpy() - want).max())
+    assert not torch.allclose(bislerp(z, 15, 11), torch.nn.functional.interpolate(z, size=(11, 15), mode="bilinear"))
+    ctx = RunContext(pipeline=lambda ref: None, catalog=None, folders=None)  # type: ignore[arg-type]
+    (up,) = latent_upscale(ctx, {"samples": z, "size": (2, 40, 48)}, "bislerp", 96, 80, "disabled")
+    assert torch.equal(up["samples"], bislerp(z, 12, 10)) and up["size"] == (2, 80, 96)
+    # a workflow through LatentUpscaleBy with bislerp runs
+    wf = txt2img_graph()
+    wf["42"] = {
+        "class_type": "LatentUpscaleBy",
+        "inputs": {"samples": ["3", 0], "upscale_method": "bislerp", "scale_by": 1.5},
+    }
+    wf["8"]["inputs"]["samples"] = ["42", 0]
+    assert comfy_image(client, wf).shape == (96, 96, 3)
 
 
 def test_controlnet_hints_per_row_and_of_another_aspect():

@@ -263,16 +263,18 @@ def sample_latents(
         handle = apply_loras(pipe.unet, None, list(loras))
     try:
         if distinct:
-            from sdengine.pipeline.control import build_controlled_unet
+            from sdengine.pipeline.control import ControlUnit, build_controlled_unet
 
             # One unit per distinct hint: the same ControlNet, image and settings applied to the positive and to
             # the negative is one unit (it acts on both halves), never twice the strength. As in ComfyUI a unit
             # acts on the CFG halves whose conditioning carries it (set per positive entry below): on the
             # negative only, the unconditional half only; on the positive only, the conditional half only.
-            units = [(d.model, d.image, d.strength, d.start, d.end) for d in distinct]
+            # start/end percents: ComfyUI's sigma window on the model's schedule, judged at each model call.
+            units = [ControlUnit(d.model, d.image, d.strength, d.start, d.end, "comfyui") for d in distinct]
             net = build_controlled_unet(
                 net, units, width=w * f, height=h * f, grid=grid, device=dev, dtype=pipe.dtype, start_step=start,
                 resize_mode="crop and resize",  # a hint of another aspect: its centre, as ComfyUI cuts it
+                noise_schedule=pipe.noise_schedule,
             )  # fmt: skip
         from sdengine.pipeline.unet_adapter import UNetAdapter
 

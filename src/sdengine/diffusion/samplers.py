@@ -43,10 +43,12 @@ Callback = Callable[[int, float, Tensor, Tensor], "bool | None"]
 class SamplerStep:
     """Where a denoiser call sits in the run: ``index`` is the 0-based step of the sampler's grid the call
     belongs to (a second-order sampler's midpoint call counts with the step it starts from, a call at the
-    next grid point with that point), ``first`` marks the run's very first model call."""
+    next grid point with that point), ``first`` marks the run's very first model call, ``sigma`` is the
+    noise level of this very call (a midpoint's own sigma; ComfyUI's ControlNet window is judged on it)."""
 
     index: int
     first: bool = False
+    sigma: float | None = None
 
 
 class SamplingInterrupted(SdengineError):
@@ -140,7 +142,7 @@ class _Loop:
         den = self.denoiser if on_grid else self.off_grid
         if self.takes_step:
             first, self.calls = self.calls == 0, self.calls + 1
-            return den(x, s_in, step=SamplerStep(step, first), **self.extra)
+            return den(x, s_in, step=SamplerStep(step, first, float(sigma)), **self.extra)
         return den(x, s_in, **self.extra)
 
     def noise(self, x: Tensor) -> Tensor:

@@ -3,8 +3,8 @@
 A :class:`ControlUnit` says which ControlNet, which control map(s), how strong and over which fraction of the
 steps. :func:`build_controlled_unet` loads and checks the units and returns a :class:`ControlledUNet`, a
 callable used in place of the U-Net: at each call it runs every ControlNet that is active at the sampler's
-step (diffusers' ``controlnet_keep`` rule over the steps that run), sums their residuals (each times its
-scale) and runs the U-Net with them.
+step (diffusers' ``controlnet_keep`` rule over the steps that run; A1111's count; or ComfyUI's sigma window,
+judged on the sigma of each call), sums their residuals (each times its scale) and runs the U-Net with them.
 
 The step comes from the sampler loop (``step=SamplerStep``, see sdengine.diffusion.samplers): nothing is
 inferred from the timestep. In guess mode the ControlNets see the conditional rows only, found by the
@@ -37,8 +37,9 @@ from sdengine.weights.io import parse_dtype
 
 log = logging.getLogger(__name__)
 
-# How start/end fractions pick the controlled steps: diffusers' pipelines, or A1111's ControlNet extension.
-STEP_RULES = ("diffusers", "a1111")
+# How start/end fractions pick the controlled steps: diffusers' pipelines, A1111's ControlNet extension, or
+# ComfyUI's per-call sigma window (see comfy_sigma_window).
+STEP_RULES = ("diffusers", "a1111", "comfyui")
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ class ControlUnit:
     ``image``: a control map (PIL, array, path or (1, 3, H, W) tensor in [0, 1]) used for every row, or a
     list / (N, 3, H, W) tensor with one map per row of the batch; ``scale``: the conditioning scale;
     ``start``/``end``: the fractions of the steps it acts on, counted by ``rule`` (:data:`STEP_RULES`:
-    ``"diffusers"``, the default, or ``"a1111"``, see :func:`step_keep`)."""
+    ``"diffusers"``, the default, or ``"a1111"``, see :func:`step_keep`; ``"comfyui"``: every model call whose
+    sigma lies in :func:`comfy_sigma_window`, which needs the noise schedule)."""
 
     model: Any
     image: Any
@@ -139,13 +141,49 @@ def step_keep(steps: int, start: float, end: float, rule: str = "diffusers") -> 
     end 0.5 of 20 steps controls steps 0-10, one more than diffusers' 0-9."""
     if rule == "a1111":
         return [start <= i / steps <= end for i in range(steps)]
+    if rule == "comfyui":
+        raise ControlNetError("the comfyui step rule is judged on sigmas: use sigma_keep with comfy_sigma_window")
     if rule != "diffusers":
         raise ControlNetError(f"unknown ControlNet step rule {rule!r}; use one of: {', '.join(STEP_RULES)}")
     return [not (i / steps < start or (i + 1) / steps > end) for i in range(steps)]
 
 
+def percent_to_sigma(log_sigmas: Tensor, percent: float) -> float:
+    """ComfyUI's ``percent_to_sigma`` of a discrete (1000-step) schedule: percent 0 is above every sigma
+    (999999999.9), percent 1 is 0.0, otherwise the sigma at timestep ``(1 - percent) * 999``, linear in
+    log-sigma between the two neighbouring training timesteps (float32, as ComfyUI computes it)."""
+    if percent <= 0.0:
+        return 999999999.9
+    if percent >= 1.0:
+        return 0.0
+    table = log_sigmas.detach().to(torch.float32).cpu()
+    t = torch.tensor((1.0 - percent) * 999.0, dtype=torch.float32).clamp(0, table.shape[0] - 1)
+    low, high = int(t.floor()), int(t.ceil())
+    w = t - t.floor()
+    return float(((1 - w) * table[low] + w * table[high]).exp())
+
+
+def comfy_sigma_window(log_sigmas: Tensor, start: float, end: float) -> tuple[float, float]:
+    """``(low, high)``: ComfyUI runs a ControlNet at a model call of sigma s when ``low <= s <= high``
+    (comfy/controlnet.py skips it when s > sigma(start) or s < sigma(end)), judged at every call, a
+    second-order sampler's extra calls included."""
+    return percent_to_sigma(log_sigmas, end), percent_to_sigma(log_sigmas, start)
+
+
+def sigma_keep(sigmas: Sequence[float] | Tensor, window: tuple[float, float]) -> list[bool]:
+    """Which of the steps at ``sigmas`` (one per step) lie in the ``comfy_sigma_window``."""
+    low, high = window
+    return [low <= float(s) <= high for s in sigmas]
+
+
 def no_step_message(name: str, steps: int, start: float, end: float, rule: str = "diffusers") -> str:
     """The warning for a unit whose start/end window holds no step of the ``steps`` that run."""
+    if rule == "comfyui":
+        how = "its sigma lies between sigma(end) and sigma(start) of the model's schedule, as ComfyUI judges"
+        return (
+            f"{name}: start {start:g} and end {end:g} hold no step of the {steps} that run (a call acts when "
+            f"{how}): it acts on no step; widen the window or use more steps"
+        )
     if rule == "a1111":
         how = f"start <= i/{steps} <= end, as A1111's ControlNet extension counts"
     else:
@@ -167,6 +205,7 @@ class PreparedUnit:
     scale: float
     keep: list[bool]  # per step index of the run
     kinds: frozenset[str] | None = None
+    window: tuple[float, float] | None = None  # rule "comfyui": the sigma window judged at each call
 
 
 def _step_index(step: SamplerStep | int | None) -> int:
@@ -176,6 +215,10 @@ def _step_index(step: SamplerStep | int | None) -> int:
             "through sdengine.diffusion.sampling.sample"
         )
     return step.index if isinstance(step, SamplerStep) else int(step)
+
+
+def _step_sigma(step: SamplerStep | int | None) -> float | None:
+    return step.sigma if isinstance(step, SamplerStep) else None
 
 
 def _module_dtype(m: torch.nn.Module, default: torch.dtype) -> torch.dtype:
@@ -206,9 +249,14 @@ class ControlledUNet:
         units = [replace(u, kinds=k) for u, k in zip(self.units, kinds, strict=True)]
         return ControlledUNet(self.unet, units, guess_mode=self.guess_mode)
 
-    def active(self, step: int) -> list[bool]:
-        """Which units act at the run's step ``step``."""
-        return [unit.keep[min(step, len(unit.keep) - 1)] for unit in self.units]
+    def active(self, step: int, sigma: float | None = None) -> list[bool]:
+        """Which units act at the run's step ``step`` (a call at ``sigma``: units of the comfyui rule judge it)."""
+        return [
+            unit.window[0] <= sigma <= unit.window[1]
+            if unit.window is not None and sigma is not None
+            else unit.keep[min(step, len(unit.keep) - 1)]
+            for unit in self.units
+        ]
 
     def residuals(
         self,
@@ -302,7 +350,8 @@ class ControlledUNet:
     ) -> Tensor:
         index = _step_index(step)
         images = [u.image for u in self.units]
-        return self.forward_with(x, t, encoder_hidden_states, self.active(index), images, row_kinds, **kw)
+        active = self.active(index, _step_sigma(step))
+        return self.forward_with(x, t, encoder_hidden_states, active, images, row_kinds, **kw)
 
     def forward_with(
         self,
@@ -370,7 +419,7 @@ class GraphedControlledUNet:
         row_kinds: Sequence[str] | None = None,
         **kw: Any,
     ) -> Tensor:
-        active = "".join("1" if on else "0" for on in self.controlled.active(_step_index(step)))
+        active = "".join("1" if on else "0" for on in self.controlled.active(_step_index(step), _step_sigma(step)))
         kinds = "" if row_kinds is None else "".join("c" if k == "cond" else "u" for k in row_kinds)
         images = {f"control_map_{i}": u.image for i, u in enumerate(self.controlled.units)}
         return self.graphed(
@@ -444,6 +493,7 @@ def build_controlled_unet(
     start_step: int = 0,
     resize_mode: str = "just resize",
     note: Callable[[str], None] | None = None,
+    noise_schedule: Any = None,
 ) -> ControlledUNet:
     """The U-Net callable with ControlNets attached, for the Denoiser to use in place of the U-Net.
 
@@ -451,7 +501,8 @@ def build_controlled_unet(
     ``grid``: the sampling grid (``.timesteps``) of this run; ``start_step``: the first step that runs
     (img2img), so that the fractions count the steps that actually run, as diffusers does. A unit whose
     window holds no whole step (``step_keep`` all off: say start 0.31, end 0.39 of 10 steps) acts on nothing:
-    that is said through ``note`` (the pipeline's notes), or as a warning without one.
+    that is said through ``note`` (the pipeline's notes), or as a warning without one. Units of the
+    ``"comfyui"`` rule need ``noise_schedule`` (its ``log_sigmas``) and ``grid.sigmas``.
     """
     torch_dtype = parse_dtype(dtype) if dtype is not None else None
     if device is None:
@@ -484,7 +535,15 @@ def build_controlled_unet(
                 img = img.mean(dim=1, keepdim=True)
             else:
                 raise ControlNetError(f"{name} takes {net.config.conditioning_channels}-channel control images")
-        keep = step_keep(steps, float(unit.start), float(unit.end), unit.rule)
+        window = None
+        if unit.rule == "comfyui":
+            sigmas = getattr(grid, "sigmas", None)
+            if noise_schedule is None or sigmas is None:
+                raise ControlNetError(f"{name}: the comfyui step rule needs the noise schedule and the grid's sigmas")
+            window = comfy_sigma_window(noise_schedule.log_sigmas, float(unit.start), float(unit.end))
+            keep = sigma_keep(torch.as_tensor(sigmas).reshape(-1)[start_step : start_step + steps], window)
+        else:
+            keep = step_keep(steps, float(unit.start), float(unit.end), unit.rule)
         if not any(keep):
             msg = no_step_message(name, steps, float(unit.start), float(unit.end), unit.rule)
             if note is not None:
@@ -492,7 +551,8 @@ def build_controlled_unet(
             else:
                 warnings.warn(msg, stacklevel=2)
                 log.warning(msg)
-        prepared.append(PreparedUnit(net, img.to(device=device, dtype=net.dtype), float(unit.scale), keep))
+        image_t = img.to(device=device, dtype=net.dtype)
+        prepared.append(PreparedUnit(net, image_t, float(unit.scale), keep, window=window))
     return ControlledUNet(unet, prepared, guess_mode=guess_mode)
 
 
@@ -506,5 +566,8 @@ __all__ = [
     "check_unit_settings",
     "control_image_tensor",
     "no_step_message",
+    "comfy_sigma_window",
+    "percent_to_sigma",
+    "sigma_keep",
     "step_keep",
 ]

@@ -828,6 +828,7 @@ class Pipeline:
                 start_step=first,
                 resize_mode=resize_mode_name(r.resize_mode),
                 note=lambda t: _note(p.notes, t) if t not in p.notes else None,
+                noise_schedule=self.noise_schedule,
             )
             if self.graphed("unet") is not None:  # CUDA graphs on, the U-Net unhooked: the controlled step too
                 graphed_control = GraphedControlledUNet(net, **self._graph_opts)
