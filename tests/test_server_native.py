@@ -275,6 +275,29 @@ def test_controlnet_unit_by_name_with_a_preprocessor(client):
     assert "ControlNet 0: " in j["infotexts"][0] and "emoji-controlnet-canny" in j["infotexts"][0]
 
 
+def test_a_controlnet_units_step_rule_is_the_python_apis(client):
+    """A unit's `rule` (diffusers', A1111's extension's, ComfyUI's sigma window) on the native route: the same image
+    as the Python API's ControlUnit with that rule (once the route had no way to ask for one)."""
+    from sdengine.pipeline import ControlUnit
+    from sdengine.server.catalog import BUILTIN_CONTROLNETS
+
+    src = Image.new("RGB", (64, 64), "white")
+    src.paste((0, 0, 0), (20, 20, 44, 44))
+    images = {}
+    for rule in ("diffusers", "a1111", "comfyui"):
+        unit = {"model": "emoji-controlnet-canny", "image": png_b64(src), "end": 0.6, "rule": rule}
+        j = run(client, {**BASE, "controlnets": [unit]})
+        assert j["state"] == "done", j
+        im, _ = fetch_image(client, j["images"][0]["url"])
+        cu = ControlUnit(BUILTIN_CONTROLNETS["emoji-controlnet-canny"], src, 1.0, 0.0, 0.6, rule=rule)
+        ref = emoji()(progress=False, **BASE, controlnets=[cu])
+        images[rule] = np.asarray(im.convert("RGB"))
+        np.testing.assert_array_equal(images[rule], np.asarray(ref.images[0]))
+    assert not np.array_equal(images["diffusers"], images["a1111"])  # end 0.6 of 3 steps: 1 step there, 2 here
+    r = client.post("/v1/jobs", json={**BASE, "controlnets": [{**unit, "rule": "forge"}]})
+    assert r.status_code == 422, r.text
+
+
 def test_a_controlnet_window_that_ends_before_it_starts_is_a_400(client):
     """start 0.8, end 0.2 was queued (202) and failed when it ran: now refused before anything is queued."""
     src = Image.new("RGB", (64, 64), "white")

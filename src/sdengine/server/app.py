@@ -519,6 +519,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 c.end,
                 c.preprocessor,
                 {k: v for k, v in (("low", c.low), ("high", c.high)) if v is not None},
+                c.rule,
             )
             for c in req.controlnets
         ]

@@ -25,6 +25,11 @@ class ControlNetSpec(BaseModel):
     preprocessor: str = Field("none", max_length=64, description="none, canny, scribble, threshold, softedge, invert")
     low: float | None = Field(None, ge=0, le=255, allow_inf_nan=False, description="canny low threshold")
     high: float | None = Field(None, ge=0, le=255, allow_inf_nan=False, description="canny high threshold")
+    rule: Literal["diffusers", "a1111", "comfyui"] = Field(
+        "diffusers",
+        description="how start/end pick the steps: 'diffusers' (a step wholly inside the window), 'a1111' (A1111's "
+        "ControlNet extension: start <= i/steps <= end), 'comfyui' (ComfyUI: the window's sigmas, at each model call)",
+    )
 
 
 class HiresSpec(BaseModel):
