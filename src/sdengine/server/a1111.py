@@ -92,12 +92,6 @@ HR_USED = {
     "denoising_strength",
 }
 SAME_SAMPLER = (None, "", "Use same sampler")  # A1111's UI value for "the first pass's"
-K_SAMPLERS = sampling.K_ALIASES  # A1111's k-diffusion aliases (k_dpmpp_2m, ...)
-
-
-def a1111_sampler(name: Any) -> Any:
-    """A sampler name with A1111's ``k_`` aliases resolved (any other name as it is)."""
-    return K_SAMPLERS.get(name.strip().lower(), name) if isinstance(name, str) else name
 
 
 SAME_SCHEDULER = (None, "", "Use same scheduler")
@@ -112,8 +106,6 @@ def eta_option(body: dict[str, Any], sampler: Any, schedule: Any, ignored: list[
         return None
     if isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta) or not 0 <= eta <= 10:
         raise BadRequest(f"eta must be a number in [0, 10], got {eta!r}")
-    from sdengine.diffusion import sampling
-
     try:
         name, _ = sampling.resolve(sampler, schedule)
     except (ValueError, TypeError):
@@ -123,7 +115,7 @@ def eta_option(body: dict[str, Any], sampler: Any, schedule: Any, ignored: list[
     hr = body.get("hr_sampler_name")
     if body.get("enable_hr") and hr not in SAME_SAMPLER:
         try:
-            hr_name, _ = sampling.resolve(a1111_sampler(hr), None)
+            hr_name, _ = sampling.resolve(hr, None)
         except (ValueError, TypeError):
             return None
         if "eta" not in sampling.sampler_option_names(hr_name):
@@ -755,7 +747,7 @@ def install(app: FastAPI, services: Any) -> None:
         for side, v in zip(("w", "h"), resize_from, strict=True):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise BadRequest(f"seed_resize_from_{side} must be an integer, got {v!r}")
-        sampler = a1111_sampler(req.sampler_name or req.sampler_index or "Euler")
+        sampler = req.sampler_name or req.sampler_index or "Euler"  # A1111's names and k_ aliases: sampling.resolve
         sampler_options = eta_option(body, sampler, req.scheduler, ignored)
         prompt = req.prompt
         if body.get("disable_extra_networks"):  # A1111 takes the tags out of the prompt and applies none
@@ -942,7 +934,7 @@ def install(app: FastAPI, services: Any) -> None:
                 "hr_second_pass_steps": req.hr_second_pass_steps,
                 "hr_resize_x": req.hr_resize_x,
                 "hr_resize_y": req.hr_resize_y,
-                "hr_sampler": None if req.hr_sampler_name in SAME_SAMPLER else a1111_sampler(req.hr_sampler_name),
+                "hr_sampler": None if req.hr_sampler_name in SAME_SAMPLER else req.hr_sampler_name,
                 "hr_schedule": None if req.hr_scheduler in SAME_SCHEDULER else req.hr_scheduler,
                 "hr_prompt": req.hr_prompt,
                 "hr_negative_prompt": req.hr_negative_prompt,
@@ -1174,10 +1166,8 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.get("/sdapi/v1/samplers", tags=["a1111"])
     def samplers() -> list[dict[str, Any]]:
-        from sdengine.diffusion import sampling
-
         k_names: dict[str, list[str]] = {}
-        for alias, name in K_SAMPLERS.items():
+        for alias, name in sampling.K_ALIASES.items():
             k_names.setdefault(name, []).append(alias)
         return [
             {"name": s.a1111, "aliases": [s.name, *k_names.get(s.name, [])], "options": {}}
@@ -1186,8 +1176,6 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.get("/sdapi/v1/schedulers", tags=["a1111"])
     def schedulers() -> list[dict[str, Any]]:
-        from sdengine.diffusion import sampling
-
         out = [
             {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}
         ]
