@@ -370,7 +370,7 @@ def _controlnets_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list
 def run(a: argparse.Namespace) -> int:
     from ..metadata import save_png
     from ..pipeline import load_pipeline
-    from ..pipeline.request import GenerationRequest
+    from ..pipeline.request import GenerationRequest, batch_count_seeds
 
     _setup_logging()
     kwargs: dict[str, Any] = request_defaults()
@@ -522,10 +522,12 @@ def run(a: argparse.Namespace) -> int:
             kwargs["subseed"] = secrets.randbelow(2**32)
     iterations = [dict(kwargs) for _ in range(n_iter)]
     for k, kw in enumerate(iterations[1:], start=1):
-        if kw.get("subseed_strength"):
-            kw["subseed"] = int(kw["subseed"]) + k * batch
-        else:
-            kw["seed"] = int(kwargs["seed"]) + k * batch
+        seed, subseed = batch_count_seeds(
+            kwargs["seed"], kwargs.get("subseed"), kwargs.get("subseed_strength") or 0.0, batch, k
+        )
+        kw["seed"] = seed
+        if subseed is not None:
+            kw["subseed"] = subseed
     if sides is None:
         # Every check that needs no model, before the (slow) load: a bad seed, cfg or prompt weight fails now
         # (the last batch's seeds too).

@@ -369,4 +369,24 @@ def _per_row(v: TextOrList | None, n: int) -> list[str]:
     return ["" if v is None else str(v)] * n
 
 
-__all__ = ["MAX_CFG_SCALE", "MAX_MASK_BLUR", "MAX_SEED", "MAX_SEED_RESIZE", "GenerationRequest", "LoRAInput"]
+def batch_count_seeds(
+    seed: Any, subseed: int | None, subseed_strength: float, batch: int, k: int
+) -> tuple[Any, int | None]:
+    """(seed, subseed) of batch ``k`` of an A1111 batch count (``n_iter``) whose first batch has ``seed`` and
+    ``subseed``: the batches continue one run's seeds, batch k at ``seed + k * batch``; with variation seeds on
+    (``subseed_strength`` not 0) every image keeps the seed and the variation seed continues, ``subseed + k *
+    batch`` (A1111's ``all_seeds`` / ``all_subseeds``). A list of per-row seeds is kept for every batch."""
+    if not isinstance(seed, list) and not subseed_strength:
+        seed = int(seed) + k * batch
+    return seed, None if subseed is None else int(subseed) + k * batch
+
+
+__all__ = [
+    "MAX_CFG_SCALE",
+    "MAX_MASK_BLUR",
+    "MAX_SEED",
+    "MAX_SEED_RESIZE",
+    "GenerationRequest",
+    "LoRAInput",
+    "batch_count_seeds",
+]

@@ -697,6 +697,8 @@ class Worker(threading.Thread):
         except (SdengineError, OSError, ValueError) as e:
             m.finish(job, FAILED, f"cannot load model {g.model_name!r}: {e}")
             return
+        from sdengine.pipeline.request import batch_count_seeds
+
         seeds = g.kwargs["seed"]  # a list: one seed per row, the same for every iteration (A1111's variations)
         batch = int(g.kwargs["batch_size"])
         subseed = g.kwargs.get("subseed")
@@ -704,9 +706,10 @@ class Worker(threading.Thread):
         for it in range(g.n_iter):
             if job.cancel.is_set():
                 break
-            kwargs = dict(g.kwargs, seed=seeds if isinstance(seeds, list) else int(seeds) + it * batch)
-            if subseed is not None:  # the variation seeds continue over the iterations, as the seeds do
-                kwargs["subseed"] = int(subseed) + it * batch
+            seed, sub = batch_count_seeds(seeds, subseed, g.kwargs.get("subseed_strength") or 0.0, batch, it)
+            kwargs = dict(g.kwargs, seed=seed)
+            if sub is not None:
+                kwargs["subseed"] = sub
             run_steps = [0]
             previewer = LatentPreviewer(m.preview_rgb(pipe))
 
