@@ -216,10 +216,22 @@ def make_server(app: FastAPI, *, host: str, port: int, grace: float = 10.0, **uv
 _ERROR_SCHEMA = {
     "type": "object",
     "properties": {
-        "detail": {"type": "string"},
-        "error": {"type": "object", "properties": {"message": {"type": "string"}, "type": {"type": "string"}}},
+        # one line; a request the schemas refuse has FastAPI's list of what each field got wrong
+        "detail": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            },
+            "required": ["message", "type"],
+        },
     },
+    "required": ["error"],
 }
+OPENAI_IMAGE_ROUTES = "/v1/images/generations", "/v1/images/edits", "/v1/images/variations"
 _PNG = {"image/png": {"schema": {"type": "string", "format": "binary"}}}
 _NATIVE_ERRORS = {  # the native routes' answers besides 200 and 422, as they really are
     ("post", "/v1/jobs"): {
@@ -268,6 +280,9 @@ def _install_openapi(app: FastAPI, config: ServerConfig) -> None:
                 if "maximum" in option:
                     option["maximum"] = maximum
         schemas["Error"] = _ERROR_SCHEMA
+        from sdengine.server import openai_images
+
+        openai_images.openapi_paths(spec, config, {"$ref": "#/components/schemas/Error"})
         paths = spec.get("paths", {})
 
         def ok(path: str, method: str, content: dict[str, Any]) -> None:
@@ -331,7 +346,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(validation_body(exc.errors()), status_code=422)
+        # OpenAI answers a field of the wrong type or out of range with 400 (the client's BadRequestError)
+        status = 400 if request.url.path.startswith(OPENAI_IMAGE_ROUTES) else 422
+        return JSONResponse(validation_body(exc.errors()), status_code=status)
 
     from starlette.exceptions import HTTPException
 
@@ -701,3 +718,22 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 for e in catalog.models()
             ],
         }
+
+    @app.get("/v1/models/{model_id:path}", tags=["native", "openai"])
+    def model(model_id: str) -> Any:
+        """One entry of GET /v1/models (OpenAI's ``models.retrieve``); an OpenAI name (``gpt-image-1``...) is the
+        server's current model, as the image routes take it. Unknown: 404 in OpenAI's shape."""
+        from sdengine.server.openai_images import OPENAI_MODEL_PREFIXES
+
+        entries = models()["data"]
+        for entry in entries:
+            if entry["id"] == model_id:
+                return entry
+        if model_id.lower().startswith(OPENAI_MODEL_PREFIXES):
+            for entry in entries:
+                if entry["current"]:
+                    return {**entry, "id": model_id}
+        message = f"model {model_id!r} does not exist here (GET /v1/models lists them)"
+        body = error_body(message, "invalid_request_error")
+        body["error"].update(param="model", code="model_not_found")
+        return JSONResponse(body, status_code=404)
