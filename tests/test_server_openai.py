@@ -267,6 +267,7 @@ def test_values_the_server_cannot_honour_are_refused(client):
     with pytest.raises(openai.BadRequestError, match="prompt may be at most 32000 characters, got 32001"):
         client.images.edit(image=init, prompt="x" * 32001, extra_body=FAST)
     refused = [({"size": "0x64"}, "size"), ({"size": "60x60"}, "size"), ({"model": "nope"}, "model")]
+    refused.append(({"size": "1024x1024"}, "size"))  # over 8x the model's training size: refused as it runs
     for body, param in [*refused, ({"sampler": "nope"}, "sampler")]:
         with pytest.raises(openai.BadRequestError) as e:  # the pipeline's refusals too; a width is the size's
             client.images.generate(prompt="x", extra_body={**FAST, **body})

@@ -143,10 +143,11 @@ def check_fields(route: str, names: Any) -> None:
 
 def param_of(message: str) -> str | None:
     """The request field an error message is about, for OpenAI's ``error.param``: its first word ("size must ...",
-    "unknown model ..."); ``width``/``height`` come from ``size``."""
+    "unknown model ..."); ``width``/``height`` and a ``WxH`` the model refuses ("1024x1024 is too large ...") come
+    from ``size``."""
     words = message.removeprefix("unknown ").split(" ", 1)
     word = words[0].strip("'\":,")
-    word = "size" if word in ("width", "height") else word
+    word = "size" if word in ("width", "height") or _SIZE.match(word) else word
     return word if word in PARAMS else None
 
 
