@@ -529,3 +529,13 @@ def test_openapi_document_matches_the_openai_routes(server):
     assert [(name, data["type"]) for name, data in events] == [(None, "error")], events
     schema = ops["generations"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
     assert not problems(spec, schema, events[0][1]), events
+
+
+def test_a_body_that_is_not_json_is_a_400_about_no_field(server):
+    """A broken JSON body said ``0: JSON decode error`` with ``param`` "0" (the character position read as a field
+    name); now one line saying what is wrong, no ``param``, a 400 as OpenAI's."""
+    headers = {**KEY, "content-type": "application/json"}
+    r = httpx.post(f"{server.url}/v1/images/generations", content=b'{"prompt": "a",', headers=headers)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == "the body is not valid JSON (it breaks at character 15)", r.text
+    assert r.json()["error"]["param"] is None

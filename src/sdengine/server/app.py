@@ -384,6 +384,9 @@ def validation_body(errors: Any) -> dict[str, Any]:
     first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
     loc = [str(x) for x in first.get("loc", []) if x != "body"]
     message = f"{'.'.join(loc) or 'request'}: {first.get('msg', 'invalid')}"
+    if first.get("type") == "json_invalid":  # its loc is the character where the JSON broke, not a field
+        message = f"the body is not valid JSON (it breaks at character {'.'.join(loc) or '?'})"
+        loc = []
     if len(detail) > 1:
         message += f" (and {len(detail) - 1} more)"
     error = {"message": message, "type": "invalid_request_error", "param": loc[0] if loc else None, "code": None}
