@@ -100,6 +100,12 @@ def test_edit_with_mask_and_with_a_one_item_list(client, server):
     ref = emoji()("a star", init_image=init, strength=0.5, width=64, height=64, progress=False, **FAST)
     assert len(r2.data) == 1 and r2.quality == "medium" and r2.size == "64x64"
     np.testing.assert_array_equal(np.asarray(b64_image(r2.data[0].b64_json).convert("RGB")), np.asarray(ref.images[0]))
+    opaque = Image.new("RGBA", (64, 64), (255, 255, 255, 255))  # white, the usual "edit here" of other tools
+    opaque.paste((0, 0, 0, 255), (0, 0, 32, 64))
+    with pytest.raises(openai.BadRequestError, match="mask has no fully transparent pixel, so nothing would be") as e:
+        black_and_white = ("m.png", png(opaque), "image/png")
+        client.images.edit(image=("i.png", png(init), "image/png"), mask=black_and_white, prompt="a", extra_body=FAST)
+    assert e.value.param == "mask"  # it answered the image unchanged
     with pytest.raises(openai.BadRequestError, match=r"the mask \(32x32\) and the image \(64x64\) must be the same"):
         client.images.edit(
             image=("init.png", png(init), "image/png"),

@@ -13,7 +13,8 @@ What the ``openai`` client sends maps onto the pipeline this way:
   type or out of range is a 400 too (OpenAI's status; the native routes answer those 422).
 * ``edits``: one image (``image``, or the client's one-item list ``image[]``). Several are refused: OpenAI's GPT
   image models combine them into one new picture (the mask being the first image's), which img2img cannot.
-  ``mask`` follows OpenAI: fully transparent pixels (alpha 0) are the part to repaint; without a mask, the
+  ``mask`` follows OpenAI: fully transparent pixels (alpha 0) are the part to repaint (a mask without one, which
+  would edit nothing, is refused); without a mask, the
   image's own transparency is its mask; with neither, the whole image is redrawn (img2img, strength 0.75).
 * ``variations``: img2img of the one image with an empty prompt (strength 0.75; ``prompt`` is an extension).
 * sdengine extensions (sent with the client's ``extra_body``; OpenAI itself refuses them): ``seed``, ``steps``,
@@ -229,6 +230,11 @@ def openai_mask(mask: Image.Image) -> Image.Image:
     if mask.mode not in ("RGBA", "LA") and "transparency" not in mask.info:
         raise BadRequest("mask must be a PNG with an alpha channel: transparent pixels mark what to edit")
     alpha = np.asarray(mask.convert("RGBA"))[..., 3]
+    if not (alpha == 0).any():  # the answer would be the image unchanged; often a black-and-white mask, opaque
+        raise BadRequest(
+            "mask has no fully transparent pixel, so nothing would be edited: alpha 0 marks what to edit "
+            "(black or white pixels do not)"
+        )
     return Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), "L")
 
 
