@@ -14,8 +14,8 @@ What the ``openai`` client sends maps onto the pipeline this way:
 * ``edits``: one image (``image``, or the client's one-item list ``image[]``). Several are refused: OpenAI's GPT
   image models combine them into one new picture (the mask being the first image's), which img2img cannot.
   ``mask`` follows OpenAI: fully transparent pixels (alpha 0) are the part to repaint (a mask without one, which
-  would edit nothing, is refused); without a mask, the
-  image's own transparency is its mask; with neither, the whole image is redrawn (img2img, strength 0.75).
+  would edit nothing, is refused); without a mask, the image's own transparency is its mask; with neither, the
+  whole image is redrawn (img2img, strength 0.75).
 * ``variations``: img2img of the one image with an empty prompt (strength 0.75; ``prompt`` is an extension).
 * sdengine extensions (sent with the client's ``extra_body``; OpenAI itself refuses them): ``seed``, ``steps``,
   ``negative_prompt``, ``cfg_scale``, ``sampler``, ``schedule``, and ``strength`` (edits, variations).
