@@ -73,7 +73,8 @@ def test_generate_n2_b64_and_url(client, server):
     assert r.quality == "auto" and j.quality == "auto"  # the answer's quality: the request's, auto when not sent
 
 
-def test_edit_with_mask_and_with_a_one_item_list(client, server):
+def test_edit_with_mask_and_with_a_list_of_images(client, server):
+    """A mask (OpenAI's alpha 0), a one-item list (the client's image[]), the mask refusals."""
     init = Image.new("RGB", (64, 64), (250, 200, 40))
     mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
     mask.paste((0, 0, 0, 0), (16, 16, 48, 48))  # transparent = edit
