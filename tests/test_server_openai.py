@@ -67,6 +67,8 @@ def test_generate_n2_b64_and_url(client, server):
         client.images.generate(prompt="x", size="big")
     with pytest.raises(openai.BadRequestError, match=r"n must be in \[1, 8\] on this server, got 10"):
         client.images.generate(prompt="x", n=10, size="64x64")  # the client's field, not the batch_size it becomes
+    with pytest.raises(openai.BadRequestError, match=r"n must be in \[1, 8\] on this server, got 100"):
+        client.images.generate(prompt="x", n=100, size="64x64")  # not the schema's own 64, which this server is not
     with pytest.raises(openai.BadRequestError, match="n: Input should be greater than or equal to 1") as e:
         client.images.generate(prompt="x", n=0, size="64x64")  # the schema's refusal: a 400 as OpenAI's, not 422
     assert (e.value.status_code, e.value.param) == (400, "n")

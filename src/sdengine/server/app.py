@@ -273,7 +273,6 @@ def _install_openapi(app: FastAPI, config: ServerConfig) -> None:
             ("HiresSpec", "hr_second_pass_steps", config.max_steps),
             ("HiresSpec", "hr_resize_x", config.max_side),
             ("HiresSpec", "hr_resize_y", config.max_side),
-            ("GenerationsRequest", "n", config.max_batch),  # OpenAI's images per request
         ):
             prop = schemas.get(schema, {}).get("properties", {}).get(name, {})
             for option in [prop, *prop.get("anyOf", [])]:

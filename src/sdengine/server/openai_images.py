@@ -94,7 +94,7 @@ class GenerationsRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     prompt: str = Field(..., max_length=MAX_PROMPT)
     model: str | None = None
-    n: int | None = Field(1, ge=1, le=64)
+    n: int | None = Field(1, ge=1)  # at most --max-batch-size: checked (and documented) with that limit
     size: str | None = None
     response_format: str | None = "b64_json"
     output_format: str | None = "png"
@@ -708,6 +708,8 @@ def openapi_paths(spec: dict[str, Any], config: Any, error_ref: dict[str, Any]) 
                 for option in [prop, *prop.get("anyOf", [])]:
                     if option.get("type") == "string" and "enum" in fields.get(name, {}):
                         option["enum"] = fields[name]["enum"]
+                    if option.get("type") == "integer" and "maximum" in fields.get(name, {}):
+                        option["maximum"] = fields[name]["maximum"]  # n: this server's --max-batch-size
             body["additionalProperties"] = False
         else:
             schemas[f"{route.title()}Request"] = request_schema(route, config)
