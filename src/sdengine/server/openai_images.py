@@ -620,7 +620,10 @@ def request_schema(route: str, config: Any) -> dict[str, Any]:
     if route != "generations":  # the openai client sends a list of images as image[]
         props["image[]"] = {"type": "array", "items": _BINARY, "minItems": 1, "maxItems": 1}
     required = {"generations": ["prompt"], "edits": ["prompt"], "variations": []}[route]
-    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+    body = {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+    if route != "generations":  # the image, under either name
+        body["oneOf"] = [{"required": ["image"]}, {"required": ["image[]"]}]
+    return body
 
 
 def event_schema(kind: str, event: str) -> dict[str, Any]:
