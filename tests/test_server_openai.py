@@ -384,6 +384,8 @@ def test_models_retrieve(client):
     with pytest.raises(openai.NotFoundError, match="model 'nope' does not exist here") as e:
         client.models.retrieve("nope")
     assert (e.value.type, e.value.param, e.value.code) == ("invalid_request_error", "model", "model_not_found")
+    spec = httpx.get(f"{client.base_url}".removesuffix("/v1/") + "/openapi.json").json()
+    assert "404" in spec["paths"]["/v1/models/{model_id}"]["get"]["responses"]
 
 
 def resolve(spec: dict, node: dict) -> dict:

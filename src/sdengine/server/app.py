@@ -246,6 +246,7 @@ _NATIVE_ERRORS = {  # the native routes' answers besides 200 and 422, as they re
     ("get", "/v1/jobs/{job_id}/events"): {"404": "no such job (or forgotten)"},
     ("get", "/v1/jobs/{job_id}/preview"): {"400": "no preview yet", "404": "no such job (or forgotten)"},
     ("get", "/v1/images/{name}"): {"400": "not a PNG name in the outputs folder", "404": "no such image"},
+    ("get", "/v1/models/{model_id}"): {"404": "no such model (OpenAI's shape: param model, code model_not_found)"},
 }
 
 
