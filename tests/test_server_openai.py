@@ -175,6 +175,9 @@ def test_streamed_generation_sends_partial_images_then_the_image(client, server)
         client.images.generate(prompt="x", size="60x60", stream=True, extra_body={"steps": 2})
     assert (e.value.status_code, e.value.type, e.value.param) == (400, "invalid_request_error", "size")
     assert newest_job(server)["id"] == before
+    with pytest.raises(openai.BadRequestError, match="width 1024 is over emoji's limit: each side may be at most 512"):
+        client.images.generate(prompt="x", size="1024x1024", stream=True, extra_body={"steps": 2})  # was an error event
+    assert newest_job(server)["id"] == before
     # a job that fails once the stream has started (here: cancelled mid-run) ends it with one error event
     late = client.images.generate(prompt="x", size="64x64", stream=True, extra_body={"steps": 150, "seed": 1})
     job = newest_job(server)
@@ -276,7 +279,7 @@ def test_values_the_server_cannot_honour_are_refused(client):
     with pytest.raises(openai.BadRequestError, match="prompt may be at most 32000 characters, got 32001"):
         client.images.edit(image=init, prompt="x" * 32001, extra_body=FAST)
     refused = [({"size": "0x64"}, "size"), ({"size": "60x60"}, "size"), ({"model": "nope"}, "model")]
-    refused.append(({"size": "1024x1024"}, "size"))  # over 8x the model's training size: refused as it runs
+    refused.append(({"size": "1024x1024"}, "size"))  # over 8x the model's training size
     for body, param in [*refused, ({"sampler": "nope"}, "sampler")]:
         with pytest.raises(openai.BadRequestError) as e:  # the pipeline's refusals too; a width is the size's
             client.images.generate(prompt="x", extra_body={**FAST, **body})

@@ -520,8 +520,24 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 "tiny_vae_encoder); encode with 'full'"
             )
 
+    def check_not_too_large(generation: Generation) -> None:
+        """A width or height over the model's limit (8x its training size) is a 400 now, when a worker holds the
+        model (its exact limit), instead of a queued job (or a started stream) that fails when it runs."""
+        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        if loaded is None or not callable(getattr(loaded, "max_side", None)):
+            return
+        limit = int(loaded.max_side())
+        for what in ("width", "height"):
+            value = generation.kwargs.get(what)
+            if value is not None and value > limit:
+                raise BadRequest(
+                    f"{what} {value} is over {generation.model_name}'s limit: each side may be at most {limit} px "
+                    "(larger sizes take very long and only repeat the subject)"
+                )
+
     def precheck(generation: Generation) -> None:
         check_size_multiple(generation)
+        check_not_too_large(generation)
         check_tiny_vae(generation)
 
     services.precheck = precheck
