@@ -132,6 +132,8 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         max_batch_rows=config.max_batch,
         preview=config.preview,
         affinity_s=config.model_affinity_s,
+        max_queued_per_client=config.max_queued_per_client,
+        fair=config.fair_queue,
     )
     services = Services(
         config,
