@@ -170,3 +170,32 @@ def test_an_openai_edit_of_more_images_than_a_clients_share_is_a_400_not_a_429(h
         with pytest.raises(httpx.ReadTimeout):
             c.post("/v1/images/edits", data={"prompt": "a star"}, files=files[:2], timeout=1.0)
         assert len(manager.jobs()) == 3
+
+
+def test_an_a1111_skip_of_a_queued_job_leaves_it_alone(held_server) -> None:
+    """``/sdapi/v1/skip`` with the ``id_task`` of a job still queued set its skip flag, so its first batch was
+    skipped at its first step once it ran (no image); A1111 clears a skip when a job begins: nothing is skipped."""
+    manager = held_server.services.manager
+    with httpx.Client(base_url=held_server.url, timeout=30) as c:
+        c.post("/v1/jobs", json=JOB, headers={"x-forwarded-for": "10.0.0.9"})
+        for _ in range(200):  # bounded: another client's job holds the worker
+            if manager.running():
+                break
+            threading.Event().wait(0.01)
+        body = {"prompt": "a star", "steps": 2, "width": 64, "height": 64, "force_task_id": "task-1"}
+        waiting = threading.Thread(
+            target=lambda: httpx.post(f"{held_server.url}/sdapi/v1/txt2img", json=body, timeout=5)
+        )
+        waiting.start()
+        for _ in range(300):
+            if manager.by_task_id("task-1") is not None:
+                break
+            threading.Event().wait(0.01)
+        job = manager.by_task_id("task-1")
+        assert job is not None and job.state == "queued"
+        r = c.post("/sdapi/v1/skip", json={"id_task": "task-1"})
+        assert r.status_code == 200 and r.json()["skipped"] == []
+        assert not job.skip.is_set()
+        assert c.post("/sdapi/v1/interrupt", json={"id_task": "task-1"}).json()["interrupted"] == ["task-1"]
+        assert job.state == "cancelled"  # interrupting a queued job does take it out of the queue
+        waiting.join(10)
