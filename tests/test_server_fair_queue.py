@@ -45,6 +45,10 @@ def test_round_robin_between_clients(tmp_path) -> None:
     # A's and B's jobs run; a new client's job goes ahead of their queued ones
     d1 = queued(m, "D")
     assert m.queued() == [c1, d1, a[1], b2, a[2], a[3]]
+    # a job that has waited the bound is not overtaken any more: a stream of new clients cannot starve it
+    m.queued()[-1].created -= 61  # A's last job
+    e1 = queued(m, "E")
+    assert m.queued()[-1] is e1
     # one client alone: FIFO as before
     solo = manager(tmp_path)
     jobs = [queued(solo, "A") for _ in range(3)]

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = frozenset({DONE, FAILED, CANCELLED})
 SSE_KEEPALIVE_S = 15.0  # an event stream sends a comment line after this many seconds of silence
+FAIR_WAIT_S = 60.0  # round robin never places a new job ahead of one that has waited this long (nothing starves)
 DISCONNECT_POLL_S = 0.5  # an event stream asks whether its client is still there this often while silent
 
 Loader = Callable[[str, str], Any]  # (model reference, device) -> a pipeline
@@ -335,6 +336,7 @@ class JobManager:
         affinity_s: float = 30.0,
         max_queued_per_client: int = 0,
         fair: bool = True,
+        fair_wait_s: float = FAIR_WAIT_S,
     ) -> None:
         self.loader = loader
         self.outputs_dir = Path(outputs_dir)
@@ -347,6 +349,7 @@ class JobManager:
         self.affinity_s = affinity_s  # longest a job is skipped for one of a worker's loaded model (0: FIFO)
         self.max_queued_per_client = max(0, max_queued_per_client)  # a client's most queued jobs (0: no limit)
         self.fair = fair  # place a client's job after one job of every other client with as many queued (round robin)
+        self.fair_wait_s = fair_wait_s  # a job that has waited this long is not overtaken by a new one any more
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
@@ -458,15 +461,19 @@ class JobManager:
     def _fair_index(self, owner: str | None) -> int:
         """Where a job of ``owner`` goes (lock held): before the first queued job that is a later turn of its own
         client than this one's turn, a client's turn counting its running jobs, then its queued ones in order:
-        round robin between clients (a client whose job is running waits behind another's first job)."""
+        round robin between clients (a client whose job is running waits behind another's first job). Never ahead
+        of a job that has waited ``fair_wait_s`` or more: new clients arriving all the time cannot starve a client's
+        later jobs."""
         seen: dict[str | None, int] = {}
         for j in self._jobs.values():
             if j.state == RUNNING:
                 seen[j.owner] = seen.get(j.owner, 0) + 1
         turn = seen.get(owner, 0) + sum(1 for j in self._queue if j.owner == owner)
+        now = time.time()
+        floor = max((i + 1 for i, j in enumerate(self._queue) if now - j.created >= self.fair_wait_s), default=0)
         for i, j in enumerate(self._queue):
             t = seen.get(j.owner, 0)
-            if t > turn:
+            if t > turn and i >= floor:
                 return i
             seen[j.owner] = t + 1
         return len(self._queue)
