@@ -105,6 +105,7 @@ def test_a_client_over_its_share_gets_429_while_others_are_served(held_server) -
         assert [r.status_code for r in a] == [202, 202, 429]
         assert int(a[2].headers["retry-after"]) >= 1
         assert "already has 2 jobs waiting" in a[2].json()["detail"]
+        assert a[2].json()["error"]["type"] == "ClientQueueFull"
         b = c.post("/v1/jobs", json=JOB, headers={"x-forwarded-for": "10.0.0.2"})
         assert b.status_code == 202 and b.json()["position"] == 0  # ahead of A's second turn
         ids = [r.json()["id"] for r in a[:2]]

@@ -50,7 +50,7 @@ from typing import Any
 from PIL import Image
 
 from sdengine.errors import SdengineError
-from sdengine.server.errors import BadRequest, NotFound, QueueFull, ServerStopping
+from sdengine.server.errors import BadRequest, ClientQueueFull, NotFound, QueueFull, ServerStopping
 from sdengine.server.requests import Generation
 from sdengine.server.security import REQUEST_CLIENT
 
@@ -439,9 +439,9 @@ class JobManager:
             if self.max_queued_per_client:
                 own = [i for i, j in enumerate(self._queue) if j.owner == job.owner]
                 if len(own) >= self.max_queued_per_client:
-                    raise QueueFull(
-                        f"this client ({job.owner}) already has {len(own)} jobs waiting, its most "
-                        f"(--max-queued-per-client {self.max_queued_per_client}); retry when one has started",
+                    raise ClientQueueFull(
+                        f"this client ({job.owner}) already has {len(own)} job{'s' * (len(own) != 1)} waiting, its "
+                        f"most (--max-queued-per-client {self.max_queued_per_client}); retry when one has started",
                         retry_after=max(1, (own[0] + 1) // busy),
                     )
             if place is not None:
