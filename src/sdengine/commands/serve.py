@@ -23,6 +23,10 @@ def run(a: argparse.Namespace) -> int:
     # Limits that would refuse every job or every request are a mistake: said now, not as a 429 / 413 per request.
     if not 0 <= a.model_affinity < float("inf"):
         raise ServerConfigError(f"--model-affinity must be a number of seconds >= 0, got {a.model_affinity}")
+    if a.max_queued_per_client < 0:
+        raise ServerConfigError(
+            f"--max-queued-per-client must be >= 0 (0 = no limit per client), got {a.max_queued_per_client}"
+        )
     if a.max_queue < 1:
         raise ServerConfigError(f"--max-queue must be >= 1 (jobs that may wait), got {a.max_queue}")
     if not a.max_body_mb > 0 or a.max_body_mb == float("inf"):
@@ -72,6 +76,8 @@ def run(a: argparse.Namespace) -> int:
         insecure_no_auth=a.insecure_no_auth,
         cors_origins=tuple(o.strip() for o in (a.cors_origins or "").split(",") if o.strip()),
         max_queue=a.max_queue,
+        max_queued_per_client=a.max_queued_per_client,
+        fair_queue=a.queue_order == "fair",
         max_batch_jobs=a.max_batch,
         max_steps=a.max_steps,
         model_affinity_s=a.model_affinity,
@@ -143,6 +149,20 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback host without a key")
     p.add_argument("--cors-origins", default=None, help="comma-separated browser origins allowed to call the API")
     p.add_argument("--max-queue", type=int, default=64, help="jobs waiting before new ones get 429")
+    p.add_argument(
+        "--max-queued-per-client",
+        type=int,
+        default=0,
+        metavar="N",
+        help="jobs one client (address) may have waiting before its next gets 429 (0 = no limit but --max-queue)",
+    )
+    p.add_argument(
+        "--queue-order",
+        choices=["fair", "fifo"],
+        default="fair",
+        help="fair: round robin between clients' jobs (one client's many jobs never hold back another's); "
+        "fifo: one queue in arrival order",
+    )
     p.add_argument(
         "--max-batch", type=int, default=4, help="compatible queued jobs run as one batch, at most this many (1 = off)"
     )

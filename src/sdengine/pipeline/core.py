@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -588,8 +588,8 @@ class Pipeline:
             handle = apply_loras(self.unet, self.text_encoder, lora_list, lora_dir, text_encoder_2=te2)
         try:
             with torch.inference_mode():
-                if request.tiling:  # the U-Net's and the VAE's convolutions, as A1111's (not ControlNets'); and
-                    # the tiny VAE's, which A1111 leaves out (its TAESD decode then has seams at the edges)
+                if request.tiling:  # the U-Net's and the VAE's convolutions, as A1111's; and the tiny VAE's and
+                    # the ControlNets' (in generate), which A1111 leaves out (a decode or a residual that seams)
                     self._tiling = True
                     with circular_padding(self.unet, self.vae, self.tiny_vae):
                         images = self.generate(p)
@@ -862,6 +862,11 @@ class Pipeline:
         )
         init_latent = start.init_latent if start.from_init else None
         plan = self.loop_plan(p, init_latent is not None, first)
+        padding = ExitStack()
+        if units and self._tiling:
+            # Tiling: the ControlNets' convolutions pad circularly too (A1111 leaves them at zeros, so their
+            # residuals differ at the edges and the image may seam); the control map is read as tiling as well.
+            padding.enter_context(circular_padding(*(u.net for u in net.units)))
         try:
             x_loop = None
             if replay_loop:  # every step in one replay (sdengine.pipeline.loop_graph); the callback once, at the end
@@ -881,6 +886,7 @@ class Pipeline:
             raise Cancelled(e.step + 1, run_steps, vae_utils.latent_preview(e.denoised)) from None
         finally:
             bar.close()
+            padding.close()
         if blend is not None:
             x = blend.finish(x)
         require_finite(x, "latents after sampling")  # before the VAE: a NaN latent decodes to black

@@ -1125,7 +1125,9 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.post("/sdapi/v1/skip", tags=["a1111"])
     async def skip(request: Request) -> dict[str, Any]:
-        jobs = await targets(request)
+        # a running job's current batch only: a queued job has none yet, and A1111 clears a skip when a job begins
+        # (State.begin), so a skip sent to a job still waiting used to eat its first batch once it ran
+        jobs = [j for j in await targets(request) if j.state == "running"]
         for j in jobs:
             j.skip.set()
         return {"skipped": [j.task_id for j in jobs]}

@@ -132,6 +132,8 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         max_batch_rows=config.max_batch,
         preview=config.preview,
         affinity_s=config.model_affinity_s,
+        max_queued_per_client=config.max_queued_per_client,
+        fair=config.fair_queue,
     )
     services = Services(
         config,
@@ -237,7 +239,7 @@ _NATIVE_ERRORS = {  # the native routes' answers besides 200 and 422, as they re
     ("post", "/v1/jobs"): {
         "400": "a value the server or the pipeline refuses (one line)",
         "413": "body or image over the limits",
-        "429": "the queue is full (Retry-After)",
+        "429": "the queue, or this client's share of it (--max-queued-per-client), is full (Retry-After)",
         "503": "the server is stopping (Retry-After)",
     },
     ("post", "/v1/uploads"): {"400": "not a PNG, JPEG or WebP image", "413": "body or image over the limits"},

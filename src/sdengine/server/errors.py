@@ -47,6 +47,10 @@ class QueueFull(ServerError):
         self.retry_after = retry_after
 
 
+class ClientQueueFull(QueueFull):
+    """This client already has its share of the queue waiting (``--max-queued-per-client``); others are served."""
+
+
 class ServerStopping(QueueFull):
     """The server is shutting down: no job is accepted (503, which a load balancer retries on another server)."""
 
