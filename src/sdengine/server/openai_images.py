@@ -287,13 +287,6 @@ def install(app: FastAPI, services: Any) -> None:
         gens = [await run_in_threadpool(functools.partial(services.build, **f)) for f in fields_list]
         for g in gens:  # a size off the model's multiple: a 400 (param size) before any job is queued
             services.precheck(g)
-        m = services.manager
-        for most, what in ((m.max_queued_per_client, "a client may have"), (m.max_queue, "the queue holds")):
-            if most and len(gens) > most:  # a 429 would never pass: retrying cannot help
-                raise BadRequest(
-                    f"image: this request makes {len(gens)} jobs (one per image) but {what} at most {most} waiting "
-                    f"on this server; send at most {most} images per request"
-                )
         jobs: list[Job] = []
         try:
             for g in gens:
