@@ -825,3 +825,35 @@ def test_controlnet_detected_maps_are_appended(api):
     r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **hr, **COMMON)
     assert [im.size for im in r.images] == [(128, 128), (128, 128), (64, 64)]
     np.testing.assert_array_equal(arr(r.images[2]), arr(want))
+
+
+def test_churn_and_s_noise_are_k_diffusions_options_as_a1111_passes_them(api):
+    """s_churn / s_tmin / s_tmax / s_noise (once listed as ignored): passed to the samplers A1111 passes them to
+    (churn: Euler, Heun, DPM2; s_noise: those and DPM2 a, DPM++ SDE, DPM++ 2M SDE), written in the infotext as
+    A1111 writes them (only when not the default; s_tmax 0 = no bound) and read back from it."""
+    kw = {"schedule": "karras", "progress": False, **COMMON}
+    body = {"prompt": "a cat", "seed": 6, "scheduler": "Karras", **COMMON}
+    r = api.txt2img(prompt="a cat", seed=6, sampler_name="Euler", scheduler="Karras", s_churn=2.0, s_tmin=0.5,
+                    s_noise=0.9, **COMMON)  # fmt: skip
+    options = {"s_churn": 2.0, "s_tmin": 0.5, "s_noise": 0.9}
+    want = emoji()("a cat", seed=6, sampler="euler", sampler_options=options, **kw)
+    plain = emoji()("a cat", seed=6, sampler="euler", **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert not np.array_equal(arr(want.images[0]), arr(plain.images[0])) and r.info["ignored"] == []
+    text = r.info["infotexts"][0]
+    assert "Sigma churn: 2," in text and "Sigma tmin: 0.5," in text and "Sigma noise: 0.9," in text, text
+    assert "Sigma tmax" not in text and "Sampler options" not in text
+    again = api.custom_post("txt2img", {"infotext": text, **COMMON}, baseurl=True)  # read back from the infotext
+    np.testing.assert_array_equal(arr(again.image), arr(want.images[0]))
+    # s_noise scales DPM2 a's fresh noise
+    r = api.custom_post("txt2img", {**body, "sampler_name": "DPM2 a", "s_noise": 0.5}, baseurl=True)
+    want = emoji()("a cat", seed=6, sampler="dpm2_a", sampler_options={"s_noise": 0.5}, **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert "Sigma noise: 0.5" in r.info["infotexts"][0]
+    # a sampler that takes none (DPM++ 2M; in A1111 too) is the plain image, and the answer says so
+    r = api.custom_post("txt2img", {**body, "sampler_name": "DPM++ 2M", "s_churn": 2.0}, baseurl=True)
+    plain = emoji()("a cat", seed=6, sampler="dpmpp_2m", **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(plain.images[0]))
+    assert r.info["ignored"] == [] and any(n.startswith("s_churn: the sampler DPM++ 2M") for n in r.info["notes"])
+    bad = httpx.post(f"{api.baseurl}/txt2img", json={**body, "sampler_name": "Euler", "s_churn": 500}, timeout=30)
+    assert bad.status_code == 400 and "s_churn must be a number in [0, 100]" in bad.text, bad.text

@@ -437,7 +437,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
         "Pad conds",  # A1111's padding of the shorter of prompt and negative prompt: what sdengine always does
     }
     if options:
-        used |= {"Eta", "Eta DDIM"}
+        used |= {"Eta", "Eta DDIM", *(A1111_SAMPLER_FIELDS[k] for k in options if k in A1111_SAMPLER_FIELDS)}
     # "ControlNet N" fields (and their step rule) are the caller's: they need the control image (see
     # recorded_controlnets)
     used.add("ControlNet step rule")
@@ -447,9 +447,27 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
     return kwargs
 
 
+# sampler options A1111 writes under its own names (its KDiffusionSampler.initialize; only where not the default)
+A1111_SAMPLER_FIELDS = {
+    "s_churn": "Sigma churn",
+    "s_tmin": "Sigma tmin",
+    "s_tmax": "Sigma tmax",
+    "s_noise": "Sigma noise",
+}
+
+
 def _sampler_options(parsed: Mapping[str, str], sampler: str | None) -> dict[str, Any]:
     """``sampler_options`` from sdengine's "Sampler options" field (JSON), else from A1111's "Eta" (its
     ancestral samplers) or "Eta DDIM" when the sampler takes an ``eta``."""
+    from sdengine.diffusion.sampling import sampler_option_names
+
+    takes = set(sampler_option_names(sampler)) if sampler is not None else set()
+    # A1111's "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise" (k-diffusion's options), where the sampler
+    # takes them (A1111 writes them only for the samplers it passes them to)
+    found: dict[str, Any] = {}
+    for key, name in A1111_SAMPLER_FIELDS.items():
+        if name in parsed and key in takes:
+            found[key] = _parse_float(parsed, name)
     if "Sampler options" in parsed:
         try:
             options = json.loads(parsed["Sampler options"])
@@ -459,13 +477,11 @@ def _sampler_options(parsed: Mapping[str, str], sampler: str | None) -> dict[str
             isinstance(k, str) and isinstance(v, int | float) and math.isfinite(v) for k, v in options.items()
         ):
             raise MetadataError(f"Sampler options: {parsed['Sampler options']!r} is not a JSON object of numbers")
-        return options
-    from sdengine.diffusion.sampling import sampler_option_names
-
+        return {**options, **found}
     key = "Eta DDIM" if sampler == "ddim" else "Eta"
-    if key in parsed and sampler is not None and "eta" in sampler_option_names(sampler):
-        return {"eta": _parse_float(parsed, key)}
-    return {}
+    if key in parsed and "eta" in takes:
+        found["eta"] = _parse_float(parsed, key)
+    return found
 
 
 def hires_fix_fields(parsed: Mapping[str, str]) -> dict[str, str]:

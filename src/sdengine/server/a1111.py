@@ -44,10 +44,6 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "restore_faces": (False, None),
     "do_not_save_samples": (False, True, None),
     "do_not_save_grid": (False, True, None),
-    "s_churn": (0, 0.0, None),
-    "s_tmax": (0, 0.0, None),
-    "s_tmin": (0, 0.0, None),
-    "s_noise": (1, 1.0, None),
     "override_settings_restore_afterwards": (True, None),  # false (keep them set) is not done: listed
     "script_args": None,  # read only with a script_name, which is refused
     "script_name": (None, ""),
@@ -97,31 +93,57 @@ SAME_SAMPLER = (None, "", "Use same sampler")  # A1111's UI value for "the first
 SAME_SCHEDULER = (None, "", "Use same scheduler")
 
 
-def eta_option(body: dict[str, Any], sampler: Any, schedule: Any, ignored: list[str]) -> dict[str, float] | None:
-    """A1111's ``eta`` as the sampler's option where the sampler takes one (its ancestral and SDE samplers,
-    DDIM); with a sampler that has none it changes nothing in A1111 either. With the hires fix, a second-pass
-    sampler without one makes it listed as ignored (sdengine gives both passes the same options)."""
-    eta = body.get("eta")
-    if eta is None:
+# A1111's sampler fields, passed to the samplers that take them as k-diffusion's options (A1111's
+# ``sampler_extra_params``: churn for Euler, Heun, DPM2; s_noise for those and DPM2 a, DPM++ SDE, DPM++ 2M SDE),
+# with the value that does nothing (not passed, as A1111 passes nothing then); ``eta`` has no such value.
+SAMPLER_FIELDS: dict[str, float | None] = {"eta": None, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
+
+
+def eta_option(
+    body: dict[str, Any], sampler: Any, schedule: Any, ignored: list[str], notes: list[str] | None = None
+) -> dict[str, float] | None:
+    """A1111's ``eta``, ``s_churn``, ``s_tmin``, ``s_tmax`` (0: no upper bound, as A1111) and ``s_noise`` as the
+    sampler's options where the sampler takes them (eta: its ancestral and SDE samplers, DDIM; the others as
+    A1111's ``sampler_extra_params``); with a sampler that has none it changes nothing in A1111 either (said in
+    ``notes`` for the s_* fields). With the hires fix, a second-pass sampler without one makes it listed as
+    ignored (sdengine gives both passes the same options)."""
+    from sdengine.server.requests import OPTION_LIMITS
+
+    wanted: dict[str, float] = {}
+    for key, neutral in SAMPLER_FIELDS.items():
+        v = body.get(key)
+        if v is None:
+            continue
+        lo, hi = OPTION_LIMITS[key]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not lo <= v <= hi:
+            raise BadRequest(f"{key} must be a number in [{lo:g}, {hi:g}], got {v!r}")
+        if v != neutral:
+            wanted[key] = float(v)
+    if not wanted:
         return None
-    if isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta) or not 0 <= eta <= 10:
-        raise BadRequest(f"eta must be a number in [0, 10], got {eta!r}")
     try:
         name, _ = sampling.resolve(sampler, schedule)
     except (ValueError, TypeError):
         return None  # the build names the bad sampler
-    if "eta" not in sampling.sampler_option_names(name):
-        return None
+    takes = set(sampling.sampler_option_names(name))
+    hr_takes = None
     hr = body.get("hr_sampler_name")
     if body.get("enable_hr") and hr not in SAME_SAMPLER:
         try:
             hr_name, _ = sampling.resolve(hr, None)
         except (ValueError, TypeError):
             return None
-        if "eta" not in sampling.sampler_option_names(hr_name):
-            ignored.append("eta")
-            return None
-    return {"eta": float(eta)}
+        hr_takes = set(sampling.sampler_option_names(hr_name))
+    out = {}
+    for key, v in wanted.items():
+        if key not in takes:
+            if key != "eta" and notes is not None:
+                notes.append(f"{key}: the sampler {sampling.SAMPLERS[name].a1111} does not use it (nor does A1111's)")
+        elif hr_takes is not None and key not in hr_takes:
+            ignored.append(key)
+        else:
+            out[key] = v
+    return out or None
 
 
 USED = {
@@ -151,6 +173,10 @@ USED = {
     "resize_mode",
     "disable_extra_networks",
     "eta",
+    "s_churn",
+    "s_tmin",
+    "s_tmax",
+    "s_noise",
     "tiling",
     "seed_resize_from_w",  # A1111's "Resize seed from": both above 0, else it does nothing (there too)
     "seed_resize_from_h",
@@ -695,6 +721,9 @@ def install(app: FastAPI, services: Any) -> None:
             raise BadRequest(f"infotext: {e}") from None
         sent = req.model_dump(exclude_unset=True)
         filled = {INFOTEXT_FIELDS[k]: v for k, v in found.items() if k in INFOTEXT_FIELDS}
+        for key, value in (found.get("sampler_options") or {}).items():  # "Eta", "Sigma churn", ...
+            if key in SAMPLER_FIELDS:
+                filled[key] = value
         filled = {k: v for k, v in filled.items() if k not in sent}
         over = dict(sent.get("override_settings") or {})
         settings = {
@@ -710,7 +739,12 @@ def install(app: FastAPI, services: Any) -> None:
         return type(req)(**{**sent, **filled})
 
     def generation_fields(
-        req: Txt2ImgRequest, body: dict[str, Any], ignored: list[str], init: str | None, image_mode: int | None = None
+        req: Txt2ImgRequest,
+        body: dict[str, Any],
+        ignored: list[str],
+        init: str | None,
+        image_mode: int | None = None,
+        notes: list[str] | None = None,
     ) -> dict[str, Any]:
         """The build_generation fields of a request. ``image_mode``: img2img's resize mode (0, 1, 2) for the
         init image; sdengine fits the init and the control images in one mode, so a unit of another mode is
@@ -748,7 +782,7 @@ def install(app: FastAPI, services: Any) -> None:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise BadRequest(f"seed_resize_from_{side} must be an integer, got {v!r}")
         sampler = req.sampler_name or req.sampler_index or "Euler"  # A1111's names and k_ aliases: sampling.resolve
-        sampler_options = eta_option(body, sampler, req.scheduler, ignored)
+        sampler_options = eta_option(body, sampler, req.scheduler, ignored, notes)
         prompt = req.prompt
         if body.get("disable_extra_networks"):  # A1111 takes the tags out of the prompt and applies none
             prompt = EXTRA_NETWORK.sub("", prompt) if isinstance(prompt, str) else prompt
@@ -926,7 +960,8 @@ def install(app: FastAPI, services: Any) -> None:
         ignored = _ignored(body, txt2img=True)
         if "resize_mode" in body:  # an img2img field (txt2img fits ControlNet images by their units' modes)
             ignored.append("resize_mode")
-        fields = generation_fields(req, body, ignored, None)
+        notes: list[str] = []
+        fields = generation_fields(req, body, ignored, None, notes=notes)
         if req.enable_hr:
             hires = {
                 "hr_scale": req.hr_scale,
@@ -941,7 +976,7 @@ def install(app: FastAPI, services: Any) -> None:
             }
             strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
             fields.update(hires=hires, strength=strength, strength_rule="a1111")  # A1111's step count
-        return await run(req, fields, ignored)
+        return await run(req, fields, ignored, notes=notes)
 
     @app.post("/sdapi/v1/img2img", tags=["a1111"])
     async def img2img(req: Img2ImgRequest) -> JSONResponse:
@@ -960,9 +995,9 @@ def install(app: FastAPI, services: Any) -> None:
         if isinstance(mode, bool) or mode not in RESIZE_MODES:  # 3, "Just resize (latent upscale)": not done
             ignored.append("resize_mode")
             mode = 0
-        fields = generation_fields(req, body, ignored, req.init_images[0], mode)
-        strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
         notes: list[str] = []
+        fields = generation_fields(req, body, ignored, req.init_images[0], mode, notes)
+        strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
         blur = _mask_blur(body)
         # A1111's step count: int(min(strength, 0.999) * steps) + 1 steps, one even at strength 0
         fields.update(init_image=req.init_images[0], mask=None, mask_blur=0.0, strength=strength, strength_rule="a1111")

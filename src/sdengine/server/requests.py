@@ -29,7 +29,16 @@ from sdengine.server.uploads import UploadStore
 
 ImageRef = str | Image.Image  # an upload id, base64, or an image already decoded by the route
 
-MAX_SEED = 2**53 - 1  # exact in JavaScript numbers, so the web page can show and send it back
+MAX_SEED = 2**53 - 1
+# the range of each sampler option a request may set (A1111's eta, and k-diffusion's churn and noise options:
+# s_churn as A1111's slider, 0..100; the sigma bounds up to any model's largest sigma)
+OPTION_LIMITS = {
+    "eta": (0.0, 10.0),
+    "s_churn": (0.0, 100.0),
+    "s_tmin": (0.0, 10000.0),
+    "s_tmax": (0.0, 10000.0),
+    "s_noise": (0.0, 10.0),
+}  # exact in JavaScript numbers, so the web page can show and send it back
 
 
 @dataclass(frozen=True)
@@ -244,7 +253,9 @@ def build_generation(
     if vae_encode != "full":
         kwargs["vae_encode"] = vae_encode
     if sampler_options:  # the sampler's keyword options (eta); checked against the sampler by the pipeline
-        kwargs["sampler_options"] = {k: _finite(v, k, 0.0, 10.0) for k, v in sampler_options.items()}
+        kwargs["sampler_options"] = {
+            k: _finite(v, k, *OPTION_LIMITS.get(k, (0.0, 10.0))) for k, v in sampler_options.items()
+        }
     if subseed_strength:  # left out at 0 (the seed's image), so that such jobs batch as before
         kwargs.update(subseed=subseed, subseed_strength=subseed_strength)
         if same_seed:
