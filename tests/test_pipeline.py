@@ -291,6 +291,38 @@ def test_sampler_options_are_written_and_read_back(sd1):
     assert not np.array_equal(_ours(pipe, "euler_a").arrays, r.arrays)  # the option matters
 
 
+def test_noise_multiplier_scales_the_noise_added_to_the_init_image_as_a1111(sd1, monkeypatch):
+    """A1111's img2img "Noise multiplier" (``initial_noise_multiplier``): the start noise the sampler adds to the
+    init latent is the drawn noise times it; written as A1111 writes it and read back. A txt2img call with one is
+    refused (there is no init latent to add it to)."""
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+    _, pipe = sd1
+    seen = []
+    run = pipe.sample_plan
+
+    def spy(den, plan, noise, init_latent, cond, **kw):
+        seen.append((noise.clone(), init_latent))
+        return run(den, plan, noise, init_latent, cond, **kw)
+
+    monkeypatch.setattr(pipe, "sample_plan", spy)
+    init = picture(SIZE, SIZE)
+    kw = dict(init_image=init, strength=0.6, seed=1)
+    plain = _ours(pipe, "euler", **kw)
+    r = _ours(pipe, "euler", noise_multiplier=0.8, **kw)
+    assert seen[0][1] is not None and torch.equal(seen[0][1], seen[1][1])  # the same init latent
+    torch.testing.assert_close(seen[1][0], seen[0][0] * 0.8, rtol=0, atol=0)
+    assert not np.array_equal(r.arrays, plain.arrays)
+    assert "Noise multiplier: 0.8," in r.infotexts[0] and "Noise multiplier" not in plain.infotexts[0]
+    kwargs = to_generate_kwargs(parse_parameters(r.infotexts[0]))
+    assert kwargs["noise_multiplier"] == 0.8
+    np.testing.assert_array_equal(pipe(**kwargs, init_image=init, progress=False).arrays, r.arrays)
+    with pytest.raises(GenerationError, match="noise_multiplier 0.8 scales the noise added to an init image"):
+        _ours(pipe, "euler", noise_multiplier=0.8)
+    with pytest.raises(GenerationError, match=r"noise_multiplier must be a number in \[0, 10\]"):
+        _ours(pipe, "euler", noise_multiplier=-1, **kw)
+
+
 # ------------------------------------------------------------------------------------------ prompts
 
 

@@ -857,3 +857,23 @@ def test_churn_and_s_noise_are_k_diffusions_options_as_a1111_passes_them(api):
     assert r.info["ignored"] == [] and any(n.startswith("s_churn: the sampler DPM++ 2M") for n in r.info["notes"])
     bad = httpx.post(f"{api.baseurl}/txt2img", json={**body, "sampler_name": "Euler", "s_churn": 500}, timeout=30)
     assert bad.status_code == 400 and "s_churn must be a number in [0, 100]" in bad.text, bad.text
+
+
+def test_initial_noise_multiplier_scales_img2imgs_noise_as_a1111(api):
+    """img2img's initial_noise_multiplier (once listed as ignored): the noise added to the init latent times it, as
+    the Python API's noise_multiplier; infotext "Noise multiplier" as A1111's, read back from an infotext. A1111's
+    txt2img has no such field: there it stays listed as ignored."""
+    init = gradient()
+    r = api.img2img(images=[init], prompt="a blue ball", seed=3, denoising_strength=0.5, initial_noise_multiplier=0.7,
+                    **COMMON)  # fmt: skip
+    want = python_img2img("a blue ball", init, noise_multiplier=0.7)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert not np.array_equal(arr(r.image), arr(python_img2img("a blue ball", init).images[0]))
+    assert r.info["ignored"] == [] and "Noise multiplier: 0.7," in r.info["infotexts"][0]
+    b64 = webuiapi.raw_b64_img(init)
+    again = api.custom_post("img2img", {"init_images": [b64], "infotext": r.info["infotexts"][0]}, baseurl=True)
+    np.testing.assert_array_equal(arr(again.image), arr(want.images[0]))
+    r = api.custom_post("txt2img", {"prompt": "a", "seed": 1, "initial_noise_multiplier": 0.7, **COMMON}, baseurl=True)
+    assert r.info["ignored"] == ["initial_noise_multiplier"]
+    bad = httpx.post(f"{api.baseurl}/img2img", json={"init_images": [b64], "initial_noise_multiplier": -2}, timeout=30)
+    assert bad.status_code == 400 and "noise_multiplier must be a number in [0, 10]" in bad.text, bad.text

@@ -320,7 +320,8 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
     ``guidance_rescale`` ("CFG Rescale phi"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
     seed strength"), ``seed_resize_from_w`` and ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
-    ("Tiling: True"), ``vae_decode`` ("tiny" when sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
+    ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"), ``vae_decode`` ("tiny" when
+    sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
     "Tiny VAE encode"), ``strength_rule`` (sdengine's "Strength rule"), ``sdxl`` (sdengine's "SDXL options":
     prompt_2, sizes) that the text has
     (``clip_skip`` defaults to 1, as in A1111,
@@ -378,6 +379,8 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
             raise MetadataError(f"Tiling: {parsed['Tiling']!r} is not True or False")
         kwargs["tiling"] = value == "true"
 
+    if "Noise multiplier" in parsed:  # A1111's img2img initial_noise_multiplier
+        kwargs["noise_multiplier"] = _parse_float(parsed, "Noise multiplier")
     if "Resize mode" in parsed:  # sdengine's field: how init and control images were fitted
         from sdengine.io.resize import resize_mode_name
 
@@ -427,6 +430,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
         "Variation seed strength",
         "Seed resize from",
         "Tiling",
+        "Noise multiplier",
         "Tiny VAE",
         "Tiny VAE encode",
         "Resize mode",

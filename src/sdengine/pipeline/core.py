@@ -647,6 +647,8 @@ class Pipeline:
                 row["Seed resize from"] = "{}x{}".format(*request.seed_resize_from)
             if request.tiling:
                 row["Tiling"] = True  # A1111 writes "Tiling: True"
+            if p.init is not None and float(request.noise_multiplier) != 1.0:
+                row["Noise multiplier"] = float(request.noise_multiplier)  # A1111's field (img2img)
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
         embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
             getattr(self, "tokenizer_2", None), "embeddings", None
@@ -797,6 +799,10 @@ class Pipeline:
             )
         elif subseeds is not None:
             start.noise = variation_noise(start.noise, subseeds, float(r.subseed_strength))
+        if init_latent is None and p.init is not None and float(r.noise_multiplier) != 1.0:
+            # A1111's img2img "Noise multiplier": the noise it adds to the init image's latent (drawn as above),
+            # not a hires second pass's (init_latent given)
+            start.noise = start.noise * float(r.noise_multiplier)
         if start.concat is not None:
             cond = {**cond, "concat": start.concat}
         grid = sampling.make_grid(

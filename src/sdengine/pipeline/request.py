@@ -40,6 +40,7 @@ MAX_SEED = 2**64 - 1
 MAX_MASK_BLUR = 256.0
 # "Resize seed from": the largest side (pixels) a seed's noise may be drawn at (the pipeline's own limit on sizes).
 MAX_SEED_RESIZE = 8192
+MAX_NOISE_MULTIPLIER = 10.0  # noise_multiplier (A1111's own setting goes to 1.5)
 # How sampled latents become pixels: the model's VAE, or the tiny VAE loaded beside it (sdengine.models.tiny_vae).
 VAE_DECODE_METHODS = ("full", "tiny")
 # How init images become latents (img2img, inpainting, the hires fix's pixel path): the VAE's encoder (a posterior
@@ -109,6 +110,9 @@ class GenerationRequest:
     # A1111's "Tiling": every Conv2d of the U-Net and the VAE pads circularly for this call, so that the image
     # tiles seamlessly (its left edge continues its right one, its top its bottom)
     tiling: bool = False
+    # A1111's img2img "Noise multiplier" (initial_noise_multiplier): the noise added to the init image's latent
+    # (img2img and inpainting; not the hires fix's second pass) is multiplied by it; 1 = as drawn
+    noise_multiplier: float = 1.0
     # SDXL only: prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size, negative_*,
     # aesthetic_score (sdengine.text.sdxl_conditioner.SDXLOptions); None = the defaults
     sdxl: Mapping[str, Any] | None = None
@@ -314,6 +318,13 @@ class GenerationRequest:
             )
         if not isinstance(self.tiling, bool | np.bool_):
             raise GenerationError(f"tiling must be true or false, got {self.tiling!r}")
+        m = self.noise_multiplier
+        if not _is_number(m) or not 0.0 <= m <= MAX_NOISE_MULTIPLIER:
+            raise GenerationError(f"noise_multiplier must be a number in [0, {MAX_NOISE_MULTIPLIER:g}], got {m!r}")
+        if m != 1 and self.init_image is None:
+            raise GenerationError(
+                f"noise_multiplier {m:g} scales the noise added to an init image: it needs one (img2img, inpainting)"
+            )
         resize_from = {"seed_resize_from_w": self.seed_resize_from_w, "seed_resize_from_h": self.seed_resize_from_h}
         for side, pixels in resize_from.items():
             if not _is_int(pixels) or not -1 <= pixels <= MAX_SEED_RESIZE:

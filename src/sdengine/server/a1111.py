@@ -52,7 +52,7 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "firstphase_width": (0, None),
     "firstphase_height": (0, None),
     "image_cfg_scale": None,
-    "initial_noise_multiplier": (1, 1.0, None),
+    "initial_noise_multiplier": (1, 1.0, None),  # img2img's (IMG2IMG_USED); txt2img has none (in A1111 too)
     "inpaint_full_res_padding": None,
     "inpaint_full_res": None,  # "only masked" (true) or "whole picture": both done
     "refiner_checkpoint": (None, ""),
@@ -181,6 +181,7 @@ USED = {
     "seed_resize_from_w",  # A1111's "Resize seed from": both above 0, else it does nothing (there too)
     "seed_resize_from_h",
 }
+IMG2IMG_USED = {"initial_noise_multiplier"}  # A1111's img2img fields that its txt2img does not have
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network tag (<lora:...>, <hypernet:...>)
 # The unit keys read above, and the extension's keys that do not change the image.
 UNIT_KEYS = {
@@ -542,7 +543,7 @@ def _ignored(body: dict[str, Any], txt2img: bool = False) -> list[str]:
     out = []
     hr = bool(body.get("enable_hr"))
     for k, v in body.items():
-        if k in USED or (txt2img and hr and k in HR_USED):
+        if k in USED or (txt2img and hr and k in HR_USED) or (not txt2img and k in IMG2IMG_USED):
             continue
         if k.startswith(HR_FIELDS) and not hr:
             continue
@@ -721,6 +722,8 @@ def install(app: FastAPI, services: Any) -> None:
             raise BadRequest(f"infotext: {e}") from None
         sent = req.model_dump(exclude_unset=True)
         filled = {INFOTEXT_FIELDS[k]: v for k, v in found.items() if k in INFOTEXT_FIELDS}
+        if not hires and "noise_multiplier" in found:  # img2img's (txt2img has no such field)
+            filled["initial_noise_multiplier"] = found["noise_multiplier"]
         for key, value in (found.get("sampler_options") or {}).items():  # "Eta", "Sigma churn", ...
             if key in SAMPLER_FIELDS:
                 filled[key] = value
@@ -1001,6 +1004,8 @@ def install(app: FastAPI, services: Any) -> None:
         blur = _mask_blur(body)
         # A1111's step count: int(min(strength, 0.999) * steps) + 1 steps, one even at strength 0
         fields.update(init_image=req.init_images[0], mask=None, mask_blur=0.0, strength=strength, strength_rule="a1111")
+        if body.get("initial_noise_multiplier") is not None:  # A1111's "Noise multiplier" (checked by the build)
+            fields["noise_multiplier"] = body["initial_noise_multiplier"]
         finish = None
         if req.mask:
             size: tuple[int, int] | None = (req.width, req.height)
