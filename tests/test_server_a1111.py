@@ -22,13 +22,18 @@ from sdengine.pipeline.latents import blur_mask
 from sdengine.server.catalog import BUILTIN_CONTROLNETS
 
 COMMON = {"steps": 3, "width": 64, "height": 64, "cfg_scale": 7.0}
+STYLES_CSV = (
+    'name,prompt,negative_prompt\nFilm,"film still of {prompt}, grain",blurry\n# not a style,x,y\nSharp, sharp focus,\n'
+)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("a1111")
     make_tiny_emoji_folder(tmp / "models" / "tiny")
-    with live_server(server_config(tmp, models_dir=tmp / "models")) as s:
+    styles = tmp / "styles.csv"  # A1111's format, with its BOM, a comment row and an old-style row
+    styles.write_text(STYLES_CSV, encoding="utf-8-sig")
+    with live_server(server_config(tmp, models_dir=tmp / "models", styles_file=styles)) as s:
         yield s
 
 
@@ -539,8 +544,8 @@ def test_a_selectable_script_is_refused_as_a1111_refuses_one_it_lacks(api):
         body = {"prompt": "a", "script_name": "x/y/z plot", "script_args": [1], **COMMON, **extra}
         r = httpx.post(f"{api.baseurl}/{route}", json=body, timeout=60)
         assert r.status_code == 400 and "Script 'x/y/z plot' not found" in r.text, r.text
-    r = api.txt2img(prompt="a", seed=1, script_name="", styles=["cinematic"], **COMMON)  # "" = no script
-    assert r.info["styles"] == ["cinematic"] and r.info["ignored"] == ["styles"]
+    r = api.txt2img(prompt="a", seed=1, script_name="", **COMMON)  # "" = no script
+    assert r.info["ignored"] == []
 
 
 def test_only_masked_inpainting_and_fill_as_a1111(api):
@@ -877,3 +882,49 @@ def test_initial_noise_multiplier_scales_img2imgs_noise_as_a1111(api):
     assert r.info["ignored"] == ["initial_noise_multiplier"]
     bad = httpx.post(f"{api.baseurl}/img2img", json={"init_images": [b64], "initial_noise_multiplier": -2}, timeout=30)
     assert bad.status_code == 400 and "noise_multiplier must be a number in [0, 10]" in bad.text, bad.text
+
+
+def test_styles_are_merged_into_the_prompts_as_a1111_merges_them(api):
+    """A1111's prompt styles (once only listed as ignored): the server's --styles-file, listed by prompt-styles;
+    a style's {prompt} takes the prompt, another style text is appended after ", ", in the order given, to the
+    prompt and the negative prompt; info keeps the request's prompt and names the styled ones, as A1111's. An
+    unknown name is a 400 naming the known ones (A1111 would run the prompt without it)."""
+    assert api.get_prompt_styles() == [
+        {"name": "Film", "prompt": "film still of {prompt}, grain", "negative_prompt": "blurry"},
+        {"name": "Sharp", "prompt": "sharp focus", "negative_prompt": ""},
+    ]
+    r = api.txt2img(prompt="a cat", negative_prompt="ugly", styles=["Film", "Sharp"], seed=4, **COMMON)
+    want = emoji()("film still of a cat, grain, sharp focus", "ugly, blurry", seed=4, sampler="dpmpp_2m",
+                   schedule="karras", progress=False, **COMMON)  # fmt: skip
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["ignored"] == [] and r.info["styles"] == ["Film", "Sharp"]
+    assert r.info["prompt"] == "a cat" and r.info["all_prompts"] == ["film still of a cat, grain, sharp focus"]
+    assert r.info["all_negative_prompts"] == ["ugly, blurry"] and r.parameters["prompt"] == "a cat"
+    assert r.info["infotexts"][0].startswith("film still of a cat, grain, sharp focus\nNegative prompt: ugly, blurry")
+    init = gradient()  # img2img too
+    r = api.img2img(images=[init], prompt="", styles=["Sharp"], seed=3, denoising_strength=0.5, **COMMON)
+    np.testing.assert_array_equal(arr(r.image), arr(python_img2img("sharp focus", init).images[0]))
+    bad = httpx.post(f"{api.baseurl}/txt2img", json={"prompt": "a", "styles": ["Film", "Noir"]}, timeout=30)
+    assert bad.status_code == 400, bad.text
+    assert "unknown style 'Noir'; the server's styles: Film, Sharp" in bad.json()["detail"], bad.text
+
+
+def test_the_styles_file_is_read_again_when_it_changes(api, server):
+    """Edited while the server runs, the styles file is read again (A1111 needs its refresh button); one broken
+    since start is a 500 that says so; a server without one lists none and refuses a style name in one line."""
+    path = server.services.config.styles_file
+    before = path.read_bytes()
+    try:
+        path.write_text("name,prompt\nNoir,noir {prompt}\n")
+        assert api.get_prompt_styles() == [{"name": "Noir", "prompt": "noir {prompt}", "negative_prompt": ""}]
+        path.write_bytes(b"\xff\xfe")
+        r = httpx.get(f"{api.baseurl}/prompt-styles", timeout=30)
+        assert r.status_code == 500 and "styles file cannot be read" in r.json()["detail"], r.text
+        server.services.config.styles_file = None
+        assert api.get_prompt_styles() == []
+        bad = httpx.post(f"{api.baseurl}/txt2img", json={"prompt": "a", "styles": ["Film"]}, timeout=30)
+        assert bad.status_code == 400, bad.text
+        assert "the server has no styles file (sdengine serve --styles-file FILE)" in bad.json()["detail"]
+    finally:
+        server.services.config.styles_file = path
+        path.write_bytes(before)

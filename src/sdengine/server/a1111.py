@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sdengine.diffusion import sampling
 from sdengine.io.resize import resize_image, resize_mode_name
-from sdengine.server.errors import BadRequest, NotFound
+from sdengine.server.errors import BadRequest, NotFound, ServerFault
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job
 from sdengine.server.requests import ControlRequest
 
@@ -40,7 +40,6 @@ A1111_VERSION = "v1.10.1"  # the A1111 API whose shapes this follows
 
 # Fields that do nothing at these values (A1111's own defaults or neutral settings): not reported.
 NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
-    "styles": ([], None),
     "restore_faces": (False, None),
     "do_not_save_samples": (False, True, None),
     "do_not_save_grid": (False, True, None),
@@ -173,6 +172,7 @@ USED = {
     "resize_mode",
     "disable_extra_networks",
     "eta",
+    "styles",
     "s_churn",
     "s_tmin",
     "s_tmax",
@@ -238,6 +238,7 @@ class Txt2ImgRequest(BaseModel):
     hr_scheduler: str | None = None
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
+    styles: list[str] = Field(default_factory=list)  # names in the server's --styles-file (A1111's styles.csv)
 
     @model_validator(mode="before")
     @classmethod
@@ -741,6 +742,50 @@ def install(app: FastAPI, services: Any) -> None:
             filled["override_settings"] = over
         return type(req)(**{**sent, **filled})
 
+    styles_seen: dict[str, Any] = {}  # the styles file's (mtime, size) and its styles, read again when it changes
+
+    def prompt_styles() -> dict[str, Any]:
+        """The styles of the server's styles file (none without one), read again whenever the file changed."""
+        from sdengine.prompts import PromptError, read_styles
+
+        path = services.config.styles_file
+        if path is None:
+            return {}
+        try:
+            st = path.stat()
+            key = (st.st_mtime_ns, st.st_size)
+            if styles_seen.get("key") != key:
+                styles_seen.update(key=key, styles=read_styles(path))
+        except (OSError, PromptError) as e:
+            raise ServerFault(f"the server's styles file cannot be read: {e}") from None
+        return dict(styles_seen["styles"])
+
+    def with_styles(req: Txt2ImgRequest) -> Txt2ImgRequest:
+        """The request with its ``styles`` merged into its prompts (and the hires fix's own prompts) as A1111 merges
+        them; an unknown name is a 400 (A1111 would run the prompt without it)."""
+        if not req.styles:
+            return req
+        from sdengine.prompts import apply_styles
+
+        known = prompt_styles()
+        unknown = [n for n in req.styles if n not in known]
+        if unknown:
+            where = (
+                f"the server's styles: {', '.join(known) or 'none'} (GET /sdapi/v1/prompt-styles)"
+                if services.config.styles_file is not None
+                else "the server has no styles file (sdengine serve --styles-file FILE)"
+            )
+            raise BadRequest(f"unknown style {unknown[0]!r}; {where}")
+        chosen = [known[n] for n in req.styles]
+        prompt, negative = apply_styles(req.prompt, req.negative_prompt, chosen)
+        update = {"prompt": prompt, "negative_prompt": negative}
+        if req.hr_prompt or req.hr_negative_prompt:  # "" stays "": the (styled) prompt's, as in A1111
+            hr = apply_styles(req.hr_prompt, req.hr_negative_prompt, chosen)
+            update.update(
+                hr_prompt=hr[0] if req.hr_prompt else "", hr_negative_prompt=hr[1] if req.hr_negative_prompt else ""
+            )
+        return req.model_copy(update=update)
+
     def generation_fields(
         req: Txt2ImgRequest,
         body: dict[str, Any],
@@ -836,6 +881,7 @@ def install(app: FastAPI, services: Any) -> None:
         ignored: list[str],
         finish: Callable[[Image.Image], Image.Image] | None = None,
         notes: list[str] | None = None,
+        styled: Txt2ImgRequest | None = None,
     ) -> JSONResponse:
         processor_res = fields.pop("processor_res", {})
         detect_maps = fields.pop("detect_maps", [])
@@ -847,7 +893,7 @@ def install(app: FastAPI, services: Any) -> None:
             generation.finish = finish
         job, _ = services.submit(generation, protocol="a1111", save=req.save_images, task_id=req.force_task_id)
         await job.wait_finished()
-        return _response(job, req, ignored, notes or [], detect_maps)
+        return _response(job, req, ignored, notes or [], detect_maps, styled)
 
     def detected_maps(job: Job, units: list[int], final: tuple[int, int] | None) -> list[Image.Image]:
         """The extension's detected maps of ``units`` (places in the job's units): each unit's control image
@@ -867,7 +913,12 @@ def install(app: FastAPI, services: Any) -> None:
         return out
 
     def _response(
-        job: Job, req: Txt2ImgRequest, ignored: list[str], notes: list[str], detect_maps: list[int] | None = None
+        job: Job,
+        req: Txt2ImgRequest,
+        ignored: list[str],
+        notes: list[str],
+        detect_maps: list[int] | None = None,
+        styled: Txt2ImgRequest | None = None,
     ) -> JSONResponse:
         if job.state == FAILED:
             status = 500 if (job.error or "").startswith("internal error") else 400
@@ -900,9 +951,10 @@ def install(app: FastAPI, services: Any) -> None:
         recorded = parse_parameters(texts[0]) if texts and texts[0] else {}  # the hashes the image was made with
         info = {
             "prompt": req.prompt,
-            "all_prompts": [req.prompt] * len(seeds),
+            # as A1111: the request's prompts, and every image's with the styles merged in
+            "all_prompts": [(styled or req).prompt] * len(seeds),
             "negative_prompt": req.negative_prompt,
-            "all_negative_prompts": [req.negative_prompt] * len(seeds),
+            "all_negative_prompts": [(styled or req).negative_prompt] * len(seeds),
             "seed": seeds[0],
             "all_seeds": seeds,
             "subseed": subseeds[0],
@@ -926,7 +978,7 @@ def install(app: FastAPI, services: Any) -> None:
             "extra_generation_params": {"Schedule type": SCHEDULE_A1111[kw["schedule"]]},
             "index_of_first_image": 0,
             "infotexts": texts,
-            "styles": styles if isinstance(styles := (req.model_extra or {}).get("styles"), list) else [],
+            "styles": req.styles,
             "job_timestamp": datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
             "clip_skip": kw["clip_skip"],
             "is_using_inpainting_conditioning": False,
@@ -964,7 +1016,8 @@ def install(app: FastAPI, services: Any) -> None:
         if "resize_mode" in body:  # an img2img field (txt2img fits ControlNet images by their units' modes)
             ignored.append("resize_mode")
         notes: list[str] = []
-        fields = generation_fields(req, body, ignored, None, notes=notes)
+        styled = with_styles(req)
+        fields = generation_fields(styled, body, ignored, None, notes=notes)
         if req.enable_hr:
             hires = {
                 "hr_scale": req.hr_scale,
@@ -974,12 +1027,12 @@ def install(app: FastAPI, services: Any) -> None:
                 "hr_resize_y": req.hr_resize_y,
                 "hr_sampler": None if req.hr_sampler_name in SAME_SAMPLER else req.hr_sampler_name,
                 "hr_schedule": None if req.hr_scheduler in SAME_SCHEDULER else req.hr_scheduler,
-                "hr_prompt": req.hr_prompt,
-                "hr_negative_prompt": req.hr_negative_prompt,
+                "hr_prompt": styled.hr_prompt,
+                "hr_negative_prompt": styled.hr_negative_prompt,
             }
             strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
             fields.update(hires=hires, strength=strength, strength_rule="a1111")  # A1111's step count
-        return await run(req, fields, ignored, notes=notes)
+        return await run(req, fields, ignored, notes=notes, styled=styled)
 
     @app.post("/sdapi/v1/img2img", tags=["a1111"])
     async def img2img(req: Img2ImgRequest) -> JSONResponse:
@@ -999,7 +1052,8 @@ def install(app: FastAPI, services: Any) -> None:
             ignored.append("resize_mode")
             mode = 0
         notes: list[str] = []
-        fields = generation_fields(req, body, ignored, req.init_images[0], mode, notes)
+        styled = with_styles(req)
+        fields = generation_fields(styled, body, ignored, req.init_images[0], mode, notes)
         strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
         blur = _mask_blur(body)
         # A1111's step count: int(min(strength, 0.999) * steps) + 1 steps, one even at strength 0
@@ -1014,7 +1068,7 @@ def install(app: FastAPI, services: Any) -> None:
             finish = await run_in_threadpool(
                 inpaint_fields, fields, req, body, blur, resize_mode_name(mode), size, notes, ignored
             )
-        return await run(req, fields, list(dict.fromkeys(ignored)), finish, notes)
+        return await run(req, fields, list(dict.fromkeys(ignored)), finish, notes, styled)
 
     def inpaint_fields(
         fields: dict[str, Any],
@@ -1238,12 +1292,18 @@ def install(app: FastAPI, services: Any) -> None:
         "hypernetworks",
         "face-restorers",
         "realesrgan-models",
-        "prompt-styles",
         "sd-modules",
     ):
         app.add_api_route(
             f"/sdapi/v1/{path}", _empty_list, methods=["GET"], tags=["a1111"], name=f"a1111_{path.replace('-', '_')}"
         )
+
+    @app.get("/sdapi/v1/prompt-styles", tags=["a1111"])
+    def a1111_prompt_styles() -> list[dict[str, Any]]:
+        """The styles of ``--styles-file`` (A1111's PromptStyleItem), in the file's order; none without one."""
+        return [
+            {"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in prompt_styles().values()
+        ]
 
     @app.get("/sdapi/v1/upscalers", tags=["a1111"])
     def upscalers() -> list[dict[str, Any]]:

@@ -17,6 +17,12 @@ class BadRequest(ServerError, ValueError):
     status = 400
 
 
+class ServerFault(ServerError):
+    """The server's own files cannot be read (e.g. its styles file, edited into something broken since start)."""
+
+    status = 500
+
+
 class Unauthorized(ServerError):
     status = 401
 
