@@ -928,3 +928,33 @@ def test_the_styles_file_is_read_again_when_it_changes(api, server):
     finally:
         server.services.config.styles_file = path
         path.write_bytes(before)
+
+
+def test_controlnet_detect_is_the_extensions_preprocessor_run(api):
+    """POST /controlnet/detect (the extension's; once a 404, so webuiapi's controlnet_detect failed): each image
+    scaled to processor_res on its short side, then the module's preprocessor, exactly the map a unit with those
+    settings gets; webuiapi's own body name (controlnet_images) is read as the extension's
+    controlnet_input_images. An unknown module or no image is the extension's 422."""
+    from sdengine.control import canny, threshold
+    from sdengine.server.a1111 import processor_resize
+
+    g = gradient().resize((96, 64))
+    r = api.controlnet_detect([g, gradient()], module="canny", processor_res=128, threshold_a=50, threshold_b=150)
+    assert r.info == "Success" and len(r.images) == 2
+    want = canny(processor_resize(g.convert("RGB"), 128), low=50, high=150)
+    assert r.images[0].size == (192, 128) and want.size == (192, 128)
+    np.testing.assert_array_equal(arr(r.images[0]), arr(want))
+    body = {"controlnet_module": "threshold", "controlnet_input_images": [webuiapi.raw_b64_img(g)],
+            "controlnet_processor_res": 64, "controlnet_threshold_a": 100}  # fmt: skip
+    got = api.custom_post("controlnet/detect", body).images[0]
+    np.testing.assert_array_equal(arr(got), arr(threshold(processor_resize(g.convert("RGB"), 64), threshold=100)))
+    none = api.custom_post("controlnet/detect", {**body, "controlnet_module": "none"}).images[0]
+    np.testing.assert_array_equal(arr(none), arr(g))  # "none": the image as it came
+    for bad, message in (
+        ({**body, "controlnet_module": "openpose"}, "Module not available: 'openpose'; available: none, canny"),
+        ({**body, "controlnet_input_images": []}, "No image selected"),
+    ):
+        r = httpx.post(f"{api.baseurl.removesuffix('/sdapi/v1')}/controlnet/detect", json=bad, timeout=30)
+        assert r.status_code == 422 and message in r.json()["detail"], r.text
+    r = httpx.post(f"{api.baseurl.removesuffix('/sdapi/v1')}/controlnet/detect", json={**body, "frob": 1}, timeout=30)
+    assert r.status_code == 400 and "unknown detect fields: frob" in r.text

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sdengine.diffusion import sampling
 from sdengine.io.resize import resize_image, resize_mode_name
-from sdengine.server.errors import BadRequest, NotFound, ServerFault
+from sdengine.server.errors import BadRequest, NotFound, ServerFault, Unprocessable
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job
 from sdengine.server.requests import ControlRequest
 
@@ -292,6 +292,19 @@ class ExtrasRequest(BaseModel):
     upscaler_2: str | None = "None"
     extras_upscaler_2_visibility: float = 0.0
     upscale_first: bool = False
+
+
+class DetectRequest(BaseModel):
+    """The ControlNet extension's ``/controlnet/detect`` body (its names and defaults)."""
+
+    model_config = ConfigDict(extra="allow")
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = Field(default_factory=list)
+    controlnet_images: list[str] = Field(default_factory=list)  # what webuiapi's controlnet_detect sends instead
+    controlnet_processor_res: int = 512
+    controlnet_threshold_a: float = 64
+    controlnet_threshold_b: float = 64
+    low_vram: bool = False  # changes no map
 
 
 class ExtrasBatchRequest(ExtrasRequest):
@@ -1436,6 +1449,43 @@ def install(app: FastAPI, services: Any) -> None:
     @app.get("/controlnet/version", tags=["a1111"])
     def cn_version() -> dict[str, Any]:
         return {"version": 2}
+
+    @app.post("/controlnet/detect", tags=["a1111"])
+    def cn_detect(req: DetectRequest) -> dict[str, Any]:
+        """The extension's preprocessor run on each image, as a unit with that module would get it (scaled to
+        ``controlnet_processor_res`` on its short side first) -> ``{images, info}``; an unknown module or no
+        image is its 422."""
+        from sdengine.server.requests import _preprocess
+
+        unknown = sorted(set(req.model_extra or {}))
+        if unknown:
+            raise BadRequest(f"unknown detect fields: {', '.join(unknown)}")
+        module = req.controlnet_module.strip().lower()
+        if module not in MODULES:
+            raise Unprocessable(f"Module not available: {req.controlnet_module!r}; available: {', '.join(MODULES)}")
+        images = req.controlnet_input_images or req.controlnet_images
+        if not images:
+            raise Unprocessable("No image selected: send base64 images in controlnet_input_images")
+        if len(images) > 64:
+            raise BadRequest(f"at most 64 images per detect call, got {len(images)}")
+        res = req.controlnet_processor_res
+        if not 64 <= res <= 2048:
+            raise BadRequest(f"controlnet_processor_res must be an integer in [64, 2048], got {res}")
+        kind = MODULES[module]
+        a, b = req.controlnet_threshold_a, req.controlnet_threshold_b
+        options: dict[str, float] = {}
+        if kind == "canny":  # -1 is the extension's "default" (100, 200)
+            options = {"low": 100.0 if a == -1 else a, "high": 200.0 if b == -1 else b}
+        elif kind in ("threshold", "scribble") and a != -1:
+            options = {"threshold": a}
+        out = []
+        for k, data in enumerate(images):
+            image = services.uploads.image(data, f"controlnet_input_images[{k}]")
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            if kind != "none":
+                image = processor_resize(image, res)
+            out.append(_b64_png(_preprocess(kind, image, options, k)))
+        return {"images": out, "info": "Success"}
 
     @app.get("/controlnet/model_list", tags=["a1111"])
     def cn_models() -> dict[str, Any]:
