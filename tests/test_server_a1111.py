@@ -755,6 +755,10 @@ def test_eta_is_the_samplers_option_where_it_takes_one(api):
     assert r.info["ignored"] == []
     bad = httpx.post(f"{api.baseurl}/txt2img", json={**body, "sampler_name": "Euler a", "eta": 50}, timeout=30)
     assert bad.status_code == 400 and "eta must be a number in [0, 10]" in bad.text
+    # webuiapi sends eta 1.0, Euler a's own default: the plain image, and (as A1111) no eta in the infotext
+    r = api.txt2img(prompt="a cat", seed=6, sampler_name="Euler a", scheduler="Karras", **COMMON)
+    np.testing.assert_array_equal(arr(r.image), arr(plain.images[0]))
+    assert "Sampler options" not in r.info["infotexts"][0] and "Eta" not in r.info["infotexts"][0]
 
 
 def test_tiling_and_seed_resize_as_a1111(api):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import inspect
 import io
 import json
 import math
@@ -125,6 +126,7 @@ def eta_option(
     except (ValueError, TypeError):
         return None  # the build names the bad sampler
     takes = set(sampling.sampler_option_names(name))
+    defaults = {p.name: p.default for p in inspect.signature(sampling.SAMPLERS[name].fn).parameters.values()}
     hr_takes = None
     hr = body.get("hr_sampler_name")
     if body.get("enable_hr") and hr not in SAME_SAMPLER:
@@ -140,8 +142,8 @@ def eta_option(
                 notes.append(f"{key}: the sampler {sampling.SAMPLERS[name].a1111} does not use it (nor does A1111's)")
         elif hr_takes is not None and key not in hr_takes:
             ignored.append(key)
-        else:
-            out[key] = v
+        elif v != defaults.get(key):  # the sampler's own default (webuiapi's eta 1.0) changes nothing: as A1111,
+            out[key] = v  # not written in the infotext then
     return out or None
 
 
