@@ -323,6 +323,38 @@ def test_noise_multiplier_scales_the_noise_added_to_the_init_image_as_a1111(sd1,
         _ours(pipe, "euler", noise_multiplier=-1, **kw)
 
 
+def test_noise_seed_delta_reseeds_the_step_noise_as_a1111s_ensd(sd1, monkeypatch):
+    """A1111's ENSD (eta_noise_seed_delta): the start noise from the seed, then every row's generator seeded again
+    with seed + delta for the per-step noise; "ENSD" written for a sampler that draws such noise, and read back.
+    A deterministic sampler's image does not change."""
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+    _, pipe = sd1
+    seen = []
+    run = pipe.sample_plan
+
+    def spy(den, plan, noise, init_latent, cond, *, generators=None, **kw):
+        seen.append((noise.clone(), [g.get_state() for g in generators]))
+        return run(den, plan, noise, init_latent, cond, generators=generators, **kw)
+
+    monkeypatch.setattr(pipe, "sample_plan", spy)
+    plain = _ours(pipe, "euler_a", seed=7, batch_size=2)
+    r = _ours(pipe, "euler_a", seed=7, batch_size=2, noise_seed_delta=31337)
+    torch.testing.assert_close(seen[1][0], seen[0][0], rtol=0, atol=0)  # the same start noise
+    for k, state in enumerate(seen[1][1]):  # row k's step noise from seed 7 + k + 31337
+        assert torch.equal(state, torch.Generator().manual_seed(7 + k + 31337).get_state())
+    assert np.abs(r.arrays - plain.arrays).max() > 1e-2
+    assert "ENSD: 31337," in r.infotexts[0] and "ENSD" not in plain.infotexts[0]
+    kwargs = to_generate_kwargs(parse_parameters(r.infotexts[0]))
+    assert kwargs["noise_seed_delta"] == 31337
+    np.testing.assert_allclose(pipe(**kwargs, progress=False).arrays, r.arrays[:1], rtol=0, atol=1e-5)  # row 0
+    same = _ours(pipe, "euler", seed=7, noise_seed_delta=31337)
+    np.testing.assert_array_equal(same.arrays, _ours(pipe, "euler", seed=7).arrays)
+    assert "ENSD" not in same.infotexts[0]
+    with pytest.raises(GenerationError, match=r"noise_seed_delta must be an integer in \[0, 4294967295\]"):
+        _ours(pipe, "euler_a", noise_seed_delta=-1)
+
+
 # ------------------------------------------------------------------------------------------ prompts
 
 

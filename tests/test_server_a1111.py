@@ -962,3 +962,28 @@ def test_controlnet_detect_is_the_extensions_preprocessor_run(api):
         assert r.status_code == 422 and message in r.json()["detail"], r.text
     r = httpx.post(f"{api.baseurl.removesuffix('/sdapi/v1')}/controlnet/detect", json={**body, "frob": 1}, timeout=30)
     assert r.status_code == 400 and "unknown detect fields: frob" in r.text
+
+
+def test_eta_noise_seed_delta_is_a1111s_ensd(api):
+    """override_settings.eta_noise_seed_delta and the option (once listed as ignored: another image than A1111's
+    for the ancestral samplers): the Python API's noise_seed_delta; infotext "ENSD", which an infotext request
+    field sets again (as A1111's apply_infotext)."""
+    kw = {"sampler": "euler_a", "schedule": "karras", "progress": False, **COMMON}
+    want = emoji()("a cat", seed=6, noise_seed_delta=31337, **kw)
+    assert not np.array_equal(arr(want.images[0]), arr(emoji()("a cat", seed=6, **kw).images[0]))
+    body = {"prompt": "a cat", "seed": 6, "sampler_name": "Euler a", "scheduler": "Karras", **COMMON}
+    r = api.custom_post("txt2img", {**body, "override_settings": {"eta_noise_seed_delta": 31337}}, baseurl=True)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["ignored"] == [] and "ENSD: 31337," in r.info["infotexts"][0]
+    text = r.info["infotexts"][0]
+    try:
+        assert api.set_options({"eta_noise_seed_delta": 31337})["applied"] == ["eta_noise_seed_delta"]
+        assert api.get_options()["eta_noise_seed_delta"] == 31337
+        r = api.custom_post("txt2img", body, baseurl=True)
+        np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    finally:
+        api.set_options({"eta_noise_seed_delta": 0})
+    r = api.custom_post("txt2img", {"infotext": text, **COMMON}, baseurl=True)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    bad = httpx.post(f"{api.baseurl}/options", json={"eta_noise_seed_delta": -5}, timeout=30)
+    assert bad.status_code == 400 and "eta_noise_seed_delta must be an integer" in bad.text, bad.text

@@ -320,7 +320,8 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
     ``guidance_rescale`` ("CFG Rescale phi"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
     seed strength"), ``seed_resize_from_w`` and ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
-    ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"), ``vae_decode`` ("tiny" when
+    ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"),
+    ``noise_seed_delta`` ("ENSD"), ``vae_decode`` ("tiny" when
     sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
     "Tiny VAE encode"), ``strength_rule`` (sdengine's "Strength rule"), ``sdxl`` (sdengine's "SDXL options":
     prompt_2, sizes) that the text has
@@ -379,6 +380,8 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
             raise MetadataError(f"Tiling: {parsed['Tiling']!r} is not True or False")
         kwargs["tiling"] = value == "true"
 
+    if "ENSD" in parsed:  # A1111's eta noise seed delta
+        kwargs["noise_seed_delta"] = _parse_int(parsed, "ENSD")
     if "Noise multiplier" in parsed:  # A1111's img2img initial_noise_multiplier
         kwargs["noise_multiplier"] = _parse_float(parsed, "Noise multiplier")
     if "Resize mode" in parsed:  # sdengine's field: how init and control images were fitted
@@ -431,6 +434,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
         "Seed resize from",
         "Tiling",
         "Noise multiplier",
+        "ENSD",
         "Tiny VAE",
         "Tiny VAE encode",
         "Resize mode",

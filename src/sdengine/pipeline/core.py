@@ -649,6 +649,8 @@ class Pipeline:
                 row["Tiling"] = True  # A1111 writes "Tiling: True"
             if p.init is not None and float(request.noise_multiplier) != 1.0:
                 row["Noise multiplier"] = float(request.noise_multiplier)  # A1111's field (img2img)
+            if int(request.noise_seed_delta) and sampling.SAMPLERS[p.sampler].stochastic:
+                row["ENSD"] = int(request.noise_seed_delta)  # A1111's, written where the sampler draws noise
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
         embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
             getattr(self, "tokenizer_2", None), "embeddings", None
@@ -799,6 +801,8 @@ class Pipeline:
             )
         elif subseeds is not None:
             start.noise = variation_noise(start.noise, subseeds, float(r.subseed_strength))
+        if int(r.noise_seed_delta):  # A1111's ENSD: the per-step noise from seed + delta, after the start noise
+            gens = [torch.Generator("cpu").manual_seed(p.seeds[i] + int(r.noise_seed_delta)) for i in rows]
         if init_latent is None and p.init is not None and float(r.noise_multiplier) != 1.0:
             # A1111's img2img "Noise multiplier": the noise it adds to the init image's latent (drawn as above),
             # not a hires second pass's (init_latent given)

@@ -40,6 +40,7 @@ MAX_SEED = 2**64 - 1
 MAX_MASK_BLUR = 256.0
 # "Resize seed from": the largest side (pixels) a seed's noise may be drawn at (the pipeline's own limit on sizes).
 MAX_SEED_RESIZE = 8192
+MAX_SEED_DELTA = 2**32 - 1  # noise_seed_delta (A1111's ENSD)
 MAX_NOISE_MULTIPLIER = 10.0  # noise_multiplier (A1111's own setting goes to 1.5)
 # How sampled latents become pixels: the model's VAE, or the tiny VAE loaded beside it (sdengine.models.tiny_vae).
 VAE_DECODE_METHODS = ("full", "tiny")
@@ -113,6 +114,10 @@ class GenerationRequest:
     # A1111's img2img "Noise multiplier" (initial_noise_multiplier): the noise added to the init image's latent
     # (img2img and inpainting; not the hires fix's second pass) is multiplied by it; 1 = as drawn
     noise_multiplier: float = 1.0
+    # A1111's "Eta noise seed delta" (ENSD, its eta_noise_seed_delta setting): once the start noise is drawn, each
+    # row's generator is seeded again with its seed + this, so the per-step noise of the ancestral and SDE
+    # samplers (and churn) comes from there; 0 = the seed's own generator goes on
+    noise_seed_delta: int = 0
     # SDXL only: prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size, negative_*,
     # aesthetic_score (sdengine.text.sdxl_conditioner.SDXLOptions); None = the defaults
     sdxl: Mapping[str, Any] | None = None
@@ -318,6 +323,9 @@ class GenerationRequest:
             )
         if not isinstance(self.tiling, bool | np.bool_):
             raise GenerationError(f"tiling must be true or false, got {self.tiling!r}")
+        delta = self.noise_seed_delta
+        if not _is_int(delta) or not 0 <= delta <= MAX_SEED_DELTA:
+            raise GenerationError(f"noise_seed_delta must be an integer in [0, {MAX_SEED_DELTA}], got {delta!r}")
         m = self.noise_multiplier
         if not _is_number(m) or not 0.0 <= m <= MAX_NOISE_MULTIPLIER:
             raise GenerationError(f"noise_multiplier must be a number in [0, {MAX_NOISE_MULTIPLIER:g}], got {m!r}")

@@ -698,6 +698,17 @@ def _num(v: Any, what: str) -> float:
 DECODE_METHODS = {"Full": "full", "TAESD": "tiny"}
 
 
+def check_ensd(value: Any) -> int:
+    """A1111's ``eta_noise_seed_delta`` (ENSD): an integer in [0, 2**32 - 1]; A1111's null means 0."""
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise BadRequest(f"eta_noise_seed_delta must be an integer in [0, {2**32 - 1}], got {value!r}")
+    return value
+
+
 def decode_method(value: Any, option: str = "sd_vae_decode_method") -> str:
     if not isinstance(value, str) or value not in DECODE_METHODS:
         raise BadRequest(f"{option} must be one of {', '.join(DECODE_METHODS)}, got {value!r}")
@@ -750,6 +761,8 @@ def install(app: FastAPI, services: Any) -> None:
             "sd_vae_decode_method": "TAESD" if found.get("vae_decode") == "tiny" else "Full",
             "sd_vae_encode_method": "TAESD" if found.get("vae_encode") == "tiny" else "Full",
         }
+        if "noise_seed_delta" in found:  # "ENSD", as A1111 maps it (only when the infotext has one: no default)
+            settings["eta_noise_seed_delta"] = found["noise_seed_delta"]
         for name, value in settings.items():  # as A1111: only where it differs from the current option
             if name not in over and value != options.get(name, {"CLIP_stop_at_last_layers": 1}.get(name, "Full")):
                 over[name] = value
@@ -819,6 +832,8 @@ def install(app: FastAPI, services: Any) -> None:
         vae_encode = decode_method(
             over.pop("sd_vae_encode_method", options.get("sd_vae_encode_method", "Full")), "sd_vae_encode_method"
         )
+        ensd = over.pop("eta_noise_seed_delta", options.get("eta_noise_seed_delta", 0))  # A1111's ENSD
+        ensd = check_ensd(ensd)
         # the extension's "Do not append detectmap to output" (an option, or per request)
         no_detectmap = over.pop("control_net_no_detectmap", options.get("control_net_no_detectmap", False))
         if not isinstance(no_detectmap, bool):
@@ -877,6 +892,7 @@ def install(app: FastAPI, services: Any) -> None:
             tiling=body.get("tiling", False),
             # A1111 draws the noise at that size only when both are above 0
             seed_resize_from=(resize_from[0], resize_from[1]) if min(resize_from) > 0 else None,
+            noise_seed_delta=ensd,
             # the units whose detected map the answer appends (the extension's), taken out by run()
             detect_maps=[] if no_detectmap else detect_maps,
         )
@@ -1421,9 +1437,9 @@ def install(app: FastAPI, services: Any) -> None:
     @app.post("/sdapi/v1/options", tags=["a1111"])
     def set_options(body: dict[str, Any]) -> dict[str, Any]:
         """``sd_model_checkpoint`` switches the model of later jobs (loaded by each worker before its next job);
-        ``CLIP_stop_at_last_layers`` sets their clip skip, ``sd_vae_decode_method`` ("Full" or "TAESD") how their
-        latents are decoded (TAESD: the model's tiny VAE), ``sd_vae_encode_method`` how their init images are
-        encoded. Other options are listed as ignored."""
+        ``CLIP_stop_at_last_layers`` sets their clip skip, ``eta_noise_seed_delta`` their ENSD,
+        ``sd_vae_decode_method`` ("Full" or "TAESD") how their latents are decoded (TAESD: the model's tiny VAE),
+        ``sd_vae_encode_method`` how their init images are encoded. Other options are listed as ignored."""
         changes: dict[str, Any] = {}  # every value checked before any is set: a refused request changes nothing
         ignored = []
         for k, v in body.items():
@@ -1438,6 +1454,8 @@ def install(app: FastAPI, services: Any) -> None:
             elif k in ("sd_vae_decode_method", "sd_vae_encode_method"):
                 decode_method(v, k)
                 changes[k] = v
+            elif k == "eta_noise_seed_delta":
+                changes[k] = check_ensd(v)
             elif k == "control_net_no_detectmap":  # the ControlNet extension's "Do not append detectmap"
                 if not isinstance(v, bool):
                     raise BadRequest("control_net_no_detectmap must be true or false")
