@@ -355,6 +355,43 @@ def test_noise_seed_delta_reseeds_the_step_noise_as_a1111s_ensd(sd1, monkeypatch
         _ours(pipe, "euler_a", noise_seed_delta=-1)
 
 
+def test_masked_content_latent_noise_and_nothing_as_a1111(sd1, monkeypatch):
+    """A1111's inpainting "latent noise" / "latent nothing" (inpainting_fill 2 / 3): the init latent is the row's
+    unit noise / zeros where the latent mask repaints, the init image's latent elsewhere; written as sdengine's
+    "Masked content" and read back; without a mask, or an unknown name, one line."""
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+    _, pipe = sd1
+    seen = []
+    run = pipe.sample_plan
+
+    def spy(den, plan, noise, init_latent, cond, **kw):
+        seen.append((noise.clone(), init_latent.clone()))
+        return run(den, plan, noise, init_latent, cond, **kw)
+
+    monkeypatch.setattr(pipe, "sample_plan", spy)
+    init = picture(SIZE, SIZE)
+    mask = np.zeros((SIZE, SIZE), np.float32)
+    mask[:, : SIZE // 2] = 1.0  # the left half, on the latent grid
+    kw = dict(init_image=init, mask=mask, strength=0.7, seed=2)
+    plain = _ours(pipe, "euler", **kw)
+    results = {m: _ours(pipe, "euler", masked_content=m, **kw) for m in ("latent noise", "latent nothing")}
+    (noise, original), (_, noised), (_, nothing) = seen
+    half = original.shape[-1] // 2
+    torch.testing.assert_close(noised[..., :half], noise[..., :half], rtol=0, atol=0)
+    torch.testing.assert_close(noised[..., half:], original[..., half:], rtol=0, atol=0)
+    assert torch.count_nonzero(nothing[..., :half]) == 0
+    torch.testing.assert_close(nothing[..., half:], original[..., half:], rtol=0, atol=0)
+    for m, r in results.items():
+        assert not np.array_equal(r.arrays, plain.arrays)
+        assert f"Masked content: {m}," in r.infotexts[0] and "Masked content" not in plain.infotexts[0]
+        assert to_generate_kwargs(parse_parameters(r.infotexts[0]))["masked_content"] == m
+    with pytest.raises(GenerationError, match="masked_content 'latent noise' needs a mask"):
+        _ours(pipe, "euler", init_image=init, masked_content="latent noise")
+    with pytest.raises(GenerationError, match="unknown masked_content 'fill'; use one of: original, latent noise"):
+        _ours(pipe, "euler", masked_content="fill", **kw)
+
+
 # ------------------------------------------------------------------------------------------ prompts
 
 

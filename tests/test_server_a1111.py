@@ -987,3 +987,22 @@ def test_eta_noise_seed_delta_is_a1111s_ensd(api):
     np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
     bad = httpx.post(f"{api.baseurl}/options", json={"eta_noise_seed_delta": -5}, timeout=30)
     assert bad.status_code == 400 and "eta_noise_seed_delta must be an integer" in bad.text, bad.text
+
+
+def test_inpainting_fill_latent_noise_and_latent_nothing(api):
+    """inpainting_fill 2 ("latent noise") and 3 ("latent nothing"), once listed as ignored and run as "original":
+    the Python API's masked_content, the init image pasted back outside the mask as with the others."""
+    init = gradient()
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 40, 56))
+    soft = Image.fromarray(blur_mask(np.asarray(mask), 2.0)).point(lambda v: min(255, 2 * v))
+    for fill, name in ((2, "latent noise"), (3, "latent nothing")):
+        r = api.img2img(images=[init], mask_image=mask, prompt="a blue ball", seed=3, denoising_strength=0.8,
+                        mask_blur=2, inpainting_fill=fill, inpaint_full_res=False, **COMMON)  # fmt: skip
+        kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, "strength_rule": "a1111", **COMMON}
+        ref = emoji()("a blue ball", seed=3, init_image=init, mask=mask, mask_blur=2, masked_content=name, strength=0.8,
+                      **kw)  # fmt: skip
+        np.testing.assert_array_equal(arr(r.image), arr(Image.composite(ref.images[0], init.convert("RGB"), soft)))
+        assert r.info["ignored"] == [] and f"Masked content: {name}" in r.info["infotexts"][0]
+    r = api.img2img(images=[init], mask_image=mask, prompt="a", seed=3, inpainting_fill=7, **COMMON)
+    assert r.info["ignored"] == ["inpainting_fill"]  # A1111 has no such masked content

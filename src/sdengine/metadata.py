@@ -380,6 +380,12 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
             raise MetadataError(f"Tiling: {parsed['Tiling']!r} is not True or False")
         kwargs["tiling"] = value == "true"
 
+    if "Masked content" in parsed:  # sdengine's: A1111's latent noise / latent nothing inpainting
+        kwargs["masked_content"] = parsed["Masked content"].strip()
+        if kwargs["masked_content"] not in MASKED_CONTENT:
+            raise MetadataError(
+                f"Masked content: {parsed['Masked content']!r} is not one of {', '.join(MASKED_CONTENT)}"
+            )
     if "ENSD" in parsed:  # A1111's eta noise seed delta
         kwargs["noise_seed_delta"] = _parse_int(parsed, "ENSD")
     if "Noise multiplier" in parsed:  # A1111's img2img initial_noise_multiplier
@@ -435,6 +441,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
         "Tiling",
         "Noise multiplier",
         "ENSD",
+        "Masked content",
         "Tiny VAE",
         "Tiny VAE encode",
         "Resize mode",
@@ -455,6 +462,8 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
     return kwargs
 
 
+# A1111's inpainting "Masked content" done in the latent (GenerationRequest.masked_content; "fill" is on the image)
+MASKED_CONTENT = ("original", "latent noise", "latent nothing")
 # sampler options A1111 writes under its own names (its KDiffusionSampler.initialize; only where not the default)
 A1111_SAMPLER_FIELDS = {
     "s_churn": "Sigma churn",

@@ -25,6 +25,7 @@ from sdengine.diffusion import sampling
 from sdengine.diffusion.schedules import STRENGTH_RULES, img2img_start
 from sdengine.errors import GenerationError
 from sdengine.io.images import ImageInput
+from sdengine.metadata import MASKED_CONTENT
 from sdengine.pipeline.control import ControlUnit
 from sdengine.pipeline.result import StepCallback
 
@@ -118,6 +119,10 @@ class GenerationRequest:
     # row's generator is seeded again with its seed + this, so the per-step noise of the ancestral and SDE
     # samplers (and churn) comes from there; 0 = the seed's own generator goes on
     noise_seed_delta: int = 0
+    # A1111's inpainting "Masked content" done in the latent (inpainting_fill 2 and 3): "latent noise" puts the
+    # row's unit noise in place of the init latent where the (rounded) latent mask repaints, "latent nothing"
+    # zeros there; "original" keeps the init image's latent (A1111's "fill" is made on the image beforehand)
+    masked_content: str = "original"
     # SDXL only: prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size, negative_*,
     # aesthetic_score (sdengine.text.sdxl_conditioner.SDXLOptions); None = the defaults
     sdxl: Mapping[str, Any] | None = None
@@ -300,6 +305,12 @@ class GenerationRequest:
             )
         if self.mask is not None and self.init_image is None:
             raise GenerationError("a mask needs an init_image to inpaint")
+        if self.masked_content not in MASKED_CONTENT:
+            raise GenerationError(
+                f"unknown masked_content {self.masked_content!r}; use one of: {', '.join(MASKED_CONTENT)}"
+            )
+        if self.masked_content != "original" and self.mask is None:
+            raise GenerationError(f"masked_content {self.masked_content!r} needs a mask (inpainting)")
         self.control_units()  # the tuple forms parse
         from sdengine.io.resize import resize_mode_name
 

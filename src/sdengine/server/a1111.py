@@ -60,7 +60,7 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "comments": (None, {}),
     "sampler_index": None,
     "include_init_images": None,
-    "inpainting_fill": (0, 1, None),  # "fill" and "original" are done; 2 and 3 are listed (with a mask)
+    "inpainting_fill": (0, 1, None),  # "fill" and "original"; 2 and 3 in the latent (LATENT_FILLS), others listed
     "latent_mask": (None,),
     "infotext": None,  # read (apply_infotext)
     "firstpass_image": (None,),
@@ -183,6 +183,7 @@ USED = {
     "seed_resize_from_w",  # A1111's "Resize seed from": both above 0, else it does nothing (there too)
     "seed_resize_from_h",
 }
+LATENT_FILLS = {2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill -> masked_content
 IMG2IMG_USED = {"initial_noise_multiplier"}  # A1111's img2img fields that its txt2img does not have
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network tag (<lora:...>, <hypernet:...>)
 # The unit keys read above, and the extension's keys that do not change the image.
@@ -1076,8 +1077,10 @@ def install(app: FastAPI, services: Any) -> None:
             ignored.append("init_images[1:]")
         if not req.mask:  # the inpainting fields do nothing without a mask (in A1111 too)
             ignored = [k for k in ignored if k not in ("inpainting_fill", "inpaint_full_res")]
+        elif req.inpainting_fill in LATENT_FILLS:  # done in the latent by the pipeline
+            ignored = [k for k in ignored if k != "inpainting_fill"]
         elif req.inpainting_fill not in (0, 1) and "inpainting_fill" not in ignored:
-            ignored.append("inpainting_fill")  # "latent noise" and "latent nothing" are not done
+            ignored.append("inpainting_fill")  # A1111 has no such masked content
         mode = req.resize_mode
         if isinstance(mode, bool) or mode not in RESIZE_MODES:  # 3, "Just resize (latent upscale)": not done
             ignored.append("resize_mode")
@@ -1089,6 +1092,8 @@ def install(app: FastAPI, services: Any) -> None:
         blur = _mask_blur(body)
         # A1111's step count: int(min(strength, 0.999) * steps) + 1 steps, one even at strength 0
         fields.update(init_image=req.init_images[0], mask=None, mask_blur=0.0, strength=strength, strength_rule="a1111")
+        if req.mask and req.inpainting_fill in LATENT_FILLS:
+            fields["masked_content"] = LATENT_FILLS[req.inpainting_fill]
         if body.get("initial_noise_multiplier") is not None:  # A1111's "Noise multiplier" (checked by the build)
             fields["noise_multiplier"] = body["initial_noise_multiplier"]
         finish = None

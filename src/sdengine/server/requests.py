@@ -141,6 +141,7 @@ def build_generation(
     seed_resize_from: tuple[int, int] | None = None,
     noise_multiplier: float = 1.0,
     noise_seed_delta: int = 0,
+    masked_content: str = "original",
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run."""
     from sdengine.prompts import extract_lora_tags
@@ -272,6 +273,8 @@ def build_generation(
         w = _integer(seed_resize_from[0], "seed_resize_from_w", 1, MAX_SEED_RESIZE)
         h = _integer(seed_resize_from[1], "seed_resize_from_h", 1, MAX_SEED_RESIZE)
         kwargs.update(seed_resize_from_w=w, seed_resize_from_h=h)
+    if masked_content != "original":  # A1111's latent noise / nothing (checked by GenerationRequest.validate)
+        kwargs["masked_content"] = masked_content
     if noise_seed_delta != 0:  # A1111's ENSD (left out at 0, so such jobs batch as before)
         kwargs["noise_seed_delta"] = noise_seed_delta  # checked by GenerationRequest.validate below
     if noise_multiplier != 1:  # A1111's img2img "Noise multiplier" (left out at 1, so such jobs batch as before)
