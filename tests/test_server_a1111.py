@@ -759,6 +759,12 @@ def test_eta_is_the_samplers_option_where_it_takes_one(api):
     r = api.txt2img(prompt="a cat", seed=6, sampler_name="Euler a", scheduler="Karras", **COMMON)
     np.testing.assert_array_equal(arr(r.image), arr(plain.images[0]))
     assert "Sampler options" not in r.info["infotexts"][0] and "Eta" not in r.info["infotexts"][0]
+    # nor is it an eta a hires second-pass sampler without one would drop (once listed as ignored: it changes nothing)
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_sampler_name": "Euler"}
+    r = api.txt2img(prompt="a cat", seed=6, sampler_name="Euler a", **hires, **COMMON)
+    assert r.info["ignored"] == []
+    r = api.txt2img(prompt="a cat", seed=6, sampler_name="Euler a", eta=0.3, **hires, **COMMON)
+    assert r.info["ignored"] == ["eta"]
 
 
 def test_tiling_and_seed_resize_as_a1111(api):

@@ -140,10 +140,12 @@ def eta_option(
         if key not in takes:
             if key != "eta" and notes is not None:
                 notes.append(f"{key}: the sampler {sampling.SAMPLERS[name].a1111} does not use it (nor does A1111's)")
+        elif v == defaults.get(key):  # the sampler's own default (webuiapi's eta 1.0) changes nothing: as A1111,
+            continue  # not written in the infotext then
         elif hr_takes is not None and key not in hr_takes:
             ignored.append(key)
-        elif v != defaults.get(key):  # the sampler's own default (webuiapi's eta 1.0) changes nothing: as A1111,
-            out[key] = v  # not written in the infotext then
+        else:
+            out[key] = v
     return out or None
 
 
@@ -1480,7 +1482,7 @@ def install(app: FastAPI, services: Any) -> None:
         """The extension's preprocessor run on each image, as a unit with that module would get it (scaled to
         ``controlnet_processor_res`` on its short side first) -> ``{images, info}``; an unknown module or no
         image is its 422."""
-        from sdengine.server.requests import _preprocess
+        from sdengine.server.requests import run_preprocessor
 
         unknown = sorted(set(req.model_extra or {}))
         if unknown:
@@ -1509,7 +1511,7 @@ def install(app: FastAPI, services: Any) -> None:
             image = ImageOps.exif_transpose(image).convert("RGB")
             if kind != "none":
                 image = processor_resize(image, res)
-            out.append(_b64_png(_preprocess(kind, image, options, k)))
+            out.append(_b64_png(run_preprocessor(kind, image, options, k)))
         return {"images": out, "info": "Success"}
 
     @app.get("/controlnet/model_list", tags=["a1111"])

@@ -220,7 +220,7 @@ def build_generation(
         path = catalog.resolve_controlnet(unit.model)
         control = image(unit.image, f"ControlNet unit {k} image")
         assert control is not None
-        control = _preprocess(unit.preprocessor, ImageOps.exif_transpose(control).convert("RGB"), unit.options, k)
+        control = run_preprocessor(unit.preprocessor, ImageOps.exif_transpose(control).convert("RGB"), unit.options, k)
         start = _finite(unit.start, f"ControlNet unit {k} start", 0.0, 1.0)
         end = _finite(unit.end, f"ControlNet unit {k} end", 0.0, 1.0)
         if start >= end:  # the pipeline refuses it when the job runs: refused before anything is queued
@@ -331,7 +331,9 @@ def _hires_fields(config: ServerConfig, hires: dict[str, Any], width: int | None
     return out
 
 
-def _preprocess(kind: str, img: Image.Image, options: dict[str, float], k: int) -> Image.Image:
+def run_preprocessor(kind: str, img: Image.Image, options: dict[str, float], k: int) -> Image.Image:
+    """ControlNet unit ``k``'s preprocessor ``kind`` on ``img`` with the options it takes; a BadRequest naming the
+    unit for an unknown preprocessor or a bad option."""
     from sdengine.control import PREPROCESSORS, ControlNetError, preprocess
 
     kind = (kind or "none").strip().lower()
