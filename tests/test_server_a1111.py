@@ -1012,3 +1012,22 @@ def test_inpainting_fill_latent_noise_and_latent_nothing(api):
         assert r.info["ignored"] == [] and f"Masked content: {name}" in r.info["infotexts"][0]
     r = api.img2img(images=[init], mask_image=mask, prompt="a", seed=3, inpainting_fill=7, **COMMON)
     assert r.info["ignored"] == ["inpainting_fill"]  # A1111 has no such masked content
+
+
+def test_overrides_stay_set_without_restore_afterwards_as_a1111(api):
+    """override_settings_restore_afterwards false (once listed as ignored, the overrides dropped after the call):
+    as A1111, the overrides stay set and are the options of later calls; true (the default) changes nothing."""
+    over = {"sd_vae_decode_method": "TAESD", "eta_noise_seed_delta": 7}
+    try:
+        r = api.txt2img(prompt="a cat", seed=1, override_settings=over, **COMMON)  # restore afterwards: true
+        assert "Tiny VAE: vae_tiny" in r.info["infotexts"][0] and r.info["ignored"] == []
+        assert api.get_options()["sd_vae_decode_method"] == "Full"
+        r = api.txt2img(prompt="a cat", seed=1, override_settings=over, override_settings_restore_afterwards=False,
+                        **COMMON)  # fmt: skip
+        assert r.info["ignored"] == []
+        got = api.get_options()
+        assert got["sd_vae_decode_method"] == "TAESD" and got["eta_noise_seed_delta"] == 7
+        r = api.txt2img(prompt="a cat", seed=1, sampler_name="Euler a", **COMMON)
+        assert "Tiny VAE: vae_tiny" in r.info["infotexts"][0] and "ENSD: 7," in r.info["infotexts"][0]
+    finally:
+        api.set_options({"sd_vae_decode_method": "Full", "eta_noise_seed_delta": 0})

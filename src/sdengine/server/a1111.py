@@ -44,7 +44,7 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "restore_faces": (False, None),
     "do_not_save_samples": (False, True, None),
     "do_not_save_grid": (False, True, None),
-    "override_settings_restore_afterwards": (True, None),  # false (keep them set) is not done: listed
+    "override_settings_restore_afterwards": None,  # false: the overrides stay set afterwards, as in A1111
     "script_args": None,  # read only with a script_name, which is refused
     "script_name": (None, ""),
     "enable_hr": (False, None),
@@ -925,6 +925,9 @@ def install(app: FastAPI, services: Any) -> None:
             generation = await run_in_threadpool(build_scaled, fields, processor_res)
         if finish is not None:
             generation.finish = finish
+        if (req.model_extra or {}).get("override_settings_restore_afterwards") is False and req.override_settings:
+            # A1111 leaves the overrides set after such a call: they become the options of later jobs
+            options.update(checked_options(req.override_settings)[0])
         job, _ = services.submit(generation, protocol="a1111", save=req.save_images, task_id=req.force_task_id)
         await job.wait_finished()
         return _response(job, req, ignored, notes or [], detect_maps, styled)
@@ -1447,7 +1450,15 @@ def install(app: FastAPI, services: Any) -> None:
         ``CLIP_stop_at_last_layers`` sets their clip skip, ``eta_noise_seed_delta`` their ENSD,
         ``sd_vae_decode_method`` ("Full" or "TAESD") how their latents are decoded (TAESD: the model's tiny VAE),
         ``sd_vae_encode_method`` how their init images are encoded. Other options are listed as ignored."""
-        changes: dict[str, Any] = {}  # every value checked before any is set: a refused request changes nothing
+        changes, ignored = checked_options(body)  # every value checked before any is set: a refused one changes nothing
+        options.update(changes)
+        applied = list(changes)
+        return {"applied": applied, "ignored": ignored}
+
+    def checked_options(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """The options of ``body`` sdengine has, checked (a BadRequest for a bad value), and the names of the
+        others."""
+        changes: dict[str, Any] = {}
         ignored = []
         for k, v in body.items():
             if k == "sd_model_checkpoint":
@@ -1469,9 +1480,7 @@ def install(app: FastAPI, services: Any) -> None:
                 changes[k] = v
             else:
                 ignored.append(k)
-        options.update(changes)
-        applied = list(changes)
-        return {"applied": applied, "ignored": ignored}
+        return changes, ignored
 
     @app.get("/controlnet/version", tags=["a1111"])
     def cn_version() -> dict[str, Any]:
