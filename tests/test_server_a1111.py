@@ -911,6 +911,8 @@ def test_styles_are_merged_into_the_prompts_as_a1111_merges_them(api):
     assert r.info["prompt"] == "a cat" and r.info["all_prompts"] == ["film still of a cat, grain, sharp focus"]
     assert r.info["all_negative_prompts"] == ["ugly, blurry"] and r.parameters["prompt"] == "a cat"
     assert r.info["infotexts"][0].startswith("film still of a cat, grain, sharp focus\nNegative prompt: ugly, blurry")
+    r = api.txt2img(prompt="a cat", styles=["Film"], seed=4, enable_hr=True, hr_scale=1.5, hr_prompt="a dog", **COMMON)
+    assert 'Hires prompt: "film still of a dog, grain",' in r.info["infotexts"][0]  # the hires fix's own prompt too
     init = gradient()  # img2img too
     r = api.img2img(images=[init], prompt="", styles=["Sharp"], seed=3, denoising_strength=0.5, **COMMON)
     np.testing.assert_array_equal(arr(r.image), arr(python_img2img("sharp focus", init).images[0]))
