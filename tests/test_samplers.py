@@ -222,13 +222,14 @@ def test_bad_input_is_a_one_line_value_error(kwargs, message):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("name", [n for n, spec in sampling.SAMPLERS.items() if spec.stochastic] + ["ddim"])
+@pytest.mark.parametrize("name", [n for n, spec in sampling.SAMPLERS.items() if spec.stochastic] + ["ddim", "heun"])
 @pytest.mark.parametrize("img2img", [False, True])
 def test_noise_drawn_beforehand_gives_the_same_sample_and_uses_the_generators_alike(name, img2img):
     """A NoiseBank holding sampling.noise_draws(...) draws, made in order by row_noise from the rows' generators,
-    stands in for the generators exactly (what a sampling loop recorded as a CUDA graph reads)."""
+    stands in for the generators exactly (what a sampling loop recorded as a CUDA graph reads); DDIM with an eta,
+    Heun with churn."""
     ns = NoiseSchedule.from_config(**SD_CONFIG)
-    options = {"eta": 0.7} if name == "ddim" else None
+    options = {"eta": 0.7} if name == "ddim" else {"s_churn": 3.0, "s_tmin": 0.5} if name == "heun" else None
     common = dict(
         sampler=name, steps=7, noise_schedule=ns, scheduler_config=SD_CONFIG, sampler_options=options, strength=0.6
     )
