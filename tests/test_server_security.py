@@ -50,7 +50,11 @@ def test_settings_that_would_refuse_every_request_refuse_to_start(capsys, tmp_pa
 
     monkeypatch.setattr(uvicorn.Server, "run", started)
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "latin1.csv").write_bytes(b"name,prompt\nCaf\xe9,x\n")
     cases = {
+        ("--styles-file", str(tmp_path / "missing.csv")): "--styles-file: styles file",
+        ("--styles-file", str(tmp_path / "a_file")): "its first line must name the columns name,prompt",
+        ("--styles-file", str(tmp_path / "latin1.csv")): "not UTF-8 text",
         ("--max-queue", "0"): "--max-queue must be >= 1",
         ("--max-queue", "-1"): "--max-queue must be >= 1",
         ("--max-body-mb", "-5"): "--max-body-mb must be a number > 0",

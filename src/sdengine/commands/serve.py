@@ -54,6 +54,13 @@ def run(a: argparse.Namespace) -> int:
     ):
         if d is not None and not Path(d).is_dir():
             raise ServerConfigError(f"{flag} {d}: not a folder")
+    if a.styles_file is not None:  # A1111's --styles-file: read now, so that a wrong path or file is one line
+        from ..prompts import PromptError, read_styles
+
+        try:
+            read_styles(a.styles_file)
+        except PromptError as e:
+            raise ServerConfigError(f"--styles-file: {e}") from None
     if a.vae is not None and not Path(a.vae).exists():
         raise ServerConfigError(f"--vae {a.vae}: no such file or folder")
     tiny_vae = None
@@ -71,6 +78,7 @@ def run(a: argparse.Namespace) -> int:
         controlnets_dir=Path(a.controlnets_dir) if a.controlnets_dir else None,
         vaes_dir=Path(a.vaes_dir) if a.vaes_dir else None,
         embeddings_dir=Path(a.embeddings_dir) if a.embeddings_dir else None,
+        styles_file=Path(a.styles_file) if a.styles_file else None,
         outputs_dir=Path(a.outputs_dir),
         api_key=api_key,
         insecure_no_auth=a.insecure_no_auth,
@@ -144,6 +152,11 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--vaes-dir", default=None, help="folder of VAE .safetensors files and folders ComfyUI's VAELoader may name"
     )
     p.add_argument("--embeddings-dir", default=None, help="textual-inversion embeddings, used by file name in prompts")
+    p.add_argument(
+        "--styles-file",
+        default=None,
+        help="A1111's prompt styles (a styles.csv: name,prompt,negative_prompt), named in A1111 requests' styles",
+    )
     p.add_argument("--outputs-dir", default="outputs", help="where images are saved (and served from)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $SDENGINE_API_KEY)")
     p.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback host without a key")

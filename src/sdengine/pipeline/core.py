@@ -647,6 +647,12 @@ class Pipeline:
                 row["Seed resize from"] = "{}x{}".format(*request.seed_resize_from)
             if request.tiling:
                 row["Tiling"] = True  # A1111 writes "Tiling: True"
+            if p.init is not None and float(request.noise_multiplier) != 1.0:
+                row["Noise multiplier"] = float(request.noise_multiplier)  # A1111's field (img2img)
+            if p.mask is not None and request.masked_content != "original":  # sdengine's (A1111 writes none)
+                row["Masked content"] = request.masked_content
+            if int(request.noise_seed_delta) and sampling.SAMPLERS[p.sampler].stochastic:
+                row["ENSD"] = int(request.noise_seed_delta)  # A1111's, written where the sampler draws noise
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
         embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
             getattr(self, "tokenizer_2", None), "embeddings", None
@@ -797,6 +803,22 @@ class Pipeline:
             )
         elif subseeds is not None:
             start.noise = variation_noise(start.noise, subseeds, float(r.subseed_strength))
+        if init_latent is None and r.masked_content != "original" and start.init_latent is not None:
+            # A1111's "latent noise" / "latent nothing": the init latent replaced where the rounded latent mask
+            # repaints, by the row's unit noise or by zeros (its StableDiffusionProcessingImg2Img.init)
+            lat = start.blend_mask if start.blend_mask is not None else None
+            if lat is None and start.concat is not None:
+                lat = start.concat[:, :1]  # a 9-channel model's latent mask
+            if lat is not None:
+                repaint = lat.round()
+                fill = start.noise if r.masked_content == "latent noise" else torch.zeros_like(start.noise)
+                start.init_latent = start.init_latent * (1 - repaint) + fill * repaint
+        if int(r.noise_seed_delta):  # A1111's ENSD: the per-step noise from seed + delta, after the start noise
+            gens = [torch.Generator("cpu").manual_seed(p.seeds[i] + int(r.noise_seed_delta)) for i in rows]
+        if init_latent is None and p.init is not None and float(r.noise_multiplier) != 1.0:
+            # A1111's img2img "Noise multiplier": the noise it adds to the init image's latent (drawn as above),
+            # not a hires second pass's (init_latent given)
+            start.noise = start.noise * float(r.noise_multiplier)
         if start.concat is not None:
             cond = {**cond, "concat": start.concat}
         grid = sampling.make_grid(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sdengine.io.atomic import write_text_atomic
+from sdengine.metadata import A1111_SAMPLER_FIELDS
 from sdengine.pipeline.control import ControlUnit
 
 
@@ -68,6 +69,10 @@ def lora_hashes(loras: Sequence[tuple[Any, float]], lora_dir: str | Path | None)
                 continue
             out[Path(path).stem] = lora_hash(path)
     return out
+
+
+# the defaults of the sampler options A1111 writes under its own names (metadata.A1111_SAMPLER_FIELDS)
+SAMPLER_OPTION_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
 
 
 def call_parameters(
@@ -145,8 +150,14 @@ def call_parameters(
             params["Resize mode"] = mode
     if strength_rule != "diffusers":  # sdengine's field: how the strength counted the steps (A1111's rule)
         params["Strength rule"] = strength_rule
-    if sampler_options:
-        params["Sampler options"] = json.dumps(dict(sampler_options), sort_keys=True)
+    options = dict(sampler_options or {})
+    for key, field_name in A1111_SAMPLER_FIELDS.items():  # A1111's own fields for k-diffusion's churn/noise
+        if key in options:
+            value = options.pop(key)
+            if value != SAMPLER_OPTION_DEFAULTS[key]:  # as A1111: written only when not the default
+                params[field_name] = value
+    if options:
+        params["Sampler options"] = json.dumps(options, sort_keys=True)
     if prediction_override is not None:
         params["Prediction type"] = prediction_override
     if sdxl is not None:  # SDXL's prompt_2 and size numbers (A1111 has no fields for them)

@@ -145,6 +145,7 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
             "CLIP_stop_at_last_layers": 1,
             "sd_vae_decode_method": "Full",
             "sd_vae_encode_method": "Full",
+            "eta_noise_seed_delta": 0,  # A1111's ENSD
         },
     )
 

@@ -18,6 +18,7 @@ class ServerConfig:
     controlnets_dir: Path | None = None
     vaes_dir: Path | None = None  # VAE files and folders ComfyUI's VAELoader may name
     embeddings_dir: Path | None = None  # textual-inversion embeddings, used by name in prompts
+    styles_file: Path | None = None  # A1111's prompt styles (styles.csv), by name in A1111 requests' ``styles``
     outputs_dir: Path = Path("outputs")
     api_key: str | None = None
     insecure_no_auth: bool = False

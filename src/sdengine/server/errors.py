@@ -17,6 +17,18 @@ class BadRequest(ServerError, ValueError):
     status = 400
 
 
+class Unprocessable(ServerError, ValueError):
+    """A well-formed request that names nothing usable (the ControlNet extension's 422 answers)."""
+
+    status = 422
+
+
+class ServerFault(ServerError):
+    """The server's own files cannot be read (e.g. its styles file, edited into something broken since start)."""
+
+    status = 500
+
+
 class Unauthorized(ServerError):
     status = 401
 
