@@ -1143,3 +1143,44 @@ def test_dropping_a_png_sets_tiling_seed_resize_and_the_strength_rule(page):
     page.wait_for_function("document.querySelector('#seed').value === '12'")
     assert not page.is_checked("#tiling") and page.input_value("#strength_rule") == "diffusers"
     assert (page.input_value("#seed_resize_w"), page.input_value("#seed_resize_h")) == ("", "")
+
+
+def image_with_exif_comment(fmt: str, comment: bytes) -> bytes:
+    """A JPEG or WebP with an EXIF UserComment, where AUTOMATIC1111 writes an image's parameters."""
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = comment  # the Exif IFD's UserComment
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format=fmt, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_dropping_a_jpeg_or_webp_fills_the_form_from_its_exif(page):
+    """A dropped JPEG or WebP was said to have no parameters (only PNG text chunks were read): A1111 writes them
+    into the EXIF UserComment (piexif's "UNICODE" prefix, UTF-16 big-endian); other tools write little-endian."""
+    text = (
+        "a red 🍎 apple\nNegative prompt: blurry\nSteps: 13, Sampler: DPM++ 2M Karras, CFG scale: 4.5, Seed: 4321, "
+        "Size: 64x64, Clip skip: 2"
+    )
+    jpeg = image_with_exif_comment("JPEG", b"UNICODE\0" + text.encode("utf-16-be"))
+    drop_file(page, jpeg, "a1111.jpg", target="#h-settings")
+    page.wait_for_function("document.querySelector('#seed').value === '4321'", timeout=20_000)
+    assert page.input_value("#prompt") == "a red 🍎 apple" and page.input_value("#negative_prompt") == "blurry"
+    assert (page.input_value("#sampler"), page.input_value("#schedule")) == ("dpmpp_2m", "karras")
+    assert (page.input_value("#steps"), page.input_value("#cfg_scale"), page.input_value("#clip_skip")) == (
+        "13",
+        "4.5",
+        "2",
+    )
+    webp = image_with_exif_comment("WEBP", b"UNICODE\0" + text.replace("4321", "77").encode("utf-16-le"))
+    drop_file(page, webp, "other.webp")
+    page.wait_for_function("document.querySelector('#seed').value === '77'")
+    assert page.input_value("#prompt") == "a red 🍎 apple" and page.input_value("#steps") == "13"
+    # A JPEG without parameters, and a file that is no image, are named; the form is left as it was.
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="JPEG")
+    drop_file(page, buf.getvalue(), "photo.jpg")
+    page.wait_for_function("document.querySelector('#err-general').textContent.includes('photo.jpg')")
+    assert "no generation parameters" in page.text_content("#err-general")
+    drop_file(page, b"hello", "notes.txt")
+    page.wait_for_function("document.querySelector('#err-general').textContent.includes('notes.txt')")
+    assert "not a PNG, JPEG or WebP" in page.text_content("#err-general") and page.input_value("#seed") == "77"

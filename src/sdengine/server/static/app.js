@@ -4,7 +4,7 @@
 // headers) and images are fetched as blobs for the same reason.
 
 import { MaskPainter } from "./mask.js";
-import { parseInfotext, pngTextChunks } from "./pnginfo.js";
+import { imageParameters, parseInfotext } from "./pnginfo.js";
 
 const $ = (id) => document.getElementById(id);
 const SETTINGS_KEY = "sdengine.settings.v1";
@@ -915,12 +915,15 @@ async function loadGallery(offset) {
 
 // ------------------------------------------------------------------------------------ dropping
 
-async function readDroppedPng(file) {
-  const chunks = await pngTextChunks(await file.arrayBuffer());
-  const text = chunks && (chunks.parameters ?? chunks.Parameters);
+/** A dropped PNG, JPEG or WebP: its generation parameters fill the form (a PNG's text chunk, a JPEG's or WebP's
+ * EXIF UserComment, where A1111 writes them; a JPEG was once said to have none). */
+async function readDroppedImage(file) {
+  const { kind, text } = await imageParameters(await file.arrayBuffer());
   if (!text) {
-    showError("general", `${file.name}: no generation parameters in this image (only PNGs made by sdengine or ` +
-      "AUTOMATIC1111 carry them)");
+    showError("general", kind
+      ? `${file.name}: no generation parameters in this image (only images made by sdengine or AUTOMATIC1111 ` +
+        "carry them)"
+      : `${file.name}: not a PNG, JPEG or WebP image`);
     return;
   }
   clearErrors();
@@ -946,7 +949,7 @@ function installDrop() {
     e.preventDefault();
     if (e.target.closest?.("#init-drop, #init-stage")) setInitImage(file);
     else if (e.target.closest?.("#cn-drop")) setControlImage(file);
-    else readDroppedPng(file);
+    else readDroppedImage(file);
   });
 }
 
