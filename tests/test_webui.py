@@ -1184,3 +1184,42 @@ def test_dropping_a_jpeg_or_webp_fills_the_form_from_its_exif(page):
     drop_file(page, b"hello", "notes.txt")
     page.wait_for_function("document.querySelector('#err-general').textContent.includes('notes.txt')")
     assert "not a PNG, JPEG or WebP" in page.text_content("#err-general") and page.input_value("#seed") == "77"
+
+
+def test_delete_removes_a_generated_image_from_the_gallery(page, server):
+    """A generated image could not be removed from the page. *Delete* (asked first) removes an image the server
+    wrote from its outputs folder and from the gallery; a file someone else put there has no *Delete*."""
+    from sdengine.metadata import save_png
+
+    out = server.services.config.outputs_dir
+    name = server.services.manager.save(Image.new("RGB", (64, 64), (0, 90, 0)), 31337, "a leaf\nSteps: 2, Seed: 31337")
+    page.click("#gallery-refresh")
+    page.wait_for_function("document.querySelector('#gallery button')?.title.includes('Seed: 31337')", timeout=20_000)
+    total = int(page.text_content("#gallery-page").split(" of ")[1])
+    page.click("#gallery button")
+    page.wait_for_selector("#results button:text('Delete')", timeout=20_000)
+    page.once("dialog", lambda d: d.dismiss())  # asked first: "no" keeps it
+    page.click("#results button:text('Delete')")
+    assert (out / name).is_file() and page.locator("#results figure").count() == 1
+    page.once("dialog", lambda d: d.accept())
+    page.click("#results button:text('Delete')")
+    page.wait_for_function(f"document.querySelector('#server-status').textContent === 'Deleted {name}'", timeout=20_000)
+    assert not (out / name).exists() and page.locator("#results figure").count() == 0
+    left = f" of {total - 1}" if total > 1 else "no images yet"
+    page.wait_for_function(f"document.querySelector('#gallery-page').textContent.endsWith('{left}')", timeout=20_000)
+    assert not page.evaluate("[...document.querySelectorAll('#gallery button')].some((b) => b.title.includes('31337'))")
+    # Not the server's: no Delete button (and the server would refuse it).
+    save_png(Image.new("RGB", (8, 8)), out / "holiday.png", "a photo\nSteps: 1, Seed: 4242")
+    try:
+        page.click("#gallery-refresh")
+        page.wait_for_function(
+            "document.querySelector('#gallery button')?.title.includes('Seed: 4242')", timeout=20_000
+        )
+        page.click("#gallery button")
+        page.wait_for_function(
+            "document.querySelector('#results pre')?.textContent.includes('Seed: 4242')", timeout=20_000
+        )
+        assert page.locator("#results button:text('Delete')").count() == 0
+        assert page.locator("#results button:text('Reuse parameters')").count() == 1
+    finally:
+        (out / "holiday.png").unlink()

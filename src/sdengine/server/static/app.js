@@ -871,9 +871,30 @@ async function showResults(items) {
     a.download = item.name || "sdengine.png";
     a.textContent = "Download";
     actions.append(a);
+    // A job's saved image, or a gallery image the server wrote (not a file someone else put in the folder).
+    if (item.name && (item.deletable ?? true)) {
+      const del = button("Delete", () => deleteImage(item.name, fig, del));
+      del.setAttribute("aria-label", `Delete ${item.name} from the server`);
+      actions.append(del);
+    }
     fig.append(img, pre, actions);
     box.append(fig);
   });
+}
+
+/** Remove an image the server wrote from its outputs folder (asked first), then from the page and the gallery. */
+async function deleteImage(name, fig, del) {
+  if (!window.confirm(`Delete ${name} from the server's outputs folder? This cannot be undone.`)) return;
+  del.disabled = true;
+  try {
+    await api(`/v1/images/${encodeURIComponent(name)}`, { method: "DELETE" });
+  } catch (e) {
+    del.disabled = false;
+    if (e.status !== 404) { showError("general", `${name}: ${e.message}`); return; } // gone already: as deleted
+  }
+  fig.remove();
+  $("server-status").textContent = `Deleted ${name}`;
+  loadGallery(state.galleryOffset);
 }
 
 async function loadGallery(offset) {
