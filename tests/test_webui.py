@@ -1223,3 +1223,57 @@ def test_delete_removes_a_generated_image_from_the_gallery(page, server):
         assert page.locator("#results button:text('Reuse parameters')").count() == 1
     finally:
         (out / "holiday.png").unlink()
+
+
+def test_embeddings_are_listed_and_a_click_puts_one_in_the_prompt(page, browser, tmp_path):
+    """The page had no list of the server's textual-inversion embeddings. It lists A1111's GET /sdapi/v1/embeddings
+    (the loaded ones; unreadable files named as skipped); a click adds the name to the prompt last typed in (the
+    negative prompt too, as A1111 does) and a second click takes it out; a server without a folder says so."""
+    import torch
+    from safetensors.torch import save_file
+
+    page.click("#embeddings-section summary", timeout=20_000)
+    page.wait_for_function(
+        "document.querySelector('#embedding-list').textContent.includes('No embeddings')", timeout=20_000
+    )
+    folder = tmp_path / "embeddings"
+    (folder / "neg").mkdir(parents=True)
+    save_file({"emb_params": torch.zeros(2, 768)}, str(folder / "shiny-style.safetensors"))
+    save_file({"emb_params": torch.zeros(1, 768)}, str(folder / "neg" / "bad_hands.safetensors"))
+    (folder / "broken.pt").write_bytes(b"not a tensor file")
+    with live_server(server_config(tmp_path, embeddings_dir=folder)) as s:
+        ctx = browser.new_context()
+        pg = ctx.new_page()
+        pg.set_default_timeout(20_000)
+        open_page(pg, s.url)
+        pg.click("#embeddings-section summary")
+        pg.wait_for_selector("#embedding-list button")
+        names = pg.eval_on_selector_all("#embedding-list button", "bs => bs.map((b) => [b.textContent, b.title])")
+        assert names == [["bad_hands", "1 vector(s) of width 768"], ["shiny-style", "2 vector(s) of width 768"]]
+        assert "broken" in pg.text_content("#embeddings-skipped")
+        pg.fill("#prompt", "a cat,")
+        pg.click("#embedding-list button:text('shiny-style')")
+        assert pg.input_value("#prompt") == "a cat, shiny-style"
+        assert pg.get_attribute("#embedding-list button:text('shiny-style')", "aria-pressed") == "true"
+        pg.fill("#negative_prompt", "blurry")  # typed in last: the negative prompt gets the next one
+        pg.click("#embedding-list button:text('bad_hands')")
+        assert pg.input_value("#negative_prompt") == "blurry bad_hands"
+        assert pg.input_value("#prompt") == "a cat, shiny-style"
+        pg.click("#embedding-list button:text('bad_hands')")  # again: taken out
+        assert pg.input_value("#negative_prompt") == "blurry"
+        pg.focus("#prompt")
+        pg.fill("#prompt", "(shiny-style:1.2), a dog")  # a weighted one is found and taken out too
+        pg.click("#embedding-list button:text('shiny-style')")
+        assert pg.input_value("#prompt") == "a dog"
+        assert pg.get_attribute("#embedding-list button:text('shiny-style')", "aria-pressed") == "false"
+        pg.fill("#prompt", "a cat, shiny-style, a hat")
+        pg.click("#embedding-list button:text('shiny-style')")
+        assert pg.input_value("#prompt") == "a cat, a hat"
+        pg.fill("#prompt", "shiny-styles")  # another word that starts with the name: not it
+        pg.click("#embedding-list button:text('shiny-style')")
+        assert pg.input_value("#prompt") == "shiny-styles shiny-style"
+        # The folder is read again on Refresh.
+        save_file({"emb_params": torch.zeros(1, 768)}, str(folder / "newer.safetensors"))
+        pg.click("#embeddings-refresh")
+        pg.wait_for_selector("#embedding-list button:text('newer')")
+        ctx.close()

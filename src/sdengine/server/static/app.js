@@ -22,7 +22,8 @@ const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras
   "sgm uniform": "sgm_uniform" };
 
 const state = {
-  samplers: [], sizes: {}, loras: [], tiny: {}, tinyEncoder: {}, model: null, lastSeed: null, jobId: null, running: false,
+  samplers: [], sizes: {}, loras: [], embeddings: [], activePrompt: "prompt", tiny: {}, tinyEncoder: {}, model: null,
+  lastSeed: null, jobId: null, running: false,
   cancelAsked: false, jobDone: false,
   initBlob: null, controlBlob: null, galleryOffset: 0, galleryTotal: 0, resultUrls: [], galleryUrls: [],
 };
@@ -281,6 +282,78 @@ function renderLoras() {
   });
 }
 
+// ---------------------------------------------------------------------------------- embeddings
+
+const escapeRegExp = (text) => text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+
+/** Where ``word`` stands alone in ``text`` (not inside a longer word; with its weight, ``(word:1.2)``, as a
+ * whole): {start, end}, or null. */
+function findWord(text, word) {
+  const w = escapeRegExp(word);
+  const weighted = new RegExp(`\\(${w}:[\\d.]+\\)`).exec(text);
+  if (weighted) return { start: weighted.index, end: weighted.index + weighted[0].length };
+  const m = new RegExp(`(^|[\\s,(\\[])(${w})(?=$|[\\s,)\\]:])`).exec(text);
+  return m ? { start: m.index + m[1].length, end: m.index + m[1].length + word.length } : null;
+}
+
+/** Add an embedding's name to the prompt last typed in (A1111's rule: the prompt or the negative prompt), with
+ * a space before it; a name already there is taken out instead (with its weight and one comma beside it). */
+function toggleEmbedding(name) {
+  const box = $(state.activePrompt);
+  const at = findWord(box.value, name);
+  if (at) {
+    let before = box.value.slice(0, at.start).replace(/ +$/, "");
+    let after = box.value.slice(at.end).replace(/^ +/, "");
+    if (after.startsWith(",") && (before === "" || before.endsWith(",") || before.endsWith("\n"))) {
+      after = after.slice(1).replace(/^ +/, "");
+    } else if (before.endsWith(",") && (after === "" || after.startsWith("\n"))) {
+      before = before.slice(0, -1);
+    }
+    box.value = before && after && !/[\n(\[]$/.test(before) && !/^[,)\]\n]/.test(after) ? `${before} ${after}`
+      : before + after;
+  } else {
+    box.value = box.value.trim() === "" ? name : `${box.value.replace(/ +$/, "")} ${name}`;
+  }
+  box.dispatchEvent(new Event("input", { bubbles: true })); // saved with the other settings
+  markEmbeddings();
+}
+
+/** Each embedding's button is pressed while its name is in the prompt (or the negative prompt). */
+function markEmbeddings() {
+  for (const b of document.querySelectorAll("#embedding-list button")) {
+    const name = b.dataset.name;
+    b.setAttribute("aria-pressed", String(Boolean(findWord($("prompt").value, name) ||
+      findWord($("negative_prompt").value, name))));
+  }
+}
+
+/** The server's embeddings (A1111's GET /sdapi/v1/embeddings: the folder of --embeddings-dir, read as asked). */
+async function loadEmbeddings() {
+  $("err-embeddings").textContent = "";
+  let answer;
+  try {
+    answer = await getJSON("/sdapi/v1/embeddings");
+  } catch (e) {
+    showError("embeddings", `embeddings: ${e.message}`);
+    return;
+  }
+  state.embeddings = Object.entries(answer.loaded || {}).map(([name, info]) => ({ name, ...info }));
+  const list = $("embedding-list");
+  list.replaceChildren();
+  if (!state.embeddings.length) list.textContent = "No embeddings on this server (serve --embeddings-dir DIR).";
+  for (const e of state.embeddings) {
+    const b = button(e.name, () => toggleEmbedding(e.name));
+    b.dataset.name = e.name;
+    b.title = `${e.vectors} vector(s) of width ${e.shape}`;
+    list.append(b);
+  }
+  const skipped = Object.keys(answer.skipped || {});
+  $("embeddings-skipped").hidden = !skipped.length;
+  $("embeddings-skipped").textContent = skipped.length
+    ? `Not readable as an embedding (skipped): ${skipped.join(", ")}` : "";
+  markEmbeddings();
+}
+
 async function loadPickers() {
   const [models, samplers, loras, controlnets, sizes] = await Promise.all([
     getJSON("/v1/models"), getJSON("/v1/samplers"), getJSON("/v1/loras"), getJSON("/v1/controlnets"),
@@ -305,6 +378,7 @@ async function loadPickers() {
   $("height").value = size.height;
   state.loras = loras.loras;
   renderLoras();
+  loadEmbeddings(); // not awaited: the page works without its list (an error is said in its section)
   const cn = $("cn-model");
   cn.replaceChildren();
   for (const c of controlnets.controlnets) option(cn, c.name);
@@ -427,6 +501,7 @@ function applyInfotext(text) {
   // The infotext's prompt carries its LoRAs as <lora:NAME:W> tags: a ticked box would add them a second time
   // (twice the weight).
   state.loras.forEach((l, i) => { $(`lora-use-${i}`).checked = false; });
+  markEmbeddings();
   saveSettings();
   return { set, missing };
 }
@@ -1037,6 +1112,11 @@ function install() {
         painter.undo()) e.preventDefault();
   });
   $("cancel").addEventListener("click", cancel);
+  for (const id of ["prompt", "negative_prompt"]) {
+    $(id).addEventListener("focus", () => { state.activePrompt = id; });
+    $(id).addEventListener("input", markEmbeddings);
+  }
+  $("embeddings-refresh").addEventListener("click", loadEmbeddings);
   $("sampler").addEventListener("change", fillSchedules);
   for (const id of ["width", "height"]) $(id).addEventListener("change", () => snap($(id)));
   $("model").addEventListener("change", () => {
@@ -1095,6 +1175,7 @@ async function ready() {
   try {
     await loadPickers();
     restoreSettings();
+    markEmbeddings();
     fitDecoder();
     state.model = $("model").value;
     updateMode();
