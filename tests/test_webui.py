@@ -1277,3 +1277,41 @@ def test_embeddings_are_listed_and_a_click_puts_one_in_the_prompt(page, browser,
         pg.click("#embeddings-refresh")
         pg.wait_for_selector("#embedding-list button:text('newer')")
         ctx.close()
+
+
+def test_an_init_image_in_another_format_is_sent_as_png_and_a_bad_control_image_is_named(page, client, tmp_path):
+    """A BMP or GIF init image (A1111 takes them) was shown, painted on, and only refused by the server when
+    Generate was pressed; the page now sends its pixels as a PNG: the result is the API's for the same pixels.
+    A file that is no image, dropped on the ControlNet field, showed a broken picture and was refused only later;
+    it is now named at once, and a good image clears the message."""
+    rng = np.random.default_rng(5)
+    pixels = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    bmp = io.BytesIO()
+    pixels.save(bmp, format="BMP")
+    page.fill("#prompt", PROMPT)
+    page.fill("#steps", "3")
+    page.fill("#seed", "9")
+    page.fill("#batch_size", "1")
+    page.click("#img2img-section summary", timeout=20_000)
+    page.select_option("#mode", "img2img")
+    drop_file(page, bmp.getvalue(), "pixels.bmp", target="#init-drop")
+    page.wait_for_selector("#init-stage", state="visible", timeout=20_000)
+    page.fill("#strength", "0.5")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Denoising strength: 0.5" in params
+    body = {"prompt": PROMPT, "steps": 3, "seed": 9, "width": 64, "height": 64, "strength": 0.5}
+    body["init_image"] = upload(client, png_bytes(pixels))
+    body["vae_encode"] = page.input_value("#vae_encode")
+    shows_the_api_image(page, client, body, params)
+    page.select_option("#mode", "txt2img")
+    page.click("#controlnet-section summary")
+    drop_file(page, b"hello", "notes.png", target="#cn-drop")
+    page.wait_for_function(
+        "document.querySelector('#err-controlnet').textContent.includes('notes.png')", timeout=20_000
+    )
+    assert not page.is_visible("#cn-source")
+    drop_file(page, png_bytes(pixels), "good.png", target="#cn-drop")
+    page.wait_for_selector("#cn-source", state="visible", timeout=20_000)
+    assert page.text_content("#err-controlnet") == ""
+    page.uncheck("#cn-enabled")

@@ -4,7 +4,7 @@
 // headers) and images are fetched as blobs for the same reason.
 
 import { MaskPainter } from "./mask.js";
-import { imageParameters, parseInfotext } from "./pnginfo.js";
+import { imageKind, imageParameters, parseInfotext } from "./pnginfo.js";
 
 const $ = (id) => document.getElementById(id);
 const SETTINGS_KEY = "sdengine.settings.v1";
@@ -145,8 +145,25 @@ const getJSON = async (path) => (await api(path)).json();
 
 const UPLOAD_LABELS = { init_image: "init image", mask: "mask", controlnet: "ControlNet control image" };
 
+/** The image as the server takes it: a PNG, JPEG or WebP as it is; another format the browser can show (GIF,
+ * BMP, AVIF, ...; A1111 takes them) as a PNG of its pixels. Such a file was shown, painted on, and then refused. */
+async function acceptedImage(blob) {
+  if (imageKind(new Uint8Array(await blob.slice(0, 16).arrayBuffer()))) return blob;
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(blob);
+  } catch (e) {
+    return blob; // not an image the browser reads either: the server says what it is
+  }
+  const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+  canvas.getContext("2d").drawImage(bitmap, 0, 0);
+  bitmap.close();
+  return canvas.convertToBlob({ type: "image/png" });
+}
+
 async function upload(blob, what) {
   if (!blob) throw new ApiError(400, `${what}: pick an image first`, what === "mask" ? "mask" : what);
+  blob = await acceptedImage(blob);
   try {
     const r = await api("/v1/uploads", { method: "POST", headers: { "Content-Type": blob.type || "image/png" },
       body: blob });
@@ -543,6 +560,7 @@ function updateMode() {
 
 function setInitImage(blob, mode) {
   state.initBlob = blob;
+  $("err-init_image").textContent = ""; // an earlier file's "not an image" is over
   URL.revokeObjectURL($("init-preview").src);
   const url = URL.createObjectURL(blob);
   const img = $("init-preview");
@@ -565,6 +583,12 @@ function setControlImage(blob) {
   state.controlBlob = blob;
   URL.revokeObjectURL($("cn-source").src);
   const url = URL.createObjectURL(blob);
+  $("err-controlnet").textContent = "";
+  $("cn-source").onerror = () => {  // not an image: said now, not shown as a broken picture and sent later
+    state.controlBlob = null;
+    $("cn-source").hidden = true;
+    showError("controlnet", `${blob.name || "that file"}: not an image this page can read (PNG, JPEG or WebP)`);
+  };
   $("cn-source").src = url;
   $("cn-source").hidden = false;
   $("cn-preview").hidden = true;
