@@ -313,6 +313,12 @@ def test_cancel_stops_a_long_job_and_the_page_says_so(page, client):
     )
     page.wait_for_selector("#live-preview[src^='data:image/png']", state="visible")
     assert int(page.get_attribute("#progress", "max")) == 150
+    # The Queue's line of this job follows the bar's step (it lagged by up to its 5 s refresh).
+    page.wait_for_selector("#queue li.mine", timeout=20_000)
+    bar, line = page.evaluate(
+        "[document.querySelector('#progress-text').textContent, document.querySelector('#queue li.mine').textContent]"
+    )
+    assert re.match(r"Step (\d+) /", bar).group(1) == re.match(r"running, step (\d+) /", line).group(1), (bar, line)
     t0 = time.monotonic()
     page.click("#cancel")
     page.wait_for_function("document.querySelector('#progress-text').textContent.startsWith('Cancelled')")

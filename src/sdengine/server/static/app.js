@@ -24,7 +24,7 @@ const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras
 const state = {
   samplers: [], sizes: {}, loras: [], embeddings: [], activePrompt: "prompt", tiny: {}, tinyEncoder: {}, model: null,
   lastSeed: null, jobId: null, running: false,
-  cancelAsked: false, jobDone: false,
+  cancelAsked: false, jobDone: false, jobStep: 0,
   initBlob: null, controlBlob: null, galleryOffset: 0, galleryTotal: 0, resultUrls: [], galleryUrls: [],
 };
 
@@ -726,6 +726,10 @@ function showProgress(job) {
   if (job.state === "running") {
     const eta = job.eta === null || job.eta === undefined ? "" : ` · ETA ${job.eta.toFixed(1)} s`;
     text.textContent = `Step ${job.step} / ${job.steps}${eta}`;
+    // The queue's line of this job follows its steps too (it lagged the bar by up to the 5 s refresh).
+    state.jobStep = job.step;
+    const mine = document.querySelector("#queue li.mine span");
+    if (mine) mine.textContent = queueLine(job, true);
   }
   if (job.preview) {
     $("live-preview").src = job.preview;
@@ -852,6 +856,7 @@ function forgetJob() {
 
 function endJob() {
   state.jobId = null;
+  state.jobStep = 0;
   state.jobDone = false;
   state.cancelAsked = false;
   if (!$("progress").hasAttribute("value")) $("progress").value = 0; // not left spinning as if still queued
@@ -1075,6 +1080,15 @@ function installDrop() {
 
 // ------------------------------------------------------------------------------------- start
 
+const queueModels = {}; // job id -> model, for the queue line the event stream updates (events may lack it)
+
+function queueLine(j, mine) {
+  if (j.model) queueModels[j.id] = j.model;
+  const where = j.state === "running" ? `running, step ${j.step} / ${j.steps}`
+    : `queued, ${j.position ? `${j.position} before it` : "next"}`;
+  return `${where} · ${queueModels[j.id] ?? ""}${mine ? " · this tab's job" : ""}`;
+}
+
 /** The server's unfinished jobs (every tab's and client's), each with a Cancel button; hidden when none. */
 async function refreshQueue() {
   let jobs;
@@ -1093,10 +1107,10 @@ async function refreshQueue() {
     const li = document.createElement("li");
     const mine = j.id === state.jobId;
     li.classList.toggle("mine", mine);
-    const where = j.state === "running" ? `running, step ${j.step} / ${j.steps}`
-      : `queued, ${j.position ? `${j.position} before it` : "next"}`;
     const text = document.createElement("span");
-    text.textContent = `${where} · ${j.model}${mine ? " · this tab's job" : ""}`;
+    // this tab's job: not a step behind the bar (the list may have been read just before the bar's last event)
+    text.textContent = queueLine(mine && j.state === "running" ? { ...j, step: Math.max(j.step, state.jobStep) } : j,
+      mine);
     const stop = button("Cancel", async () => {
       stop.disabled = true;
       if (mine) return cancel();
