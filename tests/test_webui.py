@@ -1321,3 +1321,19 @@ def test_an_init_image_in_another_format_is_sent_as_png_and_a_bad_control_image_
     page.wait_for_selector("#cn-source", state="visible", timeout=20_000)
     assert page.text_content("#err-controlnet") == ""
     page.uncheck("#cn-enabled")
+
+
+def test_a_zero_img2img_strength_is_named_at_strength(page):
+    """The server's "strength must be > 0 for img2img" was shown under the init image (its "img2img" matched
+    first), with the init image's field marked; it is the Strength input's."""
+    page.click("#img2img-section summary", timeout=20_000)
+    page.select_option("#mode", "img2img")
+    drop_file(page, png_bytes(Image.new("RGB", (64, 64), (9, 99, 199))), "init.png", target="#init-drop")
+    page.wait_for_selector("#init-stage", state="visible", timeout=20_000)
+    page.fill("#strength", "0")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-strength').textContent.includes('> 0')", timeout=20_000)
+    assert page.get_attribute("#strength", "aria-invalid") == "true" and page.text_content("#err-init_image") == ""
+    assert page.input_value("#strength") == "0"  # kept as typed
+    page.fill("#strength", "0.75")
+    page.select_option("#mode", "txt2img")

@@ -193,6 +193,7 @@ const ERROR_FIELDS = [
   [/\bhires\b|\bhr_/i, "hires"],
   [/controlnet|preprocessor|control image/i, "controlnet"],
   [/\blora\b|<lora/i, "loras"],
+  [/^strength\b/i, "strength"], // "strength must be > 0 for img2img": the strength's, not the init image's
   [/init[_ ]image|img2img/i, "init_image"],
   [/\bmask_blur\b/i, "mask_blur"],
   [/\bmask\b/i, "mask"],
