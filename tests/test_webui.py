@@ -141,6 +141,15 @@ def test_txt2img_shows_the_apis_image_with_its_parameters_and_remembers_settings
     assert params.startswith(PROMPT + "\n") and "Steps: 12" in params and "Seed: 7" in params
     assert "Size: 64x64" in params and "CFG scale: 5" in params and "Sampler: DPM++ 2M" in params
     shown = shown_image(page, "#results img")
+    # The gallery lists the outputs folder, newest first, and reopens an item with its parameters. (The
+    # screenshot is taken before the API's job below, which the Queue would show running.)
+    page.wait_for_selector("#gallery button img[src^=blob]")
+    assert re.match(r"1–\d+ of \d+", page.text_content("#gallery-page"))
+    page.wait_for_function("document.querySelector('#queue-box').hidden")
+    shot = Path(os.environ.get("SDENGINE_WEBUI_SCREENSHOT") or tmp_path / "webui.png")
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
     body = {
         "prompt": PROMPT,
         "steps": 12,
@@ -155,13 +164,6 @@ def test_txt2img_shows_the_apis_image_with_its_parameters_and_remembers_settings
     assert shown.shape == (64, 64, 3)
     np.testing.assert_array_equal(shown, expected)
     assert params == infotext
-    # The gallery lists the outputs folder, newest first, and reopens an item with its parameters.
-    page.wait_for_selector("#gallery button img[src^=blob]")
-    assert re.match(r"1–\d+ of \d+", page.text_content("#gallery-page"))
-    shot = Path(os.environ.get("SDENGINE_WEBUI_SCREENSHOT") or tmp_path / "webui.png")
-    shot.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.stat().st_size > 10_000
     # The result's actions: reuse its parameters, send it to inpaint (the image under the mask canvas), download.
     page.fill("#prompt", "something else")
     page.fill("#steps", "30")
