@@ -699,12 +699,19 @@ def run_gpu_bench(
                 res["_latent"] = np.load(latent_path)
             return res
 
-        peer: Any = peer_module() if compare else None
+        loaded: dict[str, Any] = {}
+
+        def peer() -> Any:  # diffusers, imported by the first diffusers phase: a run without it (a device image
+            # that lacks the package) still runs every sdengine phase, and each diffusers phase fails in one line
+            if "peer" not in loaded:
+                loaded["peer"] = peer_module()
+            return loaded["peer"]
+
         dpipe: dict[str, Any] = {}
         if compare:  # early: cheap, and the stage-by-stage comparison needs the graphs pipeline still loaded
 
             def df_eager() -> dict[str, Any]:
-                engine = peer.GpuEngine(folder, device, sampler, size)
+                engine = peer().GpuEngine(folder, device, sampler, size)
                 dpipe["engine"] = engine
                 res = engine.measure(PROMPT, NEGATIVE, cfg, repeats, batch8=True)
                 probe = held.pop("probe", None)
@@ -746,7 +753,7 @@ def run_gpu_bench(
             run.phase("sdengine_fp8", 150 if compile else 45, lambda: sd_child("fp8", False, fp8_options))
 
         def df_compiled() -> dict[str, Any]:
-            engine = dpipe.get("engine") or peer.GpuEngine(folder, device, sampler, size)
+            engine = dpipe.get("engine") or peer().GpuEngine(folder, device, sampler, size)
             engine.compile()
             dpipe["engine"] = engine
             res = engine.measure(PROMPT, NEGATIVE, cfg, repeats, batch8=False)
