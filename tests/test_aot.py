@@ -129,6 +129,44 @@ def test_a_network_that_cannot_be_exported_runs_as_it_is(tmp_path, caplog):
     assert not list(tmp_path.glob("*.pt2"))
 
 
+def test_a_package_that_fails_on_its_first_run_is_dropped_and_the_module_runs(tmp_path, caplog, monkeypatch):
+    """A package's first run sets up the weights bound into it (on CUDA, where the H200 processes crashed, not
+    proven): an error there runs the module instead, with one warning, and that call is not tried again."""
+    from sdengine.cuda_graphs import call_signature
+
+    torch.manual_seed(0)
+    m = Small().eval()
+    a = AOTCompiled(m, name="small", cache_dir=tmp_path, packaging="bound")
+    x = torch.randn(3, 8)
+    key = call_signature((x,), {})[0]
+    (tmp_path / f"small-{package_digest(m, key, 'cpu', 'bound')}.pt2").write_bytes(b"")  # an earlier process's
+
+    class Broken:  # what a package that cannot run on this device does
+        calls = 0
+
+        def get_constant_fqns(self) -> list[str]:
+            return ["lin.weight", "lin.bias"]
+
+        def load_constants(self, *args, **kwargs) -> None:
+            pass
+
+        def __call__(self, *args, **kwargs):
+            Broken.calls += 1
+            raise RuntimeError("The specified pointer resides on host memory")
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: Broken())
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        got = [a(x), a(x)]
+        want = m(x)
+    assert Broken.calls == 1 and a.loaded == 1 and len(a.failed) == 1 and not a.runners
+    for g in got:
+        torch.testing.assert_close(g, want, rtol=0, atol=0)
+    assert [r.message for r in caplog.records if "first run" in r.message] == [
+        "small: the package failed on its first run (RuntimeError: The specified pointer resides on host memory); "
+        "running it as it is"
+    ]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("packaging", sorted(PACKAGINGS))
 def test_pipeline_with_aot_equals_the_plain_pipeline(tiny_sd1_folder, tmp_path, monkeypatch, packaging):

@@ -140,11 +140,20 @@ class AOTCompiled:
         if key in self.failed:
             return self.module(*args, **kwargs)
         runner = self.runners.get(key)
+        if runner is not None:
+            return runner(*args, **kwargs)
+        runner = self._prepare(key, args, kwargs, tensors)
         if runner is None:
-            runner = self._prepare(key, args, kwargs, tensors)
-            if runner is None:
-                return self.module(*args, **kwargs)
-        return runner(*args, **kwargs)
+            return self.module(*args, **kwargs)
+        try:  # its first run sets up the bound weights and folds the constants (on CUDA: unproven, docs/gpu.md)
+            return runner(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - a package that cannot run: this signature runs plainly from now on
+            self.runners.pop(key, None)
+            self.failed.add(key)
+            log.warning(
+                "%s: the package failed on its first run (%s: %s); running it as it is", self.name, type(e).__name__, e
+            )
+            return self.module(*args, **kwargs)
 
     def _prepare(self, key: Hashable, args: Any, kwargs: dict[str, Any], tensors: list[torch.Tensor]) -> Any:
         t0 = time.perf_counter()
