@@ -43,6 +43,13 @@ if ! "$py" -c "import diffusers" 2>/dev/null; then
     fi
     step install_diffusers "$t" "$rc"
 fi
+# The bench's model folder (SD 1.5's architecture, random fp16 weights; reused when there, written whole or not at
+# all) is CPU work: written in the background while the GPU tests run, waited for before the bench.
+workdir=/tmp/sdengine-gpu-check
+t_folder=$(date +%s)
+"$py" -c "import sys; from sdengine.bench import make_random_folder; make_random_folder(sys.argv[1], 'sd15', dtype='fp16')" \
+    "$workdir/random-sd15-fp16" >"$out/model_folder.log" 2>&1 &
+folder_pid=$!
 # The tests that only run on a GPU (marked `cuda`: CUDA graphs, the whole loop and ControlNet steps recorded for
 # real, AOT packages and fp8 on the device, masked attention off cuDNN, previews on the device). Only those: the
 # CPU tests need the shipped models (which a device copy may leave out) and this project's torch. Only the files
@@ -58,8 +65,12 @@ if [ "${GPU_TESTS_TIMEOUT:-300}" != 0 ]; then
     grep -E "(PASSED|FAILED|ERROR|SKIPPED)( |$)|^(FAILED|ERROR) |passed|failed|Timeout" "$out/gpu_tests.log" | tail -25
     step gpu_tests "$t" "$rc"
 fi
+wait "$folder_pid"
+rc=$?
+tail -3 "$out/model_folder.log"
+step model_folder "$t_folder" "$rc"
 t=$(date +%s)
-timeout -k 15 $((budget + ${BENCH_GRACE:-120})) "$py" -m sdengine bench --random sd15 --workdir /tmp/sdengine-gpu-check \
+timeout -k 15 $((budget + ${BENCH_GRACE:-120})) "$py" -m sdengine bench --random sd15 --workdir "$workdir" \
     --device cuda --compare diffusers --out "$out" --budget-s "$budget" ${phases:+--phases "$phases"} 2>&1 |
     grep --line-buffered -v "Loading" | tee "$out/bench.log"
 rc=${PIPESTATUS[0]}
