@@ -212,6 +212,14 @@ print("stage graphs", pipe.cuda_graphs["unet"].replays, float(np.abs(graphed - a
 """
 
 
+CHILD_TIMEOUT_S = 200  # one child process (compile or load, then 3 images of the tiny model); the GPU check's
+# test timeout must leave room for a cold and a warm one (the packagings run side by side)
+
+
+def _text(out) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+
+
 def _aot_children(folder, root, packaging):  # pragma: no cover - no GPU in CI
     """Two child processes with one packaging (cold: compiles the packages; warm: loads them): a dict of what
     each reached, or the failure (exit status, last stage, the end of its stderr with faulthandler's stack)."""
@@ -226,10 +234,14 @@ def _aot_children(folder, root, packaging):  # pragma: no cover - no GPU in CI
     runs = []
     for run in ("cold", "warm"):
         argv = [sys.executable, "-X", "faulthandler", "-c", _CUDA_CHILD, str(folder), str(root / packaging)]
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
-        stages = {ln.split()[1]: ln.split()[2:] for ln in proc.stdout.splitlines() if ln.startswith("stage ")}
-        runs.append({"run": run, "exit": proc.returncode, "stages": stages, "stderr_tail": proc.stderr[-3000:]})
-        if proc.returncode != 0:
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=CHILD_TIMEOUT_S)
+            code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as e:  # a hang: what it printed so far, and the next packaging goes on
+            code, stdout, stderr = f"timeout {CHILD_TIMEOUT_S} s", _text(e.stdout), _text(e.stderr)
+        stages = {ln.split()[1]: ln.split()[2:] for ln in stdout.splitlines() if ln.startswith("stage ")}
+        runs.append({"run": run, "exit": code, "stages": stages, "stderr_tail": stderr[-3000:]})
+        if code != 0:
             break
     return runs
 
@@ -244,16 +256,25 @@ def test_real_aot_packages_on_cuda_compile_load_and_replay(tiny_sd1_folder, tmp_
     GPU check's output folder); the test fails when CUDA's default packaging fails."""
     import json
     import os
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from sdengine.aot import PACKAGINGS, default_packaging
 
     names = sorted(PACKAGINGS)
+    results: dict = {}
+    lock = threading.Lock()
+
+    def one(packaging: str) -> None:  # written as each packaging ends: a run cut short keeps the ones that ended
+        runs = _aot_children(tiny_sd1_folder, tmp_path, packaging)
+        with lock:
+            results[packaging] = runs
+            if os.environ.get("SDENGINE_GPU_OUT"):
+                with open(os.path.join(os.environ["SDENGINE_GPU_OUT"], "aot_packagings.json"), "w") as f:
+                    json.dump(results, f, indent=1)
+
     with ThreadPoolExecutor(len(names)) as pool:
-        results = dict(zip(names, pool.map(lambda p: _aot_children(tiny_sd1_folder, tmp_path, p), names), strict=True))
-    if os.environ.get("SDENGINE_GPU_OUT"):
-        with open(os.path.join(os.environ["SDENGINE_GPU_OUT"], "aot_packagings.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        list(pool.map(one, names))
     summary = {p: [(r["run"], r["exit"], sorted(r["stages"])) for r in runs] for p, runs in results.items()}
     runs = results[default_packaging("cuda")]
     assert len(runs) == 2 and all(r["exit"] == 0 for r in runs), f"{summary}\n{runs[-1]['stderr_tail']}"
