@@ -27,7 +27,7 @@ weight the program uses is refused.
 Compiled code may fold weights into derived constants when they are bound, so it is bound again whenever the
 module's fingerprint (sdengine.nn.fingerprint.module_fingerprint: storage, version counters, hooks) moved; while
 the module carries forward hooks (a patched LoRA) every call goes to the module itself. A signature that fails to
-export or compile runs on the module from then on, with one warning.
+export, compile, load or run its first call runs on the module from then on, with one warning.
 """
 
 from __future__ import annotations
