@@ -135,6 +135,22 @@ def test_a_machine_without_diffusers_still_runs_every_sdengine_phase(tiny_folder
     assert list(saved["phases"]) == ["info", "sdengine_graphs_process_cold"]
 
 
+def test_a_summary_that_fails_is_an_error_line_and_the_others_are_kept(tiny_folder, tmp_path, monkeypatch):
+    """The end of a run (agreement, ratios, the images' PNG): one that fails, such as images that cannot be put
+    side by side, is recorded as an error, and the JSON still gets the others."""
+
+    message = "all the input array dimensions except for the concatenation axis must match exactly"
+
+    def broken(images, path):
+        raise ValueError(message)
+
+    monkeypatch.setattr(bench_gpu, "save_images", broken)
+    data = _on_the_cpu(tiny_folder, tmp_path, compare=False, only="sdengine_eager,sdengine_fp32")
+    saved = json.loads((tmp_path / bench_gpu.FILE_NAME).read_text())
+    assert saved["errors"] == {"images_png": f"ValueError: {message}"} == data["errors"]
+    assert saved["agreement"] == {"sdengine_eager vs sdengine_fp32": 0.0} and "ratios" in saved
+
+
 @pytest.mark.slow
 def test_the_aot_processes_say_which_packaging_ran_and_where_each_network_came_from(tiny_folder, tmp_path):
     """The GPU run's AOT phases on the CPU: the cold process compiles the packages, the warm one loads them, and

@@ -772,11 +772,19 @@ def run_gpu_bench(
         dpipe.clear()
         _free(device)
 
-        run.data["agreement"] = agreement(run.images)
-        run.data["latent_agreement"] = latent_agreement(run.latents)
-        run.data["ratios"] = ratios(run.data["phases"])
-        run.data["images_png"] = list(run.images)
-        save_images(run.images, run.out_dir / "images.png")
+        # The summaries, each on its own: one that fails (images of other shapes) is an error line, not a lost run
+        summaries: dict[str, Callable[[], Any]] = {
+            "agreement": lambda: agreement(run.images),
+            "latent_agreement": lambda: latent_agreement(run.latents),
+            "ratios": lambda: ratios(run.data["phases"]),
+            "images_png": lambda: (save_images(run.images, run.out_dir / "images.png"), list(run.images))[1],
+        }
+        for key, make in summaries.items():
+            try:
+                run.data[key] = make()
+            except Exception as e:  # noqa: BLE001 - see above
+                run.data["errors"][key] = f"{type(e).__name__}: {e}"
+                _say(f"{key}: FAILED {type(e).__name__}: {e}")
         run.save()
         return run.data
 
