@@ -472,6 +472,11 @@ def save_images(images: dict[str, np.ndarray], path: Path) -> None:
         Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
 
 
+def _saved_images(images: dict[str, np.ndarray], path: Path) -> list[str]:
+    save_images(images, path)
+    return list(images)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------
@@ -777,7 +782,7 @@ def run_gpu_bench(
             "agreement": lambda: agreement(run.images),
             "latent_agreement": lambda: latent_agreement(run.latents),
             "ratios": lambda: ratios(run.data["phases"]),
-            "images_png": lambda: (save_images(run.images, run.out_dir / "images.png"), list(run.images))[1],
+            "images_png": lambda: _saved_images(run.images, run.out_dir / "images.png"),
         }
         for key, make in summaries.items():
             try:
