@@ -23,7 +23,8 @@ sampler, steps and guidance scale, half precision:
 
 Every phase is guarded: one that fails is recorded with its error and the run goes on; one that would not fit
 in what is left of ``budget_s`` is skipped and says so. The JSON is rewritten after every phase, so a run cut
-short still leaves what it measured.
+short still leaves what it measured. diffusers is imported by the first diffusers phase (a machine without it
+runs every sdengine phase), and the summaries at the end (agreement, ratios, the images' PNG) are guarded each.
 """
 
 from __future__ import annotations
