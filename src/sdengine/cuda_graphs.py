@@ -162,17 +162,19 @@ class GraphedCallable:
         """Whether graphs may serve the next generation: never while the module has forward hooks (a patched
         LoRA's weight can change between calls without changing the module); and every graph is dropped when
         the module's weights moved since they were recorded. Call it once per generation (the pipeline does)."""
-        moved, hooked = self.watch.check()
-        if moved:
-            self.reset()
-            reset = getattr(self.fn, "reset", None)  # an ahead-of-time compiled network binds its weights again
-            if reset is not None:
-                reset()
+        with self._lock:  # a preview decoded on a request thread may be between looking up and using a graph
+            moved, hooked = self.watch.check()
+            if moved:
+                self.reset()
+                reset = getattr(self.fn, "reset", None)  # an ahead-of-time compiled network binds its weights again
+                if reset is not None:
+                    reset()
         return not hooked and (self.guard is None or self.guard())
 
     def reset(self) -> None:
-        self.graphs.clear()
-        self.eager.clear()
+        with self._lock:
+            self.graphs.clear()
+            self.eager.clear()
 
     def _eligible(self, tensors: list[Tensor]) -> bool:
         if not tensors or any(t.device.type != self.device_type for t in tensors):

@@ -293,7 +293,7 @@ class LatentPreviewer:
         host = torch.empty(rgb.shape, dtype=torch.uint8, pin_memory=True)
         host.copy_(rgb, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(rgb.device))  # the copy's stream: rgb's GPU, maybe not the current one
         self._pending = (event, host, tag)
 
     def take(self, *, wait: bool = False) -> tuple[Any, np.ndarray] | None:
