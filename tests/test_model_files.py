@@ -227,3 +227,34 @@ def test_sdxl_yaml_beside_the_file_gives_its_prediction_type(sdxl_with_vae_file,
     ck = load_checkpoint(path)
     assert ck.prediction_type == want and ck.configs["scheduler"]["prediction_type"] == want
     assert load_checkpoint(path, prediction_type="epsilon").prediction_type == "epsilon"  # the caller's word wins
+
+
+def _plain_sd1_file(folder, dst, extra=None):
+    """An SD 1.x LDM single file as other tools write it (no sdengine config metadata), plus `extra` keys."""
+    from sdengine.weights import convert, load_file, save_safetensors
+
+    sd, _ = load_file(convert(folder, dst.with_name("meta-" + dst.name)))
+    save_safetensors({**sd, **(extra or {})}, dst)
+    return dst
+
+
+@pytest.mark.parametrize("markers", [(), ("v_pred",), ("v_pred", "ztsnr"), ("ztsnr",)])
+def test_sd1_v_pred_marker_sets_the_prediction_type(tiny_sd1_folder, tmp_path, markers):
+    # ComfyUI writes an empty `v_pred` tensor into every v-prediction model it saves (SD 1.x v fine-tunes
+    # too); an SD 1.x file with it was refused as "unexpected keys". `ztsnr` counts only with `v_pred`.
+    path = _plain_sd1_file(tiny_sd1_folder, tmp_path / "m.safetensors", {k: torch.tensor([]) for k in markers})
+    ck = load_checkpoint(path)
+    v = "v_pred" in markers
+    assert ck.prediction_type == ("v_prediction" if v else "epsilon")
+    assert ck.configs["scheduler"]["prediction_type"] == ck.prediction_type
+    assert ck.configs["scheduler"].get("rescale_betas_zero_snr", False) == (v and "ztsnr" in markers)
+    assert set(markers) <= set(ck.skipped)
+    assert load_checkpoint(path, prediction_type="epsilon").prediction_type == "epsilon"  # the caller's word wins
+
+
+def test_a_yaml_that_states_the_prediction_type_wins_over_the_v_pred_marker(tiny_sd1_folder, tmp_path):
+    path = _plain_sd1_file(tiny_sd1_folder, tmp_path / "m.safetensors", {"v_pred": torch.tensor([])})
+    (tmp_path / "m.yaml").write_text("model:\n  params:\n    parameterization: eps\n")
+    assert load_checkpoint(path).prediction_type == "epsilon"
+    (tmp_path / "m.yaml").write_text("model:\n  params:\n    scale_factor: 0.5\n")  # says nothing: the marker
+    assert load_checkpoint(path).prediction_type == "v_prediction"

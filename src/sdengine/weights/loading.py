@@ -62,7 +62,14 @@ from .ldm_config import (
     is_yaml_config,
     read_ldm_config,
 )
-from .sdxl_files import SDXL_VAE_SCALING_FACTOR, is_sdxl_ldm, sdxl_components_to_ldm, sdxl_ldm_to_components
+from .sdxl_files import (
+    SDXL_VAE_SCALING_FACTOR,
+    V_PRED_KEY,
+    ZTSNR_KEY,
+    is_sdxl_ldm,
+    sdxl_components_to_ldm,
+    sdxl_ldm_to_components,
+)
 from .vae_file import check_vae_fits
 
 log = logging.getLogger(__name__)
@@ -400,7 +407,11 @@ def ldm_to_components(
 ) -> tuple[dict[str, StateDict], Detected, list[str]]:
     """Flat LDM state dict -> ({unet, vae?, text_encoder?} in our names, detection, skipped keys)."""
     check_supported(sd)
+    markers = [k for k in (V_PRED_KEY, ZTSNR_KEY) if k in sd]  # empty marker tensors (see V_PRED_KEY)
+    if markers:
+        sd = {k: v for k, v in sd.items() if k not in markers}
     parts, skipped, unknown = km.split_ldm(sd)
+    skipped += markers
     if unknown:
         raise WeightsError(f"{where}: unexpected keys (not SD1/SD2 LDM names): {_name_some(unknown)}")
     out: dict[str, StateDict] = {}
@@ -489,9 +500,22 @@ def load_single_file(
         if prediction_type is None and ldm_cfg is not None and ldm_cfg.states_prediction and "scheduler" not in cfg_src:
             prediction_type = ldm_cfg.prediction_type  # A1111's sd_xl_v.yaml beside a v-prediction SDXL file
         return _load_sdxl_single_file(path, sd, cfg_src, config=config, vae=vae, prediction_type=prediction_type)
+    # The `v_pred` marker (ComfyUI writes it into every v-prediction model it saves, SD 1.x/2.x included; `ztsnr`
+    # beside it: zero terminal SNR) says the prediction type unless the caller, a config that states it, or
+    # the file's own scheduler config does.
+    zero_snr = False
+    if (
+        prediction_type is None
+        and V_PRED_KEY in sd
+        and not (ldm_cfg is not None and ldm_cfg.states_prediction)
+        and "scheduler" not in cfg_src
+    ):
+        prediction_type, zero_snr = "v_prediction", ZTSNR_KEY in sd
     comps, det, skipped = ldm_to_components(
         sd, info=info, prediction_type=prediction_type, configs=cfg_src or None, where=str(path)
     )
+    if zero_snr:
+        det.scheduler_config["rescale_betas_zero_snr"] = True
     cfgs: dict[str, dict[str, Any]] = {
         "unet": det.unet_config,
         "scheduler": det.scheduler_config,
