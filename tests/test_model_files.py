@@ -258,3 +258,100 @@ def test_a_yaml_that_states_the_prediction_type_wins_over_the_v_pred_marker(tiny
     assert load_checkpoint(path).prediction_type == "epsilon"
     (tmp_path / "m.yaml").write_text("model:\n  params:\n    scale_factor: 0.5\n")  # says nothing: the marker
     assert load_checkpoint(path).prediction_type == "v_prediction"
+
+
+def sgm_yaml(*, refiner: bool = False, embedders: tuple[str, ...] | None = None, **unet_over) -> str:
+    """sgm's sd_xl_base.yaml / sd_xl_refiner.yaml, with the numbers of the tiny SDXL models (tests/_sdxl_models)."""
+    import yaml
+
+    unet = {
+        "adm_in_channels": 72 if refiner else 80,
+        "num_classes": "sequential",
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 32,
+        "attention_resolutions": [2],
+        "num_res_blocks": 2,
+        "channel_mult": [1, 2, 2] if refiner else [1, 2],
+        "num_head_channels": 16,
+        "use_linear_in_transformer": True,
+        "transformer_depth": 2 if refiner else [1, 2],  # the first level has no attention
+        "context_dim": [48, 48, 48] if refiner else 80,  # as sd_xl_refiner.yaml writes it: one per level
+        **unet_over,
+    }
+    if embedders is None:
+        embedders = ("FrozenOpenCLIPEmbedder2",) if refiner else ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder2")
+    emb = [{"input_key": "txt", "target": f"sgm.modules.encoders.modules.{e}", "params": {}} for e in embedders]
+    emb.append({"input_key": "crop_coords_top_left", "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND"})
+    scaling = {"target": "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling"}
+    ddconfig = {"double_z": True, "z_channels": 4, "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1}
+    params = {
+        "scale_factor": 0.13025,
+        "denoiser_config": {"params": {"scaling_config": scaling}},
+        "network_config": {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
+        "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": emb}},
+        "first_stage_config": {"params": {"embed_dim": 4, "ddconfig": ddconfig}},
+    }
+    return yaml.safe_dump({"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": params}})
+
+
+@pytest.fixture(scope="module")
+def plain_sdxl_file(sdxl_with_vae_file, tmp_path_factory):
+    from sdengine.weights import convert, load_file, save_safetensors
+
+    tmp = tmp_path_factory.mktemp("plain-sdxl")
+    sd, _ = load_file(convert(sdxl_with_vae_file[0], tmp / "meta.safetensors"))
+    save_safetensors(dict(sd), tmp / "sdxl.safetensors")  # as A1111 users' files: no sdengine config metadata
+    return tmp / "sdxl.safetensors"
+
+
+def test_an_sgm_yaml_that_fits_gives_the_heads(plain_sdxl_file, sdxl_with_vae_file, tmp_path):
+    import json
+
+    cfg = tmp_path / "sd_xl_base.yaml"
+    cfg.write_text(sgm_yaml())
+    ck = load_checkpoint(plain_sdxl_file, config=cfg)
+    folder_unet = json.loads((sdxl_with_vae_file[0] / "unet" / "config.json").read_text())
+    assert ck.configs["unet"]["attention_head_dim"] == list(folder_unet["attention_head_dim"])  # 16-wide heads
+    assert (
+        load_checkpoint(plain_sdxl_file).configs["unet"]["attention_head_dim"]
+        != ck.configs["unet"]["attention_head_dim"]
+    )  # without the yaml the shapes cannot tell
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"context_dim": 2048}, r"unet cross_attention_dim is 2048 in the config but 80 in the weights"),
+        ({"model_channels": 320}, r"unet block_out_channels is \[320, 640\] in the config but \[32, 64\]"),
+        ({"num_res_blocks": 3}, r"unet layers_per_block is 3 in the config but 2"),
+        ({"transformer_depth": [1, 10]}, r"transformer_layers_per_block is \[1, 10\] in the config but 2"),
+        ({"adm_in_channels": 2816}, r"projection_class_embeddings_input_dim is 2816 in the config but 80"),
+        ({"use_linear_in_transformer": False}, r"use_linear_projection is False in the config but True"),
+        ({"num_head_channels": 24}, r"num_head_channels 24 does not divide 64"),
+        ({"refiner": True}, r"names a OpenCLIP ViT-bigG only \(SDXL refiner\) text encoder but the weights hold"),
+        ({"embedders": ("FrozenOpenCLIPEmbedder",)}, r"names a OpenCLIP ViT-H \(SD 2.x\) text encoder"),
+    ],
+)
+def test_an_sgm_yaml_that_contradicts_the_sdxl_weights_is_one_line(plain_sdxl_file, tmp_path, over, match):
+    # sgm's network_config / conditioner_config were not read: a wrong sd_xl_*.yaml beside a file went unnoticed
+    from sdengine.weights.ldm_config import ModelConfigError
+
+    beside = tmp_path / "m.safetensors"
+    beside.symlink_to(plain_sdxl_file)
+    (tmp_path / "m.yaml").write_text(sgm_yaml(**over))  # found beside the file, as A1111 pairs them
+    with pytest.raises(ModelConfigError, match=match) as e:
+        load_checkpoint(beside)
+    assert "\n" not in str(e.value) and "m.yaml" in str(e.value)
+
+
+def test_an_sdxl_yaml_beside_an_sd1_file_is_refused(tiny_sd1_folder, tmp_path):
+    from sdengine.weights.ldm_config import ModelConfigError
+
+    path = _plain_sd1_file(tiny_sd1_folder, tmp_path / "m.safetensors")
+    (tmp_path / "m.yaml").write_text(sgm_yaml(embedders=()))  # only the U-Net: its added conditioning
+    with pytest.raises(ModelConfigError, match=r"adm_in_channels 80\) but the weights have none"):
+        load_checkpoint(path)
+    (tmp_path / "m.yaml").write_text(sgm_yaml())
+    with pytest.raises(ModelConfigError, match=r"SDXL base\) text encoder but the weights hold CLIP ViT-L"):
+        load_checkpoint(path)

@@ -58,6 +58,7 @@ from .ldm_config import (
     ModelConfigError,
     apply_ldm_config,
     check_folder_configs,
+    check_ldm_network,
     config_beside,
     is_yaml_config,
     read_ldm_config,
@@ -499,7 +500,9 @@ def load_single_file(
     if is_sdxl_ldm(sd):
         if prediction_type is None and ldm_cfg is not None and ldm_cfg.states_prediction and "scheduler" not in cfg_src:
             prediction_type = ldm_cfg.prediction_type  # A1111's sd_xl_v.yaml beside a v-prediction SDXL file
-        return _load_sdxl_single_file(path, sd, cfg_src, config=config, vae=vae, prediction_type=prediction_type)
+        return _load_sdxl_single_file(
+            path, sd, cfg_src, config=config, vae=vae, prediction_type=prediction_type, ldm_cfg=ldm_cfg
+        )
     # The `v_pred` marker (ComfyUI writes it into every v-prediction model it saves, SD 1.x/2.x included; `ztsnr`
     # beside it: zero terminal SNR) says the prediction type unless the caller, a config that states it, or
     # the file's own scheduler config does.
@@ -581,16 +584,21 @@ def _load_sdxl_single_file(
     config: str | Path | None,
     vae: str | Path | None,
     prediction_type: str | None,
+    ldm_cfg: LDMConfig | None = None,
 ) -> LoadedCheckpoint:
-    """An SDXL (sgm layout) single file; see sdengine.weights.sdxl_files."""
+    """An SDXL (sgm layout) single file; see sdengine.weights.sdxl_files. `ldm_cfg`: its `.yaml` (sgm's
+    network numbers checked against the weights; heads and scale factor taken from it)."""
     comps, cfgs, family, skipped = sdxl_ldm_to_components(sd, configs=cfg_src or None, where=str(path))
+    if ldm_cfg is not None:
+        check_ldm_network(ldm_cfg, cfgs, text_encoder_kind=family)
     for comp, cfg in cfgs.items():
         if comp in COMPONENT_KINDS:
             _check_config(config if config is not None else path, COMPONENT_KINDS[comp], cfg)
     pred = prediction_type or cfgs["scheduler"].get("prediction_type", "epsilon")
     cfgs["scheduler"]["prediction_type"] = pred
     if vae is not None:
-        scale = _scaling_factor_of(cfgs.get("vae"), SDXL_VAE_SCALING_FACTOR)
+        own_scale = ldm_cfg.scale_factor if ldm_cfg is not None and ldm_cfg.scale_factor is not None else None
+        scale = _scaling_factor_of(cfgs.get("vae"), own_scale if own_scale is not None else SDXL_VAE_SCALING_FACTOR)
         comps["vae"], cfgs["vae"] = load_vae_for_model(vae, scale)
     if "vae" not in comps:
         raise MissingVAEError(f"{path}: this checkpoint has no VAE (no first_stage_model.* weights); pass vae=PATH")
