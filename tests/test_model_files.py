@@ -355,3 +355,28 @@ def test_an_sdxl_yaml_beside_an_sd1_file_is_refused(tiny_sd1_folder, tmp_path):
     (tmp_path / "m.yaml").write_text(sgm_yaml())
     with pytest.raises(ModelConfigError, match=r"SDXL base\) text encoder but the weights hold CLIP ViT-L"):
         load_checkpoint(path)
+
+
+def test_model_hash_of_a_sharded_unet_covers_every_shard(tmp_path, tiny_sd1_folder):
+    # "Model hash" of a folder hashed the first `unet/diffusion_pytorch_model*` file by name: of a sharded U-Net
+    # only shard 1, and with an fp16 variant beside the full weights, the variant the loader does not read
+    import hashlib
+    import shutil
+
+    import sdengine
+    from _pipeline_models import diffusers_pipeline
+
+    dst = tmp_path / "sharded"
+    diffusers_pipeline(tiny_sd1_folder).save_pretrained(dst, max_shard_size="20KB")
+    shards = sorted((dst / "unet").glob("diffusion_pytorch_model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    h = hashlib.sha256()
+    for f in shards:
+        h.update(f.read_bytes())
+    assert sdengine.load_pipeline(dst, device="cpu").model_hash() == h.hexdigest()[:10]
+
+    both = shutil.copytree(tiny_sd1_folder, tmp_path / "both")
+    full = both / "unet" / "diffusion_pytorch_model.safetensors"
+    (both / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(full.read_bytes() + b" ")
+    want = hashlib.sha256(full.read_bytes()).hexdigest()[:10]
+    assert sdengine.load_pipeline(both, device="cpu").model_hash() == want  # the file the loader reads

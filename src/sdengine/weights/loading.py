@@ -175,6 +175,12 @@ def _find_weights(folder: Path) -> list[Path]:
     )
 
 
+def component_weight_files(folder: str | Path) -> list[Path]:
+    """The weights files the loader reads for one diffusers component folder (``unet/``, ``vae/``, ...): one
+    file, or a sharded one's shards in order. WeightsError when there is none."""
+    return _find_weights(Path(folder))
+
+
 def _shards_of(index: Path) -> list[Path]:
     """The shard files a `*.index.json` names, each resolved (realpath) inside the index's own folder: an
     index is data from outside, so `../x`, `/abs/x` or a symlink out of the folder is refused, never read."""
@@ -969,6 +975,7 @@ __all__ = [
     "build_models",
     "build_on_meta",
     "clip_config_from_weights",
+    "component_weight_files",
     "components_to_ldm",
     "convert",
     "ldm_to_components",
