@@ -380,3 +380,18 @@ def test_model_hash_of_a_sharded_unet_covers_every_shard(tmp_path, tiny_sd1_fold
     (both / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(full.read_bytes() + b" ")
     want = hashlib.sha256(full.read_bytes()).hexdigest()[:10]
     assert sdengine.load_pipeline(both, device="cpu").model_hash() == want  # the file the loader reads
+
+
+def test_sgm_denoiser_sigmas_in_an_sdxl_file_are_skipped(plain_sdxl_file, tmp_path):
+    # sgm's DiscreteDenoiser keeps its sigmas as buffers; SDXL files saved from sgm (or merged in A1111) carry
+    # `denoiser.sigmas` / `denoiser.log_sigmas`, which were refused as "unexpected keys"
+    from sdengine.weights import load_file, save_safetensors
+
+    sd, _ = load_file(plain_sdxl_file)
+    path = tmp_path / "merged.safetensors"
+    save_safetensors({**sd, "denoiser.sigmas": torch.ones(1000), "denoiser.log_sigmas": torch.zeros(1000)}, path)
+    ck = load_checkpoint(path)
+    assert {"denoiser.sigmas", "denoiser.log_sigmas"} <= set(ck.skipped)
+    want = load_checkpoint(plain_sdxl_file)
+    assert ck.state_dicts.keys() == want.state_dicts.keys()
+    assert all(ck.state_dicts[c].keys() == want.state_dicts[c].keys() for c in want.state_dicts)
