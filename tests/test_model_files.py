@@ -3,6 +3,8 @@ the oracle's tensors, and a broken variant is a one-line error."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -395,3 +397,57 @@ def test_sgm_denoiser_sigmas_in_an_sdxl_file_are_skipped(plain_sdxl_file, tmp_pa
     want = load_checkpoint(plain_sdxl_file)
     assert ck.state_dicts.keys() == want.state_dicts.keys()
     assert all(ck.state_dicts[c].keys() == want.state_dicts[c].keys() for c in want.state_dicts)
+
+
+@pytest.fixture(scope="module")
+def config_free_sd1_file(tmp_path_factory):
+    """A tiny SD 1.x LDM file whose architecture the shapes alone give (32-group norms, 768-wide context, 64-wide
+    text-encoder heads): it loads without any config, as a real SD 1.5 file does."""
+    from sdengine.weights import save_safetensors
+    from sdengine.weights.loading import LoadedCheckpoint, components_to_ldm
+    from test_weights_common import randomize, tiny_clip, tiny_unet, tiny_vae
+
+    unet = randomize(tiny_unet("sd1", norm_num_groups=32, cross_attention_dim=768, attention_head_dim=8), 1)
+    te = randomize(tiny_clip("sd1", hidden_size=768, num_attention_heads=12, intermediate_size=64), 3)
+    vae = randomize(tiny_vae(block_out_channels=(32, 64), norm_num_groups=32), 2)
+    parts = {"unet": unet, "vae": vae, "text_encoder": te}
+    ck = LoadedCheckpoint(
+        source=Path("tiny"),
+        layout="diffusers",
+        state_dicts={k: m.state_dict() for k, m in parts.items()},
+        configs={"unet": dict(unet.config), "vae": dict(vae.config), "text_encoder": te.config.to_dict()},
+        prediction_type="epsilon",
+    )
+    path = tmp_path_factory.mktemp("config-free") / "sd1.safetensors"
+    save_safetensors(components_to_ldm(ck), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "model.diffusion_model.input_blocks.0.0.weight",  # was "no model.diffusion_model.* UNet weights found"
+        "model.diffusion_model.input_blocks.1.0.out_layers.3.weight",  # was a bare KeyError
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",  # "need cross_attention_dim"
+        "model.diffusion_model.input_blocks.1.1.norm.weight",  # read as "no attention": 51 "unexpected UNet keys"
+        "model.diffusion_model.middle_block.1.norm.weight",
+        "first_stage_model.post_quant_conv.weight",  # KeyError
+        "first_stage_model.encoder.conv_in.weight",  # KeyError
+        "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight",  # KeyError
+    ],
+)
+def test_a_file_missing_a_tensor_names_it(config_free_sd1_file, tmp_path, key):
+    # a damaged or hand-pruned checkpoint: one tensor the architecture is read from is gone
+    from sdengine.weights import WeightsError, load_file, save_safetensors
+    from sdengine.weights.loading import build_models
+
+    sd, _ = load_file(config_free_sd1_file)
+    build_models(load_checkpoint(config_free_sd1_file))  # whole, it loads without a config
+    assert key in sd
+    path = tmp_path / "damaged.safetensors"
+    save_safetensors({k: v for k, v in sd.items() if k != key}, path)
+    with pytest.raises(WeightsError, match="missing") as e:
+        build_models(load_checkpoint(path))
+    msg = str(e.value)
+    assert "\n" not in msg and "unexpected" not in msg
+    assert key.split(".")[-2] in msg  # names the tensor (in the file's or the model's names)
