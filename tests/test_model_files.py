@@ -451,3 +451,50 @@ def test_a_file_missing_a_tensor_names_it(config_free_sd1_file, tmp_path, key):
     msg = str(e.value)
     assert "\n" not in msg and "unexpected" not in msg
     assert key.split(".")[-2] in msg  # names the tensor (in the file's or the model's names)
+
+
+def _lfs(path, sd):
+    path.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:4c8f7a\nsize 4265146304\n")
+
+
+def _html(path, sd):
+    path.write_bytes(b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>...</body></html>\n" * 40)
+
+
+def _zip_as_safetensors(path, sd):
+    torch.save({"state_dict": sd}, path)
+
+
+def _safetensors_as_ckpt(path, sd):
+    from sdengine.weights import save_safetensors
+
+    save_safetensors(sd, path)
+
+
+def _truncated_ckpt(path, sd):
+    torch.save({"state_dict": sd}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "name, write, match",
+    [
+        ("m.safetensors", _lfs, "a Git LFS pointer, not the weights"),
+        ("m.ckpt", _lfs, "a Git LFS pointer, not the weights"),  # was "refusing ... pickle opcode 118"
+        ("m.safetensors", _html, r"a web page \(HTML\), not weights"),
+        ("m.ckpt", _html, r"a web page \(HTML\), not weights"),  # was "refusing ... could run code"
+        ("m.safetensors", _zip_as_safetensors, r"a PyTorch checkpoint \(pickle\), not safetensors"),
+        ("m.ckpt", _safetensors_as_ckpt, "a safetensors file named like a pickle checkpoint"),
+        ("m.ckpt", _truncated_ckpt, "a truncated or damaged PyTorch checkpoint"),  # was miniz's text, cut off
+    ],
+)
+def test_a_file_that_is_not_weights_says_what_it_is(tmp_path, name, write, match):
+    # what downloads really leave behind: an LFS pointer, a login page, a file renamed to the other format
+    from sdengine.weights import WeightsError
+
+    sd = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}
+    path = tmp_path / name
+    write(path, sd)
+    with pytest.raises(WeightsError, match=match) as e:
+        load_checkpoint(path)
+    assert "\n" not in str(e.value) and "run code" not in str(e.value)
