@@ -498,3 +498,22 @@ def test_a_file_that_is_not_weights_says_what_it_is(tmp_path, name, write, match
     with pytest.raises(WeightsError, match=match) as e:
         load_checkpoint(path)
     assert "\n" not in str(e.value) and "run code" not in str(e.value)
+
+
+def test_an_sd1_yaml_beside_an_sdxl_file_is_refused(plain_sdxl_file, tmp_path):
+    # the SDXL path read only the prediction type from a .yaml: A1111's v1-inference.yaml beside an SDXL file
+    # went unnoticed
+    from sdengine.weights.ldm_config import ModelConfigError
+
+    beside = tmp_path / "m.safetensors"
+    beside.symlink_to(plain_sdxl_file)
+    (tmp_path / "m.yaml").write_text(
+        "model:\n  params:\n    cond_stage_config:\n      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder\n"
+    )
+    with pytest.raises(ModelConfigError, match=r"names a CLIP ViT-L \(SD 1.x\) text encoder but the weights hold"):
+        load_checkpoint(beside)
+    (tmp_path / "m.yaml").write_text(
+        "model:\n  params:\n    unet_config:\n      params:\n        num_heads: 8\n        context_dim: 768\n"
+    )
+    with pytest.raises(ModelConfigError, match="unet cross_attention_dim is 768 in the config but 80 in the weights"):
+        load_checkpoint(beside)
