@@ -517,3 +517,21 @@ def test_an_sd1_yaml_beside_an_sdxl_file_is_refused(plain_sdxl_file, tmp_path):
     )
     with pytest.raises(ModelConfigError, match="unet cross_attention_dim is 768 in the config but 80 in the weights"):
         load_checkpoint(beside)
+
+
+def test_a_file_with_only_the_ema_unet_says_so(config_free_sd1_file, tmp_path):
+    # a training checkpoint pruned of its model weights keeps the EMA copy (model_ema.*, dots dropped from the
+    # names) beside the VAE and text encoder: it was "no model.diffusion_model.* UNet weights found"
+    from sdengine.weights import WeightsError, load_file, save_safetensors
+
+    sd, _ = load_file(config_free_sd1_file)
+    unet = "model.diffusion_model."
+    ema = {"model_ema." + k[len(unet) :].replace(".", ""): v for k, v in sd.items() if k.startswith(unet)}
+    path = tmp_path / "ema-only.safetensors"
+    rest = {k: v for k, v in sd.items() if not k.startswith(unet)}
+    save_safetensors({**rest, **ema, "model_ema.decay": torch.tensor(0.9999)}, path)
+    with pytest.raises(WeightsError, match=r"holds only the EMA copy of the U-Net \(model_ema\.\*"):
+        load_checkpoint(path)
+    with_ema = tmp_path / "with-ema.safetensors"  # beside the model's own U-Net, the EMA copy is skipped
+    save_safetensors({**sd, **ema, "model_ema.decay": torch.tensor(0.9999)}, with_ema)
+    assert sum(k.startswith("model_ema.") for k in load_checkpoint(with_ema).skipped) == len(ema) + 1

@@ -80,6 +80,11 @@ def check_supported(sd: Mapping[str, torch.Tensor]) -> None:
             raise WeightsError(
                 "found diffusers UNet names (down_blocks.*) in a single file: load the diffusers folder instead"
             )
+        if any(k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates") for k in keys):
+            raise UnsupportedModelError(
+                "holds only the EMA copy of the U-Net (model_ema.*, no model.diffusion_model.*): a training "
+                "checkpoint with its weights pruned away; use the model file exported from it (e.g. an -emaonly file)"
+            )
         prefixes = sorted({k.split(".")[0] for k in keys})[:8]
         raise UnsupportedModelError(
             f"no model.diffusion_model.* UNet weights found (top-level names: {prefixes}): "
