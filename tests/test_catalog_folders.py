@@ -80,3 +80,46 @@ def test_the_servers_model_list_offers_only_what_it_can_select(tmp_path):
     assert listed == ["alias.safetensors", "in.safetensors"]
     for name in listed:
         assert catalog.resolve_model(name) == str((models / "in.safetensors").resolve())
+
+
+def test_files_that_share_a_name_are_listed_by_their_file_names_and_the_bare_name_is_refused(tmp_path):
+    # `dup.safetensors` and `dup.ckpt` both listed as `dup` (and `dup` selected one of them silently); each is now
+    # listed by the name that selects exactly it, and the bare name is a one-line error naming both
+    import pytest
+
+    from sdengine.io.paths import ExternalName
+    from sdengine.server.catalog import Catalog
+    from sdengine.server.errors import BadRequest
+    from sdengine.weights.lora_file import LoRAFileError, resolve_lora
+
+    models, loras = tmp_path / "models", tmp_path / "loras"
+    for name in ("dup.safetensors", "dup.ckpt", "solo.safetensors", "pair.safetensors"):
+        _touch(models / name)
+    (models / "pair").mkdir()  # a diffusers folder and a file of the same stem
+    _touch(models / "pair" / "model_index.json", b"{}")
+    for name in ("style/ink.safetensors", "style/ink.pt", "one.safetensors"):
+        _touch(loras / name)
+    listed = {e.name: e.path for e in folder_entries("models", models)}
+    assert listed == {
+        "dup.ckpt": str(models / "dup.ckpt"),
+        "dup.safetensors": str(models / "dup.safetensors"),
+        "pair": str(models / "pair"),
+        "pair.safetensors": str(models / "pair.safetensors"),
+        "solo": str(models / "solo.safetensors"),
+    }
+    assert sorted(e.name for e in folder_entries("loras", loras)) == ["one", "style/ink.pt", "style/ink.safetensors"]
+
+    catalog = Catalog(models, loras, None)
+    want = r"model 'dup' is ambiguous: --models-dir holds dup.safetensors, dup.ckpt; name the file"
+    with pytest.raises(BadRequest, match=want):
+        catalog.resolve_model("dup")
+    assert catalog.resolve_model("dup.safetensors") == str((models / "dup.safetensors").resolve())
+    assert catalog.resolve_model("pair") == str((models / "pair").resolve())  # an exact name is never ambiguous
+    assert catalog.resolve_model("solo") == str((models / "solo.safetensors").resolve())
+    with pytest.raises(BadRequest, match="ambiguous"):
+        Catalog(models, None, None, startup_model="dup")  # serve --model dup --models-dir models
+    with pytest.raises(LoRAFileError, match=r"LoRA 'style/ink' is ambiguous: .* holds style/ink"):
+        resolve_lora(ExternalName("style/ink"), loras)
+    for name in ("style/ink.pt", "style/ink.safetensors"):  # each listed name selects its file
+        assert resolve_lora(ExternalName(name), loras).resolve() == (loras / name).resolve()
+    assert resolve_lora(ExternalName("one"), loras).resolve() == (loras / "one.safetensors").resolve()

@@ -271,3 +271,26 @@ def test_a1111_info_names_the_vae_and_its_hash(tiny_sd1_folder, other, tmp_path)
     recorded = parse_parameters(info["infotexts"][0])
     assert info["sd_vae_name"] == "other.vae.safetensors" == recorded["VAE"]
     assert info["sd_vae_hash"] == recorded["VAE hash"] and len(info["sd_vae_hash"]) == 10
+
+
+def test_a_sharded_vae_folder_has_a_vae_hash_of_its_shards(tiny_sd1_folder, other, reference, tmp_path):
+    # a VAE folder saved with max_shard_size (diffusion_pytorch_model-0000N-of-0000M.safetensors + index) wrote no
+    # "VAE hash": the hashed file was looked up as diffusion_pytorch_model.safetensors only. The hash of several
+    # files is the SHA-256 of their bytes one after the other, in shard order (docs/model-files.md).
+    from diffusers import AutoencoderKL
+
+    _, files, _ = other
+    theirs, _ = reference
+    sharded = tmp_path / "sharded-vae"
+    AutoencoderKL.from_pretrained(files["folder"]).save_pretrained(sharded, max_shard_size="100KB")
+    shards = sorted(sharded.glob("diffusion_pytorch_model-*-of-*.safetensors"))
+    assert len(shards) > 1 and (sharded / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    res = _ours(sdengine.load_pipeline(tiny_sd1_folder, device="cpu", vae=sharded))
+    assert _mad(res.arrays, theirs) <= TOL  # the same VAE, so the same images
+    h = hashlib.sha256()
+    for f in shards:
+        h.update(f.read_bytes())
+    fields = parse_parameters(res.infotexts[0])
+    assert fields["VAE"] == "sharded-vae" and fields["VAE hash"] == h.hexdigest()[:10]
+    one = hashlib.sha256((files["folder"] / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:10]
+    assert fields["VAE hash"] != one  # another file set, another hash (a hash names the files, not the tensors)

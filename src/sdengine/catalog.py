@@ -131,7 +131,34 @@ def folder_entries(kind: str, folder: str | Path) -> list[Entry]:
             found = _classify_folder(p)
             if found is not None and found[0] == kind:
                 out.append(Entry(p.name, kind, str(root), str(p), found[1]))
+    return _unambiguous(out)
+
+
+def _unambiguous(entries: list[Entry]) -> list[Entry]:
+    """Files that share a name (``dup.safetensors`` and ``dup.ckpt``, or a file and a folder ``dup``) are listed
+    by their file name with its suffix, the name that selects exactly that one; a bare shared name is refused
+    by the loaders (see :func:`ambiguous_files`), never resolved to one of them silently."""
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e.name.lower()] = counts.get(e.name.lower(), 0) + 1
+    out = []
+    for e in entries:
+        p = Path(e.path)
+        if counts[e.name.lower()] > 1 and p.is_file():
+            name = e.name + p.suffix  # keeps a LoRA's sub-folder path
+            e = Entry(name, e.kind, e.source, e.path, e.detail)
+        out.append(e)
     return out
+
+
+def ambiguous_files(folder: str | Path, name: str, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files ``folder/name+suffix`` for each of ``suffixes`` that exist, when more than one does (a bare name
+    that would select one of them silently); [] otherwise. Loaders refuse such a name with the list."""
+    if Path(name).suffix.lower() in suffixes:
+        return []
+    found = [Path(folder) / (name + s) for s in suffixes]
+    found = [p for p in found if p.is_file()]
+    return found if len(found) > 1 else []
 
 
 def _files_under(kind: str, root: Path) -> list[Entry]:
@@ -159,7 +186,8 @@ def _files_under(kind: str, root: Path) -> list[Entry]:
             else:
                 name = p.stem
             out.append(Entry(name, kind, str(root), str(p), f"{p.suffix.lower()[1:]} file, {_size(p)}"))
-    return sorted(out, key=lambda e: (e.name.lower(), e.path))
+    out = sorted(out, key=lambda e: (e.name.lower(), e.path))
+    return _unambiguous(out) if kind == "loras" else out  # an embedding's name is its stem (two files: an error)
 
 
 def list_entries(kind: str, folder: str | Path | None = None) -> list[Entry]:
@@ -177,6 +205,7 @@ __all__ = [
     "KINDS",
     "WEIGHT_SUFFIXES",
     "Entry",
+    "ambiguous_files",
     "builtin_entries",
     "builtin_path",
     "folder_entries",

@@ -686,6 +686,18 @@ def model_hash(path: str | Path) -> str:
     return _sha256(path)[:10]
 
 
+def files_hash(paths: Sequence[str | Path]) -> str:
+    """ "Model hash" / "VAE hash" of weights stored as several files (a sharded diffusers component): the first 10
+    hex digits of the SHA-256 of the files' bytes one after the other, in the order given (the shards' own
+    order, 00001, 00002, ...). Of one file, its :func:`model_hash`."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(_BLOCK), b""):
+                h.update(block)
+    return h.hexdigest()[:10]
+
+
 def lora_hash(path: str | Path) -> str:
     """A1111's "Lora hashes" entry: 12 hex digits of SHA-256; for ``.safetensors`` of the file after
     its header (kohya's "addnet" hash, which A1111 uses so that editing metadata keeps the hash)."""
@@ -705,6 +717,7 @@ __all__ = [
     "PARAMETERS_KEY",
     "VERSION",
     "MetadataError",
+    "files_hash",
     "format_lora_hashes",
     "format_parameters",
     "hires_fix_fields",

@@ -42,7 +42,7 @@ from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.nn.attention import CHUNK_SCORES
 from sdengine.pipeline.control import ControlUnit, GraphedControlledUNet, build_controlled_unet
 from sdengine.pipeline.finite import require_finite
-from sdengine.pipeline.infotext import cached_hash, call_parameters, format_infotext, weights_file
+from sdengine.pipeline.infotext import call_parameters, files_hash_cached, format_infotext, hashed_files
 from sdengine.pipeline.latents import InpaintBlend, blur_mask, start_latents
 from sdengine.pipeline.loop_graph import LoopPlan
 from sdengine.pipeline.request import GenerationRequest
@@ -224,11 +224,7 @@ class Pipeline:
     def model_hash(self) -> str | None:
         """A1111's "Model hash" (SHA-256, 10 hex digits) of the weights file; computed once."""
         if self._model_hash is None:
-            f = weights_file(self.source)
-            if f is not None:
-                from sdengine.metadata import model_hash
-
-                self._model_hash = cached_hash(f, model_hash)
+            self._model_hash = files_hash_cached(hashed_files(self.source, "unet"))
         return self._model_hash
 
     def set_tiny_vae(self, tiny: Any) -> None:
@@ -269,14 +265,10 @@ class Pipeline:
         return vae_display_name(self.vae_source) if self.vae_source is not None else None
 
     def vae_hash(self) -> str | None:
-        """A1111's "VAE hash": SHA-256 of the separate VAE's file, 10 hex digits (as "Model hash"); computed once."""
+        """A1111's "VAE hash": SHA-256 of the separate VAE's file, 10 hex digits (as "Model hash"); of a sharded
+        VAE folder, of its shards' bytes in order (see :func:`hashed_files`); computed once."""
         if self._vae_hash is None and self.vae_source is not None:
-            from sdengine.metadata import model_hash
-            from sdengine.weights.vae_file import vae_weights_file
-
-            f = vae_weights_file(self.vae_source)
-            if f is not None:
-                self._vae_hash = cached_hash(f, model_hash)
+            self._vae_hash = files_hash_cached(hashed_files(Path(self.vae_source), "vae"))
         return self._vae_hash
 
     # -- CUDA graphs -----------------------------------------------------------------------------------

@@ -24,11 +24,12 @@ def hash_cache_file() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdengine" / "model_hashes.json"
 
 
-def cached_hash(f: Path, compute: Callable[[Path], str]) -> str:
-    """``compute(f)``, remembered in ~/.cache/sdengine/model_hashes.json by path, size and mtime: hashing a
-    multi-GB checkpoint takes seconds, and A1111 caches it the same way."""
-    st = f.stat()
-    key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+def cached_hash(f: Any, compute: Callable[[Any], str]) -> str:
+    """``compute(f)``, remembered in ~/.cache/sdengine/model_hashes.json by path, size and mtime (of each file,
+    when ``f`` is a list of files): hashing a multi-GB checkpoint takes seconds, and A1111 caches it the same
+    way."""
+    files = [f] if isinstance(f, Path) else list(f)
+    key = "+".join(f"{x.resolve()}|{st.st_size}|{st.st_mtime_ns}" for x, st in ((x, x.stat()) for x in files))
     cache = hash_cache_file()
     try:
         known = json.loads(cache.read_text())
@@ -42,6 +43,42 @@ def cached_hash(f: Path, compute: Callable[[Path], str]) -> str:
     except OSError:
         pass  # a read-only home only costs the next run a re-hash
     return h
+
+
+def hashed_files(source: Path | None, component: str) -> list[Path]:
+    """The files whose bytes make a "Model hash" (``component="unet"``) or "VAE hash" (``"vae"``): a single
+    file itself; for a diffusers folder, the files the loader reads for that component (its ``unet/`` or
+    ``vae/`` subfolder, or the folder itself for a VAE folder): one weights file, or every shard of a sharded
+    one in order. [] when there is none."""
+    if source is None:
+        return []
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        return []
+    from sdengine.weights.io import WeightsError
+    from sdengine.weights.loading import component_weight_files
+
+    folder = source / component
+    if component == "vae" and not (folder / "config.json").is_file():
+        folder = source  # a VAE folder given itself
+    if not folder.is_dir():
+        return []
+    try:
+        return component_weight_files(folder)
+    except WeightsError:
+        return []
+
+
+def files_hash_cached(files: Sequence[Path]) -> str | None:
+    """A1111's 10-hex-digit hash of ``files`` (see :func:`sdengine.metadata.files_hash`), cached."""
+    from sdengine.metadata import files_hash, model_hash
+
+    if not files:
+        return None
+    if len(files) == 1:
+        return cached_hash(files[0], model_hash)
+    return cached_hash(list(files), files_hash)
 
 
 def weights_file(source: Path | None) -> Path | None:
@@ -169,4 +206,13 @@ def call_parameters(
     return params
 
 
-__all__ = ["cached_hash", "call_parameters", "format_infotext", "hash_cache_file", "lora_hashes", "weights_file"]
+__all__ = [
+    "cached_hash",
+    "call_parameters",
+    "files_hash_cached",
+    "format_infotext",
+    "hash_cache_file",
+    "hashed_files",
+    "lora_hashes",
+    "weights_file",
+]

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdengine.catalog import VAE_SUFFIXES
+from sdengine.catalog import VAE_SUFFIXES, WEIGHT_SUFFIXES, ambiguous_files
 from sdengine.io.paths import UnsafePathError, is_inside, resolve_inside
 from sdengine.server.errors import BadRequest
 
@@ -21,12 +21,17 @@ BUILTIN_MODELS = {"emoji": "emoji"}  # name -> what load_pipeline takes
 BUILTIN_LORAS = {p.stem: p for p in sorted((ASSETS / "loras").glob("*.safetensors"))}
 BUILTIN_CONTROLNETS = {"emoji-controlnet-canny": ASSETS / "models" / "emoji-controlnet-canny"}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+MODEL_SUFFIXES = WEIGHT_SUFFIXES["models"]  # what `sdengine list models` lists (a bare name of two is refused)
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")  # A1111 titles: "name [hash]"
 
 
 def strip_title(name: str) -> str:
     """A1111 writes models as ``name.safetensors [abcdef1234]``: the name without the hash."""
     return _HASH_SUFFIX.sub("", name.strip())
+
+
+class AmbiguousModelName(BadRequest):
+    """A bare model name that two files of --models-dir share (``dup.safetensors`` and ``dup.ckpt``)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class Catalog:
         try:
             self._resolve_in_models_dir(name)
             return True
+        except AmbiguousModelName:
+            raise
         except (BadRequest, UnsafePathError, FileNotFoundError):
             return False
 
@@ -85,6 +92,11 @@ class Catalog:
                 ".safetensors (sdengine convert)"
             )
         path = resolve_inside(self.models_dir, name, "model", suffixes=("", ".safetensors"))
+        if path.name != Path(name).name and (same := ambiguous_files(self.models_dir, name, MODEL_SUFFIXES)):
+            names = ", ".join(p.name for p in same)
+            raise AmbiguousModelName(
+                f"model {name!r} is ambiguous: --models-dir holds {names}; name the file ({path.name})"
+            )
         if path.is_dir() and not (path / "model_index.json").is_file():
             raise BadRequest(f"model {name!r}: a folder without model_index.json is not a model")
         if path.is_file() and path.suffix.lower() != ".safetensors":

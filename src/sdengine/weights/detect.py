@@ -71,10 +71,19 @@ def check_supported(sd: Mapping[str, torch.Tensor]) -> None:
             "found label_emb.weight (noise-level classes): looks like the SD x4 upscaler, not supported"
         )
     conv_in = sd.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is None and any(k.startswith("model.diffusion_model.input_blocks.") for k in keys):
+        raise WeightsError(
+            "missing key model.diffusion_model.input_blocks.0.0.weight: the U-Net is incomplete (a damaged file?)"
+        )
     if conv_in is None:
         if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
             raise WeightsError(
                 "found diffusers UNet names (down_blocks.*) in a single file: load the diffusers folder instead"
+            )
+        if any(k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates") for k in keys):
+            raise UnsupportedModelError(
+                "holds only the EMA copy of the U-Net (model_ema.*, no model.diffusion_model.*): a training "
+                "checkpoint with its weights pruned away; use the model file exported from it (e.g. an -emaonly file)"
             )
         prefixes = sorted({k.split(".")[0] for k in keys})[:8]
         raise UnsupportedModelError(
@@ -92,6 +101,31 @@ def check_supported(sd: Mapping[str, torch.Tensor]) -> None:
 # ----------------------------------------------------------------------------------------------- UNet
 
 
+def _need(unet: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    """A U-Net tensor the architecture is read from; its absence is a one-line error naming it."""
+    t = unet.get(key)
+    if t is None:
+        raise WeightsError(f"missing key model.diffusion_model.{key}: the U-Net is incomplete (a damaged file?)")
+    return t
+
+
+def _has_attention(unet: Mapping[str, torch.Tensor], block: str) -> bool:
+    """Whether the LDM block (``input_blocks.N``, ``output_blocks.N``, ``middle_block``) holds a transformer at
+    index 1: any of its parameters, so that one missing tensor reads as missing, not as no attention."""
+    prefixes = tuple(f"{block}.1.{part}." for part in ("norm", "proj_in", "transformer_blocks", "proj_out"))
+    return any(k.startswith(prefixes) for k in unet)
+
+
+def _context_key(unet: Mapping[str, torch.Tensor], first_attn: str) -> torch.Tensor | None:
+    """The first cross-attention key projection (its width is the text context's), or None without attention."""
+    to_k = unet.get(f"{first_attn}.transformer_blocks.0.attn2.to_k.weight")
+    if to_k is not None:
+        return to_k
+    if not any(k.startswith(f"{first_attn}.transformer_blocks.") for k in unet):
+        return None
+    return _need(unet, f"{first_attn}.transformer_blocks.0.attn2.to_k.weight")
+
+
 def unet_layout_from_ldm(unet: Mapping[str, torch.Tensor]) -> UNetLayout:
     """Read the block layout from LDM UNet keys (without `model.diffusion_model.`)."""
     keys = list(unet)
@@ -101,10 +135,13 @@ def unet_layout_from_ldm(unet: Mapping[str, torch.Tensor]) -> UNetLayout:
     n_in = len(inputs) - 1  # minus conv_in
     lpb, rem = divmod(n_in - len(downs), num_levels)
     if rem or lpb < 1:
-        raise WeightsError(f"cannot read the UNet layout: {n_in} input blocks with {len(downs)} downsamplers")
-    down_attn = tuple(f"input_blocks.{1 + lv * (lpb + 1)}.1.norm.weight" in unet for lv in range(num_levels))
-    up_attn = tuple(f"output_blocks.{lv * (lpb + 1)}.1.norm.weight" in unet for lv in range(num_levels))
-    mid_attn = "middle_block.1.norm.weight" in unet
+        raise WeightsError(
+            f"cannot read the UNet layout: {n_in} input blocks with {len(downs)} downsamplers do not make equal "
+            "levels (a missing or extra input_blocks.N tensor?)"
+        )
+    down_attn = tuple(_has_attention(unet, f"input_blocks.{1 + lv * (lpb + 1)}") for lv in range(num_levels))
+    up_attn = tuple(_has_attention(unet, f"output_blocks.{lv * (lpb + 1)}") for lv in range(num_levels))
+    mid_attn = _has_attention(unet, "middle_block")
     return UNetLayout(num_levels, lpb, down_attn, up_attn, mid_attn)
 
 
@@ -125,9 +162,9 @@ def unet_config_from_ldm(
     """A diffusers UNet2DConditionModel config for these LDM UNet weights."""
     layout = unet_layout_from_ldm(unet)
     lpb = layout.layers_per_block
-    conv_in = unet["input_blocks.0.0.weight"]
+    conv_in = _need(unet, "input_blocks.0.0.weight")
     channels = [
-        int(unet[f"input_blocks.{1 + lv * (lpb + 1)}.0.out_layers.3.weight"].shape[0])
+        int(_need(unet, f"input_blocks.{1 + lv * (lpb + 1)}.0.out_layers.3.weight").shape[0])
         for lv in range(layout.num_levels)
     ]
     first_attn = next(
@@ -135,7 +172,7 @@ def unet_config_from_ldm(
         "middle_block.1",
     )
     depth = len(_ints(rf"^{re.escape(first_attn)}\.transformer_blocks\.(\d+)\.", list(unet))) or 1
-    to_k = unet.get(f"{first_attn}.transformer_blocks.0.attn2.to_k.weight")
+    to_k = _context_key(unet, first_attn)
     context_dim = int(to_k.shape[1]) if to_k is not None else None
     proj_in = unet.get(f"{first_attn}.proj_in.weight")
     linear_proj = proj_in is not None and proj_in.ndim == 2
@@ -147,7 +184,7 @@ def unet_config_from_ldm(
         "_class_name": "UNet2DConditionModel",
         "sample_size": sample_size,
         "in_channels": int(conv_in.shape[1]),
-        "out_channels": int(unet["out.2.weight"].shape[0]),
+        "out_channels": int(_need(unet, "out.2.weight").shape[0]),
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in layout.down_attention],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in layout.up_attention],
         "mid_block_type": "UNetMidBlock2DCrossAttn" if layout.mid_attention else None,
@@ -172,6 +209,13 @@ def unet_config_from_ldm(
 # ------------------------------------------------------------------------------------------------ VAE
 
 
+def _need_vae(vae: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    t = vae.get(key)
+    if t is None:
+        raise WeightsError(f"missing VAE key {key} (first_stage_model.{key} in a checkpoint): the VAE is incomplete")
+    return t
+
+
 def vae_layout_from_ldm(vae: Mapping[str, torch.Tensor]) -> VAELayout:
     keys = list(vae)
     levels = _ints(r"^encoder\.down\.(\d+)\.", keys)
@@ -190,16 +234,18 @@ def vae_layout_from_diffusers(vae: Mapping[str, torch.Tensor]) -> VAELayout:
 
 def vae_config_from_ldm(vae: Mapping[str, torch.Tensor], *, sample_size: int = 512) -> dict[str, Any]:
     layout = vae_layout_from_ldm(vae)
-    channels = [int(vae[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in range(layout.num_levels)]
+    channels = [
+        int(_need_vae(vae, f"encoder.down.{i}.block.0.conv1.weight").shape[0]) for i in range(layout.num_levels)
+    ]
     return {
         "_class_name": "AutoencoderKL",
-        "in_channels": int(vae["encoder.conv_in.weight"].shape[1]),
-        "out_channels": int(vae["decoder.conv_out.weight"].shape[0]),
+        "in_channels": int(_need_vae(vae, "encoder.conv_in.weight").shape[1]),
+        "out_channels": int(_need_vae(vae, "decoder.conv_out.weight").shape[0]),
         "down_block_types": ["DownEncoderBlock2D"] * layout.num_levels,
         "up_block_types": ["UpDecoderBlock2D"] * layout.num_levels,
         "block_out_channels": channels,
         "layers_per_block": layout.layers_per_block,
-        "latent_channels": int(vae["post_quant_conv.weight"].shape[0]),
+        "latent_channels": int(_need_vae(vae, "post_quant_conv.weight").shape[0]),
         "norm_num_groups": 32,
         "act_fn": "silu",
         "sample_size": sample_size,
@@ -212,7 +258,14 @@ def vae_config_from_ldm(vae: Mapping[str, torch.Tensor], *, sample_size: int = 5
 
 def clip_config_from_weights(te: Mapping[str, torch.Tensor], *, family: Family) -> dict[str, Any]:
     """transformers CLIPTextConfig (as a dict) for CLIPTextModel-named weights."""
-    tok = te["text_model.embeddings.token_embedding.weight"]
+
+    def need(key: str) -> torch.Tensor:
+        t = te.get(key)
+        if t is None:
+            raise WeightsError(f"missing text-encoder key {key}: the text encoder is incomplete (a damaged file?)")
+        return t
+
+    tok = need("text_model.embeddings.token_embedding.weight")
     hidden = int(tok.shape[1])
     layers = len(_ints(r"^text_model\.encoder\.layers\.(\d+)\.", list(te)))
     openclip = family == "sd2"
@@ -221,10 +274,10 @@ def clip_config_from_weights(te: Mapping[str, torch.Tensor], *, family: Family) 
         "model_type": "clip_text_model",
         "vocab_size": int(tok.shape[0]),
         "hidden_size": hidden,
-        "intermediate_size": int(te["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]),
+        "intermediate_size": int(need("text_model.encoder.layers.0.mlp.fc1.weight").shape[0]),
         "num_hidden_layers": layers,
         "num_attention_heads": max(1, hidden // 64),  # CLIP text towers use 64-wide heads
-        "max_position_embeddings": int(te["text_model.embeddings.position_embedding.weight"].shape[0]),
+        "max_position_embeddings": int(need("text_model.embeddings.position_embedding.weight").shape[0]),
         "hidden_act": "gelu" if openclip else "quick_gelu",  # OpenCLIP ViT-H uses exact GELU
         "layer_norm_eps": 1e-5,
         "projection_dim": 512 if openclip else 768,
@@ -305,7 +358,7 @@ def detect_ldm(
 ) -> Detected:
     """Detect the architecture from LDM UNet/VAE weights (LDM names, prefixes removed) and the text encoder
     (already in CLIPTextModel names). `info` holds file-level hints (a .ckpt's global_step)."""
-    conv_in = unet["input_blocks.0.0.weight"]
+    conv_in = _need(unet, "input_blocks.0.0.weight")
     inpainting = int(conv_in.shape[1]) == 9
     layout = unet_layout_from_ldm(unet)
     first_attn = next(
@@ -316,7 +369,7 @@ def detect_ldm(
         ),
         "middle_block.1",
     )
-    to_k = unet.get(f"{first_attn}.transformer_blocks.0.attn2.to_k.weight")
+    to_k = _context_key(unet, first_attn)
     context = int(to_k.shape[1]) if to_k is not None else 0
     family: Family = {768: "sd1", 1024: "sd2"}.get(context, "custom")  # type: ignore[assignment]
     notes: list[str] = []

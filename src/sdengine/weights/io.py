@@ -124,6 +124,50 @@ def _check_entry(path: Path, name: str, entry: object) -> tuple[torch.dtype, lis
     return dtype, shape, begin, end
 
 
+def not_weights(path: str | os.PathLike[str]) -> str | None:
+    """What a file that failed to read as weights really is, when its first bytes say so: a Git LFS pointer, a
+    web page (a download that saved an error or login page), or a checkpoint in the other format (a PyTorch zip
+    or pickle named .safetensors, a safetensors file named .ckpt). None when they say nothing."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    text = head.lstrip().lower()
+    if text.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the weights: fetch the file itself (git lfs pull, or download it again)"
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        return "a web page (HTML), not weights: the download saved an error or login page; download it again"
+    if text.startswith(b"{") and b'"error"' in text:
+        return "a JSON error message, not weights: the download failed; download it again"
+    safetensors = Path(path).suffix.lower() in SAFETENSORS_SUFFIXES
+    if safetensors and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        return "a PyTorch checkpoint (pickle), not safetensors: name it .ckpt (read weights-only) or convert it"
+    if not safetensors and head.startswith(b"PK\x03\x04") and not _is_zip(Path(path)):
+        return "a truncated or damaged PyTorch checkpoint (its zip archive is incomplete: an interrupted download?)"
+    if not safetensors and _looks_like_safetensors(head, Path(path)):
+        return "a safetensors file named like a pickle checkpoint: give it its .safetensors name"
+    return None
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error):
+        return False
+
+
+def _looks_like_safetensors(head: bytes, path: Path) -> bool:
+    if len(head) < 10:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return 2 <= n <= _MAX_HEADER and 8 + n <= size and head[8:9] == b"{"
+
+
 def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str], int]:
     """Return (tensor entries, __metadata__, offset of the data section); validates the layout.
 
@@ -141,6 +185,8 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any
             raise CorruptFileError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
         (n,) = struct.unpack("<Q", head)
         if n > _MAX_HEADER or 8 + n > size:
+            if (what := not_weights(path)) is not None:
+                raise CorruptFileError(f"{path}: {what}")
             raise CorruptFileError(
                 f"{path}: corrupt or truncated safetensors file (header claims {n} bytes, file has {size})"
             )
@@ -348,6 +394,8 @@ def load_pickle_checkpoint(path: str | os.PathLike[str], *, allow: Sequence[Any]
             warnings.simplefilter("ignore", UserWarning)  # torch's note on pickle protocols: not for users
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_ok)
     except pickle.UnpicklingError as e:
+        if (what := not_weights(path)) is not None:  # not a pickle at all: say what it is, not "unsafe"
+            raise CorruptFileError(f"{path}: {what}") from None
         raise _refuse(path, e) from None
     except (
         RuntimeError,
@@ -368,6 +416,8 @@ def load_pickle_checkpoint(path: str | os.PathLike[str], *, allow: Sequence[Any]
     ) as e:
         # A crafted or broken file can trip any of these inside torch's reader (even an assert in its legacy
         # format reader); none of them is a bug here.
+        if (what := not_weights(path)) is not None:
+            raise CorruptFileError(f"{path}: {what}") from None
         raise CorruptFileError(f"{path}: cannot read checkpoint ({_first_line(e)})") from None
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{path}: checkpoint holds a {type(obj).__name__}, not a state dict")

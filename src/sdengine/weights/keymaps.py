@@ -86,11 +86,13 @@ _HF_LAYER_RE = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 # ------------------------------------------------------------------------------------ known-unused keys
 # Keys real checkpoints carry that mean nothing to inference (docs/CONTRACTS.md, Model files): the DDPM
-# schedule buffers of the training wrapper, the EMA copy, transformers' position_ids buffer, and OpenCLIP
-# parts CLIPTextModel lacks.
+# schedule buffers of the training wrapper (and sgm's denoiser sigmas), the EMA copy, transformers'
+# position_ids buffer, and OpenCLIP parts CLIPTextModel lacks.
 KNOWN_UNUSED = [
     re.compile(r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_\w+|log_one_minus_\w+|posterior_\w+)$"),
     re.compile(r"^(logvar|lvlb_weights)$"),
+    # sgm's DiscreteDenoiser buffers (the same schedule again, as sigmas): SDXL files saved from sgm or A1111
+    re.compile(r"^denoiser\.(sigmas|log_sigmas)$"),
     re.compile(r"^model_ema\."),
     re.compile(r"(^|\.)position_ids$"),
     re.compile(r"^cond_stage_model\.model\.(text_projection|logit_scale|attn_mask)$"),

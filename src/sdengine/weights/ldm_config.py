@@ -15,6 +15,12 @@ takes the component configs of a diffusers folder instead. Both are read here:
   configs, 32 in SD's own, so the default size stays the family's). LDM names the text encoder by its release
   (CLIP ViT-L/14, OpenCLIP ViT-H/14), whose heads are 64 wide, so the YAML adds no text-encoder heads: a text
   encoder of another head width needs the diffusers configs (`config=DIR`).
+- sgm's configs (SDXL's `sd_xl_base.yaml` / `sd_xl_refiner.yaml` / `sd_xl_v.yaml`, sgm's SD 2.x ones) name
+  the U-Net `network_config` and the text encoders `conditioner_config.params.emb_models`: the same U-Net
+  numbers are read from there (plus `adm_in_channels`, SDXL's added conditioning; `context_dim` may be one
+  per level, `transformer_depth` one per level, checked at the levels with attention), the embedders say which
+  text encoders (CLIP ViT-L and/or OpenCLIP bigG, or OpenCLIP ViT-H), and the denoiser's scaling the
+  prediction type.
 - a folder's configs are taken as they are, after their key numbers are checked against the weights.
 
 Anything that contradicts the weights is a one-line `ModelConfigError` naming the field, both values and the
@@ -31,6 +37,15 @@ from typing import Any
 from .io import WeightsError
 
 YAML_SUFFIXES = (".yaml", ".yml")
+# sgm's text embedders: CLIP ViT-L, OpenCLIP ViT-bigG (SDXL, with pooled output), OpenCLIP ViT-H (SD 2.x)
+SGM_TEXT_ENCODERS = ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder2", "FrozenOpenCLIPEmbedder")
+# what each text-encoder kind is, for messages (the weights' kind: clip / openclip, or the SDXL family)
+TEXT_ENCODER_NAMES = {
+    "clip": "CLIP ViT-L (SD 1.x)",
+    "openclip": "OpenCLIP ViT-H (SD 2.x)",
+    "sdxl": "CLIP ViT-L + OpenCLIP ViT-bigG (SDXL base)",
+    "sdxl_refiner": "OpenCLIP ViT-bigG only (SDXL refiner)",
+}
 MAX_YAML_BYTES = 1 << 20  # LDM configs are ~2 KB; a bigger file is not one
 
 
@@ -65,7 +80,7 @@ class LDMConfig:
     num_heads: int | None = None  # LDM: -1 or absent when num_head_channels is given
     num_head_channels: int | None = None
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)  # component -> {diffusers key: value}
-    text_encoder: str | None = None  # "clip" or "openclip" (from cond_stage_config.target)
+    text_encoder: str | None = None  # a TEXT_ENCODER_NAMES key (cond_stage_config, or sgm's conditioner_config)
     text_layer: str | None = None
     states_prediction: bool = False  # the file says the prediction type (parameterization, or sgm's scaling)
 
@@ -156,6 +171,8 @@ def read_ldm_config(path: str | Path) -> LDMConfig:
     cfg.timesteps = _int(params, "timesteps", where)
 
     unet = _section(params, where, "unet_config", "params")
+    if not unet:  # sgm (SDXL, and sgm's SD 2.x configs) names the U-Net network_config
+        unet = _section(params, where, "network_config", "params")
     heads, head_ch = _int(unet, "num_heads", where), _int(unet, "num_head_channels", where)
     cfg.num_heads = heads if heads not in (None, -1) else None
     cfg.num_head_channels = head_ch if head_ch not in (None, -1) else None
@@ -169,20 +186,29 @@ def read_ldm_config(path: str | Path) -> LDMConfig:
     mc, mult = _int(unet, "model_channels", where), _int_list(unet, "channel_mult", where)
     if mc is not None and mult is not None:
         u["block_out_channels"] = [mc * m for m in mult]
+    context = unet.get("context_dim")
+    if isinstance(context, list | tuple):  # sgm's refiner config: one per level, all the same
+        ctx = _int_list(unet, "context_dim", where) or []
+        if len(set(ctx)) != 1:
+            raise ModelConfigError(f"{where}: context_dim {context!r} differs between levels (not supported)")
+        u["cross_attention_dim"] = ctx[0]
     for ldm_key, ours in (
         ("num_res_blocks", "layers_per_block"),
         ("context_dim", "cross_attention_dim"),
         ("in_channels", "in_channels"),
         ("out_channels", "out_channels"),
+        ("adm_in_channels", "projection_class_embeddings_input_dim"),  # sgm: SDXL's added conditioning
     ):
-        if (val := _int(unet, ldm_key, where)) is not None:
+        if ours not in u and (val := _int(unet, ldm_key, where)) is not None:
             u[ours] = val
     if "use_linear_in_transformer" in unet:
         u["use_linear_projection"] = bool(unet["use_linear_in_transformer"])
     depth = unet.get("transformer_depth")
-    if isinstance(depth, list) and depth and all(d == depth[0] for d in depth):
-        depth = depth[0]
-    if depth is not None:
+    if isinstance(depth, list | tuple):  # sgm: one per level (levels without attention ignore theirs)
+        if not depth or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depth):
+            raise ModelConfigError(f"{where}: transformer_depth {depth!r} is not a list of block counts")
+        u["transformer_layers_per_block"] = depth[0] if all(d == depth[0] for d in depth) else list(depth)
+    elif depth is not None:
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ModelConfigError(f"{where}: transformer_depth {depth!r} is not one positive integer")
         u["transformer_layers_per_block"] = depth
@@ -210,6 +236,15 @@ def read_ldm_config(path: str | Path) -> LDMConfig:
         cfg.text_layer = str(_section(cond, where, "params").get("layer", "last"))
     elif target:
         raise ModelConfigError(f"{where}: text encoder {target!r} is not CLIP or OpenCLIP (not an SD1/SD2 config)")
+    emb = _section(params, where, "conditioner_config", "params").get("emb_models")
+    if emb is not None:  # sgm: the text encoders are embedders of a GeneralConditioner
+        if not isinstance(emb, list):
+            raise ModelConfigError(f"{where}: conditioner_config.params.emb_models is not a list")
+        names = [str(e.get("target", "")).rsplit(".", 1)[-1] for e in emb if isinstance(e, Mapping)]
+        clip_l, big_g, open_h = (n in names for n in SGM_TEXT_ENCODERS)
+        cfg.text_encoder = (
+            ("sdxl" if clip_l else "sdxl_refiner") if big_g else "openclip" if open_h else "clip" if clip_l else None
+        )
     return cfg
 
 
@@ -229,6 +264,77 @@ def _check(where: Path | str, comp: str, want: Mapping[str, Any], have: Mapping[
             )
 
 
+def _per_level(depth: Any, levels: int) -> list[int] | None:
+    if isinstance(depth, list | tuple):
+        return [int(d) for d in depth] if len(depth) == levels else None
+    return [int(depth)] * levels
+
+
+def _check_depth(where: Path | str, want: Any, unet: Mapping[str, Any]) -> None:
+    """transformer_depth against the weights' blocks, at the levels with attention (sgm lists one number per
+    level; the levels without attention ignore theirs)."""
+    have = unet.get("transformer_layers_per_block")
+    attn = [str(t).startswith("CrossAttn") for t in unet.get("down_block_types") or []]
+    if have is None or not attn:
+        return
+    w, h = _per_level(want, len(attn)), _per_level(have, len(attn))
+    if w is None or h is None or any(a and x != y for a, x, y in zip(attn, w, h, strict=True)):
+        raise ModelConfigError(
+            f"{where}: unet transformer_layers_per_block is {want!r} in the config but {have!r} in the weights "
+            f"(levels with attention: {[i for i, a in enumerate(attn) if a]}): not this checkpoint's config"
+        )
+
+
+def check_ldm_network(ldm: LDMConfig, configs: dict[str, dict[str, Any]], *, text_encoder_kind: str | None) -> None:
+    """Check `ldm`'s network numbers (U-Net, VAE, which text encoders) against the configs read off the
+    weights, then write what it adds (heads, the VAE's scale factor) into them. `text_encoder_kind`: the
+    weights' (a TEXT_ENCODER_NAMES key)."""
+    where = ldm.source
+    if ldm.text_encoder is not None and text_encoder_kind is not None and ldm.text_encoder != text_encoder_kind:
+        want_te = TEXT_ENCODER_NAMES.get(ldm.text_encoder, ldm.text_encoder)
+        have_te = TEXT_ENCODER_NAMES.get(text_encoder_kind, text_encoder_kind)
+        raise ModelConfigError(
+            f"{where}: names a {want_te} text encoder but the weights hold {have_te}: not this checkpoint's config"
+        )
+    if ldm.text_encoder in ("clip", "openclip"):
+        want_layer = "penultimate" if ldm.text_encoder == "openclip" else "last"
+        if ldm.text_layer is not None and ldm.text_layer != want_layer:
+            raise ModelConfigError(
+                f"{where}: text encoder layer {ldm.text_layer!r} is not supported for {ldm.text_encoder} "
+                f"(sdengine reads {want_layer!r}; use clip_skip for other layers)"
+            )
+    unet = configs["unet"]
+    want_unet = dict(ldm.checks.get("unet", {}))
+    adm = want_unet.get("projection_class_embeddings_input_dim")
+    if adm is not None and unet.get("projection_class_embeddings_input_dim") is None:
+        raise ModelConfigError(
+            f"{where}: its U-Net takes SDXL's added conditioning (adm_in_channels {adm}) but the weights have "
+            "none (no label_emb): not this checkpoint's config"
+        )
+    if "transformer_layers_per_block" in want_unet:
+        _check_depth(where, want_unet.pop("transformer_layers_per_block"), unet)
+    _check(where, "unet", want_unet, unet)
+    _check(where, "vae", ldm.checks.get("vae", {}), configs.get("vae"))
+    channels = [int(c) for c in unet["block_out_channels"]]
+    types = unet.get("down_block_types") or []
+    attn = [str(t).startswith("CrossAttn") for t in types] if len(types) == len(channels) else [True] * len(channels)
+    if not any(attn):
+        attn = [True] * len(channels)
+    attn_channels = [c for c, a in zip(channels, attn, strict=True) if a]
+    if ldm.num_head_channels is not None:
+        bad = [c for c in attn_channels if c % ldm.num_head_channels]
+        if bad:
+            raise ModelConfigError(f"{where}: num_head_channels {ldm.num_head_channels} does not divide {bad[0]}")
+        unet["attention_head_dim"] = [max(c // ldm.num_head_channels, 1) for c in channels]
+    elif ldm.num_heads is not None:
+        bad = [c for c in attn_channels if c % ldm.num_heads]
+        if bad:
+            raise ModelConfigError(f"{where}: num_heads {ldm.num_heads} does not divide the {bad[0]} channels")
+        unet["attention_head_dim"] = ldm.num_heads
+    if ldm.scale_factor is not None and "vae" in configs:
+        configs["vae"]["scaling_factor"] = ldm.scale_factor
+
+
 def apply_ldm_config(
     ldm: LDMConfig,
     configs: dict[str, dict[str, Any]],
@@ -239,34 +345,7 @@ def apply_ldm_config(
     """Check `ldm` against the configs read off the weights and write what it adds (heads, prediction type,
     schedule, scale factor) into them. Returns the prediction type (`prediction_type`, the
     caller's, wins)."""
-    where = ldm.source
-    if ldm.text_encoder is not None and text_encoder_kind is not None and ldm.text_encoder != text_encoder_kind:
-        raise ModelConfigError(
-            f"{where}: names a {ldm.text_encoder} text encoder but the weights hold {text_encoder_kind}: "
-            "not this checkpoint's config"
-        )
-    want_layer = "penultimate" if ldm.text_encoder == "openclip" else "last"
-    if ldm.text_layer is not None and ldm.text_layer != want_layer:
-        raise ModelConfigError(
-            f"{where}: text encoder layer {ldm.text_layer!r} is not supported for {ldm.text_encoder} "
-            f"(sdengine reads {want_layer!r}; use clip_skip for other layers)"
-        )
-    unet = configs["unet"]
-    _check(where, "unet", ldm.checks.get("unet", {}), unet)
-    _check(where, "vae", ldm.checks.get("vae", {}), configs.get("vae"))
-    channels = [int(c) for c in unet["block_out_channels"]]
-    if ldm.num_head_channels is not None:
-        bad = [c for c in channels if c % ldm.num_head_channels]
-        if bad:
-            raise ModelConfigError(f"{where}: num_head_channels {ldm.num_head_channels} does not divide {bad[0]}")
-        unet["attention_head_dim"] = [c // ldm.num_head_channels for c in channels]
-    elif ldm.num_heads is not None:
-        bad = [c for c in channels if c % ldm.num_heads]
-        if bad:
-            raise ModelConfigError(f"{where}: num_heads {ldm.num_heads} does not divide the {bad[0]} channels")
-        unet["attention_head_dim"] = ldm.num_heads
-    if ldm.scale_factor is not None and "vae" in configs:
-        configs["vae"]["scaling_factor"] = ldm.scale_factor
+    check_ldm_network(ldm, configs, text_encoder_kind=text_encoder_kind)
     sched = configs["scheduler"]
     if ldm.linear_start is not None:
         sched["beta_start"] = ldm.linear_start
@@ -298,8 +377,11 @@ def check_folder_configs(
 __all__ = [
     "LDMConfig",
     "ModelConfigError",
+    "SGM_TEXT_ENCODERS",
+    "TEXT_ENCODER_NAMES",
     "apply_ldm_config",
     "check_folder_configs",
+    "check_ldm_network",
     "config_beside",
     "is_yaml_config",
     "read_ldm_config",

@@ -58,11 +58,19 @@ from .ldm_config import (
     ModelConfigError,
     apply_ldm_config,
     check_folder_configs,
+    check_ldm_network,
     config_beside,
     is_yaml_config,
     read_ldm_config,
 )
-from .sdxl_files import SDXL_VAE_SCALING_FACTOR, is_sdxl_ldm, sdxl_components_to_ldm, sdxl_ldm_to_components
+from .sdxl_files import (
+    SDXL_VAE_SCALING_FACTOR,
+    V_PRED_KEY,
+    ZTSNR_KEY,
+    is_sdxl_ldm,
+    sdxl_components_to_ldm,
+    sdxl_ldm_to_components,
+)
 from .vae_file import check_vae_fits
 
 log = logging.getLogger(__name__)
@@ -165,6 +173,12 @@ def _find_weights(folder: Path) -> list[Path]:
         f"{folder}: no weights found (expected diffusion_pytorch_model.safetensors, model.safetensors or "
         "pytorch_model.bin)"
     )
+
+
+def component_weight_files(folder: str | Path) -> list[Path]:
+    """The weights files the loader reads for one diffusers component folder (``unet/``, ``vae/``, ...): one
+    file, or a sharded one's shards in order. WeightsError when there is none."""
+    return _find_weights(Path(folder))
 
 
 def _shards_of(index: Path) -> list[Path]:
@@ -400,7 +414,11 @@ def ldm_to_components(
 ) -> tuple[dict[str, StateDict], Detected, list[str]]:
     """Flat LDM state dict -> ({unet, vae?, text_encoder?} in our names, detection, skipped keys)."""
     check_supported(sd)
+    markers = [k for k in (V_PRED_KEY, ZTSNR_KEY) if k in sd]  # empty marker tensors (see V_PRED_KEY)
+    if markers:
+        sd = {k: v for k, v in sd.items() if k not in markers}
     parts, skipped, unknown = km.split_ldm(sd)
+    skipped += markers
     if unknown:
         raise WeightsError(f"{where}: unexpected keys (not SD1/SD2 LDM names): {_name_some(unknown)}")
     out: dict[str, StateDict] = {}
@@ -488,10 +506,25 @@ def load_single_file(
     if is_sdxl_ldm(sd):
         if prediction_type is None and ldm_cfg is not None and ldm_cfg.states_prediction and "scheduler" not in cfg_src:
             prediction_type = ldm_cfg.prediction_type  # A1111's sd_xl_v.yaml beside a v-prediction SDXL file
-        return _load_sdxl_single_file(path, sd, cfg_src, config=config, vae=vae, prediction_type=prediction_type)
+        return _load_sdxl_single_file(
+            path, sd, cfg_src, config=config, vae=vae, prediction_type=prediction_type, ldm_cfg=ldm_cfg
+        )
+    # The `v_pred` marker (ComfyUI writes it into every v-prediction model it saves, SD 1.x/2.x included; `ztsnr`
+    # beside it: zero terminal SNR) says the prediction type unless the caller, a config that states it, or
+    # the file's own scheduler config does.
+    zero_snr = False
+    if (
+        prediction_type is None
+        and V_PRED_KEY in sd
+        and not (ldm_cfg is not None and ldm_cfg.states_prediction)
+        and "scheduler" not in cfg_src
+    ):
+        prediction_type, zero_snr = "v_prediction", ZTSNR_KEY in sd
     comps, det, skipped = ldm_to_components(
         sd, info=info, prediction_type=prediction_type, configs=cfg_src or None, where=str(path)
     )
+    if zero_snr:
+        det.scheduler_config["rescale_betas_zero_snr"] = True
     cfgs: dict[str, dict[str, Any]] = {
         "unet": det.unet_config,
         "scheduler": det.scheduler_config,
@@ -557,16 +590,21 @@ def _load_sdxl_single_file(
     config: str | Path | None,
     vae: str | Path | None,
     prediction_type: str | None,
+    ldm_cfg: LDMConfig | None = None,
 ) -> LoadedCheckpoint:
-    """An SDXL (sgm layout) single file; see sdengine.weights.sdxl_files."""
+    """An SDXL (sgm layout) single file; see sdengine.weights.sdxl_files. `ldm_cfg`: its `.yaml` (sgm's
+    network numbers checked against the weights; heads and scale factor taken from it)."""
     comps, cfgs, family, skipped = sdxl_ldm_to_components(sd, configs=cfg_src or None, where=str(path))
+    if ldm_cfg is not None:
+        check_ldm_network(ldm_cfg, cfgs, text_encoder_kind=family)
     for comp, cfg in cfgs.items():
         if comp in COMPONENT_KINDS:
             _check_config(config if config is not None else path, COMPONENT_KINDS[comp], cfg)
     pred = prediction_type or cfgs["scheduler"].get("prediction_type", "epsilon")
     cfgs["scheduler"]["prediction_type"] = pred
     if vae is not None:
-        scale = _scaling_factor_of(cfgs.get("vae"), SDXL_VAE_SCALING_FACTOR)
+        own_scale = ldm_cfg.scale_factor if ldm_cfg is not None and ldm_cfg.scale_factor is not None else None
+        scale = _scaling_factor_of(cfgs.get("vae"), own_scale if own_scale is not None else SDXL_VAE_SCALING_FACTOR)
         comps["vae"], cfgs["vae"] = load_vae_for_model(vae, scale)
     if "vae" not in comps:
         raise MissingVAEError(f"{path}: this checkpoint has no VAE (no first_stage_model.* weights); pass vae=PATH")
@@ -937,6 +975,7 @@ __all__ = [
     "build_models",
     "build_on_meta",
     "clip_config_from_weights",
+    "component_weight_files",
     "components_to_ldm",
     "convert",
     "ldm_to_components",

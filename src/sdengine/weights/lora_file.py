@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..catalog import builtin_path
+from ..catalog import ambiguous_files, builtin_path
 from ..io.paths import ExternalName, UnsafePathError, is_inside, resolve_inside
 from ..nn.lora import LoRAError
 from .io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightsError, load_file
@@ -344,6 +344,9 @@ def resolve_lora(name: str | os.PathLike[str], lora_dir: str | os.PathLike[str] 
         except FileNotFoundError:
             continue
         if target.is_file():
+            if suffix and (same := ambiguous_files(root, text, LORA_SUFFIXES)):
+                names = ", ".join(p.relative_to(root).as_posix() for p in same)
+                raise LoRAFileError(f"LoRA {text!r} is ambiguous: {root} holds {names}; name the file")
             return root / target.relative_to(real_root)
     stem = Path(text).name.lower()
     hits = sorted(q for q in _lora_files(root) if stem in (q.stem.lower(), q.name.lower()))  # with its suffix too
