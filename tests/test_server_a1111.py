@@ -216,6 +216,23 @@ def test_a_refused_options_request_changes_nothing(api):
     assert api.get_options() == before
 
 
+def test_a_global_clip_skip_option_applies_only_where_a1111_applies_it(api):
+    """A1111's Clip skip (CLIP_stop_at_last_layers) reaches SD 1.x's CLIP only: set as a global option it once
+    failed every job of the MiniLM emoji model (and stayed set); now such a model runs as at clip skip 1, and
+    the infotext keeps the setting as A1111 writes it."""
+    plain = emoji()("a red apple", seed=5, sampler="dpmpp_2m", schedule="karras", progress=False, **COMMON)
+    try:
+        assert api.set_options({"CLIP_stop_at_last_layers": 2})["applied"] == ["CLIP_stop_at_last_layers"]
+        r = api.txt2img(prompt="a red apple", seed=5, **COMMON)
+        np.testing.assert_array_equal(arr(r.image), arr(plain.images[0]))
+        assert "Clip skip: 2, Clip skip rule: a1111" in r.info["infotexts"][0]
+        init = gradient()
+        r = api.img2img(images=[init], prompt="a ball", seed=3, denoising_strength=0.5, **COMMON)
+        np.testing.assert_array_equal(arr(r.image), arr(python_img2img("a ball", init).images[0]))
+    finally:
+        api.set_options({"CLIP_stop_at_last_layers": 1})
+
+
 def test_taesd_encode_method_is_read_and_needs_an_encoder(api):
     init = gradient()
     want = python_img2img("a ball", init, vae_encode="tiny")

@@ -435,6 +435,8 @@ def run(a: argparse.Namespace) -> int:
         "strength_rule": a.strength_rule,
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
+    if a.clip_skip is not None:  # --clip-skip has sdengine's meaning (an A1111 image's Clip skip has A1111's)
+        kwargs["clip_skip_rule"] = "sdengine"
     hires = {
         "hr_scale": a.hr_scale,
         "hr_upscaler": a.hr_upscaler,

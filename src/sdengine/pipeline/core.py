@@ -48,7 +48,14 @@ from sdengine.pipeline.loop_graph import LoopPlan
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.pipeline.result import Cancelled, GenerationResult, StepInfo
 from sdengine.pipeline.unet_adapter import UNetAdapter
-from sdengine.text.conditioners import Conditioning, TextConditioner, cat_conditioning, make_conditioner
+from sdengine.text.conditioners import (
+    Conditioning,
+    TextConditioner,
+    a1111_clip_skip_note,
+    cat_conditioning,
+    effective_clip_skip,
+    make_conditioner,
+)
 
 log = logging.getLogger(__name__)
 
@@ -472,6 +479,10 @@ class Pipeline:
         width = self._check_size("width", self.default_size if r.width is None else r.width)
         height = self._check_size("height", self.default_size if r.height is None else r.height)
         r.validate()
+        if r.clip_skip_rule == "a1111":  # A1111 applies its clip skip to SD 1.x's CLIP only: say where it does not
+            skipped = a1111_clip_skip_note(self.conditioner, r.clip_skip)
+            if skipped is not None:
+                _note(notes, skipped)
         if r.vae_decode == "tiny" and self.tiny_vae is None:
             raise GenerationError(
                 f"vae_decode='tiny' needs a tiny VAE and {self.name} has none loaded: "
@@ -622,6 +633,7 @@ class Pipeline:
                     vae_hash=self.vae_hash(),
                     strength=float(request.strength) if p.init is not None else None,
                     clip_skip=request.clip_skip,
+                    clip_skip_rule=request.clip_skip_rule,
                     guidance_rescale=float(request.guidance_rescale),
                     loras=lora_list,
                     n_tag_loras=len(tag_lists[0]),
@@ -692,7 +704,7 @@ class Pipeline:
 
         negatives = self.encoded_negatives(p)
         schedules = row_schedules(
-            self.conditioner, p.prompts, negatives, int(r.steps), clip_skip=r.clip_skip, note=note
+            self.conditioner, p.prompts, negatives, int(r.steps), clip_skip=self.clip_skip_of(r), note=note
         )
         if schedules is not None:  # prompt editing: each row's texts switch per step (A1111's [a:b:when], [a|b])
             by_length: dict[int, list[int]] = {}
@@ -755,7 +767,11 @@ class Pipeline:
     ) -> tuple[Conditioning, Conditioning]:
         """(cond, uncond) of one row's prompts; a family that conditions on more than the text (SDXL: the
         image size) overrides this."""
-        return self.conditioner.pair(prompt, negative, clip_skip=p.request.clip_skip, note=note)
+        return self.conditioner.pair(prompt, negative, clip_skip=self.clip_skip_of(p.request), note=note)
+
+    def clip_skip_of(self, r: GenerationRequest) -> int:
+        """The conditioner's clip_skip for a request: its own, or A1111's mapped (``clip_skip_rule``)."""
+        return effective_clip_skip(self.conditioner, r.clip_skip, r.clip_skip_rule)
 
     def _sample_rows(
         self,
@@ -809,7 +825,9 @@ class Pipeline:
         )
         first = 0
         if start.from_init:
-            first = p.start_step if p.start_step is not None else img2img_start(steps, strength, r.strength_rule)
+            first = (
+                p.start_step if p.start_step is not None else img2img_start(steps, strength, r.strength_rule, p.sampler)
+            )
         net: Any = self.unet
         units = r.control_units()
         if not units:

@@ -98,6 +98,7 @@ def call_parameters(
     prediction_override: str | None = None,
     strength_rule: str = "diffusers",
     sdxl: Any = None,
+    clip_skip_rule: str = "sdengine",
 ) -> dict[str, Any]:
     """The parameters dict of one image (sdengine.metadata writes it as A1111 text). LoRAs passed as
     arguments are written as <lora:NAME:W> tags, as A1111 keeps them, so that the infotext alone says which
@@ -145,6 +146,8 @@ def call_parameters(
             params["Resize mode"] = mode
     if strength_rule != "diffusers":  # sdengine's field: how the strength counted the steps (A1111's rule)
         params["Strength rule"] = strength_rule
+    if clip_skip_rule != "sdengine" and clip_skip != 1:  # sdengine's field: the Clip skip is A1111's (applied to
+        params["Clip skip rule"] = clip_skip_rule  # SD 1.x's CLIP only); without it an sdengine image's is its own
     if sampler_options:
         params["Sampler options"] = json.dumps(dict(sampler_options), sort_keys=True)
     if prediction_override is not None:

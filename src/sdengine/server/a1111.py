@@ -767,6 +767,7 @@ def install(app: FastAPI, services: Any) -> None:
             batch_size=req.batch_size,
             n_iter=req.n_iter,
             clip_skip=clip_skip,
+            clip_skip_rule="a1111",  # A1111's CLIP_stop_at_last_layers: SD 1.x's CLIP only, as there
             vae_decode=vae_decode,
             vae_encode=vae_encode,
             controlnets=units,

@@ -117,6 +117,7 @@ def build_generation(
     controlnets: Sequence[ControlRequest] = (),
     loras: Sequence[tuple[str, float]] = (),
     clip_skip: int = 1,
+    clip_skip_rule: str = "sdengine",
     guess_mode: bool = False,
     n_iter: int = 1,
     default_model: str | None = None,
@@ -261,6 +262,8 @@ def build_generation(
         kwargs.update(seed_resize_from_w=w, seed_resize_from_h=h)
     if strength_rule != "diffusers":  # checked by GenerationRequest.validate below
         kwargs["strength_rule"] = strength_rule
+    if clip_skip_rule != "sdengine":  # checked by GenerationRequest.validate below
+        kwargs["clip_skip_rule"] = clip_skip_rule
     if resize_mode not in (0, "just resize"):
         kwargs["resize_mode"] = resize_mode  # checked by GenerationRequest.validate below
     if hires is not None:

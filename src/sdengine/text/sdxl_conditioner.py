@@ -14,9 +14,12 @@ do); a ``prompt_2`` given to a refiner is said to be unused. Emphasis is applied
 wraps each encoder on its own). A side with fewer chunks is padded with the empty prompt's chunk, so the two
 encoders and cond/uncond line up.
 
-``clip_skip`` in A1111's numbering: 1 (default) = SDXL's trained layer, the penultimate one of both
-encoders; k reads ``hidden_states[-(k + 1)]``, which is diffusers' ``clip_skip = k - 1``; 0 reads the last
-layer's output, raw (what ComfyUI's CLIPSetLastLayer -1 gives an SDXL model).
+``clip_skip`` (sdengine's own numbering, counted as A1111 counts SD 1.x layers): 1 (default) = SDXL's trained
+layer, the penultimate one of both encoders; k reads ``hidden_states[-(k + 1)]`` of both, which is diffusers'
+``clip_skip = k - 1``; 0 reads the last layer's output, raw (what ComfyUI's CLIPSetLastLayer -1 gives an SDXL
+model). A1111 itself ignores its "Clip skip" for SDXL (``FrozenCLIPEmbedderForSDXLWithCustomWords`` and
+``FrozenOpenCLIPEmbedder2WithCustomWords`` read their trained layers) unless its ``sdxl_clip_l_skip`` option is
+on: a request with ``clip_skip_rule="a1111"`` gets 1 here (:meth:`SDXLConditioner.a1111_clip_skip`).
 
 ``force_zeros_for_empty_prompt`` (the base model's setting): an empty negative prompt (and empty
 negative_prompt_2) gives all-zero text states and pooled vector, as diffusers does for
@@ -169,6 +172,13 @@ class SDXLConditioner:
     def refiner(self) -> bool:
         """The refiner's conditioning (aesthetic score instead of the target size)."""
         return self.n_time_ids == 5
+
+    encoder_name = "SDXL CLIP-L and OpenCLIP-bigG"
+
+    def a1111_clip_skip(self, clip_skip: int) -> int:
+        """A1111's clip skip in this numbering: always 1 (its trained layers), as A1111 ignores
+        ``CLIP_stop_at_last_layers`` for SDXL with its ``sdxl_clip_l_skip`` option off (the default)."""
+        return 1
 
     def check_clip_skip(self, clip_skip: Any) -> None:
         encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
