@@ -170,3 +170,80 @@ def test_a1111_ddim_img2img_runs_a1111s_steps(sd1):
     seen.clear()
     sd1("a red apple", **args, callback=lambda i: seen.append((i.step, i.steps)))
     assert seen[-1] == (3, 3)
+
+
+# ------------------------------------------------------------------------------------------------ inpainting
+
+
+def half_mask(size: int) -> Image.Image:
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (0, 0, size // 2, size))
+    return mask
+
+
+def test_a1111_inpainting_at_strength_1_noises_the_init_latent(sd1):
+    """A1111 starts inpainting at denoising strength 1 from the init latent noised to the first sigma (and its
+    latent masked content fills that latent); diffusers, sdengine's default rule, from pure noise, where the
+    masked content cannot matter."""
+    s = sd1.default_size
+    args = {**FAST, "init_image": picture(s, s), "mask": half_mask(s), "strength": 1.0}
+    pure = sd1("a red apple", **args)
+    a1111 = sd1("a red apple", **args, strength_rule="a1111")
+    assert not np.array_equal(a1111.arrays, pure.arrays)
+    zeros = sd1("a red apple", **args, strength_rule="a1111", masked_content="latent nothing")
+    assert not np.array_equal(zeros.arrays, a1111.arrays)  # the init latent is where sampling starts
+    np.testing.assert_array_equal(sd1("a red apple", **args, masked_content="latent nothing").arrays, pure.arrays)
+    assert parse_parameters(zeros.infotexts[0])["Masked content"] == "latent nothing"
+    assert "Masked content" not in parse_parameters(a1111.infotexts[0])
+
+
+@pytest.mark.parametrize("content", ["latent noise", "latent nothing"])
+def test_masked_content_fills_the_init_latent_as_a1111(sd1, content):
+    """A1111's inpainting_fill 2 / 3: ``init_latent * mask + fill * nmask`` (its latent mask rounded), the fill
+    the row's own noise (create_random_tensors of the row's seed, the noise it samples from) or zeros."""
+    import torch
+
+    from sdengine.pipeline.latents import start_latents
+
+    s = sd1.default_size
+    mask = np.asarray(half_mask(s), dtype=np.float32) / 255.0
+
+    def start(masked_content: str):
+        return start_latents(
+            sd1.vae,
+            generators=[torch.Generator().manual_seed(11)],
+            latent_channels=sd1.latent_channels,
+            width=s,
+            height=s,
+            scale_factor=sd1.vae_scale_factor,
+            init=picture(s, s),
+            mask=mask,
+            mask_blur=0.0,
+            strength=1.0,
+            nine_channels=False,
+            tiled=None,
+            device=torch.device("cpu"),
+            pure_noise_at_full_strength=False,
+            masked_content=masked_content,
+        )
+
+    plain, filled = start("original"), start(content)
+    assert plain.from_init and filled.from_init
+    w = plain.init_latent.shape[-1]
+    fill = plain.noise if content == "latent noise" else torch.zeros_like(plain.noise)
+    torch.testing.assert_close(filled.init_latent[..., : w // 2], fill[..., : w // 2], rtol=0, atol=0)
+    torch.testing.assert_close(filled.init_latent[..., w // 2 :], plain.init_latent[..., w // 2 :], rtol=0, atol=0)
+    torch.testing.assert_close(filled.noise, plain.noise, rtol=0, atol=0)
+
+
+def test_masked_content_is_checked_and_read_back(sd1):
+    s = sd1.default_size
+    with pytest.raises(GenerationError, match="unknown masked_content 'fill'; use one of: original, latent noise"):
+        sd1("a", **FAST, init_image=picture(s, s), mask=half_mask(s), masked_content="fill")
+    with pytest.raises(GenerationError, match="masked_content 'latent noise' needs a mask"):
+        sd1("a", **FAST, init_image=picture(s, s), masked_content="latent noise")
+    text = f"a\nSteps: 3, Seed: 1, Denoising strength: 1, Mask blur: 4, Masked content: latent noise, {A1111_VERSION}"
+    kw = to_generate_kwargs(parse_parameters(text))
+    assert kw["masked_content"] == "latent noise" and kw["strength_rule"] == "a1111"
+    with pytest.raises(ValueError, match="Masked content: 'fill' is not one of original, latent noise"):
+        to_generate_kwargs(parse_parameters(text.replace("latent noise", "fill")))

@@ -140,6 +140,47 @@ def test_img2img_and_inpainting_equal_python_api(api):
     assert alpha.info["ignored"].count("inpainting_fill") <= 1  # listed once at most
 
 
+def test_latent_masked_content_and_full_strength_inpainting_as_a1111(api):
+    """inpainting_fill 2 ("latent noise") and 3 ("latent nothing") fill the masked init latent as A1111 does (they
+    were only listed as ignored), and at denoising strength 1 sampling starts from that latent noised (it was
+    pure noise, diffusers' way); the infotext says A1111's "Masked content"."""
+    init = gradient()
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 40, 56))
+    for fill, content in ((2, "latent noise"), (3, "latent nothing"), (1, "original")):
+        r = api.img2img(
+            images=[init],
+            mask_image=mask,
+            prompt="a blue ball",
+            seed=3,
+            denoising_strength=1.0,
+            mask_blur=0,
+            inpainting_fill=fill,
+            inpaint_full_res=False,
+            **COMMON,
+        )
+        ref = emoji()(
+            "a blue ball",
+            seed=3,
+            init_image=init,
+            mask=mask,
+            strength=1.0,
+            strength_rule="a1111",
+            masked_content=content,
+            sampler="dpmpp_2m",
+            schedule="karras",
+            progress=False,
+            **COMMON,
+        )
+        want = Image.composite(ref.images[0], init.convert("RGB"), mask)
+        np.testing.assert_array_equal(arr(r.image), arr(want))
+        assert "inpainting_fill" not in r.info["ignored"]
+        assert (f"Masked content: {content}" in r.info["infotexts"][0]) == (fill != 1)
+    body = {"init_images": [webuiapi.raw_b64_img(init)], "mask": webuiapi.raw_b64_img(mask), "prompt": "a", **COMMON}
+    bad = httpx.post(f"{api.baseurl}/img2img", json={**body, "inpainting_fill": 7}, timeout=120)
+    assert bad.status_code == 400 and "inpainting_fill must be 0 (fill), 1 (original)" in bad.text, bad.text
+
+
 def test_controlnet_unit_and_empty_args(api):
     from sdengine.control import canny
 

@@ -77,6 +77,10 @@ FIELD_ORDER: tuple[tuple[str, str], ...] = (
 )
 KNOWN_KEYS = frozenset({"prompt", "negative_prompt", "width", "height", "version"} | {k for k, _ in FIELD_ORDER})
 
+# A1111's "Masked content" done on the latent (its ``inpainting_fill`` 1, 2, 3; its 0, "fill", is done on the
+# image), GenerationRequest.masked_content; A1111 writes the latent fills in the infotext
+MASKED_CONTENT = ("original", "latent noise", "latent nothing")
+
 # Fields that describe the run but do not change the image; to_generate_kwargs skips them quietly.
 _DESCRIPTIVE_FIELDS = frozenset(
     {"Model hash", "Model", "Lora hashes", "Version", "VAE hash", "VAE", "TI hashes", "User", "Hashes"}
@@ -376,6 +380,11 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
         kwargs["clip_skip_rule"] = "a1111"  # A1111's Clip skip: applied to SD 1.x's CLIP only (not SD 2.x, SDXL)
     if "Mask blur" in parsed:
         kwargs["mask_blur"] = _parse_float(parsed, "Mask blur")
+    if "Masked content" in parsed:  # A1111's, written for its latent fills ("latent noise", "latent nothing")
+        content = parsed["Masked content"].strip()
+        if content not in MASKED_CONTENT:
+            raise MetadataError(f"Masked content: {content!r} is not one of {', '.join(MASKED_CONTENT)}")
+        kwargs["masked_content"] = content
     if "CFG Rescale phi" in parsed:
         kwargs["guidance_rescale"] = _parse_float(parsed, "CFG Rescale phi")
     if "Variation seed" in parsed:
@@ -441,6 +450,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
         "Denoising strength",
         "Clip skip",
         "Mask blur",
+        "Masked content",
         "CFG Rescale phi",
         "Variation seed",
         "Variation seed strength",
@@ -688,6 +698,7 @@ def lora_hash(path: str | Path) -> str:
 
 
 __all__ = [
+    "MASKED_CONTENT",
     "MAX_INFOTEXT_CHARS",
     "PARAMETERS_KEY",
     "VERSION",

@@ -645,6 +645,7 @@ class Pipeline:
                     prediction_override=self.prediction_override,
                     # how the img2img / hires second pass counted its steps
                     strength_rule=request.strength_rule if (p.init is not None or p.hires is not None) else "diffusers",
+                    masked_content=request.masked_content if p.mask is not None else "original",
                     sdxl=request.sdxl,
                 )
             )
@@ -801,6 +802,9 @@ class Pipeline:
             tiled=p.tiled,
             device=dev,
             tiny=self.tiny_vae if r.vae_encode == "tiny" else None,
+            # A1111 noises the init latent at strength 1 too (diffusers starts inpainting from pure noise)
+            pure_noise_at_full_strength=r.strength_rule == "diffusers",
+            masked_content=r.masked_content,
         )
         if init_latent is not None:
             start.init_latent, start.from_init = init_latent.to(dev, start.noise.dtype), True

@@ -99,6 +99,7 @@ def call_parameters(
     strength_rule: str = "diffusers",
     sdxl: Any = None,
     clip_skip_rule: str = "sdengine",
+    masked_content: str = "original",
 ) -> dict[str, Any]:
     """The parameters dict of one image (sdengine.metadata writes it as A1111 text). LoRAs passed as
     arguments are written as <lora:NAME:W> tags, as A1111 keeps them, so that the infotext alone says which
@@ -132,6 +133,8 @@ def call_parameters(
         params["CFG Rescale phi"] = guidance_rescale  # the name A1111's CFG-rescale extension writes
     if mask_blur:
         params["Mask blur"] = mask_blur
+    if masked_content != "original":  # A1111's field (it writes its latent fills only)
+        params["Masked content"] = masked_content
     for k, unit in enumerate(controlnets):
         params[f"ControlNet {k}"] = unit.infotext()
     if any(unit.rule != "diffusers" for unit in controlnets):  # sdengine's field, read back by --from-png:

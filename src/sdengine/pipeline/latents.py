@@ -7,7 +7,8 @@
   image is ``image * (mask < 0.5)``; generator order per row: [init posterior when strength < 1 or the U-Net
   has 4 channels], noise, masked-image posterior. A 9-channel U-Net gets ``[mask, masked-image latent]`` as
   the ``"concat"`` conditioning; a 4-channel one gets the known region blended back (:class:`InpaintBlend`).
-  With strength 1 the start is pure noise, as there.
+  With strength 1 the start is pure noise, as there; under A1111's strength rule it is the init latent noised
+  to the schedule's first sigma, as A1111 does (whose masked content can also be latent noise or zeros).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sdengine import vae_utils
 from sdengine.diffusion.samplers import SamplerStep, row_noise
 from sdengine.diffusion.schedules import NoiseSchedule
 from sdengine.io.images import image_tensor
+from sdengine.metadata import MASKED_CONTENT
 
 
 def blur_mask(m: np.ndarray, blur: float) -> np.ndarray:
@@ -71,10 +73,16 @@ def start_latents(
     tiled: bool | None,
     device: torch.device,
     tiny: Any = None,
+    pure_noise_at_full_strength: bool = True,
+    masked_content: str = "original",
 ) -> StartLatents:
     """Every random draw of the rows, in diffusers' order (see the module docstring). ``tiny``: a tiny VAE whose
     encoder makes the images' latents instead of the VAE's (``vae_encode="tiny"``; no posterior spread, the same
-    draws from each generator)."""
+    draws from each generator). ``pure_noise_at_full_strength``: inpainting at strength 1 starts from pure noise
+    (diffusers'); False: from the init latent noised, as A1111 does at any strength. ``masked_content``
+    (:data:`MASKED_CONTENT`, A1111's "Masked content" done in latent space): "original" keeps the init latent
+    under the mask, "latent noise" puts the row's noise there, "latent nothing" zeros (A1111's
+    ``inpainting_fill`` 2 and 3: ``init_latent * mask + fill * nmask`` with the latent mask rounded)."""
 
     def moments(img: Tensor) -> Any:
         if tiny is not None:
@@ -91,7 +99,7 @@ def start_latents(
             # A 9-channel model without a mask repaints everything (A1111's img2img on inpaint models).
             m = mask if mask is not None else np.ones((height, width), np.float32)
             mask_full = torch.from_numpy(m)[None, None].to(device)
-        if mask_full is None or strength < 1.0 or not nine_channels:
+        if mask_full is None or strength < 1.0 or not nine_channels or not pure_noise_at_full_strength:
             post = moments(img)
             init_latent = vae.scale_latents(posterior_rows(post, generators).float())
     noise = row_noise(generators, (latent_channels, h, w)).to(device)
@@ -119,8 +127,14 @@ def start_latents(
         z = moments(grey).mode()
         masked_latent = vae.scale_latents(z.float())
         concat = torch.cat([torch.ones(1, 1, h, w, device=device), masked_latent], dim=1).expand(b, -1, -1, -1)
-    # Inpainting at strength 1 starts from pure noise (diffusers' is_strength_max); img2img does not.
-    from_init = init_latent is not None and not (mask_full is not None and strength >= 1.0)
+    if masked_content != "original" and init_latent is not None and mask_full is not None:
+        # A1111 rounds its latent mask (mask_round) and fills the init latent there before noising it
+        repaint = (F.interpolate(mask_full, size=(h, w), mode="area") >= 0.5).to(init_latent.dtype)
+        fill = noise.to(init_latent.dtype) if masked_content == "latent noise" else torch.zeros_like(init_latent)
+        init_latent = init_latent * (1 - repaint) + fill * repaint
+    # Inpainting at strength 1 starts from pure noise (diffusers' is_strength_max); img2img does not, nor A1111.
+    full = mask_full is not None and strength >= 1.0 and pure_noise_at_full_strength
+    from_init = init_latent is not None and not full
     return StartLatents(noise, init_latent, from_init, blend, concat)
 
 
@@ -170,4 +184,4 @@ class InpaintBlend:
         return (1 - self.mask) * self.init + self.mask * x
 
 
-__all__ = ["InpaintBlend", "StartLatents", "blur_mask", "posterior_rows", "start_latents"]
+__all__ = ["MASKED_CONTENT", "InpaintBlend", "StartLatents", "blur_mask", "posterior_rows", "start_latents"]

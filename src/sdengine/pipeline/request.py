@@ -26,6 +26,7 @@ from sdengine.diffusion.schedules import STRENGTH_RULES, img2img_start
 from sdengine.errors import GenerationError
 from sdengine.io.images import ImageInput
 from sdengine.pipeline.control import ControlUnit
+from sdengine.pipeline.latents import MASKED_CONTENT
 from sdengine.pipeline.result import StepCallback
 from sdengine.text.conditioners import CLIP_SKIP_RULES
 
@@ -84,6 +85,9 @@ class GenerationRequest:
     strength_rule: str = "diffusers"
     mask: ImageInput | None = None
     mask_blur: float = 0
+    # what the init latent holds under the mask before it is noised: "original", or A1111's "latent noise" and
+    # "latent nothing" (sdengine.pipeline.latents.MASKED_CONTENT); written as A1111's "Masked content"
+    masked_content: str = "original"
     controlnets: Sequence[ControlUnit | tuple[Any, ...]] | None = None
     guess_mode: bool = False
     loras: Sequence[LoRAInput] | None = None
@@ -302,6 +306,12 @@ class GenerationRequest:
             )
         if self.mask is not None and self.init_image is None:
             raise GenerationError("a mask needs an init_image to inpaint")
+        if self.masked_content not in MASKED_CONTENT:
+            raise GenerationError(
+                f"unknown masked_content {self.masked_content!r}; use one of: {', '.join(MASKED_CONTENT)}"
+            )
+        if self.masked_content != "original" and self.mask is None:
+            raise GenerationError(f"masked_content {self.masked_content!r} needs a mask (it fills the masked area)")
         self.control_units()  # the tuple forms parse
         from sdengine.io.resize import resize_mode_name
 

@@ -64,7 +64,7 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "comments": (None, {}),
     "sampler_index": None,
     "include_init_images": None,
-    "inpainting_fill": (0, 1, None),  # "fill" and "original" are done; 2 and 3 are listed (with a mask)
+    "inpainting_fill": None,  # all four done: "fill" on the image, "original", "latent noise", "latent nothing"
     "latent_mask": (None,),
     "infotext": None,  # read (apply_infotext)
     "firstpass_image": (None,),
@@ -484,6 +484,11 @@ def only_masked(
         return Image.composite(canvas, base, soft)
 
     return cut, cut_mask, finish
+
+
+# A1111's inpainting_fill ("Masked content"): 0 "fill" (the image's colours, done here on the image), 1
+# "original", 2 "latent noise", 3 "latent nothing" (the pipeline's masked_content)
+INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 
 
 SIZE_VALUE = re.compile(r"^(\d+)x(\d+)$")
@@ -955,8 +960,11 @@ def install(app: FastAPI, services: Any) -> None:
             ignored.append("init_images[1:]")
         if not req.mask:  # the inpainting fields do nothing without a mask (in A1111 too)
             ignored = [k for k in ignored if k not in ("inpainting_fill", "inpaint_full_res")]
-        elif req.inpainting_fill not in (0, 1) and "inpainting_fill" not in ignored:
-            ignored.append("inpainting_fill")  # "latent noise" and "latent nothing" are not done
+        fill = req.inpainting_fill
+        if req.mask and (isinstance(fill, bool) or fill not in INPAINTING_FILL):
+            raise BadRequest(
+                f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), got {fill!r}"
+            )
         mode = req.resize_mode
         if isinstance(mode, bool) or mode not in RESIZE_MODES:  # 3, "Just resize (latent upscale)": not done
             ignored.append("resize_mode")
@@ -969,6 +977,8 @@ def install(app: FastAPI, services: Any) -> None:
         fields.update(init_image=req.init_images[0], mask=None, mask_blur=0.0, strength=strength, strength_rule="a1111")
         finish = None
         if req.mask:
+            if fill in (2, 3):  # A1111's latent fills: the masked init latent's content
+                fields["masked_content"] = INPAINTING_FILL[fill]
             size: tuple[int, int] | None = (req.width, req.height)
             if not all(isinstance(v, int) and 8 <= v <= services.config.max_side for v in (req.width, req.height)):
                 size = None  # refused by the request's checks

@@ -114,6 +114,7 @@ def build_generation(
     strength_rule: str = "diffusers",
     mask: ImageRef | None = None,
     mask_blur: float = 0,
+    masked_content: str = "original",
     controlnets: Sequence[ControlRequest] = (),
     loras: Sequence[tuple[str, float]] = (),
     clip_skip: int = 1,
@@ -264,6 +265,8 @@ def build_generation(
         kwargs["strength_rule"] = strength_rule
     if clip_skip_rule != "sdengine":  # checked by GenerationRequest.validate below
         kwargs["clip_skip_rule"] = clip_skip_rule
+    if masked_content != "original":  # checked by GenerationRequest.validate below
+        kwargs["masked_content"] = masked_content
     if resize_mode not in (0, "just resize"):
         kwargs["resize_mode"] = resize_mode  # checked by GenerationRequest.validate below
     if hires is not None:
