@@ -247,3 +247,31 @@ def test_masked_content_is_checked_and_read_back(sd1):
     assert kw["masked_content"] == "latent noise" and kw["strength_rule"] == "a1111"
     with pytest.raises(ValueError, match="Masked content: 'fill' is not one of original, latent noise"):
         to_generate_kwargs(parse_parameters(text.replace("latent noise", "fill")))
+
+
+def test_a1111_sdxl_clip_l_skip_reaches_clip_l_only(sdxl):
+    """A1111's sdxl_clip_l_skip on: its CLIP-L reads ``hidden_states[-CLIP_stop_at_last_layers]`` raw (so Clip
+    skip 2 is SDXL's own layer and 1 the last one), bigG its trained layer."""
+    from sdengine.text.conditioners import effective_clip_skip
+
+    _, pipe = sdxl
+    cond = pipe.conditioner
+    assert effective_clip_skip(cond, 1, "a1111_sdxl_clip_l") == (0, 1)
+    assert effective_clip_skip(cond, 3, "a1111_sdxl_clip_l") == (2, 1)
+    assert effective_clip_skip(cond, 3, "a1111") == 1 and effective_clip_skip(cond, 3, "sdengine") == 3
+    pair, _ = cond.pair("a red apple", "", clip_skip=(0, 1), width=32, height=32)
+    last, _ = cond.pair("a red apple", "", clip_skip=0, width=32, height=32)
+    own, _ = cond.pair("a red apple", "", clip_skip=1, width=32, height=32)
+    width_l = int(cond.text_encoder.config.hidden_size)
+    assert float((pair["crossattn"][..., :width_l] - last["crossattn"][..., :width_l]).abs().max()) == 0.0
+    assert float((pair["crossattn"][..., width_l:] - own["crossattn"][..., width_l:]).abs().max()) == 0.0
+    plain = pipe("a red apple", width=32, height=32, **FAST)
+    two = pipe("a red apple", width=32, height=32, clip_skip=2, clip_skip_rule="a1111_sdxl_clip_l", **FAST)
+    np.testing.assert_array_equal(two.arrays, plain.arrays)
+    one = pipe("a red apple", width=32, height=32, clip_skip_rule="a1111_sdxl_clip_l", **FAST)
+    assert not np.array_equal(one.arrays, plain.arrays)
+    assert "Clip skip rule: a1111_sdxl_clip_l" in one.infotexts[0] and "Clip skip:" not in one.infotexts[0]
+    back = to_generate_kwargs(parse_parameters(one.infotexts[0]))
+    np.testing.assert_array_equal(pipe(**{**back, "progress": False}).arrays, one.arrays)
+    with pytest.raises(GenerationError, match="clip_skip must be an integer in 0..2 for SDXL"):
+        pipe("a red apple", width=32, height=32, clip_skip=5, clip_skip_rule="a1111_sdxl_clip_l", **FAST)

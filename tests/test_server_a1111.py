@@ -270,8 +270,16 @@ def test_a_global_clip_skip_option_applies_only_where_a1111_applies_it(api):
         init = gradient()
         r = api.img2img(images=[init], prompt="a ball", seed=3, denoising_strength=0.5, **COMMON)
         np.testing.assert_array_equal(arr(r.image), arr(python_img2img("a ball", init).images[0]))
+        # A1111's "Clip skip SDXL" (its skip for SDXL's CLIP-L): an option here too, no SDXL meaning elsewhere
+        assert api.set_options({"sdxl_clip_l_skip": True})["applied"] == ["sdxl_clip_l_skip"]
+        assert api.get_options()["sdxl_clip_l_skip"] is True
+        r = api.txt2img(prompt="a red apple", seed=5, **COMMON)
+        np.testing.assert_array_equal(arr(r.image), arr(plain.images[0]))
+        assert "Clip skip rule: a1111_sdxl_clip_l" in r.info["infotexts"][0]
+        bad = httpx.post(f"{api.baseurl}/options", json={"sdxl_clip_l_skip": "yes"}, timeout=30)
+        assert bad.status_code == 400 and "sdxl_clip_l_skip must be true or false" in bad.text
     finally:
-        api.set_options({"CLIP_stop_at_last_layers": 1})
+        api.set_options({"CLIP_stop_at_last_layers": 1, "sdxl_clip_l_skip": False})
 
 
 def test_taesd_encode_method_is_read_and_needs_an_encoder(api):

@@ -479,8 +479,8 @@ class Pipeline:
         width = self._check_size("width", self.default_size if r.width is None else r.width)
         height = self._check_size("height", self.default_size if r.height is None else r.height)
         r.validate()
-        if r.clip_skip_rule == "a1111":  # A1111 applies its clip skip to SD 1.x's CLIP only: say where it does not
-            skipped = a1111_clip_skip_note(self.conditioner, r.clip_skip)
+        if r.clip_skip_rule != "sdengine":  # A1111 applies its clip skip to SD 1.x's CLIP only: say where not
+            skipped = a1111_clip_skip_note(self.conditioner, r.clip_skip, r.clip_skip_rule)
             if skipped is not None:
                 _note(notes, skipped)
         if r.vae_decode == "tiny" and self.tiny_vae is None:
@@ -770,8 +770,9 @@ class Pipeline:
         image size) overrides this."""
         return self.conditioner.pair(prompt, negative, clip_skip=self.clip_skip_of(p.request), note=note)
 
-    def clip_skip_of(self, r: GenerationRequest) -> int:
-        """The conditioner's clip_skip for a request: its own, or A1111's mapped (``clip_skip_rule``)."""
+    def clip_skip_of(self, r: GenerationRequest) -> Any:
+        """The conditioner's clip_skip for a request: its own, or A1111's mapped (``clip_skip_rule``; SDXL's
+        "a1111_sdxl_clip_l": a (CLIP-L, bigG) pair)."""
         return effective_clip_skip(self.conditioner, r.clip_skip, r.clip_skip_rule)
 
     def _sample_rows(

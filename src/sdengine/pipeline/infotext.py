@@ -149,8 +149,10 @@ def call_parameters(
             params["Resize mode"] = mode
     if strength_rule != "diffusers":  # sdengine's field: how the strength counted the steps (A1111's rule)
         params["Strength rule"] = strength_rule
-    if clip_skip_rule != "sdengine" and clip_skip != 1:  # sdengine's field: the Clip skip is A1111's (applied to
-        params["Clip skip rule"] = clip_skip_rule  # SD 1.x's CLIP only); without it an sdengine image's is its own
+    # sdengine's field: the Clip skip is A1111's (applied to SD 1.x's CLIP only; with its sdxl_clip_l_skip on, to
+    # SDXL's CLIP-L too, even at 1); without it an sdengine image's is its own
+    if (clip_skip_rule == "a1111" and clip_skip != 1) or clip_skip_rule == "a1111_sdxl_clip_l":
+        params["Clip skip rule"] = clip_skip_rule
     if sampler_options:
         params["Sampler options"] = json.dumps(dict(sampler_options), sort_keys=True)
     if prediction_override is not None:
