@@ -275,3 +275,79 @@ def test_a1111_sdxl_clip_l_skip_reaches_clip_l_only(sdxl):
     np.testing.assert_array_equal(pipe(**{**back, "progress": False}).arrays, one.arrays)
     with pytest.raises(GenerationError, match="clip_skip must be an integer in 0..2 for SDXL"):
         pipe("a red apple", width=32, height=32, clip_skip=5, clip_skip_rule="a1111_sdxl_clip_l", **FAST)
+
+
+def a1111_start(pipe, seed: int, init: Image.Image, mask: Image.Image):
+    """The pipeline's start latents of a one-row A1111-rule inpainting (the same draws from the row's seed)."""
+    import torch
+
+    from sdengine.pipeline.latents import start_latents
+
+    s = pipe.default_size
+    return start_latents(
+        pipe.vae,
+        generators=[torch.Generator("cpu").manual_seed(seed)],
+        latent_channels=pipe.latent_channels,
+        width=s,
+        height=s,
+        scale_factor=pipe.vae_scale_factor,
+        init=init,
+        mask=np.asarray(mask, dtype=np.float32) / 255.0,
+        mask_blur=0.0,
+        strength=0.75,
+        nine_channels=pipe.inpainting,
+        tiled=None,
+        device=torch.device("cpu"),
+        pure_noise_at_full_strength=False,
+    )
+
+
+def unet_inputs(pipe):
+    """Hook the U-Net: the list of the latent channels of every call's input."""
+    seen: list = []
+    handle = pipe.unet.register_forward_pre_hook(lambda _m, args: seen.append(args[0][:, :4].detach().clone()))
+    return seen, handle
+
+
+def test_a1111_timestep_samplers_blend_the_clean_init_into_the_networks_input(sd1):
+    """A1111's DDIM/PLMS/UniPC (mask_before_denoising): every call's input is ``x * nmask + init_latent * mask``,
+    the clean init latent in the known region (its k-diffusion samplers blend the x0 prediction instead)."""
+    s = sd1.default_size
+    init, mask = picture(s, s), half_mask(s)
+    start = a1111_start(sd1, FAST["seed"], init, mask)
+    keep = start.rounded_mask[0, 0] < 0.5
+    assert keep.any() and (~keep).any()
+    seen, handle = unet_inputs(sd1)
+    try:
+        args = {**FAST, "sampler": "ddim", "init_image": init, "mask": mask, "strength": 0.75}
+        sd1("a red apple", **args, strength_rule="a1111")
+        a1111 = list(seen)
+        seen.clear()
+        sd1("a red apple", **args)
+    finally:
+        handle.remove()
+    assert len(a1111) == 2  # t_enc = int(0.75 * 3) = 2 steps
+    for x in a1111:
+        for row in x:  # cond and uncond rows
+            np.testing.assert_allclose(row[:, keep].numpy(), start.init_latent[0][:, keep].numpy(), atol=1e-5)
+    # diffusers' blend: the known region on the init's noising path, not the clean latent
+    assert float((seen[0][0][:, keep] - start.init_latent[0][:, keep]).abs().max()) > 1e-2
+
+
+def test_a1111_k_diffusion_blend_keeps_x0_on_the_init_for_inpainting_models_too(tiny_inpaint_folder):
+    """A1111 blends each x0 prediction with the init latent for every model (a 9-channel one too, which diffusers
+    leaves unblended): with Euler the known region of each step's x0 is the init latent."""
+    pipe = load_pipeline(tiny_inpaint_folder, device="cpu")
+    s = pipe.default_size
+    init, mask = picture(s, s), half_mask(s)
+    start = a1111_start(pipe, FAST["seed"], init, mask)
+    keep = start.rounded_mask[0, 0] < 0.5
+    seen: list = []
+    args = {**FAST, "init_image": init, "mask": mask, "strength": 0.75}
+    pipe("a red apple", **args, strength_rule="a1111", callback=lambda i: seen.append(i.denoised.clone()))
+    assert len(seen) == 3
+    for denoised in seen:
+        np.testing.assert_allclose(denoised[0][:, keep].numpy(), start.init_latent[0][:, keep].numpy(), atol=1e-6)
+    seen.clear()
+    pipe("a red apple", **args, callback=lambda i: seen.append(i.denoised.clone()))
+    assert float((seen[0][0][:, keep] - start.init_latent[0][:, keep]).abs().max()) > 1e-2

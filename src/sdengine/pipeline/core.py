@@ -6,7 +6,7 @@ Data flows one way::
     prompts --conditioner.pair--> cond / uncond conditioning dicts (crossattn [, vector])
     seed_i --Generator--> [init posterior] -> noise -> [masked-image posterior]      (latents.start_latents)
     noise --sampling.sample(sampler, steps, schedule, init_latent, strength)--> latent
-              ^ denoiser = [InpaintBlend] o CFGDenoiser o Denoiser o UNetAdapter o U-Net [+ ControlNets]
+              ^ denoiser = [InpaintBlend or A1111Blend] o CFGDenoiser o Denoiser o UNetAdapter o U-Net [+ ControlNets]
     latent --vae_utils.decode (one row at a time, fp16 NaN fallback, tiles)--> image in [0, 1]
 
 Rows whose text states differ in length (CLIP prompts of more than 75 tokens take more chunks) run as
@@ -34,7 +34,7 @@ from sdengine.diffusion import sampling
 from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.diffusion.samplers import NoiseBank, SamplingInterrupted, row_noise
-from sdengine.diffusion.schedules import NoiseSchedule, img2img_start
+from sdengine.diffusion.schedules import A1111_TIMESTEP_SAMPLERS, NoiseSchedule, img2img_start
 from sdengine.diffusion.variation import seed_resized_noise, variation_noise
 from sdengine.errors import GenerationError
 from sdengine.io.images import load_image, to_uint8
@@ -43,7 +43,7 @@ from sdengine.nn.attention import CHUNK_SCORES
 from sdengine.pipeline.control import ControlUnit, GraphedControlledUNet, build_controlled_unet
 from sdengine.pipeline.finite import require_finite
 from sdengine.pipeline.infotext import cached_hash, call_parameters, format_infotext, weights_file
-from sdengine.pipeline.latents import InpaintBlend, blur_mask, start_latents
+from sdengine.pipeline.latents import A1111Blend, InpaintBlend, blur_mask, start_latents
 from sdengine.pipeline.loop_graph import LoopPlan
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.pipeline.result import Cancelled, GenerationResult, StepInfo
@@ -857,8 +857,12 @@ class Pipeline:
                 graphed_control = GraphedControlledUNet(net, **self._graph_opts)
                 net = graphed_control if graphed_control.usable() else net
         den: Any = self.guided_denoiser(cfg_scale, uncond, float(r.guidance_rescale), net=net, texts=texts)
-        blend = None
-        if start.blend_mask is not None:
+        blend: Any = None
+        if r.strength_rule == "a1111" and start.rounded_mask is not None and start.init_latent is not None:
+            # A1111's blend, for every U-Net: its k-diffusion samplers' on x0, its timestep samplers' on x
+            before = p.sampler in A1111_TIMESTEP_SAMPLERS
+            den = blend = A1111Blend(den, start.init_latent, start.rounded_mask, before=before)
+        elif start.blend_mask is not None:
             assert start.init_latent is not None
             den = blend = InpaintBlend(den, start.init_latent, start.noise, start.blend_mask)
 
