@@ -351,3 +351,31 @@ def test_a1111_k_diffusion_blend_keeps_x0_on_the_init_for_inpainting_models_too(
     seen.clear()
     pipe("a red apple", **args, callback=lambda i: seen.append(i.denoised.clone()))
     assert float((seen[0][0][:, keep] - start.init_latent[0][:, keep]).abs().max()) > 1e-2
+
+
+def test_a1111_noise_multiplier_scales_the_img2img_noise(sd1):
+    """A1111's img2img "Noise multiplier" (initial_noise_multiplier): the init latent is noised with the noise
+    times it, ``init + m * sigma * noise`` (it was listed as ignored)."""
+    import math
+
+    from sdengine.diffusion import sampling
+
+    s = sd1.default_size
+    init = picture(s, s)
+    start = a1111_start(sd1, FAST["seed"], init, Image.new("L", (s, s), 0))  # the same draws as img2img's
+    grid = sampling.make_grid("euler", 3, sd1.noise_schedule, "normal", sd1.scheduler_config, 1.0)
+    s0 = float(grid.sigmas[img2img_start(3, 0.5, "a1111", "euler")])
+    seen, handle = unet_inputs(sd1)
+    try:
+        got = sd1("a red apple", **FAST, init_image=init, strength=0.5, strength_rule="a1111", noise_multiplier=0.5)
+    finally:
+        handle.remove()
+    want = (start.init_latent + 0.5 * s0 * start.noise) / math.sqrt(1 + s0 * s0)
+    np.testing.assert_allclose(seen[0][0].numpy(), want[0].numpy(), rtol=0, atol=1e-5)
+    assert parse_parameters(got.infotexts[0])["Noise multiplier"] == "0.5"
+    back = to_generate_kwargs(parse_parameters(got.infotexts[0]))
+    assert back["noise_multiplier"] == 0.5
+    plain = sd1("a red apple", **FAST, init_image=init, strength=0.5, strength_rule="a1111")
+    assert "Noise multiplier" not in plain.infotexts[0] and not np.array_equal(plain.arrays, got.arrays)
+    with pytest.raises(GenerationError, match=r"noise_multiplier must be in \(0, 10\], got 0"):
+        sd1("a", **FAST, init_image=init, noise_multiplier=0)

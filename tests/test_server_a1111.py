@@ -181,6 +181,30 @@ def test_latent_masked_content_and_full_strength_inpainting_as_a1111(api):
     assert bad.status_code == 400 and "inpainting_fill must be 0 (fill), 1 (original)" in bad.text, bad.text
 
 
+def test_img2img_noise_multiplier_as_a1111(api):
+    """initial_noise_multiplier (a request field, or the option "Noise multiplier for img2img") scales the noise
+    the init image is noised with, as A1111; it was listed as ignored."""
+    init = gradient()
+    want = python_img2img("a ball", init, noise_multiplier=0.8)
+    r = api.img2img(
+        images=[init], prompt="a ball", seed=3, denoising_strength=0.5, initial_noise_multiplier=0.8, **COMMON
+    )
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert "initial_noise_multiplier" not in r.info["ignored"] and "Noise multiplier: 0.8" in r.info["infotexts"][0]
+    body = {"init_images": [webuiapi.raw_b64_img(init)], "prompt": "a ball", "seed": 3, **COMMON}
+    body.update(denoising_strength=0.5, sampler_name="DPM++ 2M", scheduler="Karras")
+    try:  # the option, where the request sends none (webuiapi always sends 1, which A1111 then takes too)
+        assert api.set_options({"initial_noise_multiplier": 0.8})["applied"] == ["initial_noise_multiplier"]
+        r = httpx.post(f"{api.baseurl}/img2img", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        np.testing.assert_array_equal(arr(got), arr(want.images[0]))
+    finally:
+        api.set_options({"initial_noise_multiplier": 1.0})
+    bad = httpx.post(f"{api.baseurl}/img2img", json={**body, "initial_noise_multiplier": "x"}, timeout=120)
+    assert bad.status_code in (400, 422), bad.text
+
+
 def test_controlnet_unit_and_empty_args(api):
     from sdengine.control import canny
 

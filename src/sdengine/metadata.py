@@ -385,6 +385,8 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
         if content not in MASKED_CONTENT:
             raise MetadataError(f"Masked content: {content!r} is not one of {', '.join(MASKED_CONTENT)}")
         kwargs["masked_content"] = content
+    if "Noise multiplier" in parsed:  # A1111's img2img initial noise multiplier
+        kwargs["noise_multiplier"] = _parse_float(parsed, "Noise multiplier")
     if "CFG Rescale phi" in parsed:
         kwargs["guidance_rescale"] = _parse_float(parsed, "CFG Rescale phi")
     if "Variation seed" in parsed:
@@ -451,6 +453,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
         "Clip skip",
         "Mask blur",
         "Masked content",
+        "Noise multiplier",
         "CFG Rescale phi",
         "Variation seed",
         "Variation seed strength",

@@ -646,6 +646,7 @@ class Pipeline:
                     # how the img2img / hires second pass counted its steps
                     strength_rule=request.strength_rule if (p.init is not None or p.hires is not None) else "diffusers",
                     masked_content=request.masked_content if p.mask is not None else "original",
+                    noise_multiplier=float(request.noise_multiplier) if p.init is not None else 1.0,
                     sdxl=request.sdxl,
                 )
             )
@@ -818,6 +819,8 @@ class Pipeline:
             )
         elif subseeds is not None:
             start.noise = variation_noise(start.noise, subseeds, float(r.subseed_strength))
+        if start.from_init and float(r.noise_multiplier) != 1.0:  # A1111's img2img "Noise multiplier"
+            start.noise = start.noise * float(r.noise_multiplier)
         if start.concat is not None:
             cond = {**cond, "concat": start.concat}
         grid = sampling.make_grid(

@@ -100,6 +100,7 @@ def call_parameters(
     sdxl: Any = None,
     clip_skip_rule: str = "sdengine",
     masked_content: str = "original",
+    noise_multiplier: float = 1.0,
 ) -> dict[str, Any]:
     """The parameters dict of one image (sdengine.metadata writes it as A1111 text). LoRAs passed as
     arguments are written as <lora:NAME:W> tags, as A1111 keeps them, so that the infotext alone says which
@@ -135,6 +136,8 @@ def call_parameters(
         params["Mask blur"] = mask_blur
     if masked_content != "original":  # A1111's field (it writes its latent fills only)
         params["Masked content"] = masked_content
+    if noise_multiplier != 1.0:  # A1111's field: img2img's initial noise multiplier
+        params["Noise multiplier"] = noise_multiplier
     for k, unit in enumerate(controlnets):
         params[f"ControlNet {k}"] = unit.infotext()
     if any(unit.rule != "diffusers" for unit in controlnets):  # sdengine's field, read back by --from-png:

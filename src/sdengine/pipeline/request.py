@@ -40,6 +40,7 @@ MAX_CFG_SCALE = 100.0
 MAX_SEED = 2**64 - 1
 # Mask blur is a Gaussian sigma in pixels (A1111's slider stops at 64); inf overflowed and 1e9 broke OpenCV.
 MAX_MASK_BLUR = 256.0
+MAX_NOISE_MULTIPLIER = 10.0  # A1111's slider runs 0.5..1.5; its API takes any number
 # "Resize seed from": the largest side (pixels) a seed's noise may be drawn at (the pipeline's own limit on sizes).
 MAX_SEED_RESIZE = 8192
 # How sampled latents become pixels: the model's VAE, or the tiny VAE loaded beside it (sdengine.models.tiny_vae).
@@ -88,6 +89,9 @@ class GenerationRequest:
     # what the init latent holds under the mask before it is noised: "original", or A1111's "latent noise" and
     # "latent nothing" (sdengine.pipeline.latents.MASKED_CONTENT); written as A1111's "Masked content"
     masked_content: str = "original"
+    # A1111's img2img "Noise multiplier" (initial_noise_multiplier): the init image is noised with the noise times
+    # this (only an img2img / inpainting start; written as "Noise multiplier" when not 1)
+    noise_multiplier: float = 1.0
     controlnets: Sequence[ControlUnit | tuple[Any, ...]] | None = None
     guess_mode: bool = False
     loras: Sequence[LoRAInput] | None = None
@@ -306,6 +310,9 @@ class GenerationRequest:
             )
         if self.mask is not None and self.init_image is None:
             raise GenerationError("a mask needs an init_image to inpaint")
+        nm = self.noise_multiplier
+        if not _is_number(nm) or not math.isfinite(nm) or not 0.0 < nm <= MAX_NOISE_MULTIPLIER:
+            raise GenerationError(f"noise_multiplier must be in (0, {MAX_NOISE_MULTIPLIER:g}], got {nm!r}")
         if self.masked_content not in MASKED_CONTENT:
             raise GenerationError(
                 f"unknown masked_content {self.masked_content!r}; use one of: {', '.join(MASKED_CONTENT)}"

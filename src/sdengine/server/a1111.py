@@ -56,7 +56,7 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "firstphase_width": (0, None),
     "firstphase_height": (0, None),
     "image_cfg_scale": None,
-    "initial_noise_multiplier": (1, 1.0, None),
+    "initial_noise_multiplier": (1, 1.0, None),  # img2img reads it (its "Noise multiplier"); txt2img has none
     "inpaint_full_res_padding": None,
     "inpaint_full_res": None,  # "only masked" (true) or "whole picture": both done
     "refiner_checkpoint": (None, ""),
@@ -979,6 +979,15 @@ def install(app: FastAPI, services: Any) -> None:
         blur = _mask_blur(body)
         # A1111's step count: int(min(strength, 0.999) * steps) + 1 steps, one even at strength 0
         fields.update(init_image=req.init_images[0], mask=None, mask_blur=0.0, strength=strength, strength_rule="a1111")
+        # A1111's "Noise multiplier for img2img": the request's, else the option's (1: none)
+        multiplier = body.get("initial_noise_multiplier")
+        if multiplier is None:
+            multiplier = options.get("initial_noise_multiplier", 1.0)
+        if isinstance(multiplier, bool) or not isinstance(multiplier, int | float):
+            raise BadRequest(f"initial_noise_multiplier must be a number, got {multiplier!r}")
+        ignored = [k for k in ignored if k != "initial_noise_multiplier"]
+        if multiplier != 1:
+            fields["noise_multiplier"] = float(multiplier)
         finish = None
         if req.mask:
             if fill in (2, 3):  # A1111's latent fills: the masked init latent's content
@@ -1338,6 +1347,10 @@ def install(app: FastAPI, services: Any) -> None:
                 changes[k] = v
             elif k in ("sd_vae_decode_method", "sd_vae_encode_method"):
                 decode_method(v, k)
+                changes[k] = v
+            elif k == "initial_noise_multiplier":  # A1111's "Noise multiplier for img2img"
+                if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 10:
+                    raise BadRequest("initial_noise_multiplier must be a number in (0, 10]")
                 changes[k] = v
             elif k == "sdxl_clip_l_skip":  # A1111's "Clip skip SDXL": the Clip skip reaches SDXL's CLIP-L too
                 if not isinstance(v, bool):

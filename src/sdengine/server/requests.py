@@ -115,6 +115,7 @@ def build_generation(
     mask: ImageRef | None = None,
     mask_blur: float = 0,
     masked_content: str = "original",
+    noise_multiplier: float = 1.0,
     controlnets: Sequence[ControlRequest] = (),
     loras: Sequence[tuple[str, float]] = (),
     clip_skip: int = 1,
@@ -267,6 +268,8 @@ def build_generation(
         kwargs["clip_skip_rule"] = clip_skip_rule
     if masked_content != "original":  # checked by GenerationRequest.validate below
         kwargs["masked_content"] = masked_content
+    if noise_multiplier != 1.0:  # checked by GenerationRequest.validate below
+        kwargs["noise_multiplier"] = noise_multiplier
     if resize_mode not in (0, "just resize"):
         kwargs["resize_mode"] = resize_mode  # checked by GenerationRequest.validate below
     if hires is not None:

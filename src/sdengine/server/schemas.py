@@ -76,6 +76,13 @@ class JobRequest(BaseModel):
         description="what the init latent holds under the mask before it is noised (A1111's masked content): the "
         "image's, the row's noise, or zeros",
     )
+    noise_multiplier: float = Field(
+        1.0,
+        gt=0,
+        le=10,
+        allow_inf_nan=False,
+        description="A1111's img2img noise multiplier: the init is noised with the noise times this",
+    )
     controlnets: list[ControlNetSpec] = Field(default_factory=list, max_length=8)
     loras: list[LoRASpec] = Field(default_factory=list, max_length=32)
     clip_skip: int = Field(1, ge=1, le=24)
