@@ -379,3 +379,5 @@ def test_a1111_noise_multiplier_scales_the_img2img_noise(sd1):
     assert "Noise multiplier" not in plain.infotexts[0] and not np.array_equal(plain.arrays, got.arrays)
     with pytest.raises(GenerationError, match=r"noise_multiplier must be in \(0, 10\], got 0"):
         sd1("a", **FAST, init_image=init, noise_multiplier=0)
+    with pytest.raises(GenerationError, match="noise_multiplier needs an init_image"):
+        sd1("a", **FAST, enable_hr=True, noise_multiplier=0.5)

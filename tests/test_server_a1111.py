@@ -201,6 +201,17 @@ def test_img2img_noise_multiplier_as_a1111(api):
         np.testing.assert_array_equal(arr(got), arr(want.images[0]))
     finally:
         api.set_options({"initial_noise_multiplier": 1.0})
+    # from an override (what an infotext's "Noise multiplier" becomes, as A1111's apply_infotext makes it)
+    over = {**body, "override_settings": {"initial_noise_multiplier": 0.8}}
+    r = httpx.post(f"{api.baseurl}/img2img", json=over, timeout=120)
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    np.testing.assert_array_equal(arr(got), arr(want.images[0]))
+    text = want.infotexts[0]
+    from_text = {"init_images": body["init_images"], "infotext": text}  # the rest from the infotext
+    r = httpx.post(f"{api.baseurl}/img2img", json=from_text, timeout=120)
+    assert r.status_code == 200, r.text
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    np.testing.assert_array_equal(arr(got), arr(want.images[0]))
     bad = httpx.post(f"{api.baseurl}/img2img", json={**body, "initial_noise_multiplier": "x"}, timeout=120)
     assert bad.status_code in (400, 422), bad.text
 

@@ -819,7 +819,7 @@ class Pipeline:
             )
         elif subseeds is not None:
             start.noise = variation_noise(start.noise, subseeds, float(r.subseed_strength))
-        if start.from_init and float(r.noise_multiplier) != 1.0:  # A1111's img2img "Noise multiplier"
+        if start.from_init and p.init is not None and float(r.noise_multiplier) != 1.0:  # A1111's img2img one
             start.noise = start.noise * float(r.noise_multiplier)
         if start.concat is not None:
             cond = {**cond, "concat": start.concat}

@@ -313,6 +313,8 @@ class GenerationRequest:
         nm = self.noise_multiplier
         if not _is_number(nm) or not math.isfinite(nm) or not 0.0 < nm <= MAX_NOISE_MULTIPLIER:
             raise GenerationError(f"noise_multiplier must be in (0, {MAX_NOISE_MULTIPLIER:g}], got {nm!r}")
+        if nm != 1.0 and self.init_image is None:  # A1111's is img2img's only (its hires pass has none)
+            raise GenerationError("noise_multiplier needs an init_image: it scales the noise img2img adds to it")
         if self.masked_content not in MASKED_CONTENT:
             raise GenerationError(
                 f"unknown masked_content {self.masked_content!r}; use one of: {', '.join(MASKED_CONTENT)}"

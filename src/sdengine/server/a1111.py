@@ -704,11 +704,13 @@ def install(app: FastAPI, services: Any) -> None:
         over = dict(sent.get("override_settings") or {})
         settings = {
             "CLIP_stop_at_last_layers": found.get("clip_skip", 1),
+            "initial_noise_multiplier": found.get("noise_multiplier", 1.0),  # A1111's "Noise multiplier" setting
             "sd_vae_decode_method": "TAESD" if found.get("vae_decode") == "tiny" else "Full",
             "sd_vae_encode_method": "TAESD" if found.get("vae_encode") == "tiny" else "Full",
         }
         for name, value in settings.items():  # as A1111: only where it differs from the current option
-            if name not in over and value != options.get(name, {"CLIP_stop_at_last_layers": 1}.get(name, "Full")):
+            default = {"CLIP_stop_at_last_layers": 1, "initial_noise_multiplier": 1.0}.get(name, "Full")
+            if name not in over and value != options.get(name, default):
                 over[name] = value
         if over:
             filled["override_settings"] = over
@@ -723,6 +725,9 @@ def install(app: FastAPI, services: Any) -> None:
         over = dict(req.override_settings or {})
         clip_skip = over.pop("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
         clip_l = over.pop("sdxl_clip_l_skip", options.get("sdxl_clip_l_skip", False))
+        noise_multiplier = over.pop("initial_noise_multiplier", None)  # img2img's (A1111: over the option)
+        if noise_multiplier is not None and init is None:
+            ignored.append("override_settings.initial_noise_multiplier")  # txt2img has none (A1111 neither)
         if not isinstance(clip_l, bool):
             raise BadRequest(f"sdxl_clip_l_skip must be true or false, got {clip_l!r}")
         model = over.pop("sd_model_checkpoint", None)
@@ -760,7 +765,7 @@ def install(app: FastAPI, services: Any) -> None:
         prompt = req.prompt
         if body.get("disable_extra_networks"):  # A1111 takes the tags out of the prompt and applies none
             prompt = EXTRA_NETWORK.sub("", prompt) if isinstance(prompt, str) else prompt
-        return dict(
+        out = dict(
             model=model,
             prompt=prompt,
             negative_prompt=req.negative_prompt,
@@ -793,6 +798,9 @@ def install(app: FastAPI, services: Any) -> None:
             # the units whose detected map the answer appends (the extension's), taken out by run()
             detect_maps=[] if no_detectmap else detect_maps,
         )
+        if init is not None:
+            out["noise_multiplier_override"] = noise_multiplier  # taken out by img2img()
+        return out
 
     def build_scaled(fields: dict[str, Any], processor_res: dict[int, int]) -> Any:
         """The build, with each preprocessed unit's image scaled to its ``processor_res`` first."""
@@ -981,8 +989,9 @@ def install(app: FastAPI, services: Any) -> None:
         fields.update(init_image=req.init_images[0], mask=None, mask_blur=0.0, strength=strength, strength_rule="a1111")
         # A1111's "Noise multiplier for img2img": the request's, else the option's (1: none)
         multiplier = body.get("initial_noise_multiplier")
-        if multiplier is None:
-            multiplier = options.get("initial_noise_multiplier", 1.0)
+        override = fields.pop("noise_multiplier_override", None)
+        if multiplier is None:  # A1111: the request's, else the option (an override_settings one first)
+            multiplier = override if override is not None else options.get("initial_noise_multiplier", 1.0)
         if isinstance(multiplier, bool) or not isinstance(multiplier, int | float):
             raise BadRequest(f"initial_noise_multiplier must be a number, got {multiplier!r}")
         ignored = [k for k in ignored if k != "initial_noise_multiplier"]
