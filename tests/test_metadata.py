@@ -487,3 +487,25 @@ def test_sampler_options_from_sdengines_field_or_a1111s_eta():
             to_generate_kwargs(parse_parameters(base.format(s="Euler a", extra=bad)))
     with pytest.raises(MetadataError, match="unknown resize mode"):
         to_generate_kwargs(parse_parameters(base.format(s="Euler", extra="Resize mode: zoom")))
+
+
+def test_a1111s_sigma_fields_are_the_churn_and_noise_options_of_the_samplers_that_take_them():
+    base = "a cat\nSteps: 20, Sampler: {s}, CFG scale: 7, Seed: 1, Size: 64x64, {extra}"
+    extra = "Sigma churn: 2, Sigma tmin: 0.5, Sigma tmax: 9, Sigma noise: 0.9"
+    got = to_generate_kwargs(parse_parameters(base.format(s="Euler", extra=extra)))
+    assert got["sampler_options"] == {"s_churn": 2.0, "s_tmin": 0.5, "s_tmax": 9.0, "s_noise": 0.9}
+    got = to_generate_kwargs(parse_parameters(base.format(s="DPM2 a", extra=extra)))  # s_noise only
+    assert got["sampler_options"] == {"s_noise": 0.9}
+    got = to_generate_kwargs(parse_parameters(base.format(s="DPM++ 2M", extra=extra)))  # none
+    assert "sampler_options" not in got
+    with pytest.raises(MetadataError, match="Sigma churn: 'x' is not a number"):
+        to_generate_kwargs(parse_parameters(base.format(s="Euler", extra="Sigma churn: x")))
+    # and written so by the pipeline's infotext (only where not the default), other options as sdengine's JSON
+    from sdengine.pipeline.infotext import call_parameters
+
+    params = call_parameters(prompt="a", negative_prompt="", steps=4, sampler="euler", schedule="normal",
+                             cfg_scale=7, seed=1, width=64, height=64, model="m", model_hash=None, strength=None,
+                             clip_skip=1, guidance_rescale=0, loras=[], n_tag_loras=0, lora_dir=None, controlnets=[],
+                             mask_blur=None, sampler_options={"s_churn": 2.0, "s_noise": 1.0, "eta": 0.5})  # fmt: skip
+    assert params["Sigma churn"] == 2.0 and "Sigma noise" not in params
+    assert params["Sampler options"] == '{"eta": 0.5}'

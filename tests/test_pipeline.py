@@ -291,6 +291,107 @@ def test_sampler_options_are_written_and_read_back(sd1):
     assert not np.array_equal(_ours(pipe, "euler_a").arrays, r.arrays)  # the option matters
 
 
+def test_noise_multiplier_scales_the_noise_added_to_the_init_image_as_a1111(sd1, monkeypatch):
+    """A1111's img2img "Noise multiplier" (``initial_noise_multiplier``): the start noise the sampler adds to the
+    init latent is the drawn noise times it; written as A1111 writes it and read back. A txt2img call with one is
+    refused (there is no init latent to add it to)."""
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+    _, pipe = sd1
+    seen = []
+    run = pipe.sample_plan
+
+    def spy(den, plan, noise, init_latent, cond, **kw):
+        seen.append((noise.clone(), init_latent))
+        return run(den, plan, noise, init_latent, cond, **kw)
+
+    monkeypatch.setattr(pipe, "sample_plan", spy)
+    init = picture(SIZE, SIZE)
+    kw = dict(init_image=init, strength=0.6, seed=1)
+    plain = _ours(pipe, "euler", **kw)
+    r = _ours(pipe, "euler", noise_multiplier=0.8, **kw)
+    assert seen[0][1] is not None and torch.equal(seen[0][1], seen[1][1])  # the same init latent
+    torch.testing.assert_close(seen[1][0], seen[0][0] * 0.8, rtol=0, atol=0)
+    assert not np.array_equal(r.arrays, plain.arrays)
+    assert "Noise multiplier: 0.8," in r.infotexts[0] and "Noise multiplier" not in plain.infotexts[0]
+    kwargs = to_generate_kwargs(parse_parameters(r.infotexts[0]))
+    assert kwargs["noise_multiplier"] == 0.8
+    np.testing.assert_array_equal(pipe(**kwargs, init_image=init, progress=False).arrays, r.arrays)
+    with pytest.raises(GenerationError, match="noise_multiplier 0.8 scales the noise added to an init image"):
+        _ours(pipe, "euler", noise_multiplier=0.8)
+    with pytest.raises(GenerationError, match=r"noise_multiplier must be a number in \[0, 10\]"):
+        _ours(pipe, "euler", noise_multiplier=-1, **kw)
+
+
+def test_noise_seed_delta_reseeds_the_step_noise_as_a1111s_ensd(sd1, monkeypatch):
+    """A1111's ENSD (eta_noise_seed_delta): the start noise from the seed, then every row's generator seeded again
+    with seed + delta for the per-step noise; "ENSD" written for a sampler that draws such noise, and read back.
+    A deterministic sampler's image does not change."""
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+    _, pipe = sd1
+    seen = []
+    run = pipe.sample_plan
+
+    def spy(den, plan, noise, init_latent, cond, *, generators=None, **kw):
+        seen.append((noise.clone(), [g.get_state() for g in generators]))
+        return run(den, plan, noise, init_latent, cond, generators=generators, **kw)
+
+    monkeypatch.setattr(pipe, "sample_plan", spy)
+    plain = _ours(pipe, "euler_a", seed=7, batch_size=2)
+    r = _ours(pipe, "euler_a", seed=7, batch_size=2, noise_seed_delta=31337)
+    torch.testing.assert_close(seen[1][0], seen[0][0], rtol=0, atol=0)  # the same start noise
+    for k, state in enumerate(seen[1][1]):  # row k's step noise from seed 7 + k + 31337
+        assert torch.equal(state, torch.Generator().manual_seed(7 + k + 31337).get_state())
+    assert np.abs(r.arrays - plain.arrays).max() > 1e-2
+    assert "ENSD: 31337," in r.infotexts[0] and "ENSD" not in plain.infotexts[0]
+    kwargs = to_generate_kwargs(parse_parameters(r.infotexts[0]))
+    assert kwargs["noise_seed_delta"] == 31337
+    np.testing.assert_allclose(pipe(**kwargs, progress=False).arrays, r.arrays[:1], rtol=0, atol=1e-5)  # row 0
+    same = _ours(pipe, "euler", seed=7, noise_seed_delta=31337)
+    np.testing.assert_array_equal(same.arrays, _ours(pipe, "euler", seed=7).arrays)
+    assert "ENSD" not in same.infotexts[0]
+    with pytest.raises(GenerationError, match=r"noise_seed_delta must be an integer in \[0, 4294967295\]"):
+        _ours(pipe, "euler_a", noise_seed_delta=-1)
+
+
+def test_masked_content_latent_noise_and_nothing_as_a1111(sd1, monkeypatch):
+    """A1111's inpainting "latent noise" / "latent nothing" (inpainting_fill 2 / 3): the init latent is the row's
+    unit noise / zeros where the latent mask repaints, the init image's latent elsewhere; written as sdengine's
+    "Masked content" and read back; without a mask, or an unknown name, one line."""
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+    _, pipe = sd1
+    seen = []
+    run = pipe.sample_plan
+
+    def spy(den, plan, noise, init_latent, cond, **kw):
+        seen.append((noise.clone(), init_latent.clone()))
+        return run(den, plan, noise, init_latent, cond, **kw)
+
+    monkeypatch.setattr(pipe, "sample_plan", spy)
+    init = picture(SIZE, SIZE)
+    mask = np.zeros((SIZE, SIZE), np.float32)
+    mask[:, : SIZE // 2] = 1.0  # the left half, on the latent grid
+    kw = dict(init_image=init, mask=mask, strength=0.7, seed=2)
+    plain = _ours(pipe, "euler", **kw)
+    results = {m: _ours(pipe, "euler", masked_content=m, **kw) for m in ("latent noise", "latent nothing")}
+    (noise, original), (_, noised), (_, nothing) = seen
+    half = original.shape[-1] // 2
+    torch.testing.assert_close(noised[..., :half], noise[..., :half], rtol=0, atol=0)
+    torch.testing.assert_close(noised[..., half:], original[..., half:], rtol=0, atol=0)
+    assert torch.count_nonzero(nothing[..., :half]) == 0
+    torch.testing.assert_close(nothing[..., half:], original[..., half:], rtol=0, atol=0)
+    for m, r in results.items():
+        assert not np.array_equal(r.arrays, plain.arrays)
+        assert f"Masked content: {m}," in r.infotexts[0] and "Masked content" not in plain.infotexts[0]
+        assert to_generate_kwargs(parse_parameters(r.infotexts[0]))["masked_content"] == m
+    with pytest.raises(GenerationError, match="masked_content 'latent noise' needs a mask"):
+        _ours(pipe, "euler", init_image=init, masked_content="latent noise")
+    with pytest.raises(GenerationError, match="unknown masked_content 'fill'; use one of: original, latent noise"):
+        _ours(pipe, "euler", masked_content="fill", **kw)
+
+
 # ------------------------------------------------------------------------------------------ prompts
 
 

@@ -480,3 +480,44 @@ def test_lora_tags_do_not_reach_the_encoder(sd1, tok):
         a = encode_prompt(sd1, tok, "a cat <lora:foo:0.5>", pad_token_id=SD1_PAD_TOKEN_ID)
         b = encode_prompt(sd1, tok, "a cat ", pad_token_id=SD1_PAD_TOKEN_ID)
     assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompt styles (A1111's styles.csv)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_styles_file_and_merge_as_a1111(tmp_path):
+    from sdengine.prompts import PromptError, PromptStyle, apply_styles, merge_style, read_styles
+
+    f = tmp_path / "styles.csv"
+    f.write_text(
+        'name, prompt, negative_prompt\n"Film","film still of {prompt}, grain",blurry\n#off,x,y\n,nameless,z\n'
+        "Sharp, sharp focus\nFilm,later wins,\n",
+        encoding="utf-8-sig",
+    )
+    styles = read_styles(f)
+    assert list(styles) == ["Film", "Sharp"]
+    assert styles["Film"] == PromptStyle("Film", "later wins", "") and styles["Sharp"].negative_prompt == ""
+    old = tmp_path / "old.csv"  # A1111's older "name,text" columns
+    old.write_text("name,text\nA,alpha\n")
+    assert read_styles(old)["A"] == PromptStyle("A", "alpha", "")
+    assert merge_style("film of {prompt}, {prompt}", "a cat") == "film of a cat, a cat"
+    assert merge_style("grain", " a cat ") == "a cat, grain" and merge_style("grain", "") == "grain"
+    assert merge_style("", "a cat") == "a cat"
+    film, sharp = PromptStyle("f", "film of {prompt}", "blurry"), PromptStyle("s", "sharp", "")
+    assert apply_styles("a cat", "ugly", [film, sharp]) == ("film of a cat, sharp", "ugly, blurry")
+    assert apply_styles("a cat", "ugly", [sharp, film]) == ("film of a cat, sharp", "ugly, blurry")
+    assert apply_styles("a cat", "", [PromptStyle("g", "{prompt} x", "{prompt}, bad")]) == ("a cat x", ", bad")
+    bad = tmp_path / "bad.csv"
+    for content, message in (
+        (b"a,b\n1,2\n", "its first line must name the columns name,prompt,negative_prompt"),
+        (b"", "got nothing"),
+        (b"name,prompt\n\xff\xfe,x\n", "not UTF-8 text"),
+    ):
+        bad.write_bytes(content)
+        with pytest.raises(PromptError, match=message) as info:
+            read_styles(bad)
+        assert "\n" not in str(info.value)
+    with pytest.raises(PromptError, match="No such file"):
+        read_styles(tmp_path / "missing.csv")

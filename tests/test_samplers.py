@@ -6,6 +6,8 @@ set_alpha_to_one False), epsilon and v_prediction, with each schedule diffusers 
 steps on (2, 3, 4, 4). The spacing x prediction matrix is in test_samplers_slow.py (@slow).
 """
 
+import math
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -220,13 +222,14 @@ def test_bad_input_is_a_one_line_value_error(kwargs, message):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("name", [n for n, spec in sampling.SAMPLERS.items() if spec.stochastic] + ["ddim"])
+@pytest.mark.parametrize("name", [n for n, spec in sampling.SAMPLERS.items() if spec.stochastic] + ["ddim", "heun"])
 @pytest.mark.parametrize("img2img", [False, True])
 def test_noise_drawn_beforehand_gives_the_same_sample_and_uses_the_generators_alike(name, img2img):
     """A NoiseBank holding sampling.noise_draws(...) draws, made in order by row_noise from the rows' generators,
-    stands in for the generators exactly (what a sampling loop recorded as a CUDA graph reads)."""
+    stands in for the generators exactly (what a sampling loop recorded as a CUDA graph reads); DDIM with an eta,
+    Heun with churn."""
     ns = NoiseSchedule.from_config(**SD_CONFIG)
-    options = {"eta": 0.7} if name == "ddim" else None
+    options = {"eta": 0.7} if name == "ddim" else {"s_churn": 3.0, "s_tmin": 0.5} if name == "heun" else None
     common = dict(
         sampler=name, steps=7, noise_schedule=ns, scheduler_config=SD_CONFIG, sampler_options=options, strength=0.6
     )
@@ -260,3 +263,73 @@ def test_a_noise_bank_too_small_or_of_another_batch_is_refused_in_one_line():
         sampling.sample(lambda z, s, **_: z * 0, x, sampler="euler_a", steps=4, noise_schedule=ns, generators=short)
     with pytest.raises(UsageError, match=r"noise bank of shape \(3, 1, 1, 2, 2\) for a batch of 2"):
         S.NoiseBank(torch.zeros(3, 1, 1, 2, 2), 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Churn and s_noise (k-diffusion's options, A1111's s_churn / s_tmin / s_tmax / s_noise)
+# --------------------------------------------------------------------------------------------------
+
+
+def _toy_denoiser(z, sigma, **_):
+    return z * 0.3 + 0.1 * sigma.view(-1, 1, 1, 1) / (1 + sigma.view(-1, 1, 1, 1))
+
+
+def _reference_churn(second_order, x, sigmas, gens, s_churn, s_tmin, s_tmax, s_noise):
+    """Karras et al. 2022 Algorithm 2 as k-diffusion's sample_euler / sample_heun / sample_dpm_2 write it."""
+    n = len(sigmas) - 1
+    for i in range(n):
+        s, nxt = float(sigmas[i]), float(sigmas[i + 1])
+        gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= s <= s_tmax else 0.0
+        s_hat = s * (gamma + 1)
+        if gamma > 0:
+            eps = torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in gens]) * s_noise
+            x = x + eps * (s_hat**2 - s**2) ** 0.5
+        d = (x - _toy_denoiser(x, torch.full((x.shape[0],), s_hat))) / s_hat
+        if nxt == 0 or second_order is None:
+            x = x + d * (nxt - s_hat)
+        elif second_order == "heun":
+            x2 = x + d * (nxt - s_hat)
+            d2 = (x2 - _toy_denoiser(x2, torch.full((x.shape[0],), nxt))) / nxt
+            x = x + (d + d2) / 2 * (nxt - s_hat)
+        else:  # dpm2
+            mid = math.exp((math.log(s_hat) + math.log(nxt)) / 2)
+            x2 = x + d * (mid - s_hat)
+            d2 = (x2 - _toy_denoiser(x2, torch.full((x.shape[0],), mid))) / mid
+            x = x + d2 * (nxt - s_hat)
+    return x
+
+
+@pytest.mark.parametrize("name,order", [("euler", None), ("heun", "heun"), ("dpm2", "dpm2")])
+def test_churn_is_karras_algorithm_2_as_k_diffusion_runs_it(name, order):
+    fn = sampling.SAMPLERS[name].fn
+    assert {"s_churn", "s_tmin", "s_tmax", "s_noise"} <= set(sampling.sampler_option_names(name))
+    sigmas = torch.tensor([14.6, 6.0, 2.5, 0.9, 0.3, 0.0])
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3)) * 14.6
+    plain = fn(_toy_denoiser, x, sigmas)
+    assert torch.equal(fn(_toy_denoiser, x, sigmas, s_churn=0.0, s_noise=0.5), plain)  # no churn: the ODE step
+    opts = dict(s_churn=1.5, s_tmin=0.5, s_tmax=10.0, s_noise=0.9)
+    got = fn(_toy_denoiser, x, sigmas, generators=[torch.Generator().manual_seed(s) for s in (1, 2)], **opts)
+    want = _reference_churn(order, x, sigmas, [torch.Generator().manual_seed(s) for s in (1, 2)], **opts)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3)
+    # noise is drawn only at the sigmas inside [s_tmin, s_tmax]: 6.0, 2.5, 0.9 here
+    bank = S.NoiseBank(None, 2)
+    fn(_toy_denoiser, x, sigmas, generators=bank, **opts)
+    assert bank.used == 3
+
+
+@pytest.mark.parametrize("name", ["dpm2_a", "dpmpp_sde", "dpmpp_2m_sde"])
+def test_s_noise_scales_the_fresh_noise_of_the_ancestral_and_sde_samplers(name):
+    assert "s_noise" in sampling.sampler_option_names(name)
+    fn = sampling.SAMPLERS[name].fn
+    sigmas = torch.tensor([14.6, 6.0, 2.5, 0.9, 0.0])
+    x = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(3)) * 14.6
+
+    def run(seed=7, **options):
+        return fn(_toy_denoiser, x, sigmas, generators=[torch.Generator().manual_seed(seed)], **options)
+
+    assert torch.equal(run(s_noise=1.0), run())
+    assert not torch.allclose(run(s_noise=0.5), run(), atol=1e-3)
+    # s_noise 0: no fresh noise reaches the sample, whatever the seed
+    assert torch.equal(run(seed=1, s_noise=0.0), run(seed=2, s_noise=0.0))
+    assert not torch.allclose(run(seed=1), run(seed=2), atol=1e-3)

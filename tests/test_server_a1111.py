@@ -22,13 +22,18 @@ from sdengine.pipeline.latents import blur_mask
 from sdengine.server.catalog import BUILTIN_CONTROLNETS
 
 COMMON = {"steps": 3, "width": 64, "height": 64, "cfg_scale": 7.0}
+STYLES_CSV = (
+    'name,prompt,negative_prompt\nFilm,"film still of {prompt}, grain",blurry\n# not a style,x,y\nSharp, sharp focus,\n'
+)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("a1111")
     make_tiny_emoji_folder(tmp / "models" / "tiny")
-    with live_server(server_config(tmp, models_dir=tmp / "models")) as s:
+    styles = tmp / "styles.csv"  # A1111's format, with its BOM, a comment row and an old-style row
+    styles.write_text(STYLES_CSV, encoding="utf-8-sig")
+    with live_server(server_config(tmp, models_dir=tmp / "models", styles_file=styles)) as s:
         yield s
 
 
@@ -176,14 +181,11 @@ def test_latent_masked_content_and_full_strength_inpainting_as_a1111(api):
         np.testing.assert_array_equal(arr(r.image), arr(want))
         assert "inpainting_fill" not in r.info["ignored"]
         assert (f"Masked content: {content}" in r.info["infotexts"][0]) == (fill != 1)
-    body = {"init_images": [webuiapi.raw_b64_img(init)], "mask": webuiapi.raw_b64_img(mask), "prompt": "a", **COMMON}
-    bad = httpx.post(f"{api.baseurl}/img2img", json={**body, "inpainting_fill": 7}, timeout=120)
-    assert bad.status_code == 400 and "inpainting_fill must be 0 (fill), 1 (original)" in bad.text, bad.text
 
 
 def test_img2img_noise_multiplier_as_a1111(api):
-    """initial_noise_multiplier (a request field, or the option "Noise multiplier for img2img") scales the noise
-    the init image is noised with, as A1111; it was listed as ignored."""
+    """initial_noise_multiplier (a request field, or an infotext's "Noise multiplier") scales the noise the init
+    image is noised with, as A1111."""
     init = gradient()
     want = python_img2img("a ball", init, noise_multiplier=0.8)
     r = api.img2img(
@@ -192,20 +194,6 @@ def test_img2img_noise_multiplier_as_a1111(api):
     np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
     assert "initial_noise_multiplier" not in r.info["ignored"] and "Noise multiplier: 0.8" in r.info["infotexts"][0]
     body = {"init_images": [webuiapi.raw_b64_img(init)], "prompt": "a ball", "seed": 3, **COMMON}
-    body.update(denoising_strength=0.5, sampler_name="DPM++ 2M", scheduler="Karras")
-    try:  # the option, where the request sends none (webuiapi always sends 1, which A1111 then takes too)
-        assert api.set_options({"initial_noise_multiplier": 0.8})["applied"] == ["initial_noise_multiplier"]
-        r = httpx.post(f"{api.baseurl}/img2img", json=body, timeout=120)
-        assert r.status_code == 200, r.text
-        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
-        np.testing.assert_array_equal(arr(got), arr(want.images[0]))
-    finally:
-        api.set_options({"initial_noise_multiplier": 1.0})
-    # from an override (what an infotext's "Noise multiplier" becomes, as A1111's apply_infotext makes it)
-    over = {**body, "override_settings": {"initial_noise_multiplier": 0.8}}
-    r = httpx.post(f"{api.baseurl}/img2img", json=over, timeout=120)
-    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
-    np.testing.assert_array_equal(arr(got), arr(want.images[0]))
     text = want.infotexts[0]
     from_text = {"init_images": body["init_images"], "infotext": text}  # the rest from the infotext
     r = httpx.post(f"{api.baseurl}/img2img", json=from_text, timeout=120)
@@ -640,8 +628,8 @@ def test_a_selectable_script_is_refused_as_a1111_refuses_one_it_lacks(api):
         body = {"prompt": "a", "script_name": "x/y/z plot", "script_args": [1], **COMMON, **extra}
         r = httpx.post(f"{api.baseurl}/{route}", json=body, timeout=60)
         assert r.status_code == 400 and "Script 'x/y/z plot' not found" in r.text, r.text
-    r = api.txt2img(prompt="a", seed=1, script_name="", styles=["cinematic"], **COMMON)  # "" = no script
-    assert r.info["styles"] == ["cinematic"] and r.info["ignored"] == ["styles"]
+    r = api.txt2img(prompt="a", seed=1, script_name="", **COMMON)  # "" = no script
+    assert r.info["ignored"] == []
 
 
 def test_only_masked_inpainting_and_fill_as_a1111(api):
@@ -851,6 +839,16 @@ def test_eta_is_the_samplers_option_where_it_takes_one(api):
     assert r.info["ignored"] == []
     bad = httpx.post(f"{api.baseurl}/txt2img", json={**body, "sampler_name": "Euler a", "eta": 50}, timeout=30)
     assert bad.status_code == 400 and "eta must be a number in [0, 10]" in bad.text
+    # webuiapi sends eta 1.0, Euler a's own default: the plain image, and (as A1111) no eta in the infotext
+    r = api.txt2img(prompt="a cat", seed=6, sampler_name="Euler a", scheduler="Karras", **COMMON)
+    np.testing.assert_array_equal(arr(r.image), arr(plain.images[0]))
+    assert "Sampler options" not in r.info["infotexts"][0] and "Eta" not in r.info["infotexts"][0]
+    # nor is it an eta a hires second-pass sampler without one would drop (once listed as ignored: it changes nothing)
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_sampler_name": "Euler"}
+    r = api.txt2img(prompt="a cat", seed=6, sampler_name="Euler a", **hires, **COMMON)
+    assert r.info["ignored"] == []
+    r = api.txt2img(prompt="a cat", seed=6, sampler_name="Euler a", eta=0.3, **hires, **COMMON)
+    assert r.info["ignored"] == ["eta"]
 
 
 def test_tiling_and_seed_resize_as_a1111(api):
@@ -926,3 +924,196 @@ def test_controlnet_detected_maps_are_appended(api):
     r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **hr, **COMMON)
     assert [im.size for im in r.images] == [(128, 128), (128, 128), (64, 64)]
     np.testing.assert_array_equal(arr(r.images[2]), arr(want))
+
+
+def test_churn_and_s_noise_are_k_diffusions_options_as_a1111_passes_them(api):
+    """s_churn / s_tmin / s_tmax / s_noise (once listed as ignored): passed to the samplers A1111 passes them to
+    (churn: Euler, Heun, DPM2; s_noise: those and DPM2 a, DPM++ SDE, DPM++ 2M SDE), written in the infotext as
+    A1111 writes them (only when not the default; s_tmax 0 = no bound) and read back from it."""
+    kw = {"schedule": "karras", "progress": False, **COMMON}
+    body = {"prompt": "a cat", "seed": 6, "scheduler": "Karras", **COMMON}
+    r = api.txt2img(prompt="a cat", seed=6, sampler_name="Euler", scheduler="Karras", s_churn=2.0, s_tmin=0.5,
+                    s_noise=0.9, **COMMON)  # fmt: skip
+    options = {"s_churn": 2.0, "s_tmin": 0.5, "s_noise": 0.9}
+    want = emoji()("a cat", seed=6, sampler="euler", sampler_options=options, **kw)
+    plain = emoji()("a cat", seed=6, sampler="euler", **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert not np.array_equal(arr(want.images[0]), arr(plain.images[0])) and r.info["ignored"] == []
+    text = r.info["infotexts"][0]
+    assert "Sigma churn: 2," in text and "Sigma tmin: 0.5," in text and "Sigma noise: 0.9," in text, text
+    assert "Sigma tmax" not in text and "Sampler options" not in text
+    again = api.custom_post("txt2img", {"infotext": text, **COMMON}, baseurl=True)  # read back from the infotext
+    np.testing.assert_array_equal(arr(again.image), arr(want.images[0]))
+    # s_noise scales DPM2 a's fresh noise
+    r = api.custom_post("txt2img", {**body, "sampler_name": "DPM2 a", "s_noise": 0.5}, baseurl=True)
+    want = emoji()("a cat", seed=6, sampler="dpm2_a", sampler_options={"s_noise": 0.5}, **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert "Sigma noise: 0.5" in r.info["infotexts"][0]
+    # a sampler that takes none (DPM++ 2M; in A1111 too) is the plain image, and the answer says so
+    r = api.custom_post("txt2img", {**body, "sampler_name": "DPM++ 2M", "s_churn": 2.0}, baseurl=True)
+    plain = emoji()("a cat", seed=6, sampler="dpmpp_2m", **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(plain.images[0]))
+    assert r.info["ignored"] == [] and any(n.startswith("s_churn: the sampler DPM++ 2M") for n in r.info["notes"])
+    bad = httpx.post(f"{api.baseurl}/txt2img", json={**body, "sampler_name": "Euler", "s_churn": 500}, timeout=30)
+    assert bad.status_code == 400 and "s_churn must be a number in [0, 100]" in bad.text, bad.text
+
+
+def test_initial_noise_multiplier_scales_img2imgs_noise_as_a1111(api):
+    """img2img's initial_noise_multiplier (once listed as ignored): the noise added to the init latent times it, as
+    the Python API's noise_multiplier; infotext "Noise multiplier" as A1111's, read back from an infotext. A1111's
+    txt2img has no such field: there it stays listed as ignored."""
+    init = gradient()
+    r = api.img2img(images=[init], prompt="a blue ball", seed=3, denoising_strength=0.5, initial_noise_multiplier=0.7,
+                    **COMMON)  # fmt: skip
+    want = python_img2img("a blue ball", init, noise_multiplier=0.7)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert not np.array_equal(arr(r.image), arr(python_img2img("a blue ball", init).images[0]))
+    assert r.info["ignored"] == [] and "Noise multiplier: 0.7," in r.info["infotexts"][0]
+    b64 = webuiapi.raw_b64_img(init)
+    again = api.custom_post("img2img", {"init_images": [b64], "infotext": r.info["infotexts"][0]}, baseurl=True)
+    np.testing.assert_array_equal(arr(again.image), arr(want.images[0]))
+    r = api.custom_post("txt2img", {"prompt": "a", "seed": 1, "initial_noise_multiplier": 0.7, **COMMON}, baseurl=True)
+    assert r.info["ignored"] == ["initial_noise_multiplier"]
+    bad = httpx.post(f"{api.baseurl}/img2img", json={"init_images": [b64], "initial_noise_multiplier": -2}, timeout=30)
+    assert bad.status_code == 400 and "noise_multiplier must be a number in [0, 10]" in bad.text, bad.text
+
+
+def test_styles_are_merged_into_the_prompts_as_a1111_merges_them(api):
+    """A1111's prompt styles (once only listed as ignored): the server's --styles-file, listed by prompt-styles;
+    a style's {prompt} takes the prompt, another style text is appended after ", ", in the order given, to the
+    prompt and the negative prompt; info keeps the request's prompt and names the styled ones, as A1111's. An
+    unknown name is a 400 naming the known ones (A1111 would run the prompt without it)."""
+    assert api.get_prompt_styles() == [
+        {"name": "Film", "prompt": "film still of {prompt}, grain", "negative_prompt": "blurry"},
+        {"name": "Sharp", "prompt": "sharp focus", "negative_prompt": ""},
+    ]
+    r = api.txt2img(prompt="a cat", negative_prompt="ugly", styles=["Film", "Sharp"], seed=4, **COMMON)
+    want = emoji()("film still of a cat, grain, sharp focus", "ugly, blurry", seed=4, sampler="dpmpp_2m",
+                   schedule="karras", progress=False, **COMMON)  # fmt: skip
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["ignored"] == [] and r.info["styles"] == ["Film", "Sharp"]
+    assert r.info["prompt"] == "a cat" and r.info["all_prompts"] == ["film still of a cat, grain, sharp focus"]
+    assert r.info["all_negative_prompts"] == ["ugly, blurry"] and r.parameters["prompt"] == "a cat"
+    assert r.info["infotexts"][0].startswith("film still of a cat, grain, sharp focus\nNegative prompt: ugly, blurry")
+    r = api.txt2img(prompt="a cat", styles=["Film"], seed=4, enable_hr=True, hr_scale=1.5, hr_prompt="a dog", **COMMON)
+    assert 'Hires prompt: "film still of a dog, grain",' in r.info["infotexts"][0]  # the hires fix's own prompt too
+    init = gradient()  # img2img too
+    r = api.img2img(images=[init], prompt="", styles=["Sharp"], seed=3, denoising_strength=0.5, **COMMON)
+    np.testing.assert_array_equal(arr(r.image), arr(python_img2img("sharp focus", init).images[0]))
+    bad = httpx.post(f"{api.baseurl}/txt2img", json={"prompt": "a", "styles": ["Film", "Noir"]}, timeout=30)
+    assert bad.status_code == 400, bad.text
+    assert "unknown style 'Noir'; the server's styles: Film, Sharp" in bad.json()["detail"], bad.text
+
+
+def test_the_styles_file_is_read_again_when_it_changes(api, server):
+    """Edited while the server runs, the styles file is read again (A1111 needs its refresh button); one broken
+    since start is a 500 that says so; a server without one lists none and refuses a style name in one line."""
+    path = server.services.config.styles_file
+    before = path.read_bytes()
+    try:
+        path.write_text("name,prompt\nNoir,noir {prompt}\n")
+        assert api.get_prompt_styles() == [{"name": "Noir", "prompt": "noir {prompt}", "negative_prompt": ""}]
+        path.write_bytes(b"\xff\xfe")
+        r = httpx.get(f"{api.baseurl}/prompt-styles", timeout=30)
+        assert r.status_code == 500 and "styles file cannot be read" in r.json()["detail"], r.text
+        server.services.config.styles_file = None
+        assert api.get_prompt_styles() == []
+        bad = httpx.post(f"{api.baseurl}/txt2img", json={"prompt": "a", "styles": ["Film"]}, timeout=30)
+        assert bad.status_code == 400, bad.text
+        assert "the server has no styles file (sdengine serve --styles-file FILE)" in bad.json()["detail"]
+    finally:
+        server.services.config.styles_file = path
+        path.write_bytes(before)
+
+
+def test_controlnet_detect_is_the_extensions_preprocessor_run(api):
+    """POST /controlnet/detect (the extension's; once a 404, so webuiapi's controlnet_detect failed): each image
+    scaled to processor_res on its short side, then the module's preprocessor, exactly the map a unit with those
+    settings gets; webuiapi's own body name (controlnet_images) is read as the extension's
+    controlnet_input_images. An unknown module or no image is the extension's 422."""
+    from sdengine.control import canny, threshold
+    from sdengine.server.a1111 import processor_resize
+
+    g = gradient().resize((96, 64))
+    r = api.controlnet_detect([g, gradient()], module="canny", processor_res=128, threshold_a=50, threshold_b=150)
+    assert r.info == "Success" and len(r.images) == 2
+    want = canny(processor_resize(g.convert("RGB"), 128), low=50, high=150)
+    assert r.images[0].size == (192, 128) and want.size == (192, 128)
+    np.testing.assert_array_equal(arr(r.images[0]), arr(want))
+    body = {"controlnet_module": "threshold", "controlnet_input_images": [webuiapi.raw_b64_img(g)],
+            "controlnet_processor_res": 64, "controlnet_threshold_a": 100}  # fmt: skip
+    got = api.custom_post("controlnet/detect", body).images[0]
+    np.testing.assert_array_equal(arr(got), arr(threshold(processor_resize(g.convert("RGB"), 64), threshold=100)))
+    none = api.custom_post("controlnet/detect", {**body, "controlnet_module": "none"}).images[0]
+    np.testing.assert_array_equal(arr(none), arr(g))  # "none": the image as it came
+    for bad, message in (
+        ({**body, "controlnet_module": "openpose"}, "Module not available: 'openpose'; available: none, canny"),
+        ({**body, "controlnet_input_images": []}, "No image selected"),
+    ):
+        r = httpx.post(f"{api.baseurl.removesuffix('/sdapi/v1')}/controlnet/detect", json=bad, timeout=30)
+        assert r.status_code == 422 and message in r.json()["detail"], r.text
+    r = httpx.post(f"{api.baseurl.removesuffix('/sdapi/v1')}/controlnet/detect", json={**body, "frob": 1}, timeout=30)
+    assert r.status_code == 400 and "unknown detect fields: frob" in r.text
+
+
+def test_eta_noise_seed_delta_is_a1111s_ensd(api):
+    """override_settings.eta_noise_seed_delta and the option (once listed as ignored: another image than A1111's
+    for the ancestral samplers): the Python API's noise_seed_delta; infotext "ENSD", which an infotext request
+    field sets again (as A1111's apply_infotext)."""
+    kw = {"sampler": "euler_a", "schedule": "karras", "progress": False, **COMMON}
+    want = emoji()("a cat", seed=6, noise_seed_delta=31337, **kw)
+    assert not np.array_equal(arr(want.images[0]), arr(emoji()("a cat", seed=6, **kw).images[0]))
+    body = {"prompt": "a cat", "seed": 6, "sampler_name": "Euler a", "scheduler": "Karras", **COMMON}
+    r = api.custom_post("txt2img", {**body, "override_settings": {"eta_noise_seed_delta": 31337}}, baseurl=True)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["ignored"] == [] and "ENSD: 31337," in r.info["infotexts"][0]
+    text = r.info["infotexts"][0]
+    try:
+        assert api.set_options({"eta_noise_seed_delta": 31337})["applied"] == ["eta_noise_seed_delta"]
+        assert api.get_options()["eta_noise_seed_delta"] == 31337
+        r = api.custom_post("txt2img", body, baseurl=True)
+        np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    finally:
+        api.set_options({"eta_noise_seed_delta": 0})
+    r = api.custom_post("txt2img", {"infotext": text, **COMMON}, baseurl=True)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    bad = httpx.post(f"{api.baseurl}/options", json={"eta_noise_seed_delta": -5}, timeout=30)
+    assert bad.status_code == 400 and "eta_noise_seed_delta must be an integer" in bad.text, bad.text
+
+
+def test_inpainting_fill_latent_noise_and_latent_nothing(api):
+    """inpainting_fill 2 ("latent noise") and 3 ("latent nothing"), once listed as ignored and run as "original":
+    the Python API's masked_content, the init image pasted back outside the mask as with the others."""
+    init = gradient()
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 40, 56))
+    soft = Image.fromarray(blur_mask(np.asarray(mask), 2.0)).point(lambda v: min(255, 2 * v))
+    for fill, name in ((2, "latent noise"), (3, "latent nothing")):
+        r = api.img2img(images=[init], mask_image=mask, prompt="a blue ball", seed=3, denoising_strength=0.8,
+                        mask_blur=2, inpainting_fill=fill, inpaint_full_res=False, **COMMON)  # fmt: skip
+        kw = {"sampler": "dpmpp_2m", "schedule": "karras", "progress": False, "strength_rule": "a1111", **COMMON}
+        ref = emoji()("a blue ball", seed=3, init_image=init, mask=mask, mask_blur=2, masked_content=name, strength=0.8,
+                      **kw)  # fmt: skip
+        np.testing.assert_array_equal(arr(r.image), arr(Image.composite(ref.images[0], init.convert("RGB"), soft)))
+        assert r.info["ignored"] == [] and f"Masked content: {name}" in r.info["infotexts"][0]
+    r = api.img2img(images=[init], mask_image=mask, prompt="a", seed=3, inpainting_fill=7, **COMMON)
+    assert r.info["ignored"] == ["inpainting_fill"]  # A1111 has no such masked content
+
+
+def test_overrides_stay_set_without_restore_afterwards_as_a1111(api):
+    """override_settings_restore_afterwards false (once listed as ignored, the overrides dropped after the call):
+    as A1111, the overrides stay set and are the options of later calls; true (the default) changes nothing."""
+    over = {"sd_vae_decode_method": "TAESD", "eta_noise_seed_delta": 7}
+    try:
+        r = api.txt2img(prompt="a cat", seed=1, override_settings=over, **COMMON)  # restore afterwards: true
+        assert "Tiny VAE: vae_tiny" in r.info["infotexts"][0] and r.info["ignored"] == []
+        assert api.get_options()["sd_vae_decode_method"] == "Full"
+        r = api.txt2img(prompt="a cat", seed=1, override_settings=over, override_settings_restore_afterwards=False,
+                        **COMMON)  # fmt: skip
+        assert r.info["ignored"] == []
+        got = api.get_options()
+        assert got["sd_vae_decode_method"] == "TAESD" and got["eta_noise_seed_delta"] == 7
+        r = api.txt2img(prompt="a cat", seed=1, sampler_name="Euler a", **COMMON)
+        assert "Tiny VAE: vae_tiny" in r.info["infotexts"][0] and "ENSD: 7," in r.info["infotexts"][0]
+    finally:
+        api.set_options({"sd_vae_decode_method": "Full", "eta_noise_seed_delta": 0})

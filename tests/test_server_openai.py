@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import time
 
 import httpx
 import numpy as np
@@ -65,11 +67,16 @@ def test_generate_n2_b64_and_url(client, server):
         client.images.generate(prompt="x", size="big")
     with pytest.raises(openai.BadRequestError, match=r"n must be in \[1, 8\] on this server, got 10"):
         client.images.generate(prompt="x", n=10, size="64x64")  # the client's field, not the batch_size it becomes
-    with pytest.raises(openai.UnprocessableEntityError, match="n: Input should be greater than or equal to 1"):
-        client.images.generate(prompt="x", n=0, size="64x64")  # the schema's refusal, in the client's message
+    with pytest.raises(openai.BadRequestError, match=r"n must be in \[1, 8\] on this server, got 100"):
+        client.images.generate(prompt="x", n=100, size="64x64")  # not the schema's own 64, which this server is not
+    with pytest.raises(openai.BadRequestError, match="n: Input should be greater than or equal to 1") as e:
+        client.images.generate(prompt="x", n=0, size="64x64")  # the schema's refusal: a 400 as OpenAI's, not 422
+    assert (e.value.status_code, e.value.param) == (400, "n")
+    assert r.quality == "auto" and j.quality == "auto"  # the answer's quality: the request's, auto when not sent
 
 
-def test_edit_with_mask_and_with_a_list_of_images(client):
+def test_edit_with_mask_and_with_a_list_of_images(client, server):
+    """A mask (OpenAI's alpha 0), a one-item list (the client's image[]), the mask refusals."""
     init = Image.new("RGB", (64, 64), (250, 200, 40))
     mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
     mask.paste((0, 0, 0, 0), (16, 16, 48, 48))  # transparent = edit
@@ -86,21 +93,23 @@ def test_edit_with_mask_and_with_a_list_of_images(client):
     got = np.asarray(b64_image(r.data[0].b64_json).convert("RGB"))
     np.testing.assert_array_equal(got, np.asarray(ref.images[0]))
     assert (got[:8, :8] != got[24:40, 24:40].mean((0, 1)).astype(np.uint8)).any()
-    other = Image.new("RGB", (64, 64), (30, 60, 200))
-    r2 = client.images.edit(
-        image=[("a.png", png(init), "image/png"), ("b.png", png(other), "image/png")],
+    r2 = client.images.edit(  # a list of one image: the client sends it as image[]
+        image=[("a.png", png(init), "image/png")],
         prompt="a star",
+        quality="medium",
         response_format="b64_json",
         extra_body={**FAST, "strength": 0.5},
     )
-    assert len(r2.data) == 2
-    refs = [
-        emoji()("a star", init_image=im, strength=0.5, width=64, height=64, progress=False, **FAST)
-        for im in (init, other)
-    ]
-    for d, want in zip(r2.data, refs, strict=True):
-        np.testing.assert_array_equal(np.asarray(b64_image(d.b64_json).convert("RGB")), np.asarray(want.images[0]))
-    with pytest.raises(openai.BadRequestError, match=r"the mask \(32x32\) and image 0 \(64x64\) must be the same size"):
+    ref = emoji()("a star", init_image=init, strength=0.5, width=64, height=64, progress=False, **FAST)
+    assert len(r2.data) == 1 and r2.quality == "medium" and r2.size == "64x64"
+    np.testing.assert_array_equal(np.asarray(b64_image(r2.data[0].b64_json).convert("RGB")), np.asarray(ref.images[0]))
+    opaque = Image.new("RGBA", (64, 64), (255, 255, 255, 255))  # white, the usual "edit here" of other tools
+    opaque.paste((0, 0, 0, 255), (0, 0, 32, 64))
+    with pytest.raises(openai.BadRequestError, match="mask has no fully transparent pixel, so nothing would be") as e:
+        black_and_white = ("m.png", png(opaque), "image/png")
+        client.images.edit(image=("i.png", png(init), "image/png"), mask=black_and_white, prompt="a", extra_body=FAST)
+    assert e.value.param == "mask"  # it answered the image unchanged
+    with pytest.raises(openai.BadRequestError, match=r"the mask \(32x32\) and the image \(64x64\) must be the same"):
         client.images.edit(
             image=("init.png", png(init), "image/png"),
             mask=("mask.png", png(mask.resize((32, 32))), "image/png"),
@@ -165,6 +174,9 @@ def test_streamed_generation_sends_partial_images_then_the_image(client, server)
     with pytest.raises(openai.BadRequestError, match="width 60 is not a multiple of 8") as e:
         client.images.generate(prompt="x", size="60x60", stream=True, extra_body={"steps": 2})
     assert (e.value.status_code, e.value.type, e.value.param) == (400, "invalid_request_error", "size")
+    assert newest_job(server)["id"] == before
+    with pytest.raises(openai.BadRequestError, match="width 1024 is over emoji's limit: each side may be at most 512"):
+        client.images.generate(prompt="x", size="1024x1024", stream=True, extra_body={"steps": 2})  # was an error event
     assert newest_job(server)["id"] == before
     # a job that fails once the stream has started (here: cancelled mid-run) ends it with one error event
     late = client.images.generate(prompt="x", size="64x64", stream=True, extra_body={"steps": 150, "seed": 1})
@@ -267,6 +279,7 @@ def test_values_the_server_cannot_honour_are_refused(client):
     with pytest.raises(openai.BadRequestError, match="prompt may be at most 32000 characters, got 32001"):
         client.images.edit(image=init, prompt="x" * 32001, extra_body=FAST)
     refused = [({"size": "0x64"}, "size"), ({"size": "60x60"}, "size"), ({"model": "nope"}, "model")]
+    refused.append(({"size": "1024x1024"}, "size"))  # over 8x the model's training size
     for body, param in [*refused, ({"sampler": "nope"}, "sampler")]:
         with pytest.raises(openai.BadRequestError) as e:  # the pipeline's refusals too; a width is the size's
             client.images.generate(prompt="x", extra_body={**FAST, **body})
@@ -290,10 +303,255 @@ def test_streamed_edit_sends_image_edit_events(client):
     assert events[0].partial_image_index == 0 and events[1].size == "64x64"
     want = emoji()("a star", init_image=init, strength=0.75, width=64, height=64, progress=False, **body).images[0]
     np.testing.assert_array_equal(np.asarray(b64_image(events[1].b64_json).convert("RGB")), np.asarray(want))
-    with pytest.raises(openai.BadRequestError, match="stream takes one image to edit, got 2"):
+    with pytest.raises(openai.BadRequestError, match="send one image, got 2"):
         client.images.edit(image=[image, image], prompt="a star", stream=True, extra_body=body)
     with pytest.raises(openai.BadRequestError, match="partial_images needs stream: true"):
         client.images.edit(image=image, prompt="a star", partial_images=1, extra_body=body)
     with pytest.raises(openai.BadRequestError, match="height 60 is not a multiple of 8") as e:
         client.images.edit(image=image, prompt="a star", size="64x60", stream=True, extra_body=body)
     assert (e.value.status_code, e.value.param) == (400, "size")  # before the stream starts
+
+
+def test_several_images_to_edit_are_refused_not_edited_one_by_one(client, server):
+    """OpenAI's GPT image models take several images as references combined into one new picture (the mask is
+    the first image's): ``n`` images in all. img2img cannot combine them, and editing each alone answered n images
+    per input, the mask on every one: now a 400 naming ``image``, before any job is queued."""
+    a = ("a.png", png(Image.new("RGB", (64, 64), (250, 200, 40))), "image/png")
+    b = ("b.png", png(Image.new("RGB", (64, 64), (30, 60, 200))), "image/png")
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 16, 48, 48))
+    before = newest_job(server)["id"]
+    for kw in ({}, {"mask": ("m.png", png(mask), "image/png")}, {"n": 2}):
+        with pytest.raises(openai.BadRequestError, match="send one image, got 2: this server edits one image") as e:
+            client.images.edit(image=[a, b], prompt="a basket with all of these", extra_body=FAST, **kw)
+        assert (e.value.status_code, e.value.type, e.value.param) == (400, "invalid_request_error", "image")
+    with pytest.raises(openai.BadRequestError, match="send one image, got 2: a variation starts from one image"):
+        client.post(
+            "/images/variations",
+            cast_to=object,
+            body={"steps": "3"},
+            files=[("image", a), ("image", b)],
+            options={"headers": {"Content-Type": "multipart/form-data"}},
+        )
+    assert newest_job(server)["id"] == before
+
+
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
+def test_unknown_and_unsupported_fields_are_refused(client, server):
+    """A field a route does not read was dropped: a misspelt ``seed`` drew another image, a ``markup`` drawing was
+    ignored. Now each is a 400 naming it (OpenAI refuses an unknown parameter too); OpenAI's fields that change
+    nothing here (``safety_identifier``, ``complexity``, ``input_fidelity``) are taken, their values checked."""
+    init = ("init.png", png(Image.new("RGB", (64, 64), "red")), "image/png")
+    before = newest_job(server)["id"]
+    calls = {
+        "generations": lambda **kw: client.images.generate(prompt="x", size="64x64", **kw),
+        "edits": lambda **kw: client.images.edit(image=init, prompt="x", **kw),
+        "variations": lambda **kw: client.images.create_variation(image=init, **kw),
+    }
+    for route, call in calls.items():
+        with pytest.raises(openai.BadRequestError, match=f"unknown parameter 'sede': /v1/images/{route} takes") as e:
+            call(extra_body={**FAST, "sede": 4})
+        assert (e.value.status_code, e.value.type, e.value.param) == (400, "invalid_request_error", "sede")
+        with pytest.raises(openai.BadRequestError, match="frame_count is for output_format gif") as e:
+            call(extra_body={**FAST, "frame_count": 4})
+        assert e.value.param == "frame_count"
+    with pytest.raises(openai.BadRequestError, match="markup .* is not supported: send a mask instead") as e:
+        client.images.edit(image=init, prompt="x", markup=init, extra_body=FAST)
+    assert e.value.param == "markup"
+    with pytest.raises(openai.BadRequestError, match="unknown parameter 'strength'"):  # img2img's, not txt2img's
+        client.images.generate(prompt="x", size="64x64", extra_body={**FAST, "strength": 0.5})
+    with pytest.raises(openai.BadRequestError, match="unknown parameter 'input_fidelity'"):  # OpenAI's edits' only
+        client.images.generate(prompt="x", size="64x64", extra_body={**FAST, "input_fidelity": "low"})
+    with pytest.raises(openai.BadRequestError, match="input_fidelity must be one of high, low, got 'max'") as e:
+        client.images.edit(image=init, prompt="x", extra_body={**FAST, "input_fidelity": "max"})
+    assert e.value.param == "input_fidelity"
+    with pytest.raises(openai.BadRequestError, match="complexity must be one of low, medium, high") as e:
+        client.images.generate(prompt="x", size="64x64", extra_body={**FAST, "complexity": "extreme"})
+    assert e.value.param == "complexity"
+    assert newest_job(server)["id"] == before  # all refused up front
+    ref = np.asarray(emoji()("x", width=64, height=64, progress=False, **FAST).images[0])
+    r = client.images.generate(
+        prompt="x", size="64x64", safety_identifier="u-1", extra_body={**FAST, "complexity": "high"}, user="u"
+    )
+    np.testing.assert_array_equal(np.asarray(b64_image(r.data[0].b64_json).convert("RGB")), ref)
+    e2 = client.images.edit(image=init, prompt="x", input_fidelity="high", safety_identifier="u-1", extra_body=FAST)
+    assert len(e2.data) == 1
+
+
+def test_models_retrieve(client):
+    """``client.models.retrieve``: a listed model, an OpenAI name (the server's current model, as the image routes
+    take it); an unknown name is OpenAI's 404 (``NotFoundError``, ``param`` model)."""
+    m = client.models.retrieve("emoji")
+    assert (m.id, m.object, m.owned_by) == ("emoji", "model", "sdengine")
+    assert client.models.retrieve("gpt-image-1").id == "gpt-image-1"
+    with pytest.raises(openai.NotFoundError, match="model 'nope' does not exist here") as e:
+        client.models.retrieve("nope")
+    assert (e.value.type, e.value.param, e.value.code) == ("invalid_request_error", "model", "model_not_found")
+    spec = httpx.get(f"{client.base_url}".removesuffix("/v1/") + "/openapi.json").json()
+    assert "404" in spec["paths"]["/v1/models/{model_id}"]["get"]["responses"]
+
+
+def resolve(spec: dict, node: dict) -> dict:
+    while "$ref" in node:
+        node = spec["components"]["schemas"][node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
+def problems(spec: dict, schema: dict, value, where: str = "") -> list[str]:
+    """What in ``value`` the document's JSON schema refuses (the keywords it uses: types, enums, bounds, required
+    and unknown keys, oneOf/anyOf)."""
+    schema = resolve(spec, schema)
+    for key in ("oneOf", "anyOf"):
+        if key in schema:
+            matches = [o for o in schema[key] if not problems(spec, o, value, where)]
+            ok = len(matches) == 1 if key == "oneOf" else bool(matches)
+            if not ok:
+                return [f"{where}: {value!r} matches {len(matches)} of {key}"]
+    kinds = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}
+    kind = schema.get("type")
+    if kind == "null":
+        return [] if value is None else [f"{where}: not null"]
+    if kind in kinds and (not isinstance(value, kinds[kind]) or (kind != "boolean" and isinstance(value, bool))):
+        return [f"{where}: {value!r} is not {kind}"]
+    out = []
+    if "enum" in schema and value not in schema["enum"]:
+        out.append(f"{where}: {value!r} not in {schema['enum']}")
+    if "minimum" in schema and value < schema["minimum"] or "maximum" in schema and value > schema["maximum"]:
+        out.append(f"{where}: {value!r} out of bounds")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        out += [f"{where}: {k} missing" for k in schema.get("required", []) if k not in value]
+        if schema.get("additionalProperties") is False:
+            out += [f"{where}: {k} not documented" for k in value if k not in props]
+        for k, v in value.items():
+            if k in props:
+                out += problems(spec, props[k], v, f"{where}.{k}")
+    if isinstance(value, list) and "items" in schema:
+        for i, v in enumerate(value):
+            out += problems(spec, schema["items"], v, f"{where}[{i}]")
+    return out
+
+
+# a documented value for every field the OpenAI routes read (a field the document adds needs one here)
+DOC_VALUES = {
+    "prompt": "a star",
+    "model": "gpt-image-1",
+    "n": 1,
+    "size": "64x64",
+    "response_format": "b64_json",
+    "output_format": "webp",
+    "output_compression": 60,
+    "quality": "low",
+    "moderation": "low",
+    "style": "natural",
+    "background": "opaque",
+    "user": "u",
+    "safety_identifier": "u-1",
+    "complexity": "low",
+    "input_fidelity": "low",
+    "stream": False,
+    "partial_images": 0,
+    "seed": 4,
+    "steps": 3,
+    "negative_prompt": "blurry",
+    "cfg_scale": 6.5,
+    "sampler": "Euler a",
+    "schedule": "karras",
+    "strength": 0.8,
+}
+
+
+def sse(text: str) -> list[tuple[str | None, dict]]:
+    """(event name, data) of each Server-Sent Event."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines = [ln for ln in block.split("\n") if not ln.startswith(":")]
+        if not lines:
+            continue
+        name = next((ln[len("event: ") :] for ln in lines if ln.startswith("event: ")), None)
+        data = "".join(ln[len("data: ") :] for ln in lines if ln.startswith("data: "))
+        out.append((name, json.loads(data)))
+    return out
+
+
+def test_openapi_document_matches_the_openai_routes(server):
+    """/openapi.json says how the OpenAI routes behave: the JSON body of generations and the multipart forms of
+    edits and variations list exactly the fields each reads (a request with every one is answered; another field
+    is refused), their values (each enum value is taken, one outside it or past a bound is refused with that
+    ``param``), the JSON answer's schema, the ``text/event-stream`` answer of ``stream: true`` (every event sent,
+    the failure event too, is one of the documented ones) and the refusals (400 in the documented Error shape)."""
+    c = httpx.Client(base_url=server.url, headers=KEY, timeout=60)
+    spec = c.get("/openapi.json").json()
+    ops = {r: spec["paths"][f"/v1/images/{r}"]["post"] for r in ("generations", "edits", "variations")}
+    media = {"generations": "application/json", "edits": "multipart/form-data", "variations": "multipart/form-data"}
+    bodies = {r: resolve(spec, op["requestBody"]["content"][media[r]]["schema"]) for r, op in ops.items()}
+    init = png(Image.new("RGB", (64, 64), (250, 200, 40)))
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 16, 48, 48))
+    files = {"image": ("i.png", init, "image/png"), "mask": ("m.png", png(mask), "image/png")}
+
+    def post(route: str, fields: dict, images: dict | None = None, **kw) -> httpx.Response:
+        if route == "generations":
+            return c.post("/v1/images/generations", json=fields, **kw)
+        form = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in fields.items()}
+        return c.post(f"/v1/images/{route}", data=form, files=images or {"image": files["image"]}, **kw)
+
+    def refused(r: httpx.Response, param: str, route: str) -> None:
+        assert r.status_code == 400 and str(r.status_code) in ops[route]["responses"], (route, param, r.text)
+        assert not problems(spec, ops[route]["responses"]["400"]["content"]["application/json"]["schema"], r.json())
+        assert r.json()["error"]["param"] == param, (route, r.text)
+
+    for route, body in bodies.items():
+        props = body["properties"]
+        assert body["additionalProperties"] is False and "422" not in ops[route]["responses"]
+        sent = {k: DOC_VALUES[k] for k in props if k not in ("image", "image[]", "mask")}
+        with_files = {**sent, **{k: "(the file)" for k in ("image", "mask") if k in props}}
+        assert not problems(spec, body, with_files), problems(spec, body, with_files)  # documented values
+        r = post(route, sent, {k: files[k] for k in ("image", "mask") if k in props})
+        assert r.status_code == 200, (route, r.text)
+        answer = ops[route]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert not problems(spec, answer, r.json()), problems(spec, answer, r.json())
+        refused(post(route, {**sent, "undocumented": "1"}), "undocumented", route)
+        for name, prop in props.items():  # out of each documented enum or bound: refused, naming the field
+            for option in [prop, *prop.get("anyOf", [])]:
+                bad = "nonsense" if "enum" in option else option.get("maximum", 0) + 1 if "maximum" in option else None
+                if bad is not None and name != "model":
+                    refused(post(route, {**sent, name: bad}), name, route)
+    # each documented enum value passes every field check: the request is refused only at the size, which is
+    # checked last (60 is off the model's multiple of 8), so no job runs
+    for route, body in bodies.items():
+        for name, prop in body["properties"].items():
+            for value in next((o["enum"] for o in [prop, *prop.get("anyOf", [])] if "enum" in o), []):
+                r = post(route, {"prompt": "x", "size": "60x60", name: value})
+                assert r.status_code == 400 and r.json()["error"]["param"] == "size", (route, name, value, r.text)
+    r = c.post("/v1/images/edits", data={"prompt": "x", "steps": "2"}, files={"image[]": files["image"]})
+    assert r.status_code == 200 and "image[]" in bodies["edits"]["properties"], r.text  # the client's list of one
+    # stream: true answers the documented media type, each event one of the documented ones, named by its type
+    for route in ("generations", "edits"):
+        content = ops[route]["responses"]["200"]["content"]
+        r = post(route, {"prompt": "a star", "stream": True, "partial_images": 1, "seed": 9, "steps": 4})
+        assert r.status_code == 200 and r.headers["content-type"].split(";")[0] in content, r.text
+        events = sse(r.text)
+        kind = "image_generation" if route == "generations" else "image_edit"
+        assert [name for name, _ in events] == [f"{kind}.partial_image", f"{kind}.completed"]
+        for name, data in events:
+            assert data["type"] == name and not problems(spec, content["text/event-stream"]["schema"], data)
+    with c.stream("POST", "/v1/images/generations", json={"prompt": "x", "stream": True, "steps": 150}) as r:
+        deadline = time.monotonic() + 30
+        while newest_job(server)["state"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        c.delete(f"/v1/jobs/{newest_job(server)['id']}").raise_for_status()
+        events = sse(r.read().decode())
+    assert [(name, data["type"]) for name, data in events] == [(None, "error")], events
+    schema = ops["generations"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    assert not problems(spec, schema, events[0][1]), events
+
+
+def test_a_body_that_is_not_json_is_a_400_about_no_field(server):
+    """A broken JSON body said ``0: JSON decode error`` with ``param`` "0" (the character position read as a field
+    name); now one line saying what is wrong, no ``param``, a 400 as OpenAI's."""
+    headers = {**KEY, "content-type": "application/json"}
+    r = httpx.post(f"{server.url}/v1/images/generations", content=b'{"prompt": "a",', headers=headers)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == "the body is not valid JSON (it breaks at character 15)", r.text
+    assert r.json()["error"]["param"] is None

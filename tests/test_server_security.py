@@ -50,13 +50,18 @@ def test_settings_that_would_refuse_every_request_refuse_to_start(capsys, tmp_pa
 
     monkeypatch.setattr(uvicorn.Server, "run", started)
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "latin1.csv").write_bytes(b"name,prompt\nCaf\xe9,x\n")
     cases = {
+        ("--styles-file", str(tmp_path / "missing.csv")): "--styles-file: styles file",
+        ("--styles-file", str(tmp_path / "a_file")): "its first line must name the columns name,prompt",
+        ("--styles-file", str(tmp_path / "latin1.csv")): "not UTF-8 text",
         ("--max-queue", "0"): "--max-queue must be >= 1",
         ("--max-queue", "-1"): "--max-queue must be >= 1",
         ("--max-body-mb", "-5"): "--max-body-mb must be a number > 0",
         ("--max-body-mb", "nan"): "--max-body-mb must be a number > 0",
         ("--max-image-pixels", "0"): "--max-image-pixels must be >= 1",
         ("--model-affinity", "-1"): "--model-affinity must be a number of seconds >= 0",
+        ("--max-queued-per-client", "-1"): "--max-queued-per-client must be >= 0",
         ("--model-affinity", "nan"): "--model-affinity must be a number of seconds >= 0",
         ("--max-steps", "0"): "--max-steps must be in [1, 1000], got 0",
         ("--max-steps", "1001"): "--max-steps must be in [1, 1000], got 1001",
@@ -343,7 +348,10 @@ def test_job_limit_flags_reach_the_server_and_its_openapi_document(monkeypatch, 
 
     monkeypatch.setattr(server_app, "make_server", lambda app, **kw: built.append(app) or NotServed())
     argv = ["serve", "--port", str(free_port()), "--outputs-dir", str(tmp_path)]
-    assert main([*argv, "--max-steps", "30", "--max-side", "256", "--max-batch-size", "2"]) == 0
+    limits = ["--max-steps", "30", "--max-side", "256", "--max-batch-size", "2", "--max-queued-per-client", "3"]
+    assert main([*argv, *limits, "--queue-order", "fifo"]) == 0
+    manager = built[0].state.services.manager
+    assert manager.max_queued_per_client == 3 and manager.fair is False
     client = TestClient(built[0], base_url="http://127.0.0.1")  # no lifespan: nothing is loaded or run
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     job = schemas["JobRequest"]["properties"]

@@ -127,6 +127,33 @@ def test_tiling_is_circular_padding_and_leaves_nothing_behind(pipe, tiny_sd1_fol
     np.testing.assert_array_equal(pipe(**{**kwargs, **FAST}).arrays, tiled.arrays)
 
 
+def test_tiling_makes_the_controlnets_convolutions_circular_too(pipe, tiny_sd1_folder):
+    """A tiled image with a ControlNet: A1111 leaves the ControlNet's convolutions at zero padding, so its residuals
+    differ at the edges and the image may seam; sdengine pads them circularly too (the control map is then read as
+    tiling as well): the image equals a reference whose U-Net, VAE and ControlNet pad circularly by hand, and the
+    ControlNet (the caller's own module here) pads with zeros again after the call."""
+    import copy
+
+    from _pipeline_models import picture
+    from sdengine.models.controlnet import ControlNet
+    from sdengine.pipeline import load_pipeline
+
+    net = ControlNet.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32)).eval()
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in net.parameters():  # the zero convs non-zero, so that the ControlNet matters
+            param.add_(0.05 * torch.randn(param.shape, generator=gen))
+    size = pipe.default_size
+    hint = picture(size, size, seed=1)
+    ref_net = copy.deepcopy(net)
+    tiled = pipe("a cat", seed=3, tiling=True, controlnets=[(net, hint, 1.0, 0.0, 1.0)], **FAST)
+    assert all(m.padding_mode == "zeros" for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    ref = load_pipeline(str(tiny_sd1_folder), device="cpu")
+    _explicit_circular(ref.unet, ref.vae, ref_net)
+    want = ref("a cat", seed=3, controlnets=[(ref_net, hint, 1.0, 0.0, 1.0)], **FAST)
+    np.testing.assert_allclose(want.arrays, tiled.arrays, atol=1e-5)
+
+
 def test_tiling_with_a_conv_lora_wraps_the_lora_term_too(pipe, tmp_path):
     """A LoRA on a 3x3 convolution adds its term through a hook; with tiling it must pad circularly as the
     base layer does (zero padding there left a seam of the LoRA's size)."""

@@ -14,6 +14,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -601,6 +602,41 @@ def test_a_full_queue_is_said_in_words_and_the_input_kept(browser, tmp_path):
         assert pg.text_content("#err-general").startswith("The server's queue is full; try again in ")
         assert pg.input_value("#prompt") == "a cat face" and pg.is_enabled("#generate")
         ctx.close()
+
+
+def test_a_clients_full_share_of_the_queue_is_said_as_such(browser, tmp_path):
+    """--max-queued-per-client: the page's own client has its share waiting (others would still be served), so the
+    page says that, not that the server's queue is full."""
+    import threading
+
+    gate = threading.Event()
+
+    def held(ref: str, device: str) -> Any:  # the worker holds its first job in the load: later ones stay queued
+        gate.wait(60)
+        raise OSError("the test's loader loads nothing")
+
+    cfg = server_config(tmp_path, max_queued_per_client=1)
+    with live_server(cfg, loader=held) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        try:  # the gate opens before the server stops (it waits for its worker)
+            body = {"prompt": "x", "steps": 2, "width": 64, "height": 64}
+            assert c.post("/v1/jobs", json=body).status_code == 202
+            deadline = time.monotonic() + 30
+            while not s.services.manager.running() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert c.post("/v1/jobs", json=body).status_code == 202  # this client's one waiting job
+            ctx = browser.new_context()
+            pg = ctx.new_page()
+            pg.set_default_timeout(WAIT_MS)
+            open_page(pg, s.url)
+            pg.fill("#prompt", "a cat face")
+            pg.click("#generate")
+            pg.wait_for_function("document.querySelector('#err-general').textContent.length > 0")
+            text = pg.text_content("#err-general")
+            assert text.startswith("You already have as many jobs waiting as this server lets one client queue")
+            assert pg.input_value("#prompt") == "a cat face" and pg.is_enabled("#generate")
+            ctx.close()
+        finally:
+            gate.set()
 
 
 def test_escape_on_the_key_dialog_leaves_a_working_page(browser, tmp_path):

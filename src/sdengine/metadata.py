@@ -77,10 +77,6 @@ FIELD_ORDER: tuple[tuple[str, str], ...] = (
 )
 KNOWN_KEYS = frozenset({"prompt", "negative_prompt", "width", "height", "version"} | {k for k, _ in FIELD_ORDER})
 
-# A1111's "Masked content" done on the latent (its ``inpainting_fill`` 1, 2, 3; its 0, "fill", is done on the
-# image), GenerationRequest.masked_content; A1111 writes the latent fills in the infotext
-MASKED_CONTENT = ("original", "latent noise", "latent nothing")
-
 # Fields that describe the run but do not change the image; to_generate_kwargs skips them quietly.
 _DESCRIPTIVE_FIELDS = frozenset(
     {"Model hash", "Model", "Lora hashes", "Version", "VAE hash", "VAE", "TI hashes", "User", "Hashes"}
@@ -331,7 +327,8 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
     ``guidance_rescale`` ("CFG Rescale phi"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
     seed strength"), ``seed_resize_from_w`` and ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
-    ("Tiling: True"), ``vae_decode`` ("tiny" when sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
+    ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"), ``noise_seed_delta`` ("ENSD"),
+    ``vae_decode`` ("tiny" when sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
     "Tiny VAE encode"), ``strength_rule`` (sdengine's "Strength rule"), ``clip_skip_rule`` (sdengine's "Clip
     skip rule"), ``sdxl`` (sdengine's "SDXL options": prompt_2, sizes) that the text has (``clip_skip`` defaults
     to 1, as in A1111, where a missing "Clip skip" means 1). An infotext not made by sdengine
@@ -380,13 +377,6 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
         kwargs["clip_skip_rule"] = "a1111"  # A1111's Clip skip: applied to SD 1.x's CLIP only (not SD 2.x, SDXL)
     if "Mask blur" in parsed:
         kwargs["mask_blur"] = _parse_float(parsed, "Mask blur")
-    if "Masked content" in parsed:  # A1111's, written for its latent fills ("latent noise", "latent nothing")
-        content = parsed["Masked content"].strip()
-        if content not in MASKED_CONTENT:
-            raise MetadataError(f"Masked content: {content!r} is not one of {', '.join(MASKED_CONTENT)}")
-        kwargs["masked_content"] = content
-    if "Noise multiplier" in parsed:  # A1111's img2img initial noise multiplier
-        kwargs["noise_multiplier"] = _parse_float(parsed, "Noise multiplier")
     if "CFG Rescale phi" in parsed:
         kwargs["guidance_rescale"] = _parse_float(parsed, "CFG Rescale phi")
     if "Variation seed" in parsed:
@@ -406,6 +396,16 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
             raise MetadataError(f"Tiling: {parsed['Tiling']!r} is not True or False")
         kwargs["tiling"] = value == "true"
 
+    if "Masked content" in parsed:  # sdengine's: A1111's latent noise / latent nothing inpainting
+        kwargs["masked_content"] = parsed["Masked content"].strip()
+        if kwargs["masked_content"] not in MASKED_CONTENT:
+            raise MetadataError(
+                f"Masked content: {parsed['Masked content']!r} is not one of {', '.join(MASKED_CONTENT)}"
+            )
+    if "ENSD" in parsed:  # A1111's eta noise seed delta
+        kwargs["noise_seed_delta"] = _parse_int(parsed, "ENSD")
+    if "Noise multiplier" in parsed:  # A1111's img2img initial_noise_multiplier
+        kwargs["noise_multiplier"] = _parse_float(parsed, "Noise multiplier")
     if "Resize mode" in parsed:  # sdengine's field: how init and control images were fitted
         from sdengine.io.resize import resize_mode_name
 
@@ -452,13 +452,14 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
         "Denoising strength",
         "Clip skip",
         "Mask blur",
-        "Masked content",
-        "Noise multiplier",
         "CFG Rescale phi",
         "Variation seed",
         "Variation seed strength",
         "Seed resize from",
         "Tiling",
+        "Noise multiplier",
+        "ENSD",
+        "Masked content",
         "Tiny VAE",
         "Tiny VAE encode",
         "Resize mode",
@@ -470,7 +471,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
         "Pad conds",  # A1111's padding of the shorter of prompt and negative prompt: what sdengine always does
     }
     if options:
-        used |= {"Eta", "Eta DDIM"}
+        used |= {"Eta", "Eta DDIM", *(A1111_SAMPLER_FIELDS[k] for k in options if k in A1111_SAMPLER_FIELDS)}
     # "ControlNet N" fields (and their step rule) are the caller's: they need the control image (see
     # recorded_controlnets)
     used.add("ControlNet step rule")
@@ -480,9 +481,29 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
     return kwargs
 
 
+# A1111's inpainting "Masked content" done in the latent (GenerationRequest.masked_content; "fill" is on the image)
+MASKED_CONTENT = ("original", "latent noise", "latent nothing")
+# sampler options A1111 writes under its own names (its KDiffusionSampler.initialize; only where not the default)
+A1111_SAMPLER_FIELDS = {
+    "s_churn": "Sigma churn",
+    "s_tmin": "Sigma tmin",
+    "s_tmax": "Sigma tmax",
+    "s_noise": "Sigma noise",
+}
+
+
 def _sampler_options(parsed: Mapping[str, str], sampler: str | None) -> dict[str, Any]:
     """``sampler_options`` from sdengine's "Sampler options" field (JSON), else from A1111's "Eta" (its
     ancestral samplers) or "Eta DDIM" when the sampler takes an ``eta``."""
+    from sdengine.diffusion.sampling import sampler_option_names
+
+    takes = set(sampler_option_names(sampler)) if sampler is not None else set()
+    # A1111's "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise" (k-diffusion's options), where the sampler
+    # takes them (A1111 writes them only for the samplers it passes them to)
+    found: dict[str, Any] = {}
+    for key, name in A1111_SAMPLER_FIELDS.items():
+        if name in parsed and key in takes:
+            found[key] = _parse_float(parsed, name)
     if "Sampler options" in parsed:
         try:
             options = json.loads(parsed["Sampler options"])
@@ -492,13 +513,11 @@ def _sampler_options(parsed: Mapping[str, str], sampler: str | None) -> dict[str
             isinstance(k, str) and isinstance(v, int | float) and math.isfinite(v) for k, v in options.items()
         ):
             raise MetadataError(f"Sampler options: {parsed['Sampler options']!r} is not a JSON object of numbers")
-        return options
-    from sdengine.diffusion.sampling import sampler_option_names
-
+        return {**options, **found}
     key = "Eta DDIM" if sampler == "ddim" else "Eta"
-    if key in parsed and sampler is not None and "eta" in sampler_option_names(sampler):
-        return {"eta": _parse_float(parsed, key)}
-    return {}
+    if key in parsed and "eta" in takes:
+        found["eta"] = _parse_float(parsed, key)
+    return found
 
 
 def hires_fix_fields(parsed: Mapping[str, str]) -> dict[str, str]:

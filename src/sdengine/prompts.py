@@ -34,9 +34,12 @@ Differences from A1111, on purpose:
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -383,8 +386,82 @@ def encode_prompt_pair(
     return cond, uncond
 
 
+# ---------------------------------------------------------------------------------------------------
+# Prompt styles (A1111's styles.csv, ``modules/styles.py``)
+# ---------------------------------------------------------------------------------------------------
+
+MAX_STYLES_BYTES = 4 * 1024 * 1024  # a styles file is text people write; a bigger one is a wrong path
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """One row of an A1111 styles file: a name, the text merged into the prompt and into the negative prompt."""
+
+    name: str
+    prompt: str
+    negative_prompt: str
+
+
+def read_styles(path: str | Path) -> dict[str, PromptStyle]:
+    """The styles of an A1111 styles CSV (``name,prompt,negative_prompt``; A1111's older ``name,text`` too), read
+    as A1111's ``load_from_csv`` reads it: UTF-8 with or without a BOM, spaces after the commas skipped, rows
+    without a name or whose name starts with ``#`` left out, a later row of the same name replacing an earlier
+    one. A file that cannot be read as such is a one-line :class:`PromptError` (A1111 logs it and has no
+    styles)."""
+    import csv
+
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_STYLES_BYTES:
+            raise PromptError(f"styles file {path}: over {MAX_STYLES_BYTES // (1024 * 1024)} MB, not a styles file")
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise PromptError(f"styles file {path}: not UTF-8 text") from None
+    except OSError as e:
+        raise PromptError(f"styles file {path}: {e.strerror or e}") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""), skipinitialspace=True)
+    fields = reader.fieldnames or []
+    if "name" not in fields or not ("prompt" in fields or "text" in fields):
+        raise PromptError(
+            f"styles file {path}: its first line must name the columns name,prompt,negative_prompt (A1111's), "
+            f"got {','.join(fields) or 'nothing'}"
+        )
+    styles: dict[str, PromptStyle] = {}
+    try:
+        for row in reader:
+            name = row.get("name")
+            if not name or name.startswith("#"):
+                continue
+            prompt = row["prompt"] if "prompt" in row else row.get("text")
+            styles[name] = PromptStyle(name, prompt or "", row.get("negative_prompt") or "")
+    except csv.Error as e:
+        raise PromptError(f"styles file {path}, line {reader.line_num}: {e}") from None
+    return styles
+
+
+def merge_style(style_text: str, prompt: str) -> str:
+    """A1111's ``merge_prompts``: a style text with ``{prompt}`` has the prompt put in its place; any other is
+    appended after ", " (an empty prompt or style text adds no comma)."""
+    if "{prompt}" in style_text:
+        return style_text.replace("{prompt}", prompt)
+    return ", ".join(part for part in (prompt.strip(), style_text.strip()) if part)
+
+
+def apply_styles(prompt: str, negative_prompt: str, styles: Sequence[PromptStyle]) -> tuple[str, str]:
+    """(prompt, negative prompt) with ``styles`` merged in, in their order (A1111's ``apply_styles_to_prompt``
+    and ``apply_negative_styles_to_prompt``)."""
+    for style in styles:
+        prompt = merge_style(style.prompt, prompt)
+        negative_prompt = merge_style(style.negative_prompt, negative_prompt)
+    return prompt, negative_prompt
+
+
 __all__ = [
     "BREAK_PIECE",
+    "PromptStyle",
+    "apply_styles",
+    "merge_style",
+    "read_styles",
     "MAX_COMBINED_WEIGHT",
     "MAX_PROMPT_WEIGHT",
     "apply_emphasis",

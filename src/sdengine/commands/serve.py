@@ -23,6 +23,10 @@ def run(a: argparse.Namespace) -> int:
     # Limits that would refuse every job or every request are a mistake: said now, not as a 429 / 413 per request.
     if not 0 <= a.model_affinity < float("inf"):
         raise ServerConfigError(f"--model-affinity must be a number of seconds >= 0, got {a.model_affinity}")
+    if a.max_queued_per_client < 0:
+        raise ServerConfigError(
+            f"--max-queued-per-client must be >= 0 (0 = no limit per client), got {a.max_queued_per_client}"
+        )
     if a.max_queue < 1:
         raise ServerConfigError(f"--max-queue must be >= 1 (jobs that may wait), got {a.max_queue}")
     if not a.max_body_mb > 0 or a.max_body_mb == float("inf"):
@@ -50,6 +54,13 @@ def run(a: argparse.Namespace) -> int:
     ):
         if d is not None and not Path(d).is_dir():
             raise ServerConfigError(f"{flag} {d}: not a folder")
+    if a.styles_file is not None:  # A1111's --styles-file: read now, so that a wrong path or file is one line
+        from ..prompts import PromptError, read_styles
+
+        try:
+            read_styles(a.styles_file)
+        except PromptError as e:
+            raise ServerConfigError(f"--styles-file: {e}") from None
     if a.vae is not None and not Path(a.vae).exists():
         raise ServerConfigError(f"--vae {a.vae}: no such file or folder")
     tiny_vae = None
@@ -67,11 +78,14 @@ def run(a: argparse.Namespace) -> int:
         controlnets_dir=Path(a.controlnets_dir) if a.controlnets_dir else None,
         vaes_dir=Path(a.vaes_dir) if a.vaes_dir else None,
         embeddings_dir=Path(a.embeddings_dir) if a.embeddings_dir else None,
+        styles_file=Path(a.styles_file) if a.styles_file else None,
         outputs_dir=Path(a.outputs_dir),
         api_key=api_key,
         insecure_no_auth=a.insecure_no_auth,
         cors_origins=tuple(o.strip() for o in (a.cors_origins or "").split(",") if o.strip()),
         max_queue=a.max_queue,
+        max_queued_per_client=a.max_queued_per_client,
+        fair_queue=a.queue_order == "fair",
         max_batch_jobs=a.max_batch,
         max_steps=a.max_steps,
         model_affinity_s=a.model_affinity,
@@ -138,11 +152,30 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--vaes-dir", default=None, help="folder of VAE .safetensors files and folders ComfyUI's VAELoader may name"
     )
     p.add_argument("--embeddings-dir", default=None, help="textual-inversion embeddings, used by file name in prompts")
+    p.add_argument(
+        "--styles-file",
+        default=None,
+        help="A1111's prompt styles (a styles.csv: name,prompt,negative_prompt), named in A1111 requests' styles",
+    )
     p.add_argument("--outputs-dir", default="outputs", help="where images are saved (and served from)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $SDENGINE_API_KEY)")
     p.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback host without a key")
     p.add_argument("--cors-origins", default=None, help="comma-separated browser origins allowed to call the API")
     p.add_argument("--max-queue", type=int, default=64, help="jobs waiting before new ones get 429")
+    p.add_argument(
+        "--max-queued-per-client",
+        type=int,
+        default=0,
+        metavar="N",
+        help="jobs one client (address) may have waiting before its next gets 429 (0 = no limit but --max-queue)",
+    )
+    p.add_argument(
+        "--queue-order",
+        choices=["fair", "fifo"],
+        default="fair",
+        help="fair: round robin between clients' jobs (one client's many jobs never hold back another's); "
+        "fifo: one queue in arrival order",
+    )
     p.add_argument(
         "--max-batch", type=int, default=4, help="compatible queued jobs run as one batch, at most this many (1 = off)"
     )

@@ -172,6 +172,21 @@ def _euler_to(x: Tensor, denoised: Tensor, sigma: float, sigma_to: float) -> Ten
     return torch.lerp(denoised, x, sigma_to / sigma)
 
 
+def churn(
+    loop: _Loop, x: Tensor, i: int, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float
+) -> tuple[Tensor, float]:
+    """Karras et al. 2022's stochastic "churn" (Algorithm 2, lines 4-6), as k-diffusion's Euler, Heun and DPM2
+    take it: where ``s_tmin <= sigma_i <= s_tmax`` the sample is noised up to ``sigma_hat = sigma_i (1 + gamma)``,
+    ``gamma = min(s_churn / steps, sqrt(2) - 1)``, with fresh noise scaled by ``s_noise``; the step then starts
+    from ``sigma_hat``. Returns (x, sigma_hat); no noise is drawn where gamma is 0 (the default)."""
+    sigma = loop.s[i]
+    gamma = min(s_churn / loop.n, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    if gamma <= 0:
+        return x, sigma
+    sigma_hat = sigma * (gamma + 1)
+    return x + loop.noise(x) * (s_noise * math.sqrt(sigma_hat**2 - sigma**2)), sigma_hat
+
+
 # ---------------------------------------------------------------------------------------------------
 # First-order and ancestral
 # ---------------------------------------------------------------------------------------------------
@@ -186,12 +201,18 @@ def sample_euler(
     generators: Generators | None = None,
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
 ) -> Tensor:
-    """Euler method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
+    """Euler method on the probability-flow ODE (Karras et al. 2022, Algorithm 2; its churn, :func:`churn`,
+    off by default)."""
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     for i in range(loop.n):
-        denoised = loop.model(x, loop.s[i], step=i)
-        x = _euler_to(x, denoised, loop.s[i], loop.s[i + 1])
+        x, sigma = churn(loop, x, i, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = loop.model(x, sigma, step=i, on_grid=sigma == loop.s[i])
+        x = _euler_to(x, denoised, sigma, loop.s[i + 1])
         loop.done(i, x, denoised)
     return x
 
@@ -298,12 +319,18 @@ def sample_heun(
     generators: Generators | None = None,
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
 ) -> Tensor:
-    """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1); Euler on the last step to sigma 0."""
+    """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1; with its churn, :func:`churn`, Algorithm 2);
+    Euler on the last step to sigma 0."""
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     for i in range(loop.n):
-        sigma, sigma_next = loop.s[i], loop.s[i + 1]
-        denoised = loop.model(x, sigma, step=i)
+        x, sigma = churn(loop, x, i, s_churn, s_tmin, s_tmax, s_noise)
+        sigma_next = loop.s[i + 1]
+        denoised = loop.model(x, sigma, step=i, on_grid=sigma == loop.s[i])
         x_euler = _euler_to(x, denoised, sigma, sigma_next)
         if sigma_next == 0:
             x = x_euler
@@ -325,13 +352,19 @@ def sample_dpm2(
     generators: Generators | None = None,
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
 ) -> Tensor:
     """DPM-Solver-2 (Lu et al. 2022, "DPM-Solver", Algorithm 1) as k-diffusion's midpoint method with
-    the midpoint at the geometric mean of the two sigmas; Euler on the last step to sigma 0."""
+    the midpoint at the geometric mean of the two sigmas; Euler on the last step to sigma 0. Churn as
+    :func:`churn`."""
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     for i in range(loop.n):
-        sigma, sigma_next = loop.s[i], loop.s[i + 1]
-        denoised = loop.model(x, sigma, step=i)
+        x, sigma = churn(loop, x, i, s_churn, s_tmin, s_tmax, s_noise)
+        sigma_next = loop.s[i + 1]
+        denoised = loop.model(x, sigma, step=i, on_grid=sigma == loop.s[i])
         if sigma_next == 0:
             x = _euler_to(x, denoised, sigma, sigma_next)
         else:
@@ -353,8 +386,10 @@ def sample_dpm2_a(
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
     eta: float = 1.0,
+    s_noise: float = 1.0,
 ) -> Tensor:
-    """Ancestral DPM-Solver-2 (Lu et al. 2022; k-diffusion): midpoint step to sigma_down, then noise."""
+    """Ancestral DPM-Solver-2 (Lu et al. 2022; k-diffusion): midpoint step to sigma_down, then noise (scaled
+    by ``s_noise``, k-diffusion's)."""
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     for i in range(loop.n):
         sigma, sigma_next = loop.s[i], loop.s[i + 1]
@@ -367,7 +402,7 @@ def sample_dpm2_a(
             x_2 = _euler_to(x, denoised, sigma, sigma_mid)
             denoised_2 = loop.model(x_2, sigma_mid, step=i, on_grid=False)
             x = x + (x_2 - denoised_2) * ((down - sigma) / sigma_mid)
-            x = x + loop.noise(x) * up
+            x = x + loop.noise(x) * (up * s_noise)
         loop.done(i, x, denoised)
     return x
 
@@ -542,9 +577,10 @@ def sample_dpmpp_2m_sde(
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
     eta: float = 1.0,
+    s_noise: float = 1.0,
 ) -> Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022, section 5 / appendix, midpoint form as in k-diffusion and
-    diffusers' "sde-dpmsolver++")."""
+    diffusers' "sde-dpmsolver++"); ``s_noise`` scales the fresh noise (k-diffusion's)."""
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     old: Tensor | None = None
     h_last = 0.0
@@ -562,7 +598,7 @@ def sample_dpmpp_2m_sde(
                 r = h_last / h
                 x = x + (denoised - old) * (0.5 * coef / r)
             if eta:
-                x = x + loop.noise(x) * (sigma_next * math.sqrt(-math.expm1(-2 * eta_h)))
+                x = x + loop.noise(x) * (sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
             h_last = h
         old = denoised
         loop.done(i, x, denoised)
@@ -579,9 +615,11 @@ def sample_dpmpp_sde(
     callback: Callback | None = None,
     extra_args: dict[str, Any] | None = None,
     eta: float = 1.0,
+    s_noise: float = 1.0,
 ) -> Tensor:
     """DPM-Solver++ SDE, 2nd-order singlestep with the midpoint at r = 1/2 in lambda (Lu et al. 2022;
-    k-diffusion's sample_dpmpp_sde). Noise comes from the row generators, not a Brownian tree."""
+    k-diffusion's sample_dpmpp_sde). Noise comes from the row generators, not a Brownian tree; ``s_noise``
+    scales it (k-diffusion's)."""
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     for i in range(loop.n):
         sigma, sigma_next = loop.s[i], loop.s[i + 1]
@@ -594,12 +632,12 @@ def sample_dpmpp_sde(
             down, up = ancestral_step(sigma, sigma_mid, eta)
             x_2 = torch.lerp(denoised, x, down / sigma)
             if up > 0:
-                x_2 = x_2 + loop.noise(x) * up
+                x_2 = x_2 + loop.noise(x) * (up * s_noise)
             denoised_2 = loop.model(x_2, sigma_mid, step=i, on_grid=False)
             down, up = ancestral_step(sigma, sigma_next, eta)
             x = torch.lerp(denoised_2, x, down / sigma)
             if up > 0:
-                x = x + loop.noise(x) * up
+                x = x + loop.noise(x) * (up * s_noise)
         loop.done(i, x, denoised)
     return x
 

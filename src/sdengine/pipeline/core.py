@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -599,8 +599,8 @@ class Pipeline:
             handle = apply_loras(self.unet, self.text_encoder, lora_list, lora_dir, text_encoder_2=te2)
         try:
             with torch.inference_mode():
-                if request.tiling:  # the U-Net's and the VAE's convolutions, as A1111's (not ControlNets'); and
-                    # the tiny VAE's, which A1111 leaves out (its TAESD decode then has seams at the edges)
+                if request.tiling:  # the U-Net's and the VAE's convolutions, as A1111's; and the tiny VAE's and
+                    # the ControlNets' (in generate), which A1111 leaves out (a decode or a residual that seams)
                     self._tiling = True
                     with circular_padding(self.unet, self.vae, self.tiny_vae):
                         images = self.generate(p)
@@ -645,8 +645,6 @@ class Pipeline:
                     prediction_override=self.prediction_override,
                     # how the img2img / hires second pass counted its steps
                     strength_rule=request.strength_rule if (p.init is not None or p.hires is not None) else "diffusers",
-                    masked_content=request.masked_content if p.mask is not None else "original",
-                    noise_multiplier=float(request.noise_multiplier) if p.init is not None else 1.0,
                     sdxl=request.sdxl,
                 )
             )
@@ -661,6 +659,12 @@ class Pipeline:
                 row["Seed resize from"] = "{}x{}".format(*request.seed_resize_from)
             if request.tiling:
                 row["Tiling"] = True  # A1111 writes "Tiling: True"
+            if p.init is not None and float(request.noise_multiplier) != 1.0:
+                row["Noise multiplier"] = float(request.noise_multiplier)  # A1111's field (img2img)
+            if p.mask is not None and request.masked_content != "original":  # sdengine's (A1111 writes none)
+                row["Masked content"] = request.masked_content
+            if int(request.noise_seed_delta) and sampling.SAMPLERS[p.sampler].stochastic:
+                row["ENSD"] = int(request.noise_seed_delta)  # A1111's, written where the sampler draws noise
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
         embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
             getattr(self, "tokenizer_2", None), "embeddings", None
@@ -806,7 +810,6 @@ class Pipeline:
             tiny=self.tiny_vae if r.vae_encode == "tiny" else None,
             # A1111 noises the init latent at strength 1 too (diffusers starts inpainting from pure noise)
             pure_noise_at_full_strength=r.strength_rule == "diffusers",
-            masked_content=r.masked_content,
         )
         if init_latent is not None:
             start.init_latent, start.from_init = init_latent.to(dev, start.noise.dtype), True
@@ -819,7 +822,21 @@ class Pipeline:
             )
         elif subseeds is not None:
             start.noise = variation_noise(start.noise, subseeds, float(r.subseed_strength))
-        if start.from_init and p.init is not None and float(r.noise_multiplier) != 1.0:  # A1111's img2img one
+        if init_latent is None and r.masked_content != "original" and start.init_latent is not None:
+            # A1111's "latent noise" / "latent nothing": the init latent replaced where the rounded latent mask
+            # repaints, by the row's unit noise or by zeros (its StableDiffusionProcessingImg2Img.init)
+            lat = start.blend_mask if start.blend_mask is not None else None
+            if lat is None and start.concat is not None:
+                lat = start.concat[:, :1]  # a 9-channel model's latent mask
+            if lat is not None:
+                repaint = lat.round()
+                fill = start.noise if r.masked_content == "latent noise" else torch.zeros_like(start.noise)
+                start.init_latent = start.init_latent * (1 - repaint) + fill * repaint
+        if int(r.noise_seed_delta):  # A1111's ENSD: the per-step noise from seed + delta, after the start noise
+            gens = [torch.Generator("cpu").manual_seed(p.seeds[i] + int(r.noise_seed_delta)) for i in rows]
+        if init_latent is None and p.init is not None and float(r.noise_multiplier) != 1.0:
+            # A1111's img2img "Noise multiplier": the noise it adds to the init image's latent (drawn as above),
+            # not a hires second pass's (init_latent given)
             start.noise = start.noise * float(r.noise_multiplier)
         if start.concat is not None:
             cond = {**cond, "concat": start.concat}
@@ -892,6 +909,11 @@ class Pipeline:
         )
         init_latent = start.init_latent if start.from_init else None
         plan = self.loop_plan(p, init_latent is not None, first)
+        padding = ExitStack()
+        if units and self._tiling:
+            # Tiling: the ControlNets' convolutions pad circularly too (A1111 leaves them at zeros, so their
+            # residuals differ at the edges and the image may seam); the control map is read as tiling as well.
+            padding.enter_context(circular_padding(*(u.net for u in net.units)))
         try:
             x_loop = None
             if replay_loop:  # every step in one replay (sdengine.pipeline.loop_graph); the callback once, at the end
@@ -911,6 +933,7 @@ class Pipeline:
             raise Cancelled(e.step + 1, run_steps, vae_utils.latent_preview(e.denoised)) from None
         finally:
             bar.close()
+            padding.close()
         if blend is not None:
             x = blend.finish(x)
         require_finite(x, "latents after sampling")  # before the VAE: a NaN latent decodes to black

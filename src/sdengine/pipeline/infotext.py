@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sdengine.io.atomic import write_text_atomic
+from sdengine.metadata import A1111_SAMPLER_FIELDS
 from sdengine.pipeline.control import ControlUnit
 
 
@@ -70,6 +71,10 @@ def lora_hashes(loras: Sequence[tuple[Any, float]], lora_dir: str | Path | None)
     return out
 
 
+# the defaults of the sampler options A1111 writes under its own names (metadata.A1111_SAMPLER_FIELDS)
+SAMPLER_OPTION_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
+
+
 def call_parameters(
     *,
     prompt: str,
@@ -99,8 +104,6 @@ def call_parameters(
     strength_rule: str = "diffusers",
     sdxl: Any = None,
     clip_skip_rule: str = "sdengine",
-    masked_content: str = "original",
-    noise_multiplier: float = 1.0,
 ) -> dict[str, Any]:
     """The parameters dict of one image (sdengine.metadata writes it as A1111 text). LoRAs passed as
     arguments are written as <lora:NAME:W> tags, as A1111 keeps them, so that the infotext alone says which
@@ -134,10 +137,6 @@ def call_parameters(
         params["CFG Rescale phi"] = guidance_rescale  # the name A1111's CFG-rescale extension writes
     if mask_blur:
         params["Mask blur"] = mask_blur
-    if masked_content != "original":  # A1111's field (it writes its latent fills only)
-        params["Masked content"] = masked_content
-    if noise_multiplier != 1.0:  # A1111's field: img2img's initial noise multiplier
-        params["Noise multiplier"] = noise_multiplier
     for k, unit in enumerate(controlnets):
         params[f"ControlNet {k}"] = unit.infotext()
     if any(unit.rule != "diffusers" for unit in controlnets):  # sdengine's field, read back by --from-png:
@@ -156,8 +155,14 @@ def call_parameters(
     # SDXL's CLIP-L too, even at 1); without it an sdengine image's is its own
     if (clip_skip_rule == "a1111" and clip_skip != 1) or clip_skip_rule == "a1111_sdxl_clip_l":
         params["Clip skip rule"] = clip_skip_rule
-    if sampler_options:
-        params["Sampler options"] = json.dumps(dict(sampler_options), sort_keys=True)
+    options = dict(sampler_options or {})
+    for key, field_name in A1111_SAMPLER_FIELDS.items():  # A1111's own fields for k-diffusion's churn/noise
+        if key in options:
+            value = options.pop(key)
+            if value != SAMPLER_OPTION_DEFAULTS[key]:  # as A1111: written only when not the default
+                params[field_name] = value
+    if options:
+        params["Sampler options"] = json.dumps(options, sort_keys=True)
     if prediction_override is not None:
         params["Prediction type"] = prediction_override
     if sdxl is not None:  # SDXL's prompt_2 and size numbers (A1111 has no fields for them)

@@ -8,7 +8,7 @@
   has 4 channels], noise, masked-image posterior. A 9-channel U-Net gets ``[mask, masked-image latent]`` as
   the ``"concat"`` conditioning; a 4-channel one gets the known region blended back (:class:`InpaintBlend`).
   With strength 1 the start is pure noise, as there; under A1111's strength rule it is the init latent noised
-  to the schedule's first sigma, as A1111 does (whose masked content can also be latent noise or zeros).
+  to the schedule's first sigma, as A1111 does.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from sdengine import vae_utils
 from sdengine.diffusion.samplers import SamplerStep, row_noise
 from sdengine.diffusion.schedules import NoiseSchedule
 from sdengine.io.images import image_tensor
-from sdengine.metadata import MASKED_CONTENT
 
 
 def blur_mask(m: np.ndarray, blur: float) -> np.ndarray:
@@ -77,15 +76,12 @@ def start_latents(
     device: torch.device,
     tiny: Any = None,
     pure_noise_at_full_strength: bool = True,
-    masked_content: str = "original",
 ) -> StartLatents:
     """Every random draw of the rows, in diffusers' order (see the module docstring). ``tiny``: a tiny VAE whose
     encoder makes the images' latents instead of the VAE's (``vae_encode="tiny"``; no posterior spread, the same
     draws from each generator). ``pure_noise_at_full_strength``: inpainting at strength 1 starts from pure noise
-    (diffusers'); False: from the init latent noised, as A1111 does at any strength. ``masked_content``
-    (:data:`MASKED_CONTENT`, A1111's "Masked content" done in latent space): "original" keeps the init latent
-    under the mask, "latent noise" puts the row's noise there, "latent nothing" zeros (A1111's
-    ``inpainting_fill`` 2 and 3: ``init_latent * mask + fill * nmask`` with the latent mask rounded)."""
+    (diffusers'); False: from the init latent noised, as A1111 does at any strength (A1111's masked content is
+    the pipeline's, on the init latent this returns)."""
 
     def moments(img: Tensor) -> Any:
         if tiny is not None:
@@ -133,11 +129,6 @@ def start_latents(
     rounded = None
     if mask is not None and mask_full is not None:  # A1111 rounds its latent mask (its mask_round default)
         rounded = (F.interpolate(mask_full, size=(h, w), mode="area") >= 0.5).float()
-    if masked_content != "original" and init_latent is not None and rounded is not None:
-        # A1111 fills the init latent under its rounded mask before noising it
-        repaint = rounded.to(init_latent.dtype)
-        fill = noise.to(init_latent.dtype) if masked_content == "latent noise" else torch.zeros_like(init_latent)
-        init_latent = init_latent * (1 - repaint) + fill * repaint
     # Inpainting at strength 1 starts from pure noise (diffusers' is_strength_max); img2img does not, nor A1111.
     full = mask_full is not None and strength >= 1.0 and pure_noise_at_full_strength
     from_init = init_latent is not None and not full
@@ -242,7 +233,6 @@ class A1111Blend:
 
 
 __all__ = [
-    "MASKED_CONTENT",
     "A1111Blend",
     "InpaintBlend",
     "StartLatents",

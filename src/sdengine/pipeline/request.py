@@ -25,8 +25,8 @@ from sdengine.diffusion import sampling
 from sdengine.diffusion.schedules import STRENGTH_RULES, img2img_start
 from sdengine.errors import GenerationError
 from sdengine.io.images import ImageInput
+from sdengine.metadata import MASKED_CONTENT
 from sdengine.pipeline.control import ControlUnit
-from sdengine.pipeline.latents import MASKED_CONTENT
 from sdengine.pipeline.result import StepCallback
 from sdengine.text.conditioners import CLIP_SKIP_RULES
 
@@ -40,9 +40,10 @@ MAX_CFG_SCALE = 100.0
 MAX_SEED = 2**64 - 1
 # Mask blur is a Gaussian sigma in pixels (A1111's slider stops at 64); inf overflowed and 1e9 broke OpenCV.
 MAX_MASK_BLUR = 256.0
-MAX_NOISE_MULTIPLIER = 10.0  # A1111's slider runs 0.5..1.5; its API takes any number
 # "Resize seed from": the largest side (pixels) a seed's noise may be drawn at (the pipeline's own limit on sizes).
 MAX_SEED_RESIZE = 8192
+MAX_SEED_DELTA = 2**32 - 1  # noise_seed_delta (A1111's ENSD)
+MAX_NOISE_MULTIPLIER = 10.0  # noise_multiplier (A1111's own setting goes to 1.5)
 # How sampled latents become pixels: the model's VAE, or the tiny VAE loaded beside it (sdengine.models.tiny_vae).
 VAE_DECODE_METHODS = ("full", "tiny")
 # How init images become latents (img2img, inpainting, the hires fix's pixel path): the VAE's encoder (a posterior
@@ -86,12 +87,6 @@ class GenerationRequest:
     strength_rule: str = "diffusers"
     mask: ImageInput | None = None
     mask_blur: float = 0
-    # what the init latent holds under the mask before it is noised: "original", or A1111's "latent noise" and
-    # "latent nothing" (sdengine.pipeline.latents.MASKED_CONTENT); written as A1111's "Masked content"
-    masked_content: str = "original"
-    # A1111's img2img "Noise multiplier" (initial_noise_multiplier): the init image is noised with the noise times
-    # this (only an img2img / inpainting start; written as "Noise multiplier" when not 1)
-    noise_multiplier: float = 1.0
     controlnets: Sequence[ControlUnit | tuple[Any, ...]] | None = None
     guess_mode: bool = False
     loras: Sequence[LoRAInput] | None = None
@@ -122,6 +117,17 @@ class GenerationRequest:
     # A1111's "Tiling": every Conv2d of the U-Net and the VAE pads circularly for this call, so that the image
     # tiles seamlessly (its left edge continues its right one, its top its bottom)
     tiling: bool = False
+    # A1111's img2img "Noise multiplier" (initial_noise_multiplier): the noise added to the init image's latent
+    # (img2img and inpainting; not the hires fix's second pass) is multiplied by it; 1 = as drawn
+    noise_multiplier: float = 1.0
+    # A1111's "Eta noise seed delta" (ENSD, its eta_noise_seed_delta setting): once the start noise is drawn, each
+    # row's generator is seeded again with its seed + this, so the per-step noise of the ancestral and SDE
+    # samplers (and churn) comes from there; 0 = the seed's own generator goes on
+    noise_seed_delta: int = 0
+    # A1111's inpainting "Masked content" done in the latent (inpainting_fill 2 and 3): "latent noise" puts the
+    # row's unit noise in place of the init latent where the (rounded) latent mask repaints, "latent nothing"
+    # zeros there; "original" keeps the init image's latent (A1111's "fill" is made on the image beforehand)
+    masked_content: str = "original"
     # SDXL only: prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size, negative_*,
     # aesthetic_score (sdengine.text.sdxl_conditioner.SDXLOptions); None = the defaults
     sdxl: Mapping[str, Any] | None = None
@@ -310,17 +316,12 @@ class GenerationRequest:
             )
         if self.mask is not None and self.init_image is None:
             raise GenerationError("a mask needs an init_image to inpaint")
-        nm = self.noise_multiplier
-        if not _is_number(nm) or not math.isfinite(nm) or not 0.0 < nm <= MAX_NOISE_MULTIPLIER:
-            raise GenerationError(f"noise_multiplier must be in (0, {MAX_NOISE_MULTIPLIER:g}], got {nm!r}")
-        if nm != 1.0 and self.init_image is None:  # A1111's is img2img's only (its hires pass has none)
-            raise GenerationError("noise_multiplier needs an init_image: it scales the noise img2img adds to it")
         if self.masked_content not in MASKED_CONTENT:
             raise GenerationError(
                 f"unknown masked_content {self.masked_content!r}; use one of: {', '.join(MASKED_CONTENT)}"
             )
         if self.masked_content != "original" and self.mask is None:
-            raise GenerationError(f"masked_content {self.masked_content!r} needs a mask (it fills the masked area)")
+            raise GenerationError(f"masked_content {self.masked_content!r} needs a mask (inpainting)")
         self.control_units()  # the tuple forms parse
         from sdengine.io.resize import resize_mode_name
 
@@ -344,6 +345,16 @@ class GenerationRequest:
             )
         if not isinstance(self.tiling, bool | np.bool_):
             raise GenerationError(f"tiling must be true or false, got {self.tiling!r}")
+        delta = self.noise_seed_delta
+        if not _is_int(delta) or not 0 <= delta <= MAX_SEED_DELTA:
+            raise GenerationError(f"noise_seed_delta must be an integer in [0, {MAX_SEED_DELTA}], got {delta!r}")
+        m = self.noise_multiplier
+        if not _is_number(m) or not 0.0 <= m <= MAX_NOISE_MULTIPLIER:
+            raise GenerationError(f"noise_multiplier must be a number in [0, {MAX_NOISE_MULTIPLIER:g}], got {m!r}")
+        if m != 1 and self.init_image is None:
+            raise GenerationError(
+                f"noise_multiplier {m:g} scales the noise added to an init image: it needs one (img2img, inpainting)"
+            )
         resize_from = {"seed_resize_from_w": self.seed_resize_from_w, "seed_resize_from_h": self.seed_resize_from_h}
         for side, pixels in resize_from.items():
             if not _is_int(pixels) or not -1 <= pixels <= MAX_SEED_RESIZE:

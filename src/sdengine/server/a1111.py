@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import inspect
 import io
 import json
 import math
@@ -32,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sdengine.diffusion import sampling
 from sdengine.io.resize import resize_image, resize_mode_name
-from sdengine.server.errors import BadRequest, NotFound
+from sdengine.server.errors import BadRequest, NotFound, ServerFault, Unprocessable
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job
 from sdengine.server.requests import ControlRequest
 
@@ -40,15 +41,10 @@ A1111_VERSION = "v1.10.1"  # the A1111 API whose shapes this follows
 
 # Fields that do nothing at these values (A1111's own defaults or neutral settings): not reported.
 NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
-    "styles": ([], None),
     "restore_faces": (False, None),
     "do_not_save_samples": (False, True, None),
     "do_not_save_grid": (False, True, None),
-    "s_churn": (0, 0.0, None),
-    "s_tmax": (0, 0.0, None),
-    "s_tmin": (0, 0.0, None),
-    "s_noise": (1, 1.0, None),
-    "override_settings_restore_afterwards": (True, None),  # false (keep them set) is not done: listed
+    "override_settings_restore_afterwards": None,  # false: the overrides stay set afterwards, as in A1111
     "script_args": None,  # read only with a script_name, which is refused
     "script_name": (None, ""),
     "enable_hr": (False, None),
@@ -56,7 +52,7 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "firstphase_width": (0, None),
     "firstphase_height": (0, None),
     "image_cfg_scale": None,
-    "initial_noise_multiplier": (1, 1.0, None),  # img2img reads it (its "Noise multiplier"); txt2img has none
+    "initial_noise_multiplier": (1, 1.0, None),  # img2img's (IMG2IMG_USED); txt2img has none (in A1111 too)
     "inpaint_full_res_padding": None,
     "inpaint_full_res": None,  # "only masked" (true) or "whole picture": both done
     "refiner_checkpoint": (None, ""),
@@ -64,7 +60,7 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "comments": (None, {}),
     "sampler_index": None,
     "include_init_images": None,
-    "inpainting_fill": None,  # all four done: "fill" on the image, "original", "latent noise", "latent nothing"
+    "inpainting_fill": (0, 1, None),  # "fill" and "original"; 2 and 3 in the latent (LATENT_FILLS), others listed
     "latent_mask": (None,),
     "infotext": None,  # read (apply_infotext)
     "firstpass_image": (None,),
@@ -97,31 +93,60 @@ SAME_SAMPLER = (None, "", "Use same sampler")  # A1111's UI value for "the first
 SAME_SCHEDULER = (None, "", "Use same scheduler")
 
 
-def eta_option(body: dict[str, Any], sampler: Any, schedule: Any, ignored: list[str]) -> dict[str, float] | None:
-    """A1111's ``eta`` as the sampler's option where the sampler takes one (its ancestral and SDE samplers,
-    DDIM); with a sampler that has none it changes nothing in A1111 either. With the hires fix, a second-pass
-    sampler without one makes it listed as ignored (sdengine gives both passes the same options)."""
-    eta = body.get("eta")
-    if eta is None:
+# A1111's sampler fields, passed to the samplers that take them as k-diffusion's options (A1111's
+# ``sampler_extra_params``: churn for Euler, Heun, DPM2; s_noise for those and DPM2 a, DPM++ SDE, DPM++ 2M SDE),
+# with the value that does nothing (not passed, as A1111 passes nothing then); ``eta`` has no such value.
+SAMPLER_FIELDS: dict[str, float | None] = {"eta": None, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
+
+
+def eta_option(
+    body: dict[str, Any], sampler: Any, schedule: Any, ignored: list[str], notes: list[str] | None = None
+) -> dict[str, float] | None:
+    """A1111's ``eta``, ``s_churn``, ``s_tmin``, ``s_tmax`` (0: no upper bound, as A1111) and ``s_noise`` as the
+    sampler's options where the sampler takes them (eta: its ancestral and SDE samplers, DDIM; the others as
+    A1111's ``sampler_extra_params``); with a sampler that has none it changes nothing in A1111 either (said in
+    ``notes`` for the s_* fields). With the hires fix, a second-pass sampler without one makes it listed as
+    ignored (sdengine gives both passes the same options)."""
+    from sdengine.server.requests import OPTION_LIMITS
+
+    wanted: dict[str, float] = {}
+    for key, neutral in SAMPLER_FIELDS.items():
+        v = body.get(key)
+        if v is None:
+            continue
+        lo, hi = OPTION_LIMITS[key]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not lo <= v <= hi:
+            raise BadRequest(f"{key} must be a number in [{lo:g}, {hi:g}], got {v!r}")
+        if v != neutral:
+            wanted[key] = float(v)
+    if not wanted:
         return None
-    if isinstance(eta, bool) or not isinstance(eta, int | float) or not math.isfinite(eta) or not 0 <= eta <= 10:
-        raise BadRequest(f"eta must be a number in [0, 10], got {eta!r}")
     try:
         name, _ = sampling.resolve(sampler, schedule)
     except (ValueError, TypeError):
         return None  # the build names the bad sampler
-    if "eta" not in sampling.sampler_option_names(name):
-        return None
+    takes = set(sampling.sampler_option_names(name))
+    defaults = {p.name: p.default for p in inspect.signature(sampling.SAMPLERS[name].fn).parameters.values()}
+    hr_takes = None
     hr = body.get("hr_sampler_name")
     if body.get("enable_hr") and hr not in SAME_SAMPLER:
         try:
             hr_name, _ = sampling.resolve(hr, None)
         except (ValueError, TypeError):
             return None
-        if "eta" not in sampling.sampler_option_names(hr_name):
-            ignored.append("eta")
-            return None
-    return {"eta": float(eta)}
+        hr_takes = set(sampling.sampler_option_names(hr_name))
+    out = {}
+    for key, v in wanted.items():
+        if key not in takes:
+            if key != "eta" and notes is not None:
+                notes.append(f"{key}: the sampler {sampling.SAMPLERS[name].a1111} does not use it (nor does A1111's)")
+        elif v == defaults.get(key):  # the sampler's own default (webuiapi's eta 1.0) changes nothing: as A1111,
+            continue  # not written in the infotext then
+        elif hr_takes is not None and key not in hr_takes:
+            ignored.append(key)
+        else:
+            out[key] = v
+    return out or None
 
 
 USED = {
@@ -151,10 +176,17 @@ USED = {
     "resize_mode",
     "disable_extra_networks",
     "eta",
+    "styles",
+    "s_churn",
+    "s_tmin",
+    "s_tmax",
+    "s_noise",
     "tiling",
     "seed_resize_from_w",  # A1111's "Resize seed from": both above 0, else it does nothing (there too)
     "seed_resize_from_h",
 }
+LATENT_FILLS = {2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill -> masked_content
+IMG2IMG_USED = {"initial_noise_multiplier"}  # A1111's img2img fields that its txt2img does not have
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network tag (<lora:...>, <hypernet:...>)
 # The unit keys read above, and the extension's keys that do not change the image.
 UNIT_KEYS = {
@@ -211,6 +243,7 @@ class Txt2ImgRequest(BaseModel):
     hr_scheduler: str | None = None
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
+    styles: list[str] = Field(default_factory=list)  # names in the server's --styles-file (A1111's styles.csv)
 
     @model_validator(mode="before")
     @classmethod
@@ -264,6 +297,19 @@ class ExtrasRequest(BaseModel):
     upscaler_2: str | None = "None"
     extras_upscaler_2_visibility: float = 0.0
     upscale_first: bool = False
+
+
+class DetectRequest(BaseModel):
+    """The ControlNet extension's ``/controlnet/detect`` body (its names and defaults)."""
+
+    model_config = ConfigDict(extra="allow")
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = Field(default_factory=list)
+    controlnet_images: list[str] = Field(default_factory=list)  # what webuiapi's controlnet_detect sends instead
+    controlnet_processor_res: int = 512
+    controlnet_threshold_a: float = 64
+    controlnet_threshold_b: float = 64
+    low_vram: bool = False  # changes no map
 
 
 class ExtrasBatchRequest(ExtrasRequest):
@@ -486,11 +532,6 @@ def only_masked(
     return cut, cut_mask, finish
 
 
-# A1111's inpainting_fill ("Masked content"): 0 "fill" (the image's colours, done here on the image), 1
-# "original", 2 "latent noise", 3 "latent nothing" (the pipeline's masked_content)
-INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
-
-
 SIZE_VALUE = re.compile(r"^(\d+)x(\d+)$")
 
 
@@ -521,7 +562,7 @@ def _ignored(body: dict[str, Any], txt2img: bool = False) -> list[str]:
     out = []
     hr = bool(body.get("enable_hr"))
     for k, v in body.items():
-        if k in USED or (txt2img and hr and k in HR_USED):
+        if k in USED or (txt2img and hr and k in HR_USED) or (not txt2img and k in IMG2IMG_USED):
             continue
         if k.startswith(HR_FIELDS) and not hr:
             continue
@@ -660,6 +701,17 @@ def _num(v: Any, what: str) -> float:
 DECODE_METHODS = {"Full": "full", "TAESD": "tiny"}
 
 
+def check_ensd(value: Any) -> int:
+    """A1111's ``eta_noise_seed_delta`` (ENSD): an integer in [0, 2**32 - 1]; A1111's null means 0."""
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise BadRequest(f"eta_noise_seed_delta must be an integer in [0, {2**32 - 1}], got {value!r}")
+    return value
+
+
 def decode_method(value: Any, option: str = "sd_vae_decode_method") -> str:
     if not isinstance(value, str) or value not in DECODE_METHODS:
         raise BadRequest(f"{option} must be one of {', '.join(DECODE_METHODS)}, got {value!r}")
@@ -700,24 +752,78 @@ def install(app: FastAPI, services: Any) -> None:
             raise BadRequest(f"infotext: {e}") from None
         sent = req.model_dump(exclude_unset=True)
         filled = {INFOTEXT_FIELDS[k]: v for k, v in found.items() if k in INFOTEXT_FIELDS}
+        if not hires and "noise_multiplier" in found:  # img2img's (txt2img has no such field)
+            filled["initial_noise_multiplier"] = found["noise_multiplier"]
+        for key, value in (found.get("sampler_options") or {}).items():  # "Eta", "Sigma churn", ...
+            if key in SAMPLER_FIELDS:
+                filled[key] = value
         filled = {k: v for k, v in filled.items() if k not in sent}
         over = dict(sent.get("override_settings") or {})
         settings = {
             "CLIP_stop_at_last_layers": found.get("clip_skip", 1),
-            "initial_noise_multiplier": found.get("noise_multiplier", 1.0),  # A1111's "Noise multiplier" setting
             "sd_vae_decode_method": "TAESD" if found.get("vae_decode") == "tiny" else "Full",
             "sd_vae_encode_method": "TAESD" if found.get("vae_encode") == "tiny" else "Full",
         }
+        if "noise_seed_delta" in found:  # "ENSD", as A1111 maps it (only when the infotext has one: no default)
+            settings["eta_noise_seed_delta"] = found["noise_seed_delta"]
         for name, value in settings.items():  # as A1111: only where it differs from the current option
-            default = {"CLIP_stop_at_last_layers": 1, "initial_noise_multiplier": 1.0}.get(name, "Full")
-            if name not in over and value != options.get(name, default):
+            if name not in over and value != options.get(name, {"CLIP_stop_at_last_layers": 1}.get(name, "Full")):
                 over[name] = value
         if over:
             filled["override_settings"] = over
         return type(req)(**{**sent, **filled})
 
+    styles_seen: dict[str, Any] = {}  # the styles file's (mtime, size) and its styles, read again when it changes
+
+    def prompt_styles() -> dict[str, Any]:
+        """The styles of the server's styles file (none without one), read again whenever the file changed."""
+        from sdengine.prompts import PromptError, read_styles
+
+        path = services.config.styles_file
+        if path is None:
+            return {}
+        try:
+            st = path.stat()
+            key = (st.st_mtime_ns, st.st_size)
+            if styles_seen.get("key") != key:
+                styles_seen.update(key=key, styles=read_styles(path))
+        except (OSError, PromptError) as e:
+            raise ServerFault(f"the server's styles file cannot be read: {e}") from None
+        return dict(styles_seen["styles"])
+
+    def with_styles(req: Txt2ImgRequest) -> Txt2ImgRequest:
+        """The request with its ``styles`` merged into its prompts (and the hires fix's own prompts) as A1111 merges
+        them; an unknown name is a 400 (A1111 would run the prompt without it)."""
+        if not req.styles:
+            return req
+        from sdengine.prompts import apply_styles
+
+        known = prompt_styles()
+        unknown = [n for n in req.styles if n not in known]
+        if unknown:
+            where = (
+                f"the server's styles: {', '.join(known) or 'none'} (GET /sdapi/v1/prompt-styles)"
+                if services.config.styles_file is not None
+                else "the server has no styles file (sdengine serve --styles-file FILE)"
+            )
+            raise BadRequest(f"unknown style {unknown[0]!r}; {where}")
+        chosen = [known[n] for n in req.styles]
+        prompt, negative = apply_styles(req.prompt, req.negative_prompt, chosen)
+        update = {"prompt": prompt, "negative_prompt": negative}
+        if req.hr_prompt or req.hr_negative_prompt:  # "" stays "": the (styled) prompt's, as in A1111
+            hr = apply_styles(req.hr_prompt, req.hr_negative_prompt, chosen)
+            update.update(
+                hr_prompt=hr[0] if req.hr_prompt else "", hr_negative_prompt=hr[1] if req.hr_negative_prompt else ""
+            )
+        return req.model_copy(update=update)
+
     def generation_fields(
-        req: Txt2ImgRequest, body: dict[str, Any], ignored: list[str], init: str | None, image_mode: int | None = None
+        req: Txt2ImgRequest,
+        body: dict[str, Any],
+        ignored: list[str],
+        init: str | None,
+        image_mode: int | None = None,
+        notes: list[str] | None = None,
     ) -> dict[str, Any]:
         """The build_generation fields of a request. ``image_mode``: img2img's resize mode (0, 1, 2) for the
         init image; sdengine fits the init and the control images in one mode, so a unit of another mode is
@@ -725,9 +831,6 @@ def install(app: FastAPI, services: Any) -> None:
         over = dict(req.override_settings or {})
         clip_skip = over.pop("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
         clip_l = over.pop("sdxl_clip_l_skip", options.get("sdxl_clip_l_skip", False))
-        noise_multiplier = over.pop("initial_noise_multiplier", None)  # img2img's (A1111: over the option)
-        if noise_multiplier is not None and init is None:
-            ignored.append("override_settings.initial_noise_multiplier")  # txt2img has none (A1111 neither)
         if not isinstance(clip_l, bool):
             raise BadRequest(f"sdxl_clip_l_skip must be true or false, got {clip_l!r}")
         model = over.pop("sd_model_checkpoint", None)
@@ -735,6 +838,8 @@ def install(app: FastAPI, services: Any) -> None:
         vae_encode = decode_method(
             over.pop("sd_vae_encode_method", options.get("sd_vae_encode_method", "Full")), "sd_vae_encode_method"
         )
+        ensd = over.pop("eta_noise_seed_delta", options.get("eta_noise_seed_delta", 0))  # A1111's ENSD
+        ensd = check_ensd(ensd)
         # the extension's "Do not append detectmap to output" (an option, or per request)
         no_detectmap = over.pop("control_net_no_detectmap", options.get("control_net_no_detectmap", False))
         if not isinstance(no_detectmap, bool):
@@ -761,11 +866,11 @@ def install(app: FastAPI, services: Any) -> None:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise BadRequest(f"seed_resize_from_{side} must be an integer, got {v!r}")
         sampler = req.sampler_name or req.sampler_index or "Euler"  # A1111's names and k_ aliases: sampling.resolve
-        sampler_options = eta_option(body, sampler, req.scheduler, ignored)
+        sampler_options = eta_option(body, sampler, req.scheduler, ignored, notes)
         prompt = req.prompt
         if body.get("disable_extra_networks"):  # A1111 takes the tags out of the prompt and applies none
             prompt = EXTRA_NETWORK.sub("", prompt) if isinstance(prompt, str) else prompt
-        out = dict(
+        return dict(
             model=model,
             prompt=prompt,
             negative_prompt=req.negative_prompt,
@@ -795,12 +900,10 @@ def install(app: FastAPI, services: Any) -> None:
             tiling=body.get("tiling", False),
             # A1111 draws the noise at that size only when both are above 0
             seed_resize_from=(resize_from[0], resize_from[1]) if min(resize_from) > 0 else None,
+            noise_seed_delta=ensd,
             # the units whose detected map the answer appends (the extension's), taken out by run()
             detect_maps=[] if no_detectmap else detect_maps,
         )
-        if init is not None:
-            out["noise_multiplier_override"] = noise_multiplier  # taken out by img2img()
-        return out
 
     def build_scaled(fields: dict[str, Any], processor_res: dict[int, int]) -> Any:
         """The build, with each preprocessed unit's image scaled to its ``processor_res`` first."""
@@ -817,6 +920,7 @@ def install(app: FastAPI, services: Any) -> None:
         ignored: list[str],
         finish: Callable[[Image.Image], Image.Image] | None = None,
         notes: list[str] | None = None,
+        styled: Txt2ImgRequest | None = None,
     ) -> JSONResponse:
         processor_res = fields.pop("processor_res", {})
         detect_maps = fields.pop("detect_maps", [])
@@ -826,9 +930,12 @@ def install(app: FastAPI, services: Any) -> None:
             generation = await run_in_threadpool(build_scaled, fields, processor_res)
         if finish is not None:
             generation.finish = finish
+        if (req.model_extra or {}).get("override_settings_restore_afterwards") is False and req.override_settings:
+            # A1111 leaves the overrides set after such a call: they become the options of later jobs
+            options.update(checked_options(req.override_settings)[0])
         job, _ = services.submit(generation, protocol="a1111", save=req.save_images, task_id=req.force_task_id)
         await job.wait_finished()
-        return _response(job, req, ignored, notes or [], detect_maps)
+        return _response(job, req, ignored, notes or [], detect_maps, styled)
 
     def detected_maps(job: Job, units: list[int], final: tuple[int, int] | None) -> list[Image.Image]:
         """The extension's detected maps of ``units`` (places in the job's units): each unit's control image
@@ -848,7 +955,12 @@ def install(app: FastAPI, services: Any) -> None:
         return out
 
     def _response(
-        job: Job, req: Txt2ImgRequest, ignored: list[str], notes: list[str], detect_maps: list[int] | None = None
+        job: Job,
+        req: Txt2ImgRequest,
+        ignored: list[str],
+        notes: list[str],
+        detect_maps: list[int] | None = None,
+        styled: Txt2ImgRequest | None = None,
     ) -> JSONResponse:
         if job.state == FAILED:
             status = 500 if (job.error or "").startswith("internal error") else 400
@@ -881,9 +993,10 @@ def install(app: FastAPI, services: Any) -> None:
         recorded = parse_parameters(texts[0]) if texts and texts[0] else {}  # the hashes the image was made with
         info = {
             "prompt": req.prompt,
-            "all_prompts": [req.prompt] * len(seeds),
+            # as A1111: the request's prompts, and every image's with the styles merged in
+            "all_prompts": [(styled or req).prompt] * len(seeds),
             "negative_prompt": req.negative_prompt,
-            "all_negative_prompts": [req.negative_prompt] * len(seeds),
+            "all_negative_prompts": [(styled or req).negative_prompt] * len(seeds),
             "seed": seeds[0],
             "all_seeds": seeds,
             "subseed": subseeds[0],
@@ -907,7 +1020,7 @@ def install(app: FastAPI, services: Any) -> None:
             "extra_generation_params": {"Schedule type": SCHEDULE_A1111[kw["schedule"]]},
             "index_of_first_image": 0,
             "infotexts": texts,
-            "styles": styles if isinstance(styles := (req.model_extra or {}).get("styles"), list) else [],
+            "styles": req.styles,
             "job_timestamp": datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
             "clip_skip": kw["clip_skip"],
             "is_using_inpainting_conditioning": False,
@@ -944,7 +1057,9 @@ def install(app: FastAPI, services: Any) -> None:
         ignored = _ignored(body, txt2img=True)
         if "resize_mode" in body:  # an img2img field (txt2img fits ControlNet images by their units' modes)
             ignored.append("resize_mode")
-        fields = generation_fields(req, body, ignored, None)
+        notes: list[str] = []
+        styled = with_styles(req)
+        fields = generation_fields(styled, body, ignored, None, notes=notes)
         if req.enable_hr:
             hires = {
                 "hr_scale": req.hr_scale,
@@ -954,12 +1069,12 @@ def install(app: FastAPI, services: Any) -> None:
                 "hr_resize_y": req.hr_resize_y,
                 "hr_sampler": None if req.hr_sampler_name in SAME_SAMPLER else req.hr_sampler_name,
                 "hr_schedule": None if req.hr_scheduler in SAME_SCHEDULER else req.hr_scheduler,
-                "hr_prompt": req.hr_prompt,
-                "hr_negative_prompt": req.hr_negative_prompt,
+                "hr_prompt": styled.hr_prompt,
+                "hr_negative_prompt": styled.hr_negative_prompt,
             }
             strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
             fields.update(hires=hires, strength=strength, strength_rule="a1111")  # A1111's step count
-        return await run(req, fields, ignored)
+        return await run(req, fields, ignored, notes=notes, styled=styled)
 
     @app.post("/sdapi/v1/img2img", tags=["a1111"])
     async def img2img(req: Img2ImgRequest) -> JSONResponse:
@@ -972,42 +1087,34 @@ def install(app: FastAPI, services: Any) -> None:
             ignored.append("init_images[1:]")
         if not req.mask:  # the inpainting fields do nothing without a mask (in A1111 too)
             ignored = [k for k in ignored if k not in ("inpainting_fill", "inpaint_full_res")]
-        fill = req.inpainting_fill
-        if req.mask and (isinstance(fill, bool) or fill not in INPAINTING_FILL):
-            raise BadRequest(
-                f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), got {fill!r}"
-            )
+        elif req.inpainting_fill in LATENT_FILLS:  # done in the latent by the pipeline
+            ignored = [k for k in ignored if k != "inpainting_fill"]
+        elif req.inpainting_fill not in (0, 1) and "inpainting_fill" not in ignored:
+            ignored.append("inpainting_fill")  # A1111 has no such masked content
         mode = req.resize_mode
         if isinstance(mode, bool) or mode not in RESIZE_MODES:  # 3, "Just resize (latent upscale)": not done
             ignored.append("resize_mode")
             mode = 0
-        fields = generation_fields(req, body, ignored, req.init_images[0], mode)
-        strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
         notes: list[str] = []
+        styled = with_styles(req)
+        fields = generation_fields(styled, body, ignored, req.init_images[0], mode, notes)
+        strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
         blur = _mask_blur(body)
         # A1111's step count: int(min(strength, 0.999) * steps) + 1 steps, one even at strength 0
         fields.update(init_image=req.init_images[0], mask=None, mask_blur=0.0, strength=strength, strength_rule="a1111")
-        # A1111's "Noise multiplier for img2img": the request's, else the option's (1: none)
-        multiplier = body.get("initial_noise_multiplier")
-        override = fields.pop("noise_multiplier_override", None)
-        if multiplier is None:  # A1111: the request's, else the option (an override_settings one first)
-            multiplier = override if override is not None else options.get("initial_noise_multiplier", 1.0)
-        if isinstance(multiplier, bool) or not isinstance(multiplier, int | float):
-            raise BadRequest(f"initial_noise_multiplier must be a number, got {multiplier!r}")
-        ignored = [k for k in ignored if k != "initial_noise_multiplier"]
-        if multiplier != 1:
-            fields["noise_multiplier"] = float(multiplier)
+        if req.mask and req.inpainting_fill in LATENT_FILLS:
+            fields["masked_content"] = LATENT_FILLS[req.inpainting_fill]
+        if body.get("initial_noise_multiplier") is not None:  # A1111's "Noise multiplier" (checked by the build)
+            fields["noise_multiplier"] = body["initial_noise_multiplier"]
         finish = None
         if req.mask:
-            if fill in (2, 3):  # A1111's latent fills: the masked init latent's content
-                fields["masked_content"] = INPAINTING_FILL[fill]
             size: tuple[int, int] | None = (req.width, req.height)
             if not all(isinstance(v, int) and 8 <= v <= services.config.max_side for v in (req.width, req.height)):
                 size = None  # refused by the request's checks
             finish = await run_in_threadpool(
                 inpaint_fields, fields, req, body, blur, resize_mode_name(mode), size, notes, ignored
             )
-        return await run(req, fields, list(dict.fromkeys(ignored)), finish, notes)
+        return await run(req, fields, list(dict.fromkeys(ignored)), finish, notes, styled)
 
     def inpaint_fields(
         fields: dict[str, Any],
@@ -1158,7 +1265,9 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.post("/sdapi/v1/skip", tags=["a1111"])
     async def skip(request: Request) -> dict[str, Any]:
-        jobs = await targets(request)
+        # a running job's current batch only: a queued job has none yet, and A1111 clears a skip when a job begins
+        # (State.begin), so a skip sent to a job still waiting used to eat its first batch once it ran
+        jobs = [j for j in await targets(request) if j.state == "running"]
         for j in jobs:
             j.skip.set()
         return {"skipped": [j.task_id for j in jobs]}
@@ -1231,12 +1340,18 @@ def install(app: FastAPI, services: Any) -> None:
         "hypernetworks",
         "face-restorers",
         "realesrgan-models",
-        "prompt-styles",
         "sd-modules",
     ):
         app.add_api_route(
             f"/sdapi/v1/{path}", _empty_list, methods=["GET"], tags=["a1111"], name=f"a1111_{path.replace('-', '_')}"
         )
+
+    @app.get("/sdapi/v1/prompt-styles", tags=["a1111"])
+    def a1111_prompt_styles() -> list[dict[str, Any]]:
+        """The styles of ``--styles-file`` (A1111's PromptStyleItem), in the file's order; none without one."""
+        return [
+            {"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in prompt_styles().values()
+        ]
 
     @app.get("/sdapi/v1/upscalers", tags=["a1111"])
     def upscalers() -> list[dict[str, Any]]:
@@ -1340,10 +1455,18 @@ def install(app: FastAPI, services: Any) -> None:
     def set_options(body: dict[str, Any]) -> dict[str, Any]:
         """``sd_model_checkpoint`` switches the model of later jobs (loaded by each worker before its next job);
         ``CLIP_stop_at_last_layers`` sets their clip skip (A1111's: SD 1.x's CLIP only; ``sdxl_clip_l_skip``: SDXL's
-        CLIP-L too), ``sd_vae_decode_method`` ("Full" or "TAESD") how their
-        latents are decoded (TAESD: the model's tiny VAE), ``sd_vae_encode_method`` how their init images are
-        encoded. Other options are listed as ignored."""
-        changes: dict[str, Any] = {}  # every value checked before any is set: a refused request changes nothing
+        CLIP-L too), ``eta_noise_seed_delta`` their ENSD,
+        ``sd_vae_decode_method`` ("Full" or "TAESD") how their latents are decoded (TAESD: the model's tiny VAE),
+        ``sd_vae_encode_method`` how their init images are encoded. Other options are listed as ignored."""
+        changes, ignored = checked_options(body)  # every value checked before any is set: a refused one changes nothing
+        options.update(changes)
+        applied = list(changes)
+        return {"applied": applied, "ignored": ignored}
+
+    def checked_options(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """The options of ``body`` sdengine has, checked (a BadRequest for a bad value), and the names of the
+        others."""
+        changes: dict[str, Any] = {}
         ignored = []
         for k, v in body.items():
             if k == "sd_model_checkpoint":
@@ -1357,27 +1480,60 @@ def install(app: FastAPI, services: Any) -> None:
             elif k in ("sd_vae_decode_method", "sd_vae_encode_method"):
                 decode_method(v, k)
                 changes[k] = v
-            elif k == "initial_noise_multiplier":  # A1111's "Noise multiplier for img2img"
-                if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 10:
-                    raise BadRequest("initial_noise_multiplier must be a number in (0, 10]")
-                changes[k] = v
             elif k == "sdxl_clip_l_skip":  # A1111's "Clip skip SDXL": the Clip skip reaches SDXL's CLIP-L too
                 if not isinstance(v, bool):
                     raise BadRequest("sdxl_clip_l_skip must be true or false")
                 changes[k] = v
+            elif k == "eta_noise_seed_delta":
+                changes[k] = check_ensd(v)
             elif k == "control_net_no_detectmap":  # the ControlNet extension's "Do not append detectmap"
                 if not isinstance(v, bool):
                     raise BadRequest("control_net_no_detectmap must be true or false")
                 changes[k] = v
             else:
                 ignored.append(k)
-        options.update(changes)
-        applied = list(changes)
-        return {"applied": applied, "ignored": ignored}
+        return changes, ignored
 
     @app.get("/controlnet/version", tags=["a1111"])
     def cn_version() -> dict[str, Any]:
         return {"version": 2}
+
+    @app.post("/controlnet/detect", tags=["a1111"])
+    def cn_detect(req: DetectRequest) -> dict[str, Any]:
+        """The extension's preprocessor run on each image, as a unit with that module would get it (scaled to
+        ``controlnet_processor_res`` on its short side first) -> ``{images, info}``; an unknown module or no
+        image is its 422."""
+        from sdengine.server.requests import run_preprocessor
+
+        unknown = sorted(set(req.model_extra or {}))
+        if unknown:
+            raise BadRequest(f"unknown detect fields: {', '.join(unknown)}")
+        module = req.controlnet_module.strip().lower()
+        if module not in MODULES:
+            raise Unprocessable(f"Module not available: {req.controlnet_module!r}; available: {', '.join(MODULES)}")
+        images = req.controlnet_input_images or req.controlnet_images
+        if not images:
+            raise Unprocessable("No image selected: send base64 images in controlnet_input_images")
+        if len(images) > 64:
+            raise BadRequest(f"at most 64 images per detect call, got {len(images)}")
+        res = req.controlnet_processor_res
+        if not 64 <= res <= 2048:
+            raise BadRequest(f"controlnet_processor_res must be an integer in [64, 2048], got {res}")
+        kind = MODULES[module]
+        a, b = req.controlnet_threshold_a, req.controlnet_threshold_b
+        options: dict[str, float] = {}
+        if kind == "canny":  # -1 is the extension's "default" (100, 200)
+            options = {"low": 100.0 if a == -1 else a, "high": 200.0 if b == -1 else b}
+        elif kind in ("threshold", "scribble") and a != -1:
+            options = {"threshold": a}
+        out = []
+        for k, data in enumerate(images):
+            image = services.uploads.image(data, f"controlnet_input_images[{k}]")
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            if kind != "none":
+                image = processor_resize(image, res)
+            out.append(_b64_png(run_preprocessor(kind, image, options, k)))
+        return {"images": out, "info": "Success"}
 
     @app.get("/controlnet/model_list", tags=["a1111"])
     def cn_models() -> dict[str, Any]:

@@ -132,6 +132,8 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         max_batch_rows=config.max_batch,
         preview=config.preview,
         affinity_s=config.model_affinity_s,
+        max_queued_per_client=config.max_queued_per_client,
+        fair=config.fair_queue,
     )
     services = Services(
         config,
@@ -144,6 +146,7 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
             "sdxl_clip_l_skip": False,  # A1111's "Clip skip SDXL": its Clip skip for SDXL's CLIP-L too
             "sd_vae_decode_method": "Full",
             "sd_vae_encode_method": "Full",
+            "eta_noise_seed_delta": 0,  # A1111's ENSD
         },
     )
 
@@ -217,16 +220,28 @@ def make_server(app: FastAPI, *, host: str, port: int, grace: float = 10.0, **uv
 _ERROR_SCHEMA = {
     "type": "object",
     "properties": {
-        "detail": {"type": "string"},
-        "error": {"type": "object", "properties": {"message": {"type": "string"}, "type": {"type": "string"}}},
+        # one line; a request the schemas refuse has FastAPI's list of what each field got wrong
+        "detail": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            },
+            "required": ["message", "type"],
+        },
     },
+    "required": ["error"],
 }
+OPENAI_IMAGE_ROUTES = "/v1/images/generations", "/v1/images/edits", "/v1/images/variations"
 _PNG = {"image/png": {"schema": {"type": "string", "format": "binary"}}}
 _NATIVE_ERRORS = {  # the native routes' answers besides 200 and 422, as they really are
     ("post", "/v1/jobs"): {
         "400": "a value the server or the pipeline refuses (one line)",
         "413": "body or image over the limits",
-        "429": "the queue is full (Retry-After)",
+        "429": "the queue, or this client's share of it (--max-queued-per-client), is full (Retry-After)",
         "503": "the server is stopping (Retry-After)",
     },
     ("post", "/v1/uploads"): {"400": "not a PNG, JPEG or WebP image", "413": "body or image over the limits"},
@@ -235,6 +250,7 @@ _NATIVE_ERRORS = {  # the native routes' answers besides 200 and 422, as they re
     ("get", "/v1/jobs/{job_id}/events"): {"404": "no such job (or forgotten)"},
     ("get", "/v1/jobs/{job_id}/preview"): {"400": "no preview yet", "404": "no such job (or forgotten)"},
     ("get", "/v1/images/{name}"): {"400": "not a PNG name in the outputs folder", "404": "no such image"},
+    ("get", "/v1/models/{model_id}"): {"404": "no such model (OpenAI's shape: param model, code model_not_found)"},
 }
 
 
@@ -262,13 +278,15 @@ def _install_openapi(app: FastAPI, config: ServerConfig) -> None:
             ("HiresSpec", "hr_second_pass_steps", config.max_steps),
             ("HiresSpec", "hr_resize_x", config.max_side),
             ("HiresSpec", "hr_resize_y", config.max_side),
-            ("GenerationsRequest", "n", config.max_batch),  # OpenAI's images per request
         ):
             prop = schemas.get(schema, {}).get("properties", {}).get(name, {})
             for option in [prop, *prop.get("anyOf", [])]:
                 if "maximum" in option:
                     option["maximum"] = maximum
         schemas["Error"] = _ERROR_SCHEMA
+        from sdengine.server import openai_images
+
+        openai_images.openapi_paths(spec, config, {"$ref": "#/components/schemas/Error"})
         paths = spec.get("paths", {})
 
         def ok(path: str, method: str, content: dict[str, Any]) -> None:
@@ -332,7 +350,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(validation_body(exc.errors()), status_code=422)
+        # OpenAI answers a field of the wrong type or out of range with 400 (the client's BadRequestError)
+        status = 400 if request.url.path.startswith(OPENAI_IMAGE_ROUTES) else 422
+        return JSONResponse(validation_body(exc.errors()), status_code=status)
 
     from starlette.exceptions import HTTPException
 
@@ -368,6 +388,9 @@ def validation_body(errors: Any) -> dict[str, Any]:
     first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
     loc = [str(x) for x in first.get("loc", []) if x != "body"]
     message = f"{'.'.join(loc) or 'request'}: {first.get('msg', 'invalid')}"
+    if first.get("type") == "json_invalid":  # its loc is the character where the JSON broke, not a field
+        message = f"the body is not valid JSON (it breaks at character {'.'.join(loc) or '?'})"
+        loc = []
     if len(detail) > 1:
         message += f" (and {len(detail) - 1} more)"
     error = {"message": message, "type": "invalid_request_error", "param": loc[0] if loc else None, "code": None}
@@ -501,8 +524,24 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 "tiny_vae_encoder); encode with 'full'"
             )
 
+    def check_not_too_large(generation: Generation) -> None:
+        """A width or height over the model's limit (8x its training size) is a 400 now, when a worker holds the
+        model (its exact limit), instead of a queued job (or a started stream) that fails when it runs."""
+        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        if loaded is None or not callable(getattr(loaded, "max_side", None)):
+            return
+        limit = int(loaded.max_side())
+        for what in ("width", "height"):
+            value = generation.kwargs.get(what)
+            if value is not None and value > limit:
+                raise BadRequest(
+                    f"{what} {value} is over {generation.model_name}'s limit: each side may be at most {limit} px "
+                    "(larger sizes take very long and only repeat the subject)"
+                )
+
     def precheck(generation: Generation) -> None:
         check_size_multiple(generation)
+        check_not_too_large(generation)
         check_tiny_vae(generation)
 
     services.precheck = precheck
@@ -702,3 +741,22 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 for e in catalog.models()
             ],
         }
+
+    @app.get("/v1/models/{model_id:path}", tags=["native", "openai"])
+    def model(model_id: str) -> Any:
+        """One entry of GET /v1/models (OpenAI's ``models.retrieve``); an OpenAI name (``gpt-image-1``...) is the
+        server's current model, as the image routes take it. Unknown: 404 in OpenAI's shape."""
+        from sdengine.server.openai_images import OPENAI_MODEL_PREFIXES
+
+        entries = models()["data"]
+        for entry in entries:
+            if entry["id"] == model_id:
+                return entry
+        if model_id.lower().startswith(OPENAI_MODEL_PREFIXES):
+            for entry in entries:
+                if entry["current"]:
+                    return {**entry, "id": model_id}
+        message = f"model {model_id!r} does not exist here (GET /v1/models lists them)"
+        body = error_body(message, "invalid_request_error")
+        body["error"].update(param="model", code="model_not_found")
+        return JSONResponse(body, status_code=404)

@@ -18,11 +18,14 @@ class ServerConfig:
     controlnets_dir: Path | None = None
     vaes_dir: Path | None = None  # VAE files and folders ComfyUI's VAELoader may name
     embeddings_dir: Path | None = None  # textual-inversion embeddings, used by name in prompts
+    styles_file: Path | None = None  # A1111's prompt styles (styles.csv), by name in A1111 requests' ``styles``
     outputs_dir: Path = Path("outputs")
     api_key: str | None = None
     insecure_no_auth: bool = False
     cors_origins: tuple[str, ...] = ()
     max_queue: int = 64  # jobs waiting (running ones not counted); one more is a 429
+    max_queued_per_client: int = 0  # jobs one client (address) may have waiting; one more is a 429 (0: no limit)
+    fair_queue: bool = True  # round robin between clients' queued jobs (False: one FIFO for all)
     max_body_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096  # of any uploaded image, checked from its header before decoding
     max_side: int = 2048  # width / height of a generated image

@@ -17,6 +17,18 @@ class BadRequest(ServerError, ValueError):
     status = 400
 
 
+class Unprocessable(ServerError, ValueError):
+    """A well-formed request that names nothing usable (the ControlNet extension's 422 answers)."""
+
+    status = 422
+
+
+class ServerFault(ServerError):
+    """The server's own files cannot be read (e.g. its styles file, edited into something broken since start)."""
+
+    status = 500
+
+
 class Unauthorized(ServerError):
     status = 401
 
@@ -45,6 +57,10 @@ class QueueFull(ServerError):
     def __init__(self, message: str, retry_after: int = 5) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ClientQueueFull(QueueFull):
+    """This client already has its share of the queue waiting (``--max-queued-per-client``); others are served."""
 
 
 class ServerStopping(QueueFull):

@@ -1,7 +1,9 @@
-"""The job queue: bounded FIFO, one worker thread per device, per-job cancel, progress and previews.
+"""The job queue: bounded, round robin between clients, one worker thread per device, per-job cancel, progress and
+previews.
 
-FIFO for every protocol but one: a ComfyUI prompt may be placed by its ``front`` flag or priority ``number``
-(sdengine.server.comfy.routes: ComfyUI prompts stay ordered by number among themselves).
+Each client's jobs are FIFO, and clients take turns (``fair``; ``fair=False``: one FIFO; see
+:meth:`JobManager.submit`), for every protocol but one: a ComfyUI prompt may be placed by its ``front`` flag or
+priority ``number`` (sdengine.server.comfy.routes: ComfyUI prompts stay ordered by number among themselves).
 
 A :class:`Job` is one :class:`~sdengine.server.requests.Generation` and its life: queued -> running ->
 done | failed | cancelled. Workers take the job at the head of the queue; each keeps its own pipeline (one model at a
@@ -48,14 +50,17 @@ from typing import Any
 from PIL import Image
 
 from sdengine.errors import SdengineError
-from sdengine.server.errors import BadRequest, NotFound, QueueFull, ServerStopping
+from sdengine.server.errors import BadRequest, ClientQueueFull, NotFound, QueueFull, ServerStopping
 from sdengine.server.requests import Generation
+from sdengine.server.security import REQUEST_CLIENT
 
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = frozenset({DONE, FAILED, CANCELLED})
 SSE_KEEPALIVE_S = 15.0  # an event stream sends a comment line after this many seconds of silence
+FAIR_WAIT_S = 60.0  # round robin never places a new job ahead of one that has waited this long (nothing starves)
+DISCONNECT_POLL_S = 0.5  # an event stream asks whether its client is still there this often while silent
 
 Loader = Callable[[str, str], Any]  # (model reference, device) -> a pipeline
 
@@ -95,6 +100,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     skip: threading.Event = field(default_factory=threading.Event)
     device: str | None = None
+    owner: str | None = None  # the client that sent it (its address; see JobManager.submit): its share of the queue
     _subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, bool]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _preview_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -184,23 +190,37 @@ class Job:
             self.unsubscribe(ev)
 
     async def updates(
-        self, is_disconnected: Callable[[], Awaitable[bool]], keepalive_s: float = SSE_KEEPALIVE_S
+        self,
+        is_disconnected: Callable[[], Awaitable[bool]],
+        keepalive_s: float = SSE_KEEPALIVE_S,
+        poll_s: float = DISCONNECT_POLL_S,
     ) -> AsyncGenerator[bool, None]:
         """What drives an event stream of this job: yields True at once and after every change, False after
-        ``keepalive_s`` of silence (send a keep-alive comment); ends when the client has gone. The caller stops
-        after the final state; use it under ``contextlib.aclosing`` so the subscription ends with the stream.
+        ``keepalive_s`` of silence (send a keep-alive comment); ends when the client has gone, which it asks
+        ``is_disconnected`` after every change and every ``poll_s`` seconds of silence: a stream whose client left
+        stops making the worker encode previews within ``poll_s``, whatever the ASGI server (uvicorn's spec 2.3
+        lets Starlette cancel the stream at once; a server of spec 2.4 tells it only when a send fails). The caller
+        stops after the final state; use it under ``contextlib.aclosing`` so the subscription ends with the stream.
         Its subscriber shows previews: while it is open the worker encodes them as it goes."""
         ev = self.subscribe(previews=True)
         try:
             while True:
                 ev.clear()  # before the caller looks, so that a change while it sends wakes the next turn
                 yield True
-                if await is_disconnected():
-                    return
-                try:
-                    await asyncio.wait_for(ev.wait(), keepalive_s)
-                except TimeoutError:
-                    yield False
+                keepalive_at = time.monotonic() + keepalive_s
+                while True:
+                    if await is_disconnected():
+                        return
+                    left = keepalive_at - time.monotonic()
+                    if left <= 0:
+                        yield False
+                        keepalive_at = time.monotonic() + keepalive_s
+                        continue
+                    try:
+                        await asyncio.wait_for(ev.wait(), min(poll_s, left))
+                        break
+                    except TimeoutError:
+                        pass
         finally:
             self.unsubscribe(ev)
 
@@ -317,6 +337,9 @@ class JobManager:
         max_batch_rows: int = 8,
         preview: str = "auto",
         affinity_s: float = 30.0,
+        max_queued_per_client: int = 0,
+        fair: bool = True,
+        fair_wait_s: float = FAIR_WAIT_S,
     ) -> None:
         self.loader = loader
         self.outputs_dir = Path(outputs_dir)
@@ -327,6 +350,9 @@ class JobManager:
         self.max_batch_jobs = max(1, max_batch_jobs)
         self.max_batch_rows = max(1, max_batch_rows)
         self.affinity_s = affinity_s  # longest a job is skipped for one of a worker's loaded model (0: FIFO)
+        self.max_queued_per_client = max(0, max_queued_per_client)  # a client's most queued jobs (0: no limit)
+        self.fair = fair  # place a client's job after one job of every other client with as many queued (round robin)
+        self.fair_wait_s = fair_wait_s  # a job that has waited this long is not overtaken by a new one any more
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
@@ -391,29 +417,69 @@ class JobManager:
     # -- the queue -------------------------------------------------------------------------------------
 
     def submit(self, job: Job, place: Callable[[list[Job]], int] | None = None) -> int:
-        """Queue ``job``; its position (0 = next). QueueFull when ``max_queue`` jobs are waiting.
+        """Queue ``job``; its position (0 = next). QueueFull when ``max_queue`` jobs are waiting, or when its
+        client already has ``max_queued_per_client`` jobs waiting.
 
-        ``place(queued)`` (called under the queue's lock with the queued jobs, head first) may give the index
-        to insert the job at instead of the end (ComfyUI's ``front`` and priority ``number``)."""
+        The job's ``owner`` (unless set) is the client of the request being handled (its address). With ``fair``
+        the job goes after the jobs of clients that have fewer jobs queued than its own client (round robin between
+        clients: one client's many jobs never make another's one job wait behind all of them); with a single
+        client that is the end of the queue (FIFO). ``place(queued)`` (called under the queue's lock with the
+        queued jobs, head first) may give the index to insert the job at instead (ComfyUI's ``front`` and
+        priority ``number``)."""
+        if job.owner is None:
+            job.owner = REQUEST_CLIENT.get()
         with self._cond:
             if self.stopping:
                 raise ServerStopping("the server is stopping; no job is accepted", retry_after=30)
             if job.id in self._jobs:  # the table is keyed by id: a second job would hide the first
                 raise BadRequest(f"job id {job.id!r} is taken")
+            busy = max(1, len(self.workers))
             if len(self._queue) >= self.max_queue:
-                busy = max(1, len(self.workers))
                 raise QueueFull(
                     f"the queue is full ({self.max_queue} jobs waiting); retry later",
                     retry_after=max(1, len(self._queue) // busy),
                 )
-            index = len(self._queue) if place is None else max(0, min(len(self._queue), place(list(self._queue))))
+            if self.max_queued_per_client:
+                own = [i for i, j in enumerate(self._queue) if j.owner == job.owner]
+                if len(own) >= self.max_queued_per_client:
+                    raise ClientQueueFull(
+                        f"this client ({job.owner}) already has {len(own)} job{'s' * (len(own) != 1)} waiting, its "
+                        f"most (--max-queued-per-client {self.max_queued_per_client}); retry when one has started",
+                        retry_after=max(1, (own[0] + 1) // busy),
+                    )
+            if place is not None:
+                index = max(0, min(len(self._queue), place(list(self._queue))))
+            elif self.fair:
+                index = self._fair_index(job.owner)
+            else:
+                index = len(self._queue)
             self._queue.insert(index, job)
             self._jobs[job.id] = job
             self._forget_old()
             self._cond.notify()
-            moved = list(self._queue)[index + 1 :]  # placed ahead of them (ComfyUI's front / number)
+            moved = list(self._queue)[index + 1 :]  # placed ahead of them (round robin, ComfyUI's front / number)
         self._moved(moved)
         return index
+
+    def _fair_index(self, owner: str | None) -> int:
+        """Where a job of ``owner`` goes (lock held): before the first queued job that is a later turn of its own
+        client than this one's turn, a client's turn counting its running jobs, then its queued ones in order:
+        round robin between clients (a client whose job is running waits behind another's first job). Never ahead
+        of a job that has waited ``fair_wait_s`` or more: new clients arriving all the time cannot starve a client's
+        later jobs."""
+        seen: dict[str | None, int] = {}
+        for j in self._jobs.values():
+            if j.state == RUNNING:
+                seen[j.owner] = seen.get(j.owner, 0) + 1
+        turn = seen.get(owner, 0) + sum(1 for j in self._queue if j.owner == owner)
+        now = time.time()
+        floor = max((i + 1 for i, j in enumerate(self._queue) if now - j.created >= self.fair_wait_s), default=0)
+        for i, j in enumerate(self._queue):
+            t = seen.get(j.owner, 0)
+            if t > turn and i >= floor:
+                return i
+            seen[j.owner] = t + 1
+        return len(self._queue)
 
     def _forget_old(self) -> None:
         """Drop the oldest finished jobs beyond ``keep_jobs``, and the images (results and decoded inputs) of all

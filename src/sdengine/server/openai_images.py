@@ -6,14 +6,19 @@ What the ``openai`` client sends maps onto the pipeline this way:
   image's size rounded down to a multiple of 8); ``response_format`` ``b64_json`` or ``url`` (the PNG in
   the outputs folder, at ``/v1/images/NAME``, so ``url`` takes output_format png only); ``output_format`` png,
   jpeg or webp for ``b64_json``, ``output_compression`` the JPEG/WebP quality (default 100, as OpenAI's);
-  ``quality``, ``style``, ``user``, ``background``, ``moderation`` have no effect but take only OpenAI's values,
-  and ``background`` ``transparent`` is refused (these models draw opaque images).
-* ``edits``: every ``image`` (``image`` or ``image[]``) is edited, ``n`` results each, in order. ``mask``
-  follows OpenAI: fully transparent pixels (alpha 0) are the part to repaint; without a mask, an image's
-  own transparency is its mask; with neither, the whole image is redrawn (img2img, strength 0.75).
-* ``variations``: img2img of the image with an empty prompt (strength 0.75).
-* sdengine extensions (ignored by OpenAI, sent with the client's ``extra_body``): ``seed``, ``steps``,
-  ``negative_prompt``, ``cfg_scale``, ``sampler``, ``schedule``, ``strength``.
+  ``quality``, ``style``, ``user``, ``background``, ``moderation``, ``safety_identifier``, ``complexity``,
+  ``input_fidelity`` have no effect but take only OpenAI's values, and ``background`` ``transparent`` is refused
+  (these models draw opaque images). A field a route does not read is refused (400, ``param`` the field), as
+  OpenAI refuses an unknown parameter; so are OpenAI's ``markup`` and the GIF/SVG fields. A field of the wrong
+  type or out of range is a 400 too (OpenAI's status; the native routes answer those 422).
+* ``edits``: one image (``image``, or the client's one-item list ``image[]``). Several are refused: OpenAI's GPT
+  image models combine them into one new picture (the mask being the first image's), which img2img cannot.
+  ``mask`` follows OpenAI: fully transparent pixels (alpha 0) are the part to repaint (a mask without one, which
+  would edit nothing, is refused); without a mask, the image's own transparency is its mask; with neither, the
+  whole image is redrawn (img2img, strength 0.75).
+* ``variations``: img2img of the one image with an empty prompt (strength 0.75; ``prompt`` is an extension).
+* sdengine extensions (sent with the client's ``extra_body``; OpenAI itself refuses them): ``seed``, ``steps``,
+  ``negative_prompt``, ``cfg_scale``, ``sampler``, ``schedule``, and ``strength`` (edits, variations).
 * ``generations`` with ``stream: true`` (``n`` 1): Server-Sent Events as OpenAI streams them, ``partial_images``
   (0 to 3) ``image_generation.partial_image`` events spread over the steps (the job's previews: the model's tiny
   VAE's picture when it has one, else the latent colour map scaled up to the image's size), then one
@@ -22,6 +27,7 @@ What the ``openai`` client sends maps onto the pipeline this way:
   fails once it runs is one event with an ``error`` object (the client raises it). ``edits`` stream the same
   way (one image, ``n`` 1), as ``image_edit.*`` events.
 * a plain (not streamed) request whose client goes away cancels its jobs (it looks every 0.5 s while waiting).
+* ``openapi_paths`` documents the routes as they behave (the fields each reads, the event stream's events).
 """
 
 from __future__ import annotations
@@ -59,6 +65,28 @@ CHOICES = {
     "moderation": ("auto", "low"),
     "style": ("vivid", "natural"),
     "background": ("auto", "opaque", "transparent"),
+    "complexity": ("low", "medium", "high"),
+    "input_fidelity": ("high", "low"),
+}
+# sdengine's own fields (the client's ``extra_body``)
+EXTENSIONS = ("seed", "steps", "negative_prompt", "cfg_scale", "sampler", "schedule")
+_SHARED = "model n size response_format output_format output_compression quality moderation style background user"
+# the fields each route reads, from a JSON body (generations) or a multipart form (edits, variations); any other
+# field is refused as OpenAI refuses an unknown parameter, never dropped (a misspelt ``seed`` would draw another
+# image). ``safety_identifier``, ``complexity``, ``input_fidelity`` are OpenAI's and change nothing here.
+ROUTE_FIELDS: dict[str, tuple[str, ...]] = {
+    "generations": ("prompt", *_SHARED.split(), "safety_identifier", "complexity", "stream", "partial_images")
+    + EXTENSIONS,
+    "edits": ("image", "mask", "prompt", *_SHARED.split(), "safety_identifier", "complexity", "input_fidelity")
+    + ("stream", "partial_images", *EXTENSIONS, "strength"),
+    "variations": ("image", "prompt", *_SHARED.split(), "safety_identifier", *EXTENSIONS, "strength"),
+}
+# OpenAI's fields this server cannot honour: refused with the reason
+UNSUPPORTED = {
+    "markup": "markup (a drawing over the image to guide the edit) is not supported: send a mask instead",
+    "frame_count": "frame_count is for output_format gif, which this server does not make",
+    "frame_duration_ms": "frame_duration_ms is for output_format gif, which this server does not make",
+    "svg": "svg is for output_format svg, which this server does not make",
 }
 
 
@@ -66,7 +94,7 @@ class GenerationsRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     prompt: str = Field(..., max_length=MAX_PROMPT)
     model: str | None = None
-    n: int | None = Field(1, ge=1, le=64)
+    n: int | None = Field(1, ge=1)  # at most --max-batch-size: checked (and documented) with that limit
     size: str | None = None
     response_format: str | None = "b64_json"
     output_format: str | None = "png"
@@ -75,6 +103,8 @@ class GenerationsRequest(BaseModel):
     user: str | None = None
     background: str | None = None
     moderation: str | None = None
+    safety_identifier: str | None = None
+    complexity: str | None = None
     output_compression: int | None = Field(None, ge=0, le=100)
     seed: int | None = None
     steps: int | None = None
@@ -86,18 +116,39 @@ class GenerationsRequest(BaseModel):
     partial_images: int | None = Field(None, ge=0, le=3)
 
 
-PARAMS = frozenset(
-    "prompt model n size response_format output_format output_compression quality moderation style background "
-    "stream partial_images mask image user seed steps negative_prompt cfg_scale sampler schedule strength".split()
-)
+PARAMS = frozenset(name for fields in ROUTE_FIELDS.values() for name in fields)
+
+
+class ParamError(BadRequest):
+    """A refusal about the request field ``param`` (OpenAI's ``error.param``) that its message does not start with."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_fields(route: str, names: Any) -> None:
+    """Refuse a field ``route`` does not read (its name is the error's ``param``), as OpenAI refuses one; fields sent
+    as ``name[...]`` (``image[]``, ``svg[model]``) are ``name``'s."""
+    known = ROUTE_FIELDS[route]
+    for raw in names:
+        name = str(raw).split("[", 1)[0]
+        if name in known:
+            continue
+        if name in UNSUPPORTED:
+            raise ParamError(UNSUPPORTED[name], name)
+        if route == "variations" and name in ("stream", "partial_images"):
+            raise ParamError(f"{name} is not supported for variations (nor by OpenAI): leave it out", name)
+        raise ParamError(f"unknown parameter {name!r}: /v1/images/{route} takes {', '.join(known)}", name)
 
 
 def param_of(message: str) -> str | None:
     """The request field an error message is about, for OpenAI's ``error.param``: its first word ("size must ...",
-    "unknown model ..."); ``width``/``height`` come from ``size``."""
+    "unknown model ..."); ``width``/``height`` and a ``WxH`` the model refuses ("1024x1024 is too large ...") come
+    from ``size``."""
     words = message.removeprefix("unknown ").split(" ", 1)
     word = words[0].strip("'\":,")
-    word = "size" if word in ("width", "height") else word
+    word = "size" if word in ("width", "height") or _SIZE.match(word) else word
     return word if word in PARAMS else None
 
 
@@ -116,7 +167,7 @@ def openai_errors(route: Any) -> Any:
             from sdengine.server.app import error_body
 
             body = error_body(str(exc), "invalid_request_error")
-            body["error"]["param"] = param_of(str(exc))
+            body["error"]["param"] = getattr(exc, "param", None) or param_of(str(exc))
             return JSONResponse(body, status_code=status)
 
     return wrapper
@@ -179,6 +230,11 @@ def openai_mask(mask: Image.Image) -> Image.Image:
     if mask.mode not in ("RGBA", "LA") and "transparency" not in mask.info:
         raise BadRequest("mask must be a PNG with an alpha channel: transparent pixels mark what to edit")
     alpha = np.asarray(mask.convert("RGBA"))[..., 3]
+    if not (alpha == 0).any():  # the answer would be the image unchanged; often a black-and-white mask, opaque
+        raise BadRequest(
+            "mask has no fully transparent pixel, so nothing would be edited: alpha 0 marks what to edit "
+            "(black or white pixels do not)"
+        )
     return Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), "L")
 
 
@@ -226,6 +282,7 @@ def install(app: FastAPI, services: Any) -> None:
         prompt: str,
         size: str | None,
         compression: int | None = None,
+        quality: str | None = None,
     ) -> Response:
         gens = [await run_in_threadpool(functools.partial(services.build, **f)) for f in fields_list]
         for g in gens:  # a size off the model's multiple: a 400 (param size) before any job is queued
@@ -270,6 +327,7 @@ def install(app: FastAPI, services: Any) -> None:
                 "background": "opaque",
                 "data": data,
                 "output_format": of,
+                "quality": quality or "auto",
                 "size": f"{first.width}x{first.height}" if first else size,
                 "usage": no_usage(),
             }
@@ -299,8 +357,9 @@ def install(app: FastAPI, services: Any) -> None:
     @app.post("/v1/images/generations", tags=["openai"])
     @openai_errors
     async def generations(req: GenerationsRequest, request: Request) -> Response:
+        check_fields("generations", req.model_extra or {})
         rf, of = check_formats(req.response_format, req.output_format)
-        compression = check_options(functools.partial(getattr, req), of)
+        compression = check_options(lambda key: getattr(req, key, None), of)
         check_prompt(req.prompt)
         w, h = parse_size(req.size)
         fields = dict(
@@ -312,18 +371,16 @@ def install(app: FastAPI, services: Any) -> None:
             **common(req.model_dump()),
         )
         if req.stream:
-            check_stream(req.n or 1, rf, 1)
+            check_stream(req.n or 1, rf)
             partial = int(req.partial_images or 0)
             return await stream_one(request, fields, of, partial, compression, "image_generation", req.quality)
         if req.partial_images:
             raise BadRequest("partial_images needs stream: true")
-        return await run_all(request, [fields], rf, of, req.prompt, req.size, compression)
+        return await run_all(request, [fields], rf, of, req.prompt, req.size, compression, req.quality)
 
-    def check_stream(n: int, rf: str, images: int) -> None:
+    def check_stream(n: int, rf: str) -> None:
         if n != 1:
             raise BadRequest("stream takes n=1 (one image per streamed request)")
-        if images > 1:
-            raise BadRequest(f"stream takes one image to edit, got {images}")
         if rf != "b64_json":
             raise BadRequest("stream sends the image itself: response_format must be b64_json")
 
@@ -460,8 +517,9 @@ def install(app: FastAPI, services: Any) -> None:
     @app.post("/v1/images/edits", tags=["openai"])
     @openai_errors
     async def edits(request: Request) -> Response:
-        """multipart: ``image`` or ``image[]`` (one or more), optional ``mask`` (alpha 0 = edit), ``prompt``."""
+        """multipart: one ``image`` (or ``image[]``), optional ``mask`` (alpha 0 = edit), ``prompt``."""
         fields, files = await form_of(request)
+        check_fields("edits", [*fields, *files])
         rf, of = check_formats(fields.get("response_format"), fields.get("output_format"))
         compression = check_options(fields.get, of)
         prompt = check_prompt(fields.get("prompt", ""))
@@ -472,37 +530,209 @@ def install(app: FastAPI, services: Any) -> None:
         if partial and not stream:
             raise BadRequest("partial_images needs stream: true")
         if stream:
-            check_stream(number(fields, "n", int, 1), rf, len(files.get("image", [])))
-        if not files.get("image"):
-            raise BadRequest("send at least one image (field 'image' or 'image[]')")
-        images = [
-            await run_in_threadpool(decode_image, d, f"image {i}", config.max_image_pixels)
-            for i, d in enumerate(files["image"])
-        ]
+            check_stream(number(fields, "n", int, 1), rf)
+        image = await one_image(files, "edits")
         mask = None
         if files.get("mask"):
+            if len(files["mask"]) > 1:
+                raise ParamError(f"send one mask, got {len(files['mask'])}", "mask")
             mask = openai_mask(await run_in_threadpool(decode_image, files["mask"][0], "mask", config.max_image_pixels))
-        for i, im in enumerate(images):  # OpenAI refuses a mask that does not cover the image exactly
-            if mask is not None and mask.size != im.size:
+            if mask.size != image.size:  # OpenAI refuses a mask that does not cover the image exactly
                 w, h = mask.size
-                raise BadRequest(f"the mask ({w}x{h}) and image {i} ({im.width}x{im.height}) must be the same size")
-        fl = [edit_fields(fields, im, mask, prompt) for im in images]
+                size = f"{image.width}x{image.height}"
+                raise BadRequest(f"the mask ({w}x{h}) and the image ({size}) must be the same size")
+        f = edit_fields(fields, image, mask, prompt)
         if stream:
-            return await stream_one(request, fl[0], of, partial, compression, "image_edit", fields.get("quality"))
-        return await run_all(request, fl, rf, of, prompt, fields.get("size"), compression)
+            return await stream_one(request, f, of, partial, compression, "image_edit", fields.get("quality"))
+        return await run_all(request, [f], rf, of, prompt, fields.get("size"), compression, fields.get("quality"))
+
+    async def one_image(files: dict[str, list[bytes]], route: str) -> Image.Image:
+        """The one image of an edit or variation. Several are refused: OpenAI's GPT image models take them as
+        references combined into one new picture (its mask is the first image's), which img2img cannot do, and
+        editing each on its own would answer something else than asked (``n`` images per input, not ``n``)."""
+        images = files.get("image", [])
+        if not images:
+            raise ParamError(f"send the image (field 'image'){' to edit' if route == 'edits' else ''}", "image")
+        if len(images) > 1 and route == "variations":
+            raise ParamError(f"send one image, got {len(images)}: a variation starts from one image", "image")
+        if len(images) > 1:
+            raise ParamError(
+                f"send one image, got {len(images)}: this server edits one image per request (OpenAI's GPT image "
+                "models combine several into one new picture, which a diffusion model cannot); "
+                "send one request per image",
+                "image",
+            )
+        return await run_in_threadpool(decode_image, images[0], "image", config.max_image_pixels)
 
     @app.post("/v1/images/variations", tags=["openai"])
     @openai_errors
     async def variations(request: Request) -> Response:
         fields, files = await form_of(request)
+        check_fields("variations", [*fields, *files])
         rf, of = check_formats(fields.get("response_format"), fields.get("output_format"))
         compression = check_options(fields.get, of)
-        if flag(fields, "stream"):
-            raise BadRequest("stream is not supported for variations (nor by OpenAI): leave it out")
-        if not files.get("image"):
-            raise BadRequest("send the image (field 'image')")
-        image = await run_in_threadpool(decode_image, files["image"][0], "image", config.max_image_pixels)
+        image = await one_image(files, "variations")
         f = edit_fields(fields, image, None, fields.get("prompt", ""))
         f["mask"] = None
         f["strength"] = number(fields, "strength", float, 0.75)
-        return await run_all(request, [f], rf, of, f["prompt"], fields.get("size"), compression)
+        return await run_all(request, [f], rf, of, f["prompt"], fields.get("size"), compression, fields.get("quality"))
+
+
+# ------------------------------------------------------------------------------------------------ OpenAPI
+
+_BINARY = {"type": "string", "format": "binary"}
+
+
+def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
+    """Each request field's JSON schema, as the routes check it (``config``: this server's limits)."""
+    text = {"type": "string"}
+    out: dict[str, dict[str, Any]] = {
+        "image": {**_BINARY, "description": "one image (PNG, JPEG or WebP); a one-item list is image[]"},
+        "mask": {**_BINARY, "description": "a PNG with alpha, the image's size: alpha 0 marks what to redraw"},
+        "prompt": {"type": "string", "maxLength": MAX_PROMPT, "description": "not blank (edits, generations)"},
+        "model": {"type": "string", "description": "a listed model, or an OpenAI name (the server's model)"},
+        "n": {"type": "integer", "minimum": 1, "maximum": config.max_batch, "default": 1},
+        "size": {"type": "string", "pattern": r"^(\d{1,5}x\d{1,5}|auto)$", "default": "auto"},
+        "response_format": {"type": "string", "enum": ["b64_json", "url"], "default": "b64_json"},
+        "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"], "default": "png"},
+        "output_compression": {"type": "integer", "minimum": 0, "maximum": 100, "default": 100},
+        "stream": {"type": "boolean", "default": False, "description": "n 1, b64_json: a text/event-stream answer"},
+        "partial_images": {"type": "integer", "minimum": 0, "maximum": 3, "default": 0},
+        "user": text,
+        "safety_identifier": text,
+        "seed": {"type": "integer", "description": "sdengine: image i of n has seed + i"},
+        "steps": {"type": "integer", "minimum": 1, "maximum": config.max_steps, "description": "sdengine"},
+        "negative_prompt": {**text, "description": "sdengine"},
+        "cfg_scale": {"type": "number", "description": "sdengine"},
+        "sampler": {**text, "description": "sdengine: a sampler name (GET /v1/samplers)"},
+        "schedule": {**text, "description": "sdengine: a schedule name"},
+        "strength": {"type": "number", "minimum": 0, "maximum": 1, "description": "sdengine: img2img strength"},
+    }
+    for key, allowed in CHOICES.items():  # transparent: refused, so not listed
+        out[key] = {"type": "string", "enum": [v for v in allowed if v != "transparent"]}
+    return out
+
+
+def request_schema(route: str, config: Any) -> dict[str, Any]:
+    """The body ``route`` reads: exactly its fields (another is refused), ``prompt`` required where it is."""
+    fields = field_schemas(config)
+    props = {name: fields[name] for name in ROUTE_FIELDS[route]}
+    if route != "generations":  # the openai client sends a list of images as image[]
+        props["image[]"] = {"type": "array", "items": _BINARY, "minItems": 1, "maxItems": 1}
+    required = {"generations": ["prompt"], "edits": ["prompt"], "variations": []}[route]
+    body = {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+    if route != "generations":  # the image, under either name
+        body["oneOf"] = [{"required": ["image"]}, {"required": ["image[]"]}]
+    return body
+
+
+def event_schema(kind: str, event: str) -> dict[str, Any]:
+    props: dict[str, Any] = {
+        "type": {"type": "string", "enum": [f"{kind}.{event}"]},
+        "b64_json": {"type": "string"},
+        "created_at": {"type": "integer"},
+        "size": {"type": "string"},
+        "quality": {"type": "string"},
+        "background": {"type": "string", "enum": ["opaque"]},
+        "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
+    }
+    if event == "partial_image":
+        props["partial_image_index"] = {"type": "integer", "minimum": 0, "maximum": 2}
+    else:
+        props["usage"] = {"type": "object"}
+    return {"type": "object", "properties": props, "required": list(props)}
+
+
+ERROR_EVENT = {
+    "type": "object",
+    "properties": {
+        "type": {"type": "string", "enum": ["error"]},
+        "error": {
+            "type": "object",
+            "properties": {"message": {"type": "string"}, "type": {"type": "string"}},
+            "required": ["message", "type"],
+        },
+    },
+    "required": ["type", "error"],
+}
+
+IMAGES_RESPONSE = {
+    "type": "object",
+    "properties": {
+        "created": {"type": "integer"},
+        "background": {"type": "string", "enum": ["opaque"]},
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "b64_json": {"type": "string"},
+                    "url": {"type": "string"},
+                    "revised_prompt": {"type": "string"},
+                },
+                "required": ["revised_prompt"],
+            },
+        },
+        "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
+        "quality": {"type": "string"},
+        "size": {"type": "string"},
+        "usage": {"type": "object"},
+    },
+    "required": ["created", "background", "data", "output_format", "quality", "size", "usage"],
+}
+
+
+def openapi_paths(spec: dict[str, Any], config: Any, error_ref: dict[str, Any]) -> None:
+    """Document these routes as they behave: the request body each reads (JSON, or the multipart form of edits and
+    variations, with exactly the fields it takes), the JSON answer, the ``text/event-stream`` answer of
+    ``stream: true`` (its events' schemas), and the refusals (400 in OpenAI's shape, never 422)."""
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    schemas["ImagesResponse"] = IMAGES_RESPONSE
+    for kind in ("image_generation", "image_edit"):
+        for event in ("partial_image", "completed"):
+            schemas[f"{camel(kind)}{camel(event)}Event"] = event_schema(kind, event)
+    schemas["ImageStreamErrorEvent"] = ERROR_EVENT
+    paths = spec.get("paths", {})
+    errors = {
+        "400": "a value refused (error.param: the field), also a wrong type or a value out of range",
+        "404": "no such model",
+        "413": "body or image over the limits",
+        "429": "the queue is full (Retry-After)",
+    }
+    streamed: dict[str, str | None] = {"generations": "image_generation", "edits": "image_edit", "variations": None}
+    for route, prefix in streamed.items():
+        op = paths.get(f"/v1/images/{route}", {}).get("post")
+        if op is None:
+            continue
+        if route == "generations":  # the JSON body's own schema (its fields may be null), with the values checked
+            body = schemas.get("GenerationsRequest", {})
+            fields = field_schemas(config)
+            for name, prop in body.get("properties", {}).items():
+                for option in [prop, *prop.get("anyOf", [])]:
+                    if option.get("type") == "string" and "enum" in fields.get(name, {}):
+                        option["enum"] = fields[name]["enum"]
+                    if option.get("type") == "integer" and "maximum" in fields.get(name, {}):
+                        option["maximum"] = fields[name]["maximum"]  # n: this server's --max-batch-size
+            body["additionalProperties"] = False
+        else:
+            schemas[f"{route.title()}Request"] = request_schema(route, config)
+            ref = {"$ref": f"#/components/schemas/{route.title()}Request"}
+            op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": ref}}}
+        content: dict[str, Any] = {"application/json": {"schema": {"$ref": "#/components/schemas/ImagesResponse"}}}
+        if prefix is not None:
+            names = [f"{camel(prefix)}{camel(event)}Event" for event in ("partial_image", "completed")]
+            content["text/event-stream"] = {
+                "schema": {
+                    "description": "with stream: true, Server-Sent Events (`event: TYPE`, `data: JSON`): "
+                    "partial_images partial images, then the completed image; a job that fails sends one "
+                    "`data:` line with an error object. The schema is each event's data.",
+                    "oneOf": [{"$ref": f"#/components/schemas/{n}"} for n in [*names, "ImageStreamErrorEvent"]],
+                }
+            }
+        op["responses"] = {"200": {"description": "the images", "content": content}}
+        for code, text in errors.items():
+            op["responses"][code] = {"description": text, "content": {"application/json": {"schema": error_ref}}}
+
+
+def camel(name: str) -> str:
+    return "".join(w.title() for w in name.split("_"))

@@ -29,7 +29,16 @@ from sdengine.server.uploads import UploadStore
 
 ImageRef = str | Image.Image  # an upload id, base64, or an image already decoded by the route
 
-MAX_SEED = 2**53 - 1  # exact in JavaScript numbers, so the web page can show and send it back
+MAX_SEED = 2**53 - 1
+# the range of each sampler option a request may set (A1111's eta, and k-diffusion's churn and noise options:
+# s_churn as A1111's slider, 0..100; the sigma bounds up to any model's largest sigma)
+OPTION_LIMITS = {
+    "eta": (0.0, 10.0),
+    "s_churn": (0.0, 100.0),
+    "s_tmin": (0.0, 10000.0),
+    "s_tmax": (0.0, 10000.0),
+    "s_noise": (0.0, 10.0),
+}  # exact in JavaScript numbers, so the web page can show and send it back
 
 
 @dataclass(frozen=True)
@@ -114,8 +123,6 @@ def build_generation(
     strength_rule: str = "diffusers",
     mask: ImageRef | None = None,
     mask_blur: float = 0,
-    masked_content: str = "original",
-    noise_multiplier: float = 1.0,
     controlnets: Sequence[ControlRequest] = (),
     loras: Sequence[tuple[str, float]] = (),
     clip_skip: int = 1,
@@ -133,6 +140,9 @@ def build_generation(
     sampler_options: dict[str, float] | None = None,
     tiling: bool = False,
     seed_resize_from: tuple[int, int] | None = None,
+    noise_multiplier: float = 1.0,
+    noise_seed_delta: int = 0,
+    masked_content: str = "original",
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run."""
     from sdengine.prompts import extract_lora_tags
@@ -211,7 +221,7 @@ def build_generation(
         path = catalog.resolve_controlnet(unit.model)
         control = image(unit.image, f"ControlNet unit {k} image")
         assert control is not None
-        control = _preprocess(unit.preprocessor, ImageOps.exif_transpose(control).convert("RGB"), unit.options, k)
+        control = run_preprocessor(unit.preprocessor, ImageOps.exif_transpose(control).convert("RGB"), unit.options, k)
         start = _finite(unit.start, f"ControlNet unit {k} start", 0.0, 1.0)
         end = _finite(unit.end, f"ControlNet unit {k} end", 0.0, 1.0)
         if start >= end:  # the pipeline refuses it when the job runs: refused before anything is queued
@@ -247,7 +257,9 @@ def build_generation(
     if vae_encode != "full":
         kwargs["vae_encode"] = vae_encode
     if sampler_options:  # the sampler's keyword options (eta); checked against the sampler by the pipeline
-        kwargs["sampler_options"] = {k: _finite(v, k, 0.0, 10.0) for k, v in sampler_options.items()}
+        kwargs["sampler_options"] = {
+            k: _finite(v, k, *OPTION_LIMITS.get(k, (0.0, 10.0))) for k, v in sampler_options.items()
+        }
     if subseed_strength:  # left out at 0 (the seed's image), so that such jobs batch as before
         kwargs.update(subseed=subseed, subseed_strength=subseed_strength)
         if same_seed:
@@ -262,14 +274,16 @@ def build_generation(
         w = _integer(seed_resize_from[0], "seed_resize_from_w", 1, MAX_SEED_RESIZE)
         h = _integer(seed_resize_from[1], "seed_resize_from_h", 1, MAX_SEED_RESIZE)
         kwargs.update(seed_resize_from_w=w, seed_resize_from_h=h)
+    if masked_content != "original":  # A1111's latent noise / nothing (checked by GenerationRequest.validate)
+        kwargs["masked_content"] = masked_content
+    if noise_seed_delta != 0:  # A1111's ENSD (left out at 0, so such jobs batch as before)
+        kwargs["noise_seed_delta"] = noise_seed_delta  # checked by GenerationRequest.validate below
+    if noise_multiplier != 1:  # A1111's img2img "Noise multiplier" (left out at 1, so such jobs batch as before)
+        kwargs["noise_multiplier"] = noise_multiplier  # checked by GenerationRequest.validate below
     if strength_rule != "diffusers":  # checked by GenerationRequest.validate below
         kwargs["strength_rule"] = strength_rule
     if clip_skip_rule != "sdengine":  # checked by GenerationRequest.validate below
         kwargs["clip_skip_rule"] = clip_skip_rule
-    if masked_content != "original":  # checked by GenerationRequest.validate below
-        kwargs["masked_content"] = masked_content
-    if noise_multiplier != 1.0:  # checked by GenerationRequest.validate below
-        kwargs["noise_multiplier"] = noise_multiplier
     if resize_mode not in (0, "just resize"):
         kwargs["resize_mode"] = resize_mode  # checked by GenerationRequest.validate below
     if hires is not None:
@@ -320,7 +334,9 @@ def _hires_fields(config: ServerConfig, hires: dict[str, Any], width: int | None
     return out
 
 
-def _preprocess(kind: str, img: Image.Image, options: dict[str, float], k: int) -> Image.Image:
+def run_preprocessor(kind: str, img: Image.Image, options: dict[str, float], k: int) -> Image.Image:
+    """ControlNet unit ``k``'s preprocessor ``kind`` on ``img`` with the options it takes; a BadRequest naming the
+    unit for an unknown preprocessor or a bad option."""
     from sdengine.control import PREPROCESSORS, ControlNetError, preprocess
 
     kind = (kind or "none").strip().lower()

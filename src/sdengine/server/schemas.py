@@ -78,7 +78,7 @@ class JobRequest(BaseModel):
     )
     noise_multiplier: float = Field(
         1.0,
-        gt=0,
+        ge=0,
         le=10,
         allow_inf_nan=False,
         description="A1111's img2img noise multiplier: the init is noised with the noise times this",

@@ -23,6 +23,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from contextvars import ContextVar
 from typing import Any
 
 from PIL import Image
@@ -37,6 +38,18 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # answered without a key (loa
 PUBLIC_DOCS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 PUBLIC_PAGE = ("/", "/static/")  # the web page: no secret in it; it asks for the key itself
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+
+# Who sent the request being handled: its client address as uvicorn gives it (with its proxy headers, the address a
+# trusted proxy on this machine forwards in X-Forwarded-For). Set by :class:`SecurityMiddleware` for every HTTP
+# request; the job queue reads it to give every client its share (sdengine.server.jobs). One API key is shared by
+# every client, so the key cannot tell them apart.
+REQUEST_CLIENT: ContextVar[str | None] = ContextVar("sdengine_request_client", default=None)
+
+
+def client_of(scope: Mapping[str, Any]) -> str:
+    """The client address of an ASGI scope (``unknown`` when the server does not know it)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
 
 
 def is_loopback(host: str) -> bool:
@@ -130,6 +143,7 @@ class SecurityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        REQUEST_CLIENT.set(client_of(scope))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         method = scope.get("method", "GET").upper()
         path = scope.get("path", "")

@@ -116,7 +116,10 @@ async function errorOf(response) {
     `${response.status} ${response.statusText}`;
   if (response.status === 429) {
     const after = response.headers.get("Retry-After");
-    message = `The server's queue is full; try again${after ? ` in ${after} s` : " later"}. (${message})`;
+    const again = `try again${after ? ` in ${after} s` : " later"}`;
+    message = body && body.error && body.error.type === "ClientQueueFull"
+      ? `You already have as many jobs waiting as this server lets one client queue; ${again}. (${message})`
+      : `The server's queue is full; ${again}. (${message})`;
     return new ApiError(429, message, "general");
   }
   return new ApiError(response.status, message);
