@@ -109,6 +109,48 @@ def test_only_the_phases_asked_for_run(tiny_folder, tmp_path, monkeypatch):
         bench_gpu.run_gpu_bench(tiny_folder, model="tiny", out_dir=tmp_path, device="cpu", only=["sdengine_warp"])
 
 
+def test_a_machine_without_diffusers_still_runs_every_sdengine_phase(tiny_folder, tmp_path, monkeypatch):
+    """A device image that lacks diffusers (it was carried as a wheel before): the diffusers phases fail in one
+    line each and the sdengine phases after them still run (the import once ended the run before them)."""
+
+    def missing() -> None:
+        raise bench.BenchError("--compare diffusers needs the dev extras (pip install -e '.[dev]'): no diffusers")
+
+    started = []
+
+    def child_process(job, **kw):  # the child's own run is another test's: here, only whether it was started
+        import numpy as np
+
+        started.append(job["engine"])
+        np.save(job["image_path"], np.zeros((1, 32, 32, 3), np.float32))
+        return {"first_image_s": 1.0}
+
+    monkeypatch.setattr(bench_gpu, "peer_module", missing)
+    monkeypatch.setattr(bench_gpu, "run_worker", child_process)
+    data = _on_the_cpu(tiny_folder, tmp_path, compare=True, only="diffusers_eager,sdengine_graphs_process_cold")
+    assert list(data["errors"]) == ["diffusers_eager"]
+    assert data["errors"]["diffusers_eager"].startswith("BenchError: --compare diffusers needs the dev extras")
+    assert started == ["sdengine (cold cache)"] and data["phases"]["sdengine_graphs_process_cold"]["first_image_s"] == 1
+    saved = json.loads((tmp_path / bench_gpu.FILE_NAME).read_text())
+    assert list(saved["phases"]) == ["info", "sdengine_graphs_process_cold"]
+
+
+def test_a_summary_that_fails_is_an_error_line_and_the_others_are_kept(tiny_folder, tmp_path, monkeypatch):
+    """The end of a run (agreement, ratios, the images' PNG): one that fails, such as images that cannot be put
+    side by side, is recorded as an error, and the JSON still gets the others."""
+
+    message = "all the input array dimensions except for the concatenation axis must match exactly"
+
+    def broken(images, path):
+        raise ValueError(message)
+
+    monkeypatch.setattr(bench_gpu, "save_images", broken)
+    data = _on_the_cpu(tiny_folder, tmp_path, compare=False, only="sdengine_eager,sdengine_fp32")
+    saved = json.loads((tmp_path / bench_gpu.FILE_NAME).read_text())
+    assert saved["errors"] == {"images_png": f"ValueError: {message}"} == data["errors"]
+    assert saved["agreement"] == {"sdengine_eager vs sdengine_fp32": 0.0} and "ratios" in saved
+
+
 @pytest.mark.slow
 def test_the_aot_processes_say_which_packaging_ran_and_where_each_network_came_from(tiny_folder, tmp_path):
     """The GPU run's AOT phases on the CPU: the cold process compiles the packages, the warm one loads them, and

@@ -493,3 +493,86 @@ def test_two_threads_calling_one_graph_each_get_their_own_result():
         t.join(10)
     for i in range(2):
         torch.testing.assert_close(got[i], net(inputs[i]))
+
+
+def _tiny_vae():
+    from sdengine.models.tiny_vae import TinyAutoencoder, TinyVAEConfig
+
+    torch.manual_seed(0)
+    tiny = TinyAutoencoder(TinyVAEConfig(decoder_channels=(8, 8), decoder_blocks=(1, 1), has_encoder=False))
+    tiny.name = "dec"
+    return tiny
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_real_graphs_with_tiling_and_the_tiny_vae(tiny_sd1_folder):  # pragma: no cover - CI has no GPU
+    """Tiling after the graphs were recorded (zero padding): the tiled image is the plain pipeline's tiled image,
+    for the full and the tiny decode, and no graph replays during it."""
+    import copy
+
+    tiny = _tiny_vae()
+    plain = sdengine.load_pipeline(tiny_sd1_folder, device="cuda", dtype="fp16", fast_path="none")
+    plain.set_tiny_vae(copy.deepcopy(tiny))
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cuda", dtype="fp16", fast_path="none")
+    pipe.set_tiny_vae(copy.deepcopy(tiny))
+    assert pipe.enable_cuda_graphs()
+    for decode in ("tiny", "full"):
+        _gen(pipe, vae_decode=decode)  # recorded with zero padding
+        counts = {k: g.replays for k, g in pipe.cuda_graphs.items() if k != "text_encoder"}
+        got = _gen(pipe, tiling=True, vae_decode=decode)
+        assert {k: g.replays for k, g in pipe.cuda_graphs.items() if k != "text_encoder"} == counts
+        np.testing.assert_allclose(got, _gen(plain, tiling=True, vae_decode=decode), atol=2e-3)
+        np.testing.assert_allclose(_gen(pipe, vae_decode=decode), _gen(plain, vae_decode=decode), atol=2e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_real_graphs_with_previews_decoded_on_another_thread(tiny_sd1_folder):  # pragma: no cover - CI has no GPU
+    """A server decodes a job's preview on a request thread (sdengine.server.jobs, Job.preview) while the worker
+    records and replays its graphs: one graphed call at a time, the worker's image unchanged, the previews equal
+    the eager decode."""
+    import copy
+    import threading
+
+    from sdengine.vae_utils import tiny_vae_rgb
+
+    tiny = _tiny_vae()
+    plain = sdengine.load_pipeline(tiny_sd1_folder, device="cuda", dtype="fp16", fast_path="none")
+    plain.set_tiny_vae(copy.deepcopy(tiny))
+    want = _gen(plain, steps=8)
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cuda", dtype="fp16", fast_path="none")
+    pipe.set_tiny_vae(copy.deepcopy(tiny))
+    assert pipe.enable_cuda_graphs()
+    kept: list[torch.Tensor] = []
+    frames: list[tuple[np.ndarray, np.ndarray]] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def requests() -> None:  # the request thread: decode the newest kept latents, again and again
+        to_rgb, eager = tiny_vae_rgb(pipe.tiny_vae), tiny_vae_rgb(plain.tiny_vae)
+        try:
+            while not stop.is_set():
+                if kept:
+                    z = kept[-1]
+                    with torch.inference_mode():
+                        frames.append((to_rgb(z).cpu().numpy(), eager(z).cpu().numpy()))
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    def keep(info) -> None:
+        kept.append(info.denoised[:1].clone())
+
+    thread = threading.Thread(target=requests)
+    thread.start()
+    try:
+        got = [_gen(pipe, steps=8, callback=keep) for _ in range(3)]  # the first records, the others replay
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors, errors
+    assert frames and pipe.cuda_graphs["unet"].replays > 0
+    for image in got:
+        np.testing.assert_allclose(image, want, atol=2e-3)
+    for graphed, eager in frames:
+        assert np.abs(graphed.astype(int) - eager.astype(int)).max() <= 2

@@ -194,6 +194,33 @@ def test_upload_img2img_and_inpaint_equal_python_api(client):
     assert "Denoising strength: 0.5" in j["infotexts"][0]
 
 
+def test_an_init_image_and_mask_are_turned_upright_by_their_exif_orientation(client):
+    """A phone's JPEG (pixels stored on their side, EXIF Orientation 6) was used as stored: the page shows it
+    upright and paints the mask on that, so the job squashed the sideways pixels into the size and masked the
+    wrong part. Init image and mask are now turned by their orientation first, as A1111's fix_image does."""
+    upright = Image.fromarray(np.tile(np.linspace(0, 255, 32, dtype=np.uint8)[None, :, None], (64, 1, 3)))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # 64 wide, 32 high; Orientation 6 turns it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, format="PNG", exif=exif.tobytes())
+    mask = Image.new("L", (32, 64), 0)
+    mask.paste(255, (0, 0, 32, 24))
+    mask_stored = mask.transpose(Image.Transpose.ROTATE_90)
+    mbuf = io.BytesIO()
+    mask_stored.save(mbuf, format="PNG", exif=exif.tobytes())
+    ids = [
+        client.post("/v1/uploads", content=data, headers={"content-type": "image/png"}).json()["id"]
+        for data in (buf.getvalue(), mbuf.getvalue())
+    ]
+    body = {**BASE, "width": 32, "height": 64, "init_image": ids[0], "strength": 0.5, "mask": ids[1], "mask_blur": 0}
+    j = run(client, body)
+    assert j["state"] == "done", j
+    im, _ = fetch_image(client, j["images"][0]["url"])
+    ref = emoji()(progress=False, **{**body, "init_image": upright, "mask": mask})
+    np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(ref.images[0]))
+
+
 def test_tiling_and_seed_resize_are_the_python_apis_images(client):
     """A1111's Tiling and "Resize seed from", on the native route too (once only the A1111 route took them)."""
     for extra, want in (

@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from _live_server import live_server, server_config
 
@@ -124,6 +125,8 @@ def test_with_a_key_only_the_page_is_public(tmp_path):
             ("GET", "/v1/sizes"),
             ("GET", "/v1/gallery"),
             ("POST", "/v1/controlnets/preprocess"),
+            ("DELETE", "/v1/images/00000-1.png"),
+            ("GET", "/sdapi/v1/embeddings"),
             ("GET", "/staticx"),
             ("GET", "/v1/models"),
         ):
@@ -131,3 +134,53 @@ def test_with_a_key_only_the_page_is_public(tmp_path):
         assert httpx.get(s.url + "/v1/sizes", headers={"Authorization": "Bearer k3y"}).status_code == 200
     with live_server(server_config(tmp_path)) as s:  # no key: the page still refuses a foreign Host (rebinding)
         assert httpx.get(s.url + "/", headers={"Host": "evil.example:80"}).status_code == 403
+
+
+def test_delete_removes_only_images_the_server_wrote(tmp_path):
+    """There was no way to remove a generated image. DELETE /v1/images/{name} removes one the server wrote (its
+    NNNNN-SEED.png with its parameters, or a ComfyUI SaveImage file with its prompt), and refuses any other file
+    of the folder, a link, a path out of it, a missing name; the gallery says which items it may delete."""
+    from sdengine.metadata import save_png
+
+    with live_server(server_config(tmp_path)) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        out = s.services.config.outputs_dir
+        out.mkdir(parents=True, exist_ok=True)
+        ours = s.services.manager.save(Image.new("RGB", (8, 8)), 5, "a cat\nSteps: 1, Seed: 5, Size: 8x8")
+        comfy = PngInfo()
+        comfy.add_text("prompt", '{"1": {"class_type": "SaveImage", "inputs": {}}}')
+        Image.new("RGB", (8, 8)).save(out / "ComfyUI_00001_.png", pnginfo=comfy)
+        save_png(Image.new("RGB", (8, 8)), out / "holiday.png", "a photo\nSteps: 1, Seed: 1, Size: 8x8")
+        (out / "00007-7.png").write_bytes(png(Image.new("RGB", (8, 8))))  # our kind of name, no metadata
+        outside = tmp_path / "elsewhere.png"
+        save_png(Image.new("RGB", (8, 8)), outside, "x\nSteps: 1, Seed: 1, Size: 8x8")
+        (out / "00008-8.png").symlink_to(outside)
+        listed = {i["name"]: i["deletable"] for i in c.get("/v1/gallery").json()["items"]}
+        assert listed == {ours: True, "ComfyUI_00001_.png": True, "holiday.png": False, "00007-7.png": False}
+        for name, status in (
+            ("holiday.png", 403),
+            ("00007-7.png", 403),
+            ("00008-8.png", 403),
+            ("nothere.png", 404),
+            ("..%2Felsewhere.png", 400),
+            ("%2E%2E%252Felsewhere.png", 400),
+            ("notes.txt", 400),
+        ):
+            r = c.delete(f"/v1/images/{name}")
+            assert r.status_code == status, (name, r.text)
+            assert isinstance(r.json()["detail"], str) and len(r.json()["detail"]) > 10
+        assert (out / "holiday.png").is_file() and (out / "00007-7.png").is_file() and outside.is_file()
+        assert (out / "00008-8.png").is_symlink()
+        # A foreign page's request is refused before anything is touched (CSRF), as for every writing route.
+        assert c.delete(f"/v1/images/{ours}", headers={"Origin": "http://evil.example"}).status_code == 403
+        assert (out / ours).is_file()
+        for name in (ours, "ComfyUI_00001_.png"):
+            r = c.delete(f"/v1/images/{name}")
+            assert r.status_code == 200 and r.json() == {"deleted": name}
+            assert not (out / name).exists() and c.get(f"/v1/images/{name}").status_code == 404
+        assert c.delete(f"/v1/images/{ours}").status_code == 404
+        assert c.get("/v1/gallery").json()["total"] == 2
+    with live_server(server_config(tmp_path, api_key="k3y")) as s:
+        ours = s.services.manager.save(Image.new("RGB", (8, 8)), 6, "a dog\nSteps: 1, Seed: 6, Size: 8x8")
+        assert httpx.delete(f"{s.url}/v1/images/{ours}").status_code == 401 and (out / ours).is_file()
+        r = httpx.delete(f"{s.url}/v1/images/{ours}", headers={"Authorization": "Bearer k3y"})
+        assert r.status_code == 200 and not (out / ours).exists()

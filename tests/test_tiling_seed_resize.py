@@ -260,3 +260,64 @@ def test_tiling_reaches_the_tiny_vae(tiny_sd1_folder):
     ref.set_tiny_vae(copy.deepcopy(tiny))
     _explicit_circular(ref.unet, ref.vae, ref.tiny_vae)
     np.testing.assert_allclose(ref("a cat", seed=3, vae_decode="tiny", **FAST).arrays, got.arrays, atol=1e-5)
+
+
+class _FrozenPadding:
+    """A stand-in CUDA graph recorder that bakes in what a real recording bakes in here: each convolution's
+    padding (a recorded kernel pads as it did when recorded, whatever ``padding_mode`` says later)."""
+
+    def __init__(self, *modules: torch.nn.Module) -> None:
+        self.convs = [m for module in modules for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    def __call__(self, fn, warmup):
+        from _cpu_graphs import _copy_into
+
+        recorded = [c.padding_mode for c in self.convs]
+        out = fn()
+
+        def replay() -> None:
+            now = [c.padding_mode for c in self.convs]
+            for c, mode in zip(self.convs, recorded, strict=True):
+                c.padding_mode = mode
+            try:
+                _copy_into(out, fn())
+            finally:
+                for c, mode in zip(self.convs, now, strict=True):
+                    c.padding_mode = mode
+
+        return replay, out
+
+
+def test_tiling_never_replays_a_graph_recorded_with_zero_padding(tiny_sd1_folder):
+    """CUDA graphs with tiling: every network that tiling pads circularly (the U-Net, the VAE and the tiny VAE,
+    whose decode and previews reach their graphs through cuda_graphs.through) runs as it is during a tiled call,
+    since a graph recorded before replays its zero padding (seams). On the CPU, with a recorder that keeps the
+    padding a network had when recorded, as a real graph does."""
+    import copy
+
+    from sdengine.models.tiny_vae import TinyAutoencoder, TinyVAEConfig
+    from sdengine.pipeline import load_pipeline
+
+    torch.manual_seed(0)
+    tiny = TinyAutoencoder(TinyVAEConfig(decoder_channels=(8, 8), decoder_blocks=(1, 1), has_encoder=False))
+    tiny.name = "dec"
+    ref = load_pipeline(str(tiny_sd1_folder), device="cpu")
+    ref.set_tiny_vae(copy.deepcopy(tiny))
+    pipe = load_pipeline(str(tiny_sd1_folder), device="cpu")
+    pipe.set_tiny_vae(copy.deepcopy(tiny))
+    pipe.enable_cuda_graphs(backend=_FrozenPadding(pipe.unet, pipe.vae, pipe.tiny_vae), device_type="cpu")
+    graphs = pipe.cuda_graphs
+    nets = ("unet", "vae", "tiny_vae")
+    for decode in ("tiny", "full"):
+        kw = {"seed": 3, "vae_decode": decode, **FAST}
+        pipe("a cat", **kw, callback=lambda info: info.preview_array("tiny"))  # every graph recorded, zero padding
+        counts = {k: (graphs[k].recordings, graphs[k].replays) for k in nets}
+        got = pipe("a cat", tiling=True, **kw, callback=lambda info: info.preview_array("tiny"))
+        assert {k: (graphs[k].recordings, graphs[k].replays) for k in nets} == counts
+        np.testing.assert_array_equal(got.arrays, ref("a cat", tiling=True, **kw).arrays)
+        # a plain call afterwards replays the zero-padded graphs again
+        np.testing.assert_array_equal(pipe("a cat", **kw).arrays, ref("a cat", **kw).arrays)
+        assert (
+            graphs["tiny_vae" if decode == "tiny" else "vae"].replays
+            > counts["tiny_vae" if decode == "tiny" else "vae"][1]
+        )

@@ -142,6 +142,15 @@ def test_txt2img_shows_the_apis_image_with_its_parameters_and_remembers_settings
     assert params.startswith(PROMPT + "\n") and "Steps: 12" in params and "Seed: 7" in params
     assert "Size: 64x64" in params and "CFG scale: 5" in params and "Sampler: DPM++ 2M" in params
     shown = shown_image(page, "#results img")
+    # The gallery lists the outputs folder, newest first, and reopens an item with its parameters. (The
+    # screenshot is taken before the API's job below, which the Queue would show running.)
+    page.wait_for_selector("#gallery button img[src^=blob]")
+    assert re.match(r"1–\d+ of \d+", page.text_content("#gallery-page"))
+    page.wait_for_function("document.querySelector('#queue-box').hidden")
+    shot = Path(os.environ.get("SDENGINE_WEBUI_SCREENSHOT") or tmp_path / "webui.png")
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
     body = {
         "prompt": PROMPT,
         "steps": 12,
@@ -156,13 +165,6 @@ def test_txt2img_shows_the_apis_image_with_its_parameters_and_remembers_settings
     assert shown.shape == (64, 64, 3)
     np.testing.assert_array_equal(shown, expected)
     assert params == infotext
-    # The gallery lists the outputs folder, newest first, and reopens an item with its parameters.
-    page.wait_for_selector("#gallery button img[src^=blob]")
-    assert re.match(r"1–\d+ of \d+", page.text_content("#gallery-page"))
-    shot = Path(os.environ.get("SDENGINE_WEBUI_SCREENSHOT") or tmp_path / "webui.png")
-    shot.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.stat().st_size > 10_000
     # The result's actions: reuse its parameters, send it to inpaint (the image under the mask canvas), download.
     page.fill("#prompt", "something else")
     page.fill("#steps", "30")
@@ -314,6 +316,12 @@ def test_cancel_stops_a_long_job_and_the_page_says_so(page, client):
     )
     page.wait_for_selector("#live-preview[src^='data:image/png']", state="visible")
     assert int(page.get_attribute("#progress", "max")) == 150
+    # The Queue's line of this job follows the bar's step (it lagged by up to its 5 s refresh).
+    page.wait_for_selector("#queue li.mine", timeout=20_000)
+    bar, line = page.evaluate(
+        "[document.querySelector('#progress-text').textContent, document.querySelector('#queue li.mine').textContent]"
+    )
+    assert re.match(r"Step (\d+) /", bar).group(1) == re.match(r"running, step (\d+) /", line).group(1), (bar, line)
     t0 = time.monotonic()
     page.click("#cancel")
     page.wait_for_function("document.querySelector('#progress-text').textContent.startsWith('Cancelled')")
@@ -1185,3 +1193,191 @@ def test_dropping_a_png_sets_tiling_seed_resize_and_the_strength_rule(page):
     page.wait_for_function("document.querySelector('#seed').value === '12'")
     assert not page.is_checked("#tiling") and page.input_value("#strength_rule") == "diffusers"
     assert (page.input_value("#seed_resize_w"), page.input_value("#seed_resize_h")) == ("", "")
+
+
+def image_with_exif_comment(fmt: str, comment: bytes) -> bytes:
+    """A JPEG or WebP with an EXIF UserComment, where AUTOMATIC1111 writes an image's parameters."""
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = comment  # the Exif IFD's UserComment
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format=fmt, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_dropping_a_jpeg_or_webp_fills_the_form_from_its_exif(page):
+    """A dropped JPEG or WebP was said to have no parameters (only PNG text chunks were read): A1111 writes them
+    into the EXIF UserComment (piexif's "UNICODE" prefix, UTF-16 big-endian); other tools write little-endian."""
+    text = (
+        "a red 🍎 apple\nNegative prompt: blurry\nSteps: 13, Sampler: DPM++ 2M Karras, CFG scale: 4.5, Seed: 4321, "
+        "Size: 64x64, Clip skip: 2"
+    )
+    jpeg = image_with_exif_comment("JPEG", b"UNICODE\0" + text.encode("utf-16-be"))
+    drop_file(page, jpeg, "a1111.jpg", target="#h-settings")
+    page.wait_for_function("document.querySelector('#seed').value === '4321'", timeout=20_000)
+    assert page.input_value("#prompt") == "a red 🍎 apple" and page.input_value("#negative_prompt") == "blurry"
+    assert (page.input_value("#sampler"), page.input_value("#schedule")) == ("dpmpp_2m", "karras")
+    assert (page.input_value("#steps"), page.input_value("#cfg_scale"), page.input_value("#clip_skip")) == (
+        "13",
+        "4.5",
+        "2",
+    )
+    webp = image_with_exif_comment("WEBP", b"UNICODE\0" + text.replace("4321", "77").encode("utf-16-le"))
+    drop_file(page, webp, "other.webp")
+    page.wait_for_function("document.querySelector('#seed').value === '77'")
+    assert page.input_value("#prompt") == "a red 🍎 apple" and page.input_value("#steps") == "13"
+    # A JPEG without parameters, and a file that is no image, are named; the form is left as it was.
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="JPEG")
+    drop_file(page, buf.getvalue(), "photo.jpg")
+    page.wait_for_function("document.querySelector('#err-general').textContent.includes('photo.jpg')")
+    assert "no generation parameters" in page.text_content("#err-general")
+    drop_file(page, b"hello", "notes.txt")
+    page.wait_for_function("document.querySelector('#err-general').textContent.includes('notes.txt')")
+    assert "not a PNG, JPEG or WebP" in page.text_content("#err-general") and page.input_value("#seed") == "77"
+
+
+def test_delete_removes_a_generated_image_from_the_gallery(page, server):
+    """A generated image could not be removed from the page. *Delete* (asked first) removes an image the server
+    wrote from its outputs folder and from the gallery; a file someone else put there has no *Delete*."""
+    from sdengine.metadata import save_png
+
+    out = server.services.config.outputs_dir
+    name = server.services.manager.save(Image.new("RGB", (64, 64), (0, 90, 0)), 31337, "a leaf\nSteps: 2, Seed: 31337")
+    page.click("#gallery-refresh")
+    page.wait_for_function("document.querySelector('#gallery button')?.title.includes('Seed: 31337')", timeout=20_000)
+    total = int(page.text_content("#gallery-page").split(" of ")[1])
+    page.click("#gallery button")
+    page.wait_for_selector("#results button:text('Delete')", timeout=20_000)
+    page.once("dialog", lambda d: d.dismiss())  # asked first: "no" keeps it
+    page.click("#results button:text('Delete')")
+    assert (out / name).is_file() and page.locator("#results figure").count() == 1
+    page.once("dialog", lambda d: d.accept())
+    page.click("#results button:text('Delete')")
+    page.wait_for_function(f"document.querySelector('#server-status').textContent === 'Deleted {name}'", timeout=20_000)
+    assert not (out / name).exists() and page.locator("#results figure").count() == 0
+    left = f" of {total - 1}" if total > 1 else "no images yet"
+    page.wait_for_function(f"document.querySelector('#gallery-page').textContent.endsWith('{left}')", timeout=20_000)
+    assert not page.evaluate("[...document.querySelectorAll('#gallery button')].some((b) => b.title.includes('31337'))")
+    # Not the server's: no Delete button (and the server would refuse it).
+    save_png(Image.new("RGB", (8, 8)), out / "holiday.png", "a photo\nSteps: 1, Seed: 4242")
+    try:
+        page.click("#gallery-refresh")
+        page.wait_for_function(
+            "document.querySelector('#gallery button')?.title.includes('Seed: 4242')", timeout=20_000
+        )
+        page.click("#gallery button")
+        page.wait_for_function(
+            "document.querySelector('#results pre')?.textContent.includes('Seed: 4242')", timeout=20_000
+        )
+        assert page.locator("#results button:text('Delete')").count() == 0
+        assert page.locator("#results button:text('Reuse parameters')").count() == 1
+    finally:
+        (out / "holiday.png").unlink()
+
+
+def test_embeddings_are_listed_and_a_click_puts_one_in_the_prompt(page, browser, tmp_path):
+    """The page had no list of the server's textual-inversion embeddings. It lists A1111's GET /sdapi/v1/embeddings
+    (the loaded ones; unreadable files named as skipped); a click adds the name to the prompt last typed in (the
+    negative prompt too, as A1111 does) and a second click takes it out; a server without a folder says so."""
+    import torch
+    from safetensors.torch import save_file
+
+    page.click("#embeddings-section summary", timeout=20_000)
+    page.wait_for_function(
+        "document.querySelector('#embedding-list').textContent.includes('No embeddings')", timeout=20_000
+    )
+    folder = tmp_path / "embeddings"
+    (folder / "neg").mkdir(parents=True)
+    save_file({"emb_params": torch.zeros(2, 768)}, str(folder / "shiny-style.safetensors"))
+    save_file({"emb_params": torch.zeros(1, 768)}, str(folder / "neg" / "bad_hands.safetensors"))
+    (folder / "broken.pt").write_bytes(b"not a tensor file")
+    with live_server(server_config(tmp_path, embeddings_dir=folder)) as s:
+        ctx = browser.new_context()
+        pg = ctx.new_page()
+        pg.set_default_timeout(20_000)
+        open_page(pg, s.url)
+        pg.click("#embeddings-section summary")
+        pg.wait_for_selector("#embedding-list button")
+        names = pg.eval_on_selector_all("#embedding-list button", "bs => bs.map((b) => [b.textContent, b.title])")
+        assert names == [["bad_hands", "1 vector(s) of width 768"], ["shiny-style", "2 vector(s) of width 768"]]
+        assert "broken" in pg.text_content("#embeddings-skipped")
+        pg.fill("#prompt", "a cat,")
+        pg.click("#embedding-list button:text('shiny-style')")
+        assert pg.input_value("#prompt") == "a cat, shiny-style"
+        assert pg.get_attribute("#embedding-list button:text('shiny-style')", "aria-pressed") == "true"
+        pg.fill("#negative_prompt", "blurry")  # typed in last: the negative prompt gets the next one
+        pg.click("#embedding-list button:text('bad_hands')")
+        assert pg.input_value("#negative_prompt") == "blurry bad_hands"
+        assert pg.input_value("#prompt") == "a cat, shiny-style"
+        pg.click("#embedding-list button:text('bad_hands')")  # again: taken out
+        assert pg.input_value("#negative_prompt") == "blurry"
+        pg.focus("#prompt")
+        pg.fill("#prompt", "(shiny-style:1.2), a dog")  # a weighted one is found and taken out too
+        pg.click("#embedding-list button:text('shiny-style')")
+        assert pg.input_value("#prompt") == "a dog"
+        assert pg.get_attribute("#embedding-list button:text('shiny-style')", "aria-pressed") == "false"
+        pg.fill("#prompt", "a cat, shiny-style, a hat")
+        pg.click("#embedding-list button:text('shiny-style')")
+        assert pg.input_value("#prompt") == "a cat, a hat"
+        pg.fill("#prompt", "shiny-styles")  # another word that starts with the name: not it
+        pg.click("#embedding-list button:text('shiny-style')")
+        assert pg.input_value("#prompt") == "shiny-styles shiny-style"
+        # The folder is read again on Refresh.
+        save_file({"emb_params": torch.zeros(1, 768)}, str(folder / "newer.safetensors"))
+        pg.click("#embeddings-refresh")
+        pg.wait_for_selector("#embedding-list button:text('newer')")
+        ctx.close()
+
+
+def test_an_init_image_in_another_format_is_sent_as_png_and_a_bad_control_image_is_named(page, client, tmp_path):
+    """A BMP or GIF init image (A1111 takes them) was shown, painted on, and only refused by the server when
+    Generate was pressed; the page now sends its pixels as a PNG: the result is the API's for the same pixels.
+    A file that is no image, dropped on the ControlNet field, showed a broken picture and was refused only later;
+    it is now named at once, and a good image clears the message."""
+    rng = np.random.default_rng(5)
+    pixels = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    bmp = io.BytesIO()
+    pixels.save(bmp, format="BMP")
+    page.fill("#prompt", PROMPT)
+    page.fill("#steps", "3")
+    page.fill("#seed", "9")
+    page.fill("#batch_size", "1")
+    page.click("#img2img-section summary", timeout=20_000)
+    page.select_option("#mode", "img2img")
+    drop_file(page, bmp.getvalue(), "pixels.bmp", target="#init-drop")
+    page.wait_for_selector("#init-stage", state="visible", timeout=20_000)
+    page.fill("#strength", "0.5")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Denoising strength: 0.5" in params
+    body = {"prompt": PROMPT, "steps": 3, "seed": 9, "width": 64, "height": 64, "strength": 0.5}
+    body["init_image"] = upload(client, png_bytes(pixels))
+    body["vae_encode"] = page.input_value("#vae_encode")
+    shows_the_api_image(page, client, body, params)
+    page.select_option("#mode", "txt2img")
+    page.click("#controlnet-section summary")
+    drop_file(page, b"hello", "notes.png", target="#cn-drop")
+    page.wait_for_function(
+        "document.querySelector('#err-controlnet').textContent.includes('notes.png')", timeout=20_000
+    )
+    assert not page.is_visible("#cn-source")
+    drop_file(page, png_bytes(pixels), "good.png", target="#cn-drop")
+    page.wait_for_selector("#cn-source", state="visible", timeout=20_000)
+    assert page.text_content("#err-controlnet") == ""
+    page.uncheck("#cn-enabled")
+
+
+def test_a_zero_img2img_strength_is_named_at_strength(page):
+    """The server's "strength must be > 0 for img2img" was shown under the init image (its "img2img" matched
+    first), with the init image's field marked; it is the Strength input's."""
+    page.click("#img2img-section summary", timeout=20_000)
+    page.select_option("#mode", "img2img")
+    drop_file(page, png_bytes(Image.new("RGB", (64, 64), (9, 99, 199))), "init.png", target="#init-drop")
+    page.wait_for_selector("#init-stage", state="visible", timeout=20_000)
+    page.fill("#strength", "0")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-strength').textContent.includes('> 0')", timeout=20_000)
+    assert page.get_attribute("#strength", "aria-invalid") == "true" and page.text_content("#err-init_image") == ""
+    assert page.input_value("#strength") == "0"  # kept as typed
+    page.fill("#strength", "0.75")
+    page.select_option("#mode", "txt2img")

@@ -27,7 +27,7 @@ weight the program uses is refused.
 Compiled code may fold weights into derived constants when they are bound, so it is bound again whenever the
 module's fingerprint (sdengine.nn.fingerprint.module_fingerprint: storage, version counters, hooks) moved; while
 the module carries forward hooks (a patched LoRA) every call goes to the module itself. A signature that fails to
-export or compile runs on the module from then on, with one warning.
+export, compile, load or run its first call runs on the module from then on, with one warning.
 """
 
 from __future__ import annotations
@@ -140,11 +140,20 @@ class AOTCompiled:
         if key in self.failed:
             return self.module(*args, **kwargs)
         runner = self.runners.get(key)
+        if runner is not None:
+            return runner(*args, **kwargs)
+        runner = self._prepare(key, args, kwargs, tensors)
         if runner is None:
-            runner = self._prepare(key, args, kwargs, tensors)
-            if runner is None:
-                return self.module(*args, **kwargs)
-        return runner(*args, **kwargs)
+            return self.module(*args, **kwargs)
+        try:  # its first run sets up the bound weights and folds the constants (on CUDA: unproven, docs/gpu.md)
+            return runner(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - a package that cannot run: this signature runs plainly from now on
+            self.runners.pop(key, None)
+            self.failed.add(key)
+            log.warning(
+                "%s: the package failed on its first run (%s: %s); running it as it is", self.name, type(e).__name__, e
+            )
+            return self.module(*args, **kwargs)
 
     def _prepare(self, key: Hashable, args: Any, kwargs: dict[str, Any], tensors: list[torch.Tensor]) -> Any:
         t0 = time.perf_counter()

@@ -23,7 +23,8 @@ sampler, steps and guidance scale, half precision:
 
 Every phase is guarded: one that fails is recorded with its error and the run goes on; one that would not fit
 in what is left of ``budget_s`` is skipped and says so. The JSON is rewritten after every phase, so a run cut
-short still leaves what it measured.
+short still leaves what it measured. diffusers is imported by the first diffusers phase (a machine without it
+runs every sdengine phase), and the summaries at the end (agreement, ratios, the images' PNG) are guarded each.
 """
 
 from __future__ import annotations
@@ -472,6 +473,11 @@ def save_images(images: dict[str, np.ndarray], path: Path) -> None:
         Image.fromarray(np.concatenate(tiles, axis=1)).save(path)
 
 
+def _saved_images(images: dict[str, np.ndarray], path: Path) -> list[str]:
+    save_images(images, path)
+    return list(images)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------
@@ -699,12 +705,19 @@ def run_gpu_bench(
                 res["_latent"] = np.load(latent_path)
             return res
 
-        peer: Any = peer_module() if compare else None
+        loaded: dict[str, Any] = {}
+
+        def peer() -> Any:  # diffusers, imported by the first diffusers phase: a run without it (a device image
+            # that lacks the package) still runs every sdengine phase, and each diffusers phase fails in one line
+            if "peer" not in loaded:
+                loaded["peer"] = peer_module()
+            return loaded["peer"]
+
         dpipe: dict[str, Any] = {}
         if compare:  # early: cheap, and the stage-by-stage comparison needs the graphs pipeline still loaded
 
             def df_eager() -> dict[str, Any]:
-                engine = peer.GpuEngine(folder, device, sampler, size)
+                engine = peer().GpuEngine(folder, device, sampler, size)
                 dpipe["engine"] = engine
                 res = engine.measure(PROMPT, NEGATIVE, cfg, repeats, batch8=True)
                 probe = held.pop("probe", None)
@@ -746,7 +759,7 @@ def run_gpu_bench(
             run.phase("sdengine_fp8", 150 if compile else 45, lambda: sd_child("fp8", False, fp8_options))
 
         def df_compiled() -> dict[str, Any]:
-            engine = dpipe.get("engine") or peer.GpuEngine(folder, device, sampler, size)
+            engine = dpipe.get("engine") or peer().GpuEngine(folder, device, sampler, size)
             engine.compile()
             dpipe["engine"] = engine
             res = engine.measure(PROMPT, NEGATIVE, cfg, repeats, batch8=False)
@@ -765,11 +778,19 @@ def run_gpu_bench(
         dpipe.clear()
         _free(device)
 
-        run.data["agreement"] = agreement(run.images)
-        run.data["latent_agreement"] = latent_agreement(run.latents)
-        run.data["ratios"] = ratios(run.data["phases"])
-        run.data["images_png"] = list(run.images)
-        save_images(run.images, run.out_dir / "images.png")
+        # The summaries, each on its own: one that fails (images of other shapes) is an error line, not a lost run
+        summaries: dict[str, Callable[[], Any]] = {
+            "agreement": lambda: agreement(run.images),
+            "latent_agreement": lambda: latent_agreement(run.latents),
+            "ratios": lambda: ratios(run.data["phases"]),
+            "images_png": lambda: _saved_images(run.images, run.out_dir / "images.png"),
+        }
+        for key, make in summaries.items():
+            try:
+                run.data[key] = make()
+            except Exception as e:  # noqa: BLE001 - see above
+                run.data["errors"][key] = f"{type(e).__name__}: {e}"
+                _say(f"{key}: FAILED {type(e).__name__}: {e}")
         run.save()
         return run.data
 

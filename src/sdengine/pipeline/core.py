@@ -99,6 +99,19 @@ def _no_extra_tokens(encoder: Any) -> Any:
     return guard
 
 
+def _not_tiling(pipe: Pipeline) -> Any:
+    """A graph guard: true unless ``pipe`` is inside a call with ``tiling`` (held weakly). Its networks then pad
+    circularly, and a graph recorded with zero padding would replay that (:meth:`Pipeline.graphed` checks the same
+    for the U-Net and the VAE; this one is for what is reached through :func:`sdengine.cuda_graphs.through`)."""
+    ref = weakref.ref(pipe)
+
+    def guard() -> bool:
+        p = ref()
+        return p is not None and not p._tiling
+
+    return guard
+
+
 def _note(notes: list[str], text: str) -> None:
     notes.append(text)
     log.warning(text)
@@ -307,8 +320,11 @@ class Pipeline:
     def _tiny_vae_graph(self, tiny: Any) -> Any:
         from sdengine.cuda_graphs import GraphedCallable
 
-        # its decoder network, reached through cuda_graphs.through by every decode (outputs, previews)
-        return GraphedCallable(tiny.decoder, module=tiny.decoder, name="tiny VAE decode", **self._graph_opts)
+        # its decoder network, reached through cuda_graphs.through by every decode (outputs, previews); not while
+        # a tiled call pads its convolutions circularly
+        return GraphedCallable(
+            tiny.decoder, module=tiny.decoder, name="tiny VAE decode", guard=_not_tiling(self), **self._graph_opts
+        )
 
     def enable_loop_graph(self, *, backend: Any = None, device_type: str = "cuda", record_after: int = 1) -> bool:
         """Replay a generation's whole sampling loop as one CUDA graph where it can

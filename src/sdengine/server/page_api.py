@@ -8,6 +8,8 @@
 * ``POST /v1/controlnets/preprocess``: the control map a ControlNet unit would get (an upload id or a
   base64 image, a preprocessor and its options) as a PNG, to look at before generating.
 * ``GET /v1/gallery``: the PNGs of the outputs folder, newest first, paged, each with its ``parameters``.
+* ``DELETE /v1/images/{name}``: removes one image the server wrote from the outputs folder (the gallery's
+  *Delete*); any other file there is refused (:func:`written_by_server`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import inspect
 import io
 import json
 import os
+import re
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +29,7 @@ from fastapi.responses import FileResponse, Response
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdengine.server.errors import BadRequest
+from sdengine.server.errors import BadRequest, Forbidden, NotFound
 
 if TYPE_CHECKING:
     from sdengine.server.app import Services
@@ -33,6 +37,10 @@ if TYPE_CHECKING:
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_SIZE, DEFAULT_MULTIPLE = 512, 8  # a single-file checkpoint's size is only known once loaded
 GALLERY_MAX_PAGE = 100
+# The names the server gives the images it writes: NNNNN-SEED.png (the native, A1111 and OpenAI routes' jobs) and
+# PREFIX_NNNNN_.png (ComfyUI's SaveImage); with the metadata each writes (A1111's "parameters", ComfyUI's "prompt")
+SERVER_NAMES = (re.compile(r"\d{5,}-\d+\.png"), re.compile(r"[^/\\]+_\d{5,}_\.png"))
+SERVER_METADATA = ("parameters", "prompt")
 
 
 class PreprocessRequest(BaseModel):
@@ -79,12 +87,59 @@ def gallery_files(outputs_dir: Path) -> list[Path]:
 def png_parameters(path: Path) -> tuple[str | None, int, int]:
     """The ``parameters`` text and size of a PNG, without decoding its pixels (text after the image
     data is not seen; sdengine and A1111 write it before)."""
+    text, w, h, _ = png_summary(path)
+    return text, w, h
+
+
+def png_summary(path: Path) -> tuple[str | None, int, int, bool]:
+    """:func:`png_parameters` and whether the server wrote the file (:func:`written_by_server`)."""
     try:
         with Image.open(path) as im:
             text = im.info.get("parameters")
-            return (None if text is None else str(text)), im.width, im.height
+            ours = _server_name(path.name) and any(isinstance(im.info.get(k), str) for k in SERVER_METADATA)
+            return (None if text is None else str(text)), im.width, im.height, ours
     except (OSError, SyntaxError, ValueError):
-        return None, 0, 0
+        return None, 0, 0, False
+
+
+def _server_name(name: str) -> bool:
+    return any(p.fullmatch(name) for p in SERVER_NAMES)
+
+
+def written_by_server(path: Path) -> bool:
+    """Whether ``path`` is an image the server wrote: a regular file (no link) directly in the outputs folder,
+    named as the server names its images, with the metadata it writes. Nothing else there is ever deleted (a
+    file a user put in the folder, a link to elsewhere)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    return png_summary(path)[3]
+
+
+def delete_image(outputs_dir: Path, name: str) -> None:
+    """Remove the image ``name`` the server wrote from the outputs folder; a clear refusal for anything else."""
+    from sdengine.io.paths import UnsafePathError, check_name
+
+    if "/" in name or name.startswith(".") or not name.lower().endswith(".png"):
+        raise BadRequest(f"image {name!r}: only names of PNG files in the outputs folder can be deleted")
+    try:
+        check_name(name, "image")
+    except UnsafePathError as e:
+        raise BadRequest(str(e)) from None
+    path = outputs_dir / name
+    if not os.path.lexists(path):
+        raise NotFound(f"image {name!r} not found in the outputs folder")
+    if not written_by_server(path):
+        raise Forbidden(
+            f"image {name!r}: not an image this server wrote (only its NNNNN-SEED.png and ComfyUI SaveImage files, "
+            "with their metadata, are deleted)"
+        )
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        raise NotFound(f"image {name!r} not found in the outputs folder") from None
 
 
 def preprocess_image(services: Services, req: PreprocessRequest) -> bytes:
@@ -156,10 +211,26 @@ def install(app: FastAPI, services: Services) -> None:
         offset: int = Query(0, ge=0, le=10_000_000), limit: int = Query(24, ge=1, le=GALLERY_MAX_PAGE)
     ) -> dict[str, Any]:
         """Images of the outputs folder, newest first: ``{total, offset, items: [{name, url, width, height,
-        parameters}]}``."""
+        parameters, deletable}]}`` (``deletable``: the server wrote it, DELETE /v1/images/{name} removes it)."""
         files = gallery_files(Path(config.outputs_dir))
         items = []
         for p in files[offset : offset + limit]:
-            text, w, h = png_parameters(p)
-            items.append({"name": p.name, "url": f"/v1/images/{p.name}", "width": w, "height": h, "parameters": text})
+            text, w, h, ours = png_summary(p)
+            items.append(
+                {
+                    "name": p.name,
+                    "url": f"/v1/images/{p.name}",
+                    "width": w,
+                    "height": h,
+                    "parameters": text,
+                    "deletable": ours,
+                }
+            )
         return {"total": len(files), "offset": offset, "limit": limit, "items": items}
+
+    @app.delete("/v1/images/{name:path}", tags=["page"])
+    def delete(name: str) -> dict[str, Any]:
+        """Remove an image the server wrote (``deletable`` in the gallery) from the outputs folder:
+        ``{deleted: name}``; 403 for any other file there, 404 for one that is not there."""
+        delete_image(Path(config.outputs_dir), name)
+        return {"deleted": name}

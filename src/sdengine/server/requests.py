@@ -203,7 +203,9 @@ def build_generation(
             return None
         if isinstance(ref, Image.Image):
             return ref
-        return uploads.image(ref, what)
+        # Turned upright by its EXIF orientation, as a browser shows it (and the page's mask is painted on it)
+        # and as A1111's fix_image does: a phone's JPEG was once used on its side, squashed into the size.
+        return ImageOps.exif_transpose(uploads.image(ref, what))
 
     init = image(init_image, "init_image")
     mask_img = image(mask, "mask")

@@ -4,7 +4,7 @@
 // headers) and images are fetched as blobs for the same reason.
 
 import { MaskPainter } from "./mask.js";
-import { parseInfotext, pngTextChunks } from "./pnginfo.js";
+import { imageKind, imageParameters, parseInfotext } from "./pnginfo.js";
 
 const $ = (id) => document.getElementById(id);
 const SETTINGS_KEY = "sdengine.settings.v1";
@@ -22,8 +22,9 @@ const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras
   "sgm uniform": "sgm_uniform" };
 
 const state = {
-  samplers: [], sizes: {}, loras: [], tiny: {}, tinyEncoder: {}, model: null, lastSeed: null, jobId: null, running: false,
-  cancelAsked: false, jobDone: false,
+  samplers: [], sizes: {}, loras: [], embeddings: [], activePrompt: "prompt", tiny: {}, tinyEncoder: {}, model: null,
+  lastSeed: null, jobId: null, running: false,
+  cancelAsked: false, jobDone: false, jobStep: 0,
   initBlob: null, controlBlob: null, galleryOffset: 0, galleryTotal: 0, resultUrls: [], galleryUrls: [],
 };
 
@@ -147,8 +148,25 @@ const getJSON = async (path) => (await api(path)).json();
 
 const UPLOAD_LABELS = { init_image: "init image", mask: "mask", controlnet: "ControlNet control image" };
 
+/** The image as the server takes it: a PNG, JPEG or WebP as it is; another format the browser can show (GIF,
+ * BMP, AVIF, ...; A1111 takes them) as a PNG of its pixels. Such a file was shown, painted on, and then refused. */
+async function acceptedImage(blob) {
+  if (imageKind(new Uint8Array(await blob.slice(0, 16).arrayBuffer()))) return blob;
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(blob);
+  } catch (e) {
+    return blob; // not an image the browser reads either: the server says what it is
+  }
+  const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+  canvas.getContext("2d").drawImage(bitmap, 0, 0);
+  bitmap.close();
+  return canvas.convertToBlob({ type: "image/png" });
+}
+
 async function upload(blob, what) {
   if (!blob) throw new ApiError(400, `${what}: pick an image first`, what === "mask" ? "mask" : what);
+  blob = await acceptedImage(blob);
   try {
     const r = await api("/v1/uploads", { method: "POST", headers: { "Content-Type": blob.type || "image/png" },
       body: blob });
@@ -178,6 +196,7 @@ const ERROR_FIELDS = [
   [/\bhires\b|\bhr_/i, "hires"],
   [/controlnet|preprocessor|control image/i, "controlnet"],
   [/\blora\b|<lora/i, "loras"],
+  [/^strength\b/i, "strength"], // "strength must be > 0 for img2img": the strength's, not the init image's
   [/init[_ ]image|img2img/i, "init_image"],
   [/\bmask_blur\b/i, "mask_blur"],
   [/\bmask\b/i, "mask"],
@@ -285,6 +304,78 @@ function renderLoras() {
   });
 }
 
+// ---------------------------------------------------------------------------------- embeddings
+
+const escapeRegExp = (text) => text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+
+/** Where ``word`` stands alone in ``text`` (not inside a longer word; with its weight, ``(word:1.2)``, as a
+ * whole): {start, end}, or null. */
+function findWord(text, word) {
+  const w = escapeRegExp(word);
+  const weighted = new RegExp(`\\(${w}:[\\d.]+\\)`).exec(text);
+  if (weighted) return { start: weighted.index, end: weighted.index + weighted[0].length };
+  const m = new RegExp(`(^|[\\s,(\\[])(${w})(?=$|[\\s,)\\]:])`).exec(text);
+  return m ? { start: m.index + m[1].length, end: m.index + m[1].length + word.length } : null;
+}
+
+/** Add an embedding's name to the prompt last typed in (A1111's rule: the prompt or the negative prompt), with
+ * a space before it; a name already there is taken out instead (with its weight and one comma beside it). */
+function toggleEmbedding(name) {
+  const box = $(state.activePrompt);
+  const at = findWord(box.value, name);
+  if (at) {
+    let before = box.value.slice(0, at.start).replace(/ +$/, "");
+    let after = box.value.slice(at.end).replace(/^ +/, "");
+    if (after.startsWith(",") && (before === "" || before.endsWith(",") || before.endsWith("\n"))) {
+      after = after.slice(1).replace(/^ +/, "");
+    } else if (before.endsWith(",") && (after === "" || after.startsWith("\n"))) {
+      before = before.slice(0, -1);
+    }
+    box.value = before && after && !/[\n(\[]$/.test(before) && !/^[,)\]\n]/.test(after) ? `${before} ${after}`
+      : before + after;
+  } else {
+    box.value = box.value.trim() === "" ? name : `${box.value.replace(/ +$/, "")} ${name}`;
+  }
+  box.dispatchEvent(new Event("input", { bubbles: true })); // saved with the other settings
+  markEmbeddings();
+}
+
+/** Each embedding's button is pressed while its name is in the prompt (or the negative prompt). */
+function markEmbeddings() {
+  for (const b of document.querySelectorAll("#embedding-list button")) {
+    const name = b.dataset.name;
+    b.setAttribute("aria-pressed", String(Boolean(findWord($("prompt").value, name) ||
+      findWord($("negative_prompt").value, name))));
+  }
+}
+
+/** The server's embeddings (A1111's GET /sdapi/v1/embeddings: the folder of --embeddings-dir, read as asked). */
+async function loadEmbeddings() {
+  $("err-embeddings").textContent = "";
+  let answer;
+  try {
+    answer = await getJSON("/sdapi/v1/embeddings");
+  } catch (e) {
+    showError("embeddings", `embeddings: ${e.message}`);
+    return;
+  }
+  state.embeddings = Object.entries(answer.loaded || {}).map(([name, info]) => ({ name, ...info }));
+  const list = $("embedding-list");
+  list.replaceChildren();
+  if (!state.embeddings.length) list.textContent = "No embeddings on this server (serve --embeddings-dir DIR).";
+  for (const e of state.embeddings) {
+    const b = button(e.name, () => toggleEmbedding(e.name));
+    b.dataset.name = e.name;
+    b.title = `${e.vectors} vector(s) of width ${e.shape}`;
+    list.append(b);
+  }
+  const skipped = Object.keys(answer.skipped || {});
+  $("embeddings-skipped").hidden = !skipped.length;
+  $("embeddings-skipped").textContent = skipped.length
+    ? `Not readable as an embedding (skipped): ${skipped.join(", ")}` : "";
+  markEmbeddings();
+}
+
 async function loadPickers() {
   const [models, samplers, loras, controlnets, sizes] = await Promise.all([
     getJSON("/v1/models"), getJSON("/v1/samplers"), getJSON("/v1/loras"), getJSON("/v1/controlnets"),
@@ -309,6 +400,7 @@ async function loadPickers() {
   $("height").value = size.height;
   state.loras = loras.loras;
   renderLoras();
+  loadEmbeddings(); // not awaited: the page works without its list (an error is said in its section)
   const cn = $("cn-model");
   cn.replaceChildren();
   for (const c of controlnets.controlnets) option(cn, c.name);
@@ -440,6 +532,7 @@ function applyInfotext(text) {
   // The infotext's prompt carries its LoRAs as <lora:NAME:W> tags: a ticked box would add them a second time
   // (twice the weight).
   state.loras.forEach((l, i) => { $(`lora-use-${i}`).checked = false; });
+  markEmbeddings();
   saveSettings();
   return { set, missing };
 }
@@ -481,6 +574,7 @@ function updateMode() {
 
 function setInitImage(blob, mode) {
   state.initBlob = blob;
+  $("err-init_image").textContent = ""; // an earlier file's "not an image" is over
   URL.revokeObjectURL($("init-preview").src);
   const url = URL.createObjectURL(blob);
   const img = $("init-preview");
@@ -503,6 +597,12 @@ function setControlImage(blob) {
   state.controlBlob = blob;
   URL.revokeObjectURL($("cn-source").src);
   const url = URL.createObjectURL(blob);
+  $("err-controlnet").textContent = "";
+  $("cn-source").onerror = () => {  // not an image: said now, not shown as a broken picture and sent later
+    state.controlBlob = null;
+    $("cn-source").hidden = true;
+    showError("controlnet", `${blob.name || "that file"}: not an image this page can read (PNG, JPEG or WebP)`);
+  };
   $("cn-source").src = url;
   $("cn-source").hidden = false;
   $("cn-preview").hidden = true;
@@ -641,6 +741,10 @@ function showProgress(job) {
   if (job.state === "running") {
     const eta = job.eta === null || job.eta === undefined ? "" : ` · ETA ${job.eta.toFixed(1)} s`;
     text.textContent = `Step ${job.step} / ${job.steps}${eta}`;
+    // The queue's line of this job follows its steps too (it lagged the bar by up to the 5 s refresh).
+    state.jobStep = job.step;
+    const mine = document.querySelector("#queue li.mine span");
+    if (mine) mine.textContent = queueLine(job, true);
   }
   if (job.preview) {
     $("live-preview").src = job.preview;
@@ -767,6 +871,7 @@ function forgetJob() {
 
 function endJob() {
   state.jobId = null;
+  state.jobStep = 0;
   state.jobDone = false;
   state.cancelAsked = false;
   if (!$("progress").hasAttribute("value")) $("progress").value = 0; // not left spinning as if still queued
@@ -885,9 +990,30 @@ async function showResults(items) {
     a.download = item.name || "sdengine.png";
     a.textContent = "Download";
     actions.append(a);
+    // A job's saved image, or a gallery image the server wrote (not a file someone else put in the folder).
+    if (item.name && (item.deletable ?? true)) {
+      const del = button("Delete", () => deleteImage(item.name, fig, del));
+      del.setAttribute("aria-label", `Delete ${item.name} from the server`);
+      actions.append(del);
+    }
     fig.append(img, pre, actions);
     box.append(fig);
   });
+}
+
+/** Remove an image the server wrote from its outputs folder (asked first), then from the page and the gallery. */
+async function deleteImage(name, fig, del) {
+  if (!window.confirm(`Delete ${name} from the server's outputs folder? This cannot be undone.`)) return;
+  del.disabled = true;
+  try {
+    await api(`/v1/images/${encodeURIComponent(name)}`, { method: "DELETE" });
+  } catch (e) {
+    del.disabled = false;
+    if (e.status !== 404) { showError("general", `${name}: ${e.message}`); return; } // gone already: as deleted
+  }
+  fig.remove();
+  $("server-status").textContent = `Deleted ${name}`;
+  loadGallery(state.galleryOffset);
 }
 
 async function loadGallery(offset) {
@@ -929,12 +1055,15 @@ async function loadGallery(offset) {
 
 // ------------------------------------------------------------------------------------ dropping
 
-async function readDroppedPng(file) {
-  const chunks = await pngTextChunks(await file.arrayBuffer());
-  const text = chunks && (chunks.parameters ?? chunks.Parameters);
+/** A dropped PNG, JPEG or WebP: its generation parameters fill the form (a PNG's text chunk, a JPEG's or WebP's
+ * EXIF UserComment, where A1111 writes them; a JPEG was once said to have none). */
+async function readDroppedImage(file) {
+  const { kind, text } = await imageParameters(await file.arrayBuffer());
   if (!text) {
-    showError("general", `${file.name}: no generation parameters in this image (only PNGs made by sdengine or ` +
-      "AUTOMATIC1111 carry them)");
+    showError("general", kind
+      ? `${file.name}: no generation parameters in this image (only images made by sdengine or AUTOMATIC1111 ` +
+        "carry them)"
+      : `${file.name}: not a PNG, JPEG or WebP image`);
     return;
   }
   clearErrors();
@@ -960,11 +1089,20 @@ function installDrop() {
     e.preventDefault();
     if (e.target.closest?.("#init-drop, #init-stage")) setInitImage(file);
     else if (e.target.closest?.("#cn-drop")) setControlImage(file);
-    else readDroppedPng(file);
+    else readDroppedImage(file);
   });
 }
 
 // ------------------------------------------------------------------------------------- start
+
+const queueModels = {}; // job id -> model, for the queue line the event stream updates (events may lack it)
+
+function queueLine(j, mine) {
+  if (j.model) queueModels[j.id] = j.model;
+  const where = j.state === "running" ? `running, step ${j.step} / ${j.steps}`
+    : `queued, ${j.position ? `${j.position} before it` : "next"}`;
+  return `${where} · ${queueModels[j.id] ?? ""}${mine ? " · this tab's job" : ""}`;
+}
 
 /** The server's unfinished jobs (every tab's and client's), each with a Cancel button; hidden when none. */
 async function refreshQueue() {
@@ -984,10 +1122,10 @@ async function refreshQueue() {
     const li = document.createElement("li");
     const mine = j.id === state.jobId;
     li.classList.toggle("mine", mine);
-    const where = j.state === "running" ? `running, step ${j.step} / ${j.steps}`
-      : `queued, ${j.position ? `${j.position} before it` : "next"}`;
     const text = document.createElement("span");
-    text.textContent = `${where} · ${j.model}${mine ? " · this tab's job" : ""}`;
+    // this tab's job: not a step behind the bar (the list may have been read just before the bar's last event)
+    text.textContent = queueLine(mine && j.state === "running" ? { ...j, step: Math.max(j.step, state.jobStep) } : j,
+      mine);
     const stop = button("Cancel", async () => {
       stop.disabled = true;
       if (mine) return cancel();
@@ -1027,6 +1165,11 @@ function install() {
         painter.undo()) e.preventDefault();
   });
   $("cancel").addEventListener("click", cancel);
+  for (const id of ["prompt", "negative_prompt"]) {
+    $(id).addEventListener("focus", () => { state.activePrompt = id; });
+    $(id).addEventListener("input", markEmbeddings);
+  }
+  $("embeddings-refresh").addEventListener("click", loadEmbeddings);
   $("sampler").addEventListener("change", fillSchedules);
   for (const id of ["width", "height"]) $(id).addEventListener("change", () => snap($(id)));
   $("model").addEventListener("change", () => {
@@ -1085,6 +1228,7 @@ async function ready() {
   try {
     await loadPickers();
     restoreSettings();
+    markEmbeddings();
     fitDecoder();
     state.model = $("model").value;
     updateMode();
