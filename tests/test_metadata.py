@@ -200,6 +200,9 @@ def test_to_generate_kwargs_a1111_full(caplog):
         "height": 768,
         "strength": 0.45,
         "clip_skip": 2,
+        # an A1111 image: its strength counts steps and its Clip skip applies as A1111's do
+        "strength_rule": "a1111",
+        "clip_skip_rule": "a1111",
     }
     # Fields that change the image but are not reproduced are named; hashes/model/version are not.
     (record,) = caplog.records

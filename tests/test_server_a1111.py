@@ -145,6 +145,65 @@ def test_img2img_and_inpainting_equal_python_api(api):
     assert alpha.info["ignored"].count("inpainting_fill") <= 1  # listed once at most
 
 
+def test_latent_masked_content_and_full_strength_inpainting_as_a1111(api):
+    """inpainting_fill 2 ("latent noise") and 3 ("latent nothing") fill the masked init latent as A1111 does (they
+    were only listed as ignored), and at denoising strength 1 sampling starts from that latent noised (it was
+    pure noise, diffusers' way); the infotext says A1111's "Masked content"."""
+    init = gradient()
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 40, 56))
+    for fill, content in ((2, "latent noise"), (3, "latent nothing"), (1, "original")):
+        r = api.img2img(
+            images=[init],
+            mask_image=mask,
+            prompt="a blue ball",
+            seed=3,
+            denoising_strength=1.0,
+            mask_blur=0,
+            inpainting_fill=fill,
+            inpaint_full_res=False,
+            **COMMON,
+        )
+        ref = emoji()(
+            "a blue ball",
+            seed=3,
+            init_image=init,
+            mask=mask,
+            strength=1.0,
+            strength_rule="a1111",
+            masked_content=content,
+            sampler="dpmpp_2m",
+            schedule="karras",
+            progress=False,
+            **COMMON,
+        )
+        want = Image.composite(ref.images[0], init.convert("RGB"), mask)
+        np.testing.assert_array_equal(arr(r.image), arr(want))
+        assert "inpainting_fill" not in r.info["ignored"]
+        assert (f"Masked content: {content}" in r.info["infotexts"][0]) == (fill != 1)
+
+
+def test_img2img_noise_multiplier_as_a1111(api):
+    """initial_noise_multiplier (a request field, or an infotext's "Noise multiplier") scales the noise the init
+    image is noised with, as A1111."""
+    init = gradient()
+    want = python_img2img("a ball", init, noise_multiplier=0.8)
+    r = api.img2img(
+        images=[init], prompt="a ball", seed=3, denoising_strength=0.5, initial_noise_multiplier=0.8, **COMMON
+    )
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert "initial_noise_multiplier" not in r.info["ignored"] and "Noise multiplier: 0.8" in r.info["infotexts"][0]
+    body = {"init_images": [webuiapi.raw_b64_img(init)], "prompt": "a ball", "seed": 3, **COMMON}
+    text = want.infotexts[0]
+    from_text = {"init_images": body["init_images"], "infotext": text}  # the rest from the infotext
+    r = httpx.post(f"{api.baseurl}/img2img", json=from_text, timeout=120)
+    assert r.status_code == 200, r.text
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    np.testing.assert_array_equal(arr(got), arr(want.images[0]))
+    bad = httpx.post(f"{api.baseurl}/img2img", json={**body, "initial_noise_multiplier": "x"}, timeout=120)
+    assert bad.status_code in (400, 422), bad.text
+
+
 def test_controlnet_unit_and_empty_args(api):
     from sdengine.control import canny
 
@@ -219,6 +278,31 @@ def test_a_refused_options_request_changes_nothing(api):
         bad = httpx.post(f"{api.baseurl}/options", json=body, timeout=30)
         assert bad.status_code == 400, bad.text
     assert api.get_options() == before
+
+
+def test_a_global_clip_skip_option_applies_only_where_a1111_applies_it(api):
+    """A1111's Clip skip (CLIP_stop_at_last_layers) reaches SD 1.x's CLIP only: set as a global option it once
+    failed every job of the MiniLM emoji model (and stayed set); now such a model runs as at clip skip 1, and
+    the infotext keeps the setting as A1111 writes it."""
+    plain = emoji()("a red apple", seed=5, sampler="dpmpp_2m", schedule="karras", progress=False, **COMMON)
+    try:
+        assert api.set_options({"CLIP_stop_at_last_layers": 2})["applied"] == ["CLIP_stop_at_last_layers"]
+        r = api.txt2img(prompt="a red apple", seed=5, **COMMON)
+        np.testing.assert_array_equal(arr(r.image), arr(plain.images[0]))
+        assert "Clip skip: 2, Clip skip rule: a1111" in r.info["infotexts"][0]
+        init = gradient()
+        r = api.img2img(images=[init], prompt="a ball", seed=3, denoising_strength=0.5, **COMMON)
+        np.testing.assert_array_equal(arr(r.image), arr(python_img2img("a ball", init).images[0]))
+        # A1111's "Clip skip SDXL" (its skip for SDXL's CLIP-L): an option here too, no SDXL meaning elsewhere
+        assert api.set_options({"sdxl_clip_l_skip": True})["applied"] == ["sdxl_clip_l_skip"]
+        assert api.get_options()["sdxl_clip_l_skip"] is True
+        r = api.txt2img(prompt="a red apple", seed=5, **COMMON)
+        np.testing.assert_array_equal(arr(r.image), arr(plain.images[0]))
+        assert "Clip skip rule: a1111_sdxl_clip_l" in r.info["infotexts"][0]
+        bad = httpx.post(f"{api.baseurl}/options", json={"sdxl_clip_l_skip": "yes"}, timeout=30)
+        assert bad.status_code == 400 and "sdxl_clip_l_skip must be true or false" in bad.text
+    finally:
+        api.set_options({"CLIP_stop_at_last_layers": 1, "sdxl_clip_l_skip": False})
 
 
 def test_taesd_encode_method_is_read_and_needs_an_encoder(api):

@@ -94,6 +94,27 @@ def test_job_image_equals_python_api_and_is_saved_with_parameters(client, server
     assert saved.is_file()
 
 
+def test_a1111_clip_skip_rule_and_masked_content_fields(client):
+    """The job's clip_skip_rule "a1111" (what the page sends for an A1111 image's Clip skip) runs the MiniLM
+    model as at clip skip 1, where sdengine's own clip_skip 2 is refused; masked_content is A1111's latent fill."""
+    j = run(client, {**BASE, "clip_skip": 2, "clip_skip_rule": "a1111"})
+    assert j["state"] == "done", j
+    ref = emoji()(progress=False, **BASE)
+    im, _ = fetch_image(client, j["images"][0]["url"])
+    np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(ref.images[0]))
+    assert "Clip skip: 2, Clip skip rule: a1111" in j["infotexts"][0]
+    bad = client.post("/v1/jobs", json={**BASE, "clip_skip": 2})
+    assert bad.status_code == 202  # refused by the model, when the job runs
+    assert "clip_skip 2 does not apply" in wait_job(client, bad.json()["id"])["error"]
+    bad = client.post("/v1/jobs", json={**BASE, "clip_skip_rule": "comfy"})
+    assert bad.status_code == 422 and "clip_skip_rule" in bad.text
+    init = client.post("/v1/uploads", files={"file": ("i.png", png_of(Image.new("RGB", (64, 64), "red")))}).json()
+    mask = client.post("/v1/uploads", files={"file": ("m.png", png_of(Image.new("L", (64, 64), 255)))}).json()
+    body = {**BASE, "init_image": init["id"], "mask": mask["id"], "strength": 1.0, "strength_rule": "a1111"}
+    j = run(client, {**body, "masked_content": "latent nothing"})
+    assert j["state"] == "done" and "Masked content: latent nothing" in j["infotexts"][0], j
+
+
 def test_events_stream_progress_previews_and_the_result(client):
     jid = client.post("/v1/jobs", json={**BASE, "steps": 4, "seed": 11}).json()["id"]
     events = []

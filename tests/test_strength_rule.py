@@ -107,7 +107,9 @@ def test_a1111_rule_inpainting(pipe):
     got, (_, steps) = run(pipe, init_image=picture(s, s), mask=mask, strength=0.5, strength_rule="a1111")
     want, _ = run(pipe, init_image=picture(s, s), mask=mask, strength=0.75)
     assert steps == 3
-    np.testing.assert_array_equal(got.arrays, want.arrays)
+    # A1111 blends each x0 prediction with the init latent (tests/test_a1111_fidelity.py), diffusers the noisy x
+    # with the noised init: with Euler and a hard mask both keep the known region on init + sigma * noise
+    np.testing.assert_allclose(got.arrays, want.arrays, rtol=0, atol=1e-5)
 
 
 def test_strength_rule_errors_are_one_line(pipe):

@@ -133,8 +133,8 @@ def format_parameters(params: Mapping[str, Any]) -> str:
     ``schedule`` (ours or A1111's; written as "Schedule type"), ``cfg_scale``, ``seed``, ``width``
     and ``height`` (together: "Size: WxH"), ``model_hash`` (:func:`model_hash`), ``model`` (a name),
     ``vae_hash`` and ``vae`` (a separate VAE's :func:`model_hash` and file name: "VAE hash", "VAE"),
-    ``strength`` ("Denoising strength", for img2img/inpainting), ``clip_skip`` (written only when > 1,
-    as A1111 does), ``lora_hashes`` (``{name: lora_hash(file)}`` or a list of pairs), ``version``
+    ``strength`` ("Denoising strength", for img2img/inpainting), ``clip_skip`` (written unless 1, as A1111
+    does), ``lora_hashes`` (``{name: lora_hash(file)}`` or a list of pairs), ``version``
     (default ``"sdengine X.Y.Z"``).
 
     Keys in A1111's spelling (starting with an upper-case letter, e.g. ``"Hires upscale"``) are
@@ -163,8 +163,8 @@ def format_parameters(params: Mapping[str, Any]) -> str:
         raise MetadataError("width and height go together (A1111's 'Size: WxH')")
     if "width" in values:
         values["size"] = f"{int(values['width'])}x{int(values['height'])}"
-    if "clip_skip" in values and int(values["clip_skip"]) <= 1:
-        del values["clip_skip"]  # A1111 writes Clip skip only when it is not the default
+    if "clip_skip" in values and int(values["clip_skip"]) == 1:
+        del values["clip_skip"]  # A1111 writes Clip skip only when it is not the default (sdengine's SDXL has a 0)
     if "lora_hashes" in values:
         if not isinstance(values["lora_hashes"], str):
             values["lora_hashes"] = format_lora_hashes(values["lora_hashes"])
@@ -313,6 +313,13 @@ def _parse_float(parsed: Mapping[str, str], key: str) -> float:
         raise MetadataError(f"{key}: {parsed[key]!r} is not a number") from None
 
 
+def made_by_sdengine(parsed: Mapping[str, str]) -> bool:
+    """Whether an infotext is sdengine's own ("Version: sdengine X.Y.Z"): its settings have sdengine's meaning
+    unless a field says otherwise ("Strength rule", "Clip skip rule"); any other (A1111's, Forge's) has
+    A1111's."""
+    return parsed.get("Version", "").strip().startswith("sdengine")
+
+
 def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refiner: bool = False) -> dict[str, Any]:
     """The pipeline's arguments from :func:`parse_parameters`' result.
 
@@ -320,13 +327,13 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
     ``guidance_rescale`` ("CFG Rescale phi"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
     seed strength"), ``seed_resize_from_w`` and ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
-    ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"),
-    ``noise_seed_delta`` ("ENSD"), ``vae_decode`` ("tiny" when
-    sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
-    "Tiny VAE encode"), ``strength_rule`` (sdengine's "Strength rule"), ``sdxl`` (sdengine's "SDXL options":
-    prompt_2, sizes) that the text has
-    (``clip_skip`` defaults to 1, as in A1111,
-    where a missing "Clip skip" means 1). LoRAs stay
+    ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"), ``noise_seed_delta`` ("ENSD"),
+    ``vae_decode`` ("tiny" when sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
+    "Tiny VAE encode"), ``strength_rule`` (sdengine's "Strength rule"), ``clip_skip_rule`` (sdengine's "Clip
+    skip rule"), ``sdxl`` (sdengine's "SDXL options": prompt_2, sizes) that the text has (``clip_skip`` defaults
+    to 1, as in A1111, where a missing "Clip skip" means 1). An infotext not made by sdengine
+    (:func:`made_by_sdengine`: A1111's, Forge's) gets A1111's meanings: ``strength_rule`` "a1111" with a
+    "Denoising strength", ``clip_skip_rule`` "a1111" with a "Clip skip". LoRAs stay
     in the prompt as ``<lora:...>`` tags (:func:`sdengine.prompts.extract_lora_tags`). An unknown
     sampler or schedule is a ``ValueError`` listing valid names. Fields that would change the image
     but that sdengine does not reproduce ("Hires upscale", "Face restoration", ...) are logged as a
@@ -359,6 +366,15 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
     if "Denoising strength" in parsed:
         kwargs["strength"] = _parse_float(parsed, "Denoising strength")
     kwargs["clip_skip"] = _parse_int(parsed, "Clip skip") if "Clip skip" in parsed else 1
+    if "Clip skip rule" in parsed:  # sdengine's field: whose meaning the Clip skip has
+        from sdengine.text.conditioners import CLIP_SKIP_RULES
+
+        clip_rule = parsed["Clip skip rule"].strip()
+        if clip_rule not in CLIP_SKIP_RULES:
+            raise MetadataError(f"Clip skip rule: {clip_rule!r} is not one of {', '.join(CLIP_SKIP_RULES)}")
+        kwargs["clip_skip_rule"] = clip_rule
+    elif "Clip skip" in parsed and not made_by_sdengine(parsed):
+        kwargs["clip_skip_rule"] = "a1111"  # A1111's Clip skip: applied to SD 1.x's CLIP only (not SD 2.x, SDXL)
     if "Mask blur" in parsed:
         kwargs["mask_blur"] = _parse_float(parsed, "Mask blur")
     if "CFG Rescale phi" in parsed:
@@ -407,6 +423,8 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
         if rule not in STRENGTH_RULES:
             raise MetadataError(f"Strength rule: {rule!r} is not one of {', '.join(STRENGTH_RULES)}")
         kwargs["strength_rule"] = rule
+    elif "Denoising strength" in parsed and not made_by_sdengine(parsed):
+        kwargs["strength_rule"] = "a1111"  # A1111 counted its img2img / hires steps its own way
     if "SDXL options" in parsed:  # sdengine's field: SDXL's prompt_2 and size numbers (GenerationRequest.sdxl)
         try:
             sdxl = json.loads(parsed["SDXL options"])
@@ -446,6 +464,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
         "Tiny VAE encode",
         "Resize mode",
         "Strength rule",
+        "Clip skip rule",
         "Sampler options",
         "SDXL options",
         "Prediction type",  # a loading option: the caller's (sdengine generate --from-png passes it on)
@@ -713,6 +732,7 @@ def lora_hash(path: str | Path) -> str:
 
 
 __all__ = [
+    "MASKED_CONTENT",
     "MAX_INFOTEXT_CHARS",
     "PARAMETERS_KEY",
     "VERSION",
@@ -731,6 +751,7 @@ __all__ = [
     "quote",
     "read_png_parameters",
     "save_png",
+    "made_by_sdengine",
     "to_generate_kwargs",
     "recorded_controlnets",
     "RecordedControlNet",

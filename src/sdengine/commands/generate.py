@@ -435,6 +435,8 @@ def run(a: argparse.Namespace) -> int:
         "strength_rule": a.strength_rule,
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
+    if a.clip_skip is not None:  # --clip-skip has sdengine's meaning (an A1111 image's Clip skip has A1111's)
+        kwargs["clip_skip_rule"] = "sdengine"
     hires = {
         "hr_scale": a.hr_scale,
         "hr_upscaler": a.hr_upscaler,
@@ -756,7 +758,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--clip-skip",
         type=int,
         default=None,
-        help="A1111's clip skip (1 = last layer); CLIP models only (emoji's MiniLM takes 1)",
+        help="clip skip in sdengine's numbering (1 = the last layer; SDXL: both encoders, 1 = their own "
+        "penultimate layer, 0 = the last); CLIP models only (emoji's MiniLM takes 1). A --from-png A1111 "
+        "image's Clip skip is A1111's instead (SD 1.x only)",
     )
     p.add_argument("--guidance-rescale", type=float, default=None, help="CFG rescale phi in [0, 1]")
     p.add_argument(

@@ -397,11 +397,15 @@ def sampling_grid(
 
 
 # How img2img's strength counts the steps it runs: "diffusers" (the default) or "a1111" (AUTOMATIC1111's
-# k-diffusion samplers, ``setup_img2img_steps``); see :func:`img2img_start` and :func:`hires_steps`.
+# ``setup_img2img_steps`` and its two sampler families); see :func:`img2img_start` and :func:`hires_steps`.
 STRENGTH_RULES = ("diffusers", "a1111")
 
 # A1111 caps the strength below 1 (``min(denoising_strength, 0.999)``) where it counts the steps.
 _A1111_STRENGTH_CAP = 0.999
+
+# The samplers A1111 runs in its "timestep" family (modules/sd_samplers_timesteps.py: DDIM, PLMS, UniPC), which
+# count img2img steps differently from its k-diffusion samplers (every other one).
+A1111_TIMESTEP_SAMPLERS = ("ddim", "plms", "unipc")
 
 
 def _check_rule(rule: str) -> None:
@@ -409,36 +413,45 @@ def _check_rule(rule: str) -> None:
         raise UsageError(f"unknown strength rule {rule!r}; use one of: {', '.join(STRENGTH_RULES)}")
 
 
-def img2img_start(steps: int, strength: float, rule: str = "diffusers") -> int:
+def img2img_start(steps: int, strength: float, rule: str = "diffusers", sampler: str | None = None) -> int:
     """Index of the first step img2img runs on the ``steps``-step schedule, by ``rule``:
 
     * "diffusers": ``t_start = steps - min(int(steps * strength), steps)``, so that exactly ``int(steps *
       strength)`` steps run (SDEdit, Meng et al. 2022); strength in (0, 1] (it may run no step: the start is
       then ``steps``);
-    * "a1111": AUTOMATIC1111's ``t_enc = int(min(strength, 0.999) * steps)``; it runs ``t_enc + 1`` steps from
-      index ``steps - t_enc - 1`` (``sigmas[steps - t_enc - 1:]``), so at least one, even at strength 0;
-      strength in [0, 1]."""
+    * "a1111": AUTOMATIC1111's ``t_enc = int(min(strength, 0.999) * steps)``; strength in [0, 1]. Its
+      k-diffusion samplers run ``t_enc + 1`` steps from index ``steps - t_enc - 1`` (``sigmas[steps - t_enc -
+      1:]``), so at least one, even at strength 0. Its timestep samplers (``sampler`` one of
+      :data:`A1111_TIMESTEP_SAMPLERS`: DDIM, PLMS, UniPC) step from ``timesteps[t_enc - 1]`` down (ascending
+      ``timesteps[:t_enc]``), the last ``t_enc`` steps of the schedule: index ``steps - t_enc``, and at least
+      the last step (A1111 returns the barely noised init at strength 0)."""
     _check_rule(rule)
     if rule == "a1111":
         if not 0.0 <= strength <= 1.0:
             raise UsageError(f"strength must be in [0, 1], got {strength}")
-        return steps - int(min(strength, _A1111_STRENGTH_CAP) * steps) - 1
+        t_enc = int(min(strength, _A1111_STRENGTH_CAP) * steps)
+        if sampler in A1111_TIMESTEP_SAMPLERS:
+            return steps - max(t_enc, 1)
+        return steps - t_enc - 1
     if not 0.0 < strength <= 1.0:
         raise UsageError(f"strength must be in (0, 1], got {strength}")
     return max(steps - min(int(steps * strength), steps), 0)
 
 
-def hires_steps(steps: int, strength: float, rule: str = "diffusers") -> tuple[int, int]:
+def hires_steps(steps: int, strength: float, rule: str = "diffusers", sampler: str | None = None) -> tuple[int, int]:
     """(schedule steps, index of the first step run) of the hires fix's second pass of ``steps`` steps
     (``hr_second_pass_steps``, or the first pass's steps when that is 0), by ``rule``:
 
     * "diffusers": an img2img of ``steps`` steps at ``strength`` (:func:`img2img_start`);
     * "a1111": AUTOMATIC1111's second pass (its sampler is given the steps, ``setup_img2img_steps``' fixed-steps
-      branch): a schedule of ``int(steps / min(strength, 0.999))`` steps of which the last ``steps`` run."""
+      branch): a schedule of ``int(steps / min(strength, 0.999))`` steps with ``t_enc = steps - 1``, of which
+      its k-diffusion samplers run the last ``steps``, its timestep samplers (``sampler`` in
+      :data:`A1111_TIMESTEP_SAMPLERS`) the last ``t_enc`` (at least one)."""
     _check_rule(rule)
     if rule == "a1111":
         if not 0.0 < strength <= 1.0:
             raise UsageError(f"hires strength must be in (0, 1], got {strength}")
         total = int(steps / min(strength, _A1111_STRENGTH_CAP))
-        return total, total - steps
+        run = max(steps - 1, 1) if sampler in A1111_TIMESTEP_SAMPLERS else steps
+        return total, total - run
     return steps, img2img_start(steps, strength)

@@ -6,7 +6,7 @@ Data flows one way::
     prompts --conditioner.pair--> cond / uncond conditioning dicts (crossattn [, vector])
     seed_i --Generator--> [init posterior] -> noise -> [masked-image posterior]      (latents.start_latents)
     noise --sampling.sample(sampler, steps, schedule, init_latent, strength)--> latent
-              ^ denoiser = [InpaintBlend] o CFGDenoiser o Denoiser o UNetAdapter o U-Net [+ ControlNets]
+              ^ denoiser = [InpaintBlend or A1111Blend] o CFGDenoiser o Denoiser o UNetAdapter o U-Net [+ ControlNets]
     latent --vae_utils.decode (one row at a time, fp16 NaN fallback, tiles)--> image in [0, 1]
 
 Rows whose text states differ in length (CLIP prompts of more than 75 tokens take more chunks) run as
@@ -34,7 +34,7 @@ from sdengine.diffusion import sampling
 from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.diffusion.samplers import NoiseBank, SamplingInterrupted, row_noise
-from sdengine.diffusion.schedules import NoiseSchedule, img2img_start
+from sdengine.diffusion.schedules import A1111_TIMESTEP_SAMPLERS, NoiseSchedule, img2img_start
 from sdengine.diffusion.variation import seed_resized_noise, variation_noise
 from sdengine.errors import GenerationError
 from sdengine.io.images import load_image, to_uint8
@@ -43,12 +43,19 @@ from sdengine.nn.attention import CHUNK_SCORES
 from sdengine.pipeline.control import ControlUnit, GraphedControlledUNet, build_controlled_unet
 from sdengine.pipeline.finite import require_finite
 from sdengine.pipeline.infotext import call_parameters, files_hash_cached, format_infotext, hashed_files
-from sdengine.pipeline.latents import InpaintBlend, blur_mask, start_latents
+from sdengine.pipeline.latents import A1111Blend, InpaintBlend, blur_mask, start_latents
 from sdengine.pipeline.loop_graph import LoopPlan
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.pipeline.result import Cancelled, GenerationResult, StepInfo
 from sdengine.pipeline.unet_adapter import UNetAdapter
-from sdengine.text.conditioners import Conditioning, TextConditioner, cat_conditioning, make_conditioner
+from sdengine.text.conditioners import (
+    Conditioning,
+    TextConditioner,
+    a1111_clip_skip_note,
+    cat_conditioning,
+    effective_clip_skip,
+    make_conditioner,
+)
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +487,10 @@ class Pipeline:
         width = self._check_size("width", self.default_size if r.width is None else r.width)
         height = self._check_size("height", self.default_size if r.height is None else r.height)
         r.validate()
+        if r.clip_skip_rule != "sdengine":  # A1111 applies its clip skip to SD 1.x's CLIP only: say where not
+            skipped = a1111_clip_skip_note(self.conditioner, r.clip_skip, r.clip_skip_rule)
+            if skipped is not None:
+                _note(notes, skipped)
         if r.vae_decode == "tiny" and self.tiny_vae is None:
             raise GenerationError(
                 f"vae_decode='tiny' needs a tiny VAE and {self.name} has none loaded: "
@@ -630,6 +641,7 @@ class Pipeline:
                     vae_hash=self.vae_hash(),
                     strength=float(request.strength) if p.init is not None else None,
                     clip_skip=request.clip_skip,
+                    clip_skip_rule=request.clip_skip_rule,
                     guidance_rescale=float(request.guidance_rescale),
                     loras=lora_list,
                     n_tag_loras=len(tag_lists[0]),
@@ -706,7 +718,7 @@ class Pipeline:
 
         negatives = self.encoded_negatives(p)
         schedules = row_schedules(
-            self.conditioner, p.prompts, negatives, int(r.steps), clip_skip=r.clip_skip, note=note
+            self.conditioner, p.prompts, negatives, int(r.steps), clip_skip=self.clip_skip_of(r), note=note
         )
         if schedules is not None:  # prompt editing: each row's texts switch per step (A1111's [a:b:when], [a|b])
             by_length: dict[int, list[int]] = {}
@@ -769,7 +781,12 @@ class Pipeline:
     ) -> tuple[Conditioning, Conditioning]:
         """(cond, uncond) of one row's prompts; a family that conditions on more than the text (SDXL: the
         image size) overrides this."""
-        return self.conditioner.pair(prompt, negative, clip_skip=p.request.clip_skip, note=note)
+        return self.conditioner.pair(prompt, negative, clip_skip=self.clip_skip_of(p.request), note=note)
+
+    def clip_skip_of(self, r: GenerationRequest) -> Any:
+        """The conditioner's clip_skip for a request: its own, or A1111's mapped (``clip_skip_rule``; SDXL's
+        "a1111_sdxl_clip_l": a (CLIP-L, bigG) pair)."""
+        return effective_clip_skip(self.conditioner, r.clip_skip, r.clip_skip_rule)
 
     def _sample_rows(
         self,
@@ -799,6 +816,8 @@ class Pipeline:
             tiled=p.tiled,
             device=dev,
             tiny=self.tiny_vae if r.vae_encode == "tiny" else None,
+            # A1111 noises the init latent at strength 1 too (diffusers starts inpainting from pure noise)
+            pure_noise_at_full_strength=r.strength_rule == "diffusers",
         )
         if init_latent is not None:
             start.init_latent, start.from_init = init_latent.to(dev, start.noise.dtype), True
@@ -839,7 +858,9 @@ class Pipeline:
         )
         first = 0
         if start.from_init:
-            first = p.start_step if p.start_step is not None else img2img_start(steps, strength, r.strength_rule)
+            first = (
+                p.start_step if p.start_step is not None else img2img_start(steps, strength, r.strength_rule, p.sampler)
+            )
         net: Any = self.unet
         units = r.control_units()
         if not units:
@@ -864,8 +885,12 @@ class Pipeline:
                 graphed_control = GraphedControlledUNet(net, **self._graph_opts)
                 net = graphed_control if graphed_control.usable() else net
         den: Any = self.guided_denoiser(cfg_scale, uncond, float(r.guidance_rescale), net=net, texts=texts)
-        blend = None
-        if start.blend_mask is not None:
+        blend: Any = None
+        if r.strength_rule == "a1111" and start.rounded_mask is not None and start.init_latent is not None:
+            # A1111's blend, for every U-Net: its k-diffusion samplers' on x0, its timestep samplers' on x
+            before = p.sampler in A1111_TIMESTEP_SAMPLERS
+            den = blend = A1111Blend(den, start.init_latent, start.rounded_mask, before=before)
+        elif start.blend_mask is not None:
             assert start.init_latent is not None
             den = blend = InpaintBlend(den, start.init_latent, start.noise, start.blend_mask)
 

@@ -113,7 +113,11 @@ def validate_hires(r: GenerationRequest) -> None:
     steps = int(r.hr_second_pass_steps) or int(r.steps)
     if float(r.strength) <= 0.0:  # the a1111 rule's img2img runs one step at 0, its hires pass none
         raise GenerationError(f"hires strength must be in (0, 1], got {r.strength!r}")
-    total, start = hires_steps(steps, float(r.strength), r.strength_rule)
+    try:
+        sampler: str | None = hires_sampler(r)[0]
+    except ValueError:  # the request's own sampler: refused where it is checked
+        sampler = None
+    total, start = hires_steps(steps, float(r.strength), r.strength_rule, sampler)
     if start >= total:
         raise GenerationError(
             f"hires strength {r.strength} with {steps} second-pass steps runs no step: raise "
@@ -179,14 +183,14 @@ def plan_hires(pipe: Any, r: GenerationRequest, width: int, height: int, sampler
     limit = int(pipe.noise_schedule.num_train_timesteps)
     if steps > limit:
         raise GenerationError(f"hr_second_pass_steps must be at most {limit}, got {steps}")
-    total, start = hires_steps(steps, float(r.strength), r.strength_rule)
+    if r.hr_sampler or r.hr_schedule is not None:
+        sampler, schedule = hires_sampler(r)
+    total, start = hires_steps(steps, float(r.strength), r.strength_rule, sampler)
     if total > limit:  # the a1111 rule's schedule of steps / strength steps
         raise GenerationError(
             f"hires strength {r.strength} with {steps} second-pass steps needs a schedule of {total} steps "
             f"(A1111's rule: steps / strength), over the model's {limit}: raise strength or lower the steps"
         )
-    if r.hr_sampler or r.hr_schedule is not None:
-        sampler, schedule = hires_sampler(r)
     return HiresPlan(upscaler_name(r.hr_upscaler), sw, sh, bw, bh, total, sampler, schedule, start)
 
 

@@ -140,6 +140,7 @@ def call_parameters(
     prediction_override: str | None = None,
     strength_rule: str = "diffusers",
     sdxl: Any = None,
+    clip_skip_rule: str = "sdengine",
 ) -> dict[str, Any]:
     """The parameters dict of one image (sdengine.metadata writes it as A1111 text). LoRAs passed as
     arguments are written as <lora:NAME:W> tags, as A1111 keeps them, so that the infotext alone says which
@@ -187,6 +188,10 @@ def call_parameters(
             params["Resize mode"] = mode
     if strength_rule != "diffusers":  # sdengine's field: how the strength counted the steps (A1111's rule)
         params["Strength rule"] = strength_rule
+    # sdengine's field: the Clip skip is A1111's (applied to SD 1.x's CLIP only; with its sdxl_clip_l_skip on, to
+    # SDXL's CLIP-L too, even at 1); without it an sdengine image's is its own
+    if (clip_skip_rule == "a1111" and clip_skip != 1) or clip_skip_rule == "a1111_sdxl_clip_l":
+        params["Clip skip rule"] = clip_skip_rule
     options = dict(sampler_options or {})
     for key, field_name in A1111_SAMPLER_FIELDS.items():  # A1111's own fields for k-diffusion's churn/noise
         if key in options:

@@ -7,11 +7,13 @@
   image is ``image * (mask < 0.5)``; generator order per row: [init posterior when strength < 1 or the U-Net
   has 4 channels], noise, masked-image posterior. A 9-channel U-Net gets ``[mask, masked-image latent]`` as
   the ``"concat"`` conditioning; a 4-channel one gets the known region blended back (:class:`InpaintBlend`).
-  With strength 1 the start is pure noise, as there.
+  With strength 1 the start is pure noise, as there; under A1111's strength rule it is the init latent noised
+  to the schedule's first sigma, as A1111 does.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +55,8 @@ class StartLatents:
     from_init: bool  # whether sampling starts from init_latent (False: pure noise)
     blend_mask: Tensor | None  # (1, 1, h, w) for 4-channel inpainting: 1 = repaint
     concat: Tensor | None  # (B, 5, h, w) mask + masked-image latent for a 9-channel U-Net
+    # (1, 1, h, w) A1111's latent mask (rounded, 1 = repaint) of an inpainting call, for any U-Net (A1111Blend)
+    rounded_mask: Tensor | None = None
 
 
 def start_latents(
@@ -71,10 +75,13 @@ def start_latents(
     tiled: bool | None,
     device: torch.device,
     tiny: Any = None,
+    pure_noise_at_full_strength: bool = True,
 ) -> StartLatents:
     """Every random draw of the rows, in diffusers' order (see the module docstring). ``tiny``: a tiny VAE whose
     encoder makes the images' latents instead of the VAE's (``vae_encode="tiny"``; no posterior spread, the same
-    draws from each generator)."""
+    draws from each generator). ``pure_noise_at_full_strength``: inpainting at strength 1 starts from pure noise
+    (diffusers'); False: from the init latent noised, as A1111 does at any strength (A1111's masked content is
+    the pipeline's, on the init latent this returns)."""
 
     def moments(img: Tensor) -> Any:
         if tiny is not None:
@@ -91,7 +98,7 @@ def start_latents(
             # A 9-channel model without a mask repaints everything (A1111's img2img on inpaint models).
             m = mask if mask is not None else np.ones((height, width), np.float32)
             mask_full = torch.from_numpy(m)[None, None].to(device)
-        if mask_full is None or strength < 1.0 or not nine_channels:
+        if mask_full is None or strength < 1.0 or not nine_channels or not pure_noise_at_full_strength:
             post = moments(img)
             init_latent = vae.scale_latents(posterior_rows(post, generators).float())
     noise = row_noise(generators, (latent_channels, h, w)).to(device)
@@ -119,9 +126,13 @@ def start_latents(
         z = moments(grey).mode()
         masked_latent = vae.scale_latents(z.float())
         concat = torch.cat([torch.ones(1, 1, h, w, device=device), masked_latent], dim=1).expand(b, -1, -1, -1)
-    # Inpainting at strength 1 starts from pure noise (diffusers' is_strength_max); img2img does not.
-    from_init = init_latent is not None and not (mask_full is not None and strength >= 1.0)
-    return StartLatents(noise, init_latent, from_init, blend, concat)
+    rounded = None
+    if mask is not None and mask_full is not None:  # A1111 rounds its latent mask (its mask_round default)
+        rounded = (F.interpolate(mask_full, size=(h, w), mode="area") >= 0.5).float()
+    # Inpainting at strength 1 starts from pure noise (diffusers' is_strength_max); img2img does not, nor A1111.
+    full = mask_full is not None and strength >= 1.0 and pure_noise_at_full_strength
+    from_init = init_latent is not None and not full
+    return StartLatents(noise, init_latent, from_init, blend, concat, rounded)
 
 
 class InpaintBlend:
@@ -170,4 +181,62 @@ class InpaintBlend:
         return (1 - self.mask) * self.init + self.mask * x
 
 
-__all__ = ["InpaintBlend", "StartLatents", "blur_mask", "posterior_rows", "start_latents"]
+class A1111Blend:
+    """A1111's inpainting blend (its ``CFGDenoiser.apply_blend``, ``mask`` = its ``nmask``, 1 = repaint, the rounded
+    latent mask; ``init`` its init latent), for any U-Net, 9-channel ones too:
+
+    * ``before=False`` (its k-diffusion samplers): each call's x0 prediction is blended with the clean init latent,
+      ``denoised * mask + init * (1 - mask)``;
+    * ``before=True`` (its timestep samplers, DDIM, PLMS, UniPC: ``mask_before_denoising``): the network reads
+      ``x * mask + init * (1 - mask)`` (in VP scaling: the clean init latent, no noise) while the sampler keeps
+      its own x; the returned x0 is the one whose noise the sampler then finds for its own x (what A1111's
+      timestep samplers do with the network's eps).
+
+    The final blend (:meth:`finish`) is A1111's ``samples * nmask + init_latent * mask``."""
+
+    takes_step = True
+
+    def __init__(self, inner: Any, init: Tensor, mask: Tensor, *, before: bool) -> None:
+        self.inner = inner
+        self.init = init
+        self.mask = mask
+        self.keep = 1.0 - mask
+        self.before = before
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.inner.schedule
+
+    @property
+    def prediction(self) -> str:
+        return self.inner.prediction
+
+    @property
+    def off_grid(self) -> A1111Blend:
+        return A1111Blend(getattr(self.inner, "off_grid", self.inner), self.init, self.mask, before=self.before)
+
+    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> A1111Blend:
+        inner = self.inner.with_timesteps(sigmas, timesteps) if hasattr(self.inner, "with_timesteps") else self.inner
+        return A1111Blend(inner, self.init, self.mask, before=self.before)
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, *, step: SamplerStep, **cond: Any) -> Tensor:
+        if getattr(self.inner, "takes_step", False):
+            cond["step"] = step
+        if not self.before:
+            return self.inner(x, sigma, **cond) * self.mask + self.init * self.keep
+        s = float(torch.as_tensor(sigma).reshape(-1)[0])
+        blended = x * self.mask + self.init * self.keep * math.sqrt(1.0 + s * s)  # VE of the VP blend
+        return self.inner(blended, sigma, **cond) + (x - blended)
+
+    def finish(self, x: Tensor) -> Tensor:
+        return (1 - self.mask) * self.init + self.mask * x
+
+
+__all__ = [
+    "A1111Blend",
+    "InpaintBlend",
+    "StartLatents",
+    "blur_mask",
+    "posterior_rows",
+    "start_latents",
+]

@@ -28,6 +28,7 @@ from sdengine.io.images import ImageInput
 from sdengine.metadata import MASKED_CONTENT
 from sdengine.pipeline.control import ControlUnit
 from sdengine.pipeline.result import StepCallback
+from sdengine.text.conditioners import CLIP_SKIP_RULES
 
 LoRAInput = tuple[Any, float] | str | Path
 TextOrList = str | Sequence[str]
@@ -91,6 +92,10 @@ class GenerationRequest:
     loras: Sequence[LoRAInput] | None = None
     lora_dir: str | Path | None = None
     clip_skip: int = 1
+    # what ``clip_skip`` means: "sdengine" (each text encoder's own, see the conditioners) or "a1111" (A1111's
+    # CLIP_stop_at_last_layers: applied to SD 1.x's CLIP only, ignored for SD 2.x, SDXL and MiniLM, as there;
+    # sdengine.text.conditioners.effective_clip_skip)
+    clip_skip_rule: str = "sdengine"
     guidance_rescale: float = 0.0
     callback: StepCallback | None = None
     progress: bool = True
@@ -284,6 +289,10 @@ class GenerationRequest:
             raise GenerationError(f"cfg_scale {cfg} is over the limit of {MAX_CFG_SCALE:g} (useful values: 1-30)")
         if not _is_number(rescale) or not 0.0 <= rescale <= 1.0:
             raise GenerationError(f"guidance_rescale must be in [0, 1], got {rescale!r}")
+        if self.clip_skip_rule not in CLIP_SKIP_RULES:
+            raise GenerationError(
+                f"unknown clip_skip_rule {self.clip_skip_rule!r}; use one of: {', '.join(CLIP_SKIP_RULES)}"
+            )
         if self.strength_rule not in STRENGTH_RULES:
             raise GenerationError(
                 f"unknown strength_rule {self.strength_rule!r}; use one of: {', '.join(STRENGTH_RULES)}"
@@ -295,10 +304,12 @@ class GenerationRequest:
         if not _is_number(blur) or not math.isfinite(blur) or not 0 <= blur <= MAX_MASK_BLUR:
             raise GenerationError(f"mask_blur must be in [0, {MAX_MASK_BLUR:g}] pixels, got {blur!r}")
         try:
-            sampling.resolve(self.sampler, self.schedule)
+            sampler, _ = sampling.resolve(self.sampler, self.schedule)
         except ValueError as e:
             raise GenerationError(str(e)) from None
-        if self.init_image is not None and img2img_start(int(steps), float(strength), self.strength_rule) >= int(steps):
+        if self.init_image is not None and img2img_start(
+            int(steps), float(strength), self.strength_rule, sampler
+        ) >= int(steps):
             raise GenerationError(
                 f"strength {strength} with {steps} steps runs no step (int(steps * strength) = 0): "
                 "raise steps or strength"

@@ -78,7 +78,7 @@ class SDXLPipeline(Pipeline):
         return cond.pair(
             prompt,
             negative,
-            clip_skip=p.request.clip_skip,
+            clip_skip=self.clip_skip_of(p.request),
             note=note,
             width=p.width,
             height=p.height,
@@ -182,6 +182,7 @@ class SDXLPipeline(Pipeline):
                 model_hash=self.model_hash(),
                 strength=None,
                 clip_skip=request.clip_skip,
+                clip_skip_rule=request.clip_skip_rule,
                 guidance_rescale=rescale,
                 loras=[],
                 n_tag_loras=0,

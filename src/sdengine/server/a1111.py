@@ -830,6 +830,9 @@ def install(app: FastAPI, services: Any) -> None:
         listed as ignored (in txt2img the first unit's mode is the one)."""
         over = dict(req.override_settings or {})
         clip_skip = over.pop("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
+        clip_l = over.pop("sdxl_clip_l_skip", options.get("sdxl_clip_l_skip", False))
+        if not isinstance(clip_l, bool):
+            raise BadRequest(f"sdxl_clip_l_skip must be true or false, got {clip_l!r}")
         model = over.pop("sd_model_checkpoint", None)
         vae_decode = decode_method(over.pop("sd_vae_decode_method", options.get("sd_vae_decode_method", "Full")))
         vae_encode = decode_method(
@@ -882,6 +885,8 @@ def install(app: FastAPI, services: Any) -> None:
             batch_size=req.batch_size,
             n_iter=req.n_iter,
             clip_skip=clip_skip,
+            # A1111's CLIP_stop_at_last_layers: SD 1.x's CLIP only, as there (and SDXL's CLIP-L with sdxl_clip_l_skip)
+            clip_skip_rule="a1111_sdxl_clip_l" if clip_l else "a1111",
             vae_decode=vae_decode,
             vae_encode=vae_encode,
             controlnets=units,
@@ -1449,7 +1454,8 @@ def install(app: FastAPI, services: Any) -> None:
     @app.post("/sdapi/v1/options", tags=["a1111"])
     def set_options(body: dict[str, Any]) -> dict[str, Any]:
         """``sd_model_checkpoint`` switches the model of later jobs (loaded by each worker before its next job);
-        ``CLIP_stop_at_last_layers`` sets their clip skip, ``eta_noise_seed_delta`` their ENSD,
+        ``CLIP_stop_at_last_layers`` sets their clip skip (A1111's: SD 1.x's CLIP only; ``sdxl_clip_l_skip``: SDXL's
+        CLIP-L too), ``eta_noise_seed_delta`` their ENSD,
         ``sd_vae_decode_method`` ("Full" or "TAESD") how their latents are decoded (TAESD: the model's tiny VAE),
         ``sd_vae_encode_method`` how their init images are encoded. Other options are listed as ignored."""
         changes, ignored = checked_options(body)  # every value checked before any is set: a refused one changes nothing
@@ -1473,6 +1479,10 @@ def install(app: FastAPI, services: Any) -> None:
                 changes[k] = v
             elif k in ("sd_vae_decode_method", "sd_vae_encode_method"):
                 decode_method(v, k)
+                changes[k] = v
+            elif k == "sdxl_clip_l_skip":  # A1111's "Clip skip SDXL": the Clip skip reaches SDXL's CLIP-L too
+                if not isinstance(v, bool):
+                    raise BadRequest("sdxl_clip_l_skip must be true or false")
                 changes[k] = v
             elif k == "eta_noise_seed_delta":
                 changes[k] = check_ensd(v)

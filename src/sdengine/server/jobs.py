@@ -252,6 +252,7 @@ _BATCH_SETTINGS = (
     "strength",
     "mask_blur",
     "clip_skip",
+    "clip_skip_rule",
     "loras",
     "guess_mode",
     "vae_decode",
@@ -293,23 +294,25 @@ def batch_notes(pipe: Any, jobs: list[Job], notes: list[str]) -> dict[str, list[
         return {j.id: [] for j in jobs}
     try:
         from sdengine.pipeline.prompt_editing import row_schedules
+        from sdengine.text.conditioners import effective_clip_skip
 
         own: dict[str, list[str]] = {}
         for job in jobs:
             kw = job.generation.kwargs
             mine: list[str] = []
+            skip = effective_clip_skip(
+                pipe.conditioner, int(kw.get("clip_skip") or 1), kw.get("clip_skip_rule") or "sdengine"
+            )
             plain = row_schedules(
                 pipe.conditioner,
                 [kw["prompt"]],
                 [kw["negative_prompt"]],
                 int(kw["steps"]),
-                clip_skip=int(kw.get("clip_skip") or 1),
+                clip_skip=skip,
                 note=mine.append,
             )
             if plain is None:  # no prompt editing: the pipeline encodes the pair
-                pipe.conditioner.pair(
-                    kw["prompt"], kw["negative_prompt"], clip_skip=int(kw.get("clip_skip") or 1), note=mine.append
-                )
+                pipe.conditioner.pair(kw["prompt"], kw["negative_prompt"], clip_skip=skip, note=mine.append)
             own[job.id] = mine
     except Exception:  # noqa: BLE001 - attributing notes is best effort
         log.debug("could not attribute a batch's notes", exc_info=True)

@@ -126,6 +126,7 @@ def build_generation(
     controlnets: Sequence[ControlRequest] = (),
     loras: Sequence[tuple[str, float]] = (),
     clip_skip: int = 1,
+    clip_skip_rule: str = "sdengine",
     guess_mode: bool = False,
     n_iter: int = 1,
     default_model: str | None = None,
@@ -283,6 +284,8 @@ def build_generation(
         kwargs["noise_multiplier"] = noise_multiplier  # checked by GenerationRequest.validate below
     if strength_rule != "diffusers":  # checked by GenerationRequest.validate below
         kwargs["strength_rule"] = strength_rule
+    if clip_skip_rule != "sdengine":  # checked by GenerationRequest.validate below
+        kwargs["clip_skip_rule"] = clip_skip_rule
     if resize_mode not in (0, "just resize"):
         kwargs["resize_mode"] = resize_mode  # checked by GenerationRequest.validate below
     if hires is not None:

@@ -71,9 +71,27 @@ class JobRequest(BaseModel):
     )
     mask: str | None = Field(None, description="white = repaint")
     mask_blur: float = Field(0, ge=0, le=256, allow_inf_nan=False)
+    masked_content: Literal["original", "latent noise", "latent nothing"] = Field(
+        "original",
+        description="what the init latent holds under the mask before it is noised (A1111's masked content): the "
+        "image's, the row's noise, or zeros",
+    )
+    noise_multiplier: float = Field(
+        1.0,
+        ge=0,
+        le=10,
+        allow_inf_nan=False,
+        description="A1111's img2img noise multiplier: the init is noised with the noise times this",
+    )
     controlnets: list[ControlNetSpec] = Field(default_factory=list, max_length=8)
     loras: list[LoRASpec] = Field(default_factory=list, max_length=32)
     clip_skip: int = Field(1, ge=1, le=24)
+    clip_skip_rule: Literal["sdengine", "a1111", "a1111_sdxl_clip_l"] = Field(
+        "sdengine",
+        description="what clip_skip means: 'sdengine' each text encoder's own (SDXL: both encoders), 'a1111' "
+        "AUTOMATIC1111's Clip skip, applied to SD 1.x's CLIP only (SD 2.x, SDXL and MiniLM models run as at 1), "
+        "'a1111_sdxl_clip_l' A1111's with its sdxl_clip_l_skip on (SDXL's CLIP-L reads hidden_states[-clip_skip])",
+    )
     hires: HiresSpec | None = Field(None, description="run the hires fix (txt2img)")
     tiling: bool = Field(False, description="seamless tiles: circular padding in every convolution (A1111's Tiling)")
     seed_resize_from: list[int] | None = Field(

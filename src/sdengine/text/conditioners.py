@@ -39,6 +39,36 @@ def _ignore(_: str) -> None:
     return None
 
 
+# What a request's clip_skip means (GenerationRequest.clip_skip_rule): "sdengine", each conditioner's own
+# numbering (check_clip_skip says its range), or "a1111", AUTOMATIC1111's ``CLIP_stop_at_last_layers``, which
+# A1111 applies to SD 1.x's CLIP only (modules/sd_hijack_clip.py): its SD 2.x OpenCLIP encoder always reads the
+# penultimate layer, its SDXL encoders their trained layers, and a MiniLM encoder has no CLIP layers.
+# "a1111_sdxl_clip_l" is A1111 with its ``sdxl_clip_l_skip`` option on: SDXL's CLIP-L then reads
+# ``hidden_states[-clip_skip]`` (raw; 1 is its last layer, not SDXL's trained penultimate one), bigG its own.
+CLIP_SKIP_RULES = ("sdengine", "a1111", "a1111_sdxl_clip_l")
+
+
+def effective_clip_skip(conditioner: Any, clip_skip: int, rule: str = "sdengine") -> Any:
+    """The conditioner's own clip_skip for a request's ``clip_skip`` under ``rule`` (:data:`CLIP_SKIP_RULES`):
+    an int, or for SDXL under "a1111_sdxl_clip_l" a (CLIP-L, bigG) pair."""
+    if rule in ("a1111", "a1111_sdxl_clip_l"):
+        return conditioner.a1111_clip_skip(clip_skip, sdxl_clip_l=rule == "a1111_sdxl_clip_l")
+    return clip_skip
+
+
+def a1111_clip_skip_note(conditioner: Any, clip_skip: int, rule: str = "a1111") -> str | None:
+    """The note for an A1111 clip skip that this conditioner does not apply (None when it applies or is 1)."""
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip == 1:
+        return None
+    mapped = effective_clip_skip(conditioner, clip_skip, rule)
+    if mapped == clip_skip or isinstance(mapped, tuple):  # applied (SDXL's CLIP-L: applied to that one)
+        return None
+    return (
+        f"Clip skip {clip_skip} not applied: A1111 applies it to SD 1.x's CLIP text encoder only, not to "
+        f"{getattr(conditioner, 'name', 'this model')}'s ({getattr(conditioner, 'encoder_name', 'its text encoder')})"
+    )
+
+
 def cat_conditioning(parts: Sequence[Conditioning]) -> Conditioning:
     """Rows of several conditionings stacked, key by key (every part must have the same keys)."""
     keys = set(parts[0])
@@ -74,6 +104,21 @@ class CLIPConditioner:
         self.pad_token_id = pad_token_id
         self.dtype = dtype
         self.name = name
+
+    @property
+    def openclip(self) -> bool:
+        """An OpenCLIP encoder (SD 2.x: exact GELU), not OpenAI's CLIP (SD 1.x: quick GELU)."""
+        return getattr(self.text_encoder.config, "hidden_act", "quick_gelu") == "gelu"
+
+    @property
+    def encoder_name(self) -> str:
+        return "SD 2.x OpenCLIP" if self.openclip else "CLIP"
+
+    def a1111_clip_skip(self, clip_skip: int, *, sdxl_clip_l: bool = False) -> int:
+        """A1111's clip skip in this conditioner's numbering: the same for SD 1.x's CLIP; SD 2.x's OpenCLIP
+        ignores it in A1111 (``FrozenOpenCLIPEmbedderWithCustomWords`` reads its fixed penultimate layer,
+        which is this encoder's last). ``sdxl_clip_l`` (A1111's ``sdxl_clip_l_skip``) changes neither."""
+        return 1 if self.openclip else clip_skip
 
     def check_clip_skip(self, clip_skip: Any) -> None:
         n_layers = self.text_encoder.config.num_hidden_layers
@@ -147,6 +192,12 @@ class MiniLMConditioner:
         self.dtype = dtype
         self.device = device
         self.name = name
+
+    encoder_name = "MiniLM"
+
+    def a1111_clip_skip(self, clip_skip: int, *, sdxl_clip_l: bool = False) -> int:
+        """A1111's clip skip does not apply to MiniLM (A1111 applies it only where there are CLIP layers)."""
+        return 1
 
     def check_clip_skip(self, clip_skip: Any) -> None:
         if clip_skip != 1 or isinstance(clip_skip, bool):
@@ -250,10 +301,13 @@ def make_conditioner(
 
 
 __all__ = [
+    "CLIP_SKIP_RULES",
     "CLIPConditioner",
     "Conditioning",
     "MiniLMConditioner",
     "TextConditioner",
+    "a1111_clip_skip_note",
     "cat_conditioning",
+    "effective_clip_skip",
     "make_conditioner",
 ]

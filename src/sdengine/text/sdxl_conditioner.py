@@ -14,9 +14,13 @@ do); a ``prompt_2`` given to a refiner is said to be unused. Emphasis is applied
 wraps each encoder on its own). A side with fewer chunks is padded with the empty prompt's chunk, so the two
 encoders and cond/uncond line up.
 
-``clip_skip`` in A1111's numbering: 1 (default) = SDXL's trained layer, the penultimate one of both
-encoders; k reads ``hidden_states[-(k + 1)]``, which is diffusers' ``clip_skip = k - 1``; 0 reads the last
-layer's output, raw (what ComfyUI's CLIPSetLastLayer -1 gives an SDXL model).
+``clip_skip`` (sdengine's own numbering, counted as A1111 counts SD 1.x layers): 1 (default) = SDXL's trained
+layer, the penultimate one of both encoders; k reads ``hidden_states[-(k + 1)]`` of both, which is diffusers'
+``clip_skip = k - 1``; 0 reads the last layer's output, raw (what ComfyUI's CLIPSetLastLayer -1 gives an SDXL
+model). A1111 itself ignores its "Clip skip" for SDXL (``FrozenCLIPEmbedderForSDXLWithCustomWords`` and
+``FrozenOpenCLIPEmbedder2WithCustomWords`` read their trained layers) unless its ``sdxl_clip_l_skip`` option is
+on: a request with ``clip_skip_rule="a1111"`` gets 1 here (:meth:`SDXLConditioner.a1111_clip_skip`); with
+``"a1111_sdxl_clip_l"`` (that option on) a (CLIP-L, bigG) pair, CLIP-L reading ``hidden_states[-clip_skip]``.
 
 ``force_zeros_for_empty_prompt`` (the base model's setting): an empty negative prompt (and empty
 negative_prompt_2) gives all-zero text states and pooled vector, as diffusers does for
@@ -170,11 +174,30 @@ class SDXLConditioner:
         """The refiner's conditioning (aesthetic score instead of the target size)."""
         return self.n_time_ids == 5
 
+    encoder_name = "SDXL CLIP-L and OpenCLIP-bigG"
+
+    def a1111_clip_skip(self, clip_skip: int, *, sdxl_clip_l: bool = False) -> int | tuple[int, int]:
+        """A1111's clip skip in this numbering: 1 (its trained layers), as A1111 ignores
+        ``CLIP_stop_at_last_layers`` for SDXL with its ``sdxl_clip_l_skip`` option off (the default). With it on
+        (``sdxl_clip_l``) A1111's CLIP-L reads ``hidden_states[-clip_skip]``, raw: the pair (clip_skip - 1, 1)
+        for (CLIP-L, bigG); the refiner has no CLIP-L."""
+        if sdxl_clip_l and self.text_encoder is not None:
+            return (clip_skip - 1, 1)
+        return 1
+
+    def _per_encoder(self, clip_skip: Any) -> tuple[Any, Any]:
+        """(CLIP-L's, bigG's) clip_skip: a pair as given, or one number for both."""
+        if isinstance(clip_skip, tuple) and len(clip_skip) == 2:
+            return clip_skip[0], clip_skip[1]
+        return clip_skip, clip_skip
+
     def check_clip_skip(self, clip_skip: Any) -> None:
-        encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
-        n = min(int(e.config.num_hidden_layers) for e in encoders)
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip <= n - 1:
-            raise GenerationError(f"clip_skip must be an integer in 0..{n - 1} for SDXL, got {clip_skip!r}")
+        for encoder, skip in zip((self.text_encoder, self.text_encoder_2), self._per_encoder(clip_skip), strict=True):
+            if encoder is None:
+                continue
+            n = int(encoder.config.num_hidden_layers)
+            if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip <= n - 1:
+                raise GenerationError(f"clip_skip must be an integer in 0..{n - 1} for SDXL, got {clip_skip!r}")
 
     # -- text -------------------------------------------------------------------------------------------
 
@@ -203,17 +226,19 @@ class SDXLConditioner:
             parts.append(z)
         return torch.cat(parts, dim=1), pooled[:1]
 
-    def text(self, prompt: str, prompt_2: str, clip_skip: int = 1) -> tuple[Tensor, Tensor]:
+    def text(self, prompt: str, prompt_2: str, clip_skip: Any = 1) -> tuple[Tensor, Tensor]:
         """(crossattn (1, 77 * k, C), pooled bigG (1, P)) of one prompt pair, in float32. The refiner's one
-        encoder reads ``prompt`` (``prompt_2`` is the base model's second encoder's)."""
+        encoder reads ``prompt`` (``prompt_2`` is the base model's second encoder's). ``clip_skip``: one number
+        for both encoders, or a (CLIP-L, bigG) pair."""
+        skip_l, skip_g = self._per_encoder(clip_skip)
         if self.text_encoder is None:
-            return self._encode(self.text_encoder_2, self.tokenizer_2, self.pad_token_id_2, prompt, clip_skip)
-        z2, pooled = self._encode(self.text_encoder_2, self.tokenizer_2, self.pad_token_id_2, prompt_2, clip_skip)
-        z1, _ = self._encode(self.text_encoder, self.tokenizer, self.pad_token_id, prompt, clip_skip)
+            return self._encode(self.text_encoder_2, self.tokenizer_2, self.pad_token_id_2, prompt, skip_g)
+        z2, pooled = self._encode(self.text_encoder_2, self.tokenizer_2, self.pad_token_id_2, prompt_2, skip_g)
+        z1, _ = self._encode(self.text_encoder, self.tokenizer, self.pad_token_id, prompt, skip_l)
         if z1.shape[1] != z2.shape[1]:  # prompt and prompt_2 of different chunk counts
             length = max(z1.shape[1], z2.shape[1])
-            z1 = self._pad(z1, length, self.text_encoder, self.tokenizer, self.pad_token_id, clip_skip)
-            z2 = self._pad(z2, length, self.text_encoder_2, self.tokenizer_2, self.pad_token_id_2, clip_skip)
+            z1 = self._pad(z1, length, self.text_encoder, self.tokenizer, self.pad_token_id, skip_l)
+            z2 = self._pad(z2, length, self.text_encoder_2, self.tokenizer_2, self.pad_token_id_2, skip_g)
         return torch.cat([z1, z2], dim=-1), pooled
 
     def _pad(self, z: Tensor, length: int, encoder: Any, tokenizer: Any, pad: int, clip_skip: int) -> Tensor:
@@ -224,7 +249,7 @@ class SDXLConditioner:
         empty, _ = self._encode(encoder, tokenizer, pad, "", clip_skip)
         return pad_to_length(z, length, empty)
 
-    def _pad_both(self, z: Tensor, length: int, clip_skip: int, zeros: bool) -> Tensor:
+    def _pad_both(self, z: Tensor, length: int, clip_skip: Any, zeros: bool) -> Tensor:
         """Pad combined states with the empty prompt's (or zero) chunks."""
         from sdengine.prompts import pad_to_length
 
@@ -277,7 +302,7 @@ class SDXLConditioner:
         prompt: str,
         negative: str,
         *,
-        clip_skip: int = 1,
+        clip_skip: Any = 1,
         note: Note = _ignore,
         width: int | None = None,
         height: int | None = None,

@@ -15,7 +15,7 @@ const READY_RETRY_MS = 2000; // a page opened while the server was away asks for
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
   "height", "batch_size", "clip_skip", "vae_decode", "vae_encode", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
   "cn-weight", "cn-start", "cn-end", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength", "seed_resize_w", "seed_resize_h",
-  "strength_rule"];
+  "strength_rule", "clip_skip_rule"];
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform" };
 const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras", exponential: "exponential",
@@ -209,6 +209,7 @@ const ERROR_FIELDS = [
   [/cfg/i, "cfg_scale"],
   [/\bseed\b/i, "seed"],
   [/batch/i, "batch_size"],
+  [/clip_skip_rule|clip skip rule/i, "clip_skip_rule"],
   [/clip_skip|clip skip/i, "clip_skip"],
   [/vae_encode|tiny VAE with an encoder/i, "vae_encode"],
   [/vae_decode|tiny VAE/i, "vae_decode"],
@@ -483,7 +484,11 @@ function applyInfotext(text) {
   const p = parseInfotext(text);
   const f = p.fields;
   const set = [];
-  const put = (id, value) => { if (setValue(id, value)) set.push(id); };
+  const put = (id, value) => { // whether the value was set (a select without that option: not)
+    const ok = setValue(id, value);
+    if (ok) set.push(id);
+    return ok;
+  };
   put("prompt", p.prompt);
   put("negative_prompt", p.negative_prompt);
   if (f.Steps) put("steps", parseInt(f.Steps, 10));
@@ -515,8 +520,13 @@ function applyInfotext(text) {
   if (f["Seed resize from"] && !resize) missing.push(`Seed resize from ${f["Seed resize from"]}`);
   if (resize) { put("seed_resize_w", resize[1]); put("seed_resize_h", resize[2]); }
   else { $("seed_resize_w").value = ""; $("seed_resize_h").value = ""; }
-  const rule = (f["Strength rule"] || "diffusers").trim();
+  // An image sdengine did not make (A1111's, Forge's) has A1111's strength and Clip skip meanings, as --from-png
+  // reads it; sdengine's own have sdengine's unless their "Strength rule" / "Clip skip rule" say otherwise.
+  const own = /^sdengine/.test((f.Version || "").trim());
+  const rule = (f["Strength rule"] || (own || !f["Denoising strength"] ? "diffusers" : "a1111")).trim();
   if (!put("strength_rule", rule)) missing.push(`strength rule ${rule}`);
+  const clipRule = (f["Clip skip rule"] || (own || !f["Clip skip"] ? "sdengine" : "a1111")).trim();
+  if (!put("clip_skip_rule", clipRule)) missing.push(`clip skip rule ${clipRule}`);
   if (f.Model && !put("model", f.Model)) missing.push(`model ${f.Model}`);
   applyHires(f, put, missing);
   // The infotext's prompt carries its LoRAs as <lora:NAME:W> tags: a ticked box would add them a second time
@@ -658,6 +668,7 @@ async function buildRequest() {
     height: number("height", "Height", true),
     batch_size: number("batch_size", "Batch size", true),
     clip_skip: number("clip_skip", "Clip skip", true),
+    clip_skip_rule: $("clip_skip_rule").value,
     vae_decode: $("vae_decode").value,
   };
   if ($("tiling").checked) body.tiling = true;

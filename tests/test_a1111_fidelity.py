@@ -1,0 +1,342 @@
+"""Fidelity to AUTOMATIC1111 where its meaning of a setting differs from sdengine's own: its "Clip skip"
+(``CLIP_stop_at_last_layers``, applied to SD 1.x's CLIP only), its timestep samplers' img2img step count
+(DDIM, PLMS, UniPC), and its inpainting at denoising strength 1 (the init latent noised, not pure noise)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sdengine
+from _pipeline_models import picture
+from _sdxl_models import make_sdxl_folder
+from sdengine.diffusion.schedules import A1111_TIMESTEP_SAMPLERS, hires_steps, img2img_start
+from sdengine.metadata import parse_parameters, save_png, to_generate_kwargs
+from sdengine.pipeline import GenerationError, load_pipeline
+
+FAST = {"steps": 3, "sampler": "euler", "schedule": "normal", "cfg_scale": 5.0, "seed": 7, "progress": False}
+A1111_VERSION = "Version: v1.10.1"
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    folder = make_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+    return folder, sdengine.load_pipeline(folder, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_sd1_folder):
+    return load_pipeline(tiny_sd1_folder, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------ clip skip
+
+
+def test_a1111_clip_skip_is_ignored_on_sdxl_as_a1111_does(sdxl):
+    """A1111 reads SDXL's trained layers whatever its Clip skip (sdxl_clip_l_skip off, its default); sdengine
+    applied it to both encoders, so an A1111 SDXL image with "Clip skip: 2" came out another image."""
+    _, pipe = sdxl
+    plain = pipe("a red apple", width=32, height=32, **FAST)
+    a1111 = pipe("a red apple", width=32, height=32, clip_skip=2, clip_skip_rule="a1111", **FAST)
+    native = pipe("a red apple", width=32, height=32, clip_skip=2, **FAST)
+    np.testing.assert_array_equal(a1111.arrays, plain.arrays)
+    assert not np.array_equal(native.arrays, plain.arrays)  # sdengine's own clip_skip still reads a deeper layer
+    assert any("Clip skip 2 not applied" in n and "SD 1.x" in n for n in a1111.notes), a1111.notes
+    fields = parse_parameters(a1111.infotexts[0])
+    assert fields["Clip skip"] == "2" and fields["Clip skip rule"] == "a1111"
+    own = parse_parameters(native.infotexts[0])
+    assert own["Clip skip"] == "2" and "Clip skip rule" not in own
+
+
+def test_sdxl_clip_skip_round_trips_through_the_infotext(sdxl, tmp_path):
+    """Each image's infotext says which Clip skip it had: an A1111 PNG's is A1111's (ignored on SDXL), an
+    sdengine PNG's its own (0, the last layer, is written too: it was dropped as if it were the default)."""
+    folder, pipe = sdxl
+    text_a1111 = (
+        f"a red apple\nSteps: 3, Sampler: Euler, CFG scale: 5, Seed: 7, Size: 32x32, Clip skip: 2, {A1111_VERSION}"
+    )
+    kw = to_generate_kwargs(parse_parameters(text_a1111))
+    assert kw["clip_skip"] == 2 and kw["clip_skip_rule"] == "a1111"
+    plain = pipe("a red apple", width=32, height=32, **FAST)
+    np.testing.assert_array_equal(pipe(**{**kw, "progress": False}).arrays, plain.arrays)
+    for skip in (0, 2):
+        own = pipe("a red apple", width=32, height=32, clip_skip=skip, **FAST)
+        assert f"Clip skip: {skip}," in own.infotexts[0]
+        back = to_generate_kwargs(parse_parameters(own.infotexts[0]))
+        assert back["clip_skip"] == skip and back.get("clip_skip_rule", "sdengine") == "sdengine"
+        np.testing.assert_array_equal(pipe(**{**back, "progress": False}).arrays, own.arrays)
+    a1111 = pipe("a red apple", width=32, height=32, clip_skip=2, clip_skip_rule="a1111", **FAST)
+    again = to_generate_kwargs(parse_parameters(a1111.infotexts[0]))
+    assert again["clip_skip_rule"] == "a1111"
+    np.testing.assert_array_equal(pipe(**{**again, "progress": False}).arrays, plain.arrays)
+    # the CLI: an A1111 SDXL PNG regenerates without the skip; --clip-skip is sdengine's own
+    from sdengine.cli import main
+
+    png = save_png(Image.new("RGB", (32, 32)), tmp_path / "a1111.png", text_a1111)
+    out = tmp_path / "out.png"
+    assert main(["generate", "--from-png", str(png), "--model", str(folder), "--out", str(out), "--no-progress"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(plain.images[0]))
+    forced = tmp_path / "forced.png"
+    cmd = ["generate", "--from-png", str(png), "--model", str(folder), "--clip-skip", "2", "--no-progress"]
+    assert main([*cmd, "--out", str(forced)]) == 0
+    native = pipe("a red apple", width=32, height=32, clip_skip=2, **FAST)
+    np.testing.assert_array_equal(np.asarray(Image.open(forced)), np.asarray(native.images[0]))
+
+
+def test_a1111_clip_skip_applies_to_sd1_and_not_to_sd2(sd1, tiny_sd2_folder):
+    """A1111 applies CLIP_stop_at_last_layers to SD 1.x's CLIP (as sdengine does) and never to SD 2.x's
+    OpenCLIP (its FrozenOpenCLIPEmbedderWithCustomWords reads the penultimate layer, fixed)."""
+    a = sd1("a red apple", clip_skip=2, clip_skip_rule="a1111", **FAST)
+    b = sd1("a red apple", clip_skip=2, **FAST)
+    np.testing.assert_array_equal(a.arrays, b.arrays)
+    assert not any("Clip skip" in n for n in a.notes)
+    sd2 = load_pipeline(tiny_sd2_folder, device="cpu")
+    plain = sd2("a red apple", **FAST)
+    a1111 = sd2("a red apple", clip_skip=2, clip_skip_rule="a1111", **FAST)
+    np.testing.assert_array_equal(a1111.arrays, plain.arrays)
+    assert not np.array_equal(sd2("a red apple", clip_skip=2, **FAST).arrays, plain.arrays)
+    assert any("Clip skip 2 not applied" in n and "OpenCLIP" in n for n in a1111.notes), a1111.notes
+
+
+def test_a1111_clip_skip_does_not_break_a_minilm_model(tiny_emoji_folder):
+    """A1111's option applies only where there are CLIP layers: a MiniLM model runs as at clip skip 1 (its own
+    clip_skip 2 stays a one-line error)."""
+    pipe = load_pipeline(tiny_emoji_folder, device="cpu")
+    plain = pipe("a cat", **FAST)
+    got = pipe("a cat", clip_skip=2, clip_skip_rule="a1111", **FAST)
+    np.testing.assert_array_equal(got.arrays, plain.arrays)
+    assert any("MiniLM" in n for n in got.notes)
+    with pytest.raises(GenerationError, match="clip_skip 2 does not apply"):
+        pipe("a cat", clip_skip=2, **FAST)
+    with pytest.raises(GenerationError, match="unknown clip_skip_rule 'comfy'; use one of: sdengine, a1111"):
+        pipe("a cat", clip_skip_rule="comfy", **FAST)
+
+
+def test_an_a1111_infotext_is_read_with_a1111s_meanings(caplog):
+    """An infotext not made by sdengine has A1111's meanings (its img2img step count, its Clip skip); an
+    sdengine one has sdengine's unless its fields say otherwise."""
+    body = "Steps: 20, Sampler: Euler, Seed: 1, Size: 64x64, Denoising strength: 0.5, Clip skip: 2"
+    for version in (A1111_VERSION, "Version: f2.0.1v1.10.1", ""):
+        kw = to_generate_kwargs(parse_parameters(f"a cat\n{body}, {version}".rstrip(", ")))
+        assert kw["strength_rule"] == kw["clip_skip_rule"] == "a1111", version
+    kw = to_generate_kwargs(parse_parameters(f"a cat\n{body}, Version: sdengine 0.1.0"))
+    assert "strength_rule" not in kw and "clip_skip_rule" not in kw
+    with caplog.at_level(logging.WARNING, logger="sdengine.metadata"):
+        kw = to_generate_kwargs(parse_parameters(f"a cat\n{body}, Clip skip rule: a1111, Version: sdengine 0.1.0"))
+    assert kw["clip_skip_rule"] == "a1111" and caplog.records == []
+    with pytest.raises(ValueError, match="Clip skip rule: 'x' is not one of sdengine, a1111"):
+        to_generate_kwargs(parse_parameters(f"a cat\n{body}, Clip skip rule: x"))
+
+
+# ---------------------------------------------------------------------------------------- img2img step count
+
+
+def a1111_timestep_img2img(steps: int, strength: float) -> tuple[int, int]:
+    """A1111's modules/sd_samplers_timesteps.py sample_img2img, written out on sdengine's descending grid:
+    it noises the init to ``timesteps[t_enc]`` and steps from ``timesteps[t_enc - 1]`` (ascending
+    ``timesteps[:t_enc]``) down; (first index, steps run), at least the last step."""
+    t_enc = int(min(strength, 0.999) * steps)
+    run = max(t_enc, 1)
+    return steps - run, run
+
+
+@pytest.mark.parametrize("sampler", A1111_TIMESTEP_SAMPLERS)
+@pytest.mark.parametrize("steps,strength", [(20, 0.75), (20, 0.0), (20, 1.0), (20, 0.05), (3, 0.5), (7, 0.29)])
+def test_a1111_timestep_samplers_count_img2img_steps_as_a1111(sampler, steps, strength):
+    first, run = a1111_timestep_img2img(steps, strength)
+    assert img2img_start(steps, strength, "a1111", sampler) == first
+    # A1111's k-diffusion samplers run one step more (sigmas[steps - t_enc - 1:])
+    t_enc = int(min(strength, 0.999) * steps)
+    assert img2img_start(steps, strength, "a1111", "euler") == steps - t_enc - 1
+    assert img2img_start(steps, strength, "a1111") == steps - t_enc - 1
+    # hires: setup_img2img_steps' fixed-steps branch (t_enc = steps - 1) on int(steps / strength) steps
+    if strength > 0:
+        total = int(steps / min(strength, 0.999))
+        assert hires_steps(steps, strength, "a1111", sampler) == (total, total - max(steps - 1, 1))
+        assert hires_steps(steps, strength, "a1111", "euler") == (total, total - steps)
+
+
+def test_a1111_ddim_img2img_runs_a1111s_steps(sd1):
+    init = picture(sd1.default_size, sd1.default_size)
+    seen: list[tuple[int, int]] = []
+    args = {**FAST, "steps": 4, "init_image": init, "strength": 0.5, "strength_rule": "a1111"}
+    ddim = sd1("a red apple", **{**args, "sampler": "ddim"}, callback=lambda i: seen.append((i.step, i.steps)))
+    assert seen[-1] == (2, 2)  # t_enc = 2: DDIM steps from timesteps[1]; Euler runs 3 (sigmas[1:])
+    same = sd1("a red apple", **{**args, "sampler": "ddim", "strength": 0.5, "strength_rule": "diffusers"})
+    np.testing.assert_array_equal(ddim.arrays, same.arrays)  # 4 * 0.5 = 2 steps from index 2 both ways
+    seen.clear()
+    sd1("a red apple", **args, callback=lambda i: seen.append((i.step, i.steps)))
+    assert seen[-1] == (3, 3)
+
+
+# ------------------------------------------------------------------------------------------------ inpainting
+
+
+def half_mask(size: int) -> Image.Image:
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (0, 0, size // 2, size))
+    return mask
+
+
+def test_a1111_inpainting_at_strength_1_noises_the_init_latent(sd1):
+    """A1111 starts inpainting at denoising strength 1 from the init latent noised to the first sigma (and its
+    latent masked content fills that latent); diffusers, sdengine's default rule, from pure noise, where the
+    masked content cannot matter."""
+    s = sd1.default_size
+    args = {**FAST, "init_image": picture(s, s), "mask": half_mask(s), "strength": 1.0}
+    pure = sd1("a red apple", **args)
+    a1111 = sd1("a red apple", **args, strength_rule="a1111")
+    assert not np.array_equal(a1111.arrays, pure.arrays)
+    zeros = sd1("a red apple", **args, strength_rule="a1111", masked_content="latent nothing")
+    assert not np.array_equal(zeros.arrays, a1111.arrays)  # the init latent is where sampling starts
+    np.testing.assert_array_equal(sd1("a red apple", **args, masked_content="latent nothing").arrays, pure.arrays)
+    assert parse_parameters(zeros.infotexts[0])["Masked content"] == "latent nothing"
+    assert "Masked content" not in parse_parameters(a1111.infotexts[0])
+
+
+def test_masked_content_is_checked_and_read_back(sd1):
+    s = sd1.default_size
+    with pytest.raises(GenerationError, match="unknown masked_content 'fill'; use one of: original, latent noise"):
+        sd1("a", **FAST, init_image=picture(s, s), mask=half_mask(s), masked_content="fill")
+    with pytest.raises(GenerationError, match="masked_content 'latent noise' needs a mask"):
+        sd1("a", **FAST, init_image=picture(s, s), masked_content="latent noise")
+    text = f"a\nSteps: 3, Seed: 1, Denoising strength: 1, Mask blur: 4, Masked content: latent noise, {A1111_VERSION}"
+    kw = to_generate_kwargs(parse_parameters(text))
+    assert kw["masked_content"] == "latent noise" and kw["strength_rule"] == "a1111"
+    with pytest.raises(ValueError, match="Masked content: 'fill' is not one of original, latent noise"):
+        to_generate_kwargs(parse_parameters(text.replace("latent noise", "fill")))
+
+
+def test_a1111_sdxl_clip_l_skip_reaches_clip_l_only(sdxl):
+    """A1111's sdxl_clip_l_skip on: its CLIP-L reads ``hidden_states[-CLIP_stop_at_last_layers]`` raw (so Clip
+    skip 2 is SDXL's own layer and 1 the last one), bigG its trained layer."""
+    from sdengine.text.conditioners import effective_clip_skip
+
+    _, pipe = sdxl
+    cond = pipe.conditioner
+    assert effective_clip_skip(cond, 1, "a1111_sdxl_clip_l") == (0, 1)
+    assert effective_clip_skip(cond, 3, "a1111_sdxl_clip_l") == (2, 1)
+    assert effective_clip_skip(cond, 3, "a1111") == 1 and effective_clip_skip(cond, 3, "sdengine") == 3
+    pair, _ = cond.pair("a red apple", "", clip_skip=(0, 1), width=32, height=32)
+    last, _ = cond.pair("a red apple", "", clip_skip=0, width=32, height=32)
+    own, _ = cond.pair("a red apple", "", clip_skip=1, width=32, height=32)
+    width_l = int(cond.text_encoder.config.hidden_size)
+    assert float((pair["crossattn"][..., :width_l] - last["crossattn"][..., :width_l]).abs().max()) == 0.0
+    assert float((pair["crossattn"][..., width_l:] - own["crossattn"][..., width_l:]).abs().max()) == 0.0
+    plain = pipe("a red apple", width=32, height=32, **FAST)
+    two = pipe("a red apple", width=32, height=32, clip_skip=2, clip_skip_rule="a1111_sdxl_clip_l", **FAST)
+    np.testing.assert_array_equal(two.arrays, plain.arrays)
+    one = pipe("a red apple", width=32, height=32, clip_skip_rule="a1111_sdxl_clip_l", **FAST)
+    assert not np.array_equal(one.arrays, plain.arrays)
+    assert "Clip skip rule: a1111_sdxl_clip_l" in one.infotexts[0] and "Clip skip:" not in one.infotexts[0]
+    back = to_generate_kwargs(parse_parameters(one.infotexts[0]))
+    np.testing.assert_array_equal(pipe(**{**back, "progress": False}).arrays, one.arrays)
+    with pytest.raises(GenerationError, match="clip_skip must be an integer in 0..2 for SDXL"):
+        pipe("a red apple", width=32, height=32, clip_skip=5, clip_skip_rule="a1111_sdxl_clip_l", **FAST)
+
+
+def a1111_start(pipe, seed: int, init: Image.Image, mask: Image.Image):
+    """The pipeline's start latents of a one-row A1111-rule inpainting (the same draws from the row's seed)."""
+    import torch
+
+    from sdengine.pipeline.latents import start_latents
+
+    s = pipe.default_size
+    return start_latents(
+        pipe.vae,
+        generators=[torch.Generator("cpu").manual_seed(seed)],
+        latent_channels=pipe.latent_channels,
+        width=s,
+        height=s,
+        scale_factor=pipe.vae_scale_factor,
+        init=init,
+        mask=np.asarray(mask, dtype=np.float32) / 255.0,
+        mask_blur=0.0,
+        strength=0.75,
+        nine_channels=pipe.inpainting,
+        tiled=None,
+        device=torch.device("cpu"),
+        pure_noise_at_full_strength=False,
+    )
+
+
+def unet_inputs(pipe):
+    """Hook the U-Net: the list of the latent channels of every call's input."""
+    seen: list = []
+    handle = pipe.unet.register_forward_pre_hook(lambda _m, args: seen.append(args[0][:, :4].detach().clone()))
+    return seen, handle
+
+
+def test_a1111_timestep_samplers_blend_the_clean_init_into_the_networks_input(sd1):
+    """A1111's DDIM/PLMS/UniPC (mask_before_denoising): every call's input is ``x * nmask + init_latent * mask``,
+    the clean init latent in the known region (its k-diffusion samplers blend the x0 prediction instead)."""
+    s = sd1.default_size
+    init, mask = picture(s, s), half_mask(s)
+    start = a1111_start(sd1, FAST["seed"], init, mask)
+    keep = start.rounded_mask[0, 0] < 0.5
+    assert keep.any() and (~keep).any()
+    seen, handle = unet_inputs(sd1)
+    try:
+        args = {**FAST, "sampler": "ddim", "init_image": init, "mask": mask, "strength": 0.75}
+        sd1("a red apple", **args, strength_rule="a1111")
+        a1111 = list(seen)
+        seen.clear()
+        sd1("a red apple", **args)
+    finally:
+        handle.remove()
+    assert len(a1111) == 2  # t_enc = int(0.75 * 3) = 2 steps
+    for x in a1111:
+        for row in x:  # cond and uncond rows
+            np.testing.assert_allclose(row[:, keep].numpy(), start.init_latent[0][:, keep].numpy(), atol=1e-5)
+    # diffusers' blend: the known region on the init's noising path, not the clean latent
+    assert float((seen[0][0][:, keep] - start.init_latent[0][:, keep]).abs().max()) > 1e-2
+
+
+def test_a1111_k_diffusion_blend_keeps_x0_on_the_init_for_inpainting_models_too(tiny_inpaint_folder):
+    """A1111 blends each x0 prediction with the init latent for every model (a 9-channel one too, which diffusers
+    leaves unblended): with Euler the known region of each step's x0 is the init latent."""
+    pipe = load_pipeline(tiny_inpaint_folder, device="cpu")
+    s = pipe.default_size
+    init, mask = picture(s, s), half_mask(s)
+    start = a1111_start(pipe, FAST["seed"], init, mask)
+    keep = start.rounded_mask[0, 0] < 0.5
+    seen: list = []
+    args = {**FAST, "init_image": init, "mask": mask, "strength": 0.75}
+    pipe("a red apple", **args, strength_rule="a1111", callback=lambda i: seen.append(i.denoised.clone()))
+    assert len(seen) == 3
+    for denoised in seen:
+        np.testing.assert_allclose(denoised[0][:, keep].numpy(), start.init_latent[0][:, keep].numpy(), atol=1e-6)
+    seen.clear()
+    pipe("a red apple", **args, callback=lambda i: seen.append(i.denoised.clone()))
+    assert float((seen[0][0][:, keep] - start.init_latent[0][:, keep]).abs().max()) > 1e-2
+
+
+def test_a1111_noise_multiplier_scales_the_img2img_noise(sd1):
+    """A1111's img2img "Noise multiplier" (initial_noise_multiplier): the init latent is noised with the noise
+    times it, ``init + m * sigma * noise`` (it was listed as ignored)."""
+    import math
+
+    from sdengine.diffusion import sampling
+
+    s = sd1.default_size
+    init = picture(s, s)
+    start = a1111_start(sd1, FAST["seed"], init, Image.new("L", (s, s), 0))  # the same draws as img2img's
+    grid = sampling.make_grid("euler", 3, sd1.noise_schedule, "normal", sd1.scheduler_config, 1.0)
+    s0 = float(grid.sigmas[img2img_start(3, 0.5, "a1111", "euler")])
+    seen, handle = unet_inputs(sd1)
+    try:
+        got = sd1("a red apple", **FAST, init_image=init, strength=0.5, strength_rule="a1111", noise_multiplier=0.5)
+    finally:
+        handle.remove()
+    want = (start.init_latent + 0.5 * s0 * start.noise) / math.sqrt(1 + s0 * s0)
+    np.testing.assert_allclose(seen[0][0].numpy(), want[0].numpy(), rtol=0, atol=1e-5)
+    assert parse_parameters(got.infotexts[0])["Noise multiplier"] == "0.5"
+    back = to_generate_kwargs(parse_parameters(got.infotexts[0]))
+    assert back["noise_multiplier"] == 0.5
+    plain = sd1("a red apple", **FAST, init_image=init, strength=0.5, strength_rule="a1111")
+    assert "Noise multiplier" not in plain.infotexts[0] and not np.array_equal(plain.arrays, got.arrays)
+    with pytest.raises(GenerationError, match="noise_multiplier 0.5 scales the noise added to an init image"):
+        sd1("a", **FAST, enable_hr=True, noise_multiplier=0.5)
