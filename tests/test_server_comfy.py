@@ -1939,6 +1939,21 @@ def test_an_interrupt_of_a_prompt_without_a_client_id_is_told_to_every_socket(ga
         ws.close()
 
 
+@pytest.mark.parametrize("body", [b"stop", b'{"prompt_id": ""}'])
+def test_an_interrupt_with_a_body_that_is_not_json_is_a_global_interrupt(gated, body):
+    """ComfyUI reads a /interrupt body that is not JSON as {} (a global interrupt), and an empty prompt_id as none;
+    sdengine once answered 400 to such a body and left the prompt running."""
+    server, c = gated
+    pid = c.post("/prompt", json={"prompt": txt2img_graph()}).json()["prompt_id"]
+    wait_running(c, pid)  # held in the model load until the gate opens
+    r = c.post("/interrupt", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 200, r.text
+    server.gate.set()
+    h = wait_history(c, pid)
+    assert h["status"]["status_str"] == "error", h["status"]
+    assert any(m[0] == "execution_interrupted" for m in h["status"]["messages"]), h["status"]
+
+
 def test_system_stats_has_comfyuis_fields(client):
     """/system_stats in ComfyUI's shape; `os` is Python's os.name as ComfyUI sends it ("posix", "nt": its
     frontend tells Windows by "nt"), which sdengine once sent as platform.system() ("linux")."""

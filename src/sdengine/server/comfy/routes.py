@@ -469,12 +469,16 @@ async def post_queue(request: Request) -> Any:
 
 @_route("POST", "/interrupt")
 async def interrupt(request: Request) -> Any:
-    """Stop the running prompt (``{"prompt_id": ...}``: only that one) within one sampler step."""
+    """Stop the running prompt (``{"prompt_id": ...}``: only that one) within one sampler step. As ComfyUI: a
+    body that is not JSON (or empty, or no object) and an empty ``prompt_id`` are a global interrupt."""
     services = request.app.state.services
-    body = await _json_body(request)
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError, RecursionError):  # ComfyUI: json_data = {} on a JSONDecodeError
+        body = {}
     pid = body.get("prompt_id") if isinstance(body, dict) else None
     for j in comfy_jobs(services):
-        if j.state == RUNNING and (pid is None or j.id == pid):
+        if j.state == RUNNING and (not pid or j.id == str(pid)):
             services.manager.cancel(j)
     return {}
 
