@@ -850,12 +850,17 @@ def list_models(request: Request, folder: str) -> Any:
 
 @_route("GET", "/embeddings")
 def embeddings(request: Request) -> Any:
+    """ComfyUI's list: each file's path in the folder without its suffix (``sub/name`` for a file in a
+    subfolder, what its prompts write after ``embedding:``), sorted by that path with the suffix, as ComfyUI's
+    ``folder_paths.get_filename_list``."""
     folder = request.app.state.services.config.embeddings_dir
     if folder is None:
         return []
     from sdengine.text.embeddings import list_embedding_files
 
-    return list(list_embedding_files(folder))
+    root = Path(folder)
+    files = sorted(p.relative_to(root).as_posix() for paths in list_embedding_files(root).values() for p in paths)
+    return [f[: -len(Path(f).suffix)] for f in files]
 
 
 @_route("GET", "/extensions")
