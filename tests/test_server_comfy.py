@@ -1207,6 +1207,33 @@ def test_upload_image_keeps_one_copy_of_the_same_image_and_numbers_other_ones(cl
     assert f"{sub}/x (1).png" in listed
 
 
+def test_upload_image_writes_off_the_event_loop(client, server):
+    """/upload/image stores the file in a worker thread: while the save lock is held (a running prompt's SaveImage
+    holds it while it writes), an upload waits without stalling the server; it once wrote inside the event loop,
+    so every other request waited too. The upload then lands with its usual answer."""
+    import threading
+
+    lock = server.app.state.comfy.save_lock
+    name = f"held{uuid.uuid4().hex[:8]}.png"
+    answers: list[httpx.Response] = []
+    data = png_bytes(Image.new("RGB", (8, 8), (0, 255, 0)))
+    with httpx.Client(base_url=server.url, timeout=60) as other:
+        t = threading.Thread(
+            target=lambda: answers.append(other.post("/upload/image", files={"image": (name, data, "image/png")}))
+        )
+        assert lock.acquire(timeout=30)
+        try:
+            t.start()
+            time.sleep(0.3)  # the upload reaches the lock
+            r = client.get("/prompt", timeout=5)  # answered while the upload waits
+        finally:
+            lock.release()
+            t.join(60)
+    assert r.status_code == 200, r.text
+    assert answers[0].status_code == 200 and answers[0].json() == {"name": name, "subfolder": "", "type": "input"}
+    assert (Path(server.services.config.outputs_dir) / "input" / name).read_bytes() == data
+
+
 def test_lora_and_controlnet_names_with_their_file_suffix(client):
     """ComfyUI lists LoRA and ControlNet files with their suffix: a workflow written for it names
     "x.safetensors" where sdengine lists "x" (it was refused: value_not_in_list). Both name the same file: the

@@ -660,7 +660,7 @@ def _masked_original(st: ComfyState, ref_text: Any, mask_data: bytes, max_pixels
 
 
 async def _upload(request: Request, *, mask: bool) -> Any:
-    from sdengine.io.paths import check_name, is_inside
+    from sdengine.io.paths import check_name
     from sdengine.server.security import decode_image
 
     services = request.app.state.services
@@ -692,6 +692,17 @@ async def _upload(request: Request, *, mask: bool) -> Any:
         raise BadRequest(str(e)) from None
     if Path(filename).suffix.lower() not in IMAGE_SUFFIXES or filename.startswith("."):
         raise BadRequest(f"{filename!r}: only .png, .jpg, .jpeg and .webp names are stored")
+    name = await asyncio.to_thread(_store_upload, st, kind, subfolder, filename, data, overwrite)
+    return {"name": name, "subfolder": subfolder, "type": kind}
+
+
+def _store_upload(st: ComfyState, kind: str, subfolder: str, filename: str, data: bytes, overwrite: bool) -> str:
+    """Write an upload into the ``kind`` folder (off the event loop: the disk, and the save lock a running
+    SaveImage holds, must not stall the server); a name taken by another image gets `` (1)``, `` (2)``, ...
+    before its suffix, one taken by the same image is answered as it is (no copy), as ComfyUI. Returns the
+    stored name."""
+    from sdengine.io.paths import is_inside
+
     root = st.folders.make_root(kind)
     folder = root / subfolder
     if not is_inside(root, folder):
@@ -711,7 +722,7 @@ async def _upload(request: Request, *, mask: bool) -> Any:
             raise BadRequest(f"{filename!r} resolves outside the {kind} folder")
         if not duplicate:
             target.write_bytes(data)
-    return {"name": target.name, "subfolder": subfolder, "type": kind}
+    return target.name
 
 
 def _same_file(path: Path, data: bytes) -> bool:
