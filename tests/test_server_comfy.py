@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import time
 import urllib.parse
 import urllib.request
@@ -1767,6 +1768,37 @@ def test_the_temp_folder_is_emptied_at_start_of_what_sdengine_wrote(tmp_path):
     with live_server(config):
         assert sorted(p.name for p in temp.iterdir()) == ["ComfyUI_temp_notes.png", "keep", "mine.png"]
     assert (temp / "keep" / "ComfyUI_temp_00002_.png").is_file()
+
+
+def test_two_servers_on_one_outputs_folder_keep_each_others_temp_files(tmp_path):
+    """A server starting on the outputs folder of a running one once emptied its temp folder, so the running
+    server's previews (and temp uploads) were gone under its clients. Each server now names its previews with its
+    own tag, as ComfyUI's PreviewImage (ComfyUI_temp_XXXXX_NNNNN_.png), and holds a lock file in the temp folder
+    while it runs: a starting server keeps a live server's files and cleans those of servers that are gone."""
+    config = server_config(tmp_path)
+    temp = tmp_path / "outputs" / "temp"
+    data = png_bytes(Image.new("RGB", (8, 8), (9, 9, 9)))
+    g = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "emoji"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+    with live_server(config) as a, httpx.Client(base_url=a.url, timeout=120) as c:
+        r = c.post("/upload/image", files={"image": ("t.png", data, "image/png")}, data={"type": "temp"})
+        assert r.status_code == 200, r.text
+        pid = c.post("/prompt", json={"prompt": g}).json()["prompt_id"]
+        (im,) = wait_history(c, pid)["outputs"]["9"]["images"]
+        assert im["type"] == "temp" and re.fullmatch(r"ComfyUI_temp_[a-z]{5}_00001_\.png", im["filename"]), im
+        with live_server(config) as b, httpx.Client(base_url=b.url, timeout=120) as c2:
+            assert c.get("/view", params=im).status_code == 200  # the running server's preview is kept
+            assert (temp / "t.png").read_bytes() == data
+            pid2 = c2.post("/prompt", json={"prompt": g}).json()["prompt_id"]
+            (im2,) = wait_history(c2, pid2)["outputs"]["9"]["images"]
+            assert im2["filename"] != im["filename"]  # its own tag: no numbering over the other's files
+        assert c.get("/view", params=im).status_code == 200 and c.get("/view", params=im2).status_code == 200
+    with live_server(config):  # no server runs there now: the folder sdengine created is emptied
+        assert sorted(p.name for p in temp.iterdir()) == [".sdengine-temp"]
 
 
 def test_free_memory_also_unloads_the_models_as_comfyui(server, client):

@@ -959,4 +959,12 @@ def install(app: FastAPI) -> None:
     start (only what sdengine wrote there: :func:`~sdengine.server.comfy.nodes.clean_temp`)."""
     from sdengine.server.comfy.nodes import clean_temp
 
-    clean_temp(state(app).folders.temp)
+    folders = state(app).folders
+    clean_temp(folders.temp, folders.tag)
+
+
+def uninstall(app: FastAPI) -> None:
+    """The server stops: the temp folder's lock file that kept its previews from other servers goes."""
+    st = getattr(app.state, "comfy", None)
+    if st is not None:
+        st.folders.release()
