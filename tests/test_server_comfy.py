@@ -1849,6 +1849,28 @@ def test_validation_errors_give_the_inputs_config_as_comfyui(client):
     assert error["extra_info"]["received_value"] == "nope"  # the value as sent, as ComfyUI (not its repr)
 
 
+def test_nan_and_infinity_are_refused_in_one_line_and_the_server_keeps_answering(client):
+    """A FLOAT input sent as the text "nan" or "inf" (which float() reads) is an invalid_input_type naming the
+    input and the text as sent; its error once held the converted NaN, which JSON cannot carry: the 400 failed to
+    render (a 500, the connection dropped). NaN and Infinity written as bare JSON words (Python's json.dumps does)
+    are a 400 for the body: such a prompt could never be listed back by /queue and /history."""
+    for text in ("nan", "inf", "-Infinity"):
+        g = txt2img_graph()
+        g["3"]["inputs"]["cfg"] = text
+        r = client.post("/prompt", json={"prompt": g})
+        assert r.status_code == 400, r.text
+        (error,) = r.json()["node_errors"]["3"]["errors"]
+        assert error["type"] == "invalid_input_type" and error["extra_info"]["received_value"] == text, error
+    for where in ("prompt", "extra"):
+        g = txt2img_graph()
+        body = {"prompt": g, "extra_data": {"extra_pnginfo": {"x": 1.5}}}
+        if where == "prompt":
+            g["3"]["inputs"]["cfg"] = 1.5
+        r = client.post("/prompt", content=json.dumps(body).replace("1.5", "NaN"))
+        assert r.status_code == 400 and "NaN" in r.json()["detail"], r.text
+    assert client.get("/queue").status_code == 200 and client.get("/history").status_code == 200
+
+
 @pytest.mark.slow
 def test_clip_text_encode_sdxl_conditions_on_its_sizes_as_the_native_sdxl_settings(tmp_path):
     """ComfyUI's CLIPTextEncodeSDXL and CLIPTextEncodeSDXLRefiner through the server: text_l for CLIP-L, text_g

@@ -304,10 +304,22 @@ def _route(method: str, path: str, **kw: Any) -> Any:
     return deco
 
 
+class _NotJsonNumber(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    """Python's JSON reader takes NaN, Infinity and -Infinity, which JSON has not: a prompt holding one could
+    never be answered back (/queue, /history and the 400 naming it once failed to render, a 500)."""
+    raise _NotJsonNumber(name)
+
+
 async def _json_body(request: Request) -> Any:
     raw = await request.body()  # ComfyUI's clients post JSON without a JSON content type
     try:
-        body = json.loads(raw or b"{}")
+        body = json.loads(raw or b"{}", parse_constant=_no_constant)
+    except _NotJsonNumber as e:
+        raise BadRequest(f"the body holds {e}, which is no JSON number: send a number or text") from None
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the body must be JSON") from None
     except RecursionError:  # [[[[...]]]] thousands deep
