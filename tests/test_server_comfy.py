@@ -1849,6 +1849,19 @@ def test_validation_errors_give_the_inputs_config_as_comfyui(client):
     assert error["extra_info"]["received_value"] == "nope"  # the value as sent, as ComfyUI (not its repr)
 
 
+def test_history_pages_with_offset_and_max_items_as_comfyui(client):
+    """ComfyUI's GET /history takes `offset` (from the offset-th oldest entry) with `max_items`; sdengine once
+    ignored offset and answered the last max_items entries."""
+    for _ in range(3):
+        wait_history(client, client.post("/prompt", json={"prompt": txt2img_graph()}).json()["prompt_id"])
+    ids = list(client.get("/history").json())
+    assert len(ids) >= 3
+    assert list(client.get("/history", params={"offset": 1, "max_items": 2}).json()) == ids[1:3]
+    assert list(client.get("/history", params={"offset": 2}).json()) == ids[2:]
+    assert list(client.get("/history", params={"max_items": 2}).json()) == ids[-2:]
+    assert client.get("/history", params={"max_items": 0}).json() == {}
+
+
 def test_nan_and_infinity_are_refused_in_one_line_and_the_server_keeps_answering(client):
     """A FLOAT input sent as the text "nan" or "inf" (which float() reads) is an invalid_input_type naming the
     input and the text as sent; its error once held the converted NaN, which JSON cannot carry: the 400 failed to

@@ -496,13 +496,20 @@ async def interrupt(request: Request) -> Any:
 
 
 @_route("GET", "/history")
-def get_history(request: Request, max_items: int | None = None) -> Any:
+def get_history(request: Request, max_items: int | None = None, offset: int = -1) -> Any:
+    """ComfyUI's paging: from the ``offset``-th oldest entry (without one, the last ``max_items``), at most
+    ``max_items`` entries."""
     st = state(request.app)
     with st.lock:
         items = list(st.history.items())
-    if max_items is not None:
-        items = items[-max(0, max_items) :] if max_items > 0 else []
-    return dict(items)
+    if offset < 0 and max_items is not None:
+        offset = len(items) - max_items
+    out: dict[str, Any] = {}
+    for k, v in items[max(offset, 0) :]:
+        out[k] = v
+        if max_items is not None and len(out) >= max_items:
+            break
+    return out
 
 
 @_route("GET", "/history/{prompt_id}")
