@@ -1849,6 +1849,50 @@ def test_validation_errors_give_the_inputs_config_as_comfyui(client):
     assert error["extra_info"]["received_value"] == "nope"  # the value as sent, as ComfyUI (not its repr)
 
 
+def test_a_non_finite_latent_fails_at_the_sampler_instead_of_saving_a_black_image(tmp_path):
+    """A model that overflows (here the emoji U-Net with an infinite output bias) gave NaN latents that the
+    workflow decoded and saved as a black PNG, a success; the pipeline refuses them (NonFiniteError). The
+    sampler node now fails in one line naming it, and no image is written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sdengine.pipeline import BUILTIN_SD
+
+    model = tmp_path / "models" / "overflow"
+    shutil.copytree(BUILTIN_SD["emoji"], model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(weights)
+    sd["conv_out.bias"] = torch.full_like(sd["conv_out.bias"], float("inf"))
+    save_file(sd, weights)
+    vae = tmp_path / "vaes" / "overflow-vae"  # and a VAE whose decode overflows: VAE Decode fails
+    shutil.copytree(BUILTIN_SD["emoji"] / "vae", vae)
+    weights = vae / "diffusion_pytorch_model.safetensors"
+    sd = load_file(weights)
+    sd["decoder.conv_out.bias"] = torch.full_like(sd["decoder.conv_out.bias"], float("inf"))
+    save_file(sd, weights)
+    config = server_config(tmp_path, models_dir=tmp_path / "models", model="overflow", vaes_dir=tmp_path / "vaes")
+    with live_server(config) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+        g = txt2img_graph()
+        g["4"]["inputs"]["ckpt_name"] = "overflow"
+        g["3"]["inputs"]["steps"] = 2
+        decode = txt2img_graph()
+        decode["10"] = {"class_type": "VAELoader", "inputs": {"vae_name": "overflow-vae"}}
+        decode["8"]["inputs"] = {"samples": ["5", 0], "vae": ["10", 0]}
+        del decode["3"], decode["6"], decode["7"]
+        failed = []
+        for graph in (g, decode):
+            r = c.post("/prompt", json={"prompt": graph})
+            assert r.status_code == 200, r.text
+            h = wait_history(c, r.json()["prompt_id"])
+            assert h["status"]["status_str"] == "error" and h["outputs"] == {}, h
+            (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
+            assert "non-finite" in err["exception_message"], err
+            failed.append(err["node_id"])
+    assert failed == ["3", "8"]
+    assert not list((tmp_path / "outputs").glob("test_*.png"))
+
+
 def test_history_pages_with_offset_and_max_items_as_comfyui(client):
     """ComfyUI's GET /history takes `offset` (from the offset-th oldest entry) with `max_items`; sdengine once
     ignored offset and answered the last max_items entries."""

@@ -736,6 +736,11 @@ def _sample(
         callback=report,
         **window,
     )
+    from sdengine.pipeline.finite import require_finite
+
+    # a window of a schedule (KSamplerAdvanced's steps, a zero-terminal-SNR model's sigma_max stand-in) or a model
+    # that overflows: a non-finite latent is refused here, with the node named, not decoded into a black image
+    require_finite(out, f"sampled latent ({sampler_name}, {scheduler}, {steps} steps)")
     return (
         {
             "samples": out.cpu(),
@@ -846,11 +851,14 @@ def _decode_rows(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
     """IMAGE (B, H, W, 3) in [0, 1] of ``decode`` (latents -> images in [-1, 1]) run one row at a time, as the
     pipeline decodes: a row's pixels never depend on its batch."""
     from sdengine import vae_utils
+    from sdengine.pipeline.finite import require_finite
 
     out = []
     with torch.inference_mode():
         for i in range(z.shape[0]):
-            out.append(vae_utils.to_unit(decode(z[i : i + 1].to(device)).float()).float().cpu())
+            # NaN/inf pixels would be saved as a black image: refused, as the pipeline refuses them
+            row = require_finite(decode(z[i : i + 1].to(device)).float(), "decoded image")
+            out.append(vae_utils.to_unit(row).float().cpu())
     return torch.cat(out).permute(0, 2, 3, 1).contiguous()
 
 
