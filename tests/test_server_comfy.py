@@ -1893,6 +1893,20 @@ def test_a_non_finite_latent_fails_at_the_sampler_instead_of_saving_a_black_imag
     assert not list((tmp_path / "outputs").glob("test_*.png"))
 
 
+def test_feature_flags_are_answered_as_comfyui(server, client):
+    """ComfyUI's frontend opens its websocket with a `feature_flags` message and reads the server's in the
+    answer (and from GET /features); sdengine once ignored the message and had no /features (404)."""
+    flags = client.get("/features").json()
+    assert flags == {"supports_preview_metadata": False, "max_upload_size": server.services.config.max_body_bytes}
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={uuid.uuid4().hex}", timeout=30)
+    try:
+        ws_until(ws, "status")
+        ws.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
+        assert ws_until(ws, "feature_flags", timeout=10) == flags
+    finally:
+        ws.close()
+
+
 def test_history_pages_with_offset_and_max_items_as_comfyui(client):
     """ComfyUI's GET /history takes `offset` (from the offset-th oldest entry) with `max_items`; sdengine once
     ignored offset and answered the last max_items entries."""

@@ -898,6 +898,17 @@ def extensions() -> Any:
     return []
 
 
+def server_features(services: Any) -> dict[str, Any]:
+    """ComfyUI's feature flags (comfy_api/feature_flags.py): previews here are plain PREVIEW_IMAGE frames (no
+    metadata frames), and an upload may be as large as the server's body limit."""
+    return {"supports_preview_metadata": False, "max_upload_size": int(services.config.max_body_bytes)}
+
+
+@_route("GET", "/features")
+def features(request: Request) -> Any:
+    return server_features(request.app.state.services)
+
+
 # ------------------------------------------------------------------------------------------ websocket
 
 
@@ -951,10 +962,19 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                 await ws.send_text(msg)
 
     async def drain() -> None:
+        first = True
         while True:
             msg = await ws.receive()
             if msg.get("type") == "websocket.disconnect":
                 return
+            if first and msg.get("text"):  # ComfyUI's frontend opens with its feature flags; answered with ours
+                try:
+                    hello = json.loads(msg["text"])
+                except ValueError:
+                    hello = None
+                if isinstance(hello, dict) and hello.get("type") == "feature_flags":
+                    st.send("feature_flags", server_features(services), sid)
+            first = False
 
     tasks = [asyncio.create_task(pump()), asyncio.create_task(drain())]
     try:
