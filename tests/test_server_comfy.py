@@ -1907,6 +1907,20 @@ def test_feature_flags_are_answered_as_comfyui(server, client):
         ws.close()
 
 
+def test_a_denoise_too_small_for_the_models_timesteps_is_named(client):
+    """KSampler's denoise runs the last `steps` of int(steps / denoise) steps (ComfyUI's rule): at 3 steps and
+    denoise 0.001 that is 3000 steps, more than the model's 1000 timesteps. The node's error once read "steps
+    must be between 1 and 1000, got 3000" (the user gave 3); it now names denoise and the smallest that works."""
+    g = txt2img_graph(denoise=0.001)
+    g["3"]["inputs"]["steps"] = 3
+    r = client.post("/prompt", json={"prompt": g})
+    assert r.status_code == 200, r.text
+    h = wait_history(client, r.json()["prompt_id"])
+    (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
+    assert err["node_id"] == "3" and "denoise 0.001 with 3 steps" in err["exception_message"], err
+    assert "at least 0.003" in err["exception_message"], err
+
+
 def test_history_pages_with_offset_and_max_items_as_comfyui(client):
     """ComfyUI's GET /history takes `offset` (from the offset-th oldest entry) with `max_items`; sdengine once
     ignored offset and answered the last max_items entries."""
