@@ -1921,6 +1921,18 @@ def test_a_denoise_too_small_for_the_models_timesteps_is_named(client):
     assert "at least 0.003" in err["exception_message"], err
 
 
+def test_extra_pnginfo_that_is_no_object_is_refused_at_the_prompt(client):
+    """extra_data.extra_pnginfo is written by SaveImage as one PNG text per key; a string, list or number was once
+    queued (200) and then failed the job before any node ran: no history entry and no `executing` None, so a
+    ComfyUI client waited for ever. It is now a 400 naming the field; an object (or null) is taken."""
+    for bad in ("abc", [1, 2], 5):
+        r = client.post("/prompt", json={"prompt": txt2img_graph(), "extra_data": {"extra_pnginfo": bad}})
+        assert r.status_code == 400 and "extra_pnginfo" in r.json()["detail"], r.text
+    r = client.post("/prompt", json={"prompt": txt2img_graph(), "extra_data": {"extra_pnginfo": None}})
+    assert r.status_code == 200, r.text
+    assert wait_history(client, r.json()["prompt_id"])["status"]["status_str"] == "success"
+
+
 def test_history_pages_with_offset_and_max_items_as_comfyui(client):
     """ComfyUI's GET /history takes `offset` (from the offset-th oldest entry) with `max_items`; sdengine once
     ignored offset and answered the last max_items entries."""

@@ -362,6 +362,9 @@ async def post_prompt(request: Request) -> Any:
     extra: dict[str, Any] = (
         {k: v for k, v in raw_extra.items() if k not in SENSITIVE} if isinstance(raw_extra, dict) else {}
     )
+    if not isinstance(extra.get("extra_pnginfo") or {}, dict):  # SaveImage writes each key as a PNG text: a
+        # value of another kind once passed and failed the job outside its nodes (no history, no executing None)
+        raise BadRequest("extra_data.extra_pnginfo must be an object {key: value} (SaveImage's PNG texts)")
     options = extra.get("sdengine")
     seed_rule = str(options.get("seed_rule", "comfyui")) if isinstance(options, dict) else "comfyui"
     if seed_rule not in ("comfyui", "sdengine"):
