@@ -715,3 +715,62 @@ def test_pipeline_lora_entry_without_weight_is_a_usage_error():
     pipe = sdengine.load_pipeline("emoji")
     with pytest.raises(UsageError, match="loras: each entry"):
         pipe("a cat", loras=[("x",)], steps=1, progress=False)
+
+
+# ---------------------------------------------------------------------------------- ComfyUI's LoraLoader
+
+
+def _kohya_for(modules, component: str, seed: int) -> dict[str, torch.Tensor]:
+    """A kohya LoRA (rank 2, alpha 1) on every attention q projection of ``modules`` (a U-Net or text encoder)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in modules.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.endswith(("attn1.to_q", "self_attn.q_proj")):
+            key = kohya_name(component, name)
+            out[f"{key}.lora_down.weight"] = torch.randn(2, m.in_features, generator=g) * 0.3
+            out[f"{key}.lora_up.weight"] = torch.randn(m.out_features, 2, generator=g) * 0.3
+            out[f"{key}.alpha"] = torch.tensor(1.0)
+    assert out
+    return out
+
+
+def test_comfyui_lora_loader_takes_unet_only_and_text_encoder_only_loras(tmp_path, tiny_sd1_folder, caplog):
+    """ComfyUI's LoraLoader puts a LoRA on the MODEL (strength_model) and on the CLIP (strength_clip); each side
+    applies the file's layers of its own part. A U-Net-only LoRA (most SDXL LoRAs) with the default strength_clip 1
+    once failed at CLIPTextEncode ("none of its layers match"), and a text-encoder-only one at the KSampler; a full
+    LoRA logged its other part as unmatched on each side. Split in two, the parts give the whole LoRA's effect."""
+    import sdengine
+    from sdengine.latent_sampling import encode_text, sample_latents
+    from sdengine.server.comfy.nodes import ClipHandle, RunContext, clip_text_encode
+
+    pipe = sdengine.load_pipeline(str(tiny_sd1_folder), device="cpu")
+    unet_part, te_part = _kohya_for(pipe.unet, "unet", 1), _kohya_for(pipe.text_encoder, "text_encoder", 2)
+    paths = {}
+    for name, sd in (("unet", unet_part), ("te", te_part), ("full", {**unet_part, **te_part})):
+        paths[name] = str(tmp_path / f"{name}.safetensors")
+        save_safetensors(sd, paths[name])
+    ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+    args = {"seed": 3, "steps": 2, "cfg": 5.0, "sampler": "euler", "schedule": "normal"}
+    empty = torch.zeros(1, 4, 8, 8)
+
+    def run(model_loras, clip_loras):
+        clip = ClipHandle("x", loras=tuple((p, 1.0) for p in clip_loras))
+        pos, neg = (clip_text_encode(ctx, text, clip)[0][0] for text in ("a red apple", "blurry"))
+        return sample_latents(pipe, [pos], [neg], empty, loras=[(p, 1.0) for p in model_loras], **args)
+
+    with torch.inference_mode(), caplog.at_level(logging.WARNING):
+        base = sample_latents(pipe, [encode_text(pipe, "a red apple")], [encode_text(pipe, "blurry")], empty, **args)
+        assert torch.equal(run([], []), base)
+        unet_only = run([paths["unet"]], [paths["unet"]])  # LoraLoader with a U-Net-only file, both strengths 1
+        te_only = run([paths["te"]], [paths["te"]])
+        full = run([paths["full"]], [paths["full"]])
+        assert torch.equal(unet_only, run([paths["unet"]], []))  # its CLIP side adds nothing
+        assert torch.equal(te_only, run([], [paths["te"]]))  # its MODEL side adds nothing
+        assert torch.equal(full, run([paths["unet"]], [paths["te"]]))  # each side applies its own part
+        with apply_loras(pipe.unet, pipe.text_encoder, [(paths["full"], 1.0)]):  # the pipeline's whole LoRA
+            whole = sample_latents(
+                pipe, [encode_text(pipe, "a red apple")], [encode_text(pipe, "blurry")], empty, **args
+            )
+    assert float((unet_only - base).abs().mean()) > 1e-3 and float((te_only - base).abs().mean()) > 1e-3
+    assert float((full - whole).abs().max()) < 1e-5
+    assert not [r for r in caplog.records if "unmatched" in r.getMessage()]  # no part is reported as missing

@@ -478,7 +478,7 @@ def _clip_loras(pipe: Any, clip: ClipHandle) -> Iterator[None]:
     if clip.loras and (isinstance(pipe.text_encoder, torch.nn.Module) or isinstance(te2, torch.nn.Module)):
         from sdengine.weights.lora import apply_loras
 
-        handle = apply_loras(None, pipe.text_encoder, list(clip.loras), text_encoder_2=te2)
+        handle = apply_loras(None, pipe.text_encoder, list(clip.loras), text_encoder_2=te2, part="text_encoders")
     try:
         with torch.inference_mode():
             yield
