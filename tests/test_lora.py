@@ -251,6 +251,46 @@ def test_kohya_ldm_names_load_like_diffusers_names(loras, tmp_path):
     assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
 
 
+def test_comfyui_layout_loads_like_the_kohya_file(loras, tmp_path):
+    """ComfyUI's own layout (its LoraSave node: `diffusion_model.<LDM name>` and
+    `text_encoders.clip_l.transformer.<CLIP name>` with kohya's `lora_up`/`lora_down`, fp16, no alpha) once found
+    "no LoRA layers"; it gives what the kohya file (diffusers-checked above) with the same tensors gives. A clip_g
+    layer (SDXL's second encoder) on an SD1 model names SDXL, and a DiT's `diffusion_model.` names still do."""
+    from sdengine.weights.lora import unet_ldm_names
+
+    unet, te = fresh_models()
+    ldm = unet_ldm_names(unet)
+    comfy, kohya = {}, {}
+    for key, w in LoRAFile.load(loras[0]["kohya"]).layers.items():
+        if key.startswith("lora_unet_"):
+            dotted = next(m for m in ldm if kohya_name("unet", m) == key)
+            name = "diffusion_model." + ldm[dotted]
+        else:
+            dotted = next(m for m, _ in te.named_modules() if kohya_name("text_encoder", m) == key)
+            name = "text_encoders.clip_l.transformer." + dotted
+        assert name.startswith(("diffusion_model.", "text_encoders.clip_l.transformer.text_model."))
+        for part, t in (("lora_down.weight", w.down), ("lora_up.weight", w.up)):
+            comfy[f"{name}.{part}"] = kohya[f"{key}.{part}"] = t.half()
+    assert any(k.startswith("text_encoders.clip_l.transformer.text_model.encoder.") for k in comfy)
+    save_safetensors(comfy, tmp_path / "comfy.safetensors")
+    save_safetensors(kohya, tmp_path / "kohya.safetensors")
+    with apply_loras(unet, te, [(tmp_path / "kohya.safetensors", 0.7)]):
+        want = run_ours(unet, te)
+    with apply_loras(unet, te, [(tmp_path / "comfy.safetensors", 0.7)]) as h:
+        assert h.reports[0].complete and len(h.reports[0].matched) == len(comfy) // 2
+        got = run_ours(unet, te)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert max_err(got[0], run_ours(unet, te)[0]) > 1e-3  # the LoRA acts
+
+    g = "text_encoders.clip_g.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+    dit = "diffusion_model.blocks.0.self_attn.q"  # a Wan-style DiT
+    for layer, d_in, family in ((g, 1280, "SDXL"), (dit, 3072, "a diffusion transformer")):
+        other = {**comfy, f"{layer}.lora_down.weight": torch.ones(4, d_in), f"{layer}.lora_up.weight": torch.ones(8, 4)}
+        save_safetensors(other, tmp_path / "other.safetensors")
+        with pytest.raises(LoRAError, match=f"a LoRA for {family}"):
+            apply_loras(unet, te, [(tmp_path / "other.safetensors", 1.0)])
+
+
 # ---------------------------------------------------------------------------------------------- fuse, weights
 
 
