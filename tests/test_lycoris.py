@@ -164,6 +164,24 @@ def test_outputs_equal_lycoris(case):
     assert all(torch.equal(a, b) for a, b in zip(run(unet, te), base, strict=True))  # removed: exactly the base
 
 
+@pytest.mark.parametrize("case", ["loha", "lokr", "locon-tucker"])
+def test_an_integer_alpha_is_read_as_its_number(case):
+    """A LyCORIS layer whose alpha was saved as an integer tensor (torch.tensor(2) from a trainer given an int)
+    was refused ("alpha has dtype torch.int64, not floating point") while a plain LoRA layer takes one; it is the
+    number, as A1111 and ComfyUI read it (.item()): the outputs equal LyCORIS' with alpha 2."""
+    cls, kwargs = CASES[case]
+    sd, ref, _, _ = oracle(cls, kwargs, seed=5, multiplier=0.7, alpha=2.0)
+    alphas = [k for k in sd if k.endswith(".alpha") and float(sd[k]).is_integer()]  # LyCORIS writes 2.0 or r
+    assert len(alphas) >= 3
+    sd = {k: torch.tensor(int(v)) if k in alphas else v for k, v in sd.items()}
+    unet, te = fresh_models()
+    with apply_loras(unet, te, [(LoRAFile.from_state_dict(sd, name=case), 0.7)]) as h:
+        assert h.reports[0].complete
+        got = run(unet, te)
+    for ours, r in zip(got, ref, strict=True):
+        assert rel(ours, r) <= TOL
+
+
 @pytest.mark.parametrize("case", ["loha", "lokr-decompose-both", "lokr-tucker", "locon-tucker", "ia3", "dora-loha"])
 def test_fused_weights_equal_lycoris_merge(case):
     """alpha = rank (scale 1): LyCORIS' merge_to multiplies alpha / rank in twice for LoHa/LoKr, which agrees with

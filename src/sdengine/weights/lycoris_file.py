@@ -186,7 +186,12 @@ def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> Lyc
                 found[layer][part] = sd[layer + suffix]
                 out.consumed.add(layer + suffix)
         if layer + ".alpha" in sd:
-            alphas[layer] = sd[layer + ".alpha"]
+            alpha_t = sd[layer + ".alpha"]
+            # an integer alpha (torch.tensor(8) of a trainer given an int) is a number like any other, as for
+            # plain LoRA layers and in A1111/ComfyUI (they read it with .item())
+            if not alpha_t.is_floating_point() and not alpha_t.is_complex() and alpha_t.dtype != torch.bool:
+                alpha_t = alpha_t.float()
+            alphas[layer] = alpha_t
             out.consumed.add(layer + ".alpha")
     magnitudes: dict[str, tuple[torch.Tensor, bool]] = {}
     for key, t in sd.items():
