@@ -193,6 +193,48 @@ def test_parity_with_diffusers(loras, fmt, relaxed_peft_check):
     assert torch.equal(after[0], base[0]) and torch.equal(after[1], base[1])
 
 
+def _old_diffusers_layout(lora: dict) -> dict[str, torch.Tensor]:
+    """The same tensors as diffusers wrote before PEFT: attention-processor names on the U-Net
+    (`attn1.processor.to_q_lora.down.weight`), `lora_linear_layer` on the text encoder; no alpha."""
+    old = {}
+    for mod, (down, up) in lora["unet"].items():
+        block, _, proj = mod.removesuffix(".0").rpartition(".")  # attn1.to_out.0 -> attn1, to_out
+        if ".attn" in block and proj in ("to_q", "to_k", "to_v", "to_out"):
+            old[f"unet.{block}.processor.{proj}_lora.down.weight"] = down
+            old[f"unet.{block}.processor.{proj}_lora.up.weight"] = up
+    for mod, (down, up) in lora["te"].items():
+        old[f"text_encoder.{mod}.lora_linear_layer.down.weight"] = down
+        old[f"text_encoder.{mod}.lora_linear_layer.up.weight"] = up
+    assert any(".processor.to_out_lora." in k for k in old)
+    return old
+
+
+@pytest.mark.parametrize("variant", ["kohya-fp16", "kohya-bf16", "diffusers-old-layout"])
+def test_half_precision_and_old_diffusers_files_equal_diffusers(loras, variant, tmp_path, relaxed_peft_check):
+    """Files as users get them: a kohya LoRA saved in fp16 or bf16 (most Civitai files) on an fp32 model, and
+    diffusers' pre-PEFT layout; U-Net and text-encoder outputs equal diffusers' load_lora_weights of the same file."""
+    from safetensors.torch import load_file
+
+    if variant == "diffusers-old-layout":
+        sd = _old_diffusers_layout(loras[0])
+    else:
+        dtype = torch.float16 if variant == "kohya-fp16" else torch.bfloat16
+        sd = {k: v.to(dtype) for k, v in load_file(str(loras[0]["kohya"])).items()}
+    path = tmp_path / f"{variant}.safetensors"
+    save_safetensors(sd, path)
+    ref_unet, ref_te = diffusers_models()
+    ours_unet, ours_te = sdengine_models(ref_unet, ref_te)
+    base = run_ours(ours_unet, ours_te)
+    diffusers_load(ref_unet, ref_te, path, "a")
+    diffusers_weights(ref_unet, ref_te, ["a"], [0.8])
+    with apply_loras(ours_unet, ours_te, [(path, 0.8)]) as h:
+        assert h.reports[0].complete
+        ours = run_ours(ours_unet, ours_te)
+    ref = run_ref(ref_unet, ref_te)
+    assert max_err(ref[0], ours[0]) < TOL and max_err(ref[1], ours[1]) < TOL
+    assert max_err(ours[0], base[0]) > 1e-3 and max_err(ours[1], base[1]) > 1e-3
+
+
 def test_two_loras_with_weights_match_diffusers_set_adapters(loras, relaxed_peft_check):
     """Two LoRAs (one PEFT, one kohya) at 0.8 and 0.5, then re-weighted without reloading, as set_adapters."""
     ref_unet, ref_te = diffusers_models()
