@@ -74,7 +74,6 @@ _ATTN_PROC_RE = re.compile(r"^(?P<layer>.+)\.processor\.(?P<proj>to_q|to_k|to_v|
 # Adapters sdengine does not implement: named in the error instead of silently skipped. (LoHa, LoKr, (IA)^3,
 # LoCon's Tucker core and DoRA are read by sdengine.weights.lycoris_file.)
 _UNSUPPORTED = [
-    (re.compile(r"\.(diff|diff_b)$"), "full weight differences (diff)"),
     (re.compile(r"\.oft_(blocks|diag)$|\.oft_R\.|\.boft_"), "LyCORIS OFT/BOFT (orthogonal finetuning)"),
     (re.compile(r"\.(a1|a2|b1|b2)\.weight$"), "LyCORIS GLoRA"),
     (re.compile(r"\.(w_norm|b_norm)$"), "LyCORIS norm-layer training (w_norm/b_norm)"),

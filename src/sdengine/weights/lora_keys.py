@@ -190,6 +190,8 @@ def _lora_family(lf: LoRAFile) -> str | None:
 def _fit_lycoris(w: LycorisLayerWeights, module: nn.Module) -> str | None:
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         return "a grouped convolution"
+    if "diff_b" in w.parts and getattr(module, "bias", None) is None:
+        return "a bias difference (diff_b) for a layer without a bias"
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
     return w.fit(tuple(weight.shape))
