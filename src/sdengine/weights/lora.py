@@ -133,7 +133,8 @@ def apply_loras(
 
 def is_text_encoder_key(key: str) -> bool:
     """Whether a LoRA file's layer name (kohya, PEFT/diffusers or ComfyUI spelling) is of a text encoder."""
-    return key.startswith(("lora_te", "text_encoder"))  # lora_te_/te1_/te2_, text_encoder(_2)., text_encoders.
+    # lora_te_/te1_/te2_, text_encoder(_2)., ComfyUI's text_encoders., a bare CLIP module name (text_model.)
+    return key.startswith(("lora_te", "text_encoder", "text_model."))
 
 
 def lora_part(lf: LoRAFile, part: Literal["unet", "text_encoders"]) -> LoRAFile:
