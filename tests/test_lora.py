@@ -856,3 +856,22 @@ def test_comfyui_lora_loader_takes_unet_only_and_text_encoder_only_loras(tmp_pat
     assert float((unet_only - base).abs().mean()) > 1e-3 and float((te_only - base).abs().mean()) > 1e-3
     assert float((full - whole).abs().max()) < 1e-5
     assert not [r for r in caplog.records if "unmatched" in r.getMessage()]  # no part is reported as missing
+
+
+def test_each_part_of_a_lora_is_found_whatever_the_naming():
+    """ComfyUI's LoraLoader applies the U-Net part on the MODEL and the text-encoder part on the CLIP
+    (``apply_loras(part=...)``): a text-encoder layer is one whether it is named the kohya, PEFT, ComfyUI or bare
+    CLIP way; a bare name (`text_model.encoder...`) once went to the U-Net side and was lost on the CLIP side."""
+    from sdengine.weights.lora import lora_part
+
+    unet, te = fresh_models()
+    q = next(n for n, _ in te.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    assert q.startswith("text_model.")
+    d, u = torch.full((2, 32), 0.1), torch.full((32, 2), 0.1)
+    te_names = [kohya_name("text_encoder", q), f"text_encoder.{q}", f"text_encoders.clip_l.transformer.{q}", q]
+    for name in te_names:
+        a, b = ("lora_down", "lora_up") if name.startswith(("lora_", "text_encoders.")) else ("lora_A", "lora_B")
+        lf = LoRAFile.from_state_dict({f"{name}.{a}.weight": d, f"{name}.{b}.weight": u}, name="te")
+        assert list(lora_part(lf, "text_encoders").layers) == [name] and not lora_part(lf, "unet").layers, name
+        with apply_loras(None, te, [(lf, 1.0)], part="text_encoders") as h:
+            assert h.reports[0].matched == [f"text_encoder:{q}"], name
