@@ -875,3 +875,20 @@ def test_each_part_of_a_lora_is_found_whatever_the_naming():
         assert list(lora_part(lf, "text_encoders").layers) == [name] and not lora_part(lf, "unet").layers, name
         with apply_loras(None, te, [(lf, 1.0)], part="text_encoders") as h:
             assert h.reports[0].matched == [f"text_encoder:{q}"], name
+
+
+def test_alpha_shapes_and_rank_mismatch(tmp_path):
+    """kohya writes alpha 0-d; other tools write it as a 1-element tensor, in fp16 or as an integer: the same
+    scale. A down of rank 4 with an up of rank 8 is no LoRA pair: one line naming the layer and both shapes."""
+    unet, te = fresh_models()
+    outs = []
+    for alpha in (torch.tensor(2.0), torch.tensor([2.0]), torch.tensor([2.0], dtype=torch.float16), torch.tensor(2)):
+        lf = LoRAFile.from_state_dict(_pair(rank=4, down=0.2, up=0.3, alpha=1.0) | {f"{_LAYER}.alpha": alpha})
+        assert lf.layers[_LAYER].scale == 0.5
+        with apply_loras(unet, te, [(lf, 1.0)]):
+            outs.append(run_ours(unet, te)[0])
+    assert all(torch.equal(o, outs[0]) for o in outs) and max_err(outs[0], run_ours(unet, te)[0]) > 1e-4
+    bad = {f"{_LAYER}.lora_down.weight": torch.ones(4, 32), f"{_LAYER}.lora_up.weight": torch.ones(32, 8)}
+    save_safetensors(bad, tmp_path / "ranks.safetensors")
+    with pytest.raises(LoRAError, match=rf"ranks.safetensors: {_LAYER}: down \(4, 32\) and up \(32, 8\) are not a"):
+        apply_loras(unet, te, [(tmp_path / "ranks.safetensors", 1.0)])
