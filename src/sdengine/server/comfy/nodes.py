@@ -1449,6 +1449,8 @@ NODES: dict[str, NodeDef] = {
             ),
             ("MODEL", "CLIP"),
             lora_loader,
+            description="As ComfyUI: strength_model scales the file's U-Net layers, strength_clip its "
+            "text-encoder layers; a file with no layers of one part (a U-Net-only LoRA) leaves that part as it is.",
         ),
         NodeDef(
             "LoraLoaderModelOnly",
