@@ -266,7 +266,7 @@ def sample_latents(
     if loras:
         from sdengine.weights.lora import apply_loras
 
-        handle = apply_loras(pipe.unet, None, list(loras))
+        handle = apply_loras(pipe.unet, None, list(loras), part="unet")  # the CLIP part: at encoding
     try:
         if distinct:
             from sdengine.pipeline.control import ControlUnit, build_controlled_unet

@@ -571,7 +571,7 @@ def _clip_loras(pipe: Any, clip: ClipHandle) -> Iterator[None]:
     if clip.loras and (isinstance(pipe.text_encoder, torch.nn.Module) or isinstance(te2, torch.nn.Module)):
         from sdengine.weights.lora import apply_loras
 
-        handle = apply_loras(None, pipe.text_encoder, list(clip.loras), text_encoder_2=te2)
+        handle = apply_loras(None, pipe.text_encoder, list(clip.loras), text_encoder_2=te2, part="text_encoders")
     try:
         with torch.inference_mode():
             yield
@@ -1550,6 +1550,8 @@ NODES: dict[str, NodeDef] = {
             ),
             ("MODEL", "CLIP"),
             lora_loader,
+            description="As ComfyUI: strength_model scales the file's U-Net layers, strength_clip its "
+            "text-encoder layers; a file with no layers of one part (a U-Net-only LoRA) leaves that part as it is.",
         ),
         NodeDef(
             "LoraLoaderModelOnly",
