@@ -220,3 +220,22 @@ def test_the_command_line_lists_files_without_torch(tmp_path):
         env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
     assert r.returncode == 0 and r.stdout.strip().endswith("no torch"), r.stderr[-800:]
+
+
+def test_a_name_with_a_newline_stays_on_its_row(tmp_path, capsys):
+    # once the table broke in two at the newline (a row "b  L  ..." that names no file); --json was exact
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    (loras / "a\nb.safetensors").write_bytes(b"x")
+    (loras / "tab\tx\u202e.pt").write_bytes(b"x")  # a tab and a right-to-left override
+    rc, out, _ = _list(capsys, "loras", "--loras-dir", str(loras))
+    assert rc == 0
+    lines = out.splitlines()
+    assert len(lines) == 4  # header, emoji-fruit and the two files
+    assert lines[2].startswith("a\\nb ") and lines[2].endswith("a\\nb.safetensors")
+    assert lines[3].startswith("tab\\tx\\u202e ")
+    assert sorted(r["name"] for r in _json(capsys, "loras", "--loras-dir", str(loras))) == [
+        "a\nb",
+        "emoji-fruit",
+        "tab\tx\u202e",
+    ]

@@ -45,7 +45,27 @@ def schedule_rows() -> list[dict[str, Any]]:
     return [{"name": s, "a1111": SCHEDULE_A1111.get(s, s)} for s in ALL_SCHEDULES]
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` on one line of a table: control and format characters (a newline, a tab, an escape sequence, a
+    right-to-left override in a file name) written as backslash escapes, as ``ls -b`` shows them; everything
+    else, non-ASCII letters included, as it is. ``--json`` keeps the names exact."""
+    import unicodedata
+
+    if text.isprintable():
+        return text
+    return "".join(
+        _ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp", "Cs")
+        else c
+        for c in text
+    )
+
+
 def _table(rows: list[list[str]]) -> str:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
