@@ -367,6 +367,25 @@ def _controlnets_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list
     ]
 
 
+def _refuse_flags_without_effect(a: argparse.Namespace, hires: bool) -> None:
+    """A flag that would change nothing in this run is a one-line UsageError, before the model loads, as
+    ``--mask`` without ``--init-image`` is: ``--strength`` on a text-to-image run without the hires fix was
+    once dropped without a word (A1111's API does that; a command line should say it)."""
+    img2img = a.init_image is not None or a.outpaint is not None
+    second_pass = "--init-image (img2img) or the hires fix (--hires)"
+    needs = [
+        ("--strength", a.strength, img2img or hires, second_pass),
+        ("--strength-rule", a.strength_rule, img2img or hires, second_pass),
+        ("--vae-encode", a.vae_encode, img2img or hires, second_pass),
+        ("--mask-blur", a.mask_blur, a.mask is not None or a.outpaint is not None, "--mask or --outpaint"),
+        ("--resize-mode", a.resize_mode, img2img or bool(a.control), "--init-image or --control"),
+        ("--refiner-switch-at", a.refiner_switch_at, a.refiner is not None, "--refiner"),
+    ]
+    for flag, value, used, what in needs:
+        if value is not None and not used:
+            raise UsageError(f"{flag} has no effect without {what}: drop it, or add what it applies to")
+
+
 def run(a: argparse.Namespace) -> int:
     from ..metadata import save_png
     from ..pipeline import load_pipeline
@@ -450,7 +469,7 @@ def run(a: argparse.Namespace) -> int:
         kwargs.update(hires, enable_hr=True)
     if a.init_image is not None:
         kwargs["init_image"] = a.init_image
-    elif not kwargs.get("enable_hr"):
+    elif not kwargs.get("enable_hr") and a.prompts is None:  # a list's lines may give init images
         kwargs.pop("strength", None)
     if a.mask is not None:
         kwargs["mask"] = a.mask
@@ -484,6 +503,8 @@ def run(a: argparse.Namespace) -> int:
         kwargs["controlnets"] = control_units_from_cli(a.control or [], a.controlnet or [])
     if a.no_progress:
         kwargs["progress"] = False
+    if a.prompts is None:  # a list's lines may give what the flag needs (an init image): checked per line there
+        _refuse_flags_without_effect(a, bool(kwargs.get("enable_hr")))
     if a.prompts is not None:  # a list of requests: sdengine.batch_render
         from .generate_list import run_list
 
