@@ -28,3 +28,33 @@ def test_schedule_mistakes_are_usage_errors():
         make_betas("cubic", 10)
     with pytest.raises(UsageError, match="num_train_timesteps must be >= 1"):
         make_betas("linear", 0)
+
+
+@pytest.mark.parametrize(
+    "n,extra,out,message",
+    [
+        ("100000", [], "grid.png", "--n 100000 makes a 20858x20924 grid of 32x32 samples"),
+        ("20000", ["--cols", "1"], "grid.png", "at most 20449 samples (143x143) in one grid"),
+        (
+            "600",
+            ["--cols", "300"],
+            "grid.webp",
+            "a 19802x134 grid of 32x32 samples, past what image readers open (89 megapixels, sides up to 16383)",
+        ),
+    ],
+)
+def test_a_sample_grid_too_large_to_open_is_refused_before_sampling(
+    tmp_path, capsys, monkeypatch, n, extra, out, message
+):
+    """`sample --n 100000` sampled for hours, then wrote a 436-megapixel grid Pillow (and pnginfo) refuse to open
+    (or failed writing a WebP past 16383 px): now one line at once, nothing sampled or written."""
+    from sdengine.ddpm import PixelDDPM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("sampled before the grid's size was checked")
+
+    monkeypatch.setattr(PixelDDPM, "generate", refuse)
+    rc = main(["sample", "fashion-mnist", "--n", n, *extra, "--out", str(tmp_path / out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and message in err, err
+    assert not any(tmp_path.iterdir())

@@ -62,6 +62,34 @@ def _check_cfg(cfg: float) -> None:
         raise UsageError(f"--cfg must be a number in [0, {MAX_CFG_SCALE:g}], got {cfg}")
 
 
+# The largest side each grid format can hold (WebP's format stores 14 bits; JPEG's 16).
+_MAX_SIDE = {".webp": 16383, ".jpg": 65500, ".jpeg": 65500}
+
+
+def _check_grid_size(n: int, cols: int, image_size: int, out: Path) -> None:
+    """``sample``'s grid (``n`` tiles of ``image_size`` at scale 2, 2 px apart) must be an image the usual readers
+    open: at most Pillow's ``MAX_IMAGE_PIXELS`` (about 89 megapixels; past it Pillow, and so ``pnginfo``, warns of
+    a decompression bomb, past twice it refuses), and no side past the format's limit. Checked before sampling,
+    so a huge ``--n`` is one line at once, not hours of sampling and then a failed write."""
+    from PIL import Image
+
+    if n < 1:
+        raise UsageError(f"--n must be a positive number of samples, got {n}")
+    tile = 2 * image_size + 2
+    ncols = cols or max(1, int(round(n**0.5)))
+    width, height = ncols * tile + 2, -(-n // ncols) * tile + 2
+    limit = int(Image.MAX_IMAGE_PIXELS or 0) or 2**31 - 1
+    side = _MAX_SIDE.get(out.suffix.lower(), 2**31 - 1)
+    if width * height > limit or max(width, height) > side:
+        k = (min(math.isqrt(limit), side) - 2) // tile  # the side, in samples, of the largest square grid
+        raise UsageError(
+            f"--n {n}{f' --cols {cols}' if cols else ''} makes a {width}x{height} grid of {image_size}x{image_size} "
+            f"samples, past what image readers open ({limit / 1e6:.0f} megapixels"
+            f"{f', sides up to {side}' if side < 2**31 - 1 else ''}): at most {k * k} samples ({k}x{k}) in one "
+            "grid; run again with another --seed for more"
+        )
+
+
 def cmd_sample(a: argparse.Namespace) -> int:
     from .ddpm import PixelDDPM
     from .io.images import make_grid, save_image_atomic
@@ -78,6 +106,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if out.is_dir() or out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UsageError(f"--out {a.out}: give an image file name ending in .png, .jpg or .webp (the grid)")
     m = PixelDDPM.load(a.checkpoint, device=_device(a.device))
+    _check_grid_size(a.n, a.cols, m.image_size, out)  # before sampling: --n 100000 once ran for hours
     t = time.perf_counter()
     if m.num_classes:
         if a.label is not None:
