@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_sample_args, add_train_args
+from .common import add_force_resume, add_sample_args, add_train_args
 from .help_format import DefaultsHelpFormatter
 
 
@@ -31,7 +31,9 @@ def run(a: argparse.Namespace) -> int:
         sample_prompt=a.sample_prompt,
     )
     cfg = train_config(a, sample_every=a.sample_every)
-    _, path = train_lora(spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite)
+    _, path = train_lora(
+        spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite, force_resume=a.force_resume
+    )
     print(f"LoRA written to {path}")
     return 0
 
@@ -77,4 +79,5 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         checkpoint_every=500,
         ema_help="used with --ema",
     )
+    add_force_resume(p)
     p.set_defaults(func=run)
