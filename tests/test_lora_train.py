@@ -333,6 +333,17 @@ def test_same_train_command_twice_is_refused_unless_overwrite(setup, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--name sks, not other" in err, err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # --resume with another model of the same shape (a copy elsewhere) trained on without a word: refused
+    import shutil
+
+    copy = shutil.copytree(model, tmp_path / "copy")
+    other = [*args, "--resume", "--steps", "3"]
+    other[other.index("--model") + 1] = str(copy)
+    assert main(other) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--model {Path(model).resolve()}, not {copy}" in err, err
+    assert "--force-resume" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert main([*args, "--overwrite"]) == 0
     assert (out / "sks.safetensors").is_file()
     assert main([*args, "--overwrite", "--resume"]) == 2
