@@ -1021,3 +1021,24 @@ def test_strength_is_the_default_of_a_prompt_lists_img2img_lines(model, tmp_path
     first, second = (Image.open(out / name).info["parameters"] for name in ("00000-0.png", "00001-1.png"))
     assert "Denoising strength: 0.5," in first
     assert "Denoising strength" not in second
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["generate", "x", "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+        (["train", "lora", "--model", "emoji"], "the following arguments are required: --data"),
+        (["list", "checkpoints"], "invalid choice: 'checkpoints'"),
+    ],
+)
+def test_argument_parser_mistakes_are_one_line_too(capsys, argv, message):
+    """docs/cli.md: mistakes end as one line, `sdengine: error: ...`, exit 2; argparse's own ones printed the
+    whole usage first (thirty lines for generate), the error last."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("sdengine: error: ") and message in err, err
+    assert (
+        f"(see 'sdengine {' '.join(a for a in argv[:2] if a in ('generate', 'train', 'lora', 'list'))} --help')" in err
+    )

@@ -11,6 +11,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import SdengineError, UsageError
 from .fastpath import OPTIONS as FAST_PATH_OPTIONS
@@ -20,6 +21,17 @@ EXIT_USER_ERROR = 2
 
 class UserError(UsageError):
     """A mistake in the command's input: shown as one line, no traceback."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser with its mistakes (an unknown flag, a bad choice, a missing argument) on one line,
+    ``sdengine: error: ...`` and exit code 2, as every other mistake of the command line, naming the ``--help``
+    to read instead of printing the whole usage before it (``generate``'s is some thirty lines). Subcommands'
+    parsers are of this class too (argparse makes them of their parent's)."""
+
+    def error(self, message: str) -> NoReturn:
+        text = " ".join(message.split())
+        self.exit(EXIT_USER_ERROR, f"sdengine: error: {text} (see '{self.prog} --help')\n")
 
 
 def _device(name: str) -> str:
@@ -163,7 +175,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .commands.common import add_train_args
 
-    p = argparse.ArgumentParser(prog="sdengine", description="Diffusion image generation from scratch.")
+    p = OneLineParser(prog="sdengine", description="Diffusion image generation from scratch.")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: free CPUs, see sdengine.threads)")
     p.add_argument(
         "--fast-path",
