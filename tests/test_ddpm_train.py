@@ -204,3 +204,26 @@ def test_overwrite_removes_the_old_runs_sample_grids(tmp_path):
     assert old, list(out.iterdir())
     train_ddpm(spec(), cfg(2, batch_size=4), out, data=toy_data(8), progress=False, overwrite=True, samples=False)
     assert not list(out.glob("samples_*.png")) and (out / "model").is_dir()
+
+
+def test_resume_with_another_size_or_prediction_is_refused_unless_forced(tmp_path):
+    """A conv U-Net has the same tensor shapes at another --size, --prediction or --beta-schedule, so `--resume`
+    with one trained the epsilon model as a v-prediction one (or a 16-px one at 8 px) without a word."""
+    from sdengine.io.checkpoint import CheckpointError
+
+    data = toy_data()
+    out = tmp_path / "run"
+    train_ddpm(spec(), cfg(2), out, data=data, progress=False)
+    before = (out / "checkpoint.pt").read_bytes()
+    for change, words in (
+        ({"image_size": 8}, "--size 16, not 8"),
+        ({"prediction": "v_prediction"}, "--prediction epsilon, not v_prediction"),
+        ({"beta_schedule": "squaredcos_cap_v2"}, "--beta-schedule linear, not squaredcos_cap_v2"),
+        ({"data": "other"}, "--data toy, not other"),
+    ):
+        with pytest.raises(CheckpointError, match=words.replace("-", r"\-") + ".*--force-resume"):
+            train_ddpm(dataclasses.replace(spec(), **change), cfg(3), out, data=data, progress=False, resume=True)
+        assert (out / "checkpoint.pt").read_bytes() == before
+    changed = dataclasses.replace(spec(), prediction="v_prediction")
+    result, _ = train_ddpm(changed, cfg(3), out, data=data, progress=False, resume=True, force_resume=True)
+    assert len(result.losses) == 3

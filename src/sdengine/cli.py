@@ -56,7 +56,14 @@ def cmd_train_ddpm(a: argparse.Namespace) -> int:
     )
     cfg = train_config(a, sample_every=a.sample_every)
     _, model = train_ddpm(
-        spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite, samples=not a.no_samples
+        spec,
+        cfg,
+        a.out,
+        device=device(a),
+        resume=a.resume,
+        overwrite=a.overwrite,
+        samples=not a.no_samples,
+        force_resume=a.force_resume,
     )
     from .distributed import current_world
 
@@ -173,7 +180,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    from .commands.common import add_train_args
+    from .commands.common import add_force_resume, add_train_args
 
     p = OneLineParser(prog="sdengine", description="Diffusion image generation from scratch.")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: free CPUs, see sdengine.threads)")
@@ -213,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--channels", type=int, choices=[1, 3], default=1)
     td.add_argument("--sample-every", type=int, default=2000)
     td.add_argument("--no-samples", action="store_true", help="write no sample grids (the loss plot only)")
+    add_force_resume(td, "--size, --prediction, --beta-schedule or --data")
     td.set_defaults(func=cmd_train_ddpm)
 
     s = sub.add_parser("sample", help="sample a grid from a pixel DDPM (checkpoint, model folder or built-in)")
