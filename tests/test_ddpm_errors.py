@@ -33,13 +33,18 @@ def test_schedule_mistakes_are_usage_errors():
 @pytest.mark.parametrize(
     "n,extra,out,message",
     [
-        ("100000", [], "grid.png", "--n 100000 makes a 20858x20924 grid of 32x32 samples"),
-        ("20000", ["--cols", "1"], "grid.png", "at most 20449 samples (143x143) in one grid"),
+        ("100000", [], "grid.png", "--n 100000 makes a 18330x18388 grid of 28x28 samples"),
+        (
+            "30000",
+            ["--cols", "1"],
+            "grid.png",
+            "at most 26569 samples (163x163) in one grid; for the next ones run again with --seed 26569",
+        ),
         (
             "600",
             ["--cols", "300"],
             "grid.webp",
-            "a 19802x134 grid of 32x32 samples, past what image readers open (89 megapixels, sides up to 16383)",
+            "a 17402x118 grid of 28x28 samples, past what image readers open (89 megapixels, sides up to 16383)",
         ),
     ],
 )

@@ -85,7 +85,7 @@ def _check_cfg(cfg: float) -> None:
 _MAX_SIDE = {".webp": 16383, ".jpg": 65500, ".jpeg": 65500}
 
 
-def _check_grid_size(n: int, cols: int, image_size: int, out: Path) -> None:
+def _check_grid_size(n: int, cols: int, image_size: int, out: Path, seed: int) -> None:
     """``sample``'s grid (``n`` tiles of ``image_size`` at scale 2, 2 px apart) must be an image the usual readers
     open: at most Pillow's ``MAX_IMAGE_PIXELS`` (about 89 megapixels; past it Pillow, and so ``pnginfo``, warns of
     a decompression bomb, past twice it refuses), and no side past the format's limit. Checked before sampling,
@@ -105,7 +105,7 @@ def _check_grid_size(n: int, cols: int, image_size: int, out: Path) -> None:
             f"--n {n}{f' --cols {cols}' if cols else ''} makes a {width}x{height} grid of {image_size}x{image_size} "
             f"samples, past what image readers open ({limit / 1e6:.0f} megapixels"
             f"{f', sides up to {side}' if side < 2**31 - 1 else ''}): at most {k * k} samples ({k}x{k}) in one "
-            "grid; run again with another --seed for more"
+            f"grid; for the next ones run again with --seed {seed + k * k} (sample i has seed --seed + i)"
         )
 
 
@@ -125,7 +125,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if out.is_dir() or out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UsageError(f"--out {a.out}: give an image file name ending in .png, .jpg or .webp (the grid)")
     m = PixelDDPM.load(a.checkpoint, device=_device(a.device))
-    _check_grid_size(a.n, a.cols, m.image_size, out)  # before sampling: --n 100000 once ran for hours
+    _check_grid_size(
+        a.n, a.cols, m.image_size - 2 * m.crop, out, a.seed
+    )  # the samples are cropped (28 of 32)  # before sampling: --n 100000 once ran for hours
     t = time.perf_counter()
     if m.num_classes:
         if a.label is not None:
