@@ -417,7 +417,7 @@ def run(a: argparse.Namespace) -> int:
         if "strength" in png_kwargs and a.init_image is None and not png_kwargs.get("enable_hr"):
             raise GenerationError(
                 f"{a.from_png} is an img2img/inpainting image (Denoising strength {png_kwargs['strength']}): give "
-                "the same --init-image (and --mask)"
+                "the same --init-image (and --mask" + (" or --outpaint)" if "Mask blur" in parsed else ")")
             )
         # A1111 records the blur of inpainting only (outpainting, whose mask --outpaint makes, is inpainting too)
         if "Mask blur" in parsed and a.mask is None and not getattr(a, "outpaint", None):
