@@ -63,3 +63,24 @@ def test_a_sample_grid_too_large_to_open_is_refused_before_sampling(
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and message in err, err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "part,words",
+    [
+        (
+            "ControlNetModel",
+            "is a diffusers ControlNetModel folder, not a model (a ControlNet: give it with --controlnet",
+        ),
+        ("AutoencoderKL", "is a diffusers AutoencoderKL folder, not a model: give the model's folder"),
+    ],
+)
+def test_a_model_part_given_as_the_model_is_named(tmp_path, capsys, part, words):
+    """`generate --model emoji-controlnet-canny` (a folder `sdengine list controlnets` prints) said the folder
+    "is not a pixel DDPM model folder", a kind of model the user never asked for."""
+    folder = tmp_path / "part"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": part}))
+    rc = main(["generate", "x", "--model", str(folder), "--steps", "1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and f"{folder} {words}" in err, err
