@@ -239,3 +239,23 @@ def test_a_name_with_a_newline_stays_on_its_row(tmp_path, capsys):
         "emoji-fruit",
         "tab\tx\u202e",
     ]
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["samplers", "--loras-dir", "x"], "--loras-dir is where LoRAs are: it changes nothing in 'list samplers'"),
+        (
+            ["embeddings", "--models-dir", "x"],
+            "--models-dir is where models are: it changes nothing in 'list embeddings'",
+        ),
+        (["loras", "--embeddings-dir", "x"], "--embeddings-dir is where embeddings are"),
+    ],
+)
+def test_a_folder_of_another_kind_is_refused(capsys, argv, flag):
+    """`list embeddings --models-dir D` printed "no embeddings", `list samplers --loras-dir D` the samplers: the
+    folder was ignored without a word."""
+    rc, out, err = _list(capsys, *argv)
+    assert rc == 2 and out == "" and err.count("\n") == 1 and flag in err, err
+    kind = flag.split()[0][2:-4]
+    assert f"did you mean 'sdengine list {kind} --{kind}-dir DIR'?" in err

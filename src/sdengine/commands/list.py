@@ -12,6 +12,8 @@ import json
 import sys
 from typing import Any
 
+from ..errors import UsageError
+
 WHAT = ("models", "samplers", "schedules", "loras", "controlnets", "embeddings")
 EMBEDDINGS_NOTE = (
     "use them with `generate --embeddings-dir FOLDER` (or `serve --embeddings-dir`): a file's name in a prompt is "
@@ -74,6 +76,13 @@ def run(a: argparse.Namespace) -> int:
     from ..catalog import list_entries
 
     what = a.what
+    for kind, words in (("models", "models"), ("loras", "LoRAs"), ("controlnets", "ControlNets"), ("embeddings", "")):
+        flag = f"--{kind}-dir"  # a folder of another kind was once ignored without a word
+        if kind != what and getattr(a, f"{kind}_dir", None) is not None:
+            raise UsageError(
+                f"{flag} is where {words or kind} are: it changes nothing in 'list {what}' (did you mean "
+                f"'sdengine list {kind} {flag} DIR'?)"
+            )
     note = ""
     if what == "samplers":
         rows = sampler_rows()
