@@ -144,6 +144,25 @@ def test_unconditional_training_on_a_folder(tmp_path):
     assert imgs.shape == (2, 3, 16, 16)
 
 
+def test_sample_of_an_unconditional_model_refuses_label_and_cfg(tmp_path, capsys):
+    """`sample MODEL --label 3 --cfg 2` of a model without classes drew its grid as if neither was given."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (16, 16), (100 * i, 50, 128)).save(folder / f"{i}.png")
+    s = DDPMSpec(data=str(folder), image_size=16, channels=3, unet=dataclasses.replace(TINY, in_channels=3))
+    train_ddpm(s, cfg(1, batch_size=2), tmp_path / "run", progress=False)
+    model = str(tmp_path / "run" / "model")
+    for extra, words in ((["--label", "3"], "--label would"), (["--label", "3", "--cfg", "2"], "--label and --cfg")):
+        rc = main(["sample", model, "--n", "2", "--steps", "1", *extra, "--out", str(tmp_path / "g.png")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "is an unconditional model (no classes)" in err and words in err
+    assert not (tmp_path / "g.png").exists()
+    assert main(["sample", model, "--n", "2", "--steps", "1", "--out", str(tmp_path / "g.png")]) == 0
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

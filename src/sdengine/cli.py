@@ -115,7 +115,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
     from .pipeline.finite import require_finite
 
     # the checks `generate` makes, before the model loads (each was once a traceback or a black PNG)
-    _check_cfg(a.cfg)
+    cfg = 1.0 if a.cfg is None else a.cfg
+    _check_cfg(cfg)
     if a.eta is not None and not (math.isfinite(a.eta) and a.eta >= 0):
         # once a NaN grid blamed on --cfg (nan, inf) or, negative, noise of the wrong sign and exit 0
         raise UsageError(f"--eta must be a number >= 0 (0 = deterministic, 1 = DDPM-like), got {a.eta}")
@@ -125,6 +126,12 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if out.is_dir() or out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UsageError(f"--out {a.out}: give an image file name ending in .png, .jpg or .webp (the grid)")
     m = PixelDDPM.load(a.checkpoint, device=_device(a.device))
+    if not m.num_classes:  # once ignored without a word (generate refuses what a model cannot use, too)
+        given = [flag for flag, v in (("--label", a.label), ("--cfg", a.cfg)) if v is not None]
+        if given:
+            raise UsageError(
+                f"{a.checkpoint} is an unconditional model (no classes): {' and '.join(given)} would change nothing"
+            )
     _check_grid_size(
         a.n, a.cols, m.image_size - 2 * m.crop, out, a.seed
     )  # the samples are cropped (28 of 32)  # before sampling: --n 100000 once ran for hours
@@ -136,7 +143,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
             labels = [i % m.num_classes for i in range(a.n)]
             labels.sort()
         imgs = m.generate(
-            labels, sampler=a.sampler, steps=a.steps, seed=a.seed, guidance_scale=a.cfg, eta=a.eta, schedule=a.schedule
+            labels, sampler=a.sampler, steps=a.steps, seed=a.seed, guidance_scale=cfg, eta=a.eta, schedule=a.schedule
         )
     else:
         imgs = m.generate(None, n=a.n, sampler=a.sampler, steps=a.steps, seed=a.seed, eta=a.eta, schedule=a.schedule)
@@ -233,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--cols", type=int, default=0)
     s.add_argument("--label", type=int, default=None, help="class index for every sample")
-    s.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance over classes")
+    s.add_argument("--cfg", type=float, default=None, help="classifier-free guidance over classes (default 1: none)")
     s.add_argument("--eta", type=float, default=None)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="outputs/grid.png")
