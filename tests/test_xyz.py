@@ -267,6 +267,9 @@ def test_xyz_cli_errors_are_one_line(tmp_path, capsys):
         (["--x", "cfg=5,7,101"], "cell 3/3: cfg_scale"),
         (["--x", "seed=1,18446744073709551616"], "cell 2/2: seed"),
         (["--x", "steps=2,3", "--y", "prompt=apple,(apple:500)"], "cell 3/4: prompt weight"),
+        # once dropped without a word: every cell was text-to-image
+        (["--x", "steps=2", "--strength", "0.5"], "--strength has no effect without --init-image"),
+        (["--x", "steps=2", "--lora-dir", str(tmp_path / "nope")], "LoRA folder"),
     ]:
         rc = main(["xyz", "a red apple", "--out", str(tmp_path), *args, "--no-progress"])
         err = capsys.readouterr().err
