@@ -120,6 +120,9 @@ def test_bad_training_input_is_one_line(tmp_path, capsys) -> None:
     assert rc != 0
     err = capsys.readouterr().err
     assert "depth" in err and "valid" in err and len(err.strip().splitlines()) == 1
+    rc = main(["train", "controlnet", "--model", "emoji", "--data", str(tmp_path), "--sample-prompt", "a cat"])
+    err = capsys.readouterr().err  # once ignored without --sample-every
+    assert rc == 2 and "--sample-prompt is the prompt of --sample-every N's samples" in err
 
 
 def test_sample_every_writes_controlled_samples_and_keeps_the_random_stream(tmp_path, tiny_sd1_folder) -> None:

@@ -273,6 +273,10 @@ def test_bad_training_inputs_are_one_line(setup, tmp_path, capsys):
         # a name with a folder in it wrote OUT/a/b.safetensors; a ':' would break its <lora:NAME:W> tag
         (["--data", str(data_dir), "--name", "a/b"], r"LoRA name 'a/b': it becomes the file name"),
         (["--data", str(data_dir), "--name", "x:1"], r"LoRA name 'x:1': it becomes the file name"),
+        # settings that would change nothing, once ignored without a word
+        (["--data", str(data_dir), "--sample-prompt", "a"], r"--sample-prompt is the prompt of --sample-every N's"),
+        (["--data", str(data_dir), "--conv-rank", "4"], r"are those of --target conv's 3x3 convolutions"),
+        (["--data", str(data_dir), "--conv-alpha", "2", "--target", "ff"], r"add --target conv, or drop them"),
     ]
     for extra, pattern in cases:
         rc = main(

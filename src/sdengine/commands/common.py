@@ -63,6 +63,14 @@ def add_sample_args(p: argparse.ArgumentParser, *, control: bool = False) -> Non
     p.add_argument("--sample-prompt", default=None, help="prompt of the samples (default: the first training caption)")
 
 
+def check_sample_args(a: argparse.Namespace) -> None:
+    """``--sample-prompt`` is the prompt of ``--sample-every``'s samples: alone it would change nothing."""
+    if a.sample_prompt is not None and not a.sample_every:
+        from sdengine.errors import UsageError
+
+        raise UsageError("--sample-prompt is the prompt of --sample-every N's samples: give --sample-every too")
+
+
 def train_config(a: argparse.Namespace, **fixed: Any) -> Any:
     """A TrainConfig from the flags of :func:`add_train_args`; ``fixed`` sets the rest (e.g. sample_every)."""
     from ..train.loop import TrainConfig

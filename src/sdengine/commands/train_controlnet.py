@@ -25,8 +25,9 @@ def _options(pairs: list[str]) -> dict[str, float]:
 def run(a: argparse.Namespace) -> int:
     from ..control import PREPROCESSORS, option_names
     from ..train.controlnet import ControlNetTrainSpec, train_controlnet
-    from .common import device, train_config
+    from .common import check_sample_args, device, train_config
 
+    check_sample_args(a)
     opts = _options(a.condition_option or [])
     if a.condition in PREPROCESSORS:
         unknown = sorted(set(opts) - option_names(a.condition))

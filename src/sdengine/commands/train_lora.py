@@ -11,8 +11,9 @@ from .help_format import DefaultsHelpFormatter
 
 def run(a: argparse.Namespace) -> int:
     from ..train.lora import LoRASpec, train_lora
-    from .common import device, train_config
+    from .common import check_sample_args, device, train_config
 
+    check_sample_args(a)
     spec = LoRASpec(
         model=a.model,
         data=a.data,

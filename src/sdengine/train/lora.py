@@ -92,6 +92,12 @@ class LoRASpec:
         bad = [t for t in self.targets if t not in TARGET_KINDS]
         if bad or not self.targets:
             raise LoRATrainingError(f"targets must be among {', '.join(TARGET_KINDS)}, got {list(self.targets)}")
+        if "conv" not in self.targets and (self.conv_rank is not None or self.conv_alpha is not None):
+            # the 3x3 convolutions are trained with target conv only: the setting was once ignored without a word
+            raise LoRATrainingError(
+                "conv rank and alpha (--conv-rank, --conv-alpha) are those of --target conv's 3x3 convolutions: "
+                "add --target conv, or drop them"
+            )
         if self.resolution is not None and self.resolution < 8:
             raise LoRATrainingError(f"resolution must be >= 8 pixels, got {self.resolution}")
         name = self.output_name
