@@ -980,6 +980,7 @@ def test_prompt_list_reads_a1111_command_line_lines(model, tmp_path, capsys):
         (["--mask-blur", "4"], "--mask-blur has no effect without --mask or --outpaint"),
         (["--resize-mode", "crop"], "--resize-mode has no effect without --init-image or --control"),
         (["--refiner-switch-at", "0.5"], "--refiner-switch-at has no effect without --refiner"),
+        (["--subseed", "7"], "--subseed has no effect without a --subseed-strength above 0"),
         (["--lora-dir", "{missing}"], "LoRA folder {missing} does not exist"),
         (["--lora-dir", "{file}"], "LoRA folder {file} is not a folder"),
     ],

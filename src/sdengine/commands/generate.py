@@ -367,7 +367,7 @@ def _controlnets_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list
     ]
 
 
-def _refuse_flags_without_effect(a: argparse.Namespace, hires: bool) -> None:
+def _refuse_flags_without_effect(a: argparse.Namespace, hires: bool, variation: bool = False) -> None:
     """A flag that would change nothing in this run is a one-line UsageError, before the model loads, as
     ``--mask`` without ``--init-image`` is: ``--strength`` on a text-to-image run without the hires fix was
     once dropped without a word (A1111's API does that; a command line should say it)."""
@@ -380,6 +380,8 @@ def _refuse_flags_without_effect(a: argparse.Namespace, hires: bool) -> None:
         ("--mask-blur", a.mask_blur, a.mask is not None or a.outpaint is not None, "--mask or --outpaint"),
         ("--resize-mode", a.resize_mode, img2img or bool(a.control), "--init-image or --control"),
         ("--refiner-switch-at", a.refiner_switch_at, a.refiner is not None, "--refiner"),
+        # a variation seed mixes in nothing at strength 0 (A1111 ignores it there); -1 asks for a random one
+        ("--subseed", a.subseed, variation, "a --subseed-strength above 0"),
     ]
     for flag, value, used, what in needs:
         if value is not None and not used:
@@ -504,7 +506,7 @@ def run(a: argparse.Namespace) -> int:
     if a.no_progress:
         kwargs["progress"] = False
     if a.prompts is None:  # a list's lines may give what the flag needs (an init image): checked per line there
-        _refuse_flags_without_effect(a, bool(kwargs.get("enable_hr")))
+        _refuse_flags_without_effect(a, bool(kwargs.get("enable_hr")), bool(kwargs.get("subseed_strength")))
     if a.prompts is not None:  # a list of requests: sdengine.batch_render
         from .generate_list import run_list
 
