@@ -216,6 +216,9 @@ def test_xyz_cli_grid_cells_equal_single_generations(emoji, tmp_path, capsys):
     assert read_image_parameters(grid_path) is None  # the grid is not one generation
     assert main(["pnginfo", grid_path]) == 2
     assert "is an sdengine X/Y/Z grid" in capsys.readouterr().err
+    # generate --from-png of it once said "not written by sdengine or A1111"
+    assert main(["generate", "--from-png", grid_path, "--out", str(tmp_path / "again")]) == 2
+    assert "is an sdengine X/Y/Z grid, not one generation: give --from-png one of its cells" in capsys.readouterr().err
 
     # cells are written z, then row, then column; each PNG is its cell of the grid
     x, y, z = Axis("steps", (2, 3)), Axis("sampler", ("euler", "lcm")), Axis("cfg", (3.0, 6.0))

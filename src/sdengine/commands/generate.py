@@ -232,6 +232,13 @@ def _from_png(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     # a PNG's text chunk, or the EXIF UserComment of a JPEG/WebP A1111 saved (what `sdengine pnginfo` reads)
     text = read_image_parameters(path)
     if text is None:
+        from ..image_info import image_text_keys
+
+        if "sdengine-xyz" in image_text_keys(path):  # as `sdengine pnginfo` says it
+            raise MetadataError(
+                f"{path} is an sdengine X/Y/Z grid, not one generation: give --from-png one of its cells (the "
+                "NNNNN-SEED.png files written with it)"
+            )
         raise MetadataError(
             f"{path} has no 'parameters' text (nor an EXIF UserComment): it was not written by sdengine or A1111"
         )
