@@ -182,6 +182,13 @@ def test_numpy_scalars_dtypes_and_arrays_in_a_ckpt_load(tmp_path):
     tensors, info = io.load_file(p)
     assert torch.equal(tensors["w"], sd["w"])
     assert info["global_step"] == 875000 and type(info["global_step"]) is int and info["loss"] == 0.5
+    # numpy 1.x wrote the same globals as numpy.core.multiarray.* (a legacy-format file keeps them as plain text)
+    old = tmp_path / "np1.ckpt"
+    torch.save({"state_dict": sd, **extra}, old, _use_new_zipfile_serialization=False)
+    raw = old.read_bytes()
+    assert raw.count(b"numpy._core.multiarray") >= 2
+    old.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    assert io.load_file(old)[1]["global_step"] == 875000
 
 
 def test_numpy_in_the_allow_list_does_not_open_code_execution(tmp_path, capsys):
@@ -201,7 +208,7 @@ def test_numpy_in_the_allow_list_does_not_open_code_execution(tmp_path, capsys):
         if i == 3:  # the control: the same file with a harmless numpy value loads
             assert io.load_file(p)[1]["x"] == 2.0
             continue
-        with pytest.raises(io.UnsafeCheckpointError):
+        with pytest.raises(io.UnsafeCheckpointError, match=("'print'", "'numpy.*array'", "ObjectDType")[i]):
             io.load_file(p)
     assert "must never run" not in capsys.readouterr().out
 

@@ -373,15 +373,18 @@ def _numpy_globals() -> list[Any]:
 
 _GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 _OPCODE_RE = re.compile(r"Unsupported operand (\d+)")
+_BUILD_RE = re.compile(r"Can only build .*but got <class '([\w.]+)'>")
 
 
 def _refuse(path: Path, err: Exception) -> UnsafeCheckpointError:
     # torch's own text advises retrying with the restriction switched off: never pass that on. Only the
     # global's name or the opcode is taken from it.
     text = str(err)
-    glob, opcode = _GLOBAL_RE.search(text), _OPCODE_RE.search(text)
+    glob, opcode, build = _GLOBAL_RE.search(text), _OPCODE_RE.search(text), _BUILD_RE.search(text)
     if glob:
         what = f"it needs the global {glob.group(1)!r}, which a weights-only load does not allow"
+    elif build:  # e.g. a numpy object array, whose items could be anything
+        what = f"it needs to build a {build.group(1)}, which a weights-only load does not allow"
     elif opcode and (proto := _pickle_protocol(path)) is not None and proto > 2:
         what = (
             f"it was written with pickle protocol {proto} (torch.save(..., pickle_protocol={proto})), which the "
