@@ -123,3 +123,25 @@ def test_files_that_share_a_name_are_listed_by_their_file_names_and_the_bare_nam
     for name in ("style/ink.pt", "style/ink.safetensors"):  # each listed name selects its file
         assert resolve_lora(ExternalName(name), loras).resolve() == (loras / name).resolve()
     assert resolve_lora(ExternalName("one"), loras).resolve() == (loras / "one.safetensors").resolve()
+
+
+def test_a_lora_name_at_several_depths_is_refused_not_picked(tmp_path):
+    # a/x and b/x both answer to the bare name "x": picking the first silently would apply the wrong LoRA.
+    import pytest
+
+    from sdengine.io.paths import ExternalName
+    from sdengine.weights.lora_file import LoRAFileError, resolve_lora
+
+    loras = tmp_path / "loras"
+    for name in ("a/x.safetensors", "b/x.safetensors", "c/deep/y.safetensors"):
+        _touch(loras / name)
+    for name in ("x", "x.safetensors", "X"):
+        with pytest.raises(
+            LoRAFileError,
+            match=r"LoRA '(x|X)(\.safetensors)?' is ambiguous: .* holds a/x\.safetensors, b/x\.safetensors",
+        ):
+            resolve_lora(ExternalName(name), loras)
+    assert sorted(e.name for e in folder_entries("loras", loras)) == ["a/x", "b/x", "c/deep/y"]  # the names to use
+    for name in ("a/x", "b/x", "b/x.safetensors"):
+        assert resolve_lora(ExternalName(name), loras).resolve() == (loras / name).with_suffix(".safetensors").resolve()
+    assert resolve_lora(ExternalName("y"), loras).resolve() == (loras / "c/deep/y.safetensors").resolve()  # one: fine

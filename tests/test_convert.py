@@ -487,3 +487,32 @@ def test_cli_convert_keeps_what_a_model_folder_holds_besides_the_model(made, tmp
     (dst / "README.md").unlink()
     shutil.rmtree(dst / "samples")
     assert main(["convert", str(single), str(dst)]) == 0
+
+
+def test_single_file_carries_the_v_pred_and_ztsnr_markers(made, tmp_path):
+    # ComfyUI writes an empty `v_pred` tensor into every v-prediction model it saves (SD 1.x/2.x too) and
+    # `ztsnr` beside it for zero terminal SNR; other tools read the prediction type from them.
+    from safetensors import safe_open
+
+    kind, _, tmp, single = made
+
+    def keys(path):
+        with safe_open(str(path), "pt") as f:
+            return set(f.keys())
+
+    assert ("v_pred" in keys(single)) == (kind == "sd2") and "ztsnr" not in keys(single)
+    folder = tmp_path / "zsnr"
+    shutil.copytree(tmp / "folder", folder)
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    sched = json.loads(sched_file.read_text())
+    sched.update(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    sched_file.write_text(json.dumps(sched))
+    out = convert(folder, tmp_path / "zsnr.safetensors")
+    assert {"v_pred", "ztsnr"} <= keys(out)
+    # without sdengine's metadata the markers alone say what the model is
+    from safetensors.torch import load_file, save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(out)), str(bare))
+    ck = load_checkpoint(bare)
+    assert ck.prediction_type == "v_prediction" and ck.configs["scheduler"].get("rescale_betas_zero_snr") is True

@@ -431,6 +431,8 @@ def config_free_sd1_file(tmp_path_factory):
         "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",  # "need cross_attention_dim"
         "model.diffusion_model.input_blocks.1.1.norm.weight",  # read as "no attention": 51 "unexpected UNet keys"
         "model.diffusion_model.middle_block.1.norm.weight",
+        "model.diffusion_model.input_blocks.3.0.op.weight",  # "8 input blocks with 1 downsamplers do not make ..."
+        "model.diffusion_model.input_blocks.6.0.op.bias",
         "first_stage_model.post_quant_conv.weight",  # KeyError
         "first_stage_model.encoder.conv_in.weight",  # KeyError
         "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight",  # KeyError
@@ -451,6 +453,28 @@ def test_a_file_missing_a_tensor_names_it(config_free_sd1_file, tmp_path, key):
     msg = str(e.value)
     assert "\n" not in msg and "unexpected" not in msg
     assert key.split(".")[-2] in msg  # names the tensor (in the file's or the model's names)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "named"),
+    [
+        ("input_blocks.3.0.op.", "input_blocks.3.0.op.weight/.bias"),  # a whole downsampler
+        ("input_blocks.2.", "input_blocks.2.* (a residual block)"),
+        ("input_blocks.8.", "input_blocks.8.* (a residual block)"),  # the last one: nothing after it to count
+    ],
+)
+def test_a_file_missing_a_whole_input_block_names_it(config_free_sd1_file, tmp_path, prefix, named):
+    # was "cannot read the UNet layout: 8 input blocks with 1 downsamplers ... (a missing or extra ...?)"
+    from sdengine.weights import WeightsError, load_file, save_safetensors
+
+    sd, _ = load_file(config_free_sd1_file)
+    prefix = "model.diffusion_model." + prefix
+    assert any(k.startswith(prefix) for k in sd)
+    path = tmp_path / "damaged.safetensors"
+    save_safetensors({k: v for k, v in sd.items() if not k.startswith(prefix)}, path)
+    with pytest.raises(WeightsError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == f"missing model.diffusion_model.{named}: the U-Net is incomplete (a damaged file?)"
 
 
 def _lfs(path, sd):

@@ -168,3 +168,55 @@ def test_refusal_names_the_global(tmp_path):
 
 def test_weights_errors_are_sdengine_errors():
     assert issubclass(io.CorruptFileError, SdengineError) and issubclass(io.UnsafeCheckpointError, io.WeightsError)
+
+
+def test_numpy_scalars_dtypes_and_arrays_in_a_ckpt_load(tmp_path):
+    # Training scripts store global_step / metrics as numpy values next to the weights (A1111's safe unpickler
+    # accepts numpy scalars, dtypes and arrays); they rebuild values only, so they load.
+    import numpy as np
+
+    p = tmp_path / "np.ckpt"
+    sd = {"w": torch.arange(4.0)}
+    extra = {"global_step": np.int64(875000), "loss": np.float64(0.5), "dt": np.dtype("float16"), "hist": np.arange(3)}
+    torch.save({"state_dict": sd, **extra}, p)
+    tensors, info = io.load_file(p)
+    assert torch.equal(tensors["w"], sd["w"])
+    assert info["global_step"] == 875000 and type(info["global_step"]) is int and info["loss"] == 0.5
+    # numpy 1.x wrote the same globals as numpy.core.multiarray.* (a legacy-format file keeps them as plain text)
+    old = tmp_path / "np1.ckpt"
+    torch.save({"state_dict": sd, **extra}, old, _use_new_zipfile_serialization=False)
+    raw = old.read_bytes()
+    assert raw.count(b"numpy._core.multiarray") >= 2
+    old.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    assert io.load_file(old)[1]["global_step"] == 875000
+
+
+def test_numpy_in_the_allow_list_does_not_open_code_execution(tmp_path, capsys):
+    import numpy as np
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    class EvilArray:  # an object array smuggling a call
+        def __reduce__(self):
+            return (np.array, ([Evil()],))
+
+    for i, obj in enumerate((Evil(), EvilArray(), np.array([1, "x"], dtype=object), np.float64(2.0))):
+        p = tmp_path / f"evil{i}.pt"
+        torch.save({"w": torch.zeros(1), "scalar": np.float64(1.0), "x": obj}, p)
+        if i == 3:  # the control: the same file with a harmless numpy value loads
+            assert io.load_file(p)[1]["x"] == 2.0
+            continue
+        with pytest.raises(io.UnsafeCheckpointError, match=("'print'", "'numpy.*array'", "ObjectDType")[i]):
+            io.load_file(p)
+    assert "must never run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("zip_format", [False, True], ids=["legacy", "zip"])
+def test_a_protocol_4_checkpoint_is_named_as_such(tmp_path, zip_format):
+    p = tmp_path / "p4.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, p, pickle_protocol=4, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(io.UnsafeCheckpointError, match=r"pickle protocol 4 .*re-save it") as e:
+        io.load_file(p)
+    assert "opcode" not in str(e.value) and "\n" not in str(e.value)

@@ -126,19 +126,50 @@ def _context_key(unet: Mapping[str, torch.Tensor], first_attn: str) -> torch.Ten
     return _need(unet, f"{first_attn}.transformer_blocks.0.attn2.to_k.weight")
 
 
+def _layout_fault(inputs: set[int], downs: list[int]) -> str:
+    """What is wrong with input blocks that make no layout: the missing block named when exactly one layout
+    (levels of equal depth, a downsampler between levels) fits what is there, else what was counted."""
+    top = max(inputs, default=0)
+    fits = []
+    for n in (top, top + 1):  # the last block may be the one that is gone
+        for levels in range(1, n + 2):
+            lpb, rem = divmod(n - (levels - 1), levels)
+            if rem or lpb < 1:
+                continue
+            want_downs = {(lv + 1) * (lpb + 1) for lv in range(levels - 1)}
+            gone = [i for i in range(1, n + 1) if i not in inputs]
+            if set(downs) <= want_downs and gone and all(i in gone for i in want_downs - set(downs)):
+                fits.append((gone, want_downs))
+    if len(fits) == 1:
+        gone, want_downs = fits[0]
+        names = [
+            f"model.diffusion_model.input_blocks.{i}.0.op.weight/.bias"
+            if i in want_downs
+            else f"model.diffusion_model.input_blocks.{i}.* (a residual block)"
+            for i in gone
+        ]
+        return f"missing {', '.join(names)}: the U-Net is incomplete (a damaged file?)"
+    n_in = len(inputs - {0})
+    return (
+        f"cannot read the UNet layout: {n_in} input blocks with {len(downs)} downsamplers do not make equal "
+        "levels (a missing or extra input_blocks.N tensor?)"
+    )
+
+
 def unet_layout_from_ldm(unet: Mapping[str, torch.Tensor]) -> UNetLayout:
     """Read the block layout from LDM UNet keys (without `model.diffusion_model.`)."""
     keys = list(unet)
     inputs = _ints(r"^input_blocks\.(\d+)\.", keys)
-    downs = sorted(_ints(r"^input_blocks\.(\d+)\.0\.op\.weight$", keys))
+    # A downsampler is placed by either of its tensors, so that a missing one is named, not read as no downsampler.
+    downs = sorted(_ints(r"^input_blocks\.(\d+)\.0\.op\.", keys))
     num_levels = len(downs) + 1
-    n_in = len(inputs) - 1  # minus conv_in
+    n_in = max(inputs, default=0)  # blocks 1..n_in after conv_in (block 0)
     lpb, rem = divmod(n_in - len(downs), num_levels)
-    if rem or lpb < 1:
-        raise WeightsError(
-            f"cannot read the UNet layout: {n_in} input blocks with {len(downs)} downsamplers do not make equal "
-            "levels (a missing or extra input_blocks.N tensor?)"
-        )
+    if rem or lpb < 1 or any(i not in inputs for i in range(1, n_in + 1)):
+        raise WeightsError(_layout_fault(inputs, downs))
+    for d in downs:
+        _need(unet, f"input_blocks.{d}.0.op.weight")
+        _need(unet, f"input_blocks.{d}.0.op.bias")
     down_attn = tuple(_has_attention(unet, f"input_blocks.{1 + lv * (lpb + 1)}") for lv in range(num_levels))
     up_attn = tuple(_has_attention(unet, f"output_blocks.{lv * (lpb + 1)}") for lv in range(num_levels))
     mid_attn = _has_attention(unet, "middle_block")

@@ -351,17 +351,46 @@ _LIGHTNING_STANDINS = [
     (type("ModelCheckpoint", (_InertObject,), {}), "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
 ]
 
+
+def _numpy_globals() -> list[Any]:
+    """The numpy globals a checkpoint may name: numpy scalars (a `global_step` saved as numpy.int64), dtypes and
+    plain arrays, as A1111's safe unpickler allows. They only rebuild values from bytes and never call anything
+    the file chooses. Object/void dtypes (which would hold arbitrary Python objects) stay refused. Both module
+    spellings are accepted: numpy 2 pickles `numpy._core.multiarray`, numpy 1 `numpy.core.multiarray`."""
+    try:
+        import numpy as np
+        from numpy._core import multiarray
+    except ImportError:  # numpy is a dependency; without it such a file is refused as before
+        return []
+    out: list[Any] = [np.ndarray, np.dtype]
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        out += [(multiarray.scalar, f"{module}.scalar"), (multiarray._reconstruct, f"{module}._reconstruct")]
+    # A dtype is rebuilt as numpy.dtype(...) then given its state: the unpickler lets only these classes take it.
+    kinds = "?bhilqBHILQefdgFDGSUMm"  # bool, ints, uints, floats, complex, bytes, str, datetime, timedelta
+    out += sorted({type(np.dtype(k)) for k in kinds}, key=lambda t: t.__name__)
+    return out
+
+
 _GLOBAL_RE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 _OPCODE_RE = re.compile(r"Unsupported operand (\d+)")
+_BUILD_RE = re.compile(r"Can only build .*but got <class '([\w.]+)'>")
 
 
 def _refuse(path: Path, err: Exception) -> UnsafeCheckpointError:
     # torch's own text advises retrying with the restriction switched off: never pass that on. Only the
     # global's name or the opcode is taken from it.
     text = str(err)
-    glob, opcode = _GLOBAL_RE.search(text), _OPCODE_RE.search(text)
+    glob, opcode, build = _GLOBAL_RE.search(text), _OPCODE_RE.search(text), _BUILD_RE.search(text)
     if glob:
         what = f"it needs the global {glob.group(1)!r}, which a weights-only load does not allow"
+    elif build:  # e.g. a numpy object array, whose items could be anything
+        what = f"it needs to build a {build.group(1)}, which a weights-only load does not allow"
+    elif opcode and (proto := _pickle_protocol(path)) is not None and proto > 2:
+        what = (
+            f"it was written with pickle protocol {proto} (torch.save(..., pickle_protocol={proto})), which the "
+            "weights-only reader cannot check (it reads protocol 2, torch.save's default); re-save it with the "
+            "default protocol"
+        )
     elif opcode:
         what = f"pickle opcode {int(opcode.group(1))} is not allowed in a weights-only load (not a plain tensor file)"
     else:
@@ -370,6 +399,25 @@ def _refuse(path: Path, err: Exception) -> UnsafeCheckpointError:
         f"{path}: refusing to load this pickle checkpoint: {what}. A checkpoint that needs more than tensors "
         "could run code when loaded; convert it with a tool you trust to .safetensors."
     )
+
+
+def _pickle_protocol(path: Path) -> int | None:
+    """The protocol of a checkpoint's pickle (its PROTO opcode: b"\\x80" and the number), for the zip format
+    its data.pkl; None when it does not start with one."""
+    try:
+        if _is_zip(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                if name is None:
+                    return None
+                with z.open(name) as f:
+                    head = f.read(2)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(2)
+    except (OSError, zipfile.BadZipFile, ValueError, struct.error, EOFError, RuntimeError):
+        return None
+    return head[1] if len(head) == 2 and head[0] == 0x80 else None
 
 
 def _first_line(err: BaseException) -> str:
@@ -389,7 +437,7 @@ def load_pickle_checkpoint(path: str | os.PathLike[str], *, allow: Sequence[Any]
         # A crafted zip64 record (e.g. "spans several disks") raises here; torch's own reader then says why.
         mmap_ok = False
     try:
-        allowed = [*_LIGHTNING_STANDINS, *allow]
+        allowed = [*_LIGHTNING_STANDINS, *_numpy_globals(), *allow]
         with torch.serialization.safe_globals(allowed), warnings.catch_warnings():  # type: ignore[arg-type]
             warnings.simplefilter("ignore", UserWarning)  # torch's note on pickle protocols: not for users
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap_ok)
@@ -454,7 +502,12 @@ def load_file(path: str | os.PathLike[str], dtype: str | torch.dtype | None = No
         return _load_safetensors(path, "cpu", parse_dtype(dtype))
     if suffix in PICKLE_SUFFIXES:
         obj = load_pickle_checkpoint(path)
-        info = {k: v for k, v in obj.items() if isinstance(v, int | float | str)}
+        # A numpy scalar (a training script's global_step as numpy.int64) counts as the Python number it holds.
+        plain = {
+            k: (v.item() if type(v).__module__ == "numpy" and hasattr(v, "item") and v.ndim == 0 else v)
+            for k, v in obj.items()
+        }
+        info = {k: v for k, v in plain.items() if isinstance(v, int | float | str)}
         return convert_dtype(unwrap_state_dict(obj, path), dtype), info
     raise WeightsError(f"{path}: unsupported weight file type {suffix!r} (use .safetensors, .ckpt, .pt, .bin)")
 

@@ -68,6 +68,7 @@ from .sdxl_files import (
     V_PRED_KEY,
     ZTSNR_KEY,
     is_sdxl_ldm,
+    prediction_markers,
     sdxl_components_to_ldm,
     sdxl_ldm_to_components,
 )
@@ -779,6 +780,9 @@ def components_to_ldm(ckpt: LoadedCheckpoint) -> StateDict:
     if bad:
         raise WeightsError(f"{ckpt.source}: text-encoder keys with no LDM name: {_name_some(bad)}")
     out.update({prefix + k: v for k, v in te.items()})
+    scheduler = dict(ckpt.configs.get("scheduler") or {})
+    scheduler["prediction_type"] = ckpt.prediction_type  # what the file says it is (its metadata too)
+    out.update(prediction_markers(scheduler))  # v_pred / ztsnr, as for SDXL
     return out
 
 

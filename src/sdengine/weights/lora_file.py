@@ -363,6 +363,12 @@ def resolve_lora(name: str | os.PathLike[str], lora_dir: str | os.PathLike[str] 
             return root / target.relative_to(real_root)
     stem = Path(text).name.lower()
     hits = sorted(q for q in _lora_files(root) if stem in (q.stem.lower(), q.name.lower()))  # with its suffix too
+    if len(hits) > 1:  # the same name at several depths: choosing one would be silent (as for shared names above)
+        names = ", ".join(q.relative_to(root).as_posix() for q in hits)
+        raise LoRAFileError(
+            f"LoRA {text!r} is ambiguous: {root} holds {names}; name the file by its path in the folder "
+            f"(e.g. {hits[0].relative_to(root).with_suffix('').as_posix()!r})"
+        )
     if hits:
         return hits[0]
     if shipped is not None:  # the user's folder first, then the shipped ones

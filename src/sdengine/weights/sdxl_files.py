@@ -213,11 +213,19 @@ def sdxl_components_to_ldm(state_dicts: Mapping[str, StateDict], configs: Mappin
     big["text_projection"] = proj.t().contiguous()
     prefix = REFINER_BIGG_PREFIX if refiner else BIGG_PREFIX
     out.update({prefix + k: v for k, v in big.items()})
-    sched = configs.get("scheduler") or {}
-    if sched.get("prediction_type") == "v_prediction":  # the markers other tools read (see V_PRED_KEY)
-        out[V_PRED_KEY] = torch.tensor([])
-        if sched.get("rescale_betas_zero_snr"):
-            out[ZTSNR_KEY] = torch.tensor([])
+    out.update(prediction_markers(configs.get("scheduler") or {}))
+    return out
+
+
+def prediction_markers(scheduler_config: Mapping[str, Any]) -> StateDict:
+    """The empty marker tensors a single file carries for other tools to read its prediction type (see
+    V_PRED_KEY): ``v_pred`` for a v-prediction model of any family, as ComfyUI writes them, and ``ztsnr`` beside
+    it for zero terminal SNR; nothing for an epsilon model."""
+    if scheduler_config.get("prediction_type") != "v_prediction":
+        return {}
+    out = {V_PRED_KEY: torch.tensor([])}
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        out[ZTSNR_KEY] = torch.tensor([])
     return out
 
 
@@ -230,6 +238,7 @@ __all__ = [
     "V_PRED_KEY",
     "ZTSNR_KEY",
     "is_sdxl_ldm",
+    "prediction_markers",
     "sdxl_components_to_ldm",
     "sdxl_ldm_to_components",
     "sdxl_unet_config_from_ldm",
