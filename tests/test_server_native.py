@@ -768,3 +768,38 @@ def test_previews_are_decoded_only_when_someone_looks(tmp_path) -> None:
         # later ones those the worker decoded as the watched job ran (steps 6, 8)
         assert '"step": 4' in events[0] and '"preview": "data:image/png;base64,' in events[0]
         assert tiny.decodes - before >= 3
+
+
+def test_over_limit_answers_name_this_servers_limits_before_any_model_is_loaded(tmp_path):
+    """The request model's fixed bounds answered first, so a width of 99999 was told "8192" on a server that takes
+    2048 (and steps 5000 "1000" where 150 apply, batch_size 100 "64" where 8 apply); and a width over the model's
+    own limit (emoji: 512) was queued (202) and failed when it ran whenever no worker held the model yet (the
+    first request after start). Now each is a 400 up front that names the number that applies, native and OpenAI
+    (plain and streamed) alike, and nothing is queued."""
+    import openai
+    from fastapi.testclient import TestClient
+
+    from sdengine.server.app import create_app
+
+    app = create_app(server_config(tmp_path, max_steps=150, max_side=2048, max_batch=8), loader=shared_loader)
+    client = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: no worker runs, no model is loaded
+    for body, message in (
+        ({"width": 99999}, "width must be in [8, 2048], got 99999"),
+        ({"height": 8000}, "height must be in [8, 2048], got 8000"),
+        ({"steps": 5000}, "steps must be in [1, 150], got 5000"),
+        ({"batch_size": 100}, "batch_size must be in [1, 8], got 100"),
+        ({"hires": {"hr_second_pass_steps": 5000}}, "hr_second_pass_steps must be in [0, 150], got 5000"),
+        ({"hires": {"hr_resize_x": 9000}}, "hr_resize_x must be in [0, 2048], got 9000"),
+        ({"width": 1024}, "width 1024 is over emoji's limit: each side may be at most 512 px"),
+    ):
+        r = client.post("/v1/jobs", json={**BASE, **body})
+        assert r.status_code == 400 and r.json()["detail"].startswith(message), (body, r.text)
+    assert app.state.services.manager.queued_count() == 0
+    oa = openai.OpenAI(base_url="http://127.0.0.1/v1", api_key="x", http_client=client, max_retries=0)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="width 1024 is over emoji's limit") as e:
+            oa.images.generate(prompt="x", size="1024x1024", stream=stream, extra_body={"steps": 2})
+        assert e.value.status_code == 400
+    with pytest.raises(openai.BadRequestError, match=r"width must be in \[8, 2048\], got 9000"):
+        oa.images.generate(prompt="x", size="9000x64", extra_body={"steps": 2})
+    assert app.state.services.manager.queued_count() == 0

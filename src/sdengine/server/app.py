@@ -255,8 +255,8 @@ _NATIVE_ERRORS = {  # the native routes' answers besides 200 and 422, as they re
 
 def _install_openapi(app: FastAPI, config: ServerConfig) -> None:
     """``/openapi.json`` (and ``/docs``) as the server behaves: the job fields' limits are this server's
-    (``--max-steps``...: the schema's own bounds are only the widest any server takes), the event stream, preview
-    and images are documented with their media types, the upload's body is the multipart file or raw image it
+    (``--max-steps``...: the request models leave them out, the request builder checks them), the event stream,
+    preview and images are documented with their media types, the upload's body is the multipart file or raw image it
     reads, the native routes' error answers are listed, and with ``--api-key`` the bearer key is declared so that
     the docs page's "Authorize" sends it."""
     from fastapi.openapi.utils import get_openapi
@@ -268,19 +268,15 @@ def _install_openapi(app: FastAPI, config: ServerConfig) -> None:
         schemas = spec.get("components", {}).get("schemas", {})
         limits = {"steps": config.max_steps, "batch_size": config.max_batch, "width": config.max_side}
         limits["height"] = config.max_side
-        for name, maximum in limits.items():
-            prop = schemas.get("JobRequest", {}).get("properties", {}).get(name, {})
-            for option in [prop, *prop.get("anyOf", [])]:
-                if "maximum" in option:
-                    option["maximum"] = maximum
         for schema, name, maximum in (
+            *(("JobRequest", name, maximum) for name, maximum in limits.items()),
             ("HiresSpec", "hr_second_pass_steps", config.max_steps),
             ("HiresSpec", "hr_resize_x", config.max_side),
             ("HiresSpec", "hr_resize_y", config.max_side),
         ):
             prop = schemas.get(schema, {}).get("properties", {}).get(name, {})
             for option in [prop, *prop.get("anyOf", [])]:
-                if "maximum" in option:
+                if option.get("type") == "integer":  # the schema has no upper bound: the server checks its own
                     option["maximum"] = maximum
         schemas["Error"] = _ERROR_SCHEMA
         from sdengine.server import openai_images
@@ -524,12 +520,19 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             )
 
     def check_not_too_large(generation: Generation) -> None:
-        """A width or height over the model's limit (8x its training size) is a 400 now, when a worker holds the
-        model (its exact limit), instead of a queued job (or a started stream) that fails when it runs."""
+        """A width or height over the model's limit (8x its training size) is a 400 now, instead of a queued job
+        (or a started stream) that fails when it runs: the limit is the loaded pipeline's when a worker holds the
+        model, else read from a diffusers folder's configs (also before the model's first load); a single file's
+        is only known once loaded."""
+        from sdengine.server.page_api import max_side_before_load
+
         loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
-        if loaded is None or not callable(getattr(loaded, "max_side", None)):
+        if loaded is not None and callable(getattr(loaded, "max_side", None)):
+            limit: int | None = int(loaded.max_side())
+        else:
+            limit = max_side_before_load(generation.model)
+        if limit is None:
             return
-        limit = int(loaded.max_side())
         for what in ("width", "height"):
             value = generation.kwargs.get(what)
             if value is not None and value > limit:
