@@ -791,6 +791,9 @@ def test_over_limit_answers_name_this_servers_limits_before_any_model_is_loaded(
         ({"hires": {"hr_second_pass_steps": 5000}}, "hr_second_pass_steps must be in [0, 150], got 5000"),
         ({"hires": {"hr_resize_x": 9000}}, "hr_resize_x must be in [0, 2048], got 9000"),
         ({"width": 1024}, "width 1024 is over emoji's limit: each side may be at most 512 px"),
+        # the hires fix's second pass (was queued and failed when it ran): by its scale or its target size
+        ({"hires": {"hr_scale": 16}}, "the hires fix's width 1024 (from 64x64) is over emoji's limit"),
+        ({"hires": {"hr_resize_y": 1000}}, "the hires fix's width 1000 (from 64x64) is over emoji's limit"),
     ):
         r = client.post("/v1/jobs", json={**BASE, **body})
         assert r.status_code == 400 and r.json()["detail"].startswith(message), (body, r.text)

@@ -163,6 +163,13 @@ def _scaled_size(r: GenerationRequest, width: int, height: int) -> tuple[int, in
     return ry * width // height, ry, rx, ry
 
 
+def hires_size(r: GenerationRequest, width: int, height: int, multiple: int) -> tuple[int, int]:
+    """The size the hires fix's second pass makes from a ``width`` x ``height`` first pass (A1111's target
+    resolution, rounded down to the model's size ``multiple``), as :func:`plan_hires` plans it; no model needed."""
+    sw, sh, _, _ = _scaled_size(r, width, height)
+    return sw // multiple * multiple, sh // multiple * multiple
+
+
 def plan_hires(pipe: Any, r: GenerationRequest, width: int, height: int, sampler: str, schedule: str) -> HiresPlan:
     """The hires plan of a request on ``pipe`` (its size multiple and step limit), or a one-line
     GenerationError."""

@@ -524,7 +524,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         (or a started stream) that fails when it runs: the limit is the loaded pipeline's when a worker holds the
         model, else read from a diffusers folder's configs (also before the model's first load); a single file's
         is only known once loaded."""
-        from sdengine.server.page_api import max_side_before_load
+        from sdengine.server.page_api import max_side_before_load, model_size
 
         loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
         if loaded is not None and callable(getattr(loaded, "max_side", None)):
@@ -533,13 +533,27 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             limit = max_side_before_load(generation.model)
         if limit is None:
             return
+        kw = generation.kwargs
         for what in ("width", "height"):
-            value = generation.kwargs.get(what)
+            value = kw.get(what)
             if value is not None and value > limit:
                 raise BadRequest(
                     f"{what} {value} is over {generation.model_name}'s limit: each side may be at most {limit} px "
                     "(larger sizes take very long and only repeat the subject)"
                 )
+        if kw.get("enable_hr"):  # the hires fix's second pass makes its own size
+            from sdengine.pipeline import GenerationRequest
+            from sdengine.pipeline.hires import hires_size
+
+            size = model_size(generation.model, loaded)
+            width, height = kw.get("width") or size["width"], kw.get("height") or size["height"]
+            sizes = hires_size(GenerationRequest(**kw), width, height, size["multiple"])
+            for what, value in zip(("width", "height"), sizes, strict=True):
+                if value > limit:
+                    raise BadRequest(
+                        f"the hires fix's {what} {value} (from {width}x{height}) is over {generation.model_name}'s "
+                        f"limit: each side may be at most {limit} px; lower hr_scale or hr_resize_x/hr_resize_y"
+                    )
 
     def precheck(generation: Generation) -> None:
         check_size_multiple(generation)
