@@ -2044,3 +2044,16 @@ def test_the_servers_limits_are_the_inputs_max_and_refused_by_prompt(client):
         assert error["type"] == "value_bigger_than_max" and error["details"] == name, error
         assert error["message"] == f"Value {value} bigger than max of {limit}", error
     assert client.get("/queue").json() == before
+
+
+def test_an_infinite_or_nan_input_is_a_400_naming_the_input(client):
+    """JSON's 1e400 is read as infinity (NaN is accepted too): the node error echoed it as received_value, which
+    JSON cannot hold, so /prompt answered 500 with no body. Now ComfyUI's 400 naming the node and the input."""
+    for node, name, literal in (("5", "width", "1e400"), ("3", "cfg", "NaN"), ("3", "steps", "-1e400")):
+        g = txt2img_graph()
+        g[node]["inputs"][name] = "@@"
+        body = json.dumps({"prompt": g}).replace('"@@"', literal)
+        r = client.post("/prompt", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (name, r.status_code, r.text)
+        (error,) = r.json()["node_errors"][node]["errors"]
+        assert error["extra_info"]["input_name"] == name and isinstance(error["extra_info"]["received_value"], str)

@@ -806,3 +806,24 @@ def test_over_limit_answers_name_this_servers_limits_before_any_model_is_loaded(
     with pytest.raises(openai.BadRequestError, match=r"width must be in \[8, 2048\], got 9000"):
         oa.images.generate(prompt="x", size="9000x64", extra_body={"steps": 2})
     assert app.state.services.manager.queued_count() == 0
+
+
+def test_an_infinite_or_nan_number_is_a_4xx_on_every_route(tmp_path):
+    """JSON's 1e400 is read as infinity and NaN is accepted by Python's reader; the refusal echoed the value,
+    which JSON cannot hold, so every such request was a 500 (native, A1111, OpenAI). Now a 4xx naming the field."""
+    from fastapi.testclient import TestClient
+
+    from sdengine.server.app import create_app
+
+    client = TestClient(create_app(server_config(tmp_path), loader=shared_loader), base_url="http://127.0.0.1")
+    for path, body, field in (
+        ("/v1/jobs", '{"prompt": "x", "steps": 1e400}', "steps"),
+        ("/v1/jobs", '{"prompt": "x", "cfg_scale": NaN}', "cfg_scale"),
+        ("/v1/jobs", '{"prompt": "x", "width": -1e400}', "width"),
+        ("/sdapi/v1/txt2img", '{"prompt": "x", "steps": 1e400}', "steps"),
+        ("/v1/images/generations", '{"prompt": "x", "n": 1e400}', "n"),
+    ):
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code in (400, 422), (path, body, r.status_code, r.text)
+        message = r.json()["error"]["message"]
+        assert message.startswith(f"{field}: ") and "\n" not in message, (path, message)

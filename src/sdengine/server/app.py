@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
@@ -361,7 +362,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _text_safe(value: Any) -> Any:
-    """``value`` with every string made encodable (a lone surrogate from a JSON ``\\ud800`` escape as ``\\ud800``)."""
+    """``value`` with every string made encodable (a lone surrogate from a JSON ``\\ud800`` escape as ``\\ud800``)
+    and every float too: JSON has no infinity or NaN (``1e400`` in a body is read as inf), so such a value is
+    given as its text ("inf"), where it made the refusal a 500."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, dict):

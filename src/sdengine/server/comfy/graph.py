@@ -99,7 +99,10 @@ def _err(kind: str, message: str, details: str = "", **extra: Any) -> dict[str, 
 
 
 def _received(value: Any) -> Any:
-    """``received_value`` of an error: the value as sent (ComfyUI's), its short text when it is long or a list."""
+    """``received_value`` of an error: the value as sent (ComfyUI's), its short text when it is long or a list, or
+    when it is a float JSON cannot hold (``1e400`` is read as inf: answering it as a number made the refusal a 500)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     if value is None or isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= 200):
         return value
     return repr(value)[:200]
