@@ -284,6 +284,9 @@ def test_the_tiny_vae_encoder_choice_in_img2img(page, client, browser, server, t
 
 
 def test_errors_are_shown_next_to_their_field_and_the_input_is_kept(page):
+    # the inputs' maximum is the server's limit (the page said 1000 steps and 64 images whatever the server took)
+    maxima = [page.get_attribute(f"#{i}", "max") for i in ("steps", "hr-steps", "width", "height", "batch_size")]
+    assert maxima == ["150", "150", "2048", "2048", "8"]
     page.fill("#prompt", "a green apple")
     page.fill("#width", "60")
     page.press("#width", "Tab")

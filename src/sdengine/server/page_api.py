@@ -210,9 +210,14 @@ def install(app: FastAPI, services: Services) -> None:
 
     @app.get("/v1/sizes", tags=["page"])
     def sizes() -> dict[str, Any]:
-        """Per model: ``{width, height, multiple}`` (default size; width and height must be multiples)."""
+        """Per model: ``{width, height, multiple}`` (default size; width and height must be multiples); and this
+        server's ``limits`` (``--max-steps``, ``--max-side``, ``--max-batch-size``), which the page's inputs take as
+        their maximum."""
         loaded = {w.model: w.pipe for w in manager.workers if w.model is not None and w.pipe is not None}
-        return {"models": {e.name: model_size(e.ref, loaded.get(e.ref)) for e in catalog.models()}}
+        return {
+            "models": {e.name: model_size(e.ref, loaded.get(e.ref)) for e in catalog.models()},
+            "limits": {"steps": config.max_steps, "side": config.max_side, "batch_size": config.max_batch},
+        }
 
     @app.post(
         "/v1/controlnets/preprocess",

@@ -381,6 +381,12 @@ async function loadPickers() {
     getJSON("/v1/sizes"),
   ]);
   state.sizes = sizes.models;
+  // The server's limits are the inputs' maximum (the page's own were the widest any server takes: 1000 steps).
+  const limits = sizes.limits || {};
+  for (const [id, key] of [["steps", "steps"], ["hr-steps", "steps"], ["width", "side"], ["height", "side"],
+    ["batch_size", "batch_size"]]) {
+    if (Number.isInteger(limits[key])) $(id).max = limits[key];
+  }
   const model = $("model");
   model.replaceChildren();
   for (const m of models.data) option(model, m.id);
