@@ -797,6 +797,16 @@ def test_over_limit_answers_name_this_servers_limits_before_any_model_is_loaded(
     ):
         r = client.post("/v1/jobs", json={**BASE, **body})
         assert r.status_code == 400 and r.json()["detail"].startswith(message), (body, r.text)
+    # the list bounds are the builder's: 33 LoRAs were told "at most 32" (and 17 "at most 16"), 9 units "at most 8"
+    lora, unit = {"name": "emoji-fruit"}, {"model": "emoji-controlnet-canny", "image": "x"}
+    tags = " <lora:emoji-fruit:0.1>" * 7  # a prompt's tags count with the list
+    for body, message in (
+        ({"loras": [lora] * 33}, "loras: List should have at most 16 items"),
+        ({"loras": [lora] * 10, "prompt": "x" + tags}, "at most 16 LoRAs per request, got 17"),
+        ({"controlnets": [unit] * 9}, "controlnets: List should have at most 4 items"),
+    ):
+        r = client.post("/v1/jobs", json={**BASE, **body})
+        assert r.status_code in (400, 422) and r.json()["error"]["message"].startswith(message), (body, r.text)
     assert app.state.services.manager.queued_count() == 0
     oa = openai.OpenAI(base_url="http://127.0.0.1/v1", api_key="x", http_client=client, max_retries=0)
     for stream in (False, True):
