@@ -232,8 +232,10 @@ def test_vae_encode_tiny_is_the_python_apis_image(client):
 
 
 def test_a_late_failure_fails_alone(client):
-    bad = run(client, {**BASE, "hires": {"hr_scale": 0.05}})  # below the size step: found by the pipeline
-    assert bad["state"] == "failed" and "below the model's size step" in bad["error"], bad
+    # A1111's strength rule's hires schedule (steps / strength) over the model's 1000: found by the pipeline
+    late = {"strength": 0.1, "strength_rule": "a1111", "hires": {"hr_second_pass_steps": 150}}
+    bad = run(client, {**BASE, **late})
+    assert bad["state"] == "failed" and "needs a schedule of 1500 steps" in bad["error"], bad
     good = run(client, {**BASE, "seed": 5})
     assert good["state"] == "done"
 
@@ -794,6 +796,7 @@ def test_over_limit_answers_name_this_servers_limits_before_any_model_is_loaded(
         # the hires fix's second pass (was queued and failed when it ran): by its scale or its target size
         ({"hires": {"hr_scale": 16}}, "the hires fix's width 1024 (from 64x64) is over emoji's limit"),
         ({"hires": {"hr_resize_y": 1000}}, "the hires fix's width 1000 (from 64x64) is over emoji's limit"),
+        ({"hires": {"hr_scale": 0.05}}, "the hires size 0x0 (from 64x64) is below the model's size step 8"),
     ):
         r = client.post("/v1/jobs", json={**BASE, **body})
         assert r.status_code == 400 and r.json()["detail"].startswith(message), (body, r.text)

@@ -550,7 +550,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             from sdengine.pipeline import GenerationRequest
             from sdengine.pipeline.hires import hires_size
 
-            size = model_size(generation.model, loaded)
+            size = model_size(generation.model, loaded)  # known, as the limit is
             width, height = kw.get("width") or size["width"], kw.get("height") or size["height"]
             sizes = hires_size(GenerationRequest(**kw), width, height, size["multiple"])
             for what, value in zip(("width", "height"), sizes, strict=True):
@@ -560,9 +560,34 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                         f"limit: each side may be at most {limit} px; lower hr_scale or hr_resize_x/hr_resize_y"
                     )
 
+    def check_hires_not_too_small(generation: Generation) -> None:
+        """A hires fix whose size is below the model's size step (hr_scale 0.05 of 64 px) is a 400 now, instead of
+        a queued job that fails when it runs; where the model's default size is not known yet (a single file not
+        loaded), only with the width and height given."""
+        from sdengine.errors import SdengineError
+        from sdengine.pipeline import GenerationRequest
+        from sdengine.pipeline.hires import check_hires_size
+        from sdengine.server.page_api import folder_size, model_size
+
+        kw = generation.kwargs
+        if not kw.get("enable_hr"):
+            return
+        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        size = model_size(generation.model, loaded)
+        known = loaded is not None or folder_size(generation.model) is not None
+        width, height = kw.get("width"), kw.get("height")
+        if not known and (width is None or height is None):
+            return
+        try:
+            w, h = width or size["width"], height or size["height"]
+            check_hires_size(GenerationRequest(**kw), w, h, size["multiple"])
+        except SdengineError as e:
+            raise BadRequest(str(e)) from None
+
     def precheck(generation: Generation) -> None:
         check_size_multiple(generation)
         check_not_too_large(generation)
+        check_hires_not_too_small(generation)
         check_tiny_vae(generation)
 
     services.precheck = precheck
