@@ -1117,3 +1117,21 @@ def test_overrides_stay_set_without_restore_afterwards_as_a1111(api):
         assert "Tiny VAE: vae_tiny" in r.info["infotexts"][0] and "ENSD: 7," in r.info["infotexts"][0]
     finally:
         api.set_options({"sd_vae_decode_method": "Full", "eta_noise_seed_delta": 0})
+
+
+def test_a_size_over_the_models_limit_is_refused_before_any_job(tmp_path):
+    """A width over the model's limit (emoji: 512), or a hires fix whose second pass is, was queued as a job, made
+    the worker load the model, and failed; the answer was a 400 only after that. Now it is refused up front with
+    the native route's message, and no job is made."""
+    with live_server(server_config(tmp_path)) as s:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=s.port)
+        for kw, message in (
+            ({"width": 1024}, "width 1024 is over emoji's limit: each side may be at most 512 px"),
+            ({"enable_hr": True, "hr_scale": 16}, "the hires fix's width 1024 (from 64x64) is over emoji's limit"),
+        ):
+            with pytest.raises(RuntimeError) as e:
+                api.txt2img(prompt="x", steps=2, **{"width": 64, "height": 64, **kw})
+            status, body = e.value.args
+            assert status == 400 and message in body, body
+        assert httpx.get(f"{s.url}/v1/jobs").json()["jobs"] == []
+        assert all(w.pipe is None for w in s.services.manager.workers)  # no model was loaded for them

@@ -1841,8 +1841,8 @@ def test_validation_errors_give_the_inputs_config_as_comfyui(client):
     g["3"]["inputs"]["steps"] = 100000
     (error,) = client.post("/prompt", json={"prompt": g}).json()["node_errors"]["3"]["errors"]
     assert (
-        error["message"] == "Value 100000 bigger than max of 10000" and error["extra_info"]["received_value"] == 100000
-    )
+        error["message"] == "Value 100000 bigger than max of 150" and error["extra_info"]["received_value"] == 100000
+    )  # the server's --max-steps (ComfyUI's own max, 10000, is higher)
     g = txt2img_graph()
     g["3"]["inputs"]["sampler_name"] = "nope"
     (error,) = client.post("/prompt", json={"prompt": g}).json()["node_errors"]["3"]["errors"]
@@ -2208,3 +2208,45 @@ def test_vae_decode_tiled_decodes_in_tiles_close_to_vae_decode(client):
     assert not np.array_equal(small, whole) and np.abs(small - whole).mean() < 16, np.abs(small - whole).mean()
     tiled["inputs"].update(overlap=16)  # as ComfyUI, an overlap over a quarter of the tile was cut to a quarter
     assert np.array_equal(decoded(tiled), small)
+
+
+def test_the_servers_limits_are_the_inputs_max_and_refused_by_prompt(client):
+    """--max-side, --max-steps and --max-batch-size were checked only when a node ran, so a prompt with a
+    4096-pixel latent, 500 steps or a batch of 100 was queued (200) and failed later with an execution_error.
+    Now /object_info lists the server's limit as the input's max and /prompt refuses a value over it up front
+    (400, ComfyUI's value_bigger_than_max naming the node and the limit); nothing is queued."""
+    info = client.get("/object_info").json()
+    latent = info["EmptyLatentImage"]["input"]["required"]
+    assert [latent[k][1]["max"] for k in ("width", "height", "batch_size")] == [2048, 2048, 8]
+    assert info["KSampler"]["input"]["required"]["steps"][1]["max"] == 150
+    assert info["KSamplerAdvanced"]["input"]["required"]["steps"][1]["max"] == 150
+    assert info["LatentUpscale"]["input"]["required"]["width"][1]["max"] == 2048
+    assert info["ImageScale"]["input"]["required"]["height"][1]["max"] == 2048
+    before = client.get("/queue").json()
+    for node, inputs, name, limit in (
+        ("5", {"width": 4096}, "width", 2048),
+        ("5", {"batch_size": 100}, "batch_size", 8),
+        ("3", {"steps": 500}, "steps", 150),
+    ):
+        g = txt2img_graph()
+        g[node]["inputs"].update(inputs)
+        r = client.post("/prompt", json={"prompt": g})
+        assert r.status_code == 400, r.text
+        (error,) = r.json()["node_errors"][node]["errors"]
+        value = inputs[name]
+        assert error["type"] == "value_bigger_than_max" and error["details"] == name, error
+        assert error["message"] == f"Value {value} bigger than max of {limit}", error
+    assert client.get("/queue").json() == before
+
+
+def test_an_infinite_or_nan_input_is_a_400_naming_the_input(client):
+    """JSON's 1e400 is read as infinity (NaN is accepted too): the node error echoed it as received_value, which
+    JSON cannot hold, so /prompt answered 500 with no body. Now ComfyUI's 400 naming the node and the input."""
+    for node, name, literal in (("5", "width", "1e400"), ("3", "cfg", "NaN"), ("3", "steps", "-1e400")):
+        g = txt2img_graph()
+        g[node]["inputs"][name] = "@@"
+        body = json.dumps({"prompt": g}).replace('"@@"', literal)
+        r = client.post("/prompt", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (name, r.status_code, r.text)
+        (error,) = r.json()["node_errors"][node]["errors"]
+        assert error["extra_info"]["input_name"] == name and isinstance(error["extra_info"]["received_value"], str)

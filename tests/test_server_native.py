@@ -253,8 +253,10 @@ def test_vae_encode_tiny_is_the_python_apis_image(client):
 
 
 def test_a_late_failure_fails_alone(client):
-    bad = run(client, {**BASE, "hires": {"hr_scale": 0.05}})  # below the size step: found by the pipeline
-    assert bad["state"] == "failed" and "below the model's size step" in bad["error"], bad
+    # A1111's strength rule's hires schedule (steps / strength) over the model's 1000: found by the pipeline
+    late = {"strength": 0.1, "strength_rule": "a1111", "hires": {"hr_second_pass_steps": 150}}
+    bad = run(client, {**BASE, **late})
+    assert bad["state"] == "failed" and "needs a schedule of 1500 steps" in bad["error"], bad
     good = run(client, {**BASE, "seed": 5})
     assert good["state"] == "done"
 
@@ -789,3 +791,73 @@ def test_previews_are_decoded_only_when_someone_looks(tmp_path) -> None:
         # later ones those the worker decoded as the watched job ran (steps 6, 8)
         assert '"step": 4' in events[0] and '"preview": "data:image/png;base64,' in events[0]
         assert tiny.decodes - before >= 3
+
+
+def test_over_limit_answers_name_this_servers_limits_before_any_model_is_loaded(tmp_path):
+    """The request model's fixed bounds answered first, so a width of 99999 was told "8192" on a server that takes
+    2048 (and steps 5000 "1000" where 150 apply, batch_size 100 "64" where 8 apply); and a width over the model's
+    own limit (emoji: 512) was queued (202) and failed when it ran whenever no worker held the model yet (the
+    first request after start). Now each is a 400 up front that names the number that applies, native and OpenAI
+    (plain and streamed) alike, and nothing is queued."""
+    import openai
+    from fastapi.testclient import TestClient
+
+    from sdengine.server.app import create_app
+
+    app = create_app(server_config(tmp_path, max_steps=150, max_side=2048, max_batch=8), loader=shared_loader)
+    client = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: no worker runs, no model is loaded
+    for body, message in (
+        ({"width": 99999}, "width must be in [8, 2048], got 99999"),
+        ({"height": 8000}, "height must be in [8, 2048], got 8000"),
+        ({"steps": 5000}, "steps must be in [1, 150], got 5000"),
+        ({"batch_size": 100}, "batch_size must be in [1, 8], got 100"),
+        ({"hires": {"hr_second_pass_steps": 5000}}, "hr_second_pass_steps must be in [0, 150], got 5000"),
+        ({"hires": {"hr_resize_x": 9000}}, "hr_resize_x must be in [0, 2048], got 9000"),
+        ({"width": 1024}, "width 1024 is over emoji's limit: each side may be at most 512 px"),
+        # the hires fix's second pass (was queued and failed when it ran): by its scale or its target size
+        ({"hires": {"hr_scale": 16}}, "the hires fix's width 1024 (from 64x64) is over emoji's limit"),
+        ({"hires": {"hr_resize_y": 1000}}, "the hires fix's width 1000 (from 64x64) is over emoji's limit"),
+        ({"hires": {"hr_scale": 0.05}}, "the hires size 0x0 (from 64x64) is below the model's size step 8"),
+    ):
+        r = client.post("/v1/jobs", json={**BASE, **body})
+        assert r.status_code == 400 and r.json()["detail"].startswith(message), (body, r.text)
+    # the list bounds are the builder's: 33 LoRAs were told "at most 32" (and 17 "at most 16"), 9 units "at most 8"
+    lora, unit = {"name": "emoji-fruit"}, {"model": "emoji-controlnet-canny", "image": "x"}
+    tags = " <lora:emoji-fruit:0.1>" * 7  # a prompt's tags count with the list
+    for body, message in (
+        ({"loras": [lora] * 33}, "loras: List should have at most 16 items"),
+        ({"loras": [lora] * 10, "prompt": "x" + tags}, "at most 16 LoRAs per request, got 17"),
+        ({"controlnets": [unit] * 9}, "controlnets: List should have at most 4 items"),
+    ):
+        r = client.post("/v1/jobs", json={**BASE, **body})
+        assert r.status_code in (400, 422) and r.json()["error"]["message"].startswith(message), (body, r.text)
+    assert app.state.services.manager.queued_count() == 0
+    oa = openai.OpenAI(base_url="http://127.0.0.1/v1", api_key="x", http_client=client, max_retries=0)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="width 1024 is over emoji's limit") as e:
+            oa.images.generate(prompt="x", size="1024x1024", stream=stream, extra_body={"steps": 2})
+        assert e.value.status_code == 400
+    with pytest.raises(openai.BadRequestError, match=r"width must be in \[8, 2048\], got 9000"):
+        oa.images.generate(prompt="x", size="9000x64", extra_body={"steps": 2})
+    assert app.state.services.manager.queued_count() == 0
+
+
+def test_an_infinite_or_nan_number_is_a_4xx_on_every_route(tmp_path):
+    """JSON's 1e400 is read as infinity and NaN is accepted by Python's reader; the refusal echoed the value,
+    which JSON cannot hold, so every such request was a 500 (native, A1111, OpenAI). Now a 4xx naming the field."""
+    from fastapi.testclient import TestClient
+
+    from sdengine.server.app import create_app
+
+    client = TestClient(create_app(server_config(tmp_path), loader=shared_loader), base_url="http://127.0.0.1")
+    for path, body, field in (
+        ("/v1/jobs", '{"prompt": "x", "steps": 1e400}', "steps"),
+        ("/v1/jobs", '{"prompt": "x", "cfg_scale": NaN}', "cfg_scale"),
+        ("/v1/jobs", '{"prompt": "x", "width": -1e400}', "width"),
+        ("/sdapi/v1/txt2img", '{"prompt": "x", "steps": 1e400}', "steps"),
+        ("/v1/images/generations", '{"prompt": "x", "n": 1e400}', "n"),
+    ):
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code in (400, 422), (path, body, r.status_code, r.text)
+        message = r.json()["error"]["message"]
+        assert message.startswith(f"{field}: ") and "\n" not in message, (path, message)

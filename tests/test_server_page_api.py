@@ -64,8 +64,9 @@ def test_the_pages_files_are_revalidated_on_every_load(client):
 
 
 def test_sizes_are_each_models_default_and_multiple(client):
-    sizes = client.get("/v1/sizes").json()["models"]
-    assert sizes["emoji"] == {"width": 64, "height": 64, "multiple": 8}
+    sizes = client.get("/v1/sizes").json()
+    assert sizes["models"]["emoji"] == {"width": 64, "height": 64, "multiple": 8}
+    assert sizes["limits"] == {"steps": 150, "side": 2048, "batch_size": 8}  # the server's (the page's maxima)
 
 
 def test_controlnet_preprocess_equals_the_python_preprocessor(client):

@@ -176,7 +176,13 @@ def test_txt2img_shows_the_apis_image_with_its_parameters_and_remembers_settings
     assert page.eval_on_selector("#mask-canvas", "c => [c.width, c.height]") == [64, 64]
     np.testing.assert_array_equal(shown_image(page, "#init-preview"), expected)
     assert page.get_attribute("#results a:text('Download')", "download").endswith(".png")
+    # Text to image sends no init image, so its stage is hidden (it stayed on view); back to inpaint shows it again.
     page.select_option("#mode", "txt2img")
+    assert page.is_hidden("#init-stage") and page.is_hidden("#mask-canvas")
+    page.select_option("#mode", "inpaint")
+    assert page.is_visible("#init-stage") and page.is_visible("#mask-canvas")
+    page.select_option("#mode", "txt2img")
+    assert page.is_hidden("#init-stage")
     # A gallery item reopens with its parameters.
     page.evaluate("document.querySelector('#results').replaceChildren()")
     page.click("#gallery button")
@@ -278,6 +284,9 @@ def test_the_tiny_vae_encoder_choice_in_img2img(page, client, browser, server, t
 
 
 def test_errors_are_shown_next_to_their_field_and_the_input_is_kept(page):
+    # the inputs' maximum is the server's limit (the page said 1000 steps and 64 images whatever the server took)
+    maxima = [page.get_attribute(f"#{i}", "max") for i in ("steps", "hr-steps", "width", "height", "batch_size")]
+    assert maxima == ["150", "150", "2048", "2048", "8"]
     page.fill("#prompt", "a green apple")
     page.fill("#width", "60")
     page.press("#width", "Tab")
@@ -1381,3 +1390,22 @@ def test_a_zero_img2img_strength_is_named_at_strength(page):
     assert page.input_value("#strength") == "0"  # kept as typed
     page.fill("#strength", "0.75")
     page.select_option("#mode", "txt2img")
+
+
+def test_another_clients_finished_job_leaves_the_queue_within_a_second_or_so(page, client, server):
+    """The Queue was read with the header's 5 s refresh, so an API client's job that had ended was still listed as
+    running for up to 5 s. While it lists jobs it is read every second."""
+    running, waiting = long_jobs(client)
+    try:
+        page.wait_for_function("document.querySelectorAll('#queue li').length === 2", timeout=10_000)
+        with page.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "GET", timeout=8_000):
+            pass  # just after a read of the list: the next one was 5 s away
+        client.delete(f"/v1/jobs/{waiting}")
+        client.delete(f"/v1/jobs/{running}")
+        assert client.get(f"/v1/jobs/{running}").json()["state"] == "cancelled"
+        t0 = time.monotonic()
+        page.wait_for_selector("#queue-box", state="hidden", timeout=4_000)
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        client.delete(f"/v1/jobs/{waiting}")
+        client.delete(f"/v1/jobs/{running}")

@@ -167,18 +167,31 @@ def _scaled_size(r: GenerationRequest, width: int, height: int) -> tuple[int, in
     return ry * width // height, ry, rx, ry
 
 
+def hires_size(r: GenerationRequest, width: int, height: int, multiple: int) -> tuple[int, int]:
+    """The size the hires fix's second pass makes from a ``width`` x ``height`` first pass (A1111's target
+    resolution, rounded down to the model's size ``multiple``), as :func:`plan_hires` plans it; no model needed."""
+    sw, sh, _, _ = _scaled_size(r, width, height)
+    return sw // multiple * multiple, sh // multiple * multiple
+
+
+def check_hires_size(r: GenerationRequest, width: int, height: int, multiple: int) -> None:
+    """A one-line GenerationError when the hires fix's size from a ``width`` x ``height`` first pass is below the
+    model's size ``multiple`` (as :func:`plan_hires` refuses it); no model needed."""
+    _, _, bw, bh = (v // multiple * multiple for v in _scaled_size(r, width, height))
+    if min(bw, bh) < multiple:
+        raise GenerationError(
+            f"the hires size {bw}x{bh} (from {width}x{height}) is below the model's size step {multiple}: raise "
+            "hr_scale or hr_resize_x/hr_resize_y"
+        )
+
+
 def plan_hires(pipe: Any, r: GenerationRequest, width: int, height: int, sampler: str, schedule: str) -> HiresPlan:
     """The hires plan of a request on ``pipe`` (its size multiple and step limit), or a one-line
     GenerationError."""
     validate_hires(r)
     m = int(pipe.size_multiple)
-    sw, sh, bw, bh = _scaled_size(r, width, height)
-    sw, sh, bw, bh = (v // m * m for v in (sw, sh, bw, bh))
-    if min(bw, bh) < m:
-        raise GenerationError(
-            f"the hires size {bw}x{bh} (from {width}x{height}) is below the model's size step {m}: raise hr_scale "
-            "or hr_resize_x/hr_resize_y"
-        )
+    check_hires_size(r, width, height, m)
+    sw, sh, bw, bh = (v // m * m for v in _scaled_size(r, width, height))
     steps = int(r.hr_second_pass_steps) or int(r.steps)
     limit = int(pipe.noise_schedule.num_train_timesteps)
     if steps > limit:

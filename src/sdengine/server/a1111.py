@@ -930,6 +930,9 @@ def install(app: FastAPI, services: Any) -> None:
             generation = await run_in_threadpool(build_scaled, fields, processor_res)
         if finish is not None:
             generation.finish = finish
+        # a size the model cannot make (off its multiple, over its limit, the hires fix's too) is a 400 before
+        # any job is queued or any model loaded, as POST /v1/jobs answers it
+        services.precheck(generation)
         if (req.model_extra or {}).get("override_settings_restore_afterwards") is False and req.override_settings:
             # A1111 leaves the overrides set after such a call: they become the options of later jobs
             options.update(checked_options(req.override_settings)[0])

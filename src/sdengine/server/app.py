@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
@@ -259,8 +260,8 @@ _NATIVE_ERRORS = {  # the native routes' answers besides 200 and 422, as they re
 
 def _install_openapi(app: FastAPI, config: ServerConfig) -> None:
     """``/openapi.json`` (and ``/docs``) as the server behaves: the job fields' limits are this server's
-    (``--max-steps``...: the schema's own bounds are only the widest any server takes), the event stream, preview
-    and images are documented with their media types, the upload's body is the multipart file or raw image it
+    (``--max-steps``...: the request models leave them out, the request builder checks them), the event stream,
+    preview and images are documented with their media types, the upload's body is the multipart file or raw image it
     reads, the native routes' error answers are listed, and with ``--api-key`` the bearer key is declared so that
     the docs page's "Authorize" sends it."""
     from fastapi.openapi.utils import get_openapi
@@ -272,19 +273,15 @@ def _install_openapi(app: FastAPI, config: ServerConfig) -> None:
         schemas = spec.get("components", {}).get("schemas", {})
         limits = {"steps": config.max_steps, "batch_size": config.max_batch, "width": config.max_side}
         limits["height"] = config.max_side
-        for name, maximum in limits.items():
-            prop = schemas.get("JobRequest", {}).get("properties", {}).get(name, {})
-            for option in [prop, *prop.get("anyOf", [])]:
-                if "maximum" in option:
-                    option["maximum"] = maximum
         for schema, name, maximum in (
+            *(("JobRequest", name, maximum) for name, maximum in limits.items()),
             ("HiresSpec", "hr_second_pass_steps", config.max_steps),
             ("HiresSpec", "hr_resize_x", config.max_side),
             ("HiresSpec", "hr_resize_y", config.max_side),
         ):
             prop = schemas.get(schema, {}).get("properties", {}).get(name, {})
             for option in [prop, *prop.get("anyOf", [])]:
-                if "maximum" in option:
+                if option.get("type") == "integer":  # the schema has no upper bound: the server checks its own
                     option["maximum"] = maximum
         schemas["Error"] = _ERROR_SCHEMA
         from sdengine.server import openai_images
@@ -369,7 +366,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _text_safe(value: Any) -> Any:
-    """``value`` with every string made encodable (a lone surrogate from a JSON ``\\ud800`` escape as ``\\ud800``)."""
+    """``value`` with every string made encodable (a lone surrogate from a JSON ``\\ud800`` escape as ``\\ud800``)
+    and every float too: JSON has no infinity or NaN (``1e400`` in a body is read as inf), so such a value is
+    given as its text ("inf"), where it made the refusal a 500."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, dict):
@@ -528,23 +529,69 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             )
 
     def check_not_too_large(generation: Generation) -> None:
-        """A width or height over the model's limit (8x its training size) is a 400 now, when a worker holds the
-        model (its exact limit), instead of a queued job (or a started stream) that fails when it runs."""
+        """A width or height over the model's limit (8x its training size) is a 400 now, instead of a queued job
+        (or a started stream) that fails when it runs: the limit is the loaded pipeline's when a worker holds the
+        model, else read from a diffusers folder's configs (also before the model's first load); a single file's
+        is only known once loaded."""
+        from sdengine.server.page_api import max_side_before_load, model_size
+
         loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
-        if loaded is None or not callable(getattr(loaded, "max_side", None)):
+        if loaded is not None and callable(getattr(loaded, "max_side", None)):
+            limit: int | None = int(loaded.max_side())
+        else:
+            limit = max_side_before_load(generation.model)
+        if limit is None:
             return
-        limit = int(loaded.max_side())
+        kw = generation.kwargs
         for what in ("width", "height"):
-            value = generation.kwargs.get(what)
+            value = kw.get(what)
             if value is not None and value > limit:
                 raise BadRequest(
                     f"{what} {value} is over {generation.model_name}'s limit: each side may be at most {limit} px "
                     "(larger sizes take very long and only repeat the subject)"
                 )
+        if kw.get("enable_hr"):  # the hires fix's second pass makes its own size
+            from sdengine.pipeline import GenerationRequest
+            from sdengine.pipeline.hires import hires_size
+
+            size = model_size(generation.model, loaded)  # known, as the limit is
+            width, height = kw.get("width") or size["width"], kw.get("height") or size["height"]
+            sizes = hires_size(GenerationRequest(**kw), width, height, size["multiple"])
+            for what, value in zip(("width", "height"), sizes, strict=True):
+                if value > limit:
+                    raise BadRequest(
+                        f"the hires fix's {what} {value} (from {width}x{height}) is over {generation.model_name}'s "
+                        f"limit: each side may be at most {limit} px; lower hr_scale or hr_resize_x/hr_resize_y"
+                    )
+
+    def check_hires_not_too_small(generation: Generation) -> None:
+        """A hires fix whose size is below the model's size step (hr_scale 0.05 of 64 px) is a 400 now, instead of
+        a queued job that fails when it runs; where the model's default size is not known yet (a single file not
+        loaded), only with the width and height given."""
+        from sdengine.errors import SdengineError
+        from sdengine.pipeline import GenerationRequest
+        from sdengine.pipeline.hires import check_hires_size
+        from sdengine.server.page_api import folder_size, model_size
+
+        kw = generation.kwargs
+        if not kw.get("enable_hr"):
+            return
+        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        size = model_size(generation.model, loaded)
+        known = loaded is not None or folder_size(generation.model) is not None
+        width, height = kw.get("width"), kw.get("height")
+        if not known and (width is None or height is None):
+            return
+        try:
+            w, h = width or size["width"], height or size["height"]
+            check_hires_size(GenerationRequest(**kw), w, h, size["multiple"])
+        except SdengineError as e:
+            raise BadRequest(str(e)) from None
 
     def precheck(generation: Generation) -> None:
         check_size_multiple(generation)
         check_not_too_large(generation)
+        check_hires_not_too_small(generation)
         check_tiny_vae(generation)
 
     services.precheck = precheck

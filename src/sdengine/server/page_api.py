@@ -57,6 +57,16 @@ def model_size(ref: str, loaded: Any | None = None) -> dict[str, int]:
     if loaded is not None:
         side, multiple = int(loaded.default_size), int(loaded.size_multiple)
         return {"width": side, "height": side, "multiple": multiple}
+    known = folder_size(ref)
+    if known is not None:
+        return known
+    return {"width": DEFAULT_SIZE, "height": DEFAULT_SIZE, "multiple": DEFAULT_MULTIPLE}
+
+
+def folder_size(ref: str) -> dict[str, int] | None:
+    """:func:`model_size` from a diffusers folder's configs (U-Net sample size x the VAE's downscale factor, what
+    the loaded pipeline's ``default_size`` is); None when ``ref`` is not such a folder (a single file's size is
+    only known once loaded)."""
     from sdengine.pipeline import BUILTIN_SD
 
     folder = BUILTIN_SD.get(ref, Path(ref))
@@ -65,9 +75,20 @@ def model_size(ref: str, loaded: Any | None = None) -> dict[str, int]:
         vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
         factor = 2 ** (len(vae["block_out_channels"]) - 1)
         side = int(unet["sample_size"]) * factor
-        return {"width": side, "height": side, "multiple": max(8, factor)}
     except (OSError, KeyError, TypeError, ValueError):
-        return {"width": DEFAULT_SIZE, "height": DEFAULT_SIZE, "multiple": DEFAULT_MULTIPLE}
+        return None
+    if side <= 0 or factor <= 0:
+        return None
+    return {"width": side, "height": side, "multiple": max(8, factor)}
+
+
+def max_side_before_load(ref: str) -> int | None:
+    """The largest width or height the model takes (the pipeline's ``max_side``: 8x its training size, never
+    over 8192), read from a diffusers folder's configs without loading it; None when not known before loading."""
+    from sdengine.pipeline.core import MAX_SIDE, MAX_SIZE_FACTOR
+
+    known = folder_size(ref)
+    return None if known is None else min(MAX_SIDE, MAX_SIZE_FACTOR * known["width"])
 
 
 def gallery_files(outputs_dir: Path) -> list[Path]:
@@ -189,9 +210,14 @@ def install(app: FastAPI, services: Services) -> None:
 
     @app.get("/v1/sizes", tags=["page"])
     def sizes() -> dict[str, Any]:
-        """Per model: ``{width, height, multiple}`` (default size; width and height must be multiples)."""
+        """Per model: ``{width, height, multiple}`` (default size; width and height must be multiples); and this
+        server's ``limits`` (``--max-steps``, ``--max-side``, ``--max-batch-size``), which the page's inputs take as
+        their maximum."""
         loaded = {w.model: w.pipe for w in manager.workers if w.model is not None and w.pipe is not None}
-        return {"models": {e.name: model_size(e.ref, loaded.get(e.ref)) for e in catalog.models()}}
+        return {
+            "models": {e.name: model_size(e.ref, loaded.get(e.ref)) for e in catalog.models()},
+            "limits": {"steps": config.max_steps, "side": config.max_side, "batch_size": config.max_batch},
+        }
 
     @app.post(
         "/v1/controlnets/preprocess",

@@ -30,6 +30,8 @@ from sdengine.server.uploads import UploadStore
 ImageRef = str | Image.Image  # an upload id, base64, or an image already decoded by the route
 
 MAX_SEED = 2**53 - 1
+MAX_LORAS = 16  # LoRAs of one request (the request's and the prompt's <lora:...> tags together)
+MAX_CONTROLNETS = 4  # ControlNet units of one request
 # the range of each sampler option a request may set (A1111's eta, and k-diffusion's churn and noise options:
 # s_churn as A1111's slider, 0..100; the sigma bounds up to any model's largest sigma)
 OPTION_LIMITS = {
@@ -195,8 +197,8 @@ def build_generation(
         if not isinstance(name, str):
             raise BadRequest(f"a LoRA is named by a string, got {name!r}")
         lora_list.append((str(catalog.resolve_lora(name)), _finite(weight, f"LoRA {name} weight", -10.0, 10.0)))
-    if len(lora_list) > 16:
-        raise BadRequest("at most 16 LoRAs per request")
+    if len(lora_list) > MAX_LORAS:
+        raise BadRequest(f"at most {MAX_LORAS} LoRAs per request, got {len(lora_list)}")
 
     def image(ref: ImageRef | None, what: str) -> Image.Image | None:
         if ref is None:
@@ -217,8 +219,8 @@ def build_generation(
     from sdengine.pipeline.control import ControlUnit  # torch: imported when a request is built, not with the routes
 
     units = []
-    if len(controlnets) > 4:
-        raise BadRequest("at most 4 ControlNet units per request")
+    if len(controlnets) > MAX_CONTROLNETS:
+        raise BadRequest(f"at most {MAX_CONTROLNETS} ControlNet units per request, got {len(controlnets)}")
     for k, unit in enumerate(controlnets):
         path = catalog.resolve_controlnet(unit.model)
         control = image(unit.image, f"ControlNet unit {k} image")

@@ -6,7 +6,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SIDE = Field(None, ge=8, le=8192, description="pixels; a multiple of the model's size step (emoji: 8)")
+from sdengine.server.requests import MAX_CONTROLNETS, MAX_LORAS
+
+# The bounds that depend on the server's settings (--max-side, --max-steps, --max-batch-size) are not in these
+# models: the request builder checks them against the server's own numbers, so that the one-line answer names the
+# limit that applies (a fixed schema bound answered first and named 8192 on a server that takes 2048). The
+# OpenAPI document states each server's numbers (app._install_openapi).
+SIDE = Field(
+    None, ge=8, description="pixels, at most the server's --max-side; a multiple of the model's size step (emoji: 8)"
+)
 
 
 class LoRASpec(BaseModel):
@@ -37,10 +45,10 @@ class HiresSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     hr_scale: float = Field(2.0, gt=0, le=16, allow_inf_nan=False)
-    hr_resize_x: int = Field(0, ge=0, le=8192)
-    hr_resize_y: int = Field(0, ge=0, le=8192)
+    hr_resize_x: int = Field(0, ge=0, description="at most the server's --max-side")
+    hr_resize_y: int = Field(0, ge=0, description="at most the server's --max-side")
     hr_upscaler: str = Field("Latent", max_length=64, description="Latent, Latent (bicubic), ..., None, Lanczos")
-    hr_second_pass_steps: int = Field(0, ge=0, le=1000, description="0: the job's steps")
+    hr_second_pass_steps: int = Field(0, ge=0, description="0: the job's steps; at most the server's --max-steps")
     hr_sampler: str | None = Field(None, max_length=64, description="None: the job's sampler")
     hr_schedule: str | None = Field(None, max_length=64, description="None: the job's schedule")
     hr_prompt: str = Field("", max_length=20000, description='"": the job\'s prompt')
@@ -54,14 +62,14 @@ class JobRequest(BaseModel):
     model: str | None = Field(None, max_length=512, description="a name from GET /v1/models (default: the server's)")
     prompt: str = Field("", max_length=20000)
     negative_prompt: str = Field("", max_length=20000)
-    steps: int = Field(25, ge=1, le=1000)
+    steps: int = Field(25, ge=1, description="at most the server's --max-steps")
     sampler: str = Field("dpmpp_2m", max_length=64)
     schedule: str | None = Field("karras", max_length=64)
     cfg_scale: float = Field(7.5, ge=0, le=100, allow_inf_nan=False)
     seed: int = Field(-1, ge=-1, le=2**53 - 1, description="-1: random")
     width: int | None = SIDE
     height: int | None = SIDE
-    batch_size: int = Field(1, ge=1, le=64)
+    batch_size: int = Field(1, ge=1, description="at most the server's --max-batch-size")
     init_image: str | None = None
     strength: float = Field(0.75, ge=0, le=1, allow_inf_nan=False)
     strength_rule: Literal["diffusers", "a1111"] = Field(
@@ -71,6 +79,7 @@ class JobRequest(BaseModel):
     )
     mask: str | None = Field(None, description="white = repaint")
     mask_blur: float = Field(0, ge=0, le=256, allow_inf_nan=False)
+<<<<<<< HEAD
     masked_content: Literal["original", "latent noise", "latent nothing"] = Field(
         "original",
         description="what the init latent holds under the mask before it is noised (A1111's masked content): the "
@@ -85,6 +94,10 @@ class JobRequest(BaseModel):
     )
     controlnets: list[ControlNetSpec] = Field(default_factory=list, max_length=8)
     loras: list[LoRASpec] = Field(default_factory=list, max_length=32)
+=======
+    controlnets: list[ControlNetSpec] = Field(default_factory=list, max_length=MAX_CONTROLNETS)
+    loras: list[LoRASpec] = Field(default_factory=list, max_length=MAX_LORAS)
+>>>>>>> fix_limits
     clip_skip: int = Field(1, ge=1, le=24)
     clip_skip_rule: Literal["sdengine", "a1111", "a1111_sdxl_clip_l"] = Field(
         "sdengine",

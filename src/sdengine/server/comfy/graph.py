@@ -22,7 +22,16 @@ from typing import Any
 import torch
 
 from sdengine.errors import SdengineError
-from sdengine.server.comfy.nodes import NODES, Input, NodeDef, NodeError, RunContext, choices_of, input_spec
+from sdengine.server.comfy.nodes import (
+    NODES,
+    Input,
+    NodeDef,
+    NodeError,
+    RunContext,
+    choices_of,
+    input_max,
+    input_spec,
+)
 
 Prompt = dict[str, dict[str, Any]]
 
@@ -142,10 +151,11 @@ def _convert(
                 input_config=input_spec(inp, env),
                 received_value=value,
             )
-        if inp.max is not None and value > inp.max:
+        top = input_max(inp, env)
+        if top is not None and value > top:
             return None, _err(
                 "value_bigger_than_max",
-                f"Value {value} bigger than max of {inp.max}",
+                f"Value {value} bigger than max of {top}",
                 f"{name}",
                 input_name=name,
                 input_config=input_spec(inp, env),

@@ -84,6 +84,9 @@ class Input:
     # a value outside ``choices`` that is valid all the same (LoadImage's "name [output]"): (env, value) -> bool
     also_valid: Callable[[Any, str], bool] | None = None
     upload: bool = False  # ComfyUI's image_upload flag (its page offers an upload button)
+    # the server's limit that also bounds this input ("side": --max-side, "steps": --max-steps, "batch":
+    # --max-batch-size): /object_info lists it and /prompt refuses a value over it, as ComfyUI does its own max
+    limit: str | None = None
 
     @property
     def is_link_type(self) -> bool:
@@ -1229,8 +1232,17 @@ def preview_image(ctx: RunContext, images: torch.Tensor) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ the table
 
 
-def _int(name: str, default: int, lo: int, hi: int, step: int = 1) -> Input:
-    return Input(name, "INT", default, lo, hi, step)
+def _int(name: str, default: int, lo: int, hi: int, step: int = 1, limit: str | None = None) -> Input:
+    return Input(name, "INT", default, lo, hi, step, limit=limit)
+
+
+def input_max(i: Input, env: Any) -> float | None:
+    """The largest value of input ``i`` on this server: its own max, or the server's limit (``env.limits``) when
+    that is lower."""
+    server = (getattr(env, "limits", None) or {}).get(i.limit) if i.limit else None
+    if server is None:
+        return i.max
+    return server if i.max is None else min(i.max, server)
 
 
 def _float(name: str, default: float, lo: float, hi: float, step: float = 0.01) -> Input:
@@ -1248,7 +1260,7 @@ def _sampler_inputs(seed_name: str) -> tuple[Input, ...]:
     return (
         Input("model", "MODEL"),
         _int(seed_name, 0, 0, MAX_SEED),
-        _int("steps", 20, 1, 10000),
+        _int("steps", 20, 1, 10000, limit="steps"),
         _float("cfg", 8.0, 0.0, 100.0, 0.1),
         _combo("sampler_name", tuple(SAMPLER_NAMES)),
         _combo("scheduler", tuple(SCHEDULER_NAMES)),
@@ -1346,7 +1358,11 @@ NODES: dict[str, NodeDef] = {
             "EmptyLatentImage",
             "Empty Latent Image",
             "latent",
-            (_int("width", 512, 16, SIDE_MAX, 8), _int("height", 512, 16, SIDE_MAX, 8), _int("batch_size", 1, 1, 4096)),
+            (
+                _int("width", 512, 16, SIDE_MAX, 8, limit="side"),
+                _int("height", 512, 16, SIDE_MAX, 8, limit="side"),
+                _int("batch_size", 1, 1, 4096, limit="batch"),
+            ),
             ("LATENT",),
             empty_latent,
         ),
@@ -1429,8 +1445,8 @@ NODES: dict[str, NodeDef] = {
             (
                 Input("samples", "LATENT"),
                 _combo("upscale_method", LATENT_UPSCALE_METHODS),
-                _int("width", 512, 0, SIDE_MAX, 8),
-                _int("height", 512, 0, SIDE_MAX, 8),
+                _int("width", 512, 0, SIDE_MAX, 8, limit="side"),
+                _int("height", 512, 0, SIDE_MAX, 8, limit="side"),
                 _combo("crop", ("disabled", "center")),
             ),
             ("LATENT",),
@@ -1477,8 +1493,8 @@ NODES: dict[str, NodeDef] = {
             (
                 Input("image", "IMAGE"),
                 _combo("upscale_method", (*UPSCALE_METHODS, "lanczos")),
-                _int("width", 512, 0, SIDE_MAX, 1),
-                _int("height", 512, 0, SIDE_MAX, 1),
+                _int("width", 512, 0, SIDE_MAX, 1, limit="side"),
+                _int("height", 512, 0, SIDE_MAX, 1, limit="side"),
                 _combo("crop", ("disabled", "center")),
             ),
             ("IMAGE",),
@@ -1624,7 +1640,7 @@ def input_spec(i: Input, env: Any, choices: list[str] | None = None) -> list[Any
     else:
         spec = [i.type]
         for k in ("default", "min", "max", "step"):
-            v = getattr(i, k)
+            v = input_max(i, env) if k == "max" else getattr(i, k)
             if v is not None:
                 opts[k] = v
         if i.multiline:

@@ -99,6 +99,8 @@ class Env:
     def __init__(self, services: Any, st: ComfyState) -> None:
         self.catalog = services.catalog
         self.folders = st.folders
+        config = services.config  # the limits some inputs' max follow (nodes.Input.limit)
+        self.limits = {"side": config.max_side, "steps": config.max_steps, "batch": config.max_batch}
 
 
 # ------------------------------------------------------------------------------------------------ jobs

@@ -382,6 +382,12 @@ async function loadPickers() {
     getJSON("/v1/sizes"),
   ]);
   state.sizes = sizes.models;
+  // The server's limits are the inputs' maximum (the page's own were the widest any server takes: 1000 steps).
+  const limits = sizes.limits || {};
+  for (const [id, key] of [["steps", "steps"], ["hr-steps", "steps"], ["width", "side"], ["height", "side"],
+    ["batch_size", "batch_size"]]) {
+    if (Number.isInteger(limits[key])) $(id).max = limits[key];
+  }
   const model = $("model");
   model.replaceChildren();
   for (const m of models.data) option(model, m.id);
@@ -570,6 +576,9 @@ function updateMode() {
   $("mask-canvas").hidden = !inpaint;
   $("strength").closest(".field").hidden = mode === "txt2img";
   $("vae_encode").closest(".field").hidden = mode === "txt2img"; // only an init image is encoded
+  // Text to image sends no init image: its stage is not shown (it was, after "Send to inpaint", as if it were
+  // used); the image is kept, and shown again when the mode goes back to img2img or inpaint.
+  $("init-stage").hidden = mode === "txt2img" || !state.initBlob || !$("init-preview").naturalWidth;
 }
 
 function setInitImage(blob, mode) {
@@ -580,7 +589,7 @@ function setInitImage(blob, mode) {
   const img = $("init-preview");
   img.onload = () => {
     painter.reset(img.naturalWidth, img.naturalHeight);
-    $("init-stage").hidden = false;
+    $("init-stage").hidden = $("mode").value === "txt2img";
     $("init-stage").scrollIntoView({ block: "nearest" });
   };
   img.onerror = () => {  // not an image: no stale stage (and mask) of the previous one behind a broken preview
@@ -1096,6 +1105,8 @@ function installDrop() {
 // ------------------------------------------------------------------------------------- start
 
 const queueModels = {}; // job id -> model, for the queue line the event stream updates (events may lack it)
+const QUEUE_REFRESH_MS = 1000;
+let queueTimer = null;
 
 function queueLine(j, mine) {
   if (j.model) queueModels[j.id] = j.model;
@@ -1137,6 +1148,10 @@ async function refreshQueue() {
     list.append(li);
   }
   $("queue-box").hidden = jobs.length === 0;
+  // While the list shows jobs it is read again every second (the header's 5 s refresh left another client's
+  // finished job listed as running for up to 5 s); nothing is asked while it is empty.
+  clearTimeout(queueTimer);
+  if (jobs.length) queueTimer = setTimeout(refreshQueue, QUEUE_REFRESH_MS);
 }
 
 async function status() {
