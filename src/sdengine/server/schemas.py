@@ -79,7 +79,6 @@ class JobRequest(BaseModel):
     )
     mask: str | None = Field(None, description="white = repaint")
     mask_blur: float = Field(0, ge=0, le=256, allow_inf_nan=False)
-<<<<<<< HEAD
     masked_content: Literal["original", "latent noise", "latent nothing"] = Field(
         "original",
         description="what the init latent holds under the mask before it is noised (A1111's masked content): the "
@@ -92,12 +91,8 @@ class JobRequest(BaseModel):
         allow_inf_nan=False,
         description="A1111's img2img noise multiplier: the init is noised with the noise times this",
     )
-    controlnets: list[ControlNetSpec] = Field(default_factory=list, max_length=8)
-    loras: list[LoRASpec] = Field(default_factory=list, max_length=32)
-=======
     controlnets: list[ControlNetSpec] = Field(default_factory=list, max_length=MAX_CONTROLNETS)
     loras: list[LoRASpec] = Field(default_factory=list, max_length=MAX_LORAS)
->>>>>>> fix_limits
     clip_skip: int = Field(1, ge=1, le=24)
     clip_skip_rule: Literal["sdengine", "a1111", "a1111_sdxl_clip_l"] = Field(
         "sdengine",
