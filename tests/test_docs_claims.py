@@ -178,22 +178,23 @@ def test_every_route_the_docs_name_is_served():
 
 
 def test_the_readme_protocol_table_names_served_routes():
-    """README's protocol table: the A1111 row's short names are ``/sdapi/v1/`` routes, the others whole paths."""
+    """README's protocol table: the A1111 row's short names are ``/sdapi/v1/`` routes, the OpenAI row's are
+    ``POST /v1/images/`` routes, a path is a route or the end of one (``/events``); the ComfyUI row's bare words
+    are ``/prompt``'s fields, not routes."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    rows = [
-        line
-        for line in text.splitlines()
-        if line.startswith(("| sdengine's own", "| AUTOMATIC1111", "| OpenAI", "| ComfyUI"))
-    ]
+    heads = {"| sdengine's own": None, "| AUTOMATIC1111": "/sdapi/v1/", "| OpenAI": "/v1/images/", "| ComfyUI": None}
+    rows = [(line, parent) for line in text.splitlines() for head, parent in heads.items() if line.startswith(head)]
     assert len(rows) == 4
     wrong = []
-    for row in rows:
-        routes = row.split("|")[2]
-        for token in re.findall(r"`([^`]+)`", routes):
-            path = (
-                token if token.startswith("/") else ("/sdapi/v1/" if "AUTOMATIC1111" in row else "/v1/images/") + token
-            )
-            if not _served(path, None) and not any(p.endswith(path) for p, _, _ in _routes()):
+    for row, parent in rows:
+        for token in re.findall(r"`([^`]+)`", row.split("|")[2]):
+            if token.startswith("/"):
+                ok = _served(token, None) or any(p.endswith(token) for p, _, _ in _routes())
+            elif parent:
+                ok = _served(parent + token, "POST" if parent == "/v1/images/" else None)
+            else:
+                continue
+            if not ok:
                 wrong.append(f"  {row.split('|')[1].strip()}: {token}")
     assert not wrong, "README's protocol table:\n" + "\n".join(wrong)
 
@@ -252,3 +253,17 @@ def test_repository_files_the_docs_name_exist():
                     if not (ROOT / token).exists() and not (ROOT / token.split("::")[0]).exists():
                         wrong.append(f"  {md.relative_to(ROOT)}:{n}: {token}")
     assert not wrong, "files the docs name that are not in the repository:\n" + "\n".join(wrong)
+
+
+def test_links_stay_inside_the_repository():
+    """A relative Markdown link or image resolves inside the repository (one outside it works only on the machine
+    that wrote it)."""
+    outside = []
+    for md in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", md.read_text(encoding="utf-8")):
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+                continue
+            dest = (md.parent / target.partition("#")[0]).resolve()
+            if dest != ROOT and ROOT not in dest.parents:
+                outside.append(f"  {md.relative_to(ROOT)}: ({target})")
+    assert not outside, "links that leave the repository:\n" + "\n".join(outside)
