@@ -267,3 +267,23 @@ def test_links_stay_inside_the_repository():
             if dest != ROOT and ROOT not in dest.parents:
                 outside.append(f"  {md.relative_to(ROOT)}: ({target})")
     assert not outside, "links that leave the repository:\n" + "\n".join(outside)
+
+
+def test_every_flag_the_docs_give_a_script_is_in_it():
+    """A reproducing command ``python benchmarks/X.py --flag ...`` (or ``tools/``) names flags the script defines
+    (as a quoted string in its source: the scripts import torch and diffusers, so they are read, not run)."""
+    checked, wrong = 0, []
+    for md in DOCS:
+        for n, line in _logical_lines(md):
+            for m in re.finditer(r"((?:benchmarks|tools)/[\w.-]+\.(?:py|sh))([^`]*)", line):
+                script = ROOT / m.group(1)
+                if not script.exists():
+                    wrong.append(f"  {md.relative_to(ROOT)}:{n}: no {m.group(1)}")
+                    continue
+                source = script.read_text(encoding="utf-8")
+                for flag in FLAG.findall(re.split(r"python |sdengine ", m.group(2))[0]):
+                    checked += 1
+                    if f'"{flag}"' not in source and f"'{flag}'" not in source:
+                        wrong.append(f"  {md.relative_to(ROOT)}:{n}: {m.group(1)} has no {flag}")
+    assert checked > 20, checked
+    assert not wrong, "script flags the docs give:\n" + "\n".join(wrong)
