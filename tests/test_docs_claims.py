@@ -287,3 +287,37 @@ def test_every_flag_the_docs_give_a_script_is_in_it():
                         wrong.append(f"  {md.relative_to(ROOT)}:{n}: {m.group(1)} has no {flag}")
     assert checked > 20, checked
     assert not wrong, "script flags the docs give:\n" + "\n".join(wrong)
+
+
+def test_the_python_names_the_docs_use_exist():
+    """``from sdengine.x import a, b`` in a doc's examples, and ``sdengine.x.y(`` / `` `sdengine.x.Y` `` in its text,
+    name a module and attributes that exist (a metadata key such as ``sdengine.configs`` is no module path)."""
+    import importlib
+
+    def resolve(dotted: str) -> bool:
+        parts = dotted.split(".")
+        for k in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:k]))
+            except ImportError:
+                continue
+            for attr in parts[k:]:
+                if not hasattr(obj, attr):
+                    return False
+                obj = getattr(obj, attr)
+            return True
+        return False
+
+    checked, wrong = 0, []
+    for md in DOCS:
+        for n, line in enumerate(md.read_text(encoding="utf-8").splitlines(), 1):
+            where = f"  {md.relative_to(ROOT)}:{n}"
+            m = re.match(r"\s*from (sdengine[\w.]*) import ([\w, ]+)", line)
+            names = [f"{m.group(1)}.{x.strip()}" for x in m.group(2).split(",") if x.strip()] if m else []
+            names += [r for r in re.findall(r"`(sdengine(?:\.\w+)+)(?:\(|`)", line) if r != "sdengine.configs"]
+            for dotted in names:
+                checked += 1
+                if not resolve(dotted):
+                    wrong.append(f"{where}: {dotted}")
+    assert checked > 20, checked
+    assert not wrong, "Python names the docs use that do not exist:\n" + "\n".join(wrong)
