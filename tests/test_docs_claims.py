@@ -321,3 +321,15 @@ def test_the_python_names_the_docs_use_exist():
                     wrong.append(f"{where}: {dotted}")
     assert checked > 20, checked
     assert not wrong, "Python names the docs use that do not exist:\n" + "\n".join(wrong)
+
+
+def test_the_fast_path_options_the_cli_doc_lists_are_the_table():
+    from sdengine import fastpath
+
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    m = re.search(r"names from\s+`([\w,]+)`", text)
+    assert m, "docs/cli.md's --fast-path list"
+    assert tuple(m.group(1).split(",")) == fastpath.OPTIONS
+    cuda_default = re.search(r"`CUDA_DEFAULT_OPTIONS`: `([\w,]+)`", text)
+    assert cuda_default and set(cuda_default.group(1).split(",")) == fastpath.CUDA_DEFAULT_OPTIONS
+    assert "none today" in text and not fastpath.DEFAULT_OPTIONS  # "on the CPU ... DEFAULT_OPTIONS, none today"
