@@ -333,3 +333,26 @@ def test_the_fast_path_options_the_cli_doc_lists_are_the_table():
     cuda_default = re.search(r"`CUDA_DEFAULT_OPTIONS`: `([\w,]+)`", text)
     assert cuda_default and set(cuda_default.group(1).split(",")) == fastpath.CUDA_DEFAULT_OPTIONS
     assert "none today" in text and not fastpath.DEFAULT_OPTIONS  # "on the CPU ... DEFAULT_OPTIONS, none today"
+
+
+def test_the_tests_the_docs_name_exist():
+    """``test_x.py`` and ``test_x.py::test_y`` anywhere in the docs name a test file and function that exist
+    (docs/reliability.md's table has its own test, tests/test_reliability_doc.py)."""
+    import ast
+
+    functions: dict[str, set[str]] = {}
+    wrong = []
+    for md in DOCS:
+        for n, line in enumerate(md.read_text(encoding="utf-8").splitlines(), 1):
+            for file, name in re.findall(r"(?<![\w/])(test_\w+\.py)(?:::(test_\w+))?", line):
+                path = ROOT / "tests" / file
+                if not path.exists():
+                    wrong.append(f"  {md.relative_to(ROOT)}:{n}: no tests/{file}")
+                    continue
+                if file not in functions:
+                    tree = ast.parse(path.read_text(encoding="utf-8"))
+                    functions[file] = {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+                if name and name not in functions[file]:
+                    wrong.append(f"  {md.relative_to(ROOT)}:{n}: no {file}::{name}")
+    assert len(functions) > 20
+    assert not wrong, "tests the docs name that do not exist:\n" + "\n".join(wrong)
