@@ -356,3 +356,29 @@ def test_the_tests_the_docs_name_exist():
                     wrong.append(f"  {md.relative_to(ROOT)}:{n}: no {file}::{name}")
     assert len(functions) > 20
     assert not wrong, "tests the docs name that do not exist:\n" + "\n".join(wrong)
+
+
+def test_the_keywords_the_docs_pass_exist():
+    """Keywords in the docs' ``load_pipeline(...)`` calls are its parameters; keywords in the Python examples'
+    ``pipe(...)`` calls are GenerationRequest fields (what ``Pipeline.__call__`` takes)."""
+    import dataclasses
+    import inspect
+
+    from sdengine.pipeline.loading import load_pipeline
+    from sdengine.pipeline.request import GenerationRequest
+
+    loader = set(inspect.signature(load_pipeline).parameters)
+    fields = {f.name for f in dataclasses.fields(GenerationRequest)}
+    checked, wrong = 0, []
+    for md in DOCS:
+        text = md.read_text(encoding="utf-8")
+        calls = [(loader, c) for c in re.findall(r"load_pipeline\(([^)]*)\)", text)]
+        for block in re.findall(r"```python\n(.*?)```", text, re.S):
+            calls += [(fields, c) for c in re.findall(r"\bpipe\((.*?)\)(?:\.images|\n|$)", block, re.S)]
+        for allowed, args in calls:
+            for keyword in re.findall(r"(?<![\w.=])(\w+)=(?!=)", args):
+                checked += 1
+                if keyword not in allowed:
+                    wrong.append(f"  {md.relative_to(ROOT)}: {keyword}= in ({args.strip()[:60]}...)")
+    assert checked > 40, checked
+    assert not wrong, "keywords the docs pass that the API does not take:\n" + "\n".join(wrong)
