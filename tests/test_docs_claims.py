@@ -382,3 +382,19 @@ def test_the_keywords_the_docs_pass_exist():
                     wrong.append(f"  {md.relative_to(ROOT)}: {keyword}= in ({args.strip()[:60]}...)")
     assert checked > 40, checked
     assert not wrong, "keywords the docs pass that the API does not take:\n" + "\n".join(wrong)
+
+
+def test_the_job_body_example_is_a_job_the_server_takes():
+    """docs/server.md's job body (every field the native route takes, "unknown fields are a 422") validates, and
+    names every field but the hires fix's (hires.md has that one)."""
+    import json
+
+    pytest.importorskip("pydantic")
+    from sdengine.server.schemas import JobRequest
+
+    text = (ROOT / "docs" / "server.md").read_text(encoding="utf-8")
+    block = text.split("The job body's fields are the pipeline's keyword names", 1)[1].split("```json", 1)[1]
+    body = json.loads(block.split("```", 1)[0])
+    body["controlnets"][0]["image"] = "aGVsbG8="  # the placeholder "<upload id or base64>"
+    JobRequest.model_validate(body)
+    assert set(JobRequest.model_fields) - set(body) == {"hires"}
