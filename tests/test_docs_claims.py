@@ -398,3 +398,18 @@ def test_the_job_body_example_is_a_job_the_server_takes():
     body["controlnets"][0]["image"] = "aGVsbG8="  # the placeholder "<upload id or base64>"
     JobRequest.model_validate(body)
     assert set(JobRequest.model_fields) - set(body) == {"hires"}
+
+
+def test_the_environment_variables_the_docs_name_are_read():
+    """Every ``SDENGINE_*`` variable a doc names is read somewhere in the package, the tools, the tests or the
+    Makefile."""
+    sources = "\n".join(
+        p.read_text(encoding="utf-8", errors="replace")
+        for folder in ("src", "tools", "tests", "benchmarks")
+        for p in (ROOT / folder).rglob("*")
+        if p.suffix in (".py", ".sh", ".js") and p.name != Path(__file__).name
+    ) + (ROOT / "Makefile").read_text(encoding="utf-8")
+    named = {v for md in DOCS for v in re.findall(r"\bSDENGINE_[A-Z0-9_]*[A-Z0-9]\b", md.read_text(encoding="utf-8"))}
+    assert len(named) > 5
+    missing = sorted(v for v in named if v not in sources)
+    assert not missing, f"variables the docs name that nothing reads: {missing}"
