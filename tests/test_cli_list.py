@@ -220,3 +220,42 @@ def test_the_command_line_lists_files_without_torch(tmp_path):
         env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
     assert r.returncode == 0 and r.stdout.strip().endswith("no torch"), r.stderr[-800:]
+
+
+def test_a_name_with_a_newline_stays_on_its_row(tmp_path, capsys):
+    # once the table broke in two at the newline (a row "b  L  ..." that names no file); --json was exact
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    (loras / "a\nb.safetensors").write_bytes(b"x")
+    (loras / "tab\tx\u202e.pt").write_bytes(b"x")  # a tab and a right-to-left override
+    rc, out, _ = _list(capsys, "loras", "--loras-dir", str(loras))
+    assert rc == 0
+    lines = out.splitlines()
+    assert len(lines) == 4  # header, emoji-fruit and the two files
+    assert lines[2].startswith("a\\nb ") and lines[2].endswith("a\\nb.safetensors")
+    assert lines[3].startswith("tab\\tx\\u202e ")
+    assert sorted(r["name"] for r in _json(capsys, "loras", "--loras-dir", str(loras))) == [
+        "a\nb",
+        "emoji-fruit",
+        "tab\tx\u202e",
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["samplers", "--loras-dir", "x"], "--loras-dir is where LoRAs are: it changes nothing in 'list samplers'"),
+        (
+            ["embeddings", "--models-dir", "x"],
+            "--models-dir is where models are: it changes nothing in 'list embeddings'",
+        ),
+        (["loras", "--embeddings-dir", "x"], "--embeddings-dir is where embeddings are"),
+    ],
+)
+def test_a_folder_of_another_kind_is_refused(capsys, argv, flag):
+    """`list embeddings --models-dir D` printed "no embeddings", `list samplers --loras-dir D` the samplers: the
+    folder was ignored without a word."""
+    rc, out, err = _list(capsys, *argv)
+    assert rc == 2 and out == "" and err.count("\n") == 1 and flag in err, err
+    kind = flag.split()[0][2:-4]
+    assert f"did you mean 'sdengine list {kind} --{kind}-dir DIR'?" in err

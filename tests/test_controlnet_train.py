@@ -120,6 +120,9 @@ def test_bad_training_input_is_one_line(tmp_path, capsys) -> None:
     assert rc != 0
     err = capsys.readouterr().err
     assert "depth" in err and "valid" in err and len(err.strip().splitlines()) == 1
+    rc = main(["train", "controlnet", "--model", "emoji", "--data", str(tmp_path), "--sample-prompt", "a cat"])
+    err = capsys.readouterr().err  # once ignored without --sample-every
+    assert rc == 2 and "--sample-prompt is the prompt of --sample-every N's samples" in err
 
 
 def test_sample_every_writes_controlled_samples_and_keeps_the_random_stream(tmp_path, tiny_sd1_folder) -> None:
@@ -145,3 +148,38 @@ def test_sample_every_writes_controlled_samples_and_keeps_the_random_stream(tmp_
     weights = "controlnet/diffusion_pytorch_model.safetensors"
     a, b = load_file(tmp_path / "plain" / weights), load_file(out / weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_another_condition_or_model_is_refused_unless_forced(tmp_path, tiny_sd1_folder, capsys) -> None:
+    """`--resume` with another --condition (or --model) of the same shape trained on without a word, the ControlNet
+    then fitting neither; the checkpoint records both: one line naming the recorded one, nothing changed, and
+    --force-resume (a moved model file, or meant) continues it."""
+    from sdengine.cli import main
+    from sdengine.train.checkpoint import load_checkpoint, model_identity
+
+    data_dir = _shapes_folder(tmp_path / "data", n=2)
+    out = tmp_path / "run"
+    args = ["train", "controlnet", "--model", str(tiny_sd1_folder), "--data", str(data_dir), "--resolution", "32"]
+    args += ["--batch-size", "1", "--warmup", "0", "--out", str(out), "--device", "cpu", "--checkpoint-every", "1"]
+    assert main([*args, "--condition", "canny", "--steps", "1"]) == 0
+    capsys.readouterr()
+    before = (out / "checkpoint.pt").read_bytes()
+    import shutil
+
+    moved = shutil.copytree(tiny_sd1_folder, tmp_path / "moved-model")  # the same weights elsewhere
+    (tmp_path / "link").symlink_to(tiny_sd1_folder, target_is_directory=True)  # the same folder by another name
+    other_model = [*args, "--condition", "canny", "--steps", "2", "--resume"]
+    other_model[other_model.index("--model") + 1] = str(moved)
+    for again, recorded in (
+        ([*args, "--condition", "softedge", "--steps", "2", "--resume"], "--condition canny, not softedge"),
+        (other_model, f"--model {tiny_sd1_folder.resolve()}, not {moved}"),
+    ):
+        assert main(again) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and recorded in err[0] and "--force-resume" in err[0], err
+        assert (out / "checkpoint.pt").read_bytes() == before
+    assert model_identity(tmp_path / "link") == model_identity(tiny_sd1_folder)  # one model, however spelt
+    assert main([*args, "--condition", "softedge", "--steps", "2", "--resume", "--force-resume"]) == 0
+    assert int(load_checkpoint(out / "checkpoint.pt")["step"]) == 2
+    assert main([*args, "--condition", "canny", "--steps", "3", "--force-resume"]) == 2
+    assert "--force-resume continues a run: give it with --resume" in capsys.readouterr().err

@@ -144,6 +144,25 @@ def test_unconditional_training_on_a_folder(tmp_path):
     assert imgs.shape == (2, 3, 16, 16)
 
 
+def test_sample_of_an_unconditional_model_refuses_label_and_cfg(tmp_path, capsys):
+    """`sample MODEL --label 3 --cfg 2` of a model without classes drew its grid as if neither was given."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (16, 16), (100 * i, 50, 128)).save(folder / f"{i}.png")
+    s = DDPMSpec(data=str(folder), image_size=16, channels=3, unet=dataclasses.replace(TINY, in_channels=3))
+    train_ddpm(s, cfg(1, batch_size=2), tmp_path / "run", progress=False)
+    model = str(tmp_path / "run" / "model")
+    for extra, words in ((["--label", "3"], "--label would"), (["--label", "3", "--cfg", "2"], "--label and --cfg")):
+        rc = main(["sample", model, "--n", "2", "--steps", "1", *extra, "--out", str(tmp_path / "g.png")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "is an unconditional model (no classes)" in err and words in err
+    assert not (tmp_path / "g.png").exists()
+    assert main(["sample", model, "--n", "2", "--steps", "1", "--out", str(tmp_path / "g.png")]) == 0
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -204,3 +223,26 @@ def test_overwrite_removes_the_old_runs_sample_grids(tmp_path):
     assert old, list(out.iterdir())
     train_ddpm(spec(), cfg(2, batch_size=4), out, data=toy_data(8), progress=False, overwrite=True, samples=False)
     assert not list(out.glob("samples_*.png")) and (out / "model").is_dir()
+
+
+def test_resume_with_another_size_or_prediction_is_refused_unless_forced(tmp_path):
+    """A conv U-Net has the same tensor shapes at another --size, --prediction or --beta-schedule, so `--resume`
+    with one trained the epsilon model as a v-prediction one (or a 16-px one at 8 px) without a word."""
+    from sdengine.io.checkpoint import CheckpointError
+
+    data = toy_data()
+    out = tmp_path / "run"
+    train_ddpm(spec(), cfg(2), out, data=data, progress=False)
+    before = (out / "checkpoint.pt").read_bytes()
+    for change, words in (
+        ({"image_size": 8}, "--size 16, not 8"),
+        ({"prediction": "v_prediction"}, "--prediction epsilon, not v_prediction"),
+        ({"beta_schedule": "squaredcos_cap_v2"}, "--beta-schedule linear, not squaredcos_cap_v2"),
+        ({"data": "other"}, "--data toy, not other"),
+    ):
+        with pytest.raises(CheckpointError, match=words.replace("-", r"\-") + ".*--force-resume"):
+            train_ddpm(dataclasses.replace(spec(), **change), cfg(3), out, data=data, progress=False, resume=True)
+        assert (out / "checkpoint.pt").read_bytes() == before
+    changed = dataclasses.replace(spec(), prediction="v_prediction")
+    result, _ = train_ddpm(changed, cfg(3), out, data=data, progress=False, resume=True, force_resume=True)
+    assert len(result.losses) == 3

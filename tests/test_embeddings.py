@@ -208,6 +208,9 @@ def test_names_match_whole_token_runs_only(sd1_ti):
     assert tok.encode("a embedding:pekora.pt, b") == tok.encode("a pekora, b")
     assert tok.encode("(embedding:mignon:1.2)") == tok.encode("(mignon:1.2)")
     assert tok.encode("embedding: cat") == tok.encode("embedding: cat")  # no name after it: left alone
+    # a file in a subfolder as ComfyUI names it (and its /embeddings lists it): embedding:negative/badhands
+    assert tok.encode("a embedding:negative/badhands.bin, b") == tok.encode("a badhands, b")
+    assert tok.encode("embedding:other/badhands") == tok.encode("embedding:other/") + tok.encode("badhands")
     assert tok.embeddings.used("embedding:badhands.safetensors", "") == {
         "badhands": tok.embeddings.load("badhands").hash
     }
@@ -419,7 +422,9 @@ def test_server_uses_and_lists_the_folder(sd1_ti, tmp_path):
     }
     assert set(summary["loaded"]) == {"badhands", "mignon", "pekora", "sunsetstyle"}
     assert set(summary["skipped"]) == {"junk"}
-    assert comfy == ["badhands", "junk", "mignon", "pekora", "sunsetstyle"]
+    # ComfyUI's names: the path in the folder without the suffix, sorted by path (the stem alone was once listed
+    # for a file in a subfolder, which `embedding:NAME` in ComfyUI's prompts does not find there)
+    assert comfy == ["junk", "mignon", "negative/badhands", "pekora", "sunsetstyle"]
     np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(want.images[0]))
 
 

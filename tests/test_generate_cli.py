@@ -969,3 +969,77 @@ def test_prompt_list_reads_a1111_command_line_lines(model, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--strength", "0.5"], "--strength has no effect without --init-image (img2img) or the hires fix"),
+        (["--strength-rule", "a1111"], "--strength-rule has no effect without --init-image"),
+        (["--vae-encode", "tiny"], "--vae-encode has no effect without --init-image"),
+        (["--mask-blur", "4"], "--mask-blur has no effect without --mask or --outpaint"),
+        (["--resize-mode", "crop"], "--resize-mode has no effect without --init-image or --control"),
+        (["--refiner-switch-at", "0.5"], "--refiner-switch-at has no effect without --refiner"),
+        (["--subseed", "7"], "--subseed has no effect without a --subseed-strength above 0"),
+        (["--lora-dir", "{missing}"], "LoRA folder {missing} does not exist"),
+        (["--lora-dir", "{file}"], "LoRA folder {file} is not a folder"),
+    ],
+)
+def test_a_flag_without_effect_or_a_missing_lora_dir_is_refused_before_loading(
+    model, tmp_path, capsys, monkeypatch, flags, message
+):
+    """`--strength 0.5` on a text-to-image run (no init image, no hires fix) was dropped without a word, and a
+    `--lora-dir` that no <lora:...> tag used was never looked at: both now one line, before the model loads."""
+    import sdengine.pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sdengine.pipeline, "load_pipeline", refuse)
+    (tmp_path / "file.txt").write_text("x")
+    names = {"missing": tmp_path / "nope", "file": tmp_path / "file.txt"}
+    flags = [f.format(**names) for f in flags]
+    rc = _generate("x", "--model", str(model), "--steps", "2", *flags, "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message.format(**names) in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_strength_is_the_default_of_a_prompt_lists_img2img_lines(model, tmp_path, capsys):
+    """`generate --prompts list.jsonl --strength 0.3` dropped the flag (no --init-image on the command line), so
+    a line with its own init image ran at 0.75; and a text-to-image line records no strength."""
+    import json
+
+    picture(32, 32).save(tmp_path / "init.png")
+    listing = tmp_path / "list.jsonl"
+    lines = [{"prompt": "a", "init_image": str(tmp_path / "init.png")}, {"prompt": "b"}]
+    listing.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "o"
+    rc = _generate(
+        "--prompts", str(listing), "--model", str(model), "--steps", "4", "--strength", "0.5", "--out", str(out)
+    )
+    assert rc == 0, capsys.readouterr().err
+    first, second = (Image.open(out / name).info["parameters"] for name in ("00000-0.png", "00001-1.png"))
+    assert "Denoising strength: 0.5," in first
+    assert "Denoising strength" not in second
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["generate", "x", "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+        (["train", "lora", "--model", "emoji"], "the following arguments are required: --data"),
+        (["list", "checkpoints"], "invalid choice: 'checkpoints'"),
+    ],
+)
+def test_argument_parser_mistakes_are_one_line_too(capsys, argv, message):
+    """docs/cli.md: mistakes end as one line, `sdengine: error: ...`, exit 2; argparse's own ones printed the
+    whole usage first (thirty lines for generate), the error last."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("sdengine: error: ") and message in err, err
+    assert (
+        f"(see 'sdengine {' '.join(a for a in argv[:2] if a in ('generate', 'train', 'lora', 'list'))} --help')" in err
+    )

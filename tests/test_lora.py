@@ -193,6 +193,48 @@ def test_parity_with_diffusers(loras, fmt, relaxed_peft_check):
     assert torch.equal(after[0], base[0]) and torch.equal(after[1], base[1])
 
 
+def _old_diffusers_layout(lora: dict) -> dict[str, torch.Tensor]:
+    """The same tensors as diffusers wrote before PEFT: attention-processor names on the U-Net
+    (`attn1.processor.to_q_lora.down.weight`), `lora_linear_layer` on the text encoder; no alpha."""
+    old = {}
+    for mod, (down, up) in lora["unet"].items():
+        block, _, proj = mod.removesuffix(".0").rpartition(".")  # attn1.to_out.0 -> attn1, to_out
+        if ".attn" in block and proj in ("to_q", "to_k", "to_v", "to_out"):
+            old[f"unet.{block}.processor.{proj}_lora.down.weight"] = down
+            old[f"unet.{block}.processor.{proj}_lora.up.weight"] = up
+    for mod, (down, up) in lora["te"].items():
+        old[f"text_encoder.{mod}.lora_linear_layer.down.weight"] = down
+        old[f"text_encoder.{mod}.lora_linear_layer.up.weight"] = up
+    assert any(".processor.to_out_lora." in k for k in old)
+    return old
+
+
+@pytest.mark.parametrize("variant", ["kohya-fp16", "kohya-bf16", "diffusers-old-layout"])
+def test_half_precision_and_old_diffusers_files_equal_diffusers(loras, variant, tmp_path, relaxed_peft_check):
+    """Files as users get them: a kohya LoRA saved in fp16 or bf16 (most Civitai files) on an fp32 model, and
+    diffusers' pre-PEFT layout; U-Net and text-encoder outputs equal diffusers' load_lora_weights of the same file."""
+    from safetensors.torch import load_file
+
+    if variant == "diffusers-old-layout":
+        sd = _old_diffusers_layout(loras[0])
+    else:
+        dtype = torch.float16 if variant == "kohya-fp16" else torch.bfloat16
+        sd = {k: v.to(dtype) for k, v in load_file(str(loras[0]["kohya"])).items()}
+    path = tmp_path / f"{variant}.safetensors"
+    save_safetensors(sd, path)
+    ref_unet, ref_te = diffusers_models()
+    ours_unet, ours_te = sdengine_models(ref_unet, ref_te)
+    base = run_ours(ours_unet, ours_te)
+    diffusers_load(ref_unet, ref_te, path, "a")
+    diffusers_weights(ref_unet, ref_te, ["a"], [0.8])
+    with apply_loras(ours_unet, ours_te, [(path, 0.8)]) as h:
+        assert h.reports[0].complete
+        ours = run_ours(ours_unet, ours_te)
+    ref = run_ref(ref_unet, ref_te)
+    assert max_err(ref[0], ours[0]) < TOL and max_err(ref[1], ours[1]) < TOL
+    assert max_err(ours[0], base[0]) > 1e-3 and max_err(ours[1], base[1]) > 1e-3
+
+
 def test_two_loras_with_weights_match_diffusers_set_adapters(loras, relaxed_peft_check):
     """Two LoRAs (one PEFT, one kohya) at 0.8 and 0.5, then re-weighted without reloading, as set_adapters."""
     ref_unet, ref_te = diffusers_models()
@@ -249,6 +291,46 @@ def test_kohya_ldm_names_load_like_diffusers_names(loras, tmp_path):
         assert h.reports[0].complete
         got = run_ours(ours_unet, ours_te)
     assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
+
+
+def test_comfyui_layout_loads_like_the_kohya_file(loras, tmp_path):
+    """ComfyUI's own layout (its LoraSave node: `diffusion_model.<LDM name>` and
+    `text_encoders.clip_l.transformer.<CLIP name>` with kohya's `lora_up`/`lora_down`, fp16, no alpha) once found
+    "no LoRA layers"; it gives what the kohya file (diffusers-checked above) with the same tensors gives. A clip_g
+    layer (SDXL's second encoder) on an SD1 model names SDXL, and a DiT's `diffusion_model.` names still do."""
+    from sdengine.weights.lora import unet_ldm_names
+
+    unet, te = fresh_models()
+    ldm = unet_ldm_names(unet)
+    comfy, kohya = {}, {}
+    for key, w in LoRAFile.load(loras[0]["kohya"]).layers.items():
+        if key.startswith("lora_unet_"):
+            dotted = next(m for m in ldm if kohya_name("unet", m) == key)
+            name = "diffusion_model." + ldm[dotted]
+        else:
+            dotted = next(m for m, _ in te.named_modules() if kohya_name("text_encoder", m) == key)
+            name = "text_encoders.clip_l.transformer." + dotted
+        assert name.startswith(("diffusion_model.", "text_encoders.clip_l.transformer.text_model."))
+        for part, t in (("lora_down.weight", w.down), ("lora_up.weight", w.up)):
+            comfy[f"{name}.{part}"] = kohya[f"{key}.{part}"] = t.half()
+    assert any(k.startswith("text_encoders.clip_l.transformer.text_model.encoder.") for k in comfy)
+    save_safetensors(comfy, tmp_path / "comfy.safetensors")
+    save_safetensors(kohya, tmp_path / "kohya.safetensors")
+    with apply_loras(unet, te, [(tmp_path / "kohya.safetensors", 0.7)]):
+        want = run_ours(unet, te)
+    with apply_loras(unet, te, [(tmp_path / "comfy.safetensors", 0.7)]) as h:
+        assert h.reports[0].complete and len(h.reports[0].matched) == len(comfy) // 2
+        got = run_ours(unet, te)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert max_err(got[0], run_ours(unet, te)[0]) > 1e-3  # the LoRA acts
+
+    g = "text_encoders.clip_g.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+    dit = "diffusion_model.blocks.0.self_attn.q"  # a Wan-style DiT
+    for layer, d_in, family in ((g, 1280, "SDXL"), (dit, 3072, "a diffusion transformer")):
+        other = {**comfy, f"{layer}.lora_down.weight": torch.ones(4, d_in), f"{layer}.lora_up.weight": torch.ones(8, 4)}
+        save_safetensors(other, tmp_path / "other.safetensors")
+        with pytest.raises(LoRAError, match=f"a LoRA for {family}"):
+            apply_loras(unet, te, [(tmp_path / "other.safetensors", 1.0)])
 
 
 # ---------------------------------------------------------------------------------------------- fuse, weights
@@ -715,3 +797,98 @@ def test_pipeline_lora_entry_without_weight_is_a_usage_error():
     pipe = sdengine.load_pipeline("emoji")
     with pytest.raises(UsageError, match="loras: each entry"):
         pipe("a cat", loras=[("x",)], steps=1, progress=False)
+
+
+# ---------------------------------------------------------------------------------- ComfyUI's LoraLoader
+
+
+def _kohya_for(modules, component: str, seed: int) -> dict[str, torch.Tensor]:
+    """A kohya LoRA (rank 2, alpha 1) on every attention q projection of ``modules`` (a U-Net or text encoder)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in modules.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.endswith(("attn1.to_q", "self_attn.q_proj")):
+            key = kohya_name(component, name)
+            out[f"{key}.lora_down.weight"] = torch.randn(2, m.in_features, generator=g) * 0.3
+            out[f"{key}.lora_up.weight"] = torch.randn(m.out_features, 2, generator=g) * 0.3
+            out[f"{key}.alpha"] = torch.tensor(1.0)
+    assert out
+    return out
+
+
+def test_comfyui_lora_loader_takes_unet_only_and_text_encoder_only_loras(tmp_path, tiny_sd1_folder, caplog):
+    """ComfyUI's LoraLoader puts a LoRA on the MODEL (strength_model) and on the CLIP (strength_clip); each side
+    applies the file's layers of its own part. A U-Net-only LoRA (most SDXL LoRAs) with the default strength_clip 1
+    once failed at CLIPTextEncode ("none of its layers match"), and a text-encoder-only one at the KSampler; a full
+    LoRA logged its other part as unmatched on each side. Split in two, the parts give the whole LoRA's effect."""
+    import sdengine
+    from sdengine.latent_sampling import encode_text, sample_latents
+    from sdengine.server.comfy.nodes import ClipHandle, RunContext, clip_text_encode
+
+    pipe = sdengine.load_pipeline(str(tiny_sd1_folder), device="cpu")
+    unet_part, te_part = _kohya_for(pipe.unet, "unet", 1), _kohya_for(pipe.text_encoder, "text_encoder", 2)
+    paths = {}
+    for name, sd in (("unet", unet_part), ("te", te_part), ("full", {**unet_part, **te_part})):
+        paths[name] = str(tmp_path / f"{name}.safetensors")
+        save_safetensors(sd, paths[name])
+    ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+    args = {"seed": 3, "steps": 2, "cfg": 5.0, "sampler": "euler", "schedule": "normal"}
+    empty = torch.zeros(1, 4, 8, 8)
+
+    def run(model_loras, clip_loras):
+        clip = ClipHandle("x", loras=tuple((p, 1.0) for p in clip_loras))
+        pos, neg = (clip_text_encode(ctx, text, clip)[0][0] for text in ("a red apple", "blurry"))
+        return sample_latents(pipe, [pos], [neg], empty, loras=[(p, 1.0) for p in model_loras], **args)
+
+    with torch.inference_mode(), caplog.at_level(logging.WARNING):
+        base = sample_latents(pipe, [encode_text(pipe, "a red apple")], [encode_text(pipe, "blurry")], empty, **args)
+        assert torch.equal(run([], []), base)
+        unet_only = run([paths["unet"]], [paths["unet"]])  # LoraLoader with a U-Net-only file, both strengths 1
+        te_only = run([paths["te"]], [paths["te"]])
+        full = run([paths["full"]], [paths["full"]])
+        assert torch.equal(unet_only, run([paths["unet"]], []))  # its CLIP side adds nothing
+        assert torch.equal(te_only, run([], [paths["te"]]))  # its MODEL side adds nothing
+        assert torch.equal(full, run([paths["unet"]], [paths["te"]]))  # each side applies its own part
+        with apply_loras(pipe.unet, pipe.text_encoder, [(paths["full"], 1.0)]):  # the pipeline's whole LoRA
+            whole = sample_latents(
+                pipe, [encode_text(pipe, "a red apple")], [encode_text(pipe, "blurry")], empty, **args
+            )
+    assert float((unet_only - base).abs().mean()) > 1e-3 and float((te_only - base).abs().mean()) > 1e-3
+    assert float((full - whole).abs().max()) < 1e-5
+    assert not [r for r in caplog.records if "unmatched" in r.getMessage()]  # no part is reported as missing
+
+
+def test_each_part_of_a_lora_is_found_whatever_the_naming():
+    """ComfyUI's LoraLoader applies the U-Net part on the MODEL and the text-encoder part on the CLIP
+    (``apply_loras(part=...)``): a text-encoder layer is one whether it is named the kohya, PEFT, ComfyUI or bare
+    CLIP way; a bare name (`text_model.encoder...`) once went to the U-Net side and was lost on the CLIP side."""
+    from sdengine.weights.lora import lora_part
+
+    unet, te = fresh_models()
+    q = next(n for n, _ in te.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    assert q.startswith("text_model.")
+    d, u = torch.full((2, 32), 0.1), torch.full((32, 2), 0.1)
+    te_names = [kohya_name("text_encoder", q), f"text_encoder.{q}", f"text_encoders.clip_l.transformer.{q}", q]
+    for name in te_names:
+        a, b = ("lora_down", "lora_up") if name.startswith(("lora_", "text_encoders.")) else ("lora_A", "lora_B")
+        lf = LoRAFile.from_state_dict({f"{name}.{a}.weight": d, f"{name}.{b}.weight": u}, name="te")
+        assert list(lora_part(lf, "text_encoders").layers) == [name] and not lora_part(lf, "unet").layers, name
+        with apply_loras(None, te, [(lf, 1.0)], part="text_encoders") as h:
+            assert h.reports[0].matched == [f"text_encoder:{q}"], name
+
+
+def test_alpha_shapes_and_rank_mismatch(tmp_path):
+    """kohya writes alpha 0-d; other tools write it as a 1-element tensor, in fp16 or as an integer: the same
+    scale. A down of rank 4 with an up of rank 8 is no LoRA pair: one line naming the layer and both shapes."""
+    unet, te = fresh_models()
+    outs = []
+    for alpha in (torch.tensor(2.0), torch.tensor([2.0]), torch.tensor([2.0], dtype=torch.float16), torch.tensor(2)):
+        lf = LoRAFile.from_state_dict(_pair(rank=4, down=0.2, up=0.3, alpha=1.0) | {f"{_LAYER}.alpha": alpha})
+        assert lf.layers[_LAYER].scale == 0.5
+        with apply_loras(unet, te, [(lf, 1.0)]):
+            outs.append(run_ours(unet, te)[0])
+    assert all(torch.equal(o, outs[0]) for o in outs) and max_err(outs[0], run_ours(unet, te)[0]) > 1e-4
+    bad = {f"{_LAYER}.lora_down.weight": torch.ones(4, 32), f"{_LAYER}.lora_up.weight": torch.ones(32, 8)}
+    save_safetensors(bad, tmp_path / "ranks.safetensors")
+    with pytest.raises(LoRAError, match=rf"ranks.safetensors: {_LAYER}: down \(4, 32\) and up \(32, 8\) are not a"):
+        apply_loras(unet, te, [(tmp_path / "ranks.safetensors", 1.0)])

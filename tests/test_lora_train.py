@@ -273,6 +273,10 @@ def test_bad_training_inputs_are_one_line(setup, tmp_path, capsys):
         # a name with a folder in it wrote OUT/a/b.safetensors; a ':' would break its <lora:NAME:W> tag
         (["--data", str(data_dir), "--name", "a/b"], r"LoRA name 'a/b': it becomes the file name"),
         (["--data", str(data_dir), "--name", "x:1"], r"LoRA name 'x:1': it becomes the file name"),
+        # settings that would change nothing, once ignored without a word
+        (["--data", str(data_dir), "--sample-prompt", "a"], r"--sample-prompt is the prompt of --sample-every N's"),
+        (["--data", str(data_dir), "--conv-rank", "4"], r"are those of --target conv's 3x3 convolutions"),
+        (["--data", str(data_dir), "--conv-alpha", "2", "--target", "ff"], r"add --target conv, or drop them"),
     ]
     for extra, pattern in cases:
         rc = main(
@@ -332,6 +336,17 @@ def test_same_train_command_twice_is_refused_unless_overwrite(setup, tmp_path, c
     rc = main(other)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--name sks, not other" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # --resume with another model of the same shape (a copy elsewhere) trained on without a word: refused
+    import shutil
+
+    copy = shutil.copytree(model, tmp_path / "copy")
+    other = [*args, "--resume", "--steps", "3"]
+    other[other.index("--model") + 1] = str(copy)
+    assert main(other) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--model {Path(model).resolve()}, not {copy}" in err, err
+    assert "--force-resume" in err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert main([*args, "--overwrite"]) == 0
     assert (out / "sks.safetensors").is_file()

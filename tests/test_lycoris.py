@@ -25,6 +25,7 @@ from test_weights_common import randomize, state, tiny_clip, tiny_unet
 pytest.importorskip("lycoris")
 
 from lycoris.modules.dylora import DyLoraModule  # noqa: E402
+from lycoris.modules.full import FullModule  # noqa: E402
 from lycoris.modules.ia3 import IA3Module  # noqa: E402
 from lycoris.modules.locon import LoConModule  # noqa: E402
 from lycoris.modules.loha import LohaModule  # noqa: E402
@@ -128,6 +129,7 @@ CASES = {
     "locon-tucker": (LoConModule, {"use_tucker": True}),
     "ia3": (IA3Module, {}),
     "ia3-on-input": (IA3Module, {"train_on_input": True}),
+    "full": (FullModule, {}),  # `diff` and `diff_b`: the whole weight and bias differences
 }
 DORA_CASES = {
     "dora-lora": (LoConModule, {"weight_decompose": True}),
@@ -162,6 +164,24 @@ def test_outputs_equal_lycoris(case):
         assert rel(ours, r) <= TOL
         assert rel(fz, r) <= TOL
     assert all(torch.equal(a, b) for a, b in zip(run(unet, te), base, strict=True))  # removed: exactly the base
+
+
+@pytest.mark.parametrize("case", ["loha", "lokr", "locon-tucker"])
+def test_an_integer_alpha_is_read_as_its_number(case):
+    """A LyCORIS layer whose alpha was saved as an integer tensor (torch.tensor(2) from a trainer given an int)
+    was refused ("alpha has dtype torch.int64, not floating point") while a plain LoRA layer takes one; it is the
+    number, as A1111 and ComfyUI read it (.item()): the outputs equal LyCORIS' with alpha 2."""
+    cls, kwargs = CASES[case]
+    sd, ref, _, _ = oracle(cls, kwargs, seed=5, multiplier=0.7, alpha=2.0)
+    alphas = [k for k in sd if k.endswith(".alpha") and float(sd[k]).is_integer()]  # LyCORIS writes 2.0 or r
+    assert len(alphas) >= 3
+    sd = {k: torch.tensor(int(v)) if k in alphas else v for k, v in sd.items()}
+    unet, te = fresh_models()
+    with apply_loras(unet, te, [(LoRAFile.from_state_dict(sd, name=case), 0.7)]) as h:
+        assert h.reports[0].complete
+        got = run(unet, te)
+    for ours, r in zip(got, ref, strict=True):
+        assert rel(ours, r) <= TOL
 
 
 @pytest.mark.parametrize("case", ["loha", "lokr-decompose-both", "lokr-tucker", "locon-tucker", "ia3", "dora-loha"])
@@ -564,13 +584,43 @@ def test_a_whole_factor_lokr_with_lycoris_huge_alpha_loads():
             assert rel(ours, r) <= TOL
 
 
-@pytest.mark.parametrize("extra", ["diff", "w_norm"])
-def test_a_file_with_parts_sdengine_cannot_apply_is_refused_whole(extra):
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ("diff", "mixes Full \\(diff\\) and LoCon \\(Tucker\\) parts in one layer"),
+        ("w_norm", "does not apply: 1 keys of .*refused rather than half applied"),
+    ],
+)
+def test_a_file_with_parts_sdengine_cannot_apply_is_refused_whole(extra, match):
     """LoCon layers beside full differences (`diff`) or trained norm layers (`w_norm`/`b_norm`): once the rest was
     applied and the part skipped with a warning (another image than the file's); now refused in one line."""
     sd, _, _, _ = oracle(*CASES["locon-tucker"], seed=23)
     name = next(iter(sd)).split(".")[0]
     sd[f"{name}.{extra}"] = torch.zeros(4)
     unet, te = fresh_models()
-    with pytest.raises(LoRAError, match="does not apply: 1 keys of .*refused rather than half applied"):
+    with pytest.raises(LoRAError, match=match):
         apply_loras(unet, te, [(LoRAFile.from_state_dict(sd, name="mixed"), 1.0)])
+
+
+@pytest.mark.parametrize(
+    "layer, extra, match",
+    [
+        # ComfyUI's extractor (bias_diff) and trainer write 1-d diffs for norm layers: never half a file
+        ("lora_unet_down_blocks_0_resnets_0_norm1", {"diff": torch.zeros(32)}, "a norm layer's"),
+        ("lora_unet_down_blocks_0_resnets_0_conv2", {"diff_b": torch.zeros(32)}, "diff_b\\) alone"),
+        (
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",  # a Linear without a bias
+            {"diff": torch.zeros(32, 32), "diff_b": torch.zeros(32)},
+            "layer without a bias",
+        ),
+        ("lora_unet_down_blocks_0_resnets_0_conv1", {"diff": torch.zeros(32, 32, 1, 1)}, "kernel"),
+    ],
+)
+def test_full_differences_that_do_not_fit_are_refused_whole(layer, extra, match):
+    """Full (`diff`) layers beside good ones: each misfit refuses the whole file in one line naming it."""
+    sd, _, _, _ = oracle(*CASES["full"], seed=24)
+    sd.update({f"{layer}.{k}": v for k, v in extra.items()})
+    unet, te = fresh_models()
+    with pytest.raises(LoRAError, match=match) as e:
+        apply_loras(unet, te, [(LoRAFile.from_state_dict(sd, name="full"), 1.0)])
+    assert "\n" not in str(e.value)

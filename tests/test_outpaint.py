@@ -135,3 +135,21 @@ def test_from_png_of_an_outpainted_image(tiny_sd1_folder, tmp_path):
     made = tmp_path / "a" / "00000-3.png"
     assert main(["generate", "--from-png", str(made), "--out", str(tmp_path / "b"), *common]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(tmp_path / "b" / "00000-3.png")))
+
+
+def test_from_png_of_an_outpainted_image_without_its_flags_names_outpaint(tiny_sd1_folder, tmp_path, capsys):
+    """The first line a user met for an outpainted PNG asked for `--init-image (and --mask)`, the second (after
+    giving the init image) for `--mask (or --outpaint)`: the first now names --outpaint too."""
+    from sdengine.cli import main
+
+    init = tmp_path / "init.png"
+    _picture(24, 24).save(init)
+    args = ["--model", str(tiny_sd1_folder), "--init-image", str(init), "--outpaint", "8", "--no-progress"]
+    assert main(["generate", "a wall", "--steps", "2", "--seed", "3", "--out", str(tmp_path / "a"), *args]) == 0
+    capsys.readouterr()
+    made = tmp_path / "a" / "00000-3.png"
+    assert (
+        main(["generate", "--from-png", str(made), "--model", str(tiny_sd1_folder), "--out", str(tmp_path / "b")]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("give the same --init-image (and --mask or --outpaint)"), err

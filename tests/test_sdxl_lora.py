@@ -194,3 +194,37 @@ def test_comfyui_lora_loader_applies_an_sdxl_lora_in_two_parts(folder, tmp_path,
     assert float((plain - want).abs().max()) < 1e-5  # without the LoRA: the pipeline's latents
     assert float((got - plain).abs().mean()) > 1e-3  # the LoRA acts
     assert float((got - want_lora).abs().max()) < 1e-4  # and in two parts it is the pipeline's LoRA
+
+
+@pytest.mark.slow  # about 5 s: the kohya file is made with diffusers' SDXL and PEFT
+def test_comfyui_layout_sdxl_lora_equals_the_kohya_file(folder, tmp_path):
+    """An SDXL LoRA in ComfyUI's own layout (`diffusion_model.<LDM name>`, `text_encoders.clip_l.transformer.` and
+    `text_encoders.clip_g.transformer.`, fp16, kohya part names) gives the kohya file's image (which equals
+    diffusers', above): all three parts found, the second encoder's by its clip_g name."""
+    from sdengine.weights.lora import LoRAFile
+
+    pipe = sdengine.load_pipeline(folder, device="cpu")
+    kohya = _write_kohya(folder, tmp_path / "xl.safetensors", pipe.unet)
+    names = {"lora_unet_" + d.replace(".", "_"): "diffusion_model." + d for d in unet_ldm_names(pipe.unet).values()}
+    for prefix, clip, te in (("lora_te1_", "clip_l", pipe.text_encoder), ("lora_te2_", "clip_g", pipe.text_encoder_2)):
+        for n, _ in te.named_modules():
+            full = n if n.startswith("text_model.") else f"text_model.{n}"
+            names[prefix + full.replace(".", "_")] = f"text_encoders.{clip}.transformer.{full}"
+    comfy, same = {}, {}
+    for key, w in LoRAFile.load(kohya).layers.items():
+        for part, t in (("lora_down.weight", w.down), ("lora_up.weight", w.up), ("alpha", torch.tensor(w.alpha))):
+            comfy[f"{names[key]}.{part}"] = same[f"{key}.{part}"] = t.half()
+    assert any(k.startswith("text_encoders.clip_g.") for k in comfy)
+    save_safetensors(comfy, tmp_path / "comfy.safetensors")
+    save_safetensors(same, tmp_path / "kohya16.safetensors")
+    handle = apply_loras(
+        pipe.unet, pipe.text_encoder, [(tmp_path / "comfy.safetensors", 1.0)], text_encoder_2=pipe.text_encoder_2
+    )
+    report = handle.reports[0]
+    handle.remove()
+    assert report.complete, report.summary()
+    assert {m.split(":")[0] for m in report.matched} == {"unet", "text_encoder", "text_encoder_2"}
+    got = pipe("a red apple", loras=[(tmp_path / "comfy.safetensors", 1.0)], **KW).arrays
+    want = pipe("a red apple", loras=[(tmp_path / "kohya16.safetensors", 1.0)], **KW).arrays
+    base = pipe("a red apple", **KW).arrays
+    assert np.array_equal(got, want) and float(np.abs(got - base).mean()) > 1e-2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import time
 import urllib.parse
 import urllib.request
@@ -1207,6 +1208,33 @@ def test_upload_image_keeps_one_copy_of_the_same_image_and_numbers_other_ones(cl
     assert f"{sub}/x (1).png" in listed
 
 
+def test_upload_image_writes_off_the_event_loop(client, server):
+    """/upload/image stores the file in a worker thread: while the save lock is held (a running prompt's SaveImage
+    holds it while it writes), an upload waits without stalling the server; it once wrote inside the event loop,
+    so every other request waited too. The upload then lands with its usual answer."""
+    import threading
+
+    lock = server.app.state.comfy.save_lock
+    name = f"held{uuid.uuid4().hex[:8]}.png"
+    answers: list[httpx.Response] = []
+    data = png_bytes(Image.new("RGB", (8, 8), (0, 255, 0)))
+    with httpx.Client(base_url=server.url, timeout=60) as other:
+        t = threading.Thread(
+            target=lambda: answers.append(other.post("/upload/image", files={"image": (name, data, "image/png")}))
+        )
+        assert lock.acquire(timeout=30)
+        try:
+            t.start()
+            time.sleep(0.3)  # the upload reaches the lock
+            r = client.get("/prompt", timeout=5)  # answered while the upload waits
+        finally:
+            lock.release()
+            t.join(60)
+    assert r.status_code == 200, r.text
+    assert answers[0].status_code == 200 and answers[0].json() == {"name": name, "subfolder": "", "type": "input"}
+    assert (Path(server.services.config.outputs_dir) / "input" / name).read_bytes() == data
+
+
 def test_lora_and_controlnet_names_with_their_file_suffix(client):
     """ComfyUI lists LoRA and ControlNet files with their suffix: a workflow written for it names
     "x.safetensors" where sdengine lists "x" (it was refused: value_not_in_list). Both name the same file: the
@@ -1742,6 +1770,37 @@ def test_the_temp_folder_is_emptied_at_start_of_what_sdengine_wrote(tmp_path):
     assert (temp / "keep" / "ComfyUI_temp_00002_.png").is_file()
 
 
+def test_two_servers_on_one_outputs_folder_keep_each_others_temp_files(tmp_path):
+    """A server starting on the outputs folder of a running one once emptied its temp folder, so the running
+    server's previews (and temp uploads) were gone under its clients. Each server now names its previews with its
+    own tag, as ComfyUI's PreviewImage (ComfyUI_temp_XXXXX_NNNNN_.png), and holds a lock file in the temp folder
+    while it runs: a starting server keeps a live server's files and cleans those of servers that are gone."""
+    config = server_config(tmp_path)
+    temp = tmp_path / "outputs" / "temp"
+    data = png_bytes(Image.new("RGB", (8, 8), (9, 9, 9)))
+    g = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "emoji"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+    with live_server(config) as a, httpx.Client(base_url=a.url, timeout=120) as c:
+        r = c.post("/upload/image", files={"image": ("t.png", data, "image/png")}, data={"type": "temp"})
+        assert r.status_code == 200, r.text
+        pid = c.post("/prompt", json={"prompt": g}).json()["prompt_id"]
+        (im,) = wait_history(c, pid)["outputs"]["9"]["images"]
+        assert im["type"] == "temp" and re.fullmatch(r"ComfyUI_temp_[a-z]{5}_00001_\.png", im["filename"]), im
+        with live_server(config) as b, httpx.Client(base_url=b.url, timeout=120) as c2:
+            assert c.get("/view", params=im).status_code == 200  # the running server's preview is kept
+            assert (temp / "t.png").read_bytes() == data
+            pid2 = c2.post("/prompt", json={"prompt": g}).json()["prompt_id"]
+            (im2,) = wait_history(c2, pid2)["outputs"]["9"]["images"]
+            assert im2["filename"] != im["filename"]  # its own tag: no numbering over the other's files
+        assert c.get("/view", params=im).status_code == 200 and c.get("/view", params=im2).status_code == 200
+    with live_server(config):  # no server runs there now: the folder sdengine created is emptied
+        assert sorted(p.name for p in temp.iterdir()) == [".sdengine-temp"]
+
+
 def test_free_memory_also_unloads_the_models_as_comfyui(server, client):
     """ComfyUI's /free: `free_memory` unloads the models too unless `unload_models` is given false (its worker
     reads `flags.get("unload_models", free_memory)`); sdengine once only dropped the node cache."""
@@ -1788,6 +1847,125 @@ def test_validation_errors_give_the_inputs_config_as_comfyui(client):
     g["3"]["inputs"]["sampler_name"] = "nope"
     (error,) = client.post("/prompt", json={"prompt": g}).json()["node_errors"]["3"]["errors"]
     assert error["extra_info"]["received_value"] == "nope"  # the value as sent, as ComfyUI (not its repr)
+
+
+def test_a_non_finite_latent_fails_at_the_sampler_instead_of_saving_a_black_image(tmp_path):
+    """A model that overflows (here the emoji U-Net with an infinite output bias) gave NaN latents that the
+    workflow decoded and saved as a black PNG, a success; the pipeline refuses them (NonFiniteError). The
+    sampler node now fails in one line naming it, and no image is written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sdengine.pipeline import BUILTIN_SD
+
+    model = tmp_path / "models" / "overflow"
+    shutil.copytree(BUILTIN_SD["emoji"], model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(weights)
+    sd["conv_out.bias"] = torch.full_like(sd["conv_out.bias"], float("inf"))
+    save_file(sd, weights)
+    vae = tmp_path / "vaes" / "overflow-vae"  # and a VAE whose decode overflows: VAE Decode fails
+    shutil.copytree(BUILTIN_SD["emoji"] / "vae", vae)
+    weights = vae / "diffusion_pytorch_model.safetensors"
+    sd = load_file(weights)
+    sd["decoder.conv_out.bias"] = torch.full_like(sd["decoder.conv_out.bias"], float("inf"))
+    save_file(sd, weights)
+    config = server_config(tmp_path, models_dir=tmp_path / "models", model="overflow", vaes_dir=tmp_path / "vaes")
+    with live_server(config) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+        g = txt2img_graph()
+        g["4"]["inputs"]["ckpt_name"] = "overflow"
+        g["3"]["inputs"]["steps"] = 2
+        decode = txt2img_graph()
+        decode["10"] = {"class_type": "VAELoader", "inputs": {"vae_name": "overflow-vae"}}
+        decode["8"]["inputs"] = {"samples": ["5", 0], "vae": ["10", 0]}
+        del decode["3"], decode["6"], decode["7"]
+        failed = []
+        for graph in (g, decode):
+            r = c.post("/prompt", json={"prompt": graph})
+            assert r.status_code == 200, r.text
+            h = wait_history(c, r.json()["prompt_id"])
+            assert h["status"]["status_str"] == "error" and h["outputs"] == {}, h
+            (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
+            assert "non-finite" in err["exception_message"], err
+            failed.append(err["node_id"])
+    assert failed == ["3", "8"]
+    assert not list((tmp_path / "outputs").glob("test_*.png"))
+
+
+def test_feature_flags_are_answered_as_comfyui(server, client):
+    """ComfyUI's frontend opens its websocket with a `feature_flags` message and reads the server's in the
+    answer (and from GET /features); sdengine once ignored the message and had no /features (404)."""
+    flags = client.get("/features").json()
+    assert flags == {"supports_preview_metadata": False, "max_upload_size": server.services.config.max_body_bytes}
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={uuid.uuid4().hex}", timeout=30)
+    try:
+        ws_until(ws, "status")
+        ws.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
+        assert ws_until(ws, "feature_flags", timeout=10) == flags
+    finally:
+        ws.close()
+
+
+def test_a_denoise_too_small_for_the_models_timesteps_is_named(client):
+    """KSampler's denoise runs the last `steps` of int(steps / denoise) steps (ComfyUI's rule): at 3 steps and
+    denoise 0.001 that is 3000 steps, more than the model's 1000 timesteps. The node's error once read "steps
+    must be between 1 and 1000, got 3000" (the user gave 3); it now names denoise and the smallest that works."""
+    g = txt2img_graph(denoise=0.001)
+    g["3"]["inputs"]["steps"] = 3
+    r = client.post("/prompt", json={"prompt": g})
+    assert r.status_code == 200, r.text
+    h = wait_history(client, r.json()["prompt_id"])
+    (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
+    assert err["node_id"] == "3" and "denoise 0.001 with 3 steps" in err["exception_message"], err
+    assert "at least 0.003" in err["exception_message"], err
+
+
+def test_extra_pnginfo_that_is_no_object_is_refused_at_the_prompt(client):
+    """extra_data.extra_pnginfo is written by SaveImage as one PNG text per key; a string, list or number was once
+    queued (200) and then failed the job before any node ran: no history entry and no `executing` None, so a
+    ComfyUI client waited for ever. It is now a 400 naming the field; an object (or null) is taken."""
+    for bad in ("abc", [1, 2], 5):
+        r = client.post("/prompt", json={"prompt": txt2img_graph(), "extra_data": {"extra_pnginfo": bad}})
+        assert r.status_code == 400 and "extra_pnginfo" in r.json()["detail"], r.text
+    r = client.post("/prompt", json={"prompt": txt2img_graph(), "extra_data": {"extra_pnginfo": None}})
+    assert r.status_code == 200, r.text
+    assert wait_history(client, r.json()["prompt_id"])["status"]["status_str"] == "success"
+
+
+def test_history_pages_with_offset_and_max_items_as_comfyui(client):
+    """ComfyUI's GET /history takes `offset` (from the offset-th oldest entry) with `max_items`; sdengine once
+    ignored offset and answered the last max_items entries."""
+    for _ in range(3):
+        wait_history(client, client.post("/prompt", json={"prompt": txt2img_graph()}).json()["prompt_id"])
+    ids = list(client.get("/history").json())
+    assert len(ids) >= 3
+    assert list(client.get("/history", params={"offset": 1, "max_items": 2}).json()) == ids[1:3]
+    assert list(client.get("/history", params={"offset": 2}).json()) == ids[2:]
+    assert list(client.get("/history", params={"max_items": 2}).json()) == ids[-2:]
+    assert client.get("/history", params={"max_items": 0}).json() == {}
+
+
+def test_nan_and_infinity_are_refused_in_one_line_and_the_server_keeps_answering(client):
+    """A FLOAT input sent as the text "nan" or "inf" (which float() reads) is an invalid_input_type naming the
+    input and the text as sent; its error once held the converted NaN, which JSON cannot carry: the 400 failed to
+    render (a 500, the connection dropped). NaN and Infinity written as bare JSON words (Python's json.dumps does)
+    are a 400 for the body: such a prompt could never be listed back by /queue and /history."""
+    for text in ("nan", "inf", "-Infinity"):
+        g = txt2img_graph()
+        g["3"]["inputs"]["cfg"] = text
+        r = client.post("/prompt", json={"prompt": g})
+        assert r.status_code == 400, r.text
+        (error,) = r.json()["node_errors"]["3"]["errors"]
+        assert error["type"] == "invalid_input_type" and error["extra_info"]["received_value"] == text, error
+    for where in ("prompt", "extra"):
+        g = txt2img_graph()
+        body = {"prompt": g, "extra_data": {"extra_pnginfo": {"x": 1.5}}}
+        if where == "prompt":
+            g["3"]["inputs"]["cfg"] = 1.5
+        r = client.post("/prompt", content=json.dumps(body).replace("1.5", "NaN"))
+        assert r.status_code == 400 and "NaN" in r.json()["detail"], r.text
+    assert client.get("/queue").status_code == 200 and client.get("/history").status_code == 200
 
 
 @pytest.mark.slow
@@ -1937,6 +2115,21 @@ def test_an_interrupt_of_a_prompt_without_a_client_id_is_told_to_every_socket(ga
         assert wait_history(c, pid)["status"]["status_str"] == "error"
     finally:
         ws.close()
+
+
+@pytest.mark.parametrize("body", [b"stop", b'{"prompt_id": ""}'])
+def test_an_interrupt_with_a_body_that_is_not_json_is_a_global_interrupt(gated, body):
+    """ComfyUI reads a /interrupt body that is not JSON as {} (a global interrupt), and an empty prompt_id as none;
+    sdengine once answered 400 to such a body and left the prompt running."""
+    server, c = gated
+    pid = c.post("/prompt", json={"prompt": txt2img_graph()}).json()["prompt_id"]
+    wait_running(c, pid)  # held in the model load until the gate opens
+    r = c.post("/interrupt", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 200, r.text
+    server.gate.set()
+    h = wait_history(c, pid)
+    assert h["status"]["status_str"] == "error", h["status"]
+    assert any(m[0] == "execution_interrupted" for m in h["status"]["messages"]), h["status"]
 
 
 def test_system_stats_has_comfyuis_fields(client):

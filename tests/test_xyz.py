@@ -216,6 +216,9 @@ def test_xyz_cli_grid_cells_equal_single_generations(emoji, tmp_path, capsys):
     assert read_image_parameters(grid_path) is None  # the grid is not one generation
     assert main(["pnginfo", grid_path]) == 2
     assert "is an sdengine X/Y/Z grid" in capsys.readouterr().err
+    # generate --from-png of it once said "not written by sdengine or A1111"
+    assert main(["generate", "--from-png", grid_path, "--out", str(tmp_path / "again")]) == 2
+    assert "is an sdengine X/Y/Z grid, not one generation: give --from-png one of its cells" in capsys.readouterr().err
 
     # cells are written z, then row, then column; each PNG is its cell of the grid
     x, y, z = Axis("steps", (2, 3)), Axis("sampler", ("euler", "lcm")), Axis("cfg", (3.0, 6.0))
@@ -267,6 +270,9 @@ def test_xyz_cli_errors_are_one_line(tmp_path, capsys):
         (["--x", "cfg=5,7,101"], "cell 3/3: cfg_scale"),
         (["--x", "seed=1,18446744073709551616"], "cell 2/2: seed"),
         (["--x", "steps=2,3", "--y", "prompt=apple,(apple:500)"], "cell 3/4: prompt weight"),
+        # once dropped without a word: every cell was text-to-image
+        (["--x", "steps=2", "--strength", "0.5"], "--strength has no effect without --init-image"),
+        (["--x", "steps=2", "--lora-dir", str(tmp_path / "nope")], "LoRA folder"),
     ]:
         rc = main(["xyz", "a red apple", "--out", str(tmp_path), *args, "--no-progress"])
         err = capsys.readouterr().err

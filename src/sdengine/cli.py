@@ -11,6 +11,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import SdengineError, UsageError
 from .fastpath import OPTIONS as FAST_PATH_OPTIONS
@@ -20,6 +21,17 @@ EXIT_USER_ERROR = 2
 
 class UserError(UsageError):
     """A mistake in the command's input: shown as one line, no traceback."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser with its mistakes (an unknown flag, a bad choice, a missing argument) on one line,
+    ``sdengine: error: ...`` and exit code 2, as every other mistake of the command line, naming the ``--help``
+    to read instead of printing the whole usage before it (``generate``'s is some thirty lines). Subcommands'
+    parsers are of this class too (argparse makes them of their parent's)."""
+
+    def error(self, message: str) -> NoReturn:
+        text = " ".join(message.split())
+        self.exit(EXIT_USER_ERROR, f"sdengine: error: {text} (see '{self.prog} --help')\n")
 
 
 def _device(name: str) -> str:
@@ -44,7 +56,14 @@ def cmd_train_ddpm(a: argparse.Namespace) -> int:
     )
     cfg = train_config(a, sample_every=a.sample_every)
     _, model = train_ddpm(
-        spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite, samples=not a.no_samples
+        spec,
+        cfg,
+        a.out,
+        device=device(a),
+        resume=a.resume,
+        overwrite=a.overwrite,
+        samples=not a.no_samples,
+        force_resume=a.force_resume,
     )
     from .distributed import current_world
 
@@ -62,13 +81,42 @@ def _check_cfg(cfg: float) -> None:
         raise UsageError(f"--cfg must be a number in [0, {MAX_CFG_SCALE:g}], got {cfg}")
 
 
+# The largest side each grid format can hold (WebP's format stores 14 bits; JPEG's 16).
+_MAX_SIDE = {".webp": 16383, ".jpg": 65500, ".jpeg": 65500}
+
+
+def _check_grid_size(n: int, cols: int, image_size: int, out: Path, seed: int) -> None:
+    """``sample``'s grid (``n`` tiles of ``image_size`` at scale 2, 2 px apart) must be an image the usual readers
+    open: at most Pillow's ``MAX_IMAGE_PIXELS`` (about 89 megapixels; past it Pillow, and so ``pnginfo``, warns of
+    a decompression bomb, past twice it refuses), and no side past the format's limit. Checked before sampling,
+    so a huge ``--n`` is one line at once, not hours of sampling and then a failed write."""
+    from PIL import Image
+
+    if n < 1:
+        raise UsageError(f"--n must be a positive number of samples, got {n}")
+    tile = 2 * image_size + 2
+    ncols = cols or max(1, int(round(n**0.5)))
+    width, height = ncols * tile + 2, -(-n // ncols) * tile + 2
+    limit = int(Image.MAX_IMAGE_PIXELS or 0) or 2**31 - 1
+    side = _MAX_SIDE.get(out.suffix.lower(), 2**31 - 1)
+    if width * height > limit or max(width, height) > side:
+        k = (min(math.isqrt(limit), side) - 2) // tile  # the side, in samples, of the largest square grid
+        raise UsageError(
+            f"--n {n}{f' --cols {cols}' if cols else ''} makes a {width}x{height} grid of {image_size}x{image_size} "
+            f"samples, past what image readers open ({limit / 1e6:.0f} megapixels"
+            f"{f', sides up to {side}' if side < 2**31 - 1 else ''}): at most {k * k} samples ({k}x{k}) in one "
+            f"grid; for the next ones run again with --seed {seed + k * k} (sample i has seed --seed + i)"
+        )
+
+
 def cmd_sample(a: argparse.Namespace) -> int:
     from .ddpm import PixelDDPM
     from .io.images import make_grid, save_image_atomic
     from .pipeline.finite import require_finite
 
     # the checks `generate` makes, before the model loads (each was once a traceback or a black PNG)
-    _check_cfg(a.cfg)
+    cfg = 1.0 if a.cfg is None else a.cfg
+    _check_cfg(cfg)
     if a.eta is not None and not (math.isfinite(a.eta) and a.eta >= 0):
         # once a NaN grid blamed on --cfg (nan, inf) or, negative, noise of the wrong sign and exit 0
         raise UsageError(f"--eta must be a number >= 0 (0 = deterministic, 1 = DDPM-like), got {a.eta}")
@@ -78,6 +126,15 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if out.is_dir() or out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UsageError(f"--out {a.out}: give an image file name ending in .png, .jpg or .webp (the grid)")
     m = PixelDDPM.load(a.checkpoint, device=_device(a.device))
+    if not m.num_classes:  # once ignored without a word (generate refuses what a model cannot use, too)
+        given = [flag for flag, v in (("--label", a.label), ("--cfg", a.cfg)) if v is not None]
+        if given:
+            raise UsageError(
+                f"{a.checkpoint} is an unconditional model (no classes): {' and '.join(given)} would change nothing"
+            )
+    _check_grid_size(
+        a.n, a.cols, m.image_size - 2 * m.crop, out, a.seed
+    )  # the samples are cropped (28 of 32)  # before sampling: --n 100000 once ran for hours
     t = time.perf_counter()
     if m.num_classes:
         if a.label is not None:
@@ -86,7 +143,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
             labels = [i % m.num_classes for i in range(a.n)]
             labels.sort()
         imgs = m.generate(
-            labels, sampler=a.sampler, steps=a.steps, seed=a.seed, guidance_scale=a.cfg, eta=a.eta, schedule=a.schedule
+            labels, sampler=a.sampler, steps=a.steps, seed=a.seed, guidance_scale=cfg, eta=a.eta, schedule=a.schedule
         )
     else:
         imgs = m.generate(None, n=a.n, sampler=a.sampler, steps=a.steps, seed=a.seed, eta=a.eta, schedule=a.schedule)
@@ -132,9 +189,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    from .commands.common import add_train_args
+    from .commands.common import add_force_resume, add_train_args
 
-    p = argparse.ArgumentParser(prog="sdengine", description="Diffusion image generation from scratch.")
+    p = OneLineParser(prog="sdengine", description="Diffusion image generation from scratch.")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: free CPUs, see sdengine.threads)")
     p.add_argument(
         "--fast-path",
@@ -172,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--channels", type=int, choices=[1, 3], default=1)
     td.add_argument("--sample-every", type=int, default=2000)
     td.add_argument("--no-samples", action="store_true", help="write no sample grids (the loss plot only)")
+    add_force_resume(td, "--size, --prediction, --beta-schedule or --data")
     td.set_defaults(func=cmd_train_ddpm)
 
     s = sub.add_parser("sample", help="sample a grid from a pixel DDPM (checkpoint, model folder or built-in)")
@@ -182,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--cols", type=int, default=0)
     s.add_argument("--label", type=int, default=None, help="class index for every sample")
-    s.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance over classes")
+    s.add_argument("--cfg", type=float, default=None, help="classifier-free guidance over classes (default 1: none)")
     s.add_argument("--eta", type=float, default=None)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="outputs/grid.png")

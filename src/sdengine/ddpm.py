@@ -129,6 +129,14 @@ class PixelDDPM:
         if path.is_dir() and (path / CONFIG_NAME).is_file():
             meta = json.loads((path / CONFIG_NAME).read_text())
             if meta.get("format") != "sdengine-pixel-ddpm":
+                part = meta.get("_class_name") if isinstance(meta, dict) else None
+                if isinstance(part, str):  # one part of a diffusers model (a ControlNet, a VAE, a U-Net), not one
+                    use = (
+                        " (a ControlNet: give it with --controlnet and a --control image)"
+                        if "ControlNet" in part
+                        else ": give the model's folder, the one with model_index.json"
+                    )
+                    raise UsageError(f"{path} is a diffusers {part} folder, not a model{use}")
                 raise UsageError(f"{path} is not a pixel DDPM model folder")
             unet = UNet(unet_config_from_dict(meta["unet"]))
             sd = load_file(str(path / WEIGHTS_NAME))

@@ -247,6 +247,12 @@ def sample_latents(
         total = steps if denoise >= 1.0 else int(steps / denoise)
         start, end, strength = total - steps, total, 1.0
         from_init = not empty or start > 0
+        limit = int(pipe.noise_schedule.num_train_timesteps)
+        if total > limit:  # ComfyUI's rule runs the last `steps` of int(steps / denoise): more than the model has
+            raise LatentSamplingError(
+                f"denoise {denoise:g} with {steps} steps runs the last {steps} of a {total}-step schedule, and "
+                f"{pipe.name} has {limit} timesteps: raise denoise to at least {steps / limit:g} or lower steps"
+            )
     grid = sampling.make_grid(name, total, pipe.noise_schedule, sched, pipe.scheduler_config, strength)
 
     net: Any = pipe.unet
@@ -260,7 +266,7 @@ def sample_latents(
     if loras:
         from sdengine.weights.lora import apply_loras
 
-        handle = apply_loras(pipe.unet, None, list(loras))
+        handle = apply_loras(pipe.unet, None, list(loras), part="unet")  # the CLIP part: at encoding
     try:
         if distinct:
             from sdengine.pipeline.control import ControlUnit, build_controlled_unet

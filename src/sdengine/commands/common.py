@@ -39,6 +39,16 @@ def add_train_args(
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
 
 
+def add_force_resume(p: argparse.ArgumentParser, what: str = "--model") -> None:
+    """``--force-resume`` of the trainers whose checkpoint records what they were trained on."""
+    p.add_argument(
+        "--force-resume",
+        action="store_true",
+        help=f"with --resume: continue although the checkpoint was trained with another {what} (say the model "
+        "file was moved); without it that is refused",
+    )
+
+
 def add_sample_args(p: argparse.ArgumentParser, *, control: bool = False) -> None:
     """``--sample-every`` / ``--sample-prompt`` of the LoRA and ControlNet trainers."""
     what = " with the first training image's control map" if control else ""
@@ -51,6 +61,14 @@ def add_sample_args(p: argparse.ArgumentParser, *, control: bool = False) -> Non
         "weights, with its PNG parameters (0: none)",
     )
     p.add_argument("--sample-prompt", default=None, help="prompt of the samples (default: the first training caption)")
+
+
+def check_sample_args(a: argparse.Namespace) -> None:
+    """``--sample-prompt`` is the prompt of ``--sample-every``'s samples: alone it would change nothing."""
+    if a.sample_prompt is not None and not a.sample_every:
+        from sdengine.errors import UsageError
+
+        raise UsageError("--sample-prompt is the prompt of --sample-every N's samples: give --sample-every too")
 
 
 def train_config(a: argparse.Namespace, **fixed: Any) -> Any:

@@ -232,6 +232,13 @@ def _from_png(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     # a PNG's text chunk, or the EXIF UserComment of a JPEG/WebP A1111 saved (what `sdengine pnginfo` reads)
     text = read_image_parameters(path)
     if text is None:
+        from ..image_info import image_text_keys
+
+        if "sdengine-xyz" in image_text_keys(path):  # as `sdengine pnginfo` says it
+            raise MetadataError(
+                f"{path} is an sdengine X/Y/Z grid, not one generation: give --from-png one of its cells (the "
+                "NNNNN-SEED.png files written with it)"
+            )
         raise MetadataError(
             f"{path} has no 'parameters' text (nor an EXIF UserComment): it was not written by sdengine or A1111"
         )
@@ -367,6 +374,27 @@ def _controlnets_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list
     ]
 
 
+def _refuse_flags_without_effect(a: argparse.Namespace, hires: bool, variation: bool = False) -> None:
+    """A flag that would change nothing in this run is a one-line UsageError, before the model loads, as
+    ``--mask`` without ``--init-image`` is: ``--strength`` on a text-to-image run without the hires fix was
+    once dropped without a word (A1111's API does that; a command line should say it)."""
+    img2img = a.init_image is not None or a.outpaint is not None
+    second_pass = "--init-image (img2img) or the hires fix (--hires)"
+    needs = [
+        ("--strength", a.strength, img2img or hires, second_pass),
+        ("--strength-rule", a.strength_rule, img2img or hires, second_pass),
+        ("--vae-encode", a.vae_encode, img2img or hires, second_pass),
+        ("--mask-blur", a.mask_blur, a.mask is not None or a.outpaint is not None, "--mask or --outpaint"),
+        ("--resize-mode", a.resize_mode, img2img or bool(a.control), "--init-image or --control"),
+        ("--refiner-switch-at", a.refiner_switch_at, a.refiner is not None, "--refiner"),
+        # a variation seed mixes in nothing at strength 0 (A1111 ignores it there); -1 asks for a random one
+        ("--subseed", a.subseed, variation, "a --subseed-strength above 0"),
+    ]
+    for flag, value, used, what in needs:
+        if value is not None and not used:
+            raise UsageError(f"{flag} has no effect without {what}: drop it, or add what it applies to")
+
+
 def run(a: argparse.Namespace) -> int:
     from ..metadata import save_png
     from ..pipeline import load_pipeline
@@ -398,7 +426,7 @@ def run(a: argparse.Namespace) -> int:
         if "strength" in png_kwargs and a.init_image is None and not png_kwargs.get("enable_hr"):
             raise GenerationError(
                 f"{a.from_png} is an img2img/inpainting image (Denoising strength {png_kwargs['strength']}): give "
-                "the same --init-image (and --mask)"
+                "the same --init-image (and --mask" + (" or --outpaint)" if "Mask blur" in parsed else ")")
             )
         # A1111 records the blur of inpainting only (outpainting, whose mask --outpaint makes, is inpainting too)
         if "Mask blur" in parsed and a.mask is None and not getattr(a, "outpaint", None):
@@ -452,7 +480,7 @@ def run(a: argparse.Namespace) -> int:
         kwargs.update(hires, enable_hr=True)
     if a.init_image is not None:
         kwargs["init_image"] = a.init_image
-    elif not kwargs.get("enable_hr"):
+    elif not kwargs.get("enable_hr") and a.prompts is None:  # a list's lines may give init images
         kwargs.pop("strength", None)
     if a.mask is not None:
         kwargs["mask"] = a.mask
@@ -486,6 +514,8 @@ def run(a: argparse.Namespace) -> int:
         kwargs["controlnets"] = control_units_from_cli(a.control or [], a.controlnet or [])
     if a.no_progress:
         kwargs["progress"] = False
+    if a.prompts is None:  # a list's lines may give what the flag needs (an init image): checked per line there
+        _refuse_flags_without_effect(a, bool(kwargs.get("enable_hr")), bool(kwargs.get("subseed_strength")))
     if a.prompts is not None:  # a list of requests: sdengine.batch_render
         from .generate_list import run_list
 

@@ -12,6 +12,8 @@ import json
 import sys
 from typing import Any
 
+from ..errors import UsageError
+
 WHAT = ("models", "samplers", "schedules", "loras", "controlnets", "embeddings")
 EMBEDDINGS_NOTE = (
     "use them with `generate --embeddings-dir FOLDER` (or `serve --embeddings-dir`): a file's name in a prompt is "
@@ -45,7 +47,27 @@ def schedule_rows() -> list[dict[str, Any]]:
     return [{"name": s, "a1111": SCHEDULE_A1111.get(s, s)} for s in ALL_SCHEDULES]
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` on one line of a table: control and format characters (a newline, a tab, an escape sequence, a
+    right-to-left override in a file name) written as backslash escapes, as ``ls -b`` shows them; everything
+    else, non-ASCII letters included, as it is. ``--json`` keeps the names exact."""
+    import unicodedata
+
+    if text.isprintable():
+        return text
+    return "".join(
+        _ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp", "Cs")
+        else c
+        for c in text
+    )
+
+
 def _table(rows: list[list[str]]) -> str:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
@@ -54,6 +76,13 @@ def run(a: argparse.Namespace) -> int:
     from ..catalog import list_entries
 
     what = a.what
+    for kind, words in (("models", "models"), ("loras", "LoRAs"), ("controlnets", "ControlNets"), ("embeddings", "")):
+        flag = f"--{kind}-dir"  # a folder of another kind was once ignored without a word
+        if kind != what and getattr(a, f"{kind}_dir", None) is not None:
+            raise UsageError(
+                f"{flag} is where {words or kind} are: it changes nothing in 'list {what}' (did you mean "
+                f"'sdengine list {kind} {flag} DIR'?)"
+            )
     note = ""
     if what == "samplers":
         rows = sampler_rows()

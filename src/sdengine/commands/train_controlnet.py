@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError
-from .common import add_sample_args, add_train_args
+from .common import add_force_resume, add_sample_args, add_train_args
 from .help_format import DefaultsHelpFormatter
 
 
@@ -25,8 +25,9 @@ def _options(pairs: list[str]) -> dict[str, float]:
 def run(a: argparse.Namespace) -> int:
     from ..control import PREPROCESSORS, option_names
     from ..train.controlnet import ControlNetTrainSpec, train_controlnet
-    from .common import device, train_config
+    from .common import check_sample_args, device, train_config
 
+    check_sample_args(a)
     opts = _options(a.condition_option or [])
     if a.condition in PREPROCESSORS:
         unknown = sorted(set(opts) - option_names(a.condition))
@@ -48,7 +49,9 @@ def run(a: argparse.Namespace) -> int:
         sample_prompt=a.sample_prompt,
     )
     cfg = train_config(a, sample_every=a.sample_every)
-    result, folder = train_controlnet(spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite)
+    result, folder = train_controlnet(
+        spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite, force_resume=a.force_resume
+    )
     first, last = result.losses[:10], result.losses[-10:]
     if first and last:
         print(f"loss {sum(first) / len(first):.4f} (first 10 steps) -> {sum(last) / len(last):.4f} (last 10)")
@@ -117,4 +120,5 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         checkpoint_every=500,
         ema_help="0: export the trained weights themselves",
     )
+    add_force_resume(p, "--model or --condition")
     p.set_defaults(func=run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_train_args
+from .common import add_force_resume, add_train_args
 from .help_format import DefaultsHelpFormatter
 
 
@@ -22,7 +22,9 @@ def run(a: argparse.Namespace) -> int:
         resolution=a.resolution,
     )
     cfg = train_config(a, sample_every=0)
-    _, path = train_embedding(spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite)
+    _, path = train_embedding(
+        spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite, force_resume=a.force_resume
+    )
     print(f"embedding written to {path}")
     return 0
 
@@ -59,4 +61,5 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         checkpoint_every=500,
         ema_help="kept in the checkpoint; the file holds the last vectors",
     )
+    add_force_resume(p)
     p.set_defaults(func=run)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_sample_args, add_train_args
+from .common import add_force_resume, add_sample_args, add_train_args
 from .help_format import DefaultsHelpFormatter
 
 
 def run(a: argparse.Namespace) -> int:
     from ..train.lora import LoRASpec, train_lora
-    from .common import device, train_config
+    from .common import check_sample_args, device, train_config
 
+    check_sample_args(a)
     spec = LoRASpec(
         model=a.model,
         data=a.data,
@@ -31,7 +32,9 @@ def run(a: argparse.Namespace) -> int:
         sample_prompt=a.sample_prompt,
     )
     cfg = train_config(a, sample_every=a.sample_every)
-    _, path = train_lora(spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite)
+    _, path = train_lora(
+        spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite, force_resume=a.force_resume
+    )
     print(f"LoRA written to {path}")
     return 0
 
@@ -77,4 +80,5 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         checkpoint_every=500,
         ema_help="used with --ema",
     )
+    add_force_resume(p)
     p.set_defaults(func=run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_train_args
+from .common import add_force_resume, add_train_args
 from .help_format import DefaultsHelpFormatter
 
 
@@ -31,7 +31,9 @@ def run(a: argparse.Namespace) -> int:
         cfg = train_config(a, sample_every=a.eval_every)
     except ValueError as e:  # TrainConfig's own checks (steps, batch size, lr) are plain ValueErrors
         raise TinyVAETrainingError(str(e)) from None
-    out = train_tiny_vae(spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite)
+    out = train_tiny_vae(
+        spec, cfg, a.out, device=device(a), resume=a.resume, overwrite=a.overwrite, force_resume=a.force_resume
+    )
     from ..distributed import current_world
 
     if not current_world().is_main:
@@ -127,4 +129,5 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         checkpoint_every=1000,
         ema_help="the exported weights are the EMA's (0: the last ones)",
     )
+    add_force_resume(p)
     p.set_defaults(func=run)

@@ -34,6 +34,8 @@ def run(a: argparse.Namespace) -> int:
     if Path(a.out).suffix.lower() in IMAGE_SUFFIXES:
         raise UsageError(f"--out {a.out!r} names an image; it is the folder the cells and the grid are written to")
     output_target(a.out, 1)  # not a file, nor under one, and writable: before any cell is drawn
+    if a.strength is not None and a.init_image is None:  # as generate (and the strength axis): never dropped
+        raise UsageError("--strength has no effect without --init-image (img2img): drop it, or add the init image")
     # a -1 on a seed axis is drawn now, so the labels, the cells' files and the grid's record name the seed used
     x = fix_axis_seeds(parse_axis(a.x))
     y = fix_axis_seeds(parse_axis(a.y)) if a.y else None

@@ -58,6 +58,10 @@ class LayerUpdate(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def delta_bias(self) -> torch.Tensor | None:
+        """The change of the layer's bias (float32), for fusing; None: the bias stays (every LoRA)."""
+        return None
+
 
 class LoRALayer(LayerUpdate):
     """The low-rank term of one layer: ``multiplier * scale * up(down(x))``, with the layer's conv geometry.
@@ -136,6 +140,7 @@ class _Patch:
         self.hook = module.register_forward_hook(self)
         self.original: torch.Tensor | None = None  # the base weight tensor while fused
         self.fused: torch.Tensor | None = None
+        self.original_bias: torch.Tensor | None = None  # the base bias tensor while fused (a full diff's diff_b)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -160,6 +165,12 @@ class _Patch:
         self.original = w.data
         self.fused = (self.original.float() + delta.to(self.original.device)).to(self.original.dtype)
         w.data = self.fused
+        bias_deltas = [d for layer in self.layers if (d := layer.delta_bias()) is not None]
+        b = getattr(self.module, "bias", None)
+        if bias_deltas and isinstance(b, torch.Tensor):
+            self.original_bias = b.data
+            total = sum(bias_deltas, torch.zeros((), dtype=torch.float32)).to(b.device)
+            b.data = (b.data.float() + total).to(b.dtype)
         self.enabled = False
 
     def unfuse(self) -> None:
@@ -170,7 +181,11 @@ class _Patch:
         if w.data.data_ptr() != self.fused.data_ptr():
             raise LoRAError("unfuse in the reverse order of fuse (another LoRA was fused on top of this one)")
         w.data = self.original  # the very tensor it had: restored bit for bit
-        self.original = self.fused = None
+        if self.original_bias is not None:
+            b = self.module.bias
+            assert isinstance(b, torch.Tensor)
+            b.data = self.original_bias
+        self.original = self.fused = self.original_bias = None
         self.enabled = True
 
     def remove(self) -> None:

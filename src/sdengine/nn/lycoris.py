@@ -33,7 +33,7 @@ from torch import nn
 
 from .lora import LayerUpdate, LoRAError
 
-ALGORITHMS = ("loha", "lokr", "ia3", "locon_tucker", "lora")
+ALGORITHMS = ("loha", "lokr", "ia3", "locon_tucker", "lora", "full")
 
 
 def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
@@ -132,6 +132,8 @@ def unscaled_delta(algo: str, parts: Mapping[str, torch.Tensor], base: torch.Ten
         d = locon_tucker_delta(parts)
     elif algo == "lora":
         d = lora_delta(parts)
+    elif algo == "full":  # LyCORIS' full finetuning: the difference itself, (out, in[, kh, kw])
+        d = parts["diff"].float()
     elif algo == "ia3" and base is not None:
         d = ia3_delta(base, parts["weight"], bool(parts["on_input"].flatten()[0]))
     else:
@@ -187,6 +189,12 @@ class LycorisLayer(LayerUpdate):
             d = dora_weight(base, d, self.magnitude.detach().to(base.device), self.magnitude_on_output) - base
         return d * self.multiplier
 
+    def delta_bias(self) -> torch.Tensor | None:
+        """``multiplier * diff_b`` (float32) for a full difference that changes the bias too, else None."""
+        if "diff_b" not in self.parts:
+            return None
+        return self.parts["diff_b"].detach().float() * self.multiplier
+
     def forward(self, x: torch.Tensor, padded: bool = False) -> torch.Tensor | None:
         """As ``LoRALayer.forward`` (``padded``: ``x`` is padded already)."""
         if self.multiplier == 0.0:
@@ -194,10 +202,12 @@ class LycorisLayer(LayerUpdate):
         d = self.delta_weight()
         dtype = x.dtype if torch.is_floating_point(x) else d.dtype
         d = d.to(device=x.device, dtype=dtype)
+        db = self.delta_bias()
+        b = None if db is None else db.to(device=x.device, dtype=dtype)
         if self.conv is None:
-            return F.linear(x, d)
+            return F.linear(x, d, b)
         c = self.conv
-        return F.conv2d(x, d, None, c["stride"], (0, 0) if padded else c["padding"], c["dilation"])
+        return F.conv2d(x, d, b, c["stride"], (0, 0) if padded else c["padding"], c["dilation"])
 
     @property
     def rank(self) -> int | None:

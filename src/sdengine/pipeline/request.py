@@ -397,6 +397,12 @@ class GenerationRequest:
         for what, image in images:  # the words sdengine.io.images.load_image says it in
             if isinstance(image, str | Path) and not Path(image).is_file():
                 raise GenerationError(f"{what} not found: {image}")
+        if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
+            # checked whether or not a tag uses it (a mistyped folder once went unnoticed until a tag did)
+            from sdengine.weights.lora_file import LoRAFileError
+
+            what = "is not a folder" if Path(self.lora_dir).exists() else "does not exist"
+            raise LoRAFileError(f"LoRA folder {self.lora_dir} {what}")
         return self
 
 

@@ -160,6 +160,9 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
             yield
         finally:
             await asyncio.to_thread(manager.stop)
+            from sdengine.server import comfy
+
+            comfy.uninstall(app)  # the temp folder's liveness lock (comfy.install cleaned the folder)
 
     app = FastAPI(
         title="sdengine",

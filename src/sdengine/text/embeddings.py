@@ -305,6 +305,7 @@ class EmbeddingLibrary:
         self._table: list[Tensor] = []
         # ComfyUI's spelling, "embedding:NAME" (optionally NAME.pt ...): the prefix and suffix tokens go too.
         self._comfy_prefix = tokenizer.encode("embedding:")
+        self._comfy_paths: dict[str, list[int]] = {}  # name -> ids of "embedding:sub/" (a file in a subfolder)
         self._comfy_suffixes = sorted((tokenizer.encode(s) for s in EMBEDDING_SUFFIXES), key=len, reverse=True)
         self.refresh()
 
@@ -333,7 +334,14 @@ class EmbeddingLibrary:
                     clashes[names[0]] = names
             for entries in lookup.values():
                 entries.sort(key=lambda e: len(e[0]), reverse=True)  # the longest name wins, as in A1111
+            # ComfyUI's "embedding:sub/name" for a file in a subfolder (its /embeddings lists it so): those ids too
+            paths = {}
+            for name, found in files.items():
+                parent = found[0].parent.relative_to(self.directory).as_posix()
+                if len(found) == 1 and parent != ".":
+                    paths[name] = self.tokenizer.encode(f"embedding:{parent}/")
             self._files, self._lookup, self._clashes, self._mtime = files, lookup, clashes, mtime
+            self._comfy_paths = paths
 
     @property
     def names(self) -> list[str]:
@@ -387,8 +395,11 @@ class EmbeddingLibrary:
             prefix = self._comfy_prefix
             for start, length, name in self._matches(ids):
                 end = start + length
-                if start - len(prefix) >= pos and ids[start - len(prefix) : start] == prefix:
-                    start -= len(prefix)
+                path = self._comfy_paths.get(name, prefix)
+                if path is not prefix and not (start - len(path) >= pos and ids[start - len(path) : start] == path):
+                    path = prefix
+                if start - len(path) >= pos and ids[start - len(path) : start] == path:
+                    start -= len(path)
                     end += next((len(s) for s in self._comfy_suffixes if ids[end : end + len(s)] == s), 0)
                 out += ids[pos:start]
                 out += self.load(name).ids

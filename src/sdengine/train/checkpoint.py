@@ -37,26 +37,45 @@ __all__ = [
     "ensure_new_run",
     "load_checkpoint",
     "locks_out_dir",
+    "model_identity",
     "run_lock",
     "save_checkpoint",
 ]
 
 
-def check_resumable(out_dir: str | Path, same: Mapping[str, tuple[str, Any]] | None = None) -> None:
+def model_identity(model: str | Path) -> str:
+    """What a run was trained on, as its checkpoint records it: a file or folder by its resolved absolute path (so
+    ``./m`` and ``m`` are one model), a built-in name (``emoji``) as it is."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else str(model)
+
+
+def check_resumable(
+    out_dir: str | Path,
+    same: Mapping[str, tuple[str, Any]] | None = None,
+    trained_on: Mapping[str, tuple[str, Any]] | None = None,
+    force: bool = False,
+) -> None:
     """Raise ``CheckpointError`` unless ``out_dir`` holds a readable checkpoint. Trainers call this before
     their slow set-up (data, models), so a bad ``--resume`` fails at once and changes nothing.
 
     ``same``: ``{meta key: (flag, value)}``, settings the resumed run must share with the checkpoint's run (as
-    the seed): e.g. the embedding's ``--name``, which names the file the run writes. A checkpoint without the key
+    the seed): e.g. the embedding's ``--name``, which names the file the run writes. ``trained_on``: the same for
+    what the run learns from, its ``--model`` (:func:`model_identity`) or ControlNet ``--condition``: another one
+    of the same shape would load and train on without a word, the result fitting neither; refused unless
+    ``force`` (``--force-resume``: the model file was moved, or the user means it). A checkpoint without the key
     (an older release's) is not checked."""
     path = Path(out_dir) / CHECKPOINT_NAME
     state = load_checkpoint(path)
     meta = state.get("meta") if isinstance(state, dict) else None
-    for key, (flag, value) in (same or {}).items():
+    checks = [(k, v, False) for k, v in (same or {}).items()]
+    checks += [(k, v, True) for k, v in (trained_on or {}).items() if not force]
+    for key, (flag, value), can_force in checks:
         if isinstance(meta, dict) and key in meta and meta[key] != value:
+            also = f", or add --force-resume to continue it with {flag} {value}" if can_force else ""
             raise CheckpointError(
                 f"checkpoint {path} was trained with {flag} {meta[key]}, not {value}: resume with {flag} "
-                f"{meta[key]}, or train into another --out"
+                f"{meta[key]}, or train into another --out{also}"
             )
 
 
@@ -72,12 +91,15 @@ def ensure_new_run(
     outputs: Iterable[str] = (),
     same: Mapping[str, tuple[str, Any]] | None = None,
     data: str | Path | None = None,
+    trained_on: Mapping[str, tuple[str, Any]] | None = None,
+    force_resume: bool = False,
 ) -> list[Path]:
     """Decide what a trainer may do with ``out_dir`` before its slow set-up; returns the paths removed.
 
     A folder holds a run when it has a ``checkpoint.pt`` or one of ``outputs`` (the names a trainer exports,
     e.g. ``"lora.safetensors"`` or ``"controlnet"``). Then: ``resume`` continues it (the checkpoint must be
-    readable, and its run must share the settings ``same`` names: see :func:`check_resumable`), ``overwrite``
+    readable, and its run must share the settings ``same`` names, and ``trained_on``'s unless ``force_resume``:
+    see :func:`check_resumable`), ``overwrite``
     deletes the old run's checkpoint, left-over checkpoint temp files and outputs (nothing else) so that the new
     run starts clean, and neither is a ``RunExistsError``: running the same
     command twice must never silently replace finished work. ``data``: the trainer's image folder, which must not
@@ -88,8 +110,10 @@ def ensure_new_run(
         raise UsageError("--resume and --overwrite exclude each other: continue the run or replace it")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"output {out_dir} exists and is not a folder")
+    if force_resume and not resume:
+        raise UsageError("--force-resume continues a run: give it with --resume")
     if resume:
-        check_resumable(out_dir, same)
+        check_resumable(out_dir, same, trained_on, force_resume)
     if data is not None and Path(data).is_dir() and is_inside(data, out_dir):
         raise UsageError(
             f"--out {out_dir} is inside --data {data}: the run's loss plot and samples would be read as training "

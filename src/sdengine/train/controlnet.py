@@ -34,7 +34,7 @@ from .. import distributed
 from ..control import PREPROCESSORS, ControlNetError, load_control_image, preprocess, save_controlnet
 from ..diffusion.loss import TIMESTEP_SAMPLINGS, DiffusionLoss, check_cond_dropout
 from ..models.controlnet import ControlNet
-from .checkpoint import ensure_new_run, locks_out_dir
+from .checkpoint import ensure_new_run, locks_out_dir, model_identity
 from .compat import renamed_fields
 from .loop import TrainConfig, TrainResult, data_indices, train
 
@@ -168,6 +168,7 @@ def train_controlnet(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    force_resume: bool = False,
 ) -> tuple[TrainResult, Path]:
     """Train; returns the loop's result and the exported diffusers ControlNet folder (``OUT/controlnet``).
 
@@ -178,7 +179,20 @@ def train_controlnet(
     progress = progress and distributed.current_world().is_main
     out_dir = Path(out_dir)
     # Before loading models: a bad --resume, or a finished run that would be overwritten, fails at once.
-    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["controlnet", "samples"], data=spec.data)
+    # what the run learns from: another model or condition of the same shape would train on without a word
+    trained_on = {
+        "model_id": ("--model", model_identity(spec.model)),
+        "condition": ("--condition", spec.condition),
+    }
+    ensure_new_run(
+        out_dir,
+        resume=resume,
+        overwrite=overwrite,
+        outputs=["controlnet", "samples"],
+        data=spec.data,
+        trained_on=trained_on,
+        force_resume=force_resume,
+    )
     pipe = load_pipeline(spec.model, device=device, dtype="fp32")
     if not isinstance(pipe, Pipeline):
         raise ControlNetError(f"{spec.model}: a ControlNet needs a Stable Diffusion model (U-Net + VAE + text)")
@@ -268,6 +282,7 @@ def train_controlnet(
     meta = {
         "kind": "controlnet",
         "base": str(spec.model),
+        "model_id": model_identity(spec.model),
         "condition": spec.condition,
         "controlnet_config": net.config.to_diffusers(),
         "images": len(data.paths),

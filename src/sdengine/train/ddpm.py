@@ -26,7 +26,7 @@ from ..diffusion.loss import DiffusionLoss
 from ..diffusion.schedules import NoiseSchedule
 from ..imageio import make_grid, save_image_atomic
 from ..models.unet import UNet, UNetConfig
-from .checkpoint import ensure_new_run, locks_out_dir
+from .checkpoint import ensure_new_run, locks_out_dir, model_identity
 from .compat import renamed_fields
 from .loop import TrainConfig, TrainResult, data_indices, train
 
@@ -93,6 +93,7 @@ def train_ddpm(
     progress: bool = True,
     data: tuple[torch.Tensor, torch.Tensor | None, list[str] | None, int] | None = None,
     samples: bool = True,
+    force_resume: bool = False,
 ) -> tuple[TrainResult, PixelDDPM]:
     """Train and export the EMA model to ``out_dir/model`` (a folder ``PixelDDPM.load`` reads).
 
@@ -102,7 +103,24 @@ def train_ddpm(
     # Before the (slow) data loading: a bad --resume, or a finished run that would be overwritten, fails at once.
     # (the sample grids are the run's outputs too: --overwrite once left the old run's beside the new one)
     grids = sorted(p.name for p in Path(out_dir).glob("samples_*.png")) if Path(out_dir).is_dir() else []
-    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=["model", *grids], data=spec.data)
+    # what the weights mean: a conv U-Net has the same shapes at another --size, prediction or schedule, so a
+    # --resume with another would train on without a word (``image_size`` and ``prediction_type`` are recorded
+    # by every release's checkpoints; the data and the schedule since they are checked)
+    trained_on = {
+        "image_size": ("--size", spec.image_size),
+        "prediction_type": ("--prediction", spec.prediction),
+        "beta_schedule": ("--beta-schedule", spec.beta_schedule),
+        "data_id": ("--data", model_identity(spec.data)),
+    }
+    ensure_new_run(
+        out_dir,
+        resume=resume,
+        overwrite=overwrite,
+        outputs=["model", *grids],
+        data=spec.data,
+        trained_on=trained_on,
+        force_resume=force_resume,
+    )
     images, labels, class_names, crop = data if data is not None else load_training_data(spec)
     if spec.class_conditional and labels is None:
         raise ValueError("class-conditional training needs labels")
@@ -172,6 +190,7 @@ def train_ddpm(
     meta = wrap(model).meta()
     meta["spec"] = {k: v for k, v in dataclasses.asdict(spec).items() if k != "unet"}
     meta["unet"] = config_to_dict(ucfg)
+    meta["beta_schedule"], meta["data_id"] = spec.beta_schedule, model_identity(spec.data)
     result = train(
         model,
         loss_fn,

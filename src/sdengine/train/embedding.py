@@ -26,7 +26,7 @@ from torch import nn
 from sdengine.errors import SdengineError
 
 from ..text.embeddings import MAX_VECTORS, FixedWords, save_embedding
-from .checkpoint import ensure_new_run, locks_out_dir
+from .checkpoint import ensure_new_run, locks_out_dir, model_identity
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 
@@ -94,6 +94,7 @@ def train_embedding(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    force_resume: bool = False,
 ) -> tuple[TrainResult, Path]:
     """Train and write ``out_dir/<name>.safetensors`` -> (loop result, file path)."""
     from ..data.folders import ImageFolder, ImageFolderError
@@ -113,6 +114,8 @@ def train_embedding(
         outputs=[file_name],
         same={"name": ("--name", spec.name)},
         data=spec.data,
+        trained_on={"model_id": ("--model", model_identity(spec.model))},
+        force_resume=force_resume,
     )
     pipe = load_pipeline(spec.model, device=device, dtype="fp32")
     if not isinstance(pipe, Pipeline) or pipe.conditioner.kind != "clip":
@@ -168,7 +171,13 @@ def train_embedding(
         out = pipe.unet(x_t, t, encoder_hidden_states=ctx)
         return loss(out, latents[idx].float(), noise, t)
 
-    meta = {"kind": "embedding", "model": spec.model, "name": spec.name, "vectors": spec.vectors}
+    meta = {
+        "kind": "embedding",
+        "model": spec.model,
+        "model_id": model_identity(spec.model),
+        "name": spec.name,
+        "vectors": spec.vectors,
+    }
     try:
         result = train(network, loss_fn, cfg, out_dir, device=device, resume=resume, progress=progress, meta=meta)
     finally:

@@ -34,7 +34,7 @@ from sdengine.errors import SdengineError
 
 from .. import distributed
 from ..weights.lora import LoRALayer, kohya_name, lora_targets, patch_layers
-from .checkpoint import ensure_new_run, locks_out_dir
+from .checkpoint import ensure_new_run, locks_out_dir, model_identity
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 TargetKind = Literal["attention", "proj", "ff", "conv"]
@@ -92,6 +92,12 @@ class LoRASpec:
         bad = [t for t in self.targets if t not in TARGET_KINDS]
         if bad or not self.targets:
             raise LoRATrainingError(f"targets must be among {', '.join(TARGET_KINDS)}, got {list(self.targets)}")
+        if "conv" not in self.targets and (self.conv_rank is not None or self.conv_alpha is not None):
+            # the 3x3 convolutions are trained with target conv only: the setting was once ignored without a word
+            raise LoRATrainingError(
+                "conv rank and alpha (--conv-rank, --conv-alpha) are those of --target conv's 3x3 convolutions: "
+                "add --target conv, or drop them"
+            )
         if self.resolution is not None and self.resolution < 8:
             raise LoRATrainingError(f"resolution must be >= 8 pixels, got {self.resolution}")
         name = self.output_name
@@ -344,6 +350,7 @@ def train_lora(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    force_resume: bool = False,
 ) -> tuple[TrainResult, Path]:
     """Train and write ``out_dir/<output_name>.safetensors`` (kohya format) -> (loop result, file path).
 
@@ -364,6 +371,8 @@ def train_lora(
         outputs=[f"{spec.output_name}.safetensors", "samples"],
         same={"output_name": ("--name", spec.output_name)},
         data=spec.data,
+        trained_on={"model_id": ("--model", model_identity(spec.model))},
+        force_resume=force_resume,
     )
     started = time.time()
     base_dtype = "bf16" if cfg.mixed_precision == "bf16" else "fp32"  # frozen weights may be half; LoRA stays fp32
@@ -417,6 +426,7 @@ def train_lora(
     meta = {
         "kind": "lora",
         "model": spec.model,
+        "model_id": model_identity(spec.model),
         "output_name": spec.output_name,
         "rank": spec.rank,
         "alpha": spec.effective_alpha,

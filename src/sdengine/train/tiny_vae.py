@@ -57,7 +57,7 @@ from sdengine.errors import SdengineError
 from .. import distributed
 from ..models.tiny_vae import TinyAutoencoder, TinyVAEConfig, taesd_config
 from ..models.vae import AutoencoderKL, VAEConfig
-from .checkpoint import ensure_new_run, load_checkpoint, locks_out_dir
+from .checkpoint import ensure_new_run, load_checkpoint, locks_out_dir, model_identity
 from .loop import TrainConfig, TrainResult, data_indices, train
 
 LatentMode = Literal["mode", "sample"]
@@ -346,6 +346,7 @@ def train_tiny_vae(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    force_resume: bool = False,
 ) -> TinyVAETrainOutput:
     """Distil; write the tiny VAE folder, the summary and the comparison grid to ``out_dir``.
 
@@ -356,7 +357,15 @@ def train_tiny_vae(
     world = distributed.current_world()
     progress = progress and world.is_main
     out_dir = Path(out_dir)
-    ensure_new_run(out_dir, resume=resume, overwrite=overwrite, outputs=OUTPUTS, data=spec.data)
+    ensure_new_run(
+        out_dir,
+        resume=resume,
+        overwrite=overwrite,
+        outputs=OUTPUTS,
+        data=spec.data,
+        trained_on={"model_id": ("--model", model_identity(spec.model))},
+        force_resume=force_resume,
+    )
     pipe = load_pipeline(spec.model, device=device, dtype="fp32")
     if not isinstance(pipe, Pipeline) or not isinstance(getattr(pipe, "vae", None), AutoencoderKL):
         raise TinyVAETrainingError(f"{spec.model}: a tiny VAE needs a latent diffusion model with a VAE")
@@ -464,6 +473,7 @@ def train_tiny_vae(
     meta = {
         "kind": "tiny_vae",
         "model": str(spec.model),
+        "model_id": model_identity(spec.model),
         "tiny_vae_config": tiny_cfg.to_diffusers(),
         "spec": asdict(spec),
     }

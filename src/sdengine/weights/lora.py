@@ -13,10 +13,11 @@ layers to :mod:`sdengine.weights.lycoris_file`, the matcher checks them against 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -80,6 +81,7 @@ def apply_loras(
     *,
     fuse: bool = False,
     text_encoder_2: nn.Module | None = None,
+    part: Literal["unet", "text_encoders"] | None = None,
 ) -> LoRAHandle:
     """Apply LoRAs to ``unet`` / ``text_encoder`` (either may be None) without touching their weights.
 
@@ -91,6 +93,10 @@ def apply_loras(
     Returns a :class:`LoRAHandle`: ``.reports`` says what matched, ``.set_weight(i, w)`` changes a
     weight for the next forward, ``.fuse()``/``.unfuse()``, and ``.remove()`` restores the model exactly. Every
     file is checked before any layer is patched, so an error leaves the model untouched.
+
+    ``part``: apply only the U-Net layers (``"unet"``) or only the text-encoder layers (``"text_encoders"``) of
+    each file, as ComfyUI's LoraLoader does with ``strength_model`` / ``strength_clip``: the other part's layers
+    are left out rather than reported unmatched, and a file with no layers of that part adds nothing.
     """
     if has_fp8(unet):
         raise LoRAError(
@@ -106,6 +112,11 @@ def apply_loras(
         else:
             lf = load_lora(resolve_lora(src, lora_dir))
         w = check_weight(weight, lf.name)
+        if part is not None:
+            lf = lora_part(lf, part)
+            if not lf.layers and not lf.lycoris and not lf.unsupported:
+                log.info("LoRA %s has no %s layers: nothing to apply there", lf.name, part)
+                continue
         matched, unmatched, lycoris = match_lora(lf, index)
         prepared.append((lf, w, matched, unmatched, lycoris))
 
@@ -118,6 +129,27 @@ def apply_loras(
     if fuse:
         handle.fuse()
     return handle
+
+
+def is_text_encoder_key(key: str) -> bool:
+    """Whether a LoRA file's layer name (kohya, PEFT/diffusers or ComfyUI spelling) is of a text encoder."""
+    # lora_te_/te1_/te2_, text_encoder(_2)., ComfyUI's text_encoders., a bare CLIP module name (text_model.)
+    return key.startswith(("lora_te", "text_encoder", "text_model."))
+
+
+def lora_part(lf: LoRAFile, part: Literal["unet", "text_encoders"]) -> LoRAFile:
+    """``lf`` with only its U-Net or only its text-encoder layers (and unreadable keys of that part)."""
+    want_te = part == "text_encoders"
+
+    def keep(key: str) -> bool:
+        return is_text_encoder_key(key) == want_te
+
+    return dataclasses.replace(
+        lf,
+        layers={k: v for k, v in lf.layers.items() if keep(k)},
+        lycoris={k: v for k, v in lf.lycoris.items() if keep(k)},
+        unknown=[k for k in lf.unknown if keep(k)],
+    )
 
 
 def _attach_all(
@@ -211,7 +243,9 @@ __all__ = [
     "lora_entry",
     "list_lora_dir",
     "load_lora",
+    "is_text_encoder_key",
     "lycoris_layer",
+    "lora_part",
     "lora_targets",
     "match_lora",
     "patch_layers",

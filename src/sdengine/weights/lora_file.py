@@ -4,8 +4,10 @@ A file stores, per adapted layer, a ``down`` matrix (r, in) or convolution (r, i
 (out, r) or 1x1 convolution, and a scale s = alpha / r (kohya's ``.alpha`` tensor; PEFT's ``lora_alpha``, in the
 ``lora_adapter_metadata`` JSON that diffusers writes; alpha = r, so s = 1, when a file has none). Layer names are
 kept as the file spells them: kohya ``lora_unet_`` / ``lora_te_`` (``lora_te1_`` in SDXL files) + the module name
-with underscores; PEFT/diffusers the dotted module name behind ``unet.`` / ``text_encoder.``, with ``lora_A`` /
-``lora_B`` (older diffusers: ``lora.down`` / ``lora.up``, ``lora_linear_layer.*``, ``processor.to_q_lora.*``).
+with underscores; ComfyUI the dotted state-dict name (``diffusion_model.`` + the LDM U-Net name,
+``text_encoders.clip_l.transformer.`` + the CLIP name) with kohya's part names; PEFT/diffusers the dotted
+module name behind ``unet.`` / ``text_encoder.``, with ``lora_A`` / ``lora_B`` (older diffusers: ``lora.down`` /
+``lora.up``, ``lora_linear_layer.*``, ``processor.to_q_lora.*``).
 Matching those names to a model's layers is :mod:`sdengine.weights.lora_keys`. LyCORIS layers (LoHa, LoKr,
 (IA)^3, LoCon with a Tucker core) and DoRA magnitudes in the same files are taken out first by
 :mod:`sdengine.weights.lycoris_file` and kept in :attr:`LoRAFile.lycoris`.
@@ -56,6 +58,12 @@ class UnsafeLoRANameError(LoRAFileError, UnsafePathError):
 _KOHYA_RE = re.compile(
     r"^(?P<layer>lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
 )
+# ComfyUI's own layout (what its LoraSave node writes, and what its loader reads for any model): the model's state
+# dict name of the layer, `diffusion_model.<LDM U-Net name>` / `text_encoders.clip_l.transformer.<CLIP name>`, with
+# kohya's part names.
+_COMFY_RE = re.compile(
+    r"^(?P<layer>(?:diffusion_model|text_encoders)\.[^:]+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
+)
 # PEFT / diffusers: `<module path>.lora_A[.<adapter>].weight`, older `lora.down.weight`, `lora_linear_layer.down...`
 _PEFT_RE = re.compile(
     r"^(?P<layer>.+?)\.(?:(?P<ab>lora_A|lora_B)(?:\.(?!weight$)[^.]+)?\.weight"
@@ -66,7 +74,6 @@ _ATTN_PROC_RE = re.compile(r"^(?P<layer>.+)\.processor\.(?P<proj>to_q|to_k|to_v|
 # Adapters sdengine does not implement: named in the error instead of silently skipped. (LoHa, LoKr, (IA)^3,
 # LoCon's Tucker core and DoRA are read by sdengine.weights.lycoris_file.)
 _UNSUPPORTED = [
-    (re.compile(r"\.(diff|diff_b)$"), "full weight differences (diff)"),
     (re.compile(r"\.oft_(blocks|diag)$|\.oft_R\.|\.boft_"), "LyCORIS OFT/BOFT (orthogonal finetuning)"),
     (re.compile(r"\.(a1|a2|b1|b2)\.weight$"), "LyCORIS GLoRA"),
     (re.compile(r"\.(w_norm|b_norm)$"), "LyCORIS norm-layer training (w_norm/b_norm)"),
@@ -150,6 +157,12 @@ class LoRAFile:
                 unsupported.setdefault(kind, []).append(key)
                 continue
             m = _KOHYA_RE.match(key)
+            if m:
+                kohya += 1
+                part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m["part"]]
+                parts.setdefault(m["layer"], {})[part] = t
+                continue
+            m = _COMFY_RE.match(key)
             if m:
                 kohya += 1
                 part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m["part"]]

@@ -29,12 +29,21 @@ from .lycoris_file import LycorisLayerWeights
 
 Component = Literal["unet", "text_encoder", "text_encoder_2"]
 
+_COMFY_TE = "text_encoders."  # ComfyUI's prefix of text-encoder layer names
+
 # Names that give away another architecture.
 _ARCH_HINTS = [
-    (re.compile(r"^lora_te2_|^text_encoder_2\."), "SDXL (it carries a second text encoder, lora_te2_/text_encoder_2)"),
+    (
+        re.compile(r"^lora_te2_|^text_encoder_2\.|^text_encoders\.clip_g\."),
+        "SDXL (it carries a second text encoder, lora_te2_/text_encoder_2)",
+    ),
     (re.compile(r"label_emb|add_embedding"), "SDXL (it carries the added-conditioning embedding)"),
     (
-        re.compile(r"^lora_transformer_|^transformer\.|^diffusion_model\.|double_blocks|single_blocks|joint_blocks"),
+        # ComfyUI names SD U-Net layers diffusion_model.<LDM name> too: only other names there are a transformer's
+        re.compile(
+            r"^lora_transformer_|^transformer\.|^diffusion_model\.(?!(?:input_blocks|middle_block|output_blocks|"
+            r"time_embed|out)\.)|double_blocks|single_blocks|joint_blocks"
+        ),
         "a diffusion transformer (SD3/Flux-style)",
     ),
 ]
@@ -116,6 +125,7 @@ class ModelIndex:
                     self.aliases.setdefault(alias, t)
                 if name in ldm:
                     self.aliases.setdefault("lora_unet_" + ldm[name].replace(".", "_"), t)
+                    self.aliases.setdefault("diffusion_model." + ldm[name], t)  # ComfyUI
         if text_encoder is not None:
             for name, m in lora_targets(text_encoder):
                 t = Target("text_encoder", name, m)
@@ -128,6 +138,9 @@ class ModelIndex:
                     "lora_te1_" + short.replace(".", "_"),
                     f"text_encoder.{name}",
                     f"text_encoder.{short}",
+                    # ComfyUI: its CLIP-L (SD1, SDXL's first) or OpenCLIP-H (SD2) state-dict names
+                    f"{_COMFY_TE}clip_l.transformer.{km.TEXT_MODEL}{short}",
+                    f"{_COMFY_TE}clip_h.transformer.{km.TEXT_MODEL}{short}",
                     name,
                 ):
                     self.aliases.setdefault(alias, t)
@@ -141,6 +154,7 @@ class ModelIndex:
                     "lora_te2_" + short.replace(".", "_"),
                     f"text_encoder_2.{name}",
                     f"text_encoder_2.{short}",
+                    f"{_COMFY_TE}clip_g.transformer.{km.TEXT_MODEL}{short}",  # ComfyUI
                 ):
                     self.aliases.setdefault(alias, t)
 
@@ -176,6 +190,8 @@ def _lora_family(lf: LoRAFile) -> str | None:
 def _fit_lycoris(w: LycorisLayerWeights, module: nn.Module) -> str | None:
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         return "a grouped convolution"
+    if "diff_b" in w.parts and getattr(module, "bias", None) is None:
+        return "a bias difference (diff_b) for a layer without a bias"
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
     return w.fit(tuple(weight.shape))
@@ -263,7 +279,7 @@ def match_lora(
         raise LoRAFileError(
             f"{where}: holds adapters sdengine does not apply: {kinds}; refused rather than half applied"
         )
-    te_keys = sorted(k for k in [*lf.layers, *lf.lycoris] if k.startswith(("lora_te", "text_encoder.")))
+    te_keys = sorted(k for k in [*lf.layers, *lf.lycoris] if k.startswith(("lora_te", "text_encoder")))
     if te_keys and index.fixed_text_encoder is not None:
         raise LoRAFileError(
             f"{where}: adapts a text encoder ({len(te_keys)} layers, e.g. {te_keys[0]}), but this model's text "
@@ -306,7 +322,7 @@ def match_lora(
         if lf.unsupported and not lf.layers and not lf.lycoris:
             raise LoRAFileError(f"{where}: {', '.join(lf.unsupported)} adapters are not supported")
         names = sorted([*lf.layers, *lf.lycoris])
-        missing_te = index.text_encoder is None and any(k.startswith(("lora_te", "text_encoder.")) for k in names)
+        missing_te = index.text_encoder is None and any(k.startswith(("lora_te", "text_encoder")) for k in names)
         why = hint or ("; it adapts the text encoder, and none was given" if missing_te else "")
         raise LoRAFileError(
             f"{where}: none of its {len(names)} layers match this model's layer names (e.g. {_some(names, 2)}){why}"

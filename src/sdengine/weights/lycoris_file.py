@@ -1,4 +1,4 @@
-"""LyCORIS layers in a LoRA file: LoHa, LoKr, (IA)^3, LoCon with a Tucker core, and DoRA magnitudes.
+"""LyCORIS layers in a LoRA file: LoHa, LoKr, (IA)^3, LoCon with a Tucker core, full differences, DoRA magnitudes.
 
 LyCORIS (and kohya's trainer driving it) names layers as kohya does (``lora_unet_...``, ``lora_te_...``) and
 stores per layer, besides ``<layer>.alpha``:
@@ -10,6 +10,9 @@ stores per layer, besides ``<layer>.alpha``:
   ``lokr_w2_b`` (r, d); out = a*b, in = c*d;
 - (IA)^3: ``weight`` (the channel vector) and ``on_input`` (0: output channels, 1: input channels);
 - LoCon with a Tucker core: ``lora_down`` (r, in, 1, 1), ``lora_mid`` (r, r, kh, kw), ``lora_up`` (out, r, 1, 1);
+- Full (LyCORIS ``full``): ``diff`` (the weight's own shape) and, for a layer with a bias, ``diff_b`` (out,); the
+  1-d ``diff`` of a norm layer (ComfyUI's trainer and extractor write them) is refused: sdengine adapts
+  Linear/Conv2d layers only;
 - DoRA on any of them (and on a plain LoRA): ``dora_scale`` (LyCORIS/kohya; (out, 1, ...) or (1, in, ...));
   PEFT writes ``<module>.lora_magnitude_vector`` (out,) next to ``lora_A``/``lora_B``.
 
@@ -34,6 +37,8 @@ _PARTS = {
     **{p: "loha" for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
     **{p: "lokr" for p in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
     "lokr_t1": "lokr",  # written by some trainers, never used in the product (LyCORIS ignores it too)
+    "diff": "full",
+    "diff_b": "full",
 }
 _PART_RE = re.compile(r"^(?P<layer>.+)\.(?P<part>" + "|".join(sorted(_PARTS, key=len, reverse=True)) + r")$")
 _MID_RE = re.compile(r"^(?P<layer>.+)\.lora_mid\.weight$")
@@ -48,12 +53,14 @@ LABELS = {
     "ia3": "(IA)^3",
     "locon_tucker": "LoCon (Tucker)",
     "lora": "LoRA",
+    "full": "Full (diff)",
 }
 # Parts each layout needs (any one set of the alternatives)
 _NEEDS = {
     "loha": [{"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}],
     "ia3": [{"weight", "on_input"}],
     "locon_tucker": [{"lora_down", "lora_mid", "lora_up"}],
+    "full": [{"diff"}],
 }
 
 
@@ -128,6 +135,8 @@ class LycorisLayerWeights:
         if out not in (-1, w_out) or inn not in (-1, want_in):
             shown_in, shown_out = ("?" if inn == -1 else inn), ("?" if out == -1 else out)
             return f"{self.label} maps {shown_in} -> {shown_out}, layer {want_in} -> {w_out}"
+        if "diff_b" in self.parts and tuple(self.parts["diff_b"].shape) != (w_out,):
+            return f"diff_b {tuple(self.parts['diff_b'].shape)}, the layer has {w_out} outputs"
         if self.magnitude is not None and self.magnitude_axis(w_out, w_in) is None:
             return f"DoRA magnitude {tuple(self.magnitude.shape)} fits neither {w_out} outputs nor {w_in} inputs"
         return None
@@ -156,16 +165,19 @@ def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> Lyc
     out = LycorisSplit()
     found: dict[str, dict[str, torch.Tensor]] = {}
     algos: dict[str, str] = {}
+    mixed: dict[str, set[str]] = {}
     for key, t in sd.items():
         m = _PART_RE.match(key)
         if m:
             found.setdefault(m["layer"], {})[m["part"]] = t
             algos.setdefault(m["layer"], _PARTS[m["part"]])
+            mixed.setdefault(m["layer"], set()).add(_PARTS[m["part"]])
             out.consumed.add(key)
             continue
         m = _MID_RE.match(key)
         if m:
             algos.setdefault(m["layer"], "locon_tucker")
+            mixed.setdefault(m["layer"], set()).add("locon_tucker")
             found.setdefault(m["layer"], {})["lora_mid"] = t
             out.consumed.add(key)
             continue
@@ -186,7 +198,12 @@ def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> Lyc
                 found[layer][part] = sd[layer + suffix]
                 out.consumed.add(layer + suffix)
         if layer + ".alpha" in sd:
-            alphas[layer] = sd[layer + ".alpha"]
+            alpha_t = sd[layer + ".alpha"]
+            # an integer alpha (torch.tensor(8) of a trainer given an int) is a number like any other, as for
+            # plain LoRA layers and in A1111/ComfyUI (they read it with .item())
+            if not alpha_t.is_floating_point() and not alpha_t.is_complex() and alpha_t.dtype != torch.bool:
+                alpha_t = alpha_t.float()
+            alphas[layer] = alpha_t
             out.consumed.add(layer + ".alpha")
     magnitudes: dict[str, tuple[torch.Tensor, bool]] = {}
     for key, t in sd.items():
@@ -197,6 +214,20 @@ def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> Lyc
 
     for layer, parts in found.items():
         algo = algos[layer]
+        if len(mixed.get(layer, ())) > 1:
+            kinds = " and ".join(sorted(LABELS[a] for a in mixed[layer]))
+            out.problems.append(f"{layer} mixes {kinds} parts in one layer")
+            continue
+        if algo == "full" and "diff" not in parts:
+            out.problems.append(f"{layer}: a bias difference (diff_b) alone; sdengine applies it only with a diff")
+            continue
+        if algo == "full" and parts["diff"].ndim < 2:
+            # ComfyUI's trainer and extractor write these for norm layers: sdengine adapts Linear/Conv layers only
+            out.problems.append(
+                f"{layer}: a full difference of a {parts['diff'].ndim}-d weight (a norm layer's); sdengine applies "
+                "diff to Linear and convolution layers only"
+            )
+            continue
         missing = _missing(algo, parts)
         if missing:
             out.incomplete.append(f"{layer} (has {'/'.join(sorted(parts))} but no {missing})")

@@ -91,6 +91,8 @@ def _err(kind: str, message: str, details: str = "", **extra: Any) -> dict[str, 
 
 def _received(value: Any) -> Any:
     """``received_value`` of an error: the value as sent (ComfyUI's), its short text when it is long or a list."""
+    if isinstance(value, float) and not math.isfinite(value):  # NaN, Infinity: no JSON number (the answer once
+        return repr(value)  # failed to render: a 500 and the connection dropped)
     if value is None or isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= 200):
         return value
     return repr(value)[:200]
@@ -101,6 +103,7 @@ def _convert(
 ) -> tuple[Any, dict[str, Any] | None]:
     """A literal input value converted as ComfyUI does, or an error entry."""
     name = inp.name
+    received = value
     try:
         if inp.type == "INT":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -124,10 +127,10 @@ def _convert(
         return None, _err(
             "invalid_input_type",
             f"Failed to convert an input value to a {inp.type} value",
-            f"{name}, {value!r}",
+            f"{name}, {received!r}",
             input_name=name,
             input_config=input_spec(inp, env, []),
-            received_value=_received(value),
+            received_value=_received(received),
         )
     if inp.type in ("INT", "FLOAT"):
         if inp.min is not None and value < inp.min:

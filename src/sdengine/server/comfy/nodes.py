@@ -153,6 +153,14 @@ class TinyVaeHandle:
     path: str
 
 
+def _preview_tag() -> str:
+    """ComfyUI's PreviewImage names its files ``ComfyUI_temp_XXXXX_NNNNN_.png``, XXXXX five random letters: one
+    tag per server here, so that servers sharing a temp folder neither number over nor clean up each other's."""
+    import random
+
+    return "".join(random.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5))
+
+
 @dataclass
 class Outputs:
     """Where nodes read and write files (``/view`` types)."""
@@ -160,6 +168,9 @@ class Outputs:
     output: Path
     input: Path
     temp: Path
+    tag: str = field(default_factory=_preview_tag)  # this server's PreviewImage names (see :func:`clean_temp`)
+    _live: Any = field(default=None, repr=False, compare=False)  # the held lock file that says it is running
+    _live_guard: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def root(self, kind: str) -> Path:
         if kind not in ("output", "input", "temp"):
@@ -168,36 +179,118 @@ class Outputs:
 
     def make_root(self, kind: str) -> Path:
         """The folder of ``kind``, created when missing; a temp folder sdengine creates gets :data:`TEMP_MARKER`,
-        which lets :func:`clean_temp` wipe it at the next start (a temp folder it did not create is the user's)."""
+        which lets :func:`clean_temp` wipe it at the next start (a temp folder it did not create is the user's).
+        Writing into the temp folder marks this server live there (:meth:`mark_live`)."""
         root = self.root(kind)
         if kind == "temp" and not root.exists():
             root.mkdir(parents=True, exist_ok=True)
             (root / TEMP_MARKER).write_text("sdengine created this folder: it is emptied at each server start\n")
         root.mkdir(parents=True, exist_ok=True)
+        if kind == "temp":
+            self.mark_live()
         return root
+
+    def mark_live(self) -> None:
+        """Hold ``TEMP/.sdengine-live-TAG`` locked while this server runs: another server starting on the same
+        folder then leaves this one's files alone (the kernel drops the lock when the process ends)."""
+        import os
+        import weakref
+
+        with self._live_guard:
+            if self._live is not None:
+                return
+            try:
+                fd = os.open(self.temp / f"{LIVE_PREFIX}{self.tag}", os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:  # a read-only folder: nothing can be written there to protect either
+                return
+            if not _try_lock(fd):
+                os.close(fd)
+                return
+            self._live = (fd, weakref.finalize(self, os.close, fd))
+
+    def release(self) -> None:
+        """The server stops: its lock file goes (its previews are cleaned by the next server to start)."""
+        with self._live_guard:
+            if self._live is None:
+                return
+            fd, closer = self._live
+            self._live = None
+        try:
+            (self.temp / f"{LIVE_PREFIX}{self.tag}").unlink()
+        except OSError:
+            pass
+        closer()
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive lock of ``fd`` without waiting: False when another open file holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _held_by_a_live_server(path: Path) -> bool:
+    """Whether another running server holds the lock file ``path`` (False: its server is gone)."""
+    import os
+
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        return not _try_lock(fd)
+    finally:
+        os.close(fd)
 
 
 TEMP_MARKER = ".sdengine-temp"
-PREVIEW_NAME = re.compile(r"ComfyUI_temp_\d{5,}_\.png")  # the names PreviewImage gives its files
+LIVE_PREFIX = ".sdengine-live-"
+# the names PreviewImage gives its files: ComfyUI's (and sdengine's) ComfyUI_temp_XXXXX_NNNNN_.png, and the
+# untagged ComfyUI_temp_NNNNN_.png of older sdengine servers
+PREVIEW_NAME = re.compile(r"ComfyUI_temp_(?:([a-z]{5})_)?\d{5,}_\.png")
 
 
-def clean_temp(folder: Path) -> int:
+def clean_temp(folder: Path, own_tag: str | None = None) -> int:
     """ComfyUI empties its temp folder at start; sdengine's may be a user's own ``OUTPUTS/temp``, so: a folder
     sdengine created (it holds :data:`TEMP_MARKER`) loses everything but the marker, another one only the files
-    PreviewImage named (``ComfyUI_temp_NNNNN_.png``, top level). Symlinks are removed, never followed. Returns how
-    many entries were removed."""
+    PreviewImage named (``ComfyUI_temp_XXXXX_NNNNN_.png``, top level). Another server that runs on the same folder
+    (it holds its ``.sdengine-live-TAG`` file locked) keeps its files: then only the previews of servers that are
+    gone are removed. Symlinks are removed, never followed. Returns how many entries were removed."""
     import shutil
 
     if not folder.is_dir() or folder.is_symlink():
         return 0
-    ours = (folder / TEMP_MARKER).is_file()
+    live: set[str] = set()
     removed = 0
     for entry in list(folder.iterdir()):
-        if entry.name == TEMP_MARKER:
+        if entry.name.startswith(LIVE_PREFIX) and entry.is_file() and not entry.is_symlink():
+            tag = entry.name[len(LIVE_PREFIX) :]
+            if tag == own_tag or _held_by_a_live_server(entry):
+                live.add(tag)
+    others = live - {own_tag}
+    ours = (folder / TEMP_MARKER).is_file() and not others
+    for entry in list(folder.iterdir()):
+        if entry.name == TEMP_MARKER or (entry.name.startswith(LIVE_PREFIX) and entry.name[len(LIVE_PREFIX) :] in live):
             continue
         try:
             if entry.is_symlink() or not entry.is_dir():
-                if ours or (PREVIEW_NAME.fullmatch(entry.name) and entry.is_file()):
+                preview = PREVIEW_NAME.fullmatch(entry.name)
+                gone = entry.name.startswith(LIVE_PREFIX) or (
+                    preview is not None and entry.is_file() and preview.group(1) not in live
+                )
+                if ours or gone:
                     entry.unlink()
                     removed += 1
             elif ours:
@@ -478,7 +571,7 @@ def _clip_loras(pipe: Any, clip: ClipHandle) -> Iterator[None]:
     if clip.loras and (isinstance(pipe.text_encoder, torch.nn.Module) or isinstance(te2, torch.nn.Module)):
         from sdengine.weights.lora import apply_loras
 
-        handle = apply_loras(None, pipe.text_encoder, list(clip.loras), text_encoder_2=te2)
+        handle = apply_loras(None, pipe.text_encoder, list(clip.loras), text_encoder_2=te2, part="text_encoders")
     try:
         with torch.inference_mode():
             yield
@@ -643,6 +736,11 @@ def _sample(
         callback=report,
         **window,
     )
+    from sdengine.pipeline.finite import require_finite
+
+    # a window of a schedule (KSamplerAdvanced's steps, a zero-terminal-SNR model's sigma_max stand-in) or a model
+    # that overflows: a non-finite latent is refused here, with the node named, not decoded into a black image
+    require_finite(out, f"sampled latent ({sampler_name}, {scheduler}, {steps} steps)")
     return (
         {
             "samples": out.cpu(),
@@ -753,11 +851,14 @@ def _decode_rows(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
     """IMAGE (B, H, W, 3) in [0, 1] of ``decode`` (latents -> images in [-1, 1]) run one row at a time, as the
     pipeline decodes: a row's pixels never depend on its batch."""
     from sdengine import vae_utils
+    from sdengine.pipeline.finite import require_finite
 
     out = []
     with torch.inference_mode():
         for i in range(z.shape[0]):
-            out.append(vae_utils.to_unit(decode(z[i : i + 1].to(device)).float()).float().cpu())
+            # NaN/inf pixels would be saved as a black image: refused, as the pipeline refuses them
+            row = require_finite(decode(z[i : i + 1].to(device)).float(), "decoded image")
+            out.append(vae_utils.to_unit(row).float().cpu())
     return torch.cat(out).permute(0, 2, 3, 1).contiguous()
 
 
@@ -1122,7 +1223,7 @@ def _always_changed(ctx: RunContext, inputs: dict[str, Any]) -> str:
 
 
 def preview_image(ctx: RunContext, images: torch.Tensor) -> dict[str, Any]:
-    return _save(ctx, images, "ComfyUI_temp", "temp")
+    return _save(ctx, images, f"ComfyUI_temp_{ctx.folders.tag}", "temp")  # ComfyUI's name, this server's tag
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -1449,6 +1550,8 @@ NODES: dict[str, NodeDef] = {
             ),
             ("MODEL", "CLIP"),
             lora_loader,
+            description="As ComfyUI: strength_model scales the file's U-Net layers, strength_clip its "
+            "text-encoder layers; a file with no layers of one part (a U-Net-only LoRA) leaves that part as it is.",
         ),
         NodeDef(
             "LoraLoaderModelOnly",

@@ -304,10 +304,22 @@ def _route(method: str, path: str, **kw: Any) -> Any:
     return deco
 
 
+class _NotJsonNumber(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    """Python's JSON reader takes NaN, Infinity and -Infinity, which JSON has not: a prompt holding one could
+    never be answered back (/queue, /history and the 400 naming it once failed to render, a 500)."""
+    raise _NotJsonNumber(name)
+
+
 async def _json_body(request: Request) -> Any:
     raw = await request.body()  # ComfyUI's clients post JSON without a JSON content type
     try:
-        body = json.loads(raw or b"{}")
+        body = json.loads(raw or b"{}", parse_constant=_no_constant)
+    except _NotJsonNumber as e:
+        raise BadRequest(f"the body holds {e}, which is no JSON number: send a number or text") from None
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the body must be JSON") from None
     except RecursionError:  # [[[[...]]]] thousands deep
@@ -350,6 +362,9 @@ async def post_prompt(request: Request) -> Any:
     extra: dict[str, Any] = (
         {k: v for k, v in raw_extra.items() if k not in SENSITIVE} if isinstance(raw_extra, dict) else {}
     )
+    if not isinstance(extra.get("extra_pnginfo") or {}, dict):  # SaveImage writes each key as a PNG text: a
+        # value of another kind once passed and failed the job outside its nodes (no history, no executing None)
+        raise BadRequest("extra_data.extra_pnginfo must be an object {key: value} (SaveImage's PNG texts)")
     options = extra.get("sdengine")
     seed_rule = str(options.get("seed_rule", "comfyui")) if isinstance(options, dict) else "comfyui"
     if seed_rule not in ("comfyui", "sdengine"):
@@ -469,24 +484,35 @@ async def post_queue(request: Request) -> Any:
 
 @_route("POST", "/interrupt")
 async def interrupt(request: Request) -> Any:
-    """Stop the running prompt (``{"prompt_id": ...}``: only that one) within one sampler step."""
+    """Stop the running prompt (``{"prompt_id": ...}``: only that one) within one sampler step. As ComfyUI: a
+    body that is not JSON (or empty, or no object) and an empty ``prompt_id`` are a global interrupt."""
     services = request.app.state.services
-    body = await _json_body(request)
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError, RecursionError):  # ComfyUI: json_data = {} on a JSONDecodeError
+        body = {}
     pid = body.get("prompt_id") if isinstance(body, dict) else None
     for j in comfy_jobs(services):
-        if j.state == RUNNING and (pid is None or j.id == pid):
+        if j.state == RUNNING and (not pid or j.id == str(pid)):
             services.manager.cancel(j)
     return {}
 
 
 @_route("GET", "/history")
-def get_history(request: Request, max_items: int | None = None) -> Any:
+def get_history(request: Request, max_items: int | None = None, offset: int = -1) -> Any:
+    """ComfyUI's paging: from the ``offset``-th oldest entry (without one, the last ``max_items``), at most
+    ``max_items`` entries."""
     st = state(request.app)
     with st.lock:
         items = list(st.history.items())
-    if max_items is not None:
-        items = items[-max(0, max_items) :] if max_items > 0 else []
-    return dict(items)
+    if offset < 0 and max_items is not None:
+        offset = len(items) - max_items
+    out: dict[str, Any] = {}
+    for k, v in items[max(offset, 0) :]:
+        out[k] = v
+        if max_items is not None and len(out) >= max_items:
+            break
+    return out
 
 
 @_route("GET", "/history/{prompt_id}")
@@ -656,7 +682,7 @@ def _masked_original(st: ComfyState, ref_text: Any, mask_data: bytes, max_pixels
 
 
 async def _upload(request: Request, *, mask: bool) -> Any:
-    from sdengine.io.paths import check_name, is_inside
+    from sdengine.io.paths import check_name
     from sdengine.server.security import decode_image
 
     services = request.app.state.services
@@ -688,6 +714,17 @@ async def _upload(request: Request, *, mask: bool) -> Any:
         raise BadRequest(str(e)) from None
     if Path(filename).suffix.lower() not in IMAGE_SUFFIXES or filename.startswith("."):
         raise BadRequest(f"{filename!r}: only .png, .jpg, .jpeg and .webp names are stored")
+    name = await asyncio.to_thread(_store_upload, st, kind, subfolder, filename, data, overwrite)
+    return {"name": name, "subfolder": subfolder, "type": kind}
+
+
+def _store_upload(st: ComfyState, kind: str, subfolder: str, filename: str, data: bytes, overwrite: bool) -> str:
+    """Write an upload into the ``kind`` folder (off the event loop: the disk, and the save lock a running
+    SaveImage holds, must not stall the server); a name taken by another image gets `` (1)``, `` (2)``, ...
+    before its suffix, one taken by the same image is answered as it is (no copy), as ComfyUI. Returns the
+    stored name."""
+    from sdengine.io.paths import is_inside
+
     root = st.folders.make_root(kind)
     folder = root / subfolder
     if not is_inside(root, folder):
@@ -707,7 +744,7 @@ async def _upload(request: Request, *, mask: bool) -> Any:
             raise BadRequest(f"{filename!r} resolves outside the {kind} folder")
         if not duplicate:
             target.write_bytes(data)
-    return {"name": target.name, "subfolder": subfolder, "type": kind}
+    return target.name
 
 
 def _same_file(path: Path, data: bytes) -> bool:
@@ -846,17 +883,33 @@ def list_models(request: Request, folder: str) -> Any:
 
 @_route("GET", "/embeddings")
 def embeddings(request: Request) -> Any:
+    """ComfyUI's list: each file's path in the folder without its suffix (``sub/name`` for a file in a
+    subfolder, what its prompts write after ``embedding:``), sorted by that path with the suffix, as ComfyUI's
+    ``folder_paths.get_filename_list``."""
     folder = request.app.state.services.config.embeddings_dir
     if folder is None:
         return []
     from sdengine.text.embeddings import list_embedding_files
 
-    return list(list_embedding_files(folder))
+    root = Path(folder)
+    files = sorted(p.relative_to(root).as_posix() for paths in list_embedding_files(root).values() for p in paths)
+    return [f[: -len(Path(f).suffix)] for f in files]
 
 
 @_route("GET", "/extensions")
 def extensions() -> Any:
     return []
+
+
+def server_features(services: Any) -> dict[str, Any]:
+    """ComfyUI's feature flags (comfy_api/feature_flags.py): previews here are plain PREVIEW_IMAGE frames (no
+    metadata frames), and an upload may be as large as the server's body limit."""
+    return {"supports_preview_metadata": False, "max_upload_size": int(services.config.max_body_bytes)}
+
+
+@_route("GET", "/features")
+def features(request: Request) -> Any:
+    return server_features(request.app.state.services)
 
 
 # ------------------------------------------------------------------------------------------ websocket
@@ -912,10 +965,19 @@ async def websocket_endpoint(ws: WebSocket) -> None:
                 await ws.send_text(msg)
 
     async def drain() -> None:
+        first = True
         while True:
             msg = await ws.receive()
             if msg.get("type") == "websocket.disconnect":
                 return
+            if first and msg.get("text"):  # ComfyUI's frontend opens with its feature flags; answered with ours
+                try:
+                    hello = json.loads(msg["text"])
+                except ValueError:
+                    hello = None
+                if isinstance(hello, dict) and hello.get("type") == "feature_flags":
+                    st.send("feature_flags", server_features(services), sid)
+            first = False
 
     tasks = [asyncio.create_task(pump()), asyncio.create_task(drain())]
     try:
@@ -939,4 +1001,12 @@ def install(app: FastAPI) -> None:
     start (only what sdengine wrote there: :func:`~sdengine.server.comfy.nodes.clean_temp`)."""
     from sdengine.server.comfy.nodes import clean_temp
 
-    clean_temp(state(app).folders.temp)
+    folders = state(app).folders
+    clean_temp(folders.temp, folders.tag)
+
+
+def uninstall(app: FastAPI) -> None:
+    """The server stops: the temp folder's lock file that kept its previews from other servers goes."""
+    st = getattr(app.state, "comfy", None)
+    if st is not None:
+        st.folders.release()
