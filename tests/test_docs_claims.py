@@ -413,3 +413,45 @@ def test_the_environment_variables_the_docs_name_are_read():
     assert len(named) > 5
     missing = sorted(v for v in named if v not in sources)
     assert not missing, f"variables the docs name that nothing reads: {missing}"
+
+
+def test_every_whole_command_in_a_code_block_parses():
+    """A concrete ``sdengine ...`` command in a fenced block (no ``[optional]``, ``a|b`` or ``...`` in it) is one the
+    parser takes: the right positionals, values of the right type, choices it has."""
+    import contextlib
+    import io
+    import shlex
+
+    parser = _parser()
+    checked, wrong = 0, []
+    for md in DOCS:
+        commands, fenced, pending = [], False, None
+        for n, line in enumerate(md.read_text(encoding="utf-8").splitlines(), 1):
+            if line.startswith("```"):
+                fenced = not fenced
+                continue
+            if not fenced:
+                continue
+            if pending is not None:
+                pending = (pending[0], pending[1].rstrip().removesuffix("\\") + " " + line.strip())
+            else:
+                m = re.match(r"\s*(?:\$ )?(?:torchrun .*?-m )?sdengine (.*)", line)
+                if not m:
+                    continue
+                pending = (n, m.group(1))
+            if not line.rstrip().endswith("\\"):
+                commands.append(pending)
+                pending = None
+        for n, command in commands:
+            command = re.split(r"\s+#", command)[0]
+            if re.search(r"\[|\||\.\.\.", command):
+                continue
+            checked += 1
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(err):
+                    parser.parse_args(shlex.split(command))
+            except SystemExit:
+                wrong.append(f"  {md.relative_to(ROOT)}:{n}: sdengine {command[:80]}: {err.getvalue().strip()[-160:]}")
+    assert checked > 50, checked
+    assert not wrong, "commands the docs show that the parser refuses:\n" + "\n".join(wrong)
