@@ -454,3 +454,26 @@ def test_every_whole_command_in_a_code_block_parses():
                 wrong.append(f"  {md.relative_to(ROOT)}:{n}: sdengine {command[:80]}: {err.getvalue().strip()[-160:]}")
     assert checked > 50, checked
     assert not wrong, "commands the docs show that the parser refuses:\n" + "\n".join(wrong)
+
+
+def test_every_route_is_documented():
+    """The other direction: every route the server serves is in docs/server.md, comfyui.md or webui.md (as its
+    path, or as a short name in a table row of its parent, ``| `GET /sdapi/v1/x`, `y` |``; a ComfyUI route under
+    ``/api`` as its plain path; FastAPI's own ``/docs/oauth2-redirect`` aside)."""
+    doc = "".join(
+        (ROOT / "docs" / name).read_text(encoding="utf-8") for name in ("server.md", "comfyui.md", "webui.md")
+    )
+    missing = []
+    for path, methods, _ in _routes():
+        if path == "/docs/oauth2-redirect":
+            continue
+        plain = re.sub(r"\{\w+(:path)?\}", "{", path.removeprefix("/api") if path.startswith("/api/") else path)
+        base = plain.split("{")[0].rstrip("/")
+        parent, _, last = base.rpartition("/")
+        found = base in doc and ("{" not in plain or re.search(re.escape(base) + r"/\{", doc) is not None)
+        if not found:
+            row = r"\| `[A-Z]+ " + re.escape(parent) + r"/[\w-]+`[^|\n]*`" + re.escape(last) + "`"
+            found = re.search(row, doc) is not None
+        if not found:
+            missing.append(f"  {'/'.join(sorted(methods))} {path}")
+    assert not missing, "routes no doc describes:\n" + "\n".join(missing)
