@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sdengine.models.clip_text import TINY_SD1, TINY_SD2, CLIPTextModel, add_text_model_prefix
+from sdengine.nn.lora import LoRAWeight
 from sdengine.prompts import (
     apply_emphasis,
     encode_prompt,
@@ -134,6 +135,11 @@ def test_parse_bad_weight_is_a_clear_error():
         ("a, <lora:foo:0.5>, b <lora:bar:-1>", "a, , b ", [("foo", 0.5), ("bar", -1.0)]),
         ("<lora:my lora v1.2:.8>", "", [("my lora v1.2", 0.8)]),
         ("<lora:foo:0.7:0.7>", "", [("foo", 0.7)]),
+        ("<lora:foo:0.5:1>", "", [("foo", LoRAWeight(0.5, 1.0))]),  # A1111's text-encoder, U-Net multipliers
+        ("<lora:foo:te=0.5:unet=1>", "", [("foo", LoRAWeight(0.5, 1.0))]),
+        ("<lora:foo:unet=2>", "", [("foo", LoRAWeight(1.0, 2.0))]),
+        ("<lora:foo:te=0.3>", "", [("foo", 0.3)]),  # UNET defaults to TE
+        ("<lora:foo:1:te=0.3>", "", [("foo", 0.3)]),  # the named one wins, as in A1111
         ("<lyco:foo:0.3>", "", [("foo", 0.3)]),
         ("<lora:foo:1><lora:foo:1>", "", [("foo", 1.0), ("foo", 1.0)]),
         ("(a <lora:x:2> b:1.2)", "(a  b:1.2)", [("x", 2.0)]),
@@ -148,9 +154,12 @@ def test_extract_lora_tags(prompt, text, loras):
     ("prompt", "match"),
     [
         ("<lora:foo:abc>", "not a number"),
-        ("<lora:foo:0.5:1.0>", "separate"),
-        ("<lora:foo:1:1:1>", "expected"),
-        ("<lora:foo:te=0.5>", "named"),
+        ("<lora:foo:te=abc>", "te 'abc' is not a number"),
+        ("<lora:foo:unet=1:unet=2>", "unet= is given twice"),
+        ("<lora:foo:foo=1>", "unknown multiplier 'foo'"),
+        ("<lora:foo:dyn=4>", "DyLoRA"),
+        ("<lora:foo:1:1:4>", "DyLoRA"),
+        ("<lora:foo:1:1:1:1>", "expected"),
         ("<lora: :1>", "no name"),
         ("<hypernet:foo:1>", "unsupported"),
     ],

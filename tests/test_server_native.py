@@ -311,6 +311,28 @@ def test_loras_are_removed_after_each_job(client):
     assert "<lora:emoji-fruit:0.5>" in tagged["infotexts"][0]
 
 
+def test_lora_unet_weight_and_per_part_tags(client):
+    """A ``loras`` entry's ``unet_weight`` (and A1111's ``<lora:NAME:TE:UNET>`` / ``te=`` / ``unet=`` tags) give the
+    U-Net layers their own multiplier; the infotext writes A1111's tag. emoji-fruit has U-Net layers only, so
+    te 0.5 with U-Net 1 is the image of weight 1. A bad tag is a 400 with one line."""
+    plain = {**BASE, "prompt": "a green apple", "seed": 3}
+    split = run(client, {**plain, "loras": [{"name": "emoji-fruit", "weight": 0.5, "unet_weight": 1.0}]})
+    tagged = run(client, {**plain, "prompt": "a green apple <lora:emoji-fruit:te=0.5:unet=1>"})
+    full = run(client, {**plain, "loras": [{"name": "emoji-fruit", "weight": 1.0}]})
+    half = run(client, {**plain, "loras": [{"name": "emoji-fruit", "weight": 0.5}]})
+    assert all(j["state"] == "done" for j in (split, tagged, full, half))
+    a, b, c, d = (np.asarray(fetch_image(client, j["images"][0]["url"])[0]) for j in (split, tagged, full, half))
+    np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(b, c)
+    assert not np.array_equal(a, d)
+    assert split["infotexts"][0].splitlines()[0] == "a green apple <lora:emoji-fruit:0.5:1>"
+    for prompt in ("<lora:emoji-fruit:foo=1>", "<lora:emoji-fruit:unet=1:unet=2>", "<lora:emoji-fruit:te=abc>"):
+        r = client.post("/v1/jobs", json={**plain, "prompt": prompt})
+        assert r.status_code == 400 and "\n" not in r.json()["detail"] and "LoRA tag" in r.json()["detail"], r.text
+    r = client.post("/v1/jobs", json={**plain, "loras": [{"name": "emoji-fruit", "unet_weight": 11}]})
+    assert r.status_code in (400, 422), r.text
+
+
 def test_controlnet_unit_by_name_with_a_preprocessor(client):
     src = Image.new("RGB", (64, 64), "white")
     src.paste((0, 0, 0), (20, 20, 44, 44))

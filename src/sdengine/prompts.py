@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from sdengine.errors import SdengineError
 from sdengine.io.paths import ExternalName
+from sdengine.nn.lora import LoRAWeight, lora_weight
 from sdengine.text.clip_tokenizer import CLIPTokenizer, TokenChunk, chunk_tokens
 
 
@@ -169,42 +170,61 @@ def _is_break(piece: tuple[str, float]) -> bool:
     return piece[0] == "BREAK" and piece[1] == -1
 
 
-def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float | LoRAWeight]]]:
     """Remove ``<lora:NAME>`` / ``<lora:NAME:WEIGHT>`` tags: ``(prompt without them, [(NAME, WEIGHT)])``.
 
-    Follows A1111's extra-network syntax (``<\\w+:args>``, args split at ``:``): WEIGHT defaults to
-    1.0; ``<lora:NAME:W:W>`` (A1111's text-encoder and U-Net multipliers) is accepted when both are
-    equal, since sdengine applies one weight per LoRA; different values, or A1111's named forms
-    (``te=``, ``unet=``, ``dyn=``), are a ``ValueError``. ``<lyco:...>`` is A1111's alias of ``lora``.
+    Follows A1111's extra-network syntax (``<\\w+:args>``, args split at ``:``, an arg with ``=`` is named):
+    WEIGHT defaults to 1.0; ``<lora:NAME:TE:UNET>`` or the named ``te=`` / ``unet=`` give the text-encoder and
+    U-Net multipliers (UNET defaults to TE; a named one wins over the positional one, as in A1111). Equal
+    multipliers are one float weight; different ones a :class:`~sdengine.nn.lora.LoRAWeight`. A1111's ``dyn``
+    (DyLoRA rank selection, 4th positional or ``dyn=``), an unknown or repeated name, or a multiplier that is
+    not a number is a ``ValueError``. ``<lyco:...>`` is A1111's alias of ``lora``.
     Other tags (``<hypernet:...>``) are a ``ValueError``: sdengine cannot apply them and does not
     drop them silently. Tags are replaced by nothing, as in A1111 (surrounding spaces and commas
     stay). The list keeps the order and repetitions of the prompt. Names are
     :class:`~sdengine.io.paths.ExternalName`: a LoRA folder lookup never lets them out of the folder.
     """
-    loras: list[tuple[str, float]] = []
+    loras: list[tuple[str, float | LoRAWeight]] = []
+
+    def number(tag: str, what: str, text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise PromptError(f"LoRA tag {tag!r}: {what} {text.strip()!r} is not a number") from None
 
     def found(m: re.Match[str]) -> str:
-        kind, args = m.group(1), m.group(2)
+        kind, args, tag = m.group(1), m.group(2), m.group(0)
         if kind.lower() not in _LORA_KINDS:
-            raise PromptError(f"unsupported extra network tag {m.group(0)!r}: only <lora:NAME:WEIGHT> is supported")
+            raise PromptError(f"unsupported extra network tag {tag!r}: only <lora:NAME:WEIGHT> is supported")
         items = args.split(":")
         name = items[0].strip()
         if not name:
-            raise PromptError(f"LoRA tag {m.group(0)!r} has no name")
-        if any("=" in item for item in items[1:]):
-            raise PromptError(f"LoRA tag {m.group(0)!r}: named multipliers (te=, unet=, dyn=) are not supported")
-        try:
-            weights = [float(item) for item in items[1:]]
-        except ValueError:
-            raise PromptError(f"LoRA tag {m.group(0)!r}: weight is not a number") from None
-        if len(weights) > 2:
-            raise PromptError(f"LoRA tag {m.group(0)!r}: expected <lora:NAME[:WEIGHT[:UNET_WEIGHT]]>")
-        if len(weights) == 2 and weights[0] != weights[1]:
-            raise PromptError(
-                f"LoRA tag {m.group(0)!r}: separate text-encoder/U-Net weights are not supported; use one weight"
-            )
+            raise PromptError(f"LoRA tag {tag!r} has no name")
+        positional: list[str] = []
+        named: dict[str, str] = {}
+        for item in items[1:]:
+            key, eq, value = item.partition("=")
+            if not eq:
+                positional.append(item)
+                continue
+            key = key.strip()
+            if key == "dyn":
+                raise PromptError(f"LoRA tag {tag!r}: dyn= (DyLoRA rank selection) is not supported")
+            if key not in ("te", "unet"):
+                raise PromptError(f"LoRA tag {tag!r}: unknown multiplier {key!r}= (expected te= or unet=)")
+            if key in named:
+                raise PromptError(f"LoRA tag {tag!r}: {key}= is given twice")
+            named[key] = value
+        if len(positional) > 3:
+            raise PromptError(f"LoRA tag {tag!r}: expected <lora:NAME[:TE[:UNET]]>")
+        if len(positional) == 3:
+            raise PromptError(f"LoRA tag {tag!r}: a DyLoRA dim (4th value, A1111's dyn) is not supported")
+        te = number(tag, "weight", positional[0]) if positional else 1.0
+        te = number(tag, "te", named["te"]) if "te" in named else te
+        unet = number(tag, "weight", positional[1]) if len(positional) > 1 else te
+        unet = number(tag, "unet", named["unet"]) if "unet" in named else unet
         # Marked as coming from outside: it may only select a file inside the LoRA folder, never a path.
-        loras.append((ExternalName(name), weights[0] if weights else 1.0))
+        loras.append((ExternalName(name), lora_weight(te, unet)))
         return ""
 
     # A tag ends with ">": nothing after the last one can match, and scanning that tail from every "<" is

@@ -115,18 +115,32 @@ def control_units_from_cli(
     return out
 
 
-def lora_arg(text: str) -> tuple[str, float]:
-    """``FILE[:WEIGHT]``; a trailing ``:number`` is the weight (so ``C:\\x.safetensors`` still works).
+def lora_arg(text: str) -> tuple[str, Any]:
+    """``FILE[:WEIGHT]`` or ``FILE:TE:UNET``; a trailing ``:number`` is the weight (so ``C:\\x.safetensors`` still
+    works), two trailing numbers the text-encoder and U-Net weights (A1111's ``<lora:NAME:TE:UNET>``).
 
     Any float spelling is a weight (``1e30``, ``inf``), never part of the file name: the LoRA code then refuses an
     absurd weight by name instead of saying that a file ``F:1e30`` does not exist."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head and not Path(text).is_file():
+    from sdengine.nn.lora import lora_weight
+
+    if Path(text).is_file():
+        return text, 1.0
+    numbers: list[float] = []
+    head = text
+    while len(numbers) < 2:
+        rest, sep, tail = head.rpartition(":")
+        if not (sep and rest):
+            break
         try:
-            return head, float(tail)
+            numbers.insert(0, float(tail))
         except ValueError:
-            pass
-    return text, 1.0
+            break
+        head = rest
+        if Path(head).is_file():
+            break
+    if not numbers:
+        return text, 1.0
+    return head, lora_weight(*numbers)
 
 
 _NUMBERED = re.compile(r"^(?:grid-|xyz-)?(\d{5,})[-.]")  # NNNNN-SEED.png, grid-NNNNN.png, xyz-NNNNN.png
@@ -776,7 +790,13 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="FOLDER",
         help="where --from-png looks up the ControlNet a PNG names (built-in names need none)",
     )
-    p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]", help="a LoRA (repeatable)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="FILE[:WEIGHT[:UNET_WEIGHT]]",
+        help="a LoRA (repeatable); two weights: the text encoder's, the U-Net's",
+    )
     p.add_argument("--lora-dir", default=None, help="where <lora:NAME> tags are looked up")
     p.add_argument(
         "--embeddings-dir",

@@ -141,7 +141,13 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--strength", type=float, default=None, help="img2img denoising strength where not an axis")
     p.add_argument("--mask", default=None, help="inpainting mask, white = repaint")
     p.add_argument("--clip-skip", type=int, default=None, help="A1111's clip skip where not an axis (CLIP models)")
-    p.add_argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]", help="a LoRA (repeatable)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="FILE[:WEIGHT[:UNET_WEIGHT]]",
+        help="a LoRA (repeatable); two weights: the text encoder's, the U-Net's",
+    )
     p.add_argument("--lora-dir", default=None, help="where <lora:NAME> tags are looked up")
     p.add_argument("--embeddings-dir", default=None, help="textual-inversion embeddings, used by file name in prompts")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])

@@ -313,6 +313,33 @@ def patch_layers(layers: Iterable[tuple[nn.Module, LoRALayer]], name: str = "lor
     return handle
 
 
+@dataclass(frozen=True)
+class LoRAWeight:
+    """Separate multipliers for a LoRA's text-encoder and U-Net layers (A1111's ``<lora:NAME:TE:UNET>``, ComfyUI's
+    ``strength_clip`` / ``strength_model``). A plain float weight means the same multiplier for both."""
+
+    te: float
+    unet: float
+
+    def __str__(self) -> str:  # as A1111's tag writes it: <lora:NAME:TE:UNET>
+        return f"{self.te:g}:{self.unet:g}"
+
+
+def lora_weight(te: float, unet: float | None = None) -> float | LoRAWeight:
+    """A weight from a text-encoder and a U-Net multiplier (``unet`` defaults to ``te``, as in A1111): a float
+    when they are equal, else a :class:`LoRAWeight`, so that one weight reads, compares and prints as before."""
+    te = float(te)
+    unet = te if unet is None else float(unet)
+    return te if te == unet else LoRAWeight(te, unet)
+
+
+def part_weights(weight: float | LoRAWeight) -> tuple[float, float]:
+    """``(text-encoder multiplier, U-Net multiplier)`` of a weight (a float is both)."""
+    if isinstance(weight, LoRAWeight):
+        return weight.te, weight.unet
+    return weight, weight
+
+
 def check_weight(weight: float, name: str = "LoRA") -> float:
     """``weight`` as a finite float within [-100, 100] (else LoRAError); a LoRAWeightWarning outside [-4, 4]."""
     try:
@@ -338,7 +365,10 @@ __all__ = [
     "LoRAError",
     "LoRAHandle",
     "LoRALayer",
+    "LoRAWeight",
     "LoRAWeightWarning",
     "check_weight",
+    "lora_weight",
+    "part_weights",
     "patch_layers",
 ]

@@ -595,7 +595,7 @@ class Pipeline:
             )
         from sdengine.weights.lora import lora_entry
 
-        lora_list: list[tuple[Any, float]] = [lora_entry(item) for item in (request.loras or [])]
+        lora_list: list[tuple[Any, Any]] = [lora_entry(item) for item in (request.loras or [])]
         lora_list += tag_lists[0]
         lora_dir = request.lora_dir or self.lora_dir
         handle = None

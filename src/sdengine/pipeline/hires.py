@@ -207,7 +207,7 @@ def plan_hires(pipe: Any, r: GenerationRequest, width: int, height: int, sampler
     return HiresPlan(upscaler_name(r.hr_upscaler), sw, sh, bw, bh, total, sampler, schedule, start)
 
 
-def _lora_tags(text: str) -> list[tuple[str, float]]:
+def _lora_tags(text: str) -> list[tuple[str, Any]]:
     from sdengine.prompts import extract_lora_tags
 
     return extract_lora_tags(text)[1]

@@ -93,7 +93,7 @@ def weights_file(source: Path | None) -> Path | None:
     return source if source.is_file() else None
 
 
-def lora_hashes(loras: Sequence[tuple[Any, float]], lora_dir: str | Path | None) -> dict[str, str]:
+def lora_hashes(loras: Sequence[tuple[Any, Any]], lora_dir: str | Path | None) -> dict[str, str]:
     from sdengine.metadata import lora_hash
     from sdengine.weights.lora import resolve_lora
 
@@ -130,7 +130,7 @@ def call_parameters(
     strength: float | None,
     clip_skip: int,
     guidance_rescale: float,
-    loras: Sequence[tuple[Any, float]],
+    loras: Sequence[tuple[Any, Any]],
     n_tag_loras: int,
     lora_dir: str | Path | None,
     controlnets: Sequence[ControlUnit],
@@ -144,9 +144,12 @@ def call_parameters(
 ) -> dict[str, Any]:
     """The parameters dict of one image (sdengine.metadata writes it as A1111 text). LoRAs passed as
     arguments are written as <lora:NAME:W> tags, as A1111 keeps them, so that the infotext alone says which
-    ones were used (regenerate with the same lora_dir)."""
+    ones were used (regenerate with the same lora_dir); separate text-encoder / U-Net weights (a LoRAWeight) as
+    A1111's <lora:NAME:TE:UNET>."""
     tags = "".join(
-        f" <lora:{Path(src).stem}:{w:g}>" for src, w in loras[: len(loras) - n_tag_loras] if isinstance(src, str | Path)
+        f" <lora:{Path(src).stem}:{format(w, 'g') if isinstance(w, int | float) else w}>"  # LoRAWeight: TE:UNET
+        for src, w in loras[: len(loras) - n_tag_loras]
+        if isinstance(src, str | Path)
     )
     params: dict[str, Any] = {
         # a prompt whose tags were taken out ("an apple <lora:x:1>" -> "an apple ") does not grow a space per reuse

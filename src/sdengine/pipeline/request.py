@@ -30,7 +30,7 @@ from sdengine.pipeline.control import ControlUnit
 from sdengine.pipeline.result import StepCallback
 from sdengine.text.conditioners import CLIP_SKIP_RULES
 
-LoRAInput = tuple[Any, float] | str | Path
+LoRAInput = tuple[Any, Any] | str | Path  # (source, weight): a float, or a LoRAWeight (text-encoder, U-Net)
 TextOrList = str | Sequence[str]
 
 # Bounds that keep values finite. cfg: A1111's slider stops at 30, the server's schema at 100; past that the
@@ -379,7 +379,7 @@ class GenerationRequest:
         (prompt weights, ``<lora:...>`` tags), the LoRA weights' hard bound and image files that do not exist.
         A command that renders many requests (a prompt list, an X/Y/Z plot) runs it on all of them first, so a
         bad one fails before any is drawn. Returns self."""
-        from sdengine.nn.lora import WEIGHT_LIMIT, check_weight
+        from sdengine.nn.lora import WEIGHT_LIMIT, LoRAWeight, check_weight, part_weights
         from sdengine.prompts import extract_lora_tags, parse_prompt_attention
 
         self.validate()
@@ -389,9 +389,10 @@ class GenerationRequest:
             rest, tags = extract_lora_tags(text)
             parse_prompt_attention(rest)
             weights += [(str(name), w) for name, w in tags]
-        for name, w in weights:  # only the hard bound here; the pipeline warns about large weights once
-            if _is_number(w) and (not math.isfinite(w) or abs(w) > WEIGHT_LIMIT):
-                check_weight(w, name)
+        for name, weight in weights:  # only the hard bound here; the pipeline warns about large weights once
+            for w in part_weights(weight) if isinstance(weight, LoRAWeight) else (weight,):
+                if _is_number(w) and (not math.isfinite(w) or abs(w) > WEIGHT_LIMIT):
+                    check_weight(w, name)
         images = [("init image", self.init_image), ("mask", self.mask)]
         images += [(f"ControlNet unit {k} image", u.image) for k, u in enumerate(self.control_units())]
         for what, image in images:  # the words sdengine.io.images.load_image says it in

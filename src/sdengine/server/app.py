@@ -613,7 +613,9 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             )
             for c in req.controlnets
         ]
-        fields["loras"] = [(lo.name, lo.weight) for lo in req.loras]
+        fields["loras"] = [
+            (lo.name, lo.weight if lo.unet_weight is None else (lo.weight, lo.unet_weight)) for lo in req.loras
+        ]
         if req.init_image is None and req.mask is None and not req.controlnets:
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:

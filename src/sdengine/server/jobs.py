@@ -280,7 +280,8 @@ def batch_key(job: Job) -> tuple[Any, ...] | None:
     if set(kw) - set(_BATCH_SETTINGS) - set(_PER_ROW) - set(_NEVER_BATCHED):
         return None
     loras = kw.get("loras")
-    lora_key = tuple((str(p), float(w)) for p, w in loras) if loras else ()
+    # a weight is a float or a LoRAWeight (separate text-encoder / U-Net multipliers): both hashable, compared as is
+    lora_key = tuple((str(p), w) for p, w in loras) if loras else ()
     return (g.model, *(kw.get(k) for k in _BATCH_SETTINGS if k != "loras"), lora_key)
 
 

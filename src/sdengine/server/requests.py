@@ -126,7 +126,7 @@ def build_generation(
     mask: ImageRef | None = None,
     mask_blur: float = 0,
     controlnets: Sequence[ControlRequest] = (),
-    loras: Sequence[tuple[str, float]] = (),
+    loras: Sequence[tuple[str, Any]] = (),
     clip_skip: int = 1,
     clip_skip_rule: str = "sdengine",
     guess_mode: bool = False,
@@ -147,6 +147,7 @@ def build_generation(
     masked_content: str = "original",
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run."""
+    from sdengine.nn.lora import LoRAWeight, lora_weight
     from sdengine.prompts import extract_lora_tags
 
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
@@ -196,7 +197,14 @@ def build_generation(
     for name, weight in [*loras, *tags]:
         if not isinstance(name, str):
             raise BadRequest(f"a LoRA is named by a string, got {name!r}")
-        lora_list.append((str(catalog.resolve_lora(name)), _finite(weight, f"LoRA {name} weight", -10.0, 10.0)))
+        # a weight is a number, or (A1111's <lora:NAME:TE:UNET>) separate text-encoder and U-Net multipliers:
+        # a LoRAWeight from a tag, a (te, unet) pair from the native API's unet_weight
+        te, unet = (weight.te, weight.unet) if isinstance(weight, LoRAWeight) else (weight, weight)
+        if isinstance(weight, tuple) and len(weight) == 2:
+            te, unet = weight
+        te = _finite(te, f"LoRA {name} weight", -10.0, 10.0)
+        unet = _finite(unet, f"LoRA {name} U-Net weight", -10.0, 10.0)
+        lora_list.append((str(catalog.resolve_lora(name)), lora_weight(te, unet)))
     if len(lora_list) > MAX_LORAS:
         raise BadRequest(f"at most {MAX_LORAS} LoRAs per request, got {len(lora_list)}")
 

@@ -21,6 +21,14 @@ class LoRASpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(..., min_length=1, max_length=512, description="a name from GET /v1/loras")
     weight: float = Field(1.0, ge=-10, le=10, allow_inf_nan=False)
+    unet_weight: float | None = Field(
+        None,
+        ge=-10,
+        le=10,
+        allow_inf_nan=False,
+        description="the U-Net layers' multiplier when it differs from the text encoder's (weight), as A1111's "
+        "<lora:NAME:TE:UNET>; unset: weight for both",
+    )
 
 
 class ControlNetSpec(BaseModel):

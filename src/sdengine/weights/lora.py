@@ -32,8 +32,11 @@ from ..nn.lora import (
     LoRAError,
     LoRAHandle,
     LoRALayer,
+    LoRAWeight,
     LoRAWeightWarning,
     check_weight,
+    lora_weight,
+    part_weights,
     patch_layers,
 )
 from ..nn.lycoris import LycorisLayer
@@ -53,18 +56,21 @@ from .lycoris_file import LycorisLayerWeights
 
 log = logging.getLogger(__name__)
 
-LoRASpec = tuple["str | os.PathLike[str] | LoRAFile", float]
+LoRASpec = tuple["str | os.PathLike[str] | LoRAFile", "float | LoRAWeight"]
 
 
-def lora_entry(item: object) -> tuple[str | os.PathLike[str] | LoRAFile, float]:
+def lora_entry(item: object) -> tuple[str | os.PathLike[str] | LoRAFile, float | LoRAWeight]:
     """One entry of a ``loras`` list as ``(source, weight)``: a path, name or :class:`LoRAFile` alone (weight 1), or
-    a ``(source, weight)`` pair (tuple or list). Anything else is a one-line :class:`UsageError`, not an
-    ``IndexError`` deep inside; a weight that is not a number is a :class:`LoRAError`."""
+    a ``(source, weight)`` pair (tuple or list). The weight is a number, or a :class:`LoRAWeight` (separate
+    text-encoder and U-Net multipliers, A1111's ``<lora:NAME:TE:UNET>``). Anything else is a one-line
+    :class:`UsageError`, not an ``IndexError`` deep inside; a weight that is not a number is a :class:`LoRAError`."""
     if isinstance(item, str | os.PathLike | LoRAFile):
         return item, 1.0
     if isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str | os.PathLike | LoRAFile):
         src, weight = item
         try:  # bounds are checked once the file's name is known (check_weight in apply_loras)
+            if isinstance(weight, LoRAWeight):
+                return src, lora_weight(weight.te, weight.unet)
             return src, float(weight)
         except (TypeError, ValueError):
             raise LoRAError(f"{getattr(src, 'name', None) or src}: weight {weight!r} is not a number") from None
@@ -97,6 +103,9 @@ def apply_loras(
     ``part``: apply only the U-Net layers (``"unet"``) or only the text-encoder layers (``"text_encoders"``) of
     each file, as ComfyUI's LoraLoader does with ``strength_model`` / ``strength_clip``: the other part's layers
     are left out rather than reported unmatched, and a file with no layers of that part adds nothing.
+    A :class:`LoRAWeight` weight applies its ``te`` multiplier to the text-encoder layers and its ``unet``
+    multiplier to the U-Net layers: the file is then applied as two entries of the handle (its text-encoder part,
+    then its U-Net part), exactly as two ``part=`` calls would.
     """
     if has_fp8(unet):
         raise LoRAError(
@@ -111,14 +120,23 @@ def apply_loras(
             lf = src
         else:
             lf = load_lora(resolve_lora(src, lora_dir))
-        w = check_weight(weight, lf.name)
+        te_w, unet_w = part_weights(weight)
+        te_w = check_weight(te_w, lf.name)
+        unet_w = te_w if unet_w == te_w else check_weight(unet_w, lf.name)
+        parts: list[tuple[Literal["unet", "text_encoders"] | None, float]]
         if part is not None:
-            lf = lora_part(lf, part)
-            if not lf.layers and not lf.lycoris and not lf.unsupported:
-                log.info("LoRA %s has no %s layers: nothing to apply there", lf.name, part)
+            parts = [(part, te_w if part == "text_encoders" else unet_w)]
+        elif te_w != unet_w:  # A1111's separate text-encoder / U-Net multipliers
+            parts = [("text_encoders", te_w), ("unet", unet_w)]
+        else:
+            parts = [(None, te_w)]
+        for which, w in parts:
+            piece = lf if which is None else lora_part(lf, which)
+            if which is not None and not piece.layers and not piece.lycoris and not piece.unsupported:
+                log.info("LoRA %s has no %s layers: nothing to apply there", lf.name, which)
                 continue
-        matched, unmatched, lycoris = match_lora(lf, index)
-        prepared.append((lf, w, matched, unmatched, lycoris))
+            matched, unmatched, lycoris = match_lora(piece, index)
+            prepared.append((piece, w, matched, unmatched, lycoris))
 
     handle = LoRAHandle()
     try:
@@ -231,6 +249,7 @@ __all__ = [
     "LoRALayerWeights",
     "LoRAReport",
     "LoRASpec",
+    "LoRAWeight",
     "LoRAWeightWarning",
     "LycorisLayer",
     "LycorisLayerWeights",
@@ -247,6 +266,8 @@ __all__ = [
     "lycoris_layer",
     "lora_part",
     "lora_targets",
+    "lora_weight",
+    "part_weights",
     "match_lora",
     "patch_layers",
     "resolve_lora",
