@@ -642,6 +642,92 @@ def sample_dpmpp_sde(
     return x
 
 
+@torch.no_grad()
+def sample_dpmpp_2s_a(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Ancestral DPM-Solver++(2S) (Lu et al. 2022, Algorithm 1 with r = 1/2; k-diffusion's
+    sample_dpmpp_2s_ancestral, A1111's "DPM++ 2S a"): each step splits into a deterministic part down to
+    sigma_down (:func:`ancestral_step`), solved by the second-order singlestep update with its midpoint halfway
+    in lambda = -log sigma, then fresh noise of size sigma_up (scaled by ``s_noise``). A step down to sigma 0
+    is a plain Euler step."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma, step=i)
+        down, up = ancestral_step(sigma, sigma_next, eta)
+        if down == 0.0:
+            x = _euler_to(x, denoised, sigma, down)
+        else:
+            sigma_mid = math.sqrt(sigma * down)  # exp(-(t + h / 2)) with t = -log sigma, h = log(sigma / down)
+            x_2 = torch.lerp(denoised, x, sigma_mid / sigma)  # (s_mid / s) x - expm1(-h / 2) x0
+            denoised_2 = loop.model(x_2, sigma_mid, step=i, on_grid=False)
+            x = torch.lerp(denoised_2, x, down / sigma)
+        if sigma_next > 0 and up > 0:
+            x = x + loop.noise(x) * (up * s_noise)
+        loop.done(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM-Solver++(3M) SDE (Lu et al. 2022, the third-order multistep data-prediction solver, in the SDE form
+    of k-diffusion's sample_dpmpp_3m_sde, A1111's "DPM++ 3M SDE"): with ``h_eta = (1 + eta) h`` the step is
+    ``x' = e^-h_eta x + (1 - e^-h_eta) x0`` plus the first and second divided differences of the last three x0
+    estimates (weights phi_2 = (1 - e^-h_eta) / -h_eta + 1 and phi_3 = phi_2 / h_eta - 1/2), lower order on
+    the first two steps, then fresh noise of size ``sigma' sqrt(1 - e^(-2 eta h)) s_noise``; the step to sigma 0
+    returns x0. ``eta=0`` is the deterministic DPM-Solver++(3M)."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    d_1: Tensor | None = None  # x0 estimates of the last two steps
+    d_2: Tensor | None = None
+    h_1 = h_2 = 0.0
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma, step=i)
+        h = 0.0
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            h_eta = h * (eta + 1)
+            x = x * math.exp(-h_eta) + denoised * (-math.expm1(-h_eta))
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            if d_2 is not None and d_1 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (denoised - d_1) / r0
+                d1_1 = (d_1 - d_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + d1 * phi_2 - d2 * phi_3
+            elif d_1 is not None:
+                x = x + (denoised - d_1) * (phi_2 / (h_1 / h))
+            if eta:
+                x = x + loop.noise(x) * (sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
+        d_1, d_2 = denoised, d_1
+        h_1, h_2 = h, h_1
+        loop.done(i, x, denoised)
+    return x
+
+
 # ---------------------------------------------------------------------------------------------------
 # UniPC (Zhao et al. 2023)
 # ---------------------------------------------------------------------------------------------------
@@ -794,6 +880,8 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "dpmpp_sde": sample_dpmpp_sde,
+    "dpmpp_2s_a": sample_dpmpp_2s_a,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "unipc": sample_unipc,
     "lcm": sample_lcm,
     "plms": sample_plms,

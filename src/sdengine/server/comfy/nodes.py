@@ -52,12 +52,23 @@ SAMPLER_NAMES = {
     "dpmpp_sde": "dpmpp_sde",
     "dpmpp_2m": "dpmpp_2m",
     "dpmpp_2m_sde": "dpmpp_2m_sde",
+    "dpmpp_2s_ancestral": "dpmpp_2s_a",
+    "dpmpp_3m_sde": "dpmpp_3m_sde",
     "ddpm": "ddpm",
     "lcm": "lcm",
     "ddim": "ddim",
     "uni_pc": "unipc",
 }
-SCHEDULER_NAMES = {"normal": "normal", "karras": "karras", "exponential": "exponential", "sgm_uniform": "sgm_uniform"}
+SCHEDULER_NAMES = {
+    "normal": "normal",
+    "karras": "karras",
+    "exponential": "exponential",
+    "sgm_uniform": "sgm_uniform",
+    "simple": "simple",
+    "ddim_uniform": "ddim_uniform",
+    "beta": "beta",
+    "kl_optimal": "kl_optimal",
+}
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")
 LATENT_UPSCALE_METHODS = (*UPSCALE_METHODS, "bislerp")  # ComfyUI's latent nodes also slerp
 
