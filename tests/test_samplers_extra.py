@@ -137,6 +137,7 @@ def test_uniform_and_polyexponential_are_a1111s():
         ("DPM++ 2S a Karras", None, ("dpmpp_2s_a", "karras")),
         ("DPM++ 3M SDE", "Exponential", ("dpmpp_3m_sde", "exponential")),
         ("DPM++ 3M SDE Karras", None, ("dpmpp_3m_sde", "karras")),
+        ("DPM++ 2M SDE Heun", "Exponential", ("dpmpp_2m_sde_heun", "exponential")),
         ("k_dpmpp_2s_a", "simple", ("dpmpp_2s_a", "simple")),
         ("k_dpmpp_3m_sde", "Beta", ("dpmpp_3m_sde", "beta")),
         ("Euler", "Simple", ("euler", "simple")),
@@ -176,7 +177,8 @@ def test_comfyui_ksampler_offers_the_new_names():
             assert sampling.resolve("euler", ours)[1] == ours
         else:
             assert ours in sampling.SAMPLERS
-    assert SAMPLER_NAMES["dpmpp_2s_ancestral"] == "dpmpp_2s_a" and SAMPLER_NAMES["dpmpp_3m_sde"] == "dpmpp_3m_sde"
+    assert SAMPLER_NAMES["dpmpp_2s_ancestral"] == "dpmpp_2s_a" and SAMPLER_NAMES["dpmpp_3m_sde_gpu"] == "dpmpp_3m_sde"
+    assert SAMPLER_NAMES["dpmpp_2m_sde_heun"] == "dpmpp_2m_sde_heun"
     assert {"simple", "ddim_uniform", "beta", "kl_optimal"} <= set(SCHEDULER_NAMES)
 
 
@@ -252,8 +254,35 @@ def _ref_3m_sde(x, sigmas, noises, eta=1.0):
     return x
 
 
+def _ref_2m_sde_heun(x, sigmas, noises, eta=1.0):
+    """k-diffusion's sample_dpmpp_2m_sde with solver_type="heun", in its own form, float64."""
+    x, it = x.double(), iter(noises)
+    old = None
+    h_last = None
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        den = _den(x, torch.tensor([s]))
+        if s_next == 0:
+            x = den
+        else:
+            h = -math.log(s_next) + math.log(s)
+            eta_h = eta * h
+            x = s_next / s * math.exp(-eta_h) * x + (-math.expm1(-h - eta_h)) * den
+            if old is not None:
+                r = h_last / h
+                x = x + ((-math.expm1(-h - eta_h)) / (-h - eta_h) + 1) * (1 / r) * (den - old)
+            if eta:
+                x = x + next(it) * s_next * math.sqrt(-math.expm1(-2 * eta_h))
+            h_last = h
+        old = den
+    return x
+
+
 @pytest.mark.parametrize("schedule", ["karras", "simple", "align_your_steps"])
-@pytest.mark.parametrize(("name", "ref"), [("dpmpp_2s_a", _ref_2s_a), ("dpmpp_3m_sde", _ref_3m_sde)])
+@pytest.mark.parametrize(
+    ("name", "ref"),
+    [("dpmpp_2s_a", _ref_2s_a), ("dpmpp_3m_sde", _ref_3m_sde), ("dpmpp_2m_sde_heun", _ref_2m_sde_heun)],
+)
 def test_new_samplers_match_the_float64_reference(name, ref, schedule):
     ns = NoiseSchedule.from_config(**SD)
     grid = sampling.make_grid(name, 8, ns, schedule, SD)
@@ -280,7 +309,7 @@ def test_3m_sde_with_eta_0_is_deterministic_and_third_order_accurate():
     assert err_3m < err_2m / 3
 
 
-@pytest.mark.parametrize("name", ["dpmpp_2s_a", "dpmpp_3m_sde"])
+@pytest.mark.parametrize("name", ["dpmpp_2s_a", "dpmpp_3m_sde", "dpmpp_2m_sde_heun"])
 def test_a_row_is_the_same_alone_or_in_a_batch_and_seeds_repeat(name):
     ns = NoiseSchedule.from_config(**SD)
     noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(7))

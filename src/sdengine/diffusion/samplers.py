@@ -581,6 +581,39 @@ def sample_dpmpp_2m_sde(
 ) -> Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022, section 5 / appendix, midpoint form as in k-diffusion and
     diffusers' "sde-dpmsolver++"); ``s_noise`` scales the fresh noise (k-diffusion's)."""
+    return _dpmpp_2m_sde(denoiser, x, sigmas, generators, callback, extra_args, eta, s_noise, heun=False)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde_heun(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM-Solver++(2M) SDE with the Heun-type second-order term (k-diffusion's ``solver_type="heun"``, A1111's
+    "DPM++ 2M SDE Heun"): the difference of the last two x0 estimates weighted by ``(1 - e^-hh) / -hh + 1``,
+    ``hh = (1 + eta) h``, instead of the midpoint's ``(1 - e^-hh) / 2``."""
+    return _dpmpp_2m_sde(denoiser, x, sigmas, generators, callback, extra_args, eta, s_noise, heun=True)
+
+
+def _dpmpp_2m_sde(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    generators: Generators | None,
+    callback: Callback | None,
+    extra_args: dict[str, Any] | None,
+    eta: float,
+    s_noise: float,
+    *,
+    heun: bool,
+) -> Tensor:
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     old: Tensor | None = None
     h_last = 0.0
@@ -596,7 +629,8 @@ def sample_dpmpp_2m_sde(
             x = x * (sigma_next / sigma * math.exp(-eta_h)) + denoised * coef
             if old is not None:
                 r = h_last / h
-                x = x + (denoised - old) * (0.5 * coef / r)
+                weight = (coef / (-h - eta_h) + 1) if heun else 0.5 * coef
+                x = x + (denoised - old) * (weight / r)
             if eta:
                 x = x + loop.noise(x) * (sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
             h_last = h
@@ -879,6 +913,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "lms": sample_lms,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_2m_sde_heun": sample_dpmpp_2m_sde_heun,
     "dpmpp_sde": sample_dpmpp_sde,
     "dpmpp_2s_a": sample_dpmpp_2s_a,
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,

@@ -138,6 +138,17 @@ SAMPLERS: dict[str, SamplerSpec] = {
             vp_init=True,
             round_karras_timesteps=True,
         ),
+        SamplerSpec(
+            "dpmpp_2m_sde_heun",
+            "DPM++ 2M SDE Heun",
+            S.sample_dpmpp_2m_sde_heun,
+            "multistep",  # the grid of DPM++ 2M SDE (diffusers has no Heun form of it)
+            "",
+            stochastic=True,
+            vp_init=True,
+            round_karras_timesteps=True,
+            parity_schedules=(),
+        ),
         SamplerSpec("dpmpp_sde", "DPM++ SDE", S.sample_dpmpp_sde, "k", "DPMSolverSDEScheduler", stochastic=True),
         SamplerSpec(
             "dpmpp_2s_a",
@@ -243,6 +254,7 @@ K_ALIASES = {
     "k_lcm": "lcm",
     "k_dpmpp_2s_a": "dpmpp_2s_a",
     "k_dpmpp_3m_sde": "dpmpp_3m_sde",
+    "k_dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",
 }
 
 
@@ -372,7 +384,7 @@ def make_grid(
 
 def _rounds_karras(sampler: str, scheduler_config: Mapping[str, Any] | None) -> bool:
     # DPM-Solver++ keeps fractional (then int-truncated) Karras timesteps for squaredcos_cap_v2 only.
-    if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
+    if sampler in ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun"):
         return config_get(scheduler_config, "beta_schedule", "linear") != "squaredcos_cap_v2"
     return True
 

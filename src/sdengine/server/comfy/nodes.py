@@ -52,12 +52,19 @@ SAMPLER_NAMES = {
     "dpmpp_sde": "dpmpp_sde",
     "dpmpp_2m": "dpmpp_2m",
     "dpmpp_2m_sde": "dpmpp_2m_sde",
+    "dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",
     "dpmpp_2s_ancestral": "dpmpp_2s_a",
     "dpmpp_3m_sde": "dpmpp_3m_sde",
+    # ComfyUI's _gpu forms differ by where their Brownian tree draws; here every SDE's noise is the rows' generators
+    "dpmpp_sde_gpu": "dpmpp_sde",
+    "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
+    "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
+    "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
     "ddpm": "ddpm",
     "lcm": "lcm",
     "ddim": "ddim",
     "uni_pc": "unipc",
+    "uni_pc_bh2": "unipc",  # sdengine's UniPC is the bh2 variant (diffusers' default)
 }
 SCHEDULER_NAMES = {
     "normal": "normal",
