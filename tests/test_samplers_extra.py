@@ -138,6 +138,8 @@ def test_uniform_and_polyexponential_are_a1111s():
         ("DPM++ 3M SDE", "Exponential", ("dpmpp_3m_sde", "exponential")),
         ("DPM++ 3M SDE Karras", None, ("dpmpp_3m_sde", "karras")),
         ("DPM++ 2M SDE Heun", "Exponential", ("dpmpp_2m_sde_heun", "exponential")),
+        ("Restart", None, ("restart", "normal")),
+        ("k_restart", "Karras", ("restart", "karras")),
         ("k_dpmpp_2s_a", "simple", ("dpmpp_2s_a", "simple")),
         ("k_dpmpp_3m_sde", "Beta", ("dpmpp_3m_sde", "beta")),
         ("Euler", "Simple", ("euler", "simple")),
@@ -309,11 +311,13 @@ def test_3m_sde_with_eta_0_is_deterministic_and_third_order_accurate():
     assert err_3m < err_2m / 3
 
 
-@pytest.mark.parametrize("name", ["dpmpp_2s_a", "dpmpp_3m_sde", "dpmpp_2m_sde_heun"])
+@pytest.mark.parametrize("name", ["dpmpp_2s_a", "dpmpp_3m_sde", "dpmpp_2m_sde_heun", "restart"])
 def test_a_row_is_the_same_alone_or_in_a_batch_and_seeds_repeat(name):
     ns = NoiseSchedule.from_config(**SD)
     noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(7))
-    kw = dict(sampler=name, steps=5, schedule="beta", scheduler_config=SD, noise_schedule=ns)
+    kw = dict(
+        sampler=name, steps=22 if name == "restart" else 5, schedule="beta", scheduler_config=SD, noise_schedule=ns
+    )
     both = sampling.sample(_den, noise, generators=[torch.Generator().manual_seed(s) for s in (1, 2, 3)], **kw)
     again = sampling.sample(_den, noise, generators=[torch.Generator().manual_seed(s) for s in (1, 2, 3)], **kw)
     alone = sampling.sample(_den, noise[1:2], generators=[torch.Generator().manual_seed(2)], **kw)
@@ -375,3 +379,85 @@ def test_comfyui_denoise_on_a_longer_ddim_uniform_list_runs_its_last_steps(seed_
     runs = n.steps // 2 if seed_rule == "sdengine" else 7  # 8 // 2 of the 8-step list, or ComfyUI's last 7
     assert reports == [(i + 1, runs) for i in range(runs)]
     assert torch.isfinite(out).all()
+
+
+def _ref_restart(x, sigmas, seeds, s_noise=1.0):
+    """A1111's restart_sampler (sd_samplers_extra.py) recomputed: its restart list, its Karras grids, its Heun
+    steps and its re-noising, float64 (the Karras grids in float32 as k-diffusion makes them)."""
+
+    def karras(n, lo, hi):
+        ramp = torch.linspace(0, 1, n)
+        return torch.cat([(hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7, torch.zeros(1)])
+
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    steps = len(sigmas) - 1
+    restart = {}
+    if steps >= 20:
+        rs, rt = (steps // 4, 2) if steps >= 36 else (9, 1)
+        sigmas = karras(steps - rs * rt, float(sigmas[-2]), float(sigmas[0]))
+        restart = {int(torch.argmin((sigmas - 0.1).abs())): (rs + 1, rt, 2.0)}
+    todo = []
+    for i in range(len(sigmas) - 1):
+        todo.append((float(sigmas[i]), float(sigmas[i + 1])))
+        if i + 1 in restart:
+            n, times, top = restart[i + 1]
+            hi_idx = int(torch.argmin((sigmas - top).abs()))
+            if hi_idx < i + 1:
+                again = karras(n, float(sigmas[i + 1]), float(sigmas[hi_idx]))[:-1].tolist()
+                todo += list(zip(again[:-1], again[1:], strict=True)) * times
+    x, last, calls = x.double(), None, 0
+    for old, new in todo:
+        if last is not None and last < old:
+            z = torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in gens]).double()
+            x = x + z * s_noise * (old**2 - last**2) ** 0.5
+        d = (x - _den(x, torch.tensor([old]))) / old
+        calls += 1
+        if new == 0:
+            x = x + d * (new - old)
+        else:
+            x2 = x + d * (new - old)
+            d2 = (x2 - _den(x2, torch.tensor([new]))) / new
+            calls += 1
+            x = x + (d + d2) / 2 * (new - old)
+        last = new
+    return x, len(todo), calls
+
+
+@pytest.mark.parametrize("steps,schedule", [(8, "karras"), (20, "normal"), (24, "simple"), (40, "karras")])
+def test_restart_matches_a1111s_restart_sampler(steps, schedule):
+    ns = NoiseSchedule.from_config(**SD)
+    grid = sampling.make_grid("restart", steps, ns, schedule, SD)
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * float(grid.sigmas[0])
+    calls, seen = [], []
+
+    def den(z, sigma, **kw):
+        calls.append(float(sigma[0]))
+        return _den(z, sigma)
+
+    out = S.sample_restart(
+        den,
+        x,
+        grid.sigmas,
+        generators=[torch.Generator().manual_seed(s) for s in (3, 4)],
+        callback=lambda i, sigma, z, d: seen.append(i),
+    )
+    expected, n_steps, n_calls = _ref_restart(x, grid.sigmas.double(), (3, 4))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+    assert seen == list(range(steps)) == list(range(n_steps)) and len(calls) == n_calls
+    assert (sampling.noise_draws(sampler="restart", steps=steps, noise_schedule=ns, schedule=schedule) > 0) == (
+        steps >= 20
+    )
+
+
+def test_restart_cannot_hand_on_at_a_step():
+    ns = NoiseSchedule.from_config(**SD)
+    with pytest.raises(UsageError, match="end_step"):
+        sampling.sample(
+            _den,
+            torch.zeros(1, 1, 2, 2),
+            sampler="restart",
+            steps=24,
+            noise_schedule=ns,
+            generators=[torch.Generator()],
+            end_step=10,
+        )

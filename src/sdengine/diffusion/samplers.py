@@ -762,6 +762,80 @@ def sample_dpmpp_3m_sde(
     return x
 
 
+def restart_segments(sigmas: list[float]) -> tuple[list[tuple[float, float]], list[float]]:
+    """The (from, to) sigma segments of A1111's Restart sampler for the grid ``sigmas`` (ending at 0), and the grid
+    it walks. Below 20 steps: the grid as it is, no restart. From 20 steps: a Karras grid (rho 7) of ``steps -
+    restart_steps * restart_times`` steps between the given grid's last non-zero sigma and its first (the
+    schedule's spacing is replaced, as A1111 does), with ``restart_times`` restarts (1, or 2 from 36 steps) of
+    ``restart_steps`` Heun steps (9, or steps // 4 from 36 steps) inserted after the step that lands nearest to
+    sigma 0.1, each walking a Karras grid from the grid point nearest sigma 2 down to that one. The segments
+    number ``steps`` in all."""
+    steps = len(sigmas) - 1
+    if steps < 20:
+        return list(zip(sigmas[:-1], sigmas[1:], strict=True)), sigmas
+    restart_steps, restart_times = (steps // 4, 2) if steps >= 36 else (9, 1)
+    main = [float(v) for v in karras_grid(steps - restart_steps * restart_times, sigmas[-2], sigmas[0])] + [0.0]
+
+    def nearest(value: float) -> int:
+        return min(range(len(main)), key=lambda k: (abs(main[k] - value), k))  # the first of equals, as argmin
+
+    at, top = nearest(0.1), nearest(2.0)
+    segments: list[tuple[float, float]] = []
+    for i in range(len(main) - 1):
+        segments.append((main[i], main[i + 1]))
+        if i + 1 == at and top < at:
+            again = [float(v) for v in karras_grid(restart_steps + 1, main[at], main[top])]
+            for _ in range(restart_times):
+                segments.extend(zip(again[:-1], again[1:], strict=True))
+    return segments, main
+
+
+def karras_grid(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
+    """Karras et al. 2022, eq. 5: n sigmas from sigma_max down to sigma_min (no final 0), as float32 values (the
+    precision k-diffusion's get_sigmas_karras computes them in)."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float32)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return [float(v) for v in (hi + ramp * (lo - hi)) ** rho]
+
+
+@torch.no_grad()
+def sample_restart(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes"), as A1111's
+    "Restart": Heun steps (Euler to sigma 0) along :func:`restart_segments`; where a segment starts above the
+    level the last one ended at (a restart), fresh noise ``s_noise * sqrt(from^2 - last^2)`` lifts the sample
+    back up first. The model sees each sigma's own (interpolated) timestep: the walk leaves the grid."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    if loop.s[-1] != 0.0:
+        raise UsageError("the restart sampler runs down to sigma 0 (it cannot stop at a step and hand on)")
+    segments, _ = restart_segments(loop.s)
+    loop.s = [a for a, _ in segments] + [segments[-1][1]]  # what the callbacks report
+    loop.n = len(segments)
+    last: float | None = None
+    for i, (sigma, sigma_next) in enumerate(segments):
+        if last is not None and last < sigma:
+            x = x + loop.noise(x) * (s_noise * math.sqrt(sigma**2 - last**2))
+        denoised = loop.model(x, sigma, step=i, on_grid=False)
+        d = (x - denoised) / sigma
+        if sigma_next == 0:
+            x = x + d * (sigma_next - sigma)
+        else:
+            x_2 = x + d * (sigma_next - sigma)
+            d_2 = (x_2 - loop.model(x_2, sigma_next, step=i, on_grid=False)) / sigma_next
+            x = x + (d + d_2) / 2 * (sigma_next - sigma)
+        last = sigma_next
+        loop.done(i, x, denoised)
+    return x
+
+
 # ---------------------------------------------------------------------------------------------------
 # UniPC (Zhao et al. 2023)
 # ---------------------------------------------------------------------------------------------------
@@ -917,6 +991,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_sde": sample_dpmpp_sde,
     "dpmpp_2s_a": sample_dpmpp_2s_a,
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    "restart": sample_restart,
     "unipc": sample_unipc,
     "lcm": sample_lcm,
     "plms": sample_plms,

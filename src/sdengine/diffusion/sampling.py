@@ -67,9 +67,10 @@ class SamplerSpec:
     parity_schedules: tuple[str, ...] = ("normal", "karras", "exponential")  # what diffusers offers
 
 
-# Samplers that step on diffusers' timestep grid itself (no sigma grid to stop and resume on): a run cannot
-# end at a step and hand its still noisy latent on (``end_step``; the SDXL base -> refiner hand-off).
-TIMESTEP_SAMPLERS = ("ddim", "plms", "lcm", "ddpm")
+# Samplers that step on diffusers' timestep grid itself (no sigma grid to stop and resume on), and Restart, which
+# walks a grid of its own: a run cannot end at a step and hand its still noisy latent on (``end_step``; the SDXL
+# base -> refiner hand-off).
+TIMESTEP_SAMPLERS = ("ddim", "plms", "lcm", "ddpm", "restart")
 SAMPLERS: dict[str, SamplerSpec] = {
     spec.name: spec
     for spec in (
@@ -191,6 +192,15 @@ SAMPLERS: dict[str, SamplerSpec] = {
             parity_schedules=("normal",),
         ),
         SamplerSpec(
+            "restart",
+            "Restart",
+            S.sample_restart,
+            "k",
+            "",  # diffusers has no Restart sampler
+            stochastic=True,
+            parity_schedules=(),
+        ),
+        SamplerSpec(
             "plms",
             "PLMS",
             S.sample_plms,
@@ -255,6 +265,7 @@ K_ALIASES = {
     "k_dpmpp_2s_a": "dpmpp_2s_a",
     "k_dpmpp_3m_sde": "dpmpp_3m_sde",
     "k_dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",
+    "k_restart": "restart",
 }
 
 
