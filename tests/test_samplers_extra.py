@@ -180,7 +180,7 @@ def test_comfyui_ksampler_offers_the_new_names():
         else:
             assert ours in sampling.SAMPLERS
     assert SAMPLER_NAMES["dpmpp_2s_ancestral"] == "dpmpp_2s_a" and SAMPLER_NAMES["dpmpp_3m_sde_gpu"] == "dpmpp_3m_sde"
-    assert SAMPLER_NAMES["dpmpp_2m_sde_heun"] == "dpmpp_2m_sde_heun"
+    assert SAMPLER_NAMES["dpmpp_2m_sde_heun"] == "dpmpp_2m_sde_heun" and SAMPLER_NAMES["ipndm"] == "ipndm"
     assert {"simple", "ddim_uniform", "beta", "kl_optimal"} <= set(SCHEDULER_NAMES)
 
 
@@ -461,3 +461,43 @@ def test_restart_cannot_hand_on_at_a_step():
             generators=[torch.Generator()],
             end_step=10,
         )
+
+
+def _ref_ipndm(x, sigmas, max_order=4):
+    """ComfyUI's sample_ipndm (from zju-pi/diff-sampler) in its own form, float64."""
+    x_next, buf = x.double(), []
+    for i in range(len(sigmas) - 1):
+        t_cur, t_next, x_cur = float(sigmas[i]), float(sigmas[i + 1]), x_next
+        den = _den(x_cur, torch.tensor([t_cur]))
+        d_cur = (x_cur - den) / t_cur
+        order = min(max_order, i + 1)
+        if t_next == 0:
+            x_next = den
+        elif order == 1:
+            x_next = x_cur + (t_next - t_cur) * d_cur
+        elif order == 2:
+            x_next = x_cur + (t_next - t_cur) * (3 * d_cur - buf[-1]) / 2
+        elif order == 3:
+            x_next = x_cur + (t_next - t_cur) * (23 * d_cur - 16 * buf[-1] + 5 * buf[-2]) / 12
+        else:
+            x_next = x_cur + (t_next - t_cur) * (55 * d_cur - 59 * buf[-1] + 37 * buf[-2] - 9 * buf[-3]) / 24
+        if len(buf) == max_order - 1:
+            buf = [*buf[1:], d_cur] if max_order > 1 else buf
+        else:
+            buf.append(d_cur)
+    return x_next
+
+
+@pytest.mark.parametrize("max_order", [1, 2, 3, 4])
+@pytest.mark.parametrize("schedule", ["karras", "kl_optimal"])
+def test_ipndm_matches_comfyuis(max_order, schedule):
+    ns = NoiseSchedule.from_config(**SD)
+    grid = sampling.make_grid("ipndm", 9, ns, schedule, SD)
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * float(grid.sigmas[0])
+    out = S.sample_ipndm(_den, x, grid.sigmas, max_order=max_order)
+    torch.testing.assert_close(out.double(), _ref_ipndm(x, grid.sigmas.double(), max_order), rtol=1e-4, atol=1e-4)
+
+
+def test_ipndm_refuses_an_order_it_has_no_weights_for():
+    with pytest.raises(UsageError, match="max_order must be 1 to 4, got 5"):
+        S.sample_ipndm(_den, torch.zeros(1, 1, 2, 2), torch.tensor([1.0, 0.0]), max_order=5)

@@ -836,6 +836,51 @@ def sample_restart(
     return x
 
 
+# Adams-Bashforth weights of orders 1-4 for equal steps, newest derivative first, and their denominators.
+_AB_WEIGHTS: tuple[tuple[tuple[int, ...], int], ...] = (
+    ((1,), 1),
+    ((3, -1), 2),
+    ((23, -16, 5), 12),
+    ((55, -59, 37, -9), 24),
+)
+
+
+@torch.no_grad()
+def sample_ipndm(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    max_order: int = 4,
+) -> Tensor:
+    """Improved PNDM (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator", the
+    iPNDM of its appendix; ComfyUI's ``ipndm``): Euler, then Adams-Bashforth of order up to ``max_order`` (1-4)
+    on dx/dsigma = (x - x0) / sigma with the fixed equal-step weights (not rescaled to the step sizes, unlike
+    :func:`sample_lms`); the step to sigma 0 returns x0."""
+    if not 1 <= int(max_order) <= 4:
+        raise UsageError(f"ipndm max_order must be 1 to 4, got {max_order}")
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    ds: list[Tensor] = []  # derivatives, newest first
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma, step=i)
+        ds.insert(0, (x - denoised) / sigma)
+        del ds[int(max_order) :]
+        if sigma_next == 0:
+            x = denoised
+        else:
+            weights, div = _AB_WEIGHTS[len(ds) - 1]
+            slope = ds[0] * (weights[0] / div)
+            for w, d in zip(weights[1:], ds[1:], strict=True):
+                slope = slope + d * (w / div)
+            x = x + slope * (sigma_next - sigma)
+        loop.done(i, x, denoised)
+    return x
+
+
 # ---------------------------------------------------------------------------------------------------
 # UniPC (Zhao et al. 2023)
 # ---------------------------------------------------------------------------------------------------
@@ -992,6 +1037,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_2s_a": sample_dpmpp_2s_a,
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "restart": sample_restart,
+    "ipndm": sample_ipndm,
     "unipc": sample_unipc,
     "lcm": sample_lcm,
     "plms": sample_plms,

@@ -191,6 +191,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             vp_init=True,
             parity_schedules=("normal",),
         ),
+        SamplerSpec("ipndm", "iPNDM", S.sample_ipndm, "k", "", parity_schedules=()),  # ComfyUI's; not in A1111
         SamplerSpec(
             "restart",
             "Restart",

@@ -60,6 +60,7 @@ SAMPLER_NAMES = {
     "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
     "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
     "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
+    "ipndm": "ipndm",
     "ddpm": "ddpm",
     "lcm": "lcm",
     "ddim": "ddim",
