@@ -501,3 +501,25 @@ def test_ipndm_matches_comfyuis(max_order, schedule):
 def test_ipndm_refuses_an_order_it_has_no_weights_for():
     with pytest.raises(UsageError, match="max_order must be 1 to 4, got 5"):
         S.sample_ipndm(_den, torch.zeros(1, 1, 2, 2), torch.tensor([1.0, 0.0]), max_order=5)
+
+
+@pytest.mark.parametrize("schedule", ["simple", "beta", "align_your_steps"])
+def test_lcm_walks_a_sigma_list_with_its_consistency_boundary(schedule):
+    """ComfyUI's KSampler lcm + simple / beta / ... (once refused): LCM's jump to x0 and re-noise along the list,
+    its boundary condition taken at each sigma's own timestep (diffusers' LCMScheduler formula)."""
+    ns = NoiseSchedule.from_config(**SD)
+    grid = sampling.make_grid("lcm", 4, ns, schedule, SD)
+    noise = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    gens = [torch.Generator().manual_seed(9)]
+    kw = dict(sampler="lcm", steps=4, schedule=schedule, scheduler_config=SD, noise_schedule=ns)
+    out = sampling.sample(_den, noise, generators=gens, **kw)
+    x = (noise * math.sqrt(float(grid.sigmas[0]) ** 2 + 1)).double()  # diffusers' VP start: the noise itself
+    draws = iter(_noises((9,), (1, 4, 4), 3))
+    for i in range(4):
+        s, t = float(grid.sigmas[i]), float(grid.timesteps[i]) * 10.0
+        c_skip, c_out = 0.25 / (t**2 + 0.25), t / math.sqrt(t**2 + 0.25)
+        x = c_out * _den(x, torch.tensor([s])) + c_skip * x / math.sqrt(1 + s**2)
+        if i < 3:
+            x = x + next(draws) * float(grid.sigmas[i + 1])
+    torch.testing.assert_close(out.double(), x, rtol=1e-4, atol=1e-4)
+    assert sampling.resolve("lcm", "auto") == ("lcm", "normal")  # no schedule chosen: still LCM's own grid

@@ -37,6 +37,7 @@ from torch import Tensor
 from sdengine.diffusion import samplers as S
 from sdengine.diffusion.schedules import (
     SCHEDULES,
+    SIGMA_TABLE_SCHEDULES,
     NoiseSchedule,
     SamplingGrid,
     config_get,
@@ -186,7 +187,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
             "lcm",
             "LCMScheduler",
             {"clip_sample": False},
-            schedules=("normal", "sgm_uniform"),
+            # its own grid, or any list of sigmas (ComfyUI's lcm + simple, beta, ...); not diffusers' Karras or
+            # exponential spacings (LCMScheduler has none)
+            schedules=("normal", "sgm_uniform", *SIGMA_TABLE_SCHEDULES),
             stochastic=True,
             vp_init=True,
             parity_schedules=("normal",),
