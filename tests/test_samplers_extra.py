@@ -523,3 +523,8 @@ def test_lcm_walks_a_sigma_list_with_its_consistency_boundary(schedule):
             x = x + next(draws) * float(grid.sigmas[i + 1])
     torch.testing.assert_close(out.double(), x, rtol=1e-4, atol=1e-4)
     assert sampling.resolve("lcm", "auto") == ("lcm", "normal")  # no schedule chosen: still LCM's own grid
+
+
+def test_diffusers_equivalent_says_diffusers_has_none():
+    with pytest.raises(UsageError, match=r"diffusers has no DPM\+\+ 3M SDE sampler \(dpmpp_3m_sde\)"):
+        sampling.diffusers_equivalent("DPM++ 3M SDE", "karras")

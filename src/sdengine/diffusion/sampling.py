@@ -341,6 +341,8 @@ def diffusers_equivalent(
     parity tests and for users who compare. Raises ValueError where diffusers has no such option."""
     name, sched = resolve(sampler, schedule)
     spec = SAMPLERS[name]
+    if not spec.diffusers_class:
+        raise UsageError(f"diffusers has no {spec.a1111} sampler ({name})")
     if sched not in spec.parity_schedules:
         raise UsageError(f"diffusers' {spec.diffusers_class} has no {sched!r} schedule")
     cfg = effective_config(name, scheduler_config)
