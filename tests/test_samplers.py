@@ -230,8 +230,9 @@ def test_noise_drawn_beforehand_gives_the_same_sample_and_uses_the_generators_al
     Heun with churn."""
     ns = NoiseSchedule.from_config(**SD_CONFIG)
     options = {"eta": 0.7} if name == "ddim" else {"s_churn": 3.0, "s_tmin": 0.5} if name == "heun" else None
+    steps = 40 if name == "restart" else 7  # Restart draws noise only from 20 steps (its restarts)
     common = dict(
-        sampler=name, steps=7, noise_schedule=ns, scheduler_config=SD_CONFIG, sampler_options=options, strength=0.6
+        sampler=name, steps=steps, noise_schedule=ns, scheduler_config=SD_CONFIG, sampler_options=options, strength=0.6
     )
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(5))
     init = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(6)) if img2img else None

@@ -91,7 +91,9 @@ def test_conditioning_equals_diffusers_encode_prompt(base):
 
 
 FAST = {"euler", "dpmpp_2m", "euler_a"}
-ALL_SAMPLERS = [s if s in FAST else pytest.param(s, marks=pytest.mark.slow) for s in SAMPLERS]
+ALL_SAMPLERS = [  # the samplers diffusers has
+    s if s in FAST else pytest.param(s, marks=pytest.mark.slow) for s, spec in SAMPLERS.items() if spec.parity_schedules
+]
 
 
 @pytest.mark.parametrize("sampler", ALL_SAMPLERS)
@@ -578,3 +580,34 @@ def test_a_prompt_list_refuses_the_refiner_flags(tmp_path, capsys, flags):
     assert main(["generate", "--prompts", str(listing), *flags, "--out", str(out), "--no-progress"]) != 0
     assert f"drop {flags[0]}" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_align_your_steps_walks_the_sdxl_table_on_an_sdxl_model(base):
+    """A1111's "Align Your Steps" picks the paper's SDXL noise levels on an SDXL model (the SD 1.5 ones elsewhere);
+    the infotext names it as A1111 does."""
+    _, pipe, _ = base
+    seen: list[float] = []
+    r = _ours(pipe, "euler", schedule="Align Your Steps", steps=10, callback=lambda info: seen.append(info.sigma))
+    sdxl_levels = [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141]
+    sdxl_levels += [0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177]
+    np.testing.assert_allclose(seen, sdxl_levels, rtol=1e-5)
+    assert "Schedule type: Align Your Steps," in r.infotexts[0]
+
+
+def test_the_hires_pass_of_an_sdxl_model_takes_its_align_your_steps_table_too(base):
+    _, pipe, _ = base
+    seen: list[tuple[int, float]] = []
+    _ours(
+        pipe,
+        "euler",
+        steps=2,
+        enable_hr=True,
+        hr_scale=1.5,
+        hr_second_pass_steps=10,
+        hr_schedule="Align Your Steps",
+        strength=1.0,
+        callback=lambda info: seen.append((info.steps, info.sigma)),
+    )
+    second = [s for _, s in seen[2:]]  # the callback counts both passes' steps: 2 + 10
+    assert len(second) == 10 and all(n == 12 for n, _ in seen)
+    np.testing.assert_allclose(second[:3], [14.6146412293, 6.3184485287, 3.7681790315], rtol=1e-5)

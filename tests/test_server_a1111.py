@@ -1135,3 +1135,22 @@ def test_a_size_over_the_models_limit_is_refused_before_any_job(tmp_path):
             assert status == 400 and message in body, body
         assert httpx.get(f"{s.url}/v1/jobs").json()["jobs"] == []
         assert all(w.pipe is None for w in s.services.manager.workers)  # no model was loaded for them
+
+
+def test_a1111s_newer_samplers_and_schedule_types_equal_the_python_api(api):
+    """sampler_name "DPM++ 2S a" / "DPM++ 3M SDE" with scheduler "Align Your Steps" / "KL Optimal" (once a 400:
+    unknown sampler or schedule) run the Python API's samplers and schedules, and the infotext names them as A1111
+    writes them; /sdapi/v1/schedulers lists the new labels."""
+    labels = [s["label"] for s in api.get_schedulers()]
+    assert {"Simple", "DDIM", "Beta", "KL Optimal", "Align Your Steps", "Uniform", "Polyexponential"} <= set(labels)
+    assert labels.count("Align Your Steps") == 1
+    assert {"DPM++ 2S a", "DPM++ 3M SDE"} <= {s["name"] for s in api.get_samplers()}
+    for sampler, sched, ours in (
+        ("DPM++ 2S a", "Align Your Steps", "align_your_steps"),
+        ("DPM++ 3M SDE", "KL Optimal", "kl_optimal"),
+    ):
+        r = api.txt2img(prompt="a red apple", seed=5, sampler_name=sampler, scheduler=sched, **COMMON)
+        want = emoji()("a red apple", seed=5, sampler=sampler, schedule=ours, progress=False, **COMMON)
+        np.testing.assert_array_equal(arr(r.images[0]), arr(want.images[0]))
+        assert r.info["sampler_name"] == sampler and r.info["extra_generation_params"] == {"Schedule type": sched}
+        assert f"Sampler: {sampler}, Schedule type: {sched}," in r.info["infotexts"][0]

@@ -295,6 +295,24 @@ def test_txt2img_lora_equal_native(client, plain):
     assert np.array_equal(a, b) and not np.array_equal(a, plain)
 
 
+@pytest.mark.parametrize(
+    "comfy,native",
+    [
+        (("dpmpp_2s_ancestral", "beta"), ("DPM++ 2S a", "Beta")),
+        (("dpmpp_3m_sde", "ddim_uniform"), ("DPM++ 3M SDE", "DDIM")),
+    ],
+)
+def test_comfyuis_newer_sampler_and_scheduler_names_equal_native(client, comfy, native):
+    """KSampler's dpmpp_2s_ancestral / dpmpp_3m_sde and the beta / ddim_uniform schedulers (once refused as unknown
+    choices) are the native API's samplers and schedules of those A1111 names."""
+    info = client.get("/object_info/KSampler").json()["KSampler"]["input"]["required"]
+    assert comfy[0] in info["sampler_name"][0] and comfy[1] in info["scheduler"][0]
+    graph = txt2img_graph(sampler=comfy[0], scheduler=comfy[1])
+    a = comfy_image(client, graph, extra_data={"sdengine": {"seed_rule": "sdengine"}})  # the native per-step noise
+    b = native_image(client, prompt="a red apple", sampler=native[0], schedule=native[1], cfg_scale=5.0)
+    assert np.array_equal(a, b)
+
+
 def test_img2img_and_inpainting_equal_native(client):
     init_id, init_name = upload(client, picture(), "init.png")
     mask = Image.new("L", (64, 64), 0)

@@ -552,6 +552,23 @@ def test_dropping_a_png_fills_the_form(page):
     assert page.input_value("#negative_prompt") == "" and page.input_value("#clip_skip") == "1"
 
 
+@pytest.mark.parametrize(
+    "a1111,expected",
+    [
+        ("DPM++ 2S a, Schedule type: Align Your Steps", ("dpmpp_2s_a", "align_your_steps")),
+        ("DPM++ 3M SDE, Schedule type: KL Optimal", ("dpmpp_3m_sde", "kl_optimal")),
+        ("Restart, Schedule type: DDIM", ("restart", "ddim_uniform")),
+    ],
+)
+def test_dropping_a_png_of_a1111s_newer_samplers_and_schedule_types_fills_them_in(page, a1111, expected):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", f"a cat face\nSteps: 20, Sampler: {a1111}, CFG scale: 7, Seed: 6, Size: 64x64")
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "new.png")
+    page.wait_for_function("document.querySelector('#seed').value === '6'")
+    assert (page.input_value("#sampler"), page.input_value("#schedule")) == expected
+    assert page.locator("#schedule option[value='beta']").text_content() == "Beta"
+
+
 UNLABELLED = """() => [...document.querySelectorAll(
             'input, select, textarea, button, progress, canvas, img')].filter((el) => {
         if (el.tagName === 'IMG') return !el.hasAttribute('alt');

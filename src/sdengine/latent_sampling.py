@@ -191,7 +191,7 @@ def sample_latents(
     dev = pipe.device
     b, _, h, w = latent.shape
     f = pipe.vae_scale_factor
-    name, sched = sampling.resolve(sampler, schedule)
+    name, sched = sampling.resolve(sampler, schedule, sdxl=getattr(pipe, "text_kind", "") == "sdxl")
     latent = latent.float().to(dev)
 
     # Noise and the starting latent under the seed rule.
@@ -254,6 +254,15 @@ def sample_latents(
                 f"{pipe.name} has {limit} timesteps: raise denoise to at least {steps / limit:g} or lower steps"
             )
     grid = sampling.make_grid(name, total, pipe.noise_schedule, sched, pipe.scheduler_config, strength)
+    asked = total  # the step count the grid is made for (sampling.sample(steps=...))
+    if grid.steps != total and start_at_step == 0 and end_at_step is None:
+        # A sigma list of another length than asked (ComfyUI's ddim_uniform, beta): the run is counted on it,
+        # the denoise's steps from its end as ComfyUI takes them (sigmas[-(steps + 1):]).
+        if seed_rule == "sdengine" and not empty:
+            start = 0 if start == 0 else img2img_start(grid.steps, denoise)
+        else:
+            start = max(grid.steps - steps, 0) if start > 0 else 0
+        total = end = grid.steps
 
     net: Any = pipe.unet
     # the first negative is the one used: its ControlNets count, those of the others do not
@@ -333,7 +342,7 @@ def sample_latents(
                     guided,
                     noise,
                     sampler=name,
-                    steps=total,
+                    steps=asked,
                     schedule=sched,
                     scheduler_config=pipe.scheduler_config,
                     generators=gens,

@@ -662,7 +662,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument(
         "--schedule",
         default=None,
-        help="normal, karras, exponential, sgm_uniform (default auto: the one the sampler's name says, "
+        help="normal, karras, exponential, sgm_uniform, simple, ddim_uniform, beta, kl_optimal, align_your_steps, "
+        "uniform, polyexponential, or A1111's names (default auto: the one the sampler's name says, "
         "else karras where the sampler takes it, else the sampler's own)",
     )
     p.add_argument(

@@ -581,6 +581,39 @@ def sample_dpmpp_2m_sde(
 ) -> Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022, section 5 / appendix, midpoint form as in k-diffusion and
     diffusers' "sde-dpmsolver++"); ``s_noise`` scales the fresh noise (k-diffusion's)."""
+    return _dpmpp_2m_sde(denoiser, x, sigmas, generators, callback, extra_args, eta, s_noise, heun=False)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde_heun(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM-Solver++(2M) SDE with the Heun-type second-order term (k-diffusion's ``solver_type="heun"``, A1111's
+    "DPM++ 2M SDE Heun"): the difference of the last two x0 estimates weighted by ``(1 - e^-hh) / -hh + 1``,
+    ``hh = (1 + eta) h``, instead of the midpoint's ``(1 - e^-hh) / 2``."""
+    return _dpmpp_2m_sde(denoiser, x, sigmas, generators, callback, extra_args, eta, s_noise, heun=True)
+
+
+def _dpmpp_2m_sde(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    generators: Generators | None,
+    callback: Callback | None,
+    extra_args: dict[str, Any] | None,
+    eta: float,
+    s_noise: float,
+    *,
+    heun: bool,
+) -> Tensor:
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     old: Tensor | None = None
     h_last = 0.0
@@ -596,7 +629,8 @@ def sample_dpmpp_2m_sde(
             x = x * (sigma_next / sigma * math.exp(-eta_h)) + denoised * coef
             if old is not None:
                 r = h_last / h
-                x = x + (denoised - old) * (0.5 * coef / r)
+                weight = (coef / (-h - eta_h) + 1) if heun else 0.5 * coef
+                x = x + (denoised - old) * (weight / r)
             if eta:
                 x = x + loop.noise(x) * (sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
             h_last = h
@@ -638,6 +672,211 @@ def sample_dpmpp_sde(
             x = torch.lerp(denoised_2, x, down / sigma)
             if up > 0:
                 x = x + loop.noise(x) * (up * s_noise)
+        loop.done(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_a(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Ancestral DPM-Solver++(2S) (Lu et al. 2022, Algorithm 1 with r = 1/2; k-diffusion's
+    sample_dpmpp_2s_ancestral, A1111's "DPM++ 2S a"): each step splits into a deterministic part down to
+    sigma_down (:func:`ancestral_step`), solved by the second-order singlestep update with its midpoint halfway
+    in lambda = -log sigma, then fresh noise of size sigma_up (scaled by ``s_noise``). A step down to sigma 0
+    is a plain Euler step."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma, step=i)
+        down, up = ancestral_step(sigma, sigma_next, eta)
+        if down == 0.0:
+            x = _euler_to(x, denoised, sigma, down)
+        else:
+            sigma_mid = math.sqrt(sigma * down)  # exp(-(t + h / 2)) with t = -log sigma, h = log(sigma / down)
+            x_2 = torch.lerp(denoised, x, sigma_mid / sigma)  # (s_mid / s) x - expm1(-h / 2) x0
+            denoised_2 = loop.model(x_2, sigma_mid, step=i, on_grid=False)
+            x = torch.lerp(denoised_2, x, down / sigma)
+        if sigma_next > 0 and up > 0:
+            x = x + loop.noise(x) * (up * s_noise)
+        loop.done(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM-Solver++(3M) SDE (Lu et al. 2022, the third-order multistep data-prediction solver, in the SDE form
+    of k-diffusion's sample_dpmpp_3m_sde, A1111's "DPM++ 3M SDE"): with ``h_eta = (1 + eta) h`` the step is
+    ``x' = e^-h_eta x + (1 - e^-h_eta) x0`` plus the first and second divided differences of the last three x0
+    estimates (weights phi_2 = (1 - e^-h_eta) / -h_eta + 1 and phi_3 = phi_2 / h_eta - 1/2), lower order on
+    the first two steps, then fresh noise of size ``sigma' sqrt(1 - e^(-2 eta h)) s_noise``; the step to sigma 0
+    returns x0. ``eta=0`` is the deterministic DPM-Solver++(3M)."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    d_1: Tensor | None = None  # x0 estimates of the last two steps
+    d_2: Tensor | None = None
+    h_1 = h_2 = 0.0
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma, step=i)
+        h = 0.0
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            h_eta = h * (eta + 1)
+            x = x * math.exp(-h_eta) + denoised * (-math.expm1(-h_eta))
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            if d_2 is not None and d_1 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (denoised - d_1) / r0
+                d1_1 = (d_1 - d_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + d1 * phi_2 - d2 * phi_3
+            elif d_1 is not None:
+                x = x + (denoised - d_1) * (phi_2 / (h_1 / h))
+            if eta:
+                x = x + loop.noise(x) * (sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
+        d_1, d_2 = denoised, d_1
+        h_1, h_2 = h, h_1
+        loop.done(i, x, denoised)
+    return x
+
+
+def restart_segments(sigmas: list[float]) -> tuple[list[tuple[float, float]], list[float]]:
+    """The (from, to) sigma segments of A1111's Restart sampler for the grid ``sigmas`` (ending at 0), and the grid
+    it walks. Below 20 steps: the grid as it is, no restart. From 20 steps: a Karras grid (rho 7) of ``steps -
+    restart_steps * restart_times`` steps between the given grid's last non-zero sigma and its first (the
+    schedule's spacing is replaced, as A1111 does), with ``restart_times`` restarts (1, or 2 from 36 steps) of
+    ``restart_steps`` Heun steps (9, or steps // 4 from 36 steps) inserted after the step that lands nearest to
+    sigma 0.1, each walking a Karras grid from the grid point nearest sigma 2 down to that one. The segments
+    number ``steps`` in all."""
+    steps = len(sigmas) - 1
+    if steps < 20:
+        return list(zip(sigmas[:-1], sigmas[1:], strict=True)), sigmas
+    restart_steps, restart_times = (steps // 4, 2) if steps >= 36 else (9, 1)
+    main = [float(v) for v in karras_grid(steps - restart_steps * restart_times, sigmas[-2], sigmas[0])] + [0.0]
+
+    def nearest(value: float) -> int:
+        return min(range(len(main)), key=lambda k: (abs(main[k] - value), k))  # the first of equals, as argmin
+
+    at, top = nearest(0.1), nearest(2.0)
+    segments: list[tuple[float, float]] = []
+    for i in range(len(main) - 1):
+        segments.append((main[i], main[i + 1]))
+        if i + 1 == at and top < at:
+            again = [float(v) for v in karras_grid(restart_steps + 1, main[at], main[top])]
+            for _ in range(restart_times):
+                segments.extend(zip(again[:-1], again[1:], strict=True))
+    return segments, main
+
+
+def karras_grid(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
+    """Karras et al. 2022, eq. 5: n sigmas from sigma_max down to sigma_min (no final 0), as float32 values (the
+    precision k-diffusion's get_sigmas_karras computes them in)."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float32)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return [float(v) for v in (hi + ramp * (lo - hi)) ** rho]
+
+
+@torch.no_grad()
+def sample_restart(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes"), as A1111's
+    "Restart": Heun steps (Euler to sigma 0) along :func:`restart_segments`; where a segment starts above the
+    level the last one ended at (a restart), fresh noise ``s_noise * sqrt(from^2 - last^2)`` lifts the sample
+    back up first. The model sees each sigma's own (interpolated) timestep: the walk leaves the grid."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    if loop.s[-1] != 0.0:
+        raise UsageError("the restart sampler runs down to sigma 0 (it cannot stop at a step and hand on)")
+    segments, _ = restart_segments(loop.s)
+    loop.s = [a for a, _ in segments] + [segments[-1][1]]  # what the callbacks report
+    loop.n = len(segments)
+    last: float | None = None
+    for i, (sigma, sigma_next) in enumerate(segments):
+        if last is not None and last < sigma:
+            x = x + loop.noise(x) * (s_noise * math.sqrt(sigma**2 - last**2))
+        denoised = loop.model(x, sigma, step=i, on_grid=False)
+        d = (x - denoised) / sigma
+        if sigma_next == 0:
+            x = x + d * (sigma_next - sigma)
+        else:
+            x_2 = x + d * (sigma_next - sigma)
+            d_2 = (x_2 - loop.model(x_2, sigma_next, step=i, on_grid=False)) / sigma_next
+            x = x + (d + d_2) / 2 * (sigma_next - sigma)
+        last = sigma_next
+        loop.done(i, x, denoised)
+    return x
+
+
+# Adams-Bashforth weights of orders 1-4 for equal steps, newest derivative first, and their denominators.
+_AB_WEIGHTS: tuple[tuple[tuple[int, ...], int], ...] = (
+    ((1,), 1),
+    ((3, -1), 2),
+    ((23, -16, 5), 12),
+    ((55, -59, 37, -9), 24),
+)
+
+
+@torch.no_grad()
+def sample_ipndm(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    max_order: int = 4,
+) -> Tensor:
+    """Improved PNDM (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator", the
+    iPNDM of its appendix; ComfyUI's ``ipndm``): Euler, then Adams-Bashforth of order up to ``max_order`` (1-4)
+    on dx/dsigma = (x - x0) / sigma with the fixed equal-step weights (not rescaled to the step sizes, unlike
+    :func:`sample_lms`); the step to sigma 0 returns x0."""
+    if not 1 <= int(max_order) <= 4:
+        raise UsageError(f"ipndm max_order must be 1 to 4, got {max_order}")
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    ds: list[Tensor] = []  # derivatives, newest first
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma, step=i)
+        ds.insert(0, (x - denoised) / sigma)
+        del ds[int(max_order) :]
+        if sigma_next == 0:
+            x = denoised
+        else:
+            weights, div = _AB_WEIGHTS[len(ds) - 1]
+            slope = ds[0] * (weights[0] / div)
+            for w, d in zip(weights[1:], ds[1:], strict=True):
+                slope = slope + d * (w / div)
+            x = x + slope * (sigma_next - sigma)
         loop.done(i, x, denoised)
     return x
 
@@ -793,7 +1032,12 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "lms": sample_lms,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_2m_sde_heun": sample_dpmpp_2m_sde_heun,
     "dpmpp_sde": sample_dpmpp_sde,
+    "dpmpp_2s_a": sample_dpmpp_2s_a,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    "restart": sample_restart,
+    "ipndm": sample_ipndm,
     "unipc": sample_unipc,
     "lcm": sample_lcm,
     "plms": sample_plms,

@@ -37,6 +37,7 @@ from torch import Tensor
 from sdengine.diffusion import samplers as S
 from sdengine.diffusion.schedules import (
     SCHEDULES,
+    SIGMA_TABLE_SCHEDULES,
     NoiseSchedule,
     SamplingGrid,
     config_get,
@@ -45,7 +46,7 @@ from sdengine.diffusion.schedules import (
 )
 from sdengine.errors import UsageError
 
-ALL_SCHEDULES = SCHEDULES  # normal, karras, exponential, sgm_uniform
+ALL_SCHEDULES = SCHEDULES  # normal, karras, exponential, sgm_uniform and the sigma-table ones (schedules.py)
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,10 @@ class SamplerSpec:
     parity_schedules: tuple[str, ...] = ("normal", "karras", "exponential")  # what diffusers offers
 
 
-# Samplers that step on diffusers' timestep grid itself (no sigma grid to stop and resume on): a run cannot
-# end at a step and hand its still noisy latent on (``end_step``; the SDXL base -> refiner hand-off).
-TIMESTEP_SAMPLERS = ("ddim", "plms", "lcm", "ddpm")
+# Samplers that step on diffusers' timestep grid itself (no sigma grid to stop and resume on), and Restart, which
+# walks a grid of its own: a run cannot end at a step and hand its still noisy latent on (``end_step``; the SDXL
+# base -> refiner hand-off).
+TIMESTEP_SAMPLERS = ("ddim", "plms", "lcm", "ddpm", "restart")
 SAMPLERS: dict[str, SamplerSpec] = {
     spec.name: spec
     for spec in (
@@ -138,7 +140,36 @@ SAMPLERS: dict[str, SamplerSpec] = {
             vp_init=True,
             round_karras_timesteps=True,
         ),
+        SamplerSpec(
+            "dpmpp_2m_sde_heun",
+            "DPM++ 2M SDE Heun",
+            S.sample_dpmpp_2m_sde_heun,
+            "multistep",  # the grid of DPM++ 2M SDE (diffusers has no Heun form of it)
+            "",
+            stochastic=True,
+            vp_init=True,
+            round_karras_timesteps=True,
+            parity_schedules=(),
+        ),
         SamplerSpec("dpmpp_sde", "DPM++ SDE", S.sample_dpmpp_sde, "k", "DPMSolverSDEScheduler", stochastic=True),
+        SamplerSpec(
+            "dpmpp_2s_a",
+            "DPM++ 2S a",
+            S.sample_dpmpp_2s_a,
+            "k",
+            "",  # diffusers has no ancestral DPM-Solver++(2S)
+            stochastic=True,
+            parity_schedules=(),
+        ),
+        SamplerSpec(
+            "dpmpp_3m_sde",
+            "DPM++ 3M SDE",
+            S.sample_dpmpp_3m_sde,
+            "k",
+            "",  # diffusers' 3rd-order DPM-Solver++ SDE is another discretisation
+            stochastic=True,
+            parity_schedules=(),
+        ),
         SamplerSpec(
             "unipc",
             "UniPC",
@@ -156,10 +187,22 @@ SAMPLERS: dict[str, SamplerSpec] = {
             "lcm",
             "LCMScheduler",
             {"clip_sample": False},
-            schedules=("normal", "sgm_uniform"),
+            # its own grid, or any list of sigmas (ComfyUI's lcm + simple, beta, ...); not diffusers' Karras or
+            # exponential spacings (LCMScheduler has none)
+            schedules=("normal", "sgm_uniform", *SIGMA_TABLE_SCHEDULES),
             stochastic=True,
             vp_init=True,
             parity_schedules=("normal",),
+        ),
+        SamplerSpec("ipndm", "iPNDM", S.sample_ipndm, "k", "", parity_schedules=()),  # ComfyUI's; not in A1111
+        SamplerSpec(
+            "restart",
+            "Restart",
+            S.sample_restart,
+            "k",
+            "",  # diffusers has no Restart sampler
+            stochastic=True,
+            parity_schedules=(),
         ),
         SamplerSpec(
             "plms",
@@ -181,14 +224,31 @@ SCHEDULE_A1111: dict[str, str] = {
     "karras": "Karras",
     "exponential": "Exponential",
     "sgm_uniform": "SGM Uniform",
+    "simple": "Simple",
+    "ddim_uniform": "DDIM",
+    "beta": "Beta",
+    "kl_optimal": "KL Optimal",
+    "align_your_steps": "Align Your Steps",
+    "align_your_steps_sdxl": "Align Your Steps",  # A1111 picks the table by the model: one name for both
+    "uniform": "Uniform",
+    "polyexponential": "Polyexponential",
 }
+# Other spellings of the schedules, read in any case: ComfyUI's names where they differ from ours, A1111's alias.
+SCHEDULE_ALIASES: dict[str, str] = {
+    "ddim": "ddim_uniform",
+    "sgmuniform": "sgm_uniform",
+    "ays": "align_your_steps",
+    "ays_sdxl": "align_your_steps_sdxl",
+}
+# The schedules A1111's combined sampler names carry ("DPM++ 2M Karras"); the newer ones only go by "Schedule type".
+COMBINED_SCHEDULES = ("karras", "exponential", "sgm_uniform")
 
 # A1111's combined names ("DPM++ 2M Karras"), its separate "Schedule type" names, and ours.
 A1111_NAMES: dict[str, tuple[str, str | None]] = {}
 for _spec in SAMPLERS.values():
     A1111_NAMES[_spec.a1111] = (_spec.name, None)
     for _sched in _spec.schedules:
-        if _sched != "normal":
+        if _sched in COMBINED_SCHEDULES:
             A1111_NAMES[f"{_spec.a1111} {SCHEDULE_A1111[_sched]}"] = (_spec.name, _sched)
 del _spec, _sched
 
@@ -206,19 +266,24 @@ K_ALIASES = {
     "k_dpm_2": "dpm2",
     "k_dpm_2_a": "dpm2_a",
     "k_lcm": "lcm",
+    "k_dpmpp_2s_a": "dpmpp_2s_a",
+    "k_dpmpp_3m_sde": "dpmpp_3m_sde",
+    "k_dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",
+    "k_restart": "restart",
 }
 
 
 AUTO_SCHEDULE = "auto"  # no schedule chosen: the one the sampler names, else karras where it fits, else its own
 
 
-def resolve(sampler: str, schedule: str | None = None) -> tuple[str, str]:
+def resolve(sampler: str, schedule: str | None = None, *, sdxl: bool = False) -> tuple[str, str]:
     """(our sampler name, our schedule name) from ours or A1111's ("DPM++ 2M Karras", "Euler a",
     schedule "Karras" / "Automatic"); raises a one-line ValueError listing valid names.
 
     ``schedule`` None (or A1111's "Automatic") is the model's own spacing ("normal") unless the sampler's
     name implies one; ``"auto"`` (what a user who chose none gets) is the implied one, else karras where the
-    sampler takes it, else the sampler's first. An explicit schedule that contradicts the name is refused."""
+    sampler takes it, else the sampler's first. An explicit schedule that contradicts the name is refused.
+    ``sdxl``: the model is an SDXL one, whose Align Your Steps table is the SDXL one (as A1111 picks it)."""
     name, implied = sampler, None
     if isinstance(sampler, str) and sampler.strip().lower() in K_ALIASES:
         name = K_ALIASES[sampler.strip().lower()]
@@ -233,13 +298,18 @@ def resolve(sampler: str, schedule: str | None = None) -> tuple[str, str]:
     if isinstance(sched, str) and sched.strip().lower() == AUTO_SCHEDULE:
         sched = implied or ("karras" if "karras" in spec.schedules else spec.schedules[0])
     elif sched is not None and sched not in SCHEDULES:
-        by_a1111 = {v.lower(): k for k, v in SCHEDULE_A1111.items()}
-        if sched.lower() == "automatic":
+        by_a1111 = {v.lower(): k for k, v in reversed(SCHEDULE_A1111.items())}  # the first of a shared label
+        key = sched.strip().lower()
+        if key == "automatic":
             sched = None
-        elif sched.lower() in by_a1111:
-            sched = by_a1111[sched.lower()]
+        elif key in by_a1111:
+            sched = by_a1111[key]
+        elif key in SCHEDULES:
+            sched = key
+        elif key in SCHEDULE_ALIASES:
+            sched = SCHEDULE_ALIASES[key]
         else:
-            valid = ", ".join([*SCHEDULES, *SCHEDULE_A1111.values(), "Automatic", AUTO_SCHEDULE])
+            valid = ", ".join(dict.fromkeys([*SCHEDULES, *SCHEDULE_A1111.values(), "Automatic", AUTO_SCHEDULE]))
             raise UsageError(f"unknown schedule {schedule!r}; valid: {valid}")
     if implied is not None and sched not in (None, implied):
         raise UsageError(
@@ -247,6 +317,8 @@ def resolve(sampler: str, schedule: str | None = None) -> tuple[str, str]:
             f"{spec.a1111!r} (or {name!r}) with that schedule, or no schedule"
         )
     sched = implied or sched or "normal"
+    if sdxl and sched == "align_your_steps":
+        sched = "align_your_steps_sdxl"
     if sched not in spec.schedules:
         raise UsageError(f"sampler {name!r} cannot use schedule {sched!r}; it supports: {', '.join(spec.schedules)}")
     return name, sched
@@ -269,6 +341,8 @@ def diffusers_equivalent(
     parity tests and for users who compare. Raises ValueError where diffusers has no such option."""
     name, sched = resolve(sampler, schedule)
     spec = SAMPLERS[name]
+    if not spec.diffusers_class:
+        raise UsageError(f"diffusers has no {spec.a1111} sampler ({name})")
     if sched not in spec.parity_schedules:
         raise UsageError(f"diffusers' {spec.diffusers_class} has no {sched!r} schedule")
     cfg = effective_config(name, scheduler_config)
@@ -327,7 +401,7 @@ def make_grid(
 
 def _rounds_karras(sampler: str, scheduler_config: Mapping[str, Any] | None) -> bool:
     # DPM-Solver++ keeps fractional (then int-truncated) Karras timesteps for squaredcos_cap_v2 only.
-    if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
+    if sampler in ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun"):
         return config_get(scheduler_config, "beta_schedule", "linear") != "squaredcos_cap_v2"
     return True
 
@@ -403,7 +477,8 @@ def sample(
 
     grid = make_grid(name, steps, ns, sched, scheduler_config, strength if init_latent is not None else 1.0)
     if start_step is None:
-        start_step = img2img_start(steps, strength) if init_latent is not None else 0
+        # grid.steps, not steps: a sigma-table schedule may have more or fewer points (ComfyUI's ddim_uniform, beta)
+        start_step = img2img_start(grid.steps, strength) if init_latent is not None else 0
     if not 0 <= start_step < grid.steps:
         raise UsageError(f"start_step must be in [0, {grid.steps}), got {start_step}")
 

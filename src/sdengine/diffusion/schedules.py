@@ -240,7 +240,23 @@ def config_get(config: Mapping[str, Any] | None, key: str, default: Any) -> Any:
 #   "lcm"       LCM: a grid of `original_inference_steps` (50) skipped timesteps (Luo et al. 2023).
 
 SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
-SCHEDULES: tuple[str, ...] = ("normal", "karras", "exponential", "sgm_uniform")
+SCHEDULES: tuple[str, ...] = (
+    "normal",
+    "karras",
+    "exponential",
+    "sgm_uniform",
+    "simple",
+    "ddim_uniform",
+    "beta",
+    "kl_optimal",
+    "align_your_steps",
+    "align_your_steps_sdxl",
+    "uniform",
+    "polyexponential",
+)
+# The schedules that are a list of sigmas read off the training table (ComfyUI's / A1111's schedulers), not a
+# diffusers timestep spacing: the network gets each sigma's fractional timestep (k-diffusion's sigma_to_t).
+SIGMA_TABLE_SCHEDULES: tuple[str, ...] = SCHEDULES[4:]
 SPACING_RULES: tuple[str, ...] = ("discrete", "k", "multistep", "lcm")
 
 
@@ -313,6 +329,154 @@ def sgm_uniform_sigmas(n: int, log_sigmas: Tensor) -> tuple[Tensor, Tensor]:
     return t_to_sigma(ts, log_sigmas.to(torch.float64)), ts
 
 
+# Align Your Steps (Sabour, Fidler & Kreis 2024): the paper's optimised 10-step noise levels for Stable
+# Diffusion 1.5 and SDXL (NVIDIA's how-to page; the numbers ComfyUI's AlignYourStepsScheduler ships).
+AYS_NOISE_LEVELS: dict[str, tuple[float, ...]] = {
+    "align_your_steps": (
+        14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+        0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582,
+    ),
+    "align_your_steps_sdxl": (
+        14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+        0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582,
+    ),
+}  # fmt: skip
+
+
+def align_your_steps_sigmas(n: int, levels: tuple[float, ...]) -> Tensor:
+    """n sigmas (then 0) of an Align Your Steps table: the table's values, linearly interpolated in log-sigma
+    over an even grid of n + 1 points (the paper's how-to), of which the last (the table's sigma_min) is
+    replaced by 0 (ComfyUI's AlignYourStepsScheduler); float64, n + 1 values."""
+    ys = torch.tensor(levels, dtype=torch.float64).log().flip(0)  # increasing
+    xs = torch.linspace(0, 1, len(levels), dtype=torch.float64)
+    if n + 1 == len(levels):
+        out = ys.exp().flip(0)
+    else:
+        out = _interp(torch.linspace(0, 1, n + 1, dtype=torch.float64), xs, ys).exp().flip(0)
+    out[-1] = 0.0
+    return out
+
+
+def simple_sigmas(n: int, train_sigmas: Tensor) -> Tensor:
+    """ComfyUI's / A1111's "simple": every (T / n)-th sigma of the training table from the top,
+    ``sigmas[T - 1 - int(i T / n)]``; n values."""
+    T = train_sigmas.shape[0]
+    idx = [T - 1 - int(i * (T / n)) for i in range(n)]
+    return train_sigmas[torch.tensor(idx)]
+
+
+def ddim_uniform_sigmas(n: int, train_sigmas: Tensor) -> Tensor:
+    """ComfyUI's ddim_uniform / A1111's "DDIM": the table's sigmas at timesteps 1, 1 + T // n, 1 + 2 T // n,
+    ... below T, highest first (the original DDIM's uniform skip)."""
+    T = train_sigmas.shape[0]
+    idx = list(range(1, T, max(T // n, 1)))
+    return train_sigmas[torch.tensor(idx[::-1])]
+
+
+def _betainc(x: float, a: float, b: float) -> float:
+    """Regularised incomplete beta function I_x(a, b) by its continued fraction (modified Lentz), using the
+    symmetry I_x(a, b) = 1 - I_{1-x}(b, a) where the fraction converges slowly."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(1.0 - x, b, a)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny = 1e-300
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-15:
+            break
+    return math.exp(log_front) * (f - 1.0) / a
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """Quantile function of the Beta(a, b) distribution (scipy.stats.beta.ppf), by bisection on
+    :func:`_betainc` to full double precision."""
+    if q <= 0.0:
+        return 0.0
+    if q >= 1.0:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        if _betainc(mid, a, b) < q:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def beta_sigmas(n: int, train_sigmas: Tensor, alpha: float = 0.6, beta: float = 0.6) -> Tensor:
+    """ComfyUI's "beta" scheduler (Lee et al. 2024, "Beta Sampling is All You Need"): timesteps at the Beta(alpha,
+    beta) quantiles of 1, 1 - 1/n, ..., 1/n scaled to T - 1 and rounded, a repeated timestep dropped (so there
+    may be fewer than n), and their table sigmas."""
+    T = train_sigmas.shape[0]
+    ts: list[int] = []
+    for i in range(n):
+        t = round(beta_ppf(1.0 - i / n, alpha, beta) * (T - 1))  # round half to even, as numpy.rint
+        if not ts or t != ts[-1]:
+            ts.append(t)
+    return train_sigmas[torch.tensor(ts)]
+
+
+def kl_optimal_sigmas(n: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """ComfyUI's "kl_optimal" (Align Your Steps' appendix; Sabour et al. 2024): even steps in arctan(sigma),
+    ``tan((1 - i/(n-1)) atan(sigma_max) + i/(n-1) atan(sigma_min))``; n values (one: sigma_max)."""
+    w = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
+    return (w * math.atan(sigma_min) + (1 - w) * math.atan(sigma_max)).tan()
+
+
+def uniform_sigmas(n: int, log_sigmas: Tensor) -> Tensor:
+    """A1111's "Uniform" (k-diffusion's DiscreteSchedule.get_sigmas): n timesteps evenly from T - 1 down to 0,
+    both included, and their sigmas interpolated in log-sigma."""
+    ts = torch.linspace(log_sigmas.shape[0] - 1, 0, n, dtype=torch.float64)
+    return t_to_sigma(ts, log_sigmas)
+
+
+def polyexponential_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> Tensor:
+    """k-diffusion's get_sigmas_polyexponential (A1111's "Polyexponential", rho 1): log-sigma from max to min
+    along ``ramp ** rho``, ramp going 1 -> 0."""
+    ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
+    return (ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp()
+
+
+def table_schedule_sigmas(schedule: str, steps: int, train_sigmas: Tensor, log_sigmas: Tensor) -> Tensor:
+    """The sigmas (without the final 0) of one of :data:`SIGMA_TABLE_SCHEDULES` for ``steps`` steps on the
+    training table ``train_sigmas`` (float64, increasing); sigma_min/max are the table's ends."""
+    lo, hi = float(train_sigmas[0]), float(train_sigmas[-1])
+    if schedule == "simple":
+        return simple_sigmas(steps, train_sigmas)
+    if schedule == "ddim_uniform":
+        return ddim_uniform_sigmas(steps, train_sigmas)
+    if schedule == "beta":
+        return beta_sigmas(steps, train_sigmas)
+    if schedule == "kl_optimal":
+        return kl_optimal_sigmas(steps, lo, hi)
+    if schedule in AYS_NOISE_LEVELS:
+        return align_your_steps_sigmas(steps, AYS_NOISE_LEVELS[schedule])[:-1]
+    if schedule == "uniform":
+        return uniform_sigmas(steps, log_sigmas)
+    if schedule == "polyexponential":
+        return polyexponential_sigmas(steps, lo, hi)
+    raise UsageError(f"unknown sigma-table schedule {schedule!r}; valid: {', '.join(SIGMA_TABLE_SCHEDULES)}")
+
+
 def sampling_grid(
     schedule: str,
     steps: int,
@@ -346,6 +510,9 @@ def sampling_grid(
 
     if schedule == "sgm_uniform":
         sig, ts = sgm_uniform_sigmas(steps, log_sigmas)
+    elif schedule in SIGMA_TABLE_SCHEDULES:
+        sig = table_schedule_sigmas(schedule, steps, train_sigmas, log_sigmas)
+        ts = sigma_to_t(sig, log_sigmas)
     elif rule == "lcm":
         if schedule != "normal":
             raise UsageError(f"the lcm grid has no {schedule!r} form")

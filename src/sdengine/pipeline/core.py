@@ -500,7 +500,7 @@ class Pipeline:
             raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
         if int(r.steps) > self.noise_schedule.num_train_timesteps:
             raise GenerationError(f"steps must be at most {self.noise_schedule.num_train_timesteps}, got {r.steps}")
-        name, sched = sampling.resolve(r.sampler, r.schedule)
+        name, sched = sampling.resolve(r.sampler, r.schedule, sdxl=self.text_kind == "sdxl")
         seeds = r.seeds()
         wide = sorted({s for s in seeds if s >= 2**32})
         if wide:  # docs/CONTRACTS.md "Seeds": what torch's CPU generator does with a 64-bit seed
@@ -858,8 +858,11 @@ class Pipeline:
         )
         first = 0
         if start.from_init:
+            # grid.steps: a sigma-table schedule may have another length than steps (ComfyUI's ddim_uniform)
             first = (
-                p.start_step if p.start_step is not None else img2img_start(steps, strength, r.strength_rule, p.sampler)
+                p.start_step
+                if p.start_step is not None
+                else img2img_start(grid.steps, strength, r.strength_rule, p.sampler)
             )
         net: Any = self.unet
         units = r.control_units()

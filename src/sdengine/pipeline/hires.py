@@ -125,10 +125,12 @@ def validate_hires(r: GenerationRequest) -> None:
         )
 
 
-def hires_sampler(r: GenerationRequest) -> tuple[str, str]:
-    """The second pass's (sampler, schedule): ``hr_sampler`` (or ``sampler``) with ``hr_schedule`` (or the
+def hires_sampler(r: GenerationRequest, *, sdxl: bool = False) -> tuple[str, str]:
+    """The second pass's (sampler, schedule) (``sdxl``: on an SDXL model, as :func:`sampling.resolve`):
+    ``hr_sampler`` (or ``sampler``) with ``hr_schedule`` (or the
     request's ``schedule`` rule)."""
-    return sampling.resolve(r.hr_sampler or r.sampler, r.schedule if r.hr_schedule is None else r.hr_schedule)
+    schedule = r.schedule if r.hr_schedule is None else r.hr_schedule
+    return sampling.resolve(r.hr_sampler or r.sampler, schedule, sdxl=sdxl)
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,7 @@ def plan_hires(pipe: Any, r: GenerationRequest, width: int, height: int, sampler
     if steps > limit:
         raise GenerationError(f"hr_second_pass_steps must be at most {limit}, got {steps}")
     if r.hr_sampler or r.hr_schedule is not None:
-        sampler, schedule = hires_sampler(r)
+        sampler, schedule = hires_sampler(r, sdxl=getattr(pipe, "text_kind", "") == "sdxl")
     total, start = hires_steps(steps, float(r.strength), r.strength_rule, sampler)
     if total > limit:  # the a1111 rule's schedule of steps / strength steps
         raise GenerationError(

@@ -1327,6 +1327,7 @@ def install(app: FastAPI, services: Any) -> None:
         out += [
             {"name": k, "label": v, "aliases": None, "default_rho": -1, "need_inner_model": False}
             for k, v in sampling.SCHEDULE_A1111.items()
+            if k != "align_your_steps_sdxl"  # A1111 has one "Align Your Steps" (the model picks the table)
         ]
         return out
 

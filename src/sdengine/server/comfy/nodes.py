@@ -52,12 +52,31 @@ SAMPLER_NAMES = {
     "dpmpp_sde": "dpmpp_sde",
     "dpmpp_2m": "dpmpp_2m",
     "dpmpp_2m_sde": "dpmpp_2m_sde",
+    "dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",
+    "dpmpp_2s_ancestral": "dpmpp_2s_a",
+    "dpmpp_3m_sde": "dpmpp_3m_sde",
+    # ComfyUI's _gpu forms differ by where their Brownian tree draws; here every SDE's noise is the rows' generators
+    "dpmpp_sde_gpu": "dpmpp_sde",
+    "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
+    "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
+    "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
+    "ipndm": "ipndm",
     "ddpm": "ddpm",
     "lcm": "lcm",
     "ddim": "ddim",
     "uni_pc": "unipc",
+    "uni_pc_bh2": "unipc",  # sdengine's UniPC is the bh2 variant (diffusers' default)
 }
-SCHEDULER_NAMES = {"normal": "normal", "karras": "karras", "exponential": "exponential", "sgm_uniform": "sgm_uniform"}
+SCHEDULER_NAMES = {
+    "normal": "normal",
+    "karras": "karras",
+    "exponential": "exponential",
+    "sgm_uniform": "sgm_uniform",
+    "simple": "simple",
+    "ddim_uniform": "ddim_uniform",
+    "beta": "beta",
+    "kl_optimal": "kl_optimal",
+}
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")
 LATENT_UPSCALE_METHODS = (*UPSCALE_METHODS, "bislerp")  # ComfyUI's latent nodes also slerp
 

@@ -17,9 +17,14 @@ const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "st
   "cn-weight", "cn-start", "cn-end", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength", "seed_resize_w", "seed_resize_h",
   "strength_rule", "clip_skip_rule"];
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
-  sgm_uniform: "SGM Uniform" };
+  sgm_uniform: "SGM Uniform", simple: "Simple", ddim_uniform: "DDIM uniform", beta: "Beta", kl_optimal: "KL Optimal",
+  align_your_steps: "Align Your Steps (SDXL's table on SDXL)", align_your_steps_sdxl: "Align Your Steps, SDXL table",
+  uniform: "Uniform", polyexponential: "Polyexponential" };
+// A1111's "Schedule type" labels (lower case); "Align Your Steps" is the model's own table, as in A1111
 const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras", exponential: "exponential",
-  "sgm uniform": "sgm_uniform" };
+  "sgm uniform": "sgm_uniform", sgmuniform: "sgm_uniform", simple: "simple", ddim: "ddim_uniform", beta: "beta",
+  "kl optimal": "kl_optimal", "align your steps": "align_your_steps", uniform: "uniform",
+  polyexponential: "polyexponential" };
 
 const state = {
   samplers: [], sizes: {}, loras: [], embeddings: [], activePrompt: "prompt", tiny: {}, tinyEncoder: {}, model: null,
