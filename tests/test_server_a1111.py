@@ -978,6 +978,36 @@ def test_initial_noise_multiplier_scales_img2imgs_noise_as_a1111(api):
     assert bad.status_code == 400 and "noise_multiplier must be a number in [0, 10]" in bad.text, bad.text
 
 
+def test_the_noise_multiplier_option_and_override_are_img2imgs_default(api):
+    """A1111's ``initial_noise_multiplier`` option (and override) is img2img's noise multiplier when a request gives
+    none (its StableDiffusionProcessingImg2Img reads opts); once listed as ignored. A request's own field wins (A1111
+    reads the option before it applies override_settings, so there an override does nothing: here it is honoured);
+    txt2img has none, so there the override stays listed as ignored; a bad value is a 400 that changes nothing."""
+    init = gradient()
+    want = arr(python_img2img("a blue ball", init, noise_multiplier=0.7).images[0])
+    plain = arr(python_img2img("a blue ball", init).images[0])
+    # webuiapi sends initial_noise_multiplier 1 unless told None (null: A1111 then reads its option)
+    args = dict(images=[init], prompt="a blue ball", seed=3, denoising_strength=0.5, initial_noise_multiplier=None)
+    args.update(COMMON)
+    try:
+        assert api.set_options({"initial_noise_multiplier": 0.7})["applied"] == ["initial_noise_multiplier"]
+        r = api.img2img(**args)
+        np.testing.assert_array_equal(arr(r.image), want)
+        assert r.info["ignored"] == [] and "Noise multiplier: 0.7," in r.info["infotexts"][0]
+        np.testing.assert_array_equal(arr(api.img2img(**{**args, "initial_noise_multiplier": 1.0}).image), plain)
+    finally:
+        api.set_options({"initial_noise_multiplier": 1.0})
+    r = api.img2img(override_settings={"initial_noise_multiplier": 0.7}, **args)
+    np.testing.assert_array_equal(arr(r.image), want)
+    assert r.info["ignored"] == []
+    np.testing.assert_array_equal(arr(api.img2img(**args).image), plain)  # the override did not stay
+    r = api.txt2img(prompt="a", seed=1, override_settings={"initial_noise_multiplier": 0.7}, **COMMON)
+    assert r.info["ignored"] == ["override_settings.initial_noise_multiplier"]
+    bad = httpx.post(f"{api.baseurl}/options", json={"initial_noise_multiplier": -1}, timeout=30)
+    assert bad.status_code == 400 and "initial_noise_multiplier must be a number in [0, 10]" in bad.text, bad.text
+    assert httpx.get(f"{api.baseurl}/options", timeout=30).json()["initial_noise_multiplier"] == 1.0
+
+
 def test_styles_are_merged_into_the_prompts_as_a1111_merges_them(api):
     """A1111's prompt styles (once only listed as ignored): the server's --styles-file, listed by prompt-styles;
     a style's {prompt} takes the prompt, another style text is appended after ", ", in the order given, to the

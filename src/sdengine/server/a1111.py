@@ -701,6 +701,13 @@ def _num(v: Any, what: str) -> float:
 DECODE_METHODS = {"Full": "full", "TAESD": "tiny"}
 
 
+def check_noise_multiplier(value: Any) -> float:
+    """A1111's ``initial_noise_multiplier`` option (img2img's noise times it): a number in [0, 10]."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 10:
+        raise BadRequest(f"initial_noise_multiplier must be a number in [0, 10], got {value!r}")
+    return float(value)
+
+
 def check_ensd(value: Any) -> int:
     """A1111's ``eta_noise_seed_delta`` (ENSD): an integer in [0, 2**32 - 1]; A1111's null means 0."""
     if value is None:
@@ -840,6 +847,13 @@ def install(app: FastAPI, services: Any) -> None:
         )
         ensd = over.pop("eta_noise_seed_delta", options.get("eta_noise_seed_delta", 0))  # A1111's ENSD
         ensd = check_ensd(ensd)
+        # A1111's img2img noise multiplier when the request gives none: this override, else the option (txt2img has
+        # none: there an override of it stays listed as ignored)
+        noise_mult = None
+        if init is not None:
+            noise_mult = check_noise_multiplier(
+                over.pop("initial_noise_multiplier", options.get("initial_noise_multiplier", 1.0))
+            )
         # the extension's "Do not append detectmap to output" (an option, or per request)
         no_detectmap = over.pop("control_net_no_detectmap", options.get("control_net_no_detectmap", False))
         if not isinstance(no_detectmap, bool):
@@ -901,6 +915,7 @@ def install(app: FastAPI, services: Any) -> None:
             # A1111 draws the noise at that size only when both are above 0
             seed_resize_from=(resize_from[0], resize_from[1]) if min(resize_from) > 0 else None,
             noise_seed_delta=ensd,
+            **({} if noise_mult in (None, 1.0) else {"noise_multiplier": noise_mult}),
             # the units whose detected map the answer appends (the extension's), taken out by run()
             detect_maps=[] if no_detectmap else detect_maps,
         )
@@ -1459,7 +1474,7 @@ def install(app: FastAPI, services: Any) -> None:
     def set_options(body: dict[str, Any]) -> dict[str, Any]:
         """``sd_model_checkpoint`` switches the model of later jobs (loaded by each worker before its next job);
         ``CLIP_stop_at_last_layers`` sets their clip skip (A1111's: SD 1.x's CLIP only; ``sdxl_clip_l_skip``: SDXL's
-        CLIP-L too), ``eta_noise_seed_delta`` their ENSD,
+        CLIP-L too), ``eta_noise_seed_delta`` their ENSD, ``initial_noise_multiplier`` img2img's noise multiplier,
         ``sd_vae_decode_method`` ("Full" or "TAESD") how their latents are decoded (TAESD: the model's tiny VAE),
         ``sd_vae_encode_method`` how their init images are encoded. Other options are listed as ignored."""
         changes, ignored = checked_options(body)  # every value checked before any is set: a refused one changes nothing
@@ -1490,6 +1505,8 @@ def install(app: FastAPI, services: Any) -> None:
                 changes[k] = v
             elif k == "eta_noise_seed_delta":
                 changes[k] = check_ensd(v)
+            elif k == "initial_noise_multiplier":  # img2img's noise multiplier when a request gives none
+                changes[k] = check_noise_multiplier(v)
             elif k == "control_net_no_detectmap":  # the ControlNet extension's "Do not append detectmap"
                 if not isinstance(v, bool):
                     raise BadRequest("control_net_no_detectmap must be true or false")
