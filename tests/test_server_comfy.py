@@ -2208,3 +2208,30 @@ def test_vae_decode_tiled_decodes_in_tiles_close_to_vae_decode(client):
     assert not np.array_equal(small, whole) and np.abs(small - whole).mean() < 16, np.abs(small - whole).mean()
     tiled["inputs"].update(overlap=16)  # as ComfyUI, an overlap over a quarter of the tile was cut to a quarter
     assert np.array_equal(decoded(tiled), small)
+
+
+def test_clip_set_last_layer_past_the_encoders_depth_reads_its_last_layer(tiny_sd1_folder, tiny_emoji_folder):
+    """As ComfyUI (SDClipModel.set_clip_options: a layer past the depth is "last"), stop_at_clip_layer -24 on a
+    CLIP of fewer layers reads its last layer, as -1 does; it once failed at CLIPTextEncode with "clip_skip must
+    be an integer in 1..12, got 24" (A1111's terms). -n (the depth itself) is still the first layer's output.
+    The emoji model's MiniLM has no CLIP layers: any other layer than -1 is a node error in ComfyUI's terms."""
+    import sdengine
+    from sdengine.server.comfy.nodes import ClipHandle, NodeError, RunContext, clip_set_last_layer, clip_text_encode
+
+    def encoded(pipe, layer: int) -> torch.Tensor:
+        ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+        (clip,) = clip_set_last_layer(ctx, ClipHandle("x"), layer)
+        with torch.inference_mode():
+            (got,) = clip_text_encode(ctx, "a red apple", clip)[0]
+        return got.cond["crossattn"].clone()
+
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
+    n = int(pipe.conditioner.text_encoder.config.num_hidden_layers)
+    last = encoded(pipe, -1)
+    assert torch.equal(encoded(pipe, -(n + 1)), last) and torch.equal(encoded(pipe, -24), last)
+    assert not torch.equal(encoded(pipe, -n), last)
+
+    emoji = sdengine.load_pipeline(tiny_emoji_folder, device="cpu")
+    assert encoded(emoji, -1).shape[0] == 1
+    with pytest.raises(NodeError, match=r"^stop_at_clip_layer -24 does not apply to .*MiniLM.*\(use -1"):
+        encoded(emoji, -24)

@@ -128,10 +128,40 @@ class ClipHandle:
         """The pipeline's clip_skip for ComfyUI's layer. SD 1.x: -1 is the last layer (A1111's clip skip 1),
         -2 the penultimate, each with the final LayerNorm. SDXL: ComfyUI reads ``hidden_states[layer]`` of both
         encoders, raw, and its default (no CLIPSetLastLayer) is -2, SDXL's trained penultimate layer, which is
-        sdengine's SDXL clip_skip 1; -1 is the last layer, raw (SDXL clip_skip 0)."""
+        sdengine's SDXL clip_skip 1; -1 is the last layer, raw (SDXL clip_skip 0).
+
+        As ComfyUI (``SDClipModel.set_clip_options``), a layer past the encoder's depth (-24 on SD 1.x's 12-layer
+        CLIP) reads the last layer, with the final LayerNorm: SD 1.x's clip_skip 1. For SDXL that is CLIP-L's
+        last layer normed, which its encoder does not give here: a node error. MiniLM (the emoji model) has no
+        CLIP layers: only -1 applies."""
         if self.layer is None:
             return 1
-        return -self.layer - 1 if getattr(pipe, "text_kind", None) == "sdxl" else -self.layer
+        layer = int(self.layer)
+        cond = getattr(pipe, "conditioner", None)
+        kind = getattr(cond, "kind", None)
+        name = getattr(pipe, "name", "this model")
+        if kind == "minilm":
+            if layer != -1:
+                raise NodeError(
+                    f"stop_at_clip_layer {layer} does not apply to {name}: its text encoder is MiniLM, not CLIP "
+                    "(use -1, or no CLIPSetLastLayer)"
+                )
+            return 1
+        if kind == "sdxl":
+            for label, enc in (("CLIP-L", cond.text_encoder), ("OpenCLIP bigG", cond.text_encoder_2)):
+                n = int(enc.config.num_hidden_layers) if enc is not None else None
+                if n is not None and -layer > n:
+                    raise NodeError(
+                        f"stop_at_clip_layer {layer} is past {name}'s {label} depth of {n} layers: ComfyUI then "
+                        f"reads its last layer with the final LayerNorm, which sdengine's SDXL encoder does not "
+                        f"give (use -1 .. -{n})"
+                    )
+            return -layer - 1
+        encoder = getattr(cond, "text_encoder", None)
+        n_layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
+        if n_layers is not None and -layer > int(n_layers):
+            return 1  # ComfyUI: past the depth is the last layer (with the final LayerNorm)
+        return -layer
 
 
 @dataclass(frozen=True)
