@@ -2235,3 +2235,26 @@ def test_clip_set_last_layer_past_the_encoders_depth_reads_its_last_layer(tiny_s
     assert encoded(emoji, -1).shape[0] == 1
     with pytest.raises(NodeError, match=r"^stop_at_clip_layer -24 does not apply to .*MiniLM.*\(use -1"):
         encoded(emoji, -24)
+
+
+def test_save_image_never_writes_over_a_file_another_server_took(tmp_path, monkeypatch):
+    """Two servers sharing an outputs folder each hold their own lock: both could list the folder, pick the same
+    counter, and the later save wrote over the earlier image. Each file is now created exclusively and an image
+    whose number was taken since the listing moves to the next one. The listing is made to miss the other
+    server's file here (it was written after the listing), deterministically."""
+    import pathlib
+    import threading
+
+    from sdengine.server.comfy.nodes import Outputs, RunContext, save_image
+
+    folders = Outputs(output=tmp_path / "out", input=tmp_path / "in", temp=tmp_path / "temp")
+    ctx = RunContext(pipeline=lambda ref: None, catalog=None, folders=folders, save_lock=threading.Lock())
+    (tmp_path / "out").mkdir()
+    theirs = tmp_path / "out" / "shot_00001_.png"
+    theirs.write_bytes(b"the other server's image")
+    listed = pathlib.Path.iterdir
+    monkeypatch.setattr(pathlib.Path, "iterdir", lambda self: iter(()) if self == theirs.parent else listed(self))
+    out = save_image(ctx, torch.full((2, 8, 8, 3), 0.5), "shot")
+    assert [im["filename"] for im in out["ui"]["images"]] == ["shot_00002_.png", "shot_00003_.png"]
+    assert theirs.read_bytes() == b"the other server's image"
+    assert Image.open(tmp_path / "out" / "shot_00003_.png").size == (8, 8)

@@ -1172,6 +1172,9 @@ def load_image_mask(ctx: RunContext, image: str, channel: str) -> tuple[Any]:
     return (m[None],)
 
 
+_MAX_SAVE_TRIES = 10000  # numbers tried past the listed highest before a save gives up
+
+
 def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict[str, Any]:
     from sdengine.io.paths import check_name, is_inside
 
@@ -1202,10 +1205,26 @@ def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict
         used = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.fullmatch(p.name))]
         counter = max(used, default=0) + 1
         for i, img in enumerate(tensor_to_pil(images)):
-            name = f"{stem.replace('%batch_num%', str(i))}_{counter:05d}_.png"
-            img.save(folder / name, pnginfo=info, compress_level=4)
+            base = stem.replace("%batch_num%", str(i))
+            # each file is created exclusively: another server sharing the folder (its own lock) may have taken
+            # this number since the listing; the image then takes the next free one instead of writing over it
+            for _ in range(_MAX_SAVE_TRIES):
+                name = f"{base}_{counter:05d}_.png"
+                counter += 1
+                try:
+                    f = open(folder / name, "xb")  # noqa: SIM115 (closed below, removed when the write fails)
+                except FileExistsError:
+                    continue
+                try:
+                    with f:
+                        img.save(f, format="PNG", pnginfo=info, compress_level=4)
+                except BaseException:
+                    (folder / name).unlink(missing_ok=True)
+                    raise
+                break
+            else:
+                raise NodeError(f"no free file name for {base!r} in {_MAX_SAVE_TRIES} numbers after the highest")
             results.append({"filename": name, "subfolder": sub, "type": kind})
-            counter += 1
     return {"ui": {"images": results}, "result": ()}
 
 
