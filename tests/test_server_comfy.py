@@ -2258,3 +2258,24 @@ def test_save_image_never_writes_over_a_file_another_server_took(tmp_path, monke
     assert [im["filename"] for im in out["ui"]["images"]] == ["shot_00002_.png", "shot_00003_.png"]
     assert theirs.read_bytes() == b"the other server's image"
     assert Image.open(tmp_path / "out" / "shot_00003_.png").size == (8, 8)
+
+
+def test_view_takes_the_folder_from_subfolder_only_as_comfyui(client, server):
+    """ComfyUI's /view refuses a filename that starts with "/" or holds "..", and serves only its last part
+    (os.path.basename) from the folder `subfolder` names: `filename=sub/x.png` is x.png of the output folder
+    itself. sdengine once served sub/x.png, so a client got another file than ComfyUI would give it."""
+    out = Path(server.services.config.outputs_dir)
+    sub = out / f"viewsub-{uuid.uuid4().hex[:8]}"
+    sub.mkdir(parents=True)
+    name = f"v-{uuid.uuid4().hex[:8]}.png"
+    top, inner = png_bytes(Image.new("RGB", (4, 4), "red")), png_bytes(Image.new("RGB", (4, 4), "blue"))
+    (out / name).write_bytes(top)
+    (sub / name).write_bytes(inner)
+    (sub / "only-in-sub.png").write_bytes(inner)
+    r = client.get("/view", params={"filename": f"{sub.name}/{name}"})
+    assert r.status_code == 200 and r.content == top
+    assert client.get("/view", params={"filename": name, "subfolder": sub.name}).content == inner
+    assert client.get("/view", params={"filename": f"{sub.name}/only-in-sub.png"}).status_code == 404
+    for bad in ("/x.png", "a..b.png", f"{sub.name}/../{name}"):
+        r = client.get("/view", params={"filename": bad})
+        assert r.status_code == 400 and str(out) not in r.text, (bad, r.text)

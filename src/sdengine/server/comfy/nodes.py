@@ -1346,7 +1346,9 @@ NODES: dict[str, NodeDef] = {
             ("CLIP",),
             clip_set_last_layer,
             description="As ComfyUI: -1 is SD 1.x's last layer (A1111's clip skip 1); SDXL reads hidden state "
-            "`stop_at_clip_layer` of both encoders, raw, and without this node -2 (its trained penultimate layer).",
+            "`stop_at_clip_layer` of both encoders, raw, and without this node -2 (its trained penultimate layer). "
+            "A layer past the encoder's depth is its last layer (-24 on SD 1.x's 12-layer CLIP is -1); on SDXL past "
+            "CLIP-L's depth, and on a model whose text encoder is no CLIP (MiniLM) any layer but -1, a node error.",
         ),
         NodeDef(
             "CLIPTextEncodeSDXL",
