@@ -581,19 +581,20 @@ def test_broken_workflows_name_the_node(client, break_it, node, kind):
 
 def test_failures_at_run_time_and_interrupt_name_the_node(client, server):
     g = txt2img_graph()
-    g["5"]["inputs"].update(width=66)  # valid for the node, not a multiple of the emoji VAE's factor 4
+    g["5"]["inputs"].update(width=66)  # a changed latent (66 is cut to the emoji VAE's factor 4, as ComfyUI)
+    g["3"]["inputs"].update(steps=5000)  # valid for the node, over the server's limit: fails when it runs
     r = client.post("/prompt", json={"prompt": g})
     assert r.status_code == 200
     h = wait_history(client, r.json()["prompt_id"])
     assert h["status"]["status_str"] == "error"
     (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
-    assert err["node_id"] == "3" and err["node_type"] == "KSampler" and "66" in err["exception_message"]
+    assert err["node_id"] == "3" and err["node_type"] == "KSampler" and "5000" in err["exception_message"]
     # as ComfyUI: the nodes run before it (the changed latent at least; not those reused from the cache), the
     # failing node's inputs, and the reused nodes' ids as a list
     assert (
         "5" in err["executed"] and "3" not in err["executed"] and not set(err["executed"]) & set(err["current_outputs"])
     ), err
-    assert err["current_inputs"]["steps"] == [STEPS] and err["current_inputs"]["latent_image"] != [], err
+    assert err["current_inputs"]["steps"] == [5000] and err["current_inputs"]["latent_image"] != [], err
     # server still serves; a long prompt is interrupted within a step
     g = txt2img_graph()
     g["3"]["inputs"].update(steps=150, seed=99)
@@ -2279,3 +2280,19 @@ def test_view_takes_the_folder_from_subfolder_only_as_comfyui(client, server):
     for bad in ("/x.png", "a..b.png", f"{sub.name}/../{name}"):
         r = client.get("/view", params={"filename": bad})
         assert r.status_code == 400 and str(out) not in r.text, (bad, r.text)
+
+
+def test_an_off_factor_size_and_a_fractional_int_run_as_comfyui(client):
+    """As ComfyUI: EmptyLatentImage takes width // 8 x height // 8 latent pixels (here the emoji VAE's factor 4),
+    so 65x66 makes the 64x64 image, and an INT input is converted with int(): steps 2.7 runs 2 steps. sdengine
+    once failed 65 at KSampler ("not a multiple of the VAE factor") and refused 2.7 (invalid_input_type)."""
+    g = txt2img_graph()
+    g["3"]["inputs"].update(steps=2, seed=5)
+    want = comfy_image(client, g)
+    g["5"]["inputs"].update(width=65, height=66)
+    g["3"]["inputs"].update(steps=2.7)
+    got = comfy_image(client, g)
+    assert got.shape == want.shape == (64, 64, 3) and np.array_equal(got, want)
+    g["3"]["inputs"].update(steps="2.7")  # int("2.7") fails in ComfyUI too
+    r = client.post("/prompt", json={"prompt": g})
+    assert r.status_code == 400 and r.json()["node_errors"]["3"]["errors"][0]["type"] == "invalid_input_type"

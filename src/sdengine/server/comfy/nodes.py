@@ -407,13 +407,14 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def latent_samples(latent: dict[str, Any], pipe: Any) -> torch.Tensor:
-    """The latent tensor; an empty latent is made now, in the model's channels and VAE factor."""
+    """The latent tensor; an empty latent is made now, in the model's channels and VAE factor (a size off the
+    factor rounded down, as ComfyUI's EmptyLatentImage takes width // 8 x height // 8)."""
     if latent.get("samples") is not None:
         return latent["samples"]
     b, h, w = latent["size"]
     f = pipe.vae_scale_factor
-    if h % f or w % f:
-        raise NodeError(f"an empty latent of {w}x{h} is not a multiple of {pipe.name}'s VAE factor {f}")
+    if h < f or w < f:
+        raise NodeError(f"an empty latent of {w}x{h} is smaller than {pipe.name}'s VAE factor {f}")
     return torch.zeros(b, pipe.latent_channels, h // f, w // f)
 
 
