@@ -2296,3 +2296,43 @@ def test_an_off_factor_size_and_a_fractional_int_run_as_comfyui(client):
     g["3"]["inputs"].update(steps="2.7")  # int("2.7") fails in ComfyUI too
     r = client.post("/prompt", json={"prompt": g})
     assert r.status_code == 400 and r.json()["node_errors"]["3"]["errors"][0]["type"] == "invalid_input_type"
+
+
+def test_conditioning_average_and_concat_as_comfyui(client):
+    """ComfyUI's ConditioningAverage and ConditioningConcat (once missing_node_type): strength 1 is
+    conditioning_to itself, 0 the first entry of conditioning_from (tokens and the pooled vector alike, so the same
+    image as that prompt alone); Concat appends conditioning_from's tokens to conditioning_to's."""
+    from sdengine.latent_sampling import TextCondition
+    from sdengine.server.comfy.nodes import conditioning_average, conditioning_concat
+
+    def with_positive(node: dict | None, positive: list) -> np.ndarray:
+        g = txt2img_graph()
+        if node is not None:
+            g["60"] = node
+        g["3"]["inputs"]["positive"] = positive
+        return comfy_image(client, g)
+
+    def average(strength: float) -> dict:
+        inputs = {"conditioning_to": ["6", 0], "conditioning_from": ["7", 0], "conditioning_to_strength": strength}
+        return {"class_type": "ConditioningAverage", "inputs": inputs}
+
+    prompt_alone, negative_alone = with_positive(None, ["6", 0]), with_positive(None, ["7", 0])
+    assert not np.array_equal(prompt_alone, negative_alone)
+    assert np.array_equal(with_positive(average(1.0), ["60", 0]), prompt_alone)
+    assert np.array_equal(with_positive(average(0.0), ["60", 0]), negative_alone)
+    concat = {
+        "class_type": "ConditioningConcat",
+        "inputs": {"conditioning_to": ["6", 0], "conditioning_from": ["7", 0]},
+    }
+    assert with_positive(concat, ["60", 0]).shape == (64, 64, 3)
+
+    to = [TextCondition({"crossattn": torch.ones(1, 4, 3), "vector": torch.ones(1, 2)})]
+    frm = [TextCondition({"crossattn": torch.full((1, 2, 3), 3.0), "vector": torch.zeros(1, 2)})]
+    ((got,),) = conditioning_concat(None, to, frm)  # type: ignore[arg-type]
+    assert got.cond["crossattn"].shape == (1, 6, 3) and torch.equal(
+        got.cond["crossattn"][:, 4:], frm[0].cond["crossattn"]
+    )
+    assert torch.equal(got.cond["vector"], to[0].cond["vector"])
+    ((avg,),) = conditioning_average(None, to, frm, 0.25)  # type: ignore[arg-type]
+    want = torch.tensor([[[3.0 * 0.75 + 0.25] * 3] * 2 + [[0.25] * 3] * 2])  # from's 2 tokens, then zeros
+    assert torch.allclose(avg.cond["crossattn"], want) and torch.allclose(avg.cond["vector"], torch.full((1, 2), 0.25))

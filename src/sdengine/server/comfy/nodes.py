@@ -680,6 +680,66 @@ def conditioning_combine(ctx: RunContext, conditioning_1: list[Any], conditionin
     return (combined,)
 
 
+def _first_of(conditioning: list[Any], node: str) -> Any:
+    if not conditioning:
+        raise NodeError(f"{node}: conditioning_from has no entry")
+    return conditioning[0]  # as ComfyUI: only the first entry of conditioning_from is used
+
+
+def _same_width(a: torch.Tensor, b: torch.Tensor, node: str) -> None:
+    if a.shape[-1] != b.shape[-1]:
+        raise NodeError(
+            f"{node}: the conditionings come from different text encoders (widths {a.shape[-1]} and {b.shape[-1]})"
+        )
+
+
+def conditioning_concat(ctx: RunContext, conditioning_to: list[Any], conditioning_from: list[Any]) -> tuple[Any]:
+    """ComfyUI's ConditioningConcat: the first entry of ``conditioning_from``'s token states appended (along the
+    tokens) to each entry of ``conditioning_to``, whose other tensors (pooled vectors) and ControlNets are kept."""
+    src = _first_of(conditioning_from, "ConditioningConcat").cond["crossattn"]
+    out = []
+    for entry in conditioning_to:
+        states = entry.cond["crossattn"]
+        _same_width(states, src, "ConditioningConcat")
+        joined = torch.cat([states, src.to(states.device, states.dtype)], dim=1)
+        out.append(replace(entry, cond={**entry.cond, "crossattn": joined}))
+    return (out,)
+
+
+def conditioning_average(
+    ctx: RunContext, conditioning_to: list[Any], conditioning_from: list[Any], conditioning_to_strength: float
+) -> tuple[Any]:
+    """ComfyUI's ConditioningAverage: each entry of ``conditioning_to`` becomes ``to * s + from * (1 - s)`` with the
+    first entry of ``conditioning_from`` (its token states cut to, or padded with zeros to, ``to``'s length); the
+    pooled vectors are averaged alike when both have them, ``from``'s taken when only it has one. ``to``'s
+    ControlNets are kept."""
+    s = float(conditioning_to_strength)
+    src = _first_of(conditioning_from, "ConditioningAverage").cond
+    out = []
+    for entry in conditioning_to:
+        cond = dict(entry.cond)
+        t1 = cond["crossattn"]
+        t0 = src["crossattn"].to(t1.device, t1.dtype)
+        _same_width(t1, t0, "ConditioningAverage")
+        t0 = t0[:, : t1.shape[1]]
+        if t0.shape[1] < t1.shape[1]:
+            pad = t1.new_zeros(t0.shape[0], t1.shape[1] - t0.shape[1], t1.shape[2])
+            t0 = torch.cat([t0, pad], dim=1)
+        cond["crossattn"] = t1 * s + t0 * (1.0 - s)
+        for key, other in src.items():
+            if key == "crossattn":
+                continue
+            if key not in cond:
+                cond[key] = other
+                continue
+            mine = cond[key]
+            if tuple(mine.shape) != tuple(other.shape):
+                raise NodeError(f"ConditioningAverage: the conditionings' {key} differ in shape")
+            cond[key] = mine * s + other.to(mine.device, mine.dtype) * (1.0 - s)
+        out.append(replace(entry, cond=cond))
+    return (out,)
+
+
 def _hint_image(image: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) -> (B, 3, H, W): a batch of hints is one per latent row (the first alone was once kept)."""
     return image.permute(0, 3, 1, 2).contiguous().float()
@@ -1393,6 +1453,31 @@ NODES: dict[str, NodeDef] = {
             (Input("conditioning_1", "CONDITIONING"), Input("conditioning_2", "CONDITIONING")),
             ("CONDITIONING",),
             conditioning_combine,
+        ),
+        NodeDef(
+            "ConditioningAverage",
+            "Conditioning (Average)",
+            "conditioning",
+            (
+                Input("conditioning_to", "CONDITIONING"),
+                Input("conditioning_from", "CONDITIONING"),
+                _float("conditioning_to_strength", 1.0, 0.0, 1.0),
+            ),
+            ("CONDITIONING",),
+            conditioning_average,
+            description="Each entry of conditioning_to weighted by the strength plus the first entry of "
+            "conditioning_from by 1 - strength (its tokens cut or zero-padded to conditioning_to's length; pooled "
+            "vectors alike), as ComfyUI.",
+        ),
+        NodeDef(
+            "ConditioningConcat",
+            "Conditioning (Concat)",
+            "conditioning",
+            (Input("conditioning_to", "CONDITIONING"), Input("conditioning_from", "CONDITIONING")),
+            ("CONDITIONING",),
+            conditioning_concat,
+            description="The first entry of conditioning_from's tokens appended to each entry of conditioning_to "
+            "(its pooled vector and ControlNets kept), as ComfyUI.",
         ),
         NodeDef(
             "EmptyLatentImage",
