@@ -2290,7 +2290,7 @@ def test_an_off_factor_size_and_a_fractional_int_run_as_comfyui(client):
     g["3"]["inputs"].update(steps=2, seed=5)
     want = comfy_image(client, g)
     g["5"]["inputs"].update(width=65, height=66)
-    g["3"]["inputs"].update(steps=2.7)
+    g["3"]["inputs"].update(steps=2.7, latent_image=[5, 0])  # a node id sent as a number is taken as its text
     got = comfy_image(client, g)
     assert got.shape == want.shape == (64, 64, 3) and np.array_equal(got, want)
     g["3"]["inputs"].update(steps="2.7")  # int("2.7") fails in ComfyUI too
