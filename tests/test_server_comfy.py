@@ -2336,3 +2336,39 @@ def test_conditioning_average_and_concat_as_comfyui(client):
     ((avg,),) = conditioning_average(None, to, frm, 0.25)  # type: ignore[arg-type]
     want = torch.tensor([[[3.0 * 0.75 + 0.25] * 3] * 2 + [[0.25] * 3] * 2])  # from's 2 tokens, then zeros
     assert torch.allclose(avg.cond["crossattn"], want) and torch.allclose(avg.cond["vector"], torch.full((1, 2), 0.25))
+
+
+def test_latent_from_batch_and_repeat_latent_batch_keep_each_rows_noise(client):
+    """ComfyUI's LatentFromBatch and RepeatLatentBatch (once missing_node_type). A row cut out of a batch records
+    its row (batch_index) and, under ComfyUI's seed rule, gets the noise it has in the whole batch: the same image
+    as that row of the batch, not the batch's first row. Repeating an empty latent is a larger batch."""
+
+    def images(g: dict) -> list[np.ndarray]:
+        r = client.post("/prompt", json={"prompt": g})
+        assert r.status_code == 200, r.text
+        h = wait_history(client, r.json()["prompt_id"])
+        assert h["status"]["status_str"] == "success", h["status"]
+        ims = h["outputs"]["9"]["images"]
+        return [np.asarray(Image.open(io.BytesIO(client.get("/view", params=im).content)).convert("RGB")) for im in ims]
+
+    g = txt2img_graph()
+    g["3"]["inputs"].update(seed=21, steps=2)
+    g["5"]["inputs"].update(width=32, height=32)
+    g["5"]["inputs"]["batch_size"] = 3
+    whole = images(g)
+    g["50"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["5", 0], "batch_index": 1, "length": 5}}
+    g["3"]["inputs"]["latent_image"] = ["50", 0]
+    cut = images(g)  # rows 1 and 2 (the length cut to the batch)
+    assert len(cut) == 2
+    assert np.abs(cut[0].astype(int) - whole[1]).max() <= 2 and np.abs(cut[1].astype(int) - whole[2]).max() <= 2
+    assert np.abs(cut[0].astype(int) - whole[0]).mean() > 5  # not the first row's noise
+    g["51"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["50", 0], "amount": 2}}
+    g["3"]["inputs"]["latent_image"] = ["51", 0]
+    again = images(g)  # rows 1, 2, then 3, 4 (as ComfyUI numbers the copies)
+    assert len(again) == 4 and np.abs(again[1].astype(int) - whole[2]).max() <= 2
+    g = txt2img_graph()
+    g["3"]["inputs"].update(seed=21, steps=2)
+    g["5"]["inputs"].update(width=32, height=32)
+    g["51"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["5", 0], "amount": 3}}
+    g["3"]["inputs"]["latent_image"] = ["51", 0]
+    assert all(np.abs(a.astype(int) - b).max() <= 2 for a, b in zip(images(g), whole, strict=True))

@@ -11,8 +11,9 @@ encoding, :func:`sdengine.latent_sampling.sample_latents` (the engine's samplers
 * CONDITIONING: a list of :class:`sdengine.latent_sampling.TextCondition`;
 * LATENT: ``{"samples": (B, C, h, w) | None, "size": (B, H, W), "posterior": (mean, std) | None (with
   ``"posterior_scaled": True`` when it is a tiny VAE's, in the diffusion model's units),
-  "noise_mask": (B, 1, H, W) | None}``; ``samples`` None is an empty latent, made once the model (and so its
-  VAE factor) is known;
+  "noise_mask": (B, 1, H, W) | None}``, and ``"batch_index"``: [int] * B when LatentFromBatch or RepeatLatentBatch
+  set it (each row's row of the original batch, for its noise, as ComfyUI); ``samples`` None is an empty latent,
+  made once the model (and so its VAE factor) is known;
 * IMAGE: float (B, H, W, 3) in [0, 1] on the CPU; MASK: float (B, H, W), 1 = repaint.
 """
 
@@ -137,7 +138,7 @@ class ClipHandle:
         if self.layer is None:
             return 1
         layer = int(self.layer)
-        cond = getattr(pipe, "conditioner", None)
+        cond: Any = getattr(pipe, "conditioner", None)
         kind = getattr(cond, "kind", None)
         name = getattr(pipe, "name", "this model")
         if kind == "minilm":
@@ -825,6 +826,7 @@ def _sample(
         noise_mask=latent_image.get("noise_mask"),
         loras=model.loras,
         callback=report,
+        batch_index=latent_image.get("batch_index"),
         **window,
     )
     from sdengine.pipeline.finite import require_finite
@@ -838,6 +840,7 @@ def _sample(
             "size": (out.shape[0], out.shape[2] * pipe.vae_scale_factor, out.shape[3] * pipe.vae_scale_factor),
             "posterior": None,
             "noise_mask": latent_image.get("noise_mask"),
+            **({"batch_index": latent_image["batch_index"]} if "batch_index" in latent_image else {}),
         },
     )
 
@@ -1147,7 +1150,60 @@ def _upscale_latent(samples: dict[str, Any], method: str, w: int, h: int, crop: 
     # ComfyUI's LatentUpscale takes width // 8 x height // 8 latent pixels: a size off the factor rounds down
     lw, lh = max(1, w // f), max(1, h // f)
     z = _resize_nchw(z.float(), lw, lh, method, crop)
-    return {"samples": z, "size": (b, lh * f, lw * f), "posterior": None, "noise_mask": samples.get("noise_mask")}
+    out = {"samples": z, "size": (b, lh * f, lw * f), "posterior": None, "noise_mask": samples.get("noise_mask")}
+    if "batch_index" in samples:
+        out["batch_index"] = samples["batch_index"]
+    return out
+
+
+def _rows_of(t: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
+    """Rows ``rows`` of a per-row tensor (one row given stands for every row, as ComfyUI's masks)."""
+    if t is None or t.shape[0] == 1:
+        return t
+    return t[[r % t.shape[0] for r in rows]]
+
+
+def _latent_rows(samples: dict[str, Any], rows: list[int], batch_index: list[int]) -> dict[str, Any]:
+    """The latent made of rows ``rows`` of ``samples`` (its samples, posterior and noise mask alike)."""
+    _, h, w = samples["size"]
+    z = samples.get("samples")
+    post = samples.get("posterior")
+    out = {
+        **samples,
+        "samples": None if z is None else z[rows],
+        "size": (len(rows), h, w),
+        "posterior": None if post is None else tuple(_rows_of(t, rows) for t in post),
+        "noise_mask": _rows_of(samples.get("noise_mask"), rows),
+        "batch_index": batch_index,
+    }
+    return out
+
+
+def latent_from_batch(ctx: RunContext, samples: dict[str, Any], batch_index: int, length: int) -> tuple[Any]:
+    """ComfyUI's LatentFromBatch: ``length`` rows from ``batch_index`` on (both cut to the batch), each keeping
+    its row of the original batch, so that it gets the noise it had there."""
+    b = samples["size"][0]
+    start = min(b - 1, int(batch_index))
+    n = min(b - start, int(length))
+    rows = list(range(start, start + n))
+    known = samples.get("batch_index")
+    return (_latent_rows(samples, rows, [known[r] for r in rows] if known else rows),)
+
+
+def repeat_latent_batch(ctx: RunContext, samples: dict[str, Any], amount: int) -> tuple[Any]:
+    """ComfyUI's RepeatLatentBatch: the batch ``amount`` times over; a batch that records its rows (LatentFromBatch)
+    numbers each copy past the previous one's rows, as ComfyUI."""
+    b, h, w = samples["size"]
+    ctx.check_size(w, h, b * int(amount))
+    rows = [r for _ in range(int(amount)) for r in range(b)]
+    known = samples.get("batch_index")
+    out = _latent_rows(samples, rows, [])
+    if known:
+        span = max(known) - min(known) + 1
+        out["batch_index"] = [x + i * span for i in range(int(amount)) for x in known]
+    else:
+        del out["batch_index"]
+    return (out,)
 
 
 def latent_upscale(
@@ -1468,6 +1524,24 @@ NODES: dict[str, NodeDef] = {
             description="Each entry of conditioning_to weighted by the strength plus the first entry of "
             "conditioning_from by 1 - strength (its tokens cut or zero-padded to conditioning_to's length; pooled "
             "vectors alike), as ComfyUI.",
+        ),
+        NodeDef(
+            "LatentFromBatch",
+            "Latent From Batch",
+            "latent/batch",
+            (Input("samples", "LATENT"), _int("batch_index", 0, 0, 63), _int("length", 1, 1, 64)),
+            ("LATENT",),
+            latent_from_batch,
+            description="`length` rows from `batch_index` on (cut to the batch); each row keeps the noise it has in "
+            "the whole batch under ComfyUI's seed rule.",
+        ),
+        NodeDef(
+            "RepeatLatentBatch",
+            "Repeat Latent Batch",
+            "latent/batch",
+            (Input("samples", "LATENT"), _int("amount", 1, 1, 64)),
+            ("LATENT",),
+            repeat_latent_batch,
         ),
         NodeDef(
             "ConditioningConcat",
