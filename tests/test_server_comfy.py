@@ -2372,3 +2372,21 @@ def test_latent_from_batch_and_repeat_latent_batch_keep_each_rows_noise(client):
     g["51"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["5", 0], "amount": 3}}
     g["3"]["inputs"]["latent_image"] = ["51", 0]
     assert all(np.abs(a.astype(int) - b).max() <= 2 for a, b in zip(images(g), whole, strict=True))
+
+
+def test_image_batch_appends_image2_scaled_to_image1s_size():
+    """ComfyUI's ImageBatch (once missing_node_type): image2's rows after image1's, image2 scaled to image1's size
+    (bilinear, cut to the aspect around its centre) when they differ."""
+    from sdengine.server.comfy.nodes import RunContext, image_batch, image_scale
+
+    ctx = RunContext(pipeline=lambda ref: None, catalog=None, folders=None)  # type: ignore[arg-type]
+    a = torch.rand(2, 8, 12, 3, generator=torch.Generator().manual_seed(0))
+    b = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(1))
+    (out,) = image_batch(ctx, a, b)
+    assert out.shape == (3, 8, 12, 3) and torch.equal(out[:2], a)
+    (want,) = image_scale(ctx, b, "bilinear", 12, 8, "center")
+    assert torch.allclose(out[2:], want, atol=1e-6)
+    (same,) = image_batch(ctx, a, a[:1])
+    assert torch.equal(same, torch.cat([a, a[:1]]))
+    with pytest.raises(Exception, match="batch_size 9 is over the server's limit of 8"):
+        image_batch(ctx, torch.zeros(8, 4, 4, 3), torch.zeros(1, 4, 4, 3))

@@ -1249,6 +1249,17 @@ def image_scale_by(ctx: RunContext, image: torch.Tensor, upscale_method: str, sc
     return image_scale(ctx, image, upscale_method, w, h, "disabled")
 
 
+def image_batch(ctx: RunContext, image1: torch.Tensor, image2: torch.Tensor) -> tuple[Any]:
+    """ComfyUI's ImageBatch: image2's rows after image1's, image2 first scaled (bilinear, cut to the aspect around
+    its centre) to image1's size when the sizes differ."""
+    _, h, w, _ = image1.shape
+    ctx.check_size(w, h, image1.shape[0] + image2.shape[0])
+    if tuple(image2.shape[1:3]) != (h, w):
+        scaled = _resize_nchw(image2.permute(0, 3, 1, 2).float(), w, h, "bilinear", "center")
+        image2 = scaled.clamp(0, 1).permute(0, 2, 3, 1)
+    return (torch.cat([image1.float(), image2[..., : image1.shape[3]].float()]),)
+
+
 def canny_node(ctx: RunContext, image: torch.Tensor, low_threshold: float, high_threshold: float) -> tuple[Any]:
     """ComfyUI's Canny: ``kornia.filters.canny`` on the float image (a 5x5 Gaussian blur of sigma 1 first; the
     thresholds on the L2 Sobel magnitude), white edges on black (see sdengine.control.canny_fractions)."""
@@ -1694,6 +1705,16 @@ NODES: dict[str, NodeDef] = {
             ),
             ("IMAGE",),
             image_scale,
+        ),
+        NodeDef(
+            "ImageBatch",
+            "Batch Images",
+            "image",
+            (Input("image1", "IMAGE"), Input("image2", "IMAGE")),
+            ("IMAGE",),
+            image_batch,
+            description="image2's images after image1's; image2 scaled (bilinear, centre cut) to image1's size "
+            "first when they differ, as ComfyUI.",
         ),
         NodeDef(
             "ImageScaleBy",
