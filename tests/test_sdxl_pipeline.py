@@ -578,3 +578,16 @@ def test_a_prompt_list_refuses_the_refiner_flags(tmp_path, capsys, flags):
     assert main(["generate", "--prompts", str(listing), *flags, "--out", str(out), "--no-progress"]) != 0
     assert f"drop {flags[0]}" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_comfyui_clip_set_last_layer_past_clip_l_is_a_node_error(base):
+    """ComfyUI reads CLIP-L's last layer with its final LayerNorm for a stop_at_clip_layer past its depth, which
+    the SDXL encoder here does not give: a node error naming the layer and the depth, not sdengine's clip_skip."""
+    from sdengine.server.comfy.nodes import ClipHandle, NodeError, RunContext, clip_set_last_layer, clip_text_encode
+
+    _, pipe, _ = base
+    n = int(pipe.conditioner.text_encoder.config.num_hidden_layers)
+    ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+    (clip,) = clip_set_last_layer(ctx, ClipHandle("x"), -(n + 1))
+    with pytest.raises(NodeError, match=rf"^stop_at_clip_layer -{n + 1} is past .*CLIP-L depth of {n} layers"):
+        clip_text_encode(ctx, PROMPT, clip)
