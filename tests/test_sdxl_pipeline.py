@@ -611,3 +611,16 @@ def test_the_hires_pass_of_an_sdxl_model_takes_its_align_your_steps_table_too(ba
     second = [s for _, s in seen[2:]]  # the callback counts both passes' steps: 2 + 10
     assert len(second) == 10 and all(n == 12 for n, _ in seen)
     np.testing.assert_allclose(second[:3], [14.6146412293, 6.3184485287, 3.7681790315], rtol=1e-5)
+
+
+def test_comfyui_clip_set_last_layer_past_clip_l_is_a_node_error(base):
+    """ComfyUI reads CLIP-L's last layer with its final LayerNorm for a stop_at_clip_layer past its depth, which
+    the SDXL encoder here does not give: a node error naming the layer and the depth, not sdengine's clip_skip."""
+    from sdengine.server.comfy.nodes import ClipHandle, NodeError, RunContext, clip_set_last_layer, clip_text_encode
+
+    _, pipe, _ = base
+    n = int(pipe.conditioner.text_encoder.config.num_hidden_layers)
+    ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+    (clip,) = clip_set_last_layer(ctx, ClipHandle("x"), -(n + 1))
+    with pytest.raises(NodeError, match=rf"^stop_at_clip_layer -{n + 1} is past .*CLIP-L depth of {n} layers"):
+        clip_text_encode(ctx, PROMPT, clip)

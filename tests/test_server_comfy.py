@@ -599,19 +599,21 @@ def test_broken_workflows_name_the_node(client, break_it, node, kind):
 
 def test_failures_at_run_time_and_interrupt_name_the_node(client, server):
     g = txt2img_graph()
-    g["5"]["inputs"].update(width=66)  # valid for the node, not a multiple of the emoji VAE's factor 4
+    g["5"]["inputs"].update(width=66)  # a changed latent (66 is cut to the emoji VAE's factor 4, as ComfyUI)
+    # valid for the node, too small for the model's 1000 timesteps (int(steps / denoise)): fails when it runs
+    g["3"]["inputs"].update(denoise=0.001)
     r = client.post("/prompt", json={"prompt": g})
     assert r.status_code == 200
     h = wait_history(client, r.json()["prompt_id"])
     assert h["status"]["status_str"] == "error"
     (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
-    assert err["node_id"] == "3" and err["node_type"] == "KSampler" and "66" in err["exception_message"]
+    assert err["node_id"] == "3" and err["node_type"] == "KSampler" and "denoise" in err["exception_message"]
     # as ComfyUI: the nodes run before it (the changed latent at least; not those reused from the cache), the
     # failing node's inputs, and the reused nodes' ids as a list
     assert (
         "5" in err["executed"] and "3" not in err["executed"] and not set(err["executed"]) & set(err["current_outputs"])
     ), err
-    assert err["current_inputs"]["steps"] == [STEPS] and err["current_inputs"]["latent_image"] != [], err
+    assert err["current_inputs"]["denoise"] == [0.001] and err["current_inputs"]["latent_image"] != [], err
     # server still serves; a long prompt is interrupted within a step
     g = txt2img_graph()
     g["3"]["inputs"].update(steps=150, seed=99)
@@ -2266,5 +2268,189 @@ def test_an_infinite_or_nan_input_is_a_400_naming_the_input(client):
         body = json.dumps({"prompt": g}).replace('"@@"', literal)
         r = client.post("/prompt", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 400, (name, r.status_code, r.text)
+        if literal == "NaN":  # a bare word JSON has not: the body is refused whole, naming it
+            assert "NaN" in r.json()["detail"], r.text
+            continue
         (error,) = r.json()["node_errors"][node]["errors"]
         assert error["extra_info"]["input_name"] == name and isinstance(error["extra_info"]["received_value"], str)
+
+
+def test_clip_set_last_layer_past_the_encoders_depth_reads_its_last_layer(tiny_sd1_folder, tiny_emoji_folder):
+    """As ComfyUI (SDClipModel.set_clip_options: a layer past the depth is "last"), stop_at_clip_layer -24 on a
+    CLIP of fewer layers reads its last layer, as -1 does; it once failed at CLIPTextEncode with "clip_skip must
+    be an integer in 1..12, got 24" (A1111's terms). -n (the depth itself) is still the first layer's output.
+    The emoji model's MiniLM has no CLIP layers: any other layer than -1 is a node error in ComfyUI's terms."""
+    import sdengine
+    from sdengine.server.comfy.nodes import ClipHandle, NodeError, RunContext, clip_set_last_layer, clip_text_encode
+
+    def encoded(pipe, layer: int) -> torch.Tensor:
+        ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+        (clip,) = clip_set_last_layer(ctx, ClipHandle("x"), layer)
+        with torch.inference_mode():
+            (got,) = clip_text_encode(ctx, "a red apple", clip)[0]
+        return got.cond["crossattn"].clone()
+
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
+    n = int(pipe.conditioner.text_encoder.config.num_hidden_layers)
+    last = encoded(pipe, -1)
+    assert torch.equal(encoded(pipe, -(n + 1)), last) and torch.equal(encoded(pipe, -24), last)
+    assert not torch.equal(encoded(pipe, -n), last)
+
+    emoji = sdengine.load_pipeline(tiny_emoji_folder, device="cpu")
+    assert encoded(emoji, -1).shape[0] == 1
+    with pytest.raises(NodeError, match=r"^stop_at_clip_layer -24 does not apply to .*MiniLM.*\(use -1"):
+        encoded(emoji, -24)
+
+
+def test_save_image_never_writes_over_a_file_another_server_took(tmp_path, monkeypatch):
+    """Two servers sharing an outputs folder each hold their own lock: both could list the folder, pick the same
+    counter, and the later save wrote over the earlier image. Each file is now created exclusively and an image
+    whose number was taken since the listing moves to the next one. The listing is made to miss the other
+    server's file here (it was written after the listing), deterministically."""
+    import pathlib
+    import threading
+
+    from sdengine.server.comfy.nodes import Outputs, RunContext, save_image
+
+    folders = Outputs(output=tmp_path / "out", input=tmp_path / "in", temp=tmp_path / "temp")
+    ctx = RunContext(pipeline=lambda ref: None, catalog=None, folders=folders, save_lock=threading.Lock())
+    (tmp_path / "out").mkdir()
+    theirs = tmp_path / "out" / "shot_00001_.png"
+    theirs.write_bytes(b"the other server's image")
+    listed = pathlib.Path.iterdir
+    monkeypatch.setattr(pathlib.Path, "iterdir", lambda self: iter(()) if self == theirs.parent else listed(self))
+    out = save_image(ctx, torch.full((2, 8, 8, 3), 0.5), "shot")
+    assert [im["filename"] for im in out["ui"]["images"]] == ["shot_00002_.png", "shot_00003_.png"]
+    assert theirs.read_bytes() == b"the other server's image"
+    assert Image.open(tmp_path / "out" / "shot_00003_.png").size == (8, 8)
+
+
+def test_view_takes_the_folder_from_subfolder_only_as_comfyui(client, server):
+    """ComfyUI's /view refuses a filename that starts with "/" or holds "..", and serves only its last part
+    (os.path.basename) from the folder `subfolder` names: `filename=sub/x.png` is x.png of the output folder
+    itself. sdengine once served sub/x.png, so a client got another file than ComfyUI would give it."""
+    out = Path(server.services.config.outputs_dir)
+    sub = out / f"viewsub-{uuid.uuid4().hex[:8]}"
+    sub.mkdir(parents=True)
+    name = f"v-{uuid.uuid4().hex[:8]}.png"
+    top, inner = png_bytes(Image.new("RGB", (4, 4), "red")), png_bytes(Image.new("RGB", (4, 4), "blue"))
+    (out / name).write_bytes(top)
+    (sub / name).write_bytes(inner)
+    (sub / "only-in-sub.png").write_bytes(inner)
+    r = client.get("/view", params={"filename": f"{sub.name}/{name}"})
+    assert r.status_code == 200 and r.content == top
+    assert client.get("/view", params={"filename": name, "subfolder": sub.name}).content == inner
+    assert client.get("/view", params={"filename": f"{sub.name}/only-in-sub.png"}).status_code == 404
+    for bad in ("/x.png", "a..b.png", f"{sub.name}/../{name}"):
+        r = client.get("/view", params={"filename": bad})
+        assert r.status_code == 400 and str(out) not in r.text, (bad, r.text)
+
+
+def test_an_off_factor_size_and_a_fractional_int_run_as_comfyui(client):
+    """As ComfyUI: EmptyLatentImage takes width // 8 x height // 8 latent pixels (here the emoji VAE's factor 4),
+    so 65x66 makes the 64x64 image, and an INT input is converted with int(): steps 2.7 runs 2 steps. sdengine
+    once failed 65 at KSampler ("not a multiple of the VAE factor") and refused 2.7 (invalid_input_type)."""
+    g = txt2img_graph()
+    g["3"]["inputs"].update(steps=2, seed=5)
+    want = comfy_image(client, g)
+    g["5"]["inputs"].update(width=65, height=66)
+    g["3"]["inputs"].update(steps=2.7, latent_image=[5, 0])  # a node id sent as a number is taken as its text
+    got = comfy_image(client, g)
+    assert got.shape == want.shape == (64, 64, 3) and np.array_equal(got, want)
+    g["3"]["inputs"].update(steps="2.7")  # int("2.7") fails in ComfyUI too
+    r = client.post("/prompt", json={"prompt": g})
+    assert r.status_code == 400 and r.json()["node_errors"]["3"]["errors"][0]["type"] == "invalid_input_type"
+
+
+def test_conditioning_average_and_concat_as_comfyui(client):
+    """ComfyUI's ConditioningAverage and ConditioningConcat (once missing_node_type): strength 1 is
+    conditioning_to itself, 0 the first entry of conditioning_from (tokens and the pooled vector alike, so the same
+    image as that prompt alone); Concat appends conditioning_from's tokens to conditioning_to's."""
+    from sdengine.latent_sampling import TextCondition
+    from sdengine.server.comfy.nodes import conditioning_average, conditioning_concat
+
+    def with_positive(node: dict | None, positive: list) -> np.ndarray:
+        g = txt2img_graph()
+        if node is not None:
+            g["60"] = node
+        g["3"]["inputs"]["positive"] = positive
+        return comfy_image(client, g)
+
+    def average(strength: float) -> dict:
+        inputs = {"conditioning_to": ["6", 0], "conditioning_from": ["7", 0], "conditioning_to_strength": strength}
+        return {"class_type": "ConditioningAverage", "inputs": inputs}
+
+    prompt_alone, negative_alone = with_positive(None, ["6", 0]), with_positive(None, ["7", 0])
+    assert not np.array_equal(prompt_alone, negative_alone)
+    assert np.array_equal(with_positive(average(1.0), ["60", 0]), prompt_alone)
+    assert np.array_equal(with_positive(average(0.0), ["60", 0]), negative_alone)
+    concat = {
+        "class_type": "ConditioningConcat",
+        "inputs": {"conditioning_to": ["6", 0], "conditioning_from": ["7", 0]},
+    }
+    assert with_positive(concat, ["60", 0]).shape == (64, 64, 3)
+
+    to = [TextCondition({"crossattn": torch.ones(1, 4, 3), "vector": torch.ones(1, 2)})]
+    frm = [TextCondition({"crossattn": torch.full((1, 2, 3), 3.0), "vector": torch.zeros(1, 2)})]
+    ((got,),) = conditioning_concat(None, to, frm)  # type: ignore[arg-type]
+    assert got.cond["crossattn"].shape == (1, 6, 3) and torch.equal(
+        got.cond["crossattn"][:, 4:], frm[0].cond["crossattn"]
+    )
+    assert torch.equal(got.cond["vector"], to[0].cond["vector"])
+    ((avg,),) = conditioning_average(None, to, frm, 0.25)  # type: ignore[arg-type]
+    want = torch.tensor([[[3.0 * 0.75 + 0.25] * 3] * 2 + [[0.25] * 3] * 2])  # from's 2 tokens, then zeros
+    assert torch.allclose(avg.cond["crossattn"], want) and torch.allclose(avg.cond["vector"], torch.full((1, 2), 0.25))
+
+
+def test_latent_from_batch_and_repeat_latent_batch_keep_each_rows_noise(client):
+    """ComfyUI's LatentFromBatch and RepeatLatentBatch (once missing_node_type). A row cut out of a batch records
+    its row (batch_index) and, under ComfyUI's seed rule, gets the noise it has in the whole batch: the same image
+    as that row of the batch, not the batch's first row. Repeating an empty latent is a larger batch."""
+
+    def images(g: dict) -> list[np.ndarray]:
+        r = client.post("/prompt", json={"prompt": g})
+        assert r.status_code == 200, r.text
+        h = wait_history(client, r.json()["prompt_id"])
+        assert h["status"]["status_str"] == "success", h["status"]
+        ims = h["outputs"]["9"]["images"]
+        return [np.asarray(Image.open(io.BytesIO(client.get("/view", params=im).content)).convert("RGB")) for im in ims]
+
+    g = txt2img_graph()
+    g["3"]["inputs"].update(seed=21, steps=2)
+    g["5"]["inputs"].update(width=32, height=32)
+    g["5"]["inputs"]["batch_size"] = 3
+    whole = images(g)
+    g["50"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["5", 0], "batch_index": 1, "length": 5}}
+    g["3"]["inputs"]["latent_image"] = ["50", 0]
+    cut = images(g)  # rows 1 and 2 (the length cut to the batch)
+    assert len(cut) == 2
+    assert np.abs(cut[0].astype(int) - whole[1]).max() <= 2 and np.abs(cut[1].astype(int) - whole[2]).max() <= 2
+    assert np.abs(cut[0].astype(int) - whole[0]).mean() > 5  # not the first row's noise
+    g["51"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["50", 0], "amount": 2}}
+    g["3"]["inputs"]["latent_image"] = ["51", 0]
+    again = images(g)  # rows 1, 2, then 3, 4 (as ComfyUI numbers the copies)
+    assert len(again) == 4 and np.abs(again[1].astype(int) - whole[2]).max() <= 2
+    g = txt2img_graph()
+    g["3"]["inputs"].update(seed=21, steps=2)
+    g["5"]["inputs"].update(width=32, height=32)
+    g["51"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["5", 0], "amount": 3}}
+    g["3"]["inputs"]["latent_image"] = ["51", 0]
+    assert all(np.abs(a.astype(int) - b).max() <= 2 for a, b in zip(images(g), whole, strict=True))
+
+
+def test_image_batch_appends_image2_scaled_to_image1s_size():
+    """ComfyUI's ImageBatch (once missing_node_type): image2's rows after image1's, image2 scaled to image1's size
+    (bilinear, cut to the aspect around its centre) when they differ."""
+    from sdengine.server.comfy.nodes import RunContext, image_batch, image_scale
+
+    ctx = RunContext(pipeline=lambda ref: None, catalog=None, folders=None)  # type: ignore[arg-type]
+    a = torch.rand(2, 8, 12, 3, generator=torch.Generator().manual_seed(0))
+    b = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(1))
+    (out,) = image_batch(ctx, a, b)
+    assert out.shape == (3, 8, 12, 3) and torch.equal(out[:2], a)
+    (want,) = image_scale(ctx, b, "bilinear", 12, 8, "center")
+    assert torch.allclose(out[2:], want, atol=1e-6)
+    (same,) = image_batch(ctx, a, a[:1])
+    assert torch.equal(same, torch.cat([a, a[:1]]))
+    with pytest.raises(Exception, match="batch_size 9 is over the server's limit of 8"):
+        image_batch(ctx, torch.zeros(8, 4, 4, 3), torch.zeros(1, 4, 4, 3))

@@ -883,3 +883,24 @@ def test_an_infinite_or_nan_number_is_a_4xx_on_every_route(tmp_path):
         assert r.status_code in (400, 422), (path, body, r.status_code, r.text)
         message = r.json()["error"]["message"]
         assert message.startswith(f"{field}: ") and "\n" not in message, (path, message)
+
+
+def test_job_json_reads_the_eta_once_while_the_job_finishes():
+    """GET /v1/jobs/{id} read a job's eta twice (is it None? then round it): a job finishing between the two
+    reads made round(None), a 500 (seen as a flaky JSONDecodeError of a test polling its job)."""
+    from types import SimpleNamespace
+
+    from sdengine.server.app import job_json
+    from sdengine.server.jobs import Job
+
+    class Finishing(Job):
+        reads = 0
+
+        @property
+        def eta(self):  # a running job at the first read, finished at the next
+            type(self).reads += 1
+            return 1.234 if type(self).reads == 1 else None
+
+    job = Finishing(generation=SimpleNamespace(model_name="m", kwargs={"steps": 4}, n_iter=1))  # type: ignore[arg-type]
+    services = SimpleNamespace(manager=SimpleNamespace(position=lambda j: None))
+    assert job_json(job, services)["eta"] in (1.23, None)  # type: ignore[arg-type]

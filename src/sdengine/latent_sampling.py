@@ -129,10 +129,25 @@ def _match_length(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a.repeat(1, n // a.shape[1], 1), b.repeat(1, n // b.shape[1], 1)
 
 
-def make_noise(shape: Sequence[int], seed: int, seed_rule: str) -> Tensor:
-    """The initial noise of ``shape`` (B, C, h, w) on the CPU under ``seed_rule`` (see the module docstring)."""
+def make_noise(shape: Sequence[int], seed: int, seed_rule: str, batch_index: Sequence[int] | None = None) -> Tensor:
+    """The initial noise of ``shape`` (B, C, h, w) on the CPU under ``seed_rule`` (see the module docstring).
+
+    ``batch_index`` (ComfyUI's rule only): the row of the original batch each row stands for (what ComfyUI's
+    LatentFromBatch and RepeatLatentBatch record): rows 0 .. max are drawn one after the other from the seed and
+    each row takes its own, so a row cut out of a batch gets the noise it had in the whole batch."""
     if seed_rule == "comfyui":
-        return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(seed))
+        gen = torch.Generator("cpu").manual_seed(seed)
+        if batch_index is None:
+            return torch.randn(tuple(shape), generator=gen)
+        inds = [int(i) for i in batch_index]
+        if len(inds) != shape[0] or min(inds) < 0 or max(inds) >= 1 << 16:
+            raise LatentSamplingError(f"batch_index {inds[:8]} does not fit a batch of {shape[0]}")
+        wanted, drawn = set(inds), {}
+        for i in range(max(inds) + 1):
+            row = torch.randn((1, *shape[1:]), generator=gen)
+            if i in wanted:
+                drawn[i] = row
+        return torch.cat([drawn[i] for i in inds])
     return torch.cat(
         [torch.randn((1, *shape[1:]), generator=torch.Generator("cpu").manual_seed(seed + i)) for i in range(shape[0])]
     )
@@ -160,6 +175,7 @@ def sample_latents(
     end_at_step: int | None = None,
     leftover_noise: bool = False,
     callback: Callable[[StepReport], bool | None] | None = None,
+    batch_index: Sequence[int] | None = None,
 ) -> Tensor:
     """Sample from ``latent`` (B, C, h, w) in the model's scaled latent space; returns the new latent.
 
@@ -172,7 +188,8 @@ def sample_latents(
     pipeline's inpainting. ``loras``: (path, weight)
     applied to the U-Net for this call only. ``start_at_step`` / ``end_at_step`` / ``add_noise`` /
     ``leftover_noise``: KSamplerAdvanced's window of a ``steps``-step schedule. ``callback`` returning
-    False raises :class:`SamplingStopped`.
+    False raises :class:`SamplingStopped`. ``batch_index``: under ComfyUI's rule, the original batch's row of each
+    row (see :func:`make_noise`).
     """
     if seed_rule not in SEED_RULES:
         raise LatentSamplingError(f"unknown seed rule {seed_rule!r}; use one of {', '.join(SEED_RULES)}")
@@ -216,7 +233,7 @@ def sample_latents(
     if seed_rule == "sdengine":
         noise = torch.cat([torch.randn((1, *latent.shape[1:]), generator=g) for g in gens]).to(dev)
     else:
-        noise = make_noise(latent.shape, seed, "comfyui").to(dev)
+        noise = make_noise(latent.shape, seed, "comfyui", batch_index).to(dev)
     if not add_noise:
         noise = torch.zeros_like(noise)
 

@@ -410,6 +410,7 @@ def image_url(name: str) -> str:
 
 
 def job_json(job: Job, services: Services) -> dict[str, Any]:
+    eta = job.eta  # read once: the job may finish between two reads (None then, and round(None) was a 500)
     return {
         "id": job.id,
         "state": job.state,
@@ -417,7 +418,7 @@ def job_json(job: Job, services: Services) -> dict[str, Any]:
         "step": job.step,
         "steps": job.steps,
         "progress": round(job.progress, 4),
-        "eta": None if job.eta is None else round(job.eta, 2),
+        "eta": None if eta is None else round(eta, 2),
         "error": job.error,
         "model": job.generation.model_name,
         "created": job.created,

@@ -115,9 +115,9 @@ def _convert(
     received = value
     try:
         if inp.type == "INT":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            if isinstance(value, bool):
                 raise ValueError
-            value = int(value)
+            value = int(value)  # as ComfyUI's validation (int()): a number such as 2.7 is truncated to 2
         elif inp.type == "FLOAT":
             if isinstance(value, bool):
                 raise ValueError

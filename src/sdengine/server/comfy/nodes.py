@@ -11,8 +11,9 @@ encoding, :func:`sdengine.latent_sampling.sample_latents` (the engine's samplers
 * CONDITIONING: a list of :class:`sdengine.latent_sampling.TextCondition`;
 * LATENT: ``{"samples": (B, C, h, w) | None, "size": (B, H, W), "posterior": (mean, std) | None (with
   ``"posterior_scaled": True`` when it is a tiny VAE's, in the diffusion model's units),
-  "noise_mask": (B, 1, H, W) | None}``; ``samples`` None is an empty latent, made once the model (and so its
-  VAE factor) is known;
+  "noise_mask": (B, 1, H, W) | None}``, and ``"batch_index"``: [int] * B when LatentFromBatch or RepeatLatentBatch
+  set it (each row's row of the original batch, for its noise, as ComfyUI); ``samples`` None is an empty latent,
+  made once the model (and so its VAE factor) is known;
 * IMAGE: float (B, H, W, 3) in [0, 1] on the CPU; MASK: float (B, H, W), 1 = repaint.
 """
 
@@ -150,10 +151,40 @@ class ClipHandle:
         """The pipeline's clip_skip for ComfyUI's layer. SD 1.x: -1 is the last layer (A1111's clip skip 1),
         -2 the penultimate, each with the final LayerNorm. SDXL: ComfyUI reads ``hidden_states[layer]`` of both
         encoders, raw, and its default (no CLIPSetLastLayer) is -2, SDXL's trained penultimate layer, which is
-        sdengine's SDXL clip_skip 1; -1 is the last layer, raw (SDXL clip_skip 0)."""
+        sdengine's SDXL clip_skip 1; -1 is the last layer, raw (SDXL clip_skip 0).
+
+        As ComfyUI (``SDClipModel.set_clip_options``), a layer past the encoder's depth (-24 on SD 1.x's 12-layer
+        CLIP) reads the last layer, with the final LayerNorm: SD 1.x's clip_skip 1. For SDXL that is CLIP-L's
+        last layer normed, which its encoder does not give here: a node error. MiniLM (the emoji model) has no
+        CLIP layers: only -1 applies."""
         if self.layer is None:
             return 1
-        return -self.layer - 1 if getattr(pipe, "text_kind", None) == "sdxl" else -self.layer
+        layer = int(self.layer)
+        cond: Any = getattr(pipe, "conditioner", None)
+        kind = getattr(cond, "kind", None)
+        name = getattr(pipe, "name", "this model")
+        if kind == "minilm":
+            if layer != -1:
+                raise NodeError(
+                    f"stop_at_clip_layer {layer} does not apply to {name}: its text encoder is MiniLM, not CLIP "
+                    "(use -1, or no CLIPSetLastLayer)"
+                )
+            return 1
+        if kind == "sdxl":
+            for label, enc in (("CLIP-L", cond.text_encoder), ("OpenCLIP bigG", cond.text_encoder_2)):
+                n = int(enc.config.num_hidden_layers) if enc is not None else None
+                if n is not None and -layer > n:
+                    raise NodeError(
+                        f"stop_at_clip_layer {layer} is past {name}'s {label} depth of {n} layers: ComfyUI then "
+                        f"reads its last layer with the final LayerNorm, which sdengine's SDXL encoder does not "
+                        f"give (use -1 .. -{n})"
+                    )
+            return -layer - 1
+        encoder = getattr(cond, "text_encoder", None)
+        n_layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
+        if n_layers is not None and -layer > int(n_layers):
+            return 1  # ComfyUI: past the depth is the last layer (with the final LayerNorm)
+        return -layer
 
 
 @dataclass(frozen=True)
@@ -399,13 +430,14 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def latent_samples(latent: dict[str, Any], pipe: Any) -> torch.Tensor:
-    """The latent tensor; an empty latent is made now, in the model's channels and VAE factor."""
+    """The latent tensor; an empty latent is made now, in the model's channels and VAE factor (a size off the
+    factor rounded down, as ComfyUI's EmptyLatentImage takes width // 8 x height // 8)."""
     if latent.get("samples") is not None:
         return latent["samples"]
     b, h, w = latent["size"]
     f = pipe.vae_scale_factor
-    if h % f or w % f:
-        raise NodeError(f"an empty latent of {w}x{h} is not a multiple of {pipe.name}'s VAE factor {f}")
+    if h < f or w < f:
+        raise NodeError(f"an empty latent of {w}x{h} is smaller than {pipe.name}'s VAE factor {f}")
     return torch.zeros(b, pipe.latent_channels, h // f, w // f)
 
 
@@ -671,6 +703,66 @@ def conditioning_combine(ctx: RunContext, conditioning_1: list[Any], conditionin
     return (combined,)
 
 
+def _first_of(conditioning: list[Any], node: str) -> Any:
+    if not conditioning:
+        raise NodeError(f"{node}: conditioning_from has no entry")
+    return conditioning[0]  # as ComfyUI: only the first entry of conditioning_from is used
+
+
+def _same_width(a: torch.Tensor, b: torch.Tensor, node: str) -> None:
+    if a.shape[-1] != b.shape[-1]:
+        raise NodeError(
+            f"{node}: the conditionings come from different text encoders (widths {a.shape[-1]} and {b.shape[-1]})"
+        )
+
+
+def conditioning_concat(ctx: RunContext, conditioning_to: list[Any], conditioning_from: list[Any]) -> tuple[Any]:
+    """ComfyUI's ConditioningConcat: the first entry of ``conditioning_from``'s token states appended (along the
+    tokens) to each entry of ``conditioning_to``, whose other tensors (pooled vectors) and ControlNets are kept."""
+    src = _first_of(conditioning_from, "ConditioningConcat").cond["crossattn"]
+    out = []
+    for entry in conditioning_to:
+        states = entry.cond["crossattn"]
+        _same_width(states, src, "ConditioningConcat")
+        joined = torch.cat([states, src.to(states.device, states.dtype)], dim=1)
+        out.append(replace(entry, cond={**entry.cond, "crossattn": joined}))
+    return (out,)
+
+
+def conditioning_average(
+    ctx: RunContext, conditioning_to: list[Any], conditioning_from: list[Any], conditioning_to_strength: float
+) -> tuple[Any]:
+    """ComfyUI's ConditioningAverage: each entry of ``conditioning_to`` becomes ``to * s + from * (1 - s)`` with the
+    first entry of ``conditioning_from`` (its token states cut to, or padded with zeros to, ``to``'s length); the
+    pooled vectors are averaged alike when both have them, ``from``'s taken when only it has one. ``to``'s
+    ControlNets are kept."""
+    s = float(conditioning_to_strength)
+    src = _first_of(conditioning_from, "ConditioningAverage").cond
+    out = []
+    for entry in conditioning_to:
+        cond = dict(entry.cond)
+        t1 = cond["crossattn"]
+        t0 = src["crossattn"].to(t1.device, t1.dtype)
+        _same_width(t1, t0, "ConditioningAverage")
+        t0 = t0[:, : t1.shape[1]]
+        if t0.shape[1] < t1.shape[1]:
+            pad = t1.new_zeros(t0.shape[0], t1.shape[1] - t0.shape[1], t1.shape[2])
+            t0 = torch.cat([t0, pad], dim=1)
+        cond["crossattn"] = t1 * s + t0 * (1.0 - s)
+        for key, other in src.items():
+            if key == "crossattn":
+                continue
+            if key not in cond:
+                cond[key] = other
+                continue
+            mine = cond[key]
+            if tuple(mine.shape) != tuple(other.shape):
+                raise NodeError(f"ConditioningAverage: the conditionings' {key} differ in shape")
+            cond[key] = mine * s + other.to(mine.device, mine.dtype) * (1.0 - s)
+        out.append(replace(entry, cond=cond))
+    return (out,)
+
+
 def _hint_image(image: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) -> (B, 3, H, W): a batch of hints is one per latent row (the first alone was once kept)."""
     return image.permute(0, 3, 1, 2).contiguous().float()
@@ -756,6 +848,7 @@ def _sample(
         noise_mask=latent_image.get("noise_mask"),
         loras=model.loras,
         callback=report,
+        batch_index=latent_image.get("batch_index"),
         **window,
     )
     from sdengine.pipeline.finite import require_finite
@@ -769,6 +862,7 @@ def _sample(
             "size": (out.shape[0], out.shape[2] * pipe.vae_scale_factor, out.shape[3] * pipe.vae_scale_factor),
             "posterior": None,
             "noise_mask": latent_image.get("noise_mask"),
+            **({"batch_index": latent_image["batch_index"]} if "batch_index" in latent_image else {}),
         },
     )
 
@@ -1078,7 +1172,60 @@ def _upscale_latent(samples: dict[str, Any], method: str, w: int, h: int, crop: 
     # ComfyUI's LatentUpscale takes width // 8 x height // 8 latent pixels: a size off the factor rounds down
     lw, lh = max(1, w // f), max(1, h // f)
     z = _resize_nchw(z.float(), lw, lh, method, crop)
-    return {"samples": z, "size": (b, lh * f, lw * f), "posterior": None, "noise_mask": samples.get("noise_mask")}
+    out = {"samples": z, "size": (b, lh * f, lw * f), "posterior": None, "noise_mask": samples.get("noise_mask")}
+    if "batch_index" in samples:
+        out["batch_index"] = samples["batch_index"]
+    return out
+
+
+def _rows_of(t: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
+    """Rows ``rows`` of a per-row tensor (one row given stands for every row, as ComfyUI's masks)."""
+    if t is None or t.shape[0] == 1:
+        return t
+    return t[[r % t.shape[0] for r in rows]]
+
+
+def _latent_rows(samples: dict[str, Any], rows: list[int], batch_index: list[int]) -> dict[str, Any]:
+    """The latent made of rows ``rows`` of ``samples`` (its samples, posterior and noise mask alike)."""
+    _, h, w = samples["size"]
+    z = samples.get("samples")
+    post = samples.get("posterior")
+    out = {
+        **samples,
+        "samples": None if z is None else z[rows],
+        "size": (len(rows), h, w),
+        "posterior": None if post is None else tuple(_rows_of(t, rows) for t in post),
+        "noise_mask": _rows_of(samples.get("noise_mask"), rows),
+        "batch_index": batch_index,
+    }
+    return out
+
+
+def latent_from_batch(ctx: RunContext, samples: dict[str, Any], batch_index: int, length: int) -> tuple[Any]:
+    """ComfyUI's LatentFromBatch: ``length`` rows from ``batch_index`` on (both cut to the batch), each keeping
+    its row of the original batch, so that it gets the noise it had there."""
+    b = samples["size"][0]
+    start = min(b - 1, int(batch_index))
+    n = min(b - start, int(length))
+    rows = list(range(start, start + n))
+    known = samples.get("batch_index")
+    return (_latent_rows(samples, rows, [known[r] for r in rows] if known else rows),)
+
+
+def repeat_latent_batch(ctx: RunContext, samples: dict[str, Any], amount: int) -> tuple[Any]:
+    """ComfyUI's RepeatLatentBatch: the batch ``amount`` times over; a batch that records its rows (LatentFromBatch)
+    numbers each copy past the previous one's rows, as ComfyUI."""
+    b, h, w = samples["size"]
+    ctx.check_size(w, h, b * int(amount))
+    rows = [r for _ in range(int(amount)) for r in range(b)]
+    known = samples.get("batch_index")
+    out = _latent_rows(samples, rows, [])
+    if known:
+        span = max(known) - min(known) + 1
+        out["batch_index"] = [x + i * span for i in range(int(amount)) for x in known]
+    else:
+        del out["batch_index"]
+    return (out,)
 
 
 def latent_upscale(
@@ -1124,6 +1271,17 @@ def image_scale_by(ctx: RunContext, image: torch.Tensor, upscale_method: str, sc
     return image_scale(ctx, image, upscale_method, w, h, "disabled")
 
 
+def image_batch(ctx: RunContext, image1: torch.Tensor, image2: torch.Tensor) -> tuple[Any]:
+    """ComfyUI's ImageBatch: image2's rows after image1's, image2 first scaled (bilinear, cut to the aspect around
+    its centre) to image1's size when the sizes differ."""
+    _, h, w, _ = image1.shape
+    ctx.check_size(w, h, image1.shape[0] + image2.shape[0])
+    if tuple(image2.shape[1:3]) != (h, w):
+        scaled = _resize_nchw(image2.permute(0, 3, 1, 2).float(), w, h, "bilinear", "center")
+        image2 = scaled.clamp(0, 1).permute(0, 2, 3, 1)
+    return (torch.cat([image1.float(), image2[..., : image1.shape[3]].float()]),)
+
+
 def canny_node(ctx: RunContext, image: torch.Tensor, low_threshold: float, high_threshold: float) -> tuple[Any]:
     """ComfyUI's Canny: ``kornia.filters.canny`` on the float image (a 5x5 Gaussian blur of sigma 1 first; the
     thresholds on the L2 Sobel magnitude), white edges on black (see sdengine.control.canny_fractions)."""
@@ -1164,6 +1322,9 @@ def load_image_mask(ctx: RunContext, image: str, channel: str) -> tuple[Any]:
     return (m[None],)
 
 
+_MAX_SAVE_TRIES = 10000  # numbers tried past the listed highest before a save gives up
+
+
 def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict[str, Any]:
     from sdengine.io.paths import check_name, is_inside
 
@@ -1194,10 +1355,26 @@ def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict
         used = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.fullmatch(p.name))]
         counter = max(used, default=0) + 1
         for i, img in enumerate(tensor_to_pil(images)):
-            name = f"{stem.replace('%batch_num%', str(i))}_{counter:05d}_.png"
-            img.save(folder / name, pnginfo=info, compress_level=4)
+            base = stem.replace("%batch_num%", str(i))
+            # each file is created exclusively: another server sharing the folder (its own lock) may have taken
+            # this number since the listing; the image then takes the next free one instead of writing over it
+            for _ in range(_MAX_SAVE_TRIES):
+                name = f"{base}_{counter:05d}_.png"
+                counter += 1
+                try:
+                    f = open(folder / name, "xb")  # noqa: SIM115 (closed below, removed when the write fails)
+                except FileExistsError:
+                    continue
+                try:
+                    with f:
+                        img.save(f, format="PNG", pnginfo=info, compress_level=4)
+                except BaseException:
+                    (folder / name).unlink(missing_ok=True)
+                    raise
+                break
+            else:
+                raise NodeError(f"no free file name for {base!r} in {_MAX_SAVE_TRIES} numbers after the highest")
             results.append({"filename": name, "subfolder": sub, "type": kind})
-            counter += 1
     return {"ui": {"images": results}, "result": ()}
 
 
@@ -1328,7 +1505,9 @@ NODES: dict[str, NodeDef] = {
             ("CLIP",),
             clip_set_last_layer,
             description="As ComfyUI: -1 is SD 1.x's last layer (A1111's clip skip 1); SDXL reads hidden state "
-            "`stop_at_clip_layer` of both encoders, raw, and without this node -2 (its trained penultimate layer).",
+            "`stop_at_clip_layer` of both encoders, raw, and without this node -2 (its trained penultimate layer). "
+            "A layer past the encoder's depth is its last layer (-24 on SD 1.x's 12-layer CLIP is -1); on SDXL past "
+            "CLIP-L's depth, and on a model whose text encoder is no CLIP (MiniLM) any layer but -1, a node error.",
         ),
         NodeDef(
             "CLIPTextEncodeSDXL",
@@ -1372,6 +1551,49 @@ NODES: dict[str, NodeDef] = {
             (Input("conditioning_1", "CONDITIONING"), Input("conditioning_2", "CONDITIONING")),
             ("CONDITIONING",),
             conditioning_combine,
+        ),
+        NodeDef(
+            "ConditioningAverage",
+            "Conditioning (Average)",
+            "conditioning",
+            (
+                Input("conditioning_to", "CONDITIONING"),
+                Input("conditioning_from", "CONDITIONING"),
+                _float("conditioning_to_strength", 1.0, 0.0, 1.0),
+            ),
+            ("CONDITIONING",),
+            conditioning_average,
+            description="Each entry of conditioning_to weighted by the strength plus the first entry of "
+            "conditioning_from by 1 - strength (its tokens cut or zero-padded to conditioning_to's length; pooled "
+            "vectors alike), as ComfyUI.",
+        ),
+        NodeDef(
+            "LatentFromBatch",
+            "Latent From Batch",
+            "latent/batch",
+            (Input("samples", "LATENT"), _int("batch_index", 0, 0, 63), _int("length", 1, 1, 64)),
+            ("LATENT",),
+            latent_from_batch,
+            description="`length` rows from `batch_index` on (cut to the batch); each row keeps the noise it has in "
+            "the whole batch under ComfyUI's seed rule.",
+        ),
+        NodeDef(
+            "RepeatLatentBatch",
+            "Repeat Latent Batch",
+            "latent/batch",
+            (Input("samples", "LATENT"), _int("amount", 1, 1, 64)),
+            ("LATENT",),
+            repeat_latent_batch,
+        ),
+        NodeDef(
+            "ConditioningConcat",
+            "Conditioning (Concat)",
+            "conditioning",
+            (Input("conditioning_to", "CONDITIONING"), Input("conditioning_from", "CONDITIONING")),
+            ("CONDITIONING",),
+            conditioning_concat,
+            description="The first entry of conditioning_from's tokens appended to each entry of conditioning_to "
+            "(its pooled vector and ControlNets kept), as ComfyUI.",
         ),
         NodeDef(
             "EmptyLatentImage",
@@ -1518,6 +1740,16 @@ NODES: dict[str, NodeDef] = {
             ),
             ("IMAGE",),
             image_scale,
+        ),
+        NodeDef(
+            "ImageBatch",
+            "Batch Images",
+            "image",
+            (Input("image1", "IMAGE"), Input("image2", "IMAGE")),
+            ("IMAGE",),
+            image_batch,
+            description="image2's images after image1's; image2 scaled (bilinear, centre cut) to image1's size "
+            "first when they differ, as ComfyUI.",
         ),
         NodeDef(
             "ImageScaleBy",

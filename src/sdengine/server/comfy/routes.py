@@ -562,6 +562,11 @@ def view(
         filename, type = plain, kind
     if type not in ("output", "input", "temp"):
         raise BadRequest("type must be output, input or temp")
+    # as ComfyUI: a name starting with "/" or holding ".." is refused; then only its last part is the file's name
+    # (the folder is `subfolder`'s: "sub/x.png" is x.png of the folder itself, as ComfyUI's os.path.basename)
+    if not filename or filename.startswith("/") or ".." in filename:
+        raise BadRequest(f"{filename!r}: not a file name of the {type} folder")
+    filename = filename.rpartition("/")[2]
     suffix = Path(filename).suffix.lower()
     if not filename or filename.startswith("."):
         raise BadRequest(f"{filename!r}: not a file name of the {type} folder")
