@@ -26,8 +26,14 @@ SEED = 3
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    folder = make_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+def models_dir(tmp_path_factory):
+    """One folder for the base and the refiner: a server's models folder (the A1111 refiner tests)."""
+    return tmp_path_factory.mktemp("sdxl")
+
+
+@pytest.fixture(scope="module")
+def base(models_dir):
+    folder = make_sdxl_folder(models_dir / "tiny-sdxl")
     return folder, sdengine.load_pipeline(folder, device="cpu"), diffusers_sdxl(folder)
 
 
@@ -145,8 +151,8 @@ def test_bad_sdxl_settings_are_one_clear_error(base, tiny_sd1_folder):
 
 
 @pytest.fixture(scope="module")
-def refiner(tmp_path_factory):
-    folder = make_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl-refiner", refiner=True, seed=5)
+def refiner(models_dir):
+    folder = make_sdxl_folder(models_dir / "tiny-sdxl-refiner", refiner=True, seed=5)
     return folder, sdengine.load_pipeline(folder, device="cpu"), diffusers_sdxl(folder, img2img=True)
 
 
@@ -260,6 +266,77 @@ def test_hand_off_reports_every_step_and_can_be_cancelled(base, refiner):
     for stop in (2, 4):  # in the base's steps and in the refiner's
         with pytest.raises(Cancelled, match=f"after step {stop} of 5"):
             b_pipe.generate_with_refiner(r_pipe, PROMPT, callback=lambda i, stop=stop: i.step < stop, **kw)
+
+
+def test_a1111_switch_rule_takes_the_nearest_training_timestep(base):
+    """A1111's refiner_switch_at: the refiner runs from the first step whose sigma's nearest training timestep t
+    has (999 - t) / 1000 >= switch_at (apply_refiner); diffusers' denoising_end compares the (here fractional)
+    timestep with (1 - switch_at) * 1000, so a step at t 299.9 is the refiner's there and the base's in A1111."""
+    from sdengine.diffusion.schedules import SamplingGrid
+    from sdengine.pipeline.sdxl import switch_step
+
+    _, pipe, _ = base
+    table = pipe.noise_schedule.sigmas
+    ts = [999.0, 700.0, 299.9, 150.0]
+    sig = [float(table[999]), float(table[700]), float(0.9 * table[300] + 0.1 * table[299]), float(table[150])]
+    grid = SamplingGrid(sigmas=torch.tensor([*sig, 0.0]), timesteps=torch.tensor(ts))
+    assert switch_step(grid, pipe.noise_schedule, 0.7, "diffusers") == 2
+    assert switch_step(grid, pipe.noise_schedule, 0.7, "a1111") == 3
+    assert switch_step(grid, pipe.noise_schedule, 0.84, "a1111") == 3  # t 150: (999 - 150) / 1000 = 0.849
+    with pytest.raises(GenerationError, match="leaves no steps for the refiner"):
+        switch_step(grid, pipe.noise_schedule, 0.85, "a1111")
+    with pytest.raises(GenerationError, match="switch_rule must be one of"):
+        pipe.generate_with_refiner(pipe, PROMPT, switch_rule="comfy")
+
+
+def test_a1111_txt2img_runs_the_sdxl_refiner_at_refiner_switch_at(base, refiner, models_dir):
+    """A1111's refiner_checkpoint / refiner_switch_at on /sdapi/v1/txt2img: the job loads the refiner and hands
+    off at A1111's step; the image is generate_with_refiner's with switch_rule "a1111" (it was listed as ignored
+    and the base model ran every step). Settings the hand-off cannot run are a 400, not a failed job."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from _live_server import live_server, server_config
+
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    body = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=5, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
+    body.update(sampler_name="Euler", scheduler="Normal", override_settings={"sd_model_checkpoint": "tiny-sdxl"})
+    kw = dict(steps=5, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    kw["progress"] = False
+    want = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.7, switch_rule="a1111", **kw)
+    alone = b_pipe(PROMPT, NEGATIVE, **kw)
+    tmp = models_dir.parent / "a1111_refiner"
+    with live_server(server_config(tmp, models_dir=models_dir)) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+
+        def txt2img(**extra):
+            r = c.post("/sdapi/v1/txt2img", json={**body, **extra})
+            return r, (r.json() if r.status_code == 200 else None)
+
+        r, got = txt2img(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7)
+        assert r.status_code == 200, r.text
+        info = json.loads(got["info"])
+        assert "refiner_checkpoint" not in info["ignored"]
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(got["images"][0]))).convert("RGB"), np.float64)
+        assert np.abs(image - np.asarray(want.images[0], np.float64)).max() == 0.0
+        assert np.abs(image - np.asarray(alone.images[0], np.float64)).mean() > 1.0
+        assert "Refiner: tiny-sdxl-refiner" in info["infotexts"][0] and "Refiner switch at: 0.7" in info["infotexts"][0]
+        # A1111 runs no refiner at a switch of 1 (no step reaches it), nor the loaded model as its own refiner
+        for extra in (dict(refiner_switch_at=1.0), dict(refiner_checkpoint="tiny-sdxl", refiner_switch_at=0.7)):
+            r, got = txt2img(**{"refiner_checkpoint": "tiny-sdxl-refiner", **extra})
+            assert r.status_code == 200, r.text
+            assert "Refiner" not in json.loads(got["info"])["infotexts"][0]
+        for extra, says in (
+            (dict(refiner_checkpoint="nope", refiner_switch_at=0.7), "unknown model 'nope'"),
+            (dict(refiner_checkpoint="tiny-sdxl-refiner"), "refiner_switch_at must be a number in (0, 1]"),
+            (dict(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7, sampler_name="DDIM"), "DDIM"),
+            (dict(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7, enable_hr=True), "hires fix"),
+        ):
+            r, _ = txt2img(**extra)
+            assert r.status_code == 400 and says.lower() in r.text.lower(), (extra, r.text)
 
 
 def test_hand_off_bad_settings(base, refiner):

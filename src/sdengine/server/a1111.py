@@ -32,12 +32,15 @@ from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sdengine.diffusion import sampling
+from sdengine.errors import SdengineError
 from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.server.errors import BadRequest, NotFound, ServerFault, Unprocessable
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job
 from sdengine.server.requests import ControlRequest
 
 A1111_VERSION = "v1.10.1"  # the A1111 API whose shapes this follows
+
+NO_REFINER = (None, "", "None", "none")  # A1111's "no refiner" values of refiner_checkpoint
 
 # Fields that do nothing at these values (A1111's own defaults or neutral settings): not reported.
 NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
@@ -55,8 +58,8 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "initial_noise_multiplier": (1, 1.0, None),  # img2img's (IMG2IMG_USED); txt2img has none (in A1111 too)
     "inpaint_full_res_padding": None,
     "inpaint_full_res": None,  # "only masked" (true) or "whole picture": both done
-    "refiner_checkpoint": (None, ""),
-    "refiner_switch_at": (None, 0),
+    "refiner_checkpoint": NO_REFINER,  # txt2img runs the others (hand_off); img2img lists them
+    "refiner_switch_at": None,  # read with a refiner_checkpoint only
     "comments": (None, {}),
     "sampler_index": None,
     "include_init_images": None,
@@ -921,6 +924,7 @@ def install(app: FastAPI, services: Any) -> None:
         finish: Callable[[Image.Image], Image.Image] | None = None,
         notes: list[str] | None = None,
         styled: Txt2ImgRequest | None = None,
+        refiner: tuple[str, str, float] | None = None,
     ) -> JSONResponse:
         processor_res = fields.pop("processor_res", {})
         detect_maps = fields.pop("detect_maps", [])
@@ -930,6 +934,15 @@ def install(app: FastAPI, services: Any) -> None:
             generation = await run_in_threadpool(build_scaled, fields, processor_res)
         if finish is not None:
             generation.finish = finish
+        if refiner is not None:
+            from sdengine.pipeline import GenerationRequest
+            from sdengine.pipeline.sdxl import check_hand_off
+
+            try:  # what the hand-off cannot run (a LoRA, the hires fix, DDIM, ...): said now, not by a failed job
+                check_hand_off(GenerationRequest(**generation.kwargs), refiner[2], "a1111")
+            except SdengineError as e:
+                raise BadRequest(f"refiner_checkpoint: {e}") from None
+            generation.refiner, generation.refiner_name, generation.refiner_switch_at = refiner
         if (req.model_extra or {}).get("override_settings_restore_afterwards") is False and req.override_settings:
             # A1111 leaves the overrides set after such a call: they become the options of later jobs
             options.update(checked_options(req.override_settings)[0])
@@ -1060,6 +1073,7 @@ def install(app: FastAPI, services: Any) -> None:
         notes: list[str] = []
         styled = with_styles(req)
         fields = generation_fields(styled, body, ignored, None, notes=notes)
+        refiner = hand_off(body, fields, ignored)
         if req.enable_hr:
             hires = {
                 "hr_scale": req.hr_scale,
@@ -1074,7 +1088,33 @@ def install(app: FastAPI, services: Any) -> None:
             }
             strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
             fields.update(hires=hires, strength=strength, strength_rule="a1111")  # A1111's step count
-        return await run(req, fields, ignored, notes=notes, styled=styled)
+        return await run(req, fields, ignored, notes=notes, styled=styled, refiner=refiner)
+
+    def hand_off(body: dict[str, Any], fields: dict[str, Any], ignored: list[str]) -> tuple[str, str, float] | None:
+        """txt2img's SDXL refiner (A1111's ``refiner_checkpoint`` / ``refiner_switch_at``): (loader reference,
+        listed name, switch), or None where A1111 runs no refiner: none named, the job's own model (its
+        ``apply_refiner`` skips the switch to the loaded checkpoint), or a switch at 1 (no step reaches it)."""
+        name = body.get("refiner_checkpoint")
+        if name in NO_REFINER:
+            return None
+        if "refiner_checkpoint" in ignored:
+            ignored.remove("refiner_checkpoint")
+        if not isinstance(name, str):
+            raise BadRequest(f"refiner_checkpoint must be a model name, got {name!r}")
+        ref = services.catalog.resolve_model(name)  # a BadRequest naming the models for an unknown one
+        switch = body.get("refiner_switch_at")
+        if isinstance(switch, bool) or not isinstance(switch, int | float) or not 0 < switch <= 1:
+            # A1111 without a switch (or at 0) runs the refiner from the first step: its refiner alone
+            raise BadRequest(
+                f"refiner_switch_at must be a number in (0, 1] with a refiner_checkpoint, got {switch!r} "
+                "(the fraction of the steps the base model runs, A1111's default 0.8)"
+            )
+        base = services.catalog.resolve_model(
+            fields.get("model") or str(options.get("sd_model_checkpoint") or services.config.model)
+        )
+        if ref == base or switch == 1:
+            return None
+        return ref, services.catalog.model_name_of(ref), float(switch)
 
     @app.post("/sdapi/v1/img2img", tags=["a1111"])
     async def img2img(req: Img2ImgRequest) -> JSONResponse:

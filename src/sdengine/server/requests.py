@@ -66,6 +66,11 @@ class Generation:
     notes: list[str] = field(default_factory=list)
     # applied to every image before it is saved or answered (A1111's inpainting overlay), None: as generated
     finish: Callable[[Image.Image], Image.Image] | None = None
+    # an SDXL refiner hand-off (A1111's refiner_checkpoint / refiner_switch_at): the refiner's loader reference,
+    # its listed name and the switch; the worker loads the refiner for the job (SDXLPipeline.generate_with_refiner)
+    refiner: str | None = None
+    refiner_name: str | None = None
+    refiner_switch_at: float | None = None
 
     @property
     def images(self) -> int:
