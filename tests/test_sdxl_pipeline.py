@@ -289,10 +289,9 @@ def test_a1111_switch_rule_takes_the_nearest_training_timestep(base):
         pipe.generate_with_refiner(pipe, PROMPT, switch_rule="comfy")
 
 
-def test_a1111_txt2img_runs_the_sdxl_refiner_at_refiner_switch_at(base, refiner, models_dir):
-    """A1111's refiner_checkpoint / refiner_switch_at on /sdapi/v1/txt2img: the job loads the refiner and hands
-    off at A1111's step; the image is generate_with_refiner's with switch_rule "a1111" (it was listed as ignored
-    and the base model ran every step). Settings the hand-off cannot run are a 400, not a failed job."""
+@pytest.fixture(scope="module")
+def a1111_sdxl(models_dir):
+    """A live server on the base and refiner folders, and a txt2img call on tiny-sdxl (5 Euler steps)."""
     import base64
     import io
 
@@ -301,42 +300,70 @@ def test_a1111_txt2img_runs_the_sdxl_refiner_at_refiner_switch_at(base, refiner,
 
     from _live_server import live_server, server_config
 
-    _, b_pipe, _ = base
-    _, r_pipe, _ = refiner
     body = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=5, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
     body.update(sampler_name="Euler", scheduler="Normal", override_settings={"sd_model_checkpoint": "tiny-sdxl"})
-    kw = dict(steps=5, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
-    kw["progress"] = False
-    want = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.7, switch_rule="a1111", **kw)
-    alone = b_pipe(PROMPT, NEGATIVE, **kw)
     tmp = models_dir.parent / "a1111_refiner"
     with live_server(server_config(tmp, models_dir=models_dir)) as s, httpx.Client(base_url=s.url, timeout=120) as c:
 
         def txt2img(**extra):
+            """(response, first image as float64 RGB, info) of a txt2img call with ``body`` and ``extra``."""
             r = c.post("/sdapi/v1/txt2img", json={**body, **extra})
-            return r, (r.json() if r.status_code == 200 else None)
+            if r.status_code != 200:
+                return r, None, None
+            got = r.json()
+            image = Image.open(io.BytesIO(base64.b64decode(got["images"][0]))).convert("RGB")
+            return r, np.asarray(image, np.float64), json.loads(got["info"])
 
-        r, got = txt2img(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7)
+        yield txt2img
+
+
+def _hand_off_want(base, refiner):
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw = dict(steps=5, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    kw["progress"] = False
+    want = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.7, switch_rule="a1111", **kw)
+    return np.asarray(want.images[0], np.float64), np.asarray(b_pipe(PROMPT, NEGATIVE, **kw).images[0], np.float64)
+
+
+def test_a1111_txt2img_runs_the_sdxl_refiner_at_refiner_switch_at(base, refiner, a1111_sdxl):
+    """A1111's refiner_checkpoint / refiner_switch_at on /sdapi/v1/txt2img: the job loads the refiner and hands
+    off at A1111's step; the image is generate_with_refiner's with switch_rule "a1111" (it was listed as ignored
+    and the base model ran every step). Settings the hand-off cannot run are a 400, not a failed job."""
+    want, alone = _hand_off_want(base, refiner)
+    r, image, info = a1111_sdxl(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7)
+    assert r.status_code == 200, r.text
+    assert "refiner_checkpoint" not in info["ignored"]
+    assert np.abs(image - want).max() == 0.0
+    assert np.abs(image - alone).mean() > 1.0
+    assert "Refiner: tiny-sdxl-refiner" in info["infotexts"][0] and "Refiner switch at: 0.7" in info["infotexts"][0]
+    for extra, says in (
+        (dict(refiner_checkpoint="nope", refiner_switch_at=0.7), "unknown model 'nope'"),
+        (dict(refiner_checkpoint="tiny-sdxl-refiner"), "refiner_switch_at must be a number in (0, 1]"),
+        (dict(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7, sampler_name="DDIM"), "DDIM"),
+        (dict(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7, enable_hr=True), "hires fix"),
+    ):
+        r, _, _ = a1111_sdxl(**extra)
+        assert r.status_code == 400 and says.lower() in r.text.lower(), (extra, r.text)
+
+
+@pytest.mark.slow
+def test_a1111_refiner_infotext_round_trip_and_no_refiner_cases(base, refiner, a1111_sdxl):
+    """An A1111 infotext's "Refiner" and "Refiner switch at" (its refiner script's paste fields) run the hand-off
+    again; an unknown refiner there is a 400. A1111 runs no refiner at a switch of 1 (no step reaches it) nor the
+    loaded model as its own refiner."""
+    want, alone = _hand_off_want(base, refiner)
+    _, image, info = a1111_sdxl(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7)
+    text = info["infotexts"][0]
+    r, again, _ = a1111_sdxl(infotext=text, prompt=None, negative_prompt=None, seed=None, steps=None)
+    assert r.status_code == 200, r.text
+    assert np.abs(again - want).max() == 0.0
+    r, _, _ = a1111_sdxl(infotext=text.replace("Refiner: tiny-sdxl-refiner", "Refiner: elsewhere"))
+    assert r.status_code == 400 and "Refiner: unknown model 'elsewhere'" in r.text, r.text
+    for extra in (dict(refiner_switch_at=1.0), dict(refiner_checkpoint="tiny-sdxl", refiner_switch_at=0.7)):
+        r, image, info = a1111_sdxl(**{"refiner_checkpoint": "tiny-sdxl-refiner", **extra})
         assert r.status_code == 200, r.text
-        info = json.loads(got["info"])
-        assert "refiner_checkpoint" not in info["ignored"]
-        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(got["images"][0]))).convert("RGB"), np.float64)
-        assert np.abs(image - np.asarray(want.images[0], np.float64)).max() == 0.0
-        assert np.abs(image - np.asarray(alone.images[0], np.float64)).mean() > 1.0
-        assert "Refiner: tiny-sdxl-refiner" in info["infotexts"][0] and "Refiner switch at: 0.7" in info["infotexts"][0]
-        # A1111 runs no refiner at a switch of 1 (no step reaches it), nor the loaded model as its own refiner
-        for extra in (dict(refiner_switch_at=1.0), dict(refiner_checkpoint="tiny-sdxl", refiner_switch_at=0.7)):
-            r, got = txt2img(**{"refiner_checkpoint": "tiny-sdxl-refiner", **extra})
-            assert r.status_code == 200, r.text
-            assert "Refiner" not in json.loads(got["info"])["infotexts"][0]
-        for extra, says in (
-            (dict(refiner_checkpoint="nope", refiner_switch_at=0.7), "unknown model 'nope'"),
-            (dict(refiner_checkpoint="tiny-sdxl-refiner"), "refiner_switch_at must be a number in (0, 1]"),
-            (dict(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7, sampler_name="DDIM"), "DDIM"),
-            (dict(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7, enable_hr=True), "hires fix"),
-        ):
-            r, _ = txt2img(**extra)
-            assert r.status_code == 400 and says.lower() in r.text.lower(), (extra, r.text)
+        assert "Refiner" not in info["infotexts"][0] and np.abs(image - alone).max() == 0.0
 
 
 def test_hand_off_bad_settings(base, refiner):

@@ -749,12 +749,24 @@ def install(app: FastAPI, services: Any) -> None:
             raise BadRequest("infotext must be a string")
         from sdengine.metadata import parse_parameters, to_generate_kwargs
 
-        try:
-            found = to_generate_kwargs(parse_parameters(text), hires=hires)
+        parsed = parse_parameters(text)
+        try:  # txt2img runs A1111's refiner fields (hand_off): its "Refiner" and "Refiner switch at" are read
+            found = to_generate_kwargs(parsed, hires=hires, refiner=hires)
         except ValueError as e:
             raise BadRequest(f"infotext: {e}") from None
         sent = req.model_dump(exclude_unset=True)
         filled = {INFOTEXT_FIELDS[k]: v for k, v in found.items() if k in INFOTEXT_FIELDS}
+        if hires and "Refiner" in parsed:  # A1111's refiner script's paste fields
+            try:  # A1111 runs no refiner for a name it lacks: another image, so said here instead
+                filled["refiner_checkpoint"] = catalog.model_name_of(catalog.resolve_model(parsed["Refiner"]))
+            except BadRequest as e:
+                raise BadRequest(f"infotext: Refiner: {e}") from None
+            try:
+                filled["refiner_switch_at"] = float(parsed.get("Refiner switch at", ""))
+            except ValueError:
+                raise BadRequest(
+                    f"infotext: Refiner switch at must be a number, got {parsed.get('Refiner switch at')!r}"
+                ) from None
         if not hires and "noise_multiplier" in found:  # img2img's (txt2img has no such field)
             filled["initial_noise_multiplier"] = found["noise_multiplier"]
         for key, value in (found.get("sampler_options") or {}).items():  # "Eta", "Sigma churn", ...
