@@ -366,6 +366,59 @@ def test_a1111_refiner_infotext_round_trip_and_no_refiner_cases(base, refiner, a
         assert "Refiner" not in info["infotexts"][0] and np.abs(image - alone).max() == 0.0
 
 
+def test_server_takes_sdxl_settings_natively_and_as_a1111_options(base, refiner, a1111_sdxl, models_dir):
+    """The native /v1/jobs had no way to send SDXL's settings (prompt_2, micro-conditioning, aesthetic scores:
+    refused as an unknown field), and A1111's SDXL options (sdxl_crop_top / _left, the refiner's
+    sdxl_refiner_high / low_aesthetic_score) were listed as ignored: the crop or score A1111 would use was not."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw = dict(steps=3, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    kw["progress"] = False
+    # A1111: the crop reaches the base model (both prompts), the scores the refiner
+    want = b_pipe(PROMPT, NEGATIVE, sdxl={"crops_coords_top_left": [8, 4]}, **kw).arrays[0] * 255
+    crop = {"sdxl_crop_top": 8, "sdxl_crop_left": 4}
+    body = dict(steps=3, override_settings={"sd_model_checkpoint": "tiny-sdxl", **crop})
+    r, image, info = a1111_sdxl(**body)
+    assert r.status_code == 200 and not info["ignored"], r.text
+    assert np.abs(image - want).max() <= 1.0  # 8-bit rounding of the same pixels
+    assert np.abs(image - b_pipe(PROMPT, NEGATIVE, **kw).arrays[0] * 255).mean() > 0.5  # the crop did change it
+    scores = {"sdxl_refiner_high_aesthetic_score": 8.0, "sdxl_refiner_low_aesthetic_score": 1.0}
+    want = r_pipe(PROMPT, NEGATIVE, sdxl={"aesthetic_score": 8.0, "negative_aesthetic_score": 1.0}, **kw)
+    r, image, info = a1111_sdxl(steps=3, override_settings={"sd_model_checkpoint": "tiny-sdxl-refiner", **scores})
+    assert r.status_code == 200 and not info["ignored"], r.text
+    assert np.abs(image - want.arrays[0] * 255).max() <= 1.0
+    r, _, _ = a1111_sdxl(override_settings={"sdxl_crop_top": -1})
+    assert r.status_code == 400 and "sdxl_crop_top must be an integer" in r.text
+
+
+def test_native_jobs_take_sdxl_settings(base, models_dir):
+    """/v1/jobs refused ``sdxl`` (an unknown field): SDXL's second prompts and micro-conditioning could not be
+    sent. Now the request's settings, as the Python API's; bad ones are a 400."""
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from _live_server import live_server, server_config, wait_job
+
+    _, b_pipe, _ = base
+    kw = dict(steps=3, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    settings = {"prompt_2": "a green pear", "original_size": [64, 64], "target_size": [32, 32]}
+    want = b_pipe(PROMPT, NEGATIVE, sdxl=settings, progress=False, **kw).images[0]
+    job = dict(model="tiny-sdxl", prompt=PROMPT, negative_prompt=NEGATIVE, **kw)
+    tmp = models_dir.parent / "native_sdxl"
+    with live_server(server_config(tmp, models_dir=models_dir)) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+        r = c.post("/v1/jobs", json={**job, "sdxl": settings})
+        assert r.status_code == 202, r.text
+        done = wait_job(c, r.json()["id"])
+        assert done["state"] == "done", done
+        got = Image.open(io.BytesIO(c.get(done["images"][0]["url"]).content)).convert("RGB")
+        assert np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max() == 0.0
+        assert '"prompt_2": "a green pear"' in done["infotexts"][0].replace('\\"', '"')
+        r = c.post("/v1/jobs", json={**job, "sdxl": {"crops": [1, 2]}})
+        assert r.status_code == 400 and "unknown sdxl settings: crops" in r.text, r.text
+
+
 def test_hand_off_bad_settings(base, refiner):
     _, b_pipe, _ = base
     _, r_pipe, _ = refiner

@@ -555,6 +555,42 @@ def a1111_fields(parsed: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# A1111's SDXL options (its "Stable Diffusion XL" settings) and their defaults: the crop micro-conditioning of
+# every SDXL model, and the refiner's aesthetic scores (positive prompt, negative prompt)
+SDXL_OPTIONS: dict[str, float] = {
+    "sdxl_crop_top": 0,
+    "sdxl_crop_left": 0,
+    "sdxl_refiner_high_aesthetic_score": 6.0,
+    "sdxl_refiner_low_aesthetic_score": 2.5,
+}
+
+
+def sdxl_option(name: str, value: Any) -> float:
+    """One of SDXL_OPTIONS, checked (a BadRequest, one line)."""
+    if name.startswith("sdxl_crop"):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16384:
+            raise BadRequest(f"{name} must be an integer in 0..16384, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 10:
+        raise BadRequest(f"{name} must be a number in [0, 10], got {value!r}")
+    return float(value)
+
+
+def sdxl_settings(xl: dict[str, float]) -> dict[str, Any] | None:
+    """The pipeline's ``sdxl`` settings for A1111's SDXL options (None at A1111's defaults, which are sdengine's:
+    no crop, aesthetic scores 6 and 2.5). A1111 conditions the negative prompt on the same crop."""
+    out: dict[str, Any] = {}
+    if xl["sdxl_crop_top"] or xl["sdxl_crop_left"]:
+        out["crops_coords_top_left"] = [int(xl["sdxl_crop_top"]), int(xl["sdxl_crop_left"])]
+    if xl["sdxl_refiner_high_aesthetic_score"] != 6.0:
+        out["aesthetic_score"] = float(xl["sdxl_refiner_high_aesthetic_score"])
+    if xl["sdxl_refiner_low_aesthetic_score"] != 2.5:
+        out["negative_aesthetic_score"] = float(xl["sdxl_refiner_low_aesthetic_score"])
+    return out or None
+
+
 def _ignored(body: dict[str, Any], txt2img: bool = False) -> list[str]:
     script = body.get("script_name")
     if script not in (None, ""):  # A1111 answers 422 for a script it does not have; sdengine has none
@@ -859,6 +895,7 @@ def install(app: FastAPI, services: Any) -> None:
         no_detectmap = over.pop("control_net_no_detectmap", options.get("control_net_no_detectmap", False))
         if not isinstance(no_detectmap, bool):
             raise BadRequest(f"control_net_no_detectmap must be true or false, got {no_detectmap!r}")
+        xl = {k: sdxl_option(k, over.pop(k)) if k in over else options.get(k, d) for k, d in SDXL_OPTIONS.items()}
         ignored.extend(f"override_settings.{k}" for k in over)
         scripts = {str(k).lower(): v for k, v in (req.alwayson_scripts or {}).items()}
         cn = scripts.pop("controlnet", None)
@@ -918,6 +955,7 @@ def install(app: FastAPI, services: Any) -> None:
             noise_seed_delta=ensd,
             # the units whose detected map the answer appends (the extension's), taken out by run()
             detect_maps=[] if no_detectmap else detect_maps,
+            sdxl=sdxl_settings(xl),
         )
 
     def build_scaled(fields: dict[str, Any], processor_res: dict[int, int]) -> Any:
@@ -1538,6 +1576,8 @@ def install(app: FastAPI, services: Any) -> None:
                 changes[k] = v
             elif k == "eta_noise_seed_delta":
                 changes[k] = check_ensd(v)
+            elif k in SDXL_OPTIONS:
+                changes[k] = sdxl_option(k, v)
             elif k == "control_net_no_detectmap":  # the ControlNet extension's "Do not append detectmap"
                 if not isinstance(v, bool):
                     raise BadRequest("control_net_no_detectmap must be true or false")

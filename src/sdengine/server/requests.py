@@ -148,6 +148,7 @@ def build_generation(
     noise_multiplier: float = 1.0,
     noise_seed_delta: int = 0,
     masked_content: str = "original",
+    sdxl: dict[str, Any] | None = None,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run."""
     from sdengine.prompts import extract_lora_tags
@@ -295,6 +296,15 @@ def build_generation(
         kwargs["resize_mode"] = resize_mode  # checked by GenerationRequest.validate below
     if hires is not None:
         kwargs.update(_hires_fields(config, hires, width, height), enable_hr=True)
+    if sdxl:  # SDXL's second prompts, micro-conditioning and aesthetic scores (SDXL models only: said by the job)
+        from sdengine.errors import GenerationError
+        from sdengine.text.sdxl_conditioner import SDXLOptions
+
+        try:
+            SDXLOptions.coerce(sdxl)
+        except GenerationError as e:
+            raise BadRequest(str(e)) from None
+        kwargs["sdxl"] = dict(sdxl)
     # The pipeline's own request object checks what it can without the model (GenerationError -> 400), so
     # that such a mistake is answered now instead of failing the job later.
     from sdengine.pipeline import GenerationRequest
