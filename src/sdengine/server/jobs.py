@@ -748,8 +748,9 @@ class Worker(threading.Thread):
 
     def pipeline(self, model: str) -> Any:
         if self.model != model:
-            self.pipe = None  # free the old model before loading the next
+            self.pipe = None  # free the old model (and a hand-off's refiner) before loading the next
             self.model = None
+            self.refiner_pipe, self.refiner_model = None, None
             self.pipe = self.manager.loader(model, self.device)
             self.model = model
             if model == self.preload:
