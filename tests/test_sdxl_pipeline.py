@@ -419,6 +419,29 @@ def test_native_jobs_take_sdxl_settings(base, models_dir):
         assert r.status_code == 400 and "unknown sdxl settings: crops" in r.text, r.text
 
 
+def test_latent_hires_fix_matches_diffusers_txt2img_then_img2img(base):
+    """The hires fix on SDXL (Latent upscaler): diffusers' base to latents, bilinear x2, its img2img pipeline on
+    them (whose micro-conditioning is the upscaled size, as A1111's second-pass conditioning is)."""
+    import diffusers
+    import torch.nn.functional as F
+
+    folder, pipe, ref = base
+    hr = dict(enable_hr=True, hr_scale=2.0, hr_upscaler="Latent", strength=0.6)
+    ours = _ours(pipe, "euler", **hr).arrays
+    ref.scheduler = diffusers_scheduler(folder, "euler")
+    common = dict(negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=5.0)
+    gen = torch.Generator("cpu").manual_seed(SEED)
+    lat = ref(PROMPT, width=SIZE, height=SIZE, generator=gen, output_type="latent", **common).images
+    i2i = diffusers.StableDiffusionXLImg2ImgPipeline(**ref.components)
+    i2i.set_progress_bar_config(disable=True)
+    i2i.scheduler = diffusers_scheduler(folder, "euler")
+    up = F.interpolate(lat.float(), size=(SIZE, SIZE), mode="bilinear")  # 2x the SIZE // 2 latent
+    gen = torch.Generator("cpu").manual_seed(SEED)
+    theirs = i2i(PROMPT, image=up, strength=0.6, generator=gen, output_type="np", **common).images
+    assert ours.shape == (1, 2 * SIZE, 2 * SIZE, 3)
+    assert _mad(ours, theirs) < 1e-5
+
+
 def test_hand_off_bad_settings(base, refiner):
     _, b_pipe, _ = base
     _, r_pipe, _ = refiner
