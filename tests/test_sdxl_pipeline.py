@@ -389,6 +389,12 @@ def test_server_takes_sdxl_settings_natively_and_as_a1111_options(base, refiner,
     assert np.abs(image - want.arrays[0] * 255).max() <= 1.0
     r, _, _ = a1111_sdxl(override_settings={"sdxl_crop_top": -1})
     assert r.status_code == 400 and "sdxl_crop_top must be an integer" in r.text
+    # as A1111, the options are unused by other models (an SD 1.x job does not fail on "sdxl settings")
+    emoji = dict(steps=2, width=64, height=64)
+    r, plain, _ = a1111_sdxl(**emoji, override_settings={"sd_model_checkpoint": "emoji"})
+    r, image, info = a1111_sdxl(**emoji, override_settings={"sd_model_checkpoint": "emoji", **crop, **scores})
+    assert r.status_code == 200 and not info["notes"], r.text
+    assert np.abs(image - plain).max() == 0.0
 
 
 def test_native_jobs_take_sdxl_settings(base, models_dir):

@@ -580,7 +580,9 @@ def sdxl_option(name: str, value: Any) -> float:
 
 def sdxl_settings(xl: dict[str, float]) -> dict[str, Any] | None:
     """The pipeline's ``sdxl`` settings for A1111's SDXL options (None at A1111's defaults, which are sdengine's:
-    no crop, aesthetic scores 6 and 2.5). A1111 conditions the negative prompt on the same crop."""
+    no crop, aesthetic scores 6 and 2.5). A1111 conditions the negative prompt on the same crop. The worker
+    gives them to an SDXL model only (the scores to a refiner only): other models have no use for these global
+    options, as in A1111."""
     out: dict[str, Any] = {}
     if xl["sdxl_crop_top"] or xl["sdxl_crop_left"]:
         out["crops_coords_top_left"] = [int(xl["sdxl_crop_top"]), int(xl["sdxl_crop_left"])]
@@ -955,7 +957,7 @@ def install(app: FastAPI, services: Any) -> None:
             noise_seed_delta=ensd,
             # the units whose detected map the answer appends (the extension's), taken out by run()
             detect_maps=[] if no_detectmap else detect_maps,
-            sdxl=sdxl_settings(xl),
+            sdxl_options=sdxl_settings(xl),  # taken out by run(): an SDXL model's only (Generation.sdxl_options)
         )
 
     def build_scaled(fields: dict[str, Any], processor_res: dict[int, int]) -> Any:
@@ -978,12 +980,14 @@ def install(app: FastAPI, services: Any) -> None:
     ) -> JSONResponse:
         processor_res = fields.pop("processor_res", {})
         detect_maps = fields.pop("detect_maps", [])
+        sdxl_options = fields.pop("sdxl_options", None)
         if fields.get("init_image") is None and not fields.get("controlnets"):
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:
             generation = await run_in_threadpool(build_scaled, fields, processor_res)
         if finish is not None:
             generation.finish = finish
+        generation.sdxl_options = sdxl_options
         if refiner is not None:
             from sdengine.pipeline import GenerationRequest
             from sdengine.pipeline.sdxl import check_hand_off

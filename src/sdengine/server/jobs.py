@@ -274,7 +274,7 @@ def batch_key(job: Job) -> tuple[Any, ...] | None:
     if getattr(job, "run_on", None) is not None:
         return None
     g = job.generation
-    if g.refiner is not None:  # a base -> refiner hand-off runs alone
+    if g.refiner is not None or g.sdxl_options:  # a base -> refiner hand-off, A1111's SDXL options: run alone
         return None
     kw = g.kwargs
     if g.n_iter != 1 or any(kw.get(k) is not None for k in _NEVER_BATCHED):
@@ -796,6 +796,14 @@ class Worker(threading.Thread):
 
         from sdengine.pipeline.request import batch_count_seeds
 
+        base_kwargs = dict(g.kwargs)
+        if g.sdxl_options and getattr(pipe, "text_kind", None) == "sdxl":
+            xl = dict(g.sdxl_options)
+            if not getattr(pipe, "refiner", False) and g.refiner is None:  # the scores are a refiner's
+                xl.pop("aesthetic_score", None)
+                xl.pop("negative_aesthetic_score", None)
+            if xl:
+                base_kwargs["sdxl"] = {**xl, **(g.kwargs.get("sdxl") or {})}
         seeds = g.kwargs["seed"]  # a list: one seed per row, the same for every iteration (A1111's variations)
         batch = int(g.kwargs["batch_size"])
         subseed = g.kwargs.get("subseed")
@@ -804,7 +812,7 @@ class Worker(threading.Thread):
             if job.cancel.is_set():
                 break
             seed, sub = batch_count_seeds(seeds, subseed, g.kwargs.get("subseed_strength") or 0.0, batch, it)
-            kwargs = dict(g.kwargs, seed=seed)
+            kwargs = dict(base_kwargs, seed=seed)
             if sub is not None:
                 kwargs["subseed"] = sub
             run_steps = [0]

@@ -71,6 +71,9 @@ class Generation:
     refiner: str | None = None
     refiner_name: str | None = None
     refiner_switch_at: float | None = None
+    # A1111's SDXL options as ``sdxl`` settings: the worker adds them to an SDXL model's request (the aesthetic
+    # scores to a refiner's only); other models ignore them, as A1111 does
+    sdxl_options: dict[str, Any] | None = None
 
     @property
     def images(self) -> int:
