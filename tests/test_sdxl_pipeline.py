@@ -26,8 +26,14 @@ SEED = 3
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    folder = make_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+def models_dir(tmp_path_factory):
+    """One folder for the base and the refiner: a server's models folder (the A1111 refiner tests)."""
+    return tmp_path_factory.mktemp("sdxl")
+
+
+@pytest.fixture(scope="module")
+def base(models_dir):
+    folder = make_sdxl_folder(models_dir / "tiny-sdxl")
     return folder, sdengine.load_pipeline(folder, device="cpu"), diffusers_sdxl(folder)
 
 
@@ -147,8 +153,8 @@ def test_bad_sdxl_settings_are_one_clear_error(base, tiny_sd1_folder):
 
 
 @pytest.fixture(scope="module")
-def refiner(tmp_path_factory):
-    folder = make_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl-refiner", refiner=True, seed=5)
+def refiner(models_dir):
+    folder = make_sdxl_folder(models_dir / "tiny-sdxl-refiner", refiner=True, seed=5)
     return folder, sdengine.load_pipeline(folder, device="cpu"), diffusers_sdxl(folder, img2img=True)
 
 
@@ -262,6 +268,186 @@ def test_hand_off_reports_every_step_and_can_be_cancelled(base, refiner):
     for stop in (2, 4):  # in the base's steps and in the refiner's
         with pytest.raises(Cancelled, match=f"after step {stop} of 5"):
             b_pipe.generate_with_refiner(r_pipe, PROMPT, callback=lambda i, stop=stop: i.step < stop, **kw)
+
+
+def test_a1111_switch_rule_takes_the_nearest_training_timestep(base):
+    """A1111's refiner_switch_at: the refiner runs from the first step whose sigma's nearest training timestep t
+    has (999 - t) / 1000 >= switch_at (apply_refiner); diffusers' denoising_end compares the (here fractional)
+    timestep with (1 - switch_at) * 1000, so a step at t 299.9 is the refiner's there and the base's in A1111."""
+    from sdengine.diffusion.schedules import SamplingGrid
+    from sdengine.pipeline.sdxl import switch_step
+
+    _, pipe, _ = base
+    table = pipe.noise_schedule.sigmas
+    ts = [999.0, 700.0, 299.9, 150.0]
+    sig = [float(table[999]), float(table[700]), float(0.9 * table[300] + 0.1 * table[299]), float(table[150])]
+    grid = SamplingGrid(sigmas=torch.tensor([*sig, 0.0]), timesteps=torch.tensor(ts))
+    assert switch_step(grid, pipe.noise_schedule, 0.7, "diffusers") == 2
+    assert switch_step(grid, pipe.noise_schedule, 0.7, "a1111") == 3
+    assert switch_step(grid, pipe.noise_schedule, 0.84, "a1111") == 3  # t 150: (999 - 150) / 1000 = 0.849
+    with pytest.raises(GenerationError, match="leaves no steps for the refiner"):
+        switch_step(grid, pipe.noise_schedule, 0.85, "a1111")
+    with pytest.raises(GenerationError, match="switch_rule must be one of"):
+        pipe.generate_with_refiner(pipe, PROMPT, switch_rule="comfy")
+
+
+@pytest.fixture(scope="module")
+def a1111_sdxl(models_dir):
+    """A live server on the base and refiner folders, and a txt2img call on tiny-sdxl (5 Euler steps)."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from _live_server import live_server, server_config
+
+    body = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=5, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
+    body.update(sampler_name="Euler", scheduler="Normal", override_settings={"sd_model_checkpoint": "tiny-sdxl"})
+    tmp = models_dir.parent / "a1111_refiner"
+    with live_server(server_config(tmp, models_dir=models_dir)) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+
+        def txt2img(**extra):
+            """(response, first image as float64 RGB, info) of a txt2img call with ``body`` and ``extra``."""
+            r = c.post("/sdapi/v1/txt2img", json={**body, **extra})
+            if r.status_code != 200:
+                return r, None, None
+            got = r.json()
+            image = Image.open(io.BytesIO(base64.b64decode(got["images"][0]))).convert("RGB")
+            return r, np.asarray(image, np.float64), json.loads(got["info"])
+
+        yield txt2img
+
+
+def _hand_off_want(base, refiner):
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw = dict(steps=5, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    kw["progress"] = False
+    want = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.7, switch_rule="a1111", **kw)
+    return np.asarray(want.images[0], np.float64), np.asarray(b_pipe(PROMPT, NEGATIVE, **kw).images[0], np.float64)
+
+
+def test_a1111_txt2img_runs_the_sdxl_refiner_at_refiner_switch_at(base, refiner, a1111_sdxl):
+    """A1111's refiner_checkpoint / refiner_switch_at on /sdapi/v1/txt2img: the job loads the refiner and hands
+    off at A1111's step; the image is generate_with_refiner's with switch_rule "a1111" (it was listed as ignored
+    and the base model ran every step). Settings the hand-off cannot run are a 400, not a failed job."""
+    want, alone = _hand_off_want(base, refiner)
+    r, image, info = a1111_sdxl(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7)
+    assert r.status_code == 200, r.text
+    assert "refiner_checkpoint" not in info["ignored"]
+    assert np.abs(image - want).max() == 0.0
+    assert np.abs(image - alone).mean() > 1.0
+    assert "Refiner: tiny-sdxl-refiner" in info["infotexts"][0] and "Refiner switch at: 0.7" in info["infotexts"][0]
+    for extra, says in (
+        (dict(refiner_checkpoint="nope", refiner_switch_at=0.7), "unknown model 'nope'"),
+        (dict(refiner_checkpoint="tiny-sdxl-refiner"), "refiner_switch_at must be a number in (0, 1]"),
+        (dict(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7, sampler_name="DDIM"), "DDIM"),
+        (dict(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7, enable_hr=True), "hires fix"),
+    ):
+        r, _, _ = a1111_sdxl(**extra)
+        assert r.status_code == 400 and says.lower() in r.text.lower(), (extra, r.text)
+
+
+@pytest.mark.slow
+def test_a1111_refiner_infotext_round_trip_and_no_refiner_cases(base, refiner, a1111_sdxl):
+    """An A1111 infotext's "Refiner" and "Refiner switch at" (its refiner script's paste fields) run the hand-off
+    again; an unknown refiner there is a 400. A1111 runs no refiner at a switch of 1 (no step reaches it) nor the
+    loaded model as its own refiner."""
+    want, alone = _hand_off_want(base, refiner)
+    _, image, info = a1111_sdxl(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7)
+    text = info["infotexts"][0]
+    r, again, _ = a1111_sdxl(infotext=text, prompt=None, negative_prompt=None, seed=None, steps=None)
+    assert r.status_code == 200, r.text
+    assert np.abs(again - want).max() == 0.0
+    r, _, _ = a1111_sdxl(infotext=text.replace("Refiner: tiny-sdxl-refiner", "Refiner: elsewhere"))
+    assert r.status_code == 400 and "Refiner: unknown model 'elsewhere'" in r.text, r.text
+    for extra in (dict(refiner_switch_at=1.0), dict(refiner_checkpoint="tiny-sdxl", refiner_switch_at=0.7)):
+        r, image, info = a1111_sdxl(**{"refiner_checkpoint": "tiny-sdxl-refiner", **extra})
+        assert r.status_code == 200, r.text
+        assert "Refiner" not in info["infotexts"][0] and np.abs(image - alone).max() == 0.0
+
+
+def test_server_takes_sdxl_settings_natively_and_as_a1111_options(base, refiner, a1111_sdxl, models_dir):
+    """The native /v1/jobs had no way to send SDXL's settings (prompt_2, micro-conditioning, aesthetic scores:
+    refused as an unknown field), and A1111's SDXL options (sdxl_crop_top / _left, the refiner's
+    sdxl_refiner_high / low_aesthetic_score) were listed as ignored: the crop or score A1111 would use was not."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw = dict(steps=3, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    kw["progress"] = False
+    # A1111: the crop reaches the base model (both prompts), the scores the refiner
+    want = b_pipe(PROMPT, NEGATIVE, sdxl={"crops_coords_top_left": [8, 4]}, **kw).arrays[0] * 255
+    crop = {"sdxl_crop_top": 8, "sdxl_crop_left": 4}
+    body = dict(steps=3, override_settings={"sd_model_checkpoint": "tiny-sdxl", **crop})
+    r, image, info = a1111_sdxl(**body)
+    assert r.status_code == 200 and not info["ignored"], r.text
+    assert np.abs(image - want).max() <= 1.0  # 8-bit rounding of the same pixels
+    assert np.abs(image - b_pipe(PROMPT, NEGATIVE, **kw).arrays[0] * 255).mean() > 0.5  # the crop did change it
+    scores = {"sdxl_refiner_high_aesthetic_score": 8.0, "sdxl_refiner_low_aesthetic_score": 1.0}
+    want = r_pipe(PROMPT, NEGATIVE, sdxl={"aesthetic_score": 8.0, "negative_aesthetic_score": 1.0}, **kw)
+    r, image, info = a1111_sdxl(steps=3, override_settings={"sd_model_checkpoint": "tiny-sdxl-refiner", **scores})
+    assert r.status_code == 200 and not info["ignored"], r.text
+    assert np.abs(image - want.arrays[0] * 255).max() <= 1.0
+    r, _, _ = a1111_sdxl(override_settings={"sdxl_crop_top": -1})
+    assert r.status_code == 400 and "sdxl_crop_top must be an integer" in r.text
+    # as A1111, the options are unused by other models (an SD 1.x job does not fail on "sdxl settings")
+    emoji = dict(steps=2, width=64, height=64)
+    r, plain, _ = a1111_sdxl(**emoji, override_settings={"sd_model_checkpoint": "emoji"})
+    r, image, info = a1111_sdxl(**emoji, override_settings={"sd_model_checkpoint": "emoji", **crop, **scores})
+    assert r.status_code == 200 and not info["notes"], r.text
+    assert np.abs(image - plain).max() == 0.0
+
+
+def test_native_jobs_take_sdxl_settings(base, models_dir):
+    """/v1/jobs refused ``sdxl`` (an unknown field): SDXL's second prompts and micro-conditioning could not be
+    sent. Now the request's settings, as the Python API's; bad ones are a 400."""
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from _live_server import live_server, server_config, wait_job
+
+    _, b_pipe, _ = base
+    kw = dict(steps=3, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    settings = {"prompt_2": "a green pear", "original_size": [64, 64], "target_size": [32, 32]}
+    want = b_pipe(PROMPT, NEGATIVE, sdxl=settings, progress=False, **kw).images[0]
+    job = dict(model="tiny-sdxl", prompt=PROMPT, negative_prompt=NEGATIVE, **kw)
+    tmp = models_dir.parent / "native_sdxl"
+    with live_server(server_config(tmp, models_dir=models_dir)) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+        r = c.post("/v1/jobs", json={**job, "sdxl": settings})
+        assert r.status_code == 202, r.text
+        done = wait_job(c, r.json()["id"])
+        assert done["state"] == "done", done
+        got = Image.open(io.BytesIO(c.get(done["images"][0]["url"]).content)).convert("RGB")
+        assert np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)).max() == 0.0
+        assert '"prompt_2": "a green pear"' in done["infotexts"][0].replace('\\"', '"')
+        r = c.post("/v1/jobs", json={**job, "sdxl": {"crops": [1, 2]}})
+        assert r.status_code == 400 and "unknown sdxl settings: crops" in r.text, r.text
+
+
+def test_latent_hires_fix_matches_diffusers_txt2img_then_img2img(base):
+    """The hires fix on SDXL (Latent upscaler): diffusers' base to latents, bilinear x2, its img2img pipeline on
+    them (whose micro-conditioning is the upscaled size, as A1111's second-pass conditioning is)."""
+    import diffusers
+    import torch.nn.functional as F
+
+    folder, pipe, ref = base
+    hr = dict(enable_hr=True, hr_scale=2.0, hr_upscaler="Latent", strength=0.6)
+    ours = _ours(pipe, "euler", **hr).arrays
+    ref.scheduler = diffusers_scheduler(folder, "euler")
+    common = dict(negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=5.0)
+    gen = torch.Generator("cpu").manual_seed(SEED)
+    lat = ref(PROMPT, width=SIZE, height=SIZE, generator=gen, output_type="latent", **common).images
+    i2i = diffusers.StableDiffusionXLImg2ImgPipeline(**ref.components)
+    i2i.set_progress_bar_config(disable=True)
+    i2i.scheduler = diffusers_scheduler(folder, "euler")
+    up = F.interpolate(lat.float(), size=(SIZE, SIZE), mode="bilinear")  # 2x the SIZE // 2 latent
+    gen = torch.Generator("cpu").manual_seed(SEED)
+    theirs = i2i(PROMPT, image=up, strength=0.6, generator=gen, output_type="np", **common).images
+    assert ours.shape == (1, 2 * SIZE, 2 * SIZE, 3)
+    assert _mad(ours, theirs) < 1e-5
 
 
 def test_hand_off_bad_settings(base, refiner):

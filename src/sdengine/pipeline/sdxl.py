@@ -27,6 +27,54 @@ from sdengine.pipeline.result import Cancelled, GenerationResult, StepInfo
 from sdengine.text.conditioners import Conditioning
 from sdengine.text.sdxl_conditioner import SDXLConditioner, SDXLOptions
 
+SWITCH_RULES = ("diffusers", "a1111")
+
+
+def check_hand_off(request: GenerationRequest, switch_at: Any, switch_rule: str = "diffusers") -> None:
+    """The settings a base -> refiner hand-off cannot run (a GenerationError, one line), read from the request
+    alone: the server checks them before it queues a job."""
+    if switch_rule not in SWITCH_RULES:
+        raise GenerationError(f"switch_rule must be one of {', '.join(SWITCH_RULES)}, got {switch_rule!r}")
+    if isinstance(switch_at, bool) or not isinstance(switch_at, int | float) or not 0.0 < switch_at < 1.0:
+        raise GenerationError(f"switch_at must be a number in (0, 1), got {switch_at!r}")
+    if request.init_image is not None or request.mask is not None or request.controlnets or request.loras:
+        raise GenerationError(
+            "a base -> refiner hand-off is text-to-image only (no init image, mask, ControlNet, LoRA)"
+        )
+    if request.enable_hr:  # it would be dropped: an image of the first pass's size, without its second pass
+        raise GenerationError("the hires fix is not supported with a refiner hand-off")
+    if request.vae_decode != "full":
+        raise GenerationError("vae_decode 'tiny' is not supported with a refiner (the refiner's VAE decodes)")
+    if request.subseed_strength:
+        raise GenerationError("variation seeds are not supported with a refiner hand-off")
+    try:
+        sampler = sampling.resolve(request.sampler, request.schedule)[0]
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
+    if sampler in sampling.TIMESTEP_SAMPLERS:
+        raise GenerationError(
+            f"sampler {sampler} is not supported with a refiner hand-off (it cannot stop at the switch): use "
+            "one of the others, e.g. euler or dpmpp_2m"
+        )
+    if request.seed_resize_from is not None or request.tiling:
+        raise GenerationError("seed_resize_from_w/_h and tiling are not supported with a refiner hand-off")
+
+
+def switch_step(grid: Any, noise_schedule: Any, switch_at: float, rule: str = "diffusers") -> int:
+    """The first step the refiner runs. diffusers: the base walks the steps whose timestep is at least
+    ``(1 - switch_at) * T``; A1111: the refiner starts at the first step whose sigma's nearest training
+    timestep ``t`` has ``(999 - t) / 1000 >= switch_at``. A GenerationError when either model gets no step."""
+    if rule == "a1111":
+        table = noise_schedule.sigmas.double()
+        t = [int(torch.argmin((table - float(s)).abs())) for s in grid.sigmas[: grid.steps]]
+        k = next((i for i, ti in enumerate(t) if (999 - ti) / 1000 >= switch_at), grid.steps)
+    else:
+        cutoff = round(noise_schedule.num_train_timesteps * (1.0 - switch_at))
+        k = int((torch.as_tensor(grid.timesteps) >= cutoff).sum())
+    if not 0 < k < grid.steps:
+        raise GenerationError(f"switch_at {switch_at} leaves no steps for the {'base' if k == 0 else 'refiner'}")
+    return k
+
 
 class SDXLPipeline(Pipeline):
     """SDXL base or refiner. Build it with :func:`sdengine.pipeline.load_pipeline` on an SDXL folder."""
@@ -94,6 +142,7 @@ class SDXLPipeline(Pipeline):
         negative_prompt: Any = None,
         *,
         switch_at: float = 0.8,
+        switch_rule: str = "diffusers",
         **kwargs: Any,
     ) -> GenerationResult:
         """Text-to-image with this base model for the noisy part of the steps and ``refiner`` for the rest,
@@ -101,39 +150,23 @@ class SDXLPipeline(Pipeline):
         do: the base walks the steps whose timestep is at least ``(1 - switch_at) * 1000``, the refiner
         continues from that latent (no noise added) on the same grid, and its VAE decodes. Both samplers
         restart at the switch (a multistep sampler's history is not carried over), as in diffusers.
-        Settings are a request's (txt2img only: no init image, mask, ControlNet, LoRA or hires fix)."""
+        Settings are a request's (txt2img only: no init image, mask, ControlNet, LoRA or hires fix).
+
+        ``switch_rule`` ``"a1111"``: A1111's step instead (its ``refiner_switch_at``): the refiner takes over at
+        the first step whose sigma's nearest training timestep ``t`` has ``(999 - t) / 1000 >= switch_at``
+        (``apply_refiner`` in its sd_samplers_common.py); the samplers restart there as above, where A1111's
+        carries a multistep sampler's history across (the same image for single-step samplers, Euler's)."""
         if not isinstance(refiner, SDXLPipeline):
             raise GenerationError("the refiner must be an SDXL model loaded with load_pipeline")
-        if isinstance(switch_at, bool) or not isinstance(switch_at, int | float) or not 0.0 < switch_at < 1.0:
-            raise GenerationError(f"switch_at must be a number in (0, 1), got {switch_at!r}")
         request = as_request(prompt, negative_prompt, kwargs)
-        if request.init_image is not None or request.mask is not None or request.controlnets or request.loras:
-            raise GenerationError(
-                "a base -> refiner hand-off is text-to-image only (no init image, mask, ControlNet, LoRA)"
-            )
-        if request.enable_hr:  # it would be dropped: an image of the first pass's size, without its second pass
-            raise GenerationError("the hires fix is not supported with a refiner hand-off")
+        check_hand_off(request, switch_at, switch_rule)
         if refiner.latent_channels != self.latent_channels or refiner.vae_scale_factor != self.vae_scale_factor:
             raise GenerationError(f"{refiner.name} does not share {self.name}'s latent space")
-        if request.vae_decode != "full":
-            raise GenerationError("vae_decode 'tiny' is not supported with a refiner (the refiner's VAE decodes)")
         p = self.prepare(request)
         p_ref = refiner.prepare(request.replace(width=p.width, height=p.height))
-        if p.subseeds is not None:
-            raise GenerationError("variation seeds are not supported with a refiner hand-off")
-        if p.sampler in sampling.TIMESTEP_SAMPLERS:
-            raise GenerationError(
-                f"sampler {p.sampler} is not supported with a refiner hand-off (it cannot stop at the switch): use "
-                "one of the others, e.g. euler or dpmpp_2m"
-            )
-        if request.seed_resize_from is not None or request.tiling:
-            raise GenerationError("seed_resize_from_w/_h and tiling are not supported with a refiner hand-off")
         steps, cfg_scale, rescale = int(request.steps), float(request.cfg_scale), float(request.guidance_rescale)
         grid = sampling.make_grid(p.sampler, steps, self.noise_schedule, p.schedule, self.scheduler_config)
-        cutoff = round(self.noise_schedule.num_train_timesteps * (1.0 - float(switch_at)))
-        k = int((torch.as_tensor(grid.timesteps) >= cutoff).sum())
-        if not 0 < k < grid.steps:
-            raise GenerationError(f"switch_at {switch_at} leaves no steps for the {'base' if k == 0 else 'refiner'}")
+        k = switch_step(grid, self.noise_schedule, float(switch_at), switch_rule)
         from tqdm.auto import tqdm
 
         total, done = grid.steps, [0]
@@ -269,4 +302,4 @@ class SDXLPipeline(Pipeline):
         return vae_utils.to_unit(img)
 
 
-__all__ = ["SDXLPipeline"]
+__all__ = ["SWITCH_RULES", "SDXLPipeline", "check_hand_off", "switch_step"]

@@ -32,12 +32,15 @@ from PIL import Image, ImageFilter, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sdengine.diffusion import sampling
+from sdengine.errors import SdengineError
 from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.server.errors import BadRequest, NotFound, ServerFault, Unprocessable
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job
 from sdengine.server.requests import ControlRequest
 
 A1111_VERSION = "v1.10.1"  # the A1111 API whose shapes this follows
+
+NO_REFINER = (None, "", "None", "none")  # A1111's "no refiner" values of refiner_checkpoint
 
 # Fields that do nothing at these values (A1111's own defaults or neutral settings): not reported.
 NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
@@ -55,8 +58,8 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "initial_noise_multiplier": (1, 1.0, None),  # img2img's (IMG2IMG_USED); txt2img has none (in A1111 too)
     "inpaint_full_res_padding": None,
     "inpaint_full_res": None,  # "only masked" (true) or "whole picture": both done
-    "refiner_checkpoint": (None, ""),
-    "refiner_switch_at": (None, 0),
+    "refiner_checkpoint": NO_REFINER,  # txt2img runs the others (hand_off); img2img lists them
+    "refiner_switch_at": None,  # read with a refiner_checkpoint only
     "comments": (None, {}),
     "sampler_index": None,
     "include_init_images": None,
@@ -552,6 +555,44 @@ def a1111_fields(parsed: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# A1111's SDXL options (its "Stable Diffusion XL" settings) and their defaults: the crop micro-conditioning of
+# every SDXL model, and the refiner's aesthetic scores (positive prompt, negative prompt)
+SDXL_OPTIONS: dict[str, float] = {
+    "sdxl_crop_top": 0,
+    "sdxl_crop_left": 0,
+    "sdxl_refiner_high_aesthetic_score": 6.0,
+    "sdxl_refiner_low_aesthetic_score": 2.5,
+}
+
+
+def sdxl_option(name: str, value: Any) -> float:
+    """One of SDXL_OPTIONS, checked (a BadRequest, one line)."""
+    if name.startswith("sdxl_crop"):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16384:
+            raise BadRequest(f"{name} must be an integer in 0..16384, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 10:
+        raise BadRequest(f"{name} must be a number in [0, 10], got {value!r}")
+    return float(value)
+
+
+def sdxl_settings(xl: dict[str, float]) -> dict[str, Any] | None:
+    """The pipeline's ``sdxl`` settings for A1111's SDXL options (None at A1111's defaults, which are sdengine's:
+    no crop, aesthetic scores 6 and 2.5). A1111 conditions the negative prompt on the same crop. The worker
+    gives them to an SDXL model only (the scores to a refiner only): other models have no use for these global
+    options, as in A1111."""
+    out: dict[str, Any] = {}
+    if xl["sdxl_crop_top"] or xl["sdxl_crop_left"]:
+        out["crops_coords_top_left"] = [int(xl["sdxl_crop_top"]), int(xl["sdxl_crop_left"])]
+    if xl["sdxl_refiner_high_aesthetic_score"] != 6.0:
+        out["aesthetic_score"] = float(xl["sdxl_refiner_high_aesthetic_score"])
+    if xl["sdxl_refiner_low_aesthetic_score"] != 2.5:
+        out["negative_aesthetic_score"] = float(xl["sdxl_refiner_low_aesthetic_score"])
+    return out or None
+
+
 def _ignored(body: dict[str, Any], txt2img: bool = False) -> list[str]:
     script = body.get("script_name")
     if script not in (None, ""):  # A1111 answers 422 for a script it does not have; sdengine has none
@@ -753,12 +794,24 @@ def install(app: FastAPI, services: Any) -> None:
             raise BadRequest("infotext must be a string")
         from sdengine.metadata import parse_parameters, to_generate_kwargs
 
-        try:
-            found = to_generate_kwargs(parse_parameters(text), hires=hires)
+        parsed = parse_parameters(text)
+        try:  # txt2img runs A1111's refiner fields (hand_off): its "Refiner" and "Refiner switch at" are read
+            found = to_generate_kwargs(parsed, hires=hires, refiner=hires)
         except ValueError as e:
             raise BadRequest(f"infotext: {e}") from None
         sent = req.model_dump(exclude_unset=True)
         filled = {INFOTEXT_FIELDS[k]: v for k, v in found.items() if k in INFOTEXT_FIELDS}
+        if hires and "Refiner" in parsed:  # A1111's refiner script's paste fields
+            try:  # A1111 runs no refiner for a name it lacks: another image, so said here instead
+                filled["refiner_checkpoint"] = catalog.model_name_of(catalog.resolve_model(parsed["Refiner"]))
+            except BadRequest as e:
+                raise BadRequest(f"infotext: Refiner: {e}") from None
+            try:
+                filled["refiner_switch_at"] = float(parsed.get("Refiner switch at", ""))
+            except ValueError:
+                raise BadRequest(
+                    f"infotext: Refiner switch at must be a number, got {parsed.get('Refiner switch at')!r}"
+                ) from None
         if not hires and "noise_multiplier" in found:  # img2img's (txt2img has no such field)
             filled["initial_noise_multiplier"] = found["noise_multiplier"]
         for key, value in (found.get("sampler_options") or {}).items():  # "Eta", "Sigma churn", ...
@@ -858,6 +911,7 @@ def install(app: FastAPI, services: Any) -> None:
         no_detectmap = over.pop("control_net_no_detectmap", options.get("control_net_no_detectmap", False))
         if not isinstance(no_detectmap, bool):
             raise BadRequest(f"control_net_no_detectmap must be true or false, got {no_detectmap!r}")
+        xl = {k: sdxl_option(k, over.pop(k)) if k in over else options.get(k, d) for k, d in SDXL_OPTIONS.items()}
         ignored.extend(f"override_settings.{k}" for k in over)
         scripts = {str(k).lower(): v for k, v in (req.alwayson_scripts or {}).items()}
         cn = scripts.pop("controlnet", None)
@@ -918,6 +972,7 @@ def install(app: FastAPI, services: Any) -> None:
             **({} if noise_mult in (None, 1.0) else {"noise_multiplier": noise_mult}),
             # the units whose detected map the answer appends (the extension's), taken out by run()
             detect_maps=[] if no_detectmap else detect_maps,
+            sdxl_options=sdxl_settings(xl),  # taken out by run(): an SDXL model's only (Generation.sdxl_options)
         )
 
     def build_scaled(fields: dict[str, Any], processor_res: dict[int, int]) -> Any:
@@ -936,9 +991,11 @@ def install(app: FastAPI, services: Any) -> None:
         finish: Callable[[Image.Image], Image.Image] | None = None,
         notes: list[str] | None = None,
         styled: Txt2ImgRequest | None = None,
+        refiner: tuple[str, str, float] | None = None,
     ) -> JSONResponse:
         processor_res = fields.pop("processor_res", {})
         detect_maps = fields.pop("detect_maps", [])
+        sdxl_options = fields.pop("sdxl_options", None)
         if fields.get("init_image") is None and not fields.get("controlnets"):
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:
@@ -948,6 +1005,16 @@ def install(app: FastAPI, services: Any) -> None:
         # a size the model cannot make (off its multiple, over its limit, the hires fix's too) is a 400 before
         # any job is queued or any model loaded, as POST /v1/jobs answers it
         services.precheck(generation)
+        generation.sdxl_options = sdxl_options
+        if refiner is not None:
+            from sdengine.pipeline import GenerationRequest
+            from sdengine.pipeline.sdxl import check_hand_off
+
+            try:  # what the hand-off cannot run (a LoRA, the hires fix, DDIM, ...): said now, not by a failed job
+                check_hand_off(GenerationRequest(**generation.kwargs), refiner[2], "a1111")
+            except SdengineError as e:
+                raise BadRequest(f"refiner_checkpoint: {e}") from None
+            generation.refiner, generation.refiner_name, generation.refiner_switch_at = refiner
         if (req.model_extra or {}).get("override_settings_restore_afterwards") is False and req.override_settings:
             # A1111 leaves the overrides set after such a call: they become the options of later jobs
             options.update(checked_options(req.override_settings)[0])
@@ -1078,6 +1145,7 @@ def install(app: FastAPI, services: Any) -> None:
         notes: list[str] = []
         styled = with_styles(req)
         fields = generation_fields(styled, body, ignored, None, notes=notes)
+        refiner = hand_off(body, fields, ignored)
         if req.enable_hr:
             hires = {
                 "hr_scale": req.hr_scale,
@@ -1092,7 +1160,33 @@ def install(app: FastAPI, services: Any) -> None:
             }
             strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
             fields.update(hires=hires, strength=strength, strength_rule="a1111")  # A1111's step count
-        return await run(req, fields, ignored, notes=notes, styled=styled)
+        return await run(req, fields, ignored, notes=notes, styled=styled, refiner=refiner)
+
+    def hand_off(body: dict[str, Any], fields: dict[str, Any], ignored: list[str]) -> tuple[str, str, float] | None:
+        """txt2img's SDXL refiner (A1111's ``refiner_checkpoint`` / ``refiner_switch_at``): (loader reference,
+        listed name, switch), or None where A1111 runs no refiner: none named, the job's own model (its
+        ``apply_refiner`` skips the switch to the loaded checkpoint), or a switch at 1 (no step reaches it)."""
+        name = body.get("refiner_checkpoint")
+        if name in NO_REFINER:
+            return None
+        if "refiner_checkpoint" in ignored:
+            ignored.remove("refiner_checkpoint")
+        if not isinstance(name, str):
+            raise BadRequest(f"refiner_checkpoint must be a model name, got {name!r}")
+        ref = services.catalog.resolve_model(name)  # a BadRequest naming the models for an unknown one
+        switch = body.get("refiner_switch_at")
+        if isinstance(switch, bool) or not isinstance(switch, int | float) or not 0 < switch <= 1:
+            # A1111 without a switch (or at 0) runs the refiner from the first step: its refiner alone
+            raise BadRequest(
+                f"refiner_switch_at must be a number in (0, 1] with a refiner_checkpoint, got {switch!r} "
+                "(the fraction of the steps the base model runs, A1111's default 0.8)"
+            )
+        base = services.catalog.resolve_model(
+            fields.get("model") or str(options.get("sd_model_checkpoint") or services.config.model)
+        )
+        if ref == base or switch == 1:
+            return None
+        return ref, services.catalog.model_name_of(ref), float(switch)
 
     @app.post("/sdapi/v1/img2img", tags=["a1111"])
     async def img2img(req: Img2ImgRequest) -> JSONResponse:
@@ -1507,6 +1601,8 @@ def install(app: FastAPI, services: Any) -> None:
                 changes[k] = check_ensd(v)
             elif k == "initial_noise_multiplier":  # img2img's noise multiplier when a request gives none
                 changes[k] = check_noise_multiplier(v)
+            elif k in SDXL_OPTIONS:
+                changes[k] = sdxl_option(k, v)
             elif k == "control_net_no_detectmap":  # the ControlNet extension's "Do not append detectmap"
                 if not isinstance(v, bool):
                     raise BadRequest("control_net_no_detectmap must be true or false")

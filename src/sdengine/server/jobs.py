@@ -274,6 +274,8 @@ def batch_key(job: Job) -> tuple[Any, ...] | None:
     if getattr(job, "run_on", None) is not None:
         return None
     g = job.generation
+    if g.refiner is not None or g.sdxl_options:  # a base -> refiner hand-off, A1111's SDXL options: run alone
+        return None
     kw = g.kwargs
     if g.n_iter != 1 or any(kw.get(k) is not None for k in _NEVER_BATCHED):
         return None
@@ -691,6 +693,8 @@ class Worker(threading.Thread):
         self.device = device
         self.pipe: Any = None
         self.model: str | None = None
+        self.refiner_pipe: Any = None  # the SDXL refiner of the last hand-off job (kept for the next one)
+        self.refiner_model: str | None = None
         self.current: Job | None = None
         self.batch: list[Job] = []  # the jobs of the running call (one, or a batch)
         self.preload: str | None = None  # a model to load before the first job (set before start)
@@ -745,13 +749,23 @@ class Worker(threading.Thread):
 
     def pipeline(self, model: str) -> Any:
         if self.model != model:
-            self.pipe = None  # free the old model before loading the next
+            self.pipe = None  # free the old model (and a hand-off's refiner) before loading the next
             self.model = None
+            self.refiner_pipe, self.refiner_model = None, None
             self.pipe = self.manager.loader(model, self.device)
             self.model = model
             if model == self.preload:
                 self.load_error = None
         return self.pipe
+
+    def refiner(self, model: str) -> Any:
+        """The refiner of a hand-off job, loaded beside the job's model (and kept for the next such job)."""
+        if self.refiner_model != model:
+            self.refiner_pipe = None
+            self.refiner_model = None
+            self.refiner_pipe = self.manager.loader(model, self.device)
+            self.refiner_model = model
+        return self.refiner_pipe
 
     def run_job(self, job: Job) -> None:
         import torch
@@ -767,8 +781,30 @@ class Worker(threading.Thread):
         except (SdengineError, OSError, ValueError) as e:
             m.finish(job, FAILED, f"cannot load model {g.model_name!r}: {e}")
             return
+        call = pipe
+        if g.refiner is not None:
+            try:
+                refiner = self.refiner(g.refiner)
+            except (SdengineError, OSError, ValueError) as e:
+                m.finish(job, FAILED, f"cannot load the refiner {g.refiner_name!r}: {e}")
+                return
+            if not hasattr(pipe, "generate_with_refiner"):
+                m.finish(job, FAILED, f"a refiner needs an SDXL base model; {g.model_name!r} is not one")
+                return
+
+            def call(**kw: Any) -> Any:
+                return pipe.generate_with_refiner(refiner, switch_at=g.refiner_switch_at, switch_rule="a1111", **kw)
+
         from sdengine.pipeline.request import batch_count_seeds
 
+        base_kwargs = dict(g.kwargs)
+        if g.sdxl_options and getattr(pipe, "text_kind", None) == "sdxl":
+            xl = dict(g.sdxl_options)
+            if not getattr(pipe, "refiner", False) and g.refiner is None:  # the scores are a refiner's
+                xl.pop("aesthetic_score", None)
+                xl.pop("negative_aesthetic_score", None)
+            if xl:
+                base_kwargs["sdxl"] = {**xl, **(g.kwargs.get("sdxl") or {})}
         seeds = g.kwargs["seed"]  # a list: one seed per row, the same for every iteration (A1111's variations)
         batch = int(g.kwargs["batch_size"])
         subseed = g.kwargs.get("subseed")
@@ -777,7 +813,7 @@ class Worker(threading.Thread):
             if job.cancel.is_set():
                 break
             seed, sub = batch_count_seeds(seeds, subseed, g.kwargs.get("subseed_strength") or 0.0, batch, it)
-            kwargs = dict(g.kwargs, seed=seed)
+            kwargs = dict(base_kwargs, seed=seed)
             if sub is not None:
                 kwargs["subseed"] = sub
             run_steps = [0]
@@ -810,7 +846,7 @@ class Worker(threading.Thread):
                 return True
 
             try:
-                result = pipe(**kwargs, callback=callback, progress=False)
+                result = call(**kwargs, callback=callback, progress=False)
             except Cancelled as e:
                 if job.skip.is_set() and not job.cancel.is_set():
                     job.skip.clear()

@@ -68,6 +68,14 @@ class Generation:
     notes: list[str] = field(default_factory=list)
     # applied to every image before it is saved or answered (A1111's inpainting overlay), None: as generated
     finish: Callable[[Image.Image], Image.Image] | None = None
+    # an SDXL refiner hand-off (A1111's refiner_checkpoint / refiner_switch_at): the refiner's loader reference,
+    # its listed name and the switch; the worker loads the refiner for the job (SDXLPipeline.generate_with_refiner)
+    refiner: str | None = None
+    refiner_name: str | None = None
+    refiner_switch_at: float | None = None
+    # A1111's SDXL options as ``sdxl`` settings: the worker adds them to an SDXL model's request (the aesthetic
+    # scores to a refiner's only); other models ignore them, as A1111 does
+    sdxl_options: dict[str, Any] | None = None
 
     @property
     def images(self) -> int:
@@ -145,6 +153,7 @@ def build_generation(
     noise_multiplier: float = 1.0,
     noise_seed_delta: int = 0,
     masked_content: str = "original",
+    sdxl: dict[str, Any] | None = None,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run."""
     from sdengine.nn.lora import LoRAWeight, lora_weight
@@ -300,6 +309,15 @@ def build_generation(
         kwargs["resize_mode"] = resize_mode  # checked by GenerationRequest.validate below
     if hires is not None:
         kwargs.update(_hires_fields(config, hires, width, height), enable_hr=True)
+    if sdxl:  # SDXL's second prompts, micro-conditioning and aesthetic scores (SDXL models only: said by the job)
+        from sdengine.errors import GenerationError
+        from sdengine.text.sdxl_conditioner import SDXLOptions
+
+        try:
+            SDXLOptions.coerce(sdxl)
+        except GenerationError as e:
+            raise BadRequest(str(e)) from None
+        kwargs["sdxl"] = dict(sdxl)
     # The pipeline's own request object checks what it can without the model (GenerationError -> 400), so
     # that such a mistake is answered now instead of failing the job later.
     from sdengine.pipeline import GenerationRequest

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -109,6 +109,13 @@ class JobRequest(BaseModel):
         "'a1111_sdxl_clip_l' A1111's with its sdxl_clip_l_skip on (SDXL's CLIP-L reads hidden_states[-clip_skip])",
     )
     hires: HiresSpec | None = Field(None, description="run the hires fix (txt2img)")
+    sdxl: dict[str, Any] | None = Field(
+        None,
+        description="SDXL models only: prompt_2, negative_prompt_2, original_size, crops_coords_top_left, "
+        "target_size ([height, width] pixels), negative_original_size, negative_crops_coords_top_left, "
+        "negative_target_size, aesthetic_score, negative_aesthetic_score (a refiner's), as diffusers' "
+        "StableDiffusionXLPipeline arguments",
+    )
     tiling: bool = Field(False, description="seamless tiles: circular padding in every convolution (A1111's Tiling)")
     seed_resize_from: list[int] | None = Field(
         None,
