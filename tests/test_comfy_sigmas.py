@@ -74,3 +74,16 @@ def test_sample_walks_an_explicit_sigma_list():
             sampling.sample(blind, noise, sampler="euler", steps=bad.numel() - 1, noise_schedule=ns, sigmas=bad)
     with pytest.raises(UsageError, match="timestep grid"):
         sampling.sample(blind, noise, sampler="ddim", steps=5, noise_schedule=ns, sigmas=grid.sigmas)
+
+
+def test_sd_turbo_scheduler_takes_every_hundredth_timestep():
+    from sdengine.diffusion.schedules import NoiseSchedule
+    from sdengine.server.comfy.nodes import ModelHandle, sd_turbo_scheduler
+
+    ns = NoiseSchedule.from_config(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                   beta_schedule="scaled_linear")  # fmt: skip
+    ctx = SimpleNamespace(max_steps=150, pipeline=lambda ref: SimpleNamespace(noise_schedule=ns))
+    (s,) = sd_turbo_scheduler(ctx, ModelHandle("m"), 2, 1.0)
+    assert s.values.tolist() == pytest.approx([float(ns.sigmas[999]), float(ns.sigmas[899]), 0.0])
+    (s,) = sd_turbo_scheduler(ctx, ModelHandle("m"), 4, 0.5)  # from the sixth on: 499, 399, 299, 199
+    assert s.values.tolist() == pytest.approx([float(ns.sigmas[t]) for t in (499, 399, 299, 199)] + [0.0])

@@ -1035,6 +1035,18 @@ def beta_sampling_scheduler(ctx: RunContext, model: ModelHandle, steps: int, alp
     return (_sigma_list(_with_zero(beta_sigmas(int(steps), train, float(alpha), float(beta)))),)
 
 
+def sd_turbo_scheduler(ctx: RunContext, model: ModelHandle, steps: int, denoise: float) -> tuple[Any]:
+    """ComfyUI's SDTurboScheduler: the sigmas of timesteps 999, 899, ..., 99 (SD-Turbo's), ``steps`` of them from
+    ``10 - int(10 * denoise)`` on, then 0."""
+    pipe = ctx.pipeline(model.ref)
+    table = pipe.noise_schedule.sigmas.to(torch.float32)
+    if int(table.shape[0]) != 1000:
+        raise NodeError(f"SDTurboScheduler needs a model of 1000 timesteps, this one has {int(table.shape[0])}")
+    start = 10 - int(10 * float(denoise))
+    timesteps = list(range(999, 0, -100))[start : start + int(steps)]
+    return (_sigma_list(_with_zero(table[torch.tensor(timesteps, dtype=torch.long)])),)
+
+
 def _window(sigmas: Sigmas, values: torch.Tensor, lo: int, hi: int) -> Sigmas:
     """``values`` cut from ``sigmas``: its sigmas ``lo`` .. ``hi`` (relative), the plan's window moved alike."""
     p = sigmas.plan
@@ -1976,6 +1988,14 @@ NODES: dict[str, NodeDef] = {
             ),
             ("SIGMAS",),
             beta_sampling_scheduler,
+        ),
+        NodeDef(
+            "SDTurboScheduler",
+            "SDTurboScheduler",
+            "sampling/custom_sampling/schedulers",
+            (Input("model", "MODEL"), _int("steps", 1, 1, 10), _float("denoise", 1.0, 0.0, 1.0)),
+            ("SIGMAS",),
+            sd_turbo_scheduler,
         ),
         NodeDef(
             "SplitSigmas",
