@@ -950,6 +950,9 @@ class Guider:
     negative: list[Any] | None
     cfg: float
 
+    def __repr__(self) -> str:
+        return f"GUIDER({self.model.ref}, cfg {self.cfg:g}, {'CFG' if self.negative is not None else 'basic'})"
+
 
 def _check_steps(ctx: RunContext, steps: int) -> None:
     if steps > ctx.max_steps:
