@@ -2454,3 +2454,152 @@ def test_image_batch_appends_image2_scaled_to_image1s_size():
     assert torch.equal(same, torch.cat([a, a[:1]]))
     with pytest.raises(Exception, match="batch_size 9 is over the server's limit of 8"):
         image_batch(ctx, torch.zeros(8, 4, 4, 3), torch.zeros(1, 4, 4, 3))
+
+
+# ----------------------------------------------------------------------------- custom sampling (SIGMAS nodes)
+
+
+def _custom_graph(sampler: str = "dpmpp_2m", scheduler: str = "karras") -> dict:
+    """txt2img_graph's KSampler (node 3, saved by 9) beside the same run by the custom-sampling nodes."""
+
+    def decode_preview(g: dict, sample: str, at: int, out: int = 0) -> None:
+        g[str(at)] = {"class_type": "VAEDecode", "inputs": {"samples": [sample, out], "vae": ["4", 2]}}
+        g[str(at + 1)] = {"class_type": "PreviewImage", "inputs": {"images": [str(at), 0]}}
+
+    def custom(sigmas: list, latent: list, add_noise: bool = True) -> dict:
+        return {
+            "class_type": "SamplerCustom",
+            "inputs": {
+                "model": ["4", 0],
+                "add_noise": add_noise,
+                "noise_seed": SEED,
+                "cfg": 5.0,
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "sampler": ["50", 0],
+                "sigmas": sigmas,
+                "latent_image": latent,
+            },
+        }
+
+    def adv(latent: list, start: int, end: int, add_noise: str, leftover: str) -> dict:
+        return {
+            "class_type": "KSamplerAdvanced",
+            "inputs": {
+                "add_noise": add_noise,
+                "noise_seed": SEED,
+                "steps": STEPS,
+                "cfg": 5.0,
+                "sampler_name": sampler,
+                "scheduler": scheduler,
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": latent,
+                "model": ["4", 0],
+                "start_at_step": start,
+                "end_at_step": end,
+                "return_with_leftover_noise": leftover,
+            },
+        }
+
+    g = txt2img_graph(sampler=sampler, scheduler=scheduler)
+    g["50"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": sampler}}
+    g["51"] = {
+        "class_type": "BasicScheduler",
+        "inputs": {"model": ["4", 0], "scheduler": scheduler, "steps": STEPS, "denoise": 1.0},
+    }
+    g["52"] = custom(["51", 0], ["5", 0])  # the whole schedule: KSampler's image
+    decode_preview(g, "52", 53)
+    decode_preview(g, "52", 55, out=1)  # denoised_output: the output itself at sigma 0
+    # SplitSigmas hands over after step 2, as KSamplerAdvanced 0..2 (leftover noise) then 2..end (no noise)
+    g["60"] = {"class_type": "SplitSigmas", "inputs": {"sigmas": ["51", 0], "step": 2}}
+    g["61"] = custom(["60", 0], ["5", 0])
+    g["62"] = custom(["60", 1], ["61", 0], add_noise=False)
+    decode_preview(g, "62", 63)
+    g["70"] = adv(["5", 0], 0, 2, "enable", "enable")
+    g["71"] = adv(["70", 0], 2, 10000, "disable", "disable")
+    decode_preview(g, "71", 72)
+    # SamplerCustomAdvanced with RandomNoise and CFGGuider: SamplerCustom's image
+    g["80"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}}
+    g["81"] = {
+        "class_type": "CFGGuider",
+        "inputs": {"model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "cfg": 5.0},
+    }
+    g["82"] = {
+        "class_type": "SamplerCustomAdvanced",
+        "inputs": {"noise": ["80", 0], "guider": ["81", 0], "sampler": ["50", 0], "sigmas": ["51", 0],
+                   "latent_image": ["5", 0]},
+    }  # fmt: skip
+    decode_preview(g, "82", 83)
+    return g
+
+
+def _all_images(client: httpx.Client, g: dict) -> dict[str, np.ndarray]:
+    r = client.post("/prompt", json={"prompt": g})
+    assert r.status_code == 200, r.text
+    h = wait_history(client, r.json()["prompt_id"])
+    assert h["status"]["status_str"] == "success", h["status"]
+    return {
+        nid: np.asarray(Image.open(io.BytesIO(client.get("/view", params=o["images"][0]).content)).convert("RGB"))
+        for nid, o in h["outputs"].items()
+    }
+
+
+@pytest.mark.parametrize("sampler, scheduler", [("dpmpp_2m", "karras"), ("euler_ancestral", "normal")])
+def test_custom_sampling_nodes_equal_ksampler(client, sampler, scheduler):
+    """KSamplerSelect + BasicScheduler + SamplerCustom is KSampler bit for bit, SplitSigmas between two SamplerCustom
+    is KSamplerAdvanced's hand-off, SamplerCustomAdvanced + RandomNoise + CFGGuider is SamplerCustom."""
+    out = _all_images(client, _custom_graph(sampler, scheduler))
+    ksampler = out["9"]
+    assert np.array_equal(out["54"], ksampler)
+    assert np.array_equal(out["56"], ksampler)
+    assert np.array_equal(out["84"], ksampler)
+    assert np.array_equal(out["64"], out["73"])
+
+
+def test_custom_sampling_other_sigmas_and_bad_inputs(client):
+    g = txt2img_graph(sampler="euler", scheduler="karras")
+    g["50"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    g["51"] = {"class_type": "AlignYourStepsScheduler", "inputs": {"model_type": "SD1", "steps": STEPS, "denoise": 1.0}}
+    g["52"] = {
+        "class_type": "SamplerCustomAdvanced",
+        "inputs": {"noise": ["80", 0], "guider": ["81", 0], "sampler": ["50", 0], "sigmas": ["51", 0],
+                   "latent_image": ["5", 0]},
+    }  # fmt: skip
+    g["80"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}}
+    g["81"] = {"class_type": "BasicGuider", "inputs": {"model": ["4", 0], "conditioning": ["6", 0]}}
+    g["53"] = {"class_type": "VAEDecode", "inputs": {"samples": ["52", 0], "vae": ["4", 2]}}
+    g["54"] = {"class_type": "PreviewImage", "inputs": {"images": ["53", 0]}}
+    # BasicScheduler at denoise 0: no sigma, the latent passes through (ComfyUI's rule, as KSampler's denoise 0)
+    g["60"] = {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "simple", "steps": 4,
+                                                          "denoise": 0.0}}  # fmt: skip
+    g["61"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": ["4", 0], "add_noise": True, "noise_seed": 1, "cfg": 5.0, "positive": ["6", 0],
+        "negative": ["7", 0], "sampler": ["50", 0], "sigmas": ["60", 0], "latent_image": ["3", 0]}}  # fmt: skip
+    g["62"] = {"class_type": "VAEDecode", "inputs": {"samples": ["61", 0], "vae": ["4", 2]}}
+    g["63"] = {"class_type": "PreviewImage", "inputs": {"images": ["62", 0]}}
+    out = _all_images(client, g)
+    ays, base = out["54"], out["9"]
+    assert np.array_equal(out["63"], base)  # passed through
+    assert ays.std() > 10 and np.abs(ays.astype(int) - base).mean() > 0  # a picture, and another schedule's
+
+    # a SIGMAS link into a LATENT input: ComfyUI's return_type_mismatch, before anything runs
+    bad = {k: g[k] for k in ("4", "51")}
+    bad["53"] = {"class_type": "VAEDecode", "inputs": {"samples": ["51", 0], "vae": ["4", 2]}}
+    bad["54"] = g["54"]
+    r = client.post("/prompt", json={"prompt": bad})
+    assert r.status_code == 400, r.text
+    assert "return_type_mismatch" in [e["type"] for e in r.json()["node_errors"]["53"]["errors"]]
+
+    # sigmas that rise (sigma_min above sigma_max), and a timestep sampler on a free sigma list: the node fails
+    for sigmas, sampler, words in ((5.0, "euler", "decreasing"), (0.5, "ddim", "its own timestep grid")):
+        g2 = dict(g)
+        g2["51"] = {"class_type": "KarrasScheduler",
+                    "inputs": {"steps": 3, "sigma_max": 1.0, "sigma_min": sigmas, "rho": 7.0}}  # fmt: skip
+        g2["50"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": sampler}}
+        r = client.post("/prompt", json={"prompt": g2})
+        assert r.status_code == 200, r.text
+        h = wait_history(client, r.json()["prompt_id"])
+        assert h["status"]["status_str"] == "error"
+        (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
+        assert err["node_id"] == "52" and words in err["exception_message"], err

@@ -176,6 +176,7 @@ def sample_latents(
     leftover_noise: bool = False,
     callback: Callable[[StepReport], bool | None] | None = None,
     batch_index: Sequence[int] | None = None,
+    sigmas: Tensor | None = None,
 ) -> Tensor:
     """Sample from ``latent`` (B, C, h, w) in the model's scaled latent space; returns the new latent.
 
@@ -189,7 +190,10 @@ def sample_latents(
     applied to the U-Net for this call only. ``start_at_step`` / ``end_at_step`` / ``add_noise`` /
     ``leftover_noise``: KSamplerAdvanced's window of a ``steps``-step schedule. ``callback`` returning
     False raises :class:`SamplingStopped`. ``batch_index``: under ComfyUI's rule, the original batch's row of each
-    row (see :func:`make_noise`).
+    row (see :func:`make_noise`). ``sigmas``: an explicit decreasing sigma list (ComfyUI's SIGMAS, SamplerCustom)
+    walked instead of ``steps``/``schedule``/``denoise`` and the window, as ComfyUI walks it: from the latent plus
+    the noise at ``sigmas[0]``, or from pure noise (``sqrt(1 + sigma**2)`` scaled) when the latent is empty and
+    ``sigmas[0]`` is the model's sigma_max; the result is the sample at ``sigmas[-1]`` (noisy when that is not 0).
     """
     if seed_rule not in SEED_RULES:
         raise LatentSamplingError(f"unknown seed rule {seed_rule!r}; use one of {', '.join(SEED_RULES)}")
@@ -249,7 +253,20 @@ def sample_latents(
             raise LatentSamplingError(f"noise mask batch {m.shape[0]} does not fit the latent batch {b}")
 
     # Which steps of which grid run.
-    if start_at_step or end_at_step is not None:
+    given = None
+    if sigmas is not None:
+        given = sigmas.detach().to("cpu", torch.float32).reshape(-1)
+        if given.shape[0] < 2:
+            raise LatentSamplingError(f"{given.shape[0]} sigmas make no step")
+        if not bool(torch.isfinite(given).all()) or float(given[-1]) < 0 or not bool((given[1:] < given[:-1]).all()):
+            shown = [round(v, 4) for v in given.tolist()[:8]]
+            raise LatentSamplingError(f"sigmas must be finite, decreasing and end at or above 0, got {shown}")
+        total = end = given.shape[0] - 1
+        start, strength = 0, 1.0
+        sigma_max = float(pipe.noise_schedule.sigma_max)
+        max_denoise = math.isclose(float(given[0]), sigma_max, rel_tol=1e-5) or float(given[0]) > sigma_max
+        from_init = not (empty and max_denoise)  # ComfyUI's max_denoise: pure noise; else latent + noise * sigma
+    elif start_at_step or end_at_step is not None:
         total, start = steps, start_at_step
         end = steps if end_at_step is None else min(end_at_step, steps)
         if not 0 <= start < end:
@@ -270,9 +287,15 @@ def sample_latents(
                 f"denoise {denoise:g} with {steps} steps runs the last {steps} of a {total}-step schedule, and "
                 f"{pipe.name} has {limit} timesteps: raise denoise to at least {steps / limit:g} or lower steps"
             )
-    grid = sampling.make_grid(name, total, pipe.noise_schedule, sched, pipe.scheduler_config, strength)
+    if given is not None:
+        from sdengine.diffusion.schedules import SamplingGrid, sigma_to_t
+
+        log_sigmas = pipe.noise_schedule.log_sigmas
+        grid = SamplingGrid(sigmas=given, timesteps=sigma_to_t(given[:-1], log_sigmas).to(torch.float32))
+    else:
+        grid = sampling.make_grid(name, total, pipe.noise_schedule, sched, pipe.scheduler_config, strength)
     asked = total  # the step count the grid is made for (sampling.sample(steps=...))
-    if grid.steps != total and start_at_step == 0 and end_at_step is None:
+    if given is None and grid.steps != total and start_at_step == 0 and end_at_step is None:
         # A sigma list of another length than asked (ComfyUI's ddim_uniform, beta): the run is counted on it,
         # the denoise's steps from its end as ComfyUI takes them (sigmas[-(steps + 1):]).
         if seed_rule == "sdengine" and not empty:
@@ -369,6 +392,7 @@ def sample_latents(
                     strength=strength,
                     start_step=start if from_init else None,
                     noise_schedule=pipe.noise_schedule,
+                    sigmas=given,
                 )
         except SamplingInterrupted as e:
             if e.step + 1 != run_steps or end >= total:

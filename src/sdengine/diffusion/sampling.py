@@ -43,6 +43,7 @@ from sdengine.diffusion.schedules import (
     config_get,
     img2img_start,
     sampling_grid,
+    sigma_to_t,
 )
 from sdengine.errors import UsageError
 
@@ -445,13 +446,19 @@ def sample(
     noise_schedule: NoiseSchedule | None = None,
     sampler_options: Mapping[str, Any] | None = None,
     end_step: int | None = None,
+    sigmas: Tensor | None = None,
 ) -> Tensor:
     """Run ``sampler`` for ``steps`` steps from unit ``noise`` (txt2img) or from ``init_latent`` noised to
     ``strength`` (img2img); returns the final latent (x0). See the module docstring.
 
     ``end_step`` k stops after the grid's step k - 1 and returns the still noisy latent at ``grid.sigmas[k]``
     (in the network's VP scaling, like every return): the first half of a hand-off to another model (SDXL
-    base -> refiner, diffusers' ``denoising_end``), which continues with ``start_step=k``."""
+    base -> refiner, diffusers' ``denoising_end``), which continues with ``start_step=k``.
+
+    ``sigmas``: an explicit decreasing sigma list (ComfyUI's SIGMAS) walked instead of ``schedule``'s grid, the
+    network seeing each sigma's fractional timestep; ``steps`` must be its length - 1. Without ``init_latent`` the
+    start is ``noise * sqrt(1 + sigmas[0]**2)`` (ComfyUI's start from pure noise), with it
+    ``init_latent + noise * sigmas[0]``. Not for the timestep samplers (DDIM, PLMS, LCM, DDPM, restart)."""
     name, sched = resolve(sampler, schedule)
     spec = SAMPLERS[name]
     ns = noise_schedule if noise_schedule is not None else getattr(denoiser, "schedule", None)
@@ -475,7 +482,18 @@ def sample(
         known = ", ".join(sampler_option_names(name)) or "none"
         raise UsageError(f"sampler {name!r} has no option {', '.join(map(str, unknown))}; its options: {known}")
 
-    grid = make_grid(name, steps, ns, sched, scheduler_config, strength if init_latent is not None else 1.0)
+    explicit = sigmas is not None
+    if sigmas is not None:
+        given = sigmas.detach().to("cpu", torch.float32).reshape(-1)
+        if name in TIMESTEP_SAMPLERS:
+            raise UsageError(f"sampler {name!r} walks its own timestep grid; it cannot run a given sigma list")
+        if given.shape[0] != steps + 1:
+            raise UsageError(f"{given.shape[0]} sigmas make {given.shape[0] - 1} steps, not {steps}")
+        if not bool(torch.isfinite(given).all()) or float(given[-1]) < 0 or not bool((given[1:] < given[:-1]).all()):
+            raise UsageError("sigmas must be finite, decreasing and end at or above 0")
+        grid = SamplingGrid(sigmas=given, timesteps=sigma_to_t(given[:-1], ns.log_sigmas).to(torch.float32))
+    else:
+        grid = make_grid(name, steps, ns, sched, scheduler_config, strength if init_latent is not None else 1.0)
     if start_step is None:
         # grid.steps, not steps: a sigma-table schedule may have more or fewer points (ComfyUI's ddim_uniform, beta)
         start_step = img2img_start(grid.steps, strength) if init_latent is not None else 0
@@ -496,7 +514,8 @@ def sample(
 
     sigmas = grid.sigmas[start_step : stop + 1]
     if init_latent is None and start_step == 0:
-        x = noise * init_noise_scale(name, grid, scheduler_config)
+        scale = math.sqrt(1 + float(sigmas[0]) ** 2) if explicit else None
+        x = noise * (init_noise_scale(name, grid, scheduler_config) if scale is None else scale)
     else:
         base = init_latent if init_latent is not None else torch.zeros_like(noise)
         x = base + noise * float(sigmas[0])

@@ -817,6 +817,7 @@ def _sample(
     negative: list[Any],
     latent_image: dict[str, Any],
     denoise: float = 1.0,
+    last_denoised: list[torch.Tensor] | None = None,
     **window: Any,
 ) -> tuple[Any]:
     from sdengine.latent_sampling import sample_latents
@@ -829,6 +830,8 @@ def _sample(
     samples = latent_samples(latent_image, pipe)
 
     def report(r: Any) -> bool:
+        if last_denoised is not None:
+            last_denoised[:] = [r.denoised]
         return ctx.progress(r.step, r.steps, r.denoised) if ctx.progress is not None else True
 
     out = sample_latents(
@@ -892,6 +895,289 @@ def ksampler_advanced(
         leftover_noise=return_with_leftover_noise == "enable",
         **kw,
     )
+
+
+# ------------------------------------------------------------------------------- custom sampling (SIGMAS)
+
+
+@dataclass(frozen=True)
+class SigmaPlan:
+    """Where a SIGMAS value came from when it is (a window of) a KSampler schedule: BasicScheduler's ``scheduler``,
+    ``steps`` and ``denoise`` on model ``ref`` (``n`` steps in all), of which the window walks sigmas ``lo`` ..
+    ``hi`` (SplitSigmas). SamplerCustom runs such a window on the sampler's own grid, as KSampler (Advanced) does."""
+
+    ref: str
+    scheduler: str
+    steps: int
+    denoise: float
+    n: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, eq=False)
+class Sigmas:
+    """ComfyUI's SIGMAS: a 1-D float32 tensor of noise levels, highest first (the last usually 0)."""
+
+    values: torch.Tensor
+    plan: SigmaPlan | None = None
+
+    def __repr__(self) -> str:
+        return f"SIGMAS({[round(v, 4) for v in self.values.tolist()]})"
+
+
+@dataclass(frozen=True)
+class SamplerChoice:
+    """ComfyUI's SAMPLER (KSamplerSelect): one of :data:`SAMPLER_NAMES`."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class NoiseSource:
+    """ComfyUI's NOISE: RandomNoise's seed, or DisableNoise (``enabled`` False)."""
+
+    seed: int
+    enabled: bool = True
+
+
+@dataclass(frozen=True, eq=False)
+class Guider:
+    """ComfyUI's GUIDER: CFGGuider (model, positive, negative, cfg) or BasicGuider (one conditioning, cfg 1)."""
+
+    model: ModelHandle
+    positive: list[Any]
+    negative: list[Any] | None
+    cfg: float
+
+    def __repr__(self) -> str:
+        return f"GUIDER({self.model.ref}, cfg {self.cfg:g}, {'CFG' if self.negative is not None else 'basic'})"
+
+
+def _check_steps(ctx: RunContext, steps: int) -> None:
+    if steps > ctx.max_steps:
+        raise NodeError(f"steps {steps} is over the server's limit of {ctx.max_steps}")
+
+
+def _sigma_list(values: torch.Tensor) -> Sigmas:
+    return Sigmas(values.detach().to("cpu", torch.float32).reshape(-1).clone())
+
+
+def basic_scheduler(ctx: RunContext, model: ModelHandle, scheduler: str, steps: int, denoise: float) -> tuple[Any]:
+    """ComfyUI's BasicScheduler: the KSampler schedule's sigmas; denoise < 1 the last ``steps`` + 1 of a schedule of
+    ``int(steps / denoise)`` steps; denoise 0 none (a SamplerCustom then passes its latent through)."""
+    from sdengine.diffusion import sampling
+
+    steps, denoise = int(steps), float(denoise)
+    _check_steps(ctx, steps)
+    if denoise <= 0.0:
+        return (Sigmas(torch.zeros(0)),)
+    pipe = ctx.pipeline(model.ref)
+    total = steps if denoise >= 1.0 else int(steps / denoise)
+    limit = int(pipe.noise_schedule.num_train_timesteps)
+    if total > limit:
+        raise NodeError(
+            f"denoise {denoise:g} with {steps} steps makes a {total}-step schedule, and the model has {limit} timesteps"
+        )
+    # the values: a multistep sampler's grid, which spans the model's whole sigma range as ComfyUI's schedules do
+    # (the Euler family's grid follows the model's timestep_spacing, "leading" starting lower)
+    sdxl = getattr(pipe, "text_kind", "") == "sdxl"
+    name, sched = sampling.resolve("dpmpp_2m", SCHEDULER_NAMES[scheduler], sdxl=sdxl)
+    grid = sampling.make_grid(name, total, pipe.noise_schedule, sched, pipe.scheduler_config)
+    values = grid.sigmas[-(steps + 1) :].clone()
+    n = int(values.shape[0]) - 1
+    return (Sigmas(values, SigmaPlan(model.ref, scheduler, steps, denoise, n, 0, n)),)
+
+
+def _with_zero(values: torch.Tensor) -> torch.Tensor:
+    return torch.cat([values.to(torch.float32), torch.zeros(1)])
+
+
+def karras_scheduler(ctx: RunContext, steps: int, sigma_max: float, sigma_min: float, rho: float) -> tuple[Any]:
+    from sdengine.diffusion.schedules import karras_sigmas
+
+    _check_steps(ctx, int(steps))
+    return (_sigma_list(_with_zero(karras_sigmas(int(steps), float(sigma_min), float(sigma_max), float(rho)))),)
+
+
+def exponential_scheduler(ctx: RunContext, steps: int, sigma_max: float, sigma_min: float) -> tuple[Any]:
+    from sdengine.diffusion.schedules import exponential_sigmas
+
+    _check_steps(ctx, int(steps))
+    if float(sigma_min) <= 0.0 or float(sigma_max) <= 0.0:
+        raise NodeError("ExponentialScheduler: sigma_min and sigma_max must be above 0 (their logarithms are spaced)")
+    return (_sigma_list(_with_zero(exponential_sigmas(int(steps), float(sigma_min), float(sigma_max)))),)
+
+
+AYS_MODEL_TYPES = {"SD1": "align_your_steps", "SDXL": "align_your_steps_sdxl"}
+
+
+def align_your_steps_scheduler(ctx: RunContext, model_type: str, steps: int, denoise: float) -> tuple[Any]:
+    """ComfyUI's AlignYourStepsScheduler: the table's levels log-linearly interpolated to ``steps`` + 1 points; with
+    denoise < 1 the last ``round(steps * denoise)`` steps of them; the last sigma 0."""
+    from sdengine.diffusion.schedules import AYS_NOISE_LEVELS, align_your_steps_sigmas
+
+    steps, denoise = int(steps), float(denoise)
+    _check_steps(ctx, steps)
+    if denoise <= 0.0:
+        return (Sigmas(torch.zeros(0)),)
+    run = steps if denoise >= 1.0 else round(steps * denoise)
+    values = align_your_steps_sigmas(steps, AYS_NOISE_LEVELS[AYS_MODEL_TYPES[model_type]])[-(run + 1) :].clone()
+    values[-1] = 0.0
+    return (_sigma_list(values),)
+
+
+def beta_sampling_scheduler(ctx: RunContext, model: ModelHandle, steps: int, alpha: float, beta: float) -> tuple[Any]:
+    from sdengine.diffusion.schedules import beta_sigmas
+
+    _check_steps(ctx, int(steps))
+    if float(alpha) <= 0.0 or float(beta) <= 0.0:
+        raise NodeError("BetaSamplingScheduler: alpha and beta must be above 0")
+    pipe = ctx.pipeline(model.ref)
+    train = pipe.noise_schedule.sigmas.to(torch.float64)
+    return (_sigma_list(_with_zero(beta_sigmas(int(steps), train, float(alpha), float(beta)))),)
+
+
+def sd_turbo_scheduler(ctx: RunContext, model: ModelHandle, steps: int, denoise: float) -> tuple[Any]:
+    """ComfyUI's SDTurboScheduler: the sigmas of timesteps 999, 899, ..., 99 (SD-Turbo's), ``steps`` of them from
+    ``10 - int(10 * denoise)`` on, then 0."""
+    pipe = ctx.pipeline(model.ref)
+    table = pipe.noise_schedule.sigmas.to(torch.float32)
+    if int(table.shape[0]) != 1000:
+        raise NodeError(f"SDTurboScheduler needs a model of 1000 timesteps, this one has {int(table.shape[0])}")
+    start = 10 - int(10 * float(denoise))
+    timesteps = list(range(999, 0, -100))[start : start + int(steps)]
+    return (_sigma_list(_with_zero(table[torch.tensor(timesteps, dtype=torch.long)])),)
+
+
+def _window(sigmas: Sigmas, values: torch.Tensor, lo: int, hi: int) -> Sigmas:
+    """``values`` cut from ``sigmas``: its sigmas ``lo`` .. ``hi`` (relative), the plan's window moved alike."""
+    p = sigmas.plan
+    if p is None or values.shape[0] == 0 or hi - lo != values.shape[0] - 1:
+        return Sigmas(values.clone())
+    return Sigmas(values.clone(), replace(p, lo=p.lo + lo, hi=p.lo + hi))
+
+
+def split_sigmas(ctx: RunContext, sigmas: Sigmas, step: int) -> tuple[Any, Any]:
+    """ComfyUI's SplitSigmas: ``sigmas[:step + 1]`` and ``sigmas[step:]`` (they share the sigma at ``step``)."""
+    v, step = sigmas.values, int(step)
+    last = int(v.shape[0]) - 1
+    return (_window(sigmas, v[: step + 1], 0, min(step, last)), _window(sigmas, v[step:], step, last))
+
+
+def split_sigmas_denoise(ctx: RunContext, sigmas: Sigmas, denoise: float) -> tuple[Any, Any]:
+    """ComfyUI's SplitSigmasDenoise: the last ``round(steps * denoise)`` steps as low_sigmas, the rest as
+    high_sigmas (as in ComfyUI, high_sigmas is empty when no step is low)."""
+    v = sigmas.values
+    steps = max(int(v.shape[0]) - 1, 0)
+    low = round(steps * float(denoise))
+    high_v = v[:-low] if low else v[:0]
+    return (_window(sigmas, high_v, 0, steps - low), _window(sigmas, v[-(low + 1) :], steps - low, steps))
+
+
+def ksampler_select(ctx: RunContext, sampler_name: str) -> tuple[Any]:
+    return (SamplerChoice(sampler_name),)
+
+
+def random_noise(ctx: RunContext, noise_seed: int) -> tuple[Any]:
+    return (NoiseSource(int(noise_seed)),)
+
+
+def disable_noise(ctx: RunContext) -> tuple[Any]:
+    return (NoiseSource(0, enabled=False),)
+
+
+def cfg_guider(ctx: RunContext, model: ModelHandle, positive: list[Any], negative: list[Any], cfg: float) -> tuple[Any]:
+    return (Guider(model, positive, negative, float(cfg)),)
+
+
+def basic_guider(ctx: RunContext, model: ModelHandle, conditioning: list[Any]) -> tuple[Any]:
+    return (Guider(model, conditioning, None, 1.0),)
+
+
+def _plan_for(sigmas: Sigmas, model: ModelHandle) -> SigmaPlan | None:
+    """The plan of ``sigmas`` when SamplerCustom can run it as KSampler (Advanced) runs that schedule: made for the
+    same model; a window of a full schedule whose grid has the steps asked (denoise 1), or the whole of it."""
+    p = sigmas.plan
+    if p is None or p.ref != model.ref or not 0 <= p.lo < p.hi <= p.n:
+        return None
+    if (p.lo, p.hi) == (0, p.n):
+        return p
+    return p if p.denoise >= 1.0 and p.n == p.steps else None
+
+
+def sampler_custom(
+    ctx: RunContext,
+    model: ModelHandle,
+    add_noise: bool,
+    noise_seed: int,
+    cfg: float,
+    positive: list[Any],
+    negative: list[Any],
+    sampler: SamplerChoice,
+    sigmas: Sigmas,
+    latent_image: dict[str, Any],
+) -> tuple[Any, Any]:
+    """ComfyUI's SamplerCustom: ``sampler`` walks ``sigmas`` from the latent (plus the seed's noise at the first
+    sigma when ``add_noise``). Outputs: the sample at the last sigma, and the last step's x0 estimate (the output
+    itself when the last sigma is 0). SIGMAS from BasicScheduler (whole, or cut by SplitSigmas at denoise 1) on the
+    same model run as KSampler / KSamplerAdvanced run that schedule, bit for bit; other sigma lists are walked as
+    they are (the network at each sigma's fractional timestep)."""
+    from sdengine.diffusion import sampling
+
+    values = sigmas.values
+    if values.shape[0] == 0:  # ComfyUI: no sigma, no sampling; the latent passes through
+        return (dict(latent_image), dict(latent_image))
+    if values.shape[0] == 1:
+        if float(values[0]) == 0.0 or not add_noise:  # no step, no noise (SplitSigmas at the end of a schedule)
+            return (dict(latent_image), dict(latent_image))
+        raise NodeError(f"sigmas hold one value ({float(values[0]):g}): no step to run")
+    if not bool(torch.isfinite(values).all()) or float(values[-1]) < 0 or not bool((values[1:] < values[:-1]).all()):
+        raise NodeError(f"sigmas must be finite, decreasing and end at or above 0, got {sigmas!r}")
+    last: list[torch.Tensor] = []
+    common: dict[str, Any] = dict(
+        model=model, seed=int(noise_seed), cfg=cfg, sampler_name=sampler.name, positive=positive,
+        negative=negative, latent_image=latent_image, last_denoised=last,
+    )  # fmt: skip
+    plan = _plan_for(sigmas, model)
+    if plan is not None and (plan.lo, plan.hi) == (0, plan.n):
+        (out,) = _sample(ctx, steps=plan.steps, scheduler=plan.scheduler, denoise=plan.denoise, add_noise=add_noise,
+                         **common)  # fmt: skip
+    elif plan is not None:
+        (out,) = _sample(
+            ctx, steps=plan.steps, scheduler=plan.scheduler, add_noise=add_noise, start_at_step=plan.lo,
+            end_at_step=plan.hi if plan.hi < plan.n else None, leftover_noise=True, **common,
+        )  # fmt: skip
+    else:
+        engine = SAMPLER_NAMES[sampler.name]
+        if engine in sampling.TIMESTEP_SAMPLERS:
+            raise NodeError(
+                f"sampler {sampler.name} walks its own timestep grid: it runs only SIGMAS of a BasicScheduler on the "
+                "same model (whole, or split at denoise 1)"
+            )
+        n = int(values.shape[0]) - 1
+        _check_steps(ctx, n)
+        (out,) = _sample(ctx, steps=n, scheduler="normal", add_noise=add_noise, sigmas=values, **common)
+    ends_at_zero = float(values[-1]) == 0.0
+    denoised = out if ends_at_zero or not last else {**out, "samples": last[0].float().cpu()}
+    return (out, dict(denoised))
+
+
+def sampler_custom_advanced(
+    ctx: RunContext,
+    noise: NoiseSource,
+    guider: Guider,
+    sampler: SamplerChoice,
+    sigmas: Sigmas,
+    latent_image: dict[str, Any],
+) -> tuple[Any, Any]:
+    """ComfyUI's SamplerCustomAdvanced: SamplerCustom with its noise (RandomNoise / DisableNoise) and guidance
+    (CFGGuider / BasicGuider) given as nodes."""
+    negative = guider.negative if guider.negative is not None else guider.positive  # cfg 1: never run
+    return sampler_custom(
+        ctx, guider.model, noise.enabled, noise.seed, guider.cfg, guider.positive, negative, sampler, sigmas,
+        latent_image,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ VAE
@@ -1629,6 +1915,177 @@ NODES: dict[str, NodeDef] = {
             ),
             ("LATENT",),
             ksampler_advanced,
+        ),
+        NodeDef(
+            "KSamplerSelect",
+            "KSamplerSelect",
+            "sampling/custom_sampling/samplers",
+            (_combo("sampler_name", tuple(SAMPLER_NAMES)),),
+            ("SAMPLER",),
+            ksampler_select,
+        ),
+        NodeDef(
+            "BasicScheduler",
+            "BasicScheduler",
+            "sampling/custom_sampling/schedulers",
+            (
+                Input("model", "MODEL"),
+                _combo("scheduler", tuple(SCHEDULER_NAMES)),
+                _int("steps", 20, 1, 10000, limit="steps"),
+                _float("denoise", 1.0, 0.0, 1.0),
+            ),
+            ("SIGMAS",),
+            basic_scheduler,
+            description="KSampler's schedule as SIGMAS (denoise < 1: the last steps of int(steps / denoise)). "
+            "SamplerCustom runs it (whole, or cut by SplitSigmas when denoise is 1) on the same model exactly as "
+            "KSampler / KSamplerAdvanced run that schedule, on the sampler's own grid (the values are DPM++ 2M's grid, "
+            "over the model's whole sigma range).",
+        ),
+        NodeDef(
+            "KarrasScheduler",
+            "KarrasScheduler",
+            "sampling/custom_sampling/schedulers",
+            (
+                _int("steps", 20, 1, 10000, limit="steps"),
+                _float("sigma_max", 14.614642, 0.0, 5000.0),
+                _float("sigma_min", 0.0291675, 0.0, 5000.0),
+                _float("rho", 7.0, 0.0, 100.0),
+            ),
+            ("SIGMAS",),
+            karras_scheduler,
+        ),
+        NodeDef(
+            "ExponentialScheduler",
+            "ExponentialScheduler",
+            "sampling/custom_sampling/schedulers",
+            (
+                _int("steps", 20, 1, 10000, limit="steps"),
+                _float("sigma_max", 14.614642, 0.0, 5000.0),
+                _float("sigma_min", 0.0291675, 0.0, 5000.0),
+            ),
+            ("SIGMAS",),
+            exponential_scheduler,
+        ),
+        NodeDef(
+            "AlignYourStepsScheduler",
+            "AlignYourStepsScheduler",
+            "sampling/custom_sampling/schedulers",
+            (
+                _combo("model_type", tuple(AYS_MODEL_TYPES)),
+                _int("steps", 10, 1, 10000, limit="steps"),
+                _float("denoise", 1.0, 0.0, 1.0),
+            ),
+            ("SIGMAS",),
+            align_your_steps_scheduler,
+            description="The Align Your Steps noise levels of SD 1.x or SDXL (not SVD), as ComfyUI's node.",
+        ),
+        NodeDef(
+            "BetaSamplingScheduler",
+            "BetaSamplingScheduler",
+            "sampling/custom_sampling/schedulers",
+            (
+                Input("model", "MODEL"),
+                _int("steps", 20, 1, 10000, limit="steps"),
+                _float("alpha", 0.6, 0.0, 50.0),
+                _float("beta", 0.6, 0.0, 50.0),
+            ),
+            ("SIGMAS",),
+            beta_sampling_scheduler,
+        ),
+        NodeDef(
+            "SDTurboScheduler",
+            "SDTurboScheduler",
+            "sampling/custom_sampling/schedulers",
+            (Input("model", "MODEL"), _int("steps", 1, 1, 10), _float("denoise", 1.0, 0.0, 1.0)),
+            ("SIGMAS",),
+            sd_turbo_scheduler,
+        ),
+        NodeDef(
+            "SplitSigmas",
+            "SplitSigmas",
+            "sampling/custom_sampling/sigmas",
+            (Input("sigmas", "SIGMAS"), _int("step", 0, 0, 10000)),
+            ("SIGMAS", "SIGMAS"),
+            split_sigmas,
+            output_names=("high_sigmas", "low_sigmas"),
+        ),
+        NodeDef(
+            "SplitSigmasDenoise",
+            "SplitSigmasDenoise",
+            "sampling/custom_sampling/sigmas",
+            (Input("sigmas", "SIGMAS"), _float("denoise", 1.0, 0.0, 1.0)),
+            ("SIGMAS", "SIGMAS"),
+            split_sigmas_denoise,
+            output_names=("high_sigmas", "low_sigmas"),
+        ),
+        NodeDef(
+            "SamplerCustom",
+            "SamplerCustom",
+            "sampling/custom_sampling",
+            (
+                Input("model", "MODEL"),
+                Input("add_noise", "BOOLEAN", True),
+                _int("noise_seed", 0, 0, MAX_SEED),
+                _float("cfg", 8.0, 0.0, 100.0, 0.1),
+                Input("positive", "CONDITIONING"),
+                Input("negative", "CONDITIONING"),
+                Input("sampler", "SAMPLER"),
+                Input("sigmas", "SIGMAS"),
+                Input("latent_image", "LATENT"),
+            ),
+            ("LATENT", "LATENT"),
+            sampler_custom,
+            output_names=("output", "denoised_output"),
+            description="The sampler walks the sigmas (empty sigmas: the latent passes through; sigmas that do not "
+            "decrease fail at the node). denoised_output: the last step's x0 estimate, the output itself when the "
+            "last sigma is 0.",
+        ),
+        NodeDef(
+            "SamplerCustomAdvanced",
+            "SamplerCustomAdvanced",
+            "sampling/custom_sampling",
+            (
+                Input("noise", "NOISE"),
+                Input("guider", "GUIDER"),
+                Input("sampler", "SAMPLER"),
+                Input("sigmas", "SIGMAS"),
+                Input("latent_image", "LATENT"),
+            ),
+            ("LATENT", "LATENT"),
+            sampler_custom_advanced,
+            output_names=("output", "denoised_output"),
+            description="SamplerCustom with its noise and guidance as nodes.",
+        ),
+        NodeDef(
+            "RandomNoise",
+            "RandomNoise",
+            "sampling/custom_sampling/noise",
+            (_int("noise_seed", 0, 0, MAX_SEED),),
+            ("NOISE",),
+            random_noise,
+        ),
+        NodeDef("DisableNoise", "DisableNoise", "sampling/custom_sampling/noise", (), ("NOISE",), disable_noise),
+        NodeDef(
+            "CFGGuider",
+            "CFGGuider",
+            "sampling/custom_sampling/guiders",
+            (
+                Input("model", "MODEL"),
+                Input("positive", "CONDITIONING"),
+                Input("negative", "CONDITIONING"),
+                _float("cfg", 8.0, 0.0, 100.0, 0.1),
+            ),
+            ("GUIDER",),
+            cfg_guider,
+        ),
+        NodeDef(
+            "BasicGuider",
+            "BasicGuider",
+            "sampling/custom_sampling/guiders",
+            (Input("model", "MODEL"), Input("conditioning", "CONDITIONING")),
+            ("GUIDER",),
+            basic_guider,
+            description="The conditioning alone (no CFG).",
         ),
         NodeDef(
             "VAEDecode",
