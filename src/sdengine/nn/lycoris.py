@@ -34,6 +34,7 @@ from torch import nn
 from .lora import LayerUpdate, LoRAError
 
 ALGORITHMS = ("loha", "lokr", "ia3", "locon_tucker", "lora", "full")
+NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)  # the norm layers whose weight and bias a file may change
 
 
 def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
@@ -214,6 +215,78 @@ class LycorisLayer(LayerUpdate):
         return rank_of(self.algo, dict(self.parts))
 
 
+class DiffLayer(LayerUpdate):
+    """A difference added to a layer's 1-d parameters: a norm layer's weight and/or bias (ComfyUI's 1-d ``diff`` /
+    ``diff_b``, LyCORIS' ``w_norm`` / ``b_norm``), or the bias alone of a Linear/Conv2d (ComfyUI's ``diff_b``
+    next to a LoRA pair): ``W + multiplier * dw``, ``b + multiplier * db``, no alpha.
+
+    Patched, the term added to the output is ``normalize(x) * m dw + m db`` (a norm's output is
+    ``normalize(x) * W + b``, linear in both), or ``m db`` (a Linear/Conv2d bias), broadcast along the layer's
+    channel axis; fused, the parameters themselves change."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        weight_diff: torch.Tensor | None,
+        bias_diff: torch.Tensor | None,
+        *,
+        multiplier: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if weight_diff is None and bias_diff is None:
+            raise LoRAError("a difference layer needs a weight or a bias difference")
+        if weight_diff is not None and not isinstance(base, NORM_TYPES):
+            raise LoRAError(f"a 1-d weight difference fits norm layers only, not {type(base).__name__}")
+        self.weight_diff = None if weight_diff is None else nn.Parameter(weight_diff, requires_grad=False)
+        self.bias_diff = None if bias_diff is None else nn.Parameter(bias_diff, requires_grad=False)
+        self.multiplier = float(multiplier)
+        self._base = (base,)  # read, not registered as a submodule
+
+    def _channels_first(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
+        """``v`` shaped to broadcast over the base layer's output (of ``ndim`` dimensions)."""
+        base = self._base[0]
+        if isinstance(base, nn.GroupNorm | nn.Conv2d):  # (B, C, ...)
+            return v.reshape(-1, *[1] * (ndim - 2))
+        return v  # Linear (..., out) and LayerNorm (..., *normalized_shape): trailing dims
+
+    def forward(self, x: torch.Tensor, padded: bool = False) -> torch.Tensor | None:
+        """The change of the base layer's output for its input ``x`` (``padded`` is only for convolutions, whose
+        bias term does not depend on the input)."""
+        m = self.multiplier
+        if m == 0.0:
+            return None
+        base = self._base[0]
+        dtype = x.dtype if torch.is_floating_point(x) else torch.float32
+        out: torch.Tensor | None = None
+        if self.weight_diff is not None:
+            xf = x.to(dtype)
+            if isinstance(base, nn.GroupNorm):
+                normed = F.group_norm(xf, base.num_groups, None, None, base.eps)
+            else:
+                assert isinstance(base, nn.LayerNorm)
+                normed = F.layer_norm(xf, base.normalized_shape, None, None, base.eps)
+            w = (self.weight_diff.detach().float() * m).to(device=x.device, dtype=dtype)
+            out = normed * self._channels_first(w, normed.ndim)
+        if self.bias_diff is not None:
+            b = (self.bias_diff.detach().float() * m).to(device=x.device, dtype=dtype)
+            b = self._channels_first(b, x.ndim)  # the output has the input's rank (Linear: trailing anyway)
+            out = b if out is None else out + b
+        return out
+
+    def delta_weight(self) -> torch.Tensor:
+        """``multiplier * dw`` in float32 (zeros for a bias-only difference), in the base weight's shape."""
+        w = self._base[0].weight
+        assert isinstance(w, torch.Tensor)
+        if self.weight_diff is None:
+            return torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        return self.weight_diff.detach().float().reshape(w.shape).to(w.device) * self.multiplier
+
+    def delta_bias(self) -> torch.Tensor | None:
+        if self.bias_diff is None:
+            return None
+        return self.bias_diff.detach().float() * self.multiplier
+
+
 def rank_of(algo: str, parts: Mapping[str, torch.Tensor]) -> int | None:
     """The rank that alpha divides (None where the file has no low-rank factor: LoKr with two whole factors,
     (IA)^3)."""
@@ -239,6 +312,8 @@ def lycoris_scale(algo: str, parts: Mapping[str, torch.Tensor], alpha: float | N
 
 __all__ = [
     "ALGORITHMS",
+    "NORM_TYPES",
+    "DiffLayer",
     "LycorisLayer",
     "dora_weight",
     "ia3_delta",

@@ -10,9 +10,11 @@ stores per layer, besides ``<layer>.alpha``:
   ``lokr_w2_b`` (r, d); out = a*b, in = c*d;
 - (IA)^3: ``weight`` (the channel vector) and ``on_input`` (0: output channels, 1: input channels);
 - LoCon with a Tucker core: ``lora_down`` (r, in, 1, 1), ``lora_mid`` (r, r, kh, kw), ``lora_up`` (out, r, 1, 1);
-- Full (LyCORIS ``full``): ``diff`` (the weight's own shape) and, for a layer with a bias, ``diff_b`` (out,); the
-  1-d ``diff`` of a norm layer (ComfyUI's trainer and extractor write them) is refused: sdengine adapts
-  Linear/Conv2d layers only;
+- Full (LyCORIS ``full``): ``diff`` (the weight's own shape) and, for a layer with a bias, ``diff_b`` (out,);
+- norm layers (GroupNorm/LayerNorm): a 1-d ``diff`` / ``diff_b`` (ComfyUI's trainer, and its LoRA extractor with
+  ``bias_diff`` on) or LyCORIS' ``w_norm`` / ``b_norm``: ``W + diff``, ``b + diff_b`` (algorithm "norm");
+- a ``diff_b`` alone (ComfyUI's extractor writes one next to each LoRA pair whose layer has a bias): the bias
+  changes by it, the LoRA pair of the same layer does the weight (algorithm "bias");
 - DoRA on any of them (and on a plain LoRA): ``dora_scale`` (LyCORIS/kohya; (out, 1, ...) or (1, in, ...));
   PEFT writes ``<module>.lora_magnitude_vector`` (out,) next to ``lora_A``/``lora_B``.
 
@@ -39,7 +41,10 @@ _PARTS = {
     "lokr_t1": "lokr",  # written by some trainers, never used in the product (LyCORIS ignores it too)
     "diff": "full",
     "diff_b": "full",
+    "w_norm": "norm",  # LyCORIS' norm module: stored as diff / diff_b (the same update)
+    "b_norm": "norm",
 }
+_NORM_PARTS = {"w_norm": "diff", "b_norm": "diff_b"}
 _PART_RE = re.compile(r"^(?P<layer>.+)\.(?P<part>" + "|".join(sorted(_PARTS, key=len, reverse=True)) + r")$")
 _MID_RE = re.compile(r"^(?P<layer>.+)\.lora_mid\.weight$")
 _IA3_RE = re.compile(r"^(?P<layer>.+)\.on_input$")
@@ -54,6 +59,8 @@ LABELS = {
     "locon_tucker": "LoCon (Tucker)",
     "lora": "LoRA",
     "full": "Full (diff)",
+    "norm": "Norm layer (diff)",
+    "bias": "Bias (diff_b)",
 }
 # Parts each layout needs (any one set of the alternatives)
 _NEEDS = {
@@ -61,6 +68,8 @@ _NEEDS = {
     "ia3": [{"weight", "on_input"}],
     "locon_tucker": [{"lora_down", "lora_mid", "lora_up"}],
     "full": [{"diff"}],
+    "norm": [{"diff"}],
+    "bias": [{"diff_b"}],
 }
 
 
@@ -69,7 +78,9 @@ class LycorisLayerWeights:
     """One LyCORIS layer as stored in a file (tensors as read)."""
 
     key: str  # the file's layer name
-    algo: str  # "loha", "lokr", "ia3", "locon_tucker", or "lora" (a plain LoRA carrying a DoRA magnitude)
+    # "loha", "lokr", "ia3", "locon_tucker", "full", "lora" (a plain LoRA carrying a DoRA magnitude), "norm" (a
+    # norm layer's weight/bias differences, as diff/diff_b) or "bias" (a bias difference diff_b alone)
+    algo: str
     parts: dict[str, torch.Tensor]
     alpha: float | None = None
     magnitude: torch.Tensor | None = None  # DoRA
@@ -97,6 +108,8 @@ class LycorisLayerWeights:
         """(out, in, kernel) of the update (kernel () when ``in`` counts in*kh*kw), or why the factors do not fit
         together. The update is rebuilt on the meta device: shapes only, no arithmetic."""
         p = self.parts
+        if self.algo in ("norm", "bias"):  # 1-d differences: the number of channels, no input side
+            return int(p["diff" if self.algo == "norm" else "diff_b"].shape[0]), -1, ()
         try:
             if self.algo == "ia3":
                 n = int(p["weight"].numel())
@@ -115,6 +128,10 @@ class LycorisLayerWeights:
 
     def fit(self, weight_shape: tuple[int, ...]) -> str | None:
         """None when this update fits a layer of ``weight_shape`` (out, in[, kh, kw]); else why not."""
+        if self.algo in ("norm", "bias"):
+            return self._fit_difference(weight_shape)
+        if len(weight_shape) < 2:
+            return f"a {self.label} update on a norm layer (weight {tuple(weight_shape)}); norm layers take diff/w_norm"
         got = self.shape()
         if isinstance(got, str):
             return got
@@ -139,6 +156,18 @@ class LycorisLayerWeights:
             return f"diff_b {tuple(self.parts['diff_b'].shape)}, the layer has {w_out} outputs"
         if self.magnitude is not None and self.magnitude_axis(w_out, w_in) is None:
             return f"DoRA magnitude {tuple(self.magnitude.shape)} fits neither {w_out} outputs nor {w_in} inputs"
+        return None
+
+    def _fit_difference(self, weight_shape: tuple[int, ...]) -> str | None:
+        if self.magnitude is not None:
+            return f"a DoRA magnitude on a {self.label} layer"
+        if self.algo == "norm":
+            if len(weight_shape) != 1:
+                return f"a norm layer's 1-d weight difference on a layer with weight {tuple(weight_shape)}"
+            if tuple(self.parts["diff"].shape) != tuple(weight_shape):
+                return f"weight difference {tuple(self.parts['diff'].shape)}, the layer's weight {tuple(weight_shape)}"
+        if "diff_b" in self.parts and tuple(self.parts["diff_b"].shape) != (weight_shape[0],):
+            return f"diff_b {tuple(self.parts['diff_b'].shape)}, the layer has {weight_shape[0]} outputs"
         return None
 
     def magnitude_axis(self, out_features: int, in_features: int) -> bool | None:
@@ -169,7 +198,7 @@ def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> Lyc
     for key, t in sd.items():
         m = _PART_RE.match(key)
         if m:
-            found.setdefault(m["layer"], {})[m["part"]] = t
+            found.setdefault(m["layer"], {})[_NORM_PARTS.get(m["part"], m["part"])] = t
             algos.setdefault(m["layer"], _PARTS[m["part"]])
             mixed.setdefault(m["layer"], set()).add(_PARTS[m["part"]])
             out.consumed.add(key)
@@ -218,15 +247,12 @@ def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> Lyc
             kinds = " and ".join(sorted(LABELS[a] for a in mixed[layer]))
             out.problems.append(f"{layer} mixes {kinds} parts in one layer")
             continue
-        if algo == "full" and "diff" not in parts:
-            out.problems.append(f"{layer}: a bias difference (diff_b) alone; sdengine applies it only with a diff")
-            continue
-        if algo == "full" and parts["diff"].ndim < 2:
-            # ComfyUI's trainer and extractor write these for norm layers: sdengine adapts Linear/Conv layers only
-            out.problems.append(
-                f"{layer}: a full difference of a {parts['diff'].ndim}-d weight (a norm layer's); sdengine applies "
-                "diff to Linear and convolution layers only"
-            )
+        if algo in ("full", "norm") and "diff" not in parts:
+            algo = "bias"  # a diff_b (or b_norm) alone: ComfyUI's extractor writes one next to each LoRA pair
+        elif algo == "full" and parts["diff"].ndim == 1:
+            algo = "norm"  # ComfyUI's trainer and extractor write a norm layer's weight difference as a 1-d diff
+        if algo == "norm" and parts["diff"].ndim != 1:
+            out.problems.append(f"{layer}: w_norm has {parts['diff'].ndim} dimensions, a norm layer's weight has one")
             continue
         missing = _missing(algo, parts)
         if missing:
@@ -246,7 +272,8 @@ def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> Lyc
                 out.problems.append(f"{layer} alpha has {alphas[layer].numel()} values, not one")
                 continue
             alpha = float(alphas[layer].float().item())
-        mag, peft = magnitudes.pop(layer, (None, False))
+        # a bias difference leaves a DoRA magnitude to the LoRA pair of its layer
+        mag, peft = (None, False) if algo == "bias" else magnitudes.pop(layer, (None, False))
         w = LycorisLayerWeights(layer, algo, parts, alpha, mag, peft)
         if any(t.ndim == 0 for name, t in parts.items() if name != "on_input"):
             out.problems.append(f"{layer}: {LABELS[algo]} factors must have at least one dimension")
