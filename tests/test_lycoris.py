@@ -750,3 +750,54 @@ def test_comfyui_extracted_file_with_bias_differences_equals_the_hand_computatio
         assert rel(ours, r) <= TOL
         assert rel(fz, r) <= TOL
     assert all(torch.equal(a, b) for a, b in zip(run(unet, te), base, strict=True))
+
+
+# ------------------------------------------------------------------------------------------------------ GLoRA
+
+
+@pytest.mark.parametrize("layout", ["lycoris", "old"])
+def test_glora_equals_lycoris_in_both_layouts(layout):
+    """GLoRA (`a1`, `a2`, `b1`, `b2`: dW = W a1 a2 + b1 b2, times alpha / rank) on Linear layers, 3x3 and 1x1
+    convolutions: once refused; now equal to LyCORIS' GLoRAModule (its bypass forward W(x + A x) + B x, the
+    module's defining form), patched and fused. The older layout (ComfyUI reads it as b2 b1 + W a2 a1) holds the
+    same factors under swapped names, square layers included (ComfyUI's layout test)."""
+    from lycoris.modules.glora import GLoRAModule
+
+    sd, ref, _, _ = oracle(GLoRAModule, {"bypass_mode": True}, seed=40, multiplier=0.7)
+    if layout == "old":
+        swap = {"a1.weight": "a2.weight", "a2.weight": "a1.weight", "b1.weight": "b2.weight", "b2.weight": "b1.weight"}
+        sd = {f"{k.split('.', 1)[0]}.{swap.get(k.split('.', 1)[1], k.split('.', 1)[1])}": v for k, v in sd.items()}
+    base = run(*fresh_models())
+    lf = LoRAFile.from_state_dict(sd, name=f"glora-{layout}")
+    assert lf.algorithms == ["GLoRA"] and not lf.unknown and not lf.unsupported
+    unet, te = fresh_models()
+    with apply_loras(unet, te, [(lf, 0.7)]) as h:
+        assert h.reports[0].complete and len(h.reports[0].matched) == len(lf.lycoris)
+        patched = run(unet, te)
+        h.fuse()
+        fused = run(unet, te)
+    for ours, fz, r, b in zip(patched, fused, ref, base, strict=True):
+        assert rel(r, b) > 1e-3
+        assert rel(ours, r) <= TOL
+        assert rel(fz, r) <= TOL
+    assert all(torch.equal(a, b) for a, b in zip(run(unet, te), base, strict=True))
+
+
+def test_glora_that_does_not_fit_and_a_tucker_glora_are_refused():
+    """GLoRA factors of another layer's size are an error naming the layer; a Tucker core (`bm.weight`, which
+    ComfyUI does not read either) refuses the file by name rather than applying it without its core."""
+    from lycoris.modules.glora import GLoRAModule
+
+    sd, _, _, _ = oracle(GLoRAModule, {"bypass_mode": True}, seed=41)
+    layer = next(k for k in sd if "time_emb_proj" in k).split(".")[0]  # a Linear of the file
+    bad = dict(sd)
+    bad[f"{layer}.a1.weight"] = torch.zeros(7, 4)
+    bad[f"{layer}.a2.weight"] = torch.zeros(4, 7)
+    bad[f"{layer}.b2.weight"] = torch.zeros(4, 7)
+    unet, te = fresh_models()
+    with pytest.raises(LoRAError, match="GLoRA factors .* do not fit a layer of weight") as e:
+        apply_loras(unet, te, [(LoRAFile.from_state_dict(bad, name="glora"), 1.0)])
+    assert "time_emb_proj" in str(e.value)
+    tucker = {**sd, "lora_unet_down_blocks_0_resnets_0_conv1.bm.weight": torch.zeros(4, 4, 3, 3)}
+    with pytest.raises(LoRAError, match="GLoRA with a Tucker core"):
+        apply_loras(unet, te, [(LoRAFile.from_state_dict(tucker, name="glora"), 1.0)])

@@ -6,9 +6,10 @@ The work is split by job: :mod:`sdengine.weights.lora_file` reads files (formats
 :mod:`sdengine.nn.lora` is the runtime layer (the patched Linear/Conv, stacking, fuse/unfuse, the handle that
 removes it). This module joins them in :func:`apply_loras` and exports the public names of all three.
 
-LyCORIS files (LoHa, LoKr, (IA)^3, LoCon with a Tucker core, DoRA) take the same path: the file reader hands their
-layers to :mod:`sdengine.weights.lycoris_file`, the matcher checks them against the model, and
-:func:`lycoris_layer` builds the :class:`~sdengine.nn.lycoris.LycorisLayer` that the same handle patches and fuses.
+LyCORIS files (LoHa, LoKr, (IA)^3, GLoRA, LoCon with a Tucker core, DoRA, full and norm-layer differences) take
+the same path: the file reader hands their layers to :mod:`sdengine.weights.lycoris_file`, the matcher checks them
+against the model, and :func:`lycoris_layer` builds the :class:`~sdengine.nn.lycoris.LycorisLayer` (or, for
+differences of 1-d parameters, the :class:`~sdengine.nn.lycoris.DiffLayer`) that the same handle patches and fuses.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ..nn.lora import (
     part_weights,
     patch_layers,
 )
-from ..nn.lycoris import DiffLayer, LycorisLayer
+from ..nn.lycoris import DiffLayer, LycorisLayer, lycoris_scale
 from .lora_file import (
     LORA_SUFFIXES,
     LoRAFile,
@@ -262,11 +263,14 @@ def lycoris_layer(lw: LycorisLayerWeights, module: nn.Module, multiplier: float)
         axis = lw.magnitude_axis(int(base.shape[0]), int(base.shape[1]))
         on_output = axis is not False
         magnitude = lw.magnitude.to(device=base.device, dtype=torch.float32)
+    scale = lw.scale
+    if lw.algo == "glora":  # which of its two layouts (hence its rank) can depend on the layer's shape
+        scale = lycoris_scale(lw.algo, lw.parts, lw.alpha, tuple(base.shape))
     return LycorisLayer(
         lw.algo,
         parts,
         module,
-        scale=lw.scale,
+        scale=scale,
         multiplier=multiplier,
         magnitude=magnitude,
         magnitude_on_output=on_output,

@@ -76,7 +76,7 @@ _ATTN_PROC_RE = re.compile(r"^(?P<layer>.+)\.processor\.(?P<proj>to_q|to_k|to_v|
 # LoCon's Tucker core and DoRA are read by sdengine.weights.lycoris_file.)
 _UNSUPPORTED = [
     (re.compile(r"\.oft_(blocks|diag)$|\.oft_R\.|\.boft_"), "LyCORIS OFT/BOFT (orthogonal finetuning)"),
-    (re.compile(r"\.(a1|a2|b1|b2)\.weight$"), "LyCORIS GLoRA"),
+    (re.compile(r"\.bm\.weight$"), "LyCORIS GLoRA with a Tucker core (bm)"),
 ]
 # Names that give away another architecture.
 

@@ -1,4 +1,4 @@
-"""LyCORIS layers in a LoRA file: LoHa, LoKr, (IA)^3, LoCon with a Tucker core, full differences, DoRA magnitudes.
+"""LyCORIS layers in a LoRA file: LoHa, LoKr, (IA)^3, GLoRA, LoCon-Tucker, full and norm differences, DoRA.
 
 LyCORIS (and kohya's trainer driving it) names layers as kohya does (``lora_unet_...``, ``lora_te_...``) and
 stores per layer, besides ``<layer>.alpha``:
@@ -10,6 +10,9 @@ stores per layer, besides ``<layer>.alpha``:
   ``lokr_w2_b`` (r, d); out = a*b, in = c*d;
 - (IA)^3: ``weight`` (the channel vector) and ``on_input`` (0: output channels, 1: input channels);
 - LoCon with a Tucker core: ``lora_down`` (r, in, 1, 1), ``lora_mid`` (r, r, kh, kw), ``lora_up`` (out, r, 1, 1);
+- GLoRA: ``a1.weight`` (in, r), ``a2.weight`` (r, in), ``b1.weight`` (out, r), ``b2.weight`` (r, in[, kh, kw])
+  (convolutions: 1x1 but for ``b2``), or the older layout with a1/a2 and b1/b2 swapped; a Tucker core
+  ``bm.weight`` is refused by :mod:`sdengine.weights.lora_file`;
 - Full (LyCORIS ``full``): ``diff`` (the weight's own shape) and, for a layer with a bias, ``diff_b`` (out,);
 - norm layers (GroupNorm/LayerNorm): a 1-d ``diff`` / ``diff_b`` (ComfyUI's trainer, and its LoRA extractor with
   ``bias_diff`` on) or LyCORIS' ``w_norm`` / ``b_norm``: ``W + diff``, ``b + diff_b`` (algorithm "norm");
@@ -43,9 +46,13 @@ _PARTS = {
     "diff_b": "full",
     "w_norm": "norm",  # LyCORIS' norm module: stored as diff / diff_b (the same update)
     "b_norm": "norm",
+    **{f"{p}.weight": "glora" for p in ("a1", "a2", "b1", "b2")},
 }
-_NORM_PARTS = {"w_norm": "diff", "b_norm": "diff_b"}
-_PART_RE = re.compile(r"^(?P<layer>.+)\.(?P<part>" + "|".join(sorted(_PARTS, key=len, reverse=True)) + r")$")
+# parts kept under another name: a norm's w_norm/b_norm are its diff/diff_b; GLoRA's a1.weight is a1
+_RENAMED = {"w_norm": "diff", "b_norm": "diff_b", **{f"{p}.weight": p for p in ("a1", "a2", "b1", "b2")}}
+_PART_RE = re.compile(
+    r"^(?P<layer>.+)\.(?P<part>" + "|".join(re.escape(p) for p in sorted(_PARTS, key=len, reverse=True)) + r")$"
+)
 _MID_RE = re.compile(r"^(?P<layer>.+)\.lora_mid\.weight$")
 _IA3_RE = re.compile(r"^(?P<layer>.+)\.on_input$")
 _DORA_RE = re.compile(
@@ -61,6 +68,7 @@ LABELS = {
     "full": "Full (diff)",
     "norm": "Norm layer (diff)",
     "bias": "Bias (diff_b)",
+    "glora": "GLoRA",
 }
 # Parts each layout needs (any one set of the alternatives)
 _NEEDS = {
@@ -70,6 +78,7 @@ _NEEDS = {
     "full": [{"diff"}],
     "norm": [{"diff"}],
     "bias": [{"diff_b"}],
+    "glora": [{"a1", "a2", "b1", "b2"}],
 }
 
 
@@ -110,6 +119,8 @@ class LycorisLayerWeights:
         p = self.parts
         if self.algo in ("norm", "bias"):  # 1-d differences: the number of channels, no input side
             return int(p["diff" if self.algo == "norm" else "diff_b"].shape[0]), -1, ()
+        if self.algo == "glora":  # which of its two layouts it is can depend on the layer: checked in fit
+            return -1, -1, ()
         try:
             if self.algo == "ia3":
                 n = int(p["weight"].numel())
@@ -152,6 +163,13 @@ class LycorisLayerWeights:
         if out not in (-1, w_out) or inn not in (-1, want_in):
             shown_in, shown_out = ("?" if inn == -1 else inn), ("?" if out == -1 else out)
             return f"{self.label} maps {shown_in} -> {shown_out}, layer {want_in} -> {w_out}"
+        if self.algo == "glora":  # its input mixing (a1, a2) must fit the layer's inputs: rebuilt on the meta device
+            try:
+                meta = {k: torch.empty(v.shape, device="meta") for k, v in self.parts.items()}
+                unscaled_delta("glora", meta, torch.empty(weight_shape, device="meta"))
+            except (IndexError, RuntimeError, ValueError):
+                shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in self.parts.items())
+                return f"GLoRA factors {shapes} do not fit a layer of weight {tuple(weight_shape)}"
         if "diff_b" in self.parts and tuple(self.parts["diff_b"].shape) != (w_out,):
             return f"diff_b {tuple(self.parts['diff_b'].shape)}, the layer has {w_out} outputs"
         if self.magnitude is not None and self.magnitude_axis(w_out, w_in) is None:
@@ -198,7 +216,7 @@ def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> Lyc
     for key, t in sd.items():
         m = _PART_RE.match(key)
         if m:
-            found.setdefault(m["layer"], {})[_NORM_PARTS.get(m["part"], m["part"])] = t
+            found.setdefault(m["layer"], {})[_RENAMED.get(m["part"], m["part"])] = t
             algos.setdefault(m["layer"], _PARTS[m["part"]])
             mixed.setdefault(m["layer"], set()).add(_PARTS[m["part"]])
             out.consumed.add(key)
