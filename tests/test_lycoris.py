@@ -755,15 +755,17 @@ def test_comfyui_extracted_file_with_bias_differences_equals_the_hand_computatio
 # ------------------------------------------------------------------------------------------------------ GLoRA
 
 
-@pytest.mark.parametrize("layout", ["lycoris", "old"])
+@pytest.mark.parametrize("layout", ["lycoris", "lycoris-weight-forward", "old"])
 def test_glora_equals_lycoris_in_both_layouts(layout):
     """GLoRA (`a1`, `a2`, `b1`, `b2`: dW = W a1 a2 + b1 b2, times alpha / rank) on Linear layers, 3x3 and 1x1
     convolutions: once refused; now equal to LyCORIS' GLoRAModule (its bypass forward W(x + A x) + B x, the
-    module's defining form), patched and fused. The older layout (ComfyUI reads it as b2 b1 + W a2 a1) holds the
-    same factors under swapped names, square layers included (ComfyUI's layout test)."""
+    module's defining form, and its rebuilt-weight forward), patched and fused. The older layout (ComfyUI reads
+    it as b2 b1 + W a2 a1) holds the same factors under swapped names, square layers included (ComfyUI's layout
+    test)."""
     from lycoris.modules.glora import GLoRAModule
 
-    sd, ref, _, _ = oracle(GLoRAModule, {"bypass_mode": True}, seed=40, multiplier=0.7)
+    bypass = layout != "lycoris-weight-forward"
+    sd, ref, _, _ = oracle(GLoRAModule, {"bypass_mode": bypass}, seed=40, multiplier=0.7)
     if layout == "old":
         swap = {"a1.weight": "a2.weight", "a2.weight": "a1.weight", "b1.weight": "b2.weight", "b2.weight": "b1.weight"}
         sd = {f"{k.split('.', 1)[0]}.{swap.get(k.split('.', 1)[1], k.split('.', 1)[1])}": v for k, v in sd.items()}
