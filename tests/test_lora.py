@@ -892,3 +892,39 @@ def test_alpha_shapes_and_rank_mismatch(tmp_path):
     save_safetensors(bad, tmp_path / "ranks.safetensors")
     with pytest.raises(LoRAError, match=rf"ranks.safetensors: {_LAYER}: down \(4, 32\) and up \(32, 8\) are not a"):
         apply_loras(unet, te, [(tmp_path / "ranks.safetensors", 1.0)])
+
+
+def test_the_same_lora_named_twice_adds_up_and_says_so(loras, tmp_path, tiny_sd1_folder):
+    """`<lora:a:0.5> <lora:a:1>`: sdengine applies each mention (0.5 + 1 act as 1.5, as two ComfyUI LoraLoader
+    nodes of one file). A1111 reuses one network object per name and applies it once per mention at the last
+    multiplier (1 + 1): the two tools differ, so the result carries a note saying what was done (once silent)."""
+    import sdengine
+    from sdengine.weights import save_safetensors as save
+
+    unet, te = fresh_models()
+    with apply_loras(unet, te, [(loras[0]["kohya"], 0.5), (loras[0]["kohya"], 1.0)]) as h:
+        twice = run_ours(unet, te)
+        (note,) = h.notes
+    assert f"LoRA {loras[0]['kohya'].stem} is named 2 times (weights 0.5, 1)" in note
+    assert "as weight 1.5 (A1111 would apply it at 2" in note
+    with apply_loras(unet, te, [(loras[0]["kohya"], 1.5)]) as h:
+        once = run_ours(unet, te)
+        assert h.notes == []
+    for a, b in zip(twice, once, strict=True):
+        assert max_err(a, b) <= 1e-5 * b.abs().max().item()
+
+    pipe = sdengine.load_pipeline(str(tiny_sd1_folder))
+    layer = next(n for n, _ in pipe.unet.named_modules() if n.endswith("attn2.to_k"))
+    out_f, in_f = pipe.unet.get_submodule(layer).weight.shape
+    g = torch.Generator().manual_seed(3)
+    folder = tmp_path / "dup"
+    folder.mkdir()
+    key = kohya_name("unet", layer)
+    save(
+        {f"{key}.lora_down.weight": torch.randn(2, in_f, generator=g), f"{key}.lora_up.weight": torch.randn(out_f, 2)},
+        folder / "dup.safetensors",
+    )
+    kw = dict(steps=1, width=32, height=32, seed=1, lora_dir=folder, progress=False)
+    result = pipe("a cat <lora:dup:0.5> <lora:dup:1>", **kw)
+    assert any("LoRA dup is named 2 times (weights 0.5, 1)" in n for n in result.notes)
+    assert not any("named" in n for n in pipe("a cat <lora:dup:1.5>", **kw).notes)

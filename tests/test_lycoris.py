@@ -588,12 +588,12 @@ def test_a_whole_factor_lokr_with_lycoris_huge_alpha_loads():
     "extra, match",
     [
         ("diff", "mixes Full \\(diff\\) and LoCon \\(Tucker\\) parts in one layer"),
-        ("w_norm", "does not apply: 1 keys of .*refused rather than half applied"),
+        ("w_norm", "mixes LoCon \\(Tucker\\) and Norm layer \\(diff\\) parts in one layer"),
     ],
 )
 def test_a_file_with_parts_sdengine_cannot_apply_is_refused_whole(extra, match):
-    """LoCon layers beside full differences (`diff`) or trained norm layers (`w_norm`/`b_norm`): once the rest was
-    applied and the part skipped with a warning (another image than the file's); now refused in one line."""
+    """LoCon layers beside full differences (`diff`) or norm-layer parts (`w_norm`) in the same layer: once the rest
+    was applied and the part skipped with a warning (another image than the file's); now refused in one line."""
     sd, _, _, _ = oracle(*CASES["locon-tucker"], seed=23)
     name = next(iter(sd)).split(".")[0]
     sd[f"{name}.{extra}"] = torch.zeros(4)
@@ -605,9 +605,20 @@ def test_a_file_with_parts_sdengine_cannot_apply_is_refused_whole(extra, match):
 @pytest.mark.parametrize(
     "layer, extra, match",
     [
-        # ComfyUI's extractor (bias_diff) and trainer write 1-d diffs for norm layers: never half a file
-        ("lora_unet_down_blocks_0_resnets_0_norm1", {"diff": torch.zeros(32)}, "a norm layer's"),
-        ("lora_unet_down_blocks_0_resnets_0_conv2", {"diff_b": torch.zeros(32)}, "diff_b\\) alone"),
+        # a norm layer's 1-d diff (ComfyUI's extractor and trainer) of the wrong size, on a Linear, a LoRA on a norm
+        ("lora_unet_down_blocks_0_resnets_0_norm1", {"diff": torch.zeros(31)}, "weight difference \\(31,\\)"),
+        ("lora_unet_down_blocks_0_resnets_0_conv2", {"diff_b": torch.zeros(31)}, "diff_b \\(31,\\)"),
+        ("lora_unet_time_embedding_linear_1", {"w_norm": torch.zeros(32)}, "norm layer's 1-d weight difference"),
+        (
+            "lora_unet_down_blocks_0_resnets_0_norm1",
+            {f"hada_{p}": torch.zeros(32 if p[-1] == "a" else 1, 1) for p in ("w1_a", "w1_b", "w2_a", "w2_b")},
+            "LoHa update on a norm",
+        ),
+        (
+            "lora_unet_down_blocks_0_resnets_0_norm2",
+            {"lora_down.weight": torch.zeros(1, 32), "lora_up.weight": torch.zeros(32, 1)},
+            "a LoRA pair on a GroupNorm",
+        ),
         (
             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",  # a Linear without a bias
             {"diff": torch.zeros(32, 32), "diff_b": torch.zeros(32)},
@@ -624,3 +635,171 @@ def test_full_differences_that_do_not_fit_are_refused_whole(layer, extra, match)
     with pytest.raises(LoRAError, match=match) as e:
         apply_loras(unet, te, [(LoRAFile.from_state_dict(sd, name="full"), 1.0)])
     assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ norm layers
+
+
+def norm_oracle(seed: int, multiplier: float):
+    """LyCORIS' NormModule (``w_norm``/``b_norm``) on every GroupNorm/LayerNorm of a copy of the models."""
+    from lycoris.modules.norms import NormModule
+
+    unet, te = fresh_models()
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for comp, model in (("unet", unet), ("text_encoder", te)):
+        for name, m in list(model.named_modules()):
+            if not isinstance(m, nn.GroupNorm | nn.LayerNorm):
+                continue
+            key = kohya_name(comp, name)  # type: ignore[arg-type]
+            mod = NormModule(key, m, multiplier)
+            with torch.no_grad():
+                for p in mod.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            mod.apply_to()
+            sd.update({f"{key}.{k}": v.detach().clone() for k, v in mod.state_dict().items()})
+    return sd, run(unet, te)
+
+
+def test_norm_layers_equal_lycoris_patched_fused_and_removed_exactly():
+    """LyCORIS norm training (`w_norm`/`b_norm` on every GroupNorm and LayerNorm of the U-Net and the text encoder):
+    once refused whole; now patched and fused with LyCORIS' outputs, the weight changeable, removed bit for bit."""
+    sd, ref = norm_oracle(seed=30, multiplier=0.7)
+    assert keys_of(sd, "w_norm") and keys_of(sd, "b_norm")
+    base = run(*fresh_models())
+    lf = LoRAFile.from_state_dict(sd, name="norms")
+    assert lf.algorithms == ["Norm layer (diff)"] and not lf.unknown and not lf.unsupported
+    unet, te = fresh_models()
+    before = {k: v.clone() for k, v in {**unet.state_dict(), **te.state_dict()}.items()}
+    h = apply_loras(unet, te, [(lf, 0.35)])
+    assert h.reports[0].complete and len(h.reports[0].matched) == len(keys_of(sd, "w_norm"))
+    h.set_weight(0, 0.7)  # patched: the next forward uses the new weight
+    patched = run(unet, te)
+    h.fuse()
+    fused = run(unet, te)
+    h.set_weight(0, 0.0)  # fused at weight 0: the base model's weights again
+    assert all(torch.equal(before[k], v) for k, v in {**unet.state_dict(), **te.state_dict()}.items())
+    h.set_weight(0, 0.7)
+    h.unfuse()
+    assert all(torch.equal(before[k], v) for k, v in {**unet.state_dict(), **te.state_dict()}.items())
+    h.remove()
+    for ours, fz, r, b in zip(patched, fused, ref, base, strict=True):
+        assert rel(r, b) > 1e-2  # the norm differences change the outputs
+        assert rel(ours, r) <= TOL
+        assert rel(fz, r) <= TOL
+    assert all(torch.equal(a, b) for a, b in zip(run(unet, te), base, strict=True))
+
+
+def test_comfyui_extracted_file_with_bias_differences_equals_the_hand_computation():
+    """ComfyUI's LoRA extractor with `bias_diff` on (its default) writes, in its own names, a LoRA pair and a
+    `diff_b` for each Linear/Conv layer with a bias and a 1-d `diff` / `diff_b` for each norm layer; ComfyUI's
+    loader adds each `diff` to its weight and each `diff_b` to its bias (times the strength). Once refused whole."""
+    from sdengine.weights.lora import unet_ldm_names
+
+    unet, te = fresh_models()
+    ldm = unet_ldm_names(unet)
+    g = torch.Generator().manual_seed(31)
+    m = 0.6
+    sd: dict[str, torch.Tensor] = {}
+    want_unet, want_te = fresh_models()  # the hand computation: the weights changed in place
+    want = dict(want_unet.named_modules())
+    want_te_mods = dict(want_te.named_modules())
+    picks = {
+        "down_blocks.0.resnets.0.norm1": "norm",  # GroupNorm (LDM in_layers.0)
+        "down_blocks.0.attentions.0.transformer_blocks.0.norm1": "norm",  # LayerNorm
+        "down_blocks.0.resnets.0.conv1": "lora",  # a 3x3 convolution with a bias
+        "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2": "lora",  # a Linear with a bias
+    }
+    with torch.no_grad():
+        for name, kind in picks.items():
+            key, mod = f"diffusion_model.{ldm[name]}", want[name]
+            db = torch.randn(mod.bias.shape, generator=g) * 0.3
+            sd[f"{key}.diff_b"] = db
+            mod.bias += m * db
+            if kind == "norm":
+                dw = torch.randn(mod.weight.shape, generator=g) * 0.3
+                sd[f"{key}.diff"] = dw
+                mod.weight += m * dw
+            else:
+                w = mod.weight
+                down = torch.randn(2, *w.shape[1:], generator=g) * 0.3
+                up = torch.randn(w.shape[0], 2, *[1] * (w.ndim - 2), generator=g) * 0.3
+                sd.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up})
+                w += m * torch.einsum("or,ri...->oi...", up.flatten(1), down)
+        te_name = "text_model.encoder.layers.0.layer_norm1"
+        te_mod = want_te_mods[te_name]
+        dw, db = (torch.randn(te_mod.weight.shape, generator=g) * 0.3 for _ in range(2))
+        key = f"text_encoders.clip_l.transformer.{te_name}"
+        sd.update({f"{key}.diff": dw, f"{key}.diff_b": db})
+        te_mod.weight += m * dw
+        te_mod.bias += m * db
+    assert te_name in dict(te.named_modules())
+    ref, base = run(want_unet, want_te), run(unet, te)
+    lf = LoRAFile.from_state_dict(sd, name="ComfyUI_extracted_lora")
+    assert not lf.unknown and not lf.unsupported
+    before = {k: v.clone() for k, v in {**unet.state_dict(), **te.state_dict()}.items()}
+    with apply_loras(unet, te, [(lf, m)]) as h:
+        assert h.reports[0].complete and len(h.reports[0].matched) == len(picks) + 1
+        patched = run(unet, te)
+        h.fuse()
+        fused = run(unet, te)
+        h.unfuse()
+        assert all(torch.equal(before[k], v) for k, v in {**unet.state_dict(), **te.state_dict()}.items())
+    for ours, fz, r, b in zip(patched, fused, ref, base, strict=True):
+        assert rel(r, b) > 1e-3
+        assert rel(ours, r) <= TOL
+        assert rel(fz, r) <= TOL
+    assert all(torch.equal(a, b) for a, b in zip(run(unet, te), base, strict=True))
+
+
+# ------------------------------------------------------------------------------------------------------ GLoRA
+
+
+@pytest.mark.parametrize("layout", ["lycoris", "lycoris-weight-forward", "old"])
+def test_glora_equals_lycoris_in_both_layouts(layout):
+    """GLoRA (`a1`, `a2`, `b1`, `b2`: dW = W a1 a2 + b1 b2, times alpha / rank) on Linear layers, 3x3 and 1x1
+    convolutions: once refused; now equal to LyCORIS' GLoRAModule (its bypass forward W(x + A x) + B x, the
+    module's defining form, and its rebuilt-weight forward), patched and fused. The older layout (ComfyUI reads
+    it as b2 b1 + W a2 a1) holds the same factors under swapped names, square layers included (ComfyUI's layout
+    test)."""
+    from lycoris.modules.glora import GLoRAModule
+
+    bypass = layout != "lycoris-weight-forward"
+    sd, ref, _, _ = oracle(GLoRAModule, {"bypass_mode": bypass}, seed=40, multiplier=0.7)
+    if layout == "old":
+        swap = {"a1.weight": "a2.weight", "a2.weight": "a1.weight", "b1.weight": "b2.weight", "b2.weight": "b1.weight"}
+        sd = {f"{k.split('.', 1)[0]}.{swap.get(k.split('.', 1)[1], k.split('.', 1)[1])}": v for k, v in sd.items()}
+    base = run(*fresh_models())
+    lf = LoRAFile.from_state_dict(sd, name=f"glora-{layout}")
+    assert lf.algorithms == ["GLoRA"] and not lf.unknown and not lf.unsupported
+    unet, te = fresh_models()
+    with apply_loras(unet, te, [(lf, 0.7)]) as h:
+        assert h.reports[0].complete and len(h.reports[0].matched) == len(lf.lycoris)
+        patched = run(unet, te)
+        h.fuse()
+        fused = run(unet, te)
+    for ours, fz, r, b in zip(patched, fused, ref, base, strict=True):
+        assert rel(r, b) > 1e-3
+        assert rel(ours, r) <= TOL
+        assert rel(fz, r) <= TOL
+    assert all(torch.equal(a, b) for a, b in zip(run(unet, te), base, strict=True))
+
+
+def test_glora_that_does_not_fit_and_a_tucker_glora_are_refused():
+    """GLoRA factors of another layer's size are an error naming the layer; a Tucker core (`bm.weight`, which
+    ComfyUI does not read either) refuses the file by name rather than applying it without its core."""
+    from lycoris.modules.glora import GLoRAModule
+
+    sd, _, _, _ = oracle(GLoRAModule, {"bypass_mode": True}, seed=41)
+    layer = next(k for k in sd if "time_emb_proj" in k).split(".")[0]  # a Linear of the file
+    bad = dict(sd)
+    bad[f"{layer}.a1.weight"] = torch.zeros(7, 4)
+    bad[f"{layer}.a2.weight"] = torch.zeros(4, 7)
+    bad[f"{layer}.b2.weight"] = torch.zeros(4, 7)
+    unet, te = fresh_models()
+    with pytest.raises(LoRAError, match="GLoRA factors .* do not fit a layer of weight") as e:
+        apply_loras(unet, te, [(LoRAFile.from_state_dict(bad, name="glora"), 1.0)])
+    assert "time_emb_proj" in str(e.value)
+    tucker = {**sd, "lora_unet_down_blocks_0_resnets_0_conv1.bm.weight": torch.zeros(4, 4, 3, 3)}
+    with pytest.raises(LoRAError, match="GLoRA with a Tucker core"):
+        apply_loras(unet, te, [(LoRAFile.from_state_dict(tucker, name="glora"), 1.0)])

@@ -216,6 +216,7 @@ class LoRAHandle:
         self._patches: dict[int, _Patch] = {}
         self.fused = False
         self.removed = False
+        self.notes: list[str] = []  # what the caller should tell the user (a LoRA named twice), one line each
 
     @property
     def reports(self) -> list[Any]:

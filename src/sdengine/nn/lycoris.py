@@ -1,4 +1,4 @@
-"""LyCORIS weight updates: LoHa, LoKr, (IA)^3, LoCon's Tucker core and DoRA, as one patched layer kind.
+"""LyCORIS weight updates: LoHa, LoKr, (IA)^3, GLoRA, LoCon's Tucker core, DoRA and norm-layer differences.
 
 Each algorithm stores factors from which the layer's weight update is rebuilt (W: (out, in) or (out, in, kh, kw)):
 
@@ -9,17 +9,24 @@ Each algorithm stores factors from which the layer's weight update is rebuilt (W
   Tucker core ``t2``).
 - (IA)^3 (Liu et al. 2022): a learned vector scales the weight per output (or input) channel: ``dW = W * w``.
 - LoRA with a Tucker core (LoCon ``lora_mid``): ``dW = mid x_0 up x_1 down``.
+- GLoRA (Chavan et al. 2023): ``dW = W a1 a2 + b1 b2``, an input-channel mixing before the layer plus a
+  low-rank term (ComfyUI also reads an older layout with the factors' names swapped).
 - DoRA (Liu et al. 2024) on any of these: the updated weight ``W + dW`` is renormalised to the stored magnitude
   ``m`` per output row (PEFT's ``lora_magnitude_vector``, LyCORIS' ``dora_scale`` shaped (out, 1, ...)) or per
   input column (older LyCORIS files, ``dora_scale`` shaped (1, in, ...)): ``W' = (W + dW) * m / ||W + dW||``.
 
-The update is scaled by alpha / rank (LoHa, LoKr with a low-rank factor, LoCon) and by the user's multiplier.
+The update is scaled by alpha / rank (LoHa, LoKr with a low-rank factor, LoCon, GLoRA) and by the user's
+multiplier.
 DoRA's update is ``mult * (W' - W)``, the convention of A1111 and ComfyUI (weight 0 is the base model, the
 effect is linear in the weight); at weight 1 it is the same ``W'`` that LyCORIS and PEFT compute.
 
 Unlike a plain LoRA, these updates are not a product of two thin maps, so the layer rebuilds the dense ``dW``
 (from the current base weight, which DoRA and (IA)^3 need) and runs it as one more Linear/Conv2d; ``fuse`` folds
 it into the weight as for LoRA. File layouts and key names are :mod:`sdengine.weights.lycoris_file`.
+
+Differences of 1-d parameters (a GroupNorm/LayerNorm's weight and bias, or a Linear/Conv2d bias alone) are a
+:class:`DiffLayer`: patched, it adds ``normalize(x) * m dw + m db`` to the layer's output; fused, the parameters
+change.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ from torch import nn
 
 from .lora import LayerUpdate, LoRAError
 
-ALGORITHMS = ("loha", "lokr", "ia3", "locon_tucker", "lora", "full")
+ALGORITHMS = ("loha", "lokr", "ia3", "locon_tucker", "lora", "full", "glora")
+NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)  # the norm layers whose weight and bias a file may change
 
 
 def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
@@ -81,6 +89,31 @@ def locon_tucker_delta(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
 def lora_delta(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Plain LoRA's unscaled ``up @ down`` (for DoRA on a LoRA): (out, in_flat)."""
     return parts["lora_up"].float().flatten(1) @ parts["lora_down"].float().flatten(1)
+
+
+def glora_old_layout(parts: Mapping[str, torch.Tensor], out: int | None = None, inn: int | None = None) -> bool:
+    """Whether GLoRA factors are in the older layout (a1 (r, in), a2 (in, r), b1 (r, in), b2 (out, r)) rather
+    than LyCORIS' current one (a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, in[, kh, kw])): ComfyUI's test, which
+    keeps the old reading for a square ``out == in`` layer whose current-layout rank would equal ``in``."""
+    a1, a2, b1, b2 = (tuple(parts[k].shape) for k in ("a1", "a2", "b1", "b2"))
+    old = len(a1) > 1 and len(a2) > 1 and len(b1) > 1 and len(b2) > 1 and b2[1] == b1[0] == a1[0] == a2[1]
+    new = len(a1) > 1 and len(a2) > 1 and len(b1) > 1 and b2[0] == b1[1] == a1[1] == a2[0]
+    if new and not (old and out is not None and a2[0] == out == inn):
+        return False
+    return old
+
+
+def glora_delta(parts: Mapping[str, torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+    """GLoRA's unscaled ``dW = W A + B`` (Chavan et al. 2023; LyCORIS' ``W a1 a2 + b1 b2``): A (in, in) mixes the
+    layer's input channels before W (for a convolution, before its kernel), B is a low-rank term of the layer's
+    shape. Without a base, only B (out, in_flat): its shape is what the layer's weight must have."""
+    old = glora_old_layout(parts, *((int(base.shape[0]), int(base.shape[1])) if base is not None else ()))
+    a1, a2, b1, b2 = (parts[k].float().flatten(1) for k in ("a1", "a2", "b1", "b2"))
+    b = b2 @ b1 if old else b1 @ b2
+    if base is None:
+        return b
+    mix = a2 @ a1 if old else a1 @ a2  # (in, in)
+    return torch.einsum("oi...,ij->oj...", base.float(), mix) + b.reshape(base.shape)
 
 
 def ia3_delta(base: torch.Tensor, vector: torch.Tensor, on_input: bool) -> torch.Tensor:
@@ -134,6 +167,8 @@ def unscaled_delta(algo: str, parts: Mapping[str, torch.Tensor], base: torch.Ten
         d = lora_delta(parts)
     elif algo == "full":  # LyCORIS' full finetuning: the difference itself, (out, in[, kh, kw])
         d = parts["diff"].float()
+    elif algo == "glora":
+        d = glora_delta(parts, base)
     elif algo == "ia3" and base is not None:
         d = ia3_delta(base, parts["weight"], bool(parts["on_input"].flatten()[0]))
     else:
@@ -214,9 +249,81 @@ class LycorisLayer(LayerUpdate):
         return rank_of(self.algo, dict(self.parts))
 
 
-def rank_of(algo: str, parts: Mapping[str, torch.Tensor]) -> int | None:
+class DiffLayer(LayerUpdate):
+    """A difference added to a layer's 1-d parameters: a norm layer's weight and/or bias (ComfyUI's 1-d ``diff`` /
+    ``diff_b``, LyCORIS' ``w_norm`` / ``b_norm``), or the bias alone of a Linear/Conv2d (ComfyUI's ``diff_b``
+    next to a LoRA pair): ``W + multiplier * dw``, ``b + multiplier * db``, no alpha.
+
+    Patched, the term added to the output is ``normalize(x) * m dw + m db`` (a norm's output is
+    ``normalize(x) * W + b``, linear in both), or ``m db`` (a Linear/Conv2d bias), broadcast along the layer's
+    channel axis; fused, the parameters themselves change."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        weight_diff: torch.Tensor | None,
+        bias_diff: torch.Tensor | None,
+        *,
+        multiplier: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if weight_diff is None and bias_diff is None:
+            raise LoRAError("a difference layer needs a weight or a bias difference")
+        if weight_diff is not None and not isinstance(base, NORM_TYPES):
+            raise LoRAError(f"a 1-d weight difference fits norm layers only, not {type(base).__name__}")
+        self.weight_diff = None if weight_diff is None else nn.Parameter(weight_diff, requires_grad=False)
+        self.bias_diff = None if bias_diff is None else nn.Parameter(bias_diff, requires_grad=False)
+        self.multiplier = float(multiplier)
+        self._base = (base,)  # read, not registered as a submodule
+
+    def _channels_first(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
+        """``v`` shaped to broadcast over the base layer's output (of ``ndim`` dimensions)."""
+        base = self._base[0]
+        if isinstance(base, nn.GroupNorm | nn.Conv2d):  # (B, C, ...)
+            return v.reshape(-1, *[1] * (ndim - 2))
+        return v  # Linear (..., out) and LayerNorm (..., *normalized_shape): trailing dims
+
+    def forward(self, x: torch.Tensor, padded: bool = False) -> torch.Tensor | None:
+        """The change of the base layer's output for its input ``x`` (``padded`` is only for convolutions, whose
+        bias term does not depend on the input)."""
+        m = self.multiplier
+        if m == 0.0:
+            return None
+        base = self._base[0]
+        dtype = x.dtype if torch.is_floating_point(x) else torch.float32
+        out: torch.Tensor | None = None
+        if self.weight_diff is not None:
+            xf = x.to(dtype)
+            if isinstance(base, nn.GroupNorm):
+                normed = F.group_norm(xf, base.num_groups, None, None, base.eps)
+            else:
+                assert isinstance(base, nn.LayerNorm)
+                normed = F.layer_norm(xf, base.normalized_shape, None, None, base.eps)
+            w = (self.weight_diff.detach().float() * m).to(device=x.device, dtype=dtype)
+            out = normed * self._channels_first(w, normed.ndim)
+        if self.bias_diff is not None:
+            b = (self.bias_diff.detach().float() * m).to(device=x.device, dtype=dtype)
+            b = self._channels_first(b, x.ndim)  # the output has the input's rank (Linear: trailing anyway)
+            out = b if out is None else out + b
+        return out
+
+    def delta_weight(self) -> torch.Tensor:
+        """``multiplier * dw`` in float32 (zeros for a bias-only difference), in the base weight's shape."""
+        w = self._base[0].weight
+        assert isinstance(w, torch.Tensor)
+        if self.weight_diff is None:
+            return torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        return self.weight_diff.detach().float().reshape(w.shape).to(w.device) * self.multiplier
+
+    def delta_bias(self) -> torch.Tensor | None:
+        if self.bias_diff is None:
+            return None
+        return self.bias_diff.detach().float() * self.multiplier
+
+
+def rank_of(algo: str, parts: Mapping[str, torch.Tensor], layer_shape: tuple[int, ...] | None = None) -> int | None:
     """The rank that alpha divides (None where the file has no low-rank factor: LoKr with two whole factors,
-    (IA)^3)."""
+    (IA)^3). ``layer_shape``: the weight's shape, which GLoRA's layout test needs for a square layer."""
     if algo == "loha":
         return int(parts["hada_w1_b"].shape[0])
     if algo == "lokr":
@@ -226,12 +333,17 @@ def rank_of(algo: str, parts: Mapping[str, torch.Tensor]) -> int | None:
         return None
     if algo in ("lora", "locon_tucker"):
         return int(parts["lora_down"].shape[0])
+    if algo == "glora":
+        dims = (int(layer_shape[0]), int(layer_shape[1])) if layer_shape is not None else ()
+        return int(parts["a1" if glora_old_layout(parts, *dims) else "a2"].shape[0])
     return None
 
 
-def lycoris_scale(algo: str, parts: Mapping[str, torch.Tensor], alpha: float | None) -> float:
+def lycoris_scale(
+    algo: str, parts: Mapping[str, torch.Tensor], alpha: float | None, layer_shape: tuple[int, ...] | None = None
+) -> float:
     """alpha / rank as LyCORIS reads it: no alpha (or 0) means alpha = rank; no rank means scale 1."""
-    rank = rank_of(algo, parts)
+    rank = rank_of(algo, parts, layer_shape)
     if rank is None or not alpha or not math.isfinite(alpha):
         return 1.0
     return alpha / rank
@@ -239,8 +351,12 @@ def lycoris_scale(algo: str, parts: Mapping[str, torch.Tensor], alpha: float | N
 
 __all__ = [
     "ALGORITHMS",
+    "NORM_TYPES",
+    "DiffLayer",
     "LycorisLayer",
     "dora_weight",
+    "glora_delta",
+    "glora_old_layout",
     "ia3_delta",
     "locon_tucker_delta",
     "loha_delta",

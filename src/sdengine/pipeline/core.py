@@ -605,6 +605,7 @@ class Pipeline:
             # MiniLM is not an nn.Module: apply_loras refuses LoRAs with text-encoder layers for it.
             te2 = getattr(self, "text_encoder_2", None)  # SDXL
             handle = apply_loras(self.unet, self.text_encoder, lora_list, lora_dir, text_encoder_2=te2)
+            p.notes.extend(n for n in handle.notes if n not in p.notes)  # a LoRA named twice (logged there)
         try:
             with torch.inference_mode():
                 if request.tiling:  # the U-Net's and the VAE's convolutions, as A1111's; and the tiny VAE's and

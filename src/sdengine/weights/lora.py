@@ -6,9 +6,10 @@ The work is split by job: :mod:`sdengine.weights.lora_file` reads files (formats
 :mod:`sdengine.nn.lora` is the runtime layer (the patched Linear/Conv, stacking, fuse/unfuse, the handle that
 removes it). This module joins them in :func:`apply_loras` and exports the public names of all three.
 
-LyCORIS files (LoHa, LoKr, (IA)^3, LoCon with a Tucker core, DoRA) take the same path: the file reader hands their
-layers to :mod:`sdengine.weights.lycoris_file`, the matcher checks them against the model, and
-:func:`lycoris_layer` builds the :class:`~sdengine.nn.lycoris.LycorisLayer` that the same handle patches and fuses.
+LyCORIS files (LoHa, LoKr, (IA)^3, GLoRA, LoCon with a Tucker core, DoRA, full and norm-layer differences) take
+the same path: the file reader hands their layers to :mod:`sdengine.weights.lycoris_file`, the matcher checks them
+against the model, and :func:`lycoris_layer` builds the :class:`~sdengine.nn.lycoris.LycorisLayer` (or, for
+differences of 1-d parameters, the :class:`~sdengine.nn.lycoris.DiffLayer`) that the same handle patches and fuses.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -39,7 +40,7 @@ from ..nn.lora import (
     part_weights,
     patch_layers,
 )
-from ..nn.lycoris import LycorisLayer
+from ..nn.lycoris import DiffLayer, LycorisLayer, lycoris_scale
 from .lora_file import (
     LORA_SUFFIXES,
     LoRAFile,
@@ -114,6 +115,7 @@ def apply_loras(
         )
     index = ModelIndex(unet, text_encoder, text_encoder_2)
     prepared: list[tuple[LoRAFile, float, dict[str, Any], list[str], dict[str, Any]]] = []
+    named: dict[str, tuple[str, list[tuple[float, float]]]] = {}  # file -> (name, its (te, unet) weights)
     for item in loras:
         src, weight = lora_entry(item)
         if isinstance(src, LoRAFile):
@@ -123,6 +125,8 @@ def apply_loras(
         te_w, unet_w = part_weights(weight)
         te_w = check_weight(te_w, lf.name)
         unet_w = te_w if unet_w == te_w else check_weight(unet_w, lf.name)
+        file_key = str(lf.path.resolve()) if lf.path is not None else f"{lf.name}#{id(lf)}"
+        named.setdefault(file_key, (lf.name, []))[1].append((te_w, unet_w))
         parts: list[tuple[Literal["unet", "text_encoders"] | None, float]]
         if part is not None:
             parts = [(part, te_w if part == "text_encoders" else unet_w)]
@@ -139,6 +143,9 @@ def apply_loras(
             prepared.append((piece, w, matched, unmatched, lycoris))
 
     handle = LoRAHandle()
+    handle.notes = duplicate_notes(named.values())
+    for note in handle.notes:
+        log.warning(note)
     try:
         _attach_all(handle, prepared)
     except BaseException:  # a layer that cannot be patched: leave the model as it was
@@ -147,6 +154,30 @@ def apply_loras(
     if fuse:
         handle.fuse()
     return handle
+
+
+def duplicate_notes(files: Iterable[tuple[str, Sequence[tuple[float, float]]]]) -> list[str]:
+    """One line for each file named more than once (``<lora:a:0.5> <lora:a:1>``): sdengine applies it once per
+    mention, so the effects add up (weights 0.5 + 1 act as 1.5), as two ComfyUI LoraLoader nodes of one file do.
+    A1111 differs: its load_networks reuses one network object per name, so the file is applied once per mention
+    at the last mention's multiplier (1 + 1 there). ``files``: (name, [(te weight, unet weight), ...])."""
+    notes = []
+    for name, weights in files:
+        if len(weights) < 2:
+            continue
+        shown = ", ".join(_weight_text(lora_weight(te, unet)) for te, unet in weights)
+        total = lora_weight(sum(te for te, _ in weights), sum(unet for _, unet in weights))
+        last_te, last_unet = weights[-1]
+        a1111 = lora_weight(last_te * len(weights), last_unet * len(weights))
+        notes.append(
+            f"LoRA {name} is named {len(weights)} times (weights {shown}): their effects add up, as weight "
+            f"{_weight_text(total)} (A1111 would apply it at {_weight_text(a1111)}: each mention at the last weight)"
+        )
+    return notes
+
+
+def _weight_text(w: float | LoRAWeight) -> str:
+    return format(w, "g") if isinstance(w, float) else str(w)
 
 
 def is_text_encoder_key(key: str) -> bool:
@@ -192,9 +223,9 @@ def _attach_all(
             path=str(lf.path) if lf.path is not None else None,
             format=lf.format,
             weight=w,
-            matched=sorted(
-                [f"{t.component}:{t.name}" for t, _, _ in matched.values()]
-                + [f"{t.component}:{t.name}" for t, _ in lycoris.values()]
+            matched=sorted(  # a set: a LoRA pair and its bias difference (diff_b) are one layer
+                {f"{t.component}:{t.name}" for t, _, _ in matched.values()}
+                | {f"{t.component}:{t.name}" for t, _ in lycoris.values()}
             ),
             unmatched=unmatched,
             unsupported=lf.unsupported,
@@ -208,11 +239,21 @@ def _attach_all(
         handle.attach(lf.name, w, layers, report)
 
 
-def lycoris_layer(lw: LycorisLayerWeights, module: nn.Module, multiplier: float) -> LycorisLayer:
+def lycoris_layer(lw: LycorisLayerWeights, module: nn.Module, multiplier: float) -> LycorisLayer | DiffLayer:
     """The runtime layer for one LyCORIS (or DoRA) layer of a file on ``module`` (tensors moved to its device and
-    dtype; the math runs in float32 from them)."""
+    dtype; the math runs in float32 from them). A norm layer's differences and a bias difference alone are a
+    :class:`~sdengine.nn.lycoris.DiffLayer`."""
     base = module.weight
     assert isinstance(base, torch.Tensor)
+    if lw.algo in ("norm", "bias"):
+        # kept in float32: a difference added to a float16 weight is rounded once, when it is added
+        w, b = lw.parts.get("diff"), lw.parts.get("diff_b")
+        return DiffLayer(
+            module,
+            None if w is None else w.to(device=base.device, dtype=torch.float32),
+            None if b is None else b.to(device=base.device, dtype=torch.float32),
+            multiplier=multiplier,
+        )
     parts = {
         k: (v.to(device=base.device, dtype=base.dtype) if v.is_floating_point() else v.to(base.device))
         for k, v in lw.parts.items()
@@ -222,11 +263,14 @@ def lycoris_layer(lw: LycorisLayerWeights, module: nn.Module, multiplier: float)
         axis = lw.magnitude_axis(int(base.shape[0]), int(base.shape[1]))
         on_output = axis is not False
         magnitude = lw.magnitude.to(device=base.device, dtype=torch.float32)
+    scale = lw.scale
+    if lw.algo == "glora":  # which of its two layouts (hence its rank) can depend on the layer's shape
+        scale = lycoris_scale(lw.algo, lw.parts, lw.alpha, tuple(base.shape))
     return LycorisLayer(
         lw.algo,
         parts,
         module,
-        scale=lw.scale,
+        scale=scale,
         multiplier=multiplier,
         magnitude=magnitude,
         magnitude_on_output=on_output,
@@ -258,6 +302,7 @@ __all__ = [
     "UnsafeLoRANameError",
     "apply_loras",
     "check_weight",
+    "duplicate_notes",
     "kohya_name",
     "lora_entry",
     "list_lora_dir",

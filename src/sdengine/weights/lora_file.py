@@ -9,8 +9,9 @@ with underscores; ComfyUI the dotted state-dict name (``diffusion_model.`` + the
 module name behind ``unet.`` / ``text_encoder.``, with ``lora_A`` / ``lora_B`` (older diffusers: ``lora.down`` /
 ``lora.up``, ``lora_linear_layer.*``, ``processor.to_q_lora.*``).
 Matching those names to a model's layers is :mod:`sdengine.weights.lora_keys`. LyCORIS layers (LoHa, LoKr,
-(IA)^3, LoCon with a Tucker core) and DoRA magnitudes in the same files are taken out first by
-:mod:`sdengine.weights.lycoris_file` and kept in :attr:`LoRAFile.lycoris`.
+(IA)^3, LoCon with a Tucker core, full and norm-layer differences, ComfyUI's bias differences) and DoRA
+magnitudes in the same files are taken out first by :mod:`sdengine.weights.lycoris_file` and kept in
+:attr:`LoRAFile.lycoris`.
 
 Names from outside the Python caller (``<lora:NAME:W>`` tags in a prompt, marked as
 :class:`~sdengine.io.paths.ExternalName`) only ever select a file inside the LoRA folder.
@@ -75,8 +76,7 @@ _ATTN_PROC_RE = re.compile(r"^(?P<layer>.+)\.processor\.(?P<proj>to_q|to_k|to_v|
 # LoCon's Tucker core and DoRA are read by sdengine.weights.lycoris_file.)
 _UNSUPPORTED = [
     (re.compile(r"\.oft_(blocks|diag)$|\.oft_R\.|\.boft_"), "LyCORIS OFT/BOFT (orthogonal finetuning)"),
-    (re.compile(r"\.(a1|a2|b1|b2)\.weight$"), "LyCORIS GLoRA"),
-    (re.compile(r"\.(w_norm|b_norm)$"), "LyCORIS norm-layer training (w_norm/b_norm)"),
+    (re.compile(r"\.bm\.weight$"), "LyCORIS GLoRA with a Tucker core (bm)"),
 ]
 # Names that give away another architecture.
 
@@ -231,6 +231,9 @@ class LoRAFile:
                 unknown.append(f"{layer} (has a DoRA magnitude but no LoRA layer)")
                 continue
             factors = {"lora_down": lw.down, "lora_up": lw.up}
+            bias = lycoris.get(layer)
+            if bias is not None and bias.algo == "bias":  # ComfyUI's diff_b next to the pair: one layer holds both
+                factors["diff_b"] = bias.parts["diff_b"]
             lycoris[layer] = LycorisLayerWeights(
                 layer, "lora", factors, lw.alpha, magnitude, peft_magnitude, scale_override=lw.scale
             )

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..nn.lycoris import NORM_TYPES
 from . import keymaps as km
 from .lora_file import LoRAFile, LoRAFileError, LoRAFormat, LoRALayerWeights
 from .lycoris_file import LycorisLayerWeights
@@ -66,6 +67,16 @@ def lora_targets(module: nn.Module) -> Iterable[tuple[str, nn.Module]]:
             yield name, m
 
 
+def adapter_targets(module: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """Layers a file may change: every Linear and Conv2d (LoRA and LyCORIS layers), and every GroupNorm/LayerNorm
+    with a weight (differences of its weight and bias: ComfyUI's 1-d ``diff``/``diff_b``, LyCORIS' ``w_norm``)."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear | nn.Conv2d) or (
+            isinstance(m, NORM_TYPES) and isinstance(getattr(m, "weight", None), torch.Tensor)
+        ):
+            yield name, m
+
+
 def kohya_name(component: Component, module_name: str) -> str:
     """kohya's layer name: component prefix + the module's dotted name with underscores (what its trainer writes)."""
     prefix = "lora_unet_" if component == "unet" else "lora_te_"
@@ -87,7 +98,7 @@ def unet_ldm_names(unet: nn.Module) -> dict[str, str]:
         rows = rows + ADD_EMBEDDING_ROWS
     prefixes = {diff: (ldm, kind) for ldm, diff, kind in rows}
     out: dict[str, str] = {}
-    for name, _ in lora_targets(unet):
+    for name, _ in adapter_targets(unet):
         parts = name.split(".")
         for n in range(len(parts), 0, -1):  # longest prefix wins
             hit = prefixes.get(".".join(parts[:n]))
@@ -119,7 +130,7 @@ class ModelIndex:
         self.aliases: dict[str, Target] = {}
         if unet is not None:
             ldm = unet_ldm_names(unet)
-            for name, m in lora_targets(unet):
+            for name, m in adapter_targets(unet):
                 t = Target("unet", name, m)
                 for alias in (kohya_name("unet", name), f"unet.{name}", name):
                     self.aliases.setdefault(alias, t)
@@ -127,7 +138,7 @@ class ModelIndex:
                     self.aliases.setdefault("lora_unet_" + ldm[name].replace(".", "_"), t)
                     self.aliases.setdefault("diffusion_model." + ldm[name], t)  # ComfyUI
         if text_encoder is not None:
-            for name, m in lora_targets(text_encoder):
+            for name, m in adapter_targets(text_encoder):
                 t = Target("text_encoder", name, m)
                 short = name.removeprefix(km.TEXT_MODEL)  # transformers >= 5 drops `text_model.`
                 for alias in (
@@ -146,7 +157,7 @@ class ModelIndex:
                     self.aliases.setdefault(alias, t)
         self.text_encoder_2 = text_encoder_2
         if text_encoder_2 is not None:  # SDXL's second encoder: kohya lora_te2_, PEFT/diffusers text_encoder_2.
-            for name, m in lora_targets(text_encoder_2):
+            for name, m in adapter_targets(text_encoder_2):
                 t = Target("text_encoder_2", name, m)
                 short = name.removeprefix(km.TEXT_MODEL)
                 for alias in (
@@ -204,6 +215,8 @@ def _fit(w: LoRALayerWeights, module: nn.Module) -> tuple[torch.Tensor, torch.Te
     (r, in, 1, 1) or (r, in) for the same map, so spatial singleton dims are added or dropped as the module needs.
     """
     down, up = w.down, w.up
+    if not isinstance(module, nn.Linear | nn.Conv2d):  # a norm layer: only differences (diff, w_norm) change it
+        return f"a LoRA pair on a {type(module).__name__} (norm layers take weight differences only)"
     if isinstance(module, nn.Linear):
         if down.ndim == 4 and down.shape[2:] == (1, 1) and up.shape[2:] == (1, 1):
             down, up = down.flatten(1), up.flatten(1)
@@ -302,7 +315,8 @@ def match_lora(
     for key, lw in lf.lycoris.items():
         target = index.aliases.get(key)
         if target is None:
-            unmatched.append(key)
+            if key not in lf.layers:  # a LoRA pair's bias difference: the pair's name is listed already
+                unmatched.append(key)
             continue
         why = _fit_lycoris(lw, target.module)
         if why is not None:
@@ -335,6 +349,7 @@ __all__ = [
     "LoRAReport",
     "ModelIndex",
     "Target",
+    "adapter_targets",
     "kohya_name",
     "lora_targets",
     "match_lora",

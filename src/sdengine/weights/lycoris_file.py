@@ -1,4 +1,4 @@
-"""LyCORIS layers in a LoRA file: LoHa, LoKr, (IA)^3, LoCon with a Tucker core, full differences, DoRA magnitudes.
+"""LyCORIS layers in a LoRA file: LoHa, LoKr, (IA)^3, GLoRA, LoCon-Tucker, full and norm differences, DoRA.
 
 LyCORIS (and kohya's trainer driving it) names layers as kohya does (``lora_unet_...``, ``lora_te_...``) and
 stores per layer, besides ``<layer>.alpha``:
@@ -10,9 +10,14 @@ stores per layer, besides ``<layer>.alpha``:
   ``lokr_w2_b`` (r, d); out = a*b, in = c*d;
 - (IA)^3: ``weight`` (the channel vector) and ``on_input`` (0: output channels, 1: input channels);
 - LoCon with a Tucker core: ``lora_down`` (r, in, 1, 1), ``lora_mid`` (r, r, kh, kw), ``lora_up`` (out, r, 1, 1);
-- Full (LyCORIS ``full``): ``diff`` (the weight's own shape) and, for a layer with a bias, ``diff_b`` (out,); the
-  1-d ``diff`` of a norm layer (ComfyUI's trainer and extractor write them) is refused: sdengine adapts
-  Linear/Conv2d layers only;
+- GLoRA: ``a1.weight`` (in, r), ``a2.weight`` (r, in), ``b1.weight`` (out, r), ``b2.weight`` (r, in[, kh, kw])
+  (convolutions: 1x1 but for ``b2``), or the older layout with a1/a2 and b1/b2 swapped; a Tucker core
+  ``bm.weight`` is refused by :mod:`sdengine.weights.lora_file`;
+- Full (LyCORIS ``full``): ``diff`` (the weight's own shape) and, for a layer with a bias, ``diff_b`` (out,);
+- norm layers (GroupNorm/LayerNorm): a 1-d ``diff`` / ``diff_b`` (ComfyUI's trainer, and its LoRA extractor with
+  ``bias_diff`` on) or LyCORIS' ``w_norm`` / ``b_norm``: ``W + diff``, ``b + diff_b`` (algorithm "norm");
+- a ``diff_b`` alone (ComfyUI's extractor writes one next to each LoRA pair whose layer has a bias): the bias
+  changes by it, the LoRA pair of the same layer does the weight (algorithm "bias");
 - DoRA on any of them (and on a plain LoRA): ``dora_scale`` (LyCORIS/kohya; (out, 1, ...) or (1, in, ...));
   PEFT writes ``<module>.lora_magnitude_vector`` (out,) next to ``lora_A``/``lora_B``.
 
@@ -39,8 +44,15 @@ _PARTS = {
     "lokr_t1": "lokr",  # written by some trainers, never used in the product (LyCORIS ignores it too)
     "diff": "full",
     "diff_b": "full",
+    "w_norm": "norm",  # LyCORIS' norm module: stored as diff / diff_b (the same update)
+    "b_norm": "norm",
+    **{f"{p}.weight": "glora" for p in ("a1", "a2", "b1", "b2")},
 }
-_PART_RE = re.compile(r"^(?P<layer>.+)\.(?P<part>" + "|".join(sorted(_PARTS, key=len, reverse=True)) + r")$")
+# parts kept under another name: a norm's w_norm/b_norm are its diff/diff_b; GLoRA's a1.weight is a1
+_RENAMED = {"w_norm": "diff", "b_norm": "diff_b", **{f"{p}.weight": p for p in ("a1", "a2", "b1", "b2")}}
+_PART_RE = re.compile(
+    r"^(?P<layer>.+)\.(?P<part>" + "|".join(re.escape(p) for p in sorted(_PARTS, key=len, reverse=True)) + r")$"
+)
 _MID_RE = re.compile(r"^(?P<layer>.+)\.lora_mid\.weight$")
 _IA3_RE = re.compile(r"^(?P<layer>.+)\.on_input$")
 _DORA_RE = re.compile(
@@ -54,6 +66,9 @@ LABELS = {
     "locon_tucker": "LoCon (Tucker)",
     "lora": "LoRA",
     "full": "Full (diff)",
+    "norm": "Norm layer (diff)",
+    "bias": "Bias (diff_b)",
+    "glora": "GLoRA",
 }
 # Parts each layout needs (any one set of the alternatives)
 _NEEDS = {
@@ -61,6 +76,9 @@ _NEEDS = {
     "ia3": [{"weight", "on_input"}],
     "locon_tucker": [{"lora_down", "lora_mid", "lora_up"}],
     "full": [{"diff"}],
+    "norm": [{"diff"}],
+    "bias": [{"diff_b"}],
+    "glora": [{"a1", "a2", "b1", "b2"}],
 }
 
 
@@ -69,7 +87,9 @@ class LycorisLayerWeights:
     """One LyCORIS layer as stored in a file (tensors as read)."""
 
     key: str  # the file's layer name
-    algo: str  # "loha", "lokr", "ia3", "locon_tucker", or "lora" (a plain LoRA carrying a DoRA magnitude)
+    # "loha", "lokr", "ia3", "locon_tucker", "full", "lora" (a plain LoRA carrying a DoRA magnitude), "norm" (a
+    # norm layer's weight/bias differences, as diff/diff_b) or "bias" (a bias difference diff_b alone)
+    algo: str
     parts: dict[str, torch.Tensor]
     alpha: float | None = None
     magnitude: torch.Tensor | None = None  # DoRA
@@ -97,6 +117,10 @@ class LycorisLayerWeights:
         """(out, in, kernel) of the update (kernel () when ``in`` counts in*kh*kw), or why the factors do not fit
         together. The update is rebuilt on the meta device: shapes only, no arithmetic."""
         p = self.parts
+        if self.algo in ("norm", "bias"):  # 1-d differences: the number of channels, no input side
+            return int(p["diff" if self.algo == "norm" else "diff_b"].shape[0]), -1, ()
+        if self.algo == "glora":  # which of its two layouts it is can depend on the layer: checked in fit
+            return -1, -1, ()
         try:
             if self.algo == "ia3":
                 n = int(p["weight"].numel())
@@ -115,6 +139,10 @@ class LycorisLayerWeights:
 
     def fit(self, weight_shape: tuple[int, ...]) -> str | None:
         """None when this update fits a layer of ``weight_shape`` (out, in[, kh, kw]); else why not."""
+        if self.algo in ("norm", "bias"):
+            return self._fit_difference(weight_shape)
+        if len(weight_shape) < 2:
+            return f"a {self.label} update on a norm layer (weight {tuple(weight_shape)}); norm layers take diff/w_norm"
         got = self.shape()
         if isinstance(got, str):
             return got
@@ -135,10 +163,29 @@ class LycorisLayerWeights:
         if out not in (-1, w_out) or inn not in (-1, want_in):
             shown_in, shown_out = ("?" if inn == -1 else inn), ("?" if out == -1 else out)
             return f"{self.label} maps {shown_in} -> {shown_out}, layer {want_in} -> {w_out}"
+        if self.algo == "glora":  # its input mixing (a1, a2) must fit the layer's inputs: rebuilt on the meta device
+            try:
+                meta = {k: torch.empty(v.shape, device="meta") for k, v in self.parts.items()}
+                unscaled_delta("glora", meta, torch.empty(weight_shape, device="meta"))
+            except (IndexError, RuntimeError, ValueError):
+                shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in self.parts.items())
+                return f"GLoRA factors {shapes} do not fit a layer of weight {tuple(weight_shape)}"
         if "diff_b" in self.parts and tuple(self.parts["diff_b"].shape) != (w_out,):
             return f"diff_b {tuple(self.parts['diff_b'].shape)}, the layer has {w_out} outputs"
         if self.magnitude is not None and self.magnitude_axis(w_out, w_in) is None:
             return f"DoRA magnitude {tuple(self.magnitude.shape)} fits neither {w_out} outputs nor {w_in} inputs"
+        return None
+
+    def _fit_difference(self, weight_shape: tuple[int, ...]) -> str | None:
+        if self.magnitude is not None:
+            return f"a DoRA magnitude on a {self.label} layer"
+        if self.algo == "norm":
+            if len(weight_shape) != 1:
+                return f"a norm layer's 1-d weight difference on a layer with weight {tuple(weight_shape)}"
+            if tuple(self.parts["diff"].shape) != tuple(weight_shape):
+                return f"weight difference {tuple(self.parts['diff'].shape)}, the layer's weight {tuple(weight_shape)}"
+        if "diff_b" in self.parts and tuple(self.parts["diff_b"].shape) != (weight_shape[0],):
+            return f"diff_b {tuple(self.parts['diff_b'].shape)}, the layer has {weight_shape[0]} outputs"
         return None
 
     def magnitude_axis(self, out_features: int, in_features: int) -> bool | None:
@@ -169,7 +216,7 @@ def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> Lyc
     for key, t in sd.items():
         m = _PART_RE.match(key)
         if m:
-            found.setdefault(m["layer"], {})[m["part"]] = t
+            found.setdefault(m["layer"], {})[_RENAMED.get(m["part"], m["part"])] = t
             algos.setdefault(m["layer"], _PARTS[m["part"]])
             mixed.setdefault(m["layer"], set()).add(_PARTS[m["part"]])
             out.consumed.add(key)
@@ -218,15 +265,12 @@ def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> Lyc
             kinds = " and ".join(sorted(LABELS[a] for a in mixed[layer]))
             out.problems.append(f"{layer} mixes {kinds} parts in one layer")
             continue
-        if algo == "full" and "diff" not in parts:
-            out.problems.append(f"{layer}: a bias difference (diff_b) alone; sdengine applies it only with a diff")
-            continue
-        if algo == "full" and parts["diff"].ndim < 2:
-            # ComfyUI's trainer and extractor write these for norm layers: sdengine adapts Linear/Conv layers only
-            out.problems.append(
-                f"{layer}: a full difference of a {parts['diff'].ndim}-d weight (a norm layer's); sdengine applies "
-                "diff to Linear and convolution layers only"
-            )
+        if algo in ("full", "norm") and "diff" not in parts:
+            algo = "bias"  # a diff_b (or b_norm) alone: ComfyUI's extractor writes one next to each LoRA pair
+        elif algo == "full" and parts["diff"].ndim == 1:
+            algo = "norm"  # ComfyUI's trainer and extractor write a norm layer's weight difference as a 1-d diff
+        if algo == "norm" and parts["diff"].ndim != 1:
+            out.problems.append(f"{layer}: w_norm has {parts['diff'].ndim} dimensions, a norm layer's weight has one")
             continue
         missing = _missing(algo, parts)
         if missing:
@@ -246,7 +290,8 @@ def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> Lyc
                 out.problems.append(f"{layer} alpha has {alphas[layer].numel()} values, not one")
                 continue
             alpha = float(alphas[layer].float().item())
-        mag, peft = magnitudes.pop(layer, (None, False))
+        # a bias difference leaves a DoRA magnitude to the LoRA pair of its layer
+        mag, peft = (None, False) if algo == "bias" else magnitudes.pop(layer, (None, False))
         w = LycorisLayerWeights(layer, algo, parts, alpha, mag, peft)
         if any(t.ndim == 0 for name, t in parts.items() if name != "on_input"):
             out.problems.append(f"{layer}: {LABELS[algo]} factors must have at least one dimension")
