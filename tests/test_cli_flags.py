@@ -1,0 +1,60 @@
+"""Flags of the ``sdengine`` command line that would change nothing: refused in one line, never dropped without
+a word (an explicit flag argparse cannot tell from its default, a repeated flag of which argparse keeps the last)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdengine.cli import main
+
+
+def _refused(capsys, argv: list[str]) -> str:
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own mistakes
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("sdengine: error: "), err
+    return err
+
+
+def test_lora_ema_decay_without_ema_is_refused(tmp_path, capsys):
+    """`train lora --ema-decay 0.5` without --ema trained and wrote the last weights, the decay unused: it was
+    indistinguishable from its default."""
+    (tmp_path / "data").mkdir()
+    argv = ["train", "lora", "--model", "emoji", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    err = _refused(capsys, [*argv, "--ema-decay", "0.5"])
+    assert "--ema-decay is the decay of --ema's average: give --ema too" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "axes",
+    [
+        ["--x", "steps=1,2", "--x", "cfg=1,2"],
+        ["--x", "steps=1,2", "--z", "seed=1,2", "--z", "cfg=1,2"],
+    ],
+)
+def test_xyz_repeated_axis_flag_is_refused(tmp_path, capsys, axes):
+    """argparse keeps the last of a repeated flag: `--x steps=1,2 --x cfg=1,2` plotted cfg alone."""
+    err = _refused(capsys, ["xyz", "a red apple", "--out", str(tmp_path), *axes, "--no-progress"])
+    twice = axes[-1]
+    assert f"argument {axes[-2]}: given twice" in err and twice in err, err
+    assert "(see 'sdengine xyz --help')" in err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "argv,help_of",
+    [
+        (["generate", "x", "--no-such-flag", "3"], "sdengine generate"),
+        (["train", "lora", "--model", "emoji", "--data", "d", "--epochs", "2"], "sdengine train lora"),
+        (["list", "models", "extra"], "sdengine list"),
+        (["pnginfo", "a.png", "--raw"], "sdengine pnginfo"),
+    ],
+)
+def test_unrecognized_arguments_name_the_subcommands_help(capsys, argv, help_of):
+    """argparse reports leftover arguments from the root parser: the line said `see 'sdengine --help'`, whose
+    help lists none of the subcommand's flags."""
+    err = _refused(capsys, argv)
+    assert "unrecognized arguments: " in err and f"(see '{help_of} --help')" in err, err
