@@ -58,3 +58,57 @@ def test_unrecognized_arguments_name_the_subcommands_help(capsys, argv, help_of)
     help lists none of the subcommand's flags."""
     err = _refused(capsys, argv)
     assert "unrecognized arguments: " in err and f"(see '{help_of} --help')" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        # the ControlNet a PNG names is looked up there; --controlnet takes a path: the folder was unused
+        (
+            ["generate", "apple", "--steps", "1", "--controlnets-dir", "{tmp}", "--out", "{out}"],
+            "--controlnets-dir is where --from-png looks up the ControlNet a PNG names: it has no effect without "
+            "--from-png",
+        ),
+        # the key is required whatever the flag says; on loopback no key is asked anyway
+        (["serve", "--insecure-no-auth", "--api-key", "k", "--port", "0"], "--insecure-no-auth has no effect with"),
+        (["serve", "--insecure-no-auth", "--port", "0"], "--insecure-no-auth has no effect on 127.0.0.1"),
+        # ready-made control maps: no preprocessor runs, its options were dropped
+        (
+            ["train", "controlnet", "--model", "no-such-model", "--data", "{tmp}", "--condition-dir", "{tmp}"]
+            + ["--condition-option", "low=50", "--out", "{out}"],
+            "--condition-option sets the preprocessor, which does not run with --condition-dir",
+        ),
+        (
+            ["train", "tiny-vae", "--model", "no-such-model", "--no-encoder", "--encoder-weight", "2"]
+            + ["--out", "{out}"],
+            "--encoder-weight has no effect with --no-encoder",
+        ),
+        (
+            ["train", "tiny-vae", "--model", "no-such-model", "--keep-decoder", "{tmp}", "--latents", "sample"]
+            + ["--out", "{out}"],
+            "--latents sample has no effect with --keep-decoder",
+        ),
+        (
+            ["train", "tiny-vae", "--model", "no-such-model", "--keep-decoder", "{tmp}", "--image-weight", "1"]
+            + ["--out", "{out}"],
+            "--image-weight has no effect with --keep-decoder",
+        ),
+        (
+            ["train", "emoji", "--write-folders", "{tmp}/file/x", "--seed", "3", "--lr", "0.1", "--out", "{out}"],
+            "--write-folders only writes the renders and trains nothing: --out, --lr, --seed would change nothing",
+        ),
+        (
+            ["train", "emoji", "--init-unet", "{tmp}/missing", "--vae-steps", "5", "--max-minutes-vae", "1"],
+            "--init-unet continues an exported model (its VAE kept, its pooled vector there): --vae-steps, "
+            "--max-minutes-vae would change nothing",
+        ),
+    ],
+)
+def test_flags_without_effect_in_combination_are_refused(tmp_path, capsys, argv, message):
+    """Found by reading every command for flags used only with another (docs/cli.md): each was dropped without
+    a word; now one line before anything loads or is written."""
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "out"
+    err = _refused(capsys, [s.replace("{tmp}", str(tmp_path)).replace("{out}", str(out)) for s in argv])
+    assert message in err, err
+    assert not out.exists()

@@ -528,6 +528,11 @@ def run(a: argparse.Namespace) -> int:
         kwargs["controlnets"] = control_units_from_cli(a.control or [], a.controlnet or [])
     if a.no_progress:
         kwargs["progress"] = False
+    if a.controlnets_dir is not None and a.from_png is None:  # --controlnet takes a path or a built-in name
+        raise UsageError(
+            "--controlnets-dir is where --from-png looks up the ControlNet a PNG names: it has no effect without "
+            "--from-png (--controlnet takes a file or folder path, or a built-in name)"
+        )
     if a.prompts is None:  # a list's lines may give what the flag needs (an init image): checked per line there
         _refuse_flags_without_effect(a, bool(kwargs.get("enable_hr")), bool(kwargs.get("subseed_strength")))
     if a.prompts is not None:  # a list of requests: sdengine.batch_render
