@@ -72,6 +72,11 @@ def test_unrecognized_arguments_name_the_subcommands_help(capsys, argv, help_of)
         # the key is required whatever the flag says; on loopback no key is asked anyway
         (["serve", "--insecure-no-auth", "--api-key", "k", "--port", "0"], "--insecure-no-auth has no effect with"),
         (["serve", "--insecure-no-auth", "--port", "0"], "--insecure-no-auth has no effect on 127.0.0.1"),
+        # only --random's model folder (and --decoders' tiny VAE) is kept there
+        (
+            ["bench", "--model", "{tmp}", "--workdir", "{out}"],
+            "--workdir keeps --random's model folder (and --decoders' tiny VAE): with --model it is unused",
+        ),
         # ready-made control maps: no preprocessor runs, its options were dropped
         (
             ["train", "controlnet", "--model", "no-such-model", "--data", "{tmp}", "--condition-dir", "{tmp}"]
