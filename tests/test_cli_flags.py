@@ -3,8 +3,11 @@ a word (an explicit flag argparse cannot tell from its default, a repeated flag 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+import sdengine
 from sdengine.cli import main
 
 
@@ -69,6 +72,12 @@ def test_unrecognized_arguments_name_the_subcommands_help(capsys, argv, help_of)
             "--controlnets-dir is where --from-png looks up the ControlNet a PNG names: it has no effect without "
             "--from-png",
         ),
+        # the tiny VAE was loaded and never used: neither decode nor encode was the tiny one
+        (
+            ["generate", "apple", "--steps", "1", "--tiny-vae", "{emoji}/vae_tiny", "--vae-decode", "full"]
+            + ["--out", "{out}"],
+            "--tiny-vae has no effect with --vae-decode full (and without --vae-encode tiny)",
+        ),
         # the key is required whatever the flag says; on loopback no key is asked anyway
         (["serve", "--insecure-no-auth", "--api-key", "k", "--port", "0"], "--insecure-no-auth has no effect with"),
         (["serve", "--insecure-no-auth", "--port", "0"], "--insecure-no-auth has no effect on 127.0.0.1"),
@@ -114,6 +123,8 @@ def test_flags_without_effect_in_combination_are_refused(tmp_path, capsys, argv,
     a word; now one line before anything loads or is written."""
     (tmp_path / "file").write_text("x")
     out = tmp_path / "out"
-    err = _refused(capsys, [s.replace("{tmp}", str(tmp_path)).replace("{out}", str(out)) for s in argv])
+    emoji = Path(sdengine.__file__).parent / "assets" / "models" / "emoji"
+    argv = [s.replace("{tmp}", str(tmp_path)).replace("{out}", str(out)).replace("{emoji}", str(emoji)) for s in argv]
+    err = _refused(capsys, argv)
     assert message in err, err
     assert not out.exists()

@@ -407,6 +407,10 @@ def _refuse_flags_without_effect(a: argparse.Namespace, hires: bool, variation: 
     for flag, value, used, what in needs:
         if value is not None and not used:
             raise UsageError(f"{flag} has no effect without {what}: drop it, or add what it applies to")
+    if a.tiny_vae is not None and a.vae_decode == "full" and a.vae_encode != "tiny":  # once loaded and unused
+        raise UsageError(
+            "--tiny-vae has no effect with --vae-decode full (and without --vae-encode tiny): drop one of them"
+        )
 
 
 def run(a: argparse.Namespace) -> int:
