@@ -31,6 +31,17 @@ def test_lora_ema_decay_without_ema_is_refused(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_ema_decay_help_still_shows_its_default(capsys):
+    """--ema-decay's default is None until the run resolves it (so that a given one is told apart): --help must
+    still name the trainer's real default, not "None"."""
+    for kind, default in (("lora", "0.999"), ("controlnet", "0"), ("ddpm", "0.999")):
+        with pytest.raises(SystemExit):
+            main(["train", kind, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        described = text.rsplit("--ema-decay EMA_DECAY ", 1)[-1][:80]  # its help (the last mention), not the usage
+        assert f"default: {default}" in described and "None" not in described, (kind, described)
+
+
 @pytest.mark.parametrize(
     "axes",
     [

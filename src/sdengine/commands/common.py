@@ -30,7 +30,7 @@ def add_train_args(
         "--ema-decay",
         type=float,
         default=None,
-        help=f"{ema_help + '; ' if ema_help else ''}default {ema_decay:g}",
+        help=f"{ema_help} (default: {ema_decay:g})" if ema_help else f"default: {ema_decay:g}",
     )
     p.set_defaults(ema_decay_default=ema_decay)
     p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto")

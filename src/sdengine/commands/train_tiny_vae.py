@@ -115,7 +115,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "(a full decode per step)",
     )
     p.add_argument("--image-weight", type=float, default=0.0, help="weight of the loss against the images themselves")
-    p.add_argument("--encoder-weight", type=float, default=None, help="weight of the encoder's latent MSE (default 1)")
+    p.add_argument("--encoder-weight", type=float, default=None, help="weight of the encoder's latent MSE (default: 1)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="train on the mirror images too")
     p.add_argument("--eval-images", type=int, default=256, help="images held out (at most a fifth of them)")
     p.add_argument(
