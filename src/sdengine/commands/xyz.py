@@ -63,6 +63,14 @@ def run(a: argparse.Namespace) -> int:
     # Every one-line error (prompt S/R text not found, sampler/schedule mismatch) before the model loads; the
     # seed drawn here is the one every cell gets.
     cells = plan_cells(a.prompt, base, x, y, z)
+    if a.lora_dir is not None and not a.lora and Path(a.lora_dir).is_dir():  # as generate: never looked at
+        from .generate import names_loras
+
+        if not names_loras(*(str(c.kwargs.get("prompt") or "") for c in cells)):
+            raise UsageError(
+                "--lora-dir is where <lora:NAME> tags and --lora names are looked up: no cell's prompt has such a "
+                "tag and no --lora is given, so it would change nothing"
+            )
     if base.get("seed") in (None, -1):
         base["seed"] = cells[0].kwargs["seed"]
     from ..pipeline.core import as_request
