@@ -173,6 +173,11 @@ def test_compare_none_times_sdengine_alone(workdir, capsys, keep_threads):
         (["--decoders", "--device", "cuda"], "--device cuda does not apply to --decoders"),
         (["--decoders", "--dtype", "bf16"], "--dtype bf16 does not apply to --decoders"),
         (["--decoders", "--options", "channels_last"], "--options does not apply to --decoders"),
+        # a generation's settings, once ignored without a word: the decoders' bench runs no generation
+        (["--decoders", "--steps", "3"], "--steps 3 does not apply to --decoders"),
+        (["--decoders", "--sampler", "euler"], "--sampler euler does not apply to --decoders"),
+        (["--decoders", "--cfg", "2"], "--cfg 2 does not apply to --decoders"),
+        (["--decoders", "--no-memory"], "--no-memory does not apply to --decoders"),
         (["--tiny-vae", "taesd_decoder.safetensors"], "--tiny-vae is an option of --decoders"),
         (["--decoders", "--size", "33"], "--size 33 is not a positive multiple of the VAE's downscale factor 2"),
     ],

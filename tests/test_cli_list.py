@@ -259,3 +259,25 @@ def test_a_folder_of_another_kind_is_refused(capsys, argv, flag):
     assert rc == 2 and out == "" and err.count("\n") == 1 and flag in err, err
     kind = flag.split()[0][2:-4]
     assert f"did you mean 'sdengine list {kind} --{kind}-dir DIR'?" in err
+
+
+def test_wide_characters_keep_the_columns_aligned(tmp_path, capsys):
+    """A name with an emoji or CJK letters (two terminal columns each) once shifted every column after it: the
+    table was padded by character count. The SOURCE column starts at the same display column on every row."""
+    import unicodedata
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    for name in ("\U0001f34eapple", "\u82f9\u679c", "plain", "cafe\u0301"):
+        (loras / f"{name}.safetensors").write_bytes(b"x")
+    rc, out, _ = _list(capsys, "loras", "--loras-dir", str(loras))
+    assert rc == 0
+
+    def columns(text: str) -> int:  # terminal columns, counted independently of the code under test
+        return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+    lines = out.splitlines()
+    assert len(lines) == 6
+    sources = ["SOURCE", "built-in"] + [str(loras)] * 4  # the second column of each row, in order
+    starts = {columns(line[: line.index(source)]) for line, source in zip(lines, sources, strict=True)}
+    assert len(starts) == 1, out

@@ -575,3 +575,21 @@ def test_cli_control_sweep_bad_points_are_one_line(capsys, tmp_path):
         rc = main(["eval", "emoji", "--controlnet", str(cn), "--control-sweep", bad])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and "--control-sweep" in err, (bad, err)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--no-sweep", "--cfg-sweep", "2", "4"], "--cfg-sweep is a setting of the guidance sweep, which --no-sweep"),
+        (["--no-sweep", "--sweep-n", "10"], "--sweep-n is a setting of the guidance sweep, which --no-sweep skips"),
+        (["--control-n", "8"], "--control-n is a setting of the ControlNet check: give --controlnet"),
+        (["--lora-weight", "0.5"], "--lora-weight is a setting of the LoRA check: give --lora"),
+    ],
+)
+def test_cli_settings_of_a_part_that_does_not_run_are_refused(capsys, tmp_path, args, message):
+    """Each was once ignored without a word (the sweep skipped, no ControlNet or LoRA to check)."""
+    from sdengine.cli import main
+
+    rc = main(["eval", "emoji", "--model", str(tmp_path / "nothing"), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err, err

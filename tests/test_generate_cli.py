@@ -983,6 +983,8 @@ def test_prompt_list_reads_a1111_command_line_lines(model, tmp_path, capsys):
         (["--subseed", "7"], "--subseed has no effect without a --subseed-strength above 0"),
         (["--lora-dir", "{missing}"], "LoRA folder {missing} does not exist"),
         (["--lora-dir", "{file}"], "LoRA folder {file} is not a folder"),
+        # a folder that is there, but no <lora:...> tag in the prompt and no --lora: once never looked at
+        (["--lora-dir", "{folder}"], "--lora-dir is where <lora:NAME> tags and --lora names are looked up"),
     ],
 )
 def test_a_flag_without_effect_or_a_missing_lora_dir_is_refused_before_loading(
@@ -997,7 +999,7 @@ def test_a_flag_without_effect_or_a_missing_lora_dir_is_refused_before_loading(
 
     monkeypatch.setattr(sdengine.pipeline, "load_pipeline", refuse)
     (tmp_path / "file.txt").write_text("x")
-    names = {"missing": tmp_path / "nope", "file": tmp_path / "file.txt"}
+    names = {"missing": tmp_path / "nope", "file": tmp_path / "file.txt", "folder": tmp_path}
     flags = [f.format(**names) for f in flags]
     rc = _generate("x", "--model", str(model), "--steps", "2", *flags, "--out", str(tmp_path / "o"))
     err = capsys.readouterr().err.strip().splitlines()

@@ -273,6 +273,8 @@ def test_xyz_cli_errors_are_one_line(tmp_path, capsys):
         # once dropped without a word: every cell was text-to-image
         (["--x", "steps=2", "--strength", "0.5"], "--strength has no effect without --init-image"),
         (["--x", "steps=2", "--lora-dir", str(tmp_path / "nope")], "LoRA folder"),
+        # a folder no cell's prompt names a LoRA from: once never looked at
+        (["--x", "steps=2", "--lora-dir", str(tmp_path)], "--lora-dir is where <lora:NAME> tags and --lora names"),
     ]:
         rc = main(["xyz", "a red apple", "--out", str(tmp_path), *args, "--no-progress"])
         err = capsys.readouterr().err

@@ -23,15 +23,35 @@ class UserError(UsageError):
     """A mistake in the command's input: shown as one line, no traceback."""
 
 
+_LEAF_PROG = "_sdengine_parser_prog"  # which (sub)parser parsed the command line, for its errors
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse's parser with its mistakes (an unknown flag, a bad choice, a missing argument) on one line,
     ``sdengine: error: ...`` and exit code 2, as every other mistake of the command line, naming the ``--help``
     to read instead of printing the whole usage before it (``generate``'s is some thirty lines). Subcommands'
     parsers are of this class too (argparse makes them of their parent's)."""
 
-    def error(self, message: str) -> NoReturn:
+    def error(self, message: str, prog: str | None = None) -> NoReturn:
         text = " ".join(message.split())
-        self.exit(EXIT_USER_ERROR, f"sdengine: error: {text} (see '{self.prog} --help')\n")
+        self.exit(EXIT_USER_ERROR, f"sdengine: error: {text} (see '{prog or self.prog} --help')\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        # The innermost parser (the subcommand's) finishes first and names itself; its namespace is copied into
+        # its parents', which keep that name.
+        ns, extras = super().parse_known_args(args, namespace)
+        if not hasattr(ns, _LEAF_PROG):
+            setattr(ns, _LEAF_PROG, self.prog)
+        return ns, extras
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        """As argparse's, but an unknown flag names the subcommand's ``--help`` (argparse reports it from the
+        root parser, whose help does not list the subcommand's flags)."""
+        ns, extras = self.parse_known_args(args, namespace)
+        prog = vars(ns).pop(_LEAF_PROG, None)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}", prog)
+        return ns
 
 
 def _device(name: str) -> str:

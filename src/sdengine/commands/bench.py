@@ -7,8 +7,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .common import check_json_target
+
+# The generation each engine times (not --decoders, which times no generation)
+GENERATION_DEFAULTS: dict[str, Any] = {"steps": 25, "sampler": "dpmpp_2m", "cfg": 7.5}
 
 
 def run(a: argparse.Namespace) -> int:
@@ -18,6 +22,10 @@ def run(a: argparse.Namespace) -> int:
     if (a.model is None) == (a.random is None):
         raise BenchError("give exactly one of --model FOLDER or --random {tiny,medium,sd15}")
     decoders = _decoders_mode(a)  # checked before any model is written
+    if a.workdir is not None and a.model is not None and not decoders:
+        raise BenchError(
+            "--workdir keeps --random's model folder (and --decoders' tiny VAE): with --model it is unused"
+        )
     scaling = _scaling_points(a)
     if a.dtype != "fp32":
         import torch
@@ -159,6 +167,11 @@ def _decoders_mode(a: argparse.Namespace) -> bool:
         ("--fast-path", a.fast_path is not None),
         ("--under-load", a.under_load),
         ("--phases", a.phases is not None),
+        # a generation's settings: no generation runs (they were once ignored without a word)
+        (f"--steps {a.steps}", a.steps != GENERATION_DEFAULTS["steps"]),
+        (f"--sampler {a.sampler}", a.sampler != GENERATION_DEFAULTS["sampler"]),
+        (f"--cfg {a.cfg:g}", a.cfg != GENERATION_DEFAULTS["cfg"]),
+        ("--no-memory", a.no_memory),  # no peak-RSS child processes run for the decoders
     ):
         if bad:
             raise BenchError(f"{flag} does not apply to --decoders (it times the VAE decoders on the CPU in fp32)")
@@ -260,10 +273,10 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     p.add_argument("--workdir", default=None, help="keep (and reuse) the random model's folder under here")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's own)")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=GENERATION_DEFAULTS["steps"])
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--sampler", default="dpmpp_2m")
-    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--sampler", default=GENERATION_DEFAULTS["sampler"])
+    p.add_argument("--cfg", type=float, default=GENERATION_DEFAULTS["cfg"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device for both engines (peak RSS is host memory)")
     p.add_argument(

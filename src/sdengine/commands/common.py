@@ -24,7 +24,15 @@ def add_train_args(
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--warmup", type=int, default=warmup, help="linear learning-rate warm-up steps")
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--ema-decay", type=float, default=ema_decay, help=ema_help)
+    # None until train_config: a trainer can tell a --ema-decay given from its default (lora's is refused
+    # without --ema, where it would change nothing)
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=None,
+        help=f"{ema_help} (default: {ema_decay:g})" if ema_help else f"default: {ema_decay:g}",
+    )
+    p.set_defaults(ema_decay_default=ema_decay)
     p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=checkpoint_every)
@@ -81,7 +89,7 @@ def train_config(a: argparse.Namespace, **fixed: Any) -> Any:
         lr=a.lr,
         warmup_steps=a.warmup,
         grad_clip=a.grad_clip,
-        ema_decay=a.ema_decay,
+        ema_decay=a.ema_decay_default if a.ema_decay is None else a.ema_decay,
         mixed_precision=a.mixed_precision,
         seed=a.seed,
         checkpoint_every=a.checkpoint_every,

@@ -92,6 +92,7 @@ def _jsonable(x):
 def run(a: argparse.Namespace) -> int:
     from ..devices import resolve_device
     from ..eval.emoji import evaluate_emoji, format_report
+    from ..eval.emoji_defaults import DEFAULT_CFG_SWEEP
     from ..pipeline import load_pipeline
 
     _positive("n", a.n, 2)
@@ -110,6 +111,15 @@ def run(a: argparse.Namespace) -> int:
     sweep = [_sweep_point(text) for text in a.control_sweep]
     if sweep and a.controlnet is None:
         raise UsageError("--control-sweep needs --controlnet")
+    # settings of a part that does not run: once ignored without a word
+    for flag, given, needs in (
+        ("--cfg-sweep", a.cfg_sweep is not None and a.no_sweep, "the guidance sweep, which --no-sweep skips"),
+        ("--sweep-n", a.sweep_n is not None and a.no_sweep, "the guidance sweep, which --no-sweep skips"),
+        ("--control-n", a.control_n is not None and a.controlnet is None, "the ControlNet check: give --controlnet"),
+        ("--lora-weight", a.lora_weight is not None and a.lora is None, "the LoRA check: give --lora"),
+    ):
+        if given:
+            raise UsageError(f"{flag} is a setting of {needs}")
 
     device = str(resolve_device(a.device))
     pipe = load_pipeline(a.model, device=device, dtype=a.dtype)
@@ -123,14 +133,14 @@ def run(a: argparse.Namespace) -> int:
         sampler=a.sampler,
         seed=a.seed,
         batch_size=a.batch_size,
-        cfg_sweep=None if a.no_sweep else tuple(a.cfg_sweep),
-        sweep_n=a.sweep_n,
+        cfg_sweep=None if a.no_sweep else tuple(a.cfg_sweep or DEFAULT_CFG_SWEEP),
+        sweep_n=200 if a.sweep_n is None else a.sweep_n,
         paraphrase_n=a.paraphrase_n,
         controlnet=a.controlnet,
-        control_n=a.control_n,
+        control_n=64 if a.control_n is None else a.control_n,
         control_sweep=sweep,
         lora=a.lora,
-        lora_weight=a.lora_weight,
+        lora_weight=1.0 if a.lora_weight is None else a.lora_weight,
         progress=not a.quiet,
     )
     print(format_report(res))
@@ -161,11 +171,18 @@ def register_eval(evaluate: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--cfg-sweep", type=float, nargs="+", default=list(DEFAULT_CFG_SWEEP), metavar="CFG")
-    p.add_argument("--sweep-n", type=int, default=200, help="captions per guidance scale in the sweep")
+    p.add_argument(
+        "--cfg-sweep",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="CFG",
+        help=f"guidance scales of the sweep (default {' '.join(f'{c:g}' for c in DEFAULT_CFG_SWEEP)})",
+    )
+    p.add_argument("--sweep-n", type=int, default=None, help="captions per guidance scale in the sweep (default 200)")
     p.add_argument("--no-sweep", action="store_true", help="skip the guidance sweep")
     p.add_argument("--controlnet", default=None, metavar="PATH", help="a canny ControlNet to measure edge F1")
-    p.add_argument("--control-n", type=int, default=64, help="renders used for the ControlNet check")
+    p.add_argument("--control-n", type=int, default=None, help="renders used for the ControlNet check (default 64)")
     p.add_argument(
         "--control-sweep",
         nargs="+",
@@ -178,7 +195,7 @@ def register_eval(evaluate: argparse._SubParsersAction) -> None:
         "steps and 0.4 before",
     )
     p.add_argument("--lora", default=None, metavar="PATH", help="a LoRA for the held-out subgroup")
-    p.add_argument("--lora-weight", type=float, default=1.0)
+    p.add_argument("--lora-weight", type=float, default=None, help="the LoRA's weight (default 1)")
     p.add_argument("--recogniser", default=None, metavar="PATH", help="recogniser weights (default: the shipped)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
     p.add_argument("--device", default="auto")

@@ -388,6 +388,21 @@ def _controlnets_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list
     ]
 
 
+def names_loras(*prompts: str | None) -> bool:
+    """Whether a prompt has a ``<lora:...>`` (or ``<lyco:...>``) tag; a malformed one counts (its error comes later)."""
+    from ..prompts import extract_lora_tags
+
+    for text in prompts:
+        if not text:
+            continue
+        try:
+            if extract_lora_tags(text)[1]:
+                return True
+        except ValueError:
+            return True
+    return False
+
+
 def _refuse_flags_without_effect(a: argparse.Namespace, hires: bool, variation: bool = False) -> None:
     """A flag that would change nothing in this run is a one-line UsageError, before the model loads, as
     ``--mask`` without ``--init-image`` is: ``--strength`` on a text-to-image run without the hires fix was
@@ -407,6 +422,17 @@ def _refuse_flags_without_effect(a: argparse.Namespace, hires: bool, variation: 
     for flag, value, used, what in needs:
         if value is not None and not used:
             raise UsageError(f"{flag} has no effect without {what}: drop it, or add what it applies to")
+    # (a folder that is not there is its own error, later)
+    unused = not a.lora and not a.from_png and not names_loras(a.prompt, a.hr_prompt)
+    if a.lora_dir is not None and unused and Path(a.lora_dir).is_dir():
+        raise UsageError(
+            "--lora-dir is where <lora:NAME> tags and --lora names are looked up: this prompt has no such tag and "
+            "no --lora is given, so it would change nothing"
+        )
+    if a.tiny_vae is not None and a.vae_decode == "full" and a.vae_encode != "tiny":  # once loaded and unused
+        raise UsageError(
+            "--tiny-vae has no effect with --vae-decode full (and without --vae-encode tiny): drop one of them"
+        )
 
 
 def run(a: argparse.Namespace) -> int:
@@ -528,6 +554,11 @@ def run(a: argparse.Namespace) -> int:
         kwargs["controlnets"] = control_units_from_cli(a.control or [], a.controlnet or [])
     if a.no_progress:
         kwargs["progress"] = False
+    if a.controlnets_dir is not None and a.from_png is None:  # --controlnet takes a path or a built-in name
+        raise UsageError(
+            "--controlnets-dir is where --from-png looks up the ControlNet a PNG names: it has no effect without "
+            "--from-png (--controlnet takes a file or folder path, or a built-in name)"
+        )
     if a.prompts is None:  # a list's lines may give what the flag needs (an init image): checked per line there
         _refuse_flags_without_effect(a, bool(kwargs.get("enable_hr")), bool(kwargs.get("subseed_strength")))
     if a.prompts is not None:  # a list of requests: sdengine.batch_render

@@ -66,10 +66,26 @@ def printable(text: str) -> str:
     )
 
 
+def display_width(text: str) -> int:
+    """The columns ``text`` takes on a terminal: 2 for a wide or full-width character (CJK, most emoji), 0 for a
+    combining mark or a variation selector, 1 for the rest (``str.ljust`` counts characters, so a name with
+    an emoji once shifted every column after it)."""
+    import unicodedata
+
+    width = 0
+    for c in text:
+        if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me") or c == "\u200b":
+            continue
+        width += 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+    return width
+
+
 def _table(rows: list[list[str]]) -> str:
     rows = [[printable(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    widths = [max(display_width(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c + " " * (w - display_width(c)) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
 
 
 def run(a: argparse.Namespace) -> int:

@@ -18,6 +18,19 @@ def run(a: argparse.Namespace) -> int:
 
     api_key = a.api_key if a.api_key is not None else os.environ.get("SDENGINE_API_KEY") or None
     check_bind(a.host, api_key, a.insecure_no_auth)
+    if a.insecure_no_auth:  # it lets a non-loopback host run without a key; anywhere else it would change nothing
+        from ..server.security import is_loopback
+
+        if api_key is not None:
+            source = "--api-key" if a.api_key is not None else "$SDENGINE_API_KEY"
+            raise ServerConfigError(
+                f"--insecure-no-auth has no effect with {source}: every request still needs the key (drop one)"
+            )
+        if is_loopback(a.host):
+            raise ServerConfigError(
+                f"--insecure-no-auth has no effect on {a.host}: a loopback host needs no key; the flag lets a "
+                "non-loopback --host run without one"
+            )
     if a.max_batch < 1:
         raise ServerConfigError(f"--max-batch must be >= 1, got {a.max_batch}")
     # Limits that would refuse every job or every request are a mistake: said now, not as a 429 / 413 per request.

@@ -29,6 +29,11 @@ def run(a: argparse.Namespace) -> int:
 
     check_sample_args(a)
     opts = _options(a.condition_option or [])
+    if opts and a.condition_dir is not None:  # the maps are read as they are: no preprocessor runs
+        raise UsageError(
+            "--condition-option sets the preprocessor, which does not run with --condition-dir (its control maps "
+            "are used as they are): drop one"
+        )
     if a.condition in PREPROCESSORS:
         unknown = sorted(set(opts) - option_names(a.condition))
         if unknown:

@@ -10,6 +10,7 @@ def run(a: argparse.Namespace) -> int:
     from ..devices import resolve_device
     from ..train.emoji import EmojiRecipe, train_emoji
 
+    _refuse_flags_without_effect(a)
     if a.write_folders:
         from ..data.emoji import EmojiDataset
         from ..train.emoji import write_caption_folders
@@ -40,6 +41,50 @@ def run(a: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     print(f"model written to {summary['export']}; load it with load_pipeline('{summary['export']}')")
     return 0
+
+
+# The flags each mode leaves unused; a value other than the default there would change nothing (once ignored).
+TRAINING_FLAGS = (
+    "out",
+    "export",
+    "vae_steps",
+    "unet_steps",
+    "batch_size",
+    "lr",
+    "pooled_from",
+    "captions",
+    "init_unet",
+    "mixed_precision",
+    "seed",
+    "max_minutes_vae",
+    "max_minutes_unet",
+    "device",
+)
+NOT_WITH_INIT_UNET = ("vae_steps", "pooled_from", "max_minutes_vae")  # no VAE stage; the pooled vector is there
+
+
+def _refuse_flags_without_effect(a: argparse.Namespace) -> None:
+    from ..errors import UsageError
+
+    defaults = a.flag_defaults
+
+    def flags(names: tuple[str, ...]) -> list[str]:
+        return ["--" + n.replace("_", "-") for n in names if getattr(a, n) != defaults.get(n)]
+
+    if a.write_folders:
+        given = flags(TRAINING_FLAGS)
+        if given:
+            raise UsageError(
+                f"--write-folders only writes the renders and trains nothing: {', '.join(given)} would change "
+                "nothing (drop them, or --write-folders)"
+            )
+    elif a.init_unet is not None:
+        given = flags(NOT_WITH_INIT_UNET)
+        if given:
+            raise UsageError(
+                f"--init-unet continues an exported model (its VAE kept, its pooled vector there): "
+                f"{', '.join(given)} would change nothing"
+            )
 
 
 def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction | None = None) -> None:
@@ -97,4 +142,4 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "controlnet' and 'sdengine train lora') and stop",
     )
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, flag_defaults={n: p.get_default(n) for n in TRAINING_FLAGS})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import UsageError
 from .common import add_force_resume, add_sample_args, add_train_args
 from .help_format import DefaultsHelpFormatter
 
@@ -14,6 +15,8 @@ def run(a: argparse.Namespace) -> int:
     from .common import check_sample_args, device, train_config
 
     check_sample_args(a)
+    if a.ema_decay is not None and not a.ema:  # once ignored without a word: the file held the last weights
+        raise UsageError("--ema-decay is the decay of --ema's average: give --ema too (or drop --ema-decay)")
     spec = LoRASpec(
         model=a.model,
         data=a.data,

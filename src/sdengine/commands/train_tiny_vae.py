@@ -13,6 +13,7 @@ def run(a: argparse.Namespace) -> int:
     from ..train.tiny_vae import TinyVAETrainingError, TinyVAETrainSpec, train_tiny_vae
     from .common import device, train_config
 
+    _refuse_flags_without_effect(a)
     spec = TinyVAETrainSpec(
         model=a.model,
         data=a.data,
@@ -21,7 +22,7 @@ def run(a: argparse.Namespace) -> int:
         encoder=a.encoder,
         latents=a.latents,
         image_weight=a.image_weight,
-        encoder_weight=a.encoder_weight,
+        encoder_weight=1.0 if a.encoder_weight is None else a.encoder_weight,
         flip=a.flip,
         eval_images=a.eval_images,
         save_dtype=a.save_dtype,
@@ -59,6 +60,20 @@ def run(a: argparse.Namespace) -> int:
         "config.json and the .safetensors to the model folder's vae_tiny/"
     )
     return 0
+
+
+def _refuse_flags_without_effect(a: argparse.Namespace) -> None:
+    """Loss settings of a part that is not trained would change nothing: one line, before the model loads."""
+    from ..errors import UsageError
+
+    if a.encoder_weight is not None and not a.encoder:
+        raise UsageError("--encoder-weight has no effect with --no-encoder (no encoder is trained)")
+    if a.keep_decoder is not None:
+        kept = "the decoder of --keep-decoder is kept as it is and nothing is decoded while training"
+        if a.latents != "mode":
+            raise UsageError(f"--latents {a.latents} has no effect with --keep-decoder: {kept}")
+        if a.image_weight:
+            raise UsageError(f"--image-weight has no effect with --keep-decoder: {kept}")
 
 
 def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction | None = None) -> None:
@@ -100,7 +115,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "(a full decode per step)",
     )
     p.add_argument("--image-weight", type=float, default=0.0, help="weight of the loss against the images themselves")
-    p.add_argument("--encoder-weight", type=float, default=1.0, help="weight of the encoder's latent MSE")
+    p.add_argument("--encoder-weight", type=float, default=None, help="weight of the encoder's latent MSE (default: 1)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="train on the mirror images too")
     p.add_argument("--eval-images", type=int, default=256, help="images held out (at most a fifth of them)")
     p.add_argument(

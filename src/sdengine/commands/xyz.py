@@ -63,6 +63,14 @@ def run(a: argparse.Namespace) -> int:
     # Every one-line error (prompt S/R text not found, sampler/schedule mismatch) before the model loads; the
     # seed drawn here is the one every cell gets.
     cells = plan_cells(a.prompt, base, x, y, z)
+    if a.lora_dir is not None and not a.lora and Path(a.lora_dir).is_dir():  # as generate: never looked at
+        from .generate import names_loras
+
+        if not names_loras(*(str(c.kwargs.get("prompt") or "") for c in cells)):
+            raise UsageError(
+                "--lora-dir is where <lora:NAME> tags and --lora names are looked up: no cell's prompt has such a "
+                "tag and no --lora is given, so it would change nothing"
+            )
     if base.get("seed") in (None, -1):
         base["seed"] = cells[0].kwargs["seed"]
     from ..pipeline.core import as_request
@@ -112,6 +120,26 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
+class OneAxis(argparse.Action):
+    """``--x``/``--y``/``--z`` given once: argparse keeps the last of a repeated flag, so ``--x steps=1,2 --x
+    cfg=1,2`` once plotted cfg alone, without a word; an axis flag takes one ``NAME=VALUES``."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        before = getattr(namespace, self.dest, None)
+        if before is not None:
+            raise argparse.ArgumentError(
+                self,
+                f"given twice ({before} and {values}): one NAME=VALUES each; --x, --y and --z are the three axes",
+            )
+        setattr(namespace, self.dest, values)
+
+
 def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction | None = None) -> None:
     p = sub.add_parser(
         "xyz",
@@ -123,9 +151,13 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "prompt='apple,\"red, shiny\"'. Every cell has the same seed unless seed is an axis.",
     )
     p.add_argument("prompt", help="the prompt of every cell (A1111 syntax)")
-    p.add_argument("--x", required=True, metavar="NAME=VALUES", help="the axis across, e.g. steps=10,20,30")
-    p.add_argument("--y", default=None, metavar="NAME=VALUES", help="the axis down, e.g. sampler=euler,dpmpp_2m")
-    p.add_argument("--z", default=None, metavar="NAME=VALUES", help="one grid per value, side by side")
+    p.add_argument(
+        "--x", action=OneAxis, required=True, metavar="NAME=VALUES", help="the axis across, e.g. steps=10,20,30"
+    )
+    p.add_argument(
+        "--y", action=OneAxis, default=None, metavar="NAME=VALUES", help="the axis down, e.g. sampler=euler,dpmpp_2m"
+    )
+    p.add_argument("--z", action=OneAxis, default=None, metavar="NAME=VALUES", help="one grid per value, side by side")
     p.add_argument("--model", default="emoji", help="model folder, file or built-in name (default: emoji)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--steps", type=int, default=None, help="steps where not an axis (default 25)")
