@@ -399,6 +399,53 @@ def test_server_takes_sdxl_settings_natively_and_as_a1111_options(base, refiner,
     assert np.abs(image - plain).max() == 0.0
 
 
+def test_force_zeros_setting_zeroes_an_empty_negative_on_the_refiner(refiner, base):
+    """The sdxl setting ``force_zeros_for_empty_prompt`` replaces the folder's rule (the refiner's folder says
+    false): true zeroes the refiner's empty negative (text states and pooled part of the vector), as A1111 does."""
+    _, r_pipe, _ = refiner
+    _, b_pipe, _ = base
+    cond = r_pipe.conditioner
+    _, own = cond.pair(PROMPT, "", width=SIZE, height=SIZE)
+    _, zeroed = cond.pair(PROMPT, "", width=SIZE, height=SIZE, options={"force_zeros_for_empty_prompt": True})
+    pooled = r_pipe.text_encoder_2.config.projection_dim
+    assert own["crossattn"].abs().max() > 0 and own["vector"][:, :pooled].abs().max() > 0  # the folder's rule
+    assert zeroed["crossattn"].abs().max() == 0 and zeroed["vector"][:, :pooled].abs().max() == 0
+    assert torch.equal(zeroed["vector"][:, pooled:], own["vector"][:, pooled:])  # the size/score numbers kept
+    _, kept = b_pipe.conditioner.pair(PROMPT, "", options={"force_zeros_for_empty_prompt": False})
+    assert kept["crossattn"].abs().max() > 0  # false: the base encodes the empty prompt
+    with pytest.raises(GenerationError, match="force_zeros_for_empty_prompt must be true or false"):
+        cond.pair(PROMPT, "", options={"force_zeros_for_empty_prompt": 1})
+
+
+def test_a1111_zeroes_an_empty_negative_on_the_refiner_too(base, refiner, a1111_sdxl):
+    """A1111 zeroes an empty negative prompt (its default) on every SDXL model (force_zero_negative_prompt in
+    sd_models_xl.py), the refiner too; the A1111 route followed the refiner folder's model_index.json (false),
+    both in the hand-off and for a refiner as the job's model. The rule is recorded in the infotext, and the
+    native route keeps the folder's rule."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw = dict(steps=3, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    kw["progress"] = False
+    zero = {"force_zeros_for_empty_prompt": True}
+    want = r_pipe(PROMPT, "", sdxl=zero, **kw).arrays[0] * 255
+    folder_rule = r_pipe(PROMPT, "", **kw).arrays[0] * 255
+    as_model = {"sd_model_checkpoint": "tiny-sdxl-refiner"}
+    r, image, info = a1111_sdxl(steps=3, negative_prompt="", override_settings=as_model)
+    assert r.status_code == 200, r.text
+    assert np.abs(image - want).max() <= 1.0 and np.abs(image - folder_rule).mean() > 0.5
+    assert '{"force_zeros_for_empty_prompt": true}' in info["infotexts"][0].replace('\\"', '"')
+    kw["steps"] = 5
+    hand = b_pipe.generate_with_refiner(r_pipe, PROMPT, "", switch_at=0.7, switch_rule="a1111", sdxl=zero, **kw)
+    r, image, info = a1111_sdxl(negative_prompt="", refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7)
+    assert r.status_code == 200, r.text
+    assert np.abs(image - np.asarray(hand.images[0], np.float64)).max() == 0.0
+    # a base model zeroes already, and a negative prompt is not empty: nothing recorded
+    r, _, info = a1111_sdxl(steps=2, negative_prompt="")
+    assert "SDXL options" not in info["infotexts"][0]
+    r, _, info = a1111_sdxl(steps=2, override_settings=as_model)
+    assert "SDXL options" not in info["infotexts"][0]
+
+
 def test_native_jobs_take_sdxl_settings(base, models_dir):
     """/v1/jobs refused ``sdxl`` (an unknown field): SDXL's second prompts and micro-conditioning could not be
     sent. Now the request's settings, as the Python API's; bad ones are a 400."""

@@ -578,19 +578,20 @@ def sdxl_option(name: str, value: Any) -> float:
     return float(value)
 
 
-def sdxl_settings(xl: dict[str, float]) -> dict[str, Any] | None:
-    """The pipeline's ``sdxl`` settings for A1111's SDXL options (None at A1111's defaults, which are sdengine's:
-    no crop, aesthetic scores 6 and 2.5). A1111 conditions the negative prompt on the same crop. The worker
-    gives them to an SDXL model only (the scores to a refiner only): other models have no use for these global
-    options, as in A1111."""
-    out: dict[str, Any] = {}
+def sdxl_settings(xl: dict[str, float]) -> dict[str, Any]:
+    """The pipeline's ``sdxl`` settings for A1111's SDXL options. A1111 conditions the negative prompt on the same
+    crop, and zeroes an empty negative prompt on every SDXL model, the refiner too (``force_zero_negative_prompt``
+    in its sd_models_xl.py, where a refiner folder's model_index.json says not to): always
+    ``force_zeros_for_empty_prompt``. The worker gives them to an SDXL model only (the scores to a refiner only,
+    the zero rule where it changes something): other models have no use for these global options, as in A1111."""
+    out: dict[str, Any] = {"force_zeros_for_empty_prompt": True}
     if xl["sdxl_crop_top"] or xl["sdxl_crop_left"]:
         out["crops_coords_top_left"] = [int(xl["sdxl_crop_top"]), int(xl["sdxl_crop_left"])]
     if xl["sdxl_refiner_high_aesthetic_score"] != 6.0:
         out["aesthetic_score"] = float(xl["sdxl_refiner_high_aesthetic_score"])
     if xl["sdxl_refiner_low_aesthetic_score"] != 2.5:
         out["negative_aesthetic_score"] = float(xl["sdxl_refiner_low_aesthetic_score"])
-    return out or None
+    return out
 
 
 def _ignored(body: dict[str, Any], txt2img: bool = False) -> list[str]:
