@@ -270,6 +270,21 @@ def test_hand_off_reports_every_step_and_can_be_cancelled(base, refiner):
             b_pipe.generate_with_refiner(r_pipe, PROMPT, callback=lambda i, stop=stop: i.step < stop, **kw)
 
 
+def test_hand_off_notes_describe_the_job_as_a_whole(base, refiner):
+    """A hand-off's aesthetic scores are the refiner's and its prompt_2 / target size the base's: no note says
+    them unused (the base once noted "aesthetic_score: not used by a base model", the refiner "prompt_2: not
+    used"). A setting neither model uses (a base as the refiner: the scores) is still said, once."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw = dict(switch_at=0.6, steps=3, sampler="euler", schedule="normal", seed=SEED, width=SIZE, height=SIZE)
+    sdxl = {"aesthetic_score": 8.0, "prompt_2": "oil painting", "target_size": [64, 64]}
+    res = b_pipe.generate_with_refiner(r_pipe, PROMPT, progress=False, sdxl=sdxl, **kw)
+    assert not any("not used" in n for n in res.notes), res.notes
+    res = b_pipe.generate_with_refiner(b_pipe, PROMPT, progress=False, sdxl=sdxl, batch_size=2, **kw)
+    unused = [n for n in res.notes if "not used" in n]
+    assert len(unused) == 1 and "sdxl aesthetic_score: not used by" in unused[0], res.notes
+
+
 def test_a1111_switch_rule_takes_the_nearest_training_timestep(base):
     """A1111's refiner_switch_at: the refiner runs from the first step whose sigma's nearest training timestep t
     has (999 - t) / 1000 >= switch_at (apply_refiner); diffusers' denoising_end compares the (here fractional)

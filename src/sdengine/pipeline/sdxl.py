@@ -120,7 +120,7 @@ class SDXLPipeline(Pipeline):
         return super().prepare(request)
 
     def conditioning_pair(
-        self, prompt: str, negative: str, p: Prepared, note: Any
+        self, prompt: str, negative: str, p: Prepared, note: Any, *, note_unused: bool = True
     ) -> tuple[Conditioning, Conditioning]:
         cond: SDXLConditioner = self.conditioner  # type: ignore[assignment]
         return cond.pair(
@@ -131,6 +131,7 @@ class SDXLPipeline(Pipeline):
             width=p.width,
             height=p.height,
             options=p.request.sdxl,
+            note_unused=note_unused,
         )
 
     # -- base -> refiner hand-off -------------------------------------------------------------------------
@@ -184,6 +185,13 @@ class SDXLPipeline(Pipeline):
 
             return report
 
+        unused = [
+            k
+            for k in self.conditioner.unused_settings(request.sdxl)  # type: ignore[attr-defined]
+            if k in refiner.conditioner.unused_settings(request.sdxl)  # type: ignore[attr-defined]
+        ]
+        if unused:
+            p.notes.append(f"sdxl {', '.join(unused)}: not used by {self.name} nor by the refiner {refiner.name}")
         images = []
         with torch.inference_mode():
             try:
@@ -248,8 +256,10 @@ class SDXLPipeline(Pipeline):
         """One row of :meth:`generate_with_refiner`: the base's steps up to ``k``, the refiner's from there, decoded."""
         steps, cfg_scale, rescale = int(request.steps), float(request.cfg_scale), float(request.guidance_rescale)
         note = lambda t: p.notes.append(t)  # noqa: E731
-        cond, uncond = self.conditioning_pair(prompt_i, negative_i, p, note)
-        r_cond, r_uncond = refiner.conditioning_pair(prompt_i, negative_i, p_ref, note)
+        # the notes describe the job: a setting one model has no use for is the other's (the base's prompt_2 and
+        # target size, the refiner's aesthetic scores); generate_with_refiner notes those neither uses
+        cond, uncond = self.conditioning_pair(prompt_i, negative_i, p, note, note_unused=False)
+        r_cond, r_uncond = refiner.conditioning_pair(prompt_i, negative_i, p_ref, note, note_unused=False)
         gen = torch.Generator("cpu").manual_seed(seed)
         start = start_latents(
             self.vae,

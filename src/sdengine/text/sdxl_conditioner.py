@@ -318,13 +318,17 @@ class SDXLConditioner:
         width: int | None = None,
         height: int | None = None,
         options: SDXLOptions | Mapping[str, Any] | None = None,
+        note_unused: bool = True,
     ) -> tuple[Conditioning, Conditioning]:
-        """(cond, uncond) for an image of ``width`` x ``height`` (default: the U-Net's training size)."""
+        """(cond, uncond) for an image of ``width`` x ``height`` (default: the U-Net's training size).
+        ``note_unused`` False: settings this model has no use for are not noted (a base -> refiner hand-off, where
+        the other model uses them)."""
         self.check_clip_skip(clip_skip)
         opts = SDXLOptions.coerce(options)
         size = int(self.unet_config.sample_size) * 8
         width, height = width or size, height or size
-        self._note_unused(opts, note)
+        if note_unused:
+            self._note_unused(opts, note)
         prompt_2 = prompt if opts.prompt_2 is None else opts.prompt_2
         negative_2 = negative if opts.negative_prompt_2 is None else opts.negative_prompt_2
         c, c_pooled = self.text(prompt, prompt_2, clip_skip)
@@ -342,14 +346,17 @@ class SDXLConditioner:
         uncond = {"crossattn": u.to(self.dtype), "vector": self._vector(u_pooled, neg_ids).to(self.dtype)}
         return cond, uncond
 
-    def _note_unused(self, opts: SDXLOptions, note: Note) -> None:
-        """Say which given settings this model has no use for (module docstring)."""
-        default = SDXLOptions()
+    def unused_settings(self, options: SDXLOptions | Mapping[str, Any] | None) -> list[str]:
+        """The given settings this model has no use for (module docstring)."""
+        opts, default = SDXLOptions.coerce(options), SDXLOptions()
         if self.refiner:
             unused = ["prompt_2", "negative_prompt_2", "target_size", "negative_target_size"]
         else:
             unused = ["aesthetic_score", "negative_aesthetic_score"]
-        given = [k for k in unused if getattr(opts, k) != getattr(default, k)]
+        return [k for k in unused if getattr(opts, k) != getattr(default, k)]
+
+    def _note_unused(self, opts: SDXLOptions, note: Note) -> None:
+        given = self.unused_settings(opts)
         if given:
             refiner = "a refiner (one text encoder, no target size)"
             which = refiner if self.refiner else "a base model (no aesthetic score)"
