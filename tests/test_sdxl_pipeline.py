@@ -461,6 +461,38 @@ def test_a1111_zeroes_an_empty_negative_on_the_refiner_too(base, refiner, a1111_
     assert "SDXL options" not in info["infotexts"][0]
 
 
+def test_a1111_sdxl_options_round_trip_through_the_infotext_field(base, refiner, a1111_sdxl):
+    """A1111's crop (sdxl_crop_top / _left) and the refiner's scores, set as options, are written in the infotext
+    ("SDXL options"); the A1111 route's ``infotext`` field did not read them back (the re-run lost the crop).
+    The refiner's negative prompt takes A1111's crop too (sdengine's refiner default was (0, 0)), and the
+    settings A1111 has no option for (prompt_2, sizes: a native image) are run again as well."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw = dict(steps=3, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    kw["progress"] = False
+    crop = {"sdxl_crop_top": 8, "sdxl_crop_left": 4}
+    scores = {"sdxl_refiner_high_aesthetic_score": 8.0, "sdxl_refiner_low_aesthetic_score": 1.0}
+    both = {"crops_coords_top_left": [8, 4], "negative_crops_coords_top_left": [8, 4]}
+    want = r_pipe(PROMPT, NEGATIVE, sdxl={**both, "aesthetic_score": 8.0, "negative_aesthetic_score": 1.0}, **kw)
+    r, image, info = a1111_sdxl(
+        steps=3, override_settings={"sd_model_checkpoint": "tiny-sdxl-refiner", **crop, **scores}
+    )
+    assert r.status_code == 200, r.text
+    assert np.abs(image - want.arrays[0] * 255).max() <= 1.0
+    again = dict(infotext=info["infotexts"][0], prompt=None, negative_prompt=None, seed=None, steps=None)
+    r, image2, info2 = a1111_sdxl(**again, override_settings={"sd_model_checkpoint": "tiny-sdxl-refiner"})
+    assert r.status_code == 200, r.text
+    assert np.abs(image2 - image).max() == 0.0 and info2["infotexts"][0] == info["infotexts"][0]
+    # an image of the native route: prompt_2 and a size A1111 has no option for, a crop without a negative one
+    settings = {"prompt_2": "a green pear", "target_size": [64, 64], "crops_coords_top_left": [4, 8]}
+    native = b_pipe(PROMPT, NEGATIVE, sdxl=settings, **kw)
+    r, image, info = a1111_sdxl(infotext=native.infotexts[0], prompt=None, negative_prompt=None, seed=None, steps=None)
+    assert r.status_code == 200, r.text
+    assert np.abs(image - native.arrays[0] * 255).max() <= 1.0
+    r, _, _ = a1111_sdxl(infotext=native.infotexts[0].replace("target_size", "target_sighs"))
+    assert r.status_code == 400 and "infotext: SDXL options: unknown sdxl settings: target_sighs" in r.text, r.text
+
+
 def test_native_jobs_take_sdxl_settings(base, models_dir):
     """/v1/jobs refused ``sdxl`` (an unknown field): SDXL's second prompts and micro-conditioning could not be
     sent. Now the request's settings, as the Python API's; bad ones are a 400."""
