@@ -252,6 +252,35 @@ def test_base_to_refiner_hand_off_matches_diffusers(base, refiner, sampler):
     assert _mad(res.arrays, _ours(b_pipe, sampler, steps=10).arrays) > 3 * TOL
 
 
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_img2img_hand_off_matches_diffusers(base, refiner, sampler):
+    """The hand-off from an init image (A1111 runs its refiner in img2img too; it was text-to-image only): the
+    base's img2img up to the switch, the refiner from there, as diffusers' img2img base with ``strength`` and
+    ``denoising_end`` then its refiner with ``denoising_start``."""
+    b_folder, b_pipe, _ = base
+    r_folder, r_pipe, r_ref = refiner
+    init = picture(SIZE, SIZE, seed=4)
+    kw = dict(steps=10, sampler=sampler, schedule="normal", cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
+    res = b_pipe.generate_with_refiner(
+        r_pipe, PROMPT, NEGATIVE, switch_at=0.7, init_image=init, strength=0.6, progress=False, **kw
+    )
+    b_i2i = diffusers_sdxl(b_folder, img2img=True)
+    b_i2i.scheduler = diffusers_scheduler(b_folder, sampler)
+    r_ref.scheduler = diffusers_scheduler(r_folder, sampler)
+    gen = torch.Generator("cpu").manual_seed(SEED)
+    common = dict(negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=5.0, generator=gen)
+    latents = b_i2i(PROMPT, image=init, strength=0.6, denoising_end=0.7, output_type="latent", **common).images
+    theirs = r_ref(PROMPT, image=latents, denoising_start=0.7, output_type="np", **common).images
+    mad = _mad(res.arrays, theirs)
+    print(f"sdxl img2img base->refiner {sampler} strength 0.6 switch 0.7: mean abs {mad:.2e}")
+    assert mad < 1e-5
+    assert "Denoising strength: 0.6" in res.infotexts[0] and "Refiner switch at: 0.7" in res.infotexts[0]
+    alone = b_pipe(PROMPT, NEGATIVE, init_image=init, strength=0.6, progress=False, **kw)
+    assert _mad(res.arrays, alone.arrays) > 3 * TOL
+    with pytest.raises(GenerationError, match="leaves no steps of the img2img's steps 9..10 for the base"):
+        b_pipe.generate_with_refiner(r_pipe, PROMPT, switch_at=0.7, init_image=init, strength=0.2, **kw)
+
+
 def test_hand_off_reports_every_step_and_can_be_cancelled(base, refiner):
     """The request's step callback sees the base's steps and then the refiner's, counted over the whole run,
     and returning False cancels, as in a plain call; the hand-off once never called it."""
@@ -322,9 +351,10 @@ def a1111_sdxl(models_dir):
     tmp = models_dir.parent / "a1111_refiner"
     with live_server(server_config(tmp, models_dir=models_dir)) as s, httpx.Client(base_url=s.url, timeout=120) as c:
 
-        def txt2img(**extra):
-            """(response, first image as float64 RGB, info) of a txt2img call with ``body`` and ``extra``."""
-            r = c.post("/sdapi/v1/txt2img", json={**body, **extra})
+        def txt2img(route="txt2img", **extra):
+            """(response, first image as float64 RGB, info) of a txt2img (or ``route``) call with ``body`` and
+            ``extra``."""
+            r = c.post(f"/sdapi/v1/{route}", json={**body, **extra})
             if r.status_code != 200:
                 return r, None, None
             got = r.json()
@@ -362,6 +392,38 @@ def test_a1111_txt2img_runs_the_sdxl_refiner_at_refiner_switch_at(base, refiner,
     ):
         r, _, _ = a1111_sdxl(**extra)
         assert r.status_code == 400 and says.lower() in r.text.lower(), (extra, r.text)
+
+
+def test_a1111_img2img_runs_the_sdxl_refiner(base, refiner, a1111_sdxl):
+    """A1111 runs refiner_checkpoint in img2img too, switching on the img2img's schedule; it was listed as
+    ignored (the base ran every step). The image is generate_with_refiner's from the init image (A1111's strength
+    rule and switch step); its infotext runs it again; a mask is a 400 (the hand-off takes none)."""
+    import base64
+    import io
+
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    init = picture(SIZE, SIZE, seed=4)
+    buf = io.BytesIO()
+    init.save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    kw = dict(steps=10, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    kw.update(progress=False, init_image=init, strength=0.6, strength_rule="a1111")
+    want = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.7, switch_rule="a1111", **kw)
+    alone = b_pipe(PROMPT, NEGATIVE, **kw).arrays[0] * 255
+    i2i = dict(route="img2img", init_images=[b64], denoising_strength=0.6, steps=10)
+    r, image, info = a1111_sdxl(**i2i, refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7)
+    assert r.status_code == 200, r.text
+    assert "refiner_checkpoint" not in info["ignored"], info["ignored"]
+    assert np.abs(image - np.asarray(want.images[0], np.float64)).max() == 0.0
+    assert np.abs(image - alone).mean() > 1.0
+    text = info["infotexts"][0]
+    assert "Refiner: tiny-sdxl-refiner" in text and "Denoising strength: 0.6" in text
+    r, again, _ = a1111_sdxl(route="img2img", init_images=[b64], infotext=text, prompt=None, steps=None, seed=None)
+    assert r.status_code == 200, r.text
+    assert np.abs(again - image).max() == 0.0
+    r, _, _ = a1111_sdxl(**i2i, mask=b64, refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7)
+    assert r.status_code == 400 and "refiner_checkpoint: a base -> refiner hand-off takes no mask" in r.text, r.text
 
 
 @pytest.mark.slow
@@ -549,8 +611,8 @@ def test_hand_off_bad_settings(base, refiner):
     _, r_pipe, _ = refiner
     with pytest.raises(GenerationError, match="switch_at must be a number in"):
         b_pipe.generate_with_refiner(r_pipe, PROMPT, switch_at=1.5)
-    with pytest.raises(GenerationError, match="text-to-image only"):
-        b_pipe.generate_with_refiner(r_pipe, PROMPT, init_image=picture(SIZE, SIZE))
+    with pytest.raises(GenerationError, match="hand-off takes no mask, ControlNet or LoRA"):
+        b_pipe.generate_with_refiner(r_pipe, PROMPT, init_image=picture(SIZE, SIZE), mask=mask_picture(SIZE, SIZE))
     # the hires fix was dropped silently (an image of the first pass's size, no second pass)
     with pytest.raises(GenerationError, match="hires fix is not supported with a refiner"):
         b_pipe.generate_with_refiner(r_pipe, PROMPT, enable_hr=True, hr_scale=2.0, width=SIZE, height=SIZE)

@@ -58,7 +58,7 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "initial_noise_multiplier": (1, 1.0, None),  # img2img's (IMG2IMG_USED); txt2img has none (in A1111 too)
     "inpaint_full_res_padding": None,
     "inpaint_full_res": None,  # "only masked" (true) or "whole picture": both done
-    "refiner_checkpoint": NO_REFINER,  # txt2img runs the others (hand_off); img2img lists them
+    "refiner_checkpoint": NO_REFINER,  # the others run (hand_off)
     "refiner_switch_at": None,  # read with a refiner_checkpoint only
     "comments": (None, {}),
     "sampler_index": None,
@@ -827,13 +827,13 @@ def install(app: FastAPI, services: Any) -> None:
         from sdengine.metadata import parse_parameters, to_generate_kwargs
 
         parsed = parse_parameters(text)
-        try:  # txt2img runs A1111's refiner fields (hand_off): its "Refiner" and "Refiner switch at" are read
-            found = to_generate_kwargs(parsed, hires=hires, refiner=hires)
+        try:  # A1111's refiner fields run (hand_off): its "Refiner" and "Refiner switch at" are read
+            found = to_generate_kwargs(parsed, hires=hires, refiner=True)
         except ValueError as e:
             raise BadRequest(f"infotext: {e}") from None
         sent = req.model_dump(exclude_unset=True)
         filled = {INFOTEXT_FIELDS[k]: v for k, v in found.items() if k in INFOTEXT_FIELDS}
-        if hires and "Refiner" in parsed:  # A1111's refiner script's paste fields
+        if "Refiner" in parsed:  # A1111's refiner script's paste fields
             try:  # A1111 runs no refiner for a name it lacks: another image, so said here instead
                 filled["refiner_checkpoint"] = catalog.model_name_of(catalog.resolve_model(parsed["Refiner"]))
             except BadRequest as e:
@@ -1199,7 +1199,7 @@ def install(app: FastAPI, services: Any) -> None:
         return await run(req, fields, ignored, notes=notes, styled=styled, refiner=refiner)
 
     def hand_off(body: dict[str, Any], fields: dict[str, Any], ignored: list[str]) -> tuple[str, str, float] | None:
-        """txt2img's SDXL refiner (A1111's ``refiner_checkpoint`` / ``refiner_switch_at``): (loader reference,
+        """The SDXL refiner (A1111's ``refiner_checkpoint`` / ``refiner_switch_at``): (loader reference,
         listed name, switch), or None where A1111 runs no refiner: none named, the job's own model (its
         ``apply_refiner`` skips the switch to the loaded checkpoint), or a switch at 1 (no step reaches it)."""
         name = body.get("refiner_checkpoint")
@@ -1255,6 +1255,8 @@ def install(app: FastAPI, services: Any) -> None:
             fields["masked_content"] = LATENT_FILLS[req.inpainting_fill]
         if body.get("initial_noise_multiplier") is not None:  # A1111's "Noise multiplier" (checked by the build)
             fields["noise_multiplier"] = body["initial_noise_multiplier"]
+        # A1111 runs the refiner in img2img too, switching on the img2img's schedule (the hand-off takes no mask)
+        refiner = hand_off(body, fields, ignored)
         finish = None
         if req.mask:
             size: tuple[int, int] | None = (req.width, req.height)
@@ -1263,7 +1265,7 @@ def install(app: FastAPI, services: Any) -> None:
             finish = await run_in_threadpool(
                 inpaint_fields, fields, req, body, blur, resize_mode_name(mode), size, notes, ignored
             )
-        return await run(req, fields, list(dict.fromkeys(ignored)), finish, notes, styled)
+        return await run(req, fields, list(dict.fromkeys(ignored)), finish, notes, styled, refiner)
 
     def inpaint_fields(
         fields: dict[str, Any],
