@@ -20,7 +20,7 @@ from sdengine.diffusion.samplers import SamplingInterrupted
 from sdengine.diffusion.schedules import img2img_start
 from sdengine.errors import GenerationError
 from sdengine.io.images import to_uint8
-from sdengine.pipeline.core import Pipeline, Prepared, _grid_strength, as_request
+from sdengine.pipeline.core import Pipeline, Prepared, as_request, grid_strength
 from sdengine.pipeline.infotext import call_parameters, format_infotext
 from sdengine.pipeline.latents import start_latents
 from sdengine.pipeline.request import GenerationRequest
@@ -172,7 +172,7 @@ class SDXLPipeline(Pipeline):
         p = self.prepare(request)
         p_ref = refiner.prepare(request.replace(width=p.width, height=p.height))
         steps, cfg_scale, rescale = int(request.steps), float(request.cfg_scale), float(request.guidance_rescale)
-        strength = _grid_strength(request) if p.init is not None else 1.0
+        strength = grid_strength(request) if p.init is not None else 1.0
         grid = sampling.make_grid(p.sampler, steps, self.noise_schedule, p.schedule, self.scheduler_config, strength)
         first = 0
         if p.init is not None:  # img2img: the base starts at the img2img's first step (A1111 switches on its schedule)
