@@ -281,6 +281,20 @@ def test_img2img_hand_off_matches_diffusers(base, refiner, sampler):
         b_pipe.generate_with_refiner(r_pipe, PROMPT, switch_at=0.7, init_image=init, strength=0.2, **kw)
 
 
+def test_hand_off_takes_the_noise_seed_delta(base):
+    """A1111's ENSD (``noise_seed_delta``: the per-step noise from seed + delta) was ignored by the hand-off. With
+    the base model as its own refiner, Euler a's hand-off is the plain run (the same draws in the same order), so
+    it must equal the plain run with the same delta, and the infotext says ENSD."""
+    _, b_pipe, _ = base
+    kw = dict(steps=6, sampler="euler_a", schedule="normal", cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
+    kw.update(progress=False, noise_seed_delta=31337)
+    plain = b_pipe(PROMPT, NEGATIVE, **kw)
+    res = b_pipe.generate_with_refiner(b_pipe, PROMPT, NEGATIVE, switch_at=0.5, **kw)
+    assert _mad(res.arrays, plain.arrays) < 1e-6
+    assert _mad(plain.arrays, b_pipe(PROMPT, NEGATIVE, **{**kw, "noise_seed_delta": 0}).arrays) > 3 * TOL
+    assert "ENSD: 31337" in res.infotexts[0]
+
+
 def test_hand_off_reports_every_step_and_can_be_cancelled(base, refiner):
     """The request's step callback sees the base's steps and then the refiner's, counted over the whole run,
     and returning False cancels, as in a plain call; the hand-off once never called it."""
