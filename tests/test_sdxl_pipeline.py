@@ -295,6 +295,31 @@ def test_hand_off_takes_the_noise_seed_delta(base):
     assert "ENSD: 31337" in res.infotexts[0]
 
 
+def test_img2img_hand_off_with_the_tiny_encoder_says_so(base, refiner):
+    """An img2img hand-off whose init latent is the tiny VAE encoder's (``vae_encode="tiny"``) wrote no "Tiny VAE
+    encode": the infotext's re-run encoded with the full VAE, another image."""
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+    from sdengine.models.tiny_vae import TinyAutoencoder, TinyVAEConfig
+
+    folder, _, _ = base
+    _, r_pipe, _ = refiner
+    pipe = sdengine.load_pipeline(folder, device="cpu")
+    torch.manual_seed(8)
+    config = TinyVAEConfig(
+        decoder_channels=(8, 8), decoder_blocks=(1, 1), encoder_channels=(8, 8), encoder_blocks=(1, 1)
+    )
+    tiny = TinyAutoencoder(config)
+    tiny.name = "tiny-enc"
+    pipe.set_tiny_vae(tiny)
+    kw = dict(steps=6, sampler="euler", schedule="normal", cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
+    kw.update(init_image=picture(SIZE, SIZE, seed=4), strength=0.6, switch_at=0.7, progress=False)
+    res = pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, vae_encode="tiny", **kw)
+    full = pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, **kw)
+    assert _mad(res.arrays, full.arrays) > 1e-3
+    assert "Tiny VAE encode: tiny-enc" in res.infotexts[0] and "Tiny VAE" not in full.infotexts[0]
+    assert to_generate_kwargs(parse_parameters(res.infotexts[0]))["vae_encode"] == "tiny"
+
+
 def test_hand_off_reports_every_step_and_can_be_cancelled(base, refiner):
     """The request's step callback sees the base's steps and then the refiner's, counted over the whole run,
     and returning False cancels, as in a plain call; the hand-off once never called it."""

@@ -170,7 +170,8 @@ class SDXLPipeline(Pipeline):
         if refiner.latent_channels != self.latent_channels or refiner.vae_scale_factor != self.vae_scale_factor:
             raise GenerationError(f"{refiner.name} does not share {self.name}'s latent space")
         p = self.prepare(request)
-        p_ref = refiner.prepare(request.replace(width=p.width, height=p.height))
+        # the refiner's conditioning settings (the base encodes the init image: its tiny encoder, not the refiner's)
+        p_ref = refiner.prepare(request.replace(width=p.width, height=p.height, vae_encode="full"))
         steps, cfg_scale, rescale = int(request.steps), float(request.cfg_scale), float(request.guidance_rescale)
         strength = grid_strength(request) if p.init is not None else 1.0
         grid = sampling.make_grid(p.sampler, steps, self.noise_schedule, p.schedule, self.scheduler_config, strength)
@@ -251,6 +252,8 @@ class SDXLPipeline(Pipeline):
                 row["Noise multiplier"] = float(request.noise_multiplier)  # A1111's field (img2img)
             if int(request.noise_seed_delta) and sampling.SAMPLERS[p.sampler].stochastic:
                 row["ENSD"] = int(request.noise_seed_delta)  # A1111's, written where the sampler draws noise
+            if p.init is not None and request.vae_encode == "tiny":
+                row["Tiny VAE encode"] = self.tiny_vae.name  # the init latent is the tiny encoder's
             # A1111's names for its refiner settings
             row["Refiner"] = f"{refiner.name} [{refiner_hash}]" if refiner_hash else refiner.name
             row["Refiner switch at"] = float(switch_at)
