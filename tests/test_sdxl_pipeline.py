@@ -594,6 +594,29 @@ def test_a1111_sdxl_options_round_trip_through_the_infotext_field(base, refiner,
     assert r.status_code == 400 and "infotext: SDXL options: unknown sdxl settings: target_sighs" in r.text, r.text
 
 
+def test_a1111_zero_rule_reaches_a_job_only_where_it_changes_something():
+    """The worker's sdxl settings of a job (alone or batched): A1111's empty-negative rule goes to a model whose
+    folder would not zero (a refiner) when an empty negative prompt is there, and A1111 jobs still batch."""
+    from types import SimpleNamespace as NS
+
+    from sdengine.server.jobs import batch_key, sdxl_request
+
+    def pipe(zeros, refiner):
+        return NS(text_kind="sdxl", refiner=refiner, conditioner=NS(force_zeros=zeros))
+
+    base, ref, sd1 = pipe(True, False), pipe(False, True), NS(text_kind="sd1")
+    g = NS(kwargs={}, sdxl_options={"force_zeros_for_empty_prompt": True})
+    assert sdxl_request(g, ref, None, [""]) == {"force_zeros_for_empty_prompt": True}
+    assert sdxl_request(g, ref, None, [["a", ""]]) == {"force_zeros_for_empty_prompt": True}  # a batch's rows
+    assert sdxl_request(g, base, ref, [None]) == {"force_zeros_for_empty_prompt": True}  # the hand-off's refiner
+    assert sdxl_request(g, base, None, [""]) is None  # the base zeroes already: nothing to record
+    assert sdxl_request(g, ref, None, ["blurry"]) is None and sdxl_request(g, sd1, None, [""]) is None
+    job = NS(run_on=None, generation=NS(refiner=None, n_iter=1, model="m", sdxl_options=g.sdxl_options, kwargs={}))
+    assert batch_key(job) is not None
+    job.generation.sdxl_options = {"force_zeros_for_empty_prompt": True, "aesthetic_score": 8.0}
+    assert batch_key(job) is None
+
+
 def test_native_jobs_take_sdxl_settings(base, models_dir):
     """/v1/jobs refused ``sdxl`` (an unknown field): SDXL's second prompts and micro-conditioning could not be
     sent. Now the request's settings, as the Python API's; bad ones are a 400."""
