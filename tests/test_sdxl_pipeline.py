@@ -767,6 +767,25 @@ def test_vae_override_and_sdxl_default_size(base, tmp_path):
     assert SDXL_BASE.sample_size * 8 == 1024  # the real model's default size through Pipeline.default_size
 
 
+def test_hand_off_infotext_names_a_separate_vae(base, refiner, tmp_path):
+    """An SDXL model loaded with a separate VAE (``--vae``): its infotext had no "VAE" / "VAE hash" (the SDXL
+    loader dropped the VAE's source; SD 1.x/2.x name it), so ``--from-png`` ran again with the folder's VAE. In a
+    hand-off the refiner's VAE decodes: it is the one named."""
+    import shutil
+
+    _, b_pipe, _ = base
+    r_folder, r_pipe, _ = refiner
+    other = tmp_path / "fixed-vae"
+    shutil.copytree(r_folder / "vae", other)
+    swapped = sdengine.load_pipeline(r_folder, device="cpu", vae=other)
+    kw = dict(switch_at=0.6, steps=3, sampler="euler", schedule="normal", seed=SEED, width=SIZE, height=SIZE)
+    res = b_pipe.generate_with_refiner(swapped, PROMPT, progress=False, **kw)
+    assert f"VAE hash: {swapped.vae_hash()}, VAE: fixed-vae" in res.infotexts[0], res.infotexts[0]
+    assert "VAE" not in b_pipe.generate_with_refiner(r_pipe, PROMPT, progress=False, **kw).infotexts[0]
+    plain = swapped(PROMPT, steps=2, width=SIZE, height=SIZE, progress=False).infotexts[0]
+    assert f"VAE hash: {swapped.vae_hash()}, VAE: fixed-vae" in plain, plain
+
+
 def test_cli_prompt_2_reaches_the_second_encoder(base, tmp_path):
     """`sdengine generate --prompt-2` equals the Python call with sdxl={"prompt_2": ...}."""
     from PIL import Image

@@ -234,6 +234,8 @@ class SDXLPipeline(Pipeline):
                 height=p.height,
                 model=self.name,
                 model_hash=self.model_hash(),
+                vae=refiner.vae_name(),  # the refiner's VAE decodes (a separate one: --from-png loads it again)
+                vae_hash=refiner.vae_hash(),
                 strength=float(request.strength) if p.init is not None else None,
                 clip_skip=request.clip_skip,
                 clip_skip_rule=request.clip_skip_rule,
