@@ -252,6 +252,74 @@ def test_base_to_refiner_hand_off_matches_diffusers(base, refiner, sampler):
     assert _mad(res.arrays, _ours(b_pipe, sampler, steps=10).arrays) > 3 * TOL
 
 
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_img2img_hand_off_matches_diffusers(base, refiner, sampler):
+    """The hand-off from an init image (A1111 runs its refiner in img2img too; it was text-to-image only): the
+    base's img2img up to the switch, the refiner from there, as diffusers' img2img base with ``strength`` and
+    ``denoising_end`` then its refiner with ``denoising_start``."""
+    b_folder, b_pipe, _ = base
+    r_folder, r_pipe, r_ref = refiner
+    init = picture(SIZE, SIZE, seed=4)
+    kw = dict(steps=10, sampler=sampler, schedule="normal", cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
+    res = b_pipe.generate_with_refiner(
+        r_pipe, PROMPT, NEGATIVE, switch_at=0.7, init_image=init, strength=0.6, progress=False, **kw
+    )
+    b_i2i = diffusers_sdxl(b_folder, img2img=True)
+    b_i2i.scheduler = diffusers_scheduler(b_folder, sampler)
+    r_ref.scheduler = diffusers_scheduler(r_folder, sampler)
+    gen = torch.Generator("cpu").manual_seed(SEED)
+    common = dict(negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=5.0, generator=gen)
+    latents = b_i2i(PROMPT, image=init, strength=0.6, denoising_end=0.7, output_type="latent", **common).images
+    theirs = r_ref(PROMPT, image=latents, denoising_start=0.7, output_type="np", **common).images
+    mad = _mad(res.arrays, theirs)
+    print(f"sdxl img2img base->refiner {sampler} strength 0.6 switch 0.7: mean abs {mad:.2e}")
+    assert mad < 1e-5
+    assert "Denoising strength: 0.6" in res.infotexts[0] and "Refiner switch at: 0.7" in res.infotexts[0]
+    alone = b_pipe(PROMPT, NEGATIVE, init_image=init, strength=0.6, progress=False, **kw)
+    assert _mad(res.arrays, alone.arrays) > 3 * TOL
+    with pytest.raises(GenerationError, match="leaves no steps of the img2img's steps 9..10 for the base"):
+        b_pipe.generate_with_refiner(r_pipe, PROMPT, switch_at=0.7, init_image=init, strength=0.2, **kw)
+
+
+def test_hand_off_takes_the_noise_seed_delta(base):
+    """A1111's ENSD (``noise_seed_delta``: the per-step noise from seed + delta) was ignored by the hand-off. With
+    the base model as its own refiner, Euler a's hand-off is the plain run (the same draws in the same order), so
+    it must equal the plain run with the same delta, and the infotext says ENSD."""
+    _, b_pipe, _ = base
+    kw = dict(steps=6, sampler="euler_a", schedule="normal", cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
+    kw.update(progress=False, noise_seed_delta=31337)
+    plain = b_pipe(PROMPT, NEGATIVE, **kw)
+    res = b_pipe.generate_with_refiner(b_pipe, PROMPT, NEGATIVE, switch_at=0.5, **kw)
+    assert _mad(res.arrays, plain.arrays) < 1e-6
+    assert _mad(plain.arrays, b_pipe(PROMPT, NEGATIVE, **{**kw, "noise_seed_delta": 0}).arrays) > 3 * TOL
+    assert "ENSD: 31337" in res.infotexts[0]
+
+
+def test_img2img_hand_off_with_the_tiny_encoder_says_so(base, refiner):
+    """An img2img hand-off whose init latent is the tiny VAE encoder's (``vae_encode="tiny"``) wrote no "Tiny VAE
+    encode": the infotext's re-run encoded with the full VAE, another image."""
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+    from sdengine.models.tiny_vae import TinyAutoencoder, TinyVAEConfig
+
+    folder, _, _ = base
+    _, r_pipe, _ = refiner
+    pipe = sdengine.load_pipeline(folder, device="cpu")
+    torch.manual_seed(8)
+    config = TinyVAEConfig(
+        decoder_channels=(8, 8), decoder_blocks=(1, 1), encoder_channels=(8, 8), encoder_blocks=(1, 1)
+    )
+    tiny = TinyAutoencoder(config)
+    tiny.name = "tiny-enc"
+    pipe.set_tiny_vae(tiny)
+    kw = dict(steps=6, sampler="euler", schedule="normal", cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
+    kw.update(init_image=picture(SIZE, SIZE, seed=4), strength=0.6, switch_at=0.7, progress=False)
+    res = pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, vae_encode="tiny", **kw)
+    full = pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, **kw)
+    assert _mad(res.arrays, full.arrays) > 1e-3
+    assert "Tiny VAE encode: tiny-enc" in res.infotexts[0] and "Tiny VAE" not in full.infotexts[0]
+    assert to_generate_kwargs(parse_parameters(res.infotexts[0]))["vae_encode"] == "tiny"
+
+
 def test_hand_off_reports_every_step_and_can_be_cancelled(base, refiner):
     """The request's step callback sees the base's steps and then the refiner's, counted over the whole run,
     and returning False cancels, as in a plain call; the hand-off once never called it."""
@@ -268,6 +336,21 @@ def test_hand_off_reports_every_step_and_can_be_cancelled(base, refiner):
     for stop in (2, 4):  # in the base's steps and in the refiner's
         with pytest.raises(Cancelled, match=f"after step {stop} of 5"):
             b_pipe.generate_with_refiner(r_pipe, PROMPT, callback=lambda i, stop=stop: i.step < stop, **kw)
+
+
+def test_hand_off_notes_describe_the_job_as_a_whole(base, refiner):
+    """A hand-off's aesthetic scores are the refiner's and its prompt_2 / target size the base's: no note says
+    them unused (the base once noted "aesthetic_score: not used by a base model", the refiner "prompt_2: not
+    used"). A setting neither model uses (a base as the refiner: the scores) is still said, once."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw = dict(switch_at=0.6, steps=3, sampler="euler", schedule="normal", seed=SEED, width=SIZE, height=SIZE)
+    sdxl = {"aesthetic_score": 8.0, "prompt_2": "oil painting", "target_size": [64, 64]}
+    res = b_pipe.generate_with_refiner(r_pipe, PROMPT, progress=False, sdxl=sdxl, **kw)
+    assert not any("not used" in n for n in res.notes), res.notes
+    res = b_pipe.generate_with_refiner(b_pipe, PROMPT, progress=False, sdxl=sdxl, batch_size=2, **kw)
+    unused = [n for n in res.notes if "not used" in n]
+    assert len(unused) == 1 and "sdxl aesthetic_score: not used by" in unused[0], res.notes
 
 
 def test_a1111_switch_rule_takes_the_nearest_training_timestep(base):
@@ -307,9 +390,10 @@ def a1111_sdxl(models_dir):
     tmp = models_dir.parent / "a1111_refiner"
     with live_server(server_config(tmp, models_dir=models_dir)) as s, httpx.Client(base_url=s.url, timeout=120) as c:
 
-        def txt2img(**extra):
-            """(response, first image as float64 RGB, info) of a txt2img call with ``body`` and ``extra``."""
-            r = c.post("/sdapi/v1/txt2img", json={**body, **extra})
+        def txt2img(route="txt2img", **extra):
+            """(response, first image as float64 RGB, info) of a txt2img (or ``route``) call with ``body`` and
+            ``extra``."""
+            r = c.post(f"/sdapi/v1/{route}", json={**body, **extra})
             if r.status_code != 200:
                 return r, None, None
             got = r.json()
@@ -347,6 +431,38 @@ def test_a1111_txt2img_runs_the_sdxl_refiner_at_refiner_switch_at(base, refiner,
     ):
         r, _, _ = a1111_sdxl(**extra)
         assert r.status_code == 400 and says.lower() in r.text.lower(), (extra, r.text)
+
+
+def test_a1111_img2img_runs_the_sdxl_refiner(base, refiner, a1111_sdxl):
+    """A1111 runs refiner_checkpoint in img2img too, switching on the img2img's schedule; it was listed as
+    ignored (the base ran every step). The image is generate_with_refiner's from the init image (A1111's strength
+    rule and switch step); its infotext runs it again; a mask is a 400 (the hand-off takes none)."""
+    import base64
+    import io
+
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    init = picture(SIZE, SIZE, seed=4)
+    buf = io.BytesIO()
+    init.save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    kw = dict(steps=10, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    kw.update(progress=False, init_image=init, strength=0.6, strength_rule="a1111")
+    want = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.7, switch_rule="a1111", **kw)
+    alone = b_pipe(PROMPT, NEGATIVE, **kw).arrays[0] * 255
+    i2i = dict(route="img2img", init_images=[b64], denoising_strength=0.6, steps=10)
+    r, image, info = a1111_sdxl(**i2i, refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7)
+    assert r.status_code == 200, r.text
+    assert "refiner_checkpoint" not in info["ignored"], info["ignored"]
+    assert np.abs(image - np.asarray(want.images[0], np.float64)).max() == 0.0
+    assert np.abs(image - alone).mean() > 1.0
+    text = info["infotexts"][0]
+    assert "Refiner: tiny-sdxl-refiner" in text and "Denoising strength: 0.6" in text
+    r, again, _ = a1111_sdxl(route="img2img", init_images=[b64], infotext=text, prompt=None, steps=None, seed=None)
+    assert r.status_code == 200, r.text
+    assert np.abs(again - image).max() == 0.0
+    r, _, _ = a1111_sdxl(**i2i, mask=b64, refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7)
+    assert r.status_code == 400 and "refiner_checkpoint: a base -> refiner hand-off takes no mask" in r.text, r.text
 
 
 @pytest.mark.slow
@@ -397,6 +513,108 @@ def test_server_takes_sdxl_settings_natively_and_as_a1111_options(base, refiner,
     r, image, info = a1111_sdxl(**emoji, override_settings={"sd_model_checkpoint": "emoji", **crop, **scores})
     assert r.status_code == 200 and not info["notes"], r.text
     assert np.abs(image - plain).max() == 0.0
+
+
+def test_force_zeros_setting_zeroes_an_empty_negative_on_the_refiner(refiner, base):
+    """The sdxl setting ``force_zeros_for_empty_prompt`` replaces the folder's rule (the refiner's folder says
+    false): true zeroes the refiner's empty negative (text states and pooled part of the vector), as A1111 does."""
+    _, r_pipe, _ = refiner
+    _, b_pipe, _ = base
+    cond = r_pipe.conditioner
+    _, own = cond.pair(PROMPT, "", width=SIZE, height=SIZE)
+    _, zeroed = cond.pair(PROMPT, "", width=SIZE, height=SIZE, options={"force_zeros_for_empty_prompt": True})
+    pooled = r_pipe.text_encoder_2.config.projection_dim
+    assert own["crossattn"].abs().max() > 0 and own["vector"][:, :pooled].abs().max() > 0  # the folder's rule
+    assert zeroed["crossattn"].abs().max() == 0 and zeroed["vector"][:, :pooled].abs().max() == 0
+    assert torch.equal(zeroed["vector"][:, pooled:], own["vector"][:, pooled:])  # the size/score numbers kept
+    _, kept = b_pipe.conditioner.pair(PROMPT, "", options={"force_zeros_for_empty_prompt": False})
+    assert kept["crossattn"].abs().max() > 0  # false: the base encodes the empty prompt
+    with pytest.raises(GenerationError, match="force_zeros_for_empty_prompt must be true or false"):
+        cond.pair(PROMPT, "", options={"force_zeros_for_empty_prompt": 1})
+
+
+def test_a1111_zeroes_an_empty_negative_on_the_refiner_too(base, refiner, a1111_sdxl):
+    """A1111 zeroes an empty negative prompt (its default) on every SDXL model (force_zero_negative_prompt in
+    sd_models_xl.py), the refiner too; the A1111 route followed the refiner folder's model_index.json (false),
+    both in the hand-off and for a refiner as the job's model. The rule is recorded in the infotext, and the
+    native route keeps the folder's rule."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw = dict(steps=3, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    kw["progress"] = False
+    zero = {"force_zeros_for_empty_prompt": True}
+    want = r_pipe(PROMPT, "", sdxl=zero, **kw).arrays[0] * 255
+    folder_rule = r_pipe(PROMPT, "", **kw).arrays[0] * 255
+    as_model = {"sd_model_checkpoint": "tiny-sdxl-refiner"}
+    r, image, info = a1111_sdxl(steps=3, negative_prompt="", override_settings=as_model)
+    assert r.status_code == 200, r.text
+    assert np.abs(image - want).max() <= 1.0 and np.abs(image - folder_rule).mean() > 0.5
+    assert '{"force_zeros_for_empty_prompt": true}' in info["infotexts"][0].replace('\\"', '"')
+    kw["steps"] = 5
+    hand = b_pipe.generate_with_refiner(r_pipe, PROMPT, "", switch_at=0.7, switch_rule="a1111", sdxl=zero, **kw)
+    r, image, info = a1111_sdxl(negative_prompt="", refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7)
+    assert r.status_code == 200, r.text
+    assert np.abs(image - np.asarray(hand.images[0], np.float64)).max() == 0.0
+    # a base model zeroes already, and a negative prompt is not empty: nothing recorded
+    r, _, info = a1111_sdxl(steps=2, negative_prompt="")
+    assert "SDXL options" not in info["infotexts"][0]
+    r, _, info = a1111_sdxl(steps=2, override_settings=as_model)
+    assert "SDXL options" not in info["infotexts"][0]
+
+
+def test_a1111_sdxl_options_round_trip_through_the_infotext_field(base, refiner, a1111_sdxl):
+    """A1111's crop (sdxl_crop_top / _left) and the refiner's scores, set as options, are written in the infotext
+    ("SDXL options"); the A1111 route's ``infotext`` field did not read them back (the re-run lost the crop).
+    The refiner's negative prompt takes A1111's crop too (sdengine's refiner default was (0, 0)), and the
+    settings A1111 has no option for (prompt_2, sizes: a native image) are run again as well."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw = dict(steps=3, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    kw["progress"] = False
+    crop = {"sdxl_crop_top": 8, "sdxl_crop_left": 4}
+    scores = {"sdxl_refiner_high_aesthetic_score": 8.0, "sdxl_refiner_low_aesthetic_score": 1.0}
+    both = {"crops_coords_top_left": [8, 4], "negative_crops_coords_top_left": [8, 4]}
+    want = r_pipe(PROMPT, NEGATIVE, sdxl={**both, "aesthetic_score": 8.0, "negative_aesthetic_score": 1.0}, **kw)
+    r, image, info = a1111_sdxl(
+        steps=3, override_settings={"sd_model_checkpoint": "tiny-sdxl-refiner", **crop, **scores}
+    )
+    assert r.status_code == 200, r.text
+    assert np.abs(image - want.arrays[0] * 255).max() <= 1.0
+    again = dict(infotext=info["infotexts"][0], prompt=None, negative_prompt=None, seed=None, steps=None)
+    r, image2, info2 = a1111_sdxl(**again, override_settings={"sd_model_checkpoint": "tiny-sdxl-refiner"})
+    assert r.status_code == 200, r.text
+    assert np.abs(image2 - image).max() == 0.0 and info2["infotexts"][0] == info["infotexts"][0]
+    # an image of the native route: prompt_2 and a size A1111 has no option for, a crop without a negative one
+    settings = {"prompt_2": "a green pear", "target_size": [64, 64], "crops_coords_top_left": [4, 8]}
+    native = b_pipe(PROMPT, NEGATIVE, sdxl=settings, **kw)
+    r, image, info = a1111_sdxl(infotext=native.infotexts[0], prompt=None, negative_prompt=None, seed=None, steps=None)
+    assert r.status_code == 200, r.text
+    assert np.abs(image - native.arrays[0] * 255).max() <= 1.0
+    r, _, _ = a1111_sdxl(infotext=native.infotexts[0].replace("target_size", "target_sighs"))
+    assert r.status_code == 400 and "infotext: SDXL options: unknown sdxl settings: target_sighs" in r.text, r.text
+
+
+def test_a1111_zero_rule_reaches_a_job_only_where_it_changes_something():
+    """The worker's sdxl settings of a job (alone or batched): A1111's empty-negative rule goes to a model whose
+    folder would not zero (a refiner) when an empty negative prompt is there, and A1111 jobs still batch."""
+    from types import SimpleNamespace as NS
+
+    from sdengine.server.jobs import batch_key, sdxl_request
+
+    def pipe(zeros, refiner):
+        return NS(text_kind="sdxl", refiner=refiner, conditioner=NS(force_zeros=zeros))
+
+    base, ref, sd1 = pipe(True, False), pipe(False, True), NS(text_kind="sd1")
+    g = NS(kwargs={}, sdxl_options={"force_zeros_for_empty_prompt": True})
+    assert sdxl_request(g, ref, None, [""]) == {"force_zeros_for_empty_prompt": True}
+    assert sdxl_request(g, ref, None, [["a", ""]]) == {"force_zeros_for_empty_prompt": True}  # a batch's rows
+    assert sdxl_request(g, base, ref, [None]) == {"force_zeros_for_empty_prompt": True}  # the hand-off's refiner
+    assert sdxl_request(g, base, None, [""]) is None  # the base zeroes already: nothing to record
+    assert sdxl_request(g, ref, None, ["blurry"]) is None and sdxl_request(g, sd1, None, [""]) is None
+    job = NS(run_on=None, generation=NS(refiner=None, n_iter=1, model="m", sdxl_options=g.sdxl_options, kwargs={}))
+    assert batch_key(job) is not None
+    job.generation.sdxl_options = {"force_zeros_for_empty_prompt": True, "aesthetic_score": 8.0}
+    assert batch_key(job) is None
 
 
 def test_native_jobs_take_sdxl_settings(base, models_dir):
@@ -455,8 +673,8 @@ def test_hand_off_bad_settings(base, refiner):
     _, r_pipe, _ = refiner
     with pytest.raises(GenerationError, match="switch_at must be a number in"):
         b_pipe.generate_with_refiner(r_pipe, PROMPT, switch_at=1.5)
-    with pytest.raises(GenerationError, match="text-to-image only"):
-        b_pipe.generate_with_refiner(r_pipe, PROMPT, init_image=picture(SIZE, SIZE))
+    with pytest.raises(GenerationError, match="hand-off takes no mask, ControlNet or LoRA"):
+        b_pipe.generate_with_refiner(r_pipe, PROMPT, init_image=picture(SIZE, SIZE), mask=mask_picture(SIZE, SIZE))
     # the hires fix was dropped silently (an image of the first pass's size, no second pass)
     with pytest.raises(GenerationError, match="hires fix is not supported with a refiner"):
         b_pipe.generate_with_refiner(r_pipe, PROMPT, enable_hr=True, hr_scale=2.0, width=SIZE, height=SIZE)
@@ -547,6 +765,25 @@ def test_vae_override_and_sdxl_default_size(base, tmp_path):
     from sdengine.models.unet_sdxl import SDXL_BASE
 
     assert SDXL_BASE.sample_size * 8 == 1024  # the real model's default size through Pipeline.default_size
+
+
+def test_hand_off_infotext_names_a_separate_vae(base, refiner, tmp_path):
+    """An SDXL model loaded with a separate VAE (``--vae``): its infotext had no "VAE" / "VAE hash" (the SDXL
+    loader dropped the VAE's source; SD 1.x/2.x name it), so ``--from-png`` ran again with the folder's VAE. In a
+    hand-off the refiner's VAE decodes: it is the one named."""
+    import shutil
+
+    _, b_pipe, _ = base
+    r_folder, r_pipe, _ = refiner
+    other = tmp_path / "fixed-vae"
+    shutil.copytree(r_folder / "vae", other)
+    swapped = sdengine.load_pipeline(r_folder, device="cpu", vae=other)
+    kw = dict(switch_at=0.6, steps=3, sampler="euler", schedule="normal", seed=SEED, width=SIZE, height=SIZE)
+    res = b_pipe.generate_with_refiner(swapped, PROMPT, progress=False, **kw)
+    assert f"VAE hash: {swapped.vae_hash()}, VAE: fixed-vae" in res.infotexts[0], res.infotexts[0]
+    assert "VAE" not in b_pipe.generate_with_refiner(r_pipe, PROMPT, progress=False, **kw).infotexts[0]
+    plain = swapped(PROMPT, steps=2, width=SIZE, height=SIZE, progress=False).infotexts[0]
+    assert f"VAE hash: {swapped.vae_hash()}, VAE: fixed-vae" in plain, plain
 
 
 def test_cli_prompt_2_reaches_the_second_encoder(base, tmp_path):

@@ -60,7 +60,7 @@ from sdengine.text.conditioners import (
 log = logging.getLogger(__name__)
 
 
-def _grid_strength(r: GenerationRequest) -> float:
+def grid_strength(r: GenerationRequest) -> float:
     """The strength the sampling grid is made for: the request's under diffusers' rule (LCM's grid depends on
     it), 1 under A1111's, whose schedule is the plain ``steps``-step one (the start step says where it begins)."""
     return float(r.strength) if r.strength_rule == "diffusers" else 1.0
@@ -855,7 +855,7 @@ class Pipeline:
             self.noise_schedule,
             p.schedule,
             self.scheduler_config,
-            _grid_strength(r) if start.init_latent is not None else 1.0,
+            grid_strength(r) if start.init_latent is not None else 1.0,
         )
         first = 0
         if start.from_init:
@@ -976,7 +976,7 @@ class Pipeline:
             cfg_scale=float(r.cfg_scale),
             rescale=float(r.guidance_rescale),
             sampler_options=r.sampler_options,
-            strength=_grid_strength(r) if from_init else 1.0,
+            strength=grid_strength(r) if from_init else 1.0,
             start_step=first if from_init else None,
             dtype=self.dtype,
         )

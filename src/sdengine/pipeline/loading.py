@@ -147,7 +147,7 @@ def _load(
         path, vae=vae, prediction_type=prediction_type, config=config, dtype=dt if path.is_dir() else None
     )
     if ckpt.family in ("sdxl", "sdxl_refiner"):
-        return _load_sdxl(ckpt, path, key, dev, dt, lora_dir, embeddings_dir)
+        return _load_sdxl(ckpt, path, key, dev, dt, lora_dir, embeddings_dir, vae)
     models = build_models(ckpt, device=dev, dtype=dt)
     minilm = ckpt.text_encoder_type == "minilm"
     missing = [c for c in ("unet", "vae", "text_encoder") if c not in models and not (minilm and c == "text_encoder")]
@@ -214,7 +214,14 @@ def _no_embeddings(embeddings_dir: str | Path | None, name: str, why: str) -> No
 
 
 def _load_sdxl(
-    ckpt: Any, path: Path, key: str, dev: torch.device, dt: torch.dtype, lora_dir: Any, embeddings_dir: Any = None
+    ckpt: Any,
+    path: Path,
+    key: str,
+    dev: torch.device,
+    dt: torch.dtype,
+    lora_dir: Any,
+    embeddings_dir: Any = None,
+    vae: str | Path | None = None,
 ) -> Pipeline:
     """An SDXL base (two text encoders) or refiner (the second only) checkpoint -> SDXLPipeline. Embeddings are
     SDXL files (``clip_l`` for the first encoder, ``clip_g`` for the second, as A1111 reads them)."""
@@ -259,6 +266,7 @@ def _load_sdxl(
         name=name,
         source=path,
         lora_dir=lora_dir,
+        vae_source=Path(vae) if vae is not None else None,  # named in the infotext ("VAE", "VAE hash"), as SD's
     )
 
 

@@ -17,9 +17,10 @@ from PIL import Image
 from sdengine import vae_utils
 from sdengine.diffusion import sampling
 from sdengine.diffusion.samplers import SamplingInterrupted
+from sdengine.diffusion.schedules import img2img_start
 from sdengine.errors import GenerationError
 from sdengine.io.images import to_uint8
-from sdengine.pipeline.core import Pipeline, Prepared, as_request
+from sdengine.pipeline.core import Pipeline, Prepared, as_request, grid_strength
 from sdengine.pipeline.infotext import call_parameters, format_infotext
 from sdengine.pipeline.latents import start_latents
 from sdengine.pipeline.request import GenerationRequest
@@ -37,10 +38,8 @@ def check_hand_off(request: GenerationRequest, switch_at: Any, switch_rule: str 
         raise GenerationError(f"switch_rule must be one of {', '.join(SWITCH_RULES)}, got {switch_rule!r}")
     if isinstance(switch_at, bool) or not isinstance(switch_at, int | float) or not 0.0 < switch_at < 1.0:
         raise GenerationError(f"switch_at must be a number in (0, 1), got {switch_at!r}")
-    if request.init_image is not None or request.mask is not None or request.controlnets or request.loras:
-        raise GenerationError(
-            "a base -> refiner hand-off is text-to-image only (no init image, mask, ControlNet, LoRA)"
-        )
+    if request.mask is not None or request.controlnets or request.loras:
+        raise GenerationError("a base -> refiner hand-off takes no mask, ControlNet or LoRA")
     if request.enable_hr:  # it would be dropped: an image of the first pass's size, without its second pass
         raise GenerationError("the hires fix is not supported with a refiner hand-off")
     if request.vae_decode != "full":
@@ -60,10 +59,11 @@ def check_hand_off(request: GenerationRequest, switch_at: Any, switch_rule: str 
         raise GenerationError("seed_resize_from_w/_h and tiling are not supported with a refiner hand-off")
 
 
-def switch_step(grid: Any, noise_schedule: Any, switch_at: float, rule: str = "diffusers") -> int:
+def switch_step(grid: Any, noise_schedule: Any, switch_at: float, rule: str = "diffusers", first: int = 0) -> int:
     """The first step the refiner runs. diffusers: the base walks the steps whose timestep is at least
     ``(1 - switch_at) * T``; A1111: the refiner starts at the first step whose sigma's nearest training
-    timestep ``t`` has ``(999 - t) / 1000 >= switch_at``. A GenerationError when either model gets no step."""
+    timestep ``t`` has ``(999 - t) / 1000 >= switch_at``. ``first``: the first step an img2img run takes. A
+    GenerationError when either model gets no step."""
     if rule == "a1111":
         table = noise_schedule.sigmas.double()
         t = [int(torch.argmin((table - float(s)).abs())) for s in grid.sigmas[: grid.steps]]
@@ -71,8 +71,10 @@ def switch_step(grid: Any, noise_schedule: Any, switch_at: float, rule: str = "d
     else:
         cutoff = round(noise_schedule.num_train_timesteps * (1.0 - switch_at))
         k = int((torch.as_tensor(grid.timesteps) >= cutoff).sum())
-    if not 0 < k < grid.steps:
-        raise GenerationError(f"switch_at {switch_at} leaves no steps for the {'base' if k == 0 else 'refiner'}")
+    if not first < k < grid.steps:
+        which = "base" if k <= first else "refiner"
+        img2img = f" of the img2img's steps {first + 1}..{grid.steps}" if first else ""
+        raise GenerationError(f"switch_at {switch_at} leaves no steps{img2img} for the {which}")
     return k
 
 
@@ -120,7 +122,7 @@ class SDXLPipeline(Pipeline):
         return super().prepare(request)
 
     def conditioning_pair(
-        self, prompt: str, negative: str, p: Prepared, note: Any
+        self, prompt: str, negative: str, p: Prepared, note: Any, *, note_unused: bool = True
     ) -> tuple[Conditioning, Conditioning]:
         cond: SDXLConditioner = self.conditioner  # type: ignore[assignment]
         return cond.pair(
@@ -131,6 +133,7 @@ class SDXLPipeline(Pipeline):
             width=p.width,
             height=p.height,
             options=p.request.sdxl,
+            note_unused=note_unused,
         )
 
     # -- base -> refiner hand-off -------------------------------------------------------------------------
@@ -145,12 +148,16 @@ class SDXLPipeline(Pipeline):
         switch_rule: str = "diffusers",
         **kwargs: Any,
     ) -> GenerationResult:
-        """Text-to-image with this base model for the noisy part of the steps and ``refiner`` for the rest,
+        """Text-to-image (or image-to-image: ``init_image``, ``strength``) with this base model for the noisy part of
+        the steps and ``refiner`` for the rest,
         as diffusers' ``denoising_end=switch_at`` on the base and ``denoising_start=switch_at`` on the refiner
         do: the base walks the steps whose timestep is at least ``(1 - switch_at) * 1000``, the refiner
         continues from that latent (no noise added) on the same grid, and its VAE decodes. Both samplers
         restart at the switch (a multistep sampler's history is not carried over), as in diffusers.
-        Settings are a request's (txt2img only: no init image, mask, ControlNet, LoRA or hires fix).
+        Settings are a request's (no mask, ControlNet, LoRA or hires fix). With an init image the base starts at
+        the img2img's first step of that grid (its strength and ``strength_rule``) and the switch is the same step
+        of the whole grid: A1111 switches on its img2img schedule so; one of the models left without a step is a
+        GenerationError (A1111 would run the other alone).
 
         ``switch_rule`` ``"a1111"``: A1111's step instead (its ``refiner_switch_at``): the refiner takes over at
         the first step whose sigma's nearest training timestep ``t`` has ``(999 - t) / 1000 >= switch_at``
@@ -163,13 +170,20 @@ class SDXLPipeline(Pipeline):
         if refiner.latent_channels != self.latent_channels or refiner.vae_scale_factor != self.vae_scale_factor:
             raise GenerationError(f"{refiner.name} does not share {self.name}'s latent space")
         p = self.prepare(request)
-        p_ref = refiner.prepare(request.replace(width=p.width, height=p.height))
+        # the refiner's conditioning settings (the base encodes the init image: its tiny encoder, not the refiner's)
+        p_ref = refiner.prepare(request.replace(width=p.width, height=p.height, vae_encode="full"))
         steps, cfg_scale, rescale = int(request.steps), float(request.cfg_scale), float(request.guidance_rescale)
-        grid = sampling.make_grid(p.sampler, steps, self.noise_schedule, p.schedule, self.scheduler_config)
-        k = switch_step(grid, self.noise_schedule, float(switch_at), switch_rule)
+        strength = grid_strength(request) if p.init is not None else 1.0
+        grid = sampling.make_grid(p.sampler, steps, self.noise_schedule, p.schedule, self.scheduler_config, strength)
+        first = 0
+        if p.init is not None:  # img2img: the base starts at the img2img's first step (A1111 switches on its schedule)
+            first = img2img_start(grid.steps, float(request.strength), request.strength_rule, p.sampler)
+            if first >= grid.steps:
+                raise GenerationError(f"strength {request.strength} runs no step of {steps}")
+        k = switch_step(grid, self.noise_schedule, float(switch_at), switch_rule, first)
         from tqdm.auto import tqdm
 
-        total, done = grid.steps, [0]
+        total, done = grid.steps - first, [0]
         bar = tqdm(total=total * len(p.seeds), disable=not request.progress, unit="step", desc="sampling", leave=False)
 
         def on_step(offset: int, tiny_vae: Any) -> Any:
@@ -184,12 +198,19 @@ class SDXLPipeline(Pipeline):
 
             return report
 
+        unused = [
+            k
+            for k in self.conditioner.unused_settings(request.sdxl)  # type: ignore[attr-defined]
+            if k in refiner.conditioner.unused_settings(request.sdxl)  # type: ignore[attr-defined]
+        ]
+        if unused:
+            p.notes.append(f"sdxl {', '.join(unused)}: not used by {self.name} nor by the refiner {refiner.name}")
         images = []
         with torch.inference_mode():
             try:
                 for prompt_i, negative_i, seed in zip(p.prompts, self.encoded_negatives(p), p.seeds, strict=True):
                     pixels = self._hand_off_row(
-                        refiner, p, p_ref, request, prompt_i, negative_i, seed, k, float(grid.sigmas[k]), on_step
+                        refiner, p, p_ref, request, prompt_i, negative_i, seed, (first, k, strength), grid, on_step
                     )
                     images.append(pixels)
             except SamplingInterrupted as e:
@@ -213,7 +234,9 @@ class SDXLPipeline(Pipeline):
                 height=p.height,
                 model=self.name,
                 model_hash=self.model_hash(),
-                strength=None,
+                vae=refiner.vae_name(),  # the refiner's VAE decodes (a separate one: --from-png loads it again)
+                vae_hash=refiner.vae_hash(),
+                strength=float(request.strength) if p.init is not None else None,
                 clip_skip=request.clip_skip,
                 clip_skip_rule=request.clip_skip_rule,
                 guidance_rescale=rescale,
@@ -222,9 +245,17 @@ class SDXLPipeline(Pipeline):
                 lora_dir=None,
                 controlnets=[],
                 mask_blur=None,
+                resize_mode=request.resize_mode if p.init is not None else None,
                 sampler_options=request.sampler_options,
+                strength_rule=request.strength_rule if p.init is not None else "diffusers",
                 sdxl=request.sdxl,
             )
+            if p.init is not None and float(request.noise_multiplier) != 1.0:
+                row["Noise multiplier"] = float(request.noise_multiplier)  # A1111's field (img2img)
+            if int(request.noise_seed_delta) and sampling.SAMPLERS[p.sampler].stochastic:
+                row["ENSD"] = int(request.noise_seed_delta)  # A1111's, written where the sampler draws noise
+            if p.init is not None and request.vae_encode == "tiny":
+                row["Tiny VAE encode"] = self.tiny_vae.name  # the init latent is the tiny encoder's
             # A1111's names for its refiner settings
             row["Refiner"] = f"{refiner.name} [{refiner_hash}]" if refiner_hash else refiner.name
             row["Refiner switch at"] = float(switch_at)
@@ -241,15 +272,18 @@ class SDXLPipeline(Pipeline):
         prompt_i: str,
         negative_i: str,
         seed: int,
-        k: int,
-        sigma_k: float,
+        span: tuple[int, int, float],
+        grid: Any,
         on_step: Any,
     ) -> torch.Tensor:
         """One row of :meth:`generate_with_refiner`: the base's steps up to ``k``, the refiner's from there, decoded."""
         steps, cfg_scale, rescale = int(request.steps), float(request.cfg_scale), float(request.guidance_rescale)
         note = lambda t: p.notes.append(t)  # noqa: E731
-        cond, uncond = self.conditioning_pair(prompt_i, negative_i, p, note)
-        r_cond, r_uncond = refiner.conditioning_pair(prompt_i, negative_i, p_ref, note)
+        # the notes describe the job: a setting one model has no use for is the other's (the base's prompt_2 and
+        # target size, the refiner's aesthetic scores); generate_with_refiner notes those neither uses
+        cond, uncond = self.conditioning_pair(prompt_i, negative_i, p, note, note_unused=False)
+        r_cond, r_uncond = refiner.conditioning_pair(prompt_i, negative_i, p_ref, note, note_unused=False)
+        first, k, strength = span
         gen = torch.Generator("cpu").manual_seed(seed)
         start = start_latents(
             self.vae,
@@ -258,32 +292,41 @@ class SDXLPipeline(Pipeline):
             width=p.width,
             height=p.height,
             scale_factor=self.vae_scale_factor,
-            init=None,
+            init=p.init,
             mask=None,
             mask_blur=0.0,
-            strength=1.0,
+            strength=float(request.strength) if p.init is not None else 1.0,
             nine_channels=False,
             tiled=p.tiled,
             device=self.device,
+            tiny=self.tiny_vae if p.init is not None and request.vae_encode == "tiny" else None,
         )
+        noise = start.noise
+        if p.init is not None and float(request.noise_multiplier) != 1.0:  # A1111's img2img noise multiplier
+            noise = noise * float(request.noise_multiplier)
+        if int(request.noise_seed_delta):  # A1111's ENSD: the per-step noise from seed + delta
+            gen = torch.Generator("cpu").manual_seed(seed + int(request.noise_seed_delta))
         common: dict[str, Any] = dict(
             sampler=p.sampler,
             steps=steps,
             schedule=p.schedule,
             generators=[gen],
             sampler_options=dict(request.sampler_options or {}) or None,
+            strength=strength,
         )
         x = sampling.sample(
             self.guided_denoiser(cfg_scale, uncond, rescale),
-            start.noise,
+            noise,
             scheduler_config=self.scheduler_config,
             extra_args=cond,
             noise_schedule=self.noise_schedule,
+            init_latent=start.init_latent if p.init is not None else None,
+            start_step=first if p.init is not None else None,
             end_step=k,
             callback=on_step(0, self.tiny_vae),
             **common,
         )
-        x = x * math.sqrt(1.0 + float(sigma_k) ** 2)  # back to the sampler's (VE) scaling
+        x = x * math.sqrt(1.0 + float(grid.sigmas[k]) ** 2)  # back to the sampler's (VE) scaling
         x = sampling.sample(
             refiner.guided_denoiser(cfg_scale, r_uncond, rescale),
             torch.zeros_like(x),
@@ -292,7 +335,7 @@ class SDXLPipeline(Pipeline):
             noise_schedule=refiner.noise_schedule,
             init_latent=x,
             start_step=k,
-            callback=on_step(k, refiner.tiny_vae),
+            callback=on_step(k - first, refiner.tiny_vae),
             **common,
         )
         img, upcast = vae_utils.decode(refiner.vae, x, tiled=p.tiled, upcast=refiner.vae_upcast, warn=False)

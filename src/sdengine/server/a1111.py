@@ -58,7 +58,7 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "initial_noise_multiplier": (1, 1.0, None),  # img2img's (IMG2IMG_USED); txt2img has none (in A1111 too)
     "inpaint_full_res_padding": None,
     "inpaint_full_res": None,  # "only masked" (true) or "whole picture": both done
-    "refiner_checkpoint": NO_REFINER,  # txt2img runs the others (hand_off); img2img lists them
+    "refiner_checkpoint": NO_REFINER,  # the others run (hand_off)
     "refiner_switch_at": None,  # read with a refiner_checkpoint only
     "comments": (None, {}),
     "sampler_index": None,
@@ -578,19 +578,49 @@ def sdxl_option(name: str, value: Any) -> float:
     return float(value)
 
 
-def sdxl_settings(xl: dict[str, float]) -> dict[str, Any] | None:
-    """The pipeline's ``sdxl`` settings for A1111's SDXL options (None at A1111's defaults, which are sdengine's:
-    no crop, aesthetic scores 6 and 2.5). A1111 conditions the negative prompt on the same crop. The worker
-    gives them to an SDXL model only (the scores to a refiner only): other models have no use for these global
-    options, as in A1111."""
-    out: dict[str, Any] = {}
+def sdxl_settings(xl: dict[str, float]) -> dict[str, Any]:
+    """The pipeline's ``sdxl`` settings for A1111's SDXL options. A1111 conditions the negative prompt on the same
+    crop (the refiner's too), and zeroes an empty negative prompt on every SDXL model, the refiner too
+    (``force_zero_negative_prompt`` in its sd_models_xl.py, where a refiner folder's model_index.json says not to):
+    always ``force_zeros_for_empty_prompt``. The worker gives them to an SDXL model only (the scores to a refiner
+    only, the zero rule where it changes something): other models have no use for these global options, as in
+    A1111."""
+    out: dict[str, Any] = {"force_zeros_for_empty_prompt": True}
     if xl["sdxl_crop_top"] or xl["sdxl_crop_left"]:
         out["crops_coords_top_left"] = [int(xl["sdxl_crop_top"]), int(xl["sdxl_crop_left"])]
+        # the negative prompt's too, on the refiner as well (whose own default is (0, 0), diffusers')
+        out["negative_crops_coords_top_left"] = out["crops_coords_top_left"]
     if xl["sdxl_refiner_high_aesthetic_score"] != 6.0:
         out["aesthetic_score"] = float(xl["sdxl_refiner_high_aesthetic_score"])
     if xl["sdxl_refiner_low_aesthetic_score"] != 2.5:
         out["negative_aesthetic_score"] = float(xl["sdxl_refiner_low_aesthetic_score"])
-    return out or None
+    return out
+
+
+def infotext_sdxl(value: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An infotext's "SDXL options" (sdengine's field, ``metadata.to_generate_kwargs``' ``sdxl``) on an A1111 route:
+    (A1111's SDXL options for its crop and refiner scores, the settings A1111 has no option for). The negative
+    crop equal to the crop is the option's (:func:`sdxl_settings`), an empty negative zeroed A1111's rule; a crop
+    without a negative crop (an image of the native route) keeps the model's default negative crop (None)."""
+    if not value:
+        return {}, {}
+    from sdengine.text.sdxl_conditioner import SDXLOptions
+
+    try:
+        rest = SDXLOptions.coerce(value).changed()
+    except SdengineError as e:
+        raise BadRequest(f"infotext: SDXL options: {e}") from None
+    crop = rest.pop("crops_coords_top_left", [0, 0])
+    out: dict[str, Any] = {"sdxl_crop_top": crop[0], "sdxl_crop_left": crop[1]}
+    out["sdxl_refiner_high_aesthetic_score"] = rest.pop("aesthetic_score", 6.0)
+    out["sdxl_refiner_low_aesthetic_score"] = rest.pop("negative_aesthetic_score", 2.5)
+    if rest.get("negative_crops_coords_top_left") == crop:
+        rest.pop("negative_crops_coords_top_left")
+    elif "negative_crops_coords_top_left" not in rest and crop != [0, 0]:
+        rest["negative_crops_coords_top_left"] = None
+    if rest.get("force_zeros_for_empty_prompt") is True:
+        rest.pop("force_zeros_for_empty_prompt")
+    return out, rest
 
 
 def _ignored(body: dict[str, Any], txt2img: bool = False) -> list[str]:
@@ -783,25 +813,27 @@ INFOTEXT_FIELDS = {
 def install(app: FastAPI, services: Any) -> None:
     manager, catalog, options = services.manager, services.catalog, services.options
 
-    def apply_infotext(req: Any, hires: bool) -> Any:
+    def apply_infotext(req: Any, hires: bool) -> tuple[Any, dict[str, Any]]:
         """A1111's ``infotext`` field (its ``apply_infotext``): the request's fields that were not sent are read
         from the infotext; its Clip skip and sdengine's tiny-VAE fields become override_settings (where not
-        set there); ``hires``: the hires-fix fields too (txt2img)."""
+        set there); ``hires``: the hires-fix fields too (txt2img). sdengine's "SDXL options": the crop and the
+        refiner's scores become A1111's SDXL options (override_settings); the settings A1111 has no option for
+        (prompt_2, sizes, ...) are returned, for the job's ``sdxl_options``."""
         text = (req.model_extra or {}).get("infotext")
         if not text:
-            return req
+            return req, {}
         if not isinstance(text, str):
             raise BadRequest("infotext must be a string")
         from sdengine.metadata import parse_parameters, to_generate_kwargs
 
         parsed = parse_parameters(text)
-        try:  # txt2img runs A1111's refiner fields (hand_off): its "Refiner" and "Refiner switch at" are read
-            found = to_generate_kwargs(parsed, hires=hires, refiner=hires)
+        try:  # A1111's refiner fields run (hand_off): its "Refiner" and "Refiner switch at" are read
+            found = to_generate_kwargs(parsed, hires=hires, refiner=True)
         except ValueError as e:
             raise BadRequest(f"infotext: {e}") from None
         sent = req.model_dump(exclude_unset=True)
         filled = {INFOTEXT_FIELDS[k]: v for k, v in found.items() if k in INFOTEXT_FIELDS}
-        if hires and "Refiner" in parsed:  # A1111's refiner script's paste fields
+        if "Refiner" in parsed:  # A1111's refiner script's paste fields
             try:  # A1111 runs no refiner for a name it lacks: another image, so said here instead
                 filled["refiner_checkpoint"] = catalog.model_name_of(catalog.resolve_model(parsed["Refiner"]))
             except BadRequest as e:
@@ -826,12 +858,15 @@ def install(app: FastAPI, services: Any) -> None:
         }
         if "noise_seed_delta" in found:  # "ENSD", as A1111 maps it (only when the infotext has one: no default)
             settings["eta_noise_seed_delta"] = found["noise_seed_delta"]
+        xl_options, xl_rest = infotext_sdxl(found.get("sdxl"))
+        settings.update(xl_options)
+        defaults: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, **SDXL_OPTIONS}
         for name, value in settings.items():  # as A1111: only where it differs from the current option
-            if name not in over and value != options.get(name, {"CLIP_stop_at_last_layers": 1}.get(name, "Full")):
+            if name not in over and value != options.get(name, defaults.get(name, "Full")):
                 over[name] = value
         if over:
             filled["override_settings"] = over
-        return type(req)(**{**sent, **filled})
+        return type(req)(**{**sent, **filled}), xl_rest
 
     styles_seen: dict[str, Any] = {}  # the styles file's (mtime, size) and its styles, read again when it changes
 
@@ -1137,7 +1172,7 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.post("/sdapi/v1/txt2img", tags=["a1111"])
     async def txt2img(req: Txt2ImgRequest) -> JSONResponse:
-        req = apply_infotext(req, hires=True)
+        req, xl_rest = apply_infotext(req, hires=True)
         body = req.model_dump(exclude_unset=True)
         ignored = _ignored(body, txt2img=True)
         if "resize_mode" in body:  # an img2img field (txt2img fits ControlNet images by their units' modes)
@@ -1145,6 +1180,7 @@ def install(app: FastAPI, services: Any) -> None:
         notes: list[str] = []
         styled = with_styles(req)
         fields = generation_fields(styled, body, ignored, None, notes=notes)
+        fields["sdxl_options"].update(xl_rest)  # the infotext's SDXL settings A1111 has no option for
         refiner = hand_off(body, fields, ignored)
         if req.enable_hr:
             hires = {
@@ -1163,7 +1199,7 @@ def install(app: FastAPI, services: Any) -> None:
         return await run(req, fields, ignored, notes=notes, styled=styled, refiner=refiner)
 
     def hand_off(body: dict[str, Any], fields: dict[str, Any], ignored: list[str]) -> tuple[str, str, float] | None:
-        """txt2img's SDXL refiner (A1111's ``refiner_checkpoint`` / ``refiner_switch_at``): (loader reference,
+        """The SDXL refiner (A1111's ``refiner_checkpoint`` / ``refiner_switch_at``): (loader reference,
         listed name, switch), or None where A1111 runs no refiner: none named, the job's own model (its
         ``apply_refiner`` skips the switch to the loaded checkpoint), or a switch at 1 (no step reaches it)."""
         name = body.get("refiner_checkpoint")
@@ -1190,7 +1226,7 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.post("/sdapi/v1/img2img", tags=["a1111"])
     async def img2img(req: Img2ImgRequest) -> JSONResponse:
-        req = apply_infotext(req, hires=False)
+        req, xl_rest = apply_infotext(req, hires=False)
         body = req.model_dump(exclude_unset=True)
         ignored = _ignored(body)
         if not req.init_images:
@@ -1210,6 +1246,7 @@ def install(app: FastAPI, services: Any) -> None:
         notes: list[str] = []
         styled = with_styles(req)
         fields = generation_fields(styled, body, ignored, req.init_images[0], mode, notes)
+        fields["sdxl_options"].update(xl_rest)  # the infotext's SDXL settings A1111 has no option for
         strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
         blur = _mask_blur(body)
         # A1111's step count: int(min(strength, 0.999) * steps) + 1 steps, one even at strength 0
@@ -1218,6 +1255,8 @@ def install(app: FastAPI, services: Any) -> None:
             fields["masked_content"] = LATENT_FILLS[req.inpainting_fill]
         if body.get("initial_noise_multiplier") is not None:  # A1111's "Noise multiplier" (checked by the build)
             fields["noise_multiplier"] = body["initial_noise_multiplier"]
+        # A1111 runs the refiner in img2img too, switching on the img2img's schedule (the hand-off takes no mask)
+        refiner = hand_off(body, fields, ignored)
         finish = None
         if req.mask:
             size: tuple[int, int] | None = (req.width, req.height)
@@ -1226,7 +1265,7 @@ def install(app: FastAPI, services: Any) -> None:
             finish = await run_in_threadpool(
                 inpaint_fields, fields, req, body, blur, resize_mode_name(mode), size, notes, ignored
             )
-        return await run(req, fields, list(dict.fromkeys(ignored)), finish, notes, styled)
+        return await run(req, fields, list(dict.fromkeys(ignored)), finish, notes, styled, refiner)
 
     def inpaint_fields(
         fields: dict[str, Any],

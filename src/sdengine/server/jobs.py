@@ -274,7 +274,8 @@ def batch_key(job: Job) -> tuple[Any, ...] | None:
     if getattr(job, "run_on", None) is not None:
         return None
     g = job.generation
-    if g.refiner is not None or g.sdxl_options:  # a base -> refiner hand-off, A1111's SDXL options: run alone
+    # a base -> refiner hand-off, A1111's SDXL options other than its empty-negative rule: run alone
+    if g.refiner is not None or set(g.sdxl_options or ()) - {"force_zeros_for_empty_prompt"}:
         return None
     kw = g.kwargs
     if g.n_iter != 1 or any(kw.get(k) is not None for k in _NEVER_BATCHED):
@@ -284,7 +285,31 @@ def batch_key(job: Job) -> tuple[Any, ...] | None:
     loras = kw.get("loras")
     # a weight is a float or a LoRAWeight (separate text-encoder / U-Net multipliers): both hashable, compared as is
     lora_key = tuple((str(p), w) for p, w in loras) if loras else ()
-    return (g.model, *(kw.get(k) for k in _BATCH_SETTINGS if k != "loras"), lora_key)
+    xl = tuple(sorted((g.sdxl_options or {}).items()))  # an A1111 job and a native one zero differently
+    return (g.model, *(kw.get(k) for k in _BATCH_SETTINGS if k != "loras"), lora_key, xl)
+
+
+def sdxl_request(g: Any, pipe: Any, refiner: Any, negatives: list[Any]) -> dict[str, Any] | None:
+    """The ``sdxl`` settings of a job on ``pipe`` (and ``refiner`` in a hand-off): the request's own, over A1111's
+    SDXL options (``Generation.sdxl_options``) where the model is an SDXL one. The refiner's aesthetic scores go
+    to a refiner only; A1111's empty-negative rule only where it changes something (a model that would not zero
+    an empty negative prompt, and an empty one is there), so that a base model's infotext does not carry it."""
+    own = g.kwargs.get("sdxl")
+    if not g.sdxl_options or getattr(pipe, "text_kind", None) != "sdxl":
+        return own
+    xl = dict(g.sdxl_options)
+    if not getattr(pipe, "refiner", False) and refiner is None:  # the scores are a refiner's
+        xl.pop("aesthetic_score", None)
+        xl.pop("negative_aesthetic_score", None)
+    rule = xl.get("force_zeros_for_empty_prompt")
+    if rule is not None:
+        rows = [n for v in negatives for n in (v if isinstance(v, list | tuple) else [v])]
+        same = all(getattr(m.conditioner, "force_zeros", rule) == rule for m in (pipe, refiner) if m is not None)
+        if same or all(isinstance(n, str) and n != "" for n in rows):
+            xl.pop("force_zeros_for_empty_prompt")
+    if not xl:
+        return own
+    return {**xl, **(own or {})}
 
 
 def batch_notes(pipe: Any, jobs: list[Job], notes: list[str]) -> dict[str, list[str]]:
@@ -781,7 +806,7 @@ class Worker(threading.Thread):
         except (SdengineError, OSError, ValueError) as e:
             m.finish(job, FAILED, f"cannot load model {g.model_name!r}: {e}")
             return
-        call = pipe
+        call, refiner = pipe, None
         if g.refiner is not None:
             try:
                 refiner = self.refiner(g.refiner)
@@ -798,13 +823,9 @@ class Worker(threading.Thread):
         from sdengine.pipeline.request import batch_count_seeds
 
         base_kwargs = dict(g.kwargs)
-        if g.sdxl_options and getattr(pipe, "text_kind", None) == "sdxl":
-            xl = dict(g.sdxl_options)
-            if not getattr(pipe, "refiner", False) and g.refiner is None:  # the scores are a refiner's
-                xl.pop("aesthetic_score", None)
-                xl.pop("negative_aesthetic_score", None)
-            if xl:
-                base_kwargs["sdxl"] = {**xl, **(g.kwargs.get("sdxl") or {})}
+        xl = sdxl_request(g, pipe, refiner, [g.kwargs.get("negative_prompt")])
+        if xl is not None:
+            base_kwargs["sdxl"] = xl
         seeds = g.kwargs["seed"]  # a list: one seed per row, the same for every iteration (A1111's variations)
         batch = int(g.kwargs["batch_size"])
         subseed = g.kwargs.get("subseed")
@@ -924,6 +945,9 @@ class Worker(threading.Thread):
             negatives += [kw["negative_prompt"]] * n
             seeds += [seed + r for r in range(n)]  # as the pipeline numbers one job's rows
         kwargs = dict(g0.kwargs, prompt=prompts, negative_prompt=negatives, seed=seeds, batch_size=len(seeds))
+        xl = sdxl_request(g0, pipe, None, negatives)  # the jobs' sdxl_options are equal (batch_key)
+        if xl is not None:
+            kwargs["sdxl"] = xl
         first = [True]
         previewer = LatentPreviewer(m.preview_rgb(pipe))
 

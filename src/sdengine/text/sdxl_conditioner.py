@@ -24,7 +24,10 @@ on: a request with ``clip_skip_rule="a1111"`` gets 1 here (:meth:`SDXLConditione
 
 ``force_zeros_for_empty_prompt`` (the base model's setting): an empty negative prompt (and empty
 negative_prompt_2) gives all-zero text states and pooled vector, as diffusers does for
-``negative_prompt=None`` and A1111 for an empty negative prompt; the size numbers are kept.
+``negative_prompt=None`` and A1111 for an empty negative prompt; the size numbers are kept. The refiner's
+folder sets it to false (diffusers); A1111 zeroes an empty negative on every SDXL model, the refiner too
+(``force_zero_negative_prompt`` in its sd_models_xl.py): the request's ``sdxl`` setting
+``force_zeros_for_empty_prompt`` (true/false) replaces the folder's rule, and the A1111 routes set it.
 
 Defaults of the numbers (diffusers' and A1111's): original_size = target_size = (height, width) of the
 image, crops (0, 0), the negative ones equal to the positive ones (the refiner's negative crops: (0, 0), as
@@ -70,6 +73,10 @@ class SDXLOptions:
     negative_target_size: Size | None = None
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+    # None: the model folder's ``force_zeros_for_empty_prompt`` (true for the base, false for the refiner);
+    # true/false: that rule for this request, on every model it runs (A1111 zeroes an empty negative prompt on
+    # the base and the refiner alike: its routes set true)
+    force_zeros_for_empty_prompt: bool | None = None
 
     @classmethod
     def coerce(cls, value: SDXLOptions | Mapping[str, Any] | None) -> SDXLOptions:
@@ -91,6 +98,10 @@ class SDXLOptions:
             if k.startswith("prompt") or k.startswith("negative_prompt"):
                 if not isinstance(v, str):
                     raise GenerationError(f"sdxl {k} must be a string, got {type(v).__name__}")
+                kw[k] = v
+            elif k == "force_zeros_for_empty_prompt":
+                if not isinstance(v, bool):
+                    raise GenerationError(f"sdxl {k} must be true or false, got {v!r}")
                 kw[k] = v
             elif k.endswith("score"):
                 if isinstance(v, bool) or not isinstance(v, int | float) or not -1e4 <= v <= 1e4:
@@ -307,17 +318,22 @@ class SDXLConditioner:
         width: int | None = None,
         height: int | None = None,
         options: SDXLOptions | Mapping[str, Any] | None = None,
+        note_unused: bool = True,
     ) -> tuple[Conditioning, Conditioning]:
-        """(cond, uncond) for an image of ``width`` x ``height`` (default: the U-Net's training size)."""
+        """(cond, uncond) for an image of ``width`` x ``height`` (default: the U-Net's training size).
+        ``note_unused`` False: settings this model has no use for are not noted (a base -> refiner hand-off, where
+        the other model uses them)."""
         self.check_clip_skip(clip_skip)
         opts = SDXLOptions.coerce(options)
         size = int(self.unet_config.sample_size) * 8
         width, height = width or size, height or size
-        self._note_unused(opts, note)
+        if note_unused:
+            self._note_unused(opts, note)
         prompt_2 = prompt if opts.prompt_2 is None else opts.prompt_2
         negative_2 = negative if opts.negative_prompt_2 is None else opts.negative_prompt_2
         c, c_pooled = self.text(prompt, prompt_2, clip_skip)
-        zeros = self.force_zeros and negative == "" and negative_2 == ""
+        force = self.force_zeros if opts.force_zeros_for_empty_prompt is None else opts.force_zeros_for_empty_prompt
+        zeros = force and negative == "" and negative_2 == ""
         if zeros:
             u, u_pooled = torch.zeros_like(c[:, :77]), torch.zeros_like(c_pooled)
         else:
@@ -330,14 +346,17 @@ class SDXLConditioner:
         uncond = {"crossattn": u.to(self.dtype), "vector": self._vector(u_pooled, neg_ids).to(self.dtype)}
         return cond, uncond
 
-    def _note_unused(self, opts: SDXLOptions, note: Note) -> None:
-        """Say which given settings this model has no use for (module docstring)."""
-        default = SDXLOptions()
+    def unused_settings(self, options: SDXLOptions | Mapping[str, Any] | None) -> list[str]:
+        """The given settings this model has no use for (module docstring)."""
+        opts, default = SDXLOptions.coerce(options), SDXLOptions()
         if self.refiner:
             unused = ["prompt_2", "negative_prompt_2", "target_size", "negative_target_size"]
         else:
             unused = ["aesthetic_score", "negative_aesthetic_score"]
-        given = [k for k in unused if getattr(opts, k) != getattr(default, k)]
+        return [k for k in unused if getattr(opts, k) != getattr(default, k)]
+
+    def _note_unused(self, opts: SDXLOptions, note: Note) -> None:
+        given = self.unused_settings(opts)
         if given:
             refiner = "a refiner (one text encoder, no target size)"
             which = refiner if self.refiner else "a base model (no aesthetic score)"
