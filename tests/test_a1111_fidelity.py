@@ -234,8 +234,13 @@ def test_a1111_sdxl_clip_l_skip_reaches_clip_l_only(sdxl):
     assert "Clip skip rule: a1111_sdxl_clip_l" in one.infotexts[0] and "Clip skip:" not in one.infotexts[0]
     back = to_generate_kwargs(parse_parameters(one.infotexts[0]))
     np.testing.assert_array_equal(pipe(**{**back, "progress": False}).arrays, one.arrays)
-    with pytest.raises(GenerationError, match="clip_skip must be an integer in 0..2 for SDXL"):
-        pipe("a red apple", width=32, height=32, clip_skip=5, clip_skip_rule="a1111_sdxl_clip_l", **FAST)
+    for bad in (5, 0):  # said in A1111's numbering, one line, not as the internal (CLIP-L, bigG) pair
+        with pytest.raises(GenerationError) as e:
+            pipe("a red apple", width=32, height=32, clip_skip=bad, clip_skip_rule="a1111_sdxl_clip_l", **FAST)
+        assert str(e.value) == (
+            "clip_skip must be an integer in 1..3 for SDXL's CLIP-L under clip_skip_rule a1111_sdxl_clip_l "
+            f"(A1111's Clip skip with sdxl_clip_l_skip on), got {bad}"
+        )
 
 
 def a1111_start(pipe, seed: int, init: Image.Image, mask: Image.Image):
