@@ -783,13 +783,16 @@ INFOTEXT_FIELDS = {
 def install(app: FastAPI, services: Any) -> None:
     manager, catalog, options = services.manager, services.catalog, services.options
 
-    def apply_infotext(req: Any, hires: bool) -> Any:
+    def apply_infotext(req: Any, hires: bool) -> tuple[Any, tuple[int, str] | None]:
         """A1111's ``infotext`` field (its ``apply_infotext``): the request's fields that were not sent are read
         from the infotext; its Clip skip and sdengine's tiny-VAE fields become override_settings (where not
-        set there); ``hires``: the hires-fix fields too (txt2img)."""
+        set there); ``hires``: the hires-fix fields too (txt2img). Also (clip_skip, clip_skip_rule) where the
+        infotext's Clip skip has another meaning than A1111's (an sdengine image's own, or its "Clip skip rule"),
+        the request's override_settings giving none: the job runs it with that meaning, not as A1111's
+        CLIP_stop_at_last_layers (which SD 2.x and SDXL ignore)."""
         text = (req.model_extra or {}).get("infotext")
         if not text:
-            return req
+            return req, None
         if not isinstance(text, str):
             raise BadRequest("infotext must be a string")
         from sdengine.metadata import parse_parameters, to_generate_kwargs
@@ -819,6 +822,13 @@ def install(app: FastAPI, services: Any) -> None:
                 filled[key] = value
         filled = {k: v for k, v in filled.items() if k not in sent}
         over = dict(sent.get("override_settings") or {})
+        # whose Clip skip the infotext has: its "Clip skip rule", else sdengine's own in an sdengine infotext
+        from sdengine.metadata import made_by_sdengine
+
+        clip_rule = found.get("clip_skip_rule", "sdengine" if made_by_sdengine(parsed) else "a1111")
+        clip: tuple[int, str] | None = None
+        if clip_rule != "a1111" and "CLIP_stop_at_last_layers" not in over:
+            clip = (int(found.get("clip_skip", 1)), clip_rule)
         settings = {
             "CLIP_stop_at_last_layers": found.get("clip_skip", 1),
             "sd_vae_decode_method": "TAESD" if found.get("vae_decode") == "tiny" else "Full",
@@ -826,12 +836,14 @@ def install(app: FastAPI, services: Any) -> None:
         }
         if "noise_seed_delta" in found:  # "ENSD", as A1111 maps it (only when the infotext has one: no default)
             settings["eta_noise_seed_delta"] = found["noise_seed_delta"]
+        if clip is not None:
+            del settings["CLIP_stop_at_last_layers"]  # not A1111's: passed on with its rule instead
         for name, value in settings.items():  # as A1111: only where it differs from the current option
             if name not in over and value != options.get(name, {"CLIP_stop_at_last_layers": 1}.get(name, "Full")):
                 over[name] = value
         if over:
             filled["override_settings"] = over
-        return type(req)(**{**sent, **filled})
+        return type(req)(**{**sent, **filled}), clip
 
     styles_seen: dict[str, Any] = {}  # the styles file's (mtime, size) and its styles, read again when it changes
 
@@ -884,15 +896,20 @@ def install(app: FastAPI, services: Any) -> None:
         init: str | None,
         image_mode: int | None = None,
         notes: list[str] | None = None,
+        clip: tuple[int, str] | None = None,
     ) -> dict[str, Any]:
         """The build_generation fields of a request. ``image_mode``: img2img's resize mode (0, 1, 2) for the
         init image; sdengine fits the init and the control images in one mode, so a unit of another mode is
-        listed as ignored (in txt2img the first unit's mode is the one)."""
+        listed as ignored (in txt2img the first unit's mode is the one). ``clip``: an infotext's (clip_skip,
+        clip_skip_rule) of another meaning than A1111's (:func:`apply_infotext`), in place of the options'."""
         over = dict(req.override_settings or {})
         clip_skip = over.pop("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
         clip_l = over.pop("sdxl_clip_l_skip", options.get("sdxl_clip_l_skip", False))
         if not isinstance(clip_l, bool):
             raise BadRequest(f"sdxl_clip_l_skip must be true or false, got {clip_l!r}")
+        clip_rule = "a1111_sdxl_clip_l" if clip_l else "a1111"
+        if clip is not None:
+            clip_skip, clip_rule = clip
         model = over.pop("sd_model_checkpoint", None)
         vae_decode = decode_method(over.pop("sd_vae_decode_method", options.get("sd_vae_decode_method", "Full")))
         vae_encode = decode_method(
@@ -954,7 +971,7 @@ def install(app: FastAPI, services: Any) -> None:
             n_iter=req.n_iter,
             clip_skip=clip_skip,
             # A1111's CLIP_stop_at_last_layers: SD 1.x's CLIP only, as there (and SDXL's CLIP-L with sdxl_clip_l_skip)
-            clip_skip_rule="a1111_sdxl_clip_l" if clip_l else "a1111",
+            clip_skip_rule=clip_rule,
             vae_decode=vae_decode,
             vae_encode=vae_encode,
             controlnets=units,
@@ -1137,14 +1154,14 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.post("/sdapi/v1/txt2img", tags=["a1111"])
     async def txt2img(req: Txt2ImgRequest) -> JSONResponse:
-        req = apply_infotext(req, hires=True)
+        req, clip = apply_infotext(req, hires=True)
         body = req.model_dump(exclude_unset=True)
         ignored = _ignored(body, txt2img=True)
         if "resize_mode" in body:  # an img2img field (txt2img fits ControlNet images by their units' modes)
             ignored.append("resize_mode")
         notes: list[str] = []
         styled = with_styles(req)
-        fields = generation_fields(styled, body, ignored, None, notes=notes)
+        fields = generation_fields(styled, body, ignored, None, notes=notes, clip=clip)
         refiner = hand_off(body, fields, ignored)
         if req.enable_hr:
             hires = {
@@ -1190,7 +1207,7 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.post("/sdapi/v1/img2img", tags=["a1111"])
     async def img2img(req: Img2ImgRequest) -> JSONResponse:
-        req = apply_infotext(req, hires=False)
+        req, clip = apply_infotext(req, hires=False)
         body = req.model_dump(exclude_unset=True)
         ignored = _ignored(body)
         if not req.init_images:
@@ -1209,7 +1226,7 @@ def install(app: FastAPI, services: Any) -> None:
             mode = 0
         notes: list[str] = []
         styled = with_styles(req)
-        fields = generation_fields(styled, body, ignored, req.init_images[0], mode, notes)
+        fields = generation_fields(styled, body, ignored, req.init_images[0], mode, notes, clip)
         strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
         blur = _mask_blur(body)
         # A1111's step count: int(min(strength, 0.999) * steps) + 1 steps, one even at strength 0
