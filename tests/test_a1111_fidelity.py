@@ -319,6 +319,27 @@ def test_a1111_k_diffusion_blend_keeps_x0_on_the_init_for_inpainting_models_too(
     assert float((seen[0][0][:, keep] - start.init_latent[0][:, keep]).abs().max()) > 1e-2
 
 
+def test_a1111_latent_mask_is_shrunk_bicubic_then_rounded(sd1):
+    """A1111's latent mask (``latmask``): the mask made RGB, shrunk by PIL's default ``Image.resize`` filter
+    (bicubic) to the latent size, /255 and rounded; sdengine area-averaged it, which rounds other latent pixels
+    of a soft or thin mask to the repainted side."""
+    import torch
+
+    s = sd1.default_size
+    h = w = s // sd1.vae_scale_factor
+    yy, xx = np.mgrid[0:s, 0:s]
+    # thin stripes (where the two filters round apart) over a grey, and a block repainted wholly
+    mask = Image.fromarray(np.where((xx % 4 == 0) | (yy > s * 0.7), 255, 40).astype(np.uint8), "L")
+    start = a1111_start(sd1, FAST["seed"], picture(s, s), mask)
+    shrunk = np.asarray(mask.convert("RGB").resize((w, h), Image.Resampling.BICUBIC), np.float32)[..., 0]
+    want = np.around(shrunk / 255)
+    np.testing.assert_array_equal(start.rounded_mask[0, 0].numpy(), want)
+    area = torch.nn.functional.interpolate(
+        torch.from_numpy(np.asarray(mask, np.float32) / 255)[None, None], (h, w), mode="area"
+    )
+    assert not np.array_equal((area[0, 0] >= 0.5).float().numpy(), want)  # the old rounding differs here
+
+
 def test_a1111_noise_multiplier_scales_the_img2img_noise(sd1):
     """A1111's img2img "Noise multiplier" (initial_noise_multiplier): the init latent is noised with the noise
     times it, ``init + m * sigma * noise`` (it was listed as ignored)."""

@@ -833,11 +833,9 @@ class Pipeline:
         if init_latent is None and r.masked_content != "original" and start.init_latent is not None:
             # A1111's "latent noise" / "latent nothing": the init latent replaced where the rounded latent mask
             # repaints, by the row's unit noise or by zeros (its StableDiffusionProcessingImg2Img.init)
-            lat = start.blend_mask if start.blend_mask is not None else None
-            if lat is None and start.concat is not None:
-                lat = start.concat[:, :1]  # a 9-channel model's latent mask
+            lat = start.rounded_mask  # A1111's rounded latent mask (its nmask)
             if lat is not None:
-                repaint = lat.round()
+                repaint = lat
                 fill = start.noise if r.masked_content == "latent noise" else torch.zeros_like(start.noise)
                 start.init_latent = start.init_latent * (1 - repaint) + fill * repaint
         if int(r.noise_seed_delta):  # A1111's ENSD: the per-step noise from seed + delta, after the start noise
