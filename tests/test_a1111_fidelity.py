@@ -340,6 +340,40 @@ def test_a1111_latent_mask_is_shrunk_bicubic_then_rounded(sd1):
     assert not np.array_equal((area[0, 0] >= 0.5).float().numpy(), want)  # the old rounding differs here
 
 
+def test_a1111_img2img_fix_steps_runs_the_steps_asked(sd1):
+    """A1111's img2img_fix_steps ("With img2img, do exactly the amount of steps the slider specifies"; strength_rule
+    "a1111_fix_steps"): a schedule of int(steps / min(strength, 0.999)) steps of which img2img runs ``steps`` (its
+    timestep samplers ``steps - 1``), as its hires second pass; recorded in the infotext, read back the same."""
+    from sdengine.diffusion.schedules import img2img_steps
+
+    assert img2img_steps(20, 0.5, "a1111_fix_steps", "euler") == (40, 20)
+    assert img2img_steps(20, 0.3, "a1111_fix_steps", "ddim") == (66, 47)
+    assert img2img_steps(20, 0.5, "a1111", "euler") == (20, 9)
+    s = sd1.default_size
+    seen: list = []
+    args = {**FAST, "init_image": picture(s, s), "strength": 0.5, "steps": 4}
+    fixed = sd1("a red apple", **args, strength_rule="a1111_fix_steps", callback=lambda i: seen.append(i))
+    assert [i.step for i in seen] == [1, 2, 3, 4] and seen[-1].steps == 4  # int(0.5 * 4) + 1 = 3 without it
+    plain = sd1("a red apple", **args, strength_rule="a1111")
+    assert not np.array_equal(fixed.arrays, plain.arrays)
+    text = fixed.infotexts[0]
+    assert "Strength rule: a1111_fix_steps" in text
+    back = to_generate_kwargs(parse_parameters(text))
+    assert back["strength_rule"] == "a1111_fix_steps"
+    np.testing.assert_array_equal(sd1(**{**back, "init_image": picture(s, s), "progress": False}).arrays, fixed.arrays)
+    # the first sigma is the one of step total - steps of the longer (8-step) schedule
+    assert seen[0].sigma == pytest.approx(float(sd1_grid_sigma(sd1, 8, 4)), rel=1e-6)
+    with pytest.raises(GenerationError, match=r"strength must be in \(0, 1\], got 0.0"):
+        sd1("a red apple", **{**args, "strength": 0.0}, strength_rule="a1111_fix_steps")
+
+
+def sd1_grid_sigma(pipe, steps: int, index: int):
+    from sdengine.diffusion import sampling
+
+    grid = sampling.make_grid(FAST["sampler"], steps, pipe.noise_schedule, FAST["schedule"], pipe.scheduler_config)
+    return grid.sigmas[index]
+
+
 def test_a1111_noise_multiplier_scales_the_img2img_noise(sd1):
     """A1111's img2img "Noise multiplier" (initial_noise_multiplier): the init latent is noised with the noise
     times it, ``init + m * sigma * noise`` (it was listed as ignored)."""

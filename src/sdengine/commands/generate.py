@@ -727,10 +727,11 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     p.add_argument(
         "--strength-rule",
-        choices=("diffusers", "a1111"),
+        choices=("diffusers", "a1111", "a1111_fix_steps"),
         default=None,
         help="how --strength counts img2img steps: diffusers' int(steps * strength) (default) or A1111's "
-        "int(min(strength, 0.999) * steps) + 1 (the hires pass: the last --hr-steps of a longer schedule)",
+        "int(min(strength, 0.999) * steps) + 1 (the hires pass: the last --hr-steps of a longer schedule); "
+        "a1111_fix_steps: A1111's img2img_fix_steps, img2img runs --steps steps of a longer schedule too",
     )
     p.add_argument(
         "--hires",

@@ -34,7 +34,13 @@ from sdengine.diffusion import sampling
 from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.diffusion.samplers import NoiseBank, SamplingInterrupted, row_noise
-from sdengine.diffusion.schedules import A1111_TIMESTEP_SAMPLERS, NoiseSchedule, img2img_start
+from sdengine.diffusion.schedules import (
+    A1111_STRENGTH_RULES,
+    A1111_TIMESTEP_SAMPLERS,
+    NoiseSchedule,
+    img2img_start,
+    img2img_steps,
+)
 from sdengine.diffusion.variation import seed_resized_noise, variation_noise
 from sdengine.errors import GenerationError
 from sdengine.io.images import load_image, to_uint8
@@ -64,6 +70,15 @@ def _grid_strength(r: GenerationRequest) -> float:
     """The strength the sampling grid is made for: the request's under diffusers' rule (LCM's grid depends on
     it), 1 under A1111's, whose schedule is the plain ``steps``-step one (the start step says where it begins)."""
     return float(r.strength) if r.strength_rule == "diffusers" else 1.0
+
+
+def _grid_steps(p: Prepared) -> int:
+    """The steps of the sampling grid: the request's, or under A1111's img2img_fix_steps (strength_rule
+    "a1111_fix_steps") img2img's ``steps / strength`` (:func:`sdengine.diffusion.schedules.img2img_steps`)."""
+    r = p.request
+    if p.init is not None and p.start_step is None and r.strength_rule == "a1111_fix_steps":
+        return img2img_steps(int(r.steps), float(r.strength), r.strength_rule, p.sampler)[0]
+    return int(r.steps)
 
 
 @dataclass
@@ -501,6 +516,14 @@ class Pipeline:
         if int(r.steps) > self.noise_schedule.num_train_timesteps:
             raise GenerationError(f"steps must be at most {self.noise_schedule.num_train_timesteps}, got {r.steps}")
         name, sched = sampling.resolve(r.sampler, r.schedule, sdxl=self.text_kind == "sdxl")
+        if r.init_image is not None and r.strength_rule == "a1111_fix_steps":
+            total = img2img_steps(int(r.steps), float(r.strength), r.strength_rule, name)[0]
+            if total > self.noise_schedule.num_train_timesteps:
+                raise GenerationError(
+                    f"strength {r.strength} with {r.steps} steps and img2img_fix_steps needs a schedule of {total} "
+                    f"steps (steps / strength), over the model's {self.noise_schedule.num_train_timesteps}: raise "
+                    "strength or lower the steps"
+                )
         seeds = r.seeds()
         wide = sorted({s for s in seeds if s >= 2**32})
         if wide:  # docs/CONTRACTS.md "Seeds": what torch's CPU generator does with a 64-bit seed
@@ -799,7 +822,7 @@ class Pipeline:
     ) -> Tensor:
         r = p.request
         dev = self.device
-        steps, strength, cfg_scale = int(r.steps), float(r.strength), float(r.cfg_scale)
+        steps, strength, cfg_scale = _grid_steps(p), float(r.strength), float(r.cfg_scale)
         gens = [torch.Generator("cpu").manual_seed(p.seeds[i]) for i in rows]
         start = start_latents(
             self.vae,
@@ -857,11 +880,12 @@ class Pipeline:
         first = 0
         if start.from_init:
             # grid.steps: a sigma-table schedule may have another length than steps (ComfyUI's ddim_uniform)
-            first = (
-                p.start_step
-                if p.start_step is not None
-                else img2img_start(grid.steps, strength, r.strength_rule, p.sampler)
-            )
+            if p.start_step is not None:
+                first = p.start_step
+            elif r.strength_rule == "a1111_fix_steps":  # the last steps of the longer schedule (_grid_steps)
+                first = grid.steps - (steps - img2img_steps(int(r.steps), strength, r.strength_rule, p.sampler)[1])
+            else:
+                first = img2img_start(grid.steps, strength, r.strength_rule, p.sampler)
         net: Any = self.unet
         units = r.control_units()
         if not units:
@@ -887,7 +911,7 @@ class Pipeline:
                 net = graphed_control if graphed_control.usable() else net
         den: Any = self.guided_denoiser(cfg_scale, uncond, float(r.guidance_rescale), net=net, texts=texts)
         blend: Any = None
-        if r.strength_rule == "a1111" and start.rounded_mask is not None and start.init_latent is not None:
+        if r.strength_rule in A1111_STRENGTH_RULES and start.rounded_mask is not None and start.init_latent is not None:
             # A1111's blend, for every U-Net: its k-diffusion samplers' on x0, its timestep samplers' on x
             before = p.sampler in A1111_TIMESTEP_SAMPLERS
             den = blend = A1111Blend(den, start.init_latent, start.rounded_mask, before=before)
@@ -967,7 +991,7 @@ class Pipeline:
         r = p.request
         return LoopPlan.of(
             sampler=p.sampler,
-            steps=int(r.steps),
+            steps=_grid_steps(p),
             schedule=p.schedule,
             scheduler_config=self.scheduler_config,
             cfg_scale=float(r.cfg_scale),

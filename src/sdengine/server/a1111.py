@@ -834,6 +834,8 @@ def install(app: FastAPI, services: Any) -> None:
             "sd_vae_decode_method": "TAESD" if found.get("vae_decode") == "tiny" else "Full",
             "sd_vae_encode_method": "TAESD" if found.get("vae_encode") == "tiny" else "Full",
         }
+        if not hires and found.get("strength_rule") == "a1111_fix_steps":  # sdengine's record of img2img_fix_steps
+            settings["img2img_fix_steps"] = True
         if "noise_seed_delta" in found:  # "ENSD", as A1111 maps it (only when the infotext has one: no default)
             settings["eta_noise_seed_delta"] = found["noise_seed_delta"]
         if clip is not None:
@@ -924,6 +926,11 @@ def install(app: FastAPI, services: Any) -> None:
             noise_mult = check_noise_multiplier(
                 over.pop("initial_noise_multiplier", options.get("initial_noise_multiplier", 1.0))
             )
+        # A1111's img2img_fix_steps: img2img runs the steps asked, of a schedule of steps / strength (its hires fix
+        # always counts so: nothing to change in txt2img)
+        fix_steps = over.pop("img2img_fix_steps", options.get("img2img_fix_steps", False))
+        if not isinstance(fix_steps, bool):
+            raise BadRequest(f"img2img_fix_steps must be true or false, got {fix_steps!r}")
         # the extension's "Do not append detectmap to output" (an option, or per request)
         no_detectmap = over.pop("control_net_no_detectmap", options.get("control_net_no_detectmap", False))
         if not isinstance(no_detectmap, bool):
@@ -989,6 +996,7 @@ def install(app: FastAPI, services: Any) -> None:
             **({} if noise_mult in (None, 1.0) else {"noise_multiplier": noise_mult}),
             # the units whose detected map the answer appends (the extension's), taken out by run()
             detect_maps=[] if no_detectmap else detect_maps,
+            img2img_fix_steps=fix_steps,  # taken out by the route (img2img's strength_rule)
             sdxl_options=sdxl_settings(xl),  # taken out by run(): an SDXL model's only (Generation.sdxl_options)
         )
 
@@ -1162,6 +1170,7 @@ def install(app: FastAPI, services: Any) -> None:
         notes: list[str] = []
         styled = with_styles(req)
         fields = generation_fields(styled, body, ignored, None, notes=notes, clip=clip)
+        fields.pop("img2img_fix_steps")
         refiner = hand_off(body, fields, ignored)
         if req.enable_hr:
             hires = {
@@ -1229,8 +1238,10 @@ def install(app: FastAPI, services: Any) -> None:
         fields = generation_fields(styled, body, ignored, req.init_images[0], mode, notes, clip)
         strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
         blur = _mask_blur(body)
-        # A1111's step count: int(min(strength, 0.999) * steps) + 1 steps, one even at strength 0
-        fields.update(init_image=req.init_images[0], mask=None, mask_blur=0.0, strength=strength, strength_rule="a1111")
+        # A1111's step count: int(min(strength, 0.999) * steps) + 1 steps, one even at strength 0; with its
+        # img2img_fix_steps the steps asked, of a schedule of steps / strength
+        rule = "a1111_fix_steps" if fields.pop("img2img_fix_steps") else "a1111"
+        fields.update(init_image=req.init_images[0], mask=None, mask_blur=0.0, strength=strength, strength_rule=rule)
         if req.mask and req.inpainting_fill in LATENT_FILLS:
             fields["masked_content"] = LATENT_FILLS[req.inpainting_fill]
         if body.get("initial_noise_multiplier") is not None:  # A1111's "Noise multiplier" (checked by the build)
@@ -1618,6 +1629,10 @@ def install(app: FastAPI, services: Any) -> None:
                 changes[k] = check_ensd(v)
             elif k == "initial_noise_multiplier":  # img2img's noise multiplier when a request gives none
                 changes[k] = check_noise_multiplier(v)
+            elif k == "img2img_fix_steps":  # img2img runs the steps asked (of a schedule of steps / strength)
+                if not isinstance(v, bool):
+                    raise BadRequest("img2img_fix_steps must be true or false")
+                changes[k] = v
             elif k in SDXL_OPTIONS:
                 changes[k] = sdxl_option(k, v)
             elif k == "control_net_no_detectmap":  # the ControlNet extension's "Do not append detectmap"
