@@ -164,12 +164,41 @@ def test_a1111_ddim_img2img_runs_a1111s_steps(sd1):
     seen: list[tuple[int, int]] = []
     args = {**FAST, "steps": 4, "init_image": init, "strength": 0.5, "strength_rule": "a1111"}
     ddim = sd1("a red apple", **{**args, "sampler": "ddim"}, callback=lambda i: seen.append((i.step, i.steps)))
-    assert seen[-1] == (2, 2)  # t_enc = 2: DDIM steps from timesteps[1]; Euler runs 3 (sigmas[1:])
-    same = sd1("a red apple", **{**args, "sampler": "ddim", "strength": 0.5, "strength_rule": "diffusers"})
-    np.testing.assert_array_equal(ddim.arrays, same.arrays)  # 4 * 0.5 = 2 steps from index 2 both ways
+    # t_enc = 2: A1111's DDIM noises to timesteps[2] = 501 and calls the network once, at timesteps[1] = 251,
+    # landing on t = 1 (tests/test_a1111_timestep_grid.py); Euler runs 3 (sigmas[1:])
+    assert seen[-1] == (1, 1)
+    other = sd1("a red apple", **{**args, "sampler": "ddim", "strength": 0.5, "strength_rule": "diffusers"})
+    assert not np.array_equal(ddim.arrays, other.arrays)  # diffusers' DDIM grid: 2 steps from 501 to 0
+    assert "Strength rule: a1111" in ddim.infotexts[0]
     seen.clear()
     sd1("a red apple", **args, callback=lambda i: seen.append((i.step, i.steps)))
     assert seen[-1] == (3, 3)
+
+
+def test_pipeline_runs_a1111s_ddim_grid_under_its_rules_and_records_it(sd1):
+    """The pipeline under strength_rule "a1111" (the A1111 routes): txt2img DDIM at 3 steps gives the network
+    A1111's timesteps 999, 667, 334 (diffusers': 667, 334, 1); the infotext says the rule so that the image comes
+    back from it, and an A1111 infotext with DDIM is read with that rule."""
+    pipe = sd1
+    seen: list[float] = []
+    handle = pipe.unet.register_forward_pre_hook(lambda _m, args: seen.append(float(args[1].reshape(-1)[0])))
+    kw = dict(steps=3, sampler="ddim", schedule="normal", cfg_scale=5.0, seed=7, progress=False)
+    try:
+        a1111 = pipe("a red apple", strength_rule="a1111", **kw)
+        calls = list(seen)
+        seen.clear()
+        plain = pipe("a red apple", **kw)
+    finally:
+        handle.remove()
+    assert calls == [999.0, 667.0, 334.0] and seen == [667.0, 334.0, 1.0]
+    assert not np.array_equal(a1111.arrays, plain.arrays)
+    text = a1111.infotexts[0]
+    assert "Strength rule: a1111" in text and "Strength rule" not in plain.infotexts[0]
+    back = to_generate_kwargs(parse_parameters(text))
+    np.testing.assert_array_equal(pipe(**{**back, "progress": False}).arrays, a1111.arrays)
+    theirs = "a red apple\nSteps: 3, Sampler: DDIM, CFG scale: 5, Seed: 7, Size: 32x32, Version: v1.10.1"
+    assert to_generate_kwargs(parse_parameters(theirs))["strength_rule"] == "a1111"
+    assert "strength_rule" not in to_generate_kwargs(parse_parameters(theirs.replace("DDIM", "Euler")))
 
 
 # ------------------------------------------------------------------------------------------------ inpainting
@@ -292,7 +321,7 @@ def test_a1111_timestep_samplers_blend_the_clean_init_into_the_networks_input(sd
         sd1("a red apple", **args)
     finally:
         handle.remove()
-    assert len(a1111) == 2  # t_enc = int(0.75 * 3) = 2 steps
+    assert len(a1111) == 1  # t_enc = int(0.75 * 3) = 2: one call on A1111's grid (t_enc - 1)
     for x in a1111:
         for row in x:  # cond and uncond rows
             np.testing.assert_allclose(row[:, keep].numpy(), start.init_latent[0][:, keep].numpy(), atol=1e-5)

@@ -578,6 +578,35 @@ _A1111_STRENGTH_CAP = 0.999
 A1111_TIMESTEP_SAMPLERS = ("ddim", "plms", "unipc")
 
 
+# The samplers whose grid A1111 makes its own way (``CompVisSampler.get_timesteps``): :func:`a1111_timestep_grid`.
+A1111_GRID_SAMPLERS = ("ddim", "plms")
+
+
+def a1111_timestep_grid(steps: int, noise_schedule: NoiseSchedule) -> SamplingGrid:
+    """A1111's DDIM / PLMS grid (modules/sd_samplers_timesteps.py): the timesteps ``range(0, T, T // steps) + 1``
+    (clipped to T - 1), walked from the highest down to the lowest, which is where sampling ends (t = 1, not 0):
+    ``len(timesteps) - 1`` model calls, 19 for 20 steps. The network sees each integer timestep."""
+    T = noise_schedule.num_train_timesteps
+    if not 1 <= steps <= T:
+        raise UsageError(f"steps must be between 1 and {T} (the training timesteps), got {steps}")
+    ts = (torch.arange(0, T, T // steps, dtype=torch.int64) + 1).clamp(0, T - 1).flip(0)
+    if ts.shape[0] < 2:
+        raise UsageError(f"A1111's DDIM/PLMS grid of {steps} step makes no model call: use 2 steps or more")
+    sigmas = noise_schedule.sigmas.to(torch.float64)[ts].to(torch.float32)
+    return SamplingGrid(sigmas=sigmas, timesteps=ts[:-1].to(torch.float32))
+
+
+def a1111_timestep_start(grid_steps: int, run: int) -> tuple[int, int]:
+    """(first step, grid index the init is noised to) of an A1111 DDIM / PLMS img2img on
+    :func:`a1111_timestep_grid` of ``grid_steps`` steps, ``run`` being its ``t_enc`` (what :func:`img2img_start`
+    runs on a plain grid): A1111 noises the init to ``timesteps[t_enc]`` and steps from ``timesteps[t_enc - 1]``
+    down, ``t_enc - 1`` calls. Under 2 (no call in A1111) one call runs, from the noise level itself."""
+    if run >= 2:
+        first = min(grid_steps + 1 - run, grid_steps - 1)
+        return first, first - 1
+    return grid_steps - 1, grid_steps - 1
+
+
 def _check_rule(rule: str) -> None:
     if rule not in STRENGTH_RULES:
         raise UsageError(f"unknown strength rule {rule!r}; use one of: {', '.join(STRENGTH_RULES)}")

@@ -35,9 +35,11 @@ from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.diffusion.samplers import NoiseBank, SamplingInterrupted, row_noise
 from sdengine.diffusion.schedules import (
+    A1111_GRID_SAMPLERS,
     A1111_STRENGTH_RULES,
     A1111_TIMESTEP_SAMPLERS,
     NoiseSchedule,
+    a1111_timestep_start,
     img2img_start,
     img2img_steps,
 )
@@ -70,6 +72,12 @@ def _grid_strength(r: GenerationRequest) -> float:
     """The strength the sampling grid is made for: the request's under diffusers' rule (LCM's grid depends on
     it), 1 under A1111's, whose schedule is the plain ``steps``-step one (the start step says where it begins)."""
     return float(r.strength) if r.strength_rule == "diffusers" else 1.0
+
+
+def _a1111_grid(p: Prepared) -> bool:
+    """Whether the run walks A1111's own DDIM / PLMS grid: A1111's step rules (strength_rule "a1111", its API
+    routes) with one of those samplers (:func:`sdengine.diffusion.schedules.a1111_timestep_grid`)."""
+    return p.request.strength_rule in A1111_STRENGTH_RULES and p.sampler in A1111_GRID_SAMPLERS
 
 
 def _grid_steps(p: Prepared) -> int:
@@ -675,7 +683,10 @@ class Pipeline:
                     sampler_options=request.sampler_options,
                     prediction_override=self.prediction_override,
                     # how the img2img / hires second pass counted its steps
-                    strength_rule=request.strength_rule if (p.init is not None or p.hires is not None) else "diffusers",
+                    # txt2img has no strength, but DDIM / PLMS walk A1111's grid under its rules: said too
+                    strength_rule=request.strength_rule
+                    if (p.init is not None or p.hires is not None or _a1111_grid(p))
+                    else "diffusers",
                     sdxl=request.sdxl,
                 )
             )
@@ -869,6 +880,7 @@ class Pipeline:
             start.noise = start.noise * float(r.noise_multiplier)
         if start.concat is not None:
             cond = {**cond, "concat": start.concat}
+        a1111_grid = _a1111_grid(p)
         grid = sampling.make_grid(
             p.sampler,
             steps,
@@ -876,16 +888,21 @@ class Pipeline:
             p.schedule,
             self.scheduler_config,
             _grid_strength(r) if start.init_latent is not None else 1.0,
+            a1111_grid=a1111_grid,
         )
-        first = 0
+        first, noise_from = 0, None
         if start.from_init:
-            # grid.steps: a sigma-table schedule may have another length than steps (ComfyUI's ddim_uniform)
+            # grid.steps: a sigma-table schedule may have another length than steps (ComfyUI's ddim_uniform);
+            # A1111's DDIM / PLMS grid is counted on the steps asked, then placed on its own grid
+            length = steps if a1111_grid else grid.steps
             if p.start_step is not None:
                 first = p.start_step
             elif r.strength_rule == "a1111_fix_steps":  # the last steps of the longer schedule (_grid_steps)
-                first = grid.steps - (steps - img2img_steps(int(r.steps), strength, r.strength_rule, p.sampler)[1])
+                first = length - (steps - img2img_steps(int(r.steps), strength, r.strength_rule, p.sampler)[1])
             else:
-                first = img2img_start(grid.steps, strength, r.strength_rule, p.sampler)
+                first = img2img_start(length, strength, r.strength_rule, p.sampler)
+            if a1111_grid:
+                first, noise_from = a1111_timestep_start(grid.steps, steps - first)
         net: Any = self.unet
         units = r.control_units()
         if not units:
@@ -941,7 +958,7 @@ class Pipeline:
             and loop.usable()
         )
         init_latent = start.init_latent if start.from_init else None
-        plan = self.loop_plan(p, init_latent is not None, first)
+        plan = self.loop_plan(p, init_latent is not None, first, noise_from)
         padding = ExitStack()
         if units and self._tiling:
             # Tiling: the ControlNets' convolutions pad circularly too (A1111 leaves them at zeros, so their
@@ -985,9 +1002,10 @@ class Pipeline:
         den = Denoiser(model, self.noise_schedule, self.prediction_type)
         return CFGDenoiser(den, cfg_scale, uncond, rescale=rescale)
 
-    def loop_plan(self, p: Prepared, from_init: bool, first: int) -> LoopPlan:
+    def loop_plan(self, p: Prepared, from_init: bool, first: int, noise_from: int | None = None) -> LoopPlan:
         """The settings a recorded sampling loop of ``p`` bakes in (:class:`sdengine.pipeline.loop_graph.LoopPlan`):
-        ``from_init``, an img2img start; ``first``, its first step."""
+        ``from_init``, an img2img start; ``first``, its first step; ``noise_from``, the grid index its init is
+        noised to where that is not ``first`` (A1111's DDIM / PLMS)."""
         r = p.request
         return LoopPlan.of(
             sampler=p.sampler,
@@ -1000,6 +1018,8 @@ class Pipeline:
             strength=_grid_strength(r) if from_init else 1.0,
             start_step=first if from_init else None,
             dtype=self.dtype,
+            a1111_grid=_a1111_grid(p),
+            noise_from=noise_from if from_init else None,
         )
 
     def noise_draws(self, plan: LoopPlan) -> int:
@@ -1018,6 +1038,7 @@ class Pipeline:
                 strength=plan.strength,
                 start_step=plan.start_step,
                 sampler_options=plan.options(),
+                a1111_grid=plan.a1111_grid,
             )
         return self._noise_draws[key]
 
@@ -1068,6 +1089,8 @@ class Pipeline:
             start_step=plan.start_step,
             noise_schedule=self.noise_schedule,
             sampler_options=plan.options(),
+            a1111_grid=plan.a1111_grid,
+            noise_from=plan.noise_from,
         )
 
     def decode_latents(self, p: Prepared, x: Tensor) -> Tensor:

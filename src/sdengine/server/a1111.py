@@ -1172,6 +1172,7 @@ def install(app: FastAPI, services: Any) -> None:
         fields = generation_fields(styled, body, ignored, None, notes=notes, clip=clip)
         fields.pop("img2img_fix_steps")
         refiner = hand_off(body, fields, ignored)
+        fields["strength_rule"] = "a1111"  # A1111's step rules: its DDIM / PLMS grid (and the hires fix's count)
         if req.enable_hr:
             hires = {
                 "hr_scale": req.hr_scale,
