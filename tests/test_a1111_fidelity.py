@@ -164,12 +164,41 @@ def test_a1111_ddim_img2img_runs_a1111s_steps(sd1):
     seen: list[tuple[int, int]] = []
     args = {**FAST, "steps": 4, "init_image": init, "strength": 0.5, "strength_rule": "a1111"}
     ddim = sd1("a red apple", **{**args, "sampler": "ddim"}, callback=lambda i: seen.append((i.step, i.steps)))
-    assert seen[-1] == (2, 2)  # t_enc = 2: DDIM steps from timesteps[1]; Euler runs 3 (sigmas[1:])
-    same = sd1("a red apple", **{**args, "sampler": "ddim", "strength": 0.5, "strength_rule": "diffusers"})
-    np.testing.assert_array_equal(ddim.arrays, same.arrays)  # 4 * 0.5 = 2 steps from index 2 both ways
+    # t_enc = 2: A1111's DDIM noises to timesteps[2] = 501 and calls the network once, at timesteps[1] = 251,
+    # landing on t = 1 (tests/test_a1111_timestep_grid.py); Euler runs 3 (sigmas[1:])
+    assert seen[-1] == (1, 1)
+    other = sd1("a red apple", **{**args, "sampler": "ddim", "strength": 0.5, "strength_rule": "diffusers"})
+    assert not np.array_equal(ddim.arrays, other.arrays)  # diffusers' DDIM grid: 2 steps from 501 to 0
+    assert "Strength rule: a1111" in ddim.infotexts[0]
     seen.clear()
     sd1("a red apple", **args, callback=lambda i: seen.append((i.step, i.steps)))
     assert seen[-1] == (3, 3)
+
+
+def test_pipeline_runs_a1111s_ddim_grid_under_its_rules_and_records_it(sd1):
+    """The pipeline under strength_rule "a1111" (the A1111 routes): txt2img DDIM at 3 steps gives the network
+    A1111's timesteps 999, 667, 334 (diffusers': 667, 334, 1); the infotext says the rule so that the image comes
+    back from it, and an A1111 infotext with DDIM is read with that rule."""
+    pipe = sd1
+    seen: list[float] = []
+    handle = pipe.unet.register_forward_pre_hook(lambda _m, args: seen.append(float(args[1].reshape(-1)[0])))
+    kw = dict(steps=3, sampler="ddim", schedule="normal", cfg_scale=5.0, seed=7, progress=False)
+    try:
+        a1111 = pipe("a red apple", strength_rule="a1111", **kw)
+        calls = list(seen)
+        seen.clear()
+        plain = pipe("a red apple", **kw)
+    finally:
+        handle.remove()
+    assert calls == [999.0, 667.0, 334.0] and seen == [667.0, 334.0, 1.0]
+    assert not np.array_equal(a1111.arrays, plain.arrays)
+    text = a1111.infotexts[0]
+    assert "Strength rule: a1111" in text and "Strength rule" not in plain.infotexts[0]
+    back = to_generate_kwargs(parse_parameters(text))
+    np.testing.assert_array_equal(pipe(**{**back, "progress": False}).arrays, a1111.arrays)
+    theirs = "a red apple\nSteps: 3, Sampler: DDIM, CFG scale: 5, Seed: 7, Size: 32x32, Version: v1.10.1"
+    assert to_generate_kwargs(parse_parameters(theirs))["strength_rule"] == "a1111"
+    assert "strength_rule" not in to_generate_kwargs(parse_parameters(theirs.replace("DDIM", "Euler")))
 
 
 # ------------------------------------------------------------------------------------------------ inpainting
@@ -234,8 +263,13 @@ def test_a1111_sdxl_clip_l_skip_reaches_clip_l_only(sdxl):
     assert "Clip skip rule: a1111_sdxl_clip_l" in one.infotexts[0] and "Clip skip:" not in one.infotexts[0]
     back = to_generate_kwargs(parse_parameters(one.infotexts[0]))
     np.testing.assert_array_equal(pipe(**{**back, "progress": False}).arrays, one.arrays)
-    with pytest.raises(GenerationError, match="clip_skip must be an integer in 0..2 for SDXL"):
-        pipe("a red apple", width=32, height=32, clip_skip=5, clip_skip_rule="a1111_sdxl_clip_l", **FAST)
+    for bad in (5, 0):  # said in A1111's numbering, one line, not as the internal (CLIP-L, bigG) pair
+        with pytest.raises(GenerationError) as e:
+            pipe("a red apple", width=32, height=32, clip_skip=bad, clip_skip_rule="a1111_sdxl_clip_l", **FAST)
+        assert str(e.value) == (
+            "clip_skip must be an integer in 1..3 for SDXL's CLIP-L under clip_skip_rule a1111_sdxl_clip_l "
+            f"(A1111's Clip skip with sdxl_clip_l_skip on), got {bad}"
+        )
 
 
 def a1111_start(pipe, seed: int, init: Image.Image, mask: Image.Image):
@@ -287,7 +321,7 @@ def test_a1111_timestep_samplers_blend_the_clean_init_into_the_networks_input(sd
         sd1("a red apple", **args)
     finally:
         handle.remove()
-    assert len(a1111) == 2  # t_enc = int(0.75 * 3) = 2 steps
+    assert len(a1111) == 1  # t_enc = int(0.75 * 3) = 2: one call on A1111's grid (t_enc - 1)
     for x in a1111:
         for row in x:  # cond and uncond rows
             np.testing.assert_allclose(row[:, keep].numpy(), start.init_latent[0][:, keep].numpy(), atol=1e-5)
@@ -312,6 +346,61 @@ def test_a1111_k_diffusion_blend_keeps_x0_on_the_init_for_inpainting_models_too(
     seen.clear()
     pipe("a red apple", **args, callback=lambda i: seen.append(i.denoised.clone()))
     assert float((seen[0][0][:, keep] - start.init_latent[0][:, keep]).abs().max()) > 1e-2
+
+
+def test_a1111_latent_mask_is_shrunk_bicubic_then_rounded(sd1):
+    """A1111's latent mask (``latmask``): the mask made RGB, shrunk by PIL's default ``Image.resize`` filter
+    (bicubic) to the latent size, /255 and rounded; sdengine area-averaged it, which rounds other latent pixels
+    of a soft or thin mask to the repainted side."""
+    import torch
+
+    s = sd1.default_size
+    h = w = s // sd1.vae_scale_factor
+    yy, xx = np.mgrid[0:s, 0:s]
+    # thin stripes (where the two filters round apart) over a grey, and a block repainted wholly
+    mask = Image.fromarray(np.where((xx % 4 == 0) | (yy > s * 0.7), 255, 40).astype(np.uint8), "L")
+    start = a1111_start(sd1, FAST["seed"], picture(s, s), mask)
+    shrunk = np.asarray(mask.convert("RGB").resize((w, h), Image.Resampling.BICUBIC), np.float32)[..., 0]
+    want = np.around(shrunk / 255)
+    np.testing.assert_array_equal(start.rounded_mask[0, 0].numpy(), want)
+    area = torch.nn.functional.interpolate(
+        torch.from_numpy(np.asarray(mask, np.float32) / 255)[None, None], (h, w), mode="area"
+    )
+    assert not np.array_equal((area[0, 0] >= 0.5).float().numpy(), want)  # the old rounding differs here
+
+
+def test_a1111_img2img_fix_steps_runs_the_steps_asked(sd1):
+    """A1111's img2img_fix_steps ("With img2img, do exactly the amount of steps the slider specifies"; strength_rule
+    "a1111_fix_steps"): a schedule of int(steps / min(strength, 0.999)) steps of which img2img runs ``steps`` (its
+    timestep samplers ``steps - 1``), as its hires second pass; recorded in the infotext, read back the same."""
+    from sdengine.diffusion.schedules import img2img_steps
+
+    assert img2img_steps(20, 0.5, "a1111_fix_steps", "euler") == (40, 20)
+    assert img2img_steps(20, 0.3, "a1111_fix_steps", "ddim") == (66, 47)
+    assert img2img_steps(20, 0.5, "a1111", "euler") == (20, 9)
+    s = sd1.default_size
+    seen: list = []
+    args = {**FAST, "init_image": picture(s, s), "strength": 0.5, "steps": 4}
+    fixed = sd1("a red apple", **args, strength_rule="a1111_fix_steps", callback=lambda i: seen.append(i))
+    assert [i.step for i in seen] == [1, 2, 3, 4] and seen[-1].steps == 4  # int(0.5 * 4) + 1 = 3 without it
+    plain = sd1("a red apple", **args, strength_rule="a1111")
+    assert not np.array_equal(fixed.arrays, plain.arrays)
+    text = fixed.infotexts[0]
+    assert "Strength rule: a1111_fix_steps" in text
+    back = to_generate_kwargs(parse_parameters(text))
+    assert back["strength_rule"] == "a1111_fix_steps"
+    np.testing.assert_array_equal(sd1(**{**back, "init_image": picture(s, s), "progress": False}).arrays, fixed.arrays)
+    # the first sigma is the one of step total - steps of the longer (8-step) schedule
+    assert seen[0].sigma == pytest.approx(float(sd1_grid_sigma(sd1, 8, 4)), rel=1e-6)
+    with pytest.raises(GenerationError, match=r"strength must be in \(0, 1\], got 0.0"):
+        sd1("a red apple", **{**args, "strength": 0.0}, strength_rule="a1111_fix_steps")
+
+
+def sd1_grid_sigma(pipe, steps: int, index: int):
+    from sdengine.diffusion import sampling
+
+    grid = sampling.make_grid(FAST["sampler"], steps, pipe.noise_schedule, FAST["schedule"], pipe.scheduler_config)
+    return grid.sigmas[index]
 
 
 def test_a1111_noise_multiplier_scales_the_img2img_noise(sd1):

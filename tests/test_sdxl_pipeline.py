@@ -484,6 +484,27 @@ def test_a1111_refiner_infotext_round_trip_and_no_refiner_cases(base, refiner, a
         assert "Refiner" not in info["infotexts"][0] and np.abs(image - alone).max() == 0.0
 
 
+def test_a1111_infotext_of_a_native_sdxl_image_keeps_its_own_clip_skip(base, a1111_sdxl):
+    """An sdengine SDXL image's infotext ("Clip skip: 2", no "Clip skip rule": sdengine's own layer) sent as
+    A1111's ``infotext``: its Clip skip became A1111's CLIP_stop_at_last_layers, which SDXL ignores, so another
+    image came back. Now it runs with sdengine's meaning; an A1111 infotext's Clip skip stays A1111's."""
+    _, b_pipe, _ = base
+    kw = dict(steps=5, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    native = b_pipe(PROMPT, NEGATIVE, clip_skip=2, progress=False, **kw)
+    text = native.infotexts[0]
+    assert "Clip skip: 2" in text and "Clip skip rule" not in text and "Version: sdengine" in text
+    r, image, info = a1111_sdxl(infotext=text, prompt=None, negative_prompt=None, seed=None, steps=None)
+    assert r.status_code == 200, r.text
+    assert np.abs(image - np.asarray(native.images[0], np.float64)).max() == 0.0
+    assert info["infotexts"][0] == text
+    plain = np.asarray(b_pipe(PROMPT, NEGATIVE, progress=False, **kw).images[0], np.float64)
+    assert np.abs(image - plain).mean() > 0.5  # the clip skip did change it
+    a1111_text = text.split(", Version:")[0] + ", Version: v1.10.1"  # A1111's Clip skip: ignored on SDXL, as there
+    r, image, info = a1111_sdxl(infotext=a1111_text, prompt=None, negative_prompt=None, seed=None, steps=None)
+    assert r.status_code == 200, r.text
+    assert np.abs(image - plain).max() == 0.0 and "Clip skip rule: a1111" in info["infotexts"][0]
+
+
 def test_server_takes_sdxl_settings_natively_and_as_a1111_options(base, refiner, a1111_sdxl, models_dir):
     """The native /v1/jobs had no way to send SDXL's settings (prompt_2, micro-conditioning, aesthetic scores:
     refused as an unknown field), and A1111's SDXL options (sdxl_crop_top / _left, the refiner's

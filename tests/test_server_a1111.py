@@ -305,6 +305,75 @@ def test_a_global_clip_skip_option_applies_only_where_a1111_applies_it(api):
         api.set_options({"CLIP_stop_at_last_layers": 1, "sdxl_clip_l_skip": False})
 
 
+def test_ddim_and_plms_walk_a1111s_grid_on_the_a1111_routes(api):
+    """A1111's DDIM and PLMS make their own grid (20 steps: 19 calls ending at t = 1; img2img noised one point
+    higher than it starts); the routes ran diffusers' grid. Now the image is the Python API's under
+    strength_rule "a1111", which the infotext records."""
+    for sampler, name in (("ddim", "DDIM"), ("plms", "PLMS")):
+        kw = dict(seed=5, sampler=sampler, schedule="normal", progress=False, **COMMON)
+        if sampler == "ddim":  # webuiapi sends eta 1, which A1111's DDIM takes
+            kw["sampler_options"] = {"eta": 1.0}
+        want = emoji()("a red apple", strength_rule="a1111", **kw)
+        r = api.txt2img(prompt="a red apple", seed=5, sampler_name=name, scheduler="Automatic", **COMMON)
+        np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+        assert r.info["infotexts"][0] == want.infotexts[0] and "Strength rule: a1111" in want.infotexts[0]
+        assert not np.array_equal(arr(r.image), arr(emoji()("a red apple", **kw).images[0]))
+    init = gradient()
+    body = {**COMMON, "steps": 6}
+    want = emoji()(
+        "a ball",
+        seed=3,
+        init_image=init,
+        strength=0.5,
+        strength_rule="a1111",
+        sampler="ddim",
+        schedule="normal",
+        sampler_options={"eta": 0.0},
+        progress=False,
+        **body,
+    )
+    r = api.img2img(
+        images=[init], prompt="a ball", seed=3, denoising_strength=0.5, sampler_name="DDIM", eta=0.0, **body
+    )
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+
+
+def test_img2img_fix_steps_option_and_override(api):
+    """A1111's img2img_fix_steps ("With img2img, do exactly the amount of steps the slider specifies"; once listed
+    as ignored): as an override or an option, img2img runs the steps asked (the pipeline's strength_rule
+    "a1111_fix_steps", recorded in the infotext as sdengine's Strength rule, and read back from it)."""
+    init = gradient()
+    want = emoji()(
+        "a ball",
+        seed=3,
+        init_image=init,
+        strength=0.5,
+        strength_rule="a1111_fix_steps",
+        sampler="dpmpp_2m",
+        schedule="karras",
+        progress=False,
+        **COMMON,
+    )
+    kw = dict(images=[init], prompt="a ball", seed=3, denoising_strength=0.5, **COMMON)
+    r = api.img2img(**kw, override_settings={"img2img_fix_steps": True})
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["ignored"] == [] and "Strength rule: a1111_fix_steps" in r.info["infotexts"][0]
+    assert r.info["infotexts"][0] == want.infotexts[0]
+    plain = api.img2img(**kw)
+    assert not np.array_equal(arr(plain.image), arr(r.image))
+    again = api.custom_post(
+        "img2img", {"init_images": [webuiapi.raw_b64_img(init)], "infotext": want.infotexts[0]}, baseurl=True
+    )
+    np.testing.assert_array_equal(arr(again.image), arr(want.images[0]))
+    try:
+        assert api.set_options({"img2img_fix_steps": True})["applied"] == ["img2img_fix_steps"]
+        np.testing.assert_array_equal(arr(api.img2img(**kw).image), arr(want.images[0]))
+        bad = httpx.post(f"{api.baseurl}/options", json={"img2img_fix_steps": "yes"}, timeout=30)
+        assert bad.status_code == 400 and "img2img_fix_steps must be true or false" in bad.text
+    finally:
+        api.set_options({"img2img_fix_steps": False})
+
+
 def test_taesd_encode_method_is_read_and_needs_an_encoder(api):
     init = gradient()
     want = python_img2img("a ball", init, vae_encode="tiny")

@@ -49,7 +49,7 @@ def test_the_two_rules_at_the_edges():
         img2img_start(20, 1.5, "a1111")
     with pytest.raises(UsageError, match="unknown strength rule 'comfy'; use one of: diffusers, a1111"):
         img2img_start(20, 0.5, "comfy")
-    assert STRENGTH_RULES == ("diffusers", "a1111")
+    assert STRENGTH_RULES == ("diffusers", "a1111", "a1111_fix_steps")
 
 
 def test_hires_steps_follow_a1111s_fixed_steps_branch():

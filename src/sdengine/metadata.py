@@ -43,6 +43,7 @@ from PIL import Image, PngImagePlugin
 
 from sdengine import __version__
 from sdengine.diffusion.sampling import SAMPLERS, SCHEDULE_A1111, resolve
+from sdengine.diffusion.schedules import A1111_GRID_SAMPLERS
 from sdengine.errors import SdengineError
 from sdengine.image_info import ImageInfoError, png_text_chunks
 from sdengine.io.atomic import atomic_write
@@ -423,8 +424,10 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
         if rule not in STRENGTH_RULES:
             raise MetadataError(f"Strength rule: {rule!r} is not one of {', '.join(STRENGTH_RULES)}")
         kwargs["strength_rule"] = rule
-    elif "Denoising strength" in parsed and not made_by_sdengine(parsed):
-        kwargs["strength_rule"] = "a1111"  # A1111 counted its img2img / hires steps its own way
+    elif not made_by_sdengine(parsed) and (
+        "Denoising strength" in parsed or kwargs.get("sampler") in A1111_GRID_SAMPLERS
+    ):  # A1111 counted its img2img / hires steps its own way, and walked its own DDIM / PLMS grid
+        kwargs["strength_rule"] = "a1111"
     if "SDXL options" in parsed:  # sdengine's field: SDXL's prompt_2 and size numbers (GenerationRequest.sdxl)
         try:
             sdxl = json.loads(parsed["SDXL options"])

@@ -403,6 +403,17 @@ def names_loras(*prompts: str | None) -> bool:
     return False
 
 
+def _a1111_grid_sampler(sampler: Any) -> bool:
+    """Whether ``sampler`` (ours or A1111's name) is DDIM or PLMS, whose grid A1111's strength rule changes."""
+    from ..diffusion.sampling import resolve
+    from ..diffusion.schedules import A1111_GRID_SAMPLERS
+
+    try:
+        return isinstance(sampler, str) and resolve(sampler)[0] in A1111_GRID_SAMPLERS
+    except ValueError:  # an unknown name: refused where it is used
+        return False
+
+
 def _refuse_flags_without_effect(a: argparse.Namespace, hires: bool, variation: bool = False) -> None:
     """A flag that would change nothing in this run is a one-line UsageError, before the model loads, as
     ``--mask`` without ``--init-image`` is: ``--strength`` on a text-to-image run without the hires fix was
@@ -411,7 +422,13 @@ def _refuse_flags_without_effect(a: argparse.Namespace, hires: bool, variation: 
     second_pass = "--init-image (img2img) or the hires fix (--hires)"
     needs = [
         ("--strength", a.strength, img2img or hires, second_pass),
-        ("--strength-rule", a.strength_rule, img2img or hires, second_pass),
+        # (and DDIM / PLMS, which walk A1111's own grid under its rule, txt2img too)
+        (
+            "--strength-rule",
+            a.strength_rule,
+            img2img or hires or _a1111_grid_sampler(a.sampler),
+            "--init-image (img2img), the hires fix (--hires) or --sampler ddim / plms",
+        ),
         ("--vae-encode", a.vae_encode, img2img or hires, second_pass),
         ("--mask-blur", a.mask_blur, a.mask is not None or a.outpaint is not None, "--mask or --outpaint"),
         ("--resize-mode", a.resize_mode, img2img or bool(a.control), "--init-image or --control"),
@@ -758,10 +775,12 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     p.add_argument(
         "--strength-rule",
-        choices=("diffusers", "a1111"),
+        choices=("diffusers", "a1111", "a1111_fix_steps"),
         default=None,
         help="how --strength counts img2img steps: diffusers' int(steps * strength) (default) or A1111's "
-        "int(min(strength, 0.999) * steps) + 1 (the hires pass: the last --hr-steps of a longer schedule)",
+        "int(min(strength, 0.999) * steps) + 1 (the hires pass: the last --hr-steps of a longer schedule; DDIM and "
+        "PLMS: A1111's own grid, txt2img too); "
+        "a1111_fix_steps: A1111's img2img_fix_steps, img2img runs --steps steps of a longer schedule too",
     )
     p.add_argument(
         "--hires",

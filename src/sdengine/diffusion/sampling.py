@@ -36,10 +36,12 @@ from torch import Tensor
 
 from sdengine.diffusion import samplers as S
 from sdengine.diffusion.schedules import (
+    A1111_GRID_SAMPLERS,
     SCHEDULES,
     SIGMA_TABLE_SCHEDULES,
     NoiseSchedule,
     SamplingGrid,
+    a1111_timestep_grid,
     config_get,
     img2img_start,
     sampling_grid,
@@ -379,10 +381,15 @@ def make_grid(
     schedule: str = "normal",
     scheduler_config: Mapping[str, Any] | None = None,
     strength: float = 1.0,
+    *,
+    a1111_grid: bool = False,
 ) -> SamplingGrid:
-    """The sigma/timestep grid ``sampler`` walks for ``steps`` steps of ``schedule``."""
+    """The sigma/timestep grid ``sampler`` walks for ``steps`` steps of ``schedule``; ``a1111_grid``: DDIM and
+    PLMS walk A1111's own grid instead, whatever the schedule (as A1111, :func:`a1111_timestep_grid`)."""
     name, sched = resolve(sampler, schedule)
     spec = SAMPLERS[name]
+    if a1111_grid and name in A1111_GRID_SAMPLERS:
+        return a1111_timestep_grid(steps, noise_schedule)
     grid = sampling_grid(
         sched,
         steps,
@@ -447,6 +454,8 @@ def sample(
     sampler_options: Mapping[str, Any] | None = None,
     end_step: int | None = None,
     sigmas: Tensor | None = None,
+    a1111_grid: bool = False,
+    noise_from: int | None = None,
 ) -> Tensor:
     """Run ``sampler`` for ``steps`` steps from unit ``noise`` (txt2img) or from ``init_latent`` noised to
     ``strength`` (img2img); returns the final latent (x0). See the module docstring.
@@ -458,7 +467,12 @@ def sample(
     ``sigmas``: an explicit decreasing sigma list (ComfyUI's SIGMAS) walked instead of ``schedule``'s grid, the
     network seeing each sigma's fractional timestep; ``steps`` must be its length - 1. Without ``init_latent`` the
     start is ``noise * sqrt(1 + sigmas[0]**2)`` (ComfyUI's start from pure noise), with it
-    ``init_latent + noise * sigmas[0]``. Not for the timestep samplers (DDIM, PLMS, LCM, DDPM, restart)."""
+    ``init_latent + noise * sigmas[0]``. Not for the timestep samplers (DDIM, PLMS, LCM, DDPM, restart).
+
+    ``a1111_grid``: DDIM / PLMS on A1111's grid (:func:`make_grid`), PLMS combining the noise estimates as A1111
+    does. ``noise_from``: the grid index img2img noises the init to when it is not ``start_step`` (A1111's DDIM /
+    PLMS noise one point higher than they start, :func:`a1111_timestep_start`); that VP sample is read at
+    ``start_step``."""
     name, sched = resolve(sampler, schedule)
     spec = SAMPLERS[name]
     ns = noise_schedule if noise_schedule is not None else getattr(denoiser, "schedule", None)
@@ -493,7 +507,16 @@ def sample(
             raise UsageError("sigmas must be finite, decreasing and end at or above 0")
         grid = SamplingGrid(sigmas=given, timesteps=sigma_to_t(given[:-1], ns.log_sigmas).to(torch.float32))
     else:
-        grid = make_grid(name, steps, ns, sched, scheduler_config, strength if init_latent is not None else 1.0)
+        grid = make_grid(
+            name,
+            steps,
+            ns,
+            sched,
+            scheduler_config,
+            strength if init_latent is not None else 1.0,
+            a1111_grid=a1111_grid,
+        )
+    a1111_grid = a1111_grid and name in A1111_GRID_SAMPLERS and not explicit
     if start_step is None:
         # grid.steps, not steps: a sigma-table schedule may have more or fewer points (ComfyUI's ddim_uniform, beta)
         start_step = img2img_start(grid.steps, strength) if init_latent is not None else 0
@@ -518,10 +541,18 @@ def sample(
         x = noise * (init_noise_scale(name, grid, scheduler_config) if scale is None else scale)
     else:
         base = init_latent if init_latent is not None else torch.zeros_like(noise)
-        x = base + noise * float(sigmas[0])
+        at = start_step if noise_from is None else noise_from
+        if not 0 <= at <= start_step:
+            raise UsageError(f"noise_from must be in [0, {start_step}], got {noise_from}")
+        s_noise, s_start = float(grid.sigmas[at]), float(sigmas[0])
+        x = base + noise * s_noise
+        if at != start_step:  # the VP sample at that level, read at the start's
+            x = x * math.sqrt((1 + s_start**2) / (1 + s_noise**2))
     if grid.targets is not None and spec.fn in (S.sample_ddim, S.sample_plms):
         options.setdefault("targets", grid.targets[start_step:])
-    if name == "plms":
+    if name == "plms" and a1111_grid:
+        options.setdefault("prediction", "epsilon")  # A1111 combines the noise estimates (a v model's too)
+    elif name == "plms":
         options.setdefault("prediction", getattr(denoiser, "prediction", "epsilon"))
         if grid.steps > 1 and start_step == 0:
             # PNDM redoes its first step from t_1 + T // N (== t_0 only for leading spacing)
@@ -559,6 +590,7 @@ def noise_draws(
     strength: float = 1.0,
     start_step: int | None = None,
     sampler_options: Mapping[str, Any] | None = None,
+    a1111_grid: bool = False,
 ) -> int:
     """How many per-step noise draws :func:`sample` makes with these settings (0 for a deterministic sampler):
     what a :class:`sdengine.diffusion.samplers.NoiseBank` must hold. Found by running the sampler on one
@@ -578,5 +610,6 @@ def noise_draws(
         start_step=start_step,
         noise_schedule=noise_schedule,
         sampler_options=sampler_options,
+        a1111_grid=a1111_grid,
     )
     return bank.used

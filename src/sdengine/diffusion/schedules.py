@@ -565,7 +565,10 @@ def sampling_grid(
 
 # How img2img's strength counts the steps it runs: "diffusers" (the default) or "a1111" (AUTOMATIC1111's
 # ``setup_img2img_steps`` and its two sampler families); see :func:`img2img_start` and :func:`hires_steps`.
-STRENGTH_RULES = ("diffusers", "a1111")
+# "a1111_fix_steps" is A1111's with its img2img_fix_steps option on ("With img2img, do exactly the amount of steps
+# the slider specifies"): img2img counts its steps as the hires second pass does (:func:`img2img_steps`).
+STRENGTH_RULES = ("diffusers", "a1111", "a1111_fix_steps")
+A1111_STRENGTH_RULES = ("a1111", "a1111_fix_steps")
 
 # A1111 caps the strength below 1 (``min(denoising_strength, 0.999)``) where it counts the steps.
 _A1111_STRENGTH_CAP = 0.999
@@ -573,6 +576,35 @@ _A1111_STRENGTH_CAP = 0.999
 # The samplers A1111 runs in its "timestep" family (modules/sd_samplers_timesteps.py: DDIM, PLMS, UniPC), which
 # count img2img steps differently from its k-diffusion samplers (every other one).
 A1111_TIMESTEP_SAMPLERS = ("ddim", "plms", "unipc")
+
+
+# The samplers whose grid A1111 makes its own way (``CompVisSampler.get_timesteps``): :func:`a1111_timestep_grid`.
+A1111_GRID_SAMPLERS = ("ddim", "plms")
+
+
+def a1111_timestep_grid(steps: int, noise_schedule: NoiseSchedule) -> SamplingGrid:
+    """A1111's DDIM / PLMS grid (modules/sd_samplers_timesteps.py): the timesteps ``range(0, T, T // steps) + 1``
+    (clipped to T - 1), walked from the highest down to the lowest, which is where sampling ends (t = 1, not 0):
+    ``len(timesteps) - 1`` model calls, 19 for 20 steps. The network sees each integer timestep."""
+    T = noise_schedule.num_train_timesteps
+    if not 1 <= steps <= T:
+        raise UsageError(f"steps must be between 1 and {T} (the training timesteps), got {steps}")
+    ts = (torch.arange(0, T, T // steps, dtype=torch.int64) + 1).clamp(0, T - 1).flip(0)
+    if ts.shape[0] < 2:
+        raise UsageError(f"A1111's DDIM/PLMS grid of {steps} step makes no model call: use 2 steps or more")
+    sigmas = noise_schedule.sigmas.to(torch.float64)[ts].to(torch.float32)
+    return SamplingGrid(sigmas=sigmas, timesteps=ts[:-1].to(torch.float32))
+
+
+def a1111_timestep_start(grid_steps: int, run: int) -> tuple[int, int]:
+    """(first step, grid index the init is noised to) of an A1111 DDIM / PLMS img2img on
+    :func:`a1111_timestep_grid` of ``grid_steps`` steps, ``run`` being its ``t_enc`` (what :func:`img2img_start`
+    runs on a plain grid): A1111 noises the init to ``timesteps[t_enc]`` and steps from ``timesteps[t_enc - 1]``
+    down, ``t_enc - 1`` calls. Under 2 (no call in A1111) one call runs, from the noise level itself."""
+    if run >= 2:
+        first = min(grid_steps + 1 - run, grid_steps - 1)
+        return first, first - 1
+    return grid_steps - 1, grid_steps - 1
 
 
 def _check_rule(rule: str) -> None:
@@ -593,7 +625,7 @@ def img2img_start(steps: int, strength: float, rule: str = "diffusers", sampler:
       ``timesteps[:t_enc]``), the last ``t_enc`` steps of the schedule: index ``steps - t_enc``, and at least
       the last step (A1111 returns the barely noised init at strength 0)."""
     _check_rule(rule)
-    if rule == "a1111":
+    if rule in A1111_STRENGTH_RULES:
         if not 0.0 <= strength <= 1.0:
             raise UsageError(f"strength must be in [0, 1], got {strength}")
         t_enc = int(min(strength, _A1111_STRENGTH_CAP) * steps)
@@ -615,10 +647,24 @@ def hires_steps(steps: int, strength: float, rule: str = "diffusers", sampler: s
       its k-diffusion samplers run the last ``steps``, its timestep samplers (``sampler`` in
       :data:`A1111_TIMESTEP_SAMPLERS`) the last ``t_enc`` (at least one)."""
     _check_rule(rule)
-    if rule == "a1111":
+    if rule in A1111_STRENGTH_RULES:
         if not 0.0 < strength <= 1.0:
             raise UsageError(f"hires strength must be in (0, 1], got {strength}")
         total = int(steps / min(strength, _A1111_STRENGTH_CAP))
         run = max(steps - 1, 1) if sampler in A1111_TIMESTEP_SAMPLERS else steps
         return total, total - run
     return steps, img2img_start(steps, strength)
+
+
+def img2img_steps(steps: int, strength: float, rule: str = "diffusers", sampler: str | None = None) -> tuple[int, int]:
+    """(schedule steps, index of the first step run) of an img2img of ``steps`` steps at ``strength``: the
+    ``steps``-step schedule from :func:`img2img_start`, except under "a1111_fix_steps" (A1111's img2img_fix_steps
+    on: ``setup_img2img_steps``' fixed-steps branch, as its hires second pass, :func:`hires_steps`), where the
+    schedule has ``int(steps / min(strength, 0.999))`` steps and ``steps`` of them run (its k-diffusion samplers;
+    its timestep samplers ``steps - 1``); strength then in (0, 1] (A1111 makes a schedule of 0 steps at 0)."""
+    _check_rule(rule)
+    if rule == "a1111_fix_steps":
+        if not 0.0 < strength <= 1.0:
+            raise UsageError(f"strength must be in (0, 1] with img2img_fix_steps, got {strength}")
+        return hires_steps(steps, strength, rule, sampler)
+    return steps, img2img_start(steps, strength, rule, sampler)

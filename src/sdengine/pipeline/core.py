@@ -34,7 +34,15 @@ from sdengine.diffusion import sampling
 from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.diffusion.samplers import NoiseBank, SamplingInterrupted, row_noise
-from sdengine.diffusion.schedules import A1111_TIMESTEP_SAMPLERS, NoiseSchedule, img2img_start
+from sdengine.diffusion.schedules import (
+    A1111_GRID_SAMPLERS,
+    A1111_STRENGTH_RULES,
+    A1111_TIMESTEP_SAMPLERS,
+    NoiseSchedule,
+    a1111_timestep_start,
+    img2img_start,
+    img2img_steps,
+)
 from sdengine.diffusion.variation import seed_resized_noise, variation_noise
 from sdengine.errors import GenerationError
 from sdengine.io.images import load_image, to_uint8
@@ -64,6 +72,21 @@ def grid_strength(r: GenerationRequest) -> float:
     """The strength the sampling grid is made for: the request's under diffusers' rule (LCM's grid depends on
     it), 1 under A1111's, whose schedule is the plain ``steps``-step one (the start step says where it begins)."""
     return float(r.strength) if r.strength_rule == "diffusers" else 1.0
+
+
+def _a1111_grid(p: Prepared) -> bool:
+    """Whether the run walks A1111's own DDIM / PLMS grid: A1111's step rules (strength_rule "a1111", its API
+    routes) with one of those samplers (:func:`sdengine.diffusion.schedules.a1111_timestep_grid`)."""
+    return p.request.strength_rule in A1111_STRENGTH_RULES and p.sampler in A1111_GRID_SAMPLERS
+
+
+def _grid_steps(p: Prepared) -> int:
+    """The steps of the sampling grid: the request's, or under A1111's img2img_fix_steps (strength_rule
+    "a1111_fix_steps") img2img's ``steps / strength`` (:func:`sdengine.diffusion.schedules.img2img_steps`)."""
+    r = p.request
+    if p.init is not None and p.start_step is None and r.strength_rule == "a1111_fix_steps":
+        return img2img_steps(int(r.steps), float(r.strength), r.strength_rule, p.sampler)[0]
+    return int(r.steps)
 
 
 @dataclass
@@ -501,6 +524,14 @@ class Pipeline:
         if int(r.steps) > self.noise_schedule.num_train_timesteps:
             raise GenerationError(f"steps must be at most {self.noise_schedule.num_train_timesteps}, got {r.steps}")
         name, sched = sampling.resolve(r.sampler, r.schedule, sdxl=self.text_kind == "sdxl")
+        if r.init_image is not None and r.strength_rule == "a1111_fix_steps":
+            total = img2img_steps(int(r.steps), float(r.strength), r.strength_rule, name)[0]
+            if total > self.noise_schedule.num_train_timesteps:
+                raise GenerationError(
+                    f"strength {r.strength} with {r.steps} steps and img2img_fix_steps needs a schedule of {total} "
+                    f"steps (steps / strength), over the model's {self.noise_schedule.num_train_timesteps}: raise "
+                    "strength or lower the steps"
+                )
         seeds = r.seeds()
         wide = sorted({s for s in seeds if s >= 2**32})
         if wide:  # docs/CONTRACTS.md "Seeds": what torch's CPU generator does with a 64-bit seed
@@ -653,7 +684,10 @@ class Pipeline:
                     sampler_options=request.sampler_options,
                     prediction_override=self.prediction_override,
                     # how the img2img / hires second pass counted its steps
-                    strength_rule=request.strength_rule if (p.init is not None or p.hires is not None) else "diffusers",
+                    # txt2img has no strength, but DDIM / PLMS walk A1111's grid under its rules: said too
+                    strength_rule=request.strength_rule
+                    if (p.init is not None or p.hires is not None or _a1111_grid(p))
+                    else "diffusers",
                     sdxl=request.sdxl,
                 )
             )
@@ -800,7 +834,7 @@ class Pipeline:
     ) -> Tensor:
         r = p.request
         dev = self.device
-        steps, strength, cfg_scale = int(r.steps), float(r.strength), float(r.cfg_scale)
+        steps, strength, cfg_scale = _grid_steps(p), float(r.strength), float(r.cfg_scale)
         gens = [torch.Generator("cpu").manual_seed(p.seeds[i]) for i in rows]
         start = start_latents(
             self.vae,
@@ -834,11 +868,9 @@ class Pipeline:
         if init_latent is None and r.masked_content != "original" and start.init_latent is not None:
             # A1111's "latent noise" / "latent nothing": the init latent replaced where the rounded latent mask
             # repaints, by the row's unit noise or by zeros (its StableDiffusionProcessingImg2Img.init)
-            lat = start.blend_mask if start.blend_mask is not None else None
-            if lat is None and start.concat is not None:
-                lat = start.concat[:, :1]  # a 9-channel model's latent mask
+            lat = start.rounded_mask  # A1111's rounded latent mask (its nmask)
             if lat is not None:
-                repaint = lat.round()
+                repaint = lat
                 fill = start.noise if r.masked_content == "latent noise" else torch.zeros_like(start.noise)
                 start.init_latent = start.init_latent * (1 - repaint) + fill * repaint
         if int(r.noise_seed_delta):  # A1111's ENSD: the per-step noise from seed + delta, after the start noise
@@ -849,6 +881,7 @@ class Pipeline:
             start.noise = start.noise * float(r.noise_multiplier)
         if start.concat is not None:
             cond = {**cond, "concat": start.concat}
+        a1111_grid = _a1111_grid(p)
         grid = sampling.make_grid(
             p.sampler,
             steps,
@@ -856,15 +889,21 @@ class Pipeline:
             p.schedule,
             self.scheduler_config,
             grid_strength(r) if start.init_latent is not None else 1.0,
+            a1111_grid=a1111_grid,
         )
-        first = 0
+        first, noise_from = 0, None
         if start.from_init:
-            # grid.steps: a sigma-table schedule may have another length than steps (ComfyUI's ddim_uniform)
-            first = (
-                p.start_step
-                if p.start_step is not None
-                else img2img_start(grid.steps, strength, r.strength_rule, p.sampler)
-            )
+            # grid.steps: a sigma-table schedule may have another length than steps (ComfyUI's ddim_uniform);
+            # A1111's DDIM / PLMS grid is counted on the steps asked, then placed on its own grid
+            length = steps if a1111_grid else grid.steps
+            if p.start_step is not None:
+                first = p.start_step
+            elif r.strength_rule == "a1111_fix_steps":  # the last steps of the longer schedule (_grid_steps)
+                first = length - (steps - img2img_steps(int(r.steps), strength, r.strength_rule, p.sampler)[1])
+            else:
+                first = img2img_start(length, strength, r.strength_rule, p.sampler)
+            if a1111_grid:
+                first, noise_from = a1111_timestep_start(grid.steps, steps - first)
         net: Any = self.unet
         units = r.control_units()
         if not units:
@@ -890,7 +929,7 @@ class Pipeline:
                 net = graphed_control if graphed_control.usable() else net
         den: Any = self.guided_denoiser(cfg_scale, uncond, float(r.guidance_rescale), net=net, texts=texts)
         blend: Any = None
-        if r.strength_rule == "a1111" and start.rounded_mask is not None and start.init_latent is not None:
+        if r.strength_rule in A1111_STRENGTH_RULES and start.rounded_mask is not None and start.init_latent is not None:
             # A1111's blend, for every U-Net: its k-diffusion samplers' on x0, its timestep samplers' on x
             before = p.sampler in A1111_TIMESTEP_SAMPLERS
             den = blend = A1111Blend(den, start.init_latent, start.rounded_mask, before=before)
@@ -920,7 +959,7 @@ class Pipeline:
             and loop.usable()
         )
         init_latent = start.init_latent if start.from_init else None
-        plan = self.loop_plan(p, init_latent is not None, first)
+        plan = self.loop_plan(p, init_latent is not None, first, noise_from)
         padding = ExitStack()
         if units and self._tiling:
             # Tiling: the ControlNets' convolutions pad circularly too (A1111 leaves them at zeros, so their
@@ -964,13 +1003,14 @@ class Pipeline:
         den = Denoiser(model, self.noise_schedule, self.prediction_type)
         return CFGDenoiser(den, cfg_scale, uncond, rescale=rescale)
 
-    def loop_plan(self, p: Prepared, from_init: bool, first: int) -> LoopPlan:
+    def loop_plan(self, p: Prepared, from_init: bool, first: int, noise_from: int | None = None) -> LoopPlan:
         """The settings a recorded sampling loop of ``p`` bakes in (:class:`sdengine.pipeline.loop_graph.LoopPlan`):
-        ``from_init``, an img2img start; ``first``, its first step."""
+        ``from_init``, an img2img start; ``first``, its first step; ``noise_from``, the grid index its init is
+        noised to where that is not ``first`` (A1111's DDIM / PLMS)."""
         r = p.request
         return LoopPlan.of(
             sampler=p.sampler,
-            steps=int(r.steps),
+            steps=_grid_steps(p),
             schedule=p.schedule,
             scheduler_config=self.scheduler_config,
             cfg_scale=float(r.cfg_scale),
@@ -979,6 +1019,8 @@ class Pipeline:
             strength=grid_strength(r) if from_init else 1.0,
             start_step=first if from_init else None,
             dtype=self.dtype,
+            a1111_grid=_a1111_grid(p),
+            noise_from=noise_from if from_init else None,
         )
 
     def noise_draws(self, plan: LoopPlan) -> int:
@@ -997,6 +1039,7 @@ class Pipeline:
                 strength=plan.strength,
                 start_step=plan.start_step,
                 sampler_options=plan.options(),
+                a1111_grid=plan.a1111_grid,
             )
         return self._noise_draws[key]
 
@@ -1047,6 +1090,8 @@ class Pipeline:
             start_step=plan.start_step,
             noise_schedule=self.noise_schedule,
             sampler_options=plan.options(),
+            a1111_grid=plan.a1111_grid,
+            noise_from=plan.noise_from,
         )
 
     def decode_latents(self, p: Prepared, x: Tensor) -> Tensor:

@@ -39,6 +39,15 @@ def blur_mask(m: np.ndarray, blur: float) -> np.ndarray:
     return cv2.GaussianBlur(m, (1, k), blur)
 
 
+def a1111_latent_mask(mask: np.ndarray, h: int, w: int) -> Tensor:
+    """A1111's latent mask (its ``latmask``; 1 = repaint) of a float mask in [0, 1] at image size: the 8-bit mask
+    made RGB and shrunk to the latent's ``w`` x ``h`` by PIL's default ``Image.resize`` filter (bicubic for
+    RGB), then ``np.around`` of its first channel / 255 (its ``mask_round``, on by default); (1, 1, h, w)."""
+    m8 = Image.fromarray(np.clip(np.rint(np.asarray(mask, np.float64) * 255), 0, 255).astype(np.uint8), "L")
+    small = np.asarray(m8.convert("RGB").resize((w, h)), dtype=np.float32)[..., 0] / 255
+    return torch.from_numpy(np.around(small).astype(np.float32))[None, None]
+
+
 def posterior_rows(post: Any, generators: Sequence[torch.Generator]) -> Tensor:
     """One sample per row from a batch-1 posterior, each from its row's generator (latent_dist.sample)."""
     rows = []
@@ -128,7 +137,7 @@ def start_latents(
         concat = torch.cat([torch.ones(1, 1, h, w, device=device), masked_latent], dim=1).expand(b, -1, -1, -1)
     rounded = None
     if mask is not None and mask_full is not None:  # A1111 rounds its latent mask (its mask_round default)
-        rounded = (F.interpolate(mask_full, size=(h, w), mode="area") >= 0.5).float()
+        rounded = a1111_latent_mask(mask, h, w).to(device)
     # Inpainting at strength 1 starts from pure noise (diffusers' is_strength_max); img2img does not, nor A1111.
     full = mask_full is not None and strength >= 1.0 and pure_noise_at_full_strength
     from_init = init_latent is not None and not full

@@ -66,6 +66,8 @@ class LoopPlan:
     strength: float
     start_step: int | None
     dtype: str
+    a1111_grid: bool = False  # DDIM / PLMS on A1111's grid (sampling.sample)
+    noise_from: int | None = None  # the grid index img2img noises the init to, when not start_step
     # the options as given (the JSON above keys them; a value JSON cannot hold exactly is kept here as it was)
     given_options: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
 
@@ -82,6 +84,8 @@ class LoopPlan:
         strength: float,
         start_step: int | None,
         dtype: Any,
+        a1111_grid: bool = False,
+        noise_from: int | None = None,
     ) -> LoopPlan:
         return LoopPlan(
             sampler=sampler,
@@ -94,6 +98,8 @@ class LoopPlan:
             strength=float(strength),
             start_step=None if start_step is None else int(start_step),
             dtype=str(dtype),
+            a1111_grid=bool(a1111_grid),
+            noise_from=None if noise_from is None else int(noise_from),
             given_options=tuple(sorted(dict(sampler_options or {}).items())),
         )
 

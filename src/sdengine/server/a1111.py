@@ -813,15 +813,18 @@ INFOTEXT_FIELDS = {
 def install(app: FastAPI, services: Any) -> None:
     manager, catalog, options = services.manager, services.catalog, services.options
 
-    def apply_infotext(req: Any, hires: bool) -> tuple[Any, dict[str, Any]]:
+    def apply_infotext(req: Any, hires: bool) -> tuple[Any, dict[str, Any], tuple[int, str] | None]:
         """A1111's ``infotext`` field (its ``apply_infotext``): the request's fields that were not sent are read
         from the infotext; its Clip skip and sdengine's tiny-VAE fields become override_settings (where not
         set there); ``hires``: the hires-fix fields too (txt2img). sdengine's "SDXL options": the crop and the
         refiner's scores become A1111's SDXL options (override_settings); the settings A1111 has no option for
-        (prompt_2, sizes, ...) are returned, for the job's ``sdxl_options``."""
+        (prompt_2, sizes, ...) are returned second, for the job's ``sdxl_options``. Third, (clip_skip,
+        clip_skip_rule) where the infotext's Clip skip has another meaning than A1111's (an sdengine image's own,
+        or its "Clip skip rule"), the request's override_settings giving none: the job runs it with that meaning,
+        not as A1111's CLIP_stop_at_last_layers (which SD 2.x and SDXL ignore)."""
         text = (req.model_extra or {}).get("infotext")
         if not text:
-            return req, {}
+            return req, {}, None
         if not isinstance(text, str):
             raise BadRequest("infotext must be a string")
         from sdengine.metadata import parse_parameters, to_generate_kwargs
@@ -851,22 +854,33 @@ def install(app: FastAPI, services: Any) -> None:
                 filled[key] = value
         filled = {k: v for k, v in filled.items() if k not in sent}
         over = dict(sent.get("override_settings") or {})
+        # whose Clip skip the infotext has: its "Clip skip rule", else sdengine's own in an sdengine infotext
+        from sdengine.metadata import made_by_sdengine
+
+        clip_rule = found.get("clip_skip_rule", "sdengine" if made_by_sdengine(parsed) else "a1111")
+        clip: tuple[int, str] | None = None
+        if clip_rule != "a1111" and "CLIP_stop_at_last_layers" not in over:
+            clip = (int(found.get("clip_skip", 1)), clip_rule)
         settings = {
             "CLIP_stop_at_last_layers": found.get("clip_skip", 1),
             "sd_vae_decode_method": "TAESD" if found.get("vae_decode") == "tiny" else "Full",
             "sd_vae_encode_method": "TAESD" if found.get("vae_encode") == "tiny" else "Full",
         }
+        if not hires and found.get("strength_rule") == "a1111_fix_steps":  # sdengine's record of img2img_fix_steps
+            settings["img2img_fix_steps"] = True
         if "noise_seed_delta" in found:  # "ENSD", as A1111 maps it (only when the infotext has one: no default)
             settings["eta_noise_seed_delta"] = found["noise_seed_delta"]
         xl_options, xl_rest = infotext_sdxl(found.get("sdxl"))
         settings.update(xl_options)
+        if clip is not None:
+            del settings["CLIP_stop_at_last_layers"]  # not A1111's: passed on with its rule instead
         defaults: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, **SDXL_OPTIONS}
         for name, value in settings.items():  # as A1111: only where it differs from the current option
             if name not in over and value != options.get(name, defaults.get(name, "Full")):
                 over[name] = value
         if over:
             filled["override_settings"] = over
-        return type(req)(**{**sent, **filled}), xl_rest
+        return type(req)(**{**sent, **filled}), xl_rest, clip
 
     styles_seen: dict[str, Any] = {}  # the styles file's (mtime, size) and its styles, read again when it changes
 
@@ -919,15 +933,20 @@ def install(app: FastAPI, services: Any) -> None:
         init: str | None,
         image_mode: int | None = None,
         notes: list[str] | None = None,
+        clip: tuple[int, str] | None = None,
     ) -> dict[str, Any]:
         """The build_generation fields of a request. ``image_mode``: img2img's resize mode (0, 1, 2) for the
         init image; sdengine fits the init and the control images in one mode, so a unit of another mode is
-        listed as ignored (in txt2img the first unit's mode is the one)."""
+        listed as ignored (in txt2img the first unit's mode is the one). ``clip``: an infotext's (clip_skip,
+        clip_skip_rule) of another meaning than A1111's (:func:`apply_infotext`), in place of the options'."""
         over = dict(req.override_settings or {})
         clip_skip = over.pop("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
         clip_l = over.pop("sdxl_clip_l_skip", options.get("sdxl_clip_l_skip", False))
         if not isinstance(clip_l, bool):
             raise BadRequest(f"sdxl_clip_l_skip must be true or false, got {clip_l!r}")
+        clip_rule = "a1111_sdxl_clip_l" if clip_l else "a1111"
+        if clip is not None:
+            clip_skip, clip_rule = clip
         model = over.pop("sd_model_checkpoint", None)
         vae_decode = decode_method(over.pop("sd_vae_decode_method", options.get("sd_vae_decode_method", "Full")))
         vae_encode = decode_method(
@@ -942,6 +961,11 @@ def install(app: FastAPI, services: Any) -> None:
             noise_mult = check_noise_multiplier(
                 over.pop("initial_noise_multiplier", options.get("initial_noise_multiplier", 1.0))
             )
+        # A1111's img2img_fix_steps: img2img runs the steps asked, of a schedule of steps / strength (its hires fix
+        # always counts so: nothing to change in txt2img)
+        fix_steps = over.pop("img2img_fix_steps", options.get("img2img_fix_steps", False))
+        if not isinstance(fix_steps, bool):
+            raise BadRequest(f"img2img_fix_steps must be true or false, got {fix_steps!r}")
         # the extension's "Do not append detectmap to output" (an option, or per request)
         no_detectmap = over.pop("control_net_no_detectmap", options.get("control_net_no_detectmap", False))
         if not isinstance(no_detectmap, bool):
@@ -989,7 +1013,7 @@ def install(app: FastAPI, services: Any) -> None:
             n_iter=req.n_iter,
             clip_skip=clip_skip,
             # A1111's CLIP_stop_at_last_layers: SD 1.x's CLIP only, as there (and SDXL's CLIP-L with sdxl_clip_l_skip)
-            clip_skip_rule="a1111_sdxl_clip_l" if clip_l else "a1111",
+            clip_skip_rule=clip_rule,
             vae_decode=vae_decode,
             vae_encode=vae_encode,
             controlnets=units,
@@ -1007,6 +1031,7 @@ def install(app: FastAPI, services: Any) -> None:
             **({} if noise_mult in (None, 1.0) else {"noise_multiplier": noise_mult}),
             # the units whose detected map the answer appends (the extension's), taken out by run()
             detect_maps=[] if no_detectmap else detect_maps,
+            img2img_fix_steps=fix_steps,  # taken out by the route (img2img's strength_rule)
             sdxl_options=sdxl_settings(xl),  # taken out by run(): an SDXL model's only (Generation.sdxl_options)
         )
 
@@ -1172,16 +1197,18 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.post("/sdapi/v1/txt2img", tags=["a1111"])
     async def txt2img(req: Txt2ImgRequest) -> JSONResponse:
-        req, xl_rest = apply_infotext(req, hires=True)
+        req, xl_rest, clip = apply_infotext(req, hires=True)
         body = req.model_dump(exclude_unset=True)
         ignored = _ignored(body, txt2img=True)
         if "resize_mode" in body:  # an img2img field (txt2img fits ControlNet images by their units' modes)
             ignored.append("resize_mode")
         notes: list[str] = []
         styled = with_styles(req)
-        fields = generation_fields(styled, body, ignored, None, notes=notes)
+        fields = generation_fields(styled, body, ignored, None, notes=notes, clip=clip)
+        fields.pop("img2img_fix_steps")
         fields["sdxl_options"].update(xl_rest)  # the infotext's SDXL settings A1111 has no option for
         refiner = hand_off(body, fields, ignored)
+        fields["strength_rule"] = "a1111"  # A1111's step rules: its DDIM / PLMS grid (and the hires fix's count)
         if req.enable_hr:
             hires = {
                 "hr_scale": req.hr_scale,
@@ -1226,7 +1253,7 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.post("/sdapi/v1/img2img", tags=["a1111"])
     async def img2img(req: Img2ImgRequest) -> JSONResponse:
-        req, xl_rest = apply_infotext(req, hires=False)
+        req, xl_rest, clip = apply_infotext(req, hires=False)
         body = req.model_dump(exclude_unset=True)
         ignored = _ignored(body)
         if not req.init_images:
@@ -1245,12 +1272,14 @@ def install(app: FastAPI, services: Any) -> None:
             mode = 0
         notes: list[str] = []
         styled = with_styles(req)
-        fields = generation_fields(styled, body, ignored, req.init_images[0], mode, notes)
+        fields = generation_fields(styled, body, ignored, req.init_images[0], mode, notes, clip)
         fields["sdxl_options"].update(xl_rest)  # the infotext's SDXL settings A1111 has no option for
         strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
         blur = _mask_blur(body)
-        # A1111's step count: int(min(strength, 0.999) * steps) + 1 steps, one even at strength 0
-        fields.update(init_image=req.init_images[0], mask=None, mask_blur=0.0, strength=strength, strength_rule="a1111")
+        # A1111's step count: int(min(strength, 0.999) * steps) + 1 steps, one even at strength 0; with its
+        # img2img_fix_steps the steps asked, of a schedule of steps / strength
+        rule = "a1111_fix_steps" if fields.pop("img2img_fix_steps") else "a1111"
+        fields.update(init_image=req.init_images[0], mask=None, mask_blur=0.0, strength=strength, strength_rule=rule)
         if req.mask and req.inpainting_fill in LATENT_FILLS:
             fields["masked_content"] = LATENT_FILLS[req.inpainting_fill]
         if body.get("initial_noise_multiplier") is not None:  # A1111's "Noise multiplier" (checked by the build)
@@ -1640,6 +1669,10 @@ def install(app: FastAPI, services: Any) -> None:
                 changes[k] = check_ensd(v)
             elif k == "initial_noise_multiplier":  # img2img's noise multiplier when a request gives none
                 changes[k] = check_noise_multiplier(v)
+            elif k == "img2img_fix_steps":  # img2img runs the steps asked (of a schedule of steps / strength)
+                if not isinstance(v, bool):
+                    raise BadRequest("img2img_fix_steps must be true or false")
+                changes[k] = v
             elif k in SDXL_OPTIONS:
                 changes[k] = sdxl_option(k, v)
             elif k == "control_net_no_detectmap":  # the ControlNet extension's "Do not append detectmap"

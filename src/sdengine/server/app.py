@@ -149,6 +149,7 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
             "sd_vae_encode_method": "Full",
             "eta_noise_seed_delta": 0,  # A1111's ENSD
             "initial_noise_multiplier": 1.0,  # A1111's img2img noise multiplier
+            "img2img_fix_steps": False,  # A1111's "With img2img, do exactly the amount of steps the slider specifies"
         },
     )
 

@@ -80,10 +80,11 @@ class JobRequest(BaseModel):
     batch_size: int = Field(1, ge=1, description="at most the server's --max-batch-size")
     init_image: str | None = None
     strength: float = Field(0.75, ge=0, le=1, allow_inf_nan=False)
-    strength_rule: Literal["diffusers", "a1111"] = Field(
+    strength_rule: Literal["diffusers", "a1111", "a1111_fix_steps"] = Field(
         "diffusers",
         description="how strength counts the img2img / hires steps: 'diffusers' int(steps * strength) (strength "
-        "> 0), 'a1111' AUTOMATIC1111's int(min(strength, 0.999) * steps) + 1 (one step at strength 0)",
+        "> 0), 'a1111' AUTOMATIC1111's int(min(strength, 0.999) * steps) + 1 (one step at strength 0), "
+        "'a1111_fix_steps' A1111's with its img2img_fix_steps option: img2img runs the steps asked",
     )
     mask: str | None = Field(None, description="white = repaint")
     mask_blur: float = Field(0, ge=0, le=256, allow_inf_nan=False)

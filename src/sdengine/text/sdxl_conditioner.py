@@ -193,6 +193,13 @@ class SDXLConditioner:
         (``sdxl_clip_l``) A1111's CLIP-L reads ``hidden_states[-clip_skip]``, raw: the pair (clip_skip - 1, 1)
         for (CLIP-L, bigG); the refiner has no CLIP-L."""
         if sdxl_clip_l and self.text_encoder is not None:
+            n = int(self.text_encoder.config.num_hidden_layers)
+            if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= n:
+                # said in A1111's numbering, not as the (CLIP-L, bigG) pair it becomes
+                raise GenerationError(
+                    f"clip_skip must be an integer in 1..{n} for SDXL's CLIP-L under clip_skip_rule "
+                    f"a1111_sdxl_clip_l (A1111's Clip skip with sdxl_clip_l_skip on), got {clip_skip!r}"
+                )
             return (clip_skip - 1, 1)
         return 1
 
