@@ -110,7 +110,9 @@ def test_full_size_names_and_synthesised_configs(name):
     for comp in ("unet", "vae", "text_encoder"):
         _assert_same_meta(comps[comp], ck.state_dicts[comp])
     if sd2:
-        assert all("resblocks.23." in k for k in skipped) and len(skipped) == 12
+        # the 23-layer encoder's unused 24th block, and the v-prediction marker (ComfyUI's, written by convert)
+        assert "v_pred" in skipped and det.prediction_type == "v_prediction"
+        assert all("resblocks.23." in k for k in skipped if k != "v_pred") and len(skipped) == 13
     want_unet = dict(unet.config)
     for key, got in det.unet_config.items():
         if key.startswith("_") or key == "mid_block_type":
