@@ -22,7 +22,7 @@ For one image from an empty latent both rules draw the same noise.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,6 +176,7 @@ def sample_latents(
     leftover_noise: bool = False,
     callback: Callable[[StepReport], bool | None] | None = None,
     batch_index: Sequence[int] | None = None,
+    sampler_options: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """Sample from ``latent`` (B, C, h, w) in the model's scaled latent space; returns the new latent.
 
@@ -189,7 +190,8 @@ def sample_latents(
     applied to the U-Net for this call only. ``start_at_step`` / ``end_at_step`` / ``add_noise`` /
     ``leftover_noise``: KSamplerAdvanced's window of a ``steps``-step schedule. ``callback`` returning
     False raises :class:`SamplingStopped`. ``batch_index``: under ComfyUI's rule, the original batch's row of each
-    row (see :func:`make_noise`).
+    row (see :func:`make_noise`). ``sampler_options``: the sampler's keyword options (ComfyUI's DPM fast / adaptive
+    run with eta 0, k-diffusion's default).
     """
     if seed_rule not in SEED_RULES:
         raise LatentSamplingError(f"unknown seed rule {seed_rule!r}; use one of {', '.join(SEED_RULES)}")
@@ -280,6 +282,9 @@ def sample_latents(
         else:
             start = max(grid.steps - steps, 0) if start > 0 else 0
         total = end = grid.steps
+    if end < total and name in ("dpm_fast", "dpm_adaptive"):
+        # they take their own steps between the grid's ends: there is no step of the grid to stop at
+        raise LatentSamplingError(f"{sampler} cannot stop at end_at_step {end} of {total}: it takes its own steps")
 
     net: Any = pipe.unet
     # the first negative is the one used: its ControlNets count, those of the others do not
@@ -369,6 +374,7 @@ def sample_latents(
                     strength=strength,
                     start_step=start if from_init else None,
                     noise_schedule=pipe.noise_schedule,
+                    sampler_options=sampler_options,
                 )
         except SamplingInterrupted as e:
             if e.step + 1 != run_steps or end >= total:

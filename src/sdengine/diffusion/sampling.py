@@ -195,6 +195,11 @@ SAMPLERS: dict[str, SamplerSpec] = {
             parity_schedules=("normal",),
         ),
         SamplerSpec("ipndm", "iPNDM", S.sample_ipndm, "k", "", parity_schedules=()),  # ComfyUI's; not in A1111
+        # k-diffusion's DPM-Solver samplers: they read only the grid's ends (and, DPM fast, its step count)
+        SamplerSpec("dpm_fast", "DPM fast", S.sample_dpm_fast, "k", "", stochastic=True, parity_schedules=()),
+        SamplerSpec(
+            "dpm_adaptive", "DPM adaptive", S.sample_dpm_adaptive, "k", "", stochastic=True, parity_schedules=()
+        ),
         SamplerSpec(
             "restart",
             "Restart",
@@ -270,7 +275,11 @@ K_ALIASES = {
     "k_dpmpp_3m_sde": "dpmpp_3m_sde",
     "k_dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",
     "k_restart": "restart",
+    "k_dpm_fast": "dpm_fast",
+    "k_dpm_ad": "dpm_adaptive",
 }
+# Samplers whose calls depend on the model's answers (step-size control): no recorded loop replays them.
+ADAPTIVE_SAMPLERS = ("dpm_adaptive",)
 
 
 AUTO_SCHEDULE = "auto"  # no schedule chosen: the one the sampler names, else karras where it fits, else its own

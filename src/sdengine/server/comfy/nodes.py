@@ -67,7 +67,12 @@ SAMPLER_NAMES = {
     "ddim": "ddim",
     "uni_pc": "unipc",
     "uni_pc_bh2": "unipc",  # sdengine's UniPC is the bh2 variant (diffusers' default)
+    "dpm_fast": "dpm_fast",
+    "dpm_adaptive": "dpm_adaptive",
 }
+# The options ComfyUI's KSampler runs a sampler with where they differ from sdengine's defaults (A1111's): its DPM
+# fast / adaptive are k-diffusion's with eta 0 (deterministic), A1111 passes its ancestral eta, 1.
+SAMPLER_OPTIONS: dict[str, dict[str, float]] = {"dpm_fast": {"eta": 0.0}, "dpm_adaptive": {"eta": 0.0}}
 SCHEDULER_NAMES = {
     "normal": "normal",
     "karras": "karras",
@@ -849,6 +854,7 @@ def _sample(
         loras=model.loras,
         callback=report,
         batch_index=latent_image.get("batch_index"),
+        sampler_options=SAMPLER_OPTIONS.get(sampler_name),
         **window,
     )
     from sdengine.pipeline.finite import require_finite

@@ -1,0 +1,335 @@
+"""k-diffusion's DPM-Solver samplers, A1111's "DPM fast" and "DPM adaptive" (Lu et al. 2022, DPM-Solver-1/2/3 in
+the eps form, fixed or adaptive steps in t = -log sigma).
+
+Each is checked against an independent float64 recomputation of k-diffusion's DPMSolver written here in its own
+form (eps, t, exp/expm1, one whole-batch tensor), on Gaussian data with its exact denoiser, plus the seed contract
+(a row alone equals the row in a batch) and the names the CLI, the Python API and the servers share.
+"""
+
+import math
+
+import pytest
+import torch
+
+from sdengine.diffusion import samplers as S
+from sdengine.diffusion import sampling
+from sdengine.diffusion.schedules import NoiseSchedule
+from sdengine.errors import UsageError
+
+SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "leading"}
+MU, STD = 0.3, 0.5
+
+
+def _den(x, sigma, **_):
+    """Exact x0-denoiser of N(MU, STD^2) data; ``sigma`` one value or one per row."""
+    s = torch.as_tensor(sigma).reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    return MU + STD**2 / (STD**2 + s**2) * (x - MU)
+
+
+class _Ref:
+    """k-diffusion's DPMSolver (eps form), float64, noise from the given per-step draws."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def eps(self, x, t):
+        self.calls += 1
+        sigma = math.exp(-t)
+        return (x - _den(x, torch.tensor([sigma], dtype=torch.float64))) / sigma
+
+    def step(self, x, t, tn, order, r1=0.5):
+        h = tn - t
+        e = self.eps(x, t)
+        sig = lambda v: math.exp(-v)  # noqa: E731
+        if order == 1:
+            return x - sig(tn) * math.expm1(h) * e
+        if order == 2:
+            s1 = t + r1 * h
+            e1 = self.eps(x - sig(s1) * math.expm1(r1 * h) * e, s1)
+            return x - sig(tn) * math.expm1(h) * e - sig(tn) / (2 * r1) * math.expm1(h) * (e1 - e)
+        s1, s2 = t + h / 3, t + 2 * h / 3
+        e1 = self.eps(x - sig(s1) * math.expm1(h / 3) * e, s1)
+        phi = math.expm1(2 * h / 3) / (2 * h / 3) - 1
+        u2 = x - sig(s2) * math.expm1(2 * h / 3) * e - sig(s2) * 2 * phi * (e1 - e)
+        e2 = self.eps(u2, s2)
+        return x - sig(tn) * math.expm1(h) * e - sig(tn) / (2 / 3) * (math.expm1(h) / h - 1) * (e2 - e)
+
+
+def _ancestral(t, tn, t_end, eta):
+    s, sn = math.exp(-t), math.exp(-tn)
+    up = min(sn, eta * math.sqrt(sn**2 * (s**2 - sn**2) / s**2))
+    down = math.sqrt(sn**2 - up**2)
+    tn_ = min(t_end, -math.log(down))
+    return tn_, math.sqrt(sn**2 - math.exp(-tn_) ** 2)
+
+
+def _ref_fast(x, sigma_min, sigma_max, nfe, noises, eta):
+    ref, it = _Ref(), iter(noises)
+    x = x.double()
+    t0, t1 = -math.log(sigma_max), -math.log(sigma_min)
+    m = math.floor(nfe / 3) + 1
+    ts = [t0 + (t1 - t0) * k / m for k in range(m)] + [t1]
+    orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+    for i, order in enumerate(orders):
+        tn_, su = _ancestral(ts[i], ts[i + 1], t1, eta) if eta else (ts[i + 1], 0.0)
+        x = ref.step(x, ts[i], tn_, order)
+        if eta:
+            x = x + su * next(it)
+    assert ref.calls == nfe
+    return x
+
+
+def _ref_adaptive(x, sigma_min, sigma_max, seed, eta, order=3, rtol=0.05, atol=0.0078):
+    """k-diffusion's dpm_solver_adaptive for one batch row (whose error is then its own)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = x.double()
+    t, t_end = -math.log(sigma_max), -math.log(sigma_min)
+    b1, errs, h = 1.0 / (1.5 if eta else order), [], 0.05
+    x_prev = x
+    n = 0
+    while t < t_end - 1e-5:
+        tn = min(t_end, t + h)
+        tn_, su = _ancestral(t, tn, t_end, eta) if eta else (tn, 0.0)
+        ref = _Ref()
+        if order == 2:
+            low, high = ref.step(x, t, tn_, 1), ref.step(x, t, tn_, 2)
+        else:
+            low, high = ref.step(x, t, tn_, 2, r1=1 / 3), ref.step(x, t, tn_, 3)
+        delta = torch.maximum(torch.tensor(atol, dtype=torch.float64), rtol * torch.maximum(low.abs(), x_prev.abs()))
+        err = float(torch.linalg.norm((low - high) / delta) / x.numel() ** 0.5)
+        inv = 1 / (err + 1e-8)
+        if not errs:
+            errs = [inv, inv, inv]
+        errs[0] = inv
+        factor = 1 + math.atan(errs[0] ** b1 - 1)  # I-control only (the default P = D = 0)
+        if factor >= 0.81:
+            errs[2], errs[1] = errs[1], errs[0]
+            x_prev = low
+            x = high
+            if eta:
+                x = x + su * torch.randn((1, *x.shape[1:]), generator=gen).double()
+            t = tn
+        h *= factor
+        n += 1
+    return x, n
+
+
+def _grid(name, steps, schedule="uniform"):
+    return sampling.make_grid(name, steps, NoiseSchedule.from_config(**SD), schedule, SD)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("steps", [2, 3, 7, 10])
+def test_dpm_fast_matches_k_diffusion_in_float64(steps, eta):
+    grid = _grid("dpm_fast", steps)
+    hi, lo = float(grid.sigmas[0]), float(grid.sigmas[-2])
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * hi
+    seeds = (11, 12)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    out = S.sample_dpm_fast(_den, x, grid.sigmas, generators=gens, eta=eta)
+    m = steps // 3 + 1  # the steps DPM fast takes, each one draw
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    draws = [torch.cat([torch.randn((1, 3, 4, 4), generator=g) for g in gens]).double() for _ in range(m)]
+    expected = _ref_fast(x, lo, hi, steps, draws, eta)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+    # it runs from the model's sigma_max down to its sigma_min (A1111's txt2img ends): x is near the data there
+    assert (out - _den(x, torch.tensor([hi]))).abs().max() > 1e-2
+
+
+def test_dpm_fast_eta_0_converges_to_the_exact_ode_solution():
+    """DPM-Solver-3 steps on the probability-flow ODE of Gaussian data, whose solution at sigma_min is exact:
+    MU + sqrt(STD^2 + lo^2) / sqrt(STD^2 + hi^2) (x - MU); more model calls, much closer (third order)."""
+    x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    errors = []
+    for steps in (12, 30):
+        grid = _grid("dpm_fast", steps)
+        hi, lo = float(grid.sigmas[0]), float(grid.sigmas[-2])
+        exact = MU + math.sqrt(STD**2 + lo**2) / math.sqrt(STD**2 + hi**2) * (x * hi - MU)
+        out = S.sample_dpm_fast(_den, x * hi, grid.sigmas.double(), eta=0.0)  # no generators: it draws nothing
+        errors.append((out - exact).abs().max().item())
+    assert errors[1] < 1e-3 and errors[1] < errors[0] / 20
+
+
+@pytest.mark.parametrize("eta,order", [(0.0, 3), (0.0, 2), (1.0, 3)])
+def test_dpm_adaptive_matches_k_diffusion_in_float64(eta, order):
+    grid = _grid("dpm_adaptive", 20)
+    hi, lo = float(grid.sigmas[0]), float(grid.sigmas[-2])
+    # float64: the error estimate is a small difference of large values, which float32 rounds enough to change
+    # the step sizes (so would k-diffusion's in float32)
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * hi
+    calls = []
+    out = S.sample_dpm_adaptive(
+        _den,
+        x,
+        grid.sigmas.double(),
+        generators=[torch.Generator().manual_seed(5)],
+        eta=eta,
+        order=order,
+        callback=lambda i, *_: calls.append(i),
+    )
+    expected, attempts = _ref_adaptive(x, lo, hi, 5, eta, order)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert len(calls) == attempts and attempts > 5  # the same accepted and rejected attempts
+
+
+@pytest.mark.parametrize("name", ["dpm_fast", "dpm_adaptive"])
+def test_a_row_is_the_same_alone_or_in_a_batch_and_seeds_repeat(name):
+    ns = NoiseSchedule.from_config(**SD)
+    noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(7))
+    noise[2] *= 3  # a row far from the others: adaptive steps of its own
+    kw = dict(sampler=name, steps=6, schedule="uniform", scheduler_config=SD, noise_schedule=ns)
+    both = sampling.sample(_den, noise, generators=[torch.Generator().manual_seed(s) for s in (1, 2, 3)], **kw)
+    again = sampling.sample(_den, noise, generators=[torch.Generator().manual_seed(s) for s in (1, 2, 3)], **kw)
+    assert torch.equal(both, again)
+    for r in range(3):
+        alone = sampling.sample(_den, noise[r : r + 1], generators=[torch.Generator().manual_seed(r + 1)], **kw)
+        torch.testing.assert_close(both[r : r + 1], alone, rtol=0, atol=1e-6)
+    other = sampling.sample(_den, noise, generators=[torch.Generator().manual_seed(s) for s in (4, 5, 6)], **kw)
+    assert (other - both).abs().max() > 1e-3  # A1111's eta 1: the per-step noise comes from the generators
+
+
+@pytest.mark.parametrize(
+    "sampler,schedule,expected",
+    [
+        ("DPM fast", None, ("dpm_fast", "normal")),
+        ("DPM adaptive", "Uniform", ("dpm_adaptive", "uniform")),
+        ("k_dpm_fast", None, ("dpm_fast", "normal")),
+        ("k_dpm_ad", "Karras", ("dpm_adaptive", "karras")),
+        ("dpm_fast", "kl_optimal", ("dpm_fast", "kl_optimal")),
+    ],
+)
+def test_names_resolve(sampler, schedule, expected):
+    assert sampling.resolve(sampler, schedule) == expected
+
+
+def test_infotext_writes_a1111s_names_and_reads_them_back():
+    from sdengine.metadata import format_parameters, parse_parameters, to_generate_kwargs
+
+    text = format_parameters({"prompt": "p", "steps": 9, "sampler": "dpm_adaptive", "schedule": "uniform"})
+    assert "Sampler: DPM adaptive, Schedule type: Uniform," in text
+    kw = to_generate_kwargs(parse_parameters(text))
+    assert (kw["sampler"], kw["schedule"]) == ("dpm_adaptive", "uniform")
+    kw = to_generate_kwargs(parse_parameters("p\nSteps: 9, Sampler: DPM fast, Seed: 1"))
+    assert kw["sampler"] == "dpm_fast"
+
+
+def test_bad_settings_are_one_line_errors():
+    grid = _grid("dpm_fast", 1)  # one sigma and 0: nothing to integrate between
+    x = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(UsageError, match="two distinct non-zero sigmas"):
+        S.sample_dpm_fast(_den, x, grid.sigmas, generators=[torch.Generator()])
+    grid = _grid("dpm_adaptive", 5)
+    with pytest.raises(UsageError, match="order must be 2 or 3"):
+        S.sample_dpm_adaptive(_den, x, grid.sigmas, generators=[torch.Generator()], order=4)
+    with pytest.raises(UsageError, match="did not reach sigma .* in 3 attempts") as info:
+        S.sample_dpm_adaptive(_den, x + 1, grid.sigmas, generators=[torch.Generator()], max_attempts=3)
+    assert "\n" not in str(info.value)
+    with pytest.raises(UsageError, match="cannot read a noise bank"):
+        S.sample_dpm_adaptive(_den, x, grid.sigmas, generators=S.NoiseBank(torch.zeros(4, 1, 1, 2, 2), 1))
+
+
+# ------------------------------------------------------------------------------------------ through the pipeline
+
+
+@pytest.fixture(scope="module")
+def emoji_pipe(tiny_emoji_folder):
+    from sdengine.text.bert_tokenizer import find_minilm_files
+
+    try:
+        find_minilm_files()
+    except FileNotFoundError:
+        pytest.skip("all-MiniLM-L6-v2 not installed")
+    from sdengine.pipeline import load_pipeline
+
+    return load_pipeline(tiny_emoji_folder, device="cpu")
+
+
+@pytest.mark.parametrize("sampler", ["DPM adaptive", "DPM fast"])
+def test_pipeline_batch_rows_equal_single_runs(emoji_pipe, sampler):
+    """Through the U-Net and classifier-free guidance a batch row is its image made alone, though DPM adaptive's
+    rows take different steps. The step-size control feeds the batched matmuls' rounding back into the step
+    sizes: 1e-4, not the 1e-5 of the fixed-step samplers."""
+    import numpy as np
+
+    kw: dict = dict(sampler=sampler, steps=4, cfg_scale=5.0, progress=False)
+    both = emoji_pipe("a red apple", seed=20, batch_size=2, **kw)
+    for seed in (20, 21):
+        one = emoji_pipe("a red apple", seed=seed, **kw)
+        np.testing.assert_allclose(both.arrays[seed - 20], one.arrays[0], atol=1e-4)
+    assert f"Sampler: {sampler}," in both.infotexts[0]
+
+
+def test_adaptive_rows_are_blended_at_their_own_sigma_and_done_rows_stay():
+    """Inpainting's blend (in place, before each call) with rows at different sigmas: each row blended at its own,
+    a row that is done is left alone; so each row is exactly its run alone."""
+    from sdengine.pipeline.latents import InpaintBlend
+
+    ns = NoiseSchedule.from_config(**SD)
+
+    class Net:
+        takes_step = True
+        schedule = ns
+        prediction = "epsilon"
+
+        def __call__(self, x, sigma, step=None, **_):
+            s = torch.as_tensor(sigma).reshape(-1, 1, 1, 1).to(x.dtype)
+            return torch.tanh(x / (1 + s**2) ** 0.5 * 1.3) * 0.8
+
+    noise = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(7))
+    noise[1] *= 2  # its own, longer, sequence of steps
+    init = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(8))
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[..., 2:] = 1
+    mask[..., 1] = 0.5
+
+    def run(rows):
+        den = InpaintBlend(Net(), init[rows], noise[rows], mask[rows])
+        sigmas = []
+        out = sampling.sample(
+            den,
+            noise[rows],
+            sampler="dpm_adaptive",
+            steps=4,
+            schedule="uniform",
+            scheduler_config=SD,
+            generators=[torch.Generator().manual_seed(r) for r in rows],
+            callback=lambda i, sigma, *_: sigmas.append(sigma),
+        )
+        return out, sigmas
+
+    both, _ = run([0, 1])
+    alone = [run([r]) for r in (0, 1)]
+    assert len(alone[0][1]) != len(alone[1][1])  # the rows do take different steps
+    for r in (0, 1):
+        torch.testing.assert_close(both[r : r + 1], alone[r][0], rtol=0, atol=1e-6)
+
+
+def test_comfyui_ksampler_runs_them_deterministically():
+    from sdengine.server.comfy.nodes import SAMPLER_NAMES, SAMPLER_OPTIONS
+
+    assert SAMPLER_NAMES["dpm_fast"] == "dpm_fast" and SAMPLER_NAMES["dpm_adaptive"] == "dpm_adaptive"
+    assert SAMPLER_OPTIONS["dpm_fast"] == {"eta": 0.0} == SAMPLER_OPTIONS["dpm_adaptive"]  # k-diffusion's default
+    ns = NoiseSchedule.from_config(**SD)
+    noise = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(7))
+    kw = dict(sampler="dpm_fast", steps=6, schedule="normal", scheduler_config=SD, noise_schedule=ns)
+    a = sampling.sample(_den, noise, generators=[torch.Generator().manual_seed(1)], sampler_options={"eta": 0.0}, **kw)
+    b = sampling.sample(_den, noise, generators=[torch.Generator().manual_seed(2)], sampler_options={"eta": 0.0}, **kw)
+    assert torch.equal(a, b)  # eta 0 draws nothing
+
+
+@pytest.mark.parametrize("sampler", ["dpm_fast", "dpm_adaptive"])
+def test_comfyui_sampling_cannot_stop_them_at_an_end_step(sampler):
+    """KSamplerAdvanced's end_at_step stops a run at a step of the grid; these take their own steps: refused in
+    one line (the run once went on to sigma_min, a silently different latent)."""
+    from _live_server import shared_loader
+    from sdengine.latent_sampling import LatentSamplingError, encode_text, sample_latents
+
+    pipe = shared_loader("emoji", "cpu")
+    latent = torch.zeros(1, 4, 8, 8)
+    args = (pipe, [encode_text(pipe, "a star")], [encode_text(pipe, "")], latent)
+    kw = dict(seed=1, steps=6, cfg=3.0, sampler=sampler, schedule="normal", sampler_options={"eta": 0.0})
+    with pytest.raises(LatentSamplingError, match=f"{sampler} cannot stop at end_at_step 3 of 6") as info:
+        sample_latents(*args, end_at_step=3, **kw)
+    assert "\n" not in str(info.value)
+    with torch.inference_mode():
+        assert torch.isfinite(sample_latents(*args, **kw)).all()  # the whole run is fine
