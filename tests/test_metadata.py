@@ -260,7 +260,7 @@ def test_parse_no_negative_and_combined_sampler():
     assert "strength" not in kwargs
     # "Schedule type: Automatic" (A1111 >= 1.9 default) with a combined name keeps its schedule.
     p2 = parse_parameters("x\nSteps: 3, Sampler: Euler a, Schedule type: Automatic, Seed: 1")
-    assert to_generate_kwargs(p2)["schedule"] == "normal"
+    assert to_generate_kwargs(p2)["schedule"] == "uniform"  # what A1111 ran: k-diffusion's get_sigmas
 
 
 def test_parse_short_last_line_is_prompt():

@@ -161,7 +161,7 @@ def test_name_table_resolves_a1111_names():
     assert sampling.resolve("DPM++ 2M Karras") == ("dpmpp_2m", "karras")
     assert sampling.resolve("Euler a") == ("euler_a", "normal")
     assert sampling.resolve("DPM++ 2M", "Karras") == ("dpmpp_2m", "karras")
-    assert sampling.resolve("euler", "Automatic") == ("euler", "normal")
+    assert sampling.resolve("euler", "Automatic") == ("euler", "uniform")  # A1111's: k-diffusion's get_sigmas
     assert sampling.resolve("lcm", "sgm_uniform") == ("lcm", "sgm_uniform")
     assert sampling.diffusers_equivalent("plms")[0] == "PNDMScheduler"
     assert sampling.diffusers_equivalent("dpmpp_2m_sde")[1]["algorithm_type"] == "sde-dpmsolver++"

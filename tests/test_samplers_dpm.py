@@ -333,3 +333,35 @@ def test_comfyui_sampling_cannot_stop_them_at_an_end_step(sampler):
     assert "\n" not in str(info.value)
     with torch.inference_mode():
         assert torch.isfinite(sample_latents(*args, **kw)).all()  # the whole run is fine
+
+
+@pytest.mark.parametrize(
+    "sampler,schedule,expected",
+    [
+        ("Euler", "Automatic", ("euler", "uniform")),  # k-diffusion's get_sigmas: 999 ... 0
+        ("Euler a", "automatic", ("euler_a", "uniform")),
+        ("DPM fast", "Automatic", ("dpm_fast", "uniform")),
+        ("DPM++ 2M", "Automatic", ("dpmpp_2m", "karras")),  # A1111 1.10's sampler table names its default
+        ("DPM++ 2M SDE", "Automatic", ("dpmpp_2m_sde", "exponential")),
+        ("DPM++ 2M SDE Karras", "Automatic", ("dpmpp_2m_sde", "karras")),  # a combined name's own first
+        ("Restart", "Automatic", ("restart", "karras")),
+        ("DDIM", "Automatic", ("ddim", "normal")),  # a timestep sampler: its own grid
+        ("Euler", None, ("euler", "normal")),  # the native default stays diffusers' spacing
+    ],
+)
+def test_a1111_automatic_is_the_schedule_a1111_runs(sampler, schedule, expected):
+    assert sampling.resolve(sampler, schedule) == expected
+
+
+def test_uniform_is_k_diffusions_get_sigmas_from_timestep_999_to_0():
+    """The grid A1111's Automatic gives Euler: T - 1 ... 0 evenly, sigmas interpolated in log sigma, then 0 (the
+    native "normal" of SD 1.5's leading config starts at timestep 901 instead)."""
+    grid = sampling.make_grid("Euler", 10, NoiseSchedule.from_config(**SD), "Automatic", SD)
+    table = NoiseSchedule.from_config(**SD).sigmas.double()
+    assert float(grid.sigmas[0]) == pytest.approx(float(table[-1]), rel=1e-6)
+    assert float(grid.sigmas[-2]) == pytest.approx(float(table[0]), rel=1e-6) and float(grid.sigmas[-1]) == 0
+    torch.testing.assert_close(
+        grid.timesteps.double(), torch.linspace(999, 0, 10, dtype=torch.float64), atol=1e-3, rtol=0
+    )
+    normal = sampling.make_grid("Euler", 10, NoiseSchedule.from_config(**SD), None, SD)
+    assert abs(float(normal.timesteps[0]) - 900) < 1e-3  # leading, steps_offset 0 (901 with SD 1.5's offset 1)
