@@ -365,3 +365,23 @@ def test_uniform_is_k_diffusions_get_sigmas_from_timestep_999_to_0():
     )
     normal = sampling.make_grid("Euler", 10, NoiseSchedule.from_config(**SD), None, SD)
     assert abs(float(normal.timesteps[0]) - 900) < 1e-3  # leading, steps_offset 0 (901 with SD 1.5's offset 1)
+
+
+@pytest.mark.parametrize("steps", [1, 5, 20])
+def test_comfyuis_normal_scheduler_is_its_timestep_linspace(steps):
+    """ComfyUI's KSampler "normal": timesteps linspace(999, 0, steps) (model_sampling.timestep of sigma_max and
+    sigma_min), each one's sigma interpolated in log sigma between its neighbouring table entries, then 0; it once
+    ran diffusers' spacing (900 ... 0 here, 901 ... 1 with SD 1.5's offset)."""
+    import numpy as np
+
+    from sdengine.server.comfy.nodes import SCHEDULER_NAMES
+
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    log_sigmas = np.log(np.sqrt((1 - np.cumprod(1 - betas)) / np.cumprod(1 - betas)))
+    want = []
+    for t in np.linspace(999, 0, steps):
+        lo, hi = int(np.floor(t)), int(np.ceil(t))
+        w = t - lo
+        want.append(math.exp((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]))
+    grid = sampling.make_grid("euler", steps, NoiseSchedule.from_config(**SD), SCHEDULER_NAMES["normal"], SD)
+    np.testing.assert_allclose(grid.sigmas.double().numpy(), [*want, 0.0], rtol=2e-5, atol=1e-7)

@@ -50,6 +50,8 @@ SAMPLER_NAMES = {
     "dpm_2": "dpm2",
     "dpm_2_ancestral": "dpm2_a",
     "lms": "lms",
+    "dpm_fast": "dpm_fast",  # ComfyUI's order
+    "dpm_adaptive": "dpm_adaptive",
     "dpmpp_sde": "dpmpp_sde",
     "dpmpp_2m": "dpmpp_2m",
     "dpmpp_2m_sde": "dpmpp_2m_sde",
@@ -67,14 +69,14 @@ SAMPLER_NAMES = {
     "ddim": "ddim",
     "uni_pc": "unipc",
     "uni_pc_bh2": "unipc",  # sdengine's UniPC is the bh2 variant (diffusers' default)
-    "dpm_fast": "dpm_fast",
-    "dpm_adaptive": "dpm_adaptive",
 }
 # The options ComfyUI's KSampler runs a sampler with where they differ from sdengine's defaults (A1111's): its DPM
 # fast / adaptive are k-diffusion's with eta 0 (deterministic), A1111 passes its ancestral eta, 1.
 SAMPLER_OPTIONS: dict[str, dict[str, float]] = {"dpm_fast": {"eta": 0.0}, "dpm_adaptive": {"eta": 0.0}}
 SCHEDULER_NAMES = {
-    "normal": "normal",
+    # ComfyUI's normal_scheduler: timesteps linspace(t(sigma_max), t(sigma_min), steps) = 999 ... 0, their sigmas,
+    # then 0: k-diffusion's get_sigmas, sdengine's "uniform" (its "normal" is diffusers' spacing: 901 ... 1 on SD 1.5)
+    "normal": "uniform",
     "karras": "karras",
     "exponential": "exponential",
     "sgm_uniform": "sgm_uniform",
