@@ -385,3 +385,26 @@ def test_comfyuis_normal_scheduler_is_its_timestep_linspace(steps):
         want.append(math.exp((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]))
     grid = sampling.make_grid("euler", steps, NoiseSchedule.from_config(**SD), SCHEDULER_NAMES["normal"], SD)
     np.testing.assert_allclose(grid.sigmas.double().numpy(), [*want, 0.0], rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 25])
+def test_linear_quadratic_is_comfyuis(steps):
+    """ComfyUI's linear_quadratic (Mochi's): 1 - (linear to 0.025 over steps // 2, then a quadratic to 1), times
+    the model's sigma_max; recomputed here from the Mochi formula in its own form."""
+    sigma_max = float(NoiseSchedule.from_config(**SD).sigmas[-1])
+    if steps == 1:
+        want = [1.0, 0.0]
+    else:
+        lin = steps // 2
+        k = (lin - 0.025 * steps) / (lin * (steps - lin) ** 2)
+        m = 0.025 / lin - 2 * (lin - 0.025 * steps) / (steps - lin) ** 2
+        sched = [i * 0.025 / lin for i in range(lin)] + [k * i * i + m * i + k * lin * lin for i in range(lin, steps)]
+        want = [1.0 - v for v in [*sched, 1.0]]
+    grid = sampling.make_grid("euler", steps, NoiseSchedule.from_config(**SD), "linear_quadratic", SD)
+    torch.testing.assert_close(
+        grid.sigmas.double(), torch.tensor(want, dtype=torch.float64) * sigma_max, rtol=2e-6, atol=1e-6
+    )
+    assert sampling.resolve("Euler", "Linear Quadratic") == ("euler", "linear_quadratic")
+    from sdengine.server.comfy.nodes import SCHEDULER_NAMES
+
+    assert SCHEDULER_NAMES["linear_quadratic"] == "linear_quadratic"

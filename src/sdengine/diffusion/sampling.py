@@ -237,6 +237,7 @@ SCHEDULE_A1111: dict[str, str] = {
     "align_your_steps_sdxl": "Align Your Steps",  # A1111 picks the table by the model: one name for both
     "uniform": "Uniform",
     "polyexponential": "Polyexponential",
+    "linear_quadratic": "Linear Quadratic",  # ComfyUI's; A1111 has none
 }
 # Other spellings of the schedules, read in any case: ComfyUI's names where they differ from ours, A1111's alias.
 SCHEDULE_ALIASES: dict[str, str] = {

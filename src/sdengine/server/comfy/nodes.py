@@ -83,6 +83,7 @@ SCHEDULER_NAMES = {
     "simple": "simple",
     "ddim_uniform": "ddim_uniform",
     "beta": "beta",
+    "linear_quadratic": "linear_quadratic",  # ComfyUI's order
     "kl_optimal": "kl_optimal",
 }
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")
