@@ -408,3 +408,90 @@ def test_linear_quadratic_is_comfyuis(steps):
     from sdengine.server.comfy.nodes import SCHEDULER_NAMES
 
     assert SCHEDULER_NAMES["linear_quadratic"] == "linear_quadratic"
+
+
+# ------------------------------------------------------------------------------------------ ComfyUI's heunpp2, ipndm_v
+
+
+def _ref_heunpp2(x, s):
+    """ComfyUI's sample_heunpp2 (no churn) in its own form, float64."""
+    x = x.double()
+    to_d = lambda z, sig: (z - _den(z, torch.tensor([sig], dtype=torch.float64))) / sig  # noqa: E731
+    for i in range(len(s) - 1):
+        d = to_d(x, s[i])
+        dt = s[i + 1] - s[i]
+        if s[i + 1] == s[-1]:
+            x = x + d * dt
+        elif s[i + 2] == s[-1]:
+            x_2 = x + d * dt
+            w2 = s[i + 1] / (2 * s[0])
+            x = x + (d * (1 - w2) + to_d(x_2, s[i + 1]) * w2) * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = to_d(x_2, s[i + 1])
+            x_3 = x_2 + d_2 * (s[i + 2] - s[i + 1])
+            d_3 = to_d(x_3, s[i + 2])
+            w2, w3 = s[i + 1] / (3 * s[0]), s[i + 2] / (3 * s[0])
+            x = x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
+    return x
+
+
+def _ref_ipndm_v(x, t, max_order=4):
+    """ComfyUI's sample_ipndm_v in its own form (its coefficient expressions), float64."""
+    x, buf = x.double(), []
+    for i in range(len(t) - 1):
+        d = (x - _den(x, torch.tensor([t[i]], dtype=torch.float64))) / t[i]
+        order = min(max_order, i + 1)
+        hn = t[i + 1] - t[i]
+        if t[i + 1] == 0:
+            x = _den(x, torch.tensor([t[i]], dtype=torch.float64))
+        elif order == 1:
+            x = x + hn * d
+        elif order == 2:
+            h1 = t[i] - t[i - 1]
+            x = x + hn * ((2 + hn / h1) / 2 * d - (hn / h1) / 2 * buf[-1])
+        elif order == 3:
+            h1, h2 = t[i] - t[i - 1], t[i - 1] - t[i - 2]
+            tmp = (1 - hn / (3 * (hn + h1)) * (hn * (hn + h1)) / (h1 * (h1 + h2))) / 2
+            c1 = (2 + hn / h1) / 2 + tmp
+            c2 = -(hn / h1) / 2 - (1 + h1 / h2) * tmp
+            x = x + hn * (c1 * d + c2 * buf[-1] + tmp * h1 / h2 * buf[-2])
+        else:
+            h1, h2, h3 = t[i] - t[i - 1], t[i - 1] - t[i - 2], t[i - 2] - t[i - 3]
+            t1 = (1 - hn / (3 * (hn + h1)) * (hn * (hn + h1)) / (h1 * (h1 + h2))) / 2
+            t2 = (
+                ((1 - hn / (3 * (hn + h1))) / 2 + (1 - hn / (2 * (hn + h1))) * hn / (6 * (hn + h1 + h2)))
+                * (hn * (hn + h1) * (hn + h1 + h2))
+                / (h1 * (h1 + h2) * (h1 + h2 + h3))
+            )
+            r = h1 * (h1 + h2) / (h2 * (h2 + h3))
+            c1 = (2 + hn / h1) / 2 + t1 + t2
+            c2 = -(hn / h1) / 2 - (1 + h1 / h2) * t1 - (1 + h1 / h2 + r) * t2
+            c3 = t1 * h1 / h2 + (h1 / h2 + r * (1 + h2 / h3)) * t2
+            c4 = -t2 * r * h1 / h2
+            x = x + hn * (c1 * d + c2 * buf[-1] + c3 * buf[-2] + c4 * buf[-3])
+        buf = (buf + [d])[-(max_order - 1) :] if max_order > 1 else []
+    return x
+
+
+@pytest.mark.parametrize("schedule", ["karras", "uniform", "beta"])
+@pytest.mark.parametrize(("name", "ref"), [("heunpp2", _ref_heunpp2), ("ipndm_v", _ref_ipndm_v)])
+def test_heunpp2_and_ipndm_v_match_comfyui_in_float64(name, ref, schedule):
+    grid = _grid(name, 9, schedule)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * float(grid.sigmas[0])
+    out = S.SAMPLERS[name](_den, x, grid.sigmas.double())
+    expected = ref(x, [float(v) for v in grid.sigmas.double()])
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    assert (out - S.sample_euler(_den, x, grid.sigmas.double())).abs().max() > 1e-3  # not Euler's steps
+    assert sampling.resolve({"heunpp2": "HeunPP2", "ipndm_v": "iPNDM_v"}[name]) == (name, "normal")
+
+
+def test_ipndm_v_on_an_even_grid():
+    """On equal sigma steps the variable-step weights of orders 2 and 3 are the fixed Adams-Bashforth ones; ComfyUI's
+    order-4 expression is not (57/24, not 55/24, first): taken as ComfyUI has it."""
+    assert S.ipndm_v_weights([-2.0, -2.0]) == pytest.approx([3 / 2, -1 / 2])
+    assert S.ipndm_v_weights([-2.0, -2.0, -2.0]) == pytest.approx([23 / 12, -16 / 12, 5 / 12])
+    assert S.ipndm_v_weights([-1.0, -1.0, -1.0, -1.0]) == pytest.approx([57 / 24, -65 / 24, 43 / 24, -11 / 24])
+    from sdengine.server.comfy.nodes import SAMPLER_NAMES
+
+    assert SAMPLER_NAMES["heunpp2"] == "heunpp2" and SAMPLER_NAMES["ipndm_v"] == "ipndm_v"

@@ -892,6 +892,113 @@ def sample_ipndm(
     return x
 
 
+@torch.no_grad()
+def sample_heunpp2(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Heun++ (ComfyUI's ``heunpp2``, from sd-webui-samplers-scheduler): an Euler predictor through the next two grid
+    points, the slopes there (model calls at those points) averaged with weights sigma_{i+1} / (3 sigma_0) and
+    sigma_{i+2} / (3 sigma_0), the first slope taking the rest; the step before the last blends two slopes
+    (sigma_{i+1} / (2 sigma_0)), the last is Euler. Karras's churn as :func:`sample_euler` (drawing only where it
+    is on; ComfyUI draws a discarded number each step)."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    s, end = loop.s, loop.s[-1]
+    for i in range(loop.n):
+        x, sigma = churn(loop, x, i, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = loop.model(x, sigma, step=i, on_grid=sigma == s[i])
+        d = (x - denoised) / sigma
+        dt = s[i + 1] - sigma
+        if s[i + 1] == end:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - loop.model(x_2, s[i + 1], step=i + 1)) / s[i + 1]
+            if s[i + 2] == end:
+                w2 = s[i + 1] / (2 * s[0])
+                x = x + (d * (1 - w2) + d_2 * w2) * dt
+            else:
+                x_3 = x_2 + d_2 * (s[i + 2] - s[i + 1])
+                d_3 = (x_3 - loop.model(x_3, s[i + 2], step=i + 2)) / s[i + 2]
+                w2, w3 = s[i + 1] / (3 * s[0]), s[i + 2] / (3 * s[0])
+                x = x + (d * (1 - w2 - w3) + d_2 * w2 + d_3 * w3) * dt
+        loop.done(i, x, denoised)
+    return x
+
+
+def ipndm_v_weights(h: Sequence[float]) -> list[float]:
+    """The variable-step iPNDM weights (Zhang & Chen 2023; ComfyUI's ``ipndm_v``) of the current slope and the
+    earlier ones, newest first, for step sizes ``h = [h_n, h_{n-1}, ...]`` (sigma differences, h_n the step being
+    taken): Adams-Bashforth of order ``len(h)`` rescaled to the uneven steps."""
+    if len(h) == 1:
+        return [1.0]
+    hn, h1 = h[0], h[1]
+    c1, c2 = (2 + hn / h1) / 2, -(hn / h1) / 2
+    if len(h) == 2:
+        return [c1, c2]
+    h2 = h[2]
+    t1 = (1 - hn / (3 * (hn + h1)) * (hn * (hn + h1)) / (h1 * (h1 + h2))) / 2
+    if len(h) == 3:
+        return [c1 + t1, c2 - (1 + h1 / h2) * t1, t1 * h1 / h2]
+    h3 = h[3]
+    t2 = (
+        ((1 - hn / (3 * (hn + h1))) / 2 + (1 - hn / (2 * (hn + h1))) * hn / (6 * (hn + h1 + h2)))
+        * (hn * (hn + h1) * (hn + h1 + h2))
+        / (h1 * (h1 + h2) * (h1 + h2 + h3))
+    )
+    q = h1 * (h1 + h2) / (h2 * (h2 + h3))
+    return [
+        c1 + t1 + t2,
+        c2 - (1 + h1 / h2) * t1 - (1 + h1 / h2 + q) * t2,
+        t1 * h1 / h2 + (h1 / h2 + q * (1 + h2 / h3)) * t2,
+        -t2 * q * h1 / h2,
+    ]
+
+
+@torch.no_grad()
+def sample_ipndm_v(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    max_order: int = 4,
+) -> Tensor:
+    """Variable-step iPNDM (ComfyUI's ``ipndm_v``): :func:`sample_ipndm` with the Adams-Bashforth weights of
+    :func:`ipndm_v_weights`, fitted to the grid's uneven sigma steps; the step to sigma 0 returns x0."""
+    if not 1 <= int(max_order) <= 4:
+        raise UsageError(f"ipndm_v max_order must be 1 to 4, got {max_order}")
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    s = loop.s
+    ds: list[Tensor] = []  # slopes, newest first
+    for i in range(loop.n):
+        denoised = loop.model(x, s[i], step=i)
+        ds.insert(0, (x - denoised) / s[i])
+        del ds[int(max_order) :]
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            order = len(ds)
+            h = [s[i + 1] - s[i]] + [s[i - k] - s[i - k - 1] for k in range(order - 1)]
+            slope = ds[0] * 0.0
+            for w, d in zip(ipndm_v_weights(h), ds, strict=True):
+                slope = slope + d * w
+            x = x + slope * (s[i + 1] - s[i])
+        loop.done(i, x, denoised)
+    return x
+
+
 # ---------------------------------------------------------------------------------------------------
 # DPM-Solver (Lu et al. 2022, "DPM-Solver", eps form, singlestep): A1111's "DPM fast" and "DPM adaptive"
 # ---------------------------------------------------------------------------------------------------
@@ -1316,6 +1423,8 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "restart": sample_restart,
     "ipndm": sample_ipndm,
+    "ipndm_v": sample_ipndm_v,
+    "heunpp2": sample_heunpp2,
     "dpm_fast": sample_dpm_fast,
     "dpm_adaptive": sample_dpm_adaptive,
     "unipc": sample_unipc,

@@ -195,6 +195,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
             parity_schedules=("normal",),
         ),
         SamplerSpec("ipndm", "iPNDM", S.sample_ipndm, "k", "", parity_schedules=()),  # ComfyUI's; not in A1111
+        SamplerSpec("ipndm_v", "iPNDM_v", S.sample_ipndm_v, "k", "", parity_schedules=()),  # ComfyUI's
+        SamplerSpec("heunpp2", "HeunPP2", S.sample_heunpp2, "k", "", parity_schedules=()),  # ComfyUI's
         # k-diffusion's DPM-Solver samplers: they read only the grid's ends (and, DPM fast, its step count)
         SamplerSpec("dpm_fast", "DPM fast", S.sample_dpm_fast, "k", "", stochastic=True, parity_schedules=()),
         SamplerSpec(
