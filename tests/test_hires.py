@@ -337,7 +337,7 @@ def test_a1111_txt2img_route_runs_the_hires_fix(tmp_path):
             "a red apple",
             seed=4,
             sampler="euler",
-            schedule=None,
+            schedule="uniform",  # A1111's "Automatic" for Euler (k-diffusion's get_sigmas)
             enable_hr=True,
             hr_upscaler="Latent (bicubic)",
             hr_second_pass_steps=4,
@@ -356,7 +356,14 @@ def test_a1111_txt2img_route_runs_the_hires_fix(tmp_path):
         with pytest.raises(RuntimeError, match="hr_scale must be in"):  # the server's limits hold for pass two
             api.txt2img(prompt="x", seed=1, enable_hr=True, hr_scale=1000, **common)
         # the native job API: the same request with a "hires" object
-        body = {"prompt": "a red apple", "seed": 4, "sampler": "euler", "schedule": None, "strength": 0.6, **common}
+        body = {
+            "prompt": "a red apple",
+            "seed": 4,
+            "sampler": "euler",
+            "schedule": "uniform",
+            "strength": 0.6,
+            **common,
+        }
         body["strength_rule"] = "a1111"
         body["hires"] = {"hr_upscaler": "Latent (bicubic)", "hr_second_pass_steps": 4}
         with httpx.Client(base_url=s.url, timeout=120) as c:

@@ -97,8 +97,8 @@ def test_format_sampler_names():
     assert line(sampler="lcm", schedule="sgm_uniform").startswith("Sampler: LCM, Schedule type: SGM Uniform")
     for name, spec in SAMPLERS.items():
         assert line(sampler=name).startswith(f"Sampler: {spec.a1111},")
-    with pytest.raises(ValueError, match="unknown sampler 'dpm_adaptive'"):  # A1111's, not sdengine's
-        format_parameters({"prompt": "", "sampler": "dpm_adaptive"})
+    with pytest.raises(ValueError, match="unknown sampler 'euler_smea_dy'"):  # a WebUI fork's, not sdengine's
+        format_parameters({"prompt": "", "sampler": "euler_smea_dy"})
     with pytest.raises(ValueError, match="schedule"):
         format_parameters({"prompt": "", "sampler": "plms", "schedule": "karras"})
 
@@ -260,7 +260,7 @@ def test_parse_no_negative_and_combined_sampler():
     assert "strength" not in kwargs
     # "Schedule type: Automatic" (A1111 >= 1.9 default) with a combined name keeps its schedule.
     p2 = parse_parameters("x\nSteps: 3, Sampler: Euler a, Schedule type: Automatic, Seed: 1")
-    assert to_generate_kwargs(p2)["schedule"] == "normal"
+    assert to_generate_kwargs(p2)["schedule"] == "uniform"  # what A1111 ran: k-diffusion's get_sigmas
 
 
 def test_parse_short_last_line_is_prompt():
@@ -277,8 +277,8 @@ def test_parse_negative_only():
 
 
 def test_unknown_sampler_is_a_clear_error():
-    p = parse_parameters("x\nSteps: 20, Sampler: DPM adaptive, Seed: 1, Size: 512x512")
-    with pytest.raises(MetadataError, match="unknown sampler 'DPM adaptive'; valid: .*dpmpp_2m"):
+    p = parse_parameters("x\nSteps: 20, Sampler: Euler SMEA Dy, Seed: 1, Size: 512x512")
+    with pytest.raises(MetadataError, match="unknown sampler 'Euler SMEA Dy'; valid: .*dpmpp_2m"):
         to_generate_kwargs(p)
     with pytest.raises(MetadataError, match="Size"):
         to_generate_kwargs(parse_parameters("x\nSteps: 20, Seed: 1, Size: big"))

@@ -29,7 +29,8 @@ CONFIG = {
     "steps_offset": 1,
     "set_alpha_to_one": False,
 }
-FIRST_ORDER = {"euler", "ddim", "euler_a", "ddpm", "dpmpp_sde"}
+# (ComfyUI's Heun++ blends its slopes with sigma-proportional weights, mostly the first slope's: about as exact)
+FIRST_ORDER = {"euler", "ddim", "euler_a", "ddpm", "dpmpp_sde", "heunpp2"}
 
 
 def _col(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

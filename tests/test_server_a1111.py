@@ -1253,3 +1253,22 @@ def test_a1111s_newer_samplers_and_schedule_types_equal_the_python_api(api):
         np.testing.assert_array_equal(arr(r.images[0]), arr(want.images[0]))
         assert r.info["sampler_name"] == sampler and r.info["extra_generation_params"] == {"Schedule type": sched}
         assert f"Sampler: {sampler}, Schedule type: {sched}," in r.info["infotexts"][0]
+
+
+def test_automatic_schedule_is_what_a1111_runs(api, server):
+    """A1111 1.10 runs ``p.scheduler or "Automatic"``, and Automatic is the sampler's own default (Karras for DPM++
+    2M) or else k-diffusion's get_sigmas, timesteps 999 ... 0 ("Uniform"); the route once ran the native default
+    (the model's diffusers spacing: 901 ... 1 for SD 1.5's leading config) for Euler."""
+
+    want = emoji()("a red apple", seed=5, sampler="euler", schedule="uniform", progress=False, **COMMON)
+    r = api.txt2img(prompt="a red apple", seed=5, sampler_name="Euler", scheduler="Automatic", **COMMON)
+    np.testing.assert_array_equal(arr(r.images[0]), arr(want.images[0]))
+    assert "Sampler: Euler, Schedule type: Uniform," in r.info["infotexts"][0]
+    body = {"prompt": "a red apple", "seed": 5, "sampler_name": "Euler", **COMMON}  # no scheduler at all
+    for extra in ({}, {"scheduler": None}):
+        got = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**body, **extra}, timeout=120)
+        assert got.status_code == 200, got.text
+        image = Image.open(io.BytesIO(base64.b64decode(got.json()["images"][0])))
+        np.testing.assert_array_equal(arr(image), arr(want.images[0]))
+    r = api.txt2img(prompt="a red apple", seed=5, sampler_name="DPM++ 2M SDE", scheduler="Automatic", **COMMON)
+    assert "Sampler: DPM++ 2M SDE, Schedule type: Exponential," in r.info["infotexts"][0]

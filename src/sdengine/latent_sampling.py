@@ -22,7 +22,7 @@ For one image from an empty latent both rules draw the same noise.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,6 +177,7 @@ def sample_latents(
     callback: Callable[[StepReport], bool | None] | None = None,
     batch_index: Sequence[int] | None = None,
     sigmas: Tensor | None = None,
+    sampler_options: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """Sample from ``latent`` (B, C, h, w) in the model's scaled latent space; returns the new latent.
 
@@ -194,6 +195,8 @@ def sample_latents(
     walked instead of ``steps``/``schedule``/``denoise`` and the window, as ComfyUI walks it: from the latent plus
     the noise at ``sigmas[0]``, or from pure noise (``sqrt(1 + sigma**2)`` scaled) when the latent is empty and
     ``sigmas[0]`` is the model's sigma_max; the result is the sample at ``sigmas[-1]`` (noisy when that is not 0).
+    ``sampler_options``: the sampler's keyword options (ComfyUI's DPM fast / adaptive run with eta 0,
+    k-diffusion's default).
     """
     if seed_rule not in SEED_RULES:
         raise LatentSamplingError(f"unknown seed rule {seed_rule!r}; use one of {', '.join(SEED_RULES)}")
@@ -303,6 +306,9 @@ def sample_latents(
         else:
             start = max(grid.steps - steps, 0) if start > 0 else 0
         total = end = grid.steps
+    if end < total and name in ("dpm_fast", "dpm_adaptive"):
+        # they take their own steps between the grid's ends: there is no step of the grid to stop at
+        raise LatentSamplingError(f"{sampler} cannot stop at end_at_step {end} of {total}: it takes its own steps")
 
     net: Any = pipe.unet
     # the first negative is the one used: its ControlNets count, those of the others do not
@@ -393,6 +399,7 @@ def sample_latents(
                     start_step=start if from_init else None,
                     noise_schedule=pipe.noise_schedule,
                     sigmas=given,
+                    sampler_options=sampler_options,
                 )
         except SamplingInterrupted as e:
             if e.step + 1 != run_steps or end >= total:

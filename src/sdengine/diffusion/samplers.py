@@ -145,6 +145,17 @@ class _Loop:
             return den(x, s_in, step=SamplerStep(step, first, float(sigma)), **self.extra)
         return den(x, s_in, **self.extra)
 
+    def model_rows(self, x: Tensor, sigmas: Sequence[float], *, step: int) -> Tensor:
+        """The denoiser with each row at its own sigma (all off the grid); one sigma for all is :meth:`model`.
+        A ``takes_step`` denoiser's ``SamplerStep.sigma`` is then the highest of them."""
+        if all(v == sigmas[0] for v in sigmas):
+            return self.model(x, sigmas[0], step=step, on_grid=False)
+        s_in = torch.tensor(list(sigmas), dtype=torch.float32)
+        if self.takes_step:
+            first, self.calls = self.calls == 0, self.calls + 1
+            return self.off_grid(x, s_in, step=SamplerStep(step, first, max(sigmas)), **self.extra)
+        return self.off_grid(x, s_in, **self.extra)
+
     def noise(self, x: Tensor) -> Tensor:
         """Standard normal noise, each row from its own generator (shape (1, C, H, W) per draw)."""
         if self.generators is None:
@@ -881,6 +892,380 @@ def sample_ipndm(
     return x
 
 
+@torch.no_grad()
+def sample_heunpp2(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Heun++ (ComfyUI's ``heunpp2``, from sd-webui-samplers-scheduler): an Euler predictor through the next two grid
+    points, the slopes there (model calls at those points) averaged with weights sigma_{i+1} / (3 sigma_0) and
+    sigma_{i+2} / (3 sigma_0), the first slope taking the rest; the step before the last blends two slopes
+    (sigma_{i+1} / (2 sigma_0)), the last is Euler. Karras's churn as :func:`sample_euler` (drawing only where it
+    is on; ComfyUI draws a discarded number each step)."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    s, end = loop.s, loop.s[-1]
+    for i in range(loop.n):
+        x, sigma = churn(loop, x, i, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = loop.model(x, sigma, step=i, on_grid=sigma == s[i])
+        d = (x - denoised) / sigma
+        dt = s[i + 1] - sigma
+        if s[i + 1] == end:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - loop.model(x_2, s[i + 1], step=i + 1)) / s[i + 1]
+            if s[i + 2] == end:
+                w2 = s[i + 1] / (2 * s[0])
+                x = x + (d * (1 - w2) + d_2 * w2) * dt
+            else:
+                x_3 = x_2 + d_2 * (s[i + 2] - s[i + 1])
+                d_3 = (x_3 - loop.model(x_3, s[i + 2], step=i + 2)) / s[i + 2]
+                w2, w3 = s[i + 1] / (3 * s[0]), s[i + 2] / (3 * s[0])
+                x = x + (d * (1 - w2 - w3) + d_2 * w2 + d_3 * w3) * dt
+        loop.done(i, x, denoised)
+    return x
+
+
+def ipndm_v_weights(h: Sequence[float]) -> list[float]:
+    """The variable-step iPNDM weights (Zhang & Chen 2023; ComfyUI's ``ipndm_v``) of the current slope and the
+    earlier ones, newest first, for step sizes ``h = [h_n, h_{n-1}, ...]`` (sigma differences, h_n the step being
+    taken): Adams-Bashforth of order ``len(h)`` rescaled to the uneven steps."""
+    if len(h) == 1:
+        return [1.0]
+    hn, h1 = h[0], h[1]
+    c1, c2 = (2 + hn / h1) / 2, -(hn / h1) / 2
+    if len(h) == 2:
+        return [c1, c2]
+    h2 = h[2]
+    t1 = (1 - hn / (3 * (hn + h1)) * (hn * (hn + h1)) / (h1 * (h1 + h2))) / 2
+    if len(h) == 3:
+        return [c1 + t1, c2 - (1 + h1 / h2) * t1, t1 * h1 / h2]
+    h3 = h[3]
+    t2 = (
+        ((1 - hn / (3 * (hn + h1))) / 2 + (1 - hn / (2 * (hn + h1))) * hn / (6 * (hn + h1 + h2)))
+        * (hn * (hn + h1) * (hn + h1 + h2))
+        / (h1 * (h1 + h2) * (h1 + h2 + h3))
+    )
+    q = h1 * (h1 + h2) / (h2 * (h2 + h3))
+    return [
+        c1 + t1 + t2,
+        c2 - (1 + h1 / h2) * t1 - (1 + h1 / h2 + q) * t2,
+        t1 * h1 / h2 + (h1 / h2 + q * (1 + h2 / h3)) * t2,
+        -t2 * q * h1 / h2,
+    ]
+
+
+@torch.no_grad()
+def sample_ipndm_v(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    max_order: int = 4,
+) -> Tensor:
+    """Variable-step iPNDM (ComfyUI's ``ipndm_v``): :func:`sample_ipndm` with the Adams-Bashforth weights of
+    :func:`ipndm_v_weights`, fitted to the grid's uneven sigma steps; the step to sigma 0 returns x0."""
+    if not 1 <= int(max_order) <= 4:
+        raise UsageError(f"ipndm_v max_order must be 1 to 4, got {max_order}")
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    s = loop.s
+    ds: list[Tensor] = []  # slopes, newest first
+    for i in range(loop.n):
+        denoised = loop.model(x, s[i], step=i)
+        ds.insert(0, (x - denoised) / s[i])
+        del ds[int(max_order) :]
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            order = len(ds)
+            h = [s[i + 1] - s[i]] + [s[i - k] - s[i - k - 1] for k in range(order - 1)]
+            slope = ds[0] * 0.0
+            for w, d in zip(ipndm_v_weights(h), ds, strict=True):
+                slope = slope + d * w
+            x = x + slope * (s[i + 1] - s[i])
+        loop.done(i, x, denoised)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# DPM-Solver (Lu et al. 2022, "DPM-Solver", eps form, singlestep): A1111's "DPM fast" and "DPM adaptive"
+# ---------------------------------------------------------------------------------------------------
+
+
+def _dpm_solver_ends(loop: _Loop, name: str) -> tuple[float, float]:
+    """(sigma_max, sigma_min) the DPM-Solver samplers integrate between: the grid's first sigma and its last
+    non-zero one (as ComfyUI hands them to k-diffusion; A1111's txt2img hands over the model's own ends, which its
+    "Uniform" grid starts and ends at). They land on sigma_min, not 0: the result keeps that much noise, as there."""
+    hi = loop.s[0]
+    lo = loop.s[-1] if loop.s[-1] > 0 else loop.s[-2]
+    if not 0 < lo < hi:
+        raise UsageError(
+            f"{name} integrates from the grid's first sigma down to its last non-zero one and needs two distinct "
+            f"non-zero sigmas (at least 2 steps), got {[round(v, 6) for v in loop.s]}"
+        )
+    return hi, lo
+
+
+class _DPMSolver:
+    """DPM-Solver-1/2/3 steps in t = -log sigma, each row with its own (t, t_next): the adaptive sampler's rows
+    take their own step sizes (a row never depends on its batch). ``eps`` values at a step's points are cached
+    by name, so DPM-Solver-2 with r1 = 1/3 and DPM-Solver-3 share their first intermediate point."""
+
+    def __init__(self, loop: _Loop, like: Tensor) -> None:
+        self.loop = loop
+        self.like = like
+        self.cache: dict[str, Tensor] = {}
+        self.step = 0
+
+    def col(self, values: list[float]) -> Tensor:
+        shape = (len(values),) + (1,) * (self.like.ndim - 1)
+        return (
+            torch.tensor(values, dtype=torch.float64).to(dtype=self.like.dtype, device=self.like.device).reshape(shape)
+        )
+
+    def eps(self, key: str, x: Tensor, t: list[float]) -> Tensor:
+        if key not in self.cache:
+            sig = [math.exp(-v) for v in t]
+            denoised = self.loop.model_rows(x, sig, step=self.step)
+            self.cache[key] = (x - denoised) / self.col(sig)
+        return self.cache[key]
+
+    def first(self, x: Tensor, t: list[float], t_next: list[float]) -> Tensor:
+        h = [b - a for a, b in zip(t, t_next, strict=True)]
+        return x - self.col([math.exp(-b) * math.expm1(hh) for b, hh in zip(t_next, h, strict=True)]) * self.eps(
+            "eps", x, t
+        )
+
+    def second(self, x: Tensor, t: list[float], t_next: list[float], r1: float = 0.5) -> Tensor:
+        h = [b - a for a, b in zip(t, t_next, strict=True)]
+        eps = self.eps("eps", x, t)
+        s1 = [a + r1 * hh for a, hh in zip(t, h, strict=True)]
+        u1 = x - self.col([math.exp(-s) * math.expm1(r1 * hh) for s, hh in zip(s1, h, strict=True)]) * eps
+        eps_1 = self.eps(f"r{r1}", u1, s1)
+        a = self.col([math.exp(-b) * math.expm1(hh) for b, hh in zip(t_next, h, strict=True)])
+        return x - a * eps - a / (2 * r1) * (eps_1 - eps)
+
+    def third(self, x: Tensor, t: list[float], t_next: list[float]) -> Tensor:
+        r1, r2 = 1 / 3, 2 / 3
+        h = [b - a for a, b in zip(t, t_next, strict=True)]
+        eps = self.eps("eps", x, t)
+        s1 = [a + r1 * hh for a, hh in zip(t, h, strict=True)]
+        s2 = [a + r2 * hh for a, hh in zip(t, h, strict=True)]
+        u1 = x - self.col([math.exp(-s) * math.expm1(r1 * hh) for s, hh in zip(s1, h, strict=True)]) * eps
+        eps_1 = self.eps(f"r{r1}", u1, s1)
+        u2 = (
+            x
+            - self.col([math.exp(-s) * math.expm1(r2 * hh) for s, hh in zip(s2, h, strict=True)]) * eps
+            - self.col(
+                [math.exp(-s) * (r2 / r1) * (math.expm1(r2 * hh) / (r2 * hh) - 1) for s, hh in zip(s2, h, strict=True)]
+            )
+            * (eps_1 - eps)
+        )
+        eps_2 = self.eps("r2/3", u2, s2)
+        a = self.col([math.exp(-b) * math.expm1(hh) for b, hh in zip(t_next, h, strict=True)])
+        c = self.col([math.exp(-b) / r2 * (math.expm1(hh) / hh - 1) for b, hh in zip(t_next, h, strict=True)])
+        return x - a * eps - c * (eps_2 - eps)
+
+    def denoised(self, x: Tensor, t: list[float]) -> Tensor:
+        return x - self.col([math.exp(-v) for v in t]) * self.cache["eps"]
+
+
+def _dpm_ancestral(t: float, t_next: float, t_end: float, eta: float) -> tuple[float, float]:
+    """k-diffusion's ancestral split of a DPM-Solver step: (where the deterministic part lands, in t, no further
+    than t_end; the size of the fresh noise that brings it back to sigma(t_next))."""
+    if not eta:
+        return t_next, 0.0
+    down, _ = ancestral_step(math.exp(-t), math.exp(-t_next), eta)
+    t_down = min(t_end, -math.log(down) if down > 0 else math.inf)
+    return t_down, math.sqrt(max(math.exp(-2 * t_next) - math.exp(-2 * t_down), 0.0))
+
+
+@torch.no_grad()
+def sample_dpm_fast(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM-Solver-fast (Lu et al. 2022, section 3.4; k-diffusion's sample_dpm_fast, A1111's "DPM fast"): as many
+    model calls as the grid has steps (nfe), spent on ``nfe // 3 + 1`` steps evenly spaced in t = -log sigma from
+    the grid's first sigma to its last non-zero one (:func:`_dpm_solver_ends`; the grid's own spacing is not
+    used), of DPM-Solver-3 then a final DPM-Solver-2 and -1 (nfe % 3 == 0) or one of order nfe % 3. With ``eta``
+    (A1111 passes its ancestral eta, 1 by default) each step lands lower and fresh noise (``s_noise``) brings it
+    back, one draw a step; ``eta=0`` is k-diffusion's and ComfyUI's deterministic default. Ends at sigma_min."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    hi, lo = _dpm_solver_ends(loop, "dpm_fast")
+    nfe = loop.n
+    t_start, t_end = -math.log(hi), -math.log(lo)
+    m = nfe // 3 + 1
+    ts = [float(v) for v in torch.linspace(t_start, t_end, m + 1, dtype=torch.float64)]
+    orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+    b = x.shape[0]
+    loop.s = [math.exp(-v) for v in ts[: len(orders) + 1]]  # what the callbacks report
+    loop.n = len(orders)
+    for i, order in enumerate(orders):
+        solver = _DPMSolver(loop, x)
+        solver.step = i
+        t, t_next = ts[i], ts[i + 1]
+        t_down, up = _dpm_ancestral(t, t_next, t_end, eta)
+        tt, tn = [t] * b, [t_down] * b
+        if order == 1:
+            x_new = solver.first(x, tt, tn)
+        elif order == 2:
+            x_new = solver.second(x, tt, tn)
+        else:
+            x_new = solver.third(x, tt, tn)
+        denoised = solver.denoised(x, tt)
+        x = x_new
+        if eta:
+            x = x + loop.noise(x) * (up * s_noise)
+        loop.done(i, x, denoised)
+    return x
+
+
+class _PIDStep:
+    """The step-size controller of k-diffusion's adaptive DPM-Solver (a PID controller on the inverse error,
+    Söderlind 2003, with its 1 + atan(x - 1) limiter): proposes the next step and accepts or rejects this one."""
+
+    def __init__(self, h: float, pcoeff: float, icoeff: float, dcoeff: float, order: float, safety: float) -> None:
+        self.h = h
+        self.b1 = (pcoeff + icoeff + dcoeff) / order
+        self.b2 = -(pcoeff + 2 * dcoeff) / order
+        self.b3 = dcoeff / order
+        self.safety = safety
+        self.errs: list[float] = []
+
+    def propose(self, error: float) -> bool:
+        inv = 1 / (error + 1e-8)
+        if not self.errs:
+            self.errs = [inv, inv, inv]
+        self.errs[0] = inv
+        factor = self.errs[0] ** self.b1 * self.errs[1] ** self.b2 * self.errs[2] ** self.b3
+        factor = 1 + math.atan(factor - 1)
+        accept = factor >= self.safety
+        if accept:
+            self.errs[2], self.errs[1] = self.errs[1], self.errs[0]
+        self.h *= factor
+        return accept
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    order: int = 3,
+    rtol: float = 0.05,
+    atol: float = 0.0078,
+    h_init: float = 0.05,
+    pcoeff: float = 0.0,
+    icoeff: float = 1.0,
+    dcoeff: float = 0.0,
+    accept_safety: float = 0.81,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    max_attempts: int = 1000,
+) -> Tensor:
+    """Adaptive DPM-Solver-12 / -23 (Lu et al. 2022, Algorithm 5; k-diffusion's sample_dpm_adaptive, A1111's "DPM
+    adaptive"): from the grid's first sigma to its last non-zero one (:func:`_dpm_solver_ends`; the step count
+    does not matter), each attempt solves a step of size h in t = -log sigma with DPM-Solver-``order`` and with
+    the order below (sharing model calls); the scaled difference, ``rtol`` and ``atol`` as k-diffusion's, decides
+    acceptance and the next h (:class:`_PIDStep`, ``h_init``, the P/I/D coefficients, ``accept_safety``). ``eta``
+    as in :func:`sample_dpm_fast` (A1111 passes 1). Each batch row controls its own steps (its error is its own:
+    k-diffusion measures the whole batch's, so there a row depends on its batch); rows that are done ride along.
+    Raises after ``max_attempts`` attempts without reaching sigma_min. Ends at sigma_min."""
+    if int(order) not in (2, 3):
+        raise UsageError(f"dpm_adaptive order must be 2 or 3, got {order}")
+    if int(max_attempts) < 1:
+        raise UsageError(f"dpm_adaptive max_attempts must be at least 1, got {max_attempts}")
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    hi, lo = _dpm_solver_ends(loop, "dpm_adaptive")
+    t_start, t_end = -math.log(hi), -math.log(lo)
+    b = x.shape[0]
+    s = [t_start] * b
+    pids = [_PIDStep(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else int(order), accept_safety) for _ in range(b)]
+    x_prev = x
+    per_row = x[0].numel() ** 0.5
+    attempt = 0
+    while any(v < t_end - 1e-5 for v in s):
+        if attempt >= int(max_attempts):
+            raise UsageError(
+                f"dpm_adaptive did not reach sigma {lo:.4g} in {max_attempts} attempts (at sigma "
+                f"{math.exp(-min(s)):.4g}); loosen rtol/atol or raise max_attempts"
+            )
+        active = [v < t_end - 1e-5 for v in s]
+        t = [min(t_end, v + p.h) if a else v + 0.05 for v, p, a in zip(s, pids, active, strict=True)]
+        split = [
+            _dpm_ancestral(a, bb, t_end, eta) if act else (bb, 0.0) for a, bb, act in zip(s, t, active, strict=True)
+        ]
+        t_down = [d for d, _ in split]
+        # rows that are done ride along; a wrapper that edits the sample in place (inpainting's blend) must not
+        # move them
+        kept = None if all(active) else x.clone()
+        solver = _DPMSolver(loop, x)
+        solver.step = attempt
+        if int(order) == 2:
+            x_low = solver.first(x, s, t_down)
+            x_high = solver.second(x, s, t_down)
+        else:
+            x_low = solver.second(x, s, t_down, r1=1 / 3)
+            x_high = solver.third(x, s, t_down)
+        denoised = solver.denoised(x, s)
+        delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+        errors = ((x_low - x_high) / delta).flatten(1).norm(dim=1) / per_row
+        if kept is not None:
+            x = torch.where(torch.tensor(active, device=x.device).reshape((b,) + (1,) * (x.ndim - 1)), x, kept)
+        take = [act and pids[r].propose(float(errors[r])) for r, act in enumerate(active)]
+        if any(take):
+            mask = torch.tensor(take, device=x.device).reshape((b,) + (1,) * (x.ndim - 1))
+            x_new = x_high
+            if eta:
+                ups = [split[r][1] * s_noise if take[r] else 0.0 for r in range(b)]
+                x_new = x_new + _row_draws(loop, x, take) * solver.col(ups)
+            x_prev = torch.where(mask, x_low, x_prev)
+            x = torch.where(mask, x_new, x)
+            s = [t[r] if take[r] else s[r] for r in range(b)]
+        if callback is not None and callback(attempt, math.exp(-min(s)), x, denoised) is False:
+            raise SamplingInterrupted(attempt, x, denoised)
+        attempt += 1
+    return x
+
+
+def _row_draws(loop: _Loop, like: Tensor, rows: list[bool]) -> Tensor:
+    """Fresh noise for the rows marked True, each from its own generator (one draw of that row's sequence);
+    zeros for the others, which draw nothing."""
+    if loop.generators is None:
+        raise UsageError("this sampler draws noise each step: pass generators=[torch.Generator(), ...]")
+    if isinstance(loop.generators, NoiseBank):
+        raise UsageError("dpm_adaptive draws noise where its rows accept a step: it cannot read a noise bank")
+    out = torch.zeros_like(like)
+    for r, draw in enumerate(rows):
+        if draw:
+            out[r] = row_noise([loop.generators[r]], tuple(like.shape[1:]))[0].to(device=like.device, dtype=like.dtype)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # UniPC (Zhao et al. 2023)
 # ---------------------------------------------------------------------------------------------------
@@ -1038,6 +1423,10 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
     "restart": sample_restart,
     "ipndm": sample_ipndm,
+    "ipndm_v": sample_ipndm_v,
+    "heunpp2": sample_heunpp2,
+    "dpm_fast": sample_dpm_fast,
+    "dpm_adaptive": sample_dpm_adaptive,
     "unipc": sample_unipc,
     "lcm": sample_lcm,
     "plms": sample_plms,

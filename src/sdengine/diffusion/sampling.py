@@ -198,6 +198,13 @@ SAMPLERS: dict[str, SamplerSpec] = {
             parity_schedules=("normal",),
         ),
         SamplerSpec("ipndm", "iPNDM", S.sample_ipndm, "k", "", parity_schedules=()),  # ComfyUI's; not in A1111
+        SamplerSpec("ipndm_v", "iPNDM_v", S.sample_ipndm_v, "k", "", parity_schedules=()),  # ComfyUI's
+        SamplerSpec("heunpp2", "HeunPP2", S.sample_heunpp2, "k", "", parity_schedules=()),  # ComfyUI's
+        # k-diffusion's DPM-Solver samplers: they read only the grid's ends (and, DPM fast, its step count)
+        SamplerSpec("dpm_fast", "DPM fast", S.sample_dpm_fast, "k", "", stochastic=True, parity_schedules=()),
+        SamplerSpec(
+            "dpm_adaptive", "DPM adaptive", S.sample_dpm_adaptive, "k", "", stochastic=True, parity_schedules=()
+        ),
         SamplerSpec(
             "restart",
             "Restart",
@@ -235,6 +242,7 @@ SCHEDULE_A1111: dict[str, str] = {
     "align_your_steps_sdxl": "Align Your Steps",  # A1111 picks the table by the model: one name for both
     "uniform": "Uniform",
     "polyexponential": "Polyexponential",
+    "linear_quadratic": "Linear Quadratic",  # ComfyUI's; A1111 has none
 }
 # Other spellings of the schedules, read in any case: ComfyUI's names where they differ from ours, A1111's alias.
 SCHEDULE_ALIASES: dict[str, str] = {
@@ -273,8 +281,21 @@ K_ALIASES = {
     "k_dpmpp_3m_sde": "dpmpp_3m_sde",
     "k_dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",
     "k_restart": "restart",
+    "k_dpm_fast": "dpm_fast",
+    "k_dpm_ad": "dpm_adaptive",
 }
+# Samplers whose calls depend on the model's answers (step-size control): no recorded loop replays them.
+ADAPTIVE_SAMPLERS = ("dpm_adaptive",)
 
+
+# A1111's "Automatic" schedule (1.10, sd_samplers_kdiffusion.get_sigmas): the sampler's own default where its
+# table names one, else the model's own sigmas spaced evenly in timestep from T - 1 to 0 (k-diffusion's
+# get_sigmas: our "uniform"). Samplers not listed (DDIM, PLMS, UniPC, LCM, DDPM, iPNDM) keep their own grid ("normal").
+A1111_AUTOMATIC: dict[str, str] = {
+    **dict.fromkeys(("dpmpp_2m", "dpmpp_sde", "dpmpp_2s_a", "dpm2", "dpm2_a", "restart"), "karras"),
+    **dict.fromkeys(("dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"), "exponential"),
+    **dict.fromkeys(("euler", "euler_a", "lms", "heun", "dpm_fast", "dpm_adaptive"), "uniform"),
+}
 
 AUTO_SCHEDULE = "auto"  # no schedule chosen: the one the sampler names, else karras where it fits, else its own
 
@@ -283,8 +304,9 @@ def resolve(sampler: str, schedule: str | None = None, *, sdxl: bool = False) ->
     """(our sampler name, our schedule name) from ours or A1111's ("DPM++ 2M Karras", "Euler a",
     schedule "Karras" / "Automatic"); raises a one-line ValueError listing valid names.
 
-    ``schedule`` None (or A1111's "Automatic") is the model's own spacing ("normal") unless the sampler's
-    name implies one; ``"auto"`` (what a user who chose none gets) is the implied one, else karras where the
+    ``schedule`` None is the model's own spacing ("normal", diffusers') unless the sampler's name implies one;
+    A1111's "Automatic" is what A1111 runs (:data:`A1111_AUTOMATIC`: "uniform" for Euler, karras for DPM++ 2M,
+    ...); ``"auto"`` (what a user who chose none gets) is the implied one, else karras where the
     sampler takes it, else the sampler's first. An explicit schedule that contradicts the name is refused.
     ``sdxl``: the model is an SDXL one, whose Align Your Steps table is the SDXL one (as A1111 picks it)."""
     name, implied = sampler, None
@@ -303,8 +325,8 @@ def resolve(sampler: str, schedule: str | None = None, *, sdxl: bool = False) ->
     elif sched is not None and sched not in SCHEDULES:
         by_a1111 = {v.lower(): k for k, v in reversed(SCHEDULE_A1111.items())}  # the first of a shared label
         key = sched.strip().lower()
-        if key == "automatic":
-            sched = None
+        if key == "automatic":  # A1111's: what A1111 runs (a combined name's own schedule first)
+            sched = None if implied else A1111_AUTOMATIC.get(name)
         elif key in by_a1111:
             sched = by_a1111[key]
         elif key in SCHEDULES:

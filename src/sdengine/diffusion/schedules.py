@@ -253,6 +253,7 @@ SCHEDULES: tuple[str, ...] = (
     "align_your_steps_sdxl",
     "uniform",
     "polyexponential",
+    "linear_quadratic",
 )
 # The schedules that are a list of sigmas read off the training table (ComfyUI's / A1111's schedulers), not a
 # diffusers timestep spacing: the network gets each sigma's fractional timestep (k-diffusion's sigma_to_t).
@@ -456,6 +457,22 @@ def polyexponential_sigmas(n: int, sigma_min: float, sigma_max: float, rho: floa
     return (ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp()
 
 
+def linear_quadratic_sigmas(n: int, sigma_max: float, threshold_noise: float = 0.025) -> Tensor:
+    """ComfyUI's ``linear_quadratic`` (Mochi's schedule): a fraction of sigma_max that falls linearly by
+    ``threshold_noise`` over the first n // 2 steps, then along a quadratic that reaches 0 at step n with a
+    continuous slope; n values, sigma_max first (one step: sigma_max alone)."""
+    if n == 1:
+        return torch.tensor([sigma_max], dtype=torch.float64)
+    lin = n // 2
+    quad = n - lin
+    diff = lin - threshold_noise * n
+    a = diff / (lin * quad**2)
+    b = threshold_noise / lin - 2 * diff / quad**2
+    c = a * lin**2
+    done = [i * threshold_noise / lin for i in range(lin)] + [a * i**2 + b * i + c for i in range(lin, n)]
+    return torch.tensor([(1.0 - v) * sigma_max for v in done], dtype=torch.float64)
+
+
 def table_schedule_sigmas(schedule: str, steps: int, train_sigmas: Tensor, log_sigmas: Tensor) -> Tensor:
     """The sigmas (without the final 0) of one of :data:`SIGMA_TABLE_SCHEDULES` for ``steps`` steps on the
     training table ``train_sigmas`` (float64, increasing); sigma_min/max are the table's ends."""
@@ -474,6 +491,8 @@ def table_schedule_sigmas(schedule: str, steps: int, train_sigmas: Tensor, log_s
         return uniform_sigmas(steps, log_sigmas)
     if schedule == "polyexponential":
         return polyexponential_sigmas(steps, lo, hi)
+    if schedule == "linear_quadratic":
+        return linear_quadratic_sigmas(steps, hi)
     raise UsageError(f"unknown sigma-table schedule {schedule!r}; valid: {', '.join(SIGMA_TABLE_SCHEDULES)}")
 
 

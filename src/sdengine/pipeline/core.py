@@ -957,6 +957,7 @@ class Pipeline:
             and blend is None
             and start.noise.device.type == loop.device_type
             and loop.usable()
+            and p.sampler not in sampling.ADAPTIVE_SAMPLERS  # its steps depend on the model's answers
         )
         init_latent = start.init_latent if start.from_init else None
         plan = self.loop_plan(p, init_latent is not None, first, noise_from)

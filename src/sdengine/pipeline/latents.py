@@ -178,7 +178,10 @@ class InpaintBlend:
 
     def __call__(self, x: Tensor, sigma: Tensor | float, *, step: SamplerStep, **cond: Any) -> Tensor:
         if not step.first:
-            s = float(torch.as_tensor(sigma).reshape(-1)[0])
+            flat = torch.as_tensor(sigma).reshape(-1)
+            s: float | Tensor = float(flat[0])
+            if flat.shape[0] > 1 and not bool((flat == flat[0]).all()):  # rows at their own sigmas (DPM adaptive)
+                s = flat.to(device=x.device, dtype=x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
             known = self.init + self.noise * s
             x.mul_(self.mask).add_(known * self.keep)
         if getattr(self.inner, "takes_step", False):

@@ -1004,7 +1004,7 @@ def install(app: FastAPI, services: Any) -> None:
             steps=req.steps,
             sampler=sampler,
             sampler_options=sampler_options,
-            schedule=req.scheduler,
+            schedule=req.scheduler or "Automatic",  # A1111 runs p.scheduler or "Automatic" (sampling.A1111_AUTOMATIC)
             cfg_scale=req.cfg_scale,
             seed=req.seed,
             width=req.width,

@@ -47,9 +47,12 @@ SAMPLER_NAMES = {
     "euler": "euler",
     "euler_ancestral": "euler_a",
     "heun": "heun",
+    "heunpp2": "heunpp2",
     "dpm_2": "dpm2",
     "dpm_2_ancestral": "dpm2_a",
     "lms": "lms",
+    "dpm_fast": "dpm_fast",  # ComfyUI's order
+    "dpm_adaptive": "dpm_adaptive",
     "dpmpp_sde": "dpmpp_sde",
     "dpmpp_2m": "dpmpp_2m",
     "dpmpp_2m_sde": "dpmpp_2m_sde",
@@ -62,20 +65,27 @@ SAMPLER_NAMES = {
     "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
     "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
     "ipndm": "ipndm",
+    "ipndm_v": "ipndm_v",
     "ddpm": "ddpm",
     "lcm": "lcm",
     "ddim": "ddim",
     "uni_pc": "unipc",
     "uni_pc_bh2": "unipc",  # sdengine's UniPC is the bh2 variant (diffusers' default)
 }
+# The options ComfyUI's KSampler runs a sampler with where they differ from sdengine's defaults (A1111's): its DPM
+# fast / adaptive are k-diffusion's with eta 0 (deterministic), A1111 passes its ancestral eta, 1.
+SAMPLER_OPTIONS: dict[str, dict[str, float]] = {"dpm_fast": {"eta": 0.0}, "dpm_adaptive": {"eta": 0.0}}
 SCHEDULER_NAMES = {
-    "normal": "normal",
+    # ComfyUI's normal_scheduler: timesteps linspace(t(sigma_max), t(sigma_min), steps) = 999 ... 0, their sigmas,
+    # then 0: k-diffusion's get_sigmas, sdengine's "uniform" (its "normal" is diffusers' spacing: 901 ... 1 on SD 1.5)
+    "normal": "uniform",
     "karras": "karras",
     "exponential": "exponential",
     "sgm_uniform": "sgm_uniform",
     "simple": "simple",
     "ddim_uniform": "ddim_uniform",
     "beta": "beta",
+    "linear_quadratic": "linear_quadratic",  # ComfyUI's order
     "kl_optimal": "kl_optimal",
 }
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic")
@@ -852,6 +862,7 @@ def _sample(
         loras=model.loras,
         callback=report,
         batch_index=latent_image.get("batch_index"),
+        sampler_options=SAMPLER_OPTIONS.get(sampler_name),
         **window,
     )
     from sdengine.pipeline.finite import require_finite
