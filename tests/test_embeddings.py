@@ -384,7 +384,11 @@ def test_server_loader_passes_the_folder(sd1_ti, tiny_emoji_folder):
     assert emoji.text_kind == "minilm"
 
 
-A1111_EULER = {"schedule": "uniform", "cfg_scale": 7.0, "progress": False}  # A1111's defaults for "Euler" (Automatic: uniform)
+A1111_EULER = {
+    "schedule": "uniform",
+    "cfg_scale": 7.0,
+    "progress": False,
+}  # A1111's defaults for "Euler" (Automatic: uniform)
 
 
 def test_server_uses_and_lists_the_folder(sd1_ti, tmp_path):

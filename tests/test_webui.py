@@ -804,10 +804,12 @@ def test_an_event_stream_error_is_not_a_lost_job(page):
     page.unroute("**/v1/images/**")
 
 
-def long_jobs(client: httpx.Client) -> tuple[str, str]:
+def long_jobs(client: httpx.Client, batch_size: int = 1) -> tuple[str, str]:
     """Two long jobs by the API: the first running (waited for, bounded), the second queued behind it (a different
-    step count, so that the server does not batch them together)."""
-    first = client.post("/v1/jobs", json={"prompt": "a cat face", "steps": 150, "width": 64, "height": 64}).json()["id"]
+    step count, so that the server does not batch them together). ``batch_size`` makes the first one longer still
+    (150 steps of one 64 px image take about 2 s on an idle machine)."""
+    body = {"prompt": "a cat face", "steps": 150, "width": 64, "height": 64, "batch_size": batch_size}
+    first = client.post("/v1/jobs", json=body).json()["id"]
     deadline = time.monotonic() + 60
     while client.get(f"/v1/jobs/{first}").json()["state"] == "queued" and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -1412,7 +1414,7 @@ def test_a_zero_img2img_strength_is_named_at_strength(page):
 def test_another_clients_finished_job_leaves_the_queue_within_a_second_or_so(page, client, server):
     """The Queue was read with the header's 5 s refresh, so an API client's job that had ended was still listed as
     running for up to 5 s. While it lists jobs it is read every second."""
-    running, waiting = long_jobs(client)
+    running, waiting = long_jobs(client, batch_size=8)  # it must outlast the waits below on an idle machine
     try:
         page.wait_for_function("document.querySelectorAll('#queue li').length === 2", timeout=10_000)
         with page.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "GET", timeout=8_000):
