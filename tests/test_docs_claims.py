@@ -225,7 +225,7 @@ def test_the_package_map_is_the_layer_table():
     every top-level module of LAYERS has a row (``imageio``, the old re-export, is named above the table)."""
     from test_architecture import LAYERS
 
-    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    text = (ROOT / "docs/ARCHITECTURE.md").read_text(encoding="utf-8")
     table = text.split("## Package map", 1)[1].split("\n## ", 1)[0]
     wrong, seen = [], {"imageio"} if "`imageio.py`" in text else set()
     for layer, cell in re.findall(r"^\| (\d) \| (.+?) \|", table, re.M):
