@@ -279,3 +279,22 @@ def test_cfg_pp_through_the_inpainting_blends(before):
     repaint = A1111Blend(den, init, torch.ones(1, 1, 2, 2), before=before)
     plain = S.sample_euler_cfg_pp(den, x, torch.tensor([2.0, 0.5]), extra_args=_extra())
     torch.testing.assert_close(S.sample_euler_cfg_pp(repaint, x, torch.tensor([2.0, 0.5]), extra_args=_extra()), plain)
+
+
+@pytest.mark.slow  # the shipped emoji model, four short runs
+def test_cfg_pp_with_combined_conditionings_in_the_comfyui_path():
+    """ComfyUI's ConditioningCombine averages guided predictions; the CFG++ hook goes through it: two copies of
+    one positive give the image of that positive alone (a mean without the unconditional x0 would fall back to
+    the guided one: plain Euler, another image)."""
+    from _live_server import shared_loader
+    from sdengine.latent_sampling import encode_text, sample_latents
+
+    pipe = shared_loader("emoji", "cpu")
+    pos, neg = encode_text(pipe, "a star"), encode_text(pipe, "")
+    kw = dict(seed=1, steps=3, cfg=2.0, schedule="normal")
+    with torch.inference_mode():
+        one = sample_latents(pipe, [pos], [neg], torch.zeros(1, 4, 8, 8), sampler="euler_cfg_pp", **kw)
+        two = sample_latents(pipe, [pos, pos], [neg], torch.zeros(1, 4, 8, 8), sampler="euler_cfg_pp", **kw)
+        plain = sample_latents(pipe, [pos], [neg], torch.zeros(1, 4, 8, 8), sampler="euler", **kw)
+    torch.testing.assert_close(two, one, atol=1e-5, rtol=1e-5)
+    assert (one - plain).abs().max() > 1e-3
