@@ -247,6 +247,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
     )
 }
 
+# The CFG++ samplers: they read the unconditional x0 of every call (samplers.GuidanceParts), so guidance runs its
+# unconditional pass, with the negative prompt, at CFG scale 1 too (as ComfyUI's).
+CFG_PP_SAMPLERS = tuple(name for name in SAMPLERS if name.endswith("_cfg_pp"))
+
 SCHEDULE_A1111: dict[str, str] = {
     "normal": "Normal",
     "karras": "Karras",
