@@ -298,3 +298,137 @@ def test_cfg_pp_with_combined_conditionings_in_the_comfyui_path():
         plain = sample_latents(pipe, [pos], [neg], torch.zeros(1, 4, 8, 8), sampler="euler", **kw)
     torch.testing.assert_close(two, one, atol=1e-5, rtol=1e-5)
     assert (one - plain).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole runs against float64 recomputations of ComfyUI's loops (comfy/k_diffusion/sampling.py), written in its
+# own form (to_d, t = -log sigma, phi functions, the noise scaler's 200-point sums)
+# --------------------------------------------------------------------------------------------------
+
+
+def _smooth(x, sigma, **_):
+    s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
+    return torch.tanh(x) * 0.8 / (1 + 0.1 * s) + 0.05 * s
+
+
+SIG = torch.tensor([8.0, 4.5, 2.2, 1.1, 0.5, 0.2, 0.0], dtype=torch.float64)
+
+
+def _draws(seed, like):
+    g = torch.Generator().manual_seed(seed)
+    return lambda: torch.randn((1, *like.shape[1:]), generator=g, dtype=torch.float32).to(like.dtype)
+
+
+def _ref_res_multistep(x, eta, cfg_pp, model, noise):
+    old_sigma_down = old_denoised = None
+    for i in range(len(SIG) - 1):
+        denoised, uncond = model(x, SIG[i])
+        if not eta:
+            sigma_down, sigma_up = SIG[i + 1], 0.0
+        else:
+            sigma_up = min(SIG[i + 1], eta * (SIG[i + 1] ** 2 * (SIG[i] ** 2 - SIG[i + 1] ** 2) / SIG[i] ** 2) ** 0.5)
+            sigma_down = (SIG[i + 1] ** 2 - sigma_up**2) ** 0.5
+        if sigma_down == 0 or old_denoised is None:
+            if cfg_pp:
+                x = denoised + (x - uncond) / SIG[i] * sigma_down
+            else:
+                x = x + (x - denoised) / SIG[i] * (sigma_down - SIG[i])
+        else:
+            t, t_old, t_next, t_prev = (-torch.log(v) for v in (SIG[i], old_sigma_down, sigma_down, SIG[i - 1]))
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi1 = torch.expm1(-h) / -h
+            phi2 = (phi1 - 1.0) / -h
+            b1, b2 = phi1 - phi2 / c2, phi2 / c2
+            if cfg_pp:
+                x = x + (denoised - uncond)
+                x = torch.exp(-h) * x + h * (b1 * uncond + b2 * old_denoised)
+            else:
+                x = torch.exp(-h) * x + h * (b1 * denoised + b2 * old_denoised)
+        if SIG[i + 1] > 0 and sigma_up > 0:
+            x = x + noise() * sigma_up
+        old_denoised = uncond if cfg_pp else denoised
+        old_sigma_down = sigma_down
+    return x
+
+
+@pytest.mark.parametrize("name,eta,cfg_pp", [
+    ("res_multistep", 0.0, False), ("res_multistep_a", 1.0, False),
+    ("res_multistep_cfg_pp", 0.0, True), ("res_multistep_a_cfg_pp", 1.0, True),
+])  # fmt: skip
+def test_res_multistep_matches_comfyui_in_float64(name, eta, cfg_pp):
+    x = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 8
+
+    def guided(x, sigma, c=None):  # cond rows: _smooth; uncond rows: _smooth shifted
+        out = _smooth(x, sigma)
+        return out if c is None else out + c.to(x.dtype)
+
+    den = CFGDenoiser(guided, 2.5, {"c": torch.full((1, 1, 1, 1), -0.3, dtype=torch.float64)})
+    extra = {"c": torch.zeros(1, 1, 1, 1, dtype=torch.float64)}
+
+    def model(xx, s):
+        c, u = _smooth(xx, s), _smooth(xx, s) - 0.3
+        return u + 2.5 * (c - u), u
+
+    out = sampling.SAMPLERS[name].fn(den, x, SIG, generators=[torch.Generator().manual_seed(9)], extra_args=extra)
+    ref = _ref_res_multistep(x, eta, cfg_pp, model, _draws(9, x))
+    torch.testing.assert_close(out, ref, rtol=1e-7, atol=1e-7)  # the model reads sigma in float32
+
+
+def test_dpmpp_2m_cfg_pp_matches_comfyui_in_float64():
+    x = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 8
+    den = CFGDenoiser(lambda x, s, c: _smooth(x, s) + c, 1.7, {"c": torch.full((1, 1, 1, 1), 0.2, dtype=torch.float64)})
+    out = S.sample_dpmpp_2m_cfg_pp(den, x, SIG, extra_args={"c": torch.zeros(1, 1, 1, 1, dtype=torch.float64)})
+    old_uncond = None
+    ref = x
+    for i in range(len(SIG) - 1):
+        c, u = _smooth(ref, SIG[i]), _smooth(ref, SIG[i]) + 0.2
+        denoised = u + 1.7 * (c - u)
+        t, t_next = -torch.log(SIG[i]), -torch.log(SIG[i + 1])
+        h = t_next - t
+        if old_uncond is None or SIG[i + 1] == 0:
+            mix = -torch.exp(-h) * u
+        else:
+            r = (t - -torch.log(SIG[i - 1])) / h
+            mix = -torch.exp(-h) * u - torch.expm1(-h) * (1 / (2 * r)) * (denoised - old_uncond)
+        ref = denoised + mix + torch.exp(-h) * ref
+        old_uncond = u
+    torch.testing.assert_close(out, ref, rtol=1e-7, atol=1e-7)  # the model reads sigma in float32
+
+
+def test_er_sde_matches_comfyui_in_float64():
+    x = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 8
+    out = S.sample_er_sde(_smooth, x, SIG, generators=[torch.Generator().manual_seed(9)])
+    noise = _draws(9, x)
+
+    def scaler(v):
+        return v * ((v**0.3).exp() + 10.0)
+
+    points = torch.arange(0, 200.0, dtype=torch.float64)
+    lam = SIG  # VE: er_lambda = sigma, alpha = 1
+    old = old_d = None
+    ref = x
+    for i in range(len(SIG) - 1):
+        denoised = _smooth(ref, SIG[i])
+        stage = min(3, i + 1)
+        if SIG[i + 1] == 0:
+            ref = denoised
+        else:
+            r = scaler(lam[i + 1]) / scaler(lam[i])
+            ref = r * ref + (1 - r) * denoised
+            if stage >= 2:
+                dt = lam[i + 1] - lam[i]
+                step = -dt / 200
+                pos = lam[i + 1] + points * step
+                scaled = scaler(pos)
+                s = torch.sum(1 / scaled) * step
+                d = (denoised - old) / (lam[i] - lam[i - 1])
+                ref = ref + (dt + s * scaler(lam[i + 1])) * d
+                if stage >= 3:
+                    s_u = torch.sum((pos - lam[i]) / scaled) * step
+                    u = (d - old_d) / ((lam[i] - lam[i - 2]) / 2)
+                    ref = ref + ((dt**2) / 2 + s_u * scaler(lam[i + 1])) * u
+                old_d = d
+            ref = ref + noise() * (lam[i + 1] ** 2 - lam[i] ** 2 * r**2).sqrt()
+        old = denoised
+    torch.testing.assert_close(out, ref, rtol=1e-7, atol=1e-7)  # the model reads sigma in float32
