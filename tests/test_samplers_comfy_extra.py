@@ -15,6 +15,7 @@ import torch
 from sdengine.diffusion import samplers as S
 from sdengine.diffusion import sampling
 from sdengine.diffusion.guidance import CFGDenoiser
+from sdengine.diffusion.schedules import NoiseSchedule
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
@@ -432,3 +433,24 @@ def test_er_sde_matches_comfyui_in_float64():
             ref = ref + noise() * (lam[i + 1] ** 2 - lam[i] ** 2 * r**2).sqrt()
         old = denoised
     torch.testing.assert_close(out, ref, rtol=1e-7, atol=1e-7)  # the model reads sigma in float32
+
+
+@pytest.mark.parametrize(
+    "sampler,options,match",
+    [
+        ("deis", {"max_order": 3.5}, "deis max_order must be 1 .. 4"),
+        ("deis", {"max_order": 0}, "deis max_order must be 1 .. 4"),
+        ("er_sde", {"max_stage": 4}, "er_sde max_stage must be 1, 2 or 3"),
+        ("unipc", {"order": True}, "unipc order must be 1, 2 or 3"),
+        ("unipc", {"variant": "bh3"}, "unipc variant must be one of bh1, bh2"),
+        ("euler_cfg_pp", {"eta": 1.0}, "has no option eta"),
+    ],
+)
+def test_bad_options_are_one_line_errors(sampler, options, match):
+    ns = NoiseSchedule.from_config(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    with pytest.raises(S.UsageError, match=match) as info:
+        sampling.sample(
+            lambda x, s: x * 0, torch.zeros(1, 1, 2, 2), sampler=sampler, steps=3, noise_schedule=ns,
+            generators=[torch.Generator()], sampler_options=options,
+        )  # fmt: skip
+    assert "\n" not in str(info.value)

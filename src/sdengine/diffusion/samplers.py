@@ -1078,7 +1078,7 @@ def sample_er_sde(
     stages 2 and 3 add the first and second divided differences of the last x0 estimates in sigma, weighted by
     the integrals of 1/f and (lambda - sigma)/f over the step (200-point sums, as the paper's code), then fresh
     noise ``sqrt(sigma'^2 - r^2 sigma^2) * s_noise``. ``max_stage`` 1 .. 3; the step to sigma 0 returns x0."""
-    if int(max_stage) not in (1, 2, 3):
+    if isinstance(max_stage, bool) or max_stage not in (1, 2, 3):
         raise UsageError(f"er_sde max_stage must be 1, 2 or 3, got {max_stage}")
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     f = _er_sde_noise_scaler
@@ -1181,7 +1181,7 @@ def sample_deis(
     """DEIS (Zhang & Chen 2023; ComfyUI's ``deis``, tAB of order ``max_order``, 3 by default, 1 .. 4): a multistep
     exponential integrator on the noise estimates ``(x - x0) / sigma`` with the weights of
     :func:`deis_coefficients`; Euler on the first step and on the step to sigma 0."""
-    if int(max_order) not in (1, 2, 3, 4):
+    if isinstance(max_order, bool) or max_order not in (1, 2, 3, 4):
         raise UsageError(f"deis max_order must be 1 .. 4, got {max_order}")
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     coeffs = deis_coefficients(loop.s, int(max_order))
@@ -1750,7 +1750,7 @@ def sample_unipc(
     full order, as diffusers' scheduler does."""
     if variant not in UNIPC_VARIANTS:
         raise UsageError(f"unipc variant must be one of {', '.join(UNIPC_VARIANTS)}, got {variant!r}")
-    if int(order) not in (1, 2, 3):
+    if isinstance(order, bool) or order not in (1, 2, 3):
         raise UsageError(f"unipc order must be 1, 2 or 3, got {order}")
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     lam = [(-math.log(s) if s > 0 else math.inf) for s in loop.s]
