@@ -7,10 +7,10 @@ The work is split by job: :mod:`sdengine.weights.lora_file` reads files (formats
 removes it). This module joins them in :func:`apply_loras` and exports the public names of all three.
 
 LyCORIS files (LoHa, LoKr, (IA)^3, GLoRA, OFT, BOFT, LoCon with a Tucker core, DoRA, full and norm-layer
-differences) take
-the same path: the file reader hands their layers to :mod:`sdengine.weights.lycoris_file`, the matcher checks them
-against the model, and :func:`lycoris_layer` builds the :class:`~sdengine.nn.lycoris.LycorisLayer` (or, for
-differences of 1-d parameters, the :class:`~sdengine.nn.lycoris.DiffLayer`) that the same handle patches and fuses.
+differences) take the same path: the file reader hands their layers to :mod:`sdengine.weights.lycoris_file`, the
+matcher checks them against the model, and :func:`lycoris_layer` builds the
+:class:`~sdengine.nn.lycoris.LycorisLayer` (or, for differences of 1-d parameters, the
+:class:`~sdengine.nn.lycoris.DiffLayer`) that the same handle patches and fuses.
 """
 
 from __future__ import annotations
