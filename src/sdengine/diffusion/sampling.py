@@ -198,9 +198,11 @@ SAMPLERS: dict[str, SamplerSpec] = {
             vp_init=True,
             parity_schedules=("normal",),
         ),
-        SamplerSpec("ipndm", "iPNDM", S.sample_ipndm, "k", "", parity_schedules=()),  # ComfyUI's; not in A1111
-        SamplerSpec("ipndm_v", "iPNDM_v", S.sample_ipndm_v, "k", "", parity_schedules=()),  # ComfyUI's
-        SamplerSpec("heunpp2", "HeunPP2", S.sample_heunpp2, "k", "", parity_schedules=()),  # ComfyUI's
+        SamplerSpec(
+            "ipndm", "iPNDM", S.sample_ipndm, "k", "", parity_schedules=(), in_a1111=False
+        ),  # ComfyUI's; not in A1111
+        SamplerSpec("ipndm_v", "iPNDM_v", S.sample_ipndm_v, "k", "", parity_schedules=(), in_a1111=False),  # ComfyUI's
+        SamplerSpec("heunpp2", "HeunPP2", S.sample_heunpp2, "k", "", parity_schedules=(), in_a1111=False),  # ComfyUI's
         # ComfyUI's, which A1111 does not have (its sampler list leaves them out); diffusers has none of them (its
         # DEISMultistepScheduler is the rho-space form, not ComfyUI's tAB)
         *(
