@@ -1,0 +1,147 @@
+"""A1111's request fields that sdengine does not run are refused up front (a one-line 422 naming the field), never
+a silently other image; requests a job could only fail on (a refiner on a non-SDXL model, a hires schedule over the
+model's timesteps) are a 400 before any model loads. The field table is in docs/server.md."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from _emoji_models import make_tiny_emoji_folder
+from _live_server import live_server, server_config, shared_loader
+
+SMALL = {"prompt": "a red apple", "steps": 2, "width": 16, "height": 16, "seed": 3, "sampler_name": "Euler"}
+
+
+def _b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("a1111_fields")
+    make_tiny_emoji_folder(tmp / "models" / "tiny")
+    make_tiny_emoji_folder(tmp / "models" / "other", seed=1)
+    return tmp
+
+
+@pytest.fixture()
+def counted(models: Path):
+    """A live server whose loader counts the models it loads (a refusal up front loads none)."""
+    loads: list[str] = []
+
+    def loader(ref: str, device: str):
+        loads.append(ref)
+        return shared_loader(ref, device)
+
+    with live_server(server_config(models, models_dir=models / "models", model="tiny"), loader=loader) as s:
+        with httpx.Client(base_url=s.url, timeout=120) as client:
+            yield client, loads
+
+
+def _info(r: httpx.Response) -> dict:
+    assert r.status_code == 200, r.text
+    return json.loads(r.json()["info"])
+
+
+def _image(r: httpx.Response) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+
+
+def test_unimplemented_fields_are_a_422_naming_the_field_before_any_work(counted):
+    """restore_faces, s_min_uncond, firstpass_image (hires), hr_checkpoint_name (another model), resize_mode 3,
+    latent_mask (with a mask), mask_round false, an inpainting_fill A1111 lacks and a second init image were
+    accepted and only listed in info["ignored"] (another image than A1111's); now each is a 422 naming it, and no
+    model is loaded."""
+    client, loads = counted
+    init = _b64(Image.new("RGB", (16, 16), (200, 30, 30)))
+    i2i = {"init_images": [init]}
+    inpaint = {"init_images": [init], "mask": init}
+    cases = [
+        ("txt2img", {"restore_faces": True}, "restore_faces True: face restoration"),
+        ("img2img", {**i2i, "restore_faces": True}, "restore_faces True"),
+        ("txt2img", {"s_min_uncond": 0.5}, "s_min_uncond 0.5"),
+        ("txt2img", {"enable_hr": True, "firstpass_image": init}, "firstpass_image: the hires fix"),
+        ("txt2img", {"enable_hr": True, "hr_checkpoint_name": "other"}, "hr_checkpoint_name 'other'"),
+        ("img2img", {**i2i, "resize_mode": 3}, "resize_mode 3: A1111's latent upscale"),
+        ("img2img", {**i2i, "resize_mode": 9}, "resize_mode 9"),
+        ("img2img", {**i2i, "init_images": [init, init]}, "init_images: 2 images"),
+        ("img2img", {**inpaint, "latent_mask": init}, "latent_mask: a separate latent mask"),
+        ("img2img", {**inpaint, "mask_round": False}, "mask_round False"),
+        ("img2img", {**inpaint, "inpainting_fill": 7}, "inpainting_fill 7"),
+        ("txt2img", {"firstphase_width": 8}, "firstphase_width 8 and firstphase_height 0"),
+    ]
+    for route, extra, says in cases:
+        r = client.post(f"/sdapi/v1/{route}", json={**SMALL, **extra})
+        assert r.status_code == 422, (extra.keys(), r.text)
+        detail = r.json()["detail"]
+        assert detail.startswith(says) and "\n" not in detail, detail
+    assert loads == []  # refused before any job: nothing loaded
+
+
+def test_refiner_on_a_non_sdxl_model_is_refused_before_any_load(counted):
+    """A1111's refiner_checkpoint with an SD 1.x / emoji base: it was a job that failed once the base and the
+    refiner were loaded; now a 400 before the queue (by the model folder: no text_encoder_2)."""
+    client, loads = counted
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "refiner_checkpoint": "other", "refiner_switch_at": 0.5})
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == "refiner_checkpoint: a refiner needs an SDXL base model; 'tiny' is not one"
+    assert loads == []
+
+
+def test_a_schedule_over_the_models_timesteps_is_refused_before_any_load(counted):
+    """A1111's rules make a schedule of steps / strength steps (the hires fix's second pass; img2img with
+    img2img_fix_steps): over the model's 1000 timesteps the job failed once it ran (after the model's load);
+    now a 400 up front, on the A1111 and the native routes."""
+    client, loads = counted
+    r = client.post(
+        "/sdapi/v1/txt2img",
+        json={**SMALL, "enable_hr": True, "hr_second_pass_steps": 150, "denoising_strength": 0.1},
+    )
+    assert r.status_code == 400 and "needs a schedule of 1500 steps" in r.text, r.text
+    init = _b64(Image.new("RGB", (16, 16), (200, 30, 30)))
+    body = {**SMALL, "steps": 150, "init_images": [init], "denoising_strength": 0.1}
+    r = client.post("/sdapi/v1/img2img", json={**body, "override_settings": {"img2img_fix_steps": True}})
+    assert r.status_code == 400 and "needs a schedule of 1500 steps" in r.text, r.text
+    native = {"prompt": "a", "steps": 150, "width": 16, "height": 16, "strength": 0.1, "strength_rule": "a1111"}
+    r = client.post("/v1/jobs", json={**native, "hires": {"hr_second_pass_steps": 150}})
+    assert r.status_code == 400 and "needs a schedule of 1500 steps" in r.text, r.text
+    assert loads == []
+
+
+def test_firstphase_size_is_the_first_pass_size(counted):
+    """firstphase_width / _height (A1111's __post_init__: the image, or the hires fix's first pass, has that size)
+    were dropped without the hires fix and listed as ignored with it."""
+    client, _ = counted
+    want = client.post("/sdapi/v1/txt2img", json={**SMALL, "width": 8, "height": 24})
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "firstphase_width": 8, "firstphase_height": 24})
+    assert _info(r)["ignored"] == [] and (_info(r)["width"], _info(r)["height"]) == (8, 24)
+    np.testing.assert_array_equal(_image(r), _image(want))
+    hires = {"enable_hr": True, "hr_scale": 2, "denoising_strength": 0.5}
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, **hires, "firstphase_width": 8, "firstphase_height": 24})
+    assert _image(r).shape == (48, 16, 3) and _info(r)["ignored"] == []
+
+
+def test_hr_checkpoint_of_the_same_model_and_fields_a1111_reads_not(counted):
+    """hr_checkpoint_name naming the job's own model runs (A1111 reloads it: the same image). latent_mask without
+    a mask and firstpass_image without the hires fix are read by A1111 neither: listed as ignored."""
+    client, _ = counted
+    hires = {"enable_hr": True, "hr_scale": 2, "denoising_strength": 0.5}
+    plain = client.post("/sdapi/v1/txt2img", json={**SMALL, **hires})
+    same = client.post("/sdapi/v1/txt2img", json={**SMALL, **hires, "hr_checkpoint_name": "tiny"})
+    assert _info(same)["ignored"] == []
+    np.testing.assert_array_equal(_image(same), _image(plain))
+    init = _b64(Image.new("RGB", (16, 16), (200, 30, 30)))
+    r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [init], "latent_mask": init})
+    assert _info(r)["ignored"] == ["latent_mask"]
+    r = client.post("/sdapi/v1/txt2img", json={**SMALL, "firstpass_image": init})
+    assert _info(r)["ignored"] == ["firstpass_image"]
