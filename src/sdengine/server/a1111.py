@@ -1,9 +1,11 @@
 """AUTOMATIC1111's ``/sdapi/v1`` API (and the sd-webui-controlnet extension's units), over the same queue.
 
 Requests use A1111's field names and defaults; each is mapped onto :func:`~sdengine.server.requests.
-build_generation`. What sdengine cannot do is never silently dropped: fields that would change the image
-but are not implemented (``restore_faces``, hires-fix fields on img2img, ``subseed_strength``, a ControlNet unit's
-``pixel_perfect``, ...) and fields A1111 does not have are listed in ``info["ignored"]`` of the response.
+build_generation`. What sdengine cannot do is never silently dropped: request fields that would change the image
+but are not implemented (``restore_faces``, ``latent_mask``, ``resize_mode`` 3, ...) are a 422 naming the field
+(:func:`refuse_unsupported`); fields A1111 does not read in that request (hires-fix fields on img2img, ...), fields
+it does not have, and a ControlNet unit's settings that are not done (``pixel_perfect``, ...) are listed in
+``info["ignored"]`` of the response.
 
 ``interrupt`` and ``skip`` without a body act on the running jobs that came through this API (never on a
 native or OpenAI job); with ``{"id_task": ID}`` on that job only. An interrupted call answers with the
@@ -215,8 +217,8 @@ MODULES = {
 
 
 class Txt2ImgRequest(BaseModel):
-    """A1111's StableDiffusionTxt2ImgProcessingAPI (the fields sdengine reads; every other field is accepted
-    and listed as ignored in the response's info)."""
+    """A1111's StableDiffusionTxt2ImgProcessingAPI (the fields sdengine reads; the others are refused where they
+    would change the image, :func:`refuse_unsupported`, else listed as ignored in the response's info)."""
 
     model_config = ConfigDict(extra="allow")
     prompt: str = ""
