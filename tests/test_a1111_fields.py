@@ -17,6 +17,7 @@ from PIL import Image
 from _emoji_models import make_tiny_emoji_folder
 from _live_server import live_server, server_config, shared_loader
 
+FACES = "Face restoration: CodeFormer"
 SMALL = {"prompt": "a red apple", "steps": 2, "width": 16, "height": 16, "seed": 3, "sampler_name": "Euler"}
 
 
@@ -31,6 +32,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("a1111_fields")
     make_tiny_emoji_folder(tmp / "models" / "tiny")
     make_tiny_emoji_folder(tmp / "models" / "other", seed=1)
+    shared_loader(str(tmp / "models" / "tiny"), "cpu")  # loaded once here, not inside the first test that runs
     return tmp
 
 
@@ -69,6 +71,9 @@ def test_unimplemented_fields_are_a_422_naming_the_field_before_any_work(counted
     cases = [
         ("txt2img", {"restore_faces": True}, "restore_faces True: face restoration"),
         ("img2img", {**i2i, "restore_faces": True}, "restore_faces True"),
+        ("txt2img", {"override_settings": {"face_restoration": True}}, "override_settings.face_restoration"),
+        # an A1111 infotext's "Face restoration" sets its option, which A1111 reads when restore_faces is not sent
+        ("txt2img", {"infotext": f"a\nSteps: 2, Seed: 1, Size: 16x16, {FACES}"}, "override_settings.face_restoration"),
         ("txt2img", {"s_min_uncond": 0.5}, "s_min_uncond 0.5"),
         ("txt2img", {"enable_hr": True, "firstpass_image": init}, "firstpass_image: the hires fix"),
         ("txt2img", {"enable_hr": True, "hr_checkpoint_name": "other"}, "hr_checkpoint_name 'other'"),
@@ -145,3 +150,9 @@ def test_hr_checkpoint_of_the_same_model_and_fields_a1111_reads_not(counted):
     assert _info(r)["ignored"] == ["latent_mask"]
     r = client.post("/sdapi/v1/txt2img", json={**SMALL, "firstpass_image": init})
     assert _info(r)["ignored"] == ["firstpass_image"]
+    # restore_faces false: A1111 restores no face whatever its option (webuiapi's default): it runs
+    r = client.post(
+        "/sdapi/v1/txt2img",
+        json={**SMALL, "restore_faces": False, "infotext": f"a\nSteps: 2, Seed: 1, Size: 16x16, {FACES}"},
+    )
+    assert _info(r)["ignored"] == ["override_settings.face_restoration"]

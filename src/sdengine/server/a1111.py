@@ -640,9 +640,18 @@ def refuse_unsupported(body: dict[str, Any], txt2img: bool) -> None:
     def refuse(field: str, why: str) -> None:
         raise Unprocessable(f"{field} {body.get(field)!r}: {why}")
 
+    faces = "face restoration (GFPGAN, CodeFormer) is not available in sdengine"
     if body.get("restore_faces") not in (None, False):
         # a stock A1111 has GFPGAN and CodeFormer (their weights downloaded on first use): a restored image
-        refuse("restore_faces", "face restoration (GFPGAN, CodeFormer) is not available in sdengine; send false")
+        refuse("restore_faces", f"{faces}; send false")
+    over = body.get("override_settings") or {}
+    if body.get("restore_faces") is None and isinstance(over, dict) and over.get("face_restoration"):
+        # A1111's restore_faces None reads its face_restoration option (an override, or an infotext's
+        # "Face restoration"): restore_faces false runs without it
+        raise Unprocessable(
+            f"override_settings.face_restoration (or an infotext's Face restoration): {faces}; send restore_faces "
+            "false to run without it"
+        )
     if body.get("s_min_uncond") not in (None, 0, 0.0):
         refuse("s_min_uncond", "A1111's negative guidance minimum sigma is not implemented in sdengine; send 0")
     if txt2img and body.get("enable_hr"):
@@ -924,6 +933,8 @@ def install(app: FastAPI, services: Any) -> None:
             "sd_vae_decode_method": "TAESD" if found.get("vae_decode") == "tiny" else "Full",
             "sd_vae_encode_method": "TAESD" if found.get("vae_encode") == "tiny" else "Full",
         }
+        if "Face restoration" in parsed:  # A1111's option of that infotext name (restore_faces None reads it)
+            settings["face_restoration"] = True
         if not hires and found.get("strength_rule") == "a1111_fix_steps":  # sdengine's record of img2img_fix_steps
             settings["img2img_fix_steps"] = True
         if "noise_seed_delta" in found:  # "ENSD", as A1111 maps it (only when the infotext has one: no default)
@@ -932,7 +943,7 @@ def install(app: FastAPI, services: Any) -> None:
         settings.update(xl_options)
         if clip is not None:
             del settings["CLIP_stop_at_last_layers"]  # not A1111's: passed on with its rule instead
-        defaults: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, **SDXL_OPTIONS}
+        defaults: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "face_restoration": False, **SDXL_OPTIONS}
         for name, value in settings.items():  # as A1111: only where it differs from the current option
             if name not in over and value != options.get(name, defaults.get(name, "Full")):
                 over[name] = value
