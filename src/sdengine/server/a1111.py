@@ -654,12 +654,11 @@ def refuse_unsupported(body: dict[str, Any], txt2img: bool) -> None:
         )
     if body.get("s_min_uncond") not in (None, 0, 0.0):
         refuse("s_min_uncond", "A1111's negative guidance minimum sigma is not implemented in sdengine; send 0")
-    if txt2img and body.get("enable_hr"):
-        if body.get("firstpass_image") not in (None, ""):
-            raise Unprocessable(
-                "firstpass_image: the hires fix of a given first-pass image is not implemented in sdengine (A1111's "
-                "API passes it on undecoded); send none"
-            )
+    if txt2img and body.get("enable_hr") and body.get("firstpass_image") not in (None, ""):
+        raise Unprocessable(
+            "firstpass_image: the hires fix of a given first-pass image is not implemented in sdengine (A1111's "
+            "API passes it on undecoded); send none"
+        )
     if txt2img:
         return
     mode = body.get("resize_mode", 0)
