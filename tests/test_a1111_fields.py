@@ -77,7 +77,6 @@ def test_unimplemented_fields_are_a_422_naming_the_field_before_any_work(counted
         ("txt2img", {"s_min_uncond": 0.5}, "s_min_uncond 0.5"),
         ("txt2img", {"enable_hr": True, "firstpass_image": init}, "firstpass_image: the hires fix"),
         ("txt2img", {"enable_hr": True, "hr_checkpoint_name": "other"}, "hr_checkpoint_name 'other'"),
-        ("img2img", {**i2i, "resize_mode": 3}, "resize_mode 3: A1111's latent upscale"),
         ("img2img", {**i2i, "resize_mode": 9}, "resize_mode 9"),
         ("img2img", {**i2i, "init_images": [init, init]}, "init_images: 2 images"),
         ("img2img", {**inpaint, "latent_mask": init}, "latent_mask: a separate latent mask"),
@@ -156,3 +155,61 @@ def test_hr_checkpoint_of_the_same_model_and_fields_a1111_reads_not(counted):
         json={**SMALL, "restore_faces": False, "infotext": f"a\nSteps: 2, Seed: 1, Size: 16x16, {FACES}"},
     )
     assert _info(r)["ignored"] == ["override_settings.face_restoration"]
+
+
+def test_latent_upscale_resize_mode_resizes_the_init_latent(models):
+    """A1111's img2img resize_mode 3, "Just resize (latent upscale)" (it was listed as ignored and the init image
+    stretched as mode 0): the init image is encoded at its own size and its latent resized bilinearly to the
+    output's, the pipeline's init_latent_resize (an init the VAE cannot encode at its size is refused)."""
+    import torch
+    import torch.nn.functional as F
+
+    from sdengine.pipeline.latents import start_latents
+
+    pipe = shared_loader(str(models / "models" / "tiny"), "cpu")
+    small = Image.fromarray(np.random.default_rng(2).integers(0, 255, (8, 8, 3), dtype=np.uint8))
+
+    def init_latent(size: int) -> torch.Tensor:
+        start = start_latents(pipe.vae, generators=[torch.Generator().manual_seed(5)], latent_channels=4,
+                              width=size, height=size, scale_factor=pipe.vae_scale_factor, init=small, mask=None,
+                              mask_blur=0.0, strength=0.5, nine_channels=False, tiled=False,
+                              device=torch.device("cpu"))  # fmt: skip
+        assert start.init_latent is not None
+        return start.init_latent
+
+    f = pipe.vae_scale_factor
+    own = init_latent(8)
+    assert own.shape[-1] == 8 // f
+    want = F.interpolate(own, size=(16 // f, 16 // f), mode="bilinear")
+    np.testing.assert_allclose(init_latent(16).numpy(), want.numpy(), rtol=0, atol=1e-6)
+    from sdengine.pipeline import GenerationError, GenerationRequest
+
+    with pytest.raises(GenerationError, match="needs an init_image and takes no mask"):
+        GenerationRequest(init_latent_resize=True).validate()
+    with pytest.raises(GenerationError, match="init image 9x9 is encoded at its own size"):
+        pipe(
+            "x", init_image=small.resize((9, 9)), init_latent_resize=True, width=16, height=16, steps=2, progress=False
+        )
+
+
+def test_latent_upscale_resize_mode_on_the_a1111_route(models, counted):
+    """resize_mode 3 on /sdapi/v1/img2img is the pipeline's init_latent_resize (another image than mode 0's), its
+    infotext reads back; with a mask it is a 422 (A1111 fits the mask otherwise than the image)."""
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+    pipe = shared_loader(str(models / "models" / "tiny"), "cpu")
+    small = Image.fromarray(np.random.default_rng(2).integers(0, 255, (8, 8, 3), dtype=np.uint8))
+    client, _ = counted
+    body = {**SMALL, "init_images": [_b64(small)], "denoising_strength": 0.6}
+    r = client.post("/sdapi/v1/img2img", json={**body, "resize_mode": 3})
+    info = _info(r)
+    assert info["ignored"] == [] and "Resize mode: just resize (latent upscale)" in info["infotexts"][0]
+    kw = dict(seed=3, steps=2, width=16, height=16, cfg_scale=7.0, sampler="euler", schedule="uniform")
+    want = pipe("a red apple", init_image=small, strength=0.6, strength_rule="a1111", init_latent_resize=True,
+                progress=False, **kw)  # fmt: skip
+    np.testing.assert_array_equal(_image(r), np.asarray(want.images[0]))
+    stretched = client.post("/sdapi/v1/img2img", json={**body, "resize_mode": 0})
+    assert not np.array_equal(_image(stretched), _image(r))
+    assert to_generate_kwargs(parse_parameters(info["infotexts"][0]))["init_latent_resize"] is True
+    r = client.post("/sdapi/v1/img2img", json={**body, "resize_mode": 3, "mask": _b64(small)})
+    assert r.status_code == 422 and r.json()["detail"].startswith("resize_mode 3: A1111's latent upscale takes no mask")

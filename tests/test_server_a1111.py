@@ -597,8 +597,11 @@ def test_resize_modes_of_init_mask_and_control_images(api):
         want = emoji()("a ball", seed=3, init_image=init, strength=0.6, resize_mode=mode, **kw)
         np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
         assert r.info["ignored"] == []
-    with pytest.raises(RuntimeError, match="422.*resize_mode 3: A1111.*latent upscale"):  # not done: refused
-        api.img2img(images=[init], prompt="a ball", seed=3, denoising_strength=0.6, resize_mode=3, **COMMON)
+    # 3, A1111's latent upscale (once listed as ignored): the init image's latent resized, the pipeline's
+    r = api.img2img(images=[init], prompt="a ball", seed=3, denoising_strength=0.6, resize_mode=3, **COMMON)
+    want = emoji()("a ball", seed=3, init_image=init, strength=0.6, init_latent_resize=True, **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["ignored"] == []
     # inpainting, crop and resize: the mask is cut as the image, and the init pasted back is the cut one
     mask = Image.new("L", (64, 32), 0)
     mask.paste(255, (16, 0, 48, 32))

@@ -204,6 +204,7 @@ UNIT_KEYS = {
 }
 CONTROL_MODES = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet is more important"}
 RESIZE_MODES = {0: "Just Resize", 1: "Crop and Resize", 2: "Resize and Fill"}
+LATENT_UPSCALE_MODE = 3  # A1111's img2img "Just resize (latent upscale)": GenerationRequest.init_latent_resize
 MODULES = {
     "none": "none",
     "canny": "canny",
@@ -662,11 +663,14 @@ def refuse_unsupported(body: dict[str, Any], txt2img: bool) -> None:
     if txt2img:
         return
     mode = body.get("resize_mode", 0)
-    if isinstance(mode, bool) or mode not in RESIZE_MODES:
-        why = "A1111's latent upscale" if mode == 3 else "not one of A1111's resize modes"
-        refuse("resize_mode", f"{why} is not implemented in sdengine; send 0 (just resize), 1 (crop and resize) or 2 "
-               "(resize and fill)")  # fmt: skip
     mask = body.get("mask") not in (None, "")
+    if isinstance(mode, bool) or mode not in (*RESIZE_MODES, LATENT_UPSCALE_MODE):
+        refuse("resize_mode", "A1111's resize modes are 0 (just resize), 1 (crop and resize), 2 (resize and fill) and "
+               "3 (just resize, latent upscale)")  # fmt: skip
+    if mode == LATENT_UPSCALE_MODE and mask:
+        # A1111 fits the mask "resize and fill" and pastes back an overlay of the init image's own size
+        refuse("resize_mode", "A1111's latent upscale takes no mask in sdengine (A1111 fits the mask otherwise than "
+               "the image); send 0, 1 or 2")  # fmt: skip
     if mask and body.get("latent_mask") not in (None, ""):
         raise Unprocessable(
             "latent_mask: a separate latent mask is not implemented in sdengine (A1111's API passes it on "
@@ -1378,9 +1382,16 @@ def install(app: FastAPI, services: Any) -> None:
         elif req.inpainting_fill in LATENT_FILLS:  # done in the latent by the pipeline
             ignored = [k for k in ignored if k != "inpainting_fill"]
         mode = req.resize_mode
+        latent_resize = mode == LATENT_UPSCALE_MODE  # the init image's latent resized (no mask: refused above)
+        if latent_resize:
+            mode = 0
         notes: list[str] = []
         styled = with_styles(req)
         fields = generation_fields(styled, body, ignored, req.init_images[0], mode, notes, clip)
+        if latent_resize:
+            if fields["controlnets"]:
+                raise Unprocessable("resize_mode 3: A1111's latent upscale takes no ControlNet unit in sdengine")
+            fields["init_latent_resize"] = True
         fields["sdxl_options"].update(xl_rest)  # the infotext's SDXL settings A1111 has no option for
         strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
         blur = _mask_blur(body)
