@@ -122,6 +122,24 @@ def test_a_schedule_over_the_models_timesteps_is_refused_before_any_load(counted
     assert loads == []
 
 
+def test_steps_over_the_models_timesteps_are_refused_before_any_load(models):
+    """A server whose --max-steps is over 1000 queued a job of 1200 steps that failed once the model was loaded
+    ("steps must be at most 1000"); now a 400 up front."""
+    loads: list[str] = []
+
+    def loader(ref: str, device: str):
+        loads.append(ref)
+        return shared_loader(ref, device)
+
+    config = server_config(models, models_dir=models / "models", model="tiny", max_steps=2000)
+    with live_server(config, loader=loader) as s, httpx.Client(base_url=s.url, timeout=120) as client:
+        r = client.post("/sdapi/v1/txt2img", json={**SMALL, "steps": 1200})
+        assert r.status_code == 400 and "steps must be at most 1000" in r.json()["detail"], r.text
+        r = client.post("/v1/jobs", json={"prompt": "a", "steps": 1200, "width": 16, "height": 16})
+        assert r.status_code == 400 and "steps must be at most 1000" in r.json()["detail"], r.text
+    assert loads == []
+
+
 def test_firstphase_size_is_the_first_pass_size(counted):
     """firstphase_width / _height (A1111's __post_init__: the image, or the hires fix's first pass, has that size)
     were dropped without the hires fix and listed as ignored with it."""

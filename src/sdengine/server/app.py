@@ -592,8 +592,9 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             raise BadRequest(str(e)) from None
 
     def check_schedule_steps(generation: Generation) -> None:
-        """A schedule longer than the model's training timesteps (A1111's step rules make one of steps / strength
-        steps: the hires fix's second pass, img2img with img2img_fix_steps) is a 400 now, instead of a job that
+        """A schedule longer than the model's training timesteps (steps over it, with a --max-steps over 1000; A1111's
+        step rules make one of steps / strength steps: the hires fix's second pass, img2img with img2img_fix_steps)
+        is a 400 now, instead of a job that
         fails once it runs (after the model's load); the limit is the loaded pipeline's, else a folder's scheduler
         config's, else 1000 (every Stable Diffusion model's)."""
         from sdengine.diffusion import sampling
@@ -605,11 +606,13 @@ def _native_routes(app: FastAPI, services: Services) -> None:
 
         kw = generation.kwargs
         fixed = kw.get("init_image") is not None and kw.get("strength_rule") == "a1111_fix_steps"
-        if not kw.get("enable_hr") and not fixed:
-            return
+        if not kw.get("enable_hr") and not fixed and int(kw.get("steps") or 0) <= 1000:
+            return  # nothing over any model's schedule (a --max-steps over 1000 is checked below)
         loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
         schedule = getattr(loaded, "noise_schedule", None)
         limit = int(schedule.num_train_timesteps) if schedule is not None else train_timesteps(generation.model)
+        if int(kw.get("steps") or 0) > limit:
+            raise BadRequest(f"steps must be at most {limit} (the model's training timesteps), got {kw['steps']}")
         try:
             r = GenerationRequest(**kw)
             sampler = sampling.resolve(r.sampler, r.schedule)[0]
