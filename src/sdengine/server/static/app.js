@@ -19,15 +19,16 @@ const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "st
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform", simple: "Simple", ddim_uniform: "DDIM uniform", beta: "Beta", kl_optimal: "KL Optimal",
   align_your_steps: "Align Your Steps (SDXL's table on SDXL)", align_your_steps_sdxl: "Align Your Steps, SDXL table",
-  uniform: "Uniform", polyexponential: "Polyexponential" };
-// A1111's "Schedule type" labels (lower case); "Align Your Steps" is the model's own table, as in A1111
+  uniform: "Uniform", polyexponential: "Polyexponential", linear_quadratic: "Linear Quadratic" };
+// A1111's "Schedule type" labels (lower case) of its combined sampler names ("DPM++ 2M Karras") and of a server
+// too old to list them (GET /v1/samplers' schedule_labels); "Align Your Steps" is the model's own table, as in A1111
 const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras", exponential: "exponential",
   "sgm uniform": "sgm_uniform", sgmuniform: "sgm_uniform", simple: "simple", ddim: "ddim_uniform", beta: "beta",
   "kl optimal": "kl_optimal", "align your steps": "align_your_steps", uniform: "uniform",
   polyexponential: "polyexponential" };
 
 const state = {
-  samplers: [], sizes: {}, loras: [], embeddings: [], activePrompt: "prompt", tiny: {}, tinyEncoder: {}, model: null,
+  samplers: [], scheduleLabels: {}, sizes: {}, loras: [], embeddings: [], activePrompt: "prompt", tiny: {}, tinyEncoder: {}, model: null,
   lastSeed: null, jobId: null, running: false,
   cancelAsked: false, jobDone: false, jobStep: 0,
   initBlob: null, controlBlob: null, galleryOffset: 0, galleryTotal: 0, resultUrls: [], galleryUrls: [],
@@ -268,7 +269,7 @@ function fillSchedules() {
   const keep = select.value;
   const spec = state.samplers.find((s) => s.name === $("sampler").value);
   select.replaceChildren();
-  for (const s of spec ? spec.schedules : ["normal"]) option(select, s, SCHEDULE_LABELS[s] || s);
+  for (const s of spec ? spec.schedules : ["normal"]) option(select, s, SCHEDULE_LABELS[s] || state.scheduleLabels[s] || s);
   if ([...select.options].some((o) => o.value === keep)) select.value = keep;
   else if ([...select.options].some((o) => o.value === "karras")) select.value = "karras";
 }
@@ -401,6 +402,7 @@ async function loadPickers() {
   const current = models.data.find((m) => m.current);
   if (current) model.value = current.id;
   state.samplers = samplers.samplers;
+  state.scheduleLabels = samplers.schedule_labels || {};
   const sampler = $("sampler");
   sampler.replaceChildren();
   for (const s of state.samplers) option(sampler, s.name, s.a1111);
@@ -490,6 +492,27 @@ function samplerFromA1111(name) {
   return null;
 }
 
+/** Whether A1111's step rules make this sampler walk A1111's own grid (DDIM, PLMS: GET /v1/samplers' a1111_grid). */
+function gridSampler(name) {
+  return Boolean(state.samplers.find((s) => s.name === name)?.a1111_grid);
+}
+
+/** Our schedule for an infotext's "Schedule type" (A1111's label or our name), as sdengine.diffusion.sampling.resolve
+ * reads it: "Automatic" is what A1111 runs with the sampler (its combined name's own schedule first), a label two
+ * schedules share is the first's; null for a name this server does not know. */
+function scheduleFromA1111(label, sampler) {
+  const key = label.trim().toLowerCase();
+  if (key === "automatic") {
+    if (sampler && sampler.schedule) return sampler.schedule;
+    const spec = sampler && state.samplers.find((s) => s.name === sampler.sampler);
+    return (spec && spec.a1111_automatic) || "normal";
+  }
+  for (const [name, a1111] of Object.entries(state.scheduleLabels)) {
+    if (name === key || a1111.toLowerCase() === key) return name;
+  }
+  return A1111_SCHEDULES[key] ?? null;
+}
+
 /** Fill the form from an A1111/sdengine infotext; the names of the fields that were set. */
 function applyInfotext(text) {
   const p = parseInfotext(text);
@@ -513,7 +536,10 @@ function applyInfotext(text) {
       put("schedule", s.schedule || "normal");
     }
   }
-  if (f["Schedule type"]) put("schedule", A1111_SCHEDULES[f["Schedule type"].toLowerCase()]);
+  if (f["Schedule type"]) {
+    const schedule = scheduleFromA1111(f["Schedule type"], f.Sampler ? samplerFromA1111(f.Sampler) : null);
+    if (!put("schedule", schedule)) missing.push(`schedule type ${f["Schedule type"]}`);
+  }
   if (f["CFG scale"]) put("cfg_scale", parseFloat(f["CFG scale"]));
   if (f.Seed) put("seed", f.Seed);
   const size = /^(\d+)x(\d+)$/.exec(f.Size || "");
@@ -534,7 +560,9 @@ function applyInfotext(text) {
   // An image sdengine did not make (A1111's, Forge's) has A1111's strength and Clip skip meanings, as --from-png
   // reads it; sdengine's own have sdengine's unless their "Strength rule" / "Clip skip rule" say otherwise.
   const own = /^sdengine/.test((f.Version || "").trim());
-  const rule = (f["Strength rule"] || (own || !f["Denoising strength"] ? "diffusers" : "a1111")).trim();
+  // (A1111 counts its img2img / hires steps its own way and walks its own DDIM / PLMS grid, txt2img too)
+  const a1111Steps = !own && (f["Denoising strength"] || gridSampler(f.Sampler && samplerFromA1111(f.Sampler)?.sampler));
+  const rule = (f["Strength rule"] || (a1111Steps ? "a1111" : "diffusers")).trim();
   if (!put("strength_rule", rule)) missing.push(`strength rule ${rule}`);
   const clipRule = (f["Clip skip rule"] || (own || !f["Clip skip"] ? "sdengine" : "a1111")).trim();
   if (!put("clip_skip_rule", clipRule)) missing.push(`clip skip rule ${clipRule}`);
@@ -714,7 +742,9 @@ async function buildRequest() {
       body.mask_blur = number("mask_blur", "Mask blur", false);
     }
   }
-  if (body.strength !== undefined) body.strength_rule = $("strength_rule").value; // img2img and the hires fix
+  // img2img and the hires fix count their steps by it, and DDIM / PLMS walk A1111's own grid under A1111's rules
+  // (text to image too); not sent where it changes nothing (it would be written into the image's parameters)
+  if (body.strength !== undefined || gridSampler(body.sampler)) body.strength_rule = $("strength_rule").value;
   if ($("cn-enabled").checked) {
     if (!$("cn-model").value) throw new ApiError(400, "this server has no ControlNet", "controlnet");
     if (!state.controlBlob) throw new ApiError(400, "ControlNet: pick or drop a control image", "controlnet");

@@ -1,0 +1,141 @@
+"""The web page's step rules and its reading of A1111's schedule types, in a real headless Chromium against a live
+server with the emoji model at 64x64 (one page for the module; helpers from test_webui.py).
+
+- DDIM and PLMS walk A1111's own grid under A1111's step rules, text to image too: the page sends its *Strength
+  rule* with such a job (it once sent it only with a strength, so the page could not ask for that grid), and it
+  offers A1111's img2img fix steps (``a1111_fix_steps``), which the native API has.
+- A dropped infotext's ``Schedule type`` is read as ``sdengine.diffusion.sampling.resolve`` reads it: "Automatic"
+  is what A1111 runs with that sampler (it was always the model's own spacing: DPM++ 2M ran without Karras), every
+  schedule of the registry by its A1111 label (``Linear Quadratic`` was kept silently as it was), an unknown one
+  is named; an A1111 DDIM image gets A1111's rule, as ``--from-png`` reads it.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from _live_server import live_server, server_config
+from test_webui import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    WAIT_MS,
+    api_image,
+    drop_file,
+    open_page,
+    png_bytes,
+    shown_image,
+    wait_result,
+)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    with live_server(server_config(tmp_path_factory.mktemp("webui_rules"))) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+        pg = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.set_default_timeout(WAIT_MS)
+        open_page(pg, server.url)
+        yield pg
+        browser.close()
+        assert not errors, errors  # no uncaught JavaScript error on the page
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def drop_infotext(pg, params: str) -> tuple[str, str, str, str]:
+    """Drop a PNG with this A1111 parameters line; (sampler, schedule, strength rule, what the page said)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", f"a cat face\n{params}, Size: 64x64, Version: v1.10.1")
+    pg.fill("#seed", "0")
+    drop_file(pg, png_bytes(Image.new("RGB", (8, 8)), info), "a1111.png")
+    pg.wait_for_function("document.querySelector('#seed').value === '6'")
+    return (
+        pg.input_value("#sampler"),
+        pg.input_value("#schedule"),
+        pg.input_value("#strength_rule"),
+        pg.text_content("#err-general"),
+    )
+
+
+def test_a1111_schedule_types_are_read_as_sdengine_reads_them(page):
+    from sdengine.diffusion.sampling import SAMPLERS, SCHEDULE_A1111, SCHEDULES, resolve
+
+    page.select_option("#sampler", "euler")
+    # Every schedule of the registry is offered under a label, not its bare name
+    labels = page.eval_on_selector_all("#schedule option", "os => os.map((o) => [o.value, o.textContent])")
+    assert [v for v, _ in labels] == list(SCHEDULES)
+    assert all(label != value for value, label in labels), labels
+    for schedule in SCHEDULES:
+        label = SCHEDULE_A1111[schedule]
+        got = drop_infotext(page, f"Steps: 20, Sampler: Euler, Schedule type: {label}, CFG scale: 7, Seed: 6")
+        assert got == ("euler", resolve("Euler", label)[1], "diffusers", ""), (label, got)
+    for spec in SAMPLERS.values():  # "Automatic": what A1111 runs with the sampler
+        got = drop_infotext(page, f"Steps: 20, Sampler: {spec.a1111}, Schedule type: Automatic, CFG scale: 7, Seed: 6")
+        expected = resolve(spec.a1111, "Automatic")
+        rule = "a1111" if spec.name in ("ddim", "plms") else "diffusers"  # A1111 walked its own grid
+        assert got == (*expected, rule, ""), (spec.a1111, got)
+    # A combined name's own schedule stays its own under "Automatic"
+    combined = "Steps: 20, Sampler: DPM++ 2M SDE Karras, Schedule type: Automatic, CFG scale: 7, Seed: 6"
+    got = drop_infotext(page, combined)
+    assert got[:2] == ("dpmpp_2m_sde", "karras")
+    # A schedule type this server does not know is named, not silently left as it was
+    got = drop_infotext(page, "Steps: 20, Sampler: Euler, Schedule type: Foo Bar, CFG scale: 7, Seed: 6")
+    assert "schedule type Foo Bar" in got[3]
+
+
+def test_ddim_under_a1111s_rule_and_a1111_fix_steps_equal_the_apis_jobs(page, client, tmp_path):
+    page.fill("#prompt", "a smiling face")
+    page.select_option("#sampler", "ddim")
+    page.select_option("#schedule", "normal")
+    page.fill("#steps", "4")
+    page.fill("#cfg_scale", "7")
+    page.fill("#seed", "11")
+    page.click("#more-section summary")
+    page.select_option("#strength_rule", "a1111")  # DDIM: A1111's grid, text to image too
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Strength rule: a1111" in params
+    body = {"prompt": "a smiling face", "sampler": "ddim", "schedule": "normal", "steps": 4, "cfg_scale": 7, "seed": 11}
+    expected, info = api_image(client, {**body, "strength_rule": "a1111"})
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == info
+    assert not np.array_equal(expected, api_image(client, body)[0])  # A1111's grid: another image than diffusers'
+    # img2img with A1111's img2img fix steps: 4 steps run of a longer schedule, as the API's job
+    init = Image.new("RGB", (64, 64), (200, 120, 40))
+    path = tmp_path / "init.png"
+    init.save(path)
+    page.click("#img2img-section summary")
+    page.select_option("#mode", "img2img")
+    page.set_input_files("#init-file", str(path))
+    page.fill("#strength", "0.5")
+    page.select_option("#sampler", "euler")
+    page.select_option("#schedule", "karras")
+    page.select_option("#strength_rule", "a1111_fix_steps")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Strength rule: a1111_fix_steps" in params
+    init_b64 = base64.b64encode(png_bytes(init)).decode()
+    img2img = {**body, "sampler": "euler", "schedule": "karras", "strength": 0.5, "strength_rule": "a1111_fix_steps"}
+    img2img["init_image"] = init_b64
+    expected, info = api_image(client, img2img)
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == info
