@@ -139,3 +139,9 @@ def test_ddim_under_a1111s_rule_and_a1111_fix_steps_equal_the_apis_jobs(page, cl
     expected, info = api_image(client, img2img)
     np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
     assert params == info
+    # Send to img2img takes the image's size (A1111's send_size), as a hires result's (it kept the form's size)
+    page.fill("#width", "128")
+    page.fill("#height", "96")
+    page.click("#results button:text('Send to img2img')")
+    page.wait_for_function("document.querySelector('#width').value === '64'")
+    assert page.input_value("#height") == "64"

@@ -614,7 +614,9 @@ function updateMode() {
   $("init-stage").hidden = mode === "txt2img" || !state.initBlob || !$("init-preview").naturalWidth;
 }
 
-function setInitImage(blob, mode) {
+/** The init image (a picked or dropped file, or a result sent here); ``sendSize``: the width and height become
+ * the image's (snapped to the model's multiple). */
+function setInitImage(blob, mode, sendSize = false) {
   state.initBlob = blob;
   $("err-init_image").textContent = ""; // an earlier file's "not an image" is over
   URL.revokeObjectURL($("init-preview").src);
@@ -622,6 +624,13 @@ function setInitImage(blob, mode) {
   const img = $("init-preview");
   img.onload = () => {
     painter.reset(img.naturalWidth, img.naturalHeight);
+    if (sendSize) {
+      $("width").value = img.naturalWidth;
+      $("height").value = img.naturalHeight;
+      snap($("width"));
+      snap($("height"));
+      saveSettings();
+    }
     $("init-stage").hidden = $("mode").value === "txt2img";
     $("init-stage").scrollIntoView({ block: "nearest" });
   };
@@ -1024,8 +1033,9 @@ async function showResults(items) {
     const actions = document.createElement("div");
     actions.className = "row";
     actions.append(
-      button("Send to img2img", () => { setInitImage(blob, "img2img"); $("img2img-section").scrollIntoView(); }),
-      button("Send to inpaint", () => { setInitImage(blob, "inpaint"); $("img2img-section").scrollIntoView(); }),
+      // with its size, as A1111's send_size (default on): a hires result was once sent to the first pass's size
+      button("Send to img2img", () => { setInitImage(blob, "img2img", true); $("img2img-section").scrollIntoView(); }),
+      button("Send to inpaint", () => { setInitImage(blob, "inpaint", true); $("img2img-section").scrollIntoView(); }),
       button("Reuse parameters", () => { if (item.parameters) applyInfotext(item.parameters); }),
     );
     const a = document.createElement("a");
