@@ -32,10 +32,14 @@ from test_webui import (
     wait_result,
 )
 
+STYLES = 'name,prompt,negative_prompt\ncartoon,"{prompt}, cartoon style",ugly\nbright,bright colours,"dark, blurry"\n'
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    with live_server(server_config(tmp_path_factory.mktemp("webui_rules"))) as s:
+    tmp = tmp_path_factory.mktemp("webui_rules")
+    (tmp / "styles.csv").write_text(STYLES)
+    with live_server(server_config(tmp, styles_file=tmp / "styles.csv")) as s:
         yield s
 
 
@@ -109,7 +113,7 @@ def test_ddim_under_a1111s_rule_and_a1111_fix_steps_equal_the_apis_jobs(page, cl
     page.fill("#steps", "4")
     page.fill("#cfg_scale", "7")
     page.fill("#seed", "11")
-    page.click("#more-section summary")
+    page.evaluate("document.getElementById('more-section').open = true")
     page.select_option("#strength_rule", "a1111")  # DDIM: A1111's grid, text to image too
     page.click("#generate")
     params = wait_result(page)
@@ -123,7 +127,7 @@ def test_ddim_under_a1111s_rule_and_a1111_fix_steps_equal_the_apis_jobs(page, cl
     init = Image.new("RGB", (64, 64), (200, 120, 40))
     path = tmp_path / "init.png"
     init.save(path)
-    page.click("#img2img-section summary")
+    page.evaluate("document.getElementById('img2img-section').open = true")
     page.select_option("#mode", "img2img")
     page.set_input_files("#init-file", str(path))
     page.fill("#strength", "0.5")
@@ -145,3 +149,50 @@ def test_ddim_under_a1111s_rule_and_a1111_fix_steps_equal_the_apis_jobs(page, cl
     page.click("#results button:text('Send to img2img')")
     page.wait_for_function("document.querySelector('#width').value === '64'")
     assert page.input_value("#height") == "64"
+
+
+def test_styles_are_merged_into_the_prompts_and_taken_out_on_reuse(page, client, server):
+    from sdengine.prompts import apply_styles, read_styles
+
+    # (the page had no styles: the server's --styles-file reached A1111's routes only)
+    page.evaluate("for (const id of ['img2img-section', 'more-section']) document.getElementById(id).open = true")
+    page.select_option("#mode", "txt2img")
+    page.select_option("#strength_rule", "diffusers")
+    page.fill("#prompt", "a cat face")
+    page.fill("#negative_prompt", "")
+    page.fill("#steps", "3")
+    page.fill("#seed", "21")
+    assert page.locator("#styles-box:not([hidden]) legend").count() == 1  # offered: the server has styles
+    page.check("#style-list label:has-text('cartoon') input")
+    page.check("#style-list label:has-text('bright') input")
+    page.click("#generate")
+    params = wait_result(page)
+    styles = read_styles(server.services.config.styles_file)
+    prompt, negative = apply_styles("a cat face", "", [styles["cartoon"], styles["bright"]])
+    assert params.startswith(f"{prompt}\nNegative prompt: {negative}\n")  # A1111's merge, in the file's order
+    body = {"prompt": prompt, "negative_prompt": negative, "steps": 3, "seed": 21}
+    for field in ("sampler", "schedule"):
+        body[field] = page.input_value(f"#{field}")
+    body["cfg_scale"] = float(page.input_value("#cfg_scale"))
+    expected, info = api_image(client, body)
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == info
+    # Reuse: the prompts without the styles, the styles ticked (as A1111's "Apply if any"), not merged twice
+    page.uncheck("#style-list label:has-text('cartoon') input")
+    page.fill("#prompt", "something else")
+    page.click("#results button:text('Reuse parameters')")
+    assert page.input_value("#prompt") == "a cat face" and page.input_value("#negative_prompt") == ""
+    assert page.is_checked("#style-list label:has-text('cartoon') input")
+    assert page.is_checked("#style-list label:has-text('bright') input")
+    # An infotext without them unticks them (its prompt is the whole prompt)
+    page.fill("#seed", "0")
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), _info("a dog\nSteps: 3, Seed: 6, Size: 64x64")), "dog.png")
+    page.wait_for_function("document.querySelector('#seed').value === '6'")
+    assert page.input_value("#prompt") == "a dog"
+    assert page.locator("#style-list input:checked").count() == 0
+
+
+def _info(text: str) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    return info

@@ -28,7 +28,7 @@ const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras
   polyexponential: "polyexponential" };
 
 const state = {
-  samplers: [], scheduleLabels: {}, sizes: {}, loras: [], embeddings: [], activePrompt: "prompt", tiny: {}, tinyEncoder: {}, model: null,
+  samplers: [], scheduleLabels: {}, styles: [], sizes: {}, loras: [], embeddings: [], activePrompt: "prompt", tiny: {}, tinyEncoder: {}, model: null,
   lastSeed: null, jobId: null, running: false,
   cancelAsked: false, jobDone: false, jobStep: 0,
   initBlob: null, controlBlob: null, galleryOffset: 0, galleryTotal: 0, resultUrls: [], galleryUrls: [],
@@ -355,6 +355,95 @@ function markEmbeddings() {
   }
 }
 
+// ------------------------------------------------------------------------------------- styles
+// A1111's prompt styles (serve --styles-file, listed by GET /sdapi/v1/prompt-styles): the ticked ones are merged into
+// the prompts of the job sent, in the file's order, as A1111's apply_styles_to_prompt (sdengine.prompts.apply_styles),
+// and taken out of a reused infotext's prompts again, ticked, as A1111's "Apply if any" does.
+
+async function loadStyles() {
+  $("err-styles").textContent = "";
+  let answer;
+  try {
+    answer = await getJSON("/sdapi/v1/prompt-styles");
+  } catch (e) {
+    showError("styles", `styles: ${e.message}`);
+    return;
+  }
+  state.styles = Array.isArray(answer) ? answer : [];
+  const list = $("style-list");
+  list.replaceChildren();
+  state.styles.forEach((st, i) => {
+    const label = document.createElement("label");
+    label.className = "inline";
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.id = `style-use-${i}`;
+    box.addEventListener("change", saveSettings);
+    label.title = [st.prompt, st.negative_prompt && `negative: ${st.negative_prompt}`].filter(Boolean).join("\n");
+    label.append(box, ` ${st.name}`);
+    list.append(label);
+  });
+  $("styles-box").hidden = !state.styles.length;
+  let saved = null;
+  try { saved = JSON.parse(localStorage.getItem(SETTINGS_KEY) || "null")?.styles; } catch (e) { saved = null; }
+  if (Array.isArray(saved)) tickStyles(saved);
+}
+
+function tickStyles(names) {
+  state.styles.forEach((st, i) => { $(`style-use-${i}`).checked = names.includes(st.name); });
+}
+
+function chosenStyles() {
+  return state.styles.filter((st, i) => $(`style-use-${i}`)?.checked);
+}
+
+/** A1111's merge_prompts: a style text with {prompt} takes the prompt in its place, any other is appended. */
+function mergeStyle(styleText, prompt) {
+  if (styleText.includes("{prompt}")) return styleText.split("{prompt}").join(prompt);
+  return [prompt.trim(), styleText.trim()].filter(Boolean).join(", ");
+}
+
+/** A1111's extract_style_text_from_prompt: [whether the prompt holds the style text, the prompt without it]. */
+function extractStyleText(styleText, prompt) {
+  const p = prompt.trim().replace(/ {2,}/g, " ");
+  const st = styleText.trim().replace(/ {2,}/g, " ");
+  if (st.includes("{prompt}")) {
+    const [left, right] = st.split("{prompt}");
+    if (p.startsWith(left) && p.endsWith(right) && p.length >= left.length + right.length) {
+      return [true, p.slice(left.length, p.length - right.length)];
+    }
+    return [false, prompt];
+  }
+  if (p.endsWith(st)) {
+    let rest = p.slice(0, p.length - st.length);
+    if (rest.endsWith(", ")) rest = rest.slice(0, -2);
+    return [true, rest];
+  }
+  return [false, prompt];
+}
+
+/** A1111's extract_styles_from_prompt: the styles an infotext's prompts were made with, and the prompts without. */
+function extractStyles(prompt, negative) {
+  const found = [];
+  const left = [...state.styles];
+  for (;;) {
+    const k = left.findIndex((st) => {
+      if (!st.prompt && !st.negative_prompt) return false;
+      const [okP, p] = extractStyleText(st.prompt || "", prompt);
+      if (!okP) return false;
+      const [okN, n] = extractStyleText(st.negative_prompt || "", negative);
+      if (!okN) return false;
+      prompt = p;
+      negative = n;
+      return true;
+    });
+    if (k < 0) break;
+    found.push(left[k].name);
+    left.splice(k, 1);
+  }
+  return { names: found.reverse(), prompt, negative };
+}
+
 /** The server's embeddings (A1111's GET /sdapi/v1/embeddings: the folder of --embeddings-dir, read as asked). */
 async function loadEmbeddings() {
   $("err-embeddings").textContent = "";
@@ -414,6 +503,7 @@ async function loadPickers() {
   state.loras = loras.loras;
   renderLoras();
   loadEmbeddings(); // not awaited: the page works without its list (an error is said in its section)
+  loadStyles(); // the same
   const cn = $("cn-model");
   cn.replaceChildren();
   for (const c of controlnets.controlnets) option(cn, c.name);
@@ -439,6 +529,7 @@ function saveSettings(event) {
   s.cnEnabled = $("cn-enabled").checked;
   s.hrEnabled = $("hr-enabled").checked;
   s.tiling = $("tiling").checked;
+  s.styles = chosenStyles().map((st) => st.name);
   s.loras = Object.fromEntries(state.loras.map((l, i) => [l.name,
     { use: $(`lora-use-${i}`).checked, weight: $(`lora-weight-${i}`).value }]));
   try { localStorage.setItem(SETTINGS_KEY, JSON.stringify(s)); } catch (e) { /* storage full or off */ }
@@ -523,6 +614,14 @@ function applyInfotext(text) {
     if (ok) set.push(id);
     return ok;
   };
+  // The prompts without the server's styles they hold, those styles ticked (A1111's "Apply if any"), so that they
+  // are not merged in a second time.
+  const styled = extractStyles(p.prompt, p.negative_prompt);
+  if (styled.names.length) {
+    p.prompt = styled.prompt;
+    p.negative_prompt = styled.negative;
+  }
+  tickStyles(styled.names);
   put("prompt", p.prompt);
   put("negative_prompt", p.negative_prompt);
   if (f.Steps) put("steps", parseInt(f.Steps, 10));
@@ -706,9 +805,14 @@ function seedResizeFrom() {
 }
 
 async function buildRequest() {
+  let [prompt, negative] = [$("prompt").value, $("negative_prompt").value];
+  for (const st of chosenStyles()) {
+    prompt = mergeStyle(st.prompt || "", prompt);
+    negative = mergeStyle(st.negative_prompt || "", negative);
+  }
   const body = {
-    prompt: $("prompt").value,
-    negative_prompt: $("negative_prompt").value,
+    prompt,
+    negative_prompt: negative,
     model: $("model").value || null,
     sampler: $("sampler").value,
     schedule: $("schedule").value,
