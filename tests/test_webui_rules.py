@@ -196,3 +196,61 @@ def _info(text: str) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", text)
     return info
+
+
+def test_inpainting_with_masked_content_and_a_noise_multiplier(page, client, tmp_path):
+    # (the page had neither of A1111's controls; the API has both)
+    init = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (64, 1, 3)))
+    path = tmp_path / "init.png"
+    init.save(path)
+    page.evaluate("""() => { window.uploaded = []; const f = window.fetch;
+        window.fetch = (url, opts) => { if (String(url).endsWith('/v1/uploads')) window.uploaded.push(opts.body);
+                                        return f(url, opts); }; }""")
+    page.evaluate("for (const id of ['img2img-section', 'more-section']) document.getElementById(id).open = true")
+    page.select_option("#strength_rule", "diffusers")
+    page.locator("#style-list input").evaluate_all("(boxes) => boxes.forEach((b) => { b.checked = false; })")
+    page.set_input_files("#init-file", str(path))
+    page.select_option("#mode", "inpaint")
+    page.wait_for_selector("#mask-canvas", state="visible")
+    page.fill("#prompt", "a red apple")
+    page.fill("#negative_prompt", "")
+    page.fill("#steps", "4")
+    page.fill("#seed", "5")
+    page.fill("#strength", "0.8")
+    page.fill("#mask_blur", "0")
+    assert page.locator("#masked_content, #noise_multiplier").count() == 2
+    page.select_option("#masked_content", "latent noise")
+    page.fill("#noise_multiplier", "20")  # over A1111's 10: said at its own input, nothing lost
+    page.eval_on_selector("#brush", "el => { el.value = '30'; }")
+    page.locator("#mask-canvas").scroll_into_view_if_needed()
+    box = page.locator("#mask-canvas").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] / 2, steps=5)
+    page.mouse.up()
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-noise_multiplier').textContent.length > 0")
+    assert page.input_value("#noise_multiplier") == "20"
+    page.fill("#noise_multiplier", "1.1")
+    page.evaluate("window.uploaded = []")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Noise multiplier: 1.1" in params and "Masked content: latent noise" in params
+    init_b64, mask_b64 = page.evaluate("""() => Promise.all(window.uploaded.map(async (b) => {
+        const buf = new Uint8Array(await b.arrayBuffer()); let s = '';
+        for (const x of buf) s += String.fromCharCode(x); return btoa(s); }))""")
+    body = {"prompt": "a red apple", "steps": 4, "seed": 5, "strength": 0.8, "mask_blur": 0}
+    for field in ("sampler", "schedule"):
+        body[field] = page.input_value(f"#{field}")
+    body["cfg_scale"] = float(page.input_value("#cfg_scale"))
+    body.update(init_image=init_b64, mask=mask_b64, masked_content="latent noise", noise_multiplier=1.1)
+    expected, info = api_image(client, body)
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == info
+    # An image without them sets the defaults again; reusing this one sets them
+    page.fill("#seed", "0")
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), _info("a dog\nSteps: 3, Seed: 6, Size: 64x64")), "dog.png")
+    page.wait_for_function("document.querySelector('#seed').value === '6'")
+    assert (page.input_value("#noise_multiplier"), page.input_value("#masked_content")) == ("1", "original")
+    page.click("#results button:text('Reuse parameters')")
+    assert (page.input_value("#noise_multiplier"), page.input_value("#masked_content")) == ("1.1", "latent noise")

@@ -15,7 +15,7 @@ const READY_RETRY_MS = 2000; // a page opened while the server was away asks for
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
   "height", "batch_size", "clip_skip", "vae_decode", "vae_encode", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
   "cn-weight", "cn-start", "cn-end", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength", "seed_resize_w", "seed_resize_h",
-  "strength_rule", "clip_skip_rule"];
+  "strength_rule", "clip_skip_rule", "noise_multiplier", "masked_content"];
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform", simple: "Simple", ddim_uniform: "DDIM uniform", beta: "Beta", kl_optimal: "KL Optimal",
   align_your_steps: "Align Your Steps (SDXL's table on SDXL)", align_your_steps_sdxl: "Align Your Steps, SDXL table",
@@ -645,6 +645,10 @@ function applyInfotext(text) {
   if (size) { put("width", size[1]); put("height", size[2]); }
   if (f["Denoising strength"]) put("strength", parseFloat(f["Denoising strength"]));
   if (f["Mask blur"]) put("mask_blur", parseFloat(f["Mask blur"]));
+  // A1111's img2img noise multiplier and sdengine's "Masked content": as the image has them, else the defaults
+  put("noise_multiplier", f["Noise multiplier"] ? parseFloat(f["Noise multiplier"]) : 1);
+  const masked = (f["Masked content"] || "original").trim();
+  if (!put("masked_content", masked)) missing.push(`masked content ${masked}`);
   put("clip_skip", f["Clip skip"] ? parseInt(f["Clip skip"], 10) : 1); // A1111 writes it only when > 1
   put("vae_decode", f["Tiny VAE"] ? "tiny" : "full"); // sdengine names the tiny VAE when it decoded
   put("vae_encode", f["Tiny VAE encode"] ? "tiny" : "full"); // and when it encoded the init image
@@ -848,11 +852,14 @@ async function buildRequest() {
     if (!state.initBlob) throw new ApiError(400, "pick or drop an init image, or choose text to image", "init_image");
     body.strength = number("strength", "Strength", false);
     body.vae_encode = $("vae_encode").value;
+    const multiplier = number("noise_multiplier", "Noise multiplier", false);
+    if (multiplier !== 1) body.noise_multiplier = multiplier; // A1111's default: not sent, as the API's
     body.init_image = await upload(state.initBlob, "init_image");
     if (mode === "inpaint") {
       if (!painter.painted) throw new ApiError(400, "paint the area to repaint on the image first", "mask");
       body.mask = await upload(await painter.toBlob(), "mask");
       body.mask_blur = number("mask_blur", "Mask blur", false);
+      if ($("masked_content").value !== "original") body.masked_content = $("masked_content").value;
     }
   }
   // img2img and the hires fix count their steps by it, and DDIM / PLMS walk A1111's own grid under A1111's rules
