@@ -23,6 +23,7 @@ from _live_server import live_server, server_config
 from test_webui import (
     CHROMIUM,
     CHROMIUM_ARGS,
+    UNLABELLED,
     WAIT_MS,
     api_image,
     drop_file,
@@ -163,6 +164,7 @@ def test_styles_are_merged_into_the_prompts_and_taken_out_on_reuse(page, client,
     page.fill("#steps", "3")
     page.fill("#seed", "21")
     assert page.locator("#styles-box:not([hidden]) legend").count() == 1  # offered: the server has styles
+    assert page.evaluate(UNLABELLED) == []  # every box labelled
     page.check("#style-list label:has-text('cartoon') input")
     page.check("#style-list label:has-text('bright') input")
     page.click("#generate")
