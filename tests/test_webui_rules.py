@@ -256,3 +256,54 @@ def test_inpainting_with_masked_content_and_a_noise_multiplier(page, client, tmp
     assert (page.input_value("#noise_multiplier"), page.input_value("#masked_content")) == ("1", "original")
     page.click("#results button:text('Reuse parameters')")
     assert (page.input_value("#noise_multiplier"), page.input_value("#masked_content")) == ("1.1", "latent noise")
+
+
+def test_a_controlnets_step_rule_and_its_infotext(page, client, tmp_path):
+    # (the page had no step rule, and an infotext's ControlNet was not read: reuse ran without it, silently)
+    src = Image.new("RGB", (64, 64), "white")
+    src.paste((0, 0, 0), (20, 20, 44, 44))
+    path = tmp_path / "control.png"
+    src.save(path)
+    page.evaluate("for (const id of ['img2img-section', 'controlnet-section']) document.getElementById(id).open = true")
+    assert page.locator("#cn-rule").count() == 1
+    page.select_option("#mode", "txt2img")
+    page.locator("#style-list input").evaluate_all("(boxes) => boxes.forEach((b) => { b.checked = false; })")
+    page.set_input_files("#cn-file", str(path))
+    page.select_option("#cn-pre", "canny")
+    page.fill("#prompt", "a smiling face")
+    page.fill("#negative_prompt", "")
+    page.fill("#steps", "4")
+    page.fill("#seed", "3")
+    page.fill("#cn-weight", "0.9")
+    page.fill("#cn-start", "0.3")
+    page.fill("#cn-end", "0.8")
+    page.select_option("#cn-rule", "a1111")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "ControlNet step rule: a1111" in params
+    unit = {"model": "emoji-controlnet-canny", "image": base64.b64encode(png_bytes(src)).decode()}
+    unit.update(preprocessor="canny", low=100, high=200, weight=0.9, start=0.3, end=0.8, rule="a1111")
+    body = {"prompt": "a smiling face", "steps": 4, "seed": 3, "controlnets": [unit]}
+    for field in ("sampler", "schedule"):
+        body[field] = page.input_value(f"#{field}")
+    body["cfg_scale"] = float(page.input_value("#cfg_scale"))
+    expected, info = api_image(client, body)
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == info
+    # An image without a ControlNet unticks it; reusing this one ticks it with its settings
+    page.fill("#seed", "0")
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), _info("a dog\nSteps: 3, Seed: 6, Size: 64x64")), "dog.png")
+    page.wait_for_function("document.querySelector('#seed').value === '6'")
+    assert not page.is_checked("#cn-enabled")
+    page.select_option("#cn-rule", "diffusers")
+    page.click("#results button:text('Reuse parameters')")
+    assert page.is_checked("#cn-enabled")
+    got = [page.input_value(f"#cn-{k}") for k in ("model", "weight", "start", "end", "rule")]
+    assert got == ["emoji-controlnet-canny", "0.9", "0.3", "0.8", "a1111"]
+    # An A1111 image's ControlNet this server lacks is named
+    a1111 = 'ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.5, Guidance Start: 0"'
+    text = f"a dog\nSteps: 3, Seed: 7, Size: 64x64, {a1111}"
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), _info(text)), "a.png")
+    page.wait_for_function("document.querySelector('#seed').value === '7'")
+    assert "ControlNet control_v11p_sd15_canny" in page.text_content("#err-general")
+    assert page.input_value("#cn-weight") == "0.5" and page.input_value("#cn-pre") == "canny"

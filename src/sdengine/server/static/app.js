@@ -14,7 +14,7 @@ const QUEUE_POLL_MS = 2000; // how often a queued job's place in the queue is as
 const READY_RETRY_MS = 2000; // a page opened while the server was away asks for its lists again this often
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
   "height", "batch_size", "clip_skip", "vae_decode", "vae_encode", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
-  "cn-weight", "cn-start", "cn-end", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength", "seed_resize_w", "seed_resize_h",
+  "cn-weight", "cn-start", "cn-end", "cn-rule", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength", "seed_resize_w", "seed_resize_h",
   "strength_rule", "clip_skip_rule", "noise_multiplier", "masked_content"];
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform", simple: "Simple", ddim_uniform: "DDIM uniform", beta: "Beta", kl_optimal: "KL Optimal",
@@ -671,12 +671,35 @@ function applyInfotext(text) {
   if (!put("clip_skip_rule", clipRule)) missing.push(`clip skip rule ${clipRule}`);
   if (f.Model && !put("model", f.Model)) missing.push(`model ${f.Model}`);
   applyHires(f, put, missing);
+  applyControlNet(f, put, missing);
   // The infotext's prompt carries its LoRAs as <lora:NAME:W> tags: a ticked box would add them a second time
   // (twice the weight).
   state.loras.forEach((l, i) => { $(`lora-use-${i}`).checked = false; });
   markEmbeddings();
   saveSettings();
   return { set, missing };
+}
+
+/** The ControlNet of an infotext (sdengine's and A1111's "ControlNet 0: "Model: NAME [hash], Weight: w, Guidance
+ * Start: s, Guidance End: e, Module: m"", and sdengine's "ControlNet step rule", as --from-png reads them): ticked
+ * with its settings (the control image is not in the infotext: the one picked stays), or unticked for an image
+ * made without one. What this page cannot set is said: a model or preprocessor this server lacks, a second unit. */
+function applyControlNet(f, put, missing) {
+  const keys = Object.keys(f).filter((k) => /^ControlNet \d+$/.test(k)).sort((a, b) => parseInt(a.slice(11), 10)
+    - parseInt(b.slice(11), 10));
+  $("cn-enabled").checked = keys.length > 0;
+  if (!keys.length) return;
+  const unit = {};
+  for (const m of String(f[keys[0]]).matchAll(/\s*([^:,]+):\s*([^,]*)/g)) unit[m[1].trim()] = m[2].trim();
+  const model = (unit.Model || "").replace(/\s*\[[0-9a-fA-F]+\]$/, "");
+  if (!put("cn-model", model)) missing.push(`ControlNet ${model}`);
+  put("cn-weight", unit.Weight !== undefined ? parseFloat(unit.Weight) : 1);
+  put("cn-start", unit["Guidance Start"] !== undefined ? parseFloat(unit["Guidance Start"]) : 0);
+  put("cn-end", unit["Guidance End"] !== undefined ? parseFloat(unit["Guidance End"]) : 1);
+  if (unit.Module && !put("cn-pre", unit.Module)) missing.push(`ControlNet preprocessor ${unit.Module}`);
+  const rule = (f["ControlNet step rule"] || "diffusers").split(",")[0].trim();
+  if (!put("cn-rule", rule)) missing.push(`ControlNet step rule ${rule}`);
+  for (const k of keys.slice(1)) missing.push(`${k} (this page runs one ControlNet)`);
 }
 
 /** The hires fix of an infotext ("Hires upscale", "Hires steps", "Hires upscaler"; A1111's names): ticked
@@ -872,6 +895,7 @@ async function buildRequest() {
       model: $("cn-model").value, image: await upload(state.controlBlob, "controlnet"), ...cnOptions(),
       weight: number("cn-weight", "ControlNet weight", false), start: number("cn-start", "ControlNet start", false),
       end: number("cn-end", "ControlNet end", false),
+      ...($("cn-rule").value !== "diffusers" ? { rule: $("cn-rule").value } : {}),
     }];
   }
   body.loras = state.loras.flatMap((l, i) => ($(`lora-use-${i}`).checked
