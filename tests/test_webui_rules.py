@@ -307,3 +307,61 @@ def test_a_controlnets_step_rule_and_its_infotext(page, client, tmp_path):
     page.wait_for_function("document.querySelector('#seed').value === '7'")
     assert "ControlNet control_v11p_sd15_canny" in page.text_content("#err-general")
     assert page.input_value("#cn-weight") == "0.5" and page.input_value("#cn-pre") == "canny"
+
+
+def test_the_hires_fixs_resize_sampler_schedule_and_prompts(page, client, server):
+    from sdengine.prompts import apply_styles, read_styles
+
+    # (the page had none of these: a PNG with them was named as not set, and the API has them all)
+    page.evaluate("for (const id of ['img2img-section', 'hires-section']) document.getElementById(id).open = true")
+    assert page.locator("#hr-resize-x, #hr-resize-y, #hr-sampler, #hr-schedule, #hr-prompt").count() == 5
+    page.select_option("#mode", "txt2img")
+    page.uncheck("#cn-enabled")
+    page.locator("#style-list input").evaluate_all("(boxes) => boxes.forEach((b) => { b.checked = false; })")
+    page.check("#style-list label:has-text('cartoon') input")
+    page.fill("#prompt", "a smiling face")
+    page.fill("#negative_prompt", "")
+    page.select_option("#sampler", "dpmpp_2m")
+    page.select_option("#schedule", "karras")
+    page.fill("#steps", "3")
+    page.fill("#seed", "8")
+    page.check("#hr-enabled")
+    page.fill("#hr-steps", "2")
+    page.fill("#hr-strength", "0.6")
+    page.select_option("#hr-upscaler", "Latent")
+    page.fill("#hr-resize-x", "96")
+    page.fill("#hr-resize-y", "80")
+    page.select_option("#hr-sampler", "euler")
+    page.select_option("#hr-schedule", "exponential")
+    page.fill("#hr-prompt", "a frowning face")
+    page.fill("#hr-negative-prompt", "")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Hires resize: 96x80" in params and "Hires sampler: Euler" in params
+    cartoon = read_styles(server.services.config.styles_file)["cartoon"]
+    prompt, negative = apply_styles("a smiling face", "", [cartoon])
+    hr_prompt = apply_styles("a frowning face", "", [cartoon])[0]
+    hires = {"hr_second_pass_steps": 2, "hr_upscaler": "Latent", "hr_resize_x": 96, "hr_resize_y": 80}
+    hires.update(hr_sampler="euler", hr_schedule="exponential", hr_prompt=hr_prompt)
+    body = {"prompt": prompt, "negative_prompt": negative, "steps": 3, "seed": 8, "strength": 0.6, "hires": hires}
+    for field in ("sampler", "schedule", "strength_rule"):
+        body[field] = page.input_value(f"#{field}")
+    body["cfg_scale"] = float(page.input_value("#cfg_scale"))
+    expected, info = api_image(client, body)
+    assert expected.shape == (80, 96, 3)
+    np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
+    assert params == info
+    # Reuse sets them again (the hires prompt without the style), and no setting is said to be missing
+    for box, value in (("#hr-resize-x", "0"), ("#hr-resize-y", "0"), ("#hr-prompt", "x")):
+        page.fill(box, value)
+    page.select_option("#hr-sampler", "")
+    page.select_option("#hr-schedule", "")
+    page.uncheck("#style-list label:has-text('cartoon') input")
+    page.click("#results button:text('Reuse parameters')")
+    got = [page.input_value(f"#hr-{k}") for k in ("resize-x", "resize-y", "sampler", "schedule", "prompt")]
+    assert got == ["96", "80", "euler", "exponential", "a frowning face"]
+    assert page.input_value("#prompt") == "a smiling face"
+    assert page.is_checked("#style-list label:has-text('cartoon') input")
+    assert page.text_content("#err-general") == ""
+    page.uncheck("#hr-enabled")
+    page.uncheck("#style-list label:has-text('cartoon') input")

@@ -14,7 +14,8 @@ const QUEUE_POLL_MS = 2000; // how often a queued job's place in the queue is as
 const READY_RETRY_MS = 2000; // a page opened while the server was away asks for its lists again this often
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
   "height", "batch_size", "clip_skip", "vae_decode", "vae_encode", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
-  "cn-weight", "cn-start", "cn-end", "cn-rule", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength", "seed_resize_w", "seed_resize_h",
+  "cn-weight", "cn-start", "cn-end", "cn-rule", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength", "hr-resize-x", "hr-resize-y", "hr-sampler",
+  "hr-schedule", "hr-prompt", "hr-negative-prompt", "seed_resize_w", "seed_resize_h",
   "strength_rule", "clip_skip_rule", "noise_multiplier", "masked_content"];
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform", simple: "Simple", ddim_uniform: "DDIM uniform", beta: "Beta", kl_optimal: "KL Optimal",
@@ -103,7 +104,10 @@ function nestedInput(loc) {
 }
 
 const HR_INPUTS = { hr_scale: ["hr-scale", "Hires upscale by"], hr_upscaler: ["hr-upscaler", "Hires upscaler"],
-  hr_second_pass_steps: ["hr-steps", "Hires steps"] };
+  hr_second_pass_steps: ["hr-steps", "Hires steps"], hr_resize_x: ["hr-resize-x", "Hires resize width"],
+  hr_resize_y: ["hr-resize-y", "Hires resize height"], hr_sampler: ["hr-sampler", "Hires sampler"],
+  hr_schedule: ["hr-schedule", "Hires schedule"], hr_prompt: ["hr-prompt", "Hires prompt"],
+  hr_negative_prompt: ["hr-negative-prompt", "Hires negative prompt"] };
 const SEED_RESIZE_INPUTS = [["seed_resize_w", "Resize seed from width"], ["seed_resize_h", "Resize seed from height"]];
 const hiresUsed = () => $("hr-enabled").checked && $("mode").value === "txt2img";
 
@@ -495,6 +499,15 @@ async function loadPickers() {
   const sampler = $("sampler");
   sampler.replaceChildren();
   for (const s of state.samplers) option(sampler, s.name, s.a1111);
+  // the hires fix's own sampler and schedule ("" = the job's), every one the server has
+  const hrSampler = $("hr-sampler");
+  hrSampler.replaceChildren();
+  option(hrSampler, "", "Use the same sampler");
+  for (const s of state.samplers) option(hrSampler, s.name, s.a1111);
+  const hrSchedule = $("hr-schedule");
+  hrSchedule.replaceChildren();
+  option(hrSchedule, "", "Use the same schedule");
+  for (const s of samplers.schedules || []) option(hrSchedule, s, SCHEDULE_LABELS[s] || state.scheduleLabels[s] || s);
   sampler.value = state.samplers.some((s) => s.name === "dpmpp_2m") ? "dpmpp_2m" : state.samplers[0]?.name;
   fillSchedules();
   const size = sizeOf(model.value);
@@ -713,8 +726,38 @@ function applyHires(f, put, missing) {
   const upscaler = f["Hires upscaler"] || "Latent";
   if (!put("hr-upscaler", upscaler)) missing.push(`hires upscaler ${upscaler}`);
   if (f["Denoising strength"]) put("hr-strength", parseFloat(f["Denoising strength"]));
+  // As sdengine.metadata.hires_kwargs reads them; an image without one has the job's (sampler, prompts) or the scale
+  const resize = /^(\d+)x(\d+)$/.exec((f["Hires resize"] || "").trim());
+  if (f["Hires resize"] && !resize) missing.push(`Hires resize ${f["Hires resize"]}`);
+  put("hr-resize-x", resize ? resize[1] : 0);
+  put("hr-resize-y", resize ? resize[2] : 0);
+  const sampler = f["Hires sampler"] ? samplerFromA1111(f["Hires sampler"]) : null;
+  if (f["Hires sampler"] && !sampler) missing.push(`Hires sampler ${f["Hires sampler"]}`);
+  put("hr-sampler", sampler ? sampler.sampler : "");
+  let schedule = sampler?.schedule || "";
+  if (f["Hires schedule type"]) {
+    schedule = scheduleFromA1111(f["Hires schedule type"], sampler || (f.Sampler ? samplerFromA1111(f.Sampler) : null));
+    if (!schedule) missing.push(`Hires schedule type ${f["Hires schedule type"]}`);
+  }
+  put("hr-schedule", schedule || "");
+  // its own prompts hold the styles the prompts held (merged into both): taken out as well where they all are
+  const styles = chosenStyles();
+  let [hrPrompt, hrNegative] = [f["Hires prompt"] || "", f["Hires negative prompt"] || ""];
+  let all = true;
+  let [p, n] = [hrPrompt, hrNegative];
+  for (const st of [...styles].reverse()) {
+    const [okP, p2] = p ? extractStyleText(st.prompt || "", p) : [true, p];
+    const [okN, n2] = n ? extractStyleText(st.negative_prompt || "", n) : [true, n];
+    if (!okP || !okN) { all = false; break; }
+    [p, n] = [p2, n2];
+  }
+  if (all) [hrPrompt, hrNegative] = [p, n];
+  put("hr-prompt", hrPrompt);
+  put("hr-negative-prompt", hrNegative);
+  const known = ["Hires upscale", "Hires steps", "Hires upscaler", "Hires resize", "Hires sampler",
+    "Hires schedule type", "Hires prompt", "Hires negative prompt"];
   for (const k of keys) {
-    if (!["Hires upscale", "Hires steps", "Hires upscaler"].includes(k)) missing.push(`${k} ${f[k]}`);
+    if (!known.includes(k)) missing.push(`${k} ${f[k]}`);
   }
 }
 
@@ -869,7 +912,18 @@ async function buildRequest() {
     body.hires = {
       hr_scale: number("hr-scale", "Hires upscale by", false), hr_upscaler: $("hr-upscaler").value,
       hr_second_pass_steps: number("hr-steps", "Hires steps", true),
+      hr_resize_x: number("hr-resize-x", "Hires resize width", true),
+      hr_resize_y: number("hr-resize-y", "Hires resize height", true),
+      hr_sampler: $("hr-sampler").value || null, hr_schedule: $("hr-schedule").value || null,
+      hr_prompt: $("hr-prompt").value, hr_negative_prompt: $("hr-negative-prompt").value,
     };
+    // the styles reach the hires fix's own prompts too, where given (A1111's: "" stays the job's prompt)
+    for (const st of chosenStyles()) {
+      if (body.hires.hr_prompt) body.hires.hr_prompt = mergeStyle(st.prompt || "", body.hires.hr_prompt);
+      if (body.hires.hr_negative_prompt) {
+        body.hires.hr_negative_prompt = mergeStyle(st.negative_prompt || "", body.hires.hr_negative_prompt);
+      }
+    }
   }
   if (mode !== "txt2img") {
     if (!state.initBlob) throw new ApiError(400, "pick or drop an init image, or choose text to image", "init_image");
