@@ -335,6 +335,11 @@ def test_the_hires_fixs_resize_sampler_schedule_and_prompts(page, client, server
     page.select_option("#hr-schedule", "exponential")
     page.fill("#hr-prompt", "a frowning face")
     page.fill("#hr-negative-prompt", "")
+    page.fill("#hr-resize-x", "4000")  # over the server's --max-side: said, at its input (kept)
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-hires').textContent.includes('hr_resize_x')")
+    assert page.get_attribute("#hr-resize-x", "aria-invalid") == "true" and page.input_value("#hr-resize-x") == "4000"
+    page.fill("#hr-resize-x", "96")
     page.click("#generate")
     params = wait_result(page)
     assert "Hires resize: 96x80" in params and "Hires sampler: Euler" in params

@@ -255,8 +255,12 @@ function showError(field, message, inputId = null) {
 
 function showApiError(e) {
   const message = e instanceof Error ? e.message : String(e);
-  // e.field may name the input itself (cn-low, lora-weight-0) where the message box is its section's
-  showError(fieldOf(message, e.field), message, e.field);
+  // e.field may name the input itself (cn-low, lora-weight-0) where the message box is its section's; a server's
+  // "hr_resize_x must be ..." names the hires fix's input (it was said in the section with no input marked)
+  let input = e.field;
+  const hr = !input && /\b(hr_[a-z_]+)\b/.exec(message);
+  if (hr && HR_INPUTS[hr[1]]) input = HR_INPUTS[hr[1]][0];
+  showError(fieldOf(message, input), message, input);
 }
 
 // ------------------------------------------------------------------------------------ pickers
