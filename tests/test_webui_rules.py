@@ -186,6 +186,8 @@ def test_styles_are_merged_into_the_prompts_and_taken_out_on_reuse(page, client,
     assert page.input_value("#prompt") == "a cat face" and page.input_value("#negative_prompt") == ""
     assert page.is_checked("#style-list label:has-text('cartoon') input")
     assert page.is_checked("#style-list label:has-text('bright') input")
+    open_page(page, server.url)  # the ticked styles survive a reload
+    assert page.locator("#style-list input:checked").count() == 2
     # An infotext without them unticks them (its prompt is the whole prompt)
     page.fill("#seed", "0")
     drop_file(page, png_bytes(Image.new("RGB", (8, 8)), _info("a dog\nSteps: 3, Seed: 6, Size: 64x64")), "dog.png")

@@ -392,9 +392,6 @@ async function loadStyles() {
     list.append(label);
   });
   $("styles-box").hidden = !state.styles.length;
-  let saved = null;
-  try { saved = JSON.parse(localStorage.getItem(SETTINGS_KEY) || "null")?.styles; } catch (e) { saved = null; }
-  if (Array.isArray(saved)) tickStyles(saved);
 }
 
 function tickStyles(names) {
@@ -520,7 +517,7 @@ async function loadPickers() {
   state.loras = loras.loras;
   renderLoras();
   loadEmbeddings(); // not awaited: the page works without its list (an error is said in its section)
-  loadStyles(); // the same
+  await loadStyles(); // awaited (before the saved settings tick their boxes); an error is said in its place
   const cn = $("cn-model");
   cn.replaceChildren();
   for (const c of controlnets.controlnets) option(cn, c.name);
@@ -576,6 +573,7 @@ function restoreSettings() {
   $("cn-enabled").checked = !!s.cnEnabled;
   $("hr-enabled").checked = !!s.hrEnabled;
   if (!editedEarly.has("tiling")) $("tiling").checked = !!s.tiling;
+  if (Array.isArray(s.styles)) tickStyles(s.styles);
   state.loras.forEach((l, i) => {
     const saved = s.loras?.[l.name];
     if (saved) {
