@@ -213,7 +213,10 @@ def test_inpainting_with_masked_content_and_a_noise_multiplier(page, client, tmp
     page.evaluate("for (const id of ['img2img-section', 'more-section']) document.getElementById(id).open = true")
     page.select_option("#strength_rule", "diffusers")
     page.locator("#style-list input").evaluate_all("(boxes) => boxes.forEach((b) => { b.checked = false; })")
+    page.select_option("#mode", "txt2img")  # neither is used there: not shown
+    assert page.is_hidden("#masked_content") and page.is_hidden("#noise_multiplier")
     page.set_input_files("#init-file", str(path))
+    assert page.is_hidden("#masked_content") and page.is_visible("#noise_multiplier")  # img2img: no mask
     page.select_option("#mode", "inpaint")
     page.wait_for_selector("#mask-canvas", state="visible")
     page.fill("#prompt", "a red apple")

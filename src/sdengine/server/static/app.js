@@ -777,6 +777,8 @@ function updateMode() {
   const inpaint = mode === "inpaint";
   $("mask-tools").hidden = !inpaint;
   $("mask_blur").closest(".field").hidden = !inpaint;
+  $("masked_content").closest(".field").hidden = !inpaint;
+  $("noise_multiplier").closest(".field").hidden = mode === "txt2img";
   $("mask-canvas").hidden = !inpaint;
   $("strength").closest(".field").hidden = mode === "txt2img";
   $("vae_encode").closest(".field").hidden = mode === "txt2img"; // only an init image is encoded
