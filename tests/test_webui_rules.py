@@ -66,6 +66,22 @@ def client(server):
         yield c
 
 
+def fresh_form(pg) -> None:
+    """Every section open, text to image, and nothing an earlier test of the module set left on (a hires fix, a
+    ControlNet, a style, a noise multiplier, a rule, ...)."""
+    pg.evaluate("""() => { for (const d of document.querySelectorAll('details')) d.open = true;
+        for (const id of ['hr-enabled', 'cn-enabled', 'tiling']) document.getElementById(id).checked = false;
+        for (const b of document.querySelectorAll('#style-list input')) b.checked = false;
+        const values = { mode: 'txt2img', noise_multiplier: '1', masked_content: 'original', strength_rule: 'diffusers',
+            'cn-rule': 'diffusers', 'hr-resize-x': '0', 'hr-resize-y': '0', 'hr-sampler': '', 'hr-schedule': '',
+            'hr-prompt': '', 'hr-negative-prompt': '', seed_resize_w: '', seed_resize_h: '', negative_prompt: '' };
+        for (const [id, v] of Object.entries(values)) {
+            const el = document.getElementById(id);
+            el.value = v;
+            el.dispatchEvent(new Event('change', { bubbles: true }));
+        } }""")
+
+
 def drop_infotext(pg, params: str) -> tuple[str, str, str, str]:
     """Drop a PNG with this A1111 parameters line; (sampler, schedule, strength rule, what the page said)."""
     info = PngImagePlugin.PngInfo()
@@ -84,6 +100,7 @@ def drop_infotext(pg, params: str) -> tuple[str, str, str, str]:
 def test_a1111_schedule_types_are_read_as_sdengine_reads_them(page):
     from sdengine.diffusion.sampling import SAMPLERS, SCHEDULE_A1111, SCHEDULES, resolve
 
+    fresh_form(page)
     page.select_option("#sampler", "euler")
     # Every schedule of the registry is offered under a label, not its bare name
     labels = page.eval_on_selector_all("#schedule option", "os => os.map((o) => [o.value, o.textContent])")
@@ -108,13 +125,13 @@ def test_a1111_schedule_types_are_read_as_sdengine_reads_them(page):
 
 
 def test_ddim_under_a1111s_rule_and_a1111_fix_steps_equal_the_apis_jobs(page, client, tmp_path):
+    fresh_form(page)
     page.fill("#prompt", "a smiling face")
     page.select_option("#sampler", "ddim")
     page.select_option("#schedule", "normal")
     page.fill("#steps", "4")
     page.fill("#cfg_scale", "7")
     page.fill("#seed", "11")
-    page.evaluate("document.getElementById('more-section').open = true")
     page.select_option("#strength_rule", "a1111")  # DDIM: A1111's grid, text to image too
     page.click("#generate")
     params = wait_result(page)
@@ -128,7 +145,6 @@ def test_ddim_under_a1111s_rule_and_a1111_fix_steps_equal_the_apis_jobs(page, cl
     init = Image.new("RGB", (64, 64), (200, 120, 40))
     path = tmp_path / "init.png"
     init.save(path)
-    page.evaluate("document.getElementById('img2img-section').open = true")
     page.select_option("#mode", "img2img")
     page.set_input_files("#init-file", str(path))
     page.fill("#strength", "0.5")
@@ -155,8 +171,8 @@ def test_ddim_under_a1111s_rule_and_a1111_fix_steps_equal_the_apis_jobs(page, cl
 def test_styles_are_merged_into_the_prompts_and_taken_out_on_reuse(page, client, server):
     from sdengine.prompts import apply_styles, read_styles
 
+    fresh_form(page)
     # (the page had no styles: the server's --styles-file reached A1111's routes only)
-    page.evaluate("for (const id of ['img2img-section', 'more-section']) document.getElementById(id).open = true")
     page.select_option("#mode", "txt2img")
     page.select_option("#strength_rule", "diffusers")
     page.fill("#prompt", "a cat face")
@@ -203,6 +219,7 @@ def _info(text: str) -> PngImagePlugin.PngInfo:
 
 
 def test_inpainting_with_masked_content_and_a_noise_multiplier(page, client, tmp_path):
+    fresh_form(page)
     # (the page had neither of A1111's controls; the API has both)
     init = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (64, 1, 3)))
     path = tmp_path / "init.png"
@@ -210,9 +227,7 @@ def test_inpainting_with_masked_content_and_a_noise_multiplier(page, client, tmp
     page.evaluate("""() => { window.uploaded = []; const f = window.fetch;
         window.fetch = (url, opts) => { if (String(url).endsWith('/v1/uploads')) window.uploaded.push(opts.body);
                                         return f(url, opts); }; }""")
-    page.evaluate("for (const id of ['img2img-section', 'more-section']) document.getElementById(id).open = true")
     page.select_option("#strength_rule", "diffusers")
-    page.locator("#style-list input").evaluate_all("(boxes) => boxes.forEach((b) => { b.checked = false; })")
     page.select_option("#mode", "txt2img")  # neither is used there: not shown
     assert page.is_hidden("#masked_content") and page.is_hidden("#noise_multiplier")
     page.set_input_files("#init-file", str(path))
@@ -264,15 +279,14 @@ def test_inpainting_with_masked_content_and_a_noise_multiplier(page, client, tmp
 
 
 def test_a_controlnets_step_rule_and_its_infotext(page, client, tmp_path):
+    fresh_form(page)
     # (the page had no step rule, and an infotext's ControlNet was not read: reuse ran without it, silently)
     src = Image.new("RGB", (64, 64), "white")
     src.paste((0, 0, 0), (20, 20, 44, 44))
     path = tmp_path / "control.png"
     src.save(path)
-    page.evaluate("for (const id of ['img2img-section', 'controlnet-section']) document.getElementById(id).open = true")
     assert page.locator("#cn-rule").count() == 1
     page.select_option("#mode", "txt2img")
-    page.locator("#style-list input").evaluate_all("(boxes) => boxes.forEach((b) => { b.checked = false; })")
     page.set_input_files("#cn-file", str(path))
     page.select_option("#cn-pre", "canny")
     page.fill("#prompt", "a smiling face")
@@ -317,12 +331,10 @@ def test_a_controlnets_step_rule_and_its_infotext(page, client, tmp_path):
 def test_the_hires_fixs_resize_sampler_schedule_and_prompts(page, client, server):
     from sdengine.prompts import apply_styles, read_styles
 
+    fresh_form(page)
     # (the page had none of these: a PNG with them was named as not set, and the API has them all)
-    page.evaluate("for (const id of ['img2img-section', 'hires-section']) document.getElementById(id).open = true")
     assert page.locator("#hr-resize-x, #hr-resize-y, #hr-sampler, #hr-schedule, #hr-prompt").count() == 5
     page.select_option("#mode", "txt2img")
-    page.uncheck("#cn-enabled")
-    page.locator("#style-list input").evaluate_all("(boxes) => boxes.forEach((b) => { b.checked = false; })")
     page.check("#style-list label:has-text('cartoon') input")
     page.fill("#prompt", "a smiling face")
     page.fill("#negative_prompt", "")
