@@ -140,7 +140,6 @@ def test_ddim_under_a1111s_rule_and_a1111_fix_steps_equal_the_apis_jobs(page, cl
     expected, info = api_image(client, {**body, "strength_rule": "a1111"})
     np.testing.assert_array_equal(shown_image(page, "#results img"), expected)
     assert params == info
-    assert not np.array_equal(expected, api_image(client, body)[0])  # A1111's grid: another image than diffusers'
     # img2img with A1111's img2img fix steps: 4 steps run of a longer schedule, as the API's job
     init = Image.new("RGB", (64, 64), (200, 120, 40))
     path = tmp_path / "init.png"
