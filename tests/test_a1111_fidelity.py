@@ -1,6 +1,7 @@
 """Fidelity to AUTOMATIC1111 where its meaning of a setting differs from sdengine's own: its "Clip skip"
 (``CLIP_stop_at_last_layers``, applied to SD 1.x's CLIP only), its timestep samplers' img2img step count
-(DDIM, PLMS, UniPC), and its inpainting at denoising strength 1 (the init latent noised, not pure noise)."""
+(DDIM, PLMS, UniPC), its inpainting at denoising strength 1 (the init latent noised, not pure noise), and its and
+ComfyUI's "discard next-to-last sigma" (tests/test_discard_penultimate.py has the grids' numbers)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import sdengine
 from _pipeline_models import picture
 from _sdxl_models import make_sdxl_folder
+from sdengine.diffusion import sampling
 from sdengine.diffusion.schedules import A1111_TIMESTEP_SAMPLERS, hires_steps, img2img_start
 from sdengine.metadata import parse_parameters, save_png, to_generate_kwargs
 from sdengine.pipeline import GenerationError, load_pipeline
@@ -429,3 +432,78 @@ def test_a1111_noise_multiplier_scales_the_img2img_noise(sd1):
     assert "Noise multiplier" not in plain.infotexts[0] and not np.array_equal(plain.arrays, got.arrays)
     with pytest.raises(GenerationError, match="noise_multiplier 0.5 scales the noise added to an init image"):
         sd1("a", **FAST, enable_hr=True, noise_multiplier=0.5)
+
+
+# ------------------------------------------------------------------------- discard next-to-last sigma
+
+
+def _timesteps_seen(pipe):
+    seen: list[float] = []
+    handle = pipe.unet.register_forward_pre_hook(lambda _m, args: seen.append(float(args[1].reshape(-1)[0])))
+    return seen, handle
+
+
+def test_pipeline_discards_under_a1111s_rules_and_when_asked(sd1):
+    """The pipeline: DPM2 under strength_rule "a1111" (the A1111 routes) walks the discarded grid (the network sees
+    its timesteps), under diffusers' rule the plain one; ``discard_penultimate_sigma`` (A1111's
+    always_discard_next_to_last_sigma) does it for Euler, written "Discard penultimate sigma: True" and read back."""
+    pipe = sd1
+    ns, cfg = pipe.noise_schedule, pipe.scheduler_config
+    kw = dict(steps=3, cfg_scale=3.0, seed=5, progress=False)
+    seen, handle = _timesteps_seen(pipe)
+    try:
+        a1111 = pipe("a star", sampler="dpm2", schedule="karras", strength_rule="a1111", **kw)
+        dpm2_calls = list(seen)
+        seen.clear()
+        plain = pipe("a star", sampler="dpm2", schedule="karras", **kw)
+        plain_calls = list(seen)
+        seen.clear()
+        euler = pipe("a star", sampler="euler", schedule="karras", discard_penultimate_sigma=True, **kw)
+        euler_calls = list(seen)
+    finally:
+        handle.remove()
+    want = sampling.make_grid("dpm2", 3, ns, "karras", cfg, discard_penultimate=True).timesteps.tolist()
+    assert dpm2_calls[0::2] == want  # DPM2: a grid call, then a midpoint's (none on the last step, to 0)
+    assert plain_calls[0::2] == sampling.make_grid("dpm2", 3, ns, "karras", cfg).timesteps.tolist() != want
+    assert not np.array_equal(a1111.arrays, plain.arrays)
+    assert euler_calls == sampling.make_grid("euler", 3, ns, "karras", cfg, discard_penultimate=True).timesteps.tolist()
+    text = euler.infotexts[0]
+    assert "Discard penultimate sigma: True" in text and "Discard penultimate sigma" not in a1111.infotexts[0]
+    back = to_generate_kwargs(parse_parameters(text))
+    assert back["discard_penultimate_sigma"] is True
+    np.testing.assert_array_equal(pipe(**{**back, "progress": False}).arrays, euler.arrays)
+    # sdengine's DPM2 image under A1111's rules says so, and comes back from its infotext
+    back = to_generate_kwargs(parse_parameters(a1111.infotexts[0]))
+    np.testing.assert_array_equal(pipe(**{**back, "progress": False}).arrays, a1111.arrays)
+    # an A1111 infotext with DPM2 is read with A1111's rule (it discarded)
+    theirs = f"a star\nSteps: 3, Sampler: DPM2, Schedule type: Karras, CFG scale: 3, Seed: 5, {A1111_VERSION}"
+    assert to_generate_kwargs(parse_parameters(theirs))["strength_rule"] == "a1111"
+    with pytest.raises(Exception, match="discard_penultimate_sigma must be true or false"):
+        pipe("a star", sampler="euler", discard_penultimate_sigma="yes", **kw)
+
+
+def test_comfyui_ksampler_discards_for_dpm_2_and_not_for_euler(sd1):
+    """ComfyUI's KSampler with dpm_2 walks the discarded grid (its DISCARD_PENULTIMATE_SIGMA_SAMPLERS), with euler
+    the plain one (once both the plain one)."""
+    from sdengine.latent_sampling import encode_text
+    from sdengine.server.comfy.nodes import ModelHandle, RunContext, ksampler
+
+    pipe = sd1
+    ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+    pos, neg = [encode_text(pipe, "a star")], [encode_text(pipe, "")]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    kw = dict(model=ModelHandle("tiny"), seed=3, steps=3, cfg=3.0, scheduler="karras", positive=pos, negative=neg)
+    seen, handle = _timesteps_seen(pipe)
+    try:
+        with torch.inference_mode():
+            ksampler(ctx, sampler_name="dpm_2", latent_image=latent, **kw)
+            dpm2 = list(seen)
+            seen.clear()
+            ksampler(ctx, sampler_name="euler", latent_image=latent, **kw)
+            euler = list(seen)
+    finally:
+        handle.remove()
+    ns, cfg = pipe.noise_schedule, pipe.scheduler_config
+    want = sampling.make_grid("dpm2", 3, ns, "karras", cfg, discard_penultimate=True).timesteps.tolist()
+    assert dpm2[0::2] == want != sampling.make_grid("dpm2", 3, ns, "karras", cfg).timesteps.tolist()
+    assert euler == sampling.make_grid("euler", 3, ns, "karras", cfg).timesteps.tolist()

@@ -42,7 +42,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from sdengine import __version__
-from sdengine.diffusion.sampling import SAMPLERS, SCHEDULE_A1111, resolve
+from sdengine.diffusion.sampling import A1111_DISCARD_SAMPLERS, SAMPLERS, SCHEDULE_A1111, resolve
 from sdengine.diffusion.schedules import A1111_GRID_SAMPLERS
 from sdengine.errors import SdengineError
 from sdengine.image_info import ImageInfoError, png_text_chunks
@@ -329,6 +329,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
     ``guidance_rescale`` ("CFG Rescale phi"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
     seed strength"), ``seed_resize_from_w`` and ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
     ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"), ``noise_seed_delta`` ("ENSD"),
+    ``discard_penultimate_sigma`` ("Discard penultimate sigma: True"),
     ``vae_decode`` ("tiny" when sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
     "Tiny VAE encode"), ``strength_rule`` (sdengine's "Strength rule"), ``clip_skip_rule`` (sdengine's "Clip
     skip rule"), ``sdxl`` (sdengine's "SDXL options": prompt_2, sizes) that the text has (``clip_skip`` defaults
@@ -405,6 +406,13 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
             )
     if "ENSD" in parsed:  # A1111's eta noise seed delta
         kwargs["noise_seed_delta"] = _parse_int(parsed, "ENSD")
+    if "Discard penultimate sigma" in parsed:  # A1111's always_discard_next_to_last_sigma
+        value = parsed["Discard penultimate sigma"].strip().lower()
+        if value not in ("true", "false"):
+            raise MetadataError(
+                f"Discard penultimate sigma: {parsed['Discard penultimate sigma']!r} is not True or False"
+            )
+        kwargs["discard_penultimate_sigma"] = value == "true"
     if "Noise multiplier" in parsed:  # A1111's img2img initial_noise_multiplier
         kwargs["noise_multiplier"] = _parse_float(parsed, "Noise multiplier")
     if "Resize mode" in parsed:  # sdengine's field: how init and control images were fitted
@@ -425,8 +433,9 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
             raise MetadataError(f"Strength rule: {rule!r} is not one of {', '.join(STRENGTH_RULES)}")
         kwargs["strength_rule"] = rule
     elif not made_by_sdengine(parsed) and (
-        "Denoising strength" in parsed or kwargs.get("sampler") in A1111_GRID_SAMPLERS
-    ):  # A1111 counted its img2img / hires steps its own way, and walked its own DDIM / PLMS grid
+        "Denoising strength" in parsed or kwargs.get("sampler") in (*A1111_GRID_SAMPLERS, *A1111_DISCARD_SAMPLERS)
+    ):  # A1111 counted its img2img / hires steps its own way, walked its own DDIM / PLMS grid, and dropped the
+        # next-to-last sigma of DPM2, DPM2 a and DPM++ 3M SDE
         kwargs["strength_rule"] = "a1111"
     if "SDXL options" in parsed:  # sdengine's field: SDXL's prompt_2 and size numbers (GenerationRequest.sdxl)
         try:
@@ -462,6 +471,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
         "Tiling",
         "Noise multiplier",
         "ENSD",
+        "Discard penultimate sigma",
         "Masked content",
         "Tiny VAE",
         "Tiny VAE encode",

@@ -80,6 +80,16 @@ def _a1111_grid(p: Prepared) -> bool:
     return p.request.strength_rule in A1111_STRENGTH_RULES and p.sampler in A1111_GRID_SAMPLERS
 
 
+def discards_penultimate(p: Prepared) -> bool:
+    """Whether the grid drops its next-to-last sigma (:func:`sdengine.diffusion.sampling.make_grid`): asked for
+    (A1111's ``always_discard_next_to_last_sigma``), or under A1111's rules with a sampler A1111 runs so
+    (:data:`sdengine.diffusion.sampling.A1111_DISCARD_SAMPLERS`: DPM2, DPM2 a, DPM++ 3M SDE)."""
+    r = p.request
+    if bool(r.discard_penultimate_sigma):
+        return True
+    return r.strength_rule in A1111_STRENGTH_RULES and p.sampler in sampling.A1111_DISCARD_SAMPLERS
+
+
 def _grid_steps(p: Prepared) -> int:
     """The steps of the sampling grid: the request's, or under A1111's img2img_fix_steps (strength_rule
     "a1111_fix_steps") img2img's ``steps / strength`` (:func:`sdengine.diffusion.schedules.img2img_steps`)."""
@@ -684,9 +694,10 @@ class Pipeline:
                     sampler_options=request.sampler_options,
                     prediction_override=self.prediction_override,
                     # how the img2img / hires second pass counted its steps
-                    # txt2img has no strength, but DDIM / PLMS walk A1111's grid under its rules: said too
+                    # txt2img has no strength, but DDIM / PLMS walk A1111's grid under its rules, and DPM2, DPM2 a,
+                    # DPM++ 3M SDE drop their next-to-last sigma: said too
                     strength_rule=request.strength_rule
-                    if (p.init is not None or p.hires is not None or _a1111_grid(p))
+                    if (p.init is not None or p.hires is not None or _a1111_grid(p) or discards_penultimate(p))
                     else "diffusers",
                     sdxl=request.sdxl,
                 )
@@ -708,6 +719,8 @@ class Pipeline:
                 row["Masked content"] = request.masked_content
             if int(request.noise_seed_delta) and sampling.SAMPLERS[p.sampler].stochastic:
                 row["ENSD"] = int(request.noise_seed_delta)  # A1111's, written where the sampler draws noise
+            if request.discard_penultimate_sigma:  # A1111's, where its option (not the sampler) discarded
+                row["Discard penultimate sigma"] = True
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
         embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
             getattr(self, "tokenizer_2", None), "embeddings", None
@@ -890,6 +903,7 @@ class Pipeline:
             self.scheduler_config,
             grid_strength(r) if start.init_latent is not None else 1.0,
             a1111_grid=a1111_grid,
+            discard_penultimate=discards_penultimate(p),
         )
         first, noise_from = 0, None
         if start.from_init:
@@ -1022,6 +1036,7 @@ class Pipeline:
             dtype=self.dtype,
             a1111_grid=_a1111_grid(p),
             noise_from=noise_from if from_init else None,
+            discard_penultimate=discards_penultimate(p),
         )
 
     def noise_draws(self, plan: LoopPlan) -> int:
@@ -1041,6 +1056,7 @@ class Pipeline:
                 start_step=plan.start_step,
                 sampler_options=plan.options(),
                 a1111_grid=plan.a1111_grid,
+                discard_penultimate=plan.discard_penultimate,
             )
         return self._noise_draws[key]
 
@@ -1093,6 +1109,7 @@ class Pipeline:
             sampler_options=plan.options(),
             a1111_grid=plan.a1111_grid,
             noise_from=plan.noise_from,
+            discard_penultimate=plan.discard_penultimate,
         )
 
     def decode_latents(self, p: Prepared, x: Tensor) -> Tensor:

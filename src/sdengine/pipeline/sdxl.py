@@ -20,7 +20,7 @@ from sdengine.diffusion.samplers import SamplingInterrupted
 from sdengine.diffusion.schedules import img2img_start
 from sdengine.errors import GenerationError
 from sdengine.io.images import to_uint8
-from sdengine.pipeline.core import Pipeline, Prepared, as_request, grid_strength
+from sdengine.pipeline.core import Pipeline, Prepared, as_request, discards_penultimate, grid_strength
 from sdengine.pipeline.infotext import call_parameters, format_infotext
 from sdengine.pipeline.latents import start_latents
 from sdengine.pipeline.request import GenerationRequest
@@ -174,7 +174,16 @@ class SDXLPipeline(Pipeline):
         p_ref = refiner.prepare(request.replace(width=p.width, height=p.height, vae_encode="full"))
         steps, cfg_scale, rescale = int(request.steps), float(request.cfg_scale), float(request.guidance_rescale)
         strength = grid_strength(request) if p.init is not None else 1.0
-        grid = sampling.make_grid(p.sampler, steps, self.noise_schedule, p.schedule, self.scheduler_config, strength)
+        discard = discards_penultimate(p)
+        grid = sampling.make_grid(
+            p.sampler,
+            steps,
+            self.noise_schedule,
+            p.schedule,
+            self.scheduler_config,
+            strength,
+            discard_penultimate=discard,
+        )
         first = 0
         if p.init is not None:  # img2img: the base starts at the img2img's first step (A1111 switches on its schedule)
             first = img2img_start(grid.steps, float(request.strength), request.strength_rule, p.sampler)
@@ -254,6 +263,8 @@ class SDXLPipeline(Pipeline):
                 row["Noise multiplier"] = float(request.noise_multiplier)  # A1111's field (img2img)
             if int(request.noise_seed_delta) and sampling.SAMPLERS[p.sampler].stochastic:
                 row["ENSD"] = int(request.noise_seed_delta)  # A1111's, written where the sampler draws noise
+            if request.discard_penultimate_sigma:  # A1111's, where its option (not the sampler) discarded
+                row["Discard penultimate sigma"] = True
             if p.init is not None and request.vae_encode == "tiny":
                 row["Tiny VAE encode"] = self.tiny_vae.name  # the init latent is the tiny encoder's
             # A1111's names for its refiner settings
@@ -313,6 +324,7 @@ class SDXLPipeline(Pipeline):
             generators=[gen],
             sampler_options=dict(request.sampler_options or {}) or None,
             strength=strength,
+            discard_penultimate=discards_penultimate(p),
         )
         x = sampling.sample(
             self.guided_denoiser(cfg_scale, uncond, rescale),
