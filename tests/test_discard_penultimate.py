@@ -66,3 +66,15 @@ def test_discard_needs_two_steps():
     grid = sampling.make_grid("euler", 1, ns, "karras", None, discard_penultimate=True)
     assert grid.steps == 1 and float(grid.sigmas[-1]) == 0.0
     assert float(grid.sigmas[0]) == pytest.approx(float(ns.sigmas[-1]), rel=1e-6)
+
+
+def test_infotext_discard_field_is_checked():
+    """A1111's "Discard penultimate sigma" is read back (True or False, any case); another value is one line."""
+    from sdengine.metadata import MetadataError, parse_parameters, to_generate_kwargs
+
+    base = "a star\nSteps: 3, Sampler: Euler, CFG scale: 3, Seed: 5, Size: 64x64, Discard penultimate sigma: {}"
+    assert to_generate_kwargs(parse_parameters(base.format("True")))["discard_penultimate_sigma"] is True
+    assert to_generate_kwargs(parse_parameters(base.format("false")))["discard_penultimate_sigma"] is False
+    with pytest.raises(MetadataError, match="Discard penultimate sigma: 'maybe' is not True or False") as info:
+        to_generate_kwargs(parse_parameters(base.format("maybe")))
+    assert "\n" not in str(info.value)
