@@ -507,3 +507,83 @@ def test_comfyui_ksampler_discards_for_dpm_2_and_not_for_euler(sd1):
     want = sampling.make_grid("dpm2", 3, ns, "karras", cfg, discard_penultimate=True).timesteps.tolist()
     assert dpm2[0::2] == want != sampling.make_grid("dpm2", 3, ns, "karras", cfg).timesteps.tolist()
     assert euler == sampling.make_grid("euler", 3, ns, "karras", cfg).timesteps.tolist()
+
+
+# ------------------------------------------------------------------------- Brownian-tree noise
+
+
+def _recording(monkeypatch):
+    """The (sigma, sigma_next) of every Brownian noise read, and the specs of the trees made."""
+    from sdengine.diffusion import brownian
+
+    reads: list[tuple[float, float]] = []
+    made: list[tuple[tuple[int, ...], float, float, tuple[int, ...]]] = []
+    between, init = brownian.BrownianNoise.between, brownian.BrownianNoise.__init__
+
+    def spy_between(self, sigma, sigma_next):
+        reads.append((float(sigma), float(sigma_next)))
+        return between(self, sigma, sigma_next)
+
+    def spy_init(self, sigma_min, sigma_max, shape, seeds):
+        made.append((tuple(seeds), float(sigma_min), float(sigma_max), tuple(shape)))
+        init(self, sigma_min, sigma_max, shape, seeds)
+
+    monkeypatch.setattr(brownian.BrownianNoise, "between", spy_between)
+    monkeypatch.setattr(brownian.BrownianNoise, "__init__", spy_init)
+    return reads, made
+
+
+def test_a1111_sde_samplers_draw_brownian_tree_noise(sd1, monkeypatch):
+    """Under A1111's rules DPM++ 2M SDE draws its step noise from one Brownian tree per image, seeded by the image's
+    seed, over the whole grid's sigmas (A1111's create_noise_sampler), read at each step's two sigmas; DPM++ SDE
+    reads its midpoint as k-diffusion computes it; the native rule keeps the rows' generators (once A1111's rule did
+    too: another image than A1111's for the same seed)."""
+    pipe = sd1
+    reads, made = _recording(monkeypatch)
+    kw = dict(steps=4, sampler="dpmpp_2m_sde", schedule="karras", cfg_scale=5.0, seed=11, progress=False)
+    kw.update(width=32, height=32)
+    a1111 = pipe("a red apple", strength_rule="a1111", batch_size=2, **kw)
+    grid = sampling.make_grid("dpmpp_2m_sde", 4, pipe.noise_schedule, "karras", pipe.scheduler_config)
+    s = grid.sigmas.tolist()
+    assert made == [((11, 12), s[-2], s[0], (2, 4, 16, 16))]  # one tree per image (32 px: a 16 x 16 latent here)
+    assert reads == [(s[i], s[i + 1]) for i in range(3)]  # the last step (to 0) draws nothing
+    reads.clear(), made.clear()
+    plain = pipe("a red apple", batch_size=2, **kw)
+    assert reads == [] and made == [] and not np.array_equal(a1111.arrays, plain.arrays)
+    # a row is its seed's image whatever the batch (a tree per image; up to the network's batched rounding)
+    alone = pipe("a red apple", strength_rule="a1111", **{**kw, "seed": 12})
+    np.testing.assert_allclose(alone.arrays[0], a1111.arrays[1], atol=1e-5)
+    reads.clear()
+    from sdengine.diffusion.samplers import float32_midpoint
+
+    pipe("a red apple", strength_rule="a1111", **{**kw, "sampler": "dpmpp_sde"})
+    s = sampling.make_grid("dpmpp_sde", 4, pipe.noise_schedule, "karras", pipe.scheduler_config).sigmas.tolist()
+    want = []
+    for i in range(3):
+        want += [(s[i], float32_midpoint(s[i], s[i + 1])), (s[i], s[i + 1])]
+    assert reads == want
+
+
+def test_comfyui_sde_samplers_draw_one_brownian_tree_for_the_batch(sd1, monkeypatch):
+    """ComfyUI's KSampler with dpmpp_2m_sde: one tree of the batch's shape seeded by the seed, over the sigmas its
+    sampler is handed (the last `steps` of the longer grid at denoise < 1); sdengine's seed rule keeps the rows'
+    generators."""
+    from sdengine.latent_sampling import encode_text
+    from sdengine.server.comfy.nodes import ModelHandle, RunContext, ksampler
+
+    pipe = sd1
+    reads, made = _recording(monkeypatch)
+    pos, neg = [encode_text(pipe, "a star")], [encode_text(pipe, "")]
+    kw = dict(model=ModelHandle("tiny"), seed=3, steps=3, cfg=3.0, scheduler="karras", positive=pos, negative=neg)
+    latent = {"samples": torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))}
+    with torch.inference_mode():
+        ksampler(RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None), sampler_name="dpmpp_2m_sde",
+                 latent_image=latent, denoise=0.5, **kw)  # fmt: skip
+        grid = sampling.make_grid("dpmpp_2m_sde", 6, pipe.noise_schedule, "karras", pipe.scheduler_config)
+        s = grid.sigmas.tolist()
+        assert made == [((3,), s[-2], s[3], (2, 4, 4, 4))]
+        assert reads == [(s[i], s[i + 1]) for i in (3, 4)]
+        reads.clear(), made.clear()
+        ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None, seed_rule="sdengine")
+        ksampler(ctx, sampler_name="dpmpp_2m_sde", latent_image=latent, denoise=0.5, **kw)
+        assert reads == [] and made == []

@@ -1250,7 +1250,7 @@ def test_a1111s_newer_samplers_and_schedule_types_equal_the_python_api(api):
         ("DPM++ 3M SDE", "KL Optimal", "kl_optimal"),
     ):
         r = api.txt2img(prompt="a red apple", seed=5, sampler_name=sampler, scheduler=sched, **COMMON)
-        # under A1111's rules: DPM++ 3M SDE drops its next-to-last sigma
+        # under A1111's rules: DPM++ 3M SDE drops its next-to-last sigma and draws a Brownian tree's noise
         kw = {"progress": False, "strength_rule": "a1111", **COMMON}
         want = emoji()("a red apple", seed=5, sampler=sampler, schedule=ours, **kw)
         np.testing.assert_array_equal(arr(r.images[0]), arr(want.images[0]))

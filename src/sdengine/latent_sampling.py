@@ -320,6 +320,16 @@ def sample_latents(
     if end < total and name in ("dpm_fast", "dpm_adaptive"):
         # they take their own steps between the grid's ends: there is no step of the grid to stop at
         raise LatentSamplingError(f"{sampler} cannot stop at end_at_step {end} of {total}: it takes its own steps")
+    brownian = None
+    if seed_rule == "comfyui" and name in sampling.BROWNIAN_SAMPLERS:
+        # ComfyUI's SDE noise: one Brownian tree of the batch's shape, seeded by the seed, over the sigmas its
+        # sampler is handed (the run's window: its last sigma 0 where the window ends without leftover noise)
+        from sdengine.diffusion.brownian import BrownianSpec
+
+        window = given if given is not None else grid.sigmas[start : end + 1]
+        if given is None and end < total and not leftover_noise:
+            window = window[:-1]  # ComfyUI's force_full_denoise sets that last sigma to 0
+        brownian = BrownianSpec.over([seed], window)
 
     net: Any = pipe.unet
     # the first negative is the one used: its ControlNets count, those of the others do not
@@ -412,6 +422,7 @@ def sample_latents(
                     sigmas=given,
                     sampler_options=sampler_options,
                     discard_penultimate=discard_penultimate_sigma and given is None,
+                    brownian=brownian,
                 )
         except SamplingInterrupted as e:
             if e.step + 1 != run_steps or end >= total:

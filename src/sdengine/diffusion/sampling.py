@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from sdengine.diffusion import samplers as S
+from sdengine.diffusion.brownian import BrownianSpec
 from sdengine.diffusion.schedules import (
     A1111_GRID_SAMPLERS,
     SCHEDULES,
@@ -297,6 +298,10 @@ A1111_AUTOMATIC: dict[str, str] = {
     **dict.fromkeys(("euler", "euler_a", "lms", "heun", "dpm_fast", "dpm_adaptive"), "uniform"),
 }
 
+# The samplers whose step noise A1111 and ComfyUI draw from a Brownian tree (k-diffusion's BrownianTreeNoiseSampler;
+# A1111 1.10's "brownian_noise" samplers, ComfyUI's dpmpp_sde / dpmpp_2m_sde(_heun) / dpmpp_3m_sde): sample(brownian=).
+BROWNIAN_SAMPLERS = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
+
 # The samplers A1111 runs with ``discard_next_to_last_sigma`` (1.10's sd_samplers_kdiffusion.samplers_k_diffusion:
 # DPM2, DPM2 a, DPM++ 3M SDE): their grid is made for one step more and its next-to-last sigma dropped
 # (:func:`make_grid`); its ``always_discard_next_to_last_sigma`` option does so for every sampler.
@@ -504,6 +509,7 @@ def sample(
     a1111_grid: bool = False,
     noise_from: int | None = None,
     discard_penultimate: bool = False,
+    brownian: BrownianSpec | None = None,
 ) -> Tensor:
     """Run ``sampler`` for ``steps`` steps from unit ``noise`` (txt2img) or from ``init_latent`` noised to
     ``strength`` (img2img); returns the final latent (x0). See the module docstring.
@@ -520,7 +526,10 @@ def sample(
     ``a1111_grid``: DDIM / PLMS on A1111's grid (:func:`make_grid`), PLMS combining the noise estimates as A1111
     does. ``noise_from``: the grid index img2img noises the init to when it is not ``start_step`` (A1111's DDIM /
     PLMS noise one point higher than they start, :func:`a1111_timestep_start`); that VP sample is read at
-    ``start_step``. ``discard_penultimate``: the grid without its next-to-last sigma (:func:`make_grid`)."""
+    ``start_step``. ``discard_penultimate``: the grid without its next-to-last sigma (:func:`make_grid`).
+    ``brownian``: an SDE sampler (:data:`BROWNIAN_SAMPLERS`) draws its step noise from the Brownian trees of these
+    seeds and this sigma range instead of ``generators`` (A1111's and ComfyUI's noise,
+    :mod:`sdengine.diffusion.brownian`); the other samplers draw from ``generators`` as ever."""
     name, sched = resolve(sampler, schedule)
     spec = SAMPLERS[name]
     ns = noise_schedule if noise_schedule is not None else getattr(denoiser, "schedule", None)
@@ -615,6 +624,8 @@ def sample(
     if name == "ddpm" and bool(config_get(effective_config(name, scheduler_config), "clip_sample", False)):
         range_ = float(config_get(scheduler_config, "clip_sample_range", 1.0))
         options.setdefault("clip_denoised", range_)
+    if brownian is not None and name in BROWNIAN_SAMPLERS:
+        generators = brownian.noise(tuple(noise.shape))
     x = spec.fn(
         denoiser,
         x,

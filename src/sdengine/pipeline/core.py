@@ -31,6 +31,7 @@ from torch import Tensor
 
 from sdengine import vae_utils
 from sdengine.diffusion import sampling
+from sdengine.diffusion.brownian import BrownianSpec
 from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.diffusion.samplers import NoiseBank, SamplingInterrupted, row_noise
@@ -905,6 +906,10 @@ class Pipeline:
             a1111_grid=a1111_grid,
             discard_penultimate=discards_penultimate(p),
         )
+        brownian = None
+        if r.strength_rule in A1111_STRENGTH_RULES and p.sampler in sampling.BROWNIAN_SAMPLERS:
+            # A1111's SDE noise: one Brownian tree per image, seeded by its seed, over the whole grid's sigma range
+            brownian = BrownianSpec.over([p.seeds[i] for i in rows], grid.sigmas)
         first, noise_from = 0, None
         if start.from_init:
             # grid.steps: a sigma-table schedule may have another length than steps (ComfyUI's ddim_uniform);
@@ -972,6 +977,7 @@ class Pipeline:
             and start.noise.device.type == loop.device_type
             and loop.usable()
             and p.sampler not in sampling.ADAPTIVE_SAMPLERS  # its steps depend on the model's answers
+            and brownian is None  # a Brownian tree's noise is read at the run's sigmas, not drawn beforehand
         )
         init_latent = start.init_latent if start.from_init else None
         plan = self.loop_plan(p, init_latent is not None, first, noise_from)
@@ -994,7 +1000,9 @@ class Pipeline:
                 if on_step(run_steps - 1, float(grid.sigmas[-2]), x, x) is False:  # the last step's start
                     raise SamplingInterrupted(run_steps - 1, x, x)
             else:
-                x = self.sample_plan(den, plan, start.noise, init_latent, cond, generators=gens, callback=on_step)
+                x = self.sample_plan(
+                    den, plan, start.noise, init_latent, cond, generators=gens, callback=on_step, brownian=brownian
+                )
         except SamplingInterrupted as e:
             raise Cancelled(e.step + 1, run_steps, vae_utils.latent_preview(e.denoised)) from None
         finally:
@@ -1089,9 +1097,11 @@ class Pipeline:
         *,
         generators: Any = None,
         callback: Any = None,
+        brownian: BrownianSpec | None = None,
     ) -> Tensor:
         """THE sampling call of a generation (``sampling.sample`` with ``plan``'s settings), whether it runs as it
-        is or is recorded as one graph (:meth:`run_loop_plan`)."""
+        is or is recorded as one graph (:meth:`run_loop_plan`); ``brownian``: A1111's Brownian-tree noise for an SDE
+        sampler (never recorded: the run reads the trees at its sigmas)."""
         return sampling.sample(
             denoiser,
             noise,
@@ -1110,6 +1120,7 @@ class Pipeline:
             a1111_grid=plan.a1111_grid,
             noise_from=plan.noise_from,
             discard_penultimate=plan.discard_penultimate,
+            brownian=brownian,
         )
 
     def decode_latents(self, p: Prepared, x: Tensor) -> Tensor:

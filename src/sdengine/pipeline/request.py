@@ -122,7 +122,8 @@ class GenerationRequest:
     noise_multiplier: float = 1.0
     # A1111's "Eta noise seed delta" (ENSD, its eta_noise_seed_delta setting): once the start noise is drawn, each
     # row's generator is seeded again with its seed + this, so the per-step noise of the ancestral and SDE
-    # samplers (and churn) comes from there; 0 = the seed's own generator goes on
+    # samplers (and churn) comes from there; 0 = the seed's own generator goes on (under A1111's rules the SDE
+    # samplers draw from a Brownian tree seeded by the seed instead, as A1111: sdengine.diffusion.brownian)
     noise_seed_delta: int = 0
     # A1111's "Always discard next-to-last sigma" (its always_discard_next_to_last_sigma setting): the sampling grid
     # is made for steps + 1 steps and its next-to-last sigma dropped (sdengine.diffusion.sampling.make_grid), as

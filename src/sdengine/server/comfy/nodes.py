@@ -59,7 +59,7 @@ SAMPLER_NAMES = {
     "dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",
     "dpmpp_2s_ancestral": "dpmpp_2s_a",
     "dpmpp_3m_sde": "dpmpp_3m_sde",
-    # ComfyUI's _gpu forms differ by where their Brownian tree draws; here every SDE's noise is the rows' generators
+    # ComfyUI's _gpu forms differ by where their Brownian tree draws (the CUDA generator); here it draws on the CPU
     "dpmpp_sde_gpu": "dpmpp_sde",
     "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
     "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
