@@ -553,6 +553,12 @@ def test_a1111_sde_samplers_draw_brownian_tree_noise(sd1, monkeypatch):
     # a row is its seed's image whatever the batch (a tree per image; up to the network's batched rounding)
     alone = pipe("a red apple", strength_rule="a1111", **{**kw, "seed": 12})
     np.testing.assert_allclose(alone.arrays[0], a1111.arrays[1], atol=1e-5)
+    # the infotext says A1111's rule, so the image comes back from it; an A1111 infotext is read so too
+    assert "Strength rule: a1111" in alone.infotexts[0]
+    back = to_generate_kwargs(parse_parameters(alone.infotexts[0]))
+    np.testing.assert_array_equal(pipe(**{**back, "progress": False}).arrays, alone.arrays)
+    theirs = f"a red apple\nSteps: 4, Sampler: DPM++ 2M SDE, CFG scale: 5, Seed: 11, {A1111_VERSION}"
+    assert to_generate_kwargs(parse_parameters(theirs))["strength_rule"] == "a1111"
     reads.clear()
     from sdengine.diffusion.samplers import float32_midpoint
 

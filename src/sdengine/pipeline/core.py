@@ -81,6 +81,13 @@ def _a1111_grid(p: Prepared) -> bool:
     return p.request.strength_rule in A1111_STRENGTH_RULES and p.sampler in A1111_GRID_SAMPLERS
 
 
+def _a1111_sigmas(p: Prepared) -> bool:
+    """Whether A1111's rules change the run's sigmas or its noise beyond the schedule (its discarded next-to-last
+    sigma, its SDE samplers' Brownian trees), so that the infotext must say the rule."""
+    a1111 = p.request.strength_rule in A1111_STRENGTH_RULES
+    return discards_penultimate(p) or (a1111 and p.sampler in sampling.BROWNIAN_SAMPLERS)
+
+
 def discards_penultimate(p: Prepared) -> bool:
     """Whether the grid drops its next-to-last sigma (:func:`sdengine.diffusion.sampling.make_grid`): asked for
     (A1111's ``always_discard_next_to_last_sigma``), or under A1111's rules with a sampler A1111 runs so
@@ -695,10 +702,10 @@ class Pipeline:
                     sampler_options=request.sampler_options,
                     prediction_override=self.prediction_override,
                     # how the img2img / hires second pass counted its steps
-                    # txt2img has no strength, but DDIM / PLMS walk A1111's grid under its rules, and DPM2, DPM2 a,
-                    # DPM++ 3M SDE drop their next-to-last sigma: said too
+                    # txt2img has no strength, but DDIM / PLMS walk A1111's grid under its rules, DPM2, DPM2 a,
+                    # DPM++ 3M SDE drop their next-to-last sigma and the SDE samplers draw Brownian noise: said too
                     strength_rule=request.strength_rule
-                    if (p.init is not None or p.hires is not None or _a1111_grid(p) or discards_penultimate(p))
+                    if (p.init is not None or p.hires is not None or _a1111_grid(p) or _a1111_sigmas(p))
                     else "diffusers",
                     sdxl=request.sdxl,
                 )
