@@ -81,7 +81,7 @@ def _a1111_grid(p: Prepared) -> bool:
     return p.request.strength_rule in A1111_STRENGTH_RULES and p.sampler in A1111_GRID_SAMPLERS
 
 
-def _a1111_sigmas(p: Prepared) -> bool:
+def a1111_changes_run(p: Prepared) -> bool:
     """Whether A1111's rules change the run's sigmas or its noise beyond the schedule (its discarded next-to-last
     sigma, its SDE samplers' Brownian trees), so that the infotext must say the rule."""
     a1111 = p.request.strength_rule in A1111_STRENGTH_RULES
@@ -705,7 +705,7 @@ class Pipeline:
                     # txt2img has no strength, but DDIM / PLMS walk A1111's grid under its rules, DPM2, DPM2 a,
                     # DPM++ 3M SDE drop their next-to-last sigma and the SDE samplers draw Brownian noise: said too
                     strength_rule=request.strength_rule
-                    if (p.init is not None or p.hires is not None or _a1111_grid(p) or _a1111_sigmas(p))
+                    if (p.init is not None or p.hires is not None or _a1111_grid(p) or a1111_changes_run(p))
                     else "diffusers",
                     sdxl=request.sdxl,
                 )

@@ -16,11 +16,19 @@ from PIL import Image
 
 from sdengine import vae_utils
 from sdengine.diffusion import sampling
+from sdengine.diffusion.brownian import BrownianSpec
 from sdengine.diffusion.samplers import SamplingInterrupted
-from sdengine.diffusion.schedules import img2img_start
+from sdengine.diffusion.schedules import A1111_STRENGTH_RULES, img2img_start
 from sdengine.errors import GenerationError
 from sdengine.io.images import to_uint8
-from sdengine.pipeline.core import Pipeline, Prepared, as_request, discards_penultimate, grid_strength
+from sdengine.pipeline.core import (
+    Pipeline,
+    Prepared,
+    a1111_changes_run,
+    as_request,
+    discards_penultimate,
+    grid_strength,
+)
 from sdengine.pipeline.infotext import call_parameters, format_infotext
 from sdengine.pipeline.latents import start_latents
 from sdengine.pipeline.request import GenerationRequest
@@ -256,7 +264,7 @@ class SDXLPipeline(Pipeline):
                 mask_blur=None,
                 resize_mode=request.resize_mode if p.init is not None else None,
                 sampler_options=request.sampler_options,
-                strength_rule=request.strength_rule if p.init is not None else "diffusers",
+                strength_rule=request.strength_rule if p.init is not None or a1111_changes_run(p) else "diffusers",
                 sdxl=request.sdxl,
             )
             if p.init is not None and float(request.noise_multiplier) != 1.0:
@@ -317,6 +325,10 @@ class SDXLPipeline(Pipeline):
             noise = noise * float(request.noise_multiplier)
         if int(request.noise_seed_delta):  # A1111's ENSD: the per-step noise from seed + delta
             gen = torch.Generator("cpu").manual_seed(seed + int(request.noise_seed_delta))
+        brownian = None
+        if request.strength_rule in A1111_STRENGTH_RULES and p.sampler in sampling.BROWNIAN_SAMPLERS:
+            # A1111's SDE noise: the image's one Brownian tree over the whole grid, read by both models' steps
+            brownian = BrownianSpec.over([seed], grid.sigmas)
         common: dict[str, Any] = dict(
             sampler=p.sampler,
             steps=steps,
@@ -325,6 +337,7 @@ class SDXLPipeline(Pipeline):
             sampler_options=dict(request.sampler_options or {}) or None,
             strength=strength,
             discard_penultimate=discards_penultimate(p),
+            brownian=brownian,
         )
         x = sampling.sample(
             self.guided_denoiser(cfg_scale, uncond, rescale),
