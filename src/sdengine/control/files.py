@@ -214,12 +214,13 @@ def read_controlnet(path: str | Path, *, base: UNetConfig | None = None) -> Load
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
         raise ControlNetError(f"{path}: expected a ControlNet folder or a .safetensors/.pth/.ckpt file")
     sd, info = load_file(path)
-    return _from_single_file(sd, info, path, base)
+    return controlnet_from_state(sd, info, path, base)
 
 
-def _from_single_file(
+def controlnet_from_state(
     sd: Mapping[str, Tensor], info: Mapping[str, Any], path: Path, base: UNetConfig | None
 ) -> LoadedControlNet:
+    """A LoadedControlNet from a single file's tensors (``info``: its metadata), either naming."""
     sd = ck.strip_prefix(sd)
     keys = list(sd)
     if "controlnet_cond_embedding.conv_in.weight" in sd:  # diffusers names in one file
@@ -269,14 +270,16 @@ def load_controlnet(
     base: UNetConfig | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    read: LoadedControlNet | None = None,
 ) -> ControlNet:
     """A ControlNet from a diffusers folder, a diffusers-layout file or an original ``control_*`` file.
 
     ``base``: the U-Net config it will be used with; a ControlNet that does not fit is refused with the
-    mismatch named (an SD 2.x ControlNet on an SD 1.x model, ...)."""
+    mismatch named (an SD 2.x ControlNet on an SD 1.x model, ...). ``read``: what ``read_controlnet(path)``
+    gave already (not read again)."""
     from sdengine.weights.loading import build_on_meta
 
-    loaded = read_controlnet(path, base=base)
+    loaded = read_controlnet(path, base=base) if read is None else read
     if base is not None:
         check_compatible(loaded.config, base, name=f"ControlNet {Path(path).name}")
     cfg = loaded.config
@@ -334,6 +337,7 @@ __all__ = [
     "LoadedControlNet",
     "check_compatible",
     "config_from_weights",
+    "controlnet_from_state",
     "controlnet_layout",
     "family",
     "load_controlnet",
