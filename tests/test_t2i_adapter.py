@@ -299,3 +299,16 @@ def test_cli_refuses_an_adapter_of_another_model_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "sdxl-adapter is an SDXL adapter but the model is not SDXL" in err[0], err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_list_controlnets_shows_adapter_folders(tmp_path, capsys):
+    import json
+
+    from sdengine.cli import main
+
+    C.save_t2i_adapter(_emoji_adapter(), tmp_path / "t2i-canny")
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model" / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    assert main(["list", "controlnets", "--controlnets-dir", str(tmp_path), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert "T2I-Adapter" in rows["t2i-canny"]["detail"] and "not-a-model" not in rows

@@ -13,6 +13,7 @@ from sdengine.control.adapter_files import (
     save_t2i_adapter,
 )
 from sdengine.control.adapter_files import config_from_weights as adapter_config_from_weights
+from sdengine.control.control_lora import is_control_lora
 from sdengine.control.files import (
     CONFIG_METADATA_KEY,
     WEIGHT_NAMES,
@@ -52,6 +53,7 @@ __all__ = [
     "adapter_config_from_weights",
     "check_adapter_compatible",
     "is_adapter_state",
+    "is_control_lora",
     "load_control_model",
     "load_t2i_adapter",
     "read_control",

@@ -181,11 +181,12 @@ def _folder_class(folder: Path) -> str | None:
     return raw.get("_class_name") if isinstance(raw, dict) else None
 
 
-def read_control(path: str | Path, *, base: UNetConfig | None = None) -> Any:
+def read_control(path: str | Path, *, base: UNetConfig | None = None, base_unet: torch.nn.Module | None = None) -> Any:
     """A control model from disk, without building it: a :class:`LoadedAdapter` for a T2I-Adapter, else what
-    :func:`sdengine.control.files.read_controlnet` reads (a LoadedControlNet). The format is told by the
-    folder's config class or the file's names, as ComfyUI's ControlNetLoader tells them."""
-    from sdengine.control import files
+    :func:`sdengine.control.files.read_controlnet` reads (a LoadedControlNet; a Control-LoRA file made into the
+    ControlNet it describes on ``base_unet``, see :mod:`sdengine.control.control_lora`). The format is told by
+    the folder's config class or the file's names, as ComfyUI's ControlNetLoader tells them."""
+    from sdengine.control import control_lora, files
 
     if isinstance(path, str) and not Path(path).exists():
         path = builtin_path("controlnets", path) or path
@@ -208,6 +209,9 @@ def read_control(path: str | Path, *, base: UNetConfig | None = None) -> Any:
     sd, info = load_file(path)
     if is_adapter_state(sd):
         return adapter_from_state(sd, info, path, base)
+    if control_lora.is_control_lora(sd):
+        weights = control_lora.base_weights_of(base_unet) if base_unet is not None else None
+        return control_lora.controlnet_from_control_lora(sd, path, base, weights)
     return files.controlnet_from_state(sd, info, path, base)
 
 
@@ -269,11 +273,14 @@ def load_control_model(
     base: UNetConfig | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    base_unet: torch.nn.Module | None = None,
 ) -> ControlNet | T2IAdapter:
-    """A ControlNet or a T2I-Adapter, whichever ``path`` holds (``load_controlnet`` / ``load_t2i_adapter``)."""
+    """A ControlNet or a T2I-Adapter, whichever ``path`` holds (``load_controlnet`` / ``load_t2i_adapter``).
+    ``base_unet``: the U-Net it will be used with, which a Control-LoRA file needs (its weights are the
+    ControlNet's, but for the file's changes)."""
     from sdengine.control.files import load_controlnet
 
-    loaded = read_control(path, base=base)
+    loaded = read_control(path, base=base, base_unet=base_unet)
     if isinstance(loaded, LoadedAdapter):
         return _build(loaded, path, base, device, dtype)
     return load_controlnet(path, base=base, device=device, dtype=dtype, read=loaded)

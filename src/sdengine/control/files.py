@@ -93,6 +93,11 @@ def _hint_channels(sd: Mapping[str, Tensor], original: bool) -> tuple[int, tuple
     return int(convs[0].shape[1]), tuple(widths)
 
 
+def hint_channels_of(sd: Mapping[str, Tensor]) -> tuple[int, tuple[int, ...]]:
+    """(conditioning channels, conditioning_embedding_out_channels) of an original-named hint encoder."""
+    return _hint_channels(sd, original=True)
+
+
 def _block_indices(prefix: str, keys: list[str]) -> list[int]:
     pat = re.compile(rf"^{re.escape(prefix)}\.transformer_blocks\.(\d+)\.")
     return sorted({int(m.group(1)) for k in keys if (m := pat.match(k))})
@@ -222,6 +227,11 @@ def controlnet_from_state(
 ) -> LoadedControlNet:
     """A LoadedControlNet from a single file's tensors (``info``: its metadata), either naming."""
     sd = ck.strip_prefix(sd)
+    if "lora_controlnet" in sd:
+        raise ControlNetError(
+            f"{path}: a Control-LoRA holds only its changes to a base model's U-Net: use it with the model it was "
+            "made for (in a pipeline, or load_control_model(..., base_unet=unet))"
+        )
     keys = list(sd)
     if "controlnet_cond_embedding.conv_in.weight" in sd:  # diffusers names in one file
         cfg_json = info.get(CONFIG_METADATA_KEY)
@@ -339,6 +349,7 @@ __all__ = [
     "config_from_weights",
     "controlnet_from_state",
     "controlnet_layout",
+    "hint_channels_of",
     "family",
     "load_controlnet",
     "read_controlnet",

@@ -600,7 +600,11 @@ def build_controlled_unet(
             if isinstance(base_cfg, UNetConfig):
                 check_adapter_compatible(net.config, base_cfg, name=name)
         else:
-            net = load_control_model(model, base=base_cfg if isinstance(base_cfg, UNetConfig) else None)
+            net = load_control_model(
+                model,
+                base=base_cfg if isinstance(base_cfg, UNetConfig) else None,
+                base_unet=unet if isinstance(unet, torch.nn.Module) else None,  # a Control-LoRA's base weights
+            )
             net.eval().requires_grad_(False)
         net = net.to(device=device, dtype=torch_dtype) if torch_dtype is not None else net.to(device)
         map_w, map_h = width, height
