@@ -312,3 +312,39 @@ def test_list_controlnets_shows_adapter_folders(tmp_path, capsys):
     assert main(["list", "controlnets", "--controlnets-dir", str(tmp_path), "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert "T2I-Adapter" in rows["t2i-canny"]["detail"] and "not-a-model" not in rows
+
+
+def test_adapters_and_controlnets_in_one_run_add_up():
+    """Two adapter units sum their features, each times its weight (MultiAdapter with adapter_weights); a
+    ControlNet unit beside them adds its residuals as before; a unit outside its window adds nothing."""
+    from sdengine.models.controlnet import ControlNet, ControlNetConfig
+    from sdengine.pipeline import control as PC
+
+    torch.manual_seed(0)
+    unet = UNet(TINY_SD).eval()
+    cn = ControlNet(ControlNetConfig.from_unet(TINY_SD, conditioning_embedding_out_channels=(8, 16))).eval()
+    _models._perturb(cn, 1, 0.05)
+    adapter = T2IAdapter(T2IAdapterConfig(3, (32, 64), 2, 2, "full_adapter")).eval()
+    _models._perturb(adapter, 2, 0.05)
+    image = torch.rand(1, 3, 32, 32)
+    units = [
+        PC.ControlUnit(cn, image, 0.7),
+        PC.ControlUnit(adapter, image, 1.3),
+        PC.ControlUnit(adapter, image, 0.5, 0.0, 0.5),
+    ]
+    m = PC.build_controlled_unet(unet, units, width=32, height=32, grid=torch.tensor([900.0, 500.0]))
+    x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        got = [m(x, 500.0, encoder_hidden_states=ctx, step=s) for s in (0, 1)]
+        down, mid = cn(x, 500.0, image.expand(2, -1, -1, -1), encoder_hidden_states=ctx, scale=0.7)
+        feats = adapter(image.expand(2, -1, -1, -1))
+        for step, weight in ((0, 1.3 + 0.5), (1, 1.3)):  # the third unit acts on the first half only
+            want = unet(
+                x,
+                500.0,
+                encoder_hidden_states=ctx,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+                down_intrablock_additional_residuals=[f * weight for f in feats],
+            )
+            assert (got[step] - want).abs().max().item() < 1e-5, step
