@@ -235,6 +235,9 @@ def test_adapter_files_of_unknown_layout_name_the_file(tmp_path):
     save_safetensors({**sd, "body.0.extra.weight": torch.zeros(2)}, tmp_path / "odd.safetensors")
     with pytest.raises(ControlNetError, match=r"odd\.safetensors: unexpected T2I-Adapter keys: body\.0\.extra"):
         C.load_control_model(tmp_path / "odd.safetensors", base=TINY_SD)
+    torch.save({"style_embedding": torch.zeros(1, 8, 16), "proj": torch.zeros(16, 8)}, tmp_path / "style.pth")
+    with pytest.raises(ControlNetError, match=r"style\.pth: a T2I-Adapter style model"):
+        C.load_control_model(tmp_path / "style.pth", base=TINY_SD)
     cut = {k: v for k, v in sd.items() if not k.startswith("body.3.")}  # a level's blocks lost
     save_safetensors(cut, tmp_path / "cut.safetensors")
     with pytest.raises(ControlNetError, match=r"cut\.safetensors"):

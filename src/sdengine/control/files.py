@@ -248,6 +248,11 @@ def controlnet_from_state(
         cfg = config_from_weights(original, base=base)
         return LoadedControlNet(dict(sd), cfg, path, "diffusers")
     if "input_hint_block.0.weight" not in sd:
+        if "style_embedding" in sd:
+            raise ControlNetError(
+                f"{path}: a T2I-Adapter style model (image tokens for the prompt, ComfyUI's StyleModelLoader), "
+                "not a ControlNet or a T2I-Adapter; sdengine does not read it"
+            )
         if any(k.startswith("model.diffusion_model.") for k in keys):
             raise ControlNetError(f"{path}: this is a Stable Diffusion checkpoint, not a ControlNet")
         if any(k.startswith(("lora_", "lora_unet_")) or ".lora_" in k for k in keys):
