@@ -70,6 +70,8 @@ def _classify_folder(folder: Path) -> tuple[str, str] | None:
     config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     if config.get("_class_name") == "ControlNetModel":
         return "controlnets", "ControlNet (diffusers folder)"
+    if config.get("_class_name") == "T2IAdapter":  # goes wherever a ControlNet goes (sdengine.control.adapter_files)
+        return "controlnets", "T2I-Adapter (diffusers folder)"
     if config.get("format") == "sdengine-pixel-ddpm":
         classes = config.get("class_names") or []
         return "models", "pixel DDPM" + (f" ({len(classes)} classes)" if classes else "")

@@ -1,7 +1,19 @@
-"""ControlNet outside the sampler: control-map preprocessors (:mod:`.preprocess`) and ControlNet files
-(:mod:`.files`). The controlled U-Net used while sampling is :mod:`sdengine.pipeline.control`; the
-``--control`` flag is read in :mod:`sdengine.commands.generate`."""
+"""ControlNet outside the sampler: control-map preprocessors (:mod:`.preprocess`), ControlNet files
+(:mod:`.files`) and T2I-Adapter files (:mod:`.adapter_files`, with ``load_control_model``, which reads either).
+The controlled U-Net used while sampling is :mod:`sdengine.pipeline.control`; the ``--control`` flag is read
+in :mod:`sdengine.commands.generate`."""
 
+from sdengine.control.adapter_files import (
+    LoadedAdapter,
+    check_adapter_compatible,
+    is_adapter_state,
+    load_control_model,
+    load_t2i_adapter,
+    read_control,
+    save_t2i_adapter,
+)
+from sdengine.control.adapter_files import config_from_weights as adapter_config_from_weights
+from sdengine.control.control_lora import is_control_lora
 from sdengine.control.files import (
     CONFIG_METADATA_KEY,
     WEIGHT_NAMES,
@@ -36,7 +48,16 @@ __all__ = [
     "PREPROCESSORS",
     "WEIGHT_NAMES",
     "ControlNetError",
+    "LoadedAdapter",
     "LoadedControlNet",
+    "adapter_config_from_weights",
+    "check_adapter_compatible",
+    "is_adapter_state",
+    "is_control_lora",
+    "load_control_model",
+    "load_t2i_adapter",
+    "read_control",
+    "save_t2i_adapter",
     "canny",
     "canny_fractions",
     "check_compatible",

@@ -93,6 +93,11 @@ def _hint_channels(sd: Mapping[str, Tensor], original: bool) -> tuple[int, tuple
     return int(convs[0].shape[1]), tuple(widths)
 
 
+def hint_channels_of(sd: Mapping[str, Tensor]) -> tuple[int, tuple[int, ...]]:
+    """(conditioning channels, conditioning_embedding_out_channels) of an original-named hint encoder."""
+    return _hint_channels(sd, original=True)
+
+
 def _block_indices(prefix: str, keys: list[str]) -> list[int]:
     pat = re.compile(rf"^{re.escape(prefix)}\.transformer_blocks\.(\d+)\.")
     return sorted({int(m.group(1)) for k in keys if (m := pat.match(k))})
@@ -214,13 +219,19 @@ def read_controlnet(path: str | Path, *, base: UNetConfig | None = None) -> Load
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
         raise ControlNetError(f"{path}: expected a ControlNet folder or a .safetensors/.pth/.ckpt file")
     sd, info = load_file(path)
-    return _from_single_file(sd, info, path, base)
+    return controlnet_from_state(sd, info, path, base)
 
 
-def _from_single_file(
+def controlnet_from_state(
     sd: Mapping[str, Tensor], info: Mapping[str, Any], path: Path, base: UNetConfig | None
 ) -> LoadedControlNet:
+    """A LoadedControlNet from a single file's tensors (``info``: its metadata), either naming."""
     sd = ck.strip_prefix(sd)
+    if "lora_controlnet" in sd:
+        raise ControlNetError(
+            f"{path}: a Control-LoRA holds only its changes to a base model's U-Net: use it with the model it was "
+            "made for (in a pipeline, or load_control_model(..., base_unet=unet))"
+        )
     keys = list(sd)
     if "controlnet_cond_embedding.conv_in.weight" in sd:  # diffusers names in one file
         cfg_json = info.get(CONFIG_METADATA_KEY)
@@ -237,6 +248,11 @@ def _from_single_file(
         cfg = config_from_weights(original, base=base)
         return LoadedControlNet(dict(sd), cfg, path, "diffusers")
     if "input_hint_block.0.weight" not in sd:
+        if "style_embedding" in sd:
+            raise ControlNetError(
+                f"{path}: a T2I-Adapter style model (image tokens for the prompt, ComfyUI's StyleModelLoader), "
+                "not a ControlNet or a T2I-Adapter; sdengine does not read it"
+            )
         if any(k.startswith("model.diffusion_model.") for k in keys):
             raise ControlNetError(f"{path}: this is a Stable Diffusion checkpoint, not a ControlNet")
         if any(k.startswith(("lora_", "lora_unet_")) or ".lora_" in k for k in keys):
@@ -269,14 +285,16 @@ def load_controlnet(
     base: UNetConfig | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    read: LoadedControlNet | None = None,
 ) -> ControlNet:
     """A ControlNet from a diffusers folder, a diffusers-layout file or an original ``control_*`` file.
 
     ``base``: the U-Net config it will be used with; a ControlNet that does not fit is refused with the
-    mismatch named (an SD 2.x ControlNet on an SD 1.x model, ...)."""
+    mismatch named (an SD 2.x ControlNet on an SD 1.x model, ...). ``read``: what ``read_controlnet(path)``
+    gave already (not read again)."""
     from sdengine.weights.loading import build_on_meta
 
-    loaded = read_controlnet(path, base=base)
+    loaded = read_controlnet(path, base=base) if read is None else read
     if base is not None:
         check_compatible(loaded.config, base, name=f"ControlNet {Path(path).name}")
     cfg = loaded.config
@@ -334,7 +352,9 @@ __all__ = [
     "LoadedControlNet",
     "check_compatible",
     "config_from_weights",
+    "controlnet_from_state",
     "controlnet_layout",
+    "hint_channels_of",
     "family",
     "load_controlnet",
     "read_controlnet",

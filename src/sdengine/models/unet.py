@@ -215,17 +215,35 @@ class DownBlock(nn.Module):
         if add_downsample:
             self.downsamplers = nn.ModuleList([Downsample2D(out_ch, padding=cfg.downsample_padding)])
 
-    def forward(self, x: Tensor, temb: Tensor, context: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+    def forward(
+        self, x: Tensor, temb: Tensor, context: Tensor | None, extra: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """``extra``: a T2I-Adapter feature, added (skip included) after the last layer of an attention level,
+        after the whole level (its downsample included) otherwise, as diffusers' U-Net adds it."""
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)  # (B, out, H, W)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
+                if extra is not None and i == len(self.resnets) - 1:
+                    x = _add_feature(x, extra)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)  # (B, out, H/2, W/2)
             skips.append(x)
+        if extra is not None and self.attentions is None:
+            x = _add_feature(x, extra)
+            skips[-1] = x
         return x, skips
+
+
+def _add_feature(x: Tensor, feature: Tensor) -> Tensor:
+    if feature.shape != x.shape:
+        raise ValueError(
+            f"T2I-Adapter feature of shape {tuple(feature.shape)} does not fit the U-Net's {tuple(x.shape)} "
+            "(an adapter for another model family, or an image size the adapter cannot divide)"
+        )
+    return x + feature
 
 
 class MidBlock(nn.Module):
@@ -433,7 +451,10 @@ class UNet(nn.Module):
         encoder_hidden_states: Tensor | None = None,
         down_block_additional_residuals: Sequence[Tensor] | None = None,
         mid_block_additional_residual: Tensor | None = None,
+        down_intrablock_additional_residuals: Sequence[Tensor] | None = None,
     ) -> Tensor:
+        """``down_intrablock_additional_residuals``: T2I-Adapter features, one per down block in order (see
+        ``DownBlock.forward``), and one more, added after the middle block, where the adapter has it (SDXL)."""
         cfg = self.config
         if cfg.is_conditional and encoder_hidden_states is None:
             raise ValueError("this U-Net cross-attends to text: pass encoder_hidden_states (B, L, D)")
@@ -444,8 +465,9 @@ class UNet(nn.Module):
 
         h = self.conv_in(x)  # (B, C0, H, W)
         skips = [h]
+        features = list(down_intrablock_additional_residuals or ())
         for block in self.down_blocks:
-            h, block_skips = block(h, emb, context)
+            h, block_skips = block(h, emb, context, features.pop(0) if features else None)
             skips.extend(block_skips)
 
         if down_block_additional_residuals is not None:  # ControlNet (Zhang et al. 2023): one per skip
@@ -457,6 +479,8 @@ class UNet(nn.Module):
 
         if self.mid_block is not None:
             h = self.mid_block(h, emb, context)
+            if features and features[0].shape == h.shape:  # SDXL adapters: one after the middle block
+                h = h + features.pop(0)
         if mid_block_additional_residual is not None:
             h = h + mid_block_additional_residual
 

@@ -26,12 +26,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sdengine.control.files import check_compatible, load_controlnet
+from sdengine.control.adapter_files import check_adapter_compatible, load_control_model
+from sdengine.control.files import check_compatible
 from sdengine.control.preprocess import ImageLike, load_control_image
 from sdengine.diffusion.samplers import SamplerStep
 from sdengine.errors import ControlNetError
 from sdengine.io.resize import resize_image, resize_tensor
 from sdengine.models.controlnet import ControlNet
+from sdengine.models.t2i_adapter import T2IAdapter
 from sdengine.models.unet import UNetConfig
 from sdengine.weights.io import parse_dtype
 
@@ -44,7 +46,10 @@ STEP_RULES = ("diffusers", "a1111", "comfyui")
 
 @dataclass(frozen=True)
 class ControlUnit:
-    """One ControlNet of a request. ``model``: a :class:`ControlNet` or anything ``load_controlnet`` reads;
+    """One ControlNet of a request. ``model``: a :class:`ControlNet`, a :class:`T2IAdapter` or anything
+    ``load_control_model`` reads (a ControlNet or a T2I-Adapter: an adapter's features are added to the U-Net's
+    encoder, times ``scale``, on the steps of its window, as diffusers' adapter pipelines do; an
+    ``adapter_conditioning_factor`` of f is ``end=f``);
     ``image``: a control map (PIL, array, path or (1, 3, H, W) tensor in [0, 1]) used for every row, or a
     list / (N, 3, H, W) tensor with one map per row of the batch; ``scale``: the conditioning scale;
     ``start``/``end``: the fractions of the steps it acts on, counted by ``rule`` (:data:`STEP_RULES`:
@@ -200,8 +205,8 @@ class PreparedUnit:
     the rows it acts on by their CFG tag ("cond", "uncond"), None = every row (ComfyUI runs a ControlNet with
     the conditioning that carries it: one on the negative only acts on the unconditional rows only)."""
 
-    net: ControlNet
-    image: Tensor  # (N, 3, H, W) on the device, the ControlNet's dtype
+    net: ControlNet | T2IAdapter
+    image: Tensor  # (N, C, H, W) on the device, the ControlNet's dtype
     scale: float
     keep: list[bool]  # per step index of the run
     kinds: frozenset[str] | None = None
@@ -295,7 +300,7 @@ class ControlledUNet:
         down: list[Tensor] | None = None
         mid: Tensor | None = None
         for unit, on, unit_image in zip(self.units, active, images, strict=True):
-            if not on:
+            if not on or isinstance(unit.net, T2IAdapter):
                 continue
             # the rows this unit acts on: guess mode leaves the unconditional ones alone, and a unit carried by
             # one conditioning only (ComfyUI) acts on its rows only
@@ -338,6 +343,44 @@ class ControlledUNet:
                 mid = mid + m
         return down, mid
 
+    def adapter_features_of(
+        self,
+        x: Tensor,
+        *,
+        active: Sequence[bool],
+        images: Sequence[Tensor],
+        row_kinds: Sequence[str] | None = None,
+    ) -> list[Tensor] | None:
+        """The summed, scaled features of the ``active`` T2I-Adapter units for the rows of ``x``, each checked
+        against the U-Net's encoder at this latent size (None: no adapter acts)."""
+        b = x.shape[0]
+        kinds = tuple(row_kinds) if row_kinds is not None else ("cond",) * b
+        total: list[Tensor] | None = None
+        for k, (unit, on, unit_image) in enumerate(zip(self.units, active, images, strict=True)):
+            if not on or not isinstance(unit.net, T2IAdapter):
+                continue
+            allowed = {"cond"} if self.guess_mode else {"cond", "uncond"}
+            if unit.kinds is not None:
+                allowed &= unit.kinds
+            picked = [i for i, kd in enumerate(kinds) if kd in allowed]
+            if not picked:
+                continue
+            rows = _rows(picked, b, x.device)
+            img = _maps_for_rows(unit_image, [kinds[i] for i in picked])
+            feats = [f * unit.scale for f in unit.net(img)]
+            _check_features(feats, self.unet, x, k)
+            if rows is not None:
+                feats = [_scatter(f, rows, b) for f in feats]
+            if total is None:
+                total = feats
+            elif len(total) != len(feats):
+                raise ControlNetError(
+                    f"T2I-Adapter units give {len(total)} and {len(feats)} feature maps: not one kind"
+                )
+            else:
+                total = [a + f for a, f in zip(total, feats, strict=True)]
+        return total
+
     def __call__(
         self,
         x: Tensor,
@@ -373,10 +416,13 @@ class ControlledUNet:
             row_kinds=row_kinds,
             class_labels=kw.get("class_labels"),
         )
+        dt = x.dtype if not isinstance(self.unet, torch.nn.Module) else _module_dtype(self.unet, x.dtype)
         if down is not None and mid is not None:
-            dt = x.dtype if not isinstance(self.unet, torch.nn.Module) else _module_dtype(self.unet, x.dtype)
             kw["down_block_additional_residuals"] = [r.to(dt) for r in down]
             kw["mid_block_additional_residual"] = mid.to(dt)
+        feats = self.adapter_features_of(x, active=active, images=images, row_kinds=row_kinds)
+        if feats is not None:
+            kw["down_intrablock_additional_residuals"] = [f.to(dt) for f in feats]
         return self.unet(x, t, encoder_hidden_states=encoder_hidden_states, **kw)
 
 
@@ -433,6 +479,29 @@ class GraphedControlledUNet:
         row_kinds = tuple("cond" if k == "c" else "uncond" for k in kinds) if kinds else None
         flags = [a == "1" for a in active]
         return self.controlled.forward_with(x, t, encoder_hidden_states, flags, images, row_kinds, **kw)
+
+
+def _check_features(feats: Sequence[Tensor], unet: Any, x: Tensor, k: int) -> None:
+    """Each adapter feature must have the shape of the U-Net encoder's tensor it is added to."""
+    cfg = getattr(unet, "config", None)
+    if not isinstance(cfg, UNetConfig):
+        return
+    chs, n = cfg.block_out_channels, len(cfg.block_out_channels)
+    size = (x.shape[-2], x.shape[-1])
+    sizes = [size]
+    for _ in range(n - 1):  # a stride-2 conv with padding 1 rounds up
+        size = ((size[0] + 1) // 2, (size[1] + 1) // 2)
+        sizes.append(size)
+    want = []
+    for i in range(n):
+        at = i if cfg.attention[i] != "none" or i == n - 1 else i + 1
+        want.append((chs[i], *sizes[at]))
+    for i, f in enumerate(feats[:n]):
+        if tuple(f.shape[1:]) != want[i]:
+            raise ControlNetError(
+                f"T2I-Adapter of unit {k + 1}: its feature {i} is {tuple(f.shape[1:])} where the U-Net needs "
+                f"{want[i]} (an adapter of another model family or a map size it cannot divide)"
+            )
 
 
 def _maps_for_rows(maps: Tensor, kinds: Sequence[str]) -> Tensor:
@@ -520,21 +589,38 @@ def build_controlled_unet(
         model = unit.model
         name = f"ControlNet {k + 1}" if not isinstance(model, str | Path) else f"ControlNet {Path(model).name}"
         check_unit_settings(float(unit.scale), float(unit.start), float(unit.end), name=name)
+        net: ControlNet | T2IAdapter
         if isinstance(model, ControlNet):
             # A model the caller owns (maybe one being trained): moved if it must be, otherwise left alone.
             net = model
             if isinstance(base_cfg, UNetConfig):
                 check_compatible(net.config, base_cfg, name=name)
+        elif isinstance(model, T2IAdapter):
+            net = model
+            if isinstance(base_cfg, UNetConfig):
+                check_adapter_compatible(net.config, base_cfg, name=name)
         else:
-            net = load_controlnet(model, base=base_cfg if isinstance(base_cfg, UNetConfig) else None)
+            net = load_control_model(
+                model,
+                base=base_cfg if isinstance(base_cfg, UNetConfig) else None,
+                base_unet=unet if isinstance(unet, torch.nn.Module) else None,  # a Control-LoRA's base weights
+            )
             net.eval().requires_grad_(False)
         net = net.to(device=device, dtype=torch_dtype) if torch_dtype is not None else net.to(device)
-        img = control_image_tensor(unit.image, width, height, resize_mode)
-        if img.shape[1] != net.config.conditioning_channels:
-            if net.config.conditioning_channels == 1:
+        map_w, map_h = width, height
+        if isinstance(net, T2IAdapter):
+            # the pixel unshuffle needs sides that are multiples of its factor: rounded up, as ComfyUI does
+            f = net.config.downscale_factor
+            map_w, map_h = -(-width // f) * f, -(-height // f) * f
+            in_ch = net.config.in_channels
+        else:
+            in_ch = net.config.conditioning_channels
+        img = control_image_tensor(unit.image, map_w, map_h, resize_mode)
+        if img.shape[1] != in_ch:
+            if in_ch == 1:  # the sketch / canny adapters and ControlNets of one channel: the mean, as ComfyUI
                 img = img.mean(dim=1, keepdim=True)
             else:
-                raise ControlNetError(f"{name} takes {net.config.conditioning_channels}-channel control images")
+                raise ControlNetError(f"{name} takes {in_ch}-channel control images")
         window = None
         if unit.rule == "comfyui":
             sigmas = getattr(grid, "sigmas", None)

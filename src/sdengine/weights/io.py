@@ -473,8 +473,9 @@ def load_pickle_checkpoint(path: str | os.PathLike[str], *, allow: Sequence[Any]
 
 
 def unwrap_state_dict(obj: Mapping[str, Any], path: str | os.PathLike[str] = "<checkpoint>") -> StateDict:
-    """Lightning/LDM `.ckpt` files nest the weights under 'state_dict' (some tools under 'model'/'module')."""
-    for key in ("state_dict", "model", "module"):
+    """Lightning/LDM `.ckpt` files nest the weights under 'state_dict' (some tools under 'model'/'module'; the
+    T2I-Adapter ``.pth`` files of some releases under 'adapter')."""
+    for key in ("state_dict", "model", "module", "adapter"):
         inner = obj.get(key)
         if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
             return dict(inner)
