@@ -6,7 +6,8 @@ but are not implemented (``restore_faces``, hires-fix fields on img2img, ``subse
 ``pixel_perfect``, ...) and fields A1111 does not have are listed in ``info["ignored"]`` of the response.
 
 ``interrupt`` and ``skip`` without a body act on the running jobs that came through this API (never on a
-native or OpenAI job); with ``{"id_task": ID}`` on that job only. An interrupted call answers with the
+native or OpenAI job) of the calling client (the admin key: every client's); with ``{"id_task": ID}`` on that job
+only, when it is the caller's. An interrupted call answers with the
 images finished so far, or the last cheap preview of the interrupted image, as A1111 answers with its
 current image.
 """
@@ -35,7 +36,7 @@ from sdengine.diffusion import sampling
 from sdengine.errors import SdengineError
 from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.server.errors import BadRequest, NotFound, ServerFault, Unprocessable
-from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job
+from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job, visible
 from sdengine.server.requests import ControlRequest
 
 A1111_VERSION = "v1.10.1"  # the A1111 API whose shapes this follows
@@ -1344,9 +1345,9 @@ def install(app: FastAPI, services: Any) -> None:
         return overlay_finish(init, mask, blur, mode)
 
     def current() -> Job | None:
-        running = manager.running()
+        running = visible(manager.running())  # another client's job (and its preview) is not this one's progress
         a1111 = [j for j in running if j.protocol == "a1111"]
-        return (a1111 or running or [None])[0]
+        return a1111[0] if a1111 else running[0] if running else None
 
     @app.get("/sdapi/v1/progress", tags=["a1111"])
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
@@ -1434,7 +1435,7 @@ def install(app: FastAPI, services: Any) -> None:
         if task:
             job = manager.by_task_id(str(task))
             return [job] if job is not None and job.state in ("queued", "running") else []
-        return [j for j in manager.running() if j.protocol == "a1111"]
+        return [j for j in visible(manager.running()) if j.protocol == "a1111"]  # this client's (the admin: all)
 
     @app.post("/sdapi/v1/interrupt", tags=["a1111"])
     async def interrupt(request: Request) -> dict[str, Any]:
@@ -1610,7 +1611,7 @@ def install(app: FastAPI, services: Any) -> None:
             "nowebui": True,
             "listen": c.host not in ("127.0.0.1", "localhost"),
             "port": c.port,
-            "api_auth": c.api_key is not None,
+            "api_auth": c.auth_required,
             "device": ",".join(w.device for w in manager.workers),
         }
 

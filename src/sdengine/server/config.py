@@ -20,7 +20,11 @@ class ServerConfig:
     embeddings_dir: Path | None = None  # textual-inversion embeddings, used by name in prompts
     styles_file: Path | None = None  # A1111's prompt styles (styles.csv), by name in A1111 requests' ``styles``
     outputs_dir: Path = Path("outputs")
-    api_key: str | None = None
+    api_key: str | None = None  # the (first) user key: Authorization: Bearer KEY
+    # more user keys (``--api-key`` given again): with two or more, each key is a client of its own, who owns the
+    # jobs it sent (docs/server.md "Who may see and cancel a job")
+    more_api_keys: tuple[str, ...] = ()
+    admin_key: str | None = None  # a key that may see, cancel and delete every client's jobs
     insecure_no_auth: bool = False
     cors_origins: tuple[str, ...] = ()
     max_queue: int = 64  # jobs waiting (running ones not counted); one more is a 429
@@ -47,5 +51,10 @@ class ServerConfig:
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
+    def user_keys(self) -> tuple[str, ...]:
+        """The keys of the users (not the admin's), in the order given."""
+        return ((self.api_key,) if self.api_key is not None else ()) + tuple(self.more_api_keys)
+
+    @property
     def auth_required(self) -> bool:
-        return self.api_key is not None
+        return bool(self.user_keys) or self.admin_key is not None
