@@ -27,7 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from sdengine.errors import SdengineError
 from sdengine.server.catalog import Catalog
 from sdengine.server.config import ServerConfig
-from sdengine.server.errors import BadRequest, QueueFull, status_of
+from sdengine.server.errors import BadRequest, NotFound, QueueFull, status_of
 from sdengine.server.jobs import FINISHED, Job, JobManager, Loader, visible
 from sdengine.server.requests import ControlRequest, Generation, build_generation
 from sdengine.server.schemas import JobRequest
@@ -733,6 +733,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             path = resolve_inside(config.outputs_dir, name, "image")
         except UnsafePathError as e:
             raise BadRequest(str(e)) from None
+        except FileNotFoundError:  # its message named the server's outputs folder (a path a client has no need of)
+            raise NotFound(f"image {name!r} not found in the outputs folder") from None
         return FileResponse(path, media_type="image/png", headers={"X-Content-Type-Options": "nosniff"})
 
     @app.get("/v1/samplers", tags=["native"])

@@ -96,9 +96,17 @@ class ComfyState:
                 pass
 
 
+PREVIEW_BACKLOG = 8  # a socket this many messages behind gets no more preview frames until it catches up
+
+
 def _put(q: asyncio.Queue[Any], msg: Any) -> None:
     """Queue ``msg`` for a socket; a client that stopped reading (its queue full) loses it (the full queue's
-    error was once logged by the event loop for every message after, a stack trace each)."""
+    error was once logged by the event loop for every message after, a stack trace each). A preview frame (binary:
+    up to a full-size PNG each) is dropped while the socket is behind: a client that does not read once made the
+    server hold every preview of every prompt for it (10000 frames of a megabyte each), and a newer preview
+    replaces an older one anyway."""
+    if isinstance(msg, bytes | bytearray) and q.qsize() >= PREVIEW_BACKLOG:
+        return
     try:
         q.put_nowait(msg)
     except asyncio.QueueFull:

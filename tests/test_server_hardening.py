@@ -1,0 +1,99 @@
+"""The server as a careless user or an attacker would use it: names no file system can store, answers that would
+name the server's folders, and a websocket client that never reads. No model is loaded (the loader refuses)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from _live_server import live_server, server_config
+
+
+def png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def refuse(ref: str, device: str) -> Any:
+    raise OSError("the test's loader loads nothing")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    with live_server(server_config(tmp_path_factory.mktemp("hard"), devices=("cpu",)), loader=refuse) as s:
+        yield s
+
+
+def test_a_name_too_long_for_any_file_system_is_a_400_not_a_500(server) -> None:
+    """ComfyUI's upload with a file name (or subfolder) of more than 255 bytes was an OSError, a 500 (and the
+    connection closed); it is a one-line 400 now, as is any such name anywhere (check_name)."""
+    from sdengine.io.paths import UnsafePathError, check_name
+
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for filename, subfolder in (("é" * 200 + ".png", ""), ("ok.png", "a" * 300), ("ok.png", "x/" + "b" * 256)):
+            r = c.post("/upload/image", files={"image": (filename, png(), "image/png")}, data={"subfolder": subfolder})
+            assert r.status_code == 400, r.text
+            detail = r.json()["detail"]
+            assert "over the 255 a file name may have" in detail and "\n" not in detail and len(detail) < 200
+        ok = c.post("/upload/image", files={"image": ("a" * 200 + ".png", png(), "image/png")})
+        assert ok.status_code == 200 and ok.json()["name"] == "a" * 200 + ".png"
+    check_name("é" * 127)  # 254 bytes: a name a file system takes
+    with pytest.raises(UnsafePathError, match="256 bytes long"):
+        check_name("sub/" + "é" * 128)
+
+
+def test_save_image_refuses_a_prefix_whose_file_names_would_be_too_long(tmp_path) -> None:
+    """SaveImage with a 250-character prefix failed with the OS's error naming the server's outputs folder."""
+    from sdengine.server.comfy.nodes import NodeError, Outputs, RunContext, save_image
+
+    folders = Outputs(tmp_path / "out", tmp_path / "in", tmp_path / "temp")
+    ctx = RunContext(pipeline=lambda ref: None, catalog=None, folders=folders, save_lock=threading.Lock())
+    images = torch.rand(1, 8, 8, 3)
+    with pytest.raises(NodeError, match="too long") as e:
+        save_image(ctx, images, "p" * 250)
+    assert str(tmp_path) not in str(e.value)
+    assert save_image(ctx, images, "p" * 240)["ui"]["images"][0]["filename"] == "p" * 240 + "_00001_.png"
+
+
+def test_a_missing_image_does_not_name_the_servers_folder(server) -> None:
+    r = httpx.get(f"{server.url}/v1/images/00000-1.png", timeout=30)
+    assert r.status_code == 404
+    assert str(server.services.config.outputs_dir) not in r.text and "00000-1.png" in r.json()["detail"]
+
+
+def test_a_websocket_that_does_not_read_keeps_no_backlog_of_previews(tmp_path) -> None:
+    """Every preview (a PNG frame, full size with a tiny VAE) went into a socket's queue of 10000 messages: a
+    client that connects and never reads made the server hold thousands of them. Previews now stop while the
+    socket is behind (its JSON events still queue, up to the bound)."""
+    from sdengine.server.comfy.nodes import Outputs
+    from sdengine.server.comfy.routes import ComfyState
+
+    st = ComfyState(Outputs(tmp_path, tmp_path, tmp_path))
+    loop = asyncio.new_event_loop()
+    try:
+        q: asyncio.Queue = asyncio.Queue(maxsize=10000)
+        st.sockets["slow"] = (loop, q, None)
+        for i in range(200):
+            st.send(1, b"\x00\x00\x00\x02" + b"P" * 1000, "slow")
+            st.send("progress", {"value": i}, "slow")
+        loop.run_until_complete(asyncio.sleep(0.01))
+        items = [q.get_nowait() for _ in range(q.qsize())]
+        frames = [m for m in items if isinstance(m, bytes)]
+        events = [json.loads(m)["data"]["value"] for m in items if isinstance(m, str)]
+        assert 0 < len(frames) <= 16 and events == list(range(200))
+        # a socket that reads (empty queue) gets every preview
+        for _ in range(3):
+            st.send(1, b"\x00\x00\x00\x02png", "slow")
+            loop.run_until_complete(asyncio.sleep(0))
+            assert q.get_nowait() == b"\x00\x00\x00\x01\x00\x00\x00\x02png"
+    finally:
+        loop.close()
