@@ -97,3 +97,36 @@ def test_a_websocket_that_does_not_read_keeps_no_backlog_of_previews(tmp_path) -
             assert q.get_nowait() == b"\x00\x00\x00\x01\x00\x00\x00\x02png"
     finally:
         loop.close()
+
+
+def test_a_prompt_of_megabytes_is_refused_on_every_route(server) -> None:
+    """A1111's route (and ComfyUI's CLIPTextEncode) took a prompt as long as the body limit allows (50 MB): thousands
+    of 75-token chunks for the text encoder, a conditioning the attention cannot hold. Every route now refuses one
+    over 32000 characters (OpenAI's limit, the widest of the protocols') with one line, before anything is queued."""
+    long = "an apple, " * 3201  # 32010 characters
+    before = len(server.services.manager.jobs())
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for body in ({"prompt": long}, {"prompt": "x", "negative_prompt": long}):
+            r = c.post("/sdapi/v1/txt2img", json={**body, "steps": 1, "width": 64, "height": 64})
+            assert r.status_code == 400, r.text[:300]
+            assert "characters long, over the limit of 32000" in r.json()["detail"]
+        graph = {
+            "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "emoji"}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": long, "clip": ["4", 1]}},
+            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "3": {
+                "class_type": "KSampler",
+                "inputs": {
+                    **{"seed": 1, "steps": 1, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal"},
+                    **{"denoise": 1.0, "model": ["4", 0], "positive": ["6", 0], "negative": ["6", 0]},
+                    "latent_image": ["5", 0],
+                },
+            },
+            "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+            "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+        }
+        r = c.post("/prompt", json={"prompt": graph})
+        assert r.status_code == 400, r.text[:300]
+        (err,) = r.json()["node_errors"]["6"]["errors"]
+        assert err["type"] == "value_too_long" and len(json.dumps(err)) < 2000
+    assert len(server.services.manager.jobs()) == before
