@@ -130,3 +130,49 @@ def test_a_prompt_of_megabytes_is_refused_on_every_route(server) -> None:
         (err,) = r.json()["node_errors"]["6"]["errors"]
         assert err["type"] == "value_too_long" and len(json.dumps(err)) < 2000
     assert len(server.services.manager.jobs()) == before
+
+
+@pytest.mark.slow  # about 2 s: three timeouts and a body sent in slow parts
+def test_a_body_that_stops_arriving_is_a_408_and_frees_the_connection(tmp_path) -> None:
+    """A client that announces a body and stops sending held its connection (and the route waiting for the body)
+    for as long as it liked: a few hundred such clients hold as many connections (slowloris). A body part that
+    does not come within the body timeout is now a 408; a streamed answer (an event stream) is not timed."""
+    import socket
+    import time
+
+    cfg = server_config(tmp_path, devices=("cpu",), body_timeout_s=0.3)
+    with live_server(cfg, loader=refuse) as s:
+        for path, ctype, start in (
+            ("/v1/jobs", "application/json", b'{"prompt": '),
+            ("/v1/uploads", "image/png", b"\x89PNG"),
+            ("/sdapi/v1/txt2img", "application/json", b"{"),
+        ):
+            with socket.create_connection(("127.0.0.1", s.port), timeout=5) as k:
+                head = (
+                    f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\nContent-Length: 100\r\n\r\n"
+                )
+                k.sendall(head.encode() + start)
+                t0 = time.monotonic()
+                answer = b""
+                while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                    part = k.recv(4096)
+                    if not part:
+                        break
+                    answer += part
+                assert answer.startswith(b"HTTP/1.1 408"), (path, answer[:200])
+                assert b"stopped arriving" in answer and time.monotonic() - t0 < 3
+        # a body that keeps coming, slower than the timeout in all but within it per part, is read whole
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as k:
+            body = b'{"prompt": "x", "steps": 1, "width": 64, "height": 64}'
+            head = "POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            k.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode())
+            for i in range(0, len(body), 20):
+                time.sleep(0.15)
+                k.sendall(body[i : i + 20])
+            assert k.recv(4096).startswith(b"HTTP/1.1 202")
+        # an event stream (no body) waits longer than the body timeout without being cut
+        with httpx.Client(base_url=s.url, timeout=10) as c:
+            jid = c.post("/v1/jobs", json={"prompt": "x", "steps": 1, "width": 64, "height": 64}).json()["id"]
+            with c.stream("GET", f"/v1/jobs/{jid}/events") as r:
+                lines = [line for line in r.iter_lines() if line.startswith("event: ")]
+            assert r.status_code == 200 and lines[-1] in ("event: failed", "event: done"), lines

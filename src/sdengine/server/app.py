@@ -181,6 +181,7 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         admin_key=config.admin_key,
         cors_origins=config.cors_origins,
         max_body_bytes=config.max_body_bytes,
+        body_timeout_s=config.body_timeout_s,
         loopback_only_hosts=not config.auth_required and is_loopback(config.host),
     )
     if config.cors_origins:

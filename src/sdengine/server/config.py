@@ -31,6 +31,7 @@ class ServerConfig:
     max_queued_per_client: int = 0  # jobs one client (address) may have waiting; one more is a 429 (0: no limit)
     fair_queue: bool = True  # round robin between clients' queued jobs (False: one FIFO for all)
     max_body_bytes: int = 50 * 1024 * 1024
+    body_timeout_s: float = 60.0  # a request body that sends nothing for this long is a 408 (slow clients)
     max_image_pixels: int = 4096 * 4096  # of any uploaded image, checked from its header before decoding
     max_side: int = 2048  # width / height of a generated image
     max_batch: int = 8  # images of one request (batch_size)

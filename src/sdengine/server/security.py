@@ -8,13 +8,15 @@
   server's own - ``Origin: null`` included - is refused unless listed in ``cors_origins`` (CSRF). Without a
   key, the ``Host`` header must name a loopback host too, so that a DNS-rebinding page (whose Origin and
   Host agree) is refused as well.
-* Body: over ``max_body_bytes`` is a 413, from ``Content-Length`` or while the body streams in.
+* Body: over ``max_body_bytes`` is a 413, from ``Content-Length`` or while the body streams in; a body that stops
+  arriving for ``body_timeout_s`` is a 408.
 * Images: the format (PNG, JPEG, WebP) and the size are read from the header, and an image over
   ``max_image_pixels`` is refused before any pixel is decoded (decompression bombs). URLs are never fetched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -29,7 +31,7 @@ from typing import Any
 
 from PIL import Image
 
-from sdengine.server.errors import BadRequest, PayloadTooLarge, ServerConfigError
+from sdengine.server.errors import BadRequest, BodyTimeout, PayloadTooLarge, ServerConfigError
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -163,6 +165,7 @@ class SecurityMiddleware:
         cors_origins: tuple[str, ...],
         max_body_bytes: int,
         loopback_only_hosts: bool,
+        body_timeout_s: float = 60.0,
     ) -> None:
         self.app = app
         self.user_keys = ((api_key,) if api_key is not None else ()) + tuple(more_api_keys)
@@ -170,6 +173,7 @@ class SecurityMiddleware:
         self.auth = bool(self.user_keys) or admin_key is not None
         self.cors_origins = tuple(o.rstrip("/") for o in cors_origins)
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.loopback_only_hosts = loopback_only_hosts
 
     async def __call__(
@@ -204,11 +208,25 @@ class SecurityMiddleware:
                 return
         seen = 0
         started = False
+        # a body is announced (a length, or chunks): until it has all come, each part must arrive within
+        # body_timeout_s (a client that stops sending held its connection and the route forever: slowloris)
+        pending = [bool(length and length.strip() not in ("", "0")) or "transfer-encoding" in headers]
+        timed_out: list[BodyTimeout] = []
 
         async def limited_receive() -> Any:
             nonlocal seen
-            message = await receive()
+            if pending[0]:
+                try:
+                    message = await asyncio.wait_for(receive(), self.body_timeout_s)
+                except TimeoutError:
+                    timed_out.append(
+                        BodyTimeout(f"the request body stopped arriving: nothing came for {self.body_timeout_s:g} s")
+                    )
+                    raise timed_out[-1] from None
+            else:
+                message = await receive()
             if message.get("type") == "http.request":
+                pending[0] = bool(message.get("more_body", False))
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:
                     raise PayloadTooLarge(f"request body over the limit of {self.max_body_bytes} bytes")
@@ -216,15 +234,20 @@ class SecurityMiddleware:
 
         async def tracking_send(message: Any) -> None:
             nonlocal started
+            if timed_out:  # FastAPI answers a body it could not read with its own 400: the 408 says why
+                if message.get("type") == "http.response.start" and not started:
+                    started = True
+                    await _send_json(send, 408, str(timed_out[0]))
+                return
             if message.get("type") == "http.response.start":
                 started = True
             await send(message)
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except PayloadTooLarge as e:
+        except (PayloadTooLarge, BodyTimeout) as e:
             if not started:
-                await _send_json(send, 413, str(e))
+                await _send_json(send, e.status, str(e))
 
     def _refusal(
         self, method: str, path: str, headers: dict[str, str], host: str, key_ok: bool
@@ -262,7 +285,7 @@ async def _send_json(
     await send({"type": "http.response.body", "body": body.encode()})
 
 
-_TYPES = {401: "authentication_error", 403: "permission_error", 413: "request_too_large"}
+_TYPES = {401: "authentication_error", 403: "permission_error", 408: "request_timeout", 413: "request_too_large"}
 
 
 # ---------------------------------------------------------------------------------------------- images
