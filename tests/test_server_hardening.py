@@ -176,3 +176,19 @@ def test_a_body_that_stops_arriving_is_a_408_and_frees_the_connection(tmp_path) 
             with c.stream("GET", f"/v1/jobs/{jid}/events") as r:
                 lines = [line for line in r.iter_lines() if line.startswith("event: ")]
             assert r.status_code == 200 and lines[-1] in ("event: failed", "event: done"), lines
+
+
+def test_digits_of_other_scripts_are_no_size_and_no_server_image_name(server) -> None:
+    """``\\d`` matches every script's digits and ``int()`` reads them: OpenAI's ``size`` "６４x64" (full-width) was
+    taken as 64x64, and a file named with Arabic-Indic digits ("١٢٣٤٥-1.png") as one of the server's images,
+    which DELETE /v1/images removes. Both are ASCII only now, as OpenAI and the server's own names are."""
+    from sdengine.metadata import save_png
+
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        r = c.post("/v1/images/generations", json={"prompt": "x", "size": "６４x64"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "size", r.text[:200]
+        outputs = server.services.config.outputs_dir
+        name = "١٢٣٤٥-1.png"
+        save_png(Image.new("RGB", (8, 8)), outputs / name, "a photo\nSteps: 1, Seed: 1")
+        r = c.delete(f"/v1/images/{name}")
+        assert r.status_code == 403 and (outputs / name).exists(), r.text

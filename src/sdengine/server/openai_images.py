@@ -56,7 +56,7 @@ from sdengine.server.security import decode_image
 # names apps hard-code: the server's current model answers
 OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image", "chatgpt-image")
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$", re.ASCII)  # ASCII: "６４x64" is no size (int() took its digits)
 DISCONNECT_POLL_S = 0.5  # how often a waiting plain request looks whether its client is still there
 MAX_PROMPT = 32000  # OpenAI's limit for its GPT image models, on every route that takes a prompt
 # OpenAI's values for the fields that change nothing here: another value is refused, as OpenAI refuses it
