@@ -192,3 +192,33 @@ def test_digits_of_other_scripts_are_no_size_and_no_server_image_name(server) ->
         save_png(Image.new("RGB", (8, 8)), outputs / name, "a photo\nSteps: 1, Seed: 1")
         r = c.delete(f"/v1/images/{name}")
         assert r.status_code == 403 and (outputs / name).exists(), r.text
+
+
+def test_one_client_may_hold_at_most_64_websockets(server) -> None:
+    """Every socket queues every status event until its client reads it: one client could open thousands it never
+    reads. A client (here an address a local proxy forwards) holds at most 64; another client is not affected, and
+    a closed socket frees its place."""
+    import time
+
+    import websocket
+
+    url = f"ws://127.0.0.1:{server.port}/ws"
+    mine = [websocket.create_connection(url, header=["X-Forwarded-For: 10.0.0.7"], timeout=10) for _ in range(64)]
+    try:
+        with pytest.raises(websocket.WebSocketException):
+            websocket.create_connection(url, header=["X-Forwarded-For: 10.0.0.7"], timeout=10)
+        other = websocket.create_connection(url, header=["X-Forwarded-For: 10.0.0.8"], timeout=10)
+        assert json.loads(other.recv())["type"] == "status"
+        other.close()
+        mine.pop().close()
+        deadline = time.monotonic() + 5
+        while True:  # bounded: the server lets the closed socket go
+            try:
+                mine.append(websocket.create_connection(url, header=["X-Forwarded-For: 10.0.0.7"], timeout=10))
+                break
+            except websocket.WebSocketException:
+                assert time.monotonic() < deadline, "the closed socket's place was never freed"
+                time.sleep(0.05)
+    finally:
+        for ws in mine:
+            ws.close()

@@ -96,6 +96,7 @@ class ComfyState:
                 pass
 
 
+MAX_SOCKETS_PER_CLIENT = 64  # websockets one client (its key or address) may hold open at once
 PREVIEW_BACKLOG = 8  # a socket this many messages behind gets no more preview frames until it catches up
 
 
@@ -1000,8 +1001,14 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     sid = ws.query_params.get("clientId") or uuid.uuid4().hex
     with st.lock:
         held = st.sockets.get(sid)
+        mine = sum(1 for k, t in st.sockets.items() if t[2] is not None and t[2].client == caller.client and k != sid)
     if held is not None and held[2] is not None and not caller.admin and held[2].client != caller.client:
         # another client's socket has this clientId: taking it over would cut that client off its own events
+        await ws.close(code=1008)
+        return
+    if mine >= MAX_SOCKETS_PER_CLIENT:
+        # each socket queues every status event (and its prompts' events) until read: a client opening thousands
+        # that it never reads made the server hold all of them
         await ws.close(code=1008)
         return
     await ws.accept()
