@@ -4,6 +4,7 @@ name the server's folders, and a websocket client that never reads. No model is 
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import threading
@@ -222,3 +223,17 @@ def test_one_client_may_hold_at_most_64_websockets(server) -> None:
     finally:
         for ws in mine:
             ws.close()
+
+
+def test_an_absurd_a1111_mask_blur_is_a_400_not_a_500(server) -> None:
+    """A1111's img2img with ``mask_blur`` 1e9 reached OpenCV's Gaussian blur, whose refusal was a 500 (the native
+    route's range is [0, 256]); a blur that is no number in that range is now a one-line 400."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    body = {"prompt": "x", "steps": 1, "width": 64, "height": 64, "init_images": [image], "mask": image}
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for blur in ({"mask_blur": 1e9}, {"mask_blur_x": "abc", "mask_blur_y": "abc"}, {"mask_blur": -1}):
+            r = c.post("/sdapi/v1/img2img", json={**body, **blur})
+            assert r.status_code == 400, r.text[:300]
+            assert "must be a number in [0, 256]" in r.json()["detail"]

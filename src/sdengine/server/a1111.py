@@ -424,17 +424,26 @@ def a1111_mask(image: Image.Image) -> Image.Image:
 
 def _mask_blur(body: dict[str, Any]) -> float:
     """``mask_blur``, else A1111's separate ``mask_blur_x`` / ``mask_blur_y`` (4 each by default); sdengine
-    blurs alike in both directions, so different ones are refused rather than one of them dropped."""
+    blurs alike in both directions, so different ones are refused rather than one of them dropped. A number in
+    [0, 256], the native route's range (a blur of 1e9 once reached OpenCV, whose refusal was a 500)."""
     if body.get("mask_blur") is not None:
-        return float(body["mask_blur"])
-    bx, by = body.get("mask_blur_x"), body.get("mask_blur_y")
-    bx, by = (4 if bx is None else bx), (4 if by is None else by)
-    if bx != by:
-        raise BadRequest(
-            f"mask_blur_x {bx} and mask_blur_y {by} differ: sdengine blurs the mask alike in both directions; "
-            "send mask_blur (or equal values)"
-        )
-    return float(bx)
+        name, value = "mask_blur", body["mask_blur"]
+    else:
+        bx, by = body.get("mask_blur_x"), body.get("mask_blur_y")
+        bx, by = (4 if bx is None else bx), (4 if by is None else by)
+        if bx != by:
+            raise BadRequest(
+                f"mask_blur_x {bx} and mask_blur_y {by} differ: sdengine blurs the mask alike in both directions; "
+                "send mask_blur (or equal values)"
+            )
+        name, value = "mask_blur_x", bx
+    try:
+        blur = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        blur = math.nan
+    if not 0.0 <= blur <= 256.0:  # NaN too
+        raise BadRequest(f"{name} must be a number in [0, 256], got {str(value)[:40]!r}")
+    return blur
 
 
 def blurred_mask(mask: Image.Image, blur: float) -> Image.Image:
