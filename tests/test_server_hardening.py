@@ -237,3 +237,20 @@ def test_an_absurd_a1111_mask_blur_is_a_400_not_a_500(server) -> None:
             r = c.post("/sdapi/v1/img2img", json={**body, **blur})
             assert r.status_code == 400, r.text[:300]
             assert "must be a number in [0, 256]" in r.json()["detail"]
+
+
+def test_an_extras_batch_holds_at_most_four_times_the_pixel_limit(tmp_path) -> None:
+    """``/sdapi/v1/extra-batch-images`` makes every image before it answers: 64 small one-colour PNGs (a megabyte
+    of body) could make the server hold 64 images of the pixel limit at once. The batch's results together are
+    now held to 4 x --max-image-pixels (a 413 naming the limit); a batch within it is answered whole."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    cfg = server_config(tmp_path, devices=("cpu",), max_image_pixels=64 * 64)
+    with live_server(cfg, loader=refuse) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        body = {"upscaling_resize": 1, "upscaler_1": "None"}
+        ok = c.post("/sdapi/v1/extra-batch-images", json={**body, "imageList": [{"data": image}] * 4})
+        assert ok.status_code == 200 and len(ok.json()["images"]) == 4, ok.text[:300]
+        r = c.post("/sdapi/v1/extra-batch-images", json={**body, "imageList": [{"data": image}] * 5})
+        assert r.status_code == 413, r.text[:300]
+        assert "16384 for one batch" in r.json()["detail"] and "imageList[4]" in r.json()["detail"]

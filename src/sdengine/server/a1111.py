@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sdengine.diffusion import sampling
 from sdengine.errors import SdengineError
 from sdengine.io.resize import resize_image, resize_mode_name
-from sdengine.server.errors import BadRequest, NotFound, ServerFault, Unprocessable
+from sdengine.server.errors import BadRequest, NotFound, PayloadTooLarge, ServerFault, Unprocessable
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job, visible
 from sdengine.server.requests import ControlRequest
 
@@ -1582,12 +1582,21 @@ def install(app: FastAPI, services: Any) -> None:
             raise BadRequest("imageList must hold 1 to 64 images ({data, name})")
         outs: list[Image.Image] = []
         info: dict[str, Any] = {}
+        # each image is held until all are made: 64 small PNGs of one colour (a megabyte of body) could make the
+        # server hold 64 images of the pixel limit (3 GB); the batch's results together are held to 4 times it
+        budget, total = 4 * services.config.max_image_pixels, 0
         for k, item in enumerate(req.imageList):
             data = item.get("data") if isinstance(item, dict) else None
             if not isinstance(data, str) or not data:
                 raise BadRequest(f"imageList[{k}]: send the image as base64 in 'data'")
             image = services.uploads.image(data, f"imageList[{k}]")
             out, info = extras_upscale(image, req, services.config.max_image_pixels)
+            total += out.width * out.height
+            if total > budget:
+                raise PayloadTooLarge(
+                    f"imageList: the results up to imageList[{k}] are {total} pixels, over this server's limit of "
+                    f"{budget} for one batch (4 x --max-image-pixels); send fewer or smaller images per request"
+                )
             outs.append(out)
         images = [_b64_png(o) for o in outs] if req.show_extras_results else []
         return {"html_info": extras_info(info), "images": images}
