@@ -1606,7 +1606,7 @@ def test_a_socket_whose_client_stopped_reading_loses_messages_quietly(tmp_path):
     loop.set_exception_handler(lambda lp, context: errors.append(context))
     try:
         q: asyncio.Queue = asyncio.Queue(maxsize=2)
-        st.sockets["stuck"] = (loop, q)
+        st.sockets["stuck"] = (loop, q, None)
         for i in range(5):
             st.send("progress", {"value": i}, "stuck")
         loop.run_until_complete(asyncio.sleep(0.05))

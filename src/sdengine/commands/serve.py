@@ -14,15 +14,23 @@ from pathlib import Path
 def run(a: argparse.Namespace) -> int:
     from ..server.config import ServerConfig
     from ..server.errors import ServerConfigError
-    from ..server.security import check_bind
+    from ..server.security import check_bind, check_key
 
-    api_key = a.api_key if a.api_key is not None else os.environ.get("SDENGINE_API_KEY") or None
-    check_bind(a.host, api_key, a.insecure_no_auth)
+    keys = list(a.api_key) if a.api_key else [k for k in [os.environ.get("SDENGINE_API_KEY")] if k]
+    api_key = keys[0] if keys else None
+    check_bind(a.host, api_key if api_key is not None or a.admin_key is None else a.admin_key, a.insecure_no_auth)
+    for key in keys[1:]:
+        check_key(key)
+    if a.admin_key is not None:
+        check_key(a.admin_key, "--admin-key")
+    if len(set(keys)) != len(keys) or a.admin_key in keys:
+        # a key given twice would be two clients that cannot be told apart (the first would own every job)
+        raise ServerConfigError("each --api-key (and --admin-key) must be different: a key was given twice")
     if a.insecure_no_auth:  # it lets a non-loopback host run without a key; anywhere else it would change nothing
         from ..server.security import is_loopback
 
-        if api_key is not None:
-            source = "--api-key" if a.api_key is not None else "$SDENGINE_API_KEY"
+        if api_key is not None or a.admin_key is not None:
+            source = "--api-key" if a.api_key else "--admin-key" if api_key is None else "$SDENGINE_API_KEY"
             raise ServerConfigError(
                 f"--insecure-no-auth has no effect with {source}: every request still needs the key (drop one)"
             )
@@ -99,6 +107,8 @@ def run(a: argparse.Namespace) -> int:
         styles_file=Path(a.styles_file) if a.styles_file else None,
         outputs_dir=Path(a.outputs_dir),
         api_key=api_key,
+        more_api_keys=tuple(keys[1:]),
+        admin_key=a.admin_key,
         insecure_no_auth=a.insecure_no_auth,
         cors_origins=tuple(o.strip() for o in (a.cors_origins or "").split(",") if o.strip()),
         max_queue=a.max_queue,
@@ -176,7 +186,16 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         help="A1111's prompt styles (a styles.csv: name,prompt,negative_prompt), named in A1111 requests' styles",
     )
     p.add_argument("--outputs-dir", default="outputs", help="where images are saved (and served from)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $SDENGINE_API_KEY)")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (or $SDENGINE_API_KEY); give it again for each user: with several "
+        "keys each key owns its jobs (no one else sees or cancels them)",
+    )
+    p.add_argument(
+        "--admin-key", default=None, help="a key that may see, cancel and delete every client's jobs (also a user key)"
+    )
     p.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback host without a key")
     p.add_argument("--cors-origins", default=None, help="comma-separated browser origins allowed to call the API")
     p.add_argument("--max-queue", type=int, default=64, help="jobs waiting before new ones get 429")

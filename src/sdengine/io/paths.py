@@ -16,6 +16,8 @@ from urllib.parse import unquote
 
 from sdengine.errors import SdengineError
 
+NAME_MAX = 255  # bytes of one file or folder name (ext4, NTFS, APFS...)
+
 
 class UnsafePathError(SdengineError, ValueError):
     """A name that would select a file outside its configured folder."""
@@ -46,6 +48,11 @@ def check_name(name: str, what: str = "name") -> str:
             raise UnsafePathError(f"{what} {name!r}: absolute paths are not allowed, give a name inside the folder")
         if any(part == ".." for part in candidate.split("/")):
             raise UnsafePathError(f"{what} {name!r}: '..' is not allowed, give a name inside the folder")
+    longest = max(len(part.encode("utf-8", "surrogatepass")) for part in name.split("/"))
+    if longest > NAME_MAX:  # no file system stores it: the OS error (with the folder's path) was a 500
+        raise UnsafePathError(
+            f"{what} {name[:40]!r}...: a part of it is {longest} bytes long, over the {NAME_MAX} a file name may have"
+        )
     return name
 
 

@@ -8,7 +8,8 @@ it does not have, and a ControlNet unit's settings that are not done (``pixel_pe
 ``info["ignored"]`` of the response.
 
 ``interrupt`` and ``skip`` without a body act on the running jobs that came through this API (never on a
-native or OpenAI job); with ``{"id_task": ID}`` on that job only. An interrupted call answers with the
+native or OpenAI job) of the calling client (the admin key: every client's); with ``{"id_task": ID}`` on that job
+only, when it is the caller's. An interrupted call answers with the
 images finished so far, or the last cheap preview of the interrupted image, as A1111 answers with its
 current image.
 """
@@ -36,8 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sdengine.diffusion import sampling
 from sdengine.errors import SdengineError
 from sdengine.io.resize import resize_image, resize_mode_name
-from sdengine.server.errors import BadRequest, NotFound, ServerFault, Unprocessable
-from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job
+from sdengine.server.errors import BadRequest, NotFound, PayloadTooLarge, ServerFault, Unprocessable
+from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job, visible
 from sdengine.server.requests import ControlRequest
 
 A1111_VERSION = "v1.10.1"  # the A1111 API whose shapes this follows
@@ -428,17 +429,26 @@ def a1111_mask(image: Image.Image) -> Image.Image:
 
 def _mask_blur(body: dict[str, Any]) -> float:
     """``mask_blur``, else A1111's separate ``mask_blur_x`` / ``mask_blur_y`` (4 each by default); sdengine
-    blurs alike in both directions, so different ones are refused rather than one of them dropped."""
+    blurs alike in both directions, so different ones are refused rather than one of them dropped. A number in
+    [0, 256], the native route's range (a blur of 1e9 once reached OpenCV, whose refusal was a 500)."""
     if body.get("mask_blur") is not None:
-        return float(body["mask_blur"])
-    bx, by = body.get("mask_blur_x"), body.get("mask_blur_y")
-    bx, by = (4 if bx is None else bx), (4 if by is None else by)
-    if bx != by:
-        raise BadRequest(
-            f"mask_blur_x {bx} and mask_blur_y {by} differ: sdengine blurs the mask alike in both directions; "
-            "send mask_blur (or equal values)"
-        )
-    return float(bx)
+        name, value = "mask_blur", body["mask_blur"]
+    else:
+        bx, by = body.get("mask_blur_x"), body.get("mask_blur_y")
+        bx, by = (4 if bx is None else bx), (4 if by is None else by)
+        if bx != by:
+            raise BadRequest(
+                f"mask_blur_x {bx} and mask_blur_y {by} differ: sdengine blurs the mask alike in both directions; "
+                "send mask_blur (or equal values)"
+            )
+        name, value = "mask_blur_x", bx
+    try:
+        blur = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        blur = math.nan
+    if not 0.0 <= blur <= 256.0:  # NaN too
+        raise BadRequest(f"{name} must be a number in [0, 256], got {str(value)[:40]!r}")
+    return blur
 
 
 def blurred_mask(mask: Image.Image, blur: float) -> Image.Image:
@@ -1470,9 +1480,9 @@ def install(app: FastAPI, services: Any) -> None:
         return overlay_finish(init, mask, blur, mode)
 
     def current() -> Job | None:
-        running = manager.running()
+        running = visible(manager.running())  # another client's job (and its preview) is not this one's progress
         a1111 = [j for j in running if j.protocol == "a1111"]
-        return (a1111 or running or [None])[0]
+        return a1111[0] if a1111 else running[0] if running else None
 
     @app.get("/sdapi/v1/progress", tags=["a1111"])
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
@@ -1560,7 +1570,7 @@ def install(app: FastAPI, services: Any) -> None:
         if task:
             job = manager.by_task_id(str(task))
             return [job] if job is not None and job.state in ("queued", "running") else []
-        return [j for j in manager.running() if j.protocol == "a1111"]
+        return [j for j in visible(manager.running()) if j.protocol == "a1111"]  # this client's (the admin: all)
 
     @app.post("/sdapi/v1/interrupt", tags=["a1111"])
     async def interrupt(request: Request) -> dict[str, Any]:
@@ -1699,12 +1709,21 @@ def install(app: FastAPI, services: Any) -> None:
             raise BadRequest("imageList must hold 1 to 64 images ({data, name})")
         outs: list[Image.Image] = []
         info: dict[str, Any] = {}
+        # each image is held until all are made: 64 small PNGs of one colour (a megabyte of body) could make the
+        # server hold 64 images of the pixel limit (3 GB); the batch's results together are held to 4 times it
+        budget, total = 4 * services.config.max_image_pixels, 0
         for k, item in enumerate(req.imageList):
             data = item.get("data") if isinstance(item, dict) else None
             if not isinstance(data, str) or not data:
                 raise BadRequest(f"imageList[{k}]: send the image as base64 in 'data'")
             image = services.uploads.image(data, f"imageList[{k}]")
             out, info = extras_upscale(image, req, services.config.max_image_pixels)
+            total += out.width * out.height
+            if total > budget:
+                raise PayloadTooLarge(
+                    f"imageList: the results up to imageList[{k}] are {total} pixels, over this server's limit of "
+                    f"{budget} for one batch (4 x --max-image-pixels); send fewer or smaller images per request"
+                )
             outs.append(out)
         images = [_b64_png(o) for o in outs] if req.show_extras_results else []
         return {"html_info": extras_info(info), "images": images}
@@ -1737,7 +1756,7 @@ def install(app: FastAPI, services: Any) -> None:
             "nowebui": True,
             "listen": c.host not in ("127.0.0.1", "localhost"),
             "port": c.port,
-            "api_auth": c.api_key is not None,
+            "api_auth": c.auth_required,
             "device": ",".join(w.device for w in manager.workers),
         }
 

@@ -27,8 +27,8 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from sdengine.errors import SdengineError
 from sdengine.server.catalog import Catalog
 from sdengine.server.config import ServerConfig
-from sdengine.server.errors import BadRequest, QueueFull, status_of
-from sdengine.server.jobs import FINISHED, Job, JobManager, Loader
+from sdengine.server.errors import BadRequest, NotFound, QueueFull, status_of
+from sdengine.server.jobs import FINISHED, Job, JobManager, Loader, visible
 from sdengine.server.requests import ControlRequest, Generation, build_generation
 from sdengine.server.schemas import JobRequest
 from sdengine.server.security import SecurityMiddleware, is_loopback
@@ -178,9 +178,12 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
     app.add_middleware(
         SecurityMiddleware,
         api_key=config.api_key,
+        more_api_keys=config.more_api_keys,
+        admin_key=config.admin_key,
         cors_origins=config.cors_origins,
         max_body_bytes=config.max_body_bytes,
-        loopback_only_hosts=config.api_key is None and is_loopback(config.host),
+        body_timeout_s=config.body_timeout_s,
+        loopback_only_hosts=not config.auth_required and is_loopback(config.host),
     )
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -321,7 +324,7 @@ def _install_openapi(app: FastAPI, config: ServerConfig) -> None:
                     "description": text,
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
                 }
-        if config.api_key is not None:
+        if config.auth_required:
             spec.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             spec["security"] = [{"bearer": []}]
         app.openapi_schema = spec
@@ -453,9 +456,11 @@ def _native_routes(app: FastAPI, services: Services) -> None:
 
     def workers_json(request: Request) -> list[dict[str, Any]]:
         # These routes are public: a load error (it may name files) is shown only to holders of the key.
-        from sdengine.server.security import key_matches
+        from sdengine.server.security import caller_of
 
-        trusted = config.api_key is None or key_matches(request.headers, config.api_key)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        caller = caller_of(request.scope, headers, config.user_keys, config.admin_key)
+        trusted = not config.auth_required or caller is not None
         return [
             {
                 "device": w.device,
@@ -681,7 +686,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
 
     @app.get("/v1/jobs", tags=["native"])
     def list_jobs() -> dict[str, Any]:
-        jobs = manager.jobs()[-100:]
+        """This client's jobs (the admin's: every client's), newest first; ``queued``: every job waiting."""
+        jobs = visible(manager.jobs())[-100:]
         return {"jobs": [progress_json(j, services) for j in reversed(jobs)], "queued": manager.queued_count()}
 
     @app.get("/v1/jobs/{job_id}", tags=["native"])
@@ -774,6 +780,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
             path = resolve_inside(config.outputs_dir, name, "image")
         except UnsafePathError as e:
             raise BadRequest(str(e)) from None
+        except FileNotFoundError:  # its message named the server's outputs folder (a path a client has no need of)
+            raise NotFound(f"image {name!r} not found in the outputs folder") from None
         return FileResponse(path, media_type="image/png", headers={"X-Content-Type-Options": "nosniff"})
 
     @app.get("/v1/samplers", tags=["native"])

@@ -20,13 +20,18 @@ class ServerConfig:
     embeddings_dir: Path | None = None  # textual-inversion embeddings, used by name in prompts
     styles_file: Path | None = None  # A1111's prompt styles (styles.csv), by name in A1111 requests' ``styles``
     outputs_dir: Path = Path("outputs")
-    api_key: str | None = None
+    api_key: str | None = None  # the (first) user key: Authorization: Bearer KEY
+    # more user keys (``--api-key`` given again): with two or more, each key is a client of its own, who owns the
+    # jobs it sent (docs/server.md "Who may see and cancel a job")
+    more_api_keys: tuple[str, ...] = ()
+    admin_key: str | None = None  # a key that may see, cancel and delete every client's jobs
     insecure_no_auth: bool = False
     cors_origins: tuple[str, ...] = ()
     max_queue: int = 64  # jobs waiting (running ones not counted); one more is a 429
     max_queued_per_client: int = 0  # jobs one client (address) may have waiting; one more is a 429 (0: no limit)
     fair_queue: bool = True  # round robin between clients' queued jobs (False: one FIFO for all)
     max_body_bytes: int = 50 * 1024 * 1024
+    body_timeout_s: float = 60.0  # a request body that sends nothing for this long is a 408 (slow clients)
     max_image_pixels: int = 4096 * 4096  # of any uploaded image, checked from its header before decoding
     max_side: int = 2048  # width / height of a generated image
     max_batch: int = 8  # images of one request (batch_size)
@@ -47,5 +52,10 @@ class ServerConfig:
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
+    def user_keys(self) -> tuple[str, ...]:
+        """The keys of the users (not the admin's), in the order given."""
+        return ((self.api_key,) if self.api_key is not None else ()) + tuple(self.more_api_keys)
+
+    @property
     def auth_required(self) -> bool:
-        return self.api_key is not None
+        return bool(self.user_keys) or self.admin_key is not None

@@ -49,6 +49,12 @@ class PayloadTooLarge(ServerError, ValueError):
     status = 413
 
 
+class BodyTimeout(ServerError):
+    """A request body that stopped arriving (nothing for the server's body timeout): the connection is freed."""
+
+    status = 408
+
+
 class QueueFull(ServerError):
     """The job queue holds its maximum; the client should retry after ``retry_after`` seconds."""
 

@@ -45,14 +45,14 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
 from sdengine.errors import SdengineError
 from sdengine.server.errors import BadRequest, ClientQueueFull, NotFound, QueueFull, ServerStopping
 from sdengine.server.requests import Generation
-from sdengine.server.security import REQUEST_CLIENT
+from sdengine.server.security import REQUEST_CALLER, Caller
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,9 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     skip: threading.Event = field(default_factory=threading.Event)
     device: str | None = None
-    owner: str | None = None  # the client that sent it (its address; see JobManager.submit): its share of the queue
+    # the client that sent it (its key's user or its address, see security.Caller and JobManager.submit): its share
+    # of the queue, and the one client (besides the admin) that may see, cancel or delete it (may_see)
+    owner: str | None = None
     _subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, bool]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _preview_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -349,6 +351,28 @@ def batch_notes(pipe: Any, jobs: list[Job], notes: list[str]) -> dict[str, list[
     return {j.id: [n for n in notes if n not in about_prompts or n in own[j.id]] for j in jobs}
 
 
+J = TypeVar("J", bound=Job)
+
+
+def may_see(job: Job, caller: Caller | None = None) -> bool:
+    """Whether ``caller`` (by default the request being handled's) may see, cancel or delete ``job``: its own
+    client's job, or any job for the admin. Outside a request (the workers, the server's own code) every job.
+    Every route that names or lists jobs asks this, so that another client's job is as unknown as one that does
+    not exist (404, never 403: its id is not confirmed)."""
+    return owned(job.owner, caller)
+
+
+def owned(owner: str | None, caller: Caller | None = None) -> bool:
+    """:func:`may_see` for a thing whose client is ``owner`` (a job, a ComfyUI history entry)."""
+    who = caller if caller is not None else REQUEST_CALLER.get()
+    return who is None or who.admin or owner == who.client
+
+
+def visible(jobs: list[J], caller: Caller | None = None) -> list[J]:
+    """The jobs of ``jobs`` that ``caller`` (by default the request's) may see (:func:`may_see`)."""
+    return [j for j in jobs if may_see(j, caller)]
+
+
 class JobManager:
     """The queue, the job table and the workers."""
 
@@ -455,7 +479,8 @@ class JobManager:
         queued jobs, head first) may give the index to insert the job at instead (ComfyUI's ``front`` and
         priority ``number``)."""
         if job.owner is None:
-            job.owner = REQUEST_CLIENT.get()
+            caller = REQUEST_CALLER.get()
+            job.owner = caller.client if caller is not None else None
         with self._cond:
             if self.stopping:
                 raise ServerStopping("the server is stopping; no job is accepted", retry_after=30)
@@ -610,16 +635,18 @@ class JobManager:
         self._moved(moved)
 
     def get(self, job_id: str) -> Job:
+        """The job ``job_id`` if the request's client may see it (:func:`may_see`); NotFound otherwise, the same
+        answer as for an id that does not exist."""
         with self._cond:
             job = self._jobs.get(job_id)
-        if job is None:
+        if job is None or not may_see(job):
             raise NotFound(f"no job {job_id!r} (finished jobs are kept for a while, then forgotten)")
         return job
 
     def by_task_id(self, task_id: str) -> Job | None:
         with self._cond:
             for j in reversed(self._jobs.values()):
-                if j.task_id == task_id:
+                if j.task_id == task_id and may_see(j):  # another client's task is unknown to this one
                     return j
         return None
 

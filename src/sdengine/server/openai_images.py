@@ -65,7 +65,7 @@ MAX_N = 10  # OpenAI's most images of one request (``n``); this server's --max-b
 # the names of OpenAI's GPT image models, which refuse what only its retired DALL-E models took
 GPT_IMAGE_PREFIXES = ("gpt-image", "chatgpt-image")
 DALLE_ONLY = {"response_format": None, "style": None, "quality": ("standard", "hd")}
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$", re.ASCII)  # ASCII: "６４x64" is no size (int() took its digits)
 DISCONNECT_POLL_S = 0.5  # how often a waiting plain request looks whether its client is still there
 MAX_PROMPT = 32000  # OpenAI's limit for its GPT image models, on every route that takes a prompt
 # OpenAI's values for the fields that change nothing here: another value is refused, as OpenAI refuses it

@@ -39,7 +39,7 @@ DEFAULT_SIZE, DEFAULT_MULTIPLE = 512, 8  # a single-file checkpoint's size is on
 GALLERY_MAX_PAGE = 100
 # The names the server gives the images it writes: NNNNN-SEED.png (the native, A1111 and OpenAI routes' jobs) and
 # PREFIX_NNNNN_.png (ComfyUI's SaveImage); with the metadata each writes (A1111's "parameters", ComfyUI's "prompt")
-SERVER_NAMES = (re.compile(r"\d{5,}-\d+\.png"), re.compile(r"[^/\\]+_\d{5,}_\.png"))
+SERVER_NAMES = (re.compile(r"\d{5,}-\d+\.png", re.ASCII), re.compile(r"[^/\\]+_\d{5,}_\.png", re.ASCII))
 SERVER_METADATA = ("parameters", "prompt")
 
 

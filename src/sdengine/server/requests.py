@@ -94,6 +94,11 @@ class Generation:
         self.finish = None
 
 
+# The longest prompt (and negative prompt) of any request, in characters: OpenAI's limit, the widest of the
+# protocols' (the native schema's is 20000); every route's prompts pass here (A1111's had none).
+MAX_PROMPT_CHARS = 32000
+
+
 def _finite(value: Any, what: str, lo: float, hi: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise BadRequest(f"{what} must be a number, got {value!r}")
@@ -163,6 +168,9 @@ def build_generation(
 
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise BadRequest("prompt and negative_prompt must be strings")
+    for what, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if len(text) > MAX_PROMPT_CHARS:  # A1111's route took megabytes: thousands of chunks for the text encoder
+            raise BadRequest(f"{what} is {len(text)} characters long, over the limit of {MAX_PROMPT_CHARS}")
     steps = _integer(steps, "steps", 1, config.max_steps)
     batch_size = _integer(batch_size, "batch_size", 1, config.max_batch)
     n_iter = _integer(n_iter, "n_iter", 1, 100)

@@ -8,13 +8,15 @@
   server's own - ``Origin: null`` included - is refused unless listed in ``cors_origins`` (CSRF). Without a
   key, the ``Host`` header must name a loopback host too, so that a DNS-rebinding page (whose Origin and
   Host agree) is refused as well.
-* Body: over ``max_body_bytes`` is a 413, from ``Content-Length`` or while the body streams in.
+* Body: over ``max_body_bytes`` is a 413, from ``Content-Length`` or while the body streams in; a body that stops
+  arriving for ``body_timeout_s`` is a 408.
 * Images: the format (PNG, JPEG, WebP) and the size are read from the header, and an image over
   ``max_image_pixels`` is refused before any pixel is decoded (decompression bombs). URLs are never fetched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -24,11 +26,12 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
-from sdengine.server.errors import BadRequest, PayloadTooLarge, ServerConfigError
+from sdengine.server.errors import BadRequest, BodyTimeout, PayloadTooLarge, ServerConfigError
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -39,11 +42,22 @@ PUBLIC_DOCS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.j
 PUBLIC_PAGE = ("/", "/static/")  # the web page: no secret in it; it asks for the key itself
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
-# Who sent the request being handled: its client address as uvicorn gives it (with its proxy headers, the address a
-# trusted proxy on this machine forwards in X-Forwarded-For). Set by :class:`SecurityMiddleware` for every HTTP
-# request; the job queue reads it to give every client its share (sdengine.server.jobs). One API key is shared by
-# every client, so the key cannot tell them apart.
-REQUEST_CLIENT: ContextVar[str | None] = ContextVar("sdengine_request_client", default=None)
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent the request being handled: ``client`` is the client a job belongs to (its key's user, ``key N``,
+    when the server has several user keys; else its address as uvicorn gives it, with its proxy headers the
+    address a trusted proxy on this machine forwards in X-Forwarded-For); ``admin``: it sent ``--admin-key`` and
+    may see and act on every client's jobs. The job queue gives every client its share by ``client``, and the
+    routes show and touch only the caller's own jobs (:func:`sdengine.server.jobs.may_see`)."""
+
+    client: str
+    admin: bool = False
+
+
+# Set by :class:`SecurityMiddleware` for every HTTP request (the ComfyUI websocket finds its own); None outside a
+# request (the workers, tests calling the job manager directly): no request, no owner to check.
+REQUEST_CALLER: ContextVar[Caller | None] = ContextVar("sdengine_request_caller", default=None)
 
 
 def client_of(scope: Mapping[str, Any]) -> str:
@@ -63,17 +77,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_bind(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
-    """Refuse to serve on a non-loopback host without a key, unless explicitly told to."""
-    if api_key is not None and not api_key:
-        raise ServerConfigError("--api-key must not be empty")
-    if api_key is not None and (api_key != api_key.strip() or not all(33 <= ord(c) <= 126 for c in api_key)):
+def check_key(key: str, flag: str = "--api-key (or $SDENGINE_API_KEY)") -> None:
+    """A key a client can send: not empty, printable ASCII without spaces."""
+    if not key:
+        raise ServerConfigError(f"{flag.split(' ')[0]} must not be empty")
+    if key != key.strip() or not all(33 <= ord(c) <= 126 for c in key):
         # A Bearer value is read stripped, and headers are Latin-1: such a key could never be sent back, and
         # every request would be a 401 (a trailing newline or \r from a key file, a space, an accented letter).
         raise ServerConfigError(
-            "--api-key (or $SDENGINE_API_KEY) must be printable ASCII without spaces: it has whitespace, a "
+            f"{flag} must be printable ASCII without spaces: it has whitespace, a "
             "control character or a non-ASCII letter (a newline from a key file?), so no client could send it"
         )
+
+
+def check_bind(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
+    """Refuse to serve on a non-loopback host without a key, unless explicitly told to."""
+    if api_key is not None:
+        check_key(api_key)
     if not is_loopback(host) and api_key is None and not insecure_no_auth:
         raise ServerConfigError(
             f"refusing to listen on {host} without --api-key: anyone who can reach it could use it "
@@ -96,6 +116,22 @@ def key_matches(headers: Mapping[str, str], api_key: str) -> bool:
     elif "x-api-key" in headers:
         given = headers["x-api-key"]
     return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), api_key.encode("utf-8"))
+
+
+def caller_of(
+    scope: Mapping[str, Any], headers: Mapping[str, str], user_keys: tuple[str, ...], admin_key: str | None
+) -> Caller | None:
+    """Who sends this request (see :class:`Caller`); None when the server has keys and none of them was sent.
+    Every key is compared (in constant time), so the time taken does not say which one came close."""
+    address = client_of(scope)
+    if not user_keys and admin_key is None:
+        return Caller(address)
+    matched = [i for i, key in enumerate(user_keys) if key_matches(headers, key)]
+    if admin_key is not None and key_matches(headers, admin_key):
+        return Caller("admin" if len(user_keys) > 1 else address, admin=True)
+    if not matched:
+        return None
+    return Caller(f"key {matched[0] + 1}" if len(user_keys) > 1 else address)
 
 
 def _host_name(host_header: str) -> str:
@@ -124,14 +160,20 @@ class SecurityMiddleware:
         app: Any,
         *,
         api_key: str | None,
+        more_api_keys: tuple[str, ...] = (),
+        admin_key: str | None = None,
         cors_origins: tuple[str, ...],
         max_body_bytes: int,
         loopback_only_hosts: bool,
+        body_timeout_s: float = 60.0,
     ) -> None:
         self.app = app
-        self.api_key = api_key
+        self.user_keys = ((api_key,) if api_key is not None else ()) + tuple(more_api_keys)
+        self.admin_key = admin_key
+        self.auth = bool(self.user_keys) or admin_key is not None
         self.cors_origins = tuple(o.rstrip("/") for o in cors_origins)
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.loopback_only_hosts = loopback_only_hosts
 
     async def __call__(
@@ -143,12 +185,14 @@ class SecurityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        REQUEST_CLIENT.set(client_of(scope))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         method = scope.get("method", "GET").upper()
         path = scope.get("path", "")
         host = headers.get("host", "")
-        problem = self._refusal(method, path, headers, host)
+        caller = caller_of(scope, headers, self.user_keys, self.admin_key)
+        # a public route answered without a key (health checks, the page) is its address's, never an admin's
+        REQUEST_CALLER.set(caller or Caller(client_of(scope)))
+        problem = self._refusal(method, path, headers, host, caller is not None)
         if problem is not None:
             status, message = problem
             await _send_json(send, status, message, www_auth=status == 401)
@@ -164,11 +208,25 @@ class SecurityMiddleware:
                 return
         seen = 0
         started = False
+        # a body is announced (a length, or chunks): until it has all come, each part must arrive within
+        # body_timeout_s (a client that stops sending held its connection and the route forever: slowloris)
+        pending = [bool(length and length.strip() not in ("", "0")) or "transfer-encoding" in headers]
+        timed_out: list[BodyTimeout] = []
 
         async def limited_receive() -> Any:
             nonlocal seen
-            message = await receive()
+            if pending[0]:
+                try:
+                    message = await asyncio.wait_for(receive(), self.body_timeout_s)
+                except TimeoutError:
+                    timed_out.append(
+                        BodyTimeout(f"the request body stopped arriving: nothing came for {self.body_timeout_s:g} s")
+                    )
+                    raise timed_out[-1] from None
+            else:
+                message = await receive()
             if message.get("type") == "http.request":
+                pending[0] = bool(message.get("more_body", False))
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:
                     raise PayloadTooLarge(f"request body over the limit of {self.max_body_bytes} bytes")
@@ -176,17 +234,24 @@ class SecurityMiddleware:
 
         async def tracking_send(message: Any) -> None:
             nonlocal started
+            if timed_out:  # FastAPI answers a body it could not read with its own 400: the 408 says why
+                if message.get("type") == "http.response.start" and not started:
+                    started = True
+                    await _send_json(send, 408, str(timed_out[0]))
+                return
             if message.get("type") == "http.response.start":
                 started = True
             await send(message)
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except PayloadTooLarge as e:
+        except (PayloadTooLarge, BodyTimeout) as e:
             if not started:
-                await _send_json(send, 413, str(e))
+                await _send_json(send, e.status, str(e))
 
-    def _refusal(self, method: str, path: str, headers: dict[str, str], host: str) -> tuple[int, str] | None:
+    def _refusal(
+        self, method: str, path: str, headers: dict[str, str], host: str, key_ok: bool
+    ) -> tuple[int, str] | None:
         if self.loopback_only_hosts and host and not is_loopback(_host_name(host)):
             return 403, (
                 f"Host {host!r} is not this server's (it listens on loopback only); a page on another "
@@ -203,8 +268,8 @@ class SecurityMiddleware:
                 path == PUBLIC_PAGE[0] or path in PUBLIC_DOCS or (path.startswith(PUBLIC_PAGE[1]) and ".." not in path)
             )
         )
-        if self.api_key is not None and not public and method != "OPTIONS":
-            if not key_matches(headers, self.api_key):
+        if self.auth and not public and method != "OPTIONS":
+            if not key_ok:
                 return 401, "missing or wrong API key (send 'Authorization: Bearer KEY')"
         return None
 
@@ -220,7 +285,7 @@ async def _send_json(
     await send({"type": "http.response.body", "body": body.encode()})
 
 
-_TYPES = {401: "authentication_error", 403: "permission_error", 413: "request_too_large"}
+_TYPES = {401: "authentication_error", 403: "permission_error", 408: "request_timeout", 413: "request_too_large"}
 
 
 # ---------------------------------------------------------------------------------------------- images

@@ -94,6 +94,9 @@ def is_link(v: Any) -> bool:
     )
 
 
+MAX_TEXT = 32000  # characters of a STRING input (a prompt): the longest prompt any route of the server takes
+
+
 def _err(kind: str, message: str, details: str = "", **extra: Any) -> dict[str, Any]:
     return {"type": kind, "message": message, "details": details, "extra_info": extra}
 
@@ -140,6 +143,17 @@ def _convert(
             input_name=name,
             input_config=input_spec(inp, env, []),
             received_value=_received(received),
+        )
+    if inp.type == "STRING" and len(value) > MAX_TEXT:
+        # a prompt of megabytes (the body limit allows 50 MB) once went to the text encoder as it was: thousands of
+        # 75-token chunks, a conditioning the sampler's attention cannot hold
+        return None, _err(
+            "value_too_long",
+            f"Value of {len(value)} characters longer than max of {MAX_TEXT}",
+            f"{name}",
+            input_name=name,
+            input_config=input_spec(inp, env),
+            received_value=_received(value),
         )
     if inp.type in ("INT", "FLOAT"):
         if inp.min is not None and value < inp.min:

@@ -1647,7 +1647,7 @@ _MAX_SAVE_TRIES = 10000  # numbers tried past the listed highest before a save g
 
 
 def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict[str, Any]:
-    from sdengine.io.paths import check_name, is_inside
+    from sdengine.io.paths import NAME_MAX, check_name, is_inside
 
     prefix = _prefix_vars(prefix.strip() or "ComfyUI", images)
     sub, _, stem = prefix.replace("\\", "/").rpartition("/")
@@ -1662,6 +1662,8 @@ def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict
     ctx.folders.make_root(kind)
     if not is_inside(root, folder) or stem.startswith("."):
         raise NodeError(f"filename_prefix {prefix!r} leaves the {kind} folder")
+    if len(f"{stem}_00000_.png".encode()) > NAME_MAX:  # the counter and suffix must fit in one file name too
+        raise NodeError(f"filename_prefix {stem[:40]!r}... is too long: its file names would be over {NAME_MAX} bytes")
     folder.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     if ctx.prompt:

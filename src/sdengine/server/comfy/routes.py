@@ -4,8 +4,10 @@ Prompts are jobs of the server's one queue (:class:`ComfyJob`), run by its worke
 cancel; the security middleware applies to every HTTP route here, and the websocket checks the same
 rules itself (the middleware only sees HTTP). Events go to the websocket of the prompt's ``client_id``
 (a prompt without one sends only progress, previews and execution_interrupted, to every socket, as ComfyUI),
-in ComfyUI's JSON shapes; previews are binary frames in ComfyUI's
-framing: ``>I`` event 1 (PREVIEW_IMAGE), ``>I`` image type (2 = PNG), then the image bytes.
+in ComfyUI's JSON shapes; a prompt's events reach only the sockets of its own client (its key's user or address,
+:func:`sdengine.server.jobs.may_see`) and the admin's, and /queue, /history and /interrupt show and touch only
+the caller's prompts (the admin's: every client's), as the native and A1111 routes; previews are binary frames
+in ComfyUI's framing: ``>I`` event 1 (PREVIEW_IMAGE), ``>I`` image type (2 = PNG), then the image bytes.
 """
 
 from __future__ import annotations
@@ -30,8 +32,21 @@ from PIL import Image
 from sdengine.server.comfy.graph import Executor, Interrupted, NodeFailed, PromptInvalid, validate
 from sdengine.server.comfy.nodes import IMAGE_SUFFIXES, NODES, Outputs, RunContext, object_info, split_annotation
 from sdengine.server.errors import BadRequest, NotFound
-from sdengine.server.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Job, JobImage, png_bytes
+from sdengine.server.jobs import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    Job,
+    JobImage,
+    may_see,
+    owned,
+    png_bytes,
+    visible,
+)
 from sdengine.server.requests import Generation
+from sdengine.server.security import Caller
 
 PREVIEW_IMAGE = 1  # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE
 PNG_TYPE = 2
@@ -52,31 +67,47 @@ class ComfyState:
     folders: Outputs
     executor: Executor = field(default_factory=Executor)
     history: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
+    owners: dict[str, str | None] = field(default_factory=dict)  # each history entry's client (Job.owner)
     number: int = 0
-    sockets: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = field(default_factory=dict)
+    # each socket's loop, queue and caller (whose prompts' events it may get)
+    sockets: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any], Caller | None]] = field(
+        default_factory=dict
+    )
     lock: threading.Lock = field(default_factory=threading.Lock)
     run_lock: threading.Lock = field(default_factory=threading.Lock)  # one graph at a time (one cache)
     save_lock: threading.Lock = field(default_factory=threading.Lock)
     free_pending: bool | None = None  # a /free waiting for the running prompt (True: unload the models too)
 
-    def send(self, event: str | int, data: Any, sid: Any) -> None:
-        """Queue a JSON event (or binary frame when ``event`` is an int) for ``sid``'s socket(s); thread-safe."""
+    def send(self, event: str | int, data: Any, sid: Any, job: Job | None = None) -> None:
+        """Queue a JSON event (or binary frame when ``event`` is an int) for ``sid``'s socket(s); thread-safe.
+        An event of ``job`` reaches only the sockets of its client (and the admin's): :func:`may_see`."""
         msg = json.dumps({"type": event, "data": data}) if isinstance(event, str) else struct.pack(">I", event) + data
         with self.lock:  # as ComfyUI: no sid is every socket; a sid no socket has (5, a gone client) no one
             if sid is None:
                 targets = list(self.sockets.values())
             else:
                 targets = [self.sockets[sid]] if isinstance(sid, str) and sid in self.sockets else []
-        for loop, q in targets:
+        if job is not None:  # a caller-less socket (None) is the server's own: every job
+            targets = [t for t in targets if t[2] is None or may_see(job, t[2])]
+        for loop, q, _ in targets:
             try:
                 loop.call_soon_threadsafe(_put, q, msg)
             except RuntimeError:  # that socket's loop is closed
                 pass
 
 
+MAX_SOCKETS_PER_CLIENT = 64  # websockets one client (its key or address) may hold open at once
+PREVIEW_BACKLOG = 8  # a socket this many messages behind gets no more preview frames until it catches up
+
+
 def _put(q: asyncio.Queue[Any], msg: Any) -> None:
     """Queue ``msg`` for a socket; a client that stopped reading (its queue full) loses it (the full queue's
-    error was once logged by the event loop for every message after, a stack trace each)."""
+    error was once logged by the event loop for every message after, a stack trace each). A preview frame (binary:
+    up to a full-size PNG each) is dropped while the socket is behind: a client that does not read once made the
+    server hold every preview of every prompt for it (10000 frames of a megabyte each), and a newer preview
+    replaces an older one anyway."""
+    if isinstance(msg, bytes | bytearray) and q.qsize() >= PREVIEW_BACKLOG:
+        return
     try:
         q.put_nowait(msg)
     except asyncio.QueueFull:
@@ -162,7 +193,7 @@ class ComfyJob(Job):
         # history's messages) but execution_interrupted, which goes to every socket; progress and previews are
         # sent to its client id (every socket when none). A client id that is not a socket's (5) reaches no one.
         if self.client_id is not None or name == "execution_interrupted":
-            self.st.send(name, data, self.client_id)
+            self.st.send(name, data, self.client_id, self)
 
     def run_on(self, worker: Any) -> None:
         m = worker.manager
@@ -173,7 +204,9 @@ class ComfyJob(Job):
         def progress(step: int, steps: int, denoised: Any) -> bool:
             self.step, self.steps = step, steps
             node = ctx.current_node
-            self.st.send("progress", {"value": step, "max": steps, "prompt_id": self.id, "node": node}, self.client_id)
+            self.st.send(
+                "progress", {"value": step, "max": steps, "prompt_id": self.id, "node": node}, self.client_id, self
+            )
             if step % preview_every == 0 or step == steps:
                 try:
                     from sdengine import vae_utils
@@ -182,7 +215,7 @@ class ComfyJob(Job):
                     rgb = to_rgb(denoised[:1]).cpu().numpy() if to_rgb else vae_utils.latent_preview(denoised[:1])
                     png = png_bytes(Image.fromarray(rgb[0]))
                     self.preview_png, self.preview_step = png, step
-                    st.send(PREVIEW_IMAGE, struct.pack(">I", PNG_TYPE) + png, self.client_id)
+                    st.send(PREVIEW_IMAGE, struct.pack(">I", PNG_TYPE) + png, self.client_id, self)
                 except Exception:  # noqa: BLE001 - a preview is optional
                     pass
             self.changed()
@@ -190,8 +223,8 @@ class ComfyJob(Job):
 
         def send_image(png: bytes, index: int, count: int) -> None:  # ComfyUI's ProgressBar with an image
             data = {"value": index, "max": count, "prompt_id": self.id, "node": ctx.current_node}
-            st.send("progress", data, self.client_id)
-            st.send(PREVIEW_IMAGE, struct.pack(">I", PNG_TYPE) + png, self.client_id)
+            st.send("progress", data, self.client_id, self)
+            st.send(PREVIEW_IMAGE, struct.pack(">I", PNG_TYPE) + png, self.client_id, self)
 
         ctx = RunContext(
             pipeline=worker.pipeline,
@@ -231,7 +264,7 @@ class ComfyJob(Job):
         self.node = None
         send_status(st, services)  # ComfyUI's order: the queue's status (task_done), then "executing" None
         if self.client_id is not None:
-            self.st.send("executing", {"node": None, "display_node": None, "prompt_id": self.id}, self.client_id)
+            self.st.send("executing", {"node": None, "display_node": None, "prompt_id": self.id}, self.client_id, self)
         with st.run_lock:  # a /free sent while the prompt ran
             apply_free(st, services, worker)
 
@@ -262,6 +295,7 @@ class ComfyJob(Job):
     def record(self, status: str, outputs: dict[str, Any]) -> None:
         st = self.st
         with st.lock:
+            st.owners[self.id] = self.owner
             st.history[self.id] = {
                 "prompt": self.queue_item(),
                 "outputs": outputs,
@@ -272,11 +306,22 @@ class ComfyJob(Job):
                 },
             }
             while len(st.history) > MAX_HISTORY:
-                st.history.popitem(last=False)
+                st.owners.pop(st.history.popitem(last=False)[0], None)
 
 
 def comfy_jobs(services: Any) -> list[ComfyJob]:
+    """Every client's prompts (for counts); the routes that show or touch prompts use :func:`my_prompts`."""
     return [j for j in services.manager.jobs() if isinstance(j, ComfyJob)]
+
+
+def my_prompts(services: Any) -> list[ComfyJob]:
+    """The request's client's prompts (the admin's: every client's)."""
+    return [j for j in comfy_jobs(services) if may_see(j)]
+
+
+def my_history(st: ComfyState) -> list[tuple[str, dict[str, Any]]]:
+    """The history entries of the request's client's prompts (the admin's: all), oldest first (lock held)."""
+    return [(k, v) for k, v in st.history.items() if owned(st.owners.get(k))]
 
 
 def queue_remaining(services: Any) -> int:
@@ -456,9 +501,10 @@ def get_prompt_status(request: Request) -> Any:
 def get_queue(request: Request) -> Any:
     services = request.app.state.services
     return {
-        "queue_running": [j.queue_item() for j in comfy_jobs(services) if j.state == RUNNING],
-        # in the order they will run (ComfyUI lists its heap; its page sorts by number: the same order here)
-        "queue_pending": [j.queue_item() for j in services.manager.queued() if isinstance(j, ComfyJob)],
+        "queue_running": [j.queue_item() for j in my_prompts(services) if j.state == RUNNING],
+        # in the order they will run (ComfyUI lists its heap; its page sorts by number: the same order here); the
+        # caller's prompts only: another client's graph (its prompts, its images' names) is not this one's to read
+        "queue_pending": [j.queue_item() for j in visible(services.manager.queued()) if isinstance(j, ComfyJob)],
     }
 
 
@@ -469,7 +515,7 @@ async def post_queue(request: Request) -> Any:
     body = await _json_body(request)
     if not isinstance(body, dict):
         raise BadRequest("send {clear: true} or {delete: [prompt ids]}")
-    pending = [j for j in comfy_jobs(services) if j.state == QUEUED]
+    pending = [j for j in my_prompts(services) if j.state == QUEUED]  # the caller's (the admin's: every client's)
     if body.get("clear"):
         for j in pending:
             services.manager.cancel(j)
@@ -494,7 +540,7 @@ async def interrupt(request: Request) -> Any:
     except (ValueError, UnicodeDecodeError, RecursionError):  # ComfyUI: json_data = {} on a JSONDecodeError
         body = {}
     pid = body.get("prompt_id") if isinstance(body, dict) else None
-    for j in comfy_jobs(services):
+    for j in my_prompts(services):  # a global interrupt stops the caller's running prompts, never another's
         if j.state == RUNNING and (not pid or j.id == str(pid)):
             services.manager.cancel(j)
     return {}
@@ -506,7 +552,7 @@ def get_history(request: Request, max_items: int | None = None, offset: int = -1
     ``max_items`` entries."""
     st = state(request.app)
     with st.lock:
-        items = list(st.history.items())
+        items = my_history(st)
     if offset < 0 and max_items is not None:
         offset = len(items) - max_items
     out: dict[str, Any] = {}
@@ -521,7 +567,7 @@ def get_history(request: Request, max_items: int | None = None, offset: int = -1
 def get_history_one(request: Request, prompt_id: str) -> Any:
     st = state(request.app)
     with st.lock:
-        item = st.history.get(prompt_id)
+        item = dict(my_history(st)).get(prompt_id)
     return {prompt_id: item} if item is not None else {}
 
 
@@ -535,10 +581,10 @@ async def post_history(request: Request) -> Any:
     if delete is not None and (not isinstance(delete, list) or not all(isinstance(d, str) for d in delete)):
         raise BadRequest("delete must be a list of prompt ids")
     with st.lock:
-        if body.get("clear"):
-            st.history.clear()
-        for pid in delete or []:
+        mine = {k for k, _ in my_history(st)}  # another client's entries are not the caller's to clear
+        for pid in (mine if body.get("clear") else set()) | (set(delete or []) & mine):
             st.history.pop(pid, None)
+            st.owners.pop(pid, None)
     return {}
 
 
@@ -923,44 +969,56 @@ def features(request: Request) -> Any:
 # ------------------------------------------------------------------------------------------ websocket
 
 
-def _ws_refusal(ws: WebSocket) -> str | None:
+def _ws_caller(ws: WebSocket) -> Caller | str:
     """The middleware's rules for a websocket handshake: Host, Origin (cross-site websocket hijacking)
-    and the API key (header, or ``?token=`` since browsers cannot set headers on websockets)."""
-    from sdengine.server.security import is_loopback, key_matches, origin_allowed
+    and the API key (header, or ``?token=`` since browsers cannot set headers on websockets). The caller (whose
+    prompts' events the socket gets), or why it is refused."""
+    from sdengine.server.security import caller_of, is_loopback, origin_allowed
 
     services = ws.app.state.services
     config = services.config
     headers = {k.lower(): v for k, v in ws.headers.items()}
     host = headers.get("host", "")
     hostname = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
-    if config.api_key is None and is_loopback(config.host) and host and not is_loopback(hostname):
+    if not config.auth_required and is_loopback(config.host) and host and not is_loopback(hostname):
         return "host"
     origin = headers.get("origin")
     if origin is not None and not origin_allowed(origin, host, tuple(o.rstrip("/") for o in config.cors_origins)):
         return "origin"
-    if config.api_key is not None:
-        token = ws.query_params.get("token")
-        if token is not None:
-            headers["authorization"] = f"Bearer {token}"
-        if not key_matches(headers, config.api_key):
-            return "key"
-    return None
+    token = ws.query_params.get("token")
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    caller = caller_of(ws.scope, headers, config.user_keys, config.admin_key)
+    return "key" if caller is None else caller
 
 
 async def websocket_endpoint(ws: WebSocket) -> None:
-    if _ws_refusal(ws) is not None:
+    caller = _ws_caller(ws)
+    if not isinstance(caller, Caller):
+        await ws.close(code=1008)
+        return
+    st = state(ws.app)
+    sid = ws.query_params.get("clientId") or uuid.uuid4().hex
+    with st.lock:
+        held = st.sockets.get(sid)
+        mine = sum(1 for k, t in st.sockets.items() if t[2] is not None and t[2].client == caller.client and k != sid)
+    if held is not None and held[2] is not None and not caller.admin and held[2].client != caller.client:
+        # another client's socket has this clientId: taking it over would cut that client off its own events
+        await ws.close(code=1008)
+        return
+    if mine >= MAX_SOCKETS_PER_CLIENT:
+        # each socket queues every status event (and its prompts' events) until read: a client opening thousands
+        # that it never reads made the server hold all of them
         await ws.close(code=1008)
         return
     await ws.accept()
-    st = state(ws.app)
     services = ws.app.state.services
-    sid = ws.query_params.get("clientId") or uuid.uuid4().hex
     q: asyncio.Queue[Any] = asyncio.Queue(maxsize=10000)
     with st.lock:
-        st.sockets[sid] = (asyncio.get_running_loop(), q)
+        st.sockets[sid] = (asyncio.get_running_loop(), q, caller)
     send_status(st, services, sid)
-    for j in comfy_jobs(services):  # ComfyUI: a client that reconnects while its prompt runs is told the node
-        node = j.node
+    for j in visible(comfy_jobs(services), caller):  # ComfyUI: a client that reconnects while its prompt runs is
+        node = j.node  # told the node
         if j.state == RUNNING and j.client_id == sid and node is not None:
             st.send("executing", {"node": node, "display_node": node, "prompt_id": j.id}, sid)
 
@@ -996,7 +1054,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         for t in tasks:
             t.cancel()
         with st.lock:
-            if st.sockets.get(sid, (None, q))[1] is q:
+            if st.sockets.get(sid, (None, q, None))[1] is q:
                 del st.sockets[sid]
 
 

@@ -1353,7 +1353,7 @@ function queueLine(j, mine) {
   return `${where} · ${queueModels[j.id] ?? ""}${mine ? " · this tab's job" : ""}`;
 }
 
-/** The server's unfinished jobs (every tab's and client's), each with a Cancel button; hidden when none. */
+/** This client's unfinished jobs (every tab's; the admin key's: everyone's), each with a Cancel button. */
 async function refreshQueue() {
   let jobs;
   try {  // not api(): a background refresh does not open the key dialog (a request the user made does)
