@@ -73,6 +73,24 @@ class TextCondition:
 
     cond: dict[str, Tensor]
     controls: tuple[ControlHint, ...] = field(default_factory=tuple)
+    # ComfyUI's regional conditioning (ConditioningSetArea / ...Percentage / ...Strength / ConditioningSetMask):
+    # ``area`` ("pixels", h, w, y, x) in image pixels (floored to latent pixels as ComfyUI's // 8), (h, w, y, x) in
+    # latent pixels, or ("percentage", h, w, y, x) in fractions of the latent's sides;
+    # ``strength`` the entry's weight; ``mask`` (B, H, W) or (H, W) at any size (resized to the latent),
+    # scaled by ``mask_strength``; ``mask_bounds``: the area becomes the mask's bounding box (at least 8 x 8)
+    area: tuple[Any, ...] | None = None
+    strength: float = 1.0
+    mask: Tensor | None = None
+    mask_strength: float = 1.0
+    mask_bounds: bool = False
+    # the width of the pooled text at the head of a ``vector`` made when encoding (CLIPTextEncodeSDXL's), so that
+    # ConditioningZeroOut can zero it as ComfyUI zeroes pooled_output
+    pooled_width: int = 0
+
+    @property
+    def regional(self) -> bool:
+        """Whether the entry weighs in otherwise than as a whole-latent prediction of weight 1."""
+        return self.area is not None or self.mask is not None or self.strength != 1.0
 
 
 def encode_text(pipe: Any, text: str, clip_skip: int = 1) -> TextCondition:
@@ -119,6 +137,144 @@ class _MeanOfGuided:
         step = {"step": kw["step"]} if "step" in kw else {}
         outs = [d(x, sigma, **a, **step) for d, a in self.parts]
         return torch.stack(outs).mean(0)
+
+
+@dataclass(frozen=True, eq=False)
+class _Region:
+    """One conditioning entry resolved for a latent of h x w: its model arguments, its area (h, w, y, x) in latent
+    pixels (None: the whole latent), its strength and its mask (mb, h, w) times its mask strength."""
+
+    args: dict[str, Tensor]
+    area: tuple[int, int, int, int] | None
+    strength: float
+    mask: Tensor | None
+
+
+def _resolve_region(entry: TextCondition, args: dict[str, Tensor], h: int, w: int, f: int, dev: Any) -> _Region:
+    """ComfyUI's resolve_areas_and_cond_masks: an area in latent pixels (``f`` image pixels each), the mask resized
+    (bilinear) to the latent, and with ``mask_bounds`` the area set to the mask's bounding box (sides at least 8)."""
+    area = entry.area
+    if area is not None and area[0] == "pixels":
+        area = tuple(int(v) // f for v in area[1:])
+    elif area is not None and area[0] == "percentage":
+        _, ph, pw, py, px = area
+        area = (max(1, round(ph * h)), max(1, round(pw * w)), round(py * h), round(px * w))
+    mask = None
+    if entry.mask is not None:
+        mask = entry.mask.float().to(dev)
+        if mask.ndim == 2:
+            mask = mask[None]
+        if mask.ndim != 3 or mask.shape[0] < 1 or min(mask.shape[1:]) < 1:
+            raise LatentSamplingError(f"a conditioning mask of shape {tuple(entry.mask.shape)} is not (B, H, W)")
+        if tuple(mask.shape[1:]) != (h, w):
+            mask = F.interpolate(mask[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+        if entry.mask_bounds:
+            covered = mask.abs().amax(0) != 0
+            if not bool(covered.any()):
+                area = (8, 8, 0, 0)  # ComfyUI's: an all-zero mask adds nothing anyway
+            else:
+                ys, xs = torch.nonzero(covered, as_tuple=True)
+                y0, x0 = int(ys.min()), int(xs.min())
+                area = (max(8, int(ys.max()) - y0 + 1), max(8, int(xs.max()) - x0 + 1), y0, x0)
+        mask = mask * float(entry.mask_strength)
+    if area is not None:
+        area = tuple(int(v) for v in area)
+    return _Region(args, area, float(entry.strength), mask)  # type: ignore[arg-type]
+
+
+def _opposite_areas(mine: list[_Region], others: list[_Region]) -> None:
+    """ComfyUI's create_cond_with_same_area_if_none: for each entry of ``others`` with an area, ``mine`` gets a copy
+    of it (area, strength, mask) holding the model arguments of ``mine``'s smallest entry whose area encloses it
+    (an entry without area encloses all), unless that entry has the very same area: so each area is predicted
+    under both halves of CFG alike."""
+    for c in list(others):
+        if c.area is None:
+            continue
+        ch, cw, cy, cx = c.area
+        smallest = None
+        for r in list(mine):
+            if r.area is None:
+                smallest = r if smallest is None else smallest
+                continue
+            ah, aw, ay, ax = r.area
+            if cy >= ay and cx >= ax and cy + ch <= ay + ah and cx + cw <= ax + aw:
+                if smallest is None or smallest.area is None or smallest.area[0] * smallest.area[1] > ah * aw:
+                    smallest = r
+        if smallest is None or smallest.area == c.area:
+            continue
+        mine.append(_Region(smallest.args, c.area, c.strength, c.mask))
+
+
+def _crop_mult(region: _Region, b: int, h: int, w: int, dev: Any) -> tuple[tuple[int, int, int, int], Tensor]:
+    """ComfyUI's get_area_and_mult: the area cut to the latent, and the weight (1 or b, 1, ah, aw) of the region's
+    prediction there: its mask (or ones) times its strength; an area without mask has its inner edges (those not
+    on the latent's border) feathered over min(8, side // 4) pixels, linearly."""
+    ah, aw, y, x = region.area if region.area is not None else (h, w, 0, 0)
+    ah, aw = min(h - y, ah), min(w - x, aw)
+    if ah < 1 or aw < 1:
+        raise LatentSamplingError(
+            f"a conditioning area at latent pixel ({x}, {y}) lies outside the latent of {w} x {h} latent pixels"
+        )
+    if region.mask is not None:
+        m, mb = region.mask, region.mask.shape[0]
+        if mb < b and b % mb:  # ComfyUI repeats a smaller batch of masks over the latent's rows
+            raise LatentSamplingError(f"a conditioning mask batch of {mb} does not fit the latent batch {b}")
+        m = m[:b] if mb >= b else m.repeat(b // mb, 1, 1)
+        mult = m[:, None, y : y + ah, x : x + aw] * region.strength
+    else:
+        mult = torch.full((1, 1, ah, aw), region.strength, device=dev)
+        if region.area is not None:
+            for dim, off, size, full in ((2, y, ah, h), (3, x, aw, w)):
+                rr = min(8, size // 4)
+                ramp = torch.arange(1, rr + 1, device=dev, dtype=mult.dtype) / rr  # 1/rr .. 1 from the edge in
+                shape = [1, 1, 1, 1]
+                shape[dim] = rr
+                if off != 0:
+                    mult.narrow(dim, 0, rr).mul_(ramp.reshape(shape))
+                if off + size < full:
+                    mult.narrow(dim, size - rr, rr).mul_(ramp.flip(0).reshape(shape))
+    return (ah, aw, y, x), mult
+
+
+class _Regional:
+    """ComfyUI's calc_cond_batch: each entry's x0 prediction on its area of the latent, summed weighted by its
+    weight (mask, strength, feathering) and divided by the summed weight (1e-37 where nothing weighs), for the
+    positive and the negative entries apart; then CFG (a scale of 1 skips the negative pass, as ComfyUI)."""
+
+    def __init__(self, den: Any, cfg: float, cond: list[_Region], uncond: list[_Region]) -> None:
+        self.den, self.cfg, self.cond, self.uncond = den, float(cfg), cond, uncond
+        self.schedule = den.schedule
+        self.prediction = den.prediction
+        self.takes_step = bool(getattr(den, "takes_step", False))
+
+    @property
+    def off_grid(self) -> _Regional:
+        return _Regional(getattr(self.den, "off_grid", self.den), self.cfg, self.cond, self.uncond)
+
+    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> _Regional:
+        return _Regional(self.den.with_timesteps(sigmas, timesteps), self.cfg, self.cond, self.uncond)
+
+    def _half(self, regions: list[_Region], x: Tensor, sigma: Tensor, step: dict[str, Any]) -> Tensor:
+        b, _, h, w = x.shape
+        out = torch.zeros_like(x)
+        count = torch.full_like(x, 1e-37)
+        for r in regions:
+            (ah, aw, y, x0), mult = _crop_mult(r, b, h, w, x.device)
+            args = {k: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in r.args.items()}
+            pred = self.den(x[:, :, y : y + ah, x0 : x0 + aw], sigma, **args, **step)
+            out[:, :, y : y + ah, x0 : x0 + aw] += pred * mult
+            count[:, :, y : y + ah, x0 : x0 + aw] += mult
+        return out / count
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, **kw: Any) -> Tensor:
+        step = {"step": kw["step"]} if "step" in kw else {}
+        sig = torch.as_tensor(sigma, dtype=torch.float32)
+        sig = sig.reshape(-1).expand(x.shape[0]) if sig.numel() == 1 else sig
+        cond = self._half(self.cond, x, sig, step)
+        if math.isclose(self.cfg, 1.0):
+            return cond
+        uncond = self._half(self.uncond, x, sig, step)
+        return uncond + (cond - uncond) * self.cfg
 
 
 def _match_length(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -182,7 +338,10 @@ def sample_latents(
     """Sample from ``latent`` (B, C, h, w) in the model's scaled latent space; returns the new latent.
 
     ``positive`` / ``negative``: conditioning entries (several positives are averaged as ComfyUI's
-    ConditioningCombine; the first negative is used); a ControlNet acts on the CFG half whose entry carries it
+    ConditioningCombine; the first negative is used). Entries with an area, a mask or a strength other than 1
+    (``TextCondition.regional``) are combined as ComfyUI's samplers combine them: every positive and every negative
+    entry predicts on its area, weighted by its mask, strength and feathered edges (see :class:`_Regional`); they
+    cannot carry ControlNets. A ControlNet acts on the CFG half whose entry carries it
     (both when both do), as in ComfyUI. ``posterior``: (mean, std) of a VAE encoding, drawn
     per row under the ``sdengine`` rule; ``posterior_scaled``: it is in the diffusion model's units (a tiny VAE's
     encoding), taken back to the VAE's first, as the pipeline's ``vae_encode="tiny"`` does. ``noise_mask``
@@ -212,6 +371,12 @@ def sample_latents(
         )
     if not 0.0 < denoise <= 1.0:
         raise LatentSamplingError(f"denoise must be in (0, 1], got {denoise}")
+    regional = any(e.regional for e in (*positive, *negative))
+    if regional and any(e.controls for e in (*positive, *negative)):
+        raise LatentSamplingError(
+            "ControlNets cannot be combined with area, mask or strength conditioning (ConditioningSetArea, "
+            "ConditioningSetMask, ConditioningSetAreaStrength) here"
+        )
     dev = pipe.device
     b, _, h, w = latent.shape
     f = pipe.vae_scale_factor
@@ -342,9 +507,34 @@ def sample_latents(
         def carried(entry: TextCondition, hint: ControlHint) -> bool:
             return any(_same_hint(hint, c) for c in entry.controls)
 
+        parts: list[tuple[Any, dict[str, Tensor]]] = []
+        if regional:  # ComfyUI's weighted sum of every entry's prediction on its area (see _Regional)
+            sizes = getattr(pipe.conditioner, "size_vectors", None)
+
+            def region_args(entry: TextCondition, half: int) -> dict[str, Tensor]:
+                args = {"crossattn": entry.cond["crossattn"].to(dev)}
+                if "vector" in entry.cond:
+                    vec = entry.cond["vector"]
+                    if sizes is not None and "pooled_text" in entry.cond:  # SDXL: the latent's size (encode_text)
+                        vec = sizes(entry.cond["pooled_text"], w * f, h * f)[half]
+                    args["vector"] = vec.to(dev)
+                return args
+
+            cond_r = [_resolve_region(e, region_args(e, 0), h, w, f, dev) for e in positive]
+            uncond_r = [_resolve_region(e, region_args(e, 1), h, w, f, dev) for e in negative]
+            _opposite_areas(uncond_r, cond_r)  # ComfyUI's order: the positive's areas first
+            _opposite_areas(cond_r, uncond_r)
+            for r in (*cond_r, *uncond_r):
+                if r.area is not None and (r.area[2] >= h or r.area[3] >= w or min(r.area[:2]) < 1):
+                    ah, aw, ay, ax = (v * f for v in r.area)
+                    raise LatentSamplingError(
+                        f"a conditioning area of {aw} x {ah} at ({ax}, {ay}) lies outside the latent of "
+                        f"{w * f} x {h * f} pixels"
+                    )
+            den = Denoiser(UNetAdapter(net, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
+            parts.append((_Regional(den, cfg, cond_r, uncond_r), {}))
         neg = negative[0].cond
-        parts = []
-        for pos_entry in positive:
+        for pos_entry in positive if not regional else ():
             part_net = net
             if distinct:
                 kinds = [

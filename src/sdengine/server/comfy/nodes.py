@@ -113,6 +113,7 @@ class Input:
     tooltip: str = ""
     # a value outside ``choices`` that is valid all the same (LoadImage's "name [output]"): (env, value) -> bool
     also_valid: Callable[[Any, str], bool] | None = None
+    round: bool | None = None  # ComfyUI's "round" option of a FLOAT (False: the value is not rounded to the step)
     upload: bool = False  # ComfyUI's image_upload flag (its page offers an upload button)
     # the server's limit that also bounds this input ("side": --max-side, "steps": --max-steps, "batch":
     # --max-batch-size): /object_info lists it and /prompt refuses a value over it, as ComfyUI does its own max
@@ -681,7 +682,7 @@ def clip_text_encode_sdxl(
     with _clip_loras(pipe, clip):
         states, pooled = cond.text(text_l, text_g, clip.clip_skip(pipe))
         vector = cond.vector_of(pooled, [height, width, crop_h, crop_w, target_height, target_width])
-    return ([TextCondition({"crossattn": states.to(cond.dtype), "vector": vector})],)
+    return ([TextCondition({"crossattn": states.to(cond.dtype), "vector": vector}, pooled_width=pooled.shape[-1])],)
 
 
 def clip_text_encode_sdxl_refiner(
@@ -696,7 +697,7 @@ def clip_text_encode_sdxl_refiner(
     with _clip_loras(pipe, clip):
         states, pooled = cond.text(text, text, clip.clip_skip(pipe))
         vector = cond.vector_of(pooled, [height, width, 0, 0, ascore])
-    return ([TextCondition({"crossattn": states.to(cond.dtype), "vector": vector})],)
+    return ([TextCondition({"crossattn": states.to(cond.dtype), "vector": vector}, pooled_width=pooled.shape[-1])],)
 
 
 def clip_set_last_layer(ctx: RunContext, clip: ClipHandle, stop_at_clip_layer: int) -> tuple[Any]:
@@ -773,6 +774,61 @@ def conditioning_average(
     return (out,)
 
 
+def conditioning_set_area(
+    ctx: RunContext, conditioning: list[Any], width: int, height: int, x: int, y: int, strength: float
+) -> tuple[Any]:
+    """ComfyUI's ConditioningSetArea: each entry predicts on the box (pixels, floored to the latent's grid when
+    sampling: ComfyUI's // 8 on SD and SDXL) with weight ``strength``; the sampler sums the entries' predictions
+    weighted so (see :mod:`sdengine.latent_sampling`)."""
+    area = ("pixels", int(height), int(width), int(y), int(x))
+    return ([replace(c, area=area, strength=float(strength)) for c in conditioning],)
+
+
+def conditioning_set_area_percentage(
+    ctx: RunContext, conditioning: list[Any], width: float, height: float, x: float, y: float, strength: float
+) -> tuple[Any]:
+    """ComfyUI's ConditioningSetAreaPercentage: the box in fractions of the latent's sides (rounded to latent
+    pixels when sampling, each side at least 1)."""
+    area = ("percentage", float(height), float(width), float(y), float(x))
+    return ([replace(c, area=area, strength=float(strength)) for c in conditioning],)
+
+
+def conditioning_set_area_strength(ctx: RunContext, conditioning: list[Any], strength: float) -> tuple[Any]:
+    """ComfyUI's ConditioningSetAreaStrength: the entries' weight in the sampler's weighted sum."""
+    return ([replace(c, strength=float(strength)) for c in conditioning],)
+
+
+def conditioning_set_mask(
+    ctx: RunContext, conditioning: list[Any], mask: torch.Tensor, strength: float, set_cond_area: str
+) -> tuple[Any]:
+    """ComfyUI's ConditioningSetMask: each entry's prediction weighted by the mask (resized to the latent when
+    sampling) times ``strength``; "mask bounds" runs it on the mask's bounding box only."""
+    m = mask.float()
+    if m.ndim < 3:
+        m = m[None]
+    if m.ndim != 3 or m.numel() == 0:
+        raise NodeError(f"ConditioningSetMask: a mask of shape {tuple(mask.shape)} is no (B, H, W) mask")
+    bounds = set_cond_area != "default"
+    return ([replace(c, mask=m, mask_strength=float(strength), mask_bounds=bounds) for c in conditioning],)
+
+
+def conditioning_zero_out(ctx: RunContext, conditioning: list[Any]) -> tuple[Any]:
+    """ComfyUI's ConditioningZeroOut: the token states and the pooled text zeroed (SDXL's ``vector`` is then made
+    of zeros and the size numbers, as ComfyUI's pooled_output zeroed); the rest kept."""
+    out = []
+    for c in conditioning:
+        cond = dict(c.cond)
+        cond["crossattn"] = torch.zeros_like(cond["crossattn"])
+        if "pooled_text" in cond:
+            cond["pooled_text"] = torch.zeros_like(cond["pooled_text"])
+        elif "vector" in cond and c.pooled_width:
+            vector = cond["vector"].clone()
+            vector[..., : c.pooled_width] = 0
+            cond["vector"] = vector
+        out.append(replace(c, cond=cond))
+    return (out,)
+
+
 def _hint_image(image: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) -> (B, 3, H, W): a batch of hints is one per latent row (the first alone was once kept)."""
     return image.permute(0, 3, 1, 2).contiguous().float()
@@ -828,6 +884,7 @@ def _sample(
     latent_image: dict[str, Any],
     denoise: float = 1.0,
     last_denoised: list[torch.Tensor] | None = None,
+    options: tuple[tuple[str, float], ...] = (),
     **window: Any,
 ) -> tuple[Any]:
     from sdengine.latent_sampling import sample_latents
@@ -862,7 +919,7 @@ def _sample(
         loras=model.loras,
         callback=report,
         batch_index=latent_image.get("batch_index"),
-        sampler_options=SAMPLER_OPTIONS.get(sampler_name),
+        sampler_options={**SAMPLER_OPTIONS.get(sampler_name, {}), **dict(options)} or None,
         **window,
     )
     from sdengine.pipeline.finite import require_finite
@@ -939,9 +996,11 @@ class Sigmas:
 
 @dataclass(frozen=True)
 class SamplerChoice:
-    """ComfyUI's SAMPLER (KSamplerSelect): one of :data:`SAMPLER_NAMES`."""
+    """ComfyUI's SAMPLER (KSamplerSelect): one of :data:`SAMPLER_NAMES`; ``options`` (name, value) pairs the
+    sampler nodes with settings (SamplerEulerAncestral, SamplerLMS, ...) give the engine's sampler."""
 
     name: str
+    options: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1090,6 +1149,50 @@ def ksampler_select(ctx: RunContext, sampler_name: str) -> tuple[Any]:
     return (SamplerChoice(sampler_name),)
 
 
+def _sampler_with(
+    name: str, options: dict[str, float], unsupported: dict[str, tuple[float, float]] | None = None
+) -> tuple[Any]:
+    """A SAMPLER of ComfyUI's name ``name`` with ``options``; ``unsupported``: settings the engine's sampler has
+    not, (value, the only value it runs), refused unless they are that value."""
+    for key, (value, only) in (unsupported or {}).items():
+        if float(value) != only:
+            raise NodeError(f"{key} {value:g}: sdengine's {name} sampler runs only {key} {only:g}")
+    return (SamplerChoice(name, tuple((k, float(v)) for k, v in options.items())),)
+
+
+def sampler_euler_ancestral(ctx: RunContext, eta: float, s_noise: float) -> tuple[Any]:
+    return _sampler_with("euler_ancestral", {"eta": eta}, {"s_noise": (s_noise, 1.0)})
+
+
+def sampler_dpmpp_2s_ancestral(ctx: RunContext, eta: float, s_noise: float) -> tuple[Any]:
+    return _sampler_with("dpmpp_2s_ancestral", {"eta": eta, "s_noise": s_noise})
+
+
+def sampler_dpmpp_sde(ctx: RunContext, eta: float, s_noise: float, r: float, noise_device: str) -> tuple[Any]:
+    # noise_device: sdengine draws the noise from the seed's row generators on the CPU either way (as KSampler's
+    # dpmpp_sde and dpmpp_sde_gpu)
+    return _sampler_with("dpmpp_sde", {"eta": eta, "s_noise": s_noise}, {"r": (r, 0.5)})
+
+
+def sampler_dpmpp_2m_sde(
+    ctx: RunContext, solver_type: str, eta: float, s_noise: float, noise_device: str
+) -> tuple[Any]:
+    name = "dpmpp_2m_sde_heun" if solver_type == "heun" else "dpmpp_2m_sde"
+    return _sampler_with(name, {"eta": eta, "s_noise": s_noise})
+
+
+def sampler_dpmpp_3m_sde(ctx: RunContext, eta: float, s_noise: float, noise_device: str) -> tuple[Any]:
+    return _sampler_with("dpmpp_3m_sde", {"eta": eta, "s_noise": s_noise})
+
+
+def sampler_lms(ctx: RunContext, order: int) -> tuple[Any]:
+    return _sampler_with("lms", {"order": order})
+
+
+def sampler_dpm_adaptive(ctx: RunContext, **options: float) -> tuple[Any]:
+    return _sampler_with("dpm_adaptive", options)
+
+
 def random_noise(ctx: RunContext, noise_seed: int) -> tuple[Any]:
     return (NoiseSource(int(noise_seed)),)
 
@@ -1148,7 +1251,7 @@ def sampler_custom(
     last: list[torch.Tensor] = []
     common: dict[str, Any] = dict(
         model=model, seed=int(noise_seed), cfg=cfg, sampler_name=sampler.name, positive=positive,
-        negative=negative, latent_image=latent_image, last_denoised=last,
+        negative=negative, latent_image=latent_image, last_denoised=last, options=sampler.options,
     )  # fmt: skip
     plan = _plan_for(sigmas, model)
     if plan is not None and (plan.lo, plan.hi) == (0, plan.n):
@@ -1496,6 +1599,136 @@ def _latent_rows(samples: dict[str, Any], rows: list[int], batch_index: list[int
         "batch_index": batch_index,
     }
     return out
+
+
+def _composite_latents(
+    to: dict[str, Any], src: dict[str, Any], node: str
+) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """The two latents' tensors for a composite (an empty one made in the other's channels) and the VAE factor
+    (image pixels per latent pixel: ComfyUI's 8 on SD and SDXL); None when both are empty (zeros over zeros: the
+    destination as it is)."""
+    a, b = to.get("samples"), src.get("samples")
+    if a is None and b is None:
+        return None
+    ref, ref_size = (a, to["size"]) if a is not None else (b, src["size"])
+    assert ref is not None
+    f = max(1, ref_size[1] // ref.shape[2])  # the VAE factor: pixels per latent pixel
+    made = []
+    for lat, z in ((to, a), (src, b)):
+        if z is None:
+            n, h, w = lat["size"]
+            z = torch.zeros(n, ref.shape[1], max(1, h // f), max(1, w // f))
+        made.append(z.float())
+    if made[0].shape[1] != made[1].shape[1]:
+        raise NodeError(f"{node}: the latents have {made[0].shape[1]} and {made[1].shape[1]} channels")
+    return made[0], made[1], f
+
+
+def _composited(to: dict[str, Any], z: torch.Tensor) -> dict[str, Any]:
+    """``to`` with new samples ``z`` (its noise mask and rows kept; a VAE posterior no longer describes it)."""
+    out = {**to, "samples": z, "posterior": None}
+    out.pop("posterior_scaled", None)
+    return out
+
+
+def latent_composite(
+    ctx: RunContext, samples_to: dict[str, Any], samples_from: dict[str, Any], x: int, y: int, feather: int
+) -> tuple[Any]:
+    """ComfyUI's LatentComposite: ``samples_from`` pasted into ``samples_to`` at (x, y) (pixels floored to latent
+    pixels; cut to fit), its inner edges blended over ``feather`` pixels (floored to latent pixels)."""
+    pair = _composite_latents(samples_to, samples_from, "LatentComposite")
+    if pair is None:
+        return (dict(samples_to),)
+    dst, src, f = pair
+    if src.shape[0] not in (1, dst.shape[0]):
+        raise NodeError(f"LatentComposite: a batch of {src.shape[0]} does not fit into a batch of {dst.shape[0]}")
+    x, y, fe = int(x) // f, int(y) // f, int(feather) // f
+    out = dst.clone()
+    src = src[:, :, : max(0, dst.shape[2] - y), : max(0, dst.shape[3] - x)]
+    if src.numel() == 0:
+        return (_composited(samples_to, out),)
+    hs, ws = src.shape[2], src.shape[3]
+    region = out[:, :, y : y + hs, x : x + ws]
+    mask = torch.ones(1, 1, hs, ws)
+    for t in range(fe):
+        v = (t + 1) / fe
+        if y != 0:
+            mask[:, :, t : t + 1, :] *= v
+        if y + hs < dst.shape[2]:
+            mask[:, :, hs - 1 - t : hs - t, :] *= v
+        if x != 0:
+            mask[:, :, :, t : t + 1] *= v
+        if x + ws < dst.shape[3]:
+            mask[:, :, :, ws - 1 - t : ws - t] *= v
+    out[:, :, y : y + hs, x : x + ws] = src * mask + region * (1 - mask)
+    return (_composited(samples_to, out),)
+
+
+def _to_batch(t: torch.Tensor, n: int) -> torch.Tensor:
+    """ComfyUI's repeat_to_batch_size: the first ``n`` rows, or the rows repeated to ``n``."""
+    if t.shape[0] >= n:
+        return t[:n]
+    return t.repeat(math.ceil(n / t.shape[0]), *([1] * (t.ndim - 1)))[:n]
+
+
+def _composite_masked(
+    dst: torch.Tensor, src: torch.Tensor, x: int, y: int, mask: torch.Tensor | None, factor: int, resize: bool
+) -> torch.Tensor:
+    """ComfyUI's composite (nodes_mask): ``src`` (B, C, h, w) over ``dst`` at (x, y) pixels (``factor`` pixels a
+    cell), weighted by ``mask`` bilinearly resized to ``src``; ``resize``: ``src`` first resized to ``dst``."""
+    if resize:
+        src = F.interpolate(src, size=(dst.shape[-2], dst.shape[-1]), mode="bilinear")
+    src = _to_batch(src, dst.shape[0])
+    left, top = min(x, dst.shape[-1] * factor) // factor, min(y, dst.shape[-2] * factor) // factor
+    if mask is None:
+        m = torch.ones_like(src[:, :1])
+    else:
+        m = mask.float().reshape(-1, 1, mask.shape[-2], mask.shape[-1])
+        m = _to_batch(F.interpolate(m, size=(src.shape[-2], src.shape[-1]), mode="bilinear"), src.shape[0])
+    vh, vw = dst.shape[-2] - top, dst.shape[-1] - left
+    part = src[..., :vh, :vw]
+    m = m[..., :vh, :vw]
+    out = dst.clone()
+    region = out[..., top : top + part.shape[-2], left : left + part.shape[-1]]
+    out[..., top : top + part.shape[-2], left : left + part.shape[-1]] = m * part + (1 - m) * region
+    return out
+
+
+def latent_composite_masked(
+    ctx: RunContext,
+    destination: dict[str, Any],
+    source: dict[str, Any],
+    x: int,
+    y: int,
+    resize_source: bool,
+    mask: torch.Tensor | None = None,
+) -> tuple[Any]:
+    """ComfyUI's LatentCompositeMasked: ``source`` over ``destination`` at (x, y) (pixels, floored to latent
+    pixels), weighted by the mask (bilinearly resized to the source); ``resize_source`` scales it to the
+    destination first."""
+    pair = _composite_latents(destination, source, "LatentCompositeMasked")
+    if pair is None:
+        return (dict(destination),)
+    dst, src, f = pair
+    return (_composited(destination, _composite_masked(dst, src, int(x), int(y), mask, f, bool(resize_source))),)
+
+
+def image_composite_masked(
+    ctx: RunContext,
+    destination: torch.Tensor,
+    source: torch.Tensor,
+    x: int,
+    y: int,
+    resize_source: bool,
+    mask: torch.Tensor | None = None,
+) -> tuple[Any]:
+    """ComfyUI's ImageCompositeMasked: ``source`` over ``destination`` at pixel (x, y), weighted by the mask."""
+    dst = destination.float().movedim(-1, 1)
+    src = source.float().movedim(-1, 1)[:, : dst.shape[1]]
+    if src.shape[1] < dst.shape[1]:  # IMAGE is RGB here; an alpha source is cut to it, as ComfyUI's alpha fix
+        raise NodeError(f"ImageCompositeMasked: a {src.shape[1]}-channel source over a {dst.shape[1]}-channel image")
+    out = _composite_masked(dst, src, int(x), int(y), mask, 1, bool(resize_source))
+    return (out.movedim(1, -1).clamp(0, 1).contiguous(),)
 
 
 def latent_from_batch(ctx: RunContext, samples: dict[str, Any], batch_index: int, length: int) -> tuple[Any]:
@@ -1865,6 +2098,77 @@ NODES: dict[str, NodeDef] = {
             "vectors alike), as ComfyUI.",
         ),
         NodeDef(
+            "ConditioningSetArea",
+            "Conditioning (Set Area)",
+            "conditioning",
+            (
+                Input("conditioning", "CONDITIONING"),
+                _int("width", 64, 64, SIDE_MAX, 8),
+                _int("height", 64, 64, SIDE_MAX, 8),
+                _int("x", 0, 0, SIDE_MAX, 8),
+                _int("y", 0, 0, SIDE_MAX, 8),
+                _float("strength", 1.0, 0.0, 10.0),
+            ),
+            ("CONDITIONING",),
+            conditioning_set_area,
+            description="Regional prompting as ComfyUI: the entries predict on this box of the latent (pixels "
+            "floored to the latent's grid, 8 on SD and SDXL, cut to the latent; a box starting outside it fails at "
+            "the sampler), their "
+            "prediction weighted by `strength` with the box's inner edges feathered, summed with the other entries' "
+            "and divided by the summed weights. Not with ControlNets.",
+        ),
+        NodeDef(
+            "ConditioningSetAreaPercentage",
+            "Conditioning (Set Area with Percentage)",
+            "conditioning",
+            (
+                Input("conditioning", "CONDITIONING"),
+                _float("width", 1.0, 0, 1.0),  # ComfyUI's integer 0s, as /object_info lists them
+                _float("height", 1.0, 0, 1.0),
+                _float("x", 0, 0, 1.0),
+                _float("y", 0, 0, 1.0),
+                _float("strength", 1.0, 0.0, 10.0),
+            ),
+            ("CONDITIONING",),
+            conditioning_set_area_percentage,
+            description="ConditioningSetArea with the box in fractions of the latent's width and height.",
+        ),
+        NodeDef(
+            "ConditioningSetAreaStrength",
+            "ConditioningSetAreaStrength",
+            "conditioning",
+            (Input("conditioning", "CONDITIONING"), _float("strength", 1.0, 0.0, 10.0)),
+            ("CONDITIONING",),
+            conditioning_set_area_strength,
+            description="The entries' weight in the sampler's weighted sum of the combined conditionings' "
+            "predictions (as ComfyUI).",
+        ),
+        NodeDef(
+            "ConditioningSetMask",
+            "Conditioning (Set Mask)",
+            "conditioning",
+            (
+                Input("conditioning", "CONDITIONING"),
+                Input("mask", "MASK"),
+                _float("strength", 1.0, 0.0, 10.0),
+                _combo("set_cond_area", ("default", "mask bounds")),
+            ),
+            ("CONDITIONING",),
+            conditioning_set_mask,
+            description="Regional prompting by mask as ComfyUI: the entries' prediction weighted by the mask "
+            "(bilinearly resized to the latent) times `strength`; `mask bounds` runs them on the mask's bounding "
+            "box only (at least 8 latent pixels a side). Not with ControlNets.",
+        ),
+        NodeDef(
+            "ConditioningZeroOut",
+            "ConditioningZeroOut",
+            "advanced/conditioning",
+            (Input("conditioning", "CONDITIONING"),),
+            ("CONDITIONING",),
+            conditioning_zero_out,
+            description="The token states and pooled text set to zeros (SDXL's size numbers are kept), as ComfyUI.",
+        ),
+        NodeDef(
             "LatentFromBatch",
             "Latent From Batch",
             "latent/batch",
@@ -1934,6 +2238,103 @@ NODES: dict[str, NodeDef] = {
             (_combo("sampler_name", tuple(SAMPLER_NAMES)),),
             ("SAMPLER",),
             ksampler_select,
+        ),
+        NodeDef(
+            "SamplerEulerAncestral",
+            "SamplerEulerAncestral",
+            "sampling/custom_sampling/samplers",
+            (
+                Input("eta", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                Input("s_noise", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+            ),
+            ("SAMPLER",),
+            sampler_euler_ancestral,
+            description="Euler ancestral with its eta (s_noise: 1 only).",
+        ),
+        NodeDef(
+            "SamplerLMS",
+            "SamplerLMS",
+            "sampling/custom_sampling/samplers",
+            (_int("order", 4, 1, 100),),
+            ("SAMPLER",),
+            sampler_lms,
+            description="LMS of the given order.",
+        ),
+        NodeDef(
+            "SamplerDPMPP_3M_SDE",
+            "SamplerDPMPP_3M_SDE",
+            "sampling/custom_sampling/samplers",
+            (
+                Input("eta", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                Input("s_noise", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                _combo("noise_device", ("gpu", "cpu")),
+            ),
+            ("SAMPLER",),
+            sampler_dpmpp_3m_sde,
+            description="DPM++ 3M SDE with its eta and s_noise (the noise: the seed's "
+            "on the CPU whatever `noise_device`).",
+        ),
+        NodeDef(
+            "SamplerDPMPP_2M_SDE",
+            "SamplerDPMPP_2M_SDE",
+            "sampling/custom_sampling/samplers",
+            (
+                _combo("solver_type", ("midpoint", "heun")),
+                Input("eta", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                Input("s_noise", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                _combo("noise_device", ("gpu", "cpu")),
+            ),
+            ("SAMPLER",),
+            sampler_dpmpp_2m_sde,
+            description="DPM++ 2M SDE (midpoint or heun) with its eta and s_noise (the noise: the seed's "
+            "on the CPU whatever `noise_device`).",
+        ),
+        NodeDef(
+            "SamplerDPMPP_SDE",
+            "SamplerDPMPP_SDE",
+            "sampling/custom_sampling/samplers",
+            (
+                Input("eta", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                Input("s_noise", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                Input("r", "FLOAT", 0.5, 0.0, 100.0, 0.01, round=False),
+                _combo("noise_device", ("gpu", "cpu")),
+            ),
+            ("SAMPLER",),
+            sampler_dpmpp_sde,
+            description="DPM++ SDE with its eta and s_noise (r: 0.5 only; the noise: "
+            "the seed's on the CPU whatever `noise_device`).",
+        ),
+        NodeDef(
+            "SamplerDPMPP_2S_Ancestral",
+            "SamplerDPMPP_2S_Ancestral",
+            "sampling/custom_sampling/samplers",
+            (
+                Input("eta", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                Input("s_noise", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+            ),
+            ("SAMPLER",),
+            sampler_dpmpp_2s_ancestral,
+            description="DPM++ 2S ancestral with its eta and s_noise.",
+        ),
+        NodeDef(
+            "SamplerDPMAdaptative",
+            "SamplerDPMAdaptative",
+            "sampling/custom_sampling/samplers",
+            (
+                _int("order", 3, 2, 3),
+                Input("rtol", "FLOAT", 0.05, 0.0, 100.0, 0.01, round=False),
+                Input("atol", "FLOAT", 0.0078, 0.0, 100.0, 0.01, round=False),
+                Input("h_init", "FLOAT", 0.05, 0.0, 100.0, 0.01, round=False),
+                Input("pcoeff", "FLOAT", 0.0, 0.0, 100.0, 0.01, round=False),
+                Input("icoeff", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                Input("dcoeff", "FLOAT", 0.0, 0.0, 100.0, 0.01, round=False),
+                Input("accept_safety", "FLOAT", 0.81, 0.0, 100.0, 0.01, round=False),
+                Input("eta", "FLOAT", 0.0, 0.0, 100.0, 0.01, round=False),
+                Input("s_noise", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+            ),
+            ("SAMPLER",),
+            sampler_dpm_adaptive,
+            description="DPM adaptive with its step-size controller's settings.",
         ),
         NodeDef(
             "BasicScheduler",
@@ -2174,6 +2575,56 @@ NODES: dict[str, NodeDef] = {
             latent_upscale_by,
         ),
         NodeDef(
+            "LatentComposite",
+            "Latent Composite",
+            "latent",
+            (
+                Input("samples_to", "LATENT"),
+                Input("samples_from", "LATENT"),
+                _int("x", 0, 0, SIDE_MAX, 8),
+                _int("y", 0, 0, SIDE_MAX, 8),
+                _int("feather", 0, 0, SIDE_MAX, 8),
+            ),
+            ("LATENT",),
+            latent_composite,
+            description="samples_from pasted into samples_to at (x, y) (floored to multiples of 8, cut to fit), "
+            "its inner edges blended over `feather` pixels, as ComfyUI (on a model whose latent pixel is not 8 "
+            "pixels, the model's grid).",
+        ),
+        NodeDef(
+            "LatentCompositeMasked",
+            "LatentCompositeMasked",
+            "latent",
+            (
+                Input("destination", "LATENT"),
+                Input("source", "LATENT"),
+                _int("x", 0, 0, SIDE_MAX, 8),
+                _int("y", 0, 0, SIDE_MAX, 8),
+                Input("resize_source", "BOOLEAN", False),
+                Input("mask", "MASK", optional=True),
+            ),
+            ("LATENT",),
+            latent_composite_masked,
+            description="source over destination at (x, y), weighted by the mask (bilinearly resized to the "
+            "source), as ComfyUI.",
+        ),
+        NodeDef(
+            "ImageCompositeMasked",
+            "ImageCompositeMasked",
+            "image",
+            (
+                Input("destination", "IMAGE"),
+                Input("source", "IMAGE"),
+                _int("x", 0, 0, SIDE_MAX),
+                _int("y", 0, 0, SIDE_MAX),
+                Input("resize_source", "BOOLEAN", False),
+                Input("mask", "MASK", optional=True),
+            ),
+            ("IMAGE",),
+            image_composite_masked,
+            description="source over destination at pixel (x, y), weighted by the mask, as ComfyUI.",
+        ),
+        NodeDef(
             "LoadImage",
             "Load Image",
             "image",
@@ -2362,6 +2813,8 @@ def input_spec(i: Input, env: Any, choices: list[str] | None = None) -> list[Any
             v = input_max(i, env) if k == "max" else getattr(i, k)
             if v is not None:
                 opts[k] = v
+        if i.round is not None:
+            opts["round"] = i.round
         if i.multiline:
             opts["multiline"] = True
     if i.tooltip:
