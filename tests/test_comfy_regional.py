@@ -49,10 +49,10 @@ def client(tmp_path_factory):
         yield c
 
 
-def base(**nodes) -> dict:
+def base(width: int = 128, **nodes) -> dict:
     g = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "emoji"}},
-        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 64, "batch_size": 1}},
+        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": 64, "batch_size": 1}},
         "red": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red apple", "clip": ["ckpt", 1]}},
         "blue": {"class_type": "CLIPTextEncode", "inputs": {"text": "a blue sky at night", "clip": ["ckpt", 1]}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
@@ -203,12 +203,14 @@ def test_mask_prompt_weighs_its_region_as_comfyui(client):
         assert np.abs(got - want).max() <= 1, bounds
 
 
+@pytest.mark.slow  # three prompts
 def test_area_strength_weighs_combined_prompts(client):
     """ConditioningSetAreaStrength of 3 on "red" combined with "blue": the mean of their predictions weighted
-    3 : 1, which for the toy is ConditioningAverage(red, blue, 0.75); strength 0 leaves "blue" alone."""
+    3 : 1, which for the toy is ConditioningAverage(red, blue, 0.75)."""
     got = image(
         client,
         base(
+            64,
             strong={"class_type": "ConditioningSetAreaStrength", "inputs": {"conditioning": ["red", 0],
                                                                              "strength": 3.0}},
             both={"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["strong", 0],
@@ -219,6 +221,7 @@ def test_area_strength_weighs_combined_prompts(client):
     want = image(
         client,
         base(
+            64,
             avg={"class_type": "ConditioningAverage",
                  "inputs": {"conditioning_to": ["red", 0], "conditioning_from": ["blue", 0],
                             "conditioning_to_strength": 0.75}},
@@ -228,6 +231,7 @@ def test_area_strength_weighs_combined_prompts(client):
     plain = image(
         client,
         base(
+            64,
             both={"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["red", 0],
                                                                   "conditioning_2": ["blue", 0]}},
             **sampler("ks", "both"), **output("ks"),
@@ -252,3 +256,116 @@ def test_an_area_outside_the_latent_fails_at_the_sampler(client):
     assert h["status"]["status_str"] == "error"
     (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
     assert err["node_id"] == "ks" and "lies outside the latent of 128 x 64 pixels" in err["exception_message"]
+
+
+# ------------------------------------------------------------------------- ConditioningZeroOut, sampler nodes
+
+
+def custom(sampler_node: dict, positive: str = "red") -> dict:
+    return base(
+        smp=sampler_node,
+        sig={"class_type": "BasicScheduler",
+             "inputs": {"model": ["ckpt", 0], "scheduler": "karras", "steps": 3, "denoise": 1.0}},
+        ks={"class_type": "SamplerCustom",
+            "inputs": {"model": ["ckpt", 0], "add_noise": True, "noise_seed": SEED, "cfg": 4.0,
+                       "positive": [positive, 0], "negative": ["neg", 0], "sampler": ["smp", 0],
+                       "sigmas": ["sig", 0], "latent_image": ["empty", 0]}},
+        **output("ks"),
+    )  # fmt: skip
+
+
+def select(name: str) -> dict:
+    return {"class_type": "KSamplerSelect", "inputs": {"sampler_name": name}}
+
+
+@pytest.mark.slow  # eight prompts
+def test_sampler_option_nodes_give_samplercustom_their_settings(client):
+    euler = image(client, custom(select("euler")))
+    ancestral = image(client, custom(select("euler_ancestral")))
+    eta0 = image(client, custom({"class_type": "SamplerEulerAncestral", "inputs": {"eta": 0.0, "s_noise": 1.0}}))
+    eta1 = image(client, custom({"class_type": "SamplerEulerAncestral", "inputs": {"eta": 1.0, "s_noise": 1.0}}))
+    assert np.abs(eta0 - euler).max() <= 1  # no ancestral noise: Euler's steps
+    assert np.array_equal(eta1, ancestral) and np.abs(eta1 - euler).mean() > 2
+    heun = image(client, custom(select("dpmpp_2m_sde_heun")))
+    node = {"class_type": "SamplerDPMPP_2M_SDE",
+            "inputs": {"solver_type": "heun", "eta": 1.0, "s_noise": 1.0, "noise_device": "gpu"}}  # fmt: skip
+    assert np.array_equal(image(client, custom(node)), heun)
+    quiet = image(client, custom({**node, "inputs": {**node["inputs"], "eta": 0.0}}))
+    assert np.abs(quiet - heun).mean() > 0.5  # eta reaches the sampler
+    lms = image(client, custom({"class_type": "SamplerLMS", "inputs": {"order": 1}}))
+    assert np.abs(lms - euler).max() <= 1  # first-order linear multistep is Euler
+    # a setting sdengine's sampler has not: the node fails, naming it
+    h = run(client, custom({"class_type": "SamplerEulerAncestral", "inputs": {"eta": 1.0, "s_noise": 0.5}}))
+    (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
+    assert err["node_id"] == "smp" and "s_noise 0.5" in err["exception_message"]
+
+
+def test_conditioning_zero_out_zeroes_the_text(client):
+    """The toy's prediction is the token states' mean: zeroed, "red" and "blue" give one image."""
+    zero = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["red", 0]}}
+    red0 = image(client, base(64, z=zero, **sampler("ks", "z"), **output("ks")))
+    blue0 = image(client, base(64, z={**zero, "inputs": {"conditioning": ["blue", 0]}}, **sampler("ks", "z"),
+                               **output("ks")))  # fmt: skip
+    red = image(client, base(64, **sampler("ks", "red"), **output("ks")))
+    assert np.array_equal(red0, blue0) and np.abs(red - red0).mean() > 2
+
+
+# ------------------------------------------------------------------------------------------- composites
+
+
+@pytest.mark.slow  # five prompts
+def test_latent_and_image_composites(client):
+    """LatentComposite pastes its source's top left corner at (x, y) (the emoji model's latent pixel is 4 x 4);
+    ImageCompositeMasked pastes pixels, weighted by the mask."""
+    g = base(
+        **sampler("ks_red", "red"), **sampler("ks_blue", "blue"),
+        comp={"class_type": "LatentComposite",
+              "inputs": {"samples_to": ["ks_red", 0], "samples_from": ["ks_blue", 0], "x": 0, "y": 0,
+                         "feather": 0}},
+        **output("comp"),
+    )  # fmt: skip
+    blue = image(client, base(**sampler("ks_blue", "blue"), **output("ks_blue")))
+    red = image(client, base(**sampler("ks_red", "red"), **output("ks_red")))
+    assert np.array_equal(image(client, g), blue)  # the whole of samples_to covered
+    mask = upload_mask(client, "left.png", [1.0] * 16 + [0.0] * 16)
+    g = base(
+        **sampler("ks_red", "red"), **sampler("ks_blue", "blue"),
+        dred={"class_type": "VAEDecode", "inputs": {"samples": ["ks_red", 0], "vae": ["ckpt", 2]}},
+        dblue={"class_type": "VAEDecode", "inputs": {"samples": ["ks_blue", 0], "vae": ["ckpt", 2]}},
+        m={"class_type": "LoadImageMask", "inputs": {"image": mask, "channel": "red"}},
+        dec={"class_type": "ImageCompositeMasked",
+             "inputs": {"destination": ["dred", 0], "source": ["dblue", 0], "x": 40, "y": 8,
+                        "resize_source": False, "mask": ["m", 0]}},
+        save={"class_type": "SaveImage", "inputs": {"filename_prefix": "regional", "images": ["dec", 0]}},
+    )  # fmt: skip
+    got = image(client, g)
+    # the source's left half (where the mask is 1) lands at x 40..103, y 8..63; the rest is the destination
+    assert np.array_equal(got[8:, 40:104], blue[:56, :64])
+    keep = np.ones(got.shape[:2], bool)
+    keep[8:, 40:104] = False
+    assert np.array_equal(got[keep], red[keep]) and np.abs(red - blue).mean() > 2
+
+
+def test_latent_composite_feathers_the_inner_edges_as_comfyui():
+    """ComfyUI's LatentComposite: the source's edges inside the destination ramp over feather // 8 latent
+    pixels ((t + 1) / feather from the edge in), its edges on the destination's border do not; a source running
+    past the border is cut; an empty latent pastes zeros."""
+    from sdengine.server.comfy.nodes import latent_composite
+
+    def lat(z: torch.Tensor | None, size: tuple[int, int, int]) -> dict:
+        return {"samples": z, "size": size, "posterior": None, "noise_mask": None}
+
+    to = lat(torch.zeros(1, 4, 8, 8), (1, 64, 64))
+    src = lat(torch.ones(1, 4, 4, 4), (1, 32, 32))
+    (out,) = latent_composite(None, to, src, 16, 8, 16)
+    ramp = torch.tensor([0.5, 1.0, 1.0, 0.5])
+    want = torch.zeros(8, 8)
+    want[1:5, 2:6] = ramp[:, None] * ramp[None, :]
+    assert torch.equal(out["samples"][0, 2], want)
+    (corner,) = latent_composite(None, to, src, 0, 0, 16)  # on the top and left border: no ramp there
+    assert corner["samples"][0, 0, 0, :4].tolist() == [1.0, 1.0, 1.0, 0.5]
+    (cut,) = latent_composite(None, to, lat(torch.arange(16.0).reshape(1, 1, 4, 4).expand(1, 4, 4, 4), (1, 32, 32)),
+                              48, 0, 0)  # fmt: skip
+    assert cut["samples"][0, 0, :4, 6:].tolist() == [[0, 1], [4, 5], [8, 9], [12, 13]]
+    (empty,) = latent_composite(None, lat(torch.ones(1, 4, 8, 8), (1, 64, 64)), lat(None, (1, 16, 16)), 8, 8, 0)
+    assert float(empty["samples"].sum()) == 4 * 64 - 4 * 4 and empty["samples"].shape == (1, 4, 8, 8)

@@ -1157,7 +1157,8 @@ def _sampler_with(
     for key, (value, only) in (unsupported or {}).items():
         if float(value) != only:
             raise NodeError(f"{key} {value:g}: sdengine's {name} sampler runs only {key} {only:g}")
-    return (SamplerChoice(name, tuple((k, float(v)) for k, v in options.items())),)
+    # an INT setting (LMS's and DPM adaptive's order) stays an int: the samplers count with it
+    return (SamplerChoice(name, tuple((k, v if isinstance(v, int) else float(v)) for k, v in options.items())),)
 
 
 def sampler_euler_ancestral(ctx: RunContext, eta: float, s_noise: float) -> tuple[Any]:
