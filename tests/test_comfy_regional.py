@@ -369,3 +369,42 @@ def test_latent_composite_feathers_the_inner_edges_as_comfyui():
     assert cut["samples"][0, 0, :4, 6:].tolist() == [[0, 1], [4, 5], [8, 9], [12, 13]]
     (empty,) = latent_composite(None, lat(torch.ones(1, 4, 8, 8), (1, 64, 64)), lat(None, (1, 16, 16)), 8, 8, 0)
     assert float(empty["samples"].sum()) == 4 * 64 - 4 * 4 and empty["samples"].shape == (1, 4, 8, 8)
+
+
+@pytest.mark.slow  # three prompts
+def test_timestep_ranges_switch_the_prompt_where_comfyui_does(client):
+    """ConditioningSetTimestepRange: "red" over the first half of the denoising, "blue" over the second, is
+    KSamplerAdvanced's two stages (red up to the first step whose sigma is below the schedule's sigma at 50 %,
+    blue from there: Euler keeps no history), as ComfyUI judges the range at each model call's sigma."""
+    from sdengine.diffusion import sampling
+    from sdengine.pipeline.control import percent_to_sigma
+
+    pipe = shared_loader("emoji", "cpu")
+    grid = sampling.make_grid("euler", 4, pipe.noise_schedule, "karras", pipe.scheduler_config)
+    half = percent_to_sigma(pipe.noise_schedule.log_sigmas, 0.5)
+    k = sum(float(s) >= half for s in grid.sigmas[:-1])
+    assert 0 < k < 4 and all(abs(float(s) - half) > 1e-3 for s in grid.sigmas)
+
+    def ranged(node: str, start: float, end: float) -> dict:
+        return {"class_type": "ConditioningSetTimestepRange",
+                "inputs": {"conditioning": [node, 0], "start": start, "end": end}}  # fmt: skip
+
+    switch = base(
+        64, r1=ranged("red", 0.0, 0.5), r2=ranged("blue", 0.5, 1.0),
+        both={"class_type": "ConditioningCombine",
+              "inputs": {"conditioning_1": ["r1", 0], "conditioning_2": ["r2", 0]}},
+        **sampler("ks", "both"), **output("ks"),
+    )  # fmt: skip
+    switch["ks"]["inputs"]["steps"] = 4
+
+    def stage(positive: str, start: int, end: int, first: bool) -> dict:
+        return {"class_type": "KSamplerAdvanced", "inputs": {
+            "add_noise": "enable" if first else "disable", "noise_seed": SEED, "steps": 4, "cfg": 4.0,
+            "sampler_name": "euler", "scheduler": "karras", "positive": [positive, 0], "negative": ["neg", 0],
+            "latent_image": ["empty", 0] if first else ["a", 0], "start_at_step": start, "end_at_step": end,
+            "return_with_leftover_noise": "enable" if first else "disable", "model": ["ckpt", 0]}}  # fmt: skip
+
+    two = base(64, a=stage("red", 0, k, True), b=stage("blue", k, 10000, False), **output("b"))
+    got, want = image(client, switch), image(client, two)
+    red = image(client, base(64, **sampler("ks", "red"), **output("ks")))
+    assert np.abs(got - want).max() <= 1 and np.abs(red - want).mean() > 1

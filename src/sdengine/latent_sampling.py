@@ -83,6 +83,10 @@ class TextCondition:
     mask: Tensor | None = None
     mask_strength: float = 1.0
     mask_bounds: bool = False
+    # ComfyUI's ConditioningSetTimestepRange: the entry weighs in at a model call whose sigma lies between the
+    # schedule's sigmas at these percents of the denoising (0: the start, 1: the end), bounds included
+    start_percent: float = 0.0
+    end_percent: float = 1.0
     # the width of the pooled text at the head of a ``vector`` made when encoding (CLIPTextEncodeSDXL's), so that
     # ConditioningZeroOut can zero it as ComfyUI zeroes pooled_output
     pooled_width: int = 0
@@ -90,7 +94,8 @@ class TextCondition:
     @property
     def regional(self) -> bool:
         """Whether the entry weighs in otherwise than as a whole-latent prediction of weight 1."""
-        return self.area is not None or self.mask is not None or self.strength != 1.0
+        ranged = self.start_percent > 0.0 or self.end_percent < 1.0
+        return self.area is not None or self.mask is not None or self.strength != 1.0 or ranged
 
 
 def encode_text(pipe: Any, text: str, clip_skip: int = 1) -> TextCondition:
@@ -148,9 +153,12 @@ class _Region:
     area: tuple[int, int, int, int] | None
     strength: float
     mask: Tensor | None
+    window: tuple[float, float] | None = None  # (low, high): the sigmas of the model calls it takes part in
 
 
-def _resolve_region(entry: TextCondition, args: dict[str, Tensor], h: int, w: int, f: int, dev: Any) -> _Region:
+def _resolve_region(
+    entry: TextCondition, args: dict[str, Tensor], h: int, w: int, f: int, dev: Any, log_sigmas: Tensor
+) -> _Region:
     """ComfyUI's resolve_areas_and_cond_masks: an area in latent pixels (``f`` image pixels each), the mask resized
     (bilinear) to the latent, and with ``mask_bounds`` the area set to the mask's bounding box (sides at least 8)."""
     area = entry.area
@@ -179,7 +187,12 @@ def _resolve_region(entry: TextCondition, args: dict[str, Tensor], h: int, w: in
         mask = mask * float(entry.mask_strength)
     if area is not None:
         area = tuple(int(v) for v in area)
-    return _Region(args, area, float(entry.strength), mask)  # type: ignore[arg-type]
+    window = None
+    if entry.start_percent > 0.0 or entry.end_percent < 1.0:
+        from sdengine.pipeline.control import comfy_sigma_window
+
+        window = comfy_sigma_window(log_sigmas, float(entry.start_percent), float(entry.end_percent))
+    return _Region(args, area, float(entry.strength), mask, window)  # type: ignore[arg-type]
 
 
 def _opposite_areas(mine: list[_Region], others: list[_Region]) -> None:
@@ -202,7 +215,7 @@ def _opposite_areas(mine: list[_Region], others: list[_Region]) -> None:
                     smallest = r
         if smallest is None or smallest.area == c.area:
             continue
-        mine.append(_Region(smallest.args, c.area, c.strength, c.mask))
+        mine.append(_Region(smallest.args, c.area, c.strength, c.mask, c.window))
 
 
 def _crop_mult(region: _Region, b: int, h: int, w: int, dev: Any) -> tuple[tuple[int, int, int, int], Tensor]:
@@ -258,7 +271,10 @@ class _Regional:
         b, _, h, w = x.shape
         out = torch.zeros_like(x)
         count = torch.full_like(x, 1e-37)
+        s0 = float(sigma[0])
         for r in regions:
+            if r.window is not None and not r.window[0] <= s0 <= r.window[1]:
+                continue  # ComfyUI's timestep range: not at this sigma
             (ah, aw, y, x0), mult = _crop_mult(r, b, h, w, x.device)
             args = {k: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in r.args.items()}
             pred = self.den(x[:, :, y : y + ah, x0 : x0 + aw], sigma, **args, **step)
@@ -340,9 +356,9 @@ def sample_latents(
     ``positive`` / ``negative``: conditioning entries (several positives are averaged as ComfyUI's
     ConditioningCombine; the first negative is used). Entries with an area, a mask or a strength other than 1
     (``TextCondition.regional``) are combined as ComfyUI's samplers combine them: every positive and every negative
-    entry predicts on its area, weighted by its mask, strength and feathered edges (see :class:`_Regional`); they
-    cannot carry ControlNets. A ControlNet acts on the CFG half whose entry carries it
-    (both when both do), as in ComfyUI. ``posterior``: (mean, std) of a VAE encoding, drawn
+    entry predicts on its area, weighted by its mask, strength and feathered edges, at the sigmas of its timestep
+    range (see :class:`_Regional`); they cannot carry ControlNets. A ControlNet acts on the CFG half whose entry
+    carries it (both when both do), as in ComfyUI. ``posterior``: (mean, std) of a VAE encoding, drawn
     per row under the ``sdengine`` rule; ``posterior_scaled``: it is in the diffusion model's units (a tiny VAE's
     encoding), taken back to the VAE's first, as the pipeline's ``vae_encode="tiny"`` does. ``noise_mask``
     (1 or B, 1, H, W), 1 = repaint: the known region is kept on the init latent's noising path, as the
@@ -374,8 +390,8 @@ def sample_latents(
     regional = any(e.regional for e in (*positive, *negative))
     if regional and any(e.controls for e in (*positive, *negative)):
         raise LatentSamplingError(
-            "ControlNets cannot be combined with area, mask or strength conditioning (ConditioningSetArea, "
-            "ConditioningSetMask, ConditioningSetAreaStrength) here"
+            "ControlNets cannot be combined with area, mask, strength or timestep-range conditioning "
+            "(ConditioningSetArea, ConditioningSetMask, ConditioningSetAreaStrength, ConditioningSetTimestepRange) here"
         )
     dev = pipe.device
     b, _, h, w = latent.shape
@@ -520,8 +536,9 @@ def sample_latents(
                     args["vector"] = vec.to(dev)
                 return args
 
-            cond_r = [_resolve_region(e, region_args(e, 0), h, w, f, dev) for e in positive]
-            uncond_r = [_resolve_region(e, region_args(e, 1), h, w, f, dev) for e in negative]
+            ls = pipe.noise_schedule.log_sigmas
+            cond_r = [_resolve_region(e, region_args(e, 0), h, w, f, dev, ls) for e in positive]
+            uncond_r = [_resolve_region(e, region_args(e, 1), h, w, f, dev, ls) for e in negative]
             _opposite_areas(uncond_r, cond_r)  # ComfyUI's order: the positive's areas first
             _opposite_areas(cond_r, uncond_r)
             for r in (*cond_r, *uncond_r):

@@ -812,6 +812,12 @@ def conditioning_set_mask(
     return ([replace(c, mask=m, mask_strength=float(strength), mask_bounds=bounds) for c in conditioning],)
 
 
+def conditioning_set_timestep_range(ctx: RunContext, conditioning: list[Any], start: float, end: float) -> tuple[Any]:
+    """ComfyUI's ConditioningSetTimestepRange: the entries weigh in only at the model calls whose sigma lies between
+    the schedule's sigmas at ``end`` and at ``start`` (percents of the denoising)."""
+    return ([replace(c, start_percent=float(start), end_percent=float(end)) for c in conditioning],)
+
+
 def conditioning_zero_out(ctx: RunContext, conditioning: list[Any]) -> tuple[Any]:
     """ComfyUI's ConditioningZeroOut: the token states and the pooled text zeroed (SDXL's ``vector`` is then made
     of zeros and the size numbers, as ComfyUI's pooled_output zeroed); the rest kept."""
@@ -2159,6 +2165,22 @@ NODES: dict[str, NodeDef] = {
             description="Regional prompting by mask as ComfyUI: the entries' prediction weighted by the mask "
             "(bilinearly resized to the latent) times `strength`; `mask bounds` runs them on the mask's bounding "
             "box only (at least 8 latent pixels a side). Not with ControlNets.",
+        ),
+        NodeDef(
+            "ConditioningSetTimestepRange",
+            "ConditioningSetTimestepRange",
+            "advanced/conditioning",
+            (
+                Input("conditioning", "CONDITIONING"),
+                _float("start", 0.0, 0.0, 1.0, 0.001),
+                _float("end", 1.0, 0.0, 1.0, 0.001),
+            ),
+            ("CONDITIONING",),
+            conditioning_set_timestep_range,
+            description="The entries weigh in only at the model calls whose sigma lies between the model's sigmas "
+            "at `end` and `start` of the denoising (as ComfyUI judges a ControlNet's percents); combined with "
+            "another conditioning, each takes its part of the steps (at a call that none takes, the prediction is "
+            "0, as in ComfyUI). Not with ControlNets.",
         ),
         NodeDef(
             "ConditioningZeroOut",
