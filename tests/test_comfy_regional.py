@@ -241,7 +241,8 @@ def test_area_strength_weighs_combined_prompts(client):
     assert np.abs(plain - want).mean() > 2  # equal weights give another image
 
 
-def test_an_area_outside_the_latent_fails_at_the_sampler(client):
+@pytest.mark.slow  # loads a ControlNet
+def test_an_area_outside_the_latent_and_a_regional_controlnet_fail_at_the_sampler(client):
     h = run(
         client,
         base(
@@ -256,6 +257,26 @@ def test_an_area_outside_the_latent_fails_at_the_sampler(client):
     assert h["status"]["status_str"] == "error"
     (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
     assert err["node_id"] == "ks" and "lies outside the latent of 128 x 64 pixels" in err["exception_message"]
+    # a ControlNet on a regional entry: refused at the sampler, naming the nodes (it is not run on the area)
+    hint = upload_mask(client, "hint.png", [0.0, 1.0] * 16)
+    h = run(
+        client,
+        base(
+            img={"class_type": "LoadImage", "inputs": {"image": hint}},
+            cn={"class_type": "ControlNetLoader", "inputs": {"control_net_name": "emoji-controlnet-canny"}},
+            area={"class_type": "ConditioningSetArea",
+                  "inputs": {"conditioning": ["blue", 0], "width": 64, "height": 64, "x": 64, "y": 0,
+                             "strength": 1.0}},
+            ctl={"class_type": "ControlNetApply",
+                 "inputs": {"conditioning": ["area", 0], "control_net": ["cn", 0], "image": ["img", 0],
+                            "strength": 1.0}},
+            both={"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["red", 0],
+                                                                  "conditioning_2": ["ctl", 0]}},
+            **sampler("ks", "both"), **output("ks"),
+        ),
+    )  # fmt: skip
+    (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
+    assert err["node_id"] == "ks" and "ControlNets cannot be combined with area" in err["exception_message"]
 
 
 # ------------------------------------------------------------------------- ConditioningZeroOut, sampler nodes
