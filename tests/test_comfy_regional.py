@@ -321,6 +321,7 @@ def test_sampler_option_nodes_give_samplercustom_their_settings(client):
     assert err["node_id"] == "smp" and "s_noise 0.5" in err["exception_message"]
 
 
+@pytest.mark.slow  # three prompts (and the first one loads the model)
 def test_conditioning_zero_out_zeroes_the_text(client):
     """The toy's prediction is the token states' mean: zeroed, "red" and "blue" give one image."""
     zero = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["red", 0]}}
