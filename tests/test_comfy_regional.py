@@ -430,3 +430,63 @@ def test_timestep_ranges_switch_the_prompt_where_comfyui_does(client):
     got, want = image(client, switch), image(client, two)
     red = image(client, base(64, **sampler("ks", "red"), **output("ks")))
     assert np.abs(got - want).max() <= 1 and np.abs(red - want).mean() > 1
+
+
+# ---------------------------------------------------------------------------------------------- mask nodes
+
+
+def test_mask_nodes_as_comfyui():
+    from sdengine.server.comfy.nodes import feather_mask, grow_mask, invert_mask, mask_composite
+
+    dot = torch.zeros(1, 5, 5)
+    dot[0, 2, 2] = 1.0
+    (cross,) = grow_mask(None, dot, 1, True)  # tapered: the 3 x 3 cross footprint
+    assert cross[0].tolist()[1:4] == [[0, 0, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 0, 0]]
+    (square,) = grow_mask(None, dot, 2, False)
+    assert float(square.sum()) == 25  # two steps of the 3 x 3 square cover the 5 x 5 mask
+    (back,) = grow_mask(None, square, -2, False)  # the border is its own neighbour: erosion keeps a full mask
+    assert float(back.sum()) == 25
+    block = torch.zeros(1, 5, 5)
+    block[0, 1:4, 1:4] = 1.0
+    (eroded,) = grow_mask(None, block, -1, True)
+    assert torch.equal(eroded, dot)
+    (f,) = feather_mask(None, torch.ones(1, 2, 6), 2, 0, 2, 0)
+    # left: 1/2 then 1; ComfyUI's right ramp indexes -0 (the first column) then -1
+    assert f[0, 0].tolist() == [0.25, 1.0, 1.0, 1.0, 1.0, 1.0]
+    a, b = torch.tensor([[[0.25, 0.5, 0.75]]]), torch.tensor([[[0.75, 0.75]]])
+    assert mask_composite(None, a, b, 1, 0, "add")[0].tolist() == [[[0.25, 1.0, 1.0]]]  # clamped
+    assert mask_composite(None, a, b, 1, 0, "subtract")[0].tolist() == [[[0.25, 0.0, 0.0]]]
+    # and / or / xor on the masks rounded (0.5 rounds to 0, as torch.round does)
+    assert mask_composite(None, a, b, 1, 0, "and")[0].tolist() == [[[0.25, 0.0, 1.0]]]
+    assert mask_composite(None, a, b, 0, 0, "xor")[0].tolist() == [[[1.0, 1.0, 0.75]]]
+    assert mask_composite(None, a, b, 5, 0, "multiply")[0].tolist() == a.tolist()  # off the mask: unchanged
+    assert invert_mask(None, a)[0].tolist() == [[[0.75, 0.5, 0.25]]]
+
+
+def test_image_pad_for_outpaint_through_the_api(client):
+    """ImagePadForOutpaint: the image on a grey canvas and the mask (1 on the margin, feathered into the image by
+    ((feathering - d) / feathering) ** 2 towards the padded side); MaskToImage shows the mask."""
+    a = np.zeros((8, 8, 3), np.uint8)
+    a[:, :, 0] = 200
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    r = client.post("/upload/image", files={"image": ("pad.png", buf.getvalue(), "image/png")}, data={"overwrite": "1"})
+    name = r.json()["name"]
+    g = {
+        "img": {"class_type": "LoadImage", "inputs": {"image": name}},
+        "pad": {"class_type": "ImagePadForOutpaint",
+                "inputs": {"image": ["img", 0], "left": 8, "top": 0, "right": 0, "bottom": 0, "feathering": 2}},
+        "m": {"class_type": "MaskToImage", "inputs": {"mask": ["pad", 1]}},
+        "save": {"class_type": "SaveImage", "inputs": {"filename_prefix": "pad", "images": ["pad", 0]}},
+        "savem": {"class_type": "SaveImage", "inputs": {"filename_prefix": "padmask", "images": ["m", 0]}},
+    }  # fmt: skip
+    h = run(client, g)
+    assert h["status"]["status_str"] == "success", h["status"]
+
+    def saved(node: str) -> np.ndarray:
+        (im,) = h["outputs"][node]["images"]
+        return np.asarray(Image.open(io.BytesIO(client.get("/view", params=im).content)).convert("RGB"))
+
+    padded, mask = saved("save"), saved("savem")
+    assert padded.shape == (8, 16, 3) and (padded[:, :8] == 128).all() and (padded[:, 8:] == a).all()
+    assert mask[0, :, 0].tolist() == [255] * 9 + [64] + [0] * 6  # 1 on the margin; (2 - d)**2 / 4 for d = 0, 1

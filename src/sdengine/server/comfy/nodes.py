@@ -1835,6 +1835,114 @@ def canny_node(ctx: RunContext, image: torch.Tensor, low_threshold: float, high_
     return (edges[..., None].expand(-1, -1, -1, 3).contiguous(),)
 
 
+def image_pad_for_outpaint(
+    ctx: RunContext, image: torch.Tensor, left: int, top: int, right: int, bottom: int, feathering: int
+) -> tuple[Any, Any]:
+    """ComfyUI's ImagePadForOutpaint: the image on a grey (0.5) canvas grown by the margins, and the MASK of what to
+    paint: 1 on the margins; inside the image 0, or with ``feathering`` (when under half of each side) rising as
+    ((feathering - d) / feathering) ** 2 towards each padded side, d the distance to it."""
+    b, h, w, c = image.shape
+    ctx.check_size(w + left + right, h + top + bottom)
+    out = torch.full((b, h + top + bottom, w + left + right, c), 0.5)
+    out[:, top : top + h, left : left + w] = image.float()
+    mask = torch.ones(h + top + bottom, w + left + right)
+    inner = torch.zeros(h, w)
+    fe = int(feathering)
+    if fe > 0 and fe * 2 < h and fe * 2 < w:
+        i = torch.arange(h, dtype=torch.float64)[:, None].expand(h, w)
+        j = torch.arange(w, dtype=torch.float64)[None, :].expand(h, w)
+        far_h, far_w = torch.full_like(i, float(h)), torch.full_like(j, float(w))
+        d = torch.stack(
+            [i if top else far_h, h - i if bottom else far_h, j if left else far_w, w - j if right else far_w]
+        ).amin(0)
+        v = (fe - d) / fe
+        inner = torch.where(d < fe, v * v, 0.0).float()
+    mask[top : top + h, left : left + w] = inner
+    return out, mask[None]
+
+
+def mask_to_image(ctx: RunContext, mask: torch.Tensor) -> tuple[Any]:
+    """ComfyUI's MaskToImage: each mask as a grey image."""
+    m = mask.float().reshape(-1, mask.shape[-2], mask.shape[-1])
+    return (m[..., None].expand(-1, -1, -1, 3).contiguous(),)
+
+
+def image_to_mask(ctx: RunContext, image: torch.Tensor, channel: str) -> tuple[Any]:
+    """ComfyUI's ImageToMask: one channel of the image."""
+    index = ("red", "green", "blue", "alpha").index(channel)
+    if index >= image.shape[-1]:  # an IMAGE here is RGB: LoadImage's alpha is its MASK output, as in ComfyUI
+        raise NodeError(f"ImageToMask: the image has no {channel} channel (LoadImage gives the alpha as its MASK)")
+    return (image[..., index].float().contiguous(),)
+
+
+def solid_mask(ctx: RunContext, value: float, width: int, height: int) -> tuple[Any]:
+    ctx.check_size(int(width), int(height))
+    return (torch.full((1, int(height), int(width)), float(value)),)
+
+
+def invert_mask(ctx: RunContext, mask: torch.Tensor) -> tuple[Any]:
+    return (1.0 - mask.float(),)
+
+
+def mask_composite(
+    ctx: RunContext, destination: torch.Tensor, source: torch.Tensor, x: int, y: int, operation: str
+) -> tuple[Any]:
+    """ComfyUI's MaskComposite: ``source`` combined into ``destination`` at (x, y) by ``operation`` (and / or / xor
+    on the masks rounded to 0 or 1), clamped to [0, 1]."""
+    out = destination.float().reshape(-1, destination.shape[-2], destination.shape[-1]).clone()
+    src = source.float().reshape(-1, source.shape[-2], source.shape[-1])
+    if src.shape[0] not in (1, out.shape[0]):
+        raise NodeError(f"MaskComposite: a batch of {src.shape[0]} masks does not fit one of {out.shape[0]}")
+    x, y = int(x), int(y)
+    right, bottom = min(x + src.shape[-1], out.shape[-1]), min(y + src.shape[-2], out.shape[-2])
+    if right > x and bottom > y:
+        a, b_ = out[:, y:bottom, x:right], src[:, : bottom - y, : right - x]
+        if operation == "multiply":
+            r = a * b_
+        elif operation == "add":
+            r = a + b_
+        elif operation == "subtract":
+            r = a - b_
+        else:
+            op = {"and": torch.logical_and, "or": torch.logical_or, "xor": torch.logical_xor}[operation]
+            r = op(a.round().bool(), b_.round().bool()).float()
+        out[:, y:bottom, x:right] = r
+    return (out.clamp(0.0, 1.0),)
+
+
+def feather_mask(ctx: RunContext, mask: torch.Tensor, left: int, top: int, right: int, bottom: int) -> tuple[Any]:
+    """ComfyUI's FeatherMask: the edges ramped to 0 over the given widths, ((k + 1) / width at the k-th pixel from
+    the edge). As ComfyUI indexes the right and bottom ramps from ``-k``, their first factor lands on the first
+    column / row (index -0) and the last column / row gets the second: kept, so that a workflow's mask is
+    ComfyUI's."""
+    out = mask.float().reshape(-1, mask.shape[-2], mask.shape[-1]).clone()
+    h, w = out.shape[-2:]
+    left, right, top, bottom = min(left, w), min(right, w), min(top, h), min(bottom, h)
+    for k in range(left):
+        out[:, :, k] *= (k + 1.0) / left
+    for k in range(right):
+        out[:, :, -k] *= (k + 1) / right
+    for k in range(top):
+        out[:, k, :] *= (k + 1) / top
+    for k in range(bottom):
+        out[:, -k, :] *= (k + 1) / bottom
+    return (out,)
+
+
+def grow_mask(ctx: RunContext, mask: torch.Tensor, expand: int, tapered_corners: bool) -> tuple[Any]:
+    """ComfyUI's GrowMask: ``expand`` steps of grey dilation (erosion when negative) with a 3 x 3 footprint, a cross
+    when ``tapered_corners``; the border is its own neighbour (scipy's reflect mode)."""
+    m = mask.float().reshape(-1, 1, mask.shape[-2], mask.shape[-1])
+    h, w = m.shape[-2:]
+    steps = min(abs(int(expand)), h + w)  # past h + w steps nothing changes any more
+    offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if not (tapered_corners and dy and dx)]
+    for _ in range(steps):
+        p = F.pad(m, (1, 1, 1, 1), mode="replicate")
+        shifted = torch.stack([p[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in offsets])
+        m = shifted.amax(0) if expand > 0 else shifted.amin(0)
+    return (m[:, 0],)
+
+
 def load_image(ctx: RunContext, image: str) -> tuple[Any, ...]:
     rgbs, masks = [], []
     for img in _load_input_image(ctx, image, frames=True):
@@ -2646,6 +2754,95 @@ NODES: dict[str, NodeDef] = {
             ("IMAGE",),
             image_composite_masked,
             description="source over destination at pixel (x, y), weighted by the mask, as ComfyUI.",
+        ),
+        NodeDef(
+            "ImagePadForOutpaint",
+            "Pad Image for Outpainting",
+            "image",
+            (
+                Input("image", "IMAGE"),
+                _int("left", 0, 0, SIDE_MAX, 8),
+                _int("top", 0, 0, SIDE_MAX, 8),
+                _int("right", 0, 0, SIDE_MAX, 8),
+                _int("bottom", 0, 0, SIDE_MAX, 8),
+                _int("feathering", 40, 0, SIDE_MAX),
+            ),
+            ("IMAGE", "MASK"),
+            image_pad_for_outpaint,
+            description="The image on a grey canvas grown by the margins, and the mask of what to paint (the "
+            "margins, feathered into the image), as ComfyUI; a canvas over the server's side limit fails here.",
+        ),
+        NodeDef(
+            "MaskToImage",
+            "Convert Mask to Image",
+            "mask",
+            (Input("mask", "MASK"),),
+            ("IMAGE",),
+            mask_to_image,
+        ),
+        NodeDef(
+            "ImageToMask",
+            "Convert Image to Mask",
+            "mask",
+            (Input("image", "IMAGE"), _combo("channel", ("red", "green", "blue", "alpha"))),
+            ("MASK",),
+            image_to_mask,
+            description="One channel of the image (an IMAGE has no alpha: LoadImage gives it as its MASK).",
+        ),
+        NodeDef(
+            "SolidMask",
+            "SolidMask",
+            "mask",
+            (
+                _float("value", 1.0, 0.0, 1.0),
+                _int("width", 512, 1, SIDE_MAX, limit="side"),
+                _int("height", 512, 1, SIDE_MAX, limit="side"),
+            ),
+            ("MASK",),
+            solid_mask,
+        ),
+        NodeDef("InvertMask", "InvertMask", "mask", (Input("mask", "MASK"),), ("MASK",), invert_mask),
+        NodeDef(
+            "MaskComposite",
+            "MaskComposite",
+            "mask",
+            (
+                Input("destination", "MASK"),
+                Input("source", "MASK"),
+                _int("x", 0, 0, SIDE_MAX),
+                _int("y", 0, 0, SIDE_MAX),
+                _combo("operation", ("multiply", "add", "subtract", "and", "or", "xor")),
+            ),
+            ("MASK",),
+            mask_composite,
+        ),
+        NodeDef(
+            "FeatherMask",
+            "FeatherMask",
+            "mask",
+            (
+                Input("mask", "MASK"),
+                _int("left", 0, 0, SIDE_MAX),
+                _int("top", 0, 0, SIDE_MAX),
+                _int("right", 0, 0, SIDE_MAX),
+                _int("bottom", 0, 0, SIDE_MAX),
+            ),
+            ("MASK",),
+            feather_mask,
+            description="The edges ramped to 0 over the given widths, with ComfyUI's indexing (its right and bottom "
+            "ramps start on the first column and row).",
+        ),
+        NodeDef(
+            "GrowMask",
+            "GrowMask",
+            "mask",
+            (
+                Input("mask", "MASK"),
+                _int("expand", 0, -SIDE_MAX, SIDE_MAX),
+                Input("tapered_corners", "BOOLEAN", True),
+            ),
+            ("MASK",),
+            grow_mask,
         ),
         NodeDef(
             "LoadImage",
