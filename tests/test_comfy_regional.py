@@ -391,6 +391,11 @@ def test_latent_composite_feathers_the_inner_edges_as_comfyui():
     assert cut["samples"][0, 0, :4, 6:].tolist() == [[0, 1], [4, 5], [8, 9], [12, 13]]
     (empty,) = latent_composite(None, lat(torch.ones(1, 4, 8, 8), (1, 64, 64)), lat(None, (1, 16, 16)), 8, 8, 0)
     assert float(empty["samples"].sum()) == 4 * 64 - 4 * 4 and empty["samples"].shape == (1, 4, 8, 8)
+    from sdengine.server.comfy.nodes import NodeError
+
+    with pytest.raises(NodeError, match="a batch of 2 does not fit into a batch of 3"):
+        latent_composite(None, lat(torch.zeros(3, 4, 8, 8), (3, 64, 64)), lat(torch.ones(2, 4, 4, 4), (2, 32, 32)),
+                         0, 0, 0)  # fmt: skip
 
 
 @pytest.mark.slow  # three prompts
@@ -461,6 +466,14 @@ def test_mask_nodes_as_comfyui():
     assert mask_composite(None, a, b, 0, 0, "xor")[0].tolist() == [[[1.0, 1.0, 0.75]]]
     assert mask_composite(None, a, b, 5, 0, "multiply")[0].tolist() == a.tolist()  # off the mask: unchanged
     assert invert_mask(None, a)[0].tolist() == [[[0.75, 0.5, 0.25]]]
+    from sdengine.server.comfy.nodes import NodeError, image_to_mask
+
+    with pytest.raises(NodeError, match="a batch of 2 masks does not fit one of 3"):
+        mask_composite(None, torch.zeros(3, 4, 4), torch.zeros(2, 4, 4), 0, 0, "add")
+    rgb = torch.rand(1, 4, 4, 3)
+    assert torch.equal(image_to_mask(None, rgb, "green")[0], rgb[..., 1])
+    with pytest.raises(NodeError, match="no alpha channel"):
+        image_to_mask(None, rgb, "alpha")
 
 
 def test_image_pad_for_outpaint_through_the_api(client):
