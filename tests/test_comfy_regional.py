@@ -503,3 +503,20 @@ def test_image_pad_for_outpaint_through_the_api(client):
     padded, mask = saved("save"), saved("savem")
     assert padded.shape == (8, 16, 3) and (padded[:, :8] == 128).all() and (padded[:, 8:] == a).all()
     assert mask[0, :, 0].tolist() == [255] * 9 + [64] + [0] * 6  # 1 on the margin; (2 - d)**2 / 4 for d = 0, 1
+
+
+def test_empty_image_invert_and_crop_through_the_api(client):
+    g = {
+        "e": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 8, "batch_size": 2, "color": 0x336699}},
+        "inv": {"class_type": "ImageInvert", "inputs": {"image": ["e", 0]}},
+        "crop": {"class_type": "ImageCrop", "inputs": {"image": ["inv", 0], "width": 4, "height": 4, "x": 10, "y": 6}},
+        "save": {"class_type": "SaveImage", "inputs": {"filename_prefix": "crop", "images": ["crop", 0]}},
+    }
+    h = run(client, g)
+    assert h["status"]["status_str"] == "success", h["status"]
+    images = h["outputs"]["save"]["images"]
+    assert len(images) == 2
+    a = np.asarray(Image.open(io.BytesIO(client.get("/view", params=images[1]).content)).convert("RGB"))
+    assert a.shape == (2, 4, 3) and (a == [255 - 0x33, 255 - 0x66, 255 - 0x99]).all()  # cut to the image
+    info = client.get("/object_info/EmptyImage").json()["EmptyImage"]["input"]["required"]
+    assert info["color"] == ["INT", {"default": 0, "min": 0, "max": 0xFFFFFF, "step": 1, "display": "color"}]

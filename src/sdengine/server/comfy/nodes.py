@@ -114,6 +114,7 @@ class Input:
     # a value outside ``choices`` that is valid all the same (LoadImage's "name [output]"): (env, value) -> bool
     also_valid: Callable[[Any, str], bool] | None = None
     round: bool | None = None  # ComfyUI's "round" option of a FLOAT (False: the value is not rounded to the step)
+    display: str | None = None  # ComfyUI's "display" option (EmptyImage's color: "color", its page's picker)
     upload: bool = False  # ComfyUI's image_upload flag (its page offers an upload button)
     # the server's limit that also bounds this input ("side": --max-side, "steps": --max-steps, "batch":
     # --max-batch-size): /object_info lists it and /prompt refuses a value over it, as ComfyUI does its own max
@@ -1861,6 +1862,23 @@ def image_pad_for_outpaint(
     return out, mask[None]
 
 
+def image_invert(ctx: RunContext, image: torch.Tensor) -> tuple[Any]:
+    return (1.0 - image.float(),)
+
+
+def empty_image(ctx: RunContext, width: int, height: int, batch_size: int, color: int) -> tuple[Any]:
+    """ComfyUI's EmptyImage: a batch of one colour (0xRRGGBB)."""
+    ctx.check_size(int(width), int(height), int(batch_size))
+    rgb = torch.tensor([(color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF], dtype=torch.float32) / 0xFF
+    return (rgb.expand(int(batch_size), int(height), int(width), 3).contiguous(),)
+
+
+def image_crop(ctx: RunContext, image: torch.Tensor, width: int, height: int, x: int, y: int) -> tuple[Any]:
+    """ComfyUI's ImageCrop: the box at (x, y) cut to the image (x and y at most its last column and row)."""
+    x, y = min(int(x), image.shape[2] - 1), min(int(y), image.shape[1] - 1)
+    return (image[:, y : y + int(height), x : x + int(width), :].contiguous(),)
+
+
 def mask_to_image(ctx: RunContext, mask: torch.Tensor) -> tuple[Any]:
     """ComfyUI's MaskToImage: each mask as a grey image."""
     m = mask.float().reshape(-1, mask.shape[-2], mask.shape[-1])
@@ -2772,6 +2790,34 @@ NODES: dict[str, NodeDef] = {
             description="The image on a grey canvas grown by the margins, and the mask of what to paint (the "
             "margins, feathered into the image), as ComfyUI; a canvas over the server's side limit fails here.",
         ),
+        NodeDef("ImageInvert", "Invert Image", "image", (Input("image", "IMAGE"),), ("IMAGE",), image_invert),
+        NodeDef(
+            "EmptyImage",
+            "EmptyImage",
+            "image",
+            (
+                _int("width", 512, 1, SIDE_MAX, limit="side"),
+                _int("height", 512, 1, SIDE_MAX, limit="side"),
+                _int("batch_size", 1, 1, 4096, limit="batch"),
+                Input("color", "INT", 0, 0, 0xFFFFFF, 1, display="color"),
+            ),
+            ("IMAGE",),
+            empty_image,
+        ),
+        NodeDef(
+            "ImageCrop",
+            "ImageCrop",
+            "image/transform",
+            (
+                Input("image", "IMAGE"),
+                _int("width", 512, 1, SIDE_MAX),
+                _int("height", 512, 1, SIDE_MAX),
+                _int("x", 0, 0, SIDE_MAX),
+                _int("y", 0, 0, SIDE_MAX),
+            ),
+            ("IMAGE",),
+            image_crop,
+        ),
         NodeDef(
             "MaskToImage",
             "Convert Mask to Image",
@@ -3035,6 +3081,8 @@ def input_spec(i: Input, env: Any, choices: list[str] | None = None) -> list[Any
                 opts[k] = v
         if i.round is not None:
             opts["round"] = i.round
+        if i.display is not None:
+            opts["display"] = i.display
         if i.multiline:
             opts["multiline"] = True
     if i.tooltip:
