@@ -267,29 +267,40 @@ class _Regional:
     def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> _Regional:
         return _Regional(self.den.with_timesteps(sigmas, timesteps), self.cfg, self.cond, self.uncond)
 
-    def _half(self, regions: list[_Region], x: Tensor, sigma: Tensor, step: dict[str, Any]) -> Tensor:
-        b, _, h, w = x.shape
-        out = torch.zeros_like(x)
-        count = torch.full_like(x, 1e-37)
-        s0 = float(sigma[0])
-        for r in regions:
-            if r.window is not None and not r.window[0] <= s0 <= r.window[1]:
-                continue  # ComfyUI's timestep range: not at this sigma
-            (ah, aw, y, x0), mult = _crop_mult(r, b, h, w, x.device)
-            args = {k: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in r.args.items()}
-            pred = self.den(x[:, :, y : y + ah, x0 : x0 + aw], sigma, **args, **step)
-            out[:, :, y : y + ah, x0 : x0 + aw] += pred * mult
-            count[:, :, y : y + ah, x0 : x0 + aw] += mult
-        return out / count
-
     def __call__(self, x: Tensor, sigma: Tensor | float, **kw: Any) -> Tensor:
         step = {"step": kw["step"]} if "step" in kw else {}
         sig = torch.as_tensor(sigma, dtype=torch.float32)
         sig = sig.reshape(-1).expand(x.shape[0]) if sig.numel() == 1 else sig
-        cond = self._half(self.cond, x, sig, step)
-        if math.isclose(self.cfg, 1.0):
+        halves = [self.cond] if math.isclose(self.cfg, 1.0) else [self.cond, self.uncond]
+        b, _, h, w = x.shape
+        s0 = float(sig[0])
+        # The model calls: one per active entry; entries of the same crop and argument shapes (an area's positive
+        # and its negative copy) run as one batch of at most two, the memory of an ordinary CFG call.
+        groups: dict[Any, list[tuple[int, tuple[int, int, int, int], Tensor, dict[str, Tensor]]]] = {}
+        for half, regions in enumerate(halves):
+            for r in regions:
+                if r.window is not None and not r.window[0] <= s0 <= r.window[1]:
+                    continue  # ComfyUI's timestep range: not at this sigma
+                box, mult = _crop_mult(r, b, h, w, x.device)
+                args = {k: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in r.args.items()}
+                key = (box, tuple(sorted((k, tuple(v.shape)) for k, v in args.items())))
+                groups.setdefault(key, []).append((half, box, mult, args))
+        outs = [torch.zeros_like(x) for _ in halves]
+        counts = [torch.full_like(x, 1e-37) for _ in halves]
+        for jobs in groups.values():
+            for i in range(0, len(jobs), 2):
+                batch = jobs[i : i + 2]
+                ah, aw, y, x0 = batch[0][1]
+                crop = x[:, :, y : y + ah, x0 : x0 + aw]
+                args = {k: torch.cat([j[3][k] for j in batch]) for k in batch[0][3]}
+                preds = self.den(torch.cat([crop] * len(batch)), torch.cat([sig] * len(batch)), **args, **step)
+                for (half, _, mult, _), pred in zip(batch, preds.chunk(len(batch)), strict=True):
+                    outs[half][:, :, y : y + ah, x0 : x0 + aw] += pred * mult
+                    counts[half][:, :, y : y + ah, x0 : x0 + aw] += mult
+        cond = outs[0] / counts[0]
+        if len(halves) == 1:
             return cond
-        uncond = self._half(self.uncond, x, sig, step)
+        uncond = outs[1] / counts[1]
         return uncond + (cond - uncond) * self.cfg
 
 
