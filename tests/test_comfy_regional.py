@@ -257,7 +257,7 @@ def test_an_area_outside_the_latent_and_a_regional_controlnet_fail_at_the_sample
     assert h["status"]["status_str"] == "error"
     (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
     assert err["node_id"] == "ks" and "lies outside the latent of 128 x 64 pixels" in err["exception_message"]
-    # a ControlNet on a regional entry: refused at the sampler, naming the nodes (it is not run on the area)
+    # a ControlNet on an area entry: refused at the sampler, naming the nodes (it is not run on the area)
     hint = upload_mask(client, "hint.png", [0.0, 1.0] * 16)
     h = run(
         client,
@@ -276,7 +276,7 @@ def test_an_area_outside_the_latent_and_a_regional_controlnet_fail_at_the_sample
         ),
     )  # fmt: skip
     (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
-    assert err["node_id"] == "ks" and "ControlNets cannot be combined with area" in err["exception_message"]
+    assert err["node_id"] == "ks" and "a ControlNet cannot act on a conditioning area" in err["exception_message"]
 
 
 # ------------------------------------------------------------------------- ConditioningZeroOut, sampler nodes
@@ -548,3 +548,48 @@ def test_vae_encode_tiled_is_close_to_vae_encode(client):
     assert tiled.shape == whole.shape == (64, 128, 3)
     diff = np.abs(tiled - whole)
     assert 0.2 < diff.mean() < 6, diff.mean()
+
+
+# ------------------------------------------------------------------- ControlNets with regional entries (real model)
+
+
+@pytest.fixture(scope="module")
+def real_client(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("regional-real")
+    with live_server(server_config(tmp)) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+        yield c
+
+
+@pytest.mark.slow  # the emoji model and its ControlNet, four prompts
+def test_a_controlnet_acts_on_the_regional_entries_that_carry_it(real_client):
+    """ "red" with a ControlNet combined with "blue" at strength 0 (ConditioningSetAreaStrength: the regional
+    path, where blue weighs nothing) is the plain ControlNet run; without the ControlNet it is another image."""
+    client = real_client
+    a = np.zeros((64, 64, 3), np.uint8)
+    a[16:48, 16:48] = 255
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    r = client.post("/upload/image", files={"image": ("cn.png", buf.getvalue(), "image/png")}, data={"overwrite": "1"})
+    hint = r.json()["name"]
+
+    def graph(positive: str) -> dict:
+        g = base(
+            64,
+            img={"class_type": "LoadImage", "inputs": {"image": hint}},
+            cn={"class_type": "ControlNetLoader", "inputs": {"control_net_name": "emoji-controlnet-canny"}},
+            ctl={"class_type": "ControlNetApply",
+                 "inputs": {"conditioning": ["red", 0], "control_net": ["cn", 0], "image": ["img", 0],
+                            "strength": 1.0}},
+            zero={"class_type": "ConditioningSetAreaStrength", "inputs": {"conditioning": ["blue", 0],
+                                                                           "strength": 0.0}},
+            both={"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["ctl", 0],
+                                                                  "conditioning_2": ["zero", 0]}},
+            bare={"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["red", 0],
+                                                                  "conditioning_2": ["zero", 0]}},
+            **sampler("ks", positive), **output("ks"),
+        )  # fmt: skip
+        return g
+
+    controlled, regional, bare = image(client, graph("ctl")), image(client, graph("both")), image(client, graph("bare"))
+    assert np.abs(regional - controlled).max() <= 2  # the same up to float rounding (other batches)
+    assert np.abs(bare - controlled).mean() > 2  # the ControlNet shows

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -154,6 +154,8 @@ class _Region:
     strength: float
     mask: Tensor | None
     window: tuple[float, float] | None = None  # (low, high): the sigmas of the model calls it takes part in
+    controls: tuple[ControlHint, ...] = ()  # the entry's ControlNets (whole-latent entries only)
+    den: Any = None  # its x0-denoiser (set by sample_latents: the ControlNets it carries act on its rows)
 
 
 def _resolve_region(
@@ -192,7 +194,7 @@ def _resolve_region(
         from sdengine.pipeline.control import comfy_sigma_window
 
         window = comfy_sigma_window(log_sigmas, float(entry.start_percent), float(entry.end_percent))
-    return _Region(args, area, float(entry.strength), mask, window)  # type: ignore[arg-type]
+    return _Region(args, area, float(entry.strength), mask, window, entry.controls)  # type: ignore[arg-type]
 
 
 def _opposite_areas(mine: list[_Region], others: list[_Region]) -> None:
@@ -215,7 +217,8 @@ def _opposite_areas(mine: list[_Region], others: list[_Region]) -> None:
                     smallest = r
         if smallest is None or smallest.area == c.area:
             continue
-        mine.append(_Region(smallest.args, c.area, c.strength, c.mask, c.window))
+        # ComfyUI's copy keeps the entry's own ControlNets (an area's: refused later), not the enclosing one's
+        mine.append(_Region(smallest.args, c.area, c.strength, c.mask, c.window, c.controls))
 
 
 def _crop_mult(region: _Region, b: int, h: int, w: int, dev: Any) -> tuple[tuple[int, int, int, int], Tensor]:
@@ -254,18 +257,30 @@ class _Regional:
     weight (mask, strength, feathering) and divided by the summed weight (1e-37 where nothing weighs), for the
     positive and the negative entries apart; then CFG (a scale of 1 skips the negative pass, as ComfyUI)."""
 
-    def __init__(self, den: Any, cfg: float, cond: list[_Region], uncond: list[_Region]) -> None:
-        self.den, self.cfg, self.cond, self.uncond = den, float(cfg), cond, uncond
+    def __init__(self, cfg: float, cond: list[_Region], uncond: list[_Region]) -> None:
+        self.cfg, self.cond, self.uncond = float(cfg), cond, uncond
+        den = cond[0].den
         self.schedule = den.schedule
         self.prediction = den.prediction
-        self.takes_step = bool(getattr(den, "takes_step", False))
+        self.takes_step = any(bool(getattr(r.den, "takes_step", False)) for r in (*cond, *uncond))
+
+    def _mapped(self, fn: Callable[[Any], Any]) -> _Regional:
+        """The same regions, each denoiser replaced by ``fn`` of it (once per denoiser: shared ones stay shared)."""
+        done: dict[int, Any] = {}
+
+        def new(r: _Region) -> _Region:
+            if id(r.den) not in done:
+                done[id(r.den)] = fn(r.den)
+            return replace(r, den=done[id(r.den)])
+
+        return _Regional(self.cfg, [new(r) for r in self.cond], [new(r) for r in self.uncond])
 
     @property
     def off_grid(self) -> _Regional:
-        return _Regional(getattr(self.den, "off_grid", self.den), self.cfg, self.cond, self.uncond)
+        return self._mapped(lambda d: getattr(d, "off_grid", d))
 
     def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> _Regional:
-        return _Regional(self.den.with_timesteps(sigmas, timesteps), self.cfg, self.cond, self.uncond)
+        return self._mapped(lambda d: d.with_timesteps(sigmas, timesteps))
 
     def __call__(self, x: Tensor, sigma: Tensor | float, **kw: Any) -> Tensor:
         step = {"step": kw["step"]} if "step" in kw else {}
@@ -276,15 +291,15 @@ class _Regional:
         s0 = float(sig[0])
         # The model calls: one per active entry; entries of the same crop and argument shapes (an area's positive
         # and its negative copy) run as one batch of at most two, the memory of an ordinary CFG call.
-        groups: dict[Any, list[tuple[int, tuple[int, int, int, int], Tensor, dict[str, Tensor]]]] = {}
+        groups: dict[Any, list[tuple[int, tuple[int, int, int, int], Tensor, dict[str, Tensor], Any]]] = {}
         for half, regions in enumerate(halves):
             for r in regions:
                 if r.window is not None and not r.window[0] <= s0 <= r.window[1]:
                     continue  # ComfyUI's timestep range: not at this sigma
                 box, mult = _crop_mult(r, b, h, w, x.device)
                 args = {k: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in r.args.items()}
-                key = (box, tuple(sorted((k, tuple(v.shape)) for k, v in args.items())))
-                groups.setdefault(key, []).append((half, box, mult, args))
+                key = (box, tuple(sorted((k, tuple(v.shape)) for k, v in args.items())), id(r.den))
+                groups.setdefault(key, []).append((half, box, mult, args, r.den))
         outs = [torch.zeros_like(x) for _ in halves]
         counts = [torch.full_like(x, 1e-37) for _ in halves]
         for jobs in groups.values():
@@ -293,8 +308,12 @@ class _Regional:
                 ah, aw, y, x0 = batch[0][1]
                 crop = x[:, :, y : y + ah, x0 : x0 + aw]
                 args = {k: torch.cat([j[3][k] for j in batch]) for k in batch[0][3]}
-                preds = self.den(torch.cat([crop] * len(batch)), torch.cat([sig] * len(batch)), **args, **step)
-                for (half, _, mult, _), pred in zip(batch, preds.chunk(len(batch)), strict=True):
+                den = batch[0][4]
+                extra: dict[str, Any] = dict(step)
+                if getattr(den, "takes_row_kinds", False):  # which CFG half each row is (a ControlNet's rows)
+                    extra["row_kinds"] = tuple(("cond", "uncond")[j[0]] for j in batch for _ in range(b))
+                preds = den(torch.cat([crop] * len(batch)), torch.cat([sig] * len(batch)), **args, **extra)
+                for (half, _, mult, _, _), pred in zip(batch, preds.chunk(len(batch)), strict=True):
                     outs[half][:, :, y : y + ah, x0 : x0 + aw] += pred * mult
                     counts[half][:, :, y : y + ah, x0 : x0 + aw] += mult
         cond = outs[0] / counts[0]
@@ -368,8 +387,9 @@ def sample_latents(
     ConditioningCombine; the first negative is used). Entries with an area, a mask or a strength other than 1
     (``TextCondition.regional``) are combined as ComfyUI's samplers combine them: every positive and every negative
     entry predicts on its area, weighted by its mask, strength and feathered edges, at the sigmas of its timestep
-    range (see :class:`_Regional`); they cannot carry ControlNets. A ControlNet acts on the CFG half whose entry
-    carries it (both when both do), as in ComfyUI. ``posterior``: (mean, std) of a VAE encoding, drawn
+    range (see :class:`_Regional`); a ControlNet then acts on the rows of the entries that carry it (not on an
+    entry with an area: refused). A ControlNet acts on the CFG half whose entry carries it (both when both do), as
+    in ComfyUI. ``posterior``: (mean, std) of a VAE encoding, drawn
     per row under the ``sdengine`` rule; ``posterior_scaled``: it is in the diffusion model's units (a tiny VAE's
     encoding), taken back to the VAE's first, as the pipeline's ``vae_encode="tiny"`` does. ``noise_mask``
     (1 or B, 1, H, W), 1 = repaint: the known region is kept on the init latent's noising path, as the
@@ -399,11 +419,6 @@ def sample_latents(
     if not 0.0 < denoise <= 1.0:
         raise LatentSamplingError(f"denoise must be in (0, 1], got {denoise}")
     regional = any(e.regional for e in (*positive, *negative))
-    if regional and any(e.controls for e in (*positive, *negative)):
-        raise LatentSamplingError(
-            "ControlNets cannot be combined with area, mask, strength or timestep-range conditioning "
-            "(ConditioningSetArea, ConditioningSetMask, ConditioningSetAreaStrength, ConditioningSetTimestepRange) here"
-        )
     dev = pipe.device
     b, _, h, w = latent.shape
     f = pipe.vae_scale_factor
@@ -504,7 +519,8 @@ def sample_latents(
 
     net: Any = pipe.unet
     # the first negative is the one used: its ControlNets count, those of the others do not
-    controls = [c for cond in (*positive, negative[0]) for c in cond.controls]
+    # (regional: every negative entry weighs in, and its ControlNets with it)
+    controls = [c for cond in (*positive, *(negative if regional else negative[:1])) for c in cond.controls]
     distinct: list[ControlHint] = []  # one unit per distinct hint (see below)
     for hint in controls:
         if not any(_same_hint(hint, d) for d in distinct):
@@ -559,8 +575,25 @@ def sample_latents(
                         f"a conditioning area of {aw} x {ah} at ({ax}, {ay}) lies outside the latent of "
                         f"{w * f} x {h * f} pixels"
                     )
-            den = Denoiser(UNetAdapter(net, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
-            parts.append((_Regional(den, cfg, cond_r, uncond_r), {}))
+            if any(r.controls and r.area is not None for r in (*cond_r, *uncond_r)):
+                raise LatentSamplingError(
+                    "a ControlNet cannot act on a conditioning area (ConditioningSetArea, ...Percentage, "
+                    "ConditioningSetMask's mask bounds): apply it to a conditioning without an area"
+                )
+            dens: dict[tuple[frozenset[str], ...], Any] = {}
+
+            def den_for(r: _Region, label: str) -> Any:
+                """The denoiser of a region of the CFG half ``label``: its ControlNets act on its rows only."""
+                kinds = tuple(frozenset({label}) if any(_same_hint(d, c) for c in r.controls) else frozenset()
+                              for d in distinct)  # fmt: skip
+                if kinds not in dens:
+                    part = net.with_kinds(list(kinds)) if distinct else net
+                    dens[kinds] = Denoiser(UNetAdapter(part, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
+                return dens[kinds]
+
+            cond_r = [replace(r, den=den_for(r, "cond")) for r in cond_r]
+            uncond_r = [replace(r, den=den_for(r, "uncond")) for r in uncond_r]
+            parts.append((_Regional(cfg, cond_r, uncond_r), {}))
         neg = negative[0].cond
         for pos_entry in positive if not regional else ():
             part_net = net

@@ -2270,7 +2270,7 @@ NODES: dict[str, NodeDef] = {
             "floored to the latent's grid, 8 on SD and SDXL, cut to the latent; a box starting outside it fails at "
             "the sampler), their "
             "prediction weighted by `strength` with the box's inner edges feathered, summed with the other entries' "
-            "and divided by the summed weights. Not with ControlNets.",
+            "and divided by the summed weights. A ControlNet cannot act on an area (a sampler error).",
         ),
         NodeDef(
             "ConditioningSetAreaPercentage",
@@ -2312,7 +2312,7 @@ NODES: dict[str, NodeDef] = {
             conditioning_set_mask,
             description="Regional prompting by mask as ComfyUI: the entries' prediction weighted by the mask "
             "(bilinearly resized to the latent) times `strength`; `mask bounds` runs them on the mask's bounding "
-            "box only (at least 8 latent pixels a side). Not with ControlNets.",
+            "box only (at least 8 latent pixels a side; a ControlNet cannot act on such a box).",
         ),
         NodeDef(
             "ConditioningSetTimestepRange",
@@ -2328,7 +2328,7 @@ NODES: dict[str, NodeDef] = {
             description="The entries weigh in only at the model calls whose sigma lies between the model's sigmas "
             "at `end` and `start` of the denoising (as ComfyUI judges a ControlNet's percents); combined with "
             "another conditioning, each takes its part of the steps (at a call that none takes, the prediction is "
-            "0, as in ComfyUI). Not with ControlNets.",
+            "0, as in ComfyUI).",
         ),
         NodeDef(
             "ConditioningZeroOut",
