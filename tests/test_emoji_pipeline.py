@@ -432,3 +432,15 @@ def test_controlnet_training_reads_the_pooled_vector(folder, tmp_path):
     hint = _picture(seed=3)
     r = p("a red apple", seed=1, controlnets=[(out, hint, 1.0)], **FAST)
     assert np.isfinite(r.arrays).all()
+
+
+def test_cfg_pp_reads_the_negative_prompt_at_cfg_1(pipe):
+    """At cfg_scale 1 guidance skips its unconditional pass and the negative prompt must not touch the image; a
+    CFG++ sampler renoises along that pass's x0, so there it runs with the negative (as ComfyUI's): another
+    negative, another image (it was once the empty prompt's, whatever was asked)."""
+    kw = dict(seed=4, steps=2, progress=False, cfg_scale=1.0)
+    a = pipe("a star", negative_prompt="blue", sampler="euler_cfg_pp", **kw).arrays
+    b = pipe("a star", negative_prompt="red circle", sampler="euler_cfg_pp", **kw).arrays
+    assert np.abs(a.astype(float) - b.astype(float)).max() > 0
+    plain = [pipe("a star", negative_prompt=n, sampler="euler", **kw).arrays for n in ("blue", "red circle")]
+    assert np.array_equal(*plain)

@@ -495,9 +495,13 @@ def test_corrupt_file_is_one_clear_error(loras, tmp_path):
 
 def test_unsupported_adapter_kinds_are_named(tmp_path):
     unet, te = fresh_models()
-    path = tmp_path / "oft.safetensors"  # (LoHa, LoKr and DoRA are read: tests/test_lycoris.py)
-    save_safetensors({"lora_unet_x.oft_blocks": torch.ones(2, 2, 2), "lora_unet_x.alpha": torch.tensor(1.0)}, path)
-    with pytest.raises(LoRAError, match=r"LyCORIS OFT/BOFT \(orthogonal finetuning\) adapters are not supported"):
+    # (LoHa, LoKr, DoRA, GLoRA and OFT/BOFT's oft_blocks are read: tests/test_lycoris.py)
+    path = tmp_path / "oft.safetensors"  # an early LyCORIS' oft_diag: the rotation, or its difference from I?
+    save_safetensors({"lora_unet_x.oft_diag": torch.ones(2, 2, 2), "lora_unet_x.alpha": torch.tensor(1.0)}, path)
+    with pytest.raises(LoRAError, match=r"OFT of an early LyCORIS version \(oft_diag\) adapters are not supported"):
+        apply_loras(unet, te, [(path, 1.0)])
+    save_safetensors({"unet.x.boft_R.default.weight": torch.ones(2, 2, 2)}, path)
+    with pytest.raises(LoRAError, match=r"PEFT OFT/BOFT \(orthogonal finetuning\) adapters are not supported"):
         apply_loras(unet, te, [(path, 1.0)])
 
 
@@ -928,3 +932,22 @@ def test_the_same_lora_named_twice_adds_up_and_says_so(loras, tmp_path, tiny_sd1
     result = pipe("a cat <lora:dup:0.5> <lora:dup:1>", **kw)
     assert any("LoRA dup is named 2 times (weights 0.5, 1)" in n for n in result.notes)
     assert not any("named" in n for n in pipe("a cat <lora:dup:1.5>", **kw).notes)
+
+
+def test_the_summed_weight_of_a_lora_named_twice_is_bounded(loras):
+    """`<lora:a:60> <lora:a:60>` acts as weight 120 (the mentions add up), but each mention was checked alone, so
+    a weight refused when written once (120 > 100) passed when split in two, and 3 + 3 gave no warning. The sum is
+    now held to the bounds of one weight: an error (nothing patched) and a warning; opposite weights may cancel."""
+    unet, te = fresh_models()
+    base = run_ours(unet, te)
+    path = loras[0]["kohya"]
+    with pytest.warns(LoRAWeightWarning):  # each 60 alone warns
+        with pytest.raises(LoRAError, match=r"2 times, weights 60, 60: they add up\): weight 120 is outside") as e:
+            apply_loras(unet, te, [(path, 60.0), (path, 60.0)])
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(a, b) for a, b in zip(run_ours(unet, te), base, strict=True))
+    with pytest.warns(LoRAWeightWarning, match=r"they add up\): weight 6 is outside \[-4, 4\]"):
+        apply_loras(unet, te, [(path, 3.0), (path, 3.0)]).remove()
+    with pytest.warns(LoRAWeightWarning) as record:
+        apply_loras(unet, te, [(path, 60.0), (path, -59.0)]).remove()  # acts as 1: no warning of a sum
+    assert not any("add up" in str(w.message) for w in record)

@@ -14,6 +14,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sdengine.models.clip_text import CLIPTextConfig, CLIPTextModel
@@ -786,8 +787,8 @@ def test_glora_equals_lycoris_in_both_layouts(layout):
 
 
 def test_glora_that_does_not_fit_and_a_tucker_glora_are_refused():
-    """GLoRA factors of another layer's size are an error naming the layer; a Tucker core (`bm.weight`, which
-    ComfyUI does not read either) refuses the file by name rather than applying it without its core."""
+    """GLoRA factors of another layer's size are an error naming the layer, and so is a Tucker core (`bm.weight`)
+    that does not fit its layer's factors (a Tucker GLoRA that fits is read: the test below)."""
     from lycoris.modules.glora import GLoRAModule
 
     sd, _, _, _ = oracle(GLoRAModule, {"bypass_mode": True}, seed=41)
@@ -800,6 +801,195 @@ def test_glora_that_does_not_fit_and_a_tucker_glora_are_refused():
     with pytest.raises(LoRAError, match="GLoRA factors .* do not fit a layer of weight") as e:
         apply_loras(unet, te, [(LoRAFile.from_state_dict(bad, name="glora"), 1.0)])
     assert "time_emb_proj" in str(e.value)
+    # a Tucker core beside a 3x3 b2 (the kernel twice): refused by name, the layer and its factors in the message
     tucker = {**sd, "lora_unet_down_blocks_0_resnets_0_conv1.bm.weight": torch.zeros(4, 4, 3, 3)}
-    with pytest.raises(LoRAError, match="GLoRA with a Tucker core"):
+    with pytest.raises(LoRAError, match=r"resnets.0.conv1 \(GLoRA factors .*bm \(4, 4, 3, 3\) do not fit"):
         apply_loras(unet, te, [(LoRAFile.from_state_dict(tucker, name="glora"), 1.0)])
+    flat = {**sd, "lora_unet_down_blocks_0_resnets_0_conv1.bm.weight": torch.zeros(4, 4)}
+    with pytest.raises(LoRAError, match=r"GLoRA Tucker core bm \(4, 4\) is not \(r, r, kh, kw\)"):
+        LoRAFile.from_state_dict(flat, name="glora")
+
+
+def test_glora_with_a_tucker_core_equals_the_chain_of_convolutions():
+    """GLoRA with a Tucker core (`bm.weight` (r, r, kh, kw) between 1x1 `b2` and `b1`, LyCORIS' use_tucker) was
+    refused; now read. The fused layer's output equals GLoRA's definition run as convolutions here:
+    W x + w s (W (a1 (a2 x)) + b1 (bm (b2 x))), s = alpha / rank."""
+    g = torch.Generator().manual_seed(62)
+    unet, te, name = layers_alone(g), None, "conv"
+    conv = unet.get_submodule(name)
+    r = 4
+    f = {
+        "a1.weight": torch.randn(32, r, 1, 1, generator=g) * 0.3,
+        "a2.weight": torch.randn(r, 32, 1, 1, generator=g) * 0.3,
+        "b1.weight": torch.randn(32, r, 1, 1, generator=g) * 0.3,
+        "b2.weight": torch.randn(r, 32, 1, 1, generator=g) * 0.3,
+        "bm.weight": torch.randn(r, r, 3, 3, generator=g) * 0.3,
+    }
+    sd = {f"lora_unet_{name}.{k}": v for k, v in {**f, "alpha": torch.tensor(2.0)}.items()}
+    x = torch.randn(2, 32, 6, 6, generator=g)
+    w, s = conv.weight.detach(), 2.0 / r
+    a_term = F.conv2d(F.conv2d(F.conv2d(x, f["a2.weight"]), f["a1.weight"]), w, padding=1)
+    b_term = F.conv2d(F.conv2d(F.conv2d(x, f["b2.weight"]), f["bm.weight"], padding=1), f["b1.weight"])
+    want = conv(x) + 0.7 * s * (a_term + b_term)
+    lf = LoRAFile.from_state_dict(sd, name="glora-tucker")
+    assert lf.algorithms == ["GLoRA"] and not lf.unsupported
+    with apply_loras(unet, te, [(lf, 0.7)]) as h:
+        patched = conv(x)
+        h.fuse()
+        fused = conv(x)
+    assert rel(want, conv(x)) > 1e-2
+    assert rel(patched, want) <= TOL and rel(fused, want) <= TOL
+
+
+# -------------------------------------------------------------------------------------------------- OFT, BOFT
+
+
+def cayley_by_solve(blocks: torch.Tensor) -> torch.Tensor:
+    """R = (I - Q)^-1 (I + Q) (the same matrix: the two factors commute) by a solve, per block."""
+    q = blocks.double() - blocks.double().transpose(-1, -2)
+    eye = torch.eye(q.shape[-1], dtype=torch.float64).expand_as(q)
+    return torch.linalg.solve(eye - q, eye + q)
+
+
+def butterfly_perm(rows: int, half_run: int) -> torch.Tensor:
+    """The butterfly permutation of a stage: in each run of 2k rows, row j and row j + k become neighbours."""
+    order = [c + g * half_run + j for c in range(0, rows, 2 * half_run) for j in range(half_run) for g in range(2)]
+    return torch.eye(rows, dtype=torch.float64)[order]
+
+
+def layers_alone(g: torch.Generator) -> nn.Module:
+    """A U-Net stand-in of three layers (a LoRA file names them lora_unet_<name>): Linear 32 -> 32, a 3x3
+    convolution 32 -> 32 and a Linear 128 -> 32, on random weights."""
+    holder = nn.Module()
+    holder.to_q, holder.conv, holder.ff = nn.Linear(32, 32), nn.Conv2d(32, 32, 3, padding=1), nn.Linear(128, 32)
+    with torch.no_grad():
+        for p in holder.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return holder.eval()
+
+
+def fused_weight(unet, te, sd, weight, names):
+    with apply_loras(unet, te, [(LoRAFile.from_state_dict(sd, name="oft"), weight)]) as h:
+        assert h.reports[0].complete
+        h.fuse()
+        return {n: unet.get_submodule(n).weight.detach().clone() for n in names}
+
+
+def test_oft_and_boft_equal_the_formulas_and_rotate_the_rows():
+    """OFT (`oft_blocks` (n, b, b)) and BOFT (`oft_blocks` (m, n, b, b)) were refused; now read. Checked against
+    the formulas computed here another way (Cayley transform by a solve, R block-diagonal, BOFT's butterfly
+    permutations as matrices, in float64): W' = rescale * R^T W for OFT (kohya's `oft_unet_` names, LyCORIS'
+    `lora_unet_`), the product of the stages for BOFT; the constraint alpha * out bounds ||Q||; the update at weight
+    w is w (W' - W); without rescale each input column keeps its norm (R is orthogonal)."""
+    g = torch.Generator().manual_seed(60)
+    unet, te = layers_alone(g), None
+    q_name, conv_name, ff_name = "to_q", "conv", "ff"
+    base = {n: unet.get_submodule(n).weight.detach().double() for n in (q_name, conv_name, ff_name)}
+    assert [tuple(b.shape) for b in base.values()] == [(32, 32), (32, 32, 3, 3), (32, 128)]
+    oft = torch.randn(8, 4, 4, generator=g) * 0.3  # 8 blocks of 4 rows
+    boft = torch.randn(3, 8, 4, 4, generator=g) * 0.3  # 3 butterfly stages of 8 blocks of 4 rows
+    rescale = 1 + 0.2 * torch.randn(32, 1, 1, 1, generator=g)
+    sd = {
+        f"oft_unet_{q_name.replace('.', '_')}.oft_blocks": oft,  # kohya's OFT: its own prefix, alpha 0: no bound
+        f"oft_unet_{q_name.replace('.', '_')}.alpha": torch.tensor(0.0),
+        f"{kohya_name('unet', conv_name)}.oft_blocks": boft,
+        f"{kohya_name('unet', conv_name)}.rescale": rescale,
+        f"{kohya_name('unet', ff_name)}.oft_blocks": oft,
+        f"{kohya_name('unet', ff_name)}.alpha": torch.tensor(1e-3),  # a bound of 1e-3 * 32 on ||Q||
+    }
+    assert LoRAFile.from_state_dict(sd).algorithms == ["BOFT", "OFT"]
+    w = fused_weight(unet, te, sd, 0.7, base)
+
+    r = torch.block_diag(*cayley_by_solve(oft))
+    assert torch.allclose(r @ r.T, torch.eye(32, dtype=torch.float64), atol=1e-12)
+    want_q = r.T @ base[q_name]
+    assert torch.allclose(w[q_name].double(), base[q_name] + 0.7 * (want_q - base[q_name]), atol=1e-5)
+    at_one = fused_weight(unet, te, sd, 1.0, base)  # (the first is removed: the model is the base again)
+    assert torch.allclose(at_one[q_name].double().norm(dim=0), base[q_name].norm(dim=0), atol=1e-5)  # a rotation
+    assert (at_one[q_name].double() - base[q_name]).abs().max() > 0.1
+
+    flat = base[conv_name].flatten(1)
+    for i in range(3):  # stage i rotates runs of 4 rows after pairing rows 2^i * 2 apart
+        p = butterfly_perm(32, 2**i * 2)
+        flat = p.T @ torch.block_diag(*cayley_by_solve(boft[i])) @ p @ flat
+    want_conv = rescale.double().reshape(32, 1) * flat
+    got_conv, base_conv = w[conv_name].double().flatten(1), base[conv_name].flatten(1)
+    assert torch.allclose(got_conv, base_conv + 0.7 * (want_conv - base_conv), atol=1e-5)
+
+    q = oft.double() - oft.double().transpose(-1, -2)
+    bound = 1e-3 * 32
+    assert q.norm() > bound  # the constraint acts
+    q = q * bound / (q.norm() + 1e-8)
+    eye = torch.eye(4, dtype=torch.float64).expand_as(q)
+    r_bounded = torch.block_diag(*torch.linalg.solve(eye - q, eye + q))
+    assert torch.allclose(at_one[ff_name].double(), r_bounded.T @ base[ff_name], atol=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["oft", "boft"])
+def test_oft_and_boft_equal_lycoris(algo):
+    """LyCORIS' DiagOFTModule and ButterflyOFTModule (constraint 0.01, so alpha * out bounds ||Q||, and rescale on)
+    on the tiny U-Net and text encoder, their state dicts as the file: sdengine's outputs, patched and fused, equal
+    LyCORIS' (weight 1; the layers whose width LyCORIS cannot split into butterfly blocks are left out, as its
+    trainer would refuse them)."""
+    from lycoris.modules.boft import ButterflyOFTModule
+    from lycoris.modules.diag_oft import DiagOFTModule
+
+    cls = DiagOFTModule if algo == "oft" else ButterflyOFTModule
+    unet, te = fresh_models()
+    g = torch.Generator().manual_seed(61)
+    mods = {}
+    for name, m in targets(unet, te):
+        if m.weight.shape[0] % 4:  # (37-wide text-encoder layers)
+            continue
+        mod = cls(name, m, 1.0, 4, 1, constraint=0.01, rescaled=True)
+        with torch.no_grad():
+            for pname, p in mod.named_parameters():
+                noise = torch.randn(p.shape, generator=g)
+                p.copy_(1 + 0.2 * noise if pname == "rescale" else 0.3 * noise)
+        mod.apply_to()
+        mods[name] = mod
+    sd = {f"{name}.{k}": v.detach().clone() for name, mod in mods.items() for k, v in mod.state_dict().items()}
+    assert {k.rsplit(".", 1)[1] for k in sd} == {"oft_blocks", "rescale", "alpha"}
+    ref = run(unet, te)
+    base = run(*fresh_models())
+    lf = LoRAFile.from_state_dict(sd, name=algo)
+    assert lf.algorithms == [algo.upper()] and not lf.unknown
+    unet, te = fresh_models()
+    with apply_loras(unet, te, [(lf, 1.0)]) as h:
+        assert h.reports[0].complete and len(h.reports[0].matched) == len(mods)
+        patched = run(unet, te)
+        h.fuse()
+        fused = run(unet, te)
+    for ours, fz, r, b in zip(patched, fused, ref, base, strict=True):
+        assert rel(r, b) > 1e-2
+        assert rel(ours, r) <= TOL
+        assert rel(fz, r) <= TOL
+    assert all(torch.equal(a, b) for a, b in zip(run(unet, te), base, strict=True))
+
+
+@pytest.mark.parametrize(
+    "parts, match",
+    [
+        ({"oft_blocks": torch.zeros(6, 4, 4)}, r"to_q \(OFT maps \? -> 24, layer 32 -> 32\)"),
+        ({"oft_blocks": torch.zeros(8, 4, 3)}, r"oft_blocks \(8, 4, 3\) are not square blocks"),
+        ({"oft_blocks": torch.zeros(32, 4)}, r"oft_blocks \(32, 4\) are neither OFT's \(n, b, b\) nor BOFT's"),
+        ({"oft_blocks": torch.zeros(2, 8, 3, 3)}, r"BOFT blocks pair rows, their size must be even"),
+        ({"oft_blocks": torch.zeros(5, 8, 4, 4)}, r"to_q \(BOFT factors oft_blocks \(5, 8, 4, 4\) do not fit a layer"),
+        (
+            {"oft_blocks": torch.zeros(8, 4, 4), "rescale": torch.ones(16, 1)},
+            r"rescale \(16, 1\) does not scale the 32 rows of oft_blocks",
+        ),
+        ({"oft_blocks": torch.full((8, 4, 4), float("nan"))}, r"NaN or inf values in lora_unet_to_q \(oft_blocks\)"),
+    ],
+)
+def test_oft_that_does_not_fit_is_refused(parts, match):
+    """OFT/BOFT blocks of another width, of a shape neither reads, odd BOFT blocks (its stages pair rows), more
+    butterfly stages than the width holds (5 stages of 4-row blocks need 64 rows), a rescale of another size, NaN:
+    each one line naming the layer or the part, nothing applied."""
+    unet = layers_alone(torch.Generator().manual_seed(63))
+    before = unet.to_q.weight.detach().clone()
+    sd = {f"lora_unet_to_q.{k}": v for k, v in parts.items()} | {"lora_unet_ff.oft_blocks": torch.zeros(8, 4, 4)}
+    with pytest.raises(LoRAError, match=match) as e:
+        apply_loras(unet, None, [(LoRAFile.from_state_dict(sd, name="oft"), 1.0)])
+    assert "\n" not in str(e.value)
+    assert torch.equal(unet.to_q.weight, before)

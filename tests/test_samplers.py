@@ -338,3 +338,39 @@ def test_s_noise_scales_the_fresh_noise_of_the_ancestral_and_sde_samplers(name):
     # s_noise 0: no fresh noise reaches the sample, whatever the seed
     assert torch.equal(run(seed=1, s_noise=0.0), run(seed=2, s_noise=0.0))
     assert not torch.allclose(run(seed=1), run(seed=2), atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# UniPC's bh1 variant (ComfyUI's uni_pc)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("schedule", ["normal", "karras"])
+def test_unipc_bh1_matches_diffusers(order, schedule):
+    """diffusers' UniPCMultistepScheduler(solver_type="bh1") step by step; its last step to sigma 0 divides by
+    h = inf (B(h) = -h): NaN there, so the steps before it are compared (ours lands on x0)."""
+
+    net, noise = TinyNet(), start_noise()
+    ns = NoiseSchedule.from_config(**SD_CONFIG)
+    seen = []
+    out = sampling.sample(
+        Denoiser(net, ns), noise, sampler="unipc", steps=6, schedule=schedule, scheduler_config=SD_CONFIG,
+        sampler_options={"variant": "bh1", "order": order}, callback=lambda i, s, x, d: seen.append(x),
+    )  # fmt: skip
+    assert torch.isfinite(out).all()
+    grid = sampling.make_grid("unipc", 6, ns, schedule, SD_CONFIG)
+    cls, kw = sampling.diffusers_equivalent("unipc", schedule, SD_CONFIG)
+    ref = getattr(__import__("diffusers"), cls).from_config({**kw, "solver_type": "bh1", "solver_order": order})
+    ref.set_timesteps(6)
+    x = noise * ref.init_noise_sigma
+    bh2 = []
+    sampling.sample(
+        Denoiser(net, ns), noise, sampler="unipc", steps=6, schedule=schedule, scheduler_config=SD_CONFIG,
+        sampler_options={"order": order}, callback=lambda i, s, xx, d: bh2.append(xx),
+    )  # fmt: skip
+    for k, t in enumerate(ref.timesteps[:-1]):
+        x = ref.step(net(ref.scale_model_input(x, t), t.expand(x.shape[0])), t, x).prev_sample
+        ve = float(grid.sigmas[k + 1])
+        assert (seen[k] / math.sqrt(1 + ve**2) - x).abs().max().item() < 1e-4
+    assert (seen[3] - bh2[3]).abs().max() > 1e-3  # the variants differ

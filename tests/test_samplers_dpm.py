@@ -495,3 +495,18 @@ def test_ipndm_v_on_an_even_grid():
     from sdengine.server.comfy.nodes import SAMPLER_NAMES
 
     assert SAMPLER_NAMES["heunpp2"] == "heunpp2" and SAMPLER_NAMES["ipndm_v"] == "ipndm_v"
+
+
+def test_dpm_adaptive_progress_never_passes_the_step_count():
+    """DPM adaptive makes more attempts than the grid has steps; its callback once reported the attempt, so a
+    progress of (step + 1) / steps ran past 100 %. Now the step is the grid step reached in t: never past the
+    last, never going back, the last one at the end."""
+    grid = _grid("dpm_adaptive", 6)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * float(grid.sigmas[0])
+    steps = []
+    S.sample_dpm_adaptive(
+        _den, x, grid.sigmas, generators=[torch.Generator()] * 2, eta=0.0, callback=lambda i, *_: steps.append(i)
+    )
+    assert len(steps) > 6  # more attempts than steps
+    assert all(0 <= i <= 5 for i in steps) and steps == sorted(steps) and steps[-1] == 5
+    assert len(set(steps)) > 2  # it moves along

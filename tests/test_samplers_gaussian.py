@@ -30,7 +30,7 @@ CONFIG = {
     "set_alpha_to_one": False,
 }
 # (ComfyUI's Heun++ blends its slopes with sigma-proportional weights, mostly the first slope's: about as exact)
-FIRST_ORDER = {"euler", "ddim", "euler_a", "ddpm", "dpmpp_sde", "heunpp2"}
+FIRST_ORDER = {"euler", "ddim", "euler_a", "ddpm", "dpmpp_sde", "heunpp2", "euler_cfg_pp", "euler_a_cfg_pp"}
 
 
 def _col(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -863,6 +863,9 @@ def test_a1111s_k_sampler_aliases(api):
     assert aliased.info["sampler_name"] == "DPM++ 2M"
     listed = {s["name"]: s["aliases"] for s in api.get_samplers()}
     assert "k_dpmpp_2m" in listed["DPM++ 2M"] and "k_euler_a" in listed["Euler a"]
+    assert (
+        "Euler CFG++" not in listed and "DEIS" not in listed and "iPNDM" not in listed and "HeunPP2" not in listed
+    )  # ComfyUI's, which A1111 does not have
 
 
 def test_infotext_fills_the_fields_not_sent(api):

@@ -67,6 +67,7 @@ def test_lists_health_and_openapi(client):
     assert "emoji-controlnet-canny" in [x["name"] for x in cn["controlnets"]] and "canny" in cn["preprocessors"]
     s = client.get("/v1/samplers").json()
     assert any(x["name"] == "dpmpp_2m" and x["a1111"] == "DPM++ 2M" for x in s["samplers"])
+    assert any(x["name"] == "euler_cfg_pp" for x in s["samplers"])  # every sampler, ComfyUI's own too
     spec = client.get("/openapi.json").json()
     for route in (
         "/v1/jobs",

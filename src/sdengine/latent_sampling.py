@@ -138,9 +138,17 @@ class _MeanOfGuided:
     def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> _MeanOfGuided:
         return _MeanOfGuided([(d.with_timesteps(sigmas, timesteps), a) for d, a in self.parts])
 
+    takes_guidance_parts = True  # a CFG++ sampler's unconditional x0: the parts' (one negative: all the same)
+
     def __call__(self, x: Tensor, sigma: Tensor | float, **kw: Any) -> Tensor:
         step = {"step": kw["step"]} if "step" in kw else {}
-        outs = [d(x, sigma, **a, **step) for d, a in self.parts]
+        parts = kw.get("guidance_parts")
+        if parts is None:
+            outs = [d(x, sigma, **a, **step) for d, a in self.parts]
+            return torch.stack(outs).mean(0)
+        kinds = [type(parts)() for _ in self.parts]
+        outs = [d(x, sigma, **a, **step, guidance_parts=k) for (d, a), k in zip(self.parts, kinds, strict=True)]
+        parts.uncond = torch.stack([k.uncond for k in kinds]).mean(0)
         return torch.stack(outs).mean(0)
 
 

@@ -58,13 +58,18 @@ class CFGDenoiser:
     def takes_step(self) -> bool:
         return bool(getattr(self.inner, "takes_step", False))
 
+    # The CFG++ samplers' hook (sdengine.diffusion.samplers.GuidanceParts): the unconditional x0 of each call.
+    takes_guidance_parts = True
+
     def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> CFGDenoiser:
         inner = self.inner.with_timesteps(sigmas, timesteps) if hasattr(self.inner, "with_timesteps") else self.inner
         return CFGDenoiser(inner, self.scale, self.uncond, self.rescale)
 
-    def __call__(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor | float, *, guidance_parts: Any = None, **cond: Any) -> Tensor:
+        """The guided x0; ``guidance_parts`` (a CFG++ sampler's GuidanceParts) also gets the unconditional x0, the
+        unconditional pass then running at scale 1 too."""
         tags = getattr(self.inner, "takes_row_kinds", False)
-        if self.scale == 1.0:
+        if self.scale == 1.0 and guidance_parts is None:
             if tags:
                 cond["row_kinds"] = ("cond",) * x.shape[0]
             return self.inner(x, sigma, **cond)
@@ -86,7 +91,9 @@ class CFGDenoiser:
             both["row_kinds"] = ("cond",) * b + ("uncond",) * b
         out = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)
         x0_c, x0_u = out.chunk(2)
-        guided = x0_u + self.scale * (x0_c - x0_u)
+        guided = x0_c if self.scale == 1.0 else x0_u + self.scale * (x0_c - x0_u)
+        if guidance_parts is not None:
+            guidance_parts.uncond = x0_u
         if self.rescale > 0:
             guided = self._rescale(x, sigma, x0_c, guided)
         return guided

@@ -51,6 +51,20 @@ class SamplerStep:
     sigma: float | None = None
 
 
+class GuidanceParts:
+    """What a CFG++ sampler asks of classifier-free guidance besides the guided x0: the unconditional x0 of the
+    same call. A denoiser that declares ``takes_guidance_parts = True`` (the guidance wrapper, and the wrappers
+    around it, which hand it on) is then called with ``guidance_parts=GuidanceParts()`` and fills ``uncond``,
+    running its unconditional pass even at scale 1 (ComfyUI's CFG++ turns its scale-1 shortcut off too). A
+    denoiser without guidance has no unconditional x0 apart from its own answer: :meth:`_Loop.model_guided` then
+    takes that one, so a CFG++ sampler is its plain counterpart there."""
+
+    __slots__ = ("uncond",)
+
+    def __init__(self) -> None:
+        self.uncond: Tensor | None = None
+
+
 class SamplingInterrupted(SdengineError):
     """Raised when a callback stops sampling; ``x`` is the sample after ``step``, ``denoised`` its x0."""
 
@@ -133,17 +147,34 @@ class _Loop:
         self.takes_step = bool(getattr(denoiser, "takes_step", False))
         self.calls = 0  # model calls so far in this run (the first one is marked in SamplerStep)
 
-    def model(self, x: Tensor, sigma: float, *, step: int, on_grid: bool = True) -> Tensor:
+    def model(
+        self, x: Tensor, sigma: float, *, step: int, on_grid: bool = True, parts: GuidanceParts | None = None
+    ) -> Tensor:
         """The denoiser at ``sigma`` during step ``step`` (0-based, the grid point the call belongs to).
         A denoiser with ``takes_step = True`` is also handed ``step=SamplerStep(...)``, so that wrappers
-        that act per step (ControlNet start/end, inpaint blending) read it instead of inferring it."""
+        that act per step (ControlNet start/end, inpaint blending) read it instead of inferring it.
+        ``parts``: handed on as ``guidance_parts=`` (only to a denoiser that takes it: :meth:`model_guided`)."""
         # On the CPU whatever the device: denoisers read it back as a Python float (no device sync per step).
         s_in = torch.full((self.batch,), sigma, dtype=torch.float32)
         den = self.denoiser if on_grid else self.off_grid
+        extra = self.extra if parts is None else {**self.extra, "guidance_parts": parts}
         if self.takes_step:
             first, self.calls = self.calls == 0, self.calls + 1
-            return den(x, s_in, step=SamplerStep(step, first, float(sigma)), **self.extra)
-        return den(x, s_in, **self.extra)
+            return den(x, s_in, step=SamplerStep(step, first, float(sigma)), **extra)
+        return den(x, s_in, **extra)
+
+    def model_guided(self, x: Tensor, sigma: float, *, step: int, on_grid: bool = True) -> tuple[Tensor, Tensor]:
+        """(guided x0, unconditional x0) of one denoiser call, for the CFG++ samplers (:class:`GuidanceParts`);
+        a denoiser without guidance answers its own x0 for both."""
+        den = self.denoiser if on_grid else self.off_grid
+        if not getattr(den, "takes_guidance_parts", False):
+            denoised = self.model(x, sigma, step=step, on_grid=on_grid)
+            return denoised, denoised
+        parts = GuidanceParts()
+        denoised = self.model(x, sigma, step=step, on_grid=on_grid, parts=parts)
+        if parts.uncond is None:
+            raise UsageError(f"{type(den).__name__} takes guidance_parts but left its unconditional x0 unset")
+        return denoised, parts.uncond
 
     def model_rows(self, x: Tensor, sigmas: Sequence[float], *, step: int) -> Tensor:
         """The denoiser with each row at its own sigma (all off the grid); one sigma for all is :meth:`model`.
@@ -773,6 +804,404 @@ def sample_dpmpp_3m_sde(
     return x
 
 
+# ---------------------------------------------------------------------------------------------------
+# CFG++ (Chung et al. 2024, "CFG++: manifold-constrained classifier free guidance"), as ComfyUI runs it: the
+# step's x0 is the guided one, the direction that renoises it (the noise estimate) the unconditional one's.
+# Each model call hands out both (_Loop.model_guided, GuidanceParts); without guidance they are one.
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_euler_cfg_pp(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+) -> Tensor:
+    """Euler with CFG++ (ComfyUI's ``euler_cfg_pp``): ``x' = x0_guided + sigma' (x - x0_uncond) / sigma``."""
+    return _euler_a_cfg_pp(denoiser, x, sigmas, generators, callback, extra_args, 0.0, 0.0)
+
+
+@torch.no_grad()
+def sample_euler_a_cfg_pp(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Ancestral Euler with CFG++ (ComfyUI's ``euler_ancestral_cfg_pp``): ``x' = x0_guided + sigma_down (x -
+    x0_uncond) / sigma`` plus fresh noise of size ``sigma_up * s_noise`` (:func:`ancestral_step` with ``eta``)."""
+    return _euler_a_cfg_pp(denoiser, x, sigmas, generators, callback, extra_args, eta, s_noise)
+
+
+def _euler_a_cfg_pp(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    generators: Generators | None,
+    callback: Callback | None,
+    extra_args: dict[str, Any] | None,
+    eta: float,
+    s_noise: float,
+) -> Tensor:
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised, uncond = loop.model_guided(x, sigma, step=i)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            down, up = ancestral_step(sigma, sigma_next, eta)
+            x = denoised + (x - uncond) * (down / sigma)
+            if up > 0 and s_noise > 0:
+                x = x + loop.noise(x) * (up * s_noise)
+        loop.done(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_cfg_pp(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) with CFG++ (ComfyUI's ``dpmpp_2m_cfg_pp``): ``x' = x0_guided + (sigma'/sigma) (x -
+    x0_uncond) + (1 - sigma'/sigma) / (2 r) (x0_guided - x0_uncond_prev)``, ``r = h_last / h`` in lambda = -log
+    sigma; the first step without the last term; the step to sigma 0 returns the guided x0."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    old_uncond: Tensor | None = None
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised, uncond = loop.model_guided(x, sigma, step=i)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            ratio = sigma_next / sigma  # e^-h
+            x = denoised + (x - uncond) * ratio
+            if old_uncond is not None:
+                r = (math.log(loop.s[i - 1]) - math.log(sigma)) / (math.log(sigma) - math.log(sigma_next))
+                x = x + (denoised - old_uncond) * ((1 - ratio) / (2 * r))
+        old_uncond = uncond
+        loop.done(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_a_cfg_pp(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Ancestral DPM-Solver++(2S) with CFG++ (ComfyUI's ``dpmpp_2s_ancestral_cfg_pp``): the step of
+    :func:`sample_dpmpp_2s_a` walked with the unconditional x0 (at the start and at the midpoint), then fresh
+    noise, then the start's guidance vector ``x0_guided - x0_uncond`` added."""
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised, uncond = loop.model_guided(x, sigma, step=i)
+        down, up = ancestral_step(sigma, sigma_next, eta)
+        if down == 0.0:
+            x = uncond
+        else:
+            sigma_mid = math.sqrt(sigma * down)
+            x_2 = torch.lerp(uncond, x, sigma_mid / sigma)
+            _, uncond_2 = loop.model_guided(x_2, sigma_mid, step=i, on_grid=False)
+            x = torch.lerp(uncond_2, x, down / sigma)
+        if sigma_next > 0 and up > 0 and s_noise > 0:
+            x = x + loop.noise(x) * (up * s_noise)
+        x = x + (denoised - uncond)
+        loop.done(i, x, denoised)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# RES multistep (Zhang & Chen 2023, "Improved order analysis of exponential integrators", arXiv 2308.02157)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _phi_1(z: float) -> float:
+    return math.expm1(z) / z if z else 1.0
+
+
+def _phi_2(z: float) -> float:
+    return (_phi_1(z) - 1.0) / z if z else 0.5
+
+
+@torch.no_grad()
+def sample_res_multistep(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+) -> Tensor:
+    """ComfyUI's ``res_multistep``: the second-order multistep exponential integrator of the RES paper in x0 and
+    lambda = -log sigma (phi_1 / phi_2 weights on this and the last x0 estimate); Euler on the first step and
+    on the step to sigma 0."""
+    return _res_multistep(denoiser, x, sigmas, generators, callback, extra_args, 0.0, 1.0, cfg_pp=False)
+
+
+@torch.no_grad()
+def sample_res_multistep_a(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """ComfyUI's ``res_multistep_ancestral``: :func:`sample_res_multistep` down to sigma_down, then fresh noise
+    of size ``sigma_up * s_noise`` (:func:`ancestral_step` with ``eta``)."""
+    return _res_multistep(denoiser, x, sigmas, generators, callback, extra_args, eta, s_noise, cfg_pp=False)
+
+
+@torch.no_grad()
+def sample_res_multistep_cfg_pp(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+) -> Tensor:
+    """ComfyUI's ``res_multistep_cfg_pp``: :func:`sample_res_multistep` with CFG++ (the unconditional x0 in the
+    update, the guidance vector added before it)."""
+    return _res_multistep(denoiser, x, sigmas, generators, callback, extra_args, 0.0, 1.0, cfg_pp=True)
+
+
+@torch.no_grad()
+def sample_res_multistep_a_cfg_pp(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """ComfyUI's ``res_multistep_ancestral_cfg_pp``: :func:`sample_res_multistep_a` with CFG++."""
+    return _res_multistep(denoiser, x, sigmas, generators, callback, extra_args, eta, s_noise, cfg_pp=True)
+
+
+def _res_multistep(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    generators: Generators | None,
+    callback: Callback | None,
+    extra_args: dict[str, Any] | None,
+    eta: float,
+    s_noise: float,
+    *,
+    cfg_pp: bool,
+) -> Tensor:
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    old: Tensor | None = None
+    old_down = 0.0
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        if cfg_pp:
+            denoised, uncond = loop.model_guided(x, sigma, step=i)
+        else:
+            denoised = uncond = loop.model(x, sigma, step=i)
+        down, up = ancestral_step(sigma, sigma_next, eta)
+        if down == 0 or old is None:
+            # Euler (CFG++: the guided x0 renoised along the unconditional direction)
+            x = denoised + (x - uncond) * (down / sigma)
+        else:
+            t, t_next = -math.log(sigma), -math.log(down)
+            t_old, t_prev = -math.log(old_down), -math.log(loop.s[i - 1])
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi1, phi2 = _phi_1(-h), _phi_2(-h)
+            b1, b2 = (phi1 - phi2 / c2, phi2 / c2) if c2 else (phi1, 0.0)
+            if cfg_pp:
+                x = x + (denoised - uncond)
+            x = x * math.exp(-h) + uncond * (h * b1) + old * (h * b2)
+        if sigma_next > 0 and up > 0 and s_noise > 0:
+            x = x + loop.noise(x) * (up * s_noise)
+        old, old_down = uncond, down
+        loop.done(i, x, denoised)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# ER-SDE-Solver (Cui et al. 2023, "Elucidating the solution space of extended reverse-time SDEs", arXiv 2309.06169)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _er_sde_noise_scaler(v: float) -> float:
+    """ER-SDE-Solver's default noise scale function (the paper's and ComfyUI's): ``x (e^(x^0.3) + 10)``."""
+    return v * (math.exp(v**0.3) + 10.0)
+
+
+@torch.no_grad()
+def sample_er_sde(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    s_noise: float = 1.0,
+    max_stage: int = 3,
+) -> Tensor:
+    """ER-SDE-Solver-3 (Cui et al. 2023; ComfyUI's ``er_sde``) in VE form, where the paper's lambda is sigma: with
+    ``r = f(sigma') / f(sigma)`` (:func:`_er_sde_noise_scaler`) the first stage is ``x' = r x + (1 - r) x0``;
+    stages 2 and 3 add the first and second divided differences of the last x0 estimates in sigma, weighted by
+    the integrals of 1/f and (lambda - sigma)/f over the step (200-point sums, as the paper's code), then fresh
+    noise ``sqrt(sigma'^2 - r^2 sigma^2) * s_noise``. ``max_stage`` 1 .. 3; the step to sigma 0 returns x0."""
+    if isinstance(max_stage, bool) or max_stage not in (1, 2, 3):
+        raise UsageError(f"er_sde max_stage must be 1, 2 or 3, got {max_stage}")
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    f = _er_sde_noise_scaler
+    points = 200
+    old: Tensor | None = None
+    old_d: Tensor | None = None
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma, step=i)
+        stage = min(int(max_stage), i + 1)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            r = f(sigma_next) / f(sigma)
+            x = torch.lerp(denoised, x, r)
+            if stage >= 2 and old is not None:
+                dt = sigma_next - sigma
+                step_size = -dt / points
+                pos = [sigma_next + k * step_size for k in range(points)]
+                s_1 = sum(1 / f(p) for p in pos) * step_size
+                d = (denoised - old) / (sigma - loop.s[i - 1])
+                x = x + d * (dt + s_1 * f(sigma_next))
+                if stage >= 3 and old_d is not None:
+                    s_u = sum((p - sigma) / f(p) for p in pos) * step_size
+                    u = (d - old_d) / ((sigma - loop.s[i - 2]) / 2)
+                    x = x + u * (dt**2 / 2 + s_u * f(sigma_next))
+                old_d = d
+            if s_noise > 0:
+                size = math.sqrt(max(sigma_next**2 - sigma**2 * r**2, 0.0))
+                if size > 0:
+                    x = x + loop.noise(x) * (size * s_noise)
+        old = denoised
+        loop.done(i, x, denoised)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# DEIS (Zhang & Chen 2023, "Fast sampling of diffusion models with exponential integrator"), ComfyUI's tAB form
+# ---------------------------------------------------------------------------------------------------
+
+# ComfyUI's DEIS maps sigmas to the time of a VP-SDE fixed by EDM's sigma range (sigma 0.002 .. 80, eps_s 1e-3),
+# whatever the model, and interpolates the noise estimates in that time.
+_DEIS_EPS_S, _DEIS_SIGMA_MIN, _DEIS_SIGMA_MAX = 1e-3, 0.002, 80.0
+_DEIS_BETA_D = (
+    2 * (math.log(_DEIS_SIGMA_MIN**2 + 1) / _DEIS_EPS_S - math.log(_DEIS_SIGMA_MAX**2 + 1)) / (_DEIS_EPS_S - 1)
+)
+_DEIS_BETA_MIN = math.log(_DEIS_SIGMA_MAX**2 + 1) - 0.5 * _DEIS_BETA_D
+
+
+def deis_time(sigma: float) -> float:
+    """The VP time DEIS interpolates in: the inverse of ``sigma(t) = sqrt(e^(beta_d t^2 / 2 + beta_min t) - 1)``
+    (ComfyUI's ``edm2t``)."""
+    b_d, b_min = _DEIS_BETA_D, _DEIS_BETA_MIN
+    return (math.sqrt(b_min**2 + 2 * b_d * math.log(sigma**2 + 1)) - b_min) / b_d
+
+
+def deis_coefficients(sigmas: Sequence[float], max_order: int = 3) -> list[list[float]]:
+    """The tAB-DEIS weights of each step (Zhang & Chen 2023, eq. 15; ComfyUI's ``get_deis_coeff_list`` 'tab'):
+    step i moves ``x`` by ``sum_j c[i][j] eps_{i-j}``, with ``c[i][j]`` the integral over sigma from sigma_i to
+    sigma_{i+1} of the Lagrange polynomial (in :func:`deis_time`) that is 1 at step i - j and 0 at the others used,
+    ``order = min(max_order, i + 1)`` points. The integrand is smooth in sigma: 24-point Gauss-Legendre (ComfyUI
+    sums 10000 points in time). Steps of order 1 (and steps to sigma 0) get ``[]``: an Euler step."""
+    nodes, weights = np.polynomial.legendre.leggauss(24)
+    ts = [deis_time(s) if s > 0 else 0.0 for s in sigmas]
+    out: list[list[float]] = []
+    for i in range(len(sigmas) - 1):
+        order = min(max_order, i + 1)
+        a, b = float(sigmas[i]), float(sigmas[i + 1])
+        if order == 1 or b <= 0:
+            out.append([])
+            continue
+        prev = [ts[i - k] for k in range(order)]
+        mid, half = (a + b) / 2, (b - a) / 2
+        taus = [deis_time(mid + half * float(z)) for z in nodes]
+        row = []
+        for j in range(order):
+            total = 0.0
+            for tau, w in zip(taus, weights, strict=True):
+                poly = 1.0
+                for k in range(order):
+                    if k != j:
+                        poly *= (tau - prev[k]) / (prev[j] - prev[k])
+                total += float(w) * poly
+            row.append(total * half)
+        out.append(row)
+    return out
+
+
+@torch.no_grad()
+def sample_deis(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    max_order: int = 3,
+) -> Tensor:
+    """DEIS (Zhang & Chen 2023; ComfyUI's ``deis``, tAB of order ``max_order``, 3 by default, 1 .. 4): a multistep
+    exponential integrator on the noise estimates ``(x - x0) / sigma`` with the weights of
+    :func:`deis_coefficients`; Euler on the first step and on the step to sigma 0."""
+    if isinstance(max_order, bool) or max_order not in (1, 2, 3, 4):
+        raise UsageError(f"deis max_order must be 1 .. 4, got {max_order}")
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    coeffs = deis_coefficients(loop.s, int(max_order))
+    eps_old: list[Tensor] = []  # newest last
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma, step=i)
+        eps = (x - denoised) / sigma
+        c = coeffs[i]
+        if not c:
+            x = _euler_to(x, denoised, sigma, sigma_next)
+        else:
+            x = x + eps * c[0]
+            for j in range(1, len(c)):
+                x = x + eps_old[-j] * c[j]
+        eps_old = [*eps_old, eps][-(int(max_order) - 1) :] if int(max_order) > 1 else []
+        loop.done(i, x, denoised)
+    return x
+
+
 def restart_segments(sigmas: list[float]) -> tuple[list[tuple[float, float]], list[float]]:
     """The (from, to) sigma segments of A1111's Restart sampler for the grid ``sigmas`` (ending at 0), and the grid
     it walks. Below 20 steps: the grid as it is, no restart. From 20 steps: a Karras grid (rho 7) of ``steps -
@@ -1194,7 +1623,9 @@ def sample_dpm_adaptive(
     acceptance and the next h (:class:`_PIDStep`, ``h_init``, the P/I/D coefficients, ``accept_safety``). ``eta``
     as in :func:`sample_dpm_fast` (A1111 passes 1). Each batch row controls its own steps (its error is its own:
     k-diffusion measures the whole batch's, so there a row depends on its batch); rows that are done ride along.
-    Raises after ``max_attempts`` attempts without reaching sigma_min. Ends at sigma_min."""
+    Raises after ``max_attempts`` attempts without reaching sigma_min. Ends at sigma_min. The callback runs after
+    every attempt with, as its step, the grid step as far along in t as the slowest row (``steps - 1`` at the
+    end), so that a progress of ``(step + 1) / steps`` never passes 100 %."""
     if int(order) not in (2, 3):
         raise UsageError(f"dpm_adaptive order must be 2 or 3, got {order}")
     if int(max_attempts) < 1:
@@ -1246,8 +1677,13 @@ def sample_dpm_adaptive(
             x_prev = torch.where(mask, x_low, x_prev)
             x = torch.where(mask, x_new, x)
             s = [t[r] if take[r] else s[r] for r in range(b)]
-        if callback is not None and callback(attempt, math.exp(-min(s)), x, denoised) is False:
-            raise SamplingInterrupted(attempt, x, denoised)
+        if callback is not None:
+            # The step reported is the grid step this far along in t (the slowest row's): the attempts (accepted
+            # or not) are not the grid's steps, and a progress of attempt / steps ran past 100 %.
+            frac = min(max((min(s) - t_start) / (t_end - t_start), 0.0), 1.0)
+            done = max(0, min(loop.n - 1, math.ceil(frac * loop.n - 1e-9) - 1))
+            if callback(done, math.exp(-min(s)), x, denoised) is False:
+                raise SamplingInterrupted(done, x, denoised)
         attempt += 1
     return x
 
@@ -1271,14 +1707,20 @@ def _row_draws(loop: _Loop, like: Tensor, rows: list[bool]) -> Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _unipc_coefficients(rks: list[float], h: float, order: int) -> tuple[float, list[float], list[float]]:
-    """B(h) and the right-hand sides b_k of UniPC's linear systems (Zhao 2023, Algorithm 2/3, bh2 with
-    data prediction): returns (B_h, R rows flattened per order, b)."""
+UNIPC_VARIANTS = ("bh1", "bh2")
+
+
+def _unipc_coefficients(
+    rks: list[float], h: float, order: int, variant: str = "bh2"
+) -> tuple[float, list[float], list[float]]:
+    """B(h) and the right-hand sides b_k of UniPC's linear systems (Zhao 2023, Algorithm 2/3, data prediction):
+    returns (B_h, R rows flattened per order, b). ``variant`` "bh1": B(h) = -h (the paper's B_1, ComfyUI's
+    ``uni_pc``); "bh2": B(h) = e^-h - 1 (B_2, diffusers' default, ComfyUI's ``uni_pc_bh2``)."""
     hh = -h
     h_phi_1 = math.expm1(hh)
     h_phi_k = h_phi_1 / hh - 1
     factorial = 1
-    b_h = math.expm1(hh)  # "bh2"
+    b_h = hh if variant == "bh1" else math.expm1(hh)
     b = []
     for k in range(1, order + 1):
         b.append(h_phi_k * factorial / b_h)
@@ -1299,11 +1741,17 @@ def sample_unipc(
     order: int = 2,
     corrector: bool = True,
     steps_after: int = 0,
+    variant: str = "bh2",
 ) -> Tensor:
-    """UniPC (Zhao et al. 2023, "UniPC", Algorithms 2-3): UniP-``order`` predictor in x0 (B(h) = e^h - 1,
-    "bh2") with the UniC corrector reusing each new model call; lower orders at the start and at the end of
-    the grid. ``steps_after``: steps of the grid left after these ``sigmas`` (a run stopped early, the SDXL
-    base's part of a hand-off), which keep its last steps at full order, as diffusers' scheduler does."""
+    """UniPC (Zhao et al. 2023, "UniPC", Algorithms 2-3): UniP-``order`` predictor in x0 (``variant`` "bh2": B(h)
+    = e^-h - 1, diffusers' default; "bh1": B(h) = -h, ComfyUI's ``uni_pc``) with the UniC corrector reusing each
+    new model call; lower orders at the start and at the end of the grid. ``steps_after``: steps of the grid left
+    after these ``sigmas`` (a run stopped early, the SDXL base's part of a hand-off), which keep its last steps at
+    full order, as diffusers' scheduler does."""
+    if variant not in UNIPC_VARIANTS:
+        raise UsageError(f"unipc variant must be one of {', '.join(UNIPC_VARIANTS)}, got {variant!r}")
+    if isinstance(order, bool) or order not in (1, 2, 3):
+        raise UsageError(f"unipc order must be 1, 2 or 3, got {order}")
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     lam = [(-math.log(s) if s > 0 else math.inf) for s in loop.s]
     ms: list[Tensor] = []  # x0 estimates, newest last
@@ -1313,7 +1761,7 @@ def sample_unipc(
         denoised = loop.model(x, loop.s[i], step=i)
         if corrector and x_last is not None:
             # UniC: re-solve the last step [s_{i-1} -> s_i] with the new model value included.
-            x = _unipc_update(x_last, ms, lam, i - 1, order_last, model_t=denoised, sigmas=loop.s)
+            x = _unipc_update(x_last, ms, lam, i - 1, order_last, model_t=denoised, sigmas=loop.s, variant=variant)
         ms.append(denoised)
         ms = ms[-order:]
         cur = min(order, loop.n + steps_after - i, i + 1)
@@ -1321,7 +1769,7 @@ def sample_unipc(
         if loop.s[i + 1] == 0:
             x = denoised
         else:
-            x = _unipc_update(x, ms, lam, i, cur, model_t=None, sigmas=loop.s)
+            x = _unipc_update(x, ms, lam, i, cur, model_t=None, sigmas=loop.s, variant=variant)
         order_last = cur
         loop.done(i, x, denoised)
     return x
@@ -1336,6 +1784,7 @@ def _unipc_update(
     *,
     model_t: Tensor | None,
     sigmas: list[float],
+    variant: str = "bh2",
 ) -> Tensor:
     """One UniP (model_t None) or UniC step from grid point i to i+1 in VE scaling; ``ms[-1]`` is the
     x0 estimate at point i and ``ms[-1-k]`` the one at point i-k."""
@@ -1343,7 +1792,7 @@ def _unipc_update(
     h = lam[i + 1] - lam[i]
     rks = [(lam[i - k] - lam[i]) / h for k in range(1, order)]
     d1s = [(ms[-1 - k] - m0) / rks[k - 1] for k in range(1, order)]
-    b_h, _, b = _unipc_coefficients(rks, h, order)
+    b_h, _, b = _unipc_coefficients(rks, h, order, variant)
     rk_all = [*rks, 1.0]
     x_t = torch.lerp(m0, x, sigmas[i + 1] / sigmas[i])  # (s_t/s_0) x - expm1(-h) m0
     if model_t is None:

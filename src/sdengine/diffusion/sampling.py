@@ -69,6 +69,7 @@ class SamplerSpec:
     vp_init: bool = False  # diffusers' init_noise_sigma is 1 in VP (else the Euler-family rule)
     round_karras_timesteps: bool = False
     parity_schedules: tuple[str, ...] = ("normal", "karras", "exponential")  # what diffusers offers
+    in_a1111: bool = True  # listed by the A1111 API (GET /sdapi/v1/samplers); ComfyUI's own ones are not
 
 
 # Samplers that step on diffusers' timestep grid itself (no sigma grid to stop and resume on), and Restart, which
@@ -197,9 +198,28 @@ SAMPLERS: dict[str, SamplerSpec] = {
             vp_init=True,
             parity_schedules=("normal",),
         ),
-        SamplerSpec("ipndm", "iPNDM", S.sample_ipndm, "k", "", parity_schedules=()),  # ComfyUI's; not in A1111
-        SamplerSpec("ipndm_v", "iPNDM_v", S.sample_ipndm_v, "k", "", parity_schedules=()),  # ComfyUI's
-        SamplerSpec("heunpp2", "HeunPP2", S.sample_heunpp2, "k", "", parity_schedules=()),  # ComfyUI's
+        SamplerSpec(
+            "ipndm", "iPNDM", S.sample_ipndm, "k", "", parity_schedules=(), in_a1111=False
+        ),  # ComfyUI's; not in A1111
+        SamplerSpec("ipndm_v", "iPNDM_v", S.sample_ipndm_v, "k", "", parity_schedules=(), in_a1111=False),  # ComfyUI's
+        SamplerSpec("heunpp2", "HeunPP2", S.sample_heunpp2, "k", "", parity_schedules=(), in_a1111=False),  # ComfyUI's
+        # ComfyUI's, which A1111 does not have (its sampler list leaves them out); diffusers has none of them (its
+        # DEISMultistepScheduler is the rho-space form, not ComfyUI's tAB)
+        *(
+            SamplerSpec(name, label, fn, "k", "", stochastic=stochastic, parity_schedules=(), in_a1111=False)
+            for name, label, fn, stochastic in (
+                ("euler_cfg_pp", "Euler CFG++", S.sample_euler_cfg_pp, False),
+                ("euler_a_cfg_pp", "Euler a CFG++", S.sample_euler_a_cfg_pp, True),
+                ("dpmpp_2m_cfg_pp", "DPM++ 2M CFG++", S.sample_dpmpp_2m_cfg_pp, False),
+                ("dpmpp_2s_a_cfg_pp", "DPM++ 2S a CFG++", S.sample_dpmpp_2s_a_cfg_pp, True),
+                ("res_multistep", "RES Multistep", S.sample_res_multistep, False),
+                ("res_multistep_a", "RES Multistep a", S.sample_res_multistep_a, True),
+                ("res_multistep_cfg_pp", "RES Multistep CFG++", S.sample_res_multistep_cfg_pp, False),
+                ("res_multistep_a_cfg_pp", "RES Multistep a CFG++", S.sample_res_multistep_a_cfg_pp, True),
+                ("er_sde", "ER SDE", S.sample_er_sde, True),
+                ("deis", "DEIS", S.sample_deis, False),
+            )
+        ),
         # k-diffusion's DPM-Solver samplers: they read only the grid's ends (and, DPM fast, its step count)
         SamplerSpec("dpm_fast", "DPM fast", S.sample_dpm_fast, "k", "", stochastic=True, parity_schedules=()),
         SamplerSpec(
@@ -228,6 +248,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
         ),
     )
 }
+
+# The CFG++ samplers: they read the unconditional x0 of every call (samplers.GuidanceParts), so guidance runs its
+# unconditional pass, with the negative prompt, at CFG scale 1 too (as ComfyUI's).
+CFG_PP_SAMPLERS = tuple(name for name in SAMPLERS if name.endswith("_cfg_pp"))
 
 SCHEDULE_A1111: dict[str, str] = {
     "normal": "Normal",

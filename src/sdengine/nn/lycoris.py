@@ -1,4 +1,4 @@
-"""LyCORIS weight updates: LoHa, LoKr, (IA)^3, GLoRA, LoCon's Tucker core, DoRA and norm-layer differences.
+"""LyCORIS weight updates: LoHa, LoKr, (IA)^3, GLoRA, OFT, BOFT, LoCon's Tucker core, DoRA, norm-layer differences.
 
 Each algorithm stores factors from which the layer's weight update is rebuilt (W: (out, in) or (out, in, kh, kw)):
 
@@ -10,13 +10,25 @@ Each algorithm stores factors from which the layer's weight update is rebuilt (W
 - (IA)^3 (Liu et al. 2022): a learned vector scales the weight per output (or input) channel: ``dW = W * w``.
 - LoRA with a Tucker core (LoCon ``lora_mid``): ``dW = mid x_0 up x_1 down``.
 - GLoRA (Chavan et al. 2023): ``dW = W a1 a2 + b1 b2``, an input-channel mixing before the layer plus a
-  low-rank term (ComfyUI also reads an older layout with the factors' names swapped).
+  low-rank term (ComfyUI also reads an older layout with the factors' names swapped); with a Tucker core ``bm``
+  (r, r, kh, kw) the low-rank term of a convolution is ``bm x_0 b1 x_1 b2`` as for LoCon.
+- OFT (Qiu et al. 2023; LyCORIS' diag-OFT and kohya's OFT): the weight's output rows are rotated block by block,
+  ``W' = R^T W`` with ``R = blockdiag(R_1..R_n)``, each ``R_k = (I + Q_k)(I - Q_k)^-1`` the Cayley transform of the
+  skew-symmetric ``Q_k = B_k - B_k^T`` of a stored block ``B_k`` (so ``R_k`` is orthogonal). A constraint
+  ``c = alpha * out`` (alpha > 0) shrinks ``Q`` to Frobenius norm ``c`` (over all blocks) when larger; an optional
+  ``rescale`` (out, 1, ...) multiplies the rows after: ``W' = rescale * R^T W``.
+- BOFT (Liu et al. 2024, butterfly OFT): m stages of block-diagonal orthogonal ``R_i`` (Cayley transforms as for
+  OFT, the constraint over all stages), stage i applied to the rows after a butterfly permutation that pairs rows
+  ``2^i * b/2`` apart: ``W' = rescale * P_m^T R_m P_m ... P_1^T R_1 P_1 W``.
 - DoRA (Liu et al. 2024) on any of these: the updated weight ``W + dW`` is renormalised to the stored magnitude
   ``m`` per output row (PEFT's ``lora_magnitude_vector``, LyCORIS' ``dora_scale`` shaped (out, 1, ...)) or per
   input column (older LyCORIS files, ``dora_scale`` shaped (1, in, ...)): ``W' = (W + dW) * m / ||W + dW||``.
 
 The update is scaled by alpha / rank (LoHa, LoKr with a low-rank factor, LoCon, GLoRA) and by the user's
-multiplier.
+multiplier (OFT/BOFT read alpha as their constraint, not as a scale).
+OFT's and BOFT's update is ``mult * (W' - W)`` (A1111's reading; linear in the weight, weight 0 is the base
+model); at weight 1 it is LyCORIS' and kohya's ``W'``. (LyCORIS and kohya interpolate each rotation instead,
+``I + mult (R - I)``, and ComfyUI applies the weight twice: all agree at weight 1.)
 DoRA's update is ``mult * (W' - W)``, the convention of A1111 and ComfyUI (weight 0 is the base model, the
 effect is linear in the weight); at weight 1 it is the same ``W'`` that LyCORIS and PEFT compute.
 
@@ -40,7 +52,7 @@ from torch import nn
 
 from .lora import LayerUpdate, LoRAError
 
-ALGORITHMS = ("loha", "lokr", "ia3", "locon_tucker", "lora", "full", "glora")
+ALGORITHMS = ("loha", "lokr", "ia3", "locon_tucker", "lora", "full", "glora", "oft", "boft")
 NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)  # the norm layers whose weight and bias a file may change
 
 
@@ -109,11 +121,62 @@ def glora_delta(parts: Mapping[str, torch.Tensor], base: torch.Tensor | None) ->
     shape. Without a base, only B (out, in_flat): its shape is what the layer's weight must have."""
     old = glora_old_layout(parts, *((int(base.shape[0]), int(base.shape[1])) if base is not None else ()))
     a1, a2, b1, b2 = (parts[k].float().flatten(1) for k in ("a1", "a2", "b1", "b2"))
-    b = b2 @ b1 if old else b1 @ b2
+    up, down = (b2, b1) if old else (b1, b2)  # (out, r), (r, in[*kh*kw])
+    # with a Tucker core bm (r, r, kh, kw) between them (1x1 b1, b2): the kernel is bm's
+    b = _tucker(parts["bm"].float(), up.T, down) if "bm" in parts else up @ down
     if base is None:
         return b
     mix = a2 @ a1 if old else a1 @ a2  # (in, in)
     return torch.einsum("oi...,ij->oj...", base.float(), mix) + b.reshape(base.shape)
+
+
+def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
+    """Orthogonal ``R = (I + Q)(I - Q)^-1`` per block of ``blocks`` (..., b, b), ``Q = B - B^T`` the skew-symmetric
+    part; with ``constraint`` > 0, ``Q`` is first scaled down to that Frobenius norm (over all blocks) when larger."""
+    b = blocks.float()
+    q = b - b.transpose(-1, -2)
+    if constraint > 0:
+        norm = torch.linalg.vector_norm(q) + 1e-8  # LyCORIS' and kohya's epsilon
+        if bool(norm > constraint):
+            q = q * (constraint / norm)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
+def oft_weight(base: torch.Tensor, blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
+    """OFT's rotated weight ``R^T W`` (before any rescale): ``blocks`` (n, b, b) rotate the n groups of b output
+    rows of ``base`` (out = n*b, ...)."""
+    r = cayley(blocks, constraint)
+    n, bsize = int(r.shape[0]), int(r.shape[-1])
+    w = base.float().reshape(n, bsize, *base.shape[1:])
+    return torch.einsum("knm,kn...->km...", r, w).reshape(base.shape)
+
+
+def boft_weight(base: torch.Tensor, blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
+    """BOFT's rotated weight (before any rescale): ``blocks`` (m, n, b, b) are m butterfly stages, each n blocks of
+    b rows; stage i groups the rows in pairs of runs ``k = 2^i * b/2`` long, interleaves each pair (rows j and
+    j + k side by side), rotates each run of b by its block ``R`` (``R x``), and undoes the interleaving."""
+    r = cayley(blocks, constraint)
+    m, bsize = int(r.shape[0]), int(r.shape[-1])
+    rest = base.shape[1:]
+    w = base.float()
+    for i in range(m):
+        k = 2**i * (bsize // 2)
+        w = w.reshape(-1, 2, k, *rest).transpose(1, 2).reshape(-1, bsize, *rest)  # (c, 2, k) -> (c, k, 2) -> blocks
+        w = torch.einsum("bij,bj...->bi...", r[i], w)
+        w = w.reshape(-1, k, 2, *rest).transpose(1, 2).reshape(base.shape)
+    return w
+
+
+def orthogonal_delta(algo: str, parts: Mapping[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """OFT's or BOFT's ``dW = rescale * W_rotated - W`` for the layer weight ``base``; the constraint is
+    ``parts["constraint"]`` (alpha * out, 0: none)."""
+    c = float(parts["constraint"].flatten()[0]) if "constraint" in parts else 0.0
+    rotate = oft_weight if algo == "oft" else boft_weight
+    w = rotate(base, parts["oft_blocks"], c)
+    if "rescale" in parts:
+        w = w * parts["rescale"].float().reshape(-1, *[1] * (base.ndim - 1))
+    return w - base.float()
 
 
 def ia3_delta(base: torch.Tensor, vector: torch.Tensor, on_input: bool) -> torch.Tensor:
@@ -156,7 +219,7 @@ def magnitude_on_output(
 
 def unscaled_delta(algo: str, parts: Mapping[str, torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
     """The algorithm's ``dW`` (before alpha / rank), float32, in ``base``'s shape (without a base: as the factors
-    give it, (out, in*kh*kw) or (out, in, kh, kw); (IA)^3 needs the base)."""
+    give it, (out, in*kh*kw) or (out, in, kh, kw); (IA)^3, OFT and BOFT need the base)."""
     if algo == "loha":
         d = loha_delta(parts)
     elif algo == "lokr":
@@ -169,6 +232,8 @@ def unscaled_delta(algo: str, parts: Mapping[str, torch.Tensor], base: torch.Ten
         d = parts["diff"].float()
     elif algo == "glora":
         d = glora_delta(parts, base)
+    elif algo in ("oft", "boft") and base is not None:
+        d = orthogonal_delta(algo, parts, base)
     elif algo == "ia3" and base is not None:
         d = ia3_delta(base, parts["weight"], bool(parts["on_input"].flatten()[0]))
     else:
@@ -354,6 +419,8 @@ __all__ = [
     "NORM_TYPES",
     "DiffLayer",
     "LycorisLayer",
+    "boft_weight",
+    "cayley",
     "dora_weight",
     "glora_delta",
     "glora_old_layout",
@@ -365,6 +432,8 @@ __all__ = [
     "lora_delta",
     "lycoris_scale",
     "magnitude_on_output",
+    "oft_weight",
+    "orthogonal_delta",
     "rank_of",
     "unscaled_delta",
 ]

@@ -558,7 +558,8 @@ class Pipeline:
             if vae_tiling:
                 raise GenerationError("tiling (seamless images) cannot be combined with vae_tiling (a tiled VAE)")
             vae_tiling = False
-        tiled = self._check_memory(big_w, big_h, len(seeds), float(r.cfg_scale) != 1.0, vae_tiling, notes)
+        two_passes = float(r.cfg_scale) != 1.0 or name in sampling.CFG_PP_SAMPLERS
+        tiled = self._check_memory(big_w, big_h, len(seeds), two_passes, vae_tiling, notes)
         self._check_work(width, height)
         if hires is not None:
             self._check_work(big_w, big_h)
@@ -692,7 +693,7 @@ class Pipeline:
                 )
             )
         for i, row in enumerate(rows):
-            if self.pads_conds(p.prompts[i], p.negatives[i], int(request.steps), float(request.cfg_scale)):
+            if self.pads_conds(p.prompts[i], p.negatives[i], int(request.steps), float(request.cfg_scale), p.sampler):
                 row["Pad conds"] = True  # what A1111 writes when its "Pad prompt/negative prompt" padded
             if p.subseeds is not None:  # A1111's names, read back by sdengine.metadata.to_generate_kwargs
                 row.update(
@@ -784,15 +785,18 @@ class Pipeline:
                 out[i] = latents[j : j + 1]
         return torch.cat([t for t in out if t is not None])
 
-    def pads_conds(self, prompt: str, negative: str, steps: int, cfg_scale: float) -> bool:
+    def pads_conds(self, prompt: str, negative: str, steps: int, cfg_scale: float, sampler: str = "") -> bool:
         """Whether a row's prompt and negative prompt states were of different chunk counts, so that the
         shorter was padded with the empty prompt's chunks (each counted at its longest over the prompt-editing
         schedule, as A1111 encodes a schedule's texts together). That is A1111's "Pad prompt/negative prompt"
         option, which A1111 records as "Pad conds: True" when it padded; without it A1111 runs the two
         halves unpadded, another image. CLIP models only (MiniLM has one fixed length; SDXL pads an empty
-        negative with zeros, which A1111 does not), and never at cfg_scale 1 (no negative is encoded)."""
+        negative with zeros, which A1111 does not), and never at cfg_scale 1 (no negative is encoded) unless the
+        ``sampler`` is a CFG++ one (which reads the unconditional pass there too)."""
         conditioner: Any = self.conditioner
-        if cfg_scale == 1.0 or getattr(conditioner, "kind", None) != "clip":
+        if cfg_scale == 1.0 and sampler not in sampling.CFG_PP_SAMPLERS:
+            return False
+        if getattr(conditioner, "kind", None) != "clip":
             return False
         from sdengine.prompts import extract_lora_tags, prompt_chunks
         from sdengine.text.schedule import prompt_schedule
@@ -808,8 +812,12 @@ class Pipeline:
     def encoded_negatives(self, p: Prepared) -> list[str]:
         """The negative prompts the call encodes: its own, except at ``cfg_scale`` 1, where guidance runs no
         unconditional pass (CFGDenoiser) and the negative must not touch the image; a long one once padded
-        the prompt's states to its length. Empty then, as diffusers, ComfyUI and A1111 ignore it."""
-        return list(p.negatives) if float(p.request.cfg_scale) != 1.0 else [""] * len(p.negatives)
+        the prompt's states to its length. Empty then, as diffusers, ComfyUI and A1111 ignore it; except for the
+        CFG++ samplers, whose steps read the unconditional pass at scale 1 too (ComfyUI's run it with the
+        negative)."""
+        if float(p.request.cfg_scale) != 1.0 or p.sampler in sampling.CFG_PP_SAMPLERS:
+            return list(p.negatives)
+        return [""] * len(p.negatives)
 
     def conditioning_pair(
         self, prompt: str, negative: str, p: Prepared, note: Any

@@ -169,6 +169,10 @@ class InpaintBlend:
         return self.inner.prediction
 
     @property
+    def takes_guidance_parts(self) -> bool:  # handed on: the blend acts on x, not on the x0 estimates
+        return bool(getattr(self.inner, "takes_guidance_parts", False))
+
+    @property
     def off_grid(self) -> InpaintBlend:
         return InpaintBlend(getattr(self.inner, "off_grid", self.inner), self.init, self.noise, self.mask)
 
@@ -224,6 +228,10 @@ class A1111Blend:
         return self.inner.prediction
 
     @property
+    def takes_guidance_parts(self) -> bool:  # handed on; the unconditional x0 is blended as the guided one
+        return bool(getattr(self.inner, "takes_guidance_parts", False))
+
+    @property
     def off_grid(self) -> A1111Blend:
         return A1111Blend(getattr(self.inner, "off_grid", self.inner), self.init, self.mask, before=self.before)
 
@@ -234,11 +242,18 @@ class A1111Blend:
     def __call__(self, x: Tensor, sigma: Tensor | float, *, step: SamplerStep, **cond: Any) -> Tensor:
         if getattr(self.inner, "takes_step", False):
             cond["step"] = step
+        parts = cond.get("guidance_parts")
         if not self.before:
-            return self.inner(x, sigma, **cond) * self.mask + self.init * self.keep
+            out = self.inner(x, sigma, **cond) * self.mask + self.init * self.keep
+            if parts is not None and parts.uncond is not None:
+                parts.uncond = parts.uncond * self.mask + self.init * self.keep
+            return out
         s = float(torch.as_tensor(sigma).reshape(-1)[0])
         blended = x * self.mask + self.init * self.keep * math.sqrt(1.0 + s * s)  # VE of the VP blend
-        return self.inner(blended, sigma, **cond) + (x - blended)
+        out = self.inner(blended, sigma, **cond) + (x - blended)
+        if parts is not None and parts.uncond is not None:
+            parts.uncond = parts.uncond + (x - blended)
+        return out
 
     def finish(self, x: Tensor) -> Tensor:
         return (1 - self.mask) * self.init + self.mask * x

@@ -1494,6 +1494,7 @@ def install(app: FastAPI, services: Any) -> None:
         return [
             {"name": s.a1111, "aliases": [s.name, *k_names.get(s.name, [])], "options": {}}
             for s in sampling.SAMPLERS.values()
+            if s.in_a1111
         ]
 
     @app.get("/sdapi/v1/schedulers", tags=["a1111"])

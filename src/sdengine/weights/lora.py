@@ -6,16 +6,18 @@ The work is split by job: :mod:`sdengine.weights.lora_file` reads files (formats
 :mod:`sdengine.nn.lora` is the runtime layer (the patched Linear/Conv, stacking, fuse/unfuse, the handle that
 removes it). This module joins them in :func:`apply_loras` and exports the public names of all three.
 
-LyCORIS files (LoHa, LoKr, (IA)^3, GLoRA, LoCon with a Tucker core, DoRA, full and norm-layer differences) take
-the same path: the file reader hands their layers to :mod:`sdengine.weights.lycoris_file`, the matcher checks them
-against the model, and :func:`lycoris_layer` builds the :class:`~sdengine.nn.lycoris.LycorisLayer` (or, for
-differences of 1-d parameters, the :class:`~sdengine.nn.lycoris.DiffLayer`) that the same handle patches and fuses.
+LyCORIS files (LoHa, LoKr, (IA)^3, GLoRA, OFT, BOFT, LoCon with a Tucker core, DoRA, full and norm-layer
+differences) take the same path: the file reader hands their layers to :mod:`sdengine.weights.lycoris_file`, the
+matcher checks them against the model, and :func:`lycoris_layer` builds the
+:class:`~sdengine.nn.lycoris.LycorisLayer` (or, for differences of 1-d parameters, the
+:class:`~sdengine.nn.lycoris.DiffLayer`) that the same handle patches and fuses.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
@@ -142,6 +144,7 @@ def apply_loras(
             matched, unmatched, lycoris = match_lora(piece, index)
             prepared.append((piece, w, matched, unmatched, lycoris))
 
+    check_summed_weights(named.values())  # before anything is patched
     handle = LoRAHandle()
     handle.notes = duplicate_notes(named.values())
     for note in handle.notes:
@@ -174,6 +177,20 @@ def duplicate_notes(files: Iterable[tuple[str, Sequence[tuple[float, float]]]]) 
             f"{_weight_text(total)} (A1111 would apply it at {_weight_text(a1111)}: each mention at the last weight)"
         )
     return notes
+
+
+def check_summed_weights(files: Iterable[tuple[str, Sequence[tuple[float, float]]]]) -> None:
+    """A file named more than once acts at the sum of its weights (see :func:`duplicate_notes`): that sum is held to
+    the bounds of one weight (an error outside [-100, 100], a warning outside [-4, 4]), as if it had been written
+    once (``<lora:a:60> <lora:a:60>`` is weight 120, refused like ``<lora:a:120>``; once each mention alone
+    passed). ``files``: (name, [(te weight, unet weight), ...])."""
+    for name, weights in files:
+        if len(weights) < 2:
+            continue
+        shown = ", ".join(_weight_text(lora_weight(te, unet)) for te, unet in weights)
+        label = f"LoRA {name} (named {len(weights)} times, weights {shown}: they add up)"
+        for total in dict.fromkeys((sum(te for te, _ in weights), sum(unet for _, unet in weights))):
+            check_weight(total, label)
 
 
 def _weight_text(w: float | LoRAWeight) -> str:
@@ -263,6 +280,10 @@ def lycoris_layer(lw: LycorisLayerWeights, module: nn.Module, multiplier: float)
         axis = lw.magnitude_axis(int(base.shape[0]), int(base.shape[1]))
         on_output = axis is not False
         magnitude = lw.magnitude.to(device=base.device, dtype=torch.float32)
+    if lw.algo in ("oft", "boft") and lw.alpha is not None and math.isfinite(lw.alpha) and lw.alpha > 0:
+        # alpha is OFT's constraint, relative to the layer's outputs (LyCORIS, kohya, A1111: alpha * out);
+        # kept in float32 (a float16 copy would move the bound)
+        parts["constraint"] = torch.tensor([lw.alpha * int(base.shape[0])], dtype=torch.float32, device=base.device)
     scale = lw.scale
     if lw.algo == "glora":  # which of its two layouts (hence its rank) can depend on the layer's shape
         scale = lycoris_scale(lw.algo, lw.parts, lw.alpha, tuple(base.shape))
@@ -302,6 +323,7 @@ __all__ = [
     "UnsafeLoRANameError",
     "apply_loras",
     "check_weight",
+    "check_summed_weights",
     "duplicate_notes",
     "kohya_name",
     "lora_entry",

@@ -9,7 +9,7 @@ with underscores; ComfyUI the dotted state-dict name (``diffusion_model.`` + the
 module name behind ``unet.`` / ``text_encoder.``, with ``lora_A`` / ``lora_B`` (older diffusers: ``lora.down`` /
 ``lora.up``, ``lora_linear_layer.*``, ``processor.to_q_lora.*``).
 Matching those names to a model's layers is :mod:`sdengine.weights.lora_keys`. LyCORIS layers (LoHa, LoKr,
-(IA)^3, LoCon with a Tucker core, full and norm-layer differences, ComfyUI's bias differences) and DoRA
+(IA)^3, GLoRA, OFT/BOFT, LoCon with a Tucker core, full and norm-layer differences, ComfyUI's bias differences) and DoRA
 magnitudes in the same files are taken out first by :mod:`sdengine.weights.lycoris_file` and kept in
 :attr:`LoRAFile.lycoris`.
 
@@ -73,10 +73,12 @@ _PEFT_RE = re.compile(
 # diffusers' attention-processor files: `...attn1.processor.to_q_lora.down.weight`
 _ATTN_PROC_RE = re.compile(r"^(?P<layer>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<du>down|up)\.weight$")
 # Adapters sdengine does not implement: named in the error instead of silently skipped. (LoHa, LoKr, (IA)^3,
-# LoCon's Tucker core and DoRA are read by sdengine.weights.lycoris_file.)
+# GLoRA, OFT/BOFT's oft_blocks, LoCon's Tucker core and DoRA are read by sdengine.weights.lycoris_file.)
 _UNSUPPORTED = [
-    (re.compile(r"\.oft_(blocks|diag)$|\.oft_R\.|\.boft_"), "LyCORIS OFT/BOFT (orthogonal finetuning)"),
-    (re.compile(r"\.bm\.weight$"), "LyCORIS GLoRA with a Tucker core (bm)"),
+    # early LyCORIS dev versions stored the rotation itself, or its difference from I, or Q, under this one name
+    # (A1111 reads it as the rotation, ComfyUI not at all): which one a file holds cannot be told
+    (re.compile(r"\.oft_diag$"), "OFT of an early LyCORIS version (oft_diag)"),
+    (re.compile(r"\.oft_[Rrs]\.|\.oft_[Rrs]$|\.boft_"), "PEFT OFT/BOFT (orthogonal finetuning)"),
 ]
 # Names that give away another architecture.
 

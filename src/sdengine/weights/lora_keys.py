@@ -132,10 +132,12 @@ class ModelIndex:
             ldm = unet_ldm_names(unet)
             for name, m in adapter_targets(unet):
                 t = Target("unet", name, m)
-                for alias in (kohya_name("unet", name), f"unet.{name}", name):
+                # kohya's OFT trainer names its layers oft_unet_... (A1111 reads that prefix too)
+                for alias in (kohya_name("unet", name), "oft_unet_" + name.replace(".", "_"), f"unet.{name}", name):
                     self.aliases.setdefault(alias, t)
                 if name in ldm:
                     self.aliases.setdefault("lora_unet_" + ldm[name].replace(".", "_"), t)
+                    self.aliases.setdefault("oft_unet_" + ldm[name].replace(".", "_"), t)
                     self.aliases.setdefault("diffusion_model." + ldm[name], t)  # ComfyUI
         if text_encoder is not None:
             for name, m in adapter_targets(text_encoder):

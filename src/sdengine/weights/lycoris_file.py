@@ -1,4 +1,4 @@
-"""LyCORIS layers in a LoRA file: LoHa, LoKr, (IA)^3, GLoRA, LoCon-Tucker, full and norm differences, DoRA.
+"""LyCORIS layers in a LoRA file: LoHa, LoKr, (IA)^3, GLoRA, OFT, BOFT, LoCon-Tucker, full/norm differences, DoRA.
 
 LyCORIS (and kohya's trainer driving it) names layers as kohya does (``lora_unet_...``, ``lora_te_...``) and
 stores per layer, besides ``<layer>.alpha``:
@@ -11,8 +11,13 @@ stores per layer, besides ``<layer>.alpha``:
 - (IA)^3: ``weight`` (the channel vector) and ``on_input`` (0: output channels, 1: input channels);
 - LoCon with a Tucker core: ``lora_down`` (r, in, 1, 1), ``lora_mid`` (r, r, kh, kw), ``lora_up`` (out, r, 1, 1);
 - GLoRA: ``a1.weight`` (in, r), ``a2.weight`` (r, in), ``b1.weight`` (out, r), ``b2.weight`` (r, in[, kh, kw])
-  (convolutions: 1x1 but for ``b2``), or the older layout with a1/a2 and b1/b2 swapped; a Tucker core
-  ``bm.weight`` is refused by :mod:`sdengine.weights.lora_file`;
+  (convolutions: 1x1 but for ``b2``), or the older layout with a1/a2 and b1/b2 swapped; with a Tucker core
+  ``bm.weight`` (r, r, kh, kw) a convolution's ``b2`` is a 1x1 (r, in, 1, 1);
+- OFT (LyCORIS diag-OFT; kohya's OFT, named ``oft_unet_...``): ``oft_blocks`` (n, b, b) with n*b = out,
+  ``alpha`` the constraint (not a scale: LyCORIS and kohya bound ``||Q||`` by alpha * out; 0 or none: no bound),
+  optional ``rescale`` (out, 1, ...);
+- BOFT (LyCORIS): ``oft_blocks`` (m, n, b, b), m butterfly stages, with ``alpha`` and ``rescale`` as for OFT
+  (ComfyUI tells the two apart by the same 3 or 4 dimensions);
 - Full (LyCORIS ``full``): ``diff`` (the weight's own shape) and, for a layer with a bias, ``diff_b`` (out,);
 - norm layers (GroupNorm/LayerNorm): a 1-d ``diff`` / ``diff_b`` (ComfyUI's trainer, and its LoRA extractor with
   ``bias_diff`` on) or LyCORIS' ``w_norm`` / ``b_norm``: ``W + diff``, ``b + diff_b`` (algorithm "norm");
@@ -46,10 +51,12 @@ _PARTS = {
     "diff_b": "full",
     "w_norm": "norm",  # LyCORIS' norm module: stored as diff / diff_b (the same update)
     "b_norm": "norm",
-    **{f"{p}.weight": "glora" for p in ("a1", "a2", "b1", "b2")},
+    **{f"{p}.weight": "glora" for p in ("a1", "a2", "b1", "b2", "bm")},
+    "oft_blocks": "oft",  # 3-d: OFT, 4-d: BOFT (decided once the layer's parts are read)
+    "rescale": "oft",
 }
 # parts kept under another name: a norm's w_norm/b_norm are its diff/diff_b; GLoRA's a1.weight is a1
-_RENAMED = {"w_norm": "diff", "b_norm": "diff_b", **{f"{p}.weight": p for p in ("a1", "a2", "b1", "b2")}}
+_RENAMED = {"w_norm": "diff", "b_norm": "diff_b", **{f"{p}.weight": p for p in ("a1", "a2", "b1", "b2", "bm")}}
 _PART_RE = re.compile(
     r"^(?P<layer>.+)\.(?P<part>" + "|".join(re.escape(p) for p in sorted(_PARTS, key=len, reverse=True)) + r")$"
 )
@@ -69,6 +76,8 @@ LABELS = {
     "norm": "Norm layer (diff)",
     "bias": "Bias (diff_b)",
     "glora": "GLoRA",
+    "oft": "OFT",
+    "boft": "BOFT",
 }
 # Parts each layout needs (any one set of the alternatives)
 _NEEDS = {
@@ -79,6 +88,8 @@ _NEEDS = {
     "norm": [{"diff"}],
     "bias": [{"diff_b"}],
     "glora": [{"a1", "a2", "b1", "b2"}],
+    "oft": [{"oft_blocks"}],
+    "boft": [{"oft_blocks"}],
 }
 
 
@@ -87,8 +98,8 @@ class LycorisLayerWeights:
     """One LyCORIS layer as stored in a file (tensors as read)."""
 
     key: str  # the file's layer name
-    # "loha", "lokr", "ia3", "locon_tucker", "full", "lora" (a plain LoRA carrying a DoRA magnitude), "norm" (a
-    # norm layer's weight/bias differences, as diff/diff_b) or "bias" (a bias difference diff_b alone)
+    # "loha", "lokr", "ia3", "locon_tucker", "full", "glora", "oft", "boft", "lora" (a plain LoRA carrying a DoRA
+    # magnitude), "norm" (a norm layer's weight/bias differences, as diff/diff_b) or "bias" (a diff_b alone)
     algo: str
     parts: dict[str, torch.Tensor]
     alpha: float | None = None
@@ -121,6 +132,16 @@ class LycorisLayerWeights:
             return int(p["diff" if self.algo == "norm" else "diff_b"].shape[0]), -1, ()
         if self.algo == "glora":  # which of its two layouts it is can depend on the layer: checked in fit
             return -1, -1, ()
+        if self.algo in ("oft", "boft"):  # rotations of the output rows: n blocks of b rows each
+            blocks = p["oft_blocks"]
+            if blocks.shape[-1] != blocks.shape[-2] or blocks.shape[-1] == 0:
+                return f"oft_blocks {tuple(blocks.shape)} are not square blocks"
+            if self.algo == "boft" and blocks.shape[-1] % 2:
+                return f"oft_blocks {tuple(blocks.shape)}: BOFT blocks pair rows, their size must be even"
+            out = int(blocks.shape[-3]) * int(blocks.shape[-1])
+            if "rescale" in p and p["rescale"].numel() != out:
+                return f"rescale {tuple(p['rescale'].shape)} does not scale the {out} rows of oft_blocks"
+            return out, -1, ()
         try:
             if self.algo == "ia3":
                 n = int(p["weight"].numel())
@@ -163,13 +184,13 @@ class LycorisLayerWeights:
         if out not in (-1, w_out) or inn not in (-1, want_in):
             shown_in, shown_out = ("?" if inn == -1 else inn), ("?" if out == -1 else out)
             return f"{self.label} maps {shown_in} -> {shown_out}, layer {want_in} -> {w_out}"
-        if self.algo == "glora":  # its input mixing (a1, a2) must fit the layer's inputs: rebuilt on the meta device
+        if self.algo in ("glora", "oft", "boft"):  # factors that must fit the layer: rebuilt on the meta device
             try:
                 meta = {k: torch.empty(v.shape, device="meta") for k, v in self.parts.items()}
-                unscaled_delta("glora", meta, torch.empty(weight_shape, device="meta"))
+                unscaled_delta(self.algo, meta, torch.empty(weight_shape, device="meta"))
             except (IndexError, RuntimeError, ValueError):
                 shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in self.parts.items())
-                return f"GLoRA factors {shapes} do not fit a layer of weight {tuple(weight_shape)}"
+                return f"{self.label} factors {shapes} do not fit a layer of weight {tuple(weight_shape)}"
         if "diff_b" in self.parts and tuple(self.parts["diff_b"].shape) != (w_out,):
             return f"diff_b {tuple(self.parts['diff_b'].shape)}, the layer has {w_out} outputs"
         if self.magnitude is not None and self.magnitude_axis(w_out, w_in) is None:
@@ -269,6 +290,17 @@ def split_lycoris(sd: Mapping[str, torch.Tensor], magnitude_limit: float) -> Lyc
             algo = "bias"  # a diff_b (or b_norm) alone: ComfyUI's extractor writes one next to each LoRA pair
         elif algo == "full" and parts["diff"].ndim == 1:
             algo = "norm"  # ComfyUI's trainer and extractor write a norm layer's weight difference as a 1-d diff
+        elif algo == "oft" and "oft_blocks" in parts and parts["oft_blocks"].ndim == 4:
+            algo = "boft"  # (m, n, b, b): butterfly stages
+        if algo == "oft" and "oft_blocks" in parts and parts["oft_blocks"].ndim != 3:
+            out.problems.append(
+                f"{layer}: oft_blocks {tuple(parts['oft_blocks'].shape)} are neither OFT's (n, b, b) nor BOFT's "
+                "(m, n, b, b)"
+            )
+            continue
+        if algo == "glora" and "bm" in parts and parts["bm"].ndim != 4:
+            out.problems.append(f"{layer}: GLoRA Tucker core bm {tuple(parts['bm'].shape)} is not (r, r, kh, kw)")
+            continue
         if algo == "norm" and parts["diff"].ndim != 1:
             out.problems.append(f"{layer}: w_norm has {parts['diff'].ndim} dimensions, a norm layer's weight has one")
             continue

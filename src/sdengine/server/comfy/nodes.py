@@ -45,7 +45,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 # ComfyUI's sampler and scheduler names -> sdengine's (only those the engine has).
 SAMPLER_NAMES = {
     "euler": "euler",
+    "euler_cfg_pp": "euler_cfg_pp",
     "euler_ancestral": "euler_a",
+    "euler_ancestral_cfg_pp": "euler_a_cfg_pp",
     "heun": "heun",
     "heunpp2": "heunpp2",
     "dpm_2": "dpm2",
@@ -55,9 +57,11 @@ SAMPLER_NAMES = {
     "dpm_adaptive": "dpm_adaptive",
     "dpmpp_sde": "dpmpp_sde",
     "dpmpp_2m": "dpmpp_2m",
+    "dpmpp_2m_cfg_pp": "dpmpp_2m_cfg_pp",
     "dpmpp_2m_sde": "dpmpp_2m_sde",
     "dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",
     "dpmpp_2s_ancestral": "dpmpp_2s_a",
+    "dpmpp_2s_ancestral_cfg_pp": "dpmpp_2s_a_cfg_pp",
     "dpmpp_3m_sde": "dpmpp_3m_sde",
     # ComfyUI's _gpu forms differ by where their Brownian tree draws; here every SDE's noise is the rows' generators
     "dpmpp_sde_gpu": "dpmpp_sde",
@@ -66,15 +70,27 @@ SAMPLER_NAMES = {
     "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
     "ipndm": "ipndm",
     "ipndm_v": "ipndm_v",
+    "deis": "deis",
+    "res_multistep": "res_multistep",
+    "res_multistep_cfg_pp": "res_multistep_cfg_pp",
+    "res_multistep_ancestral": "res_multistep_a",
+    "res_multistep_ancestral_cfg_pp": "res_multistep_a_cfg_pp",
+    "er_sde": "er_sde",
     "ddpm": "ddpm",
     "lcm": "lcm",
     "ddim": "ddim",
     "uni_pc": "unipc",
-    "uni_pc_bh2": "unipc",  # sdengine's UniPC is the bh2 variant (diffusers' default)
+    "uni_pc_bh2": "unipc",  # both sdengine's UniPC, of order 3 as ComfyUI's; uni_pc is the bh1 variant
 }
 # The options ComfyUI's KSampler runs a sampler with where they differ from sdengine's defaults (A1111's): its DPM
-# fast / adaptive are k-diffusion's with eta 0 (deterministic), A1111 passes its ancestral eta, 1.
-SAMPLER_OPTIONS: dict[str, dict[str, float]] = {"dpm_fast": {"eta": 0.0}, "dpm_adaptive": {"eta": 0.0}}
+# fast / adaptive are k-diffusion's with eta 0 (deterministic), A1111 passes its ancestral eta, 1; its UniPC is of
+# order 3, B(h) = -h ("bh1") under uni_pc and e^-h - 1 (diffusers' default, "bh2") under uni_pc_bh2.
+SAMPLER_OPTIONS: dict[str, dict[str, Any]] = {
+    "dpm_fast": {"eta": 0.0},
+    "dpm_adaptive": {"eta": 0.0},
+    "uni_pc": {"variant": "bh1", "order": 3},
+    "uni_pc_bh2": {"variant": "bh2", "order": 3},
+}
 SCHEDULER_NAMES = {
     # ComfyUI's normal_scheduler: timesteps linspace(t(sigma_max), t(sigma_min), steps) = 999 ... 0, their sigmas,
     # then 0: k-diffusion's get_sigmas, sdengine's "uniform" (its "normal" is diffusers' spacing: 901 ... 1 on SD 1.5)
