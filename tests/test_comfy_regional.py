@@ -239,6 +239,13 @@ def test_area_strength_weighs_combined_prompts(client):
     )  # fmt: skip
     assert np.abs(got - want).max() <= 1
     assert np.abs(plain - want).mean() > 2  # equal weights give another image
+    # a CFG++ sampler reads the negative entries' x0 of the regional sum: "blue" at strength 0 changes nothing
+    zero = {"class_type": "ConditioningSetAreaStrength", "inputs": {"conditioning": ["blue", 0], "strength": 0.0}}
+    both = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["red", 0], "conditioning_2": ["z", 0]}}
+    regional = image(client, base(64, z=zero, both=both, **sampler("ks", "both", "euler_cfg_pp"), **output("ks")))
+    alone = image(client, base(64, **sampler("ks", "red", "euler_cfg_pp"), **output("ks")))
+    euler = image(client, base(64, **sampler("ks", "red", "euler"), **output("ks")))
+    assert np.abs(regional - alone).max() <= 1 and np.abs(alone - euler).mean() > 1
 
 
 @pytest.mark.slow  # loads a ControlNet
@@ -307,6 +314,8 @@ def test_sampler_option_nodes_give_samplercustom_their_settings(client):
     eta1 = image(client, custom({"class_type": "SamplerEulerAncestral", "inputs": {"eta": 1.0, "s_noise": 1.0}}))
     assert np.abs(eta0 - euler).max() <= 1  # no ancestral noise: Euler's steps
     assert np.array_equal(eta1, ancestral) and np.abs(eta1 - euler).mean() > 2
+    cfgpp = {"class_type": "SamplerEulerAncestralCFGPP", "inputs": {"eta": 1.0, "s_noise": 1.0}}
+    assert np.array_equal(image(client, custom(cfgpp)), image(client, custom(select("euler_ancestral_cfg_pp"))))
     heun = image(client, custom(select("dpmpp_2m_sde_heun")))
     node = {"class_type": "SamplerDPMPP_2M_SDE",
             "inputs": {"solver_type": "heun", "eta": 1.0, "s_noise": 1.0, "noise_device": "gpu"}}  # fmt: skip

@@ -290,11 +290,15 @@ class _Regional:
     def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> _Regional:
         return self._mapped(lambda d: d.with_timesteps(sigmas, timesteps))
 
+    takes_guidance_parts = True  # a CFG++ sampler's unconditional x0: the negative entries' weighted sum
+
     def __call__(self, x: Tensor, sigma: Tensor | float, **kw: Any) -> Tensor:
         step = {"step": kw["step"]} if "step" in kw else {}
+        parts = kw.get("guidance_parts")
         sig = torch.as_tensor(sigma, dtype=torch.float32)
         sig = sig.reshape(-1).expand(x.shape[0]) if sig.numel() == 1 else sig
-        halves = [self.cond] if math.isclose(self.cfg, 1.0) else [self.cond, self.uncond]
+        # cfg 1 skips the negative entries, unless a CFG++ sampler asks for their x0 (as CFGDenoiser)
+        halves = [self.cond] if math.isclose(self.cfg, 1.0) and parts is None else [self.cond, self.uncond]
         b, _, h, w = x.shape
         s0 = float(sig[0])
         # The model calls: one per active entry; entries of the same crop and argument shapes (an area's positive
@@ -328,7 +332,9 @@ class _Regional:
         if len(halves) == 1:
             return cond
         uncond = outs[1] / counts[1]
-        return uncond + (cond - uncond) * self.cfg
+        if parts is not None:
+            parts.uncond = uncond
+        return cond if math.isclose(self.cfg, 1.0) else uncond + (cond - uncond) * self.cfg
 
 
 def _match_length(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:

@@ -1188,6 +1188,10 @@ def sampler_euler_ancestral(ctx: RunContext, eta: float, s_noise: float) -> tupl
     return _sampler_with("euler_ancestral", {"eta": eta}, {"s_noise": (s_noise, 1.0)})
 
 
+def sampler_euler_ancestral_cfg_pp(ctx: RunContext, eta: float, s_noise: float) -> tuple[Any]:
+    return _sampler_with("euler_ancestral_cfg_pp", {"eta": eta, "s_noise": s_noise})
+
+
 def sampler_dpmpp_2s_ancestral(ctx: RunContext, eta: float, s_noise: float) -> tuple[Any]:
     return _sampler_with("dpmpp_2s_ancestral", {"eta": eta, "s_noise": s_noise})
 
@@ -2437,6 +2441,18 @@ NODES: dict[str, NodeDef] = {
             ("SAMPLER",),
             sampler_euler_ancestral,
             description="Euler ancestral with its eta (s_noise: 1 only).",
+        ),
+        NodeDef(
+            "SamplerEulerAncestralCFGPP",
+            "SamplerEulerAncestralCFG++",
+            "sampling/custom_sampling/samplers",
+            (
+                Input("eta", "FLOAT", 1.0, 0.0, 1.0, 0.01, round=False),
+                Input("s_noise", "FLOAT", 1.0, 0.0, 10.0, 0.01, round=False),
+            ),
+            ("SAMPLER",),
+            sampler_euler_ancestral_cfg_pp,
+            description="Euler ancestral CFG++ with its eta and s_noise.",
         ),
         NodeDef(
             "SamplerLMS",
