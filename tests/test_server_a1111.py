@@ -245,8 +245,11 @@ def test_controlnet_unit_and_empty_args(api):
 
 
 def test_unknown_and_unimplemented_fields_are_reported(api):
-    r = api.txt2img(prompt="a cat", seed=1, restore_faces=True, override_settings={"sd_vae": "x"}, **COMMON)
-    assert "restore_faces" in r.info["ignored"] and "override_settings.sd_vae" in r.info["ignored"]
+    r = api.txt2img(prompt="a cat", seed=1, override_settings={"sd_vae": "x"}, **COMMON)
+    assert "override_settings.sd_vae" in r.info["ignored"]
+    # a field that would change the image but is not implemented is a 422 naming it (it was listed as ignored)
+    with pytest.raises(RuntimeError, match="422.*restore_faces True: face restoration"):
+        api.txt2img(prompt="a cat", seed=1, restore_faces=True, **COMMON)
     r = api.custom_post("txt2img", {"prompt": "a cat", "seed": 1, "frobnicate": 3, **COMMON}, baseurl=True)
     assert r.info["ignored"] == ["frobnicate"]
 
@@ -594,8 +597,11 @@ def test_resize_modes_of_init_mask_and_control_images(api):
         want = emoji()("a ball", seed=3, init_image=init, strength=0.6, resize_mode=mode, **kw)
         np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
         assert r.info["ignored"] == []
+    # 3, A1111's latent upscale (once listed as ignored): the init image's latent resized, the pipeline's
     r = api.img2img(images=[init], prompt="a ball", seed=3, denoising_strength=0.6, resize_mode=3, **COMMON)
-    assert r.info["ignored"] == ["resize_mode"]  # A1111's latent upscale mode is not done: said
+    want = emoji()("a ball", seed=3, init_image=init, strength=0.6, init_latent_resize=True, **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["ignored"] == []
     # inpainting, crop and resize: the mask is cut as the image, and the init pasted back is the cut one
     mask = Image.new("L", (64, 32), 0)
     mask.paste(255, (16, 0, 48, 32))
@@ -1198,8 +1204,8 @@ def test_inpainting_fill_latent_noise_and_latent_nothing(api):
                       **kw)  # fmt: skip
         np.testing.assert_array_equal(arr(r.image), arr(Image.composite(ref.images[0], init.convert("RGB"), soft)))
         assert r.info["ignored"] == [] and f"Masked content: {name}" in r.info["infotexts"][0]
-    r = api.img2img(images=[init], mask_image=mask, prompt="a", seed=3, inpainting_fill=7, **COMMON)
-    assert r.info["ignored"] == ["inpainting_fill"]  # A1111 has no such masked content
+    with pytest.raises(RuntimeError, match="422.*inpainting_fill 7"):  # A1111 has no such masked content
+        api.img2img(images=[init], mask_image=mask, prompt="a", seed=3, inpainting_fill=7, **COMMON)
 
 
 def test_overrides_stay_set_without_restore_afterwards_as_a1111(api):

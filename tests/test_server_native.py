@@ -254,10 +254,10 @@ def test_vae_encode_tiny_is_the_python_apis_image(client):
 
 
 def test_a_late_failure_fails_alone(client):
-    # A1111's strength rule's hires schedule (steps / strength) over the model's 1000: found by the pipeline
-    late = {"strength": 0.1, "strength_rule": "a1111", "hires": {"hr_second_pass_steps": 150}}
-    bad = run(client, {**BASE, **late})
-    assert bad["state"] == "failed" and "needs a schedule of 1500 steps" in bad["error"], bad
+    # SDXL settings on a model that is not SDXL: found by the pipeline once the model is loaded (a hires schedule
+    # over the model's 1000 steps, the example here once, is a 400 up front now: test_a1111_fields.py)
+    bad = run(client, {**BASE, "sdxl": {"prompt_2": "a green pear"}})
+    assert bad["state"] == "failed" and "SDXL models only" in bad["error"], bad
     good = run(client, {**BASE, "seed": 5})
     assert good["state"] == "done"
 

@@ -408,10 +408,13 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
     if "Noise multiplier" in parsed:  # A1111's img2img initial_noise_multiplier
         kwargs["noise_multiplier"] = _parse_float(parsed, "Noise multiplier")
     if "Resize mode" in parsed:  # sdengine's field: how init and control images were fitted
-        from sdengine.io.resize import resize_mode_name
+        from sdengine.io.resize import LATENT_UPSCALE, resize_mode_name
 
         try:
-            kwargs["resize_mode"] = resize_mode_name(parsed["Resize mode"])
+            if parsed["Resize mode"].strip().lower() == LATENT_UPSCALE:  # A1111's resize mode 3
+                kwargs["init_latent_resize"] = True
+            else:
+                kwargs["resize_mode"] = resize_mode_name(parsed["Resize mode"])
         except SdengineError as e:
             raise MetadataError(f"cannot regenerate from this infotext: {e}") from None
     options = _sampler_options(parsed, kwargs.get("sampler"))

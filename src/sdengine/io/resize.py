@@ -21,6 +21,9 @@ from PIL import Image
 from sdengine.errors import GenerationError
 
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
+# A1111's fourth img2img resize mode (3): the init image encoded at its own size and its latent resized
+# (GenerationRequest.init_latent_resize; not an image fit, so not one of RESIZE_MODES); the infotext's name for it
+LATENT_UPSCALE = "just resize (latent upscale)"
 _ALIASES = {
     "just_resize": 0,
     "resize": 0,
@@ -94,4 +97,4 @@ def resize_tensor(t: Any, width: int, height: int, mode: str = "just resize") ->
     return F.pad(t, (left, width - sw - left, top, height - sh - top), mode="replicate")
 
 
-__all__ = ["RESIZE_MODES", "fit_geometry", "resize_image", "resize_mode_name", "resize_tensor"]
+__all__ = ["LATENT_UPSCALE", "RESIZE_MODES", "fit_geometry", "resize_image", "resize_mode_name", "resize_tensor"]

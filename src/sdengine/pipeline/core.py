@@ -50,7 +50,13 @@ from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.nn.attention import CHUNK_SCORES
 from sdengine.pipeline.control import ControlUnit, GraphedControlledUNet, build_controlled_unet
 from sdengine.pipeline.finite import require_finite
-from sdengine.pipeline.infotext import call_parameters, files_hash_cached, format_infotext, hashed_files
+from sdengine.pipeline.infotext import (
+    call_parameters,
+    files_hash_cached,
+    format_infotext,
+    hashed_files,
+    init_resize_mode,
+)
 from sdengine.pipeline.latents import A1111Blend, InpaintBlend, blur_mask, start_latents
 from sdengine.pipeline.loop_graph import LoopPlan
 from sdengine.pipeline.request import GenerationRequest
@@ -566,7 +572,21 @@ class Pipeline:
         init = mask = None
         if r.init_image is not None:
             init = load_image(r.init_image, "init image", mode="RGB", error=GenerationError)
-            if init.size != (width, height):
+            if r.init_latent_resize and init.size != (width, height):
+                # A1111's "Just resize (latent upscale)": encoded at its own size, the latent resized (start_latents)
+                f = self.vae_scale_factor
+                if init.width % f or init.height % f:
+                    raise GenerationError(
+                        f"init_latent_resize: the init image {init.width}x{init.height} is encoded at its own size, "
+                        f"so its sides must be multiples of {f}"
+                    )
+                if self.inpainting:
+                    raise GenerationError(
+                        f"init_latent_resize: {self.name} is an inpainting model (9-channel U-Net), whose masked "
+                        f"image must have the output size; give the init image at {width}x{height}"
+                    )
+                _note(notes, f"init image {init.size[0]}x{init.size[1]}: its latent resized to {width}x{height}")
+            elif init.size != (width, height):
                 mode = resize_mode_name(r.resize_mode)
                 _note(notes, f"init image {init.size[0]}x{init.size[1]} fitted to {width}x{height} ({mode})")
                 init = resize_image(init, width, height, mode)
@@ -681,7 +701,7 @@ class Pipeline:
                     lora_dir=lora_dir,
                     controlnets=units,
                     mask_blur=float(request.mask_blur) if p.mask is not None else None,
-                    resize_mode=request.resize_mode if (p.init is not None or units) else None,
+                    resize_mode=init_resize_mode(request) if (p.init is not None or units) else None,
                     sampler_options=request.sampler_options,
                     prediction_override=self.prediction_override,
                     # how the img2img / hires second pass counted its steps

@@ -194,19 +194,26 @@ def plan_hires(pipe: Any, r: GenerationRequest, width: int, height: int, sampler
     m = int(pipe.size_multiple)
     check_hires_size(r, width, height, m)
     sw, sh, bw, bh = (v // m * m for v in _scaled_size(r, width, height))
-    steps = int(r.hr_second_pass_steps) or int(r.steps)
-    limit = int(pipe.noise_schedule.num_train_timesteps)
-    if steps > limit:
-        raise GenerationError(f"hr_second_pass_steps must be at most {limit}, got {steps}")
     if r.hr_sampler or r.hr_schedule is not None:
         sampler, schedule = hires_sampler(r, sdxl=getattr(pipe, "text_kind", "") == "sdxl")
+    total, start = check_hires_steps(r, sampler, int(pipe.noise_schedule.num_train_timesteps))
+    return HiresPlan(upscaler_name(r.hr_upscaler), sw, sh, bw, bh, total, sampler, schedule, start)
+
+
+def check_hires_steps(r: GenerationRequest, sampler: str, limit: int) -> tuple[int, int]:
+    """The second pass's (schedule steps, first step) with the second pass's ``sampler`` (a resolved name), or a
+    one-line GenerationError where the schedule is over the model's ``limit`` training timesteps (A1111's rule
+    makes one of steps / strength steps); no model needed, so the server refuses it before queueing a job."""
+    steps = int(r.hr_second_pass_steps) or int(r.steps)
+    if steps > limit:
+        raise GenerationError(f"hr_second_pass_steps must be at most {limit}, got {steps}")
     total, start = hires_steps(steps, float(r.strength), r.strength_rule, sampler)
     if total > limit:  # the a1111 rule's schedule of steps / strength steps
         raise GenerationError(
             f"hires strength {r.strength} with {steps} second-pass steps needs a schedule of {total} steps "
             f"(A1111's rule: steps / strength), over the model's {limit}: raise strength or lower the steps"
         )
-    return HiresPlan(upscaler_name(r.hr_upscaler), sw, sh, bw, bh, total, sampler, schedule, start)
+    return total, start
 
 
 def _lora_tags(text: str) -> list[tuple[str, Any]]:

@@ -112,6 +112,14 @@ def lora_hashes(loras: Sequence[tuple[Any, Any]], lora_dir: str | Path | None) -
 SAMPLER_OPTION_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
 
 
+def init_resize_mode(request: Any) -> Any:
+    """The resize mode an infotext records for a request's init image: A1111's latent upscale
+    (``init_latent_resize``) by its name, else the request's ``resize_mode``."""
+    from sdengine.io.resize import LATENT_UPSCALE
+
+    return LATENT_UPSCALE if getattr(request, "init_latent_resize", False) else request.resize_mode
+
+
 def call_parameters(
     *,
     prompt: str,
@@ -184,9 +192,9 @@ def call_parameters(
         params["ControlNet step rule"] = ",".join(unit.rule for unit in controlnets)
     # sdengine's fields for what changes the image and A1111 does not write (read back by --from-png)
     if resize_mode is not None:
-        from sdengine.io.resize import RESIZE_MODES, resize_mode_name
+        from sdengine.io.resize import LATENT_UPSCALE, RESIZE_MODES, resize_mode_name
 
-        mode = resize_mode_name(resize_mode)
+        mode = LATENT_UPSCALE if resize_mode == LATENT_UPSCALE else resize_mode_name(resize_mode)
         if mode != RESIZE_MODES[0]:
             params["Resize mode"] = mode
     if strength_rule != "diffusers":  # sdengine's field: how the strength counted the steps (A1111's rule)

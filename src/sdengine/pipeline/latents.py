@@ -110,6 +110,12 @@ def start_latents(
         if mask_full is None or strength < 1.0 or not nine_channels or not pure_noise_at_full_strength:
             post = moments(img)
             init_latent = vae.scale_latents(posterior_rows(post, generators).float())
+            if tuple(init_latent.shape[-2:]) != (
+                h,
+                w,
+            ):  # an init of another size (GenerationRequest.init_latent_resize)
+                # A1111's "Just resize (latent upscale)": the latent of the image at its own size, resized bilinearly
+                init_latent = F.interpolate(init_latent, size=(h, w), mode="bilinear")
     noise = row_noise(generators, (latent_channels, h, w)).to(device)
 
     if mask_full is not None:

@@ -107,6 +107,10 @@ class GenerationRequest:
     vae_encode: str = "full"
     sampler_options: Mapping[str, Any] | None = None
     resize_mode: str | int = "just resize"  # init and control images of another size: sdengine.io.resize
+    # A1111's img2img resize mode 3, "Just resize (latent upscale)": the init image is encoded at its own size
+    # (sides a multiple of the VAE's factor) and its latent resized bilinearly to the output's (no mask; on a
+    # 9-channel inpainting model only at the output size); infotext "Resize mode: just resize (latent upscale)"
+    init_latent_resize: bool = False
     subseed: int | None = None  # variation seed (A1111's); None / -1 draws one; row i uses subseed + i
     subseed_strength: float = 0.0  # 0 = the seed's image, 1 = the variation seed's (slerp of the noise)
     # A1111's "Resize seed from width/height": the start noise is drawn at this size (pixels) and pasted centred
@@ -316,6 +320,13 @@ class GenerationRequest:
             )
         if self.mask is not None and self.init_image is None:
             raise GenerationError("a mask needs an init_image to inpaint")
+        if not isinstance(self.init_latent_resize, bool):
+            raise GenerationError(f"init_latent_resize must be true or false, got {self.init_latent_resize!r}")
+        if self.init_latent_resize and (self.init_image is None or self.mask is not None or self.controlnets):
+            raise GenerationError(
+                "init_latent_resize (A1111's latent upscale resize mode) needs an init_image and takes no mask or "
+                "ControlNet"
+            )
         if self.masked_content not in MASKED_CONTENT:
             raise GenerationError(
                 f"unknown masked_content {self.masked_content!r}; use one of: {', '.join(MASKED_CONTENT)}"

@@ -21,7 +21,7 @@ from sdengine.diffusion.schedules import img2img_start
 from sdengine.errors import GenerationError
 from sdengine.io.images import to_uint8
 from sdengine.pipeline.core import Pipeline, Prepared, as_request, grid_strength
-from sdengine.pipeline.infotext import call_parameters, format_infotext
+from sdengine.pipeline.infotext import call_parameters, format_infotext, init_resize_mode
 from sdengine.pipeline.latents import start_latents
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.pipeline.result import Cancelled, GenerationResult, StepInfo
@@ -245,7 +245,7 @@ class SDXLPipeline(Pipeline):
                 lora_dir=None,
                 controlnets=[],
                 mask_blur=None,
-                resize_mode=request.resize_mode if p.init is not None else None,
+                resize_mode=init_resize_mode(request) if p.init is not None else None,
                 sampler_options=request.sampler_options,
                 strength_rule=request.strength_rule if p.init is not None else "diffusers",
                 sdxl=request.sdxl,

@@ -1,9 +1,11 @@
 """AUTOMATIC1111's ``/sdapi/v1`` API (and the sd-webui-controlnet extension's units), over the same queue.
 
 Requests use A1111's field names and defaults; each is mapped onto :func:`~sdengine.server.requests.
-build_generation`. What sdengine cannot do is never silently dropped: fields that would change the image
-but are not implemented (``restore_faces``, hires-fix fields on img2img, ``subseed_strength``, a ControlNet unit's
-``pixel_perfect``, ...) and fields A1111 does not have are listed in ``info["ignored"]`` of the response.
+build_generation`. What sdengine cannot do is never silently dropped: request fields that would change the image
+but are not implemented (``restore_faces``, ``latent_mask``, ``resize_mode`` 3, ...) are a 422 naming the field
+(:func:`refuse_unsupported`); fields A1111 does not read in that request (hires-fix fields on img2img, ...), fields
+it does not have, and a ControlNet unit's settings that are not done (``pixel_perfect``, ...) are listed in
+``info["ignored"]`` of the response.
 
 ``interrupt`` and ``skip`` without a body act on the running jobs that came through this API (never on a
 native or OpenAI job); with ``{"id_task": ID}`` on that job only. An interrupted call answers with the
@@ -44,7 +46,7 @@ NO_REFINER = (None, "", "None", "none")  # A1111's "no refiner" values of refine
 
 # Fields that do nothing at these values (A1111's own defaults or neutral settings): not reported.
 NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
-    "restore_faces": (False, None),
+    "restore_faces": (False, None),  # true: refused (refuse_unsupported)
     "do_not_save_samples": (False, True, None),
     "do_not_save_grid": (False, True, None),
     "override_settings_restore_afterwards": None,  # false: the overrides stay set afterwards, as in A1111
@@ -63,15 +65,16 @@ NEUTRAL: dict[str, tuple[Any, ...] | None] = {  # None: any value
     "comments": (None, {}),
     "sampler_index": None,
     "include_init_images": None,
-    "inpainting_fill": (0, 1, None),  # "fill" and "original"; 2 and 3 in the latent (LATENT_FILLS), others listed
-    "latent_mask": (None,),
+    "inpainting_fill": (0, 1, None),  # "fill", "original"; 2 and 3 in the latent (LATENT_FILLS), others refused
+    "latent_mask": (None, ""),  # with a mask: refused (refuse_unsupported); without one A1111 reads none either
+    "mask_round": None,  # false with a mask: refused (refuse_unsupported); without one nothing to round
+    "s_min_uncond": (None, 0, 0.0),  # another value: refused (refuse_unsupported)
     "infotext": None,  # read (apply_infotext)
-    "firstpass_image": (None,),
+    "firstpass_image": (None, ""),  # with the hires fix: refused; without it A1111 reads none either
     "force_task_id": None,
     "send_images": None,
     "save_images": None,
     "denoising_strength": None,
-    "mask_round": None,
     "n_iter": None,
     "batch_size": None,
 }
@@ -190,6 +193,7 @@ USED = {
 }
 LATENT_FILLS = {2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill -> masked_content
 IMG2IMG_USED = {"initial_noise_multiplier"}  # A1111's img2img fields that its txt2img does not have
+TXT2IMG_USED = {"firstphase_width", "firstphase_height"}  # A1111's txt2img fields that its img2img does not have
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network tag (<lora:...>, <hypernet:...>)
 # The unit keys read above, and the extension's keys that do not change the image.
 UNIT_KEYS = {
@@ -200,6 +204,7 @@ UNIT_KEYS = {
 }
 CONTROL_MODES = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet is more important"}
 RESIZE_MODES = {0: "Just Resize", 1: "Crop and Resize", 2: "Resize and Fill"}
+LATENT_UPSCALE_MODE = 3  # A1111's img2img "Just resize (latent upscale)": GenerationRequest.init_latent_resize
 MODULES = {
     "none": "none",
     "canny": "canny",
@@ -213,8 +218,8 @@ MODULES = {
 
 
 class Txt2ImgRequest(BaseModel):
-    """A1111's StableDiffusionTxt2ImgProcessingAPI (the fields sdengine reads; every other field is accepted
-    and listed as ignored in the response's info)."""
+    """A1111's StableDiffusionTxt2ImgProcessingAPI (the fields sdengine reads; the others are refused where they
+    would change the image, :func:`refuse_unsupported`, else listed as ignored in the response's info)."""
 
     model_config = ConfigDict(extra="allow")
     prompt: str = ""
@@ -623,6 +628,71 @@ def infotext_sdxl(value: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return out, rest
 
 
+SAME_CHECKPOINT = (None, "", "Use same checkpoint")  # A1111's hr_checkpoint_name for "the first pass's model"
+
+
+def refuse_unsupported(body: dict[str, Any], txt2img: bool) -> None:
+    """A1111 request fields that would change the image but that sdengine cannot run: a 422 naming the field (one
+    line) when set to another value than the one that does nothing, never a silently other image. Where A1111
+    itself does not read the field (``latent_mask`` without a ``mask``, ``firstpass_image`` without the hires
+    fix), it is only listed as ignored (:func:`_ignored`). ``hr_checkpoint_name`` is the txt2img route's
+    (``same_checkpoint``: it needs the catalog)."""
+
+    def refuse(field: str, why: str) -> None:
+        raise Unprocessable(f"{field} {body.get(field)!r}: {why}")
+
+    faces = "face restoration (GFPGAN, CodeFormer) is not available in sdengine"
+    if body.get("restore_faces") not in (None, False):
+        # a stock A1111 has GFPGAN and CodeFormer (their weights downloaded on first use): a restored image
+        refuse("restore_faces", f"{faces}; send false")
+    over = body.get("override_settings") or {}
+    if body.get("restore_faces") is None and isinstance(over, dict) and over.get("face_restoration"):
+        # A1111's restore_faces None reads its face_restoration option (an override, or an infotext's
+        # "Face restoration"): restore_faces false runs without it
+        raise Unprocessable(
+            f"override_settings.face_restoration (or an infotext's Face restoration): {faces}; send restore_faces "
+            "false to run without it"
+        )
+    if body.get("s_min_uncond") not in (None, 0, 0.0):
+        refuse("s_min_uncond", "A1111's negative guidance minimum sigma is not implemented in sdengine; send 0")
+    if txt2img and body.get("enable_hr") and body.get("firstpass_image") not in (None, ""):
+        raise Unprocessable(
+            "firstpass_image: the hires fix of a given first-pass image is not implemented in sdengine (A1111's "
+            "API passes it on undecoded); send none"
+        )
+    if txt2img:
+        return
+    mode = body.get("resize_mode", 0)
+    mask = body.get("mask") not in (None, "")
+    if isinstance(mode, bool) or mode not in (*RESIZE_MODES, LATENT_UPSCALE_MODE):
+        refuse("resize_mode", "A1111's resize modes are 0 (just resize), 1 (crop and resize), 2 (resize and fill) and "
+               "3 (just resize, latent upscale)")  # fmt: skip
+    if mode == LATENT_UPSCALE_MODE and mask:
+        # A1111 fits the mask "resize and fill" and pastes back an overlay of the init image's own size
+        refuse("resize_mode", "A1111's latent upscale takes no mask in sdengine (A1111 fits the mask otherwise than "
+               "the image); send 0, 1 or 2")  # fmt: skip
+    if mask and body.get("latent_mask") not in (None, ""):
+        raise Unprocessable(
+            "latent_mask: a separate latent mask is not implemented in sdengine (A1111's API passes it on "
+            "undecoded); send none: the mask is the latent mask"
+        )
+    if mask and body.get("mask_round") is False:
+        refuse("mask_round", "sdengine always rounds the latent mask, as A1111 by default; send true")
+    fill = body.get("inpainting_fill", 0)
+    if mask and (isinstance(fill, bool) or fill not in (0, 1, 2, 3)):
+        refuse(
+            "inpainting_fill",
+            "A1111's masked content is 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)",
+        )
+    images = body.get("init_images")
+    if isinstance(images, list) and len(images) > 1:
+        # A1111 makes a batch of them, row k from init image k: sdengine takes one init image per call
+        raise Unprocessable(
+            f"init_images: {len(images)} images; sdengine takes one init image per call (A1111 makes a batch of "
+            "them): send one, and a call per image"
+        )
+
+
 def _ignored(body: dict[str, Any], txt2img: bool = False) -> list[str]:
     script = body.get("script_name")
     if script not in (None, ""):  # A1111 answers 422 for a script it does not have; sdengine has none
@@ -633,7 +703,7 @@ def _ignored(body: dict[str, Any], txt2img: bool = False) -> list[str]:
     out = []
     hr = bool(body.get("enable_hr"))
     for k, v in body.items():
-        if k in USED or (txt2img and hr and k in HR_USED) or (not txt2img and k in IMG2IMG_USED):
+        if k in USED or (txt2img and (k in TXT2IMG_USED or hr and k in HR_USED)) or (not txt2img and k in IMG2IMG_USED):
             continue
         if k.startswith(HR_FIELDS) and not hr:
             continue
@@ -866,6 +936,8 @@ def install(app: FastAPI, services: Any) -> None:
             "sd_vae_decode_method": "TAESD" if found.get("vae_decode") == "tiny" else "Full",
             "sd_vae_encode_method": "TAESD" if found.get("vae_encode") == "tiny" else "Full",
         }
+        if "Face restoration" in parsed:  # A1111's option of that infotext name (restore_faces None reads it)
+            settings["face_restoration"] = True
         if not hires and found.get("strength_rule") == "a1111_fix_steps":  # sdengine's record of img2img_fix_steps
             settings["img2img_fix_steps"] = True
         if "noise_seed_delta" in found:  # "ENSD", as A1111 maps it (only when the infotext has one: no default)
@@ -874,7 +946,7 @@ def install(app: FastAPI, services: Any) -> None:
         settings.update(xl_options)
         if clip is not None:
             del settings["CLIP_stop_at_last_layers"]  # not A1111's: passed on with its rule instead
-        defaults: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, **SDXL_OPTIONS}
+        defaults: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "face_restoration": False, **SDXL_OPTIONS}
         for name, value in settings.items():  # as A1111: only where it differs from the current option
             if name not in over and value != options.get(name, defaults.get(name, "Full")):
                 over[name] = value
@@ -1074,6 +1146,7 @@ def install(app: FastAPI, services: Any) -> None:
                 check_hand_off(GenerationRequest(**generation.kwargs), refiner[2], "a1111")
             except SdengineError as e:
                 raise BadRequest(f"refiner_checkpoint: {e}") from None
+            check_refiner_models(generation, refiner)
             generation.refiner, generation.refiner_name, generation.refiner_switch_at = refiner
         if (req.model_extra or {}).get("override_settings_restore_afterwards") is False and req.override_settings:
             # A1111 leaves the overrides set after such a call: they become the options of later jobs
@@ -1081,6 +1154,21 @@ def install(app: FastAPI, services: Any) -> None:
         job, _ = services.submit(generation, protocol="a1111", save=req.save_images, task_id=req.force_task_id)
         await job.wait_finished()
         return _response(job, req, ignored, notes or [], detect_maps, styled)
+
+    def check_refiner_models(generation: Any, refiner: tuple[str, str, float]) -> None:
+        """A refiner hand-off needs SDXL models (the base and the refiner): another model is a 400 before any job
+        is queued or model loaded, by the loaded pipeline where a worker holds it, else by the model's files; a
+        model whose kind cannot be told before its load is left to the job."""
+        from sdengine.server.page_api import sdxl_before_load
+
+        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        base = hasattr(loaded, "generate_with_refiner") if loaded is not None else sdxl_before_load(generation.model)
+        if base is False:
+            raise BadRequest(
+                f"refiner_checkpoint: a refiner needs an SDXL base model; {generation.model_name!r} is not one"
+            )
+        if sdxl_before_load(refiner[0]) is False:
+            raise BadRequest(f"refiner_checkpoint: {refiner[1]!r} is not an SDXL model (a refiner must be one)")
 
     def detected_maps(job: Job, units: list[int], final: tuple[int, int] | None) -> list[Image.Image]:
         """The extension's detected maps of ``units`` (places in the job's units): each unit's control image
@@ -1199,6 +1287,15 @@ def install(app: FastAPI, services: Any) -> None:
     async def txt2img(req: Txt2ImgRequest) -> JSONResponse:
         req, xl_rest, clip = apply_infotext(req, hires=True)
         body = req.model_dump(exclude_unset=True)
+        refuse_unsupported(body, txt2img=True)
+        first = [body.get("firstphase_width") or 0, body.get("firstphase_height") or 0]
+        if any(first):  # A1111 (its __post_init__): the image, or the hires fix's first pass, has that size
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in first):
+                raise Unprocessable(
+                    f"firstphase_width {first[0]!r} and firstphase_height {first[1]!r}: A1111 makes the first pass "
+                    "that size, so both must be above 0 (or both 0: width and height)"
+                )
+            req = req.model_copy(update={"width": first[0], "height": first[1]})
         ignored = _ignored(body, txt2img=True)
         if "resize_mode" in body:  # an img2img field (txt2img fits ControlNet images by their units' modes)
             ignored.append("resize_mode")
@@ -1210,6 +1307,7 @@ def install(app: FastAPI, services: Any) -> None:
         refiner = hand_off(body, fields, ignored)
         fields["strength_rule"] = "a1111"  # A1111's step rules: its DDIM / PLMS grid (and the hires fix's count)
         if req.enable_hr:
+            same_checkpoint(body, fields, ignored)
             hires = {
                 "hr_scale": req.hr_scale,
                 "hr_upscaler": req.hr_upscaler or "Latent",  # A1111's latent_upscale_default_mode
@@ -1251,28 +1349,49 @@ def install(app: FastAPI, services: Any) -> None:
             return None
         return ref, services.catalog.model_name_of(ref), float(switch)
 
+    def same_checkpoint(body: dict[str, Any], fields: dict[str, Any], ignored: list[str]) -> None:
+        """A1111's ``hr_checkpoint_name``: the job's own model (A1111 reloads it: the same image) is run; another
+        model for the second pass is a 422 (not implemented), an unknown name a 400 naming the models."""
+        name = body.get("hr_checkpoint_name")
+        if name in SAME_CHECKPOINT:
+            return
+        if not isinstance(name, str):
+            raise BadRequest(f"hr_checkpoint_name must be a model name, got {name!r}")
+        ref = services.catalog.resolve_model(name)
+        base = services.catalog.resolve_model(
+            fields.get("model") or str(options.get("sd_model_checkpoint") or services.config.model)
+        )
+        if ref != base:
+            raise Unprocessable(
+                f"hr_checkpoint_name {name!r}: another model for the hires fix's second pass is not implemented in "
+                'sdengine; send none, "Use same checkpoint" or the job\'s own model'
+            )
+        if "hr_checkpoint_name" in ignored:
+            ignored.remove("hr_checkpoint_name")
+
     @app.post("/sdapi/v1/img2img", tags=["a1111"])
     async def img2img(req: Img2ImgRequest) -> JSONResponse:
         req, xl_rest, clip = apply_infotext(req, hires=False)
         body = req.model_dump(exclude_unset=True)
-        ignored = _ignored(body)
         if not req.init_images:
             raise BadRequest("img2img needs init_images (one base64 image)")
-        if len(req.init_images) > 1:
-            ignored.append("init_images[1:]")
+        refuse_unsupported(body, txt2img=False)  # resize_mode 3, a second init image, latent_mask, ...
+        ignored = _ignored(body)
         if not req.mask:  # the inpainting fields do nothing without a mask (in A1111 too)
             ignored = [k for k in ignored if k not in ("inpainting_fill", "inpaint_full_res")]
         elif req.inpainting_fill in LATENT_FILLS:  # done in the latent by the pipeline
             ignored = [k for k in ignored if k != "inpainting_fill"]
-        elif req.inpainting_fill not in (0, 1) and "inpainting_fill" not in ignored:
-            ignored.append("inpainting_fill")  # A1111 has no such masked content
         mode = req.resize_mode
-        if isinstance(mode, bool) or mode not in RESIZE_MODES:  # 3, "Just resize (latent upscale)": not done
-            ignored.append("resize_mode")
+        latent_resize = mode == LATENT_UPSCALE_MODE  # the init image's latent resized (no mask: refused above)
+        if latent_resize:
             mode = 0
         notes: list[str] = []
         styled = with_styles(req)
         fields = generation_fields(styled, body, ignored, req.init_images[0], mode, notes, clip)
+        if latent_resize:
+            if fields["controlnets"]:
+                raise Unprocessable("resize_mode 3: A1111's latent upscale takes no ControlNet unit in sdengine")
+            fields["init_latent_resize"] = True
         fields["sdxl_options"].update(xl_rest)  # the infotext's SDXL settings A1111 has no option for
         strength = 0.75 if req.denoising_strength is None else req.denoising_strength  # A1111's default
         blur = _mask_blur(body)

@@ -591,11 +591,56 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         except SdengineError as e:
             raise BadRequest(str(e)) from None
 
+    def check_schedule_steps(generation: Generation) -> None:
+        """A schedule longer than the model's training timesteps (steps over it, with a --max-steps over 1000; A1111's
+        step rules make one of steps / strength steps: the hires fix's second pass, img2img with img2img_fix_steps)
+        is a 400 now, instead of a job that
+        fails once it runs (after the model's load); the limit is the loaded pipeline's, else a folder's scheduler
+        config's, else 1000 (every Stable Diffusion model's)."""
+        from sdengine.diffusion import sampling
+        from sdengine.diffusion.schedules import img2img_steps
+        from sdengine.errors import SdengineError
+        from sdengine.pipeline import GenerationRequest
+        from sdengine.pipeline.hires import check_hires_steps, hires_sampler
+        from sdengine.server.page_api import train_timesteps
+
+        kw = generation.kwargs
+        fixed = kw.get("init_image") is not None and kw.get("strength_rule") == "a1111_fix_steps"
+        if not kw.get("enable_hr") and not fixed and int(kw.get("steps") or 0) <= 1000:
+            return  # nothing over any model's schedule (a --max-steps over 1000 is checked below)
+        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        schedule = getattr(loaded, "noise_schedule", None)
+        limit = int(schedule.num_train_timesteps) if schedule is not None else train_timesteps(generation.model)
+        if int(kw.get("steps") or 0) > limit:
+            raise BadRequest(f"steps must be at most {limit} (the model's training timesteps), got {kw['steps']}")
+        try:
+            r = GenerationRequest(**kw)
+            sampler = sampling.resolve(r.sampler, r.schedule)[0]
+            if r.enable_hr and (r.hr_sampler or r.hr_schedule is not None):
+                hr_sampler = hires_sampler(r)[0]
+            else:
+                hr_sampler = sampler
+            total = img2img_steps(int(r.steps), float(r.strength), r.strength_rule, sampler)[0] if fixed else 0
+        except (SdengineError, ValueError, TypeError):
+            return  # a bad sampler or field: the build or the job names it, as before
+        if fixed:
+            if total > limit:
+                raise BadRequest(
+                    f"strength {r.strength} with {r.steps} steps and img2img_fix_steps needs a schedule of {total} "
+                    f"steps (steps / strength), over the model's {limit}: raise strength or lower the steps"
+                )
+        if r.enable_hr:
+            try:
+                check_hires_steps(r, hr_sampler, limit)
+            except SdengineError as e:
+                raise BadRequest(str(e)) from None
+
     def precheck(generation: Generation) -> None:
         check_size_multiple(generation)
         check_not_too_large(generation)
         check_hires_not_too_small(generation)
         check_tiny_vae(generation)
+        check_schedule_steps(generation)
 
     services.precheck = precheck
 

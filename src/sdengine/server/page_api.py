@@ -82,6 +82,43 @@ def folder_size(ref: str) -> dict[str, int] | None:
     return {"width": side, "height": side, "multiple": max(8, factor)}
 
 
+def train_timesteps(ref: str) -> int:
+    """A model's training timesteps (its noise schedule's length), read without loading it: a diffusers folder's
+    scheduler config, else 1000 (every Stable Diffusion model's)."""
+    from sdengine.pipeline import BUILTIN_SD
+
+    folder = Path(BUILTIN_SD.get(ref, Path(ref)))
+    try:
+        value = json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("num_train_timesteps")
+    except (OSError, ValueError, AttributeError):
+        return 1000
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1000
+
+
+def sdxl_before_load(ref: str) -> bool | None:
+    """Whether a model is an SDXL one (base or refiner), read without loading it: a diffusers folder has a
+    ``text_encoder_2`` folder, a ``.safetensors`` file SDXL's ``conditioner.embedders.*`` keys; None when that
+    cannot be told (another file kind, an unreadable header)."""
+    from sdengine.pipeline import BUILTIN_PIXEL, BUILTIN_SD
+
+    if ref in BUILTIN_PIXEL:
+        return False
+    path = Path(BUILTIN_SD.get(ref, Path(ref)))
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return (path / "text_encoder_2").is_dir()
+        return False if (path / "config.json").is_file() else None  # a pixel DDPM folder
+    if path.suffix.lower() == ".safetensors" and path.is_file():
+        from sdengine.weights.io import read_safetensors_header
+
+        try:
+            entries = read_safetensors_header(path)[0]
+        except (OSError, ValueError):
+            return None
+        return any(k.startswith("conditioner.embedders.") for k in entries)
+    return None
+
+
 def max_side_before_load(ref: str) -> int | None:
     """The largest width or height the model takes (the pipeline's ``max_side``: 8x its training size, never
     over 8192), read from a diffusers folder's configs without loading it; None when not known before loading."""

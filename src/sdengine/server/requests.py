@@ -147,6 +147,7 @@ def build_generation(
     subseed_strength: float = 0.0,
     same_seed: bool = False,
     resize_mode: str | int = 0,
+    init_latent_resize: bool = False,
     sampler_options: dict[str, float] | None = None,
     tiling: bool = False,
     seed_resize_from: tuple[int, int] | None = None,
@@ -307,6 +308,8 @@ def build_generation(
         kwargs["clip_skip_rule"] = clip_skip_rule
     if resize_mode not in (0, "just resize"):
         kwargs["resize_mode"] = resize_mode  # checked by GenerationRequest.validate below
+    if init_latent_resize:  # A1111's img2img resize mode 3 (left out when off, so such jobs batch as before)
+        kwargs["init_latent_resize"] = init_latent_resize  # checked by GenerationRequest.validate below
     if hires is not None:
         kwargs.update(_hires_fields(config, hires, width, height), enable_hr=True)
     if sdxl:  # SDXL's second prompts, micro-conditioning and aesthetic scores (SDXL models only: said by the job)
