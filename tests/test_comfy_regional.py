@@ -602,3 +602,27 @@ def test_a_controlnet_acts_on_the_regional_entries_that_carry_it(real_client):
     controlled, regional, bare = image(client, graph("ctl")), image(client, graph("both")), image(client, graph("bare"))
     assert np.abs(regional - controlled).max() <= 2  # the same up to float rounding (other batches)
     assert np.abs(bare - controlled).mean() > 2  # the ControlNet shows
+
+
+@pytest.mark.slow  # four prompts
+def test_several_negative_conditionings_are_averaged_as_comfyui(client):
+    """ComfyUI averages combined negative conditionings as it averages positive ones (calc_cond_batch): for the
+    toy model that is ConditioningAverage of the two as the negative (the first one alone was once used)."""
+    g = base(
+        64,
+        both={"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["neg", 0],
+                                                              "conditioning_2": ["blue", 0]}},
+        **sampler("ks", "red"), **output("ks"),
+    )  # fmt: skip
+    g["ks"]["inputs"]["negative"] = ["both", 0]
+    want = base(
+        64,
+        avg={"class_type": "ConditioningAverage",
+             "inputs": {"conditioning_to": ["neg", 0], "conditioning_from": ["blue", 0],
+                        "conditioning_to_strength": 0.5}},
+        **sampler("ks", "red"), **output("ks"),
+    )  # fmt: skip
+    want["ks"]["inputs"]["negative"] = ["avg", 0]
+    first = image(client, base(64, **sampler("ks", "red"), **output("ks")))
+    got, averaged = image(client, g), image(client, want)
+    assert np.abs(got - averaged).max() <= 1 and np.abs(first - averaged).mean() > 1

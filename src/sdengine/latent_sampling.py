@@ -398,7 +398,7 @@ def sample_latents(
     """Sample from ``latent`` (B, C, h, w) in the model's scaled latent space; returns the new latent.
 
     ``positive`` / ``negative``: conditioning entries (several positives are averaged as ComfyUI's
-    ConditioningCombine; the first negative is used). Entries with an area, a mask or a strength other than 1
+    ConditioningCombine, and so are several negatives). Entries with an area, a mask or a strength other than 1
     (``TextCondition.regional``) are combined as ComfyUI's samplers combine them: every positive and every negative
     entry predicts on its area, weighted by its mask, strength and feathered edges, at the sigmas of its timestep
     range (see :class:`_Regional`); a ControlNet then acts on the rows of the entries that carry it (not on an
@@ -432,7 +432,9 @@ def sample_latents(
         )
     if not 0.0 < denoise <= 1.0:
         raise LatentSamplingError(f"denoise must be in (0, 1], got {denoise}")
-    regional = any(e.regional for e in (*positive, *negative))
+    # ComfyUI's weighted sum of the entries' predictions (see _Regional): for regional entries, and for several
+    # negative ones (ComfyUI averages them as it averages the positive ones)
+    regional = any(e.regional for e in (*positive, *negative)) or len(negative) > 1
     dev = pipe.device
     b, _, h, w = latent.shape
     f = pipe.vae_scale_factor
@@ -532,9 +534,8 @@ def sample_latents(
         raise LatentSamplingError(f"{sampler} cannot stop at end_at_step {end} of {total}: it takes its own steps")
 
     net: Any = pipe.unet
-    # the first negative is the one used: its ControlNets count, those of the others do not
-    # (regional: every negative entry weighs in, and its ControlNets with it)
-    controls = [c for cond in (*positive, *(negative if regional else negative[:1])) for c in cond.controls]
+    # every entry weighs in, and its ControlNets with it (without the regional path there is one negative)
+    controls = [c for cond in (*positive, *negative) for c in cond.controls]
     distinct: list[ControlHint] = []  # one unit per distinct hint (see below)
     for hint in controls:
         if not any(_same_hint(hint, d) for d in distinct):
