@@ -626,3 +626,29 @@ def test_several_negative_conditionings_are_averaged_as_comfyui(client):
     first = image(client, base(64, **sampler("ks", "red"), **output("ks")))
     got, averaged = image(client, g), image(client, want)
     assert np.abs(got - averaged).max() <= 1 and np.abs(first - averaged).mean() > 1
+
+
+@pytest.mark.slow  # two prompts (and the model's first load)
+def test_samplercustom_hands_a_noisy_latent_on_as_comfyui(client):
+    """SamplerCustom over the first half of a Karras schedule (SplitSigmas: a sigma list of no BasicScheduler, walked
+    as given), then over the second half without noise, is SamplerCustom over the whole (Euler keeps no history):
+    the noisy hand-off is x0 + sigma * eps as in ComfyUI (it once came in the network's scaling, x / sqrt(1 +
+    sigma**2), and the second run read it as the other)."""
+
+    def custom_on(name: str, sigmas: list, latent: list, add_noise: bool) -> dict:
+        return {name: {"class_type": "SamplerCustom", "inputs": {
+            "model": ["ckpt", 0], "add_noise": add_noise, "noise_seed": SEED, "cfg": 4.0, "positive": ["red", 0],
+            "negative": ["neg", 0], "sampler": ["smp", 0], "sigmas": sigmas, "latent_image": latent}}}  # fmt: skip
+
+    nodes = {
+        "smp": select("euler"),
+        "sig": {"class_type": "KarrasScheduler",
+                "inputs": {"steps": 6, "sigma_max": 14.614642, "sigma_min": 0.0291675, "rho": 7.0}},
+        "split": {"class_type": "SplitSigmas", "inputs": {"sigmas": ["sig", 0], "step": 3}},
+    }  # fmt: skip
+    whole = image(client, base(64, **nodes, **custom_on("one", ["sig", 0], ["empty", 0], True), **output("one")))
+    two = base(
+        64, **nodes, **custom_on("a", ["split", 0], ["empty", 0], True),
+        **custom_on("b", ["split", 1], ["a", 0], False), **output("b"),
+    )  # fmt: skip
+    assert np.abs(image(client, two) - whole).max() <= 1

@@ -414,7 +414,8 @@ def sample_latents(
     row (see :func:`make_noise`). ``sigmas``: an explicit decreasing sigma list (ComfyUI's SIGMAS, SamplerCustom)
     walked instead of ``steps``/``schedule``/``denoise`` and the window, as ComfyUI walks it: from the latent plus
     the noise at ``sigmas[0]``, or from pure noise (``sqrt(1 + sigma**2)`` scaled) when the latent is empty and
-    ``sigmas[0]`` is the model's sigma_max; the result is the sample at ``sigmas[-1]`` (noisy when that is not 0).
+    ``sigmas[0]`` is the model's sigma_max; the result is the sample at ``sigmas[-1]`` (noisy when that is not 0:
+    x0 + sigma * eps, ComfyUI's scaling, which a next run from it continues exactly).
     ``sampler_options``: the sampler's keyword options (ComfyUI's DPM fast / adaptive run with eta 0,
     k-diffusion's default).
     """
@@ -675,6 +676,10 @@ def sample_latents(
     finally:
         if handle is not None:
             handle.remove()
+    if given is not None and float(given[-1]) > 0:
+        # sampling.sample answers a sample at sigma > 0 in the network's (VP) scaling; ComfyUI's is x0 + sigma * eps
+        # (what KSamplerAdvanced's leftover noise is here too, and what a next SamplerCustom starts from)
+        x = x * math.sqrt(1 + float(given[-1]) ** 2)
     if inpaint is not None:
         x = inpaint.finish(x)
     return x.float()
