@@ -1,6 +1,7 @@
 """Fidelity to AUTOMATIC1111 where its meaning of a setting differs from sdengine's own: its "Clip skip"
 (``CLIP_stop_at_last_layers``, applied to SD 1.x's CLIP only), its timestep samplers' img2img step count
-(DDIM, PLMS, UniPC), and its inpainting at denoising strength 1 (the init latent noised, not pure noise)."""
+(DDIM, PLMS, UniPC), its inpainting at denoising strength 1 (the init latent noised, not pure noise), and its and
+ComfyUI's "discard next-to-last sigma" (tests/test_discard_penultimate.py has the grids' numbers)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import sdengine
 from _pipeline_models import picture
 from _sdxl_models import make_sdxl_folder
+from sdengine.diffusion import sampling
 from sdengine.diffusion.schedules import A1111_TIMESTEP_SAMPLERS, hires_steps, img2img_start
 from sdengine.metadata import parse_parameters, save_png, to_generate_kwargs
 from sdengine.pipeline import GenerationError, load_pipeline
@@ -429,3 +432,164 @@ def test_a1111_noise_multiplier_scales_the_img2img_noise(sd1):
     assert "Noise multiplier" not in plain.infotexts[0] and not np.array_equal(plain.arrays, got.arrays)
     with pytest.raises(GenerationError, match="noise_multiplier 0.5 scales the noise added to an init image"):
         sd1("a", **FAST, enable_hr=True, noise_multiplier=0.5)
+
+
+# ------------------------------------------------------------------------- discard next-to-last sigma
+
+
+def _timesteps_seen(pipe):
+    seen: list[float] = []
+    handle = pipe.unet.register_forward_pre_hook(lambda _m, args: seen.append(float(args[1].reshape(-1)[0])))
+    return seen, handle
+
+
+def test_pipeline_discards_under_a1111s_rules_and_when_asked(sd1):
+    """The pipeline: DPM2 under strength_rule "a1111" (the A1111 routes) walks the discarded grid (the network sees
+    its timesteps), under diffusers' rule the plain one; ``discard_penultimate_sigma`` (A1111's
+    always_discard_next_to_last_sigma) does it for Euler, written "Discard penultimate sigma: True" and read back."""
+    pipe = sd1
+    ns, cfg = pipe.noise_schedule, pipe.scheduler_config
+    kw = dict(steps=3, cfg_scale=3.0, seed=5, progress=False)
+    seen, handle = _timesteps_seen(pipe)
+    try:
+        a1111 = pipe("a star", sampler="dpm2", schedule="karras", strength_rule="a1111", **kw)
+        dpm2_calls = list(seen)
+        seen.clear()
+        plain = pipe("a star", sampler="dpm2", schedule="karras", **kw)
+        plain_calls = list(seen)
+        seen.clear()
+        euler = pipe("a star", sampler="euler", schedule="karras", discard_penultimate_sigma=True, **kw)
+        euler_calls = list(seen)
+    finally:
+        handle.remove()
+    want = sampling.make_grid("dpm2", 3, ns, "karras", cfg, discard_penultimate=True).timesteps.tolist()
+    assert dpm2_calls[0::2] == want  # DPM2: a grid call, then a midpoint's (none on the last step, to 0)
+    assert plain_calls[0::2] == sampling.make_grid("dpm2", 3, ns, "karras", cfg).timesteps.tolist() != want
+    assert not np.array_equal(a1111.arrays, plain.arrays)
+    assert euler_calls == sampling.make_grid("euler", 3, ns, "karras", cfg, discard_penultimate=True).timesteps.tolist()
+    text = euler.infotexts[0]
+    assert "Discard penultimate sigma: True" in text and "Discard penultimate sigma" not in a1111.infotexts[0]
+    back = to_generate_kwargs(parse_parameters(text))
+    assert back["discard_penultimate_sigma"] is True
+    np.testing.assert_array_equal(pipe(**{**back, "progress": False}).arrays, euler.arrays)
+    # sdengine's DPM2 image under A1111's rules says so, and comes back from its infotext
+    back = to_generate_kwargs(parse_parameters(a1111.infotexts[0]))
+    np.testing.assert_array_equal(pipe(**{**back, "progress": False}).arrays, a1111.arrays)
+    # an A1111 infotext with DPM2 is read with A1111's rule (it discarded)
+    theirs = f"a star\nSteps: 3, Sampler: DPM2, Schedule type: Karras, CFG scale: 3, Seed: 5, {A1111_VERSION}"
+    assert to_generate_kwargs(parse_parameters(theirs))["strength_rule"] == "a1111"
+    with pytest.raises(Exception, match="discard_penultimate_sigma must be true or false"):
+        pipe("a star", sampler="euler", discard_penultimate_sigma="yes", **kw)
+
+
+def test_comfyui_ksampler_discards_for_dpm_2_and_not_for_euler(sd1):
+    """ComfyUI's KSampler with dpm_2 walks the discarded grid (its DISCARD_PENULTIMATE_SIGMA_SAMPLERS), with euler
+    the plain one (once both the plain one)."""
+    from sdengine.latent_sampling import encode_text
+    from sdengine.server.comfy.nodes import ModelHandle, RunContext, ksampler
+
+    pipe = sd1
+    ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+    pos, neg = [encode_text(pipe, "a star")], [encode_text(pipe, "")]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    kw = dict(model=ModelHandle("tiny"), seed=3, steps=3, cfg=3.0, scheduler="karras", positive=pos, negative=neg)
+    seen, handle = _timesteps_seen(pipe)
+    try:
+        with torch.inference_mode():
+            ksampler(ctx, sampler_name="dpm_2", latent_image=latent, **kw)
+            dpm2 = list(seen)
+            seen.clear()
+            ksampler(ctx, sampler_name="euler", latent_image=latent, **kw)
+            euler = list(seen)
+    finally:
+        handle.remove()
+    ns, cfg = pipe.noise_schedule, pipe.scheduler_config
+    want = sampling.make_grid("dpm2", 3, ns, "karras", cfg, discard_penultimate=True).timesteps.tolist()
+    assert dpm2[0::2] == want != sampling.make_grid("dpm2", 3, ns, "karras", cfg).timesteps.tolist()
+    assert euler == sampling.make_grid("euler", 3, ns, "karras", cfg).timesteps.tolist()
+
+
+# ------------------------------------------------------------------------- Brownian-tree noise
+
+
+def _recording(monkeypatch):
+    """The (sigma, sigma_next) of every Brownian noise read, and the specs of the trees made."""
+    from sdengine.diffusion import brownian
+
+    reads: list[tuple[float, float]] = []
+    made: list[tuple[tuple[int, ...], float, float, tuple[int, ...]]] = []
+    between, init = brownian.BrownianNoise.between, brownian.BrownianNoise.__init__
+
+    def spy_between(self, sigma, sigma_next):
+        reads.append((float(sigma), float(sigma_next)))
+        return between(self, sigma, sigma_next)
+
+    def spy_init(self, sigma_min, sigma_max, shape, seeds):
+        made.append((tuple(seeds), float(sigma_min), float(sigma_max), tuple(shape)))
+        init(self, sigma_min, sigma_max, shape, seeds)
+
+    monkeypatch.setattr(brownian.BrownianNoise, "between", spy_between)
+    monkeypatch.setattr(brownian.BrownianNoise, "__init__", spy_init)
+    return reads, made
+
+
+def test_a1111_sde_samplers_draw_brownian_tree_noise(sd1, monkeypatch):
+    """Under A1111's rules DPM++ 2M SDE draws its step noise from one Brownian tree per image, seeded by the image's
+    seed, over the whole grid's sigmas (A1111's create_noise_sampler), read at each step's two sigmas; DPM++ SDE
+    reads its midpoint as k-diffusion computes it; the native rule keeps the rows' generators (once A1111's rule did
+    too: another image than A1111's for the same seed)."""
+    pipe = sd1
+    reads, made = _recording(monkeypatch)
+    kw = dict(steps=4, sampler="dpmpp_2m_sde", schedule="karras", cfg_scale=5.0, seed=11, progress=False)
+    kw.update(width=32, height=32)
+    a1111 = pipe("a red apple", strength_rule="a1111", batch_size=2, **kw)
+    grid = sampling.make_grid("dpmpp_2m_sde", 4, pipe.noise_schedule, "karras", pipe.scheduler_config)
+    s = grid.sigmas.tolist()
+    assert made == [((11, 12), s[-2], s[0], (2, 4, 16, 16))]  # one tree per image (32 px: a 16 x 16 latent here)
+    assert reads == [(s[i], s[i + 1]) for i in range(3)]  # the last step (to 0) draws nothing
+    reads.clear(), made.clear()
+    plain = pipe("a red apple", batch_size=2, **kw)
+    assert reads == [] and made == [] and not np.array_equal(a1111.arrays, plain.arrays)
+    # a row is its seed's image whatever the batch (a tree per image; up to the network's batched rounding)
+    alone = pipe("a red apple", strength_rule="a1111", **{**kw, "seed": 12})
+    np.testing.assert_allclose(alone.arrays[0], a1111.arrays[1], atol=1e-5)
+    # the infotext says A1111's rule, so the image comes back from it; an A1111 infotext is read so too
+    assert "Strength rule: a1111" in alone.infotexts[0]
+    back = to_generate_kwargs(parse_parameters(alone.infotexts[0]))
+    np.testing.assert_array_equal(pipe(**{**back, "progress": False}).arrays, alone.arrays)
+    theirs = f"a red apple\nSteps: 4, Sampler: DPM++ 2M SDE, CFG scale: 5, Seed: 11, {A1111_VERSION}"
+    assert to_generate_kwargs(parse_parameters(theirs))["strength_rule"] == "a1111"
+    reads.clear()
+    from sdengine.diffusion.samplers import float32_midpoint
+
+    pipe("a red apple", strength_rule="a1111", **{**kw, "sampler": "dpmpp_sde"})
+    s = sampling.make_grid("dpmpp_sde", 4, pipe.noise_schedule, "karras", pipe.scheduler_config).sigmas.tolist()
+    want = []
+    for i in range(3):
+        want += [(s[i], float32_midpoint(s[i], s[i + 1])), (s[i], s[i + 1])]
+    assert reads == want
+
+
+def test_comfyui_sde_samplers_draw_one_brownian_tree_for_the_batch(sd1, monkeypatch):
+    """ComfyUI's KSampler with dpmpp_2m_sde: one tree of the batch's shape seeded by the seed, over the sigmas its
+    sampler is handed (the last `steps` of the longer grid at denoise < 1); sdengine's seed rule keeps the rows'
+    generators."""
+    from sdengine.latent_sampling import encode_text
+    from sdengine.server.comfy.nodes import ModelHandle, RunContext, ksampler
+
+    pipe = sd1
+    reads, made = _recording(monkeypatch)
+    pos, neg = [encode_text(pipe, "a star")], [encode_text(pipe, "")]
+    kw = dict(model=ModelHandle("tiny"), seed=3, steps=3, cfg=3.0, scheduler="karras", positive=pos, negative=neg)
+    latent = {"samples": torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))}
+    with torch.inference_mode():
+        ksampler(RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None), sampler_name="dpmpp_2m_sde",
+                 latent_image=latent, denoise=0.5, **kw)  # fmt: skip
+        grid = sampling.make_grid("dpmpp_2m_sde", 6, pipe.noise_schedule, "karras", pipe.scheduler_config)
+        s = grid.sigmas.tolist()
+        assert made == [((3,), s[-2], s[3], (2, 4, 4, 4))]
+        assert reads == [(s[i], s[i + 1]) for i in (3, 4)]
+        reads.clear(), made.clear()
+        ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None, seed_rule="sdengine")
+        ksampler(ctx, sampler_name="dpmpp_2m_sde", latent_image=latent, denoise=0.5, **kw)
+        assert reads == [] and made == []

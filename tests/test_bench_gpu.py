@@ -201,6 +201,10 @@ def test_cli_without_a_gpu_says_so_in_one_line(tmp_path, capsys):
     ("args", "message"),
     [
         (["--options", "compile"], "--options does not apply to --device cuda"),
+        # the CPU comparison's flags that the GPU one does not read (once taken without a word)
+        (["--batch", "4"], "--batch 4 does not apply to --device cuda"),
+        (["--no-memory"], "--no-memory does not apply to --device cuda"),
+        (["--json", "bench.json"], "--json does not apply to --device cuda (its JSON is bench_gpu.json in --out)"),
         (["--budget-s", "0"], "--budget-s must be positive"),
         (["--phases", "sdengine_eager,nope"], "unknown phase(s) nope; valid: info,"),
     ],

@@ -176,6 +176,7 @@ def test_compare_none_and_the_time_budget(tiny_folder, tmp_path, capsys, keep_th
         (["--batches", "1.5"], "--batches: '1.5' is not a whole number"),
         (["--size", "64"], "--size does not apply to --scaling"),
         (["--batch", "2"], "--batch does not apply to --scaling"),
+        (["--cfg", "3"], "--cfg 3 does not apply to --scaling"),  # once taken without a word
         (["--max-seconds", "0"], "--max-seconds must be positive"),
         (["--max-memory", "-1"], "--max-memory must be positive"),
         (["--sampler", "fastest"], "fastest"),

@@ -183,3 +183,37 @@ def test_resume_with_another_condition_or_model_is_refused_unless_forced(tmp_pat
     assert int(load_checkpoint(out / "checkpoint.pt")["step"]) == 2
     assert main([*args, "--condition", "canny", "--steps", "3", "--force-resume"]) == 2
     assert "--force-resume continues a run: give it with --resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_takes_only_the_init_the_run_started_from(tmp_path, tiny_sd1_folder, capsys) -> None:
+    """On --resume the checkpoint's weights replace --init's, so another --init (or none for a run that started
+    from one, or one for a run that started from the U-Net copy) would change nothing without a word: refused in
+    one line naming the recorded start, nothing changed; the same command with --resume continues."""
+    import shutil
+
+    from sdengine.cli import main
+    from sdengine.train.checkpoint import load_checkpoint
+
+    data_dir = _shapes_folder(tmp_path / "data", n=2)
+    args = ["train", "controlnet", "--model", str(tiny_sd1_folder), "--data", str(data_dir), "--resolution", "32"]
+    args += ["--batch-size", "1", "--warmup", "0", "--device", "cpu", "--checkpoint-every", "1"]
+    first = tmp_path / "first"
+    assert main([*args, "--out", str(first), "--steps", "1"]) == 0
+    init = first / "controlnet"
+    other = shutil.copytree(init, tmp_path / "other")  # the same weights elsewhere: another start all the same
+    out = tmp_path / "run"
+    assert main([*args, "--out", str(out), "--steps", "1", "--init", str(init)]) == 0
+    capsys.readouterr()
+    before = (out / "checkpoint.pt").read_bytes()
+    for again, recorded in (
+        ([*args, "--out", str(out), "--resume"], f"--init {init.resolve()}, not without it"),
+        ([*args, "--out", str(out), "--resume", "--init", str(other)], f"--init {init.resolve()}, not {other}"),
+        ([*args, "--out", str(first), "--resume", "--init", str(init)], f"without --init, not {init.resolve()}"),
+    ):
+        assert main([*again, "--steps", "2"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and recorded in err[0] and "resume" in err[0], err
+        assert (out / "checkpoint.pt").read_bytes() == before
+    assert main([*args, "--out", str(out), "--resume", "--init", str(init), "--steps", "2"]) == 0
+    assert int(load_checkpoint(out / "checkpoint.pt")["step"]) == 2

@@ -387,6 +387,20 @@ def test_cli_convert_creates_missing_parent_folders(made, tmp_path):
         assert_same_tensors(a.state_dicts[comp], b.state_dicts[comp])
 
 
+def test_cli_convert_refuses_a_config_for_a_folder(made, tmp_path, capsys):
+    """--config is read for a single-file SRC only: with a diffusers folder it would change nothing, so it is
+    refused in one line (as generate refuses config= for a folder), nothing written."""
+    from sdengine.cli import main
+
+    _, _, tmp, single = made
+    (tmp_path / "c.yaml").write_text("model: {}\n")
+    dst = tmp_path / "out.safetensors"
+    assert main(["convert", str(tmp / "folder"), str(dst), "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--config" in err[0] and "drop --config" in err[0], err
+    assert not dst.exists()
+
+
 @pytest.mark.parametrize("name,why", [("emoji", "MiniLM"), ("fashion-mnist", "pixel DDPM")])
 def test_cli_convert_of_a_builtin_says_why_not(tmp_path, capsys, name, why, monkeypatch):
     from sdengine.cli import main

@@ -162,6 +162,20 @@ def test_resume_under_another_name_is_refused_and_changes_nothing(trained, capsy
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # no otherword.safetensors
 
 
+def test_resume_with_another_init_text_is_refused_and_changes_nothing(trained, capsys):
+    """--init-text is where the vectors start; a resumed run takes them from the checkpoint, so another one would
+    change nothing without a word: refused in one line naming the run's, nothing written."""
+    model, data, out, _ = trained
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    argv = _args(model, data, out, 12, "--resume")
+    argv[argv.index("--init-text") + 1] = "blue circle"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--init-text red square, not blue circle" in err[0], err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -981,6 +981,8 @@ def test_prompt_list_reads_a1111_command_line_lines(model, tmp_path, capsys):
         (["--resize-mode", "crop"], "--resize-mode has no effect without --init-image or --control"),
         (["--refiner-switch-at", "0.5"], "--refiner-switch-at has no effect without --refiner"),
         (["--subseed", "7"], "--subseed has no effect without a --subseed-strength above 0"),
+        # at scale 1 the guided prediction is the conditional one: the rescale once changed nothing, without a word
+        (["--cfg", "1", "--guidance-rescale", "0.7"], "--guidance-rescale has no effect without a --cfg other than 1"),
         (["--lora-dir", "{missing}"], "LoRA folder {missing} does not exist"),
         (["--lora-dir", "{file}"], "LoRA folder {file} is not a folder"),
         # a folder that is there, but no <lora:...> tag in the prompt and no --lora: once never looked at

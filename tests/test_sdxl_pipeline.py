@@ -295,6 +295,21 @@ def test_hand_off_takes_the_noise_seed_delta(base):
     assert "ENSD: 31337" in res.infotexts[0]
 
 
+def test_hand_off_reads_a1111s_brownian_tree(base):
+    """Under A1111's rules DPM++ SDE draws its step noise from the image's Brownian tree over the whole grid; the
+    hand-off drew the rows' generators instead. With the base model as its own refiner, a single-step sampler's
+    hand-off is the plain run, so it must equal the plain A1111 run."""
+    _, b_pipe, _ = base
+    kw = dict(steps=6, sampler="dpmpp_sde", schedule="karras", cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
+    kw.update(progress=False, strength_rule="a1111")
+    plain = b_pipe(PROMPT, NEGATIVE, **kw)
+    res = b_pipe.generate_with_refiner(b_pipe, PROMPT, NEGATIVE, switch_at=0.5, switch_rule="a1111", **kw)
+    assert _mad(res.arrays, plain.arrays) < 1e-6
+    assert "Strength rule: a1111" in res.infotexts[0]  # so that the infotext's run draws the trees too
+    native = b_pipe(PROMPT, NEGATIVE, **{**kw, "strength_rule": "diffusers"})
+    assert _mad(plain.arrays, native.arrays) > 3 * TOL  # the trees' noise, not the rows' generators'
+
+
 def test_img2img_hand_off_with_the_tiny_encoder_says_so(base, refiner):
     """An img2img hand-off whose init latent is the tiny VAE encoder's (``vae_encode="tiny"``) wrote no "Tiny VAE
     encode": the infotext's re-run encoded with the full VAE, another image."""

@@ -1024,7 +1024,8 @@ def test_churn_and_s_noise_are_k_diffusions_options_as_a1111_passes_them(api):
     np.testing.assert_array_equal(arr(again.image), arr(want.images[0]))
     # s_noise scales DPM2 a's fresh noise
     r = api.custom_post("txt2img", {**body, "sampler_name": "DPM2 a", "s_noise": 0.5}, baseurl=True)
-    want = emoji()("a cat", seed=6, sampler="dpm2_a", sampler_options={"s_noise": 0.5}, **kw)
+    # (under A1111's rules: DPM2 a drops its grid's next-to-last sigma)
+    want = emoji()("a cat", seed=6, sampler="dpm2_a", sampler_options={"s_noise": 0.5}, strength_rule="a1111", **kw)
     np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
     assert "Sigma noise: 0.5" in r.info["infotexts"][0]
     # a sampler that takes none (DPM++ 2M; in A1111 too) is the plain image, and the answer says so
@@ -1258,7 +1259,9 @@ def test_a1111s_newer_samplers_and_schedule_types_equal_the_python_api(api):
         ("DPM++ 3M SDE", "KL Optimal", "kl_optimal"),
     ):
         r = api.txt2img(prompt="a red apple", seed=5, sampler_name=sampler, scheduler=sched, **COMMON)
-        want = emoji()("a red apple", seed=5, sampler=sampler, schedule=ours, progress=False, **COMMON)
+        # under A1111's rules: DPM++ 3M SDE drops its next-to-last sigma and draws a Brownian tree's noise
+        kw = {"progress": False, "strength_rule": "a1111", **COMMON}
+        want = emoji()("a red apple", seed=5, sampler=sampler, schedule=ours, **kw)
         np.testing.assert_array_equal(arr(r.images[0]), arr(want.images[0]))
         assert r.info["sampler_name"] == sampler and r.info["extra_generation_params"] == {"Schedule type": sched}
         assert f"Sampler: {sampler}, Schedule type: {sched}," in r.info["infotexts"][0]
@@ -1281,3 +1284,42 @@ def test_automatic_schedule_is_what_a1111_runs(api, server):
         np.testing.assert_array_equal(arr(image), arr(want.images[0]))
     r = api.txt2img(prompt="a red apple", seed=5, sampler_name="DPM++ 2M SDE", scheduler="Automatic", **COMMON)
     assert "Sampler: DPM++ 2M SDE, Schedule type: Exponential," in r.info["infotexts"][0]
+
+
+@pytest.mark.slow  # five generations; the grids and the pipeline are held fast in test_discard_penultimate.py and
+# test_a1111_fidelity.py
+def test_always_discard_next_to_last_sigma_and_dpm2s_own_discard(api):
+    """A1111's DPM2 (and DPM2 a, DPM++ 3M SDE) drops its grid's next-to-last sigma, and the option
+    always_discard_next_to_last_sigma (once listed as ignored) makes every sampler do so: the Python API's
+    discard_penultimate_sigma; infotext "Discard penultimate sigma: True", which an infotext request sets again."""
+    kw = {"progress": False, **COMMON}
+    dpm2 = emoji()("a cat", seed=6, sampler="dpm2", schedule="karras", strength_rule="a1111", **kw)
+    assert not np.array_equal(
+        arr(dpm2.images[0]), arr(emoji()("a cat", seed=6, sampler="dpm2", schedule="karras", **kw).images[0])
+    )
+    r = api.custom_post("txt2img", {"prompt": "a cat", "seed": 6, "sampler_name": "DPM2", **COMMON}, baseurl=True)
+    np.testing.assert_array_equal(arr(r.image), arr(dpm2.images[0]))
+    want = emoji()("a cat", seed=6, sampler="euler", schedule="uniform", discard_penultimate_sigma=True, **kw)
+    body = {"prompt": "a cat", "seed": 6, "sampler_name": "Euler", **COMMON}
+    over = {"override_settings": {"always_discard_next_to_last_sigma": True}}
+    r = api.custom_post("txt2img", {**body, **over}, baseurl=True)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["ignored"] == [] and "Discard penultimate sigma: True" in r.info["infotexts"][0]
+    text = r.info["infotexts"][0]
+    try:
+        assert api.set_options({"always_discard_next_to_last_sigma": True})["applied"] == [
+            "always_discard_next_to_last_sigma"
+        ]
+        np.testing.assert_array_equal(arr(api.custom_post("txt2img", body, baseurl=True).image), arr(want.images[0]))
+    finally:
+        api.set_options({"always_discard_next_to_last_sigma": False})
+    r = api.custom_post("txt2img", {"infotext": text, **COMMON}, baseurl=True)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    bad = httpx.post(f"{api.baseurl}/options", json={"always_discard_next_to_last_sigma": 1}, timeout=30)
+    assert bad.status_code == 400 and "always_discard_next_to_last_sigma must be true or false" in bad.text
+    bad = httpx.post(
+        f"{api.baseurl}/txt2img",
+        json={**body, "override_settings": {"always_discard_next_to_last_sigma": "on"}},
+        timeout=30,
+    )
+    assert bad.status_code == 400 and "always_discard_next_to_last_sigma must be true or false" in bad.text

@@ -258,7 +258,7 @@ def test_values_the_server_cannot_honour_are_refused(client):
     cases = [
         ("background 'transparent' is not supported", {"background": "transparent"}),
         ("response_format url serves the saved PNG", {"output_format": "jpeg", "response_format": "url"}),
-        ("output_compression is for output_format jpeg or webp", {"output_compression": 50}),
+        ("output_compression 50 is for output_format jpeg or webp", {"output_compression": 50}),
         ("quality must be one of auto, low", {"quality": "ultra"}),
         ("moderation must be one of auto, low, got 'none'", {"moderation": "none"}),
         ("style must be one of vivid, natural, got 'oil'", {"style": "oil"}),
@@ -267,8 +267,8 @@ def test_values_the_server_cannot_honour_are_refused(client):
         with pytest.raises(openai.BadRequestError, match=message) as e:
             client.images.generate(prompt="x", size="64x64", extra_body={**FAST, **kw})
         assert (e.value.status_code, e.value.type, e.value.param) == (400, "invalid_request_error", list(kw)[-1])
-        with pytest.raises(openai.BadRequestError, match=message) as e:
-            client.images.edit(image=init, prompt="x", extra_body={**FAST, **kw})
+        with pytest.raises(openai.BadRequestError, match=message if "style" not in kw else "unknown parameter") as e:
+            client.images.edit(image=init, prompt="x", extra_body={**FAST, **kw})  # edits take no style at all
         assert (e.value.type, e.value.param) == ("invalid_request_error", list(kw)[-1])
     with pytest.raises(openai.BadRequestError, match="prompt is required") as e:
         client.images.edit(image=init, prompt=" ", extra_body=FAST)
@@ -435,7 +435,7 @@ def problems(spec: dict, schema: dict, value, where: str = "") -> list[str]:
 # a documented value for every field the OpenAI routes read (a field the document adds needs one here)
 DOC_VALUES = {
     "prompt": "a star",
-    "model": "gpt-image-1",
+    "model": "emoji",  # the server's own: a gpt-image name refuses response_format and style, as OpenAI's does
     "n": 1,
     "size": "64x64",
     "response_format": "b64_json",
@@ -555,3 +555,48 @@ def test_a_body_that_is_not_json_is_a_400_about_no_field(server):
     assert r.status_code == 400, r.text
     assert r.json()["error"]["message"] == "the body is not valid JSON (it breaks at character 15)", r.text
     assert r.json()["error"]["param"] is None
+
+
+def test_openai_refuses_what_openai_refuses(client):
+    """What OpenAI's API refuses is refused here too (400, OpenAI's error shape, ``param`` the field), never taken
+    as an extension: ``output_format`` ``jpg`` or ``PNG`` (exactly png, jpeg, webp), and with a GPT image model
+    the fields of its retired DALL-E models (``response_format``, ``style``, ``quality`` standard/hd); edits take
+    no ``style`` and no ``quality`` ``hd``. What OpenAI takes is taken: ``output_compression`` 100 with png, and
+    the same fields with another model name."""
+    init = ("init.png", png(Image.new("RGB", (64, 64), "red")), "image/png")
+    generations = [
+        ({"output_format": "jpg"}, "output_format"),
+        ({"output_format": "PNG"}, "output_format"),
+        ({"model": "gpt-image-1", "response_format": "b64_json"}, "response_format"),
+        ({"model": "gpt-image-2", "response_format": "url"}, "response_format"),
+        ({"model": "chatgpt-image-latest", "style": "vivid"}, "style"),
+        ({"model": "gpt-image-1.5", "quality": "hd"}, "quality"),
+    ]
+    for body, param in generations:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.images.generate(prompt="x", size="64x64", extra_body={**FAST, **body})
+        assert (e.value.status_code, e.value.type, e.value.param) == (400, "invalid_request_error", param), body
+    edits = [({"output_format": "jpg"}, "output_format"), ({"style": "vivid"}, "style"), ({"quality": "hd"}, "quality")]
+    edits.append(({"model": "gpt-image-1", "response_format": "b64_json"}, "response_format"))
+    for body, param in edits:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.images.edit(image=init, prompt="x", size="64x64", extra_body={**FAST, **body})
+        assert (e.value.status_code, e.value.type, e.value.param) == (400, "invalid_request_error", param), body
+    r = client.images.generate(
+        prompt="x", size="64x64", output_compression=100, style="vivid", quality="hd", extra_body=FAST
+    )
+    assert b64_image(r.data[0].b64_json).format == "PNG"  # png at 100 (lossless anyway) and DALL-E's fields
+    r = client.images.generate(model="gpt-image-1", prompt="x", size="64x64", quality="low", extra_body=FAST)
+    assert b64_image(r.data[0].b64_json).format == "PNG"
+
+
+def test_n_is_at_most_openais_ten(tmp_path):
+    """OpenAI takes ``n`` 1 to 10: a server whose --max-batch-size is larger still refuses 11 (param ``n``),
+    and documents that maximum."""
+    with live_server(server_config(tmp_path, max_batch=16)) as s:
+        c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError, match=r"n must be in \[1, 10\] \(OpenAI's limit\), got 11") as e:
+            c.images.generate(prompt="x", n=11, size="64x64", extra_body=FAST)
+        assert (e.value.status_code, e.value.param) == (400, "n")
+        spec = httpx.get(f"{s.url}/openapi.json", timeout=30).json()
+        assert spec["components"]["schemas"]["EditsRequest"]["properties"]["n"]["maximum"] == 10

@@ -62,6 +62,9 @@ def test_settings_that_would_refuse_every_request_refuse_to_start(capsys, tmp_pa
         ("--max-image-pixels", "0"): "--max-image-pixels must be >= 1",
         ("--model-affinity", "-1"): "--model-affinity must be a number of seconds >= 0",
         ("--max-queued-per-client", "-1"): "--max-queued-per-client must be >= 0",
+        # at --max-queue or more the whole queue is full first: the per-client limit was taken without effect
+        ("--max-queue", "4", "--max-queued-per-client", "4"): "--max-queued-per-client 4 has no effect with",
+        ("--max-queued-per-client", "100"): "--max-queued-per-client 100 has no effect with --max-queue 64",
         ("--model-affinity", "nan"): "--model-affinity must be a number of seconds >= 0",
         ("--max-steps", "0"): "--max-steps must be in [1, 1000], got 0",
         ("--max-steps", "1001"): "--max-steps must be in [1, 1000], got 1001",

@@ -109,6 +109,22 @@ def test_resume_checks_the_settings_the_run_must_share(tmp_path):
     assert ensure_new_run(old, resume=True, overwrite=False, same={"name": ("--name", "other")}) == []
 
 
+def test_resume_refuses_another_start_given_or_left_out(tmp_path):
+    """A setting that is the run's start (ControlNet's --init): resuming with another one, without it when the run
+    had one, or with one when it had none is refused in one line saying what the run started from."""
+    started = _run(tmp_path / "a", meta={"init": "/nets/a"})
+    assert ensure_new_run(started, resume=True, overwrite=False, same={"init": ("--init", "/nets/a")}) == []
+    cases = [
+        (started, "/nets/b", "trained with --init /nets/a, not /nets/b: resume with --init /nets/a"),
+        (started, None, "trained with --init /nets/a, not without it: resume with --init /nets/a"),
+        (_run(tmp_path / "b", meta={"init": None}), "/nets/b", "trained without --init, not /nets/b: resume without"),
+    ]
+    for out, given, message in cases:
+        with pytest.raises(CheckpointError, match=message) as e:
+            ensure_new_run(out, resume=True, overwrite=False, same={"init": ("--init", given)})
+        assert "\n" not in str(e.value) and "None" not in str(e.value)
+
+
 @pytest.mark.parametrize("where", [".", "runs/a"])
 def test_an_out_inside_the_data_folder_is_refused(tmp_path, where):
     data = tmp_path / "imgs"

@@ -158,6 +158,21 @@ def test_keep_decoder_trains_only_an_encoder_beside_it(tmp_path, tiny_sd1_folder
     assert [sorted(h) for h in summary["evaluation_history"]] == [["psnr_tiny_encoder_db", "step"]] * 2
     assert np.isfinite(summary["evaluation"]["psnr_tiny_encoder_db"])
 
+    # the decoder the run started beside is its start: a resume without it, or with another, is refused before
+    # any work (it once exported the new decoder beside the encoder, or dropped the kept one, without a word)
+    import shutil
+
+    from sdengine.train.checkpoint import CheckpointError
+
+    before = (out / "checkpoint.pt").read_bytes()
+    other = shutil.copytree(tmp_path / "dec", tmp_path / "dec2")
+    more = dataclasses.replace(cfg, steps=31)
+    kept = (tmp_path / "dec").resolve()
+    for keep, recorded in ((None, f"--keep-decoder {kept}, not without it"), (str(other), f"{kept}, not {other}")):
+        with pytest.raises(CheckpointError, match=recorded):
+            train_tiny_vae(dataclasses.replace(spec, keep_decoder=keep), more, out, resume=True, progress=False)
+    assert (out / "checkpoint.pt").read_bytes() == before
+
     with pytest.raises(TinyVAETrainingError, match="has no decoder"):
         encoder_only = TinyAutoencoder(
             dataclasses.replace(tiny_config_for(load_pipeline_vae_config(tiny_sd1_folder), 8), has_decoder=False)

@@ -275,6 +275,10 @@ def test_xyz_cli_errors_are_one_line(tmp_path, capsys):
         (["--x", "steps=2", "--lora-dir", str(tmp_path / "nope")], "LoRA folder"),
         # a folder no cell's prompt names a LoRA from: once never looked at
         (["--x", "steps=2", "--lora-dir", str(tmp_path)], "--lora-dir is where <lora:NAME> tags and --lora names"),
+        # a flag for what an axis sets: every cell took the axis's value, the flag dropped without a word
+        (["--x", "steps=2,3", "--steps", "5"], "--steps 5 has no effect: steps is the X axis"),
+        (["--x", "steps=2", "--y", "cfg_scale=3,4", "--cfg", "6"], "--cfg 6.0 has no effect: cfg is the Y axis"),
+        (["--x", "steps=2", "--z", "seed=1,2", "--seed", "-1"], "--seed -1 has no effect: seed is the Z axis"),
     ]:
         rc = main(["xyz", "a red apple", "--out", str(tmp_path), *args, "--no-progress"])
         err = capsys.readouterr().err

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from sdengine.diffusion.schedules import SD_BETAS
 from sdengine.errors import SdengineError
 
 PROMPT = "a photograph of an astronaut riding a horse, detailed, sharp focus"
@@ -50,9 +51,7 @@ RANDOM_PRESETS = ("tiny", "medium", "sd15")
 # SD 1.5's scheduler config (the PNDM one its folders ship); the bench's sampler reads its betas and spacing.
 SD1_SCHEDULER: dict[str, Any] = {
     "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
+    **SD_BETAS,
     "set_alpha_to_one": False,
     "steps_offset": 1,
     "skip_prk_steps": True,

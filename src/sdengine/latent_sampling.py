@@ -394,6 +394,7 @@ def sample_latents(
     batch_index: Sequence[int] | None = None,
     sigmas: Tensor | None = None,
     sampler_options: Mapping[str, Any] | None = None,
+    discard_penultimate_sigma: bool = False,
 ) -> Tensor:
     """Sample from ``latent`` (B, C, h, w) in the model's scaled latent space; returns the new latent.
 
@@ -417,7 +418,9 @@ def sample_latents(
     ``sigmas[0]`` is the model's sigma_max; the result is the sample at ``sigmas[-1]`` (noisy when that is not 0:
     x0 + sigma * eps, ComfyUI's scaling, which a next run from it continues exactly).
     ``sampler_options``: the sampler's keyword options (ComfyUI's DPM fast / adaptive run with eta 0,
-    k-diffusion's default).
+    k-diffusion's default). ``discard_penultimate_sigma``: the ``steps``-step grid is made for one step more and
+    its next-to-last sigma dropped (ComfyUI's KSampler does so for dpm_2, dpm_2_ancestral, uni_pc, uni_pc_bh2;
+    :func:`sdengine.diffusion.sampling.make_grid`); not with ``sigmas``.
     """
     if seed_rule not in SEED_RULES:
         raise LatentSamplingError(f"unknown seed rule {seed_rule!r}; use one of {', '.join(SEED_RULES)}")
@@ -520,7 +523,15 @@ def sample_latents(
         log_sigmas = pipe.noise_schedule.log_sigmas
         grid = SamplingGrid(sigmas=given, timesteps=sigma_to_t(given[:-1], log_sigmas).to(torch.float32))
     else:
-        grid = sampling.make_grid(name, total, pipe.noise_schedule, sched, pipe.scheduler_config, strength)
+        grid = sampling.make_grid(
+            name,
+            total,
+            pipe.noise_schedule,
+            sched,
+            pipe.scheduler_config,
+            strength,
+            discard_penultimate=discard_penultimate_sigma,
+        )
     asked = total  # the step count the grid is made for (sampling.sample(steps=...))
     if given is None and grid.steps != total and start_at_step == 0 and end_at_step is None:
         # A sigma list of another length than asked (ComfyUI's ddim_uniform, beta): the run is counted on it,
@@ -533,6 +544,16 @@ def sample_latents(
     if end < total and name in ("dpm_fast", "dpm_adaptive"):
         # they take their own steps between the grid's ends: there is no step of the grid to stop at
         raise LatentSamplingError(f"{sampler} cannot stop at end_at_step {end} of {total}: it takes its own steps")
+    brownian = None
+    if seed_rule == "comfyui" and name in sampling.BROWNIAN_SAMPLERS:
+        # ComfyUI's SDE noise: one Brownian tree of the batch's shape, seeded by the seed, over the sigmas its
+        # sampler is handed (the run's window: its last sigma 0 where the window ends without leftover noise)
+        from sdengine.diffusion.brownian import BrownianSpec
+
+        window = given if given is not None else grid.sigmas[start : end + 1]
+        if given is None and end < total and not leftover_noise:
+            window = window[:-1]  # ComfyUI's force_full_denoise sets that last sigma to 0
+        brownian = BrownianSpec.over([seed], window)
 
     net: Any = pipe.unet
     # every entry weighs in, and its ControlNets with it (without the regional path there is one negative)
@@ -667,6 +688,8 @@ def sample_latents(
                     noise_schedule=pipe.noise_schedule,
                     sigmas=given,
                     sampler_options=sampler_options,
+                    discard_penultimate=discard_penultimate_sigma and given is None,
+                    brownian=brownian,
                 )
         except SamplingInterrupted as e:
             if e.step + 1 != run_steps or end >= total:

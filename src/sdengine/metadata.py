@@ -42,7 +42,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from sdengine import __version__
-from sdengine.diffusion.sampling import SAMPLERS, SCHEDULE_A1111, resolve
+from sdengine.diffusion.sampling import A1111_DISCARD_SAMPLERS, BROWNIAN_SAMPLERS, SAMPLERS, SCHEDULE_A1111, resolve
 from sdengine.diffusion.schedules import A1111_GRID_SAMPLERS
 from sdengine.errors import SdengineError
 from sdengine.image_info import ImageInfoError, png_text_chunks
@@ -329,12 +329,14 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
     ``guidance_rescale`` ("CFG Rescale phi"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
     seed strength"), ``seed_resize_from_w`` and ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
     ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"), ``noise_seed_delta`` ("ENSD"),
+    ``discard_penultimate_sigma`` ("Discard penultimate sigma: True"),
     ``vae_decode`` ("tiny" when sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
     "Tiny VAE encode"), ``strength_rule`` (sdengine's "Strength rule"), ``clip_skip_rule`` (sdengine's "Clip
     skip rule"), ``sdxl`` (sdengine's "SDXL options": prompt_2, sizes) that the text has (``clip_skip`` defaults
     to 1, as in A1111, where a missing "Clip skip" means 1). An infotext not made by sdengine
     (:func:`made_by_sdengine`: A1111's, Forge's) gets A1111's meanings: ``strength_rule`` "a1111" with a
-    "Denoising strength", ``clip_skip_rule`` "a1111" with a "Clip skip". LoRAs stay
+    "Denoising strength" or a sampler whose run A1111's rule changes (DDIM, PLMS, DPM2, DPM2 a, the SDE samplers),
+    ``clip_skip_rule`` "a1111" with a "Clip skip". LoRAs stay
     in the prompt as ``<lora:...>`` tags (:func:`sdengine.prompts.extract_lora_tags`). An unknown
     sampler or schedule is a ``ValueError`` listing valid names. Fields that would change the image
     but that sdengine does not reproduce ("Hires upscale", "Face restoration", ...) are logged as a
@@ -405,6 +407,13 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
             )
     if "ENSD" in parsed:  # A1111's eta noise seed delta
         kwargs["noise_seed_delta"] = _parse_int(parsed, "ENSD")
+    if "Discard penultimate sigma" in parsed:  # A1111's always_discard_next_to_last_sigma
+        value = parsed["Discard penultimate sigma"].strip().lower()
+        if value not in ("true", "false"):
+            raise MetadataError(
+                f"Discard penultimate sigma: {parsed['Discard penultimate sigma']!r} is not True or False"
+            )
+        kwargs["discard_penultimate_sigma"] = value == "true"
     if "Noise multiplier" in parsed:  # A1111's img2img initial_noise_multiplier
         kwargs["noise_multiplier"] = _parse_float(parsed, "Noise multiplier")
     if "Resize mode" in parsed:  # sdengine's field: how init and control images were fitted
@@ -428,8 +437,10 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
             raise MetadataError(f"Strength rule: {rule!r} is not one of {', '.join(STRENGTH_RULES)}")
         kwargs["strength_rule"] = rule
     elif not made_by_sdengine(parsed) and (
-        "Denoising strength" in parsed or kwargs.get("sampler") in A1111_GRID_SAMPLERS
-    ):  # A1111 counted its img2img / hires steps its own way, and walked its own DDIM / PLMS grid
+        "Denoising strength" in parsed
+        or kwargs.get("sampler") in (*A1111_GRID_SAMPLERS, *A1111_DISCARD_SAMPLERS, *BROWNIAN_SAMPLERS)
+    ):  # A1111 counted its img2img / hires steps its own way, walked its own DDIM / PLMS grid, dropped the
+        # next-to-last sigma of DPM2, DPM2 a and DPM++ 3M SDE, and drew its SDE samplers' noise from Brownian trees
         kwargs["strength_rule"] = "a1111"
     if "SDXL options" in parsed:  # sdengine's field: SDXL's prompt_2 and size numbers (GenerationRequest.sdxl)
         try:
@@ -465,6 +476,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
         "Tiling",
         "Noise multiplier",
         "ENSD",
+        "Discard penultimate sigma",
         "Masked content",
         "Tiny VAE",
         "Tiny VAE encode",

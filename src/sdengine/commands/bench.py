@@ -125,6 +125,14 @@ def _run_gpu(a: argparse.Namespace, folder: Path, name: str) -> int:
     for flag, value in (("--options", a.options), ("--fast-path", a.fast_path), ("--under-load", a.under_load or None)):
         if value is not None:
             raise BenchError(f"{flag} does not apply to --device cuda (it times a fixed set of engines)")
+    # what the CPU comparison reads and the GPU one does not (they were once taken without a word)
+    for flag, given, why in (
+        (f"--batch {a.batch}", a.batch != 1, "it times batch 1, and batch 8 for the images per second"),
+        ("--no-memory", a.no_memory, "it reads the peak GPU memory from torch: no peak-RSS child process runs"),
+        ("--json", a.json is not None, "its JSON is bench_gpu.json in --out"),
+    ):
+        if given:
+            raise BenchError(f"{flag} does not apply to --device cuda ({why})")
     if a.budget_s is not None and not a.budget_s > 0:
         raise BenchError(f"--budget-s must be positive, got {a.budget_s}")
     data = run_gpu_bench(
@@ -217,6 +225,11 @@ def _scaling_points(a: argparse.Namespace) -> tuple[tuple[int, ...], tuple[int, 
             raise BenchError(f"{flag} does not apply to --scaling (it times parts at --sizes and --batches)")
     if a.batch != 1:
         raise BenchError("--batch does not apply to --scaling: use --batches")
+    if a.cfg != GENERATION_DEFAULTS["cfg"]:  # once taken without a word
+        raise BenchError(
+            f"--cfg {a.cfg:g} does not apply to --scaling (it times one U-Net call on the CFG batch, which takes "
+            "as long whatever the scale)"
+        )
     if a.max_seconds is not None and not a.max_seconds > 0:
         raise BenchError(f"--max-seconds must be positive, got {a.max_seconds}")
     if a.max_memory is not None and not a.max_memory > 0:

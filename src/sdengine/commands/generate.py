@@ -414,7 +414,9 @@ def _a1111_grid_sampler(sampler: Any) -> bool:
         return False
 
 
-def _refuse_flags_without_effect(a: argparse.Namespace, hires: bool, variation: bool = False) -> None:
+def _refuse_flags_without_effect(
+    a: argparse.Namespace, hires: bool, variation: bool = False, cfg: float | None = None
+) -> None:
     """A flag that would change nothing in this run is a one-line UsageError, before the model loads, as
     ``--mask`` without ``--init-image`` is: ``--strength`` on a text-to-image run without the hires fix was
     once dropped without a word (A1111's API does that; a command line should say it)."""
@@ -435,6 +437,13 @@ def _refuse_flags_without_effect(a: argparse.Namespace, hires: bool, variation: 
         ("--refiner-switch-at", a.refiner_switch_at, a.refiner is not None, "--refiner"),
         # a variation seed mixes in nothing at strength 0 (A1111 ignores it there); -1 asks for a random one
         ("--subseed", a.subseed, variation, "a --subseed-strength above 0"),
+        # ``cfg``: the run's scale (--cfg, or --from-png's); at 1 the guided prediction is the conditional one
+        (
+            "--guidance-rescale",
+            a.guidance_rescale,
+            cfg is None or float(cfg) != 1.0,
+            "a --cfg other than 1 (at 1 there is no guidance to rescale)",
+        ),
     ]
     for flag, value, used, what in needs:
         if value is not None and not used:
@@ -577,7 +586,9 @@ def run(a: argparse.Namespace) -> int:
             "--from-png (--controlnet takes a file or folder path, or a built-in name)"
         )
     if a.prompts is None:  # a list's lines may give what the flag needs (an init image): checked per line there
-        _refuse_flags_without_effect(a, bool(kwargs.get("enable_hr")), bool(kwargs.get("subseed_strength")))
+        _refuse_flags_without_effect(
+            a, bool(kwargs.get("enable_hr")), bool(kwargs.get("subseed_strength")), kwargs.get("cfg_scale")
+        )
     if a.prompts is not None:  # a list of requests: sdengine.batch_render
         from .generate_list import run_list
 

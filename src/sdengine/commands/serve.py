@@ -42,6 +42,11 @@ def run(a: argparse.Namespace) -> int:
         )
     if a.max_queue < 1:
         raise ServerConfigError(f"--max-queue must be >= 1 (jobs that may wait), got {a.max_queue}")
+    if a.max_queued_per_client >= a.max_queue:  # the whole queue is full first: the limit could never apply
+        raise ServerConfigError(
+            f"--max-queued-per-client {a.max_queued_per_client} has no effect with --max-queue {a.max_queue}: no "
+            f"client can have more than {a.max_queue} jobs waiting (give fewer, or 0 for no limit per client)"
+        )
     if not a.max_body_mb > 0 or a.max_body_mb == float("inf"):
         raise ServerConfigError(f"--max-body-mb must be a number > 0, got {a.max_body_mb}")
     if a.max_image_pixels < 1:

@@ -21,12 +21,22 @@ if TYPE_CHECKING:
     from ..pipeline import GenerationResult
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# the flag of each pipeline keyword an axis may set (sdengine.grids.AXES)
+AXIS_FLAGS = {
+    "steps": "--steps",
+    "sampler": "--sampler",
+    "schedule": "--schedule",
+    "cfg_scale": "--cfg",
+    "seed": "--seed",
+    "strength": "--strength",
+    "clip_skip": "--clip-skip",
+}
 
 
 def run(a: argparse.Namespace) -> int:
     from PIL import PngImagePlugin
 
-    from ..grids import fix_axis_seeds, parse_axis, plan_cells, run_xyz
+    from ..grids import AXES, fix_axis_seeds, parse_axis, plan_cells, run_xyz
     from ..imageio import save_image_atomic
     from ..metadata import save_png
     from ..pipeline import load_pipeline
@@ -56,6 +66,15 @@ def run(a: argparse.Namespace) -> int:
         "lora_dir": a.lora_dir,
     }
     base = {k: v for k, v in given.items() if v is not None}
+    # a flag for what an axis sets: every cell takes the axis's value, so the flag would change nothing
+    for which, axis in (("X", x), ("Y", y), ("Z", z)):
+        key = AXES[axis.name][1] if axis is not None else None
+        if axis is not None and key is not None and key in base:
+            flag = AXIS_FLAGS[key]
+            raise UsageError(
+                f"{flag} {base[key]} has no effect: {axis.name} is the {which} axis, whose values every cell takes "
+                f"(drop {flag}, or make it a value of the axis)"
+            )
     if a.lora:
         base["loras"] = [lora_arg(t) for t in a.lora]
     base["progress"] = not a.no_progress

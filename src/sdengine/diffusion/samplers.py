@@ -11,7 +11,9 @@ Every sampler has the same signature::
   tensor, ``sigmas[-1]`` the level the last step lands on (normally 0). The result is VE at that level.
 * ``generators``: one CPU ``torch.Generator`` per batch row. Ancestral/SDE samplers draw each step's
   noise per row, in step order, as ``randn((1, C, H, W), generator=generators[row])``, so a row never
-  depends on the rest of its batch (docs/CONTRACTS.md, Seeds). Deterministic samplers ignore it.
+  depends on the rest of its batch (docs/CONTRACTS.md, Seeds). Deterministic samplers ignore it. The SDE samplers
+  (DPM++ SDE, 2M SDE, 2M SDE Heun, 3M SDE) also take a Brownian tree's noise in its place
+  (:class:`sdengine.diffusion.brownian.BrownianNoise`, A1111's and ComfyUI's).
 * ``callback(step, sigma, x, denoised)`` runs after each step with the new ``x`` and the step's x0
   estimate. Returning ``False`` (or raising :class:`SamplingInterrupted` itself) stops sampling: the
   sampler raises :class:`SamplingInterrupted`, which carries the step, ``x`` and ``denoised``.
@@ -31,11 +33,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sdengine.diffusion.brownian import BrownianNoise
 from sdengine.errors import SdengineError, UsageError
 
 Denoise = Callable[..., Tensor]
-# one CPU generator per batch row, or the per-step noise drawn from them beforehand (NoiseBank)
-Generators: TypeAlias = "Sequence[torch.Generator] | NoiseBank"
+# one CPU generator per batch row, or the per-step noise drawn from them beforehand (NoiseBank), or a Brownian tree's
+# noise (the SDE samplers' under A1111's and ComfyUI's rules, sdengine.diffusion.brownian)
+Generators: TypeAlias = "Sequence[torch.Generator] | NoiseBank | BrownianNoise"
 Callback = Callable[[int, float, Tensor, Tensor], "bool | None"]
 
 
@@ -187,10 +191,24 @@ class _Loop:
             return self.off_grid(x, s_in, step=SamplerStep(step, first, max(sigmas)), **self.extra)
         return self.off_grid(x, s_in, **self.extra)
 
+    @property
+    def brownian(self) -> bool:
+        """Whether the step noise is a Brownian tree's (:meth:`step_noise`)."""
+        return isinstance(self.generators, BrownianNoise)
+
+    def step_noise(self, x: Tensor, sigma: float, sigma_next: float) -> Tensor:
+        """The SDE samplers' noise of a step from ``sigma`` to ``sigma_next``: a Brownian tree's increment over it
+        (:class:`sdengine.diffusion.brownian.BrownianNoise` handed as ``generators``), else :meth:`noise`."""
+        if isinstance(self.generators, BrownianNoise):
+            return self.generators.between(sigma, sigma_next).to(device=self.device, dtype=self.dtype)
+        return self.noise(x)
+
     def noise(self, x: Tensor) -> Tensor:
         """Standard normal noise, each row from its own generator (shape (1, C, H, W) per draw)."""
         if self.generators is None:
             raise UsageError("this sampler draws noise each step: pass generators=[torch.Generator(), ...]")
+        if isinstance(self.generators, BrownianNoise):
+            raise UsageError("Brownian noise is the SDE samplers' (DPM++ SDE, 2M SDE, 3M SDE); this one draws rows")
         if isinstance(self.generators, NoiseBank):
             return self.generators.next_noise(x)
         return row_noise(self.generators, tuple(x.shape[1:])).to(device=self.device, dtype=self.dtype)
@@ -198,6 +216,14 @@ class _Loop:
     def done(self, i: int, x: Tensor, denoised: Tensor) -> None:
         if self.callback is not None and self.callback(i, self.s[i], x, denoised) is False:
             raise SamplingInterrupted(i, x, denoised)
+
+
+def float32_midpoint(sigma: float, sigma_next: float) -> float:
+    """DPM++ SDE's midpoint ``exp(-(lambda + h / 2))``, lambda = -log sigma, h = lambda' - lambda, in float32 tensor
+    arithmetic as k-diffusion (ComfyUI's ``sigma_s_1``): where its Brownian tree is read."""
+    lam = torch.tensor(sigma, dtype=torch.float32).log().neg()
+    lam_next = torch.tensor(sigma_next, dtype=torch.float32).log().neg()
+    return float((lam + 0.5 * (lam_next - lam)).neg().exp())
 
 
 def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
@@ -674,7 +700,9 @@ def _dpmpp_2m_sde(
                 weight = (coef / (-h - eta_h) + 1) if heun else 0.5 * coef
                 x = x + (denoised - old) * (weight / r)
             if eta:
-                x = x + loop.noise(x) * (sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
+                x = x + loop.step_noise(x, sigma, sigma_next) * (
+                    sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
+                )
             h_last = h
         old = denoised
         loop.done(i, x, denoised)
@@ -694,8 +722,9 @@ def sample_dpmpp_sde(
     s_noise: float = 1.0,
 ) -> Tensor:
     """DPM-Solver++ SDE, 2nd-order singlestep with the midpoint at r = 1/2 in lambda (Lu et al. 2022;
-    k-diffusion's sample_dpmpp_sde). Noise comes from the row generators, not a Brownian tree; ``s_noise``
-    scales it (k-diffusion's)."""
+    k-diffusion's sample_dpmpp_sde). Noise comes from the row generators, or from a Brownian tree handed as
+    ``generators`` (A1111's and ComfyUI's, :mod:`sdengine.diffusion.brownian`); ``s_noise`` scales it
+    (k-diffusion's)."""
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     for i in range(loop.n):
         sigma, sigma_next = loop.s[i], loop.s[i + 1]
@@ -708,12 +737,14 @@ def sample_dpmpp_sde(
             down, up = ancestral_step(sigma, sigma_mid, eta)
             x_2 = torch.lerp(denoised, x, down / sigma)
             if up > 0:
-                x_2 = x_2 + loop.noise(x) * (up * s_noise)
+                # a Brownian tree is read at the midpoint as k-diffusion computes it (float32)
+                mid = float32_midpoint(sigma, sigma_next) if loop.brownian else sigma_mid
+                x_2 = x_2 + loop.step_noise(x, sigma, mid) * (up * s_noise)
             denoised_2 = loop.model(x_2, sigma_mid, step=i, on_grid=False)
             down, up = ancestral_step(sigma, sigma_next, eta)
             x = torch.lerp(denoised_2, x, down / sigma)
             if up > 0:
-                x = x + loop.noise(x) * (up * s_noise)
+                x = x + loop.step_noise(x, sigma, sigma_next) * (up * s_noise)
         loop.done(i, x, denoised)
     return x
 
@@ -797,7 +828,8 @@ def sample_dpmpp_3m_sde(
             elif d_1 is not None:
                 x = x + (denoised - d_1) * (phi_2 / (h_1 / h))
             if eta:
-                x = x + loop.noise(x) * (sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
+                noise = loop.step_noise(x, sigma, sigma_next)
+                x = x + noise * (sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
         d_1, d_2 = denoised, d_1
         h_1, h_2 = h, h_1
         loop.done(i, x, denoised)
@@ -1695,6 +1727,8 @@ def _row_draws(loop: _Loop, like: Tensor, rows: list[bool]) -> Tensor:
         raise UsageError("this sampler draws noise each step: pass generators=[torch.Generator(), ...]")
     if isinstance(loop.generators, NoiseBank):
         raise UsageError("dpm_adaptive draws noise where its rows accept a step: it cannot read a noise bank")
+    if isinstance(loop.generators, BrownianNoise):
+        raise UsageError("dpm_adaptive draws noise where its rows accept a step: it needs the rows' generators")
     out = torch.zeros_like(like)
     for r, draw in enumerate(rows):
         if draw:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from sdengine.diffusion import samplers as S
+from sdengine.diffusion.brownian import BrownianSpec
 from sdengine.diffusion.schedules import (
     A1111_GRID_SAMPLERS,
     SCHEDULES,
@@ -321,6 +322,15 @@ A1111_AUTOMATIC: dict[str, str] = {
     **dict.fromkeys(("euler", "euler_a", "lms", "heun", "dpm_fast", "dpm_adaptive"), "uniform"),
 }
 
+# The samplers whose step noise A1111 and ComfyUI draw from a Brownian tree (k-diffusion's BrownianTreeNoiseSampler;
+# A1111 1.10's "brownian_noise" samplers, ComfyUI's dpmpp_sde / dpmpp_2m_sde(_heun) / dpmpp_3m_sde): sample(brownian=).
+BROWNIAN_SAMPLERS = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
+
+# The samplers A1111 runs with ``discard_next_to_last_sigma`` (1.10's sd_samplers_kdiffusion.samplers_k_diffusion:
+# DPM2, DPM2 a, DPM++ 3M SDE): their grid is made for one step more and its next-to-last sigma dropped
+# (:func:`make_grid`); its ``always_discard_next_to_last_sigma`` option does so for every sampler.
+A1111_DISCARD_SAMPLERS = ("dpm2", "dpm2_a", "dpmpp_3m_sde")
+
 AUTO_SCHEDULE = "auto"  # no schedule chosen: the one the sampler names, else karras where it fits, else its own
 
 
@@ -429,16 +439,24 @@ def make_grid(
     strength: float = 1.0,
     *,
     a1111_grid: bool = False,
+    discard_penultimate: bool = False,
 ) -> SamplingGrid:
     """The sigma/timestep grid ``sampler`` walks for ``steps`` steps of ``schedule``; ``a1111_grid``: DDIM and
-    PLMS walk A1111's own grid instead, whatever the schedule (as A1111, :func:`a1111_timestep_grid`)."""
+    PLMS walk A1111's own grid instead, whatever the schedule (as A1111, :func:`a1111_timestep_grid`).
+
+    ``discard_penultimate``: A1111's and ComfyUI's "discard next-to-last sigma" (A1111's DPM2, DPM2 a and DPM++ 3M
+    SDE, or any sampler with its ``always_discard_next_to_last_sigma``; ComfyUI's KSampler with dpm_2,
+    dpm_2_ancestral, uni_pc, uni_pc_bh2): the grid is made for ``steps + 1`` steps and its next-to-last sigma
+    dropped, so it still has ``steps`` steps, the last one longer. On A1111's own DDIM / PLMS grid the option
+    makes that grid for ``steps + 1`` steps and drops nothing (its ``CompVisSampler.get_timesteps``)."""
     name, sched = resolve(sampler, schedule)
     spec = SAMPLERS[name]
+    extra = 1 if discard_penultimate else 0
     if a1111_grid and name in A1111_GRID_SAMPLERS:
-        return a1111_timestep_grid(steps, noise_schedule)
+        return a1111_timestep_grid(steps + extra, noise_schedule)
     grid = sampling_grid(
         sched,
-        steps,
+        steps + extra,
         noise_schedule,
         rule=spec.rule,
         config=effective_config(name, scheduler_config),
@@ -450,7 +468,19 @@ def make_grid(
         sigmas = grid.sigmas.clone()
         sigmas[-1] = 0.0
         grid = SamplingGrid(sigmas=sigmas, timesteps=grid.timesteps, targets=None)
+    if extra:
+        grid = drop_penultimate(grid)
     return grid
+
+
+def drop_penultimate(grid: SamplingGrid) -> SamplingGrid:
+    """``grid`` without its next-to-last sigma (``torch.cat([sigmas[:-2], sigmas[-1:]])``, as A1111 and ComfyUI
+    discard it) and that point's timestep; a DDIM / PNDM target list likewise keeps its last target."""
+    if grid.steps < 2:
+        raise UsageError("discarding the next-to-last sigma needs a grid of 2 steps or more")
+    sigmas = torch.cat([grid.sigmas[:-2], grid.sigmas[-1:]])
+    targets = None if grid.targets is None else torch.cat([grid.targets[:-2], grid.targets[-1:]])
+    return SamplingGrid(sigmas=sigmas, timesteps=grid.timesteps[:-1].clone(), targets=targets)
 
 
 def _rounds_karras(sampler: str, scheduler_config: Mapping[str, Any] | None) -> bool:
@@ -502,6 +532,8 @@ def sample(
     sigmas: Tensor | None = None,
     a1111_grid: bool = False,
     noise_from: int | None = None,
+    discard_penultimate: bool = False,
+    brownian: BrownianSpec | None = None,
 ) -> Tensor:
     """Run ``sampler`` for ``steps`` steps from unit ``noise`` (txt2img) or from ``init_latent`` noised to
     ``strength`` (img2img); returns the final latent (x0). See the module docstring.
@@ -518,7 +550,10 @@ def sample(
     ``a1111_grid``: DDIM / PLMS on A1111's grid (:func:`make_grid`), PLMS combining the noise estimates as A1111
     does. ``noise_from``: the grid index img2img noises the init to when it is not ``start_step`` (A1111's DDIM /
     PLMS noise one point higher than they start, :func:`a1111_timestep_start`); that VP sample is read at
-    ``start_step``."""
+    ``start_step``. ``discard_penultimate``: the grid without its next-to-last sigma (:func:`make_grid`).
+    ``brownian``: an SDE sampler (:data:`BROWNIAN_SAMPLERS`) draws its step noise from the Brownian trees of these
+    seeds and this sigma range instead of ``generators`` (A1111's and ComfyUI's noise,
+    :mod:`sdengine.diffusion.brownian`); the other samplers draw from ``generators`` as ever."""
     name, sched = resolve(sampler, schedule)
     spec = SAMPLERS[name]
     ns = noise_schedule if noise_schedule is not None else getattr(denoiser, "schedule", None)
@@ -561,6 +596,7 @@ def sample(
             scheduler_config,
             strength if init_latent is not None else 1.0,
             a1111_grid=a1111_grid,
+            discard_penultimate=discard_penultimate,
         )
     a1111_grid = a1111_grid and name in A1111_GRID_SAMPLERS and not explicit
     if start_step is None:
@@ -612,6 +648,8 @@ def sample(
     if name == "ddpm" and bool(config_get(effective_config(name, scheduler_config), "clip_sample", False)):
         range_ = float(config_get(scheduler_config, "clip_sample_range", 1.0))
         options.setdefault("clip_denoised", range_)
+    if brownian is not None and name in BROWNIAN_SAMPLERS:
+        generators = brownian.noise(tuple(noise.shape))
     x = spec.fn(
         denoiser,
         x,
@@ -637,6 +675,7 @@ def noise_draws(
     start_step: int | None = None,
     sampler_options: Mapping[str, Any] | None = None,
     a1111_grid: bool = False,
+    discard_penultimate: bool = False,
 ) -> int:
     """How many per-step noise draws :func:`sample` makes with these settings (0 for a deterministic sampler):
     what a :class:`sdengine.diffusion.samplers.NoiseBank` must hold. Found by running the sampler on one
@@ -657,5 +696,6 @@ def noise_draws(
         noise_schedule=noise_schedule,
         sampler_options=sampler_options,
         a1111_grid=a1111_grid,
+        discard_penultimate=discard_penultimate,
     )
     return bank.used

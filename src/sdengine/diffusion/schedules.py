@@ -26,6 +26,9 @@ from sdengine.models.config_checks import check_config
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 BETA_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# Stable Diffusion's betas (SD 1.x, 2.x, SDXL, and the models trained here on its schedule), as the scheduler
+# configs of their diffusers folders give them (over 1000 training steps)
+SD_BETAS: dict[str, Any] = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 # The alphas_cumprod that zero-terminal-SNR leaves at exactly 0 is replaced by this value wherever a
 # finite sigma is needed (sigma_max = 4096). diffusers' sigma-based schedulers use the same number, so

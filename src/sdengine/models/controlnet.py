@@ -35,12 +35,12 @@ from sdengine.models.unet import (
     MidBlock,
     UNet,
     UNetConfig,
-    add_class_embedding,
     down_blocks,
     make_add_embedding,
     make_class_embedding,
+    time_class_embedding,
 )
-from sdengine.nn.embeddings import TimestepEmbedding, timestep_embedding
+from sdengine.nn.embeddings import TimestepEmbedding
 
 ChannelOrder = Literal["rgb", "bgr"]
 
@@ -227,19 +227,7 @@ class ControlNet(nn.Module):
 
     def embed(self, x: Tensor, t: Tensor | float | int, class_labels: Tensor | None = None) -> Tensor:
         """Timestep (+ class) embedding (B, time_embed_dim), as the U-Net computes it."""
-        ucfg = self.config.unet
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(B)
-        elif t.shape != (B,):
-            raise ValueError(f"t must be a scalar or have shape ({B},), got {tuple(t.shape)}")
-        feats = timestep_embedding(
-            t, ucfg.block_out_channels[0], flip_sin_to_cos=ucfg.flip_sin_to_cos, freq_shift=ucfg.freq_shift
-        )  # (B, C0) float32
-        emb = self.time_embedding(feats.to(self.dtype))  # (B, T)
-        module = self.add_embedding if ucfg.text_time else self.class_embedding
-        return add_class_embedding(module, ucfg, emb, class_labels, "ControlNet")
+        return time_class_embedding(self, self.config.unet, x, t, class_labels, "ControlNet")
 
     def forward(
         self,

@@ -355,6 +355,27 @@ def add_class_embedding(
     return emb + module(labels.long()).to(emb.dtype)
 
 
+def time_class_embedding(
+    net: Any, cfg: UNetConfig, x: Tensor, t: Tensor | float | int, class_labels: Tensor | None, what: str
+) -> Tensor:
+    """The timestep (+ class) embedding (B, time_embed_dim) of a U-Net, or of a ControlNet (which computes it as
+    its U-Net does, with its own copies of the layers): ``net``'s ``time_embedding`` of ``t`` (a scalar or a (B,)
+    tensor, B the rows of ``x``), plus its ``add_embedding`` (text_time, SDXL) or ``class_embedding`` of
+    ``class_labels`` (:func:`add_class_embedding`; ``what`` names ``net`` in its errors)."""
+    B = x.shape[0]
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(B)
+    elif t.shape != (B,):
+        raise ValueError(f"t must be a scalar or have shape ({B},), got {tuple(t.shape)}")
+    feats = timestep_embedding(
+        t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
+    )  # (B, C0) float32
+    emb = net.time_embedding(feats.to(net.dtype))  # (B, T)
+    module = net.add_embedding if cfg.text_time else net.class_embedding
+    return add_class_embedding(module, cfg, emb, class_labels, what)
+
+
 class UNet(nn.Module):
     """``unet(x, t, *, class_labels, encoder_hidden_states, <ControlNet residuals>) -> prediction``."""
 
@@ -401,21 +422,7 @@ class UNet(nn.Module):
         For a text_time (SDXL) U-Net ``class_labels`` is the (B, projection_class_embeddings_input_dim)
         vector of :func:`sdengine.models.unet_sdxl.text_time_vector` (sgm's "vector", LDM's ``label_emb``
         input)."""
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(B)
-        elif t.shape != (B,):
-            raise ValueError(f"t must be a scalar or have shape ({B},), got {tuple(t.shape)}")
-        feats = timestep_embedding(
-            t,
-            self.config.block_out_channels[0],
-            flip_sin_to_cos=self.config.flip_sin_to_cos,
-            freq_shift=self.config.freq_shift,
-        )  # (B, C0) float32
-        emb = self.time_embedding(feats.to(self.dtype))  # (B, T)
-        module = self.add_embedding if self.config.text_time else self.class_embedding
-        return add_class_embedding(module, self.config, emb, class_labels, "U-Net")
+        return time_class_embedding(self, self.config, x, t, class_labels, "U-Net")
 
     def forward(
         self,

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from sdengine import vae_utils
 from sdengine.diffusion import sampling
+from sdengine.diffusion.brownian import BrownianSpec
 from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.diffusion.samplers import NoiseBank, SamplingInterrupted, row_noise
@@ -84,6 +85,23 @@ def _a1111_grid(p: Prepared) -> bool:
     """Whether the run walks A1111's own DDIM / PLMS grid: A1111's step rules (strength_rule "a1111", its API
     routes) with one of those samplers (:func:`sdengine.diffusion.schedules.a1111_timestep_grid`)."""
     return p.request.strength_rule in A1111_STRENGTH_RULES and p.sampler in A1111_GRID_SAMPLERS
+
+
+def a1111_changes_run(p: Prepared) -> bool:
+    """Whether A1111's rules change the run's sigmas or its noise beyond the schedule (its discarded next-to-last
+    sigma, its SDE samplers' Brownian trees), so that the infotext must say the rule."""
+    a1111 = p.request.strength_rule in A1111_STRENGTH_RULES
+    return discards_penultimate(p) or (a1111 and p.sampler in sampling.BROWNIAN_SAMPLERS)
+
+
+def discards_penultimate(p: Prepared) -> bool:
+    """Whether the grid drops its next-to-last sigma (:func:`sdengine.diffusion.sampling.make_grid`): asked for
+    (A1111's ``always_discard_next_to_last_sigma``), or under A1111's rules with a sampler A1111 runs so
+    (:data:`sdengine.diffusion.sampling.A1111_DISCARD_SAMPLERS`: DPM2, DPM2 a, DPM++ 3M SDE)."""
+    r = p.request
+    if bool(r.discard_penultimate_sigma):
+        return True
+    return r.strength_rule in A1111_STRENGTH_RULES and p.sampler in sampling.A1111_DISCARD_SAMPLERS
 
 
 def _grid_steps(p: Prepared) -> int:
@@ -705,9 +723,10 @@ class Pipeline:
                     sampler_options=request.sampler_options,
                     prediction_override=self.prediction_override,
                     # how the img2img / hires second pass counted its steps
-                    # txt2img has no strength, but DDIM / PLMS walk A1111's grid under its rules: said too
+                    # txt2img has no strength, but DDIM / PLMS walk A1111's grid under its rules, DPM2, DPM2 a,
+                    # DPM++ 3M SDE drop their next-to-last sigma and the SDE samplers draw Brownian noise: said too
                     strength_rule=request.strength_rule
-                    if (p.init is not None or p.hires is not None or _a1111_grid(p))
+                    if (p.init is not None or p.hires is not None or _a1111_grid(p) or a1111_changes_run(p))
                     else "diffusers",
                     sdxl=request.sdxl,
                 )
@@ -729,6 +748,8 @@ class Pipeline:
                 row["Masked content"] = request.masked_content
             if int(request.noise_seed_delta) and sampling.SAMPLERS[p.sampler].stochastic:
                 row["ENSD"] = int(request.noise_seed_delta)  # A1111's, written where the sampler draws noise
+            if request.discard_penultimate_sigma:  # A1111's, where its option (not the sampler) discarded
+                row["Discard penultimate sigma"] = True
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
         embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
             getattr(self, "tokenizer_2", None), "embeddings", None
@@ -918,7 +939,12 @@ class Pipeline:
             self.scheduler_config,
             grid_strength(r) if start.init_latent is not None else 1.0,
             a1111_grid=a1111_grid,
+            discard_penultimate=discards_penultimate(p),
         )
+        brownian = None
+        if r.strength_rule in A1111_STRENGTH_RULES and p.sampler in sampling.BROWNIAN_SAMPLERS:
+            # A1111's SDE noise: one Brownian tree per image, seeded by its seed, over the whole grid's sigma range
+            brownian = BrownianSpec.over([p.seeds[i] for i in rows], grid.sigmas)
         first, noise_from = 0, None
         if start.from_init:
             # grid.steps: a sigma-table schedule may have another length than steps (ComfyUI's ddim_uniform);
@@ -986,6 +1012,7 @@ class Pipeline:
             and start.noise.device.type == loop.device_type
             and loop.usable()
             and p.sampler not in sampling.ADAPTIVE_SAMPLERS  # its steps depend on the model's answers
+            and brownian is None  # a Brownian tree's noise is read at the run's sigmas, not drawn beforehand
         )
         init_latent = start.init_latent if start.from_init else None
         plan = self.loop_plan(p, init_latent is not None, first, noise_from)
@@ -1008,7 +1035,9 @@ class Pipeline:
                 if on_step(run_steps - 1, float(grid.sigmas[-2]), x, x) is False:  # the last step's start
                     raise SamplingInterrupted(run_steps - 1, x, x)
             else:
-                x = self.sample_plan(den, plan, start.noise, init_latent, cond, generators=gens, callback=on_step)
+                x = self.sample_plan(
+                    den, plan, start.noise, init_latent, cond, generators=gens, callback=on_step, brownian=brownian
+                )
         except SamplingInterrupted as e:
             raise Cancelled(e.step + 1, run_steps, vae_utils.latent_preview(e.denoised)) from None
         finally:
@@ -1050,6 +1079,7 @@ class Pipeline:
             dtype=self.dtype,
             a1111_grid=_a1111_grid(p),
             noise_from=noise_from if from_init else None,
+            discard_penultimate=discards_penultimate(p),
         )
 
     def noise_draws(self, plan: LoopPlan) -> int:
@@ -1069,6 +1099,7 @@ class Pipeline:
                 start_step=plan.start_step,
                 sampler_options=plan.options(),
                 a1111_grid=plan.a1111_grid,
+                discard_penultimate=plan.discard_penultimate,
             )
         return self._noise_draws[key]
 
@@ -1101,9 +1132,11 @@ class Pipeline:
         *,
         generators: Any = None,
         callback: Any = None,
+        brownian: BrownianSpec | None = None,
     ) -> Tensor:
         """THE sampling call of a generation (``sampling.sample`` with ``plan``'s settings), whether it runs as it
-        is or is recorded as one graph (:meth:`run_loop_plan`)."""
+        is or is recorded as one graph (:meth:`run_loop_plan`); ``brownian``: A1111's Brownian-tree noise for an SDE
+        sampler (never recorded: the run reads the trees at its sigmas)."""
         return sampling.sample(
             denoiser,
             noise,
@@ -1121,6 +1154,8 @@ class Pipeline:
             sampler_options=plan.options(),
             a1111_grid=plan.a1111_grid,
             noise_from=plan.noise_from,
+            discard_penultimate=plan.discard_penultimate,
+            brownian=brownian,
         )
 
     def decode_latents(self, p: Prepared, x: Tensor) -> Tensor:

@@ -13,10 +13,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -150,21 +151,20 @@ def start_latents(
     return StartLatents(noise, init_latent, from_init, blend, concat, rounded)
 
 
-class InpaintBlend:
-    """Keeps the known region (``mask == 0``) on the init image's noising path, as diffusers' inpaint pipeline
-    does for 4-channel U-Nets: after every sampler step it sets ``x = (1 - m) * (init + sigma * noise) +
-    m * x``. Here that happens where the next step reads ``x``: in place, on the sampler's own tensor, before
-    each denoiser call except the run's first (diffusers does not blend the starting sample), which the
-    sampler loop marks (``step.first``). The final blend with the clean init latent is the pipeline's."""
+class LatentBlend:
+    """What the inpainting blends share: a denoiser wrapper (around ``inner``, whose ``schedule`` and
+    ``prediction`` it answers) that keeps the known region (``mask == 0``, ``keep`` = 1 - mask) from the init
+    latent ``init``. It passes the sampler's ``step`` on to an ``inner`` that takes one, stays itself around the
+    ``off_grid`` and ``with_timesteps`` variants of ``inner``, and :meth:`finish` is the final blend with the clean
+    init latent. Subclasses say in ``__call__`` when and how the blend happens."""
 
     takes_step = True
 
-    def __init__(self, inner: Any, init: Tensor, noise: Tensor, mask: Tensor) -> None:
+    def __init__(self, inner: Any, init: Tensor, mask: Tensor) -> None:
         self.inner = inner
         self.init = init
-        self.noise = noise
-        self.keep = 1.0 - mask  # 1 where the init image stays
         self.mask = mask
+        self.keep = 1.0 - mask  # 1 where the init image stays
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -175,16 +175,44 @@ class InpaintBlend:
         return self.inner.prediction
 
     @property
-    def takes_guidance_parts(self) -> bool:  # handed on: the blend acts on x, not on the x0 estimates
+    def takes_guidance_parts(self) -> bool:  # handed on (CFG++ reads the unconditional x0)
         return bool(getattr(self.inner, "takes_guidance_parts", False))
 
-    @property
-    def off_grid(self) -> InpaintBlend:
-        return InpaintBlend(getattr(self.inner, "off_grid", self.inner), self.init, self.noise, self.mask)
+    def around(self, inner: Any) -> Self:
+        """This blend (its settings and tensors) around another ``inner``."""
+        out = copy.copy(self)
+        out.inner = inner
+        return out
 
-    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> InpaintBlend:
+    @property
+    def off_grid(self) -> Self:
+        return self.around(getattr(self.inner, "off_grid", self.inner))
+
+    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> Self:
         inner = self.inner.with_timesteps(sigmas, timesteps) if hasattr(self.inner, "with_timesteps") else self.inner
-        return InpaintBlend(inner, self.init, self.noise, self.mask)
+        return self.around(inner)
+
+    def denoise(self, x: Tensor, sigma: Tensor | float, step: SamplerStep, cond: dict[str, Any]) -> Tensor:
+        """``inner``'s answer, given the sampler's ``step`` when it takes one."""
+        if getattr(self.inner, "takes_step", False):
+            cond["step"] = step
+        return self.inner(x, sigma, **cond)
+
+    def finish(self, x: Tensor) -> Tensor:
+        """The final blend: the known region from the clean init latent."""
+        return self.keep * self.init + self.mask * x
+
+
+class InpaintBlend(LatentBlend):
+    """Keeps the known region (``mask == 0``) on the init image's noising path, as diffusers' inpaint pipeline
+    does for 4-channel U-Nets: after every sampler step it sets ``x = (1 - m) * (init + sigma * noise) +
+    m * x``. Here that happens where the next step reads ``x``: in place, on the sampler's own tensor, before
+    each denoiser call except the run's first (diffusers does not blend the starting sample), which the
+    sampler loop marks (``step.first``). The final blend with the clean init latent is the pipeline's."""
+
+    def __init__(self, inner: Any, init: Tensor, noise: Tensor, mask: Tensor) -> None:
+        super().__init__(inner, init, mask)
+        self.noise = noise
 
     def __call__(self, x: Tensor, sigma: Tensor | float, *, step: SamplerStep, **cond: Any) -> Tensor:
         if not step.first:
@@ -194,16 +222,10 @@ class InpaintBlend:
                 s = flat.to(device=x.device, dtype=x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
             known = self.init + self.noise * s
             x.mul_(self.mask).add_(known * self.keep)
-        if getattr(self.inner, "takes_step", False):
-            cond["step"] = step
-        return self.inner(x, sigma, **cond)
-
-    def finish(self, x: Tensor) -> Tensor:
-        """The final blend: the known region from the clean init latent."""
-        return (1 - self.mask) * self.init + self.mask * x
+        return self.denoise(x, sigma, step, cond)
 
 
-class A1111Blend:
+class A1111Blend(LatentBlend):
     """A1111's inpainting blend (its ``CFGDenoiser.apply_blend``, ``mask`` = its ``nmask``, 1 = repaint, the rounded
     latent mask; ``init`` its init latent), for any U-Net, 9-channel ones too:
 
@@ -216,58 +238,29 @@ class A1111Blend:
 
     The final blend (:meth:`finish`) is A1111's ``samples * nmask + init_latent * mask``."""
 
-    takes_step = True
-
     def __init__(self, inner: Any, init: Tensor, mask: Tensor, *, before: bool) -> None:
-        self.inner = inner
-        self.init = init
-        self.mask = mask
-        self.keep = 1.0 - mask
+        super().__init__(inner, init, mask)
         self.before = before
 
-    @property
-    def schedule(self) -> NoiseSchedule:
-        return self.inner.schedule
-
-    @property
-    def prediction(self) -> str:
-        return self.inner.prediction
-
-    @property
-    def takes_guidance_parts(self) -> bool:  # handed on; the unconditional x0 is blended as the guided one
-        return bool(getattr(self.inner, "takes_guidance_parts", False))
-
-    @property
-    def off_grid(self) -> A1111Blend:
-        return A1111Blend(getattr(self.inner, "off_grid", self.inner), self.init, self.mask, before=self.before)
-
-    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> A1111Blend:
-        inner = self.inner.with_timesteps(sigmas, timesteps) if hasattr(self.inner, "with_timesteps") else self.inner
-        return A1111Blend(inner, self.init, self.mask, before=self.before)
-
     def __call__(self, x: Tensor, sigma: Tensor | float, *, step: SamplerStep, **cond: Any) -> Tensor:
-        if getattr(self.inner, "takes_step", False):
-            cond["step"] = step
-        parts = cond.get("guidance_parts")
+        parts = cond.get("guidance_parts")  # the unconditional x0 (CFG++) is blended as the guided one
         if not self.before:
-            out = self.inner(x, sigma, **cond) * self.mask + self.init * self.keep
+            out = self.denoise(x, sigma, step, cond) * self.mask + self.init * self.keep
             if parts is not None and parts.uncond is not None:
                 parts.uncond = parts.uncond * self.mask + self.init * self.keep
             return out
         s = float(torch.as_tensor(sigma).reshape(-1)[0])
         blended = x * self.mask + self.init * self.keep * math.sqrt(1.0 + s * s)  # VE of the VP blend
-        out = self.inner(blended, sigma, **cond) + (x - blended)
+        out = self.denoise(blended, sigma, step, cond) + (x - blended)
         if parts is not None and parts.uncond is not None:
             parts.uncond = parts.uncond + (x - blended)
         return out
-
-    def finish(self, x: Tensor) -> Tensor:
-        return (1 - self.mask) * self.init + self.mask * x
 
 
 __all__ = [
     "A1111Blend",
     "InpaintBlend",
+    "LatentBlend",
     "StartLatents",
     "blur_mask",
     "posterior_rows",

@@ -68,6 +68,7 @@ class LoopPlan:
     dtype: str
     a1111_grid: bool = False  # DDIM / PLMS on A1111's grid (sampling.sample)
     noise_from: int | None = None  # the grid index img2img noises the init to, when not start_step
+    discard_penultimate: bool = False  # the grid without its next-to-last sigma (sampling.make_grid)
     # the options as given (the JSON above keys them; a value JSON cannot hold exactly is kept here as it was)
     given_options: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
 
@@ -86,6 +87,7 @@ class LoopPlan:
         dtype: Any,
         a1111_grid: bool = False,
         noise_from: int | None = None,
+        discard_penultimate: bool = False,
     ) -> LoopPlan:
         return LoopPlan(
             sampler=sampler,
@@ -100,6 +102,7 @@ class LoopPlan:
             dtype=str(dtype),
             a1111_grid=bool(a1111_grid),
             noise_from=None if noise_from is None else int(noise_from),
+            discard_penultimate=bool(discard_penultimate),
             given_options=tuple(sorted(dict(sampler_options or {}).items())),
         )
 

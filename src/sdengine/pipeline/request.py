@@ -126,8 +126,13 @@ class GenerationRequest:
     noise_multiplier: float = 1.0
     # A1111's "Eta noise seed delta" (ENSD, its eta_noise_seed_delta setting): once the start noise is drawn, each
     # row's generator is seeded again with its seed + this, so the per-step noise of the ancestral and SDE
-    # samplers (and churn) comes from there; 0 = the seed's own generator goes on
+    # samplers (and churn) comes from there; 0 = the seed's own generator goes on (under A1111's rules the SDE
+    # samplers draw from a Brownian tree seeded by the seed instead, as A1111: sdengine.diffusion.brownian)
     noise_seed_delta: int = 0
+    # A1111's "Always discard next-to-last sigma" (its always_discard_next_to_last_sigma setting): the sampling grid
+    # is made for steps + 1 steps and its next-to-last sigma dropped (sdengine.diffusion.sampling.make_grid), as
+    # A1111 does anyway for DPM2, DPM2 a and DPM++ 3M SDE under its rules (strength_rule "a1111")
+    discard_penultimate_sigma: bool = False
     # A1111's inpainting "Masked content" done in the latent (inpainting_fill 2 and 3): "latent noise" puts the
     # row's unit noise in place of the init latent where the (rounded) latent mask repaints, "latent nothing"
     # zeros there; "original" keeps the init image's latent (A1111's "fill" is made on the image beforehand)
@@ -356,6 +361,10 @@ class GenerationRequest:
             )
         if not isinstance(self.tiling, bool | np.bool_):
             raise GenerationError(f"tiling must be true or false, got {self.tiling!r}")
+        if not isinstance(self.discard_penultimate_sigma, bool | np.bool_):
+            raise GenerationError(
+                f"discard_penultimate_sigma must be true or false, got {self.discard_penultimate_sigma!r}"
+            )
         delta = self.noise_seed_delta
         if not _is_int(delta) or not 0 <= delta <= MAX_SEED_DELTA:
             raise GenerationError(f"noise_seed_delta must be an integer in [0, {MAX_SEED_DELTA}], got {delta!r}")

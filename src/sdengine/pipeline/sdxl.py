@@ -16,11 +16,19 @@ from PIL import Image
 
 from sdengine import vae_utils
 from sdengine.diffusion import sampling
+from sdengine.diffusion.brownian import BrownianSpec
 from sdengine.diffusion.samplers import SamplingInterrupted
-from sdengine.diffusion.schedules import img2img_start
+from sdengine.diffusion.schedules import A1111_STRENGTH_RULES, img2img_start
 from sdengine.errors import GenerationError
 from sdengine.io.images import to_uint8
-from sdengine.pipeline.core import Pipeline, Prepared, as_request, grid_strength
+from sdengine.pipeline.core import (
+    Pipeline,
+    Prepared,
+    a1111_changes_run,
+    as_request,
+    discards_penultimate,
+    grid_strength,
+)
 from sdengine.pipeline.infotext import call_parameters, format_infotext, init_resize_mode
 from sdengine.pipeline.latents import start_latents
 from sdengine.pipeline.request import GenerationRequest
@@ -174,7 +182,16 @@ class SDXLPipeline(Pipeline):
         p_ref = refiner.prepare(request.replace(width=p.width, height=p.height, vae_encode="full"))
         steps, cfg_scale, rescale = int(request.steps), float(request.cfg_scale), float(request.guidance_rescale)
         strength = grid_strength(request) if p.init is not None else 1.0
-        grid = sampling.make_grid(p.sampler, steps, self.noise_schedule, p.schedule, self.scheduler_config, strength)
+        discard = discards_penultimate(p)
+        grid = sampling.make_grid(
+            p.sampler,
+            steps,
+            self.noise_schedule,
+            p.schedule,
+            self.scheduler_config,
+            strength,
+            discard_penultimate=discard,
+        )
         first = 0
         if p.init is not None:  # img2img: the base starts at the img2img's first step (A1111 switches on its schedule)
             first = img2img_start(grid.steps, float(request.strength), request.strength_rule, p.sampler)
@@ -247,13 +264,15 @@ class SDXLPipeline(Pipeline):
                 mask_blur=None,
                 resize_mode=init_resize_mode(request) if p.init is not None else None,
                 sampler_options=request.sampler_options,
-                strength_rule=request.strength_rule if p.init is not None else "diffusers",
+                strength_rule=request.strength_rule if p.init is not None or a1111_changes_run(p) else "diffusers",
                 sdxl=request.sdxl,
             )
             if p.init is not None and float(request.noise_multiplier) != 1.0:
                 row["Noise multiplier"] = float(request.noise_multiplier)  # A1111's field (img2img)
             if int(request.noise_seed_delta) and sampling.SAMPLERS[p.sampler].stochastic:
                 row["ENSD"] = int(request.noise_seed_delta)  # A1111's, written where the sampler draws noise
+            if request.discard_penultimate_sigma:  # A1111's, where its option (not the sampler) discarded
+                row["Discard penultimate sigma"] = True
             if p.init is not None and request.vae_encode == "tiny":
                 row["Tiny VAE encode"] = self.tiny_vae.name  # the init latent is the tiny encoder's
             # A1111's names for its refiner settings
@@ -306,6 +325,10 @@ class SDXLPipeline(Pipeline):
             noise = noise * float(request.noise_multiplier)
         if int(request.noise_seed_delta):  # A1111's ENSD: the per-step noise from seed + delta
             gen = torch.Generator("cpu").manual_seed(seed + int(request.noise_seed_delta))
+        brownian = None
+        if request.strength_rule in A1111_STRENGTH_RULES and p.sampler in sampling.BROWNIAN_SAMPLERS:
+            # A1111's SDE noise: the image's one Brownian tree over the whole grid, read by both models' steps
+            brownian = BrownianSpec.over([seed], grid.sigmas)
         common: dict[str, Any] = dict(
             sampler=p.sampler,
             steps=steps,
@@ -313,6 +336,8 @@ class SDXLPipeline(Pipeline):
             generators=[gen],
             sampler_options=dict(request.sampler_options or {}) or None,
             strength=strength,
+            discard_penultimate=discards_penultimate(p),
+            brownian=brownian,
         )
         x = sampling.sample(
             self.guided_denoiser(cfg_scale, uncond, rescale),

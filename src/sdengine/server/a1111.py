@@ -940,6 +940,8 @@ def install(app: FastAPI, services: Any) -> None:
             settings["face_restoration"] = True
         if not hires and found.get("strength_rule") == "a1111_fix_steps":  # sdengine's record of img2img_fix_steps
             settings["img2img_fix_steps"] = True
+        if found.get("discard_penultimate_sigma"):  # "Discard penultimate sigma", as A1111 maps it
+            settings["always_discard_next_to_last_sigma"] = True
         if "noise_seed_delta" in found:  # "ENSD", as A1111 maps it (only when the infotext has one: no default)
             settings["eta_noise_seed_delta"] = found["noise_seed_delta"]
         xl_options, xl_rest = infotext_sdxl(found.get("sdxl"))
@@ -1026,6 +1028,9 @@ def install(app: FastAPI, services: Any) -> None:
         )
         ensd = over.pop("eta_noise_seed_delta", options.get("eta_noise_seed_delta", 0))  # A1111's ENSD
         ensd = check_ensd(ensd)
+        discard = over.pop("always_discard_next_to_last_sigma", options.get("always_discard_next_to_last_sigma", False))
+        if not isinstance(discard, bool):
+            raise BadRequest(f"always_discard_next_to_last_sigma must be true or false, got {discard!r}")
         # A1111's img2img noise multiplier when the request gives none: this override, else the option (txt2img has
         # none: there an override of it stays listed as ignored)
         noise_mult = None
@@ -1100,6 +1105,8 @@ def install(app: FastAPI, services: Any) -> None:
             # A1111 draws the noise at that size only when both are above 0
             seed_resize_from=(resize_from[0], resize_from[1]) if min(resize_from) > 0 else None,
             noise_seed_delta=ensd,
+            # A1111's "Always discard next-to-last sigma" (its DPM2, DPM2 a, DPM++ 3M SDE discard anyway)
+            discard_penultimate_sigma=discard,
             **({} if noise_mult in (None, 1.0) else {"noise_multiplier": noise_mult}),
             # the units whose detected map the answer appends (the extension's), taken out by run()
             detect_maps=[] if no_detectmap else detect_maps,
@@ -1758,7 +1765,9 @@ def install(app: FastAPI, services: Any) -> None:
         ``CLIP_stop_at_last_layers`` sets their clip skip (A1111's: SD 1.x's CLIP only; ``sdxl_clip_l_skip``: SDXL's
         CLIP-L too), ``eta_noise_seed_delta`` their ENSD, ``initial_noise_multiplier`` img2img's noise multiplier,
         ``sd_vae_decode_method`` ("Full" or "TAESD") how their latents are decoded (TAESD: the model's tiny VAE),
-        ``sd_vae_encode_method`` how their init images are encoded. Other options are listed as ignored."""
+        ``sd_vae_encode_method`` how their init images are encoded, ``always_discard_next_to_last_sigma`` whether every
+        sampler's grid drops its next-to-last sigma (A1111's DPM2, DPM2 a and DPM++ 3M SDE always do). Other options
+        are listed as ignored."""
         changes, ignored = checked_options(body)  # every value checked before any is set: a refused one changes nothing
         options.update(changes)
         applied = list(changes)
@@ -1789,9 +1798,11 @@ def install(app: FastAPI, services: Any) -> None:
                 changes[k] = check_ensd(v)
             elif k == "initial_noise_multiplier":  # img2img's noise multiplier when a request gives none
                 changes[k] = check_noise_multiplier(v)
-            elif k == "img2img_fix_steps":  # img2img runs the steps asked (of a schedule of steps / strength)
+            elif k in ("img2img_fix_steps", "always_discard_next_to_last_sigma"):
+                # img2img runs the steps asked (of a schedule of steps / strength); every sampler's grid drops its
+                # next-to-last sigma
                 if not isinstance(v, bool):
-                    raise BadRequest("img2img_fix_steps must be true or false")
+                    raise BadRequest(f"{k} must be true or false")
                 changes[k] = v
             elif k in SDXL_OPTIONS:
                 changes[k] = sdxl_option(k, v)

@@ -150,6 +150,7 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
             "eta_noise_seed_delta": 0,  # A1111's ENSD
             "initial_noise_multiplier": 1.0,  # A1111's img2img noise multiplier
             "img2img_fix_steps": False,  # A1111's "With img2img, do exactly the amount of steps the slider specifies"
+            "always_discard_next_to_last_sigma": False,  # A1111's "Always discard next-to-last sigma"
         },
     )
 
@@ -778,12 +779,24 @@ def _native_routes(app: FastAPI, services: Services) -> None:
     @app.get("/v1/samplers", tags=["native"])
     def samplers() -> dict[str, Any]:
         from sdengine.diffusion import sampling
+        from sdengine.diffusion.schedules import A1111_GRID_SAMPLERS
 
         return {
             "samplers": [
-                {"name": s.name, "a1111": s.a1111, "schedules": list(s.schedules)} for s in sampling.SAMPLERS.values()
+                {
+                    "name": s.name,
+                    "a1111": s.a1111,
+                    "schedules": list(s.schedules),
+                    # what A1111's "Schedule type: Automatic" runs with it (the page reads A1111 PNGs by it)
+                    "a1111_automatic": sampling.resolve(s.name, "Automatic")[1],
+                    # whether A1111's step rules (strength_rule a1111) walk A1111's own grid (DDIM, PLMS)
+                    "a1111_grid": s.name in A1111_GRID_SAMPLERS,
+                }
+                for s in sampling.SAMPLERS.values()
             ],
             "schedules": list(sampling.ALL_SCHEDULES),
+            # each schedule's A1111 "Schedule type" label (two may share one: the first is A1111's reading)
+            "schedule_labels": {k: sampling.SCHEDULE_A1111[k] for k in sampling.ALL_SCHEDULES},
         }
 
     @app.get("/v1/loras", tags=["native"])

@@ -2,15 +2,19 @@
 
 What the ``openai`` client sends maps onto the pipeline this way:
 
-* ``n`` -> ``batch_size``; ``size`` ``"WxH"`` (``"auto"``/absent: the model's own size, for edits the input
-  image's size rounded down to a multiple of 8); ``response_format`` ``b64_json`` or ``url`` (the PNG in
-  the outputs folder, at ``/v1/images/NAME``, so ``url`` takes output_format png only); ``output_format`` png,
-  jpeg or webp for ``b64_json``, ``output_compression`` the JPEG/WebP quality (default 100, as OpenAI's);
-  ``quality``, ``style``, ``user``, ``background``, ``moderation``, ``safety_identifier``, ``complexity``,
-  ``input_fidelity`` have no effect but take only OpenAI's values, and ``background`` ``transparent`` is refused
-  (these models draw opaque images). A field a route does not read is refused (400, ``param`` the field), as
-  OpenAI refuses an unknown parameter; so are OpenAI's ``markup`` and the GIF/SVG fields. A field of the wrong
-  type or out of range is a 400 too (OpenAI's status; the native routes answer those 422).
+* ``n`` -> ``batch_size`` (1 to 10 as OpenAI's, at most ``--max-batch-size``); ``size`` ``"WxH"``
+  (``"auto"``/absent: the model's own size, for edits the input image's size rounded down to a multiple of 8);
+  ``response_format`` ``b64_json`` or ``url`` (the PNG in the outputs folder, at ``/v1/images/NAME``, so ``url``
+  takes output_format png only); ``output_format`` png, jpeg or webp (exactly: OpenAI refuses ``jpg``) for
+  ``b64_json``, ``output_compression`` the JPEG/WebP quality (default 100, as OpenAI's; with png only 100, as
+  OpenAI's); ``quality``, ``style``, ``user``, ``background``, ``moderation``, ``safety_identifier``,
+  ``complexity``, ``input_fidelity`` have no effect but take only OpenAI's values, and ``background``
+  ``transparent`` is refused (these models draw opaque images); edits take no ``style`` and no ``quality`` ``hd``
+  (nor do OpenAI's). A request naming one of OpenAI's GPT image models (``gpt-image-...``, ``chatgpt-image-...``) is
+  refused what those refuse: ``response_format``, ``style``, ``quality`` ``standard``/``hd`` (its retired DALL-E
+  models'). A field a route does not read is refused (400, ``param`` the field), as OpenAI refuses an unknown
+  parameter; so are OpenAI's ``markup`` and the GIF/SVG fields. A field of the wrong type or out of range is a 400
+  too (OpenAI's status; the native routes answer those 422).
 * ``edits``: one image (``image``, or the client's one-item list ``image[]``). Several are refused: OpenAI's GPT
   image models combine them into one new picture (the mask being the first image's), which img2img cannot.
   ``mask`` follows OpenAI: fully transparent pixels (alpha 0) are the part to repaint (a mask without one, which
@@ -55,7 +59,12 @@ from sdengine.server.security import decode_image
 
 # names apps hard-code: the server's current model answers
 OPENAI_MODEL_PREFIXES = ("dall-e", "gpt-image", "chatgpt-image")
-FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+# OpenAI's output_format values (exactly these: OpenAI refuses ``jpg`` and ``PNG``)
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+MAX_N = 10  # OpenAI's most images of one request (``n``); this server's --max-batch-size may lower it
+# the names of OpenAI's GPT image models, which refuse what only its retired DALL-E models took
+GPT_IMAGE_PREFIXES = ("gpt-image", "chatgpt-image")
+DALLE_ONLY = {"response_format": None, "style": None, "quality": ("standard", "hd")}
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 DISCONNECT_POLL_S = 0.5  # how often a waiting plain request looks whether its client is still there
 MAX_PROMPT = 32000  # OpenAI's limit for its GPT image models, on every route that takes a prompt
@@ -68,6 +77,8 @@ CHOICES = {
     "complexity": ("low", "medium", "high"),
     "input_fidelity": ("high", "low"),
 }
+# OpenAI's edits take no ``quality`` ``hd`` (a generations value of DALL-E 3's) and no ``style``
+EDIT_QUALITY = tuple(q for q in CHOICES["quality"] if q != "hd")
 # sdengine's own fields (the client's ``extra_body``)
 EXTENSIONS = ("seed", "steps", "negative_prompt", "cfg_scale", "sampler", "schedule")
 _SHARED = "model n size response_format output_format output_compression quality moderation style background user"
@@ -77,7 +88,8 @@ _SHARED = "model n size response_format output_format output_compression quality
 ROUTE_FIELDS: dict[str, tuple[str, ...]] = {
     "generations": ("prompt", *_SHARED.split(), "safety_identifier", "complexity", "stream", "partial_images")
     + EXTENSIONS,
-    "edits": ("image", "mask", "prompt", *_SHARED.split(), "safety_identifier", "complexity", "input_fidelity")
+    "edits": ("image", "mask", "prompt", *_SHARED.replace(" style", "").split())
+    + ("safety_identifier", "complexity", "input_fidelity")
     + ("stream", "partial_images", *EXTENSIONS, "strength"),
     "variations": ("image", "prompt", *_SHARED.split(), "safety_identifier", *EXTENSIONS, "strength"),
 }
@@ -94,7 +106,7 @@ class GenerationsRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     prompt: str = Field(..., max_length=MAX_PROMPT)
     model: str | None = None
-    n: int | None = Field(1, ge=1)  # at most --max-batch-size: checked (and documented) with that limit
+    n: int | None = Field(1, ge=1)  # at most 10 and --max-batch-size: checked (and documented) with that limit
     size: str | None = None
     response_format: str | None = "b64_json"
     output_format: str | None = "png"
@@ -200,10 +212,11 @@ def encode(image: Image.Image, fmt: str, compression: int | None = None) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def check_options(get: Any, of: str) -> int | None:
+def check_options(get: Any, of: str, route: str = "generations") -> int | None:
     """The OpenAI fields with fixed values (``get(name)`` reads one): unknown values and what these models cannot
     draw are refused, never answered with another image. Returns ``output_compression``."""
     for key, allowed in CHOICES.items():
+        allowed = EDIT_QUALITY if (route, key) == ("edits", "quality") else allowed
         value = get(key)
         if value not in (None, "") and value not in allowed:
             raise BadRequest(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
@@ -220,9 +233,30 @@ def check_options(get: Any, of: str) -> int | None:
         raise BadRequest(f"output_compression must be a whole number in [0, 100], got {raw!r}") from None
     if not 0 <= compression <= 100:
         raise BadRequest(f"output_compression must be in [0, 100], got {compression}")
-    if FORMATS[of] == "PNG":
-        raise BadRequest("output_compression is for output_format jpeg or webp (png is lossless)")
+    if FORMATS[of] == "PNG" and compression < 100:  # OpenAI takes 100 with png (lossless), refuses less
+        raise BadRequest(
+            f"output_compression {compression} is for output_format jpeg or webp: png is lossless (100 only)"
+        )
     return compression
+
+
+def check_gpt_image(get: Any) -> None:
+    """OpenAI's GPT image models (``model`` ``gpt-image-...``, ``chatgpt-image-...``) refuse the fields of its retired
+    DALL-E models: ``response_format`` (they always answer ``b64_json``), ``style``, and ``quality`` ``standard``
+    or ``hd``; so does this server when the request names one (``get(name)``: a field as sent, None when not)."""
+    model = str(get("model") or "")
+    if not model.lower().startswith(GPT_IMAGE_PREFIXES):
+        return
+    for key, values in DALLE_ONLY.items():
+        value = get(key)
+        if value in (None, "") or (values is not None and value not in values):
+            continue
+        what = f"{key} {value!r}" if values is not None else key
+        raise ParamError(
+            f"{what} is not taken with model {model!r} (OpenAI's GPT image models refuse it; it was DALL-E's): "
+            "leave it out, or name this server's model",
+            key,
+        )
 
 
 def openai_mask(mask: Image.Image) -> Image.Image:
@@ -265,14 +299,14 @@ def install(app: FastAPI, services: Any) -> None:
 
     def check_formats(response_format: str | None, output_format: str | None) -> tuple[str, str]:
         rf = response_format or "b64_json"
-        of = (output_format or "png").lower()
+        of = output_format or "png"
         if rf not in ("b64_json", "url"):
             raise BadRequest(f"response_format must be b64_json or url, got {rf!r}")
         if of not in FORMATS:
-            raise BadRequest(f"output_format must be png, jpeg or webp, got {of!r}")
+            raise BadRequest(f"output_format must be png, jpeg or webp, got {output_format!r}")
         if rf == "url" and FORMATS[of] != "PNG":  # the URL serves the saved file, which is a PNG
             raise BadRequest(f"response_format url serves the saved PNG: output_format {of} needs b64_json")
-        return rf, "jpeg" if of == "jpg" else of
+        return rf, of
 
     async def run_all(
         request: Request,
@@ -358,6 +392,7 @@ def install(app: FastAPI, services: Any) -> None:
     @openai_errors
     async def generations(req: GenerationsRequest, request: Request) -> Response:
         check_fields("generations", req.model_extra or {})
+        check_gpt_image(lambda key: getattr(req, key) if key in req.model_fields_set else None)
         rf, of = check_formats(req.response_format, req.output_format)
         compression = check_options(lambda key: getattr(req, key, None), of)
         check_prompt(req.prompt)
@@ -468,8 +503,10 @@ def install(app: FastAPI, services: Any) -> None:
     def images_per_request(n: int) -> int:
         """``n``, checked against the server's batch limit here so that the error names ``n``, not the
         ``batch_size`` it becomes."""
-        if not 1 <= n <= config.max_batch:
-            raise BadRequest(f"n must be in [1, {config.max_batch}] on this server, got {n}")
+        most = min(MAX_N, config.max_batch)
+        if not 1 <= n <= most:
+            where = "on this server" if most < MAX_N else "(OpenAI's limit)"
+            raise BadRequest(f"n must be in [1, {most}] {where}, got {n}")
         return n
 
     def number(fields: dict[str, str], key: str, kind: type, default: Any) -> Any:
@@ -520,8 +557,9 @@ def install(app: FastAPI, services: Any) -> None:
         """multipart: one ``image`` (or ``image[]``), optional ``mask`` (alpha 0 = edit), ``prompt``."""
         fields, files = await form_of(request)
         check_fields("edits", [*fields, *files])
+        check_gpt_image(fields.get)
         rf, of = check_formats(fields.get("response_format"), fields.get("output_format"))
-        compression = check_options(fields.get, of)
+        compression = check_options(fields.get, of, "edits")
         prompt = check_prompt(fields.get("prompt", ""))
         stream = flag(fields, "stream")
         partial = number(fields, "partial_images", int, 0)
@@ -569,6 +607,7 @@ def install(app: FastAPI, services: Any) -> None:
     async def variations(request: Request) -> Response:
         fields, files = await form_of(request)
         check_fields("variations", [*fields, *files])
+        check_gpt_image(fields.get)
         rf, of = check_formats(fields.get("response_format"), fields.get("output_format"))
         compression = check_options(fields.get, of)
         image = await one_image(files, "variations")
@@ -591,9 +630,14 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
         "mask": {**_BINARY, "description": "a PNG with alpha, the image's size: alpha 0 marks what to redraw"},
         "prompt": {"type": "string", "maxLength": MAX_PROMPT, "description": "not blank (edits, generations)"},
         "model": {"type": "string", "description": "a listed model, or an OpenAI name (the server's model)"},
-        "n": {"type": "integer", "minimum": 1, "maximum": config.max_batch, "default": 1},
+        "n": {"type": "integer", "minimum": 1, "maximum": min(MAX_N, config.max_batch), "default": 1},
         "size": {"type": "string", "pattern": r"^(\d{1,5}x\d{1,5}|auto)$", "default": "auto"},
-        "response_format": {"type": "string", "enum": ["b64_json", "url"], "default": "b64_json"},
+        "response_format": {
+            "type": "string",
+            "enum": ["b64_json", "url"],
+            "default": "b64_json",
+            "description": "refused with a gpt-image or chatgpt-image model, as OpenAI refuses it",
+        },
         "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"], "default": "png"},
         "output_compression": {"type": "integer", "minimum": 0, "maximum": 100, "default": 100},
         "stream": {"type": "boolean", "default": False, "description": "n 1, b64_json: a text/event-stream answer"},
@@ -610,6 +654,8 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
     }
     for key, allowed in CHOICES.items():  # transparent: refused, so not listed
         out[key] = {"type": "string", "enum": [v for v in allowed if v != "transparent"]}
+    out["style"]["description"] = "refused with a gpt-image or chatgpt-image model, as OpenAI refuses it"
+    out["quality"]["description"] = "standard and hd refused with a gpt-image or chatgpt-image model"
     return out
 
 
@@ -617,6 +663,8 @@ def request_schema(route: str, config: Any) -> dict[str, Any]:
     """The body ``route`` reads: exactly its fields (another is refused), ``prompt`` required where it is."""
     fields = field_schemas(config)
     props = {name: fields[name] for name in ROUTE_FIELDS[route]}
+    if route == "edits":
+        props["quality"] = {"type": "string", "enum": list(EDIT_QUALITY)}
     if route != "generations":  # the openai client sends a list of images as image[]
         props["image[]"] = {"type": "array", "items": _BINARY, "minItems": 1, "maxItems": 1}
     required = {"generations": ["prompt"], "edits": ["prompt"], "variations": []}[route]

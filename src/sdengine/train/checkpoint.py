@@ -70,12 +70,16 @@ def check_resumable(
     meta = state.get("meta") if isinstance(state, dict) else None
     checks = [(k, v, False) for k, v in (same or {}).items()]
     checks += [(k, v, True) for k, v in (trained_on or {}).items() if not force]
+
+    def said(flag: str, value: Any) -> str:  # None: the flag was not given (a run started without --init)
+        return f"with {flag} {value}" if value is not None else f"without {flag}"
+
     for key, (flag, value), can_force in checks:
         if isinstance(meta, dict) and key in meta and meta[key] != value:
-            also = f", or add --force-resume to continue it with {flag} {value}" if can_force else ""
+            also = f", or add --force-resume to continue it {said(flag, value)}" if can_force else ""
+            was, now = said(flag, meta[key]), value if value is not None else "without it"
             raise CheckpointError(
-                f"checkpoint {path} was trained with {flag} {meta[key]}, not {value}: resume with {flag} "
-                f"{meta[key]}, or train into another --out{also}"
+                f"checkpoint {path} was trained {was}, not {now}: resume {was}, or train into another --out{also}"
             )
 
 

@@ -184,11 +184,15 @@ def train_controlnet(
         "model_id": ("--model", model_identity(spec.model)),
         "condition": ("--condition", spec.condition),
     }
+    # what the run started from: on --resume the checkpoint's weights replace --init's, so another --init (or
+    # none, or one for a run that started from the U-Net copy) would be taken without effect: refused
+    init_id = model_identity(spec.controlnet_init) if spec.controlnet_init is not None else None
     ensure_new_run(
         out_dir,
         resume=resume,
         overwrite=overwrite,
         outputs=["controlnet", "samples"],
+        same={"init": ("--init", init_id)},
         data=spec.data,
         trained_on=trained_on,
         force_resume=force_resume,
@@ -284,6 +288,7 @@ def train_controlnet(
         "base": str(spec.model),
         "model_id": model_identity(spec.model),
         "condition": spec.condition,
+        "init": init_id,
         "controlnet_config": net.config.to_diffusers(),
         "images": len(data.paths),
         "cond_dropout": spec.cond_dropout,

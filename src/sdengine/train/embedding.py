@@ -112,7 +112,8 @@ def train_embedding(
         resume=resume,
         overwrite=overwrite,
         outputs=[file_name],
-        same={"name": ("--name", spec.name)},
+        # --init-text: the vectors' start, which a resumed run takes from the checkpoint instead
+        same={"name": ("--name", spec.name), "init_text": ("--init-text", spec.init_text)},
         data=spec.data,
         trained_on={"model_id": ("--model", model_identity(spec.model))},
         force_resume=force_resume,
@@ -176,6 +177,7 @@ def train_embedding(
         "model": spec.model,
         "model_id": model_identity(spec.model),
         "name": spec.name,
+        "init_text": spec.init_text,
         "vectors": spec.vectors,
     }
     try:

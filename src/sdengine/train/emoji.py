@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .. import distributed
 from ..data.emoji import CAPTION_TEMPLATES, EmojiDataset
 from ..diffusion.loss import DiffusionLoss
-from ..diffusion.schedules import NoiseSchedule
+from ..diffusion.schedules import SD_BETAS, NoiseSchedule
 from ..errors import UsageError
 from ..io.atomic import atomic_dir, atomic_write, write_text_atomic
 from ..models.unet import UNet, UNetConfig
@@ -89,9 +89,7 @@ EMOJI_UNET_TOKENS_ONLY = dataclasses.replace(EMOJI_UNET, projection_class_embedd
 SCHEDULER_CONFIG: dict[str, Any] = {
     "_class_name": "EulerDiscreteScheduler",
     "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
+    **SD_BETAS,
     "prediction_type": "epsilon",
     "timestep_spacing": "leading",
     "steps_offset": 1,

@@ -357,11 +357,15 @@ def train_tiny_vae(
     world = distributed.current_world()
     progress = progress and world.is_main
     out_dir = Path(out_dir)
+    kept_id = model_identity(spec.keep_decoder) if spec.keep_decoder is not None else None
     ensure_new_run(
         out_dir,
         resume=resume,
         overwrite=overwrite,
         outputs=OUTPUTS,
+        # the decoder a --keep-decoder run started beside (exported as it is): a resumed run with another, or none,
+        # would export a decoder its encoder was not trained with, or drop the one it trained
+        same={"keep_decoder": ("--keep-decoder", kept_id)},
         data=spec.data,
         trained_on={"model_id": ("--model", model_identity(spec.model))},
         force_resume=force_resume,
@@ -475,6 +479,7 @@ def train_tiny_vae(
         "model": str(spec.model),
         "model_id": model_identity(spec.model),
         "tiny_vae_config": tiny_cfg.to_diffusers(),
+        "keep_decoder": kept_id,
         "spec": asdict(spec),
     }
     result = train(

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..diffusion.schedules import SD_BETAS
 from .io import WeightsError
 from .keymaps import UNetLayout, VAELayout
 
@@ -334,9 +335,7 @@ def scheduler_config(family: Family, prediction_type: str) -> dict[str, Any]:
     return {
         "_class_name": "DDIMScheduler" if family == "sd2" else "PNDMScheduler",
         "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
+        **SD_BETAS,
         "trained_betas": None,
         "prediction_type": prediction_type,
         "set_alpha_to_one": False,

@@ -959,6 +959,11 @@ def convert(
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise WeightsError(f"{dst}: refusing to convert a checkpoint onto itself")
+    if config is not None and src.is_dir():  # it was read for single files only: ignored without a word
+        raise WeightsError(
+            f"{src}: --config is a single file's config (an LDM .yaml or a diffusers folder); a diffusers folder "
+            "carries its own configs: drop --config"
+        )
     ckpt = load_checkpoint(src, vae=vae, prediction_type=prediction_type, config=config)
     for comp, sd in ckpt.state_dicts.items():  # what loading would refuse, refused before anything is written
         factory = _model_factory(comp, ckpt.configs[comp])

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..diffusion.schedules import SD_BETAS
 from . import keymaps as km
 from .detect import clip_config_from_weights, unet_config_from_ldm, vae_config_from_ldm
 from .io import WeightsError
@@ -41,9 +42,7 @@ SDXL_VAE_SCALING_FACTOR = 0.13025  # sgm's scale_factor for SDXL's VAE
 SDXL_SCHEDULER: dict[str, Any] = {
     "_class_name": "EulerDiscreteScheduler",
     "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
+    **SD_BETAS,
     "trained_betas": None,
     "prediction_type": "epsilon",
     "steps_offset": 1,

@@ -63,7 +63,7 @@ SAMPLER_NAMES = {
     "dpmpp_2s_ancestral": "dpmpp_2s_a",
     "dpmpp_2s_ancestral_cfg_pp": "dpmpp_2s_a_cfg_pp",
     "dpmpp_3m_sde": "dpmpp_3m_sde",
-    # ComfyUI's _gpu forms differ by where their Brownian tree draws; here every SDE's noise is the rows' generators
+    # ComfyUI's _gpu forms differ by where their Brownian tree draws (the CUDA generator); here it draws on the CPU
     "dpmpp_sde_gpu": "dpmpp_sde",
     "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
     "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
@@ -82,6 +82,9 @@ SAMPLER_NAMES = {
     "uni_pc": "unipc",
     "uni_pc_bh2": "unipc",  # both sdengine's UniPC, of order 3 as ComfyUI's; uni_pc is the bh1 variant
 }
+# The samplers ComfyUI's KSampler (and KSamplerAdvanced) runs on a grid made for one step more without its
+# next-to-last sigma (its KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS; BasicScheduler's SIGMAS keep it).
+DISCARD_PENULTIMATE_SAMPLERS = ("dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2")
 # The options ComfyUI's KSampler runs a sampler with where they differ from sdengine's defaults (A1111's): its DPM
 # fast / adaptive are k-diffusion's with eta 0 (deterministic), A1111 passes its ancestral eta, 1; its UniPC is of
 # order 3, B(h) = -h ("bh1") under uni_pc and e^-h - 1 (diffusers' default, "bh2") under uni_pc_bh2.
@@ -908,6 +911,7 @@ def _sample(
     denoise: float = 1.0,
     last_denoised: list[torch.Tensor] | None = None,
     options: tuple[tuple[str, float], ...] = (),
+    discard_penultimate: bool | None = None,
     **window: Any,
 ) -> tuple[Any]:
     from sdengine.latent_sampling import sample_latents
@@ -943,6 +947,10 @@ def _sample(
         callback=report,
         batch_index=latent_image.get("batch_index"),
         sampler_options={**SAMPLER_OPTIONS.get(sampler_name, {}), **dict(options)} or None,
+        # KSampler's rule unless told (SamplerCustom walks BasicScheduler's SIGMAS as they are)
+        discard_penultimate_sigma=sampler_name in DISCARD_PENULTIMATE_SAMPLERS
+        if discard_penultimate is None
+        else discard_penultimate,
         **window,
     )
     from sdengine.pipeline.finite import require_finite
@@ -1280,6 +1288,7 @@ def sampler_custom(
     common: dict[str, Any] = dict(
         model=model, seed=int(noise_seed), cfg=cfg, sampler_name=sampler.name, positive=positive,
         negative=negative, latent_image=latent_image, last_denoised=last, options=sampler.options,
+        discard_penultimate=False,
     )  # fmt: skip
     plan = _plan_for(sigmas, model)
     if plan is not None and (plan.lo, plan.hi) == (0, plan.n):

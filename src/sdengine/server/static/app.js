@@ -14,20 +14,22 @@ const QUEUE_POLL_MS = 2000; // how often a queued job's place in the queue is as
 const READY_RETRY_MS = 2000; // a page opened while the server was away asks for its lists again this often
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
   "height", "batch_size", "clip_skip", "vae_decode", "vae_encode", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
-  "cn-weight", "cn-start", "cn-end", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength", "seed_resize_w", "seed_resize_h",
-  "strength_rule", "clip_skip_rule"];
+  "cn-weight", "cn-start", "cn-end", "cn-rule", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength", "hr-resize-x", "hr-resize-y", "hr-sampler",
+  "hr-schedule", "hr-prompt", "hr-negative-prompt", "seed_resize_w", "seed_resize_h",
+  "strength_rule", "clip_skip_rule", "noise_multiplier", "masked_content"];
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform", simple: "Simple", ddim_uniform: "DDIM uniform", beta: "Beta", kl_optimal: "KL Optimal",
   align_your_steps: "Align Your Steps (SDXL's table on SDXL)", align_your_steps_sdxl: "Align Your Steps, SDXL table",
-  uniform: "Uniform", polyexponential: "Polyexponential" };
-// A1111's "Schedule type" labels (lower case); "Align Your Steps" is the model's own table, as in A1111
+  uniform: "Uniform", polyexponential: "Polyexponential", linear_quadratic: "Linear Quadratic" };
+// A1111's "Schedule type" labels (lower case) of its combined sampler names ("DPM++ 2M Karras") and of a server
+// too old to list them (GET /v1/samplers' schedule_labels); "Align Your Steps" is the model's own table, as in A1111
 const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras", exponential: "exponential",
   "sgm uniform": "sgm_uniform", sgmuniform: "sgm_uniform", simple: "simple", ddim: "ddim_uniform", beta: "beta",
   "kl optimal": "kl_optimal", "align your steps": "align_your_steps", uniform: "uniform",
   polyexponential: "polyexponential" };
 
 const state = {
-  samplers: [], sizes: {}, loras: [], embeddings: [], activePrompt: "prompt", tiny: {}, tinyEncoder: {}, model: null,
+  samplers: [], scheduleLabels: {}, styles: [], sizes: {}, loras: [], embeddings: [], activePrompt: "prompt", tiny: {}, tinyEncoder: {}, model: null,
   lastSeed: null, jobId: null, running: false,
   cancelAsked: false, jobDone: false, jobStep: 0,
   initBlob: null, controlBlob: null, galleryOffset: 0, galleryTotal: 0, resultUrls: [], galleryUrls: [],
@@ -102,7 +104,10 @@ function nestedInput(loc) {
 }
 
 const HR_INPUTS = { hr_scale: ["hr-scale", "Hires upscale by"], hr_upscaler: ["hr-upscaler", "Hires upscaler"],
-  hr_second_pass_steps: ["hr-steps", "Hires steps"] };
+  hr_second_pass_steps: ["hr-steps", "Hires steps"], hr_resize_x: ["hr-resize-x", "Hires resize width"],
+  hr_resize_y: ["hr-resize-y", "Hires resize height"], hr_sampler: ["hr-sampler", "Hires sampler"],
+  hr_schedule: ["hr-schedule", "Hires schedule"], hr_prompt: ["hr-prompt", "Hires prompt"],
+  hr_negative_prompt: ["hr-negative-prompt", "Hires negative prompt"] };
 const SEED_RESIZE_INPUTS = [["seed_resize_w", "Resize seed from width"], ["seed_resize_h", "Resize seed from height"]];
 const hiresUsed = () => $("hr-enabled").checked && $("mode").value === "txt2img";
 
@@ -250,8 +255,12 @@ function showError(field, message, inputId = null) {
 
 function showApiError(e) {
   const message = e instanceof Error ? e.message : String(e);
-  // e.field may name the input itself (cn-low, lora-weight-0) where the message box is its section's
-  showError(fieldOf(message, e.field), message, e.field);
+  // e.field may name the input itself (cn-low, lora-weight-0) where the message box is its section's; a server's
+  // "hr_resize_x must be ..." names the hires fix's input (it was said in the section with no input marked)
+  let input = e.field;
+  const hr = !input && /\b(hr_[a-z_]+)\b/.exec(message);
+  if (hr && HR_INPUTS[hr[1]]) input = HR_INPUTS[hr[1]][0];
+  showError(fieldOf(message, input), message, input);
 }
 
 // ------------------------------------------------------------------------------------ pickers
@@ -268,7 +277,7 @@ function fillSchedules() {
   const keep = select.value;
   const spec = state.samplers.find((s) => s.name === $("sampler").value);
   select.replaceChildren();
-  for (const s of spec ? spec.schedules : ["normal"]) option(select, s, SCHEDULE_LABELS[s] || s);
+  for (const s of spec ? spec.schedules : ["normal"]) option(select, s, SCHEDULE_LABELS[s] || state.scheduleLabels[s] || s);
   if ([...select.options].some((o) => o.value === keep)) select.value = keep;
   else if ([...select.options].some((o) => o.value === "karras")) select.value = "karras";
 }
@@ -354,6 +363,92 @@ function markEmbeddings() {
   }
 }
 
+// ------------------------------------------------------------------------------------- styles
+// A1111's prompt styles (serve --styles-file, listed by GET /sdapi/v1/prompt-styles): the ticked ones are merged into
+// the prompts of the job sent, in the file's order, as A1111's apply_styles_to_prompt (sdengine.prompts.apply_styles),
+// and taken out of a reused infotext's prompts again, ticked, as A1111's "Apply if any" does.
+
+async function loadStyles() {
+  $("err-styles").textContent = "";
+  let answer;
+  try {
+    answer = await getJSON("/sdapi/v1/prompt-styles");
+  } catch (e) {
+    showError("styles", `styles: ${e.message}`);
+    return;
+  }
+  state.styles = Array.isArray(answer) ? answer : [];
+  const list = $("style-list");
+  list.replaceChildren();
+  state.styles.forEach((st, i) => {
+    const label = document.createElement("label");
+    label.className = "inline";
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.id = `style-use-${i}`;
+    box.addEventListener("change", saveSettings);
+    label.title = [st.prompt, st.negative_prompt && `negative: ${st.negative_prompt}`].filter(Boolean).join("\n");
+    label.append(box, ` ${st.name}`);
+    list.append(label);
+  });
+  $("styles-box").hidden = !state.styles.length;
+}
+
+function tickStyles(names) {
+  state.styles.forEach((st, i) => { $(`style-use-${i}`).checked = names.includes(st.name); });
+}
+
+function chosenStyles() {
+  return state.styles.filter((st, i) => $(`style-use-${i}`)?.checked);
+}
+
+/** A1111's merge_prompts: a style text with {prompt} takes the prompt in its place, any other is appended. */
+function mergeStyle(styleText, prompt) {
+  if (styleText.includes("{prompt}")) return styleText.split("{prompt}").join(prompt);
+  return [prompt.trim(), styleText.trim()].filter(Boolean).join(", ");
+}
+
+/** A1111's extract_style_text_from_prompt: [whether the prompt holds the style text, the prompt without it]. */
+function extractStyleText(styleText, prompt) {
+  const p = prompt.trim().replace(/ {2,}/g, " ");
+  const st = styleText.trim().replace(/ {2,}/g, " ");
+  if (st.includes("{prompt}")) {
+    const [left, right] = st.split("{prompt}");
+    if (p.startsWith(left) && p.endsWith(right) && p.length >= left.length + right.length) {
+      return [true, p.slice(left.length, p.length - right.length)];
+    }
+    return [false, prompt];
+  }
+  if (p.endsWith(st)) {
+    let rest = p.slice(0, p.length - st.length);
+    if (rest.endsWith(", ")) rest = rest.slice(0, -2);
+    return [true, rest];
+  }
+  return [false, prompt];
+}
+
+/** A1111's extract_styles_from_prompt: the styles an infotext's prompts were made with, and the prompts without. */
+function extractStyles(prompt, negative) {
+  const found = [];
+  const left = [...state.styles];
+  for (;;) {
+    const k = left.findIndex((st) => {
+      if (!st.prompt && !st.negative_prompt) return false;
+      const [okP, p] = extractStyleText(st.prompt || "", prompt);
+      if (!okP) return false;
+      const [okN, n] = extractStyleText(st.negative_prompt || "", negative);
+      if (!okN) return false;
+      prompt = p;
+      negative = n;
+      return true;
+    });
+    if (k < 0) break;
+    found.push(left[k].name);
+    left.splice(k, 1);
+  }
+  return { names: found.reverse(), prompt, negative };
+}
+
 /** The server's embeddings (A1111's GET /sdapi/v1/embeddings: the folder of --embeddings-dir, read as asked). */
 async function loadEmbeddings() {
   $("err-embeddings").textContent = "";
@@ -401,9 +496,19 @@ async function loadPickers() {
   const current = models.data.find((m) => m.current);
   if (current) model.value = current.id;
   state.samplers = samplers.samplers;
+  state.scheduleLabels = samplers.schedule_labels || {};
   const sampler = $("sampler");
   sampler.replaceChildren();
   for (const s of state.samplers) option(sampler, s.name, s.a1111);
+  // the hires fix's own sampler and schedule ("" = the job's), every one the server has
+  const hrSampler = $("hr-sampler");
+  hrSampler.replaceChildren();
+  option(hrSampler, "", "Use the same sampler");
+  for (const s of state.samplers) option(hrSampler, s.name, s.a1111);
+  const hrSchedule = $("hr-schedule");
+  hrSchedule.replaceChildren();
+  option(hrSchedule, "", "Use the same schedule");
+  for (const s of samplers.schedules || []) option(hrSchedule, s, SCHEDULE_LABELS[s] || state.scheduleLabels[s] || s);
   sampler.value = state.samplers.some((s) => s.name === "dpmpp_2m") ? "dpmpp_2m" : state.samplers[0]?.name;
   fillSchedules();
   const size = sizeOf(model.value);
@@ -412,6 +517,7 @@ async function loadPickers() {
   state.loras = loras.loras;
   renderLoras();
   loadEmbeddings(); // not awaited: the page works without its list (an error is said in its section)
+  await loadStyles(); // awaited (before the saved settings tick their boxes); an error is said in its place
   const cn = $("cn-model");
   cn.replaceChildren();
   for (const c of controlnets.controlnets) option(cn, c.name);
@@ -437,6 +543,7 @@ function saveSettings(event) {
   s.cnEnabled = $("cn-enabled").checked;
   s.hrEnabled = $("hr-enabled").checked;
   s.tiling = $("tiling").checked;
+  s.styles = chosenStyles().map((st) => st.name);
   s.loras = Object.fromEntries(state.loras.map((l, i) => [l.name,
     { use: $(`lora-use-${i}`).checked, weight: $(`lora-weight-${i}`).value }]));
   try { localStorage.setItem(SETTINGS_KEY, JSON.stringify(s)); } catch (e) { /* storage full or off */ }
@@ -466,6 +573,7 @@ function restoreSettings() {
   $("cn-enabled").checked = !!s.cnEnabled;
   $("hr-enabled").checked = !!s.hrEnabled;
   if (!editedEarly.has("tiling")) $("tiling").checked = !!s.tiling;
+  if (Array.isArray(s.styles)) tickStyles(s.styles);
   state.loras.forEach((l, i) => {
     const saved = s.loras?.[l.name];
     if (saved) {
@@ -490,6 +598,27 @@ function samplerFromA1111(name) {
   return null;
 }
 
+/** Whether A1111's step rules make this sampler walk A1111's own grid (DDIM, PLMS: GET /v1/samplers' a1111_grid). */
+function gridSampler(name) {
+  return Boolean(state.samplers.find((s) => s.name === name)?.a1111_grid);
+}
+
+/** Our schedule for an infotext's "Schedule type" (A1111's label or our name), as sdengine.diffusion.sampling.resolve
+ * reads it: "Automatic" is what A1111 runs with the sampler (its combined name's own schedule first), a label two
+ * schedules share is the first's; null for a name this server does not know. */
+function scheduleFromA1111(label, sampler) {
+  const key = label.trim().toLowerCase();
+  if (key === "automatic") {
+    if (sampler && sampler.schedule) return sampler.schedule;
+    const spec = sampler && state.samplers.find((s) => s.name === sampler.sampler);
+    return (spec && spec.a1111_automatic) || "normal";
+  }
+  for (const [name, a1111] of Object.entries(state.scheduleLabels)) {
+    if (name === key || a1111.toLowerCase() === key) return name;
+  }
+  return A1111_SCHEDULES[key] ?? null;
+}
+
 /** Fill the form from an A1111/sdengine infotext; the names of the fields that were set. */
 function applyInfotext(text) {
   const p = parseInfotext(text);
@@ -500,6 +629,14 @@ function applyInfotext(text) {
     if (ok) set.push(id);
     return ok;
   };
+  // The prompts without the server's styles they hold, those styles ticked (A1111's "Apply if any"), so that they
+  // are not merged in a second time.
+  const styled = extractStyles(p.prompt, p.negative_prompt);
+  if (styled.names.length) {
+    p.prompt = styled.prompt;
+    p.negative_prompt = styled.negative;
+  }
+  tickStyles(styled.names);
   put("prompt", p.prompt);
   put("negative_prompt", p.negative_prompt);
   if (f.Steps) put("steps", parseInt(f.Steps, 10));
@@ -513,13 +650,20 @@ function applyInfotext(text) {
       put("schedule", s.schedule || "normal");
     }
   }
-  if (f["Schedule type"]) put("schedule", A1111_SCHEDULES[f["Schedule type"].toLowerCase()]);
+  if (f["Schedule type"]) {
+    const schedule = scheduleFromA1111(f["Schedule type"], f.Sampler ? samplerFromA1111(f.Sampler) : null);
+    if (!put("schedule", schedule)) missing.push(`schedule type ${f["Schedule type"]}`);
+  }
   if (f["CFG scale"]) put("cfg_scale", parseFloat(f["CFG scale"]));
   if (f.Seed) put("seed", f.Seed);
   const size = /^(\d+)x(\d+)$/.exec(f.Size || "");
   if (size) { put("width", size[1]); put("height", size[2]); }
   if (f["Denoising strength"]) put("strength", parseFloat(f["Denoising strength"]));
   if (f["Mask blur"]) put("mask_blur", parseFloat(f["Mask blur"]));
+  // A1111's img2img noise multiplier and sdengine's "Masked content": as the image has them, else the defaults
+  put("noise_multiplier", f["Noise multiplier"] ? parseFloat(f["Noise multiplier"]) : 1);
+  const masked = (f["Masked content"] || "original").trim();
+  if (!put("masked_content", masked)) missing.push(`masked content ${masked}`);
   put("clip_skip", f["Clip skip"] ? parseInt(f["Clip skip"], 10) : 1); // A1111 writes it only when > 1
   put("vae_decode", f["Tiny VAE"] ? "tiny" : "full"); // sdengine names the tiny VAE when it decoded
   put("vae_encode", f["Tiny VAE encode"] ? "tiny" : "full"); // and when it encoded the init image
@@ -534,18 +678,43 @@ function applyInfotext(text) {
   // An image sdengine did not make (A1111's, Forge's) has A1111's strength and Clip skip meanings, as --from-png
   // reads it; sdengine's own have sdengine's unless their "Strength rule" / "Clip skip rule" say otherwise.
   const own = /^sdengine/.test((f.Version || "").trim());
-  const rule = (f["Strength rule"] || (own || !f["Denoising strength"] ? "diffusers" : "a1111")).trim();
+  // (A1111 counts its img2img / hires steps its own way and walks its own DDIM / PLMS grid, txt2img too)
+  const a1111Steps = !own && (f["Denoising strength"] || gridSampler(f.Sampler && samplerFromA1111(f.Sampler)?.sampler));
+  const rule = (f["Strength rule"] || (a1111Steps ? "a1111" : "diffusers")).trim();
   if (!put("strength_rule", rule)) missing.push(`strength rule ${rule}`);
   const clipRule = (f["Clip skip rule"] || (own || !f["Clip skip"] ? "sdengine" : "a1111")).trim();
   if (!put("clip_skip_rule", clipRule)) missing.push(`clip skip rule ${clipRule}`);
   if (f.Model && !put("model", f.Model)) missing.push(`model ${f.Model}`);
   applyHires(f, put, missing);
+  applyControlNet(f, put, missing);
   // The infotext's prompt carries its LoRAs as <lora:NAME:W> tags: a ticked box would add them a second time
   // (twice the weight).
   state.loras.forEach((l, i) => { $(`lora-use-${i}`).checked = false; });
   markEmbeddings();
   saveSettings();
   return { set, missing };
+}
+
+/** The ControlNet of an infotext (sdengine's and A1111's "ControlNet 0: "Model: NAME [hash], Weight: w, Guidance
+ * Start: s, Guidance End: e, Module: m"", and sdengine's "ControlNet step rule", as --from-png reads them): ticked
+ * with its settings (the control image is not in the infotext: the one picked stays), or unticked for an image
+ * made without one. What this page cannot set is said: a model or preprocessor this server lacks, a second unit. */
+function applyControlNet(f, put, missing) {
+  const keys = Object.keys(f).filter((k) => /^ControlNet \d+$/.test(k)).sort((a, b) => parseInt(a.slice(11), 10)
+    - parseInt(b.slice(11), 10));
+  $("cn-enabled").checked = keys.length > 0;
+  if (!keys.length) return;
+  const unit = {};
+  for (const m of String(f[keys[0]]).matchAll(/\s*([^:,]+):\s*([^,]*)/g)) unit[m[1].trim()] = m[2].trim();
+  const model = (unit.Model || "").replace(/\s*\[[0-9a-fA-F]+\]$/, "");
+  if (!put("cn-model", model)) missing.push(`ControlNet ${model}`);
+  put("cn-weight", unit.Weight !== undefined ? parseFloat(unit.Weight) : 1);
+  put("cn-start", unit["Guidance Start"] !== undefined ? parseFloat(unit["Guidance Start"]) : 0);
+  put("cn-end", unit["Guidance End"] !== undefined ? parseFloat(unit["Guidance End"]) : 1);
+  if (unit.Module && !put("cn-pre", unit.Module)) missing.push(`ControlNet preprocessor ${unit.Module}`);
+  const rule = (f["ControlNet step rule"] || "diffusers").split(",")[0].trim();
+  if (!put("cn-rule", rule)) missing.push(`ControlNet step rule ${rule}`);
+  for (const k of keys.slice(1)) missing.push(`${k} (this page runs one ControlNet)`);
 }
 
 /** The hires fix of an infotext ("Hires upscale", "Hires steps", "Hires upscaler"; A1111's names): ticked
@@ -559,8 +728,38 @@ function applyHires(f, put, missing) {
   const upscaler = f["Hires upscaler"] || "Latent";
   if (!put("hr-upscaler", upscaler)) missing.push(`hires upscaler ${upscaler}`);
   if (f["Denoising strength"]) put("hr-strength", parseFloat(f["Denoising strength"]));
+  // As sdengine.metadata.hires_kwargs reads them; an image without one has the job's (sampler, prompts) or the scale
+  const resize = /^(\d+)x(\d+)$/.exec((f["Hires resize"] || "").trim());
+  if (f["Hires resize"] && !resize) missing.push(`Hires resize ${f["Hires resize"]}`);
+  put("hr-resize-x", resize ? resize[1] : 0);
+  put("hr-resize-y", resize ? resize[2] : 0);
+  const sampler = f["Hires sampler"] ? samplerFromA1111(f["Hires sampler"]) : null;
+  if (f["Hires sampler"] && !sampler) missing.push(`Hires sampler ${f["Hires sampler"]}`);
+  put("hr-sampler", sampler ? sampler.sampler : "");
+  let schedule = sampler?.schedule || "";
+  if (f["Hires schedule type"]) {
+    schedule = scheduleFromA1111(f["Hires schedule type"], sampler || (f.Sampler ? samplerFromA1111(f.Sampler) : null));
+    if (!schedule) missing.push(`Hires schedule type ${f["Hires schedule type"]}`);
+  }
+  put("hr-schedule", schedule || "");
+  // its own prompts hold the styles the prompts held (merged into both): taken out as well where they all are
+  const styles = chosenStyles();
+  let [hrPrompt, hrNegative] = [f["Hires prompt"] || "", f["Hires negative prompt"] || ""];
+  let all = true;
+  let [p, n] = [hrPrompt, hrNegative];
+  for (const st of [...styles].reverse()) {
+    const [okP, p2] = p ? extractStyleText(st.prompt || "", p) : [true, p];
+    const [okN, n2] = n ? extractStyleText(st.negative_prompt || "", n) : [true, n];
+    if (!okP || !okN) { all = false; break; }
+    [p, n] = [p2, n2];
+  }
+  if (all) [hrPrompt, hrNegative] = [p, n];
+  put("hr-prompt", hrPrompt);
+  put("hr-negative-prompt", hrNegative);
+  const known = ["Hires upscale", "Hires steps", "Hires upscaler", "Hires resize", "Hires sampler",
+    "Hires schedule type", "Hires prompt", "Hires negative prompt"];
   for (const k of keys) {
-    if (!["Hires upscale", "Hires steps", "Hires upscaler"].includes(k)) missing.push(`${k} ${f[k]}`);
+    if (!known.includes(k)) missing.push(`${k} ${f[k]}`);
   }
 }
 
@@ -578,6 +777,8 @@ function updateMode() {
   const inpaint = mode === "inpaint";
   $("mask-tools").hidden = !inpaint;
   $("mask_blur").closest(".field").hidden = !inpaint;
+  $("masked_content").closest(".field").hidden = !inpaint;
+  $("noise_multiplier").closest(".field").hidden = mode === "txt2img";
   $("mask-canvas").hidden = !inpaint;
   $("strength").closest(".field").hidden = mode === "txt2img";
   $("vae_encode").closest(".field").hidden = mode === "txt2img"; // only an init image is encoded
@@ -586,7 +787,9 @@ function updateMode() {
   $("init-stage").hidden = mode === "txt2img" || !state.initBlob || !$("init-preview").naturalWidth;
 }
 
-function setInitImage(blob, mode) {
+/** The init image (a picked or dropped file, or a result sent here); ``sendSize``: the width and height become
+ * the image's (snapped to the model's multiple). */
+function setInitImage(blob, mode, sendSize = false) {
   state.initBlob = blob;
   $("err-init_image").textContent = ""; // an earlier file's "not an image" is over
   URL.revokeObjectURL($("init-preview").src);
@@ -594,6 +797,13 @@ function setInitImage(blob, mode) {
   const img = $("init-preview");
   img.onload = () => {
     painter.reset(img.naturalWidth, img.naturalHeight);
+    if (sendSize) {
+      $("width").value = img.naturalWidth;
+      $("height").value = img.naturalHeight;
+      snap($("width"));
+      snap($("height"));
+      saveSettings();
+    }
     $("init-stage").hidden = $("mode").value === "txt2img";
     $("init-stage").scrollIntoView({ block: "nearest" });
   };
@@ -669,9 +879,14 @@ function seedResizeFrom() {
 }
 
 async function buildRequest() {
+  let [prompt, negative] = [$("prompt").value, $("negative_prompt").value];
+  for (const st of chosenStyles()) {
+    prompt = mergeStyle(st.prompt || "", prompt);
+    negative = mergeStyle(st.negative_prompt || "", negative);
+  }
   const body = {
-    prompt: $("prompt").value,
-    negative_prompt: $("negative_prompt").value,
+    prompt,
+    negative_prompt: negative,
     model: $("model").value || null,
     sampler: $("sampler").value,
     schedule: $("schedule").value,
@@ -701,20 +916,36 @@ async function buildRequest() {
     body.hires = {
       hr_scale: number("hr-scale", "Hires upscale by", false), hr_upscaler: $("hr-upscaler").value,
       hr_second_pass_steps: number("hr-steps", "Hires steps", true),
+      hr_resize_x: number("hr-resize-x", "Hires resize width", true),
+      hr_resize_y: number("hr-resize-y", "Hires resize height", true),
+      hr_sampler: $("hr-sampler").value || null, hr_schedule: $("hr-schedule").value || null,
+      hr_prompt: $("hr-prompt").value, hr_negative_prompt: $("hr-negative-prompt").value,
     };
+    // the styles reach the hires fix's own prompts too, where given (A1111's: "" stays the job's prompt)
+    for (const st of chosenStyles()) {
+      if (body.hires.hr_prompt) body.hires.hr_prompt = mergeStyle(st.prompt || "", body.hires.hr_prompt);
+      if (body.hires.hr_negative_prompt) {
+        body.hires.hr_negative_prompt = mergeStyle(st.negative_prompt || "", body.hires.hr_negative_prompt);
+      }
+    }
   }
   if (mode !== "txt2img") {
     if (!state.initBlob) throw new ApiError(400, "pick or drop an init image, or choose text to image", "init_image");
     body.strength = number("strength", "Strength", false);
     body.vae_encode = $("vae_encode").value;
+    const multiplier = number("noise_multiplier", "Noise multiplier", false);
+    if (multiplier !== 1) body.noise_multiplier = multiplier; // A1111's default: not sent, as the API's
     body.init_image = await upload(state.initBlob, "init_image");
     if (mode === "inpaint") {
       if (!painter.painted) throw new ApiError(400, "paint the area to repaint on the image first", "mask");
       body.mask = await upload(await painter.toBlob(), "mask");
       body.mask_blur = number("mask_blur", "Mask blur", false);
+      if ($("masked_content").value !== "original") body.masked_content = $("masked_content").value;
     }
   }
-  if (body.strength !== undefined) body.strength_rule = $("strength_rule").value; // img2img and the hires fix
+  // img2img and the hires fix count their steps by it, and DDIM / PLMS walk A1111's own grid under A1111's rules
+  // (text to image too); not sent where it changes nothing (it would be written into the image's parameters)
+  if (body.strength !== undefined || gridSampler(body.sampler)) body.strength_rule = $("strength_rule").value;
   if ($("cn-enabled").checked) {
     if (!$("cn-model").value) throw new ApiError(400, "this server has no ControlNet", "controlnet");
     if (!state.controlBlob) throw new ApiError(400, "ControlNet: pick or drop a control image", "controlnet");
@@ -722,6 +953,7 @@ async function buildRequest() {
       model: $("cn-model").value, image: await upload(state.controlBlob, "controlnet"), ...cnOptions(),
       weight: number("cn-weight", "ControlNet weight", false), start: number("cn-start", "ControlNet start", false),
       end: number("cn-end", "ControlNet end", false),
+      ...($("cn-rule").value !== "diffusers" ? { rule: $("cn-rule").value } : {}),
     }];
   }
   body.loras = state.loras.flatMap((l, i) => ($(`lora-use-${i}`).checked
@@ -994,8 +1226,9 @@ async function showResults(items) {
     const actions = document.createElement("div");
     actions.className = "row";
     actions.append(
-      button("Send to img2img", () => { setInitImage(blob, "img2img"); $("img2img-section").scrollIntoView(); }),
-      button("Send to inpaint", () => { setInitImage(blob, "inpaint"); $("img2img-section").scrollIntoView(); }),
+      // with its size, as A1111's send_size (default on): a hires result was once sent to the first pass's size
+      button("Send to img2img", () => { setInitImage(blob, "img2img", true); $("img2img-section").scrollIntoView(); }),
+      button("Send to inpaint", () => { setInitImage(blob, "inpaint", true); $("img2img-section").scrollIntoView(); }),
       button("Reuse parameters", () => { if (item.parameters) applyInfotext(item.parameters); }),
     );
     const a = document.createElement("a");
