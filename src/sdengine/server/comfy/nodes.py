@@ -1205,8 +1205,7 @@ def sampler_dpmpp_2s_ancestral(ctx: RunContext, eta: float, s_noise: float) -> t
 
 
 def sampler_dpmpp_sde(ctx: RunContext, eta: float, s_noise: float, r: float, noise_device: str) -> tuple[Any]:
-    # noise_device: sdengine draws the noise from the seed's row generators on the CPU either way (as KSampler's
-    # dpmpp_sde and dpmpp_sde_gpu)
+    # noise_device: sdengine draws the noise on the CPU either way (as KSampler's dpmpp_sde and dpmpp_sde_gpu)
     return _sampler_with("dpmpp_sde", {"eta": eta, "s_noise": s_noise}, {"r": (r, 0.5)})
 
 
