@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -73,6 +73,29 @@ class TextCondition:
 
     cond: dict[str, Tensor]
     controls: tuple[ControlHint, ...] = field(default_factory=tuple)
+    # ComfyUI's regional conditioning (ConditioningSetArea / ...Percentage / ...Strength / ConditioningSetMask):
+    # ``area`` ("pixels", h, w, y, x) in image pixels (floored to latent pixels as ComfyUI's // 8), (h, w, y, x) in
+    # latent pixels, or ("percentage", h, w, y, x) in fractions of the latent's sides;
+    # ``strength`` the entry's weight; ``mask`` (B, H, W) or (H, W) at any size (resized to the latent),
+    # scaled by ``mask_strength``; ``mask_bounds``: the area becomes the mask's bounding box (at least 8 x 8)
+    area: tuple[Any, ...] | None = None
+    strength: float = 1.0
+    mask: Tensor | None = None
+    mask_strength: float = 1.0
+    mask_bounds: bool = False
+    # ComfyUI's ConditioningSetTimestepRange: the entry weighs in at a model call whose sigma lies between the
+    # schedule's sigmas at these percents of the denoising (0: the start, 1: the end), bounds included
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    # the width of the pooled text at the head of a ``vector`` made when encoding (CLIPTextEncodeSDXL's), so that
+    # ConditioningZeroOut can zero it as ComfyUI zeroes pooled_output
+    pooled_width: int = 0
+
+    @property
+    def regional(self) -> bool:
+        """Whether the entry weighs in otherwise than as a whole-latent prediction of weight 1."""
+        ranged = self.start_percent > 0.0 or self.end_percent < 1.0
+        return self.area is not None or self.mask is not None or self.strength != 1.0 or ranged
 
 
 def encode_text(pipe: Any, text: str, clip_skip: int = 1) -> TextCondition:
@@ -127,6 +150,191 @@ class _MeanOfGuided:
         outs = [d(x, sigma, **a, **step, guidance_parts=k) for (d, a), k in zip(self.parts, kinds, strict=True)]
         parts.uncond = torch.stack([k.uncond for k in kinds]).mean(0)
         return torch.stack(outs).mean(0)
+
+
+@dataclass(frozen=True, eq=False)
+class _Region:
+    """One conditioning entry resolved for a latent of h x w: its model arguments, its area (h, w, y, x) in latent
+    pixels (None: the whole latent), its strength and its mask (mb, h, w) times its mask strength."""
+
+    args: dict[str, Tensor]
+    area: tuple[int, int, int, int] | None
+    strength: float
+    mask: Tensor | None
+    window: tuple[float, float] | None = None  # (low, high): the sigmas of the model calls it takes part in
+    controls: tuple[ControlHint, ...] = ()  # the entry's ControlNets (whole-latent entries only)
+    den: Any = None  # its x0-denoiser (set by sample_latents: the ControlNets it carries act on its rows)
+
+
+def _resolve_region(
+    entry: TextCondition, args: dict[str, Tensor], h: int, w: int, f: int, dev: Any, log_sigmas: Tensor
+) -> _Region:
+    """ComfyUI's resolve_areas_and_cond_masks: an area in latent pixels (``f`` image pixels each), the mask resized
+    (bilinear) to the latent, and with ``mask_bounds`` the area set to the mask's bounding box (sides at least 8)."""
+    area = entry.area
+    if area is not None and area[0] == "pixels":
+        area = tuple(int(v) // f for v in area[1:])
+    elif area is not None and area[0] == "percentage":
+        _, ph, pw, py, px = area
+        area = (max(1, round(ph * h)), max(1, round(pw * w)), round(py * h), round(px * w))
+    mask = None
+    if entry.mask is not None:
+        mask = entry.mask.float().to(dev)
+        if mask.ndim == 2:
+            mask = mask[None]
+        if mask.ndim != 3 or mask.shape[0] < 1 or min(mask.shape[1:]) < 1:
+            raise LatentSamplingError(f"a conditioning mask of shape {tuple(entry.mask.shape)} is not (B, H, W)")
+        if tuple(mask.shape[1:]) != (h, w):
+            mask = F.interpolate(mask[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+        if entry.mask_bounds:
+            covered = mask.abs().amax(0) != 0
+            if not bool(covered.any()):
+                area = (8, 8, 0, 0)  # ComfyUI's: an all-zero mask adds nothing anyway
+            else:
+                ys, xs = torch.nonzero(covered, as_tuple=True)
+                y0, x0 = int(ys.min()), int(xs.min())
+                area = (max(8, int(ys.max()) - y0 + 1), max(8, int(xs.max()) - x0 + 1), y0, x0)
+        mask = mask * float(entry.mask_strength)
+    if area is not None:
+        area = tuple(int(v) for v in area)
+    window = None
+    if entry.start_percent > 0.0 or entry.end_percent < 1.0:
+        from sdengine.pipeline.control import comfy_sigma_window
+
+        window = comfy_sigma_window(log_sigmas, float(entry.start_percent), float(entry.end_percent))
+    return _Region(args, area, float(entry.strength), mask, window, entry.controls)  # type: ignore[arg-type]
+
+
+def _opposite_areas(mine: list[_Region], others: list[_Region]) -> None:
+    """ComfyUI's create_cond_with_same_area_if_none: for each entry of ``others`` with an area, ``mine`` gets a copy
+    of it (area, strength, mask) holding the model arguments of ``mine``'s smallest entry whose area encloses it
+    (an entry without area encloses all), unless that entry has the very same area: so each area is predicted
+    under both halves of CFG alike."""
+    for c in list(others):
+        if c.area is None:
+            continue
+        ch, cw, cy, cx = c.area
+        smallest = None
+        for r in list(mine):
+            if r.area is None:
+                smallest = r if smallest is None else smallest
+                continue
+            ah, aw, ay, ax = r.area
+            if cy >= ay and cx >= ax and cy + ch <= ay + ah and cx + cw <= ax + aw:
+                if smallest is None or smallest.area is None or smallest.area[0] * smallest.area[1] > ah * aw:
+                    smallest = r
+        if smallest is None or smallest.area == c.area:
+            continue
+        # ComfyUI's copy keeps the entry's own ControlNets (an area's: refused later), not the enclosing one's
+        mine.append(_Region(smallest.args, c.area, c.strength, c.mask, c.window, c.controls))
+
+
+def _crop_mult(region: _Region, b: int, h: int, w: int, dev: Any) -> tuple[tuple[int, int, int, int], Tensor]:
+    """ComfyUI's get_area_and_mult: the area cut to the latent, and the weight (1 or b, 1, ah, aw) of the region's
+    prediction there: its mask (or ones) times its strength; an area without mask has its inner edges (those not
+    on the latent's border) feathered over min(8, side // 4) pixels, linearly."""
+    ah, aw, y, x = region.area if region.area is not None else (h, w, 0, 0)
+    ah, aw = min(h - y, ah), min(w - x, aw)
+    if ah < 1 or aw < 1:
+        raise LatentSamplingError(
+            f"a conditioning area at latent pixel ({x}, {y}) lies outside the latent of {w} x {h} latent pixels"
+        )
+    if region.mask is not None:
+        m, mb = region.mask, region.mask.shape[0]
+        if mb < b and b % mb:  # ComfyUI repeats a smaller batch of masks over the latent's rows
+            raise LatentSamplingError(f"a conditioning mask batch of {mb} does not fit the latent batch {b}")
+        m = m[:b] if mb >= b else m.repeat(b // mb, 1, 1)
+        mult = m[:, None, y : y + ah, x : x + aw] * region.strength
+    else:
+        mult = torch.full((1, 1, ah, aw), region.strength, device=dev)
+        if region.area is not None:
+            for dim, off, size, full in ((2, y, ah, h), (3, x, aw, w)):
+                rr = min(8, size // 4)
+                ramp = torch.arange(1, rr + 1, device=dev, dtype=mult.dtype) / rr  # 1/rr .. 1 from the edge in
+                shape = [1, 1, 1, 1]
+                shape[dim] = rr
+                if off != 0:
+                    mult.narrow(dim, 0, rr).mul_(ramp.reshape(shape))
+                if off + size < full:
+                    mult.narrow(dim, size - rr, rr).mul_(ramp.flip(0).reshape(shape))
+    return (ah, aw, y, x), mult
+
+
+class _Regional:
+    """ComfyUI's calc_cond_batch: each entry's x0 prediction on its area of the latent, summed weighted by its
+    weight (mask, strength, feathering) and divided by the summed weight (1e-37 where nothing weighs), for the
+    positive and the negative entries apart; then CFG (a scale of 1 skips the negative pass, as ComfyUI)."""
+
+    def __init__(self, cfg: float, cond: list[_Region], uncond: list[_Region]) -> None:
+        self.cfg, self.cond, self.uncond = float(cfg), cond, uncond
+        den = cond[0].den
+        self.schedule = den.schedule
+        self.prediction = den.prediction
+        self.takes_step = any(bool(getattr(r.den, "takes_step", False)) for r in (*cond, *uncond))
+
+    def _mapped(self, fn: Callable[[Any], Any]) -> _Regional:
+        """The same regions, each denoiser replaced by ``fn`` of it (once per denoiser: shared ones stay shared)."""
+        done: dict[int, Any] = {}
+
+        def new(r: _Region) -> _Region:
+            if id(r.den) not in done:
+                done[id(r.den)] = fn(r.den)
+            return replace(r, den=done[id(r.den)])
+
+        return _Regional(self.cfg, [new(r) for r in self.cond], [new(r) for r in self.uncond])
+
+    @property
+    def off_grid(self) -> _Regional:
+        return self._mapped(lambda d: getattr(d, "off_grid", d))
+
+    def with_timesteps(self, sigmas: Tensor, timesteps: Tensor) -> _Regional:
+        return self._mapped(lambda d: d.with_timesteps(sigmas, timesteps))
+
+    takes_guidance_parts = True  # a CFG++ sampler's unconditional x0: the negative entries' weighted sum
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, **kw: Any) -> Tensor:
+        step = {"step": kw["step"]} if "step" in kw else {}
+        parts = kw.get("guidance_parts")
+        sig = torch.as_tensor(sigma, dtype=torch.float32)
+        sig = sig.reshape(-1).expand(x.shape[0]) if sig.numel() == 1 else sig
+        # cfg 1 skips the negative entries, unless a CFG++ sampler asks for their x0 (as CFGDenoiser)
+        halves = [self.cond] if math.isclose(self.cfg, 1.0) and parts is None else [self.cond, self.uncond]
+        b, _, h, w = x.shape
+        s0 = float(sig[0])
+        # The model calls: one per active entry; entries of the same crop and argument shapes (an area's positive
+        # and its negative copy) run as one batch of at most two, the memory of an ordinary CFG call.
+        groups: dict[Any, list[tuple[int, tuple[int, int, int, int], Tensor, dict[str, Tensor], Any]]] = {}
+        for half, regions in enumerate(halves):
+            for r in regions:
+                if r.window is not None and not r.window[0] <= s0 <= r.window[1]:
+                    continue  # ComfyUI's timestep range: not at this sigma
+                box, mult = _crop_mult(r, b, h, w, x.device)
+                args = {k: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in r.args.items()}
+                key = (box, tuple(sorted((k, tuple(v.shape)) for k, v in args.items())), id(r.den))
+                groups.setdefault(key, []).append((half, box, mult, args, r.den))
+        outs = [torch.zeros_like(x) for _ in halves]
+        counts = [torch.full_like(x, 1e-37) for _ in halves]
+        for jobs in groups.values():
+            for i in range(0, len(jobs), 2):
+                batch = jobs[i : i + 2]
+                ah, aw, y, x0 = batch[0][1]
+                crop = x[:, :, y : y + ah, x0 : x0 + aw]
+                args = {k: torch.cat([j[3][k] for j in batch]) for k in batch[0][3]}
+                den = batch[0][4]
+                extra: dict[str, Any] = dict(step)
+                if getattr(den, "takes_row_kinds", False):  # which CFG half each row is (a ControlNet's rows)
+                    extra["row_kinds"] = tuple(("cond", "uncond")[j[0]] for j in batch for _ in range(b))
+                preds = den(torch.cat([crop] * len(batch)), torch.cat([sig] * len(batch)), **args, **extra)
+                for (half, _, mult, _, _), pred in zip(batch, preds.chunk(len(batch)), strict=True):
+                    outs[half][:, :, y : y + ah, x0 : x0 + aw] += pred * mult
+                    counts[half][:, :, y : y + ah, x0 : x0 + aw] += mult
+        cond = outs[0] / counts[0]
+        if len(halves) == 1:
+            return cond
+        uncond = outs[1] / counts[1]
+        if parts is not None:
+            parts.uncond = uncond
+        return cond if math.isclose(self.cfg, 1.0) else uncond + (cond - uncond) * self.cfg
 
 
 def _match_length(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -191,8 +399,12 @@ def sample_latents(
     """Sample from ``latent`` (B, C, h, w) in the model's scaled latent space; returns the new latent.
 
     ``positive`` / ``negative``: conditioning entries (several positives are averaged as ComfyUI's
-    ConditioningCombine; the first negative is used); a ControlNet acts on the CFG half whose entry carries it
-    (both when both do), as in ComfyUI. ``posterior``: (mean, std) of a VAE encoding, drawn
+    ConditioningCombine, and so are several negatives). Entries with an area, a mask or a strength other than 1
+    (``TextCondition.regional``) are combined as ComfyUI's samplers combine them: every positive and every negative
+    entry predicts on its area, weighted by its mask, strength and feathered edges, at the sigmas of its timestep
+    range (see :class:`_Regional`); a ControlNet then acts on the rows of the entries that carry it (not on an
+    entry with an area: refused). A ControlNet acts on the CFG half whose entry carries it (both when both do), as
+    in ComfyUI. ``posterior``: (mean, std) of a VAE encoding, drawn
     per row under the ``sdengine`` rule; ``posterior_scaled``: it is in the diffusion model's units (a tiny VAE's
     encoding), taken back to the VAE's first, as the pipeline's ``vae_encode="tiny"`` does. ``noise_mask``
     (1 or B, 1, H, W), 1 = repaint: the known region is kept on the init latent's noising path, as the
@@ -203,7 +415,8 @@ def sample_latents(
     row (see :func:`make_noise`). ``sigmas``: an explicit decreasing sigma list (ComfyUI's SIGMAS, SamplerCustom)
     walked instead of ``steps``/``schedule``/``denoise`` and the window, as ComfyUI walks it: from the latent plus
     the noise at ``sigmas[0]``, or from pure noise (``sqrt(1 + sigma**2)`` scaled) when the latent is empty and
-    ``sigmas[0]`` is the model's sigma_max; the result is the sample at ``sigmas[-1]`` (noisy when that is not 0).
+    ``sigmas[0]`` is the model's sigma_max; the result is the sample at ``sigmas[-1]`` (noisy when that is not 0:
+    x0 + sigma * eps, ComfyUI's scaling, which a next run from it continues exactly).
     ``sampler_options``: the sampler's keyword options (ComfyUI's DPM fast / adaptive run with eta 0,
     k-diffusion's default). ``discard_penultimate_sigma``: the ``steps``-step grid is made for one step more and
     its next-to-last sigma dropped (ComfyUI's KSampler does so for dpm_2, dpm_2_ancestral, uni_pc, uni_pc_bh2;
@@ -223,6 +436,9 @@ def sample_latents(
         )
     if not 0.0 < denoise <= 1.0:
         raise LatentSamplingError(f"denoise must be in (0, 1], got {denoise}")
+    # ComfyUI's weighted sum of the entries' predictions (see _Regional): for regional entries, and for several
+    # negative ones (ComfyUI averages them as it averages the positive ones)
+    regional = any(e.regional for e in (*positive, *negative)) or len(negative) > 1
     dev = pipe.device
     b, _, h, w = latent.shape
     f = pipe.vae_scale_factor
@@ -340,8 +556,8 @@ def sample_latents(
         brownian = BrownianSpec.over([seed], window)
 
     net: Any = pipe.unet
-    # the first negative is the one used: its ControlNets count, those of the others do not
-    controls = [c for cond in (*positive, negative[0]) for c in cond.controls]
+    # every entry weighs in, and its ControlNets with it (without the regional path there is one negative)
+    controls = [c for cond in (*positive, *negative) for c in cond.controls]
     distinct: list[ControlHint] = []  # one unit per distinct hint (see below)
     for hint in controls:
         if not any(_same_hint(hint, d) for d in distinct):
@@ -371,9 +587,52 @@ def sample_latents(
         def carried(entry: TextCondition, hint: ControlHint) -> bool:
             return any(_same_hint(hint, c) for c in entry.controls)
 
+        parts: list[tuple[Any, dict[str, Tensor]]] = []
+        if regional:  # ComfyUI's weighted sum of every entry's prediction on its area (see _Regional)
+            sizes = getattr(pipe.conditioner, "size_vectors", None)
+
+            def region_args(entry: TextCondition, half: int) -> dict[str, Tensor]:
+                args = {"crossattn": entry.cond["crossattn"].to(dev)}
+                if "vector" in entry.cond:
+                    vec = entry.cond["vector"]
+                    if sizes is not None and "pooled_text" in entry.cond:  # SDXL: the latent's size (encode_text)
+                        vec = sizes(entry.cond["pooled_text"], w * f, h * f)[half]
+                    args["vector"] = vec.to(dev)
+                return args
+
+            ls = pipe.noise_schedule.log_sigmas
+            cond_r = [_resolve_region(e, region_args(e, 0), h, w, f, dev, ls) for e in positive]
+            uncond_r = [_resolve_region(e, region_args(e, 1), h, w, f, dev, ls) for e in negative]
+            _opposite_areas(uncond_r, cond_r)  # ComfyUI's order: the positive's areas first
+            _opposite_areas(cond_r, uncond_r)
+            for r in (*cond_r, *uncond_r):
+                if r.area is not None and (r.area[2] >= h or r.area[3] >= w or min(r.area[:2]) < 1):
+                    ah, aw, ay, ax = (v * f for v in r.area)
+                    raise LatentSamplingError(
+                        f"a conditioning area of {aw} x {ah} at ({ax}, {ay}) lies outside the latent of "
+                        f"{w * f} x {h * f} pixels"
+                    )
+            if any(r.controls and r.area is not None for r in (*cond_r, *uncond_r)):
+                raise LatentSamplingError(
+                    "a ControlNet cannot act on a conditioning area (ConditioningSetArea, ...Percentage, "
+                    "ConditioningSetMask's mask bounds): apply it to a conditioning without an area"
+                )
+            dens: dict[tuple[frozenset[str], ...], Any] = {}
+
+            def den_for(r: _Region, label: str) -> Any:
+                """The denoiser of a region of the CFG half ``label``: its ControlNets act on its rows only."""
+                kinds = tuple(frozenset({label}) if any(_same_hint(d, c) for c in r.controls) else frozenset()
+                              for d in distinct)  # fmt: skip
+                if kinds not in dens:
+                    part = net.with_kinds(list(kinds)) if distinct else net
+                    dens[kinds] = Denoiser(UNetAdapter(part, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
+                return dens[kinds]
+
+            cond_r = [replace(r, den=den_for(r, "cond")) for r in cond_r]
+            uncond_r = [replace(r, den=den_for(r, "uncond")) for r in uncond_r]
+            parts.append((_Regional(cfg, cond_r, uncond_r), {}))
         neg = negative[0].cond
-        parts = []
-        for pos_entry in positive:
+        for pos_entry in positive if not regional else ():
             part_net = net
             if distinct:
                 kinds = [
@@ -440,6 +699,10 @@ def sample_latents(
     finally:
         if handle is not None:
             handle.remove()
+    if given is not None and float(given[-1]) > 0:
+        # sampling.sample answers a sample at sigma > 0 in the network's (VP) scaling; ComfyUI's is x0 + sigma * eps
+        # (what KSamplerAdvanced's leftover noise is here too, and what a next SamplerCustom starts from)
+        x = x * math.sqrt(1 + float(given[-1]) ** 2)
     if inpaint is not None:
         x = inpaint.finish(x)
     return x.float()

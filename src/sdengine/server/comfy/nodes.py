@@ -132,6 +132,8 @@ class Input:
     tooltip: str = ""
     # a value outside ``choices`` that is valid all the same (LoadImage's "name [output]"): (env, value) -> bool
     also_valid: Callable[[Any, str], bool] | None = None
+    round: bool | None = None  # ComfyUI's "round" option of a FLOAT (False: the value is not rounded to the step)
+    display: str | None = None  # ComfyUI's "display" option (EmptyImage's color: "color", its page's picker)
     upload: bool = False  # ComfyUI's image_upload flag (its page offers an upload button)
     # the server's limit that also bounds this input ("side": --max-side, "steps": --max-steps, "batch":
     # --max-batch-size): /object_info lists it and /prompt refuses a value over it, as ComfyUI does its own max
@@ -700,7 +702,7 @@ def clip_text_encode_sdxl(
     with _clip_loras(pipe, clip):
         states, pooled = cond.text(text_l, text_g, clip.clip_skip(pipe))
         vector = cond.vector_of(pooled, [height, width, crop_h, crop_w, target_height, target_width])
-    return ([TextCondition({"crossattn": states.to(cond.dtype), "vector": vector})],)
+    return ([TextCondition({"crossattn": states.to(cond.dtype), "vector": vector}, pooled_width=pooled.shape[-1])],)
 
 
 def clip_text_encode_sdxl_refiner(
@@ -715,7 +717,7 @@ def clip_text_encode_sdxl_refiner(
     with _clip_loras(pipe, clip):
         states, pooled = cond.text(text, text, clip.clip_skip(pipe))
         vector = cond.vector_of(pooled, [height, width, 0, 0, ascore])
-    return ([TextCondition({"crossattn": states.to(cond.dtype), "vector": vector})],)
+    return ([TextCondition({"crossattn": states.to(cond.dtype), "vector": vector}, pooled_width=pooled.shape[-1])],)
 
 
 def clip_set_last_layer(ctx: RunContext, clip: ClipHandle, stop_at_clip_layer: int) -> tuple[Any]:
@@ -792,6 +794,67 @@ def conditioning_average(
     return (out,)
 
 
+def conditioning_set_area(
+    ctx: RunContext, conditioning: list[Any], width: int, height: int, x: int, y: int, strength: float
+) -> tuple[Any]:
+    """ComfyUI's ConditioningSetArea: each entry predicts on the box (pixels, floored to the latent's grid when
+    sampling: ComfyUI's // 8 on SD and SDXL) with weight ``strength``; the sampler sums the entries' predictions
+    weighted so (see :mod:`sdengine.latent_sampling`)."""
+    area = ("pixels", int(height), int(width), int(y), int(x))
+    return ([replace(c, area=area, strength=float(strength)) for c in conditioning],)
+
+
+def conditioning_set_area_percentage(
+    ctx: RunContext, conditioning: list[Any], width: float, height: float, x: float, y: float, strength: float
+) -> tuple[Any]:
+    """ComfyUI's ConditioningSetAreaPercentage: the box in fractions of the latent's sides (rounded to latent
+    pixels when sampling, each side at least 1)."""
+    area = ("percentage", float(height), float(width), float(y), float(x))
+    return ([replace(c, area=area, strength=float(strength)) for c in conditioning],)
+
+
+def conditioning_set_area_strength(ctx: RunContext, conditioning: list[Any], strength: float) -> tuple[Any]:
+    """ComfyUI's ConditioningSetAreaStrength: the entries' weight in the sampler's weighted sum."""
+    return ([replace(c, strength=float(strength)) for c in conditioning],)
+
+
+def conditioning_set_mask(
+    ctx: RunContext, conditioning: list[Any], mask: torch.Tensor, strength: float, set_cond_area: str
+) -> tuple[Any]:
+    """ComfyUI's ConditioningSetMask: each entry's prediction weighted by the mask (resized to the latent when
+    sampling) times ``strength``; "mask bounds" runs it on the mask's bounding box only."""
+    m = mask.float()
+    if m.ndim < 3:
+        m = m[None]
+    if m.ndim != 3 or m.numel() == 0:
+        raise NodeError(f"ConditioningSetMask: a mask of shape {tuple(mask.shape)} is no (B, H, W) mask")
+    bounds = set_cond_area != "default"
+    return ([replace(c, mask=m, mask_strength=float(strength), mask_bounds=bounds) for c in conditioning],)
+
+
+def conditioning_set_timestep_range(ctx: RunContext, conditioning: list[Any], start: float, end: float) -> tuple[Any]:
+    """ComfyUI's ConditioningSetTimestepRange: the entries weigh in only at the model calls whose sigma lies between
+    the schedule's sigmas at ``end`` and at ``start`` (percents of the denoising)."""
+    return ([replace(c, start_percent=float(start), end_percent=float(end)) for c in conditioning],)
+
+
+def conditioning_zero_out(ctx: RunContext, conditioning: list[Any]) -> tuple[Any]:
+    """ComfyUI's ConditioningZeroOut: the token states and the pooled text zeroed (SDXL's ``vector`` is then made
+    of zeros and the size numbers, as ComfyUI's pooled_output zeroed); the rest kept."""
+    out = []
+    for c in conditioning:
+        cond = dict(c.cond)
+        cond["crossattn"] = torch.zeros_like(cond["crossattn"])
+        if "pooled_text" in cond:
+            cond["pooled_text"] = torch.zeros_like(cond["pooled_text"])
+        elif "vector" in cond and c.pooled_width:
+            vector = cond["vector"].clone()
+            vector[..., : c.pooled_width] = 0
+            cond["vector"] = vector
+        out.append(replace(c, cond=cond))
+    return (out,)
+
+
 def _hint_image(image: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) -> (B, 3, H, W): a batch of hints is one per latent row (the first alone was once kept)."""
     return image.permute(0, 3, 1, 2).contiguous().float()
@@ -847,6 +910,7 @@ def _sample(
     latent_image: dict[str, Any],
     denoise: float = 1.0,
     last_denoised: list[torch.Tensor] | None = None,
+    options: tuple[tuple[str, float], ...] = (),
     discard_penultimate: bool | None = None,
     **window: Any,
 ) -> tuple[Any]:
@@ -882,7 +946,7 @@ def _sample(
         loras=model.loras,
         callback=report,
         batch_index=latent_image.get("batch_index"),
-        sampler_options=SAMPLER_OPTIONS.get(sampler_name),
+        sampler_options={**SAMPLER_OPTIONS.get(sampler_name, {}), **dict(options)} or None,
         # KSampler's rule unless told (SamplerCustom walks BasicScheduler's SIGMAS as they are)
         discard_penultimate_sigma=sampler_name in DISCARD_PENULTIMATE_SAMPLERS
         if discard_penultimate is None
@@ -963,9 +1027,11 @@ class Sigmas:
 
 @dataclass(frozen=True)
 class SamplerChoice:
-    """ComfyUI's SAMPLER (KSamplerSelect): one of :data:`SAMPLER_NAMES`."""
+    """ComfyUI's SAMPLER (KSamplerSelect): one of :data:`SAMPLER_NAMES`; ``options`` (name, value) pairs the
+    sampler nodes with settings (SamplerEulerAncestral, SamplerLMS, ...) give the engine's sampler."""
 
     name: str
+    options: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1114,6 +1180,54 @@ def ksampler_select(ctx: RunContext, sampler_name: str) -> tuple[Any]:
     return (SamplerChoice(sampler_name),)
 
 
+def _sampler_with(
+    name: str, options: dict[str, float], unsupported: dict[str, tuple[float, float]] | None = None
+) -> tuple[Any]:
+    """A SAMPLER of ComfyUI's name ``name`` with ``options``; ``unsupported``: settings the engine's sampler has
+    not, (value, the only value it runs), refused unless they are that value."""
+    for key, (value, only) in (unsupported or {}).items():
+        if float(value) != only:
+            raise NodeError(f"{key} {value:g}: sdengine's {name} sampler runs only {key} {only:g}")
+    # an INT setting (LMS's and DPM adaptive's order) stays an int: the samplers count with it
+    return (SamplerChoice(name, tuple((k, v if isinstance(v, int) else float(v)) for k, v in options.items())),)
+
+
+def sampler_euler_ancestral(ctx: RunContext, eta: float, s_noise: float) -> tuple[Any]:
+    return _sampler_with("euler_ancestral", {"eta": eta}, {"s_noise": (s_noise, 1.0)})
+
+
+def sampler_euler_ancestral_cfg_pp(ctx: RunContext, eta: float, s_noise: float) -> tuple[Any]:
+    return _sampler_with("euler_ancestral_cfg_pp", {"eta": eta, "s_noise": s_noise})
+
+
+def sampler_dpmpp_2s_ancestral(ctx: RunContext, eta: float, s_noise: float) -> tuple[Any]:
+    return _sampler_with("dpmpp_2s_ancestral", {"eta": eta, "s_noise": s_noise})
+
+
+def sampler_dpmpp_sde(ctx: RunContext, eta: float, s_noise: float, r: float, noise_device: str) -> tuple[Any]:
+    # noise_device: sdengine draws the noise on the CPU either way (as KSampler's dpmpp_sde and dpmpp_sde_gpu)
+    return _sampler_with("dpmpp_sde", {"eta": eta, "s_noise": s_noise}, {"r": (r, 0.5)})
+
+
+def sampler_dpmpp_2m_sde(
+    ctx: RunContext, solver_type: str, eta: float, s_noise: float, noise_device: str
+) -> tuple[Any]:
+    name = "dpmpp_2m_sde_heun" if solver_type == "heun" else "dpmpp_2m_sde"
+    return _sampler_with(name, {"eta": eta, "s_noise": s_noise})
+
+
+def sampler_dpmpp_3m_sde(ctx: RunContext, eta: float, s_noise: float, noise_device: str) -> tuple[Any]:
+    return _sampler_with("dpmpp_3m_sde", {"eta": eta, "s_noise": s_noise})
+
+
+def sampler_lms(ctx: RunContext, order: int) -> tuple[Any]:
+    return _sampler_with("lms", {"order": order})
+
+
+def sampler_dpm_adaptive(ctx: RunContext, **options: float) -> tuple[Any]:
+    return _sampler_with("dpm_adaptive", options)
+
+
 def random_noise(ctx: RunContext, noise_seed: int) -> tuple[Any]:
     return (NoiseSource(int(noise_seed)),)
 
@@ -1172,7 +1286,8 @@ def sampler_custom(
     last: list[torch.Tensor] = []
     common: dict[str, Any] = dict(
         model=model, seed=int(noise_seed), cfg=cfg, sampler_name=sampler.name, positive=positive,
-        negative=negative, latent_image=latent_image, last_denoised=last, discard_penultimate=False,
+        negative=negative, latent_image=latent_image, last_denoised=last, options=sampler.options,
+        discard_penultimate=False,
     )  # fmt: skip
     plan = _plan_for(sigmas, model)
     if plan is not None and (plan.lo, plan.hi) == (0, plan.n):
@@ -1353,7 +1468,8 @@ def _encode(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle | VaeFileHandl
     return _vae_encode_rows(pipe.vae, pipe.device, pixels)
 
 
-def _vae_encode_rows(vae: Any, device: torch.device, pixels: torch.Tensor) -> dict[str, Any]:
+def _vae_encode_rows(vae: Any, device: torch.device, pixels: torch.Tensor, **tiling: Any) -> dict[str, Any]:
+    """VAE Encode of each row (``tiling``: vae_utils.encode_moments' tile options, VAEEncodeTiled's)."""
     from sdengine import vae_utils
 
     pixels = _crop_to_factor(pixels, int(vae.config.downscale_factor))
@@ -1361,7 +1477,7 @@ def _vae_encode_rows(vae: Any, device: torch.device, pixels: torch.Tensor) -> di
     means, stds = [], []
     with torch.inference_mode():
         for i in range(b):
-            post = vae_utils.encode_moments(vae, _pixel_row(pixels, i, device))
+            post = vae_utils.encode_moments(vae, _pixel_row(pixels, i, device), **tiling)
             means.append(post.mean.float())
             stds.append(post.std.float())
         mean, std = torch.cat(means), torch.cat(stds)
@@ -1371,6 +1487,27 @@ def _vae_encode_rows(vae: Any, device: torch.device, pixels: torch.Tensor) -> di
 
 def vae_encode(ctx: RunContext, pixels: torch.Tensor, vae: VaeHandle | VaeFileHandle | TinyVaeHandle) -> tuple[Any]:
     return (_encode(ctx, pixels, vae),)
+
+
+def vae_encode_tiled(
+    ctx: RunContext,
+    pixels: torch.Tensor,
+    vae: VaeHandle | VaeFileHandle | TinyVaeHandle,
+    tile_size: int,
+    overlap: int,
+    temporal_size: int = 64,
+    temporal_overlap: int = 8,
+) -> tuple[Any]:
+    """ComfyUI's VAEEncodeTiled: the image encoded in overlapping tiles (``tile_size`` and ``overlap`` pixels; an
+    overlap over a quarter of the tile cut to a quarter, as VAEDecodeTiled), the posteriors blended at the seams.
+    The tiny VAE encodes whole; the temporal sizes are for video VAEs (none here)."""
+    if isinstance(vae, TinyVaeHandle):
+        return (_tiny_encode(ctx, pixels, vae),)
+    tiling = _tile_options((tile_size, overlap), _vae_factor(ctx, vae))
+    if isinstance(vae, VaeFileHandle):
+        return (_vae_encode_rows(_vae_file(ctx, vae), torch.device(ctx.device), pixels, **tiling),)
+    pipe = ctx.pipeline(vae.ref)
+    return (_vae_encode_rows(pipe.vae, pipe.device, pixels, **tiling),)
 
 
 def _mask4(mask: torch.Tensor) -> torch.Tensor:
@@ -1522,6 +1659,136 @@ def _latent_rows(samples: dict[str, Any], rows: list[int], batch_index: list[int
     return out
 
 
+def _composite_latents(
+    to: dict[str, Any], src: dict[str, Any], node: str
+) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """The two latents' tensors for a composite (an empty one made in the other's channels) and the VAE factor
+    (image pixels per latent pixel: ComfyUI's 8 on SD and SDXL); None when both are empty (zeros over zeros: the
+    destination as it is)."""
+    a, b = to.get("samples"), src.get("samples")
+    if a is None and b is None:
+        return None
+    ref, ref_size = (a, to["size"]) if a is not None else (b, src["size"])
+    assert ref is not None
+    f = max(1, ref_size[1] // ref.shape[2])  # the VAE factor: pixels per latent pixel
+    made = []
+    for lat, z in ((to, a), (src, b)):
+        if z is None:
+            n, h, w = lat["size"]
+            z = torch.zeros(n, ref.shape[1], max(1, h // f), max(1, w // f))
+        made.append(z.float())
+    if made[0].shape[1] != made[1].shape[1]:
+        raise NodeError(f"{node}: the latents have {made[0].shape[1]} and {made[1].shape[1]} channels")
+    return made[0], made[1], f
+
+
+def _composited(to: dict[str, Any], z: torch.Tensor) -> dict[str, Any]:
+    """``to`` with new samples ``z`` (its noise mask and rows kept; a VAE posterior no longer describes it)."""
+    out = {**to, "samples": z, "posterior": None}
+    out.pop("posterior_scaled", None)
+    return out
+
+
+def latent_composite(
+    ctx: RunContext, samples_to: dict[str, Any], samples_from: dict[str, Any], x: int, y: int, feather: int
+) -> tuple[Any]:
+    """ComfyUI's LatentComposite: ``samples_from`` pasted into ``samples_to`` at (x, y) (pixels floored to latent
+    pixels; cut to fit), its inner edges blended over ``feather`` pixels (floored to latent pixels)."""
+    pair = _composite_latents(samples_to, samples_from, "LatentComposite")
+    if pair is None:
+        return (dict(samples_to),)
+    dst, src, f = pair
+    if src.shape[0] not in (1, dst.shape[0]):
+        raise NodeError(f"LatentComposite: a batch of {src.shape[0]} does not fit into a batch of {dst.shape[0]}")
+    x, y, fe = int(x) // f, int(y) // f, int(feather) // f
+    out = dst.clone()
+    src = src[:, :, : max(0, dst.shape[2] - y), : max(0, dst.shape[3] - x)]
+    if src.numel() == 0:
+        return (_composited(samples_to, out),)
+    hs, ws = src.shape[2], src.shape[3]
+    region = out[:, :, y : y + hs, x : x + ws]
+    mask = torch.ones(1, 1, hs, ws)
+    for t in range(fe):
+        v = (t + 1) / fe
+        if y != 0:
+            mask[:, :, t : t + 1, :] *= v
+        if y + hs < dst.shape[2]:
+            mask[:, :, hs - 1 - t : hs - t, :] *= v
+        if x != 0:
+            mask[:, :, :, t : t + 1] *= v
+        if x + ws < dst.shape[3]:
+            mask[:, :, :, ws - 1 - t : ws - t] *= v
+    out[:, :, y : y + hs, x : x + ws] = src * mask + region * (1 - mask)
+    return (_composited(samples_to, out),)
+
+
+def _to_batch(t: torch.Tensor, n: int) -> torch.Tensor:
+    """ComfyUI's repeat_to_batch_size: the first ``n`` rows, or the rows repeated to ``n``."""
+    if t.shape[0] >= n:
+        return t[:n]
+    return t.repeat(math.ceil(n / t.shape[0]), *([1] * (t.ndim - 1)))[:n]
+
+
+def _composite_masked(
+    dst: torch.Tensor, src: torch.Tensor, x: int, y: int, mask: torch.Tensor | None, factor: int, resize: bool
+) -> torch.Tensor:
+    """ComfyUI's composite (nodes_mask): ``src`` (B, C, h, w) over ``dst`` at (x, y) pixels (``factor`` pixels a
+    cell), weighted by ``mask`` bilinearly resized to ``src``; ``resize``: ``src`` first resized to ``dst``."""
+    if resize:
+        src = F.interpolate(src, size=(dst.shape[-2], dst.shape[-1]), mode="bilinear")
+    src = _to_batch(src, dst.shape[0])
+    left, top = min(x, dst.shape[-1] * factor) // factor, min(y, dst.shape[-2] * factor) // factor
+    if mask is None:
+        m = torch.ones_like(src[:, :1])
+    else:
+        m = mask.float().reshape(-1, 1, mask.shape[-2], mask.shape[-1])
+        m = _to_batch(F.interpolate(m, size=(src.shape[-2], src.shape[-1]), mode="bilinear"), src.shape[0])
+    vh, vw = dst.shape[-2] - top, dst.shape[-1] - left
+    part = src[..., :vh, :vw]
+    m = m[..., :vh, :vw]
+    out = dst.clone()
+    region = out[..., top : top + part.shape[-2], left : left + part.shape[-1]]
+    out[..., top : top + part.shape[-2], left : left + part.shape[-1]] = m * part + (1 - m) * region
+    return out
+
+
+def latent_composite_masked(
+    ctx: RunContext,
+    destination: dict[str, Any],
+    source: dict[str, Any],
+    x: int,
+    y: int,
+    resize_source: bool,
+    mask: torch.Tensor | None = None,
+) -> tuple[Any]:
+    """ComfyUI's LatentCompositeMasked: ``source`` over ``destination`` at (x, y) (pixels, floored to latent
+    pixels), weighted by the mask (bilinearly resized to the source); ``resize_source`` scales it to the
+    destination first."""
+    pair = _composite_latents(destination, source, "LatentCompositeMasked")
+    if pair is None:
+        return (dict(destination),)
+    dst, src, f = pair
+    return (_composited(destination, _composite_masked(dst, src, int(x), int(y), mask, f, bool(resize_source))),)
+
+
+def image_composite_masked(
+    ctx: RunContext,
+    destination: torch.Tensor,
+    source: torch.Tensor,
+    x: int,
+    y: int,
+    resize_source: bool,
+    mask: torch.Tensor | None = None,
+) -> tuple[Any]:
+    """ComfyUI's ImageCompositeMasked: ``source`` over ``destination`` at pixel (x, y), weighted by the mask."""
+    dst = destination.float().movedim(-1, 1)
+    src = source.float().movedim(-1, 1)[:, : dst.shape[1]]
+    if src.shape[1] < dst.shape[1]:  # IMAGE is RGB here; an alpha source is cut to it, as ComfyUI's alpha fix
+        raise NodeError(f"ImageCompositeMasked: a {src.shape[1]}-channel source over a {dst.shape[1]}-channel image")
+    out = _composite_masked(dst, src, int(x), int(y), mask, 1, bool(resize_source))
+    return (out.movedim(1, -1).clamp(0, 1).contiguous(),)
+
+
 def latent_from_batch(ctx: RunContext, samples: dict[str, Any], batch_index: int, length: int) -> tuple[Any]:
     """ComfyUI's LatentFromBatch: ``length`` rows from ``batch_index`` on (both cut to the batch), each keeping
     its row of the original batch, so that it gets the noise it had there."""
@@ -1617,6 +1884,131 @@ def canny_node(ctx: RunContext, image: torch.Tensor, low_threshold: float, high_
         raise NodeError(str(e)) from None
     edges = torch.from_numpy(np.stack(rows).astype(np.float32))  # (B, H, W), 0 or 1
     return (edges[..., None].expand(-1, -1, -1, 3).contiguous(),)
+
+
+def image_pad_for_outpaint(
+    ctx: RunContext, image: torch.Tensor, left: int, top: int, right: int, bottom: int, feathering: int
+) -> tuple[Any, Any]:
+    """ComfyUI's ImagePadForOutpaint: the image on a grey (0.5) canvas grown by the margins, and the MASK of what to
+    paint: 1 on the margins; inside the image 0, or with ``feathering`` (when under half of each side) rising as
+    ((feathering - d) / feathering) ** 2 towards each padded side, d the distance to it."""
+    b, h, w, c = image.shape
+    ctx.check_size(w + left + right, h + top + bottom)
+    out = torch.full((b, h + top + bottom, w + left + right, c), 0.5)
+    out[:, top : top + h, left : left + w] = image.float()
+    mask = torch.ones(h + top + bottom, w + left + right)
+    inner = torch.zeros(h, w)
+    fe = int(feathering)
+    if fe > 0 and fe * 2 < h and fe * 2 < w:
+        i = torch.arange(h, dtype=torch.float64)[:, None].expand(h, w)
+        j = torch.arange(w, dtype=torch.float64)[None, :].expand(h, w)
+        far_h, far_w = torch.full_like(i, float(h)), torch.full_like(j, float(w))
+        d = torch.stack(
+            [i if top else far_h, h - i if bottom else far_h, j if left else far_w, w - j if right else far_w]
+        ).amin(0)
+        v = (fe - d) / fe
+        inner = torch.where(d < fe, v * v, 0.0).float()
+    mask[top : top + h, left : left + w] = inner
+    return out, mask[None]
+
+
+def image_invert(ctx: RunContext, image: torch.Tensor) -> tuple[Any]:
+    return (1.0 - image.float(),)
+
+
+def empty_image(ctx: RunContext, width: int, height: int, batch_size: int, color: int) -> tuple[Any]:
+    """ComfyUI's EmptyImage: a batch of one colour (0xRRGGBB)."""
+    ctx.check_size(int(width), int(height), int(batch_size))
+    rgb = torch.tensor([(color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF], dtype=torch.float32) / 0xFF
+    return (rgb.expand(int(batch_size), int(height), int(width), 3).contiguous(),)
+
+
+def image_crop(ctx: RunContext, image: torch.Tensor, width: int, height: int, x: int, y: int) -> tuple[Any]:
+    """ComfyUI's ImageCrop: the box at (x, y) cut to the image (x and y at most its last column and row)."""
+    x, y = min(int(x), image.shape[2] - 1), min(int(y), image.shape[1] - 1)
+    return (image[:, y : y + int(height), x : x + int(width), :].contiguous(),)
+
+
+def mask_to_image(ctx: RunContext, mask: torch.Tensor) -> tuple[Any]:
+    """ComfyUI's MaskToImage: each mask as a grey image."""
+    m = mask.float().reshape(-1, mask.shape[-2], mask.shape[-1])
+    return (m[..., None].expand(-1, -1, -1, 3).contiguous(),)
+
+
+def image_to_mask(ctx: RunContext, image: torch.Tensor, channel: str) -> tuple[Any]:
+    """ComfyUI's ImageToMask: one channel of the image."""
+    index = ("red", "green", "blue", "alpha").index(channel)
+    if index >= image.shape[-1]:  # an IMAGE here is RGB: LoadImage's alpha is its MASK output, as in ComfyUI
+        raise NodeError(f"ImageToMask: the image has no {channel} channel (LoadImage gives the alpha as its MASK)")
+    return (image[..., index].float().contiguous(),)
+
+
+def solid_mask(ctx: RunContext, value: float, width: int, height: int) -> tuple[Any]:
+    ctx.check_size(int(width), int(height))
+    return (torch.full((1, int(height), int(width)), float(value)),)
+
+
+def invert_mask(ctx: RunContext, mask: torch.Tensor) -> tuple[Any]:
+    return (1.0 - mask.float(),)
+
+
+def mask_composite(
+    ctx: RunContext, destination: torch.Tensor, source: torch.Tensor, x: int, y: int, operation: str
+) -> tuple[Any]:
+    """ComfyUI's MaskComposite: ``source`` combined into ``destination`` at (x, y) by ``operation`` (and / or / xor
+    on the masks rounded to 0 or 1), clamped to [0, 1]."""
+    out = destination.float().reshape(-1, destination.shape[-2], destination.shape[-1]).clone()
+    src = source.float().reshape(-1, source.shape[-2], source.shape[-1])
+    if src.shape[0] not in (1, out.shape[0]):
+        raise NodeError(f"MaskComposite: a batch of {src.shape[0]} masks does not fit one of {out.shape[0]}")
+    x, y = int(x), int(y)
+    right, bottom = min(x + src.shape[-1], out.shape[-1]), min(y + src.shape[-2], out.shape[-2])
+    if right > x and bottom > y:
+        a, b_ = out[:, y:bottom, x:right], src[:, : bottom - y, : right - x]
+        if operation == "multiply":
+            r = a * b_
+        elif operation == "add":
+            r = a + b_
+        elif operation == "subtract":
+            r = a - b_
+        else:
+            op = {"and": torch.logical_and, "or": torch.logical_or, "xor": torch.logical_xor}[operation]
+            r = op(a.round().bool(), b_.round().bool()).float()
+        out[:, y:bottom, x:right] = r
+    return (out.clamp(0.0, 1.0),)
+
+
+def feather_mask(ctx: RunContext, mask: torch.Tensor, left: int, top: int, right: int, bottom: int) -> tuple[Any]:
+    """ComfyUI's FeatherMask: the edges ramped to 0 over the given widths, ((k + 1) / width at the k-th pixel from
+    the edge). As ComfyUI indexes the right and bottom ramps from ``-k``, their first factor lands on the first
+    column / row (index -0) and the last column / row gets the second: kept, so that a workflow's mask is
+    ComfyUI's."""
+    out = mask.float().reshape(-1, mask.shape[-2], mask.shape[-1]).clone()
+    h, w = out.shape[-2:]
+    left, right, top, bottom = min(left, w), min(right, w), min(top, h), min(bottom, h)
+    for k in range(left):
+        out[:, :, k] *= (k + 1.0) / left
+    for k in range(right):
+        out[:, :, -k] *= (k + 1) / right
+    for k in range(top):
+        out[:, k, :] *= (k + 1) / top
+    for k in range(bottom):
+        out[:, -k, :] *= (k + 1) / bottom
+    return (out,)
+
+
+def grow_mask(ctx: RunContext, mask: torch.Tensor, expand: int, tapered_corners: bool) -> tuple[Any]:
+    """ComfyUI's GrowMask: ``expand`` steps of grey dilation (erosion when negative) with a 3 x 3 footprint, a cross
+    when ``tapered_corners``; the border is its own neighbour (scipy's reflect mode)."""
+    m = mask.float().reshape(-1, 1, mask.shape[-2], mask.shape[-1])
+    h, w = m.shape[-2:]
+    steps = min(abs(int(expand)), h + w)  # past h + w steps nothing changes any more
+    offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if not (tapered_corners and dy and dx)]
+    for _ in range(steps):
+        p = F.pad(m, (1, 1, 1, 1), mode="replicate")
+        shifted = torch.stack([p[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in offsets])
+        m = shifted.amax(0) if expand > 0 else shifted.amin(0)
+    return (m[:, 0],)
 
 
 def load_image(ctx: RunContext, image: str) -> tuple[Any, ...]:
@@ -1891,6 +2283,93 @@ NODES: dict[str, NodeDef] = {
             "vectors alike), as ComfyUI.",
         ),
         NodeDef(
+            "ConditioningSetArea",
+            "Conditioning (Set Area)",
+            "conditioning",
+            (
+                Input("conditioning", "CONDITIONING"),
+                _int("width", 64, 64, SIDE_MAX, 8),
+                _int("height", 64, 64, SIDE_MAX, 8),
+                _int("x", 0, 0, SIDE_MAX, 8),
+                _int("y", 0, 0, SIDE_MAX, 8),
+                _float("strength", 1.0, 0.0, 10.0),
+            ),
+            ("CONDITIONING",),
+            conditioning_set_area,
+            description="Regional prompting as ComfyUI: the entries predict on this box of the latent (pixels "
+            "floored to the latent's grid, 8 on SD and SDXL, cut to the latent; a box starting outside it fails at "
+            "the sampler), their "
+            "prediction weighted by `strength` with the box's inner edges feathered, summed with the other entries' "
+            "and divided by the summed weights. A ControlNet cannot act on an area (a sampler error).",
+        ),
+        NodeDef(
+            "ConditioningSetAreaPercentage",
+            "Conditioning (Set Area with Percentage)",
+            "conditioning",
+            (
+                Input("conditioning", "CONDITIONING"),
+                _float("width", 1.0, 0, 1.0),  # ComfyUI's integer 0s, as /object_info lists them
+                _float("height", 1.0, 0, 1.0),
+                _float("x", 0, 0, 1.0),
+                _float("y", 0, 0, 1.0),
+                _float("strength", 1.0, 0.0, 10.0),
+            ),
+            ("CONDITIONING",),
+            conditioning_set_area_percentage,
+            description="ConditioningSetArea with the box in fractions of the latent's width and height.",
+        ),
+        NodeDef(
+            "ConditioningSetAreaStrength",
+            "ConditioningSetAreaStrength",
+            "conditioning",
+            (Input("conditioning", "CONDITIONING"), _float("strength", 1.0, 0.0, 10.0)),
+            ("CONDITIONING",),
+            conditioning_set_area_strength,
+            description="The entries' weight in the sampler's weighted sum of the combined conditionings' "
+            "predictions (as ComfyUI).",
+        ),
+        NodeDef(
+            "ConditioningSetMask",
+            "Conditioning (Set Mask)",
+            "conditioning",
+            (
+                Input("conditioning", "CONDITIONING"),
+                Input("mask", "MASK"),
+                _float("strength", 1.0, 0.0, 10.0),
+                _combo("set_cond_area", ("default", "mask bounds")),
+            ),
+            ("CONDITIONING",),
+            conditioning_set_mask,
+            description="Regional prompting by mask as ComfyUI: the entries' prediction weighted by the mask "
+            "(bilinearly resized to the latent) times `strength`; `mask bounds` runs them on the mask's bounding "
+            "box only (at least 8 latent pixels a side; a ControlNet cannot act on such a box).",
+        ),
+        NodeDef(
+            "ConditioningSetTimestepRange",
+            "ConditioningSetTimestepRange",
+            "advanced/conditioning",
+            (
+                Input("conditioning", "CONDITIONING"),
+                _float("start", 0.0, 0.0, 1.0, 0.001),
+                _float("end", 1.0, 0.0, 1.0, 0.001),
+            ),
+            ("CONDITIONING",),
+            conditioning_set_timestep_range,
+            description="The entries weigh in only at the model calls whose sigma lies between the model's sigmas "
+            "at `end` and `start` of the denoising (as ComfyUI judges a ControlNet's percents); combined with "
+            "another conditioning, each takes its part of the steps (at a call that none takes, the prediction is "
+            "0, as in ComfyUI).",
+        ),
+        NodeDef(
+            "ConditioningZeroOut",
+            "ConditioningZeroOut",
+            "advanced/conditioning",
+            (Input("conditioning", "CONDITIONING"),),
+            ("CONDITIONING",),
+            conditioning_zero_out,
+            description="The token states and pooled text set to zeros (SDXL's size numbers are kept), as ComfyUI.",
+        ),
+        NodeDef(
             "LatentFromBatch",
             "Latent From Batch",
             "latent/batch",
@@ -1960,6 +2439,115 @@ NODES: dict[str, NodeDef] = {
             (_combo("sampler_name", tuple(SAMPLER_NAMES)),),
             ("SAMPLER",),
             ksampler_select,
+        ),
+        NodeDef(
+            "SamplerEulerAncestral",
+            "SamplerEulerAncestral",
+            "sampling/custom_sampling/samplers",
+            (
+                Input("eta", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                Input("s_noise", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+            ),
+            ("SAMPLER",),
+            sampler_euler_ancestral,
+            description="Euler ancestral with its eta (s_noise: 1 only).",
+        ),
+        NodeDef(
+            "SamplerEulerAncestralCFGPP",
+            "SamplerEulerAncestralCFG++",
+            "sampling/custom_sampling/samplers",
+            (
+                Input("eta", "FLOAT", 1.0, 0.0, 1.0, 0.01, round=False),
+                Input("s_noise", "FLOAT", 1.0, 0.0, 10.0, 0.01, round=False),
+            ),
+            ("SAMPLER",),
+            sampler_euler_ancestral_cfg_pp,
+            description="Euler ancestral CFG++ with its eta and s_noise.",
+        ),
+        NodeDef(
+            "SamplerLMS",
+            "SamplerLMS",
+            "sampling/custom_sampling/samplers",
+            (_int("order", 4, 1, 100),),
+            ("SAMPLER",),
+            sampler_lms,
+            description="LMS of the given order.",
+        ),
+        NodeDef(
+            "SamplerDPMPP_3M_SDE",
+            "SamplerDPMPP_3M_SDE",
+            "sampling/custom_sampling/samplers",
+            (
+                Input("eta", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                Input("s_noise", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                _combo("noise_device", ("gpu", "cpu")),
+            ),
+            ("SAMPLER",),
+            sampler_dpmpp_3m_sde,
+            description="DPM++ 3M SDE with its eta and s_noise (the noise: the seed's "
+            "on the CPU whatever `noise_device`).",
+        ),
+        NodeDef(
+            "SamplerDPMPP_2M_SDE",
+            "SamplerDPMPP_2M_SDE",
+            "sampling/custom_sampling/samplers",
+            (
+                _combo("solver_type", ("midpoint", "heun")),
+                Input("eta", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                Input("s_noise", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                _combo("noise_device", ("gpu", "cpu")),
+            ),
+            ("SAMPLER",),
+            sampler_dpmpp_2m_sde,
+            description="DPM++ 2M SDE (midpoint or heun) with its eta and s_noise (the noise: the seed's "
+            "on the CPU whatever `noise_device`).",
+        ),
+        NodeDef(
+            "SamplerDPMPP_SDE",
+            "SamplerDPMPP_SDE",
+            "sampling/custom_sampling/samplers",
+            (
+                Input("eta", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                Input("s_noise", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                Input("r", "FLOAT", 0.5, 0.0, 100.0, 0.01, round=False),
+                _combo("noise_device", ("gpu", "cpu")),
+            ),
+            ("SAMPLER",),
+            sampler_dpmpp_sde,
+            description="DPM++ SDE with its eta and s_noise (r: 0.5 only; the noise: "
+            "the seed's on the CPU whatever `noise_device`).",
+        ),
+        NodeDef(
+            "SamplerDPMPP_2S_Ancestral",
+            "SamplerDPMPP_2S_Ancestral",
+            "sampling/custom_sampling/samplers",
+            (
+                Input("eta", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                Input("s_noise", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+            ),
+            ("SAMPLER",),
+            sampler_dpmpp_2s_ancestral,
+            description="DPM++ 2S ancestral with its eta and s_noise.",
+        ),
+        NodeDef(
+            "SamplerDPMAdaptative",
+            "SamplerDPMAdaptative",
+            "sampling/custom_sampling/samplers",
+            (
+                _int("order", 3, 2, 3),
+                Input("rtol", "FLOAT", 0.05, 0.0, 100.0, 0.01, round=False),
+                Input("atol", "FLOAT", 0.0078, 0.0, 100.0, 0.01, round=False),
+                Input("h_init", "FLOAT", 0.05, 0.0, 100.0, 0.01, round=False),
+                Input("pcoeff", "FLOAT", 0.0, 0.0, 100.0, 0.01, round=False),
+                Input("icoeff", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+                Input("dcoeff", "FLOAT", 0.0, 0.0, 100.0, 0.01, round=False),
+                Input("accept_safety", "FLOAT", 0.81, 0.0, 100.0, 0.01, round=False),
+                Input("eta", "FLOAT", 0.0, 0.0, 100.0, 0.01, round=False),
+                Input("s_noise", "FLOAT", 1.0, 0.0, 100.0, 0.01, round=False),
+            ),
+            ("SAMPLER",),
+            sampler_dpm_adaptive,
+            description="DPM adaptive with its step-size controller's settings.",
         ),
         NodeDef(
             "BasicScheduler",
@@ -2150,6 +2738,24 @@ NODES: dict[str, NodeDef] = {
             "large images in less memory, close to VAE Decode but not bit-equal.",
         ),
         NodeDef(
+            "VAEEncodeTiled",
+            "VAE Encode (Tiled)",
+            "_for_testing",
+            (
+                Input("pixels", "IMAGE"),
+                Input("vae", "VAE"),
+                _int("tile_size", 512, 64, 4096, 64),
+                _int("overlap", 64, 0, 4096, 32),
+                Input("temporal_size", "INT", 64, 8, 4096, 4, optional=True, tooltip="Only used for video VAEs."),
+                Input("temporal_overlap", "INT", 8, 4, 4096, 4, optional=True, tooltip="Only used for video VAEs."),
+            ),
+            ("LATENT",),
+            vae_encode_tiled,
+            description="VAE Encode in overlapping tiles (tile_size and overlap in pixels; an overlap over a quarter "
+            "of the tile cut to a quarter), blended at the seams: large images in less memory, close to VAE Encode "
+            "but not bit-equal.",
+        ),
+        NodeDef(
             "VAEEncode",
             "VAE Encode",
             "latent",
@@ -2198,6 +2804,173 @@ NODES: dict[str, NodeDef] = {
             ),
             ("LATENT",),
             latent_upscale_by,
+        ),
+        NodeDef(
+            "LatentComposite",
+            "Latent Composite",
+            "latent",
+            (
+                Input("samples_to", "LATENT"),
+                Input("samples_from", "LATENT"),
+                _int("x", 0, 0, SIDE_MAX, 8),
+                _int("y", 0, 0, SIDE_MAX, 8),
+                _int("feather", 0, 0, SIDE_MAX, 8),
+            ),
+            ("LATENT",),
+            latent_composite,
+            description="samples_from pasted into samples_to at (x, y) (floored to multiples of 8, cut to fit), "
+            "its inner edges blended over `feather` pixels, as ComfyUI (on a model whose latent pixel is not 8 "
+            "pixels, the model's grid).",
+        ),
+        NodeDef(
+            "LatentCompositeMasked",
+            "LatentCompositeMasked",
+            "latent",
+            (
+                Input("destination", "LATENT"),
+                Input("source", "LATENT"),
+                _int("x", 0, 0, SIDE_MAX, 8),
+                _int("y", 0, 0, SIDE_MAX, 8),
+                Input("resize_source", "BOOLEAN", False),
+                Input("mask", "MASK", optional=True),
+            ),
+            ("LATENT",),
+            latent_composite_masked,
+            description="source over destination at (x, y), weighted by the mask (bilinearly resized to the "
+            "source), as ComfyUI.",
+        ),
+        NodeDef(
+            "ImageCompositeMasked",
+            "ImageCompositeMasked",
+            "image",
+            (
+                Input("destination", "IMAGE"),
+                Input("source", "IMAGE"),
+                _int("x", 0, 0, SIDE_MAX),
+                _int("y", 0, 0, SIDE_MAX),
+                Input("resize_source", "BOOLEAN", False),
+                Input("mask", "MASK", optional=True),
+            ),
+            ("IMAGE",),
+            image_composite_masked,
+            description="source over destination at pixel (x, y), weighted by the mask, as ComfyUI.",
+        ),
+        NodeDef(
+            "ImagePadForOutpaint",
+            "Pad Image for Outpainting",
+            "image",
+            (
+                Input("image", "IMAGE"),
+                _int("left", 0, 0, SIDE_MAX, 8),
+                _int("top", 0, 0, SIDE_MAX, 8),
+                _int("right", 0, 0, SIDE_MAX, 8),
+                _int("bottom", 0, 0, SIDE_MAX, 8),
+                _int("feathering", 40, 0, SIDE_MAX),
+            ),
+            ("IMAGE", "MASK"),
+            image_pad_for_outpaint,
+            description="The image on a grey canvas grown by the margins, and the mask of what to paint (the "
+            "margins, feathered into the image), as ComfyUI; a canvas over the server's side limit fails here.",
+        ),
+        NodeDef("ImageInvert", "Invert Image", "image", (Input("image", "IMAGE"),), ("IMAGE",), image_invert),
+        NodeDef(
+            "EmptyImage",
+            "EmptyImage",
+            "image",
+            (
+                _int("width", 512, 1, SIDE_MAX, limit="side"),
+                _int("height", 512, 1, SIDE_MAX, limit="side"),
+                _int("batch_size", 1, 1, 4096, limit="batch"),
+                Input("color", "INT", 0, 0, 0xFFFFFF, 1, display="color"),
+            ),
+            ("IMAGE",),
+            empty_image,
+        ),
+        NodeDef(
+            "ImageCrop",
+            "ImageCrop",
+            "image/transform",
+            (
+                Input("image", "IMAGE"),
+                _int("width", 512, 1, SIDE_MAX),
+                _int("height", 512, 1, SIDE_MAX),
+                _int("x", 0, 0, SIDE_MAX),
+                _int("y", 0, 0, SIDE_MAX),
+            ),
+            ("IMAGE",),
+            image_crop,
+        ),
+        NodeDef(
+            "MaskToImage",
+            "Convert Mask to Image",
+            "mask",
+            (Input("mask", "MASK"),),
+            ("IMAGE",),
+            mask_to_image,
+        ),
+        NodeDef(
+            "ImageToMask",
+            "Convert Image to Mask",
+            "mask",
+            (Input("image", "IMAGE"), _combo("channel", ("red", "green", "blue", "alpha"))),
+            ("MASK",),
+            image_to_mask,
+            description="One channel of the image (an IMAGE has no alpha: LoadImage gives it as its MASK).",
+        ),
+        NodeDef(
+            "SolidMask",
+            "SolidMask",
+            "mask",
+            (
+                _float("value", 1.0, 0.0, 1.0),
+                _int("width", 512, 1, SIDE_MAX, limit="side"),
+                _int("height", 512, 1, SIDE_MAX, limit="side"),
+            ),
+            ("MASK",),
+            solid_mask,
+        ),
+        NodeDef("InvertMask", "InvertMask", "mask", (Input("mask", "MASK"),), ("MASK",), invert_mask),
+        NodeDef(
+            "MaskComposite",
+            "MaskComposite",
+            "mask",
+            (
+                Input("destination", "MASK"),
+                Input("source", "MASK"),
+                _int("x", 0, 0, SIDE_MAX),
+                _int("y", 0, 0, SIDE_MAX),
+                _combo("operation", ("multiply", "add", "subtract", "and", "or", "xor")),
+            ),
+            ("MASK",),
+            mask_composite,
+        ),
+        NodeDef(
+            "FeatherMask",
+            "FeatherMask",
+            "mask",
+            (
+                Input("mask", "MASK"),
+                _int("left", 0, 0, SIDE_MAX),
+                _int("top", 0, 0, SIDE_MAX),
+                _int("right", 0, 0, SIDE_MAX),
+                _int("bottom", 0, 0, SIDE_MAX),
+            ),
+            ("MASK",),
+            feather_mask,
+            description="The edges ramped to 0 over the given widths, with ComfyUI's indexing (its right and bottom "
+            "ramps start on the first column and row).",
+        ),
+        NodeDef(
+            "GrowMask",
+            "GrowMask",
+            "mask",
+            (
+                Input("mask", "MASK"),
+                _int("expand", 0, -SIDE_MAX, SIDE_MAX),
+                Input("tapered_corners", "BOOLEAN", True),
+            ),
+            ("MASK",),
+            grow_mask,
         ),
         NodeDef(
             "LoadImage",
@@ -2388,6 +3161,10 @@ def input_spec(i: Input, env: Any, choices: list[str] | None = None) -> list[Any
             v = input_max(i, env) if k == "max" else getattr(i, k)
             if v is not None:
                 opts[k] = v
+        if i.round is not None:
+            opts["round"] = i.round
+        if i.display is not None:
+            opts["display"] = i.display
         if i.multiline:
             opts["multiline"] = True
     if i.tooltip:
