@@ -150,6 +150,7 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
             "eta_noise_seed_delta": 0,  # A1111's ENSD
             "initial_noise_multiplier": 1.0,  # A1111's img2img noise multiplier
             "img2img_fix_steps": False,  # A1111's "With img2img, do exactly the amount of steps the slider specifies"
+            "hires_fix_refiner_pass": "second pass",  # A1111's: which pass of the hires fix hands off to the refiner
         },
     )
 

@@ -274,8 +274,10 @@ def batch_key(job: Job) -> tuple[Any, ...] | None:
     if getattr(job, "run_on", None) is not None:
         return None
     g = job.generation
-    # a base -> refiner hand-off, A1111's SDXL options other than its empty-negative rule: run alone
-    if g.refiner is not None or set(g.sdxl_options or ()) - {"force_zeros_for_empty_prompt"}:
+    # a base -> refiner hand-off, another hires model, A1111's SDXL options other than its empty-negative rule: alone
+    if g.refiner is not None or getattr(g, "hr_model", None) is not None:
+        return None
+    if set(g.sdxl_options or ()) - {"force_zeros_for_empty_prompt"}:
         return None
     kw = g.kwargs
     if g.n_iter != 1 or any(kw.get(k) is not None for k in _NEVER_BATCHED):
@@ -720,6 +722,8 @@ class Worker(threading.Thread):
         self.model: str | None = None
         self.refiner_pipe: Any = None  # the SDXL refiner of the last hand-off job (kept for the next one)
         self.refiner_model: str | None = None
+        self.hr_pipe: Any = None  # the hires fix's second-pass model of the last job that named another (kept too)
+        self.hr_model: str | None = None
         self.current: Job | None = None
         self.batch: list[Job] = []  # the jobs of the running call (one, or a batch)
         self.preload: str | None = None  # a model to load before the first job (set before start)
@@ -777,6 +781,7 @@ class Worker(threading.Thread):
             self.pipe = None  # free the old model (and a hand-off's refiner) before loading the next
             self.model = None
             self.refiner_pipe, self.refiner_model = None, None
+            self.hr_pipe, self.hr_model = None, None
             self.pipe = self.manager.loader(model, self.device)
             self.model = model
             if model == self.preload:
@@ -792,6 +797,18 @@ class Worker(threading.Thread):
             self.refiner_model = model
         return self.refiner_pipe
 
+    def hires_model(self, model: str) -> Any:
+        """The hires fix's second-pass model of a job (A1111's ``hr_checkpoint_name``), loaded beside the job's model
+        and kept for the next such job; the refiner's pipeline where it is the same model (one copy)."""
+        if model == self.refiner_model:
+            return self.refiner_pipe
+        if self.hr_model != model:
+            self.hr_pipe = None
+            self.hr_model = None
+            self.hr_pipe = self.manager.loader(model, self.device)
+            self.hr_model = model
+        return self.hr_pipe
+
     def run_job(self, job: Job) -> None:
         import torch
 
@@ -806,7 +823,17 @@ class Worker(threading.Thread):
         except (SdengineError, OSError, ValueError) as e:
             m.finish(job, FAILED, f"cannot load model {g.model_name!r}: {e}")
             return
-        call, refiner = pipe, None
+        call, refiner, hr = pipe, None, None
+        if g.hr_model is not None:
+            try:
+                hr = self.hires_model(g.hr_model)
+            except (SdengineError, OSError, ValueError) as e:
+                m.finish(job, FAILED, f"cannot load the hires model {g.hr_model_name!r}: {e}")
+                return
+
+            def call(**kw: Any) -> Any:
+                return pipe(hr_model=hr, **kw)
+
         if g.refiner is not None:
             try:
                 refiner = self.refiner(g.refiner)
@@ -818,7 +845,14 @@ class Worker(threading.Thread):
                 return
 
             def call(**kw: Any) -> Any:
-                return pipe.generate_with_refiner(refiner, switch_at=g.refiner_switch_at, switch_rule="a1111", **kw)
+                return pipe.generate_with_refiner(
+                    refiner,
+                    switch_at=g.refiner_switch_at,
+                    switch_rule="a1111",
+                    hires_pass=g.hires_refiner_pass,
+                    hr_model=hr,
+                    **kw,
+                )
 
         from sdengine.pipeline.request import batch_count_seeds
 
