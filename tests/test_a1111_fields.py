@@ -188,6 +188,9 @@ def test_hr_checkpoint_of_another_model_runs_the_second_pass_on_it(counted):
     again = client.post("/sdapi/v1/txt2img", json={**SMALL, **hires, "hr_checkpoint_name": "other"})
     np.testing.assert_array_equal(_image(again), _image(other))
     assert [Path(m).name for m in loads].count("other") == 1  # kept beside the job's model
+    text = _info(other)["infotexts"][0]  # its "Hires checkpoint" runs the same second pass again
+    pasted = client.post("/sdapi/v1/txt2img", json={"infotext": text})
+    np.testing.assert_array_equal(_image(pasted), _image(other))
     r = client.post(
         "/sdapi/v1/txt2img", json={**SMALL, **hires, "hr_checkpoint_name": "other", "prompt": "a <lora:emoji-fruit:1>"}
     )

@@ -486,6 +486,9 @@ def test_a1111_hires_fix_refiner_pass_option(base, refiner, a1111_sdxl):
     )
     assert np.abs(image - np.asarray(want.images[0], np.float64)).max() == 0.0
     assert "Hires refiner: first pass" in info["infotexts"][0]
+    r, again, _ = a1111_sdxl(infotext=info["infotexts"][0], prompt=None, steps=None, seed=None, enable_hr=None)
+    assert r.status_code == 200, r.text
+    assert np.abs(again - image).max() == 0.0  # its "Hires refiner" sets the option again
     r, _, _ = a1111_sdxl(**hires, hr_checkpoint_name="nope")
     assert r.status_code == 400 and "unknown model 'nope'" in r.text.lower(), r.text
 

@@ -929,6 +929,11 @@ def install(app: FastAPI, services: Any) -> None:
                 raise BadRequest(
                     f"infotext: Refiner switch at must be a number, got {parsed.get('Refiner switch at')!r}"
                 ) from None
+        if hires and parsed.get("Hires checkpoint") not in (None, *SAME_CHECKPOINT):  # A1111's paste field
+            try:  # the second pass's model (a name it lacks: another image, so said here)
+                filled["hr_checkpoint_name"] = catalog.model_name_of(catalog.resolve_model(parsed["Hires checkpoint"]))
+            except BadRequest as e:
+                raise BadRequest(f"infotext: Hires checkpoint: {e}") from None
         if not hires and "noise_multiplier" in found:  # img2img's (txt2img has no such field)
             filled["initial_noise_multiplier"] = found["noise_multiplier"]
         for key, value in (found.get("sampler_options") or {}).items():  # "Eta", "Sigma churn", ...
@@ -952,6 +957,8 @@ def install(app: FastAPI, services: Any) -> None:
             settings["face_restoration"] = True
         if not hires and found.get("strength_rule") == "a1111_fix_steps":  # sdengine's record of img2img_fix_steps
             settings["img2img_fix_steps"] = True
+        if hires and "Hires refiner" in parsed:  # the pass that handed off, where not A1111's default
+            settings["hires_fix_refiner_pass"] = parsed["Hires refiner"]
         if "noise_seed_delta" in found:  # "ENSD", as A1111 maps it (only when the infotext has one: no default)
             settings["eta_noise_seed_delta"] = found["noise_seed_delta"]
         xl_options, xl_rest = infotext_sdxl(found.get("sdxl"))
@@ -959,6 +966,7 @@ def install(app: FastAPI, services: Any) -> None:
         if clip is not None:
             del settings["CLIP_stop_at_last_layers"]  # not A1111's: passed on with its rule instead
         defaults: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "face_restoration": False, **SDXL_OPTIONS}
+        defaults["hires_fix_refiner_pass"] = "second pass"
         for name, value in settings.items():  # as A1111: only where it differs from the current option
             if name not in over and value != options.get(name, defaults.get(name, "Full")):
                 over[name] = value
