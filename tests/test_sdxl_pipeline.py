@@ -850,6 +850,26 @@ def test_hires_fix_second_pass_runs_on_hr_model(base, refiner):
     assert np.abs(same.arrays[0] - hand(init_image=up(plain_first), **big).arrays[0]).max() == 0.0
 
 
+def test_img2img_fix_steps_hand_off_runs_the_steps_asked(base, refiner):
+    """A1111's img2img_fix_steps (strength_rule "a1111_fix_steps") with the refiner: img2img runs the steps asked,
+    the last of a steps / strength schedule, as the base alone does (the hand-off ran A1111's plain count on a
+    steps-long schedule: 3 of 4 steps at strength 0.5, another image)."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw = dict(steps=4, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    kw.update(progress=False, init_image=picture(SIZE, SIZE), strength=0.5)
+    counts = {}
+    for rule in ("a1111", "a1111_fix_steps"):
+        seen = []
+        b_pipe.generate_with_refiner(
+            r_pipe, PROMPT, NEGATIVE, switch_at=0.8, switch_rule="a1111", strength_rule=rule, callback=seen.append, **kw
+        )
+        base_seen = []
+        b_pipe(PROMPT, NEGATIVE, strength_rule=rule, callback=base_seen.append, **kw)
+        counts[rule] = (len(seen), seen[-1].steps, len(base_seen))
+    assert counts == {"a1111": (3, 3, 3), "a1111_fix_steps": (4, 4, 4)}, counts
+
+
 def test_inpainting_hand_off_blends_on_the_refiners_steps_too(base, refiner):
     """An inpainting hand-off (A1111 runs the refiner with a mask; it was refused): the blend of the request's rule
     goes on over the refiner's steps, so every step's x0, the refiner's too, keeps the init latent where the mask

@@ -18,7 +18,7 @@ from PIL import Image
 from sdengine import vae_utils
 from sdengine.diffusion import sampling
 from sdengine.diffusion.samplers import SamplingInterrupted
-from sdengine.diffusion.schedules import A1111_STRENGTH_RULES, img2img_start
+from sdengine.diffusion.schedules import A1111_STRENGTH_RULES, img2img_start, img2img_steps
 from sdengine.errors import GenerationError
 from sdengine.io.images import to_uint8
 from sdengine.pipeline.core import Pipeline, Prepared, as_request, check_hr_model, grid_strength, model_title
@@ -212,18 +212,26 @@ class SDXLPipeline(Pipeline):
         first_hands = p.hires is None or hires_pass != "second pass"
         second_hands = p.hires is not None and hires_pass != "first pass"
         span: tuple[int, int, float] = (0, steps, 1.0)
+        grid_steps = steps  # the first pass's schedule: img2img_fix_steps' steps / strength (A1111's)
         if first_hands:
             strength = grid_strength(request) if p.init is not None else 1.0
+            if p.init is not None:
+                grid_steps = img2img_steps(steps, float(request.strength), request.strength_rule, p.sampler)[0]
             grid = sampling.make_grid(
-                p.sampler, steps, self.noise_schedule, p.schedule, self.scheduler_config, strength
+                p.sampler, grid_steps, self.noise_schedule, p.schedule, self.scheduler_config, strength
             )
             first = 0
             if p.init is not None:  # img2img: the base starts at the img2img's first step (A1111 switches so)
-                first = img2img_start(grid.steps, float(request.strength), request.strength_rule, p.sampler)
+                if request.strength_rule == "a1111_fix_steps":  # the last `steps` of the longer schedule
+                    first = grid.steps - (
+                        grid_steps - img2img_steps(steps, float(request.strength), request.strength_rule, p.sampler)[1]
+                    )
+                else:
+                    first = img2img_start(grid.steps, float(request.strength), request.strength_rule, p.sampler)
                 if first >= grid.steps:
                     raise GenerationError(f"strength {request.strength} runs no step of {steps}")
             span = (first, switch_step(grid, self.noise_schedule, float(switch_at), switch_rule, first), strength)
-        first_run = steps - span[0]
+        first_run = grid_steps - span[0]
         total = first_run
         second_span: tuple[int, int, float] | None = None
         if p.hires is not None:
@@ -290,7 +298,8 @@ class SDXLPipeline(Pipeline):
                         p, prompts=[prompt_i], negatives=[p.negatives[i]], seeds=[seed], subseeds=None
                     )
                     if first_hands:
-                        x = hand_off_latents(self, refiner, prow, p_ref, prompt_i, negative_i, span, on_step)
+                        run = dataclasses.replace(prow, request=prow.request.replace(steps=grid_steps))
+                        x = hand_off_latents(self, refiner, run, p_ref, prompt_i, negative_i, span, on_step)
                         ended: Any = refiner  # the model whose VAE decodes the first pass
                     else:
                         x = self.sample_latents(first_pass(prow, callback=shifted(0)))
