@@ -294,8 +294,13 @@ class SDXLPipeline(Pipeline):
                 for i, (prompt_i, negative_i, seed) in enumerate(
                     zip(p.prompts, self.encoded_negatives(p), p.seeds, strict=True)
                 ):
-                    prow = dataclasses.replace(
-                        p, prompts=[prompt_i], negatives=[p.negatives[i]], seeds=[seed], subseeds=None
+                    prow = dataclasses.replace(  # one row; the passes report through this call's bar
+                        p,
+                        request=request.replace(progress=False, callback=None),
+                        prompts=[prompt_i],
+                        negatives=[p.negatives[i]],
+                        seeds=[seed],
+                        subseeds=None,
                     )
                     if first_hands:
                         run = dataclasses.replace(prow, request=prow.request.replace(steps=grid_steps))
