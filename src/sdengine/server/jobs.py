@@ -788,23 +788,33 @@ class Worker(threading.Thread):
                 self.load_error = None
         return self.pipe
 
-    def refiner(self, model: str) -> Any:
-        """The refiner of a hand-off job, loaded beside the job's model (and kept for the next such job)."""
+    def refiner(self, model: str, keep: Any = ()) -> Any:
+        """The refiner of a hand-off job, loaded beside the job's model (and kept for the next such job). A hires
+        model kept from an earlier job that this one does not name (``keep``) is freed before a new load: the
+        device holds at most the models the job runs."""
+        if model == self.hr_model and self.refiner_model != model:  # one copy of a model in both roles
+            self.refiner_pipe, self.refiner_model = self.hr_pipe, self.hr_model
+            self.hr_pipe, self.hr_model = None, None
         if self.refiner_model != model:
             self.refiner_pipe = None
             self.refiner_model = None
+            if self.hr_model is not None and self.hr_model not in keep:
+                self.hr_pipe, self.hr_model = None, None
             self.refiner_pipe = self.manager.loader(model, self.device)
             self.refiner_model = model
         return self.refiner_pipe
 
-    def hires_model(self, model: str) -> Any:
+    def hires_model(self, model: str, keep: Any = ()) -> Any:
         """The hires fix's second-pass model of a job (A1111's ``hr_checkpoint_name``), loaded beside the job's model
-        and kept for the next such job; the refiner's pipeline where it is the same model (one copy)."""
+        and kept for the next such job; the refiner's pipeline where it is the same model (one copy). A refiner
+        kept from an earlier job that this one does not name (``keep``) is freed before a new load."""
         if model == self.refiner_model:
             return self.refiner_pipe
         if self.hr_model != model:
             self.hr_pipe = None
             self.hr_model = None
+            if self.refiner_model is not None and self.refiner_model not in keep:
+                self.refiner_pipe, self.refiner_model = None, None
             self.hr_pipe = self.manager.loader(model, self.device)
             self.hr_model = model
         return self.hr_pipe
@@ -824,9 +834,18 @@ class Worker(threading.Thread):
             m.finish(job, FAILED, f"cannot load model {g.model_name!r}: {e}")
             return
         call, refiner, hr = pipe, None, None
+        if g.refiner is not None:
+            try:
+                refiner = self.refiner(g.refiner, keep={g.hr_model})
+            except (SdengineError, OSError, ValueError) as e:
+                m.finish(job, FAILED, f"cannot load the refiner {g.refiner_name!r}: {e}")
+                return
+            if not hasattr(pipe, "generate_with_refiner"):
+                m.finish(job, FAILED, f"a refiner needs an SDXL base model; {g.model_name!r} is not one")
+                return
         if g.hr_model is not None:
             try:
-                hr = self.hires_model(g.hr_model)
+                hr = self.hires_model(g.hr_model, keep={g.refiner})
             except (SdengineError, OSError, ValueError) as e:
                 m.finish(job, FAILED, f"cannot load the hires model {g.hr_model_name!r}: {e}")
                 return
@@ -834,15 +853,7 @@ class Worker(threading.Thread):
             def call(**kw: Any) -> Any:
                 return pipe(hr_model=hr, **kw)
 
-        if g.refiner is not None:
-            try:
-                refiner = self.refiner(g.refiner)
-            except (SdengineError, OSError, ValueError) as e:
-                m.finish(job, FAILED, f"cannot load the refiner {g.refiner_name!r}: {e}")
-                return
-            if not hasattr(pipe, "generate_with_refiner"):
-                m.finish(job, FAILED, f"a refiner needs an SDXL base model; {g.model_name!r} is not one")
-                return
+        if refiner is not None:
 
             def call(**kw: Any) -> Any:
                 return pipe.generate_with_refiner(
