@@ -774,6 +774,11 @@ def test_hand_off_bad_settings(base, refiner):
     hr = dict(enable_hr=True, hr_scale=2.0, width=SIZE, height=SIZE)
     with pytest.raises(GenerationError, match="hires_fix_refiner_pass must be one of 'first pass'"):
         b_pipe.generate_with_refiner(r_pipe, PROMPT, hires_pass="third pass", **hr)
+    # the second pass's own sampler hands off too (it failed inside the sampler); the first pass's runs alone there
+    with pytest.raises(GenerationError, match="hr_sampler ddim is not supported with a refiner hand-off"):
+        b_pipe.generate_with_refiner(r_pipe, PROMPT, hr_sampler="ddim", steps=4, **hr)
+    with pytest.raises(GenerationError, match="^sampler ddim is not supported"):
+        b_pipe.generate_with_refiner(r_pipe, PROMPT, sampler="ddim", hr_sampler="euler", hires_pass="first pass", **hr)
     with pytest.raises(GenerationError, match="hr_model is the hires fix's second-pass model: it needs enable_hr"):
         b_pipe.generate_with_refiner(r_pipe, PROMPT, hr_model=r_pipe, width=SIZE, height=SIZE)
     with pytest.raises(GenerationError, match="hr_model must be a pipeline"):

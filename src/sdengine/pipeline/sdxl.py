@@ -64,13 +64,23 @@ def check_hand_off(
         raise GenerationError("variation seeds are not supported with a refiner hand-off")
     try:
         sampler = sampling.resolve(request.sampler, request.schedule)[0]
+        hr_sampler = None
+        if request.enable_hr and (request.hr_sampler or request.hr_schedule is not None):
+            from sdengine.pipeline.hires import hires_sampler
+
+            hr_sampler = hires_sampler(request)[0]
     except ValueError as e:
         raise GenerationError(str(e)) from None
-    if sampler in sampling.TIMESTEP_SAMPLERS:
-        raise GenerationError(
-            f"sampler {sampler} is not supported with a refiner hand-off (it cannot stop at the switch): use "
-            "one of the others, e.g. euler or dpmpp_2m"
-        )
+    # the samplers of the passes that hand off (the hires fix's: its first pass's, its second pass's hr_sampler)
+    for name, hands, what in (
+        (sampler, not request.enable_hr or hires_pass != "second pass", "sampler"),
+        (hr_sampler or sampler, request.enable_hr and hires_pass != "first pass", "hr_sampler"),
+    ):
+        if hands and name in sampling.TIMESTEP_SAMPLERS:
+            raise GenerationError(
+                f"{what} {name} is not supported with a refiner hand-off (it cannot stop at the switch): use "
+                "one of the others, e.g. euler or dpmpp_2m"
+            )
     if request.seed_resize_from is not None or request.tiling:
         raise GenerationError("seed_resize_from_w/_h and tiling are not supported with a refiner hand-off")
 
