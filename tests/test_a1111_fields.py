@@ -60,7 +60,7 @@ def _image(r: httpx.Response) -> np.ndarray:
 
 
 def test_unimplemented_fields_are_a_422_naming_the_field_before_any_work(counted):
-    """restore_faces, s_min_uncond, firstpass_image (hires), hr_checkpoint_name (another model), resize_mode 3,
+    """restore_faces, s_min_uncond, firstpass_image (hires), resize_mode 3,
     latent_mask (with a mask), mask_round false, an inpainting_fill A1111 lacks and a second init image were
     accepted and only listed in info["ignored"] (another image than A1111's); now each is a 422 naming it, and no
     model is loaded."""
@@ -76,7 +76,6 @@ def test_unimplemented_fields_are_a_422_naming_the_field_before_any_work(counted
         ("txt2img", {"infotext": f"a\nSteps: 2, Seed: 1, Size: 16x16, {FACES}"}, "override_settings.face_restoration"),
         ("txt2img", {"s_min_uncond": 0.5}, "s_min_uncond 0.5"),
         ("txt2img", {"enable_hr": True, "firstpass_image": init}, "firstpass_image: the hires fix"),
-        ("txt2img", {"enable_hr": True, "hr_checkpoint_name": "other"}, "hr_checkpoint_name 'other'"),
         ("img2img", {**i2i, "resize_mode": 9}, "resize_mode 9"),
         ("img2img", {**i2i, "init_images": [init, init]}, "init_images: 2 images"),
         ("img2img", {**inpaint, "latent_mask": init}, "latent_mask: a separate latent mask"),
@@ -173,6 +172,29 @@ def test_hr_checkpoint_of_the_same_model_and_fields_a1111_reads_not(counted):
         json={**SMALL, "restore_faces": False, "infotext": f"a\nSteps: 2, Seed: 1, Size: 16x16, {FACES}"},
     )
     assert _info(r)["ignored"] == ["override_settings.face_restoration"]
+
+
+def test_hr_checkpoint_of_another_model_runs_the_second_pass_on_it(counted):
+    """hr_checkpoint_name naming another model (a 422 before): A1111 loads it for the second pass; the worker loads
+    it beside the job's model and runs the second pass there: another image than the job's model alone, the
+    same for the same call (the model kept), and its infotext says "Hires checkpoint". A LoRA with it is a 400
+    (sdengine applies LoRAs to one model per call)."""
+    client, loads = counted
+    hires = {"enable_hr": True, "hr_scale": 2, "denoising_strength": 0.5}
+    plain = client.post("/sdapi/v1/txt2img", json={**SMALL, **hires})
+    other = client.post("/sdapi/v1/txt2img", json={**SMALL, **hires, "hr_checkpoint_name": "other"})
+    assert _info(other)["ignored"] == [] and "Hires checkpoint: other" in _info(other)["infotexts"][0]
+    assert np.abs(_image(other).astype(float) - _image(plain)).mean() > 1.0
+    again = client.post("/sdapi/v1/txt2img", json={**SMALL, **hires, "hr_checkpoint_name": "other"})
+    np.testing.assert_array_equal(_image(again), _image(other))
+    assert [Path(m).name for m in loads].count("other") == 1  # kept beside the job's model
+    text = _info(other)["infotexts"][0]  # its "Hires checkpoint" runs the same second pass again
+    pasted = client.post("/sdapi/v1/txt2img", json={"infotext": text})
+    np.testing.assert_array_equal(_image(pasted), _image(other))
+    r = client.post(
+        "/sdapi/v1/txt2img", json={**SMALL, **hires, "hr_checkpoint_name": "other", "prompt": "a <lora:emoji-fruit:1>"}
+    )
+    assert r.status_code == 400 and "LoRAs are not supported with another hires model" in r.text, r.text
 
 
 def test_latent_upscale_resize_mode_resizes_the_init_latent(models):

@@ -442,16 +442,76 @@ def test_a1111_txt2img_runs_the_sdxl_refiner_at_refiner_switch_at(base, refiner,
         (dict(refiner_checkpoint="nope", refiner_switch_at=0.7), "unknown model 'nope'"),
         (dict(refiner_checkpoint="tiny-sdxl-refiner"), "refiner_switch_at must be a number in (0, 1]"),
         (dict(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7, sampler_name="DDIM"), "DDIM"),
-        (dict(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7, enable_hr=True), "hires fix"),
+        (
+            dict(
+                refiner_checkpoint="tiny-sdxl-refiner",
+                refiner_switch_at=0.7,
+                enable_hr=True,
+                override_settings={"sd_model_checkpoint": "tiny-sdxl", "hires_fix_refiner_pass": "third pass"},
+            ),
+            "hires_fix_refiner_pass must be one of",
+        ),
     ):
         r, _, _ = a1111_sdxl(**extra)
         assert r.status_code == 400 and says.lower() in r.text.lower(), (extra, r.text)
 
 
+def _a1111_hires_kw(steps=5):
+    kw = dict(steps=steps, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    kw.update(progress=False, enable_hr=True, hr_scale=2.0, hr_upscaler="Latent", strength=0.6, strength_rule="a1111")
+    return kw, dict(enable_hr=True, hr_scale=2.0, denoising_strength=0.6, steps=steps)
+
+
+def test_a1111_hires_fix_runs_the_refiner_and_hr_checkpoint_name(base, refiner, a1111_sdxl):
+    """A1111's hires fix with refiner_checkpoint (a 400 before): the refiner hands off in the second pass (A1111's
+    hires_fix_refiner_pass default), as generate_with_refiner with A1111's step rules, and the image is not the
+    no-refiner one; hr_checkpoint_name naming another model (a 422 before) runs the second pass on it (``hr_model``)."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw, hires = _a1111_hires_kw(steps=3)  # the second pass's 5-step schedule hands off at its step 4
+    alone = np.asarray(b_pipe(PROMPT, NEGATIVE, **kw).images[0], np.float64)
+    r, image, info = a1111_sdxl(**hires, refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7)
+    assert r.status_code == 200, r.text
+    want = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.7, switch_rule="a1111", **kw)
+    assert image.shape == (2 * SIZE, 2 * SIZE, 3)
+    assert np.abs(image - np.asarray(want.images[0], np.float64)).max() == 0.0
+    assert np.abs(image - alone).mean() > 1.0
+    assert "Refiner: tiny-sdxl-refiner" in info["infotexts"][0] and "refiner_checkpoint" not in info["ignored"]
+    r, image, info = a1111_sdxl(**hires, hr_checkpoint_name="tiny-sdxl-refiner")
+    assert r.status_code == 200, r.text
+    want = b_pipe(PROMPT, NEGATIVE, hr_model=r_pipe, **kw)
+    assert np.abs(image - np.asarray(want.images[0], np.float64)).max() == 0.0
+    assert np.abs(image - alone).mean() > 1.0
+    assert "Hires checkpoint: tiny-sdxl-refiner" in info["infotexts"][0] and "hr_checkpoint_name" not in info["ignored"]
+
+
+@pytest.mark.slow
+def test_a1111_hires_fix_refiner_pass_option(base, refiner, a1111_sdxl):
+    """A1111's hires_fix_refiner_pass reaches the job: "first pass" hands off in the first pass (its infotext says
+    so); an unknown hr_checkpoint_name is a 400 naming the models."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw, hires = _a1111_hires_kw()
+    over = {"sd_model_checkpoint": "tiny-sdxl", "hires_fix_refiner_pass": "first pass"}
+    hand = dict(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7)
+    r, image, info = a1111_sdxl(**hires, **hand, override_settings=over)
+    assert r.status_code == 200, r.text
+    want = b_pipe.generate_with_refiner(
+        r_pipe, PROMPT, NEGATIVE, switch_at=0.7, switch_rule="a1111", hires_pass="first pass", **kw
+    )
+    assert np.abs(image - np.asarray(want.images[0], np.float64)).max() == 0.0
+    assert "Hires refiner: first pass" in info["infotexts"][0]
+    r, again, _ = a1111_sdxl(infotext=info["infotexts"][0], prompt=None, steps=None, seed=None, enable_hr=None)
+    assert r.status_code == 200, r.text
+    assert np.abs(again - image).max() == 0.0  # its "Hires refiner" sets the option again
+    r, _, _ = a1111_sdxl(**hires, hr_checkpoint_name="nope")
+    assert r.status_code == 400 and "unknown model 'nope'" in r.text.lower(), r.text
+
+
 def test_a1111_img2img_runs_the_sdxl_refiner(base, refiner, a1111_sdxl):
     """A1111 runs refiner_checkpoint in img2img too, switching on the img2img's schedule; it was listed as
     ignored (the base ran every step). The image is generate_with_refiner's from the init image (A1111's strength
-    rule and switch step); its infotext runs it again; a mask is a 400 (the hand-off takes none)."""
+    rule and switch step); its infotext runs it again; with a mask it runs as an inpainting hand-off."""
     import base64
     import io
 
@@ -476,8 +536,23 @@ def test_a1111_img2img_runs_the_sdxl_refiner(base, refiner, a1111_sdxl):
     r, again, _ = a1111_sdxl(route="img2img", init_images=[b64], infotext=text, prompt=None, steps=None, seed=None)
     assert r.status_code == 200, r.text
     assert np.abs(again - image).max() == 0.0
-    r, _, _ = a1111_sdxl(**i2i, mask=b64, refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7)
-    assert r.status_code == 400 and "refiner_checkpoint: a base -> refiner hand-off takes no mask" in r.text, r.text
+    from PIL import Image
+
+    # inpainting: A1111 runs the refiner with the mask (its blend goes on over the refiner's steps); the image
+    # is the hand-off's, not the base's alone, and the region the mask keeps is the init image (the overlay)
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (0, 0, SIZE // 2, SIZE))
+    buf = io.BytesIO()
+    mask.save(buf, format="PNG")
+    m64 = base64.b64encode(buf.getvalue()).decode()
+    hand = dict(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7)
+    r, inpainted, info = a1111_sdxl(**i2i, mask=m64, mask_blur=0, **hand)
+    assert r.status_code == 200, r.text
+    assert "Refiner: tiny-sdxl-refiner" in info["infotexts"][0]
+    r, base_only, _ = a1111_sdxl(**i2i, mask=m64, mask_blur=0)
+    assert np.abs(inpainted - base_only)[:, : SIZE // 2].mean() > 1.0
+    kept = np.asarray(init.convert("RGB"), np.float64)[:, SIZE // 2 + 8 :]
+    assert np.abs(inpainted[:, SIZE // 2 + 8 :] - kept).max() <= 1.0
 
 
 @pytest.mark.slow
@@ -709,16 +784,144 @@ def test_hand_off_bad_settings(base, refiner):
     _, r_pipe, _ = refiner
     with pytest.raises(GenerationError, match="switch_at must be a number in"):
         b_pipe.generate_with_refiner(r_pipe, PROMPT, switch_at=1.5)
-    with pytest.raises(GenerationError, match="hand-off takes no mask, ControlNet or LoRA"):
-        b_pipe.generate_with_refiner(r_pipe, PROMPT, init_image=picture(SIZE, SIZE), mask=mask_picture(SIZE, SIZE))
-    # the hires fix was dropped silently (an image of the first pass's size, no second pass)
-    with pytest.raises(GenerationError, match="hires fix is not supported with a refiner"):
-        b_pipe.generate_with_refiner(r_pipe, PROMPT, enable_hr=True, hr_scale=2.0, width=SIZE, height=SIZE)
+    with pytest.raises(GenerationError, match="hand-off takes no ControlNet or LoRA"):
+        b_pipe.generate_with_refiner(r_pipe, PROMPT, loras=[("x.safetensors", 1.0)], width=SIZE, height=SIZE)
+    hr = dict(enable_hr=True, hr_scale=2.0, width=SIZE, height=SIZE)
+    with pytest.raises(GenerationError, match="hires_fix_refiner_pass must be one of 'first pass'"):
+        b_pipe.generate_with_refiner(r_pipe, PROMPT, hires_pass="third pass", **hr)
+    # the second pass's own sampler hands off too (it failed inside the sampler); the first pass's runs alone there
+    with pytest.raises(GenerationError, match="hr_sampler ddim is not supported with a refiner hand-off"):
+        b_pipe.generate_with_refiner(r_pipe, PROMPT, hr_sampler="ddim", steps=4, **hr)
+    with pytest.raises(GenerationError, match="^sampler ddim is not supported"):
+        b_pipe.generate_with_refiner(r_pipe, PROMPT, sampler="ddim", hr_sampler="euler", hires_pass="first pass", **hr)
+    with pytest.raises(GenerationError, match="hr_model is the hires fix's second-pass model: it needs enable_hr"):
+        b_pipe.generate_with_refiner(r_pipe, PROMPT, hr_model=r_pipe, width=SIZE, height=SIZE)
+    with pytest.raises(GenerationError, match="hr_model must be a pipeline"):
+        b_pipe(PROMPT, hr_model="tiny-sdxl-refiner", **hr)
     # a sampler on diffusers' timestep grid cannot stop at the switch: said before any model runs (it once failed
     # inside the sampler with "end_step must be in (0, N] and the sampler a sigma-grid one")
     for sampler in ("ddim", "plms", "lcm", "ddpm"):
         with pytest.raises(GenerationError, match=f"sampler {sampler} is not supported with a refiner hand-off"):
             b_pipe.generate_with_refiner(r_pipe, PROMPT, sampler=sampler, steps=4, width=SIZE, height=SIZE)
+
+
+def _hires_pieces(base, refiner):
+    """The pieces a hires fix with the refiner is made of, each a plain call: the first pass with and without the
+    hand-off, the Lanczos x2 upscale, and the second pass (an img2img at the larger size, the hires module's rule
+    for a pixel upscaler) with and without the hand-off; diffusers' step rule, 5 Euler steps, strength 0.6."""
+    from PIL import Image
+
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw = dict(steps=STEPS, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    kw["progress"] = False
+    big = dict(kw, width=2 * SIZE, height=2 * SIZE, strength=0.6)
+
+    def up(image):
+        return image.resize((2 * SIZE, 2 * SIZE), Image.Resampling.LANCZOS)
+
+    def hand(init=None, **extra):
+        return b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.7, **extra)
+
+    return b_pipe, r_pipe, kw, big, up, hand
+
+
+@pytest.mark.slow
+def test_hires_fix_hands_off_to_the_refiner_on_the_pass_a1111_names(base, refiner):
+    """The hires fix with a refiner (it was refused): A1111's hires_fix_refiner_pass says which pass hands off.
+    Each image equals the composition of plain calls: "second pass" (A1111's default) = the base's txt2img, x2,
+    then an img2img hand-off; "first pass" = a txt2img hand-off (the refiner's VAE decodes it), x2, then the
+    base's img2img (A1111 reloads the base for the second pass); "both passes" = both hand-offs. None is the
+    no-refiner hires image, and the infotext says the pass where it is not A1111's default."""
+    b_pipe, r_pipe, kw, big, up, hand = _hires_pieces(base, refiner)
+    hr = dict(kw, enable_hr=True, hr_scale=2.0, hr_upscaler="Lanczos", strength=0.6)
+    plain_first = b_pipe(PROMPT, NEGATIVE, **kw).images[0]
+    hand_first = hand(**kw).images[0]
+    want = {
+        "second pass": hand(init_image=up(plain_first), **big),
+        "first pass": b_pipe(PROMPT, NEGATIVE, init_image=up(hand_first), **big),
+        "both passes": hand(init_image=up(hand_first), **big),
+    }
+    alone = b_pipe(PROMPT, NEGATIVE, **hr).arrays[0]
+    for which, w in want.items():
+        got = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.7, hires_pass=which, **hr)
+        assert got.arrays.shape == (1, 2 * SIZE, 2 * SIZE, 3)
+        assert np.abs(got.arrays[0] - w.arrays[0]).max() == 0.0, which
+        assert np.abs(got.arrays[0] - alone).mean() > 1e-3, which
+        assert ("Hires refiner: " + which in got.infotexts[0]) == (which != "second pass"), got.infotexts[0]
+        assert "Hires upscaler: Lanczos" in got.infotexts[0] and "Refiner: tiny-sdxl-refiner" in got.infotexts[0]
+
+
+@pytest.mark.slow
+def test_hires_fix_second_pass_runs_on_hr_model(base, refiner):
+    """A1111's hr_checkpoint_name as ``hr_model``: the second pass runs on that model (here the refiner as a plain
+    model): the base's txt2img, x2, then hr_model's img2img; its infotext names it ("Hires checkpoint"). With a
+    refiner, the second pass hands off from hr_model."""
+    b_pipe, r_pipe, kw, big, up, hand = _hires_pieces(base, refiner)
+    hr = dict(kw, enable_hr=True, hr_scale=2.0, hr_upscaler="Lanczos", strength=0.6)
+    plain_first = b_pipe(PROMPT, NEGATIVE, **kw).images[0]
+    want = r_pipe(PROMPT, NEGATIVE, init_image=up(plain_first), **big)
+    got = b_pipe(PROMPT, NEGATIVE, hr_model=r_pipe, **hr)
+    assert np.abs(got.arrays[0] - want.arrays[0]).max() == 0.0
+    assert np.abs(got.arrays[0] - b_pipe(PROMPT, NEGATIVE, **hr).arrays[0]).mean() > 1e-3
+    assert "Hires checkpoint: tiny-sdxl-refiner" in got.infotexts[0]
+    # the refiner's hand-off in the second pass starts from hr_model (here the base: the same as without it)
+    same = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.7, hr_model=b_pipe, **hr)
+    assert np.abs(same.arrays[0] - hand(init_image=up(plain_first), **big).arrays[0]).max() == 0.0
+
+
+def test_img2img_fix_steps_hand_off_runs_the_steps_asked(base, refiner):
+    """A1111's img2img_fix_steps (strength_rule "a1111_fix_steps") with the refiner: img2img runs the steps asked,
+    the last of a steps / strength schedule, as the base alone does (the hand-off ran A1111's plain count on a
+    steps-long schedule: 3 of 4 steps at strength 0.5, another image)."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw = dict(steps=4, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    kw.update(progress=False, init_image=picture(SIZE, SIZE), strength=0.5)
+    counts = {}
+    for rule in ("a1111", "a1111_fix_steps"):
+        seen = []
+        b_pipe.generate_with_refiner(
+            r_pipe, PROMPT, NEGATIVE, switch_at=0.8, switch_rule="a1111", strength_rule=rule, callback=seen.append, **kw
+        )
+        base_seen = []
+        b_pipe(PROMPT, NEGATIVE, strength_rule=rule, callback=base_seen.append, **kw)
+        counts[rule] = (len(seen), seen[-1].steps, len(base_seen))
+    assert counts == {"a1111": (3, 3, 3), "a1111_fix_steps": (4, 4, 4)}, counts
+
+
+def test_inpainting_hand_off_blends_on_the_refiners_steps_too(base, refiner):
+    """An inpainting hand-off (A1111 runs the refiner with a mask; it was refused): the blend of the request's rule
+    goes on over the refiner's steps, so every step's x0, the refiner's too, keeps the init latent where the mask
+    keeps the image; the repainted region is the hand-off's (not the base's alone)."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[:, : SIZE // 2] = 255
+    from PIL import Image
+
+    kw = dict(steps=6, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    kw.update(progress=False, init_image=picture(SIZE, SIZE), mask=Image.fromarray(mask), strength=0.8)
+    for rule, switch_at in (("a1111", 0.5), ("diffusers", 0.6)):
+        seen = []
+        res = b_pipe.generate_with_refiner(
+            r_pipe,
+            PROMPT,
+            NEGATIVE,
+            switch_at=switch_at,
+            switch_rule=rule,
+            strength_rule=rule,
+            callback=seen.append,
+            **kw,
+        )
+        keep = seen[0].denoised[..., SIZE // 4 + 1 :]
+        assert len(seen) >= 3
+        for info in seen:  # the latent is 2x smaller: columns past SIZE // 4 are kept
+            if rule == "a1111":  # A1111's: each x0 blended with the clean init latent
+                assert torch.equal(info.denoised[..., SIZE // 4 + 1 :], keep), info.step
+        alone = b_pipe(PROMPT, NEGATIVE, strength_rule=rule, **kw).arrays[0]
+        assert np.abs(res.arrays[0] - alone)[:, : SIZE // 2].mean() > 1e-3, rule
+        assert seen[-1].step == seen[-1].steps  # the refiner's steps counted on from the base's
 
 
 # ------------------------------------------------------------------------------------------ inpainting

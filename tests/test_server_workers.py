@@ -226,3 +226,29 @@ def test_queue_lookups_never_compare_the_requests_contents(tmp_path) -> None:
     m.cancel(jobs[1])
     assert jobs[1].state == "cancelled" and [m.position(j) for j in jobs] == [0, None, 1]
     assert m.take(0, model="emoji") == [jobs[0]]
+
+
+def test_a_worker_holds_only_the_second_models_a_job_runs() -> None:
+    """A hires model (A1111's hr_checkpoint_name) is loaded beside the job's model as the refiner is, and kept for
+    the next job that names it; a kept refiner or hires model the job does not name is freed before another
+    load (the device holds at most the models one job runs), and a model named as both is one copy."""
+    from types import SimpleNamespace
+
+    from sdengine.server.jobs import Worker
+
+    loads: list[str] = []
+
+    def loader(model: str, device: str) -> Any:
+        loads.append(model)
+        return SimpleNamespace(name=model)
+
+    w = Worker(SimpleNamespace(loader=loader), "cpu")  # type: ignore[arg-type]
+    ref = w.refiner("R")
+    assert w.hires_model("H", keep={"R"}).name == "H" and w.refiner_pipe is ref  # a job with both
+    assert w.hires_model("H", keep={None}) is w.hr_pipe and loads == ["R", "H"]  # kept: no load
+    w.hires_model("H2", keep={None})  # another hires model, no refiner in this job: the refiner is freed too
+    assert (w.refiner_model, w.hr_model, loads) == (None, "H2", ["R", "H", "H2"])
+    assert w.refiner("H2", keep={None}).name == "H2" and loads == ["R", "H", "H2"]  # one copy in both roles
+    assert w.hr_model is None and w.hires_model("H2", keep={"H2"}) is w.refiner_pipe
+    w.refiner("R", keep={None})
+    assert (w.refiner_model, w.hr_model, loads[-1]) == ("R", None, "R")

@@ -650,11 +650,19 @@ class Pipeline:
 
     # -- the call -------------------------------------------------------------------------------------
 
-    def __call__(self, prompt: Any = "", negative_prompt: Any = None, **kwargs: Any) -> GenerationResult:
+    def __call__(
+        self, prompt: Any = "", negative_prompt: Any = None, *, hr_model: Any = None, **kwargs: Any
+    ) -> GenerationResult:
         """Generate the request's images: ``pipe(request)``, ``pipe(request, steps=10)`` (fields replaced)
-        or ``pipe(prompt_or_prompts, negative_prompt, **fields)``; see :class:`GenerationRequest`."""
+        or ``pipe(prompt_or_prompts, negative_prompt, **fields)``; see :class:`GenerationRequest`.
+        ``hr_model``: another loaded pipeline that runs the hires fix's second pass (A1111's
+        ``hr_checkpoint_name``; it must share this model's latent space), None for this one."""
         request = as_request(prompt, negative_prompt, kwargs)
         p = self.prepare(request)
+        if hr_model is self:
+            hr_model = None
+        if hr_model is not None:
+            check_hr_model(self, hr_model, request)
         from sdengine.prompts import extract_lora_tags
 
         tag_lists = [extract_lora_tags(t)[1] for t in p.prompts]
@@ -682,9 +690,9 @@ class Pipeline:
                     # the ControlNets' (in generate), which A1111 leaves out (a decode or a residual that seams)
                     self._tiling = True
                     with circular_padding(self.unet, self.vae, self.tiny_vae):
-                        images = self.generate(p)
+                        images = self.generate(p, hr_model)
                 else:
-                    images = self.generate(p)
+                    images = self.generate(p, hr_model)
         finally:
             self._tiling = False
             if handle is not None:
@@ -772,16 +780,19 @@ class Pipeline:
 
             for i, row in enumerate(rows):
                 row.update(infotext_fields(p, i))
+                if hr_model is not None:  # A1111's field: the second pass's model, "name [hash]"
+                    row["Hires checkpoint"] = model_title(hr_model)
         infotexts = [format_infotext(r) for r in rows]
         per_row = [{"prompt": r["prompt"], "negative_prompt": r["negative_prompt"], "seed": r["seed"]} for r in rows]
         return GenerationResult(pil, arrays, rows[0], p.seeds, infotexts, p.notes, per_row)
 
-    def generate(self, p: Prepared) -> Tensor:
-        """(N, 3, H, W) images in [0, 1] for a prepared request (the hires fix's second pass included)."""
+    def generate(self, p: Prepared, hr_model: Any = None) -> Tensor:
+        """(N, 3, H, W) images in [0, 1] for a prepared request (the hires fix's second pass included, on
+        ``hr_model`` where given)."""
         if p.hires is not None:
             from sdengine.pipeline.hires import generate_hires
 
-            return generate_hires(self, p)
+            return generate_hires(self, p, hr_model)
         return self.decode_latents(p, self.sample_latents(p))
 
     def sample_latents(self, p: Prepared, init_latent: Tensor | None = None) -> Tensor:
@@ -1238,6 +1249,40 @@ def _rows_of(unit: ControlUnit, rows: list[int], n: int) -> ControlUnit:
     return unit
 
 
+def model_title(pipe: Any) -> str:
+    """A model as A1111's infotext names a checkpoint: "name [hash]" (the name alone without a hash)."""
+    h = pipe.model_hash()
+    return f"{pipe.name} [{h}]" if h else str(pipe.name)
+
+
+def check_hr_model(pipe: Any, hr_model: Any, request: GenerationRequest) -> None:
+    """A one-line GenerationError where ``hr_model`` cannot run the hires fix's second pass of ``request``
+    after ``pipe``'s first pass: no hires fix asked, not a pipeline, another latent space, or LoRAs (applied to
+    one model per call)."""
+    if not isinstance(hr_model, Pipeline):
+        raise GenerationError("hr_model must be a pipeline loaded with load_pipeline")
+    if not request.enable_hr:
+        raise GenerationError("hr_model is the hires fix's second-pass model: it needs enable_hr")
+    if hr_model.latent_channels != pipe.latent_channels or hr_model.vae_scale_factor != pipe.vae_scale_factor:
+        raise GenerationError(f"the hires model {hr_model.name} does not share {pipe.name}'s latent space")
+    if hr_model.inpainting != pipe.inpainting:
+        raise GenerationError(
+            f"the hires model {hr_model.name} and {pipe.name} must both be inpainting models or neither"
+        )
+    from sdengine.prompts import extract_lora_tags
+
+    texts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt or [])
+    if (
+        request.loras
+        or any(extract_lora_tags(t)[1] for t in texts if isinstance(t, str))
+        or request.hr_prompt
+        and (extract_lora_tags(request.hr_prompt)[1])
+    ):
+        raise GenerationError("LoRAs are not supported with another hires model (hr_model)")
+    if request.tiling:
+        raise GenerationError("tiling is not supported with another hires model (hr_model)")
+
+
 def as_request(prompt: Any, negative_prompt: Any, kwargs: Mapping[str, Any]) -> GenerationRequest:
     """The request of a call ``pipe(prompt_or_request, negative_prompt, **fields)``."""
     unknown = sorted(set(kwargs) - set(GenerationRequest.field_names()))
@@ -1257,4 +1302,4 @@ def as_request(prompt: Any, negative_prompt: Any, kwargs: Mapping[str, Any]) -> 
     return GenerationRequest(**fields)
 
 
-__all__ = ["MAX_SIDE", "MAX_SIZE_FACTOR", "Pipeline", "Prepared", "as_request"]
+__all__ = ["MAX_SIDE", "MAX_SIZE_FACTOR", "Pipeline", "Prepared", "as_request", "check_hr_model", "model_title"]

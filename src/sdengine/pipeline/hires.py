@@ -280,9 +280,11 @@ def _rows_of_units(r: GenerationRequest, i: int, n: int) -> Any:
     return out
 
 
-def generate_hires(pipe: Any, p: Any) -> Tensor:
+def generate_hires(pipe: Any, p: Any, hr_model: Any = None) -> Tensor:
     """(N, 3, H, W) images in [0, 1]: the first pass, the upscale and the second pass of a prepared request
-    whose ``hires`` plan is set (see the module docstring)."""
+    whose ``hires`` plan is set (see the module docstring). ``hr_model``: the second pass's model (A1111's
+    ``hr_checkpoint_name``), None for ``pipe``; the first pass's pixels are ``pipe``'s VAE's, the final ones
+    ``hr_model``'s."""
     plan: HiresPlan = p.hires
     r: GenerationRequest = p.request
     first_run = int(r.steps)  # txt2img runs every step
@@ -291,7 +293,9 @@ def generate_hires(pipe: Any, p: Any) -> Tensor:
     hires_prompts(p)  # its errors before any model runs
 
     first = first_pass(p, callback=_shifted(r.callback, 0, total))
-    return second_pass(pipe, p, pipe.sample_latents(first), callback=_shifted(r.callback, first_run, total))
+    latents = pipe.sample_latents(first)
+    second = hr_model if hr_model is not None else pipe
+    return second_pass(second, p, latents, callback=_shifted(r.callback, first_run, total), decoder=pipe)
 
 
 def first_pass(p: Any, callback: StepCallback | None = None) -> Any:
@@ -299,19 +303,15 @@ def first_pass(p: Any, callback: StepCallback | None = None) -> Any:
     return dataclasses.replace(p, request=p.request.replace(callback=callback), hires=None)
 
 
-def second_pass(pipe: Any, p: Any, latents: Tensor, callback: StepCallback | None = None) -> Tensor:
-    """(N, 3, H, W) images in [0, 1]: the upscale and the img2img pass of a prepared hires request ``p`` from
-    its first pass's ``latents`` (``pipe.sample_latents(first_pass(p))``)."""
+def second_prepared(p: Any, callback: StepCallback | None = None) -> Any:
+    """The second pass of a prepared hires request ``p`` as a ``Prepared`` of its own (no init yet): the larger
+    size, the second pass's sampler, schedule, steps (its first step ``start_step``) and prompts."""
     plan: HiresPlan = p.hires
-    r: GenerationRequest = p.request
-    factor = int(pipe.vae_scale_factor)
     hr_prompts, hr_negatives = hires_prompts(p)
-    first = first_pass(p)
-    second_request = r.replace(steps=plan.steps, callback=callback)
-    second = dataclasses.replace(
+    return dataclasses.replace(
         p,
         start_step=plan.start,
-        request=second_request,
+        request=p.request.replace(steps=plan.steps, callback=callback),
         width=plan.width,
         height=plan.height,
         sampler=plan.sampler,
@@ -322,24 +322,44 @@ def second_pass(pipe: Any, p: Any, latents: Tensor, callback: StepCallback | Non
         mask=None,
         hires=None,
     )
+
+
+def upscaled_pictures(decoder: Any, p: Any, latents: Tensor) -> list[Image.Image]:
+    """The pixel upscalers' start of each row: the first pass's ``latents`` decoded by ``decoder`` (the model
+    whose VAE ends the first pass), rounded to 8 bits, resized and cut to the plan's size."""
+    factor = int(decoder.vae_scale_factor)
+    pictures = [Image.fromarray(a) for a in to_uint8(decoder.decode_latents(first_pass(p), latents))]
+    return [upscale_image(picture, p.hires, factor) for picture in pictures]
+
+
+def second_pass(
+    pipe: Any, p: Any, latents: Tensor, callback: StepCallback | None = None, decoder: Any = None
+) -> Tensor:
+    """(N, 3, H, W) images in [0, 1]: the upscale and the img2img pass of a prepared hires request ``p`` from
+    its first pass's ``latents`` (``pipe.sample_latents(first_pass(p))``), run on ``pipe``; ``decoder``: the
+    model whose VAE decodes the first pass for a pixel upscaler (None: ``pipe``)."""
+    plan: HiresPlan = p.hires
+    r: GenerationRequest = p.request
+    factor = int(pipe.vae_scale_factor)
+    second = second_prepared(p, callback)
     if plan.latent:
         start = upscale_latents(latents, plan, factor)
         return pipe.decode_latents(second, pipe.sample_latents(second, init_latent=start))
 
     # Pixel upscale: each row is an img2img of its own upscaled picture, run alone (the pipeline's init image
     # is one per call).
-    pictures = [Image.fromarray(a) for a in to_uint8(pipe.decode_latents(first, latents))]
+    pictures = upscaled_pictures(decoder if decoder is not None else pipe, p, latents)
     n = len(p.seeds)
     out = []
     for i, picture in enumerate(pictures):
         row = dataclasses.replace(
             second,
-            request=second_request.replace(controlnets=_rows_of_units(r, i, n)),
-            prompts=[hr_prompts[i]],
-            negatives=[hr_negatives[i]],
+            request=second.request.replace(controlnets=_rows_of_units(r, i, n)),
+            prompts=[second.prompts[i]],
+            negatives=[second.negatives[i]],
             seeds=[p.seeds[i]],
             subseeds=None if p.subseeds is None else [p.subseeds[i]],
-            init=upscale_image(picture, plan, factor),
+            init=picture,
         )
         out.append(pipe.decode_latents(row, pipe.sample_latents(row)))
     return torch.cat(out)
@@ -381,8 +401,10 @@ __all__ = [
     "infotext_fields",
     "plan_hires",
     "second_pass",
+    "second_prepared",
     "upscale_image",
     "upscale_latents",
+    "upscaled_pictures",
     "upscaler_name",
     "validate_hires",
 ]

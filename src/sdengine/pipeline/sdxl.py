@@ -8,6 +8,7 @@ VAE decode with its fp32 fall-back, seeds, infotext); what differs is where the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -18,7 +19,7 @@ from sdengine import vae_utils
 from sdengine.diffusion import sampling
 from sdengine.diffusion.brownian import BrownianSpec
 from sdengine.diffusion.samplers import SamplingInterrupted
-from sdengine.diffusion.schedules import A1111_STRENGTH_RULES, img2img_start
+from sdengine.diffusion.schedules import A1111_STRENGTH_RULES, img2img_start, img2img_steps
 from sdengine.errors import GenerationError
 from sdengine.io.images import to_uint8
 from sdengine.pipeline.core import (
@@ -26,43 +27,70 @@ from sdengine.pipeline.core import (
     Prepared,
     a1111_changes_run,
     as_request,
+    check_hr_model,
     discards_penultimate,
     grid_strength,
+    model_title,
+)
+from sdengine.pipeline.hires import (
+    first_pass,
+    infotext_fields,
+    second_pass,
+    second_prepared,
+    upscale_latents,
+    upscaled_pictures,
 )
 from sdengine.pipeline.infotext import call_parameters, format_infotext, init_resize_mode
-from sdengine.pipeline.latents import start_latents
+from sdengine.pipeline.latents import A1111Blend, InpaintBlend, start_latents
 from sdengine.pipeline.request import GenerationRequest
 from sdengine.pipeline.result import Cancelled, GenerationResult, StepInfo
 from sdengine.text.conditioners import Conditioning
 from sdengine.text.sdxl_conditioner import SDXLConditioner, SDXLOptions
 
 SWITCH_RULES = ("diffusers", "a1111")
+# A1111's hires_fix_refiner_pass: which pass of the hires fix hands off to the refiner (its default "second pass")
+HIRES_REFINER_PASSES = ("first pass", "second pass", "both passes")
 
 
-def check_hand_off(request: GenerationRequest, switch_at: Any, switch_rule: str = "diffusers") -> None:
+def check_hand_off(
+    request: GenerationRequest, switch_at: Any, switch_rule: str = "diffusers", hires_pass: Any = "second pass"
+) -> None:
     """The settings a base -> refiner hand-off cannot run (a GenerationError, one line), read from the request
-    alone: the server checks them before it queues a job."""
+    alone: the server checks them before it queues a job. ``hires_pass``: which pass of the hires fix hands off
+    (A1111's ``hires_fix_refiner_pass``, :data:`HIRES_REFINER_PASSES`)."""
     if switch_rule not in SWITCH_RULES:
         raise GenerationError(f"switch_rule must be one of {', '.join(SWITCH_RULES)}, got {switch_rule!r}")
+    if hires_pass not in HIRES_REFINER_PASSES:
+        raise GenerationError(
+            f"hires_fix_refiner_pass must be one of {', '.join(map(repr, HIRES_REFINER_PASSES))}, got {hires_pass!r}"
+        )
     if isinstance(switch_at, bool) or not isinstance(switch_at, int | float) or not 0.0 < switch_at < 1.0:
         raise GenerationError(f"switch_at must be a number in (0, 1), got {switch_at!r}")
-    if request.mask is not None or request.controlnets or request.loras:
-        raise GenerationError("a base -> refiner hand-off takes no mask, ControlNet or LoRA")
-    if request.enable_hr:  # it would be dropped: an image of the first pass's size, without its second pass
-        raise GenerationError("the hires fix is not supported with a refiner hand-off")
+    if request.controlnets or request.loras:
+        raise GenerationError("a base -> refiner hand-off takes no ControlNet or LoRA")
     if request.vae_decode != "full":
         raise GenerationError("vae_decode 'tiny' is not supported with a refiner (the refiner's VAE decodes)")
     if request.subseed_strength:
         raise GenerationError("variation seeds are not supported with a refiner hand-off")
     try:
         sampler = sampling.resolve(request.sampler, request.schedule)[0]
+        hr_sampler = None
+        if request.enable_hr and (request.hr_sampler or request.hr_schedule is not None):
+            from sdengine.pipeline.hires import hires_sampler
+
+            hr_sampler = hires_sampler(request)[0]
     except ValueError as e:
         raise GenerationError(str(e)) from None
-    if sampler in sampling.TIMESTEP_SAMPLERS:
-        raise GenerationError(
-            f"sampler {sampler} is not supported with a refiner hand-off (it cannot stop at the switch): use "
-            "one of the others, e.g. euler or dpmpp_2m"
-        )
+    # the samplers of the passes that hand off (the hires fix's: its first pass's, its second pass's hr_sampler)
+    for name, hands, what in (
+        (sampler, not request.enable_hr or hires_pass != "second pass", "sampler"),
+        (hr_sampler or sampler, request.enable_hr and hires_pass != "first pass", "hr_sampler"),
+    ):
+        if hands and name in sampling.TIMESTEP_SAMPLERS:
+            raise GenerationError(
+                f"{what} {name} is not supported with a refiner hand-off (it cannot stop at the switch): use "
+                "one of the others, e.g. euler or dpmpp_2m"
+            )
     if request.seed_resize_from is not None or request.tiling:
         raise GenerationError("seed_resize_from_w/_h and tiling are not supported with a refiner hand-off")
 
@@ -154,18 +182,28 @@ class SDXLPipeline(Pipeline):
         *,
         switch_at: float = 0.8,
         switch_rule: str = "diffusers",
+        hires_pass: str = "second pass",
+        hr_model: Any = None,
         **kwargs: Any,
     ) -> GenerationResult:
-        """Text-to-image (or image-to-image: ``init_image``, ``strength``) with this base model for the noisy part of
-        the steps and ``refiner`` for the rest,
+        """Text-to-image (or image-to-image: ``init_image``, ``strength``; inpainting: ``mask`` too) with this base
+        model for the noisy part of the steps and ``refiner`` for the rest,
         as diffusers' ``denoising_end=switch_at`` on the base and ``denoising_start=switch_at`` on the refiner
         do: the base walks the steps whose timestep is at least ``(1 - switch_at) * 1000``, the refiner
         continues from that latent (no noise added) on the same grid, and its VAE decodes. Both samplers
         restart at the switch (a multistep sampler's history is not carried over), as in diffusers.
-        Settings are a request's (no mask, ControlNet, LoRA or hires fix). With an init image the base starts at
+        Settings are a request's (no ControlNet or LoRA). With an init image the base starts at
         the img2img's first step of that grid (its strength and ``strength_rule``) and the switch is the same step
         of the whole grid: A1111 switches on its img2img schedule so; one of the models left without a step is a
-        GenerationError (A1111 would run the other alone).
+        GenerationError (A1111 would run the other alone). With a ``mask`` the inpainting blend of the request's
+        rule (:class:`sdengine.pipeline.latents.A1111Blend` / ``InpaintBlend``, on the base's init latent) runs on
+        the refiner's steps too, as A1111's denoiser keeps blending after its switch.
+
+        The hires fix (``enable_hr``): ``hires_pass`` (A1111's ``hires_fix_refiner_pass``) says which pass hands
+        off: "second pass" (A1111's default: the first pass is the base's alone, the second pass hands off on its
+        own img2img steps), "first pass" (the first pass hands off, the refiner's VAE decodes it for a pixel
+        upscaler, and the second pass runs on the base alone: A1111 reloads it), "both passes". ``hr_model``: the
+        second pass's model in place of this one (A1111's ``hr_checkpoint_name``).
 
         ``switch_rule`` ``"a1111"``: A1111's step instead (its ``refiner_switch_at``): the refiner takes over at
         the first step whose sigma's nearest training timestep ``t`` has ``(999 - t) / 1000 >= switch_at``
@@ -174,33 +212,74 @@ class SDXLPipeline(Pipeline):
         if not isinstance(refiner, SDXLPipeline):
             raise GenerationError("the refiner must be an SDXL model loaded with load_pipeline")
         request = as_request(prompt, negative_prompt, kwargs)
-        check_hand_off(request, switch_at, switch_rule)
+        check_hand_off(request, switch_at, switch_rule, hires_pass)
         if refiner.latent_channels != self.latent_channels or refiner.vae_scale_factor != self.vae_scale_factor:
             raise GenerationError(f"{refiner.name} does not share {self.name}'s latent space")
         p = self.prepare(request)
+        if hr_model is self:
+            hr_model = None
+        second_model: Any = self
+        if hr_model is not None:
+            check_hr_model(self, hr_model, request)
+            second_model = hr_model
+            if hires_pass != "first pass" and not isinstance(hr_model, SDXLPipeline):
+                raise GenerationError(
+                    f"the hires model {hr_model.name} must be an SDXL model to hand off to the refiner"
+                )
         # the refiner's conditioning settings (the base encodes the init image: its tiny encoder, not the refiner's)
-        p_ref = refiner.prepare(request.replace(width=p.width, height=p.height, vae_encode="full"))
+        p_ref = refiner.prepare(request.replace(width=p.width, height=p.height, vae_encode="full", enable_hr=False))
         steps, cfg_scale, rescale = int(request.steps), float(request.cfg_scale), float(request.guidance_rescale)
-        strength = grid_strength(request) if p.init is not None else 1.0
-        discard = discards_penultimate(p)
-        grid = sampling.make_grid(
-            p.sampler,
-            steps,
-            self.noise_schedule,
-            p.schedule,
-            self.scheduler_config,
-            strength,
-            discard_penultimate=discard,
-        )
-        first = 0
-        if p.init is not None:  # img2img: the base starts at the img2img's first step (A1111 switches on its schedule)
-            first = img2img_start(grid.steps, float(request.strength), request.strength_rule, p.sampler)
-            if first >= grid.steps:
-                raise GenerationError(f"strength {request.strength} runs no step of {steps}")
-        k = switch_step(grid, self.noise_schedule, float(switch_at), switch_rule, first)
+        first_hands = p.hires is None or hires_pass != "second pass"
+        second_hands = p.hires is not None and hires_pass != "first pass"
+        span: tuple[int, int, float] = (0, steps, 1.0)
+        grid_steps = steps  # the first pass's schedule: img2img_fix_steps' steps / strength (A1111's)
+        if first_hands:
+            strength = grid_strength(request) if p.init is not None else 1.0
+            if p.init is not None:
+                grid_steps = img2img_steps(steps, float(request.strength), request.strength_rule, p.sampler)[0]
+            grid = sampling.make_grid(
+                p.sampler,
+                grid_steps,
+                self.noise_schedule,
+                p.schedule,
+                self.scheduler_config,
+                strength,
+                discard_penultimate=discards_penultimate(p),
+            )
+            first = 0
+            if p.init is not None:  # img2img: the base starts at the img2img's first step (A1111 switches so)
+                if request.strength_rule == "a1111_fix_steps":  # the last `steps` of the longer schedule
+                    first = grid.steps - (
+                        grid_steps - img2img_steps(steps, float(request.strength), request.strength_rule, p.sampler)[1]
+                    )
+                else:
+                    first = img2img_start(grid.steps, float(request.strength), request.strength_rule, p.sampler)
+                if first >= grid.steps:
+                    raise GenerationError(f"strength {request.strength} runs no step of {steps}")
+            span = (first, switch_step(grid, self.noise_schedule, float(switch_at), switch_rule, first), strength)
+        first_run = grid_steps - span[0]
+        total = first_run
+        second_span: tuple[int, int, float] | None = None
+        if p.hires is not None:
+            second = second_prepared(p)
+            total += second.request.steps - int(second.start_step or 0)
+            if second_hands:
+                plan = p.hires
+                g_strength = grid_strength(request)
+                grid2 = sampling.make_grid(
+                    plan.sampler,
+                    plan.steps,
+                    second_model.noise_schedule,
+                    plan.schedule,
+                    second_model.scheduler_config,
+                    g_strength,
+                    discard_penultimate=discards_penultimate(second),
+                )
+                k2 = switch_step(grid2, second_model.noise_schedule, float(switch_at), switch_rule, plan.start)
+                second_span = (plan.start, k2, g_strength)
         from tqdm.auto import tqdm
 
-        total, done = grid.steps - first, [0]
+        done = [0]
         bar = tqdm(total=total * len(p.seeds), disable=not request.progress, unit="step", desc="sampling", leave=False)
 
         def on_step(offset: int, tiny_vae: Any) -> Any:
@@ -215,6 +294,20 @@ class SDXLPipeline(Pipeline):
 
             return report
 
+        def shifted(offset: int) -> Any:
+            """The request's callback for a pass run by the pipeline's own sampling (its steps from 1)."""
+
+            def report(info: StepInfo) -> bool | None:
+                bar.update(1)
+                done[0] = offset + info.step
+                if request.callback is not None:
+                    return request.callback(
+                        StepInfo(offset + info.step, total, info.sigma, info.latents, info.denoised, info.tiny_vae)
+                    )
+                return None
+
+            return report
+
         unused = [
             k
             for k in self.conditioner.unused_settings(request.sdxl)  # type: ignore[attr-defined]
@@ -225,20 +318,59 @@ class SDXLPipeline(Pipeline):
         images = []
         with torch.inference_mode():
             try:
-                for prompt_i, negative_i, seed in zip(p.prompts, self.encoded_negatives(p), p.seeds, strict=True):
-                    pixels = self._hand_off_row(
-                        refiner, p, p_ref, request, prompt_i, negative_i, seed, (first, k, strength), grid, on_step
+                for i, (prompt_i, negative_i, seed) in enumerate(
+                    zip(p.prompts, self.encoded_negatives(p), p.seeds, strict=True)
+                ):
+                    prow = dataclasses.replace(  # one row; the passes report through this call's bar
+                        p,
+                        request=request.replace(progress=False, callback=None),
+                        prompts=[prompt_i],
+                        negatives=[p.negatives[i]],
+                        seeds=[seed],
+                        subseeds=None,
                     )
-                    images.append(pixels)
+                    if first_hands:
+                        run = dataclasses.replace(prow, request=prow.request.replace(steps=grid_steps))
+                        x = hand_off_latents(self, refiner, run, p_ref, prompt_i, negative_i, span, on_step)
+                        ended: Any = refiner  # the model whose VAE decodes the first pass
+                    else:
+                        x = self.sample_latents(first_pass(prow, callback=shifted(0)))
+                        ended = self
+                    if p.hires is None:
+                        images.append(decode_with(refiner, p, x))
+                        continue
+                    if second_span is None:  # the second pass on the base (or hr_model) alone
+                        images.append(second_pass(second_model, prow, x, callback=shifted(first_run), decoder=ended))
+                        continue
+                    sec = second_prepared(prow)
+                    init_latent = None
+                    if p.hires.latent:
+                        init_latent = upscale_latents(x, p.hires, int(second_model.vae_scale_factor))
+                    else:
+                        sec = dataclasses.replace(sec, init=upscaled_pictures(ended, prow, x)[0])
+                    p_ref2 = dataclasses.replace(p_ref, width=sec.width, height=sec.height)
+                    hr_negative = second_model.encoded_negatives(sec)[0]
+                    x = hand_off_latents(
+                        second_model,
+                        refiner,
+                        sec,
+                        p_ref2,
+                        sec.prompts[0],
+                        hr_negative,
+                        second_span,
+                        lambda offset, tiny: on_step(first_run + offset, tiny),
+                        init_latent,
+                    )
+                    images.append(decode_with(refiner, sec, x))
             except SamplingInterrupted as e:
                 raise Cancelled(done[0], total, vae_utils.latent_preview(e.denoised)) from None
             finally:
                 bar.close()
         arrays = torch.cat(images).permute(0, 2, 3, 1).float().cpu().numpy()
         pil = [Image.fromarray(a) for a in to_uint8(arrays)]
-        refiner_hash = refiner.model_hash()
+        final = refiner if p.hires is None or second_hands else second_model  # the model whose VAE decoded
         rows = []
-        for prompt_i, negative_i, seed in zip(p.prompts, p.negatives, p.seeds, strict=True):
+        for i, (prompt_i, negative_i, seed) in enumerate(zip(p.prompts, p.negatives, p.seeds, strict=True)):
             row = call_parameters(
                 prompt=prompt_i,
                 negative_prompt=negative_i,
@@ -251,8 +383,8 @@ class SDXLPipeline(Pipeline):
                 height=p.height,
                 model=self.name,
                 model_hash=self.model_hash(),
-                vae=refiner.vae_name(),  # the refiner's VAE decodes (a separate one: --from-png loads it again)
-                vae_hash=refiner.vae_hash(),
+                vae=final.vae_name(),  # the refiner's VAE decodes (a separate one: --from-png loads it again)
+                vae_hash=final.vae_hash(),
                 strength=float(request.strength) if p.init is not None else None,
                 clip_skip=request.clip_skip,
                 clip_skip_rule=request.clip_skip_rule,
@@ -261,113 +393,177 @@ class SDXLPipeline(Pipeline):
                 n_tag_loras=0,
                 lora_dir=None,
                 controlnets=[],
-                mask_blur=None,
+                mask_blur=float(request.mask_blur) if p.mask is not None else None,
                 resize_mode=init_resize_mode(request) if p.init is not None else None,
                 sampler_options=request.sampler_options,
-                strength_rule=request.strength_rule if p.init is not None or a1111_changes_run(p) else "diffusers",
+                strength_rule=request.strength_rule
+                if p.init is not None or p.hires is not None or a1111_changes_run(p)
+                else "diffusers",
                 sdxl=request.sdxl,
             )
+            if request.discard_penultimate_sigma:  # A1111's, where its option (not the sampler) discarded
+                row["Discard penultimate sigma"] = True
+            if p.mask is not None and request.masked_content != "original":  # sdengine's (A1111 writes none)
+                row["Masked content"] = request.masked_content
             if p.init is not None and float(request.noise_multiplier) != 1.0:
                 row["Noise multiplier"] = float(request.noise_multiplier)  # A1111's field (img2img)
             if int(request.noise_seed_delta) and sampling.SAMPLERS[p.sampler].stochastic:
                 row["ENSD"] = int(request.noise_seed_delta)  # A1111's, written where the sampler draws noise
-            if request.discard_penultimate_sigma:  # A1111's, where its option (not the sampler) discarded
-                row["Discard penultimate sigma"] = True
             if p.init is not None and request.vae_encode == "tiny":
                 row["Tiny VAE encode"] = self.tiny_vae.name  # the init latent is the tiny encoder's
+            if p.hires is not None:
+                row.update(infotext_fields(p, i))
+                if hr_model is not None:  # A1111's field: the second pass's model
+                    row["Hires checkpoint"] = model_title(hr_model)
+                if hires_pass != "second pass":  # A1111 writes it where it is not its default
+                    row["Hires refiner"] = hires_pass
             # A1111's names for its refiner settings
-            row["Refiner"] = f"{refiner.name} [{refiner_hash}]" if refiner_hash else refiner.name
+            row["Refiner"] = model_title(refiner)
             row["Refiner switch at"] = float(switch_at)
             rows.append(row)
         per_row = [{"prompt": r["prompt"], "negative_prompt": r["negative_prompt"], "seed": r["seed"]} for r in rows]
         return GenerationResult(pil, arrays, rows[0], p.seeds, [format_infotext(r) for r in rows], p.notes, per_row)
 
-    def _hand_off_row(
-        self,
-        refiner: SDXLPipeline,
-        p: Prepared,
-        p_ref: Prepared,
-        request: GenerationRequest,
-        prompt_i: str,
-        negative_i: str,
-        seed: int,
-        span: tuple[int, int, float],
-        grid: Any,
-        on_step: Any,
-    ) -> torch.Tensor:
-        """One row of :meth:`generate_with_refiner`: the base's steps up to ``k``, the refiner's from there, decoded."""
-        steps, cfg_scale, rescale = int(request.steps), float(request.cfg_scale), float(request.guidance_rescale)
-        note = lambda t: p.notes.append(t)  # noqa: E731
-        # the notes describe the job: a setting one model has no use for is the other's (the base's prompt_2 and
-        # target size, the refiner's aesthetic scores); generate_with_refiner notes those neither uses
-        cond, uncond = self.conditioning_pair(prompt_i, negative_i, p, note, note_unused=False)
-        r_cond, r_uncond = refiner.conditioning_pair(prompt_i, negative_i, p_ref, note, note_unused=False)
-        first, k, strength = span
-        gen = torch.Generator("cpu").manual_seed(seed)
-        start = start_latents(
-            self.vae,
-            generators=[gen],
-            latent_channels=self.latent_channels,
-            width=p.width,
-            height=p.height,
-            scale_factor=self.vae_scale_factor,
-            init=p.init,
-            mask=None,
-            mask_blur=0.0,
-            strength=float(request.strength) if p.init is not None else 1.0,
-            nine_channels=False,
-            tiled=p.tiled,
-            device=self.device,
-            tiny=self.tiny_vae if p.init is not None and request.vae_encode == "tiny" else None,
-        )
-        noise = start.noise
-        if p.init is not None and float(request.noise_multiplier) != 1.0:  # A1111's img2img noise multiplier
-            noise = noise * float(request.noise_multiplier)
-        if int(request.noise_seed_delta):  # A1111's ENSD: the per-step noise from seed + delta
-            gen = torch.Generator("cpu").manual_seed(seed + int(request.noise_seed_delta))
-        brownian = None
-        if request.strength_rule in A1111_STRENGTH_RULES and p.sampler in sampling.BROWNIAN_SAMPLERS:
-            # A1111's SDE noise: the image's one Brownian tree over the whole grid, read by both models' steps
-            brownian = BrownianSpec.over([seed], grid.sigmas)
-        common: dict[str, Any] = dict(
-            sampler=p.sampler,
-            steps=steps,
-            schedule=p.schedule,
-            generators=[gen],
-            sampler_options=dict(request.sampler_options or {}) or None,
-            strength=strength,
-            discard_penultimate=discards_penultimate(p),
-            brownian=brownian,
-        )
-        x = sampling.sample(
-            self.guided_denoiser(cfg_scale, uncond, rescale),
-            noise,
-            scheduler_config=self.scheduler_config,
-            extra_args=cond,
-            noise_schedule=self.noise_schedule,
-            init_latent=start.init_latent if p.init is not None else None,
-            start_step=first if p.init is not None else None,
-            end_step=k,
-            callback=on_step(0, self.tiny_vae),
-            **common,
-        )
-        x = x * math.sqrt(1.0 + float(grid.sigmas[k]) ** 2)  # back to the sampler's (VE) scaling
-        x = sampling.sample(
-            refiner.guided_denoiser(cfg_scale, r_uncond, rescale),
-            torch.zeros_like(x),
-            scheduler_config=refiner.scheduler_config,
-            extra_args=r_cond,
-            noise_schedule=refiner.noise_schedule,
-            init_latent=x,
-            start_step=k,
-            callback=on_step(k - first, refiner.tiny_vae),
-            **common,
-        )
-        img, upcast = vae_utils.decode(refiner.vae, x, tiled=p.tiled, upcast=refiner.vae_upcast, warn=False)
-        if upcast and not refiner.vae_upcast:
-            refiner.vae_upcast = True
-            p.notes.append("the VAE decode in half precision gave NaN/inf; decoded again in float32")
-        return vae_utils.to_unit(img)
+
+def decode_with(model: Any, p: Prepared, x: torch.Tensor) -> torch.Tensor:
+    """(1, 3, H, W) in [0, 1]: a hand-off's final latent decoded by ``model``'s VAE (the refiner's), with the
+    float32 fall-back noted once."""
+    img, upcast = vae_utils.decode(model.vae, x, tiled=p.tiled, upcast=model.vae_upcast, warn=False)
+    if upcast and not model.vae_upcast:
+        model.vae_upcast = True
+        p.notes.append("the VAE decode in half precision gave NaN/inf; decoded again in float32")
+    return vae_utils.to_unit(img)
 
 
-__all__ = ["SWITCH_RULES", "SDXLPipeline", "check_hand_off", "switch_step"]
+def hand_off_latents(
+    base: Any,
+    refiner: Any,
+    p: Prepared,
+    p_ref: Prepared,
+    prompt_i: str,
+    negative_i: str,
+    span: tuple[int, int, float],
+    on_step: Any,
+    init_latent: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One row's hand-off (``p``: that row's Prepared, its first seed): ``base``'s steps ``first..k - 1`` of
+    ``span`` (first, k, grid strength), the refiner's from ``k``; the final latent, before any VAE. From pure
+    noise (txt2img), ``p.init`` (img2img, the base's VAE encodes it; with ``p.mask`` inpainting, the blend on
+    both models' steps), or ``init_latent`` (the hires fix's latent upscale: only the noise is drawn)."""
+    request = p.request
+    steps, cfg_scale, rescale = int(request.steps), float(request.cfg_scale), float(request.guidance_rescale)
+    note = lambda t: p.notes.append(t)  # noqa: E731
+    # the notes describe the job: a setting one model has no use for is the other's (the base's prompt_2 and
+    # target size, the refiner's aesthetic scores); generate_with_refiner notes those neither uses
+    cond, uncond = base.conditioning_pair(prompt_i, negative_i, p, note, note_unused=False)
+    r_cond, r_uncond = refiner.conditioning_pair(prompt_i, negative_i, p_ref, note, note_unused=False)
+    first, k, strength = span
+    seed = p.seeds[0]
+    gen = torch.Generator("cpu").manual_seed(seed)
+    img2img = p.init is not None or init_latent is not None
+    start = start_latents(
+        base.vae,
+        generators=[gen],
+        latent_channels=base.latent_channels,
+        width=p.width,
+        height=p.height,
+        scale_factor=base.vae_scale_factor,
+        init=p.init,
+        mask=p.mask,
+        mask_blur=float(request.mask_blur),
+        strength=float(request.strength) if img2img else 1.0,
+        nine_channels=base.inpainting,
+        tiled=p.tiled,
+        device=base.device,
+        tiny=base.tiny_vae if p.init is not None and request.vae_encode == "tiny" else None,
+        pure_noise_at_full_strength=request.strength_rule == "diffusers",
+    )
+    if init_latent is not None:
+        start.init_latent, start.from_init = init_latent.to(base.device, start.noise.dtype), True
+    noise = start.noise
+    if init_latent is None and p.mask is not None and request.masked_content != "original":
+        lat = start.rounded_mask  # A1111's "latent noise" / "latent nothing" (as Pipeline._sample_rows)
+        if lat is not None and start.init_latent is not None:
+            fill = noise if request.masked_content == "latent noise" else torch.zeros_like(noise)
+            start.init_latent = start.init_latent * (1 - lat) + fill * lat
+    if init_latent is None and p.init is not None and float(request.noise_multiplier) != 1.0:
+        noise = noise * float(request.noise_multiplier)  # A1111's img2img noise multiplier
+    if int(request.noise_seed_delta):  # A1111's ENSD: the per-step noise from seed + delta
+        gen = torch.Generator("cpu").manual_seed(seed + int(request.noise_seed_delta))
+    if start.concat is not None:  # an inpainting base's masked image: the base's alone (the refiner has 4 channels)
+        cond = {**cond, "concat": start.concat}
+
+    def blended(den: Any) -> Any:
+        """The request's inpainting blend around a model's denoiser (both models blend with the base's init)."""
+        if request.strength_rule in A1111_STRENGTH_RULES and start.rounded_mask is not None:
+            if start.init_latent is not None:
+                return A1111Blend(den, start.init_latent, start.rounded_mask, before=False)
+        if start.blend_mask is not None and start.init_latent is not None:
+            return InpaintBlend(den, start.init_latent, start.noise, start.blend_mask)
+        return den
+
+    discard = discards_penultimate(p)
+    grid = sampling.make_grid(
+        p.sampler,
+        steps,
+        base.noise_schedule,
+        p.schedule,
+        base.scheduler_config,
+        strength,
+        discard_penultimate=discard,
+    )
+    brownian = None
+    if request.strength_rule in A1111_STRENGTH_RULES and p.sampler in sampling.BROWNIAN_SAMPLERS:
+        # A1111's SDE noise: the image's one Brownian tree over the whole grid, read by both models' steps
+        brownian = BrownianSpec.over([seed], grid.sigmas)
+    common: dict[str, Any] = dict(
+        sampler=p.sampler,
+        steps=steps,
+        schedule=p.schedule,
+        generators=[gen],
+        sampler_options=dict(request.sampler_options or {}) or None,
+        strength=strength,
+        discard_penultimate=discard,
+        brownian=brownian,
+    )
+    init = start.init_latent if start.from_init else None
+    base_den = blended(base.guided_denoiser(cfg_scale, uncond, rescale))
+    x = sampling.sample(
+        base_den,
+        noise,
+        scheduler_config=base.scheduler_config,
+        extra_args=cond,
+        noise_schedule=base.noise_schedule,
+        init_latent=init,
+        start_step=first if init is not None else None,
+        end_step=k,
+        callback=on_step(0, base.tiny_vae),
+        **common,
+    )
+    x = x * math.sqrt(1.0 + float(grid.sigmas[k]) ** 2)  # back to the sampler's (VE) scaling
+    ref_den = blended(refiner.guided_denoiser(cfg_scale, r_uncond, rescale))
+    x = sampling.sample(
+        ref_den,
+        torch.zeros_like(x),
+        scheduler_config=refiner.scheduler_config,
+        extra_args=r_cond,
+        noise_schedule=refiner.noise_schedule,
+        init_latent=x,
+        start_step=k,
+        callback=on_step(k - first, refiner.tiny_vae),
+        **common,
+    )
+    if isinstance(ref_den, A1111Blend | InpaintBlend):  # the known region from the clean init latent
+        x = ref_den.finish(x)
+    return x
+
+
+__all__ = [
+    "HIRES_REFINER_PASSES",
+    "SWITCH_RULES",
+    "SDXLPipeline",
+    "check_hand_off",
+    "decode_with",
+    "hand_off_latents",
+    "switch_step",
+]

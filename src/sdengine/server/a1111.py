@@ -852,6 +852,18 @@ def _num(v: Any, what: str) -> float:
 DECODE_METHODS = {"Full": "full", "TAESD": "tiny"}
 
 
+def check_refiner_pass(value: Any) -> str:
+    """A1111's ``hires_fix_refiner_pass`` option (which pass of the hires fix hands off to the refiner), or a 400
+    naming its values."""
+    from sdengine.pipeline.sdxl import HIRES_REFINER_PASSES
+
+    if value not in HIRES_REFINER_PASSES:
+        raise BadRequest(
+            f"hires_fix_refiner_pass must be one of {', '.join(map(repr, HIRES_REFINER_PASSES))}, got {value!r}"
+        )
+    return str(value)
+
+
 def check_noise_multiplier(value: Any) -> float:
     """A1111's ``initial_noise_multiplier`` option (img2img's noise times it): a number in [0, 10]."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 10:
@@ -927,6 +939,11 @@ def install(app: FastAPI, services: Any) -> None:
                 raise BadRequest(
                     f"infotext: Refiner switch at must be a number, got {parsed.get('Refiner switch at')!r}"
                 ) from None
+        if hires and parsed.get("Hires checkpoint") not in (None, *SAME_CHECKPOINT):  # A1111's paste field
+            try:  # the second pass's model (a name it lacks: another image, so said here)
+                filled["hr_checkpoint_name"] = catalog.model_name_of(catalog.resolve_model(parsed["Hires checkpoint"]))
+            except BadRequest as e:
+                raise BadRequest(f"infotext: Hires checkpoint: {e}") from None
         if not hires and "noise_multiplier" in found:  # img2img's (txt2img has no such field)
             filled["initial_noise_multiplier"] = found["noise_multiplier"]
         for key, value in (found.get("sampler_options") or {}).items():  # "Eta", "Sigma churn", ...
@@ -952,6 +969,8 @@ def install(app: FastAPI, services: Any) -> None:
             settings["img2img_fix_steps"] = True
         if found.get("discard_penultimate_sigma"):  # "Discard penultimate sigma", as A1111 maps it
             settings["always_discard_next_to_last_sigma"] = True
+        if hires and "Hires refiner" in parsed:  # the pass that handed off, where not A1111's default
+            settings["hires_fix_refiner_pass"] = parsed["Hires refiner"]
         if "noise_seed_delta" in found:  # "ENSD", as A1111 maps it (only when the infotext has one: no default)
             settings["eta_noise_seed_delta"] = found["noise_seed_delta"]
         xl_options, xl_rest = infotext_sdxl(found.get("sdxl"))
@@ -959,6 +978,7 @@ def install(app: FastAPI, services: Any) -> None:
         if clip is not None:
             del settings["CLIP_stop_at_last_layers"]  # not A1111's: passed on with its rule instead
         defaults: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "face_restoration": False, **SDXL_OPTIONS}
+        defaults["hires_fix_refiner_pass"] = "second pass"
         for name, value in settings.items():  # as A1111: only where it differs from the current option
             if name not in over and value != options.get(name, defaults.get(name, "Full")):
                 over[name] = value
@@ -1053,6 +1073,10 @@ def install(app: FastAPI, services: Any) -> None:
         fix_steps = over.pop("img2img_fix_steps", options.get("img2img_fix_steps", False))
         if not isinstance(fix_steps, bool):
             raise BadRequest(f"img2img_fix_steps must be true or false, got {fix_steps!r}")
+        # A1111's hires_fix_refiner_pass: which pass of the hires fix hands off to the refiner
+        refiner_pass = check_refiner_pass(
+            over.pop("hires_fix_refiner_pass", options.get("hires_fix_refiner_pass", "second pass"))
+        )
         # the extension's "Do not append detectmap to output" (an option, or per request)
         no_detectmap = over.pop("control_net_no_detectmap", options.get("control_net_no_detectmap", False))
         if not isinstance(no_detectmap, bool):
@@ -1121,6 +1145,7 @@ def install(app: FastAPI, services: Any) -> None:
             # the units whose detected map the answer appends (the extension's), taken out by run()
             detect_maps=[] if no_detectmap else detect_maps,
             img2img_fix_steps=fix_steps,  # taken out by the route (img2img's strength_rule)
+            hires_refiner_pass=refiner_pass,  # taken out by run() (Generation.hires_refiner_pass)
             sdxl_options=sdxl_settings(xl),  # taken out by run(): an SDXL model's only (Generation.sdxl_options)
         )
 
@@ -1145,6 +1170,8 @@ def install(app: FastAPI, services: Any) -> None:
         processor_res = fields.pop("processor_res", {})
         detect_maps = fields.pop("detect_maps", [])
         sdxl_options = fields.pop("sdxl_options", None)
+        refiner_pass = fields.pop("hires_refiner_pass", "second pass")
+        hr_model = fields.pop("hr_model", None)
         if fields.get("init_image") is None and not fields.get("controlnets"):
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:
@@ -1159,18 +1186,43 @@ def install(app: FastAPI, services: Any) -> None:
             from sdengine.pipeline import GenerationRequest
             from sdengine.pipeline.sdxl import check_hand_off
 
-            try:  # what the hand-off cannot run (a LoRA, the hires fix, DDIM, ...): said now, not by a failed job
-                check_hand_off(GenerationRequest(**generation.kwargs), refiner[2], "a1111")
+            try:  # what the hand-off cannot run (a LoRA, ControlNet, DDIM, ...): said now, not by a failed job
+                check_hand_off(GenerationRequest(**generation.kwargs), refiner[2], "a1111", refiner_pass)
             except SdengineError as e:
                 raise BadRequest(f"refiner_checkpoint: {e}") from None
             check_refiner_models(generation, refiner)
             generation.refiner, generation.refiner_name, generation.refiner_switch_at = refiner
+            generation.hires_refiner_pass = refiner_pass
+        if hr_model is not None:
+            check_hr_model(generation, hr_model, refiner is not None and refiner_pass != "first pass")
+            generation.hr_model, generation.hr_model_name = hr_model
         if (req.model_extra or {}).get("override_settings_restore_afterwards") is False and req.override_settings:
             # A1111 leaves the overrides set after such a call: they become the options of later jobs
             options.update(checked_options(req.override_settings)[0])
         job, _ = services.submit(generation, protocol="a1111", save=req.save_images, task_id=req.force_task_id)
         await job.wait_finished()
         return _response(job, req, ignored, notes or [], detect_maps, styled)
+
+    def check_hr_model(generation: Any, hr_model: tuple[str, str], hands_off: bool) -> None:
+        """A1111's ``hr_checkpoint_name`` naming another model: what its second pass cannot run is a 400 before
+        any job is queued (a LoRA or tiling, which sdengine applies to one model per call; a model that is not
+        SDXL where the second pass hands off to a refiner); another latent space is told by the loaded models."""
+        from sdengine.pipeline import GenerationRequest
+
+        r = GenerationRequest(**generation.kwargs)
+        from sdengine.prompts import extract_lora_tags
+
+        texts = [r.prompt] if isinstance(r.prompt, str) else [t for t in r.prompt or [] if isinstance(t, str)]
+        if r.loras or any(extract_lora_tags(t)[1] for t in [*texts, r.hr_prompt]):
+            raise BadRequest(f"hr_checkpoint_name {hr_model[1]!r}: LoRAs are not supported with another hires model")
+        if r.tiling:
+            raise BadRequest(f"hr_checkpoint_name {hr_model[1]!r}: tiling is not supported with another hires model")
+        from sdengine.server.page_api import sdxl_before_load
+
+        if hands_off and sdxl_before_load(hr_model[0]) is False:
+            raise BadRequest(
+                f"hr_checkpoint_name: {hr_model[1]!r} is not an SDXL model (its second pass hands off to the refiner)"
+            )
 
     def check_refiner_models(generation: Any, refiner: tuple[str, str, float]) -> None:
         """A refiner hand-off needs SDXL models (the base and the refiner): another model is a 400 before any job
@@ -1324,7 +1376,7 @@ def install(app: FastAPI, services: Any) -> None:
         refiner = hand_off(body, fields, ignored)
         fields["strength_rule"] = "a1111"  # A1111's step rules: its DDIM / PLMS grid (and the hires fix's count)
         if req.enable_hr:
-            same_checkpoint(body, fields, ignored)
+            fields["hr_model"] = same_checkpoint(body, fields, ignored)
             hires = {
                 "hr_scale": req.hr_scale,
                 "hr_upscaler": req.hr_upscaler or "Latent",  # A1111's latent_upscale_default_mode
@@ -1366,25 +1418,25 @@ def install(app: FastAPI, services: Any) -> None:
             return None
         return ref, services.catalog.model_name_of(ref), float(switch)
 
-    def same_checkpoint(body: dict[str, Any], fields: dict[str, Any], ignored: list[str]) -> None:
-        """A1111's ``hr_checkpoint_name``: the job's own model (A1111 reloads it: the same image) is run; another
-        model for the second pass is a 422 (not implemented), an unknown name a 400 naming the models."""
+    def same_checkpoint(body: dict[str, Any], fields: dict[str, Any], ignored: list[str]) -> tuple[str, str] | None:
+        """A1111's ``hr_checkpoint_name``: (loader reference, listed name) of the second pass's model where it is
+        another model (the worker loads it beside the job's: A1111 loads it for the second pass); None for none,
+        "Use same checkpoint" or the job's own model (A1111 reloads it: the same image); an unknown name is a 400
+        naming the models."""
         name = body.get("hr_checkpoint_name")
         if name in SAME_CHECKPOINT:
-            return
+            return None
         if not isinstance(name, str):
             raise BadRequest(f"hr_checkpoint_name must be a model name, got {name!r}")
         ref = services.catalog.resolve_model(name)
         base = services.catalog.resolve_model(
             fields.get("model") or str(options.get("sd_model_checkpoint") or services.config.model)
         )
-        if ref != base:
-            raise Unprocessable(
-                f"hr_checkpoint_name {name!r}: another model for the hires fix's second pass is not implemented in "
-                'sdengine; send none, "Use same checkpoint" or the job\'s own model'
-            )
         if "hr_checkpoint_name" in ignored:
             ignored.remove("hr_checkpoint_name")
+        if ref == base:
+            return None
+        return ref, services.catalog.model_name_of(ref)
 
     @app.post("/sdapi/v1/img2img", tags=["a1111"])
     async def img2img(req: Img2ImgRequest) -> JSONResponse:
@@ -1420,7 +1472,8 @@ def install(app: FastAPI, services: Any) -> None:
             fields["masked_content"] = LATENT_FILLS[req.inpainting_fill]
         if body.get("initial_noise_multiplier") is not None:  # A1111's "Noise multiplier" (checked by the build)
             fields["noise_multiplier"] = body["initial_noise_multiplier"]
-        # A1111 runs the refiner in img2img too, switching on the img2img's schedule (the hand-off takes no mask)
+        # A1111 runs the refiner in img2img too, switching on the img2img's schedule (with a mask, its blend runs on
+        # the refiner's steps as well)
         refiner = hand_off(body, fields, ignored)
         finish = None
         if req.mask:
@@ -1817,6 +1870,8 @@ def install(app: FastAPI, services: Any) -> None:
                 changes[k] = check_ensd(v)
             elif k == "initial_noise_multiplier":  # img2img's noise multiplier when a request gives none
                 changes[k] = check_noise_multiplier(v)
+            elif k == "hires_fix_refiner_pass":  # which pass of the hires fix hands off to the refiner
+                changes[k] = check_refiner_pass(v)
             elif k in ("img2img_fix_steps", "always_discard_next_to_last_sigma"):
                 # img2img runs the steps asked (of a schedule of steps / strength); every sampler's grid drops its
                 # next-to-last sigma

@@ -276,8 +276,10 @@ def batch_key(job: Job) -> tuple[Any, ...] | None:
     if getattr(job, "run_on", None) is not None:
         return None
     g = job.generation
-    # a base -> refiner hand-off, A1111's SDXL options other than its empty-negative rule: run alone
-    if g.refiner is not None or set(g.sdxl_options or ()) - {"force_zeros_for_empty_prompt"}:
+    # a base -> refiner hand-off, another hires model, A1111's SDXL options other than its empty-negative rule: alone
+    if g.refiner is not None or getattr(g, "hr_model", None) is not None:
+        return None
+    if set(g.sdxl_options or ()) - {"force_zeros_for_empty_prompt"}:
         return None
     kw = g.kwargs
     if g.n_iter != 1 or any(kw.get(k) is not None for k in _NEVER_BATCHED):
@@ -747,6 +749,8 @@ class Worker(threading.Thread):
         self.model: str | None = None
         self.refiner_pipe: Any = None  # the SDXL refiner of the last hand-off job (kept for the next one)
         self.refiner_model: str | None = None
+        self.hr_pipe: Any = None  # the hires fix's second-pass model of the last job that named another (kept too)
+        self.hr_model: str | None = None
         self.current: Job | None = None
         self.batch: list[Job] = []  # the jobs of the running call (one, or a batch)
         self.preload: str | None = None  # a model to load before the first job (set before start)
@@ -804,20 +808,43 @@ class Worker(threading.Thread):
             self.pipe = None  # free the old model (and a hand-off's refiner) before loading the next
             self.model = None
             self.refiner_pipe, self.refiner_model = None, None
+            self.hr_pipe, self.hr_model = None, None
             self.pipe = self.manager.loader(model, self.device)
             self.model = model
             if model == self.preload:
                 self.load_error = None
         return self.pipe
 
-    def refiner(self, model: str) -> Any:
-        """The refiner of a hand-off job, loaded beside the job's model (and kept for the next such job)."""
+    def refiner(self, model: str, keep: Any = ()) -> Any:
+        """The refiner of a hand-off job, loaded beside the job's model (and kept for the next such job). A hires
+        model kept from an earlier job that this one does not name (``keep``) is freed before a new load: the
+        device holds at most the models the job runs."""
+        if model == self.hr_model and self.refiner_model != model:  # one copy of a model in both roles
+            self.refiner_pipe, self.refiner_model = self.hr_pipe, self.hr_model
+            self.hr_pipe, self.hr_model = None, None
         if self.refiner_model != model:
             self.refiner_pipe = None
             self.refiner_model = None
+            if self.hr_model is not None and self.hr_model not in keep:
+                self.hr_pipe, self.hr_model = None, None
             self.refiner_pipe = self.manager.loader(model, self.device)
             self.refiner_model = model
         return self.refiner_pipe
+
+    def hires_model(self, model: str, keep: Any = ()) -> Any:
+        """The hires fix's second-pass model of a job (A1111's ``hr_checkpoint_name``), loaded beside the job's model
+        and kept for the next such job; the refiner's pipeline where it is the same model (one copy). A refiner
+        kept from an earlier job that this one does not name (``keep``) is freed before a new load."""
+        if model == self.refiner_model:
+            return self.refiner_pipe
+        if self.hr_model != model:
+            self.hr_pipe = None
+            self.hr_model = None
+            if self.refiner_model is not None and self.refiner_model not in keep:
+                self.refiner_pipe, self.refiner_model = None, None
+            self.hr_pipe = self.manager.loader(model, self.device)
+            self.hr_model = model
+        return self.hr_pipe
 
     def run_job(self, job: Job) -> None:
         import torch
@@ -833,19 +860,37 @@ class Worker(threading.Thread):
         except (SdengineError, OSError, ValueError) as e:
             m.finish(job, FAILED, f"cannot load model {g.model_name!r}: {e}")
             return
-        call, refiner = pipe, None
+        call, refiner, hr = pipe, None, None
         if g.refiner is not None:
             try:
-                refiner = self.refiner(g.refiner)
+                refiner = self.refiner(g.refiner, keep={g.hr_model})
             except (SdengineError, OSError, ValueError) as e:
                 m.finish(job, FAILED, f"cannot load the refiner {g.refiner_name!r}: {e}")
                 return
             if not hasattr(pipe, "generate_with_refiner"):
                 m.finish(job, FAILED, f"a refiner needs an SDXL base model; {g.model_name!r} is not one")
                 return
+        if g.hr_model is not None:
+            try:
+                hr = self.hires_model(g.hr_model, keep={g.refiner})
+            except (SdengineError, OSError, ValueError) as e:
+                m.finish(job, FAILED, f"cannot load the hires model {g.hr_model_name!r}: {e}")
+                return
 
             def call(**kw: Any) -> Any:
-                return pipe.generate_with_refiner(refiner, switch_at=g.refiner_switch_at, switch_rule="a1111", **kw)
+                return pipe(hr_model=hr, **kw)
+
+        if refiner is not None:
+
+            def call(**kw: Any) -> Any:
+                return pipe.generate_with_refiner(
+                    refiner,
+                    switch_at=g.refiner_switch_at,
+                    switch_rule="a1111",
+                    hires_pass=g.hires_refiner_pass,
+                    hr_model=hr,
+                    **kw,
+                )
 
         from sdengine.pipeline.request import batch_count_seeds
 

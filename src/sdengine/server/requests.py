@@ -73,6 +73,13 @@ class Generation:
     refiner: str | None = None
     refiner_name: str | None = None
     refiner_switch_at: float | None = None
+    # A1111's hires_fix_refiner_pass: which pass of the hires fix hands off ("first pass", "second pass", "both
+    # passes"; sdengine.pipeline.sdxl.HIRES_REFINER_PASSES)
+    hires_refiner_pass: str = "second pass"
+    # A1111's hr_checkpoint_name naming another model: the hires fix's second pass runs on it (loader reference,
+    # listed name); the worker loads it beside the job's model
+    hr_model: str | None = None
+    hr_model_name: str | None = None
     # A1111's SDXL options as ``sdxl`` settings: the worker adds them to an SDXL model's request (the aesthetic
     # scores to a refiner's only); other models ignore them, as A1111 does
     sdxl_options: dict[str, Any] | None = None

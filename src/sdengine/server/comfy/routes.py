@@ -906,6 +906,7 @@ def apply_free(st: ComfyState, services: Any, own: Any = None) -> None:
             if w.current is None or w is own:
                 w.pipe, w.model = None, None
                 w.refiner_pipe, w.refiner_model = None, None
+                w.hr_pipe, w.hr_model = None, None
 
 
 def _model_folders(env: Env) -> dict[str, list[str]]:
