@@ -341,8 +341,6 @@ def test_round_trip(params):
     }
     if "strength" in params:
         expected["strength"] = params["strength"]
-    if expected["schedule"] == "align_your_steps_sdxl":  # A1111 writes one "Align Your Steps"; the model picks
-        expected["schedule"] = "align_your_steps"  # the table again when it is read (resolve(..., sdxl=True))
     assert kwargs == expected
     assert parsed["Model"] == params["model"]
     assert parsed["Model hash"] == params["model_hash"]

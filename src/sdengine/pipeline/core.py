@@ -683,7 +683,7 @@ class Pipeline:
                     negative_prompt=negative_i,
                     steps=int(request.steps),
                     sampler=p.sampler,
-                    schedule=p.schedule,
+                    schedule=sampling.infotext_schedule(p.schedule, sdxl=self.text_kind == "sdxl"),
                     cfg_scale=float(request.cfg_scale),
                     seed=seed,
                     width=p.width,
@@ -750,7 +750,7 @@ class Pipeline:
             from sdengine.pipeline.hires import infotext_fields
 
             for i, row in enumerate(rows):
-                row.update(infotext_fields(p, i))
+                row.update(infotext_fields(p, i, sdxl=self.text_kind == "sdxl"))
         infotexts = [format_infotext(r) for r in rows]
         per_row = [{"prompt": r["prompt"], "negative_prompt": r["negative_prompt"], "seed": r["seed"]} for r in rows]
         return GenerationResult(pil, arrays, rows[0], p.seeds, infotexts, p.notes, per_row)

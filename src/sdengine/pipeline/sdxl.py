@@ -227,7 +227,7 @@ class SDXLPipeline(Pipeline):
                 negative_prompt=negative_i,
                 steps=steps,
                 sampler=p.sampler,
-                schedule=p.schedule,
+                schedule=sampling.infotext_schedule(p.schedule, sdxl=True),
                 cfg_scale=cfg_scale,
                 seed=seed,
                 width=p.width,

@@ -25,7 +25,8 @@ const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", 
 // too old to list them (GET /v1/samplers' schedule_labels); "Align Your Steps" is the model's own table, as in A1111
 const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras", exponential: "exponential",
   "sgm uniform": "sgm_uniform", sgmuniform: "sgm_uniform", simple: "simple", ddim: "ddim_uniform", beta: "beta",
-  "kl optimal": "kl_optimal", "align your steps": "align_your_steps", uniform: "uniform",
+  "kl optimal": "kl_optimal", "align your steps": "align_your_steps", "align your steps sdxl": "align_your_steps_sdxl",
+  uniform: "uniform",
   polyexponential: "polyexponential" };
 
 const state = {
