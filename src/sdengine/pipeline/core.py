@@ -700,6 +700,7 @@ class Pipeline:
                     n_tag_loras=len(tag_lists[0]),
                     lora_dir=lora_dir,
                     controlnets=units,
+                    guess_mode=bool(request.guess_mode),
                     mask_blur=float(request.mask_blur) if p.mask is not None else None,
                     resize_mode=init_resize_mode(request) if (p.init is not None or units) else None,
                     sampler_options=request.sampler_options,

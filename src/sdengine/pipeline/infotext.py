@@ -149,6 +149,7 @@ def call_parameters(
     strength_rule: str = "diffusers",
     sdxl: Any = None,
     clip_skip_rule: str = "sdengine",
+    guess_mode: bool = False,
 ) -> dict[str, Any]:
     """The parameters dict of one image (sdengine.metadata writes it as A1111 text). LoRAs passed as
     arguments are written as <lora:NAME:W> tags, as A1111 keeps them, so that the infotext alone says which
@@ -186,7 +187,7 @@ def call_parameters(
     if mask_blur:
         params["Mask blur"] = mask_blur
     for k, unit in enumerate(controlnets):
-        params[f"ControlNet {k}"] = unit.infotext()
+        params[f"ControlNet {k}"] = unit.infotext(guess_mode=guess_mode)
     if any(unit.rule != "diffusers" for unit in controlnets):  # sdengine's field, read back by --from-png:
         # A1111's ControlNet extension counts start/end its own way (pipeline.control.step_keep), one per unit
         params["ControlNet step rule"] = ",".join(unit.rule for unit in controlnets)
