@@ -10,6 +10,7 @@ from typing import Any
 
 from sdengine.io.atomic import write_text_atomic
 from sdengine.metadata import A1111_SAMPLER_FIELDS
+from sdengine.nn.lora import exact_number
 from sdengine.pipeline.control import ControlUnit
 
 
@@ -156,7 +157,7 @@ def call_parameters(
     ones were used (regenerate with the same lora_dir); separate text-encoder / U-Net weights (a LoRAWeight) as
     A1111's <lora:NAME:TE:UNET>."""
     tags = "".join(
-        f" <lora:{Path(src).stem}:{format(w, 'g') if isinstance(w, int | float) else w}>"  # LoRAWeight: TE:UNET
+        f" <lora:{Path(src).stem}:{exact_number(w) if isinstance(w, int | float) else w}>"  # LoRAWeight: TE:UNET
         for src, w in loras[: len(loras) - n_tag_loras]
         if isinstance(src, str | Path)
     )
