@@ -8,6 +8,9 @@ fields the pipeline adds, ``sdengine.metadata.format_parameters``) and back thro
 
 from __future__ import annotations
 
+import inspect
+import logging
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -60,6 +63,12 @@ def _controlnet(draw):
     )
 
 
+def _option_defaults(sampler: str) -> dict[str, object]:
+    fn = sampling.SAMPLERS[sampler].fn
+    params = inspect.signature(fn).parameters
+    return {name: params[name].default for name in sampling.sampler_option_names(sampler)}
+
+
 @st.composite
 def _settings(draw):
     sdxl = draw(st.booleans())
@@ -67,8 +76,15 @@ def _settings(draw):
     schedule = sampling.resolve(sampler, asked, sdxl=sdxl)[1]  # what the pipeline runs
     style = draw(st.none() | _PHRASE | _PHRASE.map(lambda p: f"{p}, {{prompt}}"))
     prompt = draw(_PROMPT)
+    numeric = [
+        name
+        for name, default in _option_defaults(sampler).items()
+        if isinstance(default, float) and not isinstance(default, bool)
+    ]
+    options = draw(st.dictionaries(st.sampled_from(numeric), st.floats(0, 10, allow_nan=False))) if numeric else {}
     s = {
         "sdxl": sdxl,
+        "sampler_options": options,
         "prompt": merge_style(style, prompt) if style else prompt,  # A1111 writes the styled prompt
         "negative_prompt": draw(st.just("") | _PROMPT),
         "steps": draw(st.integers(1, 150)),
@@ -136,6 +152,7 @@ def _write(s) -> str:
         controlnets=s["controlnets"],
         guess_mode=s["guess_mode"] and bool(s["controlnets"]),
         mask_blur=None,
+        sampler_options=s["sampler_options"],
         strength_rule=s["strength_rule"] if s["strength"] is not None else "diffusers",
     )
     if s["subseed"] is not None:
@@ -160,9 +177,26 @@ def _write(s) -> str:
     return format_parameters(row)
 
 
+class _Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def _check_round_trip(s) -> None:
     parsed = parse_parameters(_write(s))
-    kw = to_generate_kwargs(parsed, hires=True)
+    seen = _Warnings()
+    logger = logging.getLogger("sdengine.metadata")
+    logger.addHandler(seen)
+    try:
+        kw = to_generate_kwargs(parsed, hires=True)
+        units = recorded_controlnets(parsed)
+    finally:
+        logger.removeHandler(seen)
+    assert seen.messages == []  # nothing sdengine writes is "not reproduced"
     sdxl = s["sdxl"]
     # the prompt, with the LoRAs given as arguments written into it as tags (A1111 keeps them there)
     prompt, tags = extract_lora_tags(kw["prompt"])
@@ -174,6 +208,11 @@ def _check_round_trip(s) -> None:
     # the schedule the pipeline runs again on the same model
     assert sampling.resolve(kw["sampler"], kw["schedule"], sdxl=sdxl) == (s["sampler"], s["schedule"])
     assert kw["clip_skip"] == s["clip_skip"]
+    # the sampler's options (A1111's "Sigma ..." fields are written where not the default)
+    got = kw.get("sampler_options", {})
+    defaults = _option_defaults(s["sampler"])
+    assert {k: got.get(k, defaults[k]) for k in s["sampler_options"]} == s["sampler_options"]
+    assert set(got) <= set(s["sampler_options"])
     if s["clip_skip"] != 1:  # at 1 (the last layer) both rules are the same
         assert kw.get("clip_skip_rule", "sdengine") == s["clip_skip_rule"]
     assert kw.get("strength") == s["strength"]
@@ -196,7 +235,6 @@ def _check_round_trip(s) -> None:
         hr = sampling.resolve(kw.get("hr_sampler") or kw["sampler"], kw.get("hr_schedule") or kw["schedule"], sdxl=sdxl)
         assert hr == (h["hr_sampler"], h["hr_schedule"])
         assert (kw.get("hr_prompt"), kw.get("hr_negative_prompt")) == (h["hr_prompt"], h["hr_negative_prompt"])
-    units = recorded_controlnets(parsed)
     assert len(units) == len(s["controlnets"])
     for got, unit in zip(units, s["controlnets"], strict=True):
         assert got.name == unit.label
@@ -231,6 +269,7 @@ def _base(**changes):
         "loras": [],
         "subseed": None,
         "subseed_strength": 0.0,
+        "sampler_options": {},
         "controlnets": [],
         "guess_mode": False,
         "hires": None,
