@@ -552,3 +552,26 @@ def test_a_controlnet_unit_naming_an_unknown_preprocessor_or_option_is_refused_b
         ControlUnit("m", None, module="depth")
     with pytest.raises(ControlNetError, match="'canny' has no options radius"):
         ControlUnit("m", None, module="canny", module_options={"radius": 3.0})
+
+
+def test_an_a1111_controlnet_setting_sdengine_does_not_reproduce_is_warned_of(caplog):
+    from sdengine.metadata import recorded_controlnets
+
+    text = _A1111_CONTROLNET.replace("ControlNet is more important", "My prompt is more important")
+    text = text.replace("Pixel Perfect: False", "Pixel Perfect: True")
+    with caplog.at_level(logging.WARNING, logger="sdengine.metadata"):
+        (unit,) = recorded_controlnets(parse_parameters(text))
+    assert not unit.guess_mode
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "'My prompt is more important' is not reproduced" in warned and "Pixel Perfect is not reproduced" in warned
+
+
+def test_an_a1111_controlnet_with_an_unknown_resize_mode_or_a_bad_threshold_is_a_one_line_error():
+    from sdengine.metadata import recorded_controlnets
+
+    for old, new, match in (
+        ("Crop and Resize", "Outpaint", "Resize Mode 'Outpaint' is not a resize mode"),
+        ("Threshold A: 50", "Threshold A: low", "preprocessor value is not a number"),
+    ):
+        with pytest.raises(MetadataError, match=match):
+            recorded_controlnets(parse_parameters(_A1111_CONTROLNET.replace(old, new)))
