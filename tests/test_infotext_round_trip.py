@@ -95,7 +95,7 @@ def _settings(draw):
         "width": draw(st.integers(8, 256)) * 8,
         "height": draw(st.integers(8, 256)) * 8,
         "clip_skip": draw(st.integers(0 if sdxl else 1, 12)),
-        "clip_skip_rule": draw(st.sampled_from(["sdengine", "a1111"])),
+        "clip_skip_rule": draw(st.sampled_from(["sdengine", "a1111", *(["a1111_sdxl_clip_l"] if sdxl else [])])),
         "strength": draw(st.none() | _FRACTION.filter(lambda x: x > 0)),
         "strength_rule": draw(st.sampled_from(["diffusers", "a1111"])),
         "loras": draw(
@@ -213,7 +213,7 @@ def _check_round_trip(s) -> None:
     defaults = _option_defaults(s["sampler"])
     assert {k: got.get(k, defaults[k]) for k in s["sampler_options"]} == s["sampler_options"]
     assert set(got) <= set(s["sampler_options"])
-    if s["clip_skip"] != 1:  # at 1 (the last layer) both rules are the same
+    if s["clip_skip"] != 1 or s["clip_skip_rule"] == "a1111_sdxl_clip_l":  # at 1 sdengine's and A1111's agree
         assert kw.get("clip_skip_rule", "sdengine") == s["clip_skip_rule"]
     assert kw.get("strength") == s["strength"]
     if s["strength"] is not None:
