@@ -244,7 +244,7 @@ def _check_round_trip(s) -> None:
         assert got.guess_mode == s["guess_mode"]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_settings())
 def test_an_images_infotext_reads_back_as_the_settings_that_made_it(s):
     _check_round_trip(s)
