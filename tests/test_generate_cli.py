@@ -1065,3 +1065,75 @@ def test_strength_rule_on_txt2img_ddim_walks_a1111s_grid(model, tmp_path, capsys
     assert _generate(*args, "--width", "32", "--height", "32", "--out", str(tmp_path / "plain")) == 0
     plain = sorted((tmp_path / "plain").glob("*.png"))[0]
     assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(made)))
+
+
+@pytest.mark.slow
+def test_a_controlnet_images_infotext_names_its_preprocessor_and_its_thresholds(tmp_path):
+    """As A1111's ControlNet extension writes it: the map came from canny at 100 / 200, which reuse needs."""
+    _, made = _controlnet_png(tmp_path)
+    text = Image.open(made).info["parameters"]
+    assert 'ControlNet 0: "Module: canny, Model: emoji-controlnet-canny, Weight: 0.8, Threshold A: 100, ' in text
+    assert "Threshold B: 200, Guidance Start: 0, Guidance End: 1" in text
+
+
+@pytest.mark.slow
+def test_from_png_preprocesses_the_control_image_with_the_recorded_thresholds_and_processor_res(tmp_path):
+    from sdengine.metadata import save_png
+
+    edges, made = _controlnet_png(tmp_path)
+    text = Image.open(made).info["parameters"]
+    base = np.asarray(Image.open(made).convert("RGB")).astype(int)
+    for name, fields in {
+        "thresholds": "Threshold A: 5, Threshold B: 10",
+        "res": "Processor Res: 16, Threshold A: 100, Threshold B: 200",
+    }.items():
+        png = tmp_path / f"{name}.png"
+        save_png(Image.open(made), png, text.replace("Threshold A: 100, Threshold B: 200", fields))
+        assert _generate("--from-png", str(png), "--control", f"canny:{edges}", "--out", str(tmp_path / name)) == 0
+        with Image.open(tmp_path / name / "00000-4.png") as im:
+            assert fields in im.info["parameters"]  # and written again as it was made
+            assert np.abs(np.asarray(im.convert("RGB")).astype(int) - base).max() > 0, name
+
+
+@pytest.mark.slow
+def test_from_png_of_an_a1111_controlnet_image_counts_the_guidance_steps_by_a1111s_rule(tmp_path):
+    """An infotext A1111 wrote has no sdengine step-rule field: its extension's rule made it, so it is read so."""
+    from sdengine.metadata import VERSION, save_png
+
+    edges, made = _controlnet_png(tmp_path)
+    text = Image.open(made).info["parameters"].replace("Guidance End: 1", "Guidance End: 0.6")
+    a1111 = text.replace(f"Version: {VERSION}", "Version: v1.10.1")
+    assert a1111 != text
+    made_by = {"a1111": a1111, "sdengine_a1111_rule": text + ", ControlNet step rule: a1111", "diffusers": text}
+    images = {}
+    for name, infotext in made_by.items():
+        png = tmp_path / f"{name}.png"
+        save_png(Image.open(made), png, infotext)
+        assert _generate("--from-png", str(png), "--control", f"canny:{edges}", "--out", str(tmp_path / name)) == 0
+        with Image.open(tmp_path / name / "00000-4.png") as im:
+            images[name] = np.asarray(im.convert("RGB")).astype(int)
+            if name == "a1111":
+                assert "ControlNet step rule: a1111" in im.info["parameters"]
+    np.testing.assert_array_equal(images["a1111"], images["sdengine_a1111_rule"])
+    assert np.abs(images["a1111"] - images["diffusers"]).max() > 0
+
+
+@pytest.mark.slow
+def test_from_png_of_an_a1111_controlnet_image_fits_the_control_image_by_the_units_resize_mode(tmp_path):
+    """The extension records each unit's fit ("Crop and Resize" by default); sdengine's one Resize mode follows."""
+    from sdengine.metadata import VERSION, save_png
+
+    edges, made = _controlnet_png(tmp_path)
+    wide = tmp_path / "wide.png"
+    picture(96, 48).save(wide)
+    text = Image.open(made).info["parameters"].replace(f"Version: {VERSION}", "Version: v1.10.1")
+    unit = 'ControlNet 0: "Module: canny, '
+    crop = text.replace(unit, unit + "Resize Mode: Crop and Resize, ")
+    for name, infotext in {"crop": crop, "just": text}.items():
+        png = tmp_path / f"{name}.png"
+        save_png(Image.open(made), png, infotext)
+        assert _generate("--from-png", str(png), "--control", f"canny:{wide}", "--out", str(tmp_path / name)) == 0
+    with Image.open(tmp_path / "crop" / "00000-4.png") as im:
+        assert "Resize mode: crop and resize" in im.info["parameters"]
+    with Image.open(tmp_path / "just" / "00000-4.png") as im:
+        assert "Resize mode" not in im.info["parameters"]

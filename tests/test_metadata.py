@@ -341,8 +341,6 @@ def test_round_trip(params):
     }
     if "strength" in params:
         expected["strength"] = params["strength"]
-    if expected["schedule"] == "align_your_steps_sdxl":  # A1111 writes one "Align Your Steps"; the model picks
-        expected["schedule"] = "align_your_steps"  # the table again when it is read (resolve(..., sdxl=True))
     assert kwargs == expected
     assert parsed["Model"] == params["model"]
     assert parsed["Model hash"] == params["model_hash"]
@@ -511,3 +509,69 @@ def test_a1111s_sigma_fields_are_the_churn_and_noise_options_of_the_samplers_tha
                              mask_blur=None, sampler_options={"s_churn": 2.0, "s_noise": 1.0, "eta": 0.5})  # fmt: skip
     assert params["Sigma churn"] == 2.0 and "Sigma noise" not in params
     assert params["Sampler options"] == '{"eta": 0.5}'
+
+
+_A1111_CONTROLNET = (
+    "a cat\nSteps: 20, Sampler: Euler, Seed: 1, Size: 512x512, "
+    'ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.8, Resize Mode: Crop and '
+    "Resize, Low Vram: False, Processor Res: 384, Threshold A: 50, Threshold B: 150, Guidance Start: 0.1, Guidance "
+    'End: 0.9, Pixel Perfect: False, Control Mode: ControlNet is more important", Version: v1.10.1'
+)
+
+
+def test_an_a1111_controlnet_infotext_is_read_with_the_extensions_step_rule_and_preprocessor():
+    from sdengine.metadata import recorded_controlnets
+
+    (unit,) = recorded_controlnets(parse_parameters(_A1111_CONTROLNET))
+    assert (unit.name, unit.hash, unit.weight, unit.start, unit.end) == (
+        "control_v11p_sd15_canny",
+        "d14c016b",
+        0.8,
+        0.1,
+        0.9,
+    )
+    assert unit.rule == "a1111"  # A1111 wrote it: its extension counted the guidance steps
+    assert (unit.preprocessor, dict(unit.options), unit.processor_res) == ("canny", {"low": 50.0, "high": 150.0}, 384)
+    assert unit.guess_mode and unit.resize_mode == "crop and resize"
+
+
+def test_an_sdengine_controlnet_infotext_keeps_the_step_rule_it_recorded():
+    from sdengine.metadata import recorded_controlnets
+
+    sdengine = _A1111_CONTROLNET.replace("Version: v1.10.1", f"Version: {VERSION}")
+    assert [u.rule for u in recorded_controlnets(parse_parameters(sdengine))] == ["diffusers"]
+    marked = sdengine + ", ControlNet step rule: a1111"
+    assert [u.rule for u in recorded_controlnets(parse_parameters(marked))] == ["a1111"]
+
+
+def test_a_controlnet_unit_naming_an_unknown_preprocessor_or_option_is_refused_before_it_runs():
+    from sdengine.errors import ControlNetError
+    from sdengine.pipeline.control import ControlUnit
+
+    with pytest.raises(ControlNetError, match="unknown ControlNet preprocessor 'depth'"):
+        ControlUnit("m", None, module="depth")
+    with pytest.raises(ControlNetError, match="'canny' has no options radius"):
+        ControlUnit("m", None, module="canny", module_options={"radius": 3.0})
+
+
+def test_an_a1111_controlnet_setting_sdengine_does_not_reproduce_is_warned_of(caplog):
+    from sdengine.metadata import recorded_controlnets
+
+    text = _A1111_CONTROLNET.replace("ControlNet is more important", "My prompt is more important")
+    text = text.replace("Pixel Perfect: False", "Pixel Perfect: True")
+    with caplog.at_level(logging.WARNING, logger="sdengine.metadata"):
+        (unit,) = recorded_controlnets(parse_parameters(text))
+    assert not unit.guess_mode
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "'My prompt is more important' is not reproduced" in warned and "Pixel Perfect is not reproduced" in warned
+
+
+def test_an_a1111_controlnet_with_an_unknown_resize_mode_or_a_bad_threshold_is_a_one_line_error():
+    from sdengine.metadata import recorded_controlnets
+
+    for old, new, match in (
+        ("Crop and Resize", "Outpaint", "Resize Mode 'Outpaint' is not a resize mode"),
+        ("Threshold A: 50", "Threshold A: low", "preprocessor value is not a number"),
+    ):
+        with pytest.raises(MetadataError, match=match):
+            recorded_controlnets(parse_parameters(_A1111_CONTROLNET.replace(old, new)))

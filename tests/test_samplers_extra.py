@@ -163,7 +163,7 @@ def test_align_your_steps_takes_the_sdxl_table_on_an_sdxl_model():
 def test_infotext_writes_the_a1111_names():
     from sdengine.metadata import format_parameters, parse_parameters, to_generate_kwargs
 
-    text = format_parameters({"prompt": "p", "steps": 9, "sampler": "dpmpp_2s_a", "schedule": "align_your_steps_sdxl"})
+    text = format_parameters({"prompt": "p", "steps": 9, "sampler": "dpmpp_2s_a", "schedule": "align_your_steps"})
     assert "Sampler: DPM++ 2S a, Schedule type: Align Your Steps," in text
     kw = to_generate_kwargs(parse_parameters(text))
     assert (kw["sampler"], kw["schedule"]) == ("dpmpp_2s_a", "align_your_steps")
@@ -528,3 +528,30 @@ def test_lcm_walks_a_sigma_list_with_its_consistency_boundary(schedule):
 def test_diffusers_equivalent_says_diffusers_has_none():
     with pytest.raises(UsageError, match=r"diffusers has no DPM\+\+ 3M SDE sampler \(dpmpp_3m_sde\)"):
         sampling.diffusers_equivalent("DPM++ 3M SDE", "karras")
+
+
+def test_the_sdxl_align_your_steps_table_chosen_on_another_model_is_read_back_as_itself():
+    """On an SD 1.x model the two Align Your Steps tables make two images: each infotext names its own, so
+    reusing it (--from-png) walks the same table again (A1111's one label is the model's own table)."""
+    from sdengine.metadata import format_parameters, parse_parameters, to_generate_kwargs
+
+    labels = {}
+    for schedule in ("align_your_steps", "align_your_steps_sdxl"):
+        written = sampling.infotext_schedule(schedule, sdxl=False)
+        text = format_parameters({"prompt": "p", "steps": 9, "sampler": "euler", "schedule": written})
+        labels[schedule] = parse_parameters(text)["Schedule type"]
+        assert to_generate_kwargs(parse_parameters(text))["schedule"] == schedule
+    assert labels == {"align_your_steps": "Align Your Steps", "align_your_steps_sdxl": "Align Your Steps SDXL"}
+
+
+def test_the_sdxl_align_your_steps_table_is_written_with_a1111s_label_on_an_sdxl_model():
+    written = sampling.infotext_schedule("align_your_steps_sdxl", sdxl=True)
+    assert sampling.SCHEDULE_A1111[written] == "Align Your Steps"
+    assert sampling.resolve("Euler", sampling.SCHEDULE_A1111[written], sdxl=True)[1] == "align_your_steps_sdxl"
+
+
+def test_every_schedule_has_its_own_infotext_label():
+    labels = [sampling.SCHEDULE_A1111[s] for s in sampling.SCHEDULES]
+    assert len(set(labels)) == len(labels)
+    for schedule in sampling.SCHEDULES:
+        assert sampling.resolve("euler", sampling.SCHEDULE_A1111[schedule])[1] == schedule

@@ -318,13 +318,19 @@ def test_a_controlnets_step_rule_and_its_infotext(page, client, tmp_path):
     assert page.is_checked("#cn-enabled")
     got = [page.input_value(f"#cn-{k}") for k in ("model", "weight", "start", "end", "rule")]
     assert got == ["emoji-controlnet-canny", "0.9", "0.3", "0.8", "a1111"]
-    # An A1111 image's ControlNet this server lacks is named
-    a1111 = 'ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.5, Guidance Start: 0"'
+    # An A1111 image's ControlNet this server lacks is named; its thresholds are set, and its steps counted by the
+    # extension's rule (it has no sdengine step-rule field: A1111 made it)
+    page.select_option("#cn-rule", "diffusers")
+    a1111 = (
+        'ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.5, Threshold A: 30, '
+        'Threshold B: 60, Guidance Start: 0"'
+    )
     text = f"a dog\nSteps: 3, Seed: 7, Size: 64x64, {a1111}"
     drop_file(page, png_bytes(Image.new("RGB", (8, 8)), _info(text)), "a.png")
     page.wait_for_function("document.querySelector('#seed').value === '7'")
     assert "ControlNet control_v11p_sd15_canny" in page.text_content("#err-general")
     assert page.input_value("#cn-weight") == "0.5" and page.input_value("#cn-pre") == "canny"
+    assert [page.input_value(f"#cn-{k}") for k in ("low", "high", "rule")] == ["30", "60", "a1111"]
 
 
 def test_the_hires_fixs_resize_sampler_schedule_and_prompts(page, client, server):

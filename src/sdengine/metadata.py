@@ -617,6 +617,70 @@ def hires_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
 
 _RE_CONTROLNET = re.compile(r"^ControlNet(?: (\d+))?$")
 _RE_MODEL_HASH = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{6,64})\]$")
+_RE_CONTROLNET_SEPARATORS = re.compile(r"[,:\n]")
+
+# A1111's ControlNet extension's module names (its "Module" field, the API's "module") -> sdengine's preprocessor
+# (sdengine.control.PREPROCESSORS), where sdengine has that preprocessor; sdengine writes its own names
+CONTROLNET_MODULES = {
+    "none": "none",
+    "canny": "canny",
+    "invert": "invert",
+    "invert (from white bg & black line)": "invert",
+    "threshold": "threshold",
+    "scribble": "scribble",
+    "softedge": "softedge",
+    "softedge_sobel": "softedge",
+}
+# The preprocessor options the extension's "Threshold A" / "Threshold B" sliders hold, per preprocessor (canny's
+# low and high thresholds, the threshold of threshold and scribble; softedge's blur is sdengine's own)
+CONTROLNET_THRESHOLDS: dict[str, tuple[str, ...]] = {
+    "canny": ("low", "high"),
+    "threshold": ("threshold",),
+    "scribble": ("threshold",),
+    "softedge": ("blur",),
+}
+# the extension's Control Mode names; "ControlNet is more important" is guess mode (GenerationRequest.guess_mode)
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+
+
+def format_controlnet(
+    model: str,
+    *,
+    weight: float = 1.0,
+    start: float = 0.0,
+    end: float = 1.0,
+    module: str | None = None,
+    options: Mapping[str, float] | None = None,
+    processor_res: int | None = None,
+    guess_mode: bool = False,
+) -> str:
+    """A ``ControlNet N`` field's value as A1111's ControlNet extension writes it (its ``serialize_unit``: the
+    unit's fields as ``Display Name: value`` in the unit's order, the extension's hidden -1 values left out):
+    ``Module: canny, Model: NAME, Weight: W, Processor Res: R, Threshold A: LOW, Threshold B: HIGH, Guidance
+    Start: S, Guidance End: E, Control Mode: ...``. ``module`` is the preprocessor that made the control image
+    (None: not known, left out), ``options`` its options (written as the Threshold sliders hold them,
+    :data:`CONTROLNET_THRESHOLDS`), ``processor_res`` the short side the image was scaled to before it;
+    ``guess_mode`` writes "Control Mode: ControlNet is more important" (else nothing: the default, Balanced).
+    Numbers are written exactly (read back to the same float)."""
+    parts: list[tuple[str, Any]] = []
+    if module is not None:
+        parts.append(("Module", module))
+    parts += [("Model", model), ("Weight", float(weight))]
+    if processor_res is not None:
+        parts.append(("Processor Res", int(processor_res)))
+    names = CONTROLNET_THRESHOLDS.get(module or "", ())
+    for slider, name in zip(("Threshold A", "Threshold B"), names, strict=False):
+        if options and name in options:
+            parts.append((slider, float(options[name])))
+    parts += [("Guidance Start", float(start)), ("Guidance End", float(end))]
+    if guess_mode:
+        parts.append(("Control Mode", CONTROL_MODES[2]))
+    out = []
+    for key, value in parts:
+        text = _number(value) if isinstance(value, int | float) else str(value)
+        # the extension splits the value on "," and ": ": a name holding them loses them (as Lora hashes' names)
+        out.append(f"{key}: {_RE_CONTROLNET_SEPARATORS.sub('', text)}")
+    return ", ".join(out)
 
 
 @dataclass(frozen=True)
@@ -630,19 +694,36 @@ class RecordedControlNet:
     start: float
     end: float
     module: str | None
-    rule: str = "diffusers"  # how start/end pick the steps: sdengine's "ControlNet step rule" field, else diffusers'
+    rule: str = "diffusers"  # how start/end pick the steps: sdengine's "ControlNet step rule" field, else A1111's
+    options: Mapping[str, float] = dataclasses.field(default_factory=dict)  # the preprocessor's (Threshold A/B)
+    processor_res: int | None = None  # "Processor Res": the short side the control image was scaled to first
+    guess_mode: bool = False  # "Control Mode: ControlNet is more important"
+    resize_mode: str | None = None  # the extension's per-unit "Resize Mode" (sdengine.io.resize.RESIZE_MODES' name)
+
+    @property
+    def preprocessor(self) -> str | None:
+        """sdengine's preprocessor for the recorded ``Module`` (:data:`CONTROLNET_MODULES`); None when there is
+        none or sdengine does not have it."""
+        return None if self.module is None else CONTROLNET_MODULES.get(self.module.strip().lower())
 
 
 def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
-    """The ControlNets an infotext records (sdengine's and A1111's ``ControlNet N: "Model: ..., Weight: ...``
-    fields), in their order, with the step rule of sdengine's ``ControlNet step rule`` field (one rule, or one
-    per ControlNet). A field without a model, a bad number, or a rule list of another length is a MetadataError."""
+    """The ControlNets an infotext records (sdengine's and A1111's ``ControlNet N: "Module: ..., Model: ...,
+    Weight: ...`` fields), in their order: the model, weight, guidance start/end, the preprocessor (``Module``)
+    with its options (``Threshold A`` / ``Threshold B``, :data:`CONTROLNET_THRESHOLDS`; the preprocessor's
+    defaults where absent) and ``Processor Res``, guess mode (``Control Mode: ControlNet is more important``)
+    and the extension's per-unit ``Resize Mode``. The step rule is sdengine's ``ControlNet step rule`` field
+    (one rule, or one per ControlNet); without it an sdengine image's is diffusers' and any other's (A1111's
+    extension's) is A1111's. A field without a model, a bad number, or a rule list of another length is a
+    MetadataError; settings sdengine does not reproduce (the extension's "My prompt is more important", Pixel
+    Perfect) are logged as a warning."""
     out: list[tuple[int, RecordedControlNet]] = []
+    default_rule = "diffusers" if made_by_sdengine(parsed) else "a1111"
     for key, value in parsed.items():
         m = _RE_CONTROLNET.match(key)
         if m is None:
             continue
-        fields = dict(parse_fields(value))
+        fields = {k.strip(): v.strip() for k, v in parse_fields(value)}
         model = fields.get("Model", "").strip()
         if not model or model.lower() == "none":
             raise MetadataError(f"{key}: no model recorded in {value!r}")
@@ -652,9 +733,46 @@ def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
             weight = float(fields.get("Weight", "1"))
             start = float(fields.get("Guidance Start", "0"))
             end = float(fields.get("Guidance End", "1"))
+            res = int(float(fields["Processor Res"])) if "Processor Res" in fields else -1
+            sliders = [float(fields[k]) if k in fields else -1.0 for k in ("Threshold A", "Threshold B")]
         except ValueError:
-            raise MetadataError(f"{key}: a weight or guidance value is not a number in {value!r}") from None
-        out.append((int(m.group(1) or 0), RecordedControlNet(name, digest, weight, start, end, fields.get("Module"))))
+            raise MetadataError(
+                f"{key}: a weight, guidance or preprocessor value is not a number in {value!r}"
+            ) from None
+        module = fields.get("Module")
+        preprocessor = None if module is None else CONTROLNET_MODULES.get(module.lower())
+        options = {
+            option: v
+            for option, v in zip(CONTROLNET_THRESHOLDS.get(preprocessor or "", ()), sliders, strict=False)
+            if v != -1  # the extension's hidden slider
+        }
+        mode = fields.get("Control Mode", CONTROL_MODES[0])
+        if mode not in (CONTROL_MODES[0], CONTROL_MODES[2]):
+            log.warning("%s: Control Mode %r is not reproduced by sdengine (the image may differ)", key, mode)
+        if fields.get("Pixel Perfect", "False") == "True":
+            log.warning("%s: Pixel Perfect is not reproduced by sdengine (the image may differ)", key)
+        resize_mode = None
+        if "Resize Mode" in fields:  # the extension's per-unit fit of the control image ("Crop and Resize")
+            from sdengine.io.resize import resize_mode_name
+
+            try:
+                resize_mode = resize_mode_name(fields["Resize Mode"])
+            except SdengineError:
+                raise MetadataError(f"{key}: Resize Mode {fields['Resize Mode']!r} is not a resize mode") from None
+        unit = RecordedControlNet(
+            name,
+            digest,
+            weight,
+            start,
+            end,
+            module,
+            default_rule,
+            options,
+            None if res == -1 else res,
+            mode == CONTROL_MODES[2],
+            resize_mode,
+        )
+        out.append((int(m.group(1) or 0), unit))
     units = [r for _, r in sorted(out, key=lambda t: t[0])]
     text = parsed.get("ControlNet step rule")
     if text is None or not units:
@@ -773,4 +891,8 @@ __all__ = [
     "to_generate_kwargs",
     "recorded_controlnets",
     "RecordedControlNet",
+    "CONTROL_MODES",
+    "CONTROLNET_MODULES",
+    "CONTROLNET_THRESHOLDS",
+    "format_controlnet",
 ]

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ControlNetError, GenerationError, UsageError
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from ..pipeline.control import ControlUnit
 
@@ -96,11 +98,18 @@ def parse_control_spec(text: str) -> tuple[str, str, float]:
 
 
 def control_units_from_cli(
-    controls: Sequence[str], controlnets: Sequence[str], **preprocess_options: float
+    controls: Sequence[str],
+    controlnets: Sequence[str],
+    recorded: Sequence[Any] | None = None,
+    **preprocess_options: float,
 ) -> list[ControlUnit]:
     """Pair repeated ``--control`` and ``--controlnet`` flags in order -> ControlUnits, each image read
-    (named if unreadable) and preprocessed by its type."""
+    (named if unreadable) and preprocessed by its type. ``recorded``: a PNG's ControlNets
+    (:class:`sdengine.metadata.RecordedControlNet`, one per flag): where a flag's type is the recorded
+    preprocessor, it runs with the recorded options (canny's thresholds) on the image scaled to the recorded
+    ``Processor Res``, as the image was made."""
     from ..control import option_names, preprocess
+    from ..control.preprocess import load_control_image, option_defaults, processor_resize
 
     if len(controls) != len(controlnets):
         raise ControlNetError(
@@ -108,10 +117,26 @@ def control_units_from_cli(
             "--controlnet MODEL per --control TYPE:IMAGE"
         )
     out = []
-    for text, path in zip(controls, controlnets, strict=True):
+    for k, (text, path) in enumerate(zip(controls, controlnets, strict=True)):
         kind, unit = parse_control_spec_full(text)
-        options = {k: v for k, v in preprocess_options.items() if k in option_names(kind)}
-        out.append(dataclasses.replace(unit, model=path, image=preprocess(kind, unit.image, **options)))
+        options = {n: v for n, v in preprocess_options.items() if n in option_names(kind)}
+        image, res = unit.image, None
+        r = recorded[k] if recorded is not None else None
+        if r is not None and r.preprocessor == kind:
+            options = {**options, **{n: v for n, v in r.options.items() if n in option_names(kind)}}
+            if r.processor_res is not None and kind != "none":
+                res = r.processor_res
+                image = processor_resize(load_control_image(image), res)
+        out.append(
+            dataclasses.replace(
+                unit,
+                model=path,
+                image=preprocess(kind, image, **options),
+                module=kind,
+                module_options={**option_defaults(kind), **options},
+                processor_res=res,
+            )
+        )
     return out
 
 
@@ -261,11 +286,43 @@ def _from_png(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     parsed = parse_parameters(text)
     try:
         # a hires image's "Denoising strength" is its second pass's, not an img2img's
-        return to_generate_kwargs(parsed, hires=True, refiner=True), parsed
+        kwargs = to_generate_kwargs(parsed, hires=True, refiner=True)
     except MetadataError as e:
         if hires_fix_fields(parsed):
             raise GenerationError(f"{path}: {e}") from None
         raise
+    _control_resize_from_png(kwargs, parsed, path)
+    return kwargs, parsed
+
+
+def _control_resize_from_png(kwargs: dict[str, Any], parsed: dict[str, str], path: str) -> None:
+    """A1111's ControlNet extension records how each unit fitted its control image ("Resize Mode: Crop and
+    Resize", its default) where sdengine records one "Resize mode": a PNG without sdengine's field takes the
+    units' one (a txt2img's, whose only fitted images are the control images); units that differ, or an
+    img2img's init image (A1111 does not record its fit), cannot be made so and are warned of."""
+    from ..metadata import recorded_controlnets
+
+    modes = {r.resize_mode for r in recorded_controlnets(parsed) if r.resize_mode is not None}
+    if "Resize mode" in parsed or not modes:
+        return
+    if len(modes) > 1:
+        log.warning(
+            "%s: its ControlNets fitted their control images differently (%s), which one sdengine run cannot "
+            "do: the image may differ (give --resize-mode)",
+            path,
+            ", ".join(sorted(modes)),
+        )
+        return
+    (mode,) = modes
+    if "strength" in kwargs and not kwargs.get("enable_hr") and mode != "just resize":
+        log.warning(
+            "%s: its ControlNets used %r and its init image A1111's unrecorded fit; sdengine fits both one way: "
+            "the image may differ (give --resize-mode)",
+            path,
+            mode,
+        )
+        return
+    kwargs["resize_mode"] = mode
 
 
 def _model_from_png(parsed: dict[str, str]) -> str | None:
@@ -379,7 +436,7 @@ def _controlnets_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list
     models = a.controlnet or [
         _recorded_controlnet_path(r.name, r.hash, a.controlnets_dir, a.from_png) for r in recorded
     ]
-    units = control_units_from_cli(a.control, models)
+    units = control_units_from_cli(a.control, models, recorded)
     return [
         dataclasses.replace(u, rule=r.rule)
         if _spec_has_numbers(text)
@@ -576,6 +633,10 @@ def run(a: argparse.Namespace) -> int:
         units = _controlnets_from_png(a, parsed)
         if units:
             kwargs["controlnets"] = units
+            from ..metadata import recorded_controlnets
+
+            if any(r.guess_mode for r in recorded_controlnets(parsed)):  # "ControlNet is more important"
+                kwargs["guess_mode"] = True
     elif a.control or a.controlnet:
         kwargs["controlnets"] = control_units_from_cli(a.control or [], a.controlnet or [])
     if a.no_progress:

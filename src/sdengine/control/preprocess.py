@@ -205,6 +205,26 @@ def option_names(kind: str) -> set[str]:
     return set(list(inspect.signature(PREPROCESSORS[kind]).parameters)[1:])
 
 
+def option_defaults(kind: str) -> dict[str, float]:
+    """The options preprocessor ``kind`` runs with when none is given, e.g. {"low": 100, "high": 200} for canny."""
+    params = list(inspect.signature(PREPROCESSORS[kind]).parameters.values())[1:]
+    return {p.name: float(p.default) for p in params}
+
+
+def processor_resize(image: Image.Image, res: int) -> Image.Image:
+    """The control image scaled so that its short side is ``res``, as A1111's ControlNet extension's preprocessors
+    take it (its ``processor_res``; ``resize_image_with_pad``: OpenCV's cubic up, area down; each side rounded)."""
+    import cv2
+
+    w, h = image.size
+    k = res / min(w, h)
+    if k == 1:
+        return image
+    size = (round(w * k), round(h * k))
+    how = cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA
+    return Image.fromarray(cv2.resize(np.asarray(image.convert("RGB")), size, interpolation=how))
+
+
 __all__ = [
     "NEEDS_A_MODEL",
     "PREPROCESSORS",
@@ -213,7 +233,9 @@ __all__ = [
     "identity",
     "invert",
     "load_control_image",
+    "option_defaults",
     "option_names",
+    "processor_resize",
     "preprocess",
     "scribble",
     "softedge",

@@ -264,7 +264,10 @@ SCHEDULE_A1111: dict[str, str] = {
     "beta": "Beta",
     "kl_optimal": "KL Optimal",
     "align_your_steps": "Align Your Steps",
-    "align_your_steps_sdxl": "Align Your Steps",  # A1111 picks the table by the model: one name for both
+    # A1111 has one "Align Your Steps" and picks the table by the model (SDXL's on SDXL, SD 1.5's elsewhere): the
+    # SDXL table chosen on another model is sdengine's own, and needs its own label to be read back as itself
+    # (infotext_schedule writes A1111's label for it on an SDXL model)
+    "align_your_steps_sdxl": "Align Your Steps SDXL",
     "uniform": "Uniform",
     "polyexponential": "Polyexponential",
     "linear_quadratic": "Linear Quadratic",  # ComfyUI's; A1111 has none
@@ -381,6 +384,15 @@ def resolve(sampler: str, schedule: str | None = None, *, sdxl: bool = False) ->
     if sched not in spec.schedules:
         raise UsageError(f"sampler {name!r} cannot use schedule {sched!r}; it supports: {', '.join(spec.schedules)}")
     return name, sched
+
+
+def infotext_schedule(schedule: str, *, sdxl: bool) -> str:
+    """The schedule name an image's infotext records for ``schedule`` (a resolved one) on a model that is
+    SDXL or not: on SDXL, A1111's "Align Your Steps" is the SDXL table (:func:`resolve` reads it back so), so the
+    SDXL table is written with A1111's label there; elsewhere every schedule keeps its own label."""
+    if sdxl and schedule == "align_your_steps_sdxl":
+        return "align_your_steps"
+    return schedule
 
 
 def effective_config(sampler: str, scheduler_config: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -314,6 +314,13 @@ def patch_layers(layers: Iterable[tuple[nn.Module, LoRALayer]], name: str = "lor
     return handle
 
 
+def exact_number(x: float) -> str:
+    """A multiplier as text that reads back as the same float: whole numbers without ".0" (``1``), others with
+    Python's shortest exact repr (``0.1234567``, where ``:g`` wrote ``0.123457``)."""
+    x = float(x)
+    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
+
+
 @dataclass(frozen=True)
 class LoRAWeight:
     """Separate multipliers for a LoRA's text-encoder and U-Net layers (A1111's ``<lora:NAME:TE:UNET>``, ComfyUI's
@@ -322,8 +329,8 @@ class LoRAWeight:
     te: float
     unet: float
 
-    def __str__(self) -> str:  # as A1111's tag writes it: <lora:NAME:TE:UNET>
-        return f"{self.te:g}:{self.unet:g}"
+    def __str__(self) -> str:  # as A1111's tag writes it: <lora:NAME:TE:UNET>, each exactly (read back the same)
+        return f"{exact_number(self.te)}:{exact_number(self.unet)}"
 
 
 def lora_weight(te: float, unet: float | None = None) -> float | LoRAWeight:
@@ -364,6 +371,7 @@ __all__ = [
     "AppliedLoRA",
     "LayerUpdate",
     "LoRAError",
+    "exact_number",
     "LoRAHandle",
     "LoRALayer",
     "LoRAWeight",

@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +62,32 @@ class ControlUnit:
     start: float = 0.0
     end: float = 1.0
     rule: str = "diffusers"
+    # What made ``image``, for the infotext only (the pipeline takes the map as given): the preprocessor
+    # (sdengine.control.PREPROCESSORS' name; None: not known, not written), the options it ran with, and the
+    # short side the image was scaled to before it (A1111's ControlNet extension's processor_res)
+    module: str | None = None
+    module_options: Mapping[str, float] = field(default_factory=dict)
+    processor_res: int | None = None
 
     def __post_init__(self) -> None:
         if self.rule not in STEP_RULES:
             raise ControlNetError(f"unknown ControlNet step rule {self.rule!r}; use one of: {', '.join(STEP_RULES)}")
+        if self.module is not None or self.module_options:  # written into the infotext: checked now, not after
+            from sdengine.control.preprocess import PREPROCESSORS, option_names
+
+            if self.module not in PREPROCESSORS:
+                raise ControlNetError(
+                    f"unknown ControlNet preprocessor {self.module!r}; use one of: {', '.join(PREPROCESSORS)}"
+                )
+            bad = sorted(set(self.module_options) - option_names(self.module))
+            if bad:
+                raise ControlNetError(f"ControlNet preprocessor {self.module!r} has no options {', '.join(bad)}")
+            if not all(math.isfinite(float(v)) for v in self.module_options.values()):
+                raise ControlNetError(f"ControlNet preprocessor {self.module!r}: options must be numbers")
+        if self.processor_res is not None and (
+            isinstance(self.processor_res, bool) or not isinstance(self.processor_res, int) or self.processor_res < 1
+        ):
+            raise ControlNetError(f"ControlNet processor_res must be a positive integer, got {self.processor_res!r}")
 
     @classmethod
     def coerce(cls, u: Any) -> ControlUnit:
@@ -90,9 +112,21 @@ class ControlUnit:
     def label(self) -> str:
         return Path(self.model).stem if isinstance(self.model, str | Path) else type(self.model).__name__
 
-    def infotext(self) -> str:
-        return (
-            f"Model: {self.label}, Weight: {self.scale:g}, Guidance Start: {self.start:g}, Guidance End: {self.end:g}"
+    def infotext(self, *, guess_mode: bool = False) -> str:
+        """The unit's ``ControlNet N`` value as A1111's ControlNet extension writes it (``Module: canny, Model:
+        NAME, Weight: W, Processor Res: R, Threshold A: LOW, Threshold B: HIGH, Guidance Start: S, Guidance End:
+        E, Control Mode: ...``; see :func:`sdengine.metadata.format_controlnet`)."""
+        from sdengine.metadata import format_controlnet
+
+        return format_controlnet(
+            self.label,
+            weight=self.scale,
+            start=self.start,
+            end=self.end,
+            module=self.module,
+            options=self.module_options,
+            processor_res=self.processor_res,
+            guess_mode=guess_mode,
         )
 
 

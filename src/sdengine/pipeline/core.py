@@ -709,7 +709,7 @@ class Pipeline:
                     negative_prompt=negative_i,
                     steps=int(request.steps),
                     sampler=p.sampler,
-                    schedule=p.schedule,
+                    schedule=sampling.infotext_schedule(p.schedule, sdxl=self.text_kind == "sdxl"),
                     cfg_scale=float(request.cfg_scale),
                     seed=seed,
                     width=p.width,
@@ -726,6 +726,7 @@ class Pipeline:
                     n_tag_loras=len(tag_lists[0]),
                     lora_dir=lora_dir,
                     controlnets=units,
+                    guess_mode=bool(request.guess_mode),
                     mask_blur=float(request.mask_blur) if p.mask is not None else None,
                     resize_mode=init_resize_mode(request) if (p.init is not None or units) else None,
                     sampler_options=request.sampler_options,
@@ -779,7 +780,7 @@ class Pipeline:
             from sdengine.pipeline.hires import infotext_fields
 
             for i, row in enumerate(rows):
-                row.update(infotext_fields(p, i))
+                row.update(infotext_fields(p, i, sdxl=self.text_kind == "sdxl"))
                 if hr_model is not None:  # A1111's field: the second pass's model, "name [hash]"
                     row["Hires checkpoint"] = model_title(hr_model)
         infotexts = [format_infotext(r) for r in rows]

@@ -365,15 +365,16 @@ def second_pass(
     return torch.cat(out)
 
 
-def infotext_fields(p: Any, i: int) -> dict[str, Any]:
-    """Row ``i``'s hires fields as A1111 writes them (``Denoising strength`` through our ``strength`` key)."""
+def infotext_fields(p: Any, i: int, *, sdxl: bool = False) -> dict[str, Any]:
+    """Row ``i``'s hires fields as A1111 writes them (``Denoising strength`` through our ``strength`` key);
+    ``sdxl``: the model is an SDXL one (:func:`sdengine.diffusion.sampling.infotext_schedule`)."""
     plan: HiresPlan = p.hires
     r: GenerationRequest = p.request
     out: dict[str, Any] = {"strength": float(r.strength)}
     if plan.sampler != p.sampler:
         out["Hires sampler"] = sampling.SAMPLERS[plan.sampler].a1111
     if plan.schedule != p.schedule:
-        out["Hires schedule type"] = sampling.SCHEDULE_A1111[plan.schedule]
+        out["Hires schedule type"] = sampling.SCHEDULE_A1111[sampling.infotext_schedule(plan.schedule, sdxl=sdxl)]
     prompts, negatives = hires_prompts(p)
     if prompts[i] != p.prompts[i]:
         out["Hires prompt"] = prompts[i]

@@ -10,6 +10,7 @@ from typing import Any
 
 from sdengine.io.atomic import write_text_atomic
 from sdengine.metadata import A1111_SAMPLER_FIELDS
+from sdengine.nn.lora import exact_number
 from sdengine.pipeline.control import ControlUnit
 
 
@@ -149,13 +150,14 @@ def call_parameters(
     strength_rule: str = "diffusers",
     sdxl: Any = None,
     clip_skip_rule: str = "sdengine",
+    guess_mode: bool = False,
 ) -> dict[str, Any]:
     """The parameters dict of one image (sdengine.metadata writes it as A1111 text). LoRAs passed as
     arguments are written as <lora:NAME:W> tags, as A1111 keeps them, so that the infotext alone says which
     ones were used (regenerate with the same lora_dir); separate text-encoder / U-Net weights (a LoRAWeight) as
     A1111's <lora:NAME:TE:UNET>."""
     tags = "".join(
-        f" <lora:{Path(src).stem}:{format(w, 'g') if isinstance(w, int | float) else w}>"  # LoRAWeight: TE:UNET
+        f" <lora:{Path(src).stem}:{exact_number(w) if isinstance(w, int | float) else w}>"  # LoRAWeight: TE:UNET
         for src, w in loras[: len(loras) - n_tag_loras]
         if isinstance(src, str | Path)
     )
@@ -186,7 +188,7 @@ def call_parameters(
     if mask_blur:
         params["Mask blur"] = mask_blur
     for k, unit in enumerate(controlnets):
-        params[f"ControlNet {k}"] = unit.infotext()
+        params[f"ControlNet {k}"] = unit.infotext(guess_mode=guess_mode)
     if any(unit.rule != "diffusers" for unit in controlnets):  # sdengine's field, read back by --from-png:
         # A1111's ControlNet extension counts start/end its own way (pipeline.control.step_keep), one per unit
         params["ControlNet step rule"] = ",".join(unit.rule for unit in controlnets)

@@ -376,7 +376,7 @@ class SDXLPipeline(Pipeline):
                 negative_prompt=negative_i,
                 steps=steps,
                 sampler=p.sampler,
-                schedule=p.schedule,
+                schedule=sampling.infotext_schedule(p.schedule, sdxl=True),
                 cfg_scale=cfg_scale,
                 seed=seed,
                 width=p.width,
@@ -412,7 +412,7 @@ class SDXLPipeline(Pipeline):
             if p.init is not None and request.vae_encode == "tiny":
                 row["Tiny VAE encode"] = self.tiny_vae.name  # the init latent is the tiny encoder's
             if p.hires is not None:
-                row.update(infotext_fields(p, i))
+                row.update(infotext_fields(p, i, sdxl=getattr(second_model, "text_kind", "") == "sdxl"))
                 if hr_model is not None:  # A1111's field: the second pass's model
                     row["Hires checkpoint"] = model_title(hr_model)
                 if hires_pass != "second pass":  # A1111 writes it where it is not its default

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sdengine.diffusion import sampling
 from sdengine.errors import SdengineError
 from sdengine.io.resize import resize_image, resize_mode_name
+from sdengine.metadata import CONTROLNET_MODULES
 from sdengine.server.errors import BadRequest, NotFound, PayloadTooLarge, ServerFault, Unprocessable
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job, visible
 from sdengine.server.requests import ControlRequest
@@ -206,16 +207,7 @@ UNIT_KEYS = {
 CONTROL_MODES = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet is more important"}
 RESIZE_MODES = {0: "Just Resize", 1: "Crop and Resize", 2: "Resize and Fill"}
 LATENT_UPSCALE_MODE = 3  # A1111's img2img "Just resize (latent upscale)": GenerationRequest.init_latent_resize
-MODULES = {
-    "none": "none",
-    "canny": "canny",
-    "invert": "invert",
-    "invert (from white bg & black line)": "invert",
-    "threshold": "threshold",
-    "scribble": "scribble",
-    "softedge": "softedge",
-    "softedge_sobel": "softedge",
-}
+MODULES = CONTROLNET_MODULES  # the extension's module names sdengine has (sdengine.metadata)
 
 
 class Txt2ImgRequest(BaseModel):
@@ -737,6 +729,13 @@ def _unit_control(value: Any, names: dict[Any, str], what: str) -> str:
     raise BadRequest(f"{what} {value!r}; use one of {', '.join(names.values())} (or 0..{len(names) - 1})")
 
 
+def processor_resize(image: Image.Image, res: int) -> Image.Image:
+    """:func:`sdengine.control.preprocess.processor_resize` (imported when used: the routes load without torch)."""
+    from sdengine.control.preprocess import processor_resize as resize
+
+    return resize(image, res)
+
+
 def control_units(
     args: Any, init: str | None, ignored: list[str], detect_maps: list[int] | None = None
 ) -> tuple[list[ControlRequest], bool, list[tuple[int, int]], dict[int, int]]:
@@ -825,20 +824,6 @@ def control_units(
             )
         )
     return units, guess, resizes, processor_res
-
-
-def processor_resize(image: Image.Image, res: int) -> Image.Image:
-    """The control image scaled so that its short side is ``res``, as the extension's preprocessors take it
-    (``resize_image_with_pad``: OpenCV's cubic up, area down; each side rounded)."""
-    import cv2
-
-    w, h = image.size
-    k = res / min(w, h)
-    if k == 1:
-        return image
-    size = (round(w * k), round(h * k))
-    how = cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA
-    return Image.fromarray(cv2.resize(np.asarray(image.convert("RGB")), size, interpolation=how))
 
 
 def _num(v: Any, what: str) -> float:
@@ -1155,7 +1140,9 @@ def install(app: FastAPI, services: Any) -> None:
         for i, res in processor_res.items():
             u = units[i]
             image = u.image if isinstance(u.image, Image.Image) else services.uploads.image(u.image, f"unit {i}")
-            units[i] = dataclasses.replace(u, image=processor_resize(ImageOps.exif_transpose(image), res))
+            units[i] = dataclasses.replace(
+                u, image=processor_resize(ImageOps.exif_transpose(image), res), processor_res=res
+            )
         return services.build(**{**fields, "controlnets": units})
 
     async def run(

@@ -55,6 +55,7 @@ class ControlRequest:
     preprocessor: str = "none"
     options: dict[str, float] = field(default_factory=dict)  # preprocessor options (canny: low, high)
     rule: str = "diffusers"  # how start/end pick the steps (pipeline.control.STEP_RULES); A1111's routes: "a1111"
+    processor_res: int | None = None  # the short side the image was scaled to before the preprocessor (A1111's)
 
 
 @dataclass
@@ -265,7 +266,19 @@ def build_generation(
         if start >= end:  # the pipeline refuses it when the job runs: refused before anything is queued
             raise BadRequest(f"ControlNet unit {k}: start ({start:g}) must be less than end ({end:g})")
         weight = _finite(unit.weight, f"ControlNet unit {k} weight", 0.0, 2.0)
-        units.append(ControlUnit(str(path), control, weight, start, end, unit.rule))
+        units.append(
+            ControlUnit(
+                str(path),
+                control,
+                weight,
+                start,
+                end,
+                unit.rule,
+                module=unit.preprocessor,
+                module_options=preprocessor_options(unit.preprocessor, unit.options),
+                processor_res=unit.processor_res,
+            )
+        )
 
     chosen = model if model else (default_model or config.model)
     ref = catalog.resolve_model(chosen)
@@ -383,6 +396,18 @@ def _hires_fields(config: ServerConfig, hires: dict[str, Any], width: int | None
         if what in out and out[what] is not None and not isinstance(out[what], str):
             raise BadRequest(f"{what} must be a string")
     return out
+
+
+def preprocessor_options(kind: str, options: dict[str, float]) -> dict[str, float]:
+    """The options preprocessor ``kind`` ran with (its defaults, and the ones it takes of ``options``), for the
+    infotext; {} for an unknown kind (refused by :func:`run_preprocessor`)."""
+    from sdengine.control import PREPROCESSORS
+    from sdengine.control.preprocess import option_defaults
+
+    if kind not in PREPROCESSORS:
+        return {}
+    defaults = option_defaults(kind)
+    return {**defaults, **{n: float(v) for n, v in options.items() if n in defaults}}
 
 
 def run_preprocessor(kind: str, img: Image.Image, options: dict[str, float], k: int) -> Image.Image:

@@ -25,7 +25,8 @@ const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", 
 // too old to list them (GET /v1/samplers' schedule_labels); "Align Your Steps" is the model's own table, as in A1111
 const A1111_SCHEDULES = { automatic: "normal", normal: "normal", karras: "karras", exponential: "exponential",
   "sgm uniform": "sgm_uniform", sgmuniform: "sgm_uniform", simple: "simple", ddim: "ddim_uniform", beta: "beta",
-  "kl optimal": "kl_optimal", "align your steps": "align_your_steps", uniform: "uniform",
+  "kl optimal": "kl_optimal", "align your steps": "align_your_steps", "align your steps sdxl": "align_your_steps_sdxl",
+  uniform: "uniform",
   polyexponential: "polyexponential" };
 
 const state = {
@@ -686,7 +687,7 @@ function applyInfotext(text) {
   if (!put("clip_skip_rule", clipRule)) missing.push(`clip skip rule ${clipRule}`);
   if (f.Model && !put("model", f.Model)) missing.push(`model ${f.Model}`);
   applyHires(f, put, missing);
-  applyControlNet(f, put, missing);
+  applyControlNet(f, put, missing, own);
   // The infotext's prompt carries its LoRAs as <lora:NAME:W> tags: a ticked box would add them a second time
   // (twice the weight).
   state.loras.forEach((l, i) => { $(`lora-use-${i}`).checked = false; });
@@ -695,11 +696,13 @@ function applyInfotext(text) {
   return { set, missing };
 }
 
-/** The ControlNet of an infotext (sdengine's and A1111's "ControlNet 0: "Model: NAME [hash], Weight: w, Guidance
- * Start: s, Guidance End: e, Module: m"", and sdengine's "ControlNet step rule", as --from-png reads them): ticked
- * with its settings (the control image is not in the infotext: the one picked stays), or unticked for an image
- * made without one. What this page cannot set is said: a model or preprocessor this server lacks, a second unit. */
-function applyControlNet(f, put, missing) {
+/** The ControlNet of an infotext (sdengine's and A1111's "ControlNet 0: "Module: m, Model: NAME [hash], Weight: w,
+ * Threshold A: low, Threshold B: high, Guidance Start: s, Guidance End: e"", and sdengine's "ControlNet step rule",
+ * as --from-png reads them; without that field an image sdengine did not make (`own` false) counted its steps by
+ * A1111's extension's rule): ticked with its settings (the control image is not in the infotext: the one picked
+ * stays), or unticked for an image made without one. What this page cannot set is said: a model or preprocessor
+ * this server lacks, a Processor Res or Control Mode, a second unit. */
+function applyControlNet(f, put, missing, own) {
   const keys = Object.keys(f).filter((k) => /^ControlNet \d+$/.test(k)).sort((a, b) => parseInt(a.slice(11), 10)
     - parseInt(b.slice(11), 10));
   $("cn-enabled").checked = keys.length > 0;
@@ -712,7 +715,15 @@ function applyControlNet(f, put, missing) {
   put("cn-start", unit["Guidance Start"] !== undefined ? parseFloat(unit["Guidance Start"]) : 0);
   put("cn-end", unit["Guidance End"] !== undefined ? parseFloat(unit["Guidance End"]) : 1);
   if (unit.Module && !put("cn-pre", unit.Module)) missing.push(`ControlNet preprocessor ${unit.Module}`);
-  const rule = (f["ControlNet step rule"] || "diffusers").split(",")[0].trim();
+  if (unit.Module === "canny") {  // the extension's Threshold A / B sliders hold canny's thresholds
+    put("cn-low", unit["Threshold A"] !== undefined ? parseFloat(unit["Threshold A"]) : 100);
+    put("cn-high", unit["Threshold B"] !== undefined ? parseFloat(unit["Threshold B"]) : 200);
+  }
+  if (unit["Processor Res"] !== undefined && unit.Module && unit.Module !== "none") {
+    missing.push(`ControlNet Processor Res ${unit["Processor Res"]}`);
+  }
+  if (unit["Control Mode"] && unit["Control Mode"] !== "Balanced") missing.push(`ControlNet ${unit["Control Mode"]}`);
+  const rule = (f["ControlNet step rule"] || (own ? "diffusers" : "a1111")).split(",")[0].trim();
   if (!put("cn-rule", rule)) missing.push(`ControlNet step rule ${rule}`);
   for (const k of keys.slice(1)) missing.push(`${k} (this page runs one ControlNet)`);
 }
