@@ -561,3 +561,36 @@ def _bracketed_values() -> list[tuple[str, str, str, argparse.ArgumentParser, st
                     if flag in flags:
                         found.append((where, words, flag, parser, value))
     return found
+
+
+def _anchors(md: Path) -> set[str]:
+    """The ``#fragment`` names of a Markdown file's headings as GitHub makes them: lower case, punctuation but
+    ``-`` and ``_`` dropped, spaces as ``-`` (a repeated heading's ``-1`` ... too); code blocks hold no heading."""
+    text = re.sub(r"```.*?```", "", md.read_text(encoding="utf-8"), flags=re.S)
+    out: set[str] = set()
+    for heading in re.findall(r"^#+ (.+)$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        k = 0
+        while (slug if k == 0 else f"{slug}-{k}") in out:
+            k += 1
+        out.add(slug if k == 0 else f"{slug}-{k}")
+    return out
+
+
+def test_every_relative_link_reaches_a_file_and_heading():
+    """A relative Markdown link or image names a file that exists, and its ``#fragment`` (in a link to a Markdown
+    file, or within the same file) a heading there."""
+    checked, wrong = 0, []
+    for md in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", md.read_text(encoding="utf-8")):
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+                continue
+            checked += 1
+            path, _, fragment = target.partition("#")
+            dest = (md.parent / path).resolve() if path else md
+            if not dest.exists():
+                wrong.append(f"  {md.relative_to(ROOT)}: ({target}): no such file")
+            elif fragment and dest.suffix == ".md" and fragment not in _anchors(dest):
+                wrong.append(f"  {md.relative_to(ROOT)}: ({target}): no such heading")
+    assert checked > 50, checked
+    assert not wrong, "links that lead nowhere:\n" + "\n".join(wrong)
