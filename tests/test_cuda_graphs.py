@@ -9,6 +9,7 @@ code that runs on a GPU. The real CUDA recording is exercised by the GPU test at
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -253,6 +254,17 @@ def test_cuda_only_fast_path_options_are_skipped_on_the_cpu(tiny_sd1_folder):
     notes = apply_fast_path(pipe, parse_options(",".join(sorted(CUDA_ONLY))))
     assert len(notes) == len(CUDA_ONLY) == 4 and all("skipped (a CUDA option" in n for n in notes)
     assert pipe.cuda_graphs is None and torch.backends.cudnn.benchmark == before
+
+
+def test_a_cuda_option_asked_for_on_the_cpu_is_said_when_the_pipeline_loads(tiny_sd1_folder, caplog):
+    """docs/cli.md: the CUDA options are "skipped, with a note, on the CPU". load_pipeline dropped
+    apply_fast_path's notes, so `sdengine --fast-path cuda_graphs generate ...` on a CPU did nothing without a
+    word; now each skipped option is a warning (the CLI's "sdengine: WARNING" line); channels_last, which
+    runs, is no warning."""
+    with caplog.at_level(logging.WARNING, logger="sdengine"):
+        sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="cuda_graphs,channels_last")
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 1 and "cuda_graphs: skipped (a CUDA option; the pipeline is on cpu)" in said[0], said
 
 
 def test_widest_attention_of_a_pipeline(tiny_pipe):

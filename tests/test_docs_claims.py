@@ -478,3 +478,119 @@ def test_every_route_is_documented():
         if not found:
             missing.append(f"  {'/'.join(sorted(methods))} {path}")
     assert not missing, "routes no doc describes:\n" + "\n".join(missing)
+
+
+def _schedule_lists() -> list[tuple[str, list[str]]]:
+    """(where, names) for every line of README.md and docs/*.md that lists schedules, in backticks, as sdengine
+    names them (at least eight of them; docs/comfyui.md's lists are ComfyUI's own scheduler names, another set)."""
+    from sdengine.diffusion import sampling
+
+    found = []
+    for md in DOCS:
+        if md.name == "comfyui.md":
+            continue
+        items: list[tuple[int, str]] = []  # a list item with its indented continuation lines, or one line
+        for n, line in enumerate(md.read_text(encoding="utf-8").splitlines(), 1):
+            if items and re.match(r"\s{2,}[^\s*|-]", line):
+                items[-1] = (items[-1][0], items[-1][1] + " " + line.strip())
+            else:
+                items.append((n, line))
+        for n, text in items:
+            names = [t for t in re.findall(r"`([a-z_]+)`", text) if t in sampling.ALL_SCHEDULES]
+            if len(set(names)) >= 8:
+                found.append((f"{md.relative_to(ROOT)}:{n}", names))
+    return found
+
+
+def test_every_schedule_list_names_every_schedule():
+    """A list of the schedules (docs/cli.md's ``list schedules`` entry and its ``xyz`` axis row, and ``generate
+    --schedule``'s help) names each schedule ``sampling.resolve`` takes, none left out."""
+    from sdengine.diffusion import sampling
+
+    lists = _schedule_lists()
+    assert len(lists) >= 2, lists  # docs/cli.md's two lists at least
+    wrong = [f"  {where}: lacks {sorted(set(sampling.ALL_SCHEDULES) - set(names))}" for where, names in lists]
+    generate = _subparsers(_parser())["generate"]
+    help_text = next(a.help for a in generate._actions if "--schedule" in a.option_strings) or ""
+    named = set(re.findall(r"[a-z_]+", help_text))
+    if set(sampling.ALL_SCHEDULES) - named:
+        wrong.append(f"  generate --schedule's help: lacks {sorted(set(sampling.ALL_SCHEDULES) - named)}")
+    wrong = [w for w in wrong if not w.endswith("lacks []")]
+    assert not wrong, "schedule lists that leave schedules out:\n" + "\n".join(wrong)
+
+
+def test_the_defaults_the_docs_show_in_brackets_are_the_parsers():
+    """``[--flag VALUE]`` after ``sdengine COMMAND`` in a doc, for a flag whose parser default is set, shows that
+    default (a placeholder such as ``N``, ``DIR`` or ``...`` is no value; numbers compared as numbers)."""
+    checked, wrong = 0, []
+    for where, command, flag, parser, value in _bracketed_values():
+        action = next(a for a in parser._actions if flag in a.option_strings)
+        if action.default is None or action.nargs == 0 or re.fullmatch(r"[A-Z][A-Z_]*|\.\.\.", value):
+            continue
+        checked += 1
+        ok = str(action.default) == value
+        try:
+            ok = ok or float(value) == float(action.default)
+        except (TypeError, ValueError):
+            pass
+        if not ok:
+            wrong.append(f"  {where}: sdengine {command} [{flag} {value}], the parser's default is {action.default!r}")
+    assert checked >= 8, checked
+    assert not wrong, "defaults the docs show that are not the parser's:\n" + "\n".join(wrong)
+
+
+def _bracketed_values() -> list[tuple[str, str, str, argparse.ArgumentParser, str]]:
+    """(where, command, flag, parser, value) for every ``[--flag VALUE]`` a doc writes after ``sdengine COMMAND``."""
+    found = []
+    commands = _subparsers(_parser())
+    for md in DOCS:
+        for n, line in _logical_lines(md):
+            where = f"{md.relative_to(ROOT)}:{n}"
+            for m in re.finditer(r"sdengine(?:\s+--threads\s+\w+)?\s+([a-z][\w-]*)(?:\s+([a-z][\w-]*))?([^`]*)", line):
+                name, second, rest = m.group(1), m.group(2), m.group(3)
+                if name not in commands:
+                    continue
+                parser, words = commands[name], name
+                inner = _subparsers(parser)
+                if inner:
+                    if second not in inner:
+                        continue
+                    parser, words = inner[second], f"{name} {second}"
+                flags = _flags(parser)
+                for flag, value in re.findall(r"\[(--[a-z][\w-]*) ([^\]\s|]+)\]", rest.split("sdengine ")[0]):
+                    if flag in flags:
+                        found.append((where, words, flag, parser, value))
+    return found
+
+
+def _anchors(md: Path) -> set[str]:
+    """The ``#fragment`` names of a Markdown file's headings as GitHub makes them: lower case, punctuation but
+    ``-`` and ``_`` dropped, spaces as ``-`` (a repeated heading's ``-1`` ... too); code blocks hold no heading."""
+    text = re.sub(r"```.*?```", "", md.read_text(encoding="utf-8"), flags=re.S)
+    out: set[str] = set()
+    for heading in re.findall(r"^#+ (.+)$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        k = 0
+        while (slug if k == 0 else f"{slug}-{k}") in out:
+            k += 1
+        out.add(slug if k == 0 else f"{slug}-{k}")
+    return out
+
+
+def test_every_relative_link_reaches_a_file_and_heading():
+    """A relative Markdown link or image names a file that exists, and its ``#fragment`` (in a link to a Markdown
+    file, or within the same file) a heading there."""
+    checked, wrong = 0, []
+    for md in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", md.read_text(encoding="utf-8")):
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target):
+                continue
+            checked += 1
+            path, _, fragment = target.partition("#")
+            dest = (md.parent / path).resolve() if path else md
+            if not dest.exists():
+                wrong.append(f"  {md.relative_to(ROOT)}: ({target}): no such file")
+            elif fragment and dest.suffix == ".md" and fragment not in _anchors(dest):
+                wrong.append(f"  {md.relative_to(ROOT)}: ({target}): no such heading")
+    assert checked > 50, checked
+    assert not wrong, "links that lead nowhere:\n" + "\n".join(wrong)

@@ -783,8 +783,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--schedule",
         default=None,
         help="normal, karras, exponential, sgm_uniform, simple, ddim_uniform, beta, kl_optimal, align_your_steps, "
-        "uniform, polyexponential, or A1111's names (default auto: the one the sampler's name says, "
-        "else karras where the sampler takes it, else the sampler's own)",
+        "align_your_steps_sdxl, uniform, polyexponential, linear_quadratic, or A1111's names "
+        "(default auto: the one the sampler's name says, else karras where the sampler takes it, "
+        "else the sampler's own)",
     )
     p.add_argument(
         "--cfg",

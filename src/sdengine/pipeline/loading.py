@@ -95,7 +95,9 @@ def load_pipeline(
         pipe.set_tiny_vae(tiny_vae)
     from sdengine.fastpath import apply_fast_path, resolve_options
 
-    apply_fast_path(pipe, resolve_options(fast_path, pipe.device, pipe.dtype))
+    for note in apply_fast_path(pipe, resolve_options(fast_path, pipe.device, pipe.dtype)):
+        if note.partition(": ")[2].startswith("skipped"):  # an option asked for that does nothing here: said
+            log.warning("fast path %s", note)  # (the CLI's "sdengine: WARNING" line), never dropped silently
     return pipe
 
 
