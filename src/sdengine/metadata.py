@@ -615,6 +615,12 @@ def hires_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+# sd-webui-controlnet's "Control Mode" names -> pipeline.control.CONTROL_MODES (its ControlMode values)
+CONTROL_MODE_NAMES = {
+    "balanced": "Balanced",
+    "prompt": "My prompt is more important",
+    "controlnet": "ControlNet is more important",
+}
 _RE_CONTROLNET = re.compile(r"^ControlNet(?: (\d+))?$")
 _RE_MODEL_HASH = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{6,64})\]$")
 
@@ -631,6 +637,7 @@ class RecordedControlNet:
     end: float
     module: str | None
     rule: str = "diffusers"  # how start/end pick the steps: sdengine's "ControlNet step rule" field, else diffusers'
+    mode: str = "balanced"  # the extension's "Control Mode" (pipeline.control.CONTROL_MODES), else balanced
 
 
 def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
@@ -654,7 +661,12 @@ def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
             end = float(fields.get("Guidance End", "1"))
         except ValueError:
             raise MetadataError(f"{key}: a weight or guidance value is not a number in {value!r}") from None
-        out.append((int(m.group(1) or 0), RecordedControlNet(name, digest, weight, start, end, fields.get("Module"))))
+        how = fields.get("Control Mode", "Balanced").strip()
+        mode = next((k for k, n in CONTROL_MODE_NAMES.items() if n.lower() == how.lower()), None)
+        if mode is None:
+            raise MetadataError(f"{key}: unknown Control Mode {how!r}; known: {', '.join(CONTROL_MODE_NAMES.values())}")
+        record = RecordedControlNet(name, digest, weight, start, end, fields.get("Module"), mode=mode)
+        out.append((int(m.group(1) or 0), record))
     units = [r for _, r in sorted(out, key=lambda t: t[0])]
     text = parsed.get("ControlNet step rule")
     if text is None or not units:
@@ -750,6 +762,7 @@ def lora_hash(path: str | Path) -> str:
 
 
 __all__ = [
+    "CONTROL_MODE_NAMES",
     "MASKED_CONTENT",
     "MAX_INFOTEXT_CHARS",
     "PARAMETERS_KEY",

@@ -187,6 +187,7 @@ class GenerationRequest:
         if self.controlnets is not None:
             out["controlnets"] = [
                 {"model": u.model, "image": u.image, "scale": u.scale, "start": u.start, "end": u.end, "rule": u.rule}
+                | ({"mode": u.mode} if u.mode != "balanced" else {})
                 for u in self.control_units()
             ]  # the same image objects, not copies
         return out

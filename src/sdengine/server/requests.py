@@ -55,6 +55,7 @@ class ControlRequest:
     preprocessor: str = "none"
     options: dict[str, float] = field(default_factory=dict)  # preprocessor options (canny: low, high)
     rule: str = "diffusers"  # how start/end pick the steps (pipeline.control.STEP_RULES); A1111's routes: "a1111"
+    mode: str = "balanced"  # the control mode (pipeline.control.CONTROL_MODES); A1111's unit's control_mode
 
 
 @dataclass
@@ -258,7 +259,7 @@ def build_generation(
         if start >= end:  # the pipeline refuses it when the job runs: refused before anything is queued
             raise BadRequest(f"ControlNet unit {k}: start ({start:g}) must be less than end ({end:g})")
         weight = _finite(unit.weight, f"ControlNet unit {k} weight", 0.0, 2.0)
-        units.append(ControlUnit(str(path), control, weight, start, end, unit.rule))
+        units.append(ControlUnit(str(path), control, weight, start, end, unit.rule, unit.mode))
 
     chosen = model if model else (default_model or config.model)
     ref = catalog.resolve_model(chosen)
