@@ -87,6 +87,9 @@ def test_control_mode_names_round_trip_and_bad_modes_are_refused() -> None:
     text = f'a\nSteps: 2, Seed: 1, ControlNet 0: "{unit.infotext()}"'
     assert "Control Mode: ControlNet is more important" in unit.infotext()
     assert [r.mode for r in recorded_controlnets(parse_parameters(text))] == ["controlnet"]
+    hr = dataclasses.replace(unit, mode="balanced", hires_mode="prompt")
+    text = f'a\nSteps: 2, Seed: 1, ControlNet 0: "{hr.infotext()}"'
+    assert [(r.mode, r.hires_mode) for r in recorded_controlnets(parse_parameters(text))] == [("balanced", "prompt")]
     assert "Control Mode" not in dataclasses.replace(unit, mode="balanced").infotext()
     with pytest.raises(ControlNetError, match="unknown ControlNet control mode 'guess'; use one of: balanced"):
         PC.ControlUnit("x", None, mode="guess")
@@ -114,3 +117,38 @@ def test_pixel_perfect_resolution_is_the_extensions() -> None:
     assert pixel_perfect_resolution((300, 200), 512, 768, 1) == 768
     assert pixel_perfect_resolution((300, 200), 512, 768, 2) == 341
     assert pixel_perfect_resolution((64, 64), 64, 64, 1) == 64
+
+
+@pytest.mark.slow  # two hires generations of the shipped emoji model
+def test_the_hires_pass_runs_a_units_hires_mode(monkeypatch) -> None:
+    """sd-webui-controlnet forces its soft weights on a canny unit in the hires fix's second pass: the A1111 route
+    gives its canny units hires_mode "prompt", which the second pass runs (the first keeps the unit's mode)."""
+    import numpy as np
+    from PIL import Image
+
+    import sdengine
+    from sdengine.pipeline import core
+
+    seen: list[list[str]] = []
+    real = core.build_controlled_unet
+
+    def spy(unet, units, **kw):
+        seen.append([PC.ControlUnit.coerce(u).mode for u in units])
+        return real(unet, units, **kw)
+
+    monkeypatch.setattr(core, "build_controlled_unet", spy)
+    edges = np.zeros((32, 32, 3), np.uint8)
+    edges[8:24, 10] = edges[8:24, 22] = 255
+    pipe = sdengine.load_pipeline("emoji", fast_path="none")
+    unit = PC.ControlUnit("emoji-controlnet-canny", Image.fromarray(edges), hires_mode="prompt")
+    kw = {"steps": 2, "seed": 4, "width": 32, "height": 32, "progress": False, "strength": 0.5, "enable_hr": True}
+    soft = pipe("a red apple", controlnets=[unit], **kw).arrays
+    assert seen == [["balanced"], ["prompt"]]
+    plain = pipe("a red apple", controlnets=[dataclasses.replace(unit, hires_mode=None)], **kw).arrays
+    assert seen[2:] == [["balanced"], ["balanced"]] and not np.array_equal(soft, plain)
+
+
+def test_a1111_canny_units_take_the_soft_weights_in_the_hires_pass() -> None:
+    canny = {"image": "aGk=", "model": "emoji-controlnet-canny", "module": "canny"}
+    units, _, _ = control_units([canny, {**canny, "module": "none"}, {**canny, "control_mode": 2}], None, [])
+    assert [u.hires_mode for u in units] == ["prompt", None, None]

@@ -835,6 +835,15 @@ def test_controlnet_control_modes_and_pixel_perfect_as_the_extension(api):
     want = emoji()("a star", seed=9, controlnets=[(path, control, 1.0)], resize_mode=2, **kw)
     np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
     assert r.info["ignored"] == []
+    # the extension forces its soft weights on a canny unit in the hires fix's second pass
+    hr = {"enable_hr": True, "hr_scale": 2, "denoising_strength": 0.5}
+    r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **hr, **COMMON)
+    hr_kw = {**kw, "enable_hr": True, "hr_scale": 2, "strength": 0.5}
+    want = emoji()(
+        "a star", seed=9, controlnets=[ControlUnit(path, control, hires_mode="prompt")], resize_mode=2, **hr_kw
+    )
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert "Hires Control Mode: My prompt is more important" in r.info["infotexts"][0]
 
 
 def test_a_units_hires_option_other_than_both_is_listed(api):

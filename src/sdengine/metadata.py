@@ -638,6 +638,14 @@ class RecordedControlNet:
     module: str | None
     rule: str = "diffusers"  # how start/end pick the steps: sdengine's "ControlNet step rule" field, else diffusers'
     mode: str = "balanced"  # the extension's "Control Mode" (pipeline.control.CONTROL_MODES), else balanced
+    hires_mode: str | None = None  # sdengine's "Hires Control Mode": the hires fix's second pass, None = mode
+
+
+def _control_mode(key: str, field: str, text: str) -> str:
+    mode = next((k for k, n in CONTROL_MODE_NAMES.items() if n.lower() == text.strip().lower()), None)
+    if mode is None:
+        raise MetadataError(f"{key}: unknown {field} {text!r}; known: {', '.join(CONTROL_MODE_NAMES.values())}")
+    return mode
 
 
 def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
@@ -661,11 +669,12 @@ def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
             end = float(fields.get("Guidance End", "1"))
         except ValueError:
             raise MetadataError(f"{key}: a weight or guidance value is not a number in {value!r}") from None
-        how = fields.get("Control Mode", "Balanced").strip()
-        mode = next((k for k, n in CONTROL_MODE_NAMES.items() if n.lower() == how.lower()), None)
-        if mode is None:
-            raise MetadataError(f"{key}: unknown Control Mode {how!r}; known: {', '.join(CONTROL_MODE_NAMES.values())}")
-        record = RecordedControlNet(name, digest, weight, start, end, fields.get("Module"), mode=mode)
+        mode = _control_mode(key, "Control Mode", fields.get("Control Mode", "Balanced"))
+        hr = fields.get("Hires Control Mode")
+        hires_mode = None if hr is None else _control_mode(key, "Hires Control Mode", hr)
+        record = RecordedControlNet(
+            name, digest, weight, start, end, fields.get("Module"), mode=mode, hires_mode=hires_mode
+        )
         out.append((int(m.group(1) or 0), record))
     units = [r for _, r in sorted(out, key=lambda t: t[0])]
     text = parsed.get("ControlNet step rule")

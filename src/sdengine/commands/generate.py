@@ -381,9 +381,12 @@ def _controlnets_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list
     ]
     units = control_units_from_cli(a.control, models)
     return [
-        dataclasses.replace(u, rule=r.rule, mode=r.mode)
-        if _spec_has_numbers(text)
-        else dataclasses.replace(u, scale=r.weight, start=r.start, end=r.end, rule=r.rule, mode=r.mode)
+        dataclasses.replace(
+            u if _spec_has_numbers(text) else dataclasses.replace(u, scale=r.weight, start=r.start, end=r.end),
+            rule=r.rule,
+            mode=r.mode,
+            hires_mode=r.hires_mode,
+        )
         for u, r, text in zip(units, recorded, a.control, strict=True)
     ]
 

@@ -73,7 +73,9 @@ class ControlUnit:
     ``start``/``end``: the fractions of the steps it acts on, counted by ``rule`` (:data:`STEP_RULES`:
     ``"diffusers"``, the default, or ``"a1111"``, see :func:`step_keep`; ``"comfyui"``: every model call whose
     sigma lies in :func:`comfy_sigma_window`, which needs the noise schedule); ``mode``: :data:`CONTROL_MODES`,
-    sd-webui-controlnet's control mode (``"balanced"``, the default; ``"prompt"``; ``"controlnet"``)."""
+    sd-webui-controlnet's control mode (``"balanced"``, the default; ``"prompt"``; ``"controlnet"``);
+    ``hires_mode``: the mode of the hires fix's second pass, None = ``mode`` (the extension forces its soft weights
+    on a canny unit there: the A1111 route's canny units have ``"prompt"``)."""
 
     model: Any
     image: Any
@@ -82,14 +84,16 @@ class ControlUnit:
     end: float = 1.0
     rule: str = "diffusers"
     mode: str = "balanced"
+    hires_mode: str | None = None
 
     def __post_init__(self) -> None:
         if self.rule not in STEP_RULES:
             raise ControlNetError(f"unknown ControlNet step rule {self.rule!r}; use one of: {', '.join(STEP_RULES)}")
-        if self.mode not in CONTROL_MODES:
-            raise ControlNetError(
-                f"unknown ControlNet control mode {self.mode!r}; use one of: {', '.join(CONTROL_MODES)}"
-            )
+        for mode in (self.mode, self.hires_mode):
+            if mode is not None and mode not in CONTROL_MODES:
+                raise ControlNetError(
+                    f"unknown ControlNet control mode {mode!r}; use one of: {', '.join(CONTROL_MODES)}"
+                )
 
     @classmethod
     def coerce(cls, u: Any) -> ControlUnit:
@@ -120,6 +124,8 @@ class ControlUnit:
         )
         if self.mode != "balanced":  # the extension's field and names (metadata.recorded_controlnets reads it)
             text += f", Control Mode: {CONTROL_MODE_NAMES[self.mode]}"
+        if self.hires_mode not in (None, self.mode):  # sdengine's field: the hires fix's second pass
+            text += f", Hires Control Mode: {CONTROL_MODE_NAMES[str(self.hires_mode)]}"
         return text
 
 

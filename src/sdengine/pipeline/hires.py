@@ -307,6 +307,8 @@ def second_pass(pipe: Any, p: Any, latents: Tensor, callback: StepCallback | Non
     factor = int(pipe.vae_scale_factor)
     hr_prompts, hr_negatives = hires_prompts(p)
     first = first_pass(p)
+    if any(u.hires_mode is not None for u in r.control_units()):  # a unit's mode in the second pass
+        r = r.replace(controlnets=[dataclasses.replace(u, mode=u.hires_mode or u.mode) for u in r.control_units()])
     second_request = r.replace(steps=plan.steps, callback=callback)
     second = dataclasses.replace(
         p,

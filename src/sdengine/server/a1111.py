@@ -826,6 +826,9 @@ def control_units(
                 options=options,
                 rule="a1111",  # the extension's guidance_schedule_handler: step i when start <= i/steps <= end
                 mode=UNIT_MODES[mode],
+                # the extension forces its soft weights on a canny unit in the hires fix's second pass (hook.py's
+                # high_res_fix_forced_soft_injection; "ControlNet is more important" keeps its conditional rows)
+                hires_mode="prompt" if MODULES[module] == "canny" and mode == CONTROL_MODES[0] else None,
             )
         )
     return units, resizes, processor_res
@@ -1083,6 +1086,8 @@ def install(app: FastAPI, services: Any) -> None:
         unit_args = (cn or {}).get("args")
         detect_maps: list[int] = []
         units, resizes, processor_res = control_units(unit_args, init, ignored, detect_maps)
+        if not (body.get("enable_hr") and init is None):  # no second pass: no mode of its own to record
+            units = [dataclasses.replace(u, hires_mode=None) for u in units]
         if body.get("enable_hr") and init is None and isinstance(unit_args, list):
             for k, u in enumerate(unit_args):  # sdengine's hires fix runs every unit in both passes
                 if isinstance(u, dict) and u.get("enabled", True) and u.get("hr_option") not in (None, "Both", 0):

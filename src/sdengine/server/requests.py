@@ -56,6 +56,7 @@ class ControlRequest:
     options: dict[str, float] = field(default_factory=dict)  # preprocessor options (canny: low, high)
     rule: str = "diffusers"  # how start/end pick the steps (pipeline.control.STEP_RULES); A1111's routes: "a1111"
     mode: str = "balanced"  # the control mode (pipeline.control.CONTROL_MODES); A1111's unit's control_mode
+    hires_mode: str | None = None  # the hires fix's second pass (A1111's canny units: the extension's soft weights)
 
 
 @dataclass
@@ -259,7 +260,7 @@ def build_generation(
         if start >= end:  # the pipeline refuses it when the job runs: refused before anything is queued
             raise BadRequest(f"ControlNet unit {k}: start ({start:g}) must be less than end ({end:g})")
         weight = _finite(unit.weight, f"ControlNet unit {k} weight", 0.0, 2.0)
-        units.append(ControlUnit(str(path), control, weight, start, end, unit.rule, unit.mode))
+        units.append(ControlUnit(str(path), control, weight, start, end, unit.rule, unit.mode, unit.hires_mode))
 
     chosen = model if model else (default_model or config.model)
     ref = catalog.resolve_model(chosen)
