@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sdengine.errors import ControlNetError
-from sdengine.metadata import parse_parameters, recorded_controlnets
+from sdengine.metadata import MetadataError, parse_parameters, recorded_controlnets
 from sdengine.models.controlnet import ControlNet, ControlNetConfig
 from sdengine.models.unet import TINY_SD, UNet
 from sdengine.pipeline import control as PC
@@ -91,6 +91,9 @@ def test_control_mode_names_round_trip_and_bad_modes_are_refused() -> None:
     text = f'a\nSteps: 2, Seed: 1, ControlNet 0: "{hr.infotext()}"'
     assert [(r.mode, r.hires_mode) for r in recorded_controlnets(parse_parameters(text))] == [("balanced", "prompt")]
     assert "Control Mode" not in dataclasses.replace(unit, mode="balanced").infotext()
+    a1111 = 'a\nSteps: 2, Seed: 1, ControlNet 0: "Module: canny, Model: x [abcdef12], Weight: 1, Control Mode: Strong"'
+    with pytest.raises(MetadataError, match="ControlNet 0: unknown Control Mode 'Strong'; known: Balanced, My prompt"):
+        recorded_controlnets(parse_parameters(a1111))
     with pytest.raises(ControlNetError, match="unknown ControlNet control mode 'guess'; use one of: balanced"):
         PC.ControlUnit("x", None, mode="guess")
 
