@@ -60,6 +60,8 @@ def _controlnet(draw):
         module=module,
         module_options=options,
         processor_res=draw(st.none() | st.integers(64, 2048)),
+        mode=draw(st.sampled_from(["balanced", "prompt", "controlnet"])),
+        hires_mode=draw(st.none() | st.sampled_from(["balanced", "prompt", "controlnet"])),
     )
 
 
@@ -241,7 +243,8 @@ def _check_round_trip(s) -> None:
         assert (got.weight, got.start, got.end, got.rule) == (unit.scale, unit.start, unit.end, unit.rule)
         assert (got.preprocessor, dict(got.options)) == (unit.module, dict(unit.module_options))
         assert got.processor_res == unit.processor_res
-        assert got.guess_mode == s["guess_mode"]
+        assert got.mode == unit.mode and got.hires_mode == (None if unit.hires_mode == unit.mode else unit.hires_mode)
+    assert (parsed.get("ControlNet guess mode") == "True") == (s["guess_mode"] and bool(s["controlnets"]))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

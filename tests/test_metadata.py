@@ -532,7 +532,7 @@ def test_an_a1111_controlnet_infotext_is_read_with_the_extensions_step_rule_and_
     )
     assert unit.rule == "a1111"  # A1111 wrote it: its extension counted the guidance steps
     assert (unit.preprocessor, dict(unit.options), unit.processor_res) == ("canny", {"low": 50.0, "high": 150.0}, 384)
-    assert unit.guess_mode and unit.resize_mode == "crop and resize"
+    assert unit.mode == "controlnet" and unit.resize_mode == "crop and resize"  # "ControlNet is more important"
 
 
 def test_an_sdengine_controlnet_infotext_keeps_the_step_rule_it_recorded():
@@ -561,9 +561,9 @@ def test_an_a1111_controlnet_setting_sdengine_does_not_reproduce_is_warned_of(ca
     text = text.replace("Pixel Perfect: False", "Pixel Perfect: True")
     with caplog.at_level(logging.WARNING, logger="sdengine.metadata"):
         (unit,) = recorded_controlnets(parse_parameters(text))
-    assert not unit.guess_mode
+    assert unit.mode == "prompt"  # the extension's soft weights: reproduced (pipeline.control's modes)
     warned = " ".join(r.getMessage() for r in caplog.records)
-    assert "'My prompt is more important' is not reproduced" in warned and "Pixel Perfect is not reproduced" in warned
+    assert "Pixel Perfect is not reproduced" in warned and "My prompt" not in warned
 
 
 def test_an_a1111_controlnet_with_an_unknown_resize_mode_or_a_bad_threshold_is_a_one_line_error():

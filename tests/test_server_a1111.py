@@ -807,6 +807,45 @@ def test_controlnet_processor_res_thresholds_and_unit_mask(api):
     assert bad.status_code == 400 and "processor_res must be an integer in [64, 2048] or -1" in bad.text
 
 
+@pytest.mark.slow  # six generations; the weights, rows and resolution are held fast in test_controlnet_modes.py
+def test_controlnet_control_modes_and_pixel_perfect_as_the_extension(api):
+    """A unit's control_mode 1 ("My prompt is more important": the soft weights) and 2 ("ControlNet is more
+    important": those weights on the conditional half only) and pixel_perfect (processor_res from the image's size,
+    the output's and the resize mode) run as the extension's (once only listed as ignored: another image)."""
+    from sdengine.control import canny
+    from sdengine.server.a1111 import processor_resize
+
+    g = gradient().convert("RGB").resize((48, 32))
+    path = BUILTIN_CONTROLNETS["emoji-controlnet-canny"]
+    kw = {"sampler": "dpmpp_2m", "schedule": "karras", "strength_rule": "a1111", "progress": False, **COMMON}
+    images = {}
+    for number, mode in ((0, "balanced"), (1, "prompt"), (2, "controlnet")):
+        unit = webuiapi.ControlNetUnit(image=g, model="emoji-controlnet-canny", control_mode=number)
+        r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **COMMON)
+        want = emoji()("a star", seed=9, controlnets=[ControlUnit(path, g, 1.0, mode=mode)], resize_mode=2, **kw)
+        np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+        assert r.info["ignored"] == [] and (mode == "balanced") == ("Control Mode" not in r.info["infotexts"][0])
+        images[mode] = arr(r.image).astype(int)
+    assert len({v.tobytes() for v in images.values()}) == 3
+    # pixel perfect, "Resize and Fill" (webuiapi's default): the short side 32 times min(64/32, 64/48): 43
+    unit = webuiapi.ControlNetUnit(image=g, module="canny", model="emoji-controlnet-canny", pixel_perfect=True)
+    unit.threshold_a, unit.threshold_b = 100, 200
+    r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **COMMON)
+    control = canny(processor_resize(g, 43), 100, 200)
+    want = emoji()("a star", seed=9, controlnets=[(path, control, 1.0)], resize_mode=2, **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["ignored"] == []
+    # the extension forces its soft weights on a canny unit in the hires fix's second pass
+    hr = {"enable_hr": True, "hr_scale": 2, "denoising_strength": 0.5}
+    r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **hr, **COMMON)
+    hr_kw = {**kw, "enable_hr": True, "hr_scale": 2, "strength": 0.5}
+    want = emoji()(
+        "a star", seed=9, controlnets=[ControlUnit(path, control, hires_mode="prompt")], resize_mode=2, **hr_kw
+    )
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert "Hires Control Mode: My prompt is more important" in r.info["infotexts"][0]
+
+
 def test_a_units_hires_option_other_than_both_is_listed(api):
     """sdengine's hires fix runs every ControlNet unit in both passes: a unit's hr_option "Low res only" or
     "High res only" is listed as ignored (once dropped silently)."""

@@ -371,6 +371,31 @@ def test_a_controlnet_units_step_rule_is_the_python_apis(client):
     assert r.status_code == 422, r.text
 
 
+def test_an_unknown_control_mode_is_a_422(client):
+    unit = {"model": "emoji-controlnet-canny", "image": png_b64(Image.new("RGB", (64, 64))), "mode": "guess"}
+    r = client.post("/v1/jobs", json={**BASE, "controlnets": [unit]})
+    assert r.status_code == 422 and "mode" in r.text and "'balanced', 'prompt' or 'controlnet'" in r.text, r.text
+
+
+@pytest.mark.slow  # two generations; the modes' weights and rows are held fast in test_controlnet_modes.py
+def test_a_controlnet_units_control_mode_is_the_python_apis(client):
+    """A unit's `mode` (sd-webui-controlnet's control modes) on the native route: the Python API's ControlUnit with
+    that mode, recorded in the infotext as the extension writes it; an unknown mode is a 422."""
+    from sdengine.pipeline import ControlUnit
+    from sdengine.server.catalog import BUILTIN_CONTROLNETS
+
+    src = Image.new("RGB", (64, 64), "white")
+    src.paste((0, 0, 0), (20, 20, 44, 44))
+    unit = {"model": "emoji-controlnet-canny", "image": png_b64(src), "mode": "controlnet"}
+    j = run(client, {**BASE, "controlnets": [unit]})
+    assert j["state"] == "done", j
+    assert "Control Mode: ControlNet is more important" in j["infotexts"][0]
+    im, _ = fetch_image(client, j["images"][0]["url"])
+    cu = ControlUnit(BUILTIN_CONTROLNETS["emoji-controlnet-canny"], src, mode="controlnet")
+    ref = emoji()(progress=False, **BASE, controlnets=[cu])
+    np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(ref.images[0]))
+
+
 def test_a_controlnet_window_that_ends_before_it_starts_is_a_400(client):
     """start 0.8, end 0.2 was queued (202) and failed when it ran: now refused before anything is queued."""
     src = Image.new("RGB", (64, 64), "white")

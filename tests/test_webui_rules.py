@@ -73,8 +73,9 @@ def fresh_form(pg) -> None:
         for (const id of ['hr-enabled', 'cn-enabled', 'tiling']) document.getElementById(id).checked = false;
         for (const b of document.querySelectorAll('#style-list input')) b.checked = false;
         const values = { mode: 'txt2img', noise_multiplier: '1', masked_content: 'original', strength_rule: 'diffusers',
-            'cn-rule': 'diffusers', 'hr-resize-x': '0', 'hr-resize-y': '0', 'hr-sampler': '', 'hr-schedule': '',
-            'hr-prompt': '', 'hr-negative-prompt': '', seed_resize_w: '', seed_resize_h: '', negative_prompt: '' };
+            'cn-rule': 'diffusers', 'cn-mode': 'balanced', 'hr-resize-x': '0', 'hr-resize-y': '0', 'hr-sampler': '',
+            'hr-schedule': '', 'hr-prompt': '', 'hr-negative-prompt': '', seed_resize_w: '', seed_resize_h: '',
+            negative_prompt: '' };
         for (const [id, v] of Object.entries(values)) {
             const el = document.getElementById(id);
             el.value = v;
@@ -296,11 +297,12 @@ def test_a_controlnets_step_rule_and_its_infotext(page, client, tmp_path):
     page.fill("#cn-start", "0.3")
     page.fill("#cn-end", "0.8")
     page.select_option("#cn-rule", "a1111")
+    page.select_option("#cn-mode", "prompt")  # (the page had no control mode)
     page.click("#generate")
     params = wait_result(page)
-    assert "ControlNet step rule: a1111" in params
+    assert "ControlNet step rule: a1111" in params and "Control Mode: My prompt is more important" in params
     unit = {"model": "emoji-controlnet-canny", "image": base64.b64encode(png_bytes(src)).decode()}
-    unit.update(preprocessor="canny", low=100, high=200, weight=0.9, start=0.3, end=0.8, rule="a1111")
+    unit.update(preprocessor="canny", low=100, high=200, weight=0.9, start=0.3, end=0.8, rule="a1111", mode="prompt")
     body = {"prompt": "a smiling face", "steps": 4, "seed": 3, "controlnets": [unit]}
     for field in ("sampler", "schedule"):
         body[field] = page.input_value(f"#{field}")
@@ -314,10 +316,11 @@ def test_a_controlnets_step_rule_and_its_infotext(page, client, tmp_path):
     page.wait_for_function("document.querySelector('#seed').value === '6'")
     assert not page.is_checked("#cn-enabled")
     page.select_option("#cn-rule", "diffusers")
+    page.select_option("#cn-mode", "balanced")
     page.click("#results button:text('Reuse parameters')")
     assert page.is_checked("#cn-enabled")
-    got = [page.input_value(f"#cn-{k}") for k in ("model", "weight", "start", "end", "rule")]
-    assert got == ["emoji-controlnet-canny", "0.9", "0.3", "0.8", "a1111"]
+    got = [page.input_value(f"#cn-{k}") for k in ("model", "weight", "start", "end", "rule", "mode")]
+    assert got == ["emoji-controlnet-canny", "0.9", "0.3", "0.8", "a1111", "prompt"]
     # An A1111 image's ControlNet this server lacks is named; its thresholds are set, and its steps counted by the
     # extension's rule (it has no sdengine step-rule field: A1111 made it)
     page.select_option("#cn-rule", "diffusers")

@@ -492,7 +492,7 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
         used |= {"Eta", "Eta DDIM", *(A1111_SAMPLER_FIELDS[k] for k in options if k in A1111_SAMPLER_FIELDS)}
     # "ControlNet N" fields (and their step rule) are the caller's: they need the control image (see
     # recorded_controlnets)
-    used.add("ControlNet step rule")
+    used |= {"ControlNet step rule", "ControlNet guess mode"}
     ignored = [k for k in parsed if k not in used and k not in _DESCRIPTIVE_FIELDS and not _RE_CONTROLNET.match(k)]
     if ignored:
         log.warning("infotext fields not reproduced by sdengine (the image may differ): %s", ", ".join(ignored))
@@ -615,6 +615,12 @@ def hires_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+# sd-webui-controlnet's "Control Mode" names -> pipeline.control.CONTROL_MODES (its ControlMode values)
+CONTROL_MODE_NAMES = {
+    "balanced": "Balanced",
+    "prompt": "My prompt is more important",
+    "controlnet": "ControlNet is more important",
+}
 _RE_CONTROLNET = re.compile(r"^ControlNet(?: (\d+))?$")
 _RE_MODEL_HASH = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{6,64})\]$")
 _RE_CONTROLNET_SEPARATORS = re.compile(r"[,:\n]")
@@ -639,8 +645,6 @@ CONTROLNET_THRESHOLDS: dict[str, tuple[str, ...]] = {
     "scribble": ("threshold",),
     "softedge": ("blur",),
 }
-# the extension's Control Mode names; "ControlNet is more important" is guess mode (GenerationRequest.guess_mode)
-CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 
 
 def format_controlnet(
@@ -652,7 +656,8 @@ def format_controlnet(
     module: str | None = None,
     options: Mapping[str, float] | None = None,
     processor_res: int | None = None,
-    guess_mode: bool = False,
+    mode: str = "balanced",
+    hires_mode: str | None = None,
 ) -> str:
     """A ``ControlNet N`` field's value as A1111's ControlNet extension writes it (its ``serialize_unit``: the
     unit's fields as ``Display Name: value`` in the unit's order, the extension's hidden -1 values left out):
@@ -660,7 +665,8 @@ def format_controlnet(
     Start: S, Guidance End: E, Control Mode: ...``. ``module`` is the preprocessor that made the control image
     (None: not known, left out), ``options`` its options (written as the Threshold sliders hold them,
     :data:`CONTROLNET_THRESHOLDS`), ``processor_res`` the short side the image was scaled to before it;
-    ``guess_mode`` writes "Control Mode: ControlNet is more important" (else nothing: the default, Balanced).
+    ``mode`` the extension's control mode (:data:`CONTROL_MODE_NAMES`; written where not the default, Balanced),
+    ``hires_mode`` sdengine's ``Hires Control Mode`` (the hires fix's second pass, where not ``mode``).
     Numbers are written exactly (read back to the same float)."""
     parts: list[tuple[str, Any]] = []
     if module is not None:
@@ -673,8 +679,10 @@ def format_controlnet(
         if options and name in options:
             parts.append((slider, float(options[name])))
     parts += [("Guidance Start", float(start)), ("Guidance End", float(end))]
-    if guess_mode:
-        parts.append(("Control Mode", CONTROL_MODES[2]))
+    if mode != "balanced":  # the extension's field and names
+        parts.append(("Control Mode", CONTROL_MODE_NAMES[mode]))
+    if hires_mode is not None and hires_mode != mode:  # sdengine's field: the hires fix's second pass
+        parts.append(("Hires Control Mode", CONTROL_MODE_NAMES[hires_mode]))
     out = []
     for key, value in parts:
         text = _number(value) if isinstance(value, int | float) else str(value)
@@ -697,8 +705,9 @@ class RecordedControlNet:
     rule: str = "diffusers"  # how start/end pick the steps: sdengine's "ControlNet step rule" field, else A1111's
     options: Mapping[str, float] = dataclasses.field(default_factory=dict)  # the preprocessor's (Threshold A/B)
     processor_res: int | None = None  # "Processor Res": the short side the control image was scaled to first
-    guess_mode: bool = False  # "Control Mode: ControlNet is more important"
+    mode: str = "balanced"  # the extension's "Control Mode" (pipeline.control.CONTROL_MODES), else balanced
     resize_mode: str | None = None  # the extension's per-unit "Resize Mode" (sdengine.io.resize.RESIZE_MODES' name)
+    hires_mode: str | None = None  # sdengine's "Hires Control Mode": the hires fix's second pass, None = mode
 
     @property
     def preprocessor(self) -> str | None:
@@ -707,16 +716,23 @@ class RecordedControlNet:
         return None if self.module is None else CONTROLNET_MODULES.get(self.module.strip().lower())
 
 
+def _control_mode(key: str, field: str, text: str) -> str:
+    mode = next((k for k, n in CONTROL_MODE_NAMES.items() if n.lower() == text.strip().lower()), None)
+    if mode is None:
+        raise MetadataError(f"{key}: unknown {field} {text!r}; known: {', '.join(CONTROL_MODE_NAMES.values())}")
+    return mode
+
+
 def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
     """The ControlNets an infotext records (sdengine's and A1111's ``ControlNet N: "Module: ..., Model: ...,
     Weight: ...`` fields), in their order: the model, weight, guidance start/end, the preprocessor (``Module``)
     with its options (``Threshold A`` / ``Threshold B``, :data:`CONTROLNET_THRESHOLDS`; the preprocessor's
-    defaults where absent) and ``Processor Res``, guess mode (``Control Mode: ControlNet is more important``)
+    defaults where absent) and ``Processor Res``, the ``Control Mode`` (and sdengine's ``Hires Control Mode``)
     and the extension's per-unit ``Resize Mode``. The step rule is sdengine's ``ControlNet step rule`` field
     (one rule, or one per ControlNet); without it an sdengine image's is diffusers' and any other's (A1111's
     extension's) is A1111's. A field without a model, a bad number, or a rule list of another length is a
-    MetadataError; settings sdengine does not reproduce (the extension's "My prompt is more important", Pixel
-    Perfect) are logged as a warning."""
+    MetadataError, as is an unknown Control Mode; a setting sdengine does not reproduce (the extension's Pixel
+    Perfect, whose resolution the infotext does not hold) is logged as a warning."""
     out: list[tuple[int, RecordedControlNet]] = []
     default_rule = "diffusers" if made_by_sdengine(parsed) else "a1111"
     for key, value in parsed.items():
@@ -746,9 +762,9 @@ def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
             for option, v in zip(CONTROLNET_THRESHOLDS.get(preprocessor or "", ()), sliders, strict=False)
             if v != -1  # the extension's hidden slider
         }
-        mode = fields.get("Control Mode", CONTROL_MODES[0])
-        if mode not in (CONTROL_MODES[0], CONTROL_MODES[2]):
-            log.warning("%s: Control Mode %r is not reproduced by sdengine (the image may differ)", key, mode)
+        mode = _control_mode(key, "Control Mode", fields.get("Control Mode", "Balanced"))
+        hr = fields.get("Hires Control Mode")
+        hires_mode = None if hr is None else _control_mode(key, "Hires Control Mode", hr)
         if fields.get("Pixel Perfect", "False") == "True":
             log.warning("%s: Pixel Perfect is not reproduced by sdengine (the image may differ)", key)
         resize_mode = None
@@ -769,8 +785,9 @@ def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
             default_rule,
             options,
             None if res == -1 else res,
-            mode == CONTROL_MODES[2],
+            mode,
             resize_mode,
+            hires_mode,
         )
         out.append((int(m.group(1) or 0), unit))
     units = [r for _, r in sorted(out, key=lambda t: t[0])]
@@ -868,6 +885,7 @@ def lora_hash(path: str | Path) -> str:
 
 
 __all__ = [
+    "CONTROL_MODE_NAMES",
     "MASKED_CONTENT",
     "MAX_INFOTEXT_CHARS",
     "PARAMETERS_KEY",
@@ -891,7 +909,6 @@ __all__ = [
     "to_generate_kwargs",
     "recorded_controlnets",
     "RecordedControlNet",
-    "CONTROL_MODES",
     "CONTROLNET_MODULES",
     "CONTROLNET_THRESHOLDS",
     "format_controlnet",

@@ -438,9 +438,12 @@ def _controlnets_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list
     ]
     units = control_units_from_cli(a.control, models, recorded)
     return [
-        dataclasses.replace(u, rule=r.rule)
-        if _spec_has_numbers(text)
-        else dataclasses.replace(u, scale=r.weight, start=r.start, end=r.end, rule=r.rule)
+        dataclasses.replace(
+            u if _spec_has_numbers(text) else dataclasses.replace(u, scale=r.weight, start=r.start, end=r.end),
+            rule=r.rule,
+            mode=r.mode,
+            hires_mode=r.hires_mode,
+        )
         for u, r, text in zip(units, recorded, a.control, strict=True)
     ]
 
@@ -633,9 +636,7 @@ def run(a: argparse.Namespace) -> int:
         units = _controlnets_from_png(a, parsed)
         if units:
             kwargs["controlnets"] = units
-            from ..metadata import recorded_controlnets
-
-            if any(r.guess_mode for r in recorded_controlnets(parsed)):  # "ControlNet is more important"
+            if parsed.get("ControlNet guess mode", "").strip().lower() == "true":  # sdengine's field
                 kwargs["guess_mode"] = True
     elif a.control or a.controlnet:
         kwargs["controlnets"] = control_units_from_cli(a.control or [], a.controlnet or [])

@@ -32,6 +32,7 @@ from sdengine.control.preprocess import ImageLike, load_control_image
 from sdengine.diffusion.samplers import SamplerStep
 from sdengine.errors import ControlNetError
 from sdengine.io.resize import resize_image, resize_tensor
+from sdengine.metadata import CONTROL_MODE_NAMES
 from sdengine.models.controlnet import ControlNet
 from sdengine.models.t2i_adapter import T2IAdapter
 from sdengine.models.unet import UNetConfig
@@ -42,6 +43,23 @@ log = logging.getLogger(__name__)
 # How start/end fractions pick the controlled steps: diffusers' pipelines, A1111's ControlNet extension, or
 # ComfyUI's per-call sigma window (see comfy_sigma_window).
 STEP_RULES = ("diffusers", "a1111", "comfyui")
+# A unit's control mode, as sd-webui-controlnet's: "balanced" (its weight on every residual, every row), "prompt"
+# ("My prompt is more important": the soft weights, see soft_scales) and "controlnet" ("ControlNet is more
+# important": the soft weights, on the conditional rows of classifier-free guidance only).
+CONTROL_MODES = tuple(CONTROL_MODE_NAMES)  # ("balanced", "prompt", "controlnet"), the extension's names there
+SOFT_BASE = 0.825  # the extension's soft injection: residual i of 13 times 0.825 ** (12 - i)
+ADAPTER_SOFT = (0.25, 0.62, 0.825, 1.0)  # ... and a T2I-Adapter's four features
+
+
+def soft_scales(n: int, adapter: bool = False) -> list[float]:
+    """The extension's soft-injection factors of ``n`` residuals (highest resolution first, the middle block's
+    last): a ControlNet's are ``0.825 ** (12 - i)`` for i = 0..12 (SD1/SD2's 12 skips and the middle: 0.0995 ..
+    1.0), taken from the first, as the extension zips them (SDXL's 9 skips and middle: 0.825**12 .. 0.825**3);
+    a T2I-Adapter's features (0.25, 0.62, 0.825, 1.0)."""
+    table = ADAPTER_SOFT if adapter else tuple(SOFT_BASE ** float(12 - i) for i in range(13))
+    if n > len(table):
+        raise ControlNetError(f"soft control weights are defined for {len(table)} residuals, got {n}")
+    return list(table[:n])
 
 
 @dataclass(frozen=True)
@@ -54,7 +72,10 @@ class ControlUnit:
     list / (N, 3, H, W) tensor with one map per row of the batch; ``scale``: the conditioning scale;
     ``start``/``end``: the fractions of the steps it acts on, counted by ``rule`` (:data:`STEP_RULES`:
     ``"diffusers"``, the default, or ``"a1111"``, see :func:`step_keep`; ``"comfyui"``: every model call whose
-    sigma lies in :func:`comfy_sigma_window`, which needs the noise schedule)."""
+    sigma lies in :func:`comfy_sigma_window`, which needs the noise schedule); ``mode``: :data:`CONTROL_MODES`,
+    sd-webui-controlnet's control mode (``"balanced"``, the default; ``"prompt"``; ``"controlnet"``);
+    ``hires_mode``: the mode of the hires fix's second pass, None = ``mode`` (the extension forces its soft weights
+    on a canny unit there: the A1111 route's canny units have ``"prompt"``)."""
 
     model: Any
     image: Any
@@ -68,6 +89,8 @@ class ControlUnit:
     module: str | None = None
     module_options: Mapping[str, float] = field(default_factory=dict)
     processor_res: int | None = None
+    mode: str = "balanced"
+    hires_mode: str | None = None
 
     def __post_init__(self) -> None:
         if self.rule not in STEP_RULES:
@@ -88,6 +111,11 @@ class ControlUnit:
             isinstance(self.processor_res, bool) or not isinstance(self.processor_res, int) or self.processor_res < 1
         ):
             raise ControlNetError(f"ControlNet processor_res must be a positive integer, got {self.processor_res!r}")
+        for mode in (self.mode, self.hires_mode):
+            if mode is not None and mode not in CONTROL_MODES:
+                raise ControlNetError(
+                    f"unknown ControlNet control mode {mode!r}; use one of: {', '.join(CONTROL_MODES)}"
+                )
 
     @classmethod
     def coerce(cls, u: Any) -> ControlUnit:
@@ -112,10 +140,10 @@ class ControlUnit:
     def label(self) -> str:
         return Path(self.model).stem if isinstance(self.model, str | Path) else type(self.model).__name__
 
-    def infotext(self, *, guess_mode: bool = False) -> str:
+    def infotext(self) -> str:
         """The unit's ``ControlNet N`` value as A1111's ControlNet extension writes it (``Module: canny, Model:
         NAME, Weight: W, Processor Res: R, Threshold A: LOW, Threshold B: HIGH, Guidance Start: S, Guidance End:
-        E, Control Mode: ...``; see :func:`sdengine.metadata.format_controlnet`)."""
+        E, Control Mode: ...``, and sdengine's ``Hires Control Mode``; :func:`sdengine.metadata.format_controlnet`)."""
         from sdengine.metadata import format_controlnet
 
         return format_controlnet(
@@ -126,7 +154,8 @@ class ControlUnit:
             module=self.module,
             options=self.module_options,
             processor_res=self.processor_res,
-            guess_mode=guess_mode,
+            mode=self.mode,
+            hires_mode=self.hires_mode,
         )
 
 
@@ -245,6 +274,7 @@ class PreparedUnit:
     keep: list[bool]  # per step index of the run
     kinds: frozenset[str] | None = None
     window: tuple[float, float] | None = None  # rule "comfyui": the sigma window judged at each call
+    mode: str = "balanced"  # CONTROL_MODES: "prompt" and "controlnet" take the soft weights, "controlnet" cond rows
 
 
 def _step_index(step: SamplerStep | int | None) -> int:
@@ -336,9 +366,9 @@ class ControlledUNet:
         for unit, on, unit_image in zip(self.units, active, images, strict=True):
             if not on or isinstance(unit.net, T2IAdapter):
                 continue
-            # the rows this unit acts on: guess mode leaves the unconditional ones alone, and a unit carried by
-            # one conditioning only (ComfyUI) acts on its rows only
-            allowed = {"cond"} if self.guess_mode else {"cond", "uncond"}
+            # the rows this unit acts on: guess mode and the "controlnet" mode leave the unconditional ones alone,
+            # and a unit carried by one conditioning only (ComfyUI) acts on its rows only
+            allowed = {"cond"} if self.guess_mode or unit.mode == "controlnet" else {"cond", "uncond"}
             if unit.kinds is not None:
                 allowed &= unit.kinds
             picked = [i for i, k in enumerate(kinds) if k in allowed]
@@ -358,15 +388,20 @@ class ControlledUNet:
                 labels = labels[rows] if labels is not None else None
             img = _maps_for_rows(unit_image, [kinds[i] for i in picked])
             extra = {"class_labels": labels} if labels is not None else {}
+            soft = unit.mode != "balanced"
             d, m = net(
                 xi.to(net.dtype),
                 tt,
                 img,
                 encoder_hidden_states=ctx.to(net.dtype),
                 scale=unit.scale,
-                guess_mode=self.guess_mode,
+                guess_mode=self.guess_mode and not soft,  # the soft weights take the place of guess mode's
                 **extra,
             )
+            if soft:  # sd-webui-controlnet's soft injection ("prompt" / "controlnet" mode)
+                *factors, last = soft_scales(len(d) + 1)
+                d = [r * f for r, f in zip(d, factors, strict=True)]
+                m = m * last
             if rows is not None:  # no control on the other rows
                 d = [_scatter(r, rows, b) for r in d]
                 m = _scatter(m, rows, b)
@@ -393,7 +428,7 @@ class ControlledUNet:
         for k, (unit, on, unit_image) in enumerate(zip(self.units, active, images, strict=True)):
             if not on or not isinstance(unit.net, T2IAdapter):
                 continue
-            allowed = {"cond"} if self.guess_mode else {"cond", "uncond"}
+            allowed = {"cond"} if self.guess_mode or unit.mode == "controlnet" else {"cond", "uncond"}
             if unit.kinds is not None:
                 allowed &= unit.kinds
             picked = [i for i, kd in enumerate(kinds) if kd in allowed]
@@ -402,6 +437,8 @@ class ControlledUNet:
             rows = _rows(picked, b, x.device)
             img = _maps_for_rows(unit_image, [kinds[i] for i in picked])
             feats = [f * unit.scale for f in unit.net(img)]
+            if unit.mode != "balanced":  # the extension's soft weights of an adapter's features (as it zips them)
+                feats = [f * s for f, s in zip(feats, soft_scales(min(len(feats), 4), adapter=True), strict=False)]
             _check_features(feats, self.unet, x, k)
             if rows is not None:
                 feats = [_scatter(f, rows, b) for f in feats]
@@ -672,11 +709,13 @@ def build_controlled_unet(
                 warnings.warn(msg, stacklevel=2)
                 log.warning(msg)
         image_t = img.to(device=device, dtype=net.dtype)
-        prepared.append(PreparedUnit(net, image_t, float(unit.scale), keep, window=window))
+        prepared.append(PreparedUnit(net, image_t, float(unit.scale), keep, window=window, mode=unit.mode))
     return ControlledUNet(unet, prepared, guess_mode=guess_mode)
 
 
 __all__ = [
+    "CONTROL_MODES",
+    "CONTROL_MODE_NAMES",
     "ControlUnit",
     "ControlledUNet",
     "GraphedControlledUNet",
@@ -689,5 +728,6 @@ __all__ = [
     "comfy_sigma_window",
     "percent_to_sigma",
     "sigma_keep",
+    "soft_scales",
     "step_keep",
 ]

@@ -266,7 +266,8 @@ def _shifted(callback: StepCallback | None, before: int, total: int) -> StepCall
 
 
 def _rows_of_units(r: GenerationRequest, i: int, n: int) -> Any:
-    """The ControlNet units of row ``i`` alone (a per-row list or batch of control images is cut)."""
+    """The ControlNet units of row ``i`` alone (a per-row list or batch of control images is cut), in the second
+    pass's mode (a unit's ``hires_mode``)."""
     if r.controlnets is None:
         return None
     out = []
@@ -276,7 +277,7 @@ def _rows_of_units(r: GenerationRequest, i: int, n: int) -> Any:
             image = [image[i]]
         elif isinstance(image, Tensor) and image.ndim == 4 and image.shape[0] == n and n > 1:
             image = image[i : i + 1]
-        out.append(dataclasses.replace(u, image=image))
+        out.append(dataclasses.replace(u, image=image, mode=u.hires_mode or u.mode))
     return out
 
 
@@ -308,10 +309,13 @@ def second_prepared(p: Any, callback: StepCallback | None = None) -> Any:
     size, the second pass's sampler, schedule, steps (its first step ``start_step``) and prompts."""
     plan: HiresPlan = p.hires
     hr_prompts, hr_negatives = hires_prompts(p)
+    r = p.request
+    if any(u.hires_mode is not None for u in r.control_units()):  # a unit's mode in the second pass
+        r = r.replace(controlnets=[dataclasses.replace(u, mode=u.hires_mode or u.mode) for u in r.control_units()])
     return dataclasses.replace(
         p,
         start_step=plan.start,
-        request=p.request.replace(steps=plan.steps, callback=callback),
+        request=r.replace(steps=plan.steps, callback=callback),
         width=plan.width,
         height=plan.height,
         sampler=plan.sampler,

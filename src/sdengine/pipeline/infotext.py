@@ -188,7 +188,9 @@ def call_parameters(
     if mask_blur:
         params["Mask blur"] = mask_blur
     for k, unit in enumerate(controlnets):
-        params[f"ControlNet {k}"] = unit.infotext(guess_mode=guess_mode)
+        params[f"ControlNet {k}"] = unit.infotext()
+    if guess_mode and controlnets:  # sdengine's field: diffusers' guess mode (the extension has none)
+        params["ControlNet guess mode"] = True
     if any(unit.rule != "diffusers" for unit in controlnets):  # sdengine's field, read back by --from-png:
         # A1111's ControlNet extension counts start/end its own way (pipeline.control.step_keep), one per unit
         params["ControlNet step rule"] = ",".join(unit.rule for unit in controlnets)

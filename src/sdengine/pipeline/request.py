@@ -187,6 +187,8 @@ class GenerationRequest:
         if self.controlnets is not None:
             out["controlnets"] = [
                 {"model": u.model, "image": u.image, "scale": u.scale, "start": u.start, "end": u.end, "rule": u.rule}
+                | ({"mode": u.mode} if u.mode != "balanced" else {})
+                | ({"hires_mode": u.hires_mode} if u.hires_mode is not None else {})
                 for u in self.control_units()
             ]  # the same image objects, not copies
         return out

@@ -4,7 +4,7 @@ Requests use A1111's field names and defaults; each is mapped onto :func:`~sdeng
 build_generation`. What sdengine cannot do is never silently dropped: request fields that would change the image
 but are not implemented (``restore_faces``, ``latent_mask``, ``resize_mode`` 3, ...) are a 422 naming the field
 (:func:`refuse_unsupported`); fields A1111 does not read in that request (hires-fix fields on img2img, ...), fields
-it does not have, and a ControlNet unit's settings that are not done (``pixel_perfect``, ...) are listed in
+it does not have, and a ControlNet unit's settings that are not done (its own ``mask``, ...) are listed in
 ``info["ignored"]`` of the response.
 
 ``interrupt`` and ``skip`` without a body act on the running jobs that came through this API (never on a
@@ -205,6 +205,8 @@ UNIT_KEYS = {
     *("use_preview_as_input", "generated_image", "batch_images", "batch_image_dir", "batch_mask_dir", "loopback"),
 }
 CONTROL_MODES = {0: "Balanced", 1: "My prompt is more important", 2: "ControlNet is more important"}
+UNIT_MODES = dict(zip(CONTROL_MODES.values(), ("balanced", "prompt", "controlnet"), strict=True))  # -> ControlUnit.mode
+PIXEL_PERFECT = 0  # processor_res of a pixel-perfect unit: worked out from its image's size (pixel_perfect_resolution)
 RESIZE_MODES = {0: "Just Resize", 1: "Crop and Resize", 2: "Resize and Fill"}
 LATENT_UPSCALE_MODE = 3  # A1111's img2img "Just resize (latent upscale)": GenerationRequest.init_latent_resize
 MODULES = CONTROLNET_MODULES  # the extension's module names sdengine has (sdengine.metadata)
@@ -738,18 +740,18 @@ def processor_resize(image: Image.Image, res: int) -> Image.Image:
 
 def control_units(
     args: Any, init: str | None, ignored: list[str], detect_maps: list[int] | None = None
-) -> tuple[list[ControlRequest], bool, list[tuple[int, int]], dict[int, int]]:
-    """sd-webui-controlnet's ``alwayson_scripts.controlnet.args`` -> units, guess mode, each unit's (index,
-    resize mode number; a unit without one has the extension's default, "Crop and Resize"), and the
-    ``processor_res`` of the units whose image goes through a preprocessor (by their place in the units).
+) -> tuple[list[ControlRequest], list[tuple[int, int]], dict[int, int]]:
+    """sd-webui-controlnet's ``alwayson_scripts.controlnet.args`` -> units (each with its ``control_mode``), each
+    unit's (index, resize mode number; a unit without one has the extension's default, "Crop and Resize"), and
+    the ``processor_res`` of the units whose image goes through a preprocessor (by their place in the units;
+    :data:`PIXEL_PERFECT` for a ``pixel_perfect`` unit, whose resolution comes from its image's size).
     ``detect_maps``: filled with the places of the units whose detected map the answer appends (the extension's
     ``save_detected_map``, true by default)."""
     if args is None:
-        return [], False, [], {}
+        return [], [], {}
     if not isinstance(args, list):
         raise BadRequest("alwayson_scripts.controlnet.args must be a list of units")
     units: list[ControlRequest] = []
-    guess = False
     resizes: list[tuple[int, int]] = []
     processor_res: dict[int, int] = {}
     for k, u in enumerate(args):
@@ -783,17 +785,18 @@ def control_units(
             raise BadRequest(
                 f"ControlNet unit {k}: module {module!r} is not available; available: {', '.join(MODULES)}"
             )
+        # the extension's control mode: its soft weights ("prompt") and, "ControlNet is more important", on the
+        # conditional rows only (pipeline.control.ControlUnit.mode)
         mode = _unit_control(u.get("control_mode", 0), CONTROL_MODES, f"ControlNet unit {k}: control_mode")
-        if mode == CONTROL_MODES[2]:
-            guess = True  # the extension's "ControlNet is more important" is the ControlNet paper's guess mode
-        elif mode == CONTROL_MODES[1]:
-            ignored.append(f"controlnet.args[{k}].control_mode")
         resize = _unit_control(u.get("resize_mode", 1), RESIZE_MODES, f"ControlNet unit {k}: resize_mode")
         resizes.append((k, next(i for i, n in RESIZE_MODES.items() if n == resize)))
-        if u.get("pixel_perfect"):
-            ignored.append(f"controlnet.args[{k}].pixel_perfect")
+        pixel_perfect = u.get("pixel_perfect", False)
+        if not isinstance(pixel_perfect, bool):
+            raise BadRequest(f"ControlNet unit {k}: pixel_perfect must be true or false, got {pixel_perfect!r}")
         options = {}
-        if MODULES[module] != "none" and u.get("processor_res") not in (None, -1):
+        if MODULES[module] != "none" and pixel_perfect:  # the extension's processor_res from the image's size
+            processor_res[len(units)] = PIXEL_PERFECT
+        elif MODULES[module] != "none" and u.get("processor_res") not in (None, -1):
             res = u["processor_res"]  # the extension preprocesses the image scaled to this short side
             if isinstance(res, bool) or not isinstance(res, int) or not 64 <= res <= 2048:
                 raise BadRequest(f"ControlNet unit {k}: processor_res must be an integer in [64, 2048] or -1")
@@ -821,9 +824,24 @@ def control_units(
                 preprocessor=MODULES[module],
                 options=options,
                 rule="a1111",  # the extension's guidance_schedule_handler: step i when start <= i/steps <= end
+                mode=UNIT_MODES[mode],
+                # the extension forces its soft weights on a canny unit in the hires fix's second pass (hook.py's
+                # high_res_fix_forced_soft_injection; "ControlNet is more important" keeps its conditional rows)
+                hires_mode="prompt" if MODULES[module] == "canny" and mode == CONTROL_MODES[0] else None,
             )
         )
-    return units, guess, resizes, processor_res
+    return units, resizes, processor_res
+
+
+def pixel_perfect_resolution(size: tuple[int, int], width: int, height: int, resize_mode: int) -> int:
+    """The extension's ``pixel_perfect_resolution``: the preprocessor resolution (the short side the image is
+    scaled to) at which the image of ``size`` (w, h) maps onto the ``width`` x ``height`` output one pixel to one:
+    its short side times the larger of the two scale factors (the smaller for "Resize and Fill", 2), rounded.
+    The extension gives it the request's width and height rounded down to a multiple of 8."""
+    w, h = size
+    k_h, k_w = float(height) / float(h), float(width) / float(w)
+    k = min(k_h, k_w) if resize_mode == 2 else max(k_h, k_w)
+    return max(1, int(np.round(k * float(min(w, h)))))
 
 
 def _num(v: Any, what: str) -> float:
@@ -1076,7 +1094,9 @@ def install(app: FastAPI, services: Any) -> None:
         ignored.extend(f"alwayson_scripts.controlnet.{k}" for k in (cn or {}) if k != "args")
         unit_args = (cn or {}).get("args")
         detect_maps: list[int] = []
-        units, guess, resizes, processor_res = control_units(unit_args, init, ignored, detect_maps)
+        units, resizes, processor_res = control_units(unit_args, init, ignored, detect_maps)
+        if not (body.get("enable_hr") and init is None):  # no second pass: no mode of its own to record
+            units = [dataclasses.replace(u, hires_mode=None) for u in units]
         if body.get("enable_hr") and init is None and isinstance(unit_args, list):
             for k, u in enumerate(unit_args):  # sdengine's hires fix runs every unit in both passes
                 if isinstance(u, dict) and u.get("enabled", True) and u.get("hr_option") not in (None, "Both", 0):
@@ -1113,7 +1133,6 @@ def install(app: FastAPI, services: Any) -> None:
             vae_decode=vae_decode,
             vae_encode=vae_encode,
             controlnets=units,
-            guess_mode=guess,
             resize_mode=mode,
             processor_res=processor_res,  # taken out by run() before the build
             # A1111's variation seed: subseed + k for image k, and (with a strength above 0) one seed for all
@@ -1135,14 +1154,17 @@ def install(app: FastAPI, services: Any) -> None:
         )
 
     def build_scaled(fields: dict[str, Any], processor_res: dict[int, int]) -> Any:
-        """The build, with each preprocessed unit's image scaled to its ``processor_res`` first."""
+        """The build, with each preprocessed unit's image scaled to its ``processor_res`` first (a pixel-perfect
+        unit's from its image's size, the output's size rounded down to a multiple of 8 and the resize mode)."""
         units = list(fields.get("controlnets") or [])
         for i, res in processor_res.items():
             u = units[i]
             image = u.image if isinstance(u.image, Image.Image) else services.uploads.image(u.image, f"unit {i}")
-            units[i] = dataclasses.replace(
-                u, image=processor_resize(ImageOps.exif_transpose(image), res), processor_res=res
-            )
+            image = ImageOps.exif_transpose(image)
+            if res == PIXEL_PERFECT:
+                w, h = fields.get("width") or image.width, fields.get("height") or image.height
+                res = pixel_perfect_resolution(image.size, w // 8 * 8, h // 8 * 8, int(fields.get("resize_mode", 0)))
+            units[i] = dataclasses.replace(u, image=processor_resize(image, res), processor_res=res)
         return services.build(**{**fields, "controlnets": units})
 
     async def run(

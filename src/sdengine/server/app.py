@@ -665,6 +665,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 c.preprocessor,
                 {k: v for k, v in (("low", c.low), ("high", c.high)) if v is not None},
                 c.rule,
+                mode=c.mode,
             )
             for c in req.controlnets
         ]

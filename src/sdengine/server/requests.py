@@ -56,6 +56,8 @@ class ControlRequest:
     options: dict[str, float] = field(default_factory=dict)  # preprocessor options (canny: low, high)
     rule: str = "diffusers"  # how start/end pick the steps (pipeline.control.STEP_RULES); A1111's routes: "a1111"
     processor_res: int | None = None  # the short side the image was scaled to before the preprocessor (A1111's)
+    mode: str = "balanced"  # the control mode (pipeline.control.CONTROL_MODES); A1111's unit's control_mode
+    hires_mode: str | None = None  # the hires fix's second pass (A1111's canny units: the extension's soft weights)
 
 
 @dataclass
@@ -277,6 +279,8 @@ def build_generation(
                 module=unit.preprocessor,
                 module_options=preprocessor_options(unit.preprocessor, unit.options),
                 processor_res=unit.processor_res,
+                mode=unit.mode,
+                hires_mode=unit.hires_mode,
             )
         )
 

@@ -46,6 +46,12 @@ class ControlNetSpec(BaseModel):
         description="how start/end pick the steps: 'diffusers' (a step wholly inside the window), 'a1111' (A1111's "
         "ControlNet extension: start <= i/steps <= end), 'comfyui' (ComfyUI: the window's sigmas, at each model call)",
     )
+    mode: Literal["balanced", "prompt", "controlnet"] = Field(
+        "balanced",
+        description="sd-webui-controlnet's control mode: 'balanced', 'prompt' (\"My prompt is more important\": "
+        "residual i of 13 times 0.825**(12-i)), 'controlnet' (\"ControlNet is more important\": those weights, on "
+        "the conditional half of classifier-free guidance only)",
+    )
 
 
 class HiresSpec(BaseModel):

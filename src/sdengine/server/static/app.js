@@ -14,7 +14,7 @@ const QUEUE_POLL_MS = 2000; // how often a queued job's place in the queue is as
 const READY_RETRY_MS = 2000; // a page opened while the server was away asks for its lists again this often
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
   "height", "batch_size", "clip_skip", "vae_decode", "vae_encode", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
-  "cn-weight", "cn-start", "cn-end", "cn-rule", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength", "hr-resize-x", "hr-resize-y", "hr-sampler",
+  "cn-weight", "cn-start", "cn-end", "cn-rule", "cn-mode", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength", "hr-resize-x", "hr-resize-y", "hr-sampler",
   "hr-schedule", "hr-prompt", "hr-negative-prompt", "seed_resize_w", "seed_resize_h",
   "strength_rule", "clip_skip_rule", "noise_multiplier", "masked_content"];
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
@@ -82,6 +82,9 @@ function askForKey(message) {
   return keyPrompt;
 }
 
+// the ControlNet extension's control modes, as its infotext's "Control Mode" names them
+const CN_MODES = { balanced: "Balanced", prompt: "My prompt is more important",
+  controlnet: "ControlNet is more important" };
 const CN_LABELS = { weight: "ControlNet weight", start: "ControlNet start", end: "ControlNet end",
   low: "ControlNet Canny low threshold", high: "ControlNet Canny high threshold" };
 
@@ -701,7 +704,7 @@ function applyInfotext(text) {
  * as --from-png reads them; without that field an image sdengine did not make (`own` false) counted its steps by
  * A1111's extension's rule): ticked with its settings (the control image is not in the infotext: the one picked
  * stays), or unticked for an image made without one. What this page cannot set is said: a model or preprocessor
- * this server lacks, a Processor Res or Control Mode, a second unit. */
+ * this server lacks, a Processor Res, a hires control mode, a second unit. */
 function applyControlNet(f, put, missing, own) {
   const keys = Object.keys(f).filter((k) => /^ControlNet \d+$/.test(k)).sort((a, b) => parseInt(a.slice(11), 10)
     - parseInt(b.slice(11), 10));
@@ -722,9 +725,12 @@ function applyControlNet(f, put, missing, own) {
   if (unit["Processor Res"] !== undefined && unit.Module && unit.Module !== "none") {
     missing.push(`ControlNet Processor Res ${unit["Processor Res"]}`);
   }
-  if (unit["Control Mode"] && unit["Control Mode"] !== "Balanced") missing.push(`ControlNet ${unit["Control Mode"]}`);
   const rule = (f["ControlNet step rule"] || (own ? "diffusers" : "a1111")).split(",")[0].trim();
   if (!put("cn-rule", rule)) missing.push(`ControlNet step rule ${rule}`);
+  const modeName = (unit["Control Mode"] || "Balanced").toLowerCase();
+  const mode = Object.entries(CN_MODES).find(([, n]) => n.toLowerCase() === modeName);
+  if (!mode || !put("cn-mode", mode[0])) missing.push(`ControlNet control mode ${unit["Control Mode"]}`);
+  if (unit["Hires Control Mode"]) missing.push(`ControlNet hires control mode ${unit["Hires Control Mode"]}`);
   for (const k of keys.slice(1)) missing.push(`${k} (this page runs one ControlNet)`);
 }
 
@@ -965,6 +971,7 @@ async function buildRequest() {
       weight: number("cn-weight", "ControlNet weight", false), start: number("cn-start", "ControlNet start", false),
       end: number("cn-end", "ControlNet end", false),
       ...($("cn-rule").value !== "diffusers" ? { rule: $("cn-rule").value } : {}),
+      ...($("cn-mode").value !== "balanced" ? { mode: $("cn-mode").value } : {}),
     }];
   }
   body.loras = state.loras.flatMap((l, i) => ($(`lora-use-${i}`).checked
