@@ -152,7 +152,8 @@ def resize_uint8(a: np.ndarray, size: int) -> np.ndarray:
 class ControlSetting:
     """How the ControlNet is applied for one point of the mismatched-prompt sweep: conditioning ``scale`` for the
     first ``end`` of the steps, guidance ``cfg`` (None: the evaluation's), ``guess_mode`` (the ControlNet on the
-    conditional rows only, sd-webui-controlnet's "ControlNet is more important")."""
+    conditional rows only: diffusers' guess mode; sd-webui-controlnet's "ControlNet is more important" also
+    softens its weights)."""
 
     scale: float = 1.0
     end: float = 1.0
