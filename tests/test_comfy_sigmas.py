@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from sdengine.server.comfy.nodes import (
+    SigmaPlan,
     Sigmas,
     align_your_steps_scheduler,
     karras_scheduler,
@@ -69,9 +71,11 @@ def test_sample_walks_an_explicit_sigma_list():
         noise_schedule=ns, sigmas=grid.sigmas,
     )  # fmt: skip
     assert torch.allclose(first[0], noise * math.sqrt(1 + float(grid.sigmas[0]) ** 2))
-    for bad in (grid.sigmas.flip(0), torch.tensor([3.0, 3.0, 0.0]), torch.tensor([2.0, float("nan"), 0.0])):
+    for bad in (torch.tensor([3.0, 3.0, 0.0]), torch.tensor([2.0, float("nan"), 0.0])):
         with pytest.raises(UsageError, match="decreasing"):
             sampling.sample(blind, noise, sampler="euler", steps=bad.numel() - 1, noise_schedule=ns, sigmas=bad)
+    with pytest.raises(UsageError, match="start above 0"):  # rising (unsampling) from 0: FlipSigmas avoids it
+        sampling.sample(blind, noise, sampler="euler", steps=5, noise_schedule=ns, sigmas=grid.sigmas.flip(0))
     with pytest.raises(UsageError, match="timestep grid"):
         sampling.sample(blind, noise, sampler="ddim", steps=5, noise_schedule=ns, sigmas=grid.sigmas)
 
@@ -87,3 +91,105 @@ def test_sd_turbo_scheduler_takes_every_hundredth_timestep():
     assert s.values.tolist() == pytest.approx([float(ns.sigmas[999]), float(ns.sigmas[899]), 0.0])
     (s,) = sd_turbo_scheduler(ctx, ModelHandle("m"), 4, 0.5)  # from the sixth on: 499, 399, 299, 199
     assert s.values.tolist() == pytest.approx([float(ns.sigmas[t]) for t in (499, 399, 299, 199)] + [0.0])
+
+
+def _gauss_x0(x, sigma, **_):
+    """The exact x0 denoiser of data ~ N(0, 0.5**2): its probability-flow ODE keeps x / sqrt(0.25 + sigma**2)."""
+    s = sigma.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
+    return x * 0.25 / (0.25 + s**2)
+
+
+def _ns():
+    from sdengine.diffusion.schedules import NoiseSchedule
+
+    return NoiseSchedule.from_config(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                     beta_schedule="scaled_linear")  # fmt: skip
+
+
+def test_flip_sigmas_node_as_comfyui():
+    from sdengine.server.comfy.nodes import flip_sigmas
+
+    (s,) = karras_scheduler(CTX, 4, 14.614642, 0.0291675, 7.0)
+    (f,) = flip_sigmas(CTX, s)
+    assert f.values[0].item() == pytest.approx(0.0001) and torch.equal(f.values[1:], s.values.flip(0)[1:])
+    assert torch.equal(s.values[-1], torch.tensor(0.0))  # its input is left as it was
+    (f,) = flip_sigmas(CTX, Sigmas(torch.tensor([3.0, 1.0])))  # no 0 first: only reversed
+    assert f.values.tolist() == [1.0, 3.0]
+    (f,) = flip_sigmas(CTX, Sigmas(torch.zeros(0)))
+    assert f.values.numel() == 0
+    # a whole BasicScheduler schedule keeps its plan (SamplerCustom walks the reverse of its grid); a window does not
+    plan = SigmaPlan("m", "karras", 4, 1.0, 4, 0, 4)
+    assert flip_sigmas(CTX, Sigmas(s.values, plan))[0].flipped == plan
+    assert flip_sigmas(CTX, Sigmas(s.values[:3], replace(plan, hi=2)))[0].flipped is None
+    assert flip_sigmas(CTX, Sigmas(s.values, replace(plan, denoise=0.5)))[0].flipped is None
+
+
+def test_euler_walks_rising_sigmas_as_a_float64_hand_computation():
+    """Unsampling (FlipSigmas): Euler's x += (x - D(x, sigma)) / sigma * (sigma' - sigma) upward, from the latent."""
+    from sdengine.diffusion import sampling
+    from sdengine.server.comfy.nodes import flip_sigmas
+
+    (s,) = karras_scheduler(CTX, 6, 14.614642, 0.0291675, 7.0)
+    (up,) = flip_sigmas(CTX, s)
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 0.5
+    got = sampling.sample(_gauss_x0, torch.zeros_like(init), sampler="euler", steps=6, noise_schedule=_ns(),
+                          sigmas=up.values, init_latent=init, start_step=0)  # fmt: skip
+    x, sig = init.double(), up.values.double().tolist()
+    for a, b in zip(sig[:-1], sig[1:], strict=True):
+        d = (x - x * 0.25 / (0.25 + a * a)) / a
+        x = x + d * (b - a)
+    want = x / math.sqrt(1 + sig[-1] ** 2)  # sample() answers the network's (VP) scaling
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6)
+    assert float(x.abs().max()) > 10 * float(init.abs().max())  # it did walk upward (towards noise), in VE
+
+
+def test_rising_sigma_samplers_follow_the_flow_upward_and_the_others_are_refused():
+    """Every sampler of RISING_SIGMA_SAMPLERS integrates the exact flow of Gaussian data upward (about as well as
+    downward); the ones that draw noise or go wrong upward are refused by name, before any model call."""
+    from sdengine.diffusion import sampling
+    from sdengine.errors import UsageError
+
+    (s,) = karras_scheduler(CTX, 40, 14.614642, 0.0291675, 7.0)
+    up = s.values.flip(0).clone()
+    up[0] = 1e-4
+    init = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(3)) * 0.5
+    exact = init * math.sqrt(0.25 + float(up[-1]) ** 2) / math.sqrt(0.25 + float(up[0]) ** 2)
+    exact = exact / math.sqrt(1 + float(up[-1]) ** 2)
+    for name in sampling.RISING_SIGMA_SAMPLERS:
+        got = sampling.sample(_gauss_x0, torch.zeros_like(init), sampler=name, steps=40, noise_schedule=_ns(),
+                              sigmas=up, init_latent=init, start_step=0)  # fmt: skip
+        err = float((got - exact).abs().max() / exact.abs().max())
+        assert err < 0.06, (name, err)
+    gens = [torch.Generator().manual_seed(0)]
+    for name, words in (("euler_a", "fresh noise"), ("dpmpp_2m_sde", "fresh noise"), ("heunpp2", "blow up"),
+                        ("unipc", "do not converge"), ("ddim", "timestep grid")):  # fmt: skip
+
+        def never(x, sigma, **_):
+            raise AssertionError("the model ran")
+
+        with pytest.raises(UsageError, match=f"{name}.*{words}"):
+            sampling.sample(never, init, sampler=name, steps=40, noise_schedule=_ns(), sigmas=up, generators=gens)
+    with pytest.raises(UsageError, match="churn"):
+        sampling.sample(_gauss_x0, init, sampler="euler", steps=40, noise_schedule=_ns(), sigmas=up,
+                        sampler_options={"s_churn": 1.0}, generators=gens)  # fmt: skip
+    for bad, words in ((torch.tensor([0.0, 1.0, 2.0]), "start above 0"), (torch.tensor([1.0, 3.0, 2.0]), "rise")):
+        with pytest.raises(UsageError, match=words):
+            sampling.sample(_gauss_x0, init, sampler="euler", steps=2, noise_schedule=_ns(), sigmas=bad)
+
+
+def test_unsample_then_resample_with_euler_gives_back_the_start():
+    """FlipSigmas' round trip: Euler up the flipped schedule to sigma_max, then Euler down it again, on a linear
+    denoiser, lands back on the start (both walks follow the same ODE; 30 steps keep their errors small)."""
+    from sdengine.diffusion import sampling
+    from sdengine.server.comfy.nodes import flip_sigmas
+
+    (s,) = karras_scheduler(CTX, 100, 14.614642, 0.0291675, 7.0)
+    (up,) = flip_sigmas(CTX, s)
+    start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4)) * 0.5
+    zeros = torch.zeros_like(start)
+    kw: dict = dict(sampler="euler", steps=100, noise_schedule=_ns(), start_step=0)
+    noisy = sampling.sample(_gauss_x0, zeros, sigmas=up.values, init_latent=start, **kw)
+    noisy = noisy * math.sqrt(1 + float(up.values[-1]) ** 2)  # back to VE, as latent_sampling hands it on
+    back = sampling.sample(_gauss_x0, zeros, sigmas=s.values, init_latent=noisy, **kw)
+    assert float(noisy.std()) > 10 * float(start.std())  # it was noise-scaled on the way
+    assert float((back - start).abs().max()) < 0.05 * float(start.abs().max())

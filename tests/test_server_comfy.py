@@ -2603,3 +2603,56 @@ def test_custom_sampling_other_sigmas_and_bad_inputs(client):
         assert h["status"]["status_str"] == "error"
         (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
         assert err["node_id"] == "52" and words in err["exception_message"], err
+
+
+@pytest.mark.slow
+def test_flip_sigmas_unsamples_and_resamples(client):
+    """ComfyUI's unsampling: FlipSigmas + SamplerCustom (add_noise off, euler) walks an image's latent up to noise,
+    SamplerCustom on the same schedule brings it back: with a BasicScheduler (whose SIGMAS run on euler's own grid,
+    and so do their flip, reversed) and with a free sigma list (KarrasScheduler, walked as it is)."""
+    g = txt2img_graph(sampler="euler", scheduler="karras", cfg=1.0)
+    g["50"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    custom = {"model": ["4", 0], "add_noise": False, "noise_seed": 5, "cfg": 1.0, "positive": ["6", 0],
+              "negative": ["7", 0], "sampler": ["50", 0]}  # fmt: skip
+    g["51"] = {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "karras", "steps": 12,
+                                                          "denoise": 1.0}}  # fmt: skip
+    g["61"] = {"class_type": "KarrasScheduler",
+               "inputs": {"steps": 12, "sigma_max": 14.614642, "sigma_min": 0.0291675, "rho": 7.0}}  # fmt: skip
+    for a in (5, 6):  # nodes 5x: BasicScheduler's, 6x: KarrasScheduler's
+        g[f"{a}2"] = {"class_type": "FlipSigmas", "inputs": {"sigmas": [f"{a}1", 0]}}
+        g[f"{a}3"] = {"class_type": "SamplerCustom",
+                      "inputs": {**custom, "sigmas": [f"{a}2", 0], "latent_image": ["3", 0]}}  # fmt: skip
+        g[f"{a}4"] = {"class_type": "SamplerCustom",
+                      "inputs": {**custom, "sigmas": [f"{a}1", 0], "latent_image": [f"{a}3", 0]}}  # fmt: skip
+        for k, src in ((5, f"{a}4"), (7, f"{a}3")):  # the image back, and the unsampled noise
+            g[f"{a}{k}"] = {"class_type": "VAEDecode", "inputs": {"samples": [src, 0], "vae": ["4", 2]}}
+            g[f"{a}{k + 1}"] = {"class_type": "PreviewImage", "inputs": {"images": [f"{a}{k}", 0]}}
+    out = _all_images(client, g)
+    start = out["9"].astype(float)
+    for a in (5, 6):
+        noisy, back = out[f"{a}8"].astype(float), out[f"{a}6"].astype(float)
+        assert np.abs(noisy - start).mean() > 50, a  # the unsampled latent is noise
+        assert np.abs(back - start).mean() < 4, a  # of 255: the round trip lands back on the image
+
+
+def test_flip_sigmas_with_a_sampler_that_draws_noise_fails_at_its_node(client):
+    """Rising sigmas (FlipSigmas) with an ancestral sampler, which would add noise sized for falling sigmas: the
+    SamplerCustom fails before any step, in one line naming the sampler."""
+    g = txt2img_graph()
+    del g["3"], g["8"], g["9"]
+    g["50"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler_ancestral"}}
+    g["51"] = {"class_type": "KarrasScheduler",
+               "inputs": {"steps": 3, "sigma_max": 14.614642, "sigma_min": 0.0291675, "rho": 7.0}}  # fmt: skip
+    g["52"] = {"class_type": "FlipSigmas", "inputs": {"sigmas": ["51", 0]}}
+    g["53"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": ["4", 0], "add_noise": False, "noise_seed": 5, "cfg": 1.0, "positive": ["6", 0],
+        "negative": ["7", 0], "sampler": ["50", 0], "sigmas": ["52", 0], "latent_image": ["5", 0]}}  # fmt: skip
+    g["55"] = {"class_type": "VAEDecode", "inputs": {"samples": ["53", 0], "vae": ["4", 2]}}
+    g["56"] = {"class_type": "PreviewImage", "inputs": {"images": ["55", 0]}}
+    r = client.post("/prompt", json={"prompt": g})
+    assert r.status_code == 200, r.text
+    h = wait_history(client, r.json()["prompt_id"])
+    assert h["status"]["status_str"] == "error"
+    (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
+    msg = err["exception_message"]
+    assert err["node_id"] == "53" and "euler_ancestral cannot walk rising sigmas" in msg and "\n" not in msg, err

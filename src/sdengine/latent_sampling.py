@@ -412,8 +412,9 @@ def sample_latents(
     applied to the U-Net for this call only. ``start_at_step`` / ``end_at_step`` / ``add_noise`` /
     ``leftover_noise``: KSamplerAdvanced's window of a ``steps``-step schedule. ``callback`` returning
     False raises :class:`SamplingStopped`. ``batch_index``: under ComfyUI's rule, the original batch's row of each
-    row (see :func:`make_noise`). ``sigmas``: an explicit decreasing sigma list (ComfyUI's SIGMAS, SamplerCustom)
-    walked instead of ``steps``/``schedule``/``denoise`` and the window, as ComfyUI walks it: from the latent plus
+    row (see :func:`make_noise`). ``sigmas``: an explicit decreasing sigma list (ComfyUI's SIGMAS, SamplerCustom),
+    or a rising one from above 0 (FlipSigmas: unsampling, by :data:`sampling.RISING_SIGMA_SAMPLERS`), walked
+    instead of ``steps``/``schedule``/``denoise`` and the window, as ComfyUI walks it: from the latent plus
     the noise at ``sigmas[0]``, or from pure noise (``sqrt(1 + sigma**2)`` scaled) when the latent is empty and
     ``sigmas[0]`` is the model's sigma_max; the result is the sample at ``sigmas[-1]`` (noisy when that is not 0:
     x0 + sigma * eps, ComfyUI's scaling, which a next run from it continues exactly).
@@ -488,9 +489,13 @@ def sample_latents(
         given = sigmas.detach().to("cpu", torch.float32).reshape(-1)
         if given.shape[0] < 2:
             raise LatentSamplingError(f"{given.shape[0]} sigmas make no step")
-        if not bool(torch.isfinite(given).all()) or float(given[-1]) < 0 or not bool((given[1:] < given[:-1]).all()):
+        problem = sampling.sigma_list_problem(given)
+        if problem is not None:
             shown = [round(v, 4) for v in given.tolist()[:8]]
-            raise LatentSamplingError(f"sigmas must be finite, decreasing and end at or above 0, got {shown}")
+            raise LatentSamplingError(f"{problem}, got {shown}")
+        why = sampling.rising_sigmas_problem(name, sampler_options) if sampling.sigmas_rise(given) else None
+        if why is not None:
+            raise LatentSamplingError(f"sampler {sampler} cannot walk rising sigmas (unsampling): {why}")
         total = end = given.shape[0] - 1
         start, strength = 0, 1.0
         sigma_max = float(pipe.noise_schedule.sigma_max)

@@ -8,7 +8,8 @@ Every sampler has the same signature::
   ``sigma`` is passed as a (B,) tensor. A denoiser with ``takes_step = True`` also gets
   ``step=SamplerStep(index, first)``: which grid step the call belongs to, given by the loop.
 * ``x`` is the starting sample *in VE scaling* (noise * sigma-ish); ``sigmas`` is a decreasing (N+1,)
-  tensor, ``sigmas[-1]`` the level the last step lands on (normally 0). The result is VE at that level.
+  tensor, ``sigmas[-1]`` the level the last step lands on (normally 0). The result is VE at that level. The
+  deterministic ODE samplers of ``sampling.RISING_SIGMA_SAMPLERS`` also walk a rising list (unsampling), as written.
 * ``generators``: one CPU ``torch.Generator`` per batch row. Ancestral/SDE samplers draw each step's
   noise per row, in step order, as ``randn((1, C, H, W), generator=generators[row])``, so a row never
   depends on the rest of its batch (docs/CONTRACTS.md, Seeds). Deterministic samplers ignore it. The SDE samplers

@@ -329,6 +329,59 @@ A1111_AUTOMATIC: dict[str, str] = {
 # A1111 1.10's "brownian_noise" samplers, ComfyUI's dpmpp_sde / dpmpp_2m_sde(_heun) / dpmpp_3m_sde): sample(brownian=).
 BROWNIAN_SAMPLERS = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
 
+# The samplers that walk a rising sigma list (ComfyUI's FlipSigmas: "unsampling" a latent back towards noise, to be
+# sampled again) as written: deterministic steps of the probability-flow ODE in sigma, which integrate upward as well
+# as downward (held against the exact flow of Gaussian data, tests/test_comfy_sigmas.py). Not the samplers that draw
+# noise (ancestral, SDE, churn: the size of their fresh noise assumes a falling sigma; k-diffusion's
+# get_ancestral_step takes the root of a negative there), nor those whose steps go wrong upward (below).
+RISING_SIGMA_SAMPLERS = (
+    "euler", "heun", "dpm2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "deis", "euler_cfg_pp", "dpmpp_2m_cfg_pp",
+    "res_multistep", "res_multistep_cfg_pp",
+)  # fmt: skip
+_NOT_RISING = {
+    "heunpp2": "its weights divide by the first sigma, so its steps blow up when that is the smallest",
+    "unipc": "its multistep corrections do not converge when sigma rises",
+    "dpm_fast": "it integrates from the first sigma down to the last",
+    "dpm_adaptive": "it integrates from the first sigma down to the last",
+}
+
+
+def rising_sigmas_problem(sampler: str, options: Mapping[str, Any] | None = None) -> str | None:
+    """Why sdengine's ``sampler`` (with its ``options``) cannot walk rising sigmas, or None when it can
+    (:data:`RISING_SIGMA_SAMPLERS`)."""
+    if sampler in RISING_SIGMA_SAMPLERS:
+        if float((options or {}).get("s_churn", 0.0)) > 0:
+            return "its churn (s_churn) adds fresh noise, whose size assumes falling sigmas"
+        return None
+    if sampler in TIMESTEP_SAMPLERS:
+        return "it walks its own timestep grid"
+    if sampler in _NOT_RISING:
+        return _NOT_RISING[sampler]
+    return "it adds fresh noise each step, whose size assumes falling sigmas"
+
+
+def sigma_list_problem(sigmas: Tensor) -> str | None:
+    """What is wrong with an explicit sigma list (ComfyUI's SIGMAS) as a run's grid, or None: it must be finite and
+    either decrease to a last sigma at or above 0, or rise (unsampling) from a first sigma above 0. Whether the
+    sampler can walk a rising one is :func:`rising_sigmas_problem`'s question."""
+    v = sigmas.detach().to("cpu", torch.float64).reshape(-1)
+    wrong = "sigmas must be finite, decreasing and end at or above 0, or rise from above 0 (unsampling)"
+    if not bool(torch.isfinite(v).all()):
+        return wrong
+    if v.shape[0] < 2 or bool((v[1:] < v[:-1]).all()):
+        return None if float(v[-1]) >= 0 else wrong
+    if bool((v[1:] > v[:-1]).all()):
+        if float(v[0]) <= 0:
+            return "rising sigmas (unsampling) must start above 0 (FlipSigmas makes a first 0 into 0.0001)"
+        return None
+    return wrong
+
+
+def sigmas_rise(sigmas: Tensor) -> bool:
+    """Whether an explicit sigma list rises (unsampling; see :func:`sigma_list_problem`)."""
+    return sigmas.numel() > 1 and float(sigmas.reshape(-1)[1]) > float(sigmas.reshape(-1)[0])
+
+
 # The samplers A1111 runs with ``discard_next_to_last_sigma`` (1.10's sd_samplers_kdiffusion.samplers_k_diffusion:
 # DPM2, DPM2 a, DPM++ 3M SDE): their grid is made for one step more and its next-to-last sigma dropped
 # (:func:`make_grid`); its ``always_discard_next_to_last_sigma`` option does so for every sampler.
@@ -555,8 +608,9 @@ def sample(
     base -> refiner, diffusers' ``denoising_end``), which continues with ``start_step=k``.
 
     ``sigmas``: an explicit decreasing sigma list (ComfyUI's SIGMAS) walked instead of ``schedule``'s grid, the
-    network seeing each sigma's fractional timestep; ``steps`` must be its length - 1. Without ``init_latent`` the
-    start is ``noise * sqrt(1 + sigmas[0]**2)`` (ComfyUI's start from pure noise), with it
+    network seeing each sigma's fractional timestep; ``steps`` must be its length - 1. A rising list (from above 0:
+    unsampling, ComfyUI's FlipSigmas) is walked upward by the samplers of :data:`RISING_SIGMA_SAMPLERS`. Without
+    ``init_latent`` the start is ``noise * sqrt(1 + sigmas[0]**2)`` (ComfyUI's start from pure noise), with it
     ``init_latent + noise * sigmas[0]``. Not for the timestep samplers (DDIM, PLMS, LCM, DDPM, restart).
 
     ``a1111_grid``: DDIM / PLMS on A1111's grid (:func:`make_grid`), PLMS combining the noise estimates as A1111
@@ -596,8 +650,12 @@ def sample(
             raise UsageError(f"sampler {name!r} walks its own timestep grid; it cannot run a given sigma list")
         if given.shape[0] != steps + 1:
             raise UsageError(f"{given.shape[0]} sigmas make {given.shape[0] - 1} steps, not {steps}")
-        if not bool(torch.isfinite(given).all()) or float(given[-1]) < 0 or not bool((given[1:] < given[:-1]).all()):
-            raise UsageError("sigmas must be finite, decreasing and end at or above 0")
+        problem = sigma_list_problem(given)
+        if problem is not None:
+            raise UsageError(problem)
+        why = rising_sigmas_problem(name, options) if sigmas_rise(given) else None
+        if why is not None:
+            raise UsageError(f"sampler {name!r} cannot walk rising sigmas (unsampling): {why}")
         grid = SamplingGrid(sigmas=given, timesteps=sigma_to_t(given[:-1], ns.log_sigmas).to(torch.float32))
     else:
         grid = make_grid(

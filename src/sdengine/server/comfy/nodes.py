@@ -1016,10 +1016,12 @@ class SigmaPlan:
 
 @dataclass(frozen=True, eq=False)
 class Sigmas:
-    """ComfyUI's SIGMAS: a 1-D float32 tensor of noise levels, highest first (the last usually 0)."""
+    """ComfyUI's SIGMAS: a 1-D float32 tensor of noise levels, highest first (the last usually 0); rising after a
+    FlipSigmas, whose output of a whole BasicScheduler schedule at denoise 1 keeps that plan as ``flipped``."""
 
     values: torch.Tensor
     plan: SigmaPlan | None = None
+    flipped: SigmaPlan | None = None
 
     def __repr__(self) -> str:
         return f"SIGMAS({[round(v, 4) for v in self.values.tolist()]})"
@@ -1176,6 +1178,40 @@ def split_sigmas_denoise(ctx: RunContext, sigmas: Sigmas, denoise: float) -> tup
     return (_window(sigmas, high_v, 0, steps - low), _window(sigmas, v[-(low + 1) :], steps - low, steps))
 
 
+def _flipped(values: torch.Tensor) -> torch.Tensor:
+    v = values.flip(0).clone()
+    if v.numel() and float(v[0]) == 0.0:
+        v[0] = 0.0001
+    return v
+
+
+def flip_sigmas(ctx: RunContext, sigmas: Sigmas) -> tuple[Any]:
+    """ComfyUI's FlipSigmas: the sigmas in reverse order, a first 0 made 0.0001 (a rising list from above 0, which
+    SamplerCustom walks upward: unsampling); no sigma, none. The flip of a whole BasicScheduler schedule at denoise 1
+    keeps its plan: SamplerCustom walks it as the reverse of the grid it walks that schedule on (the sampler's own,
+    :func:`sampler_custom`), so that unsampling and sampling again with the same schedule meet."""
+    p = sigmas.plan
+    whole = p is not None and (p.lo, p.hi) == (0, p.n) and p.denoise >= 1.0
+    return (Sigmas(_flipped(sigmas.values), flipped=p if whole else None),)
+
+
+def _unsampling_grid(ctx: RunContext, sigmas: Sigmas, model: ModelHandle, sampler: SamplerChoice) -> torch.Tensor:
+    """The sigmas SamplerCustom walks for a FlipSigmas output: for a whole BasicScheduler schedule of this model, the
+    reverse of the grid the schedule itself is walked on with this sampler (KSampler's), else the values."""
+    from sdengine.diffusion import sampling
+
+    p = sigmas.flipped
+    if p is None or p.ref != model.ref:
+        return sigmas.values
+    pipe = ctx.pipeline(p.ref)
+    sdxl = getattr(pipe, "text_kind", "") == "sdxl"
+    name, sched = sampling.resolve(SAMPLER_NAMES[sampler.name], SCHEDULER_NAMES[p.scheduler], sdxl=sdxl)
+    if name in sampling.TIMESTEP_SAMPLERS:  # refused on rising sigmas anyway
+        return sigmas.values
+    grid = sampling.make_grid(name, p.steps, pipe.noise_schedule, sched, pipe.scheduler_config)
+    return _flipped(grid.sigmas.to(torch.float32))
+
+
 def ksampler_select(ctx: RunContext, sampler_name: str) -> tuple[Any]:
     return (SamplerChoice(sampler_name),)
 
@@ -1271,18 +1307,26 @@ def sampler_custom(
     sigma when ``add_noise``). Outputs: the sample at the last sigma, and the last step's x0 estimate (the output
     itself when the last sigma is 0). SIGMAS from BasicScheduler (whole, or cut by SplitSigmas at denoise 1) on the
     same model run as KSampler / KSamplerAdvanced run that schedule, bit for bit; other sigma lists are walked as
-    they are (the network at each sigma's fractional timestep)."""
+    they are (the network at each sigma's fractional timestep); rising ones (FlipSigmas: unsampling) by the
+    deterministic samplers that can walk upward (:data:`sdengine.diffusion.sampling.RISING_SIGMA_SAMPLERS`), others
+    refused; the flip of a whole BasicScheduler schedule as the reverse of the grid that schedule is walked on."""
     from sdengine.diffusion import sampling
 
-    values = sigmas.values
+    values = _unsampling_grid(ctx, sigmas, model, sampler) if sigmas.flipped is not None else sigmas.values
     if values.shape[0] == 0:  # ComfyUI: no sigma, no sampling; the latent passes through
         return (dict(latent_image), dict(latent_image))
     if values.shape[0] == 1:
         if float(values[0]) == 0.0 or not add_noise:  # no step, no noise (SplitSigmas at the end of a schedule)
             return (dict(latent_image), dict(latent_image))
         raise NodeError(f"sigmas hold one value ({float(values[0]):g}): no step to run")
-    if not bool(torch.isfinite(values).all()) or float(values[-1]) < 0 or not bool((values[1:] < values[:-1]).all()):
-        raise NodeError(f"sigmas must be finite, decreasing and end at or above 0, got {sigmas!r}")
+    problem = sampling.sigma_list_problem(values)
+    if problem is not None:
+        raise NodeError(f"{problem}, got {sigmas!r}")
+    if sampling.sigmas_rise(values):  # FlipSigmas: unsampling, by the samplers that can walk upward
+        why = sampling.rising_sigmas_problem(SAMPLER_NAMES[sampler.name], dict(sampler.options))
+        if why is not None:
+            can = ", ".join(n for n, e in SAMPLER_NAMES.items() if e in sampling.RISING_SIGMA_SAMPLERS)
+            raise NodeError(f"sampler {sampler.name} cannot walk rising sigmas (unsampling): {why}; these can: {can}")
     last: list[torch.Tensor] = []
     common: dict[str, Any] = dict(
         model=model, seed=int(noise_seed), cfg=cfg, sampler_name=sampler.name, positive=positive,
@@ -2644,6 +2688,16 @@ NODES: dict[str, NodeDef] = {
             output_names=("high_sigmas", "low_sigmas"),
         ),
         NodeDef(
+            "FlipSigmas",
+            "FlipSigmas",
+            "sampling/custom_sampling/sigmas",
+            (Input("sigmas", "SIGMAS"),),
+            ("SIGMAS",),
+            flip_sigmas,
+            description="The sigmas reversed, a first 0 made 0.0001: SamplerCustom then walks them upward "
+            "(unsampling a latent back towards noise) with a deterministic sampler (euler, heun, dpmpp_2m, ...).",
+        ),
+        NodeDef(
             "SamplerCustom",
             "SamplerCustom",
             "sampling/custom_sampling",
@@ -2661,9 +2715,10 @@ NODES: dict[str, NodeDef] = {
             ("LATENT", "LATENT"),
             sampler_custom,
             output_names=("output", "denoised_output"),
-            description="The sampler walks the sigmas (empty sigmas: the latent passes through; sigmas that do not "
-            "decrease fail at the node). denoised_output: the last step's x0 estimate, the output itself when the "
-            "last sigma is 0.",
+            description="The sampler walks the sigmas (empty sigmas: the latent passes through; rising sigmas, "
+            "FlipSigmas', unsample with a deterministic sampler; sigmas that neither decrease nor rise from above 0, "
+            "or rising ones with a sampler that draws noise, fail at the node). denoised_output: the last step's x0 "
+            "estimate, the output itself when the last sigma is 0.",
         ),
         NodeDef(
             "SamplerCustomAdvanced",
