@@ -9,14 +9,17 @@ with the same Denoiser / CFGDenoiser / InpaintBlend / ControlNet wrappers the pi
 Two seed rules (``seed_rule``):
 
 * ``"comfyui"``: ComfyUI's. ONE noise tensor for the whole batch, ``torch.randn(latent.shape)`` from
-  ``torch.manual_seed(seed)`` on the CPU; ``denoise`` < 1 runs the last ``steps`` steps of a schedule of
-  ``int(steps / denoise)`` steps; a VAE-encoded latent is the posterior mean.
+  ``torch.manual_seed(seed)`` on the CPU; the samplers' per-step noise is the whole batch's too, each step
+  ``randn(latent.shape)`` from one generator seeded by the seed (:class:`sdengine.diffusion.samplers.BatchNoise`),
+  the churn's goes on from the start noise's generator, and the SDE samplers read one Brownian tree of the batch;
+  ``denoise`` < 1 runs the last ``steps`` steps of a schedule of ``int(steps / denoise)`` steps; a VAE-encoded
+  latent is the posterior mean.
 * ``"sdengine"``: the pipeline's. Row ``i`` owns ``Generator().manual_seed(seed + i)``; a VAE-encoded latent
   is a posterior sample drawn from that generator BEFORE the noise; ``denoise`` is the img2img strength
   (the last ``int(steps * denoise)`` of ``steps`` steps run). With it a graph gives exactly the pipeline's
   images for the same seed.
 
-For one image from an empty latent both rules draw the same noise.
+For one image from an empty latent both rules draw the same start noise (not the same per-step noise).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torch import Tensor
 from sdengine.diffusion import sampling
 from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser
-from sdengine.diffusion.samplers import SamplingInterrupted
+from sdengine.diffusion.samplers import BatchNoise, SamplingInterrupted
 from sdengine.diffusion.schedules import img2img_start
 from sdengine.errors import SdengineError
 
@@ -137,14 +140,23 @@ def _match_length(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a.repeat(1, n // a.shape[1], 1), b.repeat(1, n // b.shape[1], 1)
 
 
-def make_noise(shape: Sequence[int], seed: int, seed_rule: str, batch_index: Sequence[int] | None = None) -> Tensor:
+def make_noise(
+    shape: Sequence[int],
+    seed: int,
+    seed_rule: str,
+    batch_index: Sequence[int] | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """The initial noise of ``shape`` (B, C, h, w) on the CPU under ``seed_rule`` (see the module docstring).
 
     ``batch_index`` (ComfyUI's rule only): the row of the original batch each row stands for (what ComfyUI's
     LatentFromBatch and RepeatLatentBatch record): rows 0 .. max are drawn one after the other from the seed and
-    each row takes its own, so a row cut out of a batch gets the noise it had in the whole batch."""
+    each row takes its own, so a row cut out of a batch gets the noise it had in the whole batch.
+    ``generator`` (ComfyUI's rule only): the generator to draw from, seeded here with ``seed``; it is left where
+    the draw ends (ComfyUI's churn noise goes on from there)."""
     if seed_rule == "comfyui":
-        gen = torch.Generator("cpu").manual_seed(seed)
+        gen = (generator if generator is not None else torch.Generator("cpu")).manual_seed(seed)
         if batch_index is None:
             return torch.randn(tuple(shape), generator=gen)
         inds = [int(i) for i in batch_index]
@@ -234,9 +246,8 @@ def sample_latents(
         raise LatentSamplingError(
             f"seed {seed} is out of range for a batch of {b}: row seeds (seed + row) run up to 2**64 - 1"
         )
-    # Row generators (the sampler's per-step noise under either rule). ComfyUI takes any seed up to 2**64 - 1 with
-    # any batch, so under its rule a row's seed wraps round instead of overflowing.
-    gens = [torch.Generator("cpu").manual_seed((seed + i) % 2**64) for i in range(b)]
+    # Row generators: the posterior, noise and per-step noise under the sdengine rule.
+    gens: Any = [torch.Generator("cpu").manual_seed(seed + i) for i in range(b)] if seed_rule == "sdengine" else None
     if seed_rule == "sdengine" and posterior is not None:
         mean, std = (t.float().to(dev) for t in posterior)
         if posterior_scaled:
@@ -251,7 +262,14 @@ def sample_latents(
     if seed_rule == "sdengine":
         noise = torch.cat([torch.randn((1, *latent.shape[1:]), generator=g) for g in gens]).to(dev)
     else:
-        noise = make_noise(latent.shape, seed, "comfyui", batch_index).to(dev)
+        # ComfyUI's prepare_noise seeds torch's global generator and draws the start noise from it; its samplers'
+        # churn (randn_like) goes on from there, and their per-step noise (default_noise_sampler) comes from a
+        # generator of its own seeded by the seed, drawing the whole batch each step. Without noise (add_noise
+        # off) ComfyUI draws none and its global generator holds whatever it held: here it is seeded all the same.
+        churn = torch.Generator("cpu").manual_seed(seed)
+        noise = make_noise(latent.shape, seed, "comfyui", batch_index, generator=churn if add_noise else None)
+        noise = noise.to(dev)
+        gens = BatchNoise.seeded(b, seed, churn)
     if not add_noise:
         noise = torch.zeros_like(noise)
 
