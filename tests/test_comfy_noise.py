@@ -196,3 +196,57 @@ def test_make_noise_with_a_batch_index_is_comfyuis_prepare_noise():
         shape = (len(inds), 4, 3, 5)  # 60 values a row: not a whole number of normal blocks
         torch.testing.assert_close(make_noise(shape, 41, "comfyui", inds), _prepare_noise(shape, 41, inds)[0])
     torch.testing.assert_close(make_noise((3, 4, 3, 5), 41, "comfyui"), _prepare_noise((3, 4, 3, 5), 41)[0])
+
+
+def _one_step(emoji, latent, schedule="uniform", **kw):
+    """The first of 3 euler steps with leftover noise on ``latent``: (x after it, the step's x0)."""
+    from sdengine.latent_sampling import sample_latents
+
+    pipe, pos, neg = emoji
+    seen = []
+    with torch.inference_mode():
+        out = sample_latents(
+            pipe, [pos], [neg], latent, seed=4, steps=3, cfg=3.0, sampler="euler", schedule=schedule,
+            end_at_step=1, leftover_noise=True, callback=lambda r: seen.append(r.denoised), **kw,
+        )  # fmt: skip
+    return out.cpu(), seen[0].cpu()
+
+
+def test_a_latent_sampled_from_the_models_sigma_max_starts_as_comfyuis(emoji):
+    """ComfyUI's noise_scaling at max denoise (the run starting at the model's sigma_max): latent + noise *
+    sqrt(1 + sigma**2), a VAE-encoded latent too (it once started at latent + noise * sigma)."""
+    pipe = emoji[0]
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 0.5
+    out, den0 = _one_step(emoji, latent)
+    s = sampling.make_grid("euler", 3, pipe.noise_schedule, "uniform", pipe.scheduler_config).sigmas.tolist()
+    assert math.isclose(s[0], float(pipe.noise_schedule.sigma_max), rel_tol=1e-5)
+    x = latent + _prepare_noise((1, 4, 8, 8), 4)[0] * math.sqrt(1 + s[0] ** 2)
+    torch.testing.assert_close(out, x + (x - den0) / s[0] * (s[1] - s[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_noise_mask_at_max_denoise_is_blended_before_the_first_call_as_comfyui(emoji):
+    """ComfyUI's KSamplerX0Inpaint blends the known region to latent + noise * sigma before every model call: at max
+    denoise the first call's too, where the start (noise * sqrt(1 + sigma**2)) differs. The network then reads what
+    an unmasked run reads from a latent shifted by the difference in the known region."""
+    pipe = emoji[0]
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 0.5
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., :, 32:] = 1  # repaint the right half
+    _, den_masked = _one_step(emoji, latent, noise_mask=mask)
+    s0 = sampling.make_grid("euler", 3, pipe.noise_schedule, "uniform", pipe.scheduler_config).sigmas[0].item()
+    keep = (torch.nn.functional.interpolate(mask, size=(8, 8)) < 0.5).float()
+    noise = _prepare_noise((1, 4, 8, 8), 4)[0]
+    shifted = latent - noise * (math.sqrt(1 + s0**2) - s0) * keep
+    _, den_plain = _one_step(emoji, shifted)
+    torch.testing.assert_close(den_masked, den_plain, rtol=0, atol=5e-4)  # the two inputs differ by rounding
+
+
+def test_an_empty_latent_on_comfyuis_ddim_uniform_list_starts_at_noise_times_its_first_sigma(emoji):
+    """ComfyUI's ddim_uniform list starts below sigma_max: not its max denoise, so even an empty latent starts at
+    noise * sigma (it once started at sqrt(1 + sigma**2), the grid's own rule)."""
+    pipe = emoji[0]
+    out, den0 = _one_step(emoji, torch.zeros(1, 4, 8, 8), schedule="ddim_uniform")
+    s = sampling.make_grid("euler", 3, pipe.noise_schedule, "ddim_uniform", pipe.scheduler_config).sigmas.tolist()
+    assert s[0] < float(pipe.noise_schedule.sigma_max) * 0.99
+    x = _prepare_noise((1, 4, 8, 8), 4)[0] * s[0]
+    torch.testing.assert_close(out, x + (x - den0) / s[0] * (s[1] - s[0]), rtol=1e-4, atol=1e-4)

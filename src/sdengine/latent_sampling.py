@@ -346,6 +346,20 @@ def sample_latents(
     if end < total and name in ("dpm_fast", "dpm_adaptive"):
         # they take their own steps between the grid's ends: there is no step of the grid to stop at
         raise LatentSamplingError(f"{sampler} cannot stop at end_at_step {end} of {total}: it takes its own steps")
+    noise_scale, max_denoise = None, False
+    if seed_rule == "comfyui":
+        # ComfyUI's noise_scaling: latent + noise * sigma, but sqrt(1 + sigma**2) where its sampler starts at the
+        # model's sigma_max or above (its max_denoise), from an empty latent or not, whatever the model's spacing.
+        # Below it an empty latent starts at noise * sigma on ComfyUI's ddim_uniform list (the one of its lists that
+        # starts below sigma_max), and as the sampler's own grid starts on the others (diffusers' karras and
+        # exponential grids start below it where ComfyUI's start at it, with sqrt(1 + sigma**2), as that start does).
+        s_first = float(given[0]) if given is not None else float(grid.sigmas[start])
+        sigma_max = float(pipe.noise_schedule.sigma_max)
+        max_denoise = math.isclose(s_first, sigma_max, rel_tol=1e-5) or s_first > sigma_max
+        if max_denoise:
+            noise_scale = math.sqrt(s_first**2 + 1)
+        elif given is not None or sched == "ddim_uniform":
+            noise_scale = s_first
     brownian = None
     if seed_rule == "comfyui" and name in sampling.BROWNIAN_SAMPLERS:
         # ComfyUI's SDE noise: one Brownian tree of the batch's shape, seeded by the seed, over the sigmas its
@@ -420,7 +434,8 @@ def sample_latents(
         if blend is not None:
             from sdengine.pipeline.latents import InpaintBlend
 
-            guided = inpaint = InpaintBlend(guided, latent, noise, blend)
+            # ComfyUI blends before every model call, the first too (its start differs at max denoise)
+            guided = inpaint = InpaintBlend(guided, latent, noise, blend, first=max_denoise)
         run_steps = end - start
 
         def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool | None:
@@ -449,6 +464,7 @@ def sample_latents(
                     sampler_options=sampler_options,
                     discard_penultimate=discard_penultimate_sigma and given is None,
                     brownian=brownian,
+                    noise_scale=noise_scale,
                 )
         except SamplingInterrupted as e:
             if e.step + 1 != run_steps or end >= total:
