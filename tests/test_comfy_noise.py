@@ -250,3 +250,29 @@ def test_an_empty_latent_on_comfyuis_ddim_uniform_list_starts_at_noise_times_its
     assert s[0] < float(pipe.noise_schedule.sigma_max) * 0.99
     x = _prepare_noise((1, 4, 8, 8), 4)[0] * s[0]
     torch.testing.assert_close(out, x + (x - den0) / s[0] * (s[1] - s[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_comfyuis_ddim_inpaints_with_its_random_noise_from_seed_plus_one(emoji):
+    """ComfyUI's ddim is Euler with inpaint_options "random": the known region is blended to latent + noise' *
+    sigma, noise' drawn from torch.manual_seed(seed + 1) (it once followed the start noise, Euler's image)."""
+    from sdengine.latent_sampling import sample_latents
+
+    pipe, pos, neg = emoji
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 0.5
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., :, 32:] = 1
+    seen = {}
+    for sampler, m, lat in (("ddim", mask, latent), ("ddim", None, None)):
+        if lat is None:  # the unmasked run whose network input is the masked run's: the known region shifted
+            s0 = sampling.make_grid("euler", 3, pipe.noise_schedule, "uniform", pipe.scheduler_config).sigmas[0].item()
+            keep = (torch.nn.functional.interpolate(mask, size=(8, 8)) < 0.5).float()
+            noise, rnd = _prepare_noise((1, 4, 8, 8), 4)[0], _prepare_noise((1, 4, 8, 8), 5)[0]
+            lat = latent + (rnd * s0 - noise * math.sqrt(1 + s0**2)) * keep
+        got = []
+        with torch.inference_mode():
+            sample_latents(
+                pipe, [pos], [neg], lat, seed=4, steps=3, cfg=3.0, sampler=sampler, schedule="uniform",
+                noise_mask=m, end_at_step=1, leftover_noise=True, callback=lambda r, got=got: got.append(r.denoised),
+            )  # fmt: skip
+        seen[m is None] = got[0].cpu()
+    torch.testing.assert_close(seen[False], seen[True], rtol=0, atol=5e-4)

@@ -434,8 +434,15 @@ def sample_latents(
         if blend is not None:
             from sdengine.pipeline.latents import InpaintBlend
 
-            # ComfyUI blends before every model call, the first too (its start differs at max denoise)
-            guided = inpaint = InpaintBlend(guided, latent, noise, blend, first=max_denoise)
+            known_noise = noise
+            if seed_rule == "comfyui" and name == "ddim":
+                # ComfyUI's ddim is its Euler with inpaint_options "random": the known region follows other noise,
+                # torch.randn(shape) from torch.manual_seed(seed + 1), the start noise or not
+                g1 = torch.Generator("cpu").manual_seed((seed + 1) % 2**64)
+                known_noise = torch.randn(tuple(latent.shape), generator=g1).to(dev)
+            # ComfyUI blends before every model call, the first too (its start differs at max denoise, and with ddim)
+            first = seed_rule == "comfyui" and (max_denoise or known_noise is not noise)
+            guided = inpaint = InpaintBlend(guided, latent, known_noise, blend, first=first)
         run_steps = end - start
 
         def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool | None:
