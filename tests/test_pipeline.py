@@ -277,6 +277,22 @@ def test_seeds_that_agree_modulo_2_to_32_give_one_image_and_say_so(sd1):
     assert not any("low 32 bits" in n for n in low.notes)
 
 
+def test_a_wide_seed_note_is_true_for_the_brownian_tree_of_a1111s_sde_noise(sd1):
+    """Under A1111's rules the SDE samplers read a Brownian tree that takes the whole seed: seed 2**32 + 5 starts
+    from seed 5's noise but gives another image, and the note says so (it once said the two give one image)."""
+    _, pipe = sd1
+    kw = dict(steps=2, strength_rule="a1111")
+    low = _ours(pipe, "dpmpp_2m_sde", seed=5, **kw)
+    high = _ours(pipe, "dpmpp_2m_sde", seed=2**32 + 5, **kw)
+    assert np.abs(high.arrays.astype(int) - low.arrays.astype(int)).max() > 0
+    assert not any("give one image" in n for n in high.notes), high.notes
+    said = "seed 4294967301 starts from the same noise as seed 5"
+    assert any(said in n and "different images" in n for n in high.notes), high.notes
+    plain = _ours(pipe, "dpmpp_2m_sde", seed=2**32 + 5, steps=2)  # sdengine's rule: the rows' generators
+    np.testing.assert_array_equal(plain.arrays, _ours(pipe, "dpmpp_2m_sde", seed=5, steps=2).arrays)
+    assert any("give one image" in n for n in plain.notes), plain.notes
+
+
 def test_sampler_options_are_written_and_read_back(sd1):
     """``sampler_options`` change the image and A1111 has no field for most of them: sdengine writes "Sampler
     options" (JSON) and reads it back, so the infotext alone regenerates the image (it once did not)."""

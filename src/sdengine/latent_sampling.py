@@ -9,14 +9,17 @@ with the same Denoiser / CFGDenoiser / InpaintBlend / ControlNet wrappers the pi
 Two seed rules (``seed_rule``):
 
 * ``"comfyui"``: ComfyUI's. ONE noise tensor for the whole batch, ``torch.randn(latent.shape)`` from
-  ``torch.manual_seed(seed)`` on the CPU; ``denoise`` < 1 runs the last ``steps`` steps of a schedule of
-  ``int(steps / denoise)`` steps; a VAE-encoded latent is the posterior mean.
+  ``torch.manual_seed(seed)`` on the CPU; the samplers' per-step noise is the whole batch's too, each step
+  ``randn(latent.shape)`` from one generator seeded by the seed (:class:`sdengine.diffusion.samplers.BatchNoise`),
+  the churn's goes on from the start noise's generator, and the SDE samplers read one Brownian tree of the batch;
+  ``denoise`` < 1 runs the last ``steps`` steps of a schedule of ``int(steps / denoise)`` steps; a VAE-encoded
+  latent is the posterior mean.
 * ``"sdengine"``: the pipeline's. Row ``i`` owns ``Generator().manual_seed(seed + i)``; a VAE-encoded latent
   is a posterior sample drawn from that generator BEFORE the noise; ``denoise`` is the img2img strength
   (the last ``int(steps * denoise)`` of ``steps`` steps run). With it a graph gives exactly the pipeline's
   images for the same seed.
 
-For one image from an empty latent both rules draw the same noise.
+For one image from an empty latent both rules draw the same start noise (not the same per-step noise).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torch import Tensor
 from sdengine.diffusion import sampling
 from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser
-from sdengine.diffusion.samplers import SamplingInterrupted
+from sdengine.diffusion.samplers import BatchNoise, SamplingInterrupted
 from sdengine.diffusion.schedules import img2img_start
 from sdengine.errors import SdengineError
 
@@ -345,14 +348,23 @@ def _match_length(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return a.repeat(1, n // a.shape[1], 1), b.repeat(1, n // b.shape[1], 1)
 
 
-def make_noise(shape: Sequence[int], seed: int, seed_rule: str, batch_index: Sequence[int] | None = None) -> Tensor:
+def make_noise(
+    shape: Sequence[int],
+    seed: int,
+    seed_rule: str,
+    batch_index: Sequence[int] | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """The initial noise of ``shape`` (B, C, h, w) on the CPU under ``seed_rule`` (see the module docstring).
 
     ``batch_index`` (ComfyUI's rule only): the row of the original batch each row stands for (what ComfyUI's
     LatentFromBatch and RepeatLatentBatch record): rows 0 .. max are drawn one after the other from the seed and
-    each row takes its own, so a row cut out of a batch gets the noise it had in the whole batch."""
+    each row takes its own, so a row cut out of a batch gets the noise it had in the whole batch.
+    ``generator`` (ComfyUI's rule only): the generator to draw from, seeded here with ``seed``; it is left where
+    the draw ends (ComfyUI's churn noise goes on from there)."""
     if seed_rule == "comfyui":
-        gen = torch.Generator("cpu").manual_seed(seed)
+        gen = (generator if generator is not None else torch.Generator("cpu")).manual_seed(seed)
         if batch_index is None:
             return torch.randn(tuple(shape), generator=gen)
         inds = [int(i) for i in batch_index]
@@ -451,9 +463,8 @@ def sample_latents(
         raise LatentSamplingError(
             f"seed {seed} is out of range for a batch of {b}: row seeds (seed + row) run up to 2**64 - 1"
         )
-    # Row generators (the sampler's per-step noise under either rule). ComfyUI takes any seed up to 2**64 - 1 with
-    # any batch, so under its rule a row's seed wraps round instead of overflowing.
-    gens = [torch.Generator("cpu").manual_seed((seed + i) % 2**64) for i in range(b)]
+    # Row generators: the posterior, noise and per-step noise under the sdengine rule.
+    gens: Any = [torch.Generator("cpu").manual_seed(seed + i) for i in range(b)] if seed_rule == "sdengine" else None
     if seed_rule == "sdengine" and posterior is not None:
         mean, std = (t.float().to(dev) for t in posterior)
         if posterior_scaled:
@@ -468,7 +479,14 @@ def sample_latents(
     if seed_rule == "sdengine":
         noise = torch.cat([torch.randn((1, *latent.shape[1:]), generator=g) for g in gens]).to(dev)
     else:
-        noise = make_noise(latent.shape, seed, "comfyui", batch_index).to(dev)
+        # ComfyUI's prepare_noise seeds torch's global generator and draws the start noise from it; its samplers'
+        # churn (randn_like) goes on from there, and their per-step noise (default_noise_sampler) comes from a
+        # generator of its own seeded by the seed, drawing the whole batch each step. Without noise (add_noise
+        # off) ComfyUI draws none and its global generator holds whatever it held: here it is seeded all the same.
+        churn = torch.Generator("cpu").manual_seed(seed)
+        noise = make_noise(latent.shape, seed, "comfyui", batch_index, generator=churn if add_noise else None)
+        noise = noise.to(dev)
+        gens = BatchNoise.seeded(b, seed, churn)
     if not add_noise:
         noise = torch.zeros_like(noise)
 
@@ -549,6 +567,20 @@ def sample_latents(
     if end < total and name in ("dpm_fast", "dpm_adaptive"):
         # they take their own steps between the grid's ends: there is no step of the grid to stop at
         raise LatentSamplingError(f"{sampler} cannot stop at end_at_step {end} of {total}: it takes its own steps")
+    noise_scale, max_denoise = None, False
+    if seed_rule == "comfyui":
+        # ComfyUI's noise_scaling: latent + noise * sigma, but sqrt(1 + sigma**2) where its sampler starts at the
+        # model's sigma_max or above (its max_denoise), from an empty latent or not, whatever the model's spacing.
+        # Below it an empty latent starts at noise * sigma on ComfyUI's ddim_uniform list (the one of its lists that
+        # starts below sigma_max), and as the sampler's own grid starts on the others (diffusers' karras and
+        # exponential grids start below it where ComfyUI's start at it, with sqrt(1 + sigma**2), as that start does).
+        s_first = float(given[0]) if given is not None else float(grid.sigmas[start])
+        sigma_max = float(pipe.noise_schedule.sigma_max)
+        max_denoise = math.isclose(s_first, sigma_max, rel_tol=1e-5) or s_first > sigma_max
+        if max_denoise:
+            noise_scale = math.sqrt(s_first**2 + 1)
+        elif given is not None or sched == "ddim_uniform":
+            noise_scale = s_first
     brownian = None
     if seed_rule == "comfyui" and name in sampling.BROWNIAN_SAMPLERS:
         # ComfyUI's SDE noise: one Brownian tree of the batch's shape, seeded by the seed, over the sigmas its
@@ -666,7 +698,15 @@ def sample_latents(
         if blend is not None:
             from sdengine.pipeline.latents import InpaintBlend
 
-            guided = inpaint = InpaintBlend(guided, latent, noise, blend)
+            known_noise = noise
+            if seed_rule == "comfyui" and name == "ddim":
+                # ComfyUI's ddim is its Euler with inpaint_options "random": the known region follows other noise,
+                # torch.randn(shape) from torch.manual_seed(seed + 1), the start noise or not
+                g1 = torch.Generator("cpu").manual_seed((seed + 1) % 2**64)
+                known_noise = torch.randn(tuple(latent.shape), generator=g1).to(dev)
+            # ComfyUI blends before every model call, the first too (its start differs at max denoise, and with ddim)
+            first = seed_rule == "comfyui" and (max_denoise or known_noise is not noise)
+            guided = inpaint = InpaintBlend(guided, latent, known_noise, blend, first=first)
         run_steps = end - start
 
         def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool | None:
@@ -695,6 +735,7 @@ def sample_latents(
                     sampler_options=sampler_options,
                     discard_penultimate=discard_penultimate_sigma and given is None,
                     brownian=brownian,
+                    noise_scale=noise_scale,
                 )
         except SamplingInterrupted as e:
             if e.step + 1 != run_steps or end >= total:

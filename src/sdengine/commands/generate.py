@@ -798,8 +798,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "--seed",
         type=int,
         default=None,
-        help="seed of the first image, 0 to 2**64 - 1 (torch keeps its low 32 bits: seeds equal modulo 2**32 give "
-        "one image); -1 = random (default)",
+        help="seed of the first image, 0 to 2**64 - 1 (torch keeps its low 32 bits: seeds equal modulo 2**32 draw "
+        "the same noise, but the SDE samplers' Brownian trees under A1111's rules take the whole seed); "
+        "-1 = random (default)",
     )
     p.add_argument(
         "--subseed",

@@ -14,7 +14,8 @@ Every sampler has the same signature::
   noise per row, in step order, as ``randn((1, C, H, W), generator=generators[row])``, so a row never
   depends on the rest of its batch (docs/CONTRACTS.md, Seeds). Deterministic samplers ignore it. The SDE samplers
   (DPM++ SDE, 2M SDE, 2M SDE Heun, 3M SDE) also take a Brownian tree's noise in its place
-  (:class:`sdengine.diffusion.brownian.BrownianNoise`, A1111's and ComfyUI's).
+  (:class:`sdengine.diffusion.brownian.BrownianNoise`, A1111's and ComfyUI's). ComfyUI's rule hands the other
+  samplers a :class:`BatchNoise` instead: one generator drawing the whole batch's noise each step.
 * ``callback(step, sigma, x, denoised)`` runs after each step with the new ``x`` and the step's x0
   estimate. Returning ``False`` (or raising :class:`SamplingInterrupted` itself) stops sampling: the
   sampler raises :class:`SamplingInterrupted`, which carries the step, ``x`` and ``denoised``.
@@ -40,7 +41,8 @@ from sdengine.errors import SdengineError, UsageError
 Denoise = Callable[..., Tensor]
 # one CPU generator per batch row, or the per-step noise drawn from them beforehand (NoiseBank), or a Brownian tree's
 # noise (the SDE samplers' under A1111's and ComfyUI's rules, sdengine.diffusion.brownian)
-Generators: TypeAlias = "Sequence[torch.Generator] | NoiseBank | BrownianNoise"
+# or ComfyUI's one generator for the whole batch (BatchNoise)
+Generators: TypeAlias = "Sequence[torch.Generator] | NoiseBank | BrownianNoise | BatchNoise"
 Callback = Callable[[int, float, Tensor, Tensor], "bool | None"]
 
 
@@ -119,6 +121,33 @@ class NoiseBank:
         if k >= self.draws.shape[0]:
             raise UsageError(f"the sampler asked for noise draw {k + 1} of a bank of {self.draws.shape[0]}")
         return self.draws[k].to(dtype=like.dtype)
+
+
+class BatchNoise:
+    """ComfyUI's per-step noise (its k-diffusion ``default_noise_sampler``, seeded by the sampler's seed): ONE CPU
+    generator, ``Generator().manual_seed(seed)``, draws each step's noise for the whole batch at once,
+    ``randn(x.shape)``, so a row's noise depends on the batch it is in. ``churn``: the generator of the Karras churn
+    noise of Euler, Heun, DPM2 and Heun++ (``torch.randn_like``: torch's global generator, which ComfyUI's
+    ``prepare_noise`` seeded with the seed and drew the start noise from); None draws it from ``step`` too.
+    Handed to a sampler as its ``generators`` (``len`` is the batch, as :func:`sdengine.diffusion.sampling.sample`
+    checks); float32 draws on the CPU, as ComfyUI's on a CPU."""
+
+    def __init__(self, batch: int, step: torch.Generator, churn: torch.Generator | None = None) -> None:
+        self.batch = batch
+        self.step = step
+        self.churn = churn if churn is not None else step
+
+    @classmethod
+    def seeded(cls, batch: int, seed: int, churn: torch.Generator | None = None) -> BatchNoise:
+        """ComfyUI's: the step generator seeded by ``seed`` (any value in [0, 2**64 - 1])."""
+        return cls(batch, torch.Generator("cpu").manual_seed(int(seed)), churn)
+
+    def __len__(self) -> int:
+        return self.batch
+
+    def draw(self, shape: Sequence[int], *, churn: bool = False) -> Tensor:
+        """The next ``randn(shape)`` (the whole batch) from the step generator, or from the churn one."""
+        return torch.randn(tuple(shape), generator=self.churn if churn else self.step, dtype=torch.float32)
 
 
 class _Loop:
@@ -212,7 +241,16 @@ class _Loop:
             raise UsageError("Brownian noise is the SDE samplers' (DPM++ SDE, 2M SDE, 3M SDE); this one draws rows")
         if isinstance(self.generators, NoiseBank):
             return self.generators.next_noise(x)
+        if isinstance(self.generators, BatchNoise):
+            return self.generators.draw(x.shape).to(device=self.device, dtype=self.dtype)
         return row_noise(self.generators, tuple(x.shape[1:])).to(device=self.device, dtype=self.dtype)
+
+    def churn_noise(self, x: Tensor) -> Tensor:
+        """The Karras churn's noise (:func:`churn`): :meth:`noise`, except that ComfyUI's (:class:`BatchNoise`)
+        comes from its churn generator."""
+        if isinstance(self.generators, BatchNoise):
+            return self.generators.draw(x.shape, churn=True).to(device=self.device, dtype=self.dtype)
+        return self.noise(x)
 
     def done(self, i: int, x: Tensor, denoised: Tensor) -> None:
         if self.callback is not None and self.callback(i, self.s[i], x, denoised) is False:
@@ -242,18 +280,30 @@ def _euler_to(x: Tensor, denoised: Tensor, sigma: float, sigma_to: float) -> Ten
 
 
 def churn(
-    loop: _Loop, x: Tensor, i: int, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float
+    loop: _Loop,
+    x: Tensor,
+    i: int,
+    s_churn: float,
+    s_tmin: float,
+    s_tmax: float,
+    s_noise: float,
+    *,
+    every_step: bool = False,
 ) -> tuple[Tensor, float]:
     """Karras et al. 2022's stochastic "churn" (Algorithm 2, lines 4-6), as k-diffusion's Euler, Heun and DPM2
     take it: where ``s_tmin <= sigma_i <= s_tmax`` the sample is noised up to ``sigma_hat = sigma_i (1 + gamma)``,
     ``gamma = min(s_churn / steps, sqrt(2) - 1)``, with fresh noise scaled by ``s_noise``; the step then starts
-    from ``sigma_hat``. Returns (x, sigma_hat); no noise is drawn where gamma is 0 (the default)."""
+    from ``sigma_hat``. Returns (x, sigma_hat); no noise is drawn where gamma is 0 (the default), except that
+    ``every_step`` draws (and drops) one each step from ComfyUI's churn generator (:class:`BatchNoise`), as its
+    Heun++ does."""
     sigma = loop.s[i]
     gamma = min(s_churn / loop.n, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    eps = loop.churn_noise(x) if every_step and isinstance(loop.generators, BatchNoise) else None
     if gamma <= 0:
         return x, sigma
     sigma_hat = sigma * (gamma + 1)
-    return x + loop.noise(x) * (s_noise * math.sqrt(sigma_hat**2 - sigma**2)), sigma_hat
+    eps = loop.churn_noise(x) if eps is None else eps
+    return x + eps * (s_noise * math.sqrt(sigma_hat**2 - sigma**2)), sigma_hat
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1372,11 +1422,11 @@ def sample_heunpp2(
     points, the slopes there (model calls at those points) averaged with weights sigma_{i+1} / (3 sigma_0) and
     sigma_{i+2} / (3 sigma_0), the first slope taking the rest; the step before the last blends two slopes
     (sigma_{i+1} / (2 sigma_0)), the last is Euler. Karras's churn as :func:`sample_euler` (drawing only where it
-    is on; ComfyUI draws a discarded number each step)."""
+    is on; ComfyUI draws a discarded number each step, and so does its noise here, :class:`BatchNoise`)."""
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     s, end = loop.s, loop.s[-1]
     for i in range(loop.n):
-        x, sigma = churn(loop, x, i, s_churn, s_tmin, s_tmax, s_noise)
+        x, sigma = churn(loop, x, i, s_churn, s_tmin, s_tmax, s_noise, every_step=True)
         denoised = loop.model(x, sigma, step=i, on_grid=sigma == s[i])
         d = (x - denoised) / sigma
         dt = s[i + 1] - sigma
@@ -1730,6 +1780,9 @@ def _row_draws(loop: _Loop, like: Tensor, rows: list[bool]) -> Tensor:
         raise UsageError("dpm_adaptive draws noise where its rows accept a step: it cannot read a noise bank")
     if isinstance(loop.generators, BrownianNoise):
         raise UsageError("dpm_adaptive draws noise where its rows accept a step: it needs the rows' generators")
+    if isinstance(loop.generators, BatchNoise):  # ComfyUI's: one draw of the whole batch (its rows accept together)
+        mask = torch.tensor(rows, device=like.device).reshape((like.shape[0],) + (1,) * (like.ndim - 1))
+        return loop.noise(like) * mask
     out = torch.zeros_like(like)
     for r, draw in enumerate(rows):
         if draw:

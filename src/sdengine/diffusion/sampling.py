@@ -599,6 +599,7 @@ def sample(
     noise_from: int | None = None,
     discard_penultimate: bool = False,
     brownian: BrownianSpec | None = None,
+    noise_scale: float | None = None,
 ) -> Tensor:
     """Run ``sampler`` for ``steps`` steps from unit ``noise`` (txt2img) or from ``init_latent`` noised to
     ``strength`` (img2img); returns the final latent (x0). See the module docstring.
@@ -619,7 +620,9 @@ def sample(
     ``start_step``. ``discard_penultimate``: the grid without its next-to-last sigma (:func:`make_grid`).
     ``brownian``: an SDE sampler (:data:`BROWNIAN_SAMPLERS`) draws its step noise from the Brownian trees of these
     seeds and this sigma range instead of ``generators`` (A1111's and ComfyUI's noise,
-    :mod:`sdengine.diffusion.brownian`); the other samplers draw from ``generators`` as ever."""
+    :mod:`sdengine.diffusion.brownian`); the other samplers draw from ``generators`` as ever. ``noise_scale``: the
+    VE scale of ``noise`` in the start, ``init_latent + noise * noise_scale`` (or ``noise * noise_scale`` from pure
+    noise), in place of the rule's (ComfyUI's ``sqrt(1 + sigma**2)`` at its max denoise, latent or not)."""
     name, sched = resolve(sampler, schedule)
     spec = SAMPLERS[name]
     ns = noise_schedule if noise_schedule is not None else getattr(denoiser, "schedule", None)
@@ -688,7 +691,11 @@ def sample(
         denoiser = denoiser.with_timesteps(grid.sigmas[:-1], grid.timesteps)
 
     sigmas = grid.sigmas[start_step : stop + 1]
-    if init_latent is None and start_step == 0:
+    if noise_scale is not None:
+        if noise_from is not None:
+            raise UsageError("noise_scale and noise_from cannot both be given")
+        x = noise * noise_scale if init_latent is None else init_latent + noise * noise_scale
+    elif init_latent is None and start_step == 0:
         scale = math.sqrt(1 + float(sigmas[0]) ** 2) if explicit else None
         x = noise * (init_noise_scale(name, grid, scheduler_config) if scale is None else scale)
     else:

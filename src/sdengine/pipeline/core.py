@@ -556,19 +556,31 @@ class Pipeline:
                     f"steps (steps / strength), over the model's {self.noise_schedule.num_train_timesteps}: raise "
                     "strength or lower the steps"
                 )
-        seeds = r.seeds()
-        wide = sorted({s for s in seeds if s >= 2**32})
-        if wide:  # docs/CONTRACTS.md "Seeds": what torch's CPU generator does with a 64-bit seed
-            _note(
-                notes,
-                f"seed {wide[0]} draws the same noise as seed {wide[0] % 2**32} (torch's CPU generator keeps a "
-                "seed's low 32 bits, as diffusers, A1111 and ComfyUI do): seeds that agree modulo 2**32 give one image",
-            )
         hires = None
         if r.enable_hr:
             from sdengine.pipeline.hires import plan_hires
 
             hires = plan_hires(self, r, width, height, name, sched)
+        seeds = r.seeds()
+        wide = sorted({s for s in seeds if s >= 2**32})
+        if wide:  # docs/CONTRACTS.md "Seeds": what torch's CPU generator does with a 64-bit seed
+            low = wide[0] % 2**32
+            why = "torch's CPU generator keeps a seed's low 32 bits, as diffusers, A1111 and ComfyUI do"
+            passes = (name, *((hires.sampler,) if hires is not None else ()))
+            a1111 = r.strength_rule in A1111_STRENGTH_RULES
+            sde = [n for n in passes if n in sampling.BROWNIAN_SAMPLERS] if a1111 else []
+            if sde:  # A1111's Brownian tree (pipeline/core.py, sample) takes the whole seed as its entropy
+                _note(
+                    notes,
+                    f"seed {wide[0]} starts from the same noise as seed {low} ({why}), but {sde[0]}'s Brownian-tree "
+                    "noise under A1111's rules takes the whole seed: the two give different images",
+                )
+            else:
+                _note(
+                    notes,
+                    f"seed {wide[0]} draws the same noise as seed {low} ({why}): seeds that agree modulo 2**32 give "
+                    "one image",
+                )
         big_w, big_h = (hires.width, hires.height) if hires is not None else (width, height)
         tiny_encodes = r.vae_encode == "tiny" and self._encodes_images(r.init_image is not None, hires)
         if tiny_encodes and (self.tiny_vae is None or self.tiny_vae.encoder is None):

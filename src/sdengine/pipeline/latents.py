@@ -208,14 +208,17 @@ class InpaintBlend(LatentBlend):
     does for 4-channel U-Nets: after every sampler step it sets ``x = (1 - m) * (init + sigma * noise) +
     m * x``. Here that happens where the next step reads ``x``: in place, on the sampler's own tensor, before
     each denoiser call except the run's first (diffusers does not blend the starting sample), which the
-    sampler loop marks (``step.first``). The final blend with the clean init latent is the pipeline's."""
+    sampler loop marks (``step.first``); ``first=True`` blends before that call too (ComfyUI's KSamplerX0Inpaint
+    blends before every call, which matters where its start is not ``init + sigma * noise``: its max denoise).
+    The final blend with the clean init latent is the pipeline's."""
 
-    def __init__(self, inner: Any, init: Tensor, noise: Tensor, mask: Tensor) -> None:
+    def __init__(self, inner: Any, init: Tensor, noise: Tensor, mask: Tensor, *, first: bool = False) -> None:
         super().__init__(inner, init, mask)
         self.noise = noise
+        self.first = first
 
     def __call__(self, x: Tensor, sigma: Tensor | float, *, step: SamplerStep, **cond: Any) -> Tensor:
-        if not step.first:
+        if self.first or not step.first:
             flat = torch.as_tensor(sigma).reshape(-1)
             s: float | Tensor = float(flat[0])
             if flat.shape[0] > 1 and not bool((flat == flat[0]).all()):  # rows at their own sigmas (DPM adaptive)
