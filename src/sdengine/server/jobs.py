@@ -50,7 +50,7 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from sdengine.errors import SdengineError
-from sdengine.server.errors import BadRequest, ClientQueueFull, NotFound, QueueFull, ServerStopping
+from sdengine.server.errors import BadRequest, ClientQueueFull, NotFound, QueueFull, ServerStopping, redact_paths
 from sdengine.server.requests import Generation
 from sdengine.server.security import REQUEST_CALLER, Caller
 
@@ -694,6 +694,11 @@ class JobManager:
 
     def finish(self, job: Job, state: str, error: str | None = None) -> None:
         job.state = state
+        if error is not None:  # what every protocol answers: the server's paths cut to the names clients gave
+            shown = redact_paths(error)
+            if shown != error:
+                log.info("job %s: %s", job.id, error)  # the whole text stays in the server's log
+            error = shown
         job.error = error
         job.finished = time.time()
         if state == DONE:

@@ -31,7 +31,7 @@ from PIL import Image
 
 from sdengine.server.comfy.graph import Executor, Interrupted, NodeFailed, PromptInvalid, validate
 from sdengine.server.comfy.nodes import IMAGE_SUFFIXES, NODES, Outputs, RunContext, object_info, split_annotation
-from sdengine.server.errors import BadRequest, NotFound
+from sdengine.server.errors import BadRequest, NotFound, redact_paths, redact_tree, register_client_folder
 from sdengine.server.jobs import (
     CANCELLED,
     DONE,
@@ -120,6 +120,8 @@ def state(app: FastAPI) -> ComfyState:
         out = Path(app.state.services.config.outputs_dir)
         extra = app.state.services.config.extra
         st = ComfyState(Outputs(out, Path(str(extra.get("comfy_input_dir", out / "input"))), out / "temp"))
+        for folder in (st.folders.output, st.folders.input, st.folders.temp):
+            register_client_folder(folder)  # an error names a file by its name in the folder (/view's)
         app.state.comfy = st
     return st
 
@@ -282,10 +284,10 @@ class ComfyJob(Job):
                 "node_id": e.node_id,
                 "node_type": e.class_type,
                 "executed": e.executed,
-                "exception_message": str(e.exc),
+                "exception_message": redact_paths(str(e.exc)),
                 "exception_type": type(e.exc).__name__,
-                "traceback": traceback.format_exception_only(type(e.exc), e.exc),
-                "current_inputs": e.inputs,
+                "traceback": [redact_paths(t) for t in traceback.format_exception_only(type(e.exc), e.exc)],
+                "current_inputs": redact_tree(e.inputs),
                 "current_outputs": e.cached,
             },
         )
@@ -402,7 +404,7 @@ async def post_prompt(request: Request) -> Any:
     try:
         graph, outputs, node_errors = await asyncio.to_thread(validate, prompt, Env(services, st), targets)
     except PromptInvalid as e:
-        return JSONResponse(e.body, status_code=400)
+        return JSONResponse(redact_tree(e.body), status_code=400)
     raw_extra = body.get("extra_data")
     # ComfyUI keeps the client id in extra_data (where its executor reads it: a client id sent there alone is
     # the prompt's too) and never lists its sensitive keys (API keys of its partner nodes) in /queue or /history
