@@ -324,3 +324,34 @@ def test_redact_paths_keeps_the_names_a_client_gave(tmp_path) -> None:
     assert redact_paths(f"cannot load {sys.prefix}/lib/x/m.safetensors: bad") == "cannot load m.safetensors: bad"
     for kept in ("unknown route /v1/jobs/abc", "model '/etc/passwd': absolute paths are not allowed", "../x.png"):
         assert redact_paths(kept) == kept
+
+
+def test_comfy_upload_view_and_mask_refuse_names_leaving_the_folder_as_comfyui(server) -> None:
+    """ComfyUI's /upload/image answers 400 for a name or subfolder that leads out of its folder (its commonpath
+    test); sdengine stored "../evil.png" quietly as evil.png and took subfolder "/etc" as "etc". Its /view and
+    /upload/mask answer 403 for such a subfolder (sdengine: 400, or 404 for "/etc")."""
+    out = server.services.config.outputs_dir
+    before = sorted(p.relative_to(out) for p in out.rglob("*")) if out.exists() else []
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for filename, subfolder in (
+            ("../evil.png", ""),
+            ("/abs/evil.png", ""),
+            ("../evil.png", "sub"),
+            ("evil.png", "/etc"),
+            ("evil.png", "../x"),
+            ("evil.png", "a/../../x"),
+        ):
+            for kind in ("input", "output"):
+                form = {"subfolder": subfolder, "type": kind}
+                r = c.post("/upload/image", files={"image": (filename, png(), "image/png")}, data=form)
+                assert r.status_code == 400 and "leaves the" in r.json()["detail"], (filename, subfolder, r.text)
+        for subfolder in ("../..", "/etc", "a/../.."):
+            r = c.get("/view", params={"filename": "hosts.png", "subfolder": subfolder, "type": "input"})
+            assert r.status_code == 403, (subfolder, r.text)
+            ref = json.dumps({"filename": "x.png", "subfolder": subfolder, "type": "input"})
+            r = c.post("/upload/mask", files={"image": ("m.png", png(), "image/png")}, data={"original_ref": ref})
+            assert r.status_code == 403, (subfolder, r.text)
+        r = c.post("/upload/image", files={"image": ("a/../fine.png", png(), "image/png")})
+        assert r.status_code == 200 and r.json() == {"name": "fine.png", "subfolder": "", "type": "input"}, r.text
+    after = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert [p for p in after if p not in before and "evil" in str(p)] == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import posixpath
 import struct
 import threading
 import time
@@ -31,7 +32,7 @@ from PIL import Image
 
 from sdengine.server.comfy.graph import Executor, Interrupted, NodeFailed, PromptInvalid, validate
 from sdengine.server.comfy.nodes import IMAGE_SUFFIXES, NODES, Outputs, RunContext, object_info, split_annotation
-from sdengine.server.errors import BadRequest, NotFound, redact_paths, redact_tree, register_client_folder
+from sdengine.server.errors import BadRequest, Forbidden, NotFound, redact_paths, redact_tree, register_client_folder
 from sdengine.server.jobs import (
     CANCELLED,
     DONE,
@@ -620,6 +621,8 @@ def view(
         raise BadRequest(f"{filename!r}: not a file name of the {type} folder")
     if suffix not in IMAGE_SUFFIXES:
         raise BadRequest(f"{filename!r}: only PNG, JPEG and WebP files are served")
+    if _leaves(subfolder):  # as ComfyUI: a subfolder outside the folder ("../..", "/etc") is a 403
+        raise Forbidden(f"subfolder {subfolder[:200]!r} is outside the {type} folder")
     name = f"{subfolder.strip('/')}/{filename}" if subfolder else filename
     try:  # the messages name the request's file, never the server's folders
         path = resolve_inside(st.folders.root(type), name, "file")
@@ -692,6 +695,13 @@ async def upload_mask(request: Request) -> Any:
     return await _upload(request, mask=True)
 
 
+def _leaves(*parts: str) -> bool:
+    """ComfyUI's containment test (its ``os.path.commonpath`` of the folder and the joined path): ``parts`` joined
+    onto the folder, ``..`` folded, leave it; an absolute part leaves too (the join drops the folder)."""
+    joined = posixpath.normpath(posixpath.join(".", *(p for p in parts if p)))
+    return joined.startswith("/") or joined == ".." or joined.startswith("../")
+
+
 def _masked_original(st: ComfyState, ref_text: Any, mask_data: bytes, max_pixels: int) -> bytes:
     """The PNG of ``original_ref``'s image with the alpha of the mask image ``mask_data``."""
     import io
@@ -712,7 +722,12 @@ def _masked_original(st: ComfyState, ref_text: Any, mask_data: bytes, max_pixels
         kind = str(ref.get("type") or "output")
     if kind not in ("output", "input", "temp"):
         raise BadRequest("original_ref.type must be output, input or temp")
-    sub = str(ref.get("subfolder") or "").strip("/")
+    if not name or name.startswith("/") or ".." in name:  # as ComfyUI's /upload/mask: 400
+        raise BadRequest(f"original_ref {name!r}: not a file name of the {kind} folder")
+    sub = str(ref.get("subfolder") or "")
+    if _leaves(sub):  # as ComfyUI: a subfolder outside the folder is a 403
+        raise Forbidden(f"original_ref subfolder {sub!r} is outside the {kind} folder")
+    sub = sub.strip("/")
     shown = f"{sub}/{name}" if sub else name
     try:
         path = resolve_inside(st.folders.root(kind), shown, "original_ref")
@@ -758,9 +773,14 @@ async def _upload(request: Request, *, mask: bool) -> Any:
     kind = str(form.get("type") or "input")
     if kind not in ("input", "temp", "output"):  # ComfyUI's three folders
         raise BadRequest("type must be input, temp or output")
-    subfolder = str(form.get("subfolder") or "").strip("/")
+    raw_sub, raw_name = str(form.get("subfolder") or ""), str(part.filename or "image.png")
+    # as ComfyUI: a name or subfolder that leads out of the folder ("../x.png", "/etc/x.png", subfolder "/etc") is
+    # a 400, never stored under another name; a name's own folders inside it are dropped ("a/x.png" is x.png)
+    if _leaves(raw_sub, raw_name) or _leaves(raw_name):
+        raise BadRequest(f"{raw_name[:200]!r} in subfolder {raw_sub[:200]!r} leaves the {kind} folder")
+    subfolder = raw_sub.strip("/")
     overwrite = str(form.get("overwrite") or "").lower() in ("true", "1")
-    filename = Path(str(part.filename or "image.png")).name
+    filename = Path(raw_name).name
     try:
         check_name(filename, "filename")
         if subfolder:
