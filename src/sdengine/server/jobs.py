@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from sdengine.errors import SdengineError
+from sdengine.server import security
 from sdengine.server.errors import BadRequest, ClientQueueFull, NotFound, QueueFull, ServerStopping, redact_paths
 from sdengine.server.requests import Generation
 from sdengine.server.security import REQUEST_CALLER, Caller
@@ -364,8 +365,7 @@ def may_see(job: Job, caller: Caller | None = None) -> bool:
 
 def owned(owner: str | None, caller: Caller | None = None) -> bool:
     """:func:`may_see` for a thing whose client is ``owner`` (a job, a ComfyUI history entry)."""
-    who = caller if caller is not None else REQUEST_CALLER.get()
-    return who is None or who.admin or owner == who.client
+    return security.owned(owner, caller)
 
 
 def visible(jobs: list[J], caller: Caller | None = None) -> list[J]:
