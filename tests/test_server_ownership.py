@@ -283,3 +283,24 @@ def test_another_clients_upload_is_unknown_to_it(tmp_path) -> None:
             assert theirs.json()["detail"] == never.json()["detail"].replace(unknown, uid)
         assert native("alice-key", uid).status_code == 202
         assert native("root-key", uid).status_code == 202
+
+
+def test_a_prompt_id_in_use_is_refused_with_one_answer_whoever_has_it(tmp_path) -> None:
+    """A ComfyUI prompt_id chosen equal to a job's id is refused (the job table is keyed by id): another client's
+    job gave another line ("job id ... is taken") than one's own, which told which ids were another client's.
+    One answer now, that says only that the id is in use; the other client's job is untouched."""
+    from fastapi.testclient import TestClient
+
+    from sdengine.server.app import create_app
+
+    app = create_app(server_config(tmp_path, devices=("cpu",), **KEYS), loader=lambda ref, device: None, preload=False)
+    c = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: no worker runs, jobs stay queued
+    theirs = c.post("/v1/jobs", json=JOB, headers=bearer("alice-key")).json()["id"]
+    own = c.post("/v1/jobs", json=JOB, headers=bearer("bob-key")).json()["id"]
+    answers = {}
+    for jid in (theirs, own):
+        r = c.post("/prompt", json={"prompt": GRAPH, "prompt_id": jid}, headers=bearer("bob-key"))
+        assert r.status_code == 400, r.text
+        answers[jid] = r.json()["detail"].replace(jid, "ID")
+    assert answers[theirs] == answers[own] and "taken" in answers[own], answers
+    assert c.get(f"/v1/jobs/{theirs}", headers=bearer("alice-key")).json()["state"] == "queued"

@@ -634,6 +634,12 @@ class JobManager:
                 j.changed()
         self._moved(moved)
 
+    def has_id(self, job_id: str) -> bool:
+        """Whether any client's job has the id ``job_id`` (a ComfyUI prompt_id a client chooses must be free: the
+        table is keyed by id); says nothing of whose it is."""
+        with self._cond:
+            return job_id in self._jobs
+
     def get(self, job_id: str) -> Job:
         """The job ``job_id`` if the request's client may see it (:func:`may_see`); NotFound otherwise, the same
         answer as for an id that does not exist."""

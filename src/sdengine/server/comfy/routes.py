@@ -432,7 +432,9 @@ async def post_prompt(request: Request) -> Any:
         raise BadRequest("prompt_id must be a string")
     if not 0 < len(prompt_id) <= 100:
         raise BadRequest("prompt_id must be 1 to 100 characters")
-    if prompt_id in st.history or _known_job(services, prompt_id):  # the job table is keyed by id: never shared
+    # the job table is keyed by id: an id in use is refused, whoever's it is, with one answer (docs/server.md "Who
+    # may see and cancel a job": it says only that the id the client chose is in use)
+    if prompt_id in st.history or services.manager.has_id(prompt_id):
         raise BadRequest(f"prompt_id {prompt_id!r} is taken (a prompt or job of the server has it)")
     number: int | float
     front = False
@@ -460,14 +462,6 @@ async def post_prompt(request: Request) -> Any:
     services.manager.submit(job, place=lambda queued: _place(queued, number, front))
     send_status(st, services)
     return {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
-
-
-def _known_job(services: Any, job_id: str) -> bool:
-    try:
-        services.manager.get(job_id)
-        return True
-    except NotFound:
-        return False
 
 
 def _priority_number(value: Any) -> float:
