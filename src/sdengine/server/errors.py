@@ -112,8 +112,12 @@ _BARE_PATH = re.compile(r"""(?<![\w.~%/\\'"-])(?P<p>(?:[A-Za-z]:[\\/]|/)[^\s'"]*
 
 def _forms(path: str | os.PathLike[str]) -> set[str]:
     """The absolute spellings of ``path`` (as given, and with links resolved), without a trailing separator."""
-    out = set()
-    for p in (os.path.abspath(path), os.path.realpath(path)):
+    out: set[str] = set()
+    try:
+        spellings = (os.path.abspath(path), os.path.realpath(path))
+    except OSError:  # a relative path while the working folder is gone
+        return out
+    for p in spellings:
         p = p.rstrip("/\\")
         if len(p) > 1:
             out.add(p)
@@ -130,7 +134,11 @@ def register_client_folder(path: str | os.PathLike[str] | None) -> None:
 
 def _private_roots() -> list[str]:
     roots = set(_SYSTEM_PREFIXES)
-    for p in (tempfile.gettempdir(), os.path.expanduser("~"), os.getcwd(), sys.prefix, sys.base_prefix):
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the working folder was removed: no path is under it
+        cwd = sys.prefix
+    for p in (tempfile.gettempdir(), os.path.expanduser("~"), cwd, sys.prefix, sys.base_prefix):
         roots |= _forms(p)
     roots |= _forms(os.path.dirname(os.path.dirname(__file__)))  # the sdengine package itself
     return sorted(roots, key=len, reverse=True)
