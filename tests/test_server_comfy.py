@@ -659,7 +659,8 @@ def test_routes_view_upload_queue_object_info(client, server):
         {"filename": "x.png", "type": "other"},
     ):
         r = client.get("/view", params=params)
-        assert r.status_code in (400, 404) and str(server.services.config.outputs_dir) not in r.text, (params, r.text)
+        assert r.status_code in (400, 403, 404), (params, r.text)
+        assert str(server.services.config.outputs_dir) not in r.text, (params, r.text)
     r = client.get("/view", params={"filename": "nope.png"})  # the message names the file, not the server's folder
     assert r.status_code == 404 and r.json()["detail"] == "'nope.png' is not a file", r.text
     assert "not a file name" in client.get("/view", params={"filename": "../out/x.png"}).json()["detail"]
@@ -1722,8 +1723,10 @@ def test_upload_image_into_the_output_folder(client, server):
         r = client.post("/upload/image", files={"image": ("o.png", data, "image/png")}, data=form)
         assert r.status_code == 400, (form, r.text)
     r = client.post("/upload/image", files={"image": ("../../o.png", data, "image/png")}, data={"type": "output"})
-    assert r.status_code == 200 and r.json()["name"] == "o.png"  # the name's folders are dropped
-    assert (Path(server.services.config.outputs_dir) / "o.png").is_file()
+    assert r.status_code == 400  # as ComfyUI: a name leading out of the folder (it was once stored as o.png)
+    r = client.post("/upload/image", files={"image": (f"{sub}/o2.png", data, "image/png")}, data={"type": "output"})
+    assert r.status_code == 200 and r.json()["name"] == "o2.png"  # the name's folders inside it are dropped
+    assert (Path(server.services.config.outputs_dir) / "o2.png").is_file()
 
 
 def test_a_prompt_without_a_usable_client_id_sends_its_events_as_comfyui(server, client):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _live_server import live_server, server_config
+from _live_server import live_server, server_config, wait_job
 
 
 def png() -> bytes:
@@ -25,7 +25,10 @@ def png() -> bytes:
 
 
 def refuse(ref: str, device: str) -> Any:
-    raise OSError("the test's loader loads nothing")
+    import sys
+
+    # as a loader's own error: the file's absolute path (a folder of the Python install) in its text
+    raise FileNotFoundError(2, "No such file or directory", f"{sys.prefix}/lib/site-packages/models/{ref}.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +257,101 @@ def test_an_extras_batch_holds_at_most_four_times_the_pixel_limit(tmp_path) -> N
         r = c.post("/sdapi/v1/extra-batch-images", json={**body, "imageList": [{"data": image}] * 5})
         assert r.status_code == 413, r.text[:300]
         assert "16384 for one batch" in r.json()["detail"] and "imageList[4]" in r.json()["detail"]
+
+
+def _no_server_path(text: str, *folders: Any) -> None:
+    import sys
+
+    for bad in (*map(str, folders), "/tmp/", "/home/", "site-packages", sys.prefix):
+        assert bad not in text, (bad, text[:500])
+
+
+def test_a_node_that_fails_on_a_file_names_the_clients_prefix_not_the_server_path(server) -> None:
+    """A SaveImage whose prefix cannot be stored (a folder of it is a file already) failed with the OSError's
+    text, naming the server's outputs folder, in `execution_error` (its message and traceback), the history and
+    the job's error; each now names the file by the prefix the client gave."""
+    import time
+
+    out = server.services.config.outputs_dir
+    (out / "blocker").parent.mkdir(parents=True, exist_ok=True)
+    (out / "blocker").write_text("a file where the prefix wants a folder")
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        name = c.post("/upload/image", files={"image": ("leak.png", png(), "image/png")}).json()["name"]
+        graph = {
+            "1": {"class_type": "LoadImage", "inputs": {"image": name}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "blocker/deep/x"}},
+        }
+        pid = c.post("/prompt", json={"prompt": graph}).json()["prompt_id"]
+        deadline = time.monotonic() + 30
+        while pid not in (h := c.get(f"/history/{pid}").json()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        entry = h[pid]
+        (error,) = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
+        assert error["node_type"] == "SaveImage" and "blocker/deep" in error["exception_message"], error
+        text = json.dumps(h) + json.dumps(c.get(f"/v1/jobs/{pid}").json())
+        _no_server_path(text, out, server.services.config.outputs_dir.resolve())
+
+
+def test_errors_of_every_protocol_name_no_server_path(server, tmp_path) -> None:
+    """A model that cannot be loaded (the loader's OSError names the model file) failed the job with that path in
+    its error, and the FileNotFoundError handler answered the exception's text: native, A1111 and OpenAI
+    answers, and the job's events, now name the model as the client gave it, never the server's path."""
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        job = c.post("/v1/jobs", json={"prompt": "x", "steps": 1, "width": 64, "height": 64}).json()
+        done = wait_job(c, job["id"])
+        answers = [json.dumps(done), c.get(f"/v1/jobs/{job['id']}/events").text]
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 64, "height": 64})
+        answers.append(r.text)
+        r = c.post("/v1/images/generations", json={"prompt": "x", "size": "256x256"})
+        answers.append(r.text)
+    assert done["state"] == "failed" and "emoji" in done["error"], done
+    for text in answers:
+        _no_server_path(text, tmp_path, server.services.config.outputs_dir)
+
+
+def test_redact_paths_keeps_the_names_a_client_gave(tmp_path) -> None:
+    """A path in a registered folder reads as the name inside it; a path of the temp folder or the Python install
+    as its last part; a route, a name the client sent, stays as it is."""
+    import sys
+
+    from sdengine.server.errors import redact_paths, register_client_folder
+
+    register_client_folder(tmp_path / "outs")
+    missing = (tmp_path / "outs").resolve() / "sub" / "gone.png"
+    assert redact_paths(f"[Errno 2] No such file or directory: '{missing}'") == (
+        "[Errno 2] No such file or directory: 'sub/gone.png'"
+    )
+    assert redact_paths(f"cannot load {sys.prefix}/lib/x/m.safetensors: bad") == "cannot load m.safetensors: bad"
+    for kept in ("unknown route /v1/jobs/abc", "model '/etc/passwd': absolute paths are not allowed", "../x.png"):
+        assert redact_paths(kept) == kept
+
+
+def test_comfy_upload_view_and_mask_refuse_names_leaving_the_folder_as_comfyui(server) -> None:
+    """ComfyUI's /upload/image answers 400 for a name or subfolder that leads out of its folder (its commonpath
+    test); sdengine stored "../evil.png" quietly as evil.png and took subfolder "/etc" as "etc". Its /view and
+    /upload/mask answer 403 for such a subfolder (sdengine: 400, or 404 for "/etc")."""
+    out = server.services.config.outputs_dir
+    before = sorted(p.relative_to(out) for p in out.rglob("*")) if out.exists() else []
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for filename, subfolder in (
+            ("../evil.png", ""),
+            ("/abs/evil.png", ""),
+            ("../evil.png", "sub"),
+            ("evil.png", "/etc"),
+            ("evil.png", "../x"),
+            ("evil.png", "a/../../x"),
+        ):
+            for kind in ("input", "output"):
+                form = {"subfolder": subfolder, "type": kind}
+                r = c.post("/upload/image", files={"image": (filename, png(), "image/png")}, data=form)
+                assert r.status_code == 400 and "leaves the" in r.json()["detail"], (filename, subfolder, r.text)
+        for subfolder in ("../..", "/etc", "a/../.."):
+            r = c.get("/view", params={"filename": "hosts.png", "subfolder": subfolder, "type": "input"})
+            assert r.status_code == 403, (subfolder, r.text)
+            ref = json.dumps({"filename": "x.png", "subfolder": subfolder, "type": "input"})
+            r = c.post("/upload/mask", files={"image": ("m.png", png(), "image/png")}, data={"original_ref": ref})
+            assert r.status_code == 403, (subfolder, r.text)
+        r = c.post("/upload/image", files={"image": ("a/../fine.png", png(), "image/png")})
+        assert r.status_code == 200 and r.json() == {"name": "fine.png", "subfolder": "", "type": "input"}, r.text
+    after = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert [p for p in after if p not in before and "evil" in str(p)] == []

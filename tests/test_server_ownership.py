@@ -8,6 +8,7 @@ No model is loaded: the worker is held in its loader, so the first job stays run
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
@@ -17,6 +18,7 @@ import httpx
 import pytest
 import websocket  # websocket-client, as ComfyUI's example client
 import webuiapi
+from PIL import Image
 
 from _live_server import live_server, server_config
 
@@ -247,3 +249,58 @@ def test_serve_refuses_a_key_given_twice(capsys, monkeypatch) -> None:
         assert "must be different" in err and len(err.strip().splitlines()) == 1, err
     assert main(["serve", "--api-key", "k1", "--admin-key", "bad key", "--port", "1"]) == 2
     assert "--admin-key must be printable ASCII" in capsys.readouterr().err
+
+
+def test_another_clients_upload_is_unknown_to_it(tmp_path) -> None:
+    """Uploads were shared by every client that had a key (only their 32-hex ids kept them apart): an upload is
+    now its client's, as a job is, and another client's id is answered as an id the server never had, on the
+    native and A1111 routes; the admin may use any."""
+    from fastapi.testclient import TestClient
+
+    from sdengine.server.app import create_app
+
+    app = create_app(server_config(tmp_path, devices=("cpu",), **KEYS), loader=lambda ref, device: None, preload=False)
+    c = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: no worker runs, jobs stay queued
+    if True:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), "red").save(buf, format="PNG")
+        png = buf.getvalue()
+        own = c.post("/v1/uploads", content=png, headers={"Content-Type": "image/png", **bearer("alice-key")})
+        assert own.status_code == 201, own.text
+        uid, unknown = own.json()["id"], "0" * 32
+
+        def native(key: str, upload: str) -> httpx.Response:
+            body = {**JOB, "init_image": upload, "strength": 0.5}
+            return c.post("/v1/jobs", json=body, headers=bearer(key))
+
+        def a1111(key: str, upload: str) -> httpx.Response:
+            body = {**JOB, "init_images": [upload]}
+            return c.post("/sdapi/v1/img2img", json=body, headers=bearer(key))
+
+        for send in (native, a1111):
+            theirs, never = send("bob-key", uid), send("bob-key", unknown)
+            assert theirs.status_code == never.status_code == 400, (theirs.text, never.text)
+            assert theirs.json()["detail"] == never.json()["detail"].replace(unknown, uid)
+        assert native("alice-key", uid).status_code == 202
+        assert native("root-key", uid).status_code == 202
+
+
+def test_a_prompt_id_in_use_is_refused_with_one_answer_whoever_has_it(tmp_path) -> None:
+    """A ComfyUI prompt_id chosen equal to a job's id is refused (the job table is keyed by id): another client's
+    job gave another line ("job id ... is taken") than one's own, which told which ids were another client's.
+    One answer now, that says only that the id is in use; the other client's job is untouched."""
+    from fastapi.testclient import TestClient
+
+    from sdengine.server.app import create_app
+
+    app = create_app(server_config(tmp_path, devices=("cpu",), **KEYS), loader=lambda ref, device: None, preload=False)
+    c = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: no worker runs, jobs stay queued
+    theirs = c.post("/v1/jobs", json=JOB, headers=bearer("alice-key")).json()["id"]
+    own = c.post("/v1/jobs", json=JOB, headers=bearer("bob-key")).json()["id"]
+    answers = {}
+    for jid in (theirs, own):
+        r = c.post("/prompt", json={"prompt": GRAPH, "prompt_id": jid}, headers=bearer("bob-key"))
+        assert r.status_code == 400, r.text
+        answers[jid] = r.json()["detail"].replace(jid, "ID")
+    assert answers[theirs] == answers[own] and "taken" in answers[own], answers
+    assert c.get(f"/v1/jobs/{theirs}", headers=bearer("alice-key")).json()["state"] == "queued"

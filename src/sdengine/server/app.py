@@ -27,7 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from sdengine.errors import SdengineError
 from sdengine.server.catalog import Catalog
 from sdengine.server.config import ServerConfig
-from sdengine.server.errors import BadRequest, NotFound, QueueFull, status_of
+from sdengine.server.errors import BadRequest, NotFound, QueueFull, redact_paths, register_client_folder, status_of
 from sdengine.server.jobs import FINISHED, Job, JobManager, Loader, visible
 from sdengine.server.requests import ControlRequest, Generation, build_generation
 from sdengine.server.schemas import JobRequest
@@ -121,6 +121,8 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         vaes_dir=config.vaes_dir,
     )
     config.model = catalog.startup_name
+    for folder in (config.outputs_dir, config.models_dir, config.loras_dir, config.controlnets_dir, config.vaes_dir):
+        register_client_folder(folder)  # errors name a file of these by its name inside them (errors.redact_paths)
     manager = JobManager(
         loader=loader
         or default_loader(config.dtype, vae=config.vae, embeddings_dir=config.embeddings_dir, tiny_vae=config.tiny_vae),
@@ -341,7 +343,9 @@ def _version() -> str:
 
 
 def error_body(message: str, kind: str) -> dict[str, Any]:
-    """One error shape that A1111 clients (``detail``) and OpenAI clients (``error.message``) both read."""
+    """One error shape that A1111 clients (``detail``) and OpenAI clients (``error.message``) both read; a path of
+    the server's in ``message`` is cut to the name the client gave (an OSError names the file it failed on)."""
+    message = redact_paths(message)
     return {"detail": message, "error": {"message": message, "type": kind, "param": None, "code": None}}
 
 

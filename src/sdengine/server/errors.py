@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+import tempfile
+import threading
+
 from sdengine.errors import SdengineError
 
 
@@ -86,3 +92,107 @@ def status_of(exc: BaseException) -> int:
     if isinstance(exc, FileNotFoundError):
         return 404
     return 400
+
+
+# --- the server's own paths, kept out of what a client reads ------------------------------------------------------
+# An error's text may hold an absolute path of the server (an OSError names the file it could not write, a loader
+# the file it could not read): the folders a client names things in, the temp folder, the Python install. A
+# client gave a name (a model, an image, a SaveImage prefix): it reads that name back, never where the server
+# keeps it. Folders registered with :func:`register_client_folder` (the outputs, models, ComfyUI input/temp
+# folders) are cut to the name inside them ("sub/x.png"); any other path under a private root (the temp folder,
+# the home folder, the working folder, the Python install, the usual system prefixes) to its last part.
+
+_CLIENT_FOLDERS: set[str] = set()
+_FOLDERS_LOCK = threading.Lock()
+_SYSTEM_PREFIXES = ("/tmp", "/var", "/home", "/root", "/usr", "/opt", "/srv", "/mnt", "/data", "/private", "/Users")
+# an absolute path in quotes (as an OSError's repr shows it; spaces allowed), or one standing alone (to a space)
+_QUOTED_PATH = re.compile(r"""(?P<q>['"])(?P<p>(?:[A-Za-z]:)?[\\/][^'"\n]*)(?P=q)""")
+_BARE_PATH = re.compile(r"""(?<![\w.~%/\\'"-])(?P<p>(?:[A-Za-z]:[\\/]|/)[^\s'"]*)""")
+
+
+def _forms(path: str | os.PathLike[str]) -> set[str]:
+    """The absolute spellings of ``path`` (as given, and with links resolved), without a trailing separator."""
+    out: set[str] = set()
+    try:
+        spellings = (os.path.abspath(path), os.path.realpath(path))
+    except OSError:  # a relative path while the working folder is gone
+        return out
+    for p in spellings:
+        p = p.rstrip("/\\")
+        if len(p) > 1:
+            out.add(p)
+    return out
+
+
+def register_client_folder(path: str | os.PathLike[str] | None) -> None:
+    """Name a folder clients name files in: a path inside it is answered as the name inside it."""
+    if path is None:
+        return
+    with _FOLDERS_LOCK:
+        _CLIENT_FOLDERS.update(_forms(path))
+
+
+def _private_roots() -> list[str]:
+    roots = set(_SYSTEM_PREFIXES)
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the working folder was removed: no path is under it
+        cwd = sys.prefix
+    for p in (tempfile.gettempdir(), os.path.expanduser("~"), cwd, sys.prefix, sys.base_prefix):
+        roots |= _forms(p)
+    roots |= _forms(os.path.dirname(os.path.dirname(__file__)))  # the sdengine package itself
+    return sorted(roots, key=len, reverse=True)
+
+
+def _inside(path: str, root: str) -> str | None:
+    """``path``'s part inside ``root`` ("" for the root itself), or None."""
+    if path == root:
+        return ""
+    for sep in ("/", "\\"):
+        if path.startswith(root + sep):
+            return path[len(root) + 1 :]
+    return None
+
+
+def _redact_one(path: str, roots: list[str]) -> str | None:
+    """What a client reads for the absolute ``path``, or None when it is no path of the server's."""
+    with _FOLDERS_LOCK:
+        folders = sorted(_CLIENT_FOLDERS, key=len, reverse=True)
+    for folder in folders:
+        inner = _inside(path, folder)
+        if inner is not None:
+            return inner.replace("\\", "/") or "."
+    windows = len(path) > 2 and path[1] == ":"
+    if windows or any(_inside(path, r) is not None for r in roots):
+        last = path.replace("\\", "/").rstrip("/").rpartition("/")[2]
+        return last or "."
+    return None
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with every absolute path of the server replaced by the name a client knows (see above); other
+    text (a route such as ``/v1/jobs``, a name the client sent) is left as it is."""
+    if not isinstance(text, str) or ("/" not in text and "\\" not in text):
+        return text
+    roots = _private_roots()
+
+    def quoted(m: re.Match[str]) -> str:
+        new = _redact_one(m.group("p"), roots)
+        return m.group(0) if new is None else f"{m.group('q')}{new}{m.group('q')}"
+
+    def bare(m: re.Match[str]) -> str:
+        new = _redact_one(m.group("p"), roots)
+        return m.group(0) if new is None else new
+
+    return _BARE_PATH.sub(bare, _QUOTED_PATH.sub(quoted, text))
+
+
+def redact_tree(value: object) -> object:
+    """A JSON value with :func:`redact_paths` applied to every string in it."""
+    if isinstance(value, str):
+        return redact_paths(value)
+    if isinstance(value, dict):
+        return {k: redact_tree(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_tree(v) for v in value]
+    return value

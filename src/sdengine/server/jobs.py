@@ -50,7 +50,8 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from sdengine.errors import SdengineError
-from sdengine.server.errors import BadRequest, ClientQueueFull, NotFound, QueueFull, ServerStopping
+from sdengine.server import security
+from sdengine.server.errors import BadRequest, ClientQueueFull, NotFound, QueueFull, ServerStopping, redact_paths
 from sdengine.server.requests import Generation
 from sdengine.server.security import REQUEST_CALLER, Caller
 
@@ -366,8 +367,7 @@ def may_see(job: Job, caller: Caller | None = None) -> bool:
 
 def owned(owner: str | None, caller: Caller | None = None) -> bool:
     """:func:`may_see` for a thing whose client is ``owner`` (a job, a ComfyUI history entry)."""
-    who = caller if caller is not None else REQUEST_CALLER.get()
-    return who is None or who.admin or owner == who.client
+    return security.owned(owner, caller)
 
 
 def visible(jobs: list[J], caller: Caller | None = None) -> list[J]:
@@ -636,6 +636,12 @@ class JobManager:
                 j.changed()
         self._moved(moved)
 
+    def has_id(self, job_id: str) -> bool:
+        """Whether any client's job has the id ``job_id`` (a ComfyUI prompt_id a client chooses must be free: the
+        table is keyed by id); says nothing of whose it is."""
+        with self._cond:
+            return job_id in self._jobs
+
     def get(self, job_id: str) -> Job:
         """The job ``job_id`` if the request's client may see it (:func:`may_see`); NotFound otherwise, the same
         answer as for an id that does not exist."""
@@ -696,6 +702,11 @@ class JobManager:
 
     def finish(self, job: Job, state: str, error: str | None = None) -> None:
         job.state = state
+        if error is not None:  # what every protocol answers: the server's paths cut to the names clients gave
+            shown = redact_paths(error)
+            if shown != error:
+                log.info("job %s: %s", job.id, error)  # the whole text stays in the server's log
+            error = shown
         job.error = error
         job.finished = time.time()
         if state == DONE:

@@ -60,6 +60,14 @@ class Caller:
 REQUEST_CALLER: ContextVar[Caller | None] = ContextVar("sdengine_request_caller", default=None)
 
 
+def owned(owner: str | None, caller: Caller | None = None) -> bool:
+    """Whether ``caller`` (by default the request being handled's) may see a thing whose client is ``owner`` (a
+    job, a ComfyUI history entry, an upload): its own client's, or anything for the admin; outside a request
+    (the workers, the server's own code) everything."""
+    who = caller if caller is not None else REQUEST_CALLER.get()
+    return who is None or who.admin or owner == who.client
+
+
 def client_of(scope: Mapping[str, Any]) -> str:
     """The client address of an ASGI scope (``unknown`` when the server does not know it)."""
     client = scope.get("client")

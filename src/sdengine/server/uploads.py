@@ -1,4 +1,5 @@
-"""Images uploaded with ``POST /v1/uploads``, kept in memory (encoded) under random ids, bounded in bytes."""
+"""Images uploaded with ``POST /v1/uploads``, kept in memory (encoded) under random ids, bounded in bytes; each
+is its client's, as a job is (docs/server.md "Who may see and cancel a job")."""
 
 from __future__ import annotations
 
@@ -9,37 +10,40 @@ from collections import OrderedDict
 from PIL import Image
 
 from sdengine.server.errors import BadRequest
-from sdengine.server.security import decode_base64_image, decode_image
+from sdengine.server.security import REQUEST_CALLER, decode_base64_image, decode_image, owned
 
 UPLOAD_ID_LENGTH = 32  # hex characters
 
 
 class UploadStore:
-    """id -> the uploaded bytes (checked decodable and within the pixel limit when stored); the oldest are
-    forgotten when the total is over ``max_bytes``."""
+    """id -> the uploaded bytes (checked decodable and within the pixel limit when stored) and the client that
+    sent them (the request's, as a job's owner); the oldest are forgotten when the total is over ``max_bytes``.
+    Another client's upload is answered as an id the server never had (its id is not confirmed)."""
 
     def __init__(self, max_pixels: int, max_bytes: int = 256 * 1024 * 1024) -> None:
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
-        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._items: OrderedDict[str, tuple[str | None, bytes]] = OrderedDict()
         self._total = 0
         self._lock = threading.Lock()
 
     def add(self, data: bytes, what: str = "upload") -> tuple[str, Image.Image]:
         image = decode_image(data, what, self.max_pixels)
         upload_id = secrets.token_hex(UPLOAD_ID_LENGTH // 2)
+        caller = REQUEST_CALLER.get()
         with self._lock:
-            self._items[upload_id] = data
+            self._items[upload_id] = (caller.client if caller is not None else None, data)
             self._total += len(data)
             while self._total > self.max_bytes and len(self._items) > 1:
-                _, old = self._items.popitem(last=False)
+                _, (_, old) = self._items.popitem(last=False)
                 self._total -= len(old)
         return upload_id, image
 
     def get(self, upload_id: str, what: str) -> Image.Image:
         with self._lock:
-            data = self._items.get(upload_id)
-        if data is None:
+            item = self._items.get(upload_id)
+        data = item[1] if item is not None and owned(item[0]) else None
+        if data is None:  # another client's upload: the same answer as an unknown id
             raise BadRequest(f"{what}: no upload with id {upload_id!r} (uploads are kept in memory, oldest dropped)")
         return decode_image(data, what, self.max_pixels)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import posixpath
 import struct
 import threading
 import time
@@ -31,7 +32,7 @@ from PIL import Image
 
 from sdengine.server.comfy.graph import Executor, Interrupted, NodeFailed, PromptInvalid, validate
 from sdengine.server.comfy.nodes import IMAGE_SUFFIXES, NODES, Outputs, RunContext, object_info, split_annotation
-from sdengine.server.errors import BadRequest, NotFound
+from sdengine.server.errors import BadRequest, Forbidden, NotFound, redact_paths, redact_tree, register_client_folder
 from sdengine.server.jobs import (
     CANCELLED,
     DONE,
@@ -120,6 +121,8 @@ def state(app: FastAPI) -> ComfyState:
         out = Path(app.state.services.config.outputs_dir)
         extra = app.state.services.config.extra
         st = ComfyState(Outputs(out, Path(str(extra.get("comfy_input_dir", out / "input"))), out / "temp"))
+        for folder in (st.folders.output, st.folders.input, st.folders.temp):
+            register_client_folder(folder)  # an error names a file by its name in the folder (/view's)
         app.state.comfy = st
     return st
 
@@ -282,10 +285,10 @@ class ComfyJob(Job):
                 "node_id": e.node_id,
                 "node_type": e.class_type,
                 "executed": e.executed,
-                "exception_message": str(e.exc),
+                "exception_message": redact_paths(str(e.exc)),
                 "exception_type": type(e.exc).__name__,
-                "traceback": traceback.format_exception_only(type(e.exc), e.exc),
-                "current_inputs": e.inputs,
+                "traceback": [redact_paths(t) for t in traceback.format_exception_only(type(e.exc), e.exc)],
+                "current_inputs": redact_tree(e.inputs),
                 "current_outputs": e.cached,
             },
         )
@@ -402,7 +405,7 @@ async def post_prompt(request: Request) -> Any:
     try:
         graph, outputs, node_errors = await asyncio.to_thread(validate, prompt, Env(services, st), targets)
     except PromptInvalid as e:
-        return JSONResponse(e.body, status_code=400)
+        return JSONResponse(redact_tree(e.body), status_code=400)
     raw_extra = body.get("extra_data")
     # ComfyUI keeps the client id in extra_data (where its executor reads it: a client id sent there alone is
     # the prompt's too) and never lists its sensitive keys (API keys of its partner nodes) in /queue or /history
@@ -429,7 +432,9 @@ async def post_prompt(request: Request) -> Any:
         raise BadRequest("prompt_id must be a string")
     if not 0 < len(prompt_id) <= 100:
         raise BadRequest("prompt_id must be 1 to 100 characters")
-    if prompt_id in st.history or _known_job(services, prompt_id):  # the job table is keyed by id: never shared
+    # the job table is keyed by id: an id in use is refused, whoever's it is, with one answer (docs/server.md "Who
+    # may see and cancel a job": it says only that the id the client chose is in use)
+    if prompt_id in st.history or services.manager.has_id(prompt_id):
         raise BadRequest(f"prompt_id {prompt_id!r} is taken (a prompt or job of the server has it)")
     number: int | float
     front = False
@@ -457,14 +462,6 @@ async def post_prompt(request: Request) -> Any:
     services.manager.submit(job, place=lambda queued: _place(queued, number, front))
     send_status(st, services)
     return {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
-
-
-def _known_job(services: Any, job_id: str) -> bool:
-    try:
-        services.manager.get(job_id)
-        return True
-    except NotFound:
-        return False
 
 
 def _priority_number(value: Any) -> float:
@@ -618,6 +615,8 @@ def view(
         raise BadRequest(f"{filename!r}: not a file name of the {type} folder")
     if suffix not in IMAGE_SUFFIXES:
         raise BadRequest(f"{filename!r}: only PNG, JPEG and WebP files are served")
+    if _leaves(subfolder):  # as ComfyUI: a subfolder outside the folder ("../..", "/etc") is a 403
+        raise Forbidden(f"subfolder {subfolder[:200]!r} is outside the {type} folder")
     name = f"{subfolder.strip('/')}/{filename}" if subfolder else filename
     try:  # the messages name the request's file, never the server's folders
         path = resolve_inside(st.folders.root(type), name, "file")
@@ -690,6 +689,13 @@ async def upload_mask(request: Request) -> Any:
     return await _upload(request, mask=True)
 
 
+def _leaves(*parts: str) -> bool:
+    """ComfyUI's containment test (its ``os.path.commonpath`` of the folder and the joined path): ``parts`` joined
+    onto the folder, ``..`` folded, leave it; an absolute part leaves too (the join drops the folder)."""
+    joined = posixpath.normpath(posixpath.join(".", *(p for p in parts if p)))
+    return joined.startswith("/") or joined == ".." or joined.startswith("../")
+
+
 def _masked_original(st: ComfyState, ref_text: Any, mask_data: bytes, max_pixels: int) -> bytes:
     """The PNG of ``original_ref``'s image with the alpha of the mask image ``mask_data``."""
     import io
@@ -710,7 +716,12 @@ def _masked_original(st: ComfyState, ref_text: Any, mask_data: bytes, max_pixels
         kind = str(ref.get("type") or "output")
     if kind not in ("output", "input", "temp"):
         raise BadRequest("original_ref.type must be output, input or temp")
-    sub = str(ref.get("subfolder") or "").strip("/")
+    if not name or name.startswith("/") or ".." in name:  # as ComfyUI's /upload/mask: 400
+        raise BadRequest(f"original_ref {name!r}: not a file name of the {kind} folder")
+    sub = str(ref.get("subfolder") or "")
+    if _leaves(sub):  # as ComfyUI: a subfolder outside the folder is a 403
+        raise Forbidden(f"original_ref subfolder {sub!r} is outside the {kind} folder")
+    sub = sub.strip("/")
     shown = f"{sub}/{name}" if sub else name
     try:
         path = resolve_inside(st.folders.root(kind), shown, "original_ref")
@@ -756,9 +767,14 @@ async def _upload(request: Request, *, mask: bool) -> Any:
     kind = str(form.get("type") or "input")
     if kind not in ("input", "temp", "output"):  # ComfyUI's three folders
         raise BadRequest("type must be input, temp or output")
-    subfolder = str(form.get("subfolder") or "").strip("/")
+    raw_sub, raw_name = str(form.get("subfolder") or ""), str(part.filename or "image.png")
+    # as ComfyUI: a name or subfolder that leads out of the folder ("../x.png", "/etc/x.png", subfolder "/etc") is
+    # a 400, never stored under another name; a name's own folders inside it are dropped ("a/x.png" is x.png)
+    if _leaves(raw_sub, raw_name) or _leaves(raw_name):
+        raise BadRequest(f"{raw_name[:200]!r} in subfolder {raw_sub[:200]!r} leaves the {kind} folder")
+    subfolder = raw_sub.strip("/")
     overwrite = str(form.get("overwrite") or "").lower() in ("true", "1")
-    filename = Path(str(part.filename or "image.png")).name
+    filename = Path(raw_name).name
     try:
         check_name(filename, "filename")
         if subfolder:
