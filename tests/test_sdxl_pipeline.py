@@ -277,8 +277,13 @@ def test_img2img_hand_off_matches_diffusers(base, refiner, sampler):
     assert "Denoising strength: 0.6" in res.infotexts[0] and "Refiner switch at: 0.7" in res.infotexts[0]
     alone = b_pipe(PROMPT, NEGATIVE, init_image=init, strength=0.6, progress=False, **kw)
     assert _mad(res.arrays, alone.arrays) > 3 * TOL
-    with pytest.raises(GenerationError, match="leaves no steps of the img2img's steps 9..10 for the base"):
-        b_pipe.generate_with_refiner(r_pipe, PROMPT, switch_at=0.7, init_image=init, strength=0.2, **kw)
+    # a switch before the img2img's first step (steps 9..10 here): the refiner runs every step, as A1111's
+    # apply_refiner (it was a GenerationError); its VAE decodes and the infotext names it
+    late = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.7, init_image=init, strength=0.2, **kw)
+    r_alone = r_pipe(PROMPT, NEGATIVE, init_image=init, strength=0.2, progress=False, **kw)  # its own VAE encodes
+    b_alone = b_pipe(PROMPT, NEGATIVE, init_image=init, strength=0.2, progress=False, **kw)
+    assert _mad(late.arrays, r_alone.arrays) < _mad(late.arrays, b_alone.arrays) / 3
+    assert "Refiner switch at: 0.7" in late.infotexts[0]
 
 
 def test_hand_off_takes_the_noise_seed_delta(base):
@@ -383,8 +388,9 @@ def test_a1111_switch_rule_takes_the_nearest_training_timestep(base):
     assert switch_step(grid, pipe.noise_schedule, 0.7, "diffusers") == 2
     assert switch_step(grid, pipe.noise_schedule, 0.7, "a1111") == 3
     assert switch_step(grid, pipe.noise_schedule, 0.84, "a1111") == 3  # t 150: (999 - 150) / 1000 = 0.849
-    with pytest.raises(GenerationError, match="leaves no steps for the refiner"):
-        switch_step(grid, pipe.noise_schedule, 0.85, "a1111")
+    # no step reaches the switch: the base runs alone; a switch at or before the first step: the refiner does
+    assert switch_step(grid, pipe.noise_schedule, 0.85, "a1111") == 4
+    assert switch_step(grid, pipe.noise_schedule, 0.2, "a1111", first=2) == 2
     with pytest.raises(GenerationError, match="switch_rule must be one of"):
         pipe.generate_with_refiner(pipe, PROMPT, switch_rule="comfy")
 
@@ -1286,3 +1292,27 @@ def test_comfyui_clip_set_last_layer_past_clip_l_is_a_node_error(base):
     (clip,) = clip_set_last_layer(ctx, ClipHandle("x"), -(n + 1))
     with pytest.raises(NodeError, match=rf"^stop_at_clip_layer -{n + 1} is past .*CLIP-L depth of {n} layers"):
         clip_text_encode(ctx, PROMPT, clip)
+
+
+@pytest.mark.slow
+def test_a1111_switch_leaving_a_model_no_steps_runs_the_other_alone(base, refiner, a1111_sdxl):
+    """A1111's apply_refiner checks the switch before each step: a hires pass starting past the switch runs the
+    refiner on every step (it was a failed job, "leaves no steps of the img2img's steps ... for the base"), and a
+    switch no step reaches runs the base alone and writes no Refiner field (it was a failed job too)."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw, hires = _a1111_hires_kw()
+    kw["strength"] = hires["denoising_strength"] = 0.15
+    r, image, info = a1111_sdxl(**hires, refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.8)
+    assert r.status_code == 200, r.text
+    want = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.8, switch_rule="a1111", **kw)
+    assert np.abs(image - np.asarray(want.images[0], np.float64)).max() == 0.0
+    alone = np.asarray(b_pipe(PROMPT, NEGATIVE, **kw).images[0], np.float64)
+    assert np.abs(image - alone).mean() > 1.0
+    assert "Refiner: tiny-sdxl-refiner" in info["infotexts"][0] and "Refiner switch at: 0.8" in info["infotexts"][0]
+    # past the last step (t 0 of the txt2img's last step is 0.999): the base's image, no Refiner field
+    r, image, info = a1111_sdxl(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.9995)
+    assert r.status_code == 200, r.text
+    _, plain, _ = a1111_sdxl()
+    assert np.abs(image - plain).max() == 0.0
+    assert "Refiner" not in info["infotexts"][0]
