@@ -925,8 +925,9 @@ def install(app: FastAPI, services: Any) -> None:
         from sdengine.metadata import parse_parameters, to_generate_kwargs
 
         parsed = parse_parameters(text)
-        try:  # A1111's refiner fields run (hand_off): its "Refiner" and "Refiner switch at" are read
-            found = to_generate_kwargs(parsed, hires=hires, refiner=True)
+        try:  # A1111's refiner fields run (hand_off): "Refiner", "Refiner switch at"; "Hires refiner" and
+            # "Hires checkpoint" are read below (txt2img's)
+            found = to_generate_kwargs(parsed, hires=hires, refiner=True, hr_checkpoint=True, hr_refiner=True)
         except ValueError as e:
             raise BadRequest(f"infotext: {e}") from None
         sent = req.model_dump(exclude_unset=True)
