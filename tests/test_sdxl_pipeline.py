@@ -1316,3 +1316,88 @@ def test_a1111_switch_leaving_a_model_no_steps_runs_the_other_alone(base, refine
     _, plain, _ = a1111_sdxl()
     assert np.abs(image - plain).max() == 0.0
     assert "Refiner" not in info["infotexts"][0]
+
+
+@pytest.mark.slow
+def test_cli_hires_refiner_pass_and_hr_checkpoint_run_again_from_png(base, refiner, tmp_path, monkeypatch, capsys):
+    """`--hr-refiner-pass` (A1111's hires_fix_refiner_pass) and `--hr-checkpoint` (its hr_checkpoint_name) give
+    the Python call's image; `--from-png` of it reads "Hires refiner" and "Hires checkpoint" back and makes the
+    same pixels (the CLI had neither: it warned and made another image)."""
+    from PIL import Image
+
+    from sdengine.cli import main
+
+    b_folder, b_pipe, _ = base
+    r_folder, r_pipe, _ = refiner
+    (tmp_path / "tiny-sdxl").symlink_to(b_folder)
+    (tmp_path / "tiny-sdxl-refiner").symlink_to(r_folder)
+    monkeypatch.chdir(tmp_path)
+    args = ["generate", PROMPT, "--model", "tiny-sdxl", "--refiner", "tiny-sdxl-refiner", "--refiner-switch-at", "0.6"]
+    args += ["--steps", "3", "--seed", "2", "--sampler", "euler", "--schedule", "normal", "--no-progress"]
+    args += ["--hires", "--strength", "0.6", "--hr-refiner-pass", "first", "--hr-checkpoint", "tiny-sdxl-refiner"]
+    assert main([*args, "--out", "made.png"]) == 0
+    want = np.asarray(Image.open("made.png"), dtype=np.float64)
+    text = Image.open("made.png").info["parameters"]
+    assert "Hires refiner: first pass" in text and "Hires checkpoint: tiny-sdxl-refiner [" in text
+    kw = dict(steps=3, seed=2, sampler="euler", schedule="normal", width=SIZE, height=SIZE, progress=False)
+    kw.update(enable_hr=True, strength=0.6)
+    py = b_pipe.generate_with_refiner(r_pipe, PROMPT, switch_at=0.6, hires_pass="first pass", hr_model=r_pipe, **kw)
+    assert np.abs(np.asarray(py.images[0], np.float64) - want).max() == 0.0
+    alone = b_pipe.generate_with_refiner(r_pipe, PROMPT, switch_at=0.6, hires_pass="first pass", **kw)
+    assert np.abs(np.asarray(alone.images[0], np.float64) - want).mean() > 1.0  # the flags change the image
+    capsys.readouterr()
+    assert main(["generate", "--from-png", "made.png", "--no-progress", "--out", "again.png"]) == 0
+    assert np.abs(np.asarray(Image.open("again.png"), dtype=np.float64) - want).max() == 0.0
+    assert "not reproduced" not in capsys.readouterr().err
+    # a recorded hires model that is no path here: one line asking for --hr-checkpoint, nothing made
+    Image.open("made.png").save(
+        "moved.png", pnginfo=_pnginfo(text.replace("Hires checkpoint: ", "Hires checkpoint: x"))
+    )
+    assert main(["generate", "--from-png", "moved.png", "--no-progress", "--out", "x.png"]) != 0
+    assert "give --hr-checkpoint" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_cli_hires_model_flags_are_refused_where_they_change_nothing(tmp_path, monkeypatch, capsys):
+    """`--hr-checkpoint` / `--hr-refiner-pass` without what they apply to, or a pass A1111 lacks, are one line
+    before any model loads; `--outpaint` (the model alone) refuses them and `--refiner` (once dropped silently)."""
+    from PIL import Image
+
+    from sdengine.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", PROMPT, "--hr-checkpoint", "tiny-sdxl", "--out", "y.png"]) != 0
+    assert "--hr-checkpoint has no effect without the hires fix" in capsys.readouterr().err
+    assert main(["generate", PROMPT, "--hires", "--hr-refiner-pass", "both", "--out", "y.png"]) != 0
+    assert "--hr-refiner-pass has no effect without the hires fix and --refiner" in capsys.readouterr().err
+    assert main(["generate", PROMPT, "--hires", "--refiner", "r", "--hr-refiner-pass", "third", "--out", "y.png"]) != 0
+    assert "--hr-refiner-pass must be one of first, second, both" in capsys.readouterr().err
+    Image.new("RGB", (16, 16)).save("in.png")
+    for flag in ("--refiner", "--hr-checkpoint"):
+        assert (
+            main(
+                [
+                    "generate",
+                    PROMPT,
+                    "--init-image",
+                    "in.png",
+                    "--outpaint",
+                    "8",
+                    "--hires",
+                    flag,
+                    "m",
+                    "--out",
+                    "o.png",
+                ]
+            )
+            != 0
+        )
+        assert f"--outpaint runs --model alone: drop {flag}" in capsys.readouterr().err
+    assert not list(tmp_path.glob("[oy].png"))
+
+
+def _pnginfo(text: str):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", text)
+    return info
