@@ -446,7 +446,7 @@ def test_a1111_txt2img_runs_the_sdxl_refiner_at_refiner_switch_at(base, refiner,
     assert "Refiner: tiny-sdxl-refiner" in info["infotexts"][0] and "Refiner switch at: 0.7" in info["infotexts"][0]
     for extra, says in (
         (dict(refiner_checkpoint="nope", refiner_switch_at=0.7), "unknown model 'nope'"),
-        (dict(refiner_checkpoint="tiny-sdxl-refiner"), "refiner_switch_at must be a number in (0, 1]"),
+        (dict(refiner_checkpoint="tiny-sdxl-refiner"), "refiner_switch_at must be a number in [0, 1]"),
         (dict(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7, sampler_name="DDIM"), "DDIM"),
         (
             dict(
@@ -1298,7 +1298,8 @@ def test_comfyui_clip_set_last_layer_past_clip_l_is_a_node_error(base):
 def test_a1111_switch_leaving_a_model_no_steps_runs_the_other_alone(base, refiner, a1111_sdxl):
     """A1111's apply_refiner checks the switch before each step: a hires pass starting past the switch runs the
     refiner on every step (it was a failed job, "leaves no steps of the img2img's steps ... for the base"), and a
-    switch no step reaches runs the base alone and writes no Refiner field (it was a failed job too)."""
+    switch no step reaches runs the base alone and writes no Refiner field (it was a failed job too); a switch at
+    0 runs the refiner on every step (it was a 400)."""
     _, b_pipe, _ = base
     _, r_pipe, _ = refiner
     kw, hires = _a1111_hires_kw()
@@ -1310,6 +1311,13 @@ def test_a1111_switch_leaving_a_model_no_steps_runs_the_other_alone(base, refine
     alone = np.asarray(b_pipe(PROMPT, NEGATIVE, **kw).images[0], np.float64)
     assert np.abs(image - alone).mean() > 1.0
     assert "Refiner: tiny-sdxl-refiner" in info["infotexts"][0] and "Refiner switch at: 0.8" in info["infotexts"][0]
+    # at 0 the refiner runs every step: its own txt2img (it was a 400)
+    r, image, info = a1111_sdxl(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0)
+    assert r.status_code == 200, r.text
+    kw = dict(steps=5, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    own = r_pipe(PROMPT, NEGATIVE, progress=False, **kw)
+    assert np.abs(image - np.asarray(own.images[0], np.float64)).max() == 0.0
+    assert "Refiner switch at: 0" in info["infotexts"][0]
     # past the last step (t 0 of the txt2img's last step is 0.999): the base's image, no Refiner field
     r, image, info = a1111_sdxl(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.9995)
     assert r.status_code == 200, r.text
@@ -1401,3 +1409,20 @@ def _pnginfo(text: str):
     info = PngInfo()
     info.add_text("parameters", text)
     return info
+
+
+def test_a_switch_leaving_one_model_no_steps_is_the_other_models_own_run(base, refiner):
+    """A1111's apply_refiner switches before a step or never: switch_at 0 runs the refiner on every step (its own
+    txt2img, to the pixel), a switch no step reaches the base alone (its own image, no Refiner field, a note).
+    Both were GenerationErrors ("switch_at must be a number in (0, 1)", "leaves no steps for the refiner")."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw = dict(steps=2, sampler="euler", schedule="normal", cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
+    kw["progress"] = False
+    got = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0, **kw)
+    assert np.abs(got.arrays - r_pipe(PROMPT, NEGATIVE, **kw).arrays).max() == 0.0
+    assert "Refiner switch at: 0" in got.infotexts[0]
+    got = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.9995, switch_rule="a1111", **kw)
+    plain = b_pipe(PROMPT, NEGATIVE, **kw)
+    assert np.abs(got.arrays - plain.arrays).max() == 0.0
+    assert "Refiner" not in got.infotexts[0] and any("ran alone" in n for n in got.notes), got.notes

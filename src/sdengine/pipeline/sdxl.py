@@ -64,8 +64,9 @@ def check_hand_off(
         raise GenerationError(
             f"hires_fix_refiner_pass must be one of {', '.join(map(repr, HIRES_REFINER_PASSES))}, got {hires_pass!r}"
         )
-    if isinstance(switch_at, bool) or not isinstance(switch_at, int | float) or not 0.0 < switch_at < 1.0:
-        raise GenerationError(f"switch_at must be a number in (0, 1), got {switch_at!r}")
+    if isinstance(switch_at, bool) or not isinstance(switch_at, int | float) or not 0.0 <= switch_at < 1.0:
+        # 0: the refiner runs every step (A1111's apply_refiner switches before the first one)
+        raise GenerationError(f"switch_at must be a number in [0, 1), got {switch_at!r}")
     if request.controlnets or request.loras:
         raise GenerationError("a base -> refiner hand-off takes no ControlNet or LoRA")
     if request.vae_decode != "full":
