@@ -174,7 +174,7 @@ def test_hr_checkpoint_of_the_same_model_and_fields_a1111_reads_not(counted):
     assert _info(r)["ignored"] == ["override_settings.face_restoration"]
 
 
-def test_hr_checkpoint_of_another_model_runs_the_second_pass_on_it(counted):
+def test_hr_checkpoint_of_another_model_runs_the_second_pass_on_it(counted, caplog):
     """hr_checkpoint_name naming another model (a 422 before): A1111 loads it for the second pass; the worker loads
     it beside the job's model and runs the second pass there: another image than the job's model alone, the
     same for the same call (the model kept), and its infotext says "Hires checkpoint". A LoRA with it is a 400
@@ -189,8 +189,13 @@ def test_hr_checkpoint_of_another_model_runs_the_second_pass_on_it(counted):
     np.testing.assert_array_equal(_image(again), _image(other))
     assert [Path(m).name for m in loads].count("other") == 1  # kept beside the job's model
     text = _info(other)["infotexts"][0]  # its "Hires checkpoint" runs the same second pass again
+    caplog.set_level("WARNING", logger="sdengine.metadata")
     pasted = client.post("/sdapi/v1/txt2img", json={"infotext": text})
     np.testing.assert_array_equal(_image(pasted), _image(other))
+    # the route reproduces it (and "Hires refiner", A1111's option): not warned of as "not reproduced" (it was)
+    client.post("/sdapi/v1/txt2img", json={"infotext": text + ", Hires refiner: first pass", "steps": 1})
+    said = [r.getMessage() for r in caplog.records if "not reproduced" in r.getMessage()]
+    assert not [m for m in said if "Hires checkpoint" in m or "Hires refiner" in m], said
     r = client.post(
         "/sdapi/v1/txt2img", json={**SMALL, **hires, "hr_checkpoint_name": "other", "prompt": "a <lora:emoji-fruit:1>"}
     )

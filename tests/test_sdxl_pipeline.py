@@ -277,8 +277,13 @@ def test_img2img_hand_off_matches_diffusers(base, refiner, sampler):
     assert "Denoising strength: 0.6" in res.infotexts[0] and "Refiner switch at: 0.7" in res.infotexts[0]
     alone = b_pipe(PROMPT, NEGATIVE, init_image=init, strength=0.6, progress=False, **kw)
     assert _mad(res.arrays, alone.arrays) > 3 * TOL
-    with pytest.raises(GenerationError, match="leaves no steps of the img2img's steps 9..10 for the base"):
-        b_pipe.generate_with_refiner(r_pipe, PROMPT, switch_at=0.7, init_image=init, strength=0.2, **kw)
+    # a switch before the img2img's first step (steps 9..10 here): the refiner runs every step, as A1111's
+    # apply_refiner (it was a GenerationError); its VAE decodes and the infotext names it
+    late = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.7, init_image=init, strength=0.2, **kw)
+    r_alone = r_pipe(PROMPT, NEGATIVE, init_image=init, strength=0.2, progress=False, **kw)  # its own VAE encodes
+    b_alone = b_pipe(PROMPT, NEGATIVE, init_image=init, strength=0.2, progress=False, **kw)
+    assert _mad(late.arrays, r_alone.arrays) < _mad(late.arrays, b_alone.arrays) / 3
+    assert "Refiner switch at: 0.7" in late.infotexts[0]
 
 
 def test_hand_off_takes_the_noise_seed_delta(base):
@@ -383,8 +388,9 @@ def test_a1111_switch_rule_takes_the_nearest_training_timestep(base):
     assert switch_step(grid, pipe.noise_schedule, 0.7, "diffusers") == 2
     assert switch_step(grid, pipe.noise_schedule, 0.7, "a1111") == 3
     assert switch_step(grid, pipe.noise_schedule, 0.84, "a1111") == 3  # t 150: (999 - 150) / 1000 = 0.849
-    with pytest.raises(GenerationError, match="leaves no steps for the refiner"):
-        switch_step(grid, pipe.noise_schedule, 0.85, "a1111")
+    # no step reaches the switch: the base runs alone; a switch at or before the first step: the refiner does
+    assert switch_step(grid, pipe.noise_schedule, 0.85, "a1111") == 4
+    assert switch_step(grid, pipe.noise_schedule, 0.2, "a1111", first=2) == 2
     with pytest.raises(GenerationError, match="switch_rule must be one of"):
         pipe.generate_with_refiner(pipe, PROMPT, switch_rule="comfy")
 
@@ -440,7 +446,7 @@ def test_a1111_txt2img_runs_the_sdxl_refiner_at_refiner_switch_at(base, refiner,
     assert "Refiner: tiny-sdxl-refiner" in info["infotexts"][0] and "Refiner switch at: 0.7" in info["infotexts"][0]
     for extra, says in (
         (dict(refiner_checkpoint="nope", refiner_switch_at=0.7), "unknown model 'nope'"),
-        (dict(refiner_checkpoint="tiny-sdxl-refiner"), "refiner_switch_at must be a number in (0, 1]"),
+        (dict(refiner_checkpoint="tiny-sdxl-refiner"), "refiner_switch_at must be a number in [0, 1]"),
         (dict(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7, sampler_name="DDIM"), "DDIM"),
         (
             dict(
@@ -1286,3 +1292,137 @@ def test_comfyui_clip_set_last_layer_past_clip_l_is_a_node_error(base):
     (clip,) = clip_set_last_layer(ctx, ClipHandle("x"), -(n + 1))
     with pytest.raises(NodeError, match=rf"^stop_at_clip_layer -{n + 1} is past .*CLIP-L depth of {n} layers"):
         clip_text_encode(ctx, PROMPT, clip)
+
+
+@pytest.mark.slow
+def test_a1111_switch_leaving_a_model_no_steps_runs_the_other_alone(base, refiner, a1111_sdxl):
+    """A1111's apply_refiner checks the switch before each step: a hires pass starting past the switch runs the
+    refiner on every step (it was a failed job, "leaves no steps of the img2img's steps ... for the base"), and a
+    switch no step reaches runs the base alone and writes no Refiner field (it was a failed job too); a switch at
+    0 runs the refiner on every step (it was a 400)."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw, hires = _a1111_hires_kw()
+    kw["strength"] = hires["denoising_strength"] = 0.15
+    r, image, info = a1111_sdxl(**hires, refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.8)
+    assert r.status_code == 200, r.text
+    want = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.8, switch_rule="a1111", **kw)
+    assert np.abs(image - np.asarray(want.images[0], np.float64)).max() == 0.0
+    alone = np.asarray(b_pipe(PROMPT, NEGATIVE, **kw).images[0], np.float64)
+    assert np.abs(image - alone).mean() > 1.0
+    assert "Refiner: tiny-sdxl-refiner" in info["infotexts"][0] and "Refiner switch at: 0.8" in info["infotexts"][0]
+    # at 0 the refiner runs every step: its own txt2img (it was a 400)
+    r, image, info = a1111_sdxl(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0)
+    assert r.status_code == 200, r.text
+    kw = dict(steps=5, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    own = r_pipe(PROMPT, NEGATIVE, progress=False, **kw)
+    assert np.abs(image - np.asarray(own.images[0], np.float64)).max() == 0.0
+    assert "Refiner switch at: 0" in info["infotexts"][0]
+    # past the last step (t 0 of the txt2img's last step is 0.999): the base's image, no Refiner field
+    r, image, info = a1111_sdxl(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.9995)
+    assert r.status_code == 200, r.text
+    _, plain, _ = a1111_sdxl()
+    assert np.abs(image - plain).max() == 0.0
+    assert "Refiner" not in info["infotexts"][0]
+
+
+@pytest.mark.slow
+def test_cli_hires_refiner_pass_and_hr_checkpoint_run_again_from_png(base, refiner, tmp_path, monkeypatch, capsys):
+    """`--hr-refiner-pass` (A1111's hires_fix_refiner_pass) and `--hr-checkpoint` (its hr_checkpoint_name) give
+    the Python call's image; `--from-png` of it reads "Hires refiner" and "Hires checkpoint" back and makes the
+    same pixels (the CLI had neither: it warned and made another image)."""
+    from PIL import Image
+
+    from sdengine.cli import main
+
+    b_folder, b_pipe, _ = base
+    r_folder, r_pipe, _ = refiner
+    (tmp_path / "tiny-sdxl").symlink_to(b_folder)
+    (tmp_path / "tiny-sdxl-refiner").symlink_to(r_folder)
+    monkeypatch.chdir(tmp_path)
+    args = ["generate", PROMPT, "--model", "tiny-sdxl", "--refiner", "tiny-sdxl-refiner", "--refiner-switch-at", "0.6"]
+    args += ["--steps", "3", "--seed", "2", "--sampler", "euler", "--schedule", "normal", "--no-progress"]
+    args += ["--hires", "--strength", "0.6", "--hr-refiner-pass", "first", "--hr-checkpoint", "tiny-sdxl-refiner"]
+    assert main([*args, "--out", "made.png"]) == 0
+    want = np.asarray(Image.open("made.png"), dtype=np.float64)
+    text = Image.open("made.png").info["parameters"]
+    assert "Hires refiner: first pass" in text and "Hires checkpoint: tiny-sdxl-refiner [" in text
+    kw = dict(steps=3, seed=2, sampler="euler", schedule="normal", width=SIZE, height=SIZE, progress=False)
+    kw.update(enable_hr=True, strength=0.6)
+    py = b_pipe.generate_with_refiner(r_pipe, PROMPT, switch_at=0.6, hires_pass="first pass", hr_model=r_pipe, **kw)
+    assert np.abs(np.asarray(py.images[0], np.float64) - want).max() == 0.0
+    alone = b_pipe.generate_with_refiner(r_pipe, PROMPT, switch_at=0.6, hires_pass="first pass", **kw)
+    assert np.abs(np.asarray(alone.images[0], np.float64) - want).mean() > 1.0  # the flags change the image
+    capsys.readouterr()
+    assert main(["generate", "--from-png", "made.png", "--no-progress", "--out", "again.png"]) == 0
+    assert np.abs(np.asarray(Image.open("again.png"), dtype=np.float64) - want).max() == 0.0
+    assert "not reproduced" not in capsys.readouterr().err
+    # a recorded hires model that is no path here: one line asking for --hr-checkpoint, nothing made
+    Image.open("made.png").save(
+        "moved.png", pnginfo=_pnginfo(text.replace("Hires checkpoint: ", "Hires checkpoint: x"))
+    )
+    assert main(["generate", "--from-png", "moved.png", "--no-progress", "--out", "x.png"]) != 0
+    assert "give --hr-checkpoint" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_cli_hires_model_flags_are_refused_where_they_change_nothing(tmp_path, monkeypatch, capsys):
+    """`--hr-checkpoint` / `--hr-refiner-pass` without what they apply to, or a pass A1111 lacks, are one line
+    before any model loads; `--outpaint` (the model alone) refuses them and `--refiner` (once dropped silently)."""
+    from PIL import Image
+
+    from sdengine.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", PROMPT, "--hr-checkpoint", "tiny-sdxl", "--out", "y.png"]) != 0
+    assert "--hr-checkpoint has no effect without the hires fix" in capsys.readouterr().err
+    assert main(["generate", PROMPT, "--hires", "--hr-refiner-pass", "both", "--out", "y.png"]) != 0
+    assert "--hr-refiner-pass has no effect without the hires fix and --refiner" in capsys.readouterr().err
+    assert main(["generate", PROMPT, "--hires", "--refiner", "r", "--hr-refiner-pass", "third", "--out", "y.png"]) != 0
+    assert "--hr-refiner-pass must be one of first, second, both" in capsys.readouterr().err
+    Image.new("RGB", (16, 16)).save("in.png")
+    for flag in ("--refiner", "--hr-checkpoint"):
+        assert (
+            main(
+                [
+                    "generate",
+                    PROMPT,
+                    "--init-image",
+                    "in.png",
+                    "--outpaint",
+                    "8",
+                    "--hires",
+                    flag,
+                    "m",
+                    "--out",
+                    "o.png",
+                ]
+            )
+            != 0
+        )
+        assert f"--outpaint runs --model alone: drop {flag}" in capsys.readouterr().err
+    assert not list(tmp_path.glob("[oy].png"))
+
+
+def _pnginfo(text: str):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", text)
+    return info
+
+
+def test_a_switch_leaving_one_model_no_steps_is_the_other_models_own_run(base, refiner):
+    """A1111's apply_refiner switches before a step or never: switch_at 0 runs the refiner on every step (its own
+    txt2img, to the pixel), a switch no step reaches the base alone (its own image, no Refiner field, a note).
+    Both were GenerationErrors ("switch_at must be a number in (0, 1)", "leaves no steps for the refiner")."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw = dict(steps=2, sampler="euler", schedule="normal", cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
+    kw["progress"] = False
+    got = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0, **kw)
+    assert np.abs(got.arrays - r_pipe(PROMPT, NEGATIVE, **kw).arrays).max() == 0.0
+    assert "Refiner switch at: 0" in got.infotexts[0]
+    got = b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=0.9995, switch_rule="a1111", **kw)
+    plain = b_pipe(PROMPT, NEGATIVE, **kw)
+    assert np.abs(got.arrays - plain.arrays).max() == 0.0
+    assert "Refiner" not in got.infotexts[0] and any("ran alone" in n for n in got.notes), got.notes

@@ -321,7 +321,14 @@ def made_by_sdengine(parsed: Mapping[str, str]) -> bool:
     return parsed.get("Version", "").strip().startswith("sdengine")
 
 
-def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refiner: bool = False) -> dict[str, Any]:
+def to_generate_kwargs(
+    parsed: Mapping[str, str],
+    *,
+    hires: bool = False,
+    refiner: bool = False,
+    hr_checkpoint: bool = False,
+    hr_refiner: bool = False,
+) -> dict[str, Any]:
     """The pipeline's arguments from :func:`parse_parameters`' result.
 
     Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
@@ -343,6 +350,8 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
     warning. With ``hires=True`` the hires-fix fields are read too (:func:`hires_kwargs`; then "Denoising
     strength" is the second pass's). ``refiner=True`` says the caller reproduces A1111's "Refiner" and
     "Refiner switch at" (an SDXL base -> refiner hand-off, not a request setting), so they are not warned of.
+    With ``hires=True``, ``hr_checkpoint=True`` and ``hr_refiner=True`` say the caller reproduces A1111's "Hires
+    checkpoint" (the second pass's model) and "Hires refiner" (the pass that handed off); else they are warned of.
     """
     kwargs: dict[str, Any] = {
         "prompt": parsed.get("Prompt", ""),
@@ -465,6 +474,8 @@ def to_generate_kwargs(parsed: Mapping[str, str], *, hires: bool = False, refine
     used |= hires_used
     if refiner:
         used |= {"Refiner", "Refiner switch at"}
+    if hires:
+        used |= {k for k, on in (("Hires checkpoint", hr_checkpoint), ("Hires refiner", hr_refiner)) if on}
     used |= {
         "Denoising strength",
         "Clip skip",

@@ -286,7 +286,7 @@ def _from_png(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     parsed = parse_parameters(text)
     try:
         # a hires image's "Denoising strength" is its second pass's, not an img2img's
-        kwargs = to_generate_kwargs(parsed, hires=True, refiner=True)
+        kwargs = to_generate_kwargs(parsed, hires=True, refiner=True, hr_checkpoint=True, hr_refiner=True)
     except MetadataError as e:
         if hires_fix_fields(parsed):
             raise GenerationError(f"{path}: {e}") from None
@@ -355,6 +355,34 @@ def _refiner_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> None:
             raise GenerationError(
                 f"{a.from_png}: Refiner switch at {parsed['Refiner switch at']!r} is not a number"
             ) from None
+
+
+def _hires_models_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> None:
+    """A hires image whose second pass ran on another model (A1111's "Hires checkpoint: NAME [hash]") or whose
+    refiner handed off in another pass than the second ("Hires refiner: first pass"): --hr-checkpoint, else the
+    recorded name where it is a path here (as "Model"); --hr-refiner-pass, else the recorded pass."""
+    recorded = parsed.get("Hires checkpoint")
+    if recorded and recorded != "Use same checkpoint" and a.hr_checkpoint is None:
+        name = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", recorded)
+        if not name or not Path(name).exists():
+            raise GenerationError(
+                f"{a.from_png} ran its hires pass on {recorded!r}, which is not a path here: give --hr-checkpoint"
+            )
+        a.hr_checkpoint = name
+    if a.hr_refiner_pass is None and parsed.get("Hires refiner") and parsed.get("Refiner"):
+        a.hr_refiner_pass = hr_refiner_pass(parsed["Hires refiner"], f"{a.from_png}: Hires refiner")
+
+
+def hr_refiner_pass(value: str, what: str = "--hr-refiner-pass") -> str:
+    """A1111's ``hires_fix_refiner_pass`` from ``first``/``second``/``both`` or its own ``first pass``, ...; another
+    value is a UsageError naming them."""
+    from ..pipeline.sdxl import HIRES_REFINER_PASSES
+
+    v = " ".join(value.strip().lower().split())
+    v = v if v.endswith(" pass") or v.endswith(" passes") else v + (" passes" if v == "both" else " pass")
+    if v not in HIRES_REFINER_PASSES:
+        raise UsageError(f"{what} must be one of first, second, both (A1111's 'first pass', ...), got {value!r}")
+    return v
 
 
 def _vae_from_png(parsed: dict[str, str], given: str | None, png: str) -> str | None:
@@ -495,6 +523,8 @@ def _refuse_flags_without_effect(
         ("--mask-blur", a.mask_blur, a.mask is not None or a.outpaint is not None, "--mask or --outpaint"),
         ("--resize-mode", a.resize_mode, img2img or bool(a.control), "--init-image or --control"),
         ("--refiner-switch-at", a.refiner_switch_at, a.refiner is not None, "--refiner"),
+        ("--hr-checkpoint", a.hr_checkpoint, hires, "the hires fix (--hires)"),
+        ("--hr-refiner-pass", a.hr_refiner_pass, hires and a.refiner is not None, "the hires fix and --refiner"),
         # a variation seed mixes in nothing at strength 0 (A1111 ignores it there); -1 asks for a random one
         ("--subseed", a.subseed, variation, "a --subseed-strength above 0"),
         # ``cfg``: the run's scale (--cfg, or --from-png's); at 1 the guided prediction is the conditional one
@@ -527,6 +557,8 @@ def run(a: argparse.Namespace) -> int:
     from ..pipeline.request import GenerationRequest, batch_count_seeds
 
     _setup_logging()
+    if a.hr_refiner_pass is not None:  # a bad pass is one line before anything loads
+        a.hr_refiner_pass = hr_refiner_pass(a.hr_refiner_pass)
     kwargs: dict[str, Any] = request_defaults()
     model = a.model
     vae = a.vae
@@ -542,6 +574,7 @@ def run(a: argparse.Namespace) -> int:
                 )
         vae = _vae_from_png(parsed, a.vae, a.from_png)
         _refiner_from_png(a, parsed)
+        _hires_models_from_png(a, parsed)
         if model is None:
             model = _model_from_png(parsed)
             if model is None and parsed.get("Model"):
@@ -661,6 +694,9 @@ def run(a: argparse.Namespace) -> int:
         from ..outpaint import parse_sides
 
         sides = parse_sides(a.outpaint)
+        other = [f for f, v in (("--refiner", a.refiner), ("--hr-checkpoint", a.hr_checkpoint)) if v is not None]
+        if other:  # the outpaint runs the model alone (they were dropped without a word)
+            raise UsageError(f"--outpaint runs --model alone: drop {', '.join(other)}")
         if a.init_image is None or a.mask is not None or a.width is not None or a.height is not None:
             raise UsageError(
                 "--outpaint extends --init-image (the size follows from it): give --init-image, "
@@ -722,6 +758,9 @@ def run(a: argparse.Namespace) -> int:
         if not isinstance(pipe, SDXLPipeline) or not isinstance(refiner, SDXLPipeline):
             raise UsageError("--refiner hands an SDXL base model's run to an SDXL refiner: both must be SDXL")
         sdxl_base = pipe
+    hr_model: Any = None
+    if a.hr_checkpoint is not None and sides is None:  # the hires fix's second pass on another model (A1111's)
+        hr_model = load_pipeline(a.hr_checkpoint, device=a.device, dtype=a.dtype, vae=a.vae)
 
     def make(kw: dict[str, Any]) -> Any:
         prompt = kw.pop("prompt", "")
@@ -734,8 +773,11 @@ def run(a: argparse.Namespace) -> int:
             return outpaint(pipe, prompt, image, *sides, **kw)
         if sdxl_base is not None:
             switch_at = 0.8 if a.refiner_switch_at is None else a.refiner_switch_at
-            return sdxl_base.generate_with_refiner(refiner, prompt, switch_at=switch_at, **kw)
-        return pipe(GenerationRequest(prompt=prompt, **kw))
+            hires_pass = hr_refiner_pass(a.hr_refiner_pass or "second pass")
+            return sdxl_base.generate_with_refiner(
+                refiner, prompt, switch_at=switch_at, hires_pass=hires_pass, hr_model=hr_model, **kw
+            )
+        return pipe(GenerationRequest(prompt=prompt, **kw), hr_model=hr_model)
 
     index = next_index(out) if out.is_dir() else 0
     images: list[Any] = []
@@ -879,6 +921,13 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="W",
         help="hires width instead of --hr-scale (one side keeps the aspect ratio; both: cover, then cut the centre)",
     )
+    p.add_argument(
+        "--hr-checkpoint",
+        default=None,
+        metavar="MODEL",
+        help="the hires fix's second pass on this model (A1111's hr_checkpoint_name; default: --model, or "
+        "--from-png's)",
+    )
     p.add_argument("--hr-resize-y", type=int, default=None, metavar="H", help="hires height instead of --hr-scale")
     p.add_argument("--hr-sampler", default=None, metavar="NAME", help="second-pass sampler (default: --sampler)")
     p.add_argument("--hr-prompt", default=None, metavar="TEXT", help="second-pass prompt (default: the prompt)")
@@ -958,6 +1007,13 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         default=None,
         metavar="F",
         help="SDXL: fraction of the steps the base model runs before the refiner (default 0.8, or --from-png's)",
+    )
+    p.add_argument(
+        "--hr-refiner-pass",
+        default=None,
+        metavar="PASS",
+        help="SDXL with --hires and --refiner: the pass that hands off, first, second (default) or both (A1111's "
+        "hires_fix_refiner_pass), or --from-png's",
     )
     p.add_argument(
         "--tiny-vae",

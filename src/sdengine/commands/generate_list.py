@@ -21,6 +21,8 @@ def check_list_flags(a: argparse.Namespace) -> None:
             ("--n-iter", getattr(a, "n_iter", None) is not None),
             ("--refiner", getattr(a, "refiner", None) is not None),  # an SDXL hand-off: one call at a time
             ("--refiner-switch-at", getattr(a, "refiner_switch_at", None) is not None),
+            ("--hr-refiner-pass", getattr(a, "hr_refiner_pass", None) is not None),
+            ("--hr-checkpoint", getattr(a, "hr_checkpoint", None) is not None),  # a second model: one call at a time
         )
         if given
     ]

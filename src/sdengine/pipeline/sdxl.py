@@ -64,8 +64,9 @@ def check_hand_off(
         raise GenerationError(
             f"hires_fix_refiner_pass must be one of {', '.join(map(repr, HIRES_REFINER_PASSES))}, got {hires_pass!r}"
         )
-    if isinstance(switch_at, bool) or not isinstance(switch_at, int | float) or not 0.0 < switch_at < 1.0:
-        raise GenerationError(f"switch_at must be a number in (0, 1), got {switch_at!r}")
+    if isinstance(switch_at, bool) or not isinstance(switch_at, int | float) or not 0.0 <= switch_at < 1.0:
+        # 0: the refiner runs every step (A1111's apply_refiner switches before the first one)
+        raise GenerationError(f"switch_at must be a number in [0, 1), got {switch_at!r}")
     if request.controlnets or request.loras:
         raise GenerationError("a base -> refiner hand-off takes no ControlNet or LoRA")
     if request.vae_decode != "full":
@@ -98,8 +99,9 @@ def check_hand_off(
 def switch_step(grid: Any, noise_schedule: Any, switch_at: float, rule: str = "diffusers", first: int = 0) -> int:
     """The first step the refiner runs. diffusers: the base walks the steps whose timestep is at least
     ``(1 - switch_at) * T``; A1111: the refiner starts at the first step whose sigma's nearest training
-    timestep ``t`` has ``(999 - t) / 1000 >= switch_at``. ``first``: the first step an img2img run takes. A
-    GenerationError when either model gets no step."""
+    timestep ``t`` has ``(999 - t) / 1000 >= switch_at``. ``first``: the first step an img2img run takes. As
+    A1111's ``apply_refiner`` (which checks the switch before each step), a switch at or before ``first`` is
+    ``first`` (the refiner runs every step) and one after the last step is ``grid.steps`` (the base runs alone)."""
     if rule == "a1111":
         table = noise_schedule.sigmas.double()
         t = [int(torch.argmin((table - float(s)).abs())) for s in grid.sigmas[: grid.steps]]
@@ -107,11 +109,7 @@ def switch_step(grid: Any, noise_schedule: Any, switch_at: float, rule: str = "d
     else:
         cutoff = round(noise_schedule.num_train_timesteps * (1.0 - switch_at))
         k = int((torch.as_tensor(grid.timesteps) >= cutoff).sum())
-    if not first < k < grid.steps:
-        which = "base" if k <= first else "refiner"
-        img2img = f" of the img2img's steps {first + 1}..{grid.steps}" if first else ""
-        raise GenerationError(f"switch_at {switch_at} leaves no steps{img2img} for the {which}")
-    return k
+    return min(max(k, first), grid.steps)
 
 
 class SDXLPipeline(Pipeline):
@@ -194,8 +192,9 @@ class SDXLPipeline(Pipeline):
         restart at the switch (a multistep sampler's history is not carried over), as in diffusers.
         Settings are a request's (no ControlNet or LoRA). With an init image the base starts at
         the img2img's first step of that grid (its strength and ``strength_rule``) and the switch is the same step
-        of the whole grid: A1111 switches on its img2img schedule so; one of the models left without a step is a
-        GenerationError (A1111 would run the other alone). With a ``mask`` the inpainting blend of the request's
+        of the whole grid: A1111 switches on its img2img schedule so. A switch at or before a pass's first step runs
+        the refiner alone on it, one past its last step the base alone, as A1111 does (the infotext names the
+        refiner only where it ran, as A1111's). With a ``mask`` the inpainting blend of the request's
         rule (:class:`sdengine.pipeline.latents.A1111Blend` / ``InpaintBlend``, on the base's init latent) runs on
         the refiner's steps too, as A1111's denoiser keeps blending after its switch.
 
@@ -232,6 +231,7 @@ class SDXLPipeline(Pipeline):
         first_hands = p.hires is None or hires_pass != "second pass"
         second_hands = p.hires is not None and hires_pass != "first pass"
         span: tuple[int, int, float] = (0, steps, 1.0)
+        first_switches = second_switches = False  # whether a pass reaches its switch (A1111 loads the refiner)
         grid_steps = steps  # the first pass's schedule: img2img_fix_steps' steps / strength (A1111's)
         if first_hands:
             strength = grid_strength(request) if p.init is not None else 1.0
@@ -257,6 +257,7 @@ class SDXLPipeline(Pipeline):
                 if first >= grid.steps:
                     raise GenerationError(f"strength {request.strength} runs no step of {steps}")
             span = (first, switch_step(grid, self.noise_schedule, float(switch_at), switch_rule, first), strength)
+            first_switches = span[1] < grid.steps  # else the base runs the first pass alone (no step reaches it)
         first_run = grid_steps - span[0]
         total = first_run
         second_span: tuple[int, int, float] | None = None
@@ -277,6 +278,7 @@ class SDXLPipeline(Pipeline):
                 )
                 k2 = switch_step(grid2, second_model.noise_schedule, float(switch_at), switch_rule, plan.start)
                 second_span = (plan.start, k2, g_strength)
+                second_switches = k2 < grid2.steps
         from tqdm.auto import tqdm
 
         done = [0]
@@ -332,12 +334,12 @@ class SDXLPipeline(Pipeline):
                     if first_hands:
                         run = dataclasses.replace(prow, request=prow.request.replace(steps=grid_steps))
                         x = hand_off_latents(self, refiner, run, p_ref, prompt_i, negative_i, span, on_step)
-                        ended: Any = refiner  # the model whose VAE decodes the first pass
+                        ended: Any = refiner if first_switches else self  # the model whose VAE decodes it
                     else:
                         x = self.sample_latents(first_pass(prow, callback=shifted(0)))
                         ended = self
                     if p.hires is None:
-                        images.append(decode_with(refiner, p, x))
+                        images.append(decode_with(ended, p, x))
                         continue
                     if second_span is None:  # the second pass on the base (or hr_model) alone
                         images.append(second_pass(second_model, prow, x, callback=shifted(first_run), decoder=ended))
@@ -361,14 +363,19 @@ class SDXLPipeline(Pipeline):
                         lambda offset, tiny: on_step(first_run + offset, tiny),
                         init_latent,
                     )
-                    images.append(decode_with(refiner, sec, x))
+                    images.append(decode_with(refiner if second_switches else second_model, sec, x))
             except SamplingInterrupted as e:
                 raise Cancelled(done[0], total, vae_utils.latent_preview(e.denoised)) from None
             finally:
                 bar.close()
         arrays = torch.cat(images).permute(0, 2, 3, 1).float().cpu().numpy()
         pil = [Image.fromarray(a) for a in to_uint8(arrays)]
-        final = refiner if p.hires is None or second_hands else second_model  # the model whose VAE decoded
+        final = (refiner if first_switches else self) if p.hires is None else second_model  # the VAE that decoded
+        if second_switches:
+            final = refiner
+        switched = first_switches or second_switches
+        if not switched:  # A1111 writes no Refiner field then: the image is the base's alone
+            p.notes.append(f"refiner: switch_at {switch_at} is past the last step; {self.name} ran alone")
         rows = []
         for i, (prompt_i, negative_i, seed) in enumerate(zip(p.prompts, p.negatives, p.seeds, strict=True)):
             row = call_parameters(
@@ -415,11 +422,11 @@ class SDXLPipeline(Pipeline):
                 row.update(infotext_fields(p, i, sdxl=getattr(second_model, "text_kind", "") == "sdxl"))
                 if hr_model is not None:  # A1111's field: the second pass's model
                     row["Hires checkpoint"] = model_title(hr_model)
-                if hires_pass != "second pass":  # A1111 writes it where it is not its default
+                if hires_pass != "second pass" and switched:  # A1111 writes it where it is not its default
                     row["Hires refiner"] = hires_pass
-            # A1111's names for its refiner settings
-            row["Refiner"] = model_title(refiner)
-            row["Refiner switch at"] = float(switch_at)
+            if switched:  # A1111's names for its refiner settings, written where the refiner ran (apply_refiner)
+                row["Refiner"] = model_title(refiner)
+                row["Refiner switch at"] = float(switch_at)
             rows.append(row)
         per_row = [{"prompt": r["prompt"], "negative_prompt": r["negative_prompt"], "seed": r["seed"]} for r in rows]
         return GenerationResult(pil, arrays, rows[0], p.seeds, [format_infotext(r) for r in rows], p.notes, per_row)
@@ -527,34 +534,34 @@ def hand_off_latents(
         brownian=brownian,
     )
     init = start.init_latent if start.from_init else None
-    base_den = blended(base.guided_denoiser(cfg_scale, uncond, rescale))
-    x = sampling.sample(
-        base_den,
-        noise,
-        scheduler_config=base.scheduler_config,
-        extra_args=cond,
-        noise_schedule=base.noise_schedule,
-        init_latent=init,
-        start_step=first if init is not None else None,
-        end_step=k,
-        callback=on_step(0, base.tiny_vae),
-        **common,
-    )
-    x = x * math.sqrt(1.0 + float(grid.sigmas[k]) ** 2)  # back to the sampler's (VE) scaling
-    ref_den = blended(refiner.guided_denoiser(cfg_scale, r_uncond, rescale))
-    x = sampling.sample(
-        ref_den,
-        torch.zeros_like(x),
-        scheduler_config=refiner.scheduler_config,
-        extra_args=r_cond,
-        noise_schedule=refiner.noise_schedule,
-        init_latent=x,
-        start_step=k,
-        callback=on_step(k - first, refiner.tiny_vae),
-        **common,
-    )
-    if isinstance(ref_den, A1111Blend | InpaintBlend):  # the known region from the clean init latent
-        x = ref_den.finish(x)
+    # the base's steps first..k - 1, then the refiner's k..: a switch at the first step is the refiner's run alone,
+    # one past the last the base's alone (A1111's apply_refiner switches at a step or never)
+    runs = [
+        (base, blended(base.guided_denoiser(cfg_scale, uncond, rescale)), cond, first, k),
+        (refiner, blended(refiner.guided_denoiser(cfg_scale, r_uncond, rescale)), r_cond, k, grid.steps),
+    ]
+    x: torch.Tensor | None = None
+    den: Any = None
+    for model, den, extra, a, b in [r for r in runs if r[3] < r[4]]:
+        if x is None:  # the first model to run starts from the noise (and the init latent)
+            start_at, x_in, noise_in = (first if init is not None else None), init, noise
+        else:  # the other continues from the first's latent at its switch (no noise added)
+            start_at, x_in, noise_in = a, x * math.sqrt(1.0 + float(grid.sigmas[a]) ** 2), torch.zeros_like(x)
+        x = sampling.sample(
+            den,
+            noise_in,
+            scheduler_config=model.scheduler_config,
+            extra_args=extra,
+            noise_schedule=model.noise_schedule,
+            init_latent=x_in,
+            start_step=start_at,
+            end_step=b if b < grid.steps else None,
+            callback=on_step(a - first, model.tiny_vae),
+            **common,
+        )
+    assert x is not None
+    if isinstance(den, A1111Blend | InpaintBlend):  # the known region from the clean init latent
+        x = den.finish(x)
     return x
 
 

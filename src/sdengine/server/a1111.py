@@ -925,8 +925,9 @@ def install(app: FastAPI, services: Any) -> None:
         from sdengine.metadata import parse_parameters, to_generate_kwargs
 
         parsed = parse_parameters(text)
-        try:  # A1111's refiner fields run (hand_off): its "Refiner" and "Refiner switch at" are read
-            found = to_generate_kwargs(parsed, hires=hires, refiner=True)
+        try:  # A1111's refiner fields run (hand_off): "Refiner", "Refiner switch at"; "Hires refiner" and
+            # "Hires checkpoint" are read below (txt2img's)
+            found = to_generate_kwargs(parsed, hires=hires, refiner=True, hr_checkpoint=True, hr_refiner=True)
         except ValueError as e:
             raise BadRequest(f"infotext: {e}") from None
         sent = req.model_dump(exclude_unset=True)
@@ -1414,10 +1415,10 @@ def install(app: FastAPI, services: Any) -> None:
             raise BadRequest(f"refiner_checkpoint must be a model name, got {name!r}")
         ref = services.catalog.resolve_model(name)  # a BadRequest naming the models for an unknown one
         switch = body.get("refiner_switch_at")
-        if isinstance(switch, bool) or not isinstance(switch, int | float) or not 0 < switch <= 1:
-            # A1111 without a switch (or at 0) runs the refiner from the first step: its refiner alone
+        if isinstance(switch, bool) or not isinstance(switch, int | float) or not 0 <= switch <= 1:
+            # (at 0 the refiner runs every step, as A1111's apply_refiner switches before the first one)
             raise BadRequest(
-                f"refiner_switch_at must be a number in (0, 1] with a refiner_checkpoint, got {switch!r} "
+                f"refiner_switch_at must be a number in [0, 1] with a refiner_checkpoint, got {switch!r} "
                 "(the fraction of the steps the base model runs, A1111's default 0.8)"
             )
         base = services.catalog.resolve_model(
