@@ -416,7 +416,7 @@ def test_timestep_ranges_switch_the_prompt_where_comfyui_does(client):
     from sdengine.pipeline.control import percent_to_sigma
 
     pipe = shared_loader("emoji", "cpu")
-    grid = sampling.make_grid("euler", 4, pipe.noise_schedule, "karras", pipe.scheduler_config)
+    grid = sampling.make_grid("euler", 4, pipe.noise_schedule, "karras", pipe.scheduler_config, comfy_grid=True)
     half = percent_to_sigma(pipe.noise_schedule.log_sigmas, 0.5)
     k = sum(float(s) >= half for s in grid.sigmas[:-1])
     assert 0 < k < 4 and all(abs(float(s) - half) > 1e-3 for s in grid.sigmas)
