@@ -313,7 +313,8 @@ def test_sampler_option_nodes_give_samplercustom_their_settings(client):
     eta0 = image(client, custom({"class_type": "SamplerEulerAncestral", "inputs": {"eta": 0.0, "s_noise": 1.0}}))
     eta1 = image(client, custom({"class_type": "SamplerEulerAncestral", "inputs": {"eta": 1.0, "s_noise": 1.0}}))
     assert np.abs(eta0 - euler).max() <= 1  # no ancestral noise: Euler's steps
-    assert np.array_equal(eta1, ancestral) and np.abs(eta1 - euler).mean() > 2
+    # (3 Karras steps from sigma_max, ComfyUI's list: the last steps from 1.3 down wash much of the noise out)
+    assert np.array_equal(eta1, ancestral) and np.abs(eta1 - euler).mean() > 0.3
     cfgpp = {"class_type": "SamplerEulerAncestralCFGPP", "inputs": {"eta": 1.0, "s_noise": 1.0}}
     assert np.array_equal(image(client, custom(cfgpp)), image(client, custom(select("euler_ancestral_cfg_pp"))))
     heun = image(client, custom(select("dpmpp_2m_sde_heun")))
