@@ -504,9 +504,10 @@ def test_comfyui_ksampler_discards_for_dpm_2_and_not_for_euler(sd1):
     finally:
         handle.remove()
     ns, cfg = pipe.noise_schedule, pipe.scheduler_config
-    want = sampling.make_grid("dpm2", 3, ns, "karras", cfg, discard_penultimate=True).timesteps.tolist()
-    assert dpm2[0::2] == want != sampling.make_grid("dpm2", 3, ns, "karras", cfg).timesteps.tolist()
-    assert euler == sampling.make_grid("euler", 3, ns, "karras", cfg).timesteps.tolist()
+    comfy = dict(comfy_grid=True)  # ComfyUI's karras list (the model's sigma_min .. sigma_max), KSampler's grid
+    want = sampling.make_grid("dpm2", 3, ns, "karras", cfg, discard_penultimate=True, **comfy).timesteps.tolist()
+    assert dpm2[0::2] == want != sampling.make_grid("dpm2", 3, ns, "karras", cfg, **comfy).timesteps.tolist()
+    assert euler == sampling.make_grid("euler", 3, ns, "karras", cfg, **comfy).timesteps.tolist()
 
 
 # ------------------------------------------------------------------------- Brownian-tree noise

@@ -313,7 +313,8 @@ def test_sampler_option_nodes_give_samplercustom_their_settings(client):
     eta0 = image(client, custom({"class_type": "SamplerEulerAncestral", "inputs": {"eta": 0.0, "s_noise": 1.0}}))
     eta1 = image(client, custom({"class_type": "SamplerEulerAncestral", "inputs": {"eta": 1.0, "s_noise": 1.0}}))
     assert np.abs(eta0 - euler).max() <= 1  # no ancestral noise: Euler's steps
-    assert np.array_equal(eta1, ancestral) and np.abs(eta1 - euler).mean() > 2
+    # (3 Karras steps from sigma_max, ComfyUI's list: the last steps from 1.3 down wash much of the noise out)
+    assert np.array_equal(eta1, ancestral) and np.abs(eta1 - euler).mean() > 0.3
     cfgpp = {"class_type": "SamplerEulerAncestralCFGPP", "inputs": {"eta": 1.0, "s_noise": 1.0}}
     assert np.array_equal(image(client, custom(cfgpp)), image(client, custom(select("euler_ancestral_cfg_pp"))))
     heun = image(client, custom(select("dpmpp_2m_sde_heun")))
@@ -416,7 +417,7 @@ def test_timestep_ranges_switch_the_prompt_where_comfyui_does(client):
     from sdengine.pipeline.control import percent_to_sigma
 
     pipe = shared_loader("emoji", "cpu")
-    grid = sampling.make_grid("euler", 4, pipe.noise_schedule, "karras", pipe.scheduler_config)
+    grid = sampling.make_grid("euler", 4, pipe.noise_schedule, "karras", pipe.scheduler_config, comfy_grid=True)
     half = percent_to_sigma(pipe.noise_schedule.log_sigmas, 0.5)
     k = sum(float(s) >= half for s in grid.sigmas[:-1])
     assert 0 < k < 4 and all(abs(float(s) - half) > 1e-3 for s in grid.sigmas)

@@ -193,3 +193,72 @@ def test_unsample_then_resample_with_euler_gives_back_the_start():
     back = sampling.sample(_gauss_x0, zeros, sigmas=s.values, init_latent=noisy, **kw)
     assert float(noisy.std()) > 10 * float(start.std())  # it was noise-scaled on the way
     assert float((back - start).abs().max()) < 0.05 * float(start.abs().max())
+
+
+def comfy_model_sigmas(beta_start: float, beta_end: float, n: int = 1000) -> torch.Tensor:
+    """ComfyUI's ModelSamplingDiscrete table for a scaled_linear model: betas, alphas_cumprod and sigmas in float64,
+    stored as float32 (its ``sigmas`` buffer; sigma_min = sigmas[0], sigma_max = sigmas[-1])."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
+    ac = torch.cumprod(1.0 - betas, dim=0)
+    return (((1 - ac) / ac) ** 0.5).float()
+
+
+def comfy_calculate_sigmas(table: torch.Tensor, scheduler: str, n: int) -> list[float]:
+    """A float64 recomputation of ComfyUI's calculate_sigmas (comfy/samplers.py; k-diffusion's get_sigmas_karras and
+    get_sigmas_exponential between the model's sigma_min and sigma_max, normal_scheduler with and without sgm)."""
+    lo, hi = float(table[0]), float(table[-1])
+    ramp = [i / (n - 1) for i in range(n)] if n > 1 else [0.0]  # torch.linspace(0, 1, n)
+    log_t = table.double().log()
+
+    def sigma_at(t: float) -> float:  # ModelSamplingDiscrete.sigma: log-linear between the table's timesteps
+        a, b = math.floor(t), math.ceil(t)
+        return math.exp((1 - (t - a)) * float(log_t[a]) + (t - a) * float(log_t[b]))
+
+    if scheduler == "karras":
+        out = [(hi ** (1 / 7) + r * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7 for r in ramp]
+    elif scheduler == "exponential":
+        out = [math.exp(math.log(hi) + r * (math.log(lo) - math.log(hi))) for r in ramp]
+    elif scheduler == "sgm_uniform":
+        out = [sigma_at(999 - i * 999 / n) for i in range(n)]
+    else:  # normal: linspace(999, 0, n), sigma_min above 0 so a 0 is appended
+        out = [sigma_at(999 - i * 999 / (n - 1)) for i in range(n)]
+    return [*out, 0.0]
+
+
+@pytest.mark.parametrize("scheduler", ["karras", "exponential", "sgm_uniform", "normal"])
+def test_ksampler_grids_are_comfyuis_lists_on_a_leading_model(scheduler):
+    """Under ComfyUI's API every sampler walks ComfyUI's list of the scheduler's name, which BasicScheduler outputs:
+    on a `leading` model (SD 1.5's config, the emoji model's) karras and exponential once walked diffusers' Euler-
+    family grids, starting at 5.9 where ComfyUI's start at the model's sigma_max, 14.6. The Euler family's network
+    sees each sigma's fractional timestep, as SamplerCustom walks a sigma list."""
+    from sdengine.diffusion import sampling
+    from sdengine.diffusion.schedules import NoiseSchedule, sigma_to_t
+    from sdengine.server.comfy.nodes import SCHEDULER_NAMES, basic_scheduler
+
+    config = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+              "beta_schedule": "scaled_linear", "timestep_spacing": "leading", "steps_offset": 1}  # fmt: skip
+    ns = NoiseSchedule.from_config(**config)
+    pipe = SimpleNamespace(noise_schedule=ns, scheduler_config=config, text_kind="sd1")
+    ctx = SimpleNamespace(max_steps=150, pipeline=lambda ref: pipe)
+    model = SimpleNamespace(ref="m")
+    table = comfy_model_sigmas(0.00085, 0.012)
+    for steps in (1, 6, 20):
+        want = comfy_calculate_sigmas(table, scheduler, steps) if steps > 1 or scheduler != "normal" else None
+        (listed,) = basic_scheduler(ctx, model, scheduler, steps, 1.0)
+        for sampler in ("euler", "heun", "lms", "dpmpp_2m", "dpm2"):
+            name, sched = sampling.resolve(sampler, SCHEDULER_NAMES[scheduler])
+            grid = sampling.make_grid(name, steps, ns, sched, config, comfy_grid=True)
+            if want is not None:
+                # the engine's table is diffusers' (float32 cumprod; ComfyUI's is float64): sigma_min 1.3e-5 apart
+                assert grid.sigmas.tolist() == pytest.approx(want, rel=3e-5, abs=1e-7), (scheduler, steps, sampler)
+            assert torch.equal(grid.sigmas, listed.values), (scheduler, steps, sampler)
+            if sampler in ("euler", "heun", "lms"):
+                walked = sigma_to_t(grid.sigmas[:-1], ns.log_sigmas).float()  # as SamplerCustom walks a list
+                assert torch.allclose(grid.timesteps, walked, atol=1e-3), (scheduler, steps, sampler)
+    # the native API keeps diffusers' grid (its contract): Euler + karras on a leading config starts lower
+    native = sampling.make_grid("euler", 6, ns, "karras", config)
+    assert float(native.sigmas[0]) == pytest.approx(5.9064, abs=1e-3)
+    assert float(sampling.make_grid("euler", 6, ns, "karras", config, comfy_grid=True).sigmas[0]) == pytest.approx(
+        float(table[-1]), rel=1e-6
+    )
+    assert float(table[0]) == pytest.approx(0.0291671582, rel=1e-7)  # ComfyUI's sigma_min (its AYS table's last)

@@ -491,14 +491,17 @@ def test_controlnet_percents_follow_comfyuis_sigma_window(schedule):
 
 
 def test_controlnet_percents_on_a_karras_heun_workflow_equal_the_python_api(client):
-    """A ControlNetApplyAdvanced window (0.2-0.7) on Heun + Karras: ComfyUI's sigma window at every model call (Heun's
-    second calls included) gives the Python API's image with rule="comfyui", and not diffusers' step fractions."""
+    """A ControlNetApplyAdvanced window (0.2-0.7) on Heun + kl_optimal: ComfyUI's sigma window at every model call
+    (Heun's second calls included) gives the Python API's image with rule="comfyui", and not diffusers' step
+    fractions. (Named for the Karras schedule it ran on while ComfyUI's karras was the native API's grid; kl_optimal,
+    Karras-like, is one list in both APIs, where karras for Heun on this `leading` model is diffusers' grid in the
+    native API and ComfyUI's list in ComfyUI's.)"""
     from sdengine.pipeline.control import ControlUnit
     from sdengine.server.catalog import BUILTIN_CONTROLNETS
 
     hint = Image.fromarray(((np.asarray(picture()).mean(axis=2) < 150) * 255).astype(np.uint8)).convert("RGB")
     _, hint_name = upload(client, hint, "hint-window.png")
-    g = txt2img_graph(sampler="heun", scheduler="karras")
+    g = txt2img_graph(sampler="heun", scheduler="kl_optimal")
     g["3"]["inputs"]["steps"] = 6
     g["10"] = {"class_type": "LoadImage", "inputs": {"image": hint_name}}
     g["12"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "emoji-controlnet-canny"}}
@@ -516,7 +519,8 @@ def test_controlnet_percents_on_a_karras_heun_workflow_equal_the_python_api(clie
 
     def api(rule: str) -> np.ndarray:
         unit = ControlUnit(cn, hint, 1.0, 0.2, 0.7, rule)
-        kw = {"steps": 6, "seed": SEED, "cfg_scale": 5.0, "sampler": "heun", "schedule": "karras", "progress": False}
+        kw = {"steps": 6, "seed": SEED, "cfg_scale": 5.0, "sampler": "heun", "schedule": "kl_optimal"}
+        kw["progress"] = False
         return np.asarray(pipe("a red apple", "", controlnets=[unit], **kw).images[0])
 
     assert np.array_equal(a, api("comfyui"))
@@ -2558,6 +2562,35 @@ def test_custom_sampling_nodes_equal_ksampler(client, sampler, scheduler):
     assert np.array_equal(out["56"], ksampler)
     assert np.array_equal(out["84"], ksampler)
     assert np.array_equal(out["64"], out["73"])
+
+
+def test_ksampler_karras_walks_comfyuis_list(client):
+    """KSampler euler + karras walks ComfyUI's Karras list (k-diffusion's between the model's sigma_min and
+    sigma_max), bit for bit the run of SamplerCustom on the list a KarrasScheduler of those ends gives; it once
+    walked diffusers' Euler grid, which on the emoji model's `leading` config starts at 5.9, not at 14.6."""
+    from sdengine.diffusion import sampling
+
+    pipe = shared_loader("emoji", "cpu")
+    table = pipe.noise_schedule.sigmas
+    lo, hi = float(table[0]), float(table[-1])
+    steps = 3
+    old = sampling.make_grid("euler", steps, pipe.noise_schedule, "karras", pipe.scheduler_config).sigmas
+    assert float(old[0]) < 0.5 * hi  # diffusers' grid on a leading config
+    g = txt2img_graph(sampler="euler", scheduler="karras")
+    g["3"]["inputs"]["steps"] = steps
+    g["50"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    for a, (top, bottom) in ((6, (hi, lo)), (7, (float(old[0]), float(old[-2])))):
+        g[f"{a}1"] = {"class_type": "KarrasScheduler",
+                      "inputs": {"steps": steps, "sigma_max": top, "sigma_min": bottom, "rho": 7.0}}  # fmt: skip
+        g[f"{a}2"] = {"class_type": "SamplerCustom", "inputs": {
+            "model": ["4", 0], "add_noise": True, "noise_seed": SEED, "cfg": 5.0, "positive": ["6", 0],
+            "negative": ["7", 0], "sampler": ["50", 0], "sigmas": [f"{a}1", 0], "latent_image": ["5", 0]}}  # fmt: skip
+        g[f"{a}3"] = {"class_type": "VAEDecode", "inputs": {"samples": [f"{a}2", 0], "vae": ["4", 2]}}
+        g[f"{a}4"] = {"class_type": "PreviewImage", "inputs": {"images": [f"{a}3", 0]}}
+    out = _all_images(client, g)
+    ksampler, comfy_list, diffusers_grid = (out[k].astype(int) for k in ("9", "64", "74"))
+    assert np.array_equal(ksampler, comfy_list)
+    assert np.abs(ksampler - diffusers_grid).mean() > 1
 
 
 def test_custom_sampling_other_sigmas_and_bad_inputs(client):

@@ -554,6 +554,7 @@ def sample_latents(
             pipe.scheduler_config,
             strength,
             discard_penultimate=discard_penultimate_sigma,
+            comfy_grid=True,
         )
     asked = total  # the step count the grid is made for (sampling.sample(steps=...))
     if given is None and grid.steps != total and start_at_step == 0 and end_at_step is None:
@@ -572,8 +573,8 @@ def sample_latents(
         # ComfyUI's noise_scaling: latent + noise * sigma, but sqrt(1 + sigma**2) where its sampler starts at the
         # model's sigma_max or above (its max_denoise), from an empty latent or not, whatever the model's spacing.
         # Below it an empty latent starts at noise * sigma on ComfyUI's ddim_uniform list (the one of its lists that
-        # starts below sigma_max), and as the sampler's own grid starts on the others (diffusers' karras and
-        # exponential grids start below it where ComfyUI's start at it, with sqrt(1 + sigma**2), as that start does).
+        # starts below sigma_max; the grids here are ComfyUI's lists, make_grid's comfy_grid), and as the sampler's
+        # own grid starts elsewhere.
         s_first = float(given[0]) if given is not None else float(grid.sigmas[start])
         sigma_max = float(pipe.noise_schedule.sigma_max)
         max_denoise = math.isclose(s_first, sigma_max, rel_tol=1e-5) or s_first > sigma_max
@@ -736,6 +737,7 @@ def sample_latents(
                     discard_penultimate=discard_penultimate_sigma and given is None,
                     brownian=brownian,
                     noise_scale=noise_scale,
+                    comfy_grid=True,
                 )
         except SamplingInterrupted as e:
             if e.step + 1 != run_steps or end >= total:

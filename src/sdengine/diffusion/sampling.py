@@ -505,9 +505,13 @@ def make_grid(
     *,
     a1111_grid: bool = False,
     discard_penultimate: bool = False,
+    comfy_grid: bool = False,
 ) -> SamplingGrid:
     """The sigma/timestep grid ``sampler`` walks for ``steps`` steps of ``schedule``; ``a1111_grid``: DDIM and
     PLMS walk A1111's own grid instead, whatever the schedule (as A1111, :func:`a1111_timestep_grid`).
+    ``comfy_grid``: every schedule is ComfyUI's list of that name (karras and exponential between the model's
+    sigma_min and sigma_max, as ComfyUI's ``calculate_sigmas``, not diffusers' grids; the others are ComfyUI's
+    already), the network at each sigma's fractional timestep (``sampling_grid``'s ``comfy``).
 
     ``discard_penultimate``: A1111's and ComfyUI's "discard next-to-last sigma" (A1111's DPM2, DPM2 a and DPM++ 3M
     SDE, or any sampler with its ``always_discard_next_to_last_sigma``; ComfyUI's KSampler with dpm_2,
@@ -527,6 +531,7 @@ def make_grid(
         config=effective_config(name, scheduler_config),
         round_karras_timesteps=spec.round_karras_timesteps and _rounds_karras(name, scheduler_config),
         strength=strength if spec.rule == "lcm" else 1.0,
+        comfy=comfy_grid,
     )
     if name == "ddpm":
         # DDPM steps to the next timestep of its list and from the last one to alphas_cumprod = 1.
@@ -600,6 +605,7 @@ def sample(
     discard_penultimate: bool = False,
     brownian: BrownianSpec | None = None,
     noise_scale: float | None = None,
+    comfy_grid: bool = False,
 ) -> Tensor:
     """Run ``sampler`` for ``steps`` steps from unit ``noise`` (txt2img) or from ``init_latent`` noised to
     ``strength`` (img2img); returns the final latent (x0). See the module docstring.
@@ -618,6 +624,7 @@ def sample(
     does. ``noise_from``: the grid index img2img noises the init to when it is not ``start_step`` (A1111's DDIM /
     PLMS noise one point higher than they start, :func:`a1111_timestep_start`); that VP sample is read at
     ``start_step``. ``discard_penultimate``: the grid without its next-to-last sigma (:func:`make_grid`).
+    ``comfy_grid``: the schedule is ComfyUI's list of its name (:func:`make_grid`).
     ``brownian``: an SDE sampler (:data:`BROWNIAN_SAMPLERS`) draws its step noise from the Brownian trees of these
     seeds and this sigma range instead of ``generators`` (A1111's and ComfyUI's noise,
     :mod:`sdengine.diffusion.brownian`); the other samplers draw from ``generators`` as ever. ``noise_scale``: the
@@ -670,6 +677,7 @@ def sample(
             strength if init_latent is not None else 1.0,
             a1111_grid=a1111_grid,
             discard_penultimate=discard_penultimate,
+            comfy_grid=comfy_grid,
         )
     a1111_grid = a1111_grid and name in A1111_GRID_SAMPLERS and not explicit
     if start_step is None:

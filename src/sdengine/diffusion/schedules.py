@@ -508,11 +508,18 @@ def sampling_grid(
     config: Mapping[str, Any] | None = None,
     round_karras_timesteps: bool = False,
     strength: float = 1.0,
+    comfy: bool = False,
 ) -> SamplingGrid:
     """The sigmas (ending at 0, or at sigma_min where DDIM/PNDM's ``set_alpha_to_one`` is false) and
     model timesteps for ``steps`` steps of ``schedule`` under a diffusers spacing ``rule`` and the
     scheduler ``config`` keys ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``,
-    ``original_inference_steps``. ``strength`` only matters for LCM, whose grid depends on it."""
+    ``original_inference_steps``. ``strength`` only matters for LCM, whose grid depends on it.
+
+    ``comfy``: "karras" and "exponential" are ComfyUI's lists under every rule (its ``calculate_sigmas``:
+    k-diffusion's get_sigmas_karras / get_sigmas_exponential between the training table's ends, the model's
+    sigma_min and sigma_max), not the Euler family's diffusers grids (between the ends of the spaced timesteps,
+    starting lower on a "leading" config); the network's timesteps follow the rule as ever (fractional for the
+    Euler family, rounded where ``round_karras_timesteps``: ComfyUI's own nearest-timestep rounding)."""
     if schedule not in SCHEDULES:
         raise UsageError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     if rule not in SPACING_RULES:
@@ -561,8 +568,9 @@ def sampling_grid(
             final = tgt[-1:].clone()
             targets = tgt
     else:
-        if rule in ("k",):
-            # diffusers' Euler-family: the end points of the spaced grid, not of the training schedule.
+        if rule in ("k",) and not comfy:
+            # diffusers' Euler-family: the end points of the spaced grid, not of the training schedule (ComfyUI's
+            # lists span the training schedule under every sampler).
             base = _interp(spaced_timesteps(spacing, steps, T, offset, rule=rule), grid_t, train_sigmas)
             lo, hi = float(base[-1]), float(base[0])
         else:

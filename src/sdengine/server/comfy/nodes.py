@@ -95,6 +95,8 @@ SAMPLER_OPTIONS: dict[str, dict[str, Any]] = {
     "uni_pc_bh2": {"variant": "bh2", "order": 3},
 }
 SCHEDULER_NAMES = {
+    # each walked as ComfyUI's list of that name (sample_latents makes its grids with make_grid's comfy_grid: karras
+    # and exponential between the model's sigma_min and sigma_max, not diffusers' Euler-family grids)
     # ComfyUI's normal_scheduler: timesteps linspace(t(sigma_max), t(sigma_min), steps) = 999 ... 0, their sigmas,
     # then 0: k-diffusion's get_sigmas, sdengine's "uniform" (its "normal" is diffusers' spacing: 901 ... 1 on SD 1.5)
     "normal": "uniform",
@@ -1082,11 +1084,10 @@ def basic_scheduler(ctx: RunContext, model: ModelHandle, scheduler: str, steps: 
         raise NodeError(
             f"denoise {denoise:g} with {steps} steps makes a {total}-step schedule, and the model has {limit} timesteps"
         )
-    # the values: a multistep sampler's grid, which spans the model's whole sigma range as ComfyUI's schedules do
-    # (the Euler family's grid follows the model's timestep_spacing, "leading" starting lower)
+    # the values: ComfyUI's list of that name (calculate_sigmas), the grid KSampler walks with every sampler
     sdxl = getattr(pipe, "text_kind", "") == "sdxl"
-    name, sched = sampling.resolve("dpmpp_2m", SCHEDULER_NAMES[scheduler], sdxl=sdxl)
-    grid = sampling.make_grid(name, total, pipe.noise_schedule, sched, pipe.scheduler_config)
+    name, sched = sampling.resolve("euler", SCHEDULER_NAMES[scheduler], sdxl=sdxl)
+    grid = sampling.make_grid(name, total, pipe.noise_schedule, sched, pipe.scheduler_config, comfy_grid=True)
     values = grid.sigmas[-(steps + 1) :].clone()
     n = int(values.shape[0]) - 1
     return (Sigmas(values, SigmaPlan(model.ref, scheduler, steps, denoise, n, 0, n)),)
@@ -1208,7 +1209,7 @@ def _unsampling_grid(ctx: RunContext, sigmas: Sigmas, model: ModelHandle, sample
     name, sched = sampling.resolve(SAMPLER_NAMES[sampler.name], SCHEDULER_NAMES[p.scheduler], sdxl=sdxl)
     if name in sampling.TIMESTEP_SAMPLERS:  # refused on rising sigmas anyway
         return sigmas.values
-    grid = sampling.make_grid(name, p.steps, pipe.noise_schedule, sched, pipe.scheduler_config)
+    grid = sampling.make_grid(name, p.steps, pipe.noise_schedule, sched, pipe.scheduler_config, comfy_grid=True)
     return _flipped(grid.sigmas.to(torch.float32))
 
 
@@ -2607,8 +2608,8 @@ NODES: dict[str, NodeDef] = {
             basic_scheduler,
             description="KSampler's schedule as SIGMAS (denoise < 1: the last steps of int(steps / denoise)). "
             "SamplerCustom runs it (whole, or cut by SplitSigmas when denoise is 1) on the same model exactly as "
-            "KSampler / KSamplerAdvanced run that schedule, on the sampler's own grid (the values are DPM++ 2M's grid, "
-            "over the model's whole sigma range).",
+            "KSampler / KSamplerAdvanced run that schedule; the values are ComfyUI's list of that scheduler, the very "
+            "sigmas KSampler walks (karras and exponential between the model's sigma_min and sigma_max).",
         ),
         NodeDef(
             "KarrasScheduler",
