@@ -93,3 +93,93 @@ def test_equals_torch_randn_on_cuda(seed, shape):  # pragma: no cover - CI has n
     for _ in range(3):
         cuda = torch.randn(shape, generator=gen, device="cuda").cpu()
         torch.testing.assert_close(ours.randn(shape), cuda, rtol=0, atol=2e-6)
+
+
+# ------------------------------------------------------------------------ the samplers and the pipeline
+
+
+def test_ancestral_step_noise_continues_each_rows_philox_generator():
+    """A1111's ImageRNG: the start noise is each row generator's first draw, each ancestral step's noise the next
+    ones (offsets 1, 2, ...), per row."""
+    from sdengine.diffusion.samplers import NoiseBank, row_noise, sample_euler_a
+
+    seeds, shape, sigmas = [11, 2**33 + 3], (4, 6, 6), torch.tensor([8.0, 3.0, 1.0, 0.0])
+    gens = [PhiloxGenerator(s) for s in seeds]
+    start = row_noise(gens, shape)
+    assert torch.equal(start, torch.cat([philox_randn(s, (1, *shape)) for s in seeds]))
+    denoiser = lambda x, sigma: 0.5 * x  # noqa: E731
+    out = sample_euler_a(denoiser, start * 8.0, sigmas, generators=gens)
+    assert [g.offset for g in gens] == [3, 3]  # one draw per step with noise (the last, to 0, draws none)
+    bank = torch.stack([torch.cat([philox_randn(s, (1, *shape), offset=k) for s in seeds]) for k in (1, 2, 3)])
+    again = sample_euler_a(denoiser, start * 8.0, sigmas, generators=NoiseBank(bank, 2))
+    torch.testing.assert_close(out, again, rtol=0, atol=0)
+    cpu = sample_euler_a(denoiser, start * 8.0, sigmas, generators=[torch.Generator().manual_seed(s) for s in seeds])
+    assert not torch.allclose(out, cpu)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd1_folder):
+    from sdengine.pipeline import load_pipeline
+
+    return load_pipeline(str(tiny_sd1_folder), device="cpu")
+
+
+FAST = {"steps": 2, "sampler": "euler", "schedule": "normal", "progress": False, "width": 32, "height": 32}
+
+
+def _start_noise(pipe, reference, **kw):
+    """The start noise of a deterministic Euler run, taken back from its first step (x1 = d + (x0 - d) s1/s0),
+    and its difference from ``reference(shape)`` times the pipeline's start scale (the same for both sources)."""
+    seen = []
+    pipe("a cat", callback=lambda info: seen.append((info.sigma, info.latents, info.denoised)), **FAST, **kw)
+    (s0, x1, d), (s1, _, _) = seen[0], seen[1]
+    x0 = d + (x1 - d) * (s0 / s1)
+    reference = reference(x0.shape)
+    scale = float((x0 * reference).sum() / (reference * reference).sum())
+    return scale, float((x0 - scale * reference).abs().max())
+
+
+def test_noise_source_nv_draws_the_start_noise_from_philox_and_writes_rng_nv(pipe):
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+    philox = lambda shape: philox_randn(77, shape)  # noqa: E731
+    cpu = lambda shape: torch.randn(shape, generator=torch.Generator().manual_seed(77))  # noqa: E731
+    scale_nv, off_nv = _start_noise(pipe, philox, seed=77, noise_source="nv")
+    scale_cpu, off_cpu = _start_noise(pipe, cpu, seed=77)
+    assert off_nv < 1e-4 and off_cpu < 1e-4 and scale_nv == pytest.approx(scale_cpu, rel=1e-5)
+    made = pipe("a cat", seed=77, noise_source="nv", **FAST)
+    assert "RNG: NV" in made.infotexts[0]
+    assert "RNG" not in pipe("a cat", seed=77, **FAST).infotexts[0]
+    kwargs = to_generate_kwargs(parse_parameters(made.infotexts[0]))
+    assert kwargs["noise_source"] == "nv"
+    np.testing.assert_array_equal(pipe(**kwargs, progress=False).arrays, made.arrays)
+
+
+def test_variation_seed_noise_follows_the_noise_source():
+    from sdengine.diffusion.variation import variation_noise
+
+    noise = philox_randn(5, (1, 4, 8, 8))
+    torch.testing.assert_close(variation_noise(noise, [9], 1.0, "nv"), philox_randn(9, (1, 4, 8, 8)))
+    cpu_sub = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(variation_noise(noise, [9], 1.0), cpu_sub)
+
+
+@pytest.mark.parametrize(
+    "text,source", [("RNG: NV", "nv"), ("RNG: GPU", "nv"), ("RNG: CPU", "cpu")], ids=["nv", "gpu", "cpu"]
+)
+def test_a1111_rng_field_maps_to_the_noise_source(text, source):
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+    parsed = parse_parameters(f"a cat\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, {text}")
+    assert to_generate_kwargs(parsed)["noise_source"] == source
+
+
+def test_bad_rng_and_noise_source_are_one_line_errors(pipe):
+    from sdengine.errors import GenerationError
+    from sdengine.metadata import MetadataError, parse_parameters, to_generate_kwargs
+
+    parsed = parse_parameters("a cat\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, RNG: TPU")
+    with pytest.raises(MetadataError, match="RNG: 'TPU' is not one of GPU, NV, CPU"):
+        to_generate_kwargs(parsed)
+    with pytest.raises(GenerationError, match="unknown noise_source 'gpu'"):
+        pipe("a cat", noise_source="gpu", **FAST)
