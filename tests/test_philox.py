@@ -45,7 +45,7 @@ def test_seed_0_gives_a1111s_documented_cuda_numbers():
     got = PhiloxGenerator(0).randn((3, 4))
     assert got.dtype == torch.float32 and got.shape == (3, 4)
     # float32 rounding: the GPU's transform is float32 with a fast sine, ours float64 rounded to float32
-    torch.testing.assert_close(got, torch.tensor(A1111_SEED0_3x4), rtol=0, atol=1e-6)
+    assert float((got - torch.tensor(A1111_SEED0_3x4)).abs().max()) < 1e-6
 
 
 def test_normal_transform_has_standard_normal_moments_and_no_infinities():
