@@ -6,8 +6,9 @@ numbers on any device (its ``modules/rng_philox.py``), so that a seed gives the 
 an NVIDIA card. :class:`PhiloxGenerator` draws the same numbers, so sdengine (which otherwise draws with the
 CPU generator, A1111's ``"CPU"`` source) can reproduce images made with A1111's GPU or NV source.
 
-How torch draws ``randn(shape, device="cuda")`` from ``manual_seed(seed)`` (for tensors of up to one value per
-CUDA thread of the launch, which covers every latent up to far past 2048x2048 pixels):
+How torch draws ``randn(shape, device="cuda")`` from ``manual_seed(seed)`` (its ``calc_execution_policy`` and
+``distribution_nullary_kernel``, blocks of 256 threads, at most as many threads as the card keeps resident: SMs
+x max threads per SM), for tensors of at most one value per thread:
 
 * element ``i`` is drawn by thread ``i`` from cuRAND's Philox state ``curand_init(seed, subsequence=i,
   offset)``: the Philox key is the 64-bit seed (low word, high word) and the counter is
@@ -15,8 +16,14 @@ CUDA thread of the launch, which covers every latent up to far past 2048x2048 pi
 * one 10-round Philox block gives four 32-bit words ``(x, y, z, w)``; the element is the first output of
   cuRAND's Box-Muller on ``(x, y)``: ``u = x 2^-32 + 2^-33``, ``v = y 2^-32 2pi + 2^-33 2pi``,
   ``sqrt(-2 ln u) sin v`` (z and w are not used);
-* every ``randn`` call moves the generator's Philox offset on by 4 (one counter block), so the n-th call
-  (0-based) of a generator uses ``offset / 4 = n``.
+* every such ``randn`` call moves the generator's Philox offset on by 4 (``curand4_engine_calls``, one counter
+  block), so the n-th call (0-based) of a generator uses ``offset / 4 = n``.
+
+A tensor of more values than the card's resident threads (SD 1.x's 4x64x64 latent is 16384 values, SDXL's 4x128x128
+65536: more than, e.g., the 43008 threads of a 28-SM RTX 3060) takes the other three normals of each thread's block
+for the values past the thread count, and its offset moves on further: torch's numbers then depend on the card.
+A1111's NV source (and so this module) keeps one value per thread whatever the size: its numbers are those of a
+card with enough threads (an A100 keeps 221184).
 
 A1111's NV source computes exactly that, counting calls per generator (``counter[0] = offset``, one per
 ``randn``), the transform in float64 from float32 constants, rounded to float32; :func:`philox4x32_10` and
