@@ -183,3 +183,20 @@ def test_bad_rng_and_noise_source_are_one_line_errors(pipe):
         to_generate_kwargs(parsed)
     with pytest.raises(GenerationError, match="unknown noise_source 'gpu'"):
         pipe("a cat", noise_source="gpu", **FAST)
+
+
+def test_cli_noise_source_nv_and_from_png(tiny_sd1_folder, tmp_path):
+    from PIL import Image
+
+    from sdengine.cli import main
+
+    common = ["--model", str(tiny_sd1_folder), "--no-progress", "--width", "32", "--height", "32"]
+    args = ["generate", "a cat", "--steps", "2", "--sampler", "euler_a", "--seed", "5", *common]
+    assert main([*args, "--noise-source", "nv", "--out", str(tmp_path / "nv")]) == 0
+    assert main([*args, "--out", str(tmp_path / "cpu")]) == 0
+    made = tmp_path / "nv" / "00000-5.png"
+    assert "RNG: NV" in Image.open(made).info["parameters"]
+    nv = np.asarray(Image.open(made))
+    assert not np.array_equal(nv, np.asarray(Image.open(tmp_path / "cpu" / "00000-5.png")))
+    assert main(["generate", "--from-png", str(made), *common, "--out", str(tmp_path / "again")]) == 0
+    np.testing.assert_array_equal(nv, np.asarray(Image.open(tmp_path / "again" / "00000-5.png")))
