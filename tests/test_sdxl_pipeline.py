@@ -300,6 +300,20 @@ def test_hand_off_takes_the_noise_seed_delta(base):
     assert "ENSD: 31337" in res.infotexts[0]
 
 
+def test_hand_off_takes_the_noise_source(base):
+    """noise_source "nv" (NVIDIA's numbers, A1111's NV / GPU source) in the hand-off: with the base model as its own
+    refiner, Euler a's hand-off equals the plain nv run (the same Philox draws in the same order), which is another
+    image than the CPU generator's; the infotext says RNG: NV."""
+    _, b_pipe, _ = base
+    kw = dict(steps=4, sampler="euler_a", schedule="normal", cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE)
+    kw.update(progress=False, noise_source="nv")
+    plain = b_pipe(PROMPT, NEGATIVE, **kw)
+    res = b_pipe.generate_with_refiner(b_pipe, PROMPT, NEGATIVE, switch_at=0.5, **kw)
+    assert _mad(res.arrays, plain.arrays) < 1e-6
+    assert _mad(plain.arrays, b_pipe(PROMPT, NEGATIVE, **{**kw, "noise_source": "cpu"}).arrays) > 3 * TOL
+    assert "RNG: NV" in res.infotexts[0] and "RNG: NV" in plain.infotexts[0]
+
+
 def test_hand_off_reads_a1111s_brownian_tree(base):
     """Under A1111's rules DPM++ SDE draws its step noise from the image's Brownian tree over the whole grid; the
     hand-off drew the rows' generators instead. With the base model as its own refiner, a single-step sampler's

@@ -1229,6 +1229,28 @@ def test_eta_noise_seed_delta_is_a1111s_ensd(api):
     assert bad.status_code == 400 and "eta_noise_seed_delta must be an integer" in bad.text, bad.text
 
 
+def test_randn_source_nv_and_gpu_draw_nvidias_numbers(api):
+    """A1111's randn_source (override and option): GPU and NV are the Python API's noise_source "nv" (NVIDIA's
+    numbers, sdengine.diffusion.philox), CPU its default; infotext "RNG: NV", which an infotext request reads back."""
+    kw = {"sampler": "euler_a", "schedule": "karras", "progress": False, **COMMON}
+    want = emoji()("a cat", seed=6, noise_source="nv", **kw)  # another image than CPU's: tests/test_philox.py
+    body = {"prompt": "a cat", "seed": 6, "sampler_name": "Euler a", "scheduler": "Karras", **COMMON}
+    assert api.get_options()["randn_source"] == "CPU"
+    r = api.custom_post("txt2img", {**body, "override_settings": {"randn_source": "GPU"}}, baseurl=True)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["ignored"] == [] and "RNG: NV" in r.info["infotexts"][0]
+    text = r.info["infotexts"][0]
+    try:
+        assert api.set_options({"randn_source": "NV"})["applied"] == ["randn_source"]
+        np.testing.assert_array_equal(arr(api.custom_post("txt2img", body, baseurl=True).image), arr(want.images[0]))
+    finally:
+        api.set_options({"randn_source": "CPU"})
+    r = api.custom_post("txt2img", {"infotext": text, **COMMON}, baseurl=True)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    bad = httpx.post(f"{api.baseurl}/options", json={"randn_source": "TPU"}, timeout=30)
+    assert bad.status_code == 400 and "randn_source must be one of GPU, NV, CPU" in bad.text, bad.text
+
+
 def test_inpainting_fill_latent_noise_and_latent_nothing(api):
     """inpainting_fill 2 ("latent noise") and 3 ("latent nothing"), once listed as ignored and run as "original":
     the Python API's masked_content, the init image pasted back outside the mask as with the others."""

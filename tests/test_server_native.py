@@ -238,6 +238,18 @@ def test_tiling_and_seed_resize_are_the_python_apis_images(client):
     assert r.status_code == 422, r.text
 
 
+def test_noise_source_nv_is_the_python_apis_image(client):
+    """noise_source "nv" (NVIDIA's numbers, A1111's NV / GPU source) on the native route; another value is a 422."""
+    j = run(client, {**BASE, "noise_source": "nv", "sampler": "euler_a"})
+    assert j["state"] == "done", j
+    im, _ = fetch_image(client, j["images"][0]["url"])
+    ref = emoji()(progress=False, **{**BASE, "sampler": "euler_a"}, noise_source="nv")
+    np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(ref.images[0]))
+    assert j["infotexts"][0] == ref.infotexts[0] and "RNG: NV" in ref.infotexts[0]
+    r = client.post("/v1/jobs", json={**BASE, "noise_source": "gpu"})
+    assert r.status_code == 422, r.text
+
+
 def test_vae_encode_tiny_is_the_python_apis_image(client):
     """The emoji model's tiny VAE has an encoder (its models entry says so): an img2img job with vae_encode "tiny"
     gives the Python API's image."""

@@ -321,6 +321,20 @@ def made_by_sdengine(parsed: Mapping[str, str]) -> bool:
     return parsed.get("Version", "").strip().startswith("sdengine")
 
 
+# A1111's randn_source values and sdengine's noise_source for each: its GPU source on an NVIDIA card draws
+# torch.randn on CUDA, the numbers its NV source reproduces on any device (sdengine.diffusion.philox)
+A1111_RANDN_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
+
+
+def noise_source_of(value: Any, what: str = "randn_source") -> str:
+    """sdengine's ``noise_source`` for A1111's ``randn_source`` ``value`` ("GPU", "NV", "CPU"; any case), or a
+    :class:`MetadataError` naming ``what`` and the values."""
+    key = value.strip().upper() if isinstance(value, str) else None
+    if key not in A1111_RANDN_SOURCES:
+        raise MetadataError(f"{what}: {value!r} is not one of {', '.join(A1111_RANDN_SOURCES)}")
+    return A1111_RANDN_SOURCES[key]
+
+
 def to_generate_kwargs(
     parsed: Mapping[str, str],
     *,
@@ -336,6 +350,7 @@ def to_generate_kwargs(
     ``guidance_rescale`` ("CFG Rescale phi"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
     seed strength"), ``seed_resize_from_w`` and ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
     ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"), ``noise_seed_delta`` ("ENSD"),
+    ``noise_source`` ("RNG": A1111's NV and GPU are "nv", its CPU "cpu"; a text without it keeps the default),
     ``discard_penultimate_sigma`` ("Discard penultimate sigma: True"),
     ``vae_decode`` ("tiny" when sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
     "Tiny VAE encode"), ``strength_rule`` (sdengine's "Strength rule"), ``clip_skip_rule`` (sdengine's "Clip
@@ -414,6 +429,8 @@ def to_generate_kwargs(
             raise MetadataError(
                 f"Masked content: {parsed['Masked content']!r} is not one of {', '.join(MASKED_CONTENT)}"
             )
+    if "RNG" in parsed:  # A1111's randn_source, written when not its default GPU: NV, CPU (GPU read too)
+        kwargs["noise_source"] = noise_source_of(parsed["RNG"], "RNG")
     if "ENSD" in parsed:  # A1111's eta noise seed delta
         kwargs["noise_seed_delta"] = _parse_int(parsed, "ENSD")
     if "Discard penultimate sigma" in parsed:  # A1111's always_discard_next_to_last_sigma
@@ -487,6 +504,7 @@ def to_generate_kwargs(
         "Tiling",
         "Noise multiplier",
         "ENSD",
+        "RNG",
         "Discard penultimate sigma",
         "Masked content",
         "Tiny VAE",

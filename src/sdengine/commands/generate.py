@@ -619,6 +619,7 @@ def run(a: argparse.Namespace) -> int:
         "resize_mode": a.resize_mode,
         "subseed": a.subseed,
         "subseed_strength": a.subseed_strength,
+        "noise_source": a.noise_source,
         "strength_rule": a.strength_rule,
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
@@ -857,6 +858,13 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         default=None,
         metavar="S",
         help="how far towards the variation seed's image, in [0, 1] (default 0: none)",
+    )
+    p.add_argument(
+        "--noise-source",
+        choices=("cpu", "nv"),
+        default=None,
+        help="where the noise comes from (A1111's randn_source): cpu (default) torch's CPU generator, A1111's CPU; "
+        "nv NVIDIA's numbers (torch.randn on CUDA) on any device, A1111's NV and its default GPU on NVIDIA cards",
     )
     p.add_argument(
         "--width",

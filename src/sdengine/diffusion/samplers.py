@@ -36,13 +36,15 @@ import torch
 from torch import Tensor
 
 from sdengine.diffusion.brownian import BrownianNoise
+from sdengine.diffusion.philox import NoiseGenerator, randn
 from sdengine.errors import SdengineError, UsageError
 
 Denoise = Callable[..., Tensor]
-# one CPU generator per batch row, or the per-step noise drawn from them beforehand (NoiseBank), or a Brownian tree's
+# one CPU generator per batch row (torch's, or diffusion.philox's NVIDIA numbers), or the per-step noise drawn
+# from them beforehand (NoiseBank), or a Brownian tree's
 # noise (the SDE samplers' under A1111's and ComfyUI's rules, sdengine.diffusion.brownian)
 # or ComfyUI's one generator for the whole batch (BatchNoise)
-Generators: TypeAlias = "Sequence[torch.Generator] | NoiseBank | BrownianNoise | BatchNoise"
+Generators: TypeAlias = "Sequence[NoiseGenerator] | NoiseBank | BrownianNoise | BatchNoise"
 Callback = Callable[[int, float, Tensor, Tensor], "bool | None"]
 
 
@@ -87,11 +89,12 @@ class SamplingInterrupted(SdengineError):
 # ---------------------------------------------------------------------------------------------------
 
 
-def row_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -> Tensor:
+def row_noise(generators: Sequence[NoiseGenerator], shape: Sequence[int]) -> Tensor:
     """THE per-row noise draw: ``randn((1, *shape), generator=g)`` for each row's generator, float32 on the
     CPU, stacked. Start noise, per-step noise of the ancestral/SDE samplers and every caller use it, so a
-    row's numbers never depend on its batch."""
-    return torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
+    row's numbers never depend on its batch. A row's generator may be a
+    :class:`sdengine.diffusion.philox.PhiloxGenerator` (NVIDIA's numbers, A1111's NV source)."""
+    return torch.cat([randn((1, *shape), g) for g in generators])
 
 
 class NoiseBank:

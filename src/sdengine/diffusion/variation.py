@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sdengine.diffusion.philox import make_generator, randn
+
 # A1111's test: when the mean cosine of the columns is above this, the two draws are nearly parallel and
 # sin(omega) ~ 0, so a straight mix (the same to float precision) is used instead.
 _PARALLEL = 0.9995
@@ -47,29 +49,32 @@ def slerp(strength: float, a: Tensor, b: Tensor) -> Tensor:
     return torch.stack(rows).to(a.dtype)
 
 
-def variation_noise(noise: Tensor, subseeds: list[int], strength: float) -> Tensor:
+def variation_noise(noise: Tensor, subseeds: list[int], strength: float, source: str = "cpu") -> Tensor:
     """``noise`` (one row per seed) moved ``strength`` of the way towards each row's variation-seed noise
-    (drawn like the start noise: ``randn`` from ``Generator("cpu").manual_seed(subseed)``)."""
+    (drawn like the start noise: the first ``randn`` of a fresh generator of ``source`` seeded with the subseed,
+    ``Generator("cpu").manual_seed(subseed)`` for "cpu", :class:`sdengine.diffusion.philox.PhiloxGenerator` for
+    "nv", as A1111's ``randn(subseed, shape)``)."""
     if strength <= 0.0:
         return noise
     if len(subseeds) != noise.shape[0]:
         raise ValueError(f"{noise.shape[0]} rows of noise but {len(subseeds)} variation seeds")
-    sub = torch.cat(
-        [
-            torch.randn((1, *noise.shape[1:]), generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32)
-            for s in subseeds
-        ]
-    ).to(noise.device)
+    sub = torch.cat([randn((1, *noise.shape[1:]), make_generator(s, source)) for s in subseeds]).to(noise.device)
     return slerp(strength, noise, sub.to(noise.dtype))
 
 
 def seed_resized_noise(
-    noise: Tensor, seeds: list[int], size: tuple[int, int], subseeds: list[int] | None = None, strength: float = 0.0
+    noise: Tensor,
+    seeds: list[int],
+    size: tuple[int, int],
+    subseeds: list[int] | None = None,
+    strength: float = 0.0,
+    source: str = "cpu",
 ) -> Tensor:
     """A1111's "Resize seed from width/height" (``modules/rng.py`` ``ImageRNG.first``): each row's noise is drawn
     again at the latent ``size`` (h, w) from a fresh ``Generator("cpu").manual_seed(seed)`` (its variation seed's
     noise too, at that size, slerped in as :func:`variation_noise` does), and pasted centred into ``noise``, the
-    row's own draw at the real size, which stays around it. Centring as A1111 offsets it: ``(H - h) // 2`` (floor,
+    row's own draw at the real size, which stays around it (``source``: the generators' kind, as in
+    :func:`variation_noise`). Centring as A1111 offsets it: ``(H - h) // 2`` (floor,
     so a larger draw loses ``-2 * offset`` rows, one more than the overhang when it is odd, as there)."""
     if len(seeds) != noise.shape[0]:
         raise ValueError(f"{noise.shape[0]} rows of noise but {len(seeds)} seeds")
@@ -77,9 +82,9 @@ def seed_resized_noise(
     h, w = size
     out = noise.clone()
     for i, seed in enumerate(seeds):
-        small = torch.randn((1, channels, h, w), generator=torch.Generator("cpu").manual_seed(seed))
+        small = randn((1, channels, h, w), make_generator(seed, source))
         if subseeds is not None:
-            small = variation_noise(small, [subseeds[i]], strength)
+            small = variation_noise(small, [subseeds[i]], strength, source)
         dy, dx = (big_h - h) // 2, (big_w - w) // 2
         rows = h if dy >= 0 else h + 2 * dy
         cols = w if dx >= 0 else w + 2 * dx

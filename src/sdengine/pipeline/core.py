@@ -34,6 +34,7 @@ from sdengine.diffusion import sampling
 from sdengine.diffusion.brownian import BrownianSpec
 from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser
+from sdengine.diffusion.philox import make_generator
 from sdengine.diffusion.samplers import NoiseBank, SamplingInterrupted, row_noise
 from sdengine.diffusion.schedules import (
     A1111_GRID_SAMPLERS,
@@ -767,6 +768,8 @@ class Pipeline:
                 row["Noise multiplier"] = float(request.noise_multiplier)  # A1111's field (img2img)
             if p.mask is not None and request.masked_content != "original":  # sdengine's (A1111 writes none)
                 row["Masked content"] = request.masked_content
+            if request.noise_source == "nv":  # A1111's "RNG: NV" (it writes the field when not its default GPU)
+                row["RNG"] = "NV"
             if int(request.noise_seed_delta) and sampling.SAMPLERS[p.sampler].stochastic:
                 row["ENSD"] = int(request.noise_seed_delta)  # A1111's, written where the sampler draws noise
             if request.discard_penultimate_sigma:  # A1111's, where its option (not the sampler) discarded
@@ -908,7 +911,7 @@ class Pipeline:
         r = p.request
         dev = self.device
         steps, strength, cfg_scale = _grid_steps(p), float(r.strength), float(r.cfg_scale)
-        gens = [torch.Generator("cpu").manual_seed(p.seeds[i]) for i in rows]
+        gens = [make_generator(p.seeds[i], r.noise_source) for i in rows]
         start = start_latents(
             self.vae,
             generators=gens,
@@ -934,10 +937,10 @@ class Pipeline:
             f = self.vae_scale_factor
             size = (r.seed_resize_from[1] // f, r.seed_resize_from[0] // f)
             start.noise = seed_resized_noise(
-                start.noise, [p.seeds[i] for i in rows], size, subseeds, float(r.subseed_strength)
+                start.noise, [p.seeds[i] for i in rows], size, subseeds, float(r.subseed_strength), r.noise_source
             )
         elif subseeds is not None:
-            start.noise = variation_noise(start.noise, subseeds, float(r.subseed_strength))
+            start.noise = variation_noise(start.noise, subseeds, float(r.subseed_strength), r.noise_source)
         if init_latent is None and r.masked_content != "original" and start.init_latent is not None:
             # A1111's "latent noise" / "latent nothing": the init latent replaced where the rounded latent mask
             # repaints, by the row's unit noise or by zeros (its StableDiffusionProcessingImg2Img.init)
@@ -947,7 +950,7 @@ class Pipeline:
                 fill = start.noise if r.masked_content == "latent noise" else torch.zeros_like(start.noise)
                 start.init_latent = start.init_latent * (1 - repaint) + fill * repaint
         if int(r.noise_seed_delta):  # A1111's ENSD: the per-step noise from seed + delta, after the start noise
-            gens = [torch.Generator("cpu").manual_seed(p.seeds[i] + int(r.noise_seed_delta)) for i in rows]
+            gens = [make_generator(p.seeds[i] + int(r.noise_seed_delta), r.noise_source) for i in rows]
         if init_latent is None and p.init is not None and float(r.noise_multiplier) != 1.0:
             # A1111's img2img "Noise multiplier": the noise it adds to the init image's latent (drawn as above),
             # not a hires second pass's (init_latent given)

@@ -26,6 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 from sdengine import vae_utils
+from sdengine.diffusion.philox import NoiseGenerator, PhiloxGenerator
 from sdengine.diffusion.samplers import SamplerStep, row_noise
 from sdengine.diffusion.schedules import NoiseSchedule
 from sdengine.io.images import image_tensor
@@ -49,10 +50,14 @@ def a1111_latent_mask(mask: np.ndarray, h: int, w: int) -> Tensor:
     return torch.from_numpy(np.around(small).astype(np.float32))[None, None]
 
 
-def posterior_rows(post: Any, generators: Sequence[torch.Generator]) -> Tensor:
+def posterior_rows(post: Any, generators: Sequence[NoiseGenerator]) -> Tensor:
     """One sample per row from a batch-1 posterior, each from its row's generator (latent_dist.sample)."""
     rows = []
     for g in generators:
+        if isinstance(g, PhiloxGenerator):
+            # A1111 samples the posterior from another generator than the image's (torch's global one), so its NV
+            # start noise is the row generator's first draw: a CPU generator of the row's seed samples it here
+            g = torch.Generator("cpu").manual_seed(g.initial_seed())
         eps = torch.randn(post.mean.shape, generator=g, dtype=post.mean.dtype)
         rows.append(post.mean + post.std * eps.to(post.mean.device))
     return torch.cat(rows)
@@ -72,7 +77,7 @@ class StartLatents:
 def start_latents(
     vae: Any,
     *,
-    generators: Sequence[torch.Generator],
+    generators: Sequence[NoiseGenerator],
     latent_channels: int,
     width: int,
     height: int,

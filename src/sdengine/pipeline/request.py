@@ -43,6 +43,7 @@ MAX_MASK_BLUR = 256.0
 # "Resize seed from": the largest side (pixels) a seed's noise may be drawn at (the pipeline's own limit on sizes).
 MAX_SEED_RESIZE = 8192
 MAX_SEED_DELTA = 2**32 - 1  # noise_seed_delta (A1111's ENSD)
+NOISE_SOURCES = ("cpu", "nv")  # noise_source: torch's CPU generator, or NVIDIA's numbers (diffusion.philox)
 MAX_NOISE_MULTIPLIER = 10.0  # noise_multiplier (A1111's own setting goes to 1.5)
 # How sampled latents become pixels: the model's VAE, or the tiny VAE loaded beside it (sdengine.models.tiny_vae).
 VAE_DECODE_METHODS = ("full", "tiny")
@@ -129,6 +130,11 @@ class GenerationRequest:
     # samplers (and churn) comes from there; 0 = the seed's own generator goes on (under A1111's rules the SDE
     # samplers draw from a Brownian tree seeded by the seed instead, as A1111: sdengine.diffusion.brownian)
     noise_seed_delta: int = 0
+    # Where the rows' noise comes from (A1111's "Random number generator source", randn_source): "cpu" torch's CPU
+    # generator (A1111's CPU); "nv" NVIDIA's numbers, torch.randn on CUDA, drawn on any device
+    # (sdengine.diffusion.philox; A1111's NV, and its default GPU on an NVIDIA card). Both the start noise and the
+    # per-step noise of the ancestral samplers (and variation seeds, ENSD, "Resize seed from") follow it.
+    noise_source: str = "cpu"
     # A1111's "Always discard next-to-last sigma" (its always_discard_next_to_last_sigma setting): the sampling grid
     # is made for steps + 1 steps and its next-to-last sigma dropped (sdengine.diffusion.sampling.make_grid), as
     # A1111 does anyway for DPM2, DPM2 a and DPM++ 3M SDE under its rules (strength_rule "a1111")
@@ -366,6 +372,11 @@ class GenerationRequest:
         if not isinstance(self.discard_penultimate_sigma, bool | np.bool_):
             raise GenerationError(
                 f"discard_penultimate_sigma must be true or false, got {self.discard_penultimate_sigma!r}"
+            )
+        if self.noise_source not in NOISE_SOURCES:
+            raise GenerationError(
+                f"unknown noise_source {self.noise_source!r}; use one of: {', '.join(NOISE_SOURCES)} "
+                "(A1111's randn_source CPU is 'cpu', NV and GPU are 'nv')"
             )
         delta = self.noise_seed_delta
         if not _is_int(delta) or not 0 <= delta <= MAX_SEED_DELTA:

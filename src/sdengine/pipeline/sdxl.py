@@ -18,6 +18,7 @@ from PIL import Image
 from sdengine import vae_utils
 from sdengine.diffusion import sampling
 from sdengine.diffusion.brownian import BrownianSpec
+from sdengine.diffusion.philox import make_generator
 from sdengine.diffusion.samplers import SamplingInterrupted
 from sdengine.diffusion.schedules import A1111_STRENGTH_RULES, img2img_start, img2img_steps
 from sdengine.errors import GenerationError
@@ -414,6 +415,8 @@ class SDXLPipeline(Pipeline):
                 row["Masked content"] = request.masked_content
             if p.init is not None and float(request.noise_multiplier) != 1.0:
                 row["Noise multiplier"] = float(request.noise_multiplier)  # A1111's field (img2img)
+            if request.noise_source == "nv":  # A1111's "RNG: NV" (it writes the field when not its default GPU)
+                row["RNG"] = "NV"
             if int(request.noise_seed_delta) and sampling.SAMPLERS[p.sampler].stochastic:
                 row["ENSD"] = int(request.noise_seed_delta)  # A1111's, written where the sampler draws noise
             if p.init is not None and request.vae_encode == "tiny":
@@ -466,7 +469,7 @@ def hand_off_latents(
     r_cond, r_uncond = refiner.conditioning_pair(prompt_i, negative_i, p_ref, note, note_unused=False)
     first, k, strength = span
     seed = p.seeds[0]
-    gen = torch.Generator("cpu").manual_seed(seed)
+    gen = make_generator(seed, request.noise_source)
     img2img = p.init is not None or init_latent is not None
     start = start_latents(
         base.vae,
@@ -496,7 +499,7 @@ def hand_off_latents(
     if init_latent is None and p.init is not None and float(request.noise_multiplier) != 1.0:
         noise = noise * float(request.noise_multiplier)  # A1111's img2img noise multiplier
     if int(request.noise_seed_delta):  # A1111's ENSD: the per-step noise from seed + delta
-        gen = torch.Generator("cpu").manual_seed(seed + int(request.noise_seed_delta))
+        gen = make_generator(seed + int(request.noise_seed_delta), request.noise_source)
     if start.concat is not None:  # an inpainting base's masked image: the base's alone (the refiner has 4 channels)
         cond = {**cond, "concat": start.concat}
 

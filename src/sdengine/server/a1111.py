@@ -885,6 +885,16 @@ def check_ensd(value: Any) -> int:
     return value
 
 
+def check_randn_source(value: Any) -> str:
+    """A1111's ``randn_source`` option ("GPU", "NV" or "CPU"), upper-cased; a BadRequest otherwise."""
+    from sdengine.metadata import A1111_RANDN_SOURCES
+
+    key = value.strip().upper() if isinstance(value, str) else None
+    if key not in A1111_RANDN_SOURCES:
+        raise BadRequest(f"randn_source must be one of {', '.join(A1111_RANDN_SOURCES)}, got {value!r}")
+    return key
+
+
 def decode_method(value: Any, option: str = "sd_vae_decode_method") -> str:
     if not isinstance(value, str) or value not in DECODE_METHODS:
         raise BadRequest(f"{option} must be one of {', '.join(DECODE_METHODS)}, got {value!r}")
@@ -977,6 +987,8 @@ def install(app: FastAPI, services: Any) -> None:
             settings["hires_fix_refiner_pass"] = parsed["Hires refiner"]
         if "noise_seed_delta" in found:  # "ENSD", as A1111 maps it (only when the infotext has one: no default)
             settings["eta_noise_seed_delta"] = found["noise_seed_delta"]
+        if "RNG" in parsed:  # A1111's randn_source (written when not its default GPU), as A1111 maps it
+            settings["randn_source"] = check_randn_source(parsed["RNG"])
         xl_options, xl_rest = infotext_sdxl(found.get("sdxl"))
         settings.update(xl_options)
         if clip is not None:
@@ -1062,6 +1074,10 @@ def install(app: FastAPI, services: Any) -> None:
         )
         ensd = over.pop("eta_noise_seed_delta", options.get("eta_noise_seed_delta", 0))  # A1111's ENSD
         ensd = check_ensd(ensd)
+        # A1111's "Random number generator source": its GPU (on an NVIDIA card) and NV draw NVIDIA's numbers
+        from sdengine.metadata import A1111_RANDN_SOURCES
+
+        randn_source = check_randn_source(over.pop("randn_source", options.get("randn_source", "CPU")))
         discard = over.pop("always_discard_next_to_last_sigma", options.get("always_discard_next_to_last_sigma", False))
         if not isinstance(discard, bool):
             raise BadRequest(f"always_discard_next_to_last_sigma must be true or false, got {discard!r}")
@@ -1144,6 +1160,7 @@ def install(app: FastAPI, services: Any) -> None:
             # A1111 draws the noise at that size only when both are above 0
             seed_resize_from=(resize_from[0], resize_from[1]) if min(resize_from) > 0 else None,
             noise_seed_delta=ensd,
+            noise_source=A1111_RANDN_SOURCES[randn_source],
             # A1111's "Always discard next-to-last sigma" (its DPM2, DPM2 a, DPM++ 3M SDE discard anyway)
             discard_penultimate_sigma=discard,
             **({} if noise_mult in (None, 1.0) else {"noise_multiplier": noise_mult}),
@@ -1846,7 +1863,9 @@ def install(app: FastAPI, services: Any) -> None:
         """``sd_model_checkpoint`` switches the model of later jobs (loaded by each worker before its next job);
         ``CLIP_stop_at_last_layers`` sets their clip skip (A1111's: SD 1.x's CLIP only; ``sdxl_clip_l_skip``: SDXL's
         CLIP-L too), ``eta_noise_seed_delta`` their ENSD, ``initial_noise_multiplier`` img2img's noise multiplier,
-        ``sd_vae_decode_method`` ("Full" or "TAESD") how their latents are decoded (TAESD: the model's tiny VAE),
+        ``randn_source`` their noise ("GPU" and "NV": NVIDIA's numbers, torch.randn on CUDA, on any device; "CPU"
+        torch's CPU generator, sdengine's default), ``sd_vae_decode_method`` ("Full" or "TAESD") how their latents
+        are decoded (TAESD: the model's tiny VAE),
         ``sd_vae_encode_method`` how their init images are encoded, ``always_discard_next_to_last_sigma`` whether every
         sampler's grid drops its next-to-last sigma (A1111's DPM2, DPM2 a and DPM++ 3M SDE always do). Other options
         are listed as ignored."""
@@ -1878,6 +1897,8 @@ def install(app: FastAPI, services: Any) -> None:
                 changes[k] = v
             elif k == "eta_noise_seed_delta":
                 changes[k] = check_ensd(v)
+            elif k == "randn_source":  # A1111's random number source: GPU and NV are NVIDIA's numbers, CPU torch's
+                changes[k] = check_randn_source(v)
             elif k == "initial_noise_multiplier":  # img2img's noise multiplier when a request gives none
                 changes[k] = check_noise_multiplier(v)
             elif k == "hires_fix_refiner_pass":  # which pass of the hires fix hands off to the refiner

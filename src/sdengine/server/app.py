@@ -150,6 +150,9 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
             "sd_vae_decode_method": "Full",
             "sd_vae_encode_method": "Full",
             "eta_noise_seed_delta": 0,  # A1111's ENSD
+            # A1111's "Random number generator source": sdengine's default is CPU (A1111's is GPU, on NVIDIA cards
+            # the numbers of NV, which sdengine draws on any device: set "GPU" or "NV" to reproduce such images)
+            "randn_source": "CPU",
             "initial_noise_multiplier": 1.0,  # A1111's img2img noise multiplier
             "img2img_fix_steps": False,  # A1111's "With img2img, do exactly the amount of steps the slider specifies"
             "always_discard_next_to_last_sigma": False,  # A1111's "Always discard next-to-last sigma"

@@ -168,6 +168,7 @@ def build_generation(
     seed_resize_from: tuple[int, int] | None = None,
     noise_multiplier: float = 1.0,
     noise_seed_delta: int = 0,
+    noise_source: str = "cpu",
     discard_penultimate_sigma: bool = False,
     masked_content: str = "original",
     sdxl: dict[str, Any] | None = None,
@@ -333,6 +334,8 @@ def build_generation(
         kwargs["masked_content"] = masked_content
     if noise_seed_delta != 0:  # A1111's ENSD (left out at 0, so such jobs batch as before)
         kwargs["noise_seed_delta"] = noise_seed_delta  # checked by GenerationRequest.validate below
+    if noise_source != "cpu":  # A1111's randn_source NV / GPU (left out at the default, so such jobs batch as before)
+        kwargs["noise_source"] = noise_source  # checked by GenerationRequest.validate below
     if discard_penultimate_sigma:  # A1111's always_discard_next_to_last_sigma (left out when off, as above)
         kwargs["discard_penultimate_sigma"] = discard_penultimate_sigma  # checked by GenerationRequest.validate
     if noise_multiplier != 1:  # A1111's img2img "Noise multiplier" (left out at 1, so such jobs batch as before)

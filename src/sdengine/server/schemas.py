@@ -131,6 +131,11 @@ class JobRequest(BaseModel):
         description="[width, height]: draw the seed's noise at this size, centred in the image's (A1111's "
         "'Resize seed from')",
     )
+    noise_source: Literal["cpu", "nv"] = Field(
+        "cpu",
+        description="where the noise comes from: 'cpu' torch's CPU generator (A1111's CPU source), 'nv' NVIDIA's "
+        "numbers, torch.randn on CUDA drawn on any device (A1111's NV, and its default GPU on an NVIDIA card)",
+    )
     vae_decode: Literal["full", "tiny"] = Field(
         "full", description="'tiny': decode with the model's tiny VAE (TAESD), ~10x cheaper, a little softer"
     )
