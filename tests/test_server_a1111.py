@@ -1115,6 +1115,29 @@ def test_sampler_options_are_the_fields_of_requests_that_give_none(api):
     assert r.info["ignored"] == []
 
 
+def test_a_transparent_init_image_is_laid_over_the_background_colour(api):
+    """A1111 lays an RGBA init image over its img2img_background_color (white) before img2img; sdengine once
+    dropped the alpha, keeping whatever colour lay under the transparent pixels (here green): another image."""
+    init = Image.new("RGBA", (32, 32), (0, 255, 0, 0))  # transparent green
+    init.paste((200, 30, 30, 255), (0, 0, 16, 32))
+    small = {"steps": 2, "width": 32, "height": 32, "cfg_scale": 7.0}
+
+    def want(color):
+        flat = Image.alpha_composite(Image.new("RGBA", init.size, color), init).convert("RGB")
+        ref = emoji()("a", seed=3, init_image=flat, strength=0.5, strength_rule="a1111", sampler="dpmpp_2m",
+                      schedule="karras", progress=False, **small)  # fmt: skip
+        return arr(ref.images[0])
+
+    r = api.img2img(images=[init], prompt="a", seed=3, denoising_strength=0.5, **small)
+    np.testing.assert_array_equal(arr(r.image), want((255, 255, 255, 255)))
+    blue = {"img2img_background_color": "#0000FF"}
+    r = api.img2img(images=[init], prompt="a", seed=3, denoising_strength=0.5, override_settings=blue, **small)
+    np.testing.assert_array_equal(arr(r.image), want((0, 0, 255, 255)))
+    assert r.info["ignored"] == []
+    bad = httpx.post(f"{api.baseurl}/options", json={"img2img_background_color": "white"}, timeout=30)
+    assert bad.status_code == 400 and "img2img_background_color must be a colour as #rrggbb" in bad.text, bad.text
+
+
 def test_churn_and_s_noise_are_k_diffusions_options_as_a1111_passes_them(api):
     """s_churn / s_tmin / s_tmax / s_noise (once listed as ignored): passed to the samplers A1111 passes them to
     (churn: Euler, Heun, DPM2; s_noise: those and DPM2 a, DPM++ SDE, DPM++ 2M SDE), written in the infotext as

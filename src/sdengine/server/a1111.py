@@ -195,6 +195,28 @@ def check_fixed_option(name: str, value: Any, where: str = "") -> Any:
     raise BadRequest(f"{where}{name} {value!r}: {why}; send {shown}")
 
 
+COLOR = re.compile(r"#[0-9a-fA-F]{6}")
+
+
+def check_background(value: Any, where: str = "") -> str:
+    """A1111's ``img2img_background_color``: a colour as ``#rrggbb`` (a BadRequest, one line)."""
+    if not isinstance(value, str) or not COLOR.fullmatch(value):
+        raise BadRequest(f"{where}img2img_background_color must be a colour as #rrggbb, got {value!r}")
+    return value.lower()
+
+
+def flatten_init(image: Image.Image, color: str) -> Image.Image | None:
+    """A1111's ``images.flatten`` of an img2img init image (its ``img2img_background_color``): an RGBA image laid
+    over ``color`` by its alpha, upright by its EXIF orientation; None for another mode (A1111 converts those to
+    RGB, dropping any transparency, as sdengine does)."""
+    if image.mode != "RGBA":
+        return None
+    image = ImageOps.exif_transpose(image)
+    out = Image.new("RGBA", image.size, color)
+    out.paste(image, mask=image)
+    return out.convert("RGB")
+
+
 def check_sampler_option(name: str, value: Any) -> Any:
     """One of SAMPLER_OPTIONS, checked (a BadRequest, one line)."""
     from sdengine.diffusion.samplers import UNIPC_VARIANTS
@@ -1228,6 +1250,8 @@ def install(app: FastAPI, services: Any) -> None:
         if not isinstance(no_detectmap, bool):
             raise BadRequest(f"control_net_no_detectmap must be true or false, got {no_detectmap!r}")
         xl = {k: sdxl_option(k, over.pop(k)) if k in over else options.get(k, d) for k, d in SDXL_OPTIONS.items()}
+        if init is not None:  # img2img's (applied by its route); txt2img has no init image: listed as ignored
+            over.pop("img2img_background_color", None)
         if body.get("restore_faces") is False:  # A1111 restores no face then, whatever the option: ignored
             fixed = {k: v for k, v in FIXED_OPTIONS.items() if k != "face_restoration"}
         else:
@@ -1606,6 +1630,15 @@ def install(app: FastAPI, services: Any) -> None:
         if not req.init_images:
             raise BadRequest("img2img needs init_images (one base64 image)")
         refuse_unsupported(body, txt2img=False)  # resize_mode 3, a second init image, latent_mask, ...
+        over = req.override_settings or {}
+        if "img2img_background_color" in over:
+            color = check_background(over["img2img_background_color"], "override_settings.")
+        else:
+            color = options.get("img2img_background_color", "#ffffff")
+        init = await run_in_threadpool(services.uploads.image, req.init_images[0], "init image")
+        flat = await run_in_threadpool(flatten_init, init, color)
+        if flat is not None:  # A1111 lays a transparent init image over its background colour (white) first
+            req = req.model_copy(update={"init_images": [_b64_png(flat), *req.init_images[1:]]})
         ignored = _ignored(body)
         if not req.mask:  # the inpainting fields do nothing without a mask (in A1111 too)
             ignored = [k for k in ignored if k not in ("inpainting_fill", "inpaint_full_res")]
@@ -2001,8 +2034,11 @@ def install(app: FastAPI, services: Any) -> None:
         CLIP-L too), ``eta_noise_seed_delta`` their ENSD, ``initial_noise_multiplier`` img2img's noise multiplier,
         ``sd_vae_decode_method`` ("Full" or "TAESD") how their latents are decoded (TAESD: the model's tiny VAE),
         ``sd_vae_encode_method`` how their init images are encoded, ``always_discard_next_to_last_sigma`` whether every
-        sampler's grid drops its next-to-last sigma (A1111's DPM2, DPM2 a and DPM++ 3M SDE always do). Other options
-        are listed as ignored."""
+        sampler's grid drops its next-to-last sigma (A1111's DPM2, DPM2 a and DPM++ 3M SDE always do),
+        SAMPLER_OPTIONS (``eta_ancestral``, ``s_churn``, ``uni_pc_order``, ...) and ``tiling`` the values of requests
+        that give none, ``img2img_background_color`` what a transparent init image is laid over. FIXED_OPTIONS
+        (``face_restoration``, ``randn_source``, ``sd_vae``, ...) take only the value sdengine runs (another is a 400
+        naming the option). Other options (saving, UI, ...: they do not change the image) are listed as ignored."""
         changes, ignored = checked_options(body)  # every value checked before any is set: a refused one changes nothing
         options.update(changes)
         applied = list(changes)
@@ -2048,6 +2084,8 @@ def install(app: FastAPI, services: Any) -> None:
                 if not isinstance(v, bool):
                     raise BadRequest(f"{k} must be true or false")
                 changes[k] = v
+            elif k == "img2img_background_color":  # what a transparent img2img init image is laid over
+                changes[k] = check_background(v)
             elif k in SAMPLER_OPTIONS:  # eta_ancestral, s_churn, uni_pc_order, ...: of requests that give none
                 changes[k] = check_sampler_option(k, v)
             elif k in FIXED_OPTIONS:  # run one way only: that way, else a 400 naming the option
