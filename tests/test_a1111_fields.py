@@ -253,3 +253,22 @@ def test_latent_upscale_resize_mode_on_the_a1111_route(models, counted):
     assert to_generate_kwargs(parse_parameters(info["infotexts"][0]))["init_latent_resize"] is True
     r = client.post("/sdapi/v1/img2img", json={**body, "resize_mode": 3, "mask": _b64(small)})
     assert r.status_code == 422 and r.json()["detail"].startswith("resize_mode 3: A1111's latent upscale takes no mask")
+
+
+def test_an_infotexts_a1111_option_fields_become_overrides(counted):
+    """An infotext's fields of A1111's image-changing options ("RNG", "Emphasis", "UniPC order", ...) become
+    override_settings, as A1111's apply_infotext maps them: a value sdengine runs is run (UniPC's order), another is
+    a 400 naming the option (it was dropped: the image of CPU noise for an infotext of NV noise)."""
+    client, loads = counted
+    head = "a red apple\nSteps: 6, Sampler: UniPC, Seed: 3, Size: 16x16"  # order 3 needs 6 steps to show
+    for field, said in (("RNG: NV", "randn_source 'NV'"), ("Emphasis: No norm", "emphasis 'No norm'")):
+        r = client.post("/sdapi/v1/txt2img", json={"infotext": f"{head}, {field}"})
+        assert r.status_code == 400 and said in r.json()["detail"], r.text
+    assert loads == []  # refused before any work
+    ours = client.post("/sdapi/v1/txt2img", json={"infotext": f"{head}, UniPC order: 3, RNG: CPU"})
+    unipc = {**SMALL, "steps": 6, "sampler_name": "UniPC"}
+    over = client.post("/sdapi/v1/txt2img", json={**unipc, "override_settings": {"uni_pc_order": 3}})
+    plain = client.post("/sdapi/v1/txt2img", json=unipc)
+    np.testing.assert_array_equal(_image(ours), _image(over))
+    assert not np.array_equal(_image(ours), _image(plain))
+    assert _info(ours)["ignored"] == []

@@ -195,6 +195,45 @@ def check_fixed_option(name: str, value: Any, where: str = "") -> Any:
     raise BadRequest(f"{where}{name} {value!r}: {why}; send {shown}")
 
 
+# A1111's infotext names of those options and of the UniPC ones (its infotext_to_setting_name_mapping): an infotext
+# becomes these override_settings, as in A1111, so a value sdengine does not run is refused, never dropped.
+INFOTEXT_OPTIONS = {
+    "RNG": "randn_source",
+    "Emphasis": "emphasis",
+    "Noise Schedule": "sd_noise_schedule",
+    "Schedule min sigma": "sigma_min",
+    "Schedule max sigma": "sigma_max",
+    "Schedule rho": "rho",
+    "Beta scheduler alpha": "beta_dist_alpha",
+    "Beta scheduler beta": "beta_dist_beta",
+    "SGM noise multiplier": "sgm_noise_multiplier",
+    "Skip Early CFG": "skip_early_cond",
+    "NGMS": "s_min_uncond",
+    "Token merging ratio": "token_merging_ratio",
+    "Token merging ratio hr": "token_merging_ratio_hr",
+    "Pad conds": "pad_cond_uncond",
+    "Pad conds v0": "pad_cond_uncond_v0",
+    "Conditional mask weight": "inpainting_mask_weight",
+    "Extra noise": "img2img_extra_noise",
+    "UniPC variant": "uni_pc_variant",
+    "UniPC skip type": "uni_pc_skip_type",
+    "UniPC order": "uni_pc_order",
+    "UniPC lower order final": "uni_pc_lower_order_final",
+}
+
+
+def infotext_value(text: str) -> Any:
+    """An infotext's value as A1111's option takes it: True / False, a number, else the text."""
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 COLOR = re.compile(r"#[0-9a-fA-F]{6}")
 
 
@@ -1141,11 +1180,15 @@ def install(app: FastAPI, services: Any) -> None:
             settings["hires_fix_refiner_pass"] = parsed["Hires refiner"]
         if "noise_seed_delta" in found:  # "ENSD", as A1111 maps it (only when the infotext has one: no default)
             settings["eta_noise_seed_delta"] = found["noise_seed_delta"]
+        for field, name in INFOTEXT_OPTIONS.items():  # "RNG: NV", "Emphasis: No norm", "UniPC order: 3", ...
+            if field in parsed:
+                settings[name] = infotext_value(parsed[field].strip())
         xl_options, xl_rest = infotext_sdxl(found.get("sdxl"))
         settings.update(xl_options)
         if clip is not None:
             del settings["CLIP_stop_at_last_layers"]  # not A1111's: passed on with its rule instead
         defaults: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "face_restoration": False, **SDXL_OPTIONS}
+        defaults.update({k: accepted[0] for k, (accepted, _) in FIXED_OPTIONS.items()})
         defaults["hires_fix_refiner_pass"] = "second pass"
         for name, value in settings.items():  # as A1111: only where it differs from the current option
             if name not in over and value != options.get(name, defaults.get(name, "Full")):
@@ -1639,6 +1682,7 @@ def install(app: FastAPI, services: Any) -> None:
         flat = await run_in_threadpool(flatten_init, init, color)
         if flat is not None:  # A1111 lays a transparent init image over its background colour (white) first
             req = req.model_copy(update={"init_images": [_b64_png(flat), *req.init_images[1:]]})
+        assert req.init_images  # (for mypy: the copy keeps them)
         ignored = _ignored(body)
         if not req.mask:  # the inpainting fields do nothing without a mask (in A1111 too)
             ignored = [k for k in ignored if k not in ("inpainting_fill", "inpaint_full_res")]
