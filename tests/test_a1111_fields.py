@@ -272,3 +272,14 @@ def test_an_infotexts_a1111_option_fields_become_overrides(counted):
     np.testing.assert_array_equal(_image(ours), _image(over))
     assert not np.array_equal(_image(ours), _image(plain))
     assert _info(ours)["ignored"] == []
+
+
+def test_unipc_options_with_a_hires_sampler_that_has_none_are_listed_as_ignored(counted):
+    """sdengine gives both passes of the hires fix the same sampler options: UniPC's order with a second-pass
+    Euler is listed as ignored, as eta is (it was a 400 from the second pass: the sampler has no option order)."""
+    client, _ = counted
+    body = {**SMALL, "sampler_name": "UniPC", "override_settings": {"uni_pc_order": 3}, "enable_hr": True}
+    body.update(hr_scale=2, denoising_strength=0.5, hr_sampler_name="Euler")
+    assert _info(client.post("/sdapi/v1/txt2img", json=body))["ignored"] == ["uni_pc_order"]
+    body["hr_sampler_name"] = "UniPC"
+    assert _info(client.post("/sdapi/v1/txt2img", json=body))["ignored"] == []

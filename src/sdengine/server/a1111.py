@@ -355,8 +355,19 @@ def sampler_settings(
         filled["eta"] = settings["eta_ddim" if name == "ddim" else "eta_ancestral"]
     out = dict(eta_option(filled, sampler, schedule, ignored, notes) or {})
     if name == "unipc":
+        hr = body.get("hr_sampler_name")
+        hr_name = None
+        if body.get("enable_hr") and hr not in SAME_SAMPLER:
+            try:
+                hr_name, _ = sampling.resolve(hr, None)
+            except (ValueError, TypeError):
+                return out or None  # the build names the bad sampler
         for key, option, default in (("variant", "uni_pc_variant", "bh2"), ("order", "uni_pc_order", 2)):
-            if settings[option] != default:
+            if settings[option] == default:
+                continue
+            if hr_name not in (None, "unipc"):  # sdengine gives both passes the same options: the second has none
+                ignored.append(option)
+            else:
                 out[key] = settings[option]
     return out or None
 
