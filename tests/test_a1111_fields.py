@@ -258,3 +258,33 @@ def test_latent_upscale_resize_mode_on_the_a1111_route(models, counted):
     assert to_generate_kwargs(parse_parameters(info["infotexts"][0]))["init_latent_resize"] is True
     r = client.post("/sdapi/v1/img2img", json={**body, "resize_mode": 3, "mask": _b64(small)})
     assert r.status_code == 422 and r.json()["detail"].startswith("resize_mode 3: A1111's latent upscale takes no mask")
+
+
+def test_an_infotexts_a1111_option_fields_become_overrides(counted):
+    """An infotext's fields of A1111's image-changing options ("RNG", "Emphasis", "UniPC order", ...) become
+    override_settings, as A1111's apply_infotext maps them: a value sdengine runs is run (UniPC's order), another is
+    a 400 naming the option (it was dropped: another image, silently)."""
+    client, loads = counted
+    head = "a red apple\nSteps: 6, Sampler: UniPC, Seed: 3, Size: 16x16"  # order 3 needs 6 steps to show
+    for field, said in (("RNG: TPU", "RNG: 'TPU'"), ("Emphasis: No norm", "emphasis 'No norm'")):
+        r = client.post("/sdapi/v1/txt2img", json={"infotext": f"{head}, {field}"})
+        assert r.status_code == 400 and said in r.json()["detail"], r.text
+    assert loads == []  # refused before any work
+    ours = client.post("/sdapi/v1/txt2img", json={"infotext": f"{head}, UniPC order: 3, RNG: CPU"})
+    unipc = {**SMALL, "steps": 6, "sampler_name": "UniPC"}
+    over = client.post("/sdapi/v1/txt2img", json={**unipc, "override_settings": {"uni_pc_order": 3}})
+    plain = client.post("/sdapi/v1/txt2img", json=unipc)
+    np.testing.assert_array_equal(_image(ours), _image(over))
+    assert not np.array_equal(_image(ours), _image(plain))
+    assert _info(ours)["ignored"] == []
+
+
+def test_unipc_options_with_a_hires_sampler_that_has_none_are_listed_as_ignored(counted):
+    """sdengine gives both passes of the hires fix the same sampler options: UniPC's order with a second-pass
+    Euler is listed as ignored, as eta is (it was a 400 from the second pass: the sampler has no option order)."""
+    client, _ = counted
+    body = {**SMALL, "sampler_name": "UniPC", "override_settings": {"uni_pc_order": 3}, "enable_hr": True}
+    body.update(hr_scale=2, denoising_strength=0.5, hr_sampler_name="Euler")
+    assert _info(client.post("/sdapi/v1/txt2img", json=body))["ignored"] == ["uni_pc_order"]
+    body["hr_sampler_name"] = "UniPC"
+    assert _info(client.post("/sdapi/v1/txt2img", json=body))["ignored"] == []

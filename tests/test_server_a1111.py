@@ -245,8 +245,12 @@ def test_controlnet_unit_and_empty_args(api):
 
 
 def test_unknown_and_unimplemented_fields_are_reported(api):
-    r = api.txt2img(prompt="a cat", seed=1, override_settings={"sd_vae": "x"}, **COMMON)
-    assert "override_settings.sd_vae" in r.info["ignored"]
+    r = api.txt2img(prompt="a cat", seed=1, override_settings={"samples_format": "jpg"}, **COMMON)
+    assert r.info["ignored"] == ["override_settings.samples_format"]  # does not change the image
+    # an option that would (a VAE by name: the A1111 routes have no VAE choice) is a 400 naming it (it was listed
+    # as ignored: the image of the model's own VAE)
+    with pytest.raises(RuntimeError, match="400.*override_settings.sd_vae .*: the A1111 routes run the model"):
+        api.txt2img(prompt="a cat", seed=1, override_settings={"sd_vae": "x"}, **COMMON)
     # a field that would change the image but is not implemented is a 422 naming it (it was listed as ignored)
     with pytest.raises(RuntimeError, match="422.*restore_faces True: face restoration"):
         api.txt2img(prompt="a cat", seed=1, restore_faces=True, **COMMON)
@@ -1041,6 +1045,97 @@ def test_controlnet_detected_maps_are_appended(api):
     r = api.txt2img(prompt="a star", seed=9, controlnet_units=[unit], alwayson_scripts={}, **hr, **COMMON)
     assert [im.size for im in r.images] == [(128, 128), (128, 128), (64, 64)]
     np.testing.assert_array_equal(arr(r.images[2]), arr(want))
+
+
+def test_options_sdengine_runs_one_way_are_answered_so_and_refused_otherwise(api):
+    """A1111's options that change the image but that sdengine runs one way only (face_restoration,
+    sd_vae, emphasis, token merging, ...) were answered "ignored" (a later request ran without face restoration
+    where A1111 restores): another value is now a 400 naming the option, as an option or an override, and changes
+    nothing; GET /options answers the values the server runs, which can be sent back whole."""
+    url = f"{api.baseurl}/options"
+    got = httpx.get(url, timeout=30).json()
+    assert (got["randn_source"], got["face_restoration"], got["sd_vae"], got["emphasis"]) == (
+        "CPU", False, "Automatic", "Original"
+    )  # fmt: skip
+    assert (got["eta_ancestral"], got["eta_ddim"], got["uni_pc_variant"], got["uni_pc_order"]) == (1.0, 0.0, "bh2", 2)
+    for body, said in (
+        ({"face_restoration": True}, "face_restoration True: face restoration (GFPGAN, CodeFormer) is not available"),
+        ({"randn_source": "TPU"}, "randn_source must be one of GPU, NV, CPU, got 'TPU'"),
+        ({"sd_vae": "vae-ft-mse"}, "sd_vae 'vae-ft-mse': the A1111 routes run the model's own VAE"),
+        ({"emphasis": "No norm"}, "emphasis 'No norm': sdengine's prompt weighting is A1111's Original emphasis"),
+        ({"token_merging_ratio": 0.5}, "token_merging_ratio 0.5: token merging (ToMe) is not implemented"),
+        ({"uni_pc_variant": "vary_coeff"}, "uni_pc_variant 'vary_coeff': sdengine's UniPC has bh1 and bh2"),
+        ({"uni_pc_order": 4}, "uni_pc_order 4: sdengine's UniPC takes order 1, 2 or 3"),
+        ({"eta_ancestral": True}, "eta_ancestral must be a number in [0, 10], got True"),
+        ({"tiling": False, "face_restoration": 1}, "face_restoration 1: "),  # 1 is no false; nothing is set
+    ):
+        bad = httpx.post(url, json=body, timeout=30)
+        assert bad.status_code == 400 and said in bad.json()["detail"], (body, bad.text)
+        assert "\n" not in bad.json()["detail"]
+    assert httpx.get(url, timeout=30).json() == got  # nothing changed
+    sent = httpx.post(url, json=got, timeout=30).json()  # a client sends the answer back whole: all taken
+    assert "randn_source" in sent["applied"] and "face_restoration" in sent["applied"], sent
+    assert httpx.get(url, timeout=30).json() == got
+    # the same as overrides, before any work; restore_faces false restores nothing in A1111: only listed then
+    body = {"prompt": "a", "steps": 1, "width": 64, "height": 64}
+    r = httpx.post(f"{api.baseurl}/txt2img", json={**body, "override_settings": {"sd_vae": "x"}}, timeout=60)
+    assert r.status_code == 400 and "override_settings.sd_vae 'x'" in r.text, r.text
+    over = {"randn_source": "CPU", "face_restoration": True, "eta_noise_seed_delta": 0}
+    r = api.custom_post("txt2img", {**body, "restore_faces": False, "override_settings": over}, baseurl=True)
+    assert r.info["ignored"] == ["override_settings.face_restoration"]
+
+
+def test_sampler_options_are_the_fields_of_requests_that_give_none(api):
+    """A1111's eta_ancestral / eta_ddim / s_churn / s_noise / ... options (once answered "ignored") are the values
+    of a request that gives no eta, s_churn, ... (as an option or an override), as A1111's; a request's own field
+    wins; uni_pc_variant / uni_pc_order are UniPC's variant and order (the server's default: sdengine's bh2 of
+    order 2)."""
+    small = {"steps": 2, "width": 32, "height": 32, "cfg_scale": 7.0}
+    kw = {"schedule": "karras", "progress": False, **small}
+    body = {"prompt": "a cat", "seed": 6, "scheduler": "Karras", **small}
+    want = arr(emoji()("a cat", seed=6, sampler="euler_a", sampler_options={"eta": 0.4}, **kw).images[0])
+    plain = arr(emoji()("a cat", seed=6, sampler="euler_a", **kw).images[0])
+    try:
+        assert api.set_options({"eta_ancestral": 0.4})["applied"] == ["eta_ancestral"]
+        r = api.custom_post("txt2img", {**body, "sampler_name": "Euler a"}, baseurl=True)
+        np.testing.assert_array_equal(arr(r.image), want)
+        r = api.custom_post("txt2img", {**body, "sampler_name": "Euler a", "eta": 1.0}, baseurl=True)
+        np.testing.assert_array_equal(arr(r.image), plain)  # the request's own eta wins
+    finally:
+        api.set_options({"eta_ancestral": 1.0})
+    over = {"s_churn": 2.0, "s_noise": 0.9}
+    r = api.custom_post("txt2img", {**body, "sampler_name": "Euler", "override_settings": over}, baseurl=True)
+    churned = emoji()("a cat", seed=6, sampler="euler", sampler_options=over, **kw).images[0]
+    np.testing.assert_array_equal(arr(r.image), arr(churned))
+    assert r.info["ignored"] == [] and "Sigma churn: 2," in r.info["infotexts"][0]
+    over = {"uni_pc_variant": "bh1", "uni_pc_order": 3}
+    r = api.custom_post("txt2img", {**body, "sampler_name": "UniPC", "override_settings": over}, baseurl=True)
+    unipc = emoji()("a cat", seed=6, sampler="unipc", sampler_options={"variant": "bh1", "order": 3}, **kw)
+    np.testing.assert_array_equal(arr(r.image), arr(unipc.images[0]))
+    assert r.info["ignored"] == []
+
+
+def test_a_transparent_init_image_is_laid_over_the_background_colour(api):
+    """A1111 lays an RGBA init image over its img2img_background_color (white) before img2img; sdengine once
+    dropped the alpha, keeping whatever colour lay under the transparent pixels (here green): another image."""
+    init = Image.new("RGBA", (32, 32), (0, 255, 0, 0))  # transparent green
+    init.paste((200, 30, 30, 255), (0, 0, 16, 32))
+    small = {"steps": 2, "width": 32, "height": 32, "cfg_scale": 7.0}
+
+    def want(color):
+        flat = Image.alpha_composite(Image.new("RGBA", init.size, color), init).convert("RGB")
+        ref = emoji()("a", seed=3, init_image=flat, strength=0.5, strength_rule="a1111", sampler="dpmpp_2m",
+                      schedule="karras", progress=False, **small)  # fmt: skip
+        return arr(ref.images[0])
+
+    r = api.img2img(images=[init], prompt="a", seed=3, denoising_strength=0.5, **small)
+    np.testing.assert_array_equal(arr(r.image), want((255, 255, 255, 255)))
+    blue = {"img2img_background_color": "#0000FF"}
+    r = api.img2img(images=[init], prompt="a", seed=3, denoising_strength=0.5, override_settings=blue, **small)
+    np.testing.assert_array_equal(arr(r.image), want((0, 0, 255, 255)))
+    assert r.info["ignored"] == []
+    bad = httpx.post(f"{api.baseurl}/options", json={"img2img_background_color": "white"}, timeout=30)
+    assert bad.status_code == 400 and "img2img_background_color must be a colour as #rrggbb" in bad.text, bad.text
 
 
 def test_churn_and_s_noise_are_k_diffusions_options_as_a1111_passes_them(api):

@@ -107,6 +107,175 @@ SAME_SCHEDULER = (None, "", "Use same scheduler")
 SAMPLER_FIELDS: dict[str, float | None] = {"eta": None, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
 
 
+# A1111's options that change the image but that sdengine runs one way only: each takes the values that match what
+# sdengine does (the first is what GET /sdapi/v1/options answers); another value is a 400 naming the option, in
+# POST /sdapi/v1/options and in override_settings: never a silently other image. The reason follows each.
+_FALSE, _ZERO = (False,), (0, 0.0)
+FIXED_OPTIONS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "face_restoration": (_FALSE, "face restoration (GFPGAN, CodeFormer) is not available in sdengine"),
+    "sd_vae": (
+        ("Automatic",),
+        "the A1111 routes run the model's own VAE, or the NAME.vae.safetensors beside it (A1111's Automatic); "
+        "choosing a VAE by name is not implemented (ComfyUI's VAELoader reads --vaes-dir)",
+    ),
+    "sd_unet": (("Automatic", "None"), "separate UNet files are not implemented in sdengine"),
+    "sd_hypernetwork": (("None", "", None), "hypernetworks are not implemented in sdengine"),
+    "emphasis": (("Original",), "sdengine's prompt weighting is A1111's Original emphasis only"),
+    "enable_emphasis": ((True,), "sdengine always applies A1111's (emphasis)"),
+    "use_old_emphasis_implementation": (_FALSE, "A1111's old emphasis parser is not implemented in sdengine"),
+    "comma_padding_backtrack": ((20,), "sdengine breaks long prompts at a comma within 20 tokens (A1111's default)"),
+    "sd_noise_schedule": (("Default",), "A1111's Zero Terminal SNR rescale is not implemented on these routes"),
+    "k_sched_type": (("Automatic",), "send the request's scheduler field instead"),
+    "sigma_min": (_ZERO, "a custom schedule's sigma range is not implemented on these routes"),
+    "sigma_max": (_ZERO, "a custom schedule's sigma range is not implemented on these routes"),
+    "rho": (_ZERO, "a custom schedule's rho is not implemented on these routes"),
+    "beta_dist_alpha": ((0.6,), "sdengine's Beta schedule uses alpha 0.6 (A1111's default)"),
+    "beta_dist_beta": ((0.6,), "sdengine's Beta schedule uses beta 0.6 (A1111's default)"),
+    "sgm_noise_multiplier": (_FALSE, "A1111's SGM noise multiplier is not implemented in sdengine"),
+    "skip_early_cond": (_ZERO, "A1111's Skip Early CFG is not implemented in sdengine"),
+    "s_min_uncond": (_ZERO, "A1111's negative guidance minimum sigma is not implemented in sdengine"),
+    "uni_pc_skip_type": (("time_uniform",), "sdengine's UniPC runs on the schedule's grid (A1111's time_uniform)"),
+    "uni_pc_lower_order_final": ((True,), "sdengine's UniPC always lowers its order at the end"),
+    "ddim_discretize": (("uniform",), "sdengine's DDIM grid is uniform (A1111's quad is not implemented)"),
+    "img2img_color_correction": (_FALSE, "A1111's img2img color correction is not implemented in sdengine"),
+    "img2img_extra_noise": (_ZERO, "A1111's img2img extra noise is not implemented in sdengine"),
+    "inpainting_mask_weight": ((1, 1.0), "sdengine's inpainting models take the full mask (A1111's weight 1)"),
+    "token_merging_ratio": (_ZERO, "token merging (ToMe) is not implemented in sdengine"),
+    "token_merging_ratio_img2img": (_ZERO, "token merging (ToMe) is not implemented in sdengine"),
+    "token_merging_ratio_hr": (_ZERO, "token merging (ToMe) is not implemented in sdengine"),
+    "pad_cond_uncond": (
+        _FALSE,
+        "A1111's padding of the prompt and the negative prompt to one length is not implemented in sdengine",
+    ),  # fmt: skip
+    "pad_cond_uncond_v0": (
+        _FALSE,
+        "A1111's padding of the prompt and the negative prompt to one length is not implemented in sdengine",
+    ),  # fmt: skip
+    "enable_quantization": (_FALSE, "A1111's K-sampler quantization is not implemented in sdengine"),
+    "enable_batch_seeds": ((True,), "sdengine's batches always make each image as a single image of its seed"),
+    "use_old_karras_scheduler_sigmas": (_FALSE, "A1111's old Karras range (0.1 to 10) is not implemented"),
+    "no_dpmpp_sde_batch_determinism": (_FALSE, "sdengine's DPM++ SDE is always deterministic across batch sizes"),
+    "use_old_hires_fix_width_height": (_FALSE, "A1111's old hires-fix sizes are not implemented in sdengine"),
+    "dont_fix_second_order_samplers_schedule": (
+        _FALSE,
+        "A1111's old prompt schedule of second-order samplers is not implemented in sdengine",
+    ),  # fmt: skip
+    "hires_fix_use_firstpass_conds": (_FALSE, "sdengine's hires fix computes the second pass's conditioning anew"),
+    "use_old_scheduling": (_FALSE, "A1111's old prompt-editing timeline is not implemented in sdengine"),
+    "use_downcasted_alpha_bar": (_FALSE, "A1111's downcast alphas_cumprod is not implemented in sdengine"),
+    "tiling": (_FALSE, "send the request's tiling field instead"),
+}
+# A1111's sampler-parameter options sdengine runs (the values a request's own field takes when it gives none;
+# eta: eta_ddim for DDIM, eta_ancestral for the others, as A1111), and the UniPC ones (sdengine's UniPC's options
+# variant and order); their defaults are what the server runs (UniPC: bh2 of order 2; A1111's are bh1 of order 3).
+SAMPLER_OPTIONS: dict[str, Any] = {
+    "eta_ancestral": 1.0,
+    "eta_ddim": 0.0,
+    "s_churn": 0.0,
+    "s_tmin": 0.0,
+    "s_tmax": 0.0,
+    "s_noise": 1.0,
+    "uni_pc_variant": "bh2",
+    "uni_pc_order": 2,
+}
+
+
+def check_fixed_option(name: str, value: Any, where: str = "") -> Any:
+    """One of FIXED_OPTIONS, checked: a value sdengine runs, else a BadRequest naming the option (one line)."""
+    accepted, why = FIXED_OPTIONS[name]
+    for a in accepted:  # true is not 1 here, nor 0 false
+        if (value is a) if isinstance(a, bool) or isinstance(value, bool) else value == a:
+            return value
+    shown = ", ".join(json.dumps(a) for a in accepted if a not in ("", None))
+    raise BadRequest(f"{where}{name} {value!r}: {why}; send {shown}")
+
+
+# A1111's infotext names of those options and of the UniPC ones (its infotext_to_setting_name_mapping): an infotext
+# becomes these override_settings, as in A1111, so a value sdengine does not run is refused, never dropped.
+INFOTEXT_OPTIONS = {
+    "RNG": "randn_source",
+    "Emphasis": "emphasis",
+    "Noise Schedule": "sd_noise_schedule",
+    "Schedule min sigma": "sigma_min",
+    "Schedule max sigma": "sigma_max",
+    "Schedule rho": "rho",
+    "Beta scheduler alpha": "beta_dist_alpha",
+    "Beta scheduler beta": "beta_dist_beta",
+    "SGM noise multiplier": "sgm_noise_multiplier",
+    "Skip Early CFG": "skip_early_cond",
+    "NGMS": "s_min_uncond",
+    "Token merging ratio": "token_merging_ratio",
+    "Token merging ratio hr": "token_merging_ratio_hr",
+    "Pad conds": "pad_cond_uncond",
+    "Pad conds v0": "pad_cond_uncond_v0",
+    "Conditional mask weight": "inpainting_mask_weight",
+    "Extra noise": "img2img_extra_noise",
+    "UniPC variant": "uni_pc_variant",
+    "UniPC skip type": "uni_pc_skip_type",
+    "UniPC order": "uni_pc_order",
+    "UniPC lower order final": "uni_pc_lower_order_final",
+}
+
+
+def infotext_value(text: str) -> Any:
+    """An infotext's value as A1111's option takes it: True / False, a number, else the text."""
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+COLOR = re.compile(r"#[0-9a-fA-F]{6}")
+
+
+def check_background(value: Any, where: str = "") -> str:
+    """A1111's ``img2img_background_color``: a colour as ``#rrggbb`` (a BadRequest, one line)."""
+    if not isinstance(value, str) or not COLOR.fullmatch(value):
+        raise BadRequest(f"{where}img2img_background_color must be a colour as #rrggbb, got {value!r}")
+    return value.lower()
+
+
+def flatten_init(image: Image.Image, color: str) -> Image.Image | None:
+    """A1111's ``images.flatten`` of an img2img init image (its ``img2img_background_color``): an RGBA image laid
+    over ``color`` by its alpha, upright by its EXIF orientation; None for another mode (A1111 converts those to
+    RGB, dropping any transparency, as sdengine does)."""
+    if image.mode != "RGBA":
+        return None
+    image = ImageOps.exif_transpose(image)
+    out = Image.new("RGBA", image.size, color)
+    out.paste(image, mask=image)
+    return out.convert("RGB")
+
+
+def check_sampler_option(name: str, value: Any) -> Any:
+    """One of SAMPLER_OPTIONS, checked (a BadRequest, one line)."""
+    from sdengine.diffusion.samplers import UNIPC_VARIANTS
+    from sdengine.server.requests import OPTION_LIMITS
+
+    if name == "uni_pc_variant":
+        if value not in UNIPC_VARIANTS:
+            raise BadRequest(
+                f"uni_pc_variant {value!r}: sdengine's UniPC has {' and '.join(UNIPC_VARIANTS)} (A1111's vary_coeff "
+                "is not implemented)"
+            )
+        return value
+    if name == "uni_pc_order":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or value not in (1, 2, 3):
+            raise BadRequest(f"uni_pc_order {value!r}: sdengine's UniPC takes order 1, 2 or 3")
+        return value
+    lo, hi = OPTION_LIMITS["eta" if name.startswith("eta_") else name]
+    number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not number or not lo <= value <= hi:
+        raise BadRequest(f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+    return float(value)
+
+
 def eta_option(
     body: dict[str, Any], sampler: Any, schedule: Any, ignored: list[str], notes: list[str] | None = None
 ) -> dict[str, float] | None:
@@ -154,6 +323,47 @@ def eta_option(
             ignored.append(key)
         else:
             out[key] = v
+    return out or None
+
+
+def sampler_settings(
+    body: dict[str, Any],
+    settings: dict[str, Any],
+    sampler: Any,
+    schedule: Any,
+    ignored: list[str],
+    notes: list[str] | None = None,
+) -> dict[str, Any] | None:
+    """:func:`eta_option` of the request's sampler fields, each taken from A1111's options ``settings``
+    (SAMPLER_OPTIONS' values: the server's, or the request's override_settings) where the request gives none, as
+    A1111 does (``eta``: ``eta_ddim`` for DDIM, else ``eta_ancestral``); with UniPC, ``uni_pc_variant`` and
+    ``uni_pc_order`` as its ``variant`` and ``order`` where not sdengine's (bh2 of order 2)."""
+    try:
+        name, _ = sampling.resolve(sampler, schedule)
+    except (ValueError, TypeError):
+        name = None  # the build names the bad sampler
+    filled = dict(body)
+    for key in ("s_churn", "s_tmin", "s_tmax", "s_noise"):
+        if body.get(key) is None:
+            filled[key] = settings[key]
+    if body.get("eta") is None:
+        filled["eta"] = settings["eta_ddim" if name == "ddim" else "eta_ancestral"]
+    out = dict(eta_option(filled, sampler, schedule, ignored, notes) or {})
+    if name == "unipc":
+        hr = body.get("hr_sampler_name")
+        hr_name = None
+        if body.get("enable_hr") and hr not in SAME_SAMPLER:
+            try:
+                hr_name, _ = sampling.resolve(hr, None)
+            except (ValueError, TypeError):
+                return out or None  # the build names the bad sampler
+        for key, option, default in (("variant", "uni_pc_variant", "bh2"), ("order", "uni_pc_order", 2)):
+            if settings[option] == default:
+                continue
+            if hr_name not in (None, "unipc"):  # sdengine gives both passes the same options: the second has none
+                ignored.append(option)
+            else:
+                out[key] = settings[option]
     return out or None
 
 
@@ -987,13 +1197,15 @@ def install(app: FastAPI, services: Any) -> None:
             settings["hires_fix_refiner_pass"] = parsed["Hires refiner"]
         if "noise_seed_delta" in found:  # "ENSD", as A1111 maps it (only when the infotext has one: no default)
             settings["eta_noise_seed_delta"] = found["noise_seed_delta"]
-        if "RNG" in parsed:  # A1111's randn_source (written when not its default GPU), as A1111 maps it
-            settings["randn_source"] = check_randn_source(parsed["RNG"])
+        for field, name in INFOTEXT_OPTIONS.items():  # "RNG: NV" (checked as randn_source), "Emphasis: No norm", ...
+            if field in parsed:
+                settings[name] = infotext_value(parsed[field].strip())
         xl_options, xl_rest = infotext_sdxl(found.get("sdxl"))
         settings.update(xl_options)
         if clip is not None:
             del settings["CLIP_stop_at_last_layers"]  # not A1111's: passed on with its rule instead
         defaults: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "face_restoration": False, **SDXL_OPTIONS}
+        defaults.update({k: accepted[0] for k, (accepted, _) in FIXED_OPTIONS.items()})
         defaults["hires_fix_refiner_pass"] = "second pass"
         for name, value in settings.items():  # as A1111: only where it differs from the current option
             if name not in over and value != options.get(name, defaults.get(name, "Full")):
@@ -1102,6 +1314,17 @@ def install(app: FastAPI, services: Any) -> None:
         if not isinstance(no_detectmap, bool):
             raise BadRequest(f"control_net_no_detectmap must be true or false, got {no_detectmap!r}")
         xl = {k: sdxl_option(k, over.pop(k)) if k in over else options.get(k, d) for k, d in SDXL_OPTIONS.items()}
+        if init is not None:  # img2img's (applied by its route); txt2img has no init image: listed as ignored
+            over.pop("img2img_background_color", None)
+        if body.get("restore_faces") is False:  # A1111 restores no face then, whatever the option: ignored
+            fixed = {k: v for k, v in FIXED_OPTIONS.items() if k != "face_restoration"}
+        else:
+            fixed = FIXED_OPTIONS
+        for name in [n for n in over if n in fixed]:  # the ones sdengine runs one way only: that way, or a 400
+            check_fixed_option(name, over.pop(name), "override_settings.")
+        tiling = over.pop("tiling", options.get("tiling", False)) if body.get("tiling") is None else body["tiling"]
+        samp = {k: check_sampler_option(k, over.pop(k)) if k in over else options.get(k, d)
+                for k, d in SAMPLER_OPTIONS.items()}  # fmt: skip
         ignored.extend(f"override_settings.{k}" for k in over)
         scripts = {str(k).lower(): v for k, v in (req.alwayson_scripts or {}).items()}
         cn = scripts.pop("controlnet", None)
@@ -1126,7 +1349,7 @@ def install(app: FastAPI, services: Any) -> None:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise BadRequest(f"seed_resize_from_{side} must be an integer, got {v!r}")
         sampler = req.sampler_name or req.sampler_index or "Euler"  # A1111's names and k_ aliases: sampling.resolve
-        sampler_options = eta_option(body, sampler, req.scheduler, ignored, notes)
+        sampler_options = sampler_settings(body, samp, sampler, req.scheduler, ignored, notes)
         prompt = req.prompt
         if body.get("disable_extra_networks"):  # A1111 takes the tags out of the prompt and applies none
             prompt = EXTRA_NETWORK.sub("", prompt) if isinstance(prompt, str) else prompt
@@ -1156,7 +1379,7 @@ def install(app: FastAPI, services: Any) -> None:
             subseed=body.get("subseed") if sub_strength else None,
             subseed_strength=sub_strength,
             same_seed=True,
-            tiling=body.get("tiling", False),
+            tiling=tiling,  # the request's, else A1111's tiling option (as A1111's p.tiling None)
             # A1111 draws the noise at that size only when both are above 0
             seed_resize_from=(resize_from[0], resize_from[1]) if min(resize_from) > 0 else None,
             noise_seed_delta=ensd,
@@ -1472,6 +1695,16 @@ def install(app: FastAPI, services: Any) -> None:
         if not req.init_images:
             raise BadRequest("img2img needs init_images (one base64 image)")
         refuse_unsupported(body, txt2img=False)  # resize_mode 3, a second init image, latent_mask, ...
+        over = req.override_settings or {}
+        if "img2img_background_color" in over:
+            color = check_background(over["img2img_background_color"], "override_settings.")
+        else:
+            color = options.get("img2img_background_color", "#ffffff")
+        init = await run_in_threadpool(services.uploads.image, req.init_images[0], "init image")
+        flat = await run_in_threadpool(flatten_init, init, color)
+        if flat is not None:  # A1111 lays a transparent init image over its background colour (white) first
+            req = req.model_copy(update={"init_images": [_b64_png(flat), *req.init_images[1:]]})
+        assert req.init_images  # (for mypy: the copy keeps them)
         ignored = _ignored(body)
         if not req.mask:  # the inpainting fields do nothing without a mask (in A1111 too)
             ignored = [k for k in ignored if k not in ("inpainting_fill", "inpaint_full_res")]
@@ -1856,7 +2089,9 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.get("/sdapi/v1/options", tags=["a1111"])
     def get_options() -> dict[str, Any]:
-        return {**options, "sd_checkpoint_hash": None, "samples_format": "png", "samples_save": True}
+        # the options sdengine runs one way only answer that way (face_restoration false, sd_vae Automatic, ...)
+        fixed = {k: accepted[0] for k, (accepted, _) in FIXED_OPTIONS.items()}
+        return {**fixed, **options, "sd_checkpoint_hash": None, "samples_format": "png", "samples_save": True}
 
     @app.post("/sdapi/v1/options", tags=["a1111"])
     def set_options(body: dict[str, Any]) -> dict[str, Any]:
@@ -1867,8 +2102,11 @@ def install(app: FastAPI, services: Any) -> None:
         torch's CPU generator, sdengine's default), ``sd_vae_decode_method`` ("Full" or "TAESD") how their latents
         are decoded (TAESD: the model's tiny VAE),
         ``sd_vae_encode_method`` how their init images are encoded, ``always_discard_next_to_last_sigma`` whether every
-        sampler's grid drops its next-to-last sigma (A1111's DPM2, DPM2 a and DPM++ 3M SDE always do). Other options
-        are listed as ignored."""
+        sampler's grid drops its next-to-last sigma (A1111's DPM2, DPM2 a and DPM++ 3M SDE always do),
+        SAMPLER_OPTIONS (``eta_ancestral``, ``s_churn``, ``uni_pc_order``, ...) and ``tiling`` the values of requests
+        that give none, ``img2img_background_color`` what a transparent init image is laid over. FIXED_OPTIONS
+        (``face_restoration``, ``sd_vae``, ...) take only the value sdengine runs (another is a 400
+        naming the option). Other options (saving, UI, ...: they do not change the image) are listed as ignored."""
         changes, ignored = checked_options(body)  # every value checked before any is set: a refused one changes nothing
         options.update(changes)
         applied = list(changes)
@@ -1911,10 +2149,17 @@ def install(app: FastAPI, services: Any) -> None:
                 changes[k] = v
             elif k in SDXL_OPTIONS:
                 changes[k] = sdxl_option(k, v)
-            elif k == "control_net_no_detectmap":  # the ControlNet extension's "Do not append detectmap"
+            elif k in ("control_net_no_detectmap", "tiling"):  # the ControlNet extension's "Do not append
+                # detectmap"; A1111's Tiling of requests that give none
                 if not isinstance(v, bool):
-                    raise BadRequest("control_net_no_detectmap must be true or false")
+                    raise BadRequest(f"{k} must be true or false")
                 changes[k] = v
+            elif k == "img2img_background_color":  # what a transparent img2img init image is laid over
+                changes[k] = check_background(v)
+            elif k in SAMPLER_OPTIONS:  # eta_ancestral, s_churn, uni_pc_order, ...: of requests that give none
+                changes[k] = check_sampler_option(k, v)
+            elif k in FIXED_OPTIONS:  # run one way only: that way, else a 400 naming the option
+                changes[k] = check_fixed_option(k, v)
             else:
                 ignored.append(k)
         return changes, ignored

@@ -37,6 +37,12 @@ from sdengine.server.uploads import UploadStore
 log = logging.getLogger(__name__)
 
 
+def a1111_sampler_options() -> dict[str, Any]:
+    from sdengine.server.a1111 import SAMPLER_OPTIONS
+
+    return dict(SAMPLER_OPTIONS)
+
+
 @dataclass
 class Services:
     """What every route needs; one per app (``app.state.services``)."""
@@ -157,6 +163,9 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
             "img2img_fix_steps": False,  # A1111's "With img2img, do exactly the amount of steps the slider specifies"
             "always_discard_next_to_last_sigma": False,  # A1111's "Always discard next-to-last sigma"
             "hires_fix_refiner_pass": "second pass",  # A1111's: which pass of the hires fix hands off to the refiner
+            "tiling": False,  # A1111's Tiling of requests that give none
+            "img2img_background_color": "#ffffff",  # what A1111 lays a transparent img2img init image over
+            **a1111_sampler_options(),  # eta_ancestral, s_churn, ..., uni_pc_order: what the server runs
         },
     )
 

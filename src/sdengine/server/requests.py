@@ -41,6 +41,7 @@ OPTION_LIMITS = {
     "s_tmax": (0.0, 10000.0),
     "s_noise": (0.0, 10.0),
 }  # exact in JavaScript numbers, so the web page can show and send it back
+SAMPLER_OPTION_KINDS: dict[str, type] = {"variant": str, "order": int}  # not numbers to check as above
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def build_generation(
     same_seed: bool = False,
     resize_mode: str | int = 0,
     init_latent_resize: bool = False,
-    sampler_options: dict[str, float] | None = None,
+    sampler_options: dict[str, Any] | None = None,
     tiling: bool = False,
     seed_resize_from: tuple[int, int] | None = None,
     noise_multiplier: float = 1.0,
@@ -314,7 +315,11 @@ def build_generation(
         kwargs["vae_encode"] = vae_encode
     if sampler_options:  # the sampler's keyword options (eta); checked against the sampler by the pipeline
         kwargs["sampler_options"] = {
-            k: _finite(v, k, *OPTION_LIMITS.get(k, (0.0, 10.0))) for k, v in sampler_options.items()
+            # UniPC's variant (a name) and order (an integer) as they are (A1111's uni_pc_* options)
+            k: v
+            if k in SAMPLER_OPTION_KINDS and isinstance(v, SAMPLER_OPTION_KINDS[k]) and not isinstance(v, bool)
+            else _finite(v, k, *OPTION_LIMITS.get(k, (0.0, 10.0)))
+            for k, v in sampler_options.items()
         }
     if subseed_strength:  # left out at 0 (the seed's image), so that such jobs batch as before
         kwargs.update(subseed=subseed, subseed_strength=subseed_strength)
