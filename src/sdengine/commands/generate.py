@@ -778,6 +778,8 @@ def run(a: argparse.Namespace) -> int:
             return sdxl_base.generate_with_refiner(
                 refiner, prompt, switch_at=switch_at, hires_pass=hires_pass, hr_model=hr_model, **kw
             )
+        if hr_model is None:  # the plain call: every pipeline (DDPM ones too) takes it
+            return pipe(GenerationRequest(prompt=prompt, **kw))
         return pipe(GenerationRequest(prompt=prompt, **kw), hr_model=hr_model)
 
     index = next_index(out) if out.is_dir() else 0
