@@ -13,10 +13,12 @@ Two seed rules (``seed_rule``):
   ``randn(latent.shape)`` from one generator seeded by the seed (:class:`sdengine.diffusion.samplers.BatchNoise`),
   the churn's goes on from the start noise's generator, and the SDE samplers read one Brownian tree of the batch;
   ``denoise`` < 1 runs the last ``steps`` steps of a schedule of ``int(steps / denoise)`` steps; a VAE-encoded
-  latent is the posterior mean.
+  latent is the posterior mean; the network gets the training timestep nearest each sigma (ComfyUI's
+  ``ModelSamplingDiscrete.timestep``, :class:`sdengine.diffusion.denoisers.Denoiser`'s ``"nearest"`` mode).
 * ``"sdengine"``: the pipeline's. Row ``i`` owns ``Generator().manual_seed(seed + i)``; a VAE-encoded latent
   is a posterior sample drawn from that generator BEFORE the noise; ``denoise`` is the img2img strength
-  (the last ``int(steps * denoise)`` of ``steps`` steps run). With it a graph gives exactly the pipeline's
+  (the last ``int(steps * denoise)`` of ``steps`` steps run); the network's timesteps are the pipeline's
+  (fractional between the training timesteps where a sigma falls between them). With it a graph gives exactly the pipeline's
   images for the same seed.
 
 For one image from an empty latent both rules draw the same start noise (not the same per-step noise).
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdengine.diffusion import sampling
-from sdengine.diffusion.denoisers import Denoiser
+from sdengine.diffusion.denoisers import Denoiser, TimestepMode
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.diffusion.samplers import BatchNoise, SamplingInterrupted
 from sdengine.diffusion.schedules import img2img_start
@@ -593,6 +595,9 @@ def sample_latents(
             window = window[:-1]  # ComfyUI's force_full_denoise sets that last sigma to 0
         brownian = BrownianSpec.over([seed], window)
 
+    # The network's timestep: ComfyUI's nearest table timestep of each sigma under its rule (ModelSamplingDiscrete),
+    # the pipeline's (fractional, or a diffusers scheduler's own grid timestep) under sdengine's
+    t_mode: TimestepMode = "nearest" if seed_rule == "comfyui" else "interpolated"
     net: Any = pipe.unet
     # every entry weighs in, and its ControlNets with it (without the regional path there is one negative)
     controls = [c for cond in (*positive, *negative) for c in cond.controls]
@@ -663,7 +668,9 @@ def sample_latents(
                               for d in distinct)  # fmt: skip
                 if kinds not in dens:
                     part = net.with_kinds(list(kinds)) if distinct else net
-                    dens[kinds] = Denoiser(UNetAdapter(part, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
+                    dens[kinds] = Denoiser(
+                        UNetAdapter(part, pipe.dtype), pipe.noise_schedule, pipe.prediction_type, timestep_mode=t_mode
+                    )
                 return dens[kinds]
 
             cond_r = [replace(r, den=den_for(r, "cond")) for r in cond_r]
@@ -678,7 +685,9 @@ def sample_latents(
                     for d in distinct
                 ]
                 part_net = net.with_kinds(kinds)
-            den = Denoiser(UNetAdapter(part_net, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
+            den = Denoiser(
+                UNetAdapter(part_net, pipe.dtype), pipe.noise_schedule, pipe.prediction_type, timestep_mode=t_mode
+            )
             pos = pos_entry.cond
             c, u = _match_length(pos["crossattn"].to(dev), neg["crossattn"].to(dev))
             uncond_args: dict[str, Tensor] = {"crossattn": u}

@@ -1,0 +1,190 @@
+"""What the network is handed, and where a sampler ends, on the ComfyUI routes (docs/comfyui.md).
+
+The references are written here from ComfyUI's own code: comfy/model_sampling.py ``ModelSamplingDiscrete.timestep``
+(``argmin |log sigma - log_sigmas|`` over its float32 table, built in float64: the timestep every ComfyUI sampler
+hands its model, for epsilon and v-prediction models alike) and comfy/extra_samplers/uni_pc.py ``sample_unipc`` (a
+last sigma of 0 replaced by 0.001, the result ``x / marginal_alpha(0.001)``: the VE sample at 0.001).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sdengine.diffusion import samplers as S
+from sdengine.diffusion import sampling
+from sdengine.diffusion.denoisers import Denoiser
+from sdengine.diffusion.schedules import NoiseSchedule, karras_sigmas
+from sdengine.errors import UsageError
+
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def comfy_log_sigmas(beta_start: float = 0.00085, beta_end: float = 0.012, n: int = 1000) -> torch.Tensor:
+    """ComfyUI's ``log_sigmas`` buffer of a scaled_linear model: the table in float64, its log stored as float32."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
+    ac = torch.cumprod(1.0 - betas, dim=0)
+    return (((1 - ac) / ac) ** 0.5).log().float()
+
+
+def comfy_timestep(sigma: float) -> int:
+    """ComfyUI's ModelSamplingDiscrete.timestep of one float32 sigma."""
+    log_sigma = torch.tensor([sigma], dtype=torch.float32).log()
+    return int((log_sigma - comfy_log_sigmas()[:, None]).abs().argmin(dim=0)[0])
+
+
+def _recording():
+    seen: list[torch.Tensor] = []
+
+    def model(x, t, **_):
+        seen.append(t.detach().cpu().clone())
+        return torch.zeros_like(x)
+
+    return model, seen
+
+
+def test_the_nearest_timestep_mode_is_comfyuis_rule_on_and_off_the_grid():
+    """Denoiser(timestep_mode="nearest") hands the network ComfyUI's timestep of every sigma: on a pinned grid too (a
+    diffusers scheduler's fractional timesteps are not ComfyUI's) and per row; the default mode keeps the fractional
+    log-sigma interpolation (k-diffusion's sigma_to_t, 837.12 where ComfyUI gives 837)."""
+    ns = NoiseSchedule.from_config(**SD)
+    sigmas = karras_sigmas(6, float(ns.sigma_min), float(ns.sigma_max)).float()
+    fractional = ns.sigma_to_t(sigmas)
+    assert (fractional - fractional.round()).abs().max() > 0.1  # off the table: the two rules differ here
+    want = [comfy_timestep(float(s)) for s in sigmas]
+    s837 = float(ns.t_to_sigma(torch.tensor(837.12)))
+    model, seen = _recording()
+    nearest = Denoiser(model, ns, timestep_mode="nearest")
+    pinned = nearest.with_timesteps(sigmas, fractional.float())
+    x = torch.zeros(2, 1)
+    for s in sigmas.tolist():
+        pinned(x, s)  # one sigma for the batch: the scalar path
+    assert [float(t[0]) for t in seen] == [float(w) for w in want]
+    seen.clear()
+    nearest(x, torch.tensor([sigmas[1], s837]))  # a sigma per row
+    assert seen[0].tolist() == [float(want[1]), 837.0] == [float(want[1]), float(comfy_timestep(s837))]
+    seen.clear()
+    Denoiser(model, ns)(x, s837)
+    assert float(seen[0][0]) == pytest.approx(837.12, abs=1e-3)
+    with pytest.raises(UsageError, match="nearest"):
+        Denoiser(model, ns, timestep_mode="closest")  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def emoji():
+    from _live_server import shared_loader
+    from sdengine.latent_sampling import encode_text
+
+    pipe = shared_loader("emoji", "cpu")
+    return pipe, encode_text(pipe, "a star"), encode_text(pipe, "")
+
+
+class _Spy(torch.nn.Module):
+    """The U-Net, recording each call's timesteps."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.seen: list[list[float]] = []
+
+    def forward(self, x, t, **kw):
+        self.seen.append(torch.as_tensor(t).reshape(-1).tolist())
+        return self.net(x, t, **kw)
+
+
+@pytest.mark.parametrize("seed_rule", ["comfyui", "sdengine"])
+def test_ksampler_hands_the_network_comfyuis_timesteps(emoji, monkeypatch, seed_rule):
+    """KSampler dpm_2 + karras under ComfyUI's rule: at every sigma of the list and at each midpoint the network gets
+    ComfyUI's nearest table timestep (it once got k-diffusion's fractional one, 837.12 for ComfyUI's 837); under
+    sdengine's seed rule the native API's fractional ones."""
+    from sdengine.latent_sampling import sample_latents
+
+    pipe, pos, neg = emoji
+    spy = _Spy(pipe.unet)
+    monkeypatch.setattr(pipe, "unet", spy)
+    with torch.inference_mode():
+        sample_latents(pipe, [pos], [neg], torch.zeros(1, 4, 8, 8), seed=5, steps=3, cfg=3.0, sampler="dpm2",
+                       schedule="karras", seed_rule=seed_rule)  # fmt: skip
+    s = sampling.make_grid("dpm2", 3, pipe.noise_schedule, "karras", pipe.scheduler_config, comfy_grid=True).sigmas
+    s = s.tolist()
+    called = []  # k-diffusion's sample_dpm_2: sigma_i, then the log-midpoint to sigma_i+1; an Euler step to 0
+    for i in range(3):
+        called.append(s[i])
+        if s[i + 1] > 0:
+            mid = torch.tensor(s[i]).log().lerp(torch.tensor(s[i + 1]).log(), 0.5).exp()
+            called.append(float(mid))
+    assert len(spy.seen) == len(called)
+    for ts in spy.seen:
+        assert len(set(ts)) == 1  # one timestep for the CFG batch
+    got = [ts[0] for ts in spy.seen]
+    comfy = [float(comfy_timestep(c)) for c in called]
+    if seed_rule == "comfyui":
+        assert got == comfy
+    else:  # the native API's: DPM2's diffusers class rounds Karras grid timesteps, its midpoints are fractional
+        assert any(abs(t - round(t)) > 0.01 for t in got) and got != comfy
+
+
+# ------------------------------------------------------------------------------------------------ UniPC's end
+
+
+def test_unipc_zero_sigma_walks_a_last_zero_as_comfyuis_uni_pc():
+    """With a denoiser that answers a constant x0 c, ComfyUI's UniPC reduces to first-order steps (every difference
+    of model values is 0): x -> c + (x - c) * s_next / s each step, so its result telescopes to c + (x_start - c) *
+    0.001 / s_0, the VE sample at 0.001 (ComfyUI divides by marginal_alpha(0.001)). sdengine's default ends at c."""
+    c = torch.linspace(-1, 1, 16).reshape(1, 1, 4, 4)
+    x = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 10
+    sigmas = torch.tensor([10.0, 4.0, 1.5, 0.5, 0.0])
+    den = lambda x, sigma, **_: c.expand_as(x).clone()  # noqa: E731
+    f32_001 = float(torch.tensor(0.001, dtype=torch.float32))  # ComfyUI's 0.001 sits in the float32 sigma tensor
+    for variant in ("bh1", "bh2"):
+        ours = S.sample_unipc(den, x, sigmas, order=3, variant=variant, zero_sigma=0.001)
+        torch.testing.assert_close(ours, c + (x - c) * (f32_001 / 10.0), rtol=1e-5, atol=1e-6)
+        assert torch.equal(S.sample_unipc(den, x, sigmas, order=3, variant=variant), c)  # sdengine's own end: x0
+    # a list that ends above 0 is walked as it is
+    upper = torch.tensor([10.0, 4.0, 1.5])
+    torch.testing.assert_close(S.sample_unipc(den, x, upper, zero_sigma=0.001), c + (x - c) * 0.15)
+    for bad, why in ((-1.0, "finite"), (math.nan, "finite"), (0.5, "below")):
+        with pytest.raises(UsageError, match=why):
+            S.sample_unipc(den, x, sigmas, zero_sigma=bad)
+
+
+def test_ksampler_uni_pc_ends_at_sigma_0001_as_comfyui(emoji):
+    """KSampler uni_pc and uni_pc_bh2 (discarding the next-to-last sigma) end as ComfyUI's sample_unipc: one
+    first-order step from the last sigma above 0 to 0.001, so the latent is not the last x0 estimate but lies 0.001 /
+    sigma of the way from it to the sample before that step (it once was that x0 estimate itself). SamplerCustom's
+    denoised_output is that x0 estimate, as ComfyUI's."""
+    from sdengine.server.comfy.nodes import (
+        ModelHandle,
+        RunContext,
+        SamplerChoice,
+        Sigmas,
+        basic_scheduler,
+        ksampler,
+        sampler_custom,
+    )
+
+    pipe, pos, neg = emoji
+    seen: list[torch.Tensor] = []
+    ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None,
+                     progress=lambda step, steps, den: seen.append(den.float().cpu()) or True)  # fmt: skip
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    model = ModelHandle("emoji")
+    for name in ("uni_pc", "uni_pc_bh2"):
+        seen.clear()
+        with torch.inference_mode():
+            (out,) = ksampler(ctx, model=model, seed=3, steps=4, cfg=3.0, sampler_name=name, scheduler="karras",
+                              positive=[pos], negative=[neg], latent_image=latent)  # fmt: skip
+        assert float((out["samples"] - seen[-1]).abs().max()) > 1e-4, name  # not the last x0 estimate
+        # SamplerCustom on BasicScheduler's list is that list with its last 0 made 0.001, walked as it is
+        (sigmas,) = basic_scheduler(ctx, model, "karras", 4, 1.0)
+        to_0001 = Sigmas(torch.cat([sigmas.values[:-1], torch.tensor([0.001])]))
+        seen.clear()
+        with torch.inference_mode():
+            out, denoised = sampler_custom(ctx, model, True, 3, 3.0, [pos], [neg], SamplerChoice(name), sigmas, latent)
+            last = seen[-1]
+            there, _ = sampler_custom(ctx, model, True, 3, 3.0, [pos], [neg], SamplerChoice(name), to_0001, latent)
+        assert torch.equal(denoised["samples"], last), name  # ComfyUI's denoised_output: the last x0 estimate
+        assert float((out["samples"] - denoised["samples"]).abs().max()) > 1e-4, name
+        torch.testing.assert_close(out["samples"], there["samples"], rtol=1e-5, atol=1e-5)
