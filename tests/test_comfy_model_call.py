@@ -188,3 +188,57 @@ def test_ksampler_uni_pc_ends_at_sigma_0001_as_comfyui(emoji):
         assert torch.equal(denoised["samples"], last), name  # ComfyUI's denoised_output: the last x0 estimate
         assert float((out["samples"] - denoised["samples"]).abs().max()) > 1e-4, name
         torch.testing.assert_close(out["samples"], there["samples"], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ a ControlNet on an area
+
+
+def _hint() -> torch.Tensor:
+    """A (1, 3, 64, 64) hint in [0, 1]: a bright square off the centre, a stripe elsewhere."""
+    img = torch.zeros(1, 3, 64, 64)
+    img[:, :, 8:30, 36:60] = 1.0
+    img[:, :, 44:48, :] = 0.7
+    return img
+
+
+def _controlled(emoji, area=None, neg_too=True):
+    from sdengine.latent_sampling import ControlHint, sample_latents
+    from sdengine.server.catalog import BUILTIN_CONTROLNETS
+
+    pipe, pos, neg = emoji
+    hint = ControlHint(str(BUILTIN_CONTROLNETS["emoji-controlnet-canny"]), _hint(), 1.0)
+    pos = type(pos)(pos.cond, (hint,), area=area)
+    neg = type(neg)(neg.cond, (hint,) if neg_too else ())
+    with torch.inference_mode():
+        return sample_latents(pipe, [pos], [neg], torch.zeros(1, 4, 16, 16), seed=8, steps=3, cfg=4.0,
+                              sampler="euler", schedule="karras").cpu()  # fmt: skip
+
+
+@pytest.mark.slow  # the emoji model and its ControlNet, three runs
+def test_a_controlnet_on_an_area_sees_its_crop_and_the_whole_hint_fitted_to_it(emoji, monkeypatch):
+    """ComfyUI's get_control on an area (ConditioningSetArea + ControlNetApply): the ControlNet is handed the area's
+    crop of the latent and the whole hint fitted to the area's size (common_upscale(..., "center"): cut to the area's
+    aspect around the centre, then resized), on the rows of the entry that carries it; it was refused. An area over
+    the whole latent is the ControlNet without an area."""
+    from sdengine.models.controlnet import ControlNet
+    from sdengine.pipeline.control import control_image_tensor
+
+    plain = _controlled(emoji)
+    whole = _controlled(emoji, area=("pixels", 64, 64, 0, 0))
+    torch.testing.assert_close(whole, plain, rtol=0, atol=1e-3)  # other batches: float rounding
+    seen: list[tuple[tuple[int, ...], torch.Tensor]] = []
+    forward = ControlNet.forward
+
+    def spy(self, x, t, cond_image, **kw):
+        seen.append((tuple(x.shape), cond_image.detach().float().cpu().clone()))
+        return forward(self, x, t, cond_image, **kw)
+
+    monkeypatch.setattr(ControlNet, "forward", spy)
+    part = _controlled(emoji, area=("pixels", 32, 48, 16, 8), neg_too=False)  # 8 x 12 latent pixels (f = 4)
+    assert not torch.allclose(part, plain, atol=1e-3)
+    want = control_image_tensor(_hint(), 48, 32, "crop and resize")  # 64 x 42.7 around the centre, resized
+    assert seen and all(shape[2:] == (8, 12) for shape, _ in seen)  # the area's crop, never the whole latent
+    assert all(shape[0] == 1 for shape, _ in seen)  # the positive's row only (the negative carries none)
+    for _, img in seen:
+        torch.testing.assert_close(img, want.expand_as(img), rtol=0, atol=1e-6)
+    assert not torch.allclose(want, _hint()[:, :, 16:48, 8:56], atol=0.1)  # fitted, not the area's cut of the hint

@@ -2349,7 +2349,8 @@ NODES: dict[str, NodeDef] = {
             "floored to the latent's grid, 8 on SD and SDXL, cut to the latent; a box starting outside it fails at "
             "the sampler), their "
             "prediction weighted by `strength` with the box's inner edges feathered, summed with the other entries' "
-            "and divided by the summed weights. A ControlNet cannot act on an area (a sampler error).",
+            "and divided by the summed weights. A ControlNet on an area's entry reads the area's crop of the latent "
+            "and its whole hint fitted to the area (cut to its aspect around the centre, resized), as ComfyUI's.",
         ),
         NodeDef(
             "ConditioningSetAreaPercentage",
