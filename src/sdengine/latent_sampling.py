@@ -18,8 +18,8 @@ Two seed rules (``seed_rule``):
 * ``"sdengine"``: the pipeline's. Row ``i`` owns ``Generator().manual_seed(seed + i)``; a VAE-encoded latent
   is a posterior sample drawn from that generator BEFORE the noise; ``denoise`` is the img2img strength
   (the last ``int(steps * denoise)`` of ``steps`` steps run); the network's timesteps are the pipeline's
-  (fractional between the training timesteps where a sigma falls between them). With it a graph gives exactly the pipeline's
-  images for the same seed.
+  (fractional between the training timesteps where a sigma falls between them). With it a graph gives exactly the
+  pipeline's images for the same seed.
 
 For one image from an empty latent both rules draw the same start noise (not the same per-step noise).
 """
@@ -418,10 +418,10 @@ def sample_latents(
     entry predicts on its area, weighted by its mask, strength and feathered edges, at the sigmas of its timestep
     range (see :class:`_Regional`); a ControlNet then acts on the rows of the entries that carry it, on an entry with
     an area with its whole hint fitted to the area (cut to its aspect around the centre and resized, as ComfyUI's
-    get_control fits it to the crop of the latent it is handed; a T2I-Adapter there is refused). A ControlNet acts on the CFG half whose entry carries it (both when both do), as
-    in ComfyUI. ``posterior``: (mean, std) of a VAE encoding, drawn
-    per row under the ``sdengine`` rule; ``posterior_scaled``: it is in the diffusion model's units (a tiny VAE's
-    encoding), taken back to the VAE's first, as the pipeline's ``vae_encode="tiny"`` does. ``noise_mask``
+    get_control fits it to the crop of the latent it is handed; a T2I-Adapter there is refused). A ControlNet acts
+    on the CFG half whose entry carries it (both when both do), as in ComfyUI. ``posterior``: (mean, std) of a VAE
+    encoding, drawn per row under the ``sdengine`` rule; ``posterior_scaled``: it is in the diffusion model's units
+    (a tiny VAE's encoding), taken back to the VAE's first, as the pipeline's ``vae_encode="tiny"`` does. ``noise_mask``
     (1 or B, 1, H, W), 1 = repaint: the known region is kept on the init latent's noising path, as the
     pipeline's inpainting. ``loras``: (path, weight)
     applied to the U-Net for this call only. ``start_at_step`` / ``end_at_step`` / ``add_noise`` /
@@ -657,6 +657,7 @@ def sample_latents(
                         f"{w * f} x {h * f} pixels"
                     )
             dens: dict[tuple[Any, ...], Any] = {}
+
             def area_net(ah: int, aw: int, kinds: tuple[frozenset[str], ...]) -> Any:
                 """The controlled U-Net for an area of ``ah`` x ``aw`` latent pixels: as ComfyUI's get_control, each
                 ControlNet the area carries (``kinds`` not empty) reads its whole hint fitted to the area (centre cut

@@ -1852,7 +1852,9 @@ def sample_unipc(
         raise UsageError(f"unipc zero_sigma must be a finite sigma of 0 or more, got {zero_sigma}")
     if zero_sigma > 0 and sigmas.ndim == 1 and sigmas.shape[0] >= 2 and float(sigmas[-1]) == 0.0:
         if zero_sigma >= float(sigmas[-2]):
-            raise UsageError(f"unipc zero_sigma {zero_sigma:g} must be below the last sigma above 0, {float(sigmas[-2]):g}")
+            raise UsageError(
+                f"unipc zero_sigma {zero_sigma:g} must be below the last sigma above 0, {float(sigmas[-2]):g}"
+            )
         sigmas = torch.cat([sigmas[:-1], torch.tensor([zero_sigma], dtype=sigmas.dtype, device=sigmas.device)])
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     lam = [(-math.log(s) if s > 0 else math.inf) for s in loop.s]
