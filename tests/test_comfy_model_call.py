@@ -242,3 +242,18 @@ def test_a_controlnet_on_an_area_sees_its_crop_and_the_whole_hint_fitted_to_it(e
     for _, img in seen:
         torch.testing.assert_close(img, want.expand_as(img), rtol=0, atol=1e-6)
     assert not torch.allclose(want, _hint()[:, :, 16:48, 8:56], atol=0.1)  # fitted, not the area's cut of the hint
+
+
+def test_a_t2i_adapter_on_an_area_fails_in_one_line(emoji):
+    """A T2I-Adapter's features must fit the U-Net's encoder at the latent's size: on an area's crop it is refused,
+    one line naming the area nodes, before any model call."""
+    from sdengine.latent_sampling import ControlHint, LatentSamplingError, sample_latents
+    from sdengine.models.t2i_adapter import T2IAdapter, T2IAdapterConfig
+
+    pipe, pos, neg = emoji
+    adapter = T2IAdapter(T2IAdapterConfig(3, (64, 128, 256), 2, 4, "full_adapter")).eval()  # fits the emoji U-Net
+    hint = ControlHint(adapter, _hint(), 1.0)
+    area = type(pos)(pos.cond, (hint,), area=("pixels", 32, 32, 0, 0))
+    with pytest.raises(LatentSamplingError, match="T2I-Adapter cannot act on a conditioning area") as e:
+        sample_latents(pipe, [area], [neg], torch.zeros(1, 4, 16, 16), seed=1, steps=2, cfg=4.0)
+    assert "\n" not in str(e.value)
