@@ -257,3 +257,30 @@ def test_a_t2i_adapter_on_an_area_fails_in_one_line(emoji):
     with pytest.raises(LatentSamplingError, match="T2I-Adapter cannot act on a conditioning area") as e:
         sample_latents(pipe, [area], [neg], torch.zeros(1, 4, 16, 16), seed=1, steps=2, cfg=4.0)
     assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ LCM
+
+
+def test_ksampler_lcm_takes_the_models_x0_as_comfyuis_sample_lcm(emoji, monkeypatch):
+    """ComfyUI's sample_lcm: x = the model's x0, then + sigma_next * fresh noise (its default_noise_sampler, seeded by
+    the seed), without LCM's consistency boundary (ComfyUI applies c_skip / c_out only under a ModelSamplingDiscrete
+    "lcm" node). With a network that predicts no noise (x0 = x) that is the start noise plus each step's draw; with
+    the boundary at the last grid timestep, 0, the result was the VP-scaled input instead of x0."""
+    from sdengine.server.comfy.nodes import ModelHandle, RunContext, ksampler
+
+    pipe, pos, neg = emoji
+    monkeypatch.setattr(pipe, "unet", lambda x, t, **_: torch.zeros_like(x))
+    ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)
+    with torch.inference_mode():
+        (out,) = ksampler(ctx, model=ModelHandle("emoji"), seed=6, steps=4, cfg=3.0, sampler_name="lcm",
+                          scheduler="normal", positive=[pos], negative=[neg],
+                          latent_image={"samples": torch.zeros(1, 4, 8, 8)})  # fmt: skip
+    s = sampling.make_grid("euler", 4, pipe.noise_schedule, "uniform", pipe.scheduler_config, comfy_grid=True).sigmas
+    s = s.tolist()
+    x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(6)) * math.sqrt(1 + s[0] ** 2)
+    steps = torch.Generator().manual_seed(6)
+    for i in range(4):
+        if s[i + 1] > 0:
+            x = x + s[i + 1] * torch.randn((1, 4, 8, 8), generator=steps)
+    torch.testing.assert_close(out["samples"], x, rtol=1e-5, atol=1e-5)
