@@ -507,7 +507,10 @@ def test_comfyui_ksampler_discards_for_dpm_2_and_not_for_euler(sd1):
     comfy = dict(comfy_grid=True)  # ComfyUI's karras list (the model's sigma_min .. sigma_max), KSampler's grid
     want = sampling.make_grid("dpm2", 3, ns, "karras", cfg, discard_penultimate=True, **comfy).timesteps.tolist()
     assert dpm2[0::2] == want != sampling.make_grid("dpm2", 3, ns, "karras", cfg, **comfy).timesteps.tolist()
-    assert euler == sampling.make_grid("euler", 3, ns, "karras", cfg, **comfy).timesteps.tolist()
+    grid = sampling.make_grid("euler", 3, ns, "karras", cfg, **comfy)
+    # ComfyUI's ModelSamplingDiscrete.timestep: the nearest table timestep of each sigma (not the fractional one)
+    nearest = (grid.sigmas[:-1].log()[None] - ns.log_sigmas[:, None]).abs().argmin(dim=0).float().tolist()
+    assert euler == nearest != grid.timesteps.tolist()
 
 
 # ------------------------------------------------------------------------- Brownian-tree noise

@@ -229,8 +229,9 @@ def comfy_calculate_sigmas(table: torch.Tensor, scheduler: str, n: int) -> list[
 def test_ksampler_grids_are_comfyuis_lists_on_a_leading_model(scheduler):
     """Under ComfyUI's API every sampler walks ComfyUI's list of the scheduler's name, which BasicScheduler outputs:
     on a `leading` model (SD 1.5's config, the emoji model's) karras and exponential once walked diffusers' Euler-
-    family grids, starting at 5.9 where ComfyUI's start at the model's sigma_max, 14.6. The Euler family's network
-    sees each sigma's fractional timestep, as SamplerCustom walks a sigma list."""
+    family grids, starting at 5.9 where ComfyUI's start at the model's sigma_max, 14.6. The Euler family's grid
+    timesteps are each sigma's fractional one, as for a sigma list (what the network sees under sdengine's seed rule;
+    under ComfyUI's it sees the nearest table timestep of every sigma, tests/test_comfy_model_call.py)."""
     from sdengine.diffusion import sampling
     from sdengine.diffusion.schedules import NoiseSchedule, sigma_to_t
     from sdengine.server.comfy.nodes import SCHEDULER_NAMES, basic_scheduler

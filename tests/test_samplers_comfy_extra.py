@@ -234,7 +234,8 @@ def test_unipc_refuses_unknown_variant():
 
 
 def test_comfyui_names_and_a1111_list():
-    """ComfyUI's KSampler offers them by its names; uni_pc is the bh1 variant, both UniPCs of order 3; A1111 has
+    """ComfyUI's KSampler offers them by its names; uni_pc is the bh1 variant, both UniPCs of order 3 and ending at
+    sigma 0.001; A1111 has
     none of them, so its sampler list leaves them out."""
     from sdengine.server.comfy.nodes import SAMPLER_NAMES, SAMPLER_OPTIONS
 
@@ -252,8 +253,9 @@ def test_comfyui_names_and_a1111_list():
     }.items():
         assert SAMPLER_NAMES[comfy] == ours and ours in sampling.SAMPLERS
         assert not sampling.SAMPLERS[ours].in_a1111
-    assert SAMPLER_OPTIONS["uni_pc"] == {"variant": "bh1", "order": 3}
-    assert SAMPLER_OPTIONS["uni_pc_bh2"] == {"variant": "bh2", "order": 3}
+    # both walk a last sigma 0 as 0.001, as ComfyUI's sample_unipc
+    assert SAMPLER_OPTIONS["uni_pc"] == {"variant": "bh1", "order": 3, "zero_sigma": 0.001}
+    assert SAMPLER_OPTIONS["uni_pc_bh2"] == {"variant": "bh2", "order": 3, "zero_sigma": 0.001}
     for name in SAMPLER_NAMES.values():
         assert set(SAMPLER_OPTIONS.get(name, {})) <= set(sampling.sampler_option_names(name))
 

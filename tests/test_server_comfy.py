@@ -495,7 +495,8 @@ def test_controlnet_percents_on_a_karras_heun_workflow_equal_the_python_api(clie
     (Heun's second calls included) gives the Python API's image with rule="comfyui", and not diffusers' step
     fractions. (Named for the Karras schedule it ran on while ComfyUI's karras was the native API's grid; kl_optimal,
     Karras-like, is one list in both APIs, where karras for Heun on this `leading` model is diffusers' grid in the
-    native API and ComfyUI's list in ComfyUI's.)"""
+    native API and ComfyUI's list in ComfyUI's.) Under sdengine's seed rule, whose network sees the native API's
+    timesteps (ComfyUI's rule hands it the nearest table timestep, another image)."""
     from sdengine.pipeline.control import ControlUnit
     from sdengine.server.catalog import BUILTIN_CONTROLNETS
 
@@ -513,7 +514,7 @@ def test_controlnet_percents_on_a_karras_heun_workflow_equal_the_python_api(clie
         },
     }  # fmt: skip
     g["3"]["inputs"].update(positive=["13", 0], negative=["13", 1])
-    a = comfy_image(client, g)
+    a = comfy_image(client, g, extra_data={"sdengine": {"seed_rule": "sdengine"}})
     pipe = shared_loader("emoji", "cpu")
     cn = str(BUILTIN_CONTROLNETS["emoji-controlnet-canny"])
 

@@ -13,11 +13,13 @@ Two seed rules (``seed_rule``):
   ``randn(latent.shape)`` from one generator seeded by the seed (:class:`sdengine.diffusion.samplers.BatchNoise`),
   the churn's goes on from the start noise's generator, and the SDE samplers read one Brownian tree of the batch;
   ``denoise`` < 1 runs the last ``steps`` steps of a schedule of ``int(steps / denoise)`` steps; a VAE-encoded
-  latent is the posterior mean.
+  latent is the posterior mean; the network gets the training timestep nearest each sigma (ComfyUI's
+  ``ModelSamplingDiscrete.timestep``, :class:`sdengine.diffusion.denoisers.Denoiser`'s ``"nearest"`` mode).
 * ``"sdengine"``: the pipeline's. Row ``i`` owns ``Generator().manual_seed(seed + i)``; a VAE-encoded latent
   is a posterior sample drawn from that generator BEFORE the noise; ``denoise`` is the img2img strength
-  (the last ``int(steps * denoise)`` of ``steps`` steps run). With it a graph gives exactly the pipeline's
-  images for the same seed.
+  (the last ``int(steps * denoise)`` of ``steps`` steps run); the network's timesteps are the pipeline's
+  (fractional between the training timesteps where a sigma falls between them). With it a graph gives exactly the
+  pipeline's images for the same seed.
 
 For one image from an empty latent both rules draw the same start noise (not the same per-step noise).
 """
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdengine.diffusion import sampling
-from sdengine.diffusion.denoisers import Denoiser
+from sdengine.diffusion.denoisers import Denoiser, TimestepMode
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.diffusion.samplers import BatchNoise, SamplingInterrupted
 from sdengine.diffusion.schedules import img2img_start
@@ -414,11 +416,12 @@ def sample_latents(
     ConditioningCombine, and so are several negatives). Entries with an area, a mask or a strength other than 1
     (``TextCondition.regional``) are combined as ComfyUI's samplers combine them: every positive and every negative
     entry predicts on its area, weighted by its mask, strength and feathered edges, at the sigmas of its timestep
-    range (see :class:`_Regional`); a ControlNet then acts on the rows of the entries that carry it (not on an
-    entry with an area: refused). A ControlNet acts on the CFG half whose entry carries it (both when both do), as
-    in ComfyUI. ``posterior``: (mean, std) of a VAE encoding, drawn
-    per row under the ``sdengine`` rule; ``posterior_scaled``: it is in the diffusion model's units (a tiny VAE's
-    encoding), taken back to the VAE's first, as the pipeline's ``vae_encode="tiny"`` does. ``noise_mask``
+    range (see :class:`_Regional`); a ControlNet then acts on the rows of the entries that carry it, on an entry with
+    an area with its whole hint fitted to the area (cut to its aspect around the centre and resized, as ComfyUI's
+    get_control fits it to the crop of the latent it is handed; a T2I-Adapter there is refused). A ControlNet acts
+    on the CFG half whose entry carries it (both when both do), as in ComfyUI. ``posterior``: (mean, std) of a VAE
+    encoding, drawn per row under the ``sdengine`` rule; ``posterior_scaled``: it is in the diffusion model's units
+    (a tiny VAE's encoding), taken back to the VAE's first, as the pipeline's ``vae_encode="tiny"`` does. ``noise_mask``
     (1 or B, 1, H, W), 1 = repaint: the known region is kept on the init latent's noising path, as the
     pipeline's inpainting. ``loras``: (path, weight)
     applied to the U-Net for this call only. ``start_at_step`` / ``end_at_step`` / ``add_noise`` /
@@ -593,6 +596,9 @@ def sample_latents(
             window = window[:-1]  # ComfyUI's force_full_denoise sets that last sigma to 0
         brownian = BrownianSpec.over([seed], window)
 
+    # The network's timestep: ComfyUI's nearest table timestep of each sigma under its rule (ModelSamplingDiscrete),
+    # the pipeline's (fractional, or a diffusers scheduler's own grid timestep) under sdengine's
+    t_mode: TimestepMode = "nearest" if seed_rule == "comfyui" else "interpolated"
     net: Any = pipe.unet
     # every entry weighs in, and its ControlNets with it (without the regional path there is one negative)
     controls = [c for cond in (*positive, *negative) for c in cond.controls]
@@ -650,21 +656,46 @@ def sample_latents(
                         f"a conditioning area of {aw} x {ah} at ({ax}, {ay}) lies outside the latent of "
                         f"{w * f} x {h * f} pixels"
                     )
-            if any(r.controls and r.area is not None for r in (*cond_r, *uncond_r)):
-                raise LatentSamplingError(
-                    "a ControlNet cannot act on a conditioning area (ConditioningSetArea, ...Percentage, "
-                    "ConditioningSetMask's mask bounds): apply it to a conditioning without an area"
-                )
-            dens: dict[tuple[frozenset[str], ...], Any] = {}
+            dens: dict[tuple[Any, ...], Any] = {}
+
+            def area_net(ah: int, aw: int, kinds: tuple[frozenset[str], ...]) -> Any:
+                """The controlled U-Net for an area of ``ah`` x ``aw`` latent pixels: as ComfyUI's get_control, each
+                ControlNet the area carries (``kinds`` not empty) reads its whole hint fitted to the area (centre cut
+                to its aspect, resized), the U-Net's input there being the area's crop of the latent."""
+                from sdengine.models.t2i_adapter import T2IAdapter
+                from sdengine.pipeline.control import ControlledUNet, control_image_tensor
+
+                units = []
+                for d, u, k in zip(distinct, net.units, kinds, strict=True):
+                    if k:
+                        if isinstance(u.net, T2IAdapter):  # its features must fit the U-Net's: whole latents only
+                            raise LatentSamplingError(
+                                "a T2I-Adapter cannot act on a conditioning area (ConditioningSetArea, ...Percentage, "
+                                "ConditioningSetMask's mask bounds): apply it to a conditioning without an area"
+                            )
+                        img = control_image_tensor(d.image, aw * f, ah * f, "crop and resize")
+                        if img.shape[1] != u.image.shape[1]:  # a one-channel ControlNet: the mean, as for the whole
+                            img = img.mean(dim=1, keepdim=True)
+                        u = replace(u, image=img.to(device=u.image.device, dtype=u.image.dtype))
+                    units.append(u)
+                return ControlledUNet(net.unet, units, guess_mode=net.guess_mode)
 
             def den_for(r: _Region, label: str) -> Any:
-                """The denoiser of a region of the CFG half ``label``: its ControlNets act on its rows only."""
+                """The denoiser of a region of the CFG half ``label``: its ControlNets act on its rows only (on an
+                area, with their hints fitted to it)."""
                 kinds = tuple(frozenset({label}) if any(_same_hint(d, c) for c in r.controls) else frozenset()
                               for d in distinct)  # fmt: skip
-                if kinds not in dens:
-                    part = net.with_kinds(list(kinds)) if distinct else net
-                    dens[kinds] = Denoiser(UNetAdapter(part, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
-                return dens[kinds]
+                size = None
+                if r.area is not None and any(kinds):
+                    ah, aw, y, x = r.area
+                    size = (min(h - y, ah), min(w - x, aw))  # the crop _Regional hands the network (_crop_mult)
+                if (kinds, size) not in dens:
+                    whole = net if size is None else area_net(*size, kinds)
+                    part = whole.with_kinds(list(kinds)) if distinct else net
+                    dens[(kinds, size)] = Denoiser(
+                        UNetAdapter(part, pipe.dtype), pipe.noise_schedule, pipe.prediction_type, timestep_mode=t_mode
+                    )
+                return dens[(kinds, size)]
 
             cond_r = [replace(r, den=den_for(r, "cond")) for r in cond_r]
             uncond_r = [replace(r, den=den_for(r, "uncond")) for r in uncond_r]
@@ -678,7 +709,9 @@ def sample_latents(
                     for d in distinct
                 ]
                 part_net = net.with_kinds(kinds)
-            den = Denoiser(UNetAdapter(part_net, pipe.dtype), pipe.noise_schedule, pipe.prediction_type)
+            den = Denoiser(
+                UNetAdapter(part_net, pipe.dtype), pipe.noise_schedule, pipe.prediction_type, timestep_mode=t_mode
+            )
             pos = pos_entry.cond
             c, u = _match_length(pos["crossattn"].to(dev), neg["crossattn"].to(dev))
             uncond_args: dict[str, Tensor] = {"crossattn": u}

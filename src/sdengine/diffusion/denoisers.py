@@ -28,7 +28,8 @@ from sdengine.errors import UsageError
 
 Prediction = Literal["epsilon", "v_prediction", "sample"]
 PREDICTIONS: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
-TimestepMode = Literal["interpolated", "rounded"]
+TimestepMode = Literal["interpolated", "rounded", "nearest"]
+TIMESTEP_MODES: tuple[str, ...] = ("interpolated", "rounded", "nearest")
 
 
 def _check_prediction(prediction: str) -> None:
@@ -118,6 +119,12 @@ class Denoiser:
     to an integer as DPM-Solver/UniPC do for Karras-type sigmas. :meth:`with_timesteps` pins the exact
     timestep a diffusers scheduler would pass for given sigmas (its integer grid), so no interpolation
     round trip changes the time embedding.
+
+    ``timestep_mode="nearest"`` is ComfyUI's rule (its ``ModelSamplingDiscrete.timestep``, which every ComfyUI
+    sampler goes through, for epsilon and v-prediction models alike): the training timestep whose log-sigma is
+    nearest, ``argmin |log sigma - log_sigmas|`` in float32 (the lower one on a tie), for every sigma a sampler
+    calls the model at, on the grid or between its points. The timestep follows from sigma alone there, so
+    :meth:`with_timesteps` pins nothing in this mode.
     """
 
     def __init__(
@@ -129,8 +136,8 @@ class Denoiser:
         timestep_mode: TimestepMode = "interpolated",
     ) -> None:
         _check_prediction(prediction)
-        if timestep_mode not in ("interpolated", "rounded"):
-            raise UsageError(f"unknown timestep_mode {timestep_mode!r}; valid: interpolated, rounded")
+        if timestep_mode not in TIMESTEP_MODES:
+            raise UsageError(f"unknown timestep_mode {timestep_mode!r}; valid: {', '.join(TIMESTEP_MODES)}")
         self.model = model
         self.schedule = schedule
         self.prediction = prediction
@@ -156,6 +163,8 @@ class Denoiser:
         """A copy that gives the model ``timesteps[i]`` whenever it is called at ``sigmas[i]``."""
         if sigmas.shape != timesteps.shape:
             raise UsageError("sigmas and timesteps must have the same shape")
+        if self.timestep_mode == "nearest":
+            return self  # ComfyUI's rule: the timestep follows from sigma alone, whatever grid it belongs to
         other = Denoiser(self.model, self.schedule, self.prediction, timestep_mode=self.timestep_mode)
         other._table_sigmas = sigmas.detach().to(torch.float32).cpu()
         other._table_timesteps = timesteps.detach().to(torch.float32).cpu()
@@ -167,6 +176,9 @@ class Denoiser:
         """Timestep for one sigma value: the pinned table first (exact float32 keys), else the same
         log-sigma interpolation as :meth:`timestep`, done on Python floats with a bisection."""
         t = self._cache.get(sigma)
+        if t is None and self.timestep_mode == "nearest":
+            t = float(self._nearest(torch.tensor([sigma], dtype=torch.float32))[0])
+            self._cache[sigma] = t  # nothing is pinned in this mode: the cache only remembers
         if t is None:
             if self._log_sigmas is None:
                 self._log_sigmas = self.schedule.log_sigmas.tolist()
@@ -179,9 +191,17 @@ class Denoiser:
                 t = float(round(t))
         return t
 
+    def _nearest(self, sigma: Tensor) -> Tensor:
+        """ComfyUI's timestep of float32 CPU ``sigma`` (any shape): the table index of the nearest log-sigma."""
+        log_sigmas = self.schedule.log_sigmas.to(torch.float32)
+        dists = (sigma.reshape(1, -1).log() - log_sigmas[:, None]).abs()
+        return dists.argmin(dim=0).to(torch.float32).reshape(sigma.shape)
+
     def timestep(self, sigma: Tensor) -> Tensor:
         """Training-timestep units for ``sigma`` (any shape), float32 on sigma's device."""
         s = sigma.detach().to(torch.float32).cpu()
+        if self.timestep_mode == "nearest":
+            return self._nearest(s).to(sigma.device)
         t = self.schedule.sigma_to_t(s)
         if self.timestep_mode == "rounded":
             t = t.round()

@@ -1833,16 +1833,29 @@ def sample_unipc(
     corrector: bool = True,
     steps_after: int = 0,
     variant: str = "bh2",
+    zero_sigma: float = 0.0,
 ) -> Tensor:
     """UniPC (Zhao et al. 2023, "UniPC", Algorithms 2-3): UniP-``order`` predictor in x0 (``variant`` "bh2": B(h)
     = e^-h - 1, diffusers' default; "bh1": B(h) = -h, ComfyUI's ``uni_pc``) with the UniC corrector reusing each
     new model call; lower orders at the start and at the end of the grid. ``steps_after``: steps of the grid left
     after these ``sigmas`` (a run stopped early, the SDXL base's part of a hand-off), which keep its last steps at
-    full order, as diffusers' scheduler does."""
+    full order, as diffusers' scheduler does. ``zero_sigma`` > 0: a last sigma of 0 is walked as this sigma
+    instead, the last step a first-order one to it, and the sample there (in the VE scaling, x0 + zero_sigma * eps)
+    is the result: ComfyUI's ``uni_pc`` and ``uni_pc_bh2`` end at 0.001 (comfy/extra_samplers/uni_pc.py); 0 ends
+    at the last x0 estimate."""
     if variant not in UNIPC_VARIANTS:
         raise UsageError(f"unipc variant must be one of {', '.join(UNIPC_VARIANTS)}, got {variant!r}")
     if isinstance(order, bool) or order not in (1, 2, 3):
         raise UsageError(f"unipc order must be 1, 2 or 3, got {order}")
+    zero_sigma = float(zero_sigma)
+    if not math.isfinite(zero_sigma) or zero_sigma < 0:
+        raise UsageError(f"unipc zero_sigma must be a finite sigma of 0 or more, got {zero_sigma}")
+    if zero_sigma > 0 and sigmas.ndim == 1 and sigmas.shape[0] >= 2 and float(sigmas[-1]) == 0.0:
+        if zero_sigma >= float(sigmas[-2]):
+            raise UsageError(
+                f"unipc zero_sigma {zero_sigma:g} must be below the last sigma above 0, {float(sigmas[-2]):g}"
+            )
+        sigmas = torch.cat([sigmas[:-1], torch.tensor([zero_sigma], dtype=sigmas.dtype, device=sigmas.device)])
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     lam = [(-math.log(s) if s > 0 else math.inf) for s in loop.s]
     ms: list[Tensor] = []  # x0 estimates, newest last

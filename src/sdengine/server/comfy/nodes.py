@@ -87,12 +87,16 @@ SAMPLER_NAMES = {
 DISCARD_PENULTIMATE_SAMPLERS = ("dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2")
 # The options ComfyUI's KSampler runs a sampler with where they differ from sdengine's defaults (A1111's): its DPM
 # fast / adaptive are k-diffusion's with eta 0 (deterministic), A1111 passes its ancestral eta, 1; its UniPC is of
-# order 3, B(h) = -h ("bh1") under uni_pc and e^-h - 1 (diffusers' default, "bh2") under uni_pc_bh2.
+# order 3, B(h) = -h ("bh1") under uni_pc and e^-h - 1 (diffusers' default, "bh2") under uni_pc_bh2; both walk a
+# last sigma of 0 as 0.001 and answer the sample there (comfy/extra_samplers/uni_pc.py, sample_unipc). Its lcm takes
+# the model's x0 as it is (k-diffusion's sample_lcm; LCM's consistency boundary c_skip / c_out is ComfyUI's only under
+# a ModelSamplingDiscrete "lcm" node, which sdengine does not offer): no timesteps, so no boundary condition.
 SAMPLER_OPTIONS: dict[str, dict[str, Any]] = {
     "dpm_fast": {"eta": 0.0},
     "dpm_adaptive": {"eta": 0.0},
-    "uni_pc": {"variant": "bh1", "order": 3},
-    "uni_pc_bh2": {"variant": "bh2", "order": 3},
+    "lcm": {"timesteps": None},
+    "uni_pc": {"variant": "bh1", "order": 3, "zero_sigma": 0.001},
+    "uni_pc_bh2": {"variant": "bh2", "order": 3, "zero_sigma": 0.001},
 }
 SCHEDULER_NAMES = {
     # each walked as ComfyUI's list of that name (sample_latents makes its grids with make_grid's comfy_grid: karras
@@ -1353,8 +1357,11 @@ def sampler_custom(
         n = int(values.shape[0]) - 1
         _check_steps(ctx, n)
         (out,) = _sample(ctx, steps=n, scheduler="normal", add_noise=add_noise, sigmas=values, **common)
-    ends_at_zero = float(values[-1]) == 0.0
-    denoised = out if ends_at_zero or not last else {**out, "samples": last[0].float().cpu()}
+    # ComfyUI's denoised_output is the last step's x0 estimate: the output itself where the last sigma is 0, except
+    # after uni_pc / uni_pc_bh2, which walk a last 0 as 0.001 (their zero_sigma) and end there, as ComfyUI's
+    zero_sigma = {**SAMPLER_OPTIONS.get(sampler.name, {}), **dict(sampler.options)}.get("zero_sigma", 0.0)
+    at_x0 = float(values[-1]) == 0.0 and not zero_sigma
+    denoised = out if at_x0 or not last else {**out, "samples": last[0].float().cpu()}
     return (out, dict(denoised))
 
 
@@ -2345,7 +2352,8 @@ NODES: dict[str, NodeDef] = {
             "floored to the latent's grid, 8 on SD and SDXL, cut to the latent; a box starting outside it fails at "
             "the sampler), their "
             "prediction weighted by `strength` with the box's inner edges feathered, summed with the other entries' "
-            "and divided by the summed weights. A ControlNet cannot act on an area (a sampler error).",
+            "and divided by the summed weights. A ControlNet on an area's entry reads the area's crop of the latent "
+            "and its whole hint fitted to the area (cut to its aspect around the centre, resized), as ComfyUI's.",
         ),
         NodeDef(
             "ConditioningSetAreaPercentage",
