@@ -354,7 +354,7 @@ class Pipeline:
             key = ("own" if checkpoint_vae else "file", str(where.resolve()), *file_state(where))
         except OSError as e:
             raise GenerationError(f"VAE {where}: cannot be read ({e.strerror or e})") from None
-        module = cache.get(key)
+        module: Any = cache.get(key)
         if module is None:
             if checkpoint_vae:
                 from sdengine.models.vae import AutoencoderKL, VAEConfig

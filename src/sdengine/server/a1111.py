@@ -1261,7 +1261,7 @@ def install(app: FastAPI, services: Any) -> None:
         """A1111's ``sd_vae``: "Automatic" (its old "auto" too), "None" or a VAE's file name as GET
         /sdapi/v1/sd-vae lists it (an ``[hash]`` title suffix is dropped); else a 400 naming the option."""
         if not isinstance(value, str):
-            raise BadRequest(f"{where}sd_vae must be \"Automatic\", \"None\" or a VAE file name, got {value!r}")
+            raise BadRequest(f'{where}sd_vae must be "Automatic", "None" or a VAE file name, got {value!r}')
         if value in ("Automatic", "auto", "None"):
             return "Automatic" if value == "auto" else value
         try:
@@ -1278,11 +1278,15 @@ def install(app: FastAPI, services: Any) -> None:
 
     def job_vae(generation: Any, sd_vae: str) -> None:
         """The job's VAE (``Generation.vae``) for ``sd_vae``: "None" the model's own; a name that file;
-        "Automatic" the --vaes-dir file named as the model (Catalog.automatic_vae), else the model's as loaded."""
+        "Automatic" the --vaes-dir file named as the model (Catalog.automatic_vae), else the model's as loaded
+        (with the server's --vae: that one)."""
         if sd_vae == "None":
             generation.checkpoint_vae = True
             return
-        path = catalog.automatic_vae(generation.model) if sd_vae == "Automatic" else catalog.resolve_sd_vae(sd_vae)
+        if sd_vae == "Automatic":  # the server's --vae comes first, as A1111's --vae-path
+            path = catalog.automatic_vae(generation.model) if services.config.vae is None else None
+        else:
+            path = catalog.resolve_sd_vae(sd_vae)
         if path is not None:
             generation.vae, generation.vae_name = str(path), path.name
 

@@ -1,0 +1,206 @@
+"""Choosing a VAE per generation: ``Pipeline.set_vae`` (read once, kept, undone with None), A1111's ``sd_vae``
+(GET /sdapi/v1/sd-vae, override_settings, POST /sdapi/v1/options, an infotext's "VAE") through the real
+``webuiapi`` client, and VAE files of a small VAE (no mid-block attention, 16 GroupNorm groups) in both the
+diffusers and the original-SD key layout. The images equal ``load_pipeline(vae=FILE)``'s."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import webuiapi
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from _live_server import live_server, server_config, shared_loader
+from sdengine.errors import SdengineError
+from sdengine.pipeline import load_pipeline
+from sdengine.weights import keymaps as km
+from sdengine.weights.detect import vae_layout_from_diffusers
+
+EMOJI_VAE = Path(__file__).resolve().parent.parent / "src/sdengine/assets/models/emoji/vae"
+LORAS = Path(__file__).resolve().parent.parent / "src/sdengine/assets/loras"
+GEN = {"seed": 3, "steps": 3, "width": 64, "height": 64, "sampler": "dpmpp_2m", "schedule": "karras"}
+A1111 = {"seed": 3, "steps": 3, "width": 64, "height": 64, "cfg_scale": 7.5}
+
+
+def other_vae(seed: int) -> dict[str, torch.Tensor]:
+    """The emoji model's VAE with other weights (each tensor moved by 5% of its spread), diffusers names."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in load_file(EMOJI_VAE / "diffusion_pytorch_model.safetensors").items():
+        if v.is_floating_point() and v.numel() > 1:
+            v = v + 0.05 * v.std() * torch.randn(v.shape, generator=g)
+        out[k] = v.contiguous()
+    return out
+
+
+def ldm_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    ldm, unknown = km.vae_diffusers_to_ldm(sd, vae_layout_from_diffusers(sd))
+    assert not unknown
+    return {k: v.contiguous() for k, v in ldm.items()}
+
+
+@pytest.fixture(scope="module")
+def vaes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("vaes")
+    alt = other_vae(1)
+    save_file(alt, d / "alt.safetensors")  # diffusers layout
+    save_file(ldm_layout(alt), d / "alt_ldm.vae.safetensors")  # the same weights, A1111's layout and name
+    save_file(ldm_layout(other_vae(2)), d / "other.vae.safetensors")
+    shutil.copy(next(LORAS.glob("*.safetensors")), d / "lora.safetensors")  # not a VAE
+    bad = dict(alt)
+    bad["decoder.conv_out.weight"] = bad["decoder.conv_out.weight"][:, :16].contiguous()  # a wrong shape
+    save_file(bad, d / "wrong_shape.safetensors")
+    wide = {k: v for k, v in alt.items()}  # 8-channel latents: another model family's VAE
+    wide["decoder.conv_in.weight"] = torch.zeros(wide["decoder.conv_in.weight"].shape[0], 8, 3, 3)
+    wide["post_quant_conv.weight"] = torch.zeros(8, 8, 1, 1)
+    wide["post_quant_conv.bias"] = torch.zeros(8)
+    wide["quant_conv.weight"] = torch.zeros(16, 16, 1, 1)
+    wide["quant_conv.bias"] = torch.zeros(16)
+    wide["encoder.conv_out.weight"] = torch.zeros(16, wide["encoder.conv_out.weight"].shape[1], 3, 3)
+    wide["encoder.conv_out.bias"] = torch.zeros(16)
+    save_file(wide, d / "eight_channels.safetensors")
+    return d
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0].convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def refs(vaes: Path) -> dict[str, np.ndarray]:
+    """The images of load_pipeline(vae=FILE) (a fresh pipeline each), and the model's own."""
+    out = {"own": pixels(shared_loader("emoji", "cpu")("a red apple", progress=False, **GEN))}
+    for name in ("alt.safetensors", "other.vae.safetensors"):
+        out[name] = pixels(load_pipeline("emoji", device="cpu", vae=vaes / name)("a red apple", progress=False, **GEN))
+    return out
+
+
+@pytest.mark.slow
+def test_set_vae_equals_loading_with_that_vae_and_none_undoes_it(vaes: Path, refs) -> None:
+    pipe = shared_loader("emoji", "cpu")
+    try:
+        assert not np.array_equal(refs["alt.safetensors"], refs["own"])
+        for name in ("alt.safetensors", "alt_ldm.vae.safetensors"):  # both key layouts, the same weights
+            pipe.set_vae(vaes / name)
+            r = pipe("a red apple", progress=False, **GEN)
+            np.testing.assert_array_equal(pixels(r), refs["alt.safetensors"])
+            digest = hashlib.sha256((vaes / name).read_bytes()).hexdigest()[:10]
+            assert f"VAE hash: {digest}, VAE: {name}," in r.infotexts[0]
+        kept = pipe.vae
+        pipe.set_vae(vaes / "alt_ldm.vae.safetensors")
+        assert pipe.vae is kept  # read once, kept
+        pipe.set_vae(None)
+        r = pipe("a red apple", progress=False, **GEN)
+        np.testing.assert_array_equal(pixels(r), refs["own"])
+        assert "VAE" not in r.infotexts[0]
+        pipe.set_vae(None, checkpoint_vae=True)  # the model's own (it was loaded with it): the same image
+        np.testing.assert_array_equal(pixels(pipe("a red apple", progress=False, **GEN)), refs["own"])
+    finally:
+        pipe.set_vae(None)
+
+
+def test_bad_vae_files_are_one_line_errors_that_change_nothing(vaes: Path) -> None:
+    pipe = shared_loader("emoji", "cpu")
+    before = pipe.vae
+    cases = {
+        "lora.safetensors": "not a VAE",
+        "wrong_shape.safetensors": "decoder.conv_out.weight",
+        "eight_channels.safetensors": "8-channel latents",
+        "missing.safetensors": "cannot be read",
+    }
+    try:
+        for name, said in cases.items():
+            with pytest.raises(SdengineError, match=said) as e:
+                pipe.set_vae(vaes / name)
+            assert "\n" not in str(e.value)
+            assert pipe.vae is before and pipe.vae_source is None
+    finally:
+        pipe.set_vae(None)
+
+
+@pytest.fixture(scope="module")
+def api(vaes: Path, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("vae_server")
+    with live_server(server_config(tmp, vaes_dir=vaes)) as s:
+        yield webuiapi.WebUIApi(host="127.0.0.1", port=s.port, sampler="DPM++ 2M", scheduler="Karras")
+
+
+def image(r) -> np.ndarray:
+    return np.asarray(r.images[0].convert("RGB"))
+
+
+@pytest.mark.slow
+def test_sd_vae_per_request_and_as_an_option_through_webuiapi(api, vaes: Path, refs) -> None:
+    listed = api.get_sd_vae()
+    assert {"model_name": "alt.safetensors", "filename": str((vaes / "alt.safetensors").resolve())} in listed
+    r = api.txt2img(prompt="a red apple", override_settings={"sd_vae": "alt.safetensors"}, **A1111)
+    np.testing.assert_array_equal(image(r), refs["alt.safetensors"])
+    digest = hashlib.sha256((vaes / "alt.safetensors").read_bytes()).hexdigest()[:10]
+    assert f"VAE hash: {digest}, VAE: alt.safetensors," in r.info["infotexts"][0]
+    # the next job names none: the model's own VAE, untouched by the last job's
+    np.testing.assert_array_equal(image(api.txt2img(prompt="a red apple", **A1111)), refs["own"])
+    api.set_options({"sd_vae": "other.vae.safetensors"})
+    try:
+        assert api.get_options()["sd_vae"] == "other.vae.safetensors"
+        r = api.txt2img(prompt="a red apple", **A1111)
+        np.testing.assert_array_equal(image(r), refs["other.vae.safetensors"])
+        # an override wins over the option; "None" is the model's own VAE
+        r = api.txt2img(prompt="a red apple", override_settings={"sd_vae": "None"}, **A1111)
+        np.testing.assert_array_equal(image(r), refs["own"])
+        # an infotext's "VAE" becomes sd_vae, as A1111 pastes it
+        made = api.txt2img(prompt="a red apple", override_settings={"sd_vae": "alt.safetensors"}, **A1111)
+        r = httpx.post(f"{api.baseurl}/txt2img", json={"infotext": made.info["infotexts"][0]}, timeout=120)
+        assert r.status_code == 200, r.text
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        np.testing.assert_array_equal(np.asarray(got.convert("RGB")), refs["alt.safetensors"])
+        unknown = made.info["infotexts"][0].replace("VAE: alt.safetensors", "VAE: gone.safetensors")
+        r = httpx.post(f"{api.baseurl}/txt2img", json={"infotext": unknown}, timeout=120)
+        assert r.status_code == 400 and "unknown VAE 'gone.safetensors'" in r.json()["detail"], r.text
+    finally:
+        api.set_options({"sd_vae": "Automatic"})
+
+
+@pytest.mark.slow
+def test_automatic_takes_the_vae_named_as_the_model(api, vaes: Path, refs) -> None:
+    named = vaes / "emoji.safetensors"
+    shutil.copy(vaes / "alt.safetensors", named)
+    try:
+        r = api.txt2img(prompt="a red apple", **A1111)
+        np.testing.assert_array_equal(image(r), refs["alt.safetensors"])
+        assert "VAE: emoji.safetensors" in r.info["infotexts"][0]
+        r = api.txt2img(prompt="a red apple", override_settings={"sd_vae": "None"}, **A1111)
+        np.testing.assert_array_equal(image(r), refs["own"])
+    finally:
+        named.unlink()
+
+
+def test_bad_sd_vae_values_are_400s(api) -> None:
+    body = {"prompt": "a red apple", **A1111}
+    cases = {
+        "../alt.safetensors": "'..' is not allowed",
+        "/etc/passwd": "absolute paths are not allowed",
+        "nope.safetensors": "unknown VAE 'nope.safetensors'; available: Automatic, None, alt.safetensors",
+        "lora.safetensors": "not a VAE",
+        "x.ckpt": "pickle files are not loaded",
+        3: "sd_vae must be",
+    }
+    for value, said in cases.items():
+        r = httpx.post(f"{api.baseurl}/txt2img", json={**body, "override_settings": {"sd_vae": value}}, timeout=60)
+        assert r.status_code == 400 and said in r.json()["detail"], (value, r.text)
+        assert "\n" not in r.json()["detail"]
+        r = httpx.post(f"{api.baseurl}/options", json={"sd_vae": value}, timeout=60)
+        assert r.status_code == 400 and said in r.json()["detail"], (value, r.text)
+    assert httpx.get(f"{api.baseurl}/options").json()["sd_vae"] == "Automatic"  # a refused option changes nothing
+    # a file that reads as a VAE but does not fit the model: its job fails with one line (a 400)
+    for value, said in (("wrong_shape.safetensors", "decoder.conv_out.weight"), ("eight_channels.safetensors", "8")):
+        r = httpx.post(f"{api.baseurl}/txt2img", json={**body, "override_settings": {"sd_vae": value}}, timeout=60)
+        assert r.status_code == 400 and said in r.json()["detail"] and "\n" not in r.json()["detail"], r.text
