@@ -204,3 +204,18 @@ def test_bad_sd_vae_values_are_400s(api) -> None:
     for value, said in (("wrong_shape.safetensors", "decoder.conv_out.weight"), ("eight_channels.safetensors", "8")):
         r = httpx.post(f"{api.baseurl}/txt2img", json={**body, "override_settings": {"sd_vae": value}}, timeout=60)
         assert r.status_code == 400 and said in r.json()["detail"] and "\n" not in r.json()["detail"], r.text
+
+
+def test_jobs_of_different_vaes_never_share_a_batch() -> None:
+    from sdengine.server.jobs import Job, batch_key
+    from sdengine.server.requests import Generation
+
+    def job(**vae) -> Job:
+        kw = {"prompt": "a", "negative_prompt": "", "seed": 1, "batch_size": 1, "steps": 2, "width": 64}
+        return Job(Generation(model="emoji", model_name="emoji", kwargs=kw, **vae))
+
+    plain = batch_key(job())
+    assert plain is not None and batch_key(job()) == plain
+    assert batch_key(job(vae="/v/a.safetensors", vae_name="a.safetensors")) != plain
+    assert batch_key(job(vae="/v/a.safetensors")) != batch_key(job(vae="/v/b.safetensors"))
+    assert batch_key(job(checkpoint_vae=True)) != plain

@@ -366,7 +366,11 @@ class Pipeline:
                 module = build_vae(
                     where,
                     scaling_factor=self._model_vae_scale(base),
-                    model_vae_config={"norm_num_groups": base[0].config.norm_num_groups},
+                    model_vae_config={
+                        "norm_num_groups": base[0].config.norm_num_groups,
+                        "block_out_channels": list(base[0].config.block_out_channels),
+                        "layers_per_block": base[0].config.layers_per_block,
+                    },
                     unet_config=unet_cfg,
                     device=self.device,
                     dtype=self.dtype,

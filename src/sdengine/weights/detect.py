@@ -280,9 +280,9 @@ def vae_config_from_ldm(vae: Mapping[str, torch.Tensor], *, sample_size: int = 5
         "latent_channels": int(_need_vae(vae, "decoder.conv_in.weight").shape[1]),
         "norm_num_groups": 32,
         # what the weights show (SD's VAEs have all three; a small VAE may have none)
-        "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in vae,
-        "use_quant_conv": "quant_conv.weight" in vae,
-        "use_post_quant_conv": "post_quant_conv.weight" in vae,
+        "mid_block_add_attention": any(k.startswith(("encoder.mid.attn_1.", "decoder.mid.attn_1.")) for k in vae),
+        "use_quant_conv": any(k.startswith("quant_conv.") for k in vae),
+        "use_post_quant_conv": any(k.startswith("post_quant_conv.") for k in vae),
         "act_fn": "silu",
         "sample_size": sample_size,
         "scaling_factor": SD_VAE_SCALING_FACTOR,

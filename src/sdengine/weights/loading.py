@@ -373,13 +373,17 @@ def load_vae_for_model(
     no config, so its scaling factor is the model's (A1111 takes it from the model's config whatever VAE is
     loaded): an SDXL model with the LDM-layout ``sdxl_vae.safetensors`` keeps 0.13025, never SD's 0.18215. A
     diffusers VAE folder states its own, used as diffusers uses it. The GroupNorm group count, which no weight
-    shows, is the model's own VAE's (``model_vae_config``; A1111 loads a VAE file into the model's own VAE
-    network), else SD's 32."""
+    shows, is the model's own VAE's (``model_vae_config``) where the file has that VAE's widths and depth (a VAE
+    made for this model: A1111 loads a VAE file into the model's own VAE network), else LDM's 32."""
     sd, cfg = load_vae(path)
     if not Path(path).is_dir():
         cfg["scaling_factor"] = float(model_scaling_factor)
-        groups = (model_vae_config or {}).get("norm_num_groups")
-        if isinstance(groups, int) and not isinstance(groups, bool) and groups > 0:
+        own = model_vae_config or {}
+        groups = own.get("norm_num_groups")
+        same_network = [int(c) for c in own.get("block_out_channels") or ()] == list(cfg["block_out_channels"]) and (
+            own.get("layers_per_block") == cfg["layers_per_block"]
+        )
+        if same_network and isinstance(groups, int) and not isinstance(groups, bool) and groups > 0:
             cfg["norm_num_groups"] = groups
     return sd, cfg
 
