@@ -219,3 +219,26 @@ def test_jobs_of_different_vaes_never_share_a_batch() -> None:
     assert batch_key(job(vae="/v/a.safetensors", vae_name="a.safetensors")) != plain
     assert batch_key(job(vae="/v/a.safetensors")) != batch_key(job(vae="/v/b.safetensors"))
     assert batch_key(job(checkpoint_vae=True)) != plain
+
+
+@pytest.mark.slow
+def test_a_chosen_vae_never_decodes_through_the_models_recorded_graph(vaes: Path, refs) -> None:
+    """The VAE decode's CUDA graph replays the model's own VAE: a chosen VAE runs without it (else its image
+    would be the own VAE's), and set_vae(None) brings the same graph back."""
+    from _cpu_graphs import CPUBackend
+
+    pipe = shared_loader("emoji", "cpu")
+    try:
+        assert pipe.enable_cuda_graphs(backend=CPUBackend(), device_type="cpu")
+        graph = pipe.cuda_graphs["vae"]
+        np.testing.assert_array_equal(pixels(pipe("a red apple", progress=False, **GEN)), refs["own"])
+        assert graph.replays + graph.recordings >= 1
+        pipe.set_vae(vaes / "alt.safetensors")
+        assert "vae" not in pipe.cuda_graphs
+        np.testing.assert_array_equal(pixels(pipe("a red apple", progress=False, **GEN)), refs["alt.safetensors"])
+        pipe.set_vae(None)
+        assert pipe.cuda_graphs["vae"] is graph
+        np.testing.assert_array_equal(pixels(pipe("a red apple", progress=False, **GEN)), refs["own"])
+    finally:
+        pipe.set_vae(None)
+        pipe.cuda_graphs = None
