@@ -2006,9 +2006,10 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.get("/sdapi/v1/sd-vae", tags=["a1111"])
     def sd_vaes() -> list[dict[str, Any]]:
-        """A1111's SDVaeItem list: ``model_name`` the file name ``sd_vae`` takes, ``filename`` where it is (the
-        VAEs of ``--vaes-dir`` and the ``NAME.vae.safetensors`` of ``--models-dir``)."""
-        return [{"model_name": e.name, "filename": e.ref} for e in catalog.sd_vaes()]
+        """A1111's SDVaeItem list: ``model_name`` the file name ``sd_vae`` takes (the VAEs of ``--vaes-dir`` and
+        the ``NAME.vae.safetensors`` of ``--models-dir``); ``filename`` the same name, as sd-models answers it:
+        the server's paths are not told to clients (A1111 gives its full path)."""
+        return [{"model_name": e.name, "filename": e.name} for e in catalog.sd_vaes()]
 
     @app.post("/sdapi/v1/refresh-vae", tags=["a1111"])
     def refresh_vae() -> dict[str, Any]:
