@@ -76,12 +76,35 @@ def pixels(result) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def refs(vaes: Path) -> dict[str, np.ndarray]:
+def alt_pipe(vaes: Path):
+    return load_pipeline("emoji", device="cpu", vae=vaes / "alt.safetensors")
+
+
+@pytest.fixture(scope="module")
+def refs(vaes: Path, alt_pipe) -> dict[str, np.ndarray]:
     """The images of load_pipeline(vae=FILE) (a fresh pipeline each), and the model's own."""
     out = {"own": pixels(shared_loader("emoji", "cpu")("a red apple", progress=False, **GEN))}
-    for name in ("alt.safetensors", "other.vae.safetensors"):
-        out[name] = pixels(load_pipeline("emoji", device="cpu", vae=vaes / name)("a red apple", progress=False, **GEN))
+    out["alt.safetensors"] = pixels(alt_pipe("a red apple", progress=False, **GEN))
+    other = load_pipeline("emoji", device="cpu", vae=vaes / "other.vae.safetensors")
+    out["other.vae.safetensors"] = pixels(other("a red apple", progress=False, **GEN))
     return out
+
+
+@pytest.mark.slow
+def test_checkpoint_vae_reads_the_models_own_vae_where_it_was_loaded_with_another(alt_pipe, refs) -> None:
+    """A1111's sd_vae "None": the VAE the model carries, even where it was loaded with another (vae=, or the
+    NAME.vae.safetensors beside it); None again: the one it was loaded with."""
+    try:
+        alt_pipe.set_vae(None, checkpoint_vae=True)
+        r = alt_pipe("a red apple", progress=False, **GEN)
+        np.testing.assert_array_equal(pixels(r), refs["own"])
+        assert "VAE" not in r.infotexts[0]
+        alt_pipe.set_vae(None)
+        r = alt_pipe("a red apple", progress=False, **GEN)
+        np.testing.assert_array_equal(pixels(r), refs["alt.safetensors"])
+        assert "VAE: alt.safetensors" in r.infotexts[0]
+    finally:
+        alt_pipe.set_vae(None)
 
 
 @pytest.mark.slow
@@ -244,3 +267,18 @@ def test_a_chosen_vae_never_decodes_through_the_models_recorded_graph(vaes: Path
     finally:
         pipe.set_vae(None)
         pipe.cuda_graphs = None
+
+
+@pytest.mark.slow
+def test_a_chosen_vae_gets_the_fast_path_of_the_pipelines_own(vaes: Path) -> None:
+    """The fast path's channels-last weights (sdengine.fastpath; Winograd convolutions likewise, which the emoji
+    VAE is too narrow for) reach a VAE set later too: the image equals that of a pipeline loaded with the VAE
+    and the same fast path."""
+    fast = "winograd,channels_last"
+    pipe = load_pipeline("emoji", device="cpu", fast_path=fast)
+    pipe.set_vae(vaes / "alt.safetensors")
+    conv = pipe.vae.decoder.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    got = pixels(pipe("a red apple", progress=False, **GEN))
+    want = load_pipeline("emoji", device="cpu", fast_path=fast, vae=vaes / "alt.safetensors")
+    np.testing.assert_array_equal(got, pixels(want("a red apple", progress=False, **GEN)))

@@ -383,7 +383,7 @@ class Pipeline:
                     f"{module.config.downscale_factor}x, {self.name}'s are {base[0].config.latent_channels}-channel "
                     f"at {base[0].config.downscale_factor}x: use a VAE made for this model"
                 )
-            module = module.eval().requires_grad_(False)
+            module = _like(module.eval().requires_grad_(False), base[0])
             cache[key] = module
             while len(cache) > self.VAES_KEPT:
                 cache.popitem(last=False)
@@ -1435,3 +1435,24 @@ def as_request(prompt: Any, negative_prompt: Any, kwargs: Mapping[str, Any]) -> 
 
 
 __all__ = ["MAX_SIDE", "MAX_SIZE_FACTOR", "Pipeline", "Prepared", "as_request", "check_hr_model", "model_title"]
+
+
+def _like(vae: torch.nn.Module, own: torch.nn.Module) -> torch.nn.Module:
+    """``vae`` with the fast-path changes :mod:`sdengine.fastpath` made to the pipeline's own VAE (Winograd
+    convolutions, channels-last weights, a compiled decoder), so that a VAE chosen later (``set_vae``) decodes
+    as it would in a pipeline loaded with it."""
+    from sdengine.nn.winograd import WinogradConv2d, enable_winograd
+
+    if any(isinstance(m, WinogradConv2d) for m in own.modules()):
+        enable_winograd(vae)
+    conv = next((m for m in own.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)), None)
+    if (
+        conv is not None
+        and not conv.weight.is_contiguous()
+        and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    ):
+        vae.to(memory_format=torch.channels_last)
+    decoder = getattr(own, "decoder", None)
+    if decoder is not None and getattr(decoder, "_compiled_call_impl", None) is not None:
+        vae.decoder.compile()  # type: ignore[operator]
+    return vae
