@@ -1437,7 +1437,7 @@ def as_request(prompt: Any, negative_prompt: Any, kwargs: Mapping[str, Any]) -> 
 __all__ = ["MAX_SIDE", "MAX_SIZE_FACTOR", "Pipeline", "Prepared", "as_request", "check_hr_model", "model_title"]
 
 
-def _like(vae: torch.nn.Module, own: torch.nn.Module) -> torch.nn.Module:
+def _like(vae: Any, own: Any) -> Any:
     """``vae`` with the fast-path changes :mod:`sdengine.fastpath` made to the pipeline's own VAE (Winograd
     convolutions, channels-last weights, a compiled decoder), so that a VAE chosen later (``set_vae``) decodes
     as it would in a pipeline loaded with it."""
@@ -1454,5 +1454,5 @@ def _like(vae: torch.nn.Module, own: torch.nn.Module) -> torch.nn.Module:
         vae.to(memory_format=torch.channels_last)
     decoder = getattr(own, "decoder", None)
     if decoder is not None and getattr(decoder, "_compiled_call_impl", None) is not None:
-        vae.decoder.compile()  # type: ignore[operator]
+        vae.decoder.compile()
     return vae
