@@ -282,3 +282,22 @@ def test_a_chosen_vae_gets_the_fast_path_of_the_pipelines_own(vaes: Path) -> Non
     got = pixels(pipe("a red apple", progress=False, **GEN))
     want = load_pipeline("emoji", device="cpu", fast_path=fast, vae=vaes / "alt.safetensors")
     np.testing.assert_array_equal(got, pixels(want("a red apple", progress=False, **GEN)))
+
+
+@pytest.mark.slow
+def test_img2img_encodes_and_decodes_with_the_chosen_vae(api, alt_pipe) -> None:
+    """img2img's init image is encoded by the job's VAE too: the image equals the Python API's with that VAE."""
+    x = np.linspace(0, 255, 64, dtype=np.uint8)
+    blue = np.full((64, 64), 90, np.uint8)
+    init = Image.fromarray(np.stack([np.tile(x, (64, 1)), np.tile(x[:, None], (1, 64)), blue], -1))
+    r = api.img2img(
+        images=[init], prompt="a blue ball", denoising_strength=0.5, override_settings={"sd_vae": "alt.safetensors"},
+        **A1111,
+    )  # fmt: skip
+    want = alt_pipe(
+        "a blue ball", init_image=init, strength=0.5, strength_rule="a1111", progress=False, cfg_scale=7.5, **GEN
+    )
+    np.testing.assert_array_equal(image(r), pixels(want))
+    own = shared_loader("emoji", "cpu")
+    plain = own("a blue ball", init_image=init, strength=0.5, strength_rule="a1111", progress=False, **GEN)
+    assert not np.array_equal(pixels(want), pixels(plain))
