@@ -247,9 +247,9 @@ def test_controlnet_unit_and_empty_args(api):
 def test_unknown_and_unimplemented_fields_are_reported(api):
     r = api.txt2img(prompt="a cat", seed=1, override_settings={"samples_format": "jpg"}, **COMMON)
     assert r.info["ignored"] == ["override_settings.samples_format"]  # does not change the image
-    # an option that would (a VAE by name: the A1111 routes have no VAE choice) is a 400 naming it (it was listed
-    # as ignored: the image of the model's own VAE)
-    with pytest.raises(RuntimeError, match="400.*override_settings.sd_vae .*: the A1111 routes run the model"):
+    # an option that would (a VAE the server does not have) is a 400 naming it (it was listed as ignored: the
+    # image of the model's own VAE)
+    with pytest.raises(RuntimeError, match="400.*override_settings.sd_vae: unknown VAE"):
         api.txt2img(prompt="a cat", seed=1, override_settings={"sd_vae": "x"}, **COMMON)
     # a field that would change the image but is not implemented is a 422 naming it (it was listed as ignored)
     with pytest.raises(RuntimeError, match="422.*restore_faces True: face restoration"):
@@ -1061,7 +1061,7 @@ def test_options_sdengine_runs_one_way_are_answered_so_and_refused_otherwise(api
     for body, said in (
         ({"face_restoration": True}, "face_restoration True: face restoration (GFPGAN, CodeFormer) is not available"),
         ({"randn_source": "TPU"}, "randn_source must be one of GPU, NV, CPU, got 'TPU'"),
-        ({"sd_vae": "vae-ft-mse"}, "sd_vae 'vae-ft-mse': the A1111 routes run the model's own VAE"),
+        ({"sd_vae": "vae-ft-mse"}, "sd_vae: unknown VAE 'vae-ft-mse'; available: Automatic, None, none"),
         ({"emphasis": "No norm"}, "emphasis 'No norm': sdengine's prompt weighting is A1111's Original emphasis"),
         ({"token_merging_ratio": 0.5}, "token_merging_ratio 0.5: token merging (ToMe) is not implemented"),
         ({"uni_pc_variant": "vary_coeff"}, "uni_pc_variant 'vary_coeff': sdengine's UniPC has bh1 and bh2"),
@@ -1079,7 +1079,7 @@ def test_options_sdengine_runs_one_way_are_answered_so_and_refused_otherwise(api
     # the same as overrides, before any work; restore_faces false restores nothing in A1111: only listed then
     body = {"prompt": "a", "steps": 1, "width": 64, "height": 64}
     r = httpx.post(f"{api.baseurl}/txt2img", json={**body, "override_settings": {"sd_vae": "x"}}, timeout=60)
-    assert r.status_code == 400 and "override_settings.sd_vae 'x'" in r.text, r.text
+    assert r.status_code == 400 and "override_settings.sd_vae: unknown VAE 'x'" in r.text, r.text
     over = {"randn_source": "CPU", "face_restoration": True, "eta_noise_seed_delta": 0}
     r = api.custom_post("txt2img", {**body, "restore_faces": False, "override_settings": over}, baseurl=True)
     assert r.info["ignored"] == ["override_settings.face_restoration"]

@@ -313,6 +313,122 @@ class Pipeline:
         if self.cuda_graphs is not None:  # its decode replays from graphs as the VAE's does
             self.cuda_graphs = {**self.cuda_graphs, "tiny_vae": self._tiny_vae_graph(self.tiny_vae)}
 
+    # How many separately chosen VAEs (set_vae) a pipeline keeps loaded for the next generations.
+    VAES_KEPT = 3
+
+    def set_vae(self, vae: str | Path | None, *, checkpoint_vae: bool = False) -> None:
+        """Decode (and encode) with another VAE from now on: a VAE file (A1111's ``.vae.safetensors`` /
+        ``.vae.pt``, a ``.safetensors`` in the LDM or diffusers layout) or a diffusers VAE folder, read as
+        ``load_pipeline(vae=...)`` reads it (a file keeps the model's scaling factor) and named in the infotext
+        (``VAE``, ``VAE hash``); None: the VAE the pipeline was loaded with again. ``checkpoint_vae``: the VAE
+        the model itself carries, even where it was loaded with another (a ``NAME.vae.safetensors`` beside it,
+        ``vae=``), A1111's ``sd_vae`` "None". Each VAE is read once and kept (:attr:`VAES_KEPT` of them); one
+        that does not fit the model (other latent channels, wrong keys or shapes, not a VAE) is a one-line
+        error that changes nothing. A chosen VAE decodes without the CUDA graphs / compiled decode of the
+        pipeline's own."""
+        from collections import OrderedDict
+
+        from sdengine.io.paths import file_state
+        from sdengine.weights.loading import build_on_meta, build_vae, load_checkpoint_vae
+
+        if vae is not None and checkpoint_vae:
+            raise GenerationError("set_vae: give a VAE or checkpoint_vae=True, not both")
+        base = self.__dict__.setdefault(
+            "_base_vae",
+            (self.vae, self.vae_source, self._vae_hash, self.vae_upcast, self._accelerated_vae()),
+        )
+        if vae is None and (not checkpoint_vae or base[1] is None):
+            if self.vae is not base[0]:
+                self.vae, self.vae_source, self._vae_hash, self.vae_upcast = base[:4]
+                self._route_vae(base[4])
+            return
+        cache: OrderedDict[tuple[Any, ...], torch.nn.Module] = self.__dict__.setdefault("_vae_cache", OrderedDict())
+        unet_cfg = {"out_channels": getattr(self.unet.config, "out_channels", None)}
+        if checkpoint_vae:
+            if self.source is None:
+                raise GenerationError(f"{self.name}: no model file to read its own VAE from")
+            where: Path = Path(self.source)
+        else:
+            where = Path(vae)  # type: ignore[arg-type]
+        try:
+            key = ("own" if checkpoint_vae else "file", str(where.resolve()), *file_state(where))
+        except OSError as e:
+            raise GenerationError(f"VAE {where}: cannot be read ({e.strerror or e})") from None
+        module: Any = cache.get(key)
+        if module is None:
+            if checkpoint_vae:
+                from sdengine.models.vae import AutoencoderKL, VAEConfig
+
+                sd, cfg = load_checkpoint_vae(where)
+                vcfg = VAEConfig.from_diffusers(cfg)
+                module = build_on_meta(lambda: AutoencoderKL(vcfg), sd, name="VAE", dtype=self.dtype).to(self.device)
+            else:
+                module = build_vae(
+                    where,
+                    scaling_factor=self._model_vae_scale(base),
+                    model_vae_config={
+                        "norm_num_groups": base[0].config.norm_num_groups,
+                        "block_out_channels": list(base[0].config.block_out_channels),
+                        "layers_per_block": base[0].config.layers_per_block,
+                    },
+                    unet_config=unet_cfg,
+                    device=self.device,
+                    dtype=self.dtype,
+                )
+            if module.config.latent_channels != base[0].config.latent_channels or (
+                module.config.downscale_factor != base[0].config.downscale_factor
+            ):
+                raise GenerationError(
+                    f"VAE {where.name}: it makes {module.config.latent_channels}-channel latents at "
+                    f"{module.config.downscale_factor}x, {self.name}'s are {base[0].config.latent_channels}-channel "
+                    f"at {base[0].config.downscale_factor}x: use a VAE made for this model"
+                )
+            module = _like(module.eval().requires_grad_(False), base[0])
+            cache[key] = module
+            while len(cache) > self.VAES_KEPT:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(key)
+        if module is self.vae:
+            return
+        if self.vae is base[0]:  # keep the pipeline's own accelerated decode for when it comes back
+            base = (*base[:4], self._accelerated_vae())
+            self.__dict__["_base_vae"] = base
+        self.vae = module
+        self.vae_source = None if checkpoint_vae else where
+        self._vae_hash = None
+        self.vae_upcast = False
+        self._route_vae((None, None))
+
+    def _accelerated_vae(self) -> tuple[Any, Any]:
+        return (self.cuda_graphs or {}).get("vae"), (self.aot or {}).get("vae")
+
+    def _route_vae(self, accelerated: tuple[Any, Any]) -> None:
+        graph, aot = accelerated
+        if self.cuda_graphs is not None:
+            graphs = {k: v for k, v in self.cuda_graphs.items() if k != "vae"}
+            self.cuda_graphs = {**graphs, "vae": graph} if graph is not None else graphs
+        if self.aot is not None:
+            rest = {k: v for k, v in self.aot.items() if k != "vae"}
+            self.aot = {**rest, "vae": aot} if aot is not None else rest
+
+    def _model_vae_scale(self, base: tuple[Any, ...]) -> float:
+        """The model's latent scaling factor, which a VAE *file* keeps (see load_vae_for_model): its own VAE's,
+        from its folder's config where it was loaded with a VAE folder that states another."""
+        import json
+
+        own, source = base[0], base[1]
+        if source is not None and Path(source).is_dir() and self.source is not None:
+            cfg = Path(self.source) / "vae" / "config.json"
+            if cfg.is_file():
+                try:
+                    value = json.loads(cfg.read_text(encoding="utf-8")).get("scaling_factor")
+                    if isinstance(value, int | float) and not isinstance(value, bool):
+                        return float(value)
+                except (OSError, ValueError):
+                    pass
+        return float(own.config.scaling_factor)
+
     def vae_name(self) -> str | None:
         """A1111's "VAE": the separate VAE's file name; None when the model's own VAE is used."""
         from sdengine.weights.vae_file import vae_display_name
@@ -1319,3 +1435,24 @@ def as_request(prompt: Any, negative_prompt: Any, kwargs: Mapping[str, Any]) -> 
 
 
 __all__ = ["MAX_SIDE", "MAX_SIZE_FACTOR", "Pipeline", "Prepared", "as_request", "check_hr_model", "model_title"]
+
+
+def _like(vae: Any, own: Any) -> Any:
+    """``vae`` with the fast-path changes :mod:`sdengine.fastpath` made to the pipeline's own VAE (Winograd
+    convolutions, channels-last weights, a compiled decoder), so that a VAE chosen later (``set_vae``) decodes
+    as it would in a pipeline loaded with it."""
+    from sdengine.nn.winograd import WinogradConv2d, enable_winograd
+
+    if any(isinstance(m, WinogradConv2d) for m in own.modules()):
+        enable_winograd(vae)
+    conv = next((m for m in own.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)), None)
+    if (
+        conv is not None
+        and not conv.weight.is_contiguous()
+        and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    ):
+        vae.to(memory_format=torch.channels_last)
+    decoder = getattr(own, "decoder", None)
+    if decoder is not None and getattr(decoder, "_compiled_call_impl", None) is not None:
+        vae.decoder.compile()
+    return vae

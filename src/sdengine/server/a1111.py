@@ -38,7 +38,8 @@ from sdengine.diffusion import sampling
 from sdengine.errors import SdengineError
 from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.metadata import CONTROLNET_MODULES
-from sdengine.server.errors import BadRequest, NotFound, PayloadTooLarge, ServerFault, Unprocessable
+from sdengine.server.catalog import strip_title
+from sdengine.server.errors import BadRequest, NotFound, PayloadTooLarge, ServerFault, Unprocessable, redact_paths
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job, visible
 from sdengine.server.requests import ControlRequest
 
@@ -113,11 +114,6 @@ SAMPLER_FIELDS: dict[str, float | None] = {"eta": None, "s_churn": 0.0, "s_tmin"
 _FALSE, _ZERO = (False,), (0, 0.0)
 FIXED_OPTIONS: dict[str, tuple[tuple[Any, ...], str]] = {
     "face_restoration": (_FALSE, "face restoration (GFPGAN, CodeFormer) is not available in sdengine"),
-    "sd_vae": (
-        ("Automatic",),
-        "the A1111 routes run the model's own VAE, or the NAME.vae.safetensors beside it (A1111's Automatic); "
-        "choosing a VAE by name is not implemented (ComfyUI's VAELoader reads --vaes-dir)",
-    ),
     "sd_unet": (("Automatic", "None"), "separate UNet files are not implemented in sdengine"),
     "sd_hypernetwork": (("None", "", None), "hypernetworks are not implemented in sdengine"),
     "emphasis": (("Original",), "sdengine's prompt weighting is A1111's Original emphasis only"),
@@ -1187,6 +1183,8 @@ def install(app: FastAPI, services: Any) -> None:
             "sd_vae_decode_method": "TAESD" if found.get("vae_decode") == "tiny" else "Full",
             "sd_vae_encode_method": "TAESD" if found.get("vae_encode") == "tiny" else "Full",
         }
+        if parsed.get("VAE"):  # A1111's sd_vae (infotext "VAE"): checked as the option, an unknown file a 400
+            settings["sd_vae"] = parsed["VAE"].strip()
         if "Face restoration" in parsed:  # A1111's option of that infotext name (restore_faces None reads it)
             settings["face_restoration"] = True
         if not hires and found.get("strength_rule") == "a1111_fix_steps":  # sdengine's record of img2img_fix_steps
@@ -1207,6 +1205,7 @@ def install(app: FastAPI, services: Any) -> None:
         defaults: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "face_restoration": False, **SDXL_OPTIONS}
         defaults.update({k: accepted[0] for k, (accepted, _) in FIXED_OPTIONS.items()})
         defaults["hires_fix_refiner_pass"] = "second pass"
+        defaults["sd_vae"] = "Automatic"
         for name, value in settings.items():  # as A1111: only where it differs from the current option
             if name not in over and value != options.get(name, defaults.get(name, "Full")):
                 over[name] = value
@@ -1258,6 +1257,39 @@ def install(app: FastAPI, services: Any) -> None:
             )
         return req.model_copy(update=update)
 
+    def check_sd_vae(value: Any, where: str = "") -> str:
+        """A1111's ``sd_vae``: "Automatic" (its old "auto" too), "None" or a VAE's file name as GET
+        /sdapi/v1/sd-vae lists it (an ``[hash]`` title suffix is dropped); else a 400 naming the option."""
+        if not isinstance(value, str):
+            raise BadRequest(f'{where}sd_vae must be "Automatic", "None" or a VAE file name, got {value!r}')
+        if value in ("Automatic", "auto", "None"):
+            return "Automatic" if value == "auto" else value
+        try:
+            path = catalog.resolve_sd_vae(value)
+        except BadRequest as e:
+            raise BadRequest(f"{where}sd_vae: {e}") from None
+        from sdengine.weights.loading import load_vae
+
+        try:  # not a VAE at all (another kind of weights, a damaged file): said now, before any job is queued
+            load_vae(path)
+        except (SdengineError, OSError) as e:
+            raise BadRequest(f"{where}sd_vae {value!r}: {redact_paths(str(e))}") from None
+        return strip_title(value)
+
+    def job_vae(generation: Any, sd_vae: str) -> None:
+        """The job's VAE (``Generation.vae``) for ``sd_vae``: "None" the model's own; a name that file;
+        "Automatic" the --vaes-dir file named as the model (Catalog.automatic_vae), else the model's as loaded
+        (with the server's --vae: that one)."""
+        if sd_vae == "None":
+            generation.checkpoint_vae = True
+            return
+        if sd_vae == "Automatic":  # the server's --vae comes first, as A1111's --vae-path
+            path = catalog.automatic_vae(generation.model) if services.config.vae is None else None
+        else:
+            path = catalog.resolve_sd_vae(sd_vae)
+        if path is not None:
+            generation.vae, generation.vae_name = str(path), path.name
+
     def generation_fields(
         req: Txt2ImgRequest,
         body: dict[str, Any],
@@ -1280,6 +1312,9 @@ def install(app: FastAPI, services: Any) -> None:
         if clip is not None:
             clip_skip, clip_rule = clip
         model = over.pop("sd_model_checkpoint", None)
+        sd_vae = check_sd_vae(over.pop("sd_vae"), "override_settings.") if "sd_vae" in over else None
+        if sd_vae is None:
+            sd_vae = options.get("sd_vae", "Automatic")
         vae_decode = decode_method(over.pop("sd_vae_decode_method", options.get("sd_vae_decode_method", "Full")))
         vae_encode = decode_method(
             over.pop("sd_vae_encode_method", options.get("sd_vae_encode_method", "Full")), "sd_vae_encode_method"
@@ -1392,6 +1427,7 @@ def install(app: FastAPI, services: Any) -> None:
             img2img_fix_steps=fix_steps,  # taken out by the route (img2img's strength_rule)
             hires_refiner_pass=refiner_pass,  # taken out by run() (Generation.hires_refiner_pass)
             sdxl_options=sdxl_settings(xl),  # taken out by run(): an SDXL model's only (Generation.sdxl_options)
+            sd_vae=sd_vae,  # taken out by run() (Generation.vae)
         )
 
     def build_scaled(fields: dict[str, Any], processor_res: dict[int, int]) -> Any:
@@ -1422,6 +1458,7 @@ def install(app: FastAPI, services: Any) -> None:
         sdxl_options = fields.pop("sdxl_options", None)
         refiner_pass = fields.pop("hires_refiner_pass", "second pass")
         hr_model = fields.pop("hr_model", None)
+        sd_vae = fields.pop("sd_vae", "Automatic")
         if fields.get("init_image") is None and not fields.get("controlnets"):
             generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
         else:
@@ -1432,6 +1469,7 @@ def install(app: FastAPI, services: Any) -> None:
         # any job is queued or any model loaded, as POST /v1/jobs answers it
         services.precheck(generation)
         generation.sdxl_options = sdxl_options
+        job_vae(generation, sd_vae)
         if refiner is not None:
             from sdengine.pipeline import GenerationRequest
             from sdengine.pipeline.sdxl import check_hand_off
@@ -1966,8 +2004,18 @@ def install(app: FastAPI, services: Any) -> None:
     def refresh_loras() -> dict[str, Any]:
         return {}
 
+    @app.get("/sdapi/v1/sd-vae", tags=["a1111"])
+    def sd_vaes() -> list[dict[str, Any]]:
+        """A1111's SDVaeItem list: ``model_name`` the file name ``sd_vae`` takes (the VAEs of ``--vaes-dir`` and
+        the ``NAME.vae.safetensors`` of ``--models-dir``); ``filename`` the same name, as sd-models answers it:
+        the server's paths are not told to clients (A1111 gives its full path)."""
+        return [{"model_name": e.name, "filename": e.name} for e in catalog.sd_vaes()]
+
+    @app.post("/sdapi/v1/refresh-vae", tags=["a1111"])
+    def refresh_vae() -> dict[str, Any]:
+        return {}  # the folder is read on every request
+
     for path in (
-        "sd-vae",
         "hypernetworks",
         "face-restorers",
         "realesrgan-models",
@@ -2089,7 +2137,7 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.get("/sdapi/v1/options", tags=["a1111"])
     def get_options() -> dict[str, Any]:
-        # the options sdengine runs one way only answer that way (face_restoration false, sd_vae Automatic, ...)
+        # the options sdengine runs one way only answer that way (face_restoration false, sd_unet Automatic, ...)
         fixed = {k: accepted[0] for k, (accepted, _) in FIXED_OPTIONS.items()}
         return {**fixed, **options, "sd_checkpoint_hash": None, "samples_format": "png", "samples_save": True}
 
@@ -2100,12 +2148,13 @@ def install(app: FastAPI, services: Any) -> None:
         CLIP-L too), ``eta_noise_seed_delta`` their ENSD, ``initial_noise_multiplier`` img2img's noise multiplier,
         ``randn_source`` their noise ("GPU" and "NV": NVIDIA's numbers, torch.randn on CUDA, on any device; "CPU"
         torch's CPU generator, sdengine's default), ``sd_vae_decode_method`` ("Full" or "TAESD") how their latents
-        are decoded (TAESD: the model's tiny VAE),
+        are decoded (TAESD: the model's tiny VAE), ``sd_vae`` their VAE ("Automatic", "None" or a file of GET
+        /sdapi/v1/sd-vae; see docs/webui.md),
         ``sd_vae_encode_method`` how their init images are encoded, ``always_discard_next_to_last_sigma`` whether every
         sampler's grid drops its next-to-last sigma (A1111's DPM2, DPM2 a and DPM++ 3M SDE always do),
         SAMPLER_OPTIONS (``eta_ancestral``, ``s_churn``, ``uni_pc_order``, ...) and ``tiling`` the values of requests
         that give none, ``img2img_background_color`` what a transparent init image is laid over. FIXED_OPTIONS
-        (``face_restoration``, ``sd_vae``, ...) take only the value sdengine runs (another is a 400
+        (``face_restoration``, ``sd_unet``, ...) take only the value sdengine runs (another is a 400
         naming the option). Other options (saving, UI, ...: they do not change the image) are listed as ignored."""
         changes, ignored = checked_options(body)  # every value checked before any is set: a refused one changes nothing
         options.update(changes)
@@ -2129,6 +2178,8 @@ def install(app: FastAPI, services: Any) -> None:
             elif k in ("sd_vae_decode_method", "sd_vae_encode_method"):
                 decode_method(v, k)
                 changes[k] = v
+            elif k == "sd_vae":  # the VAE of later jobs: "Automatic", "None" or a file of GET /sdapi/v1/sd-vae
+                changes[k] = check_sd_vae(v)
             elif k == "sdxl_clip_l_skip":  # A1111's "Clip skip SDXL": the Clip skip reaches SDXL's CLIP-L too
                 if not isinstance(v, bool):
                     raise BadRequest("sdxl_clip_l_skip must be true or false")

@@ -153,6 +153,7 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
             "sd_model_checkpoint": catalog.startup_name,
             "CLIP_stop_at_last_layers": 1,
             "sdxl_clip_l_skip": False,  # A1111's "Clip skip SDXL": its Clip skip for SDXL's CLIP-L too
+            "sd_vae": "Automatic",  # A1111's sd_vae of jobs that give none (a1111.check_sd_vae)
             "sd_vae_decode_method": "Full",
             "sd_vae_encode_method": "Full",
             "eta_noise_seed_delta": 0,  # A1111's ENSD

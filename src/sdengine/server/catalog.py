@@ -212,6 +212,53 @@ class Catalog:
         have = ", ".join(e.name for e in self.vaes()) or "none (serve --vaes-dir DIR lists them)"
         raise BadRequest(f"unknown VAE {name!r}; available: {have}")
 
+    # -- A1111's sd_vae -----------------------------------------------------------------------------------------
+
+    def sd_vaes(self) -> list[Entry]:
+        """A1111's VAE list (GET /sdapi/v1/sd-vae, ``sd_vae``): the files and folders of ``--vaes-dir``, then the
+        ``NAME.vae.safetensors`` files of ``--models-dir`` (A1111 lists those of its checkpoint folder too)."""
+        out = self.vaes()
+        have = {e.name for e in out}
+        if self.models_dir is not None and self.models_dir.is_dir():
+            for p in sorted(self.models_dir.iterdir()):
+                if p.is_file() and p.name.lower().endswith(".vae.safetensors") and p.name not in have:
+                    if is_inside(self.models_dir, p):
+                        out.append(Entry(p.name, str(p.resolve()), False))
+        return out
+
+    def resolve_sd_vae(self, name: str) -> Path:
+        """An ``sd_vae`` file name (as GET /sdapi/v1/sd-vae lists it) -> its path; BadRequest when unknown or
+        unsafe (``..``, absolute paths, links out of the folder), or a pickle file."""
+        name = strip_title(name)
+        if self.vaes_dir is not None:
+            try:
+                return self._safetensors_inside(self.vaes_dir, name, "VAE", folders=True)
+            except FileNotFoundError:
+                pass
+        if self.models_dir is not None and name.lower().endswith(".vae.safetensors"):
+            try:
+                return self._safetensors_inside(self.models_dir, name, "VAE")
+            except FileNotFoundError:
+                pass
+        have = ", ".join(e.name for e in self.sd_vaes()) or "none (serve --vaes-dir DIR lists them)"
+        raise BadRequest(f"unknown VAE {name!r}; available: Automatic, None, {have}")
+
+    def automatic_vae(self, model_ref: str) -> Path | None:
+        """A1111's "Automatic" for a model: the VAE of ``--vaes-dir`` named as the model (``NAME.safetensors`` or
+        ``NAME.vae.safetensors`` for the model file ``NAME.safetensors`` or folder ``NAME``); None: the model's
+        VAE as it loads (its own, or the ``NAME.vae.safetensors`` beside it, or the server's ``--vae``). A1111
+        takes any VAE whose file name *starts* with the model's name; sdengine takes the same name only, so that
+        a model ``sd`` never picks ``sdxl_vae.safetensors``."""
+        if self.vaes_dir is None or not self.vaes_dir.is_dir():
+            return None
+        ref = Path(model_ref)
+        stem = ref.name.removesuffix(ref.suffix) if ref.suffix.lower() == ".safetensors" else ref.name
+        for e in self.vaes():
+            p = Path(e.ref)
+            if p.is_file() and e.name in (f"{stem}.safetensors", f"{stem}.vae.safetensors"):
+                return p
+        return None
+
     @staticmethod
     def _safetensors_inside(root: Path, name: str, what: str, folders: bool = False) -> Path:
         if name.lower().endswith(PICKLE_SUFFIXES):

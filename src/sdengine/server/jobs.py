@@ -42,7 +42,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -291,7 +291,8 @@ def batch_key(job: Job) -> tuple[Any, ...] | None:
     # a weight is a float or a LoRAWeight (separate text-encoder / U-Net multipliers): both hashable, compared as is
     lora_key = tuple((str(p), w) for p, w in loras) if loras else ()
     xl = tuple(sorted((g.sdxl_options or {}).items()))  # an A1111 job and a native one zero differently
-    return (g.model, *(kw.get(k) for k in _BATCH_SETTINGS if k != "loras"), lora_key, xl)
+    vae = (getattr(g, "vae", None), getattr(g, "checkpoint_vae", False))  # one VAE per call
+    return (g.model, *(kw.get(k) for k in _BATCH_SETTINGS if k != "loras"), lora_key, xl, vae)
 
 
 def sdxl_request(g: Any, pipe: Any, refiner: Any, negatives: list[Any]) -> dict[str, Any] | None:
@@ -813,6 +814,10 @@ class Worker(threading.Thread):
             finally:
                 self.current = None
                 self.batch = []
+                try:  # a job's VAE (A1111's sd_vae) is its own: the models go back to theirs
+                    self.restore_vaes()
+                except Exception:  # noqa: BLE001 - restoring assigns kept modules; never takes the worker down
+                    log.exception("could not restore the models' VAEs")
 
     def pipeline(self, model: str) -> Any:
         if self.model != model:
@@ -856,6 +861,26 @@ class Worker(threading.Thread):
             self.hr_pipe = self.manager.loader(model, self.device)
             self.hr_model = model
         return self.hr_pipe
+
+    def use_vae(self, g: Any, pipes: Sequence[Any]) -> str | None:
+        """Set the job's VAE (A1111's sd_vae: ``Generation.vae`` / ``checkpoint_vae``; neither: the one each
+        model was loaded with) on the pipelines it runs; None, or why it cannot (the job fails with that line)."""
+        vae, own = getattr(g, "vae", None), getattr(g, "checkpoint_vae", False)
+        for p in pipes:
+            if p is None or not hasattr(p, "set_vae"):
+                continue
+            try:
+                p.set_vae(vae, checkpoint_vae=own)
+            except (SdengineError, OSError, ValueError) as e:
+                what = f"VAE {getattr(g, 'vae_name', None) or vae!r}" if vae is not None else "the model's own VAE"
+                return f"cannot use {what} with {getattr(p, 'name', 'the model')!r}: {e}"
+        return None
+
+    def restore_vaes(self) -> None:
+        """Every kept pipeline back to the VAE it was loaded with (after each job)."""
+        for p in (self.pipe, self.refiner_pipe, self.hr_pipe):
+            if p is not None and hasattr(p, "set_vae"):
+                p.set_vae(None)
 
     def run_job(self, job: Job) -> None:
         import torch
@@ -903,6 +928,10 @@ class Worker(threading.Thread):
                     **kw,
                 )
 
+        failed = self.use_vae(g, (pipe, refiner, hr))
+        if failed is not None:
+            m.finish(job, FAILED, failed)
+            return
         from sdengine.pipeline.request import batch_count_seeds
 
         base_kwargs = dict(g.kwargs)
@@ -1015,6 +1044,11 @@ class Worker(threading.Thread):
         except (SdengineError, OSError, ValueError) as e:
             for job in jobs:
                 m.finish(job, FAILED, f"cannot load model {g0.model_name!r}: {e}")
+            return
+        failed = self.use_vae(g0, (pipe,))  # the jobs' VAEs are equal (batch_key)
+        if failed is not None:
+            for job in jobs:
+                m.finish(job, FAILED, failed)
             return
         prompts: list[str] = []
         negatives: list[str] = []

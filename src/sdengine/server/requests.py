@@ -87,6 +87,12 @@ class Generation:
     # A1111's SDXL options as ``sdxl`` settings: the worker adds them to an SDXL model's request (the aesthetic
     # scores to a refiner's only); other models ignore them, as A1111 does
     sdxl_options: dict[str, Any] | None = None
+    # A1111's sd_vae for this job: a VAE file/folder (loader path) and its listed name; ``checkpoint_vae``: the
+    # model's own VAE ("None"); neither: the VAE the model was loaded with ("Automatic"). The worker sets it on
+    # the job's pipelines before the job runs (Pipeline.set_vae), so a job never decodes with another job's VAE.
+    vae: str | None = None
+    vae_name: str | None = None
+    checkpoint_vae: bool = False
 
     @property
     def images(self) -> int:

@@ -277,8 +277,12 @@ def vae_config_from_ldm(vae: Mapping[str, torch.Tensor], *, sample_size: int = 5
         "up_block_types": ["UpDecoderBlock2D"] * layout.num_levels,
         "block_out_channels": channels,
         "layers_per_block": layout.layers_per_block,
-        "latent_channels": int(_need_vae(vae, "post_quant_conv.weight").shape[0]),
+        "latent_channels": int(_need_vae(vae, "decoder.conv_in.weight").shape[1]),
         "norm_num_groups": 32,
+        # what the weights show (SD's VAEs have all three; a small VAE may have none)
+        "mid_block_add_attention": any(k.startswith(("encoder.mid.attn_1.", "decoder.mid.attn_1.")) for k in vae),
+        "use_quant_conv": any(k.startswith("quant_conv.") for k in vae),
+        "use_post_quant_conv": any(k.startswith("post_quant_conv.") for k in vae),
         "act_fn": "silu",
         "sample_size": sample_size,
         "scaling_factor": SD_VAE_SCALING_FACTOR,

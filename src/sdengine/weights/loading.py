@@ -296,7 +296,7 @@ def load_diffusers_folder(
         own = folder / "vae" / "config.json"
         own_cfg = _read_json(own, "vae config") if own.is_file() else None
         scale = _scaling_factor_of(own_cfg, SDXL_VAE_SCALING_FACTOR if sdxl else SD_VAE_SCALING_FACTOR)
-        sds["vae"], cfgs["vae"] = load_vae_for_model(vae, scale)
+        sds["vae"], cfgs["vae"] = load_vae_for_model(vae, scale, own_cfg)
     if not minilm and "text_encoder" in sds:
         sds["text_encoder"] = _clean_text_encoder(sds["text_encoder"], skipped)
     if "text_encoder_2" in sds:
@@ -366,15 +366,67 @@ def load_vae(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
     raise WeightsError(f"{path}: not a VAE (no encoder.down.* or encoder.down_blocks.* weights)")
 
 
-def load_vae_for_model(path: str | Path, model_scaling_factor: float) -> tuple[StateDict, dict[str, Any]]:
+def load_vae_for_model(
+    path: str | Path, model_scaling_factor: float, model_vae_config: Mapping[str, Any] | None = None
+) -> tuple[StateDict, dict[str, Any]]:
     """:func:`load_vae` for a model whose latents are scaled by ``model_scaling_factor``. A VAE *file* carries
     no config, so its scaling factor is the model's (A1111 takes it from the model's config whatever VAE is
     loaded): an SDXL model with the LDM-layout ``sdxl_vae.safetensors`` keeps 0.13025, never SD's 0.18215. A
-    diffusers VAE folder states its own, used as diffusers uses it."""
+    diffusers VAE folder states its own, used as diffusers uses it. The GroupNorm group count, which no weight
+    shows, is the model's own VAE's (``model_vae_config``) where the file has that VAE's widths and depth (a VAE
+    made for this model: A1111 loads a VAE file into the model's own VAE network), else LDM's 32."""
     sd, cfg = load_vae(path)
     if not Path(path).is_dir():
         cfg["scaling_factor"] = float(model_scaling_factor)
+        own = model_vae_config or {}
+        groups = own.get("norm_num_groups")
+        same_network = [int(c) for c in own.get("block_out_channels") or ()] == list(cfg["block_out_channels"]) and (
+            own.get("layers_per_block") == cfg["layers_per_block"]
+        )
+        if same_network and isinstance(groups, int) and not isinstance(groups, bool) and groups > 0:
+            cfg["norm_num_groups"] = groups
     return sd, cfg
+
+
+def build_vae(
+    path: str | Path,
+    *,
+    scaling_factor: float,
+    model_vae_config: Mapping[str, Any] | None = None,
+    unet_config: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> torch.nn.Module:
+    """A separate VAE (:func:`load_vae_for_model`: a file keeps the model's ``scaling_factor``) built as
+    :func:`build_models` builds a model's own, strictly (wrong keys or shapes: a one-line WeightsError); with
+    ``unet_config``, refused when its latents are not that U-Net's (:func:`check_vae_fits`)."""
+    from sdengine.models.vae import AutoencoderKL, VAEConfig
+
+    from .io import parse_dtype
+
+    sd, cfg = load_vae_for_model(path, scaling_factor, model_vae_config)
+    if unet_config is not None:
+        check_vae_fits(cfg, unet_config, path)
+    try:
+        vcfg = VAEConfig.from_diffusers(cfg)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise WeightsError(f"{path}: not a usable VAE config ({_first_line(e)})") from None
+    model = build_on_meta(lambda: AutoencoderKL(vcfg), sd, name=f"VAE {Path(path).name}", dtype=parse_dtype(dtype))
+    return model.to(device) if device is not None else model
+
+
+def load_checkpoint_vae(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
+    """The VAE a model carries itself (a diffusers folder's ``vae/``, a single file's ``first_stage_model.*``),
+    whatever VAE file sits beside it: A1111's ``sd_vae`` "None". MissingVAEError when it has none."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "vae" / "config.json").is_file():
+            raise MissingVAEError(f"{path}: this model folder has no vae/ of its own")
+        return _load_component_folder(path / "vae", "vae")
+    ckpt = load_checkpoint(path)
+    if "vae" not in ckpt.state_dicts:
+        raise MissingVAEError(f"{path}: this checkpoint has no VAE of its own (no first_stage_model.* weights)")
+    return ckpt.state_dicts["vae"], ckpt.configs["vae"]
 
 
 def _scaling_factor_of(cfg: Mapping[str, Any] | None, default: float) -> float:
@@ -558,7 +610,7 @@ def load_single_file(
             skipped += [f"{km.VAE_PREFIX}* (replaced by vae={vae})"]
         own_scale = ldm_cfg.scale_factor if ldm_cfg is not None and ldm_cfg.scale_factor is not None else None
         scale = _scaling_factor_of(cfgs.get("vae"), own_scale if own_scale is not None else SD_VAE_SCALING_FACTOR)
-        comps["vae"], cfgs["vae"] = load_vae_for_model(vae, scale)
+        comps["vae"], cfgs["vae"] = load_vae_for_model(vae, scale, cfgs.get("vae"))
     if "vae" not in comps:
         raise MissingVAEError(
             f"{path}: this checkpoint has no VAE (no first_stage_model.* weights); pass vae=PATH "
@@ -606,7 +658,7 @@ def _load_sdxl_single_file(
     if vae is not None:
         own_scale = ldm_cfg.scale_factor if ldm_cfg is not None and ldm_cfg.scale_factor is not None else None
         scale = _scaling_factor_of(cfgs.get("vae"), own_scale if own_scale is not None else SDXL_VAE_SCALING_FACTOR)
-        comps["vae"], cfgs["vae"] = load_vae_for_model(vae, scale)
+        comps["vae"], cfgs["vae"] = load_vae_for_model(vae, scale, cfgs.get("vae"))
     if "vae" not in comps:
         raise MissingVAEError(f"{path}: this checkpoint has no VAE (no first_stage_model.* weights); pass vae=PATH")
     folder = Path(config) if config is not None else None
