@@ -41,8 +41,8 @@ from sdengine.diffusion.schedules import (
     A1111_STRENGTH_RULES,
     A1111_TIMESTEP_SAMPLERS,
     NoiseSchedule,
-    a1111_zero_terminal_snr,
     a1111_timestep_start,
+    a1111_zero_terminal_snr,
     img2img_start,
     img2img_steps,
 )
