@@ -1440,3 +1440,23 @@ def test_a_switch_leaving_one_model_no_steps_is_the_other_models_own_run(base, r
     plain = b_pipe(PROMPT, NEGATIVE, **kw)
     assert np.abs(got.arrays - plain.arrays).max() == 0.0
     assert "Refiner" not in got.infotexts[0] and any("ran alone" in n for n in got.notes), got.notes
+
+
+def test_zero_terminal_snr_hand_off_runs_both_models_on_a1111s_schedule(base, refiner):
+    """A1111's Zero Terminal SNR reaches a base -> refiner hand-off: the base starts at the rescaled schedule's
+    terminal sigma, the infotext says so, and both models walk their own schedules again afterwards."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    sigmas: list[float] = []
+    kw = dict(switch_at=0.7, steps=4, sampler="euler", schedule="uniform", seed=SEED, width=SIZE, height=SIZE)
+    res = b_pipe.generate_with_refiner(
+        r_pipe,
+        PROMPT,
+        NEGATIVE,
+        zero_terminal_snr=True,
+        progress=False,
+        callback=lambda i: sigmas.append(i.sigma),
+        **kw,
+    )
+    assert sigmas[0] > 4500 and "Noise Schedule: Zero Terminal SNR" in res.infotexts[0]
+    assert b_pipe.noise_schedule is b_pipe.base_schedule and r_pipe.noise_schedule is r_pipe.base_schedule

@@ -1479,3 +1479,30 @@ def test_always_discard_next_to_last_sigma_and_dpm2s_own_discard(api):
         timeout=30,
     )
     assert bad.status_code == 400 and "always_discard_next_to_last_sigma must be true or false" in bad.text
+
+
+@pytest.mark.slow  # three generations; the schedule and the pipeline are held fast in test_zero_terminal_snr.py
+def test_sd_noise_schedule_zero_terminal_snr_runs_as_a1111(api):
+    """A1111's sd_noise_schedule "Zero Terminal SNR" (once a 400 naming the option) rescales the model's
+    alphas_cumprod as A1111 does: the Python API's zero_terminal_snr; infotext "Noise Schedule: Zero Terminal SNR",
+    which an infotext request sets again; the option itself too; another value is a 400."""
+    kw = {"progress": False, **COMMON}
+    want = emoji()("a cat", seed=6, sampler="euler", schedule="uniform", zero_terminal_snr=True, **kw)
+    body = {"prompt": "a cat", "seed": 6, "sampler_name": "Euler", **COMMON}
+    over = {"override_settings": {"sd_noise_schedule": "Zero Terminal SNR"}}
+    r = api.custom_post("txt2img", {**body, **over}, baseurl=True)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    assert r.info["ignored"] == [] and "Noise Schedule: Zero Terminal SNR" in r.info["infotexts"][0]
+    text = r.info["infotexts"][0]
+    try:
+        assert api.set_options({"sd_noise_schedule": "Zero Terminal SNR"})["applied"] == ["sd_noise_schedule"]
+        assert httpx.get(f"{api.baseurl}/options", timeout=30).json()["sd_noise_schedule"] == "Zero Terminal SNR"
+        np.testing.assert_array_equal(arr(api.custom_post("txt2img", body, baseurl=True).image), arr(want.images[0]))
+    finally:
+        api.set_options({"sd_noise_schedule": "Default"})
+    r = api.custom_post("txt2img", {"infotext": text, **COMMON}, baseurl=True)
+    np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
+    bad = httpx.post(f"{api.baseurl}/options", json={"sd_noise_schedule": "Flat"}, timeout=30)
+    assert bad.status_code == 400 and "sd_noise_schedule must be one of 'Default', 'Zero Terminal SNR'" in bad.text
+    bad = httpx.post(f"{api.baseurl}/txt2img", json={**body, "override_settings": {"sd_noise_schedule": 1}}, timeout=30)
+    assert bad.status_code == 400 and "override_settings.sd_noise_schedule must be one of" in bad.text

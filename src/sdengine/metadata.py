@@ -351,7 +351,8 @@ def to_generate_kwargs(
     seed strength"), ``seed_resize_from_w`` and ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
     ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"), ``noise_seed_delta`` ("ENSD"),
     ``noise_source`` ("RNG": A1111's NV and GPU are "nv", its CPU "cpu"; a text without it keeps the default),
-    ``discard_penultimate_sigma`` ("Discard penultimate sigma: True"),
+    ``discard_penultimate_sigma`` ("Discard penultimate sigma: True"), ``zero_terminal_snr`` ("Noise Schedule: Zero
+    Terminal SNR", A1111's sd_noise_schedule),
     ``vae_decode`` ("tiny" when sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
     "Tiny VAE encode"), ``strength_rule`` (sdengine's "Strength rule"), ``clip_skip_rule`` (sdengine's "Clip
     skip rule"), ``sdxl`` (sdengine's "SDXL options": prompt_2, sizes) that the text has (``clip_skip`` defaults
@@ -440,6 +441,13 @@ def to_generate_kwargs(
                 f"Discard penultimate sigma: {parsed['Discard penultimate sigma']!r} is not True or False"
             )
         kwargs["discard_penultimate_sigma"] = value == "true"
+    if "Noise Schedule" in parsed:  # A1111's sd_noise_schedule, written when it is Zero Terminal SNR
+        value = parsed["Noise Schedule"].strip()
+        if value not in ("Default", "Zero Terminal SNR"):
+            raise MetadataError(
+                f"Noise Schedule: {parsed['Noise Schedule']!r} is not one of 'Default', 'Zero Terminal SNR'"
+            )
+        kwargs["zero_terminal_snr"] = value == "Zero Terminal SNR"
     if "Noise multiplier" in parsed:  # A1111's img2img initial_noise_multiplier
         kwargs["noise_multiplier"] = _parse_float(parsed, "Noise multiplier")
     if "Resize mode" in parsed:  # sdengine's field: how init and control images were fitted
@@ -506,6 +514,7 @@ def to_generate_kwargs(
         "ENSD",
         "RNG",
         "Discard penultimate sigma",
+        "Noise Schedule",
         "Masked content",
         "Tiny VAE",
         "Tiny VAE encode",

@@ -34,6 +34,10 @@ SD_BETAS: dict[str, Any] = {"beta_start": 0.00085, "beta_end": 0.012, "beta_sche
 # finite sigma is needed (sigma_max = 4096). diffusers' sigma-based schedulers use the same number, so
 # the VE samplers start from the same point as theirs.
 ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
+# AUTOMATIC1111's "Zero Terminal SNR" noise schedule option sets the rescaled alphas_cumprod's last value to this
+# (modules/sd_models.py, rescale_zero_terminal_snr_abar; ComfyUI's ModelSamplingDiscrete zsnr uses it too):
+# sigma_max = sqrt((1 - a) / a) ~ 4518.8 in float32.
+A1111_ZERO_SNR_ALPHA_CUMPROD = 4.8973451890853435e-08
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -82,6 +86,28 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     ab = sqrt_ab**2
     alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])  # undo the cumulative product
     return 1.0 - alphas
+
+
+def a1111_zero_terminal_snr(schedule: NoiseSchedule) -> NoiseSchedule:
+    """``schedule`` under AUTOMATIC1111's "Zero Terminal SNR" noise schedule option (its ``sd_noise_schedule``):
+    the same shift and scale of ``sqrt(alphas_cumprod)`` as Lin et al.'s Algorithm 1, done on the model's float32
+    ``alphas_cumprod`` (not on the betas), whose last value is then set to :data:`A1111_ZERO_SNR_ALPHA_CUMPROD`
+    rather than 0, so that every sampler (its DDIM and PLMS too) sees a finite sigma_max of about 4518.8. A
+    schedule that is zero-terminal-SNR already keeps its values, bar that last one."""
+    root = schedule.alphas_cumprod.to(torch.float32).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    ac = root**2
+    ac[-1] = A1111_ZERO_SNR_ALPHA_CUMPROD
+    betas = 1.0 - torch.cat([ac[:1], ac[1:] / ac[:-1]])
+    return NoiseSchedule(
+        betas=betas,
+        alphas_cumprod=ac,
+        sigmas=sigmas_from_alphas_cumprod(ac),
+        num_train_timesteps=schedule.num_train_timesteps,
+        beta_schedule=schedule.beta_schedule,
+        rescale_betas_zero_snr=True,
+    )
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:

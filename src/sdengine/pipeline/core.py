@@ -42,6 +42,7 @@ from sdengine.diffusion.schedules import (
     A1111_TIMESTEP_SAMPLERS,
     NoiseSchedule,
     a1111_timestep_start,
+    a1111_zero_terminal_snr,
     img2img_start,
     img2img_steps,
 )
@@ -182,6 +183,7 @@ class Pipeline:
     """
 
     _tiling = False  # a call with tiling runs: the convolutions pad circularly, no recorded graph replays
+    _zero_snr = False  # a call with zero_terminal_snr runs: noise_schedule is A1111's Zero Terminal SNR rescale
 
     def __init__(
         self,
@@ -219,7 +221,9 @@ class Pipeline:
         self.name = name
         self.source = source
         self.lora_dir = lora_dir
-        self.noise_schedule = NoiseSchedule.from_config(**self.scheduler_config)
+        # the model's own training schedule; noise_schedule is it, or a call's Zero Terminal SNR rescale of it
+        self.base_schedule = NoiseSchedule.from_config(**self.scheduler_config)
+        self._zero_snr_schedule: NoiseSchedule | None = None
         self.vae_upcast = False  # set once a half-precision decode gave NaN: later decodes go to fp32
         self._cuda_graphs: dict[str, Any] | None = None
         self._noise_draws: dict[str, int] = {}  # loop plan key -> per-step noise draws (see noise_draws)
@@ -244,6 +248,17 @@ class Pipeline:
         self.tiny_vae: Any = None
 
     # -- facts about the model ------------------------------------------------------------------------
+
+    @property
+    def noise_schedule(self) -> NoiseSchedule:
+        """The training schedule the samplers walk: the model's own (``base_schedule``, its scheduler config's,
+        ``rescale_betas_zero_snr`` included), or during a call with ``zero_terminal_snr`` A1111's Zero Terminal SNR
+        rescale of it (:func:`sdengine.diffusion.schedules.a1111_zero_terminal_snr`)."""
+        if not self._zero_snr:
+            return self.base_schedule
+        if self._zero_snr_schedule is None:
+            self._zero_snr_schedule = a1111_zero_terminal_snr(self.base_schedule)
+        return self._zero_snr_schedule
 
     @property
     def vae_scale_factor(self) -> int:
@@ -814,7 +829,7 @@ class Pipeline:
             handle = apply_loras(self.unet, self.text_encoder, lora_list, lora_dir, text_encoder_2=te2)
             p.notes.extend(n for n in handle.notes if n not in p.notes)  # a LoRA named twice (logged there)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), zero_snr_call(request, self, hr_model):
                 if request.tiling:  # the U-Net's and the VAE's convolutions, as A1111's; and the tiny VAE's and
                     # the ControlNets' (in generate), which A1111 leaves out (a decode or a residual that seams)
                     self._tiling = True
@@ -890,6 +905,8 @@ class Pipeline:
                 row["ENSD"] = int(request.noise_seed_delta)  # A1111's, written where the sampler draws noise
             if request.discard_penultimate_sigma:  # A1111's, where its option (not the sampler) discarded
                 row["Discard penultimate sigma"] = True
+            if request.zero_terminal_snr:  # A1111's, where its sd_noise_schedule option rescaled
+                row["Noise Schedule"] = "Zero Terminal SNR"
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
         embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
             getattr(self, "tokenizer_2", None), "embeddings", None
@@ -1223,6 +1240,7 @@ class Pipeline:
             a1111_grid=_a1111_grid(p),
             noise_from=noise_from if from_init else None,
             discard_penultimate=discards_penultimate(p),
+            zero_snr=self._zero_snr,
         )
 
     def noise_draws(self, plan: LoopPlan) -> int:
@@ -1340,6 +1358,20 @@ class Pipeline:
                 img = self.tiny_vae.decode(x[i : i + 1].to(self.dtype)).float()
                 out.append(vae_utils.to_unit(require_finite(img, "decoded image (tiny VAE)")))
         return torch.cat(out)
+
+
+@contextmanager
+def zero_snr_call(request: GenerationRequest, *pipes: Any) -> Iterator[None]:
+    """For a request with ``zero_terminal_snr``: the given pipelines (None skipped) walk A1111's Zero Terminal SNR
+    rescale of their schedules until the block ends (their ``noise_schedule``); otherwise nothing changes."""
+    chosen = [p for p in dict.fromkeys(pipes) if isinstance(p, Pipeline)] if request.zero_terminal_snr else []
+    for pipe in chosen:
+        pipe._zero_snr = True
+    try:
+        yield
+    finally:
+        for pipe in chosen:
+            pipe._zero_snr = False
 
 
 @contextmanager

@@ -69,6 +69,7 @@ class LoopPlan:
     a1111_grid: bool = False  # DDIM / PLMS on A1111's grid (sampling.sample)
     noise_from: int | None = None  # the grid index img2img noises the init to, when not start_step
     discard_penultimate: bool = False  # the grid without its next-to-last sigma (sampling.make_grid)
+    zero_snr: bool = False  # A1111's Zero Terminal SNR rescale of the model's schedule (Pipeline.noise_schedule)
     # the options as given (the JSON above keys them; a value JSON cannot hold exactly is kept here as it was)
     given_options: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
 
@@ -88,6 +89,7 @@ class LoopPlan:
         a1111_grid: bool = False,
         noise_from: int | None = None,
         discard_penultimate: bool = False,
+        zero_snr: bool = False,
     ) -> LoopPlan:
         return LoopPlan(
             sampler=sampler,
@@ -103,6 +105,7 @@ class LoopPlan:
             a1111_grid=bool(a1111_grid),
             noise_from=None if noise_from is None else int(noise_from),
             discard_penultimate=bool(discard_penultimate),
+            zero_snr=bool(zero_snr),
             given_options=tuple(sorted(dict(sampler_options or {}).items())),
         )
 

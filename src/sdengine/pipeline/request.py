@@ -139,6 +139,12 @@ class GenerationRequest:
     # is made for steps + 1 steps and its next-to-last sigma dropped (sdengine.diffusion.sampling.make_grid), as
     # A1111 does anyway for DPM2, DPM2 a and DPM++ 3M SDE under its rules (strength_rule "a1111")
     discard_penultimate_sigma: bool = False
+    # A1111's "Noise schedule for sampling: Zero Terminal SNR" (its sd_noise_schedule setting): the model's
+    # alphas_cumprod rescaled to zero terminal SNR for this call as A1111 does (last value 4.8973e-8, sigma_max about
+    # 4518.8: sdengine.diffusion.schedules.a1111_zero_terminal_snr); infotext "Noise Schedule: Zero Terminal SNR".
+    # For models trained so (v-prediction); a model whose scheduler config says rescale_betas_zero_snr walks that
+    # schedule without it (diffusers' rule, sigma_max 4096)
+    zero_terminal_snr: bool = False
     # A1111's inpainting "Masked content" done in the latent (inpainting_fill 2 and 3): "latent noise" puts the
     # row's unit noise in place of the init latent where the (rounded) latent mask repaints, "latent nothing"
     # zeros there; "original" keeps the init image's latent (A1111's "fill" is made on the image beforehand)
@@ -373,6 +379,8 @@ class GenerationRequest:
             raise GenerationError(
                 f"discard_penultimate_sigma must be true or false, got {self.discard_penultimate_sigma!r}"
             )
+        if not isinstance(self.zero_terminal_snr, bool | np.bool_):
+            raise GenerationError(f"zero_terminal_snr must be true or false, got {self.zero_terminal_snr!r}")
         if self.noise_source not in NOISE_SOURCES:
             raise GenerationError(
                 f"unknown noise_source {self.noise_source!r}; use one of: {', '.join(NOISE_SOURCES)} "

@@ -32,6 +32,7 @@ from sdengine.pipeline.core import (
     discards_penultimate,
     grid_strength,
     model_title,
+    zero_snr_call,
 )
 from sdengine.pipeline.hires import (
     first_pass,
@@ -212,6 +213,18 @@ class SDXLPipeline(Pipeline):
         if not isinstance(refiner, SDXLPipeline):
             raise GenerationError("the refiner must be an SDXL model loaded with load_pipeline")
         request = as_request(prompt, negative_prompt, kwargs)
+        with zero_snr_call(request, self, refiner, hr_model):  # A1111's Zero Terminal SNR: on every model it runs
+            return self._with_refiner(refiner, request, switch_at, switch_rule, hires_pass, hr_model)
+
+    def _with_refiner(
+        self,
+        refiner: SDXLPipeline,
+        request: GenerationRequest,
+        switch_at: float,
+        switch_rule: str,
+        hires_pass: str,
+        hr_model: Any,
+    ) -> GenerationResult:
         check_hand_off(request, switch_at, switch_rule, hires_pass)
         if refiner.latent_channels != self.latent_channels or refiner.vae_scale_factor != self.vae_scale_factor:
             raise GenerationError(f"{refiner.name} does not share {self.name}'s latent space")
@@ -411,6 +424,8 @@ class SDXLPipeline(Pipeline):
             )
             if request.discard_penultimate_sigma:  # A1111's, where its option (not the sampler) discarded
                 row["Discard penultimate sigma"] = True
+            if request.zero_terminal_snr:  # A1111's, where its sd_noise_schedule option rescaled
+                row["Noise Schedule"] = "Zero Terminal SNR"
             if p.mask is not None and request.masked_content != "original":  # sdengine's (A1111 writes none)
                 row["Masked content"] = request.masked_content
             if p.init is not None and float(request.noise_multiplier) != 1.0:

@@ -120,7 +120,6 @@ FIXED_OPTIONS: dict[str, tuple[tuple[Any, ...], str]] = {
     "enable_emphasis": ((True,), "sdengine always applies A1111's (emphasis)"),
     "use_old_emphasis_implementation": (_FALSE, "A1111's old emphasis parser is not implemented in sdengine"),
     "comma_padding_backtrack": ((20,), "sdengine breaks long prompts at a comma within 20 tokens (A1111's default)"),
-    "sd_noise_schedule": (("Default",), "A1111's Zero Terminal SNR rescale is not implemented on these routes"),
     "k_sched_type": (("Automatic",), "send the request's scheduler field instead"),
     "sigma_min": (_ZERO, "a custom schedule's sigma range is not implemented on these routes"),
     "sigma_max": (_ZERO, "a custom schedule's sigma range is not implemented on these routes"),
@@ -174,6 +173,19 @@ SAMPLER_OPTIONS: dict[str, Any] = {
     "uni_pc_variant": "bh2",
     "uni_pc_order": 2,
 }
+
+
+# A1111's sd_noise_schedule values ("Noise schedule for sampling"; infotext "Noise Schedule"): "Zero Terminal SNR"
+# rescales the model's alphas_cumprod for the call (GenerationRequest.zero_terminal_snr)
+NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")
+
+
+def check_noise_schedule(value: Any, where: str = "") -> str:
+    """A1111's ``sd_noise_schedule`` option, checked: one of NOISE_SCHEDULES, else a BadRequest (one line)."""
+    if not isinstance(value, str) or value not in NOISE_SCHEDULES:
+        choices = ", ".join(repr(n) for n in NOISE_SCHEDULES)
+        raise BadRequest(f"{where}sd_noise_schedule must be one of {choices}, got {value!r}")
+    return value
 
 
 def check_fixed_option(name: str, value: Any, where: str = "") -> Any:
@@ -1326,6 +1338,10 @@ def install(app: FastAPI, services: Any) -> None:
 
         randn_source = check_randn_source(over.pop("randn_source", options.get("randn_source", "CPU")))
         discard = over.pop("always_discard_next_to_last_sigma", options.get("always_discard_next_to_last_sigma", False))
+        # A1111's "Noise schedule for sampling": Zero Terminal SNR rescales the model's alphas_cumprod as A1111 does
+        noise_schedule = check_noise_schedule(
+            over.pop("sd_noise_schedule", options.get("sd_noise_schedule", "Default")), "override_settings."
+        )
         if not isinstance(discard, bool):
             raise BadRequest(f"always_discard_next_to_last_sigma must be true or false, got {discard!r}")
         # A1111's img2img noise multiplier when the request gives none: this override, else the option (txt2img has
@@ -1421,6 +1437,7 @@ def install(app: FastAPI, services: Any) -> None:
             noise_source=A1111_RANDN_SOURCES[randn_source],
             # A1111's "Always discard next-to-last sigma" (its DPM2, DPM2 a, DPM++ 3M SDE discard anyway)
             discard_penultimate_sigma=discard,
+            zero_terminal_snr=noise_schedule == "Zero Terminal SNR",
             **({} if noise_mult in (None, 1.0) else {"noise_multiplier": noise_mult}),
             # the units whose detected map the answer appends (the extension's), taken out by run()
             detect_maps=[] if no_detectmap else detect_maps,
@@ -2152,6 +2169,7 @@ def install(app: FastAPI, services: Any) -> None:
         /sdapi/v1/sd-vae; see docs/webui.md),
         ``sd_vae_encode_method`` how their init images are encoded, ``always_discard_next_to_last_sigma`` whether every
         sampler's grid drops its next-to-last sigma (A1111's DPM2, DPM2 a and DPM++ 3M SDE always do),
+        ``sd_noise_schedule`` ("Default" or "Zero Terminal SNR": the model's alphas_cumprod rescaled as A1111 does),
         SAMPLER_OPTIONS (``eta_ancestral``, ``s_churn``, ``uni_pc_order``, ...) and ``tiling`` the values of requests
         that give none, ``img2img_background_color`` what a transparent init image is laid over. FIXED_OPTIONS
         (``face_restoration``, ``sd_unet``, ...) take only the value sdengine runs (another is a 400
@@ -2190,6 +2208,8 @@ def install(app: FastAPI, services: Any) -> None:
                 changes[k] = check_randn_source(v)
             elif k == "initial_noise_multiplier":  # img2img's noise multiplier when a request gives none
                 changes[k] = check_noise_multiplier(v)
+            elif k == "sd_noise_schedule":  # A1111's "Noise schedule for sampling": Default or Zero Terminal SNR
+                changes[k] = check_noise_schedule(v)
             elif k == "hires_fix_refiner_pass":  # which pass of the hires fix hands off to the refiner
                 changes[k] = check_refiner_pass(v)
             elif k in ("img2img_fix_steps", "always_discard_next_to_last_sigma"):

@@ -163,6 +163,7 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
             "initial_noise_multiplier": 1.0,  # A1111's img2img noise multiplier
             "img2img_fix_steps": False,  # A1111's "With img2img, do exactly the amount of steps the slider specifies"
             "always_discard_next_to_last_sigma": False,  # A1111's "Always discard next-to-last sigma"
+            "sd_noise_schedule": "Default",  # A1111's "Noise schedule for sampling" (or "Zero Terminal SNR")
             "hires_fix_refiner_pass": "second pass",  # A1111's: which pass of the hires fix hands off to the refiner
             "tiling": False,  # A1111's Tiling of requests that give none
             "img2img_background_color": "#ffffff",  # what A1111 lays a transparent img2img init image over

@@ -177,6 +177,7 @@ def build_generation(
     noise_seed_delta: int = 0,
     noise_source: str = "cpu",
     discard_penultimate_sigma: bool = False,
+    zero_terminal_snr: bool = False,
     masked_content: str = "original",
     sdxl: dict[str, Any] | None = None,
 ) -> Generation:
@@ -349,6 +350,8 @@ def build_generation(
         kwargs["noise_source"] = noise_source  # checked by GenerationRequest.validate below
     if discard_penultimate_sigma:  # A1111's always_discard_next_to_last_sigma (left out when off, as above)
         kwargs["discard_penultimate_sigma"] = discard_penultimate_sigma  # checked by GenerationRequest.validate
+    if zero_terminal_snr:  # A1111's sd_noise_schedule Zero Terminal SNR (left out when off, as above)
+        kwargs["zero_terminal_snr"] = zero_terminal_snr  # checked by GenerationRequest.validate below
     if noise_multiplier != 1:  # A1111's img2img "Noise multiplier" (left out at 1, so such jobs batch as before)
         kwargs["noise_multiplier"] = noise_multiplier  # checked by GenerationRequest.validate below
     if strength_rule != "diffusers":  # checked by GenerationRequest.validate below
