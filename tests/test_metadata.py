@@ -203,6 +203,7 @@ def test_to_generate_kwargs_a1111_full(caplog):
         # an A1111 image: its strength counts steps and its Clip skip applies as A1111's do
         "strength_rule": "a1111",
         "clip_skip_rule": "a1111",
+        "noise_source": "nv",  # no "RNG": A1111's default GPU source
     }
     # Fields that change the image but are not reproduced are named; hashes/model/version are not.
     (record,) = caplog.records
