@@ -576,3 +576,49 @@ def test_an_a1111_controlnet_with_an_unknown_resize_mode_or_a_bad_threshold_is_a
     ):
         with pytest.raises(MetadataError, match=match):
             recorded_controlnets(parse_parameters(_A1111_CONTROLNET.replace(old, new)))
+
+
+def test_a1111_infotexts_mean_a1111s_defaults_for_unipc_and_the_noise_source():
+    """An A1111 infotext leaves out what is A1111's default: its GPU noise ("RNG", sdengine's "nv") and UniPC's
+    bh1 of order 3 ("UniPC variant" / "UniPC order"); they were read as sdengine's defaults (CPU noise, bh2 of
+    order 2): another image. An sdengine infotext without them keeps sdengine's own (it writes "RNG: NV" and,
+    now, both UniPC fields)."""
+    a1111 = "a cat\nSteps: 20, Sampler: UniPC, CFG scale: 7, Seed: 1, Size: 64x64, Version: v1.10.1"
+    got = to_generate_kwargs(parse_parameters(a1111))
+    assert got["noise_source"] == "nv" and got["sampler_options"] == {"variant": "bh1", "order": 3}
+    got = to_generate_kwargs(parse_parameters(a1111 + ", RNG: CPU, UniPC variant: bh2, UniPC order: 1"))
+    assert got["noise_source"] == "cpu" and got["sampler_options"] == {"variant": "bh2", "order": 1}
+    own = a1111.replace("Version: v1.10.1", "Version: sdengine 1.0")
+    got = to_generate_kwargs(parse_parameters(own))
+    assert "noise_source" not in got and "sampler_options" not in got
+    for bad, said in (("UniPC variant: vary_coeff", "vary_coeff"), ("UniPC order: 5", "UniPC order: 5 is not 1, 2")):
+        with pytest.raises(MetadataError, match=said):
+            to_generate_kwargs(parse_parameters(f"{a1111}, {bad}"))
+
+
+def test_eta_and_unipc_options_are_written_as_a1111s_fields():
+    """sdengine wrote an eta and UniPC's variant/order into its own "Sampler options" JSON, which A1111 does not
+    read; it writes A1111's "Eta" / "Eta DDIM" (only where not A1111's default for the sampler) and, for UniPC,
+    both "UniPC variant" and "UniPC order"; the other options stay in "Sampler options", and both are read."""
+    from sdengine.pipeline.infotext import call_parameters
+
+    def written(sampler, options):
+        return call_parameters(prompt="a", negative_prompt="", steps=4, sampler=sampler, schedule="normal",
+                               cfg_scale=7, seed=1, width=64, height=64, model="m", model_hash=None, strength=None,
+                               clip_skip=1, guidance_rescale=0, loras=[], n_tag_loras=0, lora_dir=None,
+                               controlnets=[], mask_blur=None, sampler_options=options)  # fmt: skip
+
+    assert written("euler_a", {"eta": 0.5})["Eta"] == 0.5 and "Sampler options" not in written("euler_a", {"eta": 0.5})
+    assert "Eta" not in written("euler_a", {"eta": 1.0}) and "Eta DDIM" not in written("ddim", {"eta": 0.0})
+    assert written("ddim", {"eta": 0.5})["Eta DDIM"] == 0.5
+    params = written("unipc", {"corrector": 0})
+    assert (params["UniPC variant"], params["UniPC order"]) == ("bh2", 2)  # sdengine's own defaults, written
+    assert params["Sampler options"] == '{"corrector": 0}'
+    text = format_parameters({**params, "prompt": "a"})
+    got = to_generate_kwargs(parse_parameters(text))
+    assert got["sampler_options"] == {"corrector": 0, "variant": "bh2", "order": 2}
+    params = written("dpm2_a", {"eta": 0.25, "s_noise": 0.5})
+    assert to_generate_kwargs(parse_parameters(format_parameters({**params, "prompt": "a"})))["sampler_options"] == {
+        "eta": 0.25,
+        "s_noise": 0.5,
+    }

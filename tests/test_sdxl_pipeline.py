@@ -490,7 +490,8 @@ def test_a1111_refiner_without_refiner_switch_at_runs_the_refiner_from_the_first
     assert r.status_code == 200, r.text
     assert np.abs(image - np.asarray(want.images[0], np.float64)).max() == 0.0
     assert "Refiner: tiny-sdxl-refiner" in info["infotexts"][0] and info["ignored"] == []
-    text = info["infotexts"][0].replace(", Refiner switch at: 0", "").split(", Version:")[0] + ", Version: v1.10.1"
+    text = info["infotexts"][0].replace(", Refiner switch at: 0", "").replace(", Refiner switch rule: a1111", "")
+    text = text.split(", Version:")[0] + ", Version: v1.10.1"
     assert "Refiner switch" not in text and "RNG" not in text
     r, again, _ = a1111_sdxl(infotext=text + ", RNG: CPU", prompt=None, negative_prompt=None, seed=None, steps=None)
     assert r.status_code == 200, r.text
@@ -1243,7 +1244,7 @@ def test_from_png_of_an_a1111_refiner_image_runs_a1111s_switch_rule(base, refine
 
     b_folder, b_pipe, _ = base
     r_folder, r_pipe, _ = refiner
-    kw = dict(steps=5, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    kw = dict(steps=5, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="karras")
     kw["progress"] = False
     (tmp_path / "tiny-sdxl").symlink_to(b_folder)
     (tmp_path / "tiny-sdxl-refiner").symlink_to(r_folder)
@@ -1252,9 +1253,19 @@ def test_from_png_of_an_a1111_refiner_image_runs_a1111s_switch_rule(base, refine
     def made(rule, switch):
         return b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=switch, switch_rule=rule, **kw)
 
+    from sdengine.diffusion.sampling import make_grid
+    from sdengine.pipeline.sdxl import switch_step
+
+    grid = make_grid("euler", 5, b_pipe.noise_schedule, "karras", b_pipe.scheduler_config)
+    # a switch where the two rules pick other steps (at a fractional Karras timestep t: past (1 - x) * 1000 for
+    # diffusers, nearest to 999 - 1000 x for A1111)
+    candidates = [k / 1000 for k in range(1, 1000)]
     switch = next(
-        x for x in (0.3, 0.4, 0.5, 0.6, 0.7) if not np.array_equal(made("a1111", x).arrays, made("diffusers", x).arrays)
+        x
+        for x in candidates
+        if switch_step(grid, b_pipe.noise_schedule, x) != switch_step(grid, b_pipe.noise_schedule, x, "a1111")
     )
+    assert not np.array_equal(made("a1111", switch).arrays, made("diffusers", switch).arrays)
     ours = made("a1111", switch)
     text = ours.infotexts[0]
     assert "Refiner switch rule: a1111" in text
