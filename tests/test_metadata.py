@@ -622,3 +622,23 @@ def test_eta_and_unipc_options_are_written_as_a1111s_fields():
         "eta": 0.25,
         "s_noise": 0.5,
     }
+
+
+def test_refiner_switch_of_an_infotext_is_its_rule_and_a1111s_none():
+    """The hand-off an infotext records: A1111's (no "Refiner switch rule", not made by sdengine) switches by A1111's
+    rule, sdengine's by diffusers' unless its field says otherwise; no "Refiner switch at" is A1111's None (0)."""
+    from sdengine.metadata import refiner_switch
+
+    a1111 = (
+        "a\nSteps: 5, Sampler: Euler, Seed: 1, Size: 64x64, Refiner: r [abc123], Refiner switch at: 0.7, Version: v1"
+    )
+    assert refiner_switch(parse_parameters(a1111)) == (0.7, "a1111")
+    own = a1111.replace("Version: v1", "Version: sdengine 1.0")
+    assert refiner_switch(parse_parameters(own)) == (0.7, "diffusers")
+    assert refiner_switch(parse_parameters(own + ", Refiner switch rule: a1111")) == (0.7, "a1111")
+    assert refiner_switch(parse_parameters(a1111.replace(", Refiner switch at: 0.7", ""))) == (0.0, "a1111")
+    assert refiner_switch(parse_parameters("a\nSteps: 5, Seed: 1, Size: 64x64")) is None
+    with pytest.raises(MetadataError, match="Refiner switch rule: 'comfy' is not one of diffusers, a1111"):
+        refiner_switch(parse_parameters(own + ", Refiner switch rule: comfy"))
+    with pytest.raises(MetadataError, match="Refiner switch at: 'x' is not a number"):
+        refiner_switch(parse_parameters(a1111.replace("0.7", "x")))
