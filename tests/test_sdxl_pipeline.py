@@ -631,7 +631,7 @@ def test_a1111_infotext_of_a_native_sdxl_image_keeps_its_own_clip_skip(base, a11
     assert info["infotexts"][0] == text
     plain = np.asarray(b_pipe(PROMPT, NEGATIVE, progress=False, **kw).images[0], np.float64)
     assert np.abs(image - plain).mean() > 0.5  # the clip skip did change it
-    a1111_text = text.split(", Version:")[0] + ", Version: v1.10.1"  # A1111's Clip skip: ignored on SDXL, as there
+    a1111_text = text.split(", Version:")[0] + ", RNG: CPU, Version: v1.10.1"  # A1111's Clip skip: ignored on SDXL
     r, image, info = a1111_sdxl(infotext=a1111_text, prompt=None, negative_prompt=None, seed=None, steps=None)
     assert r.status_code == 200, r.text
     assert np.abs(image - plain).max() == 0.0 and "Clip skip rule: a1111" in info["infotexts"][0]

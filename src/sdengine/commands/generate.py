@@ -628,6 +628,17 @@ def run(a: argparse.Namespace) -> int:
         "strength_rule": a.strength_rule,
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
+    if a.sampler is not None and kwargs.get("sampler_options"):  # a --from-png's options are its own sampler's
+        # (A1111's UniPC defaults, its Eta, ...): another --sampler keeps only the ones it takes
+        from ..diffusion.sampling import resolve, sampler_option_names
+
+        try:
+            takes = set(sampler_option_names(resolve(a.sampler, kwargs.get("schedule"))[0]))
+        except ValueError:
+            takes = None  # the run names the bad sampler
+        if takes is not None:
+            kept = {k: v for k, v in kwargs["sampler_options"].items() if k in takes}
+            kwargs["sampler_options"] = kept or None
     if a.clip_skip is not None:  # --clip-skip has sdengine's meaning (an A1111 image's Clip skip has A1111's)
         kwargs["clip_skip_rule"] = "sdengine"
     hires = {
