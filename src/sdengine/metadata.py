@@ -369,7 +369,10 @@ def to_generate_kwargs(
     ``guidance_rescale`` ("CFG Rescale phi"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
     seed strength"), ``seed_resize_from_w`` and ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
     ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"), ``noise_seed_delta`` ("ENSD"),
-    ``noise_source`` ("RNG": A1111's NV and GPU are "nv", its CPU "cpu"; a text without it keeps the default),
+    ``noise_source`` ("RNG": A1111's NV and GPU are "nv", its CPU "cpu"; a text without it is "nv", A1111's default
+    GPU, unless sdengine made it: then it keeps sdengine's default), ``sampler_options`` (A1111's "Eta" / "Eta DDIM",
+    "Sigma ..." and, with UniPC, "UniPC variant" / "UniPC order", A1111's defaults bh1 and 3 where an A1111 text
+    has none; sdengine's "Sampler options" JSON),
     ``discard_penultimate_sigma`` ("Discard penultimate sigma: True"),
     ``vae_decode`` ("tiny" when sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
     "Tiny VAE encode"), ``strength_rule`` (sdengine's "Strength rule"), ``clip_skip_rule`` (sdengine's "Clip
