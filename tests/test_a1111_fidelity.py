@@ -63,7 +63,8 @@ def test_sdxl_clip_skip_round_trips_through_the_infotext(sdxl, tmp_path):
     )
     kw = to_generate_kwargs(parse_parameters(text_a1111))
     assert kw["clip_skip"] == 2 and kw["clip_skip_rule"] == "a1111"
-    plain = pipe("a red apple", width=32, height=32, **FAST)
+    assert kw["noise_source"] == "nv"  # no "RNG": A1111's GPU source
+    plain = pipe("a red apple", width=32, height=32, noise_source="nv", **FAST)
     np.testing.assert_array_equal(pipe(**{**kw, "progress": False}).arrays, plain.arrays)
     for skip in (0, 2):
         own = pipe("a red apple", width=32, height=32, clip_skip=skip, **FAST)
@@ -73,8 +74,9 @@ def test_sdxl_clip_skip_round_trips_through_the_infotext(sdxl, tmp_path):
         np.testing.assert_array_equal(pipe(**{**back, "progress": False}).arrays, own.arrays)
     a1111 = pipe("a red apple", width=32, height=32, clip_skip=2, clip_skip_rule="a1111", **FAST)
     again = to_generate_kwargs(parse_parameters(a1111.infotexts[0]))
-    assert again["clip_skip_rule"] == "a1111"
-    np.testing.assert_array_equal(pipe(**{**again, "progress": False}).arrays, plain.arrays)
+    assert again["clip_skip_rule"] == "a1111" and "noise_source" not in again  # sdengine's own: its cpu noise
+    plain_cpu = pipe("a red apple", width=32, height=32, **FAST)
+    np.testing.assert_array_equal(pipe(**{**again, "progress": False}).arrays, plain_cpu.arrays)
     # the CLI: an A1111 SDXL PNG regenerates without the skip; --clip-skip is sdengine's own
     from sdengine.cli import main
 
@@ -85,7 +87,7 @@ def test_sdxl_clip_skip_round_trips_through_the_infotext(sdxl, tmp_path):
     forced = tmp_path / "forced.png"
     cmd = ["generate", "--from-png", str(png), "--model", str(folder), "--clip-skip", "2", "--no-progress"]
     assert main([*cmd, "--out", str(forced)]) == 0
-    native = pipe("a red apple", width=32, height=32, clip_skip=2, **FAST)
+    native = pipe("a red apple", width=32, height=32, clip_skip=2, noise_source="nv", **FAST)  # the PNG's noise
     np.testing.assert_array_equal(np.asarray(Image.open(forced)), np.asarray(native.images[0]))
 
 

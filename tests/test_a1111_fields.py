@@ -270,9 +270,9 @@ def test_an_infotexts_a1111_option_fields_become_overrides(counted):
         r = client.post("/sdapi/v1/txt2img", json={"infotext": f"{head}, {field}"})
         assert r.status_code == 400 and said in r.json()["detail"], r.text
     assert loads == []  # refused before any work
-    ours = client.post("/sdapi/v1/txt2img", json={"infotext": f"{head}, UniPC order: 3, RNG: CPU"})
-    unipc = {**SMALL, "steps": 6, "sampler_name": "UniPC"}
-    over = client.post("/sdapi/v1/txt2img", json={**unipc, "override_settings": {"uni_pc_order": 3}})
+    ours = client.post("/sdapi/v1/txt2img", json={"infotext": f"{head}, UniPC order: 2, RNG: CPU"})
+    unipc = {**SMALL, "steps": 6, "sampler_name": "UniPC"}  # A1111's default order 3 where none is sent
+    over = client.post("/sdapi/v1/txt2img", json={**unipc, "override_settings": {"uni_pc_order": 2}})
     plain = client.post("/sdapi/v1/txt2img", json=unipc)
     np.testing.assert_array_equal(_image(ours), _image(over))
     assert not np.array_equal(_image(ours), _image(plain))
@@ -281,10 +281,13 @@ def test_an_infotexts_a1111_option_fields_become_overrides(counted):
 
 def test_unipc_options_with_a_hires_sampler_that_has_none_are_listed_as_ignored(counted):
     """sdengine gives both passes of the hires fix the same sampler options: UniPC's order with a second-pass
-    Euler is listed as ignored, as eta is (it was a 400 from the second pass: the sampler has no option order)."""
+    Euler is listed as ignored, as eta is (it was a 400 from the second pass: the sampler has no option order);
+    so are A1111's default variant and order (bh1, 3), which are not sdengine's UniPC's own (bh2, 2)."""
     client, _ = counted
-    body = {**SMALL, "sampler_name": "UniPC", "override_settings": {"uni_pc_order": 3}, "enable_hr": True}
+    body = {**SMALL, "sampler_name": "UniPC", "override_settings": {"uni_pc_order": 1}, "enable_hr": True}
     body.update(hr_scale=2, denoising_strength=0.5, hr_sampler_name="Euler")
-    assert _info(client.post("/sdapi/v1/txt2img", json=body))["ignored"] == ["uni_pc_order"]
+    assert _info(client.post("/sdapi/v1/txt2img", json=body))["ignored"] == ["uni_pc_variant", "uni_pc_order"]
+    body["override_settings"] = {"uni_pc_order": 2, "uni_pc_variant": "bh2"}  # sdengine's own: nothing lost
+    assert _info(client.post("/sdapi/v1/txt2img", json=body))["ignored"] == []
     body["hr_sampler_name"] = "UniPC"
     assert _info(client.post("/sdapi/v1/txt2img", json=body))["ignored"] == []

@@ -1102,7 +1102,7 @@ def test_from_png_of_an_a1111_controlnet_image_counts_the_guidance_steps_by_a111
 
     edges, made = _controlnet_png(tmp_path)
     text = Image.open(made).info["parameters"].replace("Guidance End: 1", "Guidance End: 0.6")
-    a1111 = text.replace(f"Version: {VERSION}", "Version: v1.10.1")
+    a1111 = text.replace(f"Version: {VERSION}", "RNG: CPU, Version: v1.10.1")  # the sdengine image's CPU noise
     assert a1111 != text
     made_by = {"a1111": a1111, "sdengine_a1111_rule": text + ", ControlNet step rule: a1111", "diffusers": text}
     images = {}
@@ -1137,3 +1137,42 @@ def test_from_png_of_an_a1111_controlnet_image_fits_the_control_image_by_the_uni
         assert "Resize mode: crop and resize" in im.info["parameters"]
     with Image.open(tmp_path / "just" / "00000-4.png") as im:
         assert "Resize mode" not in im.info["parameters"]
+
+
+def test_from_png_of_an_a1111_png_runs_a1111s_unipc_and_noise_defaults(model, tmp_path):
+    """An A1111 PNG leaves out A1111's defaults: its GPU noise (no "RNG") and UniPC's bh1 of order 3 (no "UniPC
+    variant" / "UniPC order"). `--from-png` ran sdengine's (CPU noise, bh2 of order 2): another image. Now it runs
+    A1111's, and writes them; an sdengine PNG still runs its own; another --sampler keeps only its own options."""
+    import sdengine
+    from sdengine.metadata import save_png
+
+    head = "a ball\nSteps: 5, Sampler: UniPC, Schedule type: Karras, CFG scale: 7, Seed: 4, Size: 32x32"
+    blank = Image.new("RGB", (32, 32))
+    save_png(blank, tmp_path / "a1111.png", f"{head}, Version: v1.10.1")
+    assert (
+        _generate("--from-png", str(tmp_path / "a1111.png"), "--model", str(model), "--out", str(tmp_path / "a")) == 0
+    )
+    (made,) = (tmp_path / "a").glob("*.png")
+    pipe = sdengine.load_pipeline(model, device="cpu")
+    kw = dict(steps=5, sampler="unipc", schedule="karras", cfg_scale=7, seed=4, width=32, height=32, progress=False)
+    want = pipe("a ball", sampler_options={"variant": "bh1", "order": 3}, noise_source="nv", **kw)
+    np.testing.assert_array_equal(np.asarray(Image.open(made)), np.asarray(want.images[0]))
+    text = Image.open(made).info["parameters"]
+    assert "UniPC variant: bh1, UniPC order: 3" in text and "RNG: NV" in text
+    assert not np.array_equal(np.asarray(want.images[0]), np.asarray(pipe("a ball", **kw).images[0]))
+    # sdengine's own PNG without those fields (written before them): its own CPU noise and bh2 of order 2
+    save_png(blank, tmp_path / "own.png", f"{head}, Version: sdengine 0.1.0")
+    assert _generate("--from-png", str(tmp_path / "own.png"), "--model", str(model), "--out", str(tmp_path / "b")) == 0
+    (made,) = (tmp_path / "b").glob("*.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(made)), np.asarray(pipe("a ball", **kw).images[0]))
+    # another sampler: UniPC's options are not passed to it (it was "sampler 'euler' has no option order")
+    out = tmp_path / "c"
+    assert (
+        _generate(
+            "--from-png", str(tmp_path / "a1111.png"), "--model", str(model), "--sampler", "euler", "--out", str(out)
+        )
+        == 0
+    )
+    (made,) = out.glob("*.png")
+    euler = pipe("a ball", noise_source="nv", **{**kw, "sampler": "euler"})
+    np.testing.assert_array_equal(np.asarray(Image.open(made)), np.asarray(euler.images[0]))

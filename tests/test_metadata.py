@@ -203,6 +203,7 @@ def test_to_generate_kwargs_a1111_full(caplog):
         # an A1111 image: its strength counts steps and its Clip skip applies as A1111's do
         "strength_rule": "a1111",
         "clip_skip_rule": "a1111",
+        "noise_source": "nv",  # no "RNG": A1111's default GPU source
     }
     # Fields that change the image but are not reproduced are named; hashes/model/version are not.
     (record,) = caplog.records
@@ -575,3 +576,69 @@ def test_an_a1111_controlnet_with_an_unknown_resize_mode_or_a_bad_threshold_is_a
     ):
         with pytest.raises(MetadataError, match=match):
             recorded_controlnets(parse_parameters(_A1111_CONTROLNET.replace(old, new)))
+
+
+def test_a1111_infotexts_mean_a1111s_defaults_for_unipc_and_the_noise_source():
+    """An A1111 infotext leaves out what is A1111's default: its GPU noise ("RNG", sdengine's "nv") and UniPC's
+    bh1 of order 3 ("UniPC variant" / "UniPC order"); they were read as sdengine's defaults (CPU noise, bh2 of
+    order 2): another image. An sdengine infotext without them keeps sdengine's own (it writes "RNG: NV" and,
+    now, both UniPC fields)."""
+    a1111 = "a cat\nSteps: 20, Sampler: UniPC, CFG scale: 7, Seed: 1, Size: 64x64, Version: v1.10.1"
+    got = to_generate_kwargs(parse_parameters(a1111))
+    assert got["noise_source"] == "nv" and got["sampler_options"] == {"variant": "bh1", "order": 3}
+    got = to_generate_kwargs(parse_parameters(a1111 + ", RNG: CPU, UniPC variant: bh2, UniPC order: 1"))
+    assert got["noise_source"] == "cpu" and got["sampler_options"] == {"variant": "bh2", "order": 1}
+    own = a1111.replace("Version: v1.10.1", "Version: sdengine 1.0")
+    got = to_generate_kwargs(parse_parameters(own))
+    assert "noise_source" not in got and "sampler_options" not in got
+    for bad, said in (("UniPC variant: vary_coeff", "vary_coeff"), ("UniPC order: 5", "UniPC order: 5 is not 1, 2")):
+        with pytest.raises(MetadataError, match=said):
+            to_generate_kwargs(parse_parameters(f"{a1111}, {bad}"))
+
+
+def test_eta_and_unipc_options_are_written_as_a1111s_fields():
+    """sdengine wrote an eta and UniPC's variant/order into its own "Sampler options" JSON, which A1111 does not
+    read; it writes A1111's "Eta" / "Eta DDIM" (only where not A1111's default for the sampler) and, for UniPC,
+    both "UniPC variant" and "UniPC order"; the other options stay in "Sampler options", and both are read."""
+    from sdengine.pipeline.infotext import call_parameters
+
+    def written(sampler, options):
+        return call_parameters(prompt="a", negative_prompt="", steps=4, sampler=sampler, schedule="normal",
+                               cfg_scale=7, seed=1, width=64, height=64, model="m", model_hash=None, strength=None,
+                               clip_skip=1, guidance_rescale=0, loras=[], n_tag_loras=0, lora_dir=None,
+                               controlnets=[], mask_blur=None, sampler_options=options)  # fmt: skip
+
+    assert written("euler_a", {"eta": 0.5})["Eta"] == 0.5 and "Sampler options" not in written("euler_a", {"eta": 0.5})
+    assert "Eta" not in written("euler_a", {"eta": 1.0}) and "Eta DDIM" not in written("ddim", {"eta": 0.0})
+    assert written("ddim", {"eta": 0.5})["Eta DDIM"] == 0.5
+    params = written("unipc", {"corrector": 0})
+    assert (params["UniPC variant"], params["UniPC order"]) == ("bh2", 2)  # sdengine's own defaults, written
+    assert params["Sampler options"] == '{"corrector": 0}'
+    text = format_parameters({**params, "prompt": "a"})
+    got = to_generate_kwargs(parse_parameters(text))
+    assert got["sampler_options"] == {"corrector": 0, "variant": "bh2", "order": 2}
+    params = written("dpm2_a", {"eta": 0.25, "s_noise": 0.5})
+    assert to_generate_kwargs(parse_parameters(format_parameters({**params, "prompt": "a"})))["sampler_options"] == {
+        "eta": 0.25,
+        "s_noise": 0.5,
+    }
+
+
+def test_refiner_switch_of_an_infotext_is_its_rule_and_a1111s_none():
+    """The hand-off an infotext records: A1111's (no "Refiner switch rule", not made by sdengine) switches by A1111's
+    rule, sdengine's by diffusers' unless its field says otherwise; no "Refiner switch at" is A1111's None (0)."""
+    from sdengine.metadata import refiner_switch
+
+    a1111 = (
+        "a\nSteps: 5, Sampler: Euler, Seed: 1, Size: 64x64, Refiner: r [abc123], Refiner switch at: 0.7, Version: v1"
+    )
+    assert refiner_switch(parse_parameters(a1111)) == (0.7, "a1111")
+    own = a1111.replace("Version: v1", "Version: sdengine 1.0")
+    assert refiner_switch(parse_parameters(own)) == (0.7, "diffusers")
+    assert refiner_switch(parse_parameters(own + ", Refiner switch rule: a1111")) == (0.7, "a1111")
+    assert refiner_switch(parse_parameters(a1111.replace(", Refiner switch at: 0.7", ""))) == (0.0, "a1111")
+    assert refiner_switch(parse_parameters("a\nSteps: 5, Seed: 1, Size: 64x64")) is None
+    with pytest.raises(MetadataError, match="Refiner switch rule: 'comfy' is not one of diffusers, a1111"):
+        refiner_switch(parse_parameters(own + ", Refiner switch rule: comfy"))
+    with pytest.raises(MetadataError, match="Refiner switch at: 'x' is not a number"):
+        refiner_switch(parse_parameters(a1111.replace("0.7", "x")))

@@ -460,7 +460,7 @@ def test_a1111_txt2img_runs_the_sdxl_refiner_at_refiner_switch_at(base, refiner,
     assert "Refiner: tiny-sdxl-refiner" in info["infotexts"][0] and "Refiner switch at: 0.7" in info["infotexts"][0]
     for extra, says in (
         (dict(refiner_checkpoint="nope", refiner_switch_at=0.7), "unknown model 'nope'"),
-        (dict(refiner_checkpoint="tiny-sdxl-refiner"), "refiner_switch_at must be a number in [0, 1]"),
+        (dict(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at="0.5"), "refiner_switch_at must be a number"),
         (dict(refiner_checkpoint="tiny-sdxl-refiner", refiner_switch_at=0.7, sampler_name="DDIM"), "DDIM"),
         (
             dict(
@@ -474,6 +474,28 @@ def test_a1111_txt2img_runs_the_sdxl_refiner_at_refiner_switch_at(base, refiner,
     ):
         r, _, _ = a1111_sdxl(**extra)
         assert r.status_code == 400 and says.lower() in r.text.lower(), (extra, r.text)
+
+
+def test_a1111_refiner_without_refiner_switch_at_runs_the_refiner_from_the_first_step(base, refiner, a1111_sdxl):
+    """A1111's refiner_switch_at defaults to None (StableDiffusionProcessing), where its apply_refiner switches
+    before the first step: the refiner runs every step. A refiner_checkpoint without it was a 400. Now it is the
+    hand-off at 0; an A1111 infotext with "Refiner" and no "Refiner switch at" (A1111 leaves None out) too."""
+    _, b_pipe, _ = base
+    _, r_pipe, _ = refiner
+    kw = dict(steps=5, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="normal")
+    want = b_pipe.generate_with_refiner(
+        r_pipe, PROMPT, NEGATIVE, switch_at=0.0, switch_rule="a1111", progress=False, **kw
+    )
+    r, image, info = a1111_sdxl(refiner_checkpoint="tiny-sdxl-refiner")
+    assert r.status_code == 200, r.text
+    assert np.abs(image - np.asarray(want.images[0], np.float64)).max() == 0.0
+    assert "Refiner: tiny-sdxl-refiner" in info["infotexts"][0] and info["ignored"] == []
+    text = info["infotexts"][0].replace(", Refiner switch at: 0", "").replace(", Refiner switch rule: a1111", "")
+    text = text.split(", Version:")[0] + ", Version: v1.10.1"
+    assert "Refiner switch" not in text and "RNG" not in text
+    r, again, _ = a1111_sdxl(infotext=text + ", RNG: CPU", prompt=None, negative_prompt=None, seed=None, steps=None)
+    assert r.status_code == 200, r.text
+    assert np.abs(again - image).max() == 0.0
 
 
 def _a1111_hires_kw(steps=5):
@@ -609,7 +631,7 @@ def test_a1111_infotext_of_a_native_sdxl_image_keeps_its_own_clip_skip(base, a11
     assert info["infotexts"][0] == text
     plain = np.asarray(b_pipe(PROMPT, NEGATIVE, progress=False, **kw).images[0], np.float64)
     assert np.abs(image - plain).mean() > 0.5  # the clip skip did change it
-    a1111_text = text.split(", Version:")[0] + ", Version: v1.10.1"  # A1111's Clip skip: ignored on SDXL, as there
+    a1111_text = text.split(", Version:")[0] + ", RNG: CPU, Version: v1.10.1"  # A1111's Clip skip: ignored on SDXL
     r, image, info = a1111_sdxl(infotext=a1111_text, prompt=None, negative_prompt=None, seed=None, steps=None)
     assert r.status_code == 200, r.text
     assert np.abs(image - plain).max() == 0.0 and "Clip skip rule: a1111" in info["infotexts"][0]
@@ -1207,6 +1229,63 @@ def test_from_png_of_a_refiner_image_runs_the_hand_off_again(base, refiner, tmp_
     # an explicit --refiner-switch-at wins over the PNG's
     assert main(["generate", "--from-png", "made.png", "--refiner-switch-at", "0.3", "--out", "c.png"]) == 0
     assert "Refiner switch at: 0.3" in Image.open(tmp_path / "c.png").info["parameters"]
+
+
+def test_from_png_of_an_a1111_refiner_image_runs_a1111s_switch_rule(base, refiner, tmp_path, monkeypatch):
+    """A1111 hands off to the refiner at its own step (apply_refiner: the first step whose sigma's nearest
+    timestep t has (999 - t) / 1000 >= switch), not diffusers' (sdengine generate --refiner's); `--from-png` of an
+    A1111 PNG ran diffusers' rule: another image. The rule is now the infotext's: sdengine's "Refiner switch rule"
+    (the server writes "a1111"), else A1111's in an infotext not made by sdengine, diffusers' in an sdengine one;
+    A1111's PNG without "Refiner switch at" (its None) runs the refiner from the first step."""
+    from PIL import Image
+
+    from sdengine.cli import main
+    from sdengine.metadata import parse_parameters, save_png
+
+    b_folder, b_pipe, _ = base
+    r_folder, r_pipe, _ = refiner
+    kw = dict(steps=5, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="euler", schedule="karras")
+    kw["progress"] = False
+    (tmp_path / "tiny-sdxl").symlink_to(b_folder)
+    (tmp_path / "tiny-sdxl-refiner").symlink_to(r_folder)
+    monkeypatch.chdir(tmp_path)
+
+    def made(rule, switch):
+        return b_pipe.generate_with_refiner(r_pipe, PROMPT, NEGATIVE, switch_at=switch, switch_rule=rule, **kw)
+
+    from sdengine.diffusion.sampling import make_grid
+    from sdengine.pipeline.sdxl import switch_step
+
+    grid = make_grid("euler", 5, b_pipe.noise_schedule, "karras", b_pipe.scheduler_config)
+    # a switch where the two rules pick other steps (at a fractional Karras timestep t: past (1 - x) * 1000 for
+    # diffusers, nearest to 999 - 1000 x for A1111)
+    candidates = [k / 1000 for k in range(1, 1000)]
+    switch = next(
+        x
+        for x in candidates
+        if switch_step(grid, b_pipe.noise_schedule, x) != switch_step(grid, b_pipe.noise_schedule, x, "a1111")
+    )
+    assert not np.array_equal(made("a1111", switch).arrays, made("diffusers", switch).arrays)
+    ours = made("a1111", switch)
+    text = ours.infotexts[0]
+    assert "Refiner switch rule: a1111" in text
+    a1111_text = (
+        text.replace(", Refiner switch rule: a1111", "").split(", Version:")[0] + ", RNG: CPU, Version: v1.10.1"
+    )
+    assert "Refiner: tiny-sdxl-refiner" in a1111_text and f"Refiner switch at: {switch}" in a1111_text
+    blank = Image.new("RGB", (SIZE, SIZE))
+    for name, infotext, want in (
+        ("a1111.png", a1111_text, ours),  # A1111's own: its rule
+        ("ours.png", text, ours),  # sdengine's with the rule written (the server's)
+        ("diffusers.png", made("diffusers", switch).infotexts[0], made("diffusers", switch)),  # sdengine's CLI
+        ("none.png", a1111_text.replace(f", Refiner switch at: {switch}", ""), made("a1111", 0.0)),
+    ):
+        save_png(blank, tmp_path / name, infotext)
+        assert main(["generate", "--from-png", name, "--no-progress", "--out", f"out-{name}"]) == 0, name
+        got = np.asarray(Image.open(tmp_path / f"out-{name}"), dtype=np.float64)
+        assert np.abs(got - np.asarray(want.images[0], np.float64)).max() == 0.0, name
+    assert "Refiner switch rule" not in made("diffusers", switch).infotexts[0]
+    assert parse_parameters(Image.open(tmp_path / "out-a1111.png").info["parameters"])["Refiner switch rule"] == "a1111"
 
 
 def test_comfyui_sdxl_text_encode_nodes_give_the_pipelines_conditioning(base, refiner):

@@ -936,6 +936,7 @@ def test_infotext_fills_the_fields_not_sent(api):
         height=48,
         subseed=3,
         subseed_strength=0.3,
+        noise_source="nv",  # no "RNG" in an A1111 infotext: its default GPU source, NVIDIA's numbers
         progress=False,
     )
     np.testing.assert_array_equal(arr(r.image), arr(want.images[0]))
@@ -1057,7 +1058,8 @@ def test_options_sdengine_runs_one_way_are_answered_so_and_refused_otherwise(api
     assert (got["randn_source"], got["face_restoration"], got["sd_vae"], got["emphasis"]) == (
         "CPU", False, "Automatic", "Original"
     )  # fmt: skip
-    assert (got["eta_ancestral"], got["eta_ddim"], got["uni_pc_variant"], got["uni_pc_order"]) == (1.0, 0.0, "bh2", 2)
+    # A1111's defaults (shared_options.py), which the server runs: UniPC bh1 of order 3
+    assert (got["eta_ancestral"], got["eta_ddim"], got["uni_pc_variant"], got["uni_pc_order"]) == (1.0, 0.0, "bh1", 3)
     for body, said in (
         ({"face_restoration": True}, "face_restoration True: face restoration (GFPGAN, CodeFormer) is not available"),
         ({"randn_source": "TPU"}, "randn_source must be one of GPU, NV, CPU, got 'TPU'"),
@@ -1088,8 +1090,8 @@ def test_options_sdengine_runs_one_way_are_answered_so_and_refused_otherwise(api
 def test_sampler_options_are_the_fields_of_requests_that_give_none(api):
     """A1111's eta_ancestral / eta_ddim / s_churn / s_noise / ... options (once answered "ignored") are the values
     of a request that gives no eta, s_churn, ... (as an option or an override), as A1111's; a request's own field
-    wins; uni_pc_variant / uni_pc_order are UniPC's variant and order (the server's default: sdengine's bh2 of
-    order 2)."""
+    wins; uni_pc_variant / uni_pc_order are UniPC's variant and order (the server's default: A1111's bh1 of order
+    3)."""
     small = {"steps": 2, "width": 32, "height": 32, "cfg_scale": 7.0}
     kw = {"schedule": "karras", "progress": False, **small}
     body = {"prompt": "a cat", "seed": 6, "scheduler": "Karras", **small}
@@ -1108,11 +1110,78 @@ def test_sampler_options_are_the_fields_of_requests_that_give_none(api):
     churned = emoji()("a cat", seed=6, sampler="euler", sampler_options=over, **kw).images[0]
     np.testing.assert_array_equal(arr(r.image), arr(churned))
     assert r.info["ignored"] == [] and "Sigma churn: 2," in r.info["infotexts"][0]
-    over = {"uni_pc_variant": "bh1", "uni_pc_order": 3}
+    over = {"uni_pc_variant": "bh2", "uni_pc_order": 2}
     r = api.custom_post("txt2img", {**body, "sampler_name": "UniPC", "override_settings": over}, baseurl=True)
-    unipc = emoji()("a cat", seed=6, sampler="unipc", sampler_options={"variant": "bh1", "order": 3}, **kw)
+    unipc = emoji()("a cat", seed=6, sampler="unipc", sampler_options={"variant": "bh2", "order": 2}, **kw)
     np.testing.assert_array_equal(arr(r.image), arr(unipc.images[0]))
     assert r.info["ignored"] == []
+
+
+def test_unipc_runs_a1111s_defaults_and_writes_a1111s_fields(api):
+    """A1111's UniPC defaults are bh1 of order 3 (its uni_pc_variant / uni_pc_order); the A1111 routes ran
+    sdengine's own (bh2 of order 2): another image for every UniPC request. Now a UniPC request without options
+    is sdengine's UniPC with bh1 of order 3, and its infotext writes A1111's "UniPC variant" / "UniPC order"
+    fields (not "Sampler options", which A1111 does not read); an A1111 infotext without them (A1111 writes
+    them only where not its defaults) runs A1111's defaults again."""
+    small = {"steps": 6, "width": 32, "height": 32, "cfg_scale": 7.0}  # order 3 needs steps to show
+    kw = {"schedule": "karras", "progress": False, **small}
+    r = api.txt2img(prompt="a cat", seed=6, sampler_name="UniPC", **small)
+    a1111 = emoji()("a cat", seed=6, sampler="unipc", sampler_options={"variant": "bh1", "order": 3}, **kw)
+    own = emoji()("a cat", seed=6, sampler="unipc", **kw)  # sdengine's UniPC's own defaults
+    np.testing.assert_array_equal(arr(r.image), arr(a1111.images[0]))
+    assert not np.array_equal(arr(a1111.images[0]), arr(own.images[0]))
+    text = r.info["infotexts"][0]
+    assert "UniPC variant: bh1, UniPC order: 3" in text and "Sampler options" not in text, text
+    assert r.info["ignored"] == []
+    # an A1111 infotext of that image (no UniPC fields: A1111's defaults; "RNG: CPU" as the image's noise)
+    a1111_text = (
+        "a cat\nSteps: 6, Sampler: UniPC, Schedule type: Karras, CFG scale: 7, Seed: 6, Size: 32x32, RNG: CPU, "
+        "Version: v1.10.1"
+    )
+    again = api.custom_post("txt2img", {"infotext": a1111_text}, baseurl=True)
+    np.testing.assert_array_equal(arr(again.image), arr(a1111.images[0]))
+    # an sdengine infotext without them (written before they were) is sdengine's own UniPC
+    own_text = own.infotexts[0].replace(", UniPC variant: bh2, UniPC order: 2", "")
+    assert "UniPC" not in own_text.split("Sampler: UniPC")[1]
+    again = api.custom_post("txt2img", {"infotext": own_text}, baseurl=True)
+    np.testing.assert_array_equal(arr(again.image), arr(own.images[0]))
+
+
+def test_eta_is_written_as_a1111s_eta_and_eta_ddim_fields(api):
+    """A1111 writes a sampler's eta as "Eta" (its k-diffusion samplers, where not 1) or "Eta DDIM" (DDIM, where
+    not 0); sdengine wrote it in its own "Sampler options" JSON, which A1111 does not read (its image came back
+    without the eta). Both are read back: the infotext alone makes the image again."""
+    body = {"prompt": "a cat", "seed": 6, **COMMON}
+    for sampler, field in (("Euler a", "Eta: 0.3,"), ("DDIM", "Eta DDIM: 0.3,")):
+        r = api.txt2img(sampler_name=sampler, eta=0.3, **body)
+        text = r.info["infotexts"][0]
+        assert field in text and "Sampler options" not in text, text
+        again = api.custom_post("txt2img", {"infotext": text}, baseurl=True)
+        np.testing.assert_array_equal(arr(again.image), arr(r.image))
+        plain = api.txt2img(sampler_name=sampler, eta=1.0 if sampler == "Euler a" else 0.0, **body)
+        assert not np.array_equal(arr(plain.image), arr(r.image))  # the eta matters
+        assert "Eta" not in plain.info["infotexts"][0]  # the default: not written, as A1111
+
+
+def test_an_a1111_infotext_without_rng_runs_a1111s_gpu_noise(api):
+    """A1111 writes no "RNG" for its default GPU source (NVIDIA's numbers: sdengine's noise_source "nv"); the
+    server ran such an infotext with its own CPU default: another image. An sdengine infotext without one is
+    sdengine's CPU noise (it writes "RNG: NV" for the other), whatever the server's option."""
+    head = "a cat\nSteps: 3, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 6, Size: 64x64"
+    kw = {"sampler": "euler_a", "schedule": "karras", "progress": False, **COMMON}
+    nv = emoji()("a cat", seed=6, noise_source="nv", **kw)
+    cpu = emoji()("a cat", seed=6, **kw)
+    r = api.custom_post("txt2img", {"infotext": f"{head}, Version: v1.10.1"}, baseurl=True)
+    np.testing.assert_array_equal(arr(r.image), arr(nv.images[0]))
+    assert "RNG: NV" in r.info["infotexts"][0]
+    r = api.custom_post("txt2img", {"infotext": f"{head}, RNG: CPU, Version: v1.10.1"}, baseurl=True)
+    np.testing.assert_array_equal(arr(r.image), arr(cpu.images[0]))
+    try:
+        assert api.set_options({"randn_source": "GPU"})["applied"] == ["randn_source"]
+        r = api.custom_post("txt2img", {"infotext": cpu.infotexts[0]}, baseurl=True)  # sdengine's own: its CPU
+        np.testing.assert_array_equal(arr(r.image), arr(cpu.images[0]))
+    finally:
+        api.set_options({"randn_source": "CPU"})
 
 
 def test_a_transparent_init_image_is_laid_over_the_background_colour(api):

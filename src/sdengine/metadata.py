@@ -326,6 +326,25 @@ def made_by_sdengine(parsed: Mapping[str, str]) -> bool:
 A1111_RANDN_SOURCES = {"GPU": "nv", "NV": "nv", "CPU": "cpu"}
 
 
+# how a base -> refiner hand-off picks its switch step (sdengine.pipeline.sdxl.switch_step): diffusers' rule, A1111's
+REFINER_SWITCH_RULES = ("diffusers", "a1111")
+
+
+def refiner_switch(parsed: Mapping[str, str]) -> tuple[float, str] | None:
+    """The base -> refiner hand-off an infotext records (A1111's "Refiner"): (switch, rule) for
+    :meth:`sdengine.pipeline.sdxl.SDXLPipeline.generate_with_refiner`, None without a refiner. The switch is
+    "Refiner switch at", else 0 (A1111 writes none for its default None, where its refiner runs from the first
+    step); the rule sdengine's "Refiner switch rule", else A1111's ("a1111") in an infotext not made by sdengine
+    and diffusers' in an sdengine one (written without the field). A bad number or rule is a MetadataError."""
+    if not parsed.get("Refiner"):
+        return None
+    switch = _parse_float(parsed, "Refiner switch at") if "Refiner switch at" in parsed else 0.0
+    rule = parsed.get("Refiner switch rule", "diffusers" if made_by_sdengine(parsed) else "a1111").strip()
+    if rule not in REFINER_SWITCH_RULES:
+        raise MetadataError(f"Refiner switch rule: {rule!r} is not one of {', '.join(REFINER_SWITCH_RULES)}")
+    return switch, rule
+
+
 def noise_source_of(value: Any, what: str = "randn_source") -> str:
     """sdengine's ``noise_source`` for A1111's ``randn_source`` ``value`` ("GPU", "NV", "CPU"; any case), or a
     :class:`MetadataError` naming ``what`` and the values."""
@@ -350,7 +369,10 @@ def to_generate_kwargs(
     ``guidance_rescale`` ("CFG Rescale phi"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
     seed strength"), ``seed_resize_from_w`` and ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
     ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"), ``noise_seed_delta`` ("ENSD"),
-    ``noise_source`` ("RNG": A1111's NV and GPU are "nv", its CPU "cpu"; a text without it keeps the default),
+    ``noise_source`` ("RNG": A1111's NV and GPU are "nv", its CPU "cpu"; a text without it is "nv", A1111's default
+    GPU, unless sdengine made it: then it keeps sdengine's default), ``sampler_options`` (A1111's "Eta" / "Eta DDIM",
+    "Sigma ..." and, with UniPC, "UniPC variant" / "UniPC order", A1111's defaults bh1 and 3 where an A1111 text
+    has none; sdengine's "Sampler options" JSON),
     ``discard_penultimate_sigma`` ("Discard penultimate sigma: True"), ``zero_terminal_snr`` ("Noise Schedule: Zero
     Terminal SNR", A1111's sd_noise_schedule),
     ``vae_decode`` ("tiny" when sdengine's "Tiny VAE" field is there), ``vae_encode`` ("tiny" for
@@ -432,6 +454,8 @@ def to_generate_kwargs(
             )
     if "RNG" in parsed:  # A1111's randn_source, written when not its default GPU: NV, CPU (GPU read too)
         kwargs["noise_source"] = noise_source_of(parsed["RNG"], "RNG")
+    elif not made_by_sdengine(parsed):  # A1111 writes none for its default GPU source (its parse_generation_parameters
+        kwargs["noise_source"] = "nv"  # fills in "RNG: GPU"); sdengine writes "RNG: NV" for nv, none for its cpu
     if "ENSD" in parsed:  # A1111's eta noise seed delta
         kwargs["noise_seed_delta"] = _parse_int(parsed, "ENSD")
     if "Discard penultimate sigma" in parsed:  # A1111's always_discard_next_to_last_sigma
@@ -498,7 +522,7 @@ def to_generate_kwargs(
     used = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size"}
     used |= hires_used
     if refiner:
-        used |= {"Refiner", "Refiner switch at"}
+        used |= {"Refiner", "Refiner switch at", "Refiner switch rule"}
     if hires:
         used |= {k for k, on in (("Hires checkpoint", hr_checkpoint), ("Hires refiner", hr_refiner)) if on}
     used |= {
@@ -528,6 +552,10 @@ def to_generate_kwargs(
     }
     if options:
         used |= {"Eta", "Eta DDIM", *(A1111_SAMPLER_FIELDS[k] for k in options if k in A1111_SAMPLER_FIELDS)}
+    if kwargs.get("sampler") == "unipc":
+        used |= {name for name, _ in A1111_UNIPC_FIELDS.values()}
+        # the skip type and the lower order at the end that sdengine's UniPC runs: others are warned of below
+        used |= {k for k, v in A1111_UNIPC_FIXED.items() if parsed.get(k, v).strip() == v}
     # "ControlNet N" fields (and their step rule) are the caller's: they need the control image (see
     # recorded_controlnets)
     used |= {"ControlNet step rule", "ControlNet guess mode"}
@@ -548,9 +576,50 @@ A1111_SAMPLER_FIELDS = {
 }
 
 
+# A1111's UniPC options (its uni_pc_variant, uni_pc_order; shared_options.py): their infotext fields and A1111's
+# defaults, which an A1111 infotext without them means (A1111 writes them only where not the default). sdengine's
+# own UniPC defaults are another (bh2 of order 2), so sdengine writes both fields for every UniPC image.
+A1111_UNIPC_FIELDS: dict[str, tuple[str, Any]] = {"variant": ("UniPC variant", "bh1"), "order": ("UniPC order", 3)}
+# A1111's other UniPC options, and the one value of each that sdengine's UniPC runs
+A1111_UNIPC_FIXED = {"UniPC skip type": "time_uniform", "UniPC lower order final": "True"}
+
+
+def eta_field(sampler: str | None) -> tuple[str, float]:
+    """A1111's infotext field for a sampler's ``eta`` and the value it leaves unwritten (its Sampler.initialize:
+    ``eta_infotext_field`` / ``eta_default``): "Eta DDIM" and 0 for DDIM (its CompVis samplers), else "Eta" and 1
+    (its k-diffusion samplers, eta_ancestral)."""
+    return ("Eta DDIM", 0.0) if sampler == "ddim" else ("Eta", 1.0)
+
+
+def _unipc_options(parsed: Mapping[str, str]) -> dict[str, Any]:
+    """UniPC's ``variant`` and ``order`` from A1111's "UniPC variant" / "UniPC order" fields; where a field is
+    missing, A1111's default in an infotext not made by sdengine (sdengine's own default otherwise: left out)."""
+    from sdengine.diffusion.samplers import UNIPC_VARIANTS
+
+    a1111 = not made_by_sdengine(parsed)
+    out: dict[str, Any] = {}
+    name, default = A1111_UNIPC_FIELDS["variant"]
+    if name in parsed or a1111:
+        variant = parsed.get(name, str(default)).strip()
+        if variant not in UNIPC_VARIANTS:
+            raise MetadataError(
+                f"{name}: {variant!r} is not one of {', '.join(UNIPC_VARIANTS)} (A1111's vary_coeff is not "
+                "implemented in sdengine)"
+            )
+        out["variant"] = variant
+    name, default = A1111_UNIPC_FIELDS["order"]
+    if name in parsed or a1111:
+        order = _parse_int(parsed, name) if name in parsed else default
+        if order not in (1, 2, 3):
+            raise MetadataError(f"{name}: {order} is not 1, 2 or 3 (the orders sdengine's UniPC has)")
+        out["order"] = order
+    return out
+
+
 def _sampler_options(parsed: Mapping[str, str], sampler: str | None) -> dict[str, Any]:
-    """``sampler_options`` from sdengine's "Sampler options" field (JSON), else from A1111's "Eta" (its
-    ancestral samplers) or "Eta DDIM" when the sampler takes an ``eta``."""
+    """``sampler_options`` from sdengine's "Sampler options" field (JSON) and A1111's own fields: "Eta" (its
+    k-diffusion samplers) or "Eta DDIM" (DDIM) when the sampler takes an ``eta``, "Sigma churn", ..., and with
+    UniPC "UniPC variant" / "UniPC order" (A1111's defaults bh1 and 3 where an A1111 infotext has none)."""
     from sdengine.diffusion.sampling import sampler_option_names
 
     takes = set(sampler_option_names(sampler)) if sampler is not None else set()
@@ -560,19 +629,23 @@ def _sampler_options(parsed: Mapping[str, str], sampler: str | None) -> dict[str
     for key, name in A1111_SAMPLER_FIELDS.items():
         if name in parsed and key in takes:
             found[key] = _parse_float(parsed, name)
+    key = eta_field(sampler)[0]
+    if key in parsed and "eta" in takes:
+        found["eta"] = _parse_float(parsed, key)
+    if sampler == "unipc":
+        found.update(_unipc_options(parsed))
     if "Sampler options" in parsed:
         try:
             options = json.loads(parsed["Sampler options"])
         except ValueError:
             options = None
         if not isinstance(options, dict) or not all(
-            isinstance(k, str) and isinstance(v, int | float) and math.isfinite(v) for k, v in options.items()
-        ):
+            isinstance(k, str)
+            and ((isinstance(v, int | float) and math.isfinite(v)) or (k == "variant" and isinstance(v, str)))
+            for k, v in options.items()
+        ):  # numbers; UniPC's variant, a name (written there before its A1111 field)
             raise MetadataError(f"Sampler options: {parsed['Sampler options']!r} is not a JSON object of numbers")
         return {**options, **found}
-    key = "Eta DDIM" if sampler == "ddim" else "Eta"
-    if key in parsed and "eta" in takes:
-        found["eta"] = _parse_float(parsed, key)
     return found
 
 
@@ -944,6 +1017,9 @@ __all__ = [
     "read_png_parameters",
     "save_png",
     "made_by_sdengine",
+    "refiner_switch",
+    "REFINER_SWITCH_RULES",
+    "eta_field",
     "to_generate_kwargs",
     "recorded_controlnets",
     "RecordedControlNet",

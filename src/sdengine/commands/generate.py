@@ -337,10 +337,20 @@ def _model_from_png(parsed: dict[str, str]) -> str | None:
 def _refiner_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> None:
     """An SDXL image made with a refiner hand-off (A1111's "Refiner: NAME [hash]", "Refiner switch at: F"):
     the refiner is --refiner, else the recorded name where it is a path here (as "Model"); the switch is
-    --refiner-switch-at, else the recorded one. Without the refiner the image would be another one."""
+    --refiner-switch-at, else the recorded one (none recorded: 0, A1111's None); the switch rule the recorded
+    one (sdengine.metadata.refiner_switch: A1111's in an A1111 infotext). Without the refiner the image would
+    be another one."""
+    from ..metadata import MetadataError, refiner_switch
+
     recorded = parsed.get("Refiner")
     if not recorded:
         return
+    try:
+        switch = refiner_switch(parsed)
+    except MetadataError as e:
+        raise GenerationError(f"{a.from_png}: {e}") from None
+    assert switch is not None
+    a.refiner_switch_rule = switch[1]
     if a.refiner is None:
         name = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", recorded)
         if not name or not Path(name).exists():
@@ -348,13 +358,8 @@ def _refiner_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> None:
                 f"{a.from_png} was made with the refiner {recorded!r}, which is not a path here: give --refiner"
             )
         a.refiner = name
-    if a.refiner_switch_at is None and "Refiner switch at" in parsed:
-        try:
-            a.refiner_switch_at = float(parsed["Refiner switch at"])
-        except ValueError:
-            raise GenerationError(
-                f"{a.from_png}: Refiner switch at {parsed['Refiner switch at']!r} is not a number"
-            ) from None
+    if a.refiner_switch_at is None:
+        a.refiner_switch_at = switch[0]
 
 
 def _hires_models_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> None:
@@ -623,6 +628,17 @@ def run(a: argparse.Namespace) -> int:
         "strength_rule": a.strength_rule,
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
+    if a.sampler is not None and kwargs.get("sampler_options"):  # a --from-png's options are its own sampler's
+        # (A1111's UniPC defaults, its Eta, ...): another --sampler keeps only the ones it takes
+        from ..diffusion.sampling import resolve, sampler_option_names
+
+        try:
+            takes = set(sampler_option_names(resolve(a.sampler, kwargs.get("schedule"))[0]))
+        except ValueError:
+            takes = None  # the run names the bad sampler
+        if takes is not None:
+            kept = {k: v for k, v in kwargs["sampler_options"].items() if k in takes}
+            kwargs["sampler_options"] = kept or None
     if a.clip_skip is not None:  # --clip-skip has sdengine's meaning (an A1111 image's Clip skip has A1111's)
         kwargs["clip_skip_rule"] = "sdengine"
     hires = {
@@ -775,8 +791,9 @@ def run(a: argparse.Namespace) -> int:
         if sdxl_base is not None:
             switch_at = 0.8 if a.refiner_switch_at is None else a.refiner_switch_at
             hires_pass = hr_refiner_pass(a.hr_refiner_pass or "second pass")
+            rule = getattr(a, "refiner_switch_rule", "diffusers")  # --from-png's recorded rule
             return sdxl_base.generate_with_refiner(
-                refiner, prompt, switch_at=switch_at, hires_pass=hires_pass, hr_model=hr_model, **kw
+                refiner, prompt, switch_at=switch_at, switch_rule=rule, hires_pass=hires_pass, hr_model=hr_model, **kw
             )
         if hr_model is None:  # the plain call: every pipeline (DDPM ones too) takes it
             return pipe(GenerationRequest(prompt=prompt, **kw))

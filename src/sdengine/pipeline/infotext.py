@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sdengine.diffusion.sampling import resolve, sampler_option_names
 from sdengine.io.atomic import write_text_atomic
-from sdengine.metadata import A1111_SAMPLER_FIELDS
+from sdengine.metadata import A1111_SAMPLER_FIELDS, eta_field
 from sdengine.nn.lora import exact_number
 from sdengine.pipeline.control import ControlUnit
 
@@ -213,6 +215,18 @@ def call_parameters(
             value = options.pop(key)
             if value != SAMPLER_OPTION_DEFAULTS[key]:  # as A1111: written only when not the default
                 params[field_name] = value
+    name = resolve(sampler, schedule)[0] if sampler else None
+    if "eta" in options and name is not None and "eta" in sampler_option_names(name):
+        # A1111's "Eta" (its k-diffusion samplers that take one) or "Eta DDIM", written where not its default
+        eta_name, eta_default = eta_field(name)
+        eta = options.pop("eta")
+        if eta != eta_default:
+            params[eta_name] = eta
+    if name == "unipc":  # A1111's fields, both written: an infotext without them means A1111's defaults (bh1, 3)
+        from sdengine.diffusion.samplers import sample_unipc
+
+        params["UniPC variant"] = options.pop("variant", inspect.signature(sample_unipc).parameters["variant"].default)
+        params["UniPC order"] = options.pop("order", inspect.signature(sample_unipc).parameters["order"].default)
     if options:
         params["Sampler options"] = json.dumps(options, sort_keys=True)
     if prediction_override is not None:

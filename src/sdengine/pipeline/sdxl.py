@@ -23,6 +23,7 @@ from sdengine.diffusion.samplers import SamplingInterrupted
 from sdengine.diffusion.schedules import A1111_STRENGTH_RULES, img2img_start, img2img_steps
 from sdengine.errors import GenerationError
 from sdengine.io.images import to_uint8
+from sdengine.metadata import REFINER_SWITCH_RULES
 from sdengine.pipeline.core import (
     Pipeline,
     Prepared,
@@ -49,7 +50,7 @@ from sdengine.pipeline.result import Cancelled, GenerationResult, StepInfo
 from sdengine.text.conditioners import Conditioning
 from sdengine.text.sdxl_conditioner import SDXLConditioner, SDXLOptions
 
-SWITCH_RULES = ("diffusers", "a1111")
+SWITCH_RULES = REFINER_SWITCH_RULES  # diffusers', A1111's (sdengine.metadata: the infotext names it)
 # A1111's hires_fix_refiner_pass: which pass of the hires fix hands off to the refiner (its default "second pass")
 HIRES_REFINER_PASSES = ("first pass", "second pass", "both passes")
 
@@ -445,6 +446,8 @@ class SDXLPipeline(Pipeline):
             if switched:  # A1111's names for its refiner settings, written where the refiner ran (apply_refiner)
                 row["Refiner"] = model_title(refiner)
                 row["Refiner switch at"] = float(switch_at)
+                if switch_rule != "diffusers":  # sdengine's field: the switch counted as A1111's apply_refiner does
+                    row["Refiner switch rule"] = switch_rule
             rows.append(row)
         per_row = [{"prompt": r["prompt"], "negative_prompt": r["negative_prompt"], "seed": r["seed"]} for r in rows]
         return GenerationResult(pil, arrays, rows[0], p.seeds, [format_infotext(r) for r in rows], p.notes, per_row)

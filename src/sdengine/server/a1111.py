@@ -162,7 +162,8 @@ FIXED_OPTIONS: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 # A1111's sampler-parameter options sdengine runs (the values a request's own field takes when it gives none;
 # eta: eta_ddim for DDIM, eta_ancestral for the others, as A1111), and the UniPC ones (sdengine's UniPC's options
-# variant and order); their defaults are what the server runs (UniPC: bh2 of order 2; A1111's are bh1 of order 3).
+# variant and order); their defaults are A1111's (shared_options.py), which the server runs: UniPC bh1 of order 3
+# (sdengine's own UniPC defaults, bh2 of order 2, are the Python API's and the CLI's).
 SAMPLER_OPTIONS: dict[str, Any] = {
     "eta_ancestral": 1.0,
     "eta_ddim": 0.0,
@@ -170,9 +171,11 @@ SAMPLER_OPTIONS: dict[str, Any] = {
     "s_tmin": 0.0,
     "s_tmax": 0.0,
     "s_noise": 1.0,
-    "uni_pc_variant": "bh2",
-    "uni_pc_order": 2,
+    "uni_pc_variant": "bh1",
+    "uni_pc_order": 3,
 }
+# sdengine's UniPC's own variant and order (sample_unipc's defaults): what it runs where none is passed
+UNIPC_OWN = {"uni_pc_variant": "bh2", "uni_pc_order": 2}
 
 
 # A1111's sd_noise_schedule values ("Noise schedule for sampling"; infotext "Noise Schedule"): "Zero Terminal SNR"
@@ -345,7 +348,8 @@ def sampler_settings(
     """:func:`eta_option` of the request's sampler fields, each taken from A1111's options ``settings``
     (SAMPLER_OPTIONS' values: the server's, or the request's override_settings) where the request gives none, as
     A1111 does (``eta``: ``eta_ddim`` for DDIM, else ``eta_ancestral``); with UniPC, ``uni_pc_variant`` and
-    ``uni_pc_order`` as its ``variant`` and ``order`` where not sdengine's (bh2 of order 2)."""
+    ``uni_pc_order`` (A1111's defaults bh1 and 3) as its ``variant`` and ``order`` where not sdengine's UniPC's own
+    (bh2 of order 2)."""
     try:
         name, _ = sampling.resolve(sampler, schedule)
     except (ValueError, TypeError):
@@ -365,8 +369,8 @@ def sampler_settings(
                 hr_name, _ = sampling.resolve(hr, None)
             except (ValueError, TypeError):
                 return out or None  # the build names the bad sampler
-        for key, option, default in (("variant", "uni_pc_variant", "bh2"), ("order", "uni_pc_order", 2)):
-            if settings[option] == default:
+        for key, option in (("variant", "uni_pc_variant"), ("order", "uni_pc_order")):
+            if settings[option] == UNIPC_OWN[option]:
                 continue
             if hr_name not in (None, "unipc"):  # sdengine gives both passes the same options: the second has none
                 ignored.append(option)
@@ -1165,8 +1169,8 @@ def install(app: FastAPI, services: Any) -> None:
                 filled["refiner_checkpoint"] = catalog.model_name_of(catalog.resolve_model(parsed["Refiner"]))
             except BadRequest as e:
                 raise BadRequest(f"infotext: Refiner: {e}") from None
-            try:
-                filled["refiner_switch_at"] = float(parsed.get("Refiner switch at", ""))
+            try:  # none written: A1111's None (its refiner runs from the first step), as the request's own
+                filled["refiner_switch_at"] = float(parsed.get("Refiner switch at", "0"))
             except ValueError:
                 raise BadRequest(
                     f"infotext: Refiner switch at must be a number, got {parsed.get('Refiner switch at')!r}"
@@ -1210,11 +1214,19 @@ def install(app: FastAPI, services: Any) -> None:
         for field, name in INFOTEXT_OPTIONS.items():  # "RNG: NV" (checked as randn_source), "Emphasis: No norm", ...
             if field in parsed:
                 settings[name] = infotext_value(parsed[field].strip())
+        if "RNG" not in parsed:  # A1111 writes none for its GPU source (its parse_generation_parameters fills in
+            # "RNG: GPU"); sdengine writes "RNG: NV" for NVIDIA's numbers and none for its CPU source
+            settings["randn_source"] = "CPU" if made_by_sdengine(parsed) else "GPU"
+        if found.get("sampler") == "unipc":  # its UniPC variant and order: A1111's defaults where an A1111
+            unipc = found.get("sampler_options") or {}  # infotext has none, sdengine's own in an sdengine one
+            settings["uni_pc_variant"] = unipc.get("variant", UNIPC_OWN["uni_pc_variant"])
+            settings["uni_pc_order"] = unipc.get("order", UNIPC_OWN["uni_pc_order"])
         xl_options, xl_rest = infotext_sdxl(found.get("sdxl"))
         settings.update(xl_options)
         if clip is not None:
             del settings["CLIP_stop_at_last_layers"]  # not A1111's: passed on with its rule instead
         defaults: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "face_restoration": False, **SDXL_OPTIONS}
+        defaults.update(SAMPLER_OPTIONS, randn_source="CPU")
         defaults.update({k: accepted[0] for k, (accepted, _) in FIXED_OPTIONS.items()})
         defaults["hires_fix_refiner_pass"] = "second pass"
         defaults["sd_vae"] = "Automatic"
@@ -1710,11 +1722,12 @@ def install(app: FastAPI, services: Any) -> None:
             raise BadRequest(f"refiner_checkpoint must be a model name, got {name!r}")
         ref = services.catalog.resolve_model(name)  # a BadRequest naming the models for an unknown one
         switch = body.get("refiner_switch_at")
+        if switch is None:  # A1111's default None: its apply_refiner switches before the first step (at 0 too)
+            switch = 0.0
         if isinstance(switch, bool) or not isinstance(switch, int | float) or not 0 <= switch <= 1:
-            # (at 0 the refiner runs every step, as A1111's apply_refiner switches before the first one)
             raise BadRequest(
                 f"refiner_switch_at must be a number in [0, 1] with a refiner_checkpoint, got {switch!r} "
-                "(the fraction of the steps the base model runs, A1111's default 0.8)"
+                "(the fraction of the steps the base model runs; none: the refiner runs every step, as in A1111)"
             )
         base = services.catalog.resolve_model(
             fields.get("model") or str(options.get("sd_model_checkpoint") or services.config.model)
