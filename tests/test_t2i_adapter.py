@@ -351,3 +351,24 @@ def test_adapters_and_controlnets_in_one_run_add_up():
                 down_intrablock_additional_residuals=[f * weight for f in feats],
             )
             assert (got[step] - want).abs().max().item() < 1e-5, step
+
+
+def test_adapter_features_are_computed_once_per_generation(sd_setup, monkeypatch):
+    """An adapter's features depend on its map alone: one network call per generation (CFG's two row kinds in
+    one batch), not one per U-Net call, and the picture the same as when every call ran it."""
+    folder, pipe, adapter, path, cmap = sd_setup
+    calls = []
+    forward = T2IAdapter.forward
+
+    def counted(self, x):
+        calls.append(tuple(x.shape))
+        return forward(self, x)
+
+    monkeypatch.setattr(T2IAdapter, "forward", counted)
+    ours = pipe(PROMPT, NEGATIVE, cfg_scale=7.5, controlnets=[(path, cmap, 0.8)], **_kw()).arrays
+    assert len(calls) == 1, calls
+    monkeypatch.setattr(torch, "is_grad_enabled", lambda: True)  # the cache's off switch: every call runs it
+    calls.clear()
+    again = pipe(PROMPT, NEGATIVE, cfg_scale=7.5, controlnets=[(path, cmap, 0.8)], **_kw()).arrays
+    assert len(calls) == STEPS
+    assert np.array_equal(ours[0], again[0])
