@@ -554,9 +554,10 @@ def test_a_controlnet_unit_naming_an_unknown_preprocessor_or_option_is_refused_b
         ControlUnit("m", None, module="canny", module_options={"radius": 3.0})
 
 
-def test_an_a1111_controlnets_pixel_perfect_and_default_resolution_are_read(caplog):
-    """Pixel Perfect is kept for the reader to work the resolution out (once only warned of); a Processor Res of
-    -1 is the extension's default for a preprocessor that scales, 512, and nothing for one that does not."""
+def test_an_a1111_controlnet_setting_sdengine_does_not_reproduce_is_warned_of(caplog):
+    """Pixel Perfect is kept for the reader to work the resolution out (once only warned of as not reproduced:
+    nothing is warned of now; the name is the reliability row's); a Processor Res of -1 is the extension's default
+    for a preprocessor that scales, 512, and nothing for one that does not."""
     from sdengine.metadata import recorded_controlnets
 
     text = _A1111_CONTROLNET.replace("ControlNet is more important", "My prompt is more important")
