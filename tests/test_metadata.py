@@ -567,9 +567,10 @@ def test_an_a1111_controlnet_setting_sdengine_does_not_reproduce_is_warned_of(ca
     assert unit.mode == "prompt"  # the extension's soft weights: reproduced (pipeline.control's modes)
     assert unit.pixel_perfect and unit.processor_res == 384
     assert caplog.records == []
-    (unit,) = recorded_controlnets(parse_parameters(_A1111_CONTROLNET.replace("Processor Res: 384", "Processor Res: -1")))
+    default = _A1111_CONTROLNET.replace("Processor Res: 384", "Processor Res: -1")
+    (unit,) = recorded_controlnets(parse_parameters(default))
     assert unit.processor_res == 512 and not unit.pixel_perfect
-    invert = _A1111_CONTROLNET.replace("Module: canny", "Module: invert").replace("Processor Res: 384", "Processor Res: -1")
+    invert = default.replace("Module: canny", "Module: invert")
     (unit,) = recorded_controlnets(parse_parameters(invert.replace("Pixel Perfect: False", "Pixel Perfect: True")))
     assert unit.processor_res is None and not unit.pixel_perfect
 

@@ -111,7 +111,7 @@ def test_original_adapters_with_conv_downsampling_or_3x3_kernels_match_diffusers
     ref = _adapter(kind, seed=3)
     torch.manual_seed(4)
     sd: dict[str, torch.Tensor] = {}
-    for i, block in enumerate(ref.adapter.body):
+    for block in ref.adapter.body:
         if block.downsample is not None:
             ch = block.in_conv.in_channels if block.in_conv is not None else block.resnets[0].block1.in_channels
             block.downsample = torch.nn.Conv2d(ch, ch, 3, stride=2, padding=1)

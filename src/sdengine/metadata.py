@@ -805,7 +805,8 @@ def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
         hr = fields.get("Hires Control Mode")
         hires_mode = None if hr is None else _control_mode(key, "Hires Control Mode", hr)
         pixel_perfect = fields.get("Pixel Perfect", "False").strip().lower() == "true"
-        if res == -1 and preprocessor in CONTROLNET_SCALED:  # the extension's "default": its preprocessor's 512
+        # a recorded -1 is the extension's "default", its preprocessor's 512 (no field: not scaled, as sdengine writes)
+        if "Processor Res" in fields and res == -1 and preprocessor in CONTROLNET_SCALED:
             res = CONTROLNET_PROCESSOR_RES
         resize_mode = None
         if "Resize Mode" in fields:  # the extension's per-unit fit of the control image ("Crop and Resize")

@@ -521,13 +521,13 @@ def _controlnets_from_png(
         _recorded_controlnet_path(r.name, r.hash, a.controlnets_dir, a.from_png) for r in recorded
     ]
     kw = kwargs or {}
-    size = (kw.get("width"), kw.get("height"))
+    width, height = kw.get("width"), kw.get("height")
     units = control_units_from_cli(
         a.control,
         models,
         recorded,
         thresholds=control_thresholds(a),
-        target=(int(size[0]), int(size[1])) if None not in size else None,
+        target=(int(width), int(height)) if width is not None and height is not None else None,
         fit=kw.get("resize_mode"),
     )
     return [
