@@ -788,6 +788,60 @@ def test_control_units_from_cli(tmp_path) -> None:
     assert set(np.unique(np.asarray(image))) == {0, 255}
 
 
+def test_control_units_from_cli_reproduce_an_a1111_pixel_perfect_unit(tmp_path) -> None:
+    """A PNG's unit recorded with the extension's Pixel Perfect: the control image is scaled to the resolution
+    worked out from its size and the output's (here 40x24 for 64x72: 24 x max(72/24, 64/40) = 72; "Resize and
+    Fill" takes the smaller factor, 24 x 1.6 = 38), not to the recorded Processor Res (once: only warned of)."""
+    from sdengine.control.preprocess import processor_resize
+    from sdengine.metadata import parse_parameters, recorded_controlnets
+
+    path = tmp_path / "photo.png"
+    _photo().resize((40, 24)).save(path)
+    text = (
+        'a\nSteps: 2, Seed: 1, Size: 64x72, ControlNet 0: "Module: canny, Model: cn, Weight: 1, Resize Mode: Crop '
+        "and Resize, Processor Res: 512, Threshold A: 100, Threshold B: 200, Guidance Start: 0, Guidance End: 1, "
+        'Pixel Perfect: True", Version: v1.10.1'
+    )
+    for mode, res in (("Crop and Resize", 72), ("Resize and Fill", 38)):
+        recorded = recorded_controlnets(parse_parameters(text.replace("Crop and Resize", mode)))
+        (unit,) = G.control_units_from_cli([f"canny:{path}"], ["cn"], recorded, target=(64, 72))
+        assert unit.processor_res == res, mode
+        want = C.canny(processor_resize(Image.open(path).convert("RGB"), res), 100, 200)
+        np.testing.assert_array_equal(np.asarray(unit.image), np.asarray(want))
+
+
+def test_cli_preprocessor_threshold_flags(tmp_path) -> None:
+    """--control-threshold-a / -b: the preprocessor's Threshold A / B sliders (canny's low / high, threshold's
+    threshold), one for all --control or one per --control, -1 the default; recorded in the unit's options."""
+    path = tmp_path / "photo.png"
+    _photo().save(path)
+    image = Image.open(path).convert("RGB")
+    from sdengine.cli import build_parser
+    from sdengine.errors import UsageError
+
+    def flags(*args: str) -> list[list[float]]:
+        return G.control_thresholds(build_parser().parse_args(["generate", "p", *args]))
+
+    both = ("--control", "canny:x.png", "--control", "threshold:x.png")
+    got = flags(*both, "--control-threshold-a", "30", "--control-threshold-a", "90", "--control-threshold-b", "120")
+    assert got == [[30.0, 90.0], [120.0]]
+    with pytest.raises(UsageError, match="3 --control-threshold-a for 2 --control"):
+        flags(*both, *("--control-threshold-a", "1") * 3)
+    with pytest.raises(UsageError, match="give --control TYPE:IMAGE"):
+        flags("--control-threshold-b", "5")
+    with pytest.raises(UsageError, match="finite number"):
+        flags(*both, "--control-threshold-a", "nan")
+    units = G.control_units_from_cli(
+        [f"canny:{path}", f"threshold:{path}"], ["cn", "cn"], thresholds=[[30.0, 90.0], [120.0, -1.0]]
+    )
+    assert units[0].module_options == {"low": 30.0, "high": 120.0}
+    np.testing.assert_array_equal(np.asarray(units[0].image), np.asarray(C.canny(image, 30, 120)))
+    assert units[1].module_options == {"threshold": 90.0}
+    np.testing.assert_array_equal(np.asarray(units[1].image), np.asarray(C.threshold(image, 90)))
+    with pytest.raises(UsageError, match="preprocessor 'threshold' has no threshold B"):
+        G.control_units_from_cli([f"threshold:{path}"], ["cn"], thresholds=[[], [50.0]])
+
+
 def test_shipped_controlnet_reads_by_name(tmp_path, monkeypatch):
     from sdengine.catalog import ASSETS
     from sdengine.control.files import read_controlnet

@@ -108,9 +108,28 @@ def test_a1111_units_map_control_mode_and_pixel_perfect() -> None:
     ]
     units, _, res = control_units(args, None, ignored)
     assert [u.mode for u in units] == ["prompt", "controlnet", "balanced"] and ignored == []
-    assert res == {1: 0}  # pixel perfect (0: from the image's size) wins over processor_res; module none: no scale
+    # pixel perfect (0: from the image's size) wins over processor_res; module none: no scale; none sent: 512
+    assert res == {0: 512, 1: 0}
     with pytest.raises(Exception, match="pixel_perfect must be true or false"):
         control_units([{**base, "pixel_perfect": "yes"}], None, [])
+
+
+def test_a1111_unit_processor_res_of_minus_one_is_the_preprocessors_default_512() -> None:
+    """The extension's -1 (and a unit that sends none) is its preprocessor's default resolution, 512 for every
+    preprocessor that scales the image (once: the image was not scaled at all); invert and none take the image
+    as it is, whatever processor_res says (the extension's invert has no resolution)."""
+    base = {"image": "aGk=", "model": "emoji-controlnet-canny", "module": "canny"}
+    args = [
+        {**base, "processor_res": -1, "threshold_a": -1, "threshold_b": -1},
+        base,
+        {**base, "module": "threshold", "processor_res": -1},
+        {**base, "processor_res": 256},
+        {**base, "module": "invert (from white bg & black line)", "processor_res": 256},
+        {**base, "module": "none", "processor_res": -1},
+    ]
+    units, _, res = control_units(args, None, [])
+    assert res == {0: 512, 1: 512, 2: 512, 3: 256}
+    assert units[0].options == {"low": 100.0, "high": 200.0} and units[2].options == {}  # -1: the defaults
 
 
 def test_pixel_perfect_resolution_is_the_extensions() -> None:

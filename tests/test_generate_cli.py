@@ -1096,6 +1096,30 @@ def test_from_png_preprocesses_the_control_image_with_the_recorded_thresholds_an
 
 
 @pytest.mark.slow
+def test_from_png_reproduces_the_extensions_pixel_perfect_and_the_threshold_flags_override(tmp_path):
+    """An A1111 unit with Pixel Perfect: the control image (40x24 for the 64x64 output) is scaled to 24 x 64/24 =
+    64 before canny, written back as that Processor Res (once: warned of, the recorded 512 used); the
+    --control-threshold-a / -b flags replace the recorded thresholds, and are written."""
+    from sdengine.metadata import save_png
+
+    _, made = _controlnet_png(tmp_path)
+    small = tmp_path / "small.png"
+    picture(40, 24).save(small)
+    text = Image.open(made).info["parameters"]
+    text = text.replace("Threshold A: 100", "Processor Res: 512, Threshold A: 100")
+    text = text.replace("Guidance End: 1", "Guidance End: 1, Pixel Perfect: True")
+    png = tmp_path / "a1111.png"
+    save_png(Image.open(made), png, text)
+    assert _generate("--from-png", str(png), "--control", f"canny:{small}", "--out", str(tmp_path / "pp")) == 0
+    with Image.open(tmp_path / "pp" / "00000-4.png") as im:
+        assert "Processor Res: 64, Threshold A: 100, Threshold B: 200" in im.info["parameters"]
+    flags = ("--control-threshold-a", "20", "--control-threshold-b", "60")
+    assert _generate("--from-png", str(png), "--control", f"canny:{small}", *flags, "--out", str(tmp_path / "t")) == 0
+    with Image.open(tmp_path / "t" / "00000-4.png") as im:
+        assert "Processor Res: 64, Threshold A: 20, Threshold B: 60" in im.info["parameters"]
+
+
+@pytest.mark.slow
 def test_from_png_of_an_a1111_controlnet_image_counts_the_guidance_steps_by_a1111s_rule(tmp_path):
     """An infotext A1111 wrote has no sdengine step-rule field: its extension's rule made it, so it is read so."""
     from sdengine.metadata import VERSION, save_png

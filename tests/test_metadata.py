@@ -556,6 +556,9 @@ def test_a_controlnet_unit_naming_an_unknown_preprocessor_or_option_is_refused_b
 
 
 def test_an_a1111_controlnet_setting_sdengine_does_not_reproduce_is_warned_of(caplog):
+    """Pixel Perfect is kept for the reader to work the resolution out (once only warned of as not reproduced:
+    nothing is warned of now; the name is the reliability row's); a Processor Res of -1 is the extension's default
+    for a preprocessor that scales, 512, and nothing for one that does not."""
     from sdengine.metadata import recorded_controlnets
 
     text = _A1111_CONTROLNET.replace("ControlNet is more important", "My prompt is more important")
@@ -563,8 +566,14 @@ def test_an_a1111_controlnet_setting_sdengine_does_not_reproduce_is_warned_of(ca
     with caplog.at_level(logging.WARNING, logger="sdengine.metadata"):
         (unit,) = recorded_controlnets(parse_parameters(text))
     assert unit.mode == "prompt"  # the extension's soft weights: reproduced (pipeline.control's modes)
-    warned = " ".join(r.getMessage() for r in caplog.records)
-    assert "Pixel Perfect is not reproduced" in warned and "My prompt" not in warned
+    assert unit.pixel_perfect and unit.processor_res == 384
+    assert caplog.records == []
+    default = _A1111_CONTROLNET.replace("Processor Res: 384", "Processor Res: -1")
+    (unit,) = recorded_controlnets(parse_parameters(default))
+    assert unit.processor_res == 512 and not unit.pixel_perfect
+    invert = default.replace("Module: canny", "Module: invert")
+    (unit,) = recorded_controlnets(parse_parameters(invert.replace("Pixel Perfect: False", "Pixel Perfect: True")))
+    assert unit.processor_res is None and not unit.pixel_perfect
 
 
 def test_an_a1111_controlnet_with_an_unknown_resize_mode_or_a_bad_threshold_is_a_one_line_error():

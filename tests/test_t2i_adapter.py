@@ -102,6 +102,46 @@ def test_adapter_features_match_diffusers_in_every_format(tmp_path, kind):
             assert len(got) == len(want) and _err(got, want) < 1e-6, name
 
 
+@pytest.mark.parametrize("kind", ["full", "xl"])
+def test_original_adapters_with_conv_downsampling_or_3x3_kernels_match_diffusers_so_modified(tmp_path, kind):
+    """The original code's use_conv (``body.{k}.down_opt.op``: a 3x3 stride-2 conv halves, not the average pool)
+    and ksize 3 (3x3 in_conv and block2): diffusers' T2IAdapter with those modules swapped in (its block runs
+    downsample -> in_conv -> resnets) is the reference, on random weights, in the original names and sdengine's
+    own folder and file (once: refused as a layout sdengine does not read)."""
+    ref = _adapter(kind, seed=3)
+    torch.manual_seed(4)
+    sd: dict[str, torch.Tensor] = {}
+    for block in ref.adapter.body:
+        if block.downsample is not None:
+            ch = block.in_conv.in_channels if block.in_conv is not None else block.resnets[0].block1.in_channels
+            block.downsample = torch.nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        if block.in_conv is not None:
+            block.in_conv = torch.nn.Conv2d(block.in_conv.in_channels, block.in_conv.out_channels, 3, padding=1)
+        for r in block.resnets:
+            r.block2 = torch.nn.Conv2d(r.block2.in_channels, r.block2.out_channels, 3, padding=1)
+    _models._perturb(ref, 5, 0.05)
+    for k, v in ref.state_dict().items():
+        sd[re.sub(r"\.downsample\.", ".down_conv.", k)] = v.contiguous()
+    original = {
+        re.sub(r"^body\.(\d+)\.down_conv\.", lambda m: f"body.{int(m[1]) * 2}.down_opt.op.", k): v
+        for k, v in _original_names(sd).items()
+    }
+    assert any(".down_opt.op.weight" in k for k in original) and "body.0.block2.weight" in original
+    save_safetensors(original, tmp_path / "original.safetensors")
+    image = torch.rand(2, 3, 32, 32)
+    base = TINY_SDXL if kind == "xl" else TINY_SD
+    with torch.no_grad():
+        want = ref(image)
+        ours = C.load_control_model(tmp_path / "original.safetensors", base=base)
+        assert isinstance(ours, T2IAdapter)
+        assert (ours.config.kernel_size, ours.config.conv_downsample) == (3, True)
+        assert _err(ours(image), want) < 1e-5
+        for layout, name in (("diffusers", "folder"), ("original", "again.safetensors")):
+            C.save_t2i_adapter(ours, tmp_path / name, layout=layout)
+            back = C.load_control_model(tmp_path / name, base=base)
+            assert back.config == ours.config and _err(back(image), want) < 1e-5, layout
+
+
 def test_original_sd15_sizes_are_told_apart_from_sdxl_by_the_unshuffle():
     """No base model: a first conv of 3x8x8 inputs is an SD adapter, of 3x16x16 an SDXL one (ComfyUI's rule)."""
     for folded, kind in ((192, "full_adapter"), (768, "full_adapter_xl"), (64, "full_adapter")):
@@ -230,7 +270,7 @@ def test_an_sdxl_adapter_on_an_sd_model_is_refused_by_name(sd_setup, tmp_path):
 def test_adapter_files_of_unknown_layout_name_the_file(tmp_path):
     sd = _original_names({k: v for k, v in _adapter("full").state_dict().items()})
     save_safetensors({**sd, "body.0.skep.weight": torch.zeros(32, 32, 1, 1)}, tmp_path / "v1.safetensors")
-    with pytest.raises(ControlNetError, match=r"v1\.safetensors: a T2I-Adapter with convolution downsampling"):
+    with pytest.raises(ControlNetError, match=r"v1\.safetensors: a T2I-Adapter with skip convolutions"):
         C.load_control_model(tmp_path / "v1.safetensors", base=TINY_SD)
     save_safetensors({**sd, "body.0.extra.weight": torch.zeros(2)}, tmp_path / "odd.safetensors")
     with pytest.raises(ControlNetError, match=r"odd\.safetensors: unexpected T2I-Adapter keys: body\.0\.extra"):
@@ -351,3 +391,24 @@ def test_adapters_and_controlnets_in_one_run_add_up():
                 down_intrablock_additional_residuals=[f * weight for f in feats],
             )
             assert (got[step] - want).abs().max().item() < 1e-5, step
+
+
+def test_adapter_features_are_computed_once_per_generation(sd_setup, monkeypatch):
+    """An adapter's features depend on its map alone: one network call per generation (CFG's two row kinds in
+    one batch), not one per U-Net call, and the picture the same as when every call ran it."""
+    folder, pipe, adapter, path, cmap = sd_setup
+    calls = []
+    forward = T2IAdapter.forward
+
+    def counted(self, x):
+        calls.append(tuple(x.shape))
+        return forward(self, x)
+
+    monkeypatch.setattr(T2IAdapter, "forward", counted)
+    ours = pipe(PROMPT, NEGATIVE, cfg_scale=7.5, controlnets=[(path, cmap, 0.8)], **_kw()).arrays
+    assert len(calls) == 1, calls
+    monkeypatch.setattr(torch, "is_grad_enabled", lambda: True)  # the cache's off switch: every call runs it
+    calls.clear()
+    again = pipe(PROMPT, NEGATIVE, cfg_scale=7.5, controlnets=[(path, cmap, 0.8)], **_kw()).arrays
+    assert len(calls) == STEPS
+    assert np.array_equal(ours[0], again[0])

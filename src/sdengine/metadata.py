@@ -756,6 +756,11 @@ CONTROLNET_THRESHOLDS: dict[str, tuple[str, ...]] = {
     "scribble": ("threshold",),
     "softedge": ("blur",),
 }
+# The extension scales the control image to a short side of its "Processor Res" before these preprocessors (its
+# resize_image_with_pad); a unit's -1 is the preprocessor's default resolution, 512 for each of them (its
+# bound_check_params: the "Resolution" slider's value). "none" and "invert" take the image as it is.
+CONTROLNET_PROCESSOR_RES = 512
+CONTROLNET_SCALED = frozenset({"canny", "threshold", "scribble", "softedge"})
 
 
 def format_controlnet(
@@ -819,6 +824,9 @@ class RecordedControlNet:
     mode: str = "balanced"  # the extension's "Control Mode" (pipeline.control.CONTROL_MODES), else balanced
     resize_mode: str | None = None  # the extension's per-unit "Resize Mode" (sdengine.io.resize.RESIZE_MODES' name)
     hires_mode: str | None = None  # sdengine's "Hires Control Mode": the hires fix's second pass, None = mode
+    # the extension's "Pixel Perfect": the processor resolution is worked out from the control image's size and
+    # the output's (sdengine.control.preprocess.pixel_perfect_resolution), not the recorded Processor Res
+    pixel_perfect: bool = False
 
     @property
     def preprocessor(self) -> str | None:
@@ -842,8 +850,10 @@ def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
     and the extension's per-unit ``Resize Mode``. The step rule is sdengine's ``ControlNet step rule`` field
     (one rule, or one per ControlNet); without it an sdengine image's is diffusers' and any other's (A1111's
     extension's) is A1111's. A field without a model, a bad number, or a rule list of another length is a
-    MetadataError, as is an unknown Control Mode; a setting sdengine does not reproduce (the extension's Pixel
-    Perfect, whose resolution the infotext does not hold) is logged as a warning."""
+    MetadataError, as is an unknown Control Mode. A ``Processor Res`` of -1 is the extension's default resolution
+    (:data:`CONTROLNET_PROCESSOR_RES`) for a preprocessor that scales the image (:data:`CONTROLNET_SCALED`);
+    ``Pixel Perfect: True`` is kept (``pixel_perfect``): the resolution then comes from the control image's size
+    and the output's, which the reader works out."""
     out: list[tuple[int, RecordedControlNet]] = []
     default_rule = "diffusers" if made_by_sdengine(parsed) else "a1111"
     for key, value in parsed.items():
@@ -876,8 +886,10 @@ def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
         mode = _control_mode(key, "Control Mode", fields.get("Control Mode", "Balanced"))
         hr = fields.get("Hires Control Mode")
         hires_mode = None if hr is None else _control_mode(key, "Hires Control Mode", hr)
-        if fields.get("Pixel Perfect", "False") == "True":
-            log.warning("%s: Pixel Perfect is not reproduced by sdengine (the image may differ)", key)
+        pixel_perfect = fields.get("Pixel Perfect", "False").strip().lower() == "true"
+        # a recorded -1 is the extension's "default", its preprocessor's 512 (no field: not scaled, as sdengine writes)
+        if "Processor Res" in fields and res == -1 and preprocessor in CONTROLNET_SCALED:
+            res = CONTROLNET_PROCESSOR_RES
         resize_mode = None
         if "Resize Mode" in fields:  # the extension's per-unit fit of the control image ("Crop and Resize")
             from sdengine.io.resize import resize_mode_name
@@ -899,6 +911,7 @@ def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
             mode,
             resize_mode,
             hires_mode,
+            pixel_perfect and preprocessor in CONTROLNET_SCALED,
         )
         out.append((int(m.group(1) or 0), unit))
     units = [r for _, r in sorted(out, key=lambda t: t[0])]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import re
 import sys
@@ -101,15 +102,23 @@ def control_units_from_cli(
     controls: Sequence[str],
     controlnets: Sequence[str],
     recorded: Sequence[Any] | None = None,
+    *,
+    thresholds: Sequence[Sequence[float]] = (),
+    target: tuple[int, int] | None = None,
+    fit: str | None = None,
     **preprocess_options: float,
 ) -> list[ControlUnit]:
     """Pair repeated ``--control`` and ``--controlnet`` flags in order -> ControlUnits, each image read
     (named if unreadable) and preprocessed by its type. ``recorded``: a PNG's ControlNets
     (:class:`sdengine.metadata.RecordedControlNet`, one per flag): where a flag's type is the recorded
     preprocessor, it runs with the recorded options (canny's thresholds) on the image scaled to the recorded
-    ``Processor Res``, as the image was made."""
+    ``Processor Res``, as the image was made; a unit recorded with the extension's Pixel Perfect has its
+    resolution worked out from its image's size, ``target`` (the output's width, height) and its resize mode
+    (the recorded one, else ``fit``). ``thresholds``: the ``--control-threshold-a`` / ``-b`` values, one per
+    control (or one for all; -1: the preprocessor's default), over the recorded ones."""
     from ..control import option_names, preprocess
-    from ..control.preprocess import load_control_image, option_defaults, processor_resize
+    from ..control.preprocess import load_control_image, option_defaults, pixel_perfect_resolution, processor_resize
+    from ..metadata import CONTROLNET_SCALED, CONTROLNET_THRESHOLDS
 
     if len(controls) != len(controlnets):
         raise ControlNetError(
@@ -124,9 +133,32 @@ def control_units_from_cli(
         r = recorded[k] if recorded is not None else None
         if r is not None and r.preprocessor == kind:
             options = {**options, **{n: v for n, v in r.options.items() if n in option_names(kind)}}
-            if r.processor_res is not None and kind != "none":
+            if r.pixel_perfect and kind in CONTROLNET_SCALED and target is not None:
+                image = load_control_image(image)
+                w, h = target
+                fill = (r.resize_mode or fit or "crop and resize") == "resize and fill"
+                res = pixel_perfect_resolution(image.size, w // 8 * 8, h // 8 * 8, fill)
+            elif r.pixel_perfect and kind in CONTROLNET_SCALED:
+                log.warning("%s: Pixel Perfect without the output's size: its Processor Res is used", text)
+            if res is None and r.processor_res is not None and kind in CONTROLNET_SCALED:
                 res = r.processor_res
+            if res is not None:
                 image = processor_resize(load_control_image(image), res)
+        for slider, values in zip(("a", "b"), thresholds, strict=False):
+            if not values:
+                continue
+            value = values[k] if len(values) > 1 else values[0]
+            names = CONTROLNET_THRESHOLDS.get(kind, ())
+            if value == -1:  # the extension's "default"
+                continue
+            if len(names) <= "ab".index(slider):
+                if len(values) > 1 or len(controls) == 1:
+                    raise UsageError(
+                        f"--control-threshold-{slider} {value:g}: preprocessor {kind!r} has no threshold "
+                        f"{slider.upper()} (give -1 for it)"
+                    )
+                continue
+            options[names["ab".index(slider)]] = value
         out.append(
             dataclasses.replace(
                 unit,
@@ -137,6 +169,26 @@ def control_units_from_cli(
                 processor_res=res,
             )
         )
+    return out
+
+
+def control_thresholds(a: argparse.Namespace) -> list[list[float]]:
+    """``--control-threshold-a`` / ``-b`` -> their values (A's, B's), each list one per ``--control`` or one
+    for all; a count that is neither, a value that is not finite, or the flags without ``--control`` are a
+    UsageError."""
+    n = len(a.control or [])
+    out = []
+    for slider in ("a", "b"):
+        values = list(getattr(a, f"control_threshold_{slider}", None) or [])
+        flag = f"--control-threshold-{slider}"
+        if values and not n:
+            raise UsageError(f"{flag} sets a --control preprocessor's threshold: give --control TYPE:IMAGE")
+        if len(values) not in (0, 1, n):
+            raise UsageError(f"{len(values)} {flag} for {n} --control: give one for all, or one per --control")
+        bad = [v for v in values if not math.isfinite(v)]
+        if bad:
+            raise UsageError(f"{flag} {bad[0]}: give a finite number (-1: the preprocessor's default)")
+        out.append(values)
     return out
 
 
@@ -447,7 +499,9 @@ def _recorded_controlnet_path(name: str, digest: str | None, controlnets_dir: st
     return str(path)
 
 
-def _controlnets_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list[ControlUnit]:
+def _controlnets_from_png(
+    a: argparse.Namespace, parsed: dict[str, str], kwargs: dict[str, Any] | None = None
+) -> list[ControlUnit]:
     """A ControlNet PNG is made again only with its control images (``--control``, one per recorded ControlNet,
     in order); the models are the ones it names, unless ``--controlnet`` gives others. Weight, start and end
     are the recorded ones unless the ``--control`` spec gives them."""
@@ -455,7 +509,9 @@ def _controlnets_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list
 
     recorded = recorded_controlnets(parsed)
     if not recorded:
-        return control_units_from_cli(a.control or [], a.controlnet or []) if (a.control or a.controlnet) else []
+        if not (a.control or a.controlnet):
+            return []
+        return control_units_from_cli(a.control or [], a.controlnet or [], thresholds=control_thresholds(a))
     names = ", ".join(r.name for r in recorded)
     if not a.control:
         raise ControlNetError(
@@ -469,7 +525,16 @@ def _controlnets_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list
     models = a.controlnet or [
         _recorded_controlnet_path(r.name, r.hash, a.controlnets_dir, a.from_png) for r in recorded
     ]
-    units = control_units_from_cli(a.control, models, recorded)
+    kw = kwargs or {}
+    width, height = kw.get("width"), kw.get("height")
+    units = control_units_from_cli(
+        a.control,
+        models,
+        recorded,
+        thresholds=control_thresholds(a),
+        target=(int(width), int(height)) if width is not None and height is not None else None,
+        fit=kw.get("resize_mode"),
+    )
     return [
         dataclasses.replace(
             u if _spec_has_numbers(text) else dataclasses.replace(u, scale=r.weight, start=r.start, end=r.end),
@@ -682,14 +747,17 @@ def run(a: argparse.Namespace) -> int:
     sdxl = {"prompt_2": a.prompt_2, "negative_prompt_2": a.negative_2}  # SDXL's second text encoder
     if any(v is not None for v in sdxl.values()):  # over a --from-png's SDXL options, each on its own
         kwargs["sdxl"] = {**(kwargs.get("sdxl") or {}), **{k: v for k, v in sdxl.items() if v is not None}}
+    control_thresholds(a)  # the flags checked whatever the run (without --control they would do nothing)
     if a.from_png:
-        units = _controlnets_from_png(a, parsed)
+        units = _controlnets_from_png(a, parsed, kwargs)
         if units:
             kwargs["controlnets"] = units
             if parsed.get("ControlNet guess mode", "").strip().lower() == "true":  # sdengine's field
                 kwargs["guess_mode"] = True
     elif a.control or a.controlnet:
-        kwargs["controlnets"] = control_units_from_cli(a.control or [], a.controlnet or [])
+        kwargs["controlnets"] = control_units_from_cli(
+            a.control or [], a.controlnet or [], thresholds=control_thresholds(a)
+        )
     if a.no_progress:
         kwargs["progress"] = False
     if a.controlnets_dir is not None and a.from_png is None:  # --controlnet takes a path or a built-in name
@@ -986,6 +1054,19 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         help="a ControlNet input (repeatable; pairs with --controlnet in order)",
     )
     p.add_argument("--controlnet", action="append", default=None, metavar="MODEL", help="a ControlNet model")
+    for slider, what in (
+        ("a", "canny's low threshold, threshold's and scribble's threshold, softedge's blur"),
+        ("b", "canny's high threshold"),
+    ):
+        p.add_argument(
+            f"--control-threshold-{slider}",
+            action="append",
+            type=float,
+            default=None,
+            metavar="VALUE",
+            help=f"the preprocessor's threshold {slider.upper()} (A1111's slider: {what}); one for all --control, "
+            "or one per --control in order; -1: the default",
+        )
     p.add_argument(
         "--controlnets-dir",
         default=None,

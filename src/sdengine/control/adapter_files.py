@@ -13,9 +13,11 @@ Formats read, as users have them:
 
 A file carries no config, so the architecture is read from the shapes: the widths from the convs, the pixel
 unshuffle from ``conv_in`` (a folded width of 256 or 768 = 1 or 3 channels x 16 x 16 is an SDXL adapter, as
-ComfyUI decides; 64 or 192 = 8 x 8 an SD 1.x/2.x one). Original files with convolution downsampling or skip
-convolutions (``down_opt.op``, ``skep``: layouts that no released adapter of diffusers' kind uses) are refused
-by name.
+ComfyUI decides; 64 or 192 = 8 x 8 an SD 1.x/2.x one). The original code's options that diffusers lacks are read
+as ComfyUI reads them: a 3x3 ``block2`` is its ``ksize`` 3, and ``body.{k}.down_opt.op`` convolutions its
+``use_conv`` (a learned stride-2 halving, sdengine's ``adapter.body.{level}.down_conv``). Skip convolutions
+(``skep``, the original's ``sk=False``, which ComfyUI does not load either and which no released adapter has) are
+refused by name.
 """
 
 from __future__ import annotations
@@ -94,7 +96,13 @@ def config_from_weights(sd: Mapping[str, Tensor], *, base: UNetConfig | None = N
         else:  # tiny test models: the base model says
             xl = bool(base is not None and base.text_time)
         kind = "full_adapter_xl" if xl else "full_adapter"
-        return T2IAdapterConfig(ch, widths, len(blocks), f, kind)
+        k = (
+            int(sd["adapter.body.0.resnets.0.block2.weight"].shape[-1])
+            if "adapter.body.0.resnets.0.block2.weight" in sd
+            else 1
+        )
+        conv = any(re.match(r"^adapter\.body\.\d+\.down_conv\.weight$", key) for key in sd)
+        return T2IAdapterConfig(ch, widths, len(blocks), f, kind, kernel_size=k, conv_downsample=conv)
     ch, f = _unshuffle(int(sd["adapter.body.0.in_conv.weight"].shape[1]))
     widths = tuple(int(sd[f"adapter.body.{i}.out_conv.weight"].shape[0]) for i in levels)
     if len(widths) < 2 or widths[-1] != widths[-2]:
@@ -107,7 +115,7 @@ def original_to_diffusers(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], 
     out: dict[str, Tensor] = {}
     unknown: list[str] = []
     light = "conv_in.weight" not in sd
-    full_pat = re.compile(r"^body\.(\d+)\.(in_conv|block1|block2)\.(weight|bias)$")
+    full_pat = re.compile(r"^body\.(\d+)\.(in_conv|block1|block2|down_opt\.op)\.(weight|bias)$")
     light_pat = re.compile(r"^body\.(\d+)\.(?:(in_conv|out_conv)|body\.(\d+)\.(block1|block2))\.(weight|bias)$")
     for k, v in sd.items():
         if k.startswith("conv_in.") and not light:
@@ -115,11 +123,11 @@ def original_to_diffusers(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], 
         elif not light and (m := full_pat.match(k)):
             k_, part, what = int(m.group(1)), m.group(2), m.group(3)
             level, block = divmod(k_, 2)  # ComfyUI: two blocks per level in every full adapter file
-            if part == "in_conv":
+            if part in ("in_conv", "down_opt.op"):  # a level's first block only
                 if block != 0:
                     unknown.append(k)
                     continue
-                out[f"adapter.body.{level}.in_conv.{what}"] = v
+                out[f"adapter.body.{level}.{'in_conv' if part == 'in_conv' else 'down_conv'}.{what}"] = v
             else:
                 out[f"adapter.body.{level}.resnets.{block}.{part}.{what}"] = v
         elif light and (m := light_pat.match(k)):
@@ -139,10 +147,10 @@ def adapter_from_state(
     """A LoadedAdapter from a single file's tensors (either naming)."""
     layout = "diffusers"
     if not any(k.startswith("adapter.") for k in sd):
-        bad = sorted(k for k in sd if re.match(r"^body\.\d+\.(down_opt|skep)\.", k))
+        bad = sorted(k for k in sd if re.match(r"^body\.\d+\.skep\.", k))
         if bad:
             raise ControlNetError(
-                f"{path}: a T2I-Adapter with convolution downsampling or skip convolutions ({bad[0]}, ...): "
+                f"{path}: a T2I-Adapter with skip convolutions ({bad[0]}, ...; the original code's sk=False): "
                 "a layout diffusers' T2IAdapter has no place for, and sdengine does not read"
             )
         sd, unknown = original_to_diffusers(sd)
@@ -320,6 +328,8 @@ def diffusers_to_original(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
             name = f"body.{int(m.group(1)) * 2 + int(m.group(2))}.{m.group(3)}"
         elif not light and (m := re.match(r"^body\.(\d+)\.in_conv\.(.*)$", name)):
             name = f"body.{int(m.group(1)) * 2}.in_conv.{m.group(2)}"
+        elif not light and (m := re.match(r"^body\.(\d+)\.down_conv\.(.*)$", name)):
+            name = f"body.{int(m.group(1)) * 2}.down_opt.op.{m.group(2)}"
         out[name] = v
     return out
 

@@ -225,6 +225,20 @@ def processor_resize(image: Image.Image, res: int) -> Image.Image:
     return Image.fromarray(cv2.resize(np.asarray(image.convert("RGB")), size, interpolation=how))
 
 
+def pixel_perfect_resolution(size: tuple[int, int], width: int, height: int, fill: bool = False) -> int:
+    """A1111's ControlNet extension's "Pixel Perfect" resolution: the short side to scale an image of ``size``
+    (w, h) to before its preprocessor so that it maps onto the ``width`` x ``height`` output one pixel to one: its
+    short side times the larger of the two scale factors (the smaller when the unit's resize mode is "Resize and
+    Fill", ``fill``), rounded half to even as NumPy's round. The extension gives it the output's size rounded down
+    to a multiple of 8 (the first pass's, with the hires fix)."""
+    w, h = size
+    if min(w, h, width, height) <= 0:
+        raise ControlNetError(f"pixel perfect: sizes must be positive, got an image of {w}x{h} for {width}x{height}")
+    k_h, k_w = float(height) / float(h), float(width) / float(w)
+    k = min(k_h, k_w) if fill else max(k_h, k_w)
+    return max(1, round(k * float(min(w, h))))
+
+
 __all__ = [
     "NEEDS_A_MODEL",
     "PREPROCESSORS",
@@ -235,6 +249,7 @@ __all__ = [
     "load_control_image",
     "option_defaults",
     "option_names",
+    "pixel_perfect_resolution",
     "processor_resize",
     "preprocess",
     "scribble",

@@ -19,6 +19,11 @@ the size where the U-Net does. Three kinds, as diffusers' ``T2IAdapter`` ``adapt
 * ``light_adapter``: per level a 1x1 ``in_conv`` to a quarter of the width, residual blocks of two 3x3 convs,
   a 1x1 ``out_conv``; one more level than ``channels`` lists (the last repeats its width, halved again).
 
+Two options of the original code (TencentARC's ``Adapter(ksize, use_conv)``, which ComfyUI reads) that diffusers
+lacks, for full adapters: ``kernel_size`` 3 makes the ``in_conv`` and each block's second conv 3x3 (diffusers' and
+the released files' are 1x1), and ``conv_downsample`` halves with a learned 3x3 stride-2 convolution
+(``down_conv``, padding 1) instead of the average pool.
+
 Parameter names are diffusers' ``T2IAdapter`` (``adapter.conv_in``, ``adapter.body.{i}.resnets.{j}.block1``,
 ...), so its ``diffusion_pytorch_model.safetensors`` loads with ``load_state_dict(strict=True)``; original
 TencentARC files (``body.{k}.block1``, ...) are renamed by :mod:`sdengine.control.adapter_files`.
@@ -49,8 +54,14 @@ class T2IAdapterConfig:
     num_res_blocks: int = 2
     downscale_factor: int = 8
     adapter_type: str = "full_adapter"
+    kernel_size: int = 1  # the full adapter's in_conv and block2 (the original code's ksize: 1 or 3)
+    conv_downsample: bool = False  # halve with a 3x3 stride-2 conv (the original's use_conv), not an average pool
 
     def __post_init__(self) -> None:
+        if self.kernel_size not in (1, 3):
+            raise ConfigError(f"kernel_size must be 1 or 3, got {self.kernel_size}")
+        if self.adapter_type == "light_adapter" and (self.kernel_size != 1 or self.conv_downsample):
+            raise ConfigError("a light_adapter has no kernel_size or conv_downsample option")
         if self.adapter_type not in ADAPTER_TYPES:
             raise ConfigError(f"adapter_type must be one of {', '.join(ADAPTER_TYPES)}, got {self.adapter_type!r}")
         if self.in_channels < 1 or self.num_res_blocks < 1 or self.downscale_factor < 1:
@@ -91,12 +102,15 @@ class T2IAdapterConfig:
                 num_res_blocks=int(raw.get("num_res_blocks", 2)),
                 downscale_factor=int(raw.get("downscale_factor", 8)),
                 adapter_type=str(raw.get("adapter_type", "full_adapter")),
+                kernel_size=int(raw.get("kernel_size", 1)),
+                conv_downsample=bool(raw.get("conv_downsample", False)),
             )
         except (TypeError, ValueError) as e:
             raise ConfigError(f"not a T2IAdapter config: {e}") from None
 
     def to_diffusers(self) -> dict[str, Any]:
-        return {
+        """diffusers' config; the original code's options, where set, as sdengine's own keys (diffusers has none)."""
+        out: dict[str, Any] = {
             "_class_name": "T2IAdapter",
             "in_channels": self.in_channels,
             "channels": list(self.channels),
@@ -104,6 +118,11 @@ class T2IAdapterConfig:
             "downscale_factor": self.downscale_factor,
             "adapter_type": self.adapter_type,
         }
+        if self.kernel_size != 1:
+            out["kernel_size"] = self.kernel_size
+        if self.conv_downsample:
+            out["conv_downsample"] = True
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -128,16 +147,20 @@ def _halve(x: Tensor) -> Tensor:
 
 
 class FullBlock(nn.Module):
-    """[halve] -> [1x1 in_conv where the width changes] -> residual blocks."""
+    """[halve] -> [in_conv where the width changes] -> residual blocks; ``k`` the in_conv's and the blocks' second
+    kernel (1; the original code's ksize 3), ``conv_down`` a 3x3 stride-2 conv (``down_conv``) as the halving."""
 
-    def __init__(self, in_ch: int, out_ch: int, n: int, *, down: bool) -> None:
+    def __init__(self, in_ch: int, out_ch: int, n: int, *, down: bool, k: int = 1, conv_down: bool = False) -> None:
         super().__init__()
         self.down = down
-        self.in_conv = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
-        self.resnets = nn.Sequential(*(_Residual(out_ch, 1) for _ in range(n)))
+        self.down_conv = nn.Conv2d(in_ch, in_ch, 3, stride=2, padding=1) if down and conv_down else None
+        self.in_conv = nn.Conv2d(in_ch, out_ch, k, padding=k // 2) if in_ch != out_ch else None
+        self.resnets = nn.Sequential(*(_Residual(out_ch, k) for _ in range(n)))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.down:
+        if self.down_conv is not None:
+            x = self.down_conv(x)
+        elif self.down:
             x = _halve(x)
         if self.in_conv is not None:
             x = self.in_conv(x)
@@ -174,7 +197,10 @@ class _Body(nn.Module):
         else:
             self.conv_in = nn.Conv2d(folded, widths[0], 3, padding=1)
             ins = (widths[0], *widths[:-1])
-            self.body = nn.ModuleList(FullBlock(ins[i], widths[i], n, down=downs[i]) for i in range(len(widths)))
+            k, conv = cfg.kernel_size, cfg.conv_downsample
+            self.body = nn.ModuleList(
+                FullBlock(ins[i], widths[i], n, down=downs[i], k=k, conv_down=conv) for i in range(len(widths))
+            )
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = F.pixel_unshuffle(x, self.factor)  # (B, C*f*f, H/f, W/f)

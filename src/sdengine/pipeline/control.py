@@ -290,6 +290,14 @@ def _step_sigma(step: SamplerStep | int | None) -> float | None:
     return step.sigma if isinstance(step, SamplerStep) else None
 
 
+def _version(t: Tensor) -> int:
+    """A tensor's in-place change counter (an inference-mode tensor has none: -1)."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return -1
+
+
 def _module_dtype(m: torch.nn.Module, default: torch.dtype) -> torch.dtype:
     p = next(m.parameters(), None)
     return p.dtype if p is not None else default
@@ -303,10 +311,21 @@ class ControlledUNet:
     takes_step = True
     takes_row_kinds = True
 
-    def __init__(self, unet: Any, units: list[PreparedUnit], *, guess_mode: bool = False) -> None:
+    def __init__(
+        self,
+        unet: Any,
+        units: list[PreparedUnit],
+        *,
+        guess_mode: bool = False,
+        adapter_cache: dict[tuple[int, int, tuple[str, ...]], tuple[Tensor, int, list[Tensor]]] | None = None,
+    ) -> None:
         self.unet = unet
         self.units = units
         self.guess_mode = guess_mode
+        # A T2I-Adapter's features depend on its map alone (not on the latent, the step or the prompt): computed
+        # once per generation (per map and set of CFG rows it acts on), as diffusers' adapter pipelines do, and
+        # shared with the with_kinds copies. Key (net, map, row kinds) -> (the map, its version, the features).
+        self.adapter_cache = {} if adapter_cache is None else adapter_cache
 
     def __getattr__(self, name: str) -> Any:  # config, dtype, ... of the wrapped U-Net
         if name == "unet":
@@ -316,7 +335,7 @@ class ControlledUNet:
     def with_kinds(self, kinds: Sequence[frozenset[str] | None]) -> ControlledUNet:
         """The same U-Net and loaded units (shared, nothing copied), each acting on the rows of ``kinds``."""
         units = [replace(u, kinds=k) for u, k in zip(self.units, kinds, strict=True)]
-        return ControlledUNet(self.unet, units, guess_mode=self.guess_mode)
+        return ControlledUNet(self.unet, units, guess_mode=self.guess_mode, adapter_cache=self.adapter_cache)
 
     def active(self, step: int, sigma: float | None = None) -> list[bool]:
         """Which units act at the run's step ``step`` (a call at ``sigma``: units of the comfyui rule judge it)."""
@@ -435,8 +454,7 @@ class ControlledUNet:
             if not picked:
                 continue
             rows = _rows(picked, b, x.device)
-            img = _maps_for_rows(unit_image, [kinds[i] for i in picked])
-            feats = [f * unit.scale for f in unit.net(img)]
+            feats = [f * unit.scale for f in self._adapter_features(unit.net, unit_image, [kinds[i] for i in picked])]
             if unit.mode != "balanced":  # the extension's soft weights of an adapter's features (as it zips them)
                 feats = [f * s for f, s in zip(feats, soft_scales(min(len(feats), 4), adapter=True), strict=False)]
             _check_features(feats, self.unet, x, k)
@@ -451,6 +469,22 @@ class ControlledUNet:
             else:
                 total = [a + f for a, f in zip(total, feats, strict=True)]
         return total
+
+    def _adapter_features(self, net: T2IAdapter, image: Tensor, kinds: list[str]) -> list[Tensor]:
+        """``net``'s features of ``image`` for rows of ``kinds``: from the cache when that map (the same tensor,
+        not changed in place since) was seen. Not cached where gradients flow (training) or while a CUDA graph
+        records (its memory is the graph's)."""
+        recording = image.is_cuda and torch.cuda.is_current_stream_capturing()
+        if torch.is_grad_enabled() or recording:
+            return list(net(_maps_for_rows(image, kinds)))
+        key = (id(net), id(image), tuple(kinds))
+        version = _version(image)
+        hit = self.adapter_cache.get(key)
+        if hit is not None and hit[0] is image and hit[1] == version:
+            return hit[2]
+        feats = list(net(_maps_for_rows(image, kinds)))
+        self.adapter_cache[key] = (image, version, feats)
+        return feats
 
     def __call__(
         self,

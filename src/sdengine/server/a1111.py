@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sdengine.diffusion import sampling
 from sdengine.errors import SdengineError
 from sdengine.io.resize import resize_image, resize_mode_name
-from sdengine.metadata import CONTROLNET_MODULES
+from sdengine.metadata import CONTROLNET_MODULES, CONTROLNET_PROCESSOR_RES, CONTROLNET_SCALED
 from sdengine.server.catalog import strip_title
 from sdengine.server.errors import BadRequest, NotFound, PayloadTooLarge, ServerFault, Unprocessable, redact_paths
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job, visible
@@ -1016,10 +1016,15 @@ def control_units(
         if not isinstance(pixel_perfect, bool):
             raise BadRequest(f"ControlNet unit {k}: pixel_perfect must be true or false, got {pixel_perfect!r}")
         options = {}
-        if MODULES[module] != "none" and pixel_perfect:  # the extension's processor_res from the image's size
+        # the extension preprocesses the image scaled to a short side of processor_res (none and invert take it
+        # as it is); -1 (or none sent) is the preprocessor's default, 512; pixel_perfect works it out from the image
+        scaled = MODULES[module] in CONTROLNET_SCALED
+        if scaled and pixel_perfect:
             processor_res[len(units)] = PIXEL_PERFECT
-        elif MODULES[module] != "none" and u.get("processor_res") not in (None, -1):
-            res = u["processor_res"]  # the extension preprocesses the image scaled to this short side
+        elif scaled:
+            res = u.get("processor_res")
+            if res is None or res == -1:
+                res = CONTROLNET_PROCESSOR_RES
             if isinstance(res, bool) or not isinstance(res, int) or not 64 <= res <= 2048:
                 raise BadRequest(f"ControlNet unit {k}: processor_res must be an integer in [64, 2048] or -1")
             processor_res[len(units)] = res
@@ -1060,10 +1065,9 @@ def pixel_perfect_resolution(size: tuple[int, int], width: int, height: int, res
     scaled to) at which the image of ``size`` (w, h) maps onto the ``width`` x ``height`` output one pixel to one:
     its short side times the larger of the two scale factors (the smaller for "Resize and Fill", 2), rounded.
     The extension gives it the request's width and height rounded down to a multiple of 8."""
-    w, h = size
-    k_h, k_w = float(height) / float(h), float(width) / float(w)
-    k = min(k_h, k_w) if resize_mode == 2 else max(k_h, k_w)
-    return max(1, int(np.round(k * float(min(w, h)))))
+    from sdengine.control.preprocess import pixel_perfect_resolution as resolution
+
+    return resolution(size, width, height, fill=resize_mode == 2)
 
 
 def _num(v: Any, what: str) -> float:
