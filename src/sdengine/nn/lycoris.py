@@ -32,9 +32,11 @@ model); at weight 1 it is LyCORIS' and kohya's ``W'``. (LyCORIS and kohya interp
 DoRA's update is ``mult * (W' - W)``, the convention of A1111 and ComfyUI (weight 0 is the base model, the
 effect is linear in the weight); at weight 1 it is the same ``W'`` that LyCORIS and PEFT compute.
 
-Unlike a plain LoRA, these updates are not a product of two thin maps, so the layer rebuilds the dense ``dW``
-(from the current base weight, which DoRA and (IA)^3 need) and runs it as one more Linear/Conv2d; ``fuse`` folds
-it into the weight as for LoRA. File layouts and key names are :mod:`sdengine.weights.lycoris_file`.
+Unlike a plain LoRA, these updates are not a product of two thin maps, so the layer builds the dense ``dW``
+(from the current base weight, which DoRA and (IA)^3 need) and runs it as one more Linear/Conv2d; the built
+update is kept until the weight, the base weight or the input's device/dtype changes (bit-identical to a
+rebuild); ``fuse`` folds it into the weight as for LoRA. File layouts and key names are
+:mod:`sdengine.weights.lycoris_file`.
 
 Differences of 1-d parameters (a GroupNorm/LayerNorm's weight and bias, or a Linear/Conv2d bias alone) are a
 :class:`DiffLayer`: patched, it adds ``normalize(x) * m dw + m db`` to the layer's output; fused, the parameters
