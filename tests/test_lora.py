@@ -24,6 +24,7 @@ from sdengine.weights import CorruptFileError, save_safetensors
 from sdengine.weights.lora import (
     LoRAError,
     LoRAFile,
+    LoRAWeight,
     LoRAWeightWarning,
     apply_loras,
     kohya_name,
@@ -951,3 +952,34 @@ def test_the_summed_weight_of_a_lora_named_twice_is_bounded(loras):
     with pytest.warns(LoRAWeightWarning) as record:
         apply_loras(unet, te, [(path, 60.0), (path, -59.0)]).remove()  # acts as 1: no warning of a sum
     assert not any("add up" in str(w.message) for w in record)
+
+
+@pytest.mark.filterwarnings("ignore::sdengine.nn.lora.LoRAWeightWarning")  # (weights over 4: not the point here)
+def test_set_weight_holds_a_file_named_twice_to_the_summed_bound(loras):
+    """`set_weight` checked each weight alone: a file applied at 60 and 30 (sum 90, allowed) could be raised to
+    60 + 60 = 120 after loading, which loading itself refuses. It now refuses it with loading's very line, and the
+    handle (weights, reports, the model's outputs) is left as it was; `set_weights` checks the new values together
+    (60 + 40 = 100 is allowed even though 60 + 60 passes through on the way), and a file's text-encoder and U-Net
+    parts (`LoRAWeight`) are summed part by part, as loading sums them."""
+    unet, te = fresh_models()
+    path = loras[0]["kohya"]
+    with pytest.raises(LoRAError) as loading:
+        apply_loras(unet, te, [(path, 60.0), (path, 60.0)])
+    with apply_loras(unet, te, [(path, 60.0), (path, 30.0)]) as h:
+        before = run_ours(unet, te)
+        with pytest.raises(LoRAError) as e:
+            h.set_weight(1, 60.0)
+        assert str(e.value) == str(loading.value) and "\n" not in str(e.value)
+        with pytest.raises(LoRAError, match=r"weights 30, 80: they add up\): weight 110 is outside"):
+            h.set_weights([30.0, 80.0])
+        assert h.weights == [60.0, 30.0] and [r.weight for r in h.reports] == [60.0, 30.0]
+        assert all(torch.equal(a, b) for a, b in zip(run_ours(unet, te), before, strict=True))
+        h.set_weights([40.0, 60.0])  # 60 + 60 on the way, 100 in the end: allowed
+        assert h.weights == [40.0, 60.0]
+        h.set_weight(0, -59.0)  # opposite weights cancel, as in loading
+    with apply_loras(unet, te, [(path, LoRAWeight(1.0, 50.0)), (path, 1.0)]) as h:
+        assert [a.name for a in h.loras] == [path.stem] * 3  # its text-encoder part, its U-Net part, then both
+        h.set_weight(0, 99.0)  # text encoders 99 + 1 = 100: allowed
+        with pytest.raises(LoRAError, match=r"weights 99:99.5, 1: they add up\): weight 100.5 is outside"):
+            h.set_weight(1, 99.5)  # U-Net 99.5 + 1
+        assert h.weights == [99.0, 50.0, 1.0]

@@ -20,7 +20,7 @@ from torch import nn
 from sdengine.models.clip_text import CLIPTextConfig, CLIPTextModel
 from sdengine.models.unet import UNet, UNetConfig
 from sdengine.weights import save_safetensors
-from sdengine.weights.lora import LoRAError, LoRAFile, apply_loras, kohya_name
+from sdengine.weights.lora import LoRAError, LoRAFile, LycorisLayer, apply_loras, kohya_name
 from test_weights_common import randomize, state, tiny_clip, tiny_unet
 
 pytest.importorskip("lycoris")
@@ -993,3 +993,78 @@ def test_oft_that_does_not_fit_is_refused(parts, match):
         apply_loras(unet, None, [(LoRAFile.from_state_dict(sd, name="oft"), 1.0)])
     assert "\n" not in str(e.value)
     assert torch.equal(unet.to_q.weight, before)
+
+
+def oft_boft_file(g: torch.Generator) -> LoRAFile:
+    """OFT on to_q and ff, BOFT (3 stages) with a rescale on the 3x3 convolution of `layers_alone`."""
+    sd = {
+        "lora_unet_to_q.oft_blocks": torch.randn(8, 4, 4, generator=g) * 0.3,
+        "lora_unet_conv.oft_blocks": torch.randn(3, 8, 4, 4, generator=g) * 0.3,
+        "lora_unet_conv.rescale": 1 + 0.2 * torch.randn(32, 1, 1, 1, generator=g),
+        "lora_unet_ff.oft_blocks": torch.randn(8, 4, 4, generator=g) * 0.3,
+        "lora_unet_ff.alpha": torch.tensor(1e-3),
+    }
+    return LoRAFile.from_state_dict(sd, name="ortho")
+
+
+@torch.no_grad()
+def run_layers(holder: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    return [holder.to_q(x[..., :32]), holder.conv(x.reshape(1, 32, 4, 4)), holder.ff(x.repeat(1, 4))]
+
+
+def test_oft_update_is_built_once_per_weight_and_is_the_uncached_result_bit_for_bit(monkeypatch):
+    """OFT/BOFT (and every LyCORIS update) rebuilt its dense dW (Cayley transform, rotation, butterfly) at every
+    forward: an OFT image cost ~1.5x one at weight 0. The update is now kept per layer and weight: built once for
+    many forwards, rebuilt after set_weight, a change of the base weight (in place, or moved to another dtype),
+    never at weight 0; each output is bit-for-bit the uncached computation, base(x) + (multiplier * dW)(x)."""
+    builds: list[int] = []
+    real = LycorisLayer.delta_weight
+
+    def counted(self):
+        builds.append(id(self))
+        return real(self)
+
+    monkeypatch.setattr(LycorisLayer, "delta_weight", counted)
+    g = torch.Generator().manual_seed(64)
+    holder, lf = layers_alone(g), oft_boft_file(g)
+    x = torch.randn(16, 32, generator=g)
+    base = run_layers(holder, x)
+    with apply_loras(holder, None, [(lf, 0.8)]) as h:
+        first = run_layers(holder, x)
+        assert len(builds) == 3
+        for _ in range(3):
+            again = run_layers(holder, x)
+            assert all(torch.equal(a, b) for a, b in zip(again, first, strict=True))
+        assert len(builds) == 3  # built once per layer, not per forward
+        deltas = {tuple(layer.delta_weight().shape): layer.delta_weight() for layer in h.loras[0].layers}
+        want = [  # the uncached computation, by hand (the three layers' weights differ in shape)
+            base[0] + F.linear(x[..., :32], deltas[(32, 32)]),
+            base[1] + F.conv2d(x.reshape(1, 32, 4, 4), deltas[(32, 32, 3, 3)], None, 1, 1),
+            base[2] + F.linear(x.repeat(1, 4), deltas[(32, 128)]),
+        ]
+        assert all(torch.equal(a, w) for a, w in zip(first, want, strict=True))
+        builds.clear()
+        h.set_weight(0, 0.0)
+        assert all(torch.equal(a, b) for a, b in zip(run_layers(holder, x), base, strict=True)) and not builds
+        h.set_weight(0, 0.3)
+        at_03 = run_layers(holder, x)
+        assert len(builds) == 3
+        kept = holder.ff.weight.detach().clone()
+        with torch.no_grad():
+            holder.ff.weight.mul_(1.5)  # the base weight changed in place: the updates built from it are stale
+        changed = run_layers(holder, x)
+        assert len(builds) == 4  # (only ff's)
+        with torch.no_grad():
+            holder.ff.weight.copy_(kept)
+    with apply_loras(holder, None, [(lf, 0.3)]):
+        fresh = run_layers(holder, x)  # a fresh load at 0.3: what set_weight gave
+    assert all(torch.equal(a, b) for a, b in zip(at_03, fresh, strict=True))
+    assert not torch.equal(changed[2], at_03[2])
+    holder.double()
+    with apply_loras(holder, None, [(lf, 0.3)]) as h:
+        fresh64 = run_layers(holder, x.double())
+    with apply_loras(holder, None, [(lf, 0.3)]) as h:
+        holder.float()
+        run_layers(holder, x)  # built in float32
+        holder.double()  # moved: the updates are rebuilt in float64
+        assert all(torch.equal(a, b) for a, b in zip(run_layers(holder, x.double()), fresh64, strict=True))

@@ -62,6 +62,9 @@ class LayerUpdate(nn.Module):
         """The change of the layer's bias (float32), for fusing; None: the bias stays (every LoRA)."""
         return None
 
+    def clear_cache(self) -> None:
+        """Drop what the layer keeps between forwards (a rebuilt LyCORIS update); nothing for a LoRA."""
+
 
 class LoRALayer(LayerUpdate):
     """The low-rank term of one layer: ``multiplier * scale * up(down(x))``, with the layer's conv geometry.
@@ -162,6 +165,8 @@ class _Patch:
         w = self.module.weight
         assert isinstance(w, torch.Tensor)
         delta = sum((layer.delta_weight() for layer in self.layers), torch.zeros((), dtype=torch.float32))
+        for layer in self.layers:  # the hook is off while fused: its kept updates would only hold memory
+            layer.clear_cache()
         self.original = w.data
         self.fused = (self.original.float() + delta.to(self.original.device)).to(self.original.dtype)
         w.data = self.fused
@@ -191,6 +196,8 @@ class _Patch:
     def remove(self) -> None:
         self.unfuse()
         self.hook.remove()
+        for layer in self.layers:
+            layer.clear_cache()
 
 
 # ---------------------------------------------------------------------------------------------- handles
@@ -205,6 +212,12 @@ class AppliedLoRA:
     weight: float
     layers: list[LayerUpdate]
     report: Any = None
+    # the file it came from (its resolved path, or another key unique to it: None for layers not from a file),
+    # which of its mentions in the call (0, 1, ...) and which part of it ("unet", "text_encoders", None: both):
+    # a file named twice acts at the sum of its mentions' weights, held to the bounds of one weight
+    source: str | None = None
+    mention: int = 0
+    part: str | None = None
 
 
 class LoRAHandle:
@@ -235,28 +248,72 @@ class LoRAHandle:
         return hits[0]
 
     def set_weight(self, which: int | str, weight: float) -> None:
-        """Change one LoRA's weight (by position or name): takes effect at the next forward."""
-        a = self._find(which)
-        a.weight = check_weight(weight, a.name)
-        if a.report is not None:
-            a.report.weight = a.weight
-        for layer in a.layers:
-            layer.multiplier = a.weight
+        """Change one LoRA's weight (by position or name): takes effect at the next forward. Checked as loading
+        checks it: a weight outside [-100, 100], or one that takes the sum of the weights of a file named more
+        than once outside it, is a :class:`LoRAError` and nothing changes."""
+        self.set_weights({which: weight})
+
+    def set_weights(self, weights: Sequence[float] | Mapping[int | str, float] | Mapping[str, float]) -> None:
+        """Change several weights at once (a list: one per LoRA, in order; a mapping: by position or name). All are
+        checked first, the summed weights of a file named twice on the new values: one refused, none changes."""
+        if not isinstance(weights, Mapping) and len(weights) != len(self.loras):
+            raise LoRAError(f"{len(weights)} weights for {len(self.loras)} LoRAs")
+        items: Iterable[tuple[int | str, float]] = (
+            weights.items() if isinstance(weights, Mapping) else enumerate(weights)
+        )
+        new: dict[int, float] = {}  # id(entry) -> its new weight
+        entries: dict[int, AppliedLoRA] = {}
+        for which, w in items:
+            a = self._find(which)
+            new[id(a)] = check_weight(w, a.name)
+            entries[id(a)] = a
+        check_summed_weights(self._mentions(new).values())
+        for key, a in entries.items():
+            a.weight = new[key]
+            if a.report is not None:
+                a.report.weight = a.weight
+            for layer in a.layers:
+                layer.multiplier = a.weight
         if self.fused:  # recompute the fused weights from the originals: still exact on unfuse
             self.unfuse()
             self.fuse()
 
-    def set_weights(self, weights: Sequence[float] | Mapping[str, float]) -> None:
-        items = weights.items() if isinstance(weights, Mapping) else enumerate(weights)
-        if not isinstance(weights, Mapping) and len(weights) != len(self.loras):
-            raise LoRAError(f"{len(weights)} weights for {len(self.loras)} LoRAs")
-        for which, w in items:
-            self.set_weight(which, w)
+    def _mentions(self, new: Mapping[int, float]) -> dict[str, tuple[str, list[tuple[float, float]]]]:
+        """Per file: its name and each mention's (text-encoder, U-Net) weight, with the weights in ``new`` (by
+        ``id`` of the entry) in place of the current ones; a part the file has no layers of takes the other's."""
+        mentions: dict[str, tuple[str, dict[int, dict[str | None, float]]]] = {}
+        for a in self.loras:
+            if a.source is None:
+                continue
+            parts = mentions.setdefault(a.source, (a.name, {}))[1].setdefault(a.mention, {})
+            parts[a.part] = new.get(id(a), a.weight)
+        out: dict[str, tuple[str, list[tuple[float, float]]]] = {}
+        for source, (name, by_mention) in mentions.items():
+            pairs = []
+            for parts in by_mention.values():
+                both = parts.get(None)
+                te = both if both is not None else parts.get("text_encoders")
+                unet = both if both is not None else parts.get("unet")
+                te = unet if te is None else te
+                unet = te if unet is None else unet
+                assert te is not None and unet is not None  # every mention has at least one entry
+                pairs.append((te, unet))
+            out[source] = (name, pairs)
+        return out
 
     def attach(
-        self, name: str, weight: float, layers: Iterable[tuple[nn.Module, LayerUpdate]], report: Any = None
+        self,
+        name: str,
+        weight: float,
+        layers: Iterable[tuple[nn.Module, LayerUpdate]],
+        report: Any = None,
+        *,
+        source: str | None = None,
+        mention: int = 0,
+        part: str | None = None,
     ) -> AppliedLoRA:
-        """Hook ``layers`` (base module, LoRA layer) under one LoRA ``name``; several LoRAs on one module stack."""
+        """Hook ``layers`` (base module, LoRA layer) under one LoRA ``name``; several LoRAs on one module stack.
+        ``source``, ``mention``, ``part``: see :class:`AppliedLoRA` (what :meth:`set_weight` checks sums by)."""
         if self.removed:
             raise LoRAError("this LoRA handle was removed")
         if self.fused:  # the new layers would be left out of the fused weights
@@ -268,7 +325,7 @@ class LoRAHandle:
                 patch = self._patches[id(module)] = _Patch(module)
             patch.layers.append(layer)
             applied.append(layer)
-        entry = AppliedLoRA(name, weight, applied, report)
+        entry = AppliedLoRA(name, weight, applied, report, source, mention, part)
         self.loras.append(entry)
         return entry
 
@@ -365,6 +422,26 @@ def check_weight(weight: float, name: str = "LoRA") -> float:
     return w
 
 
+def weight_text(w: float | LoRAWeight) -> str:
+    """A weight as messages show it: ``0.5``, or ``0.5:1`` for separate text-encoder / U-Net multipliers."""
+    return format(w, "g") if isinstance(w, float) else str(w)
+
+
+def check_summed_weights(files: Iterable[tuple[str, Sequence[tuple[float, float]]]]) -> None:
+    """A file named more than once acts at the sum of its weights (see
+    :func:`sdengine.weights.lora.duplicate_notes`): that sum is held to the bounds of one weight (an error outside
+    [-100, 100], a warning outside [-4, 4]), as if it had been written once (``<lora:a:60> <lora:a:60>`` is weight
+    120, refused like ``<lora:a:120>``; once each mention alone passed). Loading and
+    :meth:`LoRAHandle.set_weight` check it alike. ``files``: (name, [(te weight, unet weight), ...])."""
+    for name, weights in files:
+        if len(weights) < 2:
+            continue
+        shown = ", ".join(weight_text(lora_weight(te, unet)) for te, unet in weights)
+        label = f"LoRA {name} (named {len(weights)} times, weights {shown}: they add up)"
+        for total in dict.fromkeys((sum(te for te, _ in weights), sum(unet for _, unet in weights))):
+            check_weight(total, label)
+
+
 __all__ = [
     "WEIGHT_LIMIT",
     "WEIGHT_WARN_LIMIT",
@@ -376,8 +453,10 @@ __all__ = [
     "LoRALayer",
     "LoRAWeight",
     "LoRAWeightWarning",
+    "check_summed_weights",
     "check_weight",
     "lora_weight",
     "part_weights",
     "patch_layers",
+    "weight_text",
 ]

@@ -32,9 +32,11 @@ model); at weight 1 it is LyCORIS' and kohya's ``W'``. (LyCORIS and kohya interp
 DoRA's update is ``mult * (W' - W)``, the convention of A1111 and ComfyUI (weight 0 is the base model, the
 effect is linear in the weight); at weight 1 it is the same ``W'`` that LyCORIS and PEFT compute.
 
-Unlike a plain LoRA, these updates are not a product of two thin maps, so the layer rebuilds the dense ``dW``
-(from the current base weight, which DoRA and (IA)^3 need) and runs it as one more Linear/Conv2d; ``fuse`` folds
-it into the weight as for LoRA. File layouts and key names are :mod:`sdengine.weights.lycoris_file`.
+Unlike a plain LoRA, these updates are not a product of two thin maps, so the layer builds the dense ``dW``
+(from the current base weight, which DoRA and (IA)^3 need) and runs it as one more Linear/Conv2d; the built
+update is kept until the weight, the base weight or the input's device/dtype changes (bit-identical to a
+rebuild); ``fuse`` folds it into the weight as for LoRA. File layouts and key names are
+:mod:`sdengine.weights.lycoris_file`.
 
 Differences of 1-d parameters (a GroupNorm/LayerNorm's weight and bias, or a Linear/Conv2d bias alone) are a
 :class:`DiffLayer`: patched, it adds ``normalize(x) * m dw + m db`` to the layer's output; fused, the parameters
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -271,6 +274,7 @@ class LycorisLayer(LayerUpdate):
         self.magnitude = None if magnitude is None else nn.Parameter(magnitude, requires_grad=False)
         self.magnitude_on_output = magnitude_on_output
         self.scale = float(scale)
+        self._cache: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor | None] | None = None
         self.multiplier = float(multiplier)
         self.conv = conv
         self._base = (base,)  # a tuple: the base layer is read, not registered as a submodule
@@ -295,15 +299,49 @@ class LycorisLayer(LayerUpdate):
             return None
         return self.parts["diff_b"].detach().float() * self.multiplier
 
-    def forward(self, x: torch.Tensor, padded: bool = False) -> torch.Tensor | None:
-        """As ``LoRALayer.forward`` (``padded``: ``x`` is padded already)."""
-        if self.multiplier == 0.0:
-            return None
-        d = self.delta_weight()
-        dtype = x.dtype if torch.is_floating_point(x) else d.dtype
-        d = d.to(device=x.device, dtype=dtype)
+    @property
+    def multiplier(self) -> float:
+        return self._multiplier
+
+    @multiplier.setter
+    def multiplier(self, value: float) -> None:
+        self._multiplier = float(value)
+        self._cache = None  # a new weight: the update is rebuilt at the next forward
+
+    def clear_cache(self) -> None:
+        """Drop the update kept for the next forwards (also done when the weight changes)."""
+        self._cache = None
+
+    def _cache_key(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[Any, ...]:
+        w = self._base[0].weight
+        assert isinstance(w, torch.Tensor)
+        try:
+            version = w._version  # an in-place change of the base weight
+        except RuntimeError:  # an inference tensor has no version counter (it cannot be changed in place either)
+            version = -1
+        return (self._multiplier, w.data_ptr(), version, w.dtype, w.device, x.device, dtype)
+
+    def cached_update(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(multiplier * dW, multiplier * db)`` on ``x``'s device in its dtype, built once and reused while the
+        weight, the base weight and ``x``'s device and dtype stay the same: the very tensors the uncached
+        computation gives (the same operations on the same values), so the output is bit-identical."""
+        dtype = x.dtype if torch.is_floating_point(x) else torch.float32
+        key = self._cache_key(x, dtype)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1], self._cache[2]
+        self._cache = None  # free the old update before building the new one
+        d = self.delta_weight().to(device=x.device, dtype=dtype)
         db = self.delta_bias()
         b = None if db is None else db.to(device=x.device, dtype=dtype)
+        self._cache = (key, d, b)
+        return d, b
+
+    def forward(self, x: torch.Tensor, padded: bool = False) -> torch.Tensor | None:
+        """As ``LoRALayer.forward`` (``padded``: ``x`` is padded already). The dense update is rebuilt only when
+        the weight, the base weight or ``x``'s device or dtype changed (:meth:`cached_update`)."""
+        if self.multiplier == 0.0:
+            return None
+        d, b = self.cached_update(x)
         if self.conv is None:
             return F.linear(x, d, b)
         c = self.conv

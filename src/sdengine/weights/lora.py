@@ -37,10 +37,12 @@ from ..nn.lora import (
     LoRALayer,
     LoRAWeight,
     LoRAWeightWarning,
+    check_summed_weights,
     check_weight,
     lora_weight,
     part_weights,
     patch_layers,
+    weight_text,
 )
 from ..nn.lycoris import DiffLayer, LycorisLayer, lycoris_scale
 from .lora_file import (
@@ -116,7 +118,7 @@ def apply_loras(
             "load the model without fp8 to use LoRAs"
         )
     index = ModelIndex(unet, text_encoder, text_encoder_2)
-    prepared: list[tuple[LoRAFile, float, dict[str, Any], list[str], dict[str, Any]]] = []
+    prepared: list[Prepared] = []
     named: dict[str, tuple[str, list[tuple[float, float]]]] = {}  # file -> (name, its (te, unet) weights)
     for item in loras:
         src, weight = lora_entry(item)
@@ -128,7 +130,8 @@ def apply_loras(
         te_w = check_weight(te_w, lf.name)
         unet_w = te_w if unet_w == te_w else check_weight(unet_w, lf.name)
         file_key = str(lf.path.resolve()) if lf.path is not None else f"{lf.name}#{id(lf)}"
-        named.setdefault(file_key, (lf.name, []))[1].append((te_w, unet_w))
+        mentions = named.setdefault(file_key, (lf.name, []))[1]
+        mentions.append((te_w, unet_w))
         parts: list[tuple[Literal["unet", "text_encoders"] | None, float]]
         if part is not None:
             parts = [(part, te_w if part == "text_encoders" else unet_w)]
@@ -142,7 +145,7 @@ def apply_loras(
                 log.info("LoRA %s has no %s layers: nothing to apply there", lf.name, which)
                 continue
             matched, unmatched, lycoris = match_lora(piece, index)
-            prepared.append((piece, w, matched, unmatched, lycoris))
+            prepared.append(Prepared(piece, w, matched, unmatched, lycoris, file_key, len(mentions) - 1, which))
 
     check_summed_weights(named.values())  # before anything is patched
     handle = LoRAHandle()
@@ -168,33 +171,15 @@ def duplicate_notes(files: Iterable[tuple[str, Sequence[tuple[float, float]]]]) 
     for name, weights in files:
         if len(weights) < 2:
             continue
-        shown = ", ".join(_weight_text(lora_weight(te, unet)) for te, unet in weights)
+        shown = ", ".join(weight_text(lora_weight(te, unet)) for te, unet in weights)
         total = lora_weight(sum(te for te, _ in weights), sum(unet for _, unet in weights))
         last_te, last_unet = weights[-1]
         a1111 = lora_weight(last_te * len(weights), last_unet * len(weights))
         notes.append(
             f"LoRA {name} is named {len(weights)} times (weights {shown}): their effects add up, as weight "
-            f"{_weight_text(total)} (A1111 would apply it at {_weight_text(a1111)}: each mention at the last weight)"
+            f"{weight_text(total)} (A1111 would apply it at {weight_text(a1111)}: each mention at the last weight)"
         )
     return notes
-
-
-def check_summed_weights(files: Iterable[tuple[str, Sequence[tuple[float, float]]]]) -> None:
-    """A file named more than once acts at the sum of its weights (see :func:`duplicate_notes`): that sum is held to
-    the bounds of one weight (an error outside [-100, 100], a warning outside [-4, 4]), as if it had been written
-    once (``<lora:a:60> <lora:a:60>`` is weight 120, refused like ``<lora:a:120>``; once each mention alone
-    passed). ``files``: (name, [(te weight, unet weight), ...])."""
-    for name, weights in files:
-        if len(weights) < 2:
-            continue
-        shown = ", ".join(_weight_text(lora_weight(te, unet)) for te, unet in weights)
-        label = f"LoRA {name} (named {len(weights)} times, weights {shown}: they add up)"
-        for total in dict.fromkeys((sum(te for te, _ in weights), sum(unet for _, unet in weights))):
-            check_weight(total, label)
-
-
-def _weight_text(w: float | LoRAWeight) -> str:
-    return format(w, "g") if isinstance(w, float) else str(w)
 
 
 def is_text_encoder_key(key: str) -> bool:
@@ -218,10 +203,24 @@ def lora_part(lf: LoRAFile, part: Literal["unet", "text_encoders"]) -> LoRAFile:
     )
 
 
-def _attach_all(
-    handle: LoRAHandle, prepared: Sequence[tuple[LoRAFile, float, dict[str, Any], list[str], dict[str, Any]]]
-) -> None:
-    for lf, w, matched, unmatched, lycoris in prepared:
+@dataclasses.dataclass
+class Prepared:
+    """One file (or one part of it) checked and matched, ready to attach: its mention and part are what
+    :meth:`LoRAHandle.set_weight` sums a file named twice by."""
+
+    lf: LoRAFile
+    weight: float
+    matched: dict[str, Any]
+    unmatched: list[str]
+    lycoris: dict[str, Any]
+    source: str
+    mention: int
+    part: Literal["unet", "text_encoders"] | None
+
+
+def _attach_all(handle: LoRAHandle, prepared: Sequence[Prepared]) -> None:
+    for item in prepared:
+        lf, w, matched, unmatched, lycoris = item.lf, item.weight, item.matched, item.unmatched, item.lycoris
         layers: list[tuple[nn.Module, LayerUpdate]] = []
         for key, (target, down, up) in matched.items():
             base = target.module.weight
@@ -253,7 +252,7 @@ def _attach_all(
             log.info(report.summary())
         else:
             log.warning(report.summary())
-        handle.attach(lf.name, w, layers, report)
+        handle.attach(lf.name, w, layers, report, source=item.source, mention=item.mention, part=item.part)
 
 
 def lycoris_layer(lw: LycorisLayerWeights, module: nn.Module, multiplier: float) -> LycorisLayer | DiffLayer:
