@@ -66,7 +66,7 @@ def test_headers_sent_one_byte_at_a_time_are_a_408_within_the_header_timeout(tmp
             elapsed = time.monotonic() - t0
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert b"did not all arrive within 0.6 s" in answer
-        assert elapsed < 2.5 and closing < 1, (elapsed, closing)  # the answer came, and the connection closed
+        assert elapsed < 4 and closing < 2, (elapsed, closing)  # the answer came, and the connection closed
         assert c.get("/healthz").status_code == 200
 
 
@@ -81,8 +81,16 @@ def test_an_idle_connection_is_closed_and_a_kept_alive_one_must_send_its_next_he
         # (uvicorn's keep-alive timer stops at the first byte of the next request)
         with socket.create_connection(("127.0.0.1", s.port), timeout=5) as k:
             k.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            first = k.recv(4096)
-            assert first.startswith(b"HTTP/1.1 200"), first[:100]
+            first = b""
+            while b"\r\n\r\n" not in first:  # the whole first answer: its head, then its content-length of body
+                first += k.recv(4096)
+            head, _, body = first.partition(b"\r\n\r\n")
+            length = int(
+                next(v for n, _, v in (h.partition(b": ") for h in head.split(b"\r\n")) if n == b"content-length")
+            )
+            while len(body) < length:
+                body += k.recv(4096)
+            assert head.startswith(b"HTTP/1.1 200") and len(body) == length, first[:100]
             t0 = time.monotonic()
             k.sendall(b"GET /healthz HTTP/1.1\r\n")
             try:
