@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from sdengine.server.app import create_app
+from sdengine.server.app import create_app, make_server
 from sdengine.server.config import ServerConfig
 
 _PIPES: dict[tuple[str, str], Any] = {}
@@ -52,14 +52,19 @@ class LiveServer:
 
 @contextmanager
 def live_server(
-    config: ServerConfig, *, loader: Any = shared_loader, start_timeout: float = 60.0
+    config: ServerConfig, *, loader: Any = shared_loader, start_timeout: float = 60.0, as_served: bool = False
 ) -> Iterator[LiveServer]:
+    """``as_served``: the uvicorn server ``sdengine serve`` runs (make_server: its protocol with the header
+    deadline, its connection limit, its shutdown); else a plain uvicorn server."""
     port = free_port()
     config = replace(config, host="127.0.0.1", port=port)
     app = create_app(config, loader=loader, preload=False)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on")
-    )
+    if as_served:
+        server = make_server(app, host="127.0.0.1", port=port, grace=1.0, log_level="warning", access_log=False)
+    else:
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on")
+        )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout

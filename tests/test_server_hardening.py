@@ -355,3 +355,39 @@ def test_comfy_upload_view_and_mask_refuse_names_leaving_the_folder_as_comfyui(s
         assert r.status_code == 200 and r.json() == {"name": "fine.png", "subfolder": "", "type": "input"}, r.text
     after = sorted(p.relative_to(out) for p in out.rglob("*"))
     assert [p for p in after if p not in before and "evil" in str(p)] == []
+
+
+def test_no_directory_of_a_server_path_with_spaces_survives_redaction() -> None:
+    """An unquoted server path with spaces in its folder names ("cannot load /tmp/My Models/x.ckpt: bad") was cut
+    at the first space: the client read "My Models/x.ckpt", the folders after it. Property: for a path under any
+    of the server's private roots (POSIX or Windows), with folder names holding spaces, dots, dashes, in any of
+    the usual sentences, no folder of it survives: the answer holds no separator and no root."""
+    import sys
+    import tempfile
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from sdengine.server.errors import redact_paths
+
+    part = st.text(alphabet="abcXYZ019_-. ", min_size=1, max_size=10).filter(
+        lambda t: t.strip(" .") != "" and t == t.strip()  # a folder name ending in a space reads as two paths
+    )
+    name = st.text(alphabet="abcXYZ019_-.", min_size=1, max_size=10).filter(lambda t: t.strip(".") != "")
+    roots = st.sampled_from(
+        [tempfile.gettempdir(), sys.prefix, "/home/someone", "/opt", "/srv/x", "/media/disk", "/workspace", "C:"]
+    )
+    sentences = st.sampled_from(
+        ["cannot load {}: bad", "[Errno 2] No such file or directory: {}", "error at {}, retry", "{}", "read {} (gone)"]
+    )
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(roots, st.lists(part, min_size=1, max_size=4), name, sentences)
+    def check(root: str, folders: list[str], file: str, sentence: str) -> None:
+        sep = "\\" if root == "C:" else "/"
+        path = sep.join([root, *folders, file])
+        out = redact_paths(sentence.format(path))
+        assert "/" not in out and "\\" not in out, (path, out)
+        assert out == sentence.format(file), (path, out)
+
+    check()

@@ -600,3 +600,42 @@ def test_n_is_at_most_openais_ten(tmp_path):
         assert (e.value.status_code, e.value.param) == (400, "n")
         spec = httpx.get(f"{s.url}/openapi.json", timeout=30).json()
         assert spec["components"]["schemas"]["EditsRequest"]["properties"]["n"]["maximum"] == 10
+
+
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
+def test_the_fields_openai_refuses_are_refused_in_its_shape(client, server):
+    """What OpenAI's API (the ``openai`` client's typed parameters) refuses was taken: ``quality`` ``xhigh``/``max``
+    with a GPT image model other than gpt-image-2.5-sunburst/-flare, ``user: null`` (a string in OpenAI's API,
+    where every other field may be null), and the GPT image fields on the retired variations endpoint, which took
+    image, model, n, response_format, size and user only. Each is now a 400 in OpenAI's shape naming the field;
+    what OpenAI takes still answers, and variations answer a URL by default, as OpenAI's did."""
+    init = ("init.png", png(Image.new("RGB", (64, 64), "red")), "image/png")
+    jobs = httpx.get(f"{server.url}/v1/jobs", headers=KEY, timeout=30).json()["jobs"]
+    for model in ("gpt-image-1", "gpt-image-2", "chatgpt-image-latest", "gpt-image-2.6-flare"):
+        for quality in ("xhigh", "max"):
+            with pytest.raises(openai.BadRequestError, match=f"quality '{quality}' is not taken with model") as e:
+                client.images.generate(prompt="x", size="64x64", model=model, quality=quality, extra_body=FAST)
+            assert (e.value.status_code, e.value.type, e.value.param) == (400, "invalid_request_error", "quality")
+        with pytest.raises(openai.BadRequestError, match="quality 'max' is not taken with model") as e:
+            client.images.edit(image=init, prompt="x", model=model, quality="max", extra_body=FAST)
+        assert e.value.param == "quality"
+    with pytest.raises(openai.BadRequestError, match="user must be a string, got null") as e:
+        client.images.generate(prompt="x", size="64x64", user=None, extra_body=FAST)  # type: ignore[arg-type]
+    assert (e.value.type, e.value.param) == ("invalid_request_error", "user")
+    for name, value in (("output_format", "png"), ("quality", "high"), ("style", "vivid"), ("background", "auto")):
+        with pytest.raises(openai.BadRequestError, match=f"unknown parameter '{name}': /v1/images/variations") as e:
+            client.images.create_variation(image=init, extra_body={**FAST, name: value})
+        assert (e.value.type, e.value.param) == ("invalid_request_error", name)
+    with pytest.raises(openai.BadRequestError, match="unknown parameter 'safety_identifier'"):
+        client.images.create_variation(image=init, extra_body={**FAST, "safety_identifier": "u-1"})
+    assert httpx.get(f"{server.url}/v1/jobs", headers=KEY, timeout=30).json()["jobs"] == jobs  # refused up front
+    # what OpenAI takes is answered: xhigh with the models that take it (snapshot too) or this server's model,
+    # null for an optional field, a variation with OpenAI's fields (a URL when no response_format is sent)
+    for model in ("gpt-image-2.5-flare", "gpt-image-2.5-sunburst-2026-09-08", "emoji", None):
+        kw = {} if model is None else {"model": model}
+        r = client.images.generate(prompt="x", size="64x64", quality="max", style=None, extra_body=FAST, **kw)
+        assert r.quality == "max" and len(r.data) == 1 and r.data[0].b64_json
+    v = client.images.create_variation(image=init, n=1, size="64x64", user="u-1", model="dall-e-2", extra_body=FAST)
+    assert v.data[0].b64_json is None and v.data[0].url
+    got = httpx.get(v.data[0].url, headers=KEY, timeout=30)
+    assert got.status_code == 200 and Image.open(io.BytesIO(got.content)).size == (64, 64)

@@ -60,6 +60,10 @@ def test_settings_that_would_refuse_every_request_refuse_to_start(capsys, tmp_pa
         ("--max-body-mb", "-5"): "--max-body-mb must be a number > 0",
         ("--max-body-mb", "nan"): "--max-body-mb must be a number > 0",
         ("--max-image-pixels", "0"): "--max-image-pixels must be >= 1",
+        ("--header-timeout", "0"): "--header-timeout must be a number of seconds > 0, got 0.0",
+        ("--header-timeout", "inf"): "--header-timeout must be a number of seconds > 0, got inf",
+        ("--body-timeout", "nan"): "--body-timeout must be a number of seconds > 0, got nan",
+        ("--max-connections", "0"): "--max-connections must be >= 1, got 0",
         ("--model-affinity", "-1"): "--model-affinity must be a number of seconds >= 0",
         ("--max-queued-per-client", "-1"): "--max-queued-per-client must be >= 0",
         # at --max-queue or more the whole queue is full first: the per-client limit was taken without effect

@@ -57,6 +57,11 @@ def run(a: argparse.Namespace) -> int:
         )
     if not a.max_body_mb > 0 or a.max_body_mb == float("inf"):
         raise ServerConfigError(f"--max-body-mb must be a number > 0, got {a.max_body_mb}")
+    for flag, seconds in (("--header-timeout", a.header_timeout), ("--body-timeout", a.body_timeout)):
+        if not 0 < seconds < float("inf"):  # 0 would refuse every request; NaN / inf would be no limit at all
+            raise ServerConfigError(f"{flag} must be a number of seconds > 0, got {seconds}")
+    if a.max_connections is not None and a.max_connections < 1:
+        raise ServerConfigError(f"--max-connections must be >= 1, got {a.max_connections}")
     if a.max_image_pixels < 1:
         raise ServerConfigError(f"--max-image-pixels must be >= 1, got {a.max_image_pixels}")
     # The job limits: below the smallest request every request is refused; above the request schema's own bound
@@ -120,6 +125,9 @@ def run(a: argparse.Namespace) -> int:
         max_side=a.max_side,
         max_batch=a.max_batch_size,
         max_body_bytes=int(a.max_body_mb * 1024 * 1024),
+        header_timeout_s=a.header_timeout,
+        body_timeout_s=a.body_timeout,
+        max_connections=a.max_connections,
         max_image_pixels=a.max_image_pixels,
         devices=tuple(a.device.split(",")),
         dtype=a.dtype,
@@ -233,6 +241,28 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "less than S seconds (fewer model switches; 0 = strict FIFO)",
     )
     p.add_argument("--max-body-mb", type=float, default=50.0, help="request body limit in MB (413 above)")
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="a request's line and headers must all arrive within S seconds of the connection opening (or of its "
+        "previous answer), else 408 and the connection is closed (slow clients)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="a request body that sends nothing for S seconds is a 408 and its connection is freed",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help="open connections (event streams included) before new requests get 503 (default: no limit)",
+    )
     p.add_argument(
         "--max-image-pixels", type=int, default=4096 * 4096, help="largest uploaded image, checked before decoding"
     )

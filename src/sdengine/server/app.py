@@ -228,10 +228,15 @@ def make_server(app: FastAPI, *, host: str, port: int, grace: float = 10.0, **uv
     """The uvicorn server of ``sdengine serve``, whose shutdown (Ctrl-C, SIGTERM) first stops the job queue: the
     listening socket closes, queued jobs end ``cancelled``, running ones get ``grace`` seconds to finish (a second
     Ctrl-C cancels them at once), so that every event stream and waiting request ends with the job's final state
-    instead of being cut off; then uvicorn closes the (now idle) connections."""
+    instead of being cut off; then uvicorn closes the (now idle) connections. The head of every request must
+    arrive within the config's ``header_timeout_s`` (:func:`~sdengine.server.security.header_timeout_protocol`),
+    and ``max_connections`` is uvicorn's ``limit_concurrency``."""
     import uvicorn
 
+    from sdengine.server.security import header_timeout_protocol
+
     manager: JobManager = app.state.services.manager
+    config: ServerConfig = app.state.services.config
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
@@ -241,6 +246,8 @@ def make_server(app: FastAPI, *, host: str, port: int, grace: float = 10.0, **uv
             await super().shutdown(sockets)
 
     uvicorn_options.setdefault("timeout_graceful_shutdown", grace + 5)
+    uvicorn_options.setdefault("http", header_timeout_protocol(config.header_timeout_s))
+    uvicorn_options.setdefault("limit_concurrency", config.max_connections)
     return Server(uvicorn.Config(app, host=host, port=port, **uvicorn_options))
 
 

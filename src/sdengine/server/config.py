@@ -32,6 +32,11 @@ class ServerConfig:
     fair_queue: bool = True  # round robin between clients' queued jobs (False: one FIFO for all)
     max_body_bytes: int = 50 * 1024 * 1024
     body_timeout_s: float = 60.0  # a request body that sends nothing for this long is a 408 (slow clients)
+    # the whole head of a request (request line, headers) must arrive within this many seconds of the connection
+    # opening or its last answer ending, else 408 and the connection is closed (slowloris; make_server)
+    header_timeout_s: float = 30.0
+    # most open connections (event streams included) before new requests get uvicorn's 503 (None: no limit)
+    max_connections: int | None = None
     max_image_pixels: int = 4096 * 4096  # of any uploaded image, checked from its header before decoding
     max_side: int = 2048  # width / height of a generated image
     max_batch: int = 8  # images of one request (batch_size)

@@ -104,10 +104,31 @@ def status_of(exc: BaseException) -> int:
 
 _CLIENT_FOLDERS: set[str] = set()
 _FOLDERS_LOCK = threading.Lock()
-_SYSTEM_PREFIXES = ("/tmp", "/var", "/home", "/root", "/usr", "/opt", "/srv", "/mnt", "/data", "/private", "/Users")
+_SYSTEM_PREFIXES = (
+    "/tmp",
+    "/var",
+    "/home",
+    "/root",
+    "/usr",
+    "/opt",
+    "/srv",
+    "/mnt",
+    "/media",
+    "/data",
+    "/workspace",
+    "/content",
+    "/scratch",
+    "/nfs",
+    "/private",
+    "/Users",
+)
 # an absolute path in quotes (as an OSError's repr shows it; spaces allowed), or one standing alone (to a space)
 _QUOTED_PATH = re.compile(r"""(?P<q>['"])(?P<p>(?:[A-Za-z]:)?[\\/][^'"\n]*)(?P=q)""")
 _BARE_PATH = re.compile(r"""(?<![\w.~%/\\'"-])(?P<p>(?:[A-Za-z]:[\\/]|/)[^\s'"]*)""")
+# the words after a bare path, on its line: a server path with spaces ("/tmp/My Models/x.ckpt") goes on to the
+# last word holding a separator inside it ("Models/x.ckpt"), within a few words and before a clause ends
+_NEXT_WORD = re.compile(r"""[ \t]+(?P<w>[^\s'"]+)""")
+_CONTINUATION_WORDS = 6
 
 
 def _forms(path: str | os.PathLike[str]) -> set[str]:
@@ -180,11 +201,35 @@ def redact_paths(text: str) -> str:
         new = _redact_one(m.group("p"), roots)
         return m.group(0) if new is None else f"{m.group('q')}{new}{m.group('q')}"
 
-    def bare(m: re.Match[str]) -> str:
-        new = _redact_one(m.group("p"), roots)
-        return m.group(0) if new is None else new
+    return _redact_bare(_QUOTED_PATH.sub(quoted, text), roots)
 
-    return _BARE_PATH.sub(bare, _QUOTED_PATH.sub(quoted, text))
+
+def _redact_bare(text: str, roots: list[str]) -> str:
+    out: list[str] = []
+    at = 0
+    for m in _BARE_PATH.finditer(text):
+        if m.start() < at:  # inside a path already taken with its spaces
+            continue
+        path, end = m.group("p"), m.end()
+        if _redact_one(path, roots) is None:  # a route, a path the client sent: as it is
+            continue
+        # a server path may hold spaces: it takes the words up to the last one that goes on with a separator
+        pos = end
+        for _ in range(_CONTINUATION_WORDS if path[-1] not in ",;:!?" else 0):
+            w = _NEXT_WORD.match(text, pos)
+            if w is None or w.group("w")[0] in "/\\" or re.match(r"[A-Za-z]:[\\/]", w.group("w")):
+                break  # the line ended, or another absolute path starts
+            pos = w.end()
+            word = w.group("w")
+            if "/" in word or "\\" in word:
+                end = pos
+            if word[-1] in ",;:!?":  # a clause ends here
+                break
+        new = _redact_one(text[m.start() : end], roots)
+        out += [text[at : m.start()], text[m.start() : end] if new is None else new]
+        at = end
+    out.append(text[at:])
+    return "".join(out)
 
 
 def redact_tree(value: object) -> object:

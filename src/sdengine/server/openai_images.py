@@ -12,7 +12,10 @@ What the ``openai`` client sends maps onto the pipeline this way:
   ``transparent`` is refused (these models draw opaque images); edits take no ``style`` and no ``quality`` ``hd``
   (nor do OpenAI's). A request naming one of OpenAI's GPT image models (``gpt-image-...``, ``chatgpt-image-...``) is
   refused what those refuse: ``response_format``, ``style``, ``quality`` ``standard``/``hd`` (its retired DALL-E
-  models'). A field a route does not read is refused (400, ``param`` the field), as OpenAI refuses an unknown
+  models'), and ``quality`` ``xhigh``/``max`` unless it is one of the GPT image models that take them
+  (``gpt-image-2.5-sunburst``, ``gpt-image-2.5-flare`` and their snapshots); ``user`` is a string, never null
+  (OpenAI's type; every other field may be null, as OpenAI's). A field a route does not read is refused (400,
+  ``param`` the field), as OpenAI refuses an unknown
   parameter; so are OpenAI's ``markup`` and the GIF/SVG fields. A field of the wrong type or out of range is a 400
   too (OpenAI's status; the native routes answer those 422).
 * ``edits``: one image (``image``, or the client's one-item list ``image[]``). Several are refused: OpenAI's GPT
@@ -20,7 +23,11 @@ What the ``openai`` client sends maps onto the pipeline this way:
   ``mask`` follows OpenAI: fully transparent pixels (alpha 0) are the part to repaint (a mask without one, which
   would edit nothing, is refused); without a mask, the image's own transparency is its mask; with neither, the
   whole image is redrawn (img2img, strength 0.75).
-* ``variations``: img2img of the one image with an empty prompt (strength 0.75; ``prompt`` is an extension).
+* ``variations``: img2img of the one image with an empty prompt (strength 0.75; ``prompt`` is an extension). It
+  takes the fields of OpenAI's (retired, DALL-E 2) variations endpoint only: ``image``, ``model``, ``n``,
+  ``size`` (any ``WxH`` here, as generations), ``response_format`` (``url`` when not sent, as OpenAI's
+  default there) and ``user``; the GPT image fields (``output_format``, ``quality``, ``style``, ...) are unknown
+  parameters there, as they were to OpenAI.
 * sdengine extensions (sent with the client's ``extra_body``; OpenAI itself refuses them): ``seed``, ``steps``,
   ``negative_prompt``, ``cfg_scale``, ``sampler``, ``schedule``, and ``strength`` (edits, variations).
 * ``generations`` with ``stream: true`` (``n`` 1): Server-Sent Events as OpenAI streams them, ``partial_images``
@@ -91,8 +98,14 @@ ROUTE_FIELDS: dict[str, tuple[str, ...]] = {
     "edits": ("image", "mask", "prompt", *_SHARED.replace(" style", "").split())
     + ("safety_identifier", "complexity", "input_fidelity")
     + ("stream", "partial_images", *EXTENSIONS, "strength"),
-    "variations": ("image", "prompt", *_SHARED.split(), "safety_identifier", *EXTENSIONS, "strength"),
+    # OpenAI's (retired, DALL-E 2) variations took only these: image, model, n, response_format, size, user
+    "variations": ("image", "prompt", "model", "n", "size", "response_format", "user", *EXTENSIONS, "strength"),
 }
+# the response_format a route answers when none is sent: OpenAI's variations answered a URL (DALL-E 2's default)
+DEFAULT_RESPONSE_FORMAT = {"generations": "b64_json", "edits": "b64_json", "variations": "url"}
+# the qualities only these of OpenAI's GPT image models take (their dated snapshots too); the others refuse them
+TOP_QUALITIES = ("xhigh", "max")
+TOP_QUALITY_MODELS = ("gpt-image-2.5-sunburst", "gpt-image-2.5-flare")
 # OpenAI's fields this server cannot honour: refused with the reason
 UNSUPPORTED = {
     "markup": "markup (a drawing over the image to guide the edit) is not supported: send a mask instead",
@@ -247,6 +260,14 @@ def check_gpt_image(get: Any) -> None:
     model = str(get("model") or "")
     if not model.lower().startswith(GPT_IMAGE_PREFIXES):
         return
+    quality = get("quality")
+    if quality in TOP_QUALITIES and not model.lower().startswith(TOP_QUALITY_MODELS):
+        raise ParamError(
+            f"quality {quality!r} is not taken with model {model!r} (OpenAI's {' and '.join(TOP_QUALITY_MODELS)} "
+            "take it, its other GPT image models refuse it): send low, medium, high or auto, or name this "
+            "server's model",
+            "quality",
+        )
     for key, values in DALLE_ONLY.items():
         value = get(key)
         if value in (None, "") or (values is not None and value not in values):
@@ -297,8 +318,10 @@ def install(app: FastAPI, services: Any) -> None:
         catalog.resolve_model(name)  # unknown or unsafe names: 400 here
         return name
 
-    def check_formats(response_format: str | None, output_format: str | None) -> tuple[str, str]:
-        rf = response_format or "b64_json"
+    def check_formats(
+        response_format: str | None, output_format: str | None, route: str = "generations"
+    ) -> tuple[str, str]:
+        rf = response_format or DEFAULT_RESPONSE_FORMAT[route]
         of = output_format or "png"
         if rf not in ("b64_json", "url"):
             raise BadRequest(f"response_format must be b64_json or url, got {rf!r}")
@@ -392,6 +415,8 @@ def install(app: FastAPI, services: Any) -> None:
     @openai_errors
     async def generations(req: GenerationsRequest, request: Request) -> Response:
         check_fields("generations", req.model_extra or {})
+        if "user" in req.model_fields_set and req.user is None:  # OpenAI's user is a string, never null
+            raise ParamError("user must be a string, got null: send the end user's id, or leave user out", "user")
         check_gpt_image(lambda key: getattr(req, key) if key in req.model_fields_set else None)
         rf, of = check_formats(req.response_format, req.output_format)
         compression = check_options(lambda key: getattr(req, key, None), of)
@@ -608,7 +633,7 @@ def install(app: FastAPI, services: Any) -> None:
         fields, files = await form_of(request)
         check_fields("variations", [*fields, *files])
         check_gpt_image(fields.get)
-        rf, of = check_formats(fields.get("response_format"), fields.get("output_format"))
+        rf, of = check_formats(fields.get("response_format"), None, "variations")
         compression = check_options(fields.get, of)
         image = await one_image(files, "variations")
         f = edit_fields(fields, image, None, fields.get("prompt", ""))
@@ -655,7 +680,10 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
     for key, allowed in CHOICES.items():  # transparent: refused, so not listed
         out[key] = {"type": "string", "enum": [v for v in allowed if v != "transparent"]}
     out["style"]["description"] = "refused with a gpt-image or chatgpt-image model, as OpenAI refuses it"
-    out["quality"]["description"] = "standard and hd refused with a gpt-image or chatgpt-image model"
+    out["quality"]["description"] = (
+        "standard and hd refused with a gpt-image or chatgpt-image model; xhigh and max with one other than "
+        + " or ".join(f"{m}(-snapshot)" for m in TOP_QUALITY_MODELS)
+    )
     return out
 
 
@@ -664,7 +692,9 @@ def request_schema(route: str, config: Any) -> dict[str, Any]:
     fields = field_schemas(config)
     props = {name: fields[name] for name in ROUTE_FIELDS[route]}
     if route == "edits":
-        props["quality"] = {"type": "string", "enum": list(EDIT_QUALITY)}
+        props["quality"] = {**fields["quality"], "enum": list(EDIT_QUALITY)}
+    if route == "variations":  # OpenAI's variations answered a URL unless asked otherwise
+        props["response_format"] = {**fields["response_format"], "default": DEFAULT_RESPONSE_FORMAT[route]}
     if route != "generations":  # the openai client sends a list of images as image[]
         props["image[]"] = {"type": "array", "items": _BINARY, "minItems": 1, "maxItems": 1}
     required = {"generations": ["prompt"], "edits": ["prompt"], "variations": []}[route]

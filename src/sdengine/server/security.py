@@ -335,3 +335,76 @@ def decode_base64_image(text: str, what: str, max_pixels: int) -> Image.Image:
     if not data:
         raise BadRequest(f"{what}: empty image")
     return decode_image(data, what, max_pixels)
+
+
+# ---------------------------------------------------------------------------------------------- request heads
+
+
+def header_timeout_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 HTTP protocol with a deadline on request heads (slowloris): from the moment a connection
+    opens, or its last response ends (keep-alive), the whole head of the next request (request line and headers)
+    must have come within ``header_timeout_s``, however the bytes trickle in; past it, a connection that had sent
+    part of a head gets a 408 and is closed, an idle one is closed (so is one still sending the body of a request
+    already answered, a 413). uvicorn has no such deadline (its keep-alive
+    timer stops at the first byte of the next request), and a body is bounded by :class:`SecurityMiddleware`'s
+    ``body_timeout_s`` once the head is in; a response the server is still sending (an event stream) is never
+    cut."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body = json.dumps(
+        {
+            "detail": f"the request headers did not all arrive within {header_timeout_s:g} s",
+            "error": {
+                "message": f"the request headers did not all arrive within {header_timeout_s:g} s",
+                "type": _TYPES[408],
+            },
+        }
+    ).encode()
+    answer = (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+
+    class HeaderTimeoutProtocol(H11Protocol):  # type: ignore[misc]
+        head_deadline: asyncio.TimerHandle | None = None
+
+        def _watch_head(self) -> None:
+            # armed once per wait for a head (never pushed back by the bytes that arrive), dropped once it is in;
+            # also once the answer is sent while the client still sends its body (a 413): the rest must come in time
+            waiting = (self.conn.their_state is h11.IDLE or self.conn.our_state is h11.DONE) and not (
+                self.transport.is_closing()
+            )
+            if waiting and self.head_deadline is None:
+                self.head_deadline = self.loop.call_later(header_timeout_s, self._head_timed_out)
+            elif not waiting and self.head_deadline is not None:
+                self.head_deadline.cancel()
+                self.head_deadline = None
+
+        def _head_timed_out(self) -> None:
+            self.head_deadline = None
+            if self.transport.is_closing():
+                return
+            if self.conn.our_state is h11.IDLE and self.conn.trailing_data[0]:  # part of a head came: say why
+                self.transport.write(answer)
+            self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._watch_head()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch_head()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._watch_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
+                self.head_deadline = None
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
