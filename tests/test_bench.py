@@ -98,6 +98,29 @@ def test_bench_refuses_bad_arguments(tiny_folder, capsys):
     assert "--threads must be a positive integer" in capsys.readouterr().err
 
 
+def test_bench_of_the_built_in_emoji_model_by_name(capsys, keep_threads, monkeypatch):
+    # `bench --model emoji` once said "emoji: not a diffusers folder"; its folder with --size once stopped in a
+    # diffusers traceback (its MiniLM text encoder is sdengine's own); without --size it asked for one although
+    # --help says the default is the model's own size
+    monkeypatch.setattr(bench, "peer_module", lambda: pytest.fail("diffusers was loaded"))
+    argv = ["--threads", "1", "bench", "--model", "emoji", "--steps", "1", "--repeats", "1", "--no-memory"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diffusers cannot load this model" in err[0] and "--compare none" in err[0], err
+    assert "MiniLMTextEncoder" in err[0]
+    assert main([*argv, "--compare", "none"]) == 0
+    out = capsys.readouterr().out
+    head = out.splitlines()[0]
+    assert head.startswith("emoji: 64x64, batch 1, 1 steps dpmpp_2m") and "diffusers" not in head, head
+    assert "sdengine" in out and "speed-up" not in out
+
+
+def test_a_folders_own_size_is_read_from_its_configs(tiny_folder, tmp_path):
+    assert bench.folder_default_size(tiny_folder) == 32  # sample size 16, VAE 2x (the tiny preset)
+    with pytest.raises(bench.BenchError, match="give --size"):
+        bench.folder_default_size(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -103,7 +103,7 @@ def test_cli_writes_the_json_report(workdir, tmp_path, capsys, keep_threads):
     table = capsys.readouterr().out
     rows = {ln.split("  ")[0]: ln for ln in table.splitlines()}
     assert "VAE decode" in rows and "tiny VAE decode" in rows
-    assert "tiny / full (sdengine): " in table and "x faster" in table
+    assert "tiny / full (sdengine): the tiny decode is " in table
     raw = json.loads(out.read_text())
     assert raw["mode"] == "decoders" and raw["size"] == 64 and raw["batch"] == 1 and raw["repeats"] == 2
     assert raw["latent_shape"] == [1, 4, 32, 32] and raw["threads"] == "1 torch thread(s)"
@@ -118,6 +118,47 @@ def test_cli_writes_the_json_report(workdir, tmp_path, capsys, keep_threads):
     assert raw["tiny_speedup_vs_full"] == pytest.approx(vae / tiny)
     assert raw["full_vs_tiny_mean_abs"] > 0 and "random weights" in raw["note"]
     assert raw["tiny_config"]["decoder_blocks"] == [3, 1]
+
+
+def report_with_medians(decode: tuple[float, float], encode: tuple[float, float] | None) -> bench_decode.DecodeReport:
+    """A report whose sdengine medians are (full, tiny) seconds for the decoders and, if given, the encoders."""
+
+    def pair(name: str, median: float) -> bench_decode.DecoderPair:
+        return bench_decode.DecoderPair(name, bench.EngineTimes("sdengine", warmup_s=median, times_s=[median]))
+
+    pairs = {"vae": pair("VAE decode", decode[0]), "tiny_vae": pair("tiny VAE decode", decode[1])}
+    if encode is not None:
+        pairs |= {"vae_encode": pair("VAE encode", encode[0]), "tiny_vae_encode": pair("tiny VAE encode", encode[1])}
+    return bench_decode.DecodeReport(
+        model="tiny",
+        size=64,
+        batch=1,
+        repeats=1,
+        seed=0,
+        threads="1",
+        load="idle",
+        latent_shape=[1, 4, 32, 32],
+        tiny_vae="random",
+        tiny_config={"decoder_channels": [64], "decoder_blocks": [3, 1]},
+        random_weights=True,
+        pairs=pairs,
+        full_vs_tiny_mean_abs=0.5,
+    )
+
+
+def test_the_table_says_which_of_tiny_and_full_is_faster():
+    # the full decode takes 1 s, the tiny 0.1 s: 10x faster; the full encode 0.05 s, the tiny 1 s: 20x slower,
+    # which the table once printed as "tiny / full encode (sdengine): 0.05x faster"
+    lines = report_with_medians((1.0, 0.1), (0.05, 1.0)).table().splitlines()
+    assert "tiny / full (sdengine): the tiny decode is 10.00x faster than the full one" in lines
+    assert "tiny / full encode (sdengine): the tiny encode is 20.00x SLOWER than the full one (speed-up 0.05x)" in lines
+    assert lines[0].startswith("tiny: VAE decoders and encoders,")
+    # and the other way round
+    table = report_with_medians((0.1, 1.0), (1.0, 0.25)).table()
+    assert "the tiny decode is 10.00x SLOWER than the full one (speed-up 0.10x)" in table
+    assert "the tiny encode is 4.00x faster than the full one" in table
+    assert "0.10x faster" not in table and "0.05x faster" not in table
+    assert report_with_medians((1.0, 0.5), None).table().splitlines()[0].startswith("tiny: VAE decoders,")
 
 
 def test_encoders_agree_with_diffusers_too(workdir, tmp_path, capsys, keep_threads):

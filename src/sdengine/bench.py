@@ -192,6 +192,37 @@ def sdengine_engine(folder: Path, spec: GenSpec, options: tuple[str, ...] = ()) 
     return run, notes
 
 
+def folder_default_size(folder: Path) -> int:
+    """A diffusers folder's own image side, read from its configs without loading it: the U-Net's sample size x
+    the VAE's downscale factor (512 for SD 1.x, 64 for the built-in emoji model)."""
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BenchError(f"{folder}: cannot read its size from unet/ and vae/config.json ({e}): give --size") from None
+
+
+def check_peer_loads(folder: Path) -> None:
+    """Refuse, in one line before any timing, a folder diffusers cannot load: one whose ``model_index.json`` names
+    sdengine's own classes (the built-in ``emoji`` model's MiniLM text encoder and BERT tokenizer), which
+    diffusers' pipeline loader stops on with a traceback."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BenchError(f"{folder}: cannot read model_index.json ({e})") from None
+    ours = [
+        f"{key} ({v[1]})"
+        for key, v in index.items()
+        if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and v[0] == "sdengine"
+    ]
+    if ours:
+        raise BenchError(
+            f"{folder}: diffusers cannot load this model (its {', '.join(ours)} "
+            f"{'is' if len(ours) == 1 else 'are'} sdengine's own): give --compare none to time sdengine alone"
+        )
+
+
 def diffusers_engine(folder: Path, spec: GenSpec) -> Engine:
     """diffusers' StableDiffusionPipeline for ``folder`` (fp32, CPU, eager): the comparison.
 
@@ -488,7 +519,7 @@ class BenchReport:
         s = self.spec
         lines = [
             f"{self.model}: {s.size}x{s.size}, batch {s.batch}, {s.steps} steps {s.sampler}, cfg {s.cfg}, "
-            f"sdengine {s.dtype}, diffusers fp32, {s.device}",
+            f"sdengine {s.dtype}{', diffusers fp32' if 'diffusers' in self.engines else ''}, {s.device}",
             f"threads: {self.threads}; {self.repeats} interleaved repeats; load at start: {self.load}",
             f"{'engine':12s} {'warm-up s':>10s} {'median s':>10s} {'best s':>10s} {'peak RSS MiB':>13s}",
         ]

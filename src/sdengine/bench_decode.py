@@ -242,7 +242,7 @@ class DecodeReport:
         b, c, h, w = self.latent_shape
         cfg = self.tiny_config
         lines = [
-            f"{self.model}: VAE {'decoders and encoders' if self.tiny_encode_speedup else 'decoders'}, "
+            f"{self.model}: VAE {'decoders and encoders' if self.tiny_encode_speedup is not None else 'decoders'}, "
             f"{self.size}x{self.size} (latents {c}x{h}x{w}), batch {b}, {self.dtype} {self.device}, both engines "
             "take the whole batch in one call",
             f"threads: {self.threads}; warm-up + {self.repeats} interleaved repeats, medians; "
@@ -258,15 +258,22 @@ class DecodeReport:
             lines.append(f"{p.name:16s} {p.sdengine.median_s:11.3f} {theirs} {ratio} {diff}")
         lines += [
             "ratio: diffusers s / sdengine s (above 1: sdengine is faster)",
-            f"tiny / full (sdengine): {self.tiny_speedup:.2f}x faster"
-            + (" (below 1: the tiny decode is the slower one here)" if self.tiny_speedup < 1 else ""),
+            "tiny / full (sdengine): " + tiny_vs_full("decode", self.tiny_speedup),
         ]
         if self.tiny_encode_speedup is not None:
-            lines.append(f"tiny / full encode (sdengine): {self.tiny_encode_speedup:.2f}x faster")
+            lines.append("tiny / full encode (sdengine): " + tiny_vs_full("encode", self.tiny_encode_speedup))
         lines += [
             "note: " + self.note(),
         ]
         return "\n".join(lines)
+
+
+def tiny_vs_full(what: str, speedup: float) -> str:
+    """The table's words for ``speedup`` = the full VAE's median time / the tiny one's, saying which of the two is
+    faster: a speed-up below 1 is written as the tiny one being slower, never as "0.05x faster"."""
+    if speedup >= 1:
+        return f"the tiny {what} is {speedup:.2f}x faster than the full one"
+    return f"the tiny {what} is {1 / speedup:.2f}x SLOWER than the full one (speed-up {speedup:.2f}x)"
 
 
 def write_json(report: DecodeReport, out: str | Path) -> Path:

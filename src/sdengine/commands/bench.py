@@ -16,7 +16,8 @@ GENERATION_DEFAULTS: dict[str, Any] = {"steps": 25, "sampler": "dpmpp_2m", "cfg"
 
 
 def run(a: argparse.Namespace) -> int:
-    from ..bench import BenchError, GenSpec, make_random_folder, run_bench
+    from ..bench import BenchError, GenSpec, check_peer_loads, folder_default_size, make_random_folder, run_bench
+    from ..catalog import builtin_path
     from ..fastpath import parse_options
 
     if (a.model is None) == (a.random is None):
@@ -62,8 +63,12 @@ def run(a: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="sdengine-bench-") as tmp:
         if a.model is not None:
             folder, name = Path(a.model), Path(a.model).name
+            if not folder.exists() and (shipped := builtin_path("models", a.model)) is not None:
+                folder = shipped  # a built-in name (`--model emoji`), as generate takes it
             if not (folder / "model_index.json").is_file():
                 raise BenchError(f"{folder}: not a diffusers folder (no model_index.json)")
+            if a.compare != "none" and not decoders:  # --decoders compares the VAEs alone
+                check_peer_loads(folder)
         else:
             # On a GPU the weights are stored in fp16, as SD checkpoints ship (the load is part of the start-up time)
             half = str(a.device).startswith("cuda")
@@ -82,9 +87,10 @@ def run(a: argparse.Namespace) -> int:
             from ..bench import preset_configs
 
             if a.random is None:
-                raise BenchError("--size is needed with --model")
-            unet, vae, _ = preset_configs(a.random)
-            size = unet.sample_size * vae.downscale_factor
+                size = folder_default_size(folder)
+            else:
+                unet, vae, _ = preset_configs(a.random)
+                size = unet.sample_size * vae.downscale_factor
         spec = GenSpec(
             size=size,
             steps=a.steps,
@@ -277,7 +283,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         description="Times whole generations (text, sampling, VAE decode), warm-up apart, repeats interleaved "
         "between the engines, and checks that their images agree. See docs/performance.md.",
     )
-    p.add_argument("--model", default=None, help="a diffusers folder")
+    p.add_argument("--model", default=None, help="a diffusers folder, or a built-in model name (emoji)")
     p.add_argument(
         "--random",
         choices=["tiny", "medium", "sd15"],

@@ -174,7 +174,7 @@ def check_outputs_dir(folder: Path) -> None:
 def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction | None = None) -> None:
     p = sub.add_parser(
         "serve",
-        help="HTTP server: native job API, AUTOMATIC1111 /sdapi/v1 and OpenAI Images routes",
+        help="HTTP server and web page: native job API, AUTOMATIC1111 /sdapi/v1, OpenAI Images and ComfyUI routes",
         description="Serve generation over HTTP with a job queue (one worker per device). Binds 127.0.0.1; any "
         "other host needs --api-key (or --insecure-no-auth).",
     )
