@@ -248,14 +248,15 @@ def emoji_pipe(tiny_emoji_folder):
 def test_pipeline_batch_rows_equal_single_runs(emoji_pipe, sampler):
     """Through the U-Net and classifier-free guidance a batch row is its image made alone, though DPM adaptive's
     rows take different steps. The step-size control feeds the batched matmuls' rounding back into the step
-    sizes: 1e-4, not the 1e-5 of the fixed-step samplers."""
+    sizes, so the bound depends on the CPU's BLAS kernels: 1.3e-4 on an AMD EPYC, under 1e-4 on the Intel machines
+    before; 5e-4 here, not the 1e-5 of the fixed-step samplers (a wrong row would be off by far more)."""
     import numpy as np
 
     kw: dict = dict(sampler=sampler, steps=4, cfg_scale=5.0, progress=False)
     both = emoji_pipe("a red apple", seed=20, batch_size=2, **kw)
     for seed in (20, 21):
         one = emoji_pipe("a red apple", seed=seed, **kw)
-        np.testing.assert_allclose(both.arrays[seed - 20], one.arrays[0], atol=1e-4)
+        np.testing.assert_allclose(both.arrays[seed - 20], one.arrays[0], atol=5e-4)
     assert f"Sampler: {sampler}," in both.infotexts[0]
 
 
