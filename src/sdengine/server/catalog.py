@@ -202,13 +202,19 @@ class Catalog:
                     out.append(Entry(p.name, str(p.resolve()), False))
         return out
 
-    def resolve_vae(self, name: str) -> Path:
-        name = strip_title(name)
+    def _vae_in_vaes_dir(self, name: str) -> Path | None:
         if self.vaes_dir is not None:
             try:
                 return self._safetensors_inside(self.vaes_dir, name, "VAE", folders=True)
             except FileNotFoundError:
                 pass
+        return None
+
+    def resolve_vae(self, name: str) -> Path:
+        name = strip_title(name)
+        found = self._vae_in_vaes_dir(name)
+        if found is not None:
+            return found
         have = ", ".join(e.name for e in self.vaes()) or "none (serve --vaes-dir DIR lists them)"
         raise BadRequest(f"unknown VAE {name!r}; available: {have}")
 
@@ -230,11 +236,9 @@ class Catalog:
         """An ``sd_vae`` file name (as GET /sdapi/v1/sd-vae lists it) -> its path; BadRequest when unknown or
         unsafe (``..``, absolute paths, links out of the folder), or a pickle file."""
         name = strip_title(name)
-        if self.vaes_dir is not None:
-            try:
-                return self._safetensors_inside(self.vaes_dir, name, "VAE", folders=True)
-            except FileNotFoundError:
-                pass
+        found = self._vae_in_vaes_dir(name)
+        if found is not None:
+            return found
         if self.models_dir is not None and name.lower().endswith(".vae.safetensors"):
             try:
                 return self._safetensors_inside(self.models_dir, name, "VAE")
