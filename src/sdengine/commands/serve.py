@@ -259,9 +259,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument(
         "--max-connections",
         type=int,
-        default=None,
+        default=512,
         metavar="N",
-        help="open connections (event streams included) before new requests get 503 (default: no limit)",
+        help="open connections (event streams included) before new requests get 503 (default: 512)",
     )
     p.add_argument(
         "--max-image-pixels", type=int, default=4096 * 4096, help="largest uploaded image, checked before decoding"

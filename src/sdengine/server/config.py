@@ -35,8 +35,10 @@ class ServerConfig:
     # the whole head of a request (request line, headers) must arrive within this many seconds of the connection
     # opening or its last answer ending, else 408 and the connection is closed (slowloris; make_server)
     header_timeout_s: float = 30.0
-    # most open connections (event streams included) before new requests get uvicorn's 503 (None: no limit)
-    max_connections: int | None = None
+    # most open connections (event streams included) before new requests get uvicorn's 503 (None: no limit);
+    # 512 stays well under the usual 1024 open files a process may hold, so the cap answers 503 before accept()
+    # fails on EMFILE (then new clients wait unanswered in the listen backlog) and model files can still open
+    max_connections: int | None = 512
     max_image_pixels: int = 4096 * 4096  # of any uploaded image, checked from its header before decoding
     max_side: int = 2048  # width / height of a generated image
     max_batch: int = 8  # images of one request (batch_size)
