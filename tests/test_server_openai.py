@@ -457,6 +457,7 @@ DOC_VALUES = {
     "cfg_scale": 6.5,
     "sampler": "Euler a",
     "schedule": "karras",
+    "vae": "None",  # the model file's own VAE: valid on a server without --vaes-dir
     "strength": 0.8,
 }
 

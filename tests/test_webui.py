@@ -20,8 +20,10 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
+from safetensors.torch import save_file
 
 from _live_server import live_server, server_config, wait_job
+from _vaes import other_vae
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -41,7 +43,10 @@ WAIT_MS = 180_000  # one bounded wait for a job on a busy 2-core machine (a 64x6
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("webui")
-    with live_server(server_config(tmp, max_queue=4)) as s:
+    vaes = tmp / "vaes"  # one VAE for the page's VAE choice: the emoji model's with other weights
+    vaes.mkdir()
+    save_file(other_vae(1), vaes / "alt.safetensors")
+    with live_server(server_config(tmp, max_queue=4, vaes_dir=vaes)) as s:
         yield s
 
 
@@ -246,6 +251,28 @@ def test_the_tiny_vae_decoder_choice(page, client, browser, server):
     assert pg.eval_on_selector("#vae_decode option[value=tiny]", "o => o.disabled") is True
     assert "has none" in pg.text_content("#vae_decode option[value=tiny]") and pg.input_value("#vae_decode") == "full"
     ctx.close()
+
+
+def test_the_vae_choice(page, client):
+    """The VAE selector lists GET /v1/vaes; the chosen VAE decodes the job (the API's image with that ``vae``), the
+    parameters name it as A1111 does, and "Reuse parameters" selects it again from the infotext."""
+    assert page.eval_on_selector_all("#vae option", "os => os.map((o) => o.value)") == ["", "alt.safetensors"]
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "4")
+    page.fill("#seed", "3")
+    page.select_option("#vae", "alt.safetensors")
+    page.click("#generate")
+    params = wait_result(page)
+    assert re.search(r"VAE hash: [0-9a-f]{10}, VAE: alt\.safetensors,", params), params
+    body = {"prompt": "a red apple", "steps": 4, "seed": 3, "width": 64, "height": 64, "vae": "alt.safetensors"}
+    shows_the_api_image(page, client, body, params)
+    same = {f: page.input_value(f"#{f}") for f in ("sampler", "schedule", "negative_prompt")}
+    own, _ = api_image(client, {**body, **same, "cfg_scale": float(page.input_value("#cfg_scale")), "vae": None})
+    assert not np.array_equal(shown_image(page, "#results img"), own)  # not the model's own VAE's image
+    page.select_option("#vae", "")
+    page.click("#results button:text('Reuse parameters')")  # the infotext's "VAE" selects it again
+    assert page.input_value("#vae") == "alt.safetensors"
+    page.select_option("#vae", "")
 
 
 def test_the_tiny_vae_encoder_choice_in_img2img(page, client, browser, server, tmp_path):

@@ -38,10 +38,9 @@ from sdengine.diffusion import sampling
 from sdengine.errors import SdengineError
 from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.metadata import CONTROLNET_MODULES, CONTROLNET_PROCESSOR_RES, CONTROLNET_SCALED
-from sdengine.server.catalog import strip_title
-from sdengine.server.errors import BadRequest, NotFound, PayloadTooLarge, ServerFault, Unprocessable, redact_paths
+from sdengine.server.errors import BadRequest, NotFound, PayloadTooLarge, ServerFault, Unprocessable
 from sdengine.server.jobs import CANCELLED, DONE, FAILED, Job, visible
-from sdengine.server.requests import ControlRequest
+from sdengine.server.requests import ControlRequest, check_vae_choice, set_job_vae
 
 A1111_VERSION = "v1.10.1"  # the A1111 API whose shapes this follows
 
@@ -1286,37 +1285,12 @@ def install(app: FastAPI, services: Any) -> None:
         return req.model_copy(update=update)
 
     def check_sd_vae(value: Any, where: str = "") -> str:
-        """A1111's ``sd_vae``: "Automatic" (its old "auto" too), "None" or a VAE's file name as GET
-        /sdapi/v1/sd-vae lists it (an ``[hash]`` title suffix is dropped); else a 400 naming the option."""
-        if not isinstance(value, str):
-            raise BadRequest(f'{where}sd_vae must be "Automatic", "None" or a VAE file name, got {value!r}')
-        if value in ("Automatic", "auto", "None"):
-            return "Automatic" if value == "auto" else value
-        try:
-            path = catalog.resolve_sd_vae(value)
-        except BadRequest as e:
-            raise BadRequest(f"{where}sd_vae: {e}") from None
-        from sdengine.weights.loading import load_vae
-
-        try:  # not a VAE at all (another kind of weights, a damaged file): said now, before any job is queued
-            load_vae(path)
-        except (SdengineError, OSError) as e:
-            raise BadRequest(f"{where}sd_vae {value!r}: {redact_paths(str(e))}") from None
-        return strip_title(value)
+        """A1111's ``sd_vae`` (requests.check_vae_choice); a 400 naming the option (``where`` its prefix)."""
+        return check_vae_choice(catalog, value, f"{where}sd_vae")
 
     def job_vae(generation: Any, sd_vae: str) -> None:
-        """The job's VAE (``Generation.vae``) for ``sd_vae``: "None" the model's own; a name that file;
-        "Automatic" the --vaes-dir file named as the model (Catalog.automatic_vae), else the model's as loaded
-        (with the server's --vae: that one)."""
-        if sd_vae == "None":
-            generation.checkpoint_vae = True
-            return
-        if sd_vae == "Automatic":  # the server's --vae comes first, as A1111's --vae-path
-            path = catalog.automatic_vae(generation.model) if services.config.vae is None else None
-        else:
-            path = catalog.resolve_sd_vae(sd_vae)
-        if path is not None:
-            generation.vae, generation.vae_name = str(path), path.name
+        """The job's VAE (``Generation.vae``) for ``sd_vae`` (requests.set_job_vae; the server's --vae first)."""
+        set_job_vae(generation, catalog, sd_vae, services.config.vae)
 
     def generation_fields(
         req: Txt2ImgRequest,

@@ -461,7 +461,16 @@ def job_json(job: Job, services: Services) -> dict[str, Any]:
         ],
         "infotexts": [im.infotext for im in job.images],
         "notes": job.notes,
+        "vae": job_vae_name(job),
     }
+
+
+def job_vae_name(job: Job) -> str | None:
+    """The VAE a job chose (its ``vae``, A1111's ``sd_vae``): the file's name, "None" for the model file's own;
+    None where it took the VAE the model was loaded with."""
+    g = job.generation
+    name = getattr(g, "vae_name", None)
+    return name if name else ("None" if getattr(g, "checkpoint_vae", False) else None)
 
 
 def progress_json(job: Job, services: Services) -> dict[str, Any]:
@@ -697,8 +706,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         fields["loras"] = [
             (lo.name, lo.weight if lo.unet_weight is None else (lo.weight, lo.unet_weight)) for lo in req.loras
         ]
-        if req.init_image is None and req.mask is None and not req.controlnets:
-            generation = services.build(**fields)  # no image to decode: cheap, and a thread hop less per request
+        if req.init_image is None and req.mask is None and not req.controlnets and req.vae is None:
+            generation = services.build(**fields)  # no image to decode (nor VAE file to read): cheap, no thread hop
         else:
             generation = await asyncio.to_thread(lambda: services.build(**fields))
         precheck(generation)
@@ -837,6 +846,12 @@ def _native_routes(app: FastAPI, services: Services) -> None:
     @app.get("/v1/loras", tags=["native"])
     def loras() -> dict[str, Any]:
         return {"loras": [{"name": e.name, "builtin": e.builtin} for e in catalog.loras()]}
+
+    @app.get("/v1/vaes", tags=["native"])
+    def vaes() -> dict[str, Any]:
+        """The VAEs a job's ``vae`` may name (the files and folders of --vaes-dir, then the NAME.vae.safetensors of
+        --models-dir: A1111's GET /sdapi/v1/sd-vae list), besides "Automatic" and "None"."""
+        return {"vaes": [{"name": e.name} for e in catalog.sd_vaes()], "choices": ["Automatic", "None"]}
 
     @app.get("/v1/controlnets", tags=["native"])
     def controlnets() -> dict[str, Any]:

@@ -29,7 +29,9 @@ What the ``openai`` client sends maps onto the pipeline this way:
   default there) and ``user``; the GPT image fields (``output_format``, ``quality``, ``style``, ...) are unknown
   parameters there, as they were to OpenAI.
 * sdengine extensions (sent with the client's ``extra_body``; OpenAI itself refuses them): ``seed``, ``steps``,
-  ``negative_prompt``, ``cfg_scale``, ``sampler``, ``schedule``, and ``strength`` (edits, variations).
+  ``negative_prompt``, ``cfg_scale``, ``sampler``, ``schedule``, ``vae`` (the job's VAE, as the native job's
+  ``vae``: a name of ``GET /v1/vaes``, ``None`` or ``Automatic``; its one-line 400 has ``param`` ``vae``), and
+  ``strength`` (edits, variations).
 * ``generations`` with ``stream: true`` (``n`` 1): Server-Sent Events as OpenAI streams them, ``partial_images``
   (0 to 3) ``image_generation.partial_image`` events spread over the steps (the job's previews: the model's tiny
   VAE's picture when it has one, else the latent colour map scaled up to the image's size), then one
@@ -87,7 +89,7 @@ CHOICES = {
 # OpenAI's edits take no ``quality`` ``hd`` (a generations value of DALL-E 3's) and no ``style``
 EDIT_QUALITY = tuple(q for q in CHOICES["quality"] if q != "hd")
 # sdengine's own fields (the client's ``extra_body``)
-EXTENSIONS = ("seed", "steps", "negative_prompt", "cfg_scale", "sampler", "schedule")
+EXTENSIONS = ("seed", "steps", "negative_prompt", "cfg_scale", "sampler", "schedule", "vae")
 _SHARED = "model n size response_format output_format output_compression quality moderation style background user"
 # the fields each route reads, from a JSON body (generations) or a multipart form (edits, variations); any other
 # field is refused as OpenAI refuses an unknown parameter, never dropped (a misspelt ``seed`` would draw another
@@ -137,6 +139,7 @@ class GenerationsRequest(BaseModel):
     cfg_scale: float | None = None
     sampler: str | None = None
     schedule: str | None = None
+    vae: str | None = None
     stream: bool | None = False
     partial_images: int | None = Field(None, ge=0, le=3)
 
@@ -406,7 +409,7 @@ def install(app: FastAPI, services: Any) -> None:
 
     def common(req: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for k in ("seed", "steps", "negative_prompt", "cfg_scale", "sampler", "schedule"):
+        for k in EXTENSIONS:
             if req.get(k) is not None:
                 out[k] = req[k]
         return out
@@ -565,6 +568,7 @@ def install(app: FastAPI, services: Any) -> None:
                     "negative_prompt": fields.get("negative_prompt"),
                     "sampler": fields.get("sampler"),
                     "schedule": fields.get("schedule"),
+                    "vae": fields.get("vae") or None,
                 }
             ),
         )
@@ -675,6 +679,7 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
         "cfg_scale": {"type": "number", "description": "sdengine"},
         "sampler": {**text, "description": "sdengine: a sampler name (GET /v1/samplers)"},
         "schedule": {**text, "description": "sdengine: a schedule name"},
+        "vae": {**text, "description": "sdengine: the job's VAE, a name of GET /v1/vaes, 'None' or 'Automatic'"},
         "strength": {"type": "number", "minimum": 0, "maximum": 1, "description": "sdengine: img2img strength"},
     }
     for key, allowed in CHOICES.items():  # transparent: refused, so not listed

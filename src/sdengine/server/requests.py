@@ -22,9 +22,9 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from sdengine.diffusion import sampling
-from sdengine.server.catalog import Catalog
+from sdengine.server.catalog import Catalog, strip_title
 from sdengine.server.config import ServerConfig
-from sdengine.server.errors import BadRequest
+from sdengine.server.errors import BadRequest, redact_paths
 from sdengine.server.uploads import UploadStore
 
 ImageRef = str | Image.Image  # an upload id, base64, or an image already decoded by the route
@@ -111,6 +111,55 @@ class Generation:
         self.finish = None
 
 
+# A job's VAE choice (A1111's sd_vae, the native and OpenAI routes' ``vae``): these words, or a VAE file's name
+VAE_WORDS = ("Automatic", "None")
+_VAES_READ: dict[tuple[str, int, int], bool] = {}  # VAE files read once as VAEs (path, mtime, size)
+
+
+def check_vae_choice(catalog: Catalog, value: Any, what: str = "vae") -> str:
+    """A job's VAE as A1111's ``sd_vae`` takes it: "Automatic" (A1111's old "auto" too), "None" or a VAE's file
+    name as GET /sdapi/v1/sd-vae and GET /v1/vaes list it (an ``[hash]`` title suffix is dropped); anything else
+    is a one-line 400 naming ``what``. The file is read once (and again when it changes), so that what is no VAE
+    at all (another kind of weights, a damaged file) is said before any job is queued."""
+    if not isinstance(value, str):
+        raise BadRequest(f'{what} must be "Automatic", "None" or a VAE file name, got {value!r}')
+    if value in ("Automatic", "auto", "None"):
+        return "Automatic" if value == "auto" else value
+    try:
+        path = catalog.resolve_sd_vae(value)
+    except BadRequest as e:
+        raise BadRequest(f"{what}: {e}") from None
+    from sdengine.errors import SdengineError
+    from sdengine.weights.loading import load_vae
+
+    try:
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size)
+        if key not in _VAES_READ:
+            load_vae(path)
+            if len(_VAES_READ) > 64:
+                _VAES_READ.clear()
+            _VAES_READ[key] = True
+    except (SdengineError, OSError) as e:
+        raise BadRequest(f"{what} {value!r}: {redact_paths(str(e))}") from None
+    return strip_title(value)
+
+
+def set_job_vae(generation: Generation, catalog: Catalog, choice: str, server_vae: Any = None) -> None:
+    """The job's VAE (``Generation.vae``) for a checked ``choice``: "None" the model file's own VAE; a name that
+    file; "Automatic" the --vaes-dir file named as the model (Catalog.automatic_vae), else the model's as loaded
+    (with the server's --vae, ``server_vae``: that one, as A1111's --vae-path)."""
+    if choice == "None":
+        generation.checkpoint_vae = True
+        return
+    if choice == "Automatic":
+        path = catalog.automatic_vae(generation.model) if server_vae is None else None
+    else:
+        path = catalog.resolve_sd_vae(choice)
+    if path is not None:
+        generation.vae, generation.vae_name = str(path), path.name
+
+
 # The longest prompt (and negative prompt) of any request, in characters: OpenAI's limit, the widest of the
 # protocols' (the native schema's is 20000); every route's prompts pass here (A1111's had none).
 MAX_PROMPT_CHARS = 32000
@@ -180,10 +229,14 @@ def build_generation(
     zero_terminal_snr: bool = False,
     masked_content: str = "original",
     sdxl: dict[str, Any] | None = None,
+    vae: str | None = None,
 ) -> Generation:
-    """The pipeline call for one request; a BadRequest (one line) for anything that cannot run."""
+    """The pipeline call for one request; a BadRequest (one line) for anything that cannot run. ``vae``: the
+    job's VAE (:func:`check_vae_choice`; None: the VAE the model was loaded with)."""
     from sdengine.nn.lora import LoRAWeight, lora_weight
     from sdengine.prompts import extract_lora_tags
+
+    vae_choice = None if vae is None else check_vae_choice(catalog, vae)
 
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise BadRequest("prompt and negative_prompt must be strings")
@@ -378,7 +431,10 @@ def build_generation(
     from sdengine.pipeline import GenerationRequest
 
     GenerationRequest(**kwargs).validate()
-    return Generation(model=ref, model_name=catalog.model_name_of(ref), kwargs=kwargs, n_iter=n_iter)
+    generation = Generation(model=ref, model_name=catalog.model_name_of(ref), kwargs=kwargs, n_iter=n_iter)
+    if vae_choice is not None:
+        set_job_vae(generation, catalog, vae_choice, config.vae)
+    return generation
 
 
 HIRES_KEYS = (

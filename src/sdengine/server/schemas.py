@@ -142,3 +142,11 @@ class JobRequest(BaseModel):
     vae_encode: Literal["full", "tiny"] = Field(
         "full", description="'tiny': encode init_image (and the hires fix's upscale) with the tiny VAE's encoder"
     )
+    vae: str | None = Field(
+        None,
+        max_length=512,
+        description="the job's VAE (A1111's sd_vae): a name from GET /v1/vaes; 'None' the VAE the model file "
+        "carries; 'Automatic' the --vaes-dir file named as the model, else the model's; null (default): the VAE the "
+        "model was loaded with. It encodes and decodes every pass (the hires fix); the infotext names it (VAE, VAE "
+        "hash)",
+    )

@@ -13,7 +13,7 @@ const GALLERY_PAGE = 12;
 const QUEUE_POLL_MS = 2000; // how often a queued job's place in the queue is asked for
 const READY_RETRY_MS = 2000; // a page opened while the server was away asks for its lists again this often
 const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
-  "height", "batch_size", "clip_skip", "vae_decode", "vae_encode", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
+  "height", "batch_size", "clip_skip", "vae_decode", "vae_encode", "vae", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
   "cn-weight", "cn-start", "cn-end", "cn-rule", "cn-mode", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength", "hr-resize-x", "hr-resize-y", "hr-sampler",
   "hr-schedule", "hr-prompt", "hr-negative-prompt", "seed_resize_w", "seed_resize_h",
   "strength_rule", "clip_skip_rule", "noise_multiplier", "masked_content"];
@@ -225,6 +225,7 @@ const ERROR_FIELDS = [
   [/batch/i, "batch_size"],
   [/clip_skip_rule|clip skip rule/i, "clip_skip_rule"],
   [/clip_skip|clip skip/i, "clip_skip"],
+  [/^vae\b|\bVAE '/i, "vae"], // the job's VAE ("vae: unknown VAE 'x'; available: ...")
   [/vae_encode|tiny VAE with an encoder/i, "vae_encode"],
   [/vae_decode|tiny VAE/i, "vae_decode"],
   [/\bmodel\b/i, "model"],
@@ -481,9 +482,9 @@ async function loadEmbeddings() {
 }
 
 async function loadPickers() {
-  const [models, samplers, loras, controlnets, sizes] = await Promise.all([
+  const [models, samplers, loras, controlnets, sizes, vaes] = await Promise.all([
     getJSON("/v1/models"), getJSON("/v1/samplers"), getJSON("/v1/loras"), getJSON("/v1/controlnets"),
-    getJSON("/v1/sizes"),
+    getJSON("/v1/sizes"), getJSON("/v1/vaes"),
   ]);
   state.sizes = sizes.models;
   // The server's limits are the inputs' maximum (the page's own were the widest any server takes: 1000 steps).
@@ -520,6 +521,11 @@ async function loadPickers() {
   $("height").value = size.height;
   state.loras = loras.loras;
   renderLoras();
+  // the VAEs a job may name (GET /v1/vaes: the server's --vaes-dir); "": the VAE the model was loaded with
+  const vae = $("vae");
+  vae.replaceChildren();
+  option(vae, "", "The model's");
+  for (const v of vaes.vaes) option(vae, v.name);
   loadEmbeddings(); // not awaited: the page works without its list (an error is said in its section)
   await loadStyles(); // awaited (before the saved settings tick their boxes); an error is said in its place
   const cn = $("cn-model");
@@ -671,6 +677,9 @@ function applyInfotext(text) {
   put("clip_skip", f["Clip skip"] ? parseInt(f["Clip skip"], 10) : 1); // A1111 writes it only when > 1
   put("vae_decode", f["Tiny VAE"] ? "tiny" : "full"); // sdengine names the tiny VAE when it decoded
   put("vae_encode", f["Tiny VAE encode"] ? "tiny" : "full"); // and when it encoded the init image
+  // A1111's "VAE" (the file's name): that VAE of the server's list, else said missing; none: the model's
+  const vaeName = (f.VAE || "").trim();
+  if (!put("vae", vaeName)) missing.push(`VAE ${vaeName}`);
   // Tiling, "Seed resize from" and sdengine's "Strength rule": set as the image has them, off where it has none
   // (as the CLI's --from-png reads them).
   $("tiling").checked = /^true$/i.test((f.Tiling || "").trim());
@@ -917,6 +926,7 @@ async function buildRequest() {
     clip_skip_rule: $("clip_skip_rule").value,
     vae_decode: $("vae_decode").value,
   };
+  if ($("vae").value) body.vae = $("vae").value; // the job's VAE; not sent: the model's
   if ($("tiling").checked) body.tiling = true;
   const resize = seedResizeFrom();
   if (resize) body.seed_resize_from = resize;
