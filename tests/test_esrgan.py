@@ -247,3 +247,108 @@ def test_folder_names(tmp_path: Path) -> None:
     save_upscaler(model, tmp_path / "4x-Tiny.safetensors")
     with pytest.raises(UpscalerFileError, match="ambiguous"):
         resolve_upscaler("4x-Tiny", tmp_path)
+
+
+# ------------------------------------------------------------------------------ the hires fix and the CLI
+
+BASE = {
+    "prompt": "a red apple",
+    "negative_prompt": "blurry",
+    "steps": 3,
+    "sampler": "euler",
+    "schedule": "normal",
+    "cfg_scale": 6.0,
+    "seed": 11,
+    "progress": False,
+}
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd1_folder):
+    from sdengine.pipeline import load_pipeline
+
+    return load_pipeline(tiny_sd1_folder, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def upscalers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("upscalers")
+    save_upscaler(_randomised(COMPACT, seed=2), folder / "4x-Tiny.pth")
+    save_upscaler(_randomised(X4, seed=4), folder / "RealESRGAN_x4plus.safetensors", layout="old")
+    return folder
+
+
+def test_hires_with_a_model_upscaler_is_img2img_of_the_model_upscaled_image(pipe, upscalers):
+    import numpy as np
+
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+    s = pipe.default_size
+    hr = {"enable_hr": True, "hr_scale": 2, "strength": 0.5, "upscalers_dir": upscalers}
+    out = pipe(**BASE, **hr, hr_upscaler="4x-Tiny.pth")
+    assert out.images[0].size == (2 * s, 2 * s)
+    # A1111's resize_image with an upscaler: the model (x4, once: it covers 2x), then Lanczos down to the size
+    first = pipe(**BASE).images[0]
+    model = load_upscaler(upscalers / "4x-Tiny.pth")
+    big = upscale_once(model, first).resize((2 * s, 2 * s), Image.Resampling.LANCZOS)
+    want = pipe(**BASE, init_image=big, strength=0.5, width=2 * s, height=2 * s)
+    np.testing.assert_allclose(out.arrays[0], want.arrays[0], atol=1e-6, rtol=0)
+    lanczos = pipe(**BASE, **hr, hr_upscaler="Lanczos")
+    assert not np.allclose(out.arrays[0], lanczos.arrays[0], atol=1e-3)  # the model ran
+    # the infotext names it as A1111 does (the file's name without its suffix), and reads back
+    fields = parse_parameters(out.infotexts[0])
+    assert fields["Hires upscaler"] == "4x-Tiny"
+    kwargs = to_generate_kwargs(fields, hires=True)
+    assert kwargs["hr_upscaler"] == "4x-Tiny"
+    again = pipe(**{**kwargs, "progress": False, "upscalers_dir": upscalers})
+    np.testing.assert_array_equal(np.asarray(again.images[0]), np.asarray(out.images[0]))
+    # A1111's name of its Real-ESRGAN download, an old-layout ESRGAN file
+    esr = pipe(**BASE, **hr, hr_upscaler="R-ESRGAN 4x+")
+    assert "Hires upscaler: RealESRGAN_x4plus" in esr.infotexts[0]
+
+
+def test_hires_model_upscaler_errors_are_one_line(pipe, upscalers, tmp_path):
+    from sdengine.errors import GenerationError
+
+    for extra, message in (
+        ({"hr_upscaler": "4x-Tiny"}, "needs upscalers_dir"),
+        ({"hr_upscaler": "4x-Nope", "upscalers_dir": upscalers}, "unknown upscaler '4x-Nope'"),
+        ({"hr_upscaler": "../4x-Tiny", "upscalers_dir": upscalers}, "'..' is not allowed"),
+        ({"hr_upscaler": "4x-Tiny", "upscalers_dir": tmp_path / "missing"}, "does not exist"),
+    ):
+        with pytest.raises(GenerationError, match=message) as e:
+            pipe(**BASE, enable_hr=True, **extra)
+        assert "\n" not in str(e.value)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_safetensors({"foo.weight": torch.zeros(2)}, bad / "4x-Broken.safetensors")
+    with pytest.raises(SdengineError, match="not an ESRGAN") as e:
+        pipe(**BASE, enable_hr=True, hr_upscaler="4x-Broken", upscalers_dir=bad)
+    assert "\n" not in str(e.value)
+
+
+def test_metadata_keeps_model_upscaler_names_and_refuses_other_kinds() -> None:
+    from sdengine.metadata import MetadataError, parse_parameters, to_generate_kwargs
+
+    base = "a cat\nSteps: 4, Sampler: Euler, CFG scale: 5, Seed: 3, Size: 32x32, Denoising strength: 0.5, "
+    kw = to_generate_kwargs(parse_parameters(base + "Hires upscale: 2, Hires upscaler: 4x-UltraSharp"), hires=True)
+    assert kw["hr_upscaler"] == "4x-UltraSharp"
+    with pytest.raises(MetadataError, match="SwinIR 4x") as e:
+        to_generate_kwargs(parse_parameters(base + "Hires upscale: 2, Hires upscaler: SwinIR 4x"), hires=True)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_hires_with_upscalers_dir(tiny_sd1_folder, upscalers, tmp_path, capsys):
+    from sdengine.cli import main
+
+    out = tmp_path / "o"
+    common = ["--model", str(tiny_sd1_folder), "--steps", "2", "--width", "32", "--height", "32", "--no-progress"]
+    args = ["generate", "a red apple", *common, "--hr-upscaler", "4x-Tiny", "--hr-scale", "2", "--strength", "0.5"]
+    assert main([*args, "--upscalers-dir", str(upscalers), "--out", str(out)]) == 0
+    png = next(out.glob("*.png"))
+    assert Image.open(png).size == (64, 64)
+    assert "Hires upscaler: 4x-Tiny" in Image.open(png).text["parameters"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "o2")]) == 2  # no folder: one line naming the flag
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--upscalers-dir" in err, err

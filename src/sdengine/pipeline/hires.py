@@ -87,13 +87,12 @@ def resolve_hires_upscaler(name: Any, upscalers_dir: str | Path | None = None) -
         if found is not None:
             return found, None
         if upscalers_dir is not None and name.strip():
-            from sdengine.weights.upscaler_file import UpscalerFileError, resolve_upscaler, upscaler_files
+            from sdengine.weights.upscaler_file import UpscalerFileError, resolve_upscaler
 
             try:
                 return resolve_upscaler(name, upscalers_dir)
             except UpscalerFileError as e:
-                have = [*UPSCALERS, *upscaler_files(upscalers_dir)]
-                raise GenerationError(f"hires upscaler: {e} (sdengine has: {', '.join(have)})") from None
+                raise GenerationError(f"hires upscaler: {e} (or one of {', '.join(UPSCALERS)})") from None
     where = (
         "" if upscalers_dir is not None else " (an upscaler model such as ESRGAN needs upscalers_dir, --upscalers-dir)"
     )
