@@ -129,6 +129,14 @@ class SRVGGNetCompact(nn.Module):
         return out + base
 
 
+def spec_of(model: nn.Module) -> UpscalerSpec:
+    """The :class:`UpscalerSpec` of a network :func:`build_upscaler` made."""
+    spec = getattr(model, "spec", None)
+    if not isinstance(spec, UpscalerSpec):
+        raise TypeError(f"{type(model).__name__} is not an upscaler network")
+    return spec
+
+
 def build_upscaler(spec: UpscalerSpec) -> nn.Module:
     """The network of ``spec`` with fresh weights."""
     return RRDBNet(spec) if spec.arch == "esrgan" else SRVGGNetCompact(spec)
@@ -157,7 +165,7 @@ def _cuts(starts: list[int], tile: int, size: int) -> list[tuple[int, int]]:
 def upscale_tensor(model: nn.Module, x: Tensor, *, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> Tensor:
     """(N, C, H, W) in [0, 1] -> (N, C_out, H * scale, W * scale), the network run in tiles of ``tile`` input
     pixels overlapping by ``overlap`` (``tile`` 0: the whole image at once); values are not clamped."""
-    spec: UpscalerSpec = model.spec  # type: ignore[assignment]
+    spec = spec_of(model)
     s, u = spec.scale, spec.unshuffle
     n, _, h, w = x.shape
     # pixel_unshuffle needs sides that divide: pad at the right and bottom by reflection, cut after
@@ -190,7 +198,7 @@ def upscale_once(
     """An RGB image through the network once (``scale`` times its size), rounded to 8 bits."""
     a = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     x = torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0)
-    spec: UpscalerSpec = model.spec  # type: ignore[assignment]
+    spec = spec_of(model)
     if spec.in_channels == 1:
         x = x.mean(1, keepdim=True)
     y = upscale_tensor(model, x, tile=tile, overlap=overlap).clamp(0, 1)[0]
@@ -233,6 +241,7 @@ __all__ = [
     "SRVGGNetCompact",
     "UpscalerSpec",
     "build_upscaler",
+    "spec_of",
     "upscale_image",
     "upscale_once",
     "upscale_tensor",

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from sdengine.io.paths import UnsafePathError, file_state, is_inside, resolve_inside
-from sdengine.models.esrgan import UpscalerSpec, build_upscaler
+from sdengine.models.esrgan import UpscalerSpec, build_upscaler, spec_of
 from sdengine.weights.io import WeightsError, load_file, load_pickle_checkpoint
 
 UPSCALER_SUFFIXES = (".safetensors", ".pth", ".pt")
@@ -226,7 +226,7 @@ def save_upscaler(model: nn.Module, path: str | Path, *, layout: str = "new") ->
     path = Path(path)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if layout == "old":
-        sd = new_to_old(sd, model.spec)  # type: ignore[arg-type]
+        sd = new_to_old(sd, spec_of(model))
     elif layout != "new":
         raise UpscalerFileError(f"layout must be 'new' or 'old', got {layout!r}")
     if path.suffix.lower() == ".safetensors":

@@ -1926,11 +1926,12 @@ def _upscale_models(env: Any) -> list[str]:
 
 def upscale_model_loader(ctx: RunContext, model_name: str) -> tuple[Any]:
     """ComfyUI's UpscaleModelLoader: the file is read (a bad one fails at this node) and its scale learnt."""
+    from sdengine.models.esrgan import spec_of
     from sdengine.weights.upscaler_file import load_upscaler
 
     _, path = ctx.catalog.resolve_upscaler(model_name)
     model = load_upscaler(path, ctx.device)
-    return (UpscaleModelHandle(str(path), int(model.spec.scale)),)
+    return (UpscaleModelHandle(str(path), spec_of(model).scale),)
 
 
 COMFY_UPSCALE_TILE, COMFY_UPSCALE_OVERLAP = 512, 32  # ImageUpscaleWithModel's first tile size and overlap
@@ -1940,7 +1941,7 @@ def image_upscale_with_model(ctx: RunContext, upscale_model: Any, image: torch.T
     """ComfyUI's ImageUpscaleWithModel: each image through the model (fp32, in tiles of 512 with an overlap of 32
     on the worker's device), ``scale`` times its size, clamped to [0, 1]. The result may be larger than the
     server's --max-side (that limits generation, not upscaling) but not than --max-image-pixels or 8192 a side."""
-    from sdengine.models.esrgan import upscale_tensor
+    from sdengine.models.esrgan import spec_of, upscale_tensor
     from sdengine.weights.upscaler_file import load_upscaler
 
     if not isinstance(upscale_model, UpscaleModelHandle):
@@ -1953,7 +1954,7 @@ def image_upscale_with_model(ctx: RunContext, upscale_model: Any, image: torch.T
         )
     model = load_upscaler(upscale_model.path, ctx.device)
     x = image.permute(0, 3, 1, 2).float()
-    if model.spec.in_channels == 1:
+    if spec_of(model).in_channels == 1:
         x = x.mean(1, keepdim=True)
     rows = [
         upscale_tensor(model, x[i : i + 1], tile=COMFY_UPSCALE_TILE, overlap=COMFY_UPSCALE_OVERLAP) for i in range(b)
