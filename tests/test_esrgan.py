@@ -237,7 +237,7 @@ def test_folder_names(tmp_path: Path) -> None:
     assert list(upscaler_files(tmp_path)) == ["4x-Tiny", "RealESRGAN_x4plus"]
     assert resolve_upscaler("4x-Tiny", tmp_path)[0] == "4x-Tiny"
     assert resolve_upscaler("4x-Tiny.pth", tmp_path)[0] == "4x-Tiny"
-    assert resolve_upscaler("R-ESRGAN 4x+", tmp_path)[1].name == "RealESRGAN_x4plus.safetensors"
+    assert resolve_upscaler("R-ESRGAN 4x+", tmp_path) == ("R-ESRGAN 4x+", tmp_path / "RealESRGAN_x4plus.safetensors")
     for bad in ("nope", "../4x-Tiny", "/etc/passwd", "readme.txt"):
         with pytest.raises(UpscalerFileError) as e:
             resolve_upscaler(bad, tmp_path)
@@ -304,7 +304,10 @@ def test_hires_with_a_model_upscaler_is_img2img_of_the_model_upscaled_image(pipe
     np.testing.assert_array_equal(np.asarray(again.images[0]), np.asarray(out.images[0]))
     # A1111's name of its Real-ESRGAN download, an old-layout ESRGAN file
     esr = pipe(**BASE, **hr, hr_upscaler="R-ESRGAN 4x+")
-    assert "Hires upscaler: RealESRGAN_x4plus" in esr.infotexts[0]
+    assert "Hires upscaler: R-ESRGAN 4x+," in esr.infotexts[0]  # as A1111 writes it
+    again = pipe(**BASE, **hr, hr_upscaler="RealESRGAN_x4plus")  # the same file by its own name
+    np.testing.assert_array_equal(np.asarray(again.images[0]), np.asarray(esr.images[0]))
+    assert "Hires upscaler: RealESRGAN_x4plus," in again.infotexts[0]
 
 
 def test_hires_model_upscaler_errors_are_one_line(pipe, upscalers, tmp_path):

@@ -272,9 +272,10 @@ def upscaler_files(folder: str | Path | None) -> dict[str, Path]:
 
 
 def resolve_upscaler(name: str, folder: str | Path | None) -> tuple[str, Path]:
-    """(listed name, file) of an upscaler name in ``folder``: the file's name with or without its suffix, or
-    A1111's name of a Real-ESRGAN model ("R-ESRGAN 4x+" -> ``RealESRGAN_x4plus``); a one-line UpscalerFileError
-    when it is not there (or names a path outside the folder)."""
+    """(name, file) of an upscaler name in ``folder``: the file's name with or without its suffix (the name: without
+    it, as A1111 lists the file), or A1111's name of a Real-ESRGAN model ("R-ESRGAN 4x+" -> ``RealESRGAN_x4plus``;
+    the name stays A1111's, as its infotexts write it); a one-line UpscalerFileError when it is not there (or
+    names a path outside the folder)."""
     if folder is None:
         raise UpscalerFileError(f"upscaler {name!r}: no upscalers folder given (--upscalers-dir)")
     name = name.strip()
@@ -291,7 +292,7 @@ def resolve_upscaler(name: str, folder: str | Path | None) -> tuple[str, Path]:
                     raise UpscalerFileError(
                         f"upscaler {name!r} is ambiguous: {', '.join(p.stem + s for s in same)}; name the file"
                     )
-                return p.stem, p
+                return (name if stem != name else p.stem), p
     except UnsafePathError as e:
         raise UpscalerFileError(str(e)) from None
     have = ", ".join(upscaler_files(folder)) or "none"
