@@ -232,12 +232,13 @@ def test_user_errors_are_one_line(model, tmp_path, capsys, args, message):
     assert rc == 2 and len(err) == 1 and err[0].startswith("sdengine: error: ") and message in err[0], err
 
 
-# A1111 v1.10's infotext of a hires-fix txt2img (its "Denoising strength" is the hires pass's), made with a
-# model upscaler sdengine does not have (the latent and Lanczos ones it runs: tests/test_hires.py).
+# A1111 v1.10's infotext of a hires-fix txt2img (its "Denoising strength" is the hires pass's), made with an
+# upscaler sdengine does not have (the latent and Lanczos ones it runs: tests/test_hires.py; ESRGAN models of
+# --upscalers-dir: tests/test_esrgan.py).
 A1111_HIRES = (
     "a red apple\nNegative prompt: blurry\nSteps: 6, Sampler: Euler, Schedule type: Automatic, CFG scale: 5, "
     "Seed: 3, Size: 32x32, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.7, "
-    "Hires upscale: 2, Hires steps: 10, Hires upscaler: R-ESRGAN 4x+, Version: v1.10.1"
+    "Hires upscale: 2, Hires steps: 10, Hires upscaler: SwinIR 4x, Version: v1.10.1"
 )
 
 
@@ -251,7 +252,15 @@ def test_from_png_of_a_hires_fix_image_with_a_model_upscaler_names_it(model, tmp
         assert _generate("--from-png", str(png), "--model", str(model), "--out", str(tmp_path / "o"), *extra) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "hires fix" in err and "img2img" not in err, err
-        assert "'R-ESRGAN 4x+', which sdengine does not have" in err and str(png) in err
+        assert "'SwinIR 4x', which sdengine does not have" in err and str(png) in err
+    assert not (tmp_path / "o").exists()
+    # an ESRGAN model's name is kept: without --upscalers-dir, one line naming the flag
+    esrgan = save_png(
+        Image.new("RGB", (64, 64)), tmp_path / "esrgan.png", A1111_HIRES.replace("SwinIR 4x", "R-ESRGAN 4x+")
+    )
+    assert _generate("--from-png", str(esrgan), "--model", str(model), "--out", str(tmp_path / "o")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'R-ESRGAN 4x+'" in err and "--upscalers-dir" in err, err
     assert not (tmp_path / "o").exists()
 
 

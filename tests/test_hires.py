@@ -253,8 +253,8 @@ def test_reading_a1111_hires_infotexts():
     kw = to_generate_kwargs(parse_parameters(base + "Hires upscale: 1.5"), hires=True)
     assert kw["hr_scale"] == 1.5 and kw["hr_upscaler"] == "Latent"  # A1111's default upscaler
     assert "enable_hr" not in to_generate_kwargs(parse_parameters(base + "Hires upscale: 2"))  # hires=False
-    with pytest.raises(MetadataError, match="R-ESRGAN 4x\\+.*Latent") as e:
-        to_generate_kwargs(parse_parameters(base + "Hires upscale: 2, Hires upscaler: R-ESRGAN 4x+"), hires=True)
+    with pytest.raises(MetadataError, match="SwinIR 4x.*Latent") as e:  # ESRGAN names: tests/test_esrgan.py
+        to_generate_kwargs(parse_parameters(base + "Hires upscale: 2, Hires upscaler: SwinIR 4x"), hires=True)
     assert "\n" not in str(e.value)
     with pytest.raises(MetadataError, match="Hires resize"):
         to_generate_kwargs(parse_parameters(base + "Hires resize: big"), hires=True)

@@ -681,13 +681,20 @@ HIRES_UPSCALERS = (
 )
 
 
+# A1111's built-in upscalers of other architectures than ESRGAN's ("SwinIR 4x", "LDSR", "ScuNET PSNR", "DAT x4":
+# their names' first word, lower case): refused by name
+OTHER_UPSCALER_FAMILIES = ("swinir", "ldsr", "scunet", "dat")
+
+
 def hires_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     """The hires-fix arguments of an infotext (``enable_hr``, ``hr_scale`` or ``hr_resize_x``/``hr_resize_y``,
     ``hr_second_pass_steps``, ``hr_upscaler``, ``hr_sampler``, ``hr_schedule``, ``hr_prompt``,
     ``hr_negative_prompt``); empty
     when it has neither "Hires upscale" nor "Hires resize" (A1111's test for a hires image). A missing "Hires
-    upscaler" is A1111's default "Latent". An upscaler sdengine does not have (ESRGAN, ...) is a MetadataError
-    naming it, never a silently different image."""
+    upscaler" is A1111's default "Latent". Another name is an upscaler model's (ESRGAN, Real-ESRGAN: the file name
+    without its suffix, or A1111's "R-ESRGAN 4x+" names), kept as it is: the generation looks it up in its
+    upscalers folder and fails in one line where it is not there. A1111's upscalers that are no such model
+    (SwinIR, LDSR, ScuNET, BSRGAN, DAT) are a MetadataError naming them, never a silently different image."""
     if "Hires upscale" not in parsed and "Hires resize" not in parsed:
         return {}
     out: dict[str, Any] = {"enable_hr": True}
@@ -701,10 +708,10 @@ def hires_kwargs(parsed: Mapping[str, str]) -> dict[str, Any]:
     if "Hires steps" in parsed:
         out["hr_second_pass_steps"] = _parse_int(parsed, "Hires steps")
     upscaler = parsed.get("Hires upscaler", "Latent").strip()
-    if upscaler not in HIRES_UPSCALERS:
+    if not upscaler or upscaler.split()[0].lower() in OTHER_UPSCALER_FAMILIES:
         raise MetadataError(
             f"made with A1111's hires fix and the upscaler {upscaler!r}, which sdengine does not have (it has "
-            f"{', '.join(HIRES_UPSCALERS)}): the image cannot be made again"
+            f"{', '.join(HIRES_UPSCALERS)} and ESRGAN / Real-ESRGAN models): the image cannot be made again"
         )
     out["hr_upscaler"] = upscaler
     if "Hires sampler" in parsed:
@@ -1021,6 +1028,7 @@ __all__ = [
     "hires_fix_fields",
     "hires_kwargs",
     "HIRES_UPSCALERS",
+    "OTHER_UPSCALER_FAMILIES",
     "lora_hash",
     "model_hash",
     "parse_fields",

@@ -729,6 +729,8 @@ def run(a: argparse.Namespace) -> int:
         kwargs["loras"] = [lora_arg(x) for x in a.lora]
     if a.lora_dir:
         kwargs["lora_dir"] = a.lora_dir
+    if a.upscalers_dir:
+        kwargs["upscalers_dir"] = a.upscalers_dir
     if a.vae_tiling is not None:
         kwargs["vae_tiling"] = a.vae_tiling
     if a.tiling is not None:
@@ -1006,7 +1008,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         default=None,
         metavar="NAME",
         help="Latent (default), 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic antialiased)', "
-        "'Latent (nearest)', 'Latent (nearest-exact)', or None / Lanczos (pixel Lanczos resize, then encode)",
+        "'Latent (nearest)', 'Latent (nearest-exact)', None / Lanczos (pixel Lanczos resize, then encode), or an "
+        "upscaler model (ESRGAN, Real-ESRGAN) of --upscalers-dir",
     )
     p.add_argument("--hr-steps", type=int, default=None, metavar="N", help="second-pass steps (default 0 = --steps)")
     p.add_argument(
@@ -1081,6 +1084,12 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         help="a LoRA (repeatable); two weights: the text encoder's, the U-Net's",
     )
     p.add_argument("--lora-dir", default=None, help="where <lora:NAME> tags are looked up")
+    p.add_argument(
+        "--upscalers-dir",
+        default=None,
+        metavar="DIR",
+        help="folder of upscaler models (ESRGAN, Real-ESRGAN .pth / .safetensors) --hr-upscaler may name",
+    )
     p.add_argument(
         "--embeddings-dir",
         default=None,

@@ -81,6 +81,7 @@ def run(a: argparse.Namespace) -> int:
         ("--loras-dir", a.loras_dir),
         ("--controlnets-dir", a.controlnets_dir),
         ("--vaes-dir", a.vaes_dir),
+        ("--upscalers-dir", a.upscalers_dir),
         ("--embeddings-dir", a.embeddings_dir),
     ):
         if d is not None and not Path(d).is_dir():
@@ -108,6 +109,7 @@ def run(a: argparse.Namespace) -> int:
         loras_dir=Path(a.loras_dir) if a.loras_dir else None,
         controlnets_dir=Path(a.controlnets_dir) if a.controlnets_dir else None,
         vaes_dir=Path(a.vaes_dir) if a.vaes_dir else None,
+        upscalers_dir=Path(a.upscalers_dir) if a.upscalers_dir else None,
         embeddings_dir=Path(a.embeddings_dir) if a.embeddings_dir else None,
         styles_file=Path(a.styles_file) if a.styles_file else None,
         outputs_dir=Path(a.outputs_dir),
@@ -186,6 +188,12 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     p.add_argument("--controlnets-dir", default=None, help="folder of ControlNets requests may name")
     p.add_argument(
         "--vaes-dir", default=None, help="folder of VAE .safetensors files and folders ComfyUI's VAELoader may name"
+    )
+    p.add_argument(
+        "--upscalers-dir",
+        default=None,
+        help="folder of upscaler models (ESRGAN, Real-ESRGAN .pth / .safetensors) for the hires fix, the A1111 extras "
+        "and ComfyUI's UpscaleModelLoader",
     )
     p.add_argument("--embeddings-dir", default=None, help="textual-inversion embeddings, used by file name in prompts")
     p.add_argument(

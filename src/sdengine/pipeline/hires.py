@@ -11,6 +11,9 @@ img2img pass at the larger size.
      antialias), as A1111's ``latent_upscale_modes``.
    * "None" / "Lanczos": the first pass's image is decoded, rounded to 8 bits (the pixels the first pass
      would have saved), resized with Lanczos, cut to the box, and encoded again.
+   * the name of an upscaler model (ESRGAN, Real-ESRGAN; :mod:`sdengine.models.esrgan`) in the request's
+     ``upscalers_dir``: as "Lanczos", but the image first goes through the model (in tiles, as A1111's
+     ``Upscaler.upscale``: until it covers the size, at most 3 times), then Lanczos makes the exact size.
 3. Second pass: img2img of the upscaled start at ``strength`` (A1111's ``denoising_strength``) for
    ``hr_second_pass_steps`` steps (0 = ``steps``), with ``hr_sampler`` / ``hr_schedule`` (None = the first
    pass's),
@@ -31,7 +34,7 @@ pass IS an img2img call:
 A variation seed (``subseed``) mixes into the second pass's noise as into the first's. Differences from
 A1111: the pixel path cuts the resize box from the image before encoding (A1111 cuts the encoded latent), so
 that it stays an img2img of an image; "None" resizes with Lanczos like "Lanczos" (A1111's "None" upscaler
-also ends in its Lanczos resize); other upscalers (ESRGAN, ...) are refused by name.
+also ends in its Lanczos resize); A1111's other upscalers (SwinIR, LDSR, ScuNET, ...) are refused by name.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,18 +71,32 @@ PIXEL_UPSCALERS = ("None", "Lanczos")  # decode, Lanczos resize, encode
 UPSCALERS = (*LATENT_UPSCALERS, *PIXEL_UPSCALERS)
 
 
-def upscaler_name(name: Any) -> str:
-    """The canonical spelling of an upscaler name (case and outer spaces ignored); a one-line
-    GenerationError listing the valid names otherwise."""
+def upscaler_name(name: Any, upscalers_dir: str | Path | None = None) -> str:
+    """The canonical spelling of an upscaler name (case and outer spaces ignored), or the listed name of an
+    upscaler model in ``upscalers_dir``; a one-line GenerationError listing the valid names otherwise."""
+    return resolve_hires_upscaler(name, upscalers_dir)[0]
+
+
+def resolve_hires_upscaler(name: Any, upscalers_dir: str | Path | None = None) -> tuple[str, Path | None]:
+    """(canonical name, model file or None) of an ``hr_upscaler``: a built-in one (the latent modes, "None",
+    "Lanczos"), or an upscaler model in ``upscalers_dir`` (:func:`sdengine.weights.upscaler_file.resolve_upscaler`);
+    a one-line GenerationError otherwise."""
     if isinstance(name, str):
         by_lower = {u.lower(): u for u in UPSCALERS}
         found = by_lower.get(name.strip().lower())
         if found is not None:
-            return found
-    raise GenerationError(
-        f"unknown hires upscaler {name!r}; sdengine has: {', '.join(UPSCALERS)} (model upscalers such as ESRGAN "
-        "are not available)"
+            return found, None
+        if upscalers_dir is not None and name.strip():
+            from sdengine.weights.upscaler_file import UpscalerFileError, resolve_upscaler
+
+            try:
+                return resolve_upscaler(name, upscalers_dir)
+            except UpscalerFileError as e:
+                raise GenerationError(f"hires upscaler: {e} (or one of {', '.join(UPSCALERS)})") from None
+    where = (
+        "" if upscalers_dir is not None else " (an upscaler model such as ESRGAN needs upscalers_dir, --upscalers-dir)"
     )
+    raise GenerationError(f"unknown hires upscaler {name!r}; sdengine has: {', '.join(UPSCALERS)}{where}")
 
 
 def _is_int(v: Any) -> bool:
@@ -96,7 +114,10 @@ def validate_hires(r: GenerationRequest) -> None:
         v = getattr(r, name)
         if not _is_int(v) or v < 0:
             raise GenerationError(f"{name} must be an integer >= 0, got {v!r}")
-    upscaler_name(r.hr_upscaler)
+    if r.upscalers_dir is not None and not Path(r.upscalers_dir).is_dir():
+        what = "is not a folder" if Path(r.upscalers_dir).exists() else "does not exist"
+        raise GenerationError(f"upscalers folder {r.upscalers_dir} {what}")
+    upscaler_name(r.hr_upscaler, r.upscalers_dir)
     for name in ("hr_prompt", "hr_negative_prompt"):
         if not isinstance(getattr(r, name), str):
             raise GenerationError(f"{name} must be a string")
@@ -146,6 +167,7 @@ class HiresPlan:
     sampler: str
     schedule: str
     start: int = 0  # the index of its first step run
+    model: str | None = None  # the upscaler model's file (an ``hr_upscaler`` of ``upscalers_dir``)
 
     @property
     def latent(self) -> bool:
@@ -197,7 +219,8 @@ def plan_hires(pipe: Any, r: GenerationRequest, width: int, height: int, sampler
     if r.hr_sampler or r.hr_schedule is not None:
         sampler, schedule = hires_sampler(r, sdxl=getattr(pipe, "text_kind", "") == "sdxl")
     total, start = check_hires_steps(r, sampler, int(pipe.noise_schedule.num_train_timesteps))
-    return HiresPlan(upscaler_name(r.hr_upscaler), sw, sh, bw, bh, total, sampler, schedule, start)
+    name, model = resolve_hires_upscaler(r.hr_upscaler, r.upscalers_dir)
+    return HiresPlan(name, sw, sh, bw, bh, total, sampler, schedule, start, None if model is None else str(model))
 
 
 def check_hires_steps(r: GenerationRequest, sampler: str, limit: int) -> tuple[int, int]:
@@ -245,10 +268,19 @@ def upscale_latents(latents: Tensor, plan: HiresPlan, factor: int) -> Tensor:
     return x[:, :, cut_y // 2 : cut_y // 2 + plan.height // factor, cut_x // 2 : cut_x // 2 + plan.width // factor]
 
 
-def upscale_image(image: Image.Image, plan: HiresPlan, factor: int) -> Image.Image:
+def upscale_image(image: Image.Image, plan: HiresPlan, factor: int, device: Any = "cpu") -> Image.Image:
     """A first-pass image resized with Lanczos to the plan's size, then the centre cut (in whole latent cells,
-    as A1111 cuts)."""
-    big = image.resize((plan.scaled_width, plan.scaled_height), Image.Resampling.LANCZOS)
+    as A1111 cuts). With an upscaler model (``plan.model``, run on ``device``), A1111's ``resize_image``: the
+    model upscales by what covers the size (when that is over 1), then Lanczos resizes to it."""
+    size = (plan.scaled_width, plan.scaled_height)
+    if plan.model is not None:
+        from sdengine.models.esrgan import upscale_image as model_upscale
+        from sdengine.weights.upscaler_file import load_upscaler
+
+        scale = max(size[0] / image.width, size[1] / image.height)
+        if scale > 1.0:
+            image = model_upscale(load_upscaler(plan.model, device), image, scale)
+    big = image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
     left = (plan.scaled_width - plan.width) // factor // 2 * factor
     top = (plan.scaled_height - plan.height) // factor // 2 * factor
     return big.crop((left, top, left + plan.width, top + plan.height))
@@ -333,7 +365,8 @@ def upscaled_pictures(decoder: Any, p: Any, latents: Tensor) -> list[Image.Image
     whose VAE ends the first pass), rounded to 8 bits, resized and cut to the plan's size."""
     factor = int(decoder.vae_scale_factor)
     pictures = [Image.fromarray(a) for a in to_uint8(decoder.decode_latents(first_pass(p), latents))]
-    return [upscale_image(picture, p.hires, factor) for picture in pictures]
+    device = getattr(decoder, "device", "cpu")  # an upscaler model runs in fp32 where the model runs
+    return [upscale_image(picture, p.hires, factor, device) for picture in pictures]
 
 
 def second_pass(
@@ -405,6 +438,7 @@ __all__ = [
     "hires_sampler",
     "infotext_fields",
     "plan_hires",
+    "resolve_hires_upscaler",
     "second_pass",
     "second_prepared",
     "upscale_image",

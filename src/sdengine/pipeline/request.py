@@ -159,7 +159,9 @@ class GenerationRequest:
     hr_resize_x: int = 0  # pixels; one side given keeps the aspect ratio, both cover the box then cut it
     hr_resize_y: int = 0
     hr_upscaler: str = "Latent"  # "Latent", "Latent (antialiased|bicubic|bicubic antialiased|nearest|nearest-exact)",
-    # or "None" / "Lanczos" (pixel Lanczos resize, then the VAE encodes it again)
+    # "None" / "Lanczos" (pixel Lanczos resize, then the VAE encodes it again), or the name of an upscaler model
+    # (ESRGAN, Real-ESRGAN) in ``upscalers_dir``: the model upscales, then Lanczos resizes to the size
+    upscalers_dir: str | Path | None = None  # the folder of upscaler models (.pth / .safetensors) hr_upscaler names
     hr_second_pass_steps: int = 0  # 0 = steps
     hr_sampler: str | None = None  # None = sampler
     hr_schedule: str | None = None  # None = the schedule rule of ``schedule`` (A1111's hr_scheduler)

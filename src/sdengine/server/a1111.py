@@ -25,6 +25,7 @@ import math
 import re
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -542,7 +543,8 @@ class ExtrasBatchRequest(ExtrasRequest):
     imageList: list[dict[str, Any]] = Field(default_factory=list)  # noqa: N815 - A1111's name
 
 
-# The upscalers sdengine has as pixel upscalers (A1111's "None" and "Lanczos"; what the hires fix accepts too).
+# The upscalers sdengine has as pixel upscalers (A1111's "None" and "Lanczos"; what the hires fix accepts too); the
+# upscaler models of --upscalers-dir come after them.
 EXTRAS_UPSCALERS = ("None", "Lanczos")
 
 
@@ -561,34 +563,43 @@ def lanczos_upscale(image: Image.Image, scale: float) -> Image.Image:
 
 
 def extras_upscale(
-    image: Image.Image, req: ExtrasRequest, max_pixels: int = 4096 * 4096
+    image: Image.Image, req: ExtrasRequest, max_pixels: int = 4096 * 4096, catalog: Any = None
 ) -> tuple[Image.Image, dict[str, Any]]:
-    """A1111's extras upscale (``scripts/postprocessing_upscale.py``) with the Lanczos and None upscalers:
-    ``resize_mode`` 0 scales by ``upscaling_resize``, 1 by what covers ``upscaling_resize_w`` x ``_h``, then
-    (with ``upscaling_crop``) the centre of that size is cut (on black where the rounding to 8 fell short, as
-    A1111 pastes it); upscaler "None" leaves the image as it is. Face restoration is not available: a
-    visibility above 0 is refused."""
+    """A1111's extras upscale (``scripts/postprocessing_upscale.py``) with the Lanczos and None upscalers and the
+    upscaler models of ``--upscalers-dir`` (``catalog``): ``resize_mode`` 0 scales by ``upscaling_resize``, 1 by
+    what covers ``upscaling_resize_w`` x ``_h``, then (with ``upscaling_crop``) the centre of that size is cut (on
+    black where the rounding to 8 fell short, as A1111 pastes it); upscaler "None" leaves the image as it is; an
+    ``upscaler_2`` with a visibility above 0 is blended over the first's result as A1111 blends it. Face
+    restoration is not available: a visibility above 0 is refused."""
     faces = (("gfpgan_visibility", req.gfpgan_visibility), ("codeformer_visibility", req.codeformer_visibility))
     for label, v in faces:
         if v:
             raise BadRequest(f"{label} {v:g}: face restoration is not available in sdengine (send 0)")
     names = {u.lower(): u for u in EXTRAS_UPSCALERS}
-    chosen = []
+    chosen: list[tuple[str, Any]] = []  # (name, model file or None)
     for what, name in (("upscaler_1", req.upscaler_1), ("upscaler_2", req.upscaler_2)):
-        found = names.get(str(name if name is not None else "None").strip().lower())
-        if found is None:
+        text = str(name if name is not None else "None").strip()
+        found = names.get(text.lower())
+        if found is not None:
+            chosen.append((found, None))
+            continue
+        models = catalog.upscalers() if catalog is not None else []
+        if not models:
             raise BadRequest(
-                f"{what} {name!r} is not available; sdengine has: {', '.join(EXTRAS_UPSCALERS)} "
-                "(model upscalers such as ESRGAN are not)"
+                f"{what} {name!r} is not available; sdengine has: {', '.join(EXTRAS_UPSCALERS)} (and the upscaler "
+                "models of serve --upscalers-dir, which has none)"
             )
-        chosen.append(found)
+        try:
+            chosen.append(catalog.resolve_upscaler(text))
+        except BadRequest as e:
+            raise BadRequest(f"{what}: {e} (or {', '.join(EXTRAS_UPSCALERS)})") from None
     if req.resize_mode not in (0, 1):
         raise BadRequest(f"resize_mode must be 0 (scale by upscaling_resize) or 1 (to a size), got {req.resize_mode}")
     if not 0.0 <= req.extras_upscaler_2_visibility <= 1.0:
         raise BadRequest("extras_upscaler_2_visibility must be in [0, 1]")
     image = image.convert("RGB")
     info: dict[str, Any] = {}
-    if chosen[0] == "None":  # A1111 upscales nothing without a first upscaler
+    if chosen[0][0] == "None":  # A1111 upscales nothing without a first upscaler
         return image, info
     w, h = req.upscaling_resize_w, req.upscaling_resize_h
     if req.resize_mode == 1:
@@ -606,16 +617,32 @@ def extras_upscale(
             f"upscaling {image.width}x{image.height} by {scale:g} is over the limit of 8192 pixels a side and "
             f"{max_pixels} pixels"
         )
-    out = lanczos_upscale(image, scale)
+
+    def upscaled(model_file: Any) -> Image.Image:
+        if model_file is None:
+            out = lanczos_upscale(image, scale)
+        else:
+            from sdengine.models.esrgan import upscale_image
+            from sdengine.weights.upscaler_file import load_upscaler
+
+            if min(int(image.width * scale) // 8, int(image.height * scale) // 8) < 1:
+                raise BadRequest(f"upscaling {image.width}x{image.height} by {scale:g} gives under 8 pixels a side")
+            out = upscale_image(load_upscaler(model_file), image, scale)
+        if req.resize_mode == 1 and req.upscaling_crop:
+            cut = Image.new("RGB", (w, h))
+            cut.paste(out, (w // 2 - out.width // 2, h // 2 - out.height // 2))
+            out = cut
+        return out
+
+    out = upscaled(chosen[0][1])
     if req.resize_mode == 1 and req.upscaling_crop:
-        cut = Image.new("RGB", (w, h))
-        cut.paste(out, (w // 2 - out.width // 2, h // 2 - out.height // 2))
-        out = cut
         info["Postprocess crop to"] = f"{w}x{h}"
-    info["Postprocess upscaler"] = chosen[0]
-    if chosen[1] != "None" and req.extras_upscaler_2_visibility > 0:
-        # A1111 blends in the same upscale and cut made by upscaler_2: Lanczos again is the same image
-        info["Postprocess upscaler 2"] = chosen[1]
+    info["Postprocess upscaler"] = chosen[0][0]
+    if chosen[1][0] != "None" and req.extras_upscaler_2_visibility > 0:
+        # A1111 blends in the same upscale and cut made by upscaler_2 (Lanczos again is the same image)
+        if chosen[1] != chosen[0]:
+            out = Image.blend(out, upscaled(chosen[1][1]), req.extras_upscaler_2_visibility)
+        info["Postprocess upscaler 2"] = chosen[1][0]
     return out, info
 
 
@@ -2042,10 +2069,17 @@ def install(app: FastAPI, services: Any) -> None:
 
     @app.get("/sdapi/v1/upscalers", tags=["a1111"])
     def upscalers() -> list[dict[str, Any]]:
-        """The pixel upscalers the hires fix and the extras take (A1111's UpscalerItem)."""
-        return [
+        """The pixel upscalers the hires fix and the extras take (A1111's UpscalerItem): None, Lanczos, then the
+        upscaler models of --upscalers-dir (by file name without its suffix; ``scale`` 4, as A1111 lists its ESRGAN
+        folder, whatever the file's own)."""
+        out: list[dict[str, Any]] = [
             {"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for n in EXTRAS_UPSCALERS
         ]
+        for e in catalog.upscalers():
+            out.append(
+                {"name": e.name, "model_name": "ESRGAN", "model_path": Path(e.ref).name, "model_url": None, "scale": 4}
+            )
+        return out
 
     @app.get("/sdapi/v1/latent-upscale-modes", tags=["a1111"])
     def latent_upscale_modes() -> list[dict[str, Any]]:
@@ -2058,7 +2092,9 @@ def install(app: FastAPI, services: Any) -> None:
         if not req.image:
             raise BadRequest("send the image as base64 in 'image'")
         extras_unknown(req)
-        out, info = extras_upscale(services.uploads.image(req.image, "image"), req, services.config.max_image_pixels)
+        out, info = extras_upscale(
+            services.uploads.image(req.image, "image"), req, services.config.max_image_pixels, catalog
+        )
         return {"html_info": extras_info(info), "image": _b64_png(out) if req.show_extras_results else None}
 
     def extras_info(info: dict[str, Any]) -> str:
@@ -2086,7 +2122,7 @@ def install(app: FastAPI, services: Any) -> None:
             if not isinstance(data, str) or not data:
                 raise BadRequest(f"imageList[{k}]: send the image as base64 in 'data'")
             image = services.uploads.image(data, f"imageList[{k}]")
-            out, info = extras_upscale(image, req, services.config.max_image_pixels)
+            out, info = extras_upscale(image, req, services.config.max_image_pixels, catalog)
             total += out.width * out.height
             if total > budget:
                 raise PayloadTooLarge(

@@ -125,9 +125,11 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         config.model,
         tiny_vae=config.tiny_vae,
         vaes_dir=config.vaes_dir,
+        upscalers_dir=config.upscalers_dir,
     )
     config.model = catalog.startup_name
-    for folder in (config.outputs_dir, config.models_dir, config.loras_dir, config.controlnets_dir, config.vaes_dir):
+    folders = (config.outputs_dir, config.models_dir, config.loras_dir, config.controlnets_dir, config.vaes_dir)
+    for folder in (*folders, config.upscalers_dir):
         register_client_folder(folder)  # errors name a file of these by its name inside them (errors.redact_paths)
     manager = JobManager(
         loader=loader

@@ -52,8 +52,10 @@ class Catalog:
         startup_model: str = "emoji",
         tiny_vae: Path | None = None,
         vaes_dir: Path | None = None,
+        upscalers_dir: Path | None = None,
     ) -> None:
         self.models_dir = models_dir
+        self.upscalers_dir = upscalers_dir
         self.tiny_vae = tiny_vae  # the server's --tiny-vae: ComfyUI's VAELoader offers it as "taesd"
         self.vaes_dir = vaes_dir
         self.loras_dir = loras_dir
@@ -262,6 +264,27 @@ class Catalog:
             if p.is_file() and e.name in (f"{stem}.safetensors", f"{stem}.vae.safetensors"):
                 return p
         return None
+
+    # -- upscaler models (hires fix, A1111's extras, ComfyUI's UpscaleModelLoader) ---------------------------------
+
+    def upscalers(self) -> list[Entry]:
+        """The upscaler models (ESRGAN, Real-ESRGAN ``.pth`` / ``.safetensors``) of ``--upscalers-dir``, by the file
+        name without its suffix (A1111's name for them)."""
+        from sdengine.weights.upscaler_file import upscaler_files
+
+        return [Entry(n, str(p), False) for n, p in upscaler_files(self.upscalers_dir).items()]
+
+    def resolve_upscaler(self, name: str) -> tuple[str, Path]:
+        """(listed name, file) of an upscaler model name (with or without its suffix); BadRequest when unknown or
+        unsafe. The ``.pth`` files are read by ``torch.load(weights_only=True)`` only."""
+        from sdengine.weights.upscaler_file import UpscalerFileError, resolve_upscaler
+
+        if self.upscalers_dir is None:
+            raise BadRequest(f"unknown upscaler {name!r}: the server has no upscaler models (serve --upscalers-dir)")
+        try:
+            return resolve_upscaler(name, self.upscalers_dir)
+        except UpscalerFileError as e:
+            raise BadRequest(str(e)) from None
 
     @staticmethod
     def _safetensors_inside(root: Path, name: str, what: str, folders: bool = False) -> Path:

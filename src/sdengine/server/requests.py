@@ -417,6 +417,8 @@ def build_generation(
         kwargs["init_latent_resize"] = init_latent_resize  # checked by GenerationRequest.validate below
     if hires is not None:
         kwargs.update(_hires_fields(config, hires, width, height), enable_hr=True)
+        if config.upscalers_dir is not None:  # hr_upscaler may name one of its models
+            kwargs["upscalers_dir"] = str(config.upscalers_dir)
     if sdxl:  # SDXL's second prompts, micro-conditioning and aesthetic scores (SDXL models only: said by the job)
         from sdengine.errors import GenerationError
         from sdengine.text.sdxl_conditioner import SDXLOptions

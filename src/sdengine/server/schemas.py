@@ -61,7 +61,11 @@ class HiresSpec(BaseModel):
     hr_scale: float = Field(2.0, gt=0, le=16, allow_inf_nan=False)
     hr_resize_x: int = Field(0, ge=0, description="at most the server's --max-side")
     hr_resize_y: int = Field(0, ge=0, description="at most the server's --max-side")
-    hr_upscaler: str = Field("Latent", max_length=64, description="Latent, Latent (bicubic), ..., None, Lanczos")
+    hr_upscaler: str = Field(
+        "Latent",
+        max_length=128,
+        description="Latent, Latent (bicubic), ..., None, Lanczos, or an upscaler model of --upscalers-dir",
+    )
     hr_second_pass_steps: int = Field(0, ge=0, description="0: the job's steps; at most the server's --max-steps")
     hr_sampler: str | None = Field(None, max_length=64, description="None: the job's sampler")
     hr_schedule: str | None = Field(None, max_length=64, description="None: the job's schedule")

@@ -32,7 +32,10 @@ def builtin_object_info() -> dict[str, Any]:
 
 
 # What an input's choices are when the documented server (built-ins only, no --tiny-vae) lists none
-EMPTY_CHOICES = {"vae_name": "`taesd` when the server runs with `--tiny-vae`"}
+EMPTY_CHOICES = {
+    "vae_name": "`taesd` when the server runs with `--tiny-vae`",
+    "model_name": "the files of `--upscalers-dir`",
+}
 
 
 def _spec(spec: list[Any], name: str = "") -> tuple[str, str]:

@@ -1911,6 +1911,60 @@ def image_scale_by(ctx: RunContext, image: torch.Tensor, upscale_method: str, sc
     return image_scale(ctx, image, upscale_method, w, h, "disabled")
 
 
+@dataclass(frozen=True)
+class UpscaleModelHandle:
+    """UpscaleModelLoader's model: an ESRGAN / Real-ESRGAN file of ``--upscalers-dir``."""
+
+    path: str
+    scale: int
+
+
+def _upscale_models(env: Any) -> list[str]:
+    """The files of ``--upscalers-dir`` by file name (ComfyUI lists its ``models/upscale_models`` so)."""
+    return [Path(e.ref).name for e in env.catalog.upscalers()]
+
+
+def upscale_model_loader(ctx: RunContext, model_name: str) -> tuple[Any]:
+    """ComfyUI's UpscaleModelLoader: the file is read (a bad one fails at this node) and its scale learnt."""
+    from sdengine.models.esrgan import spec_of
+    from sdengine.weights.upscaler_file import load_upscaler
+
+    _, path = ctx.catalog.resolve_upscaler(model_name)
+    model = load_upscaler(path, ctx.device)
+    return (UpscaleModelHandle(str(path), spec_of(model).scale),)
+
+
+COMFY_UPSCALE_TILE, COMFY_UPSCALE_OVERLAP = 512, 32  # ImageUpscaleWithModel's first tile size and overlap
+
+
+def image_upscale_with_model(ctx: RunContext, upscale_model: Any, image: torch.Tensor) -> tuple[Any]:
+    """ComfyUI's ImageUpscaleWithModel: each image through the model (fp32, in tiles of 512 with an overlap of 32
+    on the worker's device), ``scale`` times its size, clamped to [0, 1]. The result may be larger than the
+    server's --max-side (that limits generation, not upscaling) but not than --max-image-pixels or 8192 a side."""
+    from sdengine.models.esrgan import spec_of, upscale_tensor
+    from sdengine.weights.upscaler_file import load_upscaler
+
+    if not isinstance(upscale_model, UpscaleModelHandle):
+        raise NodeError("upscale_model must come from UpscaleModelLoader")
+    b, h, w, _ = image.shape
+    s = upscale_model.scale
+    if max(w, h) * s > 8192 or w * h * s * s > ctx.max_pixels:
+        raise NodeError(
+            f"upscaling {w}x{h} by {s} is over the server's limit of 8192 pixels a side and {ctx.max_pixels} pixels"
+        )
+    model = load_upscaler(upscale_model.path, ctx.device)
+    x = image.permute(0, 3, 1, 2).float()
+    if spec_of(model).in_channels == 1:
+        x = x.mean(1, keepdim=True)
+    rows = [
+        upscale_tensor(model, x[i : i + 1], tile=COMFY_UPSCALE_TILE, overlap=COMFY_UPSCALE_OVERLAP) for i in range(b)
+    ]
+    out = torch.cat(rows).clamp(0, 1)
+    if out.shape[1] == 1:
+        out = out.expand(-1, 3, -1, -1)
+    return (out[:, :3].permute(0, 2, 3, 1).contiguous(),)
+
+
 def image_batch(ctx: RunContext, image1: torch.Tensor, image2: torch.Tensor) -> tuple[Any]:
     """ComfyUI's ImageBatch: image2's rows after image1's, image2 first scaled (bilinear, cut to the aspect around
     its centre) to image1's size when the sizes differ."""
@@ -2254,6 +2308,26 @@ NODES: dict[str, NodeDef] = {
             vae_loader,
             description="A VAE from --vaes-dir, or 'taesd': the server's tiny VAE (--tiny-vae); for VAE Decode and "
             "VAE Encode.",
+        ),
+        NodeDef(
+            "UpscaleModelLoader",
+            "Load Upscale Model",
+            "loaders",
+            (_combo("model_name", _upscale_models),),
+            ("UPSCALE_MODEL",),
+            upscale_model_loader,
+            description="An upscaler model from --upscalers-dir: ESRGAN (RRDBNet, old and new key layouts), "
+            "Real-ESRGAN x4plus / x2plus and its compact SRVGGNetCompact models (.pth read weights-only, "
+            ".safetensors).",
+        ),
+        NodeDef(
+            "ImageUpscaleWithModel",
+            "Upscale Image (using Model)",
+            "image/upscaling",
+            (Input("upscale_model", "UPSCALE_MODEL"), Input("image", "IMAGE")),
+            ("IMAGE",),
+            image_upscale_with_model,
+            description="The image through the upscaler model: its scale times the size (tiles of 512, overlap 32).",
         ),
         NodeDef(
             "CLIPTextEncode",
