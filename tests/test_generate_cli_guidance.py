@@ -37,7 +37,9 @@ def test_zero_terminal_snr_flag_writes_the_a1111_field_and_reads_back(tiny_sd1_f
     pipe = sdengine.load_pipeline(model, device="cpu", prediction_type="v_prediction")
     direct = pipe("a red apple", steps=3, sampler="euler", seed=4, zero_terminal_snr=True, progress=False)
     np.testing.assert_array_equal(_pixels(tmp_path / "z.png"), np.asarray(direct.images[0]))
-    assert _generate("--from-png", str(tmp_path / "z.png"), "--model", str(model), "--out", str(tmp_path / "a.png")) == 0
+    assert (
+        _generate("--from-png", str(tmp_path / "z.png"), "--model", str(model), "--out", str(tmp_path / "a.png")) == 0
+    )
     np.testing.assert_array_equal(_pixels(tmp_path / "a.png"), _pixels(tmp_path / "z.png"))
     # the flag's "no" form overrides the PNG's field
     off = ["--from-png", str(tmp_path / "z.png"), "--model", str(model), "--no-zero-terminal-snr"]
@@ -52,7 +54,9 @@ def test_pag_flags_write_the_infotext_and_read_back(tiny_sd1_folder, tmp_path):
     assert 'PAG scale: 2.5, PAG layers: "mid,up_blocks.1"' in text
     plain = _run(model, tmp_path / "q.png")
     assert "PAG" not in plain and not np.array_equal(_pixels(tmp_path / "p.png"), _pixels(tmp_path / "q.png"))
-    assert _generate("--from-png", str(tmp_path / "p.png"), "--model", str(model), "--out", str(tmp_path / "r.png")) == 0
+    assert (
+        _generate("--from-png", str(tmp_path / "p.png"), "--model", str(model), "--out", str(tmp_path / "r.png")) == 0
+    )
     np.testing.assert_array_equal(_pixels(tmp_path / "r.png"), _pixels(tmp_path / "p.png"))
     assert 'PAG layers: "mid,up_blocks.1"' in Image.open(tmp_path / "r.png").info["parameters"]
 

@@ -753,9 +753,7 @@ def sample_latents(
                     for d in distinct
                 ]
                 part_net = net.with_kinds(kinds)
-            den = Denoiser(
-                UNetAdapter(part_net, pipe.dtype), pipe.noise_schedule, prediction, timestep_mode=t_mode
-            )
+            den = Denoiser(UNetAdapter(part_net, pipe.dtype), pipe.noise_schedule, prediction, timestep_mode=t_mode)
             pos = pos_entry.cond
             c, u = _match_length(pos["crossattn"].to(dev), neg["crossattn"].to(dev))
             uncond_args: dict[str, Tensor] = {"crossattn": u}

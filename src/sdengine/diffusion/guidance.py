@@ -31,7 +31,6 @@ from sdengine.errors import UsageError
 
 from .denoisers import vp_scalings
 
-
 GUIDANCE_RULES = ("diffusers", "comfyui")
 Perturb = Callable[[int], AbstractContextManager[Any]]
 
@@ -115,7 +114,7 @@ class CFGDenoiser:
                 cond["row_kinds"] = ("cond",) * x.shape[0]
             return self.inner(x, sigma, **cond)
         uncond_pass = self.scale != 1.0 or guidance_parts is not None
-        kinds = ("cond", "uncond") if uncond_pass else ("cond",)
+        kinds: tuple[str, ...] = ("cond", "uncond") if uncond_pass else ("cond",)
         kinds += ("cond",) if pag else ()  # the perturbed pass: the conditional rows again, last
         n = len(kinds)
         b = x.shape[0]

@@ -663,8 +663,8 @@ def model_sampling_discrete(ctx: RunContext, model: ModelHandle, sampling: str, 
     prediction = MODEL_SAMPLINGS.get(sampling)
     if prediction is None:
         raise NodeError(
-            f"sampling {sampling!r} is not supported: LCM's 50-timestep distilled schedule and consistency boundary are "
-            "not implemented here (use eps, v_prediction or x0)"
+            f"sampling {sampling!r} is not supported: LCM's 50-timestep distilled schedule and consistency boundary "
+            "are not implemented here (use eps, v_prediction or x0)"
         )
     return (replace(model, prediction=prediction, zsnr=bool(zsnr)),)
 
