@@ -90,7 +90,7 @@ DISCARD_PENULTIMATE_SAMPLERS = ("dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh
 # order 3, B(h) = -h ("bh1") under uni_pc and e^-h - 1 (diffusers' default, "bh2") under uni_pc_bh2; both walk a
 # last sigma of 0 as 0.001 and answer the sample there (comfy/extra_samplers/uni_pc.py, sample_unipc). Its lcm takes
 # the model's x0 as it is (k-diffusion's sample_lcm; LCM's consistency boundary c_skip / c_out is ComfyUI's only under
-# a ModelSamplingDiscrete "lcm" node, which sdengine does not offer): no timesteps, so no boundary condition.
+# a ModelSamplingDiscrete "lcm" node, which sdengine refuses): no timesteps, so no boundary condition.
 SAMPLER_OPTIONS: dict[str, dict[str, Any]] = {
     "dpm_fast": {"eta": 0.0},
     "dpm_adaptive": {"eta": 0.0},
