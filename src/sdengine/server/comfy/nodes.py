@@ -1129,7 +1129,7 @@ def _model_schedule(ctx: RunContext, model: ModelHandle) -> Iterator[Any]:
     from sdengine.pipeline.core import zero_snr_schedule
 
     pipe = ctx.pipeline(model.ref)
-    with zero_snr_schedule(model.zsnr, pipe):
+    with zero_snr_schedule(bool(getattr(model, "zsnr", False)), pipe):  # a handle without the field: no zsnr
         yield pipe
 
 
