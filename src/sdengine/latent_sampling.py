@@ -26,10 +26,11 @@ For one image from an empty latent both rules draw the same start noise (not the
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -383,6 +384,26 @@ def make_noise(
     )
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _model_schedule(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn(pipe, ...)`` run with the pipeline walking the Zero Terminal SNR rescale of its schedule when called with
+    ``zero_terminal_snr=True`` (every read of ``pipe.noise_schedule`` inside sees it)."""
+
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        from sdengine.pipeline.core import zero_snr_schedule
+
+        pipe = args[0] if args else kwargs.get("pipe")
+        with zero_snr_schedule(bool(kwargs.get("zero_terminal_snr", False)), pipe):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@_model_schedule
 def sample_latents(
     pipe: Any,
     positive: Sequence[TextCondition],
@@ -409,6 +430,10 @@ def sample_latents(
     sigmas: Tensor | None = None,
     sampler_options: Mapping[str, Any] | None = None,
     discard_penultimate_sigma: bool = False,
+    guidance_rescale: float = 0.0,
+    pag_scale: float = 0.0,
+    prediction: str | None = None,
+    zero_terminal_snr: bool = False,
 ) -> Tensor:
     """Sample from ``latent`` (B, C, h, w) in the model's scaled latent space; returns the new latent.
 
@@ -437,6 +462,13 @@ def sample_latents(
     k-diffusion's default). ``discard_penultimate_sigma``: the ``steps``-step grid is made for one step more and
     its next-to-last sigma dropped (ComfyUI's KSampler does so for dpm_2, dpm_2_ancestral, uni_pc, uni_pc_bh2;
     :func:`sdengine.diffusion.sampling.make_grid`); not with ``sigmas``.
+    ``guidance_rescale``: CFG rescale (ComfyUI's RescaleCFG multiplier; the pipeline's ``guidance_rescale``);
+    ``pag_scale``: perturbed-attention guidance on the U-Net's middle block (ComfyUI's PerturbedAttentionGuidance,
+    diffusers' "mid"); both as ComfyUI computes them under its seed rule (the rescale on the v-prediction, the PAG term
+    after it), as the pipeline does under sdengine's (:mod:`sdengine.diffusion.guidance`), and not with regional
+    entries (the rescale not with several positive ones either). ``prediction``: what the network predicts in place
+    of the pipeline's own ("epsilon", "v_prediction", "sample"; ComfyUI's ModelSamplingDiscrete eps / v_prediction /
+    x0); ``zero_terminal_snr``: the model's schedule rescaled to zero terminal SNR for this call (its zsnr).
     """
     if seed_rule not in SEED_RULES:
         raise LatentSamplingError(f"unknown seed rule {seed_rule!r}; use one of {', '.join(SEED_RULES)}")
@@ -455,6 +487,18 @@ def sample_latents(
     # ComfyUI's weighted sum of the entries' predictions (see _Regional): for regional entries, and for several
     # negative ones (ComfyUI averages them as it averages the positive ones)
     regional = any(e.regional for e in (*positive, *negative)) or len(negative) > 1
+    if (guidance_rescale or pag_scale) and (regional or (guidance_rescale and len(positive) > 1)):
+        raise LatentSamplingError(
+            "CFG rescale and perturbed-attention guidance take one whole-latent negative conditioning and no area, "
+            "mask or strength (the rescale one positive entry too); combine the entries first"
+        )
+    prediction = pipe.prediction_type if prediction is None else prediction
+    rule = "comfyui" if seed_rule == "comfyui" else "diffusers"
+    perturb = None
+    if pag_scale:
+        from sdengine.nn.attention import identity_attention, pag_layers
+
+        perturb = functools.partial(identity_attention, pag_layers(pipe.unet, ["mid"]))
     dev = pipe.device
     b, _, h, w = latent.shape
     f = pipe.vae_scale_factor
@@ -693,7 +737,7 @@ def sample_latents(
                     whole = net if size is None else area_net(*size, kinds)
                     part = whole.with_kinds(list(kinds)) if distinct else net
                     dens[(kinds, size)] = Denoiser(
-                        UNetAdapter(part, pipe.dtype), pipe.noise_schedule, pipe.prediction_type, timestep_mode=t_mode
+                        UNetAdapter(part, pipe.dtype), pipe.noise_schedule, prediction, timestep_mode=t_mode
                     )
                 return dens[(kinds, size)]
 
@@ -709,9 +753,7 @@ def sample_latents(
                     for d in distinct
                 ]
                 part_net = net.with_kinds(kinds)
-            den = Denoiser(
-                UNetAdapter(part_net, pipe.dtype), pipe.noise_schedule, pipe.prediction_type, timestep_mode=t_mode
-            )
+            den = Denoiser(UNetAdapter(part_net, pipe.dtype), pipe.noise_schedule, prediction, timestep_mode=t_mode)
             pos = pos_entry.cond
             c, u = _match_length(pos["crossattn"].to(dev), neg["crossattn"].to(dev))
             uncond_args: dict[str, Tensor] = {"crossattn": u}
@@ -725,7 +767,10 @@ def sample_latents(
                     neg_vec = sizes(neg["pooled_text"], w * f, h * f)[1]
                 uncond_args["vector"] = neg_vec.to(dev)
                 extra["vector"] = pos_vec.to(dev).expand(b, -1)
-            parts.append((CFGDenoiser(den, cfg, uncond_args), extra))
+            guide = CFGDenoiser(
+                den, cfg, uncond_args, guidance_rescale, rule=rule, pag_scale=pag_scale, perturb=perturb
+            )
+            parts.append((guide, extra))
         guided: Any = parts[0][0] if len(parts) == 1 else _MeanOfGuided(parts)
         extra_args = parts[0][1] if len(parts) == 1 else {}
         inpaint = None

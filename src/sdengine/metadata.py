@@ -366,7 +366,8 @@ def to_generate_kwargs(
 
     Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
-    ``guidance_rescale`` ("CFG Rescale phi"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
+    ``guidance_rescale`` ("CFG Rescale phi"), ``pag_scale`` and ``pag_layers`` (sdengine's "PAG scale", "PAG
+    layers"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
     seed strength"), ``seed_resize_from_w`` and ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
     ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"), ``noise_seed_delta`` ("ENSD"),
     ``noise_source`` ("RNG": A1111's NV and GPU are "nv", its CPU "cpu"; a text without it is "nv", A1111's default
@@ -429,6 +430,9 @@ def to_generate_kwargs(
         kwargs["mask_blur"] = _parse_float(parsed, "Mask blur")
     if "CFG Rescale phi" in parsed:
         kwargs["guidance_rescale"] = _parse_float(parsed, "CFG Rescale phi")
+    if "PAG scale" in parsed:  # sdengine's: perturbed-attention guidance, its layers "mid" unless written
+        kwargs["pag_scale"] = _parse_float(parsed, "PAG scale")
+        kwargs["pag_layers"] = parsed.get("PAG layers", "mid").strip()
     if "Variation seed" in parsed:
         kwargs["subseed"] = _parse_int(parsed, "Variation seed")
         # A1111 writes the strength only when it is not 0; a missing one is 0 (the seed's image)
@@ -530,6 +534,8 @@ def to_generate_kwargs(
         "Clip skip",
         "Mask blur",
         "CFG Rescale phi",
+        "PAG scale",
+        "PAG layers",
         "Variation seed",
         "Variation seed strength",
         "Seed resize from",

@@ -691,8 +691,13 @@ def run(a: argparse.Namespace) -> int:
         "subseed_strength": a.subseed_strength,
         "noise_source": a.noise_source,
         "strength_rule": a.strength_rule,
+        "zero_terminal_snr": a.zero_terminal_snr,
+        "pag_scale": a.pag_scale,
+        "pag_layers": a.pag_layers,
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
+    if a.pag_layers is not None and not kwargs.get("pag_scale"):
+        raise UsageError("--pag-layers has no effect without a --pag-scale above 0: drop it, or add --pag-scale")
     if a.sampler is not None and kwargs.get("sampler_options"):  # a --from-png's options are its own sampler's
         # (A1111's UniPC defaults, its Eta, ...): another --sampler keeps only the ones it takes
         from ..diffusion.sampling import resolve, sampler_option_names
@@ -1105,6 +1110,28 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "image's Clip skip is A1111's instead (SD 1.x only)",
     )
     p.add_argument("--guidance-rescale", type=float, default=None, help="CFG rescale phi in [0, 1]")
+    p.add_argument(
+        "--pag-scale",
+        type=float,
+        default=None,
+        help="perturbed-attention guidance scale (Ahn et al. 2024; 0 = off, about 3 is usual): one more U-Net pass "
+        "per step with the identity attention map in --pag-layers",
+    )
+    p.add_argument(
+        "--pag-layers",
+        default=None,
+        metavar="LAYERS",
+        help="the self-attention layers PAG perturbs: comma-separated patterns searched in the U-Net's layer names, "
+        "as diffusers' pag_applied_layers (default 'mid', the middle block; e.g. 'mid,up_blocks.1')",
+    )
+    p.add_argument(
+        "--zero-terminal-snr",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="A1111's 'Noise schedule for sampling: Zero Terminal SNR': the model's schedule rescaled to zero "
+        "terminal SNR for this run (for models trained so, usually v-prediction: see --prediction-type); written to "
+        "the PNG as 'Noise Schedule: Zero Terminal SNR' and read back by --from-png",
+    )
     p.add_argument(
         "--vae",
         default=None,

@@ -2,13 +2,23 @@
 
 Parameter names follow diffusers' ``Attention`` (``to_q``, ``to_k``, ``to_v``, ``to_out.0``, ``group_norm``)
 so that checkpoints load with a strict ``load_state_dict``.
+
+Perturbed-attention guidance (Ahn et al. 2024, "Self-Rectifying Diffusion Sampling with Perturbed-Attention
+Guidance") runs some rows of a call with the identity attention map in chosen self-attention layers: there
+``softmax(q k^T / sqrt(d)) v`` becomes ``v``, so the layer answers ``to_out(to_v(x))``. :func:`pag_layers` picks the
+layers (diffusers' ``pag_applied_layers`` rule), :func:`identity_attention` switches them for a block.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
+from sdengine.errors import UsageError
 from sdengine.sdpa_backends import attention
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -84,6 +94,10 @@ class Attention(nn.Module):
         context_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
         self.heads = heads
         self.upcast = upcast
+        self.is_cross_attention = cross_attention_dim is not None
+        # perturbed-attention guidance: this many trailing rows of each call take the identity attention map
+        # (their output is to_out(to_v(x))); set only inside identity_attention()
+        self.identity_rows = 0
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(context_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim, inner, bias=bias)
@@ -92,11 +106,22 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         # x: (B, L, C); context: (B, S, D) or None for self-attention
-        context = x if context is None else context
-        h = scaled_dot_product_attention(
-            self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask=mask, upcast=self.upcast
-        )  # (B, L, inner)
+        n = self.identity_rows
+        if n and context is None:  # perturbed-attention guidance: the last n rows attend with the identity map
+            b = x.shape[0] - n
+            if b <= 0:
+                h = self.to_v(x)  # (B, L, inner)
+            else:
+                m = mask[:b] if mask is not None and mask.dim() == 4 and mask.shape[0] == x.shape[0] else mask
+                h = torch.cat([self._attend(x[:b], x[:b], m), self.to_v(x[b:])])
+        else:
+            h = self._attend(x, x if context is None else context, mask)  # (B, L, inner)
         return self.to_out[1](self.to_out[0](h))  # (B, L, C)
+
+    def _attend(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
+        return scaled_dot_product_attention(
+            self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask=mask, upcast=self.upcast
+        )
 
 
 class SpatialSelfAttention(Attention):
@@ -129,3 +154,44 @@ class SpatialSelfAttention(Attention):
         if self.rescale_output_factor != 1.0:
             out = out / self.rescale_output_factor
         return out
+
+
+def pag_layers(module: nn.Module, patterns: Sequence[str]) -> list[Attention]:
+    """The self-attention layers of ``module`` that perturbed-attention guidance perturbs, by diffusers' rule for
+    ``pag_applied_layers``: every self-attention (no cross-attention) layer whose module name the regular expression
+    matches somewhere (``re.search``; "mid" is the middle block's, "down.block_1" does not match, "down_blocks.1" the
+    second down block's), except where the pattern and the name both end in the same number. A pattern that is not a
+    regular expression or matches no layer is a one-line error."""
+    chosen: dict[int, Attention] = {}
+    named = [(name, m) for name, m in module.named_modules() if isinstance(m, Attention) and not m.is_cross_attention]
+    for pattern in patterns:
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise UsageError(f"PAG layer {pattern!r} is not a regular expression: {e}") from None
+        tail = pattern.split(".")[-1]
+        found = [
+            m
+            for name, m in named
+            if rx.search(name) is not None and not (tail.isnumeric() and tail == name.split(".")[-1])
+        ]
+        if not found:
+            raise UsageError(
+                f"PAG layer {pattern!r} matches no self-attention layer of the U-Net (try 'mid', 'down', 'up', or "
+                "a part of a layer name such as 'up_blocks.1')"
+            )
+        chosen.update((id(m), m) for m in found)
+    return list(chosen.values())
+
+
+@contextmanager
+def identity_attention(layers: Sequence[Attention], rows: int) -> Iterator[None]:
+    """Inside the block, the last ``rows`` rows of every call of ``layers`` take the identity attention map
+    (perturbed-attention guidance's perturbed pass); as before after it, whatever happens."""
+    for layer in layers:
+        layer.identity_rows = int(rows)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.identity_rows = 0

@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ from sdengine.diffusion.variation import seed_resized_noise, variation_noise
 from sdengine.errors import GenerationError
 from sdengine.io.images import load_image, to_uint8
 from sdengine.io.resize import resize_image, resize_mode_name
-from sdengine.nn.attention import CHUNK_SCORES
+from sdengine.nn.attention import CHUNK_SCORES, identity_attention, pag_layers
 from sdengine.pipeline.control import ControlUnit, GraphedControlledUNet, build_controlled_unet
 from sdengine.pipeline.finite import require_finite
 from sdengine.pipeline.infotext import (
@@ -675,6 +676,8 @@ class Pipeline:
                 f"vae_decode='tiny' needs a tiny VAE and {self.name} has none loaded: "
                 "load_pipeline(tiny_vae=FILE), or --tiny-vae FILE (a TAESD decoder)"
             )
+        if r.pag_scale:  # the layers exist in this U-Net (one line naming the pattern, before any model runs)
+            pag_layers(self.unet, list(r.pag_layer_list()))
         if r.sdxl is not None and self.text_kind != "sdxl":
             raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
         if int(r.steps) > self.noise_schedule.num_train_timesteps:
@@ -907,6 +910,10 @@ class Pipeline:
                 row["Discard penultimate sigma"] = True
             if request.zero_terminal_snr:  # A1111's, where its sd_noise_schedule option rescaled
                 row["Noise Schedule"] = "Zero Terminal SNR"
+            if request.pag_scale:  # sdengine's: perturbed-attention guidance (read back by to_generate_kwargs)
+                row["PAG scale"] = float(request.pag_scale)
+                if request.pag_layer_list() != ("mid",):
+                    row["PAG layers"] = ",".join(request.pag_layer_list())
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
         embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
             getattr(self, "tokenizer_2", None), "embeddings", None
@@ -1120,7 +1127,10 @@ class Pipeline:
                 first, noise_from = a1111_timestep_start(grid.steps, steps - first)
         net: Any = self.unet
         units = r.control_units()
-        if not units:
+        # PAG switches attention layers of the plain U-Net per call, which a step graph (or an ahead-of-time package)
+        # would replay unswitched: those run the plain network (the whole-loop graph keys PAG in its plan)
+        pag = (float(r.pag_scale), r.pag_layer_list()) if r.pag_scale else None
+        if not units and pag is None:
             net = self.graphed("unet") or net
         if units:
             units = [_rows_of(u, rows, len(p.seeds)) for u in units]
@@ -1138,10 +1148,10 @@ class Pipeline:
                 note=lambda t: _note(p.notes, t) if t not in p.notes else None,
                 noise_schedule=self.noise_schedule,
             )
-            if self.graphed("unet") is not None:  # CUDA graphs on, the U-Net unhooked: the controlled step too
+            if self.graphed("unet") is not None and pag is None:  # graphs on, the U-Net unhooked: the controlled step
                 graphed_control = GraphedControlledUNet(net, **self._graph_opts)
                 net = graphed_control if graphed_control.usable() else net
-        den: Any = self.guided_denoiser(cfg_scale, uncond, float(r.guidance_rescale), net=net, texts=texts)
+        den: Any = self.guided_denoiser(cfg_scale, uncond, float(r.guidance_rescale), net=net, texts=texts, pag=pag)
         blend: Any = None
         if r.strength_rule in A1111_STRENGTH_RULES and start.rounded_mask is not None and start.init_latent is not None:
             # A1111's blend, for every U-Net: its k-diffusion samplers' on x0, its timestep samplers' on x
@@ -1209,17 +1219,30 @@ class Pipeline:
         return x
 
     def guided_denoiser(
-        self, cfg_scale: float, uncond: Conditioning, rescale: float, *, net: Any = None, texts: Any = None
+        self,
+        cfg_scale: float,
+        uncond: Conditioning,
+        rescale: float,
+        *,
+        net: Any = None,
+        texts: Any = None,
+        pag: tuple[float, Sequence[str]] | None = None,
     ) -> Any:
         """The x0-denoiser the samplers call: classifier-free guidance over the U-Net (``net``: what runs in its
-        place, a graph or a controlled U-Net); ``texts``: prompt editing's text rows of each step."""
+        place, a graph or a controlled U-Net); ``texts``: prompt editing's text rows of each step; ``pag``: (scale,
+        layer patterns) of perturbed-attention guidance on this pipeline's U-Net (the plain network runs it: a
+        step graph would replay its attention unperturbed)."""
         model: Any = UNetAdapter(self.unet if net is None else net, self.dtype)
         if texts is not None:  # prompt editing: the text rows of each step (sdengine.pipeline.prompt_editing)
             from sdengine.pipeline.prompt_editing import StepTexts
 
             model = StepTexts(model, texts)
         den = Denoiser(model, self.noise_schedule, self.prediction_type)
-        return CFGDenoiser(den, cfg_scale, uncond, rescale=rescale)
+        pag_scale, perturb = 0.0, None
+        if pag is not None and float(pag[0]) > 0:
+            layers = pag_layers(self.unet, list(pag[1]))
+            pag_scale, perturb = float(pag[0]), partial(identity_attention, layers)
+        return CFGDenoiser(den, cfg_scale, uncond, rescale=rescale, pag_scale=pag_scale, perturb=perturb)
 
     def loop_plan(self, p: Prepared, from_init: bool, first: int, noise_from: int | None = None) -> LoopPlan:
         """The settings a recorded sampling loop of ``p`` bakes in (:class:`sdengine.pipeline.loop_graph.LoopPlan`):
@@ -1241,6 +1264,8 @@ class Pipeline:
             noise_from=noise_from if from_init else None,
             discard_penultimate=discards_penultimate(p),
             zero_snr=self._zero_snr,
+            pag_scale=float(r.pag_scale),
+            pag_layers=r.pag_layer_list() if r.pag_scale else (),
         )
 
     def noise_draws(self, plan: LoopPlan) -> int:
@@ -1278,8 +1303,10 @@ class Pipeline:
         ``init_latent``) under the conditioning pair. ``draws`` (K, B, C, h, w): the per-step noise, drawn
         beforehand (:meth:`noise_draws` of them), read in place of the rows' generators."""
         graphs = self.cuda_graphs or {}
-        net = graphs["unet"].fn if "unet" in graphs else self.unet
-        den = self.guided_denoiser(plan.cfg_scale, uncond, plan.rescale, net=net)
+        # PAG switches attention layers of the plain U-Net during its calls: an ahead-of-time package would not see it
+        net = graphs["unet"].fn if "unet" in graphs and not plan.pag_scale else self.unet
+        pag = (plan.pag_scale, plan.pag_layers) if plan.pag_scale else None
+        den = self.guided_denoiser(plan.cfg_scale, uncond, plan.rescale, net=net, pag=pag)
         bank = None if draws is None else NoiseBank(draws, noise.shape[0])
         return self.sample_plan(den, plan, noise, init_latent, cond, generators=bank)
 
@@ -1364,7 +1391,16 @@ class Pipeline:
 def zero_snr_call(request: GenerationRequest, *pipes: Any) -> Iterator[None]:
     """For a request with ``zero_terminal_snr``: the given pipelines (None skipped) walk A1111's Zero Terminal SNR
     rescale of their schedules until the block ends (their ``noise_schedule``); otherwise nothing changes."""
-    chosen = [p for p in dict.fromkeys(pipes) if isinstance(p, Pipeline)] if request.zero_terminal_snr else []
+    with zero_snr_schedule(bool(request.zero_terminal_snr), *pipes):
+        yield
+
+
+@contextmanager
+def zero_snr_schedule(on: bool, *pipes: Any) -> Iterator[None]:
+    """When ``on``: the given pipelines (None skipped) walk the Zero Terminal SNR rescale of their schedules until
+    the block ends (A1111's sd_noise_schedule, ComfyUI's ModelSamplingDiscrete zsnr: the same numbers); otherwise
+    nothing changes."""
+    chosen = [p for p in dict.fromkeys(pipes) if isinstance(p, Pipeline)] if on else []
     for pipe in chosen:
         pipe._zero_snr = True
     try:
@@ -1466,7 +1502,16 @@ def as_request(prompt: Any, negative_prompt: Any, kwargs: Mapping[str, Any]) -> 
     return GenerationRequest(**fields)
 
 
-__all__ = ["MAX_SIDE", "MAX_SIZE_FACTOR", "Pipeline", "Prepared", "as_request", "check_hr_model", "model_title"]
+__all__ = [
+    "MAX_SIDE",
+    "MAX_SIZE_FACTOR",
+    "Pipeline",
+    "Prepared",
+    "as_request",
+    "check_hr_model",
+    "model_title",
+    "zero_snr_schedule",
+]
 
 
 def _like(vae: Any, own: Any) -> Any:

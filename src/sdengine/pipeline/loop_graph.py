@@ -8,7 +8,8 @@ recorded once and replayed as one unit: one launch for the 25 steps.
 
 A recording keeps what Python computed while it was made: the sigmas and every coefficient derived from them,
 the guidance scale, which branches the sampler took. So a recording is keyed (:class:`LoopPlan`) by every setting
-those come from (sampler, steps, schedule, scheduler config, guidance scale and rescale, sampler options, img2img
+those come from (sampler, steps, schedule, scheduler config, guidance scale and rescale, perturbed-attention
+guidance's scale and layers (which attention layers the recorded calls switch), sampler options, img2img
 strength and start step, the network's dtype), and by the shapes of its tensors, which are its inputs: the start
 noise, the img2img start latent, the per-step noise (below), every conditioning tensor (each copied into the
 graph's buffer at every call). Requests that differ only in prompt, negative prompt or seed replay the same graph.
@@ -70,6 +71,9 @@ class LoopPlan:
     noise_from: int | None = None  # the grid index img2img noises the init to, when not start_step
     discard_penultimate: bool = False  # the grid without its next-to-last sigma (sampling.make_grid)
     zero_snr: bool = False  # A1111's Zero Terminal SNR rescale of the model's schedule (Pipeline.noise_schedule)
+    # perturbed-attention guidance: its scale and layer patterns (the recording bakes in which layers are switched)
+    pag_scale: float = 0.0
+    pag_layers: tuple[str, ...] = ()
     # the options as given (the JSON above keys them; a value JSON cannot hold exactly is kept here as it was)
     given_options: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
 
@@ -90,6 +94,8 @@ class LoopPlan:
         noise_from: int | None = None,
         discard_penultimate: bool = False,
         zero_snr: bool = False,
+        pag_scale: float = 0.0,
+        pag_layers: tuple[str, ...] = (),
     ) -> LoopPlan:
         return LoopPlan(
             sampler=sampler,
@@ -106,6 +112,8 @@ class LoopPlan:
             noise_from=None if noise_from is None else int(noise_from),
             discard_penultimate=bool(discard_penultimate),
             zero_snr=bool(zero_snr),
+            pag_scale=float(pag_scale),
+            pag_layers=tuple(str(x) for x in pag_layers),
             given_options=tuple(sorted(dict(sampler_options or {}).items())),
         )
 

@@ -50,6 +50,8 @@ VAE_DECODE_METHODS = ("full", "tiny")
 # How init images become latents (img2img, inpainting, the hires fix's pixel path): the VAE's encoder (a posterior
 # sample), or the tiny VAE's encoder (one latent, no spread; A1111's "VAE type for encode: TAESD").
 VAE_ENCODE_METHODS = ("full", "tiny")
+# Perturbed-attention guidance's scale: ComfyUI's node stops at 100 (useful values: 1-5)
+MAX_PAG_SCALE = 100.0
 
 
 def _is_number(v: Any) -> bool:
@@ -98,6 +100,13 @@ class GenerationRequest:
     # sdengine.text.conditioners.effective_clip_skip)
     clip_skip_rule: str = "sdengine"
     guidance_rescale: float = 0.0
+    # Perturbed-attention guidance (Ahn et al. 2024; diffusers' StableDiffusionPAGPipeline): a third pass of the
+    # conditional rows with the identity attention map in the self-attention layers ``pag_layers`` names (diffusers'
+    # pag_applied_layers: regular expressions searched in the U-Net's layer names, a list or one comma-separated
+    # string; "mid" = the middle block's), adding ``pag_scale * (cond - perturbed)``; 0 = off. Infotext "PAG scale",
+    # "PAG layers" (sdengine.diffusion.guidance, sdengine.nn.attention)
+    pag_scale: float = 0.0
+    pag_layers: str | Sequence[str] = "mid"
     callback: StepCallback | None = None
     progress: bool = True
     vae_tiling: bool | None = None
@@ -252,6 +261,12 @@ class GenerationRequest:
         w, h = int(self.seed_resize_from_w), int(self.seed_resize_from_h)
         return (w, h) if w > 0 and h > 0 else None
 
+    def pag_layer_list(self) -> tuple[str, ...]:
+        """``pag_layers`` as a tuple of patterns (a string is split at its commas)."""
+        v = self.pag_layers
+        items = v.split(",") if isinstance(v, str) else list(v)
+        return tuple(str(x).strip() for x in items)
+
     def control_units(self) -> list[ControlUnit]:
         return [ControlUnit.coerce(u) for u in (self.controlnets or [])]
 
@@ -314,6 +329,16 @@ class GenerationRequest:
             raise GenerationError(f"cfg_scale {cfg} is over the limit of {MAX_CFG_SCALE:g} (useful values: 1-30)")
         if not _is_number(rescale) or not 0.0 <= rescale <= 1.0:
             raise GenerationError(f"guidance_rescale must be in [0, 1], got {rescale!r}")
+        pag = self.pag_scale
+        if not _is_number(pag) or not math.isfinite(pag) or not 0.0 <= pag <= MAX_PAG_SCALE:
+            raise GenerationError(f"pag_scale must be a number in [0, {MAX_PAG_SCALE:g}], got {pag!r}")
+        layers = self.pag_layers
+        if not isinstance(layers, str) and not (
+            isinstance(layers, list | tuple) and all(isinstance(x, str) for x in layers)
+        ):
+            raise GenerationError(f"pag_layers must be a string or a list of strings, got {layers!r}")
+        if not all(self.pag_layer_list()):
+            raise GenerationError(f"pag_layers holds an empty layer name: {layers!r} (e.g. 'mid' or 'mid,up_blocks.1')")
         if self.clip_skip_rule not in CLIP_SKIP_RULES:
             raise GenerationError(
                 f"unknown clip_skip_rule {self.clip_skip_rule!r}; use one of: {', '.join(CLIP_SKIP_RULES)}"
@@ -475,6 +500,7 @@ def batch_count_seeds(
 __all__ = [
     "MAX_CFG_SCALE",
     "MAX_MASK_BLUR",
+    "MAX_PAG_SCALE",
     "MAX_SEED",
     "MAX_SEED_RESIZE",
     "GenerationRequest",

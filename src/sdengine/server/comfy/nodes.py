@@ -90,7 +90,7 @@ DISCARD_PENULTIMATE_SAMPLERS = ("dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh
 # order 3, B(h) = -h ("bh1") under uni_pc and e^-h - 1 (diffusers' default, "bh2") under uni_pc_bh2; both walk a
 # last sigma of 0 as 0.001 and answer the sample there (comfy/extra_samplers/uni_pc.py, sample_unipc). Its lcm takes
 # the model's x0 as it is (k-diffusion's sample_lcm; LCM's consistency boundary c_skip / c_out is ComfyUI's only under
-# a ModelSamplingDiscrete "lcm" node, which sdengine does not offer): no timesteps, so no boundary condition.
+# a ModelSamplingDiscrete "lcm" node, which sdengine refuses): no timesteps, so no boundary condition.
 SAMPLER_OPTIONS: dict[str, dict[str, Any]] = {
     "dpm_fast": {"eta": 0.0},
     "dpm_adaptive": {"eta": 0.0},
@@ -176,6 +176,12 @@ class NodeDef:
 class ModelHandle:
     ref: str  # what the worker loads (catalog reference)
     loras: tuple[tuple[str, float], ...] = ()
+    # ModelSamplingDiscrete: what the network predicts (None: the model's own) and whether its schedule is rescaled to
+    # zero terminal SNR
+    prediction: str | None = None
+    zsnr: bool = False
+    cfg_rescale: float = 0.0  # RescaleCFG's multiplier (the last one applied counts, as ComfyUI's)
+    pag_scale: float = 0.0  # PerturbedAttentionGuidance's scale (several add up, as ComfyUI's post-CFG functions)
 
 
 @dataclass(frozen=True)
@@ -647,6 +653,34 @@ def lora_loader_model_only(ctx: RunContext, model: ModelHandle, lora_name: str, 
     return lora_loader(ctx, model, ClipHandle(model.ref), lora_name, strength_model, 0.0)[:1]
 
 
+# ModelSamplingDiscrete's sampling choices -> sdengine's prediction types (None: refused, see model_sampling_discrete)
+MODEL_SAMPLINGS: dict[str, str | None] = {"eps": "epsilon", "v_prediction": "v_prediction", "lcm": None, "x0": "sample"}
+
+
+def model_sampling_discrete(ctx: RunContext, model: ModelHandle, sampling: str, zsnr: bool) -> tuple[Any]:
+    """ComfyUI's ModelSamplingDiscrete: the model read as predicting ``sampling`` (eps, v_prediction, x0) on its own
+    discrete schedule, rescaled to zero terminal SNR with ``zsnr`` (the same numbers as A1111's Zero Terminal SNR)."""
+    prediction = MODEL_SAMPLINGS.get(sampling)
+    if prediction is None:
+        raise NodeError(
+            f"sampling {sampling!r} is not supported: LCM's 50-timestep distilled schedule and consistency boundary "
+            "are not implemented here (use eps, v_prediction or x0)"
+        )
+    return (replace(model, prediction=prediction, zsnr=bool(zsnr)),)
+
+
+def rescale_cfg(ctx: RunContext, model: ModelHandle, multiplier: float) -> tuple[Any]:
+    """ComfyUI's RescaleCFG: the guided prediction's std pulled towards the conditional one's by ``multiplier``,
+    matched on the v-prediction (sdengine.diffusion.guidance, rule "comfyui")."""
+    return (replace(model, cfg_rescale=float(multiplier)),)
+
+
+def perturbed_attention_guidance(ctx: RunContext, model: ModelHandle, scale: float) -> tuple[Any]:
+    """ComfyUI's PerturbedAttentionGuidance: ``scale * (cond - perturbed)`` added after CFG, the perturbed pass
+    running the middle block's self-attention with the identity map (sdengine.nn.attention)."""
+    return (replace(model, pag_scale=model.pag_scale + float(scale)),)
+
+
 def controlnet_loader(ctx: RunContext, control_net_name: str) -> tuple[Any]:
     return (str(ctx.catalog.resolve_controlnet(control_net_name)),)
 
@@ -950,6 +984,10 @@ def _sample(
         posterior_scaled=bool(latent_image.get("posterior_scaled")),
         noise_mask=latent_image.get("noise_mask"),
         loras=model.loras,
+        guidance_rescale=model.cfg_rescale,
+        pag_scale=model.pag_scale,
+        prediction=model.prediction,
+        zero_terminal_snr=model.zsnr,
         callback=report,
         batch_index=latent_image.get("batch_index"),
         sampler_options={**SAMPLER_OPTIONS.get(sampler_name, {}), **dict(options)} or None,
@@ -1075,13 +1113,29 @@ def _sigma_list(values: torch.Tensor) -> Sigmas:
 def basic_scheduler(ctx: RunContext, model: ModelHandle, scheduler: str, steps: int, denoise: float) -> tuple[Any]:
     """ComfyUI's BasicScheduler: the KSampler schedule's sigmas; denoise < 1 the last ``steps`` + 1 of a schedule of
     ``int(steps / denoise)`` steps; denoise 0 none (a SamplerCustom then passes its latent through)."""
-    from sdengine.diffusion import sampling
 
     steps, denoise = int(steps), float(denoise)
     _check_steps(ctx, steps)
     if denoise <= 0.0:
         return (Sigmas(torch.zeros(0)),)
+    with _model_schedule(ctx, model) as pipe:
+        return _basic_scheduler(pipe, model, scheduler, steps, denoise)
+
+
+@contextmanager
+def _model_schedule(ctx: RunContext, model: ModelHandle) -> Iterator[Any]:
+    """The model's pipeline, its ``noise_schedule`` rescaled to zero terminal SNR inside the block where a
+    ModelSamplingDiscrete set zsnr (the schedulers read their sigmas from it, as ComfyUI's from model_sampling)."""
+    from sdengine.pipeline.core import zero_snr_schedule
+
     pipe = ctx.pipeline(model.ref)
+    with zero_snr_schedule(bool(getattr(model, "zsnr", False)), pipe):  # a handle without the field: no zsnr
+        yield pipe
+
+
+def _basic_scheduler(pipe: Any, model: ModelHandle, scheduler: str, steps: int, denoise: float) -> tuple[Any]:
+    from sdengine.diffusion import sampling
+
     total = steps if denoise >= 1.0 else int(steps / denoise)
     limit = int(pipe.noise_schedule.num_train_timesteps)
     if total > limit:
@@ -1141,16 +1195,16 @@ def beta_sampling_scheduler(ctx: RunContext, model: ModelHandle, steps: int, alp
     _check_steps(ctx, int(steps))
     if float(alpha) <= 0.0 or float(beta) <= 0.0:
         raise NodeError("BetaSamplingScheduler: alpha and beta must be above 0")
-    pipe = ctx.pipeline(model.ref)
-    train = pipe.noise_schedule.sigmas.to(torch.float64)
+    with _model_schedule(ctx, model) as pipe:
+        train = pipe.noise_schedule.sigmas.to(torch.float64)
     return (_sigma_list(_with_zero(beta_sigmas(int(steps), train, float(alpha), float(beta)))),)
 
 
 def sd_turbo_scheduler(ctx: RunContext, model: ModelHandle, steps: int, denoise: float) -> tuple[Any]:
     """ComfyUI's SDTurboScheduler: the sigmas of timesteps 999, 899, ..., 99 (SD-Turbo's), ``steps`` of them from
     ``10 - int(10 * denoise)`` on, then 0."""
-    pipe = ctx.pipeline(model.ref)
-    table = pipe.noise_schedule.sigmas.to(torch.float32)
+    with _model_schedule(ctx, model) as pipe:
+        table = pipe.noise_schedule.sigmas.to(torch.float32)
     if int(table.shape[0]) != 1000:
         raise NodeError(f"SDTurboScheduler needs a model of 1000 timesteps, this one has {int(table.shape[0])}")
     start = 10 - int(10 * float(denoise))
@@ -3232,6 +3286,40 @@ NODES: dict[str, NodeDef] = {
             (Input("model", "MODEL"), _combo("lora_name", _loras), _float("strength_model", 1.0, -100.0, 100.0)),
             ("MODEL",),
             lora_loader_model_only,
+        ),
+        NodeDef(
+            "ModelSamplingDiscrete",
+            "ModelSamplingDiscrete",
+            "advanced/model",
+            (
+                Input("model", "MODEL"),
+                _combo("sampling", tuple(MODEL_SAMPLINGS)),
+                Input("zsnr", "BOOLEAN", False),
+            ),
+            ("MODEL",),
+            model_sampling_discrete,
+            description="The model read as predicting eps, v_prediction or x0 on its own discrete schedule; zsnr "
+            "rescales that schedule to zero terminal SNR (as A1111's Zero Terminal SNR). lcm: a node error.",
+        ),
+        NodeDef(
+            "RescaleCFG",
+            "RescaleCFG",
+            "advanced/model",
+            (Input("model", "MODEL"), _float("multiplier", 0.7, 0.0, 1.0)),
+            ("MODEL",),
+            rescale_cfg,
+            description="CFG rescale (Lin et al. 2023) as ComfyUI's: matched on the v-prediction; not with area or "
+            "mask conditioning.",
+        ),
+        NodeDef(
+            "PerturbedAttentionGuidance",
+            "PerturbedAttentionGuidance",
+            "model_patches/unet",
+            (Input("model", "MODEL"), _float("scale", 3.0, 0.0, 100.0)),
+            ("MODEL",),
+            perturbed_attention_guidance,
+            description="Perturbed-attention guidance (Ahn et al. 2024) on the U-Net's middle block, after CFG; not "
+            "with area or mask conditioning.",
         ),
         NodeDef(
             "ControlNetLoader",

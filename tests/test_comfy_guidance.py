@@ -1,0 +1,262 @@
+"""ComfyUI's guidance and model-sampling nodes (RescaleCFG, ModelSamplingDiscrete, PerturbedAttentionGuidance).
+
+Through the ComfyUI route (a live server, graphs posted to /prompt) under the ``sdengine`` seed rule each graph gives
+the pixels of the direct pipeline call with the equivalent settings (guidance_rescale, a prediction-type override and
+zero_terminal_snr, pag_scale). Under ComfyUI's own rule the numbers are ComfyUI's: the references below are written
+from its code (comfy_extras/nodes_model_advanced.py ``RescaleCFG``: the std matching on the v-prediction computed
+from x0; comfy_extras/nodes_pag.py: ``cfg_result + (cond_pred - pag) * scale``, a post-CFG function, so after the
+rescale).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _live_server import live_server, server_config, shared_loader
+from sdengine.diffusion.denoisers import vp_scalings
+from sdengine.diffusion.guidance import CFGDenoiser
+from sdengine.pipeline import load_pipeline
+from sdengine.server.comfy.nodes import NODES
+
+STEPS, SEED = 4, 11
+SDENGINE_RULE = {"extra_data": {"sdengine": {"seed_rule": "sdengine"}}}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory):
+    with live_server(server_config(tmp_path_factory.mktemp("comfy_guidance"), max_queue=8)) as s:
+        with httpx.Client(base_url=s.url, timeout=120) as c:
+            yield c
+
+
+def _history(client: httpx.Client, prompt: dict, **extra: Any) -> dict:
+    r = client.post("/prompt", json={"prompt": prompt, **extra})
+    assert r.status_code == 200, r.text
+    pid = r.json()["prompt_id"]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        h = client.get(f"/history/{pid}").json()
+        if pid in h:
+            return h[pid]
+        time.sleep(0.05)
+    raise TimeoutError(pid)
+
+
+def comfy_image(client: httpx.Client, prompt: dict, **extra: Any) -> np.ndarray:
+    h = _history(client, prompt, **extra)
+    assert h["status"]["status_str"] == "success", h["status"]
+    (out,) = [o for o in h["outputs"].values() if "images" in o]
+    im = out["images"][0]
+    v = client.get("/view", params={"filename": im["filename"], "subfolder": im["subfolder"], "type": im["type"]})
+    return np.asarray(Image.open(io.BytesIO(v.content)).convert("RGB"))
+
+
+def graph(*patches: tuple[str, dict[str, Any]], cfg: float = 5.0) -> dict:
+    """txt2img on the emoji model with model patches chained between the loader and the KSampler."""
+    g: dict[str, Any] = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "emoji"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red apple", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "guidance", "images": ["8", 0]}},
+    }
+    model = ["4", 0]
+    for n, (kind, inputs) in enumerate(patches):
+        g[f"1{n}"] = {"class_type": kind, "inputs": {"model": model, **inputs}}
+        model = [f"1{n}", 0]
+    g["3"] = {
+        "class_type": "KSampler",
+        "inputs": {
+            "seed": SEED, "steps": STEPS, "cfg": cfg, "sampler_name": "dpmpp_2m", "scheduler": "karras",
+            "denoise": 1.0, "model": model, "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0],
+        },
+    }  # fmt: skip
+    return g
+
+
+def direct(pipe: Any = None, **kw: Any) -> np.ndarray:
+    """The pipeline's image of the same settings (the server's loaded emoji model unless another is given)."""
+    pipe = pipe or shared_loader("emoji", "cpu")
+    args: dict[str, Any] = dict(steps=STEPS, sampler="dpmpp_2m", schedule="karras", cfg_scale=5.0, seed=SEED)
+    args.update(kw)
+    res = pipe("a red apple", "blurry", width=64, height=64, progress=False, **args)
+    return np.asarray(res.images[0].convert("RGB"))
+
+
+def test_the_nodes_are_listed_with_comfyuis_inputs(client):
+    info = client.get("/object_info").json()
+    rescale = info["RescaleCFG"]["input"]["required"]["multiplier"]
+    assert rescale[0] == "FLOAT" and (rescale[1]["default"], rescale[1]["min"], rescale[1]["max"]) == (0.7, 0, 1)
+    sampling = info["ModelSamplingDiscrete"]["input"]["required"]
+    assert set(sampling["sampling"][0]) >= {"eps", "v_prediction", "x0", "lcm"} and sampling["zsnr"][0] == "BOOLEAN"
+    pag = info["PerturbedAttentionGuidance"]["input"]["required"]["scale"]
+    assert (pag[1]["default"], pag[1]["min"], pag[1]["max"]) == (3.0, 0, 100)
+    assert {n: info[n]["output"] for n in ("RescaleCFG", "ModelSamplingDiscrete", "PerturbedAttentionGuidance")} == {
+        "RescaleCFG": ["MODEL"], "ModelSamplingDiscrete": ["MODEL"], "PerturbedAttentionGuidance": ["MODEL"],
+    }  # fmt: skip
+
+
+def test_rescale_cfg_equals_the_pipelines_guidance_rescale(client):
+    plain = comfy_image(client, graph(), **SDENGINE_RULE)
+    a = comfy_image(client, graph(("RescaleCFG", {"multiplier": 0.7})), **SDENGINE_RULE)
+    assert np.array_equal(a, direct(guidance_rescale=0.7))
+    assert np.abs(a.astype(int) - plain).mean() > 0.5  # the rescale changed the image
+    # ComfyUI's rule: another rescale (on the v-prediction), a valid image all the same
+    b = comfy_image(client, graph(("RescaleCFG", {"multiplier": 0.7})))
+    assert b.std() > 5 and not np.array_equal(b, comfy_image(client, graph()))
+
+
+def test_model_sampling_discrete_equals_the_pipelines_prediction_and_zero_snr(client):
+    # eps without zsnr is the emoji model as it is (an epsilon model)
+    same = comfy_image(client, graph(("ModelSamplingDiscrete", {"sampling": "eps", "zsnr": False})), **SDENGINE_RULE)
+    assert np.array_equal(same, direct())
+    zsnr = graph(("ModelSamplingDiscrete", {"sampling": "eps", "zsnr": True}))
+    assert np.array_equal(comfy_image(client, zsnr, **SDENGINE_RULE), direct(zero_terminal_snr=True))
+    v = load_pipeline("emoji", device="cpu", prediction_type="v_prediction")
+    vz = graph(("ModelSamplingDiscrete", {"sampling": "v_prediction", "zsnr": True}))
+    got = comfy_image(client, vz, **SDENGINE_RULE)
+    assert np.array_equal(got, direct(v, zero_terminal_snr=True))
+    assert not np.array_equal(got, same)
+    x0 = load_pipeline("emoji", device="cpu", prediction_type="sample")
+    g = graph(("ModelSamplingDiscrete", {"sampling": "x0", "zsnr": False}))
+    assert np.array_equal(comfy_image(client, g, **SDENGINE_RULE), direct(x0))
+    # the last ModelSamplingDiscrete counts, as in ComfyUI (each replaces the model's sampling object)
+    twice = graph(
+        ("ModelSamplingDiscrete", {"sampling": "x0", "zsnr": False}),
+        ("ModelSamplingDiscrete", {"sampling": "eps", "zsnr": False}),
+    )
+    assert np.array_equal(comfy_image(client, twice, **SDENGINE_RULE), same)
+
+
+def test_model_sampling_discrete_zsnr_reaches_the_schedulers():
+    """BasicScheduler on a zsnr model starts at the rescaled schedule's sigma_max (about 4518.8, A1111's and
+    ComfyUI's value), as ComfyUI's reads its sigmas from the patched model_sampling; the model is as before after."""
+    from types import SimpleNamespace
+
+    from sdengine.server.comfy.nodes import ModelHandle, basic_scheduler, model_sampling_discrete
+
+    pipe = shared_loader("emoji", "cpu")
+    ctx: Any = SimpleNamespace(pipeline=lambda ref: pipe, max_steps=100)
+    model = ModelHandle("emoji")
+    (zmodel,) = model_sampling_discrete(ctx, model, "eps", True)
+    (plain,) = basic_scheduler(ctx, model, "normal", 3, 1.0)
+    (zsnr,) = basic_scheduler(ctx, zmodel, "normal", 3, 1.0)
+    assert float(zsnr.values[0]) == pytest.approx(4518.8, rel=1e-3)
+    assert float(plain.values[0]) < 100 and pipe.noise_schedule is pipe.base_schedule
+
+
+def test_lcm_sampling_is_a_node_error(client):
+    h = _history(client, graph(("ModelSamplingDiscrete", {"sampling": "lcm", "zsnr": False})))
+    assert h["status"]["status_str"] == "error"
+    text = str(h["status"]["messages"])
+    assert "ModelSamplingDiscrete" in text and "LCM" in text
+
+
+def test_perturbed_attention_guidance_equals_the_pipelines_pag(client):
+    plain = comfy_image(client, graph(), **SDENGINE_RULE)
+    a = comfy_image(client, graph(("PerturbedAttentionGuidance", {"scale": 3.0})), **SDENGINE_RULE)
+    assert np.array_equal(a, direct(pag_scale=3.0))
+    assert np.abs(a.astype(int) - plain).mean() > 0.5
+    # two nodes add up, as ComfyUI's post-CFG functions do
+    two = graph(("PerturbedAttentionGuidance", {"scale": 1.0}), ("PerturbedAttentionGuidance", {"scale": 2.0}))
+    assert np.array_equal(comfy_image(client, two, **SDENGINE_RULE), a)
+    # with RescaleCFG and cfg 1 (PAG alone) too
+    both = graph(("RescaleCFG", {"multiplier": 0.5}), ("PerturbedAttentionGuidance", {"scale": 3.0}), cfg=1.0)
+    assert np.array_equal(comfy_image(client, both, **SDENGINE_RULE), direct(pag_scale=3.0, cfg_scale=1.0))
+
+
+def test_guidance_nodes_refuse_area_conditioning(client):
+    g = graph(("PerturbedAttentionGuidance", {"scale": 3.0}))
+    g["20"] = {"class_type": "ConditioningSetArea", "inputs": {"conditioning": ["6", 0], "width": 64, "height": 64,
+                                                                "x": 0, "y": 0, "strength": 0.5}}  # fmt: skip
+    g["3"]["inputs"]["positive"] = ["20", 0]
+    h = _history(client, g)
+    assert h["status"]["status_str"] == "error" and "no area, mask or strength" in str(h["status"]["messages"])
+
+
+# ----------------------------------------------------------------------------------- ComfyUI's numbers (its rule)
+
+
+def comfy_rescale_cfg(x0_c, x0_u, x, sigma: float, scale: float, multiplier: float) -> torch.Tensor:
+    """ComfyUI's RescaleCFG as its sampler_cfg_function sees it: cond = x - x0_c, uncond = x - x0_u, the result
+    subtracted from x; the rescale on v = (x / (sigma^2 + 1) - x0) * sqrt(sigma^2 + 1) / sigma."""
+    cond, uncond, x_orig = x - x0_c, x - x0_u, x
+    xs = x_orig / (sigma * sigma + 1.0)
+    v_c = ((xs - (x_orig - cond)) * (sigma**2 + 1.0) ** 0.5) / sigma
+    v_u = ((xs - (x_orig - uncond)) * (sigma**2 + 1.0) ** 0.5) / sigma
+    v_cfg = v_u + scale * (v_c - v_u)
+    ro_pos = torch.std(v_c, dim=(1, 2, 3), keepdim=True)
+    ro_cfg = torch.std(v_cfg, dim=(1, 2, 3), keepdim=True)
+    v_final = multiplier * v_cfg * (ro_pos / ro_cfg) + (1.0 - multiplier) * v_cfg
+    out = x_orig - (xs - v_final * sigma / (sigma * sigma + 1.0) ** 0.5)
+    return x - out
+
+
+class _Fake:
+    """An inner denoiser whose x0 depends on its rows' conditioning and on whether the rows are perturbed."""
+
+    prediction = "epsilon"
+    schedule = None
+    perturbed = 0
+
+    def __call__(self, x, sigma, *, c):
+        out = x * 0.3 + c[:, :1, None, None] * torch.linspace(-1, 1, x.shape[-1])
+        if self.perturbed:
+            out[-self.perturbed :] = out[-self.perturbed :] * 0.5 + 0.1
+        return out
+
+
+def _perturb(fake: _Fake):
+    from contextlib import contextmanager
+
+    @contextmanager
+    def perturb(n: int):
+        fake.perturbed = n
+        try:
+            yield
+        finally:
+            fake.perturbed = 0
+
+    return perturb
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_comfyuis_rule_rescales_on_v_and_adds_pag_after(prediction):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8) * 3
+    c, u = torch.randn(2, 3), torch.randn(1, 3)
+    fake = _Fake()
+    fake.prediction = prediction
+    sigma, scale, mult, pag = 2.5, 6.0, 0.7, 2.0
+    x0_c, x0_u = fake(x, sigma, c=c), fake(x, sigma, c=u.expand(2, -1))
+    want = comfy_rescale_cfg(x0_c, x0_u, x, sigma, scale, mult)
+    got = CFGDenoiser(fake, scale, {"c": u}, mult, rule="comfyui")(x, sigma, c=c)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    diffusers_rule = CFGDenoiser(fake, scale, {"c": u}, mult)(x, sigma, c=c)
+    if prediction == "v_prediction":  # the two rules agree where the network predicts v
+        torch.testing.assert_close(diffusers_rule, want, rtol=1e-5, atol=1e-5)
+    else:  # diffusers matches the stds of eps: other numbers
+        assert (diffusers_rule - want).abs().max() > 1e-3
+    # PAG: ComfyUI's post-CFG term after the rescale; diffusers' before it
+    x0_p = x0_c * 0.5 + 0.1
+    guided = CFGDenoiser(fake, scale, {"c": u}, mult, rule="comfyui", pag_scale=pag, perturb=_perturb(fake))
+    torch.testing.assert_close(guided(x, sigma, c=c), want + pag * (x0_c - x0_p), rtol=1e-5, atol=1e-5)
+    d = CFGDenoiser(fake, scale, {"c": u}, mult, pag_scale=pag, perturb=_perturb(fake))(x, sigma, c=c)
+    g = x0_u + scale * (x0_c - x0_u) + pag * (x0_c - x0_p)
+    c_skip, c_out, _ = vp_scalings(torch.tensor(sigma), prediction)
+    f_c, f_g = (x0_c - c_skip * x) / c_out, (g - c_skip * x) / c_out
+    ratio = f_c.std(dim=(1, 2, 3), keepdim=True) / f_g.std(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(d, c_skip * x + c_out * (mult * f_g * ratio + (1 - mult) * f_g), rtol=1e-5, atol=1e-5)
+
+
+def test_the_nodes_exist_in_the_table():
+    assert {"RescaleCFG", "ModelSamplingDiscrete", "PerturbedAttentionGuidance"} <= set(NODES)
