@@ -647,6 +647,11 @@ def sample_latents(
     # every entry weighs in, and its ControlNets with it (without the regional path there is one negative)
     controls = [c for cond in (*positive, *negative) for c in cond.controls]
     distinct: list[ControlHint] = []  # one unit per distinct hint (see below)
+    # how a hint of another size is fitted: ComfyUI's centre cut and nearest-exact resize (its ControlNets'
+    # common_upscale) under its rule, the native API's Lanczos under sdengine's (centre cut to the aspect alike)
+    from sdengine.pipeline.control import HINT_NEAREST_CENTRE
+
+    hint_fit = HINT_NEAREST_CENTRE if seed_rule == "comfyui" else "crop and resize"
     for hint in controls:
         if not any(_same_hint(hint, d) for d in distinct):
             distinct.append(hint)
@@ -667,7 +672,7 @@ def sample_latents(
             units = [ControlUnit(d.model, d.image, d.strength, d.start, d.end, "comfyui") for d in distinct]
             net = build_controlled_unet(
                 net, units, width=w * f, height=h * f, grid=grid, device=dev, dtype=pipe.dtype, start_step=start,
-                resize_mode="crop and resize",  # a hint of another aspect: its centre, as ComfyUI cuts it
+                resize_mode=hint_fit,  # a hint of another aspect: its centre, as ComfyUI cuts it
                 noise_schedule=pipe.noise_schedule,
             )  # fmt: skip
         from sdengine.pipeline.unet_adapter import UNetAdapter
@@ -717,7 +722,7 @@ def sample_latents(
                                 "a T2I-Adapter cannot act on a conditioning area (ConditioningSetArea, ...Percentage, "
                                 "ConditioningSetMask's mask bounds): apply it to a conditioning without an area"
                             )
-                        img = control_image_tensor(d.image, aw * f, ah * f, "crop and resize")
+                        img = control_image_tensor(d.image, aw * f, ah * f, hint_fit)
                         if img.shape[1] != u.image.shape[1]:  # a one-channel ControlNet: the mean, as for the whole
                             img = img.mean(dim=1, keepdim=True)
                         u = replace(u, image=img.to(device=u.image.device, dtype=u.image.dtype))
