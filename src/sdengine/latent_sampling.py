@@ -792,10 +792,15 @@ def sample_latents(
             first = seed_rule == "comfyui" and (max_denoise or known_noise is not noise)
             guided = inpaint = InpaintBlend(guided, latent, known_noise, blend, first=first)
         run_steps = end - start
+        # KSamplerAdvanced's end_at_step: ComfyUI runs a fresh sampler on the window's sigmas (their last one 0
+        # without leftover noise), so a multistep sampler ends the window as it ends any run (UniPC at a lower
+        # order, every sampler stepping to 0 where the leftover noise is off); the timestep samplers (single-step:
+        # the same sample either way) stop on the grid at the window's end instead
+        window_run = given is None and end < min(total, grid.steps) and name not in sampling.TIMESTEP_SAMPLERS
 
         def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool | None:
             ok = callback(StepReport(i + 1, run_steps, denoised)) if callback is not None else None
-            if i + 1 == run_steps and end < total and ok is not False:
+            if i + 1 == run_steps and end < total and ok is not False and not window_run:
                 return False  # KSamplerAdvanced's end_at_step: stop here
             return ok
 
@@ -821,12 +826,18 @@ def sample_latents(
                     brownian=brownian,
                     noise_scale=noise_scale,
                     comfy_grid=True,
+                    end_step=end if window_run else None,
+                    end_as_run=window_run,
+                    end_at_zero=window_run and not leftover_noise,
                 )
+            if window_run and leftover_noise:  # the window's last sample in ComfyUI's scaling, x0 + sigma * eps
+                x = x * math.sqrt(1 + float(grid.sigmas[end]) ** 2)
         except SamplingInterrupted as e:
             if e.step + 1 != run_steps or end >= total:
                 raise SamplingStopped(e.step + 1, run_steps, e.denoised) from None
-            # Stopped at end_at_step: the noisy sample (ComfyUI's leftover noise) or its x0 estimate.
-            x = e.x if leftover_noise else e.denoised
+            # Stopped at end_at_step: the noisy sample (ComfyUI's leftover noise) or its x0 estimate (a window run
+            # stopped by its caller at its last step: its sample, walked to 0 where the leftover noise is off).
+            x = e.x if leftover_noise or window_run else e.denoised
     finally:
         if handle is not None:
             handle.remove()
