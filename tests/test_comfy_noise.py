@@ -178,11 +178,13 @@ def test_ksampler_euler_ancestral_batch_is_comfyuis(emoji):
 
 def test_ksampler_euler_churn_goes_on_from_the_start_noises_generator(emoji):
     """Euler's churn (s_churn) draws ``randn_like``: torch's global generator, which prepare_noise seeded and drew
-    the start noise from, also with a batch_index (rows 0 .. 2 drawn, rows 2 and 0 taken)."""
-    seed, churn = 9, 0.5
+    the start noise from, also with a batch_index (rows 0 .. 2 drawn, rows 2 and 0 taken). The window (step 1 of
+    2) is a run of its own, as ComfyUI's KSamplerAdvanced hands its sampler the window's sigmas: gamma is s_churn
+    over the window's one step (it was once over the grid's 2)."""
+    seed, churn = 9, 0.3
     out, den0, (s0, s1, _) = _first_step(emoji, "euler", seed, [2, 0], sampler_options={"s_churn": churn})
     noise, gen = _prepare_noise(SHAPE, seed, [2, 0])
-    gamma = min(churn / 2, 2**0.5 - 1)
+    gamma = min(churn / 1, 2**0.5 - 1)
     hat = s0 * (gamma + 1)
     x = noise * math.sqrt(1 + s0**2) + torch.randn(SHAPE, generator=gen) * (hat**2 - s0**2) ** 0.5
     ref = x + (x - den0) / hat * (s1 - hat)

@@ -647,6 +647,11 @@ def sample_latents(
     # every entry weighs in, and its ControlNets with it (without the regional path there is one negative)
     controls = [c for cond in (*positive, *negative) for c in cond.controls]
     distinct: list[ControlHint] = []  # one unit per distinct hint (see below)
+    # how a hint of another size is fitted: ComfyUI's centre cut and nearest-exact resize (its ControlNets'
+    # common_upscale) under its rule, the native API's Lanczos under sdengine's (centre cut to the aspect alike)
+    from sdengine.pipeline.control import HINT_NEAREST_CENTRE
+
+    hint_fit = HINT_NEAREST_CENTRE if seed_rule == "comfyui" else "crop and resize"
     for hint in controls:
         if not any(_same_hint(hint, d) for d in distinct):
             distinct.append(hint)
@@ -667,7 +672,7 @@ def sample_latents(
             units = [ControlUnit(d.model, d.image, d.strength, d.start, d.end, "comfyui") for d in distinct]
             net = build_controlled_unet(
                 net, units, width=w * f, height=h * f, grid=grid, device=dev, dtype=pipe.dtype, start_step=start,
-                resize_mode="crop and resize",  # a hint of another aspect: its centre, as ComfyUI cuts it
+                resize_mode=hint_fit,  # a hint of another aspect: its centre, as ComfyUI cuts it
                 noise_schedule=pipe.noise_schedule,
             )  # fmt: skip
         from sdengine.pipeline.unet_adapter import UNetAdapter
@@ -717,7 +722,7 @@ def sample_latents(
                                 "a T2I-Adapter cannot act on a conditioning area (ConditioningSetArea, ...Percentage, "
                                 "ConditioningSetMask's mask bounds): apply it to a conditioning without an area"
                             )
-                        img = control_image_tensor(d.image, aw * f, ah * f, "crop and resize")
+                        img = control_image_tensor(d.image, aw * f, ah * f, hint_fit)
                         if img.shape[1] != u.image.shape[1]:  # a one-channel ControlNet: the mean, as for the whole
                             img = img.mean(dim=1, keepdim=True)
                         u = replace(u, image=img.to(device=u.image.device, dtype=u.image.dtype))
@@ -787,10 +792,15 @@ def sample_latents(
             first = seed_rule == "comfyui" and (max_denoise or known_noise is not noise)
             guided = inpaint = InpaintBlend(guided, latent, known_noise, blend, first=first)
         run_steps = end - start
+        # KSamplerAdvanced's end_at_step: ComfyUI runs a fresh sampler on the window's sigmas (their last one 0
+        # without leftover noise), so a multistep sampler ends the window as it ends any run (UniPC at a lower
+        # order, every sampler stepping to 0 where the leftover noise is off); the timestep samplers (single-step:
+        # the same sample either way) stop on the grid at the window's end instead
+        window_run = given is None and end < min(total, grid.steps) and name not in sampling.TIMESTEP_SAMPLERS
 
         def on_step(i: int, sigma: float, x: Tensor, denoised: Tensor) -> bool | None:
             ok = callback(StepReport(i + 1, run_steps, denoised)) if callback is not None else None
-            if i + 1 == run_steps and end < total and ok is not False:
+            if i + 1 == run_steps and end < total and ok is not False and not window_run:
                 return False  # KSamplerAdvanced's end_at_step: stop here
             return ok
 
@@ -816,12 +826,18 @@ def sample_latents(
                     brownian=brownian,
                     noise_scale=noise_scale,
                     comfy_grid=True,
+                    end_step=end if window_run else None,
+                    end_as_run=window_run,
+                    end_at_zero=window_run and not leftover_noise,
                 )
+            if window_run and leftover_noise:  # the window's last sample in ComfyUI's scaling, x0 + sigma * eps
+                x = x * math.sqrt(1 + float(grid.sigmas[end]) ** 2)
         except SamplingInterrupted as e:
             if e.step + 1 != run_steps or end >= total:
                 raise SamplingStopped(e.step + 1, run_steps, e.denoised) from None
-            # Stopped at end_at_step: the noisy sample (ComfyUI's leftover noise) or its x0 estimate.
-            x = e.x if leftover_noise else e.denoised
+            # Stopped at end_at_step: the noisy sample (ComfyUI's leftover noise) or its x0 estimate (a window run
+            # stopped by its caller at its last step: its sample, walked to 0 where the leftover noise is off).
+            x = e.x if leftover_noise or window_run else e.denoised
     finally:
         if handle is not None:
             handle.remove()

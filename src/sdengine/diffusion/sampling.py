@@ -606,13 +606,20 @@ def sample(
     brownian: BrownianSpec | None = None,
     noise_scale: float | None = None,
     comfy_grid: bool = False,
+    end_as_run: bool = False,
+    end_at_zero: bool = False,
 ) -> Tensor:
     """Run ``sampler`` for ``steps`` steps from unit ``noise`` (txt2img) or from ``init_latent`` noised to
     ``strength`` (img2img); returns the final latent (x0). See the module docstring.
 
     ``end_step`` k stops after the grid's step k - 1 and returns the still noisy latent at ``grid.sigmas[k]``
     (in the network's VP scaling, like every return): the first half of a hand-off to another model (SDXL
-    base -> refiner, diffusers' ``denoising_end``), which continues with ``start_step=k``.
+    base -> refiner, diffusers' ``denoising_end``), which continues with ``start_step=k``. By default the part run
+    is a part of the grid (UniPC keeps its full order to its end, as diffusers' scheduler); ``end_as_run``: it is a
+    run of its own on the sub-schedule (UniPC lowers its order at its end, as at the end of any run: ComfyUI's
+    KSamplerAdvanced, a fresh sampler on each window); ``end_at_zero``: the sub-schedule's last sigma is taken as 0
+    (ComfyUI's ``force_full_denoise``, KSamplerAdvanced without leftover noise): the sampler's last step goes to 0
+    and the result is its x0.
 
     ``sigmas``: an explicit decreasing sigma list (ComfyUI's SIGMAS) walked instead of ``schedule``'s grid, the
     network seeing each sigma's fractional timestep; ``steps`` must be its length - 1. A rising list (from above 0:
@@ -699,6 +706,8 @@ def sample(
         denoiser = denoiser.with_timesteps(grid.sigmas[:-1], grid.timesteps)
 
     sigmas = grid.sigmas[start_step : stop + 1]
+    if end_at_zero and stop < grid.steps:
+        sigmas = torch.cat([sigmas[:-1], sigmas.new_zeros(1)])
     if noise_scale is not None:
         if noise_from is not None:
             raise UsageError("noise_scale and noise_from cannot both be given")
@@ -725,7 +734,7 @@ def sample(
             # PNDM redoes its first step from t_1 + T // N (== t_0 only for leading spacing)
             t_src = min(int(grid.timesteps[1]) + ns.num_train_timesteps // steps, ns.num_train_timesteps - 1)
             options.setdefault("corrector_from", float(ns.sigmas[t_src]))
-    if name == "unipc" and stop < grid.steps:  # the grid goes on after this run: its order is the grid's
+    if name == "unipc" and stop < grid.steps and not end_as_run:  # the grid goes on: its order is the grid's
         options["steps_after"] = grid.steps - stop
     if name == "lcm":
         options.setdefault("timesteps", grid.timesteps[start_step:])

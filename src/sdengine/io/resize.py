@@ -97,4 +97,32 @@ def resize_tensor(t: Any, width: int, height: int, mode: str = "just resize") ->
     return F.pad(t, (left, width - sw - left, top, height - sh - top), mode="replicate")
 
 
-__all__ = ["LATENT_UPSCALE", "RESIZE_MODES", "fit_geometry", "resize_image", "resize_mode_name", "resize_tensor"]
+def centre_cut_resize(t: Any, width: int, height: int, interpolation: str = "nearest-exact") -> Any:
+    """A (N, C, H, W) float tensor cut to the aspect of ``width`` x ``height`` around its centre, then resized with
+    ``interpolation`` (a ``torch.nn.functional.interpolate`` mode): ComfyUI's ``common_upscale`` with crop
+    ``center``, how its ControlNets and T2I-Adapters fit a hint (``nearest-exact``). Unlike ``crop and resize``
+    the cut comes first, on the source's pixels (each side's cut rounded), and nothing is antialiased."""
+    import torch.nn.functional as F
+
+    h, w = int(t.shape[-2]), int(t.shape[-1])
+    src, dst = w / h, width / height
+    dx = dy = 0
+    if src > dst:  # wider than the output: columns cut on both sides
+        dx = round((w - w * dst / src) / 2)
+    elif src < dst:
+        dy = round((h - h * src / dst) / 2)
+    t = t[..., dy : h - dy, dx : w - dx]
+    if (int(t.shape[-1]), int(t.shape[-2])) == (width, height):
+        return t
+    return F.interpolate(t, size=(height, width), mode=interpolation)
+
+
+__all__ = [
+    "LATENT_UPSCALE",
+    "RESIZE_MODES",
+    "centre_cut_resize",
+    "fit_geometry",
+    "resize_image",
+    "resize_mode_name",
+    "resize_tensor",
+]

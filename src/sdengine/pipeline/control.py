@@ -31,7 +31,7 @@ from sdengine.control.files import check_compatible
 from sdengine.control.preprocess import ImageLike, load_control_image
 from sdengine.diffusion.samplers import SamplerStep
 from sdengine.errors import ControlNetError
-from sdengine.io.resize import resize_image, resize_tensor
+from sdengine.io.resize import centre_cut_resize, resize_image, resize_tensor
 from sdengine.metadata import CONTROL_MODE_NAMES
 from sdengine.models.controlnet import ControlNet
 from sdengine.models.t2i_adapter import T2IAdapter
@@ -173,7 +173,19 @@ def check_unit_settings(scale: float, start: float, end: float, *, name: str = "
         log.warning(msg)
 
 
+# ComfyUI's fit of a hint (comfy/controlnet.py: common_upscale(..., "nearest-exact", "center")): a resize mode of
+# control_image_tensor besides io.resize's three, for the ComfyUI route under its seed rule
+HINT_NEAREST_CENTRE = "centre cut, nearest-exact"
+
+
 def _one_image_tensor(image: ImageLike, width: int, height: int, resize_mode: str = "just resize") -> Tensor:
+    if resize_mode == HINT_NEAREST_CENTRE:
+        if isinstance(image, Tensor) and image.ndim in (3, 4) and image.is_floating_point():
+            t = _one_image_tensor(image, int(image.shape[-1]), int(image.shape[-2]))  # channels made 3, no resize
+        else:
+            arr = np.asarray(load_control_image(image), dtype=np.float32) / 255.0
+            t = torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
+        return centre_cut_resize(t, width, height, "nearest-exact")
     if isinstance(image, Tensor) and image.ndim in (3, 4) and image.is_floating_point():
         t = image.detach().float()
         t = t[None] if t.ndim == 3 else t
@@ -193,7 +205,8 @@ def control_image_tensor(
     image: ImageLike | Sequence[ImageLike], width: int, height: int, resize_mode: str = "just resize"
 ) -> Tensor:
     """(N, 3, height, width) float32 in [0, 1]: RGB-converted and resized (Lanczos) to the output size, as
-    diffusers' control image processor does (``VaeImageProcessor(do_normalize=False)``). A list gives one
+    diffusers' control image processor does (``VaeImageProcessor(do_normalize=False)``); ``resize_mode``
+    :data:`HINT_NEAREST_CENTRE`: ComfyUI's fit instead (the centre cut to the aspect, nearest-exact). A list gives one
     row per map; a (N, C, H, W) tensor keeps its N rows."""
     if isinstance(image, list | tuple):
         if not image:
@@ -753,6 +766,7 @@ __all__ = [
     "ControlUnit",
     "ControlledUNet",
     "GraphedControlledUNet",
+    "HINT_NEAREST_CENTRE",
     "PreparedUnit",
     "STEP_RULES",
     "build_controlled_unet",
