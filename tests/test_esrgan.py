@@ -13,7 +13,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sdengine.errors import SdengineError
-from sdengine.models.esrgan import UpscalerSpec, build_upscaler, upscale_image, upscale_once, upscale_tensor
+from sdengine.models.esrgan import (
+    UpscalerSpec,
+    build_upscaler,
+    upscale_image,
+    upscale_once,
+    upscale_tensor,
+    upscale_tensor_comfyui,
+)
 from sdengine.weights.io import save_safetensors
 from sdengine.weights.upscaler_file import (
     UpscalerFileError,
@@ -157,18 +164,122 @@ def test_compact_matches_the_float64_reference(tmp_path: Path) -> None:
     assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
+class _TileProbe(torch.nn.Module):
+    """A stand-in upscaler that shows how tiles are cut and combined: nearest x2 of its input plus the first
+    value of the tile it was given (a per-tile constant, so a blend weight or a tile start off by one changes
+    the result)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spec = UpscalerSpec("compact", 2, 3, 3, 1, 0)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2, mode="nearest") + x[:, :1, :1, :1]
+
+
+def _a1111_reference(x: torch.Tensor, tile: int, overlap: int, s: int = 2) -> torch.Tensor:
+    """A1111's upscale_with_model on the probe in float64, written from split_grid / combine_grid: tile starts
+    int(i * (size - tile) / (n - 1)) (clamped to size - tile), n = ceil((size - overlap) / (tile - overlap)); the
+    image padded with black before it where shorter than a tile; each row of tiles pasted left to right, a later
+    tile over its first overlap * s output pixels with mask uint8(i * 255 / (overlap * s)) / 255, then the rows top
+    to bottom the same way."""
+    x = x.double()
+    _, _, h, w = x.shape
+    hp, wp = max(h, tile), max(w, tile)
+    xp = torch.zeros(1, 3, hp, wp, dtype=torch.float64)
+    xp[:, :, hp - h :, wp - w :] = x
+
+    def starts(size: int) -> list[int]:
+        n = -(-(size - overlap) // (tile - overlap))
+        dx = (size - tile) / (n - 1) if n > 1 else 0
+        return [min(int(i * dx), size - tile) if int(i * dx) + tile < size else size - tile for i in range(n)]
+
+    o = overlap * s
+    mask = [float(int(i * 255 / o)) / 255 for i in range(o)]
+    out = torch.zeros(1, 3, hp * s, wp * s, dtype=torch.float64)
+    for r, y0 in enumerate(starts(hp)):
+        row = torch.zeros(1, 3, tile * s, wp * s, dtype=torch.float64)
+        for c, x0 in enumerate(starts(wp)):
+            t = xp[:, :, y0 : y0 + tile, x0 : x0 + tile]
+            up = t.repeat_interleave(s, 2).repeat_interleave(s, 3) + t[0, 0, 0, 0]
+            for j in range(tile * s):
+                col = x0 * s + j
+                m = 1.0 if c == 0 or j >= o else mask[j]
+                row[:, :, :, col] = up[:, :, :, j] * m + row[:, :, :, col] * (1 - m)
+        for i in range(tile * s):
+            line = y0 * s + i
+            m = 1.0 if r == 0 or i >= o else mask[i]
+            out[:, :, line, :] = row[:, :, i, :] * m + out[:, :, line, :] * (1 - m)
+    return out[:, :, (hp - h) * s :, (wp - w) * s :]
+
+
+def _comfyui_reference(x: torch.Tensor, tile: int, overlap: int, s: int = 2) -> torch.Tensor:
+    """ComfyUI's tiled_scale on the probe in float64, written from its loop: a side longer than the tile cut at
+    range(0, size - overlap, tile - overlap), each piece up to tile long; each upscaled piece weighted by a mask
+    multiplied, at the t-th pixel from either end of each side, by (t + 1) / (overlap * s); the weighted pieces
+    summed and divided by the summed masks. An image within one tile goes through whole."""
+    x = x.double()
+    _, _, h, w = x.shape
+    if h <= tile and w <= tile:
+        return x.repeat_interleave(s, 2).repeat_interleave(s, 3) + x[0, 0, 0, 0]
+    out = torch.zeros(1, 3, h * s, w * s, dtype=torch.float64)
+    div = torch.zeros_like(out)
+    f = overlap * s
+    ys = range(0, h - overlap, tile - overlap) if h > tile else [0]
+    xs = range(0, w - overlap, tile - overlap) if w > tile else [0]
+    for y0 in ys:
+        for x0 in xs:
+            t = x[:, :, y0 : y0 + tile, x0 : x0 + tile]
+            up = t.repeat_interleave(s, 2).repeat_interleave(s, 3) + t[0, 0, 0, 0]
+            mask = torch.ones_like(up)
+            for d in (2, 3):
+                n = mask.shape[d]
+                if f >= n:
+                    continue
+                for k in range(f):
+                    mask.narrow(d, k, 1).mul_((k + 1) / f)
+                    mask.narrow(d, n - 1 - k, 1).mul_((k + 1) / f)
+            out[:, :, y0 * s : y0 * s + up.shape[2], x0 * s : x0 * s + up.shape[3]] += up * mask
+            div[:, :, y0 * s : y0 * s + up.shape[2], x0 * s : x0 * s + up.shape[3]] += mask
+    return out / div
+
+
+@pytest.mark.parametrize("size", [(70, 53), (40, 17), (24, 24), (101, 30)])
+def test_tiles_are_cut_and_blended_as_a1111s_upscale_with_model(size: tuple[int, int]) -> None:
+    x = torch.rand(1, 3, *size)
+    probe = _TileProbe()
+    got = upscale_tensor(probe, x, tile=24, overlap=6)
+    want = _a1111_reference(x, 24, 6)
+    assert got.shape == want.shape == (1, 3, size[0] * 2, size[1] * 2)
+    assert (got.double() - want).abs().max() < 1e-5
+    if min(size) > 24:  # the per-tile constants make tiling visible: a different overlap gives another image
+        assert (upscale_tensor(probe, x, tile=24, overlap=2).double() - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("size", [(70, 53), (40, 17), (24, 24), (101, 30)])
+def test_comfyui_tiles_are_cut_and_feathered_as_tiled_scale(size: tuple[int, int]) -> None:
+    x = torch.rand(1, 3, *size)
+    probe = _TileProbe()
+    got = upscale_tensor_comfyui(probe, x, tile=24, overlap=6)
+    want = _comfyui_reference(x, 24, 6)
+    assert got.shape == want.shape == (1, 3, size[0] * 2, size[1] * 2)
+    assert (got.double() - want).abs().max() < 1e-5
+    if max(size) > 24:
+        assert (upscale_tensor_comfyui(probe, x, tile=24, overlap=2).double() - want).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("spec", [COMPACT, X4], ids=["compact", "rrdb"])
-def test_tiles_equal_the_whole_image_when_the_overlap_covers_the_receptive_field(spec: UpscalerSpec) -> None:
+def test_tiled_real_networks_stay_close_to_the_whole_image_and_blend_their_seams(spec: UpscalerSpec) -> None:
+    """A real network in tiles (both rules): the untiled image up to what the network sees past a tile's edge
+    (a tile put in the wrong place or weighted wrongly would be far off)."""
     model = _randomised(spec, seed=7)
     x = torch.rand(1, 3, 70, 53)
     whole = upscale_tensor(model, x, tile=0)
-    # compact with 2 middle convs: 4 convolutions, 4 pixels each way; RRDB nb=1: 17 low-res convolutions + 3
-    overlap = 10 if spec.arch == "compact" else 44
-    tiled = upscale_tensor(model, x, tile=overlap + 12, overlap=overlap)
-    assert tiled.shape == whole.shape == (1, 3, 280, 212)
-    assert (tiled - whole).abs().max() <= 1e-5
-    # with A1111's small overlap the seams differ (the test would catch tiles put in the wrong place)
-    assert (upscale_tensor(model, x, tile=16, overlap=2) - whole).abs().max() > 1e-3
+    for tiled in (upscale_tensor(model, x, tile=32, overlap=8), upscale_tensor_comfyui(model, x, tile=32, overlap=8)):
+        assert tiled.shape == whole.shape == (1, 3, 280, 212)
+        err = (tiled - whole).abs()
+        assert err.mean() < 0.01 and err.max() < 0.5
 
 
 def test_upscale_image_reaches_the_size_a1111_asks() -> None:

@@ -12,15 +12,19 @@
   ``body.0`` conv (in -> feat), PReLU, then ``num_conv`` times conv (feat -> feat) + PReLU, then a conv to
   ``out * scale**2`` channels, ``pixel_shuffle(scale)``, plus the input upscaled by nearest neighbour.
 
-:func:`upscale_tensor` runs either on an image of any size in tiles: tiles of ``tile`` input pixels overlapping
-by ``overlap``; each output pixel is taken from the tile whose cut (the middle of the overlap) it lies on, so a
-network whose receptive field reaches less than ``overlap / 2`` pixels gives exactly the untiled result and the
-memory a call needs is bounded by one tile's. :func:`upscale_image` is A1111's ``Upscaler.upscale`` around it
-(the model applied until the image is at least the asked size, at most 3 times, then a Lanczos resize).
+:func:`upscale_tensor` runs either on an image of any size in tiles as A1111's ``upscale_with_model`` does
+(tiles of ``tile`` input pixels spread as ``images.split_grid`` spreads them, combined as ``images.combine_grid``:
+a later tile blended into the earlier over the overlap with a linear ramp); :func:`upscale_tensor_comfyui` as
+ComfyUI's ``tiled_scale`` does for ImageUpscaleWithModel (tiles every ``tile - overlap`` pixels, each weighted by
+a mask feathered over the overlap at its edges, the weighted sum divided by the summed weights). Either way the
+memory a call needs is bounded by one tile's, and the seams are blended, not cut. :func:`upscale_image` is A1111's
+``Upscaler.upscale`` around it (the model applied until the image is at least the asked size, at most 3 times,
+then a Lanczos resize).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +36,9 @@ from torch import Tensor, nn
 # A1111's defaults for its ESRGAN upscalers (ESRGAN_tile, ESRGAN_tile_overlap), in input pixels
 DEFAULT_TILE = 192
 DEFAULT_OVERLAP = 8
+# ComfyUI's ImageUpscaleWithModel: its first tile size and its overlap (the tile halves on running out of memory)
+COMFYUI_TILE = 512
+COMFYUI_OVERLAP = 32
 
 
 @dataclass(frozen=True)
@@ -142,54 +149,133 @@ def build_upscaler(spec: UpscalerSpec) -> nn.Module:
     return RRDBNet(spec) if spec.arch == "esrgan" else SRVGGNetCompact(spec)
 
 
-def _starts(size: int, tile: int, step: int, multiple: int) -> list[int]:
-    """Tile starts along one side: 0, step, 2*step, ... and the last at ``size - tile`` (all multiples of
-    ``multiple``)."""
-    if size <= tile:
-        return [0]
-    out = list(range(0, size - tile, step))
-    last = (size - tile) // multiple * multiple
-    if out[-1] != last:
-        out.append(last)
-    return out
+def _run(model: nn.Module, piece: Tensor, param: Tensor) -> Tensor:
+    """``piece`` through the network on its device, back as float32 on the CPU. A side that the network's
+    ``pixel_unshuffle`` does not divide is padded at the end by reflection (replication where it is too short
+    to reflect) and the output cut back."""
+    s, u = spec_of(model).scale, spec_of(model).unshuffle
+    h, w = piece.shape[2], piece.shape[3]
+    ph, pw = (-h) % u, (-w) % u
+    if ph or pw:
+        piece = F.pad(piece, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+    out = model(piece.to(param.device, param.dtype)).float().cpu()
+    return out[:, :, : h * s, : w * s]
 
 
-def _cuts(starts: list[int], tile: int, size: int) -> list[tuple[int, int]]:
-    """The part of the side each tile gives: from the middle of its overlap with the previous tile to the middle
-    of its overlap with the next one."""
-    bounds = [0] + [(starts[i + 1] + min(starts[i] + tile, size)) // 2 for i in range(len(starts) - 1)] + [size]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+def a1111_tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Where A1111's ``images.split_grid`` starts its tiles along a side of ``size`` >= ``tile`` pixels:
+    ``n = ceil((size - overlap) / (tile - overlap))`` tiles spread evenly (``int(i * (size - tile) / (n - 1))``),
+    the last one ending at the side's end."""
+    n = max(1, math.ceil((size - overlap) / (tile - overlap)))
+    dx = (size - tile) / (n - 1) if n > 1 else 0.0
+    starts = []
+    for i in range(n):
+        start = int(i * dx)
+        starts.append(size - tile if start + tile >= size else start)
+    return starts
+
+
+def a1111_ramp(overlap: int) -> Tensor:
+    """The weight of a later tile over the first ``overlap`` output pixels of its overlap: A1111's 8-bit mask
+    ``floor(i * 255 / overlap) / 255`` (a linear ramp from 0 towards 1; the earlier tile has the rest)."""
+    return torch.tensor([i * 255 // overlap for i in range(overlap)], dtype=torch.float32) / 255.0
+
+
+def _paste(dest: Tensor, piece: Tensor, start: int, first: bool, ramp: Tensor, dim: int) -> None:
+    """Paste ``piece`` into ``dest`` at ``start`` along ``dim`` (2: rows, 3: columns) as A1111's ``combine_grid``
+    does: the first tile whole; a later one blended over its first ``len(ramp)`` pixels, whole after them."""
+    n = piece.shape[dim]
+    if first or len(ramp) == 0:
+        dest.narrow(dim, start, n).copy_(piece)
+        return
+    o = min(len(ramp), n)
+    shape = [1, 1, 1, 1]
+    shape[dim] = o
+    m = ramp[:o].view(shape)
+    head = dest.narrow(dim, start, o)
+    head.copy_(piece.narrow(dim, 0, o) * m + head * (1 - m))
+    if n > o:
+        dest.narrow(dim, start + o, n - o).copy_(piece.narrow(dim, o, n - o))
 
 
 @torch.no_grad()
 def upscale_tensor(model: nn.Module, x: Tensor, *, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> Tensor:
-    """(N, C, H, W) in [0, 1] -> (N, C_out, H * scale, W * scale), the network run in tiles of ``tile`` input
-    pixels overlapping by ``overlap`` (``tile`` 0: the whole image at once); values are not clamped."""
+    """(N, C, H, W) in [0, 1] -> (N, C_out, H * scale, W * scale), the network run in tiles as A1111's
+    ``upscale_with_model`` (``tile`` 0: the whole image at once); values are not clamped.
+
+    A1111's rule: tiles of ``tile`` x ``tile`` input pixels where ``images.split_grid`` puts them
+    (:func:`a1111_tile_starts`); a side shorter than the tile is padded with black before it (A1111 crops the
+    tile past the image's start); the upscaled tiles are combined as ``images.combine_grid``: each row of tiles
+    left to right, a tile blended into the one before over ``overlap * scale`` output pixels with the ramp of
+    :func:`a1111_ramp`, then the rows top to bottom the same way."""
     spec = spec_of(model)
-    s, u = spec.scale, spec.unshuffle
-    n, _, h, w = x.shape
-    # pixel_unshuffle needs sides that divide: pad at the right and bottom by reflection, cut after
-    ph, pw = (-h) % u, (-w) % u
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
-    hp, wp = x.shape[2], x.shape[3]
+    s = spec.scale
     param = next(model.parameters())
-    if tile <= 0 or (hp <= tile and wp <= tile):
-        out = model(x.to(param.device, param.dtype)).float().cpu()
-        return out[:, :, : h * s, : w * s]
-    tile = max(tile // u * u, u)
-    overlap = min(max(overlap, 0), tile - u)
-    step = max((tile - overlap) // u * u, u)
+    n, _, h, w = x.shape
+    if tile <= 0:
+        return _run(model, x, param)
+    overlap = min(max(overlap, 0), tile - 1)
+    hp, wp = max(h, tile), max(w, tile)
+    if (hp, wp) != (h, w):
+        x = F.pad(x, (wp - w, 0, hp - h, 0))  # black before the image, as A1111's crop past its start
+    ramp = a1111_ramp(overlap * s)
     out = torch.zeros(n, spec.out_channels, hp * s, wp * s)
-    ys, xs = _starts(hp, tile, step, u), _starts(wp, tile, step, u)
-    for y0, (ya, yb) in zip(ys, _cuts(ys, tile, hp), strict=True):
-        for x0, (xa, xb) in zip(xs, _cuts(xs, tile, wp), strict=True):
-            piece = x[:, :, y0 : y0 + tile, x0 : x0 + tile].to(param.device, param.dtype)
-            y = model(piece).float().cpu()
-            out[:, :, ya * s : yb * s, xa * s : xb * s] = y[
-                :, :, (ya - y0) * s : (yb - y0) * s, (xa - x0) * s : (xb - x0) * s
-            ]
-    return out[:, :, : h * s, : w * s]
+    xs = a1111_tile_starts(wp, tile, overlap)
+    for i, y0 in enumerate(a1111_tile_starts(hp, tile, overlap)):
+        row = torch.zeros(n, spec.out_channels, tile * s, wp * s)
+        for j, x0 in enumerate(xs):
+            y = _run(model, x[:, :, y0 : y0 + tile, x0 : x0 + tile], param)
+            _paste(row, y, x0 * s, j == 0, ramp, 3)
+        _paste(out, row, y0 * s, i == 0, ramp, 2)
+    return out[:, :, (hp - h) * s :, (wp - w) * s :]
+
+
+def comfyui_tile_starts(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """Where ComfyUI's ``tiled_scale`` cuts a side: (start, length) every ``tile - overlap`` pixels below
+    ``size - overlap``, each ``tile`` long or up to the side's end (the last one may be short); one piece when the
+    side fits a tile."""
+    if size <= tile:
+        return [(0, size)]
+    return [(p, min(tile, size - p)) for p in range(0, size - overlap, tile - overlap)]
+
+
+def comfyui_feather(length: int, feather: int) -> Tensor:
+    """ComfyUI's tile mask along one side of an upscaled tile of ``length`` pixels: 1, times ``(t + 1) /
+    feather`` at the ``t``-th pixel from each end (both factors where the ends meet); all 1 when ``feather`` is
+    not below ``length``."""
+    m = torch.ones(length)
+    if 0 < feather < length:
+        ramp = torch.arange(1, feather + 1, dtype=torch.float32) / feather
+        m[:feather] *= ramp
+        m[length - feather :] *= ramp.flip(0)
+    return m
+
+
+@torch.no_grad()
+def upscale_tensor_comfyui(
+    model: nn.Module, x: Tensor, *, tile: int = COMFYUI_TILE, overlap: int = COMFYUI_OVERLAP
+) -> Tensor:
+    """(N, C, H, W) in [0, 1] -> (N, C_out, H * scale, W * scale) as ComfyUI's ``comfy.utils.tiled_scale``
+    (ImageUpscaleWithModel's tiling); values are not clamped. An image that fits one tile goes through whole;
+    else tiles of ``tile`` input pixels every ``tile - overlap`` (:func:`comfyui_tile_starts`), each upscaled
+    tile weighted by the product of its rows' and columns' :func:`comfyui_feather` masks (``overlap * scale``
+    pixels), the weighted tiles summed and divided by the summed weights."""
+    spec = spec_of(model)
+    s = spec.scale
+    param = next(model.parameters())
+    n, _, h, w = x.shape
+    if tile <= 0 or (h <= tile and w <= tile):
+        return _run(model, x, param)
+    overlap = min(max(overlap, 0), tile - 1)
+    out = torch.zeros(n, spec.out_channels, h * s, w * s)
+    weight = torch.zeros(1, 1, h * s, w * s)
+    for y0, th in comfyui_tile_starts(h, tile, overlap):
+        for x0, tw in comfyui_tile_starts(w, tile, overlap):
+            y = _run(model, x[:, :, y0 : y0 + th, x0 : x0 + tw], param)
+            m = comfyui_feather(th * s, overlap * s)[:, None] * comfyui_feather(tw * s, overlap * s)[None, :]
+            out[:, :, y0 * s : (y0 + th) * s, x0 * s : (x0 + tw) * s] += y * m
+            weight[:, :, y0 * s : (y0 + th) * s, x0 * s : (x0 + tw) * s] += m
+    return out / weight
 
 
 def upscale_once(
@@ -233,6 +319,8 @@ def upscale_image(
 
 
 __all__ = [
+    "COMFYUI_OVERLAP",
+    "COMFYUI_TILE",
     "DEFAULT_OVERLAP",
     "DEFAULT_TILE",
     "RRDB",
@@ -240,9 +328,14 @@ __all__ = [
     "ResidualDenseBlock",
     "SRVGGNetCompact",
     "UpscalerSpec",
+    "a1111_ramp",
+    "a1111_tile_starts",
     "build_upscaler",
+    "comfyui_feather",
+    "comfyui_tile_starts",
     "spec_of",
     "upscale_image",
     "upscale_once",
     "upscale_tensor",
+    "upscale_tensor_comfyui",
 ]

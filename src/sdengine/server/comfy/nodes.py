@@ -1988,14 +1988,12 @@ def upscale_model_loader(ctx: RunContext, model_name: str) -> tuple[Any]:
     return (UpscaleModelHandle(str(path), spec_of(model).scale),)
 
 
-COMFY_UPSCALE_TILE, COMFY_UPSCALE_OVERLAP = 512, 32  # ImageUpscaleWithModel's first tile size and overlap
-
-
 def image_upscale_with_model(ctx: RunContext, upscale_model: Any, image: torch.Tensor) -> tuple[Any]:
-    """ComfyUI's ImageUpscaleWithModel: each image through the model (fp32, in tiles of 512 with an overlap of 32
-    on the worker's device), ``scale`` times its size, clamped to [0, 1]. The result may be larger than the
+    """ComfyUI's ImageUpscaleWithModel: each image through the model (fp32, on the worker's device) in tiles as
+    ComfyUI's ``tiled_scale`` (512 with an overlap of 32, feathered blend: ``upscale_tensor_comfyui``), ``scale``
+    times its size, clamped to [0, 1]. The result may be larger than the
     server's --max-side (that limits generation, not upscaling) but not than --max-image-pixels or 8192 a side."""
-    from sdengine.models.esrgan import spec_of, upscale_tensor
+    from sdengine.models.esrgan import spec_of, upscale_tensor_comfyui
     from sdengine.weights.upscaler_file import load_upscaler
 
     if not isinstance(upscale_model, UpscaleModelHandle):
@@ -2010,9 +2008,7 @@ def image_upscale_with_model(ctx: RunContext, upscale_model: Any, image: torch.T
     x = image.permute(0, 3, 1, 2).float()
     if spec_of(model).in_channels == 1:
         x = x.mean(1, keepdim=True)
-    rows = [
-        upscale_tensor(model, x[i : i + 1], tile=COMFY_UPSCALE_TILE, overlap=COMFY_UPSCALE_OVERLAP) for i in range(b)
-    ]
+    rows = [upscale_tensor_comfyui(model, x[i : i + 1]) for i in range(b)]
     out = torch.cat(rows).clamp(0, 1)
     if out.shape[1] == 1:
         out = out.expand(-1, 3, -1, -1)
