@@ -5,6 +5,7 @@ ImageUpscaleWithModel, on a live server (the emoji model, few steps)."""
 from __future__ import annotations
 
 import io
+import json
 import time
 from pathlib import Path
 
@@ -172,6 +173,17 @@ def test_comfy_upscale_model_nodes(server):
         bad["2"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "notes.txt"}}
         r = c.post("/prompt", json={"prompt": bad})
         assert r.status_code == 400 and "notes.txt" in r.text, r.text
+
+
+def test_the_native_upscaler_list_names_what_hr_upscaler_takes(server):
+    """GET /v1/upscalers: the latent modes, None and Lanczos, then the folder's models (no path), each kind said."""
+    from sdengine.pipeline.hires import LATENT_UPSCALERS
+
+    got = httpx.get(f"{server.url}/v1/upscalers", timeout=60).json()["upscalers"]
+    want = [(n, "latent") for n in LATENT_UPSCALERS] + [("None", "pixel"), ("Lanczos", "pixel")]
+    want += [("4x-Tiny", "model"), ("RealESRGAN_x2plus", "model")]
+    assert [(u["name"], u["kind"]) for u in got] == want
+    assert str(server.folder) not in json.dumps(got)
 
 
 def test_serve_refuses_a_missing_upscalers_dir(tmp_path: Path, capsys) -> None:

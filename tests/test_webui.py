@@ -19,11 +19,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 
 from _live_server import live_server, server_config, wait_job
 from _vaes import other_vae
+from sdengine.models.esrgan import UpscalerSpec, build_upscaler
+from sdengine.weights.upscaler_file import save_upscaler
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -46,7 +49,11 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     vaes = tmp / "vaes"  # one VAE for the page's VAE choice: the emoji model's with other weights
     vaes.mkdir()
     save_file(other_vae(1), vaes / "alt.safetensors")
-    with live_server(server_config(tmp, max_queue=4, vaes_dir=vaes)) as s:
+    upscalers = tmp / "upscalers"  # one upscaler model for the hires fix's list
+    upscalers.mkdir()
+    torch.manual_seed(0)
+    save_upscaler(build_upscaler(UpscalerSpec("compact", 4, 3, 3, 8, 1)).eval(), upscalers / "4x-Tiny.pth")
+    with live_server(server_config(tmp, max_queue=4, vaes_dir=vaes, upscalers_dir=upscalers)) as s:
         yield s
 
 
@@ -273,6 +280,35 @@ def test_the_vae_choice(page, client):
     page.click("#results button:text('Reuse parameters')")  # the infotext's "VAE" selects it again
     assert page.input_value("#vae") == "alt.safetensors"
     page.select_option("#vae", "")
+
+
+def test_pag_scale_and_the_hires_upscalers_of_the_server(page, client):
+    """The PAG scale (next to the CFG scale) is sent with the job: the API's image with that ``pag_scale``, the
+    parameters name it, "Reuse parameters" sets it again; layers that
+    match none of the model's are said next to their box. The hires fix's upscalers are GET /v1/upscalers's (the
+    server's upscaler models too)."""
+    listed = [u["name"] for u in client.get("/v1/upscalers").json()["upscalers"]]
+    assert listed[-1] == "4x-Tiny" and "Lanczos" in listed
+    assert page.eval_on_selector_all("#hr-upscaler option", "os => os.map((o) => o.value)") == listed
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "4")
+    page.fill("#seed", "3")
+    page.fill("#pag_scale", "3")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "PAG scale: 3," in params and "PAG layers" not in params, params
+    body = {"prompt": "a red apple", "steps": 4, "seed": 3, "width": 64, "height": 64, "pag_scale": 3}
+    shows_the_api_image(page, client, body, params)
+    page.fill("#pag_scale", "0")
+    page.click("#results button:text('Reuse parameters')")
+    assert page.input_value("#pag_scale") == "3" and page.input_value("#pag_layers") == "mid"
+    page.fill("#pag_layers", "nope")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-pag_layers').textContent !== ''")
+    assert "PAG layer 'nope' matches no self-attention layer" in shown_errors(page)["err-pag_layers"]
+    assert page.input_value("#pag_layers") == "nope"  # the input is kept
+    page.fill("#pag_layers", "mid")
+    page.fill("#pag_scale", "0")
 
 
 def test_the_tiny_vae_encoder_choice_in_img2img(page, client, browser, server, tmp_path):
@@ -929,12 +965,12 @@ def test_the_gallery_goes_back_when_images_were_removed(browser, tmp_path):
 
 def test_the_hires_fix(page, client):
     """The hires fix (the native API's ``hires``): the page's image is the API's for the same settings, its
-    upscalers are sdengine's, reusing the parameters ticks it again with its settings, and it is refused in
-    img2img (the server runs it for text to image only)."""
+    upscalers are sdengine's and the server's models, reusing the parameters ticks it again with its settings,
+    and it is refused in img2img (the server runs it for text to image only)."""
     from sdengine.pipeline.hires import UPSCALERS
 
     options = page.eval_on_selector("#hr-upscaler", "s => [...s.options].map((o) => o.value)")
-    assert options == list(UPSCALERS)
+    assert options == [*UPSCALERS, "4x-Tiny"]  # sdengine's, then the server's upscaler model
     page.fill("#prompt", "a red apple")
     page.fill("#steps", "2")
     page.fill("#seed", "3")

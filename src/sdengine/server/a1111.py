@@ -986,6 +986,59 @@ def processor_resize(image: Image.Image, res: int) -> Image.Image:
     return resize(image, res)
 
 
+# Forge's built-in perturbed-attention guidance script (extensions-builtin/sd_forge_perturbed_attention), as its
+# alwayson_scripts entry names it (lower case): args [enabled, scale] (early Forge) or [enabled, scale, attenuation,
+# start_step, end_step] (later Forge; attenuation in % of the scale, steps as fractions), PAG on every
+# self-attention layer of the U-Net's middle block (sdengine's pag_layers "mid") at every step, added after CFG as
+# diffusers does. sdengine runs PAG at one scale over all steps: the later layout only with attenuation 0, start 0
+# and end 1 (its defaults but start's, which some Forge versions set to 0.15); other values are a 400.
+FORGE_PAG_SCRIPTS = ("perturbedattentionguidance integrated", "perturbed attention guidance integrated")
+
+
+def _forge_number(name: str, i: int, what: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadRequest(f"alwayson_scripts.{name}.args[{i}] ({what}) must be a number, got {repr(value)[:100]}")
+    return float(value)
+
+
+def forge_pag_scale(scripts: dict[str, Any]) -> float:
+    """The PAG scale of Forge's script in ``alwayson_scripts`` (lower-cased names; the entry is taken out of
+    ``scripts``): 0 when absent or not enabled; a one-line 400 for an entry of another shape or settings sdengine
+    does not run (an attenuation, a start or end step)."""
+    for name in FORGE_PAG_SCRIPTS:
+        if name not in scripts:
+            continue
+        entry = scripts.pop(name)
+        args = entry.get("args") if isinstance(entry, dict) else None
+        if not isinstance(args, list) or len(args) not in (2, 5):
+            raise BadRequest(
+                f"alwayson_scripts.{name} must be an object {{args: [enabled, scale]}} or {{args: [enabled, scale, "
+                f"attenuation, start_step, end_step]}} (Forge's PAG script), got {repr(entry)[:100]}"
+            )
+        enabled, scale = args[0], args[1]
+        if not isinstance(enabled, bool):
+            got = repr(enabled)[:100]
+            raise BadRequest(f"alwayson_scripts.{name}.args[0] (enabled) must be true or false, got {got}")
+        if not enabled:
+            return 0.0
+        scale = _forge_number(name, 1, "scale", scale)
+        from sdengine.pipeline.request import MAX_PAG_SCALE
+
+        if not 0.0 <= scale <= MAX_PAG_SCALE:
+            raise BadRequest(f"alwayson_scripts.{name}.args[1] (scale) must be in [0, {MAX_PAG_SCALE:g}], got {scale}")
+        if len(args) == 5:
+            attenuation = _forge_number(name, 2, "attenuation", args[2])
+            start = _forge_number(name, 3, "start_step", args[3])
+            end = _forge_number(name, 4, "end_step", args[4])
+            if attenuation != 0 or start != 0 or end != 1:
+                raise BadRequest(
+                    f"alwayson_scripts.{name}: sdengine runs PAG at one scale over every step; attenuation "
+                    f"{attenuation:g}, start_step {start:g}, end_step {end:g} are not supported (use 0, 0, 1)"
+                )
+        return scale
+    return 0.0
+
+
 def control_units(
     args: Any, init: str | None, ignored: list[str], detect_maps: list[int] | None = None
 ) -> tuple[list[ControlRequest], list[tuple[int, int]], dict[int, int]]:
@@ -1396,6 +1449,7 @@ def install(app: FastAPI, services: Any) -> None:
         ignored.extend(f"override_settings.{k}" for k in over)
         scripts = {str(k).lower(): v for k, v in (req.alwayson_scripts or {}).items()}
         cn = scripts.pop("controlnet", None)
+        pag_scale = forge_pag_scale(scripts)  # Forge's PAG script (A1111 has none): sdengine's pag_scale
         ignored.extend(f"alwayson_scripts.{k}" for k in scripts)
         if cn is not None and not isinstance(cn, dict):
             raise BadRequest("alwayson_scripts.controlnet must be an object: {args: [units]}")
@@ -1430,6 +1484,7 @@ def install(app: FastAPI, services: Any) -> None:
             sampler_options=sampler_options,
             schedule=req.scheduler or "Automatic",  # A1111 runs p.scheduler or "Automatic" (sampling.A1111_AUTOMATIC)
             cfg_scale=req.cfg_scale,
+            pag_scale=pag_scale,
             seed=req.seed,
             width=req.width,
             height=req.height,

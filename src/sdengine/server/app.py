@@ -574,6 +574,23 @@ def _native_routes(app: FastAPI, services: Services) -> None:
                 "tiny_vae_encoder); encode with 'full'"
             )
 
+    def check_pag_layers(generation: Generation) -> None:
+        """pag_layers that match no self-attention layer of the model are a 400 now when a worker holds the model
+        (its U-Net's layer names); before its first load the job fails with the same line when it runs."""
+        kw = generation.kwargs
+        if not kw.get("pag_scale"):
+            return
+        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        unet = getattr(loaded, "unet", None)
+        if unet is None:
+            return
+        from sdengine.nn.attention import pag_layers
+
+        try:
+            pag_layers(unet, list(kw["pag_layers"]))
+        except SdengineError as e:
+            raise BadRequest(f"pag_layers: {e}") from None
+
     def check_not_too_large(generation: Generation) -> None:
         """A width or height over the model's limit (8x its training size) is a 400 now, instead of a queued job
         (or a started stream) that fails when it runs: the limit is the loaded pipeline's when a worker holds the
@@ -683,6 +700,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         check_not_too_large(generation)
         check_hires_not_too_small(generation)
         check_tiny_vae(generation)
+        check_pag_layers(generation)
         check_schedule_steps(generation)
 
     services.precheck = precheck
@@ -854,6 +872,18 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         """The VAEs a job's ``vae`` may name (the files and folders of --vaes-dir, then the NAME.vae.safetensors of
         --models-dir: A1111's GET /sdapi/v1/sd-vae list), besides "Automatic" and "None"."""
         return {"vaes": [{"name": e.name} for e in catalog.sd_vaes()], "choices": ["Automatic", "None"]}
+
+    @app.get("/v1/upscalers", tags=["native"])
+    def upscalers() -> dict[str, Any]:
+        """What a hires fix's ``hr_upscaler`` may name, in order: the latent modes (``kind`` latent), the pixel
+        upscalers None and Lanczos (pixel), then the upscaler models of --upscalers-dir by file name without its
+        suffix (model; no server path is told)."""
+        from sdengine.pipeline.hires import LATENT_UPSCALERS, PIXEL_UPSCALERS
+
+        out = [{"name": n, "kind": "latent"} for n in LATENT_UPSCALERS]
+        out += [{"name": n, "kind": "pixel"} for n in PIXEL_UPSCALERS]
+        out += [{"name": e.name, "kind": "model"} for e in catalog.upscalers()]
+        return {"upscalers": out}
 
     @app.get("/v1/controlnets", tags=["native"])
     def controlnets() -> dict[str, Any]:

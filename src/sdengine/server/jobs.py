@@ -260,6 +260,8 @@ _BATCH_SETTINGS = (
     "guess_mode",
     "vae_decode",
     "vae_encode",
+    "pag_scale",  # perturbed-attention guidance: one scale and one set of layers per call (left out when off)
+    "pag_layers",
 )
 _PER_ROW = ("prompt", "negative_prompt", "seed", "batch_size")
 _NEVER_BATCHED = ("init_image", "mask", "controlnets")

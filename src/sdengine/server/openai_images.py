@@ -30,8 +30,9 @@ What the ``openai`` client sends maps onto the pipeline this way:
   parameters there, as they were to OpenAI.
 * sdengine extensions (sent with the client's ``extra_body``; OpenAI itself refuses them): ``seed``, ``steps``,
   ``negative_prompt``, ``cfg_scale``, ``sampler``, ``schedule``, ``vae`` (the job's VAE, as the native job's
-  ``vae``: a name of ``GET /v1/vaes``, ``None`` or ``Automatic``; its one-line 400 has ``param`` ``vae``), and
-  ``strength`` (edits, variations).
+  ``vae``: a name of ``GET /v1/vaes``, ``None`` or ``Automatic``; its one-line 400 has ``param`` ``vae``),
+  ``pag_scale`` and ``pag_layers`` (perturbed-attention guidance, as the native job's), and ``strength`` (edits,
+  variations).
 * ``generations`` with ``stream: true`` (``n`` 1): Server-Sent Events as OpenAI streams them, ``partial_images``
   (0 to 3) ``image_generation.partial_image`` events spread over the steps (the job's previews: the model's tiny
   VAE's picture when it has one, else the latent colour map scaled up to the image's size), then one
@@ -89,7 +90,7 @@ CHOICES = {
 # OpenAI's edits take no ``quality`` ``hd`` (a generations value of DALL-E 3's) and no ``style``
 EDIT_QUALITY = tuple(q for q in CHOICES["quality"] if q != "hd")
 # sdengine's own fields (the client's ``extra_body``)
-EXTENSIONS = ("seed", "steps", "negative_prompt", "cfg_scale", "sampler", "schedule", "vae")
+EXTENSIONS = ("seed", "steps", "negative_prompt", "cfg_scale", "sampler", "schedule", "vae", "pag_scale", "pag_layers")
 _SHARED = "model n size response_format output_format output_compression quality moderation style background user"
 # the fields each route reads, from a JSON body (generations) or a multipart form (edits, variations); any other
 # field is refused as OpenAI refuses an unknown parameter, never dropped (a misspelt ``seed`` would draw another
@@ -140,6 +141,8 @@ class GenerationsRequest(BaseModel):
     sampler: str | None = None
     schedule: str | None = None
     vae: str | None = None
+    pag_scale: float | None = None
+    pag_layers: str | list[str] | None = None
     stream: bool | None = False
     partial_images: int | None = Field(None, ge=0, le=3)
 
@@ -569,6 +572,8 @@ def install(app: FastAPI, services: Any) -> None:
                     "sampler": fields.get("sampler"),
                     "schedule": fields.get("schedule"),
                     "vae": fields.get("vae") or None,
+                    "pag_scale": number(fields, "pag_scale", float, None),
+                    "pag_layers": fields.get("pag_layers") or None,  # a form field: one comma-separated string
                 }
             ),
         )
@@ -681,6 +686,19 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
         "schedule": {**text, "description": "sdengine: a schedule name"},
         "vae": {**text, "description": "sdengine: the job's VAE, a name of GET /v1/vaes, 'None' or 'Automatic'"},
         "strength": {"type": "number", "minimum": 0, "maximum": 1, "description": "sdengine: img2img strength"},
+        "pag_scale": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 100,
+            "default": 0,
+            "description": "sdengine: perturbed-attention guidance's scale (0: off), as the native job's pag_scale",
+        },
+        "pag_layers": {
+            "oneOf": [text, {"type": "array", "items": text}],
+            "default": "mid",
+            "description": "sdengine: the layers PAG perturbs, as the native job's pag_layers (comma-separated in a "
+            "form)",
+        },
     }
     for key, allowed in CHOICES.items():  # transparent: refused, so not listed
         out[key] = {"type": "string", "enum": [v for v in allowed if v != "transparent"]}

@@ -160,6 +160,43 @@ def set_job_vae(generation: Generation, catalog: Catalog, choice: str, server_va
         generation.vae, generation.vae_name = str(path), path.name
 
 
+MAX_PAG_LAYERS = 32  # patterns in one request's pag_layers
+MAX_PAG_PATTERN = 200  # characters of one pattern (a regular expression searched in the U-Net's layer names)
+
+
+def check_pag(scale: Any, layers: Any) -> tuple[float, tuple[str, ...]]:
+    """Perturbed-attention guidance's ``pag_scale`` (a number in [0, MAX_PAG_SCALE]) and ``pag_layers`` (a string of
+    comma-separated patterns or a list of strings, each a regular expression: diffusers' ``pag_applied_layers``) as
+    (scale, the patterns as a tuple: one form, so that equal settings compare equal in batch_key, whichever way they
+    came); a one-line BadRequest for anything else. Whether a pattern matches a layer of the model is the
+    precheck's to say (a loaded model's), else the job's."""
+    import re
+
+    from sdengine.pipeline.request import MAX_PAG_SCALE
+
+    scale = _finite(scale, "pag_scale", 0.0, MAX_PAG_SCALE)
+    if isinstance(layers, str):
+        items = layers.split(",")
+    elif isinstance(layers, list | tuple) and all(isinstance(x, str) for x in layers):
+        items = list(layers)  # a pattern of a list may hold a comma ("a{1,2}"), as the pipeline takes it
+    else:
+        raise BadRequest(f"pag_layers must be a string or a list of strings, got {repr(layers)[:100]}")
+    items = [x.strip() for x in items]
+    if not all(items):
+        got = repr(layers)[:100]
+        raise BadRequest(f"pag_layers holds an empty layer name: {got} (e.g. 'mid' or 'mid,up_blocks.1')")
+    if len(items) > MAX_PAG_LAYERS:
+        raise BadRequest(f"pag_layers holds {len(items)} patterns, over the limit of {MAX_PAG_LAYERS}")
+    for x in items:
+        if len(x) > MAX_PAG_PATTERN:
+            raise BadRequest(f"pag_layers: a pattern is {len(x)} characters long, over the limit of {MAX_PAG_PATTERN}")
+        try:
+            re.compile(x)
+        except re.error as e:
+            raise BadRequest(f"pag_layers: {x!r} is not a regular expression: {e}") from None
+    return scale, tuple(items)
+
+
 # The longest prompt (and negative prompt) of any request, in characters: OpenAI's limit, the widest of the
 # protocols' (the native schema's is 20000); every route's prompts pass here (A1111's had none).
 MAX_PROMPT_CHARS = 32000
@@ -230,9 +267,12 @@ def build_generation(
     masked_content: str = "original",
     sdxl: dict[str, Any] | None = None,
     vae: str | None = None,
+    pag_scale: float = 0.0,
+    pag_layers: str | Sequence[str] = "mid",
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run. ``vae``: the
-    job's VAE (:func:`check_vae_choice`; None: the VAE the model was loaded with)."""
+    job's VAE (:func:`check_vae_choice`; None: the VAE the model was loaded with). ``pag_scale`` / ``pag_layers``:
+    perturbed-attention guidance (:func:`check_pag`; the layers are kept only with a scale above 0)."""
     from sdengine.nn.lora import LoRAWeight, lora_weight
     from sdengine.prompts import extract_lora_tags
 
@@ -251,6 +291,7 @@ def build_generation(
             f"batch_size x n_iter = {batch_size * n_iter} images, over the limit of {4 * config.max_batch}"
         )
     cfg_scale = _finite(cfg_scale, "cfg_scale", 0.0, 100.0)
+    pag_scale, pag_layer_text = check_pag(pag_scale, pag_layers)
     strength = _finite(strength, "strength", 0.0, 1.0)
     mask_blur = _finite(mask_blur, "mask_blur", 0.0, 256.0)
     clip_skip = _integer(clip_skip, "clip_skip", 1, 24)
@@ -413,6 +454,8 @@ def build_generation(
         kwargs["clip_skip_rule"] = clip_skip_rule
     if resize_mode not in (0, "just resize"):
         kwargs["resize_mode"] = resize_mode  # checked by GenerationRequest.validate below
+    if pag_scale:  # left out at 0 (no PAG: the layers do nothing), so that such jobs batch as before
+        kwargs.update(pag_scale=pag_scale, pag_layers=pag_layer_text)  # a tuple: batch_key compares it
     if init_latent_resize:  # A1111's img2img resize mode 3 (left out when off, so such jobs batch as before)
         kwargs["init_latent_resize"] = init_latent_resize  # checked by GenerationRequest.validate below
     if hires is not None:

@@ -12,8 +12,8 @@ const API_KEY = "sdengine.apiKey";
 const GALLERY_PAGE = 12;
 const QUEUE_POLL_MS = 2000; // how often a queued job's place in the queue is asked for
 const READY_RETRY_MS = 2000; // a page opened while the server was away asks for its lists again this often
-const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed", "width",
-  "height", "batch_size", "clip_skip", "vae_decode", "vae_encode", "vae", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
+const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "pag_scale",
+  "pag_layers", "seed", "width", "height", "batch_size", "clip_skip", "vae_decode", "vae_encode", "vae", "strength", "mask_blur", "brush", "cn-model", "cn-pre", "cn-low", "cn-high",
   "cn-weight", "cn-start", "cn-end", "cn-rule", "cn-mode", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength", "hr-resize-x", "hr-resize-y", "hr-sampler",
   "hr-schedule", "hr-prompt", "hr-negative-prompt", "seed_resize_w", "seed_resize_h",
   "strength_rule", "clip_skip_rule", "noise_multiplier", "masked_content"];
@@ -220,6 +220,8 @@ const ERROR_FIELDS = [
   [/\bsampler\b/i, "sampler"],
   [/\bschedule\b/i, "schedule"],
   [/\bsteps\b/i, "steps"],
+  [/pag_layers|PAG layer/i, "pag_layers"], // before cfg: "pag_layers: PAG layer 'x' matches no ..."
+  [/pag_scale|PAG scale/i, "pag_scale"],
   [/cfg/i, "cfg_scale"],
   [/\bseed\b/i, "seed"],
   [/batch/i, "batch_size"],
@@ -482,9 +484,9 @@ async function loadEmbeddings() {
 }
 
 async function loadPickers() {
-  const [models, samplers, loras, controlnets, sizes, vaes] = await Promise.all([
+  const [models, samplers, loras, controlnets, sizes, vaes, upscalers] = await Promise.all([
     getJSON("/v1/models"), getJSON("/v1/samplers"), getJSON("/v1/loras"), getJSON("/v1/controlnets"),
-    getJSON("/v1/sizes"), getJSON("/v1/vaes"),
+    getJSON("/v1/sizes"), getJSON("/v1/vaes"), getJSON("/v1/upscalers"),
   ]);
   state.sizes = sizes.models;
   // The server's limits are the inputs' maximum (the page's own were the widest any server takes: 1000 steps).
@@ -526,6 +528,12 @@ async function loadPickers() {
   vae.replaceChildren();
   option(vae, "", "The model's");
   for (const v of vaes.vaes) option(vae, v.name);
+  // the hires fix's upscalers (GET /v1/upscalers): the latent modes, None, Lanczos, the --upscalers-dir models
+  const hrUp = $("hr-upscaler");
+  const hrChosen = hrUp.value;
+  hrUp.replaceChildren();
+  for (const u of upscalers.upscalers) option(hrUp, u.name);
+  if (!setValue("hr-upscaler", hrChosen)) hrUp.selectedIndex = 0; // the saved choice: restoreSettings
   loadEmbeddings(); // not awaited: the page works without its list (an error is said in its section)
   await loadStyles(); // awaited (before the saved settings tick their boxes); an error is said in its place
   const cn = $("cn-model");
@@ -665,6 +673,9 @@ function applyInfotext(text) {
     if (!put("schedule", schedule)) missing.push(`schedule type ${f["Schedule type"]}`);
   }
   if (f["CFG scale"]) put("cfg_scale", parseFloat(f["CFG scale"]));
+  // sdengine's perturbed-attention guidance: as the image has it, else off (its layers "mid" unless named)
+  put("pag_scale", f["PAG scale"] ? parseFloat(f["PAG scale"]) : 0);
+  put("pag_layers", (f["PAG layers"] || "mid").trim());
   if (f.Seed) put("seed", f.Seed);
   const size = /^(\d+)x(\d+)$/.exec(f.Size || "");
   if (size) { put("width", size[1]); put("height", size[2]); }
@@ -927,6 +938,11 @@ async function buildRequest() {
     vae_decode: $("vae_decode").value,
   };
   if ($("vae").value) body.vae = $("vae").value; // the job's VAE; not sent: the model's
+  const pag = number("pag_scale", "PAG scale", false);
+  if (pag > 0) { // perturbed-attention guidance; not sent at 0 (off)
+    body.pag_scale = pag;
+    body.pag_layers = $("pag_layers").value.trim() || "mid";
+  }
   if ($("tiling").checked) body.tiling = true;
   const resize = seedResizeFrom();
   if (resize) body.seed_resize_from = resize;
