@@ -33,6 +33,7 @@ PACKAGE = "sdengine"
 LAYERS: dict[str, int] = {
     # 0: foundations, used by everything
     "errors": 0,
+    "names": 0,  # did-you-mean suggestions for unknown names
     "devices": 0,
     "io": 0,
     "imageio": 0,  # a re-export of io/images for old imports

@@ -745,7 +745,8 @@ def test_unreadable_control_image_is_named(tmp_path) -> None:
 
 
 def test_unknown_control_type_lists_the_valid_ones() -> None:
-    with pytest.raises(C.ControlNetError, match="unknown control type 'edgez'; valid types: canny, scribble"):
+    said = "unknown control type 'edgez'; did you mean 'softedge'.*valid types: canny, scribble"
+    with pytest.raises(C.ControlNetError, match=said):
         G.parse_control_spec("edgez:x.png")
     with pytest.raises(C.ControlNetError, match="'depth' needs a model .* use type 'none'"):
         C.preprocess("depth", _photo())

@@ -279,7 +279,7 @@ def test_parse_negative_only():
 
 def test_unknown_sampler_is_a_clear_error():
     p = parse_parameters("x\nSteps: 20, Sampler: Euler SMEA Dy, Seed: 1, Size: 512x512")
-    with pytest.raises(MetadataError, match="unknown sampler 'Euler SMEA Dy'; valid: .*dpmpp_2m"):
+    with pytest.raises(MetadataError, match="unknown sampler 'Euler SMEA Dy'.*lists all"):
         to_generate_kwargs(p)
     with pytest.raises(MetadataError, match="Size"):
         to_generate_kwargs(parse_parameters("x\nSteps: 20, Seed: 1, Size: big"))

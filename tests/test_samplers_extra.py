@@ -184,8 +184,8 @@ def test_comfyui_ksampler_offers_the_new_names():
     assert {"simple", "ddim_uniform", "beta", "kl_optimal"} <= set(SCHEDULER_NAMES)
 
 
-def test_an_unknown_schedule_lists_the_new_ones_in_one_line():
-    with pytest.raises(UsageError, match="unknown schedule 'Beta2'.*beta.*Align Your Steps") as info:
+def test_an_unknown_schedule_suggests_the_closest_in_one_line():
+    with pytest.raises(UsageError, match="unknown schedule 'Beta2'; did you mean 'beta' .*list schedules") as info:
         sampling.resolve("euler", "Beta2")
     assert "\n" not in str(info.value)
 

@@ -61,7 +61,7 @@ def test_parse_axis(spec, name, values):
         ("steps=0,5", "not a positive number of steps"),
         ("strength=1.5", "not in (0, 1]"),
         ("steps=30-10 (+10)", "never reaches"),
-        ("sampler=euler,dpmpp_9x", "unknown sampler 'dpmpp_9x'; valid: ddpm"),
+        ("sampler=euler,dpmpp_9x", "unknown sampler 'dpmpp_9x'; did you mean 'dpmpp_2m'"),
         ("schedule=cosine", "unknown schedule 'cosine'"),
         ("steps=1-100000", "at most"),
         ("cfg=1-9 [0]", "asks for 0 values"),

@@ -94,6 +94,11 @@ def builtin_entries() -> list[Entry]:
     return out
 
 
+def builtin_names(kind: str) -> list[str]:
+    """The names of the shipped entries of ``kind`` ("models", "loras", "controlnets", ...)."""
+    return [e.name for e in builtin_entries() if e.kind == kind]
+
+
 def builtin_path(kind: str, name: str) -> Path | None:
     """The shipped file or folder of ``kind`` called exactly ``name``, or None. Only the catalog's own names
     match, so a name from a prompt can select nothing outside the shipped assets."""

@@ -11,7 +11,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .errors import SdengineError, UsageError
 from .fastpath import OPTIONS as FAST_PATH_OPTIONS
@@ -35,6 +35,26 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str, prog: str | None = None) -> NoReturn:
         text = " ".join(message.split())
         self.exit(EXIT_USER_ERROR, f"sdengine: error: {text} (see '{prog or self.prog} --help')\n")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # every subcommand's --help shows its options' defaults (not None/False; not where the help names one)
+        from .commands.help_format import DefaultsHelpFormatter
+
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        """A value that is none of the choices (a subcommand, ``list``'s topic, ``--prediction``) names the
+        closest choice instead of listing them all, where one is close (``'sampelrs'; did you mean
+        'samplers'?``)."""
+        choices = action.choices
+        if choices is not None and isinstance(value, str) and value not in choices:
+            from .names import did_you_mean
+
+            guess = did_you_mean(value, [str(c) for c in choices])
+            if guess:
+                raise argparse.ArgumentError(action, f"invalid choice: {value!r}{guess}")
+        super()._check_value(action, value)  # type: ignore[misc]
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
         # The innermost parser (the subcommand's) finishes first and names itself; its namespace is copied into

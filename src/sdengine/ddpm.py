@@ -28,6 +28,7 @@ from .errors import UsageError
 from .io.atomic import write_bytes_atomic, write_text_atomic
 from .io.checkpoint import load_checkpoint
 from .models.unet import UNet, UNetConfig
+from .names import did_you_mean
 
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN_DDPM = {"fashion-mnist": ASSETS / "models" / "fashion-mnist"}
@@ -60,7 +61,8 @@ def resolve_ddpm_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if not path.exists():
         names = ", ".join(sorted(BUILTIN_DDPM))
-        raise FileNotFoundError(f"no model at '{path}' (built-in names: {names})")
+        guess = did_you_mean(key, list(BUILTIN_DDPM)) if len(path.parts) == 1 else ""
+        raise FileNotFoundError(f"no model at '{path}'{guess} (built-in names: {names})")
     return path
 
 

@@ -773,6 +773,7 @@ CONTROLNET_THRESHOLDS: dict[str, tuple[str, ...]] = {
 # resize_image_with_pad); a unit's -1 is the preprocessor's default resolution, 512 for each of them (its
 # bound_check_params: the "Resolution" slider's value). "none" and "invert" take the image as it is.
 CONTROLNET_PROCESSOR_RES = 512
+CONTROLNET_PROCESSOR_RES_RANGE = (64, 2048)  # the extension's "Resolution" slider (its API's processor_res)
 CONTROLNET_SCALED = frozenset({"canny", "threshold", "scribble", "softedge"})
 
 

@@ -104,6 +104,7 @@ def control_units_from_cli(
     recorded: Sequence[Any] | None = None,
     *,
     thresholds: Sequence[Sequence[float]] = (),
+    processor_res: Sequence[int] = (),
     target: tuple[int, int] | None = None,
     fit: str | None = None,
     **preprocess_options: float,
@@ -115,7 +116,10 @@ def control_units_from_cli(
     ``Processor Res``, as the image was made; a unit recorded with the extension's Pixel Perfect has its
     resolution worked out from its image's size, ``target`` (the output's width, height) and its resize mode
     (the recorded one, else ``fit``). ``thresholds``: the ``--control-threshold-a`` / ``-b`` values, one per
-    control (or one for all; -1: the preprocessor's default), over the recorded ones."""
+    control (or one for all; -1: the preprocessor's default), over the recorded ones. ``processor_res``: the
+    ``--control-res`` values, one per control or one for all: the short side a preprocessed image is scaled to
+    before its preprocessor (A1111's "Preprocessor Resolution"), over the recorded one; -1: the recorded one, else
+    the image as it is."""
     from ..control import option_names, preprocess
     from ..control.preprocess import load_control_image, option_defaults, pixel_perfect_resolution, processor_resize
     from ..metadata import CONTROLNET_SCALED, CONTROLNET_THRESHOLDS
@@ -142,8 +146,16 @@ def control_units_from_cli(
                 log.warning("%s: Pixel Perfect without the output's size: its Processor Res is used", text)
             if res is None and r.processor_res is not None and kind in CONTROLNET_SCALED:
                 res = r.processor_res
-            if res is not None:
-                image = processor_resize(load_control_image(image), res)
+        given = (processor_res[k] if len(processor_res) > 1 else processor_res[0]) if processor_res else -1
+        if given != -1 and kind in CONTROLNET_SCALED:
+            res = given  # over the recorded one (and over Pixel Perfect's)
+        elif given != -1 and (len(processor_res) > 1 or len(controls) == 1):
+            raise UsageError(
+                f"--control-res {given}: preprocessor {kind!r} takes the image as it is, at no resolution "
+                "(give -1 for it)"
+            )
+        if res is not None:
+            image = processor_resize(load_control_image(image), res)
         for slider, values in zip(("a", "b"), thresholds, strict=False):
             if not values:
                 continue
@@ -190,6 +202,25 @@ def control_thresholds(a: argparse.Namespace) -> list[list[float]]:
             raise UsageError(f"{flag} {bad[0]}: give a finite number (-1: the preprocessor's default)")
         out.append(values)
     return out
+
+
+def control_resolutions(a: argparse.Namespace) -> list[int]:
+    """``--control-res`` -> its values, one per ``--control`` or one for all, each in A1111's "Preprocessor
+    Resolution" range or -1 (the recorded one, else the image as it is); another count, a value out of range or the
+    flag without ``--control`` is a UsageError."""
+    from ..metadata import CONTROLNET_PROCESSOR_RES_RANGE
+
+    n = len(a.control or [])
+    values = list(getattr(a, "control_res", None) or [])
+    if values and not n:
+        raise UsageError("--control-res is the resolution of a --control preprocessor: give --control TYPE:IMAGE")
+    if len(values) not in (0, 1, n):
+        raise UsageError(f"{len(values)} --control-res for {n} --control: give one for all, or one per --control")
+    lo, hi = CONTROLNET_PROCESSOR_RES_RANGE
+    for v in values:
+        if v != -1 and not lo <= v <= hi:
+            raise UsageError(f"--control-res {v}: give a short side in pixels in [{lo}, {hi}], or -1 (the default)")
+    return values
 
 
 def lora_arg(text: str) -> tuple[str, Any]:
@@ -511,7 +542,12 @@ def _controlnets_from_png(
     if not recorded:
         if not (a.control or a.controlnet):
             return []
-        return control_units_from_cli(a.control or [], a.controlnet or [], thresholds=control_thresholds(a))
+        return control_units_from_cli(
+            a.control or [],
+            a.controlnet or [],
+            thresholds=control_thresholds(a),
+            processor_res=control_resolutions(a),
+        )
     names = ", ".join(r.name for r in recorded)
     if not a.control:
         raise ControlNetError(
@@ -532,6 +568,7 @@ def _controlnets_from_png(
         models,
         recorded,
         thresholds=control_thresholds(a),
+        processor_res=control_resolutions(a),
         target=(int(width), int(height)) if width is not None and height is not None else None,
         fit=kw.get("resize_mode"),
     )
@@ -590,6 +627,7 @@ def _refuse_flags_without_effect(
             "--init-image (img2img), the hires fix (--hires) or --sampler ddim / plms",
         ),
         ("--vae-encode", a.vae_encode, img2img or hires, second_pass),
+        ("--mask", a.mask, a.init_image is not None, "--init-image (the image to inpaint)"),
         ("--mask-blur", a.mask_blur, a.mask is not None or a.outpaint is not None, "--mask or --outpaint"),
         ("--resize-mode", a.resize_mode, img2img or bool(a.control), "--init-image or --control"),
         ("--refiner-switch-at", a.refiner_switch_at, a.refiner is not None, "--refiner"),
@@ -755,6 +793,7 @@ def run(a: argparse.Namespace) -> int:
     if any(v is not None for v in sdxl.values()):  # over a --from-png's SDXL options, each on its own
         kwargs["sdxl"] = {**(kwargs.get("sdxl") or {}), **{k: v for k, v in sdxl.items() if v is not None}}
     control_thresholds(a)  # the flags checked whatever the run (without --control they would do nothing)
+    control_resolutions(a)
     if a.from_png:
         units = _controlnets_from_png(a, parsed, kwargs)
         if units:
@@ -763,7 +802,10 @@ def run(a: argparse.Namespace) -> int:
                 kwargs["guess_mode"] = True
     elif a.control or a.controlnet:
         kwargs["controlnets"] = control_units_from_cli(
-            a.control or [], a.controlnet or [], thresholds=control_thresholds(a)
+            a.control or [],
+            a.controlnet or [],
+            thresholds=control_thresholds(a),
+            processor_res=control_resolutions(a),
         )
     if a.no_progress:
         kwargs["progress"] = False
@@ -1075,6 +1117,16 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
             help=f"the preprocessor's threshold {slider.upper()} (A1111's slider: {what}); one for all --control, "
             "or one per --control in order; -1: the default",
         )
+    p.add_argument(
+        "--control-res",
+        action="append",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the short side in pixels (64 to 2048) a --control image is scaled to before its preprocessor "
+        "(A1111's 'Preprocessor Resolution'; canny, scribble, threshold, softedge); one for all --control, or one "
+        "per --control in order; -1 or none: the image as it is (a --from-png's recorded one)",
+    )
     p.add_argument(
         "--controlnets-dir",
         default=None,

@@ -33,12 +33,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdengine.catalog import builtin_path
+from sdengine.catalog import builtin_names, builtin_path
 from sdengine.errors import ControlNetError
 from sdengine.models.config_checks import ConfigError
 from sdengine.models.controlnet import ControlNet
 from sdengine.models.t2i_adapter import T2IAdapter, T2IAdapterConfig
 from sdengine.models.unet import UNetConfig
+from sdengine.names import did_you_mean
 from sdengine.weights.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightsError, load_file, parse_dtype
 
 CONFIG_METADATA_KEY = "sdengine.t2i_adapter_config"  # diffusers config JSON in files we write
@@ -211,7 +212,8 @@ def read_control(path: str | Path, *, base: UNetConfig | None = None, base_unet:
             return LoadedAdapter(dict(sd), cfg, folder, "diffusers")
         return files.read_controlnet(path, base=base)
     if not path.exists():
-        raise ControlNetError(f"ControlNet not found: {path}")
+        guess = did_you_mean(path, builtin_names("controlnets")) if len(path.parts) == 1 else ""
+        raise ControlNetError(f"ControlNet not found: {path}{guess}")
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
         raise ControlNetError(f"{path}: expected a ControlNet or T2I-Adapter folder or a .safetensors/.pth file")
     sd, info = load_file(path)

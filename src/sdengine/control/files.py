@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdengine.catalog import builtin_path
+from sdengine.catalog import builtin_names, builtin_path
 from sdengine.errors import ControlNetError
 from sdengine.models.controlnet import ControlNet, ControlNetConfig
 from sdengine.models.unet import UNetConfig
+from sdengine.names import did_you_mean
 from sdengine.weights import controlnet_keys as ck
 from sdengine.weights.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightsError, load_file, parse_dtype
 
@@ -215,7 +216,8 @@ def read_controlnet(path: str | Path, *, base: UNetConfig | None = None) -> Load
         sd, _ = load_file(_find_weights(path))
         return LoadedControlNet(dict(sd), cfg, path, "diffusers")
     if not path.exists():
-        raise ControlNetError(f"ControlNet not found: {path}")
+        guess = did_you_mean(path, builtin_names("controlnets")) if len(path.parts) == 1 else ""
+        raise ControlNetError(f"ControlNet not found: {path}{guess}")
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
         raise ControlNetError(f"{path}: expected a ControlNet folder or a .safetensors/.pth/.ckpt file")
     sd, info = load_file(path)

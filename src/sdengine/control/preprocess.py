@@ -20,6 +20,7 @@ from PIL import Image
 
 from sdengine.errors import ControlNetError
 from sdengine.io.images import ImageInput, load_image
+from sdengine.names import did_you_mean
 
 ImageLike = ImageInput
 
@@ -197,7 +198,12 @@ def unknown_type_message(kind: str) -> str:
             f"control type {kind!r} needs a model that is not available here ({NEEDS_A_MODEL[kind]}): "
             f"make the map with another tool and use type 'none'; valid types: {valid}"
         )
-    return f"unknown control type {kind!r}; valid types: {valid}"
+    guess = did_you_mean(kind, [*PREPROCESSORS, *NEEDS_A_MODEL])
+    return (
+        f"unknown control type {kind!r}{guess} (valid types: {valid})"
+        if guess
+        else (f"unknown control type {kind!r}; valid types: {valid}")
+    )
 
 
 def option_names(kind: str) -> set[str]:

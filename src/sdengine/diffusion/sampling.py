@@ -49,6 +49,7 @@ from sdengine.diffusion.schedules import (
     sigma_to_t,
 )
 from sdengine.errors import UsageError
+from sdengine.names import UnknownNameError, unknown_name
 
 ALL_SCHEDULES = SCHEDULES  # normal, karras, exponential, sgm_uniform and the sigma-table ones (schedules.py)
 
@@ -389,6 +390,61 @@ A1111_DISCARD_SAMPLERS = ("dpm2", "dpm2_a", "dpmpp_3m_sde")
 
 AUTO_SCHEDULE = "auto"  # no schedule chosen: the one the sampler names, else karras where it fits, else its own
 
+# ComfyUI's sampler names where they differ from ours (server/comfy/nodes.SAMPLER_NAMES runs them; a test keeps
+# the two agreeing): not accepted here, only suggested ("euler_ancestral" -> did you mean 'euler_a'?).
+COMFY_SAMPLER_SPELLINGS: dict[str, str] = {
+    "euler_ancestral": "euler_a",
+    "euler_ancestral_cfg_pp": "euler_a_cfg_pp",
+    "dpm_2": "dpm2",
+    "dpm_2_ancestral": "dpm2_a",
+    "dpmpp_2s_ancestral": "dpmpp_2s_a",
+    "dpmpp_2s_ancestral_cfg_pp": "dpmpp_2s_a_cfg_pp",
+    "dpmpp_sde_gpu": "dpmpp_sde",
+    "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
+    "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
+    "dpmpp_3m_sde_gpu": "dpmpp_3m_sde",
+    "res_multistep_ancestral": "res_multistep_a",
+    "res_multistep_ancestral_cfg_pp": "res_multistep_a_cfg_pp",
+    "uni_pc": "unipc",
+    "uni_pc_bh2": "unipc",
+}
+SAMPLERS_HINT = "`sdengine list samplers` lists all"
+SCHEDULES_HINT = "`sdengine list schedules` lists all"
+
+
+def sampler_spellings() -> dict[str, str]:
+    """Every spelling of a sampler that is accepted or suggested -> the name to suggest for it: ours, A1111's
+    ("Euler a" -> euler_a; a combined "DPM++ 2M Karras" as itself, which names the schedule too), its k-diffusion
+    aliases and ComfyUI's names."""
+    out = {name: name for name in SAMPLERS}
+    for a1111, (name, implied) in A1111_NAMES.items():
+        out.setdefault(a1111, a1111 if implied else name)
+    for alias, name in (*K_ALIASES.items(), *COMFY_SAMPLER_SPELLINGS.items()):
+        if name in SAMPLERS:
+            out.setdefault(alias, name)
+    return out
+
+
+def schedule_spellings() -> dict[str, str]:
+    """Every spelling of a schedule :func:`resolve` takes -> the name to suggest for it."""
+    out = {name: name for name in SCHEDULES}
+    out.update({label: name for name, label in SCHEDULE_A1111.items() if name in SCHEDULES})
+    out.update({alias: name for alias, name in SCHEDULE_ALIASES.items()})
+    out.update({"Automatic": "Automatic", AUTO_SCHEDULE: AUTO_SCHEDULE})
+    return out
+
+
+def unknown_sampler(sampler: object, *, hint: str | None = SAMPLERS_HINT) -> UnknownNameError:
+    """The one-line error of a sampler name none of the accepted spellings: the closest ones suggested, with
+    their A1111 name ("unknown sampler 'eular a'; did you mean 'euler_a' ('Euler a')? (...)")."""
+    labels = {name: spec.a1111 for name, spec in SAMPLERS.items()}
+    return unknown_name("sampler", sampler, sampler_spellings(), labels=labels, hint=hint)
+
+
+def unknown_schedule(schedule: object, *, hint: str | None = SCHEDULES_HINT) -> UnknownNameError:
+    """As :func:`unknown_sampler`, for a schedule (A1111's "Schedule type")."""
+    return unknown_name("schedule", schedule, schedule_spellings(), labels=SCHEDULE_A1111, hint=hint)
+
 
 def resolve(sampler: str, schedule: str | None = None, *, sdxl: bool = False) -> tuple[str, str]:
     """(our sampler name, our schedule name) from ours or A1111's ("DPM++ 2M Karras", "Euler a",
@@ -406,8 +462,7 @@ def resolve(sampler: str, schedule: str | None = None, *, sdxl: bool = False) ->
         if sampler in A1111_NAMES:
             name, implied = A1111_NAMES[sampler]
         else:
-            valid = ", ".join([*SAMPLERS, *sorted(A1111_NAMES)])
-            raise UsageError(f"unknown sampler {sampler!r}; valid: {valid}")
+            raise unknown_sampler(sampler)
     spec = SAMPLERS[name]
     sched = schedule
     if isinstance(sched, str) and sched.strip().lower() == AUTO_SCHEDULE:
@@ -424,8 +479,7 @@ def resolve(sampler: str, schedule: str | None = None, *, sdxl: bool = False) ->
         elif key in SCHEDULE_ALIASES:
             sched = SCHEDULE_ALIASES[key]
         else:
-            valid = ", ".join(dict.fromkeys([*SCHEDULES, *SCHEDULE_A1111.values(), "Automatic", AUTO_SCHEDULE]))
-            raise UsageError(f"unknown schedule {schedule!r}; valid: {valid}")
+            raise unknown_schedule(schedule)
     if implied is not None and sched not in (None, implied):
         raise UsageError(
             f"sampler {sampler!r} already names schedule {implied!r}, got schedule {schedule!r}: give sampler "

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from sdengine.errors import UsageError
 from sdengine.models.config_checks import check_config
+from sdengine.names import unknown_name
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 BETA_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -547,7 +548,7 @@ def sampling_grid(
     starting lower on a "leading" config); the network's timesteps follow the rule as ever (fractional for the
     Euler family, rounded where ``round_karras_timesteps``: ComfyUI's own nearest-timestep rounding)."""
     if schedule not in SCHEDULES:
-        raise UsageError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+        raise unknown_name("schedule", schedule, SCHEDULES, hint="`sdengine list schedules` lists all")
     if rule not in SPACING_RULES:
         raise UsageError(f"unknown spacing rule {rule!r}; valid: {', '.join(SPACING_RULES)}")
     T = noise_schedule.num_train_timesteps

@@ -36,6 +36,7 @@ from sdengine.metadata import CONTROL_MODE_NAMES
 from sdengine.models.controlnet import ControlNet
 from sdengine.models.t2i_adapter import T2IAdapter
 from sdengine.models.unet import UNetConfig
+from sdengine.names import did_you_mean
 from sdengine.weights.io import parse_dtype
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,12 @@ class ControlUnit:
             from sdengine.control.preprocess import PREPROCESSORS, option_names
 
             if self.module not in PREPROCESSORS:
+                guess = did_you_mean(self.module, PREPROCESSORS)
+                valid = ", ".join(PREPROCESSORS)
                 raise ControlNetError(
-                    f"unknown ControlNet preprocessor {self.module!r}; use one of: {', '.join(PREPROCESSORS)}"
+                    f"unknown ControlNet preprocessor {self.module!r}{guess} (use one of: {valid})"
+                    if guess
+                    else f"unknown ControlNet preprocessor {self.module!r}; use one of: {valid}"
                 )
             bad = sorted(set(self.module_options) - option_names(self.module))
             if bad:

@@ -13,6 +13,7 @@ import torch
 from sdengine.catalog import TINY_VAE_FOLDER
 from sdengine.devices import resolve_device, resolve_dtype
 from sdengine.errors import GenerationError
+from sdengine.names import did_you_mean
 from sdengine.pipeline.core import Pipeline
 from sdengine.pipeline.pixel import PixelPipeline
 from sdengine.text.clip_tokenizer import EOS_TOKEN_ID, SD2_PAD_TOKEN_ID, CLIPTokenizer
@@ -133,7 +134,8 @@ def _load(
         path = Path(name_or_path)
         if not path.exists():
             names = ", ".join([*BUILTIN_SD, *BUILTIN_PIXEL])
-            raise GenerationError(f"no model at '{path}' (built-in names: {names})")
+            guess = did_you_mean(key, [*BUILTIN_SD, *BUILTIN_PIXEL]) if len(path.parts) == 1 else ""
+            raise GenerationError(f"no model at '{path}'{guess} (built-in names: {names})")
         if path.is_dir() and not (path / "model_index.json").is_file() and (path / "config.json").is_file():
             _pixel_takes_no_files(key, vae, config)
             _no_embeddings(embeddings_dir, path.name, "a pixel DDPM has no text encoder")

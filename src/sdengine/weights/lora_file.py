@@ -32,8 +32,9 @@ from typing import Any, Literal
 
 import torch
 
-from ..catalog import ambiguous_files, builtin_path
+from ..catalog import ambiguous_files, builtin_names, builtin_path
 from ..io.paths import ExternalName, UnsafePathError, is_inside, resolve_inside
+from ..names import did_you_mean
 from ..nn.lora import LoRAError
 from .io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightsError, load_file
 from .lycoris_file import LycorisLayerWeights, split_lycoris
@@ -346,9 +347,12 @@ def resolve_lora(name: str | os.PathLike[str], lora_dir: str | os.PathLike[str] 
     if lora_dir is None:
         if shipped is not None:
             return shipped
+        guess = did_you_mean(Path(name).name, builtin_names("loras")) if len(Path(name).parts) == 1 else ""
         if external:
-            raise LoRAFileError(f"LoRA {str(name)!r}: no LoRA folder was given to look the name up in")
-        raise LoRAFileError(f"LoRA file {str(name)!r} does not exist (and no LoRA folder was given to look it up in)")
+            raise LoRAFileError(f"LoRA {str(name)!r}: no LoRA folder was given to look the name up in{guess}")
+        raise LoRAFileError(
+            f"LoRA file {str(name)!r} does not exist (and no LoRA folder was given to look it up in){guess}"
+        )
     root = Path(lora_dir)
     if not root.is_dir():
         raise LoRAFileError(f"LoRA folder {root} does not exist")
@@ -379,6 +383,13 @@ def resolve_lora(name: str | os.PathLike[str], lora_dir: str | os.PathLike[str] 
     if shipped is not None:  # the user's folder first, then the shipped ones
         return shipped
     have = list_lora_dir(root)
+    # a name is matched by its path in the folder or its stem alone (as the look-up above): both are suggested
+    spellings = {n: n for n in have}
+    for n in (*[Path(n).name for n in have], *builtin_names("loras")):
+        spellings.setdefault(n, next((h for h in have if Path(h).name == n), n))
+    guess = did_you_mean(text, spellings)
+    if guess:  # the closest names, not the whole folder (which may hold hundreds)
+        raise LoRAFileError(f"LoRA {text!r} not found in {root}{guess} (it holds {len(have)})")
     listing = (", ".join(have[:20]) + (f", ... ({len(have)} in all)" if len(have) > 20 else "")) or "nothing"
     raise LoRAFileError(f"LoRA {text!r} not found in {root}; it holds: {listing}")
 
