@@ -127,3 +127,16 @@ def test_every_subcommands_help_shows_its_defaults(capsys: pytest.CaptureFixture
     bench = dict(subs)[("bench",)]
     steps = next(a for a in bench._actions if "--steps" in a.option_strings)
     assert "default: 25" in " ".join(bench._get_formatter()._format_action(steps).split())
+
+
+def test_control_res_scales_the_control_image_before_its_preprocessor(tmp_path) -> None:
+    from PIL import Image
+
+    from sdengine.commands.generate import control_units_from_cli
+
+    image = tmp_path / "c.png"
+    Image.new("RGB", (200, 100), (200, 10, 10)).save(image)
+    scaled = control_units_from_cli([f"canny:{image}"], ["emoji-controlnet-canny"], processor_res=[64])[0]
+    plain = control_units_from_cli([f"canny:{image}"], ["emoji-controlnet-canny"])[0]
+    assert scaled.image.size == (128, 64) and scaled.processor_res == 64  # short side 64, aspect kept
+    assert plain.image.size == (200, 100) and plain.processor_res is None
