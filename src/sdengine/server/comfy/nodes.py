@@ -2377,7 +2377,8 @@ NODES: dict[str, NodeDef] = {
             (Input("upscale_model", "UPSCALE_MODEL"), Input("image", "IMAGE")),
             ("IMAGE",),
             image_upscale_with_model,
-            description="The image through the upscaler model: its scale times the size (tiles of 512, overlap 32).",
+            description="The image through the upscaler model: its scale times the size (tiles of 512, overlap 32, "
+            "feathered as ComfyUI's tiled_scale).",
         ),
         NodeDef(
             "CLIPTextEncode",
