@@ -273,7 +273,9 @@ def _ref_sa_solver(x, noise, window, eta=1.0, s_noise=1.0, p_order=3, c_order=4,
             x = x_pred
         else:
             b = _ref_b(sig[i], lams[i - c_used + 1 : i + 1], lams[i - 1], lams[i], tau, simple, True)
-            x = sig[i] / sig[i - 1] * (-(tau**2) * h).exp() * x + sum(w * e for w, e in zip(b, preds[-c_used:]))
+            x = sig[i] / sig[i - 1] * (-(tau**2) * h).exp() * x + sum(
+                w * e for w, e in zip(b, preds[-c_used:], strict=True)
+            )
             if tau > 0 and s_noise > 0:
                 x = x + extra
             if pece:
@@ -285,7 +287,9 @@ def _ref_sa_solver(x, noise, window, eta=1.0, s_noise=1.0, p_order=3, c_order=4,
             tau = tau_func(sig[i + 1])
             b = _ref_b(sig[i + 1], lams[i - p_used + 1 : i + 1], lams[i], lams[i + 1], tau, simple, False)
             h = lams[i + 1] - lams[i]
-            x_pred = sig[i + 1] / sig[i] * (-(tau**2) * h).exp() * x + sum(w * e for w, e in zip(b, preds[-p_used:]))
+            x_pred = sig[i + 1] / sig[i] * (-(tau**2) * h).exp() * x + sum(
+                w * e for w, e in zip(b, preds[-p_used:], strict=True)
+            )
             if tau > 0 and s_noise > 0:
                 extra = noise() * sig[i + 1] * (-2 * tau**2 * h).expm1().neg().sqrt() * s_noise
                 x_pred = x_pred + extra
@@ -339,7 +343,7 @@ def test_sa_solver_weights_are_the_lagrange_integrals():
         weight = k * torch.exp(k * (u - lam_t))
         for poly in (lambda v: v**0, lambda v: 2 * v - 1, lambda v: v**3 - v):
             exact = torch.trapezoid(weight * poly(u), u)
-            assert abs(sum(w * float(poly(lv)) for w, lv in zip(b, lams)) - float(exact)) < 1e-8
+            assert abs(sum(w * float(poly(lv)) for w, lv in zip(b, lams, strict=True)) - float(exact)) < 1e-8
 
 
 def test_sampling_hands_sa_solver_comfyuis_stochastic_window():
