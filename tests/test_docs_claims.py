@@ -216,7 +216,16 @@ def test_the_sampler_and_schedule_lists_are_the_table():
         assert sampling.resolve(name)[0] == name
     assert re.search(rf"\b{len(sampling.SAMPLERS)} samplers\b", text)  # the opening paragraph's count in words
     words = {14: "fourteen", 15: "fifteen", 16: "sixteen", 19: "nineteen", 20: "twenty", 21: "twenty-one"}
-    words.update({22: "twenty-two", 23: "twenty-three", 24: "twenty-four", 25: "twenty-five", 33: "thirty-three"})
+    words.update(
+        {
+            22: "twenty-two",
+            23: "twenty-three",
+            24: "twenty-four",
+            25: "twenty-five",
+            33: "thirty-three",
+            41: "forty-one",
+        }
+    )
     assert words.get(len(sampling.SAMPLERS), "?") in text.split("\n\n", 2)[1]
 
 

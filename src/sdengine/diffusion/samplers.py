@@ -1202,6 +1202,473 @@ def sample_er_sde(
 
 
 # ---------------------------------------------------------------------------------------------------
+# Gradient estimation (Permenter & Yuan 2024, "Interpreting and improving diffusion models from an optimization
+# perspective"): Euler plus (gamma - 1) times the change of the Euler direction since the last step
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_gradient_estimation(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    ge_gamma: float = 2.0,
+) -> Tensor:
+    """ComfyUI's ``gradient_estimation``: with ``d = (x - x0) / sigma`` an Euler step ``x' = x + d (sigma' -
+    sigma)``, from the second step on plus ``(ge_gamma - 1)(d - d_prev)(sigma' - sigma)``; the step to sigma 0
+    returns x0."""
+    return _gradient_estimation(denoiser, x, sigmas, generators, callback, extra_args, ge_gamma, cfg_pp=False)
+
+
+@torch.no_grad()
+def sample_gradient_estimation_cfg_pp(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    ge_gamma: float = 2.0,
+) -> Tensor:
+    """ComfyUI's ``gradient_estimation_cfg_pp``: :func:`sample_gradient_estimation` with CFG++ (``d`` from the
+    unconditional x0, the Euler step ``x' = x0_guided + d sigma'``)."""
+    return _gradient_estimation(denoiser, x, sigmas, generators, callback, extra_args, ge_gamma, cfg_pp=True)
+
+
+def _gradient_estimation(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    generators: Generators | None,
+    callback: Callback | None,
+    extra_args: dict[str, Any] | None,
+    ge_gamma: float,
+    *,
+    cfg_pp: bool,
+) -> Tensor:
+    if isinstance(ge_gamma, bool) or not isinstance(ge_gamma, int | float) or not math.isfinite(ge_gamma):
+        raise UsageError(f"gradient_estimation ge_gamma must be a finite number, got {ge_gamma!r}")
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    old_d: Tensor | None = None
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        if cfg_pp:
+            denoised, uncond = loop.model_guided(x, sigma, step=i)
+        else:
+            denoised = uncond = loop.model(x, sigma, step=i)
+        d = (x - uncond) / sigma
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x = denoised
+        else:
+            x = denoised + d * sigma_next if cfg_pp else x + d * dt
+            if old_d is not None:
+                x = x + (d - old_d) * ((float(ge_gamma) - 1.0) * dt)
+        old_d = d
+        loop.done(i, x, denoised)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# SEEDS (Gonzalez et al. 2023, "SEEDS: Exponential SDE solvers for fast high-quality sampling", arXiv 2305.14267)
+# in x0 and lambda = -log sigma (the VE form of the data-prediction solvers: alpha = 1), and the exponential Heun
+# methods ComfyUI makes of SEEDS-2
+# ---------------------------------------------------------------------------------------------------
+
+
+def _h_phi_1(z: float) -> float:
+    """``z phi_1(z) = e^z - 1``."""
+    return math.expm1(z)
+
+
+def _h_phi_2(z: float) -> float:
+    """``z phi_2(z) = (e^z - 1 - z) / z`` (0 at z = 0)."""
+    return (math.expm1(z) - z) / z if z else 0.0
+
+
+def _sde_part(z: float) -> float:
+    """``sqrt(1 - e^(2 z))`` for z <= 0: the size of fresh noise over a segment where the kept noise shrinks by
+    ``e^z`` (0 for z >= 0)."""
+    return math.sqrt(-math.expm1(2 * z)) if z < 0 else 0.0
+
+
+SEEDS_SOLVER_TYPES = ("phi_1", "phi_2")
+
+
+def _check_noise_options(name: str, eta: float, s_noise: float) -> None:
+    for key, value in (("eta", eta), ("s_noise", s_noise)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+            raise UsageError(f"{name} {key} must be a number of at least 0, got {value!r}")
+
+
+@torch.no_grad()
+def sample_seeds_2(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r: float = 0.5,
+    solver_type: str = "phi_1",
+) -> Tensor:
+    """SEEDS-2 (ComfyUI's ``seeds_2``): two model calls a step, the second at ``lambda + r h`` (lambda = -log
+    sigma, h its step), each stage an exponential step in x0 whose kept noise shrinks by ``e^(-eta h)`` and whose
+    fresh noise (``s_noise``) makes up the rest; ``solver_type`` ``phi_1`` (the x0s mixed ``1 - 1/(2r)`` :
+    ``1/(2r)``) or ``phi_2`` (phi_2 weights). Two draws a step (none on the step to sigma 0, which returns x0, or
+    where eta or s_noise is 0). ``r`` in (0, 1]."""
+    return _seeds_2(denoiser, x, sigmas, generators, callback, extra_args, eta, s_noise, r, solver_type, "seeds_2")
+
+
+@torch.no_grad()
+def sample_exp_heun_2_x0(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    solver_type: str = "phi_2",
+) -> Tensor:
+    """ComfyUI's ``exp_heun_2_x0``: the exponential Heun method in x0 and lambda = -log sigma, :func:`sample_seeds_2`
+    with ``r = 1`` and no noise (its second call at the next sigma)."""
+    return _seeds_2(denoiser, x, sigmas, generators, callback, extra_args, 0.0, 0.0, 1.0, solver_type, "exp_heun_2_x0")
+
+
+@torch.no_grad()
+def sample_exp_heun_2_x0_sde(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    solver_type: str = "phi_2",
+) -> Tensor:
+    """ComfyUI's ``exp_heun_2_x0_sde``: :func:`sample_seeds_2` with ``r = 1``, stochastic (two draws a step, as
+    ComfyUI's, the second weighted 0)."""
+    return _seeds_2(
+        denoiser, x, sigmas, generators, callback, extra_args, eta, s_noise, 1.0, solver_type, "exp_heun_2_x0_sde"
+    )
+
+
+def _seeds_2(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    generators: Generators | None,
+    callback: Callback | None,
+    extra_args: dict[str, Any] | None,
+    eta: float,
+    s_noise: float,
+    r: float,
+    solver_type: str,
+    name: str,
+) -> Tensor:
+    if solver_type not in SEEDS_SOLVER_TYPES:
+        raise UsageError(f"{name} solver_type must be one of {', '.join(SEEDS_SOLVER_TYPES)}, got {solver_type!r}")
+    if isinstance(r, bool) or not isinstance(r, int | float) or not 0 < r <= 1:
+        raise UsageError(f"{name} r must be in (0, 1], got {r!r}")
+    _check_noise_options(name, eta, s_noise)
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    noisy = eta > 0 and s_noise > 0
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma, step=i)
+        if sigma_next == 0:
+            x = denoised
+            loop.done(i, x, denoised)
+            continue
+        lam, lam_next = -math.log(sigma), -math.log(sigma_next)
+        h = lam_next - lam
+        h_eta = h * (eta + 1)
+        sigma_1 = math.exp(-(lam + r * h))
+        # stage 1: to lambda + r h
+        x_2 = x * (sigma_1 / sigma * math.exp(-r * h * eta)) - denoised * _h_phi_1(-r * h_eta)
+        kept: Tensor | None = None
+        if noisy:
+            kept = loop.noise(x) * _sde_part(-r * h * eta)
+            x_2 = x_2 + kept * (sigma_1 * s_noise)
+        denoised_2 = loop.model(x_2, sigma_1, step=i, on_grid=False)
+        # stage 2: to lambda + h
+        keep = sigma_next / sigma * math.exp(-h * eta)
+        if solver_type == "phi_1":
+            x = x * keep - torch.lerp(denoised, denoised_2, 1 / (2 * r)) * _h_phi_1(-h_eta)
+        else:
+            b2 = _h_phi_2(-h_eta) / r
+            b1 = _h_phi_1(-h_eta) - b2
+            x = x * keep - (denoised * b1 + denoised_2 * b2)
+        if kept is not None:
+            seg = (r - 1) * h * eta
+            kept = kept * math.exp(seg) + loop.noise(x) * _sde_part(seg)
+            x = x + kept * (sigma_next * s_noise)
+        loop.done(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_seeds_3(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r_1: float = 1.0 / 3,
+    r_2: float = 2.0 / 3,
+) -> Tensor:
+    """SEEDS-3 (ComfyUI's ``seeds_3``): three model calls a step, at lambda, ``lambda + r_1 h`` and ``lambda +
+    r_2 h``; the third stage weighs the first and the third x0 with phi_1 / phi_2 weights. Three draws a step
+    (none on the step to sigma 0, which returns x0, or where eta or s_noise is 0). ``0 < r_1 < r_2 <= 1``."""
+    for key, value in (("r_1", r_1), ("r_2", r_2)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            raise UsageError(f"seeds_3 {key} must be in (0, 1], got {value!r}")
+    if not r_1 < r_2:
+        raise UsageError(f"seeds_3 r_1 must be below r_2, got {r_1} and {r_2}")
+    _check_noise_options("seeds_3", eta, s_noise)
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    noisy = eta > 0 and s_noise > 0
+    for i in range(loop.n):
+        sigma, sigma_next = loop.s[i], loop.s[i + 1]
+        denoised = loop.model(x, sigma, step=i)
+        if sigma_next == 0:
+            x = denoised
+            loop.done(i, x, denoised)
+            continue
+        lam, lam_next = -math.log(sigma), -math.log(sigma_next)
+        h = lam_next - lam
+        h_eta = h * (eta + 1)
+        sigma_1, sigma_2 = math.exp(-(lam + r_1 * h)), math.exp(-(lam + r_2 * h))
+        # stage 1
+        x_2 = x * (sigma_1 / sigma * math.exp(-r_1 * h * eta)) - denoised * _h_phi_1(-r_1 * h_eta)
+        kept: Tensor | None = None
+        if noisy:
+            kept = loop.noise(x) * _sde_part(-r_1 * h * eta)
+            x_2 = x_2 + kept * (sigma_1 * s_noise)
+        denoised_2 = loop.model(x_2, sigma_1, step=i, on_grid=False)
+        # stage 2
+        a_2 = r_2 / r_1 * _h_phi_2(-r_2 * h_eta)
+        a_1 = _h_phi_1(-r_2 * h_eta) - a_2
+        x_3 = x * (sigma_2 / sigma * math.exp(-r_2 * h * eta)) - (denoised * a_1 + denoised_2 * a_2)
+        if kept is not None:
+            seg = (r_1 - r_2) * h * eta
+            kept = kept * math.exp(seg) + loop.noise(x) * _sde_part(seg)
+            x_3 = x_3 + kept * (sigma_2 * s_noise)
+        denoised_3 = loop.model(x_3, sigma_2, step=i, on_grid=False)
+        # stage 3
+        b_3 = _h_phi_2(-h_eta) / r_2
+        b_1 = _h_phi_1(-h_eta) - b_3
+        x = x * (sigma_next / sigma * math.exp(-h * eta)) - (denoised * b_1 + denoised_3 * b_3)
+        if kept is not None:
+            seg = (r_2 - 1) * h * eta
+            kept = kept * math.exp(seg) + loop.noise(x) * _sde_part(seg)
+            x = x + kept * (sigma_next * s_noise)
+        loop.done(i, x, denoised)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# SA-Solver (Xue et al. 2023, "SA-Solver: Stochastic Adams solver for fast sampling of diffusion models", arXiv
+# 2309.05019): stochastic Adams predictor-corrector in x0 and lambda = -log sigma, tau the stochasticity
+# ---------------------------------------------------------------------------------------------------
+
+
+def sa_solver_weights(lambdas: Sequence[float], lam_s: float, lam_t: float, tau: float) -> list[float]:
+    """SA-Solver's weights ``b_j`` of the x0 estimates at ``lambdas`` for a step from ``lam_s`` to ``lam_t``
+    (the paper's eqs. 15 and 18 in VE form, alpha = 1): ``b_j = (1 + tau^2) * integral from lam_s to lam_t of
+    e^((1 + tau^2)(u - lam_t)) L_j(u) du``, L_j the Lagrange polynomial through ``lambdas`` that is 1 at the j-th.
+    The moments of the weight are integrated by parts, the Lagrange integrals found from them (a Vandermonde
+    system), in float64."""
+    n = len(lambdas)
+    k = 1.0 + tau * tau
+    decay = math.exp(-k * (lam_t - lam_s))
+    moments: list[float] = []  # m_p = k * integral of e^(k(u - lam_t)) u^p du over the step
+    for p in range(n):
+        m = lam_t**p - lam_s**p * decay
+        if p:
+            m -= p / k * moments[p - 1]
+        moments.append(m)
+    vander = np.array([[float(v) ** p for v in lambdas] for p in range(n)], dtype=np.float64)
+    return [float(b) for b in np.linalg.solve(vander, np.array(moments, dtype=np.float64))]
+
+
+def sa_solver_weights_simple(
+    lambdas: Sequence[float], lam_s: float, lam_t: float, tau: float, corrector: bool
+) -> list[float]:
+    """SA-Solver's simpler order-2 weights (the paper's Appendix D), oldest estimate first, with ``k = 1 + tau^2``
+    and ``w = 1 - e^(-k h)``: the corrector's ``[w - k h / 2, k h / 2]``, the predictor's ``[c, w - c]`` with ``c =
+    k h^2 / (2 (lambda_old - lam_s))`` (negative: the older estimate lies behind)."""
+    k = 1.0 + tau * tau
+    h = lam_t - lam_s
+    whole = -math.expm1(-k * h)
+    if corrector:
+        b_new = 0.5 * k * h
+        return [whole - b_new, b_new]
+    b_old = 0.5 * k * h * h / (lambdas[-2] - lam_s)
+    return [b_old, whole - b_old]
+
+
+@torch.no_grad()
+def sample_sa_solver(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+    sde_start_sigma: float = math.inf,
+    sde_end_sigma: float = 0.0,
+    s_noise: float = 1.0,
+    predictor_order: int = 3,
+    corrector_order: int = 4,
+    use_pece: bool = False,
+    simple_order_2: bool = False,
+) -> Tensor:
+    """SA-Solver (ComfyUI's ``sa_solver``): each step a stochastic Adams predictor of ``predictor_order`` (1 .. 6)
+    x0 estimates to the next sigma, and, from the second step on, a corrector of ``corrector_order`` (0 .. 6)
+    estimates, the newest the one at the predicted sample, redoing the last step (:func:`sa_solver_weights`); the
+    stochasticity is ``tau = eta`` where ``sde_end_sigma <= sigma' <= sde_start_sigma`` (the sampling API sets
+    ComfyUI's 20 % .. 80 % of the schedule, ``percent_to_sigma``), else 0: the predictor keeps ``e^(-tau^2 h)``
+    of the noise and adds fresh (``s_noise``; one draw a step that does not end at sigma 0 with tau > 0), the
+    corrector adds the same draw again. Towards a last sigma of 0 the orders drop to the steps left; the step to
+    0 takes the x0 estimate. ``use_pece``: the model is asked again at the corrected sample (PECE; two calls a
+    step). ``simple_order_2``: the paper's simpler order-2 weights."""
+    return _sa_solver(
+        denoiser, x, sigmas, generators, callback, extra_args, eta, sde_start_sigma, sde_end_sigma, s_noise,
+        predictor_order, corrector_order, use_pece, simple_order_2, "sa_solver",
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def sample_sa_solver_pece(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generators: Generators | None = None,
+    callback: Callback | None = None,
+    extra_args: dict[str, Any] | None = None,
+    eta: float = 1.0,
+    sde_start_sigma: float = math.inf,
+    sde_end_sigma: float = 0.0,
+    s_noise: float = 1.0,
+    predictor_order: int = 3,
+    corrector_order: int = 4,
+    simple_order_2: bool = False,
+) -> Tensor:
+    """ComfyUI's ``sa_solver_pece``: :func:`sample_sa_solver` in PECE mode (the model asked again at each corrected
+    sample)."""
+    return _sa_solver(
+        denoiser, x, sigmas, generators, callback, extra_args, eta, sde_start_sigma, sde_end_sigma, s_noise,
+        predictor_order, corrector_order, True, simple_order_2, "sa_solver_pece",
+    )  # fmt: skip
+
+
+def _sa_solver(
+    denoiser: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    generators: Generators | None,
+    callback: Callback | None,
+    extra_args: dict[str, Any] | None,
+    eta: float,
+    sde_start_sigma: float,
+    sde_end_sigma: float,
+    s_noise: float,
+    predictor_order: int,
+    corrector_order: int,
+    use_pece: bool,
+    simple_order_2: bool,
+    name: str,
+) -> Tensor:
+    if isinstance(predictor_order, bool) or predictor_order not in range(1, 7):
+        raise UsageError(f"{name} predictor_order must be 1 .. 6, got {predictor_order!r}")
+    if isinstance(corrector_order, bool) or corrector_order not in range(0, 7):
+        raise UsageError(f"{name} corrector_order must be 0 .. 6, got {corrector_order!r}")
+    _check_noise_options(name, eta, s_noise)
+    for key, value in (("sde_start_sigma", sde_start_sigma), ("sde_end_sigma", sde_end_sigma)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value) or value < 0:
+            raise UsageError(f"{name} {key} must be a sigma of at least 0, got {value!r}")
+    loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
+    s = loop.s
+    if any(v <= 0 for v in s[:-1]) or any(b >= a for a, b in zip(s, s[1:], strict=False)):
+        raise UsageError(f"{name} walks falling sigmas above 0 (the last may be 0)")
+    lam = [-math.log(v) if v > 0 else math.inf for v in s]
+    predictor_order, corrector_order = int(predictor_order), int(corrector_order)
+    most = max(predictor_order, corrector_order)
+    to_zero = s[-1] == 0
+
+    def tau_at(sigma: float) -> float:
+        return float(eta) if eta > 0 and sde_end_sigma <= sigma <= sde_start_sigma else 0.0
+
+    def weights(order: int, i_last: int, lam_s: float, lam_t: float, tau: float, corrector: bool) -> list[float]:
+        points = lam[i_last - order + 1 : i_last + 1]
+        if simple_order_2 and order == 2:
+            return sa_solver_weights_simple(points, lam_s, lam_t, tau, corrector)
+        return sa_solver_weights(points, lam_s, lam_t, tau)
+
+    x_pred = x
+    h, tau = 0.0, 0.0
+    noise: Tensor | None = None
+    estimates: list[Tensor] = []  # the last x0 estimates, newest last
+    for i in range(loop.n):
+        sigma, sigma_next = s[i], s[i + 1]
+        denoised = loop.model(x_pred, sigma, step=i)
+        estimates = [*estimates, denoised][-most:]
+        p_order = min(predictor_order, len(estimates))
+        c_order = 0 if i == 0 or (sigma_next == 0 and not use_pece) else min(corrector_order, len(estimates))
+        if to_zero:
+            p_order = min(p_order, loop.n - 1 - i)
+            c_order = min(c_order, loop.n - i)
+        # corrector: redo the last step with the estimate at the predicted sample
+        if c_order == 0:
+            x = x_pred
+        else:
+            b = weights(c_order, i, lam[i - 1], lam[i], tau, True)
+            x = x * (sigma / s[i - 1] * math.exp(-(tau**2) * h))
+            for w, est in zip(b, estimates[-c_order:], strict=True):
+                x = x + est * w
+            if noise is not None:
+                x = x + noise
+            if use_pece:
+                denoised = loop.model(x, sigma, step=i)
+                estimates[-1] = denoised
+        # predictor
+        if sigma_next == 0:
+            x_pred = denoised
+        else:
+            tau = tau_at(sigma_next)
+            b = weights(p_order, i, lam[i], lam[i + 1], tau, False)
+            h = lam[i + 1] - lam[i]
+            x_pred = x * (sigma_next / sigma * math.exp(-(tau**2) * h))
+            for w, est in zip(b, estimates[-p_order:], strict=True):
+                x_pred = x_pred + est * w
+            noise = None
+            if tau > 0 and s_noise > 0:
+                noise = loop.noise(x) * (sigma_next * math.sqrt(-math.expm1(-2 * tau**2 * h)) * s_noise)
+                x_pred = x_pred + noise
+        loop.done(i, x_pred, denoised)
+    return x_pred
+
+
+# ---------------------------------------------------------------------------------------------------
 # DEIS (Zhang & Chen 2023, "Fast sampling of diffusion models with exponential integrator"), ComfyUI's tAB form
 # ---------------------------------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ from sdengine.diffusion.schedules import (
     a1111_timestep_grid,
     config_get,
     img2img_start,
+    percent_to_sigma,
     sampling_grid,
     sigma_to_t,
 )
@@ -220,6 +221,14 @@ SAMPLERS: dict[str, SamplerSpec] = {
                 ("res_multistep_a_cfg_pp", "RES Multistep a CFG++", S.sample_res_multistep_a_cfg_pp, True),
                 ("er_sde", "ER SDE", S.sample_er_sde, True),
                 ("deis", "DEIS", S.sample_deis, False),
+                ("gradient_estimation", "Gradient Estimation", S.sample_gradient_estimation, False),
+                ("gradient_estimation_cfg_pp", "Gradient Estimation CFG++", S.sample_gradient_estimation_cfg_pp, False),
+                ("exp_heun_2_x0", "Exp Heun 2 x0", S.sample_exp_heun_2_x0, False),
+                ("exp_heun_2_x0_sde", "Exp Heun 2 x0 SDE", S.sample_exp_heun_2_x0_sde, True),
+                ("seeds_2", "SEEDS 2", S.sample_seeds_2, True),
+                ("seeds_3", "SEEDS 3", S.sample_seeds_3, True),
+                ("sa_solver", "SA-Solver", S.sample_sa_solver, True),
+                ("sa_solver_pece", "SA-Solver PECE", S.sample_sa_solver_pece, True),
             )
         ),
         # k-diffusion's DPM-Solver samplers: they read only the grid's ends (and, DPM fast, its step count)
@@ -313,6 +322,10 @@ K_ALIASES = {
     "k_dpm_fast": "dpm_fast",
     "k_dpm_ad": "dpm_adaptive",
 }
+# SA-Solver's stochastic window (ComfyUI's default: sde_start_percent 0.2, sde_end_percent 0.8 of the schedule, read
+# with its percent_to_sigma): sample() hands the sigmas of these percents to the samplers unless they are given.
+SA_SOLVERS = ("sa_solver", "sa_solver_pece")
+SA_SOLVER_SDE_PERCENTS = (0.2, 0.8)
 # Samplers whose calls depend on the model's answers (step-size control): no recorded loop replays them.
 ADAPTIVE_SAMPLERS = ("dpm_adaptive",)
 
@@ -790,6 +803,10 @@ def sample(
             options.setdefault("corrector_from", float(ns.sigmas[t_src]))
     if name == "unipc" and stop < grid.steps and not end_as_run:  # the grid goes on: its order is the grid's
         options["steps_after"] = grid.steps - stop
+    if name in SA_SOLVERS:
+        # ComfyUI's default stochastic interval: sigma between percent_to_sigma(0.8) and percent_to_sigma(0.2)
+        options.setdefault("sde_start_sigma", percent_to_sigma(ns.log_sigmas, SA_SOLVER_SDE_PERCENTS[0]))
+        options.setdefault("sde_end_sigma", percent_to_sigma(ns.log_sigmas, SA_SOLVER_SDE_PERCENTS[1]))
     if name == "lcm":
         options.setdefault("timesteps", grid.timesteps[start_step:])
         options.setdefault("timestep_scaling", float(config_get(scheduler_config, "timestep_scaling", 10.0)))

@@ -224,6 +224,21 @@ def t_to_sigma(t: Tensor | float, log_sigmas: Tensor) -> Tensor:
     return ((1 - w) * log_sigmas[low_idx] + w * log_sigmas[high_idx]).exp()
 
 
+def percent_to_sigma(log_sigmas: Tensor, percent: float) -> float:
+    """ComfyUI's ``percent_to_sigma`` of a discrete (1000-step) schedule: percent 0 is above every sigma
+    (999999999.9), percent 1 is 0.0, otherwise the sigma at timestep ``(1 - percent) * 999``, linear in
+    log-sigma between the two neighbouring training timesteps (float32, as ComfyUI computes it)."""
+    if percent <= 0.0:
+        return 999999999.9
+    if percent >= 1.0:
+        return 0.0
+    table = log_sigmas.detach().to(torch.float32).cpu()
+    t = torch.tensor((1.0 - percent) * 999.0, dtype=torch.float32).clamp(0, table.shape[0] - 1)
+    low, high = int(t.floor()), int(t.ceil())
+    w = t - t.floor()
+    return float(((1 - w) * table[low] + w * table[high]).exp())
+
+
 # ---------------------------------------------------------------------------------------------------
 # Forward process
 # ---------------------------------------------------------------------------------------------------

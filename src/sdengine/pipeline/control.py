@@ -30,6 +30,7 @@ from sdengine.control.adapter_files import check_adapter_compatible, load_contro
 from sdengine.control.files import check_compatible
 from sdengine.control.preprocess import ImageLike, load_control_image
 from sdengine.diffusion.samplers import SamplerStep
+from sdengine.diffusion.schedules import percent_to_sigma
 from sdengine.errors import ControlNetError
 from sdengine.io.resize import centre_cut_resize, resize_image, resize_tensor
 from sdengine.metadata import CONTROL_MODE_NAMES
@@ -232,21 +233,6 @@ def step_keep(steps: int, start: float, end: float, rule: str = "diffusers") -> 
     if rule != "diffusers":
         raise ControlNetError(f"unknown ControlNet step rule {rule!r}; use one of: {', '.join(STEP_RULES)}")
     return [not (i / steps < start or (i + 1) / steps > end) for i in range(steps)]
-
-
-def percent_to_sigma(log_sigmas: Tensor, percent: float) -> float:
-    """ComfyUI's ``percent_to_sigma`` of a discrete (1000-step) schedule: percent 0 is above every sigma
-    (999999999.9), percent 1 is 0.0, otherwise the sigma at timestep ``(1 - percent) * 999``, linear in
-    log-sigma between the two neighbouring training timesteps (float32, as ComfyUI computes it)."""
-    if percent <= 0.0:
-        return 999999999.9
-    if percent >= 1.0:
-        return 0.0
-    table = log_sigmas.detach().to(torch.float32).cpu()
-    t = torch.tensor((1.0 - percent) * 999.0, dtype=torch.float32).clamp(0, table.shape[0] - 1)
-    low, high = int(t.floor()), int(t.ceil())
-    w = t - t.floor()
-    return float(((1 - w) * table[low] + w * table[high]).exp())
 
 
 def comfy_sigma_window(log_sigmas: Tensor, start: float, end: float) -> tuple[float, float]:
