@@ -313,6 +313,33 @@ def test_comfyuis_newer_sampler_and_scheduler_names_equal_native(client, comfy, 
     assert np.array_equal(a, b)
 
 
+NEW_COMFY_SAMPLERS = (
+    "exp_heun_2_x0",
+    "exp_heun_2_x0_sde",
+    "gradient_estimation",
+    "gradient_estimation_cfg_pp",
+    "seeds_2",
+    "seeds_3",
+    "sa_solver",
+    "sa_solver_pece",
+)
+
+
+def test_comfyuis_solver_samplers_run_end_to_end(client):
+    """ComfyUI's exp_heun_2_x0(_sde), gradient_estimation(_cfg_pp), seeds_2/3 and sa_solver(_pece) are KSampler
+    choices that run a whole prompt: each image is repeatable under its seed and differs from euler's."""
+    info = client.get("/object_info/KSampler").json()["KSampler"]["input"]["required"]
+    euler = comfy_image(client, txt2img_graph(sampler="euler", scheduler="karras"))
+    images = {}
+    for name in NEW_COMFY_SAMPLERS:
+        assert name in info["sampler_name"][0]
+        images[name] = comfy_image(client, txt2img_graph(sampler=name, scheduler="karras"))
+        assert not np.array_equal(images[name], euler), name
+    again = comfy_image(client, txt2img_graph(sampler="seeds_2", scheduler="karras"))
+    assert np.array_equal(again, images["seeds_2"])
+    assert not np.array_equal(images["sa_solver"], images["sa_solver_pece"])
+
+
 def test_img2img_and_inpainting_equal_native(client):
     init_id, init_name = upload(client, picture(), "init.png")
     mask = Image.new("L", (64, 64), 0)
