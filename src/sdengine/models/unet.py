@@ -304,7 +304,7 @@ class UpBlock(nn.Module):
     def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor | None) -> Tensor:
         """Consumes its skips from the end of ``skips`` (the list is shortened in place)."""
         for i, resnet in enumerate(self.resnets):
-            if True:  # REVERT_CHECK
+            if self.freeu is None:
                 x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
             else:
                 x = self.freeu(x, skips.pop())
