@@ -270,8 +270,8 @@ def test_freeu_nodes_equal_the_pipelines_freeu(client):
     v2 = comfy_image(client, graph(("FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2})), **SDENGINE_RULE)
     assert np.array_equal(v2, direct(freeu=(1.3, 1.4, 0.9, 0.2), freeu_version=2))
     # the last FreeU node of a chain counts (ComfyUI's output block patch replaces the one before)
-    chain = graph(("FreeU", {"b1": 2.0, "b2": 2.0, "s1": 0.5, "s2": 0.5}), ("FreeU_V2", {"b1": 1.3, "b2": 1.4,
-                                                                                      "s1": 0.9, "s2": 0.2}))  # fmt: skip
+    strong = ("FreeU", {"b1": 2.0, "b2": 2.0, "s1": 0.5, "s2": 0.5})
+    chain = graph(strong, ("FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}))
     assert np.array_equal(comfy_image(client, chain, **SDENGINE_RULE), v2)
     info = client.get("/object_info").json()
     b1 = info["FreeU_V2"]["input"]["required"]["b1"]

@@ -15,6 +15,7 @@ from PIL import Image
 pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
+from _cpu_graphs import CPUBackend  # noqa: E402
 from _pipeline_models import diffusers_scheduler  # noqa: E402
 from sdengine.cli import main  # noqa: E402
 from sdengine.errors import SdengineError  # noqa: E402
@@ -182,3 +183,27 @@ def test_bad_freeu_flags_are_one_line_errors(tmp_path, capsys, args, why):
     rc = main(["generate", "x", "--model", str(tmp_path / "none"), *args, "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and why in err, err
+
+
+def test_the_recorded_loop_keys_freeu_and_replays_its_images(tiny_sd1_folder):
+    """Two FreeU settings never share a recorded loop (the stand-in recorder replays the first plan of a key)."""
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="none")
+    args: dict[str, Any] = dict(steps=3, seed=3, width=64, height=64, progress=False)
+
+    def plain(**kw: Any) -> np.ndarray:
+        graphs, pipe.cuda_graphs = pipe.cuda_graphs, None
+        try:
+            return pipe("a red cube", "blurry", **args, **kw).arrays
+        finally:
+            pipe.cuda_graphs = graphs
+
+    pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu", record_after=0)
+    loop = pipe.cuda_graphs["loop"]
+    settings = [{}, {"freeu": FACTORS}, {"freeu": FACTORS, "freeu_version": 1}, {"freeu": (1.2, 1.2, 0.5, 0.5)}]
+    images = []
+    for n, kw in enumerate(settings, start=1):
+        images.append(pipe("a red cube", "blurry", **args, **kw).arrays)
+        assert loop.recordings == n
+        np.testing.assert_array_equal(images[-1], plain(**kw))
+    for a, b in zip(images, images[1:], strict=False):
+        assert not np.array_equal(a, b)
