@@ -260,3 +260,21 @@ def test_comfyuis_rule_rescales_on_v_and_adds_pag_after(prediction):
 
 def test_the_nodes_exist_in_the_table():
     assert {"RescaleCFG", "ModelSamplingDiscrete", "PerturbedAttentionGuidance"} <= set(NODES)
+
+
+def test_freeu_nodes_equal_the_pipelines_freeu(client):
+    plain = comfy_image(client, graph(), **SDENGINE_RULE)
+    v1 = comfy_image(client, graph(("FreeU", {"b1": 1.5, "b2": 1.6, "s1": 0.9, "s2": 0.2})), **SDENGINE_RULE)
+    assert np.array_equal(v1, direct(freeu=(1.5, 1.6, 0.9, 0.2), freeu_version=1))
+    assert np.abs(v1.astype(int) - plain).mean() > 0.1
+    v2 = comfy_image(client, graph(("FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2})), **SDENGINE_RULE)
+    assert np.array_equal(v2, direct(freeu=(1.3, 1.4, 0.9, 0.2), freeu_version=2))
+    # the last FreeU node of a chain counts (ComfyUI's output block patch replaces the one before)
+    strong = ("FreeU", {"b1": 2.0, "b2": 2.0, "s1": 0.5, "s2": 0.5})
+    chain = graph(strong, ("FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}))
+    assert np.array_equal(comfy_image(client, chain, **SDENGINE_RULE), v2)
+    info = client.get("/object_info").json()
+    b1 = info["FreeU_V2"]["input"]["required"]["b1"]
+    assert b1[0] == "FLOAT" and (b1[1]["default"], b1[1]["min"], b1[1]["max"]) == (1.3, 0, 10)
+    # after the FreeU graph the plain graph is plain again (the U-Net's up blocks restored)
+    assert np.array_equal(comfy_image(client, graph(), **SDENGINE_RULE), plain)

@@ -307,6 +307,9 @@ def _parse_int(parsed: Mapping[str, str], key: str) -> int:
         raise MetadataError(f"{key}: {parsed[key]!r} is not an integer") from None
 
 
+_FREEU_FACTOR_FIELDS = ("freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2")
+
+
 def _parse_float(parsed: Mapping[str, str], key: str) -> float:
     try:
         return float(parsed[key])
@@ -367,8 +370,10 @@ def to_generate_kwargs(
     Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
     ``guidance_rescale`` ("CFG Rescale phi"), ``pag_scale`` and ``pag_layers`` (sdengine's "PAG scale", "PAG
-    layers"), ``subseed`` and ``subseed_strength`` ("Variation seed", "Variation
-    seed strength"), ``seed_resize_from_w`` and ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
+    layers"), ``freeu``, ``freeu_version`` and ``freeu_rule`` (sdengine's "FreeU: b1,b2,s1,s2", "FreeU version",
+    "FreeU rule" where not 2 and width; Forge's "freeu_enabled: True", "freeu_b1" ... "freeu_s2"), ``subseed`` and
+    ``subseed_strength`` ("Variation seed", "Variation seed strength"), ``seed_resize_from_w`` and
+    ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
     ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"), ``noise_seed_delta`` ("ENSD"),
     ``noise_source`` ("RNG": A1111's NV and GPU are "nv", its CPU "cpu"; a text without it is "nv", A1111's default
     GPU, unless sdengine made it: then it keeps sdengine's default), ``sampler_options`` (A1111's "Eta" / "Eta DDIM",
@@ -433,6 +438,23 @@ def to_generate_kwargs(
     if "PAG scale" in parsed:  # sdengine's: perturbed-attention guidance, its layers "mid" unless written
         kwargs["pag_scale"] = _parse_float(parsed, "PAG scale")
         kwargs["pag_layers"] = parsed.get("PAG layers", "mid").strip()
+    if "FreeU" in parsed:  # sdengine's: "FreeU: b1,b2,s1,s2", "FreeU version" / "FreeU rule" unless 2 / width
+        try:
+            factors = tuple(float(x) for x in parsed["FreeU"].strip().strip('"').split(","))
+        except ValueError:
+            factors = ()
+        if len(factors) != 4:
+            raise MetadataError(f"FreeU: {parsed['FreeU']!r} is not four numbers b1,b2,s1,s2")
+        kwargs["freeu"] = factors
+        kwargs["freeu_version"] = _parse_int(parsed, "FreeU version") if "FreeU version" in parsed else 2
+        kwargs["freeu_rule"] = parsed.get("FreeU rule", "width").strip()
+    elif parsed.get("freeu_enabled", "").strip().lower() == "true":  # Forge's FreeU fields (its FreeU is version 2)
+        missing = [k for k in _FREEU_FACTOR_FIELDS if k not in parsed]
+        if missing:
+            raise MetadataError(f"freeu_enabled: True without {', '.join(missing)}")
+        kwargs["freeu"] = tuple(_parse_float(parsed, k) for k in _FREEU_FACTOR_FIELDS)
+        kwargs["freeu_version"] = _parse_int(parsed, "freeu_version") if "freeu_version" in parsed else 2
+        kwargs["freeu_rule"] = parsed.get("freeu_rule", "width").strip()  # sdengine's, when not the width rule
     if "Variation seed" in parsed:
         kwargs["subseed"] = _parse_int(parsed, "Variation seed")
         # A1111 writes the strength only when it is not 0; a missing one is 0 (the seed's image)
@@ -536,6 +558,13 @@ def to_generate_kwargs(
         "CFG Rescale phi",
         "PAG scale",
         "PAG layers",
+        "FreeU",
+        "FreeU version",
+        "FreeU rule",
+        "freeu_enabled",
+        *_FREEU_FACTOR_FIELDS,
+        "freeu_version",
+        "freeu_rule",
         "Variation seed",
         "Variation seed strength",
         "Seed resize from",

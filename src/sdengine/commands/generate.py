@@ -342,6 +342,27 @@ def _setup_logging() -> None:
             logger.setLevel(logging.WARNING)
 
 
+def _freeu_arg(text: str) -> tuple[float, ...] | None:
+    """--freeu's value: B1,B2,S1,S2, a preset name (sd1, sd2, sdxl), or off."""
+    from ..nn.freeu import FREEU_PRESETS
+
+    t = text.strip().lower()
+    if t in ("off", "none"):
+        return None
+    if t in FREEU_PRESETS:
+        return FREEU_PRESETS[t]
+    parts = [x.strip() for x in text.split(",")]
+    try:
+        if len(parts) != 4:
+            raise ValueError
+        return tuple(float(x) for x in parts)
+    except ValueError:
+        raise UsageError(
+            f"--freeu takes four numbers B1,B2,S1,S2 (e.g. 1.3,1.4,0.9,0.2), {', '.join(FREEU_PRESETS)} or off; "
+            f"got {text!r}"
+        ) from None
+
+
 def _from_png(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     from ..image_info import read_image_parameters
     from ..metadata import (
@@ -736,6 +757,16 @@ def run(a: argparse.Namespace) -> int:
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
     if a.pag_layers is not None and not kwargs.get("pag_scale"):
         raise UsageError("--pag-layers has no effect without a --pag-scale above 0: drop it, or add --pag-scale")
+    if a.freeu is not None:  # "off" turns a --from-png image's FreeU off
+        kwargs["freeu"] = _freeu_arg(a.freeu)
+    for flag, key, value in (
+        ("--freeu-version", "freeu_version", a.freeu_version),
+        ("--freeu-rule", "freeu_rule", a.freeu_rule),
+    ):
+        if value is not None:
+            if kwargs.get("freeu") is None:
+                raise UsageError(f"{flag} has no effect without --freeu: drop it, or add --freeu B1,B2,S1,S2")
+            kwargs[key] = value
     if a.sampler is not None and kwargs.get("sampler_options"):  # a --from-png's options are its own sampler's
         # (A1111's UniPC defaults, its Eta, ...): another --sampler keeps only the ones it takes
         from ..diffusion.sampling import resolve, sampler_option_names
@@ -1175,6 +1206,29 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="LAYERS",
         help="the self-attention layers PAG perturbs: comma-separated patterns searched in the U-Net's layer names, "
         "as diffusers' pag_applied_layers (default 'mid', the middle block; e.g. 'mid,up_blocks.1')",
+    )
+    p.add_argument(
+        "--freeu",
+        default=None,
+        metavar="B1,B2,S1,S2",
+        help="FreeU (Si et al. 2023): backbone factors B1, B2 and skip factors S1, S2 (each in [0, 10]) on the "
+        "decoder's skip concatenations, or a preset: sd1 (1.5,1.6,0.9,0.2), sd2 (1.4,1.6,0.9,0.2), sdxl "
+        "(1.3,1.4,0.9,0.2); off turns a --from-png image's off",
+    )
+    p.add_argument(
+        "--freeu-version",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="FreeU's backbone scaling: 2 (default; ComfyUI's FreeU_V2, Forge's: scaled by the hidden state's "
+        "normalised mean) or 1 (ComfyUI's FreeU, diffusers' enable_freeu: the factor as it is)",
+    )
+    p.add_argument(
+        "--freeu-rule",
+        choices=("width", "diffusers"),
+        default=None,
+        help="which concatenations FreeU changes: width (default; 4x / 2x the first level's channels: the authors', "
+        "ComfyUI's, Forge's) or diffusers (its first and second up block, as enable_freeu)",
     )
     p.add_argument(
         "--zero-terminal-snr",

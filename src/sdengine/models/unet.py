@@ -22,7 +22,7 @@ gave 1.6x on an AVX512-BF16 CPU; on a shared machine one torch thread beats two 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -296,11 +296,18 @@ class UpBlock(nn.Module):
         if attention != "none":
             self.attentions = nn.ModuleList(_attention(attention, out_ch, heads, cfg, depth=depth) for _ in range(n))
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if add_upsample else None
+        # the hidden state's width at each skip concatenation, and what runs in place of the plain concatenation
+        # there: None, or FreeU's (h, skip) -> (B, C + C_skip, H, W) (sdengine.nn.freeu.freeu_applied sets it)
+        self.concat_widths = (prev_ch,) + (out_ch,) * (n - 1)
+        self.freeu: Callable[[Tensor, Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor | None) -> Tensor:
         """Consumes its skips from the end of ``skips`` (the list is shortened in place)."""
         for i, resnet in enumerate(self.resnets):
-            x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+            if self.freeu is None:
+                x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+            else:
+                x = self.freeu(x, skips.pop())
             x = resnet(x, temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)

@@ -52,6 +52,7 @@ from sdengine.errors import GenerationError
 from sdengine.io.images import load_image, to_uint8
 from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.nn.attention import CHUNK_SCORES, identity_attention, pag_layers
+from sdengine.nn.freeu import FreeU, FreeUNet, check_freeu
 from sdengine.pipeline.control import ControlUnit, GraphedControlledUNet, build_controlled_unet
 from sdengine.pipeline.finite import require_finite
 from sdengine.pipeline.infotext import (
@@ -678,6 +679,9 @@ class Pipeline:
             )
         if r.pag_scale:  # the layers exist in this U-Net (one line naming the pattern, before any model runs)
             pag_layers(self.unet, list(r.pag_layer_list()))
+        freeu = r.freeu_settings()
+        if freeu is not None:  # FreeU changes some up block of this U-Net (one line, before any model runs)
+            check_freeu(self.unet, freeu)
         if r.sdxl is not None and self.text_kind != "sdxl":
             raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
         if int(r.steps) > self.noise_schedule.num_train_timesteps:
@@ -914,6 +918,13 @@ class Pipeline:
                 row["PAG scale"] = float(request.pag_scale)
                 if request.pag_layer_list() != ("mid",):
                     row["PAG layers"] = ",".join(request.pag_layer_list())
+            freeu = request.freeu_settings()
+            if freeu is not None:  # sdengine's "FreeU: b1,b2,s1,s2", its version and rule where not 2 and width
+                row["FreeU"] = ",".join(f"{x:g}" for x in freeu.factors)
+                if freeu.version != 2:
+                    row["FreeU version"] = freeu.version
+                if freeu.rule != "width":
+                    row["FreeU rule"] = freeu.rule
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
         embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
             getattr(self, "tokenizer_2", None), "embeddings", None
@@ -1130,7 +1141,10 @@ class Pipeline:
         # PAG switches attention layers of the plain U-Net per call, which a step graph (or an ahead-of-time package)
         # would replay unswitched: those run the plain network (the whole-loop graph keys PAG in its plan)
         pag = (float(r.pag_scale), r.pag_layer_list()) if r.pag_scale else None
-        if not units and pag is None:
+        # FreeU changes the up blocks of the plain U-Net during its calls: the same (a step graph would replay them
+        # as recorded; the whole-loop graph keys FreeU in its plan)
+        freeu = r.freeu_settings()
+        if not units and pag is None and freeu is None:
             net = self.graphed("unet") or net
         if units:
             units = [_rows_of(u, rows, len(p.seeds)) for u in units]
@@ -1148,10 +1162,13 @@ class Pipeline:
                 note=lambda t: _note(p.notes, t) if t not in p.notes else None,
                 noise_schedule=self.noise_schedule,
             )
-            if self.graphed("unet") is not None and pag is None:  # graphs on, the U-Net unhooked: the controlled step
+            # graphs on, the U-Net unhooked: the controlled step
+            if self.graphed("unet") is not None and pag is None and freeu is None:
                 graphed_control = GraphedControlledUNet(net, **self._graph_opts)
                 net = graphed_control if graphed_control.usable() else net
-        den: Any = self.guided_denoiser(cfg_scale, uncond, float(r.guidance_rescale), net=net, texts=texts, pag=pag)
+        den: Any = self.guided_denoiser(
+            cfg_scale, uncond, float(r.guidance_rescale), net=net, texts=texts, pag=pag, freeu=freeu
+        )
         blend: Any = None
         if r.strength_rule in A1111_STRENGTH_RULES and start.rounded_mask is not None and start.init_latent is not None:
             # A1111's blend, for every U-Net: its k-diffusion samplers' on x0, its timestep samplers' on x
@@ -1227,12 +1244,17 @@ class Pipeline:
         net: Any = None,
         texts: Any = None,
         pag: tuple[float, Sequence[str]] | None = None,
+        freeu: FreeU | None = None,
     ) -> Any:
         """The x0-denoiser the samplers call: classifier-free guidance over the U-Net (``net``: what runs in its
         place, a graph or a controlled U-Net); ``texts``: prompt editing's text rows of each step; ``pag``: (scale,
         layer patterns) of perturbed-attention guidance on this pipeline's U-Net (the plain network runs it: a
-        step graph would replay its attention unperturbed)."""
-        model: Any = UNetAdapter(self.unet if net is None else net, self.dtype)
+        step graph would replay its attention unperturbed); ``freeu``: FreeU on this pipeline's U-Net for each call
+        (:mod:`sdengine.nn.freeu`; the plain network runs it too)."""
+        net = self.unet if net is None else net
+        if freeu is not None:
+            net = FreeUNet(net, self.unet, freeu)
+        model: Any = UNetAdapter(net, self.dtype)
         if texts is not None:  # prompt editing: the text rows of each step (sdengine.pipeline.prompt_editing)
             from sdengine.pipeline.prompt_editing import StepTexts
 
@@ -1249,6 +1271,7 @@ class Pipeline:
         ``from_init``, an img2img start; ``first``, its first step; ``noise_from``, the grid index its init is
         noised to where that is not ``first`` (A1111's DDIM / PLMS)."""
         r = p.request
+        freeu = r.freeu_settings()
         return LoopPlan.of(
             sampler=p.sampler,
             steps=_grid_steps(p),
@@ -1266,6 +1289,7 @@ class Pipeline:
             zero_snr=self._zero_snr,
             pag_scale=float(r.pag_scale),
             pag_layers=r.pag_layer_list() if r.pag_scale else (),
+            freeu=() if freeu is None else freeu.key,
         )
 
     def noise_draws(self, plan: LoopPlan) -> int:
@@ -1304,9 +1328,11 @@ class Pipeline:
         beforehand (:meth:`noise_draws` of them), read in place of the rows' generators."""
         graphs = self.cuda_graphs or {}
         # PAG switches attention layers of the plain U-Net during its calls: an ahead-of-time package would not see it
-        net = graphs["unet"].fn if "unet" in graphs and not plan.pag_scale else self.unet
+        # and so does FreeU its up blocks
+        net = graphs["unet"].fn if "unet" in graphs and not plan.pag_scale and not plan.freeu else self.unet
         pag = (plan.pag_scale, plan.pag_layers) if plan.pag_scale else None
-        den = self.guided_denoiser(plan.cfg_scale, uncond, plan.rescale, net=net, pag=pag)
+        freeu = FreeU(*plan.freeu) if plan.freeu else None
+        den = self.guided_denoiser(plan.cfg_scale, uncond, plan.rescale, net=net, pag=pag, freeu=freeu)
         bank = None if draws is None else NoiseBank(draws, noise.shape[0])
         return self.sample_plan(den, plan, noise, init_latent, cond, generators=bank)
 

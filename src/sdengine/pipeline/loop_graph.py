@@ -74,6 +74,8 @@ class LoopPlan:
     # perturbed-attention guidance: its scale and layer patterns (the recording bakes in which layers are switched)
     pag_scale: float = 0.0
     pag_layers: tuple[str, ...] = ()
+    # FreeU: (b1, b2, s1, s2, version, rule), () = off (the recording bakes in the up blocks' FreeU)
+    freeu: tuple[Any, ...] = ()
     # the options as given (the JSON above keys them; a value JSON cannot hold exactly is kept here as it was)
     given_options: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
 
@@ -96,6 +98,7 @@ class LoopPlan:
         zero_snr: bool = False,
         pag_scale: float = 0.0,
         pag_layers: tuple[str, ...] = (),
+        freeu: tuple[Any, ...] = (),
     ) -> LoopPlan:
         return LoopPlan(
             sampler=sampler,
@@ -114,6 +117,7 @@ class LoopPlan:
             zero_snr=bool(zero_snr),
             pag_scale=float(pag_scale),
             pag_layers=tuple(str(x) for x in pag_layers),
+            freeu=tuple(freeu),
             given_options=tuple(sorted(dict(sampler_options or {}).items())),
         )
 

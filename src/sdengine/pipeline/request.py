@@ -26,6 +26,7 @@ from sdengine.diffusion.schedules import STRENGTH_RULES, img2img_start
 from sdengine.errors import GenerationError
 from sdengine.io.images import ImageInput
 from sdengine.metadata import MASKED_CONTENT
+from sdengine.nn.freeu import FREEU_RULES, FreeU
 from sdengine.pipeline.control import ControlUnit
 from sdengine.pipeline.result import StepCallback
 from sdengine.text.conditioners import CLIP_SKIP_RULES
@@ -52,6 +53,7 @@ VAE_DECODE_METHODS = ("full", "tiny")
 VAE_ENCODE_METHODS = ("full", "tiny")
 # Perturbed-attention guidance's scale: ComfyUI's node stops at 100 (useful values: 1-5)
 MAX_PAG_SCALE = 100.0
+MAX_FREEU_FACTOR = 10.0  # each of FreeU's b1, b2, s1, s2 (ComfyUI's node range; sdengine.nn.freeu)
 
 
 def _is_number(v: Any) -> bool:
@@ -107,6 +109,16 @@ class GenerationRequest:
     # "PAG layers" (sdengine.diffusion.guidance, sdengine.nn.attention)
     pag_scale: float = 0.0
     pag_layers: str | Sequence[str] = "mid"
+    # FreeU (Si et al. 2023): (b1, b2, s1, s2), the backbone factors on the first half of the decoder's hidden
+    # channels and the skip factors on the skip features' lowest frequencies, at the concatenations that are 4x (b1,
+    # s1) and 2x (b2, s2) the first level's width (``freeu_rule`` "width", the authors', ComfyUI's and Forge's rule),
+    # or of the first and second up block ("diffusers", its enable_freeu); None = off. ``freeu_version`` 2 (the
+    # authors' later code, ComfyUI's FreeU_V2, Forge's FreeU) scales by the hidden state's normalised channel mean;
+    # 1 (ComfyUI's FreeU, diffusers') by the factor as it is. Infotext Forge's "freeu_enabled", "freeu_b1" ...
+    # "freeu_s2", and sdengine's "freeu_version" / "freeu_rule" when not 2 / width (sdengine.nn.freeu)
+    freeu: Sequence[float] | None = None
+    freeu_version: int = 2
+    freeu_rule: str = "width"
     callback: StepCallback | None = None
     progress: bool = True
     vae_tiling: bool | None = None
@@ -267,10 +279,31 @@ class GenerationRequest:
         items = v.split(",") if isinstance(v, str) else list(v)
         return tuple(str(x).strip() for x in items)
 
+    def freeu_settings(self) -> FreeU | None:
+        """``freeu`` as :class:`sdengine.nn.freeu.FreeU` settings (None: off); call after :meth:`validate`."""
+        if self.freeu is None:
+            return None
+        b1, b2, s1, s2 = (float(x) for x in self.freeu)
+        return FreeU(b1, b2, s1, s2, version=int(self.freeu_version), rule=self.freeu_rule)
+
     def control_units(self) -> list[ControlUnit]:
         return [ControlUnit.coerce(u) for u in (self.controlnets or [])]
 
     # -- checks ---------------------------------------------------------------------------------------
+
+    def _validate_freeu(self) -> None:
+        v, version, rule = self.freeu, self.freeu_version, self.freeu_rule
+        if not _is_int(version) or version not in (1, 2):
+            raise GenerationError(f"freeu_version must be 1 or 2, got {version!r}")
+        if not isinstance(rule, str) or rule not in FREEU_RULES:
+            raise GenerationError(f"unknown freeu_rule {rule!r}; use one of: {', '.join(FREEU_RULES)}")
+        if v is None:
+            return
+        if isinstance(v, str | bytes) or not isinstance(v, Sequence) or len(v) != 4:
+            raise GenerationError(f"freeu must be four numbers (b1, b2, s1, s2), e.g. (1.3, 1.4, 0.9, 0.2); got {v!r}")
+        for name, x in zip(("b1", "b2", "s1", "s2"), v, strict=True):
+            if not _is_number(x) or not math.isfinite(x) or not 0.0 <= x <= MAX_FREEU_FACTOR:
+                raise GenerationError(f"freeu {name} must be a number in [0, {MAX_FREEU_FACTOR:g}], got {x!r}")
 
     def validate(self) -> GenerationRequest:
         """Raise a one-line GenerationError for the first setting that cannot run; return self. Checks that
@@ -339,6 +372,7 @@ class GenerationRequest:
             raise GenerationError(f"pag_layers must be a string or a list of strings, got {layers!r}")
         if not all(self.pag_layer_list()):
             raise GenerationError(f"pag_layers holds an empty layer name: {layers!r} (e.g. 'mid' or 'mid,up_blocks.1')")
+        self._validate_freeu()
         if self.clip_skip_rule not in CLIP_SKIP_RULES:
             raise GenerationError(
                 f"unknown clip_skip_rule {self.clip_skip_rule!r}; use one of: {', '.join(CLIP_SKIP_RULES)}"
@@ -500,6 +534,7 @@ def batch_count_seeds(
 __all__ = [
     "MAX_CFG_SCALE",
     "MAX_MASK_BLUR",
+    "MAX_FREEU_FACTOR",
     "MAX_PAG_SCALE",
     "MAX_SEED",
     "MAX_SEED_RESIZE",

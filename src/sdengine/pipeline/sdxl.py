@@ -558,9 +558,16 @@ def hand_off_latents(
     # the base's steps first..k - 1, then the refiner's k..: a switch at the first step is the refiner's run alone,
     # one past the last the base's alone (A1111's apply_refiner switches at a step or never)
     pag = (float(request.pag_scale), request.pag_layer_list()) if request.pag_scale else None
+    freeu = request.freeu_settings()  # on each model's own U-Net
     runs = [
-        (base, blended(base.guided_denoiser(cfg_scale, uncond, rescale, pag=pag)), cond, first, k),
-        (refiner, blended(refiner.guided_denoiser(cfg_scale, r_uncond, rescale, pag=pag)), r_cond, k, grid.steps),
+        (base, blended(base.guided_denoiser(cfg_scale, uncond, rescale, pag=pag, freeu=freeu)), cond, first, k),
+        (
+            refiner,
+            blended(refiner.guided_denoiser(cfg_scale, r_uncond, rescale, pag=pag, freeu=freeu)),
+            r_cond,
+            k,
+            grid.steps,
+        ),
     ]
     x: torch.Tensor | None = None
     den: Any = None

@@ -38,6 +38,7 @@ from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from sdengine.errors import SdengineError
+from sdengine.nn.freeu import MAX_FREEU_FACTOR, FreeU, freeu_applied
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -190,6 +191,9 @@ class ModelHandle:
     zsnr: bool = False
     cfg_rescale: float = 0.0  # RescaleCFG's multiplier (the last one applied counts, as ComfyUI's)
     pag_scale: float = 0.0  # PerturbedAttentionGuidance's scale (several add up, as ComfyUI's post-CFG functions)
+    # FreeU / FreeU_V2: (b1, b2, s1, s2, version, "width"), () = off (the last one applied counts, as ComfyUI's
+    # output block patch, which replaces the one before)
+    freeu: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -689,6 +693,19 @@ def perturbed_attention_guidance(ctx: RunContext, model: ModelHandle, scale: flo
     return (replace(model, pag_scale=model.pag_scale + float(scale)),)
 
 
+def free_u(ctx: RunContext, model: ModelHandle, b1: float, b2: float, s1: float, s2: float) -> tuple[Any]:
+    """ComfyUI's FreeU: at the up blocks' skip concatenations 4x / 2x the first level's width, the first half of the
+    hidden channels times ``b1`` / ``b2`` and the skip's lowest frequencies times ``s1`` / ``s2``
+    (sdengine.nn.freeu)."""
+    return (replace(model, freeu=FreeU(b1, b2, s1, s2, version=1).key),)
+
+
+def free_u_v2(ctx: RunContext, model: ModelHandle, b1: float, b2: float, s1: float, s2: float) -> tuple[Any]:
+    """ComfyUI's FreeU_V2: FreeU with the backbone factor scaled by the hidden state's min-max normalised channel
+    mean (sdengine.nn.freeu)."""
+    return (replace(model, freeu=FreeU(b1, b2, s1, s2, version=2).key),)
+
+
 def controlnet_loader(ctx: RunContext, control_net_name: str) -> tuple[Any]:
     return (str(ctx.catalog.resolve_controlnet(control_net_name)),)
 
@@ -976,35 +993,37 @@ def _sample(
             last_denoised[:] = [r.denoised]
         return ctx.progress(r.step, r.steps, r.denoised) if ctx.progress is not None else True
 
-    out = sample_latents(
-        pipe,
-        positive,
-        negative,
-        samples,
-        seed=int(seed),
-        steps=int(steps),
-        cfg=float(cfg),
-        sampler=SAMPLER_NAMES[sampler_name],
-        schedule=SCHEDULER_NAMES[scheduler],
-        denoise=float(denoise),
-        seed_rule=ctx.seed_rule,
-        posterior=latent_image.get("posterior"),
-        posterior_scaled=bool(latent_image.get("posterior_scaled")),
-        noise_mask=latent_image.get("noise_mask"),
-        loras=model.loras,
-        guidance_rescale=model.cfg_rescale,
-        pag_scale=model.pag_scale,
-        prediction=model.prediction,
-        zero_terminal_snr=model.zsnr,
-        callback=report,
-        batch_index=latent_image.get("batch_index"),
-        sampler_options={**SAMPLER_OPTIONS.get(sampler_name, {}), **dict(options)} or None,
-        # KSampler's rule unless told (SamplerCustom walks BasicScheduler's SIGMAS as they are)
-        discard_penultimate_sigma=sampler_name in DISCARD_PENULTIMATE_SAMPLERS
-        if discard_penultimate is None
-        else discard_penultimate,
-        **window,
-    )
+    freeu = FreeU(*model.freeu) if model.freeu else None
+    with freeu_applied(pipe.unet, freeu):  # FreeU / FreeU_V2 on the plain U-Net that latent_sampling calls
+        out = sample_latents(
+            pipe,
+            positive,
+            negative,
+            samples,
+            seed=int(seed),
+            steps=int(steps),
+            cfg=float(cfg),
+            sampler=SAMPLER_NAMES[sampler_name],
+            schedule=SCHEDULER_NAMES[scheduler],
+            denoise=float(denoise),
+            seed_rule=ctx.seed_rule,
+            posterior=latent_image.get("posterior"),
+            posterior_scaled=bool(latent_image.get("posterior_scaled")),
+            noise_mask=latent_image.get("noise_mask"),
+            loras=model.loras,
+            guidance_rescale=model.cfg_rescale,
+            pag_scale=model.pag_scale,
+            prediction=model.prediction,
+            zero_terminal_snr=model.zsnr,
+            callback=report,
+            batch_index=latent_image.get("batch_index"),
+            sampler_options={**SAMPLER_OPTIONS.get(sampler_name, {}), **dict(options)} or None,
+            # KSampler's rule unless told (SamplerCustom walks BasicScheduler's SIGMAS as they are)
+            discard_penultimate_sigma=sampler_name in DISCARD_PENULTIMATE_SAMPLERS
+            if discard_penultimate is None
+            else discard_penultimate,
+            **window,
+        )
     from sdengine.pipeline.finite import require_finite
 
     # a window of a schedule (KSamplerAdvanced's steps, a zero-terminal-SNR model's sigma_max stand-in) or a model
@@ -3325,6 +3344,37 @@ NODES: dict[str, NodeDef] = {
             perturbed_attention_guidance,
             description="Perturbed-attention guidance (Ahn et al. 2024) on the U-Net's middle block, after CFG; not "
             "with area or mask conditioning.",
+        ),
+        NodeDef(
+            "FreeU",
+            "FreeU",
+            "model_patches/unet",
+            (
+                Input("model", "MODEL"),
+                _float("b1", 1.1, 0.0, MAX_FREEU_FACTOR),
+                _float("b2", 1.2, 0.0, MAX_FREEU_FACTOR),
+                _float("s1", 0.9, 0.0, MAX_FREEU_FACTOR),
+                _float("s2", 0.2, 0.0, MAX_FREEU_FACTOR),
+            ),
+            ("MODEL",),
+            free_u,
+            description="FreeU (Si et al. 2023) on the U-Net's up blocks: backbone factors b1, b2 and skip "
+            "low-frequency factors s1, s2 at the 4x and 2x wide skip concatenations.",
+        ),
+        NodeDef(
+            "FreeU_V2",
+            "FreeU_V2",
+            "model_patches/unet",
+            (
+                Input("model", "MODEL"),
+                _float("b1", 1.3, 0.0, MAX_FREEU_FACTOR),
+                _float("b2", 1.4, 0.0, MAX_FREEU_FACTOR),
+                _float("s1", 0.9, 0.0, MAX_FREEU_FACTOR),
+                _float("s2", 0.2, 0.0, MAX_FREEU_FACTOR),
+            ),
+            ("MODEL",),
+            free_u_v2,
+            description="FreeU version 2: the backbone factor scaled by the hidden state's normalised channel mean.",
         ),
         NodeDef(
             "ControlNetLoader",
