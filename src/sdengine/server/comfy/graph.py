@@ -23,7 +23,6 @@ import torch
 
 from sdengine.errors import SdengineError
 from sdengine.server.comfy.nodes import (
-    NODES,
     Input,
     NodeDef,
     NodeError,
@@ -32,6 +31,7 @@ from sdengine.server.comfy.nodes import (
     input_max,
     input_spec,
 )
+from sdengine.server.comfy.registry import NODES
 
 Prompt = dict[str, dict[str, Any]]
 

@@ -31,7 +31,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
 
 from sdengine.server.comfy.graph import Executor, Interrupted, NodeFailed, PromptInvalid, validate
-from sdengine.server.comfy.nodes import IMAGE_SUFFIXES, NODES, Outputs, RunContext, object_info, split_annotation
+from sdengine.server.comfy.nodes import IMAGE_SUFFIXES, Outputs, RunContext, object_info, split_annotation
+from sdengine.server.comfy.registry import NODES
 from sdengine.server.errors import BadRequest, Forbidden, NotFound, redact_paths, redact_tree, register_client_folder
 from sdengine.server.jobs import (
     CANCELLED,

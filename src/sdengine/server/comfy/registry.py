@@ -1,0 +1,13 @@
+"""Every ComfyUI node the server offers, by class name.
+
+The core nodes (loaders, text encoders, samplers, VAE, latents, images) live in ``nodes.py``; a family of
+nodes that stands on its own gets a module of its own (``nodes_<family>.py``, importing the shared types from
+``nodes.py``) and is added here, so that ``nodes.py`` does not grow without end and families do not collide.
+"""
+
+from __future__ import annotations
+
+from sdengine.server.comfy.nodes import NODES as CORE_NODES
+from sdengine.server.comfy.nodes import NodeDef
+
+NODES: dict[str, NodeDef] = {**CORE_NODES}
