@@ -153,6 +153,11 @@ def test_image_scale_to_total_pixels_sizes_and_the_side_limit():
     np.testing.assert_allclose(out.numpy(), want.movedim(1, -1).clamp(0, 1).numpy(), atol=1e-6)
     with pytest.raises(NodeError, match="over the server's limit of 2048"):
         ni.image_scale_to_total_pixels(CTX, img, "bilinear", 16.0, 1)
+    # an RGBA image keeps its alpha on every method, PIL's Lanczos too
+    rgba = torch.cat([img, torch.full((1, 32, 64, 1), 0.6)], -1)
+    for method in ni.TOTAL_PIXELS_METHODS:
+        (out,) = ni.image_scale_to_total_pixels(CTX, rgba, method, 0.01, 8)
+        assert out.shape == (1, 72, 144, 4) and torch.allclose(out[..., 3], torch.tensor(0.6), atol=1 / 255), method
 
 
 # ------------------------------------------------------------------------------------- transforms, batches
@@ -538,3 +543,18 @@ def test_bad_inputs_give_comfyuis_errors(client):
     info = client.get("/object_info/LatentBatchSeedBehavior").json()["LatentBatchSeedBehavior"]
     assert info["category"] == "latent/advanced"
     assert info["input"]["required"]["seed_behavior"] == [["random", "fixed"], {"default": "fixed"}]
+
+
+def test_an_rgba_image_is_encoded_by_its_colour():
+    """JoinImageWithAlpha makes RGBA images; VAEEncode takes their colour, as ComfyUI's (pixels[..., :3])."""
+    from _live_server import shared_loader
+    from sdengine.server.comfy.nodes import VaeHandle, vae_encode
+
+    pipe = shared_loader("emoji", "cpu")
+    ctx = RunContext(pipeline=lambda ref: pipe, catalog=None, folders=None)  # type: ignore[arg-type]
+    rgb = rand(1, 32, 32, 3, seed=95)
+    (rgba,) = ni.join_image_with_alpha(CTX, rgb, rand(1, 32, 32, seed=96))
+    assert rgba.shape[-1] == 4
+    assert torch.equal(
+        vae_encode(ctx, rgba, VaeHandle("emoji"))[0]["samples"], vae_encode(ctx, rgb, VaeHandle("emoji"))[0]["samples"]
+    )

@@ -2040,7 +2040,7 @@ def image_upscale_with_model(ctx: RunContext, upscale_model: Any, image: torch.T
             f"upscaling {w}x{h} by {s} is over the server's limit of 8192 pixels a side and {ctx.max_pixels} pixels"
         )
     model = load_upscaler(upscale_model.path, ctx.device)
-    x = image.permute(0, 3, 1, 2).float()
+    x = image[..., :3].permute(0, 3, 1, 2).float()  # an RGBA image's colour
     if spec_of(model).in_channels == 1:
         x = x.mean(1, keepdim=True)
     rows = [upscale_tensor_comfyui(model, x[i : i + 1]) for i in range(b)]
@@ -2069,7 +2069,7 @@ def canny_node(ctx: RunContext, image: torch.Tensor, low_threshold: float, high_
     try:
         rows = [
             canny_fractions(a, float(low_threshold), float(high_threshold))
-            for a in image.float().clamp(0, 1).cpu().numpy()
+            for a in image[..., :3].float().clamp(0, 1).cpu().numpy()  # an RGBA image's colour
         ]
     except ControlNetError as e:
         raise NodeError(str(e)) from None

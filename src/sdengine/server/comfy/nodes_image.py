@@ -177,7 +177,7 @@ def bayer_matrix(order: int) -> np.ndarray:
 
 
 def _quantize_row(rgb: np.ndarray, colors: int, dither: str) -> np.ndarray:
-    im = Image.fromarray(rgb, mode="RGB")
+    im = Image.fromarray(rgb)
     palette = im.quantize(colors=colors)  # the palette first (median cut), then the image mapped onto it
     if dither == "none":
         out = im.quantize(palette=palette, dither=Image.Dither.NONE)
@@ -189,7 +189,7 @@ def _quantize_row(rgb: np.ndarray, colors: int, dither: str) -> np.ndarray:
         h, w = rgb.shape[:2]
         tiled = np.tile(threshold, (math.ceil(h / threshold.shape[0]), math.ceil(w / threshold.shape[1])))[:h, :w]
         biased = np.clip(rgb.astype(np.float32) + tiled[..., None].astype(np.float32), 0, 255).astype(np.uint8)
-        out = Image.fromarray(biased, mode="RGB").quantize(palette=palette, dither=Image.Dither.NONE)
+        out = Image.fromarray(biased).quantize(palette=palette, dither=Image.Dither.NONE)
     return np.asarray(out.convert("RGB"))
 
 
@@ -222,6 +222,10 @@ def image_scale_to_total_pixels(
         raise NodeError(
             f"ImageScaleToTotalPixels: {megapixels} megapixels in steps of {step} leaves {w}x{h} for a {w0}x{h0} image"
         )
+    if x.shape[-1] == 4 and upscale_method == "lanczos":  # PIL's Lanczos path is RGB: the alpha scaled on its own
+        (rgb,) = image_scale(ctx, x[..., :3], upscale_method, w, h, "disabled")
+        (alpha,) = image_scale(ctx, x[..., 3:].expand(-1, -1, -1, 3), upscale_method, w, h, "disabled")
+        return (torch.cat([rgb, alpha[..., :1]], dim=-1),)
     return image_scale(ctx, x, upscale_method, w, h, "disabled")
 
 
