@@ -298,3 +298,36 @@ def test_jobs_of_other_freeu_settings_never_share_a_batch(tmp_path) -> None:
     alone = rec.pipe("a green tree", progress=False, **{**GEN, "seed": 8}, freeu=SDXL_ROW)
     assert float(np.abs(rec.results[1].arrays[1] - alone.arrays[0]).max()) <= ROW_TOL
     assert done[2]["infotexts"] == alone.infotexts
+
+
+class OtherWidths(Recorder):
+    """The emoji pipeline whose U-Net the server's checks see with a first level 96 channels wide: no hidden state
+    of its up blocks is 4x or 2x that, so FreeU's width rule would change nothing there."""
+
+    @property
+    def unet(self) -> Any:
+        import dataclasses
+        from types import SimpleNamespace
+
+        real = self.pipe.unet
+        return SimpleNamespace(
+            up_blocks=real.up_blocks, config=dataclasses.replace(real.config, block_out_channels=(96, 192, 384))
+        )
+
+
+def test_freeu_that_would_change_no_block_of_the_loaded_model_is_a_400(tmp_path) -> None:
+    """With the model loaded, FreeU whose rule picks none of its U-Net's up blocks is refused before it is queued,
+    in one line naming the widths; diffusers' rule (by block) is taken."""
+    with (
+        live_server(server_config(tmp_path), loader=lambda ref, device: OtherWidths()) as s,
+        httpx.Client(base_url=s.url, timeout=300) as c,
+    ):
+        run_job(c, {**BODY, "steps": 1})  # the model loaded: the check runs before the job is queued
+        r = c.post("/v1/jobs", json={**BODY, "freeu": list(SDXL_ROW)})
+        assert r.status_code == 400, r.text
+        said = r.json()["detail"]
+        assert said.startswith("freeu: FreeU changes no up block of this U-Net") and "384 or 192" in said, said
+        assert "\n" not in said and c.get("/v1/jobs").json()["queued"] == 0
+        r = c.post("/v1/jobs", json={**BODY, "steps": 1, "freeu": list(SDXL_ROW), "freeu_rule": "diffusers"})
+        assert r.status_code == 202, r.text
+        assert wait_job(c, r.json()["id"], timeout=300)["state"] == "done"

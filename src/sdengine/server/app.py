@@ -604,7 +604,8 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         from sdengine.nn.freeu import FreeU, check_freeu
 
         try:
-            check_freeu(unet, FreeU(*kw["freeu"], version=kw["freeu_version"], rule=kw["freeu_rule"]))
+            b1, b2, s1, s2 = kw["freeu"]
+            check_freeu(unet, FreeU(b1, b2, s1, s2, version=kw["freeu_version"], rule=kw["freeu_rule"]))
         except SdengineError as e:
             raise BadRequest(f"freeu: {e}") from None
 

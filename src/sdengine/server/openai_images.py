@@ -91,7 +91,8 @@ CHOICES = {
 # OpenAI's edits take no ``quality`` ``hd`` (a generations value of DALL-E 3's) and no ``style``
 EDIT_QUALITY = tuple(q for q in CHOICES["quality"] if q != "hd")
 # sdengine's own fields (the client's ``extra_body``)
-EXTENSIONS = ("seed", "steps", "negative_prompt", "cfg_scale", "sampler", "schedule", "vae", "pag_scale", "pag_layers")
+EXTENSIONS: tuple[str, ...] = ("seed", "steps", "negative_prompt", "cfg_scale", "sampler", "schedule", "vae")
+EXTENSIONS += ("pag_scale", "pag_layers")
 EXTENSIONS += ("freeu", "freeu_version", "freeu_rule")
 _SHARED = "model n size response_format output_format output_compression quality moderation style background user"
 # the fields each route reads, from a JSON body (generations) or a multipart form (edits, variations); any other
