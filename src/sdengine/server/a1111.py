@@ -1061,6 +1061,8 @@ def infotext_freeu(text: Any) -> tuple[list[Any], dict[str, Any]]:
     from sdengine.metadata import parse_parameters, to_generate_kwargs
 
     parsed = parse_parameters(text)
+    if "FreeU" not in parsed and "freeu_enabled" not in parsed:  # sdengine's key, Forge's
+        return args, {}
     try:
         found = to_generate_kwargs(parsed)
     except ValueError as e:
