@@ -85,8 +85,10 @@ def test_bad_native_freeu_values_are_422_naming_the_field(client) -> None:
         ({"freeu": [11, 1, 1, 1]}, "freeu"),
         ({"freeu": [1, -0.5, 1, 1]}, "freeu"),
         ({"freeu": [1, 1, "x", 1]}, "freeu"),
+        ({"freeu": [True, 1, 1, 1]}, "freeu"),
         ({"freeu": "1.3,1.4,0.9,0.2"}, "freeu"),
         ({"freeu": list(SDXL_ROW), "freeu_version": 3}, "freeu_version"),
+        ({"freeu": list(SDXL_ROW), "freeu_version": True}, "freeu_version"),
         ({"freeu": list(SDXL_ROW), "freeu_rule": "middle"}, "freeu_rule"),
     ):
         r = client.post("/v1/jobs", json={**BODY, **bad})

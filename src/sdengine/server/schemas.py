@@ -101,7 +101,7 @@ class JobRequest(BaseModel):
         "'up_blocks.1', 'down'); one that matches no layer of the model is a 400 (or fails the job, before the model "
         "is loaded). Used only with a pag_scale above 0; infotext 'PAG layers' when not 'mid'",
     )
-    freeu: list[Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)]] | None = Field(
+    freeu: list[Annotated[float, Field(ge=0, le=10, allow_inf_nan=False, strict=True)]] | None = Field(
         None,  # each factor at most sdengine.nn.freeu.MAX_FREEU_FACTOR
         min_length=4,
         max_length=4,
@@ -110,8 +110,11 @@ class JobRequest(BaseModel):
         "blocks freeu_rule picks; null: off. The authors' values: SD 1.x [1.5, 1.6, 0.9, 0.2], SD 2.x [1.4, 1.6, "
         "0.9, 0.2], SDXL [1.3, 1.4, 0.9, 0.2]. Infotext 'FreeU'",
     )
-    freeu_version: Literal[1, 2] = Field(
+    freeu_version: int = Field(
         2,
+        ge=1,
+        le=2,
+        strict=True,  # a JSON true is not version 1
         description="2: the backbone factor scaled by the hidden state's normalised channel mean (the authors' "
         "later code, ComfyUI's FreeU_V2, Forge's FreeU); 1: the factor as it is (ComfyUI's FreeU, diffusers' "
         "enable_freeu). Used only with freeu; infotext 'FreeU version' when 1",
