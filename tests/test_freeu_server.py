@@ -134,6 +134,8 @@ def test_openai_images_take_freeu_in_extra_body(server) -> None:
     for field, value, said in (
         ("freeu", [1.3, 1.4, 0.9], "freeu must be four numbers"),
         ("freeu", [1.3, 1.4, 0.9, 20], "freeu s2 must be in [0, 10], got 20"),
+        ("freeu", [True, 1.4, 0.9, 0.2], "freeu b1 must be a number, got True"),
+        ("freeu", {"b1": 1.3}, "freeu must be four numbers"),
         ("freeu", "1.3,1.4,x,0.2", "freeu must be four numbers b1,b2,s1,s2"),
         ("freeu_version", 3, "freeu_version must be 1 or 2, got 3"),
         ("freeu_version", True, "freeu_version must be 1 or 2, got True"),

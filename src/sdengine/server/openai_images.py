@@ -146,7 +146,7 @@ class GenerationsRequest(BaseModel):
     vae: str | None = None
     pag_scale: float | None = None
     pag_layers: str | list[str] | None = None
-    freeu: list[float] | str | None = None  # a list, or "b1,b2,s1,s2" as in a form
+    freeu: Any = None  # a list, or "b1,b2,s1,s2" as in a form (checked by the request builder)
     freeu_version: Any = None  # checked by the request builder (a boolean is not a version)
     freeu_rule: Any = None
     stream: bool | None = False
