@@ -197,6 +197,22 @@ def test_forges_freeu_script_in_a1111s_alwayson_scripts(server) -> None:
     assert r.info["ignored"] == ["alwayson_scripts.other"] and "FreeU" not in r.info["infotexts"][0]
 
 
+def test_forges_freeu_script_on_a1111s_img2img(server) -> None:
+    """img2img takes the script too: the Python API's img2img (A1111's strength rule) with that FreeU."""
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="DPM++ 2M", scheduler="Karras")
+    x = np.linspace(0, 255, 64, dtype=np.uint8)
+    init = Image.fromarray(
+        np.stack([np.tile(x, (64, 1)), np.tile(x[:, None], (1, 64)), np.full((64, 64), 128, np.uint8)], -1)
+    )
+    kw = dict(prompt="a red apple", seed=3, steps=3, width=64, height=64, cfg_scale=7.0, denoising_strength=0.5)
+    scripts = {"FreeU Integrated": {"args": [True, *SD1_ROW]}}
+    got = np.asarray(api.img2img(images=[init], **kw, alwayson_scripts=scripts).image.convert("RGB"))
+    same = dict(init_image=init, strength=0.5, strength_rule="a1111", cfg_scale=7.0)
+    want = python_api(**same, freeu=SD1_ROW)[0]
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(want, python_api(**same)[0])
+
+
 def test_bad_forge_freeu_script_arguments_are_one_line_400s(client) -> None:
     name = "FreeU Integrated (SD 1.x, SD 2.x, SDXL)"
     for entry, said in (
