@@ -307,6 +307,14 @@ def _parse_int(parsed: Mapping[str, str], key: str) -> int:
         raise MetadataError(f"{key}: {parsed[key]!r} is not an integer") from None
 
 
+def _number_or_none(text: str | None) -> float | None:
+    """``text`` as a float, or None when it is missing or not a number."""
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
 _FREEU_FACTOR_FIELDS = ("freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2")
 
 
@@ -587,6 +595,8 @@ def to_generate_kwargs(
     }
     if options:
         used |= {"Eta", "Eta DDIM", *(A1111_SAMPLER_FIELDS[k] for k in options if k in A1111_SAMPLER_FIELDS)}
+    # Forge's FreeU window (fractions of the steps): its whole run is what sdengine's FreeU does; another is warned of
+    used |= {k for k, whole in (("freeu_start", 0.0), ("freeu_end", 1.0)) if _number_or_none(parsed.get(k)) == whole}
     if kwargs.get("sampler") == "unipc":
         used |= {name for name, _ in A1111_UNIPC_FIELDS.values()}
         # the skip type and the lower order at the end that sdengine's UniPC runs: others are warned of below

@@ -114,8 +114,9 @@ class GenerationRequest:
     # s1) and 2x (b2, s2) the first level's width (``freeu_rule`` "width", the authors', ComfyUI's and Forge's rule),
     # or of the first and second up block ("diffusers", its enable_freeu); None = off. ``freeu_version`` 2 (the
     # authors' later code, ComfyUI's FreeU_V2, Forge's FreeU) scales by the hidden state's normalised channel mean;
-    # 1 (ComfyUI's FreeU, diffusers') by the factor as it is. Infotext Forge's "freeu_enabled", "freeu_b1" ...
-    # "freeu_s2", and sdengine's "freeu_version" / "freeu_rule" when not 2 / width (sdengine.nn.freeu)
+    # 1 (ComfyUI's FreeU, diffusers') by the factor as it is. Infotext: sdengine writes "FreeU: b1,b2,s1,s2" (and
+    # "FreeU version" / "FreeU rule" when not 2 / width) and reads Forge's "freeu_enabled", "freeu_b1" ...
+    # "freeu_s2" too (sdengine.metadata, sdengine.nn.freeu)
     freeu: Sequence[float] | None = None
     freeu_version: int = 2
     freeu_rule: str = "width"
