@@ -25,6 +25,9 @@ from sdengine.weights import convert, load_file, save_safetensors
 from sdengine.weights.io import safetensors_metadata
 
 STEPS, SEED = 3, 5
+# a kohya LoRA on one U-Net layer (diffusers' down_blocks.0...attn1.to_q; LDM input_blocks.1.1...attn1.to_q)
+LORA_LAYER = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+LORA_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
 UNET, TE, VAE = "model.diffusion_model.", "cond_stage_model.", "first_stage_model."
 
 
@@ -54,7 +57,7 @@ def _write_reference(models: Path, name: str, parts: dict[str, dict[str, torch.T
 
 
 @pytest.fixture(scope="module")
-def env(tiny_sd1_folder, tiny_sd2_folder, tmp_path_factory):
+def env(tiny_sd1_folder, tiny_sd2_folder, tiny_inpaint_folder, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("comfy_merge")
     models = tmp / "models"
     models.mkdir()
@@ -62,7 +65,19 @@ def env(tiny_sd1_folder, tiny_sd2_folder, tmp_path_factory):
     b = _perturbed(a, models / "b.safetensors", 1)
     c = _perturbed(a, models / "c.safetensors", 2)
     convert(tiny_sd2_folder, models / "sd2.safetensors")
+    convert(tiny_inpaint_folder, models / "inpaint.safetensors")
     ta, tb, tc = _tensors(a), _tensors(b), _tensors(c)
+    loras = tmp / "loras"
+    g = torch.Generator().manual_seed(9)
+    down, up = torch.randn(4, 32, generator=g) * 0.2, torch.randn(32, 4, generator=g) * 0.2
+    save_safetensors(
+        {
+            f"{LORA_LAYER}.lora_down.weight": down,
+            f"{LORA_LAYER}.lora_up.weight": up,
+            f"{LORA_LAYER}.alpha": torch.tensor(2.0),
+        },
+        loras / "q.safetensors",
+    )
 
     def part(prefix: str, fn) -> dict[str, torch.Tensor]:
         return {k: fn(ta[k], tb[k], tc[k]) for k in ta if k.startswith(prefix) and ta[k].is_floating_point()}
@@ -72,9 +87,9 @@ def env(tiny_sd1_folder, tiny_sd2_folder, tmp_path_factory):
     m = 0.7  # ModelMergeAdd(a, ModelMergeSubtract(b, c, m)): a * 1 + 1 * (b * m + (-m) * c)
     _write_reference(models, "ref_add", {UNET: part(UNET, lambda x, y, z: x * 1.0 + 1.0 * (y * m + (-m) * z))}, a)
     _write_reference(models, "ref_clip", {TE: part(TE, lambda x, y, z: x * 0.5 + 0.5 * y)}, a)
-    config = server_config(tmp, models_dir=models, model="a", max_queue=8)
+    config = server_config(tmp, models_dir=models, model="a", loras_dir=loras, max_queue=8)
     with live_server(config) as s, httpx.Client(base_url=s.url, timeout=300) as client:
-        yield {"client": client, "tmp": tmp, "models": models, "t": (ta, tb, tc)}
+        yield {"client": client, "tmp": tmp, "models": models, "t": (ta, tb, tc), "lora": (down, up, 2.0 / 4)}
 
 
 def _history(client: httpx.Client, prompt: dict) -> dict:
@@ -219,3 +234,58 @@ def test_the_nodes_are_listed_with_comfyuis_inputs(env):
         save["output_node"] is True
         and save["input"]["required"]["filename_prefix"][1]["default"] == "checkpoints/ComfyUI"
     )
+
+
+def _save(c: httpx.Client, g: dict, prefix: str, tmp: Path) -> dict[str, torch.Tensor]:
+    g = {**g, "9": {"class_type": "CheckpointSave", "inputs": {"filename_prefix": prefix, **g["9"]["inputs"]}}}
+    h = _history(c, g)
+    assert h["status"]["status_str"] == "success", h["status"]
+    (f,) = sorted((tmp / "outputs").rglob(f"{prefix}_*_.safetensors"))
+    return _tensors(f)
+
+
+def test_a_lora_before_a_merge_is_scaled_by_it_and_one_after_is_not(env):
+    """ComfyUI's order of patches: LoraLoader -> ModelMergeSimple(ratio) gives r * (A + dW) + (1 - r) * B; the
+    merge first and the LoRA after gives r * A + (1 - r) * B + dW (dW = (alpha / rank) * up @ down)."""
+    c, (ta, tb, _), (down, up, scale) = env["client"], env["t"], env["lora"]
+    dw = scale * (up.double() @ down.double())
+    r = 0.4
+    lora = {"class_type": "LoraLoaderModelOnly", "inputs": {"lora_name": "q", "strength_model": 1.0}}
+    before = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "a"}},
+        "14": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "b"}},
+        "11": {**lora, "inputs": {**lora["inputs"], "model": ["4", 0]}},
+        "10": {"class_type": "ModelMergeSimple", "inputs": {"model1": ["11", 0], "model2": ["14", 0], "ratio": r}},
+        "9": {"inputs": {"model": ["10", 0], "clip": ["4", 1], "vae": ["4", 2]}},
+    }
+    after = {
+        **before,
+        "10": {"class_type": "ModelMergeSimple", "inputs": {"model1": ["4", 0], "model2": ["14", 0], "ratio": r}},
+        "11": {**lora, "inputs": {**lora["inputs"], "model": ["10", 0]}},
+        "9": {"inputs": {"model": ["11", 0], "clip": ["4", 1], "vae": ["4", 2]}},
+    }
+    a, b = ta[LORA_KEY].double(), tb[LORA_KEY].double()
+    got = _save(c, before, "lora_before", env["tmp"])
+    torch.testing.assert_close(got[LORA_KEY].double(), r * (a + dw) + (1 - r) * b, rtol=0, atol=1e-6)
+    got = _save(c, after, "lora_after", env["tmp"])
+    torch.testing.assert_close(got[LORA_KEY].double(), r * a + (1 - r) * b + dw, rtol=0, atol=1e-6)
+    other = "model.diffusion_model.out.2.weight"  # a layer the LoRA does not touch: the plain merge
+    assert torch.equal(got[other], ta[other] * r + (1.0 - r) * tb[other])
+
+
+def test_an_inpainting_model1_keeps_its_input_convolution(env):
+    """ComfyUI's "WEIGHT NOT MERGED": model1's 9-channel conv_in against model2's 4-channel one stays model1's;
+    every other U-Net weight is merged."""
+    c, (ta, _, _) = env["client"], env["t"]
+    inp = _tensors(env["models"] / "inpaint.safetensors")
+    g = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "inpaint"}},
+        "14": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "a"}},
+        "10": {"class_type": "ModelMergeSimple", "inputs": {"model1": ["4", 0], "model2": ["14", 0], "ratio": 0.5}},
+        "9": {"inputs": {"model": ["10", 0], "clip": ["4", 1], "vae": ["4", 2]}},
+    }
+    got = _save(c, g, "inpaint_mix", env["tmp"])
+    conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+    assert got[conv_in].shape[1] == 9 and torch.equal(got[conv_in], inp[conv_in])
+    k = "model.diffusion_model.out.2.weight"
+    assert torch.equal(got[k], inp[k] * 0.5 + (1.0 - 0.5) * ta[k])

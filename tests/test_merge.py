@@ -270,3 +270,23 @@ def test_cli_merges_and_refuses_in_one_line(files, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_sdxl_files_merge_load_and_refuse_sd1(files, tmp_path):
+    """A tiny SDXL base (sgm layout, two text encoders): merged at M = 0 it generates A's image exactly, at 0.5 its
+    tensors are the formula; with an SD 1.x file it is refused."""
+    from _sdxl_models import make_sdxl_folder
+
+    xl = convert(make_sdxl_folder(tmp_path / "xl"), tmp_path / "xl.safetensors")
+    xl_b = _perturbed(xl, tmp_path / "xl_b.safetensors", 7)
+    rep = merge_checkpoints(xl, xl_b, out=tmp_path / "m.safetensors", multiplier=0.5)
+    assert rep.architecture == "SDXL" and rep.merged > 100
+    a, b, out = _f64(xl), _f64(xl_b), _f64(rep.path)
+    for k in (k for k in a if k.startswith(("conditioner.embedders.1.model.", "model.diffusion_model.label_emb"))):
+        if a[k].is_floating_point():
+            torch.testing.assert_close(out[k].double(), 0.5 * a[k].double() + 0.5 * b[k].double(), rtol=1e-6, atol=1e-6)
+    m0 = merge_checkpoints(xl, xl_b, out=tmp_path / "m0.safetensors", multiplier=0.0).path
+    assert np.array_equal(_image(m0), _image(xl))
+    assert np.isfinite(_image(rep.path)).all()
+    with pytest.raises(MergeError, match=r"A \(a\.safetensors\) is SD 1\.x .* and B \(xl\.safetensors\) is SDXL"):
+        merge_checkpoints(files["a"], xl, out=tmp_path / "x.safetensors")
