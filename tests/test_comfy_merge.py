@@ -153,6 +153,9 @@ def test_model_merge_simple_ratio_weighs_model1_and_leaves_the_model_unchanged(e
     merged = _image(c, _graph(extra=merge, model=("10", 0)))
     assert np.array_equal(merged, _image(c, _graph("ref_simple")))  # model1 * 0.3 + model2 * 0.7, exactly
     assert np.abs(merged.astype(float) - plain).mean() > 0.5
+    assert c.post("/free", json={"free_memory": True}).status_code == 200  # the kept merge goes with the cache
+    merge["10"]["inputs"]["ratio"] = 0.30000001  # (not the cached node: computed again, the same weights in fp32)
+    assert np.array_equal(_image(c, _graph(extra=merge, model=("10", 0))), merged)
     merge["10"]["inputs"]["ratio"] = 1.0  # ratio 1: model1 itself
     assert np.array_equal(_image(c, _graph(extra=merge, model=("10", 0))), plain)
     assert np.array_equal(_image(c, _graph()), plain)  # the loaded model was never changed
@@ -221,6 +224,7 @@ def test_merging_different_networks_is_a_node_error(env):
     assert h["status"]["status_str"] == "error"
     text = str(h["status"]["messages"])
     assert "different networks" in text and "cannot be merged" in text
+    assert "ModelMergeSimple" in text  # the merge node fails, not the sampler after it
 
 
 def test_the_nodes_are_listed_with_comfyuis_inputs(env):

@@ -173,32 +173,45 @@ def _wider_input(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return len(a) == len(b) == 4 and a[:1] + a[2:] == b[:1] + b[2:] and a[1] in (8, 9) and b[1] == 4
 
 
-def _patch(
-    current: dict[str, torch.Tensor], other: Mapping[str, torch.Tensor], step: WeightPatch, part: Part, names: str
-) -> dict[str, torch.Tensor]:
-    """ComfyUI's "diff" patch of a merge node on every key both models have."""
-    mine, theirs = set(current), set(other)
-    if mine != theirs:
-        only = sorted(mine - theirs) or sorted(theirs - mine)
+def _check_same_network(
+    mine: Mapping[str, tuple[int, ...]], theirs: Mapping[str, tuple[int, ...]], names: str
+) -> list[str]:
+    """NodeError unless two networks' parameters (name -> shape) are the same but for a wider input convolution of
+    the first (:func:`_wider_input`); returns those parameters' names (they keep the first model's weights)."""
+    if set(mine) != set(theirs):
+        only = sorted(set(mine) - set(theirs)) or sorted(set(theirs) - set(mine))
         raise NodeError(
-            f"{names} are different networks ({len(mine ^ theirs)} parameters are in one only, e.g. {only[0]}): "
-            "they cannot be merged"
+            f"{names} are different networks ({len(set(mine) ^ set(theirs))} parameters are in one only, e.g. "
+            f"{only[0]}): they cannot be merged"
         )
-    out = dict(current)
-    for name, w in current.items():
-        if part == "clip" and name.endswith(CLIP_SKIP_SUFFIXES):
-            continue
-        o = other[name]
-        if o.shape != w.shape:
-            a, b = tuple(w.shape), tuple(o.shape)
+    kept = []
+    for name, a in mine.items():
+        b = theirs[name]
+        if a != b:
             if not _wider_input(a, b):
                 raise NodeError(
                     f"{names} are different networks ({name} is {a} in the first, {b} in the second): they cannot be "
                     "merged"
                 )
-            log.warning("merge: %s is %s in model1 and %s in model2: not merged (as ComfyUI)", name, a, b)
+            kept.append(name)
+    return kept
+
+
+def _patch(
+    current: dict[str, torch.Tensor], other: Mapping[str, torch.Tensor], step: WeightPatch, part: Part, names: str
+) -> dict[str, torch.Tensor]:
+    """ComfyUI's "diff" patch of a merge node on every key both models have."""
+    shapes = {n: tuple(t.shape) for n, t in current.items()}
+    kept = set(_check_same_network(shapes, {n: tuple(t.shape) for n, t in other.items()}, names))
+    out = dict(current)
+    for name, w in current.items():
+        if part == "clip" and name.endswith(CLIP_SKIP_SUFFIXES):
             continue
-        merged = w.float() * step.strength_model + step.strength_patch * o.to(w.device).float()
+        if name in kept:
+            log.warning("merge: %s is %s in model1 and %s in model2: not merged (as ComfyUI)", name, shapes[name],
+                        tuple(other[name].shape))  # fmt: skip
+            continue
+        merged = w.float() * step.strength_model + step.strength_patch * other[name].to(w.device).float()
         out[name] = merged.to(w.dtype)
     return out
 
@@ -223,10 +236,17 @@ def effective_weights(ctx: RunContext, handle: Any, part: Part, *, with_loras: b
     return current
 
 
-# The last computed merge, kept for the next prompt with the same handle: a worker runs one prompt at a time and a
-# server's workflow repeats, so that the other model is not loaded again on every run.
-_LAST: dict[str, Any] = {}
+# The last computed merge of each part on each device, kept for the next prompt with the same handle: a worker runs
+# one prompt at a time and a server's workflow repeats, so that the other model is not loaded again on every run.
+# ComfyUI's /free drops them (forget_merges).
+_LAST: dict[tuple[str, str], Any] = {}
 _LAST_LOCK = threading.Lock()
+
+
+def forget_merges() -> None:
+    """Drop the kept merged weights (the server's /free, with the node cache)."""
+    with _LAST_LOCK:
+        _LAST.clear()
 
 
 def _recipe_refs(handle: Any) -> list[str]:
@@ -250,16 +270,17 @@ def _state_of(refs: list[str]) -> tuple[Any, ...]:
 
 
 def _merged_for(ctx: RunContext, pipe: Any, handle: Any, part: Part) -> dict[str, torch.Tensor]:
-    key = (handle, part, ctx.device, getattr(pipe, "dtype", None), _state_of(_recipe_refs(handle)))
+    key = (handle, getattr(pipe, "dtype", None), _state_of(_recipe_refs(handle)))
+    slot = (part, str(ctx.device))
     with _LAST_LOCK:
-        hit = _LAST.get(part)
+        hit = _LAST.get(slot)
         if hit is not None and hit[0] == key:
             return dict(hit[1])
     weights = effective_weights(ctx, replace(handle, loras=()), part)
     own = {n: p.data for n, p in _params(pipe, part).items()}
     changed = {n: t for n, t in weights.items() if t is not own.get(n)}
     with _LAST_LOCK:
-        _LAST[part] = (key, changed)
+        _LAST[slot] = (key, changed)
     return dict(changed)
 
 
@@ -278,37 +299,45 @@ def merges_applied(ctx: RunContext, pipe: Any, handle: Any, part: Part) -> Itera
 # ----------------------------------------------------------------------------------------------- nodes
 
 
-def _merged(handle: Any, other: Any, strength_patch: float, strength_model: float) -> Any:
-    """``handle`` with one more patch; its LoRAs so far become a step before it (ComfyUI's order)."""
+def _merged(
+    ctx: RunContext, handle: Any, other: Any, strength_patch: float, strength_model: float, part: Part
+) -> tuple[Any]:
+    """``handle`` with one more patch; its LoRAs so far become a step before it (ComfyUI's order). The two
+    networks are compared here (names and shapes, nothing computed), so that a merge of different kinds of model
+    fails at its node."""
+    names = "model1 and model2" if part == "unet" else "clip1 and clip2"
+    p1 = {n: tuple(p.shape) for n, p in _params(ctx.pipeline(handle.ref), part).items()}
+    p2 = {n: tuple(p.shape) for n, p in _params(ctx.pipeline(other.ref), part).items()}
+    _check_same_network(p1, p2, names)
     steps = tuple(handle.merges)
     if handle.loras:
         steps += (LoraStep(tuple(handle.loras)),)
     patch = WeightPatch(other, float(strength_patch), float(strength_model))
-    return replace(handle, loras=(), merges=(*steps, patch))
+    return (replace(handle, loras=(), merges=(*steps, patch)),)
 
 
 def model_merge_simple(ctx: RunContext, model1: ModelHandle, model2: ModelHandle, ratio: float) -> tuple[Any]:
-    return (_merged(model1, model2, 1.0 - float(ratio), float(ratio)),)
+    return _merged(ctx, model1, model2, 1.0 - float(ratio), float(ratio), "unet")
 
 
 def model_merge_add(ctx: RunContext, model1: ModelHandle, model2: ModelHandle) -> tuple[Any]:
-    return (_merged(model1, model2, 1.0, 1.0),)
+    return _merged(ctx, model1, model2, 1.0, 1.0, "unet")
 
 
 def model_merge_subtract(ctx: RunContext, model1: ModelHandle, model2: ModelHandle, multiplier: float) -> tuple[Any]:
-    return (_merged(model1, model2, -float(multiplier), float(multiplier)),)
+    return _merged(ctx, model1, model2, -float(multiplier), float(multiplier), "unet")
 
 
 def clip_merge_simple(ctx: RunContext, clip1: ClipHandle, clip2: ClipHandle, ratio: float) -> tuple[Any]:
-    return (_merged(clip1, clip2, 1.0 - float(ratio), float(ratio)),)
+    return _merged(ctx, clip1, clip2, 1.0 - float(ratio), float(ratio), "clip")
 
 
 def clip_merge_add(ctx: RunContext, clip1: ClipHandle, clip2: ClipHandle) -> tuple[Any]:
-    return (_merged(clip1, clip2, 1.0, 1.0),)
+    return _merged(ctx, clip1, clip2, 1.0, 1.0, "clip")
 
 
 def clip_merge_subtract(ctx: RunContext, clip1: ClipHandle, clip2: ClipHandle, multiplier: float) -> tuple[Any]:
-    return (_merged(clip1, clip2, -float(multiplier), float(multiplier)),)
+    return _merged(ctx, clip1, clip2, -float(multiplier), float(multiplier), "clip")
 
 
 # ------------------------------------------------------------------------------------------ CheckpointSave
