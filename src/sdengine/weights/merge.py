@@ -306,8 +306,8 @@ def merge_checkpoints(
     if method not in METHODS:
         from sdengine.names import did_you_mean
 
-        raise MergeError(f"unknown merge method {method!r}{did_you_mean(method, list(METHODS))}; use one of "
-                         f"{', '.join(METHODS)}")  # fmt: skip
+        guess = did_you_mean(method, list(METHODS))
+        raise MergeError(f"unknown merge method {method!r}{guess or '; use one of ' + ', '.join(METHODS)}")
     if isinstance(multiplier, bool) or not isinstance(multiplier, int | float) or not math.isfinite(multiplier):
         raise MergeError(f"the multiplier must be a finite number, got {multiplier!r}")
     m = float(multiplier)
