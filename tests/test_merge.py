@@ -290,3 +290,38 @@ def test_sdxl_files_merge_load_and_refuse_sd1(files, tmp_path):
     assert np.isfinite(_image(rep.path)).all()
     with pytest.raises(MergeError, match=r"A \(a\.safetensors\) is SD 1\.x .* and B \(xl\.safetensors\) is SDXL"):
         merge_checkpoints(files["a"], xl, out=tmp_path / "x.safetensors")
+
+
+def test_streaming_writer_and_reader_match_the_safetensors_library(tmp_path):
+    """The merge's I/O: each tensor made once, in the file's order, and read back alone; the file is what the
+    safetensors library reads (the oracle); a tensor of another shape than its header's writes nothing."""
+    from safetensors.torch import load_file as st_load
+
+    from sdengine.weights.io import WeightsError, write_safetensors_streaming
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight": torch.randn(3, 5, generator=g),
+        "b.half": torch.randn(7, generator=g).half(),
+        "c.int": torch.arange(4, dtype=torch.int64),
+        "d.empty": torch.zeros(0),
+    }
+    calls: list[str] = []
+
+    def produce(name: str) -> torch.Tensor:
+        calls.append(name)
+        return tensors[name]
+
+    layout = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    path = tmp_path / "s.safetensors"
+    write_safetensors_streaming(layout, produce, path, metadata={"k": "v"})
+    assert sorted(calls) == sorted(tensors) and len(calls) == len(set(calls))
+    theirs = st_load(str(path))
+    with SafetensorsReader(path) as r:
+        assert r.metadata == {"k": "v"}
+        for k, v in tensors.items():
+            assert torch.equal(theirs[k], v) and torch.equal(r.read(k), v) and r.shape(k) == tuple(v.shape)
+    bad = tmp_path / "bad.safetensors"
+    with pytest.raises(WeightsError, match="shape"):
+        write_safetensors_streaming({"x": (torch.float32, (2, 2))}, lambda n: torch.zeros(3), bad)
+    assert not bad.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary left
