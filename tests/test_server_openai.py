@@ -461,6 +461,9 @@ DOC_VALUES = {
     "strength": 0.8,
     "pag_scale": 1.5,  # perturbed-attention guidance on the middle block (the job runs it)
     "pag_layers": "mid",
+    "freeu": "1.3,1.4,0.9,0.2",  # FreeU (a form's string; JSON takes it too)
+    "freeu_version": 2,
+    "freeu_rule": "width",
 }
 
 

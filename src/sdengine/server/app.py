@@ -365,6 +365,21 @@ def _version() -> str:
     return str(__version__)
 
 
+def listing_hint(message: str, path: str) -> str:
+    """``message`` with the CLI's "`sdengine list samplers` lists all" (an unknown sampler or schedule) turned into
+    the route of the protocol the client speaks that lists them: a client of the server has no CLI."""
+    from sdengine.diffusion import sampling
+
+    a1111 = path.startswith("/sdapi/")
+    hints = {
+        sampling.SAMPLERS_HINT: "GET /sdapi/v1/samplers lists all" if a1111 else "GET /v1/samplers lists all",
+        sampling.SCHEDULES_HINT: "GET /sdapi/v1/schedulers lists all" if a1111 else "GET /v1/samplers lists all",
+    }
+    for cli, route in hints.items():
+        message = message.replace(cli, route)
+    return message
+
+
 def error_body(message: str, kind: str) -> dict[str, Any]:
     """One error shape that A1111 clients (``detail``) and OpenAI clients (``error.message``) both read; a path of
     the server's in ``message`` is cut to the name the client gave (an OSError names the file it failed on)."""
@@ -376,7 +391,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SdengineError)
     async def sdengine_error(request: Request, exc: SdengineError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else None
-        return JSONResponse(error_body(str(exc), type(exc).__name__), status_code=status_of(exc), headers=headers)
+        message = listing_hint(str(exc), request.url.path)
+        return JSONResponse(error_body(message, type(exc).__name__), status_code=status_of(exc), headers=headers)
 
     @app.exception_handler(FileNotFoundError)
     async def not_found(request: Request, exc: FileNotFoundError) -> JSONResponse:
@@ -591,6 +607,24 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         except SdengineError as e:
             raise BadRequest(f"pag_layers: {e}") from None
 
+    def check_freeu_blocks(generation: Generation) -> None:
+        """FreeU that would change no up block of the model (none of the widths its rule picks) is a 400 now when a
+        worker holds the model; before its first load the job fails with the same line when it runs."""
+        kw = generation.kwargs
+        if kw.get("freeu") is None:
+            return
+        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        unet = getattr(loaded, "unet", None)
+        if unet is None:
+            return
+        from sdengine.nn.freeu import FreeU, check_freeu
+
+        try:
+            b1, b2, s1, s2 = kw["freeu"]
+            check_freeu(unet, FreeU(b1, b2, s1, s2, version=kw["freeu_version"], rule=kw["freeu_rule"]))
+        except SdengineError as e:
+            raise BadRequest(f"freeu: {e}") from None
+
     def check_not_too_large(generation: Generation) -> None:
         """A width or height over the model's limit (8x its training size) is a 400 now, instead of a queued job
         (or a started stream) that fails when it runs: the limit is the loaded pipeline's when a worker holds the
@@ -701,6 +735,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         check_hires_not_too_small(generation)
         check_tiny_vae(generation)
         check_pag_layers(generation)
+        check_freeu_blocks(generation)
         check_schedule_steps(generation)
 
     services.precheck = precheck

@@ -262,6 +262,9 @@ _BATCH_SETTINGS = (
     "vae_encode",
     "pag_scale",  # perturbed-attention guidance: one scale and one set of layers per call (left out when off)
     "pag_layers",
+    "freeu",  # FreeU: one set of factors, version and rule per call (left out when off)
+    "freeu_version",
+    "freeu_rule",
 )
 _PER_ROW = ("prompt", "negative_prompt", "seed", "batch_size")
 _NEVER_BATCHED = ("init_image", "mask", "controlnets")
@@ -704,14 +707,16 @@ class JobManager:
             job.changed()
 
     def finish(self, job: Job, state: str, error: str | None = None) -> None:
-        job.state = state
         if error is not None:  # what every protocol answers: the server's paths cut to the names clients gave
             shown = redact_paths(error)
             if shown != error:
                 log.info("job %s: %s", job.id, error)  # the whole text stays in the server's log
             error = shown
+        # the error and the time before the state: a route that sees a finished state reads them at once (the
+        # state set first once let an A1111 answer say only "failed" when it read between the two)
         job.error = error
         job.finished = time.time()
+        job.state = state
         if state == DONE:
             self.completed += 1
         with self._cond:
