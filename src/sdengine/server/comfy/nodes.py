@@ -194,6 +194,8 @@ class ModelHandle:
     # FreeU / FreeU_V2: (b1, b2, s1, s2, version, "width"), () = off (the last one applied counts, as ComfyUI's
     # output block patch, which replaces the one before)
     freeu: tuple[Any, ...] = ()
+    # the merge nodes' weight patches, in order (nodes_merge.WeightPatch / LoraStep), applied while sampling
+    merges: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,7 @@ class ClipHandle:
     ref: str
     layer: int | None = None  # CLIPSetLastLayer's stop_at_clip_layer; None: the model's own layer
     loras: tuple[tuple[str, float], ...] = ()
+    merges: tuple[Any, ...] = ()  # the CLIP merge nodes' weight patches (nodes_merge), applied while encoding
 
     def clip_skip(self, pipe: Any) -> int:
         """The pipeline's clip_skip for ComfyUI's layer. SD 1.x: -1 is the last layer (A1111's clip skip 1),
@@ -714,8 +717,17 @@ def controlnet_loader(ctx: RunContext, control_net_name: str) -> tuple[Any]:
 
 
 @contextmanager
-def _clip_loras(pipe: Any, clip: ClipHandle) -> Iterator[None]:
-    """The CLIP part of the LoRAs a LoraLoader put on ``clip``, on the text encoders while encoding."""
+def _clip_loras(pipe: Any, clip: ClipHandle, ctx: RunContext) -> Iterator[None]:
+    """The CLIP merge nodes' weights and the CLIP part of the LoRAs a LoraLoader put on ``clip``, on the text
+    encoders while encoding."""
+    from sdengine.server.comfy.nodes_merge import merges_applied
+
+    with merges_applied(ctx, pipe, clip, "clip"), _clip_loras_only(pipe, clip):
+        yield
+
+
+@contextmanager
+def _clip_loras_only(pipe: Any, clip: ClipHandle) -> Iterator[None]:
     handle = None
     te2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second encoder (the refiner's only one)
     if clip.loras and (isinstance(pipe.text_encoder, torch.nn.Module) or isinstance(te2, torch.nn.Module)):
@@ -734,7 +746,7 @@ def clip_text_encode(ctx: RunContext, text: str, clip: ClipHandle) -> tuple[Any]
     from sdengine.latent_sampling import encode_text
 
     pipe = ctx.pipeline(clip.ref)
-    with _clip_loras(pipe, clip):
+    with _clip_loras(pipe, clip, ctx):
         return ([encode_text(pipe, text, clip.clip_skip(pipe))],)
 
 
@@ -764,7 +776,7 @@ def clip_text_encode_sdxl(
 
     pipe = ctx.pipeline(clip.ref)
     cond = _sdxl_conditioner(pipe, refiner=False, node="CLIPTextEncodeSDXL")
-    with _clip_loras(pipe, clip):
+    with _clip_loras(pipe, clip, ctx):
         states, pooled = cond.text(text_l, text_g, clip.clip_skip(pipe))
         vector = cond.vector_of(pooled, [height, width, crop_h, crop_w, target_height, target_width])
     return ([TextCondition({"crossattn": states.to(cond.dtype), "vector": vector}, pooled_width=pooled.shape[-1])],)
@@ -779,7 +791,7 @@ def clip_text_encode_sdxl_refiner(
 
     pipe = ctx.pipeline(clip.ref)
     cond = _sdxl_conditioner(pipe, refiner=True, node="CLIPTextEncodeSDXLRefiner")
-    with _clip_loras(pipe, clip):
+    with _clip_loras(pipe, clip, ctx):
         states, pooled = cond.text(text, text, clip.clip_skip(pipe))
         vector = cond.vector_of(pooled, [height, width, 0, 0, ascore])
     return ([TextCondition({"crossattn": states.to(cond.dtype), "vector": vector}, pooled_width=pooled.shape[-1])],)
@@ -994,7 +1006,10 @@ def _sample(
         return ctx.progress(r.step, r.steps, r.denoised) if ctx.progress is not None else True
 
     freeu = FreeU(*model.freeu) if model.freeu else None
-    with freeu_applied(pipe.unet, freeu):  # FreeU / FreeU_V2 on the plain U-Net that latent_sampling calls
+    from sdengine.server.comfy.nodes_merge import merges_applied
+
+    # the merge nodes' weights, then FreeU / FreeU_V2 on the plain U-Net that latent_sampling calls (LoRAs: in it)
+    with merges_applied(ctx, pipe, model, "unet"), freeu_applied(pipe.unet, freeu):
         out = sample_latents(
             pipe,
             positive,

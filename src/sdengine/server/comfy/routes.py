@@ -918,6 +918,9 @@ def apply_free(st: ComfyState, services: Any, own: Any = None) -> None:
     if pending is None:
         return
     st.executor.clear()
+    from sdengine.server.comfy.nodes_merge import forget_merges
+
+    forget_merges()  # the merge nodes' kept weights go with the node cache
     if pending:
         for w in services.manager.workers:
             if w.current is None or w is own:
