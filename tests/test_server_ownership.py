@@ -285,7 +285,7 @@ def test_another_clients_upload_is_unknown_to_it(tmp_path) -> None:
         assert native("root-key", uid).status_code == 202
 
 
-def test_a_prompt_id_is_queued_again_by_its_client_and_refused_to_another_with_one_answer(tmp_path) -> None:
+def test_a_prompt_id_in_use_is_refused_with_one_answer_whoever_has_it(tmp_path) -> None:
     """ComfyUI queues a prompt_id it already has (the later run overwrites the history entry); here a client may
     reuse its own prompt_ids so, but never another client's: a ComfyUI prompt_id or history entry of another
     client, or any job id of the other APIs, is refused with one answer (400 "taken"), the same whoever has it
