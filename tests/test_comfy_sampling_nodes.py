@@ -183,6 +183,10 @@ def test_perp_neg_rule_is_comfyuis_by_hand():
     assert PerpNeg(7.0, 0.0).active() == (True, False, True)
     assert PerpNeg(1.0, 0.0).active() == (True, False, False)
     assert PerpNeg(1.0, 0.5).active() == (True, True, True)
+    # the older PerpNeg model patch: ComfyUI's sampling_function drops the negative at cfg 1, never the empty one
+    assert PerpNeg(1.0, 0.0, patch=True).active() == (True, False, True)
+    assert PerpNeg(7.0, 0.0, patch=True).active() == (True, True, True)
+    assert PerpNeg(1.0, 0.0, patch=True).active(every=True) == (True, True, True)
     with pytest.raises(GuidanceRuleError, match="neg_scale"):
         PerpNeg(1.0, float("nan"))
 
@@ -317,6 +321,29 @@ def test_dual_cfg_and_perp_neg_guiders_end_to_end(client):
     assert np.abs(full - nested).mean() > 1.0
     perp_full = image(client, custom_graph(perp("p", "n", "e", 5.0, 1.5), sigmas=vp))
     assert np.abs(perp_full - image(client, custom_graph(cfg_guider("p", "e", 5.0), sigmas=vp))).mean() > 0.5
+
+
+def test_the_perp_neg_model_patch_guides_as_the_guider(client):
+    """ComfyUI's deprecated PerpNeg node replaces the model's CFG by Perp-Neg: CFGGuider on the patched model is
+    PerpNegGuider with the same settings (cfg not 1: every pass runs either way)."""
+    from test_comfy_guidance import _history
+
+    def patched(empty: str, neg_scale: float) -> dict:
+        g = custom_graph({**cfg_guider("p", "n", 5.0)})
+        g["pn"] = {"class_type": "PerpNeg", "inputs": {"model": ["ckpt", 0], "empty_conditioning": [empty, 0],
+                                                       "neg_scale": neg_scale}}  # fmt: skip
+        g["guider"]["inputs"]["model"] = ["pn", 0]
+        return g
+
+    got = image(client, patched("e", 1.5))
+    assert np.abs(got - image(client, custom_graph(perp("p", "n", "e", 5.0, 1.5)))).max() <= 1
+    assert np.abs(got - image(client, custom_graph(cfg_guider("p", "n", 5.0)))).mean() > 0.5
+    g = patched("e", 1.5)
+    g["guider"] = perp("p", "n", "e", 5.0, 1.5)
+    g["guider"]["inputs"]["model"] = ["pn", 0]  # a guider rule on a patched model: refused at the sampler
+    h = _history(client, g)
+    err = next(d for kind, d in h["status"]["messages"] if kind == "execution_error")
+    assert err["node_id"] == "run" and "PerpNeg patch" in err["exception_message"], err
 
 
 def test_sampler_nodes_with_options_run_the_samplers_they_stand_for(client):

@@ -241,15 +241,21 @@ class PerpNeg:
     ``p = pos - e`` and ``n = neg - e``, the negative's part perpendicular to ``p``, ``n - (<n, p> / |p|^2) p``
     (the dot product and norm over the whole batch tensor, as ComfyUI's), is what the negative takes away:
     ``e + cfg (p - neg_scale perp)``. The negative pass is left out where neg_scale is 0, the empty one too where
-    cfg is also 1 (counting as 0, as in ComfyUI). A CFG++ sampler's unconditional x0: the negative's."""
+    cfg is also 1 (counting as 0, as in ComfyUI). A CFG++ sampler's unconditional x0: the negative's.
+
+    ``patch``: ComfyUI's older PerpNeg model patch, its CFG function in place of CFG: the same combination, the
+    negative pass left out where cfg is 1 (ComfyUI's sampling_function's), the empty one always run."""
 
     order = (0, 2, 1)  # ComfyUI's order: positive, empty_negative_prompt, negative
 
-    def __init__(self, cfg: float, neg_scale: float) -> None:
+    def __init__(self, cfg: float, neg_scale: float, patch: bool = False) -> None:
         self.cfg = _scale("cfg", cfg)
         self.neg_scale = _scale("neg_scale", neg_scale)
+        self.patch = patch
 
     def active(self, every: bool = False) -> tuple[bool, bool, bool]:
+        if self.patch:
+            return (True, every or not math.isclose(self.cfg, 1.0), True)
         if every or not math.isclose(self.neg_scale, 0.0):
             return (True, True, True)
         return (True, False, not math.isclose(self.cfg, 1.0))
@@ -261,4 +267,4 @@ class PerpNeg:
         return empty + self.cfg * (p - perp * self.neg_scale), neg
 
     def __repr__(self) -> str:
-        return f"PerpNeg(cfg {self.cfg:g}, neg_scale {self.neg_scale:g})"
+        return f"PerpNeg{' patch' * self.patch}(cfg {self.cfg:g}, neg_scale {self.neg_scale:g})"

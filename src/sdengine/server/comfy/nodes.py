@@ -194,6 +194,9 @@ class ModelHandle:
     # FreeU / FreeU_V2: (b1, b2, s1, s2, version, "width"), () = off (the last one applied counts, as ComfyUI's
     # output block patch, which replaces the one before)
     freeu: tuple[Any, ...] = ()
+    # ComfyUI's PerpNeg model patch (nodes_sampling.py): (empty conditioning entries, neg_scale), () = off; its CFG
+    # function replaces CFG wherever the model samples (the last patch applied counts, as ComfyUI's)
+    perp_neg: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -983,6 +986,13 @@ def _sample(
 ) -> tuple[Any]:
     from sdengine.latent_sampling import sample_latents
 
+    if getattr(model, "perp_neg", ()):  # ComfyUI's PerpNeg patch: its CFG function in place of CFG (the node's cfg)
+        if guidance_rule is not None:
+            raise NodeError(f"{guidance_rule!r} cannot guide a model with the PerpNeg patch: use one or the other")
+        from sdengine.diffusion.guidance import PerpNeg
+
+        empty, neg_scale = model.perp_neg
+        guidance_rule, third = PerpNeg(float(cfg), float(neg_scale), patch=True), list(empty)
     if steps > ctx.max_steps:
         raise NodeError(f"steps {steps} is over the server's limit of {ctx.max_steps}")
     if float(denoise) <= 0.0:  # ComfyUI: no step to run, the latent passes through unchanged

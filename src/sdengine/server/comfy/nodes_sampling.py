@@ -7,6 +7,7 @@ GUIDER, LATENT)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -122,6 +123,18 @@ def perp_neg_guider(
     except GuidanceRuleError as e:
         raise NodeError(str(e)) from None
     return (Guider(model, positive, negative, float(cfg), rule=rule, third=empty_conditioning),)
+
+
+def perp_neg_patch(ctx: Any, model: ModelHandle, empty_conditioning: list[Any], neg_scale: float) -> tuple[Any]:
+    """ComfyUI's deprecated PerpNeg node: the model's CFG replaced by Perp-Neg against ``empty_conditioning`` (the
+    sampler's cfg and negative), wherever it samples (KSampler, SamplerCustom, CFGGuider)."""
+    from sdengine.diffusion.guidance import GuidanceRuleError, PerpNeg
+
+    try:
+        PerpNeg(1.0, float(neg_scale), patch=True)
+    except GuidanceRuleError as e:
+        raise NodeError(str(e)) from None
+    return (replace(model, perp_neg=(tuple(empty_conditioning), float(neg_scale))),)
 
 
 # ---------------------------------------------------------------------------------------------- AddNoise
@@ -329,6 +342,20 @@ NODES: dict[str, NodeDef] = {
             perp_neg_guider,
             description="Perp-Neg: the negative takes away only its part perpendicular to the positive (both "
             "relative to the empty conditioning). Not with RescaleCFG or PerturbedAttentionGuidance on the model.",
+        ),
+        NodeDef(
+            "PerpNeg",
+            "Perp-Neg (DEPRECATED by PerpNegGuider)",
+            "_for_testing",
+            (
+                Input("model", "MODEL"),
+                Input("empty_conditioning", "CONDITIONING"),
+                _float("neg_scale", 1.0, 0.0, 100.0, exact=False),
+            ),
+            ("MODEL",),
+            perp_neg_patch,
+            description="The model's CFG replaced by Perp-Neg against the empty conditioning (the sampler's cfg "
+            "and negative); not with RescaleCFG, PerturbedAttentionGuidance or another guider rule.",
         ),
         NodeDef(
             "AddNoise",
