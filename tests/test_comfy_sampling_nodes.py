@@ -316,6 +316,12 @@ def test_dual_cfg_and_perp_neg_guiders_end_to_end(client):
     for guider, same, sigmas, tol in cases:
         got, want = image(client, custom_graph(guider, sigmas=sigmas)), image(client, custom_graph(same, sigmas=sigmas))
         assert np.abs(got - want).max() <= tol, (guider["class_type"], guider["inputs"])
+    # a CFG++ sampler runs every pass and takes nested DualCFG's cond2 as the unconditional x0 (ComfyUI's post-CFG
+    # hook sees the uncond of the cfg_function it runs): at cfg_cond2_negative 1 it is CFG++ of cond1 against cond2
+    cfgpp = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler_cfg_pp"}}
+    got = image(client, custom_graph(dual("p", "m", "n", 4.0, 1.0, "nested"), sampler=cfgpp))
+    assert np.abs(got - image(client, custom_graph(cfg_guider("p", "m", 4.0), sampler=cfgpp))).max() <= 1
+    assert np.abs(got - image(client, custom_graph(cfg_guider("p", "n", 4.0), sampler=cfgpp))).mean() > 0.5
     full = image(client, custom_graph(dual("p", "m", "n", 4.0, 6.0, "regular"), sigmas=poly))
     nested = image(client, custom_graph(dual("p", "m", "n", 4.0, 6.0, "nested"), sigmas=poly))
     assert np.abs(full - nested).mean() > 1.0
