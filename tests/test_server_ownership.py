@@ -325,3 +325,32 @@ def test_a_prompt_id_in_use_is_refused_with_one_answer_whoever_has_it(tmp_path) 
     c.post("/queue", json={"delete": ["mine"]}, headers=alice)  # every queued prompt of that id
     assert [e[1] for e in c.get("/queue", headers=alice).json()["queue_pending"]] == ["done"]
     assert c.get(f"/v1/jobs/{theirs}", headers=alice).json()["state"] == "queued"
+
+
+def test_a_prompt_id_queued_by_two_requests_at_once_queues_both(tmp_path, monkeypatch) -> None:
+    """Two requests of one client with the same new prompt_id at once: both judge the id free, the job table takes
+    the first under it; the second, told "taken" by the table, is judged again and queued under an id of its own
+    (ComfyUI queues both), not answered 400."""
+    from fastapi.testclient import TestClient
+
+    from sdengine.server.app import create_app
+
+    app = create_app(server_config(tmp_path, devices=("cpu",), **KEYS), loader=lambda ref, device: None, preload=False)
+    c = TestClient(app, base_url="http://127.0.0.1")
+    manager = app.state.services.manager
+    assert c.post("/prompt", json={"prompt": GRAPH, "prompt_id": "race"}, headers=bearer("bob-key")).status_code == 200
+    real, blind = manager.has_id, [True]
+
+    def has_id(job_id: str) -> bool:  # the other request's check ran before the first job was in the table
+        if blind and job_id == "race":
+            blind.clear()
+            return False
+        return real(job_id)
+
+    monkeypatch.setattr(manager, "has_id", has_id)
+    r = c.post("/prompt", json={"prompt": GRAPH, "prompt_id": "race"}, headers=bearer("bob-key"))
+    assert r.status_code == 200 and r.json()["prompt_id"] == "race", r.text
+    ids = [j.id for j in manager.jobs() if getattr(j, "prompt_id", None) == "race"]
+    assert len(ids) == 2 and ids[0] == "race" and ids[1].startswith("race#"), ids
+    r = c.post("/prompt", json={"prompt": GRAPH, "prompt_id": "race"}, headers=bearer("alice-key"))
+    assert r.status_code == 400 and "taken" in r.json()["detail"], r.text

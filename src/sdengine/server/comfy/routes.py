@@ -450,20 +450,27 @@ async def post_prompt(request: Request) -> Any:
         front = bool(body.get("front"))
         if front:  # ComfyUI's rule: the counter negated, below every number given so far
             number = -number
-    job = ComfyJob(
-        services=services,
-        st=st,
-        graph=graph,
-        outputs=outputs,
-        prompt=prompt,
-        prompt_id=prompt_id,
-        number=number,
-        client_id=client_id,
-        extra_data=extra,
-        seed_rule=seed_rule,
-        job_id=job_id,
-    )
-    services.manager.submit(job, place=lambda queued: _place(queued, number, front))
+    for attempt in range(2):
+        job = ComfyJob(
+            services=services,
+            st=st,
+            graph=graph,
+            outputs=outputs,
+            prompt=prompt,
+            prompt_id=prompt_id,
+            number=number,
+            client_id=client_id,
+            extra_data=extra,
+            seed_rule=seed_rule,
+            job_id=job_id,
+        )
+        try:
+            services.manager.submit(job, place=lambda queued: _place(queued, number, front))
+            break
+        except BadRequest:  # the job table's "job id ... is taken": another request queued this id meanwhile
+            if attempt or job_id != prompt_id:
+                raise
+            job_id = _job_id_for(services, st, prompt_id)  # judged again: the caller's own gets an id of its own
     send_status(st, services)
     return {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
 
