@@ -7,6 +7,7 @@ options gives the image of the KSamplerSelect sampler it stands for."""
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -22,9 +23,13 @@ from sdengine.server.comfy.nodes_sampling import (
     SIGMA_MAX,
     SIGMA_MIN,
     add_noise,
+    extend_intermediate_sigmas,
     laplace_scheduler,
+    manual_sigmas,
     polyexponential_scheduler,
     sampler_euler_cfg_pp,
+    sampling_percent_to_sigma,
+    set_first_sigma,
     vp_scheduler,
 )
 from sdengine.server.comfy.registry import NODES
@@ -130,6 +135,69 @@ def test_the_nodes_are_listed_with_comfyuis_inputs():
     ]  # fmt: skip
     assert NODES["SamplerER_SDE"].input("solver_type").choices == ("ER-SDE", "Reverse-time SDE", "ODE")
     assert NODES["SamplerSEEDS2"].input("r").min == 0.01
+
+
+# ------------------------------------------------------------------------------------------------ sigma tools
+
+
+def test_set_first_sigma_and_manual_sigmas():
+    from sdengine.server.comfy.nodes import SigmaPlan
+
+    plan = SigmaPlan("m", "karras", 2, 1.0, 2, 0, 2)
+    (s,) = set_first_sigma(CTX, Sigmas(torch.tensor([14.6, 5.0, 0.0]), plan), 3.0)
+    assert s.values.tolist() == [3.0, 5.0, 0.0] and s.plan is None  # a plain list now: walked as given
+    with pytest.raises(NodeError, match="empty"):
+        set_first_sigma(CTX, Sigmas(torch.zeros(0)), 3.0)
+    for text, want in (("1, 0.5", [1.0, 0.5]), ("14.6 7\n.5,0", [14.6, 7.0, 0.5, 0.0]), ("-1;+2", [-1.0, 2.0]),
+                       ("none", [])):  # fmt: skip
+        (m,) = manual_sigmas(CTX, text)
+        assert m.values.tolist() == pytest.approx(want) and m.values.dtype == torch.float32, text
+    with pytest.raises(NodeError, match="not a number"):
+        manual_sigmas(CTX, "3, 1..5, 0")  # ComfyUI's float("1..5") fails
+    with pytest.raises(NodeError, match="limit of 150"):
+        manual_sigmas(CTX, " ".join(["1"] * 152))
+
+
+def extend_reference(sigmas: list[float], steps: int, start: float, end: float, spacing: str) -> list[float]:
+    f = {"linear": lambda x: x, "cosine": lambda x: math.sin(x * math.pi / 2),
+         "sine": lambda x: 1 - math.cos(x * math.pi / 2)}[spacing]  # fmt: skip
+    top = math.inf if start < 0 else start
+    out = []
+    for s, s_next in zip(sigmas, sigmas[1:], strict=False):
+        out.append(s)
+        if end <= s <= top:
+            out += [s + f(k / steps) * (s_next - s) for k in range(1, steps)]
+    return out + sigmas[-1:]
+
+
+@pytest.mark.parametrize("spacing", ["linear", "cosine", "sine"])
+@pytest.mark.parametrize("steps,start,end", [(3, -1.0, 1.5), (2, 7.0, 0.0), (1, -1.0, 0.0), (4, -1.0, 20.0)])
+def test_extend_intermediate_sigmas_as_comfyui(spacing, steps, start, end):
+    v = [10.0, 6.0, 2.0, 1.0, 0.0]
+    (s,) = extend_intermediate_sigmas(CTX, Sigmas(torch.tensor(v)), steps, start, end, spacing)
+    assert s.values.tolist() == pytest.approx(extend_reference(v, steps, start, end, spacing), rel=1e-6, abs=1e-7)
+
+
+def test_sampling_percent_to_sigma_reads_the_models_schedule():
+    from sdengine.diffusion.schedules import NoiseSchedule
+
+    ns = NoiseSchedule.from_config(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                   beta_schedule="scaled_linear")  # fmt: skip
+    ctx = SimpleNamespace(pipeline=lambda ref: SimpleNamespace(noise_schedule=ns))
+    model = SimpleNamespace(ref="m", zsnr=False)
+    # the scaled-linear table in float64: betas = linspace(sqrt(b0), sqrt(b1), 1000)^2, sigma = sqrt((1 - a) / a)
+    betas = np.linspace(math.sqrt(0.00085), math.sqrt(0.012), 1000) ** 2
+    acp = np.cumprod(1 - betas)
+    log_s = np.log(np.sqrt((1 - acp) / acp))
+    for p in (0.2, 0.5, 0.8, 0.0345):
+        t = (1 - p) * 999
+        lo, w = math.floor(t), t - math.floor(t)
+        want = math.exp((1 - w) * log_s[lo] + w * log_s[min(lo + 1, 999)])
+        assert sampling_percent_to_sigma(ctx, model, p, False)[0] == pytest.approx(want, rel=2e-5), p
+    assert sampling_percent_to_sigma(ctx, model, 0.0, False) == (999999999.9,)
+    assert sampling_percent_to_sigma(ctx, model, 1.0, False) == (0.0,)
+    assert sampling_percent_to_sigma(ctx, model, 0.0, True)[0] == pytest.approx(math.exp(log_s[-1]), rel=2e-5)
+    assert sampling_percent_to_sigma(ctx, model, 1.0, True)[0] == pytest.approx(math.exp(log_s[0]), rel=2e-5)
 
 
 # ----------------------------------------------------------------------------------------------- guider rules
@@ -379,6 +447,32 @@ def test_sampler_nodes_with_options_run_the_samplers_they_stand_for(client):
     assert np.array_equal(with_sampler({"class_type": "SamplerSASolver", "inputs": pece}), select("sa_solver_pece"))
     cfgpp = {"class_type": "SamplerEulerCFGpp", "inputs": {"version": "regular"}}
     assert np.array_equal(with_sampler(cfgpp), select("euler_cfg_pp"))
+
+
+def test_a_sigma_from_sampling_percent_to_sigma_feeds_set_first_sigma(client):
+    """SamplingPercentToSigma's FLOAT output linked into SetFirstSigma: the model's actual sigma_max as the first
+    sigma of BasicScheduler's karras list (which starts there) samples as the list itself; ManualSigmas' text list of
+    the same sigmas likewise."""
+    base = custom_graph(cfg_guider("p", "n", 5.0))
+    want = image(client, base)
+    g = {
+        **base,
+        "pct": {
+            "class_type": "SamplingPercentToSigma",
+            "inputs": {"model": ["ckpt", 0], "sampling_percent": 0.0, "return_actual_sigma": True},
+        },  # fmt: skip
+        "first": {"class_type": "SetFirstSigma", "inputs": {"sigmas": ["sigmas", 0], "sigma": ["pct", 0]}},
+    }
+    g["run"] = {**g["run"], "inputs": {**g["run"]["inputs"], "sigmas": ["first", 0]}}
+    assert np.abs(image(client, g) - want).max() <= 1
+    from sdengine.diffusion.schedules import NoiseSchedule, karras_sigmas
+    from sdengine.pipeline import BUILTIN_SD
+
+    config = json.loads((BUILTIN_SD["emoji"] / "scheduler" / "scheduler_config.json").read_text())
+    ns = NoiseSchedule.from_config(**config)
+    text = ", ".join(repr(float(v)) for v in karras_sigmas(STEPS, ns.sigma_min, ns.sigma_max).float()) + ", 0"
+    manual = {**base, "sigmas": {"class_type": "ManualSigmas", "inputs": {"sigmas": text}}}
+    assert np.abs(image(client, manual) - want).max() <= 1
 
 
 def test_guider_and_sampler_node_errors_name_the_node(client):

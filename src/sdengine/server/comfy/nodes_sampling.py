@@ -7,6 +7,8 @@ GUIDER, LATENT)."""
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -81,6 +83,84 @@ def laplace_scheduler(ctx: Any, steps: int, sigma_max: float, sigma_min: float, 
     n = _steps(ctx, steps)
     values = laplace_sigmas(n, float(sigma_min), float(sigma_max), float(mu), float(beta))
     return _sigmas(values, "LaplaceScheduler", zero=False)
+
+
+# ------------------------------------------------------------------------------------------ sigma tools
+
+
+def set_first_sigma(ctx: Any, sigmas: Sigmas, sigma: float) -> tuple[Any]:
+    """ComfyUI's SetFirstSigma: the sigmas with the first one replaced by ``sigma`` (a plain list then: SamplerCustom
+    walks it as given)."""
+    if sigmas.values.shape[0] == 0:
+        raise NodeError("SetFirstSigma: the sigmas are empty, there is no first sigma to set")
+    values = sigmas.values.clone()
+    values[0] = float(sigma)
+    return (Sigmas(values),)
+
+
+SPACINGS = ("linear", "cosine", "sine")
+
+
+def extend_intermediate_sigmas(
+    ctx: Any, sigmas: Sigmas, steps: int, start_at_sigma: float, end_at_sigma: float, spacing: str
+) -> tuple[Any]:
+    """ComfyUI's ExtendIntermediateSigmas: after each sigma s with end_at_sigma <= s <= start_at_sigma (a negative
+    start: no upper bound) ``steps - 1`` sigmas between it and the next, at ``s + f(k / steps) (s' - s)`` for k = 1 ..
+    steps - 1, f the spacing (linear: x, cosine: sin(x pi / 2), sine: 1 - cos(x pi / 2)); the last sigma kept."""
+    v = sigmas.values.to(torch.float64)
+    if v.shape[0] == 0:
+        return (Sigmas(sigmas.values.clone()),)
+    start = math.inf if float(start_at_sigma) < 0 else float(start_at_sigma)
+    x = torch.linspace(0, 1, int(steps) + 1, dtype=torch.float64)[1:-1]
+    ramp = {"linear": x, "cosine": torch.sin(x * math.pi / 2), "sine": 1 - torch.cos(x * math.pi / 2)}[spacing]
+    out: list[torch.Tensor] = []
+    for i in range(v.shape[0] - 1):
+        out.append(v[i : i + 1])
+        if float(end_at_sigma) <= float(v[i]) <= start:
+            out.append(v[i] + ramp * (v[i + 1] - v[i]))
+    out.append(v[-1:])
+    values = torch.cat(out)
+    if values.shape[0] - 1 > ctx.max_steps:
+        raise NodeError(f"ExtendIntermediateSigmas makes {values.shape[0] - 1} steps, over the server's limit of "
+                        f"{ctx.max_steps}")  # fmt: skip
+    return (Sigmas(values.to(torch.float32)),)
+
+
+def sampling_percent_to_sigma(
+    ctx: Any, model: ModelHandle, sampling_percent: float, return_actual_sigma: bool
+) -> tuple[Any]:
+    """ComfyUI's SamplingPercentToSigma: the model's sigma at that percent of its schedule (percent_to_sigma: 0 is
+    999999999.9, 1 is 0, the values ControlNet and conditioning windows compare with); ``return_actual_sigma``: 0 and
+    1 give the model's sigma_max and sigma_min instead."""
+    from sdengine.diffusion.schedules import percent_to_sigma
+    from sdengine.pipeline.core import zero_snr_schedule
+
+    pipe = ctx.pipeline(model.ref)
+    p = float(sampling_percent)
+    with zero_snr_schedule(bool(model.zsnr), pipe):
+        ns = pipe.noise_schedule
+        value = percent_to_sigma(ns.log_sigmas, p)
+        if return_actual_sigma and p == 0.0:
+            value = float(ns.sigma_max)
+        elif return_actual_sigma and p == 1.0:
+            value = float(ns.sigma_min)
+    return (value,)
+
+
+NUMBER = re.compile(r"[-+]?\d*\.*\d+")  # ComfyUI's ManualSigmas: each run of digits (a sign, dots inside) a number
+
+
+def manual_sigmas(ctx: Any, sigmas: str) -> tuple[Any]:
+    """ComfyUI's ManualSigmas: the numbers of the text, in order, as SIGMAS (no number: empty sigmas)."""
+    values = []
+    for token in NUMBER.findall(str(sigmas)):
+        try:
+            values.append(float(token))
+        except ValueError:
+            raise NodeError(f"ManualSigmas: {token!r} is not a number") from None
+    if len(values) - 1 > ctx.max_steps:
+        raise NodeError(f"ManualSigmas: {len(values) - 1} steps are over the server's limit of {ctx.max_steps}")
+    return (Sigmas(torch.tensor(values, dtype=torch.float32).reshape(-1)),)
 
 
 # ------------------------------------------------------------------------------------------------ guiders
@@ -259,6 +339,7 @@ def _cfg(name: str) -> Input:
 SCHEDULERS = "sampling/custom_sampling/schedulers"
 GUIDERS = "sampling/custom_sampling/guiders"
 SAMPLERS = "sampling/custom_sampling/samplers"
+SIGMAS_CATEGORY = "sampling/custom_sampling/sigmas"
 
 NODES: dict[str, NodeDef] = {
     n.name: n
@@ -306,6 +387,58 @@ NODES: dict[str, NodeDef] = {
             ("SIGMAS",),
             vp_scheduler,
             description="The continuous VP-SDE's sigmas, then 0 (settings that overflow fail at the node).",
+        ),
+        NodeDef(
+            "SetFirstSigma",
+            "SetFirstSigma",
+            SIGMAS_CATEGORY,
+            (Input("sigmas", "SIGMAS"), _float("sigma", 136.0, 0.0, 20000.0, 0.001)),
+            ("SIGMAS",),
+            set_first_sigma,
+        ),
+        NodeDef(
+            "ExtendIntermediateSigmas",
+            "ExtendIntermediateSigmas",
+            SIGMAS_CATEGORY,
+            (
+                Input("sigmas", "SIGMAS"),
+                _int("steps", 2, 1, 100),
+                _float("start_at_sigma", -1.0, -1.0, 20000.0),
+                _float("end_at_sigma", 12.0, 0.0, 20000.0),
+                Input("spacing", "COMBO", "linear", choices=SPACINGS),
+            ),
+            ("SIGMAS",),
+            extend_intermediate_sigmas,
+            description="steps - 1 more sigmas after each sigma between end_at_sigma and start_at_sigma (-1: no "
+            "upper bound), spaced linearly, by a sine (cosine) or by one minus a cosine (sine).",
+        ),
+        NodeDef(
+            "SamplingPercentToSigma",
+            "SamplingPercentToSigma",
+            SIGMAS_CATEGORY,
+            (
+                Input("model", "MODEL"),
+                Input("sampling_percent", "FLOAT", 0.0, 0.0, 1.0, 0.0001),
+                Input(
+                    "return_actual_sigma",
+                    "BOOLEAN",
+                    False,
+                    tooltip="Return the actual sigma value instead of the value used for interval checks.\nThis only "
+                    "affects results at 0.0 and 1.0.",
+                ),  # fmt: skip
+            ),
+            ("FLOAT",),
+            sampling_percent_to_sigma,
+            output_names=("sigma_value",),
+        ),
+        NodeDef(
+            "ManualSigmas",
+            "ManualSigmas",
+            "_for_testing/custom_sampling",
+            (Input("sigmas", "STRING", "1, 0.5"),),
+            ("SIGMAS",),
+            manual_sigmas,
+            description="The numbers of the text as sigmas, in order.",
         ),
         NodeDef(
             "DualCFGGuider",
