@@ -156,7 +156,7 @@ def test_set_first_sigma_and_manual_sigmas():
         manual_sigmas(CTX, "3, 1..5, 0")  # ComfyUI's float("1..5") fails
     with pytest.raises(NodeError, match="limit of 150"):
         manual_sigmas(CTX, " ".join(["1"] * 152))
-    with pytest.raises(NodeError, match="396 steps, over the server's limit of 150"):
+    with pytest.raises(NodeError, match="400 steps, over the server's limit of 150"):
         extend_intermediate_sigmas(CTX, Sigmas(torch.tensor([10.0, 6.0, 2.0, 1.0, 0.0])), 100, -1.0, 0.0, "linear")
 
 
