@@ -20,6 +20,7 @@ model predicts (RescaleCFG converts x0 to v), and the PAG term is added after it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
@@ -176,3 +177,94 @@ def _on_device_of(v: Tensor, like: Tensor) -> Tensor:
     if flat.numel() and bool((flat == flat[0]).all()):
         return torch.full(v.shape, float(flat[0]), dtype=v.dtype, device=like.device)
     return v.to(like.device)
+
+
+# ------------------------------------------------------------------------ guidance over three conditionings
+#
+# ComfyUI's DualCFGGuider and PerpNegGuider predict x0 under three conditionings (their own calc_cond_batch call,
+# each conditioning's entries weighed as usual) and combine the three. A rule names the combination: sampling
+# hands ``combine`` the predictions in the order (positive, negative, third) and leaves out the passes ``active``
+# says are not needed, handing zeros for them (what ComfyUI's calc_cond_batch answers for a conditioning it is
+# given as None). ``combine`` answers the guided x0 and the x0 a CFG++ sampler takes as the unconditional one (the
+# ``uncond_denoised`` ComfyUI's post-CFG hooks see under that guider).
+
+
+class GuidanceRuleError(UsageError):
+    """A guider's settings that cannot guide (a scale below 0, not a number)."""
+
+
+def _scale(name: str, value: float) -> float:
+    v = float(value)
+    if not v >= 0 or v == float("inf"):
+        raise GuidanceRuleError(f"{name} must be a finite number of at least 0, got {value!r}")
+    return v
+
+
+class DualCFG:
+    """ComfyUI's DualCFGGuider: ``cond1`` (the positive), ``cond2`` (the third conditioning, ComfyUI's "middle")
+    and the negative. Style "regular": ``neg + cfg_cond2_negative (cond2 - neg) + cfg_conds (cond1 - cond2)``, the
+    negative pass left out where cfg_cond2_negative is 1 and cond2's too where cfg_conds is also 1 (the left-out
+    passes count as 0, as in ComfyUI). Style "nested": ``neg + cfg_cond2_negative (t - neg)`` with ``t = cond2 +
+    cfg_conds (cond1 - cond2)``, every pass run. A CFG++ sampler's unconditional x0: the negative's (regular), cond2's
+    (nested), the uncond of the CFG step ComfyUI runs through its cfg_function; it then runs every pass."""
+
+    STYLES = ("regular", "nested")
+    order = (0, 2, 1)  # ComfyUI's order of the conditionings (its conds dict: positive, middle, negative)
+
+    def __init__(self, cfg_conds: float, cfg_cond2_negative: float, style: str = "regular") -> None:
+        if style not in self.STYLES:
+            raise GuidanceRuleError(f"DualCFG style must be one of {', '.join(self.STYLES)}, got {style!r}")
+        self.cfg1 = _scale("cfg_conds", cfg_conds)
+        self.cfg2 = _scale("cfg_cond2_negative", cfg_cond2_negative)
+        self.nested = style == "nested"
+
+    def active(self, every: bool = False) -> tuple[bool, bool, bool]:
+        """Which passes run, (positive, negative, cond2); ``every``: all of them (a CFG++ sampler's run)."""
+        if every or self.nested or not math.isclose(self.cfg2, 1.0):
+            return (True, True, True)
+        return (True, False, not math.isclose(self.cfg1, 1.0))
+
+    def combine(self, preds: list[Tensor]) -> tuple[Tensor, Tensor]:
+        pos, neg, mid = preds
+        if self.nested:
+            text = mid + (pos - mid) * self.cfg1
+            return neg + self.cfg2 * (text - neg), mid
+        return neg + (mid - neg) * self.cfg2 + (pos - mid) * self.cfg1, neg
+
+    def __repr__(self) -> str:
+        style = "nested" if self.nested else "regular"
+        return f"DualCFG(cfg_conds {self.cfg1:g}, cfg_cond2_negative {self.cfg2:g}, {style})"
+
+
+class PerpNeg:
+    """ComfyUI's PerpNegGuider (Armandpour et al. 2023, "Perp-Neg"): with ``e`` the empty conditioning's x0,
+    ``p = pos - e`` and ``n = neg - e``, the negative's part perpendicular to ``p``, ``n - (<n, p> / |p|^2) p``
+    (the dot product and norm over the whole batch tensor, as ComfyUI's), is what the negative takes away:
+    ``e + cfg (p - neg_scale perp)``. The negative pass is left out where neg_scale is 0, the empty one too where
+    cfg is also 1 (counting as 0, as in ComfyUI). A CFG++ sampler's unconditional x0: the negative's.
+
+    ``patch``: ComfyUI's older PerpNeg model patch, its CFG function in place of CFG: the same combination, the
+    negative pass left out where cfg is 1 (ComfyUI's sampling_function's), the empty one always run."""
+
+    order = (0, 2, 1)  # ComfyUI's order: positive, empty_negative_prompt, negative
+
+    def __init__(self, cfg: float, neg_scale: float, patch: bool = False) -> None:
+        self.cfg = _scale("cfg", cfg)
+        self.neg_scale = _scale("neg_scale", neg_scale)
+        self.patch = patch
+
+    def active(self, every: bool = False) -> tuple[bool, bool, bool]:
+        if self.patch:
+            return (True, every or not math.isclose(self.cfg, 1.0), True)
+        if every or not math.isclose(self.neg_scale, 0.0):
+            return (True, True, True)
+        return (True, False, not math.isclose(self.cfg, 1.0))
+
+    def combine(self, preds: list[Tensor]) -> tuple[Tensor, Tensor]:
+        pos, neg, empty = preds
+        p, n = pos - empty, neg - empty
+        perp = n - (n * p).sum() / torch.linalg.vector_norm(p) ** 2 * p
+        return empty + self.cfg * (p - perp * self.neg_scale), neg
+
+    def __repr__(self) -> str:
+        return f"PerpNeg{' patch' * self.patch}(cfg {self.cfg:g}, neg_scale {self.neg_scale:g})"

@@ -196,6 +196,9 @@ class ModelHandle:
     freeu: tuple[Any, ...] = ()
     # the merge nodes' weight patches, in order (nodes_merge.WeightPatch / LoraStep), applied while sampling
     merges: tuple[Any, ...] = ()
+    # ComfyUI's PerpNeg model patch (nodes_sampling.py): (empty conditioning entries, neg_scale), () = off; its CFG
+    # function replaces CFG wherever the model samples (the last patch applied counts, as ComfyUI's)
+    perp_neg: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -989,10 +992,19 @@ def _sample(
     last_denoised: list[torch.Tensor] | None = None,
     options: tuple[tuple[str, float], ...] = (),
     discard_penultimate: bool | None = None,
+    guidance_rule: Any = None,
+    third: list[Any] | None = None,
     **window: Any,
 ) -> tuple[Any]:
     from sdengine.latent_sampling import sample_latents
 
+    if getattr(model, "perp_neg", ()):  # ComfyUI's PerpNeg patch: its CFG function in place of CFG (the node's cfg)
+        if guidance_rule is not None:
+            raise NodeError(f"{guidance_rule!r} cannot guide a model with the PerpNeg patch: use one or the other")
+        from sdengine.diffusion.guidance import PerpNeg
+
+        empty, neg_scale = model.perp_neg
+        guidance_rule, third = PerpNeg(float(cfg), float(neg_scale), patch=True), list(empty)
     if steps > ctx.max_steps:
         raise NodeError(f"steps {steps} is over the server's limit of {ctx.max_steps}")
     if float(denoise) <= 0.0:  # ComfyUI: no step to run, the latent passes through unchanged
@@ -1032,6 +1044,8 @@ def _sample(
             zero_terminal_snr=model.zsnr,
             callback=report,
             batch_index=latent_image.get("batch_index"),
+            guidance_rule=guidance_rule,
+            third=third or (),
             sampler_options={**SAMPLER_OPTIONS.get(sampler_name, {}), **dict(options)} or None,
             # KSampler's rule unless told (SamplerCustom walks BasicScheduler's SIGMAS as they are)
             discard_penultimate_sigma=sampler_name in DISCARD_PENULTIMATE_SAMPLERS
@@ -1119,7 +1133,7 @@ class SamplerChoice:
     sampler nodes with settings (SamplerEulerAncestral, SamplerLMS, ...) give the engine's sampler."""
 
     name: str
-    options: tuple[tuple[str, float], ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1132,14 +1146,20 @@ class NoiseSource:
 
 @dataclass(frozen=True, eq=False)
 class Guider:
-    """ComfyUI's GUIDER: CFGGuider (model, positive, negative, cfg) or BasicGuider (one conditioning, cfg 1)."""
+    """ComfyUI's GUIDER: CFGGuider (model, positive, negative, cfg) or BasicGuider (one conditioning, cfg 1); a guider
+    over three conditionings (DualCFGGuider, PerpNegGuider, ``nodes_sampling.py``) also has its ``rule``
+    (:mod:`sdengine.diffusion.guidance`'s DualCFG / PerpNeg, in place of CFG) and its ``third`` conditioning."""
 
     model: ModelHandle
     positive: list[Any]
     negative: list[Any] | None
     cfg: float
+    rule: Any = None
+    third: list[Any] | None = None
 
     def __repr__(self) -> str:
+        if self.rule is not None:
+            return f"GUIDER({self.model.ref}, {self.rule!r})"
         return f"GUIDER({self.model.ref}, cfg {self.cfg:g}, {'CFG' if self.negative is not None else 'basic'})"
 
 
@@ -1403,6 +1423,7 @@ def sampler_custom(
     sampler: SamplerChoice,
     sigmas: Sigmas,
     latent_image: dict[str, Any],
+    guider: Guider | None = None,
 ) -> tuple[Any, Any]:
     """ComfyUI's SamplerCustom: ``sampler`` walks ``sigmas`` from the latent (plus the seed's noise at the first
     sigma when ``add_noise``). Outputs: the sample at the last sigma, and the last step's x0 estimate (the output
@@ -1434,6 +1455,8 @@ def sampler_custom(
         negative=negative, latent_image=latent_image, last_denoised=last, options=sampler.options,
         discard_penultimate=False,
     )  # fmt: skip
+    if guider is not None and guider.rule is not None:  # SamplerCustomAdvanced's DualCFGGuider / PerpNegGuider
+        common.update(guidance_rule=guider.rule, third=guider.third)
     plan = _plan_for(sigmas, model)
     if plan is not None and (plan.lo, plan.hi) == (0, plan.n):
         (out,) = _sample(ctx, steps=plan.steps, scheduler=plan.scheduler, denoise=plan.denoise, add_noise=add_noise,
@@ -1474,7 +1497,7 @@ def sampler_custom_advanced(
     negative = guider.negative if guider.negative is not None else guider.positive  # cfg 1: never run
     return sampler_custom(
         ctx, guider.model, noise.enabled, noise.seed, guider.cfg, guider.positive, negative, sampler, sigmas,
-        latent_image,
+        latent_image, guider,
     )  # fmt: skip
 
 

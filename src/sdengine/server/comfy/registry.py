@@ -12,5 +12,6 @@ from sdengine.server.comfy.nodes import NodeDef
 from sdengine.server.comfy.nodes_image import IMAGE_NODES
 from sdengine.server.comfy.nodes_latent import LATENT_NODES
 from sdengine.server.comfy.nodes_merge import NODES as MERGE_NODES
+from sdengine.server.comfy.nodes_sampling import NODES as SAMPLING_NODES
 
-NODES: dict[str, NodeDef] = {**CORE_NODES, **IMAGE_NODES, **LATENT_NODES, **MERGE_NODES}
+NODES: dict[str, NodeDef] = {**CORE_NODES, **IMAGE_NODES, **LATENT_NODES, **MERGE_NODES, **SAMPLING_NODES}
