@@ -194,6 +194,8 @@ class ModelHandle:
     # FreeU / FreeU_V2: (b1, b2, s1, s2, version, "width"), () = off (the last one applied counts, as ComfyUI's
     # output block patch, which replaces the one before)
     freeu: tuple[Any, ...] = ()
+    # SelfAttentionGuidance: (scale, blur_sigma), () = off (sdengine.server.comfy.nodes_guidance)
+    sag: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1013,6 +1015,7 @@ def _sample(
             loras=model.loras,
             guidance_rescale=model.cfg_rescale,
             pag_scale=model.pag_scale,
+            **({"sag_scale": model.sag[0], "sag_blur_sigma": model.sag[1]} if model.sag else {}),
             prediction=model.prediction,
             zero_terminal_snr=model.zsnr,
             callback=report,

@@ -9,5 +9,6 @@ from __future__ import annotations
 
 from sdengine.server.comfy.nodes import NODES as CORE_NODES
 from sdengine.server.comfy.nodes import NodeDef
+from sdengine.server.comfy.nodes_guidance import NODES as GUIDANCE_NODES
 
-NODES: dict[str, NodeDef] = {**CORE_NODES}
+NODES: dict[str, NodeDef] = {**CORE_NODES, **GUIDANCE_NODES}
