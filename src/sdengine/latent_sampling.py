@@ -472,7 +472,8 @@ def sample_latents(
     guidance (ComfyUI's SelfAttentionGuidance under its rule: the unconditional rows' map and x0, its term in x0 after
     the rescale, skipped on a latent of a side 4 or less; under sdengine's rule the pipeline's), not with regional
     entries either. ``prediction``: what the network predicts in place of the pipeline's own ("epsilon",
-    "v_prediction", "sample"; ComfyUI's ModelSamplingDiscrete eps / v_prediction / x0); ``zero_terminal_snr``: the model's schedule rescaled to zero terminal SNR for this call (its zsnr).
+    "v_prediction", "sample"; ComfyUI's ModelSamplingDiscrete eps / v_prediction / x0); ``zero_terminal_snr``: the
+    model's schedule rescaled to zero terminal SNR for this call (its zsnr).
     """
     if seed_rule not in SEED_RULES:
         raise LatentSamplingError(f"unknown seed rule {seed_rule!r}; use one of {', '.join(SEED_RULES)}")
