@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdengine.server.comfy.docs import builtin_object_info, render_nodes, update
-from sdengine.server.comfy.nodes import NODES
+from sdengine.server.comfy.registry import NODES
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "comfyui.md"
 
