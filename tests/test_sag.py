@@ -479,3 +479,67 @@ def test_the_sag_node_refuses_area_conditioning(client):
     g["3"]["inputs"]["positive"] = ["20", 0]
     h = _history(client, g)
     assert h["status"]["status_str"] == "error" and "no area, mask or strength" in str(h["status"]["messages"])
+
+
+# ------------------------------------------------------------------------------ the native API and OpenAI's
+
+
+GEN = {"seed": 3, "steps": 3, "width": 64, "height": 64, "sampler": "dpmpp_2m", "schedule": "karras"}
+
+
+def _python_api(**kw: Any) -> tuple[np.ndarray, str]:
+    from _live_server import shared_loader
+
+    r = shared_loader("emoji", "cpu")("a red apple", progress=False, **{**GEN, **kw})
+    return np.asarray(r.images[0].convert("RGB")), r.infotexts[0]
+
+
+def test_a_native_jobs_sag_gives_the_python_apis_image(client) -> None:
+    import io
+
+    from PIL import Image
+
+    from _live_server import wait_job
+
+    def run_job(body: dict) -> tuple[np.ndarray, dict]:
+        r = client.post("/v1/jobs", json=body)
+        assert r.status_code == 202, r.text
+        j = wait_job(client, r.json()["id"], timeout=300)
+        assert j["state"] == "done", j
+        png = Image.open(io.BytesIO(client.get(j["images"][0]["url"]).content))
+        return np.asarray(png.convert("RGB")), j
+
+    body = {"prompt": "a red apple", **GEN}
+    want, text = _python_api(sag_scale=0.75, sag_blur_sigma=2.0)
+    got, job = run_job({**body, "sag_scale": 0.75, "sag_blur_sigma": 2.0})
+    np.testing.assert_array_equal(got, want)
+    assert job["infotexts"][0] == text and "SAG scale: 0.75, SAG blur sigma: 2," in text
+    got, job = run_job({**body, "sag_scale": 0, "sag_blur_sigma": 3.0})  # off: the blur does nothing
+    np.testing.assert_array_equal(got, _python_api()[0])
+    assert "SAG" not in job["infotexts"][0]
+    for bad in ({"sag_scale": 10.5}, {"sag_scale": "x"}, {"sag_blur_sigma": 0}, {"sag_blur_sigma": 11}):
+        r = client.post("/v1/jobs", json={**body, **bad})
+        assert r.status_code == 422 and next(iter(bad)) in r.text, (bad, r.text)
+
+
+def test_openai_images_take_sag_in_extra_body(client) -> None:
+    import base64
+    import io
+
+    openai = pytest.importorskip("openai")
+    from PIL import Image
+
+    api = openai.OpenAI(
+        base_url=f"{str(client.base_url).rstrip('/')}/v1", api_key="sk-test", max_retries=0, timeout=300
+    )
+    extra = {"seed": 3, "steps": 3, "sampler": "dpmpp_2m", "schedule": "karras", "sag_scale": 0.75}
+    r = api.images.generate(model="emoji", prompt="a red apple", size="64x64", extra_body=extra)
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB"))
+    np.testing.assert_array_equal(got, _python_api(sag_scale=0.75)[0])
+    for field, value, said in (
+        ("sag_scale", 11, "sag_scale must be in [-10, 10], got 11"),
+        ("sag_blur_sigma", 0, "sag_blur_sigma must be above 0"),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            api.images.generate(model="emoji", prompt="a red apple", size="64x64", extra_body={**extra, field: value})
+        assert e.value.body["param"] == field and said in e.value.body["message"], e.value.body

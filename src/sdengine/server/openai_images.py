@@ -90,7 +90,19 @@ CHOICES = {
 # OpenAI's edits take no ``quality`` ``hd`` (a generations value of DALL-E 3's) and no ``style``
 EDIT_QUALITY = tuple(q for q in CHOICES["quality"] if q != "hd")
 # sdengine's own fields (the client's ``extra_body``)
-EXTENSIONS = ("seed", "steps", "negative_prompt", "cfg_scale", "sampler", "schedule", "vae", "pag_scale", "pag_layers")
+EXTENSIONS = (
+    "seed",
+    "steps",
+    "negative_prompt",
+    "cfg_scale",
+    "sampler",
+    "schedule",
+    "vae",
+    "sag_scale",
+    "sag_blur_sigma",
+    "pag_scale",
+    "pag_layers",
+)
 _SHARED = "model n size response_format output_format output_compression quality moderation style background user"
 # the fields each route reads, from a JSON body (generations) or a multipart form (edits, variations); any other
 # field is refused as OpenAI refuses an unknown parameter, never dropped (a misspelt ``seed`` would draw another
@@ -141,6 +153,8 @@ class GenerationsRequest(BaseModel):
     sampler: str | None = None
     schedule: str | None = None
     vae: str | None = None
+    sag_scale: float | None = None
+    sag_blur_sigma: float | None = None
     pag_scale: float | None = None
     pag_layers: str | list[str] | None = None
     stream: bool | None = False
@@ -572,6 +586,8 @@ def install(app: FastAPI, services: Any) -> None:
                     "sampler": fields.get("sampler"),
                     "schedule": fields.get("schedule"),
                     "vae": fields.get("vae") or None,
+                    "sag_scale": number(fields, "sag_scale", float, None),
+                    "sag_blur_sigma": number(fields, "sag_blur_sigma", float, None),
                     "pag_scale": number(fields, "pag_scale", float, None),
                     "pag_layers": fields.get("pag_layers") or None,  # a form field: one comma-separated string
                 }
@@ -686,6 +702,20 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
         "schedule": {**text, "description": "sdengine: a schedule name"},
         "vae": {**text, "description": "sdengine: the job's VAE, a name of GET /v1/vaes, 'None' or 'Automatic'"},
         "strength": {"type": "number", "minimum": 0, "maximum": 1, "description": "sdengine: img2img strength"},
+        "sag_scale": {
+            "type": "number",
+            "minimum": -10,
+            "maximum": 10,
+            "default": 0,
+            "description": "sdengine: self-attention guidance's scale (0: off), as the native job's sag_scale",
+        },
+        "sag_blur_sigma": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": 10,
+            "default": 1,
+            "description": "sdengine: SAG's blur sigma, as the native job's sag_blur_sigma",
+        },
         "pag_scale": {
             "type": "number",
             "minimum": 0,
