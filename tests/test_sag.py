@@ -543,3 +543,33 @@ def test_openai_images_take_sag_in_extra_body(client) -> None:
         with pytest.raises(openai.BadRequestError) as e:
             api.images.generate(model="emoji", prompt="a red apple", size="64x64", extra_body={**extra, field: value})
         assert e.value.body["param"] == field and said in e.value.body["message"], e.value.body
+
+
+def test_sdxl_base_and_refiner_each_run_sag_on_their_own_unet(tmp_path, monkeypatch):
+    """The SDXL hand-off: each model reads its own U-Net's middle block and runs its own degraded pass (the
+    conditioning's pooled and size vectors ride along); the guidance changes the image."""
+    from _sdxl_models import make_sdxl_folder
+
+    base = sdengine.load_pipeline(make_sdxl_folder(tmp_path / "tiny-sdxl"), device="cpu")
+    refiner = sdengine.load_pipeline(
+        make_sdxl_folder(tmp_path / "tiny-sdxl-refiner", refiner=True, seed=5), device="cpu"
+    )
+    rows: dict[str, list[int]] = {"base": [], "refiner": []}
+    for name, pipe in (("base", base), ("refiner", refiner)):
+        forward = pipe.unet.forward
+        monkeypatch.setattr(
+            pipe.unet, "forward", lambda x, *a, _f=forward, _r=rows[name], **k: _r.append(x.shape[0]) or _f(x, *a, **k)
+        )
+    args: dict[str, Any] = dict(switch_at=0.5, steps=4, sampler="euler", cfg_scale=5.0, seed=SEED, progress=False)
+    args |= dict(width=32, height=32)
+    plain = base.generate_with_refiner(refiner, PROMPT, NEGATIVE, **args).arrays
+    steps = {k: len(v) for k, v in rows.items()}
+    assert steps["base"] >= 1 and steps["refiner"] >= 1 and set(rows["base"] + rows["refiner"]) == {2}
+    rows["base"].clear()
+    rows["refiner"].clear()
+    sag = base.generate_with_refiner(refiner, PROMPT, NEGATIVE, sag_scale=1.0, **args)
+    assert rows == {k: [2, 1] * n for k, n in steps.items()}  # each step: [cond, uncond], then [degraded]
+    assert _mad(sag.arrays, plain) > 1e-3 and "SAG scale: 1" in sag.infotexts[0]
+    # PAG too is named in a hand-off's infotext (it was left out there)
+    pag = base.generate_with_refiner(refiner, PROMPT, NEGATIVE, pag_scale=2.0, pag_layers="mid,up", **args)
+    assert 'PAG scale: 2, PAG layers: "mid,up"' in pag.infotexts[0]

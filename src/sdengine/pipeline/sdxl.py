@@ -427,6 +427,13 @@ class SDXLPipeline(Pipeline):
                 row["Discard penultimate sigma"] = True
             if request.zero_terminal_snr:  # A1111's, where its sd_noise_schedule option rescaled
                 row["Noise Schedule"] = "Zero Terminal SNR"
+            if request.pag_scale:  # sdengine's, as the single-model pipeline writes them (both models ran it)
+                row["PAG scale"] = float(request.pag_scale)
+                if request.pag_layer_list() != ("mid",):
+                    row["PAG layers"] = ",".join(request.pag_layer_list())
+            if request.sag_scale:
+                row["SAG scale"] = float(request.sag_scale)
+                row["SAG blur sigma"] = float(request.sag_blur_sigma)
             if p.mask is not None and request.masked_content != "original":  # sdengine's (A1111 writes none)
                 row["Masked content"] = request.masked_content
             if p.init is not None and float(request.noise_multiplier) != 1.0:
