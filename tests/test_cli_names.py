@@ -140,3 +140,27 @@ def test_control_res_scales_the_control_image_before_its_preprocessor(tmp_path) 
     plain = control_units_from_cli([f"canny:{image}"], ["emoji-controlnet-canny"])[0]
     assert scaled.image.size == (128, 64) and scaled.processor_res == 64  # short side 64, aspect kept
     assert plain.image.size == (200, 100) and plain.processor_res is None
+
+
+def test_the_server_names_its_own_listing_route_not_the_cli(tmp_path) -> None:
+    """A client of the server has no CLI: an unknown sampler or schedule on the A1111 routes points at
+    ``GET /sdapi/v1/samplers`` / ``schedulers``, on the native and OpenAI routes at ``GET /v1/samplers``; the
+    suggestion stays."""
+    from fastapi.testclient import TestClient
+
+    from sdengine.server.app import create_app
+    from sdengine.server.config import ServerConfig
+
+    app = create_app(ServerConfig(outputs_dir=tmp_path / "out"), loader=lambda ref, dev: None, preload=False)
+    client = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: the 400s come before any worker
+    cases = (
+        ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Eular a"}, "GET /sdapi/v1/samplers lists all"),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "scheduler": "karas"}, "GET /sdapi/v1/schedulers lists all"),
+        ("/v1/jobs", {"prompt": "x", "sampler": "eular_a"}, "GET /v1/samplers lists all"),
+        ("/v1/images/generations", {"prompt": "x", "sampler": "eular_a"}, "GET /v1/samplers lists all"),
+    )
+    for route, body, hint in cases:
+        r = client.post(route, json=body)
+        message = r.json()["error"]["message"]
+        assert r.status_code == 400 and message.endswith(f"({hint})"), (route, message)
+        assert "did you mean" in message and "sdengine list" not in message and "\n" not in message

@@ -176,3 +176,22 @@ def test_an_a1111_skip_of_a_queued_job_leaves_it_alone(held_server) -> None:
         assert c.post("/sdapi/v1/interrupt", json={"id_task": "task-1"}).json()["interrupted"] == ["task-1"]
         assert job.state == "cancelled"  # interrupting a queued job does take it out of the queue
         waiting.join(10)
+
+
+def test_a_finished_state_is_never_seen_before_its_error(tmp_path) -> None:
+    """A route that polls a job reads its error as soon as it sees a finished state; the manager once set the
+    state first, so that an A1111 answer under load said only "failed" instead of the job's one line."""
+    from sdengine.server.jobs import FAILED, FINISHED, Job
+
+    seen: list[tuple[str, str | None, float | None]] = []
+
+    class Watched(Job):
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name == "state" and value in FINISHED:
+                seen.append((value, self.error, self.finished))
+            super().__setattr__(name, value)
+
+    m = manager(tmp_path)
+    job = Watched(queued(m, "A").generation, owner="A")
+    m.finish(job, FAILED, "a VAE of 8 latent channels does not fit this model's 4")
+    assert seen == [(FAILED, "a VAE of 8 latent channels does not fit this model's 4", job.finished)]

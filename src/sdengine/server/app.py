@@ -365,6 +365,21 @@ def _version() -> str:
     return str(__version__)
 
 
+def listing_hint(message: str, path: str) -> str:
+    """``message`` with the CLI's "`sdengine list samplers` lists all" (an unknown sampler or schedule) turned into
+    the route of the protocol the client speaks that lists them: a client of the server has no CLI."""
+    from sdengine.diffusion import sampling
+
+    a1111 = path.startswith("/sdapi/")
+    hints = {
+        sampling.SAMPLERS_HINT: "GET /sdapi/v1/samplers lists all" if a1111 else "GET /v1/samplers lists all",
+        sampling.SCHEDULES_HINT: "GET /sdapi/v1/schedulers lists all" if a1111 else "GET /v1/samplers lists all",
+    }
+    for cli, route in hints.items():
+        message = message.replace(cli, route)
+    return message
+
+
 def error_body(message: str, kind: str) -> dict[str, Any]:
     """One error shape that A1111 clients (``detail``) and OpenAI clients (``error.message``) both read; a path of
     the server's in ``message`` is cut to the name the client gave (an OSError names the file it failed on)."""
@@ -376,7 +391,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SdengineError)
     async def sdengine_error(request: Request, exc: SdengineError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else None
-        return JSONResponse(error_body(str(exc), type(exc).__name__), status_code=status_of(exc), headers=headers)
+        message = listing_hint(str(exc), request.url.path)
+        return JSONResponse(error_body(message, type(exc).__name__), status_code=status_of(exc), headers=headers)
 
     @app.exception_handler(FileNotFoundError)
     async def not_found(request: Request, exc: FileNotFoundError) -> JSONResponse:

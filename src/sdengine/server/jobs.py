@@ -706,14 +706,16 @@ class JobManager:
             job.changed()
 
     def finish(self, job: Job, state: str, error: str | None = None) -> None:
-        job.state = state
         if error is not None:  # what every protocol answers: the server's paths cut to the names clients gave
             shown = redact_paths(error)
             if shown != error:
                 log.info("job %s: %s", job.id, error)  # the whole text stays in the server's log
             error = shown
+        # the error and the time before the state: a route that sees a finished state reads them at once (the
+        # state set first once let an A1111 answer say only "failed" when it read between the two)
         job.error = error
         job.finished = time.time()
+        job.state = state
         if state == DONE:
             self.completed += 1
         with self._cond:

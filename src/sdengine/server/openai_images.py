@@ -209,9 +209,9 @@ def openai_errors(route: Any) -> Any:
             status = status_of(exc)
             if status not in (400, 404, 413):
                 raise  # 429/503 keep the app's answer (Retry-After)
-            from sdengine.server.app import error_body
+            from sdengine.server.app import error_body, listing_hint
 
-            body = error_body(str(exc), "invalid_request_error")
+            body = error_body(listing_hint(str(exc), "/v1/"), "invalid_request_error")
             body["error"]["param"] = getattr(exc, "param", None) or param_of(str(exc))
             return JSONResponse(body, status_code=status)
 

@@ -924,7 +924,7 @@ def conditioning_zero_out(ctx: RunContext, conditioning: list[Any]) -> tuple[Any
 
 def _hint_image(image: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) -> (B, 3, H, W): a batch of hints is one per latent row (the first alone was once kept)."""
-    return image.permute(0, 3, 1, 2).contiguous().float()
+    return image[..., :3].permute(0, 3, 1, 2).contiguous().float()  # an RGBA image's colour
 
 
 def controlnet_apply(
@@ -1554,7 +1554,8 @@ def _decode_rows(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
 def _pixel_row(pixels: torch.Tensor, i: int, device: Any) -> torch.Tensor:
     """Row ``i`` of IMAGE pixels as (1, 3, H, W) in [-1, 1] on ``device``, laid out as the pipeline lays out its
     init image (the convolutions' rounding depends on the memory layout), so that img2img gives its latents."""
-    return pixels[i].float().contiguous().permute(2, 0, 1)[None].to(device) * 2.0 - 1.0
+    # an RGBA image (JoinImageWithAlpha's) is encoded by its colour, as ComfyUI's VAEEncode (pixels[..., :3])
+    return pixels[i, ..., :3].float().contiguous().permute(2, 0, 1)[None].to(device) * 2.0 - 1.0
 
 
 def _tiny_encode(ctx: RunContext, pixels: torch.Tensor, vae: TinyVaeHandle) -> dict[str, Any]:
@@ -1889,6 +1890,13 @@ def _composite_masked(
     return out
 
 
+# The helpers the node families (nodes_<family>.py) share, by public name.
+repeat_to_batch = _to_batch
+resize_nchw = _resize_nchw
+composite_latents = _composite_latents
+with_samples = _composited
+
+
 def latent_composite_masked(
     ctx: RunContext,
     destination: dict[str, Any],
@@ -2036,7 +2044,7 @@ def image_upscale_with_model(ctx: RunContext, upscale_model: Any, image: torch.T
             f"upscaling {w}x{h} by {s} is over the server's limit of 8192 pixels a side and {ctx.max_pixels} pixels"
         )
     model = load_upscaler(upscale_model.path, ctx.device)
-    x = image.permute(0, 3, 1, 2).float()
+    x = image[..., :3].permute(0, 3, 1, 2).float()  # an RGBA image's colour
     if spec_of(model).in_channels == 1:
         x = x.mean(1, keepdim=True)
     rows = [upscale_tensor_comfyui(model, x[i : i + 1]) for i in range(b)]
@@ -2065,7 +2073,7 @@ def canny_node(ctx: RunContext, image: torch.Tensor, low_threshold: float, high_
     try:
         rows = [
             canny_fractions(a, float(low_threshold), float(high_threshold))
-            for a in image.float().clamp(0, 1).cpu().numpy()
+            for a in image[..., :3].float().clamp(0, 1).cpu().numpy()  # an RGBA image's colour
         ]
     except ControlNetError as e:
         raise NodeError(str(e)) from None

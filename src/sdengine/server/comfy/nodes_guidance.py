@@ -31,7 +31,7 @@ def self_attention_guidance(ctx: RunContext, model: ModelHandle, scale: float, b
     return (replace(model, sag=(scale, blur_sigma)),)
 
 
-NODES: dict[str, NodeDef] = {
+GUIDANCE_NODES: dict[str, NodeDef] = {
     "SelfAttentionGuidance": NodeDef(
         "SelfAttentionGuidance",
         "Self-Attention Guidance",
