@@ -115,7 +115,7 @@ def test_attention_mass_is_the_head_mean_softmax_summed_over_queries(monkeypatch
     torch.manual_seed(0)
     attn = Attention(16, 2, 8).eval()
     x = torch.randn(3, 10, 16)
-    monkeypatch.setattr("sdengine.nn.attention.CHUNK_SCORES", 6)  # the queries in chunks of 3
+    monkeypatch.setattr("sdengine.nn.attention.CHUNK_SCORES", 480)  # queries in chunks of 480 // 4 // (2 * 2 * 10) = 3
     probe = AttentionMass(1, 2)
     attn.map_probe = probe
     with torch.no_grad():

@@ -10,8 +10,8 @@ layers (diffusers' ``pag_applied_layers`` rule), :func:`identity_attention` swit
 
 Self-attention guidance (Hong et al. 2023, "Improving Sample Quality of Diffusion Models Using Self-Attention
 Guidance") reads a self-attention map: an :class:`AttentionMass` set on a layer (``map_probe``) records, for some rows
-of its next call, how much attention each key position receives (the softmax map averaged over the heads and summed
-over the queries); the layer's output does not change.
+of each call while it is set, how much attention each key position receives (the softmax map averaged over the heads
+and summed over the queries); the layer's output does not change.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class Attention(nn.Module):
 class AttentionMass:
     """What self-attention guidance reads of a self-attention layer: for the rows ``start`` .. ``start + count`` of a
     call, the attention each key position receives, ``sum_q mean_h softmax(q k^T / sqrt(d))[h, q, k]`` (count, L), in
-    float32 whatever the layer's dtype, the queries taken in chunks of about ``CHUNK_SCORES`` scores. Each position
+    float32 whatever the layer's dtype, the queries taken in chunks of about ``CHUNK_SCORES / 4`` scores. Each position
     receives 1 on average (every query's row sums to 1), so ``mass > 1`` marks the positions attended above average.
     ``size``: the (H, W) of the feature map the L tokens come from, set by the layer's transformer."""
 
@@ -154,7 +154,7 @@ class AttentionMass:
         d = q.shape[-1] // h
         q = q.view(n, L, h, d).transpose(1, 2) * d**-0.5  # (n, h, L, d)
         k = k.view(n, L, h, d).transpose(1, 2)  # (n, h, L, d)
-        step = max(1, CHUNK_SCORES // max(1, h * L))
+        step = max(1, CHUNK_SCORES // 4 // max(1, n * h * L))  # float32 scores: at most 256 MiB at a time
         mass = torch.zeros(n, L, dtype=torch.float32, device=x.device)
         for i in range(0, L, step):
             probs = torch.matmul(q[:, :, i : i + step], k.transpose(-1, -2)).softmax(dim=-1)  # (n, h, rows, L)
