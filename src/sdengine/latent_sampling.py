@@ -451,6 +451,8 @@ def sample_latents(
     discard_penultimate_sigma: bool = False,
     guidance_rescale: float = 0.0,
     pag_scale: float = 0.0,
+    sag_scale: float = 0.0,
+    sag_blur_sigma: float = 2.0,
     prediction: str | None = None,
     zero_terminal_snr: bool = False,
     guidance_rule: Any = None,
@@ -487,9 +489,12 @@ def sample_latents(
     ``pag_scale``: perturbed-attention guidance on the U-Net's middle block (ComfyUI's PerturbedAttentionGuidance,
     diffusers' "mid"); both as ComfyUI computes them under its seed rule (the rescale on the v-prediction, the PAG term
     after it), as the pipeline does under sdengine's (:mod:`sdengine.diffusion.guidance`), and not with regional
-    entries (the rescale not with several positive ones either). ``prediction``: what the network predicts in place
-    of the pipeline's own ("epsilon", "v_prediction", "sample"; ComfyUI's ModelSamplingDiscrete eps / v_prediction /
-    x0); ``zero_terminal_snr``: the model's schedule rescaled to zero terminal SNR for this call (its zsnr).
+    entries (the rescale not with several positive ones either). ``sag_scale`` / ``sag_blur_sigma``: self-attention
+    guidance (ComfyUI's SelfAttentionGuidance under its rule: the unconditional rows' map and x0, its term in x0 after
+    the rescale, skipped on a latent of a side 4 or less; under sdengine's rule the pipeline's), not with regional
+    entries either. ``prediction``: what the network predicts in place of the pipeline's own ("epsilon",
+    "v_prediction", "sample"; ComfyUI's ModelSamplingDiscrete eps / v_prediction / x0); ``zero_terminal_snr``: the
+    model's schedule rescaled to zero terminal SNR for this call (its zsnr).
     ``guidance_rule`` with ``third``: a guider over three conditionings in place of CFG (``cfg`` unused), ComfyUI's
     DualCFGGuider / PerpNegGuider (:class:`sdengine.diffusion.guidance.DualCFG`, ``PerpNeg``): each of positive,
     negative and ``third`` predicted as ComfyUI's calc_cond_batch weighs its entries (the regional path), then the
@@ -524,6 +529,11 @@ def sample_latents(
             "CFG rescale and perturbed-attention guidance take one whole-latent negative conditioning and no area, "
             "mask or strength (the rescale one positive entry too); combine the entries first"
         )
+    if sag_scale and regional:
+        raise LatentSamplingError(
+            "self-attention guidance takes one whole-latent negative conditioning and no area, mask or strength (its "
+            "map and degraded pass are the whole latent's); combine the entries first"
+        )
     prediction = pipe.prediction_type if prediction is None else prediction
     rule = "comfyui" if seed_rule == "comfyui" else "diffusers"
     perturb = None
@@ -531,6 +541,12 @@ def sample_latents(
         from sdengine.nn.attention import identity_attention, pag_layers
 
         perturb = functools.partial(identity_attention, pag_layers(pipe.unet, ["mid"]))
+    attention_map = None
+    if sag_scale:
+        from sdengine.nn.transformer import middle_attention_mass, middle_transformer
+
+        middle_transformer(pipe.unet)  # one line where the U-Net has no middle-block transformer
+        attention_map = functools.partial(middle_attention_mass, pipe.unet)
     dev = pipe.device
     b, _, h, w = latent.shape
     f = pipe.vae_scale_factor
@@ -813,7 +829,16 @@ def sample_latents(
                 uncond_args["vector"] = neg_vec.to(dev)
                 extra["vector"] = pos_vec.to(dev).expand(b, -1)
             guide = CFGDenoiser(
-                den, cfg, uncond_args, guidance_rescale, rule=rule, pag_scale=pag_scale, perturb=perturb
+                den,
+                cfg,
+                uncond_args,
+                guidance_rescale,
+                rule=rule,
+                pag_scale=pag_scale,
+                perturb=perturb,
+                sag_scale=sag_scale,
+                sag_blur_sigma=sag_blur_sigma,
+                attention_map=attention_map,
             )
             parts.append((guide, extra))
         guided: Any = parts[0][0] if len(parts) == 1 else _MeanOfGuided(parts)

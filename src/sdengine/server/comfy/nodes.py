@@ -199,6 +199,8 @@ class ModelHandle:
     # ComfyUI's PerpNeg model patch (nodes_sampling.py): (empty conditioning entries, neg_scale), () = off; its CFG
     # function replaces CFG wherever the model samples (the last patch applied counts, as ComfyUI's)
     perp_neg: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+    # SelfAttentionGuidance: (scale, blur_sigma), () = off (sdengine.server.comfy.nodes_guidance)
+    sag: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1040,6 +1042,8 @@ def _sample(
             loras=model.loras,
             guidance_rescale=model.cfg_rescale,
             pag_scale=model.pag_scale,
+            sag_scale=model.sag[0] if model.sag else 0.0,
+            sag_blur_sigma=model.sag[1] if model.sag else 2.0,
             prediction=model.prediction,
             zero_terminal_snr=model.zsnr,
             callback=report,
