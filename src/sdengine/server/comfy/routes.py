@@ -32,6 +32,7 @@ from PIL import Image
 
 from sdengine.server.comfy.graph import Executor, Interrupted, NodeFailed, PromptInvalid, validate
 from sdengine.server.comfy.nodes import IMAGE_SUFFIXES, Outputs, RunContext, object_info, split_annotation
+from sdengine.server.comfy.nodes_files import LATENT_SUFFIX
 from sdengine.server.comfy.registry import NODES
 from sdengine.server.errors import BadRequest, Forbidden, NotFound, redact_paths, redact_tree, register_client_folder
 from sdengine.server.jobs import (
@@ -643,8 +644,8 @@ def view(
     suffix = Path(filename).suffix.lower()
     if not filename or filename.startswith("."):
         raise BadRequest(f"{filename!r}: not a file name of the {type} folder")
-    if suffix not in IMAGE_SUFFIXES:
-        raise BadRequest(f"{filename!r}: only PNG, JPEG and WebP files are served")
+    if suffix not in IMAGE_SUFFIXES and suffix != LATENT_SUFFIX:
+        raise BadRequest(f"{filename!r}: only PNG, JPEG, WebP and .latent files are served")
     if _leaves(subfolder):  # as ComfyUI: a subfolder outside the folder ("../..", "/etc") is a 403
         raise Forbidden(f"subfolder {subfolder[:200]!r} is outside the {type} folder")
     name = f"{subfolder.strip('/')}/{filename}" if subfolder else filename
@@ -658,6 +659,16 @@ def view(
         raise NotFound(f"{name!r} is not a file")
     if channel not in (None, "rgba", "rgb", "a"):
         raise BadRequest(f"channel must be rgba, rgb or a, got {channel[:20]!r}")
+    if suffix == LATENT_SUFFIX:  # SaveLatent's file: data, not an image (ComfyUI serves it as octet-stream)
+        if preview is not None or channel not in (None, "rgba"):
+            raise BadRequest(f"{name!r} is a latent, not an image: no preview or channel of it")
+        return FileResponse(
+            path,
+            media_type="application/octet-stream",
+            filename=filename,  # Starlette quotes (or percent-encodes) the name in Content-Disposition
+            content_disposition_type="attachment",
+            headers={"X-Content-Type-Options": "nosniff"},
+        )
     if preview is not None or channel in ("rgb", "a"):
         body, media = _view_converted(path, name, channel, preview, request.app.state.services.config.max_image_pixels)
         return Response(
