@@ -222,6 +222,12 @@ def _run(client: httpx.Client, prompt: dict) -> dict:
     raise TimeoutError(pid)
 
 
+def _st_bytes(tensors: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
 def _view(client: httpx.Client, item: dict) -> httpx.Response:
     return client.get("/view", params={"filename": item["filename"], "subfolder": item["subfolder"], "type": "output"})
 
@@ -275,8 +281,11 @@ def test_a_latent_round_trips_through_the_api_and_decodes_as_the_sampled_one(ser
     assert len(direct) == len(loaded) == 2
     for a, b in zip(direct, loaded, strict=True):
         assert np.array_equal(_png(client, a), _png(client, b))
-    # a file put in the input folder is listed by /object_info and loads by its plain name
-    (folders.input / "mine.latent").write_bytes(r.content)
+    # an uploaded .latent file (ComfyUI's /upload/image takes any file) is listed by /object_info and loads by its
+    # plain name
+    up = client.post("/upload/image", files={"image": ("mine.latent", r.content, "application/octet-stream")})
+    assert up.status_code == 200 and up.json() == {"name": "mine.latent", "subfolder": "", "type": "input"}
+    assert (folders.input / "mine.latent").read_bytes() == r.content
     info = client.get("/object_info/LoadLatent").json()["LoadLatent"]
     assert "mine.latent" in info["input"]["required"]["latent"][0] and info["category"] == "_for_testing"
     g2["2"]["inputs"]["latent"] = "mine.latent"
@@ -296,6 +305,16 @@ def test_bad_latents_through_the_api_are_comfyuis_errors(server):
     (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
     assert err["node_id"] == "3" and err["exception_message"] == "the latent has 3 channels, emoji's latents have 4"
     folders.input.joinpath("junk.latent").write_bytes(b"not safetensors at all")
+    # an upload LoadLatent would refuse is a 400 in one line, and nothing is stored
+    for data, message in (
+        (b"not safetensors at all", "is not a safetensors file"),
+        (_st_bytes({"samples": torch.zeros(1, 4, 8, 8)}), "has no 'latent_tensor' tensor"),
+        (_st_bytes({"latent_tensor": torch.zeros(9, 4, 8, 8)}), "over the server's batch limit of 8"),
+    ):
+        up = client.post("/upload/image", files={"image": ("bad.latent", data, "application/octet-stream")})
+        assert up.status_code == 400 and message in up.text and "\n" not in up.json()["detail"], up.text
+        assert "/tmp" not in up.text
+    assert not (folders.input / "bad.latent").exists()
     g["2"]["inputs"]["latent"] = "junk.latent"
     h = _run(client, g)
     (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]

@@ -135,9 +135,9 @@ def save_latent(ctx: RunContext, samples: dict[str, Any], filename_prefix: str) 
     return {"ui": {"latents": [{"filename": name, "subfolder": sub, "type": "output"}]}, "result": (samples,)}
 
 
-def _header_entry(ctx: RunContext, name: str, path: Path) -> tuple[dict[str, Any], dict[str, str], bool]:
-    """The checked header of a .latent file: (its latent_tensor entry, its metadata, whether it has the
-    version marker). Nothing is read past the header here."""
+def check_latent_file(path: Path, name: str, max_batch: int, max_side: int) -> tuple[dict[str, str], bool]:
+    """The checked header of a .latent file (``name``: what messages call it): its metadata and whether it has the
+    version marker; NodeError (one line) for a file LoadLatent would refuse. Nothing is read past the header."""
     from sdengine.weights.io import CorruptFileError, read_safetensors_header
 
     size = path.stat().st_size
@@ -162,15 +162,15 @@ def _header_entry(ctx: RunContext, name: str, path: Path) -> tuple[dict[str, Any
         raise NodeError(f"latent {name!r} has {c} channels: a latent has 1 to {MAX_LATENT_CHANNELS}")
     if b < 1 or h < 1 or w < 1:
         raise NodeError(f"latent {name!r} is empty (shape {shape})")
-    if b > ctx.max_batch:
-        raise NodeError(f"latent {name!r} holds {b} latents, over the server's batch limit of {ctx.max_batch}")
+    if b > max_batch:
+        raise NodeError(f"latent {name!r} holds {b} latents, over the server's batch limit of {max_batch}")
     factor = _factor(metadata)
-    if max(h, w) * factor > ctx.max_side:
+    if max(h, w) * factor > max_side:
         raise NodeError(
             f"latent {name!r} is {w}x{h} ({w * factor}x{h * factor} pixels), over the server's limit of "
-            f"{ctx.max_side} pixels a side"
+            f"{max_side} pixels a side"
         )
-    return entry, metadata, VERSION_KEY in header
+    return metadata, VERSION_KEY in header
 
 
 def _factor(metadata: dict[str, str]) -> int:
@@ -192,7 +192,7 @@ def load_latent(ctx: RunContext, latent: str) -> tuple[Any]:
         raise NodeError(f"latent {latent!r} is not in the {kind} folder") from None
     if path.suffix != LATENT_SUFFIX or not path.is_file():
         raise NodeError(f"latent {latent!r}: only .latent files are read")
-    _, metadata, versioned = _header_entry(ctx, latent, path)
+    metadata, versioned = check_latent_file(path, latent, ctx.max_batch, ctx.max_side)
     try:
         # a copy (the map of the file goes with the dict); in float32, as ComfyUI's .float()
         z = load_safetensors(path)[LATENT_KEY].to(torch.float32, copy=True)

@@ -31,8 +31,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
 
 from sdengine.server.comfy.graph import Executor, Interrupted, NodeFailed, PromptInvalid, validate
-from sdengine.server.comfy.nodes import IMAGE_SUFFIXES, Outputs, RunContext, object_info, split_annotation
-from sdengine.server.comfy.nodes_files import LATENT_SUFFIX
+from sdengine.server.comfy.nodes import IMAGE_SUFFIXES, NodeError, Outputs, RunContext, object_info, split_annotation
+from sdengine.server.comfy.nodes_files import LATENT_SUFFIX, check_latent_file
 from sdengine.server.comfy.registry import NODES
 from sdengine.server.errors import BadRequest, Forbidden, NotFound, redact_paths, redact_tree, register_client_folder
 from sdengine.server.jobs import (
@@ -800,7 +800,12 @@ async def _upload(request: Request, *, mask: bool) -> Any:
         raise BadRequest("send the image in the multipart file field 'image'")
     data = await part.read()
     limit = services.config.max_image_pixels
-    await asyncio.to_thread(decode_image, data, "image", limit)
+    # a .latent file (LoadLatent's; ComfyUI's upload takes any file): checked as LoadLatent checks it
+    latent = not mask and str(part.filename or "").endswith(LATENT_SUFFIX)
+    if latent:
+        await asyncio.to_thread(_check_latent_upload, data, str(part.filename), services.config)
+    else:
+        await asyncio.to_thread(decode_image, data, "image", limit)
     if mask:
         if not str(part.filename or "mask.png").lower().endswith(".png"):
             raise BadRequest("a masked image is stored as a PNG: give the file a .png name")
@@ -822,10 +827,26 @@ async def _upload(request: Request, *, mask: bool) -> Any:
             check_name(subfolder, "subfolder")
     except ValueError as e:
         raise BadRequest(str(e)) from None
-    if Path(filename).suffix.lower() not in IMAGE_SUFFIXES or filename.startswith("."):
-        raise BadRequest(f"{filename!r}: only .png, .jpg, .jpeg and .webp names are stored")
+    if (Path(filename).suffix.lower() not in IMAGE_SUFFIXES and not latent) or filename.startswith("."):
+        raise BadRequest(f"{filename!r}: only .png, .jpg, .jpeg, .webp (and .latent) names are stored")
     name = await asyncio.to_thread(_store_upload, st, kind, subfolder, filename, data, overwrite)
     return {"name": name, "subfolder": subfolder, "type": kind}
+
+
+def _check_latent_upload(data: bytes, filename: str, config: Any) -> None:
+    """A 400 for an uploaded .latent file that LoadLatent would refuse (checked in a private temporary file)."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(suffix=LATENT_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        check_latent_file(Path(tmp), Path(filename).name, config.max_batch, config.max_side)
+    except NodeError as e:
+        raise BadRequest(str(e)) from None
+    finally:
+        os.unlink(tmp)
 
 
 def _store_upload(st: ComfyState, kind: str, subfolder: str, filename: str, data: bytes, overwrite: bool) -> str:
