@@ -135,19 +135,22 @@ def save_latent(ctx: RunContext, samples: dict[str, Any], filename_prefix: str) 
     return {"ui": {"latents": [{"filename": name, "subfolder": sub, "type": "output"}]}, "result": (samples,)}
 
 
-def check_latent_file(path: Path, name: str, max_batch: int, max_side: int) -> tuple[dict[str, str], bool]:
-    """The checked header of a .latent file (``name``: what messages call it): its metadata and whether it has the
-    version marker; NodeError (one line) for a file LoadLatent would refuse. Nothing is read past the header."""
-    from sdengine.weights.io import CorruptFileError, read_safetensors_header
+def check_latent_file(path: Path, name: str, max_batch: int, max_side: int) -> tuple[list[int], dict[str, str], bool]:
+    """The checked header of a .latent file (``name``: what messages call it): the latent's shape, the metadata and
+    whether it has the version marker; NodeError (one line) for a file LoadLatent would refuse. Nothing is read
+    past the header."""
+    from sdengine.weights.io import WeightsError, read_safetensors_header
 
-    size = path.stat().st_size
-    if size > MAX_LATENT_BYTES:
-        raise NodeError(f"latent {name!r} is {size} bytes, over the {MAX_LATENT_BYTES} a .latent file may have")
     try:
+        size = path.stat().st_size
+        if size > MAX_LATENT_BYTES:
+            raise NodeError(f"latent {name!r} is {size} bytes, over the {MAX_LATENT_BYTES} a .latent file may have")
         header, metadata, _ = read_safetensors_header(path)
-    except CorruptFileError as e:
+    except WeightsError as e:
         reason = str(e).removeprefix(f"{path}: ").replace(str(path), repr(name))
         raise NodeError(f"latent {name!r} is not a safetensors file ({reason})") from None
+    except OSError as e:  # unreadable (permissions, a folder): its reason, not the server's path
+        raise NodeError(f"latent {name!r} cannot be read ({e.strerror or type(e).__name__})") from None
     entry = header.get(LATENT_KEY)
     if entry is None:
         keys = ", ".join(repr(k) for k in list(header)[:4]) or "nothing"
@@ -170,7 +173,7 @@ def check_latent_file(path: Path, name: str, max_batch: int, max_side: int) -> t
             f"latent {name!r} is {w}x{h} ({w * factor}x{h * factor} pixels), over the server's limit of "
             f"{max_side} pixels a side"
         )
-    return metadata, VERSION_KEY in header
+    return shape, metadata, VERSION_KEY in header
 
 
 def _factor(metadata: dict[str, str]) -> int:
@@ -181,7 +184,7 @@ def _factor(metadata: dict[str, str]) -> int:
 
 def load_latent(ctx: RunContext, latent: str) -> tuple[Any]:
     from sdengine.io.paths import UnsafePathError
-    from sdengine.weights.io import CorruptFileError, load_safetensors
+    from sdengine.weights.io import WeightsError, load_safetensors
 
     try:
         path = _latent_path(ctx.folders, latent)
@@ -192,12 +195,14 @@ def load_latent(ctx: RunContext, latent: str) -> tuple[Any]:
         raise NodeError(f"latent {latent!r} is not in the {kind} folder") from None
     if path.suffix != LATENT_SUFFIX or not path.is_file():
         raise NodeError(f"latent {latent!r}: only .latent files are read")
-    metadata, versioned = check_latent_file(path, latent, ctx.max_batch, ctx.max_side)
+    shape, metadata, versioned = check_latent_file(path, latent, ctx.max_batch, ctx.max_side)
     try:
-        # a copy (the map of the file goes with the dict); in float32, as ComfyUI's .float()
-        z = load_safetensors(path)[LATENT_KEY].to(torch.float32, copy=True)
-    except (CorruptFileError, KeyError, OSError):  # replaced since its header was read
-        raise NodeError(f"latent {latent!r} changed while it was read") from None
+        raw = load_safetensors(path)[LATENT_KEY]  # a map of the file: nothing is read until it is copied below
+    except (WeightsError, KeyError, OSError):
+        raw = None
+    if raw is None or list(raw.shape) != shape or not raw.is_floating_point():  # replaced since it was checked
+        raise NodeError(f"latent {latent!r} changed while it was read")
+    z = raw.to(torch.float32, copy=True)  # a copy (the map goes); in float32, as ComfyUI's .float()
     if not versioned:
         z = z * (1.0 / OLD_FORMAT_SCALE)
     if not bool(torch.isfinite(z).all()):
