@@ -76,6 +76,9 @@ class LoopPlan:
     pag_layers: tuple[str, ...] = ()
     # FreeU: (b1, b2, s1, s2, version, rule), () = off (the recording bakes in the up blocks' FreeU)
     freeu: tuple[Any, ...] = ()
+    # Deep Shrink: sdengine.nn.deep_shrink.DeepShrink.key, () = off (the recording bakes in which steps' calls are
+    # shrunk, and their shapes)
+    deep_shrink: tuple[Any, ...] = ()
     # the options as given (the JSON above keys them; a value JSON cannot hold exactly is kept here as it was)
     given_options: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
 
@@ -99,6 +102,7 @@ class LoopPlan:
         pag_scale: float = 0.0,
         pag_layers: tuple[str, ...] = (),
         freeu: tuple[Any, ...] = (),
+        deep_shrink: tuple[Any, ...] = (),
     ) -> LoopPlan:
         return LoopPlan(
             sampler=sampler,
@@ -118,6 +122,7 @@ class LoopPlan:
             pag_scale=float(pag_scale),
             pag_layers=tuple(str(x) for x in pag_layers),
             freeu=tuple(freeu),
+            deep_shrink=tuple(deep_shrink),
             given_options=tuple(sorted(dict(sampler_options or {}).items())),
         )
 

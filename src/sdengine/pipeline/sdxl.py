@@ -559,8 +559,15 @@ def hand_off_latents(
     # one past the last the base's alone (A1111's apply_refiner switches at a step or never)
     pag = (float(request.pag_scale), request.pag_layer_list()) if request.pag_scale else None
     freeu = request.freeu_settings()  # on each model's own U-Net
+    shrink = request.deep_shrink_settings()  # the base's only (its block numbers; the refiner's are another U-Net's)
     runs = [
-        (base, blended(base.guided_denoiser(cfg_scale, uncond, rescale, pag=pag, freeu=freeu)), cond, first, k),
+        (
+            base,
+            blended(base.guided_denoiser(cfg_scale, uncond, rescale, pag=pag, freeu=freeu, deep_shrink=shrink)),
+            cond,
+            first,
+            k,
+        ),
         (
             refiner,
             blended(refiner.guided_denoiser(cfg_scale, r_uncond, rescale, pag=pag, freeu=freeu)),

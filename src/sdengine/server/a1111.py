@@ -1039,6 +1039,43 @@ def forge_pag_scale(scripts: dict[str, Any]) -> float:
     return 0.0
 
 
+# Forge's built-in Kohya HRFix script (extensions-builtin/sd_forge_kohya_hrfix, "Kohya HRFix Integrated"), Deep Shrink
+# on the U-Net: args [enabled, block_number, downscale_factor, start_percent, end_percent, downscale_after_skip,
+# downscale_method, upscale_method] (defaults False, 3, 2.0, 0.0, 0.35, True, "bicubic", "bicubic"), ComfyUI's
+# PatchModelAddDownscale with those settings (sdengine.nn.deep_shrink)
+FORGE_DEEP_SHRINK_SCRIPTS = ("kohya hrfix integrated",)
+
+
+def forge_deep_shrink(scripts: dict[str, Any]) -> dict[str, Any] | None:
+    """The Deep Shrink settings of Forge's Kohya HRFix script in ``alwayson_scripts`` (lower-cased names; the entry is
+    taken out of ``scripts``) as the request's ``deep_shrink`` mapping: None when absent or not enabled; a one-line 400
+    for an entry of another shape or a value out of range."""
+    from sdengine.nn.deep_shrink import FIELDS, DeepShrink
+
+    for name in FORGE_DEEP_SHRINK_SCRIPTS:
+        if name not in scripts:
+            continue
+        entry = scripts.pop(name)
+        args = entry.get("args") if isinstance(entry, dict) else None
+        if not isinstance(args, list) or len(args) != 8:
+            raise BadRequest(
+                f"alwayson_scripts.{name} must be an object {{args: [enabled, block_number, downscale_factor, "
+                "start_percent, end_percent, downscale_after_skip, downscale_method, upscale_method]}} (Forge's Kohya "
+                f"HRFix script), got {repr(entry)[:100]}"
+            )
+        if not isinstance(args[0], bool):
+            got = repr(args[0])[:100]
+            raise BadRequest(f"alwayson_scripts.{name}.args[0] (enabled) must be true or false, got {got}")
+        if not args[0]:
+            return None
+        try:
+            settings = DeepShrink(*args[1:])
+        except SdengineError as e:
+            raise BadRequest(f"alwayson_scripts.{name}: {e}") from None
+        return dict(zip(FIELDS, settings.key, strict=True))
+    return None
+
+
 def control_units(
     args: Any, init: str | None, ignored: list[str], detect_maps: list[int] | None = None
 ) -> tuple[list[ControlRequest], list[tuple[int, int]], dict[int, int]]:
@@ -1450,6 +1487,7 @@ def install(app: FastAPI, services: Any) -> None:
         scripts = {str(k).lower(): v for k, v in (req.alwayson_scripts or {}).items()}
         cn = scripts.pop("controlnet", None)
         pag_scale = forge_pag_scale(scripts)  # Forge's PAG script (A1111 has none): sdengine's pag_scale
+        deep_shrink = forge_deep_shrink(scripts)  # Forge's Kohya HRFix script: sdengine's deep_shrink
         ignored.extend(f"alwayson_scripts.{k}" for k in scripts)
         if cn is not None and not isinstance(cn, dict):
             raise BadRequest("alwayson_scripts.controlnet must be an object: {args: [units]}")
@@ -1485,6 +1523,7 @@ def install(app: FastAPI, services: Any) -> None:
             schedule=req.scheduler or "Automatic",  # A1111 runs p.scheduler or "Automatic" (sampling.A1111_AUTOMATIC)
             cfg_scale=req.cfg_scale,
             pag_scale=pag_scale,
+            **({} if deep_shrink is None else {"deep_shrink": deep_shrink}),
             seed=req.seed,
             width=req.width,
             height=req.height,

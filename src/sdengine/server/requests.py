@@ -269,10 +269,12 @@ def build_generation(
     vae: str | None = None,
     pag_scale: float = 0.0,
     pag_layers: str | Sequence[str] = "mid",
+    deep_shrink: Any = None,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run. ``vae``: the
     job's VAE (:func:`check_vae_choice`; None: the VAE the model was loaded with). ``pag_scale`` / ``pag_layers``:
-    perturbed-attention guidance (:func:`check_pag`; the layers are kept only with a scale above 0)."""
+    perturbed-attention guidance (:func:`check_pag`; the layers are kept only with a scale above 0). ``deep_shrink``:
+    Deep Shrink's settings (the pipeline's ``deep_shrink``; checked by GenerationRequest.validate below)."""
     from sdengine.nn.lora import LoRAWeight, lora_weight
     from sdengine.prompts import extract_lora_tags
 
@@ -456,6 +458,8 @@ def build_generation(
         kwargs["resize_mode"] = resize_mode  # checked by GenerationRequest.validate below
     if pag_scale:  # left out at 0 (no PAG: the layers do nothing), so that such jobs batch as before
         kwargs.update(pag_scale=pag_scale, pag_layers=pag_layer_text)  # a tuple: batch_key compares it
+    if deep_shrink is not None:  # checked by GenerationRequest.validate below
+        kwargs["deep_shrink"] = deep_shrink
     if init_latent_resize:  # A1111's img2img resize mode 3 (left out when off, so such jobs batch as before)
         kwargs["init_latent_resize"] = init_latent_resize  # checked by GenerationRequest.validate below
     if hires is not None:

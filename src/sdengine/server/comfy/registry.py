@@ -11,5 +11,6 @@ from sdengine.server.comfy.nodes import NODES as CORE_NODES
 from sdengine.server.comfy.nodes import NodeDef
 from sdengine.server.comfy.nodes_image import IMAGE_NODES
 from sdengine.server.comfy.nodes_latent import LATENT_NODES
+from sdengine.server.comfy.nodes_patches import PATCH_NODES
 
-NODES: dict[str, NodeDef] = {**CORE_NODES, **IMAGE_NODES, **LATENT_NODES}
+NODES: dict[str, NodeDef] = {**CORE_NODES, **IMAGE_NODES, **LATENT_NODES, **PATCH_NODES}
