@@ -199,6 +199,20 @@ def test_the_hidden_state_is_shrunk_inside_the_window_only(tiny_sd1_folder):
         handle.remove()
 
 
+def test_both_hires_passes_run_deep_shrink(tiny_sd1_folder):
+    """The hires fix's first pass (32 x 32 latents: 16 below block 2) and second pass (64 x 64: 32) are both
+    shrunk over the whole schedule."""
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", fast_path="none")
+    sizes: list[tuple[int, int]] = []
+    handle = pipe.unet.mid_block.register_forward_pre_hook(lambda m, args: sizes.append(tuple(args[0].shape[-2:])))
+    try:
+        pipe(PROMPT, steps=2, sampler="euler", seed=1, width=64, height=64, enable_hr=True, hr_scale=2, strength=0.5,
+             progress=False, deep_shrink=(2, 2.0, 0.0, 1.0))  # fmt: skip
+    finally:
+        handle.remove()
+    assert set(sizes) == {(8, 8), (16, 16)} and sizes[0] == (8, 8) and sizes[-1] == (16, 16), sizes
+
+
 @pytest.fixture(scope="module")
 def sd1(tiny_sd1_folder):
     return tiny_sd1_folder, sdengine.load_pipeline(tiny_sd1_folder, device="cpu", fast_path="none")
