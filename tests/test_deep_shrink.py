@@ -10,9 +10,11 @@ ComfyUI's node and Forge's script through the HTTP APIs, and bad values as one l
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import math
+import re
 import time
 from typing import Any
 
@@ -310,6 +312,24 @@ def test_the_model_decides_the_block_range_and_controlnets_are_refused(sd1):
         GenerationRequest(prompt="x", deep_shrink=(3, 2.0), controlnets=[unit]).validate()
 
 
+def test_latent_sampling_refuses_a_controlnet_and_a_missing_block(sd1):
+    """ComfyUI's samplers (sdengine.latent_sampling): Deep Shrink with a ControlNet, or with a block the model does not
+    have, is one line before any model call."""
+    from sdengine.latent_sampling import ControlHint, LatentSamplingError, encode_text, sample_latents
+
+    _, pipe = sd1
+    pos, neg = encode_text(pipe, "a cat"), encode_text(pipe, "")
+    latent = torch.zeros(1, pipe.latent_channels, 16, 16)
+    hinted = dataclasses.replace(pos, controls=(ControlHint("no-such-controlnet", torch.zeros(1, 3, 64, 64)),))
+    for positive, shrink, said in (
+        (hinted, DeepShrink(2, 2.0), "Deep Shrink (PatchModelAddDownscale) cannot run with a ControlNet"),
+        (pos, DeepShrink(4, 2.0), "deep shrink block 4 is not an input block of this U-Net: it has blocks 1 to 3"),
+    ):
+        with pytest.raises(LatentSamplingError, match=re.escape(said)) as e:
+            sample_latents(pipe, [positive], [neg], latent, seed=1, steps=2, cfg=5.0, deep_shrink=shrink)
+        assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize(
     "args,why",
     [
@@ -477,6 +497,7 @@ def test_forges_kohya_hrfix_script_in_a1111s_alwayson_scripts(client):
         ([1, *args[1:]], "args[0] (enabled) must be true or false, got 1"),
         ([True, 2, 20.0, *args[3:]], "deep shrink factor must be a number in [0.1, 9], got 20.0"),
         ([True, 2, 2.0, 0.0, 0.5, False, "bicubic", "lanczos"], "unknown deep shrink upscale_method 'lanczos'"),
+        ([True, 9, *args[2:]], "deep shrink block 9 is not an input block of this U-Net: it has blocks 1 to 5"),
     ):
         r = client.post(
             "/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"Kohya HRFix Integrated": {"args": bad}}}
