@@ -81,7 +81,7 @@ LAYERS: dict[str, int] = {
     "__main__": 4,
 }
 
-ORACLES = ("diffusers", "transformers", "peft", "accelerate")
+ORACLES = ("diffusers", "transformers", "peft", "accelerate", "lycoris")
 
 # Known violations (none today). Nothing new goes in it: fix the code instead.
 KNOWN: frozenset[str] = frozenset({})

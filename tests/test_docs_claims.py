@@ -200,8 +200,8 @@ def test_the_readme_protocol_table_names_served_routes():
 
 
 def test_the_sampler_and_schedule_lists_are_the_table():
-    """README's "14 samplers: ..." row and docs/cli.md name exactly the samplers and schedules ``sampling.resolve``
-    takes."""
+    """README's "N samplers: ..." row and docs/cli.md name exactly the samplers and schedules
+    ``sampling.resolve`` takes."""
     from sdengine.diffusion import sampling
 
     text = (ROOT / "README.md").read_text(encoding="utf-8")

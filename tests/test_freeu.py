@@ -207,3 +207,19 @@ def test_the_recorded_loop_keys_freeu_and_replays_its_images(tiny_sd1_folder):
         np.testing.assert_array_equal(images[-1], plain(**kw))
     for a, b in zip(images, images[1:], strict=False):
         assert not np.array_equal(a, b)
+
+
+def test_forges_whole_run_window_is_read_and_another_is_warned_of(caplog):
+    """Forge writes its FreeU window (``freeu_start``/``freeu_end``, fractions of the steps); 0 and 1 are the whole
+    run, which is what sdengine's FreeU does: read without a warning (once warned of as "not reproduced"); a
+    narrower window is named in the warning, the image may differ."""
+    forge = (
+        "a red apple\nSteps: 4, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, freeu_enabled: True, "
+        "freeu_b1: 1.3, freeu_b2: 1.4, freeu_s1: 0.9, freeu_s2: 0.2, freeu_start: {start}, freeu_end: 1.0"
+    )
+    with caplog.at_level("WARNING", logger="sdengine.metadata"):
+        kwargs = to_generate_kwargs(parse_parameters(forge.format(start="0.0")))
+    assert kwargs["freeu"] == (1.3, 1.4, 0.9, 0.2) and "not reproduced" not in caplog.text, caplog.text
+    with caplog.at_level("WARNING", logger="sdengine.metadata"):
+        to_generate_kwargs(parse_parameters(forge.format(start="0.3")))
+    assert "not reproduced" in caplog.text and "freeu_start" in caplog.text and "freeu_end" not in caplog.text

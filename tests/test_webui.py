@@ -311,6 +311,67 @@ def test_pag_scale_and_the_hires_upscalers_of_the_server(page, client):
     page.fill("#pag_scale", "0")
 
 
+def test_freeu_is_sent_with_the_job_and_reused(page, client):
+    """FreeU's factors, version and rule (next to the PAG boxes) are sent with the job: the API's image with that
+    ``freeu``, the parameters name it, "Reuse parameters" sets them again; factors that are not four numbers are
+    said at their box before anything is sent, and one the server refuses (over 10) there too, the input kept."""
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "4")
+    page.fill("#seed", "3")
+    page.fill("#freeu", "1.5, 1.6, 0.9, 0.2")
+    page.select_option("#freeu_version", "1")
+    page.select_option("#freeu_rule", "diffusers")
+    page.click("#generate")
+    params = wait_result(page)
+    assert 'FreeU: "1.5,1.6,0.9,0.2", FreeU version: 1, FreeU rule: diffusers,' in params, params
+    body = {"prompt": "a red apple", "steps": 4, "seed": 3, "width": 64, "height": 64}
+    body |= {"freeu": [1.5, 1.6, 0.9, 0.2], "freeu_version": 1, "freeu_rule": "diffusers"}
+    shows_the_api_image(page, client, body, params)
+    plain, _ = api_image(client, {**body, "freeu": None, "cfg_scale": float(page.input_value("#cfg_scale"))})
+    assert not np.array_equal(shown_image(page, "#results img"), plain)  # FreeU changed the image
+    page.fill("#freeu", "")
+    page.select_option("#freeu_version", "2")
+    page.select_option("#freeu_rule", "width")
+    page.click("#results button:text('Reuse parameters')")
+    assert page.input_value("#freeu") == "1.5, 1.6, 0.9, 0.2"
+    assert (page.input_value("#freeu_version"), page.input_value("#freeu_rule")) == ("1", "diffusers")
+    for typed, said in (
+        ("1.5, 1.6, 0.9", "FreeU: enter four numbers b1, b2, s1, s2"),
+        ("1.5, x, 0.9, 0.2", "FreeU: enter four numbers b1, b2, s1, s2"),
+        ("1.5, 1.6, 0.9, 20", "freeu.3: Input should be less than or equal to 10"),  # the server's 422
+    ):
+        page.fill("#freeu", typed)
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#err-freeu').textContent !== ''")
+        assert said in shown_errors(page)["err-freeu"], shown_errors(page)
+        assert page.input_value("#freeu") == typed  # the input is kept
+    # Forge's FreeU keys (its version 2 by width), a step window this page cannot run named; an image without
+    # FreeU turns it off
+    kept = {k: page.input_value(f"#{k}") for k in ("sampler", "schedule", "cfg_scale", "negative_prompt")}
+    forge = (
+        "a cat face\nSteps: 5, Sampler: Euler, CFG scale: 7, Seed: 11, Size: 64x64, freeu_enabled: True, "
+        "freeu_b1: 1.3, freeu_b2: 1.4, freeu_s1: 0.9, freeu_s2: 0.2, freeu_start: 0.25, freeu_end: 1.0"
+    )
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", forge)
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "forge.png")
+    page.wait_for_function("document.querySelector('#seed').value === '11'")
+    assert page.input_value("#freeu") == "1.3, 1.4, 0.9, 0.2"
+    assert (page.input_value("#freeu_version"), page.input_value("#freeu_rule")) == ("2", "width")
+    assert "FreeU's freeu_start 0.25 (this page runs every step)" in page.text_content("#err-general")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat face\nSteps: 5, Sampler: Euler, CFG scale: 7, Seed: 12, Size: 64x64")
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "plain.png")
+    page.wait_for_function("document.querySelector('#seed').value === '12'")
+    assert page.input_value("#freeu") == ""
+    page.select_option("#sampler", kept["sampler"])  # as the later tests found the page
+    page.select_option("#schedule", kept["schedule"])
+    page.fill("#cfg_scale", kept["cfg_scale"])
+    page.fill("#negative_prompt", kept["negative_prompt"])
+    page.select_option("#freeu_version", "2")
+    page.select_option("#freeu_rule", "width")
+
+
 def test_the_tiny_vae_encoder_choice_in_img2img(page, client, browser, server, tmp_path):
     """The emoji model's tiny VAE has an encoder: in img2img "Encoder: Tiny VAE (fast)" gives the API's
     vae_encode "tiny" image; the choice is hidden in txt2img and disabled for a model whose tiny VAE has none."""

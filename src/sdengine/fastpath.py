@@ -26,7 +26,7 @@ docs/performance.md; in short, on the 2-core AVX2 CPU there:
   which later processes reuse. The first call compiles (minutes on 2 cores: 563 s for the medium U-Net),
   and the compiled U-Net was no faster than eager there (0.97x the time), so it stays off.
 
-On a CUDA device (docs/performance.md, "GPU", has the H200 numbers and the command):
+On a CUDA device (docs/gpu.md has the H200 numbers and the command):
 
 * ``fp8`` (also on the CPU, slowly, to check the images): the U-Net's transformer-block linear layers multiply
   in e4m3 with per-row scales (:mod:`sdengine.nn.fp8`); the layers' 16-bit weights are replaced, so LoRAs are
@@ -80,7 +80,7 @@ OPTIONS: tuple[str, ...] = (  # in the order they are applied: fp8 changes the l
 )
 CUDA_ONLY: frozenset[str] = frozenset({"cudnn_benchmark", "sdpa_fastest", "cuda_graphs", "cuda_graph_loop"})
 DEFAULT_OPTIONS: frozenset[str] = frozenset()  # measured, see the module docstring
-# On a CUDA device in half precision: measured on an H200 (docs/performance.md, "GPU"): SD 1.5 at 512x512 in
+# On a CUDA device in half precision: measured on an H200 (docs/gpu.md): SD 1.5 at 512x512 in
 # 0.30 s instead of 1.03 s eager, the image within 9.4e-4 of fp32's (eager fp16: 9.2e-4). compile is not on by
 # default: its first call compiles for 70 s (11.6 s with a warm cache), for 0.19 s per image after.
 CUDA_DEFAULT_OPTIONS: frozenset[str] = frozenset({"channels_last", "cudnn_benchmark", "cuda_graphs"})

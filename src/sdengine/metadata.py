@@ -311,6 +311,14 @@ def _parse_int(parsed: Mapping[str, str], key: str) -> int:
         raise MetadataError(f"{key}: {parsed[key]!r} is not an integer") from None
 
 
+def _number_or_none(text: str | None) -> float | None:
+    """``text`` as a float, or None when it is missing or not a number."""
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
 _FREEU_FACTOR_FIELDS = ("freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2")
 
 
@@ -397,7 +405,8 @@ def to_generate_kwargs(
     Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
     ``guidance_rescale`` ("CFG Rescale phi"), ``pag_scale`` and ``pag_layers`` (sdengine's "PAG scale", "PAG
-    layers"), ``freeu``, ``freeu_version`` and ``freeu_rule`` (sdengine's "FreeU: b1,b2,s1,s2", "FreeU version",
+    layers"), ``sag_scale`` and ``sag_blur_sigma`` (sdengine's "SAG scale", "SAG blur sigma"), ``freeu``,
+    ``freeu_version`` and ``freeu_rule`` (sdengine's "FreeU: b1,b2,s1,s2", "FreeU version",
     "FreeU rule" where not 2 and width; Forge's "freeu_enabled: True", "freeu_b1" ... "freeu_s2"), ``deep_shrink``
     (Forge's "kohya_hrfix_enabled: True", "kohya_hrfix_block_number" ...: :func:`deep_shrink_kwargs`), ``subseed`` and
     ``subseed_strength`` ("Variation seed", "Variation seed strength"), ``seed_resize_from_w`` and
@@ -466,6 +475,9 @@ def to_generate_kwargs(
     if "PAG scale" in parsed:  # sdengine's: perturbed-attention guidance, its layers "mid" unless written
         kwargs["pag_scale"] = _parse_float(parsed, "PAG scale")
         kwargs["pag_layers"] = parsed.get("PAG layers", "mid").strip()
+    if "SAG scale" in parsed:  # sdengine's: self-attention guidance, its blur sigma 1 (diffusers') unless written
+        kwargs["sag_scale"] = _parse_float(parsed, "SAG scale")
+        kwargs["sag_blur_sigma"] = _parse_float(parsed, "SAG blur sigma") if "SAG blur sigma" in parsed else 1.0
     if "FreeU" in parsed:  # sdengine's: "FreeU: b1,b2,s1,s2", "FreeU version" / "FreeU rule" unless 2 / width
         try:
             factors = tuple(float(x) for x in parsed["FreeU"].strip().strip('"').split(","))
@@ -589,6 +601,8 @@ def to_generate_kwargs(
         "CFG Rescale phi",
         "PAG scale",
         "PAG layers",
+        "SAG scale",
+        "SAG blur sigma",
         "FreeU",
         "FreeU version",
         "FreeU rule",
@@ -619,6 +633,8 @@ def to_generate_kwargs(
     }
     if options:
         used |= {"Eta", "Eta DDIM", *(A1111_SAMPLER_FIELDS[k] for k in options if k in A1111_SAMPLER_FIELDS)}
+    # Forge's FreeU window (fractions of the steps): its whole run is what sdengine's FreeU does; another is warned of
+    used |= {k for k, whole in (("freeu_start", 0.0), ("freeu_end", 1.0)) if _number_or_none(parsed.get(k)) == whole}
     if kwargs.get("sampler") == "unipc":
         used |= {name for name, _ in A1111_UNIPC_FIELDS.values()}
         # the skip type and the lower order at the end that sdengine's UniPC runs: others are warned of below

@@ -9,7 +9,8 @@ recorded once and replayed as one unit: one launch for the 25 steps.
 A recording keeps what Python computed while it was made: the sigmas and every coefficient derived from them,
 the guidance scale, which branches the sampler took. So a recording is keyed (:class:`LoopPlan`) by every setting
 those come from (sampler, steps, schedule, scheduler config, guidance scale and rescale, perturbed-attention
-guidance's scale and layers (which attention layers the recorded calls switch), sampler options, img2img
+guidance's scale and layers (which attention layers the recorded calls switch), self-attention guidance's scale and
+blur sigma (its degraded pass and blur kernel), sampler options, img2img
 strength and start step, the network's dtype), and by the shapes of its tensors, which are its inputs: the start
 noise, the img2img start latent, the per-step noise (below), every conditioning tensor (each copied into the
 graph's buffer at every call). Requests that differ only in prompt, negative prompt or seed replay the same graph.
@@ -76,6 +77,8 @@ class LoopPlan:
     pag_layers: tuple[str, ...] = ()
     # FreeU: (b1, b2, s1, s2, version, rule), () = off (the recording bakes in the up blocks' FreeU)
     freeu: tuple[Any, ...] = ()
+    # self-attention guidance: (scale, blur sigma), () = off (the recording bakes in the scale and the blur kernel)
+    sag: tuple[float, ...] = ()
     # Deep Shrink: sdengine.nn.deep_shrink.DeepShrink.key, () = off (the recording bakes in which steps' calls are
     # shrunk, and their shapes)
     deep_shrink: tuple[Any, ...] = ()
@@ -102,6 +105,7 @@ class LoopPlan:
         pag_scale: float = 0.0,
         pag_layers: tuple[str, ...] = (),
         freeu: tuple[Any, ...] = (),
+        sag: tuple[float, ...] = (),
         deep_shrink: tuple[Any, ...] = (),
     ) -> LoopPlan:
         return LoopPlan(
@@ -122,6 +126,7 @@ class LoopPlan:
             pag_scale=float(pag_scale),
             pag_layers=tuple(str(x) for x in pag_layers),
             freeu=tuple(freeu),
+            sag=tuple(float(v) for v in sag),
             deep_shrink=tuple(deep_shrink),
             given_options=tuple(sorted(dict(sampler_options or {}).items())),
         )

@@ -1039,6 +1039,92 @@ def forge_pag_scale(scripts: dict[str, Any]) -> float:
     return 0.0
 
 
+# Forge's built-in FreeU script (extensions-builtin/sd_forge_freeu), as its alwayson_scripts entry names it (lower
+# case): "FreeU Integrated" (early Forge) with args [enabled, b1, b2, s1, s2], or "FreeU Integrated (SD 1.x, SD 2.x,
+# SDXL)" (later Forge) with [enabled, b1, b2, s1, s2, start_step, end_step] (steps as fractions of the run). Forge
+# runs FreeU version 2 where the hidden state is 4x (b1, s1) or 2x (b2, s2) its model_channels: sdengine's
+# freeu_version 2, freeu_rule "width". As Forge's API, an args list shorter than the script's keeps the later
+# arguments as they were: the request's infotext's (later Forge reads freeu_enabled, freeu_b1 ... freeu_end from
+# it), else the script's defaults. sdengine runs FreeU over every step: start_step 0 and end_step 1 only.
+FORGE_FREEU_SCRIPTS = ("freeu integrated", "freeu integrated (sd 1.x, sd 2.x, sdxl)")
+FORGE_FREEU_ARGS = ("enabled", "b1", "b2", "s1", "s2", "start_step", "end_step")
+FORGE_FREEU_DEFAULTS = (False, 1.01, 1.02, 0.99, 0.95, 0.0, 1.0)  # its UI's values
+
+
+def infotext_freeu(text: Any) -> tuple[list[Any], dict[str, Any]]:
+    """The FreeU script's arguments an A1111 request's ``infotext`` sets (Forge's ``freeu_*`` keys, or sdengine's
+    "FreeU: b1,b2,s1,s2"), over the script's defaults, and the FreeU version and rule it records (sdengine's "FreeU
+    version" / "FreeU rule"; Forge's are 2 and width)."""
+    args: list[Any] = list(FORGE_FREEU_DEFAULTS)
+    if not isinstance(text, str) or not text:
+        return args, {}
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+    parsed = parse_parameters(text)
+    if "FreeU" not in parsed and "freeu_enabled" not in parsed:  # sdengine's key, Forge's
+        return args, {}
+    try:
+        found = to_generate_kwargs(parsed)
+    except ValueError as e:
+        raise BadRequest(f"infotext: {e}") from None
+    if found.get("freeu") is None:
+        return args, {}
+    args[:5] = [True, *found["freeu"]]
+    for i, key in ((5, "freeu_start"), (6, "freeu_end")):  # later Forge's step window
+        if key in parsed:
+            try:
+                args[i] = float(parsed[key])
+            except ValueError:
+                raise BadRequest(f"infotext: {key}: {parsed[key]!r} is not a number") from None
+    return args, {"freeu_version": found.get("freeu_version", 2), "freeu_rule": found.get("freeu_rule", "width")}
+
+
+def forge_freeu(scripts: dict[str, Any], infotext: Any = None) -> dict[str, Any]:
+    """The job's FreeU fields (``freeu``, ``freeu_version``, ``freeu_rule``; {} when off) from Forge's FreeU script
+    in ``alwayson_scripts`` (lower-cased names; the entry is taken out of ``scripts``) over what the request's
+    ``infotext`` sets (:func:`infotext_freeu`); a one-line 400 for an entry of another shape or settings sdengine does
+    not run (a start or end step)."""
+    args, recorded = infotext_freeu(infotext)
+    name, sent = "", 0
+    for name in FORGE_FREEU_SCRIPTS:
+        if name not in scripts:
+            continue
+        entry = scripts.pop(name)
+        given = entry.get("args") if isinstance(entry, dict) else None
+        if not isinstance(given, list) or len(given) > len(FORGE_FREEU_ARGS):
+            raise BadRequest(
+                f"alwayson_scripts.{name} must be an object {{args: [enabled, b1, b2, s1, s2]}} or {{args: [enabled, "
+                f"b1, b2, s1, s2, start_step, end_step]}} (Forge's FreeU script), got {repr(entry)[:100]}"
+            )
+        args[: len(given)], sent = given, len(given)
+        break
+
+    def label(i: int) -> str:  # where argument i came from: the request's script entry, else its infotext
+        what = FORGE_FREEU_ARGS[i]
+        return f"alwayson_scripts.{name}.args[{i}] ({what})" if i < sent else f"infotext: freeu_{what.split('_')[0]}"
+
+    if not isinstance(args[0], bool):
+        raise BadRequest(f"{label(0)} must be true or false, got {repr(args[0])[:100]}")
+    if not args[0]:
+        return {}
+    from sdengine.nn.freeu import MAX_FREEU_FACTOR
+
+    values: list[float] = []
+    for i, v in enumerate(args[1:], start=1):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise BadRequest(f"{label(i)} must be a number, got {repr(v)[:100]}")
+        if i <= 4 and not 0.0 <= v <= MAX_FREEU_FACTOR:
+            raise BadRequest(f"{label(i)} must be in [0, {MAX_FREEU_FACTOR:g}], got {v:g}")
+        values.append(float(v))
+    if values[4:] != [0.0, 1.0]:
+        raise BadRequest(
+            f"{f'alwayson_scripts.{name}' if sent > 5 else 'infotext'}: sdengine runs FreeU over every step; "
+            f"start_step {values[4]:g}, "
+            f"end_step {values[5]:g} are not supported (use 0, 1)"
+        )
+    return {"freeu": tuple(values[:4]), "freeu_version": 2, "freeu_rule": "width", **recorded}
+
+
 # Forge's built-in Kohya HRFix script (extensions-builtin/sd_forge_kohya_hrfix, "Kohya HRFix Integrated"), Deep Shrink
 # on the U-Net: args [enabled, block_number, downscale_factor, start_percent, end_percent, downscale_after_skip,
 # downscale_method, upscale_method] (defaults False, 3, 2.0, 0.0, 0.35, True, "bicubic", "bicubic"), ComfyUI's
@@ -1487,6 +1573,7 @@ def install(app: FastAPI, services: Any) -> None:
         scripts = {str(k).lower(): v for k, v in (req.alwayson_scripts or {}).items()}
         cn = scripts.pop("controlnet", None)
         pag_scale = forge_pag_scale(scripts)  # Forge's PAG script (A1111 has none): sdengine's pag_scale
+        freeu = forge_freeu(scripts, (req.model_extra or {}).get("infotext"))  # Forge's FreeU script: sdengine's
         deep_shrink = forge_deep_shrink(scripts)  # Forge's Kohya HRFix script: sdengine's deep_shrink
         ignored.extend(f"alwayson_scripts.{k}" for k in scripts)
         if cn is not None and not isinstance(cn, dict):
@@ -1523,6 +1610,7 @@ def install(app: FastAPI, services: Any) -> None:
             schedule=req.scheduler or "Automatic",  # A1111 runs p.scheduler or "Automatic" (sampling.A1111_AUTOMATIC)
             cfg_scale=req.cfg_scale,
             pag_scale=pag_scale,
+            **freeu,
             **({} if deep_shrink is None else {"deep_shrink": deep_shrink}),
             seed=req.seed,
             width=req.width,

@@ -607,6 +607,24 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         except SdengineError as e:
             raise BadRequest(f"pag_layers: {e}") from None
 
+    def check_freeu_blocks(generation: Generation) -> None:
+        """FreeU that would change no up block of the model (none of the widths its rule picks) is a 400 now when a
+        worker holds the model; before its first load the job fails with the same line when it runs."""
+        kw = generation.kwargs
+        if kw.get("freeu") is None:
+            return
+        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        unet = getattr(loaded, "unet", None)
+        if unet is None:
+            return
+        from sdengine.nn.freeu import FreeU, check_freeu
+
+        try:
+            b1, b2, s1, s2 = kw["freeu"]
+            check_freeu(unet, FreeU(b1, b2, s1, s2, version=kw["freeu_version"], rule=kw["freeu_rule"]))
+        except SdengineError as e:
+            raise BadRequest(f"freeu: {e}") from None
+
     def check_not_too_large(generation: Generation) -> None:
         """A width or height over the model's limit (8x its training size) is a 400 now, instead of a queued job
         (or a started stream) that fails when it runs: the limit is the loaded pipeline's when a worker holds the
@@ -717,6 +735,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         check_hires_not_too_small(generation)
         check_tiny_vae(generation)
         check_pag_layers(generation)
+        check_freeu_blocks(generation)
         check_schedule_steps(generation)
 
     services.precheck = precheck

@@ -260,8 +260,13 @@ _BATCH_SETTINGS = (
     "guess_mode",
     "vae_decode",
     "vae_encode",
+    "sag_scale",  # self-attention guidance: one scale and blur per call (left out when off)
+    "sag_blur_sigma",
     "pag_scale",  # perturbed-attention guidance: one scale and one set of layers per call (left out when off)
     "pag_layers",
+    "freeu",  # FreeU: one set of factors, version and rule per call (left out when off)
+    "freeu_version",
+    "freeu_rule",
 )
 _PER_ROW = ("prompt", "negative_prompt", "seed", "batch_size")
 _NEVER_BATCHED = ("init_image", "mask", "controlnets")

@@ -31,8 +31,9 @@ What the ``openai`` client sends maps onto the pipeline this way:
 * sdengine extensions (sent with the client's ``extra_body``; OpenAI itself refuses them): ``seed``, ``steps``,
   ``negative_prompt``, ``cfg_scale``, ``sampler``, ``schedule``, ``vae`` (the job's VAE, as the native job's
   ``vae``: a name of ``GET /v1/vaes``, ``None`` or ``Automatic``; its one-line 400 has ``param`` ``vae``),
-  ``pag_scale`` and ``pag_layers`` (perturbed-attention guidance, as the native job's), and ``strength`` (edits,
-  variations).
+  ``pag_scale`` and ``pag_layers`` (perturbed-attention guidance, as the native job's), ``freeu``,
+  ``freeu_version`` and ``freeu_rule`` (FreeU, as the native job's; in a form ``freeu`` is "b1,b2,s1,s2"), and
+  ``strength`` (edits, variations).
 * ``generations`` with ``stream: true`` (``n`` 1): Server-Sent Events as OpenAI streams them, ``partial_images``
   (0 to 3) ``image_generation.partial_image`` events spread over the steps (the job's previews: the model's tiny
   VAE's picture when it has one, else the latent colour map scaled up to the image's size), then one
@@ -90,7 +91,10 @@ CHOICES = {
 # OpenAI's edits take no ``quality`` ``hd`` (a generations value of DALL-E 3's) and no ``style``
 EDIT_QUALITY = tuple(q for q in CHOICES["quality"] if q != "hd")
 # sdengine's own fields (the client's ``extra_body``)
-EXTENSIONS = ("seed", "steps", "negative_prompt", "cfg_scale", "sampler", "schedule", "vae", "pag_scale", "pag_layers")
+EXTENSIONS: tuple[str, ...] = ("seed", "steps", "negative_prompt", "cfg_scale", "sampler", "schedule", "vae")
+EXTENSIONS += ("pag_scale", "pag_layers")
+EXTENSIONS += ("freeu", "freeu_version", "freeu_rule")
+EXTENSIONS += ("sag_scale", "sag_blur_sigma")
 _SHARED = "model n size response_format output_format output_compression quality moderation style background user"
 # the fields each route reads, from a JSON body (generations) or a multipart form (edits, variations); any other
 # field is refused as OpenAI refuses an unknown parameter, never dropped (a misspelt ``seed`` would draw another
@@ -141,8 +145,13 @@ class GenerationsRequest(BaseModel):
     sampler: str | None = None
     schedule: str | None = None
     vae: str | None = None
+    sag_scale: float | None = None
+    sag_blur_sigma: float | None = None
     pag_scale: float | None = None
     pag_layers: str | list[str] | None = None
+    freeu: Any = None  # a list, or "b1,b2,s1,s2" as in a form (checked by the request builder)
+    freeu_version: Any = None  # checked by the request builder (a boolean is not a version)
+    freeu_rule: Any = None
     stream: bool | None = False
     partial_images: int | None = Field(None, ge=0, le=3)
 
@@ -202,6 +211,17 @@ def openai_errors(route: Any) -> Any:
             return JSONResponse(body, status_code=status)
 
     return wrapper
+
+
+def freeu_numbers(raw: str) -> list[float] | None:
+    """FreeU's factors sent as one string "b1,b2,s1,s2" (a form field): the numbers ("" or blank: None, off);
+    how many and their range are the request builder's to check."""
+    if not raw.strip():
+        return None
+    try:
+        return [float(x) for x in raw.split(",")]
+    except ValueError:
+        raise BadRequest(f"freeu must be four numbers b1,b2,s1,s2 (e.g. 1.3,1.4,0.9,0.2), got {raw[:100]!r}") from None
 
 
 def check_prompt(prompt: str) -> str:
@@ -415,6 +435,8 @@ def install(app: FastAPI, services: Any) -> None:
         for k in EXTENSIONS:
             if req.get(k) is not None:
                 out[k] = req[k]
+        if isinstance(out.get("freeu"), str):  # "b1,b2,s1,s2", as in a form
+            out["freeu"] = freeu_numbers(out["freeu"])
         return out
 
     @app.post("/v1/images/generations", tags=["openai"])
@@ -572,11 +594,22 @@ def install(app: FastAPI, services: Any) -> None:
                     "sampler": fields.get("sampler"),
                     "schedule": fields.get("schedule"),
                     "vae": fields.get("vae") or None,
+                    "sag_scale": number(fields, "sag_scale", float, None),
+                    "sag_blur_sigma": number(fields, "sag_blur_sigma", float, None),
                     "pag_scale": number(fields, "pag_scale", float, None),
                     "pag_layers": fields.get("pag_layers") or None,  # a form field: one comma-separated string
+                    **form_freeu(fields),
                 }
             ),
         )
+        return out
+
+    def form_freeu(fields: dict[str, str]) -> dict[str, Any]:
+        """FreeU's form fields: ``freeu`` one comma-separated string "b1,b2,s1,s2" (the factors as numbers),
+        ``freeu_version`` a whole number, ``freeu_rule`` as sent; empty ones left out (their defaults)."""
+        out: dict[str, Any] = {"freeu": freeu_numbers(fields.get("freeu") or "")}
+        out["freeu_version"] = number(fields, "freeu_version", int, None)
+        out["freeu_rule"] = fields.get("freeu_rule") or None
         return out
 
     def flag(fields: dict[str, str], key: str) -> bool:
@@ -686,6 +719,20 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
         "schedule": {**text, "description": "sdengine: a schedule name"},
         "vae": {**text, "description": "sdengine: the job's VAE, a name of GET /v1/vaes, 'None' or 'Automatic'"},
         "strength": {"type": "number", "minimum": 0, "maximum": 1, "description": "sdengine: img2img strength"},
+        "sag_scale": {
+            "type": "number",
+            "minimum": -10,
+            "maximum": 10,
+            "default": 0,
+            "description": "sdengine: self-attention guidance's scale (0: off), as the native job's sag_scale",
+        },
+        "sag_blur_sigma": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": 10,
+            "default": 1,
+            "description": "sdengine: SAG's blur sigma, as the native job's sag_blur_sigma",
+        },
         "pag_scale": {
             "type": "number",
             "minimum": 0,
@@ -698,6 +745,26 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
             "default": "mid",
             "description": "sdengine: the layers PAG perturbs, as the native job's pag_layers (comma-separated in a "
             "form)",
+        },
+        "freeu": {
+            "oneOf": [
+                {
+                    "type": "array",
+                    "items": {"type": "number", "minimum": 0, "maximum": 10},
+                    "minItems": 4,
+                    "maxItems": 4,
+                },
+                text,
+            ],
+            "description": "sdengine: FreeU's [b1, b2, s1, s2] as the native job's freeu (\"b1,b2,s1,s2\" in a form); "
+            "none: off",
+        },
+        "freeu_version": {"type": "integer", "enum": [1, 2], "default": 2, "description": "sdengine: FreeU's version"},
+        "freeu_rule": {
+            "type": "string",
+            "enum": ["width", "diffusers"],
+            "default": "width",
+            "description": "sdengine: which up blocks FreeU changes, as the native job's freeu_rule",
         },
     }
     for key, allowed in CHOICES.items():  # transparent: refused, so not listed

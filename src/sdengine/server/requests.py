@@ -197,6 +197,30 @@ def check_pag(scale: Any, layers: Any) -> tuple[float, tuple[str, ...]]:
     return scale, tuple(items)
 
 
+def check_freeu(factors: Any, version: Any = 2, rule: Any = "width") -> tuple[tuple[float, ...], int, str] | None:
+    """FreeU's ``freeu`` ([b1, b2, s1, s2], each a number in [0, MAX_FREEU_FACTOR]; None: off), ``freeu_version``
+    (1 or 2) and ``freeu_rule`` ("width" or "diffusers") as (the factors as a tuple, version, rule), or None when
+    off (version and rule then not read); a one-line BadRequest for anything else. Whether the model has up blocks
+    the rule picks is the precheck's to say (a loaded model's), else the job's."""
+    from sdengine.nn.freeu import FREEU_RULES, FREEU_VERSIONS, MAX_FREEU_FACTOR
+
+    if factors is None:
+        return None
+    if not isinstance(factors, list | tuple) or len(factors) != 4:
+        got = repr(factors)[:100]
+        raise BadRequest(f"freeu must be four numbers [b1, b2, s1, s2], e.g. [1.3, 1.4, 0.9, 0.2], got {got}")
+    out = tuple(
+        _finite(x, f"freeu {n}", 0.0, MAX_FREEU_FACTOR) for n, x in zip(("b1", "b2", "s1", "s2"), factors, strict=True)
+    )
+    if isinstance(version, float) and version.is_integer():
+        version = int(version)
+    if isinstance(version, bool) or version not in FREEU_VERSIONS:
+        raise BadRequest(f"freeu_version must be 1 or 2, got {repr(version)[:100]}")
+    if not isinstance(rule, str) or rule not in FREEU_RULES:
+        raise BadRequest(f"unknown freeu_rule {repr(rule)[:100]}; use one of: {', '.join(FREEU_RULES)}")
+    return out, int(version), rule
+
+
 # The longest prompt (and negative prompt) of any request, in characters: OpenAI's limit, the widest of the
 # protocols' (the native schema's is 20000); every route's prompts pass here (A1111's had none).
 MAX_PROMPT_CHARS = 32000
@@ -267,15 +291,24 @@ def build_generation(
     masked_content: str = "original",
     sdxl: dict[str, Any] | None = None,
     vae: str | None = None,
+    sag_scale: float = 0.0,
+    sag_blur_sigma: float = 1.0,
     pag_scale: float = 0.0,
     pag_layers: str | Sequence[str] = "mid",
+    freeu: Sequence[float] | None = None,
+    freeu_version: int = 2,
+    freeu_rule: str = "width",
     deep_shrink: Any = None,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run. ``vae``: the
     job's VAE (:func:`check_vae_choice`; None: the VAE the model was loaded with). ``pag_scale`` / ``pag_layers``:
-    perturbed-attention guidance (:func:`check_pag`; the layers are kept only with a scale above 0). ``deep_shrink``:
-    Deep Shrink's settings (the pipeline's ``deep_shrink``; checked by GenerationRequest.validate below)."""
+    perturbed-attention guidance (:func:`check_pag`; the layers are kept only with a scale above 0). ``freeu`` /
+    ``freeu_version`` / ``freeu_rule``: FreeU (:func:`check_freeu`; None: off). ``sag_scale`` / ``sag_blur_sigma``:
+    self-attention guidance (the blur sigma kept only with a scale other than 0). ``deep_shrink``: Deep Shrink's
+    settings (the pipeline's ``deep_shrink``; checked by GenerationRequest.validate below)."""
+    from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA
     from sdengine.nn.lora import LoRAWeight, lora_weight
+    from sdengine.pipeline.request import MAX_SAG_SCALE
     from sdengine.prompts import extract_lora_tags
 
     vae_choice = None if vae is None else check_vae_choice(catalog, vae)
@@ -293,7 +326,12 @@ def build_generation(
             f"batch_size x n_iter = {batch_size * n_iter} images, over the limit of {4 * config.max_batch}"
         )
     cfg_scale = _finite(cfg_scale, "cfg_scale", 0.0, 100.0)
+    sag_scale = _finite(sag_scale, "sag_scale", -MAX_SAG_SCALE, MAX_SAG_SCALE)
+    sag_blur_sigma = _finite(sag_blur_sigma, "sag_blur_sigma", 0.0, MAX_SAG_BLUR_SIGMA)
+    if sag_scale and sag_blur_sigma <= 0:
+        raise BadRequest(f"sag_blur_sigma must be above 0, got {sag_blur_sigma:g}")
     pag_scale, pag_layer_text = check_pag(pag_scale, pag_layers)
+    freeu_settings = check_freeu(freeu, freeu_version, freeu_rule)
     strength = _finite(strength, "strength", 0.0, 1.0)
     mask_blur = _finite(mask_blur, "mask_blur", 0.0, 256.0)
     clip_skip = _integer(clip_skip, "clip_skip", 1, 24)
@@ -456,8 +494,12 @@ def build_generation(
         kwargs["clip_skip_rule"] = clip_skip_rule
     if resize_mode not in (0, "just resize"):
         kwargs["resize_mode"] = resize_mode  # checked by GenerationRequest.validate below
+    if sag_scale:  # left out at 0 (no SAG), so that such jobs batch as before
+        kwargs.update(sag_scale=sag_scale, sag_blur_sigma=sag_blur_sigma)
     if pag_scale:  # left out at 0 (no PAG: the layers do nothing), so that such jobs batch as before
         kwargs.update(pag_scale=pag_scale, pag_layers=pag_layer_text)  # a tuple: batch_key compares it
+    if freeu_settings is not None:  # left out when off, so that such jobs batch as before
+        kwargs.update(zip(("freeu", "freeu_version", "freeu_rule"), freeu_settings, strict=True))
     if deep_shrink is not None:  # checked by GenerationRequest.validate below
         kwargs["deep_shrink"] = deep_shrink
     if init_latent_resize:  # A1111's img2img resize mode 3 (left out when off, so such jobs batch as before)

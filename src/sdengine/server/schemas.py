@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -84,6 +84,23 @@ class JobRequest(BaseModel):
     sampler: str = Field("dpmpp_2m", max_length=64)
     schedule: str | None = Field("karras", max_length=64)
     cfg_scale: float = Field(7.5, ge=0, le=100, allow_inf_nan=False)
+    sag_scale: float = Field(
+        0.0,
+        ge=-10,
+        le=10,  # sdengine.pipeline.request.MAX_SAG_SCALE
+        allow_inf_nan=False,
+        description="self-attention guidance (Hong et al. 2023, diffusers' SAG pipeline): one more U-Net pass per step "
+        "on the x0 estimate blurred where the middle block's self-attention looks most, adding sag_scale x (prediction "
+        "- degraded prediction); 0: off; diffusers' example 0.75. Infotext 'SAG scale'",
+    )
+    sag_blur_sigma: float = Field(
+        1.0,
+        gt=0,
+        le=10,  # sdengine.diffusion.sag.MAX_SAG_BLUR_SIGMA
+        allow_inf_nan=False,
+        description="the standard deviation of SAG's 9x9 Gaussian blur (diffusers' 1.0; ComfyUI's node 2.0); used only "
+        "with a sag_scale other than 0. Infotext 'SAG blur sigma'",
+    )
     pag_scale: float = Field(
         0.0,
         ge=0,
@@ -100,6 +117,31 @@ class JobRequest(BaseModel):
         "searched in the U-Net's layer names, a list or one comma-separated string ('mid' the middle block's, "
         "'up_blocks.1', 'down'); one that matches no layer of the model is a 400 (or fails the job, before the model "
         "is loaded). Used only with a pag_scale above 0; infotext 'PAG layers' when not 'mid'",
+    )
+    freeu: list[Annotated[float, Field(ge=0, le=10, allow_inf_nan=False, strict=True)]] | None = Field(
+        None,  # each factor at most sdengine.nn.freeu.MAX_FREEU_FACTOR
+        min_length=4,
+        max_length=4,
+        description="FreeU (Si et al. 2023) as [b1, b2, s1, s2], each in [0, 10]: backbone factors on the first half "
+        "of the decoder's hidden state's channels, skip factors on the skip features' lowest frequencies, at the up "
+        "blocks freeu_rule picks; null: off. The authors' values: SD 1.x [1.5, 1.6, 0.9, 0.2], SD 2.x [1.4, 1.6, "
+        "0.9, 0.2], SDXL [1.3, 1.4, 0.9, 0.2]. Infotext 'FreeU'",
+    )
+    freeu_version: int = Field(
+        2,
+        ge=1,
+        le=2,
+        strict=True,  # a JSON true is not version 1
+        description="2: the backbone factor scaled by the hidden state's normalised channel mean (the authors' "
+        "later code, ComfyUI's FreeU_V2, Forge's FreeU); 1: the factor as it is (ComfyUI's FreeU, diffusers' "
+        "enable_freeu). Used only with freeu; infotext 'FreeU version' when 1",
+    )
+    freeu_rule: Literal["width", "diffusers"] = Field(
+        "width",
+        description="which skip concatenations: 'width' where the hidden state is 4x (b1, s1) or 2x (b2, s2) the "
+        "first level's channels (the authors', ComfyUI's, Forge's), 'diffusers' every one of the first (b1, s1) "
+        "and second (b2, s2) up block (diffusers' enable_freeu). Used only with freeu; infotext 'FreeU rule' when "
+        "'diffusers'",
     )
     seed: int = Field(-1, ge=-1, le=2**53 - 1, description="-1: random")
     width: int | None = SIDE

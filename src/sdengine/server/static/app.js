@@ -17,6 +17,7 @@ const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "st
   "cn-weight", "cn-start", "cn-end", "cn-rule", "cn-mode", "hr-scale", "hr-upscaler", "hr-steps", "hr-strength", "hr-resize-x", "hr-resize-y", "hr-sampler",
   "hr-schedule", "hr-prompt", "hr-negative-prompt", "seed_resize_w", "seed_resize_h",
   "strength_rule", "clip_skip_rule", "noise_multiplier", "masked_content"];
+FIELDS.push("freeu", "freeu_version", "freeu_rule"); // FreeU's factors (text: empty = off), version and rule
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform", simple: "Simple", ddim_uniform: "DDIM uniform", beta: "Beta", kl_optimal: "KL Optimal",
   align_your_steps: "Align Your Steps (SDXL's table on SDXL)", align_your_steps_sdxl: "Align Your Steps, SDXL table",
@@ -202,6 +203,9 @@ async function fetchImage(url) {
 // -------------------------------------------------------------------------------------- errors
 
 const ERROR_FIELDS = [
+  [/freeu_version|FreeU version/i, "freeu_version"], // FreeU's first: its lines may name widths and blocks
+  [/freeu_rule|FreeU rule/i, "freeu_rule"],
+  [/\bfreeu\b|FreeU/i, "freeu"],
   [/seed_resize_from_w|resize seed from width/i, "seed_resize_w"],
   [/seed_resize_from_h|resize seed from height/i, "seed_resize_h"],
   [/seed_resize_from/i, "seed_resize_w"],
@@ -691,6 +695,17 @@ function applyInfotext(text) {
   // A1111's "VAE" (the file's name): that VAE of the server's list, else said missing; none: the model's
   const vaeName = (f.VAE || "").trim();
   if (!put("vae", vaeName)) missing.push(`VAE ${vaeName}`);
+  // FreeU: sdengine's "FreeU: b1,b2,s1,s2" (its version and rule where not 2 and width), or Forge's freeu_enabled,
+  // freeu_b1 ... freeu_s2 (version 2, width; its freeu_start / freeu_end other than 0 / 1 said missing); else off
+  const forgeFreeU = /^true$/i.test((f.freeu_enabled || "").trim());
+  const freeuText = f.FreeU ? f.FreeU.trim() : forgeFreeU
+    ? ["freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2"].map((k) => (f[k] || "").trim()).join(",") : "";
+  put("freeu", freeuText.split(",").map((x) => x.trim()).filter((x) => x !== "").join(", "));
+  put("freeu_version", freeuText ? (f["FreeU version"] || f.freeu_version || "2").trim() : "2");
+  put("freeu_rule", freeuText ? (f["FreeU rule"] || f.freeu_rule || "width").trim() : "width");
+  for (const [k, whole] of [["freeu_start", 0], ["freeu_end", 1]]) {
+    if (forgeFreeU && f[k] && parseFloat(f[k]) !== whole) missing.push(`FreeU's ${k} ${f[k].trim()} (this page runs every step)`);
+  }
   // Tiling, "Seed resize from" and sdengine's "Strength rule": set as the image has them, off where it has none
   // (as the CLI's --from-png reads them).
   $("tiling").checked = /^true$/i.test((f.Tiling || "").trim());
@@ -946,6 +961,14 @@ async function buildRequest() {
   if ($("tiling").checked) body.tiling = true;
   const resize = seedResizeFrom();
   if (resize) body.seed_resize_from = resize;
+  const freeu = $("freeu").value.trim();
+  if (freeu) { // FreeU; not sent when empty (off)
+    const factors = freeu.split(",").map((x) => (x.trim() === "" ? NaN : Number(x)));
+    if (factors.length !== 4 || !factors.every(Number.isFinite)) {
+      throw new ApiError(400, "FreeU: enter four numbers b1, b2, s1, s2 (e.g. 1.3, 1.4, 0.9, 0.2), or nothing (off)", "freeu");
+    }
+    Object.assign(body, { freeu: factors, freeu_version: Number($("freeu_version").value), freeu_rule: $("freeu_rule").value });
+  }
   const mode = $("mode").value;
   if ($("hr-enabled").checked) {
     if (mode !== "txt2img") {
