@@ -492,8 +492,27 @@ def test_forges_kohya_hrfix_script_in_a1111s_alwayson_scripts(client):
     plain, info = txt2img({"kohya hrfix integrated": {"args": [False, *args[1:]]}})
     np.testing.assert_array_equal(plain, python_api())
     assert "kohya" not in info["infotexts"][0]
+    # as Forge's API: a shorter args list keeps the script's defaults (block 3, factor 2, 0 .. 0.35, after the skip)
+    np.testing.assert_array_equal(
+        txt2img({"Kohya HRFix Integrated": {"args": [True]}})[0], python_api(deep_shrink=(3, 2))
+    )
+    # the request's infotext sets the script's arguments (Forge reads its kohya_hrfix_* fields), the entry goes over it
+    fields = ("Steps: 3", "Seed: 3", "Size: 96x96", "RNG: CPU", "kohya_hrfix_enabled: True",
+              "kohya_hrfix_block_number: 2", "kohya_hrfix_downscale_factor: 2.0", "kohya_hrfix_end_percent: 0.5",
+              "kohya_hrfix_downscale_after_skip: False")  # fmt: skip
+    infotext = "a red apple\n" + ", ".join(fields)
+    r = client.post("/sdapi/v1/txt2img", json={**body, "infotext": infotext})
+    assert r.status_code == 200, r.text
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+    np.testing.assert_array_equal(image, python_api(deep_shrink=(2, 2.0, 0.0, 0.5, False)))
+    r = client.post(
+        "/sdapi/v1/txt2img",
+        json={**body, "infotext": infotext, "alwayson_scripts": {"Kohya HRFix Integrated": {"args": [False]}}},
+    )
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+    np.testing.assert_array_equal(image, plain)
     for bad, said in (
-        ([True, 2, 2.0], "must be an object {args: [enabled, block_number, downscale_factor"),
+        ([*args, 1], "must be an object {args: [enabled, block_number, downscale_factor"),
         ([1, *args[1:]], "args[0] (enabled) must be true or false, got 1"),
         ([True, 2, 20.0, *args[3:]], "deep shrink factor must be a number in [0.1, 9], got 20.0"),
         ([True, 2, 2.0, 0.0, 0.5, False, "bicubic", "lanczos"], "unknown deep shrink upscale_method 'lanczos'"),
