@@ -27,7 +27,7 @@ from PIL import Image
 
 import sdengine
 from _cpu_graphs import CPUBackend
-from _live_server import live_server, server_config, shared_loader
+from _live_server import live_server, server_config, shared_loader, wait_job
 from sdengine.cli import main
 from sdengine.diffusion.denoisers import Denoiser
 from sdengine.errors import SdengineError
@@ -522,6 +522,40 @@ def test_forges_kohya_hrfix_script_in_a1111s_alwayson_scripts(client):
             "/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"Kohya HRFix Integrated": {"args": bad}}}
         )
         assert r.status_code == 400 and said in r.text and "\n" not in r.json()["detail"], (bad, r.text)
+
+
+def test_a_native_job_takes_deep_shrink(client):
+    """POST /v1/jobs with ``deep_shrink`` (an object of the settings, ComfyUI's defaults for the ones left out) is the
+    Python API's image, with Forge's infotext fields; bad values are 422s, a block the loaded model does not have a
+    one-line 400 before anything is queued."""
+    body = {"prompt": "a red apple", "seed": 3, "steps": 3, "width": 96, "height": 96, "sampler": "euler",
+            "schedule": "karras"}  # fmt: skip
+    r = client.post("/v1/jobs", json={**body, "deep_shrink": {"block": 2, "end": 0.5, "upscale_method": "bislerp"}})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"], timeout=300)
+    assert job["state"] == "done", job
+    got = np.asarray(Image.open(io.BytesIO(client.get(job["images"][0]["url"]).content)).convert("RGB"))
+    pipe = shared_loader("emoji", "cpu")
+    want = pipe("a red apple", seed=3, steps=3, width=96, height=96, sampler="euler", schedule="karras",
+                progress=False, deep_shrink=DeepShrink(2, 2.0, 0.0, 0.5, upscale_method="bislerp"))  # fmt: skip
+    np.testing.assert_array_equal(got, np.asarray(want.images[0].convert("RGB")))
+    assert job["infotexts"][0] == want.infotexts[0] and "kohya_hrfix_upscale_method: bislerp" in want.infotexts[0]
+    for bad in ({"factor": 10}, {"block": 0}, {"block": "3"}, {"upscale_method": "lanczos"}, {"scale": 2}):
+        r = client.post("/v1/jobs", json={**body, "deep_shrink": bad})
+        assert r.status_code == 422 and "deep_shrink" in r.text, (bad, r.text)
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 96), (200, 30, 30)).save(buf, format="PNG")
+    unit = {
+        "model": "emoji-controlnet-canny",
+        "image": base64.b64encode(buf.getvalue()).decode(),
+        "preprocessor": "none",
+    }
+    r = client.post("/v1/jobs", json={**body, "deep_shrink": {"block": 2}, "controlnets": [unit]})
+    assert r.status_code == 400 and "deep shrink cannot run with ControlNets" in r.json()["detail"], r.text
+    r = client.post("/v1/jobs", json={**body, "deep_shrink": {"block": 9}})  # the model is loaded now
+    assert r.status_code == 400 and "\n" not in r.json()["detail"], r.text
+    assert "deep shrink block 9 is not an input block of this U-Net: it has blocks 1 to 5" in r.json()["detail"]
+    assert client.get("/v1/jobs").json()["queued"] == 0
 
 
 def test_deep_shrink_settings_round_trip_their_key():
