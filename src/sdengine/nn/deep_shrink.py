@@ -28,6 +28,7 @@ is in the window.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,9 +50,10 @@ FIELDS = ("block", "factor", "start", "end", "after_skip", "downscale_method", "
 
 
 def _number(name: str, v: Any, lo: float, hi: float) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not lo <= v <= hi:
+    x = float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else math.nan
+    if not math.isfinite(x) or not lo <= x <= hi:
         raise UsageError(f"deep shrink {name} must be a number in [{lo:g}, {hi:g}], got {v!r}")
-    return float(v)
+    return x
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,8 @@ class DeepShrink:
 
     def __post_init__(self) -> None:
         b: Any = self.block
-        if isinstance(b, float) and b.is_integer():  # a slider's 3.0 (Forge's script takes int() of it)
-            b = int(b)
+        if isinstance(b, numbers.Real) and not isinstance(b, bool) and float(b).is_integer():
+            b = int(float(b))  # a slider's 3.0 (Forge's script takes int() of it), a NumPy integer
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_DEEP_SHRINK_BLOCK:
             raise UsageError(
                 f"deep shrink block must be an input block number in [1, {MAX_DEEP_SHRINK_BLOCK}] (ComfyUI's "
