@@ -500,8 +500,12 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 def latent_samples(latent: dict[str, Any], pipe: Any) -> torch.Tensor:
     """The latent tensor; an empty latent is made now, in the model's channels and VAE factor (a size off the
     factor rounded down, as ComfyUI's EmptyLatentImage takes width // 8 x height // 8)."""
-    if latent.get("samples") is not None:
-        return latent["samples"]
+    z = latent.get("samples")
+    if z is not None:
+        c = getattr(pipe, "latent_channels", None)
+        if c is not None and z.shape[1] != c:  # a LoadLatent file of another model: refused, not a tensor error
+            raise NodeError(f"the latent has {z.shape[1]} channels, {pipe.name}'s latents have {c}")
+        return z
     b, h, w = latent["size"]
     f = pipe.vae_scale_factor
     if h < f or w < f:
@@ -2235,10 +2239,13 @@ def load_image_mask(ctx: RunContext, image: str, channel: str) -> tuple[Any]:
 _MAX_SAVE_TRIES = 10000  # numbers tried past the listed highest before a save gives up
 
 
-def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict[str, Any]:
+def save_folder(ctx: RunContext, prefix: str, kind: str, width: int, height: int, suffix: str) -> tuple[Path, str, str]:
+    """Where a saver writes under ``filename_prefix`` (ComfyUI's get_save_image_path): the folder (created), its
+    subfolder as the history lists it, and the file names' stem; NodeError for a prefix that leaves the ``kind``
+    folder or gives names too long (``suffix``: the files' ending, for that length)."""
     from sdengine.io.paths import NAME_MAX, check_name, is_inside
 
-    prefix = _prefix_vars(prefix.strip() or "ComfyUI", images)
+    prefix = prefix_vars(prefix.strip() or "ComfyUI", width, height)
     sub, _, stem = prefix.replace("\\", "/").rpartition("/")
     root = ctx.folders.root(kind)
     try:
@@ -2251,54 +2258,71 @@ def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict
     ctx.folders.make_root(kind)
     if not is_inside(root, folder) or stem.startswith("."):
         raise NodeError(f"filename_prefix {prefix!r} leaves the {kind} folder")
-    if len(f"{stem}_00000_.png".encode()) > NAME_MAX:  # the counter and suffix must fit in one file name too
+    if len(f"{stem}_00000_{suffix}".encode()) > NAME_MAX:  # the counter and suffix must fit in one file name too
         raise NodeError(f"filename_prefix {stem[:40]!r}... is too long: its file names would be over {NAME_MAX} bytes")
     folder.mkdir(parents=True, exist_ok=True)
+    return folder, sub, stem
+
+
+def first_free_counter(folder: Path, stem: str, suffix_pattern: str) -> int:
+    """One past the highest counter of ``stem``'s files in ``folder`` (``stem_NNNNN_`` then ``suffix_pattern``, a
+    regular expression; read by name: a prefix such as "shot[1]" is no glob pattern, which once found none, so that
+    every run wrote over the first images)."""
+    pattern = re.compile(re.escape(stem).replace(re.escape("%batch_num%"), r"\d+") + r"_(\d+)_" + suffix_pattern)
+    used = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.fullmatch(p.name))]
+    return max(used, default=0) + 1
+
+
+def write_numbered(folder: Path, base: str, counter: int, suffix: str, write: Callable[[Any], None]) -> tuple[str, int]:
+    """Write the file ``base_NNNNN_suffix`` with the first free number from ``counter`` (each name created
+    exclusively: another server sharing the folder may have taken a number since the listing; the file then takes
+    the next free one instead of writing over it); ``write(f)`` fills the open binary file. Returns the name and
+    the counter after it."""
+    for _ in range(_MAX_SAVE_TRIES):
+        name = f"{base}_{counter:05d}_{suffix}"
+        counter += 1
+        try:
+            f = open(folder / name, "xb")  # noqa: SIM115 (closed below, removed when the write fails)
+        except FileExistsError:
+            continue
+        try:
+            with f:
+                write(f)
+        except BaseException:
+            (folder / name).unlink(missing_ok=True)
+            raise
+        return name, counter
+    raise NodeError(f"no free file name for {base!r} in {_MAX_SAVE_TRIES} numbers after the highest")
+
+
+def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict[str, Any]:
+    folder, sub, stem = save_folder(ctx, prefix, kind, images.shape[2], images.shape[1], ".png")
     info = PngInfo()
     if ctx.prompt:
         info.add_text("prompt", json.dumps(ctx.prompt))
     for k, v in ctx.extra_pnginfo.items():
         info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
     results = []
-    # the counter follows the highest of this prefix's files (read by name: a prefix such as "shot[1]" is no glob
-    # pattern, which once found none, so that every run wrote over the first images)
-    pattern = re.compile(re.escape(stem).replace(re.escape("%batch_num%"), r"\d+") + r"_(\d+)_\.png")
     with ctx.save_lock:
-        used = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.fullmatch(p.name))]
-        counter = max(used, default=0) + 1
+        counter = first_free_counter(folder, stem, r"\.png")
         for i, img in enumerate(tensor_to_pil(images)):
             base = stem.replace("%batch_num%", str(i))
-            # each file is created exclusively: another server sharing the folder (its own lock) may have taken
-            # this number since the listing; the image then takes the next free one instead of writing over it
-            for _ in range(_MAX_SAVE_TRIES):
-                name = f"{base}_{counter:05d}_.png"
-                counter += 1
-                try:
-                    f = open(folder / name, "xb")  # noqa: SIM115 (closed below, removed when the write fails)
-                except FileExistsError:
-                    continue
-                try:
-                    with f:
-                        img.save(f, format="PNG", pnginfo=info, compress_level=4)
-                except BaseException:
-                    (folder / name).unlink(missing_ok=True)
-                    raise
-                break
-            else:
-                raise NodeError(f"no free file name for {base!r} in {_MAX_SAVE_TRIES} numbers after the highest")
+            png = lambda f, img=img: img.save(f, format="PNG", pnginfo=info, compress_level=4)  # noqa: E731
+            name, counter = write_numbered(folder, base, counter, ".png", png)
             results.append({"filename": name, "subfolder": sub, "type": kind})
     return {"ui": {"images": results}, "result": ()}
 
 
-def _prefix_vars(prefix: str, images: torch.Tensor) -> str:
-    """ComfyUI's variables of a filename prefix: %width% and %height% of the first image, and the local time's
-    %year% %month% %day% %hour% %minute% %second% (%batch_num% is each image's index, replaced per file)."""
+def prefix_vars(prefix: str, width: int, height: int) -> str:
+    """ComfyUI's variables of a filename prefix: %width% and %height% of the first image (0 for a latent, as
+    ComfyUI's), and the local time's %year% %month% %day% %hour% %minute% %second% (%batch_num% is each image's
+    index, replaced per file)."""
     if "%" not in prefix:
         return prefix
     now = time.localtime()
     values = {
-        "width": images.shape[2],
-        "height": images.shape[1],
+        "width": width,
+        "height": height,
         "year": now.tm_year,
         "month": f"{now.tm_mon:02d}",
         "day": f"{now.tm_mday:02d}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sdengine.server.comfy.nodes import NODES as CORE_NODES
 from sdengine.server.comfy.nodes import NodeDef
+from sdengine.server.comfy.nodes_files import FILE_NODES
 from sdengine.server.comfy.nodes_guidance import GUIDANCE_NODES
 from sdengine.server.comfy.nodes_image import IMAGE_NODES
 from sdengine.server.comfy.nodes_latent import LATENT_NODES
@@ -23,5 +24,6 @@ NODES: dict[str, NodeDef] = {
     **MERGE_NODES,
     **SAMPLING_NODES,
     **GUIDANCE_NODES,
+    **FILE_NODES,
     **PATCH_NODES,
 }
