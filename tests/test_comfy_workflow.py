@@ -238,6 +238,11 @@ def test_muted_and_bypassed_nodes_follow_the_pages_rules():
     node = next(n for n in wf["nodes"] if n["id"] == 12)
     node["inputs"][0]["type"] = "MASK"
     assert "images" not in convert(wf)["9"]["inputs"]
+    # a bypassed or muted node need not be known (a custom node switched off)
+    wf = ui_workflow()
+    _set(wf, 12, type="SomeCustomFilter")
+    _set(wf, 15, type="SomeCustomSaver")
+    assert convert(wf) == expected_prompt()
     # a widget converted to an input but linked to nothing keeps its widget value; the control value is not sent
     wf = ui_workflow()
     ks = next(n for n in wf["nodes"] if n["id"] == 3)
@@ -344,6 +349,21 @@ def test_cli_runs_a_comfyui_png_from_its_prompt_or_its_workflow(tmp_path, capsys
         (json.dumps({"1": {"class_type": "Nope", "inputs": {}}}).encode(), "node 1 (Nope)"),
         (json.dumps(_set(ui_workflow(), 3, widgets_values=[1])).encode(), "node 3 (KSampler): 1 widget values"),
         (b"png", "a PNG without ComfyUI's 'prompt' or 'workflow' text"),
+        (  # a value a node refuses when it runs: the node named
+            json.dumps(
+                {
+                    **expected_prompt(),
+                    "9": {**expected_prompt()["9"], "inputs": {"filename_prefix": "../x", "images": ["8", 0]}},
+                }
+            ).encode(),
+            "node 9 (SaveImage)",
+        ),
+        (  # validation: the ComfyUI error and the node
+            json.dumps(
+                {**expected_prompt(), "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "nope"}}}
+            ).encode(),
+            "node 4 (CheckpointLoaderSimple): Value not in list",
+        ),
     ],
 )
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, content, says):
@@ -357,3 +377,94 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, content, says):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and says in err, err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.png"))
+
+
+def _object_info_of_registry(tmp: Path) -> dict:
+    from types import SimpleNamespace
+
+    from sdengine.server.catalog import Catalog
+    from sdengine.server.comfy.nodes import Outputs, object_info
+    from sdengine.server.comfy.registry import NODES
+
+    env = SimpleNamespace(catalog=Catalog(None, None, None), folders=Outputs(tmp, tmp / "in", tmp / "t"), limits={})
+    return {name: object_info(ndef, env) for name, ndef in NODES.items()}
+
+
+def test_object_info_gives_the_same_widgets_as_the_registry(tmp_path):
+    from sdengine.server.comfy.registry import NODES
+    from sdengine.server.comfy.workflow import widget_names, widget_names_from_info
+
+    info = _object_info_of_registry(tmp_path)
+    assert {n: widget_names_from_info(info[n]) for n in NODES} == {n: widget_names(d) for n, d in NODES.items()}
+    assert widget_names(NODES["LoadImage"]) == ["image", "upload"]  # ComfyUI's ["example.png", "image"]
+    assert convert(ui_workflow(), info) == expected_prompt()
+    # LoadImage's upload button: its value ("image") is not sent, and a list that leaves it out is read too
+    for values in (["example.png", "image"], ["example.png"]):
+        got = convert({"nodes": [{"id": 1, "type": "LoadImage", "widgets_values": values}], "links": []})
+        assert got["1"]["inputs"] == {"image": "example.png"}
+
+
+def test_a_custom_nodes_object_info_converts_its_widgets_as_the_page_builds_them(tmp_path, capsys):
+    info = {
+        "MySampler": {
+            "input": {
+                "required": {
+                    "model": ["MODEL"],
+                    "strength": ["FLOAT", {"forceInput": True}],  # a socket, no widget
+                    "noise_seed": ["INT", {"default": 0}],  # a seed: + control_after_generate
+                    "mode": [["fast", "slow"], {"default": "fast"}],
+                    "image": [["a.png"], {"image_upload": True}],  # + the upload button
+                },
+                "optional": {"jitter": ["INT", {"control_after_generate": True}], "note": ["STRING", {}]},
+            },
+            "input_order": {
+                "required": ["model", "strength", "noise_seed", "mode", "image"],
+                "optional": ["jitter", "note"],
+            },
+            "display_name": "My Sampler",
+        },
+        "MyLoader": {"input": {"required": {}}, "output": ["MODEL", "FLOAT"], "display_name": "My Loader"},
+    }
+    wf = {
+        "nodes": [
+            {"id": 1, "type": "MyLoader", "inputs": [], "widgets_values": []},
+            {
+                "id": 2,
+                "type": "MySampler",
+                "title": "sampler",
+                "inputs": [
+                    {"name": "model", "type": "MODEL", "link": 1},
+                    {"name": "strength", "type": "FLOAT", "link": 2},
+                ],
+                "widgets_values": [7, "fixed", "slow", "b.png", "image", 3, "increment", "hi"],
+            },
+        ],
+        "links": [[1, 1, 0, 2, 0, "MODEL"], [2, 1, 1, 2, 1, "FLOAT"]],
+    }
+    assert convert(wf, info) == {
+        "1": {"inputs": {}, "class_type": "MyLoader", "_meta": {"title": "My Loader"}},
+        "2": {
+            "inputs": {
+                "noise_seed": 7,
+                "mode": "slow",
+                "image": "b.png",
+                "jitter": 3,
+                "note": "hi",
+                "model": ["1", 0],
+                "strength": ["1", 1],
+            },
+            "class_type": "MySampler",
+            "_meta": {"title": "sampler"},
+        },
+    }
+    with pytest.raises(WorkflowError, match=r"node 2 \(MySampler\): 7 widget values for 8 widgets"):
+        short = {**wf["nodes"][1], "widgets_values": [7, "slow", "b.png", "image", 3, "increment", "hi"]}
+        convert({**wf, "nodes": [wf["nodes"][0], short]}, info)
+    with pytest.raises(WorkflowError, match=r"node 2 \(KSampler\): unknown node type: a node type the object_info"):
+        convert({"nodes": [{"id": 2, "type": "KSampler"}], "links": []}, info)
+    # the same through `comfy convert --object-info`
+    (tmp_path / "info.json").write_text(json.dumps(info))
+    (tmp_path / "wf.json").write_text(json.dumps(wf))
+    capsys.readouterr()
+    assert main(["comfy", "convert", str(tmp_path / "wf.json"), "--object-info", str(tmp_path / "info.json")]) == 0
+    assert json.loads(capsys.readouterr().out) == convert(wf, info)

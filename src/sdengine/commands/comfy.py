@@ -150,7 +150,17 @@ def cmd_run(a: argparse.Namespace) -> int:
 def cmd_convert(a: argparse.Namespace) -> int:
     from ..server.comfy.workflow import read_workflow_file
 
-    prompt, _ = read_workflow_file(a.workflow)
+    object_info = None
+    if a.object_info is not None:
+        from ..server.comfy.workflow import WorkflowError
+
+        try:
+            object_info = json.loads(Path(a.object_info).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise WorkflowError(f"--object-info {a.object_info}: not JSON ({e})") from None
+        if not isinstance(object_info, dict):
+            raise WorkflowError(f"--object-info {a.object_info}: want GET /object_info's body, {{name: node}}")
+    prompt, _ = read_workflow_file(a.workflow, object_info)
     text = json.dumps(prompt, indent=2, ensure_ascii=False) + "\n"
     if a.output in (None, "-"):
         sys.stdout.write(text)
@@ -194,4 +204,10 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     )
     v.add_argument("workflow", type=Path, help="UI-format .json (an API-format one is written as it is)")
     v.add_argument("-o", "--output", default=None, help="the API-format .json to write (default: stdout)")
+    v.add_argument(
+        "--object-info",
+        default=None,
+        help="the nodes' definitions: a saved GET /object_info body (of a ComfyUI server, custom nodes included) "
+        "instead of sdengine's own nodes",
+    )
     v.set_defaults(func=cmd_convert)

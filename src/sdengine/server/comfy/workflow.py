@@ -8,7 +8,8 @@ docs/comfyui.md ("UI-format workflows"):
 * a node's ``widgets_values`` are its widget inputs' values in the node definition's order (required inputs,
   then optional ones); an INT input named ``seed`` or ``noise_seed`` has one more widget right after it,
   ``control_after_generate`` ("fixed", "randomize", ...), which is the page's and is not sent; an image-upload
-  input (LoadImage) may be followed by its upload button's value, not sent either; a ``widgets_values`` object
+  input (LoadImage) is followed by its upload button's value (``"image"``), not sent either, and absent from a
+  list that ends there; a ``widgets_values`` object
   (``{name: value}``) is read by name;
 * an input entry with a ``link`` (a link input, or a widget converted to an input) takes its value from the link;
 * ``Reroute`` nodes are followed to the node that feeds them; a ``PrimitiveNode``'s value (its first widget value)
@@ -70,6 +71,37 @@ def widget_names(ndef: NodeDef) -> list[str]:
     return names
 
 
+VALUE_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def widget_names_from_info(info: dict[str, Any]) -> list[str]:
+    """:func:`widget_names` of a node as ``GET /object_info`` describes it (this server's or ComfyUI's, custom
+    nodes included): ``input_order`` (else the order of ``input``), value types and lists of choices are widgets
+    unless ``forceInput``; ``control_after_generate`` after an INT ``seed`` / ``noise_seed`` or an input with that
+    option; ``upload`` after an ``image_upload`` input."""
+    names: list[str] = []
+    raw_inputs, raw_order = info.get("input"), info.get("input_order")
+    inputs: dict[str, Any] = raw_inputs if isinstance(raw_inputs, dict) else {}
+    order: dict[str, Any] = raw_order if isinstance(raw_order, dict) else {}
+    for section in ("required", "optional"):
+        raw_specs = inputs.get(section)
+        specs: dict[str, Any] = raw_specs if isinstance(raw_specs, dict) else {}
+        listed = order.get(section)
+        for name in listed if isinstance(listed, list) else list(specs):
+            spec = specs.get(name)
+            if not isinstance(spec, list) or not spec:
+                continue
+            kind, opts = spec[0], spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if not (isinstance(kind, list) or kind in VALUE_TYPES) or opts.get("forceInput"):
+                continue
+            names.append(str(name))
+            if (kind == "INT" and name in SEED_WIDGETS) or opts.get(CONTROL):
+                names.append(CONTROL)
+            if opts.get("image_upload"):
+                names.append(UPLOAD)
+    return names
+
+
 def _node_label(node: dict[str, Any]) -> str:
     return f"node {node.get('id')} ({node.get('type')})"
 
@@ -104,8 +136,7 @@ def _parse_links(raw: Any) -> dict[str, tuple[str, int, str, int, Any]]:
     return out
 
 
-def _widget_values(node: dict[str, Any], ndef: NodeDef) -> dict[str, Any]:
-    names = widget_names(ndef)
+def _widget_values(node: dict[str, Any], names: list[str]) -> dict[str, Any]:
     raw = node.get("widgets_values", [])
     if raw is None:
         raw = []
@@ -113,20 +144,24 @@ def _widget_values(node: dict[str, Any], ndef: NodeDef) -> dict[str, Any]:
         return {k: v for k, v in raw.items() if k in names and k not in (CONTROL, UPLOAD)}
     if not isinstance(raw, list):
         raise WorkflowError(f"{_node_label(node)}: widgets_values must be a list")
-    # The upload button's value may be absent (newer pages leave out widgets that are not serialized).
-    allowed = {len(names), len([n for n in names if n != UPLOAD])}
-    if len(raw) not in allowed:
+    # A last upload button's value may be absent (a page that leaves out widgets it does not serialize writes a
+    # sparse list: a trailing one is simply not there)
+    trimmed = list(names)
+    while trimmed and trimmed[-1] == UPLOAD:
+        trimmed.pop()
+    if len(raw) not in (len(names), len(trimmed)):
         shown = ", ".join(names) or "none"
         raise WorkflowError(
             f"{_node_label(node)}: {len(raw)} widget values for {len(names)} widgets ({shown}); "
             "the workflow was saved for another version of this node"
         )
-    present = names if len(raw) == len(names) else [n for n in names if n != UPLOAD]
+    present = names[: len(raw)]
     return {n: v for n, v in zip(present, raw, strict=True) if n not in (CONTROL, UPLOAD)}
 
 
-def convert(workflow: Any) -> dict[str, dict[str, Any]]:
-    """The API-format prompt of a UI-format workflow (see the module's text for the rules)."""
+def convert(workflow: Any, object_info: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The API-format prompt of a UI-format workflow (see the module's text for the rules). The nodes' widgets
+    are this server's (the registry), or those of ``object_info`` (the body of a ``GET /object_info``) when given."""
     if not is_ui_workflow(workflow):
         raise WorkflowError("not a ComfyUI UI-format workflow: no 'nodes' list")
     links = _parse_links(workflow.get("links"))
@@ -197,11 +232,14 @@ def convert(workflow: Any) -> dict[str, dict[str, Any]]:
         kind = node["type"]
         if kind in (*NOTES, REROUTE, PRIMITIVE) or node.get("mode", 0) in (MUTED, BYPASSED):
             continue
-        ndef = NODES.get(kind)
-        if ndef is None:
+        definition = _definition(kind, object_info)
+        if definition is None:
             what = "a subgraph, which is not supported" if kind in subgraphs else "a node type sdengine does not have"
+            if object_info is not None and kind not in subgraphs:
+                what = "a node type the object_info does not list"
             raise WorkflowError(f"{_node_label(node)}: unknown node type: {what}")
-        inputs = _widget_values(node, ndef)
+        display_name, names = definition
+        inputs = _widget_values(node, names)
         for entry in inputs_of(node):
             widget = entry.get("widget")
             name = str(widget["name"]) if isinstance(widget, dict) and "name" in widget else str(entry.get("name"))
@@ -218,7 +256,7 @@ def convert(workflow: Any) -> dict[str, dict[str, Any]]:
         prompt[nid] = {
             "inputs": inputs,
             "class_type": kind,
-            "_meta": {"title": title if isinstance(title, str) else ndef.display_name},
+            "_meta": {"title": title if isinstance(title, str) else display_name},
         }
     # the page's last pass: an input linked to a node that is not sent (muted) is left out
     for entry in prompt.values():
@@ -228,7 +266,21 @@ def convert(workflow: Any) -> dict[str, dict[str, Any]]:
     return prompt
 
 
-def read_workflow_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def _definition(kind: str, object_info: dict[str, Any] | None) -> tuple[str, list[str]] | None:
+    """(display name, widget names) of a node type, or None when it is unknown."""
+    if object_info is not None:
+        info = object_info.get(kind)
+        if not isinstance(info, dict):
+            return None
+        shown = info.get("display_name")
+        return (shown if isinstance(shown, str) and shown else kind), widget_names_from_info(info)
+    ndef = NODES.get(kind)
+    return None if ndef is None else (ndef.display_name, widget_names(ndef))
+
+
+def read_workflow_file(
+    path: str | Path, object_info: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(API prompt, UI workflow or None) of a file: an API-format .json, a UI-format .json (converted), or a
     ComfyUI PNG (its ``prompt`` text, else its ``workflow`` text converted)."""
     from sdengine.image_info import png_text_chunks
@@ -238,12 +290,16 @@ def read_workflow_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]
         raise WorkflowError(f"{p}: no such file")
     chunks = png_text_chunks(p)
     if chunks is not None:
-        ui = _json(chunks["workflow"], f"{p}: its 'workflow' text") if "workflow" in chunks else None
         if "prompt" in chunks:
-            api = _json(chunks["prompt"], f"{p}: its 'prompt' text")
-            return _api(api, f"{p}: its 'prompt' text"), ui if is_ui_workflow(ui) else None
-        if ui is not None:
-            return convert(ui), ui
+            api = _api(_json(chunks["prompt"], f"{p}: its 'prompt' text"), f"{p}: its 'prompt' text")
+            try:  # the workflow goes on into the images written (SaveImage's PNG text), when it reads
+                ui = json.loads(chunks.get("workflow", "null"))
+            except (json.JSONDecodeError, RecursionError):
+                ui = None
+            return api, ui if is_ui_workflow(ui) else None
+        if "workflow" in chunks:
+            ui = _json(chunks["workflow"], f"{p}: its 'workflow' text")
+            return convert(ui, object_info), ui
         raise WorkflowError(f"{p}: a PNG without ComfyUI's 'prompt' or 'workflow' text")
     try:
         text = p.read_text(encoding="utf-8")
@@ -251,7 +307,7 @@ def read_workflow_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]
         raise WorkflowError(f"{p}: neither JSON text nor a PNG") from None
     data = _json(text, str(p))
     if is_ui_workflow(data):
-        return convert(data), data
+        return convert(data, object_info), data
     return _api(data, str(p)), None
 
 
@@ -274,4 +330,11 @@ def _api(data: Any, where: str) -> dict[str, Any]:
     return data
 
 
-__all__ = ["WorkflowError", "convert", "is_ui_workflow", "read_workflow_file", "widget_names"]
+__all__ = [
+    "WorkflowError",
+    "convert",
+    "is_ui_workflow",
+    "read_workflow_file",
+    "widget_names",
+    "widget_names_from_info",
+]
