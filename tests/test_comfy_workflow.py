@@ -468,3 +468,22 @@ def test_a_custom_nodes_object_info_converts_its_widgets_as_the_page_builds_them
     capsys.readouterr()
     assert main(["comfy", "convert", str(tmp_path / "wf.json"), "--object-info", str(tmp_path / "info.json")]) == 0
     assert json.loads(capsys.readouterr().out) == convert(wf, info)
+
+
+def test_an_output_that_fails_validation_is_skipped_with_a_warning_line(tmp_path, capsys, server_image):
+    prompt = {
+        **expected_prompt(),
+        "20": {"class_type": "LoadImage", "inputs": {"image": "missing.png"}},
+        "21": {"class_type": "SaveImage", "inputs": {"filename_prefix": "other", "images": ["20", 0]}},
+    }
+    path = tmp_path / "api.json"
+    path.write_text(json.dumps({"prompt": prompt}))  # a POST /prompt body is read too
+    capsys.readouterr()
+    assert main(["comfy", "run", str(path), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    (line,) = captured.out.splitlines()
+    assert Path(line).name.startswith("ComfyUI_") and np.array_equal(
+        np.asarray(Image.open(line).convert("RGB")), server_image
+    )
+    (warning,) = captured.err.splitlines()
+    assert warning.startswith("sdengine: warning: node 20 (LoadImage): ") and "skipped" in warning

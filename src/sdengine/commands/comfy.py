@@ -60,8 +60,10 @@ def run_workflow(
     device: str = "cpu",
     dtype: str | None = None,
     loader: Any = None,
+    progress: bool = False,
 ) -> list[Path]:
-    """Run a workflow file; the paths of the images its SaveImage nodes wrote (in the order of the nodes)."""
+    """Run a workflow file; the paths of the images its SaveImage nodes wrote (in the order of the nodes).
+    ``progress``: a bar on stderr per sampling node."""
     from ..server.catalog import Catalog
     from ..server.comfy.graph import Executor, PromptInvalid, validate
     from ..server.comfy.nodes import Outputs, RunContext
@@ -105,8 +107,24 @@ def run_workflow(
                 f"{first.get('details')}; its outputs are skipped",
                 file=sys.stderr,
             )
+        bars: dict[str | None, Any] = {}
+
+        def show(step: int, steps: int, denoised: Any) -> bool:
+            from tqdm.auto import tqdm
+
+            node = ctx.current_node
+            bar = bars.get(node)
+            if bar is None or bar.total != steps or step < bar.n:
+                if bar is not None:
+                    bar.close()
+                label = f"node {node} ({graph.get(str(node), {}).get('class_type')})"
+                bar = bars[node] = tqdm(total=steps, desc=label, file=sys.stderr, leave=False)
+            bar.update(step - bar.n)
+            return True
+
         ctx = RunContext(
             pipeline=pipeline,
+            progress=show if progress else None,
             catalog=catalog,
             folders=folders,
             seed_rule="comfyui",
@@ -118,7 +136,11 @@ def run_workflow(
             max_batch=MAX_BATCH,
             device=device,
         )
-        results = Executor().run(graph, ctx, cancelled=lambda: False, event=lambda name, data: None)
+        try:
+            results = Executor().run(graph, ctx, cancelled=lambda: False, event=lambda name, data: None)
+        finally:
+            for bar in bars.values():
+                bar.close()
     paths: list[Path] = []
     for nid in outputs:
         for im in (results.get(nid) or {}).get("images", []):
@@ -141,6 +163,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         input_dir=a.input_dir,
         device=str(resolve_device(a.device)),
         dtype=a.dtype,
+        progress=not a.no_progress and sys.stderr.isatty(),
     )
     for p in paths:
         print(p)
@@ -195,6 +218,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     r.add_argument("--input-dir", type=Path, default=None, help="LoadImage's folder (default: OUT/input)")
     r.add_argument("--device", default="auto")
     r.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: the device's)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars (shown only on a terminal anyway)")
     r.set_defaults(func=cmd_run)
     v = csub.add_parser(
         "convert",
