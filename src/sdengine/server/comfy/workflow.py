@@ -3,15 +3,17 @@
 The page keeps a graph ``{nodes: [{id, type, inputs, outputs, widgets_values, mode, ...}], links, groups, ...}``
 and turns it into the API format (``{id: {class_type, inputs}}``) only when a prompt is queued. This module
 does that turn offline, following the facts of ComfyUI's frontend (``graphToPrompt``), written down in
-docs/comfyui.md ("UI-format workflows"):
+docs/comfyui.md ("UI-format workflows and `sdengine comfy run`"):
 
 * a node's ``widgets_values`` are its widget inputs' values in the node definition's order (required inputs,
   then optional ones); an INT input named ``seed`` or ``noise_seed`` has one more widget right after it,
   ``control_after_generate`` ("fixed", "randomize", ...), which is the page's and is not sent; an image-upload
   input (LoadImage) is followed by its upload button's value (``"image"``), not sent either, and absent from a
-  list that ends there; a ``widgets_values`` object
-  (``{name: value}``) is read by name;
+  list that ends there; a ``widgets_values`` object (``{name: value}``) is read by name; with ``object_info``
+  (a ``GET /object_info`` body) the widgets are those it lists, else the registry's;
 * an input entry with a ``link`` (a link input, or a widget converted to an input) takes its value from the link;
+  a converted widget whose link leads nowhere (a Reroute or a bypassed node's input fed by nothing) keeps its
+  widget value;
 * ``Reroute`` nodes are followed to the node that feeds them; a ``PrimitiveNode``'s value (its first widget value)
   becomes the literal value of every input it feeds; ``Note`` and ``MarkdownNote`` are dropped;
 * a muted node (mode 2) is dropped, and every input linked to it is left out (as the page's last pass does);
