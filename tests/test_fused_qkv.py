@@ -271,3 +271,88 @@ def test_the_fast_path_option():
     notes = apply_fast_path(Pipe(), ["fused_qkv"])
     assert notes == ["fused_qkv: 2 attention layers of the U-Net with one query/key/value product"]
     assert fused_qkv_layers(Pipe.unet) == 2
+
+
+def test_geglu_gate_written_in_place_is_the_same_numbers_and_trains():
+    from sdengine.nn.transformer import GEGLU
+
+    g = torch.Generator().manual_seed(14)
+    m = _perturbed(GEGLU(16, 24), 15)
+    x = torch.randn(2, 9, 16, generator=g)
+
+    def formula(inp: torch.Tensor) -> torch.Tensor:  # the published form, out of place
+        a, gate = torch.nn.functional.linear(inp, m.proj.weight, m.proj.bias).chunk(2, dim=-1)
+        return a * torch.nn.functional.gelu(gate)
+
+    with torch.inference_mode():
+        assert torch.equal(m(x), formula(x))
+    with torch.no_grad():
+        assert torch.equal(m(x), formula(x))
+    out = m(x)  # autograd on: out of place, gradients as the formula's
+    out.square().sum().backward()
+    grad = m.proj.weight.grad.clone()
+    m.zero_grad()
+    formula(x).square().sum().backward()
+    assert torch.equal(grad, m.proj.weight.grad)
+
+
+def test_dropping_the_stack_changes_the_fingerprint_so_no_graph_replays_it():
+    """A CUDA graph records the stacked weight's memory: switching fusion off (or clearing the stack) frees it,
+    so the graphs' fingerprint must move (here the stand-in recorder of tests/test_cuda_graphs.py)."""
+    from sdengine.cuda_graphs import GraphedCallable, module_fingerprint
+
+    m = _perturbed(Attention(16, 2, 8), 16).requires_grad_(False)
+    enable_fused_qkv(m)
+    x = torch.randn(1, 6, 16)
+
+    def backend(fn, warmup):
+        for _ in range(warmup):
+            fn()
+        out = fn()
+        return (lambda: out.copy_(fn())), out
+
+    g = GraphedCallable(m, module=m, backend=backend, device_type="cpu")
+    with torch.inference_mode():
+        g(x)
+        assert _fused_used(m) and len(g.graphs) == 1
+        fp = module_fingerprint(m)
+        assert g.usable() and len(g.graphs) == 1  # nothing changed: kept
+        enable_fused_qkv(m)  # on again: nothing dropped, nothing moves
+        assert module_fingerprint(m) == fp
+        enable_fused_qkv(m, False)
+        assert module_fingerprint(m) != fp and g.usable() and len(g.graphs) == 0
+        enable_fused_qkv(m)
+        g(x)
+        fp = module_fingerprint(m)
+        clear_fused_cache(m)
+        assert module_fingerprint(m) != fp and g.usable() and len(g.graphs) == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_cuda_graphs_with_fused_projections_and_a_fused_lora(tiny_sd1_folder, tmp_path):  # pragma: no cover
+    """On a GPU in fp16, with real CUDA graphs: the fused image equals the unfused one, and a LoRA fused into the
+    weights between generations (the stack rebuilt, the graphs recorded again) gives the unfused pipeline's image."""
+    import numpy as np
+
+    from sdengine.weights.lora import apply_loras
+
+    kw = dict(prompt="a red apple", seed=4, steps=6, width=64, height=64, progress=False)
+    plain = sdengine.load_pipeline(tiny_sd1_folder, device="cuda", dtype="fp16", fast_path="none")
+    fused = sdengine.load_pipeline(tiny_sd1_folder, device="cuda", dtype="fp16", fast_path="fused_qkv,cuda_graphs")
+    assert fused_qkv_layers(fused.unet) > 0
+    ref = plain(**kw).arrays.astype(np.float64)
+    got = fused(**kw).arrays.astype(np.float64)
+    got = fused(**kw).arrays.astype(np.float64)  # replayed
+    assert fused.cuda_graphs["unet"].replays >= 6
+    assert float(np.abs(got - ref).mean()) < 2e-3 * 255
+    path = _lora_file(plain.unet, tmp_path / "qkv.safetensors", 17)
+    hp = apply_loras(plain.unet, None, [(path, 0.8)], part="unet", fuse=True)
+    hf = apply_loras(fused.unet, None, [(path, 0.8)], part="unet", fuse=True)
+    ref_l = plain(**kw).arrays.astype(np.float64)
+    got_l = fused(**kw).arrays.astype(np.float64)
+    assert float(np.abs(got_l - ref_l).mean()) < 2e-3 * 255 and float(np.abs(ref_l - ref).mean()) > 1.0
+    hp.remove()
+    hf.remove()
+    again = fused(**kw).arrays.astype(np.float64)
+    assert float(np.abs(again - ref).mean()) < 2e-3 * 255

@@ -37,7 +37,10 @@ runs its three separate products as before, automatically, call by call:
 One trap stays: ``weight.data.copy_(...)`` changes a tensor in place WITHOUT moving its version counter (as for
 autograd). Nothing in sdengine writes weights so; code that does must call :func:`clear_fused_cache` (or switch
 fusion off and on). A recorded CUDA graph sees weight changes through its own fingerprint of the parameters
-(sdengine.cuda_graphs) and records again, rebuilding the stack in its warm-up. The cost: a second copy of the
+(sdengine.cuda_graphs) and records again, rebuilding the stack in its warm-up; dropping the stack otherwise
+(fusion switched off, :func:`clear_fused_cache`) bumps the layer's ``derived_version``, which that fingerprint
+counts too (sdengine.nn.fingerprint), so no graph replays a freed stack. A stack is replaced at a call only when
+a source weight changed, which the fingerprint sees by itself. The cost: a second copy of the
 attention projection weights (SD 1.5's U-Net: about 56M parameters, 112 MB in fp16).
 
 GEGLU's projection (``sdengine.nn.transformer.GEGLU``) is already one ``nn.Linear`` of width ``2 * dim_out``: it
@@ -136,6 +139,8 @@ class Attention(nn.Module):
         self.identity_rows = 0
         # fused query/key/value products (enable_fused_qkv); the stacked weights are a cache, not parameters
         self.fused_projections = False
+        # bumped when the stacked weights are dropped (sdengine.nn.fingerprint: a CUDA graph reading them is stale)
+        self.derived_version = 0
         self._fused_cache: dict[str, tuple[list[Tensor], list[int], tuple[Tensor, Tensor | None]]] = {}
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(context_dim, inner, bias=bias)
@@ -179,6 +184,12 @@ class Attention(nn.Module):
         if context is None:
             context = x
         return self.to_q(x), self.to_k(context), self.to_v(context)
+
+    def drop_fused_cache(self) -> None:
+        """Drop the stacked projection weights (rebuilt at the next fused call)."""
+        if self._fused_cache:
+            self._fused_cache.clear()
+            self.derived_version += 1
 
     def _stacked(self, which: str, layers: tuple[nn.Module, ...]) -> tuple[Tensor, Tensor | None] | None:
         """The weights (and biases) of ``layers`` stacked along their outputs, current as of now; None when the
@@ -257,7 +268,7 @@ def enable_fused_qkv(module: nn.Module, enabled: bool = True) -> int:
         if isinstance(m, Attention):
             m.fused_projections = bool(enabled)
             if not enabled:
-                m._fused_cache.clear()
+                m.drop_fused_cache()
             n += 1
     return n
 
@@ -267,7 +278,7 @@ def clear_fused_cache(module: nn.Module) -> None:
     call): needed only after changing a weight through ``weight.data`` in place, which no version counter sees."""
     for m in module.modules():
         if isinstance(m, Attention):
-            m._fused_cache.clear()
+            m.drop_fused_cache()
 
 
 def fused_qkv_layers(module: nn.Module) -> int:
