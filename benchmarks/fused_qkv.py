@@ -1,7 +1,7 @@
 """Fused query/key/value projections (``fused_qkv``) against the three separate products, on this CPU.
 
     PYTHONPATH=src python benchmarks/fused_qkv.py --threads 2 [--presets tiny,medium] [--repeats 15] [--layers]
-    PYTHONPATH=src python benchmarks/fused_qkv.py --threads 1 --cpu-time ...
+    PYTHONPATH=src python benchmarks/fused_qkv.py --threads 1 --cpu-time ... [--geglu]
 
 ``--cpu-time`` (with ``--threads 1``, where torch computes on the calling thread) times with the thread's CPU
 clock instead of the wall clock: on a machine shared with other busy processes the wall clock counts the time
@@ -12,7 +12,8 @@ Per U-Net preset (random weights, sdengine's ``TINY_SD`` / ``MEDIUM_SD`` / ``SD1
 and the largest output difference. ``--layers``: the projections alone at SD 1.5's shapes at 512x512 (CFG batch
 2): a self-attention's q, k, v as three products against one, a cross-attention's k, v of the 77 text tokens as
 two against one; and GEGLU's gate step (``a * gelu(gate)``) against the same with the product written into
-gelu's output (one allocation less).
+gelu's output (one allocation less). ``--geglu``: each preset's U-Net call with that gate in place (as sdengine
+runs it) and out of place.
 """
 
 from __future__ import annotations
@@ -90,6 +91,45 @@ def unet_call(preset: str, repeats: int) -> None:
     )
 
 
+def geglu_unet(preset: str, repeats: int) -> None:
+    """The U-Net call with GEGLU's gate in place (sdengine's) against the out-of-place ``a * gelu(gate)``."""
+    from sdengine.nn import transformer
+
+    cfg, side = PRESETS[preset]
+    torch.manual_seed(0)
+    unet = UNet(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, cfg.in_channels, side, side, generator=g)
+    t = torch.tensor([500.0, 500.0])
+    ctx = torch.randn(2, 77, int(cfg.cross_attention_dim or 768), generator=g)
+    in_place = transformer.GEGLU.forward
+
+    def out_of_place(self: transformer.GEGLU, h: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(h).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+    outs: dict[str, torch.Tensor] = {}
+
+    def call(name: str, forward: Callable[..., torch.Tensor]) -> Callable[[], object]:
+        def run() -> object:
+            transformer.GEGLU.forward = forward  # type: ignore[method-assign]
+            outs[name] = unet(x, t, encoder_hidden_states=ctx)
+            return outs[name]
+
+        return run
+
+    try:
+        with torch.inference_mode():
+            med = interleaved({"out": call("out", out_of_place), "in": call("in", in_place)}, repeats)
+    finally:
+        transformer.GEGLU.forward = in_place  # type: ignore[method-assign]
+    same = torch.equal(outs["out"], outs["in"])
+    print(
+        f"{preset:>6} U-Net CFG call, GEGLU gate: out of place {med['out'] * 1e3:8.2f} ms, in place "
+        f"{med['in'] * 1e3:8.2f} ms, {med['out'] / med['in']:.3f}x (medians); equal: {same}"
+    )
+
+
 def layers(repeats: int) -> None:
     g = torch.Generator().manual_seed(0)
     print("SD 1.5 at 512x512, CFG batch 2          separate ms   fused ms   speed-up")
@@ -151,6 +191,7 @@ def main() -> None:
     ap.add_argument("--presets", default="tiny,medium", help="comma list of tiny, medium, sd15")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--layers", action="store_true", help="also the products alone at SD 1.5's shapes")
+    ap.add_argument("--geglu", action="store_true", help="also each preset's U-Net with GEGLU's gate in/out of place")
     ap.add_argument("--cpu-time", action="store_true", help="time with the thread's CPU clock (needs --threads 1)")
     args = ap.parse_args()
     global CLOCK
@@ -163,6 +204,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock}")
     for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
         unet_call(preset, args.repeats)
+        if args.geglu:
+            geglu_unet(preset, args.repeats)
     if args.layers:
         layers(args.repeats)
 
