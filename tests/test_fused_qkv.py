@@ -41,6 +41,10 @@ def _fused_used(m: Attention) -> set[str]:
     return set(m._fused_cache)
 
 
+def attn_layers(module: nn.Module) -> list[Attention]:
+    return [m for m in module.modules() if isinstance(m, Attention)]
+
+
 def _max(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
@@ -181,8 +185,8 @@ def test_a_tiny_sd1_image_is_the_same_with_fused_projections(tiny_pipes):
     assert abs(ref - got).mean() <= 1e-5
 
 
-def _lora_file(unet: nn.Module, path, seed: int):
-    """A kohya LoRA (rank 2) on every attention's q, k and v projection of ``unet``."""
+def _lora_file(unet: nn.Module, path, seed: int, kind: str = "lora"):
+    """A kohya LoRA (rank 2), or a LyCORIS LoHa (``kind="loha"``), on every attention's q, k and v projection."""
     from sdengine.weights.lora_keys import kohya_name
 
     g = torch.Generator().manual_seed(seed)
@@ -190,21 +194,27 @@ def _lora_file(unet: nn.Module, path, seed: int):
     for name, m in unet.named_modules():
         if isinstance(m, nn.Linear) and name.endswith(("to_q", "to_k", "to_v")):
             key = kohya_name("unet", name)
-            out[f"{key}.lora_down.weight"] = torch.randn(2, m.in_features, generator=g) * 0.5
-            out[f"{key}.lora_up.weight"] = torch.randn(m.out_features, 2, generator=g) * 0.5
+            if kind == "loha":  # delta = (w1_a w1_b) * (w2_a w2_b) * alpha / rank, elementwise
+                for w in ("w1", "w2"):
+                    out[f"{key}.hada_{w}_a"] = torch.randn(m.out_features, 2, generator=g) * 0.7
+                    out[f"{key}.hada_{w}_b"] = torch.randn(2, m.in_features, generator=g) * 0.7
+            else:
+                out[f"{key}.lora_down.weight"] = torch.randn(2, m.in_features, generator=g) * 0.5
+                out[f"{key}.lora_up.weight"] = torch.randn(m.out_features, 2, generator=g) * 0.5
             out[f"{key}.alpha"] = torch.tensor(2.0)
     save_safetensors(out, path)
     return path
 
 
-def test_lora_applied_reweighted_fused_and_removed_while_fused(tiny_pipes, tmp_path):
-    """The stale-weight trap: a LoRA patched (hooks: the separate products run), fused into the weights (the
-    stack is rebuilt from them), re-weighted while fused, unfused and removed; at every stage the fused
-    pipeline's U-Net equals the plain pipeline's with the same LoRA, and after removal the base output again."""
+@pytest.mark.parametrize("kind", ["lora", "loha"])
+def test_lora_applied_reweighted_fused_and_removed_while_fused(tiny_pipes, tmp_path, kind):
+    """The stale-weight trap: a LoRA (or a LyCORIS LoHa) patched (hooks: the separate products run), fused into
+    the weights (the stack is rebuilt from them), re-weighted while fused, unfused and removed; at every stage the
+    fused pipeline's U-Net equals the plain pipeline's with the same LoRA, and after removal the base output again."""
     from sdengine.weights.lora import apply_loras
 
     plain, fused = tiny_pipes
-    path = _lora_file(plain.unet, tmp_path / "qkv.safetensors", 12)
+    path = _lora_file(plain.unet, tmp_path / f"qkv_{kind}.safetensors", 12, kind)
     g = torch.Generator().manual_seed(13)
     x = torch.randn(2, 4, 4, 4, generator=g)
     t = torch.tensor([999.0, 300.0])
@@ -218,11 +228,16 @@ def test_lora_applied_reweighted_fused_and_removed_while_fused(tiny_pipes, tmp_p
     assert _max(base, base_fused) <= 1e-5
     hp = apply_loras(plain.unet, None, [(path, 0.8)], part="unet")
     hf = apply_loras(fused.unet, None, [(path, 0.8)], part="unet")
+    report = hf.reports[0]
+    assert report.complete and len(report.matched) == 3 * len(attn_layers(fused.unet))
+    assert report.algorithms == (["LoHa"] if kind == "loha" else ["LoRA"])
     stages = []
     stages.append(("patched", *outputs()))
     hp.fuse()
     hf.fuse()
     stages.append(("fused", *outputs()))
+    # fused LoRAs keep the fused products (their hooks pass through)
+    assert all(_fused_used(m) for m in attn_layers(fused.unet))
     hp.set_weight(0, -0.4)
     hf.set_weight(0, -0.4)
     stages.append(("re-weighted while fused", *outputs()))

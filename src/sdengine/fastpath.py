@@ -29,9 +29,11 @@ docs/performance.md; in short, on the 2-core AVX2 CPU there:
 * ``fused_qkv``: each attention's query, key and value projections as one matrix product (a cross-attention's
   key and value), the weights stacked lazily and rebuilt whenever a source weight changes
   (:func:`sdengine.nn.attention.enable_fused_qkv`). Same numbers as the separate products (tests/test_fused_qkv.py);
-  on this CPU the medium U-Net's call was within noise of the unfused one (docs/performance.md), so it is off
-  by default here. On by default on CUDA (``CUDA_DEFAULT_OPTIONS``) without a GPU measurement: it fuses three
-  launches into one wider product, which is the point on a GPU, and the CPU tests run the very same code.
+  on this CPU a U-Net call took 0.94x-1.02x the time of the unfused one (tiny to SD 1.5-sized, docs/performance.md),
+  so it is off by default here. On by default on CUDA (``CUDA_DEFAULT_OPTIONS``) WITHOUT a GPU measurement: it
+  turns five launches per transformer block into two wider products, which is what a GPU gains from, and the CPU
+  tests run the very same code; the GPU bench's ``sdengine_graphs_fused`` and ``sdengine_compiled_fused`` phases
+  will measure it (docs/gpu.md).
 
 On a CUDA device (docs/gpu.md has the H200 numbers and the command):
 
