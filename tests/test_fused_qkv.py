@@ -402,3 +402,22 @@ def test_compiled_and_aot_networks_read_the_live_weights(tiny_sd1_folder, tmp_pa
     ref_l = plain("a red cube", **args).arrays.astype(np.float64)
     got_l = fused("a red cube", **args).arrays.astype(np.float64)
     assert np.abs(ref_l - ref).mean() > 1e-2 and np.abs(got_l - ref_l).mean() <= 1e-4
+
+
+def test_a_fused_unet_call_never_reads_the_device_nor_copies_from_the_host(tiny_pipes):
+    """With ``meta`` playing the GPU (tests/_cpu_graphs.py), a fused U-Net call neither waits on the device nor
+    copies from the host: what a CUDA graph needs to record it. The stack is built on the device."""
+    from _cpu_graphs import HostTraffic
+
+    plain, _ = tiny_pipes
+    unet = copy.deepcopy(plain.unet).to("meta")
+    assert enable_fused_qkv(unet) > 0
+    ctx = torch.zeros(2, 77, unet.config.cross_attention_dim, device="meta")
+    with torch.inference_mode(), HostTraffic() as traffic:
+        out = unet(
+            torch.zeros(2, 4, 8, 8, device="meta"), torch.full((2,), 500.0, device="meta"), encoder_hidden_states=ctx
+        )
+    assert out.shape == (2, 4, 8, 8) and traffic.seen == []
+    assert all(_fused_used(m) for m in attn_layers(unet))
+    stacks = [t for m in attn_layers(unet) for entry in m._fused_cache.values() for t in entry[2] if t is not None]
+    assert stacks and all(t.device.type == "meta" for t in stacks)
