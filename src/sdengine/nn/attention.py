@@ -21,18 +21,20 @@ before), and everything that changes weights keeps writing them: ``load_state_di
 version counters move), LoRA/LyCORIS fusing and unfusing (``weight.data`` swapped: another storage), ``.to()``,
 a pipeline swapping networks, ControlNet copies (other tensors). The stack is a cache kept beside them with the
 identity (a reference, so the storage cannot be reused by a new tensor at the same address) and the version
-counter of every source tensor, and rebuilt when any differs. Where no stack can be trusted or used, the layer
-runs its three separate products as before, automatically, call by call:
+counter of every source tensor, and rebuilt when any differs. Where no cached stack can be trusted or used, the
+layer does without one, automatically, call by call:
 
-* a projection that is not a plain ``nn.Linear`` (``fp8`` replaced it), carries a forward (pre-)hook (a LoRA
-  or LyCORIS patched on unfused, a debugging hook) or has its ``forward`` replaced on the instance: the hook or
-  the replacement must see its own layer's call. The one hook let through is one that says it returns the
-  output unchanged (``passes_through``: a fused LoRA's, whose change is in the weight, where the stack sees it);
-* a weight that is an inference tensor (made under ``torch.inference_mode``): it has no version counter, so an
-  in-place change could not be seen;
-* autograd on with a weight that needs gradients (training): the stack is ``torch.cat`` of the live weights then,
-  so gradients flow to ``to_q.weight`` etc.; the same live ``cat`` is traced under ``torch.compile``/export
-  (``aot``), so a compiled or AOT-packaged network reads the live parameters, which is what those paths bind.
+* three separate products as before for a projection that is not a plain ``nn.Linear`` (``fp8`` replaced it),
+  carries a forward (pre-)hook (a LoRA or LyCORIS patched on unfused, a debugging hook) or has its ``forward``
+  replaced on the instance: the hook or the replacement must see its own layer's call. The one hook let through
+  is one that says it returns the output unchanged (``passes_through``: a fused LoRA's, whose change is in the
+  weight, where the stack sees it);
+* three separate products for a weight that is an inference tensor (made under ``torch.inference_mode``): it has
+  no version counter, so an in-place change could not be seen;
+* one product of ``torch.cat`` of the live weights, made per call, with autograd on and a weight that needs
+  gradients (training), so gradients flow to ``to_q.weight`` etc.; the same live ``cat`` is traced under
+  ``torch.compile``/export (``aot``), so a compiled or AOT-packaged network reads the live parameters, which is
+  what those paths bind.
 
 One trap stays: ``weight.data.copy_(...)`` changes a tensor in place WITHOUT moving its version counter (as for
 autograd). Nothing in sdengine writes weights so; code that does must call :func:`clear_fused_cache` (or switch
