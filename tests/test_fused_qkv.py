@@ -421,3 +421,23 @@ def test_a_fused_unet_call_never_reads_the_device_nor_copies_from_the_host(tiny_
     assert all(_fused_used(m) for m in attn_layers(unet))
     stacks = [t for m in attn_layers(unet) for entry in m._fused_cache.values() for t in entry[2] if t is not None]
     assert stacks and all(t.device.type == "meta" for t in stacks)
+
+
+def test_an_sdxl_unet_is_the_same_with_fused_projections():
+    """SDXL's layout (two transformer blocks per level, linear projections, 80-wide text states): equal outputs."""
+    from sdengine.models.unet import UNet
+    from sdengine.models.unet_sdxl import TINY_SDXL, text_time_vector
+
+    torch.manual_seed(19)
+    unet = _perturbed(UNet(TINY_SDXL), 20)
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    ctx = torch.randn(2, 9, TINY_SDXL.cross_attention_dim, generator=g)
+    ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [768.0, 1344, 16, 8, 832, 1216]])
+    labels = text_time_vector(torch.randn(2, 32, generator=g), ids, TINY_SDXL)
+    with torch.no_grad():
+        ref = unet(x, torch.tensor([999.0, 17.0]), encoder_hidden_states=ctx, class_labels=labels)
+        assert enable_fused_qkv(unet) == len(attn_layers(unet)) > 0
+        got = unet(x, torch.tensor([999.0, 17.0]), encoder_hidden_states=ctx, class_labels=labels)
+    assert all(_fused_used(m) for m in attn_layers(unet))
+    assert _max(ref, got) <= 1e-5 and ref.abs().mean() > 1e-2
