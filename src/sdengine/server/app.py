@@ -550,13 +550,18 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         body = {"ready": ok, "stopping": manager.stopping, "workers": workers_json(request)}
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    def loaded_pipe(generation: Generation) -> Any:
+        """The pipeline of the job's model that a worker holds now, or None (before its first load): the checks
+        below judge a request against it up front, else the job fails with the same line when it runs."""
+        return next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+
     def check_size_multiple(generation: Generation) -> None:
         """A width or height the model cannot make is a 400 now, as the synchronous routes answer it, instead of a
         queued job that fails when it runs: the multiple is the loaded pipeline's, else read from the model
         folder's configs, else 8 (every model's least)."""
         from sdengine.server.page_api import model_size
 
-        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        loaded = loaded_pipe(generation)
         m = model_size(generation.model, loaded)["multiple"]
         for what in ("width", "height"):
             value = generation.kwargs.get(what)
@@ -572,7 +577,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         encode = kw.get("vae_encode") == "tiny" and kw.get("init_image") is not None
         if kw.get("vae_decode") != "tiny" and not encode:
             return
-        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        loaded = loaded_pipe(generation)
         if loaded is not None and hasattr(loaded, "tiny_vae"):
             tiny = loaded.tiny_vae
             decodes, encodes = tiny is not None, tiny is not None and getattr(tiny, "encoder", None) is not None
@@ -596,7 +601,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         kw = generation.kwargs
         if not kw.get("pag_scale"):
             return
-        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        loaded = loaded_pipe(generation)
         unet = getattr(loaded, "unet", None)
         if unet is None:
             return
@@ -613,7 +618,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         kw = generation.kwargs
         if kw.get("freeu") is None:
             return
-        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        loaded = loaded_pipe(generation)
         unet = getattr(loaded, "unet", None)
         if unet is None:
             return
@@ -631,7 +636,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         shrink = generation.kwargs.get("deep_shrink")
         if shrink is None:
             return
-        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        loaded = loaded_pipe(generation)
         unet = getattr(loaded, "unet", None)
         if unet is None:
             return
@@ -649,7 +654,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         is only known once loaded."""
         from sdengine.server.page_api import max_side_before_load, model_size
 
-        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        loaded = loaded_pipe(generation)
         if loaded is not None and callable(getattr(loaded, "max_side", None)):
             limit: int | None = int(loaded.max_side())
         else:
@@ -690,7 +695,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         kw = generation.kwargs
         if not kw.get("enable_hr"):
             return
-        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        loaded = loaded_pipe(generation)
         size = model_size(generation.model, loaded)
         known = loaded is not None or folder_size(generation.model) is not None
         width, height = kw.get("width"), kw.get("height")
@@ -719,7 +724,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         fixed = kw.get("init_image") is not None and kw.get("strength_rule") == "a1111_fix_steps"
         if not kw.get("enable_hr") and not fixed and int(kw.get("steps") or 0) <= 1000:
             return  # nothing over any model's schedule (a --max-steps over 1000 is checked below)
-        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        loaded = loaded_pipe(generation)
         schedule = getattr(loaded, "noise_schedule", None)
         limit = int(schedule.num_train_timesteps) if schedule is not None else train_timesteps(generation.model)
         if int(kw.get("steps") or 0) > limit:
