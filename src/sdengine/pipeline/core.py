@@ -684,7 +684,9 @@ class Pipeline:
         if r.sag_scale:  # the middle block's self-attention exists, the latent takes the 9 x 9 blur (before any run)
             middle_transformer(self.unet)
             f = self.vae_scale_factor
-            if r.width is not None and r.height is not None and not fits_blur(int(r.height) // f, int(r.width) // f):
+            small = r.width is not None and r.height is not None
+            small = small and not fits_blur(int(r.height or 0) // f, int(r.width or 0) // f)
+            if small and r.sag_rule == "diffusers":  # ComfyUI's rule skips SAG on such a latent
                 raise GenerationError(
                     f"self-attention guidance blurs the latent with a 9 x 9 kernel and needs at least 5 x 5 latent "
                     f"pixels ({5 * f} x {5 * f} image pixels), got {r.width} x {r.height}"
@@ -931,6 +933,8 @@ class Pipeline:
             if request.sag_scale:  # sdengine's: self-attention guidance (read back by to_generate_kwargs)
                 row["SAG scale"] = float(request.sag_scale)
                 row["SAG blur sigma"] = float(request.sag_blur_sigma)
+                if request.sag_rule != "diffusers":
+                    row["SAG rule"] = request.sag_rule
             freeu = request.freeu_settings()
             if freeu is not None:  # sdengine's "FreeU: b1,b2,s1,s2", its version and rule where not 2 and width
                 row["FreeU"] = ",".join(f"{x:g}" for x in freeu.factors)
@@ -1158,7 +1162,7 @@ class Pipeline:
         # as recorded; the whole-loop graph keys FreeU in its plan)
         freeu = r.freeu_settings()
         # SAG records the middle block's attention map in the plain U-Net's calls: the same
-        sag = (float(r.sag_scale), float(r.sag_blur_sigma)) if r.sag_scale else None
+        sag = r.sag_settings()
         if not units and pag is None and freeu is None and sag is None:
             net = self.graphed("unet") or net
         if units:
@@ -1260,14 +1264,15 @@ class Pipeline:
         texts: Any = None,
         pag: tuple[float, Sequence[str]] | None = None,
         freeu: FreeU | None = None,
-        sag: tuple[float, float] | None = None,
+        sag: tuple[Any, ...] | None = None,
     ) -> Any:
         """The x0-denoiser the samplers call: classifier-free guidance over the U-Net (``net``: what runs in its
         place, a graph or a controlled U-Net); ``texts``: prompt editing's text rows of each step; ``pag``: (scale,
         layer patterns) of perturbed-attention guidance on this pipeline's U-Net (the plain network runs it: a
         step graph would replay its attention unperturbed); ``freeu``: FreeU on this pipeline's U-Net for each call
-        (:mod:`sdengine.nn.freeu`; the plain network runs it too); ``sag``: (scale, blur sigma) of self-attention
-        guidance, reading the middle-block attention map of this pipeline's U-Net (the plain network runs it too)."""
+        (:mod:`sdengine.nn.freeu`; the plain network runs it too); ``sag``: (scale, blur sigma[, rule]) of
+        self-attention guidance (:meth:`GenerationRequest.sag_settings`; the rule "diffusers" unless given), reading
+        the middle-block attention map of this pipeline's U-Net (the plain network runs it too)."""
         net = self.unet if net is None else net
         if freeu is not None:
             net = FreeUNet(net, self.unet, freeu)
@@ -1281,9 +1286,10 @@ class Pipeline:
         if pag is not None and float(pag[0]) > 0:
             layers = pag_layers(self.unet, list(pag[1]))
             pag_scale, perturb = float(pag[0]), partial(identity_attention, layers)
-        sag_scale, sag_blur, attention_map = 0.0, 1.0, None
+        sag_scale, sag_blur, sag_rule, attention_map = 0.0, 1.0, "diffusers", None
         if sag is not None and float(sag[0]) != 0:
             sag_scale, sag_blur = float(sag[0]), float(sag[1])
+            sag_rule = str(sag[2]) if len(sag) > 2 else "diffusers"
             middle_transformer(self.unet)  # one line where the U-Net has no middle-block transformer
             attention_map = partial(middle_attention_mass, self.unet)
         return CFGDenoiser(
@@ -1296,6 +1302,7 @@ class Pipeline:
             sag_scale=sag_scale,
             sag_blur_sigma=sag_blur,
             attention_map=attention_map,
+            sag_rule=sag_rule,
         )
 
     def loop_plan(self, p: Prepared, from_init: bool, first: int, noise_from: int | None = None) -> LoopPlan:
@@ -1322,7 +1329,7 @@ class Pipeline:
             pag_scale=float(r.pag_scale),
             pag_layers=r.pag_layer_list() if r.pag_scale else (),
             freeu=() if freeu is None else freeu.key,
-            sag=(float(r.sag_scale), float(r.sag_blur_sigma)) if r.sag_scale else (),
+            sag=r.sag_settings() or (),
         )
 
     def noise_draws(self, plan: LoopPlan) -> int:
@@ -1366,7 +1373,7 @@ class Pipeline:
         net = graphs["unet"].fn if "unet" in graphs and not plain else self.unet
         pag = (plan.pag_scale, plan.pag_layers) if plan.pag_scale else None
         freeu = FreeU(*plan.freeu) if plan.freeu else None
-        sag = (float(plan.sag[0]), float(plan.sag[1])) if plan.sag else None
+        sag = tuple(plan.sag) if plan.sag else None
         den = self.guided_denoiser(plan.cfg_scale, uncond, plan.rescale, net=net, pag=pag, freeu=freeu, sag=sag)
         bank = None if draws is None else NoiseBank(draws, noise.shape[0])
         return self.sample_plan(den, plan, noise, init_latent, cond, generators=bank)

@@ -77,8 +77,9 @@ class LoopPlan:
     pag_layers: tuple[str, ...] = ()
     # FreeU: (b1, b2, s1, s2, version, rule), () = off (the recording bakes in the up blocks' FreeU)
     freeu: tuple[Any, ...] = ()
-    # self-attention guidance: (scale, blur sigma), () = off (the recording bakes in the scale and the blur kernel)
-    sag: tuple[float, ...] = ()
+    # self-attention guidance: (scale, blur sigma), and "comfyui" third under that rule; () = off (the recording bakes
+    # in the scale, the blur kernel and where the term goes)
+    sag: tuple[Any, ...] = ()
     # the options as given (the JSON above keys them; a value JSON cannot hold exactly is kept here as it was)
     given_options: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
 
@@ -102,7 +103,7 @@ class LoopPlan:
         pag_scale: float = 0.0,
         pag_layers: tuple[str, ...] = (),
         freeu: tuple[Any, ...] = (),
-        sag: tuple[float, ...] = (),
+        sag: tuple[Any, ...] = (),
     ) -> LoopPlan:
         return LoopPlan(
             sampler=sampler,
@@ -122,7 +123,7 @@ class LoopPlan:
             pag_scale=float(pag_scale),
             pag_layers=tuple(str(x) for x in pag_layers),
             freeu=tuple(freeu),
-            sag=tuple(float(v) for v in sag),
+            sag=tuple(v if isinstance(v, str) else float(v) for v in sag),
             given_options=tuple(sorted(dict(sampler_options or {}).items())),
         )
 
