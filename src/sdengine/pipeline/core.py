@@ -110,6 +110,11 @@ def discards_penultimate(p: Prepared) -> bool:
     return r.strength_rule in A1111_STRENGTH_RULES and p.sampler in sampling.A1111_DISCARD_SAMPLERS
 
 
+def _comfy_sag(r: GenerationRequest) -> bool:
+    """Whether the request runs SAG under ComfyUI's rule, which reads the unconditional pass at cfg 1 too."""
+    return bool(r.sag_scale) and r.sag_rule == "comfyui"
+
+
 def _grid_steps(p: Prepared) -> int:
     """The steps of the sampling grid: the request's, or under A1111's img2img_fix_steps (strength_rule
     "a1111_fix_steps") img2img's ``steps / strength`` (:func:`sdengine.diffusion.schedules.img2img_steps`)."""
@@ -745,7 +750,7 @@ class Pipeline:
             if vae_tiling:
                 raise GenerationError("tiling (seamless images) cannot be combined with vae_tiling (a tiled VAE)")
             vae_tiling = False
-        two_passes = float(r.cfg_scale) != 1.0 or name in sampling.CFG_PP_SAMPLERS
+        two_passes = float(r.cfg_scale) != 1.0 or name in sampling.CFG_PP_SAMPLERS or _comfy_sag(r)
         tiled = self._check_memory(big_w, big_h, len(seeds), two_passes, vae_tiling, notes)
         self._check_work(width, height)
         if hires is not None:
@@ -904,7 +909,8 @@ class Pipeline:
                 )
             )
         for i, row in enumerate(rows):
-            if self.pads_conds(p.prompts[i], p.negatives[i], int(request.steps), float(request.cfg_scale), p.sampler):
+            cfg = 0.0 if _comfy_sag(request) else float(request.cfg_scale)  # the negative is encoded then (below)
+            if self.pads_conds(p.prompts[i], p.negatives[i], int(request.steps), cfg, p.sampler):
                 row["Pad conds"] = True  # what A1111 writes when its "Pad prompt/negative prompt" padded
             if p.subseeds is not None:  # A1111's names, read back by sdengine.metadata.to_generate_kwargs
                 row.update(
@@ -1050,8 +1056,9 @@ class Pipeline:
         unconditional pass (CFGDenoiser) and the negative must not touch the image; a long one once padded
         the prompt's states to its length. Empty then, as diffusers, ComfyUI and A1111 ignore it; except for the
         CFG++ samplers, whose steps read the unconditional pass at scale 1 too (ComfyUI's run it with the
-        negative)."""
-        if float(p.request.cfg_scale) != 1.0 or p.sampler in sampling.CFG_PP_SAMPLERS:
+        negative), and ComfyUI's SAG rule, which runs the unconditional rows at scale 1 too (its SelfAttentionGuidance
+        node, with the negative)."""
+        if float(p.request.cfg_scale) != 1.0 or p.sampler in sampling.CFG_PP_SAMPLERS or _comfy_sag(p.request):
             return list(p.negatives)
         return [""] * len(p.negatives)
 
