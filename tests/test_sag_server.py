@@ -2,8 +2,8 @@
 Forge's "SelfAttentionGuidance Integrated" script in A1111's ``alwayson_scripts`` (the real ``webuiapi`` client;
 ComfyUI's rule, which Forge's script is) and the SAG keys of an A1111 request's ``infotext``, and bad values answered
 in each API's shape. The images equal the Python API's (``pipe(sag_scale=..., sag_rule=...)``) on the emoji model
-at 64x64; cfg 1 is where the two rules give other images there (the conditional rows' map and x0, or the unconditional ones):
-at another scale, with no guidance rescale, they agree on an epsilon model."""
+at 64x64; cfg 1 is where the two rules give other images there (the conditional rows' map and x0, or the
+unconditional ones): at another scale, with no guidance rescale, they agree on an epsilon model."""
 
 from __future__ import annotations
 
