@@ -1640,8 +1640,8 @@ def install(app: FastAPI, services: Any) -> None:
         pag_scale = forge_pag_scale(scripts)  # Forge's PAG script (A1111 has none): sdengine's pag_scale
         freeu = forge_freeu(scripts, (req.model_extra or {}).get("infotext"))  # Forge's FreeU script: sdengine's
         # Forge's SAG script: sdengine's SAG under ComfyUI's rule
-        sag = forge_sag(scripts, req.cfg_scale, bool(body.get("enable_hr")) and init is None, req.model_extra and
-                        req.model_extra.get("infotext"))  # fmt: skip
+        hires = bool(body.get("enable_hr")) and init is None
+        sag = forge_sag(scripts, req.cfg_scale, hires, (req.model_extra or {}).get("infotext"))
         ignored.extend(f"alwayson_scripts.{k}" for k in scripts)
         if cn is not None and not isinstance(cn, dict):
             raise BadRequest("alwayson_scripts.controlnet must be an object: {args: [units]}")
