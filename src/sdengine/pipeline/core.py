@@ -49,10 +49,11 @@ from sdengine.diffusion.schedules import (
     img2img_steps,
 )
 from sdengine.diffusion.variation import seed_resized_noise, variation_noise
-from sdengine.errors import GenerationError
+from sdengine.errors import GenerationError, UsageError
 from sdengine.io.images import load_image, to_uint8
 from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.nn.attention import CHUNK_SCORES, identity_attention, pag_layers
+from sdengine.nn.deep_shrink import DeepShrink, DeepShrinkDenoiser, check_deep_shrink, deep_shrink_infotext
 from sdengine.nn.freeu import FreeU, FreeUNet, check_freeu
 from sdengine.nn.transformer import middle_attention_mass, middle_transformer
 from sdengine.pipeline.control import ControlUnit, GraphedControlledUNet, build_controlled_unet
@@ -699,6 +700,12 @@ class Pipeline:
         freeu = r.freeu_settings()
         if freeu is not None:  # FreeU changes some up block of this U-Net (one line, before any model runs)
             check_freeu(self.unet, freeu)
+        shrink = r.deep_shrink_settings()
+        if shrink is not None:  # Deep Shrink's block is one of this U-Net's (one line, before any model runs)
+            try:
+                check_deep_shrink(self.unet, shrink)
+            except UsageError as e:
+                raise GenerationError(str(e)) from None
         if r.sdxl is not None and self.text_kind != "sdxl":
             raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
         if int(r.steps) > self.noise_schedule.num_train_timesteps:
@@ -948,6 +955,9 @@ class Pipeline:
                     row["FreeU version"] = freeu.version
                 if freeu.rule != "width":
                     row["FreeU rule"] = freeu.rule
+            shrink = request.deep_shrink_settings()
+            if shrink is not None:  # Forge's Kohya HRFix fields, as its script writes them
+                row.update(deep_shrink_infotext(shrink))
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
         embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
             getattr(self, "tokenizer_2", None), "embeddings", None
@@ -1168,9 +1178,11 @@ class Pipeline:
         # FreeU changes the up blocks of the plain U-Net during its calls: the same (a step graph would replay them
         # as recorded; the whole-loop graph keys FreeU in its plan)
         freeu = r.freeu_settings()
+        # Deep Shrink resizes the plain U-Net's hidden states in some calls (a step graph has one shape per input)
+        shrink = r.deep_shrink_settings()
         # SAG records the middle block's attention map in the plain U-Net's calls: the same
         sag = r.sag_settings()
-        if not units and pag is None and freeu is None and sag is None:
+        if not units and pag is None and freeu is None and sag is None and shrink is None:
             net = self.graphed("unet") or net
         if units:
             units = [_rows_of(u, rows, len(p.seeds)) for u in units]
@@ -1193,7 +1205,15 @@ class Pipeline:
                 graphed_control = GraphedControlledUNet(net, **self._graph_opts)
                 net = graphed_control if graphed_control.usable() else net
         den: Any = self.guided_denoiser(
-            cfg_scale, uncond, float(r.guidance_rescale), net=net, texts=texts, pag=pag, freeu=freeu, sag=sag
+            cfg_scale,
+            uncond,
+            float(r.guidance_rescale),
+            net=net,
+            texts=texts,
+            pag=pag,
+            freeu=freeu,
+            sag=sag,
+            deep_shrink=shrink,
         )
         blend: Any = None
         if r.strength_rule in A1111_STRENGTH_RULES and start.rounded_mask is not None and start.init_latent is not None:
@@ -1272,6 +1292,7 @@ class Pipeline:
         pag: tuple[float, Sequence[str]] | None = None,
         freeu: FreeU | None = None,
         sag: tuple[Any, ...] | None = None,
+        deep_shrink: DeepShrink | None = None,
     ) -> Any:
         """The x0-denoiser the samplers call: classifier-free guidance over the U-Net (``net``: what runs in its
         place, a graph or a controlled U-Net); ``texts``: prompt editing's text rows of each step; ``pag``: (scale,
@@ -1279,7 +1300,9 @@ class Pipeline:
         step graph would replay its attention unperturbed); ``freeu``: FreeU on this pipeline's U-Net for each call
         (:mod:`sdengine.nn.freeu`; the plain network runs it too); ``sag``: (scale, blur sigma[, rule]) of
         self-attention guidance (:meth:`GenerationRequest.sag_settings`; the rule "diffusers" unless given), reading
-        the middle-block attention map of this pipeline's U-Net (the plain network runs it too)."""
+        the middle-block attention map of this pipeline's U-Net (the plain network runs it too); ``deep_shrink``: Deep
+        Shrink on this pipeline's U-Net in the calls whose sigma is in its window (:mod:`sdengine.nn.deep_shrink`; the
+        plain network too)."""
         net = self.unet if net is None else net
         if freeu is not None:
             net = FreeUNet(net, self.unet, freeu)
@@ -1288,7 +1311,9 @@ class Pipeline:
             from sdengine.pipeline.prompt_editing import StepTexts
 
             model = StepTexts(model, texts)
-        den = Denoiser(model, self.noise_schedule, self.prediction_type)
+        den: Any = Denoiser(model, self.noise_schedule, self.prediction_type)
+        if deep_shrink is not None:
+            den = DeepShrinkDenoiser(den, self.unet, deep_shrink)
         pag_scale, perturb = 0.0, None
         if pag is not None and float(pag[0]) > 0:
             layers = pag_layers(self.unet, list(pag[1]))
@@ -1318,6 +1343,7 @@ class Pipeline:
         noised to where that is not ``first`` (A1111's DDIM / PLMS)."""
         r = p.request
         freeu = r.freeu_settings()
+        shrink = r.deep_shrink_settings()
         return LoopPlan.of(
             sampler=p.sampler,
             steps=_grid_steps(p),
@@ -1337,6 +1363,7 @@ class Pipeline:
             pag_layers=r.pag_layer_list() if r.pag_scale else (),
             freeu=() if freeu is None else freeu.key,
             sag=r.sag_settings() or (),
+            deep_shrink=() if shrink is None else shrink.key,
         )
 
     def noise_draws(self, plan: LoopPlan) -> int:
@@ -1376,12 +1403,16 @@ class Pipeline:
         graphs = self.cuda_graphs or {}
         # PAG switches attention layers of the plain U-Net during its calls: an ahead-of-time package would not see it
         # and so does FreeU its up blocks
-        plain = plan.pag_scale or plan.freeu or plan.sag  # and SAG reads the plain U-Net's attention map
+        # and Deep Shrink its hidden states' sizes
+        plain = plan.pag_scale or plan.freeu or plan.sag or plan.deep_shrink  # and SAG reads the plain U-Net's map
         net = graphs["unet"].fn if "unet" in graphs and not plain else self.unet
         pag = (plan.pag_scale, plan.pag_layers) if plan.pag_scale else None
         freeu = FreeU(*plan.freeu) if plan.freeu else None
         sag = tuple(plan.sag) if plan.sag else None
-        den = self.guided_denoiser(plan.cfg_scale, uncond, plan.rescale, net=net, pag=pag, freeu=freeu, sag=sag)
+        shrink = DeepShrink(*plan.deep_shrink) if plan.deep_shrink else None
+        den = self.guided_denoiser(
+            plan.cfg_scale, uncond, plan.rescale, net=net, pag=pag, freeu=freeu, sag=sag, deep_shrink=shrink
+        )
         bank = None if draws is None else NoiseBank(draws, noise.shape[0])
         return self.sample_plan(den, plan, noise, init_latent, cond, generators=bank)
 

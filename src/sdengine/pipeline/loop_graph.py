@@ -80,6 +80,9 @@ class LoopPlan:
     # self-attention guidance: (scale, blur sigma), and "comfyui" third under that rule; () = off (the recording bakes
     # in the scale, the blur kernel and where the term goes)
     sag: tuple[Any, ...] = ()
+    # Deep Shrink: sdengine.nn.deep_shrink.DeepShrink.key, () = off (the recording bakes in which steps' calls are
+    # shrunk, and their shapes)
+    deep_shrink: tuple[Any, ...] = ()
     # the options as given (the JSON above keys them; a value JSON cannot hold exactly is kept here as it was)
     given_options: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
 
@@ -104,6 +107,7 @@ class LoopPlan:
         pag_layers: tuple[str, ...] = (),
         freeu: tuple[Any, ...] = (),
         sag: tuple[Any, ...] = (),
+        deep_shrink: tuple[Any, ...] = (),
     ) -> LoopPlan:
         return LoopPlan(
             sampler=sampler,
@@ -124,6 +128,7 @@ class LoopPlan:
             pag_layers=tuple(str(x) for x in pag_layers),
             freeu=tuple(freeu),
             sag=tuple(v if isinstance(v, str) else float(v) for v in sag),
+            deep_shrink=tuple(deep_shrink),
             given_options=tuple(sorted(dict(sampler_options or {}).items())),
         )
 

@@ -24,9 +24,10 @@ import numpy as np
 from sdengine.diffusion import sampling
 from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA, SAG_RULES
 from sdengine.diffusion.schedules import STRENGTH_RULES, img2img_start
-from sdengine.errors import GenerationError
+from sdengine.errors import GenerationError, SdengineError
 from sdengine.io.images import ImageInput
 from sdengine.metadata import MASKED_CONTENT
+from sdengine.nn.deep_shrink import DeepShrink
 from sdengine.nn.freeu import FREEU_RULES, FreeU
 from sdengine.pipeline.control import ControlUnit
 from sdengine.pipeline.result import StepCallback
@@ -133,6 +134,12 @@ class GenerationRequest:
     freeu: Sequence[float] | None = None
     freeu_version: int = 2
     freeu_rule: str = "width"
+    # Deep Shrink (kohya-ss; ComfyUI's PatchModelAddDownscale, Forge's Kohya HRFix Integrated): the U-Net's hidden
+    # state shrunk below one input block while the noise is high, for sizes above the model's own. A
+    # sdengine.nn.deep_shrink.DeepShrink, a mapping of its fields (block, factor, start, end, after_skip,
+    # downscale_method, upscale_method) or (block, factor[, start, end[, ...]]); None = off. The base model's U-Net
+    # only (not an SDXL refiner's); both hires passes. Infotext Forge's "kohya_hrfix_*" fields
+    deep_shrink: Any = None
     callback: StepCallback | None = None
     progress: bool = True
     vae_tiling: bool | None = None
@@ -308,6 +315,11 @@ class GenerationRequest:
         b1, b2, s1, s2 = (float(x) for x in self.freeu)
         return FreeU(b1, b2, s1, s2, version=int(self.freeu_version), rule=self.freeu_rule)
 
+    def deep_shrink_settings(self) -> DeepShrink | None:
+        """``deep_shrink`` as :class:`sdengine.nn.deep_shrink.DeepShrink` settings (None: off); call after
+        :meth:`validate`."""
+        return None if self.deep_shrink is None else DeepShrink.coerce(self.deep_shrink)
+
     def control_units(self) -> list[ControlUnit]:
         return [ControlUnit.coerce(u) for u in (self.controlnets or [])]
 
@@ -326,6 +338,18 @@ class GenerationRequest:
         for name, x in zip(("b1", "b2", "s1", "s2"), v, strict=True):
             if not _is_number(x) or not math.isfinite(x) or not 0.0 <= x <= MAX_FREEU_FACTOR:
                 raise GenerationError(f"freeu {name} must be a number in [0, {MAX_FREEU_FACTOR:g}], got {x!r}")
+
+    def _validate_deep_shrink(self) -> None:
+        if self.deep_shrink is None:
+            return
+        try:
+            DeepShrink.coerce(self.deep_shrink)
+        except GenerationError:
+            raise
+        except SdengineError as e:
+            raise GenerationError(str(e)) from None
+        if self.controlnets:  # their residuals have the full-size skips' shapes
+            raise GenerationError("deep shrink cannot run with ControlNets or T2I-Adapters: drop one of the two")
 
     def validate(self) -> GenerationRequest:
         """Raise a one-line GenerationError for the first setting that cannot run; return self. Checks that
@@ -402,6 +426,7 @@ class GenerationRequest:
         if not isinstance(self.sag_rule, str) or self.sag_rule not in SAG_RULES:
             raise GenerationError(f"unknown sag_rule {self.sag_rule!r}; use one of: {', '.join(SAG_RULES)}")
         self._validate_freeu()
+        self._validate_deep_shrink()
         if self.clip_skip_rule not in CLIP_SKIP_RULES:
             raise GenerationError(
                 f"unknown clip_skip_rule {self.clip_skip_rule!r}; use one of: {', '.join(CLIP_SKIP_RULES)}"

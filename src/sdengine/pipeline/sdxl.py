@@ -569,10 +569,13 @@ def hand_off_latents(
     pag = (float(request.pag_scale), request.pag_layer_list()) if request.pag_scale else None
     freeu = request.freeu_settings()  # on each model's own U-Net
     sag = request.sag_settings()
+    shrink = request.deep_shrink_settings()  # the base's only (its block numbers; the refiner's are another U-Net's)
     runs = [
         (
             base,
-            blended(base.guided_denoiser(cfg_scale, uncond, rescale, pag=pag, freeu=freeu, sag=sag)),
+            blended(
+                base.guided_denoiser(cfg_scale, uncond, rescale, pag=pag, freeu=freeu, sag=sag, deep_shrink=shrink)
+            ),
             cond,
             first,
             k,

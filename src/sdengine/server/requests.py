@@ -299,13 +299,15 @@ def build_generation(
     freeu: Sequence[float] | None = None,
     freeu_version: int = 2,
     freeu_rule: str = "width",
+    deep_shrink: Any = None,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run. ``vae``: the
     job's VAE (:func:`check_vae_choice`; None: the VAE the model was loaded with). ``pag_scale`` / ``pag_layers``:
     perturbed-attention guidance (:func:`check_pag`; the layers are kept only with a scale above 0). ``freeu`` /
     ``freeu_version`` / ``freeu_rule``: FreeU (:func:`check_freeu`; None: off). ``sag_scale`` / ``sag_blur_sigma``:
     self-attention guidance (the blur sigma and ``sag_rule``, "diffusers" or "comfyui", kept only with a scale other
-    than 0)."""
+    than 0). ``deep_shrink``: Deep Shrink's settings (the pipeline's ``deep_shrink``; checked by
+    GenerationRequest.validate below)."""
     from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA, SAG_RULES
     from sdengine.nn.lora import LoRAWeight, lora_weight
     from sdengine.pipeline.request import MAX_SAG_SCALE
@@ -504,6 +506,8 @@ def build_generation(
         kwargs.update(pag_scale=pag_scale, pag_layers=pag_layer_text)  # a tuple: batch_key compares it
     if freeu_settings is not None:  # left out when off, so that such jobs batch as before
         kwargs.update(zip(("freeu", "freeu_version", "freeu_rule"), freeu_settings, strict=True))
+    if deep_shrink is not None:  # checked by GenerationRequest.validate below
+        kwargs["deep_shrink"] = deep_shrink
     if init_latent_resize:  # A1111's img2img resize mode 3 (left out when off, so such jobs batch as before)
         kwargs["init_latent_resize"] = init_latent_resize  # checked by GenerationRequest.validate below
     if hires is not None:

@@ -38,7 +38,9 @@ from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from sdengine.errors import SdengineError
+from sdengine.nn.deep_shrink import DeepShrink
 from sdengine.nn.freeu import MAX_FREEU_FACTOR, FreeU, freeu_applied
+from sdengine.nn.resize import resize_nchw as resize_by_method
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -201,6 +203,9 @@ class ModelHandle:
     perp_neg: tuple[Any, ...] = field(default=(), compare=False, repr=False)
     # SelfAttentionGuidance: (scale, blur_sigma), () = off (sdengine.server.comfy.nodes_guidance)
     sag: tuple[float, ...] = ()
+    # PatchModelAddDownscale (Deep Shrink): sdengine.nn.deep_shrink.DeepShrink.key, () = off (the last one applied
+    # counts: sdengine runs one; nodes_patches.py)
+    deep_shrink: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1051,6 +1056,7 @@ def _sample(
             sag_rule="comfyui",  # the SelfAttentionGuidance node is ComfyUI's under either seed rule
             prediction=model.prediction,
             zero_terminal_snr=model.zsnr,
+            deep_shrink=DeepShrink(*model.deep_shrink) if model.deep_shrink else None,
             callback=report,
             batch_index=latent_image.get("batch_index"),
             guidance_rule=guidance_rule,
@@ -1753,53 +1759,11 @@ def _target_size(w0: int, h0: int, width: int, height: int) -> tuple[int, int]:
     return width, height
 
 
-def _slerp_rows(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation of the vectors along the last axis of ``a`` and ``b`` (r broadcast, last axis 1):
-    the directions slerped, the length interpolated linearly; nearly equal directions keep ``a``, nearly opposite
-    ones interpolate linearly; a zero vector has no direction (taken as zero)."""
-    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
-    ua = torch.where(na == 0, torch.zeros_like(a), a / na)
-    ub = torch.where(nb == 0, torch.zeros_like(b), b / nb)
-    cos = (ua * ub).sum(dim=-1, keepdim=True)
-    angle = torch.acos(cos)
-    sin = torch.sin(angle)
-    out = (torch.sin((1 - r) * angle) * ua + torch.sin(r * angle) * ub) / sin * (na * (1 - r) + nb * r)
-    out = torch.where(cos < 1e-5 - 1, a * (1 - r) + b * r, out)
-    return torch.where(cos > 1 - 1e-5, a, out)
-
-
-def _bislerp_axis(x: torch.Tensor, size: int, axis: int) -> torch.Tensor:
-    """Resize ``x`` (N, C, H, W) along ``axis`` (2 or 3) to ``size`` by slerping each output position's two source
-    neighbours (the half-pixel-centred source position, clamped to the edges, as bilinear resizing finds it)."""
-    n_old = x.shape[axis]
-    pos = ((torch.arange(size, dtype=torch.float64) + 0.5) * (n_old / size) - 0.5).clamp(0, n_old - 1)
-    lo = pos.floor().long()
-    hi = (lo + 1).clamp(max=n_old - 1)
-    r = (pos - lo).float()
-    a, b = x.index_select(axis, lo).movedim(1, -1), x.index_select(axis, hi).movedim(1, -1)
-    shape = [1, 1, 1, 1]
-    shape[axis - 1] = size  # the channel axis moved last: H and W sit one place earlier
-    return _slerp_rows(a, b, r.reshape(shape)).movedim(-1, 1)
-
-
-def bislerp(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """ComfyUI's ``bislerp`` resize of a latent (N, C, H, W): each pixel's channel vector slerped between its two
-    source neighbours along the width first, then along the height, in float32; back in ``x``'s dtype."""
-    y = _bislerp_axis(x.float(), int(width), 3)
-    return _bislerp_axis(y, int(height), 2).to(x.dtype)
-
-
 def _resize_nchw(x: torch.Tensor, w: int, h: int, method: str, crop: str = "disabled") -> torch.Tensor:
     if crop == "center":
         x0, y0, x1, y1 = _center_box(x.shape[3], x.shape[2], w, h)
         x = x[:, :, y0:y1, x0:x1]
-    if method == "bislerp":
-        return bislerp(x, w, h)
-    if method == "nearest-exact":
-        return F.interpolate(x, size=(h, w), mode="nearest-exact")
-    if method == "area":
-        return F.interpolate(x, size=(h, w), mode="area")
-    return F.interpolate(x, size=(h, w), mode=method, align_corners=False)
+    return resize_by_method(x, w, h, method)
 
 
 def _upscale_latent(samples: dict[str, Any], method: str, w: int, h: int, crop: str) -> dict[str, Any]:

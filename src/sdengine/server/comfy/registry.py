@@ -14,6 +14,7 @@ from sdengine.server.comfy.nodes_guidance import GUIDANCE_NODES
 from sdengine.server.comfy.nodes_image import IMAGE_NODES
 from sdengine.server.comfy.nodes_latent import LATENT_NODES
 from sdengine.server.comfy.nodes_merge import NODES as MERGE_NODES
+from sdengine.server.comfy.nodes_patches import PATCH_NODES
 from sdengine.server.comfy.nodes_sampling import NODES as SAMPLING_NODES
 
 NODES: dict[str, NodeDef] = {
@@ -24,4 +25,5 @@ NODES: dict[str, NodeDef] = {
     **SAMPLING_NODES,
     **GUIDANCE_NODES,
     **FILE_NODES,
+    **PATCH_NODES,
 }
