@@ -173,3 +173,18 @@ def test_the_request_builder_refuses_a_bad_sag_rule_in_one_line() -> None:
     with pytest.raises(BadRequest) as e:
         forge_sag({EARLY.lower(): {"args": [True, True, 2.0]}}, 7.0, False)
     assert "args[1] (scale) must be a number, got True" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_jobs_of_other_sag_rules_never_share_a_batch() -> None:
+    """The rule is one per pipeline call: jobs batch only with equal SAG settings (scale, blur sigma and rule)."""
+    from sdengine.server.jobs import Job, batch_key
+    from sdengine.server.requests import Generation
+
+    def key(**sag: Any) -> Any:
+        kw = {"prompt": "a", "negative_prompt": "", "steps": 3, "sampler": "dpmpp_2m", "schedule": "karras"}
+        kw |= {"cfg_scale": 5.0, "seed": 1, "width": 64, "height": 64, "batch_size": 1, **sag}
+        return batch_key(Job(Generation(model="emoji", model_name="emoji", kwargs=kw, n_iter=1)))
+
+    comfy = key(sag_scale=0.5, sag_blur_sigma=2.0, sag_rule="comfyui")
+    assert comfy is not None and comfy == key(sag_scale=0.5, sag_blur_sigma=2.0, sag_rule="comfyui")
+    assert comfy != key(sag_scale=0.5, sag_blur_sigma=2.0) and comfy != key()
