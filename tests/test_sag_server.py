@@ -159,6 +159,10 @@ def test_an_a1111_infotext_with_sag_keys_sets_the_script(client) -> None:
     r = client.post("/sdapi/v1/txt2img", json={"infotext": text})
     np.testing.assert_array_equal(image(r), own)
     assert json.loads(r.json()["info"])["infotexts"][0] == text
+    hires = {"enable_hr": True, "hr_scale": 1.5}  # later Forge's keys (its threshold): its script skipped that pass
+    r = txt2img(infotext=forge, **hires)
+    assert r.status_code == 400 and "infotext: Forge's later SAG script skips the hires fix's second pass" in r.text
+    assert txt2img(infotext=forge, **hires, alwayson_scripts={EARLY: {"args": [True]}}).status_code == 200
     r = txt2img(infotext=forge.replace("sag_threshold: 1.0", "sag_threshold: 2"))
     assert r.status_code == 400 and "infotext: sag_threshold: sdengine's SAG mask threshold is 1" in r.text, r.text
 

@@ -1193,7 +1193,8 @@ FORGE_SAG_DEFAULTS = (False, 0.5, 2.0, 1.0)  # its UI's values
 def infotext_sag(text: Any) -> tuple[list[Any], str]:
     """The SAG script's arguments an A1111 request's ``infotext`` sets (Forge's ``sag_*`` keys, or sdengine's "SAG
     scale" / "SAG blur sigma"), over the script's defaults, and the SAG rule it records (sdengine's "SAG rule", its
-    default "diffusers" in an sdengine text; Forge's "comfyui")."""
+    default "diffusers" in an sdengine text; Forge's "comfyui"). A ``sag_threshold`` says later Forge's script wrote
+    it (:func:`forge_sag` then runs that script's rules)."""
     args: list[Any] = list(FORGE_SAG_DEFAULTS)
     if not isinstance(text, str) or not text:
         return args, "comfyui"
@@ -1223,6 +1224,7 @@ def forge_sag(scripts: dict[str, Any], cfg_scale: Any, hires: bool, infotext: An
     ``infotext`` sets (:func:`infotext_sag`); ``hires``: a txt2img hires fix runs. A one-line 400 for an entry of
     another shape or settings sdengine does not run (another mask threshold; the later script with a hires fix)."""
     args, rule = infotext_sag(infotext)
+    later = isinstance(infotext, str) and "sag_threshold" in infotext  # only later Forge's script writes it
     name, sent = "", 0
     for name in FORGE_SAG_SCRIPTS:
         if name not in scripts:
@@ -1236,6 +1238,7 @@ def forge_sag(scripts: dict[str, Any], cfg_scale: Any, hires: bool, infotext: An
             )
         args[: len(given)], sent = given, len(given)
         rule = "comfyui"  # the script's SAG: ComfyUI's
+        later = name == FORGE_SAG_SCRIPTS[1]
         break
 
     def label(i: int) -> str:  # where argument i came from: the request's script entry, else its infotext
@@ -1264,10 +1267,10 @@ def forge_sag(scripts: dict[str, Any], cfg_scale: Any, hires: bool, infotext: An
             f"{label(3)}: sdengine's SAG mask threshold is {SAG_THRESHOLD:g} (the average attention); {threshold:g} is "
             f"not supported"
         )
-    later = name == FORGE_SAG_SCRIPTS[1]
     if later and hires:
+        where = f"alwayson_scripts.{name}" if sent else "infotext"
         raise BadRequest(
-            f"alwayson_scripts.{name}: Forge's later SAG script skips the hires fix's second pass and sdengine's hires "
+            f"{where}: Forge's later SAG script skips the hires fix's second pass and sdengine's hires "
             "pass would run it; turn enable_hr off, or send the entry as 'SelfAttentionGuidance Integrated'"
         )
     if scale == 0 or (later and _number_or_none(cfg_scale) == 1.0):  # no term; the later script skips cfg 1
