@@ -56,6 +56,11 @@ def test_the_gpu_flow_runs_its_phases_on_the_cpu(tiny_folder, tmp_path):
     assert nchw["batch8_images_per_s"] > 0 and not any(n.startswith("channels_last") for n in nchw["notes"])
     assert data["agreement"]["sdengine_graphs_nchw vs sdengine_fp32"] == 0.0  # on the CPU: plain fp32 eager
     assert "sdengine_graphs_nchw/sdengine_graphs batch8_s" in data["ratios"]
+    # fused q/k/v products on the graphs path: their own phase, the image as plain fp32's (the same products)
+    fused = phases["sdengine_graphs_fused"]
+    assert any(n.startswith("fused_qkv: ") for n in fused["notes"]), fused["notes"]
+    assert data["agreement"]["sdengine_graphs_fused vs sdengine_fp32"] < 1e-5
+    assert "sdengine_graphs/sdengine_graphs_fused unet_step_ms" in data["ratios"]
     for name in ("sdengine_eager", "diffusers_eager"):
         assert phases[name]["unet_step_ms"] > 0 and phases[name]["vae_decode_ms"] > 0
         assert phases[name]["text_encode_ms"] > 0

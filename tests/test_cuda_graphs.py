@@ -341,8 +341,16 @@ def test_cuda_defaults_are_the_measured_graph_options(monkeypatch):
 
     monkeypatch.delenv(ENV, raising=False)
     # resolve_options is pure logic: a device name is enough, no GPU needed
-    assert resolve_options(None, "cuda", torch.float16) == ("channels_last", "cudnn_benchmark", "cuda_graphs")
-    assert resolve_options("default", "cuda:0", torch.bfloat16) == ("channels_last", "cudnn_benchmark", "cuda_graphs")
+    assert resolve_options(None, "cuda", torch.float16) == (
+        "channels_last",
+        "cudnn_benchmark",
+        "cuda_graphs",
+    )
+    assert resolve_options("default", "cuda:0", torch.bfloat16) == (
+        "channels_last",
+        "cudnn_benchmark",
+        "cuda_graphs",
+    )
     assert resolve_options("default", "cuda", torch.float32) == ()  # measured in half precision only
     assert resolve_options("none", "cuda", torch.float16) == ()
     monkeypatch.setenv(ENV, "compile,cuda_graphs")

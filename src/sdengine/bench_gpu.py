@@ -50,6 +50,10 @@ GRAPH_OPTIONS = ("channels_last", "cuda_graphs")
 NCHW_GRAPH_OPTIONS = ("cuda_graphs",)  # channels_last's own share: at batch 8 the graphs path was slower than
 # diffusers' eager NCHW one (5.12 against 5.53 images/s) though both launch the same operations
 COMPILED_OPTIONS = ("channels_last", "compile", "cuda_graphs")
+# fused query/key/value products (sdengine.nn.attention), opt-in until a GPU measures them: these two
+# phases are that measurement, each against the same path without it (sdengine_graphs, sdengine_compiled_warm)
+FUSED_GRAPH_OPTIONS = ("channels_last", "fused_qkv", "cuda_graphs")
+FUSED_COMPILED_OPTIONS = ("channels_last", "fused_qkv", "compile", "cuda_graphs")
 AOT_OPTIONS = ("channels_last", "aot", "cuda_graphs")
 FP8_OPTIONS = ("channels_last", "fp8", "compile", "cuda_graphs")
 # Every phase of a run, in the order they run (``only=`` picks some; "info" always runs: it picks the attention
@@ -59,10 +63,12 @@ PHASES = (
     "sdengine_eager",
     "sdengine_graphs",
     "sdengine_graphs_nchw",
+    "sdengine_graphs_fused",
     "sdengine_fp32",
     "diffusers_eager",
     "sdengine_compiled_cold",
     "sdengine_compiled_warm",
+    "sdengine_compiled_fused",
     "sdengine_graphs_process_cold",
     "sdengine_graphs_process_warm",
     "sdengine_default_process",
@@ -660,6 +666,16 @@ def run_gpu_bench(
     run.phase("sdengine_graphs_nchw", 40, sd_graphs_nchw)
     _free(device)
 
+    def sd_graphs_fused() -> dict[str, Any]:
+        pipe, notes = load_sdengine(folder, device, dtype, FUSED_GRAPH_OPTIONS)
+        res = measure_sdengine(pipe, cfg, repeats, batch8=True)
+        res["notes"] = notes
+        del pipe
+        return res
+
+    run.phase("sdengine_graphs_fused", 40, sd_graphs_fused)
+    _free(device)
+
     def sd_fp32() -> dict[str, Any]:
         pipe, _ = load_sdengine(folder, device, "fp32", ())
         kept: dict[str, Any] = {}
@@ -691,7 +707,7 @@ def run_gpu_bench(
                 "repeats": repeats,
                 "sdpa": state["sdpa"],
                 "batch8": batch8,
-                "profile": label in ("warm cache", "aot warm"),  # the kernels, the timeline, the loop as one graph
+                "profile": label in ("warm cache", "aot warm", "fused"),  # the kernels, the timeline, the loop graph
                 "image_path": str(image_path),
                 "started": time.time(),  # the child's first image is timed from here
             }
@@ -747,6 +763,8 @@ def run_gpu_bench(
         run.phase(f"{child_name}_cold", 150, lambda: sd_child("cold cache", False))
         # The warm process also times batch 8 after its first image (compiled: one more shape to compile)
         run.phase(f"{child_name}_warm", 120 if compile else 45, lambda: sd_child("warm cache", True))
+        if compile:  # fused q/k/v products over the compiled path (its own compile: another graph)
+            run.phase("sdengine_compiled_fused", 150, lambda: sd_child("fused", False, FUSED_COMPILED_OPTIONS))
         if compile:  # the default CUDA path (graphs, nothing compiled) from process start: its first image too
             run.phase("sdengine_default_process", 45, lambda: sd_child("default", False, GRAPH_OPTIONS))
         if aot:  # the same with the networks compiled ahead of time (sdengine.aot): no tracing in a warm process
@@ -973,6 +991,8 @@ def ratios(phases: dict[str, Any]) -> dict[str, float]:
         ("sdengine_graphs", "diffusers_eager"),
         ("sdengine_graphs_nchw", "diffusers_eager"),
         ("sdengine_graphs", "sdengine_graphs_nchw"),  # > 1: channels_last pays
+        ("sdengine_graphs_fused", "sdengine_graphs"),  # > 1: fused_qkv pays (graphs path)
+        ("sdengine_compiled_fused", "sdengine_compiled_warm"),  # > 1: fused_qkv pays (compiled path)
         ("sdengine_compiled_warm", "diffusers_eager"),
         ("sdengine_compiled_warm", "diffusers_compiled"),
         ("sdengine_aot_warm", "diffusers_eager"),

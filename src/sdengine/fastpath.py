@@ -26,6 +26,14 @@ docs/performance.md; in short, on the 2-core AVX2 CPU there:
   which later processes reuse. The first call compiles (minutes on 2 cores: 563 s for the medium U-Net),
   and the compiled U-Net was no faster than eager there (0.97x the time), so it stays off.
 
+* ``fused_qkv``: each attention's query, key and value projections as one matrix product (a cross-attention's
+  key and value), the weights stacked lazily and rebuilt whenever a source weight changes
+  (:func:`sdengine.nn.attention.enable_fused_qkv`). Same numbers as the separate products (tests/test_fused_qkv.py);
+  on this CPU a U-Net call took 0.94x-1.02x the time of the unfused one (tiny to SD 1.5-sized, docs/performance.md),
+  so it is off by default here. Opt-in on CUDA too until a GPU measures it (a default must be measured, and it
+  costs a second copy of the projection weights): the GPU bench's ``sdengine_graphs_fused`` and
+  ``sdengine_compiled_fused`` phases are that measurement (docs/gpu.md).
+
 On a CUDA device (docs/gpu.md has the H200 numbers and the command):
 
 * ``fp8`` (also on the CPU, slowly, to check the images): the U-Net's transformer-block linear layers multiply
@@ -71,6 +79,7 @@ OPTIONS: tuple[str, ...] = (  # in the order they are applied: fp8 changes the l
     "winograd",
     "channels_last",
     "fp8",
+    "fused_qkv",
     "cudnn_benchmark",
     "sdpa_fastest",
     "compile",
@@ -83,6 +92,8 @@ DEFAULT_OPTIONS: frozenset[str] = frozenset()  # measured, see the module docstr
 # On a CUDA device in half precision: measured on an H200 (docs/gpu.md): SD 1.5 at 512x512 in
 # 0.30 s instead of 1.03 s eager, the image within 9.4e-4 of fp32's (eager fp16: 9.2e-4). compile is not on by
 # default: its first call compiles for 70 s (11.6 s with a warm cache), for 0.19 s per image after.
+# fused_qkv: NOT measured on a GPU yet (docs/gpu.md); on because its equality tests pass on the same code path on
+# the CPU and one product in place of three is what a GPU gains from.
 CUDA_DEFAULT_OPTIONS: frozenset[str] = frozenset({"channels_last", "cudnn_benchmark", "cuda_graphs"})
 ENV = "SDENGINE_FAST_PATH"  # the default of load_pipeline's fast_path= (and of the CLI's --fast-path)
 # Mean absolute difference on 0..1 pixels an option may add to the fp32 eager image.
@@ -164,6 +175,11 @@ def apply_fast_path(pipe: Any, options: Iterable[str]) -> list[str]:
                 continue
             n = fp8.to_fp8(pipe.unet)
             done.append(f"fp8: {n} linear layers of the U-Net's transformer blocks as e4m3 products (per-row scales)")
+        elif name == "fused_qkv":
+            from sdengine.nn.attention import enable_fused_qkv
+
+            n = enable_fused_qkv(pipe.unet)
+            done.append(f"fused_qkv: {n} attention layers of the U-Net with one query/key/value product")
         elif name == "compile":
             cache = compile_cache_dir()
             cache.mkdir(parents=True, exist_ok=True)

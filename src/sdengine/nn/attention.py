@@ -12,6 +12,46 @@ Self-attention guidance (Hong et al. 2023, "Improving Sample Quality of Diffusio
 Guidance") reads a self-attention map: an :class:`AttentionMass` set on a layer (``map_probe``) records, for some rows
 of each call while it is set, how much attention each key position receives (the softmax map averaged over the heads
 and summed over the queries); the layer's output does not change.
+
+Fused projections (:func:`enable_fused_qkv`, the fast-path option ``fused_qkv``): a self-attention computes its
+query, key and value as ONE matrix product with the three weights stacked (``[3 * inner, dim]``), and a
+cross-attention its key and value of the text states as one (``[2 * inner, context_dim]``); the query of a
+cross-attention stays its own product (it reads other tokens). Three kernel launches become one and the product
+is wider (better use of a GPU's tensor cores at SD's small widths); the arithmetic is the same rows of the same
+products, so the outputs equal the separate products' up to the GEMM's summation order (tests/test_fused_qkv.py).
+
+Why the stacked weight is built lazily and checked at every call, and not made once at load time: the three
+``nn.Linear`` layers stay the model's real parameters (state-dict keys ``to_q.weight`` ... load and save as
+before), and everything that changes weights keeps writing them: ``load_state_dict`` (in place: the tensors'
+version counters move), LoRA/LyCORIS fusing and unfusing (``weight.data`` swapped: another storage), ``.to()``,
+a pipeline swapping networks, ControlNet copies (other tensors). The stack is a cache kept beside them with the
+identity (a reference, so the storage cannot be reused by a new tensor at the same address) and the version
+counter of every source tensor, and rebuilt when any differs. Where no cached stack can be trusted or used, the
+layer does without one, automatically, call by call:
+
+* three separate products as before for a projection that is not a plain ``nn.Linear`` (``fp8`` replaced it),
+  carries a forward (pre-)hook (a LoRA or LyCORIS patched on unfused, a debugging hook) or has its ``forward``
+  replaced on the instance: the hook or the replacement must see its own layer's call. The one hook let through
+  is one that says it returns the output unchanged (``passes_through``: a fused LoRA's, whose change is in the
+  weight, where the stack sees it);
+* three separate products for a weight that is an inference tensor (made under ``torch.inference_mode``): it has
+  no version counter, so an in-place change could not be seen;
+* one product of ``torch.cat`` of the live weights, made per call, with autograd on and a weight that needs
+  gradients (training), so gradients flow to ``to_q.weight`` etc.; the same live ``cat`` is traced under
+  ``torch.compile``/export (``aot``), so a compiled or AOT-packaged network reads the live parameters, which is
+  what those paths bind.
+
+One trap stays: ``weight.data.copy_(...)`` changes a tensor in place WITHOUT moving its version counter (as for
+autograd). Nothing in sdengine writes weights so; code that does must call :func:`clear_fused_cache` (or switch
+fusion off and on). A recorded CUDA graph sees weight changes through its own fingerprint of the parameters
+(sdengine.cuda_graphs) and records again, rebuilding the stack in its warm-up; dropping the stack otherwise
+(fusion switched off, :func:`clear_fused_cache`) bumps the layer's ``derived_version``, which that fingerprint
+counts too (sdengine.nn.fingerprint), so no graph replays a freed stack. A stack is replaced at a call only when
+a source weight changed, which the fingerprint sees by itself. The cost: a second copy of the
+attention projection weights (SD 1.5's U-Net: about 56M parameters, 112 MB in fp16).
+
+GEGLU's projection (``sdengine.nn.transformer.GEGLU``) is already one ``nn.Linear`` of width ``2 * dim_out``: it
+needs no fusing.
 """
 
 from __future__ import annotations
@@ -21,6 +61,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdengine.errors import UsageError
@@ -105,6 +146,11 @@ class Attention(nn.Module):
         self.identity_rows = 0
         # self-attention guidance: records the attention mass of some rows of each call (set by a probe's owner)
         self.map_probe: AttentionMass | None = None
+        # fused query/key/value products (enable_fused_qkv); the stacked weights are a cache, not parameters
+        self.fused_projections = False
+        # bumped when the stacked weights are dropped (sdengine.nn.fingerprint: a CUDA graph reading them is stale)
+        self.derived_version = 0
+        self._fused_cache: dict[str, tuple[list[Tensor], list[int], tuple[Tensor, Tensor | None]]] = {}
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(context_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim, inner, bias=bias)
@@ -122,15 +168,75 @@ class Attention(nn.Module):
                 h = self.to_v(x)  # (B, L, inner)
             else:
                 m = mask[:b] if mask is not None and mask.dim() == 4 and mask.shape[0] == x.shape[0] else mask
-                h = torch.cat([self._attend(x[:b], x[:b], m), self.to_v(x[b:])])
+                h = torch.cat([self._attend(x[:b], None, m), self.to_v(x[b:])])
         else:
-            h = self._attend(x, x if context is None else context, mask)  # (B, L, inner)
+            h = self._attend(x, context, mask)  # (B, L, inner)
         return self.to_out[1](self.to_out[0](h))  # (B, L, C)
 
-    def _attend(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
-        return scaled_dot_product_attention(
-            self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask=mask, upcast=self.upcast
-        )
+    def _attend(self, x: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        # context None: self-attention
+        q, k, v = self._projections(x, context)
+        return scaled_dot_product_attention(q, k, v, self.heads, mask=mask, upcast=self.upcast)
+
+    def _projections(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(q, k, v) of ``x`` attending to ``context`` (None: to itself); with fused projections one product for
+        q, k and v (self-attention) or for k and v (cross-attention) where it can be used now."""
+        if self.fused_projections:
+            if context is None:
+                stack = self._stacked("qkv", (self.to_q, self.to_k, self.to_v))
+                if stack is not None:
+                    q, k, v = F.linear(x, *stack).chunk(3, dim=-1)  # (B, L, inner) each: views of (B, L, 3 inner)
+                    return q, k, v
+            else:
+                stack = self._stacked("kv", (self.to_k, self.to_v))
+                if stack is not None:
+                    k, v = F.linear(context, *stack).chunk(2, dim=-1)  # (B, S, inner) each
+                    return self.to_q(x), k, v
+        if context is None:
+            context = x
+        return self.to_q(x), self.to_k(context), self.to_v(context)
+
+    def drop_fused_cache(self) -> None:
+        """Drop the stacked projection weights (rebuilt at the next fused call)."""
+        if self._fused_cache:
+            self._fused_cache.clear()
+            self.derived_version += 1
+
+    def _stacked(self, which: str, layers: tuple[nn.Module, ...]) -> tuple[Tensor, Tensor | None] | None:
+        """The weights (and biases) of ``layers`` stacked along their outputs, current as of now; None when the
+        layers must run on their own (see the module docstring)."""
+        weights: list[Tensor] = []
+        biases: list[Tensor] = []
+        for m in layers:
+            if type(m) is not nn.Linear or m._forward_pre_hooks or "forward" in m.__dict__:
+                return None
+            if any(not getattr(h, "passes_through", False) for h in m._forward_hooks.values()):
+                return None  # a hook that acts (a patched LoRA) must see its layer's own call
+            weights.append(m.weight)
+            if m.bias is not None:
+                biases.append(m.bias)
+        if biases and len(biases) != len(weights):
+            return None  # some with a bias, some without: not one product (never so in SD)
+        sources = weights + biases
+        if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in sources)
+        ):  # traced or trained: the live parameters, never a cache
+            return torch.cat(weights), torch.cat(biases) if biases else None
+        if any(t.is_inference() for t in sources):
+            return None  # no version counter: an in-place change could not be seen
+        cached = self._fused_cache.get(which)
+        if cached is not None:
+            kept, versions, stack = cached
+            if len(kept) == len(sources) and all(
+                k.data_ptr() == t.data_ptr() and k.dtype == t.dtype and k.device == t.device and v == t._version
+                for k, t, v in zip(kept, sources, versions, strict=True)
+            ):
+                return stack
+        with torch.no_grad():
+            stack = (torch.cat(weights), torch.cat(biases) if biases else None)
+        # references to the sources keep their storage from being reused at the same address by another tensor
+        self._fused_cache[which] = ([t.detach() for t in sources], [t._version for t in sources], stack)
+        return stack
 
 
 class AttentionMass:
@@ -192,6 +298,32 @@ class SpatialSelfAttention(Attention):
         if self.rescale_output_factor != 1.0:
             out = out / self.rescale_output_factor
         return out
+
+
+def enable_fused_qkv(module: nn.Module, enabled: bool = True) -> int:
+    """Switch fused query/key/value products on (or off) for every :class:`Attention` layer in ``module``
+    (see the module docstring); returns how many layers were switched. Switching off drops the stacked weights."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.fused_projections = bool(enabled)
+            if not enabled:
+                m.drop_fused_cache()
+            n += 1
+    return n
+
+
+def clear_fused_cache(module: nn.Module) -> None:
+    """Drop the stacked projection weights of every :class:`Attention` layer in ``module`` (rebuilt at the next
+    call): needed only after changing a weight through ``weight.data`` in place, which no version counter sees."""
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.drop_fused_cache()
+
+
+def fused_qkv_layers(module: nn.Module) -> int:
+    """How many :class:`Attention` layers of ``module`` have fused projections switched on."""
+    return sum(1 for m in module.modules() if isinstance(m, Attention) and m.fused_projections)
 
 
 def pag_layers(module: nn.Module, patterns: Sequence[str]) -> list[Attention]:

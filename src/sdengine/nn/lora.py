@@ -145,6 +145,12 @@ class _Patch:
         self.fused: torch.Tensor | None = None
         self.original_bias: torch.Tensor | None = None  # the base bias tensor while fused (a full diff's diff_b)
 
+    @property
+    def passes_through(self) -> bool:
+        """True while the hook returns the layer's output unchanged (fused: the LoRA is in the weight), so a caller
+        that computes the layer another way (sdengine.nn.attention's fused projections) may skip the call."""
+        return not self.enabled
+
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return output
