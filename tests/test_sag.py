@@ -233,9 +233,38 @@ def test_comfyui_rule_is_its_post_cfg_function(prediction):
         g(tiny, sigma, c=cond["c"][:1])
 
 
+def test_sag_rule_places_only_sags_term():
+    """``sag_rule`` "comfyui" under the diffusers rule: the rescale is diffusers' (of the CFG result alone), ComfyUI's
+    SAG term in x0 is added after it; under "diffusers" the term is added before the rescale (another result)."""
+    from sdengine.diffusion.schedules import NoiseSchedule
+
+    model = _Model()
+    schedule = NoiseSchedule.from_config(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    den = Denoiser(model, schedule, "epsilon")
+    x = torch.randn(2, 4, 8, 8) * 3
+    sigma = torch.tensor(2.5)
+    cond, unc = {"c": torch.tensor([1.0, 0.8])}, {"c": torch.tensor([0.5])}
+    probe = _probe_of(model)
+    got = CFGDenoiser(den, 5.0, unc, 0.7, sag_rule="comfyui", sag_scale=0.7, sag_blur_sigma=2.0, attention_map=probe)
+    x0_u = den(x, sigma, c=unc["c"].expand(2))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1
+    blurred = gaussian_blur(x0_u, 2.0) * mask + x0_u * (1 - mask)
+    deg = den(x - x0_u + blurred, sigma, c=unc["c"].expand(2))
+    rescaled = CFGDenoiser(den, 5.0, unc, 0.7)(x, sigma, **cond)  # diffusers' rescale of the CFG result alone
+    want = rescaled + 0.7 * (blurred - deg)
+    torch.testing.assert_close(got(x, sigma, **cond), want, atol=1e-5, rtol=1e-5)
+    assert got.off_grid.sag_rule == "comfyui"  # kept over another inner denoiser
+    before = CFGDenoiser(den, 5.0, unc, 0.7, sag_scale=0.7, sag_blur_sigma=2.0, attention_map=probe)(x, sigma, **cond)
+    assert (before - want).abs().max() > 1e-3
+    with pytest.raises(SdengineError, match="unknown SAG rule 'a1111'"):
+        CFGDenoiser(den, 5.0, unc, sag_rule="a1111")
+
+
 @pytest.mark.parametrize(
     "kw,why",
     [
+        (dict(sag_scale=1.0, sag_rule="forge"), "unknown sag_rule 'forge'; use one of: diffusers, comfyui"),
         (dict(sag_scale=11.0), "sag_scale must be a number in"),
         (dict(sag_scale=float("nan")), "sag_scale must be a number in"),
         (dict(sag_scale="1"), "sag_scale must be a number in"),
@@ -277,6 +306,36 @@ def test_the_infotext_records_sag_and_reads_back(sd1):
     assert "SAG" not in plain and "sag_scale" not in to_generate_kwargs(parse_parameters(plain))
 
 
+def test_comfyuis_rule_skips_a_tiny_latent_and_reads_the_unconditional_rows_at_cfg_1(sd1):
+    _, pipe = sd1
+    tiny = dict(sag_scale=1.0, sag_rule="comfyui", width=8, height=8, steps=2)  # diffusers' rule: an error (above)
+    np.testing.assert_array_equal(_ours(pipe, **tiny).arrays, _ours(pipe, width=8, height=8, steps=2).arrays)
+    one = dict(sag_scale=2.0, cfg_scale=1.0, steps=2)
+    assert _mad(_ours(pipe, **one, sag_rule="comfyui").arrays, _ours(pipe, **one).arrays) > 1e-3
+
+
+def test_the_infotext_records_the_sag_rule_and_reads_back(sd1, caplog):
+    _, pipe = sd1
+    res = _ours(pipe, sag_scale=0.5, sag_blur_sigma=2.0, sag_rule="comfyui", guidance_rescale=0.7, steps=2)
+    text = res.infotexts[0]
+    assert "SAG scale: 0.5, SAG blur sigma: 2, SAG rule: comfyui" in text
+    kwargs = to_generate_kwargs(parse_parameters(text))
+    assert (kwargs["sag_scale"], kwargs["sag_blur_sigma"], kwargs["sag_rule"]) == (0.5, 2.0, "comfyui")
+    np.testing.assert_array_equal(pipe(**{**kwargs, "progress": False}).arrays, res.arrays)
+    other = _ours(pipe, sag_scale=0.5, sag_blur_sigma=2.0, guidance_rescale=0.7, steps=2)
+    assert "SAG rule" not in other.infotexts[0] and _mad(other.arrays, res.arrays) > 1e-4  # the rule mattered
+    # Forge's SAG script's keys: ComfyUI's rule; its default mask threshold is reproduced, another warned of
+    forge = "a red apple\nSteps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: 3, Size: 32x32, sag_enabled: True, "
+    caplog.clear()
+    found = to_generate_kwargs(parse_parameters(forge + "sag_scale: 0.5, sag_blur_sigma: 2.0, sag_threshold: 1.0"))
+    assert (found["sag_scale"], found["sag_blur_sigma"], found["sag_rule"]) == (0.5, 2.0, "comfyui")
+    assert "not reproduced" not in caplog.text
+    to_generate_kwargs(parse_parameters(forge + "sag_scale: 0.5, sag_blur_sigma: 2.0, sag_threshold: 1.5"))
+    assert "not reproduced by sdengine (the image may differ): sag_threshold" in caplog.text
+    with pytest.raises(SdengineError, match="SAG rule: 'forge' is not one of diffusers, comfyui"):
+        to_generate_kwargs(parse_parameters(text.replace("SAG rule: comfyui", "SAG rule: forge")))
+
+
 def test_the_recorded_loop_keys_sag_and_replays_its_images(tiny_sd1_folder):
     """Two SAG settings never share a recorded loop (the stand-in recorder replays the first plan of a key)."""
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="none")
@@ -291,7 +350,10 @@ def test_the_recorded_loop_keys_sag_and_replays_its_images(tiny_sd1_folder):
 
     pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu", record_after=0)
     loop = pipe.cuda_graphs["loop"]
-    settings = [{"sag_scale": 1.0}, {"sag_scale": 2.0}, {"sag_scale": 2.0, "sag_blur_sigma": 3.0}]
+    settings: list[dict[str, Any]] = [{"sag_scale": 1.0}, {"sag_scale": 2.0}, {"sag_scale": 2.0, "sag_blur_sigma": 3.0}]
+    # the rule: another recording (where the term goes is baked in; with a rescale the images differ)
+    settings += [{"sag_scale": 2.0, "guidance_rescale": 0.7}, {"sag_scale": 2.0, "guidance_rescale": 0.7,
+                                                               "sag_rule": "comfyui"}]  # fmt: skip
     images = []
     for n, kw in enumerate(settings, start=1):
         images.append(pipe("a red cube", "blurry", **args, **kw).arrays)
@@ -328,6 +390,14 @@ def test_sag_flags_write_the_infotext_and_read_back(tiny_sd1_folder, tmp_path):
 
     common = ["a red apple", "--model", str(tiny_sd1_folder), "--steps", "3", "--sampler", "euler", "--seed", "4"]
     common += ["--width", "32", "--height", "32"]
+    assert (
+        _cli(*common, "--sag-scale", "2", "--sag-rule", "comfyui", "--cfg", "1", "--out", str(tmp_path / "c.png")) == 0
+    )
+    assert "SAG scale: 2, SAG blur sigma: 1, SAG rule: comfyui" in Image.open(tmp_path / "c.png").info["parameters"]
+    again = ["--from-png", str(tmp_path / "c.png"), "--model", str(tiny_sd1_folder), "--out", str(tmp_path / "d.png")]
+    assert _cli(*again) == 0
+    comfy = np.asarray(Image.open(tmp_path / "c.png").convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "d.png").convert("RGB")), comfy)
     assert _cli(*common, "--sag-scale", "0.75", "--sag-blur-sigma", "1.5", "--out", str(tmp_path / "s.png")) == 0
     text = Image.open(tmp_path / "s.png").info["parameters"]
     assert "SAG scale: 0.75, SAG blur sigma: 1.5" in text
@@ -345,6 +415,7 @@ def test_sag_flags_write_the_infotext_and_read_back(tiny_sd1_folder, tmp_path):
     "flags,why",
     [
         (["--sag-blur-sigma", "2"], "--sag-blur-sigma has no effect without a --sag-scale"),
+        (["--sag-rule", "comfyui"], "--sag-rule has no effect without a --sag-scale"),
         (["--sag-scale", "20"], "sag_scale must be a number in [-10, 10]"),
         (["--sag-scale", "1", "--sag-blur-sigma", "0"], "sag_blur_sigma must be a number in (0, 10]"),
         (["--sag-scale", "1", "--width", "8", "--height", "8"], "needs at least 5 x 5 latent pixels"),
@@ -449,12 +520,24 @@ def test_the_sag_node_is_listed_with_comfyuis_inputs(client):
 def test_the_sag_node_equals_the_pipelines_sag(client):
     node = ("SelfAttentionGuidance", {"scale": 0.5, "blur_sigma": 2.0})
     a = _comfy_image(client, _graph(node), **SDENGINE_RULE)
-    assert np.array_equal(a, _direct(sag_scale=0.5, sag_blur_sigma=2.0))
+    assert np.array_equal(a, _direct(sag_scale=0.5, sag_blur_sigma=2.0, sag_rule="comfyui"))
     plain = _comfy_image(client, _graph(), **SDENGINE_RULE)
     assert np.abs(a.astype(int) - plain).mean() > 0.5  # the guidance changed the image
     # ComfyUI's rule: its own term (tested against its formula above), a valid image that differs from plain
     b = _comfy_image(client, _graph(node))
     assert b.std() > 5 and not np.array_equal(b, _comfy_image(client, _graph()))
+
+
+@pytest.mark.parametrize("cfg,rescale", [(1.0, 0.0), (5.0, 0.7)], ids=["cfg1", "rescale"])
+def test_the_sag_node_is_the_pipelines_comfyui_rule(client, cfg, rescale):
+    """Where the two rules differ (cfg 1: which rows; a rescale: before or after it), the node under sdengine's seed
+    rule gives the pipeline's image under sag_rule "comfyui", and not under "diffusers"."""
+    patches: list[tuple[str, dict[str, Any]]] = [("RescaleCFG", {"multiplier": rescale})] if rescale else []
+    patches.append(("SelfAttentionGuidance", {"scale": 1.5, "blur_sigma": 2.0}))
+    got = _comfy_image(client, _graph(*patches, cfg=cfg), **SDENGINE_RULE)
+    kw: dict[str, Any] = dict(cfg_scale=cfg, guidance_rescale=rescale, sag_scale=1.5, sag_blur_sigma=2.0)
+    np.testing.assert_array_equal(got, _direct(**kw, sag_rule="comfyui"))
+    assert np.abs(got.astype(int) - _direct(**kw)).mean() > 0.05
 
 
 @pytest.mark.parametrize(

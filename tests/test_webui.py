@@ -372,6 +372,64 @@ def test_freeu_is_sent_with_the_job_and_reused(page, client):
     page.select_option("#freeu_rule", "width")
 
 
+def test_sag_is_sent_with_the_job_saved_and_reused(page, client):
+    """SAG's scale, blur sigma and rule (next to the PAG and FreeU boxes) are sent with the job: the API's image with
+    those settings, the parameters name them, they survive a reload, "Reuse parameters" sets them again; a blur the
+    server refuses (0) is said at its box, the input kept; Forge's SAG keys in a dropped PNG set ComfyUI's rule (a
+    mask threshold this page cannot run named), an image without SAG turns it off."""
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "4")
+    page.fill("#seed", "3")
+    page.fill("#sag_scale", "1.5")
+    page.fill("#sag_blur_sigma", "3")
+    page.select_option("#sag_rule", "comfyui")
+    page.reload()  # saved with the page's settings
+    page.wait_for_selector("body[data-ready=true]")
+    assert (page.input_value("#sag_scale"), page.input_value("#sag_blur_sigma")) == ("1.5", "3")
+    assert page.input_value("#sag_rule") == "comfyui"
+    page.click("#generate")
+    params = wait_result(page)
+    assert "SAG scale: 1.5, SAG blur sigma: 3, SAG rule: comfyui," in params, params
+    body = {"prompt": "a red apple", "steps": 4, "seed": 3, "width": 64, "height": 64}
+    body |= {"sag_scale": 1.5, "sag_blur_sigma": 3.0, "sag_rule": "comfyui"}
+    shows_the_api_image(page, client, body, params)
+    plain, _ = api_image(client, {**body, "sag_scale": 0, "cfg_scale": float(page.input_value("#cfg_scale"))})
+    assert not np.array_equal(shown_image(page, "#results img"), plain)  # SAG changed the image
+    page.fill("#sag_scale", "0")
+    page.fill("#sag_blur_sigma", "1")
+    page.select_option("#sag_rule", "diffusers")
+    page.click("#results button:text('Reuse parameters')")
+    assert (page.input_value("#sag_scale"), page.input_value("#sag_blur_sigma")) == ("1.5", "3")
+    assert page.input_value("#sag_rule") == "comfyui"
+    page.fill("#sag_blur_sigma", "0")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-sag_blur_sigma').textContent !== ''")
+    assert "sag_blur_sigma: Input should be greater than 0" in shown_errors(page)["err-sag_blur_sigma"]
+    assert page.input_value("#sag_blur_sigma") == "0"  # the input is kept
+    kept = {k: page.input_value(f"#{k}") for k in ("sampler", "schedule", "cfg_scale", "negative_prompt")}
+    forge = (
+        "a cat face\nSteps: 5, Sampler: Euler, CFG scale: 7, Seed: 11, Size: 64x64, sag_enabled: True, "
+        "sag_scale: 0.75, sag_blur_sigma: 2.5, sag_threshold: 1.5"
+    )
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", forge)
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "forge.png")
+    page.wait_for_function("document.querySelector('#seed').value === '11'")
+    assert (page.input_value("#sag_scale"), page.input_value("#sag_blur_sigma")) == ("0.75", "2.5")
+    assert page.input_value("#sag_rule") == "comfyui"
+    assert "SAG's sag_threshold 1.5 (this page's mask threshold is 1)" in page.text_content("#err-general")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat face\nSteps: 5, Sampler: Euler, CFG scale: 7, Seed: 12, Size: 64x64")
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "plain.png")
+    page.wait_for_function("document.querySelector('#seed').value === '12'")
+    assert (page.input_value("#sag_scale"), page.input_value("#sag_rule")) == ("0", "diffusers")
+    assert page.input_value("#sag_blur_sigma") == "1"
+    page.select_option("#sampler", kept["sampler"])  # as the later tests found the page
+    page.select_option("#schedule", kept["schedule"])
+    page.fill("#cfg_scale", kept["cfg_scale"])
+    page.fill("#negative_prompt", kept["negative_prompt"])
+
+
 def test_the_tiny_vae_encoder_choice_in_img2img(page, client, browser, server, tmp_path):
     """The emoji model's tiny VAE has an encoder: in img2img "Encoder: Tiny VAE (fast)" gives the API's
     vae_encode "tiny" image; the choice is hidden in txt2img and disabled for a model whose tiny VAE has none."""

@@ -453,6 +453,7 @@ def sample_latents(
     pag_scale: float = 0.0,
     sag_scale: float = 0.0,
     sag_blur_sigma: float = 2.0,
+    sag_rule: str | None = None,
     prediction: str | None = None,
     zero_terminal_snr: bool = False,
     guidance_rule: Any = None,
@@ -492,8 +493,10 @@ def sample_latents(
     after it), as the pipeline does under sdengine's (:mod:`sdengine.diffusion.guidance`), and not with regional
     entries (the rescale not with several positive ones either). ``sag_scale`` / ``sag_blur_sigma``: self-attention
     guidance (ComfyUI's SelfAttentionGuidance under its rule: the unconditional rows' map and x0, its term in x0 after
-    the rescale, skipped on a latent of a side 4 or less; under sdengine's rule the pipeline's), not with regional
-    entries either. ``prediction``: what the network predicts in place of the pipeline's own ("epsilon",
+    the rescale, skipped on a latent of a side 4 or less; under sdengine's rule the pipeline's default), not with
+    regional entries either; ``sag_rule`` ("diffusers" / "comfyui", the pipeline's ``sag_rule``) places it by that
+    rule whatever the seed rule (the SelfAttentionGuidance node passes "comfyui").
+    ``prediction``: what the network predicts in place of the pipeline's own ("epsilon",
     "v_prediction", "sample"; ComfyUI's ModelSamplingDiscrete eps / v_prediction / x0); ``zero_terminal_snr``: the
     model's schedule rescaled to zero terminal SNR for this call (its zsnr).
     ``guidance_rule`` with ``third``: a guider over three conditionings in place of CFG (``cfg`` unused), ComfyUI's
@@ -864,6 +867,7 @@ def sample_latents(
                 sag_scale=sag_scale,
                 sag_blur_sigma=sag_blur_sigma,
                 attention_map=attention_map,
+                sag_rule=sag_rule,
             )
             parts.append((guide, extra))
         guided: Any = parts[0][0] if len(parts) == 1 else _MeanOfGuided(parts)

@@ -405,8 +405,9 @@ def to_generate_kwargs(
     Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
     ``guidance_rescale`` ("CFG Rescale phi"), ``pag_scale`` and ``pag_layers`` (sdengine's "PAG scale", "PAG
-    layers"), ``sag_scale`` and ``sag_blur_sigma`` (sdengine's "SAG scale", "SAG blur sigma"), ``freeu``,
-    ``freeu_version`` and ``freeu_rule`` (sdengine's "FreeU: b1,b2,s1,s2", "FreeU version",
+    layers"), ``sag_scale``, ``sag_blur_sigma`` and ``sag_rule`` (sdengine's "SAG scale", "SAG blur sigma", "SAG
+    rule" where not diffusers; Forge's "sag_enabled: True", "sag_scale", "sag_blur_sigma", its rule "comfyui"),
+    ``freeu``, ``freeu_version`` and ``freeu_rule`` (sdengine's "FreeU: b1,b2,s1,s2", "FreeU version",
     "FreeU rule" where not 2 and width; Forge's "freeu_enabled: True", "freeu_b1" ... "freeu_s2"), ``deep_shrink``
     (Forge's "kohya_hrfix_enabled: True", "kohya_hrfix_block_number" ...: :func:`deep_shrink_kwargs`), ``subseed`` and
     ``subseed_strength`` ("Variation seed", "Variation seed strength"), ``seed_resize_from_w`` and
@@ -478,6 +479,12 @@ def to_generate_kwargs(
     if "SAG scale" in parsed:  # sdengine's: self-attention guidance, its blur sigma 1 (diffusers') unless written
         kwargs["sag_scale"] = _parse_float(parsed, "SAG scale")
         kwargs["sag_blur_sigma"] = _parse_float(parsed, "SAG blur sigma") if "SAG blur sigma" in parsed else 1.0
+        if "SAG rule" in parsed:  # written when not diffusers'
+            kwargs["sag_rule"] = _sag_rule(parsed["SAG rule"])
+    elif parsed.get("sag_enabled", "").strip().lower() == "true":  # Forge's SAG script: ComfyUI's node, its defaults
+        kwargs["sag_scale"] = _parse_float(parsed, "sag_scale") if "sag_scale" in parsed else 0.5
+        kwargs["sag_blur_sigma"] = _parse_float(parsed, "sag_blur_sigma") if "sag_blur_sigma" in parsed else 2.0
+        kwargs["sag_rule"] = "comfyui"
     if "FreeU" in parsed:  # sdengine's: "FreeU: b1,b2,s1,s2", "FreeU version" / "FreeU rule" unless 2 / width
         try:
             factors = tuple(float(x) for x in parsed["FreeU"].strip().strip('"').split(","))
@@ -603,6 +610,10 @@ def to_generate_kwargs(
         "PAG layers",
         "SAG scale",
         "SAG blur sigma",
+        "SAG rule",
+        "sag_enabled",
+        "sag_scale",
+        "sag_blur_sigma",
         "FreeU",
         "FreeU version",
         "FreeU rule",
@@ -633,6 +644,8 @@ def to_generate_kwargs(
     }
     if options:
         used |= {"Eta", "Eta DDIM", *(A1111_SAMPLER_FIELDS[k] for k in options if k in A1111_SAMPLER_FIELDS)}
+    # Forge's SAG mask threshold: its default (sdengine's, fixed) is reproduced; another is warned of
+    used |= {"sag_threshold"} if _number_or_none(parsed.get("sag_threshold")) == 1.0 else set()
     # Forge's FreeU window (fractions of the steps): its whole run is what sdengine's FreeU does; another is warned of
     used |= {k for k, whole in (("freeu_start", 0.0), ("freeu_end", 1.0)) if _number_or_none(parsed.get(k)) == whole}
     if kwargs.get("sampler") == "unipc":
@@ -646,6 +659,15 @@ def to_generate_kwargs(
     if ignored:
         log.warning("infotext fields not reproduced by sdengine (the image may differ): %s", ", ".join(ignored))
     return kwargs
+
+
+def _sag_rule(text: str) -> str:
+    from sdengine.diffusion.sag import SAG_RULES
+
+    rule = text.strip()
+    if rule not in SAG_RULES:
+        raise MetadataError(f"SAG rule: {rule!r} is not one of {', '.join(SAG_RULES)}")
+    return rule
 
 
 # A1111's inpainting "Masked content" done in the latent (GenerationRequest.masked_content; "fill" is on the image)

@@ -800,6 +800,7 @@ def run(a: argparse.Namespace) -> int:
         "pag_layers": a.pag_layers,
         "sag_scale": a.sag_scale,
         "sag_blur_sigma": a.sag_blur_sigma,
+        "sag_rule": a.sag_rule,
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
     if a.pag_layers is not None and not kwargs.get("pag_scale"):
@@ -808,6 +809,8 @@ def run(a: argparse.Namespace) -> int:
         raise UsageError(
             "--sag-blur-sigma has no effect without a --sag-scale other than 0: drop it, or add --sag-scale"
         )
+    if a.sag_rule is not None and not kwargs.get("sag_scale"):
+        raise UsageError("--sag-rule has no effect without a --sag-scale other than 0: drop it, or add --sag-scale")
     if a.freeu is not None:  # "off" turns a --from-png image's FreeU off
         kwargs["freeu"] = _freeu_arg(a.freeu)
     _apply_deep_shrink_flags(a, kwargs)
@@ -1273,6 +1276,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="SIGMA",
         help="the standard deviation of SAG's 9x9 Gaussian blur, in (0, 10] (default 1, diffusers'; ComfyUI's node "
         "uses 2)",
+    )
+    p.add_argument(
+        "--sag-rule",
+        choices=("diffusers", "comfyui"),
+        default=None,
+        help="where SAG's term goes: 'diffusers' (default; its pipeline: in the network's output space, before "
+        "--guidance-rescale) or 'comfyui' (ComfyUI's node and Forge's script: the unconditional rows even at cfg 1, "
+        "the term in x0 after the rescale, skipped on a latent of a side 4 or less)",
     )
     p.add_argument(
         "--freeu",

@@ -30,7 +30,8 @@ when the scale is 1: no unconditional pass), the degraded pass under the same co
 ``sag_scale * (x0_blurred - x0_degraded)`` in x0), added before the rescale; a latent too small for the blur (a side of
 4 or less) is an error. "comfyui" is its SelfAttentionGuidance node: always the unconditional rows (it runs them at
 scale 1 too), the term ``sag_scale * (x0_blurred - x0_degraded)`` in x0 whatever the model predicts, after the rescale;
-a latent too small for the blur skips the term, as ComfyUI does.
+a latent too small for the blur skips the term, as ComfyUI does. ``sag_rule`` places SAG alone by another rule than
+the rescale's and PAG's (the pipeline's ``GenerationRequest.sag_rule``); None: ``rule``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class CFGDenoiser:
         sag_scale: float = 0.0,
         sag_blur_sigma: float = 1.0,
         attention_map: AttentionMap | None = None,
+        sag_rule: str | None = None,
     ) -> None:
         if scale < 0:
             raise UsageError(f"guidance scale must be >= 0, got {scale}")
@@ -78,6 +80,8 @@ class CFGDenoiser:
             raise UsageError(f"guidance rescale must be in [0, 1], got {rescale}")
         if rule not in GUIDANCE_RULES:
             raise UsageError(f"unknown guidance rule {rule!r}; use one of: {', '.join(GUIDANCE_RULES)}")
+        if sag_rule is not None and sag_rule not in GUIDANCE_RULES:
+            raise UsageError(f"unknown SAG rule {sag_rule!r}; use one of: {', '.join(GUIDANCE_RULES)}")
         if not pag_scale >= 0:
             raise UsageError(f"PAG scale must be >= 0, got {pag_scale}")
         if pag_scale and perturb is None:
@@ -96,6 +100,7 @@ class CFGDenoiser:
         self.sag_scale = float(sag_scale)
         self.sag_blur_sigma = check_blur_sigma(sag_blur_sigma)
         self.attention_map = attention_map
+        self.sag_rule = rule if sag_rule is None else sag_rule
 
     def _over(self, inner: Any) -> CFGDenoiser:
         """The same guidance over another inner denoiser."""
@@ -110,6 +115,7 @@ class CFGDenoiser:
             sag_scale=self.sag_scale,
             sag_blur_sigma=self.sag_blur_sigma,
             attention_map=self.attention_map,
+            sag_rule=self.sag_rule,
         )
 
     @property
@@ -154,7 +160,8 @@ class CFGDenoiser:
                 cond["row_kinds"] = ("cond",) * x.shape[0]
             return self.inner(x, sigma, **cond)
         # ComfyUI's SAG reads the unconditional rows whatever the scale (it turns off its cfg-1 shortcut)
-        uncond_pass = self.scale != 1.0 or guidance_parts is not None or (sag and comfy)
+        sag_comfy = self.sag_rule == "comfyui"
+        uncond_pass = self.scale != 1.0 or guidance_parts is not None or (sag and sag_comfy)
         kinds: tuple[str, ...] = ("cond", "uncond") if uncond_pass else ("cond",)
         kinds += ("cond",) if pag else ()  # the perturbed pass: the conditional rows again, last
         n = len(kinds)
@@ -183,13 +190,13 @@ class CFGDenoiser:
             sag_term = self._sag_term(x, sigma, x0_u, probe, self._rows(cond, source, b, tags))
         if pag and not comfy:  # diffusers: the PAG term joins the guided prediction before the rescale
             guided = guided + self.pag_scale * (x0_c - parts[-1])
-        if sag_term is not None and not comfy:
+        if sag_term is not None and not sag_comfy:
             guided = guided + sag_term
         if self.rescale > 0 and uncond_pass:
             guided = self._rescale(x, sigma, x0_c, guided)
         if pag and comfy:  # ComfyUI: a post-CFG function, after RescaleCFG
             guided = guided + self.pag_scale * (x0_c - parts[-1])
-        if sag_term is not None and comfy:
+        if sag_term is not None and sag_comfy:
             guided = guided + sag_term
         return guided
 
@@ -217,7 +224,7 @@ class CFGDenoiser:
         more call of the inner network on the degraded input, under the rows' own conditioning ``args``."""
         h, w = x.shape[-2:]
         if not fits_blur(h, w):
-            if self.rule == "comfyui":
+            if self.sag_rule == "comfyui":
                 return None  # ComfyUI skips SAG on a latent this small
             raise UsageError(
                 f"self-attention guidance blurs with a 9 x 9 kernel and needs a latent of at least 5 x 5, got "
@@ -229,7 +236,7 @@ class CFGDenoiser:
         blurred = degraded_x0(x0, mask, self.sag_blur_sigma)
         x_deg = x - x0 + blurred  # the blurred x0 under the noise x0 implies: x = x0 + sigma * eps
         x0_deg = self.inner(x_deg, sigma, **args)
-        if self.rule == "comfyui":
+        if self.sag_rule == "comfyui":
             return self.sag_scale * (blurred - x0_deg)
         # diffusers: s * (F(x, x0) - F(x_deg, x0_deg)) for the network's output F (eps or v; x0 = c_skip x + c_out F),
         # taken back to x0 at x: s * (x0 - x0_deg - c_skip (x - x_deg))

@@ -21,6 +21,8 @@ from sdengine.errors import UsageError
 SAG_KERNEL = 9  # the blur's kernel side (the authors', diffusers' and ComfyUI's)
 SAG_THRESHOLD = 1.0  # attention mass above this is "attended" (everywhere the same: the average)
 MAX_SAG_BLUR_SIGMA = 10.0  # ComfyUI's node stops at 10
+# where the guidance's term goes (sdengine.diffusion.guidance.CFGDenoiser): diffusers' pipeline, ComfyUI's node
+SAG_RULES = ("diffusers", "comfyui")
 
 
 def check_blur_sigma(sigma: float) -> float:
@@ -68,6 +70,7 @@ def fits_blur(h: int, w: int) -> bool:
 __all__ = [
     "MAX_SAG_BLUR_SIGMA",
     "SAG_KERNEL",
+    "SAG_RULES",
     "SAG_THRESHOLD",
     "attention_mask",
     "check_blur_sigma",

@@ -111,6 +111,11 @@ def discards_penultimate(p: Prepared) -> bool:
     return r.strength_rule in A1111_STRENGTH_RULES and p.sampler in sampling.A1111_DISCARD_SAMPLERS
 
 
+def _comfy_sag(r: GenerationRequest) -> bool:
+    """Whether the request runs SAG under ComfyUI's rule, which reads the unconditional pass at cfg 1 too."""
+    return bool(r.sag_scale) and r.sag_rule == "comfyui"
+
+
 def _grid_steps(p: Prepared) -> int:
     """The steps of the sampling grid: the request's, or under A1111's img2img_fix_steps (strength_rule
     "a1111_fix_steps") img2img's ``steps / strength`` (:func:`sdengine.diffusion.schedules.img2img_steps`)."""
@@ -685,7 +690,9 @@ class Pipeline:
         if r.sag_scale:  # the middle block's self-attention exists, the latent takes the 9 x 9 blur (before any run)
             middle_transformer(self.unet)
             f = self.vae_scale_factor
-            if r.width is not None and r.height is not None and not fits_blur(int(r.height) // f, int(r.width) // f):
+            small = r.width is not None and r.height is not None
+            small = small and not fits_blur(int(r.height or 0) // f, int(r.width or 0) // f)
+            if small and r.sag_rule == "diffusers":  # ComfyUI's rule skips SAG on such a latent
                 raise GenerationError(
                     f"self-attention guidance blurs the latent with a 9 x 9 kernel and needs at least 5 x 5 latent "
                     f"pixels ({5 * f} x {5 * f} image pixels), got {r.width} x {r.height}"
@@ -750,7 +757,7 @@ class Pipeline:
             if vae_tiling:
                 raise GenerationError("tiling (seamless images) cannot be combined with vae_tiling (a tiled VAE)")
             vae_tiling = False
-        two_passes = float(r.cfg_scale) != 1.0 or name in sampling.CFG_PP_SAMPLERS
+        two_passes = float(r.cfg_scale) != 1.0 or name in sampling.CFG_PP_SAMPLERS or _comfy_sag(r)
         tiled = self._check_memory(big_w, big_h, len(seeds), two_passes, vae_tiling, notes)
         self._check_work(width, height)
         if hires is not None:
@@ -909,7 +916,8 @@ class Pipeline:
                 )
             )
         for i, row in enumerate(rows):
-            if self.pads_conds(p.prompts[i], p.negatives[i], int(request.steps), float(request.cfg_scale), p.sampler):
+            cfg = 0.0 if _comfy_sag(request) else float(request.cfg_scale)  # the negative is encoded then (below)
+            if self.pads_conds(p.prompts[i], p.negatives[i], int(request.steps), cfg, p.sampler):
                 row["Pad conds"] = True  # what A1111 writes when its "Pad prompt/negative prompt" padded
             if p.subseeds is not None:  # A1111's names, read back by sdengine.metadata.to_generate_kwargs
                 row.update(
@@ -938,6 +946,8 @@ class Pipeline:
             if request.sag_scale:  # sdengine's: self-attention guidance (read back by to_generate_kwargs)
                 row["SAG scale"] = float(request.sag_scale)
                 row["SAG blur sigma"] = float(request.sag_blur_sigma)
+                if request.sag_rule != "diffusers":
+                    row["SAG rule"] = request.sag_rule
             freeu = request.freeu_settings()
             if freeu is not None:  # sdengine's "FreeU: b1,b2,s1,s2", its version and rule where not 2 and width
                 row["FreeU"] = ",".join(f"{x:g}" for x in freeu.factors)
@@ -1056,8 +1066,9 @@ class Pipeline:
         unconditional pass (CFGDenoiser) and the negative must not touch the image; a long one once padded
         the prompt's states to its length. Empty then, as diffusers, ComfyUI and A1111 ignore it; except for the
         CFG++ samplers, whose steps read the unconditional pass at scale 1 too (ComfyUI's run it with the
-        negative)."""
-        if float(p.request.cfg_scale) != 1.0 or p.sampler in sampling.CFG_PP_SAMPLERS:
+        negative), and ComfyUI's SAG rule, which runs the unconditional rows at scale 1 too (its SelfAttentionGuidance
+        node, with the negative)."""
+        if float(p.request.cfg_scale) != 1.0 or p.sampler in sampling.CFG_PP_SAMPLERS or _comfy_sag(p.request):
             return list(p.negatives)
         return [""] * len(p.negatives)
 
@@ -1170,7 +1181,7 @@ class Pipeline:
         # Deep Shrink resizes the plain U-Net's hidden states in some calls (a step graph has one shape per input)
         shrink = r.deep_shrink_settings()
         # SAG records the middle block's attention map in the plain U-Net's calls: the same
-        sag = (float(r.sag_scale), float(r.sag_blur_sigma)) if r.sag_scale else None
+        sag = r.sag_settings()
         if not units and pag is None and freeu is None and sag is None and shrink is None:
             net = self.graphed("unet") or net
         if units:
@@ -1280,17 +1291,18 @@ class Pipeline:
         texts: Any = None,
         pag: tuple[float, Sequence[str]] | None = None,
         freeu: FreeU | None = None,
-        sag: tuple[float, float] | None = None,
+        sag: tuple[Any, ...] | None = None,
         deep_shrink: DeepShrink | None = None,
     ) -> Any:
         """The x0-denoiser the samplers call: classifier-free guidance over the U-Net (``net``: what runs in its
         place, a graph or a controlled U-Net); ``texts``: prompt editing's text rows of each step; ``pag``: (scale,
         layer patterns) of perturbed-attention guidance on this pipeline's U-Net (the plain network runs it: a
         step graph would replay its attention unperturbed); ``freeu``: FreeU on this pipeline's U-Net for each call
-        (:mod:`sdengine.nn.freeu`; the plain network runs it too); ``sag``: (scale, blur sigma) of self-attention
-        guidance, reading the middle-block attention map of this pipeline's U-Net (the plain network runs it too);
-        ``deep_shrink``: Deep Shrink on this pipeline's U-Net in the calls whose sigma is in its window
-        (:mod:`sdengine.nn.deep_shrink`; the plain network too)."""
+        (:mod:`sdengine.nn.freeu`; the plain network runs it too); ``sag``: (scale, blur sigma[, rule]) of
+        self-attention guidance (:meth:`GenerationRequest.sag_settings`; the rule "diffusers" unless given), reading
+        the middle-block attention map of this pipeline's U-Net (the plain network runs it too); ``deep_shrink``: Deep
+        Shrink on this pipeline's U-Net in the calls whose sigma is in its window (:mod:`sdengine.nn.deep_shrink`; the
+        plain network too)."""
         net = self.unet if net is None else net
         if freeu is not None:
             net = FreeUNet(net, self.unet, freeu)
@@ -1306,9 +1318,10 @@ class Pipeline:
         if pag is not None and float(pag[0]) > 0:
             layers = pag_layers(self.unet, list(pag[1]))
             pag_scale, perturb = float(pag[0]), partial(identity_attention, layers)
-        sag_scale, sag_blur, attention_map = 0.0, 1.0, None
+        sag_scale, sag_blur, sag_rule, attention_map = 0.0, 1.0, "diffusers", None
         if sag is not None and float(sag[0]) != 0:
             sag_scale, sag_blur = float(sag[0]), float(sag[1])
+            sag_rule = str(sag[2]) if len(sag) > 2 else "diffusers"
             middle_transformer(self.unet)  # one line where the U-Net has no middle-block transformer
             attention_map = partial(middle_attention_mass, self.unet)
         return CFGDenoiser(
@@ -1321,6 +1334,7 @@ class Pipeline:
             sag_scale=sag_scale,
             sag_blur_sigma=sag_blur,
             attention_map=attention_map,
+            sag_rule=sag_rule,
         )
 
     def loop_plan(self, p: Prepared, from_init: bool, first: int, noise_from: int | None = None) -> LoopPlan:
@@ -1348,7 +1362,7 @@ class Pipeline:
             pag_scale=float(r.pag_scale),
             pag_layers=r.pag_layer_list() if r.pag_scale else (),
             freeu=() if freeu is None else freeu.key,
-            sag=(float(r.sag_scale), float(r.sag_blur_sigma)) if r.sag_scale else (),
+            sag=r.sag_settings() or (),
             deep_shrink=() if shrink is None else shrink.key,
         )
 
@@ -1394,7 +1408,7 @@ class Pipeline:
         net = graphs["unet"].fn if "unet" in graphs and not plain else self.unet
         pag = (plan.pag_scale, plan.pag_layers) if plan.pag_scale else None
         freeu = FreeU(*plan.freeu) if plan.freeu else None
-        sag = (float(plan.sag[0]), float(plan.sag[1])) if plan.sag else None
+        sag = tuple(plan.sag) if plan.sag else None
         shrink = DeepShrink(*plan.deep_shrink) if plan.deep_shrink else None
         den = self.guided_denoiser(
             plan.cfg_scale, uncond, plan.rescale, net=net, pag=pag, freeu=freeu, sag=sag, deep_shrink=shrink

@@ -77,8 +77,9 @@ class LoopPlan:
     pag_layers: tuple[str, ...] = ()
     # FreeU: (b1, b2, s1, s2, version, rule), () = off (the recording bakes in the up blocks' FreeU)
     freeu: tuple[Any, ...] = ()
-    # self-attention guidance: (scale, blur sigma), () = off (the recording bakes in the scale and the blur kernel)
-    sag: tuple[float, ...] = ()
+    # self-attention guidance: (scale, blur sigma), and "comfyui" third under that rule; () = off (the recording bakes
+    # in the scale, the blur kernel and where the term goes)
+    sag: tuple[Any, ...] = ()
     # Deep Shrink: sdengine.nn.deep_shrink.DeepShrink.key, () = off (the recording bakes in which steps' calls are
     # shrunk, and their shapes)
     deep_shrink: tuple[Any, ...] = ()
@@ -105,7 +106,7 @@ class LoopPlan:
         pag_scale: float = 0.0,
         pag_layers: tuple[str, ...] = (),
         freeu: tuple[Any, ...] = (),
-        sag: tuple[float, ...] = (),
+        sag: tuple[Any, ...] = (),
         deep_shrink: tuple[Any, ...] = (),
     ) -> LoopPlan:
         return LoopPlan(
@@ -126,7 +127,7 @@ class LoopPlan:
             pag_scale=float(pag_scale),
             pag_layers=tuple(str(x) for x in pag_layers),
             freeu=tuple(freeu),
-            sag=tuple(float(v) for v in sag),
+            sag=tuple(v if isinstance(v, str) else float(v) for v in sag),
             deep_shrink=tuple(deep_shrink),
             given_options=tuple(sorted(dict(sampler_options or {}).items())),
         )

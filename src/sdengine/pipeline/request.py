@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from sdengine.diffusion import sampling
-from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA
+from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA, SAG_RULES
 from sdengine.diffusion.schedules import STRENGTH_RULES, img2img_start
 from sdengine.errors import GenerationError, SdengineError
 from sdengine.io.images import ImageInput
@@ -124,9 +124,13 @@ class GenerationRequest:
     # Self-attention guidance (Hong et al. 2023; diffusers' StableDiffusionSAGPipeline): one more U-Net pass per step on
     # the x0 estimate blurred (Gaussian, ``sag_blur_sigma``, 9 x 9) where the middle block's self-attention looks most,
     # noised back, adding ``sag_scale * (prediction - degraded prediction)``; 0 = off (diffusers' default scale 0.75,
-    # blur sigma 1.0; ComfyUI's node 0.5 and 2.0). Infotext "SAG scale", "SAG blur sigma" (sdengine.diffusion.sag)
+    # blur sigma 1.0; ComfyUI's node 0.5 and 2.0). Infotext "SAG scale", "SAG blur sigma" (sdengine.diffusion.sag).
+    # ``sag_rule`` "diffusers" (its pipeline: the term in the network's output space, before guidance rescale) or
+    # "comfyui" (ComfyUI's node, Forge's script: the unconditional rows always, the term in x0 after the rescale,
+    # skipped on a latent too small for the blur); infotext "SAG rule" when not diffusers
     sag_scale: float = 0.0
     sag_blur_sigma: float = 1.0
+    sag_rule: str = "diffusers"
     freeu: Sequence[float] | None = None
     freeu_version: int = 2
     freeu_rule: str = "width"
@@ -296,6 +300,14 @@ class GenerationRequest:
         items = v.split(",") if isinstance(v, str) else list(v)
         return tuple(str(x).strip() for x in items)
 
+    def sag_settings(self) -> tuple[Any, ...] | None:
+        """Self-attention guidance's (scale, blur sigma) under the diffusers rule, (scale, blur sigma, "comfyui")
+        under ComfyUI's; None when off (what the pipeline's guided denoiser and its recorded loop take)."""
+        if not self.sag_scale:
+            return None
+        settings: tuple[Any, ...] = (float(self.sag_scale), float(self.sag_blur_sigma))
+        return settings if self.sag_rule == "diffusers" else (*settings, str(self.sag_rule))
+
     def freeu_settings(self) -> FreeU | None:
         """``freeu`` as :class:`sdengine.nn.freeu.FreeU` settings (None: off); call after :meth:`validate`."""
         if self.freeu is None:
@@ -411,6 +423,8 @@ class GenerationRequest:
             raise GenerationError(f"sag_scale must be a number in [-{MAX_SAG_SCALE:g}, {MAX_SAG_SCALE:g}], got {sag!r}")
         if not _is_number(blur) or not math.isfinite(blur) or not 0.0 < blur <= MAX_SAG_BLUR_SIGMA:
             raise GenerationError(f"sag_blur_sigma must be a number in (0, {MAX_SAG_BLUR_SIGMA:g}], got {blur!r}")
+        if not isinstance(self.sag_rule, str) or self.sag_rule not in SAG_RULES:
+            raise GenerationError(f"unknown sag_rule {self.sag_rule!r}; use one of: {', '.join(SAG_RULES)}")
         self._validate_freeu()
         self._validate_deep_shrink()
         if self.clip_skip_rule not in CLIP_SKIP_RULES:

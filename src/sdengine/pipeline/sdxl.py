@@ -434,6 +434,8 @@ class SDXLPipeline(Pipeline):
             if request.sag_scale:
                 row["SAG scale"] = float(request.sag_scale)
                 row["SAG blur sigma"] = float(request.sag_blur_sigma)
+                if request.sag_rule != "diffusers":
+                    row["SAG rule"] = request.sag_rule
             if p.mask is not None and request.masked_content != "original":  # sdengine's (A1111 writes none)
                 row["Masked content"] = request.masked_content
             if p.init is not None and float(request.noise_multiplier) != 1.0:
@@ -566,7 +568,7 @@ def hand_off_latents(
     # one past the last the base's alone (A1111's apply_refiner switches at a step or never)
     pag = (float(request.pag_scale), request.pag_layer_list()) if request.pag_scale else None
     freeu = request.freeu_settings()  # on each model's own U-Net
-    sag = (float(request.sag_scale), float(request.sag_blur_sigma)) if request.sag_scale else None
+    sag = request.sag_settings()
     shrink = request.deep_shrink_settings()  # the base's only (its block numbers; the refiner's are another U-Net's)
     runs = [
         (

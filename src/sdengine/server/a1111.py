@@ -1177,6 +1177,111 @@ def forge_deep_shrink(scripts: dict[str, Any], infotext: Any = None) -> dict[str
     return dict(zip(FIELDS, settings.key, strict=True))
 
 
+# Forge's built-in self-attention guidance script (extensions-builtin/sd_forge_sag), as its alwayson_scripts entry
+# names it (lower case): "SelfAttentionGuidance Integrated" (early Forge) with args [enabled, scale, blur_sigma], or
+# "SelfAttentionGuidance Integrated (SD 1.x, SD 2.x, SDXL)" (later Forge) with [enabled, scale, blur_sigma,
+# threshold]. Its SAG is ComfyUI's node: sdengine's sag_rule "comfyui". As Forge's API, an args list shorter than the
+# script's keeps the later arguments as they were: the request's infotext's (Forge's sag_enabled, sag_scale,
+# sag_blur_sigma, sag_threshold; sdengine's "SAG scale" ...), else the script's defaults. sdengine's mask threshold is
+# 1 (the average attention) only. The later script skips SAG at cfg_scale 1 and in the hires fix's second pass:
+# sdengine skips it at cfg 1 too, and refuses that script with a hires fix (its hires pass would run SAG).
+FORGE_SAG_SCRIPTS = ("selfattentionguidance integrated", "selfattentionguidance integrated (sd 1.x, sd 2.x, sdxl)")
+FORGE_SAG_ARGS = ("enabled", "scale", "blur_sigma", "threshold")
+FORGE_SAG_DEFAULTS = (False, 0.5, 2.0, 1.0)  # its UI's values
+
+
+def infotext_sag(text: Any) -> tuple[list[Any], str]:
+    """The SAG script's arguments an A1111 request's ``infotext`` sets (Forge's ``sag_*`` keys, or sdengine's "SAG
+    scale" / "SAG blur sigma"), over the script's defaults, and the SAG rule it records (sdengine's "SAG rule", its
+    default "diffusers" in an sdengine text; Forge's "comfyui"). A ``sag_threshold`` says later Forge's script wrote
+    it (:func:`forge_sag` then runs that script's rules)."""
+    args: list[Any] = list(FORGE_SAG_DEFAULTS)
+    if not isinstance(text, str) or not text:
+        return args, "comfyui"
+    from sdengine.metadata import parse_parameters, to_generate_kwargs
+
+    parsed = parse_parameters(text)
+    if "SAG scale" not in parsed and "sag_enabled" not in parsed:  # sdengine's key, Forge's
+        return args, "comfyui"
+    try:
+        found = to_generate_kwargs(parsed)
+    except ValueError as e:
+        raise BadRequest(f"infotext: {e}") from None
+    if not found.get("sag_scale"):
+        return args, "comfyui"
+    args[:3] = [True, found["sag_scale"], found["sag_blur_sigma"]]
+    if "sag_threshold" in parsed:  # later Forge's mask threshold
+        try:
+            args[3] = float(parsed["sag_threshold"])
+        except ValueError:
+            raise BadRequest(f"infotext: sag_threshold: {parsed['sag_threshold']!r} is not a number") from None
+    return args, str(found.get("sag_rule", "diffusers"))
+
+
+def forge_sag(scripts: dict[str, Any], cfg_scale: Any, hires: bool, infotext: Any = None) -> dict[str, Any]:
+    """The job's SAG fields (``sag_scale``, ``sag_blur_sigma``, ``sag_rule``; {} when off) from Forge's SAG script in
+    ``alwayson_scripts`` (lower-cased names; the entry is taken out of ``scripts``) over what the request's
+    ``infotext`` sets (:func:`infotext_sag`); ``hires``: a txt2img hires fix runs. A one-line 400 for an entry of
+    another shape or settings sdengine does not run (another mask threshold; the later script with a hires fix)."""
+    args, rule = infotext_sag(infotext)
+    later = isinstance(infotext, str) and "sag_threshold" in infotext  # only later Forge's script writes it
+    name, sent = "", 0
+    for name in FORGE_SAG_SCRIPTS:
+        if name not in scripts:
+            continue
+        entry = scripts.pop(name)
+        given = entry.get("args") if isinstance(entry, dict) else None
+        if not isinstance(given, list) or len(given) > len(FORGE_SAG_ARGS):
+            raise BadRequest(
+                f"alwayson_scripts.{name} must be an object {{args: [enabled, scale, blur_sigma]}} or {{args: "
+                f"[enabled, scale, blur_sigma, threshold]}} (Forge's SAG script), got {repr(entry)[:100]}"
+            )
+        args[: len(given)], sent = given, len(given)
+        rule = "comfyui"  # the script's SAG: ComfyUI's
+        later = name == FORGE_SAG_SCRIPTS[1]
+        break
+
+    def label(i: int) -> str:  # where argument i came from: the request's script entry, else its infotext
+        what = FORGE_SAG_ARGS[i]
+        return f"alwayson_scripts.{name}.args[{i}] ({what})" if i < sent else f"infotext: sag_{what}"
+
+    if not isinstance(args[0], bool):
+        raise BadRequest(f"{label(0)} must be true or false, got {repr(args[0])[:100]}")
+    if not args[0]:
+        return {}
+    from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA, SAG_THRESHOLD
+    from sdengine.pipeline.request import MAX_SAG_SCALE
+
+    values: list[float] = []
+    for i, v in enumerate(args[1:], start=1):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise BadRequest(f"{label(i)} must be a number, got {repr(v)[:100]}")
+        values.append(float(v))
+    scale, blur, threshold = values
+    if not -MAX_SAG_SCALE <= scale <= MAX_SAG_SCALE:
+        raise BadRequest(f"{label(1)} must be in [-{MAX_SAG_SCALE:g}, {MAX_SAG_SCALE:g}], got {scale:g}")
+    if not 0.0 < blur <= MAX_SAG_BLUR_SIGMA:  # Forge's blur divides by it: 0 makes NaN there
+        raise BadRequest(f"{label(2)} must be in (0, {MAX_SAG_BLUR_SIGMA:g}], got {blur:g}")
+    if threshold != SAG_THRESHOLD:
+        raise BadRequest(
+            f"{label(3)}: sdengine's SAG mask threshold is {SAG_THRESHOLD:g} (the average attention); {threshold:g} is "
+            f"not supported"
+        )
+    if later and hires:
+        where = f"alwayson_scripts.{name}" if sent else "infotext"
+        raise BadRequest(
+            f"{where}: Forge's later SAG script skips the hires fix's second pass and sdengine's hires "
+            "pass would run it; turn enable_hr off, or send the entry as 'SelfAttentionGuidance Integrated'"
+        )
+    if scale == 0 or (later and _number_or_none(cfg_scale) == 1.0):  # no term; the later script skips cfg 1
+        return {}
+    return {"sag_scale": scale, "sag_blur_sigma": blur, "sag_rule": rule}
+
+
+def _number_or_none(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
 def control_units(
     args: Any, init: str | None, ignored: list[str], detect_maps: list[int] | None = None
 ) -> tuple[list[ControlRequest], list[tuple[int, int]], dict[int, int]]:
@@ -1591,6 +1696,9 @@ def install(app: FastAPI, services: Any) -> None:
         freeu = forge_freeu(scripts, (req.model_extra or {}).get("infotext"))  # Forge's FreeU script: sdengine's
         # Forge's Kohya HRFix script (over the infotext's kohya_hrfix_* fields): sdengine's deep_shrink
         deep_shrink = forge_deep_shrink(scripts, (req.model_extra or {}).get("infotext"))
+        # Forge's SAG script: sdengine's SAG under ComfyUI's rule
+        hires = bool(body.get("enable_hr")) and init is None
+        sag = forge_sag(scripts, req.cfg_scale, hires, (req.model_extra or {}).get("infotext"))
         ignored.extend(f"alwayson_scripts.{k}" for k in scripts)
         if cn is not None and not isinstance(cn, dict):
             raise BadRequest("alwayson_scripts.controlnet must be an object: {args: [units]}")
@@ -1627,6 +1735,7 @@ def install(app: FastAPI, services: Any) -> None:
             cfg_scale=req.cfg_scale,
             pag_scale=pag_scale,
             **freeu,
+            **sag,
             **({} if deep_shrink is None else {"deep_shrink": deep_shrink}),
             seed=req.seed,
             width=req.width,

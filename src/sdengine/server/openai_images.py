@@ -94,7 +94,7 @@ EDIT_QUALITY = tuple(q for q in CHOICES["quality"] if q != "hd")
 EXTENSIONS: tuple[str, ...] = ("seed", "steps", "negative_prompt", "cfg_scale", "sampler", "schedule", "vae")
 EXTENSIONS += ("pag_scale", "pag_layers")
 EXTENSIONS += ("freeu", "freeu_version", "freeu_rule")
-EXTENSIONS += ("sag_scale", "sag_blur_sigma")
+EXTENSIONS += ("sag_scale", "sag_blur_sigma", "sag_rule")
 _SHARED = "model n size response_format output_format output_compression quality moderation style background user"
 # the fields each route reads, from a JSON body (generations) or a multipart form (edits, variations); any other
 # field is refused as OpenAI refuses an unknown parameter, never dropped (a misspelt ``seed`` would draw another
@@ -147,6 +147,7 @@ class GenerationsRequest(BaseModel):
     vae: str | None = None
     sag_scale: float | None = None
     sag_blur_sigma: float | None = None
+    sag_rule: Any = None  # checked by the request builder
     pag_scale: float | None = None
     pag_layers: str | list[str] | None = None
     freeu: Any = None  # a list, or "b1,b2,s1,s2" as in a form (checked by the request builder)
@@ -596,6 +597,7 @@ def install(app: FastAPI, services: Any) -> None:
                     "vae": fields.get("vae") or None,
                     "sag_scale": number(fields, "sag_scale", float, None),
                     "sag_blur_sigma": number(fields, "sag_blur_sigma", float, None),
+                    "sag_rule": fields.get("sag_rule") or None,
                     "pag_scale": number(fields, "pag_scale", float, None),
                     "pag_layers": fields.get("pag_layers") or None,  # a form field: one comma-separated string
                     **form_freeu(fields),
@@ -732,6 +734,12 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
             "maximum": 10,
             "default": 1,
             "description": "sdengine: SAG's blur sigma, as the native job's sag_blur_sigma",
+        },
+        "sag_rule": {
+            "type": "string",
+            "enum": ["diffusers", "comfyui"],
+            "default": "diffusers",
+            "description": "sdengine: where SAG's term goes, as the native job's sag_rule",
         },
         "pag_scale": {
             "type": "number",

@@ -293,6 +293,7 @@ def build_generation(
     vae: str | None = None,
     sag_scale: float = 0.0,
     sag_blur_sigma: float = 1.0,
+    sag_rule: str = "diffusers",
     pag_scale: float = 0.0,
     pag_layers: str | Sequence[str] = "mid",
     freeu: Sequence[float] | None = None,
@@ -304,9 +305,10 @@ def build_generation(
     job's VAE (:func:`check_vae_choice`; None: the VAE the model was loaded with). ``pag_scale`` / ``pag_layers``:
     perturbed-attention guidance (:func:`check_pag`; the layers are kept only with a scale above 0). ``freeu`` /
     ``freeu_version`` / ``freeu_rule``: FreeU (:func:`check_freeu`; None: off). ``sag_scale`` / ``sag_blur_sigma``:
-    self-attention guidance (the blur sigma kept only with a scale other than 0). ``deep_shrink``: Deep Shrink's
-    settings (the pipeline's ``deep_shrink``; checked by GenerationRequest.validate below)."""
-    from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA
+    self-attention guidance (the blur sigma and ``sag_rule``, "diffusers" or "comfyui", kept only with a scale other
+    than 0). ``deep_shrink``: Deep Shrink's settings (the pipeline's ``deep_shrink``; checked by
+    GenerationRequest.validate below)."""
+    from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA, SAG_RULES
     from sdengine.nn.lora import LoRAWeight, lora_weight
     from sdengine.pipeline.request import MAX_SAG_SCALE
     from sdengine.prompts import extract_lora_tags
@@ -330,6 +332,8 @@ def build_generation(
     sag_blur_sigma = _finite(sag_blur_sigma, "sag_blur_sigma", 0.0, MAX_SAG_BLUR_SIGMA)
     if sag_scale and sag_blur_sigma <= 0:
         raise BadRequest(f"sag_blur_sigma must be above 0, got {sag_blur_sigma:g}")
+    if not isinstance(sag_rule, str) or sag_rule not in SAG_RULES:
+        raise BadRequest(f"unknown sag_rule {repr(sag_rule)[:100]}; use one of: {', '.join(SAG_RULES)}")
     pag_scale, pag_layer_text = check_pag(pag_scale, pag_layers)
     freeu_settings = check_freeu(freeu, freeu_version, freeu_rule)
     strength = _finite(strength, "strength", 0.0, 1.0)
@@ -496,6 +500,8 @@ def build_generation(
         kwargs["resize_mode"] = resize_mode  # checked by GenerationRequest.validate below
     if sag_scale:  # left out at 0 (no SAG), so that such jobs batch as before
         kwargs.update(sag_scale=sag_scale, sag_blur_sigma=sag_blur_sigma)
+        if sag_rule != "diffusers":
+            kwargs["sag_rule"] = sag_rule
     if pag_scale:  # left out at 0 (no PAG: the layers do nothing), so that such jobs batch as before
         kwargs.update(pag_scale=pag_scale, pag_layers=pag_layer_text)  # a tuple: batch_key compares it
     if freeu_settings is not None:  # left out when off, so that such jobs batch as before

@@ -123,6 +123,13 @@ class JobRequest(BaseModel):
         description="the standard deviation of SAG's 9x9 Gaussian blur (diffusers' 1.0; ComfyUI's node 2.0); used only "
         "with a sag_scale other than 0. Infotext 'SAG blur sigma'",
     )
+    sag_rule: Literal["diffusers", "comfyui"] = Field(
+        "diffusers",
+        description="where SAG's term goes: 'diffusers' (its pipeline: in the network's output space, before "
+        "guidance rescale) or 'comfyui' (ComfyUI's node, Forge's script: the unconditional rows even at cfg 1, the "
+        "term in x0 after the rescale, skipped on a latent of a side 4 or less). Used only with a sag_scale other "
+        "than 0; infotext 'SAG rule' when 'comfyui'",
+    )
     pag_scale: float = Field(
         0.0,
         ge=0,

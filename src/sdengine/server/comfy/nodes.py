@@ -1053,6 +1053,7 @@ def _sample(
             pag_scale=model.pag_scale,
             sag_scale=model.sag[0] if model.sag else 0.0,
             sag_blur_sigma=model.sag[1] if model.sag else 2.0,
+            sag_rule="comfyui",  # the SelfAttentionGuidance node is ComfyUI's under either seed rule
             prediction=model.prediction,
             zero_terminal_snr=model.zsnr,
             deep_shrink=DeepShrink(*model.deep_shrink) if model.deep_shrink else None,

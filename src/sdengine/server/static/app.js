@@ -18,6 +18,7 @@ const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "st
   "hr-schedule", "hr-prompt", "hr-negative-prompt", "seed_resize_w", "seed_resize_h",
   "strength_rule", "clip_skip_rule", "noise_multiplier", "masked_content"];
 FIELDS.push("freeu", "freeu_version", "freeu_rule"); // FreeU's factors (text: empty = off), version and rule
+FIELDS.push("sag_scale", "sag_blur_sigma", "sag_rule"); // self-attention guidance (scale 0 = off)
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform", simple: "Simple", ddim_uniform: "DDIM uniform", beta: "Beta", kl_optimal: "KL Optimal",
   align_your_steps: "Align Your Steps (SDXL's table on SDXL)", align_your_steps_sdxl: "Align Your Steps, SDXL table",
@@ -206,6 +207,9 @@ const ERROR_FIELDS = [
   [/freeu_version|FreeU version/i, "freeu_version"], // FreeU's first: its lines may name widths and blocks
   [/freeu_rule|FreeU rule/i, "freeu_rule"],
   [/\bfreeu\b|FreeU/i, "freeu"],
+  [/sag_blur_sigma|SAG blur/i, "sag_blur_sigma"], // SAG's before width/height: its size line names latent pixels
+  [/sag_rule|SAG rule/i, "sag_rule"],
+  [/sag_scale|SAG scale|self-attention guidance/i, "sag_scale"],
   [/seed_resize_from_w|resize seed from width/i, "seed_resize_w"],
   [/seed_resize_from_h|resize seed from height/i, "seed_resize_h"],
   [/seed_resize_from/i, "seed_resize_w"],
@@ -680,6 +684,17 @@ function applyInfotext(text) {
   // sdengine's perturbed-attention guidance: as the image has it, else off (its layers "mid" unless named)
   put("pag_scale", f["PAG scale"] ? parseFloat(f["PAG scale"]) : 0);
   put("pag_layers", (f["PAG layers"] || "mid").trim());
+  // self-attention guidance: sdengine's "SAG scale" / "SAG blur sigma" / "SAG rule" (blur 1 and diffusers' rule
+  // unless written), or Forge's sag_enabled, sag_scale, sag_blur_sigma (ComfyUI's rule; its defaults 0.5 and 2; a
+  // sag_threshold other than 1 said missing); else off
+  const forgeSag = !f["SAG scale"] && /^true$/i.test((f.sag_enabled || "").trim());
+  const sagOf = (own, forgeKey, fallback) => (f[own] || (forgeSag ? f[forgeKey] : "") || fallback).trim();
+  put("sag_scale", f["SAG scale"] || forgeSag ? parseFloat(sagOf("SAG scale", "sag_scale", "0.5")) : 0);
+  put("sag_blur_sigma", parseFloat(sagOf("SAG blur sigma", "sag_blur_sigma", forgeSag ? "2" : "1")));
+  put("sag_rule", forgeSag ? "comfyui" : (f["SAG rule"] || "diffusers").trim());
+  if (forgeSag && f.sag_threshold && parseFloat(f.sag_threshold) !== 1) {
+    missing.push(`SAG's sag_threshold ${f.sag_threshold.trim()} (this page's mask threshold is 1)`);
+  }
   if (f.Seed) put("seed", f.Seed);
   const size = /^(\d+)x(\d+)$/.exec(f.Size || "");
   if (size) { put("width", size[1]); put("height", size[2]); }
@@ -957,6 +972,10 @@ async function buildRequest() {
   if (pag > 0) { // perturbed-attention guidance; not sent at 0 (off)
     body.pag_scale = pag;
     body.pag_layers = $("pag_layers").value.trim() || "mid";
+  }
+  const sag = number("sag_scale", "SAG scale", false);
+  if (sag !== 0) { // self-attention guidance; not sent at 0 (off)
+    Object.assign(body, { sag_scale: sag, sag_blur_sigma: number("sag_blur_sigma", "SAG blur sigma", false), sag_rule: $("sag_rule").value });
   }
   if ($("tiling").checked) body.tiling = true;
   const resize = seedResizeFrom();
