@@ -316,6 +316,26 @@ def _number_or_none(text: str | None) -> float | None:
 
 
 _FREEU_FACTOR_FIELDS = ("freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2")
+# A1111's Hypertile U-Net fields and sdengine's two (its "Hypertile VAE ..." ones are not reproduced: warned of)
+HYPERTILE_UNET_FIELDS = (
+    "Hypertile U-Net",
+    "Hypertile U-Net second pass",
+    "Hypertile U-Net max depth",
+    "Hypertile U-Net max tile size",
+    "Hypertile U-Net swap size",
+    "Hypertile rule",
+    "Hypertile scale depth",
+)
+
+
+def _true(parsed: Mapping[str, str], key: str) -> bool:
+    """Whether a field reads "True" (A1111 writes booleans so); a missing one is False, another value an error."""
+    if key not in parsed:
+        return False
+    text = parsed[key].strip().lower()
+    if text not in ("true", "false"):
+        raise MetadataError(f"{key}: {parsed[key]!r} is not True or False")
+    return text == "true"
 
 
 def _parse_float(parsed: Mapping[str, str], key: str) -> float:
@@ -463,6 +483,17 @@ def to_generate_kwargs(
         kwargs["freeu"] = tuple(_parse_float(parsed, k) for k in _FREEU_FACTOR_FIELDS)
         kwargs["freeu_version"] = _parse_int(parsed, "freeu_version") if "freeu_version" in parsed else 2
         kwargs["freeu_rule"] = parsed.get("freeu_rule", "width").strip()  # sdengine's, when not the width rule
+    hypertile = _true(parsed, "Hypertile U-Net")
+    if hypertile or _true(parsed, "Hypertile U-Net second pass"):
+        # A1111's Hypertile U-Net (its settings where not its defaults 256, 3, 3); sdengine's rule and scale depth
+        kwargs["hypertile"] = tuple(
+            _parse_int(parsed, f"Hypertile U-Net {name}") if f"Hypertile U-Net {name}" in parsed else default
+            for name, default in (("max tile size", 256), ("swap size", 3), ("max depth", 3))
+        )
+        kwargs["hypertile_hires_only"] = not hypertile
+        kwargs["hypertile_rule"] = parsed.get("Hypertile rule", "a1111").strip()
+        if "Hypertile scale depth" in parsed:
+            kwargs["hypertile_scale_depth"] = _true(parsed, "Hypertile scale depth")
     if "Variation seed" in parsed:
         kwargs["subseed"] = _parse_int(parsed, "Variation seed")
         # A1111 writes the strength only when it is not 0; a missing one is 0 (the seed's image)
@@ -573,6 +604,7 @@ def to_generate_kwargs(
         *_FREEU_FACTOR_FIELDS,
         "freeu_version",
         "freeu_rule",
+        *HYPERTILE_UNET_FIELDS,
         "Variation seed",
         "Variation seed strength",
         "Seed resize from",

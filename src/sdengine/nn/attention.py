@@ -12,7 +12,7 @@ layers (diffusers' ``pag_applied_layers`` rule), :func:`identity_attention` swit
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -98,6 +98,9 @@ class Attention(nn.Module):
         # perturbed-attention guidance: this many trailing rows of each call take the identity attention map
         # (their output is to_out(to_v(x))); set only inside identity_attention()
         self.identity_rows = 0
+        # HyperTile: called as hypertile(x, attend) in place of the self-attention (sdengine.nn.hypertile; set only
+        # inside hypertile_applied())
+        self.hypertile: Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor] | None = None
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(context_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim, inner, bias=bias)
@@ -113,10 +116,18 @@ class Attention(nn.Module):
                 h = self.to_v(x)  # (B, L, inner)
             else:
                 m = mask[:b] if mask is not None and mask.dim() == 4 and mask.shape[0] == x.shape[0] else mask
-                h = torch.cat([self._attend(x[:b], x[:b], m), self.to_v(x[b:])])
+                h = torch.cat([self._self_attend(x[:b], m), self.to_v(x[b:])])
+        elif context is None:
+            h = self._self_attend(x, mask)  # (B, L, inner)
         else:
-            h = self._attend(x, x if context is None else context, mask)  # (B, L, inner)
+            h = self._attend(x, context, mask)  # (B, L, inner)
         return self.to_out[1](self.to_out[0](h))  # (B, L, C)
+
+    def _self_attend(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        tiles = self.hypertile
+        if tiles is not None and mask is None:  # HyperTile: each tile of the feature map attends within itself
+            return tiles(x, lambda t: self._attend(t, t, None))
+        return self._attend(x, x, mask)
 
     def _attend(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
         return scaled_dot_product_attention(

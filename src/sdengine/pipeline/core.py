@@ -53,6 +53,7 @@ from sdengine.io.images import load_image, to_uint8
 from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.nn.attention import CHUNK_SCORES, identity_attention, pag_layers
 from sdengine.nn.freeu import FreeU, FreeUNet, check_freeu
+from sdengine.nn.hypertile import HyperTile, HyperTileNet, check_hypertile
 from sdengine.pipeline.control import ControlUnit, GraphedControlledUNet, build_controlled_unet
 from sdengine.pipeline.finite import require_finite
 from sdengine.pipeline.infotext import (
@@ -115,6 +116,31 @@ def _grid_steps(p: Prepared) -> int:
     if p.init is not None and p.start_step is None and r.strength_rule == "a1111_fix_steps":
         return img2img_steps(int(r.steps), float(r.strength), r.strength_rule, p.sampler)[0]
     return int(r.steps)
+
+
+# A1111's Hypertile U-Net defaults: its infotext writes a setting only where it is not the default
+A1111_HYPERTILE_DEFAULTS = {"tile_size": 256, "swap_size": 3, "max_depth": 3}
+
+
+def hypertile_infotext(request: GenerationRequest) -> dict[str, Any]:
+    """The infotext fields of a request's HyperTile: A1111's "Hypertile U-Net: True" (or, tiling only the hires
+    fix's second pass, "Hypertile U-Net second pass: True" where a second pass runs), its "Hypertile U-Net max tile
+    size", "max depth", "swap size" where not its defaults 256, 3, 3; sdengine's "Hypertile rule" and "Hypertile
+    scale depth" where not "a1111" and true."""
+    tiles = request.hypertile_config()
+    if tiles is None or (request.hypertile_hires_only and not request.enable_hr):
+        return {}
+    row: dict[str, Any] = {}
+    row["Hypertile U-Net second pass" if request.hypertile_hires_only else "Hypertile U-Net"] = True
+    for key, name in (("max_depth", "max depth"), ("tile_size", "max tile size"), ("swap_size", "swap size")):
+        value = getattr(tiles, key)
+        if value != A1111_HYPERTILE_DEFAULTS[key]:
+            row[f"Hypertile U-Net {name}"] = value
+    if tiles.rule != "a1111":
+        row["Hypertile rule"] = tiles.rule
+    if not tiles.scale_depth:
+        row["Hypertile scale depth"] = False
+    return row
 
 
 @dataclass
@@ -682,6 +708,9 @@ class Pipeline:
         freeu = r.freeu_settings()
         if freeu is not None:  # FreeU changes some up block of this U-Net (one line, before any model runs)
             check_freeu(self.unet, freeu)
+        tiles = r.hypertile_config()
+        if tiles is not None:  # HyperTile has a self-attention layer to tile in this U-Net (one line)
+            check_hypertile(self.unet, tiles)
         if r.sdxl is not None and self.text_kind != "sdxl":
             raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
         if int(r.steps) > self.noise_schedule.num_train_timesteps:
@@ -925,6 +954,7 @@ class Pipeline:
                     row["FreeU version"] = freeu.version
                 if freeu.rule != "width":
                     row["FreeU rule"] = freeu.rule
+            row.update(hypertile_infotext(request))
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
         embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
             getattr(self, "tokenizer_2", None), "embeddings", None
@@ -1144,7 +1174,11 @@ class Pipeline:
         # FreeU changes the up blocks of the plain U-Net during its calls: the same (a step graph would replay them
         # as recorded; the whole-loop graph keys FreeU in its plan)
         freeu = r.freeu_settings()
-        if not units and pag is None and freeu is None:
+        # HyperTile draws each call's tiles in Python: the plain network too (the whole-loop graph keys it and the
+        # seed in its plan)
+        tiles = r.hypertile_settings()
+        hypertile = None if tiles is None else (tiles, int(p.seeds[0]))
+        if not units and pag is None and freeu is None and hypertile is None:
             net = self.graphed("unet") or net
         if units:
             units = [_rows_of(u, rows, len(p.seeds)) for u in units]
@@ -1163,11 +1197,18 @@ class Pipeline:
                 noise_schedule=self.noise_schedule,
             )
             # graphs on, the U-Net unhooked: the controlled step
-            if self.graphed("unet") is not None and pag is None and freeu is None:
+            if self.graphed("unet") is not None and pag is None and freeu is None and hypertile is None:
                 graphed_control = GraphedControlledUNet(net, **self._graph_opts)
                 net = graphed_control if graphed_control.usable() else net
         den: Any = self.guided_denoiser(
-            cfg_scale, uncond, float(r.guidance_rescale), net=net, texts=texts, pag=pag, freeu=freeu
+            cfg_scale,
+            uncond,
+            float(r.guidance_rescale),
+            net=net,
+            texts=texts,
+            pag=pag,
+            freeu=freeu,
+            hypertile=hypertile,
         )
         blend: Any = None
         if r.strength_rule in A1111_STRENGTH_RULES and start.rounded_mask is not None and start.init_latent is not None:
@@ -1245,15 +1286,20 @@ class Pipeline:
         texts: Any = None,
         pag: tuple[float, Sequence[str]] | None = None,
         freeu: FreeU | None = None,
+        hypertile: tuple[HyperTile, int] | None = None,
     ) -> Any:
         """The x0-denoiser the samplers call: classifier-free guidance over the U-Net (``net``: what runs in its
         place, a graph or a controlled U-Net); ``texts``: prompt editing's text rows of each step; ``pag``: (scale,
         layer patterns) of perturbed-attention guidance on this pipeline's U-Net (the plain network runs it: a
         step graph would replay its attention unperturbed); ``freeu``: FreeU on this pipeline's U-Net for each call
-        (:mod:`sdengine.nn.freeu`; the plain network runs it too)."""
+        (:mod:`sdengine.nn.freeu`; the plain network runs it too); ``hypertile``: (settings, seed) of HyperTile on
+        this pipeline's U-Net's self-attention, one generator seeded with ``seed`` for this denoiser's calls
+        (:mod:`sdengine.nn.hypertile`)."""
         net = self.unet if net is None else net
         if freeu is not None:
             net = FreeUNet(net, self.unet, freeu)
+        if hypertile is not None:
+            net = HyperTileNet(net, self.unet, hypertile[0], hypertile[1], scale=self.vae_scale_factor)
         model: Any = UNetAdapter(net, self.dtype)
         if texts is not None:  # prompt editing: the text rows of each step (sdengine.pipeline.prompt_editing)
             from sdengine.pipeline.prompt_editing import StepTexts
@@ -1272,6 +1318,7 @@ class Pipeline:
         noised to where that is not ``first`` (A1111's DDIM / PLMS)."""
         r = p.request
         freeu = r.freeu_settings()
+        tiles = r.hypertile_settings()
         return LoopPlan.of(
             sampler=p.sampler,
             steps=_grid_steps(p),
@@ -1290,6 +1337,7 @@ class Pipeline:
             pag_scale=float(r.pag_scale),
             pag_layers=r.pag_layer_list() if r.pag_scale else (),
             freeu=() if freeu is None else freeu.key,
+            hypertile=() if tiles is None else (*tiles.key, int(p.seeds[0])),
         )
 
     def noise_draws(self, plan: LoopPlan) -> int:
@@ -1329,10 +1377,15 @@ class Pipeline:
         graphs = self.cuda_graphs or {}
         # PAG switches attention layers of the plain U-Net during its calls: an ahead-of-time package would not see it
         # and so does FreeU its up blocks
-        net = graphs["unet"].fn if "unet" in graphs and not plan.pag_scale and not plan.freeu else self.unet
+        # and HyperTile its self-attention layers
+        plain = not plan.pag_scale and not plan.freeu and not plan.hypertile
+        net = graphs["unet"].fn if "unet" in graphs and plain else self.unet
         pag = (plan.pag_scale, plan.pag_layers) if plan.pag_scale else None
         freeu = FreeU(*plan.freeu) if plan.freeu else None
-        den = self.guided_denoiser(plan.cfg_scale, uncond, plan.rescale, net=net, pag=pag, freeu=freeu)
+        hypertile = (HyperTile(*plan.hypertile[:5]), int(plan.hypertile[5])) if plan.hypertile else None
+        den = self.guided_denoiser(
+            plan.cfg_scale, uncond, plan.rescale, net=net, pag=pag, freeu=freeu, hypertile=hypertile
+        )
         bank = None if draws is None else NoiseBank(draws, noise.shape[0])
         return self.sample_plan(den, plan, noise, init_latent, cond, generators=bank)
 

@@ -76,6 +76,9 @@ class LoopPlan:
     pag_layers: tuple[str, ...] = ()
     # FreeU: (b1, b2, s1, s2, version, rule), () = off (the recording bakes in the up blocks' FreeU)
     freeu: tuple[Any, ...] = ()
+    # HyperTile: (tile_size, swap_size, max_depth, rule, scale_depth, seed), () = off (the recording bakes in the
+    # tiles drawn at each call, which the seed decides)
+    hypertile: tuple[Any, ...] = ()
     # the options as given (the JSON above keys them; a value JSON cannot hold exactly is kept here as it was)
     given_options: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
 
@@ -99,6 +102,7 @@ class LoopPlan:
         pag_scale: float = 0.0,
         pag_layers: tuple[str, ...] = (),
         freeu: tuple[Any, ...] = (),
+        hypertile: tuple[Any, ...] = (),
     ) -> LoopPlan:
         return LoopPlan(
             sampler=sampler,
@@ -118,6 +122,7 @@ class LoopPlan:
             pag_scale=float(pag_scale),
             pag_layers=tuple(str(x) for x in pag_layers),
             freeu=tuple(freeu),
+            hypertile=tuple(hypertile),
             given_options=tuple(sorted(dict(sampler_options or {}).items())),
         )
 

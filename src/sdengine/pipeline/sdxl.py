@@ -559,11 +559,19 @@ def hand_off_latents(
     # one past the last the base's alone (A1111's apply_refiner switches at a step or never)
     pag = (float(request.pag_scale), request.pag_layer_list()) if request.pag_scale else None
     freeu = request.freeu_settings()  # on each model's own U-Net
+    tiles = request.hypertile_settings()  # and HyperTile, each model's generator seeded with the first seed
+    ht = None if tiles is None else (tiles, int(p.seeds[0]))
     runs = [
-        (base, blended(base.guided_denoiser(cfg_scale, uncond, rescale, pag=pag, freeu=freeu)), cond, first, k),
+        (
+            base,
+            blended(base.guided_denoiser(cfg_scale, uncond, rescale, pag=pag, freeu=freeu, hypertile=ht)),
+            cond,
+            first,
+            k,
+        ),
         (
             refiner,
-            blended(refiner.guided_denoiser(cfg_scale, r_uncond, rescale, pag=pag, freeu=freeu)),
+            blended(refiner.guided_denoiser(cfg_scale, r_uncond, rescale, pag=pag, freeu=freeu, hypertile=ht)),
             r_cond,
             k,
             grid.steps,
