@@ -38,9 +38,9 @@ log = logging.getLogger(__name__)
 
 
 def a1111_sampler_options() -> dict[str, Any]:
-    from sdengine.server.a1111 import SAMPLER_OPTIONS
+    from sdengine.server.a1111 import HYPERTILE_OPTIONS, SAMPLER_OPTIONS
 
-    return dict(SAMPLER_OPTIONS)
+    return {**SAMPLER_OPTIONS, **HYPERTILE_OPTIONS}
 
 
 @dataclass
@@ -169,7 +169,8 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
             "hires_fix_refiner_pass": "second pass",  # A1111's: which pass of the hires fix hands off to the refiner
             "tiling": False,  # A1111's Tiling of requests that give none
             "img2img_background_color": "#ffffff",  # what A1111 lays a transparent img2img init image over
-            **a1111_sampler_options(),  # eta_ancestral, s_churn, ..., uni_pc_order: what the server runs
+            # eta_ancestral, s_churn, ..., uni_pc_order, hypertile_enable_unet, ...: what the server runs
+            **a1111_sampler_options(),
         },
     )
 

@@ -296,11 +296,15 @@ def build_generation(
     freeu: Sequence[float] | None = None,
     freeu_version: int = 2,
     freeu_rule: str = "width",
+    hypertile: Sequence[int] | None = None,
+    hypertile_hires_only: bool = False,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run. ``vae``: the
     job's VAE (:func:`check_vae_choice`; None: the VAE the model was loaded with). ``pag_scale`` / ``pag_layers``:
     perturbed-attention guidance (:func:`check_pag`; the layers are kept only with a scale above 0). ``freeu`` /
-    ``freeu_version`` / ``freeu_rule``: FreeU (:func:`check_freeu`; None: off)."""
+    ``freeu_version`` / ``freeu_rule``: FreeU (:func:`check_freeu`; None: off). ``hypertile``: HyperTile's (tile size,
+    swap size, max depth), None: off; ``hypertile_hires_only``: the hires fix's second pass only (A1111's options;
+    checked by GenerationRequest.validate; such a job runs alone, its tiles drawn from its own first seed)."""
     from sdengine.nn.lora import LoRAWeight, lora_weight
     from sdengine.prompts import extract_lora_tags
 
@@ -485,6 +489,8 @@ def build_generation(
         kwargs["resize_mode"] = resize_mode  # checked by GenerationRequest.validate below
     if pag_scale:  # left out at 0 (no PAG: the layers do nothing), so that such jobs batch as before
         kwargs.update(pag_scale=pag_scale, pag_layers=pag_layer_text)  # a tuple: batch_key compares it
+    if hypertile is not None:  # left out when off, so that such jobs batch as before
+        kwargs.update(hypertile=tuple(hypertile), hypertile_hires_only=hypertile_hires_only)
     if freeu_settings is not None:  # left out when off, so that such jobs batch as before
         kwargs.update(zip(("freeu", "freeu_version", "freeu_rule"), freeu_settings, strict=True))
     if init_latent_resize:  # A1111's img2img resize mode 3 (left out when off, so such jobs batch as before)
