@@ -39,6 +39,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from sdengine.errors import SdengineError
 from sdengine.nn.freeu import MAX_FREEU_FACTOR, FreeU, freeu_applied
+from sdengine.nn.hypertile import HyperTile, HyperTileRun, check_hypertile, hypertile_applied
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -194,6 +195,9 @@ class ModelHandle:
     # FreeU / FreeU_V2: (b1, b2, s1, s2, version, "width"), () = off (the last one applied counts, as ComfyUI's
     # output block patch, which replaces the one before)
     freeu: tuple[Any, ...] = ()
+    # HyperTile: its settings' key (tile_size, swap_size, max_depth, "comfyui", scale_depth), () = off (the last node
+    # applied counts; sdengine.server.comfy.nodes_hypertile)
+    hypertile: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -994,7 +998,13 @@ def _sample(
         return ctx.progress(r.step, r.steps, r.denoised) if ctx.progress is not None else True
 
     freeu = FreeU(*model.freeu) if model.freeu else None
-    with freeu_applied(pipe.unet, freeu):  # FreeU / FreeU_V2 on the plain U-Net that latent_sampling calls
+    tiles = None
+    if model.hypertile:  # HyperTile on the plain U-Net's self-attention, its draws seeded with the sampler's seed
+        settings = HyperTile(*model.hypertile)
+        check_hypertile(pipe.unet, settings)
+        tiles = HyperTileRun(settings, int(seed), pipe.vae_scale_factor)
+        tiles.latent = (int(samples.shape[-2]), int(samples.shape[-1]))
+    with freeu_applied(pipe.unet, freeu), hypertile_applied(pipe.unet, tiles):
         out = sample_latents(
             pipe,
             positive,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from sdengine.server.comfy.nodes import NODES as CORE_NODES
 from sdengine.server.comfy.nodes import NodeDef
+from sdengine.server.comfy.nodes_hypertile import HYPERTILE_NODES
 from sdengine.server.comfy.nodes_image import IMAGE_NODES
 from sdengine.server.comfy.nodes_latent import LATENT_NODES
 
-NODES: dict[str, NodeDef] = {**CORE_NODES, **IMAGE_NODES, **LATENT_NODES}
+NODES: dict[str, NodeDef] = {**CORE_NODES, **IMAGE_NODES, **LATENT_NODES, **HYPERTILE_NODES}
