@@ -357,3 +357,22 @@ def test_the_recorded_loop_keys_hypertile_and_its_seed(tiny_sd1_folder):
         assert loop.recordings == n
         np.testing.assert_array_equal(images[-1], plain(**kw))
     assert not np.array_equal(images[0], images[1])
+
+
+def test_sdxl_and_its_hand_off_run_hypertile(tmp_path_factory):
+    """A tiny SDXL (its self-attention at the second level only; 2x VAE): ComfyUI's rule at 128x128 px cuts that
+    level's 32x32 grid in 2x2 (swap 1: no draw to differ). With the base model as its own refiner the hand-off is
+    the plain run (each model's denoiser tiles alike), and HyperTile changed the image."""
+    from _sdxl_models import make_sdxl_folder
+
+    pipe = sdengine.load_pipeline(make_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"), device="cpu")
+    kw: dict[str, Any] = dict(steps=4, sampler="euler", cfg_scale=5.0, seed=3, width=128, height=128, progress=False)
+    tiles = dict(hypertile=(32, 1, 1), hypertile_rule="comfyui", hypertile_scale_depth=False)
+    plain = pipe(PROMPT, NEGATIVE, **kw)
+    tiled = pipe(PROMPT, NEGATIVE, **kw, **tiles)
+    assert float(np.abs(tiled.arrays - plain.arrays).mean()) > 1e-4
+    handed = pipe.generate_with_refiner(pipe, PROMPT, NEGATIVE, switch_at=0.5, **kw, **tiles)
+    np.testing.assert_allclose(handed.arrays, tiled.arrays, atol=1e-6)
+    assert "Hypertile U-Net: True" in handed.infotexts[0]
+    with pytest.raises(SdengineError, match="HyperTile tiles no layer of this U-Net"):
+        pipe(PROMPT, NEGATIVE, **kw, **dict(tiles, hypertile=(32, 1, 0)))

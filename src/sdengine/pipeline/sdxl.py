@@ -32,6 +32,7 @@ from sdengine.pipeline.core import (
     check_hr_model,
     discards_penultimate,
     grid_strength,
+    hypertile_infotext,
     model_title,
     zero_snr_call,
 )
@@ -437,6 +438,7 @@ class SDXLPipeline(Pipeline):
                 row["ENSD"] = int(request.noise_seed_delta)  # A1111's, written where the sampler draws noise
             if p.init is not None and request.vae_encode == "tiny":
                 row["Tiny VAE encode"] = self.tiny_vae.name  # the init latent is the tiny encoder's
+            row.update(hypertile_infotext(request))  # A1111's Hypertile U-Net fields (both models ran it)
             if p.hires is not None:
                 row.update(infotext_fields(p, i, sdxl=getattr(second_model, "text_kind", "") == "sdxl"))
                 if hr_model is not None:  # A1111's field: the second pass's model
