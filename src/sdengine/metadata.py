@@ -399,7 +399,10 @@ def to_generate_kwargs(
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
     ``guidance_rescale`` ("CFG Rescale phi"), ``pag_scale`` and ``pag_layers`` (sdengine's "PAG scale", "PAG
     layers"), ``freeu``, ``freeu_version`` and ``freeu_rule`` (sdengine's "FreeU: b1,b2,s1,s2", "FreeU version",
-    "FreeU rule" where not 2 and width; Forge's "freeu_enabled: True", "freeu_b1" ... "freeu_s2"), ``subseed`` and
+    "FreeU rule" where not 2 and width; Forge's "freeu_enabled: True", "freeu_b1" ... "freeu_s2"), ``hypertile``,
+    ``hypertile_hires_only``, ``hypertile_rule`` and ``hypertile_scale_depth`` (A1111's "Hypertile U-Net: True" or
+    "Hypertile U-Net second pass: True", its "Hypertile U-Net max tile size" / "max depth" / "swap size", 256 / 3 / 3
+    where missing; sdengine's "Hypertile rule", "Hypertile scale depth"), ``subseed`` and
     ``subseed_strength`` ("Variation seed", "Variation seed strength"), ``seed_resize_from_w`` and
     ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
     ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"), ``noise_seed_delta`` ("ENSD"),

@@ -7,6 +7,9 @@ Perturbed-attention guidance (Ahn et al. 2024, "Self-Rectifying Diffusion Sampli
 Guidance") runs some rows of a call with the identity attention map in chosen self-attention layers: there
 ``softmax(q k^T / sqrt(d)) v`` becomes ``v``, so the layer answers ``to_out(to_v(x))``. :func:`pag_layers` picks the
 layers (diffusers' ``pag_applied_layers`` rule), :func:`identity_attention` switches them for a block.
+
+HyperTile (:mod:`sdengine.nn.hypertile`) sets a self-attention layer's ``hypertile`` for a block: the layer then
+hands its self-attention to it, which runs it on each tile of the feature map as its own batch row.
 """
 
 from __future__ import annotations
