@@ -1137,13 +1137,19 @@ def test_front_and_number_order_the_comfyui_prompts_in_the_shared_queue(gated):
     for bad in ("x", float("nan"), True, [1]):
         r = c.post("/prompt", content=json.dumps({"prompt": txt2img_graph(), "number": bad}).replace("NaN", '"nan"'))
         assert r.status_code == 400 and "number" in r.json()["detail"], r.text
-    # a prompt_id already used by a queued prompt or by another protocol's job is refused: the job table is keyed
-    # by id, and the second job once replaced the first there (a native job vanished from /v1/jobs)
+    # a prompt_id another protocol's job has is refused: the job table is keyed by id, and the second job once
+    # replaced the first there (a native job vanished from /v1/jobs)
     native = next(jid for jid, name in names.items() if name == "native")
-    for taken in (next(iter(names)), native, held):
+    for taken in (native, held):
         r = c.post("/prompt", json={"prompt": txt2img_graph(), "prompt_id": taken})
         assert r.status_code == 400 and "taken" in r.json()["detail"], r.text
     assert c.get(f"/v1/jobs/{native}").json()["state"] == "queued" and len(server.services.manager.queued()) == 5
+    # the client's own queued prompt_id is queued again, as ComfyUI queues it: two prompts of that id, in number order
+    first = next(iter(names))
+    r = c.post("/prompt", json={"prompt": txt2img_graph(), "prompt_id": first})
+    assert r.status_code == 200 and r.json()["prompt_id"] == first and r.json()["number"] == 3, r.text
+    pending = c.get("/queue").json()["queue_pending"]
+    assert [e[0] for e in pending if e[1] == first] == [0, 3] and len(server.services.manager.queued()) == 6
     r = c.post("/prompt", json={"prompt": txt2img_graph(), "prompt_id": 7})  # ComfyUI: str(prompt_id)
     assert r.status_code == 200 and r.json()["prompt_id"] == "7", r.text
     names["7"] = "seven"
@@ -1200,6 +1206,29 @@ def test_a_reconnecting_client_is_told_the_running_node_and_an_interrupt_lists_t
         assert ws_until(ws, "executing")["node"] is None
     finally:
         ws.close()
+
+
+def test_a_prompt_id_run_again_overwrites_its_history_entry(client):
+    """ComfyUI queues a prompt_id it already has and the later run overwrites the history entry (its execution.py
+    task_done: history[prompt_id] = ...), which keeps its place: one entry, the second prompt's, its images new."""
+    pid = f"again-{uuid.uuid4().hex[:8]}"
+    before = client.get("/history").json()
+    first, second = txt2img_graph(), txt2img_graph(prompt="a blue boat")
+    r = client.post("/prompt", json={"prompt": first, "prompt_id": pid})
+    assert r.status_code == 200 and r.json()["prompt_id"] == pid, r.text
+    old = wait_history(client, pid)
+    assert old["prompt"][2] == first and old["status"]["status_str"] == "success"
+    r = client.post("/prompt", json={"prompt": second, "prompt_id": pid})
+    assert r.status_code == 200 and r.json()["prompt_id"] == pid, r.text
+    deadline = time.monotonic() + 300
+    while client.get(f"/history/{pid}").json()[pid]["prompt"][2] != second:
+        assert time.monotonic() < deadline, "the second run never replaced the entry"
+        time.sleep(0.05)
+    new = client.get(f"/history/{pid}").json()[pid]
+    assert new["status"]["status_str"] == "success" and new["prompt"][1] == pid
+    assert new["outputs"]["9"]["images"] != old["outputs"]["9"]["images"]
+    listed = [k for k in client.get("/history").json() if k not in before]
+    assert listed == [pid]  # one entry
 
 
 def test_the_client_id_in_extra_data_targets_the_events_and_is_listed(server, client):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdengine.server.comfy.docs import builtin_object_info, render_nodes, update
-from sdengine.server.comfy.registry import NODES
+from sdengine.server.comfy.registry import NODES  # every family's nodes
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "comfyui.md"
 

@@ -459,6 +459,8 @@ DOC_VALUES = {
     "schedule": "karras",
     "vae": "None",  # the model file's own VAE: valid on a server without --vaes-dir
     "strength": 0.8,
+    "sag_scale": 0.5,  # self-attention guidance (the job runs it)
+    "sag_blur_sigma": 2.0,
     "pag_scale": 1.5,  # perturbed-attention guidance on the middle block (the job runs it)
     "pag_layers": "mid",
     "freeu": "1.3,1.4,0.9,0.2",  # FreeU (a form's string; JSON takes it too)

@@ -286,21 +286,71 @@ def test_another_clients_upload_is_unknown_to_it(tmp_path) -> None:
 
 
 def test_a_prompt_id_in_use_is_refused_with_one_answer_whoever_has_it(tmp_path) -> None:
-    """A ComfyUI prompt_id chosen equal to a job's id is refused (the job table is keyed by id): another client's
-    job gave another line ("job id ... is taken") than one's own, which told which ids were another client's.
-    One answer now, that says only that the id is in use; the other client's job is untouched."""
+    """ComfyUI queues a prompt_id it already has (the later run overwrites the history entry); here a client may
+    reuse its own prompt_ids so, but never another client's: a ComfyUI prompt_id or history entry of another
+    client, or any job id of the other APIs, is refused with one answer (400 "taken"), the same whoever has it
+    (another client's job gave another line once, which told which ids were another client's). The admin may not
+    overwrite a client's entry either; the other client's jobs and entries are untouched."""
+    from fastapi.testclient import TestClient
+
+    from sdengine.server.app import create_app
+    from sdengine.server.comfy.routes import state
+
+    app = create_app(server_config(tmp_path, devices=("cpu",), **KEYS), loader=lambda ref, device: None, preload=False)
+    c = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: no worker runs, jobs stay queued
+    alice, bob, root = bearer("alice-key"), bearer("bob-key"), bearer("root-key")
+    theirs = c.post("/v1/jobs", json=JOB, headers=alice).json()["id"]
+    own = c.post("/v1/jobs", json=JOB, headers=bob).json()["id"]
+    for _ in range(2):  # alice's prompt_id "mine", queued twice
+        r = c.post("/prompt", json={"prompt": GRAPH, "prompt_id": "mine"}, headers=alice)
+        assert r.status_code == 200 and r.json()["prompt_id"] == "mine", r.text
+    assert [e[1] for e in c.get("/queue", headers=alice).json()["queue_pending"]] == ["mine", "mine"]
+    st = state(app)
+    owner = next(j.owner for j in app.state.services.manager.jobs() if j.id == theirs)
+    with st.lock:  # a finished prompt of alice's in the history
+        st.history["done"], st.owners["done"] = {"prompt": [0, "done", {}, {}, []], "outputs": {}}, owner
+    answers = {}
+    for pid in ("mine", "done", theirs, own):
+        r = c.post("/prompt", json={"prompt": GRAPH, "prompt_id": pid}, headers=bob)
+        assert r.status_code == 400, r.text
+        answers[pid] = r.json()["detail"].replace(pid, "ID")
+    assert len(set(answers.values())) == 1 and "taken" in answers[own], answers
+    for pid in ("mine", "done"):
+        assert c.post("/prompt", json={"prompt": GRAPH, "prompt_id": pid}, headers=root).status_code == 400
+    assert c.get("/queue", headers=bob).json()["queue_pending"] == []
+    r = c.post("/prompt", json={"prompt": GRAPH, "prompt_id": "done"}, headers=alice)  # her history entry's id
+    assert r.status_code == 200, r.text
+    pending = [e[1] for e in c.get("/queue", headers=alice).json()["queue_pending"]]
+    assert pending == ["mine", "mine", "done"] and "done" in c.get("/history", headers=alice).json()
+    c.post("/queue", json={"delete": ["mine"]}, headers=alice)  # every queued prompt of that id
+    assert [e[1] for e in c.get("/queue", headers=alice).json()["queue_pending"]] == ["done"]
+    assert c.get(f"/v1/jobs/{theirs}", headers=alice).json()["state"] == "queued"
+
+
+def test_a_prompt_id_queued_by_two_requests_at_once_queues_both(tmp_path, monkeypatch) -> None:
+    """Two requests of one client with the same new prompt_id at once: both judge the id free, the job table takes
+    the first under it; the second, told "taken" by the table, is judged again and queued under an id of its own
+    (ComfyUI queues both), not answered 400."""
     from fastapi.testclient import TestClient
 
     from sdengine.server.app import create_app
 
     app = create_app(server_config(tmp_path, devices=("cpu",), **KEYS), loader=lambda ref, device: None, preload=False)
-    c = TestClient(app, base_url="http://127.0.0.1")  # no lifespan: no worker runs, jobs stay queued
-    theirs = c.post("/v1/jobs", json=JOB, headers=bearer("alice-key")).json()["id"]
-    own = c.post("/v1/jobs", json=JOB, headers=bearer("bob-key")).json()["id"]
-    answers = {}
-    for jid in (theirs, own):
-        r = c.post("/prompt", json={"prompt": GRAPH, "prompt_id": jid}, headers=bearer("bob-key"))
-        assert r.status_code == 400, r.text
-        answers[jid] = r.json()["detail"].replace(jid, "ID")
-    assert answers[theirs] == answers[own] and "taken" in answers[own], answers
-    assert c.get(f"/v1/jobs/{theirs}", headers=bearer("alice-key")).json()["state"] == "queued"
+    c = TestClient(app, base_url="http://127.0.0.1")
+    manager = app.state.services.manager
+    assert c.post("/prompt", json={"prompt": GRAPH, "prompt_id": "race"}, headers=bearer("bob-key")).status_code == 200
+    real, blind = manager.has_id, [True]
+
+    def has_id(job_id: str) -> bool:  # the other request's check ran before the first job was in the table
+        if blind and job_id == "race":
+            blind.clear()
+            return False
+        return real(job_id)
+
+    monkeypatch.setattr(manager, "has_id", has_id)
+    r = c.post("/prompt", json={"prompt": GRAPH, "prompt_id": "race"}, headers=bearer("bob-key"))
+    assert r.status_code == 200 and r.json()["prompt_id"] == "race", r.text
+    ids = [j.id for j in manager.jobs() if getattr(j, "prompt_id", None) == "race"]
+    assert len(ids) == 2 and ids[0] == "race" and ids[1].startswith("race#"), ids
+    r = c.post("/prompt", json={"prompt": GRAPH, "prompt_id": "race"}, headers=bearer("alice-key"))
+    assert r.status_code == 400 and "taken" in r.json()["detail"], r.text

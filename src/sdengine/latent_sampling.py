@@ -271,8 +271,17 @@ class _Regional:
     weight (mask, strength, feathering) and divided by the summed weight (1e-37 where nothing weighs), for the
     positive and the negative entries apart; then CFG (a scale of 1 skips the negative pass, as ComfyUI)."""
 
-    def __init__(self, cfg: float, cond: list[_Region], uncond: list[_Region]) -> None:
-        self.cfg, self.cond, self.uncond = float(cfg), cond, uncond
+    def __init__(
+        self,
+        cfg: float,
+        cond: list[_Region],
+        uncond: list[_Region],
+        extra: tuple[list[_Region], ...] = (),
+        rule: Any = None,
+    ) -> None:
+        # ``rule`` (a guider over three conditionings, :class:`sdengine.diffusion.guidance.DualCFG` / ``PerpNeg``)
+        # combines the predictions of cond, uncond and ``extra``'s one conditioning in place of CFG
+        self.cfg, self.cond, self.uncond, self.extra, self.rule = float(cfg), cond, uncond, extra, rule
         den = cond[0].den
         self.schedule = den.schedule
         self.prediction = den.prediction
@@ -287,7 +296,8 @@ class _Regional:
                 done[id(r.den)] = fn(r.den)
             return replace(r, den=done[id(r.den)])
 
-        return _Regional(self.cfg, [new(r) for r in self.cond], [new(r) for r in self.uncond])
+        extra = tuple([new(r) for r in group] for group in self.extra)
+        return _Regional(self.cfg, [new(r) for r in self.cond], [new(r) for r in self.uncond], extra, self.rule)
 
     @property
     def off_grid(self) -> _Regional:
@@ -305,13 +315,17 @@ class _Regional:
         sig = sig.reshape(-1).expand(x.shape[0]) if sig.numel() == 1 else sig
         # cfg 1 skips the negative entries, unless a CFG++ sampler asks for their x0 (as CFGDenoiser)
         halves = [self.cond] if math.isclose(self.cfg, 1.0) and parts is None else [self.cond, self.uncond]
+        active = [True] * len(halves)
+        if self.rule is not None:  # the rule's passes (those it leaves out: zeros, as ComfyUI's calc_cond_batch)
+            halves = [self.cond, self.uncond, *self.extra]
+            active = list(self.rule.active(every=parts is not None))
         b, _, h, w = x.shape
         s0 = float(sig[0])
         # The model calls: one per active entry; entries of the same crop and argument shapes (an area's positive
         # and its negative copy) run as one batch of at most two, the memory of an ordinary CFG call.
         groups: dict[Any, list[tuple[int, tuple[int, int, int, int], Tensor, dict[str, Tensor], Any]]] = {}
         for half, regions in enumerate(halves):
-            for r in regions:
+            for r in regions if active[half] else ():
                 if r.window is not None and not r.window[0] <= s0 <= r.window[1]:
                     continue  # ComfyUI's timestep range: not at this sigma
                 box, mult = _crop_mult(r, b, h, w, x.device)
@@ -329,11 +343,16 @@ class _Regional:
                 den = batch[0][4]
                 extra: dict[str, Any] = dict(step)
                 if getattr(den, "takes_row_kinds", False):  # which CFG half each row is (a ControlNet's rows)
-                    extra["row_kinds"] = tuple(("cond", "uncond")[j[0]] for j in batch for _ in range(b))
+                    extra["row_kinds"] = tuple("cond" if j[0] == 0 else "uncond" for j in batch for _ in range(b))
                 preds = den(torch.cat([crop] * len(batch)), torch.cat([sig] * len(batch)), **args, **extra)
                 for (half, _, mult, _, _), pred in zip(batch, preds.chunk(len(batch)), strict=True):
                     outs[half][:, :, y : y + ah, x0 : x0 + aw] += pred * mult
                     counts[half][:, :, y : y + ah, x0 : x0 + aw] += mult
+        if self.rule is not None:
+            guided, uncond_x0 = self.rule.combine([o / c for o, c in zip(outs, counts, strict=True)])
+            if parts is not None:
+                parts.uncond = uncond_x0
+            return guided
         cond = outs[0] / counts[0]
         if len(halves) == 1:
             return cond
@@ -432,8 +451,12 @@ def sample_latents(
     discard_penultimate_sigma: bool = False,
     guidance_rescale: float = 0.0,
     pag_scale: float = 0.0,
+    sag_scale: float = 0.0,
+    sag_blur_sigma: float = 2.0,
     prediction: str | None = None,
     zero_terminal_snr: bool = False,
+    guidance_rule: Any = None,
+    third: Sequence[TextCondition] = (),
 ) -> Tensor:
     """Sample from ``latent`` (B, C, h, w) in the model's scaled latent space; returns the new latent.
 
@@ -466,10 +489,24 @@ def sample_latents(
     ``pag_scale``: perturbed-attention guidance on the U-Net's middle block (ComfyUI's PerturbedAttentionGuidance,
     diffusers' "mid"); both as ComfyUI computes them under its seed rule (the rescale on the v-prediction, the PAG term
     after it), as the pipeline does under sdengine's (:mod:`sdengine.diffusion.guidance`), and not with regional
-    entries (the rescale not with several positive ones either). ``prediction``: what the network predicts in place
-    of the pipeline's own ("epsilon", "v_prediction", "sample"; ComfyUI's ModelSamplingDiscrete eps / v_prediction /
-    x0); ``zero_terminal_snr``: the model's schedule rescaled to zero terminal SNR for this call (its zsnr).
+    entries (the rescale not with several positive ones either). ``sag_scale`` / ``sag_blur_sigma``: self-attention
+    guidance (ComfyUI's SelfAttentionGuidance under its rule: the unconditional rows' map and x0, its term in x0 after
+    the rescale, skipped on a latent of a side 4 or less; under sdengine's rule the pipeline's), not with regional
+    entries either. ``prediction``: what the network predicts in place of the pipeline's own ("epsilon",
+    "v_prediction", "sample"; ComfyUI's ModelSamplingDiscrete eps / v_prediction / x0); ``zero_terminal_snr``: the
+    model's schedule rescaled to zero terminal SNR for this call (its zsnr).
+    ``guidance_rule`` with ``third``: a guider over three conditionings in place of CFG (``cfg`` unused), ComfyUI's
+    DualCFGGuider / PerpNegGuider (:class:`sdengine.diffusion.guidance.DualCFG`, ``PerpNeg``): each of positive,
+    negative and ``third`` predicted as ComfyUI's calc_cond_batch weighs its entries (the regional path), then the
+    rule's combination; not with ``guidance_rescale`` or ``pag_scale``.
     """
+    if guidance_rule is not None and not third:
+        raise LatentSamplingError("a guider over three conditionings needs its third conditioning")
+    if guidance_rule is not None and (guidance_rescale or pag_scale):
+        raise LatentSamplingError(
+            f"{guidance_rule!r} takes no CFG rescale (RescaleCFG) or perturbed-attention guidance in sdengine: "
+            "leave those model patches out of this guider's model"
+        )
     if seed_rule not in SEED_RULES:
         raise LatentSamplingError(f"unknown seed rule {seed_rule!r}; use one of {', '.join(SEED_RULES)}")
     if not positive or not negative:
@@ -486,11 +523,16 @@ def sample_latents(
         raise LatentSamplingError(f"denoise must be in (0, 1], got {denoise}")
     # ComfyUI's weighted sum of the entries' predictions (see _Regional): for regional entries, and for several
     # negative ones (ComfyUI averages them as it averages the positive ones)
-    regional = any(e.regional for e in (*positive, *negative)) or len(negative) > 1
+    regional = any(e.regional for e in (*positive, *negative)) or len(negative) > 1 or guidance_rule is not None
     if (guidance_rescale or pag_scale) and (regional or (guidance_rescale and len(positive) > 1)):
         raise LatentSamplingError(
             "CFG rescale and perturbed-attention guidance take one whole-latent negative conditioning and no area, "
             "mask or strength (the rescale one positive entry too); combine the entries first"
+        )
+    if sag_scale and regional:
+        raise LatentSamplingError(
+            "self-attention guidance takes one whole-latent negative conditioning and no area, mask or strength (its "
+            "map and degraded pass are the whole latent's); combine the entries first"
         )
     prediction = pipe.prediction_type if prediction is None else prediction
     rule = "comfyui" if seed_rule == "comfyui" else "diffusers"
@@ -499,6 +541,12 @@ def sample_latents(
         from sdengine.nn.attention import identity_attention, pag_layers
 
         perturb = functools.partial(identity_attention, pag_layers(pipe.unet, ["mid"]))
+    attention_map = None
+    if sag_scale:
+        from sdengine.nn.transformer import middle_attention_mass, middle_transformer
+
+        middle_transformer(pipe.unet)  # one line where the U-Net has no middle-block transformer
+        attention_map = functools.partial(middle_attention_mass, pipe.unet)
     dev = pipe.device
     b, _, h, w = latent.shape
     f = pipe.vae_scale_factor
@@ -696,9 +744,15 @@ def sample_latents(
             ls = pipe.noise_schedule.log_sigmas
             cond_r = [_resolve_region(e, region_args(e, 0), h, w, f, dev, ls) for e in positive]
             uncond_r = [_resolve_region(e, region_args(e, 1), h, w, f, dev, ls) for e in negative]
-            _opposite_areas(uncond_r, cond_r)  # ComfyUI's order: the positive's areas first
-            _opposite_areas(cond_r, uncond_r)
-            for r in (*cond_r, *uncond_r):
+            # the third conditioning of a guider rule: its SDXL size vector the negative's (ComfyUI marks it so)
+            third_r = [_resolve_region(e, region_args(e, 1), h, w, f, dev, ls) for e in third] if guidance_rule else []
+            groups = [cond_r, uncond_r, third_r]
+            order = guidance_rule.order if guidance_rule is not None else (0, 1)
+            for k in order:  # ComfyUI's order: each conditioning's areas copied into the others, the positive's first
+                for kk in order:
+                    if kk != k:
+                        _opposite_areas(groups[kk], groups[k])
+            for r in (*cond_r, *uncond_r, *third_r):
                 if r.area is not None and (r.area[2] >= h or r.area[3] >= w or min(r.area[:2]) < 1):
                     ah, aw, ay, ax = (v * f for v in r.area)
                     raise LatentSamplingError(
@@ -748,7 +802,9 @@ def sample_latents(
 
             cond_r = [replace(r, den=den_for(r, "cond")) for r in cond_r]
             uncond_r = [replace(r, den=den_for(r, "uncond")) for r in uncond_r]
-            parts.append((_Regional(cfg, cond_r, uncond_r), {}))
+            third_r = [replace(r, den=den_for(r, "uncond")) for r in third_r]
+            extra_groups = (third_r,) if guidance_rule is not None else ()
+            parts.append((_Regional(cfg, cond_r, uncond_r, extra_groups, guidance_rule), {}))
         neg = negative[0].cond
         for pos_entry in positive if not regional else ():
             part_net = net
@@ -773,7 +829,16 @@ def sample_latents(
                 uncond_args["vector"] = neg_vec.to(dev)
                 extra["vector"] = pos_vec.to(dev).expand(b, -1)
             guide = CFGDenoiser(
-                den, cfg, uncond_args, guidance_rescale, rule=rule, pag_scale=pag_scale, perturb=perturb
+                den,
+                cfg,
+                uncond_args,
+                guidance_rescale,
+                rule=rule,
+                pag_scale=pag_scale,
+                perturb=perturb,
+                sag_scale=sag_scale,
+                sag_blur_sigma=sag_blur_sigma,
+                attention_map=attention_map,
             )
             parts.append((guide, extra))
         guided: Any = parts[0][0] if len(parts) == 1 else _MeanOfGuided(parts)

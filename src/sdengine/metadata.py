@@ -398,7 +398,8 @@ def to_generate_kwargs(
     Gives ``prompt``, ``negative_prompt``, and those of ``steps``, ``sampler``, ``schedule`` (our
     names), ``cfg_scale``, ``seed``, ``width``, ``height``, ``strength``, ``clip_skip``, ``mask_blur``,
     ``guidance_rescale`` ("CFG Rescale phi"), ``pag_scale`` and ``pag_layers`` (sdengine's "PAG scale", "PAG
-    layers"), ``freeu``, ``freeu_version`` and ``freeu_rule`` (sdengine's "FreeU: b1,b2,s1,s2", "FreeU version",
+    layers"), ``sag_scale`` and ``sag_blur_sigma`` (sdengine's "SAG scale", "SAG blur sigma"), ``freeu``,
+    ``freeu_version`` and ``freeu_rule`` (sdengine's "FreeU: b1,b2,s1,s2", "FreeU version",
     "FreeU rule" where not 2 and width; Forge's "freeu_enabled: True", "freeu_b1" ... "freeu_s2"), ``hypertile``,
     ``hypertile_hires_only``, ``hypertile_rule`` and ``hypertile_scale_depth`` (A1111's "Hypertile U-Net: True" or
     "Hypertile U-Net second pass: True", its "Hypertile U-Net max tile size" / "max depth" / "swap size", 256 / 3 / 3
@@ -469,6 +470,9 @@ def to_generate_kwargs(
     if "PAG scale" in parsed:  # sdengine's: perturbed-attention guidance, its layers "mid" unless written
         kwargs["pag_scale"] = _parse_float(parsed, "PAG scale")
         kwargs["pag_layers"] = parsed.get("PAG layers", "mid").strip()
+    if "SAG scale" in parsed:  # sdengine's: self-attention guidance, its blur sigma 1 (diffusers') unless written
+        kwargs["sag_scale"] = _parse_float(parsed, "SAG scale")
+        kwargs["sag_blur_sigma"] = _parse_float(parsed, "SAG blur sigma") if "SAG blur sigma" in parsed else 1.0
     if "FreeU" in parsed:  # sdengine's: "FreeU: b1,b2,s1,s2", "FreeU version" / "FreeU rule" unless 2 / width
         try:
             factors = tuple(float(x) for x in parsed["FreeU"].strip().strip('"').split(","))
@@ -600,6 +604,8 @@ def to_generate_kwargs(
         "CFG Rescale phi",
         "PAG scale",
         "PAG layers",
+        "SAG scale",
+        "SAG blur sigma",
         "FreeU",
         "FreeU version",
         "FreeU rule",

@@ -773,10 +773,16 @@ def run(a: argparse.Namespace) -> int:
         "zero_terminal_snr": a.zero_terminal_snr,
         "pag_scale": a.pag_scale,
         "pag_layers": a.pag_layers,
+        "sag_scale": a.sag_scale,
+        "sag_blur_sigma": a.sag_blur_sigma,
     }
     kwargs.update({k: v for k, v in explicit.items() if v is not None})
     if a.pag_layers is not None and not kwargs.get("pag_scale"):
         raise UsageError("--pag-layers has no effect without a --pag-scale above 0: drop it, or add --pag-scale")
+    if a.sag_blur_sigma is not None and not kwargs.get("sag_scale"):
+        raise UsageError(
+            "--sag-blur-sigma has no effect without a --sag-scale other than 0: drop it, or add --sag-scale"
+        )
     if a.freeu is not None:  # "off" turns a --from-png image's FreeU off
         kwargs["freeu"] = _freeu_arg(a.freeu)
     if a.hypertile is not None:  # "off" turns a --from-png image's HyperTile off
@@ -1237,6 +1243,21 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="LAYERS",
         help="the self-attention layers PAG perturbs: comma-separated patterns searched in the U-Net's layer names, "
         "as diffusers' pag_applied_layers (default 'mid', the middle block; e.g. 'mid,up_blocks.1')",
+    )
+    p.add_argument(
+        "--sag-scale",
+        type=float,
+        default=None,
+        help="self-attention guidance scale (Hong et al. 2023; 0 = off, diffusers' example 0.75, in [-10, 10]): one "
+        "more U-Net pass per step on the x0 estimate blurred where the middle block's self-attention looks most",
+    )
+    p.add_argument(
+        "--sag-blur-sigma",
+        type=float,
+        default=None,
+        metavar="SIGMA",
+        help="the standard deviation of SAG's 9x9 Gaussian blur, in (0, 10] (default 1, diffusers'; ComfyUI's node "
+        "uses 2)",
     )
     p.add_argument(
         "--freeu",

@@ -12,16 +12,32 @@ pass is the conditional one run with the identity attention map in some self-att
 context manager under which the inner network perturbs the last ``n`` rows of its calls
 (:func:`sdengine.nn.attention.identity_attention`). The perturbed rows ride in the same batched call.
 
+Self-attention guidance (Hong et al. 2023) adds ``sag_scale`` times the difference between a prediction and the
+network's prediction on a degraded input (:mod:`sdengine.diffusion.sag`: the x0 estimate blurred where the middle
+block's self-attention looks most, noised back to the step's level). ``attention_map(start, count)`` is a context
+manager under which the inner network records that attention map for its rows ``start .. start + count``
+(:func:`sdengine.nn.transformer.middle_attention_mass`). The degraded pass is one more call of the inner network, after
+the batched one (its input depends on that one's output).
+
 Two rules (``rule``) place these as the two front ends do. "diffusers" (the pipeline): the rescale matches stds of the
 network's own output (eps or v) and acts after the PAG term (diffusers' StableDiffusionPAGPipeline). "comfyui"
 (ComfyUI's RescaleCFG and PerturbedAttentionGuidance nodes): the rescale matches stds of the v-prediction whatever the
 model predicts (RescaleCFG converts x0 to v), and the PAG term is added after it (a post-CFG function there).
+
+For SAG, "diffusers" is StableDiffusionSAGPipeline: the map and x0 of the unconditional rows (of the conditional ones
+when the scale is 1: no unconditional pass), the degraded pass under the same conditioning, the term
+``sag_scale * (F_src - F_degraded)`` in the network's own output space (eps or v; for eps that is
+``sag_scale * (x0_blurred - x0_degraded)`` in x0), added before the rescale; a latent too small for the blur (a side of
+4 or less) is an error. "comfyui" is its SelfAttentionGuidance node: always the unconditional rows (it runs them at
+scale 1 too), the term ``sag_scale * (x0_blurred - x0_degraded)`` in x0 whatever the model predicts, after the rescale;
+a latent too small for the blur skips the term, as ComfyUI does.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from typing import Any
 
 import torch
@@ -30,9 +46,12 @@ from torch import Tensor
 from sdengine.errors import UsageError
 
 from .denoisers import vp_scalings
+from .sag import attention_mask, check_blur_sigma, degraded_x0, fits_blur
 
 GUIDANCE_RULES = ("diffusers", "comfyui")
 Perturb = Callable[[int], AbstractContextManager[Any]]
+# (start, count) -> a block under which the network records the attention mass of those rows (mass, size)
+AttentionMap = Callable[[int, int], AbstractContextManager[Any]]
 
 
 class CFGDenoiser:
@@ -49,6 +68,9 @@ class CFGDenoiser:
         rule: str = "diffusers",
         pag_scale: float = 0.0,
         perturb: Perturb | None = None,
+        sag_scale: float = 0.0,
+        sag_blur_sigma: float = 1.0,
+        attention_map: AttentionMap | None = None,
     ) -> None:
         if scale < 0:
             raise UsageError(f"guidance scale must be >= 0, got {scale}")
@@ -60,6 +82,10 @@ class CFGDenoiser:
             raise UsageError(f"PAG scale must be >= 0, got {pag_scale}")
         if pag_scale and perturb is None:
             raise UsageError("a PAG scale needs the layers to perturb")
+        if isinstance(sag_scale, bool) or not isinstance(sag_scale, int | float) or not math.isfinite(sag_scale):
+            raise UsageError(f"SAG scale must be a finite number, got {sag_scale!r}")
+        if sag_scale and attention_map is None:
+            raise UsageError("a SAG scale needs the network's self-attention map")
         self.inner = inner
         self.scale = float(scale)
         self.uncond = dict(uncond)
@@ -67,11 +93,23 @@ class CFGDenoiser:
         self.rule = rule
         self.pag_scale = float(pag_scale)
         self.perturb = perturb
+        self.sag_scale = float(sag_scale)
+        self.sag_blur_sigma = check_blur_sigma(sag_blur_sigma)
+        self.attention_map = attention_map
 
     def _over(self, inner: Any) -> CFGDenoiser:
         """The same guidance over another inner denoiser."""
         return CFGDenoiser(
-            inner, self.scale, self.uncond, self.rescale, rule=self.rule, pag_scale=self.pag_scale, perturb=self.perturb
+            inner,
+            self.scale,
+            self.uncond,
+            self.rescale,
+            rule=self.rule,
+            pag_scale=self.pag_scale,
+            perturb=self.perturb,
+            sag_scale=self.sag_scale,
+            sag_blur_sigma=self.sag_blur_sigma,
+            attention_map=self.attention_map,
         )
 
     @property
@@ -109,20 +147,59 @@ class CFGDenoiser:
         unconditional pass then running at scale 1 too."""
         tags = getattr(self.inner, "takes_row_kinds", False)
         pag = self.pag_scale > 0
-        if self.scale == 1.0 and guidance_parts is None and not pag:
+        comfy = self.rule == "comfyui"
+        sag = self.sag_scale != 0
+        if self.scale == 1.0 and guidance_parts is None and not pag and not sag:
             if tags:
                 cond["row_kinds"] = ("cond",) * x.shape[0]
             return self.inner(x, sigma, **cond)
-        uncond_pass = self.scale != 1.0 or guidance_parts is not None
+        # ComfyUI's SAG reads the unconditional rows whatever the scale (it turns off its cfg-1 shortcut)
+        uncond_pass = self.scale != 1.0 or guidance_parts is not None or (sag and comfy)
         kinds: tuple[str, ...] = ("cond", "uncond") if uncond_pass else ("cond",)
         kinds += ("cond",) if pag else ()  # the perturbed pass: the conditional rows again, last
         n = len(kinds)
         b = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32)  # kept where it is (the CPU): no device sync
         sigma = sigma.reshape(-1).expand(b) if sigma.numel() == 1 else sigma
+        both = self._rows(cond, kinds, b, tags)
+        with ExitStack() as stack:
+            if pag:
+                assert self.perturb is not None
+                stack.enter_context(self.perturb(b))
+            probe = None
+            if sag:  # the attention map of the rows SAG degrades: the unconditional ones where they run
+                assert self.attention_map is not None
+                probe = stack.enter_context(self.attention_map(b if uncond_pass else 0, b))
+            out = self.inner(torch.cat([x] * n), torch.cat([sigma] * n), **both)
+        parts = out.chunk(n)
+        x0_c = parts[0]
+        x0_u = parts[1] if uncond_pass else x0_c
+        guided = x0_c if self.scale == 1.0 else x0_u + self.scale * (x0_c - x0_u)
+        if guidance_parts is not None:
+            guidance_parts.uncond = x0_u
+        sag_term = None
+        if sag:
+            source = ("uncond",) if uncond_pass else ("cond",)  # the degraded rows' conditioning: the map's rows'
+            sag_term = self._sag_term(x, sigma, x0_u, probe, self._rows(cond, source, b, tags))
+        if pag and not comfy:  # diffusers: the PAG term joins the guided prediction before the rescale
+            guided = guided + self.pag_scale * (x0_c - parts[-1])
+        if sag_term is not None and not comfy:
+            guided = guided + sag_term
+        if self.rescale > 0 and uncond_pass:
+            guided = self._rescale(x, sigma, x0_c, guided)
+        if pag and comfy:  # ComfyUI: a post-CFG function, after RescaleCFG
+            guided = guided + self.pag_scale * (x0_c - parts[-1])
+        if sag_term is not None and comfy:
+            guided = guided + sag_term
+        return guided
+
+    def _rows(self, cond: Mapping[str, Any], kinds: tuple[str, ...], b: int, tags: bool) -> dict[str, Any]:
+        """The conditioning of a batched call whose row blocks (``b`` rows each) are ``kinds``."""
+        n = len(kinds)
+        uncond = "uncond" in kinds
         both: dict[str, Any] = {}
         for k, v in cond.items():
-            if k in self.uncond and uncond_pass:
+            if k in self.uncond and uncond:
                 u = self.uncond[k].to(v.device)
                 if u.shape[0] != b:  # one unconditional value for the whole batch
                     u = u.expand(b, *u.shape[1:]) if u.shape[0] == 1 else u
@@ -133,26 +210,32 @@ class CFGDenoiser:
                 both[k] = v
         if tags:  # which rows are conditional: ControlNet's guess mode leaves the unconditional ones alone
             both["row_kinds"] = tuple(kind for kind in kinds for _ in range(b))
-        if pag:
-            assert self.perturb is not None
-            with self.perturb(b):
-                out = self.inner(torch.cat([x] * n), torch.cat([sigma] * n), **both)
-        else:
-            out = self.inner(torch.cat([x] * n), torch.cat([sigma] * n), **both)
-        parts = out.chunk(n)
-        x0_c = parts[0]
-        x0_u = parts[1] if uncond_pass else x0_c
-        guided = x0_c if self.scale == 1.0 else x0_u + self.scale * (x0_c - x0_u)
-        if guidance_parts is not None:
-            guidance_parts.uncond = x0_u
-        comfy = self.rule == "comfyui"
-        if pag and not comfy:  # diffusers: the PAG term joins the guided prediction before the rescale
-            guided = guided + self.pag_scale * (x0_c - parts[-1])
-        if self.rescale > 0 and uncond_pass:
-            guided = self._rescale(x, sigma, x0_c, guided)
-        if pag and comfy:  # ComfyUI: a post-CFG function, after RescaleCFG
-            guided = guided + self.pag_scale * (x0_c - parts[-1])
-        return guided
+        return both
+
+    def _sag_term(self, x: Tensor, sigma: Tensor, x0: Tensor, probe: Any, args: dict[str, Any]) -> Tensor | None:
+        """Self-attention guidance's term (module docstring) from the rows' x0 and their recorded attention map; one
+        more call of the inner network on the degraded input, under the rows' own conditioning ``args``."""
+        h, w = x.shape[-2:]
+        if not fits_blur(h, w):
+            if self.rule == "comfyui":
+                return None  # ComfyUI skips SAG on a latent this small
+            raise UsageError(
+                f"self-attention guidance blurs with a 9 x 9 kernel and needs a latent of at least 5 x 5, got "
+                f"{w} x {h} (make the image larger)"
+            )
+        if probe is None or probe.mass is None or probe.size is None:
+            raise UsageError("self-attention guidance found no self-attention map in the network's call")
+        mask = attention_mask(probe.mass, probe.size, (h, w)).to(x.device)
+        blurred = degraded_x0(x0, mask, self.sag_blur_sigma)
+        x_deg = x - x0 + blurred  # the blurred x0 under the noise x0 implies: x = x0 + sigma * eps
+        x0_deg = self.inner(x_deg, sigma, **args)
+        if self.rule == "comfyui":
+            return self.sag_scale * (blurred - x0_deg)
+        # diffusers: s * (F(x, x0) - F(x_deg, x0_deg)) for the network's output F (eps or v; x0 = c_skip x + c_out F),
+        # taken back to x0 at x: s * (x0 - x0_deg - c_skip (x - x_deg))
+        c_skip, _, _ = vp_scalings(sigma, self.prediction)
+        c_skip = _on_device_of(c_skip, x).reshape((-1,) + (1,) * (x.ndim - 1))
+        return self.sag_scale * (x0 - x0_deg - c_skip * (x0 - blurred))
 
     def _rescale(self, x: Tensor, sigma: Tensor, x0_c: Tensor, x0_g: Tensor) -> Tensor:
         # The std matching acts on the network's own output (eps or v), as diffusers applies it, or on the
@@ -176,3 +259,94 @@ def _on_device_of(v: Tensor, like: Tensor) -> Tensor:
     if flat.numel() and bool((flat == flat[0]).all()):
         return torch.full(v.shape, float(flat[0]), dtype=v.dtype, device=like.device)
     return v.to(like.device)
+
+
+# ------------------------------------------------------------------------ guidance over three conditionings
+#
+# ComfyUI's DualCFGGuider and PerpNegGuider predict x0 under three conditionings (their own calc_cond_batch call,
+# each conditioning's entries weighed as usual) and combine the three. A rule names the combination: sampling
+# hands ``combine`` the predictions in the order (positive, negative, third) and leaves out the passes ``active``
+# says are not needed, handing zeros for them (what ComfyUI's calc_cond_batch answers for a conditioning it is
+# given as None). ``combine`` answers the guided x0 and the x0 a CFG++ sampler takes as the unconditional one (the
+# ``uncond_denoised`` ComfyUI's post-CFG hooks see under that guider).
+
+
+class GuidanceRuleError(UsageError):
+    """A guider's settings that cannot guide (a scale below 0, not a number)."""
+
+
+def _scale(name: str, value: float) -> float:
+    v = float(value)
+    if not v >= 0 or v == float("inf"):
+        raise GuidanceRuleError(f"{name} must be a finite number of at least 0, got {value!r}")
+    return v
+
+
+class DualCFG:
+    """ComfyUI's DualCFGGuider: ``cond1`` (the positive), ``cond2`` (the third conditioning, ComfyUI's "middle")
+    and the negative. Style "regular": ``neg + cfg_cond2_negative (cond2 - neg) + cfg_conds (cond1 - cond2)``, the
+    negative pass left out where cfg_cond2_negative is 1 and cond2's too where cfg_conds is also 1 (the left-out
+    passes count as 0, as in ComfyUI). Style "nested": ``neg + cfg_cond2_negative (t - neg)`` with ``t = cond2 +
+    cfg_conds (cond1 - cond2)``, every pass run. A CFG++ sampler's unconditional x0: the negative's (regular), cond2's
+    (nested), the uncond of the CFG step ComfyUI runs through its cfg_function; it then runs every pass."""
+
+    STYLES = ("regular", "nested")
+    order = (0, 2, 1)  # ComfyUI's order of the conditionings (its conds dict: positive, middle, negative)
+
+    def __init__(self, cfg_conds: float, cfg_cond2_negative: float, style: str = "regular") -> None:
+        if style not in self.STYLES:
+            raise GuidanceRuleError(f"DualCFG style must be one of {', '.join(self.STYLES)}, got {style!r}")
+        self.cfg1 = _scale("cfg_conds", cfg_conds)
+        self.cfg2 = _scale("cfg_cond2_negative", cfg_cond2_negative)
+        self.nested = style == "nested"
+
+    def active(self, every: bool = False) -> tuple[bool, bool, bool]:
+        """Which passes run, (positive, negative, cond2); ``every``: all of them (a CFG++ sampler's run)."""
+        if every or self.nested or not math.isclose(self.cfg2, 1.0):
+            return (True, True, True)
+        return (True, False, not math.isclose(self.cfg1, 1.0))
+
+    def combine(self, preds: list[Tensor]) -> tuple[Tensor, Tensor]:
+        pos, neg, mid = preds
+        if self.nested:
+            text = mid + (pos - mid) * self.cfg1
+            return neg + self.cfg2 * (text - neg), mid
+        return neg + (mid - neg) * self.cfg2 + (pos - mid) * self.cfg1, neg
+
+    def __repr__(self) -> str:
+        style = "nested" if self.nested else "regular"
+        return f"DualCFG(cfg_conds {self.cfg1:g}, cfg_cond2_negative {self.cfg2:g}, {style})"
+
+
+class PerpNeg:
+    """ComfyUI's PerpNegGuider (Armandpour et al. 2023, "Perp-Neg"): with ``e`` the empty conditioning's x0,
+    ``p = pos - e`` and ``n = neg - e``, the negative's part perpendicular to ``p``, ``n - (<n, p> / |p|^2) p``
+    (the dot product and norm over the whole batch tensor, as ComfyUI's), is what the negative takes away:
+    ``e + cfg (p - neg_scale perp)``. The negative pass is left out where neg_scale is 0, the empty one too where
+    cfg is also 1 (counting as 0, as in ComfyUI). A CFG++ sampler's unconditional x0: the negative's.
+
+    ``patch``: ComfyUI's older PerpNeg model patch, its CFG function in place of CFG: the same combination, the
+    negative pass left out where cfg is 1 (ComfyUI's sampling_function's), the empty one always run."""
+
+    order = (0, 2, 1)  # ComfyUI's order: positive, empty_negative_prompt, negative
+
+    def __init__(self, cfg: float, neg_scale: float, patch: bool = False) -> None:
+        self.cfg = _scale("cfg", cfg)
+        self.neg_scale = _scale("neg_scale", neg_scale)
+        self.patch = patch
+
+    def active(self, every: bool = False) -> tuple[bool, bool, bool]:
+        if self.patch:
+            return (True, every or not math.isclose(self.cfg, 1.0), True)
+        if every or not math.isclose(self.neg_scale, 0.0):
+            return (True, True, True)
+        return (True, False, not math.isclose(self.cfg, 1.0))
+
+    def combine(self, preds: list[Tensor]) -> tuple[Tensor, Tensor]:
+        pos, neg, empty = preds
+        p, n = pos - empty, neg - empty
+        perp = n - (n * p).sum() / torch.linalg.vector_norm(p) ** 2 * p
+        return empty + self.cfg * (p - perp * self.neg_scale), neg
+
+    def __repr__(self) -> str:
+        return f"PerpNeg{' patch' * self.patch}(cfg {self.cfg:g}, neg_scale {self.neg_scale:g})"

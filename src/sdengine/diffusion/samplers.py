@@ -26,6 +26,7 @@ of tensor operations; the per-step work of the samplers themselves is what bench
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -1142,6 +1143,11 @@ def _res_multistep(
 # ---------------------------------------------------------------------------------------------------
 
 
+def _power_noise_scaler(power: float, v: float) -> float:
+    """The reverse-time SDE's noise scale function ``x^(eta + 1)`` (``power`` = eta + 1; ComfyUI's SamplerER_SDE)."""
+    return v**power
+
+
 def _er_sde_noise_scaler(v: float) -> float:
     """ER-SDE-Solver's default noise scale function (the paper's and ComfyUI's): ``x (e^(x^0.3) + 10)``."""
     return v * (math.exp(v**0.3) + 10.0)
@@ -1158,16 +1164,24 @@ def sample_er_sde(
     extra_args: dict[str, Any] | None = None,
     s_noise: float = 1.0,
     max_stage: int = 3,
+    reverse_time_eta: float | None = None,
 ) -> Tensor:
     """ER-SDE-Solver-3 (Cui et al. 2023; ComfyUI's ``er_sde``) in VE form, where the paper's lambda is sigma: with
     ``r = f(sigma') / f(sigma)`` (:func:`_er_sde_noise_scaler`) the first stage is ``x' = r x + (1 - r) x0``;
     stages 2 and 3 add the first and second divided differences of the last x0 estimates in sigma, weighted by
     the integrals of 1/f and (lambda - sigma)/f over the step (200-point sums, as the paper's code), then fresh
-    noise ``sqrt(sigma'^2 - r^2 sigma^2) * s_noise``. ``max_stage`` 1 .. 3; the step to sigma 0 returns x0."""
+    noise ``sqrt(sigma'^2 - r^2 sigma^2) * s_noise``. ``max_stage`` 1 .. 3; the step to sigma 0 returns x0.
+    ``reverse_time_eta``: the noise scale function ``x^(eta + 1)`` in place of ER-SDE's, the reverse-time SDE
+    (ComfyUI's SamplerER_SDE "Reverse-time SDE"; eta 0 with s_noise 0 is its "ODE", whose first stage is Euler's
+    step)."""
     if isinstance(max_stage, bool) or max_stage not in (1, 2, 3):
         raise UsageError(f"er_sde max_stage must be 1, 2 or 3, got {max_stage}")
     loop = _Loop(denoiser, x, sigmas, generators, callback, extra_args)
     f = _er_sde_noise_scaler
+    if reverse_time_eta is not None:
+        if isinstance(reverse_time_eta, bool) or not 0.0 <= float(reverse_time_eta) < math.inf:
+            raise UsageError(f"er_sde reverse_time_eta must be a number of at least 0, got {reverse_time_eta!r}")
+        f = functools.partial(_power_noise_scaler, float(reverse_time_eta) + 1.0)
     points = 200
     old: Tensor | None = None
     old_d: Tensor | None = None

@@ -502,6 +502,27 @@ def polyexponential_sigmas(n: int, sigma_min: float, sigma_max: float, rho: floa
     return (ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp()
 
 
+def vp_sigmas(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3) -> Tensor:
+    """k-diffusion's get_sigmas_vp (ComfyUI's VPScheduler): the continuous VP-SDE's sigmas
+    ``sqrt(e^(beta_d t^2 / 2 + beta_min t) - 1)`` at ``n`` times t from 1 down to ``eps_s``, evenly spaced; float64,
+    without the last 0."""
+    t = torch.linspace(1, eps_s, n, dtype=torch.float64)
+    return torch.special.expm1(beta_d * t**2 / 2 + beta_min * t).sqrt()
+
+
+LAPLACE_EPSILON = 1e-5  # ComfyUI's get_sigmas_laplace keeps the logarithm's argument off 0 with it
+
+
+def laplace_sigmas(n: int, sigma_min: float, sigma_max: float, mu: float = 0.0, beta: float = 0.5) -> Tensor:
+    """ComfyUI's get_sigmas_laplace (Tiankai et al. 2024, the LaplaceScheduler node): at ``n`` points x evenly
+    spaced over [0, 1], ``log sigma = mu - beta sign(1/2 - x) log(1 - 2 |1/2 - x| + 1e-5)`` (the Laplace
+    distribution's inverse CDF in log sigma), the sigmas clamped to [sigma_min, sigma_max] (torch.clamp: the max wins
+    where they cross); float64, n values, no 0 appended (ComfyUI's list ends at its last clamped sigma)."""
+    x = torch.linspace(0, 1, n, dtype=torch.float64)
+    lam = mu - beta * torch.sign(0.5 - x) * torch.log(1 - 2 * (0.5 - x).abs() + LAPLACE_EPSILON)
+    return lam.exp().clamp(min=sigma_min, max=sigma_max)
+
+
 def linear_quadratic_sigmas(n: int, sigma_max: float, threshold_noise: float = 0.025) -> Tensor:
     """ComfyUI's ``linear_quadratic`` (Mochi's schedule): a fraction of sigma_max that falls linearly by
     ``threshold_noise`` over the first n // 2 steps, then along a quadratic that reaches 0 at step n with a

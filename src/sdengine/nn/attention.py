@@ -10,6 +10,11 @@ layers (diffusers' ``pag_applied_layers`` rule), :func:`identity_attention` swit
 
 HyperTile (:mod:`sdengine.nn.hypertile`) sets a self-attention layer's ``hypertile`` for a block: the layer then
 hands its self-attention to it, which runs it on each tile of the feature map as its own batch row.
+
+Self-attention guidance (Hong et al. 2023, "Improving Sample Quality of Diffusion Models Using Self-Attention
+Guidance") reads a self-attention map: an :class:`AttentionMass` set on a layer (``map_probe``) records, for some rows
+of each call while it is set, how much attention each key position receives (the softmax map averaged over the heads
+and summed over the queries); the layer's output does not change.
 """
 
 from __future__ import annotations
@@ -104,6 +109,8 @@ class Attention(nn.Module):
         # HyperTile: called as hypertile(x, attend) in place of the self-attention (sdengine.nn.hypertile; set only
         # inside hypertile_applied())
         self.hypertile: Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor] | None = None
+        # self-attention guidance: records the attention mass of some rows of each call (set by a probe's owner)
+        self.map_probe: AttentionMass | None = None
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(context_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim, inner, bias=bias)
@@ -112,6 +119,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         # x: (B, L, C); context: (B, S, D) or None for self-attention
+        if self.map_probe is not None and context is None:
+            self.map_probe.record(self, x)
         n = self.identity_rows
         if n and context is None:  # perturbed-attention guidance: the last n rows attend with the identity map
             b = x.shape[0] - n
@@ -136,6 +145,35 @@ class Attention(nn.Module):
         return scaled_dot_product_attention(
             self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask=mask, upcast=self.upcast
         )
+
+
+class AttentionMass:
+    """What self-attention guidance reads of a self-attention layer: for the rows ``start`` .. ``start + count`` of a
+    call, the attention each key position receives, ``sum_q mean_h softmax(q k^T / sqrt(d))[h, q, k]`` (count, L), in
+    float32 whatever the layer's dtype, the queries taken in chunks of about ``CHUNK_SCORES / 4`` scores. Each position
+    receives 1 on average (every query's row sums to 1), so ``mass > 1`` marks the positions attended above average.
+    ``size``: the (H, W) of the feature map the L tokens come from, set by the layer's transformer."""
+
+    def __init__(self, start: int, count: int) -> None:
+        self.start, self.count = int(start), int(count)
+        self.mass: Tensor | None = None
+        self.size: tuple[int, int] | None = None
+
+    def record(self, layer: Attention, x: Tensor) -> None:
+        rows = x[self.start : self.start + self.count]  # (n, L, C)
+        n, L, _ = rows.shape
+        h = layer.heads
+        q = layer.to_q(rows).float()
+        k = layer.to_k(rows).float()
+        d = q.shape[-1] // h
+        q = q.view(n, L, h, d).transpose(1, 2) * d**-0.5  # (n, h, L, d)
+        k = k.view(n, L, h, d).transpose(1, 2)  # (n, h, L, d)
+        step = max(1, CHUNK_SCORES // 4 // max(1, n * h * L))  # float32 scores: at most 256 MiB at a time
+        mass = torch.zeros(n, L, dtype=torch.float32, device=x.device)
+        for i in range(0, L, step):
+            probs = torch.matmul(q[:, :, i : i + step], k.transpose(-1, -2)).softmax(dim=-1)  # (n, h, rows, L)
+            mass += probs.mean(dim=1).sum(dim=1)
+        self.mass = mass
 
 
 class SpatialSelfAttention(Attention):

@@ -1,14 +1,23 @@
 """The transformer used inside Stable Diffusion's U-Net (Rombach et al. 2022, "SpatialTransformer").
 
 Names follow diffusers' ``Transformer2DModel`` / ``BasicTransformerBlock`` / ``FeedForward`` / ``GEGLU``.
+
+:func:`middle_attention_mass` reads the self-attention map of a U-Net's middle block (its first transformer block's
+``attn1``, as diffusers' StableDiffusionSAGPipeline and ComfyUI's SelfAttentionGuidance read it) for
+self-attention guidance.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdengine.nn.attention import Attention
+from sdengine.errors import UsageError
+from sdengine.nn.attention import Attention, AttentionMass
 
 
 class GEGLU(nn.Module):
@@ -110,9 +119,13 @@ class SpatialTransformer(nn.Module):
             for _ in range(num_layers)
         )
         self.proj_out = nn.Linear(inner, channels) if use_linear_projection else nn.Conv2d(inner, channels, 1)
+        # self-attention guidance: told the feature map's size when its first block's attn1 records (see below)
+        self.map_probe: AttentionMass | None = None
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         B, C, H, W = x.shape
+        if self.map_probe is not None:
+            self.map_probe.size = (H, W)
         h = self.norm(x)
         if self.use_linear_projection:
             h = self.proj_in(h.permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, HW, inner)
@@ -126,3 +139,32 @@ class SpatialTransformer(nn.Module):
         else:
             h = self.proj_out(h.reshape(B, H, W, -1).permute(0, 3, 1, 2))  # (B, C, H, W)
         return h + x
+
+
+def middle_transformer(unet: Any) -> SpatialTransformer:
+    """The transformer of ``unet``'s middle block (the one whose self-attention map self-attention guidance reads); a
+    U-Net without one (no middle block, or a plain attention block there) is a one-line error."""
+    mid = getattr(unet, "mid_block", None)
+    attentions = getattr(mid, "attentions", None)
+    first = attentions[0] if attentions is not None and len(attentions) else None
+    if not isinstance(first, SpatialTransformer) or not len(first.transformer_blocks):
+        raise UsageError(
+            "self-attention guidance reads the self-attention map of the U-Net's middle-block transformer, and this "
+            "U-Net has none"
+        )
+    return first
+
+
+@contextmanager
+def middle_attention_mass(unet: Any, start: int, count: int) -> Iterator[AttentionMass]:
+    """Inside the block, every call of ``unet`` records the attention mass of its rows ``start`` .. ``start + count``
+    in the middle block's first self-attention layer (:class:`AttentionMass`, with the map's size); the U-Net's
+    output is unchanged, and it records nothing after the block, whatever happens."""
+    transformer = middle_transformer(unet)
+    attn1 = cast(BasicTransformerBlock, transformer.transformer_blocks[0]).attn1
+    probe = AttentionMass(start, count)
+    transformer.map_probe = attn1.map_probe = probe
+    try:
+        yield probe
+    finally:
+        transformer.map_probe = attn1.map_probe = None

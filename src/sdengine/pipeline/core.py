@@ -36,6 +36,7 @@ from sdengine.diffusion.brownian import BrownianSpec
 from sdengine.diffusion.denoisers import Denoiser
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.diffusion.philox import make_generator
+from sdengine.diffusion.sag import fits_blur
 from sdengine.diffusion.samplers import NoiseBank, SamplingInterrupted, row_noise
 from sdengine.diffusion.schedules import (
     A1111_GRID_SAMPLERS,
@@ -54,6 +55,7 @@ from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.nn.attention import CHUNK_SCORES, identity_attention, pag_layers
 from sdengine.nn.freeu import FreeU, FreeUNet, check_freeu
 from sdengine.nn.hypertile import HyperTile, HyperTileNet, check_hypertile
+from sdengine.nn.transformer import middle_attention_mass, middle_transformer
 from sdengine.pipeline.control import ControlUnit, GraphedControlledUNet, build_controlled_unet
 from sdengine.pipeline.finite import require_finite
 from sdengine.pipeline.infotext import (
@@ -705,6 +707,14 @@ class Pipeline:
             )
         if r.pag_scale:  # the layers exist in this U-Net (one line naming the pattern, before any model runs)
             pag_layers(self.unet, list(r.pag_layer_list()))
+        if r.sag_scale:  # the middle block's self-attention exists, the latent takes the 9 x 9 blur (before any run)
+            middle_transformer(self.unet)
+            f = self.vae_scale_factor
+            if r.width is not None and r.height is not None and not fits_blur(int(r.height) // f, int(r.width) // f):
+                raise GenerationError(
+                    f"self-attention guidance blurs the latent with a 9 x 9 kernel and needs at least 5 x 5 latent "
+                    f"pixels ({5 * f} x {5 * f} image pixels), got {r.width} x {r.height}"
+                )
         freeu = r.freeu_settings()
         if freeu is not None:  # FreeU changes some up block of this U-Net (one line, before any model runs)
             check_freeu(self.unet, freeu)
@@ -947,6 +957,9 @@ class Pipeline:
                 row["PAG scale"] = float(request.pag_scale)
                 if request.pag_layer_list() != ("mid",):
                     row["PAG layers"] = ",".join(request.pag_layer_list())
+            if request.sag_scale:  # sdengine's: self-attention guidance (read back by to_generate_kwargs)
+                row["SAG scale"] = float(request.sag_scale)
+                row["SAG blur sigma"] = float(request.sag_blur_sigma)
             freeu = request.freeu_settings()
             if freeu is not None:  # sdengine's "FreeU: b1,b2,s1,s2", its version and rule where not 2 and width
                 row["FreeU"] = ",".join(f"{x:g}" for x in freeu.factors)
@@ -1178,7 +1191,9 @@ class Pipeline:
         # seed in its plan)
         tiles = r.hypertile_settings()
         hypertile = None if tiles is None else (tiles, int(p.seeds[0]))
-        if not units and pag is None and freeu is None and hypertile is None:
+        # SAG records the middle block's attention map in the plain U-Net's calls: the same
+        sag = (float(r.sag_scale), float(r.sag_blur_sigma)) if r.sag_scale else None
+        if not units and pag is None and freeu is None and sag is None and hypertile is None:
             net = self.graphed("unet") or net
         if units:
             units = [_rows_of(u, rows, len(p.seeds)) for u in units]
@@ -1197,7 +1212,8 @@ class Pipeline:
                 noise_schedule=self.noise_schedule,
             )
             # graphs on, the U-Net unhooked: the controlled step
-            if self.graphed("unet") is not None and pag is None and freeu is None and hypertile is None:
+            plain = pag is None and freeu is None and sag is None and hypertile is None
+            if self.graphed("unet") is not None and plain:
                 graphed_control = GraphedControlledUNet(net, **self._graph_opts)
                 net = graphed_control if graphed_control.usable() else net
         den: Any = self.guided_denoiser(
@@ -1208,6 +1224,7 @@ class Pipeline:
             texts=texts,
             pag=pag,
             freeu=freeu,
+            sag=sag,
             hypertile=hypertile,
         )
         blend: Any = None
@@ -1286,15 +1303,17 @@ class Pipeline:
         texts: Any = None,
         pag: tuple[float, Sequence[str]] | None = None,
         freeu: FreeU | None = None,
+        sag: tuple[float, float] | None = None,
         hypertile: tuple[HyperTile, int] | None = None,
     ) -> Any:
         """The x0-denoiser the samplers call: classifier-free guidance over the U-Net (``net``: what runs in its
         place, a graph or a controlled U-Net); ``texts``: prompt editing's text rows of each step; ``pag``: (scale,
         layer patterns) of perturbed-attention guidance on this pipeline's U-Net (the plain network runs it: a
         step graph would replay its attention unperturbed); ``freeu``: FreeU on this pipeline's U-Net for each call
-        (:mod:`sdengine.nn.freeu`; the plain network runs it too); ``hypertile``: (settings, seed) of HyperTile on
-        this pipeline's U-Net's self-attention, one generator seeded with ``seed`` for this denoiser's calls
-        (:mod:`sdengine.nn.hypertile`)."""
+        (:mod:`sdengine.nn.freeu`; the plain network runs it too); ``sag``: (scale, blur sigma) of self-attention
+        guidance, reading the middle-block attention map of this pipeline's U-Net (the plain network runs it too);
+        ``hypertile``: (settings, seed) of HyperTile on this pipeline's U-Net's self-attention, one generator seeded
+        with ``seed`` for this denoiser's calls (:mod:`sdengine.nn.hypertile`)."""
         net = self.unet if net is None else net
         if freeu is not None:
             net = FreeUNet(net, self.unet, freeu)
@@ -1310,7 +1329,22 @@ class Pipeline:
         if pag is not None and float(pag[0]) > 0:
             layers = pag_layers(self.unet, list(pag[1]))
             pag_scale, perturb = float(pag[0]), partial(identity_attention, layers)
-        return CFGDenoiser(den, cfg_scale, uncond, rescale=rescale, pag_scale=pag_scale, perturb=perturb)
+        sag_scale, sag_blur, attention_map = 0.0, 1.0, None
+        if sag is not None and float(sag[0]) != 0:
+            sag_scale, sag_blur = float(sag[0]), float(sag[1])
+            middle_transformer(self.unet)  # one line where the U-Net has no middle-block transformer
+            attention_map = partial(middle_attention_mass, self.unet)
+        return CFGDenoiser(
+            den,
+            cfg_scale,
+            uncond,
+            rescale=rescale,
+            pag_scale=pag_scale,
+            perturb=perturb,
+            sag_scale=sag_scale,
+            sag_blur_sigma=sag_blur,
+            attention_map=attention_map,
+        )
 
     def loop_plan(self, p: Prepared, from_init: bool, first: int, noise_from: int | None = None) -> LoopPlan:
         """The settings a recorded sampling loop of ``p`` bakes in (:class:`sdengine.pipeline.loop_graph.LoopPlan`):
@@ -1337,6 +1371,7 @@ class Pipeline:
             pag_scale=float(r.pag_scale),
             pag_layers=r.pag_layer_list() if r.pag_scale else (),
             freeu=() if freeu is None else freeu.key,
+            sag=(float(r.sag_scale), float(r.sag_blur_sigma)) if r.sag_scale else (),
             hypertile=() if tiles is None else (*tiles.key, int(p.seeds[0])),
         )
 
@@ -1378,13 +1413,14 @@ class Pipeline:
         # PAG switches attention layers of the plain U-Net during its calls: an ahead-of-time package would not see it
         # and so does FreeU its up blocks
         # and HyperTile its self-attention layers
-        plain = not plan.pag_scale and not plan.freeu and not plan.hypertile
-        net = graphs["unet"].fn if "unet" in graphs and plain else self.unet
+        plain = plan.pag_scale or plan.freeu or plan.sag or plan.hypertile  # and SAG reads the plain U-Net's map
+        net = graphs["unet"].fn if "unet" in graphs and not plain else self.unet
         pag = (plan.pag_scale, plan.pag_layers) if plan.pag_scale else None
         freeu = FreeU(*plan.freeu) if plan.freeu else None
+        sag = (float(plan.sag[0]), float(plan.sag[1])) if plan.sag else None
         hypertile = (HyperTile(*plan.hypertile[:5]), int(plan.hypertile[5])) if plan.hypertile else None
         den = self.guided_denoiser(
-            plan.cfg_scale, uncond, plan.rescale, net=net, pag=pag, freeu=freeu, hypertile=hypertile
+            plan.cfg_scale, uncond, plan.rescale, net=net, pag=pag, freeu=freeu, sag=sag, hypertile=hypertile
         )
         bank = None if draws is None else NoiseBank(draws, noise.shape[0])
         return self.sample_plan(den, plan, noise, init_latent, cond, generators=bank)

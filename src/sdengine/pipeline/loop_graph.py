@@ -9,7 +9,8 @@ recorded once and replayed as one unit: one launch for the 25 steps.
 A recording keeps what Python computed while it was made: the sigmas and every coefficient derived from them,
 the guidance scale, which branches the sampler took. So a recording is keyed (:class:`LoopPlan`) by every setting
 those come from (sampler, steps, schedule, scheduler config, guidance scale and rescale, perturbed-attention
-guidance's scale and layers (which attention layers the recorded calls switch), sampler options, img2img
+guidance's scale and layers (which attention layers the recorded calls switch), self-attention guidance's scale and
+blur sigma (its degraded pass and blur kernel), sampler options, img2img
 strength and start step, the network's dtype), and by the shapes of its tensors, which are its inputs: the start
 noise, the img2img start latent, the per-step noise (below), every conditioning tensor (each copied into the
 graph's buffer at every call). Requests that differ only in prompt, negative prompt or seed replay the same graph.
@@ -79,6 +80,8 @@ class LoopPlan:
     # HyperTile: (tile_size, swap_size, max_depth, rule, scale_depth, seed), () = off (the recording bakes in the
     # tiles drawn at each call, which the seed decides)
     hypertile: tuple[Any, ...] = ()
+    # self-attention guidance: (scale, blur sigma), () = off (the recording bakes in the scale and the blur kernel)
+    sag: tuple[float, ...] = ()
     # the options as given (the JSON above keys them; a value JSON cannot hold exactly is kept here as it was)
     given_options: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
 
@@ -103,6 +106,7 @@ class LoopPlan:
         pag_layers: tuple[str, ...] = (),
         freeu: tuple[Any, ...] = (),
         hypertile: tuple[Any, ...] = (),
+        sag: tuple[float, ...] = (),
     ) -> LoopPlan:
         return LoopPlan(
             sampler=sampler,
@@ -123,6 +127,7 @@ class LoopPlan:
             pag_layers=tuple(str(x) for x in pag_layers),
             freeu=tuple(freeu),
             hypertile=tuple(hypertile),
+            sag=tuple(float(v) for v in sag),
             given_options=tuple(sorted(dict(sampler_options or {}).items())),
         )
 

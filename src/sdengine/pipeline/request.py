@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from sdengine.diffusion import sampling
+from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA
 from sdengine.diffusion.schedules import STRENGTH_RULES, img2img_start
 from sdengine.errors import GenerationError
 from sdengine.io.images import ImageInput
@@ -55,6 +56,8 @@ VAE_ENCODE_METHODS = ("full", "tiny")
 # Perturbed-attention guidance's scale: ComfyUI's node stops at 100 (useful values: 1-5)
 MAX_PAG_SCALE = 100.0
 MAX_FREEU_FACTOR = 10.0  # each of FreeU's b1, b2, s1, s2 (ComfyUI's node range; sdengine.nn.freeu)
+# Self-attention guidance's scale, either sign (ComfyUI's node takes -2..5, A1111's extension -2..10)
+MAX_SAG_SCALE = 10.0
 
 
 def _is_number(v: Any) -> bool:
@@ -118,6 +121,12 @@ class GenerationRequest:
     # 1 (ComfyUI's FreeU, diffusers') by the factor as it is. Infotext: sdengine writes "FreeU: b1,b2,s1,s2" (and
     # "FreeU version" / "FreeU rule" when not 2 / width) and reads Forge's "freeu_enabled", "freeu_b1" ...
     # "freeu_s2" too (sdengine.metadata, sdengine.nn.freeu)
+    # Self-attention guidance (Hong et al. 2023; diffusers' StableDiffusionSAGPipeline): one more U-Net pass per step on
+    # the x0 estimate blurred (Gaussian, ``sag_blur_sigma``, 9 x 9) where the middle block's self-attention looks most,
+    # noised back, adding ``sag_scale * (prediction - degraded prediction)``; 0 = off (diffusers' default scale 0.75,
+    # blur sigma 1.0; ComfyUI's node 0.5 and 2.0). Infotext "SAG scale", "SAG blur sigma" (sdengine.diffusion.sag)
+    sag_scale: float = 0.0
+    sag_blur_sigma: float = 1.0
     freeu: Sequence[float] | None = None
     freeu_version: int = 2
     freeu_rule: str = "width"
@@ -420,6 +429,11 @@ class GenerationRequest:
             raise GenerationError(f"pag_layers must be a string or a list of strings, got {layers!r}")
         if not all(self.pag_layer_list()):
             raise GenerationError(f"pag_layers holds an empty layer name: {layers!r} (e.g. 'mid' or 'mid,up_blocks.1')")
+        sag, blur = self.sag_scale, self.sag_blur_sigma
+        if not _is_number(sag) or not math.isfinite(sag) or not -MAX_SAG_SCALE <= sag <= MAX_SAG_SCALE:
+            raise GenerationError(f"sag_scale must be a number in [-{MAX_SAG_SCALE:g}, {MAX_SAG_SCALE:g}], got {sag!r}")
+        if not _is_number(blur) or not math.isfinite(blur) or not 0.0 < blur <= MAX_SAG_BLUR_SIGMA:
+            raise GenerationError(f"sag_blur_sigma must be a number in (0, {MAX_SAG_BLUR_SIGMA:g}], got {blur!r}")
         self._validate_freeu()
         self._validate_hypertile()
         if self.clip_skip_rule not in CLIP_SKIP_RULES:
@@ -585,6 +599,7 @@ __all__ = [
     "MAX_MASK_BLUR",
     "MAX_FREEU_FACTOR",
     "MAX_PAG_SCALE",
+    "MAX_SAG_SCALE",
     "MAX_SEED",
     "MAX_SEED_RESIZE",
     "GenerationRequest",

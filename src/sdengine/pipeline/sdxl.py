@@ -428,6 +428,13 @@ class SDXLPipeline(Pipeline):
                 row["Discard penultimate sigma"] = True
             if request.zero_terminal_snr:  # A1111's, where its sd_noise_schedule option rescaled
                 row["Noise Schedule"] = "Zero Terminal SNR"
+            if request.pag_scale:  # sdengine's, as the single-model pipeline writes them (both models ran it)
+                row["PAG scale"] = float(request.pag_scale)
+                if request.pag_layer_list() != ("mid",):
+                    row["PAG layers"] = ",".join(request.pag_layer_list())
+            if request.sag_scale:
+                row["SAG scale"] = float(request.sag_scale)
+                row["SAG blur sigma"] = float(request.sag_blur_sigma)
             if p.mask is not None and request.masked_content != "original":  # sdengine's (A1111 writes none)
                 row["Masked content"] = request.masked_content
             if p.init is not None and float(request.noise_multiplier) != 1.0:
@@ -561,19 +568,21 @@ def hand_off_latents(
     # one past the last the base's alone (A1111's apply_refiner switches at a step or never)
     pag = (float(request.pag_scale), request.pag_layer_list()) if request.pag_scale else None
     freeu = request.freeu_settings()  # on each model's own U-Net
+    sag = (float(request.sag_scale), float(request.sag_blur_sigma)) if request.sag_scale else None
     tiles = request.hypertile_settings()  # and HyperTile, each model's generator seeded with the first seed
     ht = None if tiles is None else (tiles, int(p.seeds[0]))
+    guides: dict[str, Any] = dict(pag=pag, freeu=freeu, sag=sag, hypertile=ht)
     runs = [
         (
             base,
-            blended(base.guided_denoiser(cfg_scale, uncond, rescale, pag=pag, freeu=freeu, hypertile=ht)),
+            blended(base.guided_denoiser(cfg_scale, uncond, rescale, **guides)),
             cond,
             first,
             k,
         ),
         (
             refiner,
-            blended(refiner.guided_denoiser(cfg_scale, r_uncond, rescale, pag=pag, freeu=freeu, hypertile=ht)),
+            blended(refiner.guided_denoiser(cfg_scale, r_uncond, rescale, **guides)),
             r_cond,
             k,
             grid.steps,

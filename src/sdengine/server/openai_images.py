@@ -94,6 +94,7 @@ EDIT_QUALITY = tuple(q for q in CHOICES["quality"] if q != "hd")
 EXTENSIONS: tuple[str, ...] = ("seed", "steps", "negative_prompt", "cfg_scale", "sampler", "schedule", "vae")
 EXTENSIONS += ("pag_scale", "pag_layers")
 EXTENSIONS += ("freeu", "freeu_version", "freeu_rule")
+EXTENSIONS += ("sag_scale", "sag_blur_sigma")
 _SHARED = "model n size response_format output_format output_compression quality moderation style background user"
 # the fields each route reads, from a JSON body (generations) or a multipart form (edits, variations); any other
 # field is refused as OpenAI refuses an unknown parameter, never dropped (a misspelt ``seed`` would draw another
@@ -144,6 +145,8 @@ class GenerationsRequest(BaseModel):
     sampler: str | None = None
     schedule: str | None = None
     vae: str | None = None
+    sag_scale: float | None = None
+    sag_blur_sigma: float | None = None
     pag_scale: float | None = None
     pag_layers: str | list[str] | None = None
     freeu: Any = None  # a list, or "b1,b2,s1,s2" as in a form (checked by the request builder)
@@ -591,6 +594,8 @@ def install(app: FastAPI, services: Any) -> None:
                     "sampler": fields.get("sampler"),
                     "schedule": fields.get("schedule"),
                     "vae": fields.get("vae") or None,
+                    "sag_scale": number(fields, "sag_scale", float, None),
+                    "sag_blur_sigma": number(fields, "sag_blur_sigma", float, None),
                     "pag_scale": number(fields, "pag_scale", float, None),
                     "pag_layers": fields.get("pag_layers") or None,  # a form field: one comma-separated string
                     **form_freeu(fields),
@@ -714,6 +719,20 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
         "schedule": {**text, "description": "sdengine: a schedule name"},
         "vae": {**text, "description": "sdengine: the job's VAE, a name of GET /v1/vaes, 'None' or 'Automatic'"},
         "strength": {"type": "number", "minimum": 0, "maximum": 1, "description": "sdengine: img2img strength"},
+        "sag_scale": {
+            "type": "number",
+            "minimum": -10,
+            "maximum": 10,
+            "default": 0,
+            "description": "sdengine: self-attention guidance's scale (0: off), as the native job's sag_scale",
+        },
+        "sag_blur_sigma": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": 10,
+            "default": 1,
+            "description": "sdengine: SAG's blur sigma, as the native job's sag_blur_sigma",
+        },
         "pag_scale": {
             "type": "number",
             "minimum": 0,

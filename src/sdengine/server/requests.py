@@ -291,6 +291,8 @@ def build_generation(
     masked_content: str = "original",
     sdxl: dict[str, Any] | None = None,
     vae: str | None = None,
+    sag_scale: float = 0.0,
+    sag_blur_sigma: float = 1.0,
     pag_scale: float = 0.0,
     pag_layers: str | Sequence[str] = "mid",
     freeu: Sequence[float] | None = None,
@@ -302,10 +304,13 @@ def build_generation(
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run. ``vae``: the
     job's VAE (:func:`check_vae_choice`; None: the VAE the model was loaded with). ``pag_scale`` / ``pag_layers``:
     perturbed-attention guidance (:func:`check_pag`; the layers are kept only with a scale above 0). ``freeu`` /
-    ``freeu_version`` / ``freeu_rule``: FreeU (:func:`check_freeu`; None: off). ``hypertile``: HyperTile's (tile size,
+    ``freeu_version`` / ``freeu_rule``: FreeU (:func:`check_freeu`; None: off). ``sag_scale`` / ``sag_blur_sigma``:
+    self-attention guidance (the blur sigma kept only with a scale other than 0). ``hypertile``: HyperTile's (tile size,
     swap size, max depth), None: off; ``hypertile_hires_only``: the hires fix's second pass only (A1111's options;
     checked by GenerationRequest.validate; such a job runs alone, its tiles drawn from its own first seed)."""
+    from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA
     from sdengine.nn.lora import LoRAWeight, lora_weight
+    from sdengine.pipeline.request import MAX_SAG_SCALE
     from sdengine.prompts import extract_lora_tags
 
     vae_choice = None if vae is None else check_vae_choice(catalog, vae)
@@ -323,6 +328,10 @@ def build_generation(
             f"batch_size x n_iter = {batch_size * n_iter} images, over the limit of {4 * config.max_batch}"
         )
     cfg_scale = _finite(cfg_scale, "cfg_scale", 0.0, 100.0)
+    sag_scale = _finite(sag_scale, "sag_scale", -MAX_SAG_SCALE, MAX_SAG_SCALE)
+    sag_blur_sigma = _finite(sag_blur_sigma, "sag_blur_sigma", 0.0, MAX_SAG_BLUR_SIGMA)
+    if sag_scale and sag_blur_sigma <= 0:
+        raise BadRequest(f"sag_blur_sigma must be above 0, got {sag_blur_sigma:g}")
     pag_scale, pag_layer_text = check_pag(pag_scale, pag_layers)
     freeu_settings = check_freeu(freeu, freeu_version, freeu_rule)
     strength = _finite(strength, "strength", 0.0, 1.0)
@@ -487,6 +496,8 @@ def build_generation(
         kwargs["clip_skip_rule"] = clip_skip_rule
     if resize_mode not in (0, "just resize"):
         kwargs["resize_mode"] = resize_mode  # checked by GenerationRequest.validate below
+    if sag_scale:  # left out at 0 (no SAG), so that such jobs batch as before
+        kwargs.update(sag_scale=sag_scale, sag_blur_sigma=sag_blur_sigma)
     if pag_scale:  # left out at 0 (no PAG: the layers do nothing), so that such jobs batch as before
         kwargs.update(pag_scale=pag_scale, pag_layers=pag_layer_text)  # a tuple: batch_key compares it
     if hypertile is not None:  # left out when off, so that such jobs batch as before

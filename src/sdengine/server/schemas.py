@@ -84,6 +84,23 @@ class JobRequest(BaseModel):
     sampler: str = Field("dpmpp_2m", max_length=64)
     schedule: str | None = Field("karras", max_length=64)
     cfg_scale: float = Field(7.5, ge=0, le=100, allow_inf_nan=False)
+    sag_scale: float = Field(
+        0.0,
+        ge=-10,
+        le=10,  # sdengine.pipeline.request.MAX_SAG_SCALE
+        allow_inf_nan=False,
+        description="self-attention guidance (Hong et al. 2023, diffusers' SAG pipeline): one more U-Net pass per step "
+        "on the x0 estimate blurred where the middle block's self-attention looks most, adding sag_scale x (prediction "
+        "- degraded prediction); 0: off; diffusers' example 0.75. Infotext 'SAG scale'",
+    )
+    sag_blur_sigma: float = Field(
+        1.0,
+        gt=0,
+        le=10,  # sdengine.diffusion.sag.MAX_SAG_BLUR_SIGMA
+        allow_inf_nan=False,
+        description="the standard deviation of SAG's 9x9 Gaussian blur (diffusers' 1.0; ComfyUI's node 2.0); used only "
+        "with a sag_scale other than 0. Infotext 'SAG blur sigma'",
+    )
     pag_scale: float = Field(
         0.0,
         ge=0,

@@ -1,5 +1,5 @@
 """Weight files: safe reading/writing (io), LDM <-> diffusers name tables (keymaps), architecture detection
-(detect), and loading/conversion of whole checkpoints (loading)."""
+(detect), loading/conversion of whole checkpoints (loading), and A1111's checkpoint merging (merge)."""
 
 from .detect import UnsupportedModelError, read_prediction_type
 from .io import (
@@ -20,10 +20,12 @@ from .loading import (
     load_into,
     load_vae,
 )
+from .merge import MergeError, merge_checkpoints
 
 __all__ = [
     "CorruptFileError",
     "LoadedCheckpoint",
+    "MergeError",
     "MissingVAEError",
     "UnsafeCheckpointError",
     "UnsupportedModelError",
@@ -36,6 +38,7 @@ __all__ = [
     "load_into",
     "load_safetensors",
     "load_vae",
+    "merge_checkpoints",
     "read_prediction_type",
     "save_safetensors",
 ]

@@ -20,7 +20,7 @@ import re
 import struct
 import warnings
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -301,23 +301,41 @@ def save_safetensors(
     written in (itemsize desc, name) order so that every tensor is aligned to its element size.
     """
     target = parse_dtype(dtype)
-    path = Path(path)
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
 
     def out_dtype(t: torch.Tensor) -> torch.dtype:
         return target if (target is not None and t.is_floating_point()) else t.dtype
 
-    for name, t in tensors.items():
-        if out_dtype(t) not in _TORCH_TO_ST:
-            raise WeightsError(f"cannot write tensor {name!r}: dtype {t.dtype} has no safetensors code")
-    order = sorted(tensors, key=lambda k: (-out_dtype(tensors[k]).itemsize, k))
+    layout = {name: (out_dtype(t), tuple(t.shape)) for name, t in tensors.items()}
+    write_safetensors_streaming(layout, lambda name: tensors[name], path, metadata=metadata)
+
+
+def write_safetensors_streaming(
+    layout: Mapping[str, tuple[torch.dtype, Sequence[int]]],
+    produce: Callable[[str], torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a .safetensors file whose tensors are made one at a time: ``layout`` gives each name's dtype and
+    shape (the header is written first), ``produce(name)`` the tensor, called once per name in the file's order
+    and converted to the layout's dtype; only that one tensor is held while it is written. A tensor whose shape
+    is not its layout's is a WeightsError (the file is not written: a temporary file is renamed at the end)."""
+    path = Path(path)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    for name, (dt, _) in layout.items():
+        if dt not in _TORCH_TO_ST:
+            raise WeightsError(f"cannot write tensor {name!r}: dtype {dt} has no safetensors code")
+    order = sorted(layout, key=lambda k: (-layout[k][0].itemsize, k))
     header: dict[str, Any] = {"__metadata__": meta} if meta else {}
     offset = 0
     for name in order:
-        t = tensors[name]
-        dt = out_dtype(t)
-        nbytes = t.numel() * dt.itemsize
-        header[name] = {"dtype": _TORCH_TO_ST[dt], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        dt, shape = layout[name]
+        nbytes = math.prod(int(s) for s in shape) * dt.itemsize
+        header[name] = {
+            "dtype": _TORCH_TO_ST[dt],
+            "shape": [int(s) for s in shape],
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)  # pad so the data section starts 8-aligned
@@ -327,14 +345,68 @@ def save_safetensors(
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name in order:
-            t = tensors[name].detach()
+            dt, shape = layout[name]
+            t = produce(name).detach()
+            if tuple(t.shape) != tuple(int(s) for s in shape):
+                raise WeightsError(f"cannot write tensor {name!r}: shape {tuple(t.shape)}, expected {tuple(shape)}")
             if t.device.type != "cpu":
                 t = t.cpu()
-            t = t.to(out_dtype(t)).contiguous()
+            t = t.to(dt).contiguous()
             if t.numel():
                 # numpy has no bfloat16/float8: write the same bytes through an integer view of equal width.
                 b = t.reshape(-1).view(torch.uint8) if t.dtype != torch.bool else t.to(torch.uint8).reshape(-1)
                 f.write(memoryview(b.numpy()))  # type: ignore[arg-type]
+
+
+class SafetensorsReader:
+    """One tensor at a time from a .safetensors file, read with ordinary file I/O (not through a memory map,
+    whose touched pages would stay resident): ``names``, ``dtype(name)``, ``shape(name)`` come from the validated
+    header without reading any data; ``read(name)`` returns a new tensor holding only that tensor's bytes.
+    ``metadata``: the file's ``__metadata__``. Use as a context manager (or call ``close``)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        header, self.metadata, self._data_start = read_safetensors_header(self.path)
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, entry in header.items():
+            begin, end = (int(o) for o in entry["data_offsets"])
+            self._entries[name] = (_ST_DTYPES[entry["dtype"]], tuple(int(s) for s in entry["shape"]), begin, end)
+        self._file: io.BufferedReader | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entries[name][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self._entries[name]
+        if self._file is None:
+            self._file = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        if end > begin:
+            self._file.seek(self._data_start + begin)
+            if self._file.readinto(buf.numpy()) != end - begin:  # type: ignore[arg-type]
+                raise CorruptFileError(f"{self.path}: truncated tensor data ({name})")
+        return buf.view(dtype).reshape(shape) if dtype != torch.bool else buf.view(torch.bool).reshape(shape)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # ------------------------------------------------------------------------------------------------ pickles

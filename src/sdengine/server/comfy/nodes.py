@@ -195,6 +195,13 @@ class ModelHandle:
     # FreeU / FreeU_V2: (b1, b2, s1, s2, version, "width"), () = off (the last one applied counts, as ComfyUI's
     # output block patch, which replaces the one before)
     freeu: tuple[Any, ...] = ()
+    # the merge nodes' weight patches, in order (nodes_merge.WeightPatch / LoraStep), applied while sampling
+    merges: tuple[Any, ...] = ()
+    # ComfyUI's PerpNeg model patch (nodes_sampling.py): (empty conditioning entries, neg_scale), () = off; its CFG
+    # function replaces CFG wherever the model samples (the last patch applied counts, as ComfyUI's)
+    perp_neg: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+    # SelfAttentionGuidance: (scale, blur_sigma), () = off (sdengine.server.comfy.nodes_guidance)
+    sag: tuple[float, ...] = ()
     # HyperTile: its settings' key (tile_size, swap_size, max_depth, "comfyui", scale_depth), () = off (the last node
     # applied counts; sdengine.server.comfy.nodes_hypertile)
     hypertile: tuple[Any, ...] = ()
@@ -205,6 +212,7 @@ class ClipHandle:
     ref: str
     layer: int | None = None  # CLIPSetLastLayer's stop_at_clip_layer; None: the model's own layer
     loras: tuple[tuple[str, float], ...] = ()
+    merges: tuple[Any, ...] = ()  # the CLIP merge nodes' weight patches (nodes_merge), applied while encoding
 
     def clip_skip(self, pipe: Any) -> int:
         """The pipeline's clip_skip for ComfyUI's layer. SD 1.x: -1 is the last layer (A1111's clip skip 1),
@@ -718,8 +726,17 @@ def controlnet_loader(ctx: RunContext, control_net_name: str) -> tuple[Any]:
 
 
 @contextmanager
-def _clip_loras(pipe: Any, clip: ClipHandle) -> Iterator[None]:
-    """The CLIP part of the LoRAs a LoraLoader put on ``clip``, on the text encoders while encoding."""
+def _clip_loras(pipe: Any, clip: ClipHandle, ctx: RunContext) -> Iterator[None]:
+    """The CLIP merge nodes' weights and the CLIP part of the LoRAs a LoraLoader put on ``clip``, on the text
+    encoders while encoding."""
+    from sdengine.server.comfy.nodes_merge import merges_applied
+
+    with merges_applied(ctx, pipe, clip, "clip"), _clip_loras_only(pipe, clip):
+        yield
+
+
+@contextmanager
+def _clip_loras_only(pipe: Any, clip: ClipHandle) -> Iterator[None]:
     handle = None
     te2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second encoder (the refiner's only one)
     if clip.loras and (isinstance(pipe.text_encoder, torch.nn.Module) or isinstance(te2, torch.nn.Module)):
@@ -738,7 +755,7 @@ def clip_text_encode(ctx: RunContext, text: str, clip: ClipHandle) -> tuple[Any]
     from sdengine.latent_sampling import encode_text
 
     pipe = ctx.pipeline(clip.ref)
-    with _clip_loras(pipe, clip):
+    with _clip_loras(pipe, clip, ctx):
         return ([encode_text(pipe, text, clip.clip_skip(pipe))],)
 
 
@@ -768,7 +785,7 @@ def clip_text_encode_sdxl(
 
     pipe = ctx.pipeline(clip.ref)
     cond = _sdxl_conditioner(pipe, refiner=False, node="CLIPTextEncodeSDXL")
-    with _clip_loras(pipe, clip):
+    with _clip_loras(pipe, clip, ctx):
         states, pooled = cond.text(text_l, text_g, clip.clip_skip(pipe))
         vector = cond.vector_of(pooled, [height, width, crop_h, crop_w, target_height, target_width])
     return ([TextCondition({"crossattn": states.to(cond.dtype), "vector": vector}, pooled_width=pooled.shape[-1])],)
@@ -783,7 +800,7 @@ def clip_text_encode_sdxl_refiner(
 
     pipe = ctx.pipeline(clip.ref)
     cond = _sdxl_conditioner(pipe, refiner=True, node="CLIPTextEncodeSDXLRefiner")
-    with _clip_loras(pipe, clip):
+    with _clip_loras(pipe, clip, ctx):
         states, pooled = cond.text(text, text, clip.clip_skip(pipe))
         vector = cond.vector_of(pooled, [height, width, 0, 0, ascore])
     return ([TextCondition({"crossattn": states.to(cond.dtype), "vector": vector}, pooled_width=pooled.shape[-1])],)
@@ -981,10 +998,19 @@ def _sample(
     last_denoised: list[torch.Tensor] | None = None,
     options: tuple[tuple[str, float], ...] = (),
     discard_penultimate: bool | None = None,
+    guidance_rule: Any = None,
+    third: list[Any] | None = None,
     **window: Any,
 ) -> tuple[Any]:
     from sdengine.latent_sampling import sample_latents
 
+    if getattr(model, "perp_neg", ()):  # ComfyUI's PerpNeg patch: its CFG function in place of CFG (the node's cfg)
+        if guidance_rule is not None:
+            raise NodeError(f"{guidance_rule!r} cannot guide a model with the PerpNeg patch: use one or the other")
+        from sdengine.diffusion.guidance import PerpNeg
+
+        empty, neg_scale = model.perp_neg
+        guidance_rule, third = PerpNeg(float(cfg), float(neg_scale), patch=True), list(empty)
     if steps > ctx.max_steps:
         raise NodeError(f"steps {steps} is over the server's limit of {ctx.max_steps}")
     if float(denoise) <= 0.0:  # ComfyUI: no step to run, the latent passes through unchanged
@@ -1004,7 +1030,15 @@ def _sample(
         check_hypertile(pipe.unet, settings)
         tiles = HyperTileRun(settings, int(seed), pipe.vae_scale_factor)
         tiles.latent = (int(samples.shape[-2]), int(samples.shape[-1]))
-    with freeu_applied(pipe.unet, freeu), hypertile_applied(pipe.unet, tiles):
+    from sdengine.server.comfy.nodes_merge import merges_applied
+
+    # the merge nodes' weights, then FreeU / FreeU_V2 and HyperTile on the plain U-Net that latent_sampling calls
+    # (LoRAs: in it)
+    with (
+        merges_applied(ctx, pipe, model, "unet"),
+        freeu_applied(pipe.unet, freeu),
+        hypertile_applied(pipe.unet, tiles),
+    ):
         out = sample_latents(
             pipe,
             positive,
@@ -1023,10 +1057,14 @@ def _sample(
             loras=model.loras,
             guidance_rescale=model.cfg_rescale,
             pag_scale=model.pag_scale,
+            sag_scale=model.sag[0] if model.sag else 0.0,
+            sag_blur_sigma=model.sag[1] if model.sag else 2.0,
             prediction=model.prediction,
             zero_terminal_snr=model.zsnr,
             callback=report,
             batch_index=latent_image.get("batch_index"),
+            guidance_rule=guidance_rule,
+            third=third or (),
             sampler_options={**SAMPLER_OPTIONS.get(sampler_name, {}), **dict(options)} or None,
             # KSampler's rule unless told (SamplerCustom walks BasicScheduler's SIGMAS as they are)
             discard_penultimate_sigma=sampler_name in DISCARD_PENULTIMATE_SAMPLERS
@@ -1114,7 +1152,7 @@ class SamplerChoice:
     sampler nodes with settings (SamplerEulerAncestral, SamplerLMS, ...) give the engine's sampler."""
 
     name: str
-    options: tuple[tuple[str, float], ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1127,14 +1165,20 @@ class NoiseSource:
 
 @dataclass(frozen=True, eq=False)
 class Guider:
-    """ComfyUI's GUIDER: CFGGuider (model, positive, negative, cfg) or BasicGuider (one conditioning, cfg 1)."""
+    """ComfyUI's GUIDER: CFGGuider (model, positive, negative, cfg) or BasicGuider (one conditioning, cfg 1); a guider
+    over three conditionings (DualCFGGuider, PerpNegGuider, ``nodes_sampling.py``) also has its ``rule``
+    (:mod:`sdengine.diffusion.guidance`'s DualCFG / PerpNeg, in place of CFG) and its ``third`` conditioning."""
 
     model: ModelHandle
     positive: list[Any]
     negative: list[Any] | None
     cfg: float
+    rule: Any = None
+    third: list[Any] | None = None
 
     def __repr__(self) -> str:
+        if self.rule is not None:
+            return f"GUIDER({self.model.ref}, {self.rule!r})"
         return f"GUIDER({self.model.ref}, cfg {self.cfg:g}, {'CFG' if self.negative is not None else 'basic'})"
 
 
@@ -1398,6 +1442,7 @@ def sampler_custom(
     sampler: SamplerChoice,
     sigmas: Sigmas,
     latent_image: dict[str, Any],
+    guider: Guider | None = None,
 ) -> tuple[Any, Any]:
     """ComfyUI's SamplerCustom: ``sampler`` walks ``sigmas`` from the latent (plus the seed's noise at the first
     sigma when ``add_noise``). Outputs: the sample at the last sigma, and the last step's x0 estimate (the output
@@ -1429,6 +1474,8 @@ def sampler_custom(
         negative=negative, latent_image=latent_image, last_denoised=last, options=sampler.options,
         discard_penultimate=False,
     )  # fmt: skip
+    if guider is not None and guider.rule is not None:  # SamplerCustomAdvanced's DualCFGGuider / PerpNegGuider
+        common.update(guidance_rule=guider.rule, third=guider.third)
     plan = _plan_for(sigmas, model)
     if plan is not None and (plan.lo, plan.hi) == (0, plan.n):
         (out,) = _sample(ctx, steps=plan.steps, scheduler=plan.scheduler, denoise=plan.denoise, add_noise=add_noise,
@@ -1469,7 +1516,7 @@ def sampler_custom_advanced(
     negative = guider.negative if guider.negative is not None else guider.positive  # cfg 1: never run
     return sampler_custom(
         ctx, guider.model, noise.enabled, noise.seed, guider.cfg, guider.positive, negative, sampler, sigmas,
-        latent_image,
+        latent_image, guider,
     )  # fmt: skip
 
 

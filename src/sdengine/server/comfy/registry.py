@@ -9,8 +9,19 @@ from __future__ import annotations
 
 from sdengine.server.comfy.nodes import NODES as CORE_NODES
 from sdengine.server.comfy.nodes import NodeDef
+from sdengine.server.comfy.nodes_guidance import GUIDANCE_NODES
 from sdengine.server.comfy.nodes_hypertile import HYPERTILE_NODES
 from sdengine.server.comfy.nodes_image import IMAGE_NODES
 from sdengine.server.comfy.nodes_latent import LATENT_NODES
+from sdengine.server.comfy.nodes_merge import NODES as MERGE_NODES
+from sdengine.server.comfy.nodes_sampling import NODES as SAMPLING_NODES
 
-NODES: dict[str, NodeDef] = {**CORE_NODES, **IMAGE_NODES, **LATENT_NODES, **HYPERTILE_NODES}
+NODES: dict[str, NodeDef] = {
+    **CORE_NODES,
+    **IMAGE_NODES,
+    **LATENT_NODES,
+    **MERGE_NODES,
+    **SAMPLING_NODES,
+    **GUIDANCE_NODES,
+    **HYPERTILE_NODES,
+}

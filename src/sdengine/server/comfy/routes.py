@@ -48,7 +48,7 @@ from sdengine.server.jobs import (
     visible,
 )
 from sdengine.server.requests import Generation
-from sdengine.server.security import Caller
+from sdengine.server.security import REQUEST_CALLER, Caller
 
 PREVIEW_IMAGE = 1  # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE
 PNG_TYPE = 2
@@ -157,6 +157,7 @@ class ComfyJob(Job):
         client_id: Any,
         extra_data: dict[str, Any],
         seed_rule: str,
+        job_id: str | None = None,
     ) -> None:
         steps = sum(int(n["inputs"].get("steps", 0)) for n in graph.values() if "steps" in n["inputs"]) or 1
         generation = Generation(
@@ -164,7 +165,10 @@ class ComfyJob(Job):
             model_name=str(services.options.get("sd_model_checkpoint")),
             kwargs={"steps": steps, "batch_size": 1, "seed": 0},
         )
-        super().__init__(generation, protocol="comfyui", save=True, id=prompt_id)
+        # the job table's id: the prompt_id, or one of its own where the client queued its prompt_id again (ComfyUI
+        # queues both; the events, /queue and /history name the prompt_id)
+        super().__init__(generation, protocol="comfyui", save=True, id=job_id or prompt_id)
+        self.prompt_id = prompt_id
         self.services = services
         self.st = st
         self.graph = graph
@@ -178,10 +182,10 @@ class ComfyJob(Job):
         self.node: str | None = None  # the node running now (told again to a websocket that reconnects)
 
     def queue_item(self) -> list[Any]:
-        return [self.number, self.id, self.prompt, self.extra_data, self.outputs]
+        return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs]
 
     def event(self, name: str, data: dict[str, Any]) -> None:
-        data = {**data, "prompt_id": self.id}
+        data = {**data, "prompt_id": self.prompt_id}
         if name == "executing":
             self.node = data.get("node")
         if name in (
@@ -208,9 +212,8 @@ class ComfyJob(Job):
         def progress(step: int, steps: int, denoised: Any) -> bool:
             self.step, self.steps = step, steps
             node = ctx.current_node
-            self.st.send(
-                "progress", {"value": step, "max": steps, "prompt_id": self.id, "node": node}, self.client_id, self
-            )
+            data = {"value": step, "max": steps, "prompt_id": self.prompt_id, "node": node}
+            self.st.send("progress", data, self.client_id, self)
             if step % preview_every == 0 or step == steps:
                 try:
                     from sdengine import vae_utils
@@ -226,7 +229,7 @@ class ComfyJob(Job):
             return not self.cancel.is_set()
 
         def send_image(png: bytes, index: int, count: int) -> None:  # ComfyUI's ProgressBar with an image
-            data = {"value": index, "max": count, "prompt_id": self.id, "node": ctx.current_node}
+            data = {"value": index, "max": count, "prompt_id": self.prompt_id, "node": ctx.current_node}
             st.send("progress", data, self.client_id, self)
             st.send(PREVIEW_IMAGE, struct.pack(">I", PNG_TYPE) + png, self.client_id, self)
 
@@ -268,7 +271,8 @@ class ComfyJob(Job):
         self.node = None
         send_status(st, services)  # ComfyUI's order: the queue's status (task_done), then "executing" None
         if self.client_id is not None:
-            self.st.send("executing", {"node": None, "display_node": None, "prompt_id": self.id}, self.client_id, self)
+            done = {"node": None, "display_node": None, "prompt_id": self.prompt_id}
+            self.st.send("executing", done, self.client_id, self)
         with st.run_lock:  # a /free sent while the prompt ran
             apply_free(st, services, worker)
 
@@ -299,8 +303,9 @@ class ComfyJob(Job):
     def record(self, status: str, outputs: dict[str, Any]) -> None:
         st = self.st
         with st.lock:
-            st.owners[self.id] = self.owner
-            st.history[self.id] = {
+            # ComfyUI: a prompt_id run again overwrites its entry (which keeps its place in the history's order)
+            st.owners[self.prompt_id] = self.owner
+            st.history[self.prompt_id] = {
                 "prompt": self.queue_item(),
                 "outputs": outputs,
                 "status": {"status_str": status, "completed": status == "success", "messages": self.messages},
@@ -433,10 +438,7 @@ async def post_prompt(request: Request) -> Any:
         raise BadRequest("prompt_id must be a string")
     if not 0 < len(prompt_id) <= 100:
         raise BadRequest("prompt_id must be 1 to 100 characters")
-    # the job table is keyed by id: an id in use is refused, whoever's it is, with one answer (docs/server.md "Who
-    # may see and cancel a job": it says only that the id the client chose is in use)
-    if prompt_id in st.history or services.manager.has_id(prompt_id):
-        raise BadRequest(f"prompt_id {prompt_id!r} is taken (a prompt or job of the server has it)")
+    job_id = _job_id_for(services, st, prompt_id)
     number: int | float
     front = False
     if given is not None:  # ComfyUI: a given number is the priority as it is (a float); the counter stays
@@ -448,21 +450,48 @@ async def post_prompt(request: Request) -> Any:
         front = bool(body.get("front"))
         if front:  # ComfyUI's rule: the counter negated, below every number given so far
             number = -number
-    job = ComfyJob(
-        services=services,
-        st=st,
-        graph=graph,
-        outputs=outputs,
-        prompt=prompt,
-        prompt_id=prompt_id,
-        number=number,
-        client_id=client_id,
-        extra_data=extra,
-        seed_rule=seed_rule,
-    )
-    services.manager.submit(job, place=lambda queued: _place(queued, number, front))
+    for attempt in range(2):
+        job = ComfyJob(
+            services=services,
+            st=st,
+            graph=graph,
+            outputs=outputs,
+            prompt=prompt,
+            prompt_id=prompt_id,
+            number=number,
+            client_id=client_id,
+            extra_data=extra,
+            seed_rule=seed_rule,
+            job_id=job_id,
+        )
+        try:
+            services.manager.submit(job, place=lambda queued: _place(queued, number, front))
+            break
+        except BadRequest:  # the job table's "job id ... is taken": another request queued this id meanwhile
+            if attempt or job_id != prompt_id:
+                raise
+            job_id = _job_id_for(services, st, prompt_id)  # judged again: the caller's own gets an id of its own
     send_status(st, services)
     return {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
+
+
+def _job_id_for(services: Any, st: ComfyState, prompt_id: str) -> str:
+    """The job-table id of a new prompt of ``prompt_id``. ComfyUI queues a prompt_id it already has (queued, running
+    or in the history) as a prompt of its own, the later run overwriting the history entry: so here for the caller's
+    own prompts, the second one getting a job id of its own (the table is keyed by id). An id another client's
+    prompt or history entry has, or any job of the other APIs, is refused, with one answer whoever's it is
+    (docs/server.md "Who may see and cancel a job": a client never sees nor overwrites another's entries)."""
+    caller = REQUEST_CALLER.get()
+    me = caller.client if caller is not None else None
+    with st.lock:
+        theirs = prompt_id in st.history and st.owners.get(prompt_id) != me
+    for j in services.manager.jobs():
+        named = j.prompt_id == prompt_id if isinstance(j, ComfyJob) else False
+        if (named or j.id == prompt_id) and (not isinstance(j, ComfyJob) or j.owner != me):
+            theirs = True
+    if theirs:
+        raise BadRequest(f"prompt_id {prompt_id!r} is taken (another client's prompt, or a job of another API, has it)")
+    return prompt_id if not services.manager.has_id(prompt_id) else f"{prompt_id}#{uuid.uuid4().hex[:12]}"
 
 
 def _priority_number(value: Any) -> float:
@@ -522,7 +551,7 @@ async def post_queue(request: Request) -> Any:
         if not isinstance(delete, list) or not all(isinstance(d, str) for d in delete):
             raise BadRequest("delete must be a list of prompt ids")
         for j in pending:
-            if j.id in delete:
+            if j.prompt_id in delete:
                 services.manager.cancel(j)
     send_status(state(request.app), services)
     return {}
@@ -539,7 +568,7 @@ async def interrupt(request: Request) -> Any:
         body = {}
     pid = body.get("prompt_id") if isinstance(body, dict) else None
     for j in my_prompts(services):  # a global interrupt stops the caller's running prompts, never another's
-        if j.state == RUNNING and (not pid or j.id == str(pid)):
+        if j.state == RUNNING and (not pid or j.prompt_id == str(pid)):
             services.manager.cancel(j)
     return {}
 
@@ -918,6 +947,9 @@ def apply_free(st: ComfyState, services: Any, own: Any = None) -> None:
     if pending is None:
         return
     st.executor.clear()
+    from sdengine.server.comfy.nodes_merge import forget_merges
+
+    forget_merges()  # the merge nodes' kept weights go with the node cache
     if pending:
         for w in services.manager.workers:
             if w.current is None or w is own:
@@ -1038,7 +1070,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     for j in visible(comfy_jobs(services), caller):  # ComfyUI: a client that reconnects while its prompt runs is
         node = j.node  # told the node
         if j.state == RUNNING and j.client_id == sid and node is not None:
-            st.send("executing", {"node": node, "display_node": node, "prompt_id": j.id}, sid)
+            st.send("executing", {"node": node, "display_node": node, "prompt_id": j.prompt_id}, sid)
 
     async def pump() -> None:
         while True:
