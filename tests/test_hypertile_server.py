@@ -132,3 +132,50 @@ def test_bad_hypertile_options_are_one_line_400s(served, option, value, said) ->
         assert r.status_code == 400 and said in r.json()["detail"], r.text
         assert "\n" not in r.json()["detail"]
     assert c.get("/sdapi/v1/options").json()[option] in (False, 256, 3)  # nothing was set
+
+
+def test_a_native_jobs_hypertile_gives_the_python_apis_image(served) -> None:
+    """POST /v1/jobs with ``hypertile`` (ComfyUI's rule at 64x64: the emoji model's 16x16 latent in 2x2 tiles) is the
+    Python API's image and infotext; null is the plain image."""
+    from _live_server import wait_job
+
+    rec, c = served
+    body = {"prompt": "a red apple", **GEN}
+    tiles = {"hypertile": [32, 1, 0], "hypertile_rule": "comfyui", "hypertile_scale_depth": False}
+
+    def job(extra: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        r = c.post("/v1/jobs", json={**body, **extra})
+        assert r.status_code == 202, r.text
+        j = wait_job(c, r.json()["id"], timeout=300)
+        assert j["state"] == "done", j
+        png = Image.open(io.BytesIO(c.get(j["images"][0]["url"]).content))
+        return np.asarray(png.convert("RGB")), j
+
+    got, j = job(tiles)
+    assert _ht(rec.calls[-1]) == ((32, 1, 0), False)
+    want = shared_loader("emoji", "cpu")(
+        "a red apple", progress=False, **GEN, hypertile=(32, 1, 0), hypertile_rule="comfyui",
+        hypertile_scale_depth=False,
+    )  # fmt: skip
+    np.testing.assert_array_equal(got, np.asarray(want.images[0].convert("RGB")))
+    assert j["infotexts"][0] == want.infotexts[0] and "Hypertile rule: comfyui" in want.infotexts[0]
+    plain, j = job({**tiles, "hypertile": None})
+    assert not np.array_equal(plain, got) and "Hypertile" not in j["infotexts"][0]
+
+
+@pytest.mark.parametrize(
+    "extra,status,said",
+    [
+        ({"hypertile": [256, True, 3]}, 422, "hypertile"),
+        ({"hypertile": [256, 3]}, 422, "hypertile"),
+        ({"hypertile": [256, 3, 3], "hypertile_rule": "forge"}, 422, "hypertile_rule"),
+        ({"hypertile": [256, 200, 3]}, 400, "hypertile swap_size must be a whole number in [0, 128], got 200"),
+        ({"hypertile": [256, 3, 11]}, 400, "hypertile max_depth must be a whole number in [0, 10], got 11"),
+    ],
+)
+def test_bad_native_hypertile_values_are_refused(served, extra, status, said) -> None:
+    _, c = served
+    r = c.post("/v1/jobs", json={"prompt": "a red apple", **GEN, **extra})
+    assert r.status_code == status and said in r.text, r.text
+    if status == 400:
+        assert "\n" not in r.json()["detail"]

@@ -140,10 +140,10 @@ def tiled_attention(x: Tensor, height: int, width: int, nh: int, nw: int, attend
     if nh * nw == 1:
         return attend(x)
     th, tw = height // nh, width // nw
-    t = x.view(B, nh, th, nw, tw, C).permute(0, 1, 3, 2, 4, 5).reshape(B * nh * nw, th * tw, C)
+    t = x.reshape(B, nh, th, nw, tw, C).permute(0, 1, 3, 2, 4, 5).reshape(B * nh * nw, th * tw, C)
     out = attend(t)
     D = out.shape[-1]
-    out = out.view(B, nh, nw, th, tw, D).permute(0, 1, 3, 2, 4, 5).reshape(B, L, D)
+    out = out.reshape(B, nh, nw, th, tw, D).permute(0, 1, 3, 2, 4, 5).reshape(B, L, D)
     return out
 
 

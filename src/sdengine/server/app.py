@@ -626,6 +626,25 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         except SdengineError as e:
             raise BadRequest(f"freeu: {e}") from None
 
+    def check_hypertile_layers(generation: Generation) -> None:
+        """HyperTile that would tile no self-attention layer of the model is a 400 now when a worker holds the
+        model; before its first load the job fails with the same line when it runs."""
+        kw = generation.kwargs
+        if kw.get("hypertile") is None:
+            return
+        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        unet = getattr(loaded, "unet", None)
+        if unet is None:
+            return
+        from sdengine.nn.hypertile import HyperTile, check_hypertile
+
+        try:
+            tile, swap, depth = kw["hypertile"]
+            rule, scale = kw.get("hypertile_rule", "a1111"), kw.get("hypertile_scale_depth", True)
+            check_hypertile(unet, HyperTile(tile, swap, depth, rule=rule, scale_depth=scale))
+        except SdengineError as e:
+            raise BadRequest(f"hypertile: {e}") from None
+
     def check_not_too_large(generation: Generation) -> None:
         """A width or height over the model's limit (8x its training size) is a 400 now, instead of a queued job
         (or a started stream) that fails when it runs: the limit is the loaded pipeline's when a worker holds the
@@ -737,6 +756,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         check_tiny_vae(generation)
         check_pag_layers(generation)
         check_freeu_blocks(generation)
+        check_hypertile_layers(generation)
         check_schedule_steps(generation)
 
     services.precheck = precheck
