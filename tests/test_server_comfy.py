@@ -984,7 +984,8 @@ def _bislerp_oracle(z: np.ndarray, width: int, height: int) -> np.ndarray:
 def test_latent_upscale_bislerp_as_comfyui(client):
     """LatentUpscale/LatentUpscaleBy offer ComfyUI's `bislerp` (a workflow with it was refused as value_not_in_list):
     the slerp along the width then the height, checked against a per-pixel oracle, edge cases included."""
-    from sdengine.server.comfy.nodes import RunContext, bislerp, latent_upscale
+    from sdengine.nn.resize import bislerp
+    from sdengine.server.comfy.nodes import RunContext, latent_upscale
 
     g = torch.Generator().manual_seed(4)
     z = torch.randn(2, 4, 5, 6, generator=g)

@@ -457,6 +457,7 @@ def sample_latents(
     zero_terminal_snr: bool = False,
     guidance_rule: Any = None,
     third: Sequence[TextCondition] = (),
+    deep_shrink: Any = None,
 ) -> Tensor:
     """Sample from ``latent`` (B, C, h, w) in the model's scaled latent space; returns the new latent.
 
@@ -499,6 +500,8 @@ def sample_latents(
     DualCFGGuider / PerpNegGuider (:class:`sdengine.diffusion.guidance.DualCFG`, ``PerpNeg``): each of positive,
     negative and ``third`` predicted as ComfyUI's calc_cond_batch weighs its entries (the regional path), then the
     rule's combination; not with ``guidance_rescale`` or ``pag_scale``.
+    ``deep_shrink``: a :class:`sdengine.nn.deep_shrink.DeepShrink` patch of the U-Net in the calls whose sigma is in
+    its window (ComfyUI's PatchModelAddDownscale); not with a ControlNet or T2I-Adapter.
     """
     if guidance_rule is not None and not third:
         raise LatentSamplingError("a guider over three conditionings needs its third conditioning")
@@ -703,6 +706,26 @@ def sample_latents(
     for hint in controls:
         if not any(_same_hint(hint, d) for d in distinct):
             distinct.append(hint)
+    if deep_shrink is not None:
+        from sdengine.nn.deep_shrink import check_deep_shrink
+
+        if distinct:  # their residuals have the full-size skips' shapes
+            raise LatentSamplingError(
+                "Deep Shrink (PatchModelAddDownscale) cannot run with a ControlNet or T2I-Adapter: drop one of the two"
+            )
+        try:
+            check_deep_shrink(pipe.unet, deep_shrink)
+        except SdengineError as e:
+            raise LatentSamplingError(str(e)) from None
+
+    def shrunk(den: Any) -> Any:
+        """``den`` with the Deep Shrink patch in the calls of its window (as it is without one)."""
+        if deep_shrink is None:
+            return den
+        from sdengine.nn.deep_shrink import DeepShrinkDenoiser
+
+        return DeepShrinkDenoiser(den, pipe.unet, deep_shrink)
+
     handle = None
     if loras:
         from sdengine.weights.lora import apply_loras
@@ -795,8 +818,8 @@ def sample_latents(
                 if (kinds, size) not in dens:
                     whole = net if size is None else area_net(*size, kinds)
                     part = whole.with_kinds(list(kinds)) if distinct else net
-                    dens[(kinds, size)] = Denoiser(
-                        UNetAdapter(part, pipe.dtype), pipe.noise_schedule, prediction, timestep_mode=t_mode
+                    dens[(kinds, size)] = shrunk(
+                        Denoiser(UNetAdapter(part, pipe.dtype), pipe.noise_schedule, prediction, timestep_mode=t_mode)
                     )
                 return dens[(kinds, size)]
 
@@ -814,7 +837,9 @@ def sample_latents(
                     for d in distinct
                 ]
                 part_net = net.with_kinds(kinds)
-            den = Denoiser(UNetAdapter(part_net, pipe.dtype), pipe.noise_schedule, prediction, timestep_mode=t_mode)
+            den = shrunk(
+                Denoiser(UNetAdapter(part_net, pipe.dtype), pipe.noise_schedule, prediction, timestep_mode=t_mode)
+            )
             pos = pos_entry.cond
             c, u = _match_length(pos["crossattn"].to(dev), neg["crossattn"].to(dev))
             uncond_args: dict[str, Tensor] = {"crossattn": u}

@@ -47,6 +47,8 @@ from sdengine.diffusion.schedules import A1111_GRID_SAMPLERS
 from sdengine.errors import SdengineError
 from sdengine.image_info import ImageInfoError, png_text_chunks
 from sdengine.io.atomic import atomic_write
+from sdengine.nn.deep_shrink import FIELDS as DEEP_SHRINK_FIELDS
+from sdengine.nn.deep_shrink import INFOTEXT_FIELDS as DEEP_SHRINK_INFOTEXT_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,8 @@ FIELD_ORDER: tuple[tuple[str, str], ...] = (
     ("clip_skip", "Clip skip"),
     ("lora_hashes", "Lora hashes"),
 )
+# lower-case fields of Forge's built-in scripts that sdengine writes as they are (Kohya HRFix Integrated: Deep Shrink)
+EXTENSION_FIELDS = frozenset(DEEP_SHRINK_INFOTEXT_FIELDS)
 KNOWN_KEYS = frozenset({"prompt", "negative_prompt", "width", "height", "version"} | {k for k, _ in FIELD_ORDER})
 
 # Fields that describe the run but do not change the image; to_generate_kwargs skips them quietly.
@@ -145,7 +149,7 @@ def format_parameters(params: Mapping[str, Any]) -> str:
     """
     if "prompt" not in params:
         raise MetadataError("format_parameters needs a 'prompt'")
-    unknown = [k for k in params if k not in KNOWN_KEYS and not k[:1].isupper()]
+    unknown = [k for k in params if k not in KNOWN_KEYS and not k[:1].isupper() and k not in EXTENSION_FIELDS]
     if unknown:
         raise MetadataError(f"unknown parameter names {unknown}; known: {sorted(KNOWN_KEYS)} or A1111 field names")
 
@@ -173,7 +177,7 @@ def format_parameters(params: Mapping[str, Any]) -> str:
             del values["lora_hashes"]
 
     fields: list[tuple[str, Any]] = [(a1111, values[ours]) for ours, a1111 in FIELD_ORDER if ours in values]
-    fields += [(k, v) for k, v in values.items() if k[:1].isupper()]
+    fields += [(k, v) for k, v in values.items() if k[:1].isupper() or k in EXTENSION_FIELDS]
     fields.append(("Version", values.get("version", VERSION)))
 
     parts = []
@@ -345,6 +349,29 @@ def _parse_float(parsed: Mapping[str, str], key: str) -> float:
         raise MetadataError(f"{key}: {parsed[key]!r} is not a number") from None
 
 
+def deep_shrink_kwargs(parsed: Mapping[str, str]) -> dict[str, Any] | None:
+    """Forge's Kohya HRFix fields (``kohya_hrfix_enabled: True``, ``kohya_hrfix_block_number`` ...) as the
+    request's ``deep_shrink`` mapping (a missing field takes the script's default); None when not enabled."""
+    if parsed.get("kohya_hrfix_enabled", "").strip().lower() != "true":
+        return None
+    out: dict[str, Any] = {}
+    for name, key in zip(DEEP_SHRINK_FIELDS, DEEP_SHRINK_INFOTEXT_FIELDS[1:], strict=True):
+        if key not in parsed:
+            continue
+        if name == "block":
+            out[name] = _parse_int(parsed, key)
+        elif name == "after_skip":
+            value = parsed[key].strip().lower()
+            if value not in ("true", "false"):
+                raise MetadataError(f"{key}: {parsed[key]!r} is not True or False")
+            out[name] = value == "true"
+        elif name.endswith("_method"):
+            out[name] = parsed[key].strip()
+        else:
+            out[name] = _parse_float(parsed, key)
+    return out
+
+
 def made_by_sdengine(parsed: Mapping[str, str]) -> bool:
     """Whether an infotext is sdengine's own ("Version: sdengine X.Y.Z"): its settings have sdengine's meaning
     unless a field says otherwise ("Strength rule", "Clip skip rule"); any other (A1111's, Forge's) has
@@ -400,7 +427,8 @@ def to_generate_kwargs(
     ``guidance_rescale`` ("CFG Rescale phi"), ``pag_scale`` and ``pag_layers`` (sdengine's "PAG scale", "PAG
     layers"), ``sag_scale`` and ``sag_blur_sigma`` (sdengine's "SAG scale", "SAG blur sigma"), ``freeu``,
     ``freeu_version`` and ``freeu_rule`` (sdengine's "FreeU: b1,b2,s1,s2", "FreeU version",
-    "FreeU rule" where not 2 and width; Forge's "freeu_enabled: True", "freeu_b1" ... "freeu_s2"), ``hypertile``,
+    "FreeU rule" where not 2 and width; Forge's "freeu_enabled: True", "freeu_b1" ... "freeu_s2"), ``deep_shrink``
+    (Forge's "kohya_hrfix_enabled: True", "kohya_hrfix_block_number" ...: :func:`deep_shrink_kwargs`), ``hypertile``,
     ``hypertile_hires_only``, ``hypertile_rule`` and ``hypertile_scale_depth`` (A1111's "Hypertile U-Net: True" or
     "Hypertile U-Net second pass: True", its "Hypertile U-Net max tile size" / "max depth" / "swap size", 256 / 3 / 3
     where missing; sdengine's "Hypertile rule", "Hypertile scale depth"), ``subseed`` and
@@ -490,6 +518,9 @@ def to_generate_kwargs(
         kwargs["freeu"] = tuple(_parse_float(parsed, k) for k in _FREEU_FACTOR_FIELDS)
         kwargs["freeu_version"] = _parse_int(parsed, "freeu_version") if "freeu_version" in parsed else 2
         kwargs["freeu_rule"] = parsed.get("freeu_rule", "width").strip()  # sdengine's, when not the width rule
+    shrink = deep_shrink_kwargs(parsed)  # Forge's Kohya HRFix Integrated (Deep Shrink)
+    if shrink is not None:
+        kwargs["deep_shrink"] = shrink
     hypertile = _true(parsed, "Hypertile U-Net")
     if hypertile or _true(parsed, "Hypertile U-Net second pass"):
         # A1111's Hypertile U-Net (its settings where not its defaults 256, 3, 3); sdengine's rule and scale depth
@@ -613,6 +644,7 @@ def to_generate_kwargs(
         *_FREEU_FACTOR_FIELDS,
         "freeu_version",
         "freeu_rule",
+        *DEEP_SHRINK_INFOTEXT_FIELDS,
         *HYPERTILE_UNET_FIELDS,
         "Variation seed",
         "Variation seed strength",

@@ -363,6 +363,51 @@ def _freeu_arg(text: str) -> tuple[float, ...] | None:
         ) from None
 
 
+def _deep_shrink_arg(text: str) -> dict[str, Any] | None:
+    """--deep-shrink's value: BLOCK,FACTOR[,START,END] (START and END in percent of the sampling, 0 to 1), or off."""
+    t = text.strip().lower()
+    if t in ("off", "none"):
+        return None
+    parts = [x.strip() for x in text.split(",")]
+    try:
+        if len(parts) not in (2, 4):
+            raise ValueError
+        block = float(parts[0])
+        if not block.is_integer():
+            raise ValueError
+        out: dict[str, Any] = {"block": int(block), "factor": float(parts[1])}
+        if len(parts) == 4:
+            out.update(start=float(parts[2]), end=float(parts[3]))
+        return out
+    except ValueError:
+        raise UsageError(
+            f"--deep-shrink takes BLOCK,FACTOR or BLOCK,FACTOR,START,END (e.g. 3,2 or 3,2,0,0.35) or off; got {text!r}"
+        ) from None
+
+
+def _apply_deep_shrink_flags(a: argparse.Namespace, kwargs: dict[str, Any]) -> None:
+    """--deep-shrink and its --deep-shrink-skip / --deep-shrink-method onto ``kwargs`` (a --from-png image's Deep
+    Shrink included)."""
+    if a.deep_shrink is not None:  # "off" turns a --from-png image's Deep Shrink off
+        kwargs["deep_shrink"] = _deep_shrink_arg(a.deep_shrink)
+    extra: dict[str, Any] = {}
+    if a.deep_shrink_skip is not None:
+        extra["after_skip"] = a.deep_shrink_skip == "after"
+    if a.deep_shrink_method is not None:
+        methods = [x.strip() for x in a.deep_shrink_method.split(",")]
+        if len(methods) not in (1, 2):
+            raise UsageError(f"--deep-shrink-method takes METHOD or DOWN,UP; got {a.deep_shrink_method!r}")
+        extra.update(downscale_method=methods[0], upscale_method=methods[-1])
+    if extra:
+        if kwargs.get("deep_shrink") is None:
+            flag = "--deep-shrink-skip" if a.deep_shrink_skip is not None else "--deep-shrink-method"
+            raise UsageError(f"{flag} has no effect without --deep-shrink: drop it, or add --deep-shrink BLOCK,FACTOR")
+        from ..nn.deep_shrink import FIELDS, DeepShrink
+
+        base = dict(zip(FIELDS, DeepShrink.coerce(kwargs["deep_shrink"]).key, strict=True))
+        kwargs["deep_shrink"] = {**base, **extra}
+
+
 def _hypertile_arg(text: str) -> tuple[int, int, int] | None:
     """--hypertile's value: TILE[,SWAP[,DEPTH]] (A1111's defaults 256, 3, 3 for those left out), on, or off."""
     t = text.strip().lower()
@@ -785,6 +830,7 @@ def run(a: argparse.Namespace) -> int:
         )
     if a.freeu is not None:  # "off" turns a --from-png image's FreeU off
         kwargs["freeu"] = _freeu_arg(a.freeu)
+    _apply_deep_shrink_flags(a, kwargs)
     if a.hypertile is not None:  # "off" turns a --from-png image's HyperTile off
         kwargs["hypertile"] = _hypertile_arg(a.hypertile)
     for flag, key, value in (
@@ -1281,6 +1327,28 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         default=None,
         help="which concatenations FreeU changes: width (default; 4x / 2x the first level's channels: the authors', "
         "ComfyUI's, Forge's) or diffusers (its first and second up block, as enable_freeu)",
+    )
+    p.add_argument(
+        "--deep-shrink",
+        default=None,
+        metavar="BLOCK,FACTOR[,START,END]",
+        help="Deep Shrink (kohya-ss's high-resolution fix; ComfyUI's PatchModelAddDownscale, Forge's Kohya HRFix): "
+        "the U-Net's hidden state after input block BLOCK (ComfyUI's numbering: 3 is the first downsample) divided "
+        "by FACTOR in [0.1, 9] while the sampling is between START and END (fractions of it; default 0,0.35); off "
+        "turns a --from-png image's off",
+    )
+    p.add_argument(
+        "--deep-shrink-skip",
+        choices=("after", "before"),
+        default=None,
+        help="Deep Shrink resizes the block's output after it is kept for its skip connection (default) or before",
+    )
+    p.add_argument(
+        "--deep-shrink-method",
+        default=None,
+        metavar="METHOD[,UP]",
+        help="Deep Shrink's resize methods, down then up (one name: both): bicubic (default), nearest-exact, "
+        "bilinear, area, bislerp",
     )
     p.add_argument(
         "--hypertile",

@@ -214,27 +214,49 @@ class DownBlock(nn.Module):
         self.downsamplers = None
         if add_downsample:
             self.downsamplers = nn.ModuleList([Downsample2D(out_ch, padding=cfg.downsample_padding)])
+        # Deep Shrink (sdengine.nn.deep_shrink.deep_shrink_applied sets it): None, or (j, resize, after_skip): this
+        # block's j-th output (its layers' in order, then its downsample's) resized by ``resize`` after it is kept
+        # as a skip (after_skip) or before
+        self.shrink: tuple[int, Callable[[Tensor], Tensor], bool] | None = None
 
     def forward(
         self, x: Tensor, temb: Tensor, context: Tensor | None, extra: Tensor | None = None
     ) -> tuple[Tensor, list[Tensor]]:
         """``extra``: a T2I-Adapter feature, added (skip included) after the last layer of an attention level,
         after the whole level (its downsample included) otherwise, as diffusers' U-Net adds it."""
-        skips = []
+        skips: list[Tensor] = []
+        shrink = self.shrink
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)  # (B, out, H, W)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
                 if extra is not None and i == len(self.resnets) - 1:
                     x = _add_feature(x, extra)
-            skips.append(x)
+            if shrink is not None and shrink[0] == i:
+                x = _kept_shrunk(x, skips, shrink)
+            else:
+                skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)  # (B, out, H/2, W/2)
-            skips.append(x)
+            if shrink is not None and shrink[0] == len(self.resnets):
+                x = _kept_shrunk(x, skips, shrink)
+            else:
+                skips.append(x)
         if extra is not None and self.attentions is None:
             x = _add_feature(x, extra)
             skips[-1] = x
         return x, skips
+
+
+def _kept_shrunk(x: Tensor, skips: list[Tensor], shrink: tuple[int, Callable[[Tensor], Tensor], bool]) -> Tensor:
+    """Deep Shrink at one output of a down block: ``x`` resized, kept as the skip before or after (``shrink[2]``)."""
+    _, resize, after_skip = shrink
+    if after_skip:
+        skips.append(x)
+        return resize(x)
+    x = resize(x)
+    skips.append(x)
+    return x
 
 
 def _add_feature(x: Tensor, feature: Tensor) -> Tensor:
@@ -300,14 +322,20 @@ class UpBlock(nn.Module):
         # there: None, or FreeU's (h, skip) -> (B, C + C_skip, H, W) (sdengine.nn.freeu.freeu_applied sets it)
         self.concat_widths = (prev_ch,) + (out_ch,) * (n - 1)
         self.freeu: Callable[[Tensor, Tensor], Tensor] | None = None
+        # Deep Shrink (sdengine.nn.deep_shrink.deep_shrink_applied sets it): None, or (h, skip) -> h resized to the
+        # skip's size where the two differ, before they are concatenated
+        self.regrow: Callable[[Tensor, Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor | None) -> Tensor:
         """Consumes its skips from the end of ``skips`` (the list is shortened in place)."""
         for i, resnet in enumerate(self.resnets):
+            skip = skips.pop()
+            if self.regrow is not None:
+                x = self.regrow(x, skip)
             if self.freeu is None:
-                x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+                x = torch.cat([x, skip], dim=1)  # (B, C + C_skip, H, W)
             else:
-                x = self.freeu(x, skips.pop())
+                x = self.freeu(x, skip)
             x = resnet(x, temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)

@@ -49,10 +49,11 @@ from sdengine.diffusion.schedules import (
     img2img_steps,
 )
 from sdengine.diffusion.variation import seed_resized_noise, variation_noise
-from sdengine.errors import GenerationError
+from sdengine.errors import GenerationError, UsageError
 from sdengine.io.images import load_image, to_uint8
 from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.nn.attention import CHUNK_SCORES, identity_attention, pag_layers
+from sdengine.nn.deep_shrink import DeepShrink, DeepShrinkDenoiser, check_deep_shrink, deep_shrink_infotext
 from sdengine.nn.freeu import FreeU, FreeUNet, check_freeu
 from sdengine.nn.hypertile import HyperTile, HyperTileNet, check_hypertile
 from sdengine.nn.transformer import middle_attention_mass, middle_transformer
@@ -718,6 +719,12 @@ class Pipeline:
         freeu = r.freeu_settings()
         if freeu is not None:  # FreeU changes some up block of this U-Net (one line, before any model runs)
             check_freeu(self.unet, freeu)
+        shrink = r.deep_shrink_settings()
+        if shrink is not None:  # Deep Shrink's block is one of this U-Net's (one line, before any model runs)
+            try:
+                check_deep_shrink(self.unet, shrink)
+            except UsageError as e:
+                raise GenerationError(str(e)) from None
         tiles = r.hypertile_config()
         if tiles is not None:  # HyperTile has a self-attention layer to tile in this U-Net (one line)
             check_hypertile(self.unet, tiles)
@@ -967,6 +974,9 @@ class Pipeline:
                     row["FreeU version"] = freeu.version
                 if freeu.rule != "width":
                     row["FreeU rule"] = freeu.rule
+            shrink = request.deep_shrink_settings()
+            if shrink is not None:  # Forge's Kohya HRFix fields, as its script writes them
+                row.update(deep_shrink_infotext(shrink))
             row.update(hypertile_infotext(request))
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
         embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
@@ -1187,13 +1197,16 @@ class Pipeline:
         # FreeU changes the up blocks of the plain U-Net during its calls: the same (a step graph would replay them
         # as recorded; the whole-loop graph keys FreeU in its plan)
         freeu = r.freeu_settings()
+        # Deep Shrink resizes the plain U-Net's hidden states in some calls (a step graph has one shape per input)
+        shrink = r.deep_shrink_settings()
         # HyperTile draws each call's tiles in Python: the plain network too (the whole-loop graph keys it and the
         # seed in its plan)
         tiles = r.hypertile_settings()
         hypertile = None if tiles is None else (tiles, int(p.seeds[0]))
         # SAG records the middle block's attention map in the plain U-Net's calls: the same
         sag = (float(r.sag_scale), float(r.sag_blur_sigma)) if r.sag_scale else None
-        if not units and pag is None and freeu is None and sag is None and hypertile is None:
+        plain = pag is None and freeu is None and sag is None and shrink is None and hypertile is None
+        if not units and plain:
             net = self.graphed("unet") or net
         if units:
             units = [_rows_of(u, rows, len(p.seeds)) for u in units]
@@ -1225,6 +1238,7 @@ class Pipeline:
             pag=pag,
             freeu=freeu,
             sag=sag,
+            deep_shrink=shrink,
             hypertile=hypertile,
         )
         blend: Any = None
@@ -1304,6 +1318,7 @@ class Pipeline:
         pag: tuple[float, Sequence[str]] | None = None,
         freeu: FreeU | None = None,
         sag: tuple[float, float] | None = None,
+        deep_shrink: DeepShrink | None = None,
         hypertile: tuple[HyperTile, int] | None = None,
     ) -> Any:
         """The x0-denoiser the samplers call: classifier-free guidance over the U-Net (``net``: what runs in its
@@ -1312,6 +1327,8 @@ class Pipeline:
         step graph would replay its attention unperturbed); ``freeu``: FreeU on this pipeline's U-Net for each call
         (:mod:`sdengine.nn.freeu`; the plain network runs it too); ``sag``: (scale, blur sigma) of self-attention
         guidance, reading the middle-block attention map of this pipeline's U-Net (the plain network runs it too);
+        ``deep_shrink``: Deep Shrink on this pipeline's U-Net in the calls whose sigma is in its window
+        (:mod:`sdengine.nn.deep_shrink`; the plain network too);
         ``hypertile``: (settings, seed) of HyperTile on this pipeline's U-Net's self-attention, one generator seeded
         with ``seed`` for this denoiser's calls (:mod:`sdengine.nn.hypertile`)."""
         net = self.unet if net is None else net
@@ -1324,7 +1341,9 @@ class Pipeline:
             from sdengine.pipeline.prompt_editing import StepTexts
 
             model = StepTexts(model, texts)
-        den = Denoiser(model, self.noise_schedule, self.prediction_type)
+        den: Any = Denoiser(model, self.noise_schedule, self.prediction_type)
+        if deep_shrink is not None:
+            den = DeepShrinkDenoiser(den, self.unet, deep_shrink)
         pag_scale, perturb = 0.0, None
         if pag is not None and float(pag[0]) > 0:
             layers = pag_layers(self.unet, list(pag[1]))
@@ -1352,6 +1371,7 @@ class Pipeline:
         noised to where that is not ``first`` (A1111's DDIM / PLMS)."""
         r = p.request
         freeu = r.freeu_settings()
+        shrink = r.deep_shrink_settings()
         tiles = r.hypertile_settings()
         return LoopPlan.of(
             sampler=p.sampler,
@@ -1372,6 +1392,7 @@ class Pipeline:
             pag_layers=r.pag_layer_list() if r.pag_scale else (),
             freeu=() if freeu is None else freeu.key,
             sag=(float(r.sag_scale), float(r.sag_blur_sigma)) if r.sag_scale else (),
+            deep_shrink=() if shrink is None else shrink.key,
             hypertile=() if tiles is None else (*tiles.key, int(p.seeds[0])),
         )
 
@@ -1412,15 +1433,24 @@ class Pipeline:
         graphs = self.cuda_graphs or {}
         # PAG switches attention layers of the plain U-Net during its calls: an ahead-of-time package would not see it
         # and so does FreeU its up blocks
-        # and HyperTile its self-attention layers
-        plain = plan.pag_scale or plan.freeu or plan.sag or plan.hypertile  # and SAG reads the plain U-Net's map
+        # and Deep Shrink its hidden states' sizes, and HyperTile its self-attention layers
+        plain = plan.pag_scale or plan.freeu or plan.sag or plan.deep_shrink or plan.hypertile  # SAG: the plain map
         net = graphs["unet"].fn if "unet" in graphs and not plain else self.unet
         pag = (plan.pag_scale, plan.pag_layers) if plan.pag_scale else None
         freeu = FreeU(*plan.freeu) if plan.freeu else None
         sag = (float(plan.sag[0]), float(plan.sag[1])) if plan.sag else None
+        shrink = DeepShrink(*plan.deep_shrink) if plan.deep_shrink else None
         hypertile = (HyperTile(*plan.hypertile[:5]), int(plan.hypertile[5])) if plan.hypertile else None
         den = self.guided_denoiser(
-            plan.cfg_scale, uncond, plan.rescale, net=net, pag=pag, freeu=freeu, sag=sag, hypertile=hypertile
+            plan.cfg_scale,
+            uncond,
+            plan.rescale,
+            net=net,
+            pag=pag,
+            freeu=freeu,
+            sag=sag,
+            deep_shrink=shrink,
+            hypertile=hypertile,
         )
         bank = None if draws is None else NoiseBank(draws, noise.shape[0])
         return self.sample_plan(den, plan, noise, init_latent, cond, generators=bank)

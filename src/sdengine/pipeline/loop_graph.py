@@ -82,6 +82,9 @@ class LoopPlan:
     hypertile: tuple[Any, ...] = ()
     # self-attention guidance: (scale, blur sigma), () = off (the recording bakes in the scale and the blur kernel)
     sag: tuple[float, ...] = ()
+    # Deep Shrink: sdengine.nn.deep_shrink.DeepShrink.key, () = off (the recording bakes in which steps' calls are
+    # shrunk, and their shapes)
+    deep_shrink: tuple[Any, ...] = ()
     # the options as given (the JSON above keys them; a value JSON cannot hold exactly is kept here as it was)
     given_options: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
 
@@ -107,6 +110,7 @@ class LoopPlan:
         freeu: tuple[Any, ...] = (),
         hypertile: tuple[Any, ...] = (),
         sag: tuple[float, ...] = (),
+        deep_shrink: tuple[Any, ...] = (),
     ) -> LoopPlan:
         return LoopPlan(
             sampler=sampler,
@@ -128,6 +132,7 @@ class LoopPlan:
             freeu=tuple(freeu),
             hypertile=tuple(hypertile),
             sag=tuple(float(v) for v in sag),
+            deep_shrink=tuple(deep_shrink),
             given_options=tuple(sorted(dict(sampler_options or {}).items())),
         )
 

@@ -24,9 +24,10 @@ import numpy as np
 from sdengine.diffusion import sampling
 from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA
 from sdengine.diffusion.schedules import STRENGTH_RULES, img2img_start
-from sdengine.errors import GenerationError
+from sdengine.errors import GenerationError, SdengineError
 from sdengine.io.images import ImageInput
 from sdengine.metadata import MASKED_CONTENT
+from sdengine.nn.deep_shrink import DeepShrink
 from sdengine.nn.freeu import FREEU_RULES, FreeU
 from sdengine.nn.hypertile import HYPERTILE_RULES, MAX_DEPTH, MAX_SWAP_SIZE, MAX_TILE_SIZE, HyperTile
 from sdengine.pipeline.control import ControlUnit
@@ -130,6 +131,12 @@ class GenerationRequest:
     freeu: Sequence[float] | None = None
     freeu_version: int = 2
     freeu_rule: str = "width"
+    # Deep Shrink (kohya-ss; ComfyUI's PatchModelAddDownscale, Forge's Kohya HRFix Integrated): the U-Net's hidden
+    # state shrunk below one input block while the noise is high, for sizes above the model's own. A
+    # sdengine.nn.deep_shrink.DeepShrink, a mapping of its fields (block, factor, start, end, after_skip,
+    # downscale_method, upscale_method) or (block, factor[, start, end[, ...]]); None = off. The base model's U-Net
+    # only (not an SDXL refiner's); both hires passes. Infotext Forge's "kohya_hrfix_*" fields
+    deep_shrink: Any = None
     # HyperTile (tfernd; A1111's built-in Hypertile, ComfyUI's HyperTile node): (tile_size, swap_size, max_depth),
     # the U-Net's self-attention within tiles of the feature map: tile_size in pixels (A1111's "max tile size",
     # 256), swap_size how many tile counts to draw from per side (A1111 3, ComfyUI 2), max_depth the deepest layers
@@ -311,6 +318,11 @@ class GenerationRequest:
         b1, b2, s1, s2 = (float(x) for x in self.freeu)
         return FreeU(b1, b2, s1, s2, version=int(self.freeu_version), rule=self.freeu_rule)
 
+    def deep_shrink_settings(self) -> DeepShrink | None:
+        """``deep_shrink`` as :class:`sdengine.nn.deep_shrink.DeepShrink` settings (None: off); call after
+        :meth:`validate`."""
+        return None if self.deep_shrink is None else DeepShrink.coerce(self.deep_shrink)
+
     def hypertile_config(self) -> HyperTile | None:
         """``hypertile`` as :class:`sdengine.nn.hypertile.HyperTile` settings, whichever passes it runs on (None:
         off); call after :meth:`validate`."""
@@ -342,6 +354,18 @@ class GenerationRequest:
         for name, x in zip(("b1", "b2", "s1", "s2"), v, strict=True):
             if not _is_number(x) or not math.isfinite(x) or not 0.0 <= x <= MAX_FREEU_FACTOR:
                 raise GenerationError(f"freeu {name} must be a number in [0, {MAX_FREEU_FACTOR:g}], got {x!r}")
+
+    def _validate_deep_shrink(self) -> None:
+        if self.deep_shrink is None:
+            return
+        try:
+            DeepShrink.coerce(self.deep_shrink)
+        except GenerationError:
+            raise
+        except SdengineError as e:
+            raise GenerationError(str(e)) from None
+        if self.controlnets:  # their residuals have the full-size skips' shapes
+            raise GenerationError("deep shrink cannot run with ControlNets or T2I-Adapters: drop one of the two")
 
     def _validate_hypertile(self) -> None:
         v, rule = self.hypertile, self.hypertile_rule
@@ -435,6 +459,7 @@ class GenerationRequest:
         if not _is_number(blur) or not math.isfinite(blur) or not 0.0 < blur <= MAX_SAG_BLUR_SIGMA:
             raise GenerationError(f"sag_blur_sigma must be a number in (0, {MAX_SAG_BLUR_SIGMA:g}], got {blur!r}")
         self._validate_freeu()
+        self._validate_deep_shrink()
         self._validate_hypertile()
         if self.clip_skip_rule not in CLIP_SKIP_RULES:
             raise GenerationError(

@@ -569,13 +569,14 @@ def hand_off_latents(
     pag = (float(request.pag_scale), request.pag_layer_list()) if request.pag_scale else None
     freeu = request.freeu_settings()  # on each model's own U-Net
     sag = (float(request.sag_scale), float(request.sag_blur_sigma)) if request.sag_scale else None
+    shrink = request.deep_shrink_settings()  # the base's only (its block numbers; the refiner's are another U-Net's)
     tiles = request.hypertile_settings()  # and HyperTile, each model's generator seeded with the first seed
     ht = None if tiles is None else (tiles, int(p.seeds[0]))
     guides: dict[str, Any] = dict(pag=pag, freeu=freeu, sag=sag, hypertile=ht)
     runs = [
         (
             base,
-            blended(base.guided_denoiser(cfg_scale, uncond, rescale, **guides)),
+            blended(base.guided_denoiser(cfg_scale, uncond, rescale, deep_shrink=shrink, **guides)),
             cond,
             first,
             k,

@@ -1169,6 +1169,58 @@ def forge_freeu(scripts: dict[str, Any], infotext: Any = None) -> dict[str, Any]
     return {"freeu": tuple(values[:4]), "freeu_version": 2, "freeu_rule": "width", **recorded}
 
 
+# Forge's built-in Kohya HRFix script (extensions-builtin/sd_forge_kohya_hrfix, "Kohya HRFix Integrated"), Deep Shrink
+# on the U-Net: args [enabled, block_number, downscale_factor, start_percent, end_percent, downscale_after_skip,
+# downscale_method, upscale_method], ComfyUI's PatchModelAddDownscale with those settings (sdengine.nn.deep_shrink). As
+# Forge's API, an args list shorter than the script's keeps the later arguments as they were: the request's infotext's
+# (Forge's script reads its kohya_hrfix_* fields from it), else the script's defaults.
+FORGE_DEEP_SHRINK_SCRIPTS = ("kohya hrfix integrated",)
+FORGE_DEEP_SHRINK_DEFAULTS = (False, 3, 2.0, 0.0, 0.35, True, "bicubic", "bicubic")  # its UI's values
+
+
+def forge_deep_shrink(scripts: dict[str, Any], infotext: Any = None) -> dict[str, Any] | None:
+    """The Deep Shrink settings of Forge's Kohya HRFix script in ``alwayson_scripts`` (lower-cased names; the entry is
+    taken out of ``scripts``), over what the request's ``infotext`` sets (Forge's ``kohya_hrfix_*`` fields), as the
+    request's ``deep_shrink`` mapping: None when not enabled; a one-line 400 for an entry of another shape or a value
+    out of range."""
+    from sdengine.nn.deep_shrink import FIELDS, DeepShrink
+
+    args: list[Any] = list(FORGE_DEEP_SHRINK_DEFAULTS)
+    where = "infotext"
+    if isinstance(infotext, str) and "kohya_hrfix_" in infotext:
+        from sdengine.metadata import deep_shrink_kwargs, parse_parameters
+
+        try:
+            found = deep_shrink_kwargs(parse_parameters(infotext))
+        except ValueError as e:
+            raise BadRequest(f"infotext: {e}") from None
+        if found is not None:
+            args = [True, *(found.get(k, d) for k, d in zip(FIELDS, FORGE_DEEP_SHRINK_DEFAULTS[1:], strict=True))]
+    for name in FORGE_DEEP_SHRINK_SCRIPTS:
+        if name not in scripts:
+            continue
+        entry = scripts.pop(name)
+        given = entry.get("args") if isinstance(entry, dict) else None
+        if not isinstance(given, list) or len(given) > len(FORGE_DEEP_SHRINK_DEFAULTS):
+            raise BadRequest(
+                f"alwayson_scripts.{name} must be an object {{args: [enabled, block_number, downscale_factor, "
+                "start_percent, end_percent, downscale_after_skip, downscale_method, upscale_method]}} (Forge's Kohya "
+                f"HRFix script), got {repr(entry)[:100]}"
+            )
+        args[: len(given)] = given
+        where = f"alwayson_scripts.{name}"
+        if given and not isinstance(given[0], bool):
+            raise BadRequest(f"{where}.args[0] (enabled) must be true or false, got {repr(given[0])[:100]}")
+        break
+    if not args[0]:
+        return None
+    try:
+        settings = DeepShrink(*args[1:])
+    except SdengineError as e:
+        raise BadRequest(f"{where}: {e}") from None
+    return dict(zip(FIELDS, settings.key, strict=True))
+
+
 def control_units(
     args: Any, init: str | None, ignored: list[str], detect_maps: list[int] | None = None
 ) -> tuple[list[ControlRequest], list[tuple[int, int]], dict[int, int]]:
@@ -1591,6 +1643,8 @@ def install(app: FastAPI, services: Any) -> None:
         cn = scripts.pop("controlnet", None)
         pag_scale = forge_pag_scale(scripts)  # Forge's PAG script (A1111 has none): sdengine's pag_scale
         freeu = forge_freeu(scripts, (req.model_extra or {}).get("infotext"))  # Forge's FreeU script: sdengine's
+        # Forge's Kohya HRFix script (over the infotext's kohya_hrfix_* fields): sdengine's deep_shrink
+        deep_shrink = forge_deep_shrink(scripts, (req.model_extra or {}).get("infotext"))
         ignored.extend(f"alwayson_scripts.{k}" for k in scripts)
         if cn is not None and not isinstance(cn, dict):
             raise BadRequest("alwayson_scripts.controlnet must be an object: {args: [units]}")
@@ -1627,6 +1681,7 @@ def install(app: FastAPI, services: Any) -> None:
             cfg_scale=req.cfg_scale,
             pag_scale=pag_scale,
             **freeu,
+            **({} if deep_shrink is None else {"deep_shrink": deep_shrink}),
             **hypertile_fields(tiles),
             seed=req.seed,
             width=req.width,

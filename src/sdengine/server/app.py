@@ -626,6 +626,23 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         except SdengineError as e:
             raise BadRequest(f"freeu: {e}") from None
 
+    def check_deep_shrink_block(generation: Generation) -> None:
+        """A Deep Shrink block the model does not have is a 400 now when a worker holds the model; before its first
+        load the job fails with the same line when it runs."""
+        shrink = generation.kwargs.get("deep_shrink")
+        if shrink is None:
+            return
+        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        unet = getattr(loaded, "unet", None)
+        if unet is None:
+            return
+        from sdengine.nn.deep_shrink import DeepShrink, check_deep_shrink
+
+        try:
+            check_deep_shrink(unet, DeepShrink.coerce(shrink))
+        except SdengineError as e:
+            raise BadRequest(f"deep_shrink: {e}") from None
+
     def check_hypertile_layers(generation: Generation) -> None:
         """HyperTile that would tile no self-attention layer of the model is a 400 now when a worker holds the
         model; before its first load the job fails with the same line when it runs."""
@@ -756,6 +773,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         check_tiny_vae(generation)
         check_pag_layers(generation)
         check_freeu_blocks(generation)
+        check_deep_shrink_block(generation)
         check_hypertile_layers(generation)
         check_schedule_steps(generation)
 

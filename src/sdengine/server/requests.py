@@ -298,6 +298,7 @@ def build_generation(
     freeu: Sequence[float] | None = None,
     freeu_version: int = 2,
     freeu_rule: str = "width",
+    deep_shrink: Any = None,
     hypertile: Sequence[int] | None = None,
     hypertile_hires_only: bool = False,
     hypertile_rule: str = "a1111",
@@ -307,10 +308,11 @@ def build_generation(
     job's VAE (:func:`check_vae_choice`; None: the VAE the model was loaded with). ``pag_scale`` / ``pag_layers``:
     perturbed-attention guidance (:func:`check_pag`; the layers are kept only with a scale above 0). ``freeu`` /
     ``freeu_version`` / ``freeu_rule``: FreeU (:func:`check_freeu`; None: off). ``sag_scale`` / ``sag_blur_sigma``:
-    self-attention guidance (the blur sigma kept only with a scale other than 0). ``hypertile``: HyperTile's (tile size,
-    swap size, max depth), None: off; ``hypertile_hires_only``: the hires fix's second pass only; ``hypertile_rule``,
-    ``hypertile_scale_depth``: how it tiles (checked by GenerationRequest.validate; such a job runs alone, its tiles
-    drawn from its own first seed)."""
+    self-attention guidance (the blur sigma kept only with a scale other than 0). ``deep_shrink``: Deep Shrink's
+    settings (the pipeline's ``deep_shrink``; checked by GenerationRequest.validate below). ``hypertile``:
+    HyperTile's (tile size, swap size, max depth), None: off; ``hypertile_hires_only``: the hires fix's second pass
+    only; ``hypertile_rule``, ``hypertile_scale_depth``: how it tiles (checked by GenerationRequest.validate; such a
+    job runs alone, its tiles drawn from its own first seed)."""
     from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA
     from sdengine.nn.lora import LoRAWeight, lora_weight
     from sdengine.pipeline.request import MAX_SAG_SCALE
@@ -509,6 +511,8 @@ def build_generation(
             kwargs.update(hypertile_rule=hypertile_rule, hypertile_scale_depth=hypertile_scale_depth)
     if freeu_settings is not None:  # left out when off, so that such jobs batch as before
         kwargs.update(zip(("freeu", "freeu_version", "freeu_rule"), freeu_settings, strict=True))
+    if deep_shrink is not None:  # checked by GenerationRequest.validate below
+        kwargs["deep_shrink"] = deep_shrink
     if init_latent_resize:  # A1111's img2img resize mode 3 (left out when off, so such jobs batch as before)
         kwargs["init_latent_resize"] = init_latent_resize  # checked by GenerationRequest.validate below
     if hires is not None:

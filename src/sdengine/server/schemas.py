@@ -73,6 +73,28 @@ class HiresSpec(BaseModel):
     hr_negative_prompt: str = Field("", max_length=20000)
 
 
+class DeepShrinkSpec(BaseModel):
+    """Deep Shrink (kohya-ss; ComfyUI's PatchModelAddDownscale, Forge's Kohya HRFix Integrated), its ranges and
+    defaults (sdengine.nn.deep_shrink): docs/hires.md#deep-shrink-kohya-hrfix."""
+
+    model_config = ConfigDict(extra="forbid")
+    block: int = Field(
+        3,
+        ge=1,
+        le=32,
+        strict=True,
+        description="the input block whose output is shrunk, ComfyUI's numbering (0 is conv_in, 3 the first "
+        "downsample; SD 1.x has 1 to 11, SDXL 1 to 8); one the model does not have is a 400 (or fails the job, "
+        "before the model is loaded)",
+    )
+    factor: float = Field(2.0, ge=0.1, le=9, allow_inf_nan=False, description="each side becomes round(side / factor)")
+    start: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description="the window's start, ComfyUI's percent")
+    end: float = Field(0.35, ge=0, le=1, allow_inf_nan=False, description="the window's end, ComfyUI's percent")
+    after_skip: bool = Field(True, description="shrink after the block's output is kept for its skip (else before)")
+    downscale_method: Literal["bicubic", "nearest-exact", "bilinear", "area", "bislerp"] = "bicubic"
+    upscale_method: Literal["bicubic", "nearest-exact", "bilinear", "area", "bislerp"] = "bicubic"
+
+
 class JobRequest(BaseModel):
     """POST /v1/jobs. Images are upload ids (from POST /v1/uploads) or base64 (data URLs too)."""
 
@@ -142,6 +164,11 @@ class JobRequest(BaseModel):
         "first level's channels (the authors', ComfyUI's, Forge's), 'diffusers' every one of the first (b1, s1) "
         "and second (b2, s2) up block (diffusers' enable_freeu). Used only with freeu; infotext 'FreeU rule' when "
         "'diffusers'",
+    )
+    deep_shrink: DeepShrinkSpec | None = Field(
+        None,
+        description="Deep Shrink: the U-Net's hidden state below one input block shrunk while the noise is high, for "
+        "sizes above the model's own; null: off. Infotext Forge's 'kohya_hrfix_*' fields",
     )
     hypertile: list[Annotated[int, Field(ge=0, le=2048, strict=True)]] | None = Field(
         None,

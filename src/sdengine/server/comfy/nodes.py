@@ -38,8 +38,10 @@ from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from sdengine.errors import SdengineError
+from sdengine.nn.deep_shrink import DeepShrink
 from sdengine.nn.freeu import MAX_FREEU_FACTOR, FreeU, freeu_applied
 from sdengine.nn.hypertile import HyperTile, HyperTileRun, check_hypertile, hypertile_applied
+from sdengine.nn.resize import resize_nchw as resize_by_method
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -202,6 +204,9 @@ class ModelHandle:
     perp_neg: tuple[Any, ...] = field(default=(), compare=False, repr=False)
     # SelfAttentionGuidance: (scale, blur_sigma), () = off (sdengine.server.comfy.nodes_guidance)
     sag: tuple[float, ...] = ()
+    # PatchModelAddDownscale (Deep Shrink): sdengine.nn.deep_shrink.DeepShrink.key, () = off (the last one applied
+    # counts: sdengine runs one; nodes_patches.py)
+    deep_shrink: tuple[Any, ...] = ()
     # HyperTile: its settings' key (tile_size, swap_size, max_depth, "comfyui", scale_depth), () = off (the last node
     # applied counts; sdengine.server.comfy.nodes_hypertile)
     hypertile: tuple[Any, ...] = ()
@@ -499,8 +504,12 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 def latent_samples(latent: dict[str, Any], pipe: Any) -> torch.Tensor:
     """The latent tensor; an empty latent is made now, in the model's channels and VAE factor (a size off the
     factor rounded down, as ComfyUI's EmptyLatentImage takes width // 8 x height // 8)."""
-    if latent.get("samples") is not None:
-        return latent["samples"]
+    z = latent.get("samples")
+    if z is not None:
+        c = getattr(pipe, "latent_channels", None)
+        if c is not None and z.shape[1] != c:  # a LoadLatent file of another model: refused, not a tensor error
+            raise NodeError(f"the latent has {z.shape[1]} channels, {pipe.name}'s latents have {c}")
+        return z
     b, h, w = latent["size"]
     f = pipe.vae_scale_factor
     if h < f or w < f:
@@ -1061,6 +1070,7 @@ def _sample(
             sag_blur_sigma=model.sag[1] if model.sag else 2.0,
             prediction=model.prediction,
             zero_terminal_snr=model.zsnr,
+            deep_shrink=DeepShrink(*model.deep_shrink) if model.deep_shrink else None,
             callback=report,
             batch_index=latent_image.get("batch_index"),
             guidance_rule=guidance_rule,
@@ -1763,53 +1773,11 @@ def _target_size(w0: int, h0: int, width: int, height: int) -> tuple[int, int]:
     return width, height
 
 
-def _slerp_rows(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation of the vectors along the last axis of ``a`` and ``b`` (r broadcast, last axis 1):
-    the directions slerped, the length interpolated linearly; nearly equal directions keep ``a``, nearly opposite
-    ones interpolate linearly; a zero vector has no direction (taken as zero)."""
-    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
-    ua = torch.where(na == 0, torch.zeros_like(a), a / na)
-    ub = torch.where(nb == 0, torch.zeros_like(b), b / nb)
-    cos = (ua * ub).sum(dim=-1, keepdim=True)
-    angle = torch.acos(cos)
-    sin = torch.sin(angle)
-    out = (torch.sin((1 - r) * angle) * ua + torch.sin(r * angle) * ub) / sin * (na * (1 - r) + nb * r)
-    out = torch.where(cos < 1e-5 - 1, a * (1 - r) + b * r, out)
-    return torch.where(cos > 1 - 1e-5, a, out)
-
-
-def _bislerp_axis(x: torch.Tensor, size: int, axis: int) -> torch.Tensor:
-    """Resize ``x`` (N, C, H, W) along ``axis`` (2 or 3) to ``size`` by slerping each output position's two source
-    neighbours (the half-pixel-centred source position, clamped to the edges, as bilinear resizing finds it)."""
-    n_old = x.shape[axis]
-    pos = ((torch.arange(size, dtype=torch.float64) + 0.5) * (n_old / size) - 0.5).clamp(0, n_old - 1)
-    lo = pos.floor().long()
-    hi = (lo + 1).clamp(max=n_old - 1)
-    r = (pos - lo).float()
-    a, b = x.index_select(axis, lo).movedim(1, -1), x.index_select(axis, hi).movedim(1, -1)
-    shape = [1, 1, 1, 1]
-    shape[axis - 1] = size  # the channel axis moved last: H and W sit one place earlier
-    return _slerp_rows(a, b, r.reshape(shape)).movedim(-1, 1)
-
-
-def bislerp(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """ComfyUI's ``bislerp`` resize of a latent (N, C, H, W): each pixel's channel vector slerped between its two
-    source neighbours along the width first, then along the height, in float32; back in ``x``'s dtype."""
-    y = _bislerp_axis(x.float(), int(width), 3)
-    return _bislerp_axis(y, int(height), 2).to(x.dtype)
-
-
 def _resize_nchw(x: torch.Tensor, w: int, h: int, method: str, crop: str = "disabled") -> torch.Tensor:
     if crop == "center":
         x0, y0, x1, y1 = _center_box(x.shape[3], x.shape[2], w, h)
         x = x[:, :, y0:y1, x0:x1]
-    if method == "bislerp":
-        return bislerp(x, w, h)
-    if method == "nearest-exact":
-        return F.interpolate(x, size=(h, w), mode="nearest-exact")
-    if method == "area":
-        return F.interpolate(x, size=(h, w), mode="area")
-    return F.interpolate(x, size=(h, w), mode=method, align_corners=False)
+    return resize_by_method(x, w, h, method)
 
 
 def _upscale_latent(samples: dict[str, Any], method: str, w: int, h: int, crop: str) -> dict[str, Any]:
@@ -2286,10 +2254,13 @@ def load_image_mask(ctx: RunContext, image: str, channel: str) -> tuple[Any]:
 _MAX_SAVE_TRIES = 10000  # numbers tried past the listed highest before a save gives up
 
 
-def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict[str, Any]:
+def save_folder(ctx: RunContext, prefix: str, kind: str, width: int, height: int, suffix: str) -> tuple[Path, str, str]:
+    """Where a saver writes under ``filename_prefix`` (ComfyUI's get_save_image_path): the folder (created), its
+    subfolder as the history lists it, and the file names' stem; NodeError for a prefix that leaves the ``kind``
+    folder or gives names too long (``suffix``: the files' ending, for that length)."""
     from sdengine.io.paths import NAME_MAX, check_name, is_inside
 
-    prefix = _prefix_vars(prefix.strip() or "ComfyUI", images)
+    prefix = prefix_vars(prefix.strip() or "ComfyUI", width, height)
     sub, _, stem = prefix.replace("\\", "/").rpartition("/")
     root = ctx.folders.root(kind)
     try:
@@ -2302,54 +2273,71 @@ def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict
     ctx.folders.make_root(kind)
     if not is_inside(root, folder) or stem.startswith("."):
         raise NodeError(f"filename_prefix {prefix!r} leaves the {kind} folder")
-    if len(f"{stem}_00000_.png".encode()) > NAME_MAX:  # the counter and suffix must fit in one file name too
+    if len(f"{stem}_00000_{suffix}".encode()) > NAME_MAX:  # the counter and suffix must fit in one file name too
         raise NodeError(f"filename_prefix {stem[:40]!r}... is too long: its file names would be over {NAME_MAX} bytes")
     folder.mkdir(parents=True, exist_ok=True)
+    return folder, sub, stem
+
+
+def first_free_counter(folder: Path, stem: str, suffix_pattern: str) -> int:
+    """One past the highest counter of ``stem``'s files in ``folder`` (``stem_NNNNN_`` then ``suffix_pattern``, a
+    regular expression; read by name: a prefix such as "shot[1]" is no glob pattern, which once found none, so that
+    every run wrote over the first images)."""
+    pattern = re.compile(re.escape(stem).replace(re.escape("%batch_num%"), r"\d+") + r"_(\d+)_" + suffix_pattern)
+    used = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.fullmatch(p.name))]
+    return max(used, default=0) + 1
+
+
+def write_numbered(folder: Path, base: str, counter: int, suffix: str, write: Callable[[Any], None]) -> tuple[str, int]:
+    """Write the file ``base_NNNNN_suffix`` with the first free number from ``counter`` (each name created
+    exclusively: another server sharing the folder may have taken a number since the listing; the file then takes
+    the next free one instead of writing over it); ``write(f)`` fills the open binary file. Returns the name and
+    the counter after it."""
+    for _ in range(_MAX_SAVE_TRIES):
+        name = f"{base}_{counter:05d}_{suffix}"
+        counter += 1
+        try:
+            f = open(folder / name, "xb")  # noqa: SIM115 (closed below, removed when the write fails)
+        except FileExistsError:
+            continue
+        try:
+            with f:
+                write(f)
+        except BaseException:
+            (folder / name).unlink(missing_ok=True)
+            raise
+        return name, counter
+    raise NodeError(f"no free file name for {base!r} in {_MAX_SAVE_TRIES} numbers after the highest")
+
+
+def _save(ctx: RunContext, images: torch.Tensor, prefix: str, kind: str) -> dict[str, Any]:
+    folder, sub, stem = save_folder(ctx, prefix, kind, images.shape[2], images.shape[1], ".png")
     info = PngInfo()
     if ctx.prompt:
         info.add_text("prompt", json.dumps(ctx.prompt))
     for k, v in ctx.extra_pnginfo.items():
         info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
     results = []
-    # the counter follows the highest of this prefix's files (read by name: a prefix such as "shot[1]" is no glob
-    # pattern, which once found none, so that every run wrote over the first images)
-    pattern = re.compile(re.escape(stem).replace(re.escape("%batch_num%"), r"\d+") + r"_(\d+)_\.png")
     with ctx.save_lock:
-        used = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.fullmatch(p.name))]
-        counter = max(used, default=0) + 1
+        counter = first_free_counter(folder, stem, r"\.png")
         for i, img in enumerate(tensor_to_pil(images)):
             base = stem.replace("%batch_num%", str(i))
-            # each file is created exclusively: another server sharing the folder (its own lock) may have taken
-            # this number since the listing; the image then takes the next free one instead of writing over it
-            for _ in range(_MAX_SAVE_TRIES):
-                name = f"{base}_{counter:05d}_.png"
-                counter += 1
-                try:
-                    f = open(folder / name, "xb")  # noqa: SIM115 (closed below, removed when the write fails)
-                except FileExistsError:
-                    continue
-                try:
-                    with f:
-                        img.save(f, format="PNG", pnginfo=info, compress_level=4)
-                except BaseException:
-                    (folder / name).unlink(missing_ok=True)
-                    raise
-                break
-            else:
-                raise NodeError(f"no free file name for {base!r} in {_MAX_SAVE_TRIES} numbers after the highest")
+            png = lambda f, img=img: img.save(f, format="PNG", pnginfo=info, compress_level=4)  # noqa: E731
+            name, counter = write_numbered(folder, base, counter, ".png", png)
             results.append({"filename": name, "subfolder": sub, "type": kind})
     return {"ui": {"images": results}, "result": ()}
 
 
-def _prefix_vars(prefix: str, images: torch.Tensor) -> str:
-    """ComfyUI's variables of a filename prefix: %width% and %height% of the first image, and the local time's
-    %year% %month% %day% %hour% %minute% %second% (%batch_num% is each image's index, replaced per file)."""
+def prefix_vars(prefix: str, width: int, height: int) -> str:
+    """ComfyUI's variables of a filename prefix: %width% and %height% of the first image (0 for a latent, as
+    ComfyUI's), and the local time's %year% %month% %day% %hour% %minute% %second% (%batch_num% is each image's
+    index, replaced per file)."""
     if "%" not in prefix:
         return prefix
     now = time.localtime()
     values = {
-        "width": images.shape[2],
-        "height": images.shape[1],
+        "width": width,
+        "height": height,
         "year": now.tm_year,
         "month": f"{now.tm_mon:02d}",
         "day": f"{now.tm_mday:02d}",

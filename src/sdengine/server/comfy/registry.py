@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from sdengine.server.comfy.nodes import NODES as CORE_NODES
 from sdengine.server.comfy.nodes import NodeDef
+from sdengine.server.comfy.nodes_files import FILE_NODES
 from sdengine.server.comfy.nodes_guidance import GUIDANCE_NODES
 from sdengine.server.comfy.nodes_hypertile import HYPERTILE_NODES
 from sdengine.server.comfy.nodes_image import IMAGE_NODES
 from sdengine.server.comfy.nodes_latent import LATENT_NODES
 from sdengine.server.comfy.nodes_merge import NODES as MERGE_NODES
+from sdengine.server.comfy.nodes_patches import PATCH_NODES
 from sdengine.server.comfy.nodes_sampling import NODES as SAMPLING_NODES
 
 NODES: dict[str, NodeDef] = {
@@ -23,5 +25,7 @@ NODES: dict[str, NodeDef] = {
     **MERGE_NODES,
     **SAMPLING_NODES,
     **GUIDANCE_NODES,
+    **FILE_NODES,
+    **PATCH_NODES,
     **HYPERTILE_NODES,
 }

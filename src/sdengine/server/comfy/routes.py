@@ -31,7 +31,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
 
 from sdengine.server.comfy.graph import Executor, Interrupted, NodeFailed, PromptInvalid, validate
-from sdengine.server.comfy.nodes import IMAGE_SUFFIXES, Outputs, RunContext, object_info, split_annotation
+from sdengine.server.comfy.nodes import IMAGE_SUFFIXES, NodeError, Outputs, RunContext, object_info, split_annotation
+from sdengine.server.comfy.nodes_files import LATENT_SUFFIX, check_latent_file
 from sdengine.server.comfy.registry import NODES
 from sdengine.server.errors import BadRequest, Forbidden, NotFound, redact_paths, redact_tree, register_client_folder
 from sdengine.server.jobs import (
@@ -643,8 +644,8 @@ def view(
     suffix = Path(filename).suffix.lower()
     if not filename or filename.startswith("."):
         raise BadRequest(f"{filename!r}: not a file name of the {type} folder")
-    if suffix not in IMAGE_SUFFIXES:
-        raise BadRequest(f"{filename!r}: only PNG, JPEG and WebP files are served")
+    if suffix not in IMAGE_SUFFIXES and suffix != LATENT_SUFFIX:
+        raise BadRequest(f"{filename!r}: only PNG, JPEG, WebP and .latent files are served")
     if _leaves(subfolder):  # as ComfyUI: a subfolder outside the folder ("../..", "/etc") is a 403
         raise Forbidden(f"subfolder {subfolder[:200]!r} is outside the {type} folder")
     name = f"{subfolder.strip('/')}/{filename}" if subfolder else filename
@@ -658,6 +659,16 @@ def view(
         raise NotFound(f"{name!r} is not a file")
     if channel not in (None, "rgba", "rgb", "a"):
         raise BadRequest(f"channel must be rgba, rgb or a, got {channel[:20]!r}")
+    if suffix == LATENT_SUFFIX:  # SaveLatent's file: data, not an image (ComfyUI serves it as octet-stream)
+        if preview is not None or channel not in (None, "rgba"):
+            raise BadRequest(f"{name!r} is a latent, not an image: no preview or channel of it")
+        return FileResponse(
+            path,
+            media_type="application/octet-stream",
+            filename=filename,  # Starlette quotes (or percent-encodes) the name in Content-Disposition
+            content_disposition_type="attachment",
+            headers={"X-Content-Type-Options": "nosniff"},
+        )
     if preview is not None or channel in ("rgb", "a"):
         body, media = _view_converted(path, name, channel, preview, request.app.state.services.config.max_image_pixels)
         return Response(
@@ -789,7 +800,12 @@ async def _upload(request: Request, *, mask: bool) -> Any:
         raise BadRequest("send the image in the multipart file field 'image'")
     data = await part.read()
     limit = services.config.max_image_pixels
-    await asyncio.to_thread(decode_image, data, "image", limit)
+    # a .latent file (LoadLatent's; ComfyUI's upload takes any file): checked as LoadLatent checks it
+    latent = not mask and str(part.filename or "").endswith(LATENT_SUFFIX)
+    if latent:
+        await asyncio.to_thread(_check_latent_upload, data, str(part.filename), services.config)
+    else:
+        await asyncio.to_thread(decode_image, data, "image", limit)
     if mask:
         if not str(part.filename or "mask.png").lower().endswith(".png"):
             raise BadRequest("a masked image is stored as a PNG: give the file a .png name")
@@ -811,10 +827,26 @@ async def _upload(request: Request, *, mask: bool) -> Any:
             check_name(subfolder, "subfolder")
     except ValueError as e:
         raise BadRequest(str(e)) from None
-    if Path(filename).suffix.lower() not in IMAGE_SUFFIXES or filename.startswith("."):
-        raise BadRequest(f"{filename!r}: only .png, .jpg, .jpeg and .webp names are stored")
+    if (Path(filename).suffix.lower() not in IMAGE_SUFFIXES and not latent) or filename.startswith("."):
+        raise BadRequest(f"{filename!r}: only .png, .jpg, .jpeg, .webp (and .latent) names are stored")
     name = await asyncio.to_thread(_store_upload, st, kind, subfolder, filename, data, overwrite)
     return {"name": name, "subfolder": subfolder, "type": kind}
+
+
+def _check_latent_upload(data: bytes, filename: str, config: Any) -> None:
+    """A 400 for an uploaded .latent file that LoadLatent would refuse (checked in a private temporary file)."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(suffix=LATENT_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        check_latent_file(Path(tmp), Path(filename).name, config.max_batch, config.max_side)
+    except NodeError as e:
+        raise BadRequest(str(e)) from None
+    finally:
+        os.unlink(tmp)
 
 
 def _store_upload(st: ComfyState, kind: str, subfolder: str, filename: str, data: bytes, overwrite: bool) -> str:
