@@ -35,7 +35,9 @@ def main() -> None:
     plain = None
     print(f"latent {side}x{side} ({side * side} tokens), batch {a.batch}, {a.threads} threads, fp32")
     for n in (1, 2, 4, 8):
-        layer.hypertile = None if n == 1 else (lambda t, attend, n=n: tiled_attention(t, side, side, n, n, attend))
+        layer.hypertile = None
+        if n > 1:
+            layer.hypertile = lambda t, attend, grid, n=n: tiled_attention(t, side, side, n, n, attend)
         best = float("inf")
         with torch.inference_mode():
             for _ in range(a.repeats):

@@ -96,7 +96,7 @@ def test_several_tiles_equal_attention_within_each_tile(grid, tiles):
     nh, nw = tiles
     layer = _layer()
     x = torch.randn(2, H * W, 32, dtype=torch.float64)
-    layer.hypertile = lambda t, attend: ht.tiled_attention(t, H, W, nh, nw, attend)
+    layer.hypertile = lambda t, attend, grid: ht.tiled_attention(t, H, W, nh, nw, attend)
     got = layer(x).detach().numpy()
     want = np.empty_like(got)
     th, tw = H // nh, W // nw
@@ -376,3 +376,34 @@ def test_sdxl_and_its_hand_off_run_hypertile(tmp_path_factory):
     assert "Hypertile U-Net: True" in handed.infotexts[0]
     with pytest.raises(SdengineError, match="HyperTile tiles no layer of this U-Net"):
         pipe(PROMPT, NEGATIVE, **kw, **dict(tiles, hypertile=(32, 1, 0)))
+
+
+def test_the_transformer_tells_the_layer_its_grid():
+    """A feature map whose size the latent does not give (Deep Shrink's shrunk hidden state): the transformer tells
+    its self-attention layer the true (H, W) and the tiles are cut on it; against the same layer tiled by hand."""
+    from sdengine.nn.transformer import SpatialTransformer
+
+    torch.manual_seed(0)
+    block = SpatialTransformer(32, 2, cross_attention_dim=None).eval()
+    x = torch.randn(1, 32, 6, 10)
+    run = ht.HyperTileRun(ht.HyperTile(32, 1, 0, rule="a1111"), seed=0, scale=2)
+    run.latent = (64, 64)  # its level-0 grid would be 64x64: not this map's
+    attn1 = block.transformer_blocks[0].attn1
+    with torch.no_grad():
+        plain = block(x)
+        attn1.hypertile = ht.LayerTiles(run, level=0, depth=0)
+        got = block(x)
+        # A1111's rule: 64x64 latent at 2 px a cell = 128 px -> max(128, 32) // 2 = 64 cells > 6, 10: one tile a side
+        assert run.chosen == [(1, 1)] and torch.equal(got, plain)
+        run.settings = ht.HyperTile(32, 1, 0, rule="comfyui", scale_depth=False)  # 16 cells > 6, 10 too
+        run.latent = (6, 10)  # ComfyUI's level check holds; sides of 6 and 10 at min(16, n): one tile
+        block(x)
+        assert run.chosen[-1] == (1, 1)
+        run.settings = ht.HyperTile(0, 1, 0, rule="comfyui", scale_depth=False)
+        run.scale = 8  # max(32, 0) // 8 = 4 cells: 6 -> divisors 6 (1 tile); 10 -> 5 (2 tiles)
+        got = block(x)
+        assert run.chosen[-1] == (1, 2)
+        attn1.hypertile = lambda t, attend, grid: ht.tiled_attention(t, 6, 10, 1, 2, attend)
+        want = block(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(got, plain)

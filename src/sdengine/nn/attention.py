@@ -108,7 +108,9 @@ class Attention(nn.Module):
         self.identity_rows = 0
         # HyperTile: called as hypertile(x, attend) in place of the self-attention (sdengine.nn.hypertile; set only
         # inside hypertile_applied())
-        self.hypertile: Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor] | None = None
+        self.hypertile: Callable[[Tensor, Callable[[Tensor], Tensor], tuple[int, int] | None], Tensor] | None = None
+        # the (H, W) of the feature map its tokens come from, told by its transformer while ``hypertile`` is set
+        self.hypertile_grid: tuple[int, int] | None = None
         # self-attention guidance: records the attention mass of some rows of each call (set by a probe's owner)
         self.map_probe: AttentionMass | None = None
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
@@ -138,7 +140,7 @@ class Attention(nn.Module):
     def _self_attend(self, x: Tensor, mask: Tensor | None) -> Tensor:
         tiles = self.hypertile
         if tiles is not None and mask is None:  # HyperTile: each tile of the feature map attends within itself
-            return tiles(x, lambda t: self._attend(t, t, None))
+            return tiles(x, lambda t: self._attend(t, t, None), self.hypertile_grid)
         return self._attend(x, x, mask)
 
     def _attend(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:

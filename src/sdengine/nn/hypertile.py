@@ -183,9 +183,11 @@ class LayerTiles:
     def __init__(self, run: HyperTileRun, level: int, depth: int) -> None:
         self.run, self.level, self.depth = run, level, depth
 
-    def __call__(self, x: Tensor, attend: Callable[[Tensor], Tensor]) -> Tensor:
+    def __call__(self, x: Tensor, attend: Callable[[Tensor], Tensor], grid: tuple[int, int] | None = None) -> Tensor:
+        """``grid``: the (H, W) of the layer's feature map as its transformer saw it (a hidden state Deep Shrink
+        resized is tiled at its own size, as A1111 reads it from the token count); else the level's size."""
         run = self.run
-        h, w = run.grid(self.level)
+        h, w = grid if grid is not None and grid[0] * grid[1] == x.shape[1] else run.grid(self.level)
         if h * w != x.shape[1]:  # not this layer's grid (a model of another shape): as it is
             return attend(x)
         if run.settings.rule == "comfyui":
@@ -253,6 +255,7 @@ def hypertile_applied(unet: Any, run: HyperTileRun | None) -> Iterator[None]:
     finally:
         for (layer, _, _), old in zip(layers, before, strict=True):
             layer.hypertile = old
+            layer.hypertile_grid = None
 
 
 class HyperTileNet:
