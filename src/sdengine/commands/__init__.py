@@ -11,6 +11,6 @@ else is a bug and keeps its traceback.
 # Every module listed here must exist: a missing one is an import error, not a silently absent command.
 COMMAND_MODULES = ["convert", "merge", "generate", "train_lora", "train_controlnet", "train_emoji", "eval_emoji"]
 COMMAND_MODULES += ["list", "pnginfo", "xyz", "bench"]
-COMMAND_MODULES += ["serve"]
+COMMAND_MODULES += ["serve", "comfy"]
 COMMAND_MODULES += ["train_embedding"]
 COMMAND_MODULES += ["train_tiny_vae"]
