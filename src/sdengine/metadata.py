@@ -320,6 +320,26 @@ def _number_or_none(text: str | None) -> float | None:
 
 
 _FREEU_FACTOR_FIELDS = ("freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2")
+# A1111's Hypertile U-Net fields and sdengine's two (its "Hypertile VAE ..." ones are not reproduced: warned of)
+HYPERTILE_UNET_FIELDS = (
+    "Hypertile U-Net",
+    "Hypertile U-Net second pass",
+    "Hypertile U-Net max depth",
+    "Hypertile U-Net max tile size",
+    "Hypertile U-Net swap size",
+    "Hypertile rule",
+    "Hypertile scale depth",
+)
+
+
+def _true(parsed: Mapping[str, str], key: str) -> bool:
+    """Whether a field reads "True" (A1111 writes booleans so); a missing one is False, another value an error."""
+    if key not in parsed:
+        return False
+    text = parsed[key].strip().lower()
+    if text not in ("true", "false"):
+        raise MetadataError(f"{key}: {parsed[key]!r} is not True or False")
+    return text == "true"
 
 
 def _parse_float(parsed: Mapping[str, str], key: str) -> float:
@@ -409,7 +429,10 @@ def to_generate_kwargs(
     rule" where not diffusers; Forge's "sag_enabled: True", "sag_scale", "sag_blur_sigma", its rule "comfyui"),
     ``freeu``, ``freeu_version`` and ``freeu_rule`` (sdengine's "FreeU: b1,b2,s1,s2", "FreeU version",
     "FreeU rule" where not 2 and width; Forge's "freeu_enabled: True", "freeu_b1" ... "freeu_s2"), ``deep_shrink``
-    (Forge's "kohya_hrfix_enabled: True", "kohya_hrfix_block_number" ...: :func:`deep_shrink_kwargs`), ``subseed`` and
+    (Forge's "kohya_hrfix_enabled: True", "kohya_hrfix_block_number" ...: :func:`deep_shrink_kwargs`), ``hypertile``,
+    ``hypertile_hires_only``, ``hypertile_rule`` and ``hypertile_scale_depth`` (A1111's "Hypertile U-Net: True" or
+    "Hypertile U-Net second pass: True", its "Hypertile U-Net max tile size" / "max depth" / "swap size", 256 / 3 / 3
+    where missing; sdengine's "Hypertile rule", "Hypertile scale depth"), ``subseed`` and
     ``subseed_strength`` ("Variation seed", "Variation seed strength"), ``seed_resize_from_w`` and
     ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
     ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"), ``noise_seed_delta`` ("ENSD"),
@@ -505,6 +528,17 @@ def to_generate_kwargs(
     shrink = deep_shrink_kwargs(parsed)  # Forge's Kohya HRFix Integrated (Deep Shrink)
     if shrink is not None:
         kwargs["deep_shrink"] = shrink
+    hypertile = _true(parsed, "Hypertile U-Net")
+    if hypertile or _true(parsed, "Hypertile U-Net second pass"):
+        # A1111's Hypertile U-Net (its settings where not its defaults 256, 3, 3); sdengine's rule and scale depth
+        kwargs["hypertile"] = tuple(
+            _parse_int(parsed, f"Hypertile U-Net {name}") if f"Hypertile U-Net {name}" in parsed else default
+            for name, default in (("max tile size", 256), ("swap size", 3), ("max depth", 3))
+        )
+        kwargs["hypertile_hires_only"] = not hypertile
+        kwargs["hypertile_rule"] = parsed.get("Hypertile rule", "a1111").strip()
+        if "Hypertile scale depth" in parsed:
+            kwargs["hypertile_scale_depth"] = _true(parsed, "Hypertile scale depth")
     if "Variation seed" in parsed:
         kwargs["subseed"] = _parse_int(parsed, "Variation seed")
         # A1111 writes the strength only when it is not 0; a missing one is 0 (the seed's image)
@@ -622,6 +656,7 @@ def to_generate_kwargs(
         "freeu_version",
         "freeu_rule",
         *DEEP_SHRINK_INFOTEXT_FIELDS,
+        *HYPERTILE_UNET_FIELDS,
         "Variation seed",
         "Variation seed strength",
         "Seed resize from",

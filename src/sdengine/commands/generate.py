@@ -408,6 +408,26 @@ def _apply_deep_shrink_flags(a: argparse.Namespace, kwargs: dict[str, Any]) -> N
         kwargs["deep_shrink"] = {**base, **extra}
 
 
+def _hypertile_arg(text: str) -> tuple[int, int, int] | None:
+    """--hypertile's value: TILE[,SWAP[,DEPTH]] (A1111's defaults 256, 3, 3 for those left out), on, or off."""
+    t = text.strip().lower()
+    if t in ("off", "none"):
+        return None
+    defaults = [256, 3, 3]
+    if t == "on":
+        return (256, 3, 3)
+    parts = [x.strip() for x in text.split(",")]
+    try:
+        if not 1 <= len(parts) <= 3:
+            raise ValueError
+        values = [int(x) for x in parts] + defaults[len(parts) :]
+    except ValueError:
+        raise UsageError(
+            f"--hypertile takes TILE[,SWAP[,DEPTH]] whole numbers (e.g. 256,3,3), on or off; got {text!r}"
+        ) from None
+    return (values[0], values[1], values[2])
+
+
 def _from_png(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     from ..image_info import read_image_parameters
     from ..metadata import (
@@ -814,6 +834,17 @@ def run(a: argparse.Namespace) -> int:
     if a.freeu is not None:  # "off" turns a --from-png image's FreeU off
         kwargs["freeu"] = _freeu_arg(a.freeu)
     _apply_deep_shrink_flags(a, kwargs)
+    if a.hypertile is not None:  # "off" turns a --from-png image's HyperTile off
+        kwargs["hypertile"] = _hypertile_arg(a.hypertile)
+    for flag, key, value in (
+        ("--hypertile-hires-only", "hypertile_hires_only", a.hypertile_hires_only),
+        ("--hypertile-rule", "hypertile_rule", a.hypertile_rule),
+        ("--hypertile-scale-depth", "hypertile_scale_depth", a.hypertile_scale_depth),
+    ):
+        if value is not None:
+            if kwargs.get("hypertile") is None:
+                raise UsageError(f"{flag} has no effect without --hypertile: drop it, or add --hypertile 256,3,3")
+            kwargs[key] = value
     for flag, key, value in (
         ("--freeu-version", "freeu_version", a.freeu_version),
         ("--freeu-rule", "freeu_rule", a.freeu_rule),
@@ -1329,6 +1360,34 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="METHOD[,UP]",
         help="Deep Shrink's resize methods, down then up (one name: both): bicubic (default), nearest-exact, "
         "bilinear, area, bislerp",
+    )
+    p.add_argument(
+        "--hypertile",
+        default=None,
+        metavar="TILE[,SWAP[,DEPTH]]",
+        help="HyperTile (A1111's Hypertile U-Net, ComfyUI's HyperTile): the U-Net's self-attention within tiles; "
+        "TILE the tile size in pixels (A1111's max tile size, 0-2048), SWAP how many tile counts to draw from "
+        "(0-128), DEPTH the deepest layers tiled (0-10); left out: A1111's 256, 3, 3; on = 256,3,3; off turns a "
+        "--from-png image's off",
+    )
+    p.add_argument(
+        "--hypertile-hires-only",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="HyperTile on the hires fix's second pass only (A1111's hypertile_enable_unet_secondpass)",
+    )
+    p.add_argument(
+        "--hypertile-rule",
+        choices=("a1111", "comfyui"),
+        default=None,
+        help="how HyperTile picks tiles and depths: a1111 (default; the tile capped by the image's power-of-two "
+        "divisor, at least 128 px) or comfyui (its HyperTile node: at least 32 px, depth by resolution)",
+    )
+    p.add_argument(
+        "--hypertile-scale-depth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="HyperTile's smallest tile doubles with each depth (default on, as A1111; ComfyUI's node: off)",
     )
     p.add_argument(
         "--zero-terminal-snr",

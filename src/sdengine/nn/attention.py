@@ -8,6 +8,9 @@ Guidance") runs some rows of a call with the identity attention map in chosen se
 ``softmax(q k^T / sqrt(d)) v`` becomes ``v``, so the layer answers ``to_out(to_v(x))``. :func:`pag_layers` picks the
 layers (diffusers' ``pag_applied_layers`` rule), :func:`identity_attention` switches them for a block.
 
+HyperTile (:mod:`sdengine.nn.hypertile`) sets a self-attention layer's ``hypertile`` for a block: the layer then
+hands its self-attention to it, which runs it on each tile of the feature map as its own batch row.
+
 Self-attention guidance (Hong et al. 2023, "Improving Sample Quality of Diffusion Models Using Self-Attention
 Guidance") reads a self-attention map: an :class:`AttentionMass` set on a layer (``map_probe``) records, for some rows
 of each call while it is set, how much attention each key position receives (the softmax map averaged over the heads
@@ -57,7 +60,7 @@ needs no fusing.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -144,6 +147,11 @@ class Attention(nn.Module):
         # perturbed-attention guidance: this many trailing rows of each call take the identity attention map
         # (their output is to_out(to_v(x))); set only inside identity_attention()
         self.identity_rows = 0
+        # HyperTile: called as hypertile(x, attend) in place of the self-attention (sdengine.nn.hypertile; set only
+        # inside hypertile_applied())
+        self.hypertile: Callable[[Tensor, Callable[[Tensor], Tensor], tuple[int, int] | None], Tensor] | None = None
+        # the (H, W) of the feature map its tokens come from, told by its transformer while ``hypertile`` is set
+        self.hypertile_grid: tuple[int, int] | None = None
         # self-attention guidance: records the attention mass of some rows of each call (set by a probe's owner)
         self.map_probe: AttentionMass | None = None
         # fused query/key/value products (enable_fused_qkv); the stacked weights are a cache, not parameters
@@ -168,10 +176,18 @@ class Attention(nn.Module):
                 h = self.to_v(x)  # (B, L, inner)
             else:
                 m = mask[:b] if mask is not None and mask.dim() == 4 and mask.shape[0] == x.shape[0] else mask
-                h = torch.cat([self._attend(x[:b], None, m), self.to_v(x[b:])])
+                h = torch.cat([self._self_attend(x[:b], m), self.to_v(x[b:])])
+        elif context is None:
+            h = self._self_attend(x, mask)  # (B, L, inner)
         else:
             h = self._attend(x, context, mask)  # (B, L, inner)
         return self.to_out[1](self.to_out[0](h))  # (B, L, C)
+
+    def _self_attend(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        tiles = self.hypertile
+        if tiles is not None and mask is None:  # HyperTile: each tile of the feature map attends within itself
+            return tiles(x, lambda t: self._attend(t, None, None), self.hypertile_grid)
+        return self._attend(x, None, mask)
 
     def _attend(self, x: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
         # context None: self-attention

@@ -142,6 +142,9 @@ class SpatialTransformer(nn.Module):
             h = self.proj_in(h)  # (B, inner, H, W)
             h = h.permute(0, 2, 3, 1).reshape(B, H * W, h.shape[1])  # (B, HW, inner)
         for block in self.transformer_blocks:
+            attn1 = cast(Attention, block.attn1)
+            if attn1.hypertile is not None:  # HyperTile tiles this feature map's grid (sdengine.nn.hypertile)
+                attn1.hypertile_grid = (H, W)
             h = block(h, context)
         if self.use_linear_projection:
             h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)

@@ -55,6 +55,7 @@ from sdengine.io.resize import resize_image, resize_mode_name
 from sdengine.nn.attention import CHUNK_SCORES, identity_attention, pag_layers
 from sdengine.nn.deep_shrink import DeepShrink, DeepShrinkDenoiser, check_deep_shrink, deep_shrink_infotext
 from sdengine.nn.freeu import FreeU, FreeUNet, check_freeu
+from sdengine.nn.hypertile import HyperTile, HyperTileNet, check_hypertile
 from sdengine.nn.transformer import middle_attention_mass, middle_transformer
 from sdengine.pipeline.control import ControlUnit, GraphedControlledUNet, build_controlled_unet
 from sdengine.pipeline.finite import require_finite
@@ -123,6 +124,31 @@ def _grid_steps(p: Prepared) -> int:
     if p.init is not None and p.start_step is None and r.strength_rule == "a1111_fix_steps":
         return img2img_steps(int(r.steps), float(r.strength), r.strength_rule, p.sampler)[0]
     return int(r.steps)
+
+
+# A1111's Hypertile U-Net defaults: its infotext writes a setting only where it is not the default
+A1111_HYPERTILE_DEFAULTS = {"tile_size": 256, "swap_size": 3, "max_depth": 3}
+
+
+def hypertile_infotext(request: GenerationRequest) -> dict[str, Any]:
+    """The infotext fields of a request's HyperTile: A1111's "Hypertile U-Net: True" (or, tiling only the hires
+    fix's second pass, "Hypertile U-Net second pass: True" where a second pass runs), its "Hypertile U-Net max tile
+    size", "max depth", "swap size" where not its defaults 256, 3, 3; sdengine's "Hypertile rule" and "Hypertile
+    scale depth" where not "a1111" and true."""
+    tiles = request.hypertile_config()
+    if tiles is None or (request.hypertile_hires_only and not request.enable_hr):
+        return {}
+    row: dict[str, Any] = {}
+    row["Hypertile U-Net second pass" if request.hypertile_hires_only else "Hypertile U-Net"] = True
+    for key, name in (("max_depth", "max depth"), ("tile_size", "max tile size"), ("swap_size", "swap size")):
+        value = getattr(tiles, key)
+        if value != A1111_HYPERTILE_DEFAULTS[key]:
+            row[f"Hypertile U-Net {name}"] = value
+    if tiles.rule != "a1111":
+        row["Hypertile rule"] = tiles.rule
+    if not tiles.scale_depth:
+        row["Hypertile scale depth"] = False
+    return row
 
 
 @dataclass
@@ -706,6 +732,9 @@ class Pipeline:
                 check_deep_shrink(self.unet, shrink)
             except UsageError as e:
                 raise GenerationError(str(e)) from None
+        tiles = r.hypertile_config()
+        if tiles is not None:  # HyperTile has a self-attention layer to tile in this U-Net (one line)
+            check_hypertile(self.unet, tiles)
         if r.sdxl is not None and self.text_kind != "sdxl":
             raise GenerationError(f"sdxl settings apply to SDXL models only; {self.name} is not one")
         if int(r.steps) > self.noise_schedule.num_train_timesteps:
@@ -958,6 +987,7 @@ class Pipeline:
             shrink = request.deep_shrink_settings()
             if shrink is not None:  # Forge's Kohya HRFix fields, as its script writes them
                 row.update(deep_shrink_infotext(shrink))
+            row.update(hypertile_infotext(request))
         # sdengine.text.embeddings.EmbeddingLibrary (the SDXL refiner's is its one encoder's, tokenizer_2's)
         embeddings = getattr(self.tokenizer, "embeddings", None) or getattr(
             getattr(self, "tokenizer_2", None), "embeddings", None
@@ -1180,9 +1210,14 @@ class Pipeline:
         freeu = r.freeu_settings()
         # Deep Shrink resizes the plain U-Net's hidden states in some calls (a step graph has one shape per input)
         shrink = r.deep_shrink_settings()
+        # HyperTile draws each call's tiles in Python: the plain network too (the whole-loop graph keys it and the
+        # seed in its plan)
+        tiles = r.hypertile_settings()
+        hypertile = None if tiles is None else (tiles, int(p.seeds[0]))
         # SAG records the middle block's attention map in the plain U-Net's calls: the same
         sag = r.sag_settings()
-        if not units and pag is None and freeu is None and sag is None and shrink is None:
+        plain = pag is None and freeu is None and sag is None and shrink is None and hypertile is None
+        if not units and plain:
             net = self.graphed("unet") or net
         if units:
             units = [_rows_of(u, rows, len(p.seeds)) for u in units]
@@ -1201,7 +1236,8 @@ class Pipeline:
                 noise_schedule=self.noise_schedule,
             )
             # graphs on, the U-Net unhooked: the controlled step
-            if self.graphed("unet") is not None and pag is None and freeu is None and sag is None:
+            plain = pag is None and freeu is None and sag is None and hypertile is None
+            if self.graphed("unet") is not None and plain:
                 graphed_control = GraphedControlledUNet(net, **self._graph_opts)
                 net = graphed_control if graphed_control.usable() else net
         den: Any = self.guided_denoiser(
@@ -1214,6 +1250,7 @@ class Pipeline:
             freeu=freeu,
             sag=sag,
             deep_shrink=shrink,
+            hypertile=hypertile,
         )
         blend: Any = None
         if r.strength_rule in A1111_STRENGTH_RULES and start.rounded_mask is not None and start.init_latent is not None:
@@ -1293,6 +1330,7 @@ class Pipeline:
         freeu: FreeU | None = None,
         sag: tuple[Any, ...] | None = None,
         deep_shrink: DeepShrink | None = None,
+        hypertile: tuple[HyperTile, int] | None = None,
     ) -> Any:
         """The x0-denoiser the samplers call: classifier-free guidance over the U-Net (``net``: what runs in its
         place, a graph or a controlled U-Net); ``texts``: prompt editing's text rows of each step; ``pag``: (scale,
@@ -1302,10 +1340,13 @@ class Pipeline:
         self-attention guidance (:meth:`GenerationRequest.sag_settings`; the rule "diffusers" unless given), reading
         the middle-block attention map of this pipeline's U-Net (the plain network runs it too); ``deep_shrink``: Deep
         Shrink on this pipeline's U-Net in the calls whose sigma is in its window (:mod:`sdengine.nn.deep_shrink`; the
-        plain network too)."""
+        plain network too); ``hypertile``: (settings, seed) of HyperTile on this pipeline's U-Net's self-attention,
+        one generator seeded with ``seed`` for this denoiser's calls (:mod:`sdengine.nn.hypertile`)."""
         net = self.unet if net is None else net
         if freeu is not None:
             net = FreeUNet(net, self.unet, freeu)
+        if hypertile is not None:
+            net = HyperTileNet(net, self.unet, hypertile[0], hypertile[1], scale=self.vae_scale_factor)
         model: Any = UNetAdapter(net, self.dtype)
         if texts is not None:  # prompt editing: the text rows of each step (sdengine.pipeline.prompt_editing)
             from sdengine.pipeline.prompt_editing import StepTexts
@@ -1344,6 +1385,7 @@ class Pipeline:
         r = p.request
         freeu = r.freeu_settings()
         shrink = r.deep_shrink_settings()
+        tiles = r.hypertile_settings()
         return LoopPlan.of(
             sampler=p.sampler,
             steps=_grid_steps(p),
@@ -1364,6 +1406,7 @@ class Pipeline:
             freeu=() if freeu is None else freeu.key,
             sag=r.sag_settings() or (),
             deep_shrink=() if shrink is None else shrink.key,
+            hypertile=() if tiles is None else (*tiles.key, int(p.seeds[0])),
         )
 
     def noise_draws(self, plan: LoopPlan) -> int:
@@ -1403,15 +1446,24 @@ class Pipeline:
         graphs = self.cuda_graphs or {}
         # PAG switches attention layers of the plain U-Net during its calls: an ahead-of-time package would not see it
         # and so does FreeU its up blocks
-        # and Deep Shrink its hidden states' sizes
-        plain = plan.pag_scale or plan.freeu or plan.sag or plan.deep_shrink  # and SAG reads the plain U-Net's map
+        # and Deep Shrink its hidden states' sizes, and HyperTile its self-attention layers
+        plain = plan.pag_scale or plan.freeu or plan.sag or plan.deep_shrink or plan.hypertile  # SAG: the plain map
         net = graphs["unet"].fn if "unet" in graphs and not plain else self.unet
         pag = (plan.pag_scale, plan.pag_layers) if plan.pag_scale else None
         freeu = FreeU(*plan.freeu) if plan.freeu else None
         sag = tuple(plan.sag) if plan.sag else None
         shrink = DeepShrink(*plan.deep_shrink) if plan.deep_shrink else None
+        hypertile = (HyperTile(*plan.hypertile[:5]), int(plan.hypertile[5])) if plan.hypertile else None
         den = self.guided_denoiser(
-            plan.cfg_scale, uncond, plan.rescale, net=net, pag=pag, freeu=freeu, sag=sag, deep_shrink=shrink
+            plan.cfg_scale,
+            uncond,
+            plan.rescale,
+            net=net,
+            pag=pag,
+            freeu=freeu,
+            sag=sag,
+            deep_shrink=shrink,
+            hypertile=hypertile,
         )
         bank = None if draws is None else NoiseBank(draws, noise.shape[0])
         return self.sample_plan(den, plan, noise, init_latent, cond, generators=bank)

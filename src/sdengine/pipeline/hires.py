@@ -347,7 +347,8 @@ def second_prepared(p: Any, callback: StepCallback | None = None) -> Any:
     return dataclasses.replace(
         p,
         start_step=plan.start,
-        request=r.replace(steps=plan.steps, callback=callback),
+        # HyperTile for the second pass only (A1111's hypertile_enable_unet_secondpass): on from here
+        request=r.replace(steps=plan.steps, callback=callback, hypertile_hires_only=False),
         width=plan.width,
         height=plan.height,
         sampler=plan.sampler,

@@ -77,6 +77,9 @@ class LoopPlan:
     pag_layers: tuple[str, ...] = ()
     # FreeU: (b1, b2, s1, s2, version, rule), () = off (the recording bakes in the up blocks' FreeU)
     freeu: tuple[Any, ...] = ()
+    # HyperTile: (tile_size, swap_size, max_depth, rule, scale_depth, seed), () = off (the recording bakes in the
+    # tiles drawn at each call, which the seed decides)
+    hypertile: tuple[Any, ...] = ()
     # self-attention guidance: (scale, blur sigma), and "comfyui" third under that rule; () = off (the recording bakes
     # in the scale, the blur kernel and where the term goes)
     sag: tuple[Any, ...] = ()
@@ -106,6 +109,7 @@ class LoopPlan:
         pag_scale: float = 0.0,
         pag_layers: tuple[str, ...] = (),
         freeu: tuple[Any, ...] = (),
+        hypertile: tuple[Any, ...] = (),
         sag: tuple[Any, ...] = (),
         deep_shrink: tuple[Any, ...] = (),
     ) -> LoopPlan:
@@ -127,6 +131,7 @@ class LoopPlan:
             pag_scale=float(pag_scale),
             pag_layers=tuple(str(x) for x in pag_layers),
             freeu=tuple(freeu),
+            hypertile=tuple(hypertile),
             sag=tuple(v if isinstance(v, str) else float(v) for v in sag),
             deep_shrink=tuple(deep_shrink),
             given_options=tuple(sorted(dict(sampler_options or {}).items())),

@@ -29,6 +29,7 @@ from sdengine.io.images import ImageInput
 from sdengine.metadata import MASKED_CONTENT
 from sdengine.nn.deep_shrink import DeepShrink
 from sdengine.nn.freeu import FREEU_RULES, FreeU
+from sdengine.nn.hypertile import HYPERTILE_RULES, MAX_DEPTH, MAX_SWAP_SIZE, MAX_TILE_SIZE, HyperTile
 from sdengine.pipeline.control import ControlUnit
 from sdengine.pipeline.result import StepCallback
 from sdengine.text.conditioners import CLIP_SKIP_RULES
@@ -140,6 +141,20 @@ class GenerationRequest:
     # downscale_method, upscale_method) or (block, factor[, start, end[, ...]]); None = off. The base model's U-Net
     # only (not an SDXL refiner's); both hires passes. Infotext Forge's "kohya_hrfix_*" fields
     deep_shrink: Any = None
+    # HyperTile (tfernd; A1111's built-in Hypertile, ComfyUI's HyperTile node): (tile_size, swap_size, max_depth),
+    # the U-Net's self-attention within tiles of the feature map: tile_size in pixels (A1111's "max tile size",
+    # 256), swap_size how many tile counts to draw from per side (A1111 3, ComfyUI 2), max_depth the deepest layers
+    # tiled (A1111 3, ComfyUI 0); None = off. ``hypertile_hires_only``: only the hires fix's second pass (A1111's
+    # hypertile_enable_unet_secondpass alone). ``hypertile_rule`` "a1111" or "comfyui" (how the tile is chosen
+    # and which layers have which depth), ``hypertile_scale_depth`` (the smallest tile doubles per depth; A1111
+    # always, ComfyUI's default off). The tile counts are drawn from a generator seeded with the first seed at each
+    # pass. Infotext: A1111's "Hypertile U-Net" (or "Hypertile U-Net second pass"), "Hypertile U-Net max tile size",
+    # "... max depth", "... swap size" where not A1111's defaults (256, 3, 3), sdengine's "Hypertile rule" /
+    # "Hypertile scale depth" where not "a1111" / true (sdengine.nn.hypertile, sdengine.metadata)
+    hypertile: Sequence[int] | None = None
+    hypertile_hires_only: bool = False
+    hypertile_rule: str = "a1111"
+    hypertile_scale_depth: bool = True
     callback: StepCallback | None = None
     progress: bool = True
     vae_tiling: bool | None = None
@@ -320,6 +335,19 @@ class GenerationRequest:
         :meth:`validate`."""
         return None if self.deep_shrink is None else DeepShrink.coerce(self.deep_shrink)
 
+    def hypertile_config(self) -> HyperTile | None:
+        """``hypertile`` as :class:`sdengine.nn.hypertile.HyperTile` settings, whichever passes it runs on (None:
+        off); call after :meth:`validate`."""
+        if self.hypertile is None:
+            return None
+        tile, swap, depth = (int(x) for x in self.hypertile)
+        return HyperTile(tile, swap, depth, rule=self.hypertile_rule, scale_depth=bool(self.hypertile_scale_depth))
+
+    def hypertile_settings(self) -> HyperTile | None:
+        """The HyperTile settings of this request's own sampling pass (None: off; also with
+        ``hypertile_hires_only``, which the hires fix's second pass clears); call after :meth:`validate`."""
+        return None if self.hypertile_hires_only else self.hypertile_config()
+
     def control_units(self) -> list[ControlUnit]:
         return [ControlUnit.coerce(u) for u in (self.controlnets or [])]
 
@@ -350,6 +378,25 @@ class GenerationRequest:
             raise GenerationError(str(e)) from None
         if self.controlnets:  # their residuals have the full-size skips' shapes
             raise GenerationError("deep shrink cannot run with ControlNets or T2I-Adapters: drop one of the two")
+
+    def _validate_hypertile(self) -> None:
+        v, rule = self.hypertile, self.hypertile_rule
+        if not isinstance(rule, str) or rule not in HYPERTILE_RULES:
+            raise GenerationError(f"unknown hypertile_rule {rule!r}; use one of: {', '.join(HYPERTILE_RULES)}")
+        for name in ("hypertile_hires_only", "hypertile_scale_depth"):
+            if not isinstance(getattr(self, name), bool):
+                raise GenerationError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if v is None:
+            return
+        if isinstance(v, str | bytes) or not isinstance(v, Sequence) or len(v) != 3:
+            raise GenerationError(
+                f"hypertile must be three whole numbers (tile_size, swap_size, max_depth), e.g. (256, 3, 3); got {v!r}"
+            )
+        for name, x, hi in zip(
+            ("tile_size", "swap_size", "max_depth"), v, (MAX_TILE_SIZE, MAX_SWAP_SIZE, MAX_DEPTH), strict=True
+        ):
+            if not _is_int(x) or not 0 <= x <= hi:
+                raise GenerationError(f"hypertile {name} must be a whole number in [0, {hi}], got {x!r}")
 
     def validate(self) -> GenerationRequest:
         """Raise a one-line GenerationError for the first setting that cannot run; return self. Checks that
@@ -427,6 +474,7 @@ class GenerationRequest:
             raise GenerationError(f"unknown sag_rule {self.sag_rule!r}; use one of: {', '.join(SAG_RULES)}")
         self._validate_freeu()
         self._validate_deep_shrink()
+        self._validate_hypertile()
         if self.clip_skip_rule not in CLIP_SKIP_RULES:
             raise GenerationError(
                 f"unknown clip_skip_rule {self.clip_skip_rule!r}; use one of: {', '.join(CLIP_SKIP_RULES)}"

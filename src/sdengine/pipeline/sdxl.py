@@ -32,6 +32,7 @@ from sdengine.pipeline.core import (
     check_hr_model,
     discards_penultimate,
     grid_strength,
+    hypertile_infotext,
     model_title,
     zero_snr_call,
 )
@@ -446,6 +447,7 @@ class SDXLPipeline(Pipeline):
                 row["ENSD"] = int(request.noise_seed_delta)  # A1111's, written where the sampler draws noise
             if p.init is not None and request.vae_encode == "tiny":
                 row["Tiny VAE encode"] = self.tiny_vae.name  # the init latent is the tiny encoder's
+            row.update(hypertile_infotext(request))  # A1111's Hypertile U-Net fields (both models ran it)
             if p.hires is not None:
                 row.update(infotext_fields(p, i, sdxl=getattr(second_model, "text_kind", "") == "sdxl"))
                 if hr_model is not None:  # A1111's field: the second pass's model
@@ -570,19 +572,20 @@ def hand_off_latents(
     freeu = request.freeu_settings()  # on each model's own U-Net
     sag = request.sag_settings()
     shrink = request.deep_shrink_settings()  # the base's only (its block numbers; the refiner's are another U-Net's)
+    tiles = request.hypertile_settings()  # and HyperTile, each model's generator seeded with the first seed
+    ht = None if tiles is None else (tiles, int(p.seeds[0]))
+    guides: dict[str, Any] = dict(pag=pag, freeu=freeu, sag=sag, hypertile=ht)
     runs = [
         (
             base,
-            blended(
-                base.guided_denoiser(cfg_scale, uncond, rescale, pag=pag, freeu=freeu, sag=sag, deep_shrink=shrink)
-            ),
+            blended(base.guided_denoiser(cfg_scale, uncond, rescale, deep_shrink=shrink, **guides)),
             cond,
             first,
             k,
         ),
         (
             refiner,
-            blended(refiner.guided_denoiser(cfg_scale, r_uncond, rescale, pag=pag, freeu=freeu, sag=sag)),
+            blended(refiner.guided_denoiser(cfg_scale, r_uncond, rescale, **guides)),
             r_cond,
             k,
             grid.steps,

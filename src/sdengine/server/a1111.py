@@ -159,6 +159,17 @@ FIXED_OPTIONS: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_old_scheduling": (_FALSE, "A1111's old prompt-editing timeline is not implemented in sdengine"),
     "use_downcasted_alpha_bar": (_FALSE, "A1111's downcast alphas_cumprod is not implemented in sdengine"),
     "tiling": (_FALSE, "send the request's tiling field instead"),
+    "hypertile_enable_vae": (_FALSE, "HyperTile on the VAE is not implemented in sdengine (its U-Net's is)"),
+}
+# A1111's Hypertile U-Net options (its built-in Hypertile extension) and their defaults: the HyperTile of requests
+# (GenerationRequest.hypertile; sdengine.nn.hypertile, A1111's rule). hypertile_enable_unet tiles every pass,
+# hypertile_enable_unet_secondpass the hires fix's second pass (alone, or with the first when both are on).
+HYPERTILE_OPTIONS: dict[str, Any] = {
+    "hypertile_enable_unet": False,
+    "hypertile_enable_unet_secondpass": False,
+    "hypertile_max_depth_unet": 3,
+    "hypertile_max_tile_unet": 256,
+    "hypertile_swap_size_unet": 3,
 }
 # A1111's sampler-parameter options sdengine runs (the values a request's own field takes when it gives none;
 # eta: eta_ddim for DDIM, eta_ancestral for the others, as A1111), and the UniPC ones (sdengine's UniPC's options
@@ -225,7 +236,40 @@ INFOTEXT_OPTIONS = {
     "UniPC skip type": "uni_pc_skip_type",
     "UniPC order": "uni_pc_order",
     "UniPC lower order final": "uni_pc_lower_order_final",
+    "Hypertile U-Net": "hypertile_enable_unet",
+    "Hypertile U-Net second pass": "hypertile_enable_unet_secondpass",
+    "Hypertile U-Net max depth": "hypertile_max_depth_unet",
+    "Hypertile U-Net max tile size": "hypertile_max_tile_unet",
+    "Hypertile U-Net swap size": "hypertile_swap_size_unet",
+    "Hypertile VAE": "hypertile_enable_vae",
 }
+
+
+def check_hypertile_option(name: str, value: Any, where: str = "") -> Any:
+    """One of HYPERTILE_OPTIONS, checked: the switches true or false, the numbers whole in sdengine's ranges (a
+    BadRequest, one line). A1111's sliders stop at max depth 3, max tile 512, swap size 64; sdengine takes more."""
+    from sdengine.nn.hypertile import MAX_DEPTH, MAX_SWAP_SIZE, MAX_TILE_SIZE
+
+    if isinstance(HYPERTILE_OPTIONS[name], bool):
+        if not isinstance(value, bool):
+            raise BadRequest(f"{where}{name} must be true or false, got {repr(value)[:100]}")
+        return value
+    hi = {"hypertile_max_depth_unet": MAX_DEPTH, "hypertile_max_tile_unet": MAX_TILE_SIZE}.get(name, MAX_SWAP_SIZE)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
+        raise BadRequest(f"{where}{name} must be a whole number in [0, {hi}], got {repr(value)[:100]}")
+    return value
+
+
+def hypertile_fields(settings: dict[str, Any]) -> dict[str, Any]:
+    """The request fields of A1111's Hypertile U-Net options (checked values of all HYPERTILE_OPTIONS): ``hypertile``
+    (max tile, swap size, max depth) and ``hypertile_hires_only``; {} when neither switch is on."""
+    every, second = settings["hypertile_enable_unet"], settings["hypertile_enable_unet_secondpass"]
+    if not (every or second):
+        return {}
+    tiles = tuple(settings[f"hypertile_{k}_unet"] for k in ("max_tile", "swap_size", "max_depth"))
+    return {"hypertile": tiles, "hypertile_hires_only": not every}
 
 
 def infotext_value(text: str) -> Any:
@@ -1488,6 +1532,12 @@ def install(app: FastAPI, services: Any) -> None:
             found = to_generate_kwargs(parsed, hires=hires, refiner=True, hr_checkpoint=True, hr_refiner=True)
         except ValueError as e:
             raise BadRequest(f"infotext: {e}") from None
+        if found.get("hypertile_rule", "a1111") != "a1111" or found.get("hypertile_scale_depth") is False:
+            # sdengine's HyperTile of another rule: these routes run A1111's options only (never another image)
+            raise BadRequest(
+                "infotext: Hypertile rule / Hypertile scale depth other than A1111's are not run on A1111's routes; "
+                "run the image with the CLI's --from-png"
+            )
         sent = req.model_dump(exclude_unset=True)
         filled = {INFOTEXT_FIELDS[k]: v for k, v in found.items() if k in INFOTEXT_FIELDS}
         if "Refiner" in parsed:  # A1111's refiner script's paste fields
@@ -1552,6 +1602,7 @@ def install(app: FastAPI, services: Any) -> None:
         if clip is not None:
             del settings["CLIP_stop_at_last_layers"]  # not A1111's: passed on with its rule instead
         defaults: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "face_restoration": False, **SDXL_OPTIONS}
+        defaults.update(HYPERTILE_OPTIONS)
         defaults.update(SAMPLER_OPTIONS, randn_source="CPU")
         defaults.update({k: accepted[0] for k, (accepted, _) in FIXED_OPTIONS.items()})
         defaults["hires_fix_refiner_pass"] = "second pass"
@@ -1689,6 +1740,9 @@ def install(app: FastAPI, services: Any) -> None:
         tiling = over.pop("tiling", options.get("tiling", False)) if body.get("tiling") is None else body["tiling"]
         samp = {k: check_sampler_option(k, over.pop(k)) if k in over else options.get(k, d)
                 for k, d in SAMPLER_OPTIONS.items()}  # fmt: skip
+        # A1111's Hypertile U-Net options: the request's overrides, else the server's
+        tiles = {k: check_hypertile_option(k, over.pop(k), "override_settings.") if k in over else options.get(k, d)
+                 for k, d in HYPERTILE_OPTIONS.items()}  # fmt: skip
         ignored.extend(f"override_settings.{k}" for k in over)
         scripts = {str(k).lower(): v for k, v in (req.alwayson_scripts or {}).items()}
         cn = scripts.pop("controlnet", None)
@@ -1737,6 +1791,7 @@ def install(app: FastAPI, services: Any) -> None:
             **freeu,
             **sag,
             **({} if deep_shrink is None else {"deep_shrink": deep_shrink}),
+            **hypertile_fields(tiles),
             seed=req.seed,
             width=req.width,
             height=req.height,
@@ -2504,7 +2559,8 @@ def install(app: FastAPI, services: Any) -> None:
         ``sd_vae_encode_method`` how their init images are encoded, ``always_discard_next_to_last_sigma`` whether every
         sampler's grid drops its next-to-last sigma (A1111's DPM2, DPM2 a and DPM++ 3M SDE always do),
         ``sd_noise_schedule`` ("Default" or "Zero Terminal SNR": the model's alphas_cumprod rescaled as A1111 does),
-        SAMPLER_OPTIONS (``eta_ancestral``, ``s_churn``, ``uni_pc_order``, ...) and ``tiling`` the values of requests
+        SAMPLER_OPTIONS (``eta_ancestral``, ``s_churn``, ``uni_pc_order``, ...), HYPERTILE_OPTIONS
+        (``hypertile_enable_unet``, ``hypertile_max_tile_unet``, ...) and ``tiling`` the values of requests
         that give none, ``img2img_background_color`` what a transparent init image is laid over. FIXED_OPTIONS
         (``face_restoration``, ``sd_unet``, ...) take only the value sdengine runs (another is a 400
         naming the option). Other options (saving, UI, ...: they do not change the image) are listed as ignored."""
@@ -2563,6 +2619,8 @@ def install(app: FastAPI, services: Any) -> None:
                 changes[k] = check_background(v)
             elif k in SAMPLER_OPTIONS:  # eta_ancestral, s_churn, uni_pc_order, ...: of requests that give none
                 changes[k] = check_sampler_option(k, v)
+            elif k in HYPERTILE_OPTIONS:  # A1111's Hypertile U-Net of requests that give none
+                changes[k] = check_hypertile_option(k, v)
             elif k in FIXED_OPTIONS:  # run one way only: that way, else a 400 naming the option
                 changes[k] = check_fixed_option(k, v)
             else:

@@ -38,9 +38,9 @@ log = logging.getLogger(__name__)
 
 
 def a1111_sampler_options() -> dict[str, Any]:
-    from sdengine.server.a1111 import SAMPLER_OPTIONS
+    from sdengine.server.a1111 import HYPERTILE_OPTIONS, SAMPLER_OPTIONS
 
-    return dict(SAMPLER_OPTIONS)
+    return {**SAMPLER_OPTIONS, **HYPERTILE_OPTIONS}
 
 
 @dataclass
@@ -169,7 +169,8 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
             "hires_fix_refiner_pass": "second pass",  # A1111's: which pass of the hires fix hands off to the refiner
             "tiling": False,  # A1111's Tiling of requests that give none
             "img2img_background_color": "#ffffff",  # what A1111 lays a transparent img2img init image over
-            **a1111_sampler_options(),  # eta_ancestral, s_churn, ..., uni_pc_order: what the server runs
+            # eta_ancestral, s_churn, ..., uni_pc_order, hypertile_enable_unet, ...: what the server runs
+            **a1111_sampler_options(),
         },
     )
 
@@ -647,6 +648,25 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         except SdengineError as e:
             raise BadRequest(f"deep_shrink: {e}") from None
 
+    def check_hypertile_layers(generation: Generation) -> None:
+        """HyperTile that would tile no self-attention layer of the model is a 400 now when a worker holds the
+        model; before its first load the job fails with the same line when it runs."""
+        kw = generation.kwargs
+        if kw.get("hypertile") is None:
+            return
+        loaded = next((w.pipe for w in manager.workers if w.model == generation.model and w.pipe is not None), None)
+        unet = getattr(loaded, "unet", None)
+        if unet is None:
+            return
+        from sdengine.nn.hypertile import HyperTile, check_hypertile
+
+        try:
+            tile, swap, depth = kw["hypertile"]
+            rule, scale = kw.get("hypertile_rule", "a1111"), kw.get("hypertile_scale_depth", True)
+            check_hypertile(unet, HyperTile(tile, swap, depth, rule=rule, scale_depth=scale))
+        except SdengineError as e:
+            raise BadRequest(f"hypertile: {e}") from None
+
     def check_not_too_large(generation: Generation) -> None:
         """A width or height over the model's limit (8x its training size) is a 400 now, instead of a queued job
         (or a started stream) that fails when it runs: the limit is the loaded pipeline's when a worker holds the
@@ -759,6 +779,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         check_pag_layers(generation)
         check_freeu_blocks(generation)
         check_deep_shrink_block(generation)
+        check_hypertile_layers(generation)
         check_schedule_steps(generation)
 
     services.precheck = precheck

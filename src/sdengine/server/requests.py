@@ -300,6 +300,10 @@ def build_generation(
     freeu_version: int = 2,
     freeu_rule: str = "width",
     deep_shrink: Any = None,
+    hypertile: Sequence[int] | None = None,
+    hypertile_hires_only: bool = False,
+    hypertile_rule: str = "a1111",
+    hypertile_scale_depth: bool = True,
 ) -> Generation:
     """The pipeline call for one request; a BadRequest (one line) for anything that cannot run. ``vae``: the
     job's VAE (:func:`check_vae_choice`; None: the VAE the model was loaded with). ``pag_scale`` / ``pag_layers``:
@@ -307,7 +311,10 @@ def build_generation(
     ``freeu_version`` / ``freeu_rule``: FreeU (:func:`check_freeu`; None: off). ``sag_scale`` / ``sag_blur_sigma``:
     self-attention guidance (the blur sigma and ``sag_rule``, "diffusers" or "comfyui", kept only with a scale other
     than 0). ``deep_shrink``: Deep Shrink's settings (the pipeline's ``deep_shrink``; checked by
-    GenerationRequest.validate below)."""
+    GenerationRequest.validate below). ``hypertile``:
+    HyperTile's (tile size, swap size, max depth), None: off; ``hypertile_hires_only``: the hires fix's second pass
+    only; ``hypertile_rule``, ``hypertile_scale_depth``: how it tiles (checked by GenerationRequest.validate; such a
+    job runs alone, its tiles drawn from its own first seed)."""
     from sdengine.diffusion.sag import MAX_SAG_BLUR_SIGMA, SAG_RULES
     from sdengine.nn.lora import LoRAWeight, lora_weight
     from sdengine.pipeline.request import MAX_SAG_SCALE
@@ -504,6 +511,10 @@ def build_generation(
             kwargs["sag_rule"] = sag_rule
     if pag_scale:  # left out at 0 (no PAG: the layers do nothing), so that such jobs batch as before
         kwargs.update(pag_scale=pag_scale, pag_layers=pag_layer_text)  # a tuple: batch_key compares it
+    if hypertile is not None:  # left out when off, so that such jobs batch as before
+        kwargs.update(hypertile=tuple(hypertile), hypertile_hires_only=hypertile_hires_only)
+        if hypertile_rule != "a1111" or hypertile_scale_depth is not True:
+            kwargs.update(hypertile_rule=hypertile_rule, hypertile_scale_depth=hypertile_scale_depth)
     if freeu_settings is not None:  # left out when off, so that such jobs batch as before
         kwargs.update(zip(("freeu", "freeu_version", "freeu_rule"), freeu_settings, strict=True))
     if deep_shrink is not None:  # checked by GenerationRequest.validate below

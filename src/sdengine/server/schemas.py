@@ -177,6 +177,30 @@ class JobRequest(BaseModel):
         description="Deep Shrink: the U-Net's hidden state below one input block shrunk while the noise is high, for "
         "sizes above the model's own; null: off. Infotext Forge's 'kohya_hrfix_*' fields",
     )
+    hypertile: list[Annotated[int, Field(ge=0, le=2048, strict=True)]] | None = Field(
+        None,
+        min_length=3,
+        max_length=3,
+        description="HyperTile (A1111's Hypertile U-Net, ComfyUI's HyperTile node) as [tile_size, swap_size, "
+        "max_depth]: the U-Net's self-attention within tiles of the feature map; tile_size in pixels (0-2048), "
+        "swap_size how many tile counts a side draws from (0-128), max_depth the deepest layers tiled (0-10); "
+        "A1111's defaults [256, 3, 3], ComfyUI's [256, 2, 0]; null: off. Infotext 'Hypertile U-Net'",
+    )
+    hypertile_hires_only: bool = Field(
+        False, strict=True, description="HyperTile on the hires fix's second pass only (A1111's second-pass switch)"
+    )
+    hypertile_rule: Literal["a1111", "comfyui"] = Field(
+        "a1111",
+        description="how HyperTile picks its tiles and depths: A1111's (the tile capped by the image's power-of-two "
+        "divisor, at least 128 px) or ComfyUI's node's (at least 32 px, depth by resolution). Used only with "
+        "hypertile; infotext 'Hypertile rule' when 'comfyui'",
+    )
+    hypertile_scale_depth: bool = Field(
+        True,
+        strict=True,
+        description="the smallest tile doubles with each depth (A1111 always; ComfyUI's node's default: false). "
+        "Used only with hypertile; infotext 'Hypertile scale depth' when false",
+    )
     seed: int = Field(-1, ge=-1, le=2**53 - 1, description="-1: random")
     width: int | None = SIDE
     height: int | None = SIDE

@@ -40,6 +40,7 @@ from PIL.PngImagePlugin import PngInfo
 from sdengine.errors import SdengineError
 from sdengine.nn.deep_shrink import DeepShrink
 from sdengine.nn.freeu import MAX_FREEU_FACTOR, FreeU, freeu_applied
+from sdengine.nn.hypertile import HyperTile, HyperTileRun, check_hypertile, hypertile_applied
 from sdengine.nn.resize import resize_nchw as resize_by_method
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -206,6 +207,9 @@ class ModelHandle:
     # PatchModelAddDownscale (Deep Shrink): sdengine.nn.deep_shrink.DeepShrink.key, () = off (the last one applied
     # counts: sdengine runs one; nodes_patches.py)
     deep_shrink: tuple[Any, ...] = ()
+    # HyperTile: its settings' key (tile_size, swap_size, max_depth, "comfyui", scale_depth), () = off (the last node
+    # applied counts; sdengine.server.comfy.nodes_hypertile)
+    hypertile: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1029,10 +1033,21 @@ def _sample(
         return ctx.progress(r.step, r.steps, r.denoised) if ctx.progress is not None else True
 
     freeu = FreeU(*model.freeu) if model.freeu else None
+    tiles = None
+    if model.hypertile:  # HyperTile on the plain U-Net's self-attention, its draws seeded with the sampler's seed
+        settings = HyperTile(*model.hypertile)
+        check_hypertile(pipe.unet, settings)
+        tiles = HyperTileRun(settings, int(seed), pipe.vae_scale_factor)
+        tiles.latent = (int(samples.shape[-2]), int(samples.shape[-1]))
     from sdengine.server.comfy.nodes_merge import merges_applied
 
-    # the merge nodes' weights, then FreeU / FreeU_V2 on the plain U-Net that latent_sampling calls (LoRAs: in it)
-    with merges_applied(ctx, pipe, model, "unet"), freeu_applied(pipe.unet, freeu):
+    # the merge nodes' weights, then FreeU / FreeU_V2 and HyperTile on the plain U-Net that latent_sampling calls
+    # (LoRAs: in it)
+    with (
+        merges_applied(ctx, pipe, model, "unet"),
+        freeu_applied(pipe.unet, freeu),
+        hypertile_applied(pipe.unet, tiles),
+    ):
         out = sample_latents(
             pipe,
             positive,

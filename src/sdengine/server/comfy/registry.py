@@ -11,6 +11,7 @@ from sdengine.server.comfy.nodes import NODES as CORE_NODES
 from sdengine.server.comfy.nodes import NodeDef
 from sdengine.server.comfy.nodes_files import FILE_NODES
 from sdengine.server.comfy.nodes_guidance import GUIDANCE_NODES
+from sdengine.server.comfy.nodes_hypertile import HYPERTILE_NODES
 from sdengine.server.comfy.nodes_image import IMAGE_NODES
 from sdengine.server.comfy.nodes_latent import LATENT_NODES
 from sdengine.server.comfy.nodes_merge import NODES as MERGE_NODES
@@ -26,4 +27,5 @@ NODES: dict[str, NodeDef] = {
     **GUIDANCE_NODES,
     **FILE_NODES,
     **PATCH_NODES,
+    **HYPERTILE_NODES,
 }

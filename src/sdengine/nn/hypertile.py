@@ -1,0 +1,300 @@
+"""HyperTile (tfernd, https://github.com/tfernd/HyperTile): the U-Net's self-attention runs within tiles of the
+feature map, each tile its own attention, so a large image's self-attention costs ``nh * nw`` times less.
+
+A self-attention layer over an ``H x W`` grid of tokens is cut into ``nh`` rows and ``nw`` columns of tiles of
+``H / nh x W / nw`` tokens; the queries, keys and values of one tile attend to each other only, then the tiles go back
+to their places. Cross-attention (the prompt) is never tiled.
+
+How many tiles (AUTOMATIC1111's built-in Hypertile, rule ``"a1111"``, and ComfyUI's ``HyperTile`` node, ``"comfyui"``,
+read for facts): a layer of depth ``d`` has a smallest tile side ``m`` in tokens,
+
+- ``"a1111"``: ``t = min(T, tile_size)`` where ``T`` is the largest power of two dividing both the image's width and
+  height in pixels (the latent's times the VAE's downscale, 8), then ``m = max(128, t) // 8 * 2**d`` (``2**d`` only
+  with ``scale_depth``, which A1111 always has);
+- ``"comfyui"``: ``m = max(32, tile_size) // 8``, times ``2**d`` with ``scale_depth`` (the node's default is off).
+
+For a side of ``n`` tokens, the candidates are the side's divisors ``i`` from ``min(m, n)`` up, smallest first, the
+first ``swap_size`` of them (0 counts as 1), each giving ``n // i`` tiles along that side; one is drawn uniformly with
+a ``random.Random`` seeded with the run's first seed at the start of each pass (A1111 seeds its generator with the
+first seed before the first pass and again before the hires fix's second pass). Every call of a tiled layer draws the
+rows' count, then the columns'; under ``"a1111"`` a draw is made even where there is one candidate (A1111 does), under
+``"comfyui"`` only where there are several.
+
+Which layers, by depth (``max_depth`` and shallower are tiled):
+
+- ``"a1111"``: SD 1.x / 2.x, the self-attention layers of resolution level ``d`` (the middle block is the deepest);
+  SDXL (a U-Net with the text-time vector), A1111's table: the first attention level's first transformer block is
+  depth 0, its other blocks and every deeper level's blocks depth 1, the middle block depth 2;
+- ``"comfyui"``: every self-attention layer at resolution level ``d`` whose token count is
+  ``(H / 2**d) * (W / 2**d)`` of the latent's ``H x W`` (so a level that halves an odd side is left alone).
+
+Where sdengine differs from both tools (docs/CONTRACTS.md): the tiles are rectangles of the layer's true ``H x W``
+grid. Both tools recover the grid from the token count and the aspect ratio as ``round(sqrt(L * W / H))`` "rows" of
+``round(sqrt(L * H / W))``, which for a non-square image is the grid transposed, so their tiles there are not
+rectangles of the image; for square images the tiles are the same. ComfyUI's node tiles only the queries (its
+attention then reads the untiled keys and values in contiguous chunks of the token sequence); sdengine tiles the
+queries, keys and values together, as A1111 and the HyperTile paper do.
+
+:func:`hypertile_applied` installs it on a :class:`sdengine.models.unet.UNet` for a block of code;
+:class:`HyperTileNet` wraps a network call in it (the latent's size is read from each call's input).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from sdengine.errors import UsageError
+
+HYPERTILE_RULES = ("a1111", "comfyui")
+MAX_TILE_SIZE = 2048  # pixels (ComfyUI's node range; A1111's slider stops at 512)
+MAX_SWAP_SIZE = 128  # ComfyUI's node range (A1111's slider: 64)
+MAX_DEPTH = 10  # ComfyUI's node range (A1111's slider: 3; deeper than a U-Net has tiles all of its levels)
+LATENT_FACTOR = 8  # pixels per latent cell of SD's VAE (the tile sizes' unit; a model's own VAE gives the image's)
+
+_SELF_ATTENTION = re.compile(
+    r"^(?:(?P<kind>down_blocks|up_blocks)\.(?P<block>\d+)|mid_block)\.attentions\.\d+"
+    r"\.transformer_blocks\.(?P<tb>\d+)\.attn1$"
+)
+
+
+def _whole(name: str, v: Any, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise UsageError(f"HyperTile {name} must be a whole number in [{lo}, {hi}], got {v!r}")
+    return int(v)
+
+
+@dataclass(frozen=True)
+class HyperTile:
+    """The HyperTile settings of a call: ``tile_size`` in pixels (A1111's "max tile size", ComfyUI's "tile_size"),
+    ``swap_size`` (how many tile counts to draw from), ``max_depth`` (the deepest layers tiled), ``rule`` "a1111" or
+    "comfyui" (module docstring), ``scale_depth`` (the smallest tile doubles with each depth)."""
+
+    tile_size: int = 256
+    swap_size: int = 3
+    max_depth: int = 3
+    rule: str = "a1111"
+    scale_depth: bool = True
+
+    def __post_init__(self) -> None:
+        _whole("tile_size", self.tile_size, 0, MAX_TILE_SIZE)
+        _whole("swap_size", self.swap_size, 0, MAX_SWAP_SIZE)
+        _whole("max_depth", self.max_depth, 0, MAX_DEPTH)
+        if self.rule not in HYPERTILE_RULES:
+            raise UsageError(f"unknown HyperTile rule {self.rule!r}; use one of: {', '.join(HYPERTILE_RULES)}")
+        if not isinstance(self.scale_depth, bool):
+            raise UsageError(f"HyperTile scale_depth must be true or false, got {self.scale_depth!r}")
+
+    @property
+    def key(self) -> tuple[int, int, int, str, bool]:
+        """(tile_size, swap_size, max_depth, rule, scale_depth): ``HyperTile(*key)`` makes them again."""
+        return (self.tile_size, self.swap_size, self.max_depth, self.rule, self.scale_depth)
+
+
+def largest_power_of_two_tile(width: int, height: int) -> int:
+    """The largest power of two dividing both ``width`` and ``height`` (A1111's cap on the tile size, in pixels)."""
+    g = math.gcd(int(width), int(height))
+    if g == 0:
+        return 1
+    return g & -g
+
+
+def smallest_tile(settings: HyperTile, depth: int, width: int, height: int, scale: int = LATENT_FACTOR) -> int:
+    """The smallest tile side in tokens at ``depth`` for an image of ``width x height`` pixels, ``scale`` pixels
+    per latent cell (both tools divide by SD's 8; a model with another VAE downscale gets its own)."""
+    if settings.rule == "a1111":
+        t = min(largest_power_of_two_tile(width, height), settings.tile_size)
+        side = max(128, t) // scale
+    else:
+        side = max(32, settings.tile_size) // scale
+    return side * (2**depth if settings.scale_depth else 1)
+
+
+def tile_counts(n: int, smallest: int, swap_size: int) -> list[int]:
+    """The tile counts a side of ``n`` tokens may be cut into: ``n // i`` for its divisors ``i`` from
+    ``min(smallest, n)`` up, smallest ``i`` (most tiles) first, the first ``max(1, swap_size)`` of them."""
+    lo = max(1, min(int(smallest), n))
+    sides = [i for i in range(lo, n + 1) if n % i == 0]
+    return [n // i for i in sides[: max(1, int(swap_size))]]
+
+
+def draw_count(counts: list[int], rng: random.Random, *, always: bool) -> int:
+    """One of ``counts`` drawn uniformly by ``rng`` (``rng.randint``); with one candidate, a draw is still made
+    when ``always`` (A1111's generator advances either way)."""
+    if len(counts) > 1 or always:
+        return counts[rng.randint(0, len(counts) - 1)]
+    return counts[0]
+
+
+def tiled_attention(x: Tensor, height: int, width: int, nh: int, nw: int, attend: Callable[[Tensor], Tensor]) -> Tensor:
+    """``attend`` (B', L', C) -> (B', L', C') run on each of the ``nh x nw`` tiles of the row-major ``height x width``
+    token grid of ``x`` (B, height * width, C) as its own batch row; the result back in ``x``'s token order."""
+    B, L, C = x.shape
+    if nh * nw == 1:
+        return attend(x)
+    th, tw = height // nh, width // nw
+    t = x.reshape(B, nh, th, nw, tw, C).permute(0, 1, 3, 2, 4, 5).reshape(B * nh * nw, th * tw, C)
+    out = attend(t)
+    D = out.shape[-1]
+    out = out.reshape(B, nh, nw, th, tw, D).permute(0, 1, 3, 2, 4, 5).reshape(B, L, D)
+    return out
+
+
+class HyperTileRun:
+    """One pass's state: the settings, the generator (seeded with the run's first seed) and the latent's size of
+    the current call; ``scale``: pixels per latent cell (the VAE's downscale; the image's size is the latent's
+    times it)."""
+
+    def __init__(self, settings: HyperTile, seed: int, scale: int = LATENT_FACTOR) -> None:
+        self.settings = settings
+        self.scale = int(scale)
+        self.rng = random.Random(int(seed))
+        self.latent: tuple[int, int] = (0, 0)
+        self.chosen: list[tuple[int, int]] = []  # (nh, nw) of each tiled call, in order (for tests and notes)
+
+    def grid(self, level: int) -> tuple[int, int]:
+        """The token grid at resolution ``level`` (each downsampling halves a side, rounding up)."""
+        h, w = self.latent
+        for _ in range(level):
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return h, w
+
+    def choose(self, height: int, width: int, depth: int) -> tuple[int, int]:
+        s = self.settings
+        lh, lw = self.latent
+        m = smallest_tile(s, depth, lw * self.scale, lh * self.scale, self.scale)
+        always = s.rule == "a1111"
+        nh = draw_count(tile_counts(height, m, s.swap_size), self.rng, always=always)
+        nw = draw_count(tile_counts(width, m, s.swap_size), self.rng, always=always)
+        self.chosen.append((nh, nw))
+        return nh, nw
+
+
+class LayerTiles:
+    """What a tiled self-attention layer calls in place of its attention (``Attention.hypertile``)."""
+
+    def __init__(self, run: HyperTileRun, level: int, depth: int) -> None:
+        self.run, self.level, self.depth = run, level, depth
+
+    def __call__(self, x: Tensor, attend: Callable[[Tensor], Tensor], grid: tuple[int, int] | None = None) -> Tensor:
+        """``grid``: the (H, W) of the layer's feature map as its transformer saw it (a hidden state Deep Shrink
+        resized is tiled at its own size, as A1111 reads it from the token count); else the level's size."""
+        run = self.run
+        h, w = grid if grid is not None and grid[0] * grid[1] == x.shape[1] else run.grid(self.level)
+        if h * w != x.shape[1]:  # not this layer's grid (a model of another shape): as it is
+            return attend(x)
+        if run.settings.rule == "comfyui":
+            lh, lw = run.latent
+            scale = 2**self.level
+            if (lh / scale) * (lw / scale) != x.shape[1]:  # ComfyUI matches the level by this exact product
+                return attend(x)
+        nh, nw = run.choose(h, w, self.depth)
+        return tiled_attention(x, h, w, nh, nw, attend)
+
+
+def hypertile_layers(unet: Any, settings: HyperTile) -> list[tuple[Any, int, int]]:
+    """The self-attention layers of ``unet`` HyperTile tiles under ``settings``: (layer, resolution level, depth),
+    those of depth ``max_depth`` and shallower (module docstring)."""
+    n = len(unet.down_blocks)
+    xl = bool(getattr(getattr(unet, "config", None), "text_time", False)) and settings.rule == "a1111"
+    found: list[tuple[Any, int, int]] = []
+    for name, module in unet.named_modules():
+        m = _SELF_ATTENTION.match(name)
+        if m is None or getattr(module, "is_cross_attention", True):
+            continue
+        kind, tb = m.group("kind"), int(m.group("tb"))
+        if kind == "down_blocks":
+            level = int(m.group("block"))
+        elif kind == "up_blocks":
+            level = n - 1 - int(m.group("block"))
+        else:
+            level = n - 1
+        found.append((module, level, tb if kind is not None else -1))
+    if not xl:
+        return [(mod, level, level) for mod, level, _ in found if level <= settings.max_depth]
+    first = min((level for _, level, tb in found if tb >= 0), default=0)
+    out = []
+    for mod, level, tb in found:
+        depth = 2 if tb < 0 else (0 if level == first and tb == 0 else 1)
+        if depth <= settings.max_depth:
+            out.append((mod, level, depth))
+    return out
+
+
+def check_hypertile(unet: Any, settings: HyperTile) -> None:
+    """Raise (one line) when ``unet`` has no self-attention layer HyperTile could tile."""
+    if not hasattr(unet, "down_blocks"):
+        raise UsageError(f"HyperTile needs a U-Net, not a {type(unet).__name__}")
+    if not hypertile_layers(unet, settings):
+        raise UsageError(
+            f"HyperTile tiles no layer of this U-Net: it has no self-attention layer of depth {settings.max_depth} "
+            "or shallower (raise max_depth)"
+        )
+
+
+@contextmanager
+def hypertile_applied(unet: Any, run: HyperTileRun | None) -> Iterator[None]:
+    """``unet``'s self-attention layers run HyperTile with ``run`` inside the block (``None``: as they are);
+    as before after it, whatever happens."""
+    if run is None:
+        yield
+        return
+    layers = hypertile_layers(unet, run.settings)
+    before = [layer.hypertile for layer, _, _ in layers]
+    try:
+        for layer, level, depth in layers:
+            layer.hypertile = LayerTiles(run, level, depth)
+        yield
+    finally:
+        for (layer, _, _), old in zip(layers, before, strict=True):
+            layer.hypertile = old
+            layer.hypertile_grid = None
+
+
+class HyperTileNet:
+    """``net`` (the U-Net, or what calls it: a controlled U-Net) called with HyperTile on ``unet`` for each call;
+    one generator for all calls (seeded with ``seed``), the latent's size read from each call's input (``scale``
+    pixels per latent cell)."""
+
+    def __init__(
+        self, net: Callable[..., Tensor], unet: Any, settings: HyperTile, seed: int, scale: int = LATENT_FACTOR
+    ) -> None:
+        check_hypertile(unet, settings)
+        self.net, self.unet = net, unet
+        self.run = HyperTileRun(settings, seed, scale)
+        # what UNetAdapter asks of the network it calls
+        self.takes_step = bool(getattr(net, "takes_step", False))
+        self.takes_row_kinds = bool(getattr(net, "takes_row_kinds", False))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        x: Any = args[0] if args else kwargs.get("x", kwargs.get("sample"))
+        self.run.latent = (int(x.shape[-2]), int(x.shape[-1]))
+        with hypertile_applied(self.unet, self.run):
+            return self.net(*args, **kwargs)
+
+
+__all__ = [
+    "HYPERTILE_RULES",
+    "MAX_DEPTH",
+    "MAX_SWAP_SIZE",
+    "MAX_TILE_SIZE",
+    "HyperTile",
+    "HyperTileNet",
+    "HyperTileRun",
+    "LayerTiles",
+    "check_hypertile",
+    "draw_count",
+    "hypertile_applied",
+    "hypertile_layers",
+    "largest_power_of_two_tile",
+    "smallest_tile",
+    "tile_counts",
+    "tiled_attention",
+]
