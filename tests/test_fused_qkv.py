@@ -441,3 +441,17 @@ def test_an_sdxl_unet_is_the_same_with_fused_projections():
         got = unet(x, torch.tensor([999.0, 17.0]), encoder_hidden_states=ctx, class_labels=labels)
     assert all(_fused_used(m) for m in attn_layers(unet))
     assert _max(ref, got) <= 1e-5 and ref.abs().mean() > 1e-2
+
+
+def test_hypertiles_attend_with_the_fused_product_too(tiny_pipes):
+    """HyperTile's tiles go through the same projections: with fusion on, each tile's self-attention is the fused
+    product, and the tiled image equals the unfused tiled image."""
+    plain, fused = tiny_pipes
+    tiled = dict(KW, width=64, height=64, hypertile=(32, 1, 0), hypertile_rule="comfyui", hypertile_scale_depth=False)
+    ref = plain(**tiled).arrays.astype("float64")
+    for m in attn_layers(fused.unet):
+        m.drop_fused_cache()
+    got = fused(**tiled).arrays.astype("float64")
+    assert not (ref == plain(**dict(KW, width=64, height=64)).arrays).all()  # the tiles changed the image
+    assert any("qkv" in _fused_used(m) for m in attn_layers(fused.unet))  # self-attention ran fused
+    assert abs(ref - got).mean() <= 1e-5
