@@ -47,6 +47,33 @@ class CPUBackend:
         return replay, out
 
 
+def images_per_recorded_loop(pipe: Any, settings: list[dict[str, Any]], **args: Any) -> tuple[list[Any], Any]:
+    """Records ``pipe``'s denoising loop with :class:`CPUBackend` (``record_after=0``) and generates "a red cube"
+    (negative "blurry", keywords ``args``) once per setting in ``settings``, asserting that each setting records a
+    loop of its own (the stand-in replays the first plan of a key, so a setting missing from the key would show as
+    another setting's image), that its image is the plain path's (no graphs), and that no two neighbouring
+    settings give the same image. Returns the images and the loop graph."""
+    import numpy as np
+
+    def plain(**kw: Any) -> Any:
+        graphs, pipe.cuda_graphs = pipe.cuda_graphs, None
+        try:
+            return pipe("a red cube", "blurry", **args, **kw).arrays
+        finally:
+            pipe.cuda_graphs = graphs
+
+    pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu", record_after=0)
+    loop = pipe.cuda_graphs["loop"]
+    images = []
+    for n, kw in enumerate(settings, start=1):
+        images.append(pipe("a red cube", "blurry", **args, **kw).arrays)
+        assert loop.recordings == n
+        np.testing.assert_array_equal(images[-1], plain(**kw))
+    for a, b in zip(images, images[1:], strict=False):
+        assert not np.array_equal(a, b)
+    return images, loop
+
+
 class _Dispatch(TorchDispatchMode):
     def __init__(self, seen: list[str]) -> None:
         super().__init__()

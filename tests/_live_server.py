@@ -6,6 +6,7 @@ test pays for a server's start (milliseconds), not for a model load. Every wait 
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 import time
@@ -92,3 +93,55 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 120.0) -> dict[
 
 def server_config(tmp: Path, **kw: Any) -> ServerConfig:
     return ServerConfig(outputs_dir=tmp / "outputs", **kw)
+
+
+def run_job(client: httpx.Client, body: dict[str, Any], timeout: float = 300.0) -> tuple[Any, dict[str, Any]]:
+    """POST /v1/jobs (asserting it is queued), wait for the job (asserting it is done) and return the RGB pixels of
+    its first image with the job."""
+    import numpy as np
+    from PIL import Image
+
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    j = wait_job(client, r.json()["id"], timeout=timeout)
+    assert j["state"] == "done", j
+    png = Image.open(io.BytesIO(client.get(j["images"][0]["url"]).content))
+    return np.asarray(png.convert("RGB")), j
+
+
+class Recorder:
+    """The shared emoji pipeline, recording each call's keywords (and result) and holding calls while
+    ``gate`` is clear."""
+
+    def __init__(self) -> None:
+        self.pipe = shared_loader("emoji", "cpu")
+        self.calls: list[dict[str, Any]] = []
+        self.results: list[Any] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    def __call__(self, **kw: Any) -> Any:
+        self.calls.append(kw)
+        assert self.gate.wait(120), "the test never opened the gate"
+        result = self.pipe(**kw)
+        self.results.append(result)
+        return result
+
+
+def jobs_queued_behind_a_held_one(
+    tmp: Path, rec: Recorder, held: dict[str, Any], jobs: list[dict[str, Any]], timeout: float = 300.0
+) -> list[dict[str, Any]]:
+    """On a live server of ``rec`` (max_queue 16), ``jobs`` queued while the ``held`` job waits in the pipeline
+    (so they are in the queue together, to batch as the server may); the held job is asserted done and the jobs'
+    finished records are returned (the held call is ``rec.calls[0]``)."""
+    config = server_config(tmp, max_queue=16)
+    with live_server(config, loader=lambda ref, device: rec) as s, httpx.Client(base_url=s.url, timeout=timeout) as c:
+        rec.gate.clear()
+        first = c.post("/v1/jobs", json=held).json()["id"]
+        ids = [c.post("/v1/jobs", json=b).json()["id"] for b in jobs]
+        rec.gate.set()
+        assert wait_job(c, first, timeout=timeout)["state"] == "done"
+        return [wait_job(c, i, timeout=timeout) for i in ids]

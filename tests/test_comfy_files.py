@@ -8,7 +8,6 @@ import io
 import json
 import struct
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,8 @@ from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
-from _live_server import live_server, server_config
+from _comfy_live import live_client, run_prompt, view_image
+from _live_server import server_config
 from sdengine.server.comfy import nodes_files as nf
 from sdengine.server.comfy.nodes import NodeError, Outputs, RunContext
 
@@ -203,23 +203,10 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     from sdengine.server.comfy.routes import state
 
     tmp = tmp_path_factory.mktemp("comfyfiles")
-    with live_server(server_config(tmp)) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+    with live_client(server_config(tmp)) as (s, c):
         folders = state(s.app).folders
         folders.input.mkdir(parents=True, exist_ok=True)
         yield c, folders
-
-
-def _run(client: httpx.Client, prompt: dict) -> dict:
-    r = client.post("/prompt", json={"prompt": prompt})
-    assert r.status_code == 200, r.text
-    pid = r.json()["prompt_id"]
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        h = client.get(f"/history/{pid}").json()
-        if pid in h:
-            return h[pid]
-        time.sleep(0.05)
-    raise TimeoutError(pid)
 
 
 def _st_bytes(tensors: dict) -> bytes:
@@ -230,12 +217,6 @@ def _st_bytes(tensors: dict) -> bytes:
 
 def _view(client: httpx.Client, item: dict) -> httpx.Response:
     return client.get("/view", params={"filename": item["filename"], "subfolder": item["subfolder"], "type": "output"})
-
-
-def _png(client: httpx.Client, item: dict) -> np.ndarray:
-    r = _view(client, item)
-    assert r.status_code == 200
-    return np.asarray(Image.open(io.BytesIO(r.content)))
 
 
 def test_a_latent_round_trips_through_the_api_and_decodes_as_the_sampled_one(server):
@@ -252,7 +233,7 @@ def test_a_latent_round_trips_through_the_api_and_decodes_as_the_sampled_one(ser
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "direct"}},
     }  # fmt: skip
-    h = _run(client, g)
+    h = run_prompt(client, g)
     assert h["status"]["status_str"] == "success", h["status"]
     (item,) = h["outputs"]["6"]["latents"]
     assert item == {"filename": "rt_00001_.latent", "subfolder": "latents", "type": "output"}
@@ -272,7 +253,7 @@ def test_a_latent_round_trips_through_the_api_and_decodes_as_the_sampled_one(ser
         "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "loaded"}},
         "5": {"class_type": "SaveLatent", "inputs": {"samples": ["2", 0], "filename_prefix": "latents/rt"}},
     }
-    h2 = _run(client, g2)
+    h2 = run_prompt(client, g2)
     assert h2["status"]["status_str"] == "success", h2["status"]
     (again,) = h2["outputs"]["5"]["latents"]
     assert again["filename"] == "rt_00002_.latent"
@@ -280,7 +261,7 @@ def test_a_latent_round_trips_through_the_api_and_decodes_as_the_sampled_one(ser
     direct, loaded = h["outputs"]["8"]["images"], h2["outputs"]["4"]["images"]
     assert len(direct) == len(loaded) == 2
     for a, b in zip(direct, loaded, strict=True):
-        assert np.array_equal(_png(client, a), _png(client, b))
+        assert np.array_equal(view_image(client, a), view_image(client, b))
     # an uploaded .latent file (ComfyUI's /upload/image takes any file) is listed by /object_info and loads by its
     # plain name
     up = client.post("/upload/image", files={"image": ("mine.latent", r.content, "application/octet-stream")})
@@ -289,7 +270,7 @@ def test_a_latent_round_trips_through_the_api_and_decodes_as_the_sampled_one(ser
     info = client.get("/object_info/LoadLatent").json()["LoadLatent"]
     assert "mine.latent" in info["input"]["required"]["latent"][0] and info["category"] == "_for_testing"
     g2["2"]["inputs"]["latent"] = "mine.latent"
-    assert _run(client, g2)["status"]["status_str"] == "success"
+    assert run_prompt(client, g2)["status"]["status_str"] == "success"
 
 
 def test_bad_latents_through_the_api_are_comfyuis_errors(server):
@@ -301,7 +282,7 @@ def test_bad_latents_through_the_api_are_comfyuis_errors(server):
         "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
     }
-    h = _run(client, g)  # a 3-channel latent reaches the 4-channel model's VAE: refused at the node, in one line
+    h = run_prompt(client, g)  # a 3-channel latent reaches the 4-channel model's VAE: refused at the node, in one line
     (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
     assert err["node_id"] == "3" and err["exception_message"] == "the latent has 3 channels, emoji's latents have 4"
     folders.input.joinpath("junk.latent").write_bytes(b"not safetensors at all")
@@ -316,7 +297,7 @@ def test_bad_latents_through_the_api_are_comfyuis_errors(server):
         assert "/tmp" not in up.text
     assert not (folders.input / "bad.latent").exists()
     g["2"]["inputs"]["latent"] = "junk.latent"
-    h = _run(client, g)
+    h = run_prompt(client, g)
     (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
     assert err["node_id"] == "2" and "is not a safetensors file" in err["exception_message"]
     assert "\n" not in err["exception_message"] and str(folders.input) not in err["exception_message"]
@@ -327,7 +308,7 @@ def test_bad_latents_through_the_api_are_comfyuis_errors(server):
         assert r.json()["node_errors"]["2"]["errors"][0]["type"] == "value_not_in_list"
     g4 = {"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
           "2": {"class_type": "SaveLatent", "inputs": {"samples": ["1", 0], "filename_prefix": "../up"}}}  # fmt: skip
-    (err,) = [m[1] for m in _run(client, g4)["status"]["messages"] if m[0] == "execution_error"]
+    (err,) = [m[1] for m in run_prompt(client, g4)["status"]["messages"] if m[0] == "execution_error"]
     assert err["node_type"] == "SaveLatent"
 
 
@@ -344,7 +325,7 @@ def test_animations_through_the_api_have_comfyuis_history_shape(server):
         "3": {"class_type": "SaveAnimatedPNG", "inputs": {"images": ["1", 0], "filename_prefix": "api", "fps": 10.0,
                                                           "compress_level": 4}},
     }  # fmt: skip
-    h = _run(client, g)
+    h = run_prompt(client, g)
     assert h["status"]["status_str"] == "success", h["status"]
     names = sorted(h["outputs"][n]["images"][0]["filename"] for n in ("2", "3"))
     assert names == ["api_00001_.webp", "api_00002_.png"] or names == ["api_00001_.png", "api_00002_.webp"]

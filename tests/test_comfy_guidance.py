@@ -10,17 +10,14 @@ rescale).
 
 from __future__ import annotations
 
-import io
-import time
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from _live_server import live_server, server_config, shared_loader
+from _comfy_live import live_client, prompt_image, run_prompt
+from _live_server import server_config, shared_loader
 from sdengine.diffusion.denoisers import vp_scalings
 from sdengine.diffusion.guidance import CFGDenoiser
 from sdengine.pipeline import load_pipeline
@@ -32,31 +29,8 @@ SDENGINE_RULE = {"extra_data": {"sdengine": {"seed_rule": "sdengine"}}}
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory):
-    with live_server(server_config(tmp_path_factory.mktemp("comfy_guidance"), max_queue=8)) as s:
-        with httpx.Client(base_url=s.url, timeout=120) as c:
-            yield c
-
-
-def _history(client: httpx.Client, prompt: dict, **extra: Any) -> dict:
-    r = client.post("/prompt", json={"prompt": prompt, **extra})
-    assert r.status_code == 200, r.text
-    pid = r.json()["prompt_id"]
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        h = client.get(f"/history/{pid}").json()
-        if pid in h:
-            return h[pid]
-        time.sleep(0.05)
-    raise TimeoutError(pid)
-
-
-def comfy_image(client: httpx.Client, prompt: dict, **extra: Any) -> np.ndarray:
-    h = _history(client, prompt, **extra)
-    assert h["status"]["status_str"] == "success", h["status"]
-    (out,) = [o for o in h["outputs"].values() if "images" in o]
-    im = out["images"][0]
-    v = client.get("/view", params={"filename": im["filename"], "subfolder": im["subfolder"], "type": im["type"]})
-    return np.asarray(Image.open(io.BytesIO(v.content)).convert("RGB"))
+    with live_client(server_config(tmp_path_factory.mktemp("comfy_guidance"), max_queue=8)) as (_, c):
+        yield c
 
 
 def graph(*patches: tuple[str, dict[str, Any]], cfg: float = 5.0) -> dict:
@@ -106,35 +80,35 @@ def test_the_nodes_are_listed_with_comfyuis_inputs(client):
 
 
 def test_rescale_cfg_equals_the_pipelines_guidance_rescale(client):
-    plain = comfy_image(client, graph(), **SDENGINE_RULE)
-    a = comfy_image(client, graph(("RescaleCFG", {"multiplier": 0.7})), **SDENGINE_RULE)
+    plain = prompt_image(client, graph(), **SDENGINE_RULE)
+    a = prompt_image(client, graph(("RescaleCFG", {"multiplier": 0.7})), **SDENGINE_RULE)
     assert np.array_equal(a, direct(guidance_rescale=0.7))
     assert np.abs(a.astype(int) - plain).mean() > 0.5  # the rescale changed the image
     # ComfyUI's rule: another rescale (on the v-prediction), a valid image all the same
-    b = comfy_image(client, graph(("RescaleCFG", {"multiplier": 0.7})))
-    assert b.std() > 5 and not np.array_equal(b, comfy_image(client, graph()))
+    b = prompt_image(client, graph(("RescaleCFG", {"multiplier": 0.7})))
+    assert b.std() > 5 and not np.array_equal(b, prompt_image(client, graph()))
 
 
 def test_model_sampling_discrete_equals_the_pipelines_prediction_and_zero_snr(client):
     # eps without zsnr is the emoji model as it is (an epsilon model)
-    same = comfy_image(client, graph(("ModelSamplingDiscrete", {"sampling": "eps", "zsnr": False})), **SDENGINE_RULE)
+    same = prompt_image(client, graph(("ModelSamplingDiscrete", {"sampling": "eps", "zsnr": False})), **SDENGINE_RULE)
     assert np.array_equal(same, direct())
     zsnr = graph(("ModelSamplingDiscrete", {"sampling": "eps", "zsnr": True}))
-    assert np.array_equal(comfy_image(client, zsnr, **SDENGINE_RULE), direct(zero_terminal_snr=True))
+    assert np.array_equal(prompt_image(client, zsnr, **SDENGINE_RULE), direct(zero_terminal_snr=True))
     v = load_pipeline("emoji", device="cpu", prediction_type="v_prediction")
     vz = graph(("ModelSamplingDiscrete", {"sampling": "v_prediction", "zsnr": True}))
-    got = comfy_image(client, vz, **SDENGINE_RULE)
+    got = prompt_image(client, vz, **SDENGINE_RULE)
     assert np.array_equal(got, direct(v, zero_terminal_snr=True))
     assert not np.array_equal(got, same)
     x0 = load_pipeline("emoji", device="cpu", prediction_type="sample")
     g = graph(("ModelSamplingDiscrete", {"sampling": "x0", "zsnr": False}))
-    assert np.array_equal(comfy_image(client, g, **SDENGINE_RULE), direct(x0))
+    assert np.array_equal(prompt_image(client, g, **SDENGINE_RULE), direct(x0))
     # the last ModelSamplingDiscrete counts, as in ComfyUI (each replaces the model's sampling object)
     twice = graph(
         ("ModelSamplingDiscrete", {"sampling": "x0", "zsnr": False}),
         ("ModelSamplingDiscrete", {"sampling": "eps", "zsnr": False}),
     )
-    assert np.array_equal(comfy_image(client, twice, **SDENGINE_RULE), same)
+    assert np.array_equal(prompt_image(client, twice, **SDENGINE_RULE), same)
 
 
 def test_model_sampling_discrete_zsnr_reaches_the_schedulers():
@@ -155,23 +129,23 @@ def test_model_sampling_discrete_zsnr_reaches_the_schedulers():
 
 
 def test_lcm_sampling_is_a_node_error(client):
-    h = _history(client, graph(("ModelSamplingDiscrete", {"sampling": "lcm", "zsnr": False})))
+    h = run_prompt(client, graph(("ModelSamplingDiscrete", {"sampling": "lcm", "zsnr": False})))
     assert h["status"]["status_str"] == "error"
     text = str(h["status"]["messages"])
     assert "ModelSamplingDiscrete" in text and "LCM" in text
 
 
 def test_perturbed_attention_guidance_equals_the_pipelines_pag(client):
-    plain = comfy_image(client, graph(), **SDENGINE_RULE)
-    a = comfy_image(client, graph(("PerturbedAttentionGuidance", {"scale": 3.0})), **SDENGINE_RULE)
+    plain = prompt_image(client, graph(), **SDENGINE_RULE)
+    a = prompt_image(client, graph(("PerturbedAttentionGuidance", {"scale": 3.0})), **SDENGINE_RULE)
     assert np.array_equal(a, direct(pag_scale=3.0))
     assert np.abs(a.astype(int) - plain).mean() > 0.5
     # two nodes add up, as ComfyUI's post-CFG functions do
     two = graph(("PerturbedAttentionGuidance", {"scale": 1.0}), ("PerturbedAttentionGuidance", {"scale": 2.0}))
-    assert np.array_equal(comfy_image(client, two, **SDENGINE_RULE), a)
+    assert np.array_equal(prompt_image(client, two, **SDENGINE_RULE), a)
     # with RescaleCFG and cfg 1 (PAG alone) too
     both = graph(("RescaleCFG", {"multiplier": 0.5}), ("PerturbedAttentionGuidance", {"scale": 3.0}), cfg=1.0)
-    assert np.array_equal(comfy_image(client, both, **SDENGINE_RULE), direct(pag_scale=3.0, cfg_scale=1.0))
+    assert np.array_equal(prompt_image(client, both, **SDENGINE_RULE), direct(pag_scale=3.0, cfg_scale=1.0))
 
 
 def test_guidance_nodes_refuse_area_conditioning(client):
@@ -179,7 +153,7 @@ def test_guidance_nodes_refuse_area_conditioning(client):
     g["20"] = {"class_type": "ConditioningSetArea", "inputs": {"conditioning": ["6", 0], "width": 64, "height": 64,
                                                                 "x": 0, "y": 0, "strength": 0.5}}  # fmt: skip
     g["3"]["inputs"]["positive"] = ["20", 0]
-    h = _history(client, g)
+    h = run_prompt(client, g)
     assert h["status"]["status_str"] == "error" and "no area, mask or strength" in str(h["status"]["messages"])
 
 
@@ -263,18 +237,18 @@ def test_the_nodes_exist_in_the_table():
 
 
 def test_freeu_nodes_equal_the_pipelines_freeu(client):
-    plain = comfy_image(client, graph(), **SDENGINE_RULE)
-    v1 = comfy_image(client, graph(("FreeU", {"b1": 1.5, "b2": 1.6, "s1": 0.9, "s2": 0.2})), **SDENGINE_RULE)
+    plain = prompt_image(client, graph(), **SDENGINE_RULE)
+    v1 = prompt_image(client, graph(("FreeU", {"b1": 1.5, "b2": 1.6, "s1": 0.9, "s2": 0.2})), **SDENGINE_RULE)
     assert np.array_equal(v1, direct(freeu=(1.5, 1.6, 0.9, 0.2), freeu_version=1))
     assert np.abs(v1.astype(int) - plain).mean() > 0.1
-    v2 = comfy_image(client, graph(("FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2})), **SDENGINE_RULE)
+    v2 = prompt_image(client, graph(("FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2})), **SDENGINE_RULE)
     assert np.array_equal(v2, direct(freeu=(1.3, 1.4, 0.9, 0.2), freeu_version=2))
     # the last FreeU node of a chain counts (ComfyUI's output block patch replaces the one before)
     strong = ("FreeU", {"b1": 2.0, "b2": 2.0, "s1": 0.5, "s2": 0.5})
     chain = graph(strong, ("FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}))
-    assert np.array_equal(comfy_image(client, chain, **SDENGINE_RULE), v2)
+    assert np.array_equal(prompt_image(client, chain, **SDENGINE_RULE), v2)
     info = client.get("/object_info").json()
     b1 = info["FreeU_V2"]["input"]["required"]["b1"]
     assert b1[0] == "FLOAT" and (b1[1]["default"], b1[1]["min"], b1[1]["max"]) == (1.3, 0, 10)
     # after the FreeU graph the plain graph is plain again (the U-Net's up blocks restored)
-    assert np.array_equal(comfy_image(client, graph(), **SDENGINE_RULE), plain)
+    assert np.array_equal(prompt_image(client, graph(), **SDENGINE_RULE), plain)

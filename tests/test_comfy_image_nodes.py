@@ -6,13 +6,13 @@ from __future__ import annotations
 import io
 import math
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from _live_server import live_server, server_config
+from _comfy_live import live_client, run_prompt, view_image
+from _live_server import server_config
 from sdengine.latent_sampling import make_noise
 from sdengine.server.comfy import nodes_image as ni
 from sdengine.server.comfy import nodes_latent as nl
@@ -407,31 +407,8 @@ def test_latent_flip_rotate_crop():
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("comfyimg")
-    with live_server(server_config(tmp)) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+    with live_client(server_config(tmp_path_factory.mktemp("comfyimg"))) as (_, c):
         yield c
-
-
-def _run(client: httpx.Client, prompt: dict) -> dict:
-    import time
-
-    r = client.post("/prompt", json={"prompt": prompt})
-    assert r.status_code == 200, r.text
-    pid = r.json()["prompt_id"]
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        h = client.get(f"/history/{pid}").json()
-        if pid in h:
-            return h[pid]
-        time.sleep(0.05)
-    raise TimeoutError(pid)
-
-
-def _image_of(client: httpx.Client, out: dict) -> np.ndarray:
-    im = out["images"][0]
-    v = client.get("/view", params={"filename": im["filename"], "subfolder": im["subfolder"], "type": im["type"]})
-    assert v.status_code == 200
-    return np.asarray(Image.open(io.BytesIO(v.content)))
 
 
 def test_a_workflow_chaining_the_new_nodes_equals_the_nodes_called_in_turn(client):
@@ -458,9 +435,9 @@ def test_a_workflow_chaining_the_new_nodes_equals_the_nodes_called_in_turn(clien
         "12": {"class_type": "ImageFromBatch", "inputs": {"image": ["11", 0], "batch_index": -1, "length": 1}},
         "13": {"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": "chain"}},
     }  # fmt: skip
-    h = _run(client, g)
+    h = run_prompt(client, g)
     assert h["status"]["status_str"] == "success", h["status"]
-    got = _image_of(client, h["outputs"]["13"])
+    got = view_image(client, h["outputs"]["13"]["images"][0])
     assert got.shape == (32, 24, 4)  # turned a quarter, RGBA
     # the same chain through the node functions
     img = torch.from_numpy(rgba[..., :3].astype(np.float32) / 255)[None]
@@ -489,17 +466,17 @@ def test_latent_nodes_through_the_api_share_noise_as_comfyui(client):
         "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
         "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "latents"}},
     }  # fmt: skip
-    h = _run(client, g)
+    h = run_prompt(client, g)
     assert h["status"]["status_str"] == "success", h["status"]
     imgs = h["outputs"]["10"]["images"]
     assert len(imgs) == 2
-    first, second = (_image_of(client, {"images": [im]}) for im in imgs)
+    first, second = (view_image(client, im) for im in imgs)
     assert np.array_equal(first, second)  # LatentBatch's rows keep index 0: the same noise, the same image
     # "random" forgets the indices: the two rows draw different noise
     g["11"] = {"class_type": "LatentBatchSeedBehavior", "inputs": {"samples": ["5", 0], "seed_behavior": "random"}}
     g["6"]["inputs"]["latent_image"] = ["11", 0]
-    h = _run(client, g)
-    a, b = (_image_of(client, {"images": [im]}) for im in h["outputs"]["10"]["images"])
+    h = run_prompt(client, g)
+    a, b = (view_image(client, im) for im in h["outputs"]["10"]["images"])
     assert not np.array_equal(a, b)
 
 
@@ -526,7 +503,7 @@ def test_bad_inputs_give_comfyuis_errors(client):
     r = client.post("/prompt", json={"prompt": g})
     assert r.status_code == 400 and r.json()["node_errors"]["4"]["errors"][0]["type"] == "value_bigger_than_max"
     # mismatched batches fail when the node runs, in ComfyUI's execution_error naming the node
-    h = _run(client, base)
+    h = run_prompt(client, base)
     assert h["status"]["status_str"] == "error"
     (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
     assert err["node_id"] == "3" and err["node_type"] == "ImageBlend"
@@ -537,7 +514,7 @@ def test_bad_inputs_give_comfyuis_errors(client):
                                                                   "megapixels": 16.0, "resolution_steps": 1}},
         "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
     }  # fmt: skip
-    h = _run(client, big)
+    h = run_prompt(client, big)
     (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
     assert err["node_id"] == "2" and "over the server's limit" in err["exception_message"]
     info = client.get("/object_info/LatentBatchSeedBehavior").json()["LatentBatchSeedBehavior"]

@@ -8,9 +8,7 @@ sampling), and the loaded model must stay as it was (the plain graph's image bef
 
 from __future__ import annotations
 
-import io
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +16,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from _live_server import live_server, server_config
+from _comfy_live import live_client, prompt_image, run_prompt
+from _live_server import server_config
 from sdengine.weights import convert, load_file, save_safetensors
 from sdengine.weights.io import safetensors_metadata
 
@@ -88,30 +86,8 @@ def env(tiny_sd1_folder, tiny_sd2_folder, tiny_inpaint_folder, tmp_path_factory)
     _write_reference(models, "ref_add", {UNET: part(UNET, lambda x, y, z: x * 1.0 + 1.0 * (y * m + (-m) * z))}, a)
     _write_reference(models, "ref_clip", {TE: part(TE, lambda x, y, z: x * 0.5 + 0.5 * y)}, a)
     config = server_config(tmp, models_dir=models, model="a", loras_dir=loras, max_queue=8)
-    with live_server(config) as s, httpx.Client(base_url=s.url, timeout=300) as client:
+    with live_client(config, timeout=300) as (_, client):
         yield {"client": client, "tmp": tmp, "models": models, "t": (ta, tb, tc), "lora": (down, up, 2.0 / 4)}
-
-
-def _history(client: httpx.Client, prompt: dict) -> dict:
-    r = client.post("/prompt", json={"prompt": prompt})
-    assert r.status_code == 200, r.text
-    pid = r.json()["prompt_id"]
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        h = client.get(f"/history/{pid}").json()
-        if pid in h:
-            return h[pid]
-        time.sleep(0.05)
-    raise TimeoutError(pid)
-
-
-def _image(client: httpx.Client, prompt: dict) -> np.ndarray:
-    h = _history(client, prompt)
-    assert h["status"]["status_str"] == "success", h["status"]
-    (out,) = [o for o in h["outputs"].values() if "images" in o]
-    im = out["images"][0]
-    v = client.get("/view", params={"filename": im["filename"], "subfolder": im["subfolder"], "type": im["type"]})
-    return np.asarray(Image.open(io.BytesIO(v.content)).convert("RGB"))
 
 
 def _graph(ckpt: str = "a", extra: dict[str, Any] | None = None, model=("4", 0), clip=("4", 1)) -> dict:
@@ -146,19 +122,19 @@ def _graph(ckpt: str = "a", extra: dict[str, Any] | None = None, model=("4", 0),
 
 def test_model_merge_simple_ratio_weighs_model1_and_leaves_the_model_unchanged(env):
     c = env["client"]
-    plain = _image(c, _graph())
+    plain = prompt_image(c, _graph())
     merge = {
         "10": {"class_type": "ModelMergeSimple", "inputs": {"model1": ["4", 0], "model2": ["14", 0], "ratio": 0.3}}
     }
-    merged = _image(c, _graph(extra=merge, model=("10", 0)))
-    assert np.array_equal(merged, _image(c, _graph("ref_simple")))  # model1 * 0.3 + model2 * 0.7, exactly
+    merged = prompt_image(c, _graph(extra=merge, model=("10", 0)))
+    assert np.array_equal(merged, prompt_image(c, _graph("ref_simple")))  # model1 * 0.3 + model2 * 0.7, exactly
     assert np.abs(merged.astype(float) - plain).mean() > 0.5
     assert c.post("/free", json={"free_memory": True}).status_code == 200  # the kept merge goes with the cache
     merge["10"]["inputs"]["ratio"] = 0.30000001  # (not the cached node: computed again, the same weights in fp32)
-    assert np.array_equal(_image(c, _graph(extra=merge, model=("10", 0))), merged)
+    assert np.array_equal(prompt_image(c, _graph(extra=merge, model=("10", 0))), merged)
     merge["10"]["inputs"]["ratio"] = 1.0  # ratio 1: model1 itself
-    assert np.array_equal(_image(c, _graph(extra=merge, model=("10", 0))), plain)
-    assert np.array_equal(_image(c, _graph()), plain)  # the loaded model was never changed
+    assert np.array_equal(prompt_image(c, _graph(extra=merge, model=("10", 0))), plain)
+    assert np.array_equal(prompt_image(c, _graph()), plain)  # the loaded model was never changed
 
 
 def test_add_of_a_subtract_is_add_difference(env):
@@ -169,15 +145,15 @@ def test_add_of_a_subtract_is_add_difference(env):
         },
         "11": {"class_type": "ModelMergeAdd", "inputs": {"model1": ["4", 0], "model2": ["10", 0]}},
     }
-    got = _image(env["client"], _graph(extra=extra, model=("11", 0)))
-    assert np.array_equal(got, _image(env["client"], _graph("ref_add")))
+    got = prompt_image(env["client"], _graph(extra=extra, model=("11", 0)))
+    assert np.array_equal(got, prompt_image(env["client"], _graph("ref_add")))
 
 
 def test_clip_merge_simple_merges_the_text_encoder(env):
     extra = {"10": {"class_type": "CLIPMergeSimple", "inputs": {"clip1": ["4", 1], "clip2": ["14", 1], "ratio": 0.5}}}
-    got = _image(env["client"], _graph(extra=extra, clip=("10", 0)))
-    assert np.array_equal(got, _image(env["client"], _graph("ref_clip")))
-    assert not np.array_equal(got, _image(env["client"], _graph()))
+    got = prompt_image(env["client"], _graph(extra=extra, clip=("10", 0)))
+    assert np.array_equal(got, prompt_image(env["client"], _graph("ref_clip")))
+    assert not np.array_equal(got, prompt_image(env["client"], _graph()))
 
 
 def test_checkpoint_save_writes_the_merged_model_into_the_output_folder(env):
@@ -193,7 +169,7 @@ def test_checkpoint_save_writes_the_merged_model_into_the_output_folder(env):
     }
     for ratio in (0.4, 0.3):  # (the same graph twice would not run again: ComfyUI caches unchanged nodes)
         g["10"]["inputs"]["ratio"] = ratio
-        h = _history(c, g)
+        h = run_prompt(c, g)
         assert h["status"]["status_str"] == "success", h["status"]
     files = sorted((env["tmp"] / "outputs").rglob("mix_*_.safetensors"))
     assert [f.name for f in files] == ["mix_00001_.safetensors", "mix_00002_.safetensors"]
@@ -207,10 +183,10 @@ def test_checkpoint_save_writes_the_merged_model_into_the_output_folder(env):
     assert json.loads(meta["prompt"])["9"]["class_type"] == "CheckpointSave"
     # the saved file is a model again: the merge's image from it, through the same server
     (env["models"] / "saved.safetensors").write_bytes(files[1].read_bytes())
-    assert np.array_equal(_image(c, _graph("saved")), _image(c, _graph("ref_simple")))
+    assert np.array_equal(prompt_image(c, _graph("saved")), prompt_image(c, _graph("ref_simple")))
     # a prefix that leaves the output folder: a node error, nothing written
     g["9"]["inputs"]["filename_prefix"] = "../../escape"
-    h = _history(c, g)
+    h = run_prompt(c, g)
     assert h["status"]["status_str"] == "error" and "CheckpointSave" in str(h["status"]["messages"])
     assert not list(env["tmp"].rglob("escape*"))
 
@@ -220,7 +196,7 @@ def test_merging_different_networks_is_a_node_error(env):
         "24": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd2"}},
         "10": {"class_type": "ModelMergeSimple", "inputs": {"model1": ["4", 0], "model2": ["24", 0], "ratio": 0.5}},
     }
-    h = _history(env["client"], _graph(extra=extra, model=("10", 0)))
+    h = run_prompt(env["client"], _graph(extra=extra, model=("10", 0)))
     assert h["status"]["status_str"] == "error"
     text = str(h["status"]["messages"])
     assert "different networks" in text and "cannot be merged" in text
@@ -242,7 +218,7 @@ def test_the_nodes_are_listed_with_comfyuis_inputs(env):
 
 def _save(c: httpx.Client, g: dict, prefix: str, tmp: Path) -> dict[str, torch.Tensor]:
     g = {**g, "9": {"class_type": "CheckpointSave", "inputs": {"filename_prefix": prefix, **g["9"]["inputs"]}}}
-    h = _history(c, g)
+    h = run_prompt(c, g)
     assert h["status"]["status_str"] == "success", h["status"]
     (f,) = sorted((tmp / "outputs").rglob(f"{prefix}_*_.safetensors"))
     return _tensors(f)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import io
-import time
 
 import httpx
 import numpy as np
@@ -22,7 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from _live_server import live_server, server_config, shared_loader
+from _comfy_live import live_client, run_prompt, view_image
+from _live_server import server_config, shared_loader
 
 SEED = 5
 S = 3.0  # the area prompt's strength
@@ -45,7 +45,7 @@ def toy_loader(ref: str, device: str):
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("regional")
-    with live_server(server_config(tmp), loader=toy_loader) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+    with live_client(server_config(tmp), loader=toy_loader) as (_, c):
         yield c
 
 
@@ -88,24 +88,11 @@ def output(latent: str) -> dict:
     }
 
 
-def run(client: httpx.Client, graph: dict) -> dict:
-    r = client.post("/prompt", json={"prompt": graph})
-    assert r.status_code == 200, r.text
-    pid = r.json()["prompt_id"]
-    for _ in range(3000):  # bounded: 150 s
-        h = client.get(f"/history/{pid}").json()
-        if pid in h:
-            return h[pid]
-        time.sleep(0.05)
-    raise TimeoutError(pid)
-
-
 def image(client: httpx.Client, graph: dict) -> np.ndarray:
-    h = run(client, graph)
+    h = run_prompt(client, graph)
     assert h["status"]["status_str"] == "success", h["status"]
     (im,) = h["outputs"]["save"]["images"]
-    v = client.get("/view", params=im)
-    return np.asarray(Image.open(io.BytesIO(v.content)).convert("RGB")).astype(np.int16)
+    return view_image(client, im, mode="RGB").astype(np.int16)
 
 
 def upload_mask(client: httpx.Client, name: str, columns: list[float]) -> str:
@@ -250,7 +237,7 @@ def test_area_strength_weighs_combined_prompts(client):
 
 @pytest.mark.slow  # loads a ControlNet
 def test_an_area_outside_the_latent_and_a_regional_controlnet_fail_at_the_sampler(client):
-    h = run(
+    h = run_prompt(
         client,
         base(
             area={"class_type": "ConditioningSetArea",
@@ -267,7 +254,7 @@ def test_an_area_outside_the_latent_and_a_regional_controlnet_fail_at_the_sample
     # a ControlNet on an area entry: once refused here, it now runs on the area, as ComfyUI's
     # (tests/test_comfy_model_call.py checks what it is handed)
     hint = upload_mask(client, "hint.png", [0.0, 1.0] * 16)
-    h = run(
+    h = run_prompt(
         client,
         base(
             img={"class_type": "LoadImage", "inputs": {"image": hint}},
@@ -326,7 +313,7 @@ def test_sampler_option_nodes_give_samplercustom_their_settings(client):
     lms = image(client, custom({"class_type": "SamplerLMS", "inputs": {"order": 1}}))
     assert np.abs(lms - euler).max() <= 1  # first-order linear multistep is Euler
     # a setting sdengine's sampler has not: the node fails, naming it
-    h = run(client, custom({"class_type": "SamplerEulerAncestral", "inputs": {"eta": 1.0, "s_noise": 0.5}}))
+    h = run_prompt(client, custom({"class_type": "SamplerEulerAncestral", "inputs": {"eta": 1.0, "s_noise": 0.5}}))
     (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
     assert err["node_id"] == "smp" and "s_noise 0.5" in err["exception_message"]
 
@@ -503,7 +490,7 @@ def test_image_pad_for_outpaint_through_the_api(client):
         "save": {"class_type": "SaveImage", "inputs": {"filename_prefix": "pad", "images": ["pad", 0]}},
         "savem": {"class_type": "SaveImage", "inputs": {"filename_prefix": "padmask", "images": ["m", 0]}},
     }  # fmt: skip
-    h = run(client, g)
+    h = run_prompt(client, g)
     assert h["status"]["status_str"] == "success", h["status"]
 
     def saved(node: str) -> np.ndarray:
@@ -522,7 +509,7 @@ def test_empty_image_invert_and_crop_through_the_api(client):
         "crop": {"class_type": "ImageCrop", "inputs": {"image": ["inv", 0], "width": 4, "height": 4, "x": 10, "y": 6}},
         "save": {"class_type": "SaveImage", "inputs": {"filename_prefix": "crop", "images": ["crop", 0]}},
     }
-    h = run(client, g)
+    h = run_prompt(client, g)
     assert h["status"]["status_str"] == "success", h["status"]
     images = h["outputs"]["save"]["images"]
     assert len(images) == 2
@@ -566,7 +553,7 @@ def test_vae_encode_tiled_is_close_to_vae_encode(client):
 @pytest.fixture(scope="module")
 def real_client(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("regional-real")
-    with live_server(server_config(tmp)) as s, httpx.Client(base_url=s.url, timeout=120) as c:
+    with live_client(server_config(tmp)) as (_, c):
         yield c
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from _live_server import live_server, server_config
+from _comfy_live import live_client, prompt_image, run_prompt
+from _live_server import server_config
 from sdengine.diffusion.guidance import DualCFG, GuidanceRuleError, PerpNeg
 from sdengine.server.comfy.nodes import NodeError, NoiseSource, Sigmas
 from sdengine.server.comfy.nodes_sampling import (
@@ -306,9 +307,8 @@ SEED, STEPS = 5, 4
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory):
-    with live_server(server_config(tmp_path_factory.mktemp("comfy_sampling"), max_queue=8)) as s:
-        with httpx.Client(base_url=s.url, timeout=120) as c:
-            yield c
+    with live_client(server_config(tmp_path_factory.mktemp("comfy_sampling"), max_queue=8)) as (_, c):
+        yield c
 
 
 def custom_graph(guider: dict, sampler: dict | None = None, sigmas: dict | None = None, **texts: str) -> dict:
@@ -362,9 +362,7 @@ def perp(pos: str, neg: str, empty: str, cfg: float, neg_scale: float) -> dict:
 
 
 def image(client: httpx.Client, graph: dict) -> np.ndarray:
-    from test_comfy_guidance import comfy_image
-
-    return comfy_image(client, graph).astype(np.int16)
+    return prompt_image(client, graph).astype(np.int16)
 
 
 def test_dual_cfg_and_perp_neg_guiders_end_to_end(client):
@@ -402,7 +400,6 @@ def test_dual_cfg_and_perp_neg_guiders_end_to_end(client):
 def test_the_perp_neg_model_patch_guides_as_the_guider(client):
     """ComfyUI's deprecated PerpNeg node replaces the model's CFG by Perp-Neg: CFGGuider on the patched model is
     PerpNegGuider with the same settings (cfg not 1: every pass runs either way)."""
-    from test_comfy_guidance import _history
 
     def patched(empty: str, neg_scale: float) -> dict:
         g = custom_graph({**cfg_guider("p", "n", 5.0)})
@@ -417,7 +414,7 @@ def test_the_perp_neg_model_patch_guides_as_the_guider(client):
     g = patched("e", 1.5)
     g["guider"] = perp("p", "n", "e", 5.0, 1.5)
     g["guider"]["inputs"]["model"] = ["pn", 0]  # a guider rule on a patched model: refused at the sampler
-    h = _history(client, g)
+    h = run_prompt(client, g)
     err = next(d for kind, d in h["status"]["messages"] if kind == "execution_error")
     assert err["node_id"] == "run" and "PerpNeg patch" in err["exception_message"], err
 
@@ -478,7 +475,6 @@ def test_a_sigma_from_sampling_percent_to_sigma_feeds_set_first_sigma(client):
 
 
 def test_guider_and_sampler_node_errors_name_the_node(client):
-    from test_comfy_guidance import _history
 
     rescaled = custom_graph(dual("p", "m", "n", 4.0, 6.0, "regular"))
     rescaled["rcfg"] = {"class_type": "RescaleCFG", "inputs": {"model": ["ckpt", 0], "multiplier": 0.7}}
@@ -486,7 +482,7 @@ def test_guider_and_sampler_node_errors_name_the_node(client):
     alt = {**custom_graph(cfg_guider("p", "n", 5.0)),
            "sampler": {"class_type": "SamplerEulerCFGpp", "inputs": {"version": "alternative"}}}  # fmt: skip
     for graph, node, words in ((rescaled, "run", "RescaleCFG"), (alt, "sampler", "alternative")):
-        h = _history(client, graph)
+        h = run_prompt(client, graph)
         assert h["status"]["status_str"] == "error"
         err = next(d for kind, d in h["status"]["messages"] if kind == "execution_error")
         assert err["node_id"] == node and words in err["exception_message"], err

@@ -11,17 +11,16 @@ UI form equals the image ``POST /prompt`` of a live server makes for the API for
 from __future__ import annotations
 
 import copy
-import io
 import json
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from _live_server import live_server, server_config
+from _comfy_live import live_client, run_prompt, view_image
+from _live_server import server_config
 from sdengine.cli import main
 from sdengine.server.comfy.workflow import WorkflowError, convert, read_workflow_file
 
@@ -296,20 +295,9 @@ def _cli_image(capsys, workflow: Path, out: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def server_image(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
     """The image a live server's POST /prompt makes for the API form."""
-    import time
-
-    tmp = tmp_path_factory.mktemp("comfyrun")
-    with live_server(server_config(tmp)) as s, httpx.Client(base_url=s.url, timeout=120) as c:
-        r = c.post("/prompt", json={"prompt": expected_prompt()})
-        assert r.status_code == 200, r.text
-        pid = r.json()["prompt_id"]
-        deadline = time.monotonic() + 300
-        while pid not in (h := c.get(f"/history/{pid}").json()):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        (im,) = h[pid]["outputs"]["9"]["images"]
-        v = c.get("/view", params=im)
-        return np.asarray(Image.open(io.BytesIO(v.content)).convert("RGB"))
+    with live_client(server_config(tmp_path_factory.mktemp("comfyrun"))) as (_, c):
+        (im,) = run_prompt(c, expected_prompt())["outputs"]["9"]["images"]
+        return view_image(c, im, mode="RGB")
 
 
 def test_cli_runs_the_ui_form_as_the_server_runs_the_api_form(tmp_path, capsys, server_image):

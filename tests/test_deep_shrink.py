@@ -15,10 +15,8 @@ import io
 import json
 import math
 import re
-import time
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -26,8 +24,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import sdengine
-from _cpu_graphs import CPUBackend
-from _live_server import live_server, server_config, shared_loader, wait_job
+from _comfy_live import live_client, output_image, run_prompt
+from _cpu_graphs import images_per_recorded_loop
+from _live_server import server_config, shared_loader, wait_job
 from sdengine.cli import main
 from sdengine.diffusion.denoisers import Denoiser
 from sdengine.errors import SdengineError
@@ -351,61 +350,17 @@ def test_the_recorded_loop_keys_deep_shrink_and_replays_its_images(tiny_sd1_fold
     """Two Deep Shrink settings never share a recorded loop (the stand-in recorder replays the first plan of a key),
     and each replay is the plain path's image."""
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="none")
-    args: dict[str, Any] = dict(steps=3, seed=3, width=64, height=64, progress=False)
-
-    def plain(**kw: Any) -> np.ndarray:
-        graphs, pipe.cuda_graphs = pipe.cuda_graphs, None
-        try:
-            return pipe("a red cube", "blurry", **args, **kw).arrays
-        finally:
-            pipe.cuda_graphs = graphs
-
-    pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu", record_after=0)
-    loop = pipe.cuda_graphs["loop"]
     settings = [{}, {"deep_shrink": (2, 2.0)}, {"deep_shrink": (2, 2.0, 0.0, 0.7)}, {"deep_shrink": (1, 2.0)}]
-    images = []
-    for n, kw in enumerate(settings, start=1):
-        images.append(pipe("a red cube", "blurry", **args, **kw).arrays)
-        assert loop.recordings == n
-        np.testing.assert_array_equal(images[-1], plain(**kw))
-    for a, b in zip(images, images[1:], strict=False):
-        assert not np.array_equal(a, b)
+    images_per_recorded_loop(pipe, settings, steps=3, seed=3, width=64, height=64, progress=False)
 
 
 # --------------------------------------------------------------------------------------- through the APIs
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    with live_server(server_config(tmp_path_factory.mktemp("deep_shrink"))) as s:
-        yield s
-
-
-@pytest.fixture()
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=300) as c:
+def client(tmp_path_factory: pytest.TempPathFactory):
+    with live_client(server_config(tmp_path_factory.mktemp("deep_shrink")), timeout=300) as (_, c):
         yield c
-
-
-def _run(client: httpx.Client, prompt: dict) -> dict:
-    r = client.post("/prompt", json={"prompt": prompt})
-    assert r.status_code == 200, r.text
-    pid = r.json()["prompt_id"]
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        h = client.get(f"/history/{pid}").json()
-        if pid in h:
-            return h[pid]
-        time.sleep(0.05)
-    raise TimeoutError(pid)
-
-
-def _image_of(client: httpx.Client, h: dict, node: str) -> np.ndarray:
-    assert h["status"]["status_str"] == "success", h["status"]
-    im = h["outputs"][node]["images"][0]
-    v = client.get("/view", params={"filename": im["filename"], "subfolder": im["subfolder"], "type": im["type"]})
-    assert v.status_code == 200
-    return np.asarray(Image.open(io.BytesIO(v.content)))
 
 
 def _workflow(patch: dict | None) -> dict:
@@ -434,17 +389,17 @@ def test_comfyuis_patch_node_through_the_api(client):
     """PatchModelAddDownscale over the whole schedule is the plain workflow run with the U-Net patched throughout
     (deep_shrink_applied around it: no window logic); factor 1 is the plain image; /object_info lists ComfyUI's
     inputs; bad values are ComfyUI's node errors."""
-    plain = _image_of(client, _run(client, _workflow(None)), "8")
-    got = _image_of(client, _run(client, _workflow(PATCH)), "8")
+    plain = output_image(client, run_prompt(client, _workflow(None)), "8")
+    got = output_image(client, run_prompt(client, _workflow(PATCH)), "8")
     pipe = shared_loader("emoji", "cpu")  # the server's worker runs this same pipeline in this process
     with deep_shrink_applied(pipe.unet, DeepShrink(2, 2.0, 0.0, 1.0)):
-        want = _image_of(client, _run(client, _workflow(None)), "8")
+        want = output_image(client, run_prompt(client, _workflow(None)), "8")
     assert not np.array_equal(got, plain)
     np.testing.assert_array_equal(got, want)
-    one = _image_of(client, _run(client, _workflow({**PATCH, "downscale_factor": 1.0})), "8")
+    one = output_image(client, run_prompt(client, _workflow({**PATCH, "downscale_factor": 1.0})), "8")
     np.testing.assert_array_equal(one, plain)
     # a window of the first steps only: between the plain image and the whole-schedule one
-    part = _image_of(client, _run(client, _workflow({**PATCH, "end_percent": 0.35})), "8")
+    part = output_image(client, run_prompt(client, _workflow({**PATCH, "end_percent": 0.35})), "8")
     assert not np.array_equal(part, plain) and not np.array_equal(part, got)
 
     info = client.get("/object_info/PatchModelAddDownscale").json()["PatchModelAddDownscale"]
@@ -458,7 +413,7 @@ def test_comfyuis_patch_node_through_the_api(client):
         r = client.post("/prompt", json={"prompt": _workflow({**PATCH, **inputs})})
         assert r.status_code == 400 and kind in [e["type"] for e in r.json()["node_errors"]["5"]["errors"]], r.text
     # a block the model does not have: the sampler's execution error, one line
-    h = _run(client, _workflow({**PATCH, "block_number": 9}))
+    h = run_prompt(client, _workflow({**PATCH, "block_number": 9}))
     (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
     assert err["node_id"] == "6" and "deep shrink block 9 is not an input block" in err["exception_message"]
     assert "\n" not in err["exception_message"]

@@ -15,7 +15,7 @@ from PIL import Image
 pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
-from _cpu_graphs import CPUBackend  # noqa: E402
+from _cpu_graphs import images_per_recorded_loop  # noqa: E402
 from _pipeline_models import diffusers_scheduler  # noqa: E402
 from sdengine.cli import main  # noqa: E402
 from sdengine.errors import SdengineError  # noqa: E402
@@ -188,25 +188,8 @@ def test_bad_freeu_flags_are_one_line_errors(tmp_path, capsys, args, why):
 def test_the_recorded_loop_keys_freeu_and_replays_its_images(tiny_sd1_folder):
     """Two FreeU settings never share a recorded loop (the stand-in recorder replays the first plan of a key)."""
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="none")
-    args: dict[str, Any] = dict(steps=3, seed=3, width=64, height=64, progress=False)
-
-    def plain(**kw: Any) -> np.ndarray:
-        graphs, pipe.cuda_graphs = pipe.cuda_graphs, None
-        try:
-            return pipe("a red cube", "blurry", **args, **kw).arrays
-        finally:
-            pipe.cuda_graphs = graphs
-
-    pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu", record_after=0)
-    loop = pipe.cuda_graphs["loop"]
     settings = [{}, {"freeu": FACTORS}, {"freeu": FACTORS, "freeu_version": 1}, {"freeu": (1.2, 1.2, 0.5, 0.5)}]
-    images = []
-    for n, kw in enumerate(settings, start=1):
-        images.append(pipe("a red cube", "blurry", **args, **kw).arrays)
-        assert loop.recordings == n
-        np.testing.assert_array_equal(images[-1], plain(**kw))
-    for a, b in zip(images, images[1:], strict=False):
-        assert not np.array_equal(a, b)
+    images_per_recorded_loop(pipe, settings, steps=3, seed=3, width=64, height=64, progress=False)
 
 
 def test_forges_whole_run_window_is_read_and_another_is_warned_of(caplog):

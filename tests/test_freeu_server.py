@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
 from typing import Any
 
 import httpx
@@ -19,7 +18,15 @@ import pytest
 import webuiapi
 from PIL import Image
 
-from _live_server import live_server, server_config, shared_loader, wait_job
+from _live_server import (
+    Recorder,
+    jobs_queued_behind_a_held_one,
+    live_server,
+    run_job,
+    server_config,
+    shared_loader,
+    wait_job,
+)
 
 GEN = {"seed": 3, "steps": 3, "width": 64, "height": 64, "sampler": "dpmpp_2m", "schedule": "karras"}
 BODY = {"prompt": "a red apple", **GEN}
@@ -43,15 +50,6 @@ def client(server):
 def python_api(**kw: Any) -> tuple[np.ndarray, str]:
     r = shared_loader("emoji", "cpu")("a red apple", progress=False, **{**GEN, **kw})
     return np.asarray(r.images[0].convert("RGB")), r.infotexts[0]
-
-
-def run_job(client: httpx.Client, body: dict) -> tuple[np.ndarray, dict]:
-    r = client.post("/v1/jobs", json=body)
-    assert r.status_code == 202, r.text
-    j = wait_job(client, r.json()["id"], timeout=300)
-    assert j["state"] == "done", j
-    png = Image.open(io.BytesIO(client.get(j["images"][0]["url"]).content))
-    return np.asarray(png.convert("RGB")), j
 
 
 def decode(b64: str) -> np.ndarray:
@@ -267,27 +265,6 @@ def test_an_a1111_infotext_with_freeu_keys_sets_the_script(client) -> None:
     assert r.status_code == 400 and "infotext: freeu_b2 must be in [0, 10], got 14" in r.text, r.text
 
 
-class Recorder:
-    """The shared emoji pipeline, recording each call's keywords and holding calls while ``gate`` is clear."""
-
-    def __init__(self) -> None:
-        self.pipe = shared_loader("emoji", "cpu")
-        self.calls: list[dict[str, Any]] = []
-        self.results: list[Any] = []
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.pipe, name)
-
-    def __call__(self, **kw: Any) -> Any:
-        self.calls.append(kw)
-        assert self.gate.wait(120), "the test never opened the gate"
-        result = self.pipe(**kw)
-        self.results.append(result)
-        return result
-
-
 def test_jobs_of_other_freeu_settings_never_share_a_batch(tmp_path) -> None:
     """Queued jobs batch only with equal FreeU settings (factors, version and rule); a batched FreeU row is the same
     job alone."""
@@ -299,14 +276,7 @@ def test_jobs_of_other_freeu_settings_never_share_a_batch(tmp_path) -> None:
         {**BODY, "prompt": "a yellow star", "freeu": list(SDXL_ROW), "freeu_version": 1},
         {**BODY, "prompt": "a cat", "freeu": list(SDXL_ROW), "freeu_rule": "diffusers"},
     ]
-    config = server_config(tmp_path, max_queue=16)
-    with live_server(config, loader=lambda ref, device: rec) as s, httpx.Client(base_url=s.url, timeout=300) as c:
-        rec.gate.clear()
-        blocker = c.post("/v1/jobs", json={**BODY, "steps": 1}).json()["id"]
-        ids = [c.post("/v1/jobs", json=b).json()["id"] for b in jobs]
-        rec.gate.set()
-        assert wait_job(c, blocker, timeout=300)["state"] == "done"
-        done = [wait_job(c, i, timeout=300) for i in ids]
+    done = jobs_queued_behind_a_held_one(tmp_path, rec, {**BODY, "steps": 1}, jobs)
     assert [d["state"] for d in done] == ["done"] * 5, done
     calls = [(k["prompt"], k.get("freeu"), k.get("freeu_version"), k.get("freeu_rule")) for k in rec.calls[1:]]
     assert calls == [

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
-from _cpu_graphs import CPUBackend  # noqa: E402
+from _cpu_graphs import CPUBackend, images_per_recorded_loop  # noqa: E402
 from _pipeline_models import diffusers_scheduler  # noqa: E402
 from sdengine.errors import SdengineError  # noqa: E402
 from sdengine.metadata import parse_parameters, to_generate_kwargs  # noqa: E402
@@ -171,25 +171,9 @@ def test_the_recorded_loop_keys_pag_and_replays_its_images(tiny_sd1_folder):
     setting missing from the key would show as the other setting's image)."""
     pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="none")
     args: dict[str, Any] = dict(steps=3, seed=3, width=64, height=64, progress=False)
-
-    def plain(**kw: Any) -> np.ndarray:
-        graphs, pipe.cuda_graphs = pipe.cuda_graphs, None
-        try:
-            return pipe("a red cube", "blurry", **args, **kw).arrays
-        finally:
-            pipe.cuda_graphs = graphs
-
-    pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu", record_after=0)
-    loop = pipe.cuda_graphs["loop"]
     settings = [{}, {"pag_scale": 2.0}, {"pag_scale": 3.0}, {"pag_scale": 3.0, "pag_layers": "mid,up"}]
-    images = []
-    for n, kw in enumerate(settings, start=1):
-        images.append(pipe("a red cube", "blurry", **args, **kw).arrays)
-        assert loop.recordings == n
-        np.testing.assert_array_equal(images[-1], plain(**kw))
+    images, loop = images_per_recorded_loop(pipe, settings, **args)
     assert pipe.cuda_graphs["unet"].replays == 0
-    for a, b in zip(images, images[1:], strict=False):
-        assert not np.array_equal(a, b)
     again = pipe("a red cube", "blurry", **args, pag_scale=2.0).arrays  # replayed from its own recording
     assert loop.recordings == len(settings) and loop.replays == len(settings) + 1
     np.testing.assert_array_equal(again, images[1])

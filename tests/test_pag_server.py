@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
 from typing import Any
 
 import httpx
@@ -17,7 +16,14 @@ import openai
 import pytest
 from PIL import Image
 
-from _live_server import live_server, server_config, shared_loader, wait_job
+from _live_server import (
+    Recorder,
+    jobs_queued_behind_a_held_one,
+    live_server,
+    run_job,
+    server_config,
+    shared_loader,
+)
 
 GEN = {"seed": 3, "steps": 3, "width": 64, "height": 64, "sampler": "dpmpp_2m", "schedule": "karras"}
 BODY = {"prompt": "a red apple", **GEN}
@@ -39,15 +45,6 @@ def client(server):
 def python_api(**kw: Any) -> tuple[np.ndarray, str]:
     r = shared_loader("emoji", "cpu")("a red apple", progress=False, **{**GEN, **kw})
     return np.asarray(r.images[0].convert("RGB")), r.infotexts[0]
-
-
-def run_job(client: httpx.Client, body: dict) -> tuple[np.ndarray, dict]:
-    r = client.post("/v1/jobs", json=body)
-    assert r.status_code == 202, r.text
-    j = wait_job(client, r.json()["id"], timeout=300)
-    assert j["state"] == "done", j
-    png = Image.open(io.BytesIO(client.get(j["images"][0]["url"]).content))
-    return np.asarray(png.convert("RGB")), j
 
 
 def test_a_native_jobs_pag_gives_the_python_apis_image(client) -> None:
@@ -147,27 +144,6 @@ def test_forges_pag_script_in_a1111s_alwayson_scripts(client) -> None:
         assert r.status_code == 400 and said in r.text and "\n" not in r.json()["detail"], (args, r.text)
 
 
-class Recorder:
-    """The shared emoji pipeline, recording each call's keywords and holding calls while ``gate`` is clear."""
-
-    def __init__(self) -> None:
-        self.pipe = shared_loader("emoji", "cpu")
-        self.calls: list[dict[str, Any]] = []
-        self.results: list[Any] = []
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.pipe, name)
-
-    def __call__(self, **kw: Any) -> Any:
-        self.calls.append(kw)
-        assert self.gate.wait(120), "the test never opened the gate"
-        result = self.pipe(**kw)
-        self.results.append(result)
-        return result
-
-
 @pytest.mark.slow  # ~11 s: five jobs behind a held one, on a server of its own
 def test_jobs_of_other_pag_settings_never_share_a_batch(tmp_path) -> None:
     """Queued jobs batch only with equal PAG settings (the layers compare equal as a string or a list); a batched
@@ -180,14 +156,7 @@ def test_jobs_of_other_pag_settings_never_share_a_batch(tmp_path) -> None:
         {**BODY, "prompt": "a yellow star", "pag_scale": 2.0},
         {**BODY, "prompt": "a cat", "pag_scale": 3.0, "pag_layers": "mid,up"},
     ]
-    config = server_config(tmp_path, max_queue=16)
-    with live_server(config, loader=lambda ref, device: rec) as s, httpx.Client(base_url=s.url, timeout=300) as c:
-        rec.gate.clear()
-        blocker = c.post("/v1/jobs", json={**BODY, "steps": 1}).json()["id"]
-        ids = [c.post("/v1/jobs", json=b).json()["id"] for b in jobs]
-        rec.gate.set()
-        assert wait_job(c, blocker, timeout=300)["state"] == "done"
-        done = [wait_job(c, i, timeout=300) for i in ids]
+    done = jobs_queued_behind_a_held_one(tmp_path, rec, {**BODY, "steps": 1}, jobs)
     assert [d["state"] for d in done] == ["done"] * 5, done
     calls = [(k["prompt"], k.get("pag_scale"), tuple(k.get("pag_layers") or ())) for k in rec.calls[1:]]
     assert calls == [

@@ -8,7 +8,6 @@ the first call on a gate, so that the jobs a test submits meanwhile are all queu
 from __future__ import annotations
 
 import io
-import threading
 import time
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _live_server import free_port, live_server, server_config, shared_loader, wait_job
+from _live_server import Recorder, free_port, live_server, server_config, shared_loader, wait_job
 from sdengine.server.jobs import Job, batch_key
 from sdengine.server.requests import Generation
 
@@ -26,28 +25,6 @@ BLOCKER = {"prompt": "a hold", "steps": 1, "width": 64, "height": 64, "seed": 0}
 # Rows of one batch equal the same job alone up to float32 summation-order noise of the batched matmuls
 # (measured up to 3.1e-5 on the emoji model for a 4-row batch): well below one 8-bit level (3.9e-3).
 ROW_TOL = 1e-4
-
-
-class Recorder:
-    """The shared emoji pipeline, recording each call's keywords (and result) and holding calls while
-    ``gate`` is clear."""
-
-    def __init__(self) -> None:
-        self.pipe = shared_loader("emoji", "cpu")
-        self.calls: list[dict[str, Any]] = []
-        self.results: list[Any] = []
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.pipe, name)
-
-    def __call__(self, **kw: Any) -> Any:
-        self.calls.append(kw)
-        assert self.gate.wait(120), "the test never opened the gate"
-        result = self.pipe(**kw)
-        self.results.append(result)
-        return result
 
 
 @pytest.fixture()
