@@ -465,11 +465,11 @@ class GenerationRequest:
             raise GenerationError(f"pag_layers must be a string or a list of strings, got {layers!r}")
         if not all(self.pag_layer_list()):
             raise GenerationError(f"pag_layers holds an empty layer name: {layers!r} (e.g. 'mid' or 'mid,up_blocks.1')")
-        sag, blur = self.sag_scale, self.sag_blur_sigma
+        sag, sag_blur = self.sag_scale, self.sag_blur_sigma  # not ``blur``: mask_blur's, checked below
         if not _is_number(sag) or not math.isfinite(sag) or not -MAX_SAG_SCALE <= sag <= MAX_SAG_SCALE:
             raise GenerationError(f"sag_scale must be a number in [-{MAX_SAG_SCALE:g}, {MAX_SAG_SCALE:g}], got {sag!r}")
-        if not _is_number(blur) or not math.isfinite(blur) or not 0.0 < blur <= MAX_SAG_BLUR_SIGMA:
-            raise GenerationError(f"sag_blur_sigma must be a number in (0, {MAX_SAG_BLUR_SIGMA:g}], got {blur!r}")
+        if not _is_number(sag_blur) or not math.isfinite(sag_blur) or not 0.0 < sag_blur <= MAX_SAG_BLUR_SIGMA:
+            raise GenerationError(f"sag_blur_sigma must be a number in (0, {MAX_SAG_BLUR_SIGMA:g}], got {sag_blur!r}")
         if not isinstance(self.sag_rule, str) or self.sag_rule not in SAG_RULES:
             raise GenerationError(f"unknown sag_rule {self.sag_rule!r}; use one of: {', '.join(SAG_RULES)}")
         self._validate_freeu()
