@@ -1095,6 +1095,21 @@ FORGE_FREEU_ARGS = ("enabled", "b1", "b2", "s1", "s2", "start_step", "end_step")
 FORGE_FREEU_DEFAULTS = (False, 1.01, 1.02, 0.99, 0.95, 0.0, 1.0)  # its UI's values
 
 
+def forge_script_entry(scripts: dict[str, Any], titles: tuple[str, ...], max_args: int, shape: str) -> tuple[str, Any]:
+    """The first of a Forge built-in script's ``titles`` found in ``alwayson_scripts`` (lower-cased names), taken out
+    of ``scripts``: (its name, its ``args`` list); ("", None) when none is there. ``shape``: the args the script takes
+    and its name, for the one-line 400 of an entry that is not ``{args: [...]}`` of at most ``max_args``."""
+    for name in titles:
+        if name not in scripts:
+            continue
+        entry = scripts.pop(name)
+        given = entry.get("args") if isinstance(entry, dict) else None
+        if not isinstance(given, list) or len(given) > max_args:
+            raise BadRequest(f"alwayson_scripts.{name} must be an object {shape}, got {repr(entry)[:100]}")
+        return name, given
+    return "", None
+
+
 def infotext_freeu(text: Any) -> tuple[list[Any], dict[str, Any]]:
     """The FreeU script's arguments an A1111 request's ``infotext`` sets (Forge's ``freeu_*`` keys, or sdengine's
     "FreeU: b1,b2,s1,s2"), over the script's defaults, and the FreeU version and rule it records (sdengine's "FreeU
@@ -1129,19 +1144,14 @@ def forge_freeu(scripts: dict[str, Any], infotext: Any = None) -> dict[str, Any]
     ``infotext`` sets (:func:`infotext_freeu`); a one-line 400 for an entry of another shape or settings sdengine does
     not run (a start or end step)."""
     args, recorded = infotext_freeu(infotext)
-    name, sent = "", 0
-    for name in FORGE_FREEU_SCRIPTS:
-        if name not in scripts:
-            continue
-        entry = scripts.pop(name)
-        given = entry.get("args") if isinstance(entry, dict) else None
-        if not isinstance(given, list) or len(given) > len(FORGE_FREEU_ARGS):
-            raise BadRequest(
-                f"alwayson_scripts.{name} must be an object {{args: [enabled, b1, b2, s1, s2]}} or {{args: [enabled, "
-                f"b1, b2, s1, s2, start_step, end_step]}} (Forge's FreeU script), got {repr(entry)[:100]}"
-            )
+    shape = (
+        "{args: [enabled, b1, b2, s1, s2]} or {args: [enabled, b1, b2, s1, s2, start_step, end_step]} (Forge's FreeU "
+        "script)"
+    )
+    name, given = forge_script_entry(scripts, FORGE_FREEU_SCRIPTS, len(FORGE_FREEU_ARGS), shape)
+    sent = 0
+    if given is not None:
         args[: len(given)], sent = given, len(given)
-        break
 
     def label(i: int) -> str:  # where argument i came from: the request's script entry, else its infotext
         what = FORGE_FREEU_ARGS[i]
@@ -1196,22 +1206,16 @@ def forge_deep_shrink(scripts: dict[str, Any], infotext: Any = None) -> dict[str
             raise BadRequest(f"infotext: {e}") from None
         if found is not None:
             args = [True, *(found.get(k, d) for k, d in zip(FIELDS, FORGE_DEEP_SHRINK_DEFAULTS[1:], strict=True))]
-    for name in FORGE_DEEP_SHRINK_SCRIPTS:
-        if name not in scripts:
-            continue
-        entry = scripts.pop(name)
-        given = entry.get("args") if isinstance(entry, dict) else None
-        if not isinstance(given, list) or len(given) > len(FORGE_DEEP_SHRINK_DEFAULTS):
-            raise BadRequest(
-                f"alwayson_scripts.{name} must be an object {{args: [enabled, block_number, downscale_factor, "
-                "start_percent, end_percent, downscale_after_skip, downscale_method, upscale_method]}} (Forge's Kohya "
-                f"HRFix script), got {repr(entry)[:100]}"
-            )
+    shape = (
+        "{args: [enabled, block_number, downscale_factor, start_percent, end_percent, downscale_after_skip, "
+        "downscale_method, upscale_method]} (Forge's Kohya HRFix script)"
+    )
+    name, given = forge_script_entry(scripts, FORGE_DEEP_SHRINK_SCRIPTS, len(FORGE_DEEP_SHRINK_DEFAULTS), shape)
+    if given is not None:
         args[: len(given)] = given
         where = f"alwayson_scripts.{name}"
         if given and not isinstance(given[0], bool):
             raise BadRequest(f"{where}.args[0] (enabled) must be true or false, got {repr(given[0])[:100]}")
-        break
     if not args[0]:
         return None
     try:
@@ -1269,21 +1273,14 @@ def forge_sag(scripts: dict[str, Any], cfg_scale: Any, hires: bool, infotext: An
     another shape or settings sdengine does not run (another mask threshold; the later script with a hires fix)."""
     args, rule = infotext_sag(infotext)
     later = isinstance(infotext, str) and "sag_threshold" in infotext  # only later Forge's script writes it
-    name, sent = "", 0
-    for name in FORGE_SAG_SCRIPTS:
-        if name not in scripts:
-            continue
-        entry = scripts.pop(name)
-        given = entry.get("args") if isinstance(entry, dict) else None
-        if not isinstance(given, list) or len(given) > len(FORGE_SAG_ARGS):
-            raise BadRequest(
-                f"alwayson_scripts.{name} must be an object {{args: [enabled, scale, blur_sigma]}} or {{args: "
-                f"[enabled, scale, blur_sigma, threshold]}} (Forge's SAG script), got {repr(entry)[:100]}"
-            )
+    shape = "{args: [enabled, scale, blur_sigma]} or {args: [enabled, scale, blur_sigma, threshold]} (Forge's SAG "
+    shape += "script)"
+    name, given = forge_script_entry(scripts, FORGE_SAG_SCRIPTS, len(FORGE_SAG_ARGS), shape)
+    sent = 0
+    if given is not None:
         args[: len(given)], sent = given, len(given)
         rule = "comfyui"  # the script's SAG: ComfyUI's
         later = name == FORGE_SAG_SCRIPTS[1]
-        break
 
     def label(i: int) -> str:  # where argument i came from: the request's script entry, else its infotext
         what = FORGE_SAG_ARGS[i]
