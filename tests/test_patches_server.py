@@ -84,6 +84,22 @@ def test_openai_images_take_deep_shrink(server, api) -> None:
     want = python_api(init_image=INIT, strength=0.6, deep_shrink={"block": 2, "end": 1.0})[0]
     np.testing.assert_array_equal(decode(r.json()["data"][0]["b64_json"]), want)
     assert not np.array_equal(want, python_api(init_image=INIT, strength=0.6)[0])
+    # variations (an empty prompt, strength 0.75) read the same form field
+    buf = io.BytesIO()
+    INIT.save(buf, format="PNG")
+    form = {"model": "emoji", "size": "64x64", "response_format": "b64_json", "deep_shrink": "2,2,0,1", **EXTRA}
+    r = httpx.post(
+        f"{server.url}/v1/images/variations",
+        data={k: str(v) for k, v in form.items()},
+        files={"image": ("i.png", buf.getvalue(), "image/png")},
+        timeout=300,
+    )
+    assert r.status_code == 200, r.text
+    pipe = shared_loader("emoji", "cpu")
+    kw = {**GEN, "init_image": INIT, "strength": 0.75, "progress": False}
+    want = np.asarray(pipe("", **kw, deep_shrink={"block": 2, "end": 1.0}).images[0].convert("RGB"))
+    np.testing.assert_array_equal(decode(r.json()["data"][0]["b64_json"]), want)
+    assert not np.array_equal(want, np.asarray(pipe("", **kw).images[0].convert("RGB")))
     r = edit(server, deep_shrink="")  # an empty field: off
     assert r.status_code == 200, r.text
     np.testing.assert_array_equal(decode(r.json()["data"][0]["b64_json"]), python_api(init_image=INIT, strength=0.6)[0])

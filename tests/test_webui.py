@@ -538,6 +538,13 @@ def test_hypertile_is_sent_with_the_job_saved_and_reused(page, client):
     drop_file(page, result_png(page), "result.png")  # the image's own PNG
     page.wait_for_function("document.querySelector('#hypertile').value === 'on'")
     assert tuple(page.input_value(sel) for sel in ids) == want
+    page.select_option("#hypertile", "hires")  # the hires fix's second pass only: sent as such
+    with page.expect_request(lambda rq: rq.url.endswith("/v1/jobs") and rq.method == "POST") as sent:
+        page.click("#generate")
+    assert sent.value.post_data_json["hypertile_hires_only"] is True
+    assert sent.value.post_data_json["hypertile"] == [32, 1, 0]
+    assert "Hypertile" not in wait_result(page)  # no hires fix: nothing tiled, nothing named
+    page.select_option("#hypertile", "on")
     page.fill("#hypertile_swap", "200")
     page.click("#generate")
     page.wait_for_function("document.querySelector('#err-hypertile_swap').textContent !== ''")
