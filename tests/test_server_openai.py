@@ -467,6 +467,11 @@ DOC_VALUES = {
     "freeu": "1.3,1.4,0.9,0.2",  # FreeU (a form's string; JSON takes it too)
     "freeu_version": 2,
     "freeu_rule": "width",
+    "deep_shrink": "2,2,0,0.5",  # Deep Shrink (a form's string; JSON takes it too, and its object)
+    "hypertile": "32,1,0",  # HyperTile (a form's string; JSON takes it too, and its list)
+    "hypertile_hires_only": False,
+    "hypertile_rule": "comfyui",
+    "hypertile_scale_depth": False,
 }
 
 

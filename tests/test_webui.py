@@ -430,6 +430,144 @@ def test_sag_is_sent_with_the_job_saved_and_reused(page, client):
     page.fill("#negative_prompt", kept["negative_prompt"])
 
 
+def result_png(page) -> bytes:
+    """The bytes of the PNG the result <img> shows (its infotext chunk too)."""
+    b64 = page.eval_on_selector(
+        "#results img",
+        """async (img) => { const buf = new Uint8Array(await (await fetch(img.src)).arrayBuffer());
+        let s = ''; for (const b of buf) s += String.fromCharCode(b); return btoa(s); }""",
+    )
+    return base64.b64decode(b64)
+
+
+def test_deep_shrink_is_sent_with_the_job_saved_and_reused(page, client):
+    """Deep Shrink's switch, block, factor, start and end (after the FreeU boxes; after_skip and the methods under
+    More options) are sent with the job as its ``deep_shrink``: the API's image, the parameters name it (Forge's
+    kohya_hrfix_* keys), they survive a reload, "Reuse parameters" and the result's PNG dropped set them again; a
+    factor the server refuses (20) is said at its box, the input kept; an image without it turns it off."""
+    page.eval_on_selector("#more-section", "(d) => { d.open = true; }")  # the advanced settings
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "4")
+    page.fill("#seed", "3")
+    page.select_option("#deep_shrink", "on")
+    page.fill("#deep_shrink_block", "2")
+    page.fill("#deep_shrink_end", "0.5")
+    page.select_option("#deep_shrink_upscale", "bislerp")
+    page.reload()  # saved with the page's settings
+    page.wait_for_selector("body[data-ready=true]")
+    page.eval_on_selector("#more-section", "(d) => { d.open = true; }")
+    assert (page.input_value("#deep_shrink"), page.input_value("#deep_shrink_block")) == ("on", "2")
+    assert (page.input_value("#deep_shrink_end"), page.input_value("#deep_shrink_upscale")) == ("0.5", "bislerp")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "kohya_hrfix_enabled: True, kohya_hrfix_block_number: 2," in params, params
+    assert "kohya_hrfix_upscale_method: bislerp" in params, params
+    body = {"prompt": "a red apple", "steps": 4, "seed": 3, "width": 64, "height": 64}
+    body["deep_shrink"] = {"block": 2, "factor": 2.0, "start": 0.0, "end": 0.5, "upscale_method": "bislerp"}
+    shows_the_api_image(page, client, body, params)
+    plain, _ = api_image(client, {**body, "deep_shrink": None, "cfg_scale": float(page.input_value("#cfg_scale"))})
+    assert not np.array_equal(shown_image(page, "#results img"), plain)  # Deep Shrink changed the image
+    defaults = {"#deep_shrink": "", "#deep_shrink_block": "3", "#deep_shrink_end": "0.35"}
+
+    def reset() -> None:
+        for sel, value in defaults.items():
+            page.select_option(sel, value) if sel == "#deep_shrink" else page.fill(sel, value)
+        page.select_option("#deep_shrink_upscale", "bicubic")
+
+    reset()
+    page.click("#results button:text('Reuse parameters')")
+    assert (page.input_value("#deep_shrink"), page.input_value("#deep_shrink_block")) == ("on", "2")
+    assert (page.input_value("#deep_shrink_end"), page.input_value("#deep_shrink_upscale")) == ("0.5", "bislerp")
+    reset()
+    drop_file(page, result_png(page), "result.png")  # the image's own PNG
+    page.wait_for_function("document.querySelector('#deep_shrink').value === 'on'")
+    assert (page.input_value("#deep_shrink_block"), page.input_value("#deep_shrink_factor")) == ("2", "2")
+    assert (page.input_value("#deep_shrink_end"), page.input_value("#deep_shrink_upscale")) == ("0.5", "bislerp")
+    assert page.input_value("#deep_shrink_after_skip") == "true"
+    page.fill("#deep_shrink_factor", "20")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-deep_shrink_factor').textContent !== ''")
+    said = shown_errors(page)["err-deep_shrink_factor"]
+    assert "Deep Shrink factor: Input should be less than or equal to 9" in said, shown_errors(page)
+    assert page.input_value("#deep_shrink_factor") == "20"  # the input is kept
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat face\nSteps: 5, Sampler: Euler, CFG scale: 7, Seed: 12, Size: 64x64")
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "plain.png")
+    page.wait_for_function("document.querySelector('#seed').value === '12'")
+    assert (page.input_value("#deep_shrink"), page.input_value("#deep_shrink_factor")) == ("", "2")
+
+
+def test_hypertile_is_sent_with_the_job_saved_and_reused(page, client):
+    """HyperTile's switch (off, on, the hires fix's second pass only), tile size, swap size, depth and rule (scale
+    depth under More options) are sent with the job: the API's image, the parameters name it (A1111's Hypertile
+    U-Net keys), "Reuse parameters" and the result's PNG dropped set them again; a swap size the server refuses
+    (200) is said at its box, the input kept; A1111's second-pass-only key sets that choice, its VAE tiling named."""
+    page.eval_on_selector("#more-section", "(d) => { d.open = true; }")  # the advanced settings
+    page.fill("#prompt", "a red apple")
+    page.fill("#steps", "4")
+    page.fill("#seed", "3")
+    page.select_option("#hypertile", "on")
+    page.fill("#hypertile_tile", "32")
+    page.fill("#hypertile_swap", "1")
+    page.fill("#hypertile_depth", "0")
+    page.select_option("#hypertile_rule", "comfyui")
+    page.select_option("#hypertile_scale_depth", "false")
+    page.click("#generate")
+    params = wait_result(page)
+    assert "Hypertile U-Net: True," in params and "Hypertile rule: comfyui" in params, params
+    assert "Hypertile U-Net max tile size: 32" in params and "Hypertile scale depth: False" in params, params
+    body = {"prompt": "a red apple", "steps": 4, "seed": 3, "width": 64, "height": 64}
+    body |= {"hypertile": [32, 1, 0], "hypertile_rule": "comfyui", "hypertile_scale_depth": False}
+    shows_the_api_image(page, client, body, params)
+    plain, _ = api_image(client, {**body, "hypertile": None, "cfg_scale": float(page.input_value("#cfg_scale"))})
+    assert not np.array_equal(shown_image(page, "#results img"), plain)  # HyperTile changed the image
+    ids = ("#hypertile", "#hypertile_tile", "#hypertile_swap", "#hypertile_depth", "#hypertile_rule")
+    ids += ("#hypertile_scale_depth",)
+    want = ("on", "32", "1", "0", "comfyui", "false")
+
+    def reset() -> None:
+        for sel, value in zip(ids, ("", "256", "3", "3", "a1111", "true"), strict=True):
+            page.select_option(sel, value) if page.eval_on_selector(sel, "e => e.tagName") == "SELECT" else page.fill(
+                sel, value
+            )
+
+    reset()
+    page.click("#results button:text('Reuse parameters')")
+    assert tuple(page.input_value(sel) for sel in ids) == want
+    reset()
+    drop_file(page, result_png(page), "result.png")  # the image's own PNG
+    page.wait_for_function("document.querySelector('#hypertile').value === 'on'")
+    assert tuple(page.input_value(sel) for sel in ids) == want
+    page.select_option("#hypertile", "hires")  # the hires fix's second pass only: sent as such
+    with page.expect_request(lambda rq: rq.url.endswith("/v1/jobs") and rq.method == "POST") as sent:
+        page.click("#generate")
+    assert sent.value.post_data_json["hypertile_hires_only"] is True
+    assert sent.value.post_data_json["hypertile"] == [32, 1, 0]
+    assert "Hypertile" not in wait_result(page)  # no hires fix: nothing tiled, nothing named
+    page.select_option("#hypertile", "on")
+    page.fill("#hypertile_swap", "200")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#err-hypertile_swap').textContent !== ''")
+    said = shown_errors(page)["err-hypertile_swap"]
+    assert "hypertile swap_size must be a whole number in [0, 128], got 200" in said, shown_errors(page)
+    assert page.input_value("#hypertile_swap") == "200"  # the input is kept
+    a1111 = (
+        "a cat face\nSteps: 5, Sampler: Euler, CFG scale: 7, Seed: 11, Size: 64x64, Hypertile U-Net second pass: True, "
+        "Hypertile U-Net max depth: 2, Hypertile VAE: True"
+    )
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", a1111)
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "a1111.png")
+    page.wait_for_function("document.querySelector('#seed').value === '11'")
+    assert tuple(page.input_value(sel) for sel in ids) == ("hires", "256", "3", "2", "a1111", "true")
+    assert "Hypertile VAE (this page tiles the U-Net only)" in page.text_content("#err-general")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat face\nSteps: 5, Sampler: Euler, CFG scale: 7, Seed: 12, Size: 64x64")
+    drop_file(page, png_bytes(Image.new("RGB", (8, 8)), info), "plain.png")
+    page.wait_for_function("document.querySelector('#seed').value === '12'")
+    assert page.input_value("#hypertile") == ""
+
+
 def test_the_tiny_vae_encoder_choice_in_img2img(page, client, browser, server, tmp_path):
     """The emoji model's tiny VAE has an encoder: in img2img "Encoder: Tiny VAE (fast)" gives the API's
     vae_encode "tiny" image; the choice is hidden in txt2img and disabled for a model whose tiny VAE has none."""

@@ -32,8 +32,12 @@ What the ``openai`` client sends maps onto the pipeline this way:
   ``negative_prompt``, ``cfg_scale``, ``sampler``, ``schedule``, ``vae`` (the job's VAE, as the native job's
   ``vae``: a name of ``GET /v1/vaes``, ``None`` or ``Automatic``; its one-line 400 has ``param`` ``vae``),
   ``pag_scale`` and ``pag_layers`` (perturbed-attention guidance, as the native job's), ``freeu``,
-  ``freeu_version`` and ``freeu_rule`` (FreeU, as the native job's; in a form ``freeu`` is "b1,b2,s1,s2"), and
-  ``strength`` (edits, variations).
+  ``freeu_version`` and ``freeu_rule`` (FreeU, as the native job's; in a form ``freeu`` is "b1,b2,s1,s2"),
+  ``sag_scale``, ``sag_blur_sigma`` and ``sag_rule`` (self-attention guidance), ``deep_shrink`` (Deep Shrink, the
+  native job's object; also, and in a form, a JSON object or "block,factor[,start,end]"), ``hypertile``,
+  ``hypertile_hires_only``, ``hypertile_rule`` and ``hypertile_scale_depth`` (HyperTile, as the native job's; in a
+  form ``hypertile`` is "tile_size,swap_size,max_depth" and the switches ``true``/``false``), and ``strength``
+  (edits, variations).
 * ``generations`` with ``stream: true`` (``n`` 1): Server-Sent Events as OpenAI streams them, ``partial_images``
   (0 to 3) ``image_generation.partial_image`` events spread over the steps (the job's previews: the model's tiny
   VAE's picture when it has one, else the latent colour map scaled up to the image's size), then one
@@ -95,6 +99,7 @@ EXTENSIONS: tuple[str, ...] = ("seed", "steps", "negative_prompt", "cfg_scale", 
 EXTENSIONS += ("pag_scale", "pag_layers")
 EXTENSIONS += ("freeu", "freeu_version", "freeu_rule")
 EXTENSIONS += ("sag_scale", "sag_blur_sigma", "sag_rule")
+EXTENSIONS += ("deep_shrink", "hypertile", "hypertile_hires_only", "hypertile_rule", "hypertile_scale_depth")
 _SHARED = "model n size response_format output_format output_compression quality moderation style background user"
 # the fields each route reads, from a JSON body (generations) or a multipart form (edits, variations); any other
 # field is refused as OpenAI refuses an unknown parameter, never dropped (a misspelt ``seed`` would draw another
@@ -153,6 +158,12 @@ class GenerationsRequest(BaseModel):
     freeu: Any = None  # a list, or "b1,b2,s1,s2" as in a form (checked by the request builder)
     freeu_version: Any = None  # checked by the request builder (a boolean is not a version)
     freeu_rule: Any = None
+    # Deep Shrink and HyperTile: checked by patch_fields (a string as in a form), then by the request builder
+    deep_shrink: Any = None
+    hypertile: Any = None
+    hypertile_hires_only: Any = None
+    hypertile_rule: Any = None
+    hypertile_scale_depth: Any = None
     stream: bool | None = False
     partial_images: int | None = Field(None, ge=0, le=3)
 
@@ -223,6 +234,83 @@ def freeu_numbers(raw: str) -> list[float] | None:
         return [float(x) for x in raw.split(",")]
     except ValueError:
         raise BadRequest(f"freeu must be four numbers b1,b2,s1,s2 (e.g. 1.3,1.4,0.9,0.2), got {raw[:100]!r}") from None
+
+
+def deep_shrink_of(value: Any) -> dict[str, Any] | None:
+    """The ``deep_shrink`` extension as the native job's object (every setting, the defaults for those left out):
+    an object of the settings, or a string (a form field) holding a JSON object or "block,factor[,start,end]";
+    "" or null: off. A bad one is a one-line 400 with ``param`` ``deep_shrink``."""
+    from sdengine.nn.deep_shrink import FIELDS, DeepShrink
+
+    shape = (
+        "deep_shrink must be an object {block, factor, start, end, after_skip, downscale_method, upscale_method} "
+        'or "block,factor[,start,end]" (e.g. 3,2,0,0.35)'
+    )
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                raise ParamError(f"{shape}; got {text[:100]!r} (not JSON)", "deep_shrink") from None
+        else:
+            parts = [x.strip() for x in text.split(",")]
+            try:
+                numbers = [float(x) for x in parts]
+            except ValueError:
+                raise ParamError(f"{shape}; got {text[:100]!r}", "deep_shrink") from None
+            if len(numbers) not in (2, 4) or not numbers[0].is_integer():
+                raise ParamError(f"{shape}; got {text[:100]!r}", "deep_shrink")
+            value = dict(zip(("block", "factor", "start", "end"), [int(numbers[0]), *numbers[1:]], strict=False))
+    if not isinstance(value, dict):
+        raise ParamError(f"{shape}; got {repr(value)[:100]}", "deep_shrink")
+    try:
+        settings = DeepShrink.coerce(value)
+    except SdengineError as e:
+        raise ParamError(f"deep_shrink: {e}", "deep_shrink") from None
+    return dict(zip(FIELDS, settings.key, strict=True))
+
+
+def hypertile_of(value: Any) -> list[int] | None:
+    """The ``hypertile`` extension as the native job's [tile_size, swap_size, max_depth]: a list of three whole
+    numbers, or a string (a form field) "tile_size,swap_size,max_depth"; "" or null: off. Their ranges are the
+    request builder's to check (its message starts with ``hypertile``)."""
+    shape = "hypertile must be three whole numbers [tile_size, swap_size, max_depth] (e.g. [256, 3, 3]), got"
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            value = [int(x.strip()) for x in text.split(",")]
+        except ValueError:
+            raise ParamError(f"{shape} {text[:100]!r}", "hypertile") from None
+    if not isinstance(value, list) or len(value) != 3:
+        raise ParamError(f"{shape} {repr(value)[:100]}", "hypertile")
+    for x in value:
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise ParamError(f"{shape} {repr(value)[:100]}", "hypertile")
+    return value
+
+
+def patch_fields(out: dict[str, Any]) -> dict[str, Any]:
+    """Deep Shrink's and HyperTile's extensions in ``out`` (those sent) checked and in the native job's shapes, so
+    that a bad one is a 400 naming its field before the request builder sees it."""
+    from sdengine.nn.hypertile import HYPERTILE_RULES
+
+    if "deep_shrink" in out:
+        out["deep_shrink"] = deep_shrink_of(out["deep_shrink"])
+    if "hypertile" in out:
+        out["hypertile"] = hypertile_of(out["hypertile"])
+    for key in ("hypertile_hires_only", "hypertile_scale_depth"):
+        if key in out and not isinstance(out[key], bool):
+            raise ParamError(f"{key} must be true or false, got {repr(out[key])[:100]}", key)
+    rule = out.get("hypertile_rule")
+    if "hypertile_rule" in out and (not isinstance(rule, str) or rule not in HYPERTILE_RULES):
+        raise ParamError(f"unknown hypertile_rule {repr(rule)[:100]}; use one of: {', '.join(HYPERTILE_RULES)}",
+                         "hypertile_rule")  # fmt: skip
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def check_prompt(prompt: str) -> str:
@@ -438,7 +526,7 @@ def install(app: FastAPI, services: Any) -> None:
                 out[k] = req[k]
         if isinstance(out.get("freeu"), str):  # "b1,b2,s1,s2", as in a form
             out["freeu"] = freeu_numbers(out["freeu"])
-        return out
+        return patch_fields(out)
 
     @app.post("/v1/images/generations", tags=["openai"])
     @openai_errors
@@ -601,6 +689,11 @@ def install(app: FastAPI, services: Any) -> None:
                     "pag_scale": number(fields, "pag_scale", float, None),
                     "pag_layers": fields.get("pag_layers") or None,  # a form field: one comma-separated string
                     **form_freeu(fields),
+                    "deep_shrink": fields.get("deep_shrink") or None,  # a JSON object or "block,factor[,start,end]"
+                    "hypertile": fields.get("hypertile") or None,  # "tile_size,swap_size,max_depth"
+                    "hypertile_hires_only": form_flag(fields, "hypertile_hires_only"),
+                    "hypertile_rule": fields.get("hypertile_rule") or None,
+                    "hypertile_scale_depth": form_flag(fields, "hypertile_scale_depth"),
                 }
             ),
         )
@@ -613,6 +706,15 @@ def install(app: FastAPI, services: Any) -> None:
         out["freeu_version"] = number(fields, "freeu_version", int, None)
         out["freeu_rule"] = fields.get("freeu_rule") or None
         return out
+
+    def form_flag(fields: dict[str, str], key: str) -> bool | None:
+        """A true/false form field; None when not sent (its default)."""
+        if not fields.get(key, "").strip():
+            return None
+        value = fields[key].strip().lower()
+        if value not in ("true", "false", "1", "0"):
+            raise ParamError(f"{key} must be true or false, got {fields[key][:100]!r}", key)
+        return value in ("true", "1")
 
     def flag(fields: dict[str, str], key: str) -> bool:
         value = fields.get(key, "").strip().lower()
@@ -774,6 +876,36 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
             "default": "width",
             "description": "sdengine: which up blocks FreeU changes, as the native job's freeu_rule",
         },
+        "deep_shrink": {
+            "oneOf": [{"type": "object", "additionalProperties": False, "properties": deep_shrink_schema()}, text],
+            "description": "sdengine: Deep Shrink (kohya's, ComfyUI's PatchModelAddDownscale, Forge's Kohya HRFix) as "
+            "the native job's deep_shrink object (the defaults for settings left out); a string (a form) holds a JSON "
+            'object or "block,factor[,start,end]"; none: off',
+        },
+        "hypertile": {
+            "oneOf": [
+                {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 3, "maxItems": 3},
+                text,
+            ],
+            "description": "sdengine: HyperTile's [tile_size (0-2048), swap_size (0-128), max_depth (0-10)] as the "
+            'native job\'s hypertile ("tile_size,swap_size,max_depth" in a form); none: off',
+        },
+        "hypertile_hires_only": {
+            "type": "boolean",
+            "default": False,
+            "description": "sdengine: HyperTile on the hires fix's second pass only, as the native job's",
+        },
+        "hypertile_rule": {
+            "type": "string",
+            "enum": ["a1111", "comfyui"],
+            "default": "a1111",
+            "description": "sdengine: how HyperTile picks its tiles, as the native job's hypertile_rule",
+        },
+        "hypertile_scale_depth": {
+            "type": "boolean",
+            "default": True,
+            "description": "sdengine: the smallest tile doubles with each depth, as the native job's",
+        },
     }
     for key, allowed in CHOICES.items():  # transparent: refused, so not listed
         out[key] = {"type": "string", "enum": [v for v in allowed if v != "transparent"]}
@@ -783,6 +915,14 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
         + " or ".join(f"{m}(-snapshot)" for m in TOP_QUALITY_MODELS)
     )
     return out
+
+
+def deep_shrink_schema() -> dict[str, Any]:
+    """The native job's Deep Shrink settings (their ranges and defaults) as JSON Schema properties."""
+    from sdengine.server.schemas import DeepShrinkSpec
+
+    props: dict[str, Any] = DeepShrinkSpec.model_json_schema()["properties"]
+    return {name: {k: v for k, v in prop.items() if k != "title"} for name, prop in props.items()}
 
 
 def request_schema(route: str, config: Any) -> dict[str, Any]:

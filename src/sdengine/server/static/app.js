@@ -19,6 +19,10 @@ const FIELDS = ["prompt", "negative_prompt", "model", "sampler", "schedule", "st
   "strength_rule", "clip_skip_rule", "noise_multiplier", "masked_content"];
 FIELDS.push("freeu", "freeu_version", "freeu_rule"); // FreeU's factors (text: empty = off), version and rule
 FIELDS.push("sag_scale", "sag_blur_sigma", "sag_rule"); // self-attention guidance (scale 0 = off)
+FIELDS.push("deep_shrink", "deep_shrink_block", "deep_shrink_factor", "deep_shrink_start", "deep_shrink_end",
+  "deep_shrink_after_skip", "deep_shrink_downscale", "deep_shrink_upscale"); // Deep Shrink (off, on) and its settings
+FIELDS.push("hypertile", "hypertile_tile", "hypertile_swap", "hypertile_depth", "hypertile_rule",
+  "hypertile_scale_depth"); // HyperTile (off, on, hires fix's second pass only) and its settings
 const SCHEDULE_LABELS = { normal: "Normal (the model's own)", karras: "Karras", exponential: "Exponential",
   sgm_uniform: "SGM Uniform", simple: "Simple", ddim_uniform: "DDIM uniform", beta: "Beta", kl_optimal: "KL Optimal",
   align_your_steps: "Align Your Steps (SDXL's table on SDXL)", align_your_steps_sdxl: "Align Your Steps, SDXL table",
@@ -100,6 +104,12 @@ function nestedInput(loc) {
   if (list === "seed_resize_from" && SEED_RESIZE_INPUTS[index]) {
     return { id: SEED_RESIZE_INPUTS[index][0], label: SEED_RESIZE_INPUTS[index][1] };
   }
+  if (list === "deep_shrink" && DEEP_SHRINK_INPUTS[index]) {
+    return { id: DEEP_SHRINK_INPUTS[index][0], label: DEEP_SHRINK_INPUTS[index][1] };
+  }
+  if (list === "hypertile" && HYPERTILE_INPUTS[index]) {
+    return { id: HYPERTILE_INPUTS[index][0], label: HYPERTILE_INPUTS[index][1] };
+  }
   if (list === "controlnets" && index === 0 && CN_LABELS[key]) return { id: `cn-${key}`, label: CN_LABELS[key] };
   if (list === "loras" && key === "weight") {
     const ticked = state.loras.flatMap((l, i) => ($(`lora-use-${i}`).checked ? [i] : []));
@@ -109,6 +119,14 @@ function nestedInput(loc) {
   return null;
 }
 
+// the native job's deep_shrink settings and hypertile items, and the inputs that hold them
+const DEEP_SHRINK_INPUTS = { block: ["deep_shrink_block", "Deep Shrink block"],
+  factor: ["deep_shrink_factor", "Deep Shrink factor"], start: ["deep_shrink_start", "Deep Shrink start"],
+  end: ["deep_shrink_end", "Deep Shrink end"], after_skip: ["deep_shrink_after_skip", "Deep Shrink after the skip"],
+  downscale_method: ["deep_shrink_downscale", "Deep Shrink downscale method"],
+  upscale_method: ["deep_shrink_upscale", "Deep Shrink upscale method"] };
+const HYPERTILE_INPUTS = [["hypertile_tile", "HyperTile tile size"], ["hypertile_swap", "HyperTile swap size"],
+  ["hypertile_depth", "HyperTile depth"]];
 const HR_INPUTS = { hr_scale: ["hr-scale", "Hires upscale by"], hr_upscaler: ["hr-upscaler", "Hires upscaler"],
   hr_second_pass_steps: ["hr-steps", "Hires steps"], hr_resize_x: ["hr-resize-x", "Hires resize width"],
   hr_resize_y: ["hr-resize-y", "Hires resize height"], hr_sampler: ["hr-sampler", "Hires sampler"],
@@ -204,6 +222,21 @@ async function fetchImage(url) {
 // -------------------------------------------------------------------------------------- errors
 
 const ERROR_FIELDS = [
+  // Deep Shrink's and HyperTile's first: their lines name blocks, sizes and the ControlNets they cannot run with
+  [/deep shrink block|deep_shrink\.block/i, "deep_shrink_block"],
+  [/deep shrink factor|deep_shrink\.factor/i, "deep_shrink_factor"],
+  [/deep shrink start|deep_shrink\.start/i, "deep_shrink_start"],
+  [/deep shrink end|deep_shrink\.end/i, "deep_shrink_end"],
+  [/deep shrink after_skip|deep_shrink\.after_skip/i, "deep_shrink_after_skip"],
+  [/deep shrink downscale_method|deep_shrink\.downscale/i, "deep_shrink_downscale"],
+  [/deep shrink upscale_method|deep_shrink\.upscale/i, "deep_shrink_upscale"],
+  [/deep[_ ]shrink/i, "deep_shrink"],
+  [/hypertile tile_size/i, "hypertile_tile"],
+  [/hypertile swap_size/i, "hypertile_swap"],
+  [/hypertile max_depth/i, "hypertile_depth"],
+  [/hypertile_rule|hypertile rule/i, "hypertile_rule"],
+  [/hypertile_scale_depth|hypertile scale depth/i, "hypertile_scale_depth"],
+  [/hypertile/i, "hypertile"],
   [/freeu_version|FreeU version/i, "freeu_version"], // FreeU's first: its lines may name widths and blocks
   [/freeu_rule|FreeU rule/i, "freeu_rule"],
   [/\bfreeu\b|FreeU/i, "freeu"],
@@ -695,6 +728,36 @@ function applyInfotext(text) {
   if (forgeSag && f.sag_threshold && parseFloat(f.sag_threshold) !== 1) {
     missing.push(`SAG's sag_threshold ${f.sag_threshold.trim()} (this page's mask threshold is 1)`);
   }
+  // Deep Shrink: Forge's kohya_hrfix_* keys (sdengine writes them too; the script's defaults where one is missing);
+  // else off
+  const shrink = /^true$/i.test((f.kohya_hrfix_enabled || "").trim());
+  const shrinkOf = (key, fallback) => (shrink && f[key] ? f[key].trim() : fallback);
+  put("deep_shrink", shrink ? "on" : "");
+  put("deep_shrink_block", parseInt(shrinkOf("kohya_hrfix_block_number", "3"), 10));
+  put("deep_shrink_factor", parseFloat(shrinkOf("kohya_hrfix_downscale_factor", "2")));
+  put("deep_shrink_start", parseFloat(shrinkOf("kohya_hrfix_start_percent", "0")));
+  put("deep_shrink_end", parseFloat(shrinkOf("kohya_hrfix_end_percent", "0.35")));
+  const afterSkip = shrinkOf("kohya_hrfix_downscale_after_skip", "True").toLowerCase();
+  if (!put("deep_shrink_after_skip", afterSkip)) missing.push(`Deep Shrink after_skip ${afterSkip}`);
+  for (const [key, id] of [["kohya_hrfix_downscale_method", "deep_shrink_downscale"],
+    ["kohya_hrfix_upscale_method", "deep_shrink_upscale"]]) {
+    const method = shrinkOf(key, "bicubic");
+    if (!put(id, method)) missing.push(`Deep Shrink ${key.slice(12).replace("_", " ")} ${method}`);
+  }
+  // HyperTile: A1111's "Hypertile U-Net: True" (every pass) or "Hypertile U-Net second pass: True" (the hires fix's
+  // only), its max tile size / swap size / max depth (256, 3, 3 where missing), sdengine's "Hypertile rule" and
+  // "Hypertile scale depth"; A1111's HyperTile on the VAE said missing; else off
+  const tiled = /^true$/i.test((f["Hypertile U-Net"] || "").trim());
+  const tiledHires = !tiled && /^true$/i.test((f["Hypertile U-Net second pass"] || "").trim());
+  const tileOf = (key, fallback) => ((tiled || tiledHires) && f[key] ? f[key].trim() : fallback);
+  put("hypertile", tiled ? "on" : tiledHires ? "hires" : "");
+  put("hypertile_tile", parseInt(tileOf("Hypertile U-Net max tile size", "256"), 10));
+  put("hypertile_swap", parseInt(tileOf("Hypertile U-Net swap size", "3"), 10));
+  put("hypertile_depth", parseInt(tileOf("Hypertile U-Net max depth", "3"), 10));
+  const tileRule = tileOf("Hypertile rule", "a1111");
+  if (!put("hypertile_rule", tileRule)) missing.push(`Hypertile rule ${tileRule}`);
+  put("hypertile_scale_depth", tileOf("Hypertile scale depth", "True").toLowerCase() === "false" ? "false" : "true");
+  if (/^true$/i.test((f["Hypertile VAE"] || "").trim())) missing.push("Hypertile VAE (this page tiles the U-Net only)");
   if (f.Seed) put("seed", f.Seed);
   const size = /^(\d+)x(\d+)$/.exec(f.Size || "");
   if (size) { put("width", size[1]); put("height", size[2]); }
@@ -987,6 +1050,16 @@ async function buildRequest() {
       throw new ApiError(400, "FreeU: enter four numbers b1, b2, s1, s2 (e.g. 1.3, 1.4, 0.9, 0.2), or nothing (off)", "freeu");
     }
     Object.assign(body, { freeu: factors, freeu_version: Number($("freeu_version").value), freeu_rule: $("freeu_rule").value });
+  }
+  if ($("deep_shrink").value === "on") { // Deep Shrink; not sent when off
+    body.deep_shrink = Object.fromEntries(Object.entries(DEEP_SHRINK_INPUTS).map(([key, [id, label]]) => [key,
+      key === "after_skip" ? $(id).value === "true" : key.endsWith("_method") ? $(id).value
+        : number(id, label, key === "block")]));
+  }
+  if ($("hypertile").value) { // HyperTile; not sent when off
+    Object.assign(body, { hypertile: HYPERTILE_INPUTS.map(([id, label]) => number(id, label, true)),
+      hypertile_hires_only: $("hypertile").value === "hires", hypertile_rule: $("hypertile_rule").value,
+      hypertile_scale_depth: $("hypertile_scale_depth").value === "true" });
   }
   const mode = $("mode").value;
   if ($("hr-enabled").checked) {
