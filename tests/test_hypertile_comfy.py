@@ -4,15 +4,13 @@ U-Net plain again after it, and a value out of range refused in ComfyUI's shape.
 
 from __future__ import annotations
 
-import io
-import time
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
+from _comfy_live import prompt_image
 from _live_server import live_server, server_config, shared_loader
 
 STEPS, SEED = 3, 11
@@ -26,26 +24,8 @@ def client(tmp_path_factory: pytest.TempPathFactory):
             yield c
 
 
-def _history(client: httpx.Client, prompt: dict, **extra: Any) -> dict:
-    r = client.post("/prompt", json={"prompt": prompt, **extra})
-    assert r.status_code == 200, r.text
-    pid = r.json()["prompt_id"]
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        h = client.get(f"/history/{pid}").json()
-        if pid in h:
-            return h[pid]
-        time.sleep(0.05)
-    raise TimeoutError(pid)
-
-
 def comfy_image(client: httpx.Client, prompt: dict) -> np.ndarray:
-    h = _history(client, prompt, **SDENGINE_RULE)
-    assert h["status"]["status_str"] == "success", h["status"]
-    (out,) = [o for o in h["outputs"].values() if "images" in o]
-    im = out["images"][0]
-    v = client.get("/view", params={"filename": im["filename"], "subfolder": im["subfolder"], "type": im["type"]})
-    return np.asarray(Image.open(io.BytesIO(v.content)).convert("RGB"))
+    return prompt_image(client, prompt, **SDENGINE_RULE)
 
 
 def graph(tiles: dict[str, Any] | None = None) -> dict:

@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
+from _comfy_live import prompt_image, run_prompt  # noqa: E402
 from _cpu_graphs import CPUBackend  # noqa: E402
 from _pipeline_models import diffusers_scheduler  # noqa: E402
 from sdengine.diffusion.denoisers import Denoiser  # noqa: E402
@@ -446,34 +447,6 @@ def client(tmp_path_factory: pytest.TempPathFactory):
 SDENGINE_RULE = {"extra_data": {"sdengine": {"seed_rule": "sdengine"}}}
 
 
-def _history(client: Any, prompt: dict, **extra: Any) -> dict:
-    import time
-
-    r = client.post("/prompt", json={"prompt": prompt, **extra})
-    assert r.status_code == 200, r.text
-    pid = r.json()["prompt_id"]
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        h = client.get(f"/history/{pid}").json()
-        if pid in h:
-            return h[pid]
-        time.sleep(0.05)
-    raise TimeoutError(pid)
-
-
-def _comfy_image(client: Any, prompt: dict, **extra: Any) -> np.ndarray:
-    import io
-
-    from PIL import Image
-
-    h = _history(client, prompt, **extra)
-    assert h["status"]["status_str"] == "success", h["status"]
-    (out,) = [o for o in h["outputs"].values() if "images" in o]
-    im = out["images"][0]
-    v = client.get("/view", params={"filename": im["filename"], "subfolder": im["subfolder"], "type": im["type"]})
-    return np.asarray(Image.open(io.BytesIO(v.content)).convert("RGB"))
-
-
 def _graph(*patches: tuple[str, dict[str, Any]], cfg: float = 5.0) -> dict:
     """txt2img on the emoji model (64 x 64: a 16 x 16 latent) with model patches between the loader and KSampler."""
     g: dict[str, Any] = {
@@ -519,13 +492,13 @@ def test_the_sag_node_is_listed_with_comfyuis_inputs(client):
 
 def test_the_sag_node_equals_the_pipelines_sag(client):
     node = ("SelfAttentionGuidance", {"scale": 0.5, "blur_sigma": 2.0})
-    a = _comfy_image(client, _graph(node), **SDENGINE_RULE)
+    a = prompt_image(client, _graph(node), **SDENGINE_RULE)
     assert np.array_equal(a, _direct(sag_scale=0.5, sag_blur_sigma=2.0, sag_rule="comfyui"))
-    plain = _comfy_image(client, _graph(), **SDENGINE_RULE)
+    plain = prompt_image(client, _graph(), **SDENGINE_RULE)
     assert np.abs(a.astype(int) - plain).mean() > 0.5  # the guidance changed the image
     # ComfyUI's rule: its own term (tested against its formula above), a valid image that differs from plain
-    b = _comfy_image(client, _graph(node))
-    assert b.std() > 5 and not np.array_equal(b, _comfy_image(client, _graph()))
+    b = prompt_image(client, _graph(node))
+    assert b.std() > 5 and not np.array_equal(b, prompt_image(client, _graph()))
 
 
 @pytest.mark.parametrize("cfg,rescale", [(1.0, 0.0), (5.0, 0.7)], ids=["cfg1", "rescale"])
@@ -534,7 +507,7 @@ def test_the_sag_node_is_the_pipelines_comfyui_rule(client, cfg, rescale):
     rule gives the pipeline's image under sag_rule "comfyui", and not under "diffusers"."""
     patches: list[tuple[str, dict[str, Any]]] = [("RescaleCFG", {"multiplier": rescale})] if rescale else []
     patches.append(("SelfAttentionGuidance", {"scale": 1.5, "blur_sigma": 2.0}))
-    got = _comfy_image(client, _graph(*patches, cfg=cfg), **SDENGINE_RULE)
+    got = prompt_image(client, _graph(*patches, cfg=cfg), **SDENGINE_RULE)
     kw: dict[str, Any] = dict(cfg_scale=cfg, guidance_rescale=rescale, sag_scale=1.5, sag_blur_sigma=2.0)
     np.testing.assert_array_equal(got, _direct(**kw, sag_rule="comfyui"))
     assert np.abs(got.astype(int) - _direct(**kw)).mean() > 0.05
@@ -551,7 +524,7 @@ def test_the_sag_node_is_the_pipelines_comfyui_rule(client, cfg, rescale):
     ],
 )
 def test_bad_sag_nodes_are_node_errors(client, patches, why):
-    h = _history(client, _graph(*patches))
+    h = run_prompt(client, _graph(*patches))
     assert h["status"]["status_str"] == "error" and why in str(h["status"]["messages"])
 
 
@@ -560,7 +533,7 @@ def test_the_sag_node_refuses_area_conditioning(client):
     g["20"] = {"class_type": "ConditioningSetArea", "inputs": {"conditioning": ["6", 0], "width": 64, "height": 64,
                                                                 "x": 0, "y": 0, "strength": 0.5}}  # fmt: skip
     g["3"]["inputs"]["positive"] = ["20", 0]
-    h = _history(client, g)
+    h = run_prompt(client, g)
     assert h["status"]["status_str"] == "error" and "no area, mask or strength" in str(h["status"]["messages"])
 
 
