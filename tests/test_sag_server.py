@@ -192,3 +192,19 @@ def test_jobs_of_other_sag_rules_never_share_a_batch() -> None:
     comfy = key(sag_scale=0.5, sag_blur_sigma=2.0, sag_rule="comfyui")
     assert comfy is not None and comfy == key(sag_scale=0.5, sag_blur_sigma=2.0, sag_rule="comfyui")
     assert comfy != key(sag_scale=0.5, sag_blur_sigma=2.0) and comfy != key()
+
+
+def test_an_image_too_small_for_the_blur_is_a_400_before_it_is_queued(client) -> None:
+    """Diffusers' rule needs a latent of at least 5 x 5 for SAG's 9 x 9 blur: once a worker holds the model, a job
+    below that is a 400 up front with the pipeline's own line (it once failed only when it ran); ComfyUI's rule skips
+    SAG there, so that job is taken."""
+    r = client.post("/v1/jobs", json=BODY)  # the worker loads the model (its latent factor)
+    assert r.status_code == 202 and wait_job(client, r.json()["id"], timeout=300)["state"] == "done"
+    queued = client.get("/healthz").json()["queued"]
+    small = {**BODY, "width": 16, "height": 16, "sag_scale": 1.0}  # emoji: 4 image pixels a latent pixel -> 4 x 4
+    r = client.post("/v1/jobs", json=small)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith("self-attention guidance blurs the latent with a 9 x 9 kernel and needs at")
+    assert "got 16 x 16" in r.json()["detail"] and client.get("/healthz").json()["queued"] == queued
+    r = client.post("/v1/jobs", json={**small, "sag_rule": "comfyui"})
+    assert r.status_code == 202 and wait_job(client, r.json()["id"], timeout=300)["state"] == "done"

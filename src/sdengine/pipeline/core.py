@@ -208,6 +208,17 @@ MAX_SIZE_FACTOR = 8
 MAX_SIDE = 8192
 
 
+def sag_size_error(width: int | None, height: int | None, factor: int) -> str:
+    """Why an image of ``width`` x ``height`` (None: the model's size, not known here) is too small for
+    self-attention guidance's 9 x 9 blur of its latent (``factor`` image pixels per latent pixel), or ""."""
+    if width is None or height is None or fits_blur(int(height) // factor, int(width) // factor):
+        return ""
+    return (
+        f"self-attention guidance blurs the latent with a 9 x 9 kernel and needs at least 5 x 5 latent pixels "
+        f"({5 * factor} x {5 * factor} image pixels), got {width} x {height}"
+    )
+
+
 class Pipeline:
     """Stable Diffusion 1.x/2.x (and inpainting) text-to-image, img2img and inpainting. Build it with
     :func:`sdengine.pipeline.load_pipeline`; call it with a :class:`GenerationRequest` or its fields as
@@ -715,14 +726,10 @@ class Pipeline:
             pag_layers(self.unet, list(r.pag_layer_list()))
         if r.sag_scale:  # the middle block's self-attention exists, the latent takes the 9 x 9 blur (before any run)
             middle_transformer(self.unet)
-            f = self.vae_scale_factor
-            small = r.width is not None and r.height is not None
-            small = small and not fits_blur(int(r.height or 0) // f, int(r.width or 0) // f)
-            if small and r.sag_rule == "diffusers":  # ComfyUI's rule skips SAG on such a latent
-                raise GenerationError(
-                    f"self-attention guidance blurs the latent with a 9 x 9 kernel and needs at least 5 x 5 latent "
-                    f"pixels ({5 * f} x {5 * f} image pixels), got {r.width} x {r.height}"
-                )
+            if r.sag_rule == "diffusers":  # ComfyUI's rule skips SAG on a latent too small for the blur
+                too_small = sag_size_error(r.width, r.height, self.vae_scale_factor)
+                if too_small:
+                    raise GenerationError(too_small)
         freeu = r.freeu_settings()
         if freeu is not None:  # FreeU changes some up block of this U-Net (one line, before any model runs)
             check_freeu(self.unet, freeu)
@@ -1668,6 +1675,7 @@ __all__ = [
     "as_request",
     "check_hr_model",
     "model_title",
+    "sag_size_error",
     "zero_snr_schedule",
 ]
 

@@ -648,6 +648,21 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         except SdengineError as e:
             raise BadRequest(f"deep_shrink: {e}") from None
 
+    def check_sag_size(generation: Generation) -> None:
+        """Self-attention guidance (diffusers' rule) on an image too small for its blur is a 400 now when a worker
+        holds the model (its latent factor); before its first load the job fails with the same line when it runs."""
+        kw = generation.kwargs
+        if not kw.get("sag_scale") or kw.get("sag_rule", "diffusers") != "diffusers":
+            return
+        factor = getattr(loaded_pipe(generation), "vae_scale_factor", None)
+        if factor is None:
+            return
+        from sdengine.pipeline.core import sag_size_error
+
+        too_small = sag_size_error(kw.get("width"), kw.get("height"), int(factor))
+        if too_small:
+            raise BadRequest(too_small)
+
     def check_hypertile_layers(generation: Generation) -> None:
         """HyperTile that would tile no self-attention layer of the model is a 400 now when a worker holds the
         model; before its first load the job fails with the same line when it runs."""
@@ -779,6 +794,7 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         check_pag_layers(generation)
         check_freeu_blocks(generation)
         check_deep_shrink_block(generation)
+        check_sag_size(generation)
         check_hypertile_layers(generation)
         check_schedule_steps(generation)
 
