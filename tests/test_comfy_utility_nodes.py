@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from _comfy_live import live_client, prompt_image, run_prompt
 from _live_server import server_config
@@ -89,6 +90,39 @@ def test_add_noise_draws_comfyuis_noise_from_the_seed():
     assert torch.equal(nu.image_add_noise(CTX, x, 9, 0.0)[0], x)
 
 
+def test_stitch_pads_and_spaces_by_hand():
+    a, b = rand(1, 4, 5, 3, seed=4), rand(1, 2, 3, 3, seed=5)
+    (y,) = nu.image_stitch(CTX, a, "right", False, 3, "red", b)  # spacing 3 -> 4; b padded 1 row above, 1 below
+    assert y.shape == (1, 4, 5 + 4 + 3, 3)
+    assert torch.equal(y[:, :, :5], a)
+    red = torch.tensor([1.0, 0.0, 0.0]).expand(1, 4, 4, 3)
+    assert torch.equal(y[:, :, 5:9], red)
+    assert torch.equal(y[:, 1:3, 9:], b) and torch.equal(y[:, 0, 9:], torch.zeros(1, 3, 3))
+    assert torch.equal(y[:, 3, 9:], torch.zeros(1, 3, 3))  # a colour of three values pads with 0, as ComfyUI
+    # left: image2 first; an RGB image next to an RGBA one gets alpha 1; white padding of 3 rows: 1 above, 2 below
+    rgba = rand(1, 5, 2, 4, seed=6)
+    (z,) = nu.image_stitch(CTX, a[:, :2], "left", False, 0, "white", rgba)
+    assert z.shape == (1, 5, 7, 4)
+    assert torch.equal(z[:, :, :2], rgba)
+    assert torch.equal(z[:, 1:3, 2:, :3], a[:, :2]) and torch.equal(z[:, 1:3, 2:, 3], torch.ones(1, 2, 5))
+    assert torch.equal(z[:, 0, 2:], torch.ones(1, 5, 4)) and torch.equal(z[:, 3:, 2:], torch.ones(1, 2, 5, 4))
+    assert torch.equal(nu.image_stitch(CTX, a, "down", True, 8, "blue")[0], a)  # no image2: image1 as it is
+
+
+def test_stitch_matches_image2_by_lanczos_and_fills_the_batch():
+    a = rand(2, 4, 6, 3, seed=7)
+    px = (rand(3, 3, 3, seed=8) * 255).round().to(torch.uint8)
+    b = (px.float() / 255)[None]
+    (y,) = nu.image_stitch(CTX, a, "up", True, 2, "black", b)  # b to a's width 6, height int(6 / (3 / 3)) = 6
+    want = torch.from_numpy(np.array(Image.fromarray(px.numpy()).resize((6, 6), Image.Resampling.LANCZOS)))
+    want = want.float() / 255
+    assert y.shape == (2, 6 + 2 + 4, 6, 3)
+    for row in range(2):  # the one image2 serves both rows (the shorter batch repeats its last image)
+        assert torch.allclose(y[row, :6], want, atol=1e-6)
+        assert torch.equal(y[row, 6:8], torch.zeros(2, 6, 3))
+        assert torch.equal(y[row, 8:], a[row])
+
+
 def test_bad_inputs_fail_in_one_line():
     for call in (
         lambda: nu.get_image_size(CTX, torch.zeros(8, 8)),
@@ -97,6 +131,16 @@ def test_bad_inputs_fail_in_one_line():
         lambda: nu.image_scale_to_max_dimension(CTX, torch.zeros(1, 8, 8, 3), "area", 9000),  # over --max-side
         lambda: nu.resize_and_pad_image(CTX, torch.zeros(1, 1, 100, 3), 10, 10, "white", "area"),
         lambda: nu.resize_and_pad_image(CTX, torch.zeros(1, 8, 8, 3), 9000, 64, "white", "area"),
+        lambda: nu.image_stitch(CTX, torch.zeros(1, 1, 100, 3), "down", True, 0, "white", torch.zeros(1, 1, 200, 3)),
+        lambda: nu.image_stitch(
+            RunContext(pipeline=lambda ref: None, catalog=None, folders=None, max_pixels=100),  # type: ignore[arg-type]
+            torch.zeros(1, 10, 10, 3),
+            "right",
+            False,
+            0,
+            "white",
+            torch.zeros(1, 10, 10, 3),
+        ),
     ):
         with pytest.raises(NodeError) as e:
             call()
@@ -192,4 +236,5 @@ def test_linked_primitives_give_the_image_of_the_literal_values(client):
     h = run_prompt(client, g)
     assert h["status"]["status_str"] == "error"
     (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
-    assert err["node_id"] == "5" and "steps" in err["exception_message"] and "\n" not in err["exception_message"]
+    assert err["node_id"] == "5" and "\n" not in err["exception_message"]
+    assert "linked input steps: Value 0 smaller than min of 1" in err["exception_message"]

@@ -140,6 +140,88 @@ def resize_and_pad_image(
     return (out,)
 
 
+STITCH_DIRECTIONS = ("right", "down", "left", "up")
+STITCH_COLORS: dict[str, tuple[float, ...]] = {
+    "white": (1.0,),  # one value: every colour channel (and the padding) takes it
+    "black": (0.0,),
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+}
+
+
+def _pad_centred(x: torch.Tensor, dim: int, size: int, value: float) -> torch.Tensor:
+    """``x`` grown along ``dim`` (1: rows, 2: columns) to ``size`` with ``value``, the extra split floor / ceil
+    before / after."""
+    extra = size - x.shape[dim]
+    if extra <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra // 2
+    before = torch.full(shape, value, dtype=x.dtype)
+    shape[dim] = extra - extra // 2
+    after = torch.full(shape, value, dtype=x.dtype)
+    return torch.cat([before, x, after], dim=dim)
+
+
+def image_stitch(
+    ctx: RunContext,
+    image1: torch.Tensor,
+    direction: str,
+    match_image_size: bool,
+    spacing_width: int,
+    spacing_color: str,
+    image2: torch.Tensor | None = None,
+) -> tuple[torch.Tensor]:
+    """ComfyUI's ImageStitch: ``image2`` put to the ``direction`` of ``image1`` (without image2, image1 as it is).
+    The shorter batch is filled up with its last image. ``match_image_size``: image2 scaled (Lanczos) to image1's
+    height (right / left; width ``int(h1 * w2 / h2)``) or width (down / up; height ``int(w1 * h2 / w2)``); else the
+    smaller image is padded, centred, to the other's height / width with the spacing colour (0 for red, green,
+    blue). An RGB image next to an RGBA one gets an opaque alpha. ``spacing_width`` (rounded up to even) columns /
+    rows of ``spacing_color`` (opaque) go between."""
+    a = _image(image1, "ImageStitch")
+    if image2 is None:
+        return (a,)
+    b = _image(image2, "ImageStitch")
+    horizontal = direction in ("left", "right")
+    n = max(a.shape[0], b.shape[0])
+    a = torch.cat([a, a[-1:].expand(n - a.shape[0], -1, -1, -1)]) if a.shape[0] < n else a
+    b = torch.cat([b, b[-1:].expand(n - b.shape[0], -1, -1, -1)]) if b.shape[0] < n else b
+    color = STITCH_COLORS[spacing_color]
+    if match_image_size:
+        h1, w1, h2, w2 = a.shape[1], a.shape[2], b.shape[1], b.shape[2]
+        tw, th = (int(h1 * (w2 / h2)), h1) if horizontal else (w1, int(w1 / (w2 / h2)))
+        if tw < 1 or th < 1:
+            raise NodeError(f"ImageStitch: image2 ({w2}x{h2}) matched to image1 ({w1}x{h1}) would be {tw}x{th}")
+        b = _scale(ctx, b, "lanczos", tw, th) if (tw, th) != (w2, h2) else b
+    else:
+        pad = color[0] if len(color) == 1 else 0.0
+        dim = 1 if horizontal else 2
+        size = max(a.shape[dim], b.shape[dim])
+        a, b = _pad_centred(a, dim, size, pad), _pad_centred(b, dim, size, pad)
+    c = max(a.shape[-1], b.shape[-1])
+    a = torch.cat([a, torch.ones(*a.shape[:-1], c - a.shape[-1])], dim=-1) if a.shape[-1] < c else a
+    b = torch.cat([b, torch.ones(*b.shape[:-1], c - b.shape[-1])], dim=-1) if b.shape[-1] < c else b
+    parts = [b, a] if direction in ("left", "up") else [a, b]
+    gap = int(spacing_width) + int(spacing_width) % 2
+    if gap > 0:
+        shape = (n, max(a.shape[1], b.shape[1]), gap, c) if horizontal else (n, gap, max(a.shape[2], b.shape[2]), c)
+        spacer = torch.zeros(shape)
+        fill = color if len(color) == 3 else color * 3
+        for i, v in enumerate(fill[: min(3, c)]):
+            spacer[..., i] = v
+        if c == 4:
+            spacer[..., 3] = 1.0
+        parts.insert(1, spacer)
+    out = torch.cat(parts, dim=2 if horizontal else 1)
+    if out.shape[1] * out.shape[2] > ctx.max_pixels:
+        raise NodeError(
+            f"ImageStitch: the stitched image is {out.shape[2]}x{out.shape[1]}, over the server's "
+            f"{ctx.max_pixels} pixels"
+        )
+    return (out,)
+
+
 # ----------------------------------------------------------------------------------------------- registry
 
 _PRIMITIVE = "utils/primitive"
@@ -272,6 +354,23 @@ UTILITY_NODES: dict[str, NodeDef] = {
             resize_and_pad_image,
             description="Fitted inside target_width x target_height at its aspect (sides truncated) and centred on "
             "a white or black canvas; a canvas over the server's side limit fails.",
+        ),
+        NodeDef(
+            "ImageStitch",
+            "Stitch Images",
+            "image/transform",
+            (
+                Input("image1", "IMAGE"),
+                Input("direction", "COMBO", "right", choices=STITCH_DIRECTIONS),
+                Input("match_image_size", "BOOLEAN", True),
+                Input("spacing_width", "INT", 0, 0, 1024, 2),
+                Input("spacing_color", "COMBO", "white", choices=tuple(STITCH_COLORS)),
+                Input("image2", "IMAGE", optional=True),
+            ),
+            ("IMAGE",),
+            image_stitch,
+            description="image2 put to the `direction` of image1 (scaled to its height / width, or padded), with "
+            "`spacing_width` of `spacing_color` between; the shorter batch repeats its last image.",
         ),
     )
 }
