@@ -421,6 +421,28 @@ def _shown(value: Any) -> Any:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
+class _Limits:
+    """The server's limits as ``input_max`` reads them (``env.limits``), from a prompt's run context."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.limits = {"side": ctx.max_side, "steps": ctx.max_steps, "batch": ctx.max_batch}
+
+
+def _check_linked(ndef: NodeDef, inputs: dict[str, Any], kwargs: dict[str, Any], ctx: RunContext) -> None:
+    """A value that reached a widget input (INT, FLOAT, STRING, BOOLEAN) through a link (a PrimitiveInt,
+    GetImageSize's width) converted and checked as a literal is at validation (type, min, max, the server's
+    limits, text length); a bad one fails the node in one line. ComfyUI checks only literals, passing a linked
+    value through unchecked (a seed of -1, 0 steps reached the sampler)."""
+    for name, v in inputs.items():
+        inp = ndef.input(name)
+        if not isinstance(v, list) or inp is None or inp.type not in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+            continue
+        value, error = _convert(inp, kwargs[name], _Limits(ctx))
+        if error is not None:
+            raise NodeError(f"linked input {name}: {error['message']} ({_received(kwargs[name])!r})")
+        kwargs[name] = value
+
+
 @dataclass
 class CacheEntry:
     signature: str
@@ -490,6 +512,7 @@ class Executor:
             kwargs = {k: (values[str(v[0])][v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()}
             ctx.current_node = nid
             try:
+                _check_linked(NODES[ct], node["inputs"], kwargs, ctx)
                 result = NODES[ct].fn(ctx, **kwargs)
             except Interrupted as e:
                 raise _with_outputs(Interrupted(e.node_id, e.class_type, executed), ui_outputs) from None

@@ -156,6 +156,9 @@ class Input:
     # the server's limit that also bounds this input ("side": --max-side, "steps": --max-steps, "batch":
     # --max-batch-size): /object_info lists it and /prompt refuses a value over it, as ComfyUI does its own max
     limit: str | None = None
+    # ComfyUI's control_after_generate option (PrimitiveInt's value): the page adds a widget after it ("fixed",
+    # "randomize", ...), one more entry of a UI workflow's widgets_values; an INT named seed / noise_seed has it anyway
+    control: bool = False
 
     @property
     def is_link_type(self) -> bool:
@@ -3502,6 +3505,8 @@ def input_spec(i: Input, env: Any, choices: list[str] | None = None) -> list[Any
             opts["display"] = i.display
         if i.multiline:
             opts["multiline"] = True
+        if i.control:
+            opts["control_after_generate"] = True
     if i.tooltip:
         opts["tooltip"] = i.tooltip
     if opts:

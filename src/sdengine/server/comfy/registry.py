@@ -17,6 +17,7 @@ from sdengine.server.comfy.nodes_latent import LATENT_NODES
 from sdengine.server.comfy.nodes_merge import NODES as MERGE_NODES
 from sdengine.server.comfy.nodes_patches import PATCH_NODES
 from sdengine.server.comfy.nodes_sampling import NODES as SAMPLING_NODES
+from sdengine.server.comfy.nodes_utility import UTILITY_NODES
 
 NODES: dict[str, NodeDef] = {
     **CORE_NODES,
@@ -28,4 +29,5 @@ NODES: dict[str, NodeDef] = {
     **FILE_NODES,
     **PATCH_NODES,
     **HYPERTILE_NODES,
+    **UTILITY_NODES,
 }

@@ -160,7 +160,8 @@ class ComfyJob(Job):
         seed_rule: str,
         job_id: str | None = None,
     ) -> None:
-        steps = sum(int(n["inputs"].get("steps", 0)) for n in graph.values() if "steps" in n["inputs"]) or 1
+        # the job's step estimate: the literal steps (a linked one, a PrimitiveInt's, is known only when it runs)
+        steps = sum(v for n in graph.values() if isinstance(v := n["inputs"].get("steps"), int)) or 1
         generation = Generation(
             model=services.config.model,
             model_name=str(services.options.get("sd_model_checkpoint")),

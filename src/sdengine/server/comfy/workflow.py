@@ -66,7 +66,7 @@ def widget_names(ndef: NodeDef) -> list[str]:
         if inp.is_link_type:
             continue
         names.append(inp.name)
-        if inp.type == "INT" and inp.name in SEED_WIDGETS:
+        if inp.type == "INT" and (inp.name in SEED_WIDGETS or inp.control):
             names.append(CONTROL)
         if inp.upload:
             names.append(UPLOAD)
