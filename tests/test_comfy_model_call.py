@@ -217,11 +217,11 @@ def _controlled(emoji, area=None, neg_too=True):
 @pytest.mark.slow  # the emoji model and its ControlNet, three runs
 def test_a_controlnet_on_an_area_sees_its_crop_and_the_whole_hint_fitted_to_it(emoji, monkeypatch):
     """ComfyUI's get_control on an area (ConditioningSetArea + ControlNetApply): the ControlNet is handed the area's
-    crop of the latent and the whole hint fitted to the area's size (common_upscale(..., "center"): cut to the area's
-    aspect around the centre, then resized), on the rows of the entry that carries it; it was refused. An area over
-    the whole latent is the ControlNet without an area."""
+    crop of the latent and the whole hint fitted to the area's size (common_upscale(..., "nearest-exact", "center"):
+    cut to the area's aspect around the centre, then resized nearest-exact), on the rows of the entry that carries
+    it; it was refused. An area over the whole latent is the ControlNet without an area."""
     from sdengine.models.controlnet import ControlNet
-    from sdengine.pipeline.control import control_image_tensor
+    from sdengine.pipeline.control import HINT_NEAREST_CENTRE, control_image_tensor
 
     plain = _controlled(emoji)
     whole = _controlled(emoji, area=("pixels", 64, 64, 0, 0))
@@ -236,7 +236,8 @@ def test_a_controlnet_on_an_area_sees_its_crop_and_the_whole_hint_fitted_to_it(e
     monkeypatch.setattr(ControlNet, "forward", spy)
     part = _controlled(emoji, area=("pixels", 32, 48, 16, 8), neg_too=False)  # 8 x 12 latent pixels (f = 4)
     assert not torch.allclose(part, plain, atol=1e-3)
-    want = control_image_tensor(_hint(), 48, 32, "crop and resize")  # 64 x 42.7 around the centre, resized
+    # ComfyUI's fit under its seed rule (sample_latents' default): 64 x 42.7 around the centre, nearest-exact
+    want = control_image_tensor(_hint(), 48, 32, HINT_NEAREST_CENTRE)
     assert seen and all(shape[2:] == (8, 12) for shape, _ in seen)  # the area's crop, never the whole latent
     assert all(shape[0] == 1 for shape, _ in seen)  # the positive's row only (the negative carries none)
     for _, img in seen:
