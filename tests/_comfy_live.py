@@ -65,3 +65,30 @@ def prompt_image(client: httpx.Client, prompt: dict, *, mode: str | None = "RGB"
     """Runs ``prompt`` (``extra``: more keys of the /prompt body) and returns the first image of its one output
     with images, as RGB."""
     return output_image(client, run_prompt(client, prompt, **extra), mode=mode)
+
+
+def patched_graph(
+    *patches: tuple[str, dict[str, Any]], cfg: float = 5.0, seed: int = 11, steps: int = 4, prefix: str = "patched"
+) -> dict:
+    """txt2img on the emoji model (64 x 64, DPM++ 2M Karras) with model patches (``(class_type, inputs)``) chained
+    between the loader and the KSampler (node "3")."""
+    g: dict[str, Any] = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "emoji"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red apple", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": prefix, "images": ["8", 0]}},
+    }
+    model = ["4", 0]
+    for n, (kind, inputs) in enumerate(patches):
+        g[f"1{n}"] = {"class_type": kind, "inputs": {"model": model, **inputs}}
+        model = [f"1{n}", 0]
+    g["3"] = {
+        "class_type": "KSampler",
+        "inputs": {
+            "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "dpmpp_2m", "scheduler": "karras",
+            "denoise": 1.0, "model": model, "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0],
+        },
+    }  # fmt: skip
+    return g

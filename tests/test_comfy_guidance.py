@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from _comfy_live import live_client, prompt_image, run_prompt
+from _comfy_live import live_client, patched_graph, prompt_image, run_prompt
 from _live_server import server_config, shared_loader
 from sdengine.diffusion.denoisers import vp_scalings
 from sdengine.diffusion.guidance import CFGDenoiser
@@ -35,26 +35,7 @@ def client(tmp_path_factory: pytest.TempPathFactory):
 
 def graph(*patches: tuple[str, dict[str, Any]], cfg: float = 5.0) -> dict:
     """txt2img on the emoji model with model patches chained between the loader and the KSampler."""
-    g: dict[str, Any] = {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "emoji"}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red apple", "clip": ["4", 1]}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "guidance", "images": ["8", 0]}},
-    }
-    model = ["4", 0]
-    for n, (kind, inputs) in enumerate(patches):
-        g[f"1{n}"] = {"class_type": kind, "inputs": {"model": model, **inputs}}
-        model = [f"1{n}", 0]
-    g["3"] = {
-        "class_type": "KSampler",
-        "inputs": {
-            "seed": SEED, "steps": STEPS, "cfg": cfg, "sampler_name": "dpmpp_2m", "scheduler": "karras",
-            "denoise": 1.0, "model": model, "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0],
-        },
-    }  # fmt: skip
-    return g
+    return patched_graph(*patches, cfg=cfg, seed=SEED, steps=STEPS, prefix="guidance")
 
 
 def direct(pipe: Any = None, **kw: Any) -> np.ndarray:

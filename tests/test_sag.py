@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
-from _comfy_live import prompt_image, run_prompt  # noqa: E402
+from _comfy_live import patched_graph, prompt_image, run_prompt  # noqa: E402
 from _cpu_graphs import CPUBackend  # noqa: E402
 from _pipeline_models import diffusers_scheduler  # noqa: E402
 from sdengine.diffusion.denoisers import Denoiser  # noqa: E402
@@ -449,26 +449,7 @@ SDENGINE_RULE = {"extra_data": {"sdengine": {"seed_rule": "sdengine"}}}
 
 def _graph(*patches: tuple[str, dict[str, Any]], cfg: float = 5.0) -> dict:
     """txt2img on the emoji model (64 x 64: a 16 x 16 latent) with model patches between the loader and KSampler."""
-    g: dict[str, Any] = {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "emoji"}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red apple", "clip": ["4", 1]}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "sag", "images": ["8", 0]}},
-    }
-    model = ["4", 0]
-    for n, (kind, inputs) in enumerate(patches):
-        g[f"1{n}"] = {"class_type": kind, "inputs": {"model": model, **inputs}}
-        model = [f"1{n}", 0]
-    g["3"] = {
-        "class_type": "KSampler",
-        "inputs": {
-            "seed": 11, "steps": 4, "cfg": cfg, "sampler_name": "dpmpp_2m", "scheduler": "karras",
-            "denoise": 1.0, "model": model, "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0],
-        },
-    }  # fmt: skip
-    return g
+    return patched_graph(*patches, cfg=cfg, seed=11, steps=4, prefix="sag")
 
 
 def _direct(**kw: Any) -> np.ndarray:
