@@ -1444,6 +1444,37 @@ def test_generate_after_escaping_the_key_dialog_asks_for_the_key_again(browser, 
         ctx.close()
 
 
+def test_a_load_request_answered_after_escape_does_not_reopen_the_key_dialog(browser, tmp_path):
+    """A page-load request whose 401 came after Escape once opened the key dialog again, over the page the user
+    had just uncovered (CI's Generate click then waited 180 s on the dialog). Now it fails with the same message,
+    and the next click (Generate) asks for the key."""
+    with live_server(server_config(tmp_path, api_key="s3cret-key")) as s:
+        ctx = browser.new_context()
+        pg = ctx.new_page()
+        pg.set_default_timeout(WAIT_MS)
+        held = []
+
+        def hold(route):
+            held.append(route)
+
+        pg.route("**/v1/upscalers", hold)
+        pg.goto(s.url + "/")
+        pg.wait_for_selector("#key-dialog[open]")
+        pg.keyboard.press("Escape")
+        pg.wait_for_function("document.querySelector('#err-general').textContent.includes('needs an API key')")
+        assert len(held) == 1
+        with pg.expect_response("**/v1/upscalers") as answer:
+            held[0].continue_()
+        assert answer.value.status == 401
+        pg.evaluate("() => new Promise((done) => setTimeout(done, 200))")  # the page's handling of the 401 runs
+        assert not pg.is_visible("#key-dialog")
+        pg.unroute("**/v1/upscalers")
+        pg.fill("#prompt", "a red apple")
+        pg.click("#generate")
+        pg.wait_for_selector("#key-dialog[open]")
+        ctx.close()
+
+
 def test_tiling_seed_resize_and_the_strength_rule(page, client, tmp_path):
     """More options: "Tiling", "Resize seed from" and the strength rule are sent as the native API's ``tiling``,
     ``seed_resize_from`` and ``strength_rule`` (the page's image is the API's), remembered across a reload, read

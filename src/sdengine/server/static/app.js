@@ -58,8 +58,17 @@ function authHeaders() {
 }
 
 let keyPrompt = null; // one dialog for all the requests that met a 401 at the same time
+// Set when the dialog was closed without a key; until the user clicks or submits something again, a request that
+// meets a 401 fails at once instead of opening the dialog again (a page-load request answered after the Escape
+// once reopened it, and the dialog then hid the page the user had just uncovered).
+let keyDeclined = false;
+for (const kind of ["click", "submit"]) document.addEventListener(kind, () => { keyDeclined = false; }, true);
 
 function askForKey(message) {
+  if (!keyPrompt && keyDeclined) {
+    return Promise.reject(new ApiError(401, 'this server needs an API key: click "API key" (top right) to give it',
+      "general"));
+  }
   if (!keyPrompt) {
     keyPrompt = new Promise((resolve, reject) => {
       const dialog = $("key-dialog");
@@ -79,6 +88,7 @@ function askForKey(message) {
         $("key-button").hidden = false;
         if (given) return;
         keyPrompt = null;
+        keyDeclined = true;
         reject(new ApiError(401, 'this server needs an API key: click "API key" (top right) to give it', "general"));
       };
       dialog.showModal();
@@ -1570,7 +1580,7 @@ function install() {
   // As typed too: a prompt typed and the tab reloaded (or left) before the field lost focus was once lost.
   $("gen-form").addEventListener("input", saveSettings);
   document.addEventListener("keydown", (e) => {
-    if ((e.ctrlKey || e.metaKey) && e.key === "Enter") { e.preventDefault(); generate(); }
+    if ((e.ctrlKey || e.metaKey) && e.key === "Enter") { e.preventDefault(); keyDeclined = false; generate(); }
     // Ctrl+Z undoes a mask stroke in inpainting, except where it undoes typing (a text or number field).
     if ((e.ctrlKey || e.metaKey) && !e.shiftKey && e.key.toLowerCase() === "z" && $("mode").value === "inpaint" &&
         !e.target.closest?.("textarea, input:not([type=checkbox]):not([type=range]), select") &&
