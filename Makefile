@@ -51,7 +51,7 @@ demo: venv
 	$(VENV)/bin/sdengine demo
 
 test: dev
-	$(VPY) -m pytest -q -x -n 2 --dist loadfile --durations=15
+	$(VPY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-all: dev
 	$(VPY) -m pytest -q -m "" --durations=25
