@@ -342,3 +342,20 @@ def test_split_vision_state_ignores_text_half_and_buffers():
         "visual_projection.weight": torch.ones(2, 4),
     }
     assert sorted(split_vision_state(sd)) == ["vision_model.post_layernorm.weight", "visual_projection.weight"]
+
+
+@pytest.mark.parametrize("name", ["vit_h", "vit_bigg", "vit_l"])
+def test_presets_have_transformers_shapes_and_the_shape_rule_recovers_them(name):
+    """Full-size presets (built on the meta device: no memory): the same parameter names and shapes as transformers'
+    model of the same config, and the head/activation rule reads each preset back from its shapes."""
+    from sdengine.models.clip_vision import PRESETS
+
+    cfg = PRESETS[name]
+    with torch.device("meta"):
+        ours = CLIPVisionModel(cfg)
+        hf = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**cfg.to_transformers()))
+    want = {k: tuple(v.shape) for k, v in hf.state_dict().items() if k != "vision_model.embeddings.position_ids"}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == want
+    assert config_from_shapes(ours.state_dict()) == cfg
+    counts = {"vit_h": (632, 633), "vit_bigg": (1844, 1846), "vit_l": (303, 304)}[name]  # millions
+    assert counts[0] <= ours.num_parameters() / 1e6 < counts[1]
