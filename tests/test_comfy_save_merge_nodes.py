@@ -458,3 +458,60 @@ def test_sampler_lcm_upscale_runs_in_sampler_custom(env):
     # a method that is not ComfyUI's: a 400 for the node
     r = c.post("/prompt", json={"prompt": _lcm_graph(2.0, -1, "lanczos", 3)})
     assert r.status_code == 400 and "20" in r.json()["node_errors"], r.text
+
+
+def test_model_save_marks_a_v_prediction_model(env):
+    """ModelSamplingDiscrete v_prediction (zsnr) before ModelSave: ComfyUI's v_pred and ztsnr markers and
+    predict_key "v" in the file."""
+    g = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "a"}},
+        "10": {
+            "class_type": "ModelSamplingDiscrete",
+            "inputs": {"model": ["4", 0], "sampling": "v_prediction", "zsnr": True},
+        },
+        "9": {"class_type": "ModelSave", "inputs": {"model": ["10", 0], "filename_prefix": "vmodel"}},
+    }
+    _ok(run_prompt(env["client"], g))
+    f = _only(env["tmp"], "vmodel_*_.safetensors")
+    saved = _tensors(f)
+    assert saved["v_pred"].numel() == 0 and saved["ztsnr"].numel() == 0
+    assert safetensors_metadata(f)["modelspec.predict_key"] == "v"
+
+
+def test_sampler_lcm_upscale_refuses_what_it_cannot_walk(env):
+    c = env["client"]
+    flipped = _lcm_graph(1.0, -1, "area", 3)
+    flipped["22"] = {"class_type": "FlipSigmas", "inputs": {"sigmas": ["21", 0]}}
+    flipped["3"]["inputs"]["sigmas"] = ["22", 0]
+    masked = _lcm_graph(1.0, -1, "area", 3)
+    masked["23"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 32}}
+    masked["24"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["23", 0]}}
+    masked["3"]["inputs"]["latent_image"] = ["24", 0]
+    huge = _lcm_graph(20.0, -1, "area", 3)
+    huge["5"]["inputs"].update(width=512, height=512)
+    for g, words in ((flipped, "rising sigmas"), (masked, "noise mask"), (huge, "limit")):
+        h = run_prompt(c, g)
+        assert h["status"]["status_str"] == "error", h["status"]
+        text = str(h["status"]["messages"])
+        assert words in text and "SamplerCustom" in text, text
+    r = c.post("/prompt", json={"prompt": _lcm_graph(25.0, -1, "area", 3)})  # over ComfyUI's max 20
+    assert r.status_code == 400 and "20" in r.json()["node_errors"], r.text
+
+
+class _Ctx:
+    """A RunContext stand-in whose pipeline has no CLIP text encoder (the emoji model's MiniLM)."""
+
+    def pipeline(self, ref: str) -> Any:
+        return type("Pipe", (), {"name": "emoji", "text_encoder": object()})()
+
+
+def test_save_nodes_refuse_what_they_cannot_save_through_the_node_functions(tmp_path):
+    from sdengine.server.comfy.nodes import ClipHandle, TinyVaeHandle
+    from sdengine.server.comfy.nodes_merge import clip_save, model_merge_blocks, vae_save
+
+    with pytest.raises(NodeError, match="MiniLM"):
+        clip_save(_Ctx(), ClipHandle("emoji"), "clip/x")  # type: ignore[arg-type]
+    with pytest.raises(NodeError, match="taesd"):
+        vae_save(type("C", (), {})(), TinyVaeHandle("taesd"), "vae/x")  # type: ignore[arg-type]
+    with pytest.raises(NodeError, match="no input 'outt'"):
+        model_merge_blocks(_Ctx(), None, None, input=1.0, outt=0.5)  # type: ignore[arg-type]

@@ -654,8 +654,8 @@ def vae_save(ctx: RunContext, vae: Any, filename_prefix: str) -> dict[str, Any]:
     from sdengine.weights import keymaps as km
     from sdengine.weights.detect import vae_layout_from_diffusers
 
+    state = _cpu_state(_vae_module(ctx, vae, "VAESave"))  # (taesd refused before any folder is made)
     folder, stem = _output_target(ctx, filename_prefix)
-    state = _cpu_state(_vae_module(ctx, vae, "VAESave"))
     flat, bad = km.vae_diffusers_to_ldm(state, vae_layout_from_diffusers(state))
     if bad:
         raise NodeError(f"VAESave: {len(bad)} VAE weights have no LDM name, e.g. {bad[0]}")
