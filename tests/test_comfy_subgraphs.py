@@ -432,6 +432,18 @@ def test_promoted_widget_values_and_unlinked_subgraph_inputs():
     assert "vae" not in convert(wf)["10:8"]["inputs"]
 
 
+def test_an_instance_saved_by_an_older_page_matches_its_inputs_by_name():
+    # frontend 1.24 saved an instance without the inputs of its promoted widgets, in its own order: the inputs
+    # are matched to the subgraph's by name, and the subgraph input that feeds an inner widget is the promoted one
+    wf = subgraph_workflow()
+    instance = _node(wf["nodes"], 10)
+    instance["inputs"] = list(reversed(instance["inputs"][:5]))
+    assert convert(wf) == expected_prompt()
+    # a later page's instance that promotes nothing (its proxyWidgets show the inner widget): the inner value
+    instance.update(widgets_values=[], properties={"proxyWidgets": [["3", "seed"]]})
+    assert convert(wf)["10:3"]["inputs"]["seed"] == 999
+
+
 def test_two_instances_of_one_subgraph_get_their_own_ids_and_widget_values():
     wf = subgraph_workflow()
     second = _instance(11, SAMPLER, widgets_values=[SEED + 1])

@@ -131,6 +131,8 @@ def _parse_links(raw: Any, where: str = "workflow") -> dict[str, tuple[str, int,
     """link id -> (origin id, origin slot, target id, target slot, type), from either list format."""
     if raw is None:
         return {}
+    if isinstance(raw, dict):  # {id: link}, as some saved subgraphs hold them
+        raw = list(raw.values())
     if not isinstance(raw, list):
         raise WorkflowError(f"{where} 'links' must be a list")
     out: dict[str, tuple[str, int, str, int, Any]] = {}
@@ -191,6 +193,7 @@ class _Scope:
     parent: _Scope | None = None
     instance: dict[str, Any] | None = None  # the node of the parent graph this graph is an instance of
     inputs: list[list[str]] = field(default_factory=list)  # per input of the subgraph: its inner link ids
+    outer: list[dict[str, Any]] = field(default_factory=list)  # per input: the instance's input entry ({}: none)
     outputs: list[list[str]] = field(default_factory=list)  # per output: the link ids into it
     promoted: dict[int, Any] = field(default_factory=dict)  # input index -> the instance's widget value for it
     children: dict[str, _Scope] = field(default_factory=dict)  # instance node id -> its graph
@@ -226,7 +229,7 @@ def convert(workflow: Any, object_info: dict[str, Any] | None = None) -> dict[st
         for nid, node in scope.nodes.items():
             kind = node["type"]
             if node.get("mode", 0) in (MUTED, BYPASSED):
-                continue  # its contents are not sent (the page's rule since frontend 1.38)
+                continue  # its contents are not sent (the page's rule since ComfyUI_frontend PR 8494)
             label = f"{scope.label(node)}{scope.where}"
             if kind in subgraphs:
                 definition, key = subgraphs[kind], kind
@@ -238,18 +241,22 @@ def convert(workflow: Any, object_info: dict[str, Any] | None = None) -> dict[st
                     f" in subgraph {name}",
                     scope,
                     node,
-                    _io_links(definition.get("inputs"), f"subgraph {name}", "inputs"),
-                    _io_links(definition.get("outputs"), f"subgraph {name}", "outputs"),
                 )
-                child.promoted = promoted_values(child, label)
+                ios = _io_slots(definition.get("inputs"), f"subgraph {name}", "inputs")
+                child.inputs = [ids for _, _, ids in ios]
+                child.outputs = [
+                    ids for _, _, ids in _io_slots(definition.get("outputs"), f"subgraph {name}", "outputs")
+                ]
+                child.outer = _align(inputs_of(scope, node), ios)
+                child.promoted = promoted_values(child)
             elif kind.startswith(GROUP_PREFIXES):
                 name = kind[len(GROUP_PREFIXES[0]) :]
                 if name not in groups:
                     raise WorkflowError(f"{label}: group node '{name}' is not in the workflow's extra.groupNodes")
                 key = kind
                 parts = _expand_group(name, groups[name], node, label, object_info)
-                child = _Scope((*scope.path, nid), parts[0], parts[1], f" in group node {name}", scope, parts[2])
-                child.inputs, child.outputs, child.promoted = parts[3], parts[4], parts[5]
+                child = _Scope((*scope.path, nid), parts[0], parts[1], f" in group node {name}", scope, node)
+                child.outer, child.inputs, child.outputs, child.promoted = parts[2], parts[3], parts[4], parts[5]
             else:
                 continue
             if key in stack:
@@ -263,19 +270,20 @@ def convert(workflow: Any, object_info: dict[str, Any] | None = None) -> dict[st
             scope.children[nid] = child
             build(child, (*stack, key))
 
-    def promoted_values(child: _Scope, label: str) -> dict[int, Any]:
+    def promoted_values(child: _Scope) -> dict[int, Any]:
         """The instance's widget values of the subgraph's inputs that feed a widget (promoted widgets): one value
-        per such input, in order (a list one longer per seed's control_after_generate is read too)."""
+        per such input, in order (a list one longer per seed's control_after_generate is read too). The promoted
+        inputs are the instance's input entries with a ``widget``; an instance that has none (as pages before
+        about 1.26 saved it, leaving those inputs out) promotes each input that feeds an inner widget."""
         instance = child.instance or {}
         ins = inputs_of(child.parent or child, instance)
-        count = len(child.inputs)
         if any("widget" in e for e in ins):
-            promoted = [k for k, e in enumerate(ins[:count]) if isinstance(e.get("widget"), dict)]
+            promoted = [k for k, e in enumerate(child.outer) if isinstance(e.get("widget"), dict)]
         else:
-            promoted = [k for k in range(count) if targets(child, k)]
+            promoted = [k for k in range(len(child.inputs)) if targets(child, k)]
         raw = instance.get("widgets_values")
         if isinstance(raw, dict):
-            names = [str(ins[k].get("name")) if k < len(ins) else "" for k in promoted]
+            names = [str(child.outer[k].get("name")) for k in promoted]
             return {k: raw[n] for k, n in zip(promoted, names, strict=True) if n in raw and raw[n] is not None}
         if not isinstance(raw, list):
             return {}
@@ -329,8 +337,7 @@ def convert(workflow: Any, object_info: dict[str, Any] | None = None) -> dict[st
                     raise WorkflowError(
                         f"{where} uses link {link_id} from subgraph input {origin_slot}, which is absent"
                     )
-                outer = inputs_of(scope.parent, scope.instance)
-                outer_link = outer[origin_slot].get("link") if origin_slot < len(outer) else None
+                outer_link = scope.outer[origin_slot].get("link") if origin_slot < len(scope.outer) else None
                 if outer_link is None:
                     return ("value", scope.promoted[origin_slot]) if origin_slot in scope.promoted else None
                 scope, link_id = scope.parent, outer_link
@@ -473,8 +480,8 @@ def _sub_name(subgraphs: dict[str, dict[str, Any]], key: str) -> str:
     return name if isinstance(name, str) and name else key
 
 
-def _io_links(raw: Any, where: str, what: str) -> list[list[str]]:
-    """The link ids of each of a subgraph's ``inputs`` / ``outputs`` (``linkIds``)."""
+def _io_slots(raw: Any, where: str, what: str) -> list[tuple[Any, Any, list[str]]]:
+    """(name, type, link ids) of each of a subgraph's ``inputs`` / ``outputs`` (``linkIds``)."""
     if raw is None:
         return []
     if not isinstance(raw, list) or not all(isinstance(e, dict) for e in raw):
@@ -484,7 +491,28 @@ def _io_links(raw: Any, where: str, what: str) -> list[list[str]]:
         ids = entry.get("linkIds") or []
         if not isinstance(ids, list):
             raise WorkflowError(f"{where}: {what}[{k}].linkIds must be a list")
-        out.append([str(i) for i in ids])
+        out.append((entry.get("name"), entry.get("type"), [str(i) for i in ids]))
+    return out
+
+
+def _align(entries: list[dict[str, Any]], ios: list[tuple[Any, Any, list[str]]]) -> list[dict[str, Any]]:
+    """The instance's input entry of each subgraph input ({} where it has none): the one of the same name and
+    type, else of the same name (the page rebinds an instance's inputs so), else the one at the same index when
+    the instance has as many inputs as the subgraph."""
+    used: set[int] = set()
+    out: list[dict[str, Any]] = []
+    for k, (name, kind, _) in enumerate(ios):
+        free = [j for j in range(len(entries)) if j not in used]
+        pick = next((j for j in free if entries[j].get("name") == name and entries[j].get("type") == kind), None)
+        if pick is None:
+            pick = next((j for j in free if entries[j].get("name") == name), None)
+        if pick is None and len(entries) == len(ios) and k in free:
+            pick = k
+        if pick is None:
+            out.append({})
+        else:
+            used.add(pick)
+            out.append(entries[pick])
     return out
 
 
@@ -526,15 +554,15 @@ def _expand_group(
 ) -> tuple[
     dict[str, dict[str, Any]],
     dict[str, tuple[str, int, str, int, Any]],
-    dict[str, Any],
+    list[dict[str, Any]],
     list[list[str]],
     list[list[str]],
     dict[int, Any],
 ]:
-    """A group node instance as a subgraph: (inner nodes, links, the instance with its inputs in the group's
-    order, input link ids, output link ids, promoted values), built as the page's GroupNodeConfig builds the
-    group node's definition: the inner nodes' widgets that are not converted to inputs (in node order), then
-    their unlinked inputs, then their converted widgets that are not linked inside."""
+    """A group node instance as a subgraph: (inner nodes, links, the instance's input entry of each group
+    input, input link ids, output link ids, promoted values), laid out as the page's GroupNodeConfig builds the
+    group node's definition: per inner node, its widgets not converted to inputs and its link inputs not linked
+    inside the group; after all nodes, their converted widgets not linked inside (a widget and an input each)."""
     where = f"{label}: group node '{name}'"
     if not isinstance(config, dict) or not isinstance(config.get("nodes"), list):
         raise WorkflowError(f"{where}: its extra.groupNodes entry has no 'nodes' list")
@@ -687,7 +715,7 @@ def _expand_group(
         if entry is None and len(own_inputs) == len(group_inputs):
             entry = own_inputs[g]
         ordered.append(entry or {"name": gname, "link": None})
-    return nodes, links, {**instance, "inputs": ordered}, inputs, outputs, promoted
+    return nodes, links, ordered, inputs, outputs, promoted
 
 
 def _definition(kind: str, object_info: dict[str, Any] | None) -> tuple[str, list[str]] | None:
