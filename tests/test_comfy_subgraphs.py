@@ -647,6 +647,35 @@ def test_bad_subgraphs_are_one_line_errors(make, break_it, says):
     assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+def _chain(levels: int, width: int) -> dict:
+    """Subgraph k holding ``width`` instances of subgraph k+1, the last one a VAEDecode: 'width ** levels' nodes."""
+
+    def sid(k: int) -> str:
+        return f"00000000-0000-4000-8000-{k:012d}"
+
+    defs = []
+    for k in range(levels):
+        inner = [{"id": j + 1, "type": sid(k + 1), "mode": 0, "inputs": []} for j in range(width)]
+        if k == levels - 1:
+            inner = [{"id": 1, "type": "VAEDecode", "mode": 0, "inputs": [], "widgets_values": []}]
+        defs.append({"id": sid(k), "name": f"level{k}", "nodes": inner, "links": []})
+    return {
+        "nodes": [{"id": 1, "type": sid(0), "mode": 0, "inputs": []}],
+        "links": [],
+        "definitions": {"subgraphs": defs},
+    }
+
+
+def test_deep_or_huge_subgraph_nests_are_refused_in_one_line():
+    assert list(convert(_chain(3, 2))) == [f"1:{a}:{b}:1" for a in (1, 2) for b in (1, 2)]
+    with pytest.raises(
+        WorkflowError, match=r"^node 1(:1){64} \(.*\) in subgraph level63: subgraphs nested more than 64 deep$"
+    ):
+        convert(_chain(70, 1))
+    with pytest.raises(WorkflowError, match=r"the subgraphs expand to more than 100000 nodes$"):
+        convert(_chain(20, 2))
+
+
 def _cli_image(capsys, workflow: dict, tmp: Path, name: str) -> np.ndarray:
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(workflow))

@@ -254,7 +254,7 @@ def convert(workflow: Any, object_info: dict[str, Any] | None = None) -> dict[st
                 if name not in groups:
                     raise WorkflowError(f"{label}: group node '{name}' is not in the workflow's extra.groupNodes")
                 key = kind
-                parts = _expand_group(name, groups[name], node, label, object_info)
+                parts = _expand_group(name, groups[name], node, inputs_of(scope, node), label, object_info)
                 child = _Scope((*scope.path, nid), parts[0], parts[1], f" in group node {name}", scope, node)
                 child.outer, child.inputs, child.outputs, child.promoted = parts[2], parts[3], parts[4], parts[5]
             else:
@@ -475,6 +475,10 @@ def _collect_subgraphs(workflow: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _sub_name(subgraphs: dict[str, dict[str, Any]], key: str) -> str:
     name = subgraphs.get(key, {}).get("name")
     return name if isinstance(name, str) and name else key
@@ -550,7 +554,12 @@ def _signature(
 
 
 def _expand_group(
-    name: str, config: Any, instance: dict[str, Any], label: str, object_info: dict[str, Any] | None
+    name: str,
+    config: Any,
+    instance: dict[str, Any],
+    instance_inputs: list[dict[str, Any]],
+    label: str,
+    object_info: dict[str, Any] | None,
 ) -> tuple[
     dict[str, dict[str, Any]],
     dict[str, tuple[str, int, str, int, Any]],
@@ -568,7 +577,10 @@ def _expand_group(
         raise WorkflowError(f"{where}: its extra.groupNodes entry has no 'nodes' list")
     links_to: dict[int, dict[int, tuple[int, int]]] = {}
     links_from: dict[int, set[int]] = {}
-    for k, raw in enumerate(config.get("links") or []):
+    raw_links, raw_external = config.get("links") or [], config.get("external") or []
+    if not isinstance(raw_links, list) or not isinstance(raw_external, list):
+        raise WorkflowError(f"{where}: its 'links' and 'external' must be lists")
+    for k, raw in enumerate(raw_links):
         try:
             src, sslot, tgt, tslot = raw[:4]
             if src is None:
@@ -579,7 +591,7 @@ def _expand_group(
         links_to.setdefault(tgt, {})[tslot] = (src, sslot)
         links_from.setdefault(src, set()).add(sslot)
     external = set()
-    for ext in config.get("external") or []:
+    for ext in raw_external:
         if isinstance(ext, list) and len(ext) >= 2:
             external.add((str(ext[0]), str(ext[1])))
     raw_custom = config.get("config")
@@ -587,7 +599,7 @@ def _expand_group(
     seen: dict[str, int] = {}
 
     def input_name(index: int, node: dict[str, Any], input_name: str) -> tuple[str, dict[str, Any]]:
-        custom = (custom_all.get(str(index)) or {}).get("input", {}).get(input_name) or {}
+        custom = _dict(_dict(_dict(custom_all.get(str(index))).get("input")).get(input_name))
         shown = next((e.get("label") for e in node.get("inputs") or [] if e.get("name") == input_name), None)
         result = custom.get("name") or shown or input_name
         key = result
@@ -620,6 +632,8 @@ def _expand_group(
         sigs[i] = sig
         values, slots, _ = sig
         own = node.get("inputs") or []
+        if not isinstance(own, list) or not all(isinstance(e, dict) for e in own):
+            raise WorkflowError(f"{where}: node #{i} ({kind}): inputs must be a list of objects")
         converted: dict[int, tuple[str, list[str]]] = {}
         for wname, extras in values:
             pos = next(
@@ -678,7 +692,7 @@ def _expand_group(
     outputs: list[list[str]] = []
     for i, (_, _, count) in sigs.items():
         for slot in range(count):
-            custom = ((custom_all.get(str(i)) or {}).get("output") or {}).get(str(slot)) or {}
+            custom = _dict(_dict(_dict(custom_all.get(str(i))).get("output")).get(str(slot)))
             inside = slot in links_from.get(i, set()) and (str(i), str(slot)) not in external
             if custom.get("visible", not inside):
                 lid = f"out{len(outputs)}"
@@ -708,7 +722,7 @@ def _expand_group(
         g: overrides[i][w] for g, (_, i, _, w) in enumerate(group_inputs) if w is not None and w in overrides.get(i, {})
     }
     # the instance's inputs in the group's order: by name, else by position
-    own_inputs = [e for e in instance.get("inputs") or [] if isinstance(e, dict)]
+    own_inputs = instance_inputs
     ordered = []
     for g, (gname, *_) in enumerate(group_inputs):
         entry = next((e for e in own_inputs if e.get("name") == gname), None)
