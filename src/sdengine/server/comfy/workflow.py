@@ -714,21 +714,14 @@ def _expand_group(
         if i >= 0:
             overrides.setdefault(i, {})[wname] = value
     for key, inner in nodes.items():
-        own_names = _definition(inner["type"], object_info)
-        assert own_names is not None
-        base = _widget_values(inner, own_names[1], f"{where}: node #{key} ({inner['type']})")
+        known = _definition(inner["type"], object_info)
+        base = _widget_values(inner, known[1] if known else [], f"{where}: node #{key} ({inner['type']})")
         inner["widgets_values"] = {**base, **overrides.get(int(key), {})}
     promoted = {
         g: overrides[i][w] for g, (_, i, _, w) in enumerate(group_inputs) if w is not None and w in overrides.get(i, {})
     }
     # the instance's inputs in the group's order: by name, else by position
-    own_inputs = instance_inputs
-    ordered = []
-    for g, (gname, *_) in enumerate(group_inputs):
-        entry = next((e for e in own_inputs if e.get("name") == gname), None)
-        if entry is None and len(own_inputs) == len(group_inputs):
-            entry = own_inputs[g]
-        ordered.append(entry or {"name": gname, "link": None})
+    ordered = _align(instance_inputs, [(gname, None, []) for gname, *_ in group_inputs])
     return nodes, links, ordered, inputs, outputs, promoted
 
 
