@@ -1,0 +1,279 @@
+"""IP-Adapter (sdengine.models/nn/weights/pipeline ip_adapter) against diffusers' ``load_ip_adapter`` +
+``ip_adapter_image_embeds`` on the same random weights: a tiny random SD 1.x pipeline, random adapters saved in the
+release's layouts (plain ``.safetensors``, Plus ``.bin``), the same CLIP vision outputs on both sides (diffusers takes
+them stacked [negative, positive]); scale 0 is no adapter; the one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("diffusers")
+
+import sdengine  # noqa: E402
+from _pipeline_models import diffusers_pipeline, picture  # noqa: E402
+from sdengine.errors import SdengineError  # noqa: E402
+from sdengine.models.ip_adapter import ImageProjModel, IPAdapter, MLPProjModel, Resampler  # noqa: E402
+from sdengine.nn.ip_adapter import cross_attention_layers, ip_attention_applied  # noqa: E402
+from sdengine.pipeline import GenerationError  # noqa: E402
+from sdengine.pipeline.ip_adapter import IPAdapterUnit  # noqa: E402
+from sdengine.weights.io import WeightsError  # noqa: E402
+from sdengine.weights.ip_adapter_file import load_ip_adapter, save_ip_adapter  # noqa: E402
+
+SIZE, STEPS, SEED = 32, 4, 5
+PROMPT, NEGATIVE = "a red apple on a table", "blurry"
+EMBED = 24  # the CLIP image embedding's width (plain)
+HIDDEN, TOKENS = 40, 9  # the CLIP hidden states' width and count (Plus, full)
+
+
+def _random_adapter(unet, kind: str, seed: int) -> IPAdapter:
+    """A random adapter of ``kind`` for ``unet``, every weight (norms too) moved off its default."""
+    torch.manual_seed(seed)
+    layers = cross_attention_layers(unet)
+    cross = layers[0].to_k.in_features
+    proj: nn.Module
+    if kind == "plain":
+        proj, embed = ImageProjModel(EMBED, cross, 4), EMBED
+    elif kind == "full":
+        proj, embed = MLPProjModel(HIDDEN, cross), HIDDEN
+    else:  # four perceiver layers (diffusers' loader builds four whatever the file has), two heads of 64, 16 queries
+        proj, embed = Resampler(HIDDEN, 128, cross, depth=4, heads=2, num_queries=16), HIDDEN
+    adapter = IPAdapter(kind, proj, embed, cross, [layer.to_k.out_features for layer in layers])
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn(p.shape) * (0.3 if p.dim() > 1 else 0.1))
+    return adapter.eval()
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_sd1_folder):
+    return tiny_sd1_folder, sdengine.load_pipeline(tiny_sd1_folder, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def files(sd1, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ip-adapters")
+    save_ip_adapter(_random_adapter(sd1[1].unet, "plain", 1), folder / "ip-adapter_tiny.safetensors")
+    save_ip_adapter(_random_adapter(sd1[1].unet, "plus", 2), folder / "ip-adapter-plus_tiny.bin")
+    save_ip_adapter(_random_adapter(sd1[1].unet, "full", 3), folder / "ip-adapter-full_tiny.safetensors")
+    return folder
+
+
+def _embeds(kind: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (1, EMBED) if kind == "plain" else (1, TOKENS, HIDDEN)
+    pos = torch.randn(shape, generator=g)
+    neg = torch.zeros(shape) if kind == "plain" else torch.randn(shape, generator=g) * 0.3  # a black image's
+    return pos, neg
+
+
+def _ours(pipe, units, **kw):
+    args = dict(steps=STEPS, sampler="euler", schedule="normal", cfg_scale=7.5, seed=SEED, width=SIZE, height=SIZE)
+    args.update(kw)
+    return pipe(PROMPT, NEGATIVE, ip_adapters=units, progress=False, **args).arrays
+
+
+def _theirs(folder, files, names, embeds, scales, *, img2img=False, steps=STEPS, **kw):
+    from diffusers import EulerDiscreteScheduler
+
+    ref = diffusers_pipeline(folder, img2img=img2img)
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.load_ip_adapter(
+        [str(files)] * len(names),
+        subfolder=[""] * len(names),
+        weight_name=names,
+        image_encoder_folder=None,
+        low_cpu_mem_usage=False,
+    )
+    ref.set_ip_adapter_scale(scales)
+    stacked = [torch.cat([neg, pos])[:, None] for pos, neg in embeds]  # [negative, positive], one image each
+    gen = torch.Generator("cpu").manual_seed(SEED)
+    size = {} if img2img else dict(width=SIZE, height=SIZE)
+    return ref(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        generator=gen,
+        output_type="np",
+        ip_adapter_image_embeds=stacked,
+        **size,
+        **kw,
+    ).images
+
+
+def _mad(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+
+
+@pytest.mark.parametrize(
+    ("kinds", "names", "scales"),
+    [
+        (["plain"], ["ip-adapter_tiny.safetensors"], [0.8]),
+        (["plus"], ["ip-adapter-plus_tiny.bin"], [1.0]),
+        (["full"], ["ip-adapter-full_tiny.safetensors"], [0.6]),
+        (["plain", "plus"], ["ip-adapter_tiny.safetensors", "ip-adapter-plus_tiny.bin"], [0.5, 0.7]),
+    ],
+    ids=["plain", "plus", "full", "two"],
+)
+def test_txt2img_matches_diffusers(sd1, files, kinds, names, scales):
+    folder, pipe = sd1
+    embeds = [_embeds(k, 10 + i) for i, k in enumerate(kinds)]
+    units = [
+        IPAdapterUnit(load_ip_adapter(files / n), pos, scale=s, negative=neg)
+        for n, (pos, neg), s in zip(names, embeds, scales, strict=True)
+    ]
+    ours = _ours(pipe, units)
+    theirs = _theirs(folder, files, names, embeds, scales)
+    plain = _ours(pipe, None)
+    assert _mad(ours, plain) > 0.02  # the adapter changes the image
+    assert _mad(ours, theirs) < 1e-4
+
+
+def test_img2img_matches_diffusers(sd1, files):
+    folder, pipe = sd1
+    pos, neg = _embeds("plain", 7)
+    init = picture(SIZE, SIZE)
+    unit = IPAdapterUnit(load_ip_adapter(files / "ip-adapter_tiny.safetensors"), pos, scale=0.9)  # zeros negative
+    ours = _ours(pipe, [unit], init_image=init, strength=0.6, steps=8)
+    theirs = _theirs(
+        folder,
+        files,
+        ["ip-adapter_tiny.safetensors"],
+        [(pos, neg)],
+        [0.9],
+        img2img=True,
+        image=init,
+        strength=0.6,
+        steps=8,
+    )
+    assert _mad(ours, theirs) < 1e-4
+
+
+def test_scale_zero_is_no_adapter(sd1, files):
+    _, pipe = sd1
+    pos, _ = _embeds("plus", 3)
+    unit = IPAdapterUnit(load_ip_adapter(files / "ip-adapter-plus_tiny.bin"), pos, scale=0.0)
+    assert np.array_equal(_ours(pipe, [unit]), _ours(pipe, None))
+    # and nothing stays patched on the U-Net after a call
+    assert all(layer.ip_attention is None for layer in cross_attention_layers(pipe.unet))
+
+
+def test_per_row_images_and_layers_restored(sd1, files):
+    _, pipe = sd1
+    adapter = load_ip_adapter(files / "ip-adapter_tiny.safetensors")
+    a, _ = _embeds("plain", 1)
+    b, _ = _embeds("plain", 2)
+    both = _ours(pipe, [IPAdapterUnit(adapter, torch.cat([a, b]))], batch_size=2, seed=[SEED, SEED])
+    first = _ours(pipe, [IPAdapterUnit(adapter, a)], seed=SEED)
+    second = _ours(pipe, [IPAdapterUnit(adapter, b)], seed=SEED)
+    assert _mad(both[0:1], first) < 1e-5 and _mad(both[1:2], second) < 1e-5
+    assert _mad(first, second) > 0.01
+
+
+def test_file_layouts_load_the_same_weights(sd1, files, tmp_path):
+    adapter = load_ip_adapter(files / "ip-adapter-plus_tiny.bin")
+    again = load_ip_adapter(save_ip_adapter(adapter, tmp_path / "plus.safetensors"))
+    assert adapter.kind == again.kind == "plus"
+    for (k, v), (k2, v2) in zip(adapter.state_dict().items(), again.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
+    x = torch.randn(2, TOKENS, HIDDEN)
+    assert adapter(x).shape == (2, 16, adapter.cross_dim)
+    assert load_ip_adapter(files / "ip-adapter_tiny.safetensors")(torch.randn(3, 2, EMBED)).shape[:2] == (3, 8)
+
+
+def test_decoupled_attention_is_the_formula(sd1, files):
+    """One cross-attention layer: attn(q, text) + scale * attn(q, to_k_ip(tokens), to_v_ip(tokens)), by hand."""
+    _, pipe = sd1
+    adapter = load_ip_adapter(files / "ip-adapter_tiny.safetensors")
+    layer = cross_attention_layers(pipe.unet)[1]
+    x = torch.randn(2, 6, layer.to_q.in_features)
+    text = torch.randn(2, 5, layer.to_k.in_features)
+    tokens = adapter(torch.randn(2, EMBED))
+
+    def attn(q, k, v):
+        h = layer.heads
+        q, k, v = (t.reshape(2, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
+        w = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+        return (w @ v).transpose(1, 2).reshape(2, q.shape[2], -1)
+
+    i = cross_attention_layers(pipe.unet).index(layer)
+    q = layer.to_q(x)
+    want = attn(q, layer.to_k(text), layer.to_v(text)) + 0.4 * attn(
+        q, adapter.to_k_ip[i](tokens), adapter.to_v_ip[i](tokens)
+    )
+    want = layer.to_out[0](want)
+    unit = IPAdapterUnit(adapter, torch.zeros(EMBED), scale=0.4)
+    layers = unit.layers()
+    from sdengine.nn.ip_adapter import AdapterLayers
+
+    with torch.no_grad(), ip_attention_applied(pipe.unet, [AdapterLayers(layers.to_k, layers.to_v, 0.4, 4)], tokens):
+        got = layer(x, text)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert layer.ip_attention is None
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_not_an_ip_adapter_file(tmp_path):
+    from sdengine.weights.io import save_safetensors
+
+    save_safetensors({"conv_in.weight": torch.zeros(2, 2)}, tmp_path / "x.safetensors")
+    with pytest.raises(WeightsError, match="not an IP-Adapter file"):
+        load_ip_adapter(tmp_path / "x.safetensors")
+    torch.save({"image_proj": {"proj.weight": torch.zeros(8, 4)}}, tmp_path / "y.bin")
+    with pytest.raises(WeightsError, match="not an IP-Adapter file"):
+        load_ip_adapter(tmp_path / "y.bin")
+    with pytest.raises(WeightsError, match="no such file"):
+        load_ip_adapter(tmp_path / "missing.bin")
+
+
+def test_faceid_and_odd_numbering_refused(sd1, files, tmp_path):
+    from sdengine.weights.io import load_file, save_safetensors
+
+    sd, _ = load_file(files / "ip-adapter_tiny.safetensors")
+    odd = {k.replace("ip_adapter.3.", "ip_adapter.4."): v for k, v in sd.items()}
+    save_safetensors(odd, tmp_path / "odd.safetensors")
+    with pytest.raises(WeightsError, match=r"numbered \[1, 4"):
+        load_ip_adapter(tmp_path / "odd.safetensors")
+    lora = {**sd, "ip_adapter.1.to_q_lora.down.weight": torch.zeros(4, 4)}
+    save_safetensors(lora, tmp_path / "faceid.safetensors")
+    with pytest.raises(WeightsError, match="FaceID"):
+        load_ip_adapter(tmp_path / "faceid.safetensors")
+
+
+def test_wrong_model_family_is_one_line(sd1, tiny_sdxl_unet_layers):
+    _, pipe = sd1
+    adapter = IPAdapter("plain", ImageProjModel(EMBED, 32, 4), EMBED, 32, tiny_sdxl_unet_layers)
+    unit = IPAdapterUnit(adapter, torch.zeros(1, EMBED))
+    with pytest.raises(SdengineError, match="cross-attention layers and this U-Net has") as e:
+        _ours(pipe, [unit])
+    assert "\n" not in str(e.value)
+
+
+@pytest.fixture
+def tiny_sdxl_unet_layers(sd1):
+    return [layer.to_k.out_features for layer in cross_attention_layers(sd1[1].unet)] * 2  # too many layers
+
+
+def test_width_mismatch_and_bad_inputs(sd1, files):
+    _, pipe = sd1
+    widths = [layer.to_k.out_features for layer in cross_attention_layers(pipe.unet)]
+    wrong = IPAdapter("plain", ImageProjModel(EMBED, 48, 4), EMBED, 48, widths)
+    with pytest.raises(SdengineError, match="made for another model"):
+        _ours(pipe, [IPAdapterUnit(wrong, torch.zeros(1, EMBED))])
+    adapter = load_ip_adapter(files / "ip-adapter_tiny.safetensors")
+    with pytest.raises(GenerationError, match="takes \\[images, 24\\] CLIP image embeddings"):
+        _ours(pipe, [IPAdapterUnit(adapter, torch.zeros(1, 9, EMBED + 1))])
+    with pytest.raises(GenerationError, match="scale must be a finite number"):
+        _ours(pipe, [IPAdapterUnit(adapter, torch.zeros(1, EMBED), scale=float("nan"))])
+    with pytest.raises(GenerationError, match="images for 3 rows in a batch of 2"):
+        _ours(pipe, [IPAdapterUnit(adapter, torch.zeros(3, EMBED))], batch_size=2)
+    with pytest.raises(GenerationError, match="IPAdapterUnit"):
+        _ours(pipe, ["ip-adapter.bin"])
