@@ -15,7 +15,7 @@ from torch import nn
 pytest.importorskip("diffusers")
 
 import sdengine  # noqa: E402
-from _pipeline_models import diffusers_pipeline, picture  # noqa: E402
+from _pipeline_models import diffusers_pipeline, mask_picture, picture  # noqa: E402
 from sdengine.errors import SdengineError  # noqa: E402
 from sdengine.models.ip_adapter import ImageProjModel, IPAdapter, MLPProjModel, Resampler  # noqa: E402
 from sdengine.nn.ip_adapter import cross_attention_layers, ip_attention_applied  # noqa: E402
@@ -77,11 +77,22 @@ def _ours(pipe, units, **kw):
     return pipe(PROMPT, NEGATIVE, ip_adapters=units, progress=False, **args).arrays
 
 
-def _theirs(folder, files, names, embeds, scales, *, img2img=False, steps=STEPS, **kw):
+def _reference(folder, kind: str = "sd1", *, img2img: bool = False):
+    """diffusers' pipeline of ``folder`` with the Euler scheduler of its own config."""
     from diffusers import EulerDiscreteScheduler
 
-    ref = diffusers_pipeline(folder, img2img=img2img)
+    if kind == "sdxl":
+        from _sdxl_models import diffusers_sdxl
+
+        ref = diffusers_sdxl(folder)
+    else:
+        ref = diffusers_pipeline(folder, kind, img2img=img2img)
     ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    return ref
+
+
+def _theirs(folder, files, names, embeds, scales, *, kind="sd1", img2img=False, steps=STEPS, **kw):
+    ref = _reference(folder, kind, img2img=img2img)
     ref.load_ip_adapter(
         [str(files)] * len(names),
         subfolder=[""] * len(names),
@@ -152,6 +163,47 @@ def test_img2img_matches_diffusers(sd1, files):
         strength=0.6,
         steps=8,
     )
+    assert _mad(ours, theirs) < 1e-4
+
+
+def test_inpainting_matches_diffusers(sd1, tiny_inpaint_folder, tmp_path):
+    """A 9-channel inpainting U-Net and an ordinary one (diffusers' blended inpainting), plain adapter."""
+    img, mask = picture(SIZE, SIZE), mask_picture(SIZE, SIZE)
+    pos, neg = _embeds("plain", 8)
+    for kind, folder, pipe in (
+        ("inpaint", tiny_inpaint_folder, sdengine.load_pipeline(tiny_inpaint_folder, device="cpu")),
+        ("inpaint4", sd1[0], sd1[1]),
+    ):
+        save_ip_adapter(_random_adapter(pipe.unet, "plain", 4), tmp_path / f"{kind}.safetensors")
+        unit = IPAdapterUnit(load_ip_adapter(tmp_path / f"{kind}.safetensors"), pos, scale=0.7)
+        ours = _ours(pipe, [unit], init_image=img, mask=mask, strength=1.0)
+        theirs = _theirs(
+            folder,
+            tmp_path,
+            [f"{kind}.safetensors"],
+            [(pos, neg)],
+            [0.7],
+            kind=kind,
+            image=img,
+            mask_image=mask,
+            strength=1.0,
+        )
+        assert _mad(ours, _ours(pipe, None, init_image=img, mask=mask, strength=1.0)) > 0.02
+        assert _mad(ours, theirs) < 1e-4, kind
+
+
+def test_sdxl_matches_diffusers(tmp_path):
+    """SDXL's U-Net (its transformer depths, the middle block last in the file's order), a Plus adapter."""
+    from _sdxl_models import make_sdxl_folder
+
+    folder = make_sdxl_folder(tmp_path / "tiny-sdxl")
+    pipe = sdengine.load_pipeline(folder, device="cpu")
+    save_ip_adapter(_random_adapter(pipe.unet, "plus", 6), tmp_path / "ip-adapter-plus_sdxl.safetensors")
+    pos, neg = _embeds("plus", 9)
+    unit = IPAdapterUnit(load_ip_adapter(tmp_path / "ip-adapter-plus_sdxl.safetensors"), pos, 0.8, neg)
+    ours = _ours(pipe, [unit])
+    theirs = _theirs(folder, tmp_path, ["ip-adapter-plus_sdxl.safetensors"], [(pos, neg)], [0.8], kind="sdxl")
+    assert _mad(ours, _ours(pipe, None)) > 0.02
     assert _mad(ours, theirs) < 1e-4
 
 
@@ -277,3 +329,63 @@ def test_width_mismatch_and_bad_inputs(sd1, files):
         _ours(pipe, [IPAdapterUnit(adapter, torch.zeros(3, EMBED))], batch_size=2)
     with pytest.raises(GenerationError, match="IPAdapterUnit"):
         _ours(pipe, ["ip-adapter.bin"])
+
+
+# ------------------------------------------------------------------------------------------ combinations
+
+
+def test_graphs_never_replay_without_the_adapter(tiny_sd1_folder, files):
+    """With the step graphs and the whole-loop graph on (the CPU stand-in recorder), a call with an adapter runs the
+    plain U-Net (the loop graph skips it: nothing new recorded) and gives the image of a pipeline without graphs; the
+    call without the adapter after it is the recorded one again."""
+    from _cpu_graphs import CPUBackend
+
+    pipe = sdengine.load_pipeline(tiny_sd1_folder, device="cpu", dtype="fp32", fast_path="none")
+    unit = IPAdapterUnit(load_ip_adapter(files / "ip-adapter_tiny.safetensors"), _embeds("plain", 4)[0], scale=0.9)
+
+    def plain(units):
+        graphs, pipe.cuda_graphs = pipe.cuda_graphs, None
+        try:
+            return _ours(pipe, units)
+        finally:
+            pipe.cuda_graphs = graphs
+
+    want_with, want_without = plain([unit]), plain(None)
+    pipe.enable_cuda_graphs(backend=CPUBackend(), device_type="cpu")
+    pipe.enable_loop_graph(backend=CPUBackend(), device_type="cpu", record_after=0)
+    loop = pipe.cuda_graphs["loop"]
+    np.testing.assert_array_equal(_ours(pipe, None), want_without)
+    assert loop.recordings == 1
+    np.testing.assert_array_equal(_ours(pipe, [unit]), want_with)
+    assert loop.recordings == 1  # skipped, not recorded, not replayed
+    np.testing.assert_array_equal(_ours(pipe, None), want_without)
+    assert _mad(want_with, want_without) > 0.02
+
+
+def test_runs_under_prompt_editing_pag_controlnet_and_hires(sd1, files):
+    """The image tokens follow the rows wherever CFG, PAG's perturbed rows, prompt editing's per-step texts,
+    a ControlNet's controlled U-Net and the hires fix's second pass put them: at scale 0 each run is the run without
+    the adapter, at a scale the image changes."""
+    from sdengine.models.controlnet import ControlNet
+
+    _, pipe = sd1
+    adapter = load_ip_adapter(files / "ip-adapter-plus_tiny.bin")
+    pos, neg = _embeds("plus", 12)
+    control = ControlNet.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    settings = [
+        dict(prompt_override="a [red:green:0.5] apple"),
+        dict(pag_scale=2.0),
+        dict(controlnets=[(control, picture(SIZE, SIZE), 0.8)]),
+        dict(enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2, strength=0.5),
+    ]
+    for kw in settings:
+        prompt = kw.pop("prompt_override", PROMPT)
+        args = dict(steps=STEPS, sampler="euler", cfg_scale=7.5, seed=SEED, width=SIZE, height=SIZE, progress=False)
+
+        def run(scale, prompt=prompt, args=args, kw=kw):
+            units = None if scale is None else [IPAdapterUnit(adapter, pos, scale, neg)]
+            return pipe(prompt, NEGATIVE, ip_adapters=units, **args, **kw).arrays
+
+        without = run(None)
+        np.testing.assert_array_equal(run(0.0), without)
+        assert _mad(run(1.0), without) > 0.01, kw
