@@ -205,6 +205,8 @@ def test_sdxl_matches_diffusers(tmp_path):
     theirs = _theirs(folder, tmp_path, ["ip-adapter-plus_sdxl.safetensors"], [(pos, neg)], [0.8], kind="sdxl")
     assert _mad(ours, _ours(pipe, None)) > 0.02
     assert _mad(ours, theirs) < 1e-4
+    with pytest.raises(GenerationError, match="hand-off takes no IP-Adapter"):
+        pipe.generate_with_refiner(pipe, PROMPT, NEGATIVE, ip_adapters=[unit], steps=STEPS, progress=False)
 
 
 def test_scale_zero_is_no_adapter(sd1, files):

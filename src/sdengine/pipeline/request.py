@@ -77,7 +77,8 @@ class GenerationRequest:
     one; ``width``/``height`` None is the model's training size;
     ``mask``: white = repaint (read as grayscale); ``mask_blur``: Gaussian sigma in pixels (A1111's), 0 =
     diffusers' hard mask; ``controlnets``: :class:`ControlUnit` or ``(model_or_path, image, scale[, start,
-    end])``; ``loras``: ``(path_or_name, weight)`` (``<lora:NAME:W>`` tags in the prompt are added, names
+    end])``; ``ip_adapters``: :class:`sdengine.pipeline.ip_adapter.IPAdapterUnit` (adapter, CLIP vision outputs,
+    scale); ``loras``: ``(path_or_name, weight)`` (``<lora:NAME:W>`` tags in the prompt are added, names
     looked up in ``lora_dir``); ``clip_skip`` counts as A1111 (1 = last layer); ``callback(StepInfo)``
     runs after every step, returning False cancels; ``vae_tiling`` None = automatic."""
 
