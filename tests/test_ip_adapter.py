@@ -329,6 +329,12 @@ def test_width_mismatch_and_bad_inputs(sd1, files):
         _ours(pipe, [IPAdapterUnit(adapter, torch.zeros(1, EMBED), scale=float("nan"))])
     with pytest.raises(GenerationError, match="images for 3 rows in a batch of 2"):
         _ours(pipe, [IPAdapterUnit(adapter, torch.zeros(3, EMBED))], batch_size=2)
+    with pytest.raises(GenerationError, match="images for 2 rows in a batch of 1"):
+        _ours(pipe, [IPAdapterUnit(adapter, torch.zeros(EMBED), negative=torch.zeros(2, EMBED))])
+    with pytest.raises(GenerationError, match="negative of shape"):
+        _ours(pipe, [IPAdapterUnit(adapter, torch.zeros(EMBED), negative=torch.zeros(1, EMBED - 1))])
+    with pytest.raises(GenerationError, match="NaN or infinite"):
+        _ours(pipe, [IPAdapterUnit(adapter, torch.full((1, EMBED), float("inf")))])
     with pytest.raises(GenerationError, match="IPAdapterUnit"):
         _ours(pipe, ["ip-adapter.bin"])
 

@@ -59,11 +59,18 @@ class IPAdapterUnit:
                 )
             if not bool(torch.isfinite(t).all()):
                 raise GenerationError(f"IP-Adapter {what} hold NaN or infinite values")
-        if self.negative is not None and self.negative.shape[1:] != self.embeds.shape[1:]:
+        one = 2 if self.adapter.reads_hidden_states else 1  # the dims of one image's input
+        if self.negative is not None and self.negative.shape[-one:] != self.embeds.shape[-one:]:
             raise GenerationError(
                 f"IP-Adapter negative of shape {tuple(self.negative.shape)} does not match embeds "
                 f"{tuple(self.embeds.shape)}"
             )
+
+    def rows(self) -> tuple[int, int]:
+        """How many rows ``embeds`` and ``negative`` give images for (1: every row)."""
+        one = 2 if self.adapter.reads_hidden_states else 1
+        counts = [1 if t.dim() == one else int(t.shape[0]) for t in (self.embeds, self.negative) if t is not None]
+        return counts[0], counts[-1]
 
     def layers(self) -> AdapterLayers:
         """The adapter's projections and scale for the U-Net's layers; the token count is filled in per run."""
@@ -89,9 +96,9 @@ def check_units(units: Sequence[Any], unet: Any, rows: int) -> list[IPAdapterUni
             raise GenerationError(f"ip_adapters takes IPAdapterUnit values, got {type(u).__name__}")
         u.check()
         check_fits(unet, u.layers())
-        n = 1 if u.embeds.dim() == (2 if u.adapter.reads_hidden_states else 1) else u.embeds.shape[0]
-        if n not in (1, rows):
-            raise GenerationError(f"{u.adapter.name}: images for {n} rows in a batch of {rows} (give 1 or {rows})")
+        for n in u.rows():
+            if n not in (1, rows):
+                raise GenerationError(f"{u.adapter.name}: images for {n} rows in a batch of {rows} (give 1 or {rows})")
         out.append(u)
     return out
 
