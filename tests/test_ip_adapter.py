@@ -397,3 +397,29 @@ def test_runs_under_prompt_editing_pag_controlnet_and_hires(sd1, files):
         without = run(None)
         np.testing.assert_array_equal(run(0.0), without)
         assert _mad(run(1.0), without) > 0.01, kw
+
+
+@pytest.mark.parametrize(("preset", "count"), [("sd15", 16), ("sd21", 16), ("sdxl", 70)])
+def test_real_unets_number_their_layers_as_diffusers(preset, count):
+    """The full-size U-Nets (built on the meta device: no weights): sdengine's cross-attention layers in the file's
+    order have the widths of diffusers' ``attn2`` processors in ``unet.attn_processors`` order, and their count is the
+    release's (16 for SD 1.x/2.x, 70 for SDXL)."""
+    from diffusers import UNet2DConditionModel
+
+    from sdengine.models import unet as unet_mod
+    from sdengine.models.unet_sdxl import SDXL_BASE
+
+    cfg = {"sd15": unet_mod.SD15, "sd21": unet_mod.SD21, "sdxl": SDXL_BASE}[preset]
+    d = cfg.to_diffusers()
+    d.pop("_class_name")
+    with torch.device("meta"):
+        ours = unet_mod.UNet(cfg)
+        theirs = UNet2DConditionModel(**d)
+    names = [n for n in theirs.attn_processors if n.endswith("attn2.processor")]
+    widths = [theirs.get_submodule(n.removesuffix(".processor")).to_k.out_features for n in names]
+    layers = cross_attention_layers(ours)
+    assert len(layers) == len(names) == count
+    assert [layer.to_k.out_features for layer in layers] == widths
+    # the file's numbering: the k-th attn2 is processor 2k + 1 of all of them
+    every = list(theirs.attn_processors)
+    assert [every.index(n) for n in names] == list(range(1, 2 * count, 2))
