@@ -67,7 +67,7 @@ def _embeds(kind: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     shape = (1, EMBED) if kind == "plain" else (1, TOKENS, HIDDEN)
     pos = torch.randn(shape, generator=g)
-    neg = torch.zeros(shape) if kind == "plain" else torch.randn(shape, generator=g) * 0.3  # a black image's
+    neg = torch.zeros(shape) if kind == "plain" else torch.randn(shape, generator=g) * 0.3  # an all-zero pixel tensor's
     return pos, neg
 
 
@@ -423,3 +423,60 @@ def test_real_unets_number_their_layers_as_diffusers(preset, count):
     # the file's numbering: the k-th attn2 is processor 2k + 1 of all of them
     every = list(theirs.attn_processors)
     assert [every.index(n) for n in names] == list(range(1, 2 * count, 2))
+
+
+def test_image_to_encoder_to_adapter_matches_diffusers(sd1, tmp_path):
+    """The whole path from a picture: sdengine's CLIP vision encoder (models/clip_vision.py) and preprocessing, a Plus
+    adapter, against diffusers' ``ip_adapter_image=`` with transformers' encoder of the same weights and its
+    ``CLIPImageProcessor``; the negative is what diffusers encodes for it: an all-zero pixel tensor's hidden states."""
+    transformers = pytest.importorskip("transformers")
+    from sdengine.models.clip_vision import clip_image_tensor
+    from sdengine.weights.clip_vision_file import load_clip_vision
+
+    folder, pipe = sd1
+    cfg = transformers.CLIPVisionConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        patch_size=8,
+        image_size=32,
+        projection_dim=EMBED,
+        hidden_act="gelu",
+    )
+    torch.manual_seed(0)
+    hf = transformers.CLIPVisionModelWithProjection(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)
+    hf.save_pretrained(tmp_path / "image_encoder")
+    encoder = load_clip_vision(tmp_path / "image_encoder")
+    save_ip_adapter(_random_adapter(pipe.unet, "plus", 11), tmp_path / "plus.bin")
+    image = picture(40, 48)
+
+    pixels = clip_image_tensor(image, size=32)
+    with torch.no_grad():
+        pos = encoder(pixels).penultimate_hidden_state
+        neg = encoder(torch.zeros_like(pixels)).penultimate_hidden_state
+    ours = _ours(pipe, [IPAdapterUnit(load_ip_adapter(tmp_path / "plus.bin"), pos, 0.9, neg)])
+
+    ref = _reference(folder)
+    ref.load_ip_adapter(
+        str(tmp_path), subfolder="", weight_name="plus.bin", image_encoder_folder=None, low_cpu_mem_usage=False
+    )
+    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    ref.register_modules(image_encoder=hf, feature_extractor=processor)
+    ref.set_ip_adapter_scale(0.9)
+    theirs = ref(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type="np",
+        ip_adapter_image=image,
+        width=SIZE,
+        height=SIZE,
+    ).images
+    assert _mad(ours, _ours(pipe, None)) > 0.02
+    assert _mad(ours, theirs) < 1e-4

@@ -56,6 +56,8 @@ def run_workflow(
     controlnets_dir: Path | None = None,
     vaes_dir: Path | None = None,
     upscalers_dir: Path | None = None,
+    clip_vision_dir: Path | None = None,
+    ip_adapters_dir: Path | None = None,
     input_dir: Path | None = None,
     device: str = "cpu",
     dtype: str | None = None,
@@ -76,12 +78,22 @@ def run_workflow(
         (controlnets_dir, "--controlnets-dir"),
         (vaes_dir, "--vaes-dir"),
         (upscalers_dir, "--upscalers-dir"),
+        (clip_vision_dir, "--clip-vision-dir"),
+        (ip_adapters_dir, "--ip-adapters-dir"),
         (input_dir, "--input-dir"),
     ):
         if folder is not None and not Path(folder).is_dir():
             raise WorkflowError(f"{flag} {folder}: no such folder")
     out = Path(out)
-    catalog = Catalog(models_dir, loras_dir, controlnets_dir, vaes_dir=vaes_dir, upscalers_dir=upscalers_dir)
+    catalog = Catalog(
+        models_dir,
+        loras_dir,
+        controlnets_dir,
+        vaes_dir=vaes_dir,
+        upscalers_dir=upscalers_dir,
+        clip_vision_dir=clip_vision_dir,
+        ip_adapters_dir=ip_adapters_dir,
+    )
     pipes: dict[str, Any] = {}
 
     def pipeline(ref: str) -> Any:
@@ -160,6 +172,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         controlnets_dir=a.controlnets_dir,
         vaes_dir=a.vaes_dir,
         upscalers_dir=a.upscalers_dir,
+        clip_vision_dir=a.clip_vision_dir,
+        ip_adapters_dir=a.ip_adapters_dir,
         input_dir=a.input_dir,
         device=str(resolve_device(a.device)),
         dtype=a.dtype,
@@ -215,6 +229,8 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
     r.add_argument("--controlnets-dir", type=Path, default=None, help="ControlNets ControlNetLoader may name")
     r.add_argument("--vaes-dir", type=Path, default=None, help="VAEs VAELoader may name")
     r.add_argument("--upscalers-dir", type=Path, default=None, help="upscaler models UpscaleModelLoader may name")
+    r.add_argument("--clip-vision-dir", type=Path, default=None, help="CLIP vision encoders CLIPVisionLoader may name")
+    r.add_argument("--ip-adapters-dir", type=Path, default=None, help="IP-Adapter files the IP-Adapter nodes may name")
     r.add_argument("--input-dir", type=Path, default=None, help="LoadImage's folder (default: OUT/input)")
     r.add_argument("--device", default="auto")
     r.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: the device's)")

@@ -82,6 +82,8 @@ def run(a: argparse.Namespace) -> int:
         ("--controlnets-dir", a.controlnets_dir),
         ("--vaes-dir", a.vaes_dir),
         ("--upscalers-dir", a.upscalers_dir),
+        ("--clip-vision-dir", a.clip_vision_dir),
+        ("--ip-adapters-dir", a.ip_adapters_dir),
         ("--embeddings-dir", a.embeddings_dir),
     ):
         if d is not None and not Path(d).is_dir():
@@ -110,6 +112,8 @@ def run(a: argparse.Namespace) -> int:
         controlnets_dir=Path(a.controlnets_dir) if a.controlnets_dir else None,
         vaes_dir=Path(a.vaes_dir) if a.vaes_dir else None,
         upscalers_dir=Path(a.upscalers_dir) if a.upscalers_dir else None,
+        clip_vision_dir=Path(a.clip_vision_dir) if a.clip_vision_dir else None,
+        ip_adapters_dir=Path(a.ip_adapters_dir) if a.ip_adapters_dir else None,
         embeddings_dir=Path(a.embeddings_dir) if a.embeddings_dir else None,
         styles_file=Path(a.styles_file) if a.styles_file else None,
         outputs_dir=Path(a.outputs_dir),
@@ -194,6 +198,15 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         default=None,
         help="folder of upscaler models (ESRGAN, Real-ESRGAN .pth / .safetensors) for the hires fix, the A1111 extras "
         "and ComfyUI's UpscaleModelLoader",
+    )
+    p.add_argument(
+        "--clip-vision-dir",
+        default=None,
+        help="folder of CLIP vision encoders (.safetensors / .bin, image_encoder folders) ComfyUI's CLIPVisionLoader "
+        "may name (IP-Adapter's image encoder)",
+    )
+    p.add_argument(
+        "--ip-adapters-dir", default=None, help="folder of IP-Adapter files (.safetensors / .bin) requests may name"
     )
     p.add_argument("--embeddings-dir", default=None, help="textual-inversion embeddings, used by file name in prompts")
     p.add_argument(

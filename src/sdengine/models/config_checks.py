@@ -33,6 +33,7 @@ KINDS = {
     "clip_text": "CLIP text",
     "bert": "BERT text",
     "minilm": "MiniLM text",
+    "clip_vision": "CLIP vision",
     "scheduler": "scheduler",
 }
 
@@ -68,6 +69,11 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "type_vocab_size": (1, 1024),
     "eos_token_id": (0, 10_000_000),
     "context_length": (2, 512),  # MiniLM reads at most 512 positions
+    # vision encoders (CLIP ViT: the largest, bigG, is 48 layers of 1664 with 257 positions)
+    "num_layers": (1, 128),
+    "patch_size": (1, 1024),
+    "image_size": (1, 4096),
+    "projection_dim": (1, 16384),
     # scheduler
     "num_train_timesteps": (1, 100_000),
     "steps_offset": (0, 100_000),
@@ -98,6 +104,7 @@ NULLABLE = frozenset(
         "attn_norm_num_groups",
         "time_embedding_dim",
         "shift_factor",
+        "projection_dim",  # a CLIP vision tower without visual_projection
         "norm_num_groups",  # diffusers writes null for some pixel U-Nets; the U-Net mapping names it if unusable
     }
 )
@@ -188,6 +195,10 @@ def estimate_parameters(kind: str, values: Mapping[str, Any]) -> int:
         per_layer = 4 * h * h + 2 * h * (values.get("intermediate_size") or 0)
         tables = ((values.get("vocab_size") or 0) + (values.get("max_position_embeddings") or 0)) * h
         return (values.get("num_hidden_layers") or 0) * per_layer + tables
+    if kind == "clip_vision":
+        h = values.get("hidden_size") or 0
+        per_layer = 4 * h * h + 2 * h * (values.get("intermediate_size") or 0)
+        return (values.get("num_layers") or 0) * per_layer
     return 0
 
 

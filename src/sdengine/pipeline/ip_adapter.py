@@ -5,7 +5,7 @@ The image tokens are made once per generation (the projection of the CLIP vision
 conditioning dict as ``ip_tokens`` (B, T, C), every adapter's after the one before it: the conditional rows get the
 image's tokens, the unconditional rows (classifier-free guidance's negative) the tokens of ``negative`` -- by default
 a zero image embedding (diffusers' ``prepare_ip_adapter_image_embeds`` for the plain adapter; for the Plus and
-full-face adapters diffusers encodes a black image, so pass that image's hidden states as ``negative`` to match it).
+full-face adapters diffusers encodes an all-zero pixel tensor, so pass its hidden states as ``negative`` to match it).
 :class:`sdengine.nn.ip_adapter.IPAdapterNet` hands them to the U-Net's cross-attention call by call.
 """
 

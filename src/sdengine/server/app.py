@@ -126,10 +126,12 @@ def create_app(config: ServerConfig, *, loader: Loader | None = None, preload: b
         tiny_vae=config.tiny_vae,
         vaes_dir=config.vaes_dir,
         upscalers_dir=config.upscalers_dir,
+        clip_vision_dir=config.clip_vision_dir,
+        ip_adapters_dir=config.ip_adapters_dir,
     )
     config.model = catalog.startup_name
     folders = (config.outputs_dir, config.models_dir, config.loras_dir, config.controlnets_dir, config.vaes_dir)
-    for folder in (*folders, config.upscalers_dir):
+    for folder in (*folders, config.upscalers_dir, config.clip_vision_dir, config.ip_adapters_dir):
         register_client_folder(folder)  # errors name a file of these by its name inside them (errors.redact_paths)
     manager = JobManager(
         loader=loader
@@ -979,6 +981,16 @@ def _native_routes(app: FastAPI, services: Services) -> None:
         out += [{"name": n, "kind": "pixel"} for n in PIXEL_UPSCALERS]
         out += [{"name": e.name, "kind": "model"} for e in catalog.upscalers()]
         return {"upscalers": out}
+
+    @app.get("/v1/clip_vision", tags=["native"])
+    def clip_visions() -> dict[str, Any]:
+        """The CLIP vision encoders of --clip-vision-dir by their path in it (no server path is told)."""
+        return {"clip_vision": [{"name": e.name} for e in catalog.clip_visions()]}
+
+    @app.get("/v1/ip_adapters", tags=["native"])
+    def ip_adapters() -> dict[str, Any]:
+        """The IP-Adapter files of --ip-adapters-dir by their path in it (no server path is told)."""
+        return {"ip_adapters": [{"name": e.name} for e in catalog.ip_adapters()]}
 
     @app.get("/v1/controlnets", tags=["native"])
     def controlnets() -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sdengine.catalog import VAE_SUFFIXES, WEIGHT_SUFFIXES, ambiguous_files
 from sdengine.io.paths import UnsafePathError, is_inside, resolve_inside
@@ -22,6 +23,10 @@ BUILTIN_LORAS = {p.stem: p for p in sorted((ASSETS / "loras").glob("*.safetensor
 BUILTIN_CONTROLNETS = {"emoji-controlnet-canny": ASSETS / "models" / "emoji-controlnet-canny"}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 MODEL_SUFFIXES = WEIGHT_SUFFIXES["models"]  # what `sdengine list models` lists (a bare name of two is refused)
+# the files --clip-vision-dir and --ip-adapters-dir list: safetensors, and .bin pickles (IP-Adapter's own
+# ip-adapter_sd15.bin, transformers' pytorch_model.bin), which are only ever read weights-only
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin")
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # a diffusers image_encoder/ folder's weights
 _HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")  # A1111 titles: "name [hash]"
 
 
@@ -53,8 +58,12 @@ class Catalog:
         tiny_vae: Path | None = None,
         vaes_dir: Path | None = None,
         upscalers_dir: Path | None = None,
+        clip_vision_dir: Path | None = None,
+        ip_adapters_dir: Path | None = None,
     ) -> None:
         self.models_dir = models_dir
+        self.clip_vision_dir = clip_vision_dir
+        self.ip_adapters_dir = ip_adapters_dir
         self.upscalers_dir = upscalers_dir
         self.tiny_vae = tiny_vae  # the server's --tiny-vae: ComfyUI's VAELoader offers it as "taesd"
         self.vaes_dir = vaes_dir
@@ -286,6 +295,28 @@ class Catalog:
         except UpscalerFileError as e:
             raise BadRequest(str(e)) from None
 
+    # -- CLIP vision encoders and IP-Adapters (ComfyUI's models/clip_vision and models/ipadapter) ------------------
+
+    def clip_visions(self) -> list[Entry]:
+        """The CLIP vision encoders of ``--clip-vision-dir``: ``.safetensors`` / ``.bin`` files and diffusers
+        ``image_encoder`` folders (``config.json`` with ``model.safetensors`` or ``pytorch_model.bin``), by their path
+        in the folder (``sub/name.safetensors`` in a sub-folder), as ComfyUI lists its ``models/clip_vision``."""
+        return _weight_entries(self.clip_vision_dir, WEIGHT_FILE_SUFFIXES, folders=True)
+
+    def resolve_clip_vision(self, name: str) -> Path:
+        """A listed CLIP vision name -> its file or folder; BadRequest when unknown, of another type, or unsafe
+        (``..``, an absolute path, a link out of the folder)."""
+        return _resolve_listed(self.clip_vision_dir, name, "CLIP vision", "--clip-vision-dir", self.clip_visions)
+
+    def ip_adapters(self) -> list[Entry]:
+        """The IP-Adapter files (``.safetensors``, ``.bin``) of ``--ip-adapters-dir``, by their path in the folder,
+        as ComfyUI lists ``models/ipadapter``."""
+        return _weight_entries(self.ip_adapters_dir, WEIGHT_FILE_SUFFIXES, folders=False)
+
+    def resolve_ip_adapter(self, name: str) -> Path:
+        """A listed IP-Adapter name -> its file; BadRequest as :meth:`resolve_clip_vision`."""
+        return _resolve_listed(self.ip_adapters_dir, name, "IP-Adapter", "--ip-adapters-dir", self.ip_adapters)
+
     @staticmethod
     def _safetensors_inside(root: Path, name: str, what: str, folders: bool = False) -> Path:
         if name.lower().endswith(PICKLE_SUFFIXES):
@@ -299,3 +330,54 @@ class Catalog:
         if path.is_file() and path.suffix.lower() != ".safetensors":
             raise BadRequest(f"{what} {name!r}: only .safetensors files are loaded")
         return path
+
+
+def _is_encoder_folder(p: Path) -> bool:
+    return (p / "config.json").is_file() and any((p / n).is_file() for n in FOLDER_WEIGHTS)
+
+
+def _weight_entries(root: Path | None, suffixes: tuple[str, ...], *, folders: bool) -> list[Entry]:
+    """The files of ``root`` and its sub-folders with one of ``suffixes`` (and, with ``folders``, the folders
+    holding a ``config.json`` and weights, not looked into), by their ``/``-separated path in ``root``, sorted;
+    hidden names and links out of the folder are left out."""
+    from sdengine.io.paths import walk_folders_once
+
+    if root is None or not root.is_dir():
+        return []
+    out: list[Entry] = []
+    for dirpath, dirs, names in walk_folders_once(root):
+        here = Path(dirpath)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if folders:
+            for d in list(dirs):
+                if _is_encoder_folder(here / d):
+                    dirs.remove(d)
+                    if is_inside(root, here / d):
+                        out.append(Entry((here / d).relative_to(root).as_posix(), str((here / d).resolve()), False))
+        for n in names:
+            p = here / n
+            if not n.startswith(".") and n.lower().endswith(suffixes) and p.is_file() and is_inside(root, p):
+                out.append(Entry(p.relative_to(root).as_posix(), str(p.resolve()), False))
+    return sorted(out, key=lambda e: e.name)
+
+
+def _resolve_listed(root: Path | None, name: str, what: str, flag: str, listed: Any) -> Path:
+    """``name``, exactly as ``listed()`` lists it, -> its file or folder; a name that leaves ``root``
+    (:func:`resolve_inside`: ``..``, absolute, a link out) or is not listed (another type, hidden, missing) is a
+    one-line BadRequest, the latter naming the choices."""
+    if not isinstance(name, str):
+        raise BadRequest(f"{what} name must be a string, got {type(name).__name__}")
+    if root is None:
+        raise BadRequest(f"unknown {what} {name!r}: the server has no {what} files (serve {flag} DIR)")
+    try:
+        resolve_inside(root, name, what)  # a name that leaves the folder is said so, whether or not it exists
+    except UnsafePathError as e:
+        raise BadRequest(str(e)) from None
+    except FileNotFoundError:
+        pass
+    entries = listed()
+    for entry in entries:
+        if entry.name == name:
+            return Path(entry.ref)
+    have = ", ".join(x.name for x in entries) or f"none ({flag} has no {what} files)"
+    raise BadRequest(f"unknown {what} {name!r}; available: {have}")

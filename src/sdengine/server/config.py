@@ -18,6 +18,8 @@ class ServerConfig:
     controlnets_dir: Path | None = None
     vaes_dir: Path | None = None  # VAE files and folders ComfyUI's VAELoader may name
     upscalers_dir: Path | None = None  # upscaler models (ESRGAN, Real-ESRGAN) hires and extras may name
+    clip_vision_dir: Path | None = None  # CLIP vision encoders (IP-Adapter's image encoder), ComfyUI's clip_vision
+    ip_adapters_dir: Path | None = None  # IP-Adapter files, ComfyUI's ipadapter folder
     embeddings_dir: Path | None = None  # textual-inversion embeddings, used by name in prompts
     styles_file: Path | None = None  # A1111's prompt styles (styles.csv), by name in A1111 requests' ``styles``
     outputs_dir: Path = Path("outputs")

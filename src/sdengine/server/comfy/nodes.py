@@ -1467,6 +1467,10 @@ def sampler_custom(
     refused; the flip of a whole BasicScheduler schedule as the reverse of the grid that schedule is walked on."""
     from sdengine.diffusion import sampling
 
+    if sampler.name == "lcm_upscale":  # SamplerLCMUpscale: its loop, one model call per step
+        return _lcm_upscale_custom(
+            ctx, model, add_noise, noise_seed, cfg, positive, negative, sampler, sigmas, latent_image, guider
+        )
     values = _unsampling_grid(ctx, sigmas, model, sampler) if sigmas.flipped is not None else sigmas.values
     if values.shape[0] == 0:  # ComfyUI: no sigma, no sampling; the latent passes through
         return (dict(latent_image), dict(latent_image))
@@ -1515,6 +1519,103 @@ def sampler_custom(
     at_x0 = float(values[-1]) == 0.0 and not zero_sigma
     denoised = out if at_x0 or not last else {**out, "samples": last[0].float().cpu()}
     return (out, dict(denoised))
+
+
+def _lcm_upscale_custom(
+    ctx: RunContext,
+    model: ModelHandle,
+    add_noise: bool,
+    noise_seed: int,
+    cfg: float,
+    positive: list[Any],
+    negative: list[Any],
+    sampler: SamplerChoice,
+    sigmas: Sigmas,
+    latent_image: dict[str, Any],
+    guider: Guider | None,
+) -> tuple[Any, Any]:
+    """SamplerCustom with SamplerLCMUpscale's sampler (ComfyUI's sample_lcm_upscale,
+    :func:`~sdengine.server.comfy.nodes_sampling.lcm_upscale_loop`): each step's x0 is the guided model's at that
+    sigma, taken from a one-step run of the sampler path on [sigma, 0] (the first with the seed's noise when
+    ``add_noise``, as SamplerCustom starts any sampler; the later ones from the loop's latent as it is); the noise
+    added between steps is drawn from a CPU generator seeded with noise_seed + 1 (ComfyUI draws it from torch's
+    global generator, which no seed sets). Outputs: the last latent and the last x0 (before its upscale, as
+    ComfyUI's denoised_output)."""
+    from sdengine.diffusion import sampling
+    from sdengine.server.comfy.nodes_sampling import lcm_upscale_loop
+
+    opts = dict(sampler.options)
+    values = sigmas.values.detach().to("cpu", torch.float32).reshape(-1)
+    if values.shape[0] == 0:
+        return (dict(latent_image), dict(latent_image))
+    if values.shape[0] == 1:
+        if float(values[0]) == 0.0 or not add_noise:
+            return (dict(latent_image), dict(latent_image))
+        raise NodeError(f"sigmas hold one value ({float(values[0]):g}): no step to run")
+    problem = sampling.sigma_list_problem(values)
+    if problem is not None:
+        raise NodeError(f"{problem}, got {sigmas!r}")
+    if sampling.sigmas_rise(values):
+        raise NodeError("SamplerLCMUpscale cannot walk rising sigmas (unsampling): it denoises to x0 at each step")
+    if latent_image.get("noise_mask") is not None:
+        raise NodeError("SamplerLCMUpscale cannot sample with a noise mask: the latent changes size under it")
+    n = int(values.shape[0]) - 1
+    _check_steps(ctx, n)
+    sig = [float(v) for v in values]
+    pipe = ctx.pipeline(model.ref)
+    f = int(pipe.vae_scale_factor)
+    total = float(opts.get("total_upscale", 1.0))
+    h0, w0 = latent_samples(latent_image, pipe).shape[-2:]
+    if max(round(h0 * total), round(w0 * total)) * f > ctx.max_side:
+        raise NodeError(f"scale_ratio {total:g} makes a latent over the server's limit of {ctx.max_side} pixels a side")
+    last: list[torch.Tensor] = []
+    x0: list[torch.Tensor] = []
+    progress = ctx.progress
+    extra: dict[str, Any] = {}
+    if guider is not None and guider.rule is not None:
+        extra.update(guidance_rule=guider.rule, third=guider.third)
+
+    def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
+        step_ctx = ctx
+        if progress is not None:
+            step_ctx = replace(ctx, progress=lambda step, steps, d: progress(i + step, n, d))
+        lat = latent_image if i == 0 else {**latent_image, "samples": x, "posterior": None, "noise_mask": None}
+        _sample(
+            step_ctx, model=model, seed=int(noise_seed), cfg=cfg, sampler_name="euler", positive=positive,
+            negative=negative, latent_image=lat, last_denoised=last, discard_penultimate=False, steps=1,
+            scheduler="normal", add_noise=add_noise and i == 0, sigmas=torch.tensor([sig[i], 0.0]), **extra,
+        )  # fmt: skip
+        d = last[0].float().cpu()
+        x0[:] = [d]
+        return d
+
+    gen = torch.Generator().manual_seed((int(noise_seed) + 1) % 2**64)
+    start = latent_samples(latent_image, pipe).float()
+    out = lcm_upscale_loop(
+        denoise,
+        start,
+        sig,
+        total,
+        int(opts.get("upscale_steps", -1)),
+        str(opts.get("upscale_method", "bislerp")),
+        lambda shape, i: torch.randn(shape, generator=gen),
+    )
+    from sdengine.pipeline.finite import require_finite
+
+    require_finite(out, f"sampled latent (lcm_upscale, {n} steps)")
+
+    def as_latent(z: torch.Tensor) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "samples": z.cpu(),
+            "size": (z.shape[0], z.shape[2] * f, z.shape[3] * f),
+            "posterior": None,
+            "noise_mask": None,
+        }
+        if "batch_index" in latent_image:
+            d["batch_index"] = latent_image["batch_index"]
+        return d
+
+    return (as_latent(out), as_latent(x0[0] if x0 else out))  # ComfyUI's denoised_output: the last x0
 
 
 def sampler_custom_advanced(

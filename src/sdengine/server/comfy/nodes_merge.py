@@ -70,6 +70,10 @@ class WeightPatch:
     other: Any  # ModelHandle or ClipHandle
     strength_patch: float
     strength_model: float
+    # ModelMergeBlocks / ModelMergeSD1 / ModelMergeSDXL: (LDM key prefix, ratio) in the node's input order; a U-Net
+    # weight takes the ratio of the longest prefix its LDM name starts with, else the first one's, and is merged as
+    # ``W1 * ratio + (1 - ratio) * W2`` (the strengths above are then unused)
+    blocks: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -197,12 +201,58 @@ def _check_same_network(
     return kept
 
 
+def unet_ldm_names(names: list[str]) -> dict[str, str]:
+    """ComfyUI's (LDM) name of each sdengine U-Net parameter (``names``: the U-Net's own, e.g.
+    ``down_blocks.0.resnets.0.conv1.weight`` -> ``input_blocks.1.0.in_layers.2.weight``); NodeError for a U-Net
+    with parameters that have none (a layout the LDM tables do not know)."""
+    from sdengine.errors import SdengineError
+    from sdengine.weights import keymaps as km
+    from sdengine.weights.detect import unet_layout_from_diffusers
+    from sdengine.weights.sdxl_files import unet_table
+
+    try:
+        layout = unet_layout_from_diffusers(dict.fromkeys(names))  # type: ignore[arg-type]  # (reads the names)
+    except SdengineError as e:
+        raise NodeError(f"the U-Net's block layout cannot be read: {e}") from None
+    by_name: Any = {n: n for n in names}  # renamed as tensors would be: the values say which parameter it was
+    renamed, unknown = km.rename_keys(by_name, unet_table(layout), to_diffusers=False)
+    if unknown:
+        raise NodeError(
+            f"{len(unknown)} U-Net parameters have no LDM (ComfyUI) name, e.g. {unknown[0]}: the U-Net cannot be "
+            "merged by blocks or saved in ComfyUI's layout"
+        )
+    return {str(orig): ldm for ldm, orig in renamed.items()}
+
+
+def block_ratio(ldm_key: str, blocks: tuple[tuple[str, float], ...]) -> float:
+    """ComfyUI's ModelMergeBlocks rule: the ratio of the longest prefix ``ldm_key`` starts with (the first such one
+    on a tie), else the first input's (``input`` of ModelMergeBlocks: time_embed.* and label_emb.* take it)."""
+    ratio, longest = blocks[0][1], 0
+    for prefix, r in blocks:
+        if ldm_key.startswith(prefix) and len(prefix) > longest:
+            ratio, longest = r, len(prefix)
+    return ratio
+
+
+def _strengths(current: Mapping[str, torch.Tensor], step: WeightPatch) -> dict[str, tuple[float, float]]:
+    """(strength_patch, strength_model) of each weight: the step's own, or by block (``step.blocks``)."""
+    if not step.blocks:
+        return dict.fromkeys(current, (step.strength_patch, step.strength_model))
+    ldm = unet_ldm_names([n.removeprefix("unet.") for n in current])
+    out = {}
+    for name in current:
+        r = block_ratio(ldm[name.removeprefix("unet.")], step.blocks)
+        out[name] = (1.0 - r, r)
+    return out
+
+
 def _patch(
     current: dict[str, torch.Tensor], other: Mapping[str, torch.Tensor], step: WeightPatch, part: Part, names: str
 ) -> dict[str, torch.Tensor]:
     """ComfyUI's "diff" patch of a merge node on every key both models have."""
     shapes = {n: tuple(t.shape) for n, t in current.items()}
     kept = set(_check_same_network(shapes, {n: tuple(t.shape) for n, t in other.items()}, names))
+    strengths = _strengths(current, step)
     out = dict(current)
     for name, w in current.items():
         if part == "clip" and name.endswith(CLIP_SKIP_SUFFIXES):
@@ -211,7 +261,8 @@ def _patch(
             log.warning("merge: %s is %s in model1 and %s in model2: not merged (as ComfyUI)", name, shapes[name],
                         tuple(other[name].shape))  # fmt: skip
             continue
-        merged = w.float() * step.strength_model + step.strength_patch * other[name].to(w.device).float()
+        strength_patch, strength_model = strengths[name]
+        merged = w.float() * strength_model + strength_patch * other[name].to(w.device).float()
         out[name] = merged.to(w.dtype)
     return out
 
@@ -300,7 +351,13 @@ def merges_applied(ctx: RunContext, pipe: Any, handle: Any, part: Part) -> Itera
 
 
 def _merged(
-    ctx: RunContext, handle: Any, other: Any, strength_patch: float, strength_model: float, part: Part
+    ctx: RunContext,
+    handle: Any,
+    other: Any,
+    strength_patch: float,
+    strength_model: float,
+    part: Part,
+    blocks: tuple[tuple[str, float], ...] = (),
 ) -> tuple[Any]:
     """``handle`` with one more patch; its LoRAs so far become a step before it (ComfyUI's order). The two
     networks are compared here (names and shapes, nothing computed), so that a merge of different kinds of model
@@ -309,10 +366,12 @@ def _merged(
     p1 = {n: tuple(p.shape) for n, p in _params(ctx.pipeline(handle.ref), part).items()}
     p2 = {n: tuple(p.shape) for n, p in _params(ctx.pipeline(other.ref), part).items()}
     _check_same_network(p1, p2, names)
+    if blocks:
+        unet_ldm_names([n.removeprefix("unet.") for n in p1])  # a U-Net with LDM names (else a node error here)
     steps = tuple(handle.merges)
     if handle.loras:
         steps += (LoraStep(tuple(handle.loras)),)
-    patch = WeightPatch(other, float(strength_patch), float(strength_model))
+    patch = WeightPatch(other, float(strength_patch), float(strength_model), blocks)
     return (replace(handle, loras=(), merges=(*steps, patch)),)
 
 
@@ -326,6 +385,51 @@ def model_merge_add(ctx: RunContext, model1: ModelHandle, model2: ModelHandle) -
 
 def model_merge_subtract(ctx: RunContext, model1: ModelHandle, model2: ModelHandle, multiplier: float) -> tuple[Any]:
     return _merged(ctx, model1, model2, -float(multiplier), float(multiplier), "unet")
+
+
+def _ratios(node: str, names: tuple[str, ...], values: dict[str, float]) -> tuple[tuple[str, float], ...]:
+    """The block ratios of a ModelMergeBlocks-style node in its inputs' order (the first is the default)."""
+    extra = sorted(set(values) - set(names))
+    if extra:
+        raise NodeError(f"{node}: no input {extra[0]!r}")
+    out = []
+    for n in names:
+        r = float(values.get(n, 1.0))
+        if not 0.0 <= r <= 1.0:
+            raise NodeError(f"{node}: {n} must be between 0 and 1, got {r:g}")
+        out.append((n, r))
+    return tuple(out)
+
+
+BLOCK_INPUTS = ("input", "middle", "out")  # ModelMergeBlocks' ratios: "out" also prefixes output_blocks.* and out.*
+SD1_BLOCK_INPUTS = (
+    "time_embed.",
+    "label_emb.",
+    *(f"input_blocks.{i}." for i in range(12)),
+    *(f"middle_block.{i}." for i in range(3)),
+    *(f"output_blocks.{i}." for i in range(12)),
+    "out.",
+)
+SDXL_BLOCK_INPUTS = (  # (ComfyUI's names of SDXL's blocks have no final dot)
+    "time_embed.",
+    "label_emb.",
+    *(f"input_blocks.{i}" for i in range(9)),
+    *(f"middle_block.{i}" for i in range(3)),
+    *(f"output_blocks.{i}" for i in range(9)),
+    "out.",
+)
+
+
+def model_merge_blocks(ctx: RunContext, model1: ModelHandle, model2: ModelHandle, **ratios: float) -> tuple[Any]:
+    return _merged(ctx, model1, model2, 0.0, 1.0, "unet", _ratios("ModelMergeBlocks", BLOCK_INPUTS, ratios))
+
+
+def model_merge_sd1(ctx: RunContext, model1: ModelHandle, model2: ModelHandle, **ratios: float) -> tuple[Any]:
+    return _merged(ctx, model1, model2, 0.0, 1.0, "unet", _ratios("ModelMergeSD1", SD1_BLOCK_INPUTS, ratios))
+
+
+def model_merge_sdxl(ctx: RunContext, model1: ModelHandle, model2: ModelHandle, **ratios: float) -> tuple[Any]:
+    return _merged(ctx, model1, model2, 0.0, 1.0, "unet", _ratios("ModelMergeSDXL", SDXL_BLOCK_INPUTS, ratios))
 
 
 def clip_merge_simple(ctx: RunContext, clip1: ClipHandle, clip2: ClipHandle, ratio: float) -> tuple[Any]:
@@ -386,9 +490,9 @@ def _output_target(ctx: RunContext, filename_prefix: str) -> tuple[Path, str]:
     return folder, stem
 
 
-def _vae_module(ctx: RunContext, vae: Any) -> torch.nn.Module:
+def _vae_module(ctx: RunContext, vae: Any, node: str = "CheckpointSave") -> torch.nn.Module:
     if isinstance(vae, TinyVaeHandle):
-        raise NodeError("CheckpointSave needs a full VAE; taesd (the tiny VAE) cannot be saved into a checkpoint")
+        raise NodeError(f"{node} needs a full VAE; taesd (the tiny VAE) cannot be saved")
     if isinstance(vae, VaeFileHandle):
         from sdengine.weights.loading import build_vae
 
@@ -409,7 +513,6 @@ def checkpoint_save(
     ctx: RunContext, model: ModelHandle, clip: ClipHandle, vae: Any, filename_prefix: str
 ) -> dict[str, Any]:
     from sdengine.errors import SdengineError
-    from sdengine.weights.io import save_safetensors
     from sdengine.weights.loading import CONFIG_METADATA_KEY, components_to_ldm, load_checkpoint
     from sdengine.weights.sdxl_files import sdxl_components_to_ldm
 
@@ -470,6 +573,104 @@ def checkpoint_save(
     }
     for k, v in ctx.extra_pnginfo.items():
         meta[str(k)] = json.dumps(v)
+    target = _write_numbered(ctx, folder, stem, flat, meta)
+    log.info("CheckpointSave: %s", target)
+    return {"ui": {}, "result": ()}
+
+
+# ------------------------------------------------------------------------------ ModelSave / CLIPSave / VAESave
+
+
+def _prompt_metadata(ctx: RunContext) -> dict[str, str]:
+    """ComfyUI's metadata of a saved file: the prompt and the workflow (extra_pnginfo), as JSON."""
+    meta = {"prompt": json.dumps(ctx.prompt) if ctx.prompt else ""}
+    for k, v in ctx.extra_pnginfo.items():
+        meta[str(k)] = json.dumps(v)
+    return meta
+
+
+def model_save(ctx: RunContext, model: ModelHandle, filename_prefix: str) -> dict[str, Any]:
+    """ComfyUI's ModelSave: the U-Net alone (merges and LoRAs baked in) under ``model.diffusion_model.`` with its
+    LDM names, the ``v_pred`` (and ``ztsnr``) marker of a v-prediction model, ``modelspec.predict_key``."""
+    from sdengine.weights.sdxl_files import prediction_markers
+
+    folder, stem = _output_target(ctx, filename_prefix)
+    weights = effective_weights(ctx, model, "unet", with_loras=True)
+    pipe = ctx.pipeline(model.ref)
+    with _swapped(_params(pipe, "unet"), weights):
+        state = _cpu_state(pipe.unet)
+    ldm = unet_ldm_names(list(state))
+    flat = {"model.diffusion_model." + ldm[k]: v for k, v in state.items()}
+    prediction = model.prediction or str(getattr(pipe, "prediction_type", "epsilon"))
+    zsnr = model.zsnr or bool((getattr(pipe, "scheduler_config", None) or {}).get("rescale_betas_zero_snr"))
+    flat.update(prediction_markers({"prediction_type": prediction, "rescale_betas_zero_snr": zsnr}))
+    meta = {"format": "pt", "modelspec.predict_key": "v" if prediction == "v_prediction" else "epsilon"}
+    if getattr(pipe.unet.config, "addition_time_embed_dim", None) is not None:  # SDXL: ComfyUI's modelspec
+        refiner = not isinstance(getattr(pipe, "text_encoder", None), torch.nn.Module)
+        meta["modelspec.architecture"] = f"stable-diffusion-xl-v1-{'refiner' if refiner else 'base'}"
+        meta["modelspec.sai_model_spec"] = "1.0.0"
+        meta["modelspec.implementation"] = "sgm"
+    meta.update(_prompt_metadata(ctx))
+    target = _write_numbered(ctx, folder, stem, flat, meta)
+    log.info("ModelSave: %s", target)
+    return {"ui": {}, "result": ()}
+
+
+def _clip_name(role: str, module: torch.nn.Module, sdxl: bool) -> str:
+    """ComfyUI's name of a text encoder (its CLIPSave file suffix): SDXL's clip_l and clip_g, SD 1.x's clip_l
+    (OpenAI CLIP, quick_gelu), SD 2.x's OpenCLIP ViT-H clip_h (exact gelu)."""
+    if sdxl:
+        return "clip_g" if role == "text_encoder_2" else "clip_l"
+    return "clip_h" if getattr(getattr(module, "config", None), "hidden_act", None) == "gelu" else "clip_l"
+
+
+def clip_save(ctx: RunContext, clip: ClipHandle, filename_prefix: str) -> dict[str, Any]:
+    """ComfyUI's CLIPSave: one file per text encoder, ``<prefix>_<clip_l|clip_g|clip_h>_NNNNN_.safetensors``, in
+    transformers' CLIPTextModel names (``text_model.*``, SDXL's clip_g with ``text_projection.weight``), merges
+    and LoRAs baked in."""
+    pipe = ctx.pipeline(clip.ref)
+    _modules(pipe, "clip")  # a CLIP model (MiniLM: a node error)
+    weights = effective_weights(ctx, clip, "clip", with_loras=True)
+    pipe = ctx.pipeline(clip.ref)
+    mods = _modules(pipe, "clip")
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    with _swapped(_params(pipe, "clip"), weights):
+        for role, mod in mods.items():
+            states[role] = {k: v for k, v in _cpu_state(mod).items() if not k.endswith(CLIP_SKIP_SUFFIXES)}
+    sdxl = "text_encoder_2" in mods
+    meta = {"format": "pt", **_prompt_metadata(ctx)}
+    written = []
+    for role, state in states.items():
+        name = _clip_name(role, mods[role], sdxl)
+        folder, stem = _output_target(ctx, f"{filename_prefix.strip() or 'ComfyUI'}_{name}")
+        written.append(_write_numbered(ctx, folder, stem, state, meta))
+    log.info("CLIPSave: %s", ", ".join(map(str, written)))
+    return {"ui": {}, "result": ()}
+
+
+def vae_save(ctx: RunContext, vae: Any, filename_prefix: str) -> dict[str, Any]:
+    """ComfyUI's VAESave: the VAE's weights in the LDM layout, without ``first_stage_model.`` (what VAELoader
+    reads)."""
+    from sdengine.weights import keymaps as km
+    from sdengine.weights.detect import vae_layout_from_diffusers
+
+    state = _cpu_state(_vae_module(ctx, vae, "VAESave"))  # (taesd refused before any folder is made)
+    folder, stem = _output_target(ctx, filename_prefix)
+    flat, bad = km.vae_diffusers_to_ldm(state, vae_layout_from_diffusers(state))
+    if bad:
+        raise NodeError(f"VAESave: {len(bad)} VAE weights have no LDM name, e.g. {bad[0]}")
+    target = _write_numbered(ctx, folder, stem, flat, _prompt_metadata(ctx))
+    log.info("VAESave: %s", target)
+    return {"ui": {}, "result": ()}
+
+
+def _write_numbered(
+    ctx: RunContext, folder: Path, stem: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]
+) -> Path:
+    """``tensors`` written as ``folder/<stem>_NNNNN_.safetensors``, NNNNN one past the highest of the stem there
+    (ComfyUI's counter); returns the file."""
+    from sdengine.weights.io import save_safetensors
+
     folder.mkdir(parents=True, exist_ok=True)
     pattern = re.compile(re.escape(stem) + r"_(\d+)_\.safetensors")
     lock = ctx.save_lock if ctx.save_lock is not None else threading.Lock()
@@ -483,9 +684,8 @@ def checkpoint_save(
             counter += 1
         else:
             raise NodeError(f"no free file name for {stem!r} in {MAX_COUNTER_TRIES} numbers after the highest")
-        save_safetensors(flat, target, metadata=meta)
-    log.info("CheckpointSave: %s", target)
-    return {"ui": {}, "result": ()}
+        save_safetensors(tensors, target, metadata=meta)
+    return target
 
 
 # ----------------------------------------------------------------------------------------------- table
@@ -568,6 +768,81 @@ NODES: dict[str, NodeDef] = {
             output_node=True,
             description="output/PREFIX_NNNNN_.safetensors in the single-file layout, merges and LoRAs baked in, "
             "the prompt as metadata; a prefix outside the output folder is refused.",
+        ),
+        NodeDef(
+            "ModelMergeBlocks",
+            "ModelMergeBlocks",
+            "advanced/model_merging",
+            (Input("model1", "MODEL"), Input("model2", "MODEL"), *(_ratio(n, 1.0, 0.0, 1.0) for n in BLOCK_INPUTS)),
+            ("MODEL",),
+            model_merge_blocks,
+            description="As ComfyUI: model1 * ratio + model2 * (1 - ratio) by U-Net block (LDM names): input for "
+            "input_blocks.*, middle for middle_block.*, out for output_blocks.* and out.*, input's for the rest.",
+        ),
+        NodeDef(
+            "ModelMergeSD1",
+            "ModelMergeSD1",
+            "advanced/model_merging/model_specific",
+            (Input("model1", "MODEL"), Input("model2", "MODEL"), *(_ratio(n, 1.0, 0.0, 1.0) for n in SD1_BLOCK_INPUTS)),
+            ("MODEL",),
+            model_merge_sd1,
+            description="As ComfyUI: ModelMergeBlocks with one ratio per SD 1.x / 2.x block (model1's share; the "
+            "longest prefix wins, time_embed.'s for any other weight).",
+        ),
+        NodeDef(
+            "ModelMergeSD2",
+            "ModelMergeSD2",
+            "advanced/model_merging/model_specific",
+            (Input("model1", "MODEL"), Input("model2", "MODEL"), *(_ratio(n, 1.0, 0.0, 1.0) for n in SD1_BLOCK_INPUTS)),
+            ("MODEL",),
+            model_merge_sd1,
+            description="As ComfyUI: ModelMergeSD1 (SD 2.x has the same blocks).",
+        ),
+        NodeDef(
+            "ModelMergeSDXL",
+            "ModelMergeSDXL",
+            "advanced/model_merging/model_specific",
+            (
+                Input("model1", "MODEL"),
+                Input("model2", "MODEL"),
+                *(_ratio(n, 1.0, 0.0, 1.0) for n in SDXL_BLOCK_INPUTS),
+            ),
+            ("MODEL",),
+            model_merge_sdxl,
+            description="As ComfyUI: ModelMergeBlocks with one ratio per SDXL block (model1's share).",
+        ),
+        NodeDef(
+            "ModelSave",
+            "ModelSave",
+            "advanced/model_merging",
+            (Input("model", "MODEL"), Input("filename_prefix", "STRING", "diffusion_models/ComfyUI")),
+            (),
+            model_save,
+            output_node=True,
+            description="output/PREFIX_NNNNN_.safetensors: the U-Net alone as model.diffusion_model.* (LDM names), "
+            "merges and LoRAs baked in, the v_pred marker of a v-prediction model.",
+        ),
+        NodeDef(
+            "CLIPSave",
+            "CLIPSave",
+            "advanced/model_merging",
+            (Input("clip", "CLIP"), Input("filename_prefix", "STRING", "clip/ComfyUI")),
+            (),
+            clip_save,
+            output_node=True,
+            description="output/PREFIX_clip_l_NNNNN_.safetensors (and _clip_g for SDXL, _clip_h for SD 2.x): each "
+            "text encoder in transformers' text_model.* names, merges and LoRAs baked in.",
+        ),
+        NodeDef(
+            "VAESave",
+            "VAESave",
+            "advanced/model_merging",
+            (Input("vae", "VAE"), Input("filename_prefix", "STRING", "vae/ComfyUI_vae")),
+            (),
+            vae_save,
+            output_node=True,
+            description="output/PREFIX_NNNNN_.safetensors: the VAE in the LDM layout without first_stage_model. "
+            "(what VAELoader reads); taesd is refused.",
         ),
     )
 }

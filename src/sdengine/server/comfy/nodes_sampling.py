@@ -1,7 +1,8 @@
 """ComfyUI's custom-sampling nodes beyond the core ones of ``nodes.py``: more schedulers (PolyexponentialScheduler,
 VPScheduler, LaplaceScheduler), the guiders over three conditionings (DualCFGGuider, PerpNegGuider), AddNoise, and
 the sampler nodes with options for samplers the engine has (SamplerER_SDE, SamplerSASolver, SamplerSEEDS2,
-SamplerEulerCFGpp). Inputs, defaults and ranges are ComfyUI's (comfy_extras/nodes_custom_sampler.py,
+SamplerEulerCFGpp), and SamplerLCMUpscale, whose loop (:func:`lcm_upscale_loop`) SamplerCustom runs here, one
+denoising of the model per step. Inputs, defaults and ranges are ComfyUI's (comfy_extras/nodes_custom_sampler.py,
 nodes_perpneg.py, nodes_advanced_samplers.py); the values they pass are ``nodes.py``'s (SIGMAS, SAMPLER, NOISE,
 GUIDER, LATENT)."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -320,6 +322,64 @@ def sampler_euler_cfg_pp(ctx: Any, version: str) -> tuple[Any]:
     return (SamplerChoice("euler_cfg_pp"),)
 
 
+# ------------------------------------------------------------------------------------------- SamplerLCMUpscale
+
+LCM_UPSCALE = "lcm_upscale"  # the SAMPLER's name: SamplerCustom runs it here (lcm_upscale_loop), not the engine
+LCM_UPSCALE_METHODS = ("bislerp", "nearest-exact", "bilinear", "area", "bicubic")
+
+
+def sampler_lcm_upscale(ctx: Any, scale_ratio: float, scale_steps: int, upscale_method: str) -> tuple[Any]:
+    """ComfyUI's SamplerLCMUpscale (comfy_extras/nodes_advanced_samplers.py): LCM steps that upscale the latent by
+    ``scale_ratio`` over the first ``scale_steps`` steps (-1: about half of them)."""
+    if upscale_method not in LCM_UPSCALE_METHODS:
+        raise NodeError(f"SamplerLCMUpscale: upscale_method must be one of {', '.join(LCM_UPSCALE_METHODS)}")
+    ratio, steps = float(scale_ratio), int(scale_steps)
+    if not (math.isfinite(ratio) and ratio > 0.0):
+        raise NodeError(f"SamplerLCMUpscale: scale_ratio must be above 0, got {scale_ratio}")
+    if steps < -1:
+        raise NodeError(f"SamplerLCMUpscale: scale_steps must be -1 (about half the steps) or more, got {steps}")
+    options = (("total_upscale", ratio), ("upscale_steps", steps), ("upscale_method", str(upscale_method)))
+    return (SamplerChoice(LCM_UPSCALE, options),)
+
+
+def lcm_upscales(n_sigmas: int, total_upscale: float, upscale_steps: int) -> list[float]:
+    """The scale after each of the first steps (ComfyUI's ``np.linspace(1, total_upscale, k)[1:]``, k = n // 2 + 1
+    (at least 2) for ``upscale_steps`` -1, else ``upscale_steps`` + 1 but at most n + 1; n: the sigmas' count)."""
+    import numpy as np
+
+    if upscale_steps < 0:
+        k = max(n_sigmas // 2 + 1, 2)
+    else:
+        k = min(upscale_steps + 1, n_sigmas + 1)
+    return [float(v) for v in np.linspace(1.0, float(total_upscale), k)[1:]]
+
+
+def lcm_upscale_loop(
+    denoise: Callable[[torch.Tensor, int], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: list[float],
+    total_upscale: float,
+    upscale_steps: int,
+    upscale_method: str,
+    noise: Callable[[tuple[int, ...], int], torch.Tensor],
+) -> torch.Tensor:
+    """ComfyUI's ``sample_lcm_upscale``: at each step i, ``x = denoise(x, i)`` (the model's x0 at sigmas[i]), then
+    resized to round(W * s_i) x round(H * s_i) of the start's size while there is a scale s_i
+    (:func:`lcm_upscales`), then ``sigmas[i + 1] * noise(shape, i)`` added unless that sigma is 0. ``x`` in the
+    model's units (x0 + sigma * eps); computed in ``x``'s dtype."""
+    from sdengine.nn.resize import resize_nchw
+
+    upscales = lcm_upscales(len(sigmas), total_upscale, upscale_steps)
+    h0, w0 = int(x.shape[-2]), int(x.shape[-1])
+    for i in range(len(sigmas) - 1):
+        x = denoise(x, i)
+        if i < len(upscales):
+            x = resize_nchw(x, round(w0 * upscales[i]), round(h0 * upscales[i]), upscale_method)
+        if sigmas[i + 1] > 0:
+            x = x + sigmas[i + 1] * noise(tuple(x.shape), i).to(x)
+    return x
+
+
 # ------------------------------------------------------------------------------------------------ the table
 
 
@@ -568,6 +628,20 @@ NODES: dict[str, NodeDef] = {
             sampler_seeds_2,
             description="seeds_2 with its settings; solver_type phi_2, r 1, eta 0 is exp_heun_2_x0 (eta 1, s_noise 1: "
             "exp_heun_2_x0_sde).",
+        ),
+        NodeDef(
+            "SamplerLCMUpscale",
+            "SamplerLCMUpscale",
+            SAMPLERS,
+            (
+                Input("scale_ratio", "FLOAT", 1.0, 0.1, 20.0, 0.01),
+                _int("scale_steps", -1, -1, 1000),
+                Input("upscale_method", "COMBO", LCM_UPSCALE_METHODS[0], choices=LCM_UPSCALE_METHODS),
+            ),
+            ("SAMPLER",),
+            sampler_lcm_upscale,
+            description="LCM steps (x0 at each sigma, then that sigma's noise) that upscale the latent to scale_ratio "
+            "over scale_steps steps (-1: about half); for SamplerCustom; its step noise is sdengine's draws.",
         ),
         NodeDef(
             "SamplerEulerCFGpp",

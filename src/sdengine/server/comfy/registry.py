@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sdengine.server.comfy.nodes import NODES as CORE_NODES
 from sdengine.server.comfy.nodes import NodeDef
+from sdengine.server.comfy.nodes_clip_vision import CLIP_VISION_NODES
 from sdengine.server.comfy.nodes_files import FILE_NODES
 from sdengine.server.comfy.nodes_guidance import GUIDANCE_NODES
 from sdengine.server.comfy.nodes_hypertile import HYPERTILE_NODES
@@ -30,4 +31,5 @@ NODES: dict[str, NodeDef] = {
     **PATCH_NODES,
     **HYPERTILE_NODES,
     **UTILITY_NODES,
+    **CLIP_VISION_NODES,
 }

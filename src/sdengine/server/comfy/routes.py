@@ -984,6 +984,9 @@ def apply_free(st: ComfyState, services: Any, own: Any = None) -> None:
 
     forget_merges()  # the merge nodes' kept weights go with the node cache
     if pending:
+        from sdengine.server.comfy.nodes_clip_vision import forget_clip_visions
+
+        forget_clip_visions()  # CLIPVisionLoader's kept encoders are models too (a later encode reloads its file)
         for w in services.manager.workers:
             if w.current is None or w is own:
                 w.pipe, w.model = None, None
@@ -997,10 +1000,13 @@ def _model_folders(env: Env) -> dict[str, list[str]]:
 
     folders = {"checkpoints": ("CheckpointLoaderSimple", "ckpt_name"), "loras": ("LoraLoader", "lora_name")}
     folders |= {"controlnet": ("ControlNetLoader", "control_net_name"), "vae": ("VAELoader", "vae_name")}
+    folders |= {"clip_vision": ("CLIPVisionLoader", "clip_name")}
     out = {}
     for folder, (node, name) in folders.items():
         inp = NODES[node].input(name)
         out[folder] = choices_of(inp, env) if inp is not None else []
+    # IP-Adapter files (--ip-adapters-dir), under the folder name of ComfyUI's IP-Adapter nodes (ComfyUI_IPAdapter_plus)
+    out["ipadapter"] = [e.name for e in env.catalog.ip_adapters()]
     return out
 
 
