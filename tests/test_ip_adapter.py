@@ -91,7 +91,7 @@ def _reference(folder, kind: str = "sd1", *, img2img: bool = False):
     return ref
 
 
-def _theirs(folder, files, names, embeds, scales, *, kind="sd1", img2img=False, steps=STEPS, **kw):
+def _theirs(folder, files, names, embeds, scales, *, kind="sd1", img2img=False, steps=STEPS, image_axis=False, **kw):
     ref = _reference(folder, kind, img2img=img2img)
     ref.load_ip_adapter(
         [str(files)] * len(names),
@@ -101,7 +101,8 @@ def _theirs(folder, files, names, embeds, scales, *, kind="sd1", img2img=False, 
         low_cpu_mem_usage=False,
     )
     ref.set_ip_adapter_scale(scales)
-    stacked = [torch.cat([neg, pos])[:, None] for pos, neg in embeds]  # [negative, positive], one image each
+    # [negative, positive], one image each unless the embeds have their image axis already ([1, k, ...])
+    stacked = [torch.cat([neg, pos]) if image_axis else torch.cat([neg, pos])[:, None] for pos, neg in embeds]
     gen = torch.Generator("cpu").manual_seed(SEED)
     size = {} if img2img else dict(width=SIZE, height=SIZE)
     return ref(
@@ -479,4 +480,17 @@ def test_image_to_encoder_to_adapter_matches_diffusers(sd1, tmp_path):
         height=SIZE,
     ).images
     assert _mad(ours, _ours(pipe, None)) > 0.02
+    assert _mad(ours, theirs) < 1e-4
+
+
+def test_several_images_per_adapter_match_diffusers(sd1, files):
+    """k images for one adapter ([1, k, D]): their tokens side by side, as diffusers' list of images per adapter."""
+    folder, pipe = sd1
+    g = torch.Generator().manual_seed(21)
+    pos = torch.randn(1, 3, EMBED, generator=g)
+    neg = torch.zeros_like(pos)
+    name = "ip-adapter_tiny.safetensors"
+    ours = _ours(pipe, [IPAdapterUnit(load_ip_adapter(files / name), pos, 0.8)])
+    theirs = _theirs(folder, files, [name], [(pos, neg)], [0.8], image_axis=True)
+    assert _mad(ours, _ours(pipe, [IPAdapterUnit(load_ip_adapter(files / name), pos[:, :1], 0.8)])) > 0.01
     assert _mad(ours, theirs) < 1e-4
