@@ -8,6 +8,9 @@ Guidance") runs some rows of a call with the identity attention map in chosen se
 ``softmax(q k^T / sqrt(d)) v`` becomes ``v``, so the layer answers ``to_out(to_v(x))``. :func:`pag_layers` picks the
 layers (diffusers' ``pag_applied_layers`` rule), :func:`identity_attention` switches them for a block.
 
+IP-Adapter (:mod:`sdengine.nn.ip_adapter`) sets a cross-attention layer's ``ip_attention`` for a call: the layer's
+queries then also attend to the image tokens, and that answer, scaled, is added to the text's before ``to_out``.
+
 HyperTile (:mod:`sdengine.nn.hypertile`) sets a self-attention layer's ``hypertile`` for a block: the layer then
 hands its self-attention to it, which runs it on each tile of the feature map as its own batch row.
 
@@ -154,6 +157,9 @@ class Attention(nn.Module):
         self.hypertile_grid: tuple[int, int] | None = None
         # self-attention guidance: records the attention mass of some rows of each call (set by a probe's owner)
         self.map_probe: AttentionMass | None = None
+        # IP-Adapter: called as ip_attention(q) in a cross-attention, its answer (the image tokens' attention,
+        # scaled) added to the text's (sdengine.nn.ip_adapter; set only inside ip_attention_applied())
+        self.ip_attention: Callable[[Tensor], Tensor | None] | None = None
         # fused query/key/value products (enable_fused_qkv); the stacked weights are a cache, not parameters
         self.fused_projections = False
         # bumped when the stacked weights are dropped (sdengine.nn.fingerprint: a CUDA graph reading them is stale)
@@ -179,8 +185,14 @@ class Attention(nn.Module):
                 h = torch.cat([self._self_attend(x[:b], m), self.to_v(x[b:])])
         elif context is None:
             h = self._self_attend(x, mask)  # (B, L, inner)
-        else:
+        elif self.ip_attention is None:
             h = self._attend(x, context, mask)  # (B, L, inner)
+        else:  # IP-Adapter's decoupled cross-attention: the same queries attend to the image tokens too
+            q, k, v = self._projections(x, context)
+            h = scaled_dot_product_attention(q, k, v, self.heads, mask=mask, upcast=self.upcast)
+            extra = self.ip_attention(q)
+            if extra is not None:
+                h = h + extra
         return self.to_out[1](self.to_out[0](h))  # (B, L, C)
 
     def _self_attend(self, x: Tensor, mask: Tensor | None) -> Tensor:

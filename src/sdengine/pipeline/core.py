@@ -56,6 +56,7 @@ from sdengine.nn.attention import CHUNK_SCORES, identity_attention, pag_layers
 from sdengine.nn.deep_shrink import DeepShrink, DeepShrinkDenoiser, check_deep_shrink, deep_shrink_infotext
 from sdengine.nn.freeu import FreeU, FreeUNet, check_freeu
 from sdengine.nn.hypertile import HyperTile, HyperTileNet, check_hypertile
+from sdengine.nn.ip_adapter import AdapterLayers, IPAdapterNet
 from sdengine.nn.transformer import middle_attention_mass, middle_transformer
 from sdengine.pipeline.control import ControlUnit, GraphedControlledUNet, build_controlled_unet
 from sdengine.pipeline.finite import require_finite
@@ -66,6 +67,7 @@ from sdengine.pipeline.infotext import (
     hashed_files,
     init_resize_mode,
 )
+from sdengine.pipeline.ip_adapter import check_units, image_tokens
 from sdengine.pipeline.latents import A1111Blend, InpaintBlend, blur_mask, start_latents
 from sdengine.pipeline.loop_graph import LoopPlan
 from sdengine.pipeline.request import GenerationRequest
@@ -842,6 +844,8 @@ class Pipeline:
                 f"{width}x{height} is not the model's training size {self.default_size}x"
                 f"{self.default_size}: subjects may repeat or be cut off",
             )
+        if r.ip_adapters:  # the adapters fit this U-Net and the batch (one line, before any model runs)
+            check_units(r.ip_adapters, self.unet, len(seeds))
         return Prepared(
             r,
             width,
@@ -1223,7 +1227,13 @@ class Pipeline:
         hypertile = None if tiles is None else (tiles, int(p.seeds[0]))
         # SAG records the middle block's attention map in the plain U-Net's calls: the same
         sag = r.sag_settings()
-        plain = pag is None and freeu is None and sag is None and shrink is None and hypertile is None
+        # IP-Adapter sets the plain U-Net's cross-attention layers per call (its image tokens ride in the
+        # conditioning dict as ip_tokens): the plain network too, and no whole-loop graph
+        ip = image_tokens(list(r.ip_adapters or ()), len(p.seeds), dev, self.dtype)
+        if ip is not None:
+            cond = {**cond, "ip_tokens": ip.cond[rows]}
+            uncond = {**uncond, "ip_tokens": ip.uncond[rows]}
+        plain = pag is None and freeu is None and sag is None and shrink is None and hypertile is None and ip is None
         if not units and plain:
             net = self.graphed("unet") or net
         if units:
@@ -1243,7 +1253,7 @@ class Pipeline:
                 noise_schedule=self.noise_schedule,
             )
             # graphs on, the U-Net unhooked: the controlled step
-            plain = pag is None and freeu is None and sag is None and hypertile is None
+            plain = pag is None and freeu is None and sag is None and hypertile is None and ip is None
             if self.graphed("unet") is not None and plain:
                 graphed_control = GraphedControlledUNet(net, **self._graph_opts)
                 net = graphed_control if graphed_control.usable() else net
@@ -1258,6 +1268,7 @@ class Pipeline:
             sag=sag,
             deep_shrink=shrink,
             hypertile=hypertile,
+            ip_adapters=None if ip is None else ip.layers,
         )
         blend: Any = None
         if r.strength_rule in A1111_STRENGTH_RULES and start.rounded_mask is not None and start.init_latent is not None:
@@ -1284,6 +1295,7 @@ class Pipeline:
         replay_loop = (
             loop is not None
             and not units
+            and ip is None  # the adapters' layers are set per call of the plain U-Net: never recorded
             and texts is None
             and blend is None
             and start.noise.device.type == loop.device_type
@@ -1338,6 +1350,7 @@ class Pipeline:
         sag: tuple[Any, ...] | None = None,
         deep_shrink: DeepShrink | None = None,
         hypertile: tuple[HyperTile, int] | None = None,
+        ip_adapters: Sequence[AdapterLayers] | None = None,
     ) -> Any:
         """The x0-denoiser the samplers call: classifier-free guidance over the U-Net (``net``: what runs in its
         place, a graph or a controlled U-Net); ``texts``: prompt editing's text rows of each step; ``pag``: (scale,
@@ -1348,12 +1361,16 @@ class Pipeline:
         the middle-block attention map of this pipeline's U-Net (the plain network runs it too); ``deep_shrink``: Deep
         Shrink on this pipeline's U-Net in the calls whose sigma is in its window (:mod:`sdengine.nn.deep_shrink`; the
         plain network too); ``hypertile``: (settings, seed) of HyperTile on this pipeline's U-Net's self-attention,
-        one generator seeded with ``seed`` for this denoiser's calls (:mod:`sdengine.nn.hypertile`)."""
+        one generator seeded with ``seed`` for this denoiser's calls (:mod:`sdengine.nn.hypertile`); ``ip_adapters``:
+        IP-Adapters on this pipeline's U-Net's cross-attention, the calls' image tokens read from the conditioning's
+        ``ip_tokens`` (:mod:`sdengine.nn.ip_adapter`; the plain network too)."""
         net = self.unet if net is None else net
         if freeu is not None:
             net = FreeUNet(net, self.unet, freeu)
         if hypertile is not None:
             net = HyperTileNet(net, self.unet, hypertile[0], hypertile[1], scale=self.vae_scale_factor)
+        if ip_adapters:
+            net = IPAdapterNet(net, self.unet, ip_adapters)
         model: Any = UNetAdapter(net, self.dtype)
         if texts is not None:  # prompt editing: the text rows of each step (sdengine.pipeline.prompt_editing)
             from sdengine.pipeline.prompt_editing import StepTexts

@@ -31,6 +31,7 @@ from sdengine.nn.deep_shrink import DeepShrink
 from sdengine.nn.freeu import FREEU_RULES, FreeU
 from sdengine.nn.hypertile import HYPERTILE_RULES, MAX_DEPTH, MAX_SWAP_SIZE, MAX_TILE_SIZE, HyperTile
 from sdengine.pipeline.control import ControlUnit
+from sdengine.pipeline.ip_adapter import IPAdapterUnit
 from sdengine.pipeline.result import StepCallback
 from sdengine.text.conditioners import CLIP_SKIP_RULES
 
@@ -76,7 +77,8 @@ class GenerationRequest:
     one; ``width``/``height`` None is the model's training size;
     ``mask``: white = repaint (read as grayscale); ``mask_blur``: Gaussian sigma in pixels (A1111's), 0 =
     diffusers' hard mask; ``controlnets``: :class:`ControlUnit` or ``(model_or_path, image, scale[, start,
-    end])``; ``loras``: ``(path_or_name, weight)`` (``<lora:NAME:W>`` tags in the prompt are added, names
+    end])``; ``ip_adapters``: :class:`sdengine.pipeline.ip_adapter.IPAdapterUnit` (adapter, CLIP vision outputs,
+    scale); ``loras``: ``(path_or_name, weight)`` (``<lora:NAME:W>`` tags in the prompt are added, names
     looked up in ``lora_dir``); ``clip_skip`` counts as A1111 (1 = last layer); ``callback(StepInfo)``
     runs after every step, returning False cancels; ``vae_tiling`` None = automatic."""
 
@@ -99,6 +101,9 @@ class GenerationRequest:
     mask_blur: float = 0
     controlnets: Sequence[ControlUnit | tuple[Any, ...]] | None = None
     guess_mode: bool = False
+    # IP-Adapter image prompts (sdengine.pipeline.ip_adapter): each a loaded adapter, its images' CLIP vision
+    # outputs and a scale; [] / None: none
+    ip_adapters: Sequence[IPAdapterUnit] | None = None
     loras: Sequence[LoRAInput] | None = None
     lora_dir: str | Path | None = None
     clip_skip: int = 1
@@ -516,6 +521,15 @@ class GenerationRequest:
         if self.masked_content != "original" and self.mask is None:
             raise GenerationError(f"masked_content {self.masked_content!r} needs a mask (inpainting)")
         self.control_units()  # the tuple forms parse
+        if self.ip_adapters is not None:
+            if not isinstance(self.ip_adapters, list | tuple):
+                raise GenerationError(
+                    f"ip_adapters must be a list of IPAdapterUnit, got {type(self.ip_adapters).__name__}"
+                )
+            for unit in self.ip_adapters:
+                if not isinstance(unit, IPAdapterUnit):
+                    raise GenerationError(f"ip_adapters takes IPAdapterUnit values, got {type(unit).__name__}")
+                unit.check()
         from sdengine.io.resize import resize_mode_name
 
         if self.vae_decode not in VAE_DECODE_METHODS:

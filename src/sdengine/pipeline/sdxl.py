@@ -73,6 +73,8 @@ def check_hand_off(
         raise GenerationError(f"switch_at must be a number in [0, 1), got {switch_at!r}")
     if request.controlnets or request.loras:
         raise GenerationError("a base -> refiner hand-off takes no ControlNet or LoRA")
+    if request.ip_adapters:
+        raise GenerationError("a base -> refiner hand-off takes no IP-Adapter (run the base alone with it)")
     if request.vae_decode != "full":
         raise GenerationError("vae_decode 'tiny' is not supported with a refiner (the refiner's VAE decodes)")
     if request.subseed_strength:

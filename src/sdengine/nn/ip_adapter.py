@@ -1,0 +1,178 @@
+"""IP-Adapter's decoupled cross-attention (Ye et al. 2023): every cross-attention layer of the U-Net answers
+
+    ``attn(q, K_text, V_text) + sum_j scale_j * attn(q, to_k_ip_j(tokens_j), to_v_ip_j(tokens_j))``
+
+with the same queries ``q = to_q(x)``, where ``tokens_j`` are adapter ``j``'s image tokens (its image projection of
+the CLIP vision output, :mod:`sdengine.models.ip_adapter`) and ``to_k_ip_j`` / ``to_v_ip_j`` its own key and value
+projections for that layer; the sum goes through the layer's ``to_out`` as the text's answer alone would. A scale of
+0 leaves the layer exactly as without the adapter (its term is skipped).
+
+Which layer takes which weights: the original release (and diffusers' ``load_ip_adapter``) numbers every attention
+processor of diffusers' U-Net in ``unet.attn_processors`` order (down blocks, then up blocks, then the middle block;
+within a block its transformers in order, within a transformer block ``attn1`` then ``attn2``), so the k-th
+cross-attention layer (``attn2``) in that order is entry ``2k + 1`` of the file (:func:`cross_attention_layers`).
+
+:func:`ip_attention_applied` sets the layers' ``ip_attention`` (:attr:`sdengine.nn.attention.Attention.ip_attention`)
+for a block; :class:`IPAdapterNet` wraps a network call in it, the image tokens of the call's rows handed in as
+``ip_tokens`` (classifier-free guidance stacks the conditional rows' tokens and the unconditional rows' as it stacks
+the text states). Nothing is patched outside a call: the plain U-Net's path is one attribute test per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from sdengine.errors import UsageError
+from sdengine.nn.attention import Attention, scaled_dot_product_attention
+
+# cross-attention layers of the U-Nets the adapters are released for, to name a model in a count mismatch
+KNOWN_LAYER_COUNTS = {16: "SD 1.x / 2.x", 70: "SDXL"}
+
+
+def cross_attention_layers(unet: Any) -> list[Attention]:
+    """The cross-attention layers of ``unet`` in the order IP-Adapter files number them (module docstring)."""
+    blocks: list[nn.Module] = [*getattr(unet, "down_blocks", ()), *getattr(unet, "up_blocks", ())]
+    mid = getattr(unet, "mid_block", None)
+    if mid is not None:
+        blocks.append(mid)
+    return [m for b in blocks for m in b.modules() if isinstance(m, Attention) and m.is_cross_attention]
+
+
+def _model_name(count: int) -> str:
+    name = KNOWN_LAYER_COUNTS.get(count)
+    return f"{count} ({name})" if name else str(count)
+
+
+@dataclass(frozen=True)
+class AdapterLayers:
+    """One adapter's key and value projections, one pair per cross-attention layer (in :func:`cross_attention_layers`
+    order), its scale and how many image tokens it has in a call's ``ip_tokens`` (after the earlier adapters')."""
+
+    to_k: Sequence[nn.Module]
+    to_v: Sequence[nn.Module]
+    scale: float
+    tokens: int
+    name: str = "IP-Adapter"
+
+
+def check_fits(unet: Any, adapter: AdapterLayers) -> list[Attention]:
+    """The U-Net's cross-attention layers, checked against an adapter's projections (count, widths): one line each."""
+    layers = cross_attention_layers(unet)
+    n = len(adapter.to_k)
+    if n != len(layers):
+        raise UsageError(
+            f"{adapter.name} has {_model_name(n)} cross-attention layers and this U-Net has "
+            f"{_model_name(len(layers))}: it was made for another model family"
+        )
+    for i, (layer, to_k) in enumerate(zip(layers, adapter.to_k, strict=True)):
+        w = getattr(to_k, "weight", None)
+        want = (layer.to_k.out_features, layer.to_k.in_features)
+        if w is None or tuple(w.shape) != want:
+            got = "?" if w is None else f"{w.shape[0]} x {w.shape[1]}"
+            raise UsageError(
+                f"{adapter.name}: cross-attention layer {i} projects image tokens as {got} and the U-Net's layer is "
+                f"{want[0]} x {want[1]} (width x text width): it was made for another model"
+            )
+    return layers
+
+
+class DecoupledAttention:
+    """What a cross-attention layer's ``ip_attention`` is during a call: the image tokens' attention of the layer's
+    queries, each adapter's scaled, summed; None when every scale is 0."""
+
+    def __init__(
+        self, layer: Attention, parts: Sequence[tuple[nn.Module, nn.Module, float, int, int]], tokens: Tensor
+    ) -> None:
+        self.heads, self.upcast = layer.heads, layer.upcast
+        self.parts = parts  # (to_k_ip, to_v_ip, scale, first token, token count)
+        self.tokens = tokens  # (B or 1, T, C)
+
+    def __call__(self, q: Tensor) -> Tensor | None:
+        out: Tensor | None = None
+        tokens = self.tokens.to(q.dtype)
+        if tokens.shape[0] != q.shape[0]:
+            if tokens.shape[0] != 1:
+                raise UsageError(f"IP-Adapter got image tokens for {tokens.shape[0]} rows in a call of {q.shape[0]}")
+            tokens = tokens.expand(q.shape[0], -1, -1)
+        for to_k, to_v, scale, first, count in self.parts:
+            if scale == 0:
+                continue
+            t = tokens[:, first : first + count]  # (B, n, C)
+            h = scaled_dot_product_attention(q, to_k(t), to_v(t), self.heads, upcast=self.upcast)  # (B, L, inner)
+            out = h * scale if out is None else out + h * scale
+        return out
+
+
+Parts = list[list[tuple[nn.Module, nn.Module, float, int, int]]]
+
+
+def layer_parts(unet: Any, adapters: Sequence[AdapterLayers]) -> tuple[list[Attention], Parts, int]:
+    """The cross-attention layers of ``unet``, checked against every adapter, each layer's (to_k_ip, to_v_ip, scale,
+    first token, token count) per adapter, and the adapters' token count in all."""
+    layers = cross_attention_layers(unet)
+    parts: Parts = [[] for _ in layers]
+    first = 0
+    for adapter in adapters:
+        check_fits(unet, adapter)
+        for i in range(len(layers)):
+            parts[i].append((adapter.to_k[i], adapter.to_v[i], float(adapter.scale), first, adapter.tokens))
+        first += adapter.tokens
+    return layers, parts, first
+
+
+@contextmanager
+def _applied(layers: list[Attention], parts: Parts, total: int, tokens: Tensor) -> Iterator[None]:
+    if tokens.dim() != 3 or tokens.shape[1] != total:
+        raise UsageError(f"IP-Adapter got image tokens of shape {tuple(tokens.shape)} where its adapters have {total}")
+    for layer, own in zip(layers, parts, strict=True):
+        layer.ip_attention = DecoupledAttention(layer, own, tokens)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.ip_attention = None
+
+
+@contextmanager
+def ip_attention_applied(unet: Any, adapters: Sequence[AdapterLayers], tokens: Tensor) -> Iterator[None]:
+    """Inside the block, every cross-attention layer of ``unet`` attends also to ``tokens`` (B, T, C): adapter ``j``'s
+    tokens after those of the adapters before it; as before after it, whatever happens."""
+    with _applied(*layer_parts(unet, adapters), tokens):
+        yield
+
+
+class IPAdapterNet:
+    """``net`` (the U-Net, or what calls it) called with the adapters on ``unet``'s cross-attention: the call's image
+    tokens come as the keyword ``ip_tokens`` (B, T, C) and are not passed on."""
+
+    takes_ip_tokens = True
+
+    def __init__(self, net: Callable[..., Tensor], unet: Any, adapters: Sequence[AdapterLayers]) -> None:
+        self.net, self.unet, self.adapters = net, unet, list(adapters)
+        self.plan = layer_parts(unet, self.adapters)  # checked once, not per call
+        # what UNetAdapter asks of the network it calls
+        self.takes_step = bool(getattr(net, "takes_step", False))
+        self.takes_row_kinds = bool(getattr(net, "takes_row_kinds", False))
+
+    def __call__(self, *args: Any, ip_tokens: Tensor | None = None, **kwargs: Any) -> Tensor:
+        if ip_tokens is None:
+            raise UsageError("IP-Adapter: the call got no image tokens (ip_tokens)")
+        with _applied(*self.plan, ip_tokens):
+            return self.net(*args, **kwargs)
+
+
+__all__ = [
+    "KNOWN_LAYER_COUNTS",
+    "AdapterLayers",
+    "DecoupledAttention",
+    "IPAdapterNet",
+    "check_fits",
+    "cross_attention_layers",
+    "ip_attention_applied",
+    "layer_parts",
+]

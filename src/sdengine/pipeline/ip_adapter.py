@@ -1,0 +1,136 @@
+"""IP-Adapter units of a generation (``GenerationRequest.ip_adapters``): each a loaded adapter
+(:func:`sdengine.weights.ip_adapter_file.load_ip_adapter`), the CLIP vision outputs of its image(s), a scale.
+
+The image tokens are made once per generation (the projection of the CLIP vision outputs) and travel in the
+conditioning dict as ``ip_tokens`` (B, T, C), every adapter's after the one before it: the conditional rows get the
+image's tokens, the unconditional rows (classifier-free guidance's negative) the tokens of ``negative`` -- by default
+a zero image embedding (diffusers' ``prepare_ip_adapter_image_embeds`` for the plain adapter; for the Plus and
+full-face adapters diffusers encodes an all-zero pixel tensor, so pass its hidden states as ``negative`` to match it).
+:class:`sdengine.nn.ip_adapter.IPAdapterNet` hands them to the U-Net's cross-attention call by call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sdengine.errors import GenerationError, UsageError
+from sdengine.models.ip_adapter import IPAdapter
+from sdengine.nn.ip_adapter import AdapterLayers, check_fits
+
+
+@dataclass(frozen=True)
+class IPAdapterUnit:
+    """One IP-Adapter in a generation. ``embeds``: the CLIP vision output of the image(s) -- the image embedding
+    ``[D]`` / ``[n, D]`` / ``[n, k, D]`` for a plain adapter, the penultimate hidden states ``[L, H]`` / ``[n, L, H]``
+    / ``[n, k, L, H]`` for Plus and full-face -- one image for every row (n = 1) or one per row of the batch
+    (n = rows), ``k`` images each (their tokens side by side); ``negative``: the same for the unconditional rows
+    (None: zeros); ``scale``: the weight of the image tokens' attention (0: no effect)."""
+
+    adapter: IPAdapter
+    embeds: Tensor
+    scale: float = 1.0
+    negative: Tensor | None = None
+
+    def check(self) -> None:
+        """One line for a unit that cannot run (needs no model)."""
+        if not isinstance(self.adapter, IPAdapter):
+            raise GenerationError(
+                "an IP-Adapter unit needs a loaded adapter (sdengine.weights.ip_adapter_file.load_ip_adapter), got "
+                f"{type(self.adapter).__name__}"
+            )
+        s = self.scale
+        if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s):
+            raise GenerationError(f"IP-Adapter scale must be a finite number, got {s!r}")
+        for what, t in (("embeds", self.embeds), ("negative", self.negative)):
+            if t is None and what == "negative":
+                continue
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise GenerationError(f"IP-Adapter {what} must be a float tensor, got {type(t).__name__}")
+            one = 2 if self.adapter.reads_hidden_states else 1
+            if not one <= t.dim() <= one + 2 or t.shape[-1] != self.adapter.embed_dim:
+                raise GenerationError(
+                    f"{self.adapter.name} takes {self.adapter.input_shape()}, got {what} of shape {tuple(t.shape)}"
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise GenerationError(f"IP-Adapter {what} hold NaN or infinite values")
+        one = 2 if self.adapter.reads_hidden_states else 1  # the dims of one image's input
+        if self.negative is not None and self.negative.shape[-one:] != self.embeds.shape[-one:]:
+            raise GenerationError(
+                f"IP-Adapter negative of shape {tuple(self.negative.shape)} does not match embeds "
+                f"{tuple(self.embeds.shape)}"
+            )
+
+    def rows(self) -> tuple[int, int]:
+        """How many rows ``embeds`` and ``negative`` give images for (1: every row)."""
+        one = 2 if self.adapter.reads_hidden_states else 1
+        counts = [1 if t.dim() == one else int(t.shape[0]) for t in (self.embeds, self.negative) if t is not None]
+        return counts[0], counts[-1]
+
+    def layers(self) -> AdapterLayers:
+        """The adapter's projections and scale for the U-Net's layers; the token count is filled in per run."""
+        return AdapterLayers(
+            list(self.adapter.to_k_ip), list(self.adapter.to_v_ip), float(self.scale), 0, self.adapter.name
+        )
+
+
+def _rows(t: Tensor, rows: int, adapter: IPAdapter) -> Tensor:
+    """Tokens ``[n, T, C]`` for ``rows`` rows: n = 1 is every row's."""
+    if t.shape[0] == rows:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(rows, -1, -1)
+    raise GenerationError(f"{adapter.name}: image inputs for {t.shape[0]} rows in a batch of {rows} (give 1 or {rows})")
+
+
+def check_units(units: Sequence[Any], unet: Any, rows: int) -> list[IPAdapterUnit]:
+    """The units, checked against the U-Net (layer count, widths) and the batch's rows, before any model runs."""
+    out = []
+    for u in units:
+        if not isinstance(u, IPAdapterUnit):
+            raise GenerationError(f"ip_adapters takes IPAdapterUnit values, got {type(u).__name__}")
+        u.check()
+        check_fits(unet, u.layers())
+        for n in u.rows():
+            if n not in (1, rows):
+                raise GenerationError(f"{u.adapter.name}: images for {n} rows in a batch of {rows} (give 1 or {rows})")
+        out.append(u)
+    return out
+
+
+@dataclass
+class IPTokens:
+    """A generation's image tokens: ``cond`` and ``uncond`` (rows, T, C) and the adapters' layers with their counts."""
+
+    cond: Tensor
+    uncond: Tensor
+    layers: list[AdapterLayers]
+
+
+def image_tokens(
+    units: Sequence[IPAdapterUnit], rows: int, device: torch.device | str, dtype: torch.dtype
+) -> IPTokens | None:
+    """The tokens of every unit for ``rows`` rows (projected once, in ``dtype`` on ``device``); None without units."""
+    if not units:
+        return None
+    cond, uncond, layers = [], [], []
+    with torch.inference_mode():
+        for u in units:
+            adapter = u.adapter.to(device=device, dtype=dtype)
+            pos = adapter(u.embeds)
+            neg = adapter(torch.zeros_like(u.embeds) if u.negative is None else u.negative)
+            if pos.shape[1] != neg.shape[1]:
+                raise UsageError(f"{adapter.name}: negative gives {neg.shape[1]} tokens, embeds {pos.shape[1]}")
+            cond.append(_rows(pos, rows, adapter))
+            uncond.append(_rows(neg, rows, adapter))
+            base = u.layers()
+            layers.append(AdapterLayers(base.to_k, base.to_v, base.scale, int(pos.shape[1]), base.name))
+    return IPTokens(torch.cat(cond, dim=1), torch.cat(uncond, dim=1), layers)
+
+
+__all__ = ["IPAdapterUnit", "IPTokens", "check_units", "image_tokens"]
