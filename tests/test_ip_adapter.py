@@ -20,7 +20,7 @@ from sdengine.errors import SdengineError  # noqa: E402
 from sdengine.models.ip_adapter import ImageProjModel, IPAdapter, MLPProjModel, Resampler  # noqa: E402
 from sdengine.nn.ip_adapter import cross_attention_layers, ip_attention_applied  # noqa: E402
 from sdengine.pipeline import GenerationError  # noqa: E402
-from sdengine.pipeline.ip_adapter import IPAdapterUnit  # noqa: E402
+from sdengine.pipeline.ip_adapter import IPAdapterUnit, unit_from_images  # noqa: E402
 from sdengine.weights.io import WeightsError  # noqa: E402
 from sdengine.weights.ip_adapter_file import load_ip_adapter, save_ip_adapter  # noqa: E402
 
@@ -481,6 +481,35 @@ def test_image_to_encoder_to_adapter_matches_diffusers(sd1, tmp_path):
     ).images
     assert _mad(ours, _ours(pipe, None)) > 0.02
     assert _mad(ours, theirs) < 1e-4
+    # unit_from_images does that whole path itself (diffusers' negative rule is its default)
+    unit = unit_from_images(load_ip_adapter(tmp_path / "plus.bin"), encoder, image, 0.9)
+    assert np.array_equal(_ours(pipe, [unit]), ours)
+
+    # ComfyUI_IPAdapter_plus's rule: the negative is a black picture's hidden states, which is not diffusers' tensor
+    comfy = unit_from_images(load_ip_adapter(tmp_path / "plus.bin"), encoder, image, 0.9, negative_rule="comfyui")
+    black = clip_image_tensor(np.zeros((32, 32, 3), np.uint8), size=32)
+    with torch.no_grad():
+        assert torch.equal(comfy.negative, encoder(black).penultimate_hidden_state[0])
+    assert not torch.allclose(comfy.negative, neg[0], atol=1e-3)
+    assert torch.equal(comfy.embeds[0], unit.embeds[0])
+
+    # two pictures at once: every row takes both (their tokens side by side); per_row: one picture per row
+    both = unit_from_images(load_ip_adapter(tmp_path / "plus.bin"), encoder, [image, picture(32, 32)], 0.9)
+    assert tuple(both.embeds.shape[:2]) == (1, 2) and tuple(both.negative.shape[:2]) == (1, 2)
+    rows = unit_from_images(
+        load_ip_adapter(tmp_path / "plus.bin"), encoder, [image, picture(32, 32)], 0.9, per_row=True
+    )
+    two = _ours(pipe, [rows], seed=[SEED, 9])
+    assert np.allclose(two[0], ours[0], atol=1e-5)
+
+    # an encoder of another width than the adapter reads: one line naming both
+    plain = load_ip_adapter(tmp_path / "plus.bin")
+    plain.embed_dim += 8
+    with pytest.raises(SdengineError, match=r"reads CLIP vision hidden states of width 48; .* gives 40") as e:
+        unit_from_images(plain, encoder, image)
+    assert "\n" not in str(e.value)
+    with pytest.raises(SdengineError, match="negative rule 'a1111'"):
+        unit_from_images(load_ip_adapter(tmp_path / "plus.bin"), encoder, image, negative_rule="a1111")
 
 
 def test_several_images_per_adapter_match_diffusers(sd1, files):

@@ -16,10 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from sdengine.errors import GenerationError, UsageError
+from sdengine.models.clip_vision import CLIPVisionModel, ImageLike, clip_image_tensor
 from sdengine.models.ip_adapter import IPAdapter
 from sdengine.nn.ip_adapter import AdapterLayers, check_fits
 
@@ -133,4 +135,80 @@ def image_tokens(
     return IPTokens(torch.cat(cond, dim=1), torch.cat(uncond, dim=1), layers)
 
 
-__all__ = ["IPAdapterUnit", "IPTokens", "check_units", "image_tokens"]
+# What the unconditional rows see, by the front end whose images a unit should reproduce: "diffusers" (and the
+# original IP-Adapter release): zeros for a plain adapter, the encoder's output on an all-zero *normalised* pixel
+# tensor for Plus / full face; "comfyui" (ComfyUI_IPAdapter_plus): zeros for a plain adapter, the encoder's output on
+# a black picture (zeros before the CLIP normalisation) for the others.
+NEGATIVE_RULES = ("diffusers", "comfyui")
+
+
+def encoder_width(encoder: CLIPVisionModel, adapter: IPAdapter) -> int:
+    """The width of what ``encoder`` gives ``adapter`` (its image embedding's or its hidden states')."""
+    c = encoder.config
+    if adapter.reads_hidden_states:
+        return c.hidden_size
+    return c.projection_dim or c.hidden_size
+
+
+def check_encoder(encoder: CLIPVisionModel, adapter: IPAdapter) -> None:
+    """One line when ``encoder`` cannot feed ``adapter`` (a ViT-bigG adapter given ViT-H, ...)."""
+    width = encoder_width(encoder, adapter)
+    if width != adapter.embed_dim:
+        what = "hidden states" if adapter.reads_hidden_states else "image embeddings"
+        raise UsageError(
+            f"{adapter.name} reads CLIP vision {what} of width {adapter.embed_dim}; the CLIP vision encoder "
+            f"{encoder.name or ''} gives {width} ({encoder.extra_repr()}): use the encoder it was trained with "
+            "(ViT-H/14 for the SD 1.5 and *_vit-h adapters, ViT-bigG/14 for ip-adapter_sdxl)".replace("  ", " ")
+        )
+
+
+def unit_from_images(
+    adapter: IPAdapter,
+    encoder: CLIPVisionModel,
+    images: ImageLike | Sequence[ImageLike],
+    scale: float = 1.0,
+    *,
+    negative_rule: str = "diffusers",
+    per_row: bool = False,
+) -> IPAdapterUnit:
+    """An :class:`IPAdapterUnit` for pictures: each encoded as transformers' ``CLIPImageProcessor`` prepares it
+    (:func:`sdengine.models.clip_vision.clip_image_tensor`), the unconditional rows' input by ``negative_rule``.
+    Several images are taken together by every row (their tokens side by side), or, with ``per_row``, one per row
+    of the batch."""
+    if negative_rule not in NEGATIVE_RULES:
+        raise UsageError(f"IP-Adapter negative rule {negative_rule!r}: choose one of {', '.join(NEGATIVE_RULES)}")
+    check_encoder(encoder, adapter)
+    param = next(encoder.parameters())
+    pixels = clip_image_tensor(images, size=encoder.config.image_size).to(param.device, param.dtype)
+    with torch.inference_mode():
+        out = encoder(pixels)
+        embeds = out.penultimate_hidden_state if adapter.reads_hidden_states else out.image_embeds
+        negative = None
+        if adapter.reads_hidden_states:
+            if negative_rule == "diffusers":
+                blank = torch.zeros_like(pixels[:1])
+            else:
+                size = encoder.config.image_size
+                black = np.zeros((size, size, 3), dtype=np.uint8)
+                blank = clip_image_tensor(black, size=size).to(param.device, param.dtype)
+            negative = encoder(blank).penultimate_hidden_state[0]
+    embeds = embeds.float()
+    if not per_row:
+        embeds = embeds.unsqueeze(0)  # one row of k images: every row takes them all
+    if negative is not None:
+        negative = negative.float()
+        if not per_row and embeds.shape[1] > 1:
+            negative = negative.expand(embeds.shape[1], *negative.shape).unsqueeze(0)
+    return IPAdapterUnit(adapter, embeds.clone(), float(scale), None if negative is None else negative.clone())
+
+
+__all__ = [
+    "NEGATIVE_RULES",
+    "IPAdapterUnit",
+    "IPTokens",
+    "check_encoder",
+    "check_units",
+    "encoder_width",
+    "image_tokens",
+    "unit_from_images",
+]
