@@ -1229,7 +1229,9 @@ class Pipeline:
         sag = r.sag_settings()
         # IP-Adapter sets the plain U-Net's cross-attention layers per call (its image tokens ride in the
         # conditioning dict as ip_tokens): the plain network too, and no whole-loop graph
-        ip = image_tokens(list(r.ip_adapters or ()), len(p.seeds), dev, self.dtype)
+        ip = image_tokens(
+            list(r.ip_adapters or ()), len(p.seeds), dev, self.dtype, log_sigmas=self.noise_schedule.log_sigmas
+        )
         if ip is not None:
             cond = {**cond, "ip_tokens": ip.cond[rows]}
             uncond = {**uncond, "ip_tokens": ip.uncond[rows]}

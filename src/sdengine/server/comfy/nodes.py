@@ -213,6 +213,9 @@ class ModelHandle:
     # HyperTile: its settings' key (tile_size, swap_size, max_depth, "comfyui", scale_depth), () = off (the last node
     # applied counts; sdengine.server.comfy.nodes_hypertile)
     hypertile: tuple[Any, ...] = ()
+    # ComfyUI_IPAdapter_plus's IPAdapter nodes: sdengine.pipeline.ip_adapter.IPAdapterUnit values, one per node in the
+    # order applied (each adds its own, as the pack's attn2 patches add up; sdengine.server.comfy.nodes_ipadapter)
+    ip_adapters: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -1075,6 +1078,7 @@ def _sample(
             prediction=model.prediction,
             zero_terminal_snr=model.zsnr,
             deep_shrink=DeepShrink(*model.deep_shrink) if model.deep_shrink else None,
+            ip_adapters=getattr(model, "ip_adapters", ()),
             callback=report,
             batch_index=latent_image.get("batch_index"),
             guidance_rule=guidance_rule,
