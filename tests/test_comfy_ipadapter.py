@@ -365,3 +365,110 @@ def test_errors_are_comfyui_node_errors(env):
     failed = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"][0]
     assert failed["node_type"] == "IPAdapter" and "IPAdapterAdvanced" in failed["exception_message"]
     assert Path(str(failed)).name  # the message names no server path
+
+
+def test_the_workflows_latent_is_sample_latents_with_the_units_built_by_hand(env, tiny_sd1_folder):
+    """Two chained adapters (plain, then Plus in the first half only) through /prompt, saved as a latent; the
+    reference: sample_latents on the same checkpoint with units built by hand from the encoder's outputs on
+    ComfyUI's preprocessing of the uploaded picture (zeros / a black picture's hidden states for the negatives)."""
+    from safetensors.torch import load as load_safetensors
+
+    from sdengine.latent_sampling import encode_text, sample_latents
+    from sdengine.pipeline.ip_adapter import IPAdapterUnit
+    from sdengine.server.comfy.nodes import SAMPLER_NAMES, SCHEDULER_NAMES
+    from sdengine.server.comfy.nodes_files import LATENT_KEY
+    from sdengine.weights.clip_vision_file import load_clip_vision
+    from sdengine.weights.ip_adapter_file import load_ip_adapter
+
+    c, img = env["client"], env["images"][0]
+    save = {"9": {"class_type": "SaveLatent", "inputs": {"samples": ["3", 0], "filename_prefix": "ipa"}}}
+    second = {"file": "plus.safetensors", "weight": 0.6, "end_at": 0.5}
+    g = _graph({"file": "plain.safetensors", "weight": 0.8}, second, image=img, extra=save)
+    del g["8"]
+    h = run_prompt(c, g)
+    assert h["status"]["status_str"] == "success", h["status"]
+    item = h["outputs"]["9"]["latents"][0]
+    r = c.get("/view", params={"filename": item["filename"], "subfolder": item["subfolder"], "type": "output"})
+    got = load_safetensors(r.content)[LATENT_KEY]
+
+    root = Path(env["ctx"].catalog.ip_adapters_dir).parent
+    pipe = sdengine.load_pipeline(root / "models" / "a.safetensors", device="cpu")
+    encoder = load_clip_vision(root / "clip_vision" / "tiny.safetensors")
+    png = c.get("/view", params={"filename": img, "type": "input"}).content
+    picture = torch.from_numpy(np.array(Image.open(io.BytesIO(png)))) / 255.0  # LoadImage's IMAGE
+    with torch.no_grad():
+        out = encoder(ncv.comfy_clip_preprocess(picture[None, ..., :3].float(), 32, True))
+        black = encoder(ncv.comfy_clip_preprocess(torch.zeros(1, 32, 32, 3), 32, True))
+    plain = IPAdapterUnit(load_ip_adapter(root / "ipadapter" / "plain.safetensors"), out.image_embeds[None], 0.8)
+    plus = IPAdapterUnit(
+        load_ip_adapter(root / "ipadapter" / "plus.safetensors"), out.penultimate_hidden_state[None], 0.6,
+        black.penultimate_hidden_state[None], end=0.5,
+    )  # fmt: skip
+    with torch.inference_mode():
+        want = sample_latents(
+            pipe, [encode_text(pipe, "a red apple")], [encode_text(pipe, "blurry")], torch.zeros_like(got),
+            seed=SEED, steps=STEPS, cfg=5.0, sampler=SAMPLER_NAMES["euler"], schedule=SCHEDULER_NAMES["normal"],
+            seed_rule="comfyui", ip_adapters=[plain, plus],
+        ).cpu()  # fmt: skip
+        without = sample_latents(
+            pipe, [encode_text(pipe, "a red apple")], [encode_text(pipe, "blurry")], torch.zeros_like(got),
+            seed=SEED, steps=STEPS, cfg=5.0, sampler=SAMPLER_NAMES["euler"], schedule=SCHEDULER_NAMES["normal"],
+            seed_rule="comfyui", ip_adapters=[plain],
+        ).cpu()  # fmt: skip
+    assert (got - want).abs().max().item() <= 1e-5, (got - want).abs().max().item()
+    assert (got - without).abs().max().item() > 1e-2  # the second adapter counts
+
+
+def test_the_pipeline_runs_a_units_window_by_the_calls_sigma(env, monkeypatch):
+    """sdengine's own pipeline call (GenerationRequest.ip_adapters) with start / end: the adapter acts in exactly the
+    calls whose sigma is in ComfyUI's window; start == end is no adapter."""
+    from sdengine.diffusion.schedules import percent_to_sigma
+    from sdengine.nn import ip_adapter as nn_ipa
+    from sdengine.pipeline.ip_adapter import IPAdapterUnit
+    from sdengine.weights.ip_adapter_file import load_ip_adapter
+
+    pipe = env["pipe"]
+    root = Path(env["ctx"].catalog.ip_adapters_dir)
+    adapter = load_ip_adapter(root / "plain.safetensors")
+    embeds = torch.randn(1, PROJ, generator=torch.Generator().manual_seed(3))
+
+    def run(**kw: Any) -> np.ndarray:
+        units = [IPAdapterUnit(adapter, embeds, 1.0, **kw)] if kw else None
+        return pipe("a red apple", "blurry", ip_adapters=units, steps=STEPS, sampler="euler", seed=SEED, width=32,
+                    height=32, progress=False).arrays  # fmt: skip
+
+    plain = run()
+    assert np.array_equal(run(start=0.4, end=0.4), plain)
+    seen: list[tuple[float, bool]] = []
+    active = nn_ipa.IPAdapterNet.active
+
+    def spy(self: Any, sigma: float | None) -> list[bool]:
+        on = active(self, sigma)
+        seen.append((float(sigma) if sigma is not None else -1.0, on[0]))
+        return on
+
+    monkeypatch.setattr(nn_ipa.IPAdapterNet, "active", spy)
+    half = run(start=0.0, end=0.5)
+    low = percent_to_sigma(pipe.noise_schedule.log_sigmas, 0.5)
+    assert seen and all(on == (s >= low) for s, on in seen), (low, seen)
+    assert {on for _, on in seen} == {True, False}
+    assert not np.array_equal(half, plain) and not np.array_equal(half, run(start=0.0, end=1.0))
+    with pytest.raises(sdengine.pipeline.GenerationError, match="start 0.7 is after its end 0.2"):
+        run(start=0.7, end=0.2)
+
+
+def test_regional_conditioning_with_an_adapter_is_one_line(env):
+    from dataclasses import replace
+
+    from sdengine.latent_sampling import LatentSamplingError, encode_text, sample_latents
+    from sdengine.pipeline.ip_adapter import IPAdapterUnit
+    from sdengine.weights.ip_adapter_file import load_ip_adapter
+
+    pipe = env["pipe"]
+    unit = IPAdapterUnit(load_ip_adapter(Path(env["ctx"].catalog.ip_adapters_dir) / "plain.safetensors"),
+                         torch.zeros(1, PROJ))  # fmt: skip
+    pos = replace(encode_text(pipe, "a red apple"), strength=0.5)
+    with pytest.raises(LatentSamplingError) as e:
+        sample_latents(pipe, [pos], [encode_text(pipe, "")], torch.zeros(1, 4, 4, 4), seed=1, steps=2, cfg=5.0,
+                       sampler="euler", ip_adapters=[unit])  # fmt: skip
+    assert "IP-Adapter cannot run with conditioning areas" in str(e.value) and "\n" not in str(e.value)
