@@ -88,7 +88,21 @@ def env(tiny_sd1_folder, tmp_path_factory):
     save_ip_adapter(_adapter(pipe.unet, "plain", 1), ipa / "plain.safetensors")
     save_ip_adapter(_adapter(pipe.unet, "plus", 2), ipa / "plus.safetensors")
     save_ip_adapter(_adapter(pipe.unet, "plain", 3, drop_last=True), ipa / "other_model.safetensors")
-    config = server_config(tmp, models_dir=models, model="a", clip_vision_dir=cv, ip_adapters_dir=ipa, max_queue=8)
+    loras = tmp / "loras"
+    loras.mkdir()
+    g = torch.Generator().manual_seed(9)  # a kohya LoRA on one U-Net layer
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    safetensors_torch.save_file(
+        {
+            f"{layer}.lora_down.weight": torch.randn(4, 32, generator=g) * 0.3,
+            f"{layer}.lora_up.weight": torch.randn(32, 4, generator=g) * 0.3,
+            f"{layer}.alpha": torch.tensor(2.0),
+        },
+        str(loras / "q.safetensors"),
+    )
+    config = server_config(
+        tmp, models_dir=models, model="a", clip_vision_dir=cv, ip_adapters_dir=ipa, loras_dir=loras, max_queue=8
+    )
     catalog = Catalog(None, None, None, clip_vision_dir=cv, ip_adapters_dir=ipa)
     ctx = RunContext(pipeline=lambda ref: pipe, catalog=catalog, folders=None)  # type: ignore[arg-type]
     with live_client(config, timeout=300) as (_, client):
@@ -472,3 +486,62 @@ def test_regional_conditioning_with_an_adapter_is_one_line(env):
         sample_latents(pipe, [pos], [encode_text(pipe, "")], torch.zeros(1, 4, 4, 4), seed=1, steps=2, cfg=5.0,
                        sampler="euler", ip_adapters=[unit])  # fmt: skip
     assert "IP-Adapter cannot run with conditioning areas" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_adapter_composes_with_lora_and_pag(env):
+    """LoraLoaderModelOnly before the adapter and PerturbedAttentionGuidance after it: at weight 0 the image of the
+    two patches alone, at weight 1 another one (the adapter acts with both)."""
+    c, img = env["client"], env["images"][0]
+    lora = {"40": {"class_type": "LoraLoaderModelOnly",
+                   "inputs": {"model": ["4", 0], "lora_name": "q.safetensors", "strength_model": 1.0}}}  # fmt: skip
+
+    def graph(weight: float | None) -> dict[str, Any]:
+        adapters = [{"file": "plain.safetensors", "weight": weight}] if weight is not None else []
+        g = _graph(*adapters, image=img, extra=lora)
+        if adapters:
+            g["31"]["inputs"]["model"] = ["40", 0]
+        g["41"] = {"class_type": "PerturbedAttentionGuidance",
+                   "inputs": {"model": ["31", 0] if adapters else ["40", 0], "scale": 2.0}}  # fmt: skip
+        g["3"]["inputs"]["model"] = ["41", 0]
+        return g
+
+    alone = prompt_image(c, graph(None))
+    assert _diff(alone, prompt_image(c, _graph(image=img))) > 1.0  # the patches act
+    assert np.array_equal(prompt_image(c, graph(0.0)), alone)
+    assert _diff(prompt_image(c, graph(1.0)), alone) > 1.0
+
+
+def test_sdxl_latents_take_a_windowed_adapter(tmp_path):
+    """The sampler path on SDXL (its size vectors beside the image tokens, transformer depths): weight 0 is no
+    adapter, per-layer weights with K+V scaling and a window run; the style-transfer weights sit on the real SDXL's
+    transformer 6 (up_blocks.0's second transformer, ten layers) only."""
+    from _sdxl_models import make_sdxl_folder
+    from sdengine.latent_sampling import encode_text, sample_latents
+    from sdengine.pipeline.ip_adapter import IPAdapterUnit
+
+    pipe = sdengine.load_pipeline(make_sdxl_folder(tmp_path / "tiny-sdxl"), device="cpu")
+    adapter = _adapter(pipe.unet, "plain", 4)
+    from sdengine.models import unet as unet_mod
+    from sdengine.models.unet_sdxl import SDXL_BASE
+
+    with torch.device("meta"):
+        full_places = transformer_places(unet_mod.UNet(SDXL_BASE))
+    style = nip.layer_scales("style transfer", 1.0, full_places, True, [64] * 70, "V only")
+    assert style is not None and [i for i, v in enumerate(style) if v] == list(range(34, 44))  # up_blocks.0.attn.1
+    places = transformer_places(pipe.unet)
+    ease = nip.layer_scales("ease in", 1.0, places, True, [64] * len(places), "V only")
+    embeds = torch.randn(1, PROJ, generator=torch.Generator().manual_seed(2))
+
+    def run(*units: IPAdapterUnit) -> torch.Tensor:
+        with torch.inference_mode():
+            return sample_latents(
+                pipe, [encode_text(pipe, "a red apple")], [encode_text(pipe, "blurry")], torch.zeros(1, 4, 8, 8),
+                seed=1, steps=3, cfg=5.0, sampler="euler", seed_rule="comfyui", ip_adapters=list(units),
+            )  # fmt: skip
+
+    plain = run()
+    assert torch.equal(run(IPAdapterUnit(adapter, embeds, 0.0)), plain)
+    full = run(IPAdapterUnit(adapter, embeds, 1.0))
+    windowed = run(IPAdapterUnit(adapter, embeds, 1.0, None, 0.0, 0.5, ease, "kv"))
+    assert (full - plain).abs().max() > 1e-3 and (windowed - plain).abs().max() > 1e-4
+    assert (windowed - full).abs().max() > 1e-4
