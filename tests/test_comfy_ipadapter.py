@@ -88,6 +88,10 @@ def env(tiny_sd1_folder, tmp_path_factory):
     save_ip_adapter(_adapter(pipe.unet, "plain", 1), ipa / "plain.safetensors")
     save_ip_adapter(_adapter(pipe.unet, "plus", 2), ipa / "plus.safetensors")
     save_ip_adapter(_adapter(pipe.unet, "plain", 3, drop_last=True), ipa / "other_model.safetensors")
+    # the names the unified loader's presets look for (the pack's file-name rules)
+    (cv / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors").write_bytes((cv / "tiny.safetensors").read_bytes())
+    (ipa / "ip-adapter_sd15.safetensors").write_bytes((ipa / "plain.safetensors").read_bytes())
+    (ipa / "ip-adapter-plus_sd15.safetensors").write_bytes((ipa / "plus.safetensors").read_bytes())
     loras = tmp / "loras"
     loras.mkdir()
     g = torch.Generator().manual_seed(9)  # a kohya LoRA on one U-Net layer
@@ -232,6 +236,12 @@ def test_bad_inputs_are_one_line_node_errors(env):
         assert said in str(e.value) and "\n" not in str(e.value), (kw, str(e.value))
     with pytest.raises(NodeError, match="use IPAdapterAdvanced"):
         nip.ipadapter_simple(ctx, base, plain, images)
+    for preset, said in (
+        ("VIT-G (medium strength)", "ClipVision model not found"),
+        ("LIGHT - SD1.5 only (low strength)", "IPAdapter model not found"),
+    ):
+        with pytest.raises(NodeError, match=said):
+            nip.ipadapter_unified_loader(ctx, base, preset)
 
 
 # --------------------------------------------------------------------------------------- through the API
@@ -545,3 +555,37 @@ def test_sdxl_latents_take_a_windowed_adapter(tmp_path):
     windowed = run(IPAdapterUnit(adapter, embeds, 1.0, None, 0.0, 0.5, ease, "kv"))
     assert (full - plain).abs().max() > 1e-3 and (windowed - plain).abs().max() > 1e-4
     assert (windowed - full).abs().max() > 1e-4
+
+
+def test_the_unified_loader_and_the_simple_node_are_the_advanced_node_on_the_presets_files(env):
+    """IPAdapterUnifiedLoader's STANDARD / PLUS presets pick the pack's file names (the ViT-H encoder, ip-adapter_sd15,
+    ip-adapter-plus_sd15); IPAdapter on its pipeline is IPAdapterAdvanced on those files ("standard": linear,
+    "prompt is more important": ease out), and IPAdapterAdvanced takes the pipeline's encoder too."""
+    c, img = env["client"], env["images"][0]
+    (_, pipe) = nip.ipadapter_unified_loader(env["ctx"], ModelHandle("a"), "PLUS (high strength)")
+    assert pipe.ipadapter.name == "ip-adapter-plus_sd15.safetensors"
+    assert pipe.clip_vision.name == "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+
+    def simple(weight_type: str, preset: str = "STANDARD (medium strength)") -> dict[str, Any]:
+        g = _graph(image=img)
+        g["30"] = {"class_type": "IPAdapterUnifiedLoader", "inputs": {"model": ["4", 0], "preset": preset}}
+        g["31"] = {"class_type": "IPAdapter", "inputs": {"model": ["30", 0], "ipadapter": ["30", 1], "image": ["20", 0],
+                                                         "weight": 0.9, "start_at": 0.0, "end_at": 1.0,
+                                                         "weight_type": weight_type}}  # fmt: skip
+        g["3"]["inputs"]["model"] = ["31", 0]
+        return g
+
+    for weight_type, advanced in (("standard", "linear"), ("prompt is more important", "ease out")):
+        want = _graph({"file": "ip-adapter_sd15.safetensors", "weight": 0.9, "weight_type": advanced}, image=img)
+        want["21"]["inputs"]["clip_name"] = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+        got = prompt_image(c, simple(weight_type))
+        assert np.array_equal(got, prompt_image(c, want)), weight_type
+    assert _diff(prompt_image(c, simple("standard")), prompt_image(c, simple("prompt is more important"))) > 0.5
+    # IPAdapterAdvanced on the pipeline, no clip_vision connected: the pipeline's encoder
+    g = simple("standard", "PLUS (high strength)")
+    g["31"] = {"class_type": "IPAdapterAdvanced", "inputs": {
+        "model": ["30", 0], "ipadapter": ["30", 1], "image": ["20", 0], "weight": 0.9, "weight_type": "linear",
+        "combine_embeds": "concat", "start_at": 0.0, "end_at": 1.0, "embeds_scaling": "V only"}}  # fmt: skip
+    want = _graph({"file": "ip-adapter-plus_sd15.safetensors", "weight": 0.9}, image=img)
+    want["21"]["inputs"]["clip_name"] = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+    assert np.array_equal(prompt_image(c, g), prompt_image(c, want))

@@ -1,6 +1,7 @@
 """The IP-Adapter nodes of the ComfyUI_IPAdapter_plus custom-node pack (cubiq; its ``IPAdapterPlus.py``,
 ``CrossAttentionPatch.py`` and ``utils.py`` read for facts): ``IPAdapterModelLoader`` (a file of
-``--ip-adapters-dir``, the pack's ``ipadapter`` folder), ``IPAdapterAdvanced`` and ``IPAdapter``.
+``--ip-adapters-dir``, the pack's ``ipadapter`` folder), ``IPAdapterUnifiedLoader`` (a preset's encoder and adapter
+found by the pack's file-name rules), ``IPAdapterAdvanced`` and ``IPAdapter``.
 
 An apply node encodes its images itself, as the pack does (``encode_image_masked``: ComfyUI's ``clip_preprocess``
 with the centre crop, :func:`sdengine.server.comfy.nodes_clip_vision.clip_vision_encode`), and adds one
@@ -19,12 +20,14 @@ pack's rules kept:
   variants further by the layer's width over 1280, "K+mean(V)" the keys and the values' mean;
 * ``start_at`` / ``end_at``: the sigma window on the model's schedule (``percent_to_sigma``), judged at every call.
 
-Not here: ``attn_mask`` (refused), the unified loaders (the simple ``IPAdapter`` node takes their pipeline, so with
-an ``IPAdapterModelLoader`` it is refused as in the pack), FaceID and InsightFace.
+Not here: ``attn_mask`` (refused), the FaceID / community unified loaders, FaceID and InsightFace; the simple
+``IPAdapter`` node takes the unified loader's pipeline (an ``IPAdapterModelLoader``'s IPADAPTER is refused there, as
+in the pack).
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -72,6 +75,52 @@ class IPAdapterHandle:
 
     def __repr__(self) -> str:
         return f"IPADAPTER({self.name})"
+
+
+@dataclass(frozen=True)
+class UnifiedPipeline:
+    """IPAdapterUnifiedLoader's IPADAPTER: the pack's pipeline of a CLIP vision encoder and an adapter picked by a
+    preset (what the simple IPAdapter node takes)."""
+
+    clip_vision: ClipVisionHandle
+    ipadapter: IPAdapterHandle
+
+    def __repr__(self) -> str:
+        return f"IPADAPTER({self.ipadapter.name}, {self.clip_vision.name})"
+
+
+# IPAdapterUnifiedLoader's presets and the pack's file-name rules (utils.py get_clipvision_file / get_ipadapter_file):
+# (preset, encoder pattern, SD 1.x adapter pattern(s), SDXL adapter pattern or the reason there is none)
+_VIT_H = r"(ViT.H.14.*s32B.b79K|ipadapter.*sd15|sd1.?5.*model)\.(bin|safetensors)"
+_VIT_G = r"(ViT.bigG.14.*39B.b160k|ipadapter.*sdxl|sdxl.*model)\.(bin|safetensors)"
+PRESETS: dict[str, tuple[str, tuple[str, ...], str | None]] = {
+    "LIGHT - SD1.5 only (low strength)": (
+        _VIT_H,
+        (r"sd15.light.v11\.(safetensors|bin)$", r"sd15.light\.(safetensors|bin)$"),
+        None,
+    ),
+    "STANDARD (medium strength)": (
+        _VIT_H,
+        (r"ip.adapter.sd15\.(safetensors|bin)$",),
+        r"ip.adapter.sdxl.vit.h\.(safetensors|bin)$",
+    ),
+    "VIT-G (medium strength)": (_VIT_G, (r"sd15.vit.g\.(safetensors|bin)$",), r"ip.adapter.sdxl\.(safetensors|bin)$"),
+    "PLUS (high strength)": (
+        _VIT_H,
+        (r"ip.adapter.plus.sd15\.(safetensors|bin)$",),
+        r"plus.sdxl.vit.h\.(safetensors|bin)$",
+    ),
+    "PLUS FACE (portraits)": (
+        _VIT_H,
+        (r"plus.face.sd15\.(safetensors|bin)$",),
+        r"plus.face.sdxl.vit.h\.(safetensors|bin)$",
+    ),
+    "FULL FACE - SD1.5 only (portraits stronger)": (_VIT_H, (r"full.face.sd15\.(safetensors|bin)$",), None),
+}
+
+
+def _first_match(names: list[str], pattern: str) -> str | None:
+    return next((n for n in names if re.search(pattern, n, re.IGNORECASE)), None)
 
 
 def _names(env: Any) -> list[str]:
@@ -226,8 +275,11 @@ def ipadapter_advanced(
 
     if not isinstance(model, ModelHandle):
         raise NodeError("model must come from a checkpoint loader")
+    if isinstance(ipadapter, UnifiedPipeline):  # the pack: the pipeline's encoder unless one is connected
+        clip_vision = ipadapter.clip_vision if clip_vision is None else clip_vision
+        ipadapter = ipadapter.ipadapter
     if not isinstance(ipadapter, IPAdapterHandle):
-        raise NodeError("ipadapter must come from IPAdapterModelLoader")
+        raise NodeError("ipadapter must come from IPAdapterModelLoader or IPAdapterUnifiedLoader")
     if clip_vision is None:
         raise NodeError(
             "Missing CLIPVision model: connect a CLIPVisionLoader to clip_vision (sdengine has no "
@@ -288,6 +340,58 @@ def ipadapter_advanced(
     return (replace(model, ip_adapters=(*model.ip_adapters, unit)),)
 
 
+def ipadapter_unified_loader(
+    ctx: RunContext, model: ModelHandle, preset: str, ipadapter: Any = None
+) -> tuple[Any, Any]:
+    """The pack's IPAdapterUnifiedLoader: the CLIP vision encoder and the adapter of ``preset`` found by the pack's
+    file-name rules in ``--clip-vision-dir`` and ``--ip-adapters-dir`` (the first listed name that matches; the
+    adapter's rule by the model's family), both read here; the model passes through. ``ipadapter`` (an earlier
+    unified loader's pipeline, which the pack reuses loaded models from) changes nothing here: sdengine keeps
+    loaded models per worker anyway."""
+    if not isinstance(model, ModelHandle):
+        raise NodeError("model must come from a checkpoint loader")
+    if ipadapter is not None and not isinstance(ipadapter, UnifiedPipeline | IPAdapterHandle):
+        raise NodeError("ipadapter must come from an IPAdapter loader")
+    if preset not in PRESETS:
+        raise NodeError(f"preset {preset!r} is not offered; use one of: {', '.join(PRESETS)}")
+    cv_rule, sd15_rules, sdxl_rule = PRESETS[preset]
+    cv_name = _first_match([e.name for e in ctx.catalog.clip_visions()], cv_rule)
+    if cv_name is None:
+        raise NodeError(f"ClipVision model not found: no file of --clip-vision-dir matches {preset!r}'s {cv_rule!r}")
+    sdxl = getattr(getattr(ctx.pipeline(model.ref), "conditioner", None), "kind", None) == "sdxl"
+    if sdxl and sdxl_rule is None:
+        raise NodeError(f"the {preset.split(' ')[0].lower()} preset's model is not supported for SDXL")
+    names = [e.name for e in ctx.catalog.ip_adapters()]
+    rules = (sdxl_rule,) if sdxl and sdxl_rule is not None else sd15_rules
+    ipa_name = next((n for n in (_first_match(names, r) for r in rules) if n is not None), None)
+    if ipa_name is None:
+        raise NodeError(f"IPAdapter model not found: no file of --ip-adapters-dir matches {preset!r}'s {rules[0]!r}")
+    from sdengine.server.comfy.nodes_clip_vision import clip_vision_loader
+
+    (cv,) = clip_vision_loader(ctx, cv_name)
+    (handle,) = ipadapter_model_loader(ctx, ipa_name)
+    return (model, UnifiedPipeline(cv, handle))
+
+
+def unified_files_token(ctx: RunContext, inputs: dict[str, Any]) -> str:
+    """The executor's cache token of an IPAdapterUnifiedLoader: the two folders' listings (a file added or replaced
+    may change what a preset picks)."""
+    from sdengine.io.paths import file_state
+
+    try:
+        parts = []
+        for entries, resolve in (
+            (ctx.catalog.clip_visions(), ctx.catalog.resolve_clip_vision),
+            (ctx.catalog.ip_adapters(), ctx.catalog.resolve_ip_adapter),
+        ):
+            for e in entries:
+                size, mtime = file_state(Path(resolve(e.name)))
+                parts.append(f"{e.name}:{size}:{mtime}")
+        return "|".join(parts)
+    except Exception:  # noqa: BLE001 - the node says what is wrong when it runs
+        return ""
+
+
 def ipadapter_simple(
     ctx: RunContext,
     model: ModelHandle,
@@ -299,15 +403,22 @@ def ipadapter_simple(
     weight_type: str = "standard",
     attn_mask: Any = None,
 ) -> tuple[Any]:
-    """The pack's IPAdapter node: it takes the IPAdapterUnifiedLoader's pipeline (the CLIP vision model inside),
-    which sdengine does not have; an IPAdapterModelLoader's IPADAPTER is refused, as the pack refuses it."""
+    """The pack's IPAdapter node: IPAdapterAdvanced with the unified loader's pipeline (its CLIP vision encoder and
+    adapter), its weight types mapped as the pack maps them ("standard": linear, "prompt is more important": ease
+    out, "style transfer"), the images concatenated, "V only". An IPAdapterModelLoader's IPADAPTER (no encoder in it)
+    is refused, as the pack refuses it."""
     if weight_type not in SIMPLE_WEIGHT_TYPES:
         raise NodeError(f"weight_type {weight_type!r}: use one of {', '.join(SIMPLE_WEIGHT_TYPES)}")
-    raise NodeError(
-        "IPAdapter takes the pipeline of IPAdapterUnifiedLoader (with its CLIP vision model), which sdengine does "
-        "not offer: use IPAdapterAdvanced with IPAdapterModelLoader and a CLIPVisionLoader on its clip_vision input "
-        "(weight_type 'standard' is 'linear', 'prompt is more important' 'ease out')"
-    )
+    if not isinstance(ipadapter, UnifiedPipeline):
+        raise NodeError(
+            "CLIPVision model not present in the pipeline: IPAdapter takes IPAdapterUnifiedLoader's pipeline; with "
+            "IPAdapterModelLoader use IPAdapterAdvanced and a CLIPVisionLoader on its clip_vision input"
+        )
+    mapped = {"standard": "linear", "prompt is more important": "ease out"}.get(weight_type, "style transfer")
+    return ipadapter_advanced(
+        ctx, model, ipadapter.ipadapter, image, weight, mapped, "concat", start_at, end_at, "V only",
+        attn_mask=attn_mask, clip_vision=ipadapter.clip_vision,
+    )  # fmt: skip
 
 
 _APPLY_COMMON = (
@@ -328,6 +439,23 @@ IPADAPTER_NODES: dict[str, NodeDef] = {
             description="An IP-Adapter file of --ip-adapters-dir (plain, Plus, full face; SD 1.x / SDXL), "
             "ComfyUI_IPAdapter_plus's loader.",
             changed=ipadapter_file_token,
+        ),
+        NodeDef(
+            "IPAdapterUnifiedLoader",
+            "IPAdapter Unified Loader",
+            "ipadapter",
+            (
+                Input("model", "MODEL"),
+                Input("preset", "COMBO", next(iter(PRESETS)), choices=tuple(PRESETS)),
+                Input("ipadapter", "IPADAPTER", optional=True),
+            ),
+            ("MODEL", "IPADAPTER"),
+            ipadapter_unified_loader,
+            output_names=("model", "ipadapter"),
+            description="ComfyUI_IPAdapter_plus's unified loader: the CLIP vision encoder and the IP-Adapter of the "
+            "preset, found by the pack's file-name rules in --clip-vision-dir and --ip-adapters-dir "
+            "(CLIP-ViT-H-14-laion2B-s32B-b79K, ip-adapter_sd15, ip-adapter-plus_sd15, ...).",
+            changed=unified_files_token,
         ),
         NodeDef(
             "IPAdapterAdvanced",
@@ -368,8 +496,8 @@ IPADAPTER_NODES: dict[str, NodeDef] = {
             ),
             ("MODEL",),
             ipadapter_simple,
-            description="ComfyUI_IPAdapter_plus's simple IPAdapter node: it needs IPAdapterUnifiedLoader's pipeline, "
-            "which sdengine does not offer, so it is refused with a pointer to IPAdapterAdvanced.",
+            description="ComfyUI_IPAdapter_plus's simple IPAdapter node: IPAdapterUnifiedLoader's pipeline on the "
+            "model; weight_type 'standard' is linear, 'prompt is more important' ease out.",
         ),
     )
 }
@@ -379,10 +507,14 @@ __all__ = [
     "EMBEDS_SCALING",
     "IPADAPTER_NODES",
     "WEIGHT_TYPES",
+    "PRESETS",
     "IPAdapterHandle",
+    "UnifiedPipeline",
     "forget_ipadapters",
     "ipadapter_advanced",
     "ipadapter_model",
     "ipadapter_model_loader",
+    "ipadapter_simple",
+    "ipadapter_unified_loader",
     "layer_scales",
 ]
