@@ -5,6 +5,7 @@ every ``output_block_patch`` in order, the first resizing the hidden state to th
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -276,3 +277,20 @@ def test_two_chained_nodes_through_the_api_equal_the_u_net_patched_by_hand(clien
         del unet.forward
     np.testing.assert_array_equal(got, want)
     assert not np.array_equal(got, only_a) and not np.array_equal(got, only_b)
+
+
+def test_the_node_appends_to_the_chain_and_stops_at_sixteen():
+    from sdengine.server.comfy.nodes import ModelHandle, NodeError
+    from sdengine.server.comfy.nodes_patches import patch_model_add_downscale
+
+    model = ModelHandle(ref="emoji")
+    for block in (3, 1):
+        (model,) = patch_model_add_downscale(None, model, block, 2.0, 0.0, 0.35, True, "bicubic", "bilinear")  # type: ignore[arg-type]
+    assert model.deep_shrink == (DeepShrink(3, 2.0, upscale_method="bilinear").key, DeepShrink(1, 2.0, 0.0, 0.35,
+                                 upscale_method="bilinear").key)  # fmt: skip
+    assert deep_shrink_chain(model.deep_shrink) == (DeepShrink(3, 2.0, upscale_method="bilinear"),
+                                                    DeepShrink(1, 2.0, upscale_method="bilinear"))  # fmt: skip
+    full = dataclasses.replace(model, deep_shrink=(DeepShrink().key,) * 16)
+    with pytest.raises(NodeError, match="at most 16 chained PatchModelAddDownscale nodes") as e:
+        patch_model_add_downscale(None, full, 3, 2.0, 0.0, 0.35, True, "bicubic", "bicubic")  # type: ignore[arg-type]
+    assert "\n" not in str(e.value)
