@@ -294,3 +294,14 @@ def test_the_node_appends_to_the_chain_and_stops_at_sixteen():
     with pytest.raises(NodeError, match="at most 16 chained PatchModelAddDownscale nodes") as e:
         patch_model_add_downscale(None, full, 3, 2.0, 0.0, 0.35, True, "bicubic", "bicubic")  # type: ignore[arg-type]
     assert "\n" not in str(e.value)
+
+
+def test_the_pipeline_request_holds_one_setting_and_says_so_for_a_chain():
+    from sdengine.pipeline import GenerationError
+    from sdengine.pipeline.request import GenerationRequest
+
+    with pytest.raises(GenerationError, match="takes one setting, not a chain") as e:
+        GenerationRequest(prompt="a cat", deep_shrink=[(3, 2.0), (1, 1.5)]).validate()
+    assert "\n" not in str(e.value)
+    with pytest.raises(SdengineError, match="takes one setting, not a chain"):
+        DeepShrink.coerce([DeepShrink(3, 2.0)])

@@ -122,6 +122,11 @@ class DeepShrink:
             if unknown:
                 raise UsageError(f"unknown deep shrink setting {unknown[0]!r}; the settings: {', '.join(FIELDS)}")
             return cls(**{str(k): v for k, v in value.items()})
+        if isinstance(value, Sequence) and value and isinstance(value[0], DeepShrink | Mapping | list | tuple):
+            raise UsageError(
+                "deep shrink here takes one setting, not a chain of them (chained settings stack in ComfyUI's "
+                "PatchModelAddDownscale nodes and sdengine.nn.deep_shrink.deep_shrink_applied)"
+            )
         if isinstance(value, Sequence) and not isinstance(value, str | bytes) and len(value) in (2, 4, 5, 6, 7):
             return cls(*value)
         raise UsageError(
