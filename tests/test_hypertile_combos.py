@@ -165,3 +165,64 @@ def test_sag_refuses_a_hypertile_that_cuts_the_middle_block(pipe):
     assert all(layer.hypertile is None for layer in _self_attention(pipe.unet))  # restored after the error
     _run(pipe, 128, **tiles)
     _run(pipe, 128, sag_scale=0.75, **dict(tiles, hypertile=(32, 1, 0)))
+
+
+# --------------------------------------------------------------------------------------- through ComfyUI's API
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory):
+    from _comfy_live import live_client
+    from _live_server import server_config
+
+    with live_client(server_config(tmp_path_factory.mktemp("hypertile_combos")), timeout=300) as (_, c):
+        yield c
+
+
+def _workflow(*patches: dict) -> dict:
+    g: dict[str, Any] = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "emoji"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "seed": 3, "steps": 2, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "combo"}},
+    }  # fmt: skip
+    model = ["1", 0]
+    for i, patch in enumerate(patches):
+        g[f"p{i}"] = {"inputs": {"model": model, **patch[1]}, "class_type": patch[0]}
+        model = [f"p{i}", 0]
+    g["6"]["inputs"]["model"] = model
+    return g
+
+
+SHRINK = ("PatchModelAddDownscale", {"block_number": 2, "downscale_factor": 2.0, "start_percent": 0.0,
+                                     "end_percent": 1.0, "downscale_after_skip": True, "downscale_method": "bicubic",
+                                     "upscale_method": "bicubic"})  # fmt: skip
+TILES = ("HyperTile", {"tile_size": 32, "swap_size": 1, "max_depth": 2, "scale_depth": False})
+
+
+def test_comfyuis_hypertile_and_deep_shrink_nodes_tile_the_shrunk_level_by_its_tokens(client):
+    """The emoji model at 256 px (64 x 64 latent, 4 px a cell: a smallest tile of 8 cells): block 2 (level 0's
+    downsample) shrunk by 2 puts level 1's layers on 16 x 16 tokens, ComfyUI's depth 2, cut 2 x 2; the image equals
+    the plain workflow's with the U-Net shrunk throughout and the hand tiler on every self-attention layer."""
+    from _comfy_live import output_image, run_prompt
+    from _live_server import shared_loader
+
+    got = output_image(client, run_prompt(client, _workflow(SHRINK, TILES)), "8")
+    tiles_only = output_image(client, run_prompt(client, _workflow(TILES)), "8")
+    pipe = shared_loader("emoji", "cpu")  # the server's worker runs this same pipeline in this process
+    hand = ComfyTiler(32, 1, 2, False, 4, seed=3)
+    hand.latent = (64, 64)
+    _install(pipe.unet, hand)
+    try:
+        with deep_shrink_applied(pipe.unet, DeepShrink(2, 2.0, 0.0, 1.0)):
+            want = output_image(client, run_prompt(client, _workflow()), "8")
+    finally:
+        _install(pipe.unet, None)
+    np.testing.assert_array_equal(got, want)
+    assert (256, 2, 2, 2) in hand.calls  # the shrunk level tiled at depth 2
+    assert not np.array_equal(got, tiles_only)
