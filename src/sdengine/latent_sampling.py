@@ -504,7 +504,8 @@ def sample_latents(
     negative and ``third`` predicted as ComfyUI's calc_cond_batch weighs its entries (the regional path), then the
     rule's combination; not with ``guidance_rescale`` or ``pag_scale``.
     ``deep_shrink``: a :class:`sdengine.nn.deep_shrink.DeepShrink` patch of the U-Net in the calls whose sigma is in
-    its window (ComfyUI's PatchModelAddDownscale); not with a ControlNet or T2I-Adapter.
+    its window (ComfyUI's PatchModelAddDownscale), or a chain of them applied in ComfyUI's order (chained nodes);
+    not with a ControlNet or T2I-Adapter.
     """
     if guidance_rule is not None and not third:
         raise LatentSamplingError("a guider over three conditionings needs its third conditioning")
