@@ -172,6 +172,21 @@ def test_infotext_field_round_trip_and_no_warning(caplog):
         assert "\n" not in str(e.value)
 
 
+def test_a_units_window_is_written(kit):
+    """A unit that runs over part of the steps (``start`` / ``end``, where IPAdapterUnit has them) writes them."""
+    from types import SimpleNamespace
+
+    from sdengine.pipeline.infotext import ip_adapter_infotext
+
+    _, _, root = kit
+    adapter, encoder = root / "adapters" / "ip-adapter_tiny.safetensors", root / "encoders" / "image_encoder"
+    fields = dict(adapter=str(adapter), scale=0.5, images=["a", "b"], clip_vision=str(encoder), negative_rule="comfyui")
+    whole = recorded_ip_adapters({"IP-Adapter 0": ip_adapter_infotext(SimpleNamespace(**fields))})[0]
+    part = recorded_ip_adapters({"IP-Adapter 0": ip_adapter_infotext(SimpleNamespace(**fields, start=0.2, end=0.8))})
+    assert (whole.start, whole.end, whole.images, whole.weight) == (0.0, 1.0, 2, 0.5)
+    assert (part[0].start, part[0].end) == (0.2, 0.8) and part[0].hash == model_hash(adapter)
+
+
 def test_from_png_makes_it_again_with_the_picture(kit, tmp_path, capsys):
     folder, pipe, root = kit
     adapter, encoder = root / "adapters" / "ip-adapter_tiny.safetensors", root / "encoders" / "image_encoder"

@@ -285,21 +285,33 @@ def units_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list[IPAdap
         rules = [negative_rule(x) for x in _per_unit("--ip-negative-rule", a.ip_negative_rule, n)]
     else:
         rules = [negative_rule(r.negative_rule or "diffusers", f"{png}: Negative rule") for r in recorded]
+    windowed = _has_window()
     return [
-        IPAdapterUnit(adapter, scale=float(s), images=pics, clip_vision=enc, negative_rule=rule)
-        for adapter, pics, s, enc, rule in zip(adapters, pictures, scales, encoders, rules, strict=True)
+        IPAdapterUnit(
+            adapter,
+            scale=float(s),
+            images=pics,
+            clip_vision=enc,
+            negative_rule=rule,
+            **({"start": r.start, "end": r.end} if windowed else {}),
+        )
+        for adapter, pics, s, enc, rule, r in zip(adapters, pictures, scales, encoders, rules, recorded, strict=True)
     ]
 
 
-def _check_window(recorded: list[RecordedIPAdapter], png: str) -> None:
-    """A recorded start/end window that this build's IPAdapterUnit cannot run is refused (never dropped)."""
+def _has_window() -> bool:
+    """Whether this build's IPAdapterUnit runs over part of the steps (``start`` / ``end``)."""
     import dataclasses
 
     from ..pipeline.ip_adapter import IPAdapterUnit
 
-    fields = {f.name for f in dataclasses.fields(IPAdapterUnit)}
+    return {"start", "end"} <= {f.name for f in dataclasses.fields(IPAdapterUnit)}
+
+
+def _check_window(recorded: list[RecordedIPAdapter], png: str) -> None:
+    """A recorded start/end window that this build's IPAdapterUnit cannot run is refused (never dropped)."""
     for r in recorded:
-        if (r.start, r.end) != (0.0, 1.0) and not {"start", "end"} <= fields:
+        if (r.start, r.end) != (0.0, 1.0) and not _has_window():
             raise GenerationError(
                 f"{png}: IP-Adapter {r.name} ran from {r.start:g} to {r.end:g} of the steps, which this sdengine "
                 "cannot run"
