@@ -308,6 +308,8 @@ def _refuse_overwriting_an_input(out: Path, a: argparse.Namespace) -> None:
         while len(parts) > 1 and _number(parts[-1]) is not None:
             parts.pop()
         inputs.append(("--control", ":".join(parts)))
+    for text in getattr(a, "ip_image", None) or []:  # IMAGE[+IMAGE...]
+        inputs += [("--ip-image", text)] + [("--ip-image", part) for part in text.split("+")]
     for flag, given in inputs:
         try:
             same = bool(given) and os.path.samefile(out, given)
@@ -623,8 +625,10 @@ def _controlnets_from_png(
     in order); the models are the ones it names, unless ``--controlnet`` gives others. Weight, start and end
     are the recorded ones unless the ``--control`` spec gives them."""
     from ..metadata import recorded_controlnets
+    from .generate_ip import refuse_a1111_ip_adapter
 
     recorded = recorded_controlnets(parsed)
+    refuse_a1111_ip_adapter(recorded, a.from_png)
     if not recorded:
         if not (a.control or a.controlnet):
             return []
@@ -924,6 +928,17 @@ def run(a: argparse.Namespace) -> int:
             thresholds=control_thresholds(a),
             processor_res=control_resolutions(a),
         )
+    from . import generate_ip
+
+    if a.from_png is None and (a.ip_adapters_dir is not None or a.clip_vision_dir is not None):
+        flag = "--ip-adapters-dir" if a.ip_adapters_dir is not None else "--clip-vision-dir"
+        raise UsageError(
+            f"{flag} is where --from-png looks up the file a PNG names: it has no effect without --from-png "
+            "(--ip-adapter and --clip-vision take a path)"
+        )
+    ip_units = generate_ip.units_from_png(a, parsed) if a.from_png else generate_ip.units_from_cli(a)
+    if ip_units:
+        kwargs["ip_adapters"] = ip_units
     if a.no_progress:
         kwargs["progress"] = False
     if a.controlnets_dir is not None and a.from_png is None:  # --controlnet takes a path or a built-in name
@@ -1250,6 +1265,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="FOLDER",
         help="where --from-png looks up the ControlNet a PNG names (built-in names need none)",
     )
+    from . import generate_ip
+
+    generate_ip.register(p)
     p.add_argument(
         "--lora",
         action="append",

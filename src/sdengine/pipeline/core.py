@@ -945,6 +945,7 @@ class Pipeline:
                     lora_dir=lora_dir,
                     controlnets=units,
                     guess_mode=bool(request.guess_mode),
+                    ip_adapters=request.ip_adapters or (),
                     mask_blur=float(request.mask_blur) if p.mask is not None else None,
                     resize_mode=init_resize_mode(request) if (p.init is not None or units) else None,
                     sampler_options=request.sampler_options,
