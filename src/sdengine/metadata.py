@@ -1226,6 +1226,17 @@ def model_hash(path: str | Path) -> str:
     return _sha256(path)[:10]
 
 
+def legacy_hash(path: str | Path) -> str:
+    """A1111's old model hash (its ``model_hash``/``legacy_hash``, also kohya's ``ss_sd_model_hash`` and the hash
+    sd-webui-controlnet writes beside a ControlNet's name): SHA-256 of the 64 KiB at offset 1 MiB, first 8 hex
+    digits."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        h.update(f.read(0x10000))
+    return h.hexdigest()[:8]
+
+
 def files_hash(paths: Sequence[str | Path]) -> str:
     """ "Model hash" / "VAE hash" of weights stored as several files (a sharded diffusers component): the first 10
     hex digits of the SHA-256 of the files' bytes one after the other, in the order given (the shards' own

@@ -589,7 +589,7 @@ def _recorded_controlnet_path(name: str, digest: str | None, controlnets_dir: st
     """The ControlNet a PNG names: a built-in name, else ``NAME`` (folder) or ``NAME.safetensors`` in
     ``--controlnets-dir``; where the PNG records a hash, the file found must have it."""
     from ..catalog import builtin_path
-    from ..metadata import model_hash
+    from ..metadata import legacy_hash, model_hash
 
     path = builtin_path("controlnets", name)
     if path is None and controlnets_dir is not None:
@@ -609,8 +609,10 @@ def _recorded_controlnet_path(name: str, digest: str | None, controlnets_dir: st
         files = [path] if path.is_file() else sorted(path.glob("**/diffusion_pytorch_model*.safetensors"))
         weights = files[0] if files else None
         found = model_hash(weights) if weights is not None else ""
+        # sd-webui-controlnet writes A1111's old 8-digit hash (64 KiB at 1 MiB), sdengine the file's SHA-256
+        old = legacy_hash(weights) if weights is not None and len(digest) == 8 else ""
         n = min(len(digest), len(found))
-        if not n or found[:n] != digest[:n]:
+        if digest.lower() != old and (not n or found[:n] != digest[:n].lower()):
             raise ControlNetError(
                 f"{png} was made with ControlNet {name!r} [{digest}], but {path} has hash "
                 f"[{found[: len(digest)] or 'unknown'}]: give the same ControlNet with --controlnet"
