@@ -577,7 +577,7 @@ def test_from_png_controlnet_by_folder_and_hash(tmp_path, capsys):
                 np.asarray(Image.open(made)), np.asarray(Image.open(tmp_path / "o-True" / "00000-4.png"))
             )
         else:
-            assert rc == 2 and "hash" in err and "mycanny" in err, err
+            assert rc == 2 and f"has hash [{good}] (A1111 old hash [{old}])" in err and "mycanny" in err, err
     # a name found nowhere
     assert (
         _generate(

@@ -615,7 +615,8 @@ def _recorded_controlnet_path(name: str, digest: str | None, controlnets_dir: st
         if digest.lower() != old and (not n or found[:n] != digest[:n].lower()):
             raise ControlNetError(
                 f"{png} was made with ControlNet {name!r} [{digest}], but {path} has hash "
-                f"[{found[: len(digest)] or 'unknown'}]: give the same ControlNet with --controlnet"
+                f"[{found[: len(digest)] or 'unknown'}]{f' (A1111 old hash [{old}])' if old else ''}: give the same "
+                "ControlNet with --controlnet"
             )
     return str(path)
 
