@@ -456,10 +456,14 @@ def test_the_pipeline_runs_a_units_window_by_the_calls_sigma(env, monkeypatch):
     adapter = load_ip_adapter(root / "plain.safetensors")
     embeds = torch.randn(1, PROJ, generator=torch.Generator().manual_seed(3))
 
+    texts: list[str] = []
+
     def run(**kw: Any) -> np.ndarray:
         units = [IPAdapterUnit(adapter, embeds, 1.0, **kw)] if kw else None
-        return pipe("a red apple", "blurry", ip_adapters=units, steps=STEPS, sampler="euler", seed=SEED, width=32,
-                    height=32, progress=False).arrays  # fmt: skip
+        r = pipe("a red apple", "blurry", ip_adapters=units, steps=STEPS, sampler="euler", seed=SEED, width=32,
+                 height=32, progress=False)  # fmt: skip
+        texts.append(r.infotexts[0])
+        return r.arrays
 
     plain = run()
     assert np.array_equal(run(start=0.4, end=0.4), plain)
@@ -473,6 +477,7 @@ def test_the_pipeline_runs_a_units_window_by_the_calls_sigma(env, monkeypatch):
 
     monkeypatch.setattr(nn_ipa.IPAdapterNet, "active", spy)
     half = run(start=0.0, end=0.5)
+    assert "Start: 0, End: 0.5" in texts[-1]  # the window is recorded (and read back by --from-png)
     low = percent_to_sigma(pipe.noise_schedule.log_sigmas, 0.5)
     assert seen and all(on == (s >= low) for s, on in seen), (low, seen)
     assert {on for _, on in seen} == {True, False}
@@ -552,7 +557,7 @@ def test_sdxl_latents_take_a_windowed_adapter(tmp_path):
     plain = run()
     assert torch.equal(run(IPAdapterUnit(adapter, embeds, 0.0)), plain)
     full = run(IPAdapterUnit(adapter, embeds, 1.0))
-    windowed = run(IPAdapterUnit(adapter, embeds, 1.0, None, 0.0, 0.5, ease, "kv"))
+    windowed = run(IPAdapterUnit(adapter, embeds, 1.0, start=0.0, end=0.5, layer_scales=ease, scaling="kv"))
     assert (full - plain).abs().max() > 1e-3 and (windowed - plain).abs().max() > 1e-4
     assert (windowed - full).abs().max() > 1e-4
 

@@ -485,6 +485,24 @@ def test_image_to_encoder_to_adapter_matches_diffusers(sd1, tmp_path):
     unit = unit_from_images(load_ip_adapter(tmp_path / "plus.bin"), encoder, image, 0.9)
     assert np.array_equal(_ours(pipe, [unit]), ours)
 
+    # or the files and the picture themselves, read at the call (and kept for the next: a replaced file is read again)
+    by_file = IPAdapterUnit(tmp_path / "plus.bin", scale=0.9, images=image, clip_vision=tmp_path / "image_encoder")
+    assert np.array_equal(_ours(pipe, [by_file]), ours)
+    save_ip_adapter(_random_adapter(pipe.unet, "plus", 12), tmp_path / "plus.bin")
+    assert _mad(_ours(pipe, [by_file]), ours) > 1e-3
+    save_ip_adapter(_random_adapter(pipe.unet, "plus", 11), tmp_path / "plus.bin")
+    for bad, message in (
+        (IPAdapterUnit(tmp_path / "plus.bin", images=image), "images need a CLIP vision encoder"),
+        (IPAdapterUnit(tmp_path / "plus.bin", pos, images=image, clip_vision=encoder), "images or embeds"),
+        (IPAdapterUnit(tmp_path / "plus.bin", images=[], clip_vision=encoder), "give images"),
+        (IPAdapterUnit(tmp_path / "plus.bin", images=image, clip_vision=encoder, negative_rule="x"), "negative_rule"),
+        (IPAdapterUnit(tmp_path / "nothing.bin", images=image, clip_vision=encoder), "nothing.bin"),
+        (IPAdapterUnit(tmp_path / "plus.bin", images=tmp_path / "no.png", clip_vision=encoder), "no.png"),
+    ):
+        with pytest.raises(SdengineError, match=message) as e:
+            _ours(pipe, [bad])
+        assert "\n" not in str(e.value)
+
     # ComfyUI_IPAdapter_plus's rule: the negative is a black picture's hidden states, which is not diffusers' tensor
     comfy = unit_from_images(load_ip_adapter(tmp_path / "plus.bin"), encoder, image, 0.9, negative_rule="comfyui")
     black = clip_image_tensor(np.zeros((32, 32, 3), np.uint8), size=32)

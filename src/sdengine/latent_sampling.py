@@ -505,7 +505,8 @@ def sample_latents(
     negative and ``third`` predicted as ComfyUI's calc_cond_batch weighs its entries (the regional path), then the
     rule's combination; not with ``guidance_rescale`` or ``pag_scale``.
     ``deep_shrink``: a :class:`sdengine.nn.deep_shrink.DeepShrink` patch of the U-Net in the calls whose sigma is in
-    its window (ComfyUI's PatchModelAddDownscale); not with a ControlNet or T2I-Adapter.
+    its window (ComfyUI's PatchModelAddDownscale), or a chain of them applied in ComfyUI's order (chained nodes);
+    not with a ControlNet or T2I-Adapter.
     ``ip_adapters``: :class:`sdengine.pipeline.ip_adapter.IPAdapterUnit` values (ComfyUI_IPAdapter_plus's model
     patches), on the U-Net's cross-attention of every call, each in its start / end sigma window; the conditional
     rows take their images' tokens, the unconditional rows their negatives'; not with regional entries or a guider

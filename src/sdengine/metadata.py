@@ -690,7 +690,14 @@ def to_generate_kwargs(
     # "ControlNet N" fields (and their step rule) are the caller's: they need the control image (see
     # recorded_controlnets)
     used |= {"ControlNet step rule", "ControlNet guess mode"}
-    ignored = [k for k in parsed if k not in used and k not in _DESCRIPTIVE_FIELDS and not _RE_CONTROLNET.match(k)]
+    ignored = [
+        k
+        for k in parsed
+        if k not in used
+        and k not in _DESCRIPTIVE_FIELDS
+        and not _RE_CONTROLNET.match(k)
+        and not _RE_IP_ADAPTER.match(k)  # the caller's too: they need the picture (recorded_ip_adapters)
+    ]
     if ignored:
         log.warning("infotext fields not reproduced by sdengine (the image may differ): %s", ", ".join(ignored))
     return kwargs
@@ -1074,6 +1081,95 @@ def recorded_controlnets(parsed: Mapping[str, str]) -> list[RecordedControlNet]:
     return [dataclasses.replace(u, rule=r) for u, r in zip(units, rules, strict=True)]
 
 
+_RE_IP_ADAPTER = re.compile(r"^IP-Adapter (\d+)$")
+
+
+def _named(name: str, digest: str | None) -> str:
+    """``NAME [HASH]`` (A1111's way of naming a model file), the separators A1111's readers split on removed."""
+    clean = _RE_CONTROLNET_SEPARATORS.sub("", name)
+    return f"{clean} [{digest}]" if digest else clean
+
+
+def format_ip_adapter(
+    model: str,
+    *,
+    model_hash: str | None = None,
+    weight: float = 1.0,
+    clip_vision: str | None = None,
+    clip_vision_hash: str | None = None,
+    negative_rule: str | None = None,
+    images: int | None = None,
+    start: float = 0.0,
+    end: float = 1.0,
+) -> str:
+    """An ``IP-Adapter N`` field's value (sdengine's own field): ``Model: NAME [HASH], Weight: W, CLIP vision: NAME
+    [HASH], Negative rule: R, Images: K`` (``Start`` / ``End`` where the unit ran over part of the steps). The
+    adapter's and the encoder's names are their file stems (a folder's name), the hashes :func:`model_hash` of the
+    file (a folder's weights file); ``clip_vision``, ``negative_rule`` and ``images`` are left out for a unit given
+    CLIP vision outputs instead of pictures. Numbers are written exactly (read back to the same float)."""
+    parts: list[tuple[str, Any]] = [("Model", _named(model, model_hash)), ("Weight", float(weight))]
+    if clip_vision is not None:
+        parts.append(("CLIP vision", _named(clip_vision, clip_vision_hash)))
+    if negative_rule is not None:
+        parts.append(("Negative rule", negative_rule))
+    if images is not None:
+        parts.append(("Images", int(images)))
+    if float(start) != 0.0 or float(end) != 1.0:
+        parts += [("Start", float(start)), ("End", float(end))]
+    return ", ".join(f"{k}: {_number(v) if isinstance(v, int | float) else v}" for k, v in parts)
+
+
+@dataclass(frozen=True)
+class RecordedIPAdapter:
+    """One ``IP-Adapter N`` field of an infotext (:func:`format_ip_adapter`): the adapter's name and hash (None when
+    not written), its weight, the CLIP vision encoder's name and hash, the negative rule and the number of pictures
+    (None where not written: a unit given CLIP vision outputs), the start and end fractions of the steps."""
+
+    name: str
+    hash: str | None
+    weight: float
+    clip_vision: str | None = None
+    clip_vision_hash: str | None = None
+    negative_rule: str | None = None
+    images: int | None = None
+    start: float = 0.0
+    end: float = 1.0
+
+
+def _name_and_hash(text: str) -> tuple[str, str | None]:
+    hm = _RE_MODEL_HASH.match(text.strip())
+    return (hm.group(1).strip(), hm.group(2).lower()) if hm else (text.strip(), None)
+
+
+def recorded_ip_adapters(parsed: Mapping[str, str]) -> list[RecordedIPAdapter]:
+    """The IP-Adapters an infotext records (sdengine's ``IP-Adapter N`` fields), in their order. A field without a
+    model, or with a weight, start, end or picture count that is not a number, is a MetadataError."""
+    out: list[tuple[int, RecordedIPAdapter]] = []
+    for key, value in parsed.items():
+        m = _RE_IP_ADAPTER.match(key)
+        if m is None:
+            continue
+        fields = {k.strip(): v.strip() for k, v in parse_fields(value)}
+        model = fields.get("Model", "")
+        if not model:
+            raise MetadataError(f"{key}: no model recorded in {value!r}")
+        name, digest = _name_and_hash(model)
+        try:
+            weight = float(fields.get("Weight", "1"))
+            start, end = float(fields.get("Start", "0")), float(fields.get("End", "1"))
+            images = int(fields["Images"]) if "Images" in fields else None
+        except ValueError:
+            raise MetadataError(f"{key}: a weight, start, end or picture count is not a number in {value!r}") from None
+        if not math.isfinite(weight) or (images is not None and images < 1):
+            raise MetadataError(f"{key}: weight {weight} / Images {images} cannot be run again ({value!r})")
+        encoder, encoder_hash = _name_and_hash(fields["CLIP vision"]) if "CLIP vision" in fields else (None, None)
+        unit = RecordedIPAdapter(
+            name, digest, weight, encoder, encoder_hash, fields.get("Negative rule"), images, start, end
+        )
+        out.append((int(m.group(1)), unit))
+    return [r for _, r in sorted(out, key=lambda t: t[0])]
+
+
 # ---------------------------------------------------------------------------------------- files
 
 
@@ -1128,6 +1224,17 @@ def _sha256(path: str | Path, offset: int = 0) -> str:
 def model_hash(path: str | Path) -> str:
     """A1111's "Model hash": the first 10 hex digits of the file's SHA-256 (read in 1 MiB blocks)."""
     return _sha256(path)[:10]
+
+
+def legacy_hash(path: str | Path) -> str:
+    """A1111's old model hash (its ``model_hash``/``legacy_hash``, also kohya's ``ss_sd_model_hash`` and the hash
+    sd-webui-controlnet writes beside a ControlNet's name): SHA-256 of the 64 KiB at offset 1 MiB, first 8 hex
+    digits."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        h.update(f.read(0x10000))
+    return h.hexdigest()[:8]
 
 
 def files_hash(paths: Sequence[str | Path]) -> str:
@@ -1188,4 +1295,7 @@ __all__ = [
     "CONTROLNET_MODULES",
     "CONTROLNET_THRESHOLDS",
     "format_controlnet",
+    "format_ip_adapter",
+    "recorded_ip_adapters",
+    "RecordedIPAdapter",
 ]

@@ -308,6 +308,8 @@ def _refuse_overwriting_an_input(out: Path, a: argparse.Namespace) -> None:
         while len(parts) > 1 and _number(parts[-1]) is not None:
             parts.pop()
         inputs.append(("--control", ":".join(parts)))
+    for text in getattr(a, "ip_image", None) or []:  # IMAGE[+IMAGE...]
+        inputs += [("--ip-image", text)] + [("--ip-image", part) for part in text.split("+")]
     for flag, given in inputs:
         try:
             same = bool(given) and os.path.samefile(out, given)
@@ -587,7 +589,7 @@ def _recorded_controlnet_path(name: str, digest: str | None, controlnets_dir: st
     """The ControlNet a PNG names: a built-in name, else ``NAME`` (folder) or ``NAME.safetensors`` in
     ``--controlnets-dir``; where the PNG records a hash, the file found must have it."""
     from ..catalog import builtin_path
-    from ..metadata import model_hash
+    from ..metadata import legacy_hash, model_hash
 
     path = builtin_path("controlnets", name)
     if path is None and controlnets_dir is not None:
@@ -607,11 +609,14 @@ def _recorded_controlnet_path(name: str, digest: str | None, controlnets_dir: st
         files = [path] if path.is_file() else sorted(path.glob("**/diffusion_pytorch_model*.safetensors"))
         weights = files[0] if files else None
         found = model_hash(weights) if weights is not None else ""
+        # sd-webui-controlnet writes A1111's old 8-digit hash (64 KiB at 1 MiB), sdengine the file's SHA-256
+        old = legacy_hash(weights) if weights is not None and len(digest) == 8 else ""
         n = min(len(digest), len(found))
-        if not n or found[:n] != digest[:n]:
+        if digest.lower() != old and (not n or found[:n] != digest[:n].lower()):
             raise ControlNetError(
                 f"{png} was made with ControlNet {name!r} [{digest}], but {path} has hash "
-                f"[{found[: len(digest)] or 'unknown'}]: give the same ControlNet with --controlnet"
+                f"[{found[: len(digest)] or 'unknown'}]{f' (A1111 old hash [{old}])' if old else ''}: give the same "
+                "ControlNet with --controlnet"
             )
     return str(path)
 
@@ -623,8 +628,10 @@ def _controlnets_from_png(
     in order); the models are the ones it names, unless ``--controlnet`` gives others. Weight, start and end
     are the recorded ones unless the ``--control`` spec gives them."""
     from ..metadata import recorded_controlnets
+    from .generate_ip import refuse_a1111_ip_adapter
 
     recorded = recorded_controlnets(parsed)
+    refuse_a1111_ip_adapter(recorded, a.from_png)
     if not recorded:
         if not (a.control or a.controlnet):
             return []
@@ -924,6 +931,17 @@ def run(a: argparse.Namespace) -> int:
             thresholds=control_thresholds(a),
             processor_res=control_resolutions(a),
         )
+    from . import generate_ip
+
+    if a.from_png is None and (a.ip_adapters_dir is not None or a.clip_vision_dir is not None):
+        flag = "--ip-adapters-dir" if a.ip_adapters_dir is not None else "--clip-vision-dir"
+        raise UsageError(
+            f"{flag} is where --from-png looks up the file a PNG names: it has no effect without --from-png "
+            "(--ip-adapter and --clip-vision take a path)"
+        )
+    ip_units = generate_ip.units_from_png(a, parsed) if a.from_png else generate_ip.units_from_cli(a)
+    if ip_units:
+        kwargs["ip_adapters"] = ip_units
     if a.no_progress:
         kwargs["progress"] = False
     if a.controlnets_dir is not None and a.from_png is None:  # --controlnet takes a path or a built-in name
@@ -1250,6 +1268,9 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         metavar="FOLDER",
         help="where --from-png looks up the ControlNet a PNG names (built-in names need none)",
     )
+    from . import generate_ip
+
+    generate_ip.register(p)
     p.add_argument(
         "--lora",
         action="append",

@@ -25,8 +25,13 @@ Which layers, by depth (``max_depth`` and shallower are tiled):
 - ``"a1111"``: SD 1.x / 2.x, the self-attention layers of resolution level ``d`` (the middle block is the deepest);
   SDXL (a U-Net with the text-time vector), A1111's table: the first attention level's first transformer block is
   depth 0, its other blocks and every deeper level's blocks depth 1, the middle block depth 2;
-- ``"comfyui"``: every self-attention layer at resolution level ``d`` whose token count is
-  ``(H / 2**d) * (W / 2**d)`` of the latent's ``H x W`` (so a level that halves an odd side is left alone).
+- ``"comfyui"``: every self-attention layer whose token count is ``(H / 2**d) * (W / 2**d)`` of the latent's
+  ``H x W`` for a ``d`` of 0 to ``max_depth`` (the first such ``d`` is its depth; a level that halves an odd side
+  is left alone). Without Deep Shrink that is the layers of resolution level ``d``; under Deep Shrink
+  (:mod:`sdengine.nn.deep_shrink`) a layer is matched by the tokens of its shrunk feature map against the latent
+  the model was called with, as ComfyUI's node reads ``original_shape``: a level-1 layer shrunk by 2 has the tokens
+  of depth 2, tiled (with depth 2's tile size) only when ``max_depth`` reaches 2, and a level-0 layer after a shrunk
+  block 1 or 2 is no longer depth 0. (The check that some layer is tiled still counts the layers by level.)
 
 Where sdengine differs from both tools (docs/CONTRACTS.md): the tiles are rectangles of the layer's true ``H x W``
 grid. Both tools recover the grid from the token count and the aspect ratio as ``round(sqrt(L * W / H))`` "rows" of
@@ -34,6 +39,13 @@ grid. Both tools recover the grid from the token count and the aspect ratio as `
 rectangles of the image; for square images the tiles are the same. ComfyUI's node tiles only the queries (its
 attention then reads the untiled keys and values in contiguous chunks of the token sequence); sdengine tiles the
 queries, keys and values together, as A1111 and the HyperTile paper do.
+
+With self-attention guidance (:mod:`sdengine.diffusion.sag`), whose map is the middle block's first self-attention
+layer's over the whole grid: where that layer is not cut (one tile: the usual case, the middle block being the
+deepest), SAG reads the map of the attention the layer ran and the other layers are tiled as without SAG. A call
+that would cut it while SAG reads its map is a one-line error: the layer would run tile-local attention whose map is
+not the whole-grid one SAG's mask is made of (ComfyUI's node there hands SAG the tiles' score matrices, a map of
+another size that its blur map reshapes or fails on), so neither reading is a true SAG.
 
 :func:`hypertile_applied` installs it on a :class:`sdengine.models.unet.UNet` for a block of code;
 :class:`HyperTileNet` wraps a network call in it (the latent's size is read from each call's input).
@@ -180,8 +192,9 @@ class HyperTileRun:
 class LayerTiles:
     """What a tiled self-attention layer calls in place of its attention (``Attention.hypertile``)."""
 
-    def __init__(self, run: HyperTileRun, level: int, depth: int) -> None:
+    def __init__(self, run: HyperTileRun, level: int, depth: int, layer: Any = None) -> None:
         self.run, self.level, self.depth = run, level, depth
+        self.layer = layer  # the attention layer it tiles (its SAG probe is read: see __call__)
 
     def __call__(self, x: Tensor, attend: Callable[[Tensor], Tensor], grid: tuple[int, int] | None = None) -> Tensor:
         """``grid``: the (H, W) of the layer's feature map as its transformer saw it (a hidden state Deep Shrink
@@ -190,13 +203,30 @@ class LayerTiles:
         h, w = grid if grid is not None and grid[0] * grid[1] == x.shape[1] else run.grid(self.level)
         if h * w != x.shape[1]:  # not this layer's grid (a model of another shape): as it is
             return attend(x)
+        depth = self.depth
         if run.settings.rule == "comfyui":
-            lh, lw = run.latent
-            scale = 2**self.level
-            if (lh / scale) * (lw / scale) != x.shape[1]:  # ComfyUI matches the level by this exact product
+            found = comfyui_depth(run.latent, int(x.shape[1]), run.settings.max_depth)
+            if found is None:  # ComfyUI matches the depth by this exact product of the called latent's sides
                 return attend(x)
-        nh, nw = run.choose(h, w, self.depth)
+            depth = found
+        nh, nw = run.choose(h, w, depth)
+        if nh * nw > 1 and getattr(self.layer, "map_probe", None) is not None:
+            raise UsageError(
+                f"HyperTile cuts the middle block's self-attention ({h}x{w} tokens) into {nh}x{nw} tiles, whose "
+                "map self-attention guidance reads: lower HyperTile's max_depth or raise its tile size, or drop SAG"
+            )
         return tiled_attention(x, h, w, nh, nw, attend)
+
+
+def comfyui_depth(latent: tuple[int, int], tokens: int, max_depth: int) -> int | None:
+    """ComfyUI's node's depth of a self-attention call of ``tokens`` tokens in a model called with a latent of
+    ``latent`` (H, W): the first ``d`` in 0 .. ``max_depth`` with ``(H / 2**d) * (W / 2**d) == tokens`` (None:
+    not tiled)."""
+    lh, lw = latent
+    for d in range(max_depth + 1):
+        if (lh / 2**d) * (lw / 2**d) == tokens:
+            return d
+    return None
 
 
 def hypertile_layers(unet: Any, settings: HyperTile) -> list[tuple[Any, int, int]]:
@@ -247,10 +277,12 @@ def hypertile_applied(unet: Any, run: HyperTileRun | None) -> Iterator[None]:
         yield
         return
     layers = hypertile_layers(unet, run.settings)
+    if run.settings.rule == "comfyui":  # every self-attention layer: each call's tokens decide (comfyui_depth)
+        layers = hypertile_layers(unet, HyperTile(run.settings.tile_size, 0, MAX_DEPTH, "comfyui"))
     before = [layer.hypertile for layer, _, _ in layers]
     try:
         for layer, level, depth in layers:
-            layer.hypertile = LayerTiles(run, level, depth)
+            layer.hypertile = LayerTiles(run, level, depth, layer)
         yield
     finally:
         for (layer, _, _), old in zip(layers, before, strict=True):
@@ -290,6 +322,7 @@ __all__ = [
     "HyperTileRun",
     "LayerTiles",
     "check_hypertile",
+    "comfyui_depth",
     "draw_count",
     "hypertile_applied",
     "hypertile_layers",

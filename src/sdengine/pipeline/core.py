@@ -709,7 +709,8 @@ class Pipeline:
             )
 
     def prepare(self, request: GenerationRequest) -> Prepared:
-        """Validate ``request`` against this model and read its images (no model runs)."""
+        """Validate ``request`` against this model and read its images (no model runs but an IP-Adapter's image
+        encoder)."""
         r = request
         notes: list[str] = []
         width = self._check_size("width", self.default_size if r.width is None else r.width)
@@ -844,8 +845,10 @@ class Pipeline:
                 f"{width}x{height} is not the model's training size {self.default_size}x"
                 f"{self.default_size}: subjects may repeat or be cut off",
             )
-        if r.ip_adapters:  # the adapters fit this U-Net and the batch (one line, before any model runs)
-            check_units(r.ip_adapters, self.unet, len(seeds))
+        if (
+            r.ip_adapters
+        ):  # files loaded, pictures encoded; they fit this U-Net and the batch (one line, before sampling)
+            r = dataclasses.replace(r, ip_adapters=check_units(r.ip_adapters, self.unet, len(seeds), dtype=self.dtype))
         return Prepared(
             r,
             width,
@@ -942,6 +945,7 @@ class Pipeline:
                     lora_dir=lora_dir,
                     controlnets=units,
                     guess_mode=bool(request.guess_mode),
+                    ip_adapters=request.ip_adapters or (),
                     mask_blur=float(request.mask_blur) if p.mask is not None else None,
                     resize_mode=init_resize_mode(request) if (p.init is not None or units) else None,
                     sampler_options=request.sampler_options,

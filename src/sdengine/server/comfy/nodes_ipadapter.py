@@ -329,10 +329,10 @@ def ipadapter_advanced(
             embeds.unsqueeze(0),  # one row of the images: every row of the batch takes them (tokens side by side)
             float(weight),
             negative.unsqueeze(0),
-            float(start_at),
-            float(end_at),
-            scales,
-            scaling,
+            start=float(start_at),
+            end=float(end_at),
+            layer_scales=scales,
+            scaling=scaling,
         )
         unit.check()
     except SdengineError as e:
