@@ -5,6 +5,7 @@ encoder)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -152,6 +153,8 @@ def test_infotext_field_round_trip_and_no_warning(caplog):
         images=3,
         start=0.25,
         end=0.75,
+        scaling="kv",
+        layer_scales=(0.5, 0.1 + 0.2, 0.0),
     )
     text = format_parameters({"prompt": "p", "steps": 4, "seed": 1, "IP-Adapter 1": value, "IP-Adapter 0": "Model: x"})
     parsed = parse_parameters(text)
@@ -163,26 +166,26 @@ def test_infotext_field_round_trip_and_no_warning(caplog):
         "abcdef0123",
     )
     assert (second.negative_rule, second.images, second.start, second.end) == ("comfyui", 3, 0.25, 0.75)
+    assert (second.scaling, second.layer_scales) == ("kv", (0.5, 0.1 + 0.2, 0.0))
+    assert (first.scaling, first.layer_scales) == ("output", None)
     with caplog.at_level("WARNING"):
         to_generate_kwargs(parsed)
     assert "IP-Adapter" not in caplog.text
-    for bad in ("Weight: 1", "Model: x, Weight: heavy", "Model: x, Images: 0"):
+    for bad in ("Weight: 1", "Model: x, Weight: heavy", "Model: x, Images: 0", "Model: x, Layer weights: 1 nan"):
         with pytest.raises(SdengineError, match="IP-Adapter 0") as e:
             recorded_ip_adapters({"IP-Adapter 0": bad})
         assert "\n" not in str(e.value)
 
 
 def test_a_units_window_is_written(kit):
-    """A unit that runs over part of the steps (``start`` / ``end``, where IPAdapterUnit has them) writes them."""
-    from types import SimpleNamespace
-
+    """A unit that runs over part of the steps (``start`` / ``end``) writes them."""
     from sdengine.pipeline.infotext import ip_adapter_infotext
 
     _, _, root = kit
     adapter, encoder = root / "adapters" / "ip-adapter_tiny.safetensors", root / "encoders" / "image_encoder"
     fields = dict(adapter=str(adapter), scale=0.5, images=["a", "b"], clip_vision=str(encoder), negative_rule="comfyui")
-    whole = recorded_ip_adapters({"IP-Adapter 0": ip_adapter_infotext(SimpleNamespace(**fields))})[0]
-    part = recorded_ip_adapters({"IP-Adapter 0": ip_adapter_infotext(SimpleNamespace(**fields, start=0.2, end=0.8))})
+    whole = recorded_ip_adapters({"IP-Adapter 0": ip_adapter_infotext(IPAdapterUnit(**fields))})[0]
+    part = recorded_ip_adapters({"IP-Adapter 0": ip_adapter_infotext(IPAdapterUnit(**fields, start=0.2, end=0.8))})
     assert (whole.start, whole.end, whole.images, whole.weight) == (0.0, 1.0, 2, 0.5)
     assert (part[0].start, part[0].end) == (0.2, 0.8) and part[0].hash == model_hash(adapter)
 
@@ -392,7 +395,6 @@ def test_from_png_of_other_records(kit, tmp_path, capsys):
     """An A1111 image whose ControlNet extension ran an IP-Adapter, a record sdengine cannot run, a PNG without
     IP-Adapters given the look-up folders: one line each."""
     folder, _, root = kit
-    cat = str(root / "cat.png")
     png = tmp_path / "a1111.png"
     a1111 = (
         'p\nSteps: 4, Sampler: Euler, Seed: 1, Size: 32x32, ControlNet 0: "Module: ip-adapter_clip_sd15, Model: '
@@ -408,14 +410,39 @@ def test_from_png_of_other_records(kit, tmp_path, capsys):
     err = _refused(capsys, "--from-png", str(plain), "--model", str(folder), "--ip-adapters-dir", str(root))
     assert f"--ip-adapters-dir has no effect: {plain} records no IP-Adapter" in err
 
-    if {"start", "end"} <= set(IPAdapterUnit.__dataclass_fields__):
-        return  # units run over part of the steps: the window is read back instead
-    windowed = tmp_path / "window.png"
-    field = format_ip_adapter("ip-adapter_tiny", weight=1, clip_vision="image_encoder", images=1, start=0.5, end=1)
-    save_png(picture(SIZE, SIZE), windowed, format_parameters({"prompt": "p", "steps": 4, "IP-Adapter 0": field}))
+
+def test_from_png_runs_a_window_layer_weights_and_scaling_again(kit, tmp_path, capsys):
+    """A unit with a window of the steps, a weight per layer and K+V scaling (what ComfyUI's IPAdapter nodes make)
+    writes them all, and --from-png makes the same image (they were once not written, and dropped silently)."""
+    folder, pipe, root = kit
+    adapter, encoder = root / "adapters" / "ip-adapter_tiny.safetensors", root / "encoders" / "image_encoder"
+    weights = tuple(0.25 * (i % 5) for i in range(len(cross_attention_layers(pipe.unet))))
+    unit = IPAdapterUnit(
+        str(adapter),
+        scale=0.9,
+        images=str(root / "cat.png"),
+        clip_vision=str(encoder),
+        start=0.0,
+        end=0.6,
+        layer_scales=weights,
+        scaling="kv",
+    )
+    r = pipe(PROMPT, NEGATIVE, ip_adapters=[unit], **CALL)
+    (rec,) = recorded_ip_adapters(parse_parameters(r.infotexts[0]))
+    assert (rec.start, rec.end, rec.layer_scales, rec.scaling) == (0.0, 0.6, weights, "kv")
+    made = tmp_path / "made.png"
+    save_png(r.images[0], made, r.infotexts[0])
+    plain = np.asarray(
+        pipe(PROMPT, NEGATIVE, ip_adapters=[dataclasses.replace(unit, layer_scales=None)], **CALL).images[0]
+    )
+    assert not np.array_equal(plain, np.asarray(r.images[0]))  # the layer weights count
+    again = tmp_path / "again.png"
     dirs = ["--ip-adapters-dir", str(root / "adapters"), "--clip-vision-dir", str(root / "encoders")]
-    err = _refused(capsys, "--from-png", str(windowed), "--model", str(folder), "--ip-image", cat, *dirs)
-    assert "ran from 0.5 to 1 of the steps, which this sdengine cannot run" in err
+    rc = _generate(
+        "--from-png", str(made), "--model", str(folder), "--ip-image", str(root / "cat.png"), *dirs, "--out", str(again)
+    )
+    assert rc == 0, capsys.readouterr().err
+    assert np.array_equal(_pixels(again), np.asarray(r.images[0]))
 
 
 def test_split_images_keeps_a_file_with_a_plus(tmp_path):

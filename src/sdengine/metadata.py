@@ -1101,9 +1101,12 @@ def format_ip_adapter(
     images: int | None = None,
     start: float = 0.0,
     end: float = 1.0,
+    scaling: str = "output",
+    layer_scales: Sequence[float] | None = None,
 ) -> str:
     """An ``IP-Adapter N`` field's value (sdengine's own field): ``Model: NAME [HASH], Weight: W, CLIP vision: NAME
-    [HASH], Negative rule: R, Images: K`` (``Start`` / ``End`` where the unit ran over part of the steps). The
+    [HASH], Negative rule: R, Images: K`` (``Start`` / ``End`` where the unit ran over part of the steps;
+    ``Scaling: S`` where it is not "output"; ``Layer weights: W1 W2 ...`` where each layer had its own). The
     adapter's and the encoder's names are their file stems (a folder's name), the hashes :func:`model_hash` of the
     file (a folder's weights file); ``clip_vision``, ``negative_rule`` and ``images`` are left out for a unit given
     CLIP vision outputs instead of pictures. Numbers are written exactly (read back to the same float)."""
@@ -1116,6 +1119,10 @@ def format_ip_adapter(
         parts.append(("Images", int(images)))
     if float(start) != 0.0 or float(end) != 1.0:
         parts += [("Start", float(start)), ("End", float(end))]
+    if scaling != "output":
+        parts.append(("Scaling", scaling))
+    if layer_scales is not None:
+        parts.append(("Layer weights", " ".join(_number(float(v)) for v in layer_scales)))
     return ", ".join(f"{k}: {_number(v) if isinstance(v, int | float) else v}" for k, v in parts)
 
 
@@ -1134,6 +1141,8 @@ class RecordedIPAdapter:
     images: int | None = None
     start: float = 0.0
     end: float = 1.0
+    scaling: str = "output"
+    layer_scales: tuple[float, ...] | None = None
 
 
 def _name_and_hash(text: str) -> tuple[str, str | None]:
@@ -1158,13 +1167,28 @@ def recorded_ip_adapters(parsed: Mapping[str, str]) -> list[RecordedIPAdapter]:
             weight = float(fields.get("Weight", "1"))
             start, end = float(fields.get("Start", "0")), float(fields.get("End", "1"))
             images = int(fields["Images"]) if "Images" in fields else None
+            layers = tuple(float(v) for v in fields["Layer weights"].split()) if "Layer weights" in fields else None
         except ValueError:
-            raise MetadataError(f"{key}: a weight, start, end or picture count is not a number in {value!r}") from None
+            raise MetadataError(
+                f"{key}: a weight, start, end, layer weight or picture count is not a number in {value!r}"
+            ) from None
+        if layers is not None and (not layers or not all(math.isfinite(v) for v in layers)):
+            raise MetadataError(f"{key}: Layer weights must be finite numbers ({value!r})")
         if not math.isfinite(weight) or (images is not None and images < 1):
             raise MetadataError(f"{key}: weight {weight} / Images {images} cannot be run again ({value!r})")
         encoder, encoder_hash = _name_and_hash(fields["CLIP vision"]) if "CLIP vision" in fields else (None, None)
         unit = RecordedIPAdapter(
-            name, digest, weight, encoder, encoder_hash, fields.get("Negative rule"), images, start, end
+            name,
+            digest,
+            weight,
+            encoder,
+            encoder_hash,
+            fields.get("Negative rule"),
+            images,
+            start,
+            end,
+            fields.get("Scaling", "output"),
+            layers,
         )
         out.append((int(m.group(1)), unit))
     return [r for _, r in sorted(out, key=lambda t: t[0])]

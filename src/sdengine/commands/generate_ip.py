@@ -15,7 +15,6 @@ from ..errors import GenerationError, UsageError
 from ..names import did_you_mean, unknown_name
 
 if TYPE_CHECKING:
-    from ..metadata import RecordedIPAdapter
     from ..pipeline.ip_adapter import IPAdapterUnit
 
 # what the IP-Adapter flags are called (for the "has no effect without --ip-adapter" line)
@@ -235,7 +234,6 @@ def units_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list[IPAdap
             "IP-Adapter, in order; the PNG does not hold them)"
         )
     check_flags(a, recorded=n)
-    _check_window(recorded, png)
     pictures = [split_images(text) for text in a.ip_image]
     for k, (r, pics) in enumerate(zip(recorded, pictures, strict=True)):
         if r.images is not None and r.images != len(pics):
@@ -285,7 +283,6 @@ def units_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list[IPAdap
         rules = [negative_rule(x) for x in _per_unit("--ip-negative-rule", a.ip_negative_rule, n)]
     else:
         rules = [negative_rule(r.negative_rule or "diffusers", f"{png}: Negative rule") for r in recorded]
-    windowed = _has_window()
     return [
         IPAdapterUnit(
             adapter,
@@ -293,29 +290,13 @@ def units_from_png(a: argparse.Namespace, parsed: dict[str, str]) -> list[IPAdap
             images=pics,
             clip_vision=enc,
             negative_rule=rule,
-            **({"start": r.start, "end": r.end} if windowed else {}),
+            start=r.start,
+            end=r.end,
+            layer_scales=r.layer_scales,
+            scaling=r.scaling,
         )
         for adapter, pics, s, enc, rule, r in zip(adapters, pictures, scales, encoders, rules, recorded, strict=True)
     ]
-
-
-def _has_window() -> bool:
-    """Whether this build's IPAdapterUnit runs over part of the steps (``start`` / ``end``)."""
-    import dataclasses
-
-    from ..pipeline.ip_adapter import IPAdapterUnit
-
-    return {"start", "end"} <= {f.name for f in dataclasses.fields(IPAdapterUnit)}
-
-
-def _check_window(recorded: list[RecordedIPAdapter], png: str) -> None:
-    """A recorded start/end window that this build's IPAdapterUnit cannot run is refused (never dropped)."""
-    for r in recorded:
-        if (r.start, r.end) != (0.0, 1.0) and not _has_window():
-            raise GenerationError(
-                f"{png}: IP-Adapter {r.name} ran from {r.start:g} to {r.end:g} of the steps, which this sdengine "
-                "cannot run"
-            )
 
 
 def refuse_a1111_ip_adapter(recorded_controlnets: list[Any], png: str) -> None:

@@ -148,8 +148,10 @@ def ip_adapter_infotext(unit: Any) -> str:
         clip_vision_hash=encoder_hash,
         negative_rule=rule,
         images=count,
-        start=float(getattr(unit, "start", 0.0)),  # a unit's window of the steps, where it has one
-        end=float(getattr(unit, "end", 1.0)),
+        start=float(unit.start),
+        end=float(unit.end),
+        scaling=unit.scaling,
+        layer_scales=unit.layer_scales,
     )
 
 
