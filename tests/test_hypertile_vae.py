@@ -197,6 +197,68 @@ def test_off_and_one_tile_leave_the_decode_bit_identical(pipe):
     assert dataclasses.replace(runs[0], hires=None).vae_tiles is runs[0].vae_tiles
 
 
+def _spy_draws(monkeypatch: Any) -> list[tuple[str, int, Any, tuple[int, ...], int]]:
+    """Every draw of a HyperTile run: (whose: "vae" for the VAE's 128-pixel settings, else "unet"; the generator's
+    id; its state before the draw; the candidates; the count drawn)."""
+    log: list[tuple[str, int, Any, tuple[int, ...], int]] = []
+    choose, real = ht.HyperTileRun.choose, ht.draw_count
+    whose = ["unet"]
+
+    def spy_choose(self: Any, h: int, w: int, depth: int) -> tuple[int, int]:
+        whose[0] = "vae" if self.settings.tile_size == 128 else "unet"
+        return choose(self, h, w, depth)
+
+    def spy_draw(counts: list[int], rng: random.Random, *, always: bool) -> int:
+        state = rng.getstate()
+        out = real(counts, rng, always=always)
+        log.append((whose[0], id(rng), state, tuple(counts), out))
+        return out
+
+    monkeypatch.setattr(ht.HyperTileRun, "choose", spy_choose)
+    monkeypatch.setattr(ht, "draw_count", spy_draw)
+    return log
+
+
+def test_the_unet_and_the_vae_share_a1111s_one_generator(pipe, monkeypatch):
+    """A1111's one generator: seeded with the first seed, the U-Net's draws of the pass, then the decode's (one per
+    image); with the hires fix's second pass tiled alone, the first-pass decode (a pixel upscaler) draws first, the
+    generator is reseeded before the second pass (its before_hr), then the U-Net's draws and the final decode's. The
+    draws here replayed on a fresh random.Random give the same generator state before every draw."""
+    log = _spy_draws(monkeypatch)
+    args: dict[str, Any] = dict(steps=2, sampler="euler", seed=9, width=64, height=64, progress=False, batch_size=2)
+    pipe("a red apple", hypertile=(256, 3, 3), hypertile_vae=(128, 3, 3), **args)
+    whose = [w for w, *_ in log]
+    n_unet = whose.count("unet")
+    assert n_unet > 0 and whose == ["unet"] * n_unet + ["vae"] * 4  # two images, rows then columns each
+    assert len({rng for _, rng, *_ in log}) == 1  # one generator
+    replay = random.Random(9)
+    for _, _, state, counts, out in log:
+        assert replay.getstate() == state
+        assert counts[replay.randint(0, len(counts) - 1)] == out  # A1111's random_divisor
+    log.clear()
+    # one image (sdengine runs a pixel upscaler's second pass row by row, each row's U-Net from its own seed)
+    hires = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos", strength=0.6, batch_size=1)
+    args.pop("batch_size")
+    pipe("a red apple", hypertile=(256, 3, 3), hypertile_hires_only=True, hypertile_vae=(128, 3, 3), **args, **hires)
+    whose = [w for w, *_ in log]
+    n_unet = whose.count("unet")
+    assert n_unet > 0 and whose == ["vae"] * 2 + ["unet"] * n_unet + ["vae"] * 2
+    replay = random.Random(9)
+    for k, (_, _, state, counts, out) in enumerate(log):
+        if k == 2:
+            replay.seed(9)  # A1111's before_hr: set_hypertile_seed(p.all_seeds[0]), a U-Net switch being on
+        assert replay.getstate() == state
+        assert counts[replay.randint(0, len(counts) - 1)] == out  # A1111's random_divisor
+    # the U-Net untiled: no reseed before the second pass (A1111 reseeds only with a U-Net switch on)
+    log.clear()
+    pipe("a red apple", hypertile_vae=(128, 3, 3), **args, **{**hires, "batch_size": 2})
+    assert [w for w, *_ in log] == ["vae"] * 8
+    replay = random.Random(9)
+    for _, _, state, counts, out in log:
+        assert replay.getstate() == state
+        assert counts[replay.randint(0, len(counts) - 1)] == out  # A1111's random_divisor
+
+
 def test_the_infotext_writes_a1111s_fields_and_reads_back(pipe):
     args: dict[str, Any] = dict(steps=1, sampler="euler", seed=5, width=64, height=64, progress=False)
     res = pipe("a red apple", hypertile_vae=(256, 2, 1), **args)

@@ -57,7 +57,10 @@ without it). The whole block (its group norm, attention, output projection and r
 ``(B, C, H, W)`` map as its own batch row, as A1111 wraps the block's forward: the group norm's statistics are each
 tile's own. Tile counts: the ``"a1111"`` rule at depth 0 (``max(128, min(T, tile_size)) // 8`` latent cells, ``T``
 the decoded image's largest power-of-two divisor), a draw of the rows' count then the columns' at each decode (made
-even with one candidate), from a generator seeded with the first seed (:func:`vae_hypertile_applied`).
+even with one candidate), from a generator seeded with the first seed (:func:`vae_hypertile_applied`). A1111 has
+one generator for the U-Net and the VAE: where the U-Net is tiled too, the pipeline hands the VAE's generator to the
+U-Net's pass (reseeded with the first seed at the pass's start, as A1111 reseeds before each tiled pass), so the
+decode draws after the U-Net's draws as there.
 """
 
 from __future__ import annotations
@@ -173,10 +176,15 @@ class HyperTileRun:
     the current call; ``scale``: pixels per latent cell (the VAE's downscale; the image's size is the latent's
     times it)."""
 
-    def __init__(self, settings: HyperTile, seed: int, scale: int = LATENT_FACTOR) -> None:
+    def __init__(
+        self, settings: HyperTile, seed: int, scale: int = LATENT_FACTOR, rng: random.Random | None = None
+    ) -> None:
         self.settings = settings
         self.scale = int(scale)
-        self.rng = random.Random(int(seed))
+        # ``rng``: a generator shared with another run (A1111's one generator for the U-Net and the VAE), seeded
+        # here; else its own
+        self.rng = rng if rng is not None else random.Random()
+        self.rng.seed(int(seed))
         self.latent: tuple[int, int] = (0, 0)
         self.chosen: list[tuple[int, int]] = []  # (nh, nw) of each tiled call, in order (for tests and notes)
 
@@ -361,15 +369,21 @@ def hypertile_applied(unet: Any, run: HyperTileRun | None) -> Iterator[None]:
 
 class HyperTileNet:
     """``net`` (the U-Net, or what calls it: a controlled U-Net) called with HyperTile on ``unet`` for each call;
-    one generator for all calls (seeded with ``seed``), the latent's size read from each call's input (``scale``
-    pixels per latent cell)."""
+    one generator for all calls (seeded with ``seed``; ``rng``: that generator, shared with the VAE's HyperTile as
+    A1111's), the latent's size read from each call's input (``scale`` pixels per latent cell)."""
 
     def __init__(
-        self, net: Callable[..., Tensor], unet: Any, settings: HyperTile, seed: int, scale: int = LATENT_FACTOR
+        self,
+        net: Callable[..., Tensor],
+        unet: Any,
+        settings: HyperTile,
+        seed: int,
+        scale: int = LATENT_FACTOR,
+        rng: random.Random | None = None,
     ) -> None:
         check_hypertile(unet, settings)
         self.net, self.unet = net, unet
-        self.run = HyperTileRun(settings, seed, scale)
+        self.run = HyperTileRun(settings, seed, scale, rng)
         # what UNetAdapter asks of the network it calls
         self.takes_step = bool(getattr(net, "takes_step", False))
         self.takes_row_kinds = bool(getattr(net, "takes_row_kinds", False))

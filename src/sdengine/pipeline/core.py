@@ -1257,7 +1257,13 @@ class Pipeline:
         # HyperTile draws each call's tiles in Python: the plain network too (the whole-loop graph keys it and the
         # seed in its plan)
         tiles = r.hypertile_settings()
-        hypertile = None if tiles is None else (tiles, int(p.seeds[0]))
+        hypertile: tuple[Any, ...] | None = None if tiles is None else (tiles, int(p.seeds[0]))
+        # HyperTile on the VAE too: A1111's one generator, reseeded at this pass's start, draws the U-Net's tiles,
+        # then the decode's (the whole-loop graph, whose draws are made once at its recording, is not replayed)
+        shared_draws = hypertile is not None and p.vae_tiles is not None
+        if shared_draws:
+            assert p.vae_tiles is not None
+            hypertile = (tiles, int(p.seeds[0]), p.vae_tiles.rng)
         # SAG records the middle block's attention map in the plain U-Net's calls: the same
         sag = r.sag_settings()
         # IP-Adapter sets the plain U-Net's cross-attention layers per call (its image tokens ride in the
@@ -1335,6 +1341,7 @@ class Pipeline:
             and loop.usable()
             and p.sampler not in sampling.ADAPTIVE_SAMPLERS  # its steps depend on the model's answers
             and brownian is None  # a Brownian tree's noise is read at the run's sigmas, not drawn beforehand
+            and not shared_draws
         )
         init_latent = start.init_latent if start.from_init else None
         plan = self.loop_plan(p, init_latent is not None, first, noise_from)
@@ -1382,7 +1389,7 @@ class Pipeline:
         freeu: FreeU | None = None,
         sag: tuple[Any, ...] | None = None,
         deep_shrink: DeepShrink | None = None,
-        hypertile: tuple[HyperTile, int] | None = None,
+        hypertile: tuple[Any, ...] | None = None,
         ip_adapters: Sequence[AdapterLayers] | None = None,
     ) -> Any:
         """The x0-denoiser the samplers call: classifier-free guidance over the U-Net (``net``: what runs in its
@@ -1393,15 +1400,17 @@ class Pipeline:
         self-attention guidance (:meth:`GenerationRequest.sag_settings`; the rule "diffusers" unless given), reading
         the middle-block attention map of this pipeline's U-Net (the plain network runs it too); ``deep_shrink``: Deep
         Shrink on this pipeline's U-Net in the calls whose sigma is in its window (:mod:`sdengine.nn.deep_shrink`; the
-        plain network too); ``hypertile``: (settings, seed) of HyperTile on this pipeline's U-Net's self-attention,
-        one generator seeded with ``seed`` for this denoiser's calls (:mod:`sdengine.nn.hypertile`); ``ip_adapters``:
+        plain network too); ``hypertile``: (settings, seed[, generator]) of HyperTile on this pipeline's U-Net's
+        self-attention, one generator (the one given, else its own) seeded with ``seed`` for this denoiser's calls
+        (:mod:`sdengine.nn.hypertile`); ``ip_adapters``:
         IP-Adapters on this pipeline's U-Net's cross-attention, the calls' image tokens read from the conditioning's
         ``ip_tokens`` (:mod:`sdengine.nn.ip_adapter`; the plain network too)."""
         net = self.unet if net is None else net
         if freeu is not None:
             net = FreeUNet(net, self.unet, freeu)
         if hypertile is not None:
-            net = HyperTileNet(net, self.unet, hypertile[0], hypertile[1], scale=self.vae_scale_factor)
+            rng = hypertile[2] if len(hypertile) > 2 else None
+            net = HyperTileNet(net, self.unet, hypertile[0], hypertile[1], scale=self.vae_scale_factor, rng=rng)
         if ip_adapters:
             net = IPAdapterNet(net, self.unet, ip_adapters)
         model: Any = UNetAdapter(net, self.dtype)
