@@ -2629,7 +2629,7 @@ def install(app: FastAPI, services: Any) -> None:
                 changes[k] = check_background(v)
             elif k in SAMPLER_OPTIONS:  # eta_ancestral, s_churn, uni_pc_order, ...: of requests that give none
                 changes[k] = check_sampler_option(k, v)
-            elif k in HYPERTILE_OPTIONS:  # A1111's Hypertile U-Net of requests that give none
+            elif k in HYPERTILE_OPTIONS:  # A1111's Hypertile U-Net and VAE of requests that give none
                 changes[k] = check_hypertile_option(k, v)
             elif k in FIXED_OPTIONS:  # run one way only: that way, else a 400 naming the option
                 changes[k] = check_fixed_option(k, v)
