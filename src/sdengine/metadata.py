@@ -320,7 +320,7 @@ def _number_or_none(text: str | None) -> float | None:
 
 
 _FREEU_FACTOR_FIELDS = ("freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2")
-# A1111's Hypertile U-Net fields and sdengine's two (its "Hypertile VAE ..." ones are not reproduced: warned of)
+# A1111's Hypertile U-Net fields and sdengine's two
 HYPERTILE_UNET_FIELDS = (
     "Hypertile U-Net",
     "Hypertile U-Net second pass",
@@ -329,6 +329,13 @@ HYPERTILE_UNET_FIELDS = (
     "Hypertile U-Net swap size",
     "Hypertile rule",
     "Hypertile scale depth",
+)
+# A1111's Hypertile VAE fields (the request's hypertile_vae)
+HYPERTILE_VAE_FIELDS = (
+    "Hypertile VAE",
+    "Hypertile VAE max depth",
+    "Hypertile VAE max tile size",
+    "Hypertile VAE swap size",
 )
 
 
@@ -432,7 +439,8 @@ def to_generate_kwargs(
     (Forge's "kohya_hrfix_enabled: True", "kohya_hrfix_block_number" ...: :func:`deep_shrink_kwargs`), ``hypertile``,
     ``hypertile_hires_only``, ``hypertile_rule`` and ``hypertile_scale_depth`` (A1111's "Hypertile U-Net: True" or
     "Hypertile U-Net second pass: True", its "Hypertile U-Net max tile size" / "max depth" / "swap size", 256 / 3 / 3
-    where missing; sdengine's "Hypertile rule", "Hypertile scale depth"), ``subseed`` and
+    where missing; sdengine's "Hypertile rule", "Hypertile scale depth"), ``hypertile_vae`` (A1111's "Hypertile VAE:
+    True", its "Hypertile VAE max tile size" / "swap size" / "max depth", 128 / 3 / 3 where missing), ``subseed`` and
     ``subseed_strength`` ("Variation seed", "Variation seed strength"), ``seed_resize_from_w`` and
     ``seed_resize_from_h`` ("Seed resize from: WxH"), ``tiling``
     ("Tiling: True"), ``noise_multiplier`` (A1111's img2img "Noise multiplier"), ``noise_seed_delta`` ("ENSD"),
@@ -539,6 +547,11 @@ def to_generate_kwargs(
         kwargs["hypertile_rule"] = parsed.get("Hypertile rule", "a1111").strip()
         if "Hypertile scale depth" in parsed:
             kwargs["hypertile_scale_depth"] = _true(parsed, "Hypertile scale depth")
+    if _true(parsed, "Hypertile VAE"):  # A1111's Hypertile VAE (its settings where not its defaults 128, 3, 3)
+        kwargs["hypertile_vae"] = tuple(
+            _parse_int(parsed, f"Hypertile VAE {name}") if f"Hypertile VAE {name}" in parsed else default
+            for name, default in (("max tile size", 128), ("swap size", 3), ("max depth", 3))
+        )
     if "Variation seed" in parsed:
         kwargs["subseed"] = _parse_int(parsed, "Variation seed")
         # A1111 writes the strength only when it is not 0; a missing one is 0 (the seed's image)
@@ -657,6 +670,7 @@ def to_generate_kwargs(
         "freeu_rule",
         *DEEP_SHRINK_INFOTEXT_FIELDS,
         *HYPERTILE_UNET_FIELDS,
+        *HYPERTILE_VAE_FIELDS,
         "Variation seed",
         "Variation seed strength",
         "Seed resize from",

@@ -410,14 +410,15 @@ def _apply_deep_shrink_flags(a: argparse.Namespace, kwargs: dict[str, Any]) -> N
         kwargs["deep_shrink"] = {**base, **extra}
 
 
-def _hypertile_arg(text: str) -> tuple[int, int, int] | None:
-    """--hypertile's value: TILE[,SWAP[,DEPTH]] (A1111's defaults 256, 3, 3 for those left out), on, or off."""
+def _hypertile_arg(text: str, flag: str = "--hypertile", tile: int = 256) -> tuple[int, int, int] | None:
+    """--hypertile's value: TILE[,SWAP[,DEPTH]] (A1111's defaults 256, 3, 3 for those left out), on, or off
+    (``flag`` and ``tile``: --hypertile-vae's, whose A1111 defaults are 128, 3, 3)."""
     t = text.strip().lower()
     if t in ("off", "none"):
         return None
-    defaults = [256, 3, 3]
+    defaults = [tile, 3, 3]
     if t == "on":
-        return (256, 3, 3)
+        return (tile, 3, 3)
     parts = [x.strip() for x in text.split(",")]
     try:
         if not 1 <= len(parts) <= 3:
@@ -425,7 +426,7 @@ def _hypertile_arg(text: str) -> tuple[int, int, int] | None:
         values = [int(x) for x in parts] + defaults[len(parts) :]
     except ValueError:
         raise UsageError(
-            f"--hypertile takes TILE[,SWAP[,DEPTH]] whole numbers (e.g. 256,3,3), on or off; got {text!r}"
+            f"{flag} takes TILE[,SWAP[,DEPTH]] whole numbers (e.g. {tile},3,3), on or off; got {text!r}"
         ) from None
     return (values[0], values[1], values[2])
 
@@ -843,6 +844,8 @@ def run(a: argparse.Namespace) -> int:
     _apply_deep_shrink_flags(a, kwargs)
     if a.hypertile is not None:  # "off" turns a --from-png image's HyperTile off
         kwargs["hypertile"] = _hypertile_arg(a.hypertile)
+    if a.hypertile_vae is not None:  # the VAE's (A1111's Hypertile VAE); "off" turns a --from-png image's off
+        kwargs["hypertile_vae"] = _hypertile_arg(a.hypertile_vae, "--hypertile-vae", 128)
     for flag, key, value in (
         ("--hypertile-hires-only", "hypertile_hires_only", a.hypertile_hires_only),
         ("--hypertile-rule", "hypertile_rule", a.hypertile_rule),
@@ -1390,6 +1393,14 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction 
         "TILE the tile size in pixels (A1111's max tile size, 0-2048), SWAP how many tile counts to draw from "
         "(0-128), DEPTH the deepest layers tiled (0-10); left out: A1111's 256, 3, 3; on = 256,3,3; off turns a "
         "--from-png image's off",
+    )
+    p.add_argument(
+        "--hypertile-vae",
+        default=None,
+        metavar="TILE[,SWAP[,DEPTH]]",
+        help="HyperTile on the VAE (A1111's Hypertile VAE): the VAE decoder's middle-block attention within tiles; "
+        "TILE, SWAP, DEPTH as --hypertile's (A1111's rule; its one layer is depth 0); left out: A1111's 128, 3, 3; "
+        "on = 128,3,3; off turns a --from-png image's off",
     )
     p.add_argument(
         "--hypertile-hires-only",

@@ -49,6 +49,18 @@ another size that its blur map reshapes or fails on), so neither reading is a tr
 
 :func:`hypertile_applied` installs it on a :class:`sdengine.models.unet.UNet` for a block of code;
 :class:`HyperTileNet` wraps a network call in it (the latent's size is read from each call's input).
+
+HyperTile on the VAE (A1111's Hypertile VAE: ``hypertile_enable_vae``, its ``hypertile.py`` read for facts): the one
+layer tiled is the VAE decoder's middle-block self-attention (A1111's ``decoder.mid_block.attentions.0`` /
+``decoder.mid.attn_1``, depth 0: every ``max_depth`` tiles it; the encoder's is never tiled, so an encode is as
+without it). The whole block (its group norm, attention, output projection and residual) runs on each tile of the
+``(B, C, H, W)`` map as its own batch row, as A1111 wraps the block's forward: the group norm's statistics are each
+tile's own. Tile counts: the ``"a1111"`` rule at depth 0 (``max(128, min(T, tile_size)) // 8`` latent cells, ``T``
+the decoded image's largest power-of-two divisor), a draw of the rows' count then the columns' at each decode (made
+even with one candidate), from a generator seeded with the first seed (:func:`vae_hypertile_applied`). A1111 has
+one generator for the U-Net and the VAE: where the U-Net is tiled too, the pipeline hands the VAE's generator to the
+U-Net's pass (reseeded with the first seed at the pass's start, as A1111 reseeds before each tiled pass), so the
+decode draws after the U-Net's draws as there.
 """
 
 from __future__ import annotations
@@ -164,10 +176,15 @@ class HyperTileRun:
     the current call; ``scale``: pixels per latent cell (the VAE's downscale; the image's size is the latent's
     times it)."""
 
-    def __init__(self, settings: HyperTile, seed: int, scale: int = LATENT_FACTOR) -> None:
+    def __init__(
+        self, settings: HyperTile, seed: int, scale: int = LATENT_FACTOR, rng: random.Random | None = None
+    ) -> None:
         self.settings = settings
         self.scale = int(scale)
-        self.rng = random.Random(int(seed))
+        # ``rng``: a generator shared with another run (A1111's one generator for the U-Net and the VAE), seeded
+        # here; else its own
+        self.rng = rng if rng is not None else random.Random()
+        self.rng.seed(int(seed))
         self.latent: tuple[int, int] = (0, 0)
         self.chosen: list[tuple[int, int]] = []  # (nh, nw) of each tiled call, in order (for tests and notes)
 
@@ -216,6 +233,66 @@ class LayerTiles:
                 "map self-attention guidance reads: lower HyperTile's max_depth or raise its tile size, or drop SAG"
             )
         return tiled_attention(x, h, w, nh, nw, attend)
+
+
+def tiled_map(x: Tensor, nh: int, nw: int, block: Callable[[Tensor], Tensor]) -> Tensor:
+    """``block`` (B', C, h, w) -> (B', C', h, w) run on each of the ``nh x nw`` tiles of the map ``x`` (B, C, H, W)
+    as its own batch row (rows ordered batch, tile row, tile column); the result put back together (B, C', H, W)."""
+    if nh * nw == 1:
+        return block(x)
+    B, C, H, W = x.shape
+    th, tw = H // nh, W // nw
+    t = x.reshape(B, C, nh, th, nw, tw).permute(0, 2, 4, 1, 3, 5).reshape(B * nh * nw, C, th, tw)
+    out = block(t)
+    D = out.shape[1]
+    return out.reshape(B, nh, nw, D, th, tw).permute(0, 3, 1, 4, 2, 5).reshape(B, D, H, W)
+
+
+def vae_hypertile_layer(vae: Any) -> Any:
+    """The layer HyperTile tiles in ``vae``: its decoder's middle-block self-attention (a one-line error for a VAE
+    without one: a tiny VAE, or a VAE built without the middle block's attention)."""
+    attentions = getattr(getattr(getattr(vae, "decoder", None), "mid_block", None), "attentions", None)
+    if not attentions or not hasattr(attentions[0], "spatial_tiles"):
+        raise UsageError(
+            f"HyperTile VAE tiles the VAE decoder's middle-block self-attention, which this {type(vae).__name__} "
+            "does not have: turn hypertile_vae off"
+        )
+    return attentions[0]
+
+
+class VaeTiles:
+    """What the VAE decoder's middle-block attention calls in place of itself (``spatial_tiles``): the tile counts of
+    each call drawn by ``run`` (depth 0, ``run.latent`` the decoded latent's size), the block run per tile."""
+
+    def __init__(self, run: HyperTileRun) -> None:
+        self.run = run
+
+    def __call__(self, x: Tensor, block: Callable[[Tensor], Tensor]) -> Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        if self.run.latent == (0, 0):  # called outside a decode that set it: the map is at the latent's size
+            self.run.latent = (h, w)
+        nh, nw = self.run.choose(h, w, 0)
+        return tiled_map(x, nh, nw, block)
+
+
+@contextmanager
+def vae_hypertile_applied(vae: Any, run: HyperTileRun | None, latent: tuple[int, int] | None = None) -> Iterator[None]:
+    """``vae``'s decoder's middle-block attention runs HyperTile with ``run`` inside the block (``None``: as it is);
+    ``latent``: the (h, w) of the whole latent being decoded (its image's size picks the tile size, also when a tiled
+    decode calls the decoder on parts of it). As before after it, whatever happens."""
+    if run is None:
+        yield
+        return
+    layer = vae_hypertile_layer(vae)
+    before, latent_before = layer.spatial_tiles, run.latent
+    if latent is not None:
+        run.latent = (int(latent[0]), int(latent[1]))
+    try:
+        layer.spatial_tiles = VaeTiles(run)
+        yield
+    finally:
+        layer.spatial_tiles = before
+        run.latent = latent_before
 
 
 def comfyui_depth(latent: tuple[int, int], tokens: int, max_depth: int) -> int | None:
@@ -292,15 +369,21 @@ def hypertile_applied(unet: Any, run: HyperTileRun | None) -> Iterator[None]:
 
 class HyperTileNet:
     """``net`` (the U-Net, or what calls it: a controlled U-Net) called with HyperTile on ``unet`` for each call;
-    one generator for all calls (seeded with ``seed``), the latent's size read from each call's input (``scale``
-    pixels per latent cell)."""
+    one generator for all calls (seeded with ``seed``; ``rng``: that generator, shared with the VAE's HyperTile as
+    A1111's), the latent's size read from each call's input (``scale`` pixels per latent cell)."""
 
     def __init__(
-        self, net: Callable[..., Tensor], unet: Any, settings: HyperTile, seed: int, scale: int = LATENT_FACTOR
+        self,
+        net: Callable[..., Tensor],
+        unet: Any,
+        settings: HyperTile,
+        seed: int,
+        scale: int = LATENT_FACTOR,
+        rng: random.Random | None = None,
     ) -> None:
         check_hypertile(unet, settings)
         self.net, self.unet = net, unet
-        self.run = HyperTileRun(settings, seed, scale)
+        self.run = HyperTileRun(settings, seed, scale, rng)
         # what UNetAdapter asks of the network it calls
         self.takes_step = bool(getattr(net, "takes_step", False))
         self.takes_row_kinds = bool(getattr(net, "takes_row_kinds", False))
@@ -330,4 +413,8 @@ __all__ = [
     "smallest_tile",
     "tile_counts",
     "tiled_attention",
+    "tiled_map",
+    "vae_hypertile_applied",
+    "vae_hypertile_layer",
+    "VaeTiles",
 ]

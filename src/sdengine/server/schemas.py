@@ -201,6 +201,14 @@ class JobRequest(BaseModel):
         description="the smallest tile doubles with each depth (A1111 always; ComfyUI's node's default: false). "
         "Used only with hypertile; infotext 'Hypertile scale depth' when false",
     )
+    hypertile_vae: list[Annotated[int, Field(ge=0, le=2048, strict=True)]] | None = Field(
+        None,
+        min_length=3,
+        max_length=3,
+        description="HyperTile on the VAE (A1111's Hypertile VAE) as [tile_size, swap_size, max_depth]: the VAE "
+        "decoder's middle-block attention within tiles (A1111's rule; its one layer is depth 0); A1111's defaults "
+        "[128, 3, 3]; null: off. Infotext 'Hypertile VAE'",
+    )
     seed: int = Field(-1, ge=-1, le=2**53 - 1, description="-1: random")
     width: int | None = SIDE
     height: int | None = SIDE
