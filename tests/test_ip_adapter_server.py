@@ -33,7 +33,7 @@ PROMPT = "a red apple"
 EMBED, HIDDEN = 24, 40  # encoder "small": image embedding 24, hidden 40; encoder "big": 48 and 64
 
 
-def _adapter(unet: Any, kind: str, embed: int, seed: int) -> IPAdapter:
+def random_adapter(unet: Any, kind: str, embed: int, seed: int) -> IPAdapter:
     torch.manual_seed(seed)
     layers = cross_attention_layers(unet)
     cross = layers[0].to_k.in_features
@@ -48,7 +48,7 @@ def _adapter(unet: Any, kind: str, embed: int, seed: int) -> IPAdapter:
     return adapter.eval()
 
 
-def _encoder(hidden: int, projection: int, seed: int) -> Any:
+def random_encoder(hidden: int, projection: int, seed: int) -> Any:
     cfg = transformers.CLIPVisionConfig(
         hidden_size=hidden,
         intermediate_size=64,
@@ -67,24 +67,29 @@ def _encoder(hidden: int, projection: int, seed: int) -> Any:
     return model
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("ip_server")
+def make_folders(tmp: Path) -> dict[str, Path]:
+    """``tmp``/ipadapter (plain.safetensors, sub/plus.bin, big.safetensors, odd.safetensors, junk.safetensors) and
+    ``tmp``/clip_vision (small: a folder; big.safetensors: a file) for the emoji model."""
     unet = shared_loader("emoji", "cpu").unet
     ipa, clip = tmp / "ipadapter", tmp / "clip_vision"
     (ipa / "sub").mkdir(parents=True)
     clip.mkdir()
-    save_ip_adapter(_adapter(unet, "plain", EMBED, 1), ipa / "plain.safetensors")
-    save_ip_adapter(_adapter(unet, "plus", HIDDEN, 2), ipa / "sub" / "plus.bin")
-    save_ip_adapter(_adapter(unet, "plain", 48, 3), ipa / "big.safetensors")  # fits the "big" encoder
-    save_ip_adapter(_adapter(unet, "plain", 32, 4), ipa / "odd.safetensors")  # no encoder gives 32
+    save_ip_adapter(random_adapter(unet, "plain", EMBED, 1), ipa / "plain.safetensors")
+    save_ip_adapter(random_adapter(unet, "plus", HIDDEN, 2), ipa / "sub" / "plus.bin")
+    save_ip_adapter(random_adapter(unet, "plain", 48, 3), ipa / "big.safetensors")  # fits the "big" encoder
+    save_ip_adapter(random_adapter(unet, "plain", 32, 4), ipa / "odd.safetensors")  # no encoder gives 32
     (ipa / "junk.safetensors").write_bytes(b"not weights at all")
-    _encoder(HIDDEN, EMBED, 5).save_pretrained(clip / "small")  # a folder: config.json + model.safetensors
+    random_encoder(HIDDEN, EMBED, 5).save_pretrained(clip / "small")  # a folder: config.json + model.safetensors
     from safetensors.torch import save_file
 
-    big = _encoder(64, 48, 6)
+    big = random_encoder(64, 48, 6)
     save_file({k: v.contiguous() for k, v in big.state_dict().items()}, str(clip / "big.safetensors"))
     return {"tmp": tmp, "ipa": ipa, "clip": clip}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_folders(tmp_path_factory.mktemp("ip_server"))
 
 
 @pytest.fixture(scope="module")
