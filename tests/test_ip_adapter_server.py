@@ -366,3 +366,16 @@ def test_openai_extra_body(server, folders) -> None:
                 model="emoji", prompt=PROMPT, size="64x64", extra_body={**extra, "ip_adapters": value}
             )
         assert said in e.value.body["message"] and "\n" not in e.value.body["message"], e.value.body
+    # the edits form: the units as one JSON string
+    import json
+
+    init = Image.new("RGB", (64, 64), (250, 200, 40))
+    form = {"prompt": PROMPT, "model": "emoji", "size": "64x64", "seed": "3", "steps": "3", "strength": "0.6"}
+    form |= {"sampler": "dpmpp_2m", "schedule": "karras", "ip_adapters": json.dumps(units)}
+    files = {"image": ("i.png", base64.b64decode(b64(init)), "image/png")}
+    r = httpx.post(f"{server.url}/v1/images/edits", data=form, files=files, timeout=300)
+    assert r.status_code == 200, r.text
+    want = python_api(folders, [("plain.safetensors", 0.8, "small", "diffusers")], init_image=init, strength=0.6)
+    np.testing.assert_array_equal(decode(r.json()["data"][0]["b64_json"]), want)
+    r = httpx.post(f"{server.url}/v1/images/edits", data={**form, "ip_adapters": "[{"}, files=files, timeout=300)
+    assert r.status_code == 400 and "ip_adapters must be a JSON list of units" in r.text, r.text
