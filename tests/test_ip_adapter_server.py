@@ -379,3 +379,24 @@ def test_openai_extra_body(server, folders) -> None:
     np.testing.assert_array_equal(decode(r.json()["data"][0]["b64_json"]), want)
     r = httpx.post(f"{server.url}/v1/images/edits", data={**form, "ip_adapters": "[{"}, files=files, timeout=300)
     assert r.status_code == 400 and "ip_adapters must be a JSON list of units" in r.text, r.text
+
+
+def test_a_worker_switching_models_drops_the_kept_ip_adapter_files(folders, tmp_path, monkeypatch) -> None:
+    """The adapters and CLIP vision encoder a job kept (on the worker's device) go when the worker loads another
+    model, as the model itself does (pipeline.ip_adapter.forget_loaded)."""
+    from _emoji_models import make_tiny_emoji_folder
+    from sdengine.pipeline import ip_adapter
+
+    calls: list[int] = []
+    real = ip_adapter.forget_loaded
+    monkeypatch.setattr(ip_adapter, "forget_loaded", lambda: (calls.append(1), real())[1])
+    make_tiny_emoji_folder(tmp_path / "models" / "tiny")
+    config = server_config(
+        tmp_path, models_dir=tmp_path / "models", ip_adapters_dir=folders["ipa"], clip_vision_dir=folders["clip"]
+    )
+    unit = {"model": "plain.safetensors", "image": b64(picture()), "scale": 0.8}
+    with live_server(config) as s, httpx.Client(base_url=s.url, timeout=300) as c:
+        run_job(c, {"prompt": PROMPT, **GEN, "ip_adapters": [unit]})
+        assert calls == []  # the first load: nothing kept yet
+        run_job(c, {"prompt": PROMPT, **GEN, "model": "tiny"})
+        assert calls == [1]

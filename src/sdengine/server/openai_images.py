@@ -911,9 +911,7 @@ def field_schemas(config: Any) -> dict[str, dict[str, Any]]:
             "description": "sdengine: the smallest tile doubles with each depth, as the native job's",
         },
         "ip_adapters": {
-            "type": "array",
-            "maxItems": 4,
-            "items": {"type": "object"},
+            "oneOf": [{"type": "array", "maxItems": 4, "items": {"type": "object"}}, text],
             "description": "sdengine: IP-Adapter units {model, image, scale, clip_vision, negative_rule}, as the "
             "native job's ip_adapters (in a form: one JSON string)",
         },
